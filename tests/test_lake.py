@@ -1,0 +1,91 @@
+"""The lake's guarantees: hive partitions by UTC day, atomic files, idempotent re-ingest, leftovers cleaned."""
+
+import datetime as dt
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from tracepipe.lake import Lake, ingest_table
+from tracepipe.schema import FLOWS
+
+
+def _flows(n: int, start: dt.datetime) -> pa.Table:
+    ts = [start + dt.timedelta(hours=i) for i in range(n)]
+    return pa.table(
+        {
+            "ts_start": ts,
+            "ts_end": ts,
+            "src_addr": [f"10.0.0.{i % 250}" for i in range(n)],
+            "dst_addr": ["192.0.2.1"] * n,
+            "packets": list(range(n)),
+            "bytes": [100 * i for i in range(n)],
+            "source": ["test"] * n,
+        }
+    )
+
+
+def test_ingest_partitions_by_utc_day_and_duckdb_reads_it(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    table = _flows(30, dt.datetime(2024, 3, 12, 0, 30, tzinfo=dt.UTC))
+    result = ingest_table(lake, "flows", "test-source", "ab" * 32, [table])
+    assert result.rows == 30 and not result.skipped
+    days = sorted(p.parent.name for p in lake.files("flows"))
+    assert days == ["date=2024-03-12", "date=2024-03-13"]
+    con = duckdb.connect()
+    rows = con.execute(
+        f"select date, count(*), sum(bytes) from read_parquet('{lake.glob('flows')}', hive_partitioning=true) "
+        "group by date order by date"
+    ).fetchall()
+    assert [(str(d), c) for d, c, _ in rows] == [("2024-03-12", 24), ("2024-03-13", 6)]
+    assert sum(r[2] for r in rows) == sum(100 * i for i in range(30))
+    # the declared schema, timestamps UTC
+    assert lake.read("flows").schema == FLOWS
+
+
+def test_same_source_twice_adds_nothing(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    table = _flows(5, dt.datetime(2024, 3, 12, tzinfo=dt.UTC))
+    ingest_table(lake, "flows", "src", "cd" * 32, [table])
+    again = ingest_table(lake, "flows", "src", "cd" * 32, [table])
+    assert again.skipped
+    assert lake.read("flows").num_rows == 5
+    assert lake.manifest().num_rows == 1
+
+
+def test_killed_run_leftovers_are_replaced_not_doubled(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    table = _flows(5, dt.datetime(2024, 3, 12, tzinfo=dt.UTC))
+    # a run that renamed its data file but died before the manifest row: simulate by committing, then
+    # deleting the manifest row
+    ingest_table(lake, "flows", "src", "ef" * 32, [table])
+    for manifest in (lake.root / "_ingest").glob("*.parquet"):
+        manifest.unlink()
+    # and a stray temp file of a run killed mid-write
+    stray = lake.files("flows")[0].with_suffix(".parquet.tmp")
+    stray.write_bytes(b"PAR1 half")
+    ingest_table(lake, "flows", "src", "ef" * 32, [table])
+    assert lake.read("flows").num_rows == 5
+    assert not list((lake.root / "flows").rglob("*.tmp"))
+
+
+def test_abort_leaves_nothing_visible(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    table = _flows(5, dt.datetime(2024, 3, 12, tzinfo=dt.UTC))
+    with pytest.raises(RuntimeError):
+        with lake.ingest("flows", "src", "12" * 32) as writer:
+            writer.write(table)
+            writer._flush("2024-03-12")
+            raise RuntimeError("killed")
+    assert lake.files("flows") == []
+    assert not list(lake.root.rglob("*.tmp"))
+    assert not lake.already_ingested("flows", "12" * 32)
+
+
+def test_rejects_land_with_source_and_offset(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    rejects = pa.table({"offset": [24], "reason": ["truncated pcap record"]})
+    result = ingest_table(lake, "flows", "cap.pcap", "34" * 32, [], rejects=[rejects])
+    assert result.rejects == 1
+    got = lake.read("rejects").to_pylist()
+    assert got[0]["source"] == "cap.pcap" and got[0]["offset"] == 24 and got[0]["dataset"] == "flows"

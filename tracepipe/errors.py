@@ -1,0 +1,33 @@
+"""One exception family for tracepipe. Bad *input* is data (rejects), not an exception: these are for
+the environment (lake unwritable, binary missing) and for usage the CLI could not catch itself.
+Each carries the exit code the CLI returns (table in README.md)."""
+
+EXIT_OK = 0
+EXIT_FOUND = 1  # done, and a sweep found new alerts
+EXIT_USAGE = 2  # click's own usage errors, and arguments that do not parse
+EXIT_PARTIAL = 3  # some input was rejected, the rest landed
+EXIT_FAILED = 4  # nothing landed, or the environment is wrong
+
+
+class TracepipeError(Exception):
+    """Base class; ``exit_code`` tells the CLI what to return."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(TracepipeError):
+    """An argument the user typed does not parse (address, time, format)."""
+
+    exit_code = EXIT_USAGE
+
+
+class LakeError(TracepipeError):
+    """The lake cannot be read or written (permissions, disk full, corrupt manifest)."""
+
+
+class EnvironmentProblem(TracepipeError):
+    """Something outside tracepipe is missing or wrong (a binary, a Java runtime)."""
+
+
+class InputError(TracepipeError):
+    """An input as a whole is unusable (file missing, unreadable). Per-record problems are rejects."""

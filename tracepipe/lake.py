@@ -1,0 +1,358 @@
+"""The only writer of Parquet. A lake is a directory with one folder per dataset (schema.DATASETS),
+hive-partitioned by UTC day (`flows/date=2024-03-12/part-<hash>.parquet`), plus `_ingest/` (one manifest file
+per ingested source) and `rejects/`.
+
+Guarantees: a reader never sees half a file (write `*.parquet.tmp`, fsync, rename); a source whose content hash
+is in the manifest is skipped, and leftovers of a run killed before its manifest row landed are removed when the
+same source is ingested again, so re-ingesting neither loses nor doubles rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tracepipe.errors import LakeError
+from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset
+
+DEFAULT_LAKE = "./lake"
+MANIFEST_DIR = "_ingest"
+ROW_GROUP_ROWS = 1_000_000
+HASH_PREFIX = 16  # hex chars of the content hash used in file names
+
+
+def default_lake_path() -> Path:
+    return Path(os.environ.get("TRACEPIPE_LAKE", DEFAULT_LAKE))
+
+
+def hash_file(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes, streamed: the identity of a source in the manifest."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Reorder, add missing nullable columns as nulls, and cast to the declared schema."""
+    columns = []
+    for fld in schema:
+        if fld.name in table.column_names:
+            column = table.column(fld.name)
+            if column.type != fld.type:
+                column = column.cast(fld.type)
+        else:
+            column = pa.nulls(table.num_rows, type=fld.type)
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _day_strings(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    return pc.strftime(column, format="%Y-%m-%d", locale="C")
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+    """Write one complete Parquet file: temp name, fsync, rename over `path` (atomic replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise LakeError(f"cannot write {path}: {exc}. Check that the lake is writable and has free space.") from exc
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class IngestResult:
+    dataset: str
+    source: str
+    content_hash: str
+    rows: int = 0
+    rejects: int = 0
+    skipped: bool = False  # already in the manifest: nothing written
+    files: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Lake:
+    """A lake directory. Cheap to construct; creates folders only when writing."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root) if root is not None else default_lake_path()
+
+    # ---- reading helpers (the readers themselves are DuckDB, polars, pyarrow, Spark) ----
+    def dataset_dir(self, name: str) -> Path:
+        if name not in DATASETS:
+            raise LakeError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        return self.root / name
+
+    def files(self, name: str) -> list[Path]:
+        directory = self.dataset_dir(name)
+        if not directory.exists():
+            return []
+        return sorted(p for p in directory.rglob("*.parquet") if p.is_file())
+
+    def glob(self, name: str) -> str:
+        """Pattern for DuckDB's read_parquet(..., hive_partitioning=true)."""
+        dataset = DATASETS[name]
+        directory = self.dataset_dir(name)
+        return str(directory / ("*/*.parquet" if dataset.partition_ts else "*.parquet"))
+
+    def read(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        """Whole dataset as one Arrow table (small datasets and tests; big ones go through DuckDB/polars)."""
+        paths = self.files(name)
+        schema = DATASETS[name].schema
+        if not paths:
+            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+        tables = [conform(pq.read_table(p, columns=columns), schema if columns is None else
+                          pa.schema([schema.field(c) for c in columns])) for p in paths]
+        return pa.concat_tables(tables)
+
+    # ---- manifest ----
+    def _manifest_path(self, dataset: str, content_hash: str) -> Path:
+        return self.root / MANIFEST_DIR / f"{dataset}-{content_hash}.parquet"
+
+    def already_ingested(self, dataset: str, content_hash: str) -> bool:
+        return self._manifest_path(dataset, content_hash).exists()
+
+    def manifest(self) -> pa.Table:
+        directory = self.root / MANIFEST_DIR
+        paths = sorted(directory.glob("*.parquet")) if directory.exists() else []
+        if not paths:
+            return INGEST_MANIFEST.empty_table()
+        return pa.concat_tables([conform(pq.read_table(p), INGEST_MANIFEST) for p in paths])
+
+    # ---- writing ----
+    def ingest(self, dataset: str, source: str, content_hash: str) -> IngestWriter:
+        """Open a writer for one source. Use as a context manager; call `commit()` at the end."""
+        return IngestWriter(self, DATASETS[dataset], source, content_hash)
+
+    def replace_dataset(self, name: str, table: pa.Table) -> Path:
+        """Replace an unpartitioned derived dataset (vm_leases, vms, intel) with `table`, atomically."""
+        dataset = DATASETS[name]
+        if dataset.partition_ts is not None:
+            raise LakeError(f"{name} is partitioned; use ingest() or rewrite_file()")
+        table = conform(table, dataset.schema)
+        if dataset.sort_by and table.num_rows:
+            table = table.sort_by([(c, "ascending") for c in dataset.sort_by])
+        path = self.dataset_dir(name) / "part-0.parquet"
+        write_parquet_atomic(table, path)
+        return path
+
+    def rewrite_file(self, path: Path, table: pa.Table, name: str) -> None:
+        """Replace one existing partition file with a new version of its rows (e.g. flows with src_vm set)."""
+        write_parquet_atomic(conform(table, DATASETS[name].schema), path)
+
+    def append(self, name: str, table: pa.Table, key: str | None = None) -> list[Path]:
+        """Add rows that are not tied to an input file (alerts, collector batches): a new file per
+        partition named by `key` (a content hash makes the write idempotent; default a random id)."""
+        key = key or uuid.uuid4().hex
+        writer = IngestWriter(self, DATASETS[name], f"append:{key}", key, manifest=False)
+        with writer:
+            writer.write(table)
+            writer.commit()
+        return [self.root / f for f in writer.result.files]
+
+
+class IngestWriter:
+    """Streams tables of one source into per-day temp files, then commits them all and the manifest row.
+
+    Memory stays flat: rows are buffered per day up to ROW_GROUP_ROWS, then written as one row group
+    (sorted by the dataset's sort key so that min/max statistics let readers skip row groups).
+    """
+
+    def __init__(self, lake: Lake, dataset: Dataset, source: str, content_hash: str,
+                 manifest: bool = True, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+        self.lake = lake
+        self.dataset = dataset
+        self.source = source
+        self.content_hash = content_hash
+        self.key = content_hash[:HASH_PREFIX] if manifest else content_hash
+        self.use_manifest = manifest
+        self.row_group_rows = row_group_rows
+        self.result = IngestResult(dataset.name, source, content_hash)
+        self._buffers: dict[str, list[pa.Table]] = {}
+        self._buffered: dict[str, int] = {}
+        self._writers: dict[str, pq.ParquetWriter] = {}
+        self._tmp_paths: dict[str, Path] = {}
+        self._rejects: list[pa.Table] = []
+        self._committed = False
+        self.ingested_at = dt.datetime.now(dt.UTC)
+
+    # context manager: abort (delete temp files) on any exception or missing commit
+    def __enter__(self) -> IngestWriter:
+        self._remove_leftovers()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._committed:
+            self.abort()
+
+    def _final_name(self) -> str:
+        return f"part-{self.key}.parquet"
+
+    def _remove_leftovers(self) -> None:
+        """Files of this source written by a run that died before its manifest row: remove them, the
+        rerun writes them again. Without a manifest row the source counts as not ingested."""
+        name = self._final_name()
+        for dataset in {self.dataset.name, "rejects"}:
+            directory = self.lake.root / dataset
+            if not directory.exists():
+                continue
+            for stale in list(directory.rglob(name)) + list(directory.rglob(name + ".tmp")):
+                stale.unlink(missing_ok=True)
+
+    def _partition_dir(self, day: str | None) -> Path:
+        base = self.lake.root / self.dataset.name
+        return base / f"date={day}" if day is not None else base
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        table = conform(table, self.dataset.schema)
+        self.result.rows += table.num_rows
+        if self.dataset.partition_ts is None:
+            self._buffer(None, table)
+            return
+        days = _day_strings(table.column(self.dataset.partition_ts))
+        for day in pc.unique(days).to_pylist():
+            part = table.filter(pc.equal(days, day))
+            self._buffer(day, part)
+
+    def _buffer(self, day: str | None, table: pa.Table) -> None:
+        key = day or ""
+        self._buffers.setdefault(key, []).append(table)
+        self._buffered[key] = self._buffered.get(key, 0) + table.num_rows
+        if self._buffered[key] >= self.row_group_rows:
+            self._flush(key)
+
+    def _flush(self, key: str) -> None:
+        tables = self._buffers.pop(key, [])
+        self._buffered.pop(key, None)
+        if not tables:
+            return
+        table = pa.concat_tables(tables)
+        if self.dataset.sort_by:
+            table = table.sort_by([(c, "ascending") for c in self.dataset.sort_by])
+        writer = self._writers.get(key)
+        if writer is None:
+            directory = self._partition_dir(key or None)
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = directory / (self._final_name() + ".tmp")
+            self._tmp_paths[key] = tmp
+            writer = pq.ParquetWriter(tmp, self.dataset.schema, compression="zstd")
+            self._writers[key] = writer
+        writer.write_table(table, row_group_size=self.row_group_rows)
+
+    def reject(self, rejects: pa.Table) -> None:
+        """Rows that could not be parsed (schema.REJECTS columns; missing ones are filled in)."""
+        if rejects.num_rows == 0:
+            return
+        n = rejects.num_rows
+        if "ingested_at" not in rejects.column_names:
+            rejects = rejects.append_column("ingested_at", pa.array([self.ingested_at] * n, REJECTS.field("ingested_at").type))
+        if "dataset" not in rejects.column_names:
+            rejects = rejects.append_column("dataset", pa.array([self.dataset.name] * n, pa.string()))
+        if "source" not in rejects.column_names:
+            rejects = rejects.append_column("source", pa.array([self.source] * n, pa.string()))
+        self._rejects.append(conform(rejects, REJECTS))
+        self.result.rejects += n
+
+    def commit(self, stats: dict[str, Any] | None = None) -> IngestResult:
+        """Close all temp files, fsync, rename, then write rejects and the manifest row (last)."""
+        try:
+            for key in list(self._buffers):
+                self._flush(key)
+            for writer in self._writers.values():
+                writer.close()
+            self._writers.clear()
+            for tmp in self._tmp_paths.values():
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+            for tmp in self._tmp_paths.values():
+                final = tmp.with_name(self._final_name())
+                os.replace(tmp, final)
+                _fsync_dir(final.parent)
+                self.result.files.append(str(final.relative_to(self.lake.root)))
+            self._tmp_paths.clear()
+            if self._rejects:
+                rejects = pa.concat_tables(self._rejects)
+                day = self.ingested_at.strftime("%Y-%m-%d")
+                path = self.lake.root / "rejects" / f"date={day}" / self._final_name()
+                write_parquet_atomic(rejects, path)
+                self.result.files.append(str(path.relative_to(self.lake.root)))
+            self.result.stats = stats or {}
+            if self.use_manifest:
+                row = {
+                    "content_hash": [self.content_hash],
+                    "dataset": [self.dataset.name],
+                    "source": [self.source],
+                    "rows": [self.result.rows],
+                    "rejects": [self.result.rejects],
+                    "files": [self.result.files],
+                    "ingested_at": [self.ingested_at],
+                    "stats": [json.dumps(self.result.stats, default=str)],
+                }
+                write_parquet_atomic(pa.table(row, schema=INGEST_MANIFEST),
+                                     self.lake._manifest_path(self.dataset.name, self.content_hash))
+        except OSError as exc:
+            self.abort()
+            raise LakeError(f"cannot commit {self.source} to {self.lake.root}: {exc}") from exc
+        self._committed = True
+        return self.result
+
+    def abort(self) -> None:
+        for writer in self._writers.values():
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - closing a half-written temp file we are about to delete
+                pass
+        self._writers.clear()
+        for tmp in self._tmp_paths.values():
+            tmp.unlink(missing_ok=True)
+        self._tmp_paths.clear()
+        self._buffers.clear()
+
+
+def ingest_table(lake: Lake, dataset: str, source: str, content_hash: str, tables: Iterable[pa.Table],
+                 rejects: Iterable[pa.Table] = (), stats: dict[str, Any] | None = None) -> IngestResult:
+    """Convenience for small sources: skip if already ingested, else write all tables and commit."""
+    if lake.already_ingested(dataset, content_hash):
+        return IngestResult(dataset, source, content_hash, skipped=True)
+    with lake.ingest(dataset, source, content_hash) as writer:
+        for table in tables:
+            writer.write(table)
+        for reject in rejects:
+            writer.reject(reject)
+        return writer.commit(stats)

@@ -1,0 +1,235 @@
+"""Every dataset of the lake, declared once: its Arrow schema and the column its UTC-day partition comes from.
+
+Everything else imports from here. Column names are NetFlow/IPFIX-flavoured and stable (users write SQL
+against them). Types are chosen so that DuckDB, polars, pyarrow and Spark read them alike: signed integers
+only (Spark has no unsigned types), timestamps in microseconds with tz=UTC, addresses as canonical text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+TS = pa.timestamp("us", tz="UTC")
+
+FLOWS = pa.schema(
+    [
+        pa.field("ts_start", TS, nullable=False),
+        pa.field("ts_end", TS, nullable=False),
+        pa.field("src_addr", pa.string(), nullable=False),  # canonical text: 10.1.2.3, 2001:db8::1
+        pa.field("dst_addr", pa.string(), nullable=False),
+        pa.field("src_port", pa.int32()),
+        pa.field("dst_port", pa.int32()),  # ICMP: type*256+code, as NetFlow exporters put it
+        pa.field("proto", pa.int16()),
+        pa.field("packets", pa.int64()),
+        pa.field("bytes", pa.int64()),
+        pa.field("tcp_flags", pa.int16()),  # cumulative OR of the flow's TCP flags
+        pa.field("ip_version", pa.int8()),
+        pa.field("exporter", pa.string()),  # address of the exporter that sent the record
+        pa.field("input_if", pa.int32()),
+        pa.field("output_if", pa.int32()),
+        pa.field("sampling_interval", pa.int32()),  # null = unknown (exporter sent no options template)
+        pa.field("source", pa.string()),  # evidence: file path or collector spool segment it came from
+        pa.field("src_vm", pa.string()),  # vm_id holding src_addr at ts_start; null until attributed
+        pa.field("dst_vm", pa.string()),
+    ]
+)
+
+# One row per lifecycle event, whatever the cloud. `action` is normalised (see VM_ACTIONS); the cloud's own
+# event name stays in `event_type`. `addrs` lists every address the VM holds according to this event (Nova
+# sends the full list on most events); `addr` is the one address an attach/detach/floating-IP event is about.
+VM_EVENTS = pa.schema(
+    [
+        pa.field("ts", TS, nullable=False),
+        pa.field("cloud", pa.string(), nullable=False),  # e.g. "openstack", "opennebula", or a site name
+        pa.field("vm_id", pa.string()),
+        pa.field("vm_name", pa.string()),
+        pa.field("project", pa.string()),
+        pa.field("user", pa.string()),
+        pa.field("hypervisor", pa.string()),
+        pa.field("event_type", pa.string()),  # as the cloud names it: instance.soft_delete.end
+        pa.field("action", pa.string()),  # normalised, one of VM_ACTIONS
+        pa.field("state", pa.string()),  # VM state after the event, normalised, one of VM_STATES (or null)
+        pa.field("addrs", pa.list_(pa.string())),
+        pa.field("addr", pa.string()),
+        pa.field("addr_kind", pa.string()),  # "fixed" or "floating"
+        pa.field("port_id", pa.string()),
+        pa.field("event_id", pa.string()),  # message id, for de-duplicating at-least-once delivery
+        pa.field("source", pa.string()),
+        pa.field("line", pa.int64()),
+    ]
+)
+
+VM_ACTIONS = (
+    "create",
+    "update",
+    "exists",
+    "power_on",
+    "power_off",
+    "reboot",
+    "rebuild",
+    "shelve",
+    "shelve_offload",
+    "unshelve",
+    "soft_delete",
+    "restore",
+    "delete",
+    "force_delete",
+    "purge",
+    "migrate",
+    "attach",
+    "detach",
+    "fip_associate",
+    "fip_disassociate",
+    "fip_delete",
+    "port_update",
+    "unknown",
+)
+VM_STATES = ("building", "active", "stopped", "paused", "suspended", "shelved", "soft_deleted", "deleted",
+             "purged", "error", "unknown")
+
+# Who held which address from when to when. valid_to null = still held.
+VM_LEASES = pa.schema(
+    [
+        pa.field("addr", pa.string(), nullable=False),
+        pa.field("vm_id", pa.string(), nullable=False),
+        pa.field("vm_name", pa.string()),
+        pa.field("project", pa.string()),
+        pa.field("user", pa.string()),
+        pa.field("hypervisor", pa.string()),
+        pa.field("cloud", pa.string()),
+        pa.field("addr_kind", pa.string()),  # fixed / floating
+        pa.field("valid_from", TS, nullable=False),
+        pa.field("valid_to", TS),
+        pa.field("end_reason", pa.string()),  # detach, delete, force_delete, fip_disassociate, ...
+        pa.field("vm_status", pa.string()),  # what the VM is now, one of VM_STATES
+        pa.field("quarantine_until", TS),  # deleted under deferred deletion: image kept until then
+    ]
+)
+
+# One row per VM: what it is now.
+VMS = pa.schema(
+    [
+        pa.field("vm_id", pa.string(), nullable=False),
+        pa.field("cloud", pa.string()),
+        pa.field("vm_name", pa.string()),
+        pa.field("project", pa.string()),
+        pa.field("user", pa.string()),
+        pa.field("hypervisor", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("created_at", TS),
+        pa.field("deleted_at", TS),
+        pa.field("quarantine_until", TS),
+        pa.field("last_event_at", TS),
+    ]
+)
+
+VM_LOGS = pa.schema(
+    [
+        pa.field("ts", TS, nullable=False),
+        pa.field("sender_addr", pa.string()),  # address the line came from (rsyslog forwarder), if known
+        pa.field("hostname", pa.string()),
+        pa.field("app", pa.string()),
+        pa.field("pid", pa.int64()),
+        pa.field("facility", pa.int16()),
+        pa.field("severity", pa.int16()),
+        pa.field("message", pa.string()),
+        pa.field("vm_id", pa.string()),  # attributed by sender address and time
+        pa.field("auth_event", pa.string()),  # sshd: failed / accepted / invalid_user / null
+        pa.field("auth_user", pa.string()),
+        pa.field("auth_src_addr", pa.string()),
+        pa.field("auth_method", pa.string()),  # password / publickey / keyboard-interactive
+        pa.field("source", pa.string()),
+        pa.field("line", pa.int64()),
+    ]
+)
+
+INTEL = pa.schema(
+    [
+        pa.field("indicator", pa.string(), nullable=False),  # address, CIDR or domain as given
+        pa.field("kind", pa.string()),  # ip / cidr / domain
+        pa.field("net_lo", pa.string()),  # CIDRs: first and last address, canonical text
+        pa.field("net_hi", pa.string()),
+        pa.field("ip_version", pa.int8()),
+        pa.field("description", pa.string()),
+        pa.field("tags", pa.string()),
+        pa.field("event_id", pa.string()),
+        pa.field("first_seen", TS),
+        pa.field("imported_at", TS, nullable=False),
+        pa.field("source", pa.string()),
+    ]
+)
+
+ALERTS = pa.schema(
+    [
+        pa.field("alert_id", pa.string(), nullable=False),  # deterministic: re-running a sweep raises no duplicate
+        pa.field("detector", pa.string(), nullable=False),
+        pa.field("window_start", TS, nullable=False),
+        pa.field("window_end", TS, nullable=False),
+        pa.field("addr", pa.string()),
+        pa.field("peer", pa.string()),
+        pa.field("score", pa.float64()),
+        pa.field("reason", pa.string()),
+        pa.field("vm_id", pa.string()),
+        pa.field("vm_name", pa.string()),
+        pa.field("project", pa.string()),
+        pa.field("user", pa.string()),
+        pa.field("hypervisor", pa.string()),
+        pa.field("vm_status", pa.string()),
+        pa.field("quarantine_until", TS),
+        pa.field("features", pa.string()),  # JSON: the numbers that made it stand out
+        pa.field("evidence", pa.string()),  # JSON: top flows / peers / ports
+        pa.field("pipeline", pa.string()),
+        pa.field("created_at", TS, nullable=False),
+    ]
+)
+
+REJECTS = pa.schema(
+    [
+        pa.field("ingested_at", TS, nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # file path or spool segment
+        pa.field("offset", pa.int64()),  # byte offset in the file (pcap, spool) ...
+        pa.field("line", pa.int64()),  # ... or line number (text inputs)
+        pa.field("exporter", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),  # short, countable: "truncated pcap record", ...
+        pa.field("detail", pa.string()),
+    ]
+)
+
+INGEST_MANIFEST = pa.schema(
+    [
+        pa.field("content_hash", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("rows", pa.int64()),
+        pa.field("rejects", pa.int64()),
+        pa.field("files", pa.list_(pa.string())),
+        pa.field("ingested_at", TS, nullable=False),
+        pa.field("stats", pa.string()),  # JSON summary of the ingest (per exporter counts, ...)
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    schema: pa.Schema
+    partition_ts: str | None  # column whose UTC day names the partition; None = unpartitioned
+    sort_by: tuple[str, ...] = ()
+
+
+DATASETS: dict[str, Dataset] = {
+    d.name: d
+    for d in (
+        Dataset("flows", FLOWS, "ts_start", ("src_addr", "ts_start")),
+        Dataset("vm_events", VM_EVENTS, "ts", ("ts",)),
+        Dataset("vm_leases", VM_LEASES, None, ("addr", "valid_from")),
+        Dataset("vms", VMS, None, ("vm_id",)),
+        Dataset("vm_logs", VM_LOGS, "ts", ("ts",)),
+        Dataset("intel", INTEL, None, ("indicator",)),
+        Dataset("alerts", ALERTS, "window_start", ("window_start", "detector")),
+        Dataset("rejects", REJECTS, "ingested_at", ()),
+    )
+}
