@@ -58,6 +58,7 @@ VM_EVENTS = pa.schema(
         pa.field("event_id", pa.string()),  # message id, for de-duplicating at-least-once delivery
         pa.field("source", pa.string()),
         pa.field("line", pa.int64()),
+        pa.field("resource_id", pa.string()),  # what the event is about when not the VM: floating IP id
     ]
 )
 
