@@ -1,0 +1,493 @@
+"""Run the real NetFlow tools on the loopback interface: softflowd, fprobe, nfcapd/nfdump, tcpdump.
+
+Used by the tests, the benchmarks and the sample_data scripts to make *real* export traffic and to read what
+the reference collector (nfdump 1.7.1) makes of it. Every process gets a timeout and is always stopped in a
+`finally`; nothing here ever talks to an address other than 127.0.0.1 or ::1.
+
+Facts about the tools that these wrappers encode (Debian bookworm: softflowd 1.1.0, fprobe 1.1, nfdump 1.7.1,
+tcpdump 4.99):
+- `softflowd -r FILE` needs `-c none`: with a control socket it calls accept() on an uninitialised poll result
+  and blocks forever after reading the file. `-a` takes "now" and the boot time from the packet timestamps;
+  without it, flow times are packet time minus wall-clock boot time, which wraps the 32-bit sysUptime fields.
+  At EOF it exports every flow still in its table ("flushed") and exits. v5 carries IPv4 only (softflowd does
+  not even track IPv6 packets for v5); v9 and IPFIX carry both.
+- `fprobe` daemonises unless it logs to stdout (`-l 2:ID`); then it stays in the foreground and a plain
+  SIGTERM to its pid stops it. It only captures live (no pcap files).
+- `nfcapd` writes `nfcapd.current.PID` and renames it to `nfcapd.YYYYMMDDhhmm` when it rotates or on SIGTERM.
+- `nfdump` prints local time: it is always run with TZ=UTC here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from tracepipe.errors import EnvironmentProblem
+
+LOOPBACK_V4 = "127.0.0.1"
+LOOPBACK_V6 = "::1"
+_LOOPBACKS = (LOOPBACK_V4, LOOPBACK_V6)
+_SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
+
+
+# ---- small helpers ----------------------------------------------------------------------------------------------
+
+
+def tool_path(name: str) -> str:
+    """Absolute path of a required binary (PATH, then the sbin directories a non-root PATH lacks)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for directory in _SBIN:
+        candidate = Path(directory) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise EnvironmentProblem(f"{name} is not installed; run `bash .ci/install` (apt-get install {name}).")
+
+
+def _check_loopback(host: str) -> str:
+    if host not in _LOOPBACKS:
+        raise ValueError(f"probes only talk to loopback ({', '.join(_LOOPBACKS)}), not {host!r}")
+    return host
+
+
+def _host_port(host: str, port: int) -> str:
+    """`127.0.0.1:9995` or `[::1]:9995`, the syntax softflowd and fprobe accept."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def free_udp_port(host: str = LOOPBACK_V4) -> int:
+    """A UDP port that is free on `host` right now (the kernel picks it; parallel runs do not collide)."""
+    _check_loopback(host)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+    """Send `sig` to one process we started, wait for it, SIGKILL it if it does not exit in time."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout=5)
+    return proc.returncode
+
+
+def _wait_for_text(log: Path, pattern: str, proc: subprocess.Popen, timeout: float, what: str) -> str:
+    """Poll a log file until `pattern` (regex) appears; fail clearly if the process died or time ran out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if re.search(pattern, text):
+            return text
+        if proc.poll() is not None:
+            raise EnvironmentProblem(f"{what} exited with code {proc.returncode} before it was ready:\n{text}")
+        if time.monotonic() > deadline:
+            raise EnvironmentProblem(f"{what} not ready after {timeout:.0f} s (waiting for {pattern!r}):\n{text}")
+        time.sleep(0.02)
+
+
+def count_pcap_packets(path: Path | str) -> int:
+    """Number of complete records in a pcap file (classic format; what tcpdump -w writes)."""
+    data = Path(path).read_bytes() if Path(path).exists() else b""
+    if len(data) < 24:
+        return 0
+    endian = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+    offset, count = 24, 0
+    while offset + 16 <= len(data):
+        incl_len = struct.unpack_from(endian + "I", data, offset + 8)[0]
+        if offset + 16 + incl_len > len(data):
+            break
+        offset += 16 + incl_len
+        count += 1
+    return count
+
+
+# ---- tcpdump ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Capture:
+    """A running `tcpdump -w` (see capture_udp)."""
+
+    path: Path
+    proc: subprocess.Popen
+    log: Path
+
+    def packets(self) -> int:
+        return count_pcap_packets(self.path)
+
+    def wait_for_packets(self, n: int, timeout: float = 10.0) -> int:
+        """Block until the capture file holds at least `n` packets; returns the count (fails on timeout)."""
+        deadline = time.monotonic() + timeout
+        while (got := self.packets()) < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"tcpdump captured {got} packets into {self.path}, expected >= {n}")
+            time.sleep(0.05)
+        return got
+
+    def wait_until_quiet(self, quiet: float = 0.5, timeout: float = 20.0) -> int:
+        """Block until no packet arrived for `quiet` seconds (live probes whose datagram count is unknown)."""
+        deadline = time.monotonic() + timeout
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            now = self.packets()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return now
+            time.sleep(0.05)
+        return self.packets()
+
+
+@contextlib.contextmanager
+def capture_udp(port: int, out_pcap: Path | str, iface: str = "lo", link_type: str | None = None,
+                bpf: str | None = None, timeout: float = 15.0) -> Iterator[Capture]:
+    """Record UDP datagrams to/from `port` on `iface` into `out_pcap` with the real tcpdump.
+
+    iface="lo" gives Ethernet link type; iface="any" gives Linux cooked capture (LINUX_SLL2 by default,
+    `link_type="LINUX_SLL"` for v1). Yields once tcpdump reports "listening on"; on exit stops it with SIGINT
+    and waits for it to flush (-U writes every packet as it comes).
+    """
+    out_pcap = Path(out_pcap)
+    out_pcap.parent.mkdir(parents=True, exist_ok=True)
+    log = out_pcap.with_name(out_pcap.name + ".tcpdump.log")
+    cmd = [tool_path("tcpdump"), "-i", iface, "-U", "-n", "--immediate-mode", "-w", str(out_pcap)]
+    if os.geteuid() == 0:
+        cmd += ["-Z", "root"]  # keep root: the drop to user tcpdump could not write into a 0700 test dir
+    if link_type:
+        cmd += ["-y", link_type]
+    cmd.append(bpf or f"udp port {port}")
+    with open(log, "wb") as log_handle:
+        proc = subprocess.Popen(cmd, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        _wait_for_text(log, r"listening on", proc, timeout, "tcpdump")
+        yield Capture(out_pcap, proc, log)
+    finally:
+        time.sleep(0.1)  # the kernel hands the last datagrams to tcpdump asynchronously
+        stop_process(proc, signal.SIGINT, timeout=timeout)
+
+
+# ---- nfcapd / nfdump ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NfcapdRun:
+    """A real nfcapd receiving on loopback. `files` and `log_text` are filled in when the context exits."""
+
+    out_dir: Path
+    host: str
+    port: int
+    log: Path
+    files: list[Path] = field(default_factory=list)
+    log_text: str = ""
+
+    @property
+    def flows_received(self) -> int | None:
+        """Flow count nfcapd reports at shutdown ("Ident: 'none' Flows: 8, ..."), None if absent."""
+        found = re.findall(r"Flows: (\d+)", self.log_text)
+        return sum(int(n) for n in found) if found else None
+
+
+@contextlib.contextmanager
+def nfcapd_receiving(port: int, out_dir: Path | str, host: str = LOOPBACK_V4, settle: float = 0.3,
+                     timeout: float = 15.0) -> Iterator[NfcapdRun]:
+    """Run nfcapd (nfdump 1.7.1) in the foreground on host:port writing into `out_dir`.
+
+    On exit it waits `settle` seconds (datagrams already in its socket buffer get read), then SIGTERM, which
+    makes nfcapd close and rename its current file; `run.files` lists the resulting nfcapd files.
+    """
+    _check_loopback(host)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir.parent / f"{out_dir.name}.nfcapd.log"
+    # -t 3600: no rotation during a test; -B: room for a burst of export datagrams
+    cmd = [tool_path("nfcapd"), "-b", host, "-p", str(port), "-w", str(out_dir), "-t", "3600", "-B", "8388608"]
+    if ":" in host:
+        cmd.append("-6")
+    run = NfcapdRun(out_dir, host, port, log)
+    with open(log, "wb") as log_handle:
+        proc = subprocess.Popen(cmd, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        _wait_for_text(log, r"Startup", proc, timeout, "nfcapd")
+        yield run
+        time.sleep(settle)
+    finally:
+        stop_process(proc, signal.SIGTERM, timeout=timeout)
+        run.log_text = log.read_text(errors="replace") if log.exists() else ""
+        run.files = sorted(p for p in out_dir.glob("nfcapd.*") if ".current." not in p.name)
+
+
+def nfdump_records(nfcapd_path: Path | str, timeout: float = 120.0) -> pa.Table:
+    """Every record nfdump prints for an nfcapd file or directory, as a table with schema.FLOWS column names
+    (ts_start/ts_end UTC with ms, canonical addresses, ICMP type/code folded into dst_port, flags as int)."""
+    from tracepipe.ingest.nfdump import read_nfcapd
+
+    table, rejects = read_nfcapd(nfcapd_path, timeout=timeout)
+    if rejects.num_rows:
+        raise AssertionError(f"could not parse nfdump's own output: {rejects.to_pylist()[:3]}")
+    return table
+
+
+# ---- softflowd ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SoftflowdResult:
+    datagrams: int  # export datagrams softflowd says it sent
+    flows: int  # flows exported
+    records: int  # records exported (IPFIX/v9 may differ from flows for bidirectional accounting)
+    output: str
+
+
+def softflowd_export(traffic_pcap: Path | str, version: int, dest: tuple[str, int],
+                     timeouts: dict[str, int] | None = None, extra_args: Sequence[str] = (),
+                     timeout: float = 60.0) -> SoftflowdResult:
+    """Replay `traffic_pcap` through the real softflowd, exporting NetFlow `version` (1, 5, 9 or 10 = IPFIX) to
+    `dest` (127.0.0.1 or ::1). Returns once softflowd has exported every flow (it flushes all at EOF) and exited.
+
+    `timeouts` sets softflowd's named timeouts (`-t tcp=60` ...); with `-r` they only matter for flows that end
+    inside the file.
+    """
+    host, port = dest
+    _check_loopback(host)
+    if version not in (1, 5, 9, 10):
+        raise ValueError(f"softflowd exports NetFlow v1, v5, v9 or 10 (IPFIX), not {version}")
+    with tempfile.TemporaryDirectory(prefix="tracepipe-softflowd-") as tmp:
+        cmd = [tool_path("softflowd"), "-r", str(traffic_pcap), "-n", _host_port(host, port), "-v", str(version),
+               "-d", "-a", "-c", "none", "-p", str(Path(tmp) / "softflowd.pid")]
+        for name, seconds in (timeouts or {}).items():
+            cmd += ["-t", f"{name}={seconds}"]
+        cmd += list(extra_args)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:  # run() has killed it
+            raise EnvironmentProblem(f"softflowd did not finish within {timeout:.0f} s: {' '.join(cmd)}") from exc
+    output = proc.stdout + proc.stderr
+    match = re.search(r"Flows exported: (\d+) \((\d+) records\) in (\d+) packets \((\d+) failures\)", output)
+    if proc.returncode != 0 or match is None:
+        raise EnvironmentProblem(f"softflowd failed (exit {proc.returncode}): {' '.join(cmd)}\n{output}")
+    flows, records, datagrams, failures = (int(g) for g in match.groups())
+    if failures:
+        raise EnvironmentProblem(f"softflowd reported {failures} send failures:\n{output}")
+    return SoftflowdResult(datagrams=datagrams, flows=flows, records=records, output=output)
+
+
+# ---- fprobe ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FprobeRun:
+    proc: subprocess.Popen
+    log: Path
+    pidfile: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+@contextlib.contextmanager
+def fprobe_export(version: int, dest_port: int, bpf: str, iface: str = "lo", dest_host: str = LOOPBACK_V4,
+                  idle_timeout: int = 1, active_timeout: int = 2, scan_interval: int = 1,
+                  timeout: float = 15.0) -> Iterator[FprobeRun]:
+    """Run the real fprobe capturing `iface` (filter `bpf`, which must exclude the export traffic itself) and
+    exporting NetFlow `version` (1, 5 or 7) to dest_host:dest_port. Short idle/active timeouts make it export
+    within seconds. Yields once capture is up; on exit stops it by its pid (SIGTERM)."""
+    _check_loopback(dest_host)
+    if version not in (1, 5, 7):
+        raise ValueError(f"fprobe exports NetFlow v1, v5 or v7, not {version}")
+    ident = f"tracepipe{dest_port}"
+    workdir = Path(tempfile.mkdtemp(prefix="tracepipe-fprobe-"))
+    log = workdir / "fprobe.log"
+    # -l 2:ID logs to stdout, which keeps fprobe in the foreground: its pid is the one we started
+    cmd = [tool_path("fprobe"), "-i", iface, "-f", bpf, "-n", str(version), "-d", str(idle_timeout),
+           "-e", str(active_timeout), "-s", str(scan_interval), "-l", f"2:{ident}",
+           _host_port(dest_host, dest_port)]
+    with open(log, "wb") as log_handle:
+        proc = subprocess.Popen(cmd, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    run = FprobeRun(proc, log, Path("/var/run") / f"fprobe[{ident}].pid")
+    try:
+        _wait_for_text(log, r"collector #1", proc, timeout, "fprobe")
+        time.sleep(0.2)  # capture thread starts after the log line
+        yield run
+    finally:
+        stop_process(proc, signal.SIGTERM, timeout=timeout)
+        run.pidfile.unlink(missing_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ---- traffic builder ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """One conversation to put into a traffic pcap.
+
+    kind: "tcp" (handshake, data, FIN close), "tcp-rst" (handshake, data, RST), "tcp-syn" (unanswered SYNs),
+    "udp" (request/response datagrams), "icmp" (echo request/reply, or one message of icmp_type/icmp_code).
+    Addresses decide the IP version (ICMP over IPv6 becomes ICMPv6).
+    """
+
+    kind: str
+    src: str
+    dst: str
+    sport: int = 0
+    dport: int = 0
+    start: float = 0.0  # seconds after the capture's t0
+    packets: int = 4  # data packets (tcp) / datagrams (udp) / echo pairs (icmp)
+    payload: int = 100  # bytes per data packet
+    gap: float = 0.2  # seconds between packets
+    icmp_type: int | None = None  # None: echo request/reply pairs
+    icmp_code: int = 0
+    reply: bool = True  # udp/icmp: the other end answers
+
+
+# 2024-03-12 10:00:00 UTC, a fixed date so that outputs are reproducible
+DEFAULT_T0 = 1710237600.0
+
+
+def default_flow_specs(seed: int = 1, ipv6: bool = True, n: int = 40, span: float = 180.0) -> list[FlowSpec]:
+    """A deterministic mixed workload: TCP sessions (closed, reset, unanswered), DNS/NTP over UDP, ICMP echo and
+    unreachables, and the same over IPv6 when `ipv6`. Documentation prefixes only (RFC 5737 / RFC 3849)."""
+    rng = random.Random(seed)
+    clients4 = [f"10.0.{i}.{j}" for i, j in ((0, 5), (0, 6), (1, 7), (2, 9))]
+    servers4 = ["192.0.2.10", "198.51.100.20", "203.0.113.30"]
+    clients6 = ["2001:db8:0:1::5", "2001:db8:0:1::6"]
+    servers6 = ["2001:db8:ffff::10", "2001:db8:ffff::20"]
+    specs: list[FlowSpec] = []
+    families = [(clients4, servers4)] + ([(clients6, servers6)] if ipv6 else [])
+    for i in range(n):
+        clients, servers = families[i % len(families)]
+        src, dst = rng.choice(clients), rng.choice(servers)
+        start = rng.uniform(0.0, span)
+        sport = rng.randint(32768, 60999)
+        pick = rng.random()
+        if pick < 0.35:
+            spec = FlowSpec("tcp", src, dst, sport, rng.choice([22, 80, 443, 8080]), start,
+                            packets=rng.randint(1, 6), payload=rng.randint(1, 1400))
+        elif pick < 0.45:
+            spec = FlowSpec("tcp-rst", src, dst, sport, rng.choice([25, 443]), start, packets=rng.randint(0, 2))
+        elif pick < 0.55:
+            spec = FlowSpec("tcp-syn", src, dst, sport, rng.randint(1, 1024), start, packets=rng.randint(1, 3),
+                            gap=1.0)
+        elif pick < 0.75:
+            port = rng.choice([53, 123])
+            spec = FlowSpec("udp", src, dst, sport, port, start, packets=rng.randint(1, 3),
+                            payload=48 if port == 123 else rng.randint(20, 80))
+        elif pick < 0.9:
+            spec = FlowSpec("icmp", src, dst, start=start, packets=rng.randint(1, 4), payload=56, gap=1.0)
+        else:
+            v6 = ":" in src
+            spec = FlowSpec("icmp", dst, src, start=start, packets=1, payload=28, reply=False,
+                            icmp_type=1 if v6 else 3, icmp_code=4 if v6 else 3)
+        specs.append(spec)
+    return specs
+
+
+def _flow_packets(spec: FlowSpec, t0: float) -> list:
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
+    from scapy.layers.l2 import Ether
+    from scapy.packet import Raw
+
+    v6 = ipaddress.ip_address(spec.src).version == 6
+    eth_out = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    eth_back = Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01")
+
+    def ip(forward: bool):
+        a, b = (spec.src, spec.dst) if forward else (spec.dst, spec.src)
+        return (eth_out if forward else eth_back) / (IPv6(src=a, dst=b) if v6 else IP(src=a, dst=b))
+
+    out: list = []
+    t = t0 + spec.start
+
+    def add(pkt, dt: float = 0.0) -> None:
+        nonlocal t
+        t += dt
+        pkt.time = round(t, 6)
+        out.append(pkt)
+
+    def tcp(forward: bool, flags: str, payload: int = 0):
+        sport, dport = (spec.sport, spec.dport) if forward else (spec.dport, spec.sport)
+        pkt = ip(forward) / TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=2000 if "A" in flags else 0)
+        return pkt / Raw(b"x" * payload) if payload else pkt
+
+    if spec.kind == "tcp-syn":
+        for k in range(max(spec.packets, 1)):
+            add(tcp(True, "S"), spec.gap if k else 0.0)
+    elif spec.kind in ("tcp", "tcp-rst"):
+        add(tcp(True, "S"))
+        add(tcp(False, "SA"), 0.01)
+        add(tcp(True, "A"), 0.01)
+        for _ in range(spec.packets):
+            add(tcp(True, "PA", spec.payload), spec.gap)
+            add(tcp(False, "A"), 0.005)
+        if spec.kind == "tcp":
+            add(tcp(True, "FA"), spec.gap)
+            add(tcp(False, "FA"), 0.01)
+            add(tcp(True, "A"), 0.01)
+        else:
+            add(tcp(False, "RA"), spec.gap)
+    elif spec.kind == "udp":
+        for k in range(max(spec.packets, 1)):
+            add(ip(True) / UDP(sport=spec.sport, dport=spec.dport) / Raw(b"q" * spec.payload), spec.gap if k else 0.0)
+            if spec.reply:
+                add(ip(False) / UDP(sport=spec.dport, dport=spec.sport) / Raw(b"r" * (spec.payload + 16)), 0.003)
+    elif spec.kind == "icmp":
+        body = Raw(b"p" * spec.payload)
+        if spec.icmp_type is not None:
+            if v6:
+                msg = ICMPv6DestUnreach(code=spec.icmp_code) if spec.icmp_type == 1 else None
+                if msg is None:
+                    raise ValueError(f"ICMPv6 type {spec.icmp_type} not supported by the builder")
+            else:
+                msg = ICMP(type=spec.icmp_type, code=spec.icmp_code)
+            for k in range(max(spec.packets, 1)):
+                add(ip(True) / msg / body, spec.gap if k else 0.0)
+        else:
+            for k in range(max(spec.packets, 1)):
+                add(ip(True) / (ICMPv6EchoRequest(id=7, seq=k) if v6 else ICMP(type=8, id=7, seq=k)) / body,
+                    spec.gap if k else 0.0)
+                if spec.reply:
+                    add(ip(False) / (ICMPv6EchoReply(id=7, seq=k) if v6 else ICMP(type=0, id=7, seq=k)) / body,
+                        0.002)
+    else:
+        raise ValueError(f"unknown flow kind {spec.kind!r}")
+    return out
+
+
+def build_traffic_pcap(path: Path | str, flows: Sequence[FlowSpec] | None = None, seed: int = 1,
+                       ipv6: bool = True, t0: float = DEFAULT_T0) -> Path:
+    """Write an Ethernet pcap of the given conversations (default: default_flow_specs(seed, ipv6)), packets in
+    time order from `t0` (epoch seconds). Deterministic: same specs and t0, same bytes."""
+    from scapy.utils import wrpcap
+
+    specs = list(flows) if flows is not None else default_flow_specs(seed=seed, ipv6=ipv6)
+    packets = [pkt for spec in specs for pkt in _flow_packets(spec, t0)]
+    packets.sort(key=lambda p: p.time)  # stable: ties keep the per-flow order
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrpcap(str(path), packets, linktype=1)
+    return path
