@@ -1,0 +1,403 @@
+"""vm_events -> vm_leases + vms: who held which address from when to when, and what became of each VM.
+
+`build_leases` is a pure function of the whole event history: events are de-duplicated (same event_id, or
+identical content) and replayed in a total order (ts, phase, then content), so shuffled or repeated
+notifications give the same leases. It guarantees that no address has two leases at one instant (valid_to is
+exclusive): an address taken by another VM closes the previous holder's lease (end_reason "superseded").
+
+The deletion and quarantine model (documented in README, "VM lifecycle ingest"), with Q = `reclaim_interval`
+(Nova's reclaim_instance_interval, or the site's retention of deleted VMs' images):
+  soft_delete     leases stay open (Nova keeps the ports), status soft_deleted (= quarantined, restorable),
+                  quarantine_until = soft-delete time + Q (when Nova's periodic task reclaims it).
+  restore         status active again, quarantine cleared.
+  delete          all leases close (end_reason delete), status deleted, deleted_at = the delete's time;
+                  quarantine_until = deleted_at + Q, or, when the VM was soft-deleted until then (Nova reclaim),
+                  the end of that reclaim window.
+  force_delete    as delete, end_reason force_delete; nothing is kept: quarantine_until null.
+Whether a quarantine is over is a question for query time (quarantine_until < now); leases stay pure.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from tracepipe.schema import VM_EVENTS, VM_LEASES, VMS
+
+SETTINGS_FILE = "_settings/leases.json"
+
+# events that only announce an action; the VM's state changes with the .end
+_PASSIVE_PHASES = ("start", "error")
+_DEFAULT_STATUS = {
+    "create": "active",
+    "power_on": "active",
+    "power_off": "stopped",
+    "reboot": "active",
+    "rebuild": "active",
+    "shelve": "shelved",
+    "shelve_offload": "shelved",
+    "unshelve": "active",
+    "restore": "active",
+    "soft_delete": "soft_deleted",
+    "delete": "deleted",
+    "force_delete": "deleted",
+    "purge": "purged",
+}
+_GONE = ("deleted", "purged")
+_IDENTITY = ("vm_name", "project", "user", "cloud")
+_CONTENT = [f.name for f in VM_EVENTS if f.name not in ("source", "line")]
+
+
+def _phase(event_type: str | None) -> str:
+    if event_type:
+        for phase in ("start", "end", "error"):
+            if event_type.endswith("." + phase):
+                return phase
+    return "end"
+
+
+def normalise_events(events: pa.Table) -> pl.DataFrame:
+    """Drop duplicate deliveries and sort into the replay order (independent of the input order)."""
+    frame = pl.from_arrow(events.select([f.name for f in VM_EVENTS]))
+    assert isinstance(frame, pl.DataFrame)
+    if frame.height == 0:
+        return frame
+    frame = frame.with_columns(
+        pl.col("addrs").list.join(",").alias("_addrs"),
+        pl.when(pl.col("event_type").str.ends_with(".start"))
+        .then(0)
+        .when(pl.col("event_type").str.ends_with(".error"))
+        .then(1)
+        .otherwise(2)
+        .alias("_phase"),
+    )
+    content_keys = [c if c != "addrs" else "_addrs" for c in _CONTENT]
+    order = ["ts", "_phase", "event_id", "vm_id", "event_type", "action", *content_keys, "source", "line"]
+    frame = frame.sort(order, nulls_last=True)
+    # at-least-once delivery: the same message id twice is one event; so is identical content
+    with_id = frame.filter(pl.col("event_id").is_not_null()).unique(subset=["event_id"], keep="first",
+                                                                    maintain_order=True)
+    without_id = frame.filter(pl.col("event_id").is_null())
+    frame = pl.concat([with_id, without_id]).unique(subset=content_keys, keep="first", maintain_order=True)
+    return frame.sort(order, nulls_last=True)
+
+
+@dataclass
+class _Vm:
+    vm_id: str
+    cloud: str | None = None
+    vm_name: str | None = None
+    project: str | None = None
+    user: str | None = None
+    hypervisor: str | None = None
+    status: str | None = None
+    created_at: dt.datetime | None = None
+    first_seen: dt.datetime | None = None
+    deleted_at: dt.datetime | None = None
+    soft_deleted_at: dt.datetime | None = None
+    quarantine_until: dt.datetime | None = None
+    last_event_at: dt.datetime | None = None
+    open: set[str] = field(default_factory=set)  # addresses with an open lease
+
+
+class _Replay:
+    """The state machine: one instance replays one sorted event history."""
+
+    def __init__(self, reclaim_interval: dt.timedelta | None, ports: dict[str, list[tuple[Any, str]]],
+                 port_addrs: dict[str, set[str]]) -> None:
+        self.reclaim = reclaim_interval
+        self.vms: dict[str, _Vm] = {}
+        self.leases: list[dict[str, Any]] = []
+        self.open_by_addr: dict[str, int] = {}  # addr -> index of its open lease
+        self.fips: dict[str, str] = {}  # floating IP key (id or address) -> floating address
+        self.ports = ports
+        self.port_addrs = port_addrs
+
+    # ---- leases ----
+    def open(self, addr: str, vm_id: str, kind: str, ts: dt.datetime, hypervisor: str | None) -> None:
+        current = self.open_by_addr.get(addr)
+        if current is not None:
+            if self.leases[current]["vm_id"] == vm_id:
+                return
+            self.close(addr, ts, "superseded")  # the holder missed its detach: one holder per instant
+        self.open_by_addr[addr] = len(self.leases)
+        self.leases.append({"addr": addr, "vm_id": vm_id, "addr_kind": kind, "valid_from": ts,
+                            "valid_to": None, "end_reason": None, "hypervisor": hypervisor})
+        if vm_id in self.vms:
+            self.vms[vm_id].open.add(addr)
+
+    def close(self, addr: str, ts: dt.datetime, reason: str) -> None:
+        index = self.open_by_addr.pop(addr, None)
+        if index is None:
+            return
+        lease = self.leases[index]
+        lease["valid_to"] = ts
+        lease["end_reason"] = reason
+        holder = self.vms.get(lease["vm_id"])
+        if holder is not None:
+            holder.open.discard(addr)
+
+    def holder(self, addr: str) -> str | None:
+        index = self.open_by_addr.get(addr)
+        return None if index is None else self.leases[index]["vm_id"]
+
+    def port_vm(self, port_id: str | None, ts: dt.datetime) -> str | None:
+        history = self.ports.get(port_id or "")
+        if not history:
+            return None
+        position = bisect.bisect_right([t for t, _ in history], ts)
+        return history[position - 1][1] if position else history[0][1]
+
+    # ---- events ----
+    def apply(self, e: dict[str, Any]) -> None:
+        ts: dt.datetime = e["ts"]
+        action: str = e["action"] or "unknown"
+        phase = _phase(e["event_type"])
+        vm = self._vm(e) if e["vm_id"] else None
+        if action.startswith("fip_"):
+            if phase not in _PASSIVE_PHASES or action == "fip_delete":
+                self._floating(e, action, ts)
+            return
+        if vm is None:
+            if action == "detach" and phase not in _PASSIVE_PHASES:
+                self._detach(None, e, ts)
+            return
+        if phase in _PASSIVE_PHASES:
+            if vm.hypervisor is None and e["hypervisor"] and action != "port_update":
+                vm.hypervisor = e["hypervisor"]
+            return
+        if action in ("delete", "force_delete", "purge"):
+            self._delete(vm, action, ts)
+            return
+        if action == "detach":
+            self._detach(vm, e, ts)
+            return
+        if vm.status in _GONE:
+            return  # late echoes of a deleted VM (exists, update) move nothing
+        if action == "soft_delete":
+            vm.status = "soft_deleted"
+            vm.soft_deleted_at = vm.soft_deleted_at or ts
+            vm.quarantine_until = vm.soft_deleted_at + self.reclaim if self.reclaim else None
+        elif action == "restore":
+            vm.status = e["state"] or "active"
+            vm.soft_deleted_at = None
+            vm.quarantine_until = None
+        elif e["state"] and e["state"] != "unknown":
+            vm.status = e["state"]
+        elif action in _DEFAULT_STATUS:
+            vm.status = _DEFAULT_STATUS[action]
+        if action != "port_update" and e["hypervisor"] and e["hypervisor"] != vm.hypervisor:
+            self._move(vm, e["hypervisor"], ts)
+        kind = e["addr_kind"] or "fixed"
+        for addr in e["addrs"] or ():
+            self.open(addr, vm.vm_id, kind, ts, vm.hypervisor)
+        if action == "attach" and e["addr"]:
+            self.open(e["addr"], vm.vm_id, kind, ts, vm.hypervisor)
+
+    def _vm(self, e: dict[str, Any]) -> _Vm:
+        vm = self.vms.get(e["vm_id"])
+        if vm is None:
+            vm = self.vms[e["vm_id"]] = _Vm(e["vm_id"], first_seen=e["ts"])
+        if e["action"] not in ("port_update", "fip_associate"):
+            for name in _IDENTITY:
+                if e[name]:
+                    setattr(vm, name, e[name])
+        elif vm.cloud is None:
+            vm.cloud = e["cloud"]
+        if e["action"] == "create" and vm.created_at is None:
+            vm.created_at = e["ts"]
+        vm.last_event_at = e["ts"]
+        return vm
+
+    def _move(self, vm: _Vm, hypervisor: str, ts: dt.datetime) -> None:
+        """Hypervisor changed (live migration, unshelve elsewhere): split the open leases there."""
+        if vm.hypervisor is not None:
+            for addr in sorted(vm.open):
+                kind = self.leases[self.open_by_addr[addr]]["addr_kind"]
+                self.close(addr, ts, "migrate")
+                self.open(addr, vm.vm_id, kind, ts, hypervisor)
+        vm.hypervisor = hypervisor
+
+    def _delete(self, vm: _Vm, action: str, ts: dt.datetime) -> None:
+        if vm.status in _GONE and action != "purge":
+            return
+        for addr in sorted(vm.open):
+            self.close(addr, ts, action)
+        if action == "purge":
+            vm.status = "purged"
+            vm.deleted_at = vm.deleted_at or ts
+            return
+        vm.status = "deleted"
+        vm.deleted_at = ts
+        if action == "force_delete" or self.reclaim is None:
+            vm.quarantine_until = None
+        elif vm.soft_deleted_at is not None:
+            vm.quarantine_until = vm.soft_deleted_at + self.reclaim  # Nova reclaimed the soft-deleted VM
+        else:
+            vm.quarantine_until = ts + self.reclaim
+
+    def _detach(self, vm: _Vm | None, e: dict[str, Any], ts: dt.datetime) -> None:
+        vm_id = vm.vm_id if vm else self.port_vm(e["port_id"], ts)
+        if e["addr"]:
+            targets = {e["addr"]}
+        elif e["addrs"] is not None and vm is not None:
+            # Nova sends the full list after the detach: whatever fixed address is missing went away
+            targets = {a for a in vm.open if self.leases[self.open_by_addr[a]]["addr_kind"] == "fixed"}
+            targets -= set(e["addrs"])
+        elif e["port_id"] and self.port_addrs.get(e["port_id"]):
+            targets = set(self.port_addrs[e["port_id"]])  # Neutron port.delete: only the port id
+        else:
+            targets = set()
+        for addr in sorted(targets):
+            if vm_id is None or self.holder(addr) == vm_id:
+                self.close(addr, ts, "detach")
+
+    def _floating(self, e: dict[str, Any], action: str, ts: dt.datetime) -> None:
+        key = e["resource_id"] or e["addr"]
+        if not key:
+            return
+        previous = self.fips.get(key)
+        address = e["addr"] or previous
+        if action != "fip_associate":
+            if address:
+                self.close(address, ts, action)
+                self.fips[key] = address
+            return
+        if address is None:
+            return
+        if previous and previous != address:
+            self.close(previous, ts, "fip_reassociate")
+        self.fips[key] = address
+        fixed = (e["addrs"] or [None])[0]
+        vm_id = (e["vm_id"] or self.port_vm(e["port_id"], ts) or (self.holder(fixed) if fixed else None)
+                 or (f"port:{e['port_id']}" if e["port_id"] else f"fixed:{fixed}"))
+        holder = self.holder(address)
+        if holder is not None and holder != vm_id:
+            self.close(address, ts, "fip_reassociate")
+        hypervisor = self.vms[vm_id].hypervisor if vm_id in self.vms else None
+        self.open(address, vm_id, "floating", ts, hypervisor)
+
+
+def _port_maps(frame: pl.DataFrame) -> tuple[dict[str, list[tuple[Any, str]]], dict[str, set[str]]]:
+    """port id -> [(ts, vm id)] sorted, and port id -> fixed addresses, from every event naming both."""
+    ports: dict[str, list[tuple[Any, str]]] = {}
+    port_addrs: dict[str, set[str]] = {}
+    named = frame.filter(pl.col("port_id").is_not_null() & ~pl.col("action").str.starts_with("fip_"))
+    for row in named.select("ts", "port_id", "vm_id", "addrs").iter_rows():
+        ts, port_id, vm_id, addrs = row
+        if vm_id:
+            ports.setdefault(port_id, []).append((ts, vm_id))
+        if addrs:
+            port_addrs.setdefault(port_id, set()).update(addrs)
+    for history in ports.values():
+        history.sort()
+    return ports, port_addrs
+
+
+def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None) -> tuple[pa.Table, pa.Table]:
+    """Whole event history -> (vm_leases, vms) tables in schema.VM_LEASES / schema.VMS, sorted.
+
+    The replay walks the events one by one: lifecycle volume is small next to flows (a site creating
+    hundreds of VMs an hour makes ~10^5-10^6 events a month) and each step is a few dict operations."""
+    frame = normalise_events(events)
+    replay = _Replay(reclaim_interval, *_port_maps(frame)) if frame.height else _Replay(reclaim_interval, {}, {})
+    columns = ["ts", "action", "event_type", "vm_id", "state", "addrs", "addr", "addr_kind", "port_id",
+               "resource_id", "hypervisor", *_IDENTITY]
+    if frame.height:
+        for e in frame.select(columns).iter_rows(named=True):
+            replay.apply(e)
+    leases = [lease for lease in replay.leases if lease["valid_to"] is None or lease["valid_to"] > lease["valid_from"]]
+    for lease in leases:
+        vm = replay.vms.get(lease["vm_id"])
+        lease.update(
+            vm_name=vm.vm_name if vm else None,
+            project=vm.project if vm else None,
+            user=vm.user if vm else None,
+            cloud=vm.cloud if vm else None,
+            vm_status=vm.status if vm else None,
+            quarantine_until=vm.quarantine_until if vm else None,
+        )
+    leases.sort(key=lambda lease: (lease["addr"], lease["valid_from"], lease["vm_id"]))
+    lease_table = pa.Table.from_pylist(leases, schema=VM_LEASES) if leases else VM_LEASES.empty_table()
+    vms = sorted(replay.vms.values(), key=lambda vm: vm.vm_id)
+    vm_table = pa.Table.from_pylist(
+        [
+            {"vm_id": vm.vm_id, "cloud": vm.cloud, "vm_name": vm.vm_name, "project": vm.project, "user": vm.user,
+             "hypervisor": vm.hypervisor, "status": vm.status or "unknown",
+             "created_at": vm.created_at or vm.first_seen, "deleted_at": vm.deleted_at,
+             "quarantine_until": vm.quarantine_until, "last_event_at": vm.last_event_at}
+            for vm in vms
+        ],
+        schema=VMS,
+    ) if vms else VMS.empty_table()
+    return lease_table, vm_table
+
+
+# ---- the lake edge -------------------------------------------------------------------------------------------
+
+def load_reclaim_interval(lake: Any) -> dt.timedelta | None:
+    """The interval given on an earlier run, remembered in the lake so that later rebuilds keep it."""
+    path = lake.root / SETTINGS_FILE
+    if not path.exists():
+        return None
+    seconds = json.loads(path.read_text()).get("reclaim_interval_seconds")
+    return None if seconds is None else dt.timedelta(seconds=seconds)
+
+
+def save_reclaim_interval(lake: Any, interval: dt.timedelta) -> None:
+    path = lake.root / SETTINGS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"reclaim_interval_seconds": interval.total_seconds()}))
+    tmp.replace(path)
+
+
+def _intervals(table: pa.Table) -> set[tuple[Any, ...]]:
+    cols = table.select(["addr", "vm_id", "valid_from", "valid_to"]).to_pydict()
+    return set(zip(cols["addr"], cols["vm_id"], cols["valid_from"], cols["valid_to"], strict=True))
+
+
+def _flow_days(lake: Any) -> list[str] | None:
+    directory = lake.root / "flows"
+    if not directory.exists():
+        return None
+    return sorted(p.name.removeprefix("date=") for p in directory.glob("date=*") if p.is_dir())
+
+
+def changed_days(old: pa.Table, new: pa.Table, flow_days: list[str] | None,
+                 now: dt.datetime | None = None) -> set[str]:
+    """UTC days on which attribution may differ between two lease tables (only addr/vm/interval matter)."""
+    changed = _intervals(old) ^ _intervals(new)
+    now = now or dt.datetime.now(dt.UTC)
+    days: set[str] = set()
+    for _addr, _vm, start, end in changed:
+        stop = end or now
+        if flow_days is not None:
+            first, last = start.strftime("%Y-%m-%d"), stop.strftime("%Y-%m-%d")
+            days.update(d for d in flow_days if first <= d <= last)
+            continue
+        day = start.date()
+        while day <= stop.date():
+            days.add(day.isoformat())
+            day += dt.timedelta(days=1)
+    return days
+
+
+def rebuild_leases(lake: Any, reclaim_interval: dt.timedelta | None = None) -> set[str]:
+    """Rebuild vm_leases and vms from every vm_event in the lake; return the UTC days (with flows, when the
+    lake has flows) whose attribution may change, for attribution.attribute_flows."""
+    if reclaim_interval is not None:
+        save_reclaim_interval(lake, reclaim_interval)
+    else:
+        reclaim_interval = load_reclaim_interval(lake)
+    old = lake.read("vm_leases")
+    leases, vms = build_leases(lake.read("vm_events"), reclaim_interval)
+    lake.replace_dataset("vm_leases", leases)
+    lake.replace_dataset("vms", vms)
+    return changed_days(old, leases, _flow_days(lake))
