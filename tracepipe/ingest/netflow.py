@@ -1,0 +1,899 @@
+"""NetFlow v1/v5/v7/v9 (RFC 3954) and IPFIX (RFC 7011) export datagrams -> flow records (schema.FLOWS).
+
+In: UDP payloads with the exporter address and arrival time of each. Out: one Arrow table of flows and one of
+rejects (what could not be decoded, with its byte offset and why), plus per-exporter counters. Bad input is
+never an exception. Templates, sequence numbers, sampling intervals and data still waiting for its template
+live in a `DecoderState` that the caller keeps across batches (and that round-trips through JSON).
+
+Speed: the per-datagram header and flowset walk is Python; the per-record work is not. All data records that
+share a template in a batch are joined into one buffer and read with one structured big-endian numpy dtype.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tracepipe.schema import FLOWS, REJECTS, TS
+
+# ---- field ids: the one table. id -> (IANA / RFC 3954 name, role in the decoder) ----------------------------
+# Roles name what a field becomes: a FLOWS column, a time ingredient, or an options value. Fields not listed
+# are skipped (their bytes are stepped over by the record layout).
+FIELDS: dict[int, tuple[str, str]] = {
+    1: ("octetDeltaCount", "bytes"),
+    2: ("packetDeltaCount", "packets"),
+    4: ("protocolIdentifier", "proto"),
+    6: ("tcpControlBits", "tcp_flags"),
+    7: ("sourceTransportPort", "src_port"),
+    8: ("sourceIPv4Address", "src_addr4"),
+    10: ("ingressInterface", "input_if"),
+    11: ("destinationTransportPort", "dst_port"),
+    12: ("destinationIPv4Address", "dst_addr4"),
+    14: ("egressInterface", "output_if"),
+    21: ("flowEndSysUpTime", "end_uptime"),  # v9 LAST_SWITCHED: ms since exporter boot
+    22: ("flowStartSysUpTime", "start_uptime"),  # v9 FIRST_SWITCHED
+    27: ("sourceIPv6Address", "src_addr6"),
+    28: ("destinationIPv6Address", "dst_addr6"),
+    32: ("icmpTypeCodeIPv4", "icmp"),  # type*256+code; lands in dst_port as nfdump puts it
+    34: ("samplingInterval", "sampling"),  # v9 SAMPLING_INTERVAL (options)
+    50: ("samplerRandomInterval", "sampling"),  # v9 FLOW_SAMPLER_RANDOM_INTERVAL (options)
+    60: ("ipVersion", "ip_version"),
+    85: ("octetTotalCount", "bytes_total"),
+    86: ("packetTotalCount", "packets_total"),
+    139: ("icmpTypeCodeIPv6", "icmp"),
+    150: ("flowStartSeconds", "start_s"),
+    151: ("flowEndSeconds", "end_s"),
+    152: ("flowStartMilliseconds", "start_ms"),
+    153: ("flowEndMilliseconds", "end_ms"),
+    154: ("flowStartMicroseconds", "start_ntp"),  # NTP format: seconds since 1900 . fraction
+    155: ("flowEndMicroseconds", "end_ntp"),
+    156: ("flowStartNanoseconds", "start_ntp"),
+    157: ("flowEndNanoseconds", "end_ntp"),
+    158: ("flowStartDeltaMicroseconds", "start_delta_us"),  # µs before the message's export time
+    159: ("flowEndDeltaMicroseconds", "end_delta_us"),
+    160: ("systemInitTimeMilliseconds", "sys_init_ms"),  # unix ms of exporter boot (record or options)
+    161: ("flowDurationMilliseconds", "duration_ms"),
+    305: ("samplingPacketInterval", "sampling_packets"),  # IPFIX: sample N packets ...
+    306: ("samplingPacketSpace", "sampling_space"),  # ... then skip M: interval = (N + M) / N
+}
+ADDRESS_ROLES = {"src_addr4", "dst_addr4", "src_addr6", "dst_addr6"}
+VARIABLE_LENGTH = 65535
+ENTERPRISE_BIT = 0x8000
+NTP_UNIX_OFFSET_S = 2_208_988_800  # seconds from 1900-01-01 to 1970-01-01
+WRAP = 1 << 32  # sysUptime is a 32-bit ms counter: wraps after 49.7 days
+MAX_PENDING_FLOWSETS = 20_000  # data waiting for a template, per state; beyond: rejected at once
+
+# v1/v5/v7 fixed layouts (header length, record length, max records, record fields as (role, offset, dtype))
+_V157_COMMON = [
+    ("src_addr4", 0, ">u4"),
+    ("dst_addr4", 4, ">u4"),
+    ("input_if", 12, ">u2"),
+    ("output_if", 14, ">u2"),
+    ("packets", 16, ">u4"),
+    ("bytes", 20, ">u4"),
+    ("start_uptime", 24, ">u4"),
+    ("end_uptime", 28, ">u4"),
+    ("src_port", 32, ">u2"),
+    ("dst_port", 34, ">u2"),
+]
+FIXED_LAYOUTS: dict[int, tuple[int, int, list[tuple[str, int, str]]]] = {
+    1: (16, 48, [*_V157_COMMON, ("proto", 38, "u1"), ("tcp_flags", 40, "u1")]),
+    5: (24, 48, [*_V157_COMMON, ("tcp_flags", 37, "u1"), ("proto", 38, "u1")]),
+    7: (24, 52, [*_V157_COMMON, ("tcp_flags", 37, "u1"), ("proto", 38, "u1")]),
+}
+
+
+# ---- templates --------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Template:
+    """One v9/IPFIX template: (field id, length, enterprise number) in wire order."""
+
+    fields: list[tuple[int, int, int]]
+    options: bool = False
+    scope_count: int = 0
+    version: int = 9
+    record_len: int = 0  # 0 when a field has variable length
+    dtype: np.dtype | None = None  # structured dtype over the roles this decoder uses
+    roles: dict[str, int] = field(default_factory=dict)  # role -> byte length on the wire
+    enterprise_fields: int = 0
+    variable_fields: int = 0
+
+    @classmethod
+    def build(cls, fields: list[tuple[int, int, int]], options: bool = False, scope_count: int = 0,
+              version: int = 9) -> Template:
+        tpl = cls(fields=fields, options=options, scope_count=scope_count, version=version)
+        tpl.enterprise_fields = sum(1 for _, _, pen in fields if pen)
+        tpl.variable_fields = sum(1 for _, length, _ in fields if length == VARIABLE_LENGTH)
+        if tpl.variable_fields == 0:
+            tpl.record_len = sum(length for _, length, _ in fields)
+            tpl.dtype, tpl.roles = _layout(fields)
+        return tpl
+
+    def fixed_projection(self) -> Template:
+        """The same template without its variable-length fields (records are rewritten to it)."""
+        return Template.build([f for f in self.fields if f[1] != VARIABLE_LENGTH], self.options,
+                              self.scope_count, self.version)
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"fields": self.fields, "options": self.options, "scope": self.scope_count, "version": self.version}
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> Template:
+        return cls.build([tuple(f) for f in obj["fields"]], obj["options"], obj["scope"], obj["version"])
+
+
+_NUMERIC = {1: "u1", 2: ">u2", 4: ">u4", 8: ">u8"}
+
+
+def _layout(fields: list[tuple[int, int, int]]) -> tuple[np.dtype, dict[str, int]]:
+    """Structured dtype naming the fields this decoder uses (first occurrence of each role wins)."""
+    names, formats, offsets, roles = [], [], [], {}
+    offset = 0
+    for field_id, length, pen in fields:
+        info = FIELDS.get(field_id) if not pen else None
+        if info is not None and info[1] not in roles and length > 0:
+            role = info[1]
+            wanted_len = 16 if role in ("src_addr6", "dst_addr6") else None
+            if wanted_len is None or length == wanted_len:
+                roles[role] = length
+                names.append(role)
+                formats.append(_NUMERIC.get(length, f"V{length}"))
+                offsets.append(offset)
+        offset += length
+    dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": max(offset, 1)})
+    return dtype, roles
+
+
+def _fixed_template(version: int) -> Template:
+    _, record_len, layout = FIXED_LAYOUTS[version]
+    tpl = Template(fields=[], version=version, record_len=record_len)
+    tpl.dtype = np.dtype({"names": [r for r, _, _ in layout], "formats": [d for _, _, d in layout],
+                          "offsets": [o for _, o, _ in layout], "itemsize": record_len})
+    tpl.roles = {r: np.dtype(d).itemsize for r, _, d in layout}
+    return tpl
+
+
+FIXED_TEMPLATES = {v: _fixed_template(v) for v in FIXED_LAYOUTS}
+
+
+# ---- state ------------------------------------------------------------------------------------------------
+@dataclass
+class _Sequence:
+    expected: int | None = None
+    missing: list[list[int]] = field(default_factory=list)  # open gaps [start, end) still hoped for (reordering)
+
+
+class DecoderState:
+    """What a decoder remembers between batches: templates per (exporter, version, domain, template id), the
+    next expected sequence number per (exporter, version, domain), sampling interval and boot time per
+    (exporter, domain) from options data, and data flowsets still waiting for their template."""
+
+    def __init__(self) -> None:
+        self.templates: dict[tuple[str, int, int, int], Template] = {}
+        self.sequences: dict[tuple[str, int, int], _Sequence] = {}
+        self.sampling: dict[tuple[str, int], int] = {}
+        self.sys_init_ms: dict[tuple[str, int], int] = {}
+        # (exporter, version, domain, template id) -> [(flowset body, ctx values, offset)]
+        self.pending: dict[tuple[str, int, int, int], list[tuple[bytes, tuple, int]]] = {}
+        self.pending_count = 0
+
+    def to_json(self) -> str:
+        def key(k: tuple) -> str:
+            return "|".join(str(x) for x in k)
+
+        return json.dumps({
+            "templates": {key(k): t.to_obj() for k, t in self.templates.items()},
+            "sequences": {key(k): [s.expected, s.missing] for k, s in self.sequences.items()},
+            "sampling": {key(k): v for k, v in self.sampling.items()},
+            "sys_init_ms": {key(k): v for k, v in self.sys_init_ms.items()},
+            "pending": {key(k): [[base64.b64encode(b).decode(), list(c), o] for b, c, o in v]
+                        for k, v in self.pending.items()},
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> DecoderState:
+        def key(k: str, ints: int) -> tuple:
+            parts = k.split("|")
+            head = "|".join(parts[: len(parts) - ints])  # exporter text never holds "|", but be safe
+            return (head, *(int(x) for x in parts[len(parts) - ints:]))
+
+        obj = json.loads(text)
+        state = cls()
+        state.templates = {key(k, 3): Template.from_obj(v) for k, v in obj.get("templates", {}).items()}
+        state.sequences = {key(k, 2): _Sequence(v[0], v[1]) for k, v in obj.get("sequences", {}).items()}
+        state.sampling = {key(k, 1): v for k, v in obj.get("sampling", {}).items()}
+        state.sys_init_ms = {key(k, 1): v for k, v in obj.get("sys_init_ms", {}).items()}
+        state.pending = {key(k, 3): [(base64.b64decode(b), tuple(c), o) for b, c, o in v]
+                         for k, v in obj.get("pending", {}).items()}
+        state.pending_count = sum(len(v) for v in state.pending.values())
+        return state
+
+
+@dataclass
+class Decoded:
+    flows: pa.Table  # schema.FLOWS columns (src_vm/dst_vm null)
+    rejects: pa.Table  # schema.REJECTS columns offset, exporter, reason, detail, source
+    stats: dict[str, dict[str, Any]]  # per exporter, see _new_stats
+
+
+def _new_stats() -> dict[str, Any]:
+    return {"datagrams": 0, "flows": 0, "rejects": 0, "sequence_gaps": 0, "lost": 0, "no_template": 0,
+            "waiting_for_template": 0, "enterprise_fields_skipped": 0, "variable_fields_skipped": 0,
+            "sampling": "unknown", "versions": []}
+
+
+def merge_stats(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]]) -> None:
+    """Add one batch's per-exporter counters into a running total (sampling: the latest known wins)."""
+    for exporter, stats in part.items():
+        acc = total.setdefault(exporter, _new_stats())
+        for k, v in stats.items():
+            if k == "versions":
+                acc[k] = sorted(set(acc[k]) | set(v))
+            elif k == "sampling":
+                if v != "unknown":
+                    acc[k] = v
+            else:
+                acc[k] += v
+
+
+# ---- the batch decoder --------------------------------------------------------------------------------------
+# ctx: one per (datagram, options state) holding what record times and sampling need:
+# (exporter index, version, domain, boot_ms or export_ms, sys_uptime_ms, export_ms, sys_init_ms, sampling)
+_CTX_EXPORTER, _CTX_VERSION, _CTX_DOMAIN, _CTX_BOOT, _CTX_UPTIME, _CTX_EXPORT, _CTX_INIT, _CTX_SAMPLING = range(8)
+
+_U16 = struct.Struct(">H")
+_HDR_FIXED = struct.Struct(">HHIII")  # version, count, sysUptime, unix_secs, unix_nsecs
+_HDR_V9 = struct.Struct(">HHIIII")  # version, count, sysUptime, unix_secs, sequence, source id
+_HDR_IPFIX = struct.Struct(">HHIII")  # version, length, export time, sequence, observation domain
+_SET = struct.Struct(">HH")
+_U32 = struct.Struct(">I")
+
+
+class _Batch:
+    """Working memory of one decode_datagrams call."""
+
+    def __init__(self, state: DecoderState, source: str) -> None:
+        self.state = state
+        self.source = source
+        self.exporters: list[str] = []
+        self.exporter_index: dict[str, int] = {}
+        self.ctx: list[tuple] = []
+        # template object id -> (template, [slices], [record counts], [ctx index], [offsets])
+        self.groups: dict[int, tuple[Template, list, list, list]] = {}
+        self.rejects: list[tuple[int | None, str, str, str]] = []
+        self.stats: dict[str, dict[str, Any]] = {}
+
+    def stat(self, exporter: str) -> dict[str, Any]:
+        s = self.stats.get(exporter)
+        if s is None:
+            s = self.stats[exporter] = _new_stats()
+        return s
+
+    def reject(self, offset: int | None, exporter: str, reason: str, detail: str = "") -> None:
+        self.rejects.append((offset, exporter, reason, detail))
+        self.stat(exporter)["rejects"] += 1
+
+    def add_ctx(self, exporter: str, values: tuple) -> int:
+        idx = self.exporter_index.get(exporter)
+        if idx is None:
+            idx = self.exporter_index[exporter] = len(self.exporters)
+            self.exporters.append(exporter)
+        self.ctx.append((idx, *values))
+        return len(self.ctx) - 1
+
+    def add_data(self, tpl: Template, body: bytes | memoryview, count: int, ctx: int) -> None:
+        group = self.groups.get(id(tpl))
+        if group is None:
+            group = self.groups[id(tpl)] = (tpl, [], [], [])
+        group[1].append(body)
+        group[2].append(count)
+        group[3].append(ctx)
+
+
+def decode_datagrams(payloads: Sequence[bytes | memoryview], exporters: Sequence[str], arrival_us: np.ndarray,
+                     offsets: np.ndarray | None, source: str, state: DecoderState) -> Decoded:
+    """Decode a batch of export datagrams (any mix of versions and exporters) into flows and rejects.
+
+    `offsets` are the byte offsets of each datagram's record in its file (for rejects); `state` is updated in
+    place (templates learnt, sequence numbers, options values, data waiting for templates).
+    """
+    batch = _Batch(state, source)
+    n = len(payloads)
+    offs = offsets.tolist() if offsets is not None else [None] * n
+    for i in range(n):
+        payload = payloads[i]
+        exporter = exporters[i]
+        offset = offs[i]
+        try:
+            _walk_datagram(batch, payload, exporter, offset)
+        except (struct.error, ValueError, IndexError, OverflowError) as exc:  # a length that lied past our checks
+            batch.reject(offset, exporter, "malformed datagram", repr(exc)[:200])
+    flows = _decode_groups(batch)
+    for exporter, s in batch.stats.items():
+        sampling = _known_sampling(state, exporter)
+        if sampling is not None:
+            s["sampling"] = sampling
+    return Decoded(flows, _rejects_table(batch.rejects, source), batch.stats)
+
+
+def _known_sampling(state: DecoderState, exporter: str) -> int | None:
+    values = [v for (e, _), v in state.sampling.items() if e == exporter]
+    return max(values) if values else None
+
+
+def _walk_datagram(batch: _Batch, payload: bytes | memoryview, exporter: str, offset: int | None) -> None:
+    size = len(payload)
+    stats = batch.stat(exporter)
+    stats["datagrams"] += 1
+    if size < 4:
+        batch.reject(offset, exporter, "not netflow", f"{size} bytes")
+        return
+    version = _U16.unpack_from(payload, 0)[0]
+    if version not in stats["versions"]:
+        if version in (1, 5, 7, 9, 10):
+            stats["versions"].append(version)
+    if version in FIXED_LAYOUTS:
+        _walk_fixed(batch, payload, exporter, offset, version)
+    elif version == 9:
+        _walk_v9(batch, payload, exporter, offset)
+    elif version == 10:
+        _walk_ipfix(batch, payload, exporter, offset)
+    else:
+        batch.reject(offset, exporter, "not netflow", f"unknown version {version}")
+
+
+def _walk_fixed(batch: _Batch, payload: bytes | memoryview, exporter: str, offset: int | None, version: int) -> None:
+    header_len, record_len, _ = FIXED_LAYOUTS[version]
+    size = len(payload)
+    if size < header_len:
+        batch.reject(offset, exporter, "truncated datagram", f"v{version} header needs {header_len} bytes, got {size}")
+        return
+    _, count, uptime, secs, nsecs = _HDR_FIXED.unpack_from(payload, 0)
+    if count == 0:
+        return
+    if header_len + count * record_len > size:
+        batch.reject(offset, exporter, "truncated datagram",
+                     f"v{version} header says {count} records, {size} bytes hold {(size - header_len) // record_len}")
+        return
+    sampling = -1
+    if version != 1:
+        seq = _U32.unpack_from(payload, 16)[0]
+        _track_sequence(batch, exporter, (exporter, version, 0), seq, count)
+        if version == 5:
+            interval = _U16.unpack_from(payload, 22)[0] & 0x3FFF  # top 2 bits: sampling mode
+            if interval > 0:
+                sampling = interval
+                batch.state.sampling[(exporter, 0)] = interval
+    # v5 boot time: unix_secs + nsecs - sysUptime, in ms (RFC-less, as Cisco documents it)
+    boot_ms = secs * 1000 + nsecs // 1_000_000 - uptime
+    ctx = batch.add_ctx(exporter, (version, 0, boot_ms, uptime, secs * 1000, -1, sampling))
+    body = payload[header_len: header_len + count * record_len]
+    batch.add_data(FIXED_TEMPLATES[version], body, count, ctx)
+
+
+def _walk_v9(batch: _Batch, payload: bytes | memoryview, exporter: str, offset: int | None) -> None:
+    size = len(payload)
+    if size < 20:
+        batch.reject(offset, exporter, "truncated datagram", f"v9 header needs 20 bytes, got {size}")
+        return
+    _, _count, uptime, secs, seq, domain = _HDR_V9.unpack_from(payload, 0)
+    # v9 sequence numbers count export packets (RFC 3954 §5.1)
+    _track_sequence(batch, exporter, (exporter, 9, domain), seq, 1)
+    _walk_sets(batch, payload, 20, size, exporter, offset, 9, domain, secs * 1000 - uptime, uptime, secs * 1000)
+
+
+def _walk_ipfix(batch: _Batch, payload: bytes | memoryview, exporter: str, offset: int | None) -> None:
+    size = len(payload)
+    if size < 16:
+        batch.reject(offset, exporter, "truncated datagram", f"IPFIX header needs 16 bytes, got {size}")
+        return
+    _, length, export_s, seq, domain = _HDR_IPFIX.unpack_from(payload, 0)
+    if length < 16 or length > size:
+        batch.reject(offset, exporter, "bad length", f"IPFIX message length {length}, datagram {size} bytes")
+        return
+    records = _walk_sets(batch, payload, 16, length, exporter, offset, 10, domain, export_s * 1000, 0,
+                         export_s * 1000)
+    # IPFIX sequence numbers count data records sent before this message (RFC 7011 §3.1); data waiting for
+    # its template cannot be counted, so a message holding such data re-synchronises instead.
+    _track_sequence(batch, exporter, (exporter, 10, domain), seq, records)
+
+
+def _walk_sets(batch: _Batch, payload: bytes | memoryview, pos: int, end: int, exporter: str, offset: int | None,
+               version: int, domain: int, boot_ms: int, uptime: int, export_ms: int) -> int | None:
+    """Walk the (flow)sets of one v9/IPFIX message. Returns data records seen (None if some were unknown)."""
+    state = batch.state
+    template_set, options_set = (0, 1) if version == 9 else (2, 3)
+    records: int | None = 0
+    ctx = -1
+    ctx_key: tuple | None = None
+    while pos + 4 <= end:
+        set_id, set_len = _SET.unpack_from(payload, pos)
+        if set_len < 4 or pos + set_len > end:
+            # a zero or lying length: the rest of the datagram cannot be delimited
+            batch.reject(offset, exporter, "bad flowset length",
+                         f"set {set_id} at byte {pos} says {set_len} bytes, {end - pos} left")
+            return records
+        body_start, body_end = pos + 4, pos + set_len
+        pos = body_end
+        if set_id == template_set or set_id == options_set:
+            _read_templates(batch, payload, body_start, body_end, exporter, offset, version, domain,
+                            set_id == options_set)
+            continue
+        if set_id < 256:
+            batch.reject(offset, exporter, "unknown flowset id", f"v{version} set id {set_id}")
+            continue
+        key = (exporter, version, domain, set_id)
+        tpl = state.templates.get(key)
+        sampling = state.sampling.get((exporter, domain), -1)
+        sys_init = state.sys_init_ms.get((exporter, domain), -1)
+        values = (version, domain, boot_ms, uptime, export_ms, sys_init, sampling)
+        if tpl is None:
+            _keep_pending(batch, key, bytes(payload[body_start:body_end]), values, offset)
+            records = None
+            continue
+        if tpl.options:
+            _read_options_data(batch, tpl, payload[body_start:body_end], exporter, domain)
+            continue
+        if values != ctx_key:
+            ctx = batch.add_ctx(exporter, values)
+            ctx_key = values
+        count = _add_template_data(batch, tpl, payload[body_start:body_end], ctx, exporter, offset)
+        if records is not None:
+            records += count
+    return records
+
+
+def _add_template_data(batch: _Batch, tpl: Template, body: bytes | memoryview, ctx: int, exporter: str,
+                       offset: int | None) -> int:
+    stats = batch.stat(exporter)
+    if tpl.variable_fields:
+        rows = _fixed_from_variable(tpl, body)
+        if rows is None:
+            batch.reject(offset, exporter, "bad variable-length record", f"{len(body)} bytes")
+            return 0
+        projected, data, count = rows
+        stats["variable_fields_skipped"] += count * tpl.variable_fields
+        stats["enterprise_fields_skipped"] += count * tpl.enterprise_fields
+        if count:
+            batch.add_data(projected, data, count, ctx)
+        return count
+    count = len(body) // tpl.record_len  # the remainder is padding (RFC 3954 §5.3, RFC 7011 §3.3.1)
+    if count:
+        stats["enterprise_fields_skipped"] += count * tpl.enterprise_fields
+        batch.add_data(tpl, body[: count * tpl.record_len], count, ctx)
+    return count
+
+
+_PROJECTIONS: dict[int, Template] = {}
+
+
+def _fixed_from_variable(tpl: Template, body: bytes | memoryview) -> tuple[Template, bytes, int] | None:
+    """Rewrite records of a template with variable-length fields to its fixed projection (rare: per record)."""
+    projected = _PROJECTIONS.get(id(tpl))
+    if projected is None or projected.fields != [f for f in tpl.fields if f[1] != VARIABLE_LENGTH]:
+        projected = _PROJECTIONS[id(tpl)] = tpl.fixed_projection()
+    out = bytearray()
+    pos, end, count = 0, len(body), 0
+    min_len = sum(length if length != VARIABLE_LENGTH else 1 for _, length, _ in tpl.fields)
+    while end - pos >= max(min_len, 1):
+        for _, length, _ in tpl.fields:
+            if length == VARIABLE_LENGTH:
+                if pos >= end:
+                    return None
+                vlen = body[pos]
+                pos += 1
+                if vlen == 255:  # RFC 7011 §7: long form, two more bytes of length
+                    if pos + 2 > end:
+                        return None
+                    vlen = _U16.unpack_from(body, pos)[0]
+                    pos += 2
+                pos += vlen
+                if pos > end:
+                    return None
+            else:
+                if pos + length > end:
+                    return None
+                out += body[pos: pos + length]
+                pos += length
+        count += 1
+    return projected, bytes(out), count
+
+
+def _read_templates(batch: _Batch, payload: bytes | memoryview, pos: int, end: int, exporter: str,
+                    offset: int | None, version: int, domain: int, options: bool) -> None:
+    state = batch.state
+    while end - pos >= 4:
+        scope_count = 0
+        if version == 9 and options:
+            if end - pos < 6:
+                return  # padding
+            tid, scope_len, option_len = struct.unpack_from(">HHH", payload, pos)
+            pos += 6
+            if scope_len % 4 or option_len % 4 or pos + scope_len + option_len > end:
+                batch.reject(offset, exporter, "bad template",
+                             f"v9 options template {tid}: scope {scope_len} + options {option_len} bytes, "
+                             f"{end - pos} left")
+                return
+            scope_count = scope_len // 4
+            n_fields = (scope_len + option_len) // 4
+        else:
+            tid, n_fields = _SET.unpack_from(payload, pos)
+            pos += 4
+            if version == 10 and options and n_fields:
+                if end - pos < 2:
+                    batch.reject(offset, exporter, "bad template", f"IPFIX options template {tid} cut short")
+                    return
+                scope_count = _U16.unpack_from(payload, pos)[0]
+                pos += 2
+        if tid == 0 and n_fields == 0 and version == 9:
+            return  # padding after the last template
+        if version == 10 and n_fields == 0:
+            _withdraw(state, exporter, domain, tid, options)
+            continue
+        if tid < 256:
+            batch.reject(offset, exporter, "bad template", f"template id {tid} < 256")
+            return
+        fields: list[tuple[int, int, int]] = []
+        for _ in range(n_fields):
+            if pos + 4 > end:
+                batch.reject(offset, exporter, "bad template",
+                             f"template {tid} declares {n_fields} fields, set ends after {len(fields)}")
+                return
+            field_id, length = _SET.unpack_from(payload, pos)
+            pos += 4
+            pen = 0
+            if version == 10 and field_id & ENTERPRISE_BIT:
+                if pos + 4 > end:
+                    batch.reject(offset, exporter, "bad template", f"template {tid}: enterprise number cut short")
+                    return
+                pen = _U32.unpack_from(payload, pos)[0]
+                pos += 4
+                field_id &= ~ENTERPRISE_BIT
+            if version == 9 and length == VARIABLE_LENGTH:
+                batch.reject(offset, exporter, "bad template", f"template {tid}: v9 has no variable-length fields")
+                return
+            fields.append((field_id, length, pen))
+        tpl = Template.build(fields, options, scope_count, version)
+        if tpl.variable_fields == 0 and tpl.record_len == 0:
+            batch.reject(offset, exporter, "bad template", f"template {tid}: records of 0 bytes")
+            continue
+        key = (exporter, version, domain, tid)
+        state.templates[key] = tpl  # a redefinition replaces the old layout (RFC 7011 §8.1)
+        waiting = state.pending.pop(key, None)
+        if waiting:
+            state.pending_count -= len(waiting)
+            batch.stat(exporter)["waiting_for_template"] -= len(waiting)
+            for body, values, pending_offset in waiting:
+                if tpl.options:
+                    _read_options_data(batch, tpl, body, exporter, domain)
+                else:
+                    ctx = batch.add_ctx(exporter, values)
+                    _add_template_data(batch, tpl, body, ctx, exporter, pending_offset)
+
+
+def _withdraw(state: DecoderState, exporter: str, domain: int, tid: int, options: bool) -> None:
+    """IPFIX template withdrawal: one template, or all of a set type when tid is the set id (RFC 7011 §8.1)."""
+    if tid in (2, 3):
+        for key in [k for k, t in state.templates.items()
+                    if k[0] == exporter and k[1] == 10 and k[2] == domain and t.options == options]:
+            del state.templates[key]
+    else:
+        state.templates.pop((exporter, 10, domain, tid), None)
+
+
+def _keep_pending(batch: _Batch, key: tuple[str, int, int, int], body: bytes, values: tuple,
+                  offset: int | None) -> None:
+    state = batch.state
+    exporter = key[0]
+    if state.pending_count >= MAX_PENDING_FLOWSETS:
+        batch.reject(offset, exporter, "no template", f"template {key[3]} (domain {key[2]}) never seen")
+        batch.stat(exporter)["no_template"] += 1
+        return
+    state.pending.setdefault(key, []).append((body, values, offset if offset is not None else -1))
+    state.pending_count += 1
+    batch.stat(exporter)["waiting_for_template"] += 1
+
+
+def _read_options_data(batch: _Batch, tpl: Template, body: bytes | memoryview, exporter: str, domain: int) -> None:
+    """Options records are few: read sampling interval and boot time per record in Python."""
+    if tpl.record_len == 0 or tpl.dtype is None:
+        return
+    count = len(body) // tpl.record_len
+    if count == 0:
+        return
+    arr = np.frombuffer(bytes(body[: count * tpl.record_len]), dtype=tpl.dtype)
+    roles = tpl.roles
+    state = batch.state
+    for i in range(count):
+        rec = arr[i]
+        if "sampling" in roles:
+            value = _scalar(rec["sampling"])
+            if value > 0:
+                state.sampling[(exporter, domain)] = min(value, 2**31 - 1)
+        if "sampling_packets" in roles:
+            packets = _scalar(rec["sampling_packets"])
+            space = _scalar(rec["sampling_space"]) if "sampling_space" in roles else 0
+            if packets > 0:
+                state.sampling[(exporter, domain)] = min((packets + space) // packets, 2**31 - 1)
+        if "sys_init_ms" in roles:
+            value = _scalar(rec["sys_init_ms"])
+            if value > 0:
+                state.sys_init_ms[(exporter, domain)] = value
+
+
+def _scalar(value: Any) -> int:
+    if isinstance(value, np.void | bytes):
+        return int.from_bytes(bytes(value), "big")
+    return int(value)
+
+
+def _track_sequence(batch: _Batch, exporter: str, key: tuple[str, int, int], seq: int, count: int | None) -> None:
+    """Count lost units between the expected and the received sequence number; a late (reordered) arrival
+    fills the gap it belongs to instead of counting as a new one; duplicates count nothing."""
+    state = batch.state
+    track = state.sequences.get(key)
+    if track is None:
+        track = state.sequences[key] = _Sequence()
+    if count is None:
+        track.expected = None
+        return
+    stats = batch.stat(exporter)
+    if track.expected is None:
+        track.expected = (seq + count) % WRAP
+        return
+    ahead = (seq - track.expected) % WRAP
+    if ahead == 0:
+        track.expected = (seq + count) % WRAP
+    elif ahead < WRAP // 2:
+        stats["sequence_gaps"] += 1
+        stats["lost"] += ahead
+        track.missing.append([track.expected, seq])
+        del track.missing[:-64]
+        track.expected = (seq + count) % WRAP
+    else:  # behind: a late datagram; if it falls in an open gap, that much was not lost after all
+        for gap in track.missing:
+            gap_start, gap_stop = gap
+            width = (gap_stop - gap_start) % WRAP
+            into = (seq - gap_start) % WRAP
+            if into < width:
+                filled = min(max(count, 1), width - into)
+                stats["lost"] -= filled
+                pieces = [p for p in ([gap_start, seq], [(seq + filled) % WRAP, gap_stop]) if p[0] != p[1]]
+                index = track.missing.index(gap)
+                track.missing[index: index + 1] = pieces
+                if not pieces:
+                    stats["sequence_gaps"] -= 1
+                break
+
+
+# ---- columns ------------------------------------------------------------------------------------------------
+def _decode_groups(batch: _Batch) -> pa.Table:
+    if not batch.groups:
+        return FLOWS.empty_table()
+    ctx = np.array(batch.ctx, dtype=np.int64).reshape(-1, 8)
+    exporters = pa.array(batch.exporters, pa.string())
+    tables = []
+    for tpl, bodies, counts, ctx_ids in batch.groups.values():
+        table = _decode_group(batch, tpl, bodies, counts, ctx_ids, ctx, exporters)
+        if table is not None and table.num_rows:
+            tables.append(table)
+    if not tables:
+        return FLOWS.empty_table()
+    return pa.concat_tables(tables)
+
+
+def _uint(arr: np.ndarray, role: str, roles: dict[str, int]) -> np.ndarray | None:
+    """A numeric field as int64 (uint64 beyond 2**63 is clipped), whatever its wire length."""
+    if role not in roles:
+        return None
+    col = arr[role]
+    if col.dtype.kind == "V":
+        raw = np.frombuffer(col.tobytes(), dtype=np.uint8).reshape(len(col), roles[role])
+        raw = raw[:, -8:]
+        out = np.zeros(len(col), dtype=np.uint64)
+        for j in range(raw.shape[1]):
+            out = (out << np.uint64(8)) | raw[:, j].astype(np.uint64)
+        col = out
+    if col.dtype == np.uint64:
+        return np.minimum(col, np.uint64(2**63 - 1)).astype(np.int64)
+    return col.astype(np.int64)
+
+
+def _decode_group(batch: _Batch, tpl: Template, bodies: list, counts: list, ctx_ids: list, ctx: np.ndarray,
+                  exporters: pa.Array) -> pa.Table | None:
+    roles = tpl.roles
+    total = sum(counts)
+    buf = b"".join(bodies)
+    arr = np.frombuffer(buf, dtype=tpl.dtype, count=total)
+    rec_ctx = np.repeat(np.asarray(ctx_ids, dtype=np.int64), counts)
+    c = ctx[rec_ctx]  # per record: ctx columns
+
+    has4 = "src_addr4" in roles and "dst_addr4" in roles
+    has6 = "src_addr6" in roles and "dst_addr6" in roles
+    if not (has4 or has6):
+        for cid, count in zip(ctx_ids, counts, strict=True):
+            exporter = batch.exporters[int(ctx[cid, _CTX_EXPORTER])]
+            batch.reject(None, exporter, "no addresses", f"template without address fields: {count} records")
+        return None
+
+    ip_version = _uint(arr, "ip_version", roles)
+    if has4 and has6:
+        # a template carrying both families: the ip version field (or a zero v4 address) decides
+        use6 = (ip_version == 6) if ip_version is not None else (arr["src_addr4"] == 0)
+        src = _address_text_mixed(arr, use6)
+        dst = _address_text_mixed(arr, use6, "dst")
+        version_col = np.where(use6, 6, 4)
+    elif has4:
+        src, dst = _ipv4_text(arr["src_addr4"]), _ipv4_text(arr["dst_addr4"])
+        version_col = np.full(total, 4)
+    else:
+        src, dst = _ipv6_text(arr["src_addr6"]), _ipv6_text(arr["dst_addr6"])
+        version_col = np.full(total, 6)
+
+    zeros = np.zeros(total, dtype=np.int64)
+    packets = _uint(arr, "packets", roles)
+    if packets is None:
+        packets = _uint(arr, "packets_total", roles)
+    nbytes = _uint(arr, "bytes", roles)
+    if nbytes is None:
+        nbytes = _uint(arr, "bytes_total", roles)
+    src_port = _uint(arr, "src_port", roles)
+    dst_port = _uint(arr, "dst_port", roles)
+    proto = _uint(arr, "proto", roles)
+    proto = zeros if proto is None else proto
+    src_port = zeros.copy() if src_port is None else src_port
+    dst_port = zeros.copy() if dst_port is None else dst_port
+    icmp = _uint(arr, "icmp", roles)
+    if tpl.version in (9, 10):
+        is_icmp = (proto == 1) | (proto == 58)
+        if is_icmp.any():
+            # exporters that put ICMP type/code into the source port (as nfdump repairs it)
+            swap = is_icmp & (src_port != 0)
+            dst_port = np.where(swap, ((src_port & 0xFF) << 8) | (src_port >> 8), dst_port)
+            src_port = np.where(swap, 0, src_port)
+            if icmp is not None:
+                dst_port = np.where(is_icmp & (icmp != 0), icmp, dst_port)
+    tcp_flags = _uint(arr, "tcp_flags", roles)
+    input_if = _uint(arr, "input_if", roles)
+    output_if = _uint(arr, "output_if", roles)
+
+    start_ms, end_ms = _times(tpl, arr, c)
+
+    exporter_col = exporters.take(pa.array(c[:, _CTX_EXPORTER]))
+    sampling = c[:, _CTX_SAMPLING]
+    columns = {
+        "ts_start": pa.array(start_ms * 1000, type=TS),
+        "ts_end": pa.array(end_ms * 1000, type=TS),
+        "src_addr": src,
+        "dst_addr": dst,
+        "src_port": pa.array(src_port.astype(np.int32)),
+        "dst_port": pa.array(dst_port.astype(np.int32)),
+        "proto": pa.array(proto.astype(np.int16)),
+        "packets": pa.array(zeros if packets is None else packets),
+        "bytes": pa.array(zeros if nbytes is None else nbytes),
+        "tcp_flags": pa.array((zeros if tcp_flags is None else tcp_flags & 0xFFFF).astype(np.int16)),
+        "ip_version": pa.array(version_col.astype(np.int8)),
+        "exporter": exporter_col,
+        "input_if": None if input_if is None else pa.array(np.minimum(input_if, 2**31 - 1).astype(np.int32)),
+        "output_if": None if output_if is None else pa.array(np.minimum(output_if, 2**31 - 1).astype(np.int32)),
+        "sampling_interval": pa.array(sampling.astype(np.int32), mask=sampling < 0),
+        "source": pa.array([batch.source], pa.string()).take(pa.array(np.zeros(total, dtype=np.int32))),
+    }
+    for exporter_idx, n in zip(*np.unique(c[:, _CTX_EXPORTER], return_counts=True), strict=True):
+        batch.stat(batch.exporters[int(exporter_idx)])["flows"] += int(n)
+    arrays = [columns.get(f.name) if columns.get(f.name) is not None else pa.nulls(total, f.type) for f in FLOWS]
+    return pa.Table.from_arrays(arrays, schema=FLOWS)
+
+
+def _times(tpl: Template, arr: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Absolute start and end of each record in unix ms, from whatever time fields the layout carries."""
+    roles = tpl.roles
+    version = tpl.version
+    if version in FIXED_LAYOUTS or (version == 9 and "start_uptime" in roles and "end_uptime" in roles):
+        first = _uint(arr, "start_uptime", roles)
+        last = _uint(arr, "end_uptime", roles)
+        boot = c[:, _CTX_BOOT]
+        # a start later than the end means sysUptime wrapped in between (as nfdump reads it)
+        start = boot + first - np.where(first > last, WRAP, 0)
+        end = boot + last
+        if version in (1, 5):
+            # the counter wrapped after the flow ended but before export (v5: >100 s, Cisco bug CSCei12353)
+            uptime = c[:, _CTX_UPTIME]
+            margin = 100_000 if version == 5 else 0
+            late = (last > uptime) & ((last - uptime) > margin)
+            start = start - np.where(late, WRAP, 0)
+            end = end - np.where(late, WRAP, 0)
+        return start, end
+
+    export_ms = c[:, _CTX_EXPORT]
+    start = _point_in_time(arr, roles, "start", c)
+    end = _point_in_time(arr, roles, "end", c)
+    duration = _uint(arr, "duration_ms", roles)
+    if start is None and end is None:
+        start = end = export_ms.copy()
+    elif start is None:
+        start = end - (duration if duration is not None else 0)
+    elif end is None:
+        end = start + (duration if duration is not None else 0)
+    return start, end
+
+
+def _point_in_time(arr: np.ndarray, roles: dict[str, int], which: str, c: np.ndarray) -> np.ndarray | None:
+    value = _uint(arr, f"{which}_ms", roles)
+    if value is not None:
+        return value
+    value = _uint(arr, f"{which}_s", roles)
+    if value is not None:
+        return value * 1000
+    if f"{which}_ntp" in roles and roles[f"{which}_ntp"] == 8:
+        raw = _uint(arr, f"{which}_ntp", roles).view(np.uint64)
+        seconds = (raw >> np.uint64(32)).astype(np.int64) - NTP_UNIX_OFFSET_S
+        fraction_ms = ((raw & np.uint64(0xFFFFFFFF)) * np.uint64(1000)) >> np.uint64(32)
+        return seconds * 1000 + fraction_ms.astype(np.int64)
+    value = _uint(arr, f"{which}_delta_us", roles)
+    if value is not None:
+        return c[:, _CTX_EXPORT] - value // 1000
+    value = _uint(arr, f"{which}_uptime", roles)
+    if value is not None:
+        # IPFIX sysUpTime fields: ms since systemInitTimeMilliseconds, from the record or from options data
+        init = _uint(arr, "sys_init_ms", roles)
+        if init is None:
+            init = c[:, _CTX_INIT]
+        if (init < 0).any():
+            # no boot time known: assume the latest end in the record is the export time
+            other = _uint(arr, "end_uptime", roles)
+            init = np.where(init < 0, c[:, _CTX_EXPORT] - (other if other is not None else value), init)
+        return init + value
+    return None
+
+
+def _ipv4_text(values: np.ndarray) -> pa.Array:
+    """Dotted quads, built once per distinct address then taken per record."""
+    encoded = pc.dictionary_encode(pa.array(values.astype(np.uint32)))
+    uniq = encoded.dictionary.to_numpy(zero_copy_only=False).astype(np.uint32)
+    parts = [pc.cast(pa.array((uniq >> s) & 0xFF), pa.string()) for s in (24, 16, 8, 0)]
+    text = pc.binary_join_element_wise(*parts, ".")
+    return text.take(encoded.indices)
+
+
+def _ipv6_text(values: np.ndarray) -> pa.Array:
+    raw = pa.array(np.frombuffer(values.tobytes(), dtype=np.uint8).reshape(-1, 16).view("S16").ravel(),
+                   pa.binary(16))
+    encoded = pc.dictionary_encode(raw)
+    text = pa.array([str(ipaddress.IPv6Address(b)) for b in encoded.dictionary.to_pylist()], pa.string())
+    return text.take(encoded.indices)
+
+
+def _address_text_mixed(arr: np.ndarray, use6: np.ndarray, end: str = "src") -> pa.Array:
+    v4 = _ipv4_text(arr[f"{end}_addr4"])
+    v6 = _ipv6_text(arr[f"{end}_addr6"])
+    return pc.if_else(pa.array(use6), v6, v4)
+
+
+def _rejects_table(rows: list[tuple[int | None, str, str, str]], source: str) -> pa.Table:
+    fields = ["offset", "exporter", "reason", "detail", "source"]
+    schema = pa.schema([REJECTS.field(f) for f in fields])
+    if not rows:
+        return schema.empty_table()
+    offsets, exporters, reasons, details = zip(*rows, strict=True)
+    return pa.table([list(offsets), list(exporters), list(reasons), list(details), [source] * len(rows)],
+                    schema=schema)
+
+
+def flush_pending(state: DecoderState, source: str) -> pa.Table:
+    """Data flowsets still waiting for a template at the end of an input: rejects "no template" (and forgotten)."""
+    rows = [(offset if offset >= 0 else None, key[0], "no template",
+             f"v{key[1]} template {key[3]} (domain {key[2]}) never seen; {len(body)} bytes")
+            for key, entries in state.pending.items() for body, _, offset in entries]
+    state.pending.clear()
+    state.pending_count = 0
+    return _rejects_table(rows, source)

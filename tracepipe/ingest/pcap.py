@@ -1,0 +1,338 @@
+"""pcap / pcapng capture files -> batches of UDP datagrams (exporter address, capture time, payload, offset).
+
+Streams the file in chunks, so memory stays flat however large the capture. Link types: Ethernet (with VLAN
+tags), Linux cooked SLL and SLL2 (`tcpdump -i any`), raw IP (DLT_RAW 12/14/101), BSD loopback/null. IPv4 and
+IPv6 (extension headers skipped). Whatever is not a complete UDP datagram (truncated record, fragment, not UDP,
+unknown link type) becomes a reject with its byte offset; a cut-off file yields everything before the cut.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pyarrow as pa
+
+from tracepipe.schema import REJECTS
+
+CHUNK = 8 << 20  # bytes read at a time
+BATCH_BYTES = 48 << 20  # a batch is also cut when its payloads reach this many bytes
+
+PCAP_MAGIC = {  # magic as read little-endian -> (struct byte order, ticks per µs divisor is ns?)
+    0xA1B2C3D4: ("<", False),
+    0xD4C3B2A1: (">", False),
+    0xA1B23C4D: ("<", True),
+    0x4D3CB2A1: (">", True),
+}
+PCAPNG_SHB = 0x0A0D0D0A
+PCAPNG_BYTE_ORDER = 0x1A2B3C4D
+
+# link types (www.tcpdump.org/linktypes.html)
+LINK_NULL, LINK_ETHERNET, LINK_RAW, LINK_RAW_BSD, LINK_RAW_OPENBSD = 0, 1, 101, 12, 14
+LINK_LOOP, LINK_SLL, LINK_SLL2 = 108, 113, 276
+IPV6_EXTENSION_HEADERS = {0, 43, 60, 135, 139, 140, 253, 254}
+IPV6_FRAGMENT, IPV6_AUTH = 44, 51
+UDP = 17
+
+
+@dataclass
+class UdpBatch:
+    payloads: list[bytes | memoryview]
+    exporters: list[str]  # source address of the datagram, canonical text
+    ts_us: np.ndarray  # int64 capture time, µs since the epoch
+    offsets: np.ndarray  # int64 byte offset of the packet record in the file
+    dst_ports: np.ndarray  # int32
+    rejects: pa.Table  # offset, reason, detail (schema.REJECTS columns)
+    bytes_read: int = 0  # how far into the file this batch reaches (for progress bars)
+
+
+REJECT_SCHEMA = pa.schema([REJECTS.field("offset"), REJECTS.field("reason"), REJECTS.field("detail")])
+
+
+@dataclass
+class _Collector:
+    payloads: list = field(default_factory=list)
+    exporters: list = field(default_factory=list)
+    ts: list = field(default_factory=list)
+    offsets: list = field(default_factory=list)
+    ports: list = field(default_factory=list)
+    rejects: list = field(default_factory=list)
+    nbytes: int = 0
+
+    def flush(self, bytes_read: int) -> UdpBatch:
+        if self.rejects:
+            offs, reasons, details = zip(*self.rejects, strict=True)
+            rejects = pa.table([list(offs), list(reasons), list(details)], schema=REJECT_SCHEMA)
+        else:
+            rejects = REJECT_SCHEMA.empty_table()
+        batch = UdpBatch(self.payloads, self.exporters, np.array(self.ts, dtype=np.int64),
+                         np.array(self.offsets, dtype=np.int64), np.array(self.ports, dtype=np.int32), rejects,
+                         bytes_read)
+        self.__init__()  # type: ignore[misc]
+        return batch
+
+
+class _Reader:
+    """A forward-only window over a file: `need(n)` makes n bytes from `pos` available in `buf`."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.buf = b""
+        self.pos = 0  # position in buf
+        self.base = 0  # file offset of buf[0]
+        self.eof = False
+
+    def need(self, n: int) -> bool:
+        if self.pos + n <= len(self.buf):
+            return True
+        if self.eof:
+            return False
+        rest = self.buf[self.pos:]
+        self.base += self.pos
+        self.pos = 0
+        chunk = self.handle.read(max(CHUNK, n))
+        if not chunk:
+            self.eof = True
+        self.buf = rest + chunk
+        return self.pos + n <= len(self.buf)
+
+    @property
+    def offset(self) -> int:
+        return self.base + self.pos
+
+
+def iter_udp_batches(path: Path | str, batch_datagrams: int = 65536) -> Iterator[UdpBatch]:
+    """Yield UDP datagrams of a pcap or pcapng file in batches; a file that is no capture yields one reject."""
+    with open(path, "rb") as handle:
+        reader = _Reader(handle)
+        if not reader.need(4):
+            yield _only_reject(0, "not a pcap", "file shorter than 4 bytes")
+            return
+        magic_le = struct.unpack_from("<I", reader.buf, 0)[0]
+        if magic_le in PCAP_MAGIC:
+            yield from _read_pcap(reader, batch_datagrams)
+        elif magic_le == PCAPNG_SHB:
+            yield from _read_pcapng(reader, batch_datagrams)
+        else:
+            yield _only_reject(0, "not a pcap", f"magic {reader.buf[:4].hex()}")
+
+
+def _only_reject(offset: int, reason: str, detail: str) -> UdpBatch:
+    col = _Collector()
+    col.rejects.append((offset, reason, detail))
+    return col.flush(0)
+
+
+def _read_pcap(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
+    if not reader.need(24):
+        yield _only_reject(0, "truncated pcap record", "global header cut short")
+        return
+    magic = struct.unpack_from("<I", reader.buf, 0)[0]
+    order, nanos = PCAP_MAGIC[magic]
+    linktype = struct.unpack_from(order + "I", reader.buf, 20)[0] & 0xFFFF
+    reader.pos = 24
+    record = struct.Struct(order + "IIII")
+    col = _Collector()
+    decode = _LinkDecoder()
+    divisor = 1000 if nanos else 1
+    while True:
+        if not reader.need(16):
+            if reader.pos < len(reader.buf):
+                col.rejects.append((reader.offset, "truncated pcap record",
+                                    f"{len(reader.buf) - reader.pos} bytes of a record header at end of file"))
+            break
+        offset = reader.offset
+        secs, frac, caplen, _origlen = record.unpack_from(reader.buf, reader.pos)
+        if caplen > 0x4000000:  # 64 MiB: no real packet is that large; the file is corrupt from here
+            col.rejects.append((offset, "truncated pcap record", f"record claims {caplen} bytes"))
+            break
+        if not reader.need(16 + caplen):
+            col.rejects.append((offset, "truncated pcap record",
+                                f"record needs {caplen} bytes, file has {len(reader.buf) - reader.pos - 16}"))
+            break
+        start = reader.pos + 16
+        reader.pos = start + caplen
+        decode.packet(col, reader.buf, start, caplen, linktype, offset, secs * 1_000_000 + frac // divisor)
+        if len(col.payloads) >= batch_datagrams or col.nbytes >= BATCH_BYTES:
+            yield col.flush(reader.offset)
+    yield col.flush(reader.offset)
+
+
+def _read_pcapng(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
+    col = _Collector()
+    decode = _LinkDecoder()
+    order = "<"
+    interfaces: list[tuple[int, int]] = []  # (link type, ticks per second)
+    while True:
+        if not reader.need(12):
+            if reader.pos < len(reader.buf):
+                col.rejects.append((reader.offset, "truncated pcap record", "pcapng block header cut short"))
+            break
+        offset = reader.offset
+        block_type_le = struct.unpack_from("<I", reader.buf, reader.pos)[0]
+        if block_type_le == PCAPNG_SHB:
+            bom = reader.buf[reader.pos + 8: reader.pos + 12]
+            order = "<" if struct.unpack("<I", bom)[0] == PCAPNG_BYTE_ORDER else ">"
+            interfaces = []
+        block_type, block_len = struct.unpack_from(order + "II", reader.buf, reader.pos)
+        if block_len < 12 or block_len % 4:
+            col.rejects.append((offset, "truncated pcap record", f"pcapng block length {block_len}"))
+            break
+        if not reader.need(block_len):
+            col.rejects.append((offset, "truncated pcap record",
+                                f"pcapng block needs {block_len} bytes, file has {len(reader.buf) - reader.pos}"))
+            break
+        body = reader.pos + 8
+        end = reader.pos + block_len - 4
+        reader.pos += block_len
+        buf = reader.buf
+        if block_type == 1:  # interface description
+            linktype = struct.unpack_from(order + "H", buf, body)[0]
+            interfaces.append((linktype, _tsresol(buf, body + 8, end, order)))
+        elif block_type in (6, 2):  # enhanced / obsolete packet block
+            if block_type == 6:
+                iface, hi, lo, caplen = struct.unpack_from(order + "IIII", buf, body)
+                data = body + 20
+            else:
+                iface, _, hi, lo, caplen = struct.unpack_from(order + "HHIII", buf, body)
+                data = body + 20
+            if iface >= len(interfaces) or data + caplen > end:
+                col.rejects.append((offset, "truncated pcap record", f"packet block: interface {iface}, {caplen} bytes"))
+                continue
+            linktype, ticks = interfaces[iface]
+            ts = (hi << 32) | lo
+            ts_us = ts * 1_000_000 // ticks if ticks != 1_000_000 else ts
+            decode.packet(col, buf, data, caplen, linktype, offset, ts_us)
+        elif block_type == 3:  # simple packet block: interface 0, no time
+            if not interfaces:
+                col.rejects.append((offset, "truncated pcap record", "simple packet block before any interface"))
+                continue
+            origlen = struct.unpack_from(order + "I", buf, body)[0]
+            caplen = min(origlen, end - body - 4)
+            decode.packet(col, buf, body + 4, caplen, interfaces[0][0], offset, 0)
+        if len(col.payloads) >= batch_datagrams or col.nbytes >= BATCH_BYTES:
+            yield col.flush(reader.offset)
+    yield col.flush(reader.offset)
+
+
+def _tsresol(buf: bytes, pos: int, end: int, order: str) -> int:
+    """Ticks per second of an interface (option if_tsresol = 9; default µs)."""
+    while pos + 4 <= end:
+        code, length = struct.unpack_from(order + "HH", buf, pos)
+        if code == 0:
+            break
+        if code == 9 and length >= 1:
+            value = buf[pos + 4]
+            return 2 ** (value & 0x7F) if value & 0x80 else 10 ** value
+        pos += 4 + ((length + 3) & ~3)
+    return 1_000_000
+
+
+_ETHER_VLAN = {0x8100, 0x88A8, 0x9100}
+_U16 = struct.Struct(">H")
+_UDP = struct.Struct(">HHH")
+
+
+class _LinkDecoder:
+    """Link layer -> IP -> UDP, per packet. Lean on purpose: this loop runs once per datagram."""
+
+    def __init__(self) -> None:
+        self.addr_text: dict[bytes, str] = {}
+
+    def packet(self, col: _Collector, buf: bytes, start: int, caplen: int, linktype: int, offset: int,
+               ts_us: int) -> None:
+        end = start + caplen
+        pos = start
+        if linktype == LINK_ETHERNET:
+            if caplen < 14:
+                col.rejects.append((offset, "truncated packet", "Ethernet header cut short"))
+                return
+            ethertype = _U16.unpack_from(buf, pos + 12)[0]
+            pos += 14
+            while ethertype in _ETHER_VLAN and pos + 4 <= end:
+                ethertype = _U16.unpack_from(buf, pos + 2)[0]
+                pos += 4
+        elif linktype == LINK_SLL:
+            if caplen < 16:
+                col.rejects.append((offset, "truncated packet", "Linux cooked header cut short"))
+                return
+            ethertype = _U16.unpack_from(buf, pos + 14)[0]
+            pos += 16
+        elif linktype == LINK_SLL2:
+            if caplen < 20:
+                col.rejects.append((offset, "truncated packet", "Linux cooked v2 header cut short"))
+                return
+            ethertype = _U16.unpack_from(buf, pos)[0]
+            pos += 20
+        elif linktype in (LINK_RAW, LINK_RAW_BSD, LINK_RAW_OPENBSD):
+            ethertype = 0x0800 if caplen and buf[pos] >> 4 == 4 else 0x86DD
+        elif linktype in (LINK_NULL, LINK_LOOP):
+            if caplen < 4:
+                col.rejects.append((offset, "truncated packet", "loopback header cut short"))
+                return
+            pos += 4
+            ethertype = 0x0800 if caplen > 4 and buf[pos] >> 4 == 4 else 0x86DD
+        else:
+            col.rejects.append((offset, "unknown link type", f"link type {linktype}"))
+            return
+
+        if ethertype == 0x0800:
+            if end - pos < 20 or buf[pos] >> 4 != 4:
+                col.rejects.append((offset, "truncated packet", "IPv4 header cut short"))
+                return
+            ihl = (buf[pos] & 0x0F) * 4
+            if buf[pos + 9] != UDP:
+                col.rejects.append((offset, "not UDP", f"IP protocol {buf[pos + 9]}"))
+                return
+            if _U16.unpack_from(buf, pos + 6)[0] & 0x3FFF:  # more-fragments flag or fragment offset
+                col.rejects.append((offset, "ip fragment", "fragmented datagrams are not reassembled"))
+                return
+            src = buf[pos + 12: pos + 16]
+            pos += ihl
+        elif ethertype == 0x86DD:
+            if end - pos < 40:
+                col.rejects.append((offset, "truncated packet", "IPv6 header cut short"))
+                return
+            next_header = buf[pos + 6]
+            src = buf[pos + 8: pos + 24]
+            pos += 40
+            while next_header in IPV6_EXTENSION_HEADERS or next_header == IPV6_AUTH:
+                if pos + 2 > end:
+                    col.rejects.append((offset, "truncated packet", "IPv6 extension header cut short"))
+                    return
+                length = (buf[pos + 1] + 2) * 4 if next_header == IPV6_AUTH else (buf[pos + 1] + 1) * 8
+                next_header = buf[pos]
+                pos += length
+            if next_header == IPV6_FRAGMENT:
+                col.rejects.append((offset, "ip fragment", "fragmented datagrams are not reassembled"))
+                return
+            if next_header != UDP:
+                col.rejects.append((offset, "not UDP", f"IPv6 next header {next_header}"))
+                return
+        else:
+            col.rejects.append((offset, "not UDP", f"ethertype 0x{ethertype:04x}"))
+            return
+
+        if pos + 8 > end:
+            col.rejects.append((offset, "truncated packet", "UDP header cut short"))
+            return
+        _, dst_port, udp_len = _UDP.unpack_from(buf, pos)
+        if udp_len < 8 or pos + udp_len > end:
+            col.rejects.append((offset, "truncated packet",
+                                f"UDP length {udp_len}, {end - pos} bytes captured (snap length too small?)"))
+            return
+        exporter = self.addr_text.get(src)
+        if exporter is None:
+            exporter = self.addr_text[src] = str(ipaddress.ip_address(bytes(src)))
+        payload = memoryview(buf)[pos + 8: pos + udp_len]
+        col.payloads.append(payload)
+        col.exporters.append(exporter)
+        col.ts.append(ts_us)
+        col.offsets.append(offset)
+        col.ports.append(dst_port)
+        col.nbytes += udp_len
