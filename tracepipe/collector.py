@@ -1,0 +1,773 @@
+"""`tracepipe collect`: a NetFlow v1/v5/v9/IPFIX collector that spools first and decodes later.
+
+In: UDP datagrams on one or more `--listen` sockets (IPv4 and IPv6). The receive loop does nothing but
+`recvmmsg` (through libc; batches of up to 1024 datagrams), drop senders outside `--allow`, and append the batch
+to the current spool segment (tracepipe/spool.py) with one write(). A separate committer process decodes each
+closed segment with the same decoder as `tracepipe ingest netflow` and commits it to the lake, keyed by the
+segment's content hash, then persists the decoder state (templates, sequence numbers) next to the spool.
+
+Guarantee: a datagram that the receive loop has returned from the kernel is in the spool file (page cache) before
+the loop waits for the next batch; after a kill -9 and restart, every such datagram lands in the lake exactly
+once (torn tail blocks are cut before hashing; a committed segment is skipped by its hash). Datagrams still in the
+kernel socket buffer at the kill are not received and are lost, as with any UDP collector.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import ipaddress
+import json
+import logging
+import math
+import multiprocessing
+import os
+import re
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tracepipe import spool as sp
+from tracepipe.errors import EnvironmentProblem, LakeError, UsageError
+
+log = logging.getLogger("tracepipe.collect")
+
+DEFAULT_RCVBUF = 32 << 20
+DEFAULT_ROTATE_S = 300.0
+DEFAULT_SEGMENT_BYTES = 256 << 20
+DEFAULT_STATUS_S = 10.0
+SYNC_INTERVAL_S = 1.0  # fdatasync of the open segment (power loss; a kill -9 loses nothing written)
+BATCH = 1024  # datagrams per recvmmsg call
+SLOT = 65536  # bytes per datagram slot: the largest UDP payload fits, nothing is ever truncated
+DECODE_CHUNK = 20_000  # datagrams per decode_datagrams call in the committer (bounds its memory)
+COMMITTER_STATS = "committer.json"
+FAILED_DIR = "failed"
+LOCK_FILE = ".collector.lock"
+COMMIT_LOCK_FILE = ".committer.lock"
+
+# Linux constants that the socket module does not export
+SO_RCVBUFFORCE = 33
+MSG_DONTWAIT = 0x40
+PR_SET_PDEATHSIG = 1
+
+
+# ---- options --------------------------------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """`5m`, `300s`, `300`, `1h`, `0.5s` -> seconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
+    if not match or float(match.group(1)) <= 0:
+        raise UsageError(f"cannot read duration {text!r}; write e.g. 5m, 300s, 1h, 0.5s")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def parse_size(text: str) -> int:
+    """`32M`, `33554432`, `1G`, `512k` -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*([kKmMgG])?i?[bB]?\s*", text)
+    if not match:
+        raise UsageError(f"cannot read size {text!r}; write e.g. 32M, 33554432, 1G")
+    return int(match.group(1)) << {None: 0, "k": 10, "m": 20, "g": 30}[(match.group(2) or "").lower() or None]
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    family: int
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str) -> ListenSpec:
+    """`0.0.0.0:2055`, `[::]:4739`, `[::1]:9995`, `:2055` or `2055` (all IPv4 addresses)."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.%a-z]+)\]:(\d+)|([^:\[\]]*):(\d+)|(\d+)", text.strip())
+    if not match:
+        raise UsageError(f"cannot read listen address {text!r}; write HOST:PORT, e.g. 0.0.0.0:2055 or [::]:4739")
+    if match.group(5):
+        host, port = "0.0.0.0", int(match.group(5))
+    elif match.group(1):
+        host, port = match.group(1), int(match.group(2))
+    else:
+        host, port = match.group(3) or "0.0.0.0", int(match.group(4))
+    try:
+        version = ipaddress.ip_address(host.split("%")[0]).version
+    except ValueError as exc:
+        raise UsageError(f"listen address {text!r}: {host!r} is not an IP address") from exc
+    if port > 65535:
+        raise UsageError(f"listen address {text!r}: port {port} is out of range")
+    return ListenSpec(socket.AF_INET6 if version == 6 else socket.AF_INET, host, port)
+
+
+class AllowList:
+    """Sender CIDRs (IPv4 and IPv6) checked on whole batches: addresses as two big-endian uint64 halves of the
+    16-byte form (IPv4 mapped into ::ffff:0:0/96), one mask-and-compare per network."""
+
+    def __init__(self, cidrs: Sequence[str]) -> None:
+        self.cidrs = list(cidrs)
+        self._nets: list[tuple[int, int, int, int]] = []  # (net_hi, net_lo, mask_hi, mask_lo)
+        for cidr in cidrs:
+            try:
+                net = ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError as exc:
+                raise UsageError(f"--allow {cidr!r} is not a network; write e.g. 10.0.0.0/8 or 2001:db8::/32") from exc
+            if net.version == 4:
+                value = (0xFFFF << 32) | int(net.network_address)
+                prefix = 96 + net.prefixlen
+            else:
+                value, prefix = int(net.network_address), net.prefixlen
+            mask = ((1 << 128) - 1) ^ ((1 << (128 - prefix)) - 1)
+            self._nets.append((value >> 64, value & (2**64 - 1), mask >> 64, mask & (2**64 - 1)))
+
+    @property
+    def accepts_all(self) -> bool:
+        return not self._nets
+
+    def allowed(self, addr16: np.ndarray) -> np.ndarray:
+        """Boolean mask over an (n, 16) uint8 array of sender addresses."""
+        if not self._nets:
+            return np.ones(len(addr16), dtype=bool)
+        halves = np.ascontiguousarray(addr16).view(">u8").reshape(-1, 2)
+        hi, lo = halves[:, 0], halves[:, 1]
+        mask = np.zeros(len(addr16), dtype=bool)
+        for net_hi, net_lo, mask_hi, mask_lo in self._nets:
+            mask |= ((hi & np.uint64(mask_hi)) == np.uint64(net_hi)) & ((lo & np.uint64(mask_lo)) == np.uint64(net_lo))
+        return mask
+
+
+@dataclass
+class CollectorConfig:
+    listen: list[ListenSpec]
+    lake: Path
+    spool: Path | None = None  # default <lake>/_spool
+    rotate_s: float = DEFAULT_ROTATE_S
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    rcvbuf: int = DEFAULT_RCVBUF
+    allow: list[str] = field(default_factory=list)
+    status_s: float = DEFAULT_STATUS_S
+    stats_file: Path | None = None
+    keep_segments: bool = False  # move committed segments to <spool>/done/ instead of deleting them
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.spool if self.spool is not None else self.lake / "_spool"
+
+
+# ---- sockets ----------------------------------------------------------------------------------------------------
+
+
+def open_socket(spec: ListenSpec, rcvbuf: int) -> tuple[socket.socket, int]:
+    """Bind one UDP socket with a receive buffer of `rcvbuf` bytes if the kernel allows; returns (socket,
+    granted bytes). SO_RCVBUFFORCE (root / CAP_NET_ADMIN) goes past net.core.rmem_max; else SO_RCVBUF, capped."""
+    sock = socket.socket(spec.family, socket.SOCK_DGRAM)
+    try:
+        if spec.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((spec.host, spec.port))
+    except OSError as exc:
+        sock.close()
+        raise EnvironmentProblem(f"cannot listen on {spec}: {exc.strerror}. Is another collector (nfcapd?) "
+                                 f"bound to it, or is the address not on this host?") from exc
+    sock.setblocking(False)
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel reports double
+    return sock, granted
+
+
+def rmem_max() -> int | None:
+    try:
+        return int(Path("/proc/sys/net/core/rmem_max").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def kernel_drops(sockets: Sequence[socket.socket]) -> dict[int, int]:
+    """Datagrams the kernel dropped per socket (receive buffer full), from the `drops` column of
+    /proc/net/udp and /proc/net/udp6, matched by the socket's inode. Keyed by fileno."""
+    inodes = {os.fstat(s.fileno()).st_ino: s.fileno() for s in sockets if s.fileno() >= 0}
+    drops: dict[int, int] = {}
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) >= 13 and cols[9].isdigit() and int(cols[9]) in inodes:
+                drops[inodes[int(cols[9])]] = int(cols[12])
+    return drops
+
+
+def _libc_recvmmsg() -> Any:
+    if ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        function = libc.recvmmsg
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RECVMMSG = _libc_recvmmsg()
+
+
+class BatchReceiver:
+    """recvmmsg(2) on one socket into preallocated buffers: up to BATCH datagrams per system call.
+
+    The `struct mmsghdr` array (64 bytes each on 64-bit Linux: msghdr of 56 + msg_len + pad) lives in a numpy
+    array, so that lengths and sender addresses of a whole batch are read as columns without a Python loop.
+    Falls back to recvfrom_into one datagram at a time where libc has no recvmmsg.
+    """
+
+    def __init__(self, sock: socket.socket, batch: int = BATCH) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.family = sock.family
+        self.batch = batch
+        self.buffer = np.empty(batch * SLOT, dtype=np.uint8)  # untouched pages cost no memory
+        self.view = memoryview(self.buffer)
+        self.names = np.zeros((batch, 128), dtype=np.uint8)  # struct sockaddr_storage per datagram
+        self.iov = np.zeros((batch, 2), dtype=np.uint64)  # struct iovec {base, len}
+        self.iov[:, 0] = self.buffer.ctypes.data + np.arange(batch, dtype=np.uint64) * SLOT
+        self.iov[:, 1] = SLOT
+        self.headers = np.zeros((batch, 8), dtype=np.uint64)
+        self.headers[:, 0] = self.names.ctypes.data + np.arange(batch, dtype=np.uint64) * 128  # msg_name
+        self.headers[:, 2] = self.iov.ctypes.data + np.arange(batch, dtype=np.uint64) * 16  # msg_iov
+        self.headers[:, 3] = 1  # msg_iovlen
+        self.words = self.headers.view(np.uint32)  # [:, 2] msg_namelen, [:, 12] msg_flags, [:, 14] msg_len
+        self.pointer = self.headers.ctypes.data
+
+    def receive(self) -> tuple[int, np.ndarray, np.ndarray, list[memoryview]]:
+        """(count, addr16 (n,16) uint8, ports, payload views) of what is queued now; count 0 when empty."""
+        if _RECVMMSG is None:
+            return self._receive_one_by_one()
+        self.words[:, 2] = 128
+        count = _RECVMMSG(self.fd, self.pointer, self.batch, MSG_DONTWAIT, None)
+        if count <= 0:
+            err = ctypes.get_errno()
+            if count < 0 and err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                raise OSError(err, os.strerror(err))
+            return 0, np.empty((0, 16), np.uint8), np.empty(0, np.uint16), []
+        names = self.names[:count]
+        ports = names[:, 2].astype(np.uint16) << 8 | names[:, 3]  # sin_port / sin6_port, network order
+        addr16 = np.zeros((count, 16), dtype=np.uint8)
+        if self.family == socket.AF_INET6:
+            addr16[:] = names[:, 8:24]
+        else:
+            addr16[:, 10:12] = 0xFF
+            addr16[:, 12:16] = names[:, 4:8]
+        lengths = self.words[:count, 14].tolist()
+        view = self.view
+        payloads = [view[i * SLOT : i * SLOT + n] for i, n in enumerate(lengths)]
+        return count, addr16, ports, payloads
+
+    def _receive_one_by_one(self) -> tuple[int, np.ndarray, np.ndarray, list[memoryview]]:
+        addrs, ports, payloads = [], [], []
+        for i in range(self.batch):
+            slot = self.view[i * SLOT : (i + 1) * SLOT]
+            try:
+                n, sender = self.sock.recvfrom_into(slot)
+            except (BlockingIOError, InterruptedError):
+                break
+            ip = ipaddress.ip_address(sender[0].split("%")[0])
+            packed = ip.packed if ip.version == 6 else b"\0" * 10 + b"\xff\xff" + ip.packed
+            addrs.append(np.frombuffer(packed, np.uint8))
+            ports.append(sender[1])
+            payloads.append(slot[:n])
+        if not payloads:
+            return 0, np.empty((0, 16), np.uint8), np.empty(0, np.uint16), []
+        return len(payloads), np.stack(addrs), np.array(ports, np.uint16), payloads
+
+
+def make_block(arrival_us: int, family: int, addr16: np.ndarray, ports: np.ndarray,
+               payloads: list[memoryview]) -> bytes:
+    records = np.zeros(len(payloads), dtype=sp.RECORD)
+    records["arrival_us"] = arrival_us
+    records["length"] = [len(p) for p in payloads]
+    records["port"] = ports
+    records["family"] = 6 if family == socket.AF_INET6 else 4
+    records["addr"] = np.ascontiguousarray(addr16).view("V16").reshape(-1)
+    return sp.encode_block(records, b"".join(payloads))
+
+
+# ---- the committer (a separate process) ------------------------------------------------------------------------
+
+
+def _load_state(spool: Path) -> tuple[Any, str | None]:
+    from tracepipe.ingest.netflow import DecoderState
+
+    path = spool / sp.STATE_FILE
+    if not path.exists():
+        return DecoderState(), None
+    saved = json.loads(path.read_text())
+    return DecoderState.from_json(saved["state"]), saved.get("after_segment")
+
+
+def _save_state(spool: Path, state: Any, segment: str) -> None:
+    sp.write_json_atomic(spool / sp.STATE_FILE, {"after_segment": segment, "state": state.to_json()})
+
+
+@dataclass
+class SegmentResult:
+    segment: str
+    content_hash: str
+    datagrams: int
+    flows: int
+    rejects: int
+    skipped: bool  # already in the lake (a restart after the commit, before the segment was marked done)
+    stats: dict[str, Any]
+
+
+def commit_segment(lake: Any, path: Path, state: Any) -> SegmentResult:
+    """Decode one closed spool segment with the NetFlow decoder and commit it to `lake` as one source
+    (content hash = the segment's sha256, source = its path). Mutates `state` (templates, sequence numbers).
+
+    Already in the manifest: decoded anyway, to bring `state` to where that commit left it, but nothing is
+    written. That is what makes a kill between commit and state save harmless.
+    """
+    import pyarrow as pa
+
+    from tracepipe.ingest.netflow import decode_datagrams, merge_stats
+    from tracepipe.lake import hash_file
+
+    content_hash = hash_file(path)
+    source = str(path.resolve())
+    skipped = lake.already_ingested("flows", content_hash)
+    per_exporter: dict[str, dict[str, Any]] = {}
+    stats: dict[str, Any] = {"exporters": per_exporter}
+    datagrams = flows = rejects = 0
+    writer = None if skipped else lake.ingest("flows", source, content_hash)
+    with contextlib.ExitStack() as stack:
+        if writer is not None:
+            stack.enter_context(writer)
+        pending: list[sp.Block] = []
+
+        def decode(blocks: list[sp.Block]) -> None:
+            nonlocal datagrams, flows, rejects
+            records = np.concatenate([b.records for b in blocks])
+            payloads: list[bytes] = []
+            offsets: list[np.ndarray] = []
+            for block in blocks:
+                ends = np.cumsum(block.records["length"].astype(np.int64))
+                starts = ends - block.records["length"]
+                mv = block.payload
+                payloads.extend(bytes(mv[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True))
+                offsets.append(starts + block.payload_offset)
+            exporters = sp.addresses_text(np.ascontiguousarray(records["addr"]).view(np.uint8).reshape(-1, 16))
+            decoded = decode_datagrams(payloads, list(exporters), records["arrival_us"].astype(np.int64),
+                                       np.concatenate(offsets), source, state)
+            datagrams += len(records)
+            flows += decoded.flows.num_rows
+            rejects += decoded.rejects.num_rows
+            merge_stats(per_exporter, decoded.stats)
+            if writer is not None:
+                writer.write(decoded.flows)
+                writer.reject(decoded.rejects)
+
+        count = 0
+        for block in sp.read_blocks(path):
+            pending.append(block)
+            count += len(block.records)
+            if count >= DECODE_CHUNK:
+                decode(pending)
+                pending, count = [], 0
+        if pending:
+            decode(pending)
+        sidecar = path.with_name(path.name + sp.RECOVERY_SUFFIX)
+        if sidecar.exists():
+            cut = json.loads(sidecar.read_text())
+            stats["spool_tail_cut_bytes"] = cut["cut_bytes"]
+            rejects += 1
+            if writer is not None:
+                writer.reject(pa.table({
+                    "offset": pa.array([cut["kept_bytes"]], pa.int64()),
+                    "reason": ["truncated spool tail"],
+                    "detail": [f"{cut['cut_bytes']} bytes of a receive batch torn by a crash were cut at restart"],
+                }))
+        stats["datagrams"] = datagrams
+        if writer is not None:
+            writer.commit(stats)
+    return SegmentResult(path.name, content_hash, datagrams, flows, rejects, skipped, stats)
+
+
+def _finish_segment(path: Path, keep: bool) -> None:
+    sidecar = path.with_name(path.name + sp.RECOVERY_SUFFIX)
+    if keep:
+        done = path.parent / sp.DONE_DIR
+        done.mkdir(exist_ok=True)
+        os.replace(path, done / path.name)
+        if sidecar.exists():
+            os.replace(sidecar, done / sidecar.name)
+    else:
+        path.unlink(missing_ok=True)
+        sidecar.unlink(missing_ok=True)
+    sp.fsync_dir(path.parent)
+
+
+def commit_pending(lake: Any, spool: Path, keep: bool, totals: dict[str, Any] | None = None) -> int:
+    """Commit every closed segment of `spool`, oldest first, persisting the decoder state after each.
+    Returns the number of segments handled. Used by the committer process and by tests."""
+    from tracepipe.ingest.netflow import merge_stats
+
+    state, after = _load_state(spool)
+    handled = 0
+    for path in sp.closed_segments(spool):
+        if after == path.name:  # committed and state saved; killed before it was marked done
+            _finish_segment(path, keep)
+            handled += 1
+            continue
+        started = time.monotonic()
+        try:
+            result = commit_segment(lake, path, state)
+        except LakeError:
+            raise
+        except Exception:  # a decoder bug must not block the spool: set the segment aside, keep going
+            log.exception("cannot decode %s; moved to %s/ for a bug report, continuing", path.name, FAILED_DIR)
+            (spool / FAILED_DIR).mkdir(exist_ok=True)
+            os.replace(path, spool / FAILED_DIR / path.name)
+            state, after = _load_state(spool)
+            continue
+        _save_state(spool, state, path.name)
+        after = path.name
+        _finish_segment(path, keep)
+        handled += 1
+        log.info("committed %s: %d datagrams, %d flows, %d rejects%s in %.1f s", path.name, result.datagrams,
+                 result.flows, result.rejects, " (already in the lake)" if result.skipped else "",
+                 time.monotonic() - started)
+        if totals is not None:
+            totals["segments"] = totals.get("segments", 0) + 1
+            totals["datagrams"] = totals.get("datagrams", 0) + result.datagrams
+            totals["flows"] = totals.get("flows", 0) + result.flows
+            totals["rejects"] = totals.get("rejects", 0) + result.rejects
+            merge_stats(totals.setdefault("exporters", {}), result.stats["exporters"])
+            totals["last_segment"] = path.name
+            totals["last_commit_at"] = time.time()
+            sp.write_json_atomic(spool / COMMITTER_STATS, totals)
+    return handled
+
+
+def _die_with_parent(parent: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl: nobody would stop us
+        os._exit(0)
+
+
+def committer_main(spool: str, lake_root: str, keep: bool, stop: Any, parent: int, level: int) -> None:
+    """Entry point of the committer process: commit closed segments until `stop` is set and none is left."""
+    from tracepipe.lake import Lake
+
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the collector decides when we stop (drain first)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=level, format="%(asctime)s tracepipe collect: %(message)s")
+    spool_dir = Path(spool)
+    lock = open(spool_dir / COMMIT_LOCK_FILE, "w")  # held (locked) for the life of the process
+    fcntl.flock(lock, fcntl.LOCK_EX)  # a committer of a killed collector may still be finishing
+    lake = Lake(lake_root)
+    totals: dict[str, Any] = {"started_at": time.time()}
+    sp.write_json_atomic(spool_dir / COMMITTER_STATS, totals)
+    while True:
+        finishing = stop.is_set()
+        try:
+            commit_pending(lake, spool_dir, keep, totals)
+        except LakeError as exc:
+            log.error("cannot commit to the lake, datagrams stay in the spool, retrying in 10 s: %s", exc)
+            if finishing:
+                raise SystemExit(4) from exc
+            stop.wait(10)
+            continue
+        if finishing:
+            return
+        stop.wait(0.5)
+
+
+# ---- the collector (receive loop) -----------------------------------------------------------------------------
+
+
+@dataclass
+class ReceiveStats:
+    datagrams: int = 0
+    bytes: int = 0
+    per_exporter: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # sender outside --allow -> datagrams
+    _raw: dict[bytes, int] = field(default_factory=dict)
+    _raw_dropped: dict[bytes, int] = field(default_factory=dict)
+
+    def count(self, addr16: np.ndarray, target: dict[bytes, int]) -> None:
+        if len(addr16) == 0:
+            return
+        first = addr16[0].tobytes()
+        if (addr16 == addr16[0]).all():  # the common case: a batch from one exporter
+            target[first] = target.get(first, 0) + len(addr16)
+            return
+        uniques, counts = np.unique(np.ascontiguousarray(addr16).view("V16").reshape(-1), return_counts=True)
+        for raw, n in zip(uniques, counts.tolist(), strict=True):
+            key = bytes(raw)
+            target[key] = target.get(key, 0) + n
+
+    def named(self) -> None:
+        """Turn the raw 16-byte keys into address text (status time only)."""
+        for raw, target in ((self._raw, self.per_exporter), (self._raw_dropped, self.dropped)):
+            keys = list(raw)
+            texts = sp.addresses_text(np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16)) if keys else []
+            target.clear()
+            target.update({t: raw[k] for k, t in zip(keys, texts, strict=True)})
+
+
+class Collector:
+    """The receive loop plus rotation, status and the committer process; `run()` until SIGTERM/SIGINT."""
+
+    def __init__(self, config: CollectorConfig) -> None:
+        self.config = config
+        self.spool = config.spool_dir
+        self.allow = AllowList(config.allow)
+        self.stop_requested = 0
+        self.sockets: list[socket.socket] = []
+        self.granted: list[int] = []
+        self.receivers: list[BatchReceiver] = []
+        self.stats = ReceiveStats()
+        self.writer: sp.SegmentWriter | None = None
+        self.serial = 0
+        self.committer: Any = None
+        self.committer_stop: Any = None
+        self.context = multiprocessing.get_context("spawn")
+        self.started = time.time()
+        self._lock_handle: Any = None
+        self._last_status: dict[str, float] = {}
+        self._drops = 0
+        self._listening: list[str] = []
+
+    # -- setup --
+    def _lock_spool(self) -> None:
+        try:
+            self.spool.mkdir(parents=True, exist_ok=True)
+            handle = open(self.spool / LOCK_FILE, "a+")  # held (locked) while running
+        except OSError as exc:
+            raise LakeError(f"cannot create the spool {self.spool}: {exc.strerror}; check --spool / --lake") from exc
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise EnvironmentProblem(f"another tracepipe collect is using the spool {self.spool}; give this one "
+                                     f"its own --spool") from exc
+        self._lock_handle = handle
+
+    def _recover(self) -> None:
+        for path in sp.open_segments(self.spool):
+            recovered = sp.recover_open(path)
+            log.warning("recovered %s after an unclean stop: %d datagrams kept%s", path.name, recovered.datagrams,
+                        f", {recovered.cut_bytes} bytes of a torn last batch cut" if recovered.cut_bytes else "")
+        backlog = sp.closed_segments(self.spool)
+        if backlog:
+            log.info("%d spooled segment(s) from an earlier run will be committed first", len(backlog))
+
+    def _open_sockets(self) -> None:
+        limit = rmem_max()
+        for spec in self.config.listen:
+            sock, granted = open_socket(spec, self.config.rcvbuf)
+            self.sockets.append(sock)
+            self.granted.append(granted)
+            self.receivers.append(BatchReceiver(sock))
+            bound = ListenSpec(spec.family, spec.host, sock.getsockname()[1])
+            log.info("listening on %s (receive buffer %d bytes)", bound, granted)
+            if granted < self.config.rcvbuf:
+                log.warning("the kernel capped the receive buffer of %s at %d bytes (asked %d; net.core.rmem_max="
+                            "%s): bursts may be dropped. Run as root/CAP_NET_ADMIN or raise it: sysctl -w "
+                            "net.core.rmem_max=%d", bound, granted, self.config.rcvbuf, limit, self.config.rcvbuf)
+        if self.allow.accepts_all:
+            log.warning("accepting datagrams from any sender: NetFlow is unauthenticated UDP, so anyone who can "
+                        "reach these ports can plant flows; restrict with --allow CIDR")
+
+    def _start_committer(self) -> None:
+        self.committer_stop = self.context.Event()
+        self.committer = self.context.Process(
+            target=committer_main, name="tracepipe-committer",
+            args=(str(self.spool), str(self.config.lake), self.config.keep_segments, self.committer_stop,
+                  os.getpid(), log.getEffectiveLevel()),
+            daemon=False)
+        self.committer.start()
+
+    def _new_segment(self) -> None:
+        self.serial = max(self.serial + 1, sp.next_serial(self.spool))
+        self.writer = sp.SegmentWriter(self.spool, self.serial)
+
+    def rotate(self) -> None:
+        if self.writer is not None and self.writer.datagrams:
+            closed = self.writer.close()
+            log.debug("closed %s", closed)
+            self._new_segment()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop_requested += 1
+        if self.stop_requested == 1:
+            log.info("%s: stopping; rotating and committing what is spooled", signal.Signals(signum).name)
+
+    # -- loop --
+    def _receive_ready(self, receiver: BatchReceiver) -> int:
+        """Drain one socket (up to 64 batches), appending each batch to the spool. Returns datagrams."""
+        total = 0
+        for _ in range(64):
+            count, addr16, ports, payloads = receiver.receive()
+            if count == 0:
+                break
+            arrival = time.time_ns() // 1000
+            allowed = self.allow.allowed(addr16)
+            if not allowed.all():
+                self.stats.count(addr16[~allowed], self.stats._raw_dropped)
+                keep = np.flatnonzero(allowed)
+                addr16, ports = addr16[keep], ports[keep]
+                payloads = [payloads[i] for i in keep.tolist()]
+            if payloads:
+                block = make_block(arrival, receiver.family, addr16, ports, payloads)
+                assert self.writer is not None
+                self.writer.append(block, len(payloads))
+                self.stats.count(addr16, self.stats._raw)
+                self.stats.datagrams += len(payloads)
+                self.stats.bytes += len(block)
+            total += count
+            if count < receiver.batch:
+                break
+        return total
+
+    def _sync_loop(self, done: threading.Event) -> None:
+        while not done.wait(SYNC_INTERVAL_S):
+            writer = self.writer
+            if writer is not None:
+                writer.sync()
+
+    def status(self, final: bool = False) -> dict[str, Any]:
+        now = time.time()
+        self.stats.named()
+        committer: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            committer = json.loads((self.spool / COMMITTER_STATS).read_text())
+        open_sockets = [s for s in self.sockets if s.fileno() >= 0]
+        if open_sockets:  # after the final drain the sockets are closed: keep the last figures
+            self._drops = sum(kernel_drops(open_sockets).values())
+            self._listening = [str(ListenSpec(s.family, *s.getsockname()[:2])) for s in open_sockets]
+        decoder = committer.get("exporters", {})
+        gaps = sum(int(s.get("sequence_gaps", 0)) for s in decoder.values())
+        backlog = sp.closed_segments(self.spool)
+        backlog_bytes = sum(p.stat().st_size for p in backlog if p.exists())
+        last = self._last_status or {"t": self.started, "datagrams": 0, "flows": 0}
+        elapsed = max(now - last["t"], 1e-9)
+        flows = committer.get("flows", 0)
+        report = {
+            "time": now,
+            "uptime_s": round(now - self.started, 3),
+            "listen": self._listening,
+            "rcvbuf_bytes": self.granted,
+            "spool": str(self.spool),
+            "datagrams": self.stats.datagrams,
+            "datagrams_per_s": round((self.stats.datagrams - last["datagrams"]) / elapsed, 1),
+            "flows_committed": flows,
+            "flows_per_s": round((flows - last["flows"]) / elapsed, 1),
+            "exporters": dict(self.stats.per_exporter),
+            "sequence_gaps": gaps,
+            "kernel_drops": self._drops,
+            "dropped_senders": dict(self.stats.dropped),
+            "spool_backlog_segments": len(backlog),
+            "spool_backlog_bytes": backlog_bytes,
+            "open_segment_bytes": self.writer.bytes if self.writer else 0,
+            "committer": committer,
+            "stopping": bool(self.stop_requested),
+            "final": final,
+        }
+        self._last_status = {"t": now, "datagrams": self.stats.datagrams, "flows": flows}
+        if self.config.stats_file is not None:
+            sp.write_json_atomic(self.config.stats_file, report)
+        return report
+
+    def log_status(self, report: dict[str, Any]) -> None:
+        dropped = ", ".join(f"{a}={n}" for a, n in sorted(report["dropped_senders"].items())) or "none"
+        log.info("%.0f datagrams/s, %.0f flows/s, %d exporters, %s sequence gaps, %d kernel drops, dropped "
+                 "senders: %s, spool backlog %d segments (%.1f MB)", report["datagrams_per_s"],
+                 report["flows_per_s"], len(report["exporters"]), report["sequence_gaps"], report["kernel_drops"],
+                 dropped, report["spool_backlog_segments"], report["spool_backlog_bytes"] / 1e6)
+
+    def run(self) -> int:
+        self._lock_spool()
+        self._recover()
+        self._open_sockets()
+        self._new_segment()
+        self._start_committer()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        done = threading.Event()
+        syncer = threading.Thread(target=self._sync_loop, args=(done,), name="spool-sync", daemon=True)
+        syncer.start()
+        poller = select.poll()
+        by_fd = {r.fd: r for r in self.receivers}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        rotate_s = self.config.rotate_s
+        next_rotate = math.floor(time.time() / rotate_s + 1) * rotate_s  # on the clock, like nfcapd
+        next_status = time.monotonic() + self.config.status_s
+        self.status()  # the stats file exists (with the bound ports) as soon as we listen
+        try:
+            while not self.stop_requested:
+                for fd, _event in poller.poll(200):
+                    self._receive_ready(by_fd[fd])
+                if time.time() >= next_rotate or (self.writer and self.writer.bytes >= self.config.segment_bytes):
+                    self.rotate()
+                    while next_rotate <= time.time():
+                        next_rotate += rotate_s
+                if time.monotonic() >= next_status:
+                    self.log_status(self.status())
+                    next_status = time.monotonic() + self.config.status_s
+                if not self.committer.is_alive():
+                    log.error("the committer exited (code %s); restarting it", self.committer.exitcode)
+                    self._start_committer()
+            # stop: take what the kernel already holds, then close the segment and let the committer drain
+            for receiver in self.receivers:
+                while self._receive_ready(receiver):
+                    pass
+            self.status()  # kernel drop counters, read while the sockets are still open
+            for sock in self.sockets:
+                sock.close()
+            self.rotate()
+            assert self.writer is not None
+            self.writer.close()
+            self.writer = None
+            self.committer_stop.set()
+            while self.committer.is_alive() and self.stop_requested < 2:
+                self.committer.join(0.2)
+            if self.committer.is_alive():
+                log.warning("second signal: not waiting for the committer; %d segment(s) stay spooled and are "
+                            "committed at the next start", len(sp.closed_segments(self.spool)))
+                self.committer.kill()
+                self.committer.join()
+            self.log_status(self.status(final=True))
+            return 0 if self.committer.exitcode == 0 else 4
+        finally:
+            done.set()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for sock in self.sockets:
+                sock.close()
+            if self.committer is not None and self.committer.is_alive():
+                self.committer.kill()
+
+
+def run_collector(config: CollectorConfig) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code (0 clean stop, 4 the lake could not take the spool)."""
+    return Collector(config).run()

@@ -1,0 +1,239 @@
+"""The collector's on-disk spool: append-only segment files of raw UDP datagrams, with arrival time and sender.
+
+A segment is a sequence of blocks, one per receive batch: a 16-byte block header, `count` fixed 32-byte record
+headers (arrival µs, length, sender port, family, sender address as 16 bytes, IPv4 mapped into ::ffff:0:0/96),
+then the `count` payloads back to back. The writer appends whole blocks with one write() each, so a kill -9
+can only tear the last block; `valid_length` finds the end of the last complete block and `recover_open`
+truncates the segment there *before* it is hashed or committed, so a segment is committed with one content only.
+
+Life of a segment: `seg-<serial>.open` (being written) -> `seg-<serial>.spool` (closed, immutable, waiting for
+the committer) -> deleted, or moved to `done/` with --keep-segments, once its manifest row is in the lake.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BLOCK_MAGIC = b"TPSB"
+BLOCK_HEADER = struct.Struct("<4sIII")  # magic, datagram count, payload bytes, crc32 of the record headers
+RECORD = np.dtype(
+    [
+        ("arrival_us", "<i8"),  # wall clock when the receive batch returned (µs since the epoch, UTC)
+        ("length", "<u4"),
+        ("port", "<u2"),
+        ("family", "u1"),  # 4 or 6: the sender's family as it was on the wire
+        ("flags", "u1"),  # reserved
+        ("addr", "V16"),  # IPv6 bytes; IPv4 senders as ::ffff:a.b.c.d
+    ]
+)
+assert RECORD.itemsize == 32
+MAX_BLOCK_DATAGRAMS = 1 << 16
+
+OPEN_SUFFIX = ".open"
+CLOSED_SUFFIX = ".spool"
+DONE_DIR = "done"
+STATE_FILE = "decoder-state.json"
+RECOVERY_SUFFIX = ".recovered.json"  # sidecar: what recovery cut off the segment's torn tail
+
+
+def segment_serial(path: Path) -> int:
+    return int(path.name.split(".")[0].split("-")[1])
+
+
+def open_segments(spool: Path) -> list[Path]:
+    return sorted(spool.glob(f"seg-*{OPEN_SUFFIX}"), key=segment_serial)
+
+
+def closed_segments(spool: Path) -> list[Path]:
+    return sorted(spool.glob(f"seg-*{CLOSED_SUFFIX}"), key=segment_serial)
+
+
+def next_serial(spool: Path) -> int:
+    serials = [segment_serial(p) for p in spool.glob("seg-*")]
+    serials += [segment_serial(p) for p in (spool / DONE_DIR).glob("seg-*")]
+    return max(serials, default=0) + 1
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_block(records: np.ndarray, payload: bytes) -> bytes:
+    """One block: header + record headers + payloads. `records` is a RECORD array."""
+    heads = records.tobytes()
+    return BLOCK_HEADER.pack(BLOCK_MAGIC, len(records), len(payload), zlib.crc32(heads)) + heads + payload
+
+
+class SegmentWriter:
+    """Appends blocks to `seg-<serial>.open`; `close()` makes it an immutable `.spool` segment.
+
+    Writes go straight to the kernel (os.write, no user-space buffer): a datagram is in the page cache, and so
+    survives a kill -9 of the collector, as soon as the receive batch that returned it is appended.
+    `sync()` (fdatasync) protects against power loss; the collector calls it from a helper thread every second.
+    """
+
+    def __init__(self, spool: Path, serial: int) -> None:
+        self.path = spool / f"seg-{serial:09d}{OPEN_SUFFIX}"
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self.bytes = 0
+        self.datagrams = 0
+
+    def append(self, block: bytes, count: int) -> None:
+        view = memoryview(block)
+        while view:  # a regular-file write is complete unless the disk is full; loop for the partial case
+            written = os.write(self.fd, view)
+            view = view[written:]
+        self.bytes += len(block)
+        self.datagrams += count
+
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError:  # closed by a rotation in between: that rotation synced it
+            pass
+
+    def close(self) -> Path | None:
+        """fsync, rename to `.spool`; an empty segment is removed instead. Returns the closed path."""
+        os.fsync(self.fd)
+        os.close(self.fd)
+        if self.datagrams == 0:
+            self.path.unlink(missing_ok=True)
+            return None
+        closed = self.path.with_suffix(CLOSED_SUFFIX)
+        os.replace(self.path, closed)
+        fsync_dir(self.path.parent)
+        return closed
+
+
+@dataclass
+class Block:
+    offset: int  # file offset of the block header
+    records: np.ndarray  # RECORD
+    payload: memoryview
+    payload_offset: int  # file offset of the first payload byte
+
+
+def _check_block(data: memoryview, pos: int) -> tuple[int, int, int] | None:
+    """(count, payload bytes, block end) if a complete, well-formed block starts at `pos`, else None."""
+    if len(data) - pos < BLOCK_HEADER.size:
+        return None
+    magic, count, payload_bytes, crc = BLOCK_HEADER.unpack_from(data, pos)
+    heads_start = pos + BLOCK_HEADER.size
+    heads_end = heads_start + count * RECORD.itemsize
+    end = heads_end + payload_bytes
+    if magic != BLOCK_MAGIC or count == 0 or count > MAX_BLOCK_DATAGRAMS or end > len(data):
+        return None
+    if zlib.crc32(data[heads_start:heads_end]) != crc:
+        return None
+    lengths = np.frombuffer(data[heads_start:heads_end], dtype=RECORD)["length"]
+    if int(lengths.sum(dtype=np.int64)) != payload_bytes:
+        return None
+    return count, payload_bytes, end
+
+
+def iter_blocks(data: bytes | memoryview) -> Iterator[Block]:
+    """The complete blocks of a segment's bytes, in order; stops at the first torn or damaged one."""
+    data = memoryview(data)
+    pos = 0
+    while (checked := _check_block(data, pos)) is not None:
+        count, _payload_bytes, end = checked
+        heads_start = pos + BLOCK_HEADER.size
+        heads_end = heads_start + count * RECORD.itemsize
+        records = np.frombuffer(data[heads_start:heads_end], dtype=RECORD)
+        yield Block(pos, records, data[heads_end:end], heads_end)
+        pos = end
+
+
+def read_blocks(path: Path) -> Iterator[Block]:
+    """The complete blocks of a segment file, read one at a time (memory: one block)."""
+    with open(path, "rb") as handle:
+        pos = 0
+        while len(head := handle.read(BLOCK_HEADER.size)) == BLOCK_HEADER.size:
+            magic, count, payload_bytes, _crc = BLOCK_HEADER.unpack(head)
+            if magic != BLOCK_MAGIC or count > MAX_BLOCK_DATAGRAMS:
+                return
+            body = handle.read(count * RECORD.itemsize + payload_bytes)
+            data = memoryview(head + body)
+            if _check_block(data, 0) is None:
+                return
+            for block in iter_blocks(data):
+                block.offset += pos
+                block.payload_offset += pos
+                yield block
+            pos += len(data)
+
+
+def valid_length(data: bytes | memoryview) -> tuple[int, int]:
+    """(bytes of complete blocks, datagrams in them) at the start of a segment's bytes."""
+    length = datagrams = 0
+    for block in iter_blocks(data):
+        length = block.payload_offset + len(block.payload)
+        datagrams += len(block.records)
+    return length, datagrams
+
+
+@dataclass
+class Recovery:
+    segment: Path  # the closed segment it became (or the removed open one when nothing was complete)
+    datagrams: int
+    kept_bytes: int
+    cut_bytes: int  # torn tail removed: a write the kill interrupted
+
+
+def recover_open(path: Path) -> Recovery:
+    """A segment left `.open` by a crash: truncate to its last complete block, fsync, close it.
+
+    The torn tail (if any) is counted in a sidecar JSON that the committer turns into a reject row.
+    """
+    data = path.read_bytes()
+    kept, datagrams = valid_length(data)
+    cut = len(data) - kept
+    closed = path.with_suffix(CLOSED_SUFFIX)
+    if datagrams == 0:
+        path.unlink()
+        return Recovery(closed, 0, 0, cut)
+    with open(path, "r+b") as handle:
+        handle.truncate(kept)
+        handle.flush()
+        os.fsync(handle.fileno())
+    if cut:
+        sidecar = closed.with_name(closed.name + RECOVERY_SUFFIX)
+        sidecar.write_text(json.dumps({"cut_bytes": cut, "kept_bytes": kept, "datagrams": datagrams}))
+    os.replace(path, closed)
+    fsync_dir(path.parent)
+    return Recovery(closed, datagrams, kept, cut)
+
+
+def addresses_text(addr16: np.ndarray) -> np.ndarray:
+    """Canonical text of 16-byte sender addresses (IPv4-mapped shown as IPv4); ipaddress on unique values only."""
+    if len(addr16) == 0:
+        return np.array([], dtype=object)
+    keys = np.ascontiguousarray(addr16, dtype=np.uint8).view("V16").reshape(-1)
+    uniques, inverse = np.unique(keys, return_inverse=True)
+    texts = []
+    for raw in uniques:
+        ip = ipaddress.IPv6Address(raw.tobytes())
+        texts.append(str(ip.ipv4_mapped) if ip.ipv4_mapped is not None else str(ip))
+    return np.array(texts, dtype=object)[inverse.reshape(-1)]
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(obj, handle, indent=1, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
