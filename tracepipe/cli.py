@@ -69,6 +69,60 @@ def _root(
 
 # ---- commands: ingest netflow -------------------------------------------------------------------------------
 
+
+@ingest_app.command("netflow")
+def ingest_netflow_command(
+    paths: Annotated[list[Path], typer.Argument(help="Capture files (pcap/pcapng of export traffic) or "
+                                                "nfdump CSV files.", show_default=False)],
+    lake: LakeOption = Path(DEFAULT_LAKE),
+    output: FormatOption = OutputFormat.table,
+) -> None:
+    """Land NetFlow v1/v5/v7/v9 and IPFIX records from captures (tcpdump -w, any UDP port) and nfdump CSV.
+
+    Files already in the lake (same content) are skipped. Exit codes: 0 all landed; 3 partial: some input was
+    rejected (see the rejects dataset), the rest landed; 4 nothing landed or no usable input.
+
+    Example: tracepipe ingest netflow /var/captures/netflow-*.pcap --lake /srv/lake
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+    from rich.table import Table
+
+    from tracepipe.ingest.flows import ingest_flow_files
+
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("ingest netflow", total=total)
+        summary = ingest_flow_files(open_lake(lake), paths, progress=lambda n: bar.advance(task, n))
+    if output == OutputFormat.json:
+        print_json(summary.to_dict())
+        raise typer.Exit(summary.exit_code)
+    files = Table(title="files")
+    for col in ("file", "kind", "status", "datagrams", "flows", "rejects"):
+        files.add_column(col, justify="right" if col in ("datagrams", "flows", "rejects") else "left")
+    for f in summary.files:
+        files.add_row(f.path, f.kind, f.status + (f" ({f.message})" if f.message else ""), str(f.datagrams),
+                      str(f.flows), str(f.rejects))
+    out.print(files)
+    exporters = Table(title="exporters")
+    for col in ("exporter", "versions", "datagrams", "flows", "rejects", "sequence gaps", "lost", "sampling"):
+        exporters.add_column(col)
+    for name, s in sorted(summary.exporters.items()):
+        sampling = s.get("sampling", "unknown")
+        exporters.add_row(name, ",".join(str(v) for v in s.get("versions", [])), str(s.get("datagrams", 0)),
+                          str(s.get("flows", 0)), str(s.get("rejects", 0)), str(s.get("sequence_gaps", 0)),
+                          str(s.get("lost", 0)),
+                          "unknown" if sampling == "unknown" else f"1:{sampling}")
+    out.print(exporters)
+    unknown = [name for name, s in sorted(summary.exporters.items()) if s.get("sampling", "unknown") == "unknown"]
+    if unknown:
+        out.print(f"sampling interval unknown for {', '.join(unknown)} (no options template): volumes are "
+                  "as exported, not scaled")
+    out.print(f"{len(summary.files)} files, {summary.datagrams} datagrams, {summary.flows} flows, "
+              f"{summary.rejects} rejects" + (", flows attributed to VMs" if summary.attributed else ""))
+    raise typer.Exit(summary.exit_code)
+
+
 # ---- commands: ingest vm / syslog ---------------------------------------------------------------------------
 
 # ---- commands: sql / who / timeline -------------------------------------------------------------------------

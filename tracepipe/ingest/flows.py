@@ -1,0 +1,207 @@
+"""Flow input files (NetFlow/IPFIX export captures, nfdump CSV) -> the lake's `flows` dataset.
+
+One file is one source: it is hashed, skipped if the manifest already holds it, otherwise streamed batch by
+batch through the decoder into one lake writer, with its rejects and per-exporter counters in the manifest.
+The kind of a file is told by its first bytes, not its name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
+from tracepipe.ingest.netflow import DecoderState, decode_datagrams, flush_pending, merge_stats
+from tracepipe.ingest.pcap import PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
+from tracepipe.lake import Lake, hash_file
+
+Progress = Callable[[int], None]  # called with the number of input bytes just consumed
+
+
+@dataclass
+class FileResult:
+    path: str
+    kind: str  # pcap, nfdump-csv, unknown, missing
+    status: str  # landed, skipped (already ingested), rejected (nothing usable), missing
+    flows: int = 0
+    rejects: int = 0
+    datagrams: int = 0
+    message: str = ""
+
+
+@dataclass
+class IngestSummary:
+    files: list[FileResult] = field(default_factory=list)
+    exporters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    days: set[str] = field(default_factory=set)  # UTC days of the flows partitions written
+    attributed: bool = False
+
+    @property
+    def flows(self) -> int:
+        return sum(f.flows for f in self.files)
+
+    @property
+    def rejects(self) -> int:
+        return sum(f.rejects for f in self.files)
+
+    @property
+    def datagrams(self) -> int:
+        return sum(f.datagrams for f in self.files)
+
+    @property
+    def exit_code(self) -> int:
+        """0 everything landed (or was there already), 3 some input rejected, 4 nothing usable."""
+        usable = [f for f in self.files if f.status in ("landed", "skipped")]
+        if not usable or (self.flows == 0 and not any(f.status == "skipped" for f in self.files)):
+            return EXIT_FAILED
+        if self.rejects or any(f.status in ("missing", "rejected") for f in self.files):
+            return EXIT_PARTIAL
+        return EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "files": [vars(f) for f in self.files],
+            "totals": {"files": len(self.files), "datagrams": self.datagrams, "flows": self.flows,
+                       "rejects": self.rejects},
+            "exporters": self.exporters,
+            "days": sorted(self.days),
+            "attributed": self.attributed,
+            "exit_code": self.exit_code,
+        }
+
+
+def sniff_kind(path: Path) -> str:
+    """pcap / pcapng / nfdump-csv / unknown, from the first bytes of the file."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if len(head) >= 4:
+        magic = int.from_bytes(head[:4], "little")
+        if magic in PCAP_MAGIC or magic == PCAPNG_SHB:
+            return "pcap"
+    first_line = head.split(b"\n", 1)[0].strip().lower()
+    if re.match(rb"^ts,te,td,sa,da,sp,dp,pr", first_line):
+        return "nfdump-csv"
+    return "unknown"
+
+
+def ingest_flow_files(lake: Lake, paths: list[Path], progress: Progress | None = None) -> IngestSummary:
+    """Land every file in `paths` in the lake's flows dataset; never raises for bad input (see rejects)."""
+    summary = IngestSummary()
+    state = DecoderState()  # templates learnt from one file serve the next (a capture split by tcpdump -C)
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            summary.files.append(FileResult(str(path), "missing", "missing", message="no such file"))
+            continue
+        result = _ingest_one(lake, path, state, summary, progress)
+        summary.files.append(result)
+    summary.attributed = _attribute(lake, summary.days)
+    return summary
+
+
+def _ingest_one(lake: Lake, path: Path, state: DecoderState, summary: IngestSummary,
+                progress: Progress | None) -> FileResult:
+    size = path.stat().st_size
+    content_hash = hash_file(path)
+    kind = sniff_kind(path)
+    result = FileResult(str(path), kind, "landed")
+    if lake.already_ingested("flows", content_hash):
+        result.status = "skipped"
+        result.message = "already in the lake (same content hash)"
+        if progress:
+            progress(size)
+        return result
+    source = str(path)
+    stats: dict[str, dict[str, Any]] = {}
+    with lake.ingest("flows", source=source, content_hash=content_hash) as writer:
+        if kind == "pcap":
+            done = 0
+            for batch in iter_udp_batches(path):
+                if batch.rejects.num_rows:
+                    writer.reject(batch.rejects)
+                decoded = decode_datagrams(batch.payloads, batch.exporters, batch.ts_us, batch.offsets, source,
+                                           state)
+                writer.write(decoded.flows)
+                writer.reject(decoded.rejects)
+                merge_stats(stats, decoded.stats)
+                result.datagrams += len(batch.payloads)
+                if progress and batch.bytes_read > done:
+                    progress(batch.bytes_read - done)
+                    done = batch.bytes_read
+            leftover = flush_pending(state, source)
+            if leftover.num_rows:
+                writer.reject(leftover)
+                for exporter in leftover.column("exporter").to_pylist():
+                    entry = stats.setdefault(exporter, {})
+                    entry["no_template"] = entry.get("no_template", 0) + 1
+                    entry["waiting_for_template"] = 0
+                    entry["rejects"] = entry.get("rejects", 0) + 1
+            if progress and size > done:
+                progress(size - done)
+        elif kind == "nfdump-csv" and _nfdump_reader() is not None:
+            flows, rejects = _nfdump_reader()(path)
+            flows = _with_source(flows, source)
+            writer.write(flows)
+            writer.reject(rejects)
+            if flows.num_rows and "exporter" in flows.column_names:
+                for exporter, n in _value_counts(flows.column("exporter")).items():
+                    stats.setdefault(exporter or "unknown", {"flows": 0, "versions": ["nfdump-csv"]})["flows"] += n
+            if progress:
+                progress(size)
+        else:
+            writer.reject(pa.table({"offset": [0], "reason": ["not a pcap"],
+                                    "detail": ["neither pcap/pcapng nor nfdump CSV (checked the first bytes)"]}))
+            result.status = "rejected"
+            result.message = "not a pcap, pcapng or nfdump CSV file"
+            if progress:
+                progress(size)
+        ingested = writer.commit({"kind": kind, "datagrams": result.datagrams, "exporters": stats})
+    result.flows = ingested.rows
+    result.rejects = ingested.rejects
+    if result.status == "landed" and result.flows == 0:
+        result.status = "rejected"
+        result.message = result.message or "no flow records in this file"
+    for rel in ingested.files:
+        match = re.search(r"^flows/date=(\d{4}-\d{2}-\d{2})/", rel)
+        if match:
+            summary.days.add(match.group(1))
+    merge_stats(summary.exporters, stats)
+    return result
+
+
+def _nfdump_reader() -> Callable[[Path], tuple[pa.Table, pa.Table]] | None:
+    if importlib.util.find_spec("tracepipe.ingest.nfdump") is None:
+        return None
+    module = importlib.import_module("tracepipe.ingest.nfdump")
+    return getattr(module, "read_nfdump_csv", None)
+
+
+def _with_source(flows: pa.Table, source: str) -> pa.Table:
+    column = pa.array([source] * flows.num_rows, pa.string())
+    if "source" in flows.column_names:
+        return flows.set_column(flows.column_names.index("source"), "source", column)
+    return flows.append_column("source", column)
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str | None, int]:
+    counts = column.value_counts()
+    return {v["values"]: v["counts"] for v in counts.to_pylist()}
+
+
+def _attribute(lake: Lake, days: set[str]) -> bool:
+    """Give the new flows their VMs (src_vm/dst_vm) if the attribution module is installed."""
+    if not days or importlib.util.find_spec("tracepipe.attribution") is None:
+        return False
+    module = importlib.import_module("tracepipe.attribution")
+    attribute = getattr(module, "attribute_flows", None)
+    if attribute is None:
+        return False
+    attribute(lake, sorted(days))
+    return True
