@@ -156,8 +156,9 @@ def add_nova_event(columns: EventColumns, rejects: RejectColumns, message: dict[
     """One `instance.*` message -> one vm_events row (or one reject when it has no usable time)."""
     event_type = str(message.get("event_type"))
     data = _payload_data(message)
-    # Nova's doc samples carry no envelope timestamp: fall back to the instance's updated_at.
-    ts = parse_utc(message.get("timestamp")) or parse_utc(data.get("updated_at"))
+    # Nova's doc samples carry no envelope timestamp: fall back to the instance's updated_at/created_at.
+    ts = (parse_utc(message.get("timestamp")) or parse_utc(data.get("updated_at"))
+          or parse_utc(data.get("created_at")))
     if ts is None:
         rejects.add(line, "notification without timestamp", event_type)
         return

@@ -1,0 +1,187 @@
+"""Syslog lines written inside VMs (RFC 3164, RFC 5424, rsyslog's file formats) -> schema.VM_LOGS rows.
+
+Vectorised: the whole file goes through polars regex extraction (no Python work per line). Accepted shapes,
+each with or without a leading `<PRI>`:
+  RFC 5424             `<34>1 2024-03-12T07:41:02.1Z web-01 sshd 1234 - - message`
+  RFC 3164 / rsyslog   `Mar 12 07:41:02 web-01 sshd[1234]: message` (no year: `year`, rolled back one
+  default file format  year for lines that would lie in the future of `reference`, e.g. the file's mtime)
+  rsyslog high-precision `2024-03-12T07:41:02.123456+01:00 web-01 sshd[1234]: message`
+sshd's authentication messages become auth_event (failed / accepted / invalid_user / preauth_closed),
+auth_user, auth_src_addr, auth_method. Lines in no known shape are rejects with their line number.
+`attribute_logs` then sets vm_id from the sender address (or the hostname = VM name) and the leases.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import polars as pl
+import pyarrow as pa
+
+from tracepipe.schema import VM_LOGS
+
+_PRI = r"^(?:<(?P<pri>\d{1,3})>)?"
+RFC5424 = (
+    _PRI + r"1 (?P<ts>\S+) (?P<host>\S+) (?P<app>\S+) (?P<pid>\S+) (?P<msgid>\S+) "
+    r"(?P<sd>-|(?:\[(?:[^\]\\]|\\.)*\])+)(?: \x{FEFF}?(?P<msg>.*))?$"
+)
+_TAGGED = r" (?P<host>\S+) (?:(?P<app>[^:\[\s]+)(?:\[(?P<pid>\d+)\])?: ?)?(?P<msg>.*)$"
+RFC3164 = _PRI + r"(?P<ts>[A-Z][a-z]{2} [ \d]?\d \d\d:\d\d:\d\d)" + _TAGGED
+ISO_FILE = _PRI + r"(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d))" + _TAGGED
+_FIELDS = ("pri", "ts", "host", "app", "pid", "msg")
+
+# sshd messages (OpenSSH auth.c / auth2.c / sshd-session), first match wins
+SSHD_PATTERNS: list[tuple[str, str]] = [
+    ("failed", r"^Failed (?P<method>\S+) for (?:invalid user )?(?P<user>.*?) from (?P<addr>\S+) port \d+"),
+    ("accepted", r"^Accepted (?P<method>\S+) for (?P<user>\S+) from (?P<addr>\S+) port \d+"),
+    ("invalid_user", r"^Invalid user (?P<user>.*?) from (?P<addr>\S+)"),
+    ("failed", r"^error: maximum authentication attempts exceeded for (?:invalid user )?(?P<user>\S+) "
+               r"from (?P<addr>\S+) port \d+"),
+    ("preauth_closed", r"^(?:Connection closed by|Disconnected from) (?:authenticating|invalid) user "
+                       r"(?P<user>\S+) (?P<addr>\S+) port \d+"),
+    ("failed", r"pam_unix\(sshd:auth\): authentication failure;.*rhost=(?P<addr>\S+)(?:\s+user=(?P<user>\S+))?"),
+]
+
+
+def _parse_5424_ts(col: pl.Expr) -> pl.Expr:
+    return (
+        col.str.replace(r"Z$", "+00:00")
+        .str.replace(r"([+-]\d\d)(\d\d)$", "$1:$2")
+        .str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%z", strict=False, time_zone="UTC")
+    )
+
+
+def parse_syslog(text: str, source: str = "", year: int | None = None, reference: dt.datetime | None = None,
+                 tz: str = "UTC", sender_addr: str | None = None) -> tuple[pa.Table, pa.Table]:
+    """Syslog text -> (vm_logs without vm_id, rejects). `year` and `tz` complete RFC 3164 timestamps,
+    which carry neither; `reference` (default: now) is the latest plausible time (the file's mtime)."""
+    reference = reference or dt.datetime.now(dt.UTC)
+    year = year or reference.year
+    lines = pl.DataFrame({"raw": text.splitlines()}).with_row_index("line", offset=1)
+    lines = lines.filter(pl.col("raw").str.strip_chars() != "")
+    parsed = lines.with_columns(
+        pl.col("raw").str.extract_groups(RFC5424).alias("a"),
+        pl.col("raw").str.extract_groups(ISO_FILE).alias("b"),
+        pl.col("raw").str.extract_groups(RFC3164).alias("c"),
+    )
+    parsed = parsed.with_columns(
+        pl.when(pl.col("a").struct.field("ts").is_not_null()).then(pl.lit("5424"))
+        .when(pl.col("b").struct.field("ts").is_not_null()).then(pl.lit("iso"))
+        .when(pl.col("c").struct.field("ts").is_not_null()).then(pl.lit("3164"))
+        .alias("shape"),
+        *[pl.coalesce(pl.col(s).struct.field(f) for s in "abc").alias(f) for f in _FIELDS],
+    )
+    local = (
+        (pl.lit(f"{year} ") + pl.col("ts").str.replace_all(r" +", " "))
+        .str.to_datetime("%Y %b %d %H:%M:%S", strict=False)
+        .dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
+        .dt.convert_time_zone("UTC")
+    )
+    # a "Dec 31" line read in January belongs to the previous year
+    limit = pl.lit(reference + dt.timedelta(days=1)).dt.convert_time_zone("UTC")
+    local = pl.when(local > limit).then(local.dt.offset_by("-1y")).otherwise(local)
+    parsed = parsed.with_columns(
+        pl.when(pl.col("shape") == "3164").then(local).otherwise(_parse_5424_ts(pl.col("ts"))).alias("ts_utc")
+    )
+    bad = parsed.filter(pl.col("ts_utc").is_null())
+    rejects = bad.select(
+        pl.lit(source).alias("source"),
+        pl.col("line").cast(pl.Int64),
+        pl.when(pl.col("shape").is_null()).then(pl.lit("unknown syslog format"))
+        .otherwise(pl.lit("bad syslog timestamp")).alias("reason"),
+        pl.col("raw").str.slice(0, 300).alias("detail"),
+    )
+    good = parsed.filter(pl.col("ts_utc").is_not_null())
+    pri = pl.col("pri").cast(pl.Int16, strict=False)
+    nil = ["-", ""]
+    logs = good.select(
+        pl.col("ts_utc").alias("ts"),
+        pl.lit(sender_addr, dtype=pl.String).alias("sender_addr"),
+        pl.when(pl.col("host").is_in(nil)).then(None).otherwise(pl.col("host")).alias("hostname"),
+        pl.when(pl.col("app").is_in(nil)).then(None).otherwise(pl.col("app")).alias("app"),
+        pl.col("pid").cast(pl.Int64, strict=False).alias("pid"),
+        (pri // 8).cast(pl.Int16).alias("facility"),
+        (pri % 8).cast(pl.Int16).alias("severity"),
+        pl.col("msg").fill_null("").alias("message"),
+        pl.lit(source).alias("source"),
+        pl.col("line").cast(pl.Int64),
+    )
+    logs = logs.with_columns(*_sshd_columns(pl.col("message")))
+    table = logs.to_arrow()
+    table = pa.Table.from_arrays(
+        [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+         for f in VM_LOGS],
+        schema=VM_LOGS,
+    )
+    return table, rejects.to_arrow()
+
+
+def _sshd_columns(message: pl.Expr) -> list[pl.Expr]:
+    extracted = [message.str.extract_groups(pattern) for _, pattern in SSHD_PATTERNS]
+
+    def first(field: str) -> pl.Expr:
+        exprs = []
+        for (event, pattern), groups in zip(SSHD_PATTERNS, extracted, strict=True):
+            if f"<{field}>" in pattern:
+                value = groups.struct.field(field)
+            elif field == "event":
+                value = pl.when(groups.struct.field("addr").is_not_null()).then(pl.lit(event))
+            elif field == "method" and event == "failed":
+                value = pl.when(groups.struct.field("addr").is_not_null()).then(pl.lit("password"))
+            else:
+                continue
+            # a pattern's value counts only when that pattern matched (its addr group is set)
+            exprs.append(pl.when(groups.struct.field("addr").is_not_null()).then(value))
+        return pl.coalesce(exprs)
+
+    method = first("method").str.replace(r"/.*$", "")  # keyboard-interactive/pam -> keyboard-interactive
+    return [
+        first("event").alias("auth_event"),
+        first("user").alias("auth_user"),
+        first("addr").alias("auth_src_addr"),
+        pl.when(first("event").is_in(["failed", "accepted"])).then(method).alias("auth_method"),
+    ]
+
+
+def attribute_logs(logs: pa.Table, leases: pa.Table) -> pa.Table:
+    """Set vm_id: the VM whose lease held `sender_addr` at the line's time; lines without a sender address
+    go by hostname (or its first label) = vm_name among the VMs holding a lease then, when exactly one does."""
+    if logs.num_rows == 0 or leases.num_rows == 0:
+        return logs
+    frame = pl.from_arrow(logs).with_row_index("_row")
+    lease = pl.from_arrow(leases.select(["addr", "vm_id", "vm_name", "valid_from", "valid_to"]))
+    assert isinstance(frame, pl.DataFrame) and isinstance(lease, pl.DataFrame)
+    by_addr = (
+        frame.filter(pl.col("sender_addr").is_not_null()).select("_row", "ts", "sender_addr")
+        .sort("ts")
+        .join_asof(lease.sort("valid_from"), left_on="ts", right_on="valid_from",
+                   left_by="sender_addr", right_by="addr", strategy="backward")
+        .filter(pl.col("valid_to").is_null() | (pl.col("ts") < pl.col("valid_to")))
+        .select("_row", pl.col("vm_id").alias("_by_addr"))
+    )
+    spans = (
+        lease.filter(pl.col("vm_name").is_not_null())
+        .group_by("vm_name", "vm_id")
+        .agg(pl.col("valid_from").min(), pl.col("valid_to").max(), pl.col("valid_to").is_null().any().alias("_open"))
+    )
+    named = frame.filter(pl.col("sender_addr").is_null() & pl.col("hostname").is_not_null()).select(
+        "_row", "ts", pl.col("hostname").str.split(".").list.first().alias("_short"), "hostname"
+    )
+    candidates = pl.concat([
+        named.join(spans, left_on="hostname", right_on="vm_name"),
+        named.filter(pl.col("_short") != pl.col("hostname")).join(spans, left_on="_short", right_on="vm_name"),
+    ], how="diagonal_relaxed")
+    by_name = (
+        candidates.filter((pl.col("ts") >= pl.col("valid_from"))
+                          & (pl.col("_open") | (pl.col("ts") < pl.col("valid_to"))))
+        .group_by("_row").agg(pl.col("vm_id").unique().alias("_ids"))
+        .filter(pl.col("_ids").list.len() == 1)  # two VMs of that name alive then: do not guess
+        .select("_row", pl.col("_ids").list.first().alias("_by_name"))
+    )
+    frame = (
+        frame.join(by_addr, on="_row", how="left").join(by_name, on="_row", how="left")
+        .with_columns(pl.coalesce("_by_addr", "_by_name", "vm_id").alias("vm_id"))
+        .sort("_row")
+    )
+    table = frame.select([f.name for f in VM_LOGS]).to_arrow()
+    return table.cast(VM_LOGS)
