@@ -1,0 +1,242 @@
+"""DuckDB SQL -> Spark SQL, so that views and detector queries are written once (in DuckDB SQL).
+
+sqlglot does the general transpiling (casts, `$name` -> `:name`, `//`, FILTER, date_trunc ...). On top of it,
+the few DuckDB constructs tracepipe uses that Spark lacks are rewritten here:
+- `ASOF [LEFT] JOIN vm_leases l ON f.addr_col = l.addr AND f.ts >= l.valid_from` becomes a range join that
+  also requires `f.ts < coalesce(l.valid_to, 9999-12-31)`: the same rows, because the leases of one address
+  never overlap (leases.py guarantees it), so at most one lease holds an address at any instant;
+- `epoch_us(ts)` -> `unix_micros(ts)`, `epoch(ts)` -> `unix_micros(ts) / 1e6` (Spark's unix_timestamp truncates);
+- table macros (`who_had(addr, ts)`) are expanded inline from their DuckDB definition.
+Scalar macros (`cidr_contains`, ...) stay calls; the Spark engine registers them as Arrow UDFs that evaluate the
+DuckDB macro itself on each batch (see spark.py), so their definition exists once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from tracepipe.errors import UsageError
+
+try:
+    import sqlglot
+    from sqlglot import exp
+except ImportError:  # the spark extra brings sqlglot; the base package does not need it
+    sqlglot = None  # type: ignore[assignment]
+    exp = None  # type: ignore[assignment]
+
+# ASOF joins tracepipe writes: the right side's "valid from" column -> its "valid until" column (null = open).
+ASOF_INTERVALS = {"valid_from": "valid_to"}
+FAR_FUTURE = "9999-12-31 00:00:00"
+
+
+class EngineUnsupported(UsageError):
+    """SQL that runs on DuckDB but that the Spark engine cannot translate (the message says what to change)."""
+
+
+@dataclass(frozen=True)
+class TableMacro:
+    name: str
+    params: tuple[str, ...]
+    body: exp.Expression  # the macro's SELECT, parameters still as bare column references
+
+
+def _require_sqlglot() -> None:
+    if sqlglot is None:
+        from tracepipe.errors import EnvironmentProblem
+
+        raise EnvironmentProblem("the Spark engine needs sqlglot: pip install 'tracepipe[spark]'")
+
+
+def parse_table_macros(sql_text: str) -> dict[str, TableMacro]:
+    """`CREATE [OR REPLACE] MACRO name(a, b) AS TABLE SELECT ...` statements of a DuckDB script."""
+    _require_sqlglot()
+    macros: dict[str, TableMacro] = {}
+    for statement in sqlglot.parse(sql_text, read="duckdb"):
+        if not isinstance(statement, exp.Create) or str(statement.args.get("kind", "")).upper() != "MACRO":
+            continue
+        if not isinstance(statement.expression, exp.Query):
+            continue  # a scalar macro
+        signature = statement.this
+        name = (signature.this.name if isinstance(signature.this, exp.Expression) else signature.name).lower()
+        params = tuple(p.name for p in signature.expressions)
+        macros[name] = TableMacro(name, params, statement.expression)
+    return macros
+
+
+def _expand_table_macro(table: exp.Table, macros: Mapping[str, TableMacro]) -> exp.Expression | None:
+    call = table.this
+    if not isinstance(call, exp.Anonymous | exp.Func):
+        return None
+    macro = macros.get(call.name.lower()) if call.name else None
+    if macro is None:
+        return None
+    args = list(call.expressions) if isinstance(call, exp.Anonymous) else list(call.args.values())
+    if len(args) != len(macro.params):
+        raise EngineUnsupported(f"{macro.name} takes {len(macro.params)} arguments, got {len(args)}")
+    binding = dict(zip(macro.params, args, strict=True))
+
+    def substitute(node: exp.Expression) -> exp.Expression:
+        if isinstance(node, exp.Column) and not node.table and node.name in binding:
+            return binding[node.name].copy()
+        return node
+
+    body = macro.body.copy().transform(substitute)
+    alias = table.args.get("alias") or exp.TableAlias(this=exp.to_identifier(macro.name))
+    return exp.Subquery(this=body, alias=alias)
+
+
+def _rewrite_asof(join: exp.Join) -> exp.Join:
+    """ASOF JOIN -> equi+range join bounded by the right side's validity interval (see module doc)."""
+    right = join.this
+    right_name = right.alias_or_name
+    on = join.args.get("on")
+    bound = None
+    for condition in on.find_all(exp.GTE, exp.GT) if on is not None else ():
+        left_ts, right_from = condition.this, condition.expression
+        if isinstance(right_from, exp.Column) and right_from.table == right_name and \
+                right_from.name in ASOF_INTERVALS:
+            upper = exp.column(ASOF_INTERVALS[right_from.name], table=right_name)
+            far = exp.cast(exp.Literal.string(FAR_FUTURE), exp.DataType.build("timestamp"))
+            bound = exp.LT(this=left_ts.copy(), expression=exp.Coalesce(this=upper, expressions=[far]))
+            break
+    if bound is None:
+        raise EngineUnsupported(
+            "the Spark engine rewrites ASOF joins only as `... ASOF JOIN t ON ... AND x >= t.valid_from`; "
+            f"got: {join.sql('duckdb')}")
+    rewritten = join.copy()
+    rewritten.set("method", None)
+    rewritten.set("on", exp.and_(on.copy(), bound))
+    return rewritten
+
+
+ColumnsOf = Callable[[str], list[str]]
+
+
+def _table_of_alias(select: exp.Select, alias: str) -> str | None:
+    sources = [select.args.get("from_") or select.args.get("from")]
+    sources += [j for j in select.args.get("joins") or []]
+    for source in sources:
+        table = source.this if source is not None else None
+        if isinstance(table, exp.Table) and table.alias_or_name == alias:
+            return table.name
+    return None
+
+
+def _expand_star_modifiers(select: exp.Select, columns_of: ColumnsOf | None) -> exp.Select:
+    """`f.* REPLACE (expr AS c)` / `* EXCLUDE (c)` (DuckDB) -> the explicit column list Spark needs."""
+    projections = []
+    changed = False
+    for projection in select.expressions:
+        star = projection.this if isinstance(projection, exp.Column) else projection
+        if not isinstance(star, exp.Star) or not (star.args.get("replace") or star.args.get("except")):
+            projections.append(projection)
+            continue
+        alias = projection.table if isinstance(projection, exp.Column) else ""
+        sources = [select.args.get("from_") or select.args.get("from"), *(select.args.get("joins") or [])]
+        table = _table_of_alias(select, alias) if alias else (
+            sources[0].this.name if len(sources) == 1 and isinstance(sources[0].this, exp.Table) else None)
+        if table is None or columns_of is None:
+            raise EngineUnsupported(
+                f"the Spark engine expands `* REPLACE/EXCLUDE` only over a named table: {select.sql('duckdb')[:120]}")
+        replaced = {e.alias_or_name: e for e in star.args.get("replace") or []}
+        excluded = {e.name for e in star.args.get("except") or []}
+        for column in columns_of(table):
+            if column in excluded:
+                continue
+            if column in replaced:
+                projections.append(replaced[column].copy())
+            else:
+                projections.append(exp.column(column, table=alias or None))
+        changed = True
+    if not changed:
+        return select
+    rewritten = select.copy()
+    rewritten.set("expressions", projections)
+    return rewritten
+
+
+def _union_by_name(union: exp.Union, macros: Mapping[str, TableMacro], columns_of: ColumnsOf | None) -> exp.Expression:
+    """`a UNION ALL BY NAME b` -> both sides projected onto one column list (missing ones NULL)."""
+    if columns_of is None:
+        raise EngineUnsupported("UNION BY NAME needs the Spark engine's column resolver")
+    left_cols = columns_of(to_spark(union.this.sql("duckdb"), macros, columns_of)[0])
+    right_cols = columns_of(to_spark(union.expression.sql("duckdb"), macros, columns_of)[0])
+    names = left_cols + [c for c in right_cols if c not in left_cols]
+
+    def side(query: exp.Expression, have: list[str], alias: str) -> exp.Select:
+        items = [exp.column(c, table=alias) if c in have else exp.alias_(exp.Null(), c) for c in names]
+        return exp.select(*items).from_(exp.Subquery(this=query.copy(), alias=exp.TableAlias(
+            this=exp.to_identifier(alias))))
+
+    return exp.Union(this=side(union.this, left_cols, "_by_name_l"),
+                     expression=side(union.expression, right_cols, "_by_name_r"),
+                     distinct=union.args.get("distinct", False))
+
+
+def _rewrite(node: exp.Expression, macros: Mapping[str, TableMacro], columns_of: ColumnsOf | None
+             ) -> exp.Expression:
+    if isinstance(node, exp.Union) and node.args.get("by_name"):
+        return _union_by_name(node, macros, columns_of)
+    if isinstance(node, exp.Select):
+        return _expand_star_modifiers(node, columns_of)
+    if isinstance(node, exp.Join) and str(node.args.get("method") or "").upper() == "ASOF":
+        return _rewrite_asof(node)
+    if isinstance(node, exp.Table):
+        expanded = _expand_table_macro(node, macros)
+        if expanded is not None:
+            return expanded
+    if isinstance(node, exp.Anonymous) and node.name.lower() == "epoch_us":
+        return exp.Anonymous(this="unix_micros", expressions=[a.copy() for a in node.expressions])
+    if isinstance(node, exp.TimeToUnix):  # DuckDB epoch(ts): seconds as a double, sub-second kept
+        micros = exp.Anonymous(this="unix_micros", expressions=[node.this.copy()])
+        return exp.Div(this=micros, expression=exp.Literal.number("1e6"))
+    return node
+
+
+def parse_duckdb(sql: str) -> list[exp.Expression]:
+    """The statements of a DuckDB script; UsageError if it does not parse."""
+    _require_sqlglot()
+    try:
+        return [s for s in sqlglot.parse(sql, read="duckdb") if s is not None]
+    except sqlglot.errors.ParseError as exc:
+        raise UsageError(f"SQL does not parse: {exc}") from exc
+
+
+def check_queries(statements: list[exp.Expression]) -> None:
+    """Only queries reach Spark: no CREATE/INSERT/DROP, no writes to the lake (same rule as DuckDB's side)."""
+    if not statements:
+        raise UsageError("no SQL statement given")
+    for statement in statements:
+        if not isinstance(statement, exp.Query | exp.Describe):
+            raise UsageError(
+                f"tracepipe sql is read-only: {statement.key.upper()} statements are refused "
+                f"({statement.sql('duckdb')[:60]!r}). Write queries only (SELECT, WITH, DESCRIBE).")
+
+
+def to_spark(sql: str, table_macros: Mapping[str, TableMacro] | None = None,
+             columns_of: ColumnsOf | None = None, queries_only: bool = False) -> list[str]:
+    """Transpile a DuckDB script (one or more statements) to Spark SQL statements. `columns_of` (Spark SQL
+    or a view name -> its column names) lets `* REPLACE` and `UNION BY NAME` be expanded."""
+    macros = table_macros or {}
+    statements = parse_duckdb(sql)
+    if queries_only:
+        check_queries(statements)
+    out = []
+    for statement in statements:
+        rewritten = statement.transform(lambda n: _rewrite(n, macros, columns_of))
+        out.append(rewritten.sql(dialect="spark", identify=True))
+    return out
+
+
+def view_to_spark(create_view_sql: str, table_macros: Mapping[str, TableMacro] | None = None) -> str:
+    """`CREATE [OR REPLACE] VIEW v AS ...` (DuckDB) -> `CREATE OR REPLACE TEMPORARY VIEW v AS ...` (Spark)."""
+    _require_sqlglot()
+    statement = sqlglot.parse_one(create_view_sql, read="duckdb")
+    if not isinstance(statement, exp.Create) or str(statement.args.get("kind", "")).upper() != "VIEW":
+        raise EngineUnsupported(f"expected CREATE VIEW, got: {create_view_sql[:80]}")
+    statement = statement.copy()
+    statement.set("replace", True)
+    properties = exp.Properties(expressions=[exp.TemporaryProperty()])
+    statement.set("properties", properties)
+    return to_spark(statement.sql("duckdb"), table_macros)[0]

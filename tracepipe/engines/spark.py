@@ -1,0 +1,400 @@
+"""The Spark engine: the same lake, views and sweep as DuckDB, on Apache Spark (pyspark, the `spark` extra).
+
+In: a lake path Spark can read (local, shared filesystem, or an object-store URI), a master (`local[*]`,
+`yarn`, `k8s://...`, `spark://...`) and Spark conf. Out: the lake's datasets as temp views typed from
+schema.py (timestamps UTC, partition `date` a DATE), H4's derived views and macros transpiled from their one
+DuckDB definition (dialect.py), and query results as Arrow tables (no pandas on the way). pyspark is imported
+here only, lazily: the base package runs without it and without Java.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from tracepipe.engines import BatchFn
+from tracepipe.engines.dialect import EngineUnsupported, parse_table_macros, to_spark
+from tracepipe.errors import EnvironmentProblem
+from tracepipe.lake import Lake
+from tracepipe.schema import DATASETS
+
+if TYPE_CHECKING:  # pragma: no cover - typing only; pyspark is optional
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import DataType, StructType
+
+DEFAULT_MASTER = "local[*]"
+PARTITION_COLUMN = "date"
+# Conf every tracepipe session gets (the user's --spark-conf wins): UTC everywhere, Arrow for Python transfer,
+# quiet console (progress bars are ours, on stderr).
+BASE_CONF = {
+    "spark.sql.session.timeZone": "UTC",
+    "spark.driver.extraJavaOptions": "-Duser.timezone=UTC",
+    "spark.executor.extraJavaOptions": "-Duser.timezone=UTC",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.execution.arrow.pyspark.fallback.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.adaptive.enabled": "true",
+}
+# Relations views.sql expects besides the datasets: flow files already attributed (src_vm/dst_vm final) and
+# files that never were (attributed at query time by the range join).
+FLOW_HALVES = ("_flows_done", "_flows_todo")
+
+
+# ---- pyspark, Java ----------------------------------------------------------------------------------------
+def _pyspark() -> Any:
+    try:
+        import pyspark
+    except ImportError as exc:
+        raise EnvironmentProblem(
+            "the Spark engine needs pyspark: pip install 'tracepipe[spark]' (and a Java 17+ runtime)"
+        ) from exc
+    return pyspark
+
+
+def check_java() -> str:
+    """Path of the java binary Spark will start; EnvironmentProblem if there is none."""
+    java_home = os.environ.get("JAVA_HOME")
+    candidate = Path(java_home) / "bin" / "java" if java_home else None
+    if candidate is not None and candidate.exists():
+        return str(candidate)
+    found = shutil.which("java")
+    if found is None:
+        raise EnvironmentProblem(
+            "the Spark engine needs a Java 17+ runtime and none was found: install one "
+            "(Debian: apt-get install default-jre-headless) or set JAVA_HOME"
+        )
+    return found
+
+
+# ---- schema: Arrow (schema.py) -> Spark ---------------------------------------------------------------------
+def spark_type(arrow_type: pa.DataType) -> DataType:
+    """The Spark type a column of schema.py is read as. Timestamps (tz=UTC) -> TimestampType."""
+    from pyspark.sql import types as T
+
+    simple = {
+        pa.string(): T.StringType(),
+        pa.large_string(): T.StringType(),
+        pa.int8(): T.ByteType(),
+        pa.int16(): T.ShortType(),
+        pa.int32(): T.IntegerType(),
+        pa.int64(): T.LongType(),
+        pa.float32(): T.FloatType(),
+        pa.float64(): T.DoubleType(),
+        pa.bool_(): T.BooleanType(),
+        pa.date32(): T.DateType(),
+        pa.binary(): T.BinaryType(),
+    }
+    if arrow_type in simple:
+        return simple[arrow_type]
+    if pa.types.is_timestamp(arrow_type):
+        return T.TimestampType() if arrow_type.tz else T.TimestampNTZType()
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return T.ArrayType(spark_type(arrow_type.value_type), True)
+    if pa.types.is_struct(arrow_type):
+        return T.StructType([T.StructField(f.name, spark_type(f.type), f.nullable) for f in arrow_type])
+    if pa.types.is_dictionary(arrow_type):
+        return spark_type(arrow_type.value_type)
+    raise EngineUnsupported(f"no Spark type for Arrow {arrow_type}")
+
+
+def spark_schema(schema: pa.Schema, partitioned: bool = False) -> StructType:
+    """A StructType of an Arrow schema; `partitioned` adds the hive partition column `date` (DATE)."""
+    from pyspark.sql import types as T
+
+    # Nullable everywhere: Spark does not enforce nullability on read, and a non-null field would make an
+    # outer join's output lie about its nulls.
+    fields = [T.StructField(f.name, spark_type(f.type), True) for f in schema]
+    if partitioned:
+        fields.append(T.StructField(PARTITION_COLUMN, T.DateType(), True))
+    return T.StructType(fields)
+
+
+def dataset_schema(name: str) -> StructType:
+    dataset = DATASETS[name]
+    return spark_schema(dataset.schema, partitioned=dataset.partition_ts is not None)
+
+
+# ---- session ---------------------------------------------------------------------------------------------
+def _local_cores(master: str) -> int | None:
+    match = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\d+)?\])?", master.strip())
+    if match is None:
+        return None
+    cores = match.group(1)
+    if cores is None:
+        return 1
+    return os.cpu_count() or 1 if cores == "*" else int(cores)
+
+
+def session_conf(master: str, conf: Mapping[str, str] | None = None) -> dict[str, str]:
+    """BASE_CONF, a shuffle width that suits a local master (Spark's 200 is for clusters), then the user's."""
+    merged = dict(BASE_CONF)
+    cores = _local_cores(master)
+    if cores is not None:
+        merged["spark.sql.shuffle.partitions"] = str(max(2, 2 * cores))
+        merged["spark.ui.enabled"] = "false"
+    merged.update(conf or {})
+    return merged
+
+
+def get_session(master: str | None = None, conf: Mapping[str, str] | None = None,
+                app_name: str = "tracepipe") -> SparkSession:
+    """A SparkSession (the active one if it exists: Spark allows one per process) with session_conf()."""
+    _pyspark()
+    master = master or DEFAULT_MASTER
+    if _local_cores(master) is not None:
+        check_java()
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.master(master).appName(app_name)
+    for key, value in session_conf(master, conf).items():
+        builder = builder.config(key, value)
+    try:
+        spark = builder.getOrCreate()
+    except Exception as exc:  # py4j/JVM start-up failures come as plain exceptions
+        raise EnvironmentProblem(f"cannot start Spark (master {master}): {exc}") from exc
+    spark.sparkContext.setLogLevel("ERROR")
+    # Settings that a reused session may not have yet (runtime SQL conf can change after start).
+    spark.conf.set("spark.sql.session.timeZone", "UTC")
+    return spark
+
+
+# ---- reading the lake ----------------------------------------------------------------------------------
+def lake_uri(lake: Lake | str) -> str:
+    """Where Spark reads the lake: an absolute local path, or the URI as given (s3a://, hdfs://, abfss://)."""
+    if isinstance(lake, str) and "://" in lake:
+        return lake.rstrip("/")
+    root = lake.root if isinstance(lake, Lake) else Path(lake)
+    return str(Path(root).resolve())
+
+
+def empty_frame(spark: SparkSession, name: str) -> DataFrame:
+    return spark.createDataFrame([], dataset_schema(name))
+
+
+def read_files(spark: SparkSession, name: str, base: str, files: list[str] | None = None) -> DataFrame:
+    """One dataset, typed by schema.py. `files` limits the read to those files (paths under `base`)."""
+    dataset = DATASETS[name]
+    reader = (
+        spark.read.schema(dataset_schema(name))
+        .option("pathGlobFilter", "*.parquet")  # never a *.parquet.tmp of a write in progress
+        .option("mergeSchema", "false")
+    )
+    if dataset.partition_ts is not None:
+        reader = reader.option("basePath", base)  # so `date=YYYY-MM-DD` becomes the typed column `date`
+    if files is not None:
+        if not files:
+            return empty_frame(spark, name)
+        return reader.parquet(*files)
+    return reader.parquet(base)
+
+
+def read_dataset(spark: SparkSession, lake: Lake | str, name: str) -> DataFrame:
+    """The whole dataset `name` of the lake as a DataFrame with the schema.py schema; empty if nothing landed."""
+    root = lake_uri(lake)
+    base = f"{root}/{name}"
+    if "://" not in root and not any(Path(base).rglob("*.parquet")):
+        return empty_frame(spark, name)
+    try:
+        return read_files(spark, name, base)
+    except Exception as exc:  # AnalysisException PATH_NOT_FOUND on object stores: nothing landed yet
+        if "PATH_NOT_FOUND" in str(exc) or "does not exist" in str(exc):
+            return empty_frame(spark, name)
+        raise
+
+
+def _flow_halves(lake: Lake) -> tuple[list[str], list[str]]:
+    """Flow files already attributed (footer key, see tracepipe.query) and those not yet."""
+    import duckdb
+
+    from tracepipe.query import attributed_files
+
+    paths = lake.files("flows")
+    with duckdb.connect() as con:
+        done = attributed_files(con, paths)
+    return [str(p) for p in paths if str(p) in done], [str(p) for p in paths if str(p) not in done]
+
+
+# ---- macros: one DuckDB definition, evaluated by DuckDB inside Spark's Arrow UDFs --------------------------
+@functools.cache
+def _macro_connection() -> Any:
+    """Per Python worker: an in-memory DuckDB with tracepipe's scalar macros."""
+    import duckdb
+
+    from tracepipe.query import sql_text
+
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute(sql_text("macros"))
+    return con
+
+
+_DUCK_TO_ARROW = {"BOOLEAN": pa.bool_(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "VARCHAR": pa.string(),
+                  "DOUBLE": pa.float64(), "SMALLINT": pa.int16(), "TINYINT": pa.int8()}
+
+
+def scalar_macros() -> dict[str, tuple[int, pa.DataType]]:
+    """Public scalar macros of sql/macros.sql: name -> (number of arguments, Arrow result type). Macros whose
+    result has no Spark type (128-bit integers: ip_to_num) are left out."""
+    import sqlglot
+    from sqlglot import exp
+
+    from tracepipe.query import sql_text
+
+    con = _macro_connection()
+    found: dict[str, tuple[int, pa.DataType]] = {}
+    for statement in sqlglot.parse(sql_text("macros"), read="duckdb"):
+        if not isinstance(statement, exp.Create) or isinstance(statement.expression, exp.Query):
+            continue
+        signature = statement.this
+        name = signature.this.name if isinstance(signature.this, exp.Expression) else signature.name
+        if not name or name.startswith("_"):
+            continue
+        nargs = len(signature.expressions)
+        args = ", ".join(["NULL::VARCHAR"] * nargs)
+        kind = con.execute(f"DESCRIBE SELECT {name}({args}) AS r").fetchall()[0][1]
+        if kind in _DUCK_TO_ARROW:
+            found[name] = (nargs, _DUCK_TO_ARROW[kind])
+    return found
+
+
+def evaluate_macro(name: str, out_type: pa.DataType, *columns: pa.Array) -> pa.Array:
+    """`name(columns...)` evaluated by DuckDB on one Arrow batch (what runs inside the Spark UDF)."""
+    con = _macro_connection()
+    cursor = con.cursor()  # one per call: Spark may run UDFs of several columns in one worker
+    cursor.register("batch", pa.table({f"a{i}": column for i, column in enumerate(columns)}))
+    args = ", ".join(f"a{i}" for i in range(len(columns)))
+    result = cursor.execute(f"SELECT {name}({args}) AS r FROM batch").fetch_arrow_table().column(0)
+    return result.combine_chunks().cast(out_type)
+
+
+def register_macros(spark: SparkSession) -> list[str]:
+    """Register every public scalar macro as a Spark Arrow UDF of the same name; the names."""
+    from pyspark.sql.functions import ArrowUDFType, arrow_udf
+
+    names = []
+    for name, (_nargs, out_type) in scalar_macros().items():
+        fn = functools.partial(evaluate_macro, name, out_type)
+        spark.udf.register(name, arrow_udf(fn, spark_type(out_type), ArrowUDFType.SCALAR))
+        names.append(name)
+    return names
+
+
+# ---- the engine ---------------------------------------------------------------------------------------------
+class SparkEngine:
+    """tracepipe.engines.Engine on Spark: the lake's datasets and H4's views as temp views of one session."""
+
+    name = "spark"
+
+    def __init__(self, lake: Lake, master: str | None = None, conf: Mapping[str, str] | None = None,
+                 session: SparkSession | None = None, uri: str | None = None) -> None:
+        self.lake = lake
+        self.uri = uri or lake_uri(lake)
+        self._own_session = session is None
+        self.spark = session if session is not None else get_session(master, conf)
+        self._register_views()
+
+    # -- setup
+    def _register_views(self) -> None:
+        import sqlglot
+        from sqlglot import exp
+
+        from tracepipe.query import sql_text
+
+        for name in DATASETS:
+            read_dataset(self.spark, self.uri, name).createOrReplaceTempView(name)
+        if "://" in self.uri:
+            done, todo = [], None  # object stores: footers not inspected, every flow attributed at query time
+        else:
+            done, todo = _flow_halves(self.lake)
+        base = f"{self.uri}/flows"
+        read_files(self.spark, "flows", base, done).createOrReplaceTempView("_flows_done")
+        todo_frame = self.spark.table("flows") if todo is None else read_files(self.spark, "flows", base, todo)
+        todo_frame.createOrReplaceTempView("_flows_todo")
+        self.macros = register_macros(self.spark)
+        views_sql = sql_text("views")
+        self.table_macros = {**parse_table_macros(sql_text("macros")), **parse_table_macros(views_sql)}
+        for statement in sqlglot.parse(views_sql, read="duckdb"):
+            if isinstance(statement, exp.Create) and str(statement.args.get("kind", "")).upper() == "VIEW":
+                self._create_view(statement)
+
+    def _create_view(self, statement: Any) -> None:
+        name = statement.this.name
+        select_sql = statement.expression.sql("duckdb")
+        spark_sql = self._transpile(select_sql)[0]
+        self.spark.sql(spark_sql).createOrReplaceTempView(name)
+
+    def _columns(self, spark_sql_or_table: str) -> list[str]:
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", spark_sql_or_table):
+            return self.spark.table(spark_sql_or_table).columns
+        return self.spark.sql(spark_sql_or_table).columns
+
+    def _transpile(self, sql: str) -> list[str]:
+        return to_spark(sql, self.table_macros, columns_of=self._columns, queries_only=True)
+
+    # -- Engine
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+        """Queries only (SELECT, WITH, DESCRIBE): like `tracepipe sql` on DuckDB, Spark never writes here."""
+        statements = to_spark(sql, self.table_macros, columns_of=self._columns, queries_only=True)
+        frame = None
+        for statement in statements:
+            frame = self.spark.sql(statement, args=_spark_params(params))
+        return to_arrow(frame)
+
+    def frame(self, sql: str, params: Mapping[str, Any] | None = None) -> DataFrame:
+        """The last statement of `sql` as a Spark DataFrame (for callers that keep working in Spark)."""
+        statements = self._transpile(sql)
+        return self.spark.sql(statements[-1], args=_spark_params(params))
+
+    def register(self, name: str, table: pa.Table) -> None:
+        from_arrow(self.spark, table).createOrReplaceTempView(name)
+
+    def map_batches(self, sql: str, params: Mapping[str, Any] | None, fn: BatchFn,
+                    out_schema: pa.Schema) -> pa.Table:
+        frame = self.frame(sql, params)
+        mapped = frame.mapInArrow(functools.partial(_map_iterator, fn), spark_schema(out_schema))
+        return to_arrow(mapped, out_schema)
+
+    def close(self) -> None:
+        if self._own_session:
+            self.spark.stop()
+
+
+def _map_iterator(fn: BatchFn, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        yield fn(batch)
+
+
+def _spark_params(params: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not params:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dt.datetime) and value.tzinfo is not None:
+            value = value.astimezone(dt.UTC)
+        out[key] = value
+    return out
+
+
+def to_arrow(frame: DataFrame, schema: pa.Schema | None = None) -> pa.Table:
+    """A DataFrame's rows as Arrow (Spark's own Arrow collect, no pandas); timestamps tz=UTC."""
+    table = frame.toArrow()
+    columns = []
+    for column, field in zip(table.columns, table.schema, strict=True):
+        if pa.types.is_timestamp(field.type) and field.type.tz is None:
+            column = column.cast(pa.timestamp(field.type.unit, tz="UTC"))
+        columns.append(column)
+    table = pa.Table.from_arrays(columns, names=table.column_names)
+    return table.cast(schema) if schema is not None else table
+
+
+def from_arrow(spark: SparkSession, table: pa.Table) -> DataFrame:
+    """An Arrow table as a DataFrame with the matching Spark schema (no pandas)."""
+    return spark.createDataFrame(table, schema=spark_schema(table.schema))
