@@ -1,0 +1,607 @@
+"""Explainable detectors over the lake's flows: each is a polars lazy query (streaming, out of core) that
+returns candidate alerts; `finalize` then applies the allowlists, names the VM that held the address then (ASOF
+join on vm_leases in DuckDB, deleted VMs included), writes the one-line reason and the evidence flow rows, and
+gives each alert a deterministic id (hash of detector, address, peer, port, window) so reruns add nothing.
+
+Thresholds come from the pipeline file (tracepipe.pipeline_config); the defaults there are documented.
+Every detector window is epoch-aligned (1 h windows start on the hour, 24 h windows at 00:00 UTC) and reads
+the whole windows that overlap [since, until), so a rerun of the same sweep finds the same alerts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from tracepipe.detect.features import (
+    ceil_time,
+    floor_time,
+    in_networks,
+    local_addresses,
+    periodicity,
+    scan_flows,
+    utc,
+    with_flow_facts,
+)
+from tracepipe.intel import match_addresses
+from tracepipe.lake import Lake
+from tracepipe.pipeline_config import PipelineConfig
+from tracepipe.schema import ALERTS
+
+# The columns every detector returns (a candidate alert, before attribution). `reason` may hold "{who}",
+# replaced by the address and the VM that held it. `port` is the service port the alert is about (or null).
+CANDIDATE = {
+    "detector": pl.String,
+    "addr": pl.String,
+    "peer": pl.String,
+    "port": pl.Int32,
+    "window_start": pl.Datetime("us", "UTC"),
+    "window_end": pl.Datetime("us", "UTC"),
+    "score": pl.Float64,
+    "first_ts": pl.Datetime("us", "UTC"),
+    "reason": pl.String,
+    "features": pl.String,
+}
+SCAN_DETECTORS = ("horizontal_scan", "vertical_scan")
+EVIDENCE_COLUMNS = ("ts_start", "ts_end", "src_addr", "dst_addr", "src_port", "dst_port", "proto", "packets",
+                    "bytes", "tcp_flags", "source")
+
+
+# ---- human-readable numbers (the reason line) ---------------------------------------------------------------
+def fmt_int(n: float) -> str:
+    return f"{int(n):,}"
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} TB"
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds >= 86400 and seconds % 86400 == 0:
+        return f"{seconds // 86400} d"
+    if seconds >= 3600:
+        h, m = divmod(seconds // 60, 60)
+        return f"{h} h" if m == 0 else f"{h} h {m} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"
+
+
+def fmt_share(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+# ---- context -----------------------------------------------------------------------------------------------
+@dataclass
+class DetectContext:
+    """What every detector needs: the lake, the sweep window, the pipeline, the local addresses, the intel."""
+
+    lake: Lake
+    config: PipelineConfig
+    since: dt.datetime
+    until: dt.datetime
+    local: list[str] = field(default_factory=list)
+    intel: pa.Table | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def night(self) -> tuple[int, int]:
+        return self.config.window.night_start_hour, self.config.window.night_end_hour
+
+    def span(self, window_s: float) -> tuple[dt.datetime, dt.datetime]:
+        return floor_time(self.since, window_s), ceil_time(self.until, window_s)
+
+    def flows(self, window_s: float, since: dt.datetime | None = None,
+              until: dt.datetime | None = None) -> pl.LazyFrame:
+        """Flows of the whole windows overlapping the sweep, with the shared facts and `window_start`."""
+        start, end = self.span(window_s)
+        start, end = since or start, until or end
+        facts = with_flow_facts(scan_flows(self.lake, start, end), self.local, self.night)
+        step = int(window_s) * 1_000_000
+        return facts.with_columns(
+            window_start=((pl.col("ts_start").dt.epoch("us") // step) * step).cast(pl.Datetime("us", "UTC")),
+        )
+
+
+def prepare_context(lake: Lake, config: PipelineConfig, since: dt.datetime, until: dt.datetime,
+                    intel: pa.Table | None = None) -> DetectContext:
+    ctx = DetectContext(lake, config, utc(since), utc(until), intel=intel)
+    widest = max(_window_of(config, name) for name in DETECTORS)
+    start, end = ctx.span(widest)
+    ctx.local = local_addresses(scan_flows(lake, start, end), config.pipeline.local_networks)
+    return ctx
+
+
+def _window_of(config: PipelineConfig, name: str) -> float:
+    return float(getattr(config.detectors, name).window)
+
+
+def _with_window_end(frame: pl.LazyFrame, window_s: float) -> pl.LazyFrame:
+    return frame.with_columns(window_end=pl.col("window_start") + pl.duration(seconds=int(window_s)))
+
+
+def _ratio_score(value: pl.Expr, threshold: float) -> pl.Expr:
+    """0.5 at the threshold, 1.0 at 4x it (log scale): how far past the line a host went."""
+    return (0.5 + 0.25 * (value / max(threshold, 1e-9)).log(2)).clip(0.5, 1.0)
+
+
+def _empty() -> pl.DataFrame:
+    return pl.DataFrame(schema=CANDIDATE)
+
+
+def _finish(frame: pl.DataFrame, detector: str, reason: Callable[[dict], str],
+            features: Callable[[dict], dict]) -> pl.DataFrame:
+    """Detector rows -> CANDIDATE columns; reason and features are written per alert (few rows)."""
+    if frame.is_empty():
+        return _empty()
+    rows = frame.to_dicts()
+    return pl.DataFrame({
+        "detector": [detector] * len(rows),
+        "addr": [r["addr"] for r in rows],
+        "peer": [r.get("peer") for r in rows],
+        "port": [r.get("port") for r in rows],
+        "window_start": [r["window_start"] for r in rows],
+        "window_end": [r["window_end"] for r in rows],
+        "score": [float(r["score"]) for r in rows],
+        "first_ts": [r["first_ts"] for r in rows],
+        "reason": [reason(r) for r in rows],
+        "features": [json.dumps(features(r), default=str) for r in rows],
+    }, schema=CANDIDATE)
+
+
+# ---- the detectors -----------------------------------------------------------------------------------------
+def horizontal_scan(ctx: DetectContext) -> pl.DataFrame:
+    """One local host, one port, many destinations, mostly unanswered."""
+    c = ctx.config.detectors.horizontal_scan
+    flows = ctx.flows(c.window).filter(pl.col("src_local") & ~pl.col("response") & pl.col("proto").is_in([6, 17]))
+    tcp = pl.col("proto") == 6
+    found = (
+        flows.group_by("src_addr", "dst_port", "window_start")
+        .agg(hosts=pl.col("dst_addr").n_unique(), flows=pl.len(), tcp=tcp.sum(), failed=pl.col("failed").sum(),
+             first_ts=pl.col("ts_start").min(), proto=pl.col("proto").first())
+        .filter(pl.col("hosts") >= c.min_hosts)
+        # UDP has no handshake: an unanswered UDP probe cannot be told from an answered one here, count it failed
+        .with_columns(failed_share=pl.when(pl.col("tcp") > 0).then(pl.col("failed") / pl.col("tcp")).otherwise(1.0))
+        .filter(pl.col("failed_share") >= c.min_failed_share)
+        .with_columns(score=_ratio_score(pl.col("hosts").cast(pl.Float64), c.min_hosts),
+                      addr=pl.col("src_addr"), port=pl.col("dst_port"))
+    )
+    frame = _with_window_end(found, c.window).collect(engine="streaming")
+    return _finish(
+        frame, "horizontal_scan",
+        lambda r: (f"{{who}} contacted {fmt_int(r['hosts'])} distinct hosts on port {r['port']}"
+                   f"{'/udp' if r['proto'] == 17 else ''} in {fmt_duration(c.window)}, "
+                   f"{fmt_share(r['failed_share'])} failed"),
+        lambda r: {k: r[k] for k in ("hosts", "flows", "failed_share")},
+    )
+
+
+def vertical_scan(ctx: DetectContext) -> pl.DataFrame:
+    """One local host probing many ports of one destination, mostly refused or unanswered."""
+    c = ctx.config.detectors.vertical_scan
+    flows = ctx.flows(c.window).filter(pl.col("src_local") & ~pl.col("response") & pl.col("proto").is_in([6, 17]))
+    tcp = pl.col("proto") == 6
+    found = (
+        flows.group_by("src_addr", "dst_addr", "window_start")
+        .agg(ports=pl.col("dst_port").n_unique(), flows=pl.len(), tcp=tcp.sum(), failed=pl.col("failed").sum(),
+             first_ts=pl.col("ts_start").min(), low=pl.col("dst_port").min(), high=pl.col("dst_port").max())
+        .filter(pl.col("ports") >= c.min_ports)
+        .with_columns(failed_share=pl.when(pl.col("tcp") > 0).then(pl.col("failed") / pl.col("tcp")).otherwise(1.0))
+        .filter(pl.col("failed_share") >= c.min_failed_share)
+        .with_columns(score=_ratio_score(pl.col("ports").cast(pl.Float64), c.min_ports),
+                      addr=pl.col("src_addr"), peer=pl.col("dst_addr"), port=pl.lit(None, pl.Int32))
+    )
+    frame = _with_window_end(found, c.window).collect(engine="streaming")
+    return _finish(
+        frame, "vertical_scan",
+        lambda r: (f"{{who}} probed {fmt_int(r['ports'])} ports ({r['low']}–{r['high']}) of {r['peer']} "
+                   f"in {fmt_duration(c.window)}, {fmt_share(r['failed_share'])} failed"),
+        lambda r: {k: r[k] for k in ("ports", "flows", "failed_share")},
+    )
+
+
+SERVICE_NAMES = {22: "SSH", 3389: "RDP", 5900: "VNC", 21: "FTP", 23: "telnet"}
+
+
+def brute_force(ctx: DetectContext) -> pl.DataFrame:
+    """Many short logins from one source to one host's login port (SSH, RDP, ...), inbound or outbound."""
+    c = ctx.config.detectors.brute_force
+    flows = ctx.flows(c.window).filter(
+        (pl.col("proto") == 6) & pl.col("dst_port").is_in(c.ports) & ~pl.col("response")
+        & (pl.col("src_local") | pl.col("dst_local"))
+    )
+    direction = pl.when(pl.col("src_local")).then(pl.lit("outbound")).otherwise(pl.lit("inbound"))
+    wanted = [d for d, on in (("outbound", c.outbound), ("inbound", c.inbound)) if on]
+    found = (
+        flows.group_by("src_addr", "dst_addr", "dst_port", "window_start")
+        .agg(attempts=pl.len(), median_bytes=pl.col("bytes").median(), failed=pl.col("failed").sum(),
+             first_ts=pl.col("ts_start").min(), src_local=pl.col("src_local").first())
+        .filter((pl.col("attempts") >= c.min_attempts) & (pl.col("median_bytes") <= c.max_bytes_per_attempt))
+        .with_columns(direction=direction)
+        .filter(pl.col("direction").is_in(wanted))
+        .with_columns(
+            addr=pl.when(pl.col("src_local")).then(pl.col("src_addr")).otherwise(pl.col("dst_addr")),
+            peer=pl.when(pl.col("src_local")).then(pl.col("dst_addr")).otherwise(pl.col("src_addr")),
+            port=pl.col("dst_port"),
+            score=_ratio_score(pl.col("attempts").cast(pl.Float64), c.min_attempts),
+        )
+    )
+    frame = _with_window_end(found, c.window).collect(engine="streaming")
+
+    def reason(r: dict) -> str:
+        service = SERVICE_NAMES.get(r["port"], f"port {r['port']}")
+        if r["direction"] == "outbound":
+            return (f"{{who}} made {fmt_int(r['attempts'])} {service} login attempts to {r['peer']} in "
+                    f"{fmt_duration(c.window)} (median {fmt_bytes(r['median_bytes'])} each): outbound brute force")
+        return (f"{r['peer']} made {fmt_int(r['attempts'])} {service} login attempts against {{who}} in "
+                f"{fmt_duration(c.window)} (median {fmt_bytes(r['median_bytes'])} each): inbound brute force")
+
+    return _finish(frame, "brute_force", reason,
+                   lambda r: {k: r[k] for k in ("attempts", "median_bytes", "failed", "direction")})
+
+
+def beacon(ctx: DetectContext) -> pl.DataFrame:
+    """Connections from a local host to one destination at regular intervals with regular sizes (RITA-like)."""
+    c = ctx.config.detectors.beacon
+    flows = ctx.flows(c.window).filter(
+        pl.col("src_local") & ~pl.col("response") & ~pl.col("dst_port").is_in(c.ignore_ports)
+    )
+    if c.external_only:
+        flows = flows.filter(~pl.col("dst_local"))
+    found = (
+        periodicity(flows.drop("window_start"), c.window, c.min_connections)
+        .filter(pl.col("score") >= c.min_score)
+        .with_columns(addr=pl.col("src_addr"), peer=pl.col("dst_addr"), port=pl.col("dst_port"))
+    )
+    frame = _with_window_end(found, c.window).collect(engine="streaming")
+    return _finish(
+        frame, "beacon",
+        lambda r: (f"{{who}} connected to {r['peer']}:{r['port']} {fmt_int(r['connections'])} times in "
+                   f"{fmt_duration(c.window)}, every {fmt_duration(r['interval_median'])} "
+                   f"(spread {r['interval_mad']:.1f} s), ~{fmt_bytes(r['bytes_median'])} each: beaconing, "
+                   f"score {r['score']:.2f}"),
+        lambda r: {k: r[k] for k in ("connections", "interval_median", "interval_mad", "interval_skew",
+                                     "bytes_median", "bytes_mad", "bytes_skew", "score")},
+    )
+
+
+def exfiltration(ctx: DetectContext) -> pl.DataFrame:
+    """Outbound volume to non-local addresses far above the host's own baseline AND its peers' in that window."""
+    c = ctx.config.detectors.exfiltration
+    start = ctx.span(c.window)[0]
+
+    def volumes(frame: pl.LazyFrame) -> pl.LazyFrame:
+        return (frame.filter(pl.col("src_local") & ~pl.col("dst_local"))
+                .group_by("src_addr", "window_start")
+                .agg(bytes_out=pl.col("bytes").sum(), first_ts=pl.col("ts_start").min(), flows=pl.len()))
+
+    current = volumes(ctx.flows(c.window)).collect(engine="streaming")
+    if current.is_empty():
+        return _empty()
+    baseline_start = start - dt.timedelta(seconds=float(ctx.config.window.baseline))
+    history = (volumes(ctx.flows(c.window, baseline_start, start))
+               .group_by("src_addr").agg(host_ref=pl.col("bytes_out").quantile(0.99), baseline_windows=pl.len())
+               .collect(engine="streaming"))
+    peers = current.group_by("window_start").agg(peer_ref=pl.col("bytes_out").median(), peer_hosts=pl.len())
+    found = (
+        current.join(history, on="src_addr", how="left").join(peers, on="window_start", how="left")
+        .with_columns(pl.col("host_ref").fill_null(0.0), pl.col("baseline_windows").fill_null(0))
+        .filter((pl.col("bytes_out") >= c.min_bytes)
+                & (pl.col("bytes_out") >= c.host_factor * pl.col("host_ref"))
+                & (pl.col("bytes_out") >= c.peer_factor * pl.col("peer_ref")))
+    )
+    if found.is_empty():
+        return _empty()
+    # the biggest receivers of each suspicious host-window, for the reason line
+    keys = found.select("src_addr", "window_start")
+    top = (ctx.flows(c.window).filter(pl.col("src_local") & ~pl.col("dst_local"))
+           .join(keys.lazy(), on=["src_addr", "window_start"], how="semi")
+           .group_by("src_addr", "window_start", "dst_addr").agg(to_peer=pl.col("bytes").sum())
+           .sort("to_peer", descending=True)
+           .group_by("src_addr", "window_start").agg(peer=pl.col("dst_addr").first(),
+                                                     to_peer=pl.col("to_peer").first(), peers=pl.len())
+           .collect(engine="streaming"))
+    found = found.join(top, on=["src_addr", "window_start"], how="left").with_columns(
+        addr=pl.col("src_addr"), port=pl.lit(None, pl.Int32),
+        score=_ratio_score(pl.col("bytes_out").cast(pl.Float64), c.min_bytes),
+        window_end=pl.col("window_start") + pl.duration(seconds=int(c.window)),
+    )
+
+    def reason(r: dict) -> str:
+        base = (f"its own baseline {fmt_bytes(r['host_ref'])}" if r["baseline_windows"]
+                else "no baseline for this host")
+        return (f"{{who}} sent {fmt_bytes(r['bytes_out'])} out of the cloud in {fmt_duration(c.window)} "
+                f"({fmt_bytes(r['to_peer'])} to {r['peer']}); {base}, peers' median {fmt_bytes(r['peer_ref'])}")
+
+    return _finish(found, "exfiltration", reason,
+                   lambda r: {k: r[k] for k in ("bytes_out", "host_ref", "peer_ref", "baseline_windows", "peers")})
+
+
+MIN_PIECE_SECONDS = 60.0  # flows shorter than this cannot be part of a long connection (cheap pre-filter)
+
+
+def long_connection(ctx: DetectContext) -> pl.DataFrame:
+    """One 5-tuple seen for hours (exporters split it at their active timeout: the pieces are joined)."""
+    c = ctx.config.detectors.long_connection
+    flows = ctx.flows(c.window).filter(
+        (pl.col("src_local") | pl.col("dst_local")) & (pl.col("duration") >= MIN_PIECE_SECONDS)
+        & ~pl.col("dst_port").is_in(c.ignore_ports) & ~pl.col("src_port").is_in(c.ignore_ports)
+    )
+    order = pl.col("ts_start")
+    gap = (pl.col("ts_start").sort_by(order).shift(-1) - pl.col("ts_end").sort_by(order)).dt.total_seconds()
+    found = (
+        flows.group_by("src_addr", "dst_addr", "src_port", "dst_port", "proto", "window_start")
+        .agg(first_ts=pl.col("ts_start").min(), last_end=pl.col("ts_end").max(), pieces=pl.len(),
+             bytes=pl.col("bytes").sum(), max_gap=gap.max(), src_local=pl.col("src_local").first(),
+             response=pl.col("response").first())
+        .with_columns(span=(pl.col("last_end") - pl.col("first_ts")).dt.total_seconds())
+        .filter((pl.col("span") >= c.min_duration) & (pl.col("max_gap").fill_null(0) <= c.max_gap))
+        .with_columns(
+            addr=pl.when(pl.col("src_local")).then(pl.col("src_addr")).otherwise(pl.col("dst_addr")),
+            peer=pl.when(pl.col("src_local")).then(pl.col("dst_addr")).otherwise(pl.col("src_addr")),
+            # the server's port: the destination of the initiator direction
+            port=pl.when(pl.col("response")).then(pl.col("src_port")).otherwise(pl.col("dst_port")),
+            score=_ratio_score(pl.col("span"), c.min_duration),
+        )
+        # both directions of one connection: keep one alert, with the bytes of both
+        .group_by("addr", "peer", "window_start")
+        .agg(pl.col("port").min(), pl.col("first_ts").min(), pl.col("span").max(), pl.col("pieces").max(),
+             pl.col("bytes").sum(), pl.col("score").max())
+    )
+    frame = _with_window_end(found, c.window).collect(engine="streaming")
+    return _finish(
+        frame, "long_connection",
+        lambda r: (f"{{who}} held one connection with {r['peer']}:{r['port']} for {fmt_duration(r['span'])} "
+                   f"({fmt_bytes(r['bytes'])} both ways, {r['pieces']} flow records)"),
+        lambda r: {k: r[k] for k in ("span", "pieces", "bytes")},
+    )
+
+
+def mining(ctx: DetectContext) -> pl.DataFrame:
+    """Sustained small-packet sessions to mining-pool ports (Stratum: short JSON lines, long-lived)."""
+    c = ctx.config.detectors.mining
+    flows = ctx.flows(c.window).filter(
+        pl.col("src_local") & ~pl.col("dst_local") & (pl.col("proto") == 6) & pl.col("dst_port").is_in(c.ports)
+    )
+    found = (
+        flows.group_by("src_addr", "dst_addr", "dst_port", "window_start")
+        .agg(first_ts=pl.col("ts_start").min(), last_end=pl.col("ts_end").max(), packets=pl.col("packets").sum(),
+             bytes=pl.col("bytes").sum(), flows=pl.len())
+        .with_columns(span=(pl.col("last_end") - pl.col("first_ts")).dt.total_seconds(),
+                      bytes_per_packet=pl.col("bytes") / pl.col("packets").clip(lower_bound=1))
+        .filter((pl.col("span") >= c.min_duration) & (pl.col("bytes_per_packet") <= c.max_bytes_per_packet))
+        .with_columns(addr=pl.col("src_addr"), peer=pl.col("dst_addr"), port=pl.col("dst_port"),
+                      score=_ratio_score(pl.col("span"), c.min_duration))
+    )
+    frame = _with_window_end(found, c.window).collect(engine="streaming")
+    return _finish(
+        frame, "mining",
+        lambda r: (f"{{who}} kept a session to {r['peer']}:{r['port']} (a mining-pool port) for "
+                   f"{fmt_duration(r['span'])}, {fmt_int(r['packets'])} small packets "
+                   f"(avg {r['bytes_per_packet']:.0f} B): Stratum-like"),
+        lambda r: {k: r[k] for k in ("span", "packets", "bytes", "bytes_per_packet", "flows")},
+    )
+
+
+def intel_match(ctx: DetectContext) -> pl.DataFrame:
+    """Flows between a local host and an address or CIDR of the `intel` dataset (v4 and v6)."""
+    c = ctx.config.detectors.intel
+    if ctx.intel is None or ctx.intel.num_rows == 0:
+        return _empty()
+    flows = ctx.flows(c.window).filter(pl.col("src_local") != pl.col("dst_local")).with_columns(
+        addr=pl.when(pl.col("src_local")).then(pl.col("src_addr")).otherwise(pl.col("dst_addr")),
+        peer=pl.when(pl.col("src_local")).then(pl.col("dst_addr")).otherwise(pl.col("src_addr")),
+    )
+    peers = flows.select("peer").unique().collect(engine="streaming").get_column("peer").to_arrow()
+    matches = match_addresses(peers, ctx.intel)
+    if matches.is_empty():
+        return _empty()
+    found = (
+        flows.join(matches.lazy().rename({"addr": "peer"}), on="peer", how="inner")
+        .group_by("addr", "peer", "window_start")
+        .agg(flows=pl.len(), bytes=pl.col("bytes").sum(), first_ts=pl.col("ts_start").min(),
+             ports=pl.col("dst_port").unique().sort().head(5), indicator=pl.col("indicator").first(),
+             description=pl.col("description").first(), tags=pl.col("tags").first(),
+             event_id=pl.col("event_id").first(), outbound=pl.col("src_local").any())
+        .with_columns(port=pl.lit(None, pl.Int32), score=pl.lit(0.9))
+    )
+    frame = _with_window_end(found, c.window).collect(engine="streaming")
+
+    def reason(r: dict) -> str:
+        what = f" ({r['description']})" if r["description"] else ""
+        event = f", MISP event {r['event_id']}" if r["event_id"] else ""
+        return (f"{{who}} exchanged {fmt_int(r['flows'])} flows ({fmt_bytes(r['bytes'])}) with {r['peer']}, "
+                f"listed in threat intel as {r['indicator']}{what}{event}")
+
+    return _finish(frame, "intel", reason,
+                   lambda r: {k: r[k] for k in ("flows", "bytes", "ports", "indicator", "tags", "event_id")})
+
+
+DETECTORS: dict[str, Callable[[DetectContext], pl.DataFrame]] = {
+    "horizontal_scan": horizontal_scan,
+    "vertical_scan": vertical_scan,
+    "brute_force": brute_force,
+    "beacon": beacon,
+    "exfiltration": exfiltration,
+    "long_connection": long_connection,
+    "mining": mining,
+    "intel": intel_match,
+}
+
+
+def run_detectors(ctx: DetectContext, names: list[str] | None = None,
+                  on_stage: Callable[[str, float], None] | None = None) -> pl.DataFrame:
+    """Run the enabled detectors (or `names`), return all candidates."""
+    import time
+
+    frames = []
+    for name, detector in DETECTORS.items():
+        if names is not None and name not in names:
+            continue
+        if not getattr(ctx.config.detectors, name).enabled:
+            continue
+        t0 = time.perf_counter()
+        frames.append(detector(ctx))
+        elapsed = time.perf_counter() - t0
+        ctx.timings[name] = elapsed
+        if on_stage:
+            on_stage(name, elapsed)
+    return pl.concat(frames) if frames else _empty()
+
+
+# ---- allowlists, attribution, evidence, ids ----------------------------------------------------------------
+def apply_allowlist(candidates: pl.DataFrame, config: PipelineConfig) -> tuple[pl.DataFrame, int]:
+    """Drop candidates the site allowed (addresses, CIDRs, ports, known scanners). Projects: after attribution."""
+    allow = config.allowlist
+    if candidates.is_empty():
+        return candidates, 0
+    nets = allow.addresses + allow.cidrs
+    keep = np.ones(candidates.height, dtype=bool)
+    if nets:
+        for column in ("addr", "peer"):
+            values = candidates.get_column(column).fill_null("").to_arrow()
+            keep &= ~in_networks(values, nets)
+    if allow.ports:
+        keep &= ~candidates.get_column("port").is_in(allow.ports).fill_null(False).to_numpy()
+    if allow.known_scanners:
+        scanner = in_networks(candidates.get_column("addr").to_arrow(), allow.known_scanners)
+        is_scan = candidates.get_column("detector").is_in(list(SCAN_DETECTORS)).to_numpy()
+        keep &= ~(scanner & is_scan)
+    return candidates.filter(pl.Series(keep)), int((~keep).sum())
+
+
+LEASE_COLUMNS = ("vm_id", "vm_name", "project", "user", "hypervisor", "vm_status", "quarantine_until")
+
+
+def attribute(candidates: pl.DataFrame, lake: Lake) -> pl.DataFrame:
+    """Give each candidate the VM whose lease on `addr` was valid at its first flow (deleted VMs included)."""
+    lease_files = lake.files("vm_leases")
+    if candidates.is_empty() or not lease_files:
+        return candidates.with_columns([pl.lit(None, pl.String).alias(c) for c in LEASE_COLUMNS[:-1]]
+                                       + [pl.lit(None, pl.Datetime("us", "UTC")).alias("quarantine_until")])
+    con = duckdb.connect()
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        keyed = candidates.with_row_index("_row")
+        con.register("cands", keyed.select("_row", "addr", "first_ts").to_arrow())
+        files = ", ".join(f"'{p}'" for p in lease_files)
+        leases = con.sql(f"""
+            SELECT c._row, l.vm_id, l.vm_name, l.project, l."user", l.hypervisor, l.vm_status,
+                   l.quarantine_until
+            FROM cands c ASOF LEFT JOIN read_parquet([{files}]) l
+              ON c.addr = l.addr AND c.first_ts >= l.valid_from
+            WHERE l.vm_id IS NULL OR l.valid_to IS NULL OR c.first_ts < l.valid_to
+        """).to_arrow_table()
+    finally:
+        con.close()
+    found = pl.from_arrow(leases)
+    if not isinstance(found, pl.DataFrame):  # pragma: no cover - from_arrow of a table is a frame
+        raise TypeError("unexpected lease lookup result")
+    found = found.with_columns(pl.col("_row").cast(pl.UInt32),
+                               pl.col("quarantine_until").cast(pl.Datetime("us", "UTC")))
+    return keyed.join(found, on="_row", how="left").drop("_row")
+
+
+def describe_host(row: dict) -> str:
+    """'10.10.3.7 (vm web-03, project atlas-sim, user jdoe)', saying when the VM is gone."""
+    addr = row["addr"]
+    if not row.get("vm_id"):
+        return f"{addr} (no VM lease known for it then)"
+    parts = [f"vm {row.get('vm_name') or row['vm_id']}"]
+    status = row.get("vm_status")
+    if status in ("deleted", "soft_deleted", "purged"):
+        gone = "deleted since"
+        if row.get("quarantine_until"):
+            gone += f", image in quarantine until {row['quarantine_until']:%Y-%m-%d %H:%M} UTC"
+        parts.append(gone)
+    if row.get("project"):
+        parts.append(f"project {row['project']}")
+    if row.get("user"):
+        parts.append(f"user {row['user']}")
+    return f"{addr} ({', '.join(parts)})"
+
+
+def alert_id(detector: str, addr: str | None, peer: str | None, port: int | None, window_start: dt.datetime) -> str:
+    key = f"{detector}|{addr or ''}|{peer or ''}|{'' if port is None else port}|{utc(window_start).isoformat()}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def evidence_rows(lake: Lake, alerts: pl.DataFrame, limit: int) -> dict[int, list[dict]]:
+    """Up to `limit` flow rows per alert (row index -> rows): the flows between addr and peer (or on the
+    alert's port) in its window, biggest first. One lazy scan for all alerts."""
+    if alerts.is_empty() or limit <= 0:
+        return {}
+    start, end = alerts.get_column("window_start").min(), alerts.get_column("window_end").max()
+    addrs = alerts.get_column("addr").unique().to_list()
+    flows = (scan_flows(lake, start, end)
+             .filter(pl.col("src_addr").is_in(addrs) | pl.col("dst_addr").is_in(addrs))
+             .select(list(EVIDENCE_COLUMNS)))
+    keys = alerts.with_row_index("_alert").select("_alert", "addr", "peer", "port", "window_start", "window_end")
+    sides = []
+    for mine, other in (("src_addr", "dst_addr"), ("dst_addr", "src_addr")):
+        sides.append(flows.join(keys.lazy(), left_on=mine, right_on="addr", how="inner")
+                     .with_columns(_other=pl.col(other)))
+    joined = (
+        pl.concat(sides)
+        .filter((pl.col("ts_start") >= pl.col("window_start")) & (pl.col("ts_start") < pl.col("window_end")))
+        .filter(pl.col("peer").is_null() | (pl.col("_other") == pl.col("peer")))
+        .filter(pl.col("port").is_null() | (pl.col("dst_port") == pl.col("port")) | (pl.col("src_port") == pl.col("port")))
+        .sort("bytes", descending=True)
+        .group_by("_alert").head(limit)
+        .collect(engine="streaming")
+    )
+    out: dict[int, list[dict]] = {}
+    for alert, rows in joined.sort("_alert", "ts_start").group_by("_alert", maintain_order=True):
+        out[int(alert[0])] = rows.select(list(EVIDENCE_COLUMNS)).to_dicts()
+    return out
+
+
+def finalize(candidates: pl.DataFrame, ctx: DetectContext, pipeline: str,
+             created_at: dt.datetime | None = None) -> tuple[pa.Table, dict[str, int]]:
+    """Candidates -> schema.ALERTS rows: allowlists, VM attribution, reason, evidence, deterministic ids."""
+    created_at = created_at or dt.datetime.now(dt.UTC)
+    kept, allowed = apply_allowlist(candidates, ctx.config)
+    if kept.is_empty():
+        return ALERTS.empty_table(), {"allowlisted": allowed}
+    attributed = attribute(kept, ctx.lake)
+    if ctx.config.allowlist.projects:
+        before = attributed.height
+        attributed = attributed.filter(~pl.col("project").is_in(ctx.config.allowlist.projects).fill_null(False))
+        allowed += before - attributed.height
+    evidence = evidence_rows(ctx.lake, attributed, ctx.config.output.max_evidence_rows)
+    rows = []
+    for index, row in enumerate(attributed.to_dicts()):
+        rows.append({
+            "alert_id": alert_id(row["detector"], row["addr"], row["peer"], row["port"], row["window_start"]),
+            "detector": row["detector"],
+            "window_start": row["window_start"],
+            "window_end": row["window_end"],
+            "addr": row["addr"],
+            "peer": row["peer"],
+            "score": None if row["score"] is None or math.isnan(row["score"]) else round(row["score"], 4),
+            "reason": row["reason"].replace("{who}", describe_host(row)),
+            **{c: row.get(c) for c in LEASE_COLUMNS},
+            "features": row["features"],
+            "evidence": json.dumps({"port": row["port"], "flows": evidence.get(index, [])}, default=str),
+            "pipeline": pipeline,
+            "created_at": created_at,
+        })
+    table = pa.Table.from_pylist(rows, schema=ALERTS)
+    # one alert per id (e.g. both directions of one connection)
+    _, first = np.unique(np.asarray(table.column("alert_id").to_pylist(), dtype=object), return_index=True)
+    table = table.take(pa.array(np.sort(first)))
+    return table, {"allowlisted": allowed}

@@ -1,0 +1,355 @@
+"""Per (host, window) behaviour features over the lake's flows, with polars LAZY (streaming, out of core).
+
+In: the `flows` dataset (hive-partitioned Parquet; the date partition and `ts_start` filters are pushed down to
+the scan) and the cloud's address space (`local_networks`). A *host* is a local address; a flow whose source is
+local is outbound for it, whose destination is local inbound. Out: one row per (host, window) with the columns
+of FEATURES, plus the shared flow expressions (failed TCP attempt, SYN-only, server response) the detectors use.
+Addresses are classified on their unique values only (numpy for IPv4, stdlib ipaddress for IPv6).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tracepipe.lake import Lake
+
+# TCP flag bits (RFC 793), as the cumulative OR NetFlow exports in tcp_flags.
+FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+# ICMP "destination unreachable": type 3 (v4), type 1 (v6); dst_port carries type*256+code.
+ICMP_UNREACH = ((1, 3), (58, 1))
+
+FEATURES = (
+    "flows_out",
+    "packets_out",
+    "bytes_out",
+    "bytes_out_ext",
+    "bytes_in",
+    "flows_in",
+    "distinct_dst",
+    "distinct_dst_ports",
+    "distinct_src_in",
+    "failed_share",
+    "syn_only",
+    "icmp_unreach",
+    "night_share",
+    "new_dst_share",
+    "mean_duration",
+    "long_flows",
+    "periodicity",
+)
+# Counts and volumes are heavy-tailed: the model sees log1p of these.
+LOG_FEATURES = frozenset(FEATURES) - {"failed_share", "night_share", "new_dst_share", "periodicity"}
+LONG_FLOW_SECONDS = 600.0
+
+
+# ---- time --------------------------------------------------------------------------------------------------
+def utc(ts: dt.datetime) -> dt.datetime:
+    return ts.replace(tzinfo=dt.UTC) if ts.tzinfo is None else ts.astimezone(dt.UTC)
+
+
+def floor_time(ts: dt.datetime, seconds: float) -> dt.datetime:
+    """Epoch-aligned floor: windows of 1h start on the hour, of 1d at 00:00 UTC."""
+    step = int(seconds)
+    epoch = int(utc(ts).timestamp())
+    return dt.datetime.fromtimestamp(epoch - epoch % step, dt.UTC)
+
+
+def ceil_time(ts: dt.datetime, seconds: float) -> dt.datetime:
+    floor = floor_time(ts, seconds)
+    return floor if floor == utc(ts) else floor + dt.timedelta(seconds=int(seconds))
+
+
+def bucket_expr(column: str, seconds: float) -> pl.Expr:
+    """Epoch-aligned window start of a timestamp column (same alignment as floor_time)."""
+    step = int(seconds) * 1_000_000
+    return ((pl.col(column).dt.epoch("us") // step) * step).cast(pl.Datetime("us", "UTC"))
+
+
+# ---- addresses ---------------------------------------------------------------------------------------------
+def ipv4_to_int(addrs: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Dotted-quad text -> (uint32 values, valid mask), vectorised. Non-v4 text is invalid (value 0)."""
+    arr = pa.array(addrs, pa.string()) if not isinstance(addrs, pa.Array) else addrs.cast(pa.string())
+    parts = pc.split_pattern(arr, ".")
+    lengths = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
+    valid = (lengths == 4) & ~pc.is_null(arr).to_numpy(zero_copy_only=False)
+    values = np.zeros(len(arr), dtype=np.uint64)
+    if valid.any():
+        flat = pc.list_flatten(parts.filter(pa.array(valid)))
+        octets = pc.cast(flat, pa.int64(), safe=False) if _all_digits(flat) else None
+        if octets is None:  # something like "1.2.3.x": fall back to the slow path for this batch
+            return _ipv4_to_int_slow(arr)
+        octets_np = octets.to_numpy().reshape(-1, 4).astype(np.uint64)
+        ok = (octets_np <= 255).all(axis=1)
+        packed = (octets_np[:, 0] << 24) | (octets_np[:, 1] << 16) | (octets_np[:, 2] << 8) | octets_np[:, 3]
+        idx = np.flatnonzero(valid)
+        values[idx] = np.where(ok, packed, 0)
+        valid[idx] = ok
+    return values.astype(np.uint32), valid
+
+
+def _all_digits(flat: pa.Array) -> bool:
+    return bool(pc.all(pc.match_substring_regex(flat, r"^[0-9]{1,3}$")).as_py() or len(flat) == 0)
+
+
+def _ipv4_to_int_slow(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    values = np.zeros(len(arr), dtype=np.uint32)
+    valid = np.zeros(len(arr), dtype=bool)
+    for i, text in enumerate(arr.to_pylist()):
+        try:
+            values[i] = int(ipaddress.IPv4Address(text))
+            valid[i] = True
+        except (ValueError, TypeError):
+            pass
+    return values, valid
+
+
+def networks_of(cidrs: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(c, strict=False) for c in cidrs]
+
+
+def in_networks(addrs: list[str] | pa.Array, cidrs: Iterable[str]) -> np.ndarray:
+    """Boolean mask: which addresses (canonical text, unique values) fall in any of the CIDRs, v4 and v6."""
+    arr = pa.array(addrs, pa.string()) if isinstance(addrs, list) else addrs
+    nets = networks_of(cidrs)
+    mask = np.zeros(len(arr), dtype=bool)
+    if not len(arr) or not nets:
+        return mask
+    v4, valid4 = ipv4_to_int(arr)
+    for net in nets:
+        if net.version == 4:
+            lo, hi = int(net.network_address), int(net.broadcast_address)
+            mask |= valid4 & (v4 >= lo) & (v4 <= hi)
+    nets6 = [n for n in nets if n.version == 6]
+    if nets6:
+        for i in np.flatnonzero(~valid4):
+            text = arr[int(i)].as_py()
+            try:
+                address = ipaddress.ip_address(text)
+            except (ValueError, TypeError):
+                continue
+            mask[i] = any(address in n for n in nets6 if address.version == 6)
+    return mask
+
+
+# ---- the flows of a window ---------------------------------------------------------------------------------
+def flows_glob(lake: Lake) -> str:
+    return str(lake.root / "flows" / "*" / "*.parquet")
+
+
+def has_flows(lake: Lake) -> bool:
+    return any(Path(lake.root / "flows").glob("*/*.parquet")) if (lake.root / "flows").exists() else False
+
+
+def scan_flows(lake: Lake, since: dt.datetime, until: dt.datetime) -> pl.LazyFrame:
+    """Flows with since <= ts_start < until, lazily; the date partitions outside are never opened."""
+    since, until = utc(since), utc(until)
+    if not has_flows(lake):
+        from tracepipe.schema import FLOWS
+
+        return pl.LazyFrame(pl.from_arrow(FLOWS.empty_table()))
+    last_day = (until - dt.timedelta(microseconds=1)).date()
+    return (
+        pl.scan_parquet(flows_glob(lake), hive_partitioning=True)
+        .filter(pl.col("date").is_between(since.date(), last_day))
+        .filter((pl.col("ts_start") >= since) & (pl.col("ts_start") < until))
+        .drop("date")
+    )
+
+
+def with_flow_facts(flows: pl.LazyFrame, local_addrs: list[str], night: tuple[int, int] = (22, 6)) -> pl.LazyFrame:
+    """Adds the per-flow facts every detector shares, defined once here."""
+    flags = pl.col("tcp_flags").fill_null(0).cast(pl.Int32)
+    is_tcp = pl.col("proto") == 6
+    hour = pl.col("ts_start").dt.hour()
+    start, end = night
+    is_night = (hour >= start) | (hour < end) if start > end else (hour >= start) & (hour < end)
+    unreach = pl.lit(False)
+    for proto, icmp_type in ICMP_UNREACH:
+        unreach = unreach | ((pl.col("proto") == proto) & (pl.col("dst_port") // 256 == icmp_type))
+    locals_series = pl.Series(local_addrs, dtype=pl.String)
+    return flows.with_columns(
+        duration=(pl.col("ts_end") - pl.col("ts_start")).dt.total_milliseconds() / 1000.0,
+        # An attempt that never completed: SYN or RST seen, ACK never (the handshake did not finish).
+        failed=is_tcp & ((flags & ACK) == 0) & ((flags & (SYN | RST)) != 0),
+        syn_only=is_tcp & ((flags & 0x3F) == SYN),
+        # The server side of a conversation (well-known source port, ephemeral destination): not an initiator.
+        response=pl.col("proto").is_in([6, 17]) & (pl.col("src_port") < 1024) & (pl.col("dst_port") >= 1024),
+        icmp_unreach=unreach,
+        night=is_night,
+        src_local=pl.col("src_addr").is_in(locals_series),
+        dst_local=pl.col("dst_addr").is_in(locals_series),
+    )
+
+
+def local_addresses(flows: pl.LazyFrame, local_networks: list[str]) -> list[str]:
+    """The distinct local addresses (either end) among the flows."""
+    uniques = pl.concat(
+        [flows.select(pl.col("src_addr").alias("addr")), flows.select(pl.col("dst_addr").alias("addr"))]
+    ).unique().collect(engine="streaming")
+    arr = uniques.get_column("addr").to_arrow()
+    mask = in_networks(arr, local_networks)
+    return [a for a, m in zip(arr.to_pylist(), mask, strict=True) if m]
+
+
+# ---- periodicity (RITA-style) ------------------------------------------------------------------------------
+def _bowley(col: pl.Expr) -> pl.Expr:
+    """Bowley (quartile) skewness in [-1, 1]; 0 for a symmetric distribution. 0 when the quartiles coincide."""
+    q1, q2, q3 = col.quantile(0.25), col.quantile(0.5), col.quantile(0.75)
+    spread = q3 - q1
+    return pl.when(spread > 0).then((q3 + q1 - 2 * q2) / spread).otherwise(0.0)
+
+
+def _mad(col: pl.Expr) -> pl.Expr:
+    return (col - col.median()).abs().median()
+
+
+def periodicity(flows: pl.LazyFrame, window_s: float, min_connections: int,
+                pair: tuple[str, ...] = ("src_addr", "dst_addr", "dst_port", "proto")) -> pl.LazyFrame:
+    """Score how regular the connections of each pair are within each window, RITA-like: the intervals between
+    connection starts and the connection sizes should be symmetric (Bowley skew ~ 0) and tightly spread (MAD
+    small against the median), and there should be many of them. Score in [0, 1], 1 = a metronome.
+
+    Expects initiator flows (responses removed). Columns out: pair..., window_start, connections, interval_median,
+    interval_mad, interval_skew, bytes_median, bytes_mad, bytes_skew, score, first_ts, last_ts, bytes.
+    """
+    flows = flows.with_columns(window_start=bucket_expr("ts_start", window_s))
+    keys = [*pair, "window_start"]
+    counts = flows.group_by(keys).agg(pl.len().alias("connections")).filter(
+        pl.col("connections") >= min_connections)
+    # One connection split by the exporter's active timeout is several flows with the same source port:
+    # collapse them, so that a long session exported every 30 min does not look like a beacon.
+    candidates = (
+        flows.join(counts.select(keys), on=keys, how="semi")
+        .group_by([*keys, "src_port"])
+        .agg(pl.col("ts_start").min(), pl.col("bytes").sum())
+    )
+    ts = pl.col("ts_start").sort().dt.epoch("ms").diff().drop_nulls().cast(pl.Float64) / 1000.0
+    size = pl.col("bytes").cast(pl.Float64)
+    stats = candidates.group_by(keys).agg(
+        connections=pl.len(),
+        interval_median=ts.median(),
+        interval_mad=_mad(ts),
+        interval_skew=_bowley(ts),
+        bytes_median=size.median(),
+        bytes_mad=_mad(size),
+        bytes_skew=_bowley(size),
+        first_ts=pl.col("ts_start").min(),
+        last_ts=pl.col("ts_start").max(),
+        bytes=pl.col("bytes").sum(),
+    ).filter(pl.col("connections") >= min_connections)
+    interval_regular = (1 - pl.col("interval_mad") / pl.col("interval_median").clip(lower_bound=1e-3)).clip(0, 1)
+    size_regular = (1 - pl.col("bytes_mad") / pl.col("bytes_median").clip(lower_bound=1.0)).clip(0, 1)
+    # Enough connections to fill the window at this pace: a pair seen 10 times in 24 h is not a beacon yet.
+    expected = (pl.lit(window_s) / pl.col("interval_median").clip(lower_bound=1.0)).clip(lower_bound=1.0)
+    coverage = (pl.col("connections") / expected).clip(0, 1)
+    return stats.with_columns(
+        score=(
+            (1 - pl.col("interval_skew").abs()) * 0.25
+            + interval_regular * 0.3
+            + (1 - pl.col("bytes_skew").abs()) * 0.1
+            + size_regular * 0.15
+            + coverage * 0.2
+        ).fill_null(0.0)
+    )
+
+
+# ---- per (host, window) features ---------------------------------------------------------------------------
+def host_features(flows: pl.LazyFrame, window_s: float, history_start: dt.datetime | None = None,
+                  warmup_s: float = 86400.0, min_beacon_connections: int = 10) -> pl.LazyFrame:
+    """One row per (host, window_start) with FEATURES. `flows` must come from with_flow_facts.
+
+    new_dst_share: the share of a window's destinations the host had not contacted since `history_start`
+    (only for windows at least `warmup_s` after it; 0 before, when there is no history to compare with).
+    """
+    bucket = bucket_expr("ts_start", window_s)
+    flows = flows.with_columns(window_start=bucket)
+    initiator = ~pl.col("response")
+    out = (
+        flows.filter(pl.col("src_local"))
+        .group_by(pl.col("src_addr").alias("host"), "window_start")
+        .agg(
+            flows_out=pl.len(),
+            packets_out=pl.col("packets").sum(),
+            bytes_out=pl.col("bytes").sum(),
+            bytes_out_ext=pl.col("bytes").filter(~pl.col("dst_local")).sum(),
+            distinct_dst=pl.col("dst_addr").filter(initiator).n_unique(),
+            distinct_dst_ports=pl.col("dst_port").filter(initiator).n_unique(),
+            tcp_attempts=(pl.col("proto") == 6).and_(initiator).sum(),
+            failed=pl.col("failed").sum(),
+            syn_only=pl.col("syn_only").sum(),
+            night=pl.col("night").sum(),
+            mean_duration=pl.col("duration").mean(),
+            long_flows=(pl.col("duration") >= LONG_FLOW_SECONDS).sum(),
+        )
+    )
+    inbound = (
+        flows.filter(pl.col("dst_local"))
+        .group_by(pl.col("dst_addr").alias("host"), "window_start")
+        .agg(
+            bytes_in=pl.col("bytes").sum(),
+            flows_in=pl.len(),
+            distinct_src_in=pl.col("src_addr").n_unique(),
+            icmp_unreach=pl.col("icmp_unreach").sum(),
+        )
+    )
+    first_seen = (
+        flows.filter(pl.col("src_local") & initiator)
+        .group_by(pl.col("src_addr").alias("host"), "dst_addr")
+        .agg(first=pl.col("ts_start").min())
+        .with_columns(window_start=bucket_expr("first", window_s))
+    )
+    if history_start is not None:
+        cutoff = utc(history_start) + dt.timedelta(seconds=warmup_s)
+        first_seen = first_seen.filter(pl.col("window_start") >= cutoff)
+    else:
+        first_seen = first_seen.filter(pl.lit(False))
+    new_dsts = first_seen.group_by("host", "window_start").agg(new_dsts=pl.len())
+    beacons = (
+        periodicity(flows.filter(pl.col("src_local") & initiator), 86400.0, min_beacon_connections)
+        .group_by(pl.col("src_addr").alias("host"), pl.col("window_start").alias("day"))
+        .agg(periodicity=pl.col("score").max())
+    )
+    joined = (
+        out.join(inbound, on=["host", "window_start"], how="full", coalesce=True)
+        .join(new_dsts, on=["host", "window_start"], how="left")
+        .with_columns(day=bucket_expr("window_start", 86400.0))
+        .join(beacons, on=["host", "day"], how="left")
+        .drop("day")
+    )
+    zero = [c for c in ("flows_out", "packets_out", "bytes_out", "bytes_out_ext", "distinct_dst",
+                        "distinct_dst_ports", "tcp_attempts", "failed", "syn_only", "night", "long_flows",
+                        "bytes_in", "flows_in", "distinct_src_in", "icmp_unreach", "new_dsts")]
+    joined = joined.with_columns([pl.col(c).fill_null(0) for c in zero])
+    return joined.with_columns(
+        failed_share=(pl.col("failed") / pl.col("tcp_attempts")).fill_nan(0.0).fill_null(0.0),
+        night_share=(pl.col("night") / pl.col("flows_out")).fill_nan(0.0).fill_null(0.0),
+        new_dst_share=(pl.col("new_dsts") / pl.col("distinct_dst")).fill_nan(0.0).fill_null(0.0),
+        mean_duration=pl.col("mean_duration").fill_null(0.0),
+        periodicity=pl.col("periodicity").fill_null(0.0),
+    ).select("host", "window_start", *FEATURES)
+
+
+def compute_features(lake: Lake, since: dt.datetime, until: dt.datetime, local_networks: list[str],
+                     window_s: float = 3600.0, history_start: dt.datetime | None = None,
+                     night: tuple[int, int] = (22, 6)) -> pl.DataFrame:
+    """Features of every (host, window) with ts in [since, until), collected with the streaming engine.
+    `history_start` (<= since) widens the read so that new destinations are judged against the host's past;
+    only the windows inside [since, until) are returned."""
+    start = utc(history_start) if history_start is not None else utc(since)
+    flows = scan_flows(lake, start, until)
+    local = local_addresses(flows, local_networks)
+    facts = with_flow_facts(flows, local, night)
+    features = host_features(facts, window_s, history_start=start if history_start is not None else None)
+    return (
+        features.filter(pl.col("window_start") >= floor_time(since, window_s))
+        .sort("host", "window_start")
+        .collect(engine="streaming")
+    )

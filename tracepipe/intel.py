@@ -1,0 +1,295 @@
+"""Threat-intelligence indicators -> the `intel` dataset, and matching addresses against them.
+
+In: a MISP CSV export (uuid,event_id,category,type,value,comment,to_ids,date,...), a MISP JSON export (an Event
+with Attribute[] and Object[].Attribute[], a list of them, or {"response": [...]}) or a plain list (one address
+or CIDR per line, `#` comments). Out: rows of schema.INTEL (CIDRs with net_lo/net_hi) plus rejects (line or
+attribute index, reason). Landing goes through the lake's manifest, so importing the same file twice adds nothing.
+Matching (`match_addresses`) works on unique addresses: v4 vectorised with numpy, v6 with stdlib ipaddress.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import ipaddress
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from tracepipe.detect.features import ipv4_to_int
+from tracepipe.errors import InputError, UsageError
+from tracepipe.lake import Lake, hash_file, ingest_table
+from tracepipe.schema import INTEL, REJECTS
+
+FORMATS = ("auto", "misp-csv", "misp-json", "list")
+# MISP attribute types that carry an address ("ip-dst|port" carries "addr|port").
+ADDRESS_TYPES = {"ip-dst", "ip-src", "ip-dst|port", "ip-src|port", "ip", "ip-any"}
+DOMAIN_TYPES = {"domain", "hostname", "domain|ip"}
+
+
+@dataclass
+class IntelImport:
+    source: str
+    format: str
+    rows: int
+    rejects: int
+    skipped_types: int  # MISP attributes of types that are not addresses or domains (urls, hashes...)
+    already_imported: bool
+
+
+def _indicator_row(value: str, **extra: Any) -> dict[str, Any]:
+    """An address or CIDR -> an INTEL row (canonical text). ValueError if it is neither."""
+    value = value.strip()
+    if "/" in value:
+        net = ipaddress.ip_network(value, strict=False)
+        if net.num_addresses == 1:
+            value, net = str(net.network_address), None
+        else:
+            return {"indicator": str(net), "kind": "cidr", "net_lo": str(net.network_address),
+                    "net_hi": str(net.broadcast_address), "ip_version": net.version, **extra}
+    address = ipaddress.ip_address(value)
+    return {"indicator": str(address), "kind": "ip", "net_lo": str(address), "net_hi": str(address),
+            "ip_version": address.version, **extra}
+
+
+def _reject(line: int | None, reason: str, detail: str, offset: int | None = None) -> dict[str, Any]:
+    return {"line": line, "offset": offset, "reason": reason, "detail": detail[:500]}
+
+
+def parse_list(text: str) -> tuple[list[dict], list[dict], int]:
+    rows, rejects = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        value = line.split("#", 1)[0].strip()
+        if not value:
+            continue
+        try:
+            rows.append(_indicator_row(value))
+        except ValueError:
+            rejects.append(_reject(number, "not an address or CIDR", line))
+    return rows, rejects, 0
+
+
+def _parse_date(value: Any) -> dt.datetime | None:
+    if value in (None, ""):
+        return None
+    try:
+        if isinstance(value, int | float) or str(value).isdigit():
+            return dt.datetime.fromtimestamp(int(value), dt.UTC)
+        parsed = dt.datetime.fromisoformat(str(value))
+        return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _attribute_row(attr: dict[str, Any], event: dict[str, Any]) -> dict[str, Any] | str | None:
+    """One MISP attribute -> a row, None (a type we do not match on), or a reject reason."""
+    kind = str(attr.get("type", "")).strip()
+    value = str(attr.get("value", "")).strip()
+    extra = {
+        "description": attr.get("comment") or event.get("info") or None,
+        "tags": attr.get("category") or None,
+        "event_id": str(attr.get("event_id") or event.get("id") or "") or None,
+        "first_seen": _parse_date(attr.get("first_seen") or attr.get("timestamp") or attr.get("date")),
+    }
+    if kind in ADDRESS_TYPES:
+        if "|" in kind or (kind == "ip" and "|" in value):
+            value = value.split("|", 1)[0]
+        try:
+            return _indicator_row(value, **extra)
+        except ValueError:
+            return f"{kind} value is not an address or CIDR"
+    if kind in DOMAIN_TYPES:
+        domain = value.split("|", 1)[0].strip().lower()
+        if not domain or " " in domain:
+            return f"{kind} value is not a domain"
+        return {"indicator": domain, "kind": "domain", **extra}
+    if not kind:
+        return "attribute has no type"
+    return None
+
+
+def parse_misp_csv(text: str) -> tuple[list[dict], list[dict], int]:
+    reader = csv.DictReader(io.StringIO(text))
+    missing = {"type", "value"} - set(reader.fieldnames or [])
+    if missing:
+        return [], [_reject(1, "not a MISP CSV export", f"header lacks {', '.join(sorted(missing))}")], 0
+    rows, rejects, skipped = [], [], 0
+    for record in reader:
+        line = reader.line_num
+        if None in record:  # more cells than the header names
+            rejects.append(_reject(line, "too many columns", str(record.get(None))))
+            continue
+        result = _attribute_row(record, {})
+        if result is None:
+            skipped += 1
+        elif isinstance(result, str):
+            rejects.append(_reject(line, result, f"{record.get('type')},{record.get('value')}"))
+        else:
+            rows.append(result)
+    return rows, rejects, skipped
+
+
+def _events(doc: Any) -> list[dict[str, Any]]:
+    if isinstance(doc, dict) and "response" in doc:
+        doc = doc["response"]
+    if isinstance(doc, dict):
+        doc = [doc]
+    if not isinstance(doc, list):
+        return []
+    return [item.get("Event", item) for item in doc if isinstance(item, dict)]
+
+
+def parse_misp_json(text: str) -> tuple[list[dict], list[dict], int]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return [], [_reject(exc.lineno, "not valid JSON", exc.msg)], 0
+    rows, rejects, skipped = [], [], 0
+    index = 0
+    for event in _events(doc):
+        attributes = list(event.get("Attribute") or [])
+        for obj in event.get("Object") or []:
+            attributes.extend(obj.get("Attribute") or [])
+        for attr in attributes:
+            index += 1
+            if not isinstance(attr, dict):
+                rejects.append(_reject(None, "attribute is not an object", repr(attr), offset=index))
+                continue
+            result = _attribute_row(attr, event)
+            if result is None:
+                skipped += 1
+            elif isinstance(result, str):
+                rejects.append(_reject(None, result, f"attribute {index}: {attr.get('type')},{attr.get('value')}",
+                                       offset=index))
+            else:
+                rows.append(result)
+    if index == 0 and not rejects:
+        rejects.append(_reject(None, "no MISP Event/Attribute found", text[:200]))
+    return rows, rejects, skipped
+
+
+def sniff_format(text: str, path: Path) -> str:
+    head = text.lstrip()[:1]
+    if head in ("{", "["):
+        return "misp-json"
+    first = text.splitlines()[0].lower() if text else ""
+    if path.suffix.lower() == ".csv" or ("type" in first and "value" in first and "," in first):
+        return "misp-csv"
+    return "list"
+
+
+PARSERS = {"list": parse_list, "misp-csv": parse_misp_csv, "misp-json": parse_misp_json}
+
+
+def parse_intel(text: str, fmt: str, source: str, imported_at: dt.datetime | None = None
+                ) -> tuple[pa.Table, pa.Table, int]:
+    """Text of one file -> (INTEL rows, REJECTS rows, skipped attribute count). Pure."""
+    rows, rejects, skipped = PARSERS[fmt](text)
+    imported_at = imported_at or dt.datetime.now(dt.UTC)
+    for row in rows:
+        row.setdefault("imported_at", imported_at)
+        row.setdefault("source", source)
+    table = pa.Table.from_pylist(rows, schema=INTEL) if rows else INTEL.empty_table()
+    for reject in rejects:
+        reject.update(ingested_at=imported_at, dataset="intel", source=source)
+    rejected = pa.Table.from_pylist(rejects, schema=REJECTS) if rejects else REJECTS.empty_table()
+    return table, rejected, skipped
+
+
+def import_intel(lake: Lake, path: Path | str, fmt: str = "auto") -> IntelImport:
+    """Land one indicator file in the `intel` dataset (idempotent by content hash)."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown intel format {fmt!r}; use one of {', '.join(FORMATS)}")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}. Give the path of a MISP export or a list.") from exc
+    if fmt == "auto":
+        fmt = sniff_format(text, path)
+    table, rejects, skipped = parse_intel(text, fmt, str(path))
+    result = ingest_table(lake, "intel", str(path), hash_file(path), [table], [rejects],
+                          stats={"format": fmt, "skipped_types": skipped})
+    return IntelImport(str(path), fmt, table.num_rows, rejects.num_rows, skipped, result.skipped)
+
+
+# ---- matching ----------------------------------------------------------------------------------------------
+MATCH_COLUMNS = {"addr": pl.String, "indicator": pl.String, "description": pl.String, "tags": pl.String,
+                 "event_id": pl.String}
+
+
+def _empty_matches() -> pl.DataFrame:
+    return pl.DataFrame(schema=MATCH_COLUMNS)
+
+
+def match_addresses(addrs: list[str] | pa.Array, intel: pa.Table) -> pl.DataFrame:
+    """Which of the (unique) addresses an indicator names: exact IPs and CIDRs, v4 and v6.
+    One row per matched address (the first indicator that covers it)."""
+    arr = pa.array(addrs, pa.string()) if isinstance(addrs, list) else addrs.cast(pa.string())
+    ind = pl.from_arrow(intel).filter(pl.col("kind").is_in(["ip", "cidr"]))
+    if not len(arr) or ind.is_empty():
+        return _empty_matches()
+    info = ["indicator", "description", "tags", "event_id"]
+    found: list[pl.DataFrame] = []
+    exact = ind.filter(pl.col("kind") == "ip").unique("indicator", keep="first")
+    if not exact.is_empty():
+        found.append(pl.DataFrame({"addr": arr}).join(exact.select(info), left_on="addr", right_on="indicator",
+                                                      how="inner").with_columns(indicator=pl.col("addr")))
+    cidrs = ind.filter(pl.col("kind") == "cidr")
+    v4 = cidrs.filter(pl.col("ip_version") == 4)
+    addr_int, valid = ipv4_to_int(arr)
+    if not v4.is_empty() and valid.any():
+        lo, _ = ipv4_to_int(v4.get_column("net_lo").to_arrow())
+        hi, _ = ipv4_to_int(v4.get_column("net_hi").to_arrow())
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order].astype(np.int64), hi[order].astype(np.int64)
+        # running maximum of hi (and where it came from) handles nested/overlapping CIDRs
+        run_hi = np.maximum.accumulate(hi)
+        run_at = _running_argmax(hi)
+        x = addr_int.astype(np.int64)
+        k = np.searchsorted(lo, x, side="right") - 1
+        hit = valid & (k >= 0) & (run_hi[np.clip(k, 0, None)] >= x)
+        if hit.any():
+            which = order[run_at[k[hit]]]
+            rows = v4.select(info)[which.tolist()]
+            found.append(rows.with_columns(addr=pl.Series(arr.filter(pa.array(hit)))))
+    v6 = cidrs.filter(pl.col("ip_version") == 6)
+    if not v6.is_empty():
+        nets = [ipaddress.ip_network(t) for t in v6.get_column("indicator").to_list()]
+        hits: list[tuple[str, int]] = []
+        for i in np.flatnonzero(~valid):
+            text = arr[int(i)].as_py()
+            try:
+                address = ipaddress.ip_address(text)
+            except (ValueError, TypeError):
+                continue
+            for j, net in enumerate(nets):
+                if address.version == 6 and address in net:
+                    hits.append((text, j))
+                    break
+        if hits:
+            rows = v6.select(info)[[j for _, j in hits]]
+            found.append(rows.with_columns(addr=pl.Series([t for t, _ in hits], dtype=pl.String)))
+    if not found:
+        return _empty_matches()
+    return pl.concat([f.select(list(MATCH_COLUMNS)).cast(MATCH_COLUMNS) for f in found]).unique("addr", keep="first")
+
+
+def _running_argmax(values: np.ndarray) -> np.ndarray:
+    out = np.empty(len(values), dtype=np.int64)
+    best = 0
+    for k in range(len(values)):  # runs once per indicator list, not per flow
+        if values[k] > values[best]:
+            best = k
+        out[k] = best
+    return out
+
+
+def read_intel(lake: Lake) -> pa.Table:
+    return lake.read("intel")

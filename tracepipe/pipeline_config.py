@@ -1,0 +1,328 @@
+"""Typed sweep definitions: a `pipelines/*.toml` file -> `PipelineConfig` (frozen dataclasses).
+
+Read with stdlib `tomllib`; every key is checked against the dataclass it fills, so an unknown key or a value of
+the wrong type is a `PipelineError` naming the key AND its line in the file (tomllib gives values, not
+positions, so `_KeyLines` finds the line of each `[table]` / `key =` by a light scan of the text).
+Durations are written "90s", "15m", "1h", "7d" (or plain seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tracepipe.errors import UsageError
+
+
+class PipelineError(UsageError):
+    """The pipeline file does not parse or does not fit the schema (exit code 2)."""
+
+
+# ---- durations ----------------------------------------------------------------------------------------------
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+
+
+def parse_duration(value: str | int | float) -> float:
+    """'90s', '15m', '1h', '7d' or a number of seconds -> seconds. ValueError if it does not parse."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION_RE.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a duration like '90s', '15m', '1h' or '7d'")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+class Duration(float):
+    """Seconds; in the file a string like '1h' or a number."""
+
+
+# ---- the schema ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PipelineSection:
+    name: str = "sweep"
+    description: str = ""
+    # The cloud's own address space: a flow's local end is the "host" whose behaviour is scored.
+    local_networks: list[str] = field(default_factory=lambda: ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                                               "fc00::/7"])
+    # Exit 4 instead of 0 when the window holds no flows (a silent collector is then noticed by cron).
+    fail_on_empty: bool = False
+
+
+@dataclass(frozen=True)
+class WindowSection:
+    # Without --since/--until the sweep covers the last *completed* `last` (1h -> the previous hour,
+    # 1d -> yesterday), aligned to UTC.
+    last: Duration = 3600  # type: ignore[assignment]
+    # Baseline: this much history before the window (exfiltration, new destinations, anomaly model).
+    baseline: Duration = 7 * 86400  # type: ignore[assignment]
+    # Night hours (UTC, [start, end)) for the night-time share feature.
+    night_start_hour: int = 22
+    night_end_hour: int = 6
+
+
+@dataclass(frozen=True)
+class InputsSection:
+    flow_dirs: list[str] = field(default_factory=list)  # drop folders / collector spool: ingested first
+    flow_pattern: str = "*"
+    vm_dirs: list[str] = field(default_factory=list)  # VM lifecycle drop folders
+    vm_pattern: str = "*"
+    attribute: bool = True  # attribute the window's flows to VMs (tracepipe.attribution) before detecting
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    report_dir: str = "reports"  # relative paths are relative to the current directory
+    html: bool = True  # the HTML report (if tracepipe.report is installed); JSON is always written
+    title: str = ""
+    max_evidence_rows: int = 20
+
+
+@dataclass(frozen=True)
+class AllowlistSection:
+    addresses: list[str] = field(default_factory=list)  # never alert on these, either end
+    cidrs: list[str] = field(default_factory=list)
+    projects: list[str] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)  # the alert's service port
+    known_scanners: list[str] = field(default_factory=list)  # addresses/CIDRs allowed to scan (scan detectors only)
+
+
+@dataclass(frozen=True)
+class HorizontalScan:
+    enabled: bool = True
+    window: Duration = 3600  # type: ignore[assignment]
+    min_hosts: int = 100  # distinct destinations on one port
+    min_failed_share: float = 0.5  # of the TCP attempts (SYN without ACK, or RST); UDP counts as unanswered
+
+
+@dataclass(frozen=True)
+class VerticalScan:
+    enabled: bool = True
+    window: Duration = 3600  # type: ignore[assignment]
+    min_ports: int = 100  # distinct destination ports on one host
+    min_failed_share: float = 0.5
+
+
+@dataclass(frozen=True)
+class BruteForce:
+    enabled: bool = True
+    window: Duration = 3600  # type: ignore[assignment]
+    ports: list[int] = field(default_factory=lambda: [22, 3389, 5900])
+    min_attempts: int = 60  # connections from one source to one host:port in a window
+    max_bytes_per_attempt: int = 10000  # median bytes of one attempt: logins are small
+    inbound: bool = True
+    outbound: bool = True
+
+
+@dataclass(frozen=True)
+class Beacon:
+    enabled: bool = True
+    window: Duration = 86400  # type: ignore[assignment]
+    min_connections: int = 20
+    min_score: float = 0.8
+    external_only: bool = True  # internal periodic traffic (metrics, backups) is expected
+    ignore_ports: list[int] = field(default_factory=lambda: [53, 123])
+
+
+@dataclass(frozen=True)
+class Exfiltration:
+    enabled: bool = True
+    window: Duration = 3600  # type: ignore[assignment]
+    min_bytes: int = 1_000_000_000  # outbound bytes to non-local addresses in one window
+    host_factor: float = 10.0  # times the host's own baseline (its p99 window)
+    peer_factor: float = 10.0  # times the p95 of all hosts in the same window
+
+
+@dataclass(frozen=True)
+class LongConnection:
+    enabled: bool = True
+    window: Duration = 86400  # type: ignore[assignment]
+    min_duration: Duration = 8 * 3600  # type: ignore[assignment]  # one 5-tuple seen without a gap of more than `max_gap`
+    max_gap: Duration = 900  # type: ignore[assignment]
+    ignore_ports: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Mining:
+    enabled: bool = True
+    window: Duration = 86400  # type: ignore[assignment]
+    ports: list[int] = field(default_factory=lambda: [3333, 4444, 5555, 7777, 9999, 14444, 45700])
+    min_duration: Duration = 600  # type: ignore[assignment]
+    max_bytes_per_packet: int = 400  # Stratum: short JSON lines
+
+
+@dataclass(frozen=True)
+class IntelMatch:
+    enabled: bool = True
+    window: Duration = 3600  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Detectors:
+    horizontal_scan: HorizontalScan = field(default_factory=HorizontalScan)
+    vertical_scan: VerticalScan = field(default_factory=VerticalScan)
+    brute_force: BruteForce = field(default_factory=BruteForce)
+    beacon: Beacon = field(default_factory=Beacon)
+    exfiltration: Exfiltration = field(default_factory=Exfiltration)
+    long_connection: LongConnection = field(default_factory=LongConnection)
+    mining: Mining = field(default_factory=Mining)
+    intel: IntelMatch = field(default_factory=IntelMatch)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    enabled: bool = False
+    path: str = ""  # default <lake>/_models/isolation-forest.joblib
+    min_score: float = 0.65  # anomaly score in [0, 1] (0.5 = ordinary) above which an alert is raised
+    max_alerts: int = 10  # the top N (host, window)s at most
+    top_features: int = 3
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    window: WindowSection = field(default_factory=WindowSection)
+    inputs: InputsSection = field(default_factory=InputsSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    allowlist: AllowlistSection = field(default_factory=AllowlistSection)
+    detectors: Detectors = field(default_factory=Detectors)
+    model: ModelSection = field(default_factory=ModelSection)
+    path: str = ""  # the file it came from (not a TOML key)
+
+
+# ---- line numbers -------------------------------------------------------------------------------------------
+_TABLE_RE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\-\s\"]+?)\s*\]\s*(#.*)?$")
+_KEY_RE = re.compile(r"^\s*([A-Za-z0-9_\-\"]+)\s*=")
+
+
+class _KeyLines:
+    """Line (1-based) of each `[table]` and `key =` in a TOML text, by dotted path."""
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[str, int] = {}
+        table = ""
+        for number, line in enumerate(text.splitlines(), start=1):
+            if match := _TABLE_RE.match(line):
+                table = ".".join(p.strip().strip('"') for p in match.group(1).split("."))
+                self.lines.setdefault(table, number)
+            elif match := _KEY_RE.match(line):
+                key = match.group(1).strip('"')
+                self.lines.setdefault(f"{table}.{key}" if table else key, number)
+
+    def of(self, path: str) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path.rpartition(".")[0]
+        return None
+
+
+# ---- building the dataclasses -------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    if tp is Duration:
+        return "duration like '1h' or seconds"
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return {bool: "true/false", int: "integer", float: "number", str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, where: str, fail) -> Any:
+    if tp is Duration:
+        try:
+            return Duration(parse_duration(value))
+        except ValueError as exc:
+            fail(where, str(exc))
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail(where, f"expected {_type_name(tp)}, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(where, f"expected {_type_name(tp)}, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            fail(where, f"expected {_type_name(tp)}, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            fail(where, f"expected {_type_name(tp)}, got {value!r}")
+        return value
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            fail(where, f"expected {_type_name(tp)}, got {value!r}")
+        inner = typing.get_args(tp)[0]
+        return [_convert(v, inner, where, fail) for v in value]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail(where, f"expected a table [{where}], got {value!r}")
+        return _build(tp, value, where, fail)
+    raise TypeError(f"unsupported config type {tp!r}")  # a bug in this module, not in the file
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, fail) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            fail(where, f"unknown key {key!r} (known here: {known})")
+        tp = hints[key]
+        if isinstance(tp, types.UnionType):
+            tp = typing.get_args(tp)[0]
+        kwargs[key] = _convert(value, tp, where, fail)
+    return cls(**kwargs)
+
+
+def parse_pipeline(text: str, path: str = "<pipeline>") -> PipelineConfig:
+    """TOML text -> PipelineConfig. Raises PipelineError naming the key and the line."""
+    lines = _KeyLines(text)
+
+    def fail(where: str, message: str) -> typing.NoReturn:
+        line = lines.of(where)
+        at = f"line {line}" if line else "top level"
+        raise PipelineError(f"{path}, {at}: {where}: {message}. Fix the pipeline file (see pipelines/*.toml).")
+
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PipelineError(f"{path}: not valid TOML: {exc}. Fix the pipeline file.") from exc
+    config = _build(PipelineConfig, data, "", fail)
+    for name in ("local_networks",):
+        _check_networks(getattr(config.pipeline, name), f"pipeline.{name}", fail)
+    _check_networks(config.allowlist.cidrs + config.allowlist.known_scanners, "allowlist", fail)
+    if config.model.min_score < 0 or config.model.min_score > 1:
+        fail("model.min_score", "must be between 0 and 1")
+    return dataclasses.replace(config, path=path)
+
+
+def _check_networks(values: list[str], where: str, fail) -> None:
+    import ipaddress
+
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            fail(where, f"{value!r} is not an address or CIDR")
+
+
+def load_pipeline(path: Path | str) -> PipelineConfig:
+    """Read and check a pipeline file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PipelineError(f"cannot read pipeline file {path}: {exc.strerror}. Give the path of a "
+                            f"pipelines/*.toml file.") from exc
+    return parse_pipeline(text, str(path))
