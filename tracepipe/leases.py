@@ -265,8 +265,11 @@ class _Replay:
         previous = self.fips.get(key)
         address = e["addr"] or previous
         if action != "fip_associate":
+            # close what the floating IP pointed at, under the address known so far and the one named now
+            for name in sorted({a for a in (previous, e["addr"]) if a}):
+                if self.holder(name) is not None and self.leases[self.open_by_addr[name]]["addr_kind"] == "floating":
+                    self.close(name, ts, action)
             if address:
-                self.close(address, ts, action)
                 self.fips[key] = address
             return
         if address is None:

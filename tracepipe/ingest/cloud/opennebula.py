@@ -71,12 +71,10 @@ class OneVm:
     running: list[tuple[dt.datetime, str]] = field(default_factory=list)  # (RSTIME, host)
 
     def host_at(self, ts: dt.datetime) -> str | None:
-        host = None
+        host = None  # before the first placement the VM is on no host
         for start, _end, hostname in sorted(self.history):
             if start <= ts:
                 host = hostname
-        if host is None and self.history:
-            host = sorted(self.history)[0][2]
         return host
 
 
