@@ -2,6 +2,7 @@
 VM status and quarantine; order- and duplicate-independence; one holder per address at any instant."""
 
 import datetime as dt
+import itertools
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,15 +25,27 @@ def utc(hour: int, minute: int, second: int = 0, day: int = 12) -> dt.datetime:
 
 @pytest.fixture(scope="module")
 def story() -> pa.Table:
-    events, rejects = parse_cloud_text((DATA / "nova" / "notifications.jsonl").read_text(), "notifications.jsonl")
+    events, rejects = parse_cloud_text(
+        (DATA / "nova" / "notifications.jsonl").read_text(), "notifications.jsonl"
+    )
     assert rejects.num_rows == 0
     return events
 
 
 def rows(leases: pa.Table) -> list[tuple]:
     d = leases.to_pydict()
-    return list(zip(d["addr"], d["vm_name"], d["valid_from"], d["valid_to"], d["end_reason"], d["vm_status"],
-                    d["quarantine_until"], strict=True))
+    return list(
+        zip(
+            d["addr"],
+            d["vm_name"],
+            d["valid_from"],
+            d["valid_to"],
+            d["end_reason"],
+            d["vm_status"],
+            d["quarantine_until"],
+            strict=True,
+        )
+    )
 
 
 def test_nova_story_leases_exact(story):
@@ -51,7 +64,7 @@ def test_nova_story_leases_exact(story):
     assert by_name["web-02"]["user"] == "bob" and by_name["web-02"]["hypervisor"] == "compute-2"
     assert by_name["web-02"]["status"] == "active" and by_name["web-02"]["deleted_at"] is None
     # the lease of web-01 covers its soft-delete window (07:40-07:50): the address stayed with the VM
-    web01 = [r for r in rows(leases) if r[1] == "web-01" and r[0] == "192.168.1.3"][0]
+    web01 = next(r for r in rows(leases) if r[1] == "web-01" and r[0] == "192.168.1.3")
     assert web01[2] <= utc(7, 45) < web01[3]
 
 
@@ -61,7 +74,7 @@ def test_soft_deleted_vm_keeps_lease_and_shows_quarantine(story):
     leases, vms = build_leases(cut, SEVEN_DAYS)
     web01 = [r for r in rows(leases) if r[0] == "192.168.1.3"]
     assert web01 == [("192.168.1.3", "web-01", utc(7, 0, 40), None, None, "soft_deleted", utc(7, 40, day=19))]
-    vm = [v for v in vms.to_pylist() if v["vm_name"] == "web-01"][0]
+    vm = next(v for v in vms.to_pylist() if v["vm_name"] == "web-01")
     assert vm["status"] == "soft_deleted" and vm["deleted_at"] is None
 
 
@@ -73,7 +86,7 @@ def test_no_reclaim_interval_means_no_quarantine(story):
 def test_restore_clears_quarantine(story):
     cut = story.filter(pc.less_equal(story["ts"], pa.scalar(utc(7, 52), VM_EVENTS.field("ts").type)))
     _, vms = build_leases(cut, SEVEN_DAYS)
-    vm = [v for v in vms.to_pylist() if v["vm_name"] == "web-01"][0]
+    vm = next(v for v in vms.to_pylist() if v["vm_name"] == "web-01")
     assert vm["status"] == "active" and vm["quarantine_until"] is None
 
 
@@ -83,10 +96,12 @@ def _events(rows_: list[dict]) -> pa.Table:
 
 
 def test_missed_detach_is_closed_when_another_vm_takes_the_address():
-    events = _events([
-        {"ts": utc(1, 0), "vm_id": "a", "vm_name": "a", "action": "create", "addrs": ["10.0.0.5"]},
-        {"ts": utc(2, 0), "vm_id": "b", "vm_name": "b", "action": "create", "addrs": ["10.0.0.5"]},
-    ])
+    events = _events(
+        [
+            {"ts": utc(1, 0), "vm_id": "a", "vm_name": "a", "action": "create", "addrs": ["10.0.0.5"]},
+            {"ts": utc(2, 0), "vm_id": "b", "vm_name": "b", "action": "create", "addrs": ["10.0.0.5"]},
+        ]
+    )
     leases, _ = build_leases(events)
     assert [(r[1], r[2], r[3], r[4]) for r in rows(leases)] == [
         ("a", utc(1, 0), utc(2, 0), "superseded"),
@@ -95,45 +110,90 @@ def test_missed_detach_is_closed_when_another_vm_takes_the_address():
 
 
 def test_force_delete_after_soft_delete_keeps_nothing():
-    events = _events([
-        {"ts": utc(1, 0), "vm_id": "a", "action": "create", "addrs": ["10.0.0.5"], "event_type": "x.create.end"},
-        {"ts": utc(2, 0), "vm_id": "a", "action": "soft_delete", "state": "soft_deleted", "addrs": ["10.0.0.5"]},
-        {"ts": utc(3, 0), "vm_id": "a", "action": "force_delete", "state": "deleted", "addrs": []},
-    ])
-    leases, vms = build_leases(events, SEVEN_DAYS)
+    events = _events(
+        [
+            {
+                "ts": utc(1, 0),
+                "vm_id": "a",
+                "action": "create",
+                "addrs": ["10.0.0.5"],
+                "event_type": "x.create.end",
+            },
+            {
+                "ts": utc(2, 0),
+                "vm_id": "a",
+                "action": "soft_delete",
+                "state": "soft_deleted",
+                "addrs": ["10.0.0.5"],
+            },
+            {"ts": utc(3, 0), "vm_id": "a", "action": "force_delete", "state": "deleted", "addrs": []},
+        ]
+    )
+    leases, _vms = build_leases(events, SEVEN_DAYS)
     assert rows(leases)[0][2:] == (utc(1, 0), utc(3, 0), "force_delete", "deleted", None)
 
 
 def test_reclaim_after_soft_delete_ends_quarantine_at_reclaim_window():
-    events = _events([
-        {"ts": utc(1, 0), "vm_id": "a", "action": "create", "addrs": ["10.0.0.5"]},
-        {"ts": utc(2, 0), "vm_id": "a", "action": "soft_delete", "addrs": ["10.0.0.5"]},
-        {"ts": utc(2, 0, day=19), "vm_id": "a", "action": "delete", "addrs": []},
-    ])
-    leases, vms = build_leases(events, SEVEN_DAYS)
+    events = _events(
+        [
+            {"ts": utc(1, 0), "vm_id": "a", "action": "create", "addrs": ["10.0.0.5"]},
+            {"ts": utc(2, 0), "vm_id": "a", "action": "soft_delete", "addrs": ["10.0.0.5"]},
+            {"ts": utc(2, 0, day=19), "vm_id": "a", "action": "delete", "addrs": []},
+        ]
+    )
+    leases, _vms = build_leases(events, SEVEN_DAYS)
     assert rows(leases)[0][2:] == (utc(1, 0), utc(2, 0, day=19), "delete", "deleted", utc(2, 0, day=19))
 
 
 def test_live_migration_splits_lease_per_hypervisor():
-    events = _events([
-        {"ts": utc(1, 0), "vm_id": "a", "action": "create", "addrs": ["10.0.0.5"], "hypervisor": "h1"},
-        {"ts": utc(2, 0), "vm_id": "a", "action": "migrate", "event_type": "instance.live_migration_post.end",
-         "addrs": ["10.0.0.5"], "hypervisor": "h2"},
-    ])
+    events = _events(
+        [
+            {"ts": utc(1, 0), "vm_id": "a", "action": "create", "addrs": ["10.0.0.5"], "hypervisor": "h1"},
+            {
+                "ts": utc(2, 0),
+                "vm_id": "a",
+                "action": "migrate",
+                "event_type": "instance.live_migration_post.end",
+                "addrs": ["10.0.0.5"],
+                "hypervisor": "h2",
+            },
+        ]
+    )
     leases, vms = build_leases(events)
     d = leases.to_pydict()
     assert list(zip(d["hypervisor"], d["valid_from"], d["valid_to"], d["end_reason"], strict=True)) == [
-        ("h1", utc(1, 0), utc(2, 0), "migrate"), ("h2", utc(2, 0), None, None)]
+        ("h1", utc(1, 0), utc(2, 0), "migrate"),
+        ("h2", utc(2, 0), None, None),
+    ]
     assert vms.column("hypervisor").to_pylist() == ["h2"]
 
 
 def test_start_phase_and_events_after_delete_open_nothing():
-    events = _events([
-        {"ts": utc(1, 0), "vm_id": "a", "action": "delete", "event_type": "instance.delete.start",
-         "addrs": ["10.0.0.5"]},
-        {"ts": utc(1, 1), "vm_id": "a", "action": "delete", "event_type": "instance.delete.end", "addrs": []},
-        {"ts": utc(1, 2), "vm_id": "a", "action": "exists", "event_type": "instance.exists", "addrs": ["10.0.0.5"]},
-    ])
+    events = _events(
+        [
+            {
+                "ts": utc(1, 0),
+                "vm_id": "a",
+                "action": "delete",
+                "event_type": "instance.delete.start",
+                "addrs": ["10.0.0.5"],
+            },
+            {
+                "ts": utc(1, 1),
+                "vm_id": "a",
+                "action": "delete",
+                "event_type": "instance.delete.end",
+                "addrs": [],
+            },
+            {
+                "ts": utc(1, 2),
+                "vm_id": "a",
+                "action": "exists",
+                "event_type": "instance.exists",
+                "addrs": ["10.0.0.5"],
+            },
+        ]
+    )
     leases, vms = build_leases(events)
     assert leases.num_rows == 0
     assert vms.column("status").to_pylist() == ["deleted"]
@@ -146,7 +206,7 @@ def _no_overlap(leases: pa.Table) -> bool:
         by_addr.setdefault(addr, []).append((start, end))
     for intervals in by_addr.values():
         intervals.sort()
-        for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(intervals):
             if end is None or end > start:
                 return False
     return True
@@ -161,8 +221,11 @@ def test_shuffled_and_duplicated_events_give_identical_leases(story, data):
     extra = data.draw(st.lists(st.integers(0, n - 1), max_size=10))
     mixed = story.take(pa.array(list(order) + extra))
     # a duplicate delivered from another file has another source and line: still the same event
-    mixed = mixed.set_column(mixed.schema.get_field_index("source"), "source",
-                             pa.array([f"f{i % 3}" for i in range(mixed.num_rows)], pa.string()))
+    mixed = mixed.set_column(
+        mixed.schema.get_field_index("source"),
+        "source",
+        pa.array([f"f{i % 3}" for i in range(mixed.num_rows)], pa.string()),
+    )
     leases, vms = build_leases(mixed, SEVEN_DAYS)
     assert leases.equals(expected[0])
     assert vms.equals(expected[1])
@@ -170,25 +233,43 @@ def test_shuffled_and_duplicated_events_give_identical_leases(story, data):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 50), st.sampled_from("abc"),
-                          st.sampled_from(["create", "attach", "detach", "delete", "soft_delete", "restore"]),
-                          st.sampled_from(["10.0.0.1", "10.0.0.2"])), max_size=25))
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 50),
+            st.sampled_from("abc"),
+            st.sampled_from(["create", "attach", "detach", "delete", "soft_delete", "restore"]),
+            st.sampled_from(["10.0.0.1", "10.0.0.2"]),
+        ),
+        max_size=25,
+    )
+)
 def test_any_history_gives_non_overlapping_leases(history):
-    events = _events([
-        {"ts": utc(0, minute), "vm_id": vm, "action": action, "addr": addr if action in ("attach", "detach") else None,
-         "addrs": [addr] if action in ("create",) else None}
-        for minute, vm, action, addr in history
-    ])
+    events = _events(
+        [
+            {
+                "ts": utc(0, minute),
+                "vm_id": vm,
+                "action": action,
+                "addr": addr if action in ("attach", "detach") else None,
+                "addrs": [addr] if action in ("create",) else None,
+            }
+            for minute, vm, action, addr in history
+        ]
+    )
     leases, _ = build_leases(events)
     assert _no_overlap(leases)
 
 
 def test_changed_days_only_where_intervals_differ(story):
     old, _ = build_leases(story, SEVEN_DAYS)
-    renamed = story.set_column(story.schema.get_field_index("vm_name"), "vm_name",
-                               pa.array(["x"] * story.num_rows, pa.string()))
+    renamed = story.set_column(
+        story.schema.get_field_index("vm_name"), "vm_name", pa.array(["x"] * story.num_rows, pa.string())
+    )
     new, _ = build_leases(renamed, None)
-    assert changed_days(old, new, ["2024-03-11", "2024-03-12"]) == set()  # names/quarantine: no re-attribution
+    assert (
+        changed_days(old, new, ["2024-03-11", "2024-03-12"]) == set()
+    )  # names/quarantine: no re-attribution
     cut = story.slice(0, story.num_rows - 1)  # web-02's create.end is late
     new, _ = build_leases(cut, SEVEN_DAYS)
     assert changed_days(new, old, ["2024-03-11", "2024-03-12", "2024-03-13"]) == {"2024-03-12", "2024-03-13"}

@@ -81,8 +81,9 @@ def normalise_events(events: pa.Table) -> pl.DataFrame:
     order = ["ts", "_phase", "event_id", "vm_id", "event_type", "action", *content_keys, "source", "line"]
     frame = frame.sort(order, nulls_last=True)
     # at-least-once delivery: the same message id twice is one event; so is identical content
-    with_id = frame.filter(pl.col("event_id").is_not_null()).unique(subset=["event_id"], keep="first",
-                                                                    maintain_order=True)
+    with_id = frame.filter(pl.col("event_id").is_not_null()).unique(
+        subset=["event_id"], keep="first", maintain_order=True
+    )
     without_id = frame.filter(pl.col("event_id").is_null())
     frame = pl.concat([with_id, without_id]).unique(subset=content_keys, keep="first", maintain_order=True)
     return frame.sort(order, nulls_last=True)
@@ -109,8 +110,12 @@ class _Vm:
 class _Replay:
     """The state machine: one instance replays one sorted event history."""
 
-    def __init__(self, reclaim_interval: dt.timedelta | None, ports: dict[str, list[tuple[Any, str]]],
-                 port_addrs: dict[str, set[str]]) -> None:
+    def __init__(
+        self,
+        reclaim_interval: dt.timedelta | None,
+        ports: dict[str, list[tuple[Any, str]]],
+        port_addrs: dict[str, set[str]],
+    ) -> None:
         self.reclaim = reclaim_interval
         self.vms: dict[str, _Vm] = {}
         self.leases: list[dict[str, Any]] = []
@@ -127,8 +132,17 @@ class _Replay:
                 return
             self.close(addr, ts, "superseded")  # the holder missed its detach: one holder per instant
         self.open_by_addr[addr] = len(self.leases)
-        self.leases.append({"addr": addr, "vm_id": vm_id, "addr_kind": kind, "valid_from": ts,
-                            "valid_to": None, "end_reason": None, "hypervisor": hypervisor})
+        self.leases.append(
+            {
+                "addr": addr,
+                "vm_id": vm_id,
+                "addr_kind": kind,
+                "valid_from": ts,
+                "valid_to": None,
+                "end_reason": None,
+                "hypervisor": hypervisor,
+            }
+        )
         if vm_id in self.vms:
             self.vms[vm_id].open.add(addr)
 
@@ -267,7 +281,10 @@ class _Replay:
         if action != "fip_associate":
             # close what the floating IP pointed at, under the address known so far and the one named now
             for name in sorted({a for a in (previous, e["addr"]) if a}):
-                if self.holder(name) is not None and self.leases[self.open_by_addr[name]]["addr_kind"] == "floating":
+                if (
+                    self.holder(name) is not None
+                    and self.leases[self.open_by_addr[name]]["addr_kind"] == "floating"
+                ):
                     self.close(name, ts, action)
             if address:
                 self.fips[key] = address
@@ -278,8 +295,12 @@ class _Replay:
             self.close(previous, ts, "fip_reassociate")
         self.fips[key] = address
         fixed = (e["addrs"] or [None])[0]
-        vm_id = (e["vm_id"] or self.port_vm(e["port_id"], ts) or (self.holder(fixed) if fixed else None)
-                 or (f"port:{e['port_id']}" if e["port_id"] else f"fixed:{fixed}"))
+        vm_id = (
+            e["vm_id"]
+            or self.port_vm(e["port_id"], ts)
+            or (self.holder(fixed) if fixed else None)
+            or (f"port:{e['port_id']}" if e["port_id"] else f"fixed:{fixed}")
+        )
         holder = self.holder(address)
         if holder is not None and holder != vm_id:
             self.close(address, ts, "fip_reassociate")
@@ -309,13 +330,31 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
     The replay walks the events one by one: lifecycle volume is small next to flows (a site creating
     hundreds of VMs an hour makes ~10^5-10^6 events a month) and each step is a few dict operations."""
     frame = normalise_events(events)
-    replay = _Replay(reclaim_interval, *_port_maps(frame)) if frame.height else _Replay(reclaim_interval, {}, {})
-    columns = ["ts", "action", "event_type", "vm_id", "state", "addrs", "addr", "addr_kind", "port_id",
-               "resource_id", "hypervisor", *_IDENTITY]
+    replay = (
+        _Replay(reclaim_interval, *_port_maps(frame)) if frame.height else _Replay(reclaim_interval, {}, {})
+    )
+    columns = [
+        "ts",
+        "action",
+        "event_type",
+        "vm_id",
+        "state",
+        "addrs",
+        "addr",
+        "addr_kind",
+        "port_id",
+        "resource_id",
+        "hypervisor",
+        *_IDENTITY,
+    ]
     if frame.height:
         for e in frame.select(columns).iter_rows(named=True):
             replay.apply(e)
-    leases = [lease for lease in replay.leases if lease["valid_to"] is None or lease["valid_to"] > lease["valid_from"]]
+    leases = [
+        lease
+        for lease in replay.leases
+        if lease["valid_to"] is None or lease["valid_to"] > lease["valid_from"]
+    ]
     for lease in leases:
         vm = replay.vms.get(lease["vm_id"])
         lease.update(
@@ -329,20 +368,34 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
     leases.sort(key=lambda lease: (lease["addr"], lease["valid_from"], lease["vm_id"]))
     lease_table = pa.Table.from_pylist(leases, schema=VM_LEASES) if leases else VM_LEASES.empty_table()
     vms = sorted(replay.vms.values(), key=lambda vm: vm.vm_id)
-    vm_table = pa.Table.from_pylist(
-        [
-            {"vm_id": vm.vm_id, "cloud": vm.cloud, "vm_name": vm.vm_name, "project": vm.project, "user": vm.user,
-             "hypervisor": vm.hypervisor, "status": vm.status or "unknown",
-             "created_at": vm.created_at or vm.first_seen, "deleted_at": vm.deleted_at,
-             "quarantine_until": vm.quarantine_until, "last_event_at": vm.last_event_at}
-            for vm in vms
-        ],
-        schema=VMS,
-    ) if vms else VMS.empty_table()
+    vm_table = (
+        pa.Table.from_pylist(
+            [
+                {
+                    "vm_id": vm.vm_id,
+                    "cloud": vm.cloud,
+                    "vm_name": vm.vm_name,
+                    "project": vm.project,
+                    "user": vm.user,
+                    "hypervisor": vm.hypervisor,
+                    "status": vm.status or "unknown",
+                    "created_at": vm.created_at or vm.first_seen,
+                    "deleted_at": vm.deleted_at,
+                    "quarantine_until": vm.quarantine_until,
+                    "last_event_at": vm.last_event_at,
+                }
+                for vm in vms
+            ],
+            schema=VMS,
+        )
+        if vms
+        else VMS.empty_table()
+    )
     return lease_table, vm_table
 
 
 # ---- the lake edge -------------------------------------------------------------------------------------------
+
 
 def load_reclaim_interval(lake: Any) -> dt.timedelta | None:
     """The interval given on an earlier run, remembered in the lake so that later rebuilds keep it."""
@@ -373,8 +426,9 @@ def _flow_days(lake: Any) -> list[str] | None:
     return sorted(p.name.removeprefix("date=") for p in directory.glob("date=*") if p.is_dir())
 
 
-def changed_days(old: pa.Table, new: pa.Table, flow_days: list[str] | None,
-                 now: dt.datetime | None = None) -> set[str]:
+def changed_days(
+    old: pa.Table, new: pa.Table, flow_days: list[str] | None, now: dt.datetime | None = None
+) -> set[str]:
     """UTC days on which attribution may differ between two lease tables (only addr/vm/interval matter)."""
     changed = _intervals(old) ^ _intervals(new)
     now = now or dt.datetime.now(dt.UTC)

@@ -35,11 +35,20 @@ SSHD_PATTERNS: list[tuple[str, str]] = [
     ("failed", r"^Failed (?P<method>\S+) for (?:invalid user )?(?P<user>.*?) from (?P<addr>\S+) port \d+"),
     ("accepted", r"^Accepted (?P<method>\S+) for (?P<user>\S+) from (?P<addr>\S+) port \d+"),
     ("invalid_user", r"^Invalid user (?P<user>.*?) from (?P<addr>\S+)"),
-    ("failed", r"^error: maximum authentication attempts exceeded for (?:invalid user )?(?P<user>\S+) "
-               r"from (?P<addr>\S+) port \d+"),
-    ("preauth_closed", r"^(?:Connection closed by|Disconnected from) (?:authenticating|invalid) user "
-                       r"(?P<user>\S+) (?P<addr>\S+) port \d+"),
-    ("failed", r"pam_unix\(sshd:auth\): authentication failure;.*rhost=(?P<addr>\S+)(?:\s+user=(?P<user>\S+))?"),
+    (
+        "failed",
+        r"^error: maximum authentication attempts exceeded for (?:invalid user )?(?P<user>\S+) "
+        r"from (?P<addr>\S+) port \d+",
+    ),
+    (
+        "preauth_closed",
+        r"^(?:Connection closed by|Disconnected from) (?:authenticating|invalid) user "
+        r"(?P<user>\S+) (?P<addr>\S+) port \d+",
+    ),
+    (
+        "failed",
+        r"pam_unix\(sshd:auth\): authentication failure;.*rhost=(?P<addr>\S+)(?:\s+user=(?P<user>\S+))?",
+    ),
 ]
 
 
@@ -51,8 +60,14 @@ def _parse_5424_ts(col: pl.Expr) -> pl.Expr:
     )
 
 
-def parse_syslog(text: str, source: str = "", year: int | None = None, reference: dt.datetime | None = None,
-                 tz: str = "UTC", sender_addr: str | None = None) -> tuple[pa.Table, pa.Table]:
+def parse_syslog(
+    text: str,
+    source: str = "",
+    year: int | None = None,
+    reference: dt.datetime | None = None,
+    tz: str = "UTC",
+    sender_addr: str | None = None,
+) -> tuple[pa.Table, pa.Table]:
     """Syslog text -> (vm_logs without vm_id, rejects). `year` and `tz` complete RFC 3164 timestamps,
     which carry neither; `reference` (default: now) is the latest plausible time (the file's mtime)."""
     reference = reference or dt.datetime.now(dt.UTC)
@@ -65,9 +80,12 @@ def parse_syslog(text: str, source: str = "", year: int | None = None, reference
         pl.col("raw").str.extract_groups(RFC3164).alias("c"),
     )
     parsed = parsed.with_columns(
-        pl.when(pl.col("a").struct.field("ts").is_not_null()).then(pl.lit("5424"))
-        .when(pl.col("b").struct.field("ts").is_not_null()).then(pl.lit("iso"))
-        .when(pl.col("c").struct.field("ts").is_not_null()).then(pl.lit("3164"))
+        pl.when(pl.col("a").struct.field("ts").is_not_null())
+        .then(pl.lit("5424"))
+        .when(pl.col("b").struct.field("ts").is_not_null())
+        .then(pl.lit("iso"))
+        .when(pl.col("c").struct.field("ts").is_not_null())
+        .then(pl.lit("3164"))
         .alias("shape"),
         *[pl.coalesce(pl.col(s).struct.field(f) for s in "abc").alias(f) for f in _FIELDS],
     )
@@ -87,8 +105,10 @@ def parse_syslog(text: str, source: str = "", year: int | None = None, reference
     rejects = bad.select(
         pl.lit(source).alias("source"),
         pl.col("line").cast(pl.Int64),
-        pl.when(pl.col("shape").is_null()).then(pl.lit("unknown syslog format"))
-        .otherwise(pl.lit("bad syslog timestamp")).alias("reason"),
+        pl.when(pl.col("shape").is_null())
+        .then(pl.lit("unknown syslog format"))
+        .otherwise(pl.lit("bad syslog timestamp"))
+        .alias("reason"),
         pl.col("raw").str.slice(0, 300).alias("detail"),
     )
     good = parsed.filter(pl.col("ts_utc").is_not_null())
@@ -109,8 +129,12 @@ def parse_syslog(text: str, source: str = "", year: int | None = None, reference
     logs = logs.with_columns(*_sshd_columns(pl.col("message")))
     table = logs.to_arrow()
     table = pa.Table.from_arrays(
-        [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-         for f in VM_LOGS],
+        [
+            table.column(f.name).cast(f.type)
+            if f.name in table.column_names
+            else pa.nulls(table.num_rows, f.type)
+            for f in VM_LOGS
+        ],
         schema=VM_LOGS,
     )
     return table, rejects.to_arrow()
@@ -152,34 +176,53 @@ def attribute_logs(logs: pa.Table, leases: pa.Table) -> pa.Table:
     lease = pl.from_arrow(leases.select(["addr", "vm_id", "vm_name", "valid_from", "valid_to"]))
     assert isinstance(frame, pl.DataFrame) and isinstance(lease, pl.DataFrame)
     by_addr = (
-        frame.filter(pl.col("sender_addr").is_not_null()).select("_row", "ts", "sender_addr")
+        frame.filter(pl.col("sender_addr").is_not_null())
+        .select("_row", "ts", "sender_addr")
         .sort("ts")
-        .join_asof(lease.sort("valid_from"), left_on="ts", right_on="valid_from",
-                   left_by="sender_addr", right_by="addr", strategy="backward")
+        .join_asof(
+            lease.sort("valid_from"),
+            left_on="ts",
+            right_on="valid_from",
+            left_by="sender_addr",
+            right_by="addr",
+            strategy="backward",
+        )
         .filter(pl.col("valid_to").is_null() | (pl.col("ts") < pl.col("valid_to")))
         .select("_row", pl.col("vm_id").alias("_by_addr"))
     )
     spans = (
         lease.filter(pl.col("vm_name").is_not_null())
         .group_by("vm_name", "vm_id")
-        .agg(pl.col("valid_from").min(), pl.col("valid_to").max(), pl.col("valid_to").is_null().any().alias("_open"))
+        .agg(
+            pl.col("valid_from").min(),
+            pl.col("valid_to").max(),
+            pl.col("valid_to").is_null().any().alias("_open"),
+        )
     )
     named = frame.filter(pl.col("sender_addr").is_null() & pl.col("hostname").is_not_null()).select(
         "_row", "ts", pl.col("hostname").str.split(".").list.first().alias("_short"), "hostname"
     )
-    candidates = pl.concat([
-        named.join(spans, left_on="hostname", right_on="vm_name"),
-        named.filter(pl.col("_short") != pl.col("hostname")).join(spans, left_on="_short", right_on="vm_name"),
-    ], how="diagonal_relaxed")
+    candidates = pl.concat(
+        [
+            named.join(spans, left_on="hostname", right_on="vm_name"),
+            named.filter(pl.col("_short") != pl.col("hostname")).join(
+                spans, left_on="_short", right_on="vm_name"
+            ),
+        ],
+        how="diagonal_relaxed",
+    )
     by_name = (
-        candidates.filter((pl.col("ts") >= pl.col("valid_from"))
-                          & (pl.col("_open") | (pl.col("ts") < pl.col("valid_to"))))
-        .group_by("_row").agg(pl.col("vm_id").unique().alias("_ids"))
+        candidates.filter(
+            (pl.col("ts") >= pl.col("valid_from")) & (pl.col("_open") | (pl.col("ts") < pl.col("valid_to")))
+        )
+        .group_by("_row")
+        .agg(pl.col("vm_id").unique().alias("_ids"))
         .filter(pl.col("_ids").list.len() == 1)  # two VMs of that name alive then: do not guess
         .select("_row", pl.col("_ids").list.first().alias("_by_name"))
     )
     frame = (
-        frame.join(by_addr, on="_row", how="left").join(by_name, on="_row", how="left")
+        frame.join(by_addr, on="_row", how="left")
+        .join(by_name, on="_row", how="left")
         .with_columns(pl.coalesce("_by_addr", "_by_name", "vm_id").alias("vm_id"))
         .sort("_row")
     )

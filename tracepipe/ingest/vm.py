@@ -63,7 +63,9 @@ def timezone(name: str) -> dt.tzinfo:
     try:
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-        raise UsageError(f"unknown time zone {name!r}; use an IANA name such as UTC or Europe/Berlin") from exc
+        raise UsageError(
+            f"unknown time zone {name!r}; use an IANA name such as UTC or Europe/Berlin"
+        ) from exc
 
 
 def expand_paths(paths: Iterable[Path]) -> list[Path]:
@@ -104,9 +106,15 @@ def _opennebula_pairs(files: list[Path]) -> tuple[list[tuple[Path, Path | None]]
     return pairs, consumed
 
 
-def ingest_vm_files(lake: Lake, paths: Iterable[Path], fmt: str = "auto", cloud: str | None = None,
-                    reclaim_interval: dt.timedelta | None = None, tz: str = "UTC",
-                    progress: Progress | None = None) -> VmIngestReport:
+def ingest_vm_files(
+    lake: Lake,
+    paths: Iterable[Path],
+    fmt: str = "auto",
+    cloud: str | None = None,
+    reclaim_interval: dt.timedelta | None = None,
+    tz: str = "UTC",
+    progress: Progress | None = None,
+) -> VmIngestReport:
     """Land lifecycle sources in vm_events, rebuild leases, re-attribute flows of the touched days."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -132,9 +140,18 @@ def ingest_vm_files(lake: Lake, paths: Iterable[Path], fmt: str = "auto", cloud:
         text = _read_text(path)
         xml_text = _read_text(partner) if partner is not None else None
         file_fmt = "opennebula" if partner is not None else fmt
-        events, rejects = parse_cloud_text(text, str(path), fmt=file_fmt, cloud=cloud, tz=zone, xml_text=xml_text)
-        result = ingest_table(lake, "vm_events", source, content_hash, [events], [rejects],
-                              stats={"format": file_fmt, "events": events.num_rows})
+        events, rejects = parse_cloud_text(
+            text, str(path), fmt=file_fmt, cloud=cloud, tz=zone, xml_text=xml_text
+        )
+        result = ingest_table(
+            lake,
+            "vm_events",
+            source,
+            content_hash,
+            [events],
+            [rejects],
+            stats={"format": file_fmt, "events": events.num_rows},
+        )
         report.results.append(result)
     if report.rows or reclaim_interval is not None or not lake.files("vm_leases"):
         days = rebuild_leases(lake, reclaim_interval)
@@ -156,8 +173,14 @@ def _attribute(lake: Lake, days: set[str]) -> dict[str, Any] | None:
     return attribute_flows(lake, days)
 
 
-def ingest_syslog_files(lake: Lake, paths: Iterable[Path], year: int | None = None, sender_addr: str | None = None,
-                        tz: str = "UTC", progress: Progress | None = None) -> VmIngestReport:
+def ingest_syslog_files(
+    lake: Lake,
+    paths: Iterable[Path],
+    year: int | None = None,
+    sender_addr: str | None = None,
+    tz: str = "UTC",
+    progress: Progress | None = None,
+) -> VmIngestReport:
     """Land syslog files in vm_logs, each line attributed to the VM holding its sender address (or named
     like its hostname) at that time. Ingest the VM lifecycle first: attribution uses the current leases."""
     timezone(tz)
@@ -171,12 +194,25 @@ def ingest_syslog_files(lake: Lake, paths: Iterable[Path], year: int | None = No
             report.results.append(IngestResult("vm_logs", str(path), content_hash, skipped=True))
             continue
         mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
-        logs, rejects = parse_syslog(_read_text(path), str(path), year=year or mtime.year,
-                                     reference=mtime if year is None else None, tz=tz, sender_addr=sender_addr)
+        logs, rejects = parse_syslog(
+            _read_text(path),
+            str(path),
+            year=year or mtime.year,
+            reference=mtime if year is None else None,
+            tz=tz,
+            sender_addr=sender_addr,
+        )
         logs = attribute_logs(logs, leases)
         attributed = logs.num_rows - logs.column("vm_id").null_count
-        result = ingest_table(lake, "vm_logs", str(path), content_hash, [logs], [rejects],
-                              stats={"lines": logs.num_rows, "attributed": attributed})
+        result = ingest_table(
+            lake,
+            "vm_logs",
+            str(path),
+            content_hash,
+            [logs],
+            [rejects],
+            stats={"lines": logs.num_rows, "attributed": attributed},
+        )
         report.results.append(result)
     report.leases = leases.num_rows
     return report

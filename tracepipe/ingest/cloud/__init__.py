@@ -60,13 +60,17 @@ def detect_format(name: str, head: str) -> str:
         return "nova"
     if first.lower().startswith("ts,") or ",action" in first.lower():
         return "csv"
-    raise UsageError(
-        f"cannot tell the format of {name}; pass --format nova|neutron|opennebula|csv|jsonl"
-    )
+    raise UsageError(f"cannot tell the format of {name}; pass --format nova|neutron|opennebula|csv|jsonl")
 
 
-def parse_cloud_text(text: str, source: str = "", fmt: str = "auto", cloud: str | None = None,
-                     tz: dt.tzinfo = dt.UTC, xml_text: str | None = None) -> tuple[pa.Table, pa.Table]:
+def parse_cloud_text(
+    text: str,
+    source: str = "",
+    fmt: str = "auto",
+    cloud: str | None = None,
+    tz: dt.tzinfo = dt.UTC,
+    xml_text: str | None = None,
+) -> tuple[pa.Table, pa.Table]:
     """One source's text -> (vm_events, rejects). For OpenNebula, `text` is the VM log (or the XML) and
     `xml_text` the VM's XML when both are given. `cloud` overrides the cloud name written to rows."""
     from tracepipe.ingest.cloud import generic, opennebula
@@ -85,8 +89,9 @@ def parse_cloud_text(text: str, source: str = "", fmt: str = "auto", cloud: str 
     else:
         events, rejects = generic.parse_generic(text, source, fmt=fmt, tz=tz)
     if cloud:
-        events = events.set_column(events.schema.get_field_index("cloud"), "cloud",
-                                   pa.array([cloud] * events.num_rows, pa.string()))
+        events = events.set_column(
+            events.schema.get_field_index("cloud"), "cloud", pa.array([cloud] * events.num_rows, pa.string())
+        )
     return events, rejects
 
 

@@ -99,7 +99,7 @@ def parse_utc(text: Any) -> dt.datetime | None:
 
 
 def parse_interval(text: str) -> dt.timedelta:
-    """"7d", "36h", "90m", "3600s" or a bare number of seconds (Nova's reclaim_instance_interval is seconds)."""
+    """ "7d", "36h", "90m", "3600s" or a bare number of seconds (Nova's reclaim_instance_interval is seconds)."""
     value = text.strip().lower()
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1, "w": 7 * 86400}
     try:

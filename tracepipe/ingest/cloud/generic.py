@@ -25,11 +25,38 @@ import pyarrow as pa
 from tracepipe.ingest.cloud.common import EventColumns, RejectColumns, parse_utc
 from tracepipe.schema import VM_ACTIONS, VM_STATES
 
-COLUMNS = ("ts", "cloud", "vm_id", "vm_name", "project", "user", "hypervisor", "action", "addr", "addr_kind",
-           "state", "event_id")
+COLUMNS = (
+    "ts",
+    "cloud",
+    "vm_id",
+    "vm_name",
+    "project",
+    "user",
+    "hypervisor",
+    "action",
+    "addr",
+    "addr_kind",
+    "state",
+    "event_id",
+)
 REQUIRED = ("ts", "vm_id", "action")
-_OPENING = {"create", "update", "exists", "power_on", "reboot", "rebuild", "unshelve", "attach", "migrate",
-            "restore", "port_update", "shelve", "shelve_offload", "power_off", "soft_delete"}
+_OPENING = {
+    "create",
+    "update",
+    "exists",
+    "power_on",
+    "reboot",
+    "rebuild",
+    "unshelve",
+    "attach",
+    "migrate",
+    "restore",
+    "port_update",
+    "shelve",
+    "shelve_offload",
+    "power_off",
+    "soft_delete",
+}
 
 
 def _read_rows(text: str, fmt: str, rejects: RejectColumns) -> tuple[list[dict[str, Any]], list[int]]:
@@ -56,8 +83,9 @@ def _read_rows(text: str, fmt: str, rejects: RejectColumns) -> tuple[list[dict[s
     return rows, lines
 
 
-def parse_generic(text: str, source: str = "", fmt: str = "csv", tz: dt.tzinfo = dt.UTC,
-                  default_cloud: str = "generic") -> tuple[pa.Table, pa.Table]:
+def parse_generic(
+    text: str, source: str = "", fmt: str = "csv", tz: dt.tzinfo = dt.UTC, default_cloud: str = "generic"
+) -> tuple[pa.Table, pa.Table]:
     """CSV or JSONL in the documented columns -> (vm_events, rejects)."""
     columns = EventColumns()
     rejects = RejectColumns(source)
@@ -82,7 +110,11 @@ def parse_generic(text: str, source: str = "", fmt: str = "csv", tz: dt.tzinfo =
     for row, line in zip(rows, lines, strict=True):
         raw_ts = text_of(row, "ts")
         ts = parse_utc(raw_ts)
-        if raw_ts and ts is not None and dt.datetime.fromisoformat(raw_ts.replace("Z", "+00:00")).tzinfo is None:
+        if (
+            raw_ts
+            and ts is not None
+            and dt.datetime.fromisoformat(raw_ts.replace("Z", "+00:00")).tzinfo is None
+        ):
             ts = ts.replace(tzinfo=tz).astimezone(dt.UTC)  # no offset written: the given local zone
         vm_id = text_of(row, "vm_id")
         if ts is None:

@@ -17,11 +17,16 @@ CLOUD = "openstack"
 
 
 def _port_addrs(port: dict[str, Any]) -> list[str]:
-    return [ip["ip_address"] for ip in port.get("fixed_ips") or [] if isinstance(ip, dict) and ip.get("ip_address")]
+    return [
+        ip["ip_address"]
+        for ip in port.get("fixed_ips") or []
+        if isinstance(ip, dict) and ip.get("ip_address")
+    ]
 
 
-def add_neutron_event(columns: EventColumns, rejects: RejectColumns, message: dict[str, Any], source: str,
-                      line: int) -> None:
+def add_neutron_event(
+    columns: EventColumns, rejects: RejectColumns, message: dict[str, Any], source: str, line: int
+) -> None:
     """One `floatingip.*` / `port.*` message -> one vm_events row (or a reject without a usable time)."""
     event_type = str(message.get("event_type"))
     ts = parse_utc(message.get("timestamp"))
@@ -61,7 +66,9 @@ def add_neutron_event(columns: EventColumns, rejects: RejectColumns, message: di
         row["project"] = port.get("tenant_id") or port.get("project_id") or row["project"]
         owner = str(port.get("device_owner") or "")
         # only compute:* ports belong to VMs; router and DHCP ports carry their own device ids
-        row["vm_id"] = port.get("device_id") if owner.startswith("compute:") and port.get("device_id") else None
+        row["vm_id"] = (
+            port.get("device_id") if owner.startswith("compute:") and port.get("device_id") else None
+        )
         row["hypervisor"] = port.get("binding:host_id") or None
         if ".delete." in event_type:
             row["action"] = "detach"

@@ -66,7 +66,7 @@ NOVA_STATES = {
 
 
 def split_event_type(event_type: str) -> tuple[str, str | None]:
-    """"instance.power_off.end" -> ("power_off", "end"); "instance.update" -> ("update", None)."""
+    """ "instance.power_off.end" -> ("power_off", "end"); "instance.update" -> ("update", None)."""
     name = event_type.removeprefix("instance.")
     for phase in ("start", "end", "error"):
         if name.endswith("." + phase):
@@ -151,14 +151,18 @@ def _ip_payloads(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def add_nova_event(columns: EventColumns, rejects: RejectColumns, message: dict[str, Any], source: str,
-                   line: int) -> None:
+def add_nova_event(
+    columns: EventColumns, rejects: RejectColumns, message: dict[str, Any], source: str, line: int
+) -> None:
     """One `instance.*` message -> one vm_events row (or one reject when it has no usable time)."""
     event_type = str(message.get("event_type"))
     data = _payload_data(message)
     # Nova's doc samples carry no envelope timestamp: fall back to the instance's updated_at/created_at.
-    ts = (parse_utc(message.get("timestamp")) or parse_utc(data.get("updated_at"))
-          or parse_utc(data.get("created_at")))
+    ts = (
+        parse_utc(message.get("timestamp"))
+        or parse_utc(data.get("updated_at"))
+        or parse_utc(data.get("created_at"))
+    )
     if ts is None:
         rejects.add(line, "notification without timestamp", event_type)
         return

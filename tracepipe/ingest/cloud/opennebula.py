@@ -67,7 +67,9 @@ class OneVm:
     etime: dt.datetime | None = None
     state: int | None = None
     addrs: list[str] = field(default_factory=list)
-    history: list[tuple[dt.datetime, dt.datetime | None, str]] = field(default_factory=list)  # start, end, host
+    history: list[tuple[dt.datetime, dt.datetime | None, str]] = field(
+        default_factory=list
+    )  # start, end, host
     running: list[tuple[dt.datetime, str]] = field(default_factory=list)  # (RSTIME, host)
 
     def host_at(self, ts: dt.datetime) -> str | None:
@@ -120,8 +122,13 @@ def _parse_ctime(text: str, tz: dt.tzinfo) -> dt.datetime:
     return local.replace(tzinfo=tz).astimezone(dt.UTC)
 
 
-def parse_opennebula(log_text: str | None, xml_text: str | None, source: str = "",
-                     tz: dt.tzinfo = dt.UTC, vm_id: str | None = None) -> tuple[pa.Table, pa.Table]:
+def parse_opennebula(
+    log_text: str | None,
+    xml_text: str | None,
+    source: str = "",
+    tz: dt.tzinfo = dt.UTC,
+    vm_id: str | None = None,
+) -> tuple[pa.Table, pa.Table]:
     """A VM log and/or its XML -> (vm_events, rejects). The VM id comes from the XML, else `vm_id`, else the
     log's file name (`27.log`). Lines that are not OpenNebula log lines are rejects; other messages are skipped."""
     columns = EventColumns()
@@ -136,11 +143,30 @@ def parse_opennebula(log_text: str | None, xml_text: str | None, source: str = "
         stem = PurePath(source).stem if source else ""
         vm = OneVm(vm_id=vm_id or stem)
 
-    def add(ts: dt.datetime, event_type: str, action: str, state: str | None, addrs: list[str] | None,
-            line: int | None) -> None:
-        columns.add(ts=ts, cloud=CLOUD, vm_id=vm.vm_id, vm_name=vm.name, project=vm.group, user=vm.user,
-                    hypervisor=vm.host_at(ts), event_type=event_type, action=action, state=state,
-                    addrs=addrs, addr_kind="fixed" if addrs else None, source=source, line=line)
+    def add(
+        ts: dt.datetime,
+        event_type: str,
+        action: str,
+        state: str | None,
+        addrs: list[str] | None,
+        line: int | None,
+    ) -> None:
+        columns.add(
+            ts=ts,
+            cloud=CLOUD,
+            vm_id=vm.vm_id,
+            vm_name=vm.name,
+            project=vm.group,
+            user=vm.user,
+            hypervisor=vm.host_at(ts),
+            event_type=event_type,
+            action=action,
+            state=state,
+            addrs=addrs,
+            addr_kind="fixed" if addrs else None,
+            source=source,
+            line=line,
+        )
 
     if log_text is not None:
         for number, line in enumerate(log_text.splitlines(), start=1):
@@ -169,10 +195,21 @@ def parse_opennebula(log_text: str | None, xml_text: str | None, source: str = "
     elif xml_text is not None and vm.stime is not None:
         add(vm.stime, "xml.stime", "create", "building", None, None)
         for running, host in vm.running:
-            columns.add(ts=running, cloud=CLOUD, vm_id=vm.vm_id, vm_name=vm.name, project=vm.group,
-                        user=vm.user, hypervisor=host, event_type="xml.history.rstime", action="power_on",
-                        state="active", addrs=list(vm.addrs), addr_kind="fixed" if vm.addrs else None,
-                        source=source)
+            columns.add(
+                ts=running,
+                cloud=CLOUD,
+                vm_id=vm.vm_id,
+                vm_name=vm.name,
+                project=vm.group,
+                user=vm.user,
+                hypervisor=host,
+                event_type="xml.history.rstime",
+                action="power_on",
+                state="active",
+                addrs=list(vm.addrs),
+                addr_kind="fixed" if vm.addrs else None,
+                source=source,
+            )
         if vm.etime is not None and vm.state == 6:  # DONE
             add(vm.etime, "xml.etime", "delete", "deleted", None, None)
     return columns.table(), rejects.table()
