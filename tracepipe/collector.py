@@ -96,7 +96,9 @@ def parse_listen(text: str) -> ListenSpec:
     """`0.0.0.0:2055`, `[::]:4739`, `[::1]:9995`, `:2055` or `2055` (all IPv4 addresses)."""
     match = re.fullmatch(r"\[([0-9A-Fa-f:.%a-z]+)\]:(\d+)|([^:\[\]]*):(\d+)|(\d+)", text.strip())
     if not match:
-        raise UsageError(f"cannot read listen address {text!r}; write HOST:PORT, e.g. 0.0.0.0:2055 or [::]:4739")
+        raise UsageError(
+            f"cannot read listen address {text!r}; write HOST:PORT, e.g. 0.0.0.0:2055 or [::]:4739"
+        )
     if match.group(5):
         host, port = "0.0.0.0", int(match.group(5))
     elif match.group(1):
@@ -123,7 +125,9 @@ class AllowList:
             try:
                 net = ipaddress.ip_network(cidr.strip(), strict=False)
             except ValueError as exc:
-                raise UsageError(f"--allow {cidr!r} is not a network; write e.g. 10.0.0.0/8 or 2001:db8::/32") from exc
+                raise UsageError(
+                    f"--allow {cidr!r} is not a network; write e.g. 10.0.0.0/8 or 2001:db8::/32"
+                ) from exc
             if net.version == 4:
                 value = (0xFFFF << 32) | int(net.network_address)
                 prefix = 96 + net.prefixlen
@@ -144,7 +148,9 @@ class AllowList:
         hi, lo = halves[:, 0], halves[:, 1]
         mask = np.zeros(len(addr16), dtype=bool)
         for net_hi, net_lo, mask_hi, mask_lo in self._nets:
-            mask |= ((hi & np.uint64(mask_hi)) == np.uint64(net_hi)) & ((lo & np.uint64(mask_lo)) == np.uint64(net_lo))
+            mask |= ((hi & np.uint64(mask_hi)) == np.uint64(net_hi)) & (
+                (lo & np.uint64(mask_lo)) == np.uint64(net_lo)
+            )
         return mask
 
 
@@ -183,8 +189,10 @@ def open_socket(spec: ListenSpec, rcvbuf: int) -> tuple[socket.socket, int]:
         sock.bind((spec.host, spec.port))
     except OSError as exc:
         sock.close()
-        raise EnvironmentProblem(f"cannot listen on {spec}: {exc.strerror}. Is another collector (nfcapd?) "
-                                 f"bound to it, or is the address not on this host?") from exc
+        raise EnvironmentProblem(
+            f"cannot listen on {spec}: {exc.strerror}. Is another collector (nfcapd?) "
+            f"bound to it, or is the address not on this host?"
+        ) from exc
     sock.setblocking(False)
     granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel reports double
     return sock, granted
@@ -298,8 +306,9 @@ class BatchReceiver:
         return len(payloads), np.stack(addrs), np.array(ports, np.uint16), payloads
 
 
-def make_block(arrival_us: int, family: int, addr16: np.ndarray, ports: np.ndarray,
-               payloads: list[memoryview]) -> bytes:
+def make_block(
+    arrival_us: int, family: int, addr16: np.ndarray, ports: np.ndarray, payloads: list[memoryview]
+) -> bytes:
     records = np.zeros(len(payloads), dtype=sp.RECORD)
     records["arrival_us"] = arrival_us
     records["length"] = [len(p) for p in payloads]
@@ -372,9 +381,17 @@ def commit_segment(lake: Any, path: Path, state: Any) -> SegmentResult:
                 mv = block.payload
                 payloads.extend(bytes(mv[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True))
                 offsets.append(starts + block.payload_offset)
-            exporters = sp.addresses_text(np.ascontiguousarray(records["addr"]).view(np.uint8).reshape(-1, 16))
-            decoded = decode_datagrams(payloads, list(exporters), records["arrival_us"].astype(np.int64),
-                                       np.concatenate(offsets), source, state)
+            exporters = sp.addresses_text(
+                np.ascontiguousarray(records["addr"]).view(np.uint8).reshape(-1, 16)
+            )
+            decoded = decode_datagrams(
+                payloads,
+                list(exporters),
+                records["arrival_us"].astype(np.int64),
+                np.concatenate(offsets),
+                source,
+                state,
+            )
             datagrams += len(records)
             flows += decoded.flows.num_rows
             rejects += decoded.rejects.num_rows
@@ -398,11 +415,17 @@ def commit_segment(lake: Any, path: Path, state: Any) -> SegmentResult:
             stats["spool_tail_cut_bytes"] = cut["cut_bytes"]
             rejects += 1
             if writer is not None:
-                writer.reject(pa.table({
-                    "offset": pa.array([cut["kept_bytes"]], pa.int64()),
-                    "reason": ["truncated spool tail"],
-                    "detail": [f"{cut['cut_bytes']} bytes of a receive batch torn by a crash were cut at restart"],
-                }))
+                writer.reject(
+                    pa.table(
+                        {
+                            "offset": pa.array([cut["kept_bytes"]], pa.int64()),
+                            "reason": ["truncated spool tail"],
+                            "detail": [
+                                f"{cut['cut_bytes']} bytes of a receive batch torn by a crash were cut at restart"
+                            ],
+                        }
+                    )
+                )
         stats["datagrams"] = datagrams
         if writer is not None:
             writer.commit(stats)
@@ -441,7 +464,9 @@ def commit_pending(lake: Any, spool: Path, keep: bool, totals: dict[str, Any] | 
         except LakeError:
             raise
         except Exception:  # a decoder bug must not block the spool: set the segment aside, keep going
-            log.exception("cannot decode %s; moved to %s/ for a bug report, continuing", path.name, FAILED_DIR)
+            log.exception(
+                "cannot decode %s; moved to %s/ for a bug report, continuing", path.name, FAILED_DIR
+            )
             (spool / FAILED_DIR).mkdir(exist_ok=True)
             os.replace(path, spool / FAILED_DIR / path.name)
             state, after = _load_state(spool)
@@ -450,9 +475,15 @@ def commit_pending(lake: Any, spool: Path, keep: bool, totals: dict[str, Any] | 
         after = path.name
         _finish_segment(path, keep)
         handled += 1
-        log.info("committed %s: %d datagrams, %d flows, %d rejects%s in %.1f s", path.name, result.datagrams,
-                 result.flows, result.rejects, " (already in the lake)" if result.skipped else "",
-                 time.monotonic() - started)
+        log.info(
+            "committed %s: %d datagrams, %d flows, %d rejects%s in %.1f s",
+            path.name,
+            result.datagrams,
+            result.flows,
+            result.rejects,
+            " (already in the lake)" if result.skipped else "",
+            time.monotonic() - started,
+        )
         if totals is not None:
             totals["segments"] = totals.get("segments", 0) + 1
             totals["datagrams"] = totals.get("datagrams", 0) + result.datagrams
@@ -564,19 +595,26 @@ class Collector:
             self.spool.mkdir(parents=True, exist_ok=True)
             handle = open(self.spool / LOCK_FILE, "a+")  # held (locked) while running
         except OSError as exc:
-            raise LakeError(f"cannot create the spool {self.spool}: {exc.strerror}; check --spool / --lake") from exc
+            raise LakeError(
+                f"cannot create the spool {self.spool}: {exc.strerror}; check --spool / --lake"
+            ) from exc
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            raise EnvironmentProblem(f"another tracepipe collect is using the spool {self.spool}; give this one "
-                                     f"its own --spool") from exc
+            raise EnvironmentProblem(
+                f"another tracepipe collect is using the spool {self.spool}; give this one its own --spool"
+            ) from exc
         self._lock_handle = handle
 
     def _recover(self) -> None:
         for path in sp.open_segments(self.spool):
             recovered = sp.recover_open(path)
-            log.warning("recovered %s after an unclean stop: %d datagrams kept%s", path.name, recovered.datagrams,
-                        f", {recovered.cut_bytes} bytes of a torn last batch cut" if recovered.cut_bytes else "")
+            log.warning(
+                "recovered %s after an unclean stop: %d datagrams kept%s",
+                path.name,
+                recovered.datagrams,
+                f", {recovered.cut_bytes} bytes of a torn last batch cut" if recovered.cut_bytes else "",
+            )
         backlog = sp.closed_segments(self.spool)
         if backlog:
             log.info("%d spooled segment(s) from an earlier run will be committed first", len(backlog))
@@ -591,20 +629,37 @@ class Collector:
             bound = ListenSpec(spec.family, spec.host, sock.getsockname()[1])
             log.info("listening on %s (receive buffer %d bytes)", bound, granted)
             if granted < self.config.rcvbuf:
-                log.warning("the kernel capped the receive buffer of %s at %d bytes (asked %d; net.core.rmem_max="
-                            "%s): bursts may be dropped. Run as root/CAP_NET_ADMIN or raise it: sysctl -w "
-                            "net.core.rmem_max=%d", bound, granted, self.config.rcvbuf, limit, self.config.rcvbuf)
+                log.warning(
+                    "the kernel capped the receive buffer of %s at %d bytes (asked %d; net.core.rmem_max="
+                    "%s): bursts may be dropped. Run as root/CAP_NET_ADMIN or raise it: sysctl -w "
+                    "net.core.rmem_max=%d",
+                    bound,
+                    granted,
+                    self.config.rcvbuf,
+                    limit,
+                    self.config.rcvbuf,
+                )
         if self.allow.accepts_all:
-            log.warning("accepting datagrams from any sender: NetFlow is unauthenticated UDP, so anyone who can "
-                        "reach these ports can plant flows; restrict with --allow CIDR")
+            log.warning(
+                "accepting datagrams from any sender: NetFlow is unauthenticated UDP, so anyone who can "
+                "reach these ports can plant flows; restrict with --allow CIDR"
+            )
 
     def _start_committer(self) -> None:
         self.committer_stop = self.context.Event()
         self.committer = self.context.Process(
-            target=committer_main, name="tracepipe-committer",
-            args=(str(self.spool), str(self.config.lake), self.config.keep_segments, self.committer_stop,
-                  os.getpid(), log.getEffectiveLevel()),
-            daemon=False)
+            target=committer_main,
+            name="tracepipe-committer",
+            args=(
+                str(self.spool),
+                str(self.config.lake),
+                self.config.keep_segments,
+                self.committer_stop,
+                os.getpid(),
+                log.getEffectiveLevel(),
+            ),
+            daemon=False,
+        )
         self.committer.start()
 
     def _new_segment(self) -> None:
@@ -700,10 +755,18 @@ class Collector:
 
     def log_status(self, report: dict[str, Any]) -> None:
         dropped = ", ".join(f"{a}={n}" for a, n in sorted(report["dropped_senders"].items())) or "none"
-        log.info("%.0f datagrams/s, %.0f flows/s, %d exporters, %s sequence gaps, %d kernel drops, dropped "
-                 "senders: %s, spool backlog %d segments (%.1f MB)", report["datagrams_per_s"],
-                 report["flows_per_s"], len(report["exporters"]), report["sequence_gaps"], report["kernel_drops"],
-                 dropped, report["spool_backlog_segments"], report["spool_backlog_bytes"] / 1e6)
+        log.info(
+            "%.0f datagrams/s, %.0f flows/s, %d exporters, %s sequence gaps, %d kernel drops, dropped "
+            "senders: %s, spool backlog %d segments (%.1f MB)",
+            report["datagrams_per_s"],
+            report["flows_per_s"],
+            len(report["exporters"]),
+            report["sequence_gaps"],
+            report["kernel_drops"],
+            dropped,
+            report["spool_backlog_segments"],
+            report["spool_backlog_bytes"] / 1e6,
+        )
 
     def run(self) -> int:
         self._lock_spool()
@@ -727,7 +790,9 @@ class Collector:
             while not self.stop_requested:
                 for fd, _event in poller.poll(200):
                     self._receive_ready(by_fd[fd])
-                if time.time() >= next_rotate or (self.writer and self.writer.bytes >= self.config.segment_bytes):
+                if time.time() >= next_rotate or (
+                    self.writer and self.writer.bytes >= self.config.segment_bytes
+                ):
                     self.rotate()
                     while next_rotate <= time.time():
                         next_rotate += rotate_s
@@ -752,8 +817,11 @@ class Collector:
             while self.committer.is_alive() and self.stop_requested < 2:
                 self.committer.join(0.2)
             if self.committer.is_alive():
-                log.warning("second signal: not waiting for the committer; %d segment(s) stay spooled and are "
-                            "committed at the next start", len(sp.closed_segments(self.spool)))
+                log.warning(
+                    "second signal: not waiting for the committer; %d segment(s) stay spooled and are "
+                    "committed at the next start",
+                    len(sp.closed_segments(self.spool)),
+                )
                 self.committer.kill()
                 self.committer.join()
             self.log_status(self.status(final=True))
