@@ -208,6 +208,8 @@ class _Replay:
             vm.status = _DEFAULT_STATUS[action]
         if action != "port_update" and e["hypervisor"] and e["hypervisor"] != vm.hypervisor:
             self._move(vm, e["hypervisor"], ts)
+        elif action == "port_update" and vm.hypervisor is None:
+            vm.hypervisor = e["hypervisor"]  # the port's binding host, when Nova said nothing yet
         kind = e["addr_kind"] or "fixed"
         for addr in e["addrs"] or ():
             self.open(addr, vm.vm_id, kind, ts, vm.hypervisor)

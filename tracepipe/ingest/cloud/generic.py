@@ -61,7 +61,7 @@ _OPENING = {
 
 def _read_rows(text: str, fmt: str, rejects: RejectColumns) -> tuple[list[dict[str, Any]], list[int]]:
     if fmt == "csv":
-        frame = pl.read_csv(io.StringIO(text), infer_schema=False, missing_utf8_is_empty_string=False)
+        frame = pl.read_csv(io.StringIO(text), infer_schema=False)
         frame = frame.rename({c: c.strip().lower() for c in frame.columns})
         # header is line 1; rows with embedded newlines are not part of this format
         return frame.to_dicts(), list(range(2, frame.height + 2))

@@ -1,0 +1,93 @@
+"""Neutron floating IPs (real designate samples): the floating lease lands on the VM that held the port or the
+fixed address then; disassociate and delete (id only) close it."""
+
+import datetime as dt
+from pathlib import Path
+
+import pyarrow as pa
+
+from tracepipe.ingest.cloud import parse_cloud_text
+from tracepipe.leases import build_leases
+
+DATA = Path(__file__).parent / "data" / "cloud"
+ASSOCIATED = dt.datetime(2012, 11, 18, 1, 29, 29, 497899, tzinfo=dt.UTC)
+DISASSOCIATED = dt.datetime(2012, 11, 18, 1, 35, 8, 312766, tzinfo=dt.UTC)
+VM = "8b3a6f52-0d4e-4f8c-9a43-2c1c4f3ad1e7"
+
+
+def parse(*names: str) -> pa.Table:
+    tables = []
+    for name in names:
+        path = DATA / name
+        events, rejects = parse_cloud_text(path.read_text(), str(path))
+        assert rejects.num_rows == (1 if name.endswith(".csv") else 0)  # the CSV has one bad line on purpose
+        tables.append(events)
+    return pa.concat_tables(tables)
+
+
+def test_floating_ip_events_parsed():
+    events = parse(
+        "neutron/floatingip.update.end_associate.json",
+        "neutron/floatingip.update.end_disassociate.json",
+        "neutron/floatingip.delete.start.json",
+        "neutron/port.create.end.json",
+    )
+    rows = events.to_pylist()
+    assert [r["action"] for r in rows] == ["fip_associate", "fip_disassociate", "fip_delete", "port_update"]
+    assert rows[0]["addr"] == "192.168.5.201" and rows[0]["addrs"] == ["172.16.59.10"]
+    assert rows[0]["port_id"] == "289ed46b-274c-444d-9fd4-bddf8acc7d7c" and rows[0]["addr_kind"] == "floating"
+    assert {r["resource_id"] for r in rows[:3]} == {"f38ff2b6-cd4d-433e-8a9c-9e00dfc05b1e"}
+    assert rows[2]["addr"] is None  # delete carries only the id
+    assert rows[3]["vm_id"] == VM and rows[3]["addrs"] == ["172.16.59.10"]
+
+
+def test_floating_lease_through_port_device_id():
+    events = parse(
+        "neutron/port.create.end.json",
+        "neutron/floatingip.update.end_associate.json",
+        "neutron/floatingip.update.end_disassociate.json",
+        "neutron/floatingip.delete.start.json",
+    )
+    leases, _ = build_leases(events)
+    rows = {(r["addr"], r["addr_kind"]): r for r in leases.to_pylist()}
+    floating = rows[("192.168.5.201", "floating")]
+    assert floating["vm_id"] == VM
+    assert (floating["valid_from"], floating["valid_to"], floating["end_reason"]) == (
+        ASSOCIATED,
+        DISASSOCIATED,
+        "fip_disassociate",
+    )
+    fixed = rows[("172.16.59.10", "fixed")]
+    assert fixed["vm_id"] == VM and fixed["valid_to"] is None and fixed["hypervisor"] == "compute-3"
+
+
+def test_floating_lease_through_fixed_address_lease_and_vm_delete():
+    """No port event: the VM is the one whose lease held the fixed address (generic CSV inventory) then."""
+    events = parse("generic/inventory.csv", "neutron/floatingip.update.end_associate.json")
+    leases, _ = build_leases(events)
+    floating = [r for r in leases.to_pylist() if r["addr_kind"] == "floating"]
+    assert len(floating) == 1
+    assert floating[0]["vm_id"] == "vm-b" and floating[0]["vm_name"] == "fip-target"
+    assert floating[0]["project"] == "physics" and floating[0]["hypervisor"] == "node-7"
+    # the VM is deleted at 03:00 UTC: its floating IP stops pointing at it then
+    assert floating[0]["valid_from"] == ASSOCIATED
+    assert floating[0]["valid_to"] == dt.datetime(2012, 11, 18, 3, 0, tzinfo=dt.UTC)
+    assert floating[0]["end_reason"] == "delete"
+
+
+def test_delete_by_id_only_closes_the_remembered_address():
+    events = parse(
+        "neutron/port.create.end.json",
+        "neutron/floatingip.update.end_associate.json",
+        "neutron/floatingip.delete.start.json",
+    )
+    leases, _ = build_leases(events)
+    floating = next(r for r in leases.to_pylist() if r["addr_kind"] == "floating")
+    assert floating["end_reason"] == "fip_delete"
+    assert floating["valid_to"] == dt.datetime(2014, 1, 17, 11, 30, 41, 456481, tzinfo=dt.UTC)
+
+
+def test_unresolvable_floating_ip_keeps_where_it_pointed():
+    events = parse("neutron/floatingip.update.end_associate.json")
+    leases, _ = build_leases(events)
+    assert leases.column("vm_id").to_pylist() == ["port:289ed46b-274c-444d-9fd4-bddf8acc7d7c"]

@@ -1,0 +1,114 @@
+"""Nova versioned notifications (real samples): envelope and bare messages, actions, states, addresses, times;
+unknown event types kept, malformed lines rejected with their line number."""
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from tracepipe.ingest.cloud import detect_format, parse_cloud_text
+from tracepipe.ingest.cloud.nova import nova_action
+
+DATA = Path(__file__).parent / "data" / "cloud" / "nova"
+REAL = Path("/work/shared/realdata/nova")
+
+
+def test_story_envelope_parsed():
+    events, rejects = parse_cloud_text((DATA / "notifications.jsonl").read_text(), "story")
+    assert rejects.num_rows == 0
+    d = events.to_pydict()
+    assert d["action"] == [
+        "create",
+        "create",
+        "create",
+        "create",
+        "attach",
+        "power_off",
+        "power_on",
+        "detach",
+        "soft_delete",
+        "restore",
+        "delete",
+        "delete",
+        "delete",
+        "delete",
+        "create",
+        "create",
+    ]
+    assert d["ts"][1] == dt.datetime(2024, 3, 12, 7, 0, 40, tzinfo=dt.UTC)
+    assert d["vm_name"][1] == "web-01" and d["hypervisor"][1] == "compute-1" and d["user"][1] == "fake"
+    assert d["addrs"][4] == ["192.168.1.3", "192.168.1.30"]
+    assert d["state"][8] == "soft_deleted" and d["state"][11] == "deleted"
+    assert d["addrs"][11] == []  # instance.delete.end reports no addresses any more
+    assert d["event_id"][0] == "c9e9c616-612e-4696-a6ce-cc1b78e51061"
+    assert d["line"] == list(range(1, 17)) and set(d["cloud"]) == {"openstack"}
+
+
+@pytest.mark.parametrize(
+    ("sample", "action", "state", "n_addrs"),
+    [
+        ("instance-create-end.json", "create", "active", 1),
+        ("instance-delete-end.json", "delete", "deleted", 0),
+        ("instance-soft_delete-end.json", "soft_delete", "soft_deleted", 1),
+        ("instance-restore-end.json", "restore", "active", 1),
+        ("instance-shelve_offload-end.json", "shelve_offload", "shelved", 1),
+        ("instance-unshelve-end.json", "unshelve", "active", 1),
+        ("instance-power_off-end.json", "power_off", "stopped", 1),
+        ("instance-interface_attach-end.json", "attach", "active", 2),
+        ("instance-interface_detach-end.json", "detach", "active", 1),
+        ("instance-live_migration_post-end.json", "migrate", "active", 1),
+        ("instance-rebuild-end.json", "rebuild", "active", 1),
+        ("instance-exists.json", "exists", "active", 1),
+        ("instance-update.json", "update", "active", 0),
+    ],
+)
+def test_doc_samples_bare_pretty_printed(sample, action, state, n_addrs):
+    events, rejects = parse_cloud_text((REAL / sample).read_text(), sample)
+    assert rejects.num_rows == 0
+    row = events.to_pylist()[0]
+    assert (row["action"], row["state"], len(row["addrs"])) == (action, state, n_addrs)
+    assert row["vm_id"] == "178b0921-8f85-4257-88b6-2e743b5a975c"
+    # no envelope timestamp in Nova's doc samples: the instance's updated_at stands in
+    assert row["ts"] == dt.datetime(2012, 10, 29, 13, 42, 11, tzinfo=dt.UTC)
+
+
+def test_json_array_file_and_detection():
+    messages = [
+        json.loads((REAL / s).read_text()) for s in ("instance-create-end.json", "instance-delete-end.json")
+    ]
+    text = json.dumps(messages)
+    assert detect_format("dump.json", text) == "nova"
+    events, rejects = parse_cloud_text(text, "dump.json")
+    assert events.column("action").to_pylist() == ["create", "delete"] and rejects.num_rows == 0
+
+
+def test_unknown_event_kept_and_malformed_line_rejected():
+    lines = (DATA / "notifications.jsonl").read_text().splitlines()[:3]
+    message = json.loads(json.loads(lines[1])["oslo.message"])
+    message["event_type"] = "instance.trigger_crash_dump.end"
+    message["message_id"] = "m-unknown"
+    lines.insert(1, json.dumps({"oslo.version": "2.0", "oslo.message": json.dumps(message)}))
+    lines.insert(3, '{"oslo.version": "2.0", "oslo.message": "{truncated')
+    lines.insert(4, "[1, 2]")
+    events, rejects = parse_cloud_text("\n".join(lines) + "\n", "mixed.jsonl")
+    assert events.num_rows == 4
+    unknown = next(r for r in events.to_pylist() if r["event_id"] == "m-unknown")
+    assert unknown["action"] == "unknown" and unknown["event_type"] == "instance.trigger_crash_dump.end"
+    assert unknown["line"] == 2
+    assert rejects.column("line").to_pylist() == [4, 5]
+    assert set(rejects.column("reason").to_pylist()) == {"malformed JSON", "not a notification"}
+
+
+@pytest.mark.parametrize(
+    ("event_type", "action"),
+    [
+        ("instance.live_migration_rollback_dest.end", "migrate"),
+        ("instance.interface_detach.start", "detach"),
+        ("instance.force_delete.end", "force_delete"),
+        ("instance.shelve_offload.end", "shelve_offload"),
+        ("instance.volume_attach.end", "unknown"),
+    ],
+)
+def test_action_names(event_type, action):
+    assert nova_action(event_type) == action

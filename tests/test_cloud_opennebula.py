@@ -1,0 +1,96 @@
+"""OpenNebula VM log + `onevm show -x` XML: leases from the NICs over RUNNING..DONE, owner and group from the
+XML, hosts from HISTORY_RECORDS, local log time converted with --tz."""
+
+import datetime as dt
+import zoneinfo
+from pathlib import Path
+
+from tracepipe.ingest.cloud import detect_format, parse_cloud_text
+from tracepipe.ingest.cloud.opennebula import parse_opennebula
+from tracepipe.leases import build_leases
+
+DATA = Path(__file__).parent / "data" / "cloud" / "opennebula"
+BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
+
+
+def utc(h: int, m: int, s: int = 0) -> dt.datetime:
+    return dt.datetime(2024, 3, 12, h, m, s, tzinfo=dt.UTC)
+
+
+def test_log_and_xml_give_leases_running_to_done():
+    log = (DATA / "42.log").read_text()
+    events, rejects = parse_opennebula(log, (DATA / "42.xml").read_text(), "42.log", tz=BERLIN)
+    assert rejects.num_rows == 0
+    assert events.column("event_type").to_pylist()[:2] == ["state.PENDING", "state.ACTIVE"]
+    assert events.column("line").to_pylist()[-1] == 19
+    leases, vms = build_leases(events)
+    got = [
+        (r["addr"], r["hypervisor"], r["valid_from"], r["valid_to"], r["end_reason"])
+        for r in leases.to_pylist()
+    ]
+    assert got == [
+        ("10.10.0.42", "kvm-node-01", utc(8, 0, 41), utc(9, 0), "migrate"),
+        ("10.10.0.42", "kvm-node-02", utc(9, 0), utc(10, 30, 25), "delete"),
+        ("198.51.100.42", "kvm-node-01", utc(8, 0, 41), utc(9, 0), "migrate"),
+        ("198.51.100.42", "kvm-node-02", utc(9, 0), utc(10, 30, 25), "delete"),
+        ("2001:db8:42::2a", "kvm-node-01", utc(8, 0, 41), utc(9, 0), "migrate"),
+        ("2001:db8:42::2a", "kvm-node-02", utc(9, 0), utc(10, 30, 25), "delete"),
+    ]
+    assert set(leases.column("vm_name").to_pylist()) == {"sim-node-3"}
+    assert set(leases.column("user").to_pylist()) == {"alice"}
+    assert set(leases.column("project").to_pylist()) == {"astro-lab"}
+    vm = vms.to_pylist()[0]
+    assert (vm["vm_id"], vm["status"], vm["created_at"], vm["deleted_at"]) == (
+        "42",
+        "deleted",
+        utc(8, 0),
+        utc(10, 30, 25),
+    )
+
+
+def test_log_timezone_default_is_utc():
+    events, _ = parse_cloud_text(
+        (DATA / "42.log").read_text(), "42.log", fmt="opennebula", xml_text=(DATA / "42.xml").read_text()
+    )
+    assert events.column("ts").to_pylist()[0] == utc(9, 0)
+
+
+def test_xml_alone():
+    text = (DATA / "42.xml").read_text()
+    assert detect_format("42.xml", text) == "opennebula"
+    events, rejects = parse_cloud_text(text, "42.xml")
+    assert rejects.num_rows == 0
+    leases, _ = build_leases(events)
+    first = leases.to_pylist()[0]
+    assert (first["addr"], first["valid_from"], first["valid_to"]) == (
+        "10.10.0.42",
+        utc(8, 0, 41),
+        utc(9, 0, 12),
+    )
+    assert leases.column("valid_to").to_pylist()[1] == utc(10, 30, 25)
+
+
+def test_real_excerpts_and_log_without_xml():
+    text = (DATA / "log_excerpts.txt").read_text()
+    assert detect_format("27.log", text.split("\n", 2)[2]) == "opennebula"
+    events, rejects = parse_opennebula(text, None, "27.log")
+    # the comment lines of the excerpt file are no log lines
+    assert rejects.column("line").to_pylist() == [1, 2, 7]
+    assert events.column("event_type").to_pylist() == [
+        "state.ACTIVE",
+        "lcm_state.PROLOG",
+        "state.ACTIVE",
+        "lcm_state.PROLOG",
+        "lcm_state.BOOT",
+        "lcm_state.BOOT_FAILURE",
+    ]
+    assert events.column("state").to_pylist()[-1] == "error"
+    assert set(events.column("vm_id").to_pylist()) == {"27"}
+    assert events.column("ts").to_pylist()[0] == dt.datetime(2020, 5, 13, 11, 44, 53, tzinfo=dt.UTC)
+    leases, _ = build_leases(events)
+    assert leases.num_rows == 0  # the log names no address
+
+
+def test_malformed_xml_is_a_reject():
+    events, rejects = parse_opennebula(None, "<VM><ID>3</ID", "3.xml")
+    assert events.num_rows == 0 and rejects.column("reason").to_pylist() == ["malformed OpenNebula VM XML"]
