@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -74,8 +75,40 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _day_strings(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    return pc.strftime(column, format="%Y-%m-%d", locale="C")
+def _day_strings(column: pa.ChunkedArray) -> pa.Array:
+    """UTC day (YYYY-MM-DD) of each timestamp. Formatted once per distinct day: strftime per row of a
+    tz-aware column costs ~2.5 µs, more than decoding the NetFlow record it belongs to."""
+    micros = pc.cast(column, pa.int64()).to_numpy(zero_copy_only=False)
+    day_numbers = micros // 86_400_000_000 if micros.dtype.kind == "i" else np.zeros(len(micros), np.int64)
+    uniq, inverse = np.unique(day_numbers, return_inverse=True)
+    epoch = dt.date(1970, 1, 1)
+    names = pa.array([(epoch + dt.timedelta(days=int(d))).isoformat() for d in uniq], pa.string())
+    return names.take(pa.array(inverse.astype(np.int32)))
+
+
+def sort_indices(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
+    """Row order by `keys` ascending, nulls last (as Table.sort_by). Text keys are ranked through their
+    distinct values and integers/timestamps sorted with numpy: Arrow's multi-key sort on a text column is
+    ~10x slower, and every flows row group is sorted by (src_addr, ts_start)."""
+    columns = []
+    for name in reversed(keys):  # np.lexsort sorts by the last key first
+        column = table.column(name).combine_chunks()
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            encoded = pc.dictionary_encode(column)
+            order = pc.sort_indices(encoded.dictionary).to_numpy()
+            rank = np.empty(len(order) + 1, dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            rank[len(order)] = len(order)  # nulls last
+            indices = pc.fill_null(encoded.indices, len(order)).to_numpy(zero_copy_only=False)
+            columns.append(rank[indices])
+        elif pa.types.is_integer(column.type) or pa.types.is_timestamp(column.type):
+            values = pc.cast(column, pa.int64())
+            valid = pc.is_valid(values).to_numpy(zero_copy_only=False)
+            columns.append(pc.fill_null(values, 0).to_numpy(zero_copy_only=False))
+            columns.append(~valid)  # nulls last: sorted by validity before value
+        else:
+            return pc.sort_indices(table, sort_keys=[(c, "ascending") for c in keys])
+    return pa.array(np.lexsort(columns))
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
@@ -165,7 +198,7 @@ class Lake:
             raise LakeError(f"{name} is partitioned; use ingest() or rewrite_file()")
         table = conform(table, dataset.schema)
         if dataset.sort_by and table.num_rows:
-            table = table.sort_by([(c, "ascending") for c in dataset.sort_by])
+            table = table.take(sort_indices(table, dataset.sort_by))
         path = self.dataset_dir(name) / "part-0.parquet"
         write_parquet_atomic(table, path)
         return path
@@ -246,7 +279,11 @@ class IngestWriter:
             self._buffer(None, table)
             return
         days = _day_strings(table.column(self.dataset.partition_ts))
-        for day in pc.unique(days).to_pylist():
+        distinct = pc.unique(days).to_pylist()
+        if len(distinct) == 1:  # the common case: no filter (copy) needed
+            self._buffer(distinct[0], table)
+            return
+        for day in distinct:
             part = table.filter(pc.equal(days, day))
             self._buffer(day, part)
 
@@ -264,7 +301,7 @@ class IngestWriter:
             return
         table = pa.concat_tables(tables)
         if self.dataset.sort_by:
-            table = table.sort_by([(c, "ascending") for c in self.dataset.sort_by])
+            table = table.take(sort_indices(table, self.dataset.sort_by))
         writer = self._writers.get(key)
         if writer is None:
             directory = self._partition_dir(key or None)
