@@ -15,6 +15,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from tracepipe import probes
@@ -108,21 +109,56 @@ def lake_flows(lake: Path) -> pa.Table:
     """Every flow in a lake, read with DuckDB the way a user would, plus ms-epoch times for comparison."""
     pattern = str(lake / "flows" / "**" / "*.parquet")
     with duckdb.connect() as con:
-        return con.execute(
+        relation = con.sql(
             f"select *, epoch_ms(ts_start) as ts_start_ms, epoch_ms(ts_end) as ts_end_ms "
             f"from read_parquet('{pattern}', hive_partitioning=true)"
-        ).fetch_arrow_table()
+        )
+        # duckdb >= 1.4 names it to_arrow_table; older releases arrow()
+        fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
+        return fetch()
 
 
 def with_ms_columns(table: pa.Table) -> pa.Table:
     """Add ts_start_ms/ts_end_ms (epoch ms, truncated like nfdump prints them) to a FLOWS-shaped table."""
-    import pyarrow.compute as pc
-
     def ms(column: str) -> pa.Array:
         micros = pc.cast(pc.cast(table.column(column), pa.timestamp("us")), pa.int64())
         return pc.divide(micros, 1000)  # integer division: truncates like nfdump's msec fields
 
     return table.append_column("ts_start_ms", ms("ts_start")).append_column("ts_end_ms", ms("ts_end"))
+
+
+# ---- nfdump 1.7.1 errata ----------------------------------------------------------------------------------------
+# Where nfdump 1.7.1 (Debian bookworm) itself decodes softflowd's export wrongly, the comparison undoes exactly
+# that bug in nfdump's output and nothing else. Each erratum is pinned by a test in test_vs_nfdump.py that fails
+# the day nfdump no longer has the bug, so that the correction is removed then.
+#   E1 IPFIX: ipfix.c maps flowEndSysUpTime (21) to the first-seen and flowStartSysUpTime (22) to the last-seen
+#      slot (its element table, lines 151-152), so every softflowd IPFIX record has start and end swapped.
+#   E2 v9: netflow_v9.c has no entry for element 139 (icmpTypeCodeIPv6), which softflowd uses for ICMPv6 in v9
+#      as in IPFIX, so nfdump prints ICMPv6 dst_port 0. The ICMPv6 type/code cannot be compared with nfdump's
+#      v9 output; test_v9_icmpv6_type_code_as_nfdump_reads_it_from_ipfix checks it against nfdump's IPFIX reading.
+#   Avoided by construction, not corrected: a v9/IPFIX record whose end uptime is 0 gets no time at all in
+#   nfdump (see the lead-in flow of probes.default_flow_specs), and v1 datagrams of more than 24 records (which
+#   softflowd sends, 30 per datagram) are dropped whole by nfdump (see "ipv4-small").
+ICMPV6 = 58
+
+
+def nfdump_reference(expected: pa.Table, version: int) -> pa.Table:
+    """nfdump's records for one export version with errata E1/E2 undone, plus ms columns for the comparison."""
+    if version == 10:  # E1
+        start, end = expected.column("ts_start"), expected.column("ts_end")
+        expected = expected.set_column(expected.schema.get_field_index("ts_start"), "ts_start", end)
+        expected = expected.set_column(expected.schema.get_field_index("ts_end"), "ts_end", start)
+    if version == 9:  # E2
+        expected = blank_icmpv6_ports(expected)
+    return with_ms_columns(expected)
+
+
+def blank_icmpv6_ports(table: pa.Table) -> pa.Table:
+    """dst_port set to null on ICMPv6 rows (erratum E2: not comparable with nfdump's v9 output)."""
+    index = table.schema.get_field_index("dst_port")
+    ports = pc.if_else(pc.equal(table.column("proto"), ICMPV6), pa.scalar(None, pa.int32()),
+                       pc.cast(table.column("dst_port"), pa.int32()))
+    return table.set_column(index, pa.field("dst_port", pa.int32()), ports)
 
 
 def multiset_diff(expected: pa.Table, got: pa.Table, columns: tuple[str, ...] = COMPARED) -> str:

@@ -372,16 +372,20 @@ def default_flow_specs(seed: int = 1, ipv6: bool = True, n: int = 40, span: floa
     """A deterministic mixed workload: TCP sessions (closed, reset, unanswered), DNS/NTP over UDP, ICMP echo and
     unreachables, and the same over IPv6 when `ipv6`. Documentation prefixes only (RFC 5737 / RFC 3849)."""
     rng = random.Random(seed)
+    # Lead-in: softflowd -a takes its boot time from the first packet, so a flow made only of that packet has
+    # LAST_SWITCHED 0, and nfdump 1.7.1 reads "last == 0" as "no time" (prints 1970-01-01). A two-packet
+    # exchange at t0 keeps every exported end time above 0.
+    lead_in = FlowSpec("udp", "10.0.0.1", "192.0.2.53", 40000, 53, start=0.0, packets=1, payload=30)
     clients4 = [f"10.0.{i}.{j}" for i, j in ((0, 5), (0, 6), (1, 7), (2, 9))]
     servers4 = ["192.0.2.10", "198.51.100.20", "203.0.113.30"]
     clients6 = ["2001:db8:0:1::5", "2001:db8:0:1::6"]
     servers6 = ["2001:db8:ffff::10", "2001:db8:ffff::20"]
-    specs: list[FlowSpec] = []
+    specs: list[FlowSpec] = [lead_in]
     families = [(clients4, servers4)] + ([(clients6, servers6)] if ipv6 else [])
     for i in range(n):
         clients, servers = families[i % len(families)]
         src, dst = rng.choice(clients), rng.choice(servers)
-        start = rng.uniform(0.0, span)
+        start = rng.uniform(0.5, span)
         sport = rng.randint(32768, 60999)
         pick = rng.random()
         if pick < 0.35:
