@@ -183,9 +183,10 @@ def attribute_logs(logs: pa.Table, leases: pa.Table) -> pa.Table:
             lease.sort("valid_from"),
             left_on="ts",
             right_on="valid_from",
-            left_by="sender_addr",
-            right_by="addr",
+            by_left="sender_addr",
+            by_right="addr",
             strategy="backward",
+            check_sortedness=False,  # both sides sorted by time just above; polars cannot verify it per group
         )
         .filter(pl.col("valid_to").is_null() | (pl.col("ts") < pl.col("valid_to")))
         .select("_row", pl.col("vm_id").alias("_by_addr"))

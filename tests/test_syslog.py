@@ -1,0 +1,157 @@
+"""Syslog from inside VMs: RFC 3164 (rsyslog file format, no year), RFC 5424, rejects with line numbers,
+sshd fields, and attribution to the VM of the Nova story by sender address or hostname."""
+
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from tracepipe.ingest.cloud import parse_cloud_text
+from tracepipe.ingest.syslog import attribute_logs, parse_syslog
+from tracepipe.ingest.vm import ingest_syslog_files, ingest_vm_files
+from tracepipe.lake import Lake
+from tracepipe.leases import build_leases
+
+DATA = Path(__file__).parent / "data" / "cloud"
+AUTH = DATA / "syslog" / "web-02-auth.log"
+FORWARDED = DATA / "syslog" / "forwarded-5424.log"
+
+
+def utc(h: int, m: int, s: int = 0, us: int = 0) -> dt.datetime:
+    return dt.datetime(2024, 3, 12, h, m, s, us, tzinfo=dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def story_leases():
+    events, _ = parse_cloud_text((DATA / "nova" / "notifications.jsonl").read_text(), "story")
+    return build_leases(events, dt.timedelta(days=7))[0]
+
+
+def test_rfc3164_file_format_and_sshd_fields():
+    logs, rejects = parse_syslog(AUTH.read_text(), "auth.log", year=2024)
+    assert rejects.to_pydict()["line"] == [9] and rejects.to_pydict()["reason"] == ["unknown syslog format"]
+    rows = logs.to_pylist()
+    assert len(rows) == 9
+    assert rows[0]["ts"] == utc(8, 20, 1) and rows[0]["hostname"] == "web-02"
+    assert (rows[0]["app"], rows[0]["pid"], rows[0]["facility"]) == ("sshd", 2201, None)
+    auth = [(r["line"], r["auth_event"], r["auth_user"], r["auth_src_addr"], r["auth_method"]) for r in rows]
+    assert auth == [
+        (1, "invalid_user", "admin", "203.0.113.9", None),
+        (2, "failed", "admin", "203.0.113.9", "password"),
+        (3, "preauth_closed", "admin", "203.0.113.9", None),
+        (4, "failed", "root", "203.0.113.9", "password"),
+        (5, "failed", "root", "203.0.113.9", "password"),
+        (6, "accepted", "ubuntu", "198.51.100.7", "publickey"),
+        (7, None, None, None, None),
+        (8, None, None, None, None),
+        (10, "preauth_closed", "git", "203.0.113.12", None),
+    ]
+
+
+def test_rfc5424_and_mixed_lines():
+    logs, rejects = parse_syslog(FORWARDED.read_text(), "fwd.log", year=2024, tz="Europe/Berlin")
+    assert rejects.to_pydict()["line"] == [5] and rejects.to_pydict()["reason"] == ["bad syslog timestamp"]
+    rows = logs.to_pylist()
+    assert [r["ts"] for r in rows] == [
+        utc(7, 45, 10),
+        utc(7, 45, 12, 513000),
+        utc(8, 5),
+        utc(8, 30),
+        utc(7, 31),
+    ]
+    assert (rows[0]["facility"], rows[0]["severity"], rows[0]["pid"]) == (4, 6, 1999)
+    assert rows[1]["auth_event"] == "accepted" and rows[1]["auth_method"] == "password"
+    assert rows[2]["message"] == "job finished" and rows[2]["app"] == "app" and rows[2]["auth_event"] is None
+    assert rows[3]["auth_method"] == "publickey" and rows[3]["auth_user"] == "bob"
+    # RFC 3164 line with PRI, local time Europe/Berlin (UTC+1)
+    assert rows[4]["auth_event"] == "invalid_user" and rows[4]["facility"] == 4
+
+
+def test_year_rolls_back_for_lines_after_the_reference():
+    text = "Dec 31 23:59:00 h app: late\nJan  1 00:01:00 h app: early\n"
+    logs, _ = parse_syslog(text, "x", year=2025, reference=dt.datetime(2025, 1, 1, 1, tzinfo=dt.UTC))
+    assert logs.column("ts").to_pylist() == [
+        dt.datetime(2024, 12, 31, 23, 59, tzinfo=dt.UTC),
+        dt.datetime(2025, 1, 1, 0, 1, tzinfo=dt.UTC),
+    ]
+
+
+def test_attribution_by_sender_address(story_leases):
+    text = (
+        "<38>1 2024-03-12T07:45:00Z web-01 sshd 1 - - x\n<38>1 2024-03-12T08:05:00Z web-01 sshd 1 - - x\n"
+        "<38>1 2024-03-12T08:20:00Z web-02 sshd 1 - - x\n"
+    )
+    logs, _ = parse_syslog(text, "x", sender_addr="192.168.1.3")
+    vms = attribute_logs(logs, story_leases).column("vm_id").to_pylist()
+    # 07:45 web-01 (soft-deleted, still holding the address); 08:05 nobody; 08:20 web-02
+    assert vms[0].startswith("7311d8a3") and vms[1] is None and vms[2].startswith("efba91fc")
+
+
+def test_attribution_by_hostname(story_leases):
+    logs, _ = parse_syslog(FORWARDED.read_text(), "fwd.log", year=2024)
+    vms = attribute_logs(logs, story_leases).column("vm_id").to_pylist()
+    assert vms[0].startswith("7311d8a3")  # web-01 at 07:45
+    assert vms[2] is None  # web-01 after its delete
+    assert vms[3].startswith("efba91fc")  # web-02 at 08:30
+
+
+def test_ingest_syslog_into_lake_and_cli_exit_partial(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    ingest_vm_files(lake, [DATA / "nova" / "notifications.jsonl"], reclaim_interval=dt.timedelta(days=7))
+    auth = tmp_path / "auth.log"
+    auth.write_bytes(AUTH.read_bytes())
+    os.utime(auth, (dt.datetime(2024, 3, 13, tzinfo=dt.UTC).timestamp(),) * 2)  # year from the mtime
+    report = ingest_syslog_files(lake, [auth])
+    assert (report.rows, report.rejects) == (9, 1)
+    con = duckdb.connect()
+    got = con.execute(
+        "SELECT count(*), count(DISTINCT vm_id), min(ts), sum((auth_event = 'failed')::int) "
+        f"FROM read_parquet('{lake.glob('vm_logs')}', hive_partitioning = true)"
+    ).fetchone()
+    assert got[0] == 9 and got[1] == 1 and got[3] == 3
+    assert got[2] == utc(8, 20, 1)
+    again = ingest_syslog_files(lake, [auth])
+    assert again.skipped == 1 and again.rows == 0
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracepipe.cli",
+            "ingest",
+            "syslog",
+            str(FORWARDED),
+            "--year",
+            "2024",
+            "--lake",
+            str(lake.root),
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 3, run.stderr
+    assert '"rejects": 1' in run.stdout
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracepipe.cli",
+            "ingest",
+            "syslog",
+            str(FORWARDED),
+            "--sender-addr",
+            "web-01",
+            "--lake",
+            str(lake.root),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2 and "not an IP address" in bad.stderr
