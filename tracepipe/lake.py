@@ -207,6 +207,44 @@ class Lake:
         """Replace one existing partition file with a new version of its rows (e.g. flows with src_vm set)."""
         write_parquet_atomic(conform(table, DATASETS[name].schema), path)
 
+    def rewrite_file_batches(self, path: Path, batches: Iterable[pa.RecordBatch], name: str,
+                             metadata: dict[str, str] | None = None,
+                             row_group_rows: int = ROW_GROUP_ROWS) -> int:
+        """Replace one existing partition file with a stream of batches (out of core: e.g. a DuckDB result
+        read from that very file), atomically: temp file, fsync, rename. `metadata` goes into the footer's
+        key-value metadata (attribution marks files so). Returns the rows written."""
+        schema = DATASETS[name].schema
+        if metadata:
+            schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
+        tmp = path.with_name(path.name + ".tmp")
+        rows = 0
+        pending: list[pa.Table] = []
+        pending_rows = 0
+        try:
+            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                for batch in batches:
+                    table = conform(pa.Table.from_batches([batch]), DATASETS[name].schema)
+                    pending.append(table)
+                    pending_rows += table.num_rows
+                    if pending_rows >= row_group_rows:
+                        writer.write_table(pa.concat_tables(pending).cast(schema), row_group_size=row_group_rows)
+                        rows += pending_rows
+                        pending, pending_rows = [], 0
+                if pending:
+                    writer.write_table(pa.concat_tables(pending).cast(schema), row_group_size=row_group_rows)
+                    rows += pending_rows
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise LakeError(f"cannot rewrite {path}: {exc}. Check that the lake is writable and has free space.") from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+        return rows
+
     def append(self, name: str, table: pa.Table, key: str | None = None) -> list[Path]:
         """Add rows that are not tied to an input file (alerts, collector batches): a new file per
         partition named by `key` (a content hash makes the write idempotent; default a random id)."""
