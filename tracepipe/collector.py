@@ -509,6 +509,10 @@ def committer_main(spool: str, lake_root: str, keep: bool, stop: Any, parent: in
     from tracepipe.lake import Lake
 
     _die_with_parent(parent)
+    with contextlib.suppress(OSError):
+        os.nice(
+            10
+        )  # on a busy host the receive loop wins the CPU: a late commit loses nothing, a late recv can
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the collector decides when we stop (drain first)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=level, format="%(asctime)s tracepipe collect: %(message)s")

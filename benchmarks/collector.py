@@ -1,0 +1,344 @@
+"""How fast can `tracepipe collect` receive without loss, next to nfcapd (issue 5, Must 4)?
+
+Makes real NetFlow v9 export datagrams once (the real softflowd over a traffic capture built with scapy),
+replicates them to --count datagrams with consecutive sequence numbers, and replays them to 127.0.0.1 at
+increasing rates, a bounded number per step, with sendmmsg(2) from a separate process. Each receiver gets the
+same replay: `tracepipe collect` (default options: 32 MB receive buffer, 5 min rotation) and `nfcapd -B 33554432`.
+Loss per step = datagrams the receiver's socket dropped (the `drops` column of /proc/net/udp) and, for tracepipe,
+also sent minus spooled. Prints a table and the highest rate with zero loss for each; then the committer's decode
+and commit rate for one step's worth of datagrams.
+
+    python benchmarks/collector.py                  # 100 k datagrams per step, rates 50 k .. 400 k/s
+    python benchmarks/collector.py --count 20000 --rates 50000,100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import json
+import multiprocessing
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tracepipe import probes
+from tracepipe import spool as sp
+from tracepipe.collector import commit_pending, make_block
+from tracepipe.lake import Lake
+
+DEFAULT_RATES = (50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 400_000)
+
+
+# ---- real softflowd datagrams ----------------------------------------------------------------------------------
+
+
+def softflowd_datagrams(workdir: Path, flows: int) -> list[bytes]:
+    """Every v9 datagram the real softflowd exports for a capture of `flows` conversations."""
+    specs = probes.default_flow_specs(seed=21, ipv6=True, n=flows, span=600.0)
+    pcap = probes.build_traffic_pcap(workdir / "traffic.pcap", specs)
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(0.5)
+    got: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                got.append(receiver.recv(65536))
+            except TimeoutError:
+                return
+
+    thread = threading.Thread(target=drain)
+    thread.start()
+    result = probes.softflowd_export(pcap, 9, ("127.0.0.1", receiver.getsockname()[1]))
+    thread.join()
+    receiver.close()
+    if len(got) != result.datagrams:
+        raise SystemExit(f"captured {len(got)} of softflowd's {result.datagrams} datagrams")
+    return got
+
+
+def replicate(datagrams: list[bytes], count: int) -> list[bytes]:
+    """`count` datagrams cycling through the real ones, v9 sequence numbers consecutive (header bytes 12..16)."""
+    out = []
+    for i in range(count):
+        d = datagrams[i % len(datagrams)]
+        out.append(d[:12] + struct.pack(">I", i) + d[16:])
+    return out
+
+
+# ---- the paced sender (its own process, sendmmsg in chunks) ---------------------------------------------------
+
+
+def _sender(
+    datagrams: list[bytes], dest: tuple[str, int], rate: float, result: multiprocessing.Queue
+) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    sock.connect(dest)
+    n = len(datagrams)
+    blob = np.frombuffer(b"".join(datagrams), np.uint8)
+    lengths = np.array([len(d) for d in datagrams], np.uint64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.uint64)
+    iov = np.zeros((n, 2), np.uint64)
+    iov[:, 0] = blob.ctypes.data + starts
+    iov[:, 1] = lengths
+    headers = np.zeros((n, 8), np.uint64)  # struct mmsghdr: msg_name NULL (connected socket)
+    headers[:, 2] = iov.ctypes.data + np.arange(n, dtype=np.uint64) * 16
+    headers[:, 3] = 1
+    chunk = 16
+    sent = 0
+    started = time.perf_counter()
+    while sent < n:
+        k = min(chunk, n - sent)
+        done = libc.sendmmsg(sock.fileno(), ctypes.c_void_p(headers.ctypes.data + sent * 64), k, 0)
+        if done <= 0:
+            continue  # ENOBUFS/EAGAIN on a full queue: retry (loopback never drops on the send side)
+        sent += done
+        due = started + sent / rate
+        while time.perf_counter() < due:
+            pass
+    elapsed = time.perf_counter() - started
+    result.put((sent, elapsed))
+
+
+def send(datagrams: list[bytes], dest: tuple[str, int], rate: float) -> tuple[int, float]:
+    """Replay at `rate` datagrams/s from a separate process; returns (sent, achieved rate)."""
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    proc = context.Process(target=_sender, args=(datagrams, dest, rate, queue))
+    proc.start()
+    sent, elapsed = queue.get(timeout=600)
+    proc.join()
+    return sent, sent / elapsed
+
+
+# ---- receivers --------------------------------------------------------------------------------------------------
+
+
+def udp_drops(port: int) -> int:
+    """The kernel's drop counter of the UDP socket bound to 127.0.0.1:`port` (/proc/net/udp)."""
+    local = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        cols = line.split()
+        if cols[1] == local:
+            return int(cols[12])
+    raise RuntimeError(f"no UDP socket on 127.0.0.1:{port}")
+
+
+def settle(read, quiet: float = 0.6, timeout: float = 60.0) -> int:
+    """Wait until `read()` stops changing for `quiet` seconds; return its value."""
+    last, since, deadline = read(), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = read()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
+
+
+def bench_tracepipe(work: Path, datagrams: list[bytes], rates: list[int]) -> list[dict]:
+    stats_file = work / "tp-stats.json"
+    log = open(work / "tp.log", "wb")  # closed in finally
+    cmd = [
+        sys.executable,
+        "-m",
+        "tracepipe.cli",
+        "collect",
+        "--listen",
+        "127.0.0.1:0",
+        "--lake",
+        str(work / "lake"),
+        "--stats-file",
+        str(stats_file),
+        "--status-interval",
+        "0.2s",
+        "--rotate",
+        "1h",
+        "--rotate-size",
+        "8G",
+    ]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        while not stats_file.exists():
+            if proc.poll() is not None:
+                raise SystemExit((work / "tp.log").read_text())
+            time.sleep(0.05)
+        port = int(json.loads(stats_file.read_text())["listen"][0].rsplit(":", 1)[1])
+
+        def spooled() -> int:
+            return json.loads(stats_file.read_text())["datagrams"]
+
+        rows = []
+        for rate in rates:
+            before, drops_before = spooled(), udp_drops(port)
+            sent, achieved = send(datagrams, ("127.0.0.1", port), rate)
+            got = settle(spooled) - before
+            drops = udp_drops(port) - drops_before
+            rows.append(
+                {
+                    "receiver": "tracepipe",
+                    "rate": rate,
+                    "achieved": achieved,
+                    "sent": sent,
+                    "received": got,
+                    "lost": sent - got,
+                    "kernel_drops": drops,
+                }
+            )
+            print(
+                f"  tracepipe  {rate:>7}/s (sent at {achieved:>9.0f}/s): received {got}, lost {sent - got}, "
+                f"kernel drops {drops}",
+                flush=True,
+            )
+    finally:
+        proc.kill()  # the spool is thrown away with the work directory: this measures the receive path
+        proc.wait()
+        log.close()
+    return rows
+
+
+def bench_nfcapd(work: Path, datagrams: list[bytes], rates: list[int]) -> list[dict]:
+    port = probes.free_udp_port()
+    out = work / "nfcapd"
+    out.mkdir()
+    cmd = [
+        probes.tool_path("nfcapd"),
+        "-b",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        str(out),
+        "-t",
+        "3600",
+        "-B",
+        "33554432",
+    ]
+    log = open(work / "nfcapd.log", "wb")  # closed in finally
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    rows = []
+    try:
+        deadline = time.monotonic() + 10
+        while "Startup" not in (work / "nfcapd.log").read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit((work / "nfcapd.log").read_text())
+            time.sleep(0.05)
+        for rate in rates:
+            drops_before = udp_drops(port)
+            sent, achieved = send(datagrams, ("127.0.0.1", port), rate)
+            time.sleep(0.5)
+            drops = udp_drops(port) - drops_before
+            rows.append(
+                {
+                    "receiver": "nfcapd",
+                    "rate": rate,
+                    "achieved": achieved,
+                    "sent": sent,
+                    "received": sent - drops,
+                    "lost": drops,
+                    "kernel_drops": drops,
+                }
+            )
+            print(
+                f"  nfcapd     {rate:>7}/s (sent at {achieved:>9.0f}/s): lost {drops} (kernel drops)",
+                flush=True,
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+    return rows
+
+
+def bench_commit(work: Path, datagrams: list[bytes]) -> dict:
+    """Decode + commit rate of the committer on one spool segment holding `datagrams`."""
+    spool = work / "commit-spool"
+    spool.mkdir()
+    writer = sp.SegmentWriter(spool, 1)
+    addr = np.zeros((1, 16), np.uint8)
+    addr[0, 10:] = [255, 255, 127, 0, 0, 1]
+    batch = 1024
+    for i in range(0, len(datagrams), batch):
+        part = datagrams[i : i + batch]
+        block = make_block(
+            time.time_ns() // 1000,
+            socket.AF_INET,
+            np.repeat(addr, len(part), axis=0),
+            np.full(len(part), 9995, np.uint16),
+            [memoryview(d) for d in part],
+        )
+        writer.append(block, len(part))
+    writer.close()
+    lake = Lake(work / "commit-lake")
+    started = time.perf_counter()
+    commit_pending(lake, spool, keep=False)
+    elapsed = time.perf_counter() - started
+    flows = int(lake.manifest().column("rows")[0].as_py())
+    return {"datagrams": len(datagrams), "flows": flows, "seconds": elapsed, "flows_per_s": flows / elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--count", type=int, default=100_000, help="datagrams per rate step")
+    parser.add_argument(
+        "--rates", default=",".join(map(str, DEFAULT_RATES)), help="datagrams/s, comma-separated"
+    )
+    parser.add_argument("--flows", type=int, default=2000, help="conversations in the traffic capture")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON at the end")
+    args = parser.parse_args()
+    rates = [int(r) for r in args.rates.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="tracepipe-bench-collector-"))
+    try:
+        real = softflowd_datagrams(work, args.flows)
+        datagrams = replicate(real, args.count)
+        records = sum(struct.unpack(">H", d[2:4])[0] for d in datagrams)
+        print(
+            f"{len(real)} real softflowd v9 datagrams (avg {np.mean([len(d) for d in real]):.0f} bytes), "
+            f"replayed as {len(datagrams)} per step ({records} records incl. templates)",
+            flush=True,
+        )
+        rows = bench_tracepipe(work, datagrams, rates) + bench_nfcapd(work, datagrams, rates)
+        commit = bench_commit(work, datagrams)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(f"{'rate/s':>8} {'tracepipe lost':>15} {'nfcapd lost':>12}   (of {args.count} datagrams per step)")
+    for rate in rates:
+        tp = next(r for r in rows if r["receiver"] == "tracepipe" and r["rate"] == rate)
+        nf = next(r for r in rows if r["receiver"] == "nfcapd" and r["rate"] == rate)
+        print(f"{rate:>8} {tp['lost']:>15} {nf['lost']:>12}")
+    best = {}
+    for receiver in ("tracepipe", "nfcapd"):
+        ok = [
+            r["rate"] for r in rows if r["receiver"] == receiver and r["lost"] == 0 and r["kernel_drops"] == 0
+        ]
+        best[receiver] = max(ok, default=0)
+        print(f"highest rate with zero loss: {receiver:<9} {best[receiver]:>7} datagrams/s")
+    print(
+        f"committer: {commit['datagrams']} datagrams -> {commit['flows']} flows decoded and committed in "
+        f"{commit['seconds']:.1f} s ({commit['flows_per_s']:,.0f} flows/s)"
+    )
+    if args.json:
+        print(json.dumps({"steps": rows, "zero_loss_max": best, "commit": commit}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
