@@ -250,6 +250,22 @@ def nfdump_records(nfcapd_path: Path | str, timeout: float = 120.0) -> pa.Table:
     return table
 
 
+def nfdump_csv(nfcapd_path: Path | str, out_csv: Path | str, quiet: bool = False, tz: str = "UTC",
+               timeout: float = 120.0) -> Path:
+    """Write what `nfdump -o csv` prints for an nfcapd file or directory (times in local time `tz`; `quiet`
+    adds -q: no header line, no Summary trailer)."""
+    nfcapd_path, out_csv = Path(nfcapd_path), Path(out_csv)
+    cmd = [tool_path("nfdump"), "-R" if nfcapd_path.is_dir() else "-r", str(nfcapd_path), "-o", "csv"]
+    if quiet:
+        cmd.append("-q")
+    with open(out_csv, "wb") as handle:
+        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.PIPE, timeout=timeout,
+                              env=dict(os.environ, TZ=tz, LC_ALL="C"), stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise EnvironmentProblem(f"nfdump -o csv failed (exit {proc.returncode}): {proc.stderr.decode(errors='replace')}")
+    return out_csv
+
+
 # ---- softflowd ------------------------------------------------------------------------------------------------
 
 

@@ -310,9 +310,11 @@ def parse_nfdump_csv(data: bytes, source: str, tz: str = "UTC") -> tuple[pa.Tabl
     keep = pc.and_(pc.invert(is_header), pc.not_equal(pc.utf8_trim_whitespace(stripped), ""))
     if summary_rows:
         keep = pc.and_(keep, pc.less(numbers, summary_rows[0] + 1))
-    missing = [c for c in _NEEDED if c not in columns]
-    if missing:
-        raise InputError(f"{source}: nfdump CSV header lacks {', '.join(sorted(missing))}; export with `nfdump -o csv`.")
+    missing = sorted(c for c in _NEEDED if c not in columns)
+    if missing:  # not nfdump's CSV layout: nothing can be read, say so at the header line
+        reason = pa.array([f"header lacks {', '.join(missing)}"], pa.string())
+        line = header_rows[0]
+        return FLOWS.empty_table(), _rejects(numbers[line:line + 1], stripped[line:line + 1], reason, source)
     flows, rejects = _split_records(stripped.filter(keep), numbers.filter(keep), ",", columns, source, tz)
     return pa.Table.from_arrays([flows.column(f.name) for f in FLOWS], schema=FLOWS), rejects
 

@@ -1,0 +1,148 @@
+"""nfdump's CSV (`nfdump -o csv`, nfdump 1.7.1) -> flows: the rows nfdump prints, at the precision it prints
+them (whole seconds, local time), malformed lines rejected with their line numbers while the rest lands."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from conftest import lake_flows, multiset_diff, run_tracepipe
+
+from tracepipe import probes
+from tracepipe.ingest.nfdump import (
+    CSV_COLUMNS,
+    NFDUMP_PROTOCOLS,
+    looks_like_nfdump_csv,
+    parse_nfdump_csv,
+    proto_from_text,
+    read_nfdump_csv,
+    tcp_flags_from_text,
+)
+from tracepipe.schema import FLOWS
+
+# CSV times are whole seconds: compare them so, with everything else nfdump prints
+CSV_COMPARED = ("start_s", "end_s", "src_addr", "dst_addr", "src_port", "dst_port", "proto", "packets", "bytes",
+                "tcp_flags", "exporter", "input_if", "output_if")
+
+
+def with_seconds(table: pa.Table) -> pa.Table:
+    def seconds(column: str) -> pa.Array:
+        micros = pc.cast(pc.cast(table.column(column), pa.timestamp("us")), pa.int64())
+        return pc.divide(micros, 1_000_000)
+
+    return table.append_column("start_s", seconds("ts_start")).append_column("end_s", seconds("ts_end"))
+
+
+@pytest.fixture(scope="module")
+def nfcapd_dir(softflowd_export):
+    """nfcapd files of the v9 export of IPv4 + IPv6 traffic (TCP, UDP, ICMP, ICMPv6)."""
+    return softflowd_export(9, "ipv6").nfcapd.out_dir
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["with-header-and-summary", "quiet"])
+def test_reader_gives_the_rows_nfdump_prints(quiet, nfcapd_dir, tmp_path):
+    csv = probes.nfdump_csv(nfcapd_dir, tmp_path / "flows.csv", quiet=quiet)
+    text = csv.read_text()
+    assert text.startswith("ts,te,td,sa,da,sp,dp,pr,") != quiet
+    assert ("\nSummary\n" in text) != quiet
+    flows, rejects = read_nfdump_csv(csv)
+    assert rejects.num_rows == 0, rejects.to_pylist()
+    assert flows.schema == FLOWS
+    expected = probes.nfdump_records(nfcapd_dir)
+    assert flows.num_rows == expected.num_rows > 0
+    diff = multiset_diff(with_seconds(expected), with_seconds(flows), CSV_COMPARED)
+    assert not diff, f"CSV reader differs from nfdump's own records:\n{diff}"
+    assert set(flows.column("source").to_pylist()) == {str(csv)}
+    assert set(flows.column("ip_version").to_pylist()) == {4, 6}
+    assert looks_like_nfdump_csv(text.encode()[:512])
+
+
+def test_cli_ingest_of_nfdump_csv_lands_the_same_rows(nfcapd_dir, tmp_path):
+    csv = probes.nfdump_csv(nfcapd_dir, tmp_path / "flows.csv")
+    lake = tmp_path / "lake"
+    proc = run_tracepipe("ingest", "netflow", str(csv), "--lake", str(lake))
+    assert proc.returncode == 0, f"tracepipe ingest exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    got = lake_flows(lake)
+    diff = multiset_diff(with_seconds(probes.nfdump_records(nfcapd_dir)), with_seconds(got), CSV_COMPARED)
+    assert not diff, f"lake from nfdump CSV differs from nfdump's records:\n{diff}"
+    # ingesting the same file again adds nothing
+    again = run_tracepipe("ingest", "netflow", str(csv), "--lake", str(lake))
+    assert again.returncode == 0 and lake_flows(lake).num_rows == got.num_rows
+
+
+def test_malformed_lines_are_rejected_with_their_line_numbers(nfcapd_dir, tmp_path):
+    lines = probes.nfdump_csv(nfcapd_dir, tmp_path / "good.csv").read_text().splitlines()
+    total = len(lines) - 1 - 3  # header, Summary trailer of 3 lines
+    fields = lines[8].split(",")
+    fields[3] = "10.0.0.999"  # line 9: an address that does not parse
+    lines[8] = ",".join(fields)
+    lines.insert(4, "this is not nfdump output")  # becomes line 5; the bad address moves to line 10
+    fields = lines[14].split(",")
+    fields[11] = "12x"  # line 15: a packet count that is no number
+    lines[14] = ",".join(fields)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(lines) + "\n")
+
+    flows, rejects = read_nfdump_csv(bad)
+    assert rejects.column("line").to_pylist() == [5, 10, 15]
+    assert rejects.column("reason").to_pylist() == [f"expected {len(CSV_COLUMNS)} fields", "bad source address",
+                                                    "bad packet count"]
+    assert rejects.column("detail").to_pylist()[0] == "this is not nfdump output"
+    assert flows.num_rows == total - 2
+
+    lake = tmp_path / "lake"
+    proc = run_tracepipe("ingest", "netflow", str(bad), "--lake", str(lake), "--format", "json")
+    assert proc.returncode == 3, f"expected exit 3 (partial), got {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    assert json.loads(proc.stdout)  # the summary is JSON for scripts
+    assert lake_flows(lake).num_rows == total - 2
+    with duckdb.connect() as con:
+        stored = con.sql(
+            f"select line, reason from read_parquet('{lake}/rejects/**/*.parquet', hive_partitioning=true) "
+            "order by line").fetchall()
+    assert stored == [(5, f"expected {len(CSV_COLUMNS)} fields"), (10, "bad source address"),
+                      (15, "bad packet count")]
+
+
+def test_local_time_of_nfdump_is_read_back_with_tz(nfcapd_dir, tmp_path):
+    """nfdump prints local time; a CSV made in Europe/Berlin read with tz='Europe/Berlin' gives UTC instants."""
+    utc, _ = read_nfdump_csv(probes.nfdump_csv(nfcapd_dir, tmp_path / "utc.csv"))
+    berlin_csv = probes.nfdump_csv(nfcapd_dir, tmp_path / "berlin.csv", tz="Europe/Berlin")
+    naive, _ = read_nfdump_csv(berlin_csv)
+    berlin, _ = read_nfdump_csv(berlin_csv, tz="Europe/Berlin")
+    assert berlin.column("ts_start").to_pylist() == utc.column("ts_start").to_pylist()
+    # March 2024 in Berlin is UTC+1: read as UTC it is one hour late
+    first_naive, first_utc = naive.column("ts_start")[0].as_py(), utc.column("ts_start")[0].as_py()
+    assert first_naive - first_utc == dt.timedelta(hours=1)
+
+
+def test_every_flag_string_and_protocol_name_reads_back():
+    """nfdump's FlagsString/ProtoString for all 256 values, parsed back (IDPR is printed for 35 and 38)."""
+    letters = "CEUAPRSF"
+    texts = ["".join(ch if value & (128 >> i) else "." for i, ch in enumerate(letters)) for value in range(256)]
+    flags, ok = tcp_flags_from_text(pa.array(texts))
+    assert pc.all(ok).as_py() and flags.to_pylist() == list(range(256))
+    names = [NFDUMP_PROTOCOLS[n] if n < len(NFDUMP_PROTOCOLS) else f"{n:<5d}" for n in range(256)]
+    protos, ok = proto_from_text(pa.array(names))
+    assert pc.all(ok).as_py()
+    assert protos.to_pylist() == [35 if n == 38 else n for n in range(256)]
+    _, ok = proto_from_text(pa.array(["NOPE", "256", ""]))
+    assert ok.to_pylist() == [False, False, False]
+
+
+def test_not_csv_is_not_detected(softflowd_export):
+    assert not looks_like_nfdump_csv(softflowd_export(9, "ipv6").export_pcap.read_bytes()[:512])
+    assert not looks_like_nfdump_csv(b"a,b,c\n1,2,3\n")
+
+
+def test_empty_header_only_and_foreign_header_inputs():
+    header = ",".join(CSV_COLUMNS).encode()
+    for data in (b"", header + b"\n", b"\n\n", header + b"\nSummary\nflows,bytes\n0,0\n"):
+        flows, rejects = parse_nfdump_csv(data, "mem")
+        assert flows.num_rows == 0 and rejects.num_rows == 0, data
+    flows, rejects = parse_nfdump_csv(b"ts,te,td,sa,da,sp,dp,pr,flg\n2024-03-12 10:00:00,x\n", "mem")
+    assert flows.num_rows == 0
+    assert rejects.column("line").to_pylist() == [1] and "lacks" in rejects.column("reason")[0].as_py()
