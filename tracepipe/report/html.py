@@ -1,0 +1,394 @@
+"""Alerts + lake -> one self-contained HTML report (opens offline) and a JSON report with the same facts.
+
+Per alert: who (VM, project, owner, hypervisor, lifecycle state incl. deleted/quarantined), why (the reason and
+the features that stood out), evidence (top peers and ports of the host in the alert window, the detector's
+evidence rows, syslog lines from inside the VM, a timeline of the host's flows with the alert window marked).
+Charts are altair specs rendered to inline SVG by vl-convert (no network, no script in the page). Everything
+that comes from data goes through Jinja2 autoescape; the page also forbids scripts by Content-Security-Policy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
+
+from tracepipe.lake import Lake
+
+TEMPLATES = Path(__file__).resolve().parent
+MAX_CHART_ALERTS = 40  # per-alert timelines rendered; the rest get tables only (keeps big sweeps fast)
+TOP_N = 8
+TIMELINE_BINS = 96
+# the service side of a flow: the lower of the two ports (replies carry the client's ephemeral port as dst);
+# ICMP keeps type/code in dst_port
+SERVICE_PORT = "CASE WHEN proto IN (6, 17) AND src_port < dst_port THEN src_port ELSE dst_port END"
+
+_DETECTOR_LABELS = {
+    "horizontal_scan": "Horizontal scan",
+    "vertical_scan": "Vertical (port) scan",
+    "brute_force": "SSH/RDP brute force",
+    "beacon": "Beaconing",
+    "exfiltration": "Data exfiltration",
+    "long_connection": "Long-lived connection",
+    "mining": "Crypto-mining pool",
+    "intel": "Threat-intelligence match",
+    "anomaly": "Anomaly model",
+}
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    value = _utc(value)
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def _loads(text: str | None) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text  # not JSON: shown as text, escaped like everything else
+
+
+# ---- facts from the lake ------------------------------------------------------------------------------------
+
+def _connect(lake: Lake) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    return con
+
+
+def _rows(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
+
+
+def _has(lake: Lake, dataset: str) -> bool:
+    return bool(lake.files(dataset))
+
+
+def _flows_source(lake: Lake) -> str:
+    return f"read_parquet('{lake.glob('flows')}', hive_partitioning = true, union_by_name = true)"
+
+
+def _host_flow_facts(con: duckdb.DuckDBPyConnection, lake: Lake, addr: str, peer: str | None,
+                     start: dt.datetime, end: dt.datetime) -> dict[str, list[dict[str, Any]]]:
+    """Top peers (the alert's own peer first) and service ports of `addr` (either end) between start and end."""
+    src = _flows_source(lake)
+    where = "(src_addr = $addr OR dst_addr = $addr) AND ts_start >= $start AND ts_start < $end"
+    params = {"addr": addr, "start": start, "end": end}
+    # one row per peer, both directions together (softflowd exports each direction as its own flow)
+    peers = _rows(con.execute(
+        f"""SELECT CASE WHEN src_addr = $addr THEN dst_addr ELSE src_addr END AS peer,
+                   count(*) AS flows,
+                   sum(CASE WHEN src_addr = $addr THEN bytes ELSE 0 END) AS bytes_out,
+                   sum(CASE WHEN src_addr = $addr THEN 0 ELSE bytes END) AS bytes_in,
+                   count(DISTINCT {SERVICE_PORT}) AS ports, min(ts_start) AS first_seen, max(ts_end) AS last_seen
+            FROM {src} WHERE {where} GROUP BY 1
+            ORDER BY (peer = $peer) DESC, flows DESC, bytes_out DESC LIMIT {TOP_N}""",
+        {**params, "peer": peer or ""}))
+    ports = _rows(con.execute(
+        f"""SELECT {SERVICE_PORT} AS port, proto, count(*) AS flows, sum(bytes) AS bytes,
+                   count(DISTINCT CASE WHEN src_addr = $addr THEN dst_addr ELSE src_addr END) AS peers
+            FROM {src} WHERE {where} GROUP BY 1, 2 ORDER BY flows DESC, bytes DESC LIMIT {TOP_N}""",
+        params))
+    for row in peers:
+        row["first_seen"], row["last_seen"] = _iso(row["first_seen"]), _iso(row["last_seen"])
+    return {"top_peers": peers, "top_ports": ports}
+
+
+def _timeline_rows(con: duckdb.DuckDBPyConnection, lake: Lake, addr: str, start: dt.datetime,
+                   end: dt.datetime, bin_s: int) -> list[dict[str, Any]]:
+    rows = _rows(con.execute(
+        f"""SELECT to_timestamp(floor(epoch(ts_start) / {bin_s}) * {bin_s}) AS t,
+                   CASE WHEN src_addr = $addr THEN 'outbound' ELSE 'inbound' END AS direction,
+                   count(*) AS flows, sum(bytes) AS bytes
+            FROM {_flows_source(lake)}
+            WHERE (src_addr = $addr OR dst_addr = $addr) AND ts_start >= $start AND ts_start < $end
+            GROUP BY 1, 2 ORDER BY 1""",
+        {"addr": addr, "start": start, "end": end}))
+    return [{"t": _iso(r["t"]), "direction": r["direction"], "flows": r["flows"], "bytes": r["bytes"]}
+            for r in rows]
+
+
+def _traffic_rows(con: duckdb.DuckDBPyConnection, lake: Lake, start: dt.datetime, end: dt.datetime,
+                  bin_s: int) -> list[dict[str, Any]]:
+    rows = _rows(con.execute(
+        f"""SELECT to_timestamp(floor(epoch(ts_start) / {bin_s}) * {bin_s}) AS t,
+                   CASE WHEN ip_version = 6 THEN 'IPv6' ELSE 'IPv4' END AS family,
+                   count(*) AS flows, sum(bytes) AS bytes
+            FROM {_flows_source(lake)} WHERE ts_start >= $start AND ts_start < $end GROUP BY 1, 2 ORDER BY 1""",
+        {"start": start, "end": end}))
+    return [{"t": _iso(r["t"]), "family": r["family"], "flows": r["flows"], "mbytes": round(r["bytes"] / 1e6, 3)}
+            for r in rows]
+
+
+def _vm_facts(lake: Lake) -> dict[str, dict[str, Any]]:
+    if not _has(lake, "vms"):
+        return {}
+    return {row["vm_id"]: row for row in lake.read("vms").to_pylist()}
+
+
+def _vm_logs(con: duckdb.DuckDBPyConnection, lake: Lake, vm_id: str | None, addr: str | None,
+             start: dt.datetime, end: dt.datetime, limit: int = 12) -> list[dict[str, Any]]:
+    """Syslog lines from inside the alerted VM, or lines elsewhere that name the alerted address (sshd)."""
+    if not _has(lake, "vm_logs"):
+        return []
+    rows = _rows(con.execute(
+        f"""SELECT ts, hostname, app, message, auth_event, auth_user, auth_src_addr
+            FROM read_parquet('{lake.glob('vm_logs')}', hive_partitioning = true, union_by_name = true)
+            WHERE ts >= $start AND ts < $end
+              AND (vm_id = $vm OR auth_src_addr = $addr)
+            ORDER BY (auth_event IS NULL), ts LIMIT {limit}""",
+        {"vm": vm_id or "", "addr": addr or "", "start": start, "end": end}))
+    for row in rows:
+        row["ts"] = _iso(row["ts"])
+    return rows
+
+
+# ---- charts -------------------------------------------------------------------------------------------------
+
+def _svg(chart: Any) -> Markup:
+    """altair chart -> inline SVG. vl-convert renders data text as escaped SVG text nodes."""
+    import vl_convert
+
+    svg = vl_convert.vegalite_to_svg(chart.to_json())
+    # the XML prolog is not allowed inside HTML; the <svg> element itself is
+    return Markup(svg[svg.index("<svg"):])
+
+
+def _overview_charts(alerts: list[dict[str, Any]], traffic: list[dict[str, Any]], window: tuple[str, str]) -> dict[str, Markup]:
+    import altair as alt
+
+    charts: dict[str, Markup] = {}
+    counts: dict[str, int] = {}
+    for alert in alerts:
+        counts[alert["detector_label"]] = counts.get(alert["detector_label"], 0) + 1
+    if counts:
+        data = alt.Data(values=[{"detector": k, "alerts": v} for k, v in sorted(counts.items())])
+        bar = alt.Chart(data).mark_bar(color="#b9472c").encode(
+            x=alt.X("alerts:Q", title="alerts", axis=alt.Axis(tickMinStep=1, format="d")),
+            y=alt.Y("detector:N", title=None, sort="-x"),
+        ).properties(width=360, height=max(40, 26 * len(counts)), title="Alerts by detector")
+        charts["by_detector"] = _svg(bar)
+    if traffic:
+        data = alt.Data(values=traffic)
+        area = alt.Chart(data).mark_area(opacity=0.8).encode(
+            x=alt.X("t:T", title="time (UTC)", scale=alt.Scale(domain=list(window)),
+                    axis=alt.Axis(format="%H:%M")),
+            y=alt.Y("mbytes:Q", title="MB per bin", stack=True),
+            color=alt.Color("family:N", title=None, scale=alt.Scale(range=["#2f6690", "#7fb069"])),
+        ).properties(width=620, height=180, title="Traffic over time (all flows)")
+        charts["traffic"] = _svg(area)
+    return charts
+
+
+def _timeline_chart(rows: list[dict[str, Any]], alert_window: tuple[str, str], window: tuple[str, str]) -> Markup:
+    import altair as alt
+
+    shade = alt.Chart(alt.Data(values=[{"start": alert_window[0], "end": alert_window[1]}])).mark_rect(
+        color="#f2c14e", opacity=0.35).encode(x="start:T", x2="end:T")
+    bars = alt.Chart(alt.Data(values=rows)).mark_bar().encode(
+        x=alt.X("t:T", title="time (UTC)", scale=alt.Scale(domain=list(window)), axis=alt.Axis(format="%H:%M")),
+        y=alt.Y("flows:Q", title="flows per bin", stack=True),
+        color=alt.Color("direction:N", title=None,
+                        scale=alt.Scale(domain=["outbound", "inbound"], range=["#b9472c", "#2f6690"])),
+    )
+    return _svg(alt.layer(shade, bars).properties(width=620, height=150,
+                                                   title="This host's flows; shaded: the alert window"))
+
+
+# ---- the report ---------------------------------------------------------------------------------------------
+
+def _lifecycle(alert: dict[str, Any], vm: dict[str, Any] | None) -> dict[str, Any]:
+    status = alert.get("vm_status") or (vm or {}).get("status")
+    quarantine = _utc(alert.get("quarantine_until") or (vm or {}).get("quarantine_until"))
+    label = {
+        "soft_deleted": "deleted by its owner, image in quarantine (restorable, keep for forensics)",
+        "deleted": "deleted (only the lifecycle record remains)",
+        "purged": "purged",
+        "active": "running",
+        "stopped": "stopped",
+    }.get(status or "", status or "unknown")
+    if status == "soft_deleted" and quarantine:
+        label += f" until {_iso(quarantine)}"
+    return {"status": status, "label": label, "quarantine_until": _iso(quarantine),
+            "gone": status in ("soft_deleted", "deleted", "purged"),
+            "created_at": _iso((vm or {}).get("created_at")), "deleted_at": _iso((vm or {}).get("deleted_at")),
+            "cloud": (vm or {}).get("cloud")}
+
+
+def _standout(features: Any) -> tuple[list[tuple[str, Any]], Any]:
+    """Feature dict -> (scalar rows to show as a table, anything else to show as JSON text)."""
+    if not isinstance(features, dict):
+        return [], features
+    rows = [(k, v) for k, v in features.items() if not isinstance(v, dict | list)]
+    rest = {k: v for k, v in features.items() if isinstance(v, dict | list)}
+    return rows, (rest or None)
+
+
+def _evidence_tables(evidence: Any) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
+    """Detector evidence -> (key/value facts, list of tables {name, columns, rows})."""
+    facts: list[tuple[str, Any]] = []
+    tables: list[dict[str, Any]] = []
+
+    def table(name: str, rows: list[Any]) -> None:
+        rows = [r for r in rows if isinstance(r, dict)][:20]
+        columns: list[str] = []
+        for row in rows:
+            columns += [c for c in row if c not in columns]
+        tables.append({"name": name, "columns": columns, "rows": [[r.get(c) for c in columns] for r in rows]})
+
+    if isinstance(evidence, list):
+        table("evidence", evidence)
+    elif isinstance(evidence, dict):
+        for key, value in evidence.items():
+            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                table(key, value)
+            else:
+                facts.append((key, value if not isinstance(value, dict | list) else json.dumps(value)))
+    elif evidence is not None:
+        facts.append(("evidence", evidence))
+    return facts, tables
+
+
+def build_report_data(lake: Lake, alerts: pa.Table, title: str,
+                      window: tuple[dt.datetime, dt.datetime]) -> dict[str, Any]:
+    """Everything the report shows, as JSON-able data (this is also the JSON report)."""
+    start, end = _utc(window[0]), _utc(window[1])
+    span = max((end - start).total_seconds(), 60.0)
+    bin_s = max(60, int(span / TIMELINE_BINS) // 60 * 60)
+    vms = _vm_facts(lake)
+    has_flows = _has(lake, "flows")
+    con = _connect(lake)
+    rows = sorted(alerts.to_pylist(), key=lambda r: (-(r.get("score") or 0.0), r.get("detector") or "",
+                                                     r.get("addr") or ""))
+    out_alerts = []
+    for row in rows:
+        w0, w1 = _utc(row.get("window_start")), _utc(row.get("window_end"))
+        vm = vms.get(row.get("vm_id") or "")
+        features = _loads(row.get("features"))
+        evidence = _loads(row.get("evidence"))
+        item = {
+            "alert_id": row.get("alert_id"),
+            "detector": row.get("detector"),
+            "detector_label": _DETECTOR_LABELS.get(row.get("detector") or "", row.get("detector")),
+            "score": row.get("score"),
+            "reason": row.get("reason"),
+            "addr": row.get("addr"),
+            "peer": row.get("peer"),
+            "window_start": _iso(w0),
+            "window_end": _iso(w1),
+            "who": {
+                "vm_id": row.get("vm_id"), "vm_name": row.get("vm_name"), "project": row.get("project"),
+                "user": row.get("user"), "hypervisor": row.get("hypervisor"),
+                "lifecycle": _lifecycle(row, vm),
+            },
+            "features": features,
+            "evidence": evidence,
+            "pipeline": row.get("pipeline"),
+            "created_at": _iso(row.get("created_at")),
+            "top_peers": [],
+            "top_ports": [],
+            "logs": [],
+            "timeline": [],
+        }
+        if has_flows and row.get("addr") and w0 and w1:
+            item.update(_host_flow_facts(con, lake, row["addr"], row.get("peer"), w0, w1))
+            item["timeline"] = _timeline_rows(con, lake, row["addr"], start, end, bin_s)
+        if w0 and w1:
+            item["logs"] = _vm_logs(con, lake, row.get("vm_id"), row.get("addr"), min(w0, start), max(w1, end))
+        out_alerts.append(item)
+    by_detector: dict[str, int] = {}
+    for item in out_alerts:
+        by_detector[item["detector"] or "?"] = by_detector.get(item["detector"] or "?", 0) + 1
+    traffic = _traffic_rows(con, lake, start, end, bin_s) if has_flows else []
+    totals = {"flows": sum(r["flows"] for r in traffic), "mbytes": round(sum(r["mbytes"] for r in traffic), 1)}
+    con.close()
+    return {
+        "title": title,
+        "window": {"start": _iso(start), "end": _iso(end)},
+        "generated_at": _iso(dt.datetime.now(dt.UTC)),
+        "summary": {"alerts": len(out_alerts), "by_detector": by_detector,
+                    "hosts": len({a["addr"] for a in out_alerts}),
+                    "vms_gone": sorted({a["who"]["vm_name"] or "?" for a in out_alerts if a["who"]["lifecycle"]["gone"]}),
+                    "traffic": totals, "bin_seconds": bin_s},
+        "traffic": traffic,
+        "alerts": out_alerts,
+    }
+
+
+def render_html(data: dict[str, Any]) -> str:
+    """Report data -> one HTML page (charts inline as SVG)."""
+    window = (data["window"]["start"], data["window"]["end"])
+    charts = _overview_charts(data["alerts"], data["traffic"], window)
+    alert_views = []
+    for index, alert in enumerate(data["alerts"]):
+        feature_rows, feature_rest = _standout(alert["features"])
+        facts, tables = _evidence_tables(alert["evidence"])
+        timeline = None
+        if alert["timeline"] and index < MAX_CHART_ALERTS:
+            timeline = _timeline_chart(alert["timeline"], (alert["window_start"], alert["window_end"]), window)
+        alert_views.append({**alert, "feature_rows": feature_rows,
+                            "feature_rest": json.dumps(feature_rest, indent=1) if feature_rest else None,
+                            "evidence_facts": facts, "evidence_tables": tables, "timeline_svg": timeline,
+                            "anchor": f"alert-{index + 1}"})
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True, undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = _num
+    env.filters["bytes"] = _bytes
+    return env.get_template("report.html.j2").render(data=data, charts=charts, alerts=alert_views)
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _bytes(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return ""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1000
+    return str(value)
+
+
+def _file_stem(window: tuple[dt.datetime, dt.datetime]) -> str:
+    start, end = _utc(window[0]), _utc(window[1])
+    return f"report-{start:%Y%m%dT%H%M}-{end:%Y%m%dT%H%M}"
+
+
+def render_report(lake: Lake, alerts: pa.Table, out_dir: Path, title: str,
+                  window: tuple[dt.datetime, dt.datetime]) -> dict[str, Path]:
+    """Write `report-<start>-<end>.html` and `.json` into `out_dir`; returns {"html": path, "json": path}.
+    Atomic: each file is written under a temporary name and renamed."""
+    data = build_report_data(lake, alerts, title, window)
+    html = render_html(data)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = _file_stem(window)
+    paths = {"html": out_dir / f"{stem}.html", "json": out_dir / f"{stem}.json"}
+    for kind, text in (("html", html), ("json", json.dumps(data, indent=1, default=str))):
+        tmp = paths[kind].with_name(paths[kind].name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(paths[kind])
+    return paths
