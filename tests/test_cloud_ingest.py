@@ -1,0 +1,192 @@
+"""`ingest vm` end to end on the real Nova story: lake datasets, who held an address at times before, during
+and after each change (DuckDB over vm_leases/vms), idempotent re-ingest, late and out-of-order files, rejects
+with file and line number and exit code 3, and flows re-attributed for the days a late event touched."""
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from tracepipe.ingest.vm import ingest_vm_files
+from tracepipe.lake import Lake
+
+DATA = Path(__file__).parent / "data" / "cloud"
+STORY = DATA / "nova" / "notifications.jsonl"
+
+
+def utc(h: int, m: int, s: int = 0, day: int = 12) -> dt.datetime:
+    return dt.datetime(2024, 3, day, h, m, s, tzinfo=dt.UTC)
+
+
+def who(lake: Lake, addr: str, at: dt.datetime) -> tuple | None:
+    con = duckdb.connect()
+    return (
+        con.execute(
+            f"""SELECT l.vm_name, l.project, l.user, l.end_reason, v.status, v.deleted_at, v.quarantine_until
+            FROM read_parquet('{lake.glob("vm_leases")}') l JOIN read_parquet('{lake.glob("vms")}') v USING (vm_id)
+            WHERE l.addr = $addr AND l.valid_from <= $at AND (l.valid_to IS NULL OR $at < l.valid_to)""",
+            {"addr": addr, "at": at},
+        ).fetchall()
+        or None
+    )
+
+
+def status_at(lake: Lake, vm_name: str, at: dt.datetime) -> str:
+    con = duckdb.connect()
+    return con.execute(
+        f"""SELECT state FROM read_parquet('{lake.glob("vm_events")}', hive_partitioning = true)
+            WHERE vm_name = $n AND ts <= $at AND NOT event_type LIKE '%.start' ORDER BY ts DESC LIMIT 1""",
+        {"n": vm_name, "at": at},
+    ).fetchone()[0]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tracepipe.cli", *args], capture_output=True, text=True, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def story_lake(tmp_path_factory) -> Lake:
+    lake = Lake(tmp_path_factory.mktemp("story") / "lake")
+    run = run_cli(
+        "ingest", "vm", str(STORY), "--reclaim-interval", "7d", "--lake", str(lake.root), "-o", "json"
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert (report["rows"], report["rejects"], report["leases"], report["vms"]) == (16, 0, 4, 3)
+    return lake
+
+
+@pytest.mark.parametrize(
+    ("addr", "at", "expected"),
+    [
+        ("192.168.1.3", utc(6, 59), None),  # before web-01 existed: nobody
+        ("192.168.1.3", utc(7, 5), "web-01"),
+        ("192.168.1.3", utc(7, 22), "web-01"),  # powered off: still its address
+        ("192.168.1.3", utc(7, 45), "web-01"),  # soft-deleted = quarantined, address kept
+        ("192.168.1.3", utc(8, 5), None),  # web-01 deleted, web-02 not yet created
+        ("192.168.1.3", utc(8, 10, 40), "web-02"),  # reuse: the new holder from its first second
+        ("192.168.1.3", utc(8, 0, 2), "web-01"),
+        ("192.168.1.30", utc(7, 15), "web-01"),
+        ("192.168.1.30", utc(7, 35), None),  # detached 07:30
+        ("192.168.1.7", utc(7, 30), "batch-07"),
+        ("192.168.1.7", utc(7, 56), None),
+    ],
+)
+def test_who_held_the_address(story_lake, addr, at, expected):
+    got = who(story_lake, addr, at)
+    if expected is None:
+        assert got is None
+    else:
+        assert len(got) == 1 and got[0][0] == expected  # never two holders
+
+
+def test_deleted_vm_answer_carries_quarantine(story_lake):
+    name, project, user, end_reason, status, deleted_at, quarantine = who(
+        story_lake, "192.168.1.3", utc(7, 45)
+    )[0]
+    assert (name, user, end_reason, status) == ("web-01", "fake", "delete", "deleted")
+    assert deleted_at == utc(8, 0, 3) and quarantine == utc(8, 0, 3, day=19)
+    assert status_at(story_lake, "web-01", utc(7, 45)) == "soft_deleted"
+    web02 = who(story_lake, "192.168.1.3", utc(9, 0))[0]
+    assert web02[1] != project and web02[2] == "bob" and web02[4] == "active"
+
+
+def test_reingest_is_skipped_and_changes_nothing(story_lake):
+    before = story_lake.read("vm_leases")
+    report = ingest_vm_files(story_lake, [STORY])
+    assert report.skipped == 1 and report.rows == 0
+    after = story_lake.read("vm_leases")
+    assert after.equals(before)  # the reclaim interval given once is remembered in the lake
+    assert after.column("quarantine_until").null_count == 1
+
+
+def test_late_file_and_flow_reattribution(tmp_path):
+    """web-02's create.end arrives in a later file than flows of 192.168.1.3: flows get re-attributed."""
+    lines = STORY.read_text().splitlines()
+    early, late = tmp_path / "early.jsonl", tmp_path / "late.jsonl"
+    early.write_text("\n".join(lines[:-1]) + "\n")
+    late.write_text(lines[-1] + "\n")
+    lake = Lake(tmp_path / "lake")
+    flows = pa.table(
+        {
+            "ts_start": [utc(7, 30), utc(9, 0)],
+            "ts_end": [utc(7, 31), utc(9, 1)],
+            "src_addr": ["192.168.1.3", "192.168.1.3"],
+            "dst_addr": ["198.51.100.1", "198.51.100.1"],
+            "packets": [1, 1],
+            "bytes": [60, 60],
+            "source": ["test", "test"],
+        }
+    )
+    lake.append("flows", flows, key="testflows")
+    first = ingest_vm_files(lake, [early])
+    assert first.touched_days == ["2024-03-12"]
+    src = (
+        duckdb.connect()
+        .execute(f"SELECT src_vm FROM read_parquet('{lake.glob('flows')}') ORDER BY ts_start")
+        .fetchall()
+    )
+    assert src[0][0].startswith("7311d8a3") and src[1][0] is None
+    second = ingest_vm_files(lake, [late])
+    assert second.touched_days == ["2024-03-12"] and second.attribution["files"] == 1
+    src = (
+        duckdb.connect()
+        .execute(f"SELECT src_vm FROM read_parquet('{lake.glob('flows')}') ORDER BY ts_start")
+        .fetchall()
+    )
+    assert src[0][0].startswith("7311d8a3") and src[1][0].startswith("efba91fc")
+    # the same leases as one in-order file
+    whole = Lake(tmp_path / "whole")
+    ingest_vm_files(whole, [STORY])
+    assert whole.read("vm_leases").equals(lake.read("vm_leases"))
+    # nothing new: no rebuild, no re-attribution
+    assert ingest_vm_files(lake, [late, early]).touched_days == []
+
+
+def test_rejects_unknown_events_and_exit_partial(tmp_path):
+    lines = STORY.read_text().splitlines()[:2]
+    message = json.loads(json.loads(lines[1])["oslo.message"])
+    message["event_type"] = "instance.lock"
+    message["message_id"] = "m-lock"
+    lines.append(json.dumps({"oslo.version": "2.0", "oslo.message": json.dumps(message)}))
+    lines.append('{"oslo.version": "2.0", "oslo.message": "{\\"event_type\\": ')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    lake = tmp_path / "lake"
+    run = run_cli("ingest", "vm", str(bad), "--lake", str(lake))
+    assert run.returncode == 3, run.stderr
+    assert "1 input lines rejected" in run.stderr
+    con = duckdb.connect()
+    rejects = con.execute(
+        f"SELECT source, line, reason FROM read_parquet('{lake}/rejects/*/*.parquet')"
+    ).fetchall()
+    assert rejects == [(str(bad), 4, "malformed JSON")]
+    events = con.execute(
+        f"SELECT action, event_type FROM read_parquet('{lake}/vm_events/*/*.parquet') ORDER BY line"
+    ).fetchall()
+    assert events == [
+        ("create", "instance.create.start"),
+        ("create", "instance.create.end"),
+        ("unknown", "instance.lock"),
+    ]
+    # usage errors: exit 2, one line
+    usage = run_cli("ingest", "vm", str(bad), "--lake", str(lake), "--reclaim-interval", "soon")
+    assert usage.returncode == 2 and "does not parse" in usage.stderr
+    missing = run_cli("ingest", "vm", str(tmp_path / "nope.jsonl"), "--lake", str(lake))
+    assert missing.returncode == 4 and "no such file" in missing.stderr
+
+
+def test_opennebula_pair_and_directory(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    report = ingest_vm_files(lake, [DATA / "opennebula" / "42.log"], tz="Europe/Berlin")
+    assert report.results[0].source.endswith("42.log+42.xml") and report.rows == 10
+    assert report.leases == 6
+    leases = lake.read("vm_leases").to_pylist()
+    assert leases[0]["valid_from"] == utc(8, 0, 41)
