@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import lake_flows, multiset_diff, with_ms_columns
+from conftest import blank_icmpv6_ports, lake_flows, multiset_diff, nfdump_reference
 
 from tracepipe import probes
 from tracepipe import spool as sp
@@ -267,11 +267,14 @@ def test_lake_holds_what_nfdump_prints_ipv4_and_ipv6_transport(version, traffic_
                     tee.wait_for(sent.datagrams)
                 finally:
                     tee.close()
-            expected[host] = with_ms_columns(probes.nfdump_records(nfcapd.out_dir))
+            # nfdump 1.7.1's own errata (IPFIX start/end swapped, v9 ICMPv6 type) undone as in test_vs_nfdump
+            expected[host] = nfdump_reference(probes.nfdump_records(nfcapd.out_dir), version)
             assert expected[host].num_rows == sent.records > 20
         assert stop_collector(run) == 0, run.stderr.read_text()
         stats = run.stats()
     got = lake_flows(lake)
+    if version == 9:
+        got = blank_icmpv6_ports(got)
     for host, want in expected.items():
         mine = got.filter(pa.compute.equal(got.column("exporter"), host))
         diff = multiset_diff(want, mine)
