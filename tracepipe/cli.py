@@ -119,7 +119,9 @@ def ingest_netflow_command(
         out.print(f"sampling interval unknown for {', '.join(unknown)} (no options template): volumes are "
                   "as exported, not scaled")
     out.print(f"{len(summary.files)} files, {summary.datagrams} datagrams, {summary.flows} flows, "
-              f"{summary.rejects} rejects" + (", flows attributed to VMs" if summary.attributed else ""))
+              f"{summary.rejects} rejects" + (", flows attributed to VMs" if summary.attributed is True else ""))
+    if isinstance(summary.attributed, str):
+        console.print(f"[yellow]warning:[/yellow] {summary.attributed}")
     raise typer.Exit(summary.exit_code)
 
 
@@ -156,9 +158,14 @@ def _print_vm_report(report: Any, output: OutputFormat, title: str, lake: Path) 
             table.add_row(r.source, "skipped (already in the lake)" if r.skipped else "landed", str(r.rows),
                           str(r.rejects))
         out.print(table)
-        out.print(f"{report.rows} rows, {report.rejects} rejects, {report.skipped} sources skipped; "
-                  f"{report.leases} leases, {report.vms} VMs"
-                  + (f"; flows re-attributed for {', '.join(report.touched_days)}" if report.attribution else ""))
+        summary = f"{report.rows} rows, {report.rejects} rejects, {report.skipped} sources skipped; "
+        if report.attributed is not None:
+            summary += f"{report.attributed} lines attributed to a VM"
+        else:
+            summary += f"{report.leases} leases, {report.vms} VMs"
+        if report.attribution:
+            summary += f"; flows re-attributed for {', '.join(report.touched_days)}"
+        out.print(summary)
     if report.rejects:
         console.print(f"[yellow]{report.rejects} input lines rejected[/yellow] (the rest landed); list them: "
                       f"tracepipe sql \"SELECT * FROM read_parquet('{lake}/rejects/*/*.parquet')\"")
@@ -235,6 +242,174 @@ def ingest_syslog_command(
 
 # ---- commands: sql / who / timeline -------------------------------------------------------------------------
 
+
+class SqlFormat(str, Enum):  # noqa: UP042 - same shape as OutputFormat above
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+def _print_relation(relation: Any, max_rows: int = 1000, title: str | None = None) -> None:
+    """A DuckDB result as a rich table on stdout (first max_rows rows)."""
+    from rich.table import Table
+
+    if relation is None:
+        return
+    table = Table(title=title)
+    for name in relation.columns:
+        table.add_column(name)
+    rows = relation.fetchmany(max_rows + 1)
+    for row in rows[:max_rows]:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    out.print(table)
+    if len(rows) > max_rows:
+        console.print(f"(first {max_rows} rows shown; use --max-rows, or --format csv/json/parquet for all)")
+
+
+def _print_rows(rows: list[dict[str, Any]], title: str, columns: list[str] | None = None) -> None:
+    from rich.table import Table
+
+    if not rows:
+        out.print(f"[dim]{title}: none[/dim]")
+        return
+    columns = columns or list(rows[0])
+    table = Table(title=title)
+    for name in columns:
+        table.add_column(name)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    out.print(table)
+
+
+@app.command("sql")
+def sql_command(
+    query: Annotated[str | None, typer.Argument(help="SQL text; '-' reads it from stdin.", show_default=False)] = None,
+    file: Annotated[Path | None, typer.Option("-f", "--file", help="Read the SQL from this file.")] = None,
+    fmt: Annotated[SqlFormat, typer.Option("--format", help="table, csv, json, or parquet (with --output).")]
+    = SqlFormat.table,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the result here (parquet).")] = None,
+    shell: Annotated[bool, typer.Option("--shell", help="Interactive session with the same views.")] = False,
+    max_rows: Annotated[int, typer.Option("--max-rows", help="Rows shown by --format table.")] = 1000,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Run read-only DuckDB SQL over the lake.
+
+    Views: flows, flows_attributed, vm_events, vm_leases, vms, vm_logs, intel, alerts, rejects. Macros:
+    who_had(addr, ts), cidr_contains(cidr, addr), ip_to_num(addr), ip_between(addr, lo, hi).
+    Only queries run (SELECT, WITH, DESCRIBE, SUMMARIZE, EXPLAIN): COPY, CREATE, INSERT, DELETE, ATTACH, SET
+    ... are refused with exit code 2.
+
+    Example: tracepipe sql "SELECT src_project, sum(bytes) FROM flows_attributed GROUP BY 1 ORDER BY 2 DESC"
+    """
+    from tracepipe import query as q
+    from tracepipe.errors import UsageError
+
+    lake_ = open_lake(lake)
+    if shell:
+        q.shell(lake_, lambda r: console.print(f"[red]{r}[/red]") if isinstance(r, Exception)
+                else _print_relation(r, max_rows))
+        return
+    if file is not None:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read {file}: {exc}") from exc
+    elif query == "-" or (query is None and not sys.stdin.isatty()):
+        text = sys.stdin.read()
+    elif query is not None:
+        text = query
+    else:
+        raise UsageError("give a query, -f FILE, '-' for stdin, or --shell")
+    con = q.connect(lake_)
+    relation = q.run_read_only(con, text)
+    if relation is None:
+        return
+    if fmt == SqlFormat.table:
+        _print_relation(relation, max_rows)
+        return
+    text_out = q.export_result(relation, fmt.value, output)
+    if text_out is not None:
+        if output is not None:
+            output.write_text(text_out, encoding="utf-8")
+        else:
+            sys.stdout.write(text_out)
+
+
+@app.command("who")
+def who_command(
+    addr: Annotated[str, typer.Argument(help="IPv4 or IPv6 address.", show_default=False)],
+    at: Annotated[str, typer.Option("--at", help="ISO 8601 (Z or offset; none = UTC) or epoch seconds.")],
+    window: Annotated[str, typer.Option("--window", help="Flow summary over TIME ± this (30m, 1h, 2d).")] = "1h",
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Which VM held ADDR at TIME, whose it is, what became of it, and what the address did around then.
+
+    Deleted and soft-deleted (quarantined) VMs included. "nobody held ADDR" is an answer: exit code 0.
+
+    Example: tracepipe who 192.168.1.3 --at 2024-03-12T07:45:00Z --window 30m
+    """
+    from tracepipe import query as q
+
+    answer = q.who(open_lake(lake), addr, q.parse_time(at), q.parse_duration(window))
+    if output == OutputFormat.json:
+        print_json(answer)
+        return
+    at_text = f"{answer['at']:%Y-%m-%d %H:%M:%S} UTC"
+    if not answer["held"]:
+        out.print(f"nobody held {answer['addr']} at {at_text}")
+        for key, label in (("previous_lease", "before"), ("next_lease", "after")):
+            lease = answer[key]
+            if lease:
+                out.print(f"  {label}: {lease['vm_name'] or ''} ({lease['vm_id']}) held it "
+                          f"{lease['valid_from']:%Y-%m-%d %H:%M:%S} - "
+                          f"{'now' if lease['valid_to'] is None else format(lease['valid_to'], '%Y-%m-%d %H:%M:%S')}")
+    for lease in answer["leases"]:
+        until = "still held" if lease["valid_to"] is None else f"{lease['valid_to']:%Y-%m-%d %H:%M:%S} UTC"
+        out.print(f"[bold]{answer['addr']}[/bold] at {at_text} was held by")
+        out.print(f"  VM          {lease['vm_name'] or '?'} ({lease['vm_id']})")
+        out.print(f"  project     {lease['project'] or '?'}")
+        out.print(f"  user        {lease['user'] or '?'}")
+        out.print(f"  hypervisor  {lease['hypervisor'] or '?'}   cloud {lease['cloud'] or '?'}   "
+                  f"address {lease['addr_kind'] or '?'}")
+        out.print(f"  lease       {lease['valid_from']:%Y-%m-%d %H:%M:%S} UTC -> {until}"
+                  + (f" ({lease['end_reason']})" if lease["end_reason"] else ""))
+        out.print(f"  VM now      {lease['now']}")
+    flows = answer["flows"]
+    out.print(f"flows of {answer['addr']} {flows['from']:%Y-%m-%d %H:%M} - {flows['to']:%H:%M} UTC: "
+              f"{flows['flows']} flows ({flows['flows_out']} out, {flows['flows_in']} in), {flows['bytes']} bytes, "
+              f"{flows['peers']} peers")
+    _print_rows(flows["top_peers"], "top peers", ["peer", "flows", "bytes"])
+    _print_rows(flows["top_ports"], "top destination ports", ["proto", "port", "flows", "bytes"])
+
+
+@app.command("timeline")
+def timeline_command(
+    vm: Annotated[str, typer.Argument(help="vm_id, or a VM name that only one VM carries.", show_default=False)],
+    limit: Annotated[int, typer.Option("--limit", help="At most this many rows per section.")] = 200,
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Everything known about one VM: what it is now, lifecycle events, leases, flows per hour, VM logs.
+
+    Example: tracepipe timeline web-01
+    """
+    from tracepipe import query as q
+
+    answer = q.timeline(open_lake(lake), vm, limit)
+    if output == OutputFormat.json:
+        print_json(answer)
+        return
+    info = answer["vm"]
+    out.print(f"[bold]{info['vm_name'] or '?'}[/bold] ({answer['vm_id']}) project {info['project'] or '?'}, "
+              f"user {info['user'] or '?'}, hypervisor {info['hypervisor'] or '?'}: {info['now']}")
+    _print_rows(answer["events"], "lifecycle", ["ts", "action", "state", "event_type", "addrs", "addr"])
+    _print_rows(answer["leases"], "leases", ["addr", "addr_kind", "valid_from", "valid_to", "end_reason"])
+    _print_rows(answer["flows_per_hour"], "flows per hour")
+    _print_rows(answer["logs"], "VM logs", ["ts", "app", "auth_event", "auth_user", "auth_src_addr", "message"])
+
+
 # ---- commands: collect --------------------------------------------------------------------------------------
 
 
@@ -274,6 +449,155 @@ def collect_command(
 
 
 # ---- commands: sweep / model / intel ------------------------------------------------------------------------
+
+model_app = typer.Typer(help="The anomaly model: fit on a baseline period, score windows.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+intel_app = typer.Typer(help="Threat-intelligence indicators (MISP exports, address lists).", no_args_is_help=True)
+app.add_typer(intel_app, name="intel")
+
+SinceOption = Annotated[str | None, typer.Option("--since", help="Window start, ISO 8601 (no offset = UTC) "
+                                                                "or epoch seconds.", show_default=False)]
+UntilOption = Annotated[str | None, typer.Option("--until", help="Window end (exclusive).", show_default=False)]
+
+
+def _time_or_none(text: str | None) -> Any:
+    from tracepipe.query import parse_time
+
+    return parse_time(text) if text else None
+
+
+@app.command("sweep")
+def sweep_command(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline file, e.g. pipelines/nightly.toml.", show_default=False)],
+    since: SinceOption = None,
+    until: UntilOption = None,
+    engine: Annotated[str, typer.Option("--engine", help="Query engine (duckdb).")] = "duckdb",
+    lake: LakeOption = Path(DEFAULT_LAKE),
+    output_format: FormatOption = OutputFormat.table,
+) -> None:
+    """Run a sweep: ingest the pipeline's drop folders, run its detectors and model over the window, append
+    new alerts to the lake, write the JSON (and HTML) report, print a summary.
+
+    Without --since/--until the window is the last completed `window.last` of the pipeline (hourly: the
+    previous hour; nightly: yesterday). Rerunning a window adds no duplicate alerts.
+
+    Exit codes: 0 nothing new (also: no flows in the window, said in the summary); 1 new alerts;
+    2 bad pipeline file (the message names the key and line); 3 some input rejected and nothing new; 4 failed.
+
+    Example: tracepipe sweep pipelines/nightly.toml --since 2025-06-17T00:00 --until 2025-06-18T00:00 --lake /srv/lake
+    """
+    from tracepipe.sweep import run_sweep
+
+    with console.status("sweep") as status:
+        result = run_sweep(open_lake(lake), pipeline, _time_or_none(since), _time_or_none(until), engine=engine,
+                           on_stage=lambda name: status.update(f"sweep: {name}"))
+    summary = result.summary()
+    if output_format == OutputFormat.json:
+        print_json(summary)
+    else:
+        out.print(f"[bold]{result.pipeline}[/bold]: {result.message}")
+        for row in summary["top"]:
+            out.print(f"  [{'red' if row['score'] and row['score'] >= 0.8 else 'yellow'}]{row['detector']:>15}"
+                      f"[/] {row['score']:.2f}  {row['reason']}")
+        for note in result.notes:
+            out.print(f"  note: {note}")
+        for kind, path in result.report_paths.items():
+            out.print(f"  report ({kind}): {path}")
+    raise typer.Exit(result.exit_code)
+
+
+@model_app.command("fit")
+def model_fit_command(
+    since: Annotated[str, typer.Option("--since", help="Baseline start (ISO 8601 / epoch).", show_default=False)],
+    until: Annotated[str, typer.Option("--until", help="Baseline end (exclusive).", show_default=False)],
+    pipeline: Annotated[Path, typer.Option("--pipeline", help="Pipeline file giving local_networks and the model "
+                                                              "path.")] = Path("pipelines/nightly.toml"),
+    lake: LakeOption = Path(DEFAULT_LAKE),
+    output_format: FormatOption = OutputFormat.table,
+) -> None:
+    """Fit the IsolationForest on per (host, hour) features of a baseline period and save it in the lake
+    (joblib + a JSON sidecar of feature names, scikit-learn version and fit window).
+
+    Example: tracepipe model fit --since 2025-06-01 --until 2025-06-15 --pipeline pipelines/nightly.toml
+    """
+    from tracepipe.detect.model import fit_lake
+    from tracepipe.pipeline_config import load_pipeline
+    from tracepipe.query import parse_time
+
+    config = load_pipeline(pipeline)
+    with console.status("model fit"):
+        path, info = fit_lake(open_lake(lake), parse_time(since), parse_time(until),
+                              config.pipeline.local_networks, path=config.model.path or None)
+    answer = {"model": str(path), "rows": info.rows, "hosts": info.hosts, "features": info.features,
+              "sklearn": info.sklearn_version, "fit_since": info.fit_since, "fit_until": info.fit_until}
+    if output_format == OutputFormat.json:
+        print_json(answer)
+    else:
+        out.print(f"fitted on {info.rows:,} (host, hour)s of {info.hosts:,} hosts -> {path}")
+
+
+@model_app.command("score")
+def model_score_command(
+    since: Annotated[str, typer.Option("--since", help="Start of the windows to score.", show_default=False)],
+    until: Annotated[str, typer.Option("--until", help="End (exclusive).", show_default=False)],
+    top: Annotated[int, typer.Option("--top", help="Show the N highest.")] = 20,
+    pipeline: Annotated[Path, typer.Option("--pipeline", help="Pipeline file (model path, baseline).")] =
+    Path("pipelines/nightly.toml"),
+    lake: LakeOption = Path(DEFAULT_LAKE),
+    output_format: FormatOption = OutputFormat.table,
+) -> None:
+    """Rank the (host, hour)s of a period with the fitted model; each says which features stood out.
+
+    Example: tracepipe model score --since 2025-06-17 --until 2025-06-18 --top 10
+    """
+    from tracepipe.detect.model import score_lake
+    from tracepipe.pipeline_config import load_pipeline
+    from tracepipe.query import parse_time
+
+    config = load_pipeline(pipeline)
+    with console.status("model score"):
+        scored = score_lake(open_lake(lake), parse_time(since), parse_time(until), config.model.path or None,
+                            history=float(config.window.baseline), top_features=config.model.top_features)
+    rows = [{"host": r["host"], "window_start": r["window_start"], "anomaly_score": round(r["anomaly_score"], 4),
+             "explanation": json.loads(r["explanation"])} for r in scored.head(top).to_dicts()]
+    if output_format == OutputFormat.json:
+        print_json(rows)
+        return
+    for r in rows:
+        why = "; ".join(f"{e['feature']}={e['value']:g} (baseline {e['baseline']:g})" for e in r["explanation"])
+        out.print(f"{r['anomaly_score']:.3f}  {r['host']:<20} {r['window_start']:%Y-%m-%d %H:%M}  {why}")
+
+
+@intel_app.command("import")
+def intel_import_command(
+    path: Annotated[Path, typer.Argument(help="MISP CSV/JSON export or a list of addresses/CIDRs.",
+                                         show_default=False)],
+    input_format: Annotated[str, typer.Option("--format", help="auto, misp-csv, misp-json or list.")] = "auto",
+    lake: LakeOption = Path(DEFAULT_LAKE),
+    output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table or json.")] = OutputFormat.table,
+) -> None:
+    """Load threat-intel indicators into the lake's `intel` dataset (importing the same file twice adds
+    nothing). Bad lines go to the `rejects` dataset with their line number.
+
+    Exit codes: 0 all imported; 3 some lines rejected; 4 nothing usable.
+
+    Example: tracepipe intel import misp-export.csv && tracepipe sweep pipelines/retro-hunt.toml
+    """
+    from tracepipe.errors import EXIT_PARTIAL
+    from tracepipe.intel import import_intel
+
+    result = import_intel(open_lake(lake), path, input_format)
+    code = EXIT_FAILED if result.rows == 0 and result.rejects else (EXIT_PARTIAL if result.rejects else 0)
+    answer = {**vars(result), "exit_code": code}
+    if output == OutputFormat.json:
+        print_json(answer)
+    elif result.already_imported:
+        out.print(f"{path}: already imported (same content), nothing added")
+    else:
+        out.print(f"{path} ({result.format}): {result.rows} indicators, {result.rejects} rejected, "
+                  f"{result.skipped_types} attributes of other types skipped")
+    raise typer.Exit(code)
+
 
 # ---- commands: demo -----------------------------------------------------------------------------------------
 

@@ -421,10 +421,12 @@ def _intervals(table: pa.Table) -> set[tuple[Any, ...]]:
     return set(zip(cols["addr"], cols["vm_id"], cols["valid_from"], cols["valid_to"], strict=True))
 
 
-def _flow_days(lake: Any) -> list[str] | None:
+def _flow_days(lake: Any) -> list[str]:
+    """Days that have flow partitions: only those can need re-attribution (flows landing later are
+    attributed when they land)."""
     directory = lake.root / "flows"
     if not directory.exists():
-        return None
+        return []
     return sorted(p.name.removeprefix("date=") for p in directory.glob("date=*") if p.is_dir())
 
 

@@ -30,6 +30,7 @@ class VmIngestReport:
     vms: int = 0
     touched_days: list[str] = field(default_factory=list)
     attribution: dict[str, Any] | None = None  # what attribution.attribute_flows returned, if it ran
+    attributed: int | None = None  # syslog: lines attributed to a VM
 
     @property
     def rows(self) -> int:
@@ -56,6 +57,7 @@ class VmIngestReport:
             "vms": self.vms,
             "touched_days": self.touched_days,
             "attribution": self.attribution,
+            "attributed_lines": self.attributed,
         }
 
 
@@ -214,5 +216,7 @@ def ingest_syslog_files(
             stats={"lines": logs.num_rows, "attributed": attributed},
         )
         report.results.append(result)
+        if not result.skipped:
+            report.attributed = (report.attributed or 0) + attributed
     report.leases = leases.num_rows
     return report
