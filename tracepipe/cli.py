@@ -250,6 +250,24 @@ class SqlFormat(str, Enum):  # noqa: UP042 - same shape as OutputFormat above
     parquet = "parquet"
 
 
+def _cell(value: Any) -> str:
+    """Compact text for a table cell: UTC times without microseconds and offset, lists comma-joined."""
+    import datetime as dt
+
+    if value is None:
+        return ""
+    if isinstance(value, dt.datetime):
+        return f"{value.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S}" if value.tzinfo else f"{value:%Y-%m-%d %H:%M:%S}"
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
+    return str(value)
+
+
+def _data_console() -> Console:
+    """stdout for tables: the terminal's width, or wide enough not to squash columns when piped."""
+    return out if out.is_terminal else Console(width=240)
+
+
 def _print_relation(relation: Any, max_rows: int = 1000, title: str | None = None) -> None:
     """A DuckDB result as a rich table on stdout (first max_rows rows)."""
     from rich.table import Table
@@ -259,10 +277,10 @@ def _print_relation(relation: Any, max_rows: int = 1000, title: str | None = Non
     table = Table(title=title)
     for name in relation.columns:
         table.add_column(name)
-    rows = relation.fetchmany(max_rows + 1)
+    rows = relation.limit(max_rows + 1).fetchall()
     for row in rows[:max_rows]:
-        table.add_row(*("" if v is None else str(v) for v in row))
-    out.print(table)
+        table.add_row(*(_cell(v) for v in row))
+    _data_console().print(table)
     if len(rows) > max_rows:
         console.print(f"(first {max_rows} rows shown; use --max-rows, or --format csv/json/parquet for all)")
 
@@ -278,8 +296,8 @@ def _print_rows(rows: list[dict[str, Any]], title: str, columns: list[str] | Non
     for name in columns:
         table.add_column(name)
     for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    out.print(table)
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    _data_console().print(table)
 
 
 @app.command("sql")
@@ -600,6 +618,73 @@ def intel_import_command(
 
 
 # ---- commands: demo -----------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo_command(
+    lake: Annotated[Path, typer.Option("--lake", help="Demo lake; emptied and rebuilt on every run.")] = Path(
+        "demo-lake"),
+    output: FormatOption = OutputFormat.table,
+    story: Annotated[Path | None, typer.Option("--story", help="Sample story folder (default: the bundled one).",
+                                               show_default=False)] = None,
+) -> None:
+    """Run the whole pipeline on the bundled incident story and show what it finds.
+
+    Ingests sample_data/story (softflowd NetFlow v9 + IPFIX captures, Nova, Neutron, OpenNebula, syslog, MISP)
+    into a fresh lake, builds the leases, runs pipelines/nightly.toml over the story window, prints each finding
+    with its VM, project and owner, the report path and three commands to try next.
+
+    Example: tracepipe demo --lake /tmp/demo-lake
+    """
+    from tracepipe.demo import STORY_DIR, run_demo
+
+    with console.status("demo") as status:
+        result = run_demo(lake, story or STORY_DIR, progress=lambda step: status.update(f"demo: {step}"))
+    if output == OutputFormat.json:
+        print_json(result.to_dict())
+        raise typer.Exit(result.exit_code)
+    _print_demo(result)
+    raise typer.Exit(result.exit_code)
+
+
+def _print_demo(result: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    start, end = result.window
+    out.print(f"[bold]tracepipe demo[/bold]: sample story {start:%Y-%m-%d %H:%M}–{end:%H:%M} UTC, lake {result.lake}")
+    marks = {"ok": "[green]ok[/green]", "failed": "[red]failed[/red]", "missing": "[yellow]missing[/yellow]"}
+    for step in result.steps:
+        numbers = ", ".join(f"{k} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k} {v}"
+                            for k, v in step.numbers.items())
+        detail = f" — {escape(step.detail)}" if step.detail else ""
+        out.print(f"  {marks.get(step.status, step.status)}  {escape(step.name)}: {escape(numbers)}{detail}"
+                  f" [dim]({step.seconds:.1f} s)[/dim]")
+    table = Table(title=f"Findings: {len(result.findings)} (host, detector) pairs", show_lines=False)
+    for name in ("detector", "address", "VM", "project", "owner", "VM now", "why"):
+        table.add_column(name, overflow="fold")
+    for f in result.findings:
+        state = f["vm_status"] or ""
+        if f.get("quarantine_until"):
+            state += f" (quarantined until {f['quarantine_until'][:16]})"
+        table.add_row(*(escape(str(v or "")) for v in (f["detector"], f["addr"], f["vm_name"] or "(no VM)",
+                                                       f["project"], f["user"], state, f["reason"])))
+    out.print(table)
+    found = sum(1 for c in result.truth_check if c["found"] and c["attributed"])
+    out.print(f"Ground truth (sample_data/story/ground_truth.json): {found}/{len(result.truth_check)} planted "
+              f"incidents found and attributed to the right VM and owner; "
+              f"{len(result.false_positives)} ordinary hosts alerted"
+              + (f" ({', '.join(result.false_positives)})" if result.false_positives else "") + ".")
+    for check in result.truth_check:
+        if not (check["found"] and check["attributed"]):
+            out.print(f"  [yellow]not found/attributed:[/yellow] {check['kind']} {check['addr']} ({check['vm_name']})")
+    if result.report.get("html"):
+        out.print(f"Report: [bold]{escape(result.report['html'])}[/bold] (open it in a browser; JSON: "
+                  f"{escape(result.report.get('json', ''))})")
+    out.print("Try next:")
+    for command in result.next_commands:
+        out.print(f"  {escape(command)}", soft_wrap=True)
+    out.print(f"[dim]{result.seconds:.1f} s[/dim]")
 
 
 def main() -> None:

@@ -8,10 +8,13 @@ not a query: `tracepipe sql` cannot COPY, CREATE, DELETE, ATTACH or change setti
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 import re
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -174,3 +177,267 @@ def run_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRe
     except duckdb.Error as exc:
         raise UsageError(f"query failed: {exc}") from exc
     return relation
+
+
+# ---- the incident questions: who held an address, everything about one VM ----------------------------------
+
+_EPOCH = re.compile(r"^\s*\d{9,11}(\.\d+)?\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(text: str) -> dt.datetime:
+    """ISO 8601 (with Z or an offset; naive = UTC) or epoch seconds -> aware UTC datetime; UsageError else."""
+    if _EPOCH.match(text):
+        return dt.datetime.fromtimestamp(float(text), tz=dt.UTC)
+    try:
+        value = dt.datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        raise UsageError(
+            f"time {text!r} does not parse: give ISO 8601 (2024-03-12T07:30:00Z, 2024-03-12 08:30+01:00; "
+            "no offset = UTC) or epoch seconds (1710228600)"
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """'90s', '30m', '1h', '2d', '1w' (a bare number is seconds) -> timedelta; UsageError else."""
+    match = _DURATION.match(text)
+    if not match:
+        raise UsageError(f"duration {text!r} does not parse: give a number and a unit, e.g. 30m, 1h, 2d")
+    return dt.timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()])
+
+
+def parse_addr(text: str) -> str:
+    """An IPv4/IPv6 address -> its canonical text (as the lake stores it); UsageError else."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise UsageError(f"address {text!r} does not parse: give one IPv4 or IPv6 address, e.g. 10.0.0.5") from None
+
+
+def _rows(relation: duckdb.DuckDBPyRelation | duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    names = [d[0] for d in relation.description]
+    return [dict(zip(names, row, strict=True)) for row in relation.fetchall()]
+
+
+def _day(value: dt.datetime) -> dt.date:
+    return value.astimezone(dt.UTC).date()
+
+
+def vm_now(status: str | None, deleted_at: dt.datetime | None, quarantine_until: dt.datetime | None,
+           now: dt.datetime | None = None) -> str:
+    """What a VM is now, in words: 'deleted 2024-03-12 09:12 UTC, image quarantined until 2024-03-19'."""
+    now = now or dt.datetime.now(dt.UTC)
+    text = (status or "unknown").replace("_", "-")
+    if deleted_at is not None and status in ("deleted", "purged", "soft_deleted"):
+        text += f" {deleted_at.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC"
+    if quarantine_until is not None:
+        verb = "quarantined until" if quarantine_until > now else "was quarantined until (reclaimed)"
+        if status == "soft_deleted":
+            text += f", restorable; image {verb} {quarantine_until.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC"
+        else:
+            text += f", image {verb} {quarantine_until.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC"
+    elif status == "soft_deleted":
+        text += " (quarantined, restorable)"
+    return text
+
+
+_FLOW_WINDOW_SQL = """
+WITH w AS (
+    SELECT *, CASE WHEN src_addr = $addr THEN dst_addr ELSE src_addr END AS peer,
+              src_addr = $addr AS outbound
+    FROM flows
+    WHERE (src_addr = $addr OR dst_addr = $addr)
+      AND ts_start >= $start AND ts_start < $stop
+      AND "date" BETWEEN $first_day AND $last_day
+)
+SELECT
+    (SELECT count(*) FROM w) AS flows,
+    (SELECT coalesce(sum(bytes), 0) FROM w) AS bytes,
+    (SELECT coalesce(sum(packets), 0) FROM w) AS packets,
+    (SELECT count(*) FILTER (WHERE outbound) FROM w) AS flows_out,
+    (SELECT count(*) FILTER (WHERE NOT outbound) FROM w) AS flows_in,
+    (SELECT coalesce(sum(bytes) FILTER (WHERE outbound), 0) FROM w) AS bytes_out,
+    (SELECT coalesce(sum(bytes) FILTER (WHERE NOT outbound), 0) FROM w) AS bytes_in,
+    (SELECT count(DISTINCT peer) FROM w) AS peers,
+    (SELECT list({'peer': peer, 'flows': n, 'bytes': b} ORDER BY b DESC, n DESC, peer) FROM (
+        SELECT peer, count(*) AS n, coalesce(sum(bytes), 0) AS b FROM w GROUP BY peer
+        ORDER BY b DESC, n DESC, peer LIMIT $top)) AS top_peers,
+    (SELECT list({'proto': proto, 'port': dst_port, 'flows': n, 'bytes': b} ORDER BY n DESC, b DESC, dst_port) FROM (
+        SELECT proto, dst_port, count(*) AS n, coalesce(sum(bytes), 0) AS b FROM w GROUP BY proto, dst_port
+        ORDER BY n DESC, b DESC, dst_port LIMIT $top)) AS top_ports
+"""
+
+
+def flow_summary(con: duckdb.DuckDBPyConnection, addr: str, start: dt.datetime, stop: dt.datetime,
+                 top: int = 5) -> dict[str, Any]:
+    """Flows of `addr` (either end) with start <= ts_start < stop: counts, bytes, top peers and ports."""
+    params = {"addr": addr, "start": start, "stop": stop, "first_day": _day(start), "last_day": _day(stop),
+              "top": top}
+    summary = _rows(con.execute(_FLOW_WINDOW_SQL, params))[0]
+    summary["top_peers"] = summary["top_peers"] or []
+    summary["top_ports"] = summary["top_ports"] or []
+    return {"from": start, "to": stop, **summary}
+
+
+def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timedelta(hours=1)) -> dict[str, Any]:
+    """Who held `addr` at `at`: the lease(s) valid then with what the VM is now, the leases just before and
+    after (useful when nobody held it), and the address's flows in at ± window. All input is bound."""
+    addr = parse_addr(addr)
+    con = connect(lake)
+    try:
+        leases = _rows(con.execute("SELECT * FROM who_had($addr, $at)", {"addr": addr, "at": at}))
+        for lease in leases:
+            lease["now"] = vm_now(lease["vm_status"], lease["deleted_at"], lease["quarantine_until"])
+        before = _rows(con.execute(
+            "SELECT vm_id, vm_name, project, valid_from, valid_to FROM vm_leases "
+            "WHERE addr = $addr AND valid_to <= $at ORDER BY valid_to DESC LIMIT 1", {"addr": addr, "at": at}))
+        after = _rows(con.execute(
+            "SELECT vm_id, vm_name, project, valid_from, valid_to FROM vm_leases "
+            "WHERE addr = $addr AND valid_from > $at ORDER BY valid_from LIMIT 1", {"addr": addr, "at": at}))
+        flows = flow_summary(con, addr, at - window, at + window)
+    finally:
+        con.close()
+    return {
+        "addr": addr,
+        "at": at,
+        "window_seconds": window.total_seconds(),
+        "held": bool(leases),
+        "leases": leases,
+        "previous_lease": before[0] if before else None,
+        "next_lease": after[0] if after else None,
+        "flows": flows,
+    }
+
+
+def resolve_vm(con: duckdb.DuckDBPyConnection, vm: str) -> str:
+    """A vm_id, or a name that one VM (in vms or vm_leases) carries -> vm_id; UsageError if none or several."""
+    if con.execute("SELECT 1 FROM _vm_info WHERE vm_id = $vm LIMIT 1", {"vm": vm}).fetchone():
+        return vm
+    ids = [row[0] for row in con.execute(
+        "SELECT DISTINCT vm_id FROM (SELECT vm_id, vm_name FROM _vm_info UNION ALL "
+        "SELECT vm_id, vm_name FROM vm_events) WHERE vm_name = $vm ORDER BY vm_id", {"vm": vm}).fetchall()]
+    if not ids:
+        raise UsageError(f"no VM with id or name {vm!r} in the lake; try `tracepipe sql \"SELECT vm_id, vm_name "
+                         "FROM vms\"`")
+    if len(ids) > 1:
+        raise UsageError(f"{len(ids)} VMs are named {vm!r} ({', '.join(ids)}); give the vm_id")
+    return ids[0]
+
+
+def timeline(lake: Lake, vm: str, limit: int = 200) -> dict[str, Any]:
+    """Everything the lake knows about one VM (vm_id or unique name): what it is now, lifecycle events,
+    leases, flows per hour while it held its addresses, and its syslog lines (first `limit` of each list)."""
+    con = connect(lake)
+    try:
+        vm_id = resolve_vm(con, vm)
+        params = {"vm": vm_id, "limit": limit}
+        info = _rows(con.execute(
+            "SELECT v.*, x.created_at, x.last_event_at, x.cloud FROM _vm_info v "
+            "LEFT JOIN vms x USING (vm_id) WHERE vm_id = $vm", {"vm": vm_id}))[0]
+        info["now"] = vm_now(info["status"], info["deleted_at"], info["quarantine_until"])
+        events = _rows(con.execute(
+            "SELECT ts, action, state, event_type, addrs, addr, addr_kind, hypervisor, source, line "
+            "FROM vm_events WHERE vm_id = $vm ORDER BY ts, event_type LIMIT $limit", params))
+        leases = _rows(con.execute(
+            "SELECT addr, addr_kind, valid_from, valid_to, end_reason FROM vm_leases WHERE vm_id = $vm "
+            "ORDER BY valid_from, addr", {"vm": vm_id}))
+        flows = _vm_flows_per_hour(con, vm_id, leases, limit)
+        logs = _rows(con.execute(
+            "SELECT ts, hostname, app, severity, auth_event, auth_user, auth_src_addr, message FROM vm_logs "
+            "WHERE vm_id = $vm ORDER BY ts LIMIT $limit", params))
+    finally:
+        con.close()
+    return {"vm_id": vm_id, "vm": info, "events": events, "leases": leases, "flows_per_hour": flows,
+            "logs": logs}
+
+
+def _vm_flows_per_hour(con: duckdb.DuckDBPyConnection, vm_id: str, leases: list[dict[str, Any]],
+                       limit: int) -> list[dict[str, Any]]:
+    """Flows per hour of one VM, read only from the days and addresses of its leases (partition pruning)."""
+    if not leases:
+        return []
+    first = min(lease["valid_from"] for lease in leases)
+    last = max(lease["valid_to"] or dt.datetime.now(dt.UTC) for lease in leases)
+    addrs = sorted({lease["addr"] for lease in leases})
+    return _rows(con.execute(
+        """
+        SELECT date_trunc('hour', ts_start) AS hour,
+               count(*) FILTER (WHERE src_vm = $vm) AS flows_out,
+               count(*) FILTER (WHERE dst_vm = $vm) AS flows_in,
+               coalesce(sum(bytes) FILTER (WHERE src_vm = $vm), 0) AS bytes_out,
+               coalesce(sum(bytes) FILTER (WHERE dst_vm = $vm), 0) AS bytes_in,
+               count(DISTINCT CASE WHEN src_vm = $vm THEN dst_addr ELSE src_addr END) AS peers
+        FROM flows_attributed
+        WHERE (src_vm = $vm OR dst_vm = $vm)
+          AND (list_contains($addrs, src_addr) OR list_contains($addrs, dst_addr))
+          AND "date" BETWEEN $first_day AND $last_day
+        GROUP BY hour ORDER BY hour LIMIT $limit
+        """,
+        {"vm": vm_id, "addrs": addrs, "first_day": _day(first), "last_day": _day(last), "limit": limit},
+    ))
+
+
+# ---- results out of `tracepipe sql` ---------------------------------------------------------------------------
+
+
+def export_result(relation: duckdb.DuckDBPyRelation, fmt: str, output: Path | None = None) -> str | None:
+    """A query result as csv or json text (returned), or as a Parquet file at `output` (a user's file outside
+    the lake, written with pyarrow because the session itself may not write files)."""
+    table = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+    if fmt == "parquet":
+        if output is None:
+            raise UsageError("--format parquet needs --output FILE")
+        import pyarrow.parquet as pq
+
+        try:
+            pq.write_table(table, output, compression="zstd")
+        except OSError as exc:
+            raise UsageError(f"cannot write {output}: {exc}") from exc
+        return None
+    if fmt == "csv":
+        import io
+
+        import pyarrow.csv as pacsv
+
+        buffer = io.BytesIO()
+        pacsv.write_csv(table, buffer)
+        return buffer.getvalue().decode("utf-8")
+    if fmt == "json":
+        import json
+
+        return json.dumps(table.to_pylist(), indent=2, default=str) + "\n"
+    raise UsageError(f"unknown format {fmt!r}: table, csv, json or parquet")
+
+
+def shell(lake: Lake, show: Any, read_line: Any = input) -> None:
+    """A small interactive session with the same views: statements end with ';', `.quit` or EOF ends.
+    Each result goes to `show(relation)`, each refusal or error to `show(exc)`."""
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:
+        pass
+    con = connect(lake)
+    buffer: list[str] = []
+    try:
+        while True:
+            try:
+                line = read_line("tracepipe> " if not buffer else "      ...> ")
+            except EOFError:
+                break
+            if not buffer and line.strip() in (".quit", ".exit", "\\q"):
+                break
+            buffer.append(line)
+            text = "\n".join(buffer).strip()
+            if not text.endswith(";"):
+                continue
+            buffer.clear()
+            try:
+                show(run_read_only(con, text))
+            except UsageError as exc:
+                show(exc)
+    finally:
+        con.close()
