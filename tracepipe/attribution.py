@@ -87,7 +87,7 @@ def attribute_flows(
             "CREATE TEMP TABLE _leases AS SELECT addr, vm_id, valid_from, valid_to FROM vm_leases "
             "ORDER BY addr, valid_from"
         )
-        leases = con.execute("SELECT count(*) FROM _leases").fetchone()[0]
+        leases = con.execute("SELECT count(*) FROM _leases").fetchall()[0][0]
         marker = json.dumps({"attributed_at": dt.datetime.now(dt.UTC).isoformat(), "leases": leases})
         counts = {"src_attributed": 0, "dst_attributed": 0}
 

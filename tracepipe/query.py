@@ -315,7 +315,7 @@ def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timede
 
 def resolve_vm(con: duckdb.DuckDBPyConnection, vm: str) -> str:
     """A vm_id, or a name that one VM (in vms or vm_leases) carries -> vm_id; UsageError if none or several."""
-    if con.execute("SELECT 1 FROM _vm_info WHERE vm_id = $vm LIMIT 1", {"vm": vm}).fetchone():
+    if con.execute("SELECT 1 FROM _vm_info WHERE vm_id = $vm LIMIT 1", {"vm": vm}).fetchall():
         return vm
     ids = [row[0] for row in con.execute(
         "SELECT DISTINCT vm_id FROM (SELECT vm_id, vm_name FROM _vm_info UNION ALL "
