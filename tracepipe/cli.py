@@ -649,7 +649,6 @@ def demo_command(
 
 def _print_demo(result: Any) -> None:
     from rich.markup import escape
-    from rich.table import Table
 
     start, end = result.window
     out.print(f"[bold]tracepipe demo[/bold]: sample story {start:%Y-%m-%d %H:%M}–{end:%H:%M} UTC, lake {result.lake}")
@@ -660,16 +659,16 @@ def _print_demo(result: Any) -> None:
         detail = f" — {escape(step.detail)}" if step.detail else ""
         out.print(f"  {marks.get(step.status, step.status)}  {escape(step.name)}: {escape(numbers)}{detail}"
                   f" [dim]({step.seconds:.1f} s)[/dim]")
-    table = Table(title=f"Findings: {len(result.findings)} (host, detector) pairs", show_lines=False)
-    for name in ("detector", "address", "VM", "project", "owner", "VM now", "why"):
-        table.add_column(name, overflow="fold")
-    for f in result.findings:
-        state = f["vm_status"] or ""
+    out.print(f"\n[bold]Findings[/bold]: {len(result.findings)} (host, detector) pairs, strongest first")
+    for n, f in enumerate(result.findings, 1):
+        state = f["vm_status"] or "unknown"
         if f.get("quarantine_until"):
-            state += f" (quarantined until {f['quarantine_until'][:16]})"
-        table.add_row(*(escape(str(v or "")) for v in (f["detector"], f["addr"], f["vm_name"] or "(no VM)",
-                                                       f["project"], f["user"], state, f["reason"])))
-    out.print(table)
+            state += f", quarantined until {f['quarantine_until'][:16]}"
+        who = (f"VM {f['vm_name']} · project {f['project']} · owner {f['user']} · {f['hypervisor']} · {state}"
+               if f["vm_name"] else "no VM held this address")
+        out.print(f"{n:>2}. [bold]{escape(f['detector'] or '')}[/bold]  {escape(f['addr'] or '')}  {escape(who)}")
+        out.print(f"    {escape(f['reason'] or '')}", soft_wrap=True)
+    out.print()
     found = sum(1 for c in result.truth_check if c["found"] and c["attributed"])
     out.print(f"Ground truth (sample_data/story/ground_truth.json): {found}/{len(result.truth_check)} planted "
               f"incidents found and attributed to the right VM and owner; "

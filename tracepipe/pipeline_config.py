@@ -116,7 +116,8 @@ class BruteForce:
     enabled: bool = True
     window: Duration = 3600  # type: ignore[assignment]
     ports: list[int] = field(default_factory=lambda: [22, 3389, 5900])
-    min_attempts: int = 60  # connections from one source to one host:port in a window
+    min_attempts: int = 60  # connections from one source to the port in a window (outbound: over all targets)
+    min_attempts_per_target: float = 10.0  # tells a brute force (many tries per host) from a scan (one each)
     max_bytes_per_attempt: int = 10000  # median bytes of one attempt: logins are small
     inbound: bool = True
     outbound: bool = True
@@ -271,7 +272,7 @@ def _convert(value: Any, tp: Any, where: str, fail) -> Any:
 
 def _build(cls: type, data: dict[str, Any], prefix: str, fail) -> Any:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not (cls is PipelineConfig and f.name == "path")}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         where = f"{prefix}.{key}" if prefix else key

@@ -122,7 +122,11 @@ def prepare_context(lake: Lake, config: PipelineConfig, since: dt.datetime, unti
     ctx = DetectContext(lake, config, utc(since), utc(until), intel=intel)
     widest = max(_window_of(config, name) for name in DETECTORS)
     start, end = ctx.span(widest)
-    ctx.local = local_addresses(scan_flows(lake, start, end), config.pipeline.local_networks)
+    local = set(local_addresses(scan_flows(lake, start, end), config.pipeline.local_networks))
+    # Addresses a VM ever held (floating IPs outside local_networks too) are local as well.
+    if lake.files("vm_leases"):
+        local |= set(lake.read("vm_leases", columns=["addr"]).column("addr").to_pylist())
+    ctx.local = sorted(a for a in local if a)
     return ctx
 
 
@@ -218,40 +222,59 @@ SERVICE_NAMES = {22: "SSH", 3389: "RDP", 5900: "VNC", 21: "FTP", 23: "telnet"}
 
 
 def brute_force(ctx: DetectContext) -> pl.DataFrame:
-    """Many short logins from one source to one host's login port (SSH, RDP, ...), inbound or outbound."""
+    """Many short logins to a login port (SSH, RDP, ...). Outbound: one local source against one or more
+    targets (a campaign spreads its tries), counted per (source, port). Inbound: one outside source against
+    one local host, counted per (source, victim, port)."""
     c = ctx.config.detectors.brute_force
     flows = ctx.flows(c.window).filter(
         (pl.col("proto") == 6) & pl.col("dst_port").is_in(c.ports) & ~pl.col("response")
         & (pl.col("src_local") | pl.col("dst_local"))
     )
-    direction = pl.when(pl.col("src_local")).then(pl.lit("outbound")).otherwise(pl.lit("inbound"))
-    wanted = [d for d, on in (("outbound", c.outbound), ("inbound", c.inbound)) if on]
-    found = (
-        flows.group_by("src_addr", "dst_addr", "dst_port", "window_start")
-        .agg(attempts=pl.len(), median_bytes=pl.col("bytes").median(), failed=pl.col("failed").sum(),
-             first_ts=pl.col("ts_start").min(), src_local=pl.col("src_local").first())
-        .filter((pl.col("attempts") >= c.min_attempts) & (pl.col("median_bytes") <= c.max_bytes_per_attempt))
-        .with_columns(direction=direction)
-        .filter(pl.col("direction").is_in(wanted))
-        .with_columns(
-            addr=pl.when(pl.col("src_local")).then(pl.col("src_addr")).otherwise(pl.col("dst_addr")),
-            peer=pl.when(pl.col("src_local")).then(pl.col("dst_addr")).otherwise(pl.col("src_addr")),
-            port=pl.col("dst_port"),
-            score=_ratio_score(pl.col("attempts").cast(pl.Float64), c.min_attempts),
+    frames = []
+    if c.outbound:
+        frames.append(
+            flows.filter(pl.col("src_local"))
+            .group_by("src_addr", "dst_port", "window_start")
+            .agg(attempts=pl.len(), targets=pl.col("dst_addr").n_unique(), median_bytes=pl.col("bytes").median(),
+                 failed=pl.col("failed").sum(), first_ts=pl.col("ts_start").min(),
+                 top_target=pl.col("dst_addr").mode().first())
+            .with_columns(direction=pl.lit("outbound"), addr=pl.col("src_addr"),
+                          peer=pl.when(pl.col("targets") == 1).then(pl.col("top_target")).otherwise(None))
         )
+    if c.inbound:
+        frames.append(
+            flows.filter(~pl.col("src_local"))
+            .group_by("src_addr", "dst_addr", "dst_port", "window_start")
+            .agg(attempts=pl.len(), median_bytes=pl.col("bytes").median(), failed=pl.col("failed").sum(),
+                 first_ts=pl.col("ts_start").min())
+            .with_columns(direction=pl.lit("inbound"), addr=pl.col("dst_addr"), peer=pl.col("src_addr"),
+                          targets=pl.lit(1, pl.UInt32), top_target=pl.col("dst_addr"))
+        )
+    if not frames:
+        return _empty()
+    columns = ["addr", "peer", "dst_port", "window_start", "attempts", "targets", "median_bytes", "failed",
+               "first_ts", "direction", "top_target"]
+    found = (
+        pl.concat([f.select(columns) for f in frames])
+        .filter((pl.col("attempts") >= c.min_attempts) & (pl.col("median_bytes") <= c.max_bytes_per_attempt)
+                & (pl.col("attempts") / pl.col("targets") >= c.min_attempts_per_target))
+        .with_columns(port=pl.col("dst_port"),
+                      score=_ratio_score(pl.col("attempts").cast(pl.Float64), c.min_attempts))
     )
     frame = _with_window_end(found, c.window).collect(engine="streaming")
 
     def reason(r: dict) -> str:
         service = SERVICE_NAMES.get(r["port"], f"port {r['port']}")
+        each = f"median {fmt_bytes(r['median_bytes'])} each"
         if r["direction"] == "outbound":
-            return (f"{{who}} made {fmt_int(r['attempts'])} {service} login attempts to {r['peer']} in "
-                    f"{fmt_duration(c.window)} (median {fmt_bytes(r['median_bytes'])} each): outbound brute force")
+            against = r["peer"] if r["targets"] == 1 else f"{r['targets']} hosts (most: {r['top_target']})"
+            return (f"{{who}} made {fmt_int(r['attempts'])} {service} login attempts against {against} in "
+                    f"{fmt_duration(c.window)} ({each}): outbound brute force")
         return (f"{r['peer']} made {fmt_int(r['attempts'])} {service} login attempts against {{who}} in "
-                f"{fmt_duration(c.window)} (median {fmt_bytes(r['median_bytes'])} each): inbound brute force")
+                f"{fmt_duration(c.window)} ({each}): inbound brute force")
 
     return _finish(frame, "brute_force", reason,
-                   lambda r: {k: r[k] for k in ("attempts", "median_bytes", "failed", "direction")})
+                   lambda r: {k: r[k] for k in ("attempts", "targets", "median_bytes", "failed", "direction")})
 
 
 def beacon(ctx: DetectContext) -> pl.DataFrame:
@@ -297,9 +320,17 @@ def exfiltration(ctx: DetectContext) -> pl.DataFrame:
                .group_by("src_addr").agg(host_ref=pl.col("bytes_out").quantile(0.99), baseline_windows=pl.len())
                .collect(engine="streaming"))
     peers = current.group_by("window_start").agg(peer_ref=pl.col("bytes_out").median(), peer_hosts=pl.len())
+    # The host's typical window inside this sweep too (windows without traffic count as 0), so that a lake
+    # without history still compares a host with itself.
+    n_windows = max(1, round((ctx.span(c.window)[1] - start).total_seconds() / c.window))
+    typical = current.group_by("src_addr").agg(
+        sweep_ref=pl.col("bytes_out").sort(descending=True).implode().list.get(n_windows // 2, null_on_oob=True))
     found = (
         current.join(history, on="src_addr", how="left").join(peers, on="window_start", how="left")
-        .with_columns(pl.col("host_ref").fill_null(0.0), pl.col("baseline_windows").fill_null(0))
+        .join(typical, on="src_addr", how="left")
+        .with_columns(host_ref=pl.max_horizontal(pl.col("host_ref").fill_null(0.0),
+                                                 pl.col("sweep_ref").fill_null(0).cast(pl.Float64)),
+                      baseline_windows=pl.col("baseline_windows").fill_null(0))
         .filter((pl.col("bytes_out") >= c.min_bytes)
                 & (pl.col("bytes_out") >= c.host_factor * pl.col("host_ref"))
                 & (pl.col("bytes_out") >= c.peer_factor * pl.col("peer_ref")))
@@ -323,7 +354,7 @@ def exfiltration(ctx: DetectContext) -> pl.DataFrame:
 
     def reason(r: dict) -> str:
         base = (f"its own baseline {fmt_bytes(r['host_ref'])}" if r["baseline_windows"]
-                else "no baseline for this host")
+                else f"its typical window {fmt_bytes(r['host_ref'])} (no history before)")
         return (f"{{who}} sent {fmt_bytes(r['bytes_out'])} out of the cloud in {fmt_duration(c.window)} "
                 f"({fmt_bytes(r['to_peer'])} to {r['peer']}); {base}, peers' median {fmt_bytes(r['peer_ref'])}")
 
@@ -402,10 +433,13 @@ def intel_match(ctx: DetectContext) -> pl.DataFrame:
     c = ctx.config.detectors.intel
     if ctx.intel is None or ctx.intel.num_rows == 0:
         return _empty()
-    flows = ctx.flows(c.window).filter(pl.col("src_local") != pl.col("dst_local")).with_columns(
-        addr=pl.when(pl.col("src_local")).then(pl.col("src_addr")).otherwise(pl.col("dst_addr")),
-        peer=pl.when(pl.col("src_local")).then(pl.col("dst_addr")).otherwise(pl.col("src_addr")),
-    )
+    # Each flow seen from its local end(s): a listed address inside the cloud (a VM a CERT reported) is a
+    # peer of the local hosts that talked to it.
+    base = ctx.flows(c.window)
+    flows = pl.concat([
+        base.filter(pl.col("src_local")).with_columns(addr=pl.col("src_addr"), peer=pl.col("dst_addr")),
+        base.filter(pl.col("dst_local")).with_columns(addr=pl.col("dst_addr"), peer=pl.col("src_addr")),
+    ])
     peers = flows.select("peer").unique().collect(engine="streaming").get_column("peer").to_arrow()
     matches = match_addresses(peers, ctx.intel)
     if matches.is_empty():

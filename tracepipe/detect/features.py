@@ -184,8 +184,8 @@ def with_flow_facts(flows: pl.LazyFrame, local_addrs: list[str], night: tuple[in
         response=pl.col("proto").is_in([6, 17]) & (pl.col("src_port") < 1024) & (pl.col("dst_port") >= 1024),
         icmp_unreach=unreach,
         night=is_night,
-        src_local=pl.col("src_addr").is_in(locals_series),
-        dst_local=pl.col("dst_addr").is_in(locals_series),
+        src_local=pl.col("src_addr").is_in(locals_series.implode()),
+        dst_local=pl.col("dst_addr").is_in(locals_series.implode()),
     )
 
 
@@ -247,9 +247,13 @@ def periodicity(flows: pl.LazyFrame, window_s: float, min_connections: int,
     ).filter(pl.col("connections") >= min_connections)
     interval_regular = (1 - pl.col("interval_mad") / pl.col("interval_median").clip(lower_bound=1e-3)).clip(0, 1)
     size_regular = (1 - pl.col("bytes_mad") / pl.col("bytes_median").clip(lower_bound=1.0)).clip(0, 1)
-    # Enough connections to fill the window at this pace: a pair seen 10 times in 24 h is not a beacon yet.
-    expected = (pl.lit(window_s) / pl.col("interval_median").clip(lower_bound=1.0)).clip(lower_bound=1.0)
-    coverage = (pl.col("connections") / expected).clip(0, 1)
+    # Coverage: the pair keeps its pace over the time the window actually holds data (a lake with 4 h of a
+    # day is judged on those 4 h): a burst of 20 regular connections in 10 min is not a beacon.
+    observed = flows.group_by("window_start").agg(
+        data_span=(pl.col("ts_start").max() - pl.col("ts_start").min()).dt.total_seconds())
+    active = (pl.col("last_ts") - pl.col("first_ts")).dt.total_seconds()
+    coverage = (active / pl.col("data_span").clip(lower_bound=1.0)).clip(0, 1)
+    stats = stats.join(observed, on="window_start", how="left")
     return stats.with_columns(
         score=(
             (1 - pl.col("interval_skew").abs()) * 0.25
@@ -285,7 +289,6 @@ def host_features(flows: pl.LazyFrame, window_s: float, history_start: dt.dateti
             tcp_attempts=(pl.col("proto") == 6).and_(initiator).sum(),
             failed=pl.col("failed").sum(),
             syn_only=pl.col("syn_only").sum(),
-            night=pl.col("night").sum(),
             mean_duration=pl.col("duration").mean(),
             long_flows=(pl.col("duration") >= LONG_FLOW_SECONDS).sum(),
         )
@@ -317,20 +320,27 @@ def host_features(flows: pl.LazyFrame, window_s: float, history_start: dt.dateti
         .group_by(pl.col("src_addr").alias("host"), pl.col("window_start").alias("day"))
         .agg(periodicity=pl.col("score").max())
     )
+    # Night-time share is a property of the host's day (an hourly window is all night or all day).
+    nights = (
+        flows.filter(pl.col("src_local") & initiator)
+        .group_by(pl.col("src_addr").alias("host"), bucket_expr("ts_start", 86400.0).alias("day"))
+        .agg(night_share=pl.col("night").mean())
+    )
     joined = (
         out.join(inbound, on=["host", "window_start"], how="full", coalesce=True)
         .join(new_dsts, on=["host", "window_start"], how="left")
         .with_columns(day=bucket_expr("window_start", 86400.0))
         .join(beacons, on=["host", "day"], how="left")
+        .join(nights, on=["host", "day"], how="left")
         .drop("day")
     )
     zero = [c for c in ("flows_out", "packets_out", "bytes_out", "bytes_out_ext", "distinct_dst",
-                        "distinct_dst_ports", "tcp_attempts", "failed", "syn_only", "night", "long_flows",
+                        "distinct_dst_ports", "tcp_attempts", "failed", "syn_only", "long_flows",
                         "bytes_in", "flows_in", "distinct_src_in", "icmp_unreach", "new_dsts")]
     joined = joined.with_columns([pl.col(c).fill_null(0) for c in zero])
     return joined.with_columns(
         failed_share=(pl.col("failed") / pl.col("tcp_attempts")).fill_nan(0.0).fill_null(0.0),
-        night_share=(pl.col("night") / pl.col("flows_out")).fill_nan(0.0).fill_null(0.0),
+        night_share=pl.col("night_share").fill_null(0.0),
         new_dst_share=(pl.col("new_dsts") / pl.col("distinct_dst")).fill_nan(0.0).fill_null(0.0),
         mean_duration=pl.col("mean_duration").fill_null(0.0),
         periodicity=pl.col("periodicity").fill_null(0.0),

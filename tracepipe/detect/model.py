@@ -1,0 +1,208 @@
+"""The anomaly model: an IsolationForest (scikit-learn) fitted on per (host, window) features of a baseline
+period, persisted with joblib next to a JSON sidecar (feature names, sklearn version, fit window, the baseline's
+medians and MADs). `score` ranks (host, window)s by how easily the forest isolates them (0.5 ~ ordinary, towards
+1 = stands out) and explains each with robust z-scores against the baseline: which features made it stand out.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import joblib
+import numpy as np
+import polars as pl
+import sklearn
+from sklearn.ensemble import IsolationForest
+
+from tracepipe.detect.features import FEATURES, LOG_FEATURES, compute_features, utc
+from tracepipe.errors import InputError, LakeError
+from tracepipe.lake import Lake
+
+DEFAULT_MODEL = "_models/isolation-forest.joblib"
+MIN_FIT_ROWS = 24  # fewer (host, window)s than this is not a baseline
+
+
+@dataclass
+class ModelInfo:
+    features: list[str]
+    sklearn_version: str
+    fit_since: str
+    fit_until: str
+    window_seconds: float
+    rows: int
+    hosts: int
+    fitted_at: str
+    local_networks: list[str]
+    medians: list[float]
+    mads: list[float]
+    # each baseline host's own usual range (model space): host -> [F floats] (5th percentile, median, 95th)
+    host_low: dict[str, list[float]]
+    host_medians: dict[str, list[float]]
+    host_high: dict[str, list[float]]
+
+
+def model_path(lake: Lake, path: str | Path | None = None) -> Path:
+    return Path(path) if path else lake.root / DEFAULT_MODEL
+
+
+def _matrix(features: pl.DataFrame) -> np.ndarray:
+    """The model's view of the features: log1p of counts and volumes, shares as they are."""
+    columns = [pl.col(f).cast(pl.Float64).log1p() if f in LOG_FEATURES else pl.col(f).cast(pl.Float64)
+               for f in FEATURES]
+    return features.select(columns).fill_null(0.0).fill_nan(0.0).to_numpy()
+
+
+def _spread(mads: np.ndarray, medians: np.ndarray) -> np.ndarray:
+    # A feature that never varied in the baseline (MAD 0) still needs a scale: 5% of its median or 0.1.
+    return np.maximum.reduce([1.4826 * mads, 0.05 * np.abs(medians), np.full_like(mads, 0.1)])
+
+
+def fit(features: pl.DataFrame, since: dt.datetime, until: dt.datetime, window_s: float,
+        local_networks: list[str], seed: int = 0) -> tuple[IsolationForest, ModelInfo]:
+    """Fit on baseline features (pure: no I/O)."""
+    if features.height < MIN_FIT_ROWS:
+        raise InputError(f"only {features.height} (host, window)s between {since:%Y-%m-%d %H:%M} and "
+                         f"{until:%Y-%m-%d %H:%M}: too little to fit a baseline. Choose a longer --since/--until "
+                         f"period with flows in the lake.")
+    x = _matrix(features)
+    medians = np.median(x, axis=0)
+    mads = np.median(np.abs(x - medians), axis=0)
+    hosts = features.get_column("host").to_numpy()
+    ranges: dict[str, list[list[float]]] = {"low": [], "median": [], "high": []}
+    names = []
+    for host in np.unique(hosts):  # per host, not per record: ~1,000 hosts
+        low, med, high = np.percentile(x[hosts == host], [5, 50, 95], axis=0)
+        names.append(str(host))
+        for key, value in (("low", low), ("median", med), ("high", high)):
+            ranges[key].append(np.round(value, 6).tolist())
+    info = ModelInfo(list(FEATURES), sklearn.__version__, utc(since).isoformat(), utc(until).isoformat(),
+                     window_s, features.height, len(names), dt.datetime.now(dt.UTC).isoformat(),
+                     list(local_networks), medians.tolist(), mads.tolist(),
+                     dict(zip(names, ranges["low"], strict=True)), dict(zip(names, ranges["median"], strict=True)),
+                     dict(zip(names, ranges["high"], strict=True)))
+    forest = IsolationForest(n_estimators=200, random_state=seed, contamination="auto").fit(
+        _model_input(x, hosts, info)[0])
+    return forest, info
+
+
+def _model_input(x: np.ndarray, hosts: np.ndarray, info: ModelInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The forest sees each window as it is AND by how far it leaves the host's own usual range (5th-95th
+    percentile of its baseline windows; the global median for hosts the baseline lacks): a data mover's big
+    hour is ordinary, a web server's is not. Returns (model input, outside-range distance, host median)."""
+    glob = np.asarray(info.medians)
+    low, med, high = (np.tile(glob, (len(hosts), 1)) for _ in range(3))
+    for host in np.unique(hosts):
+        key = str(host)
+        if key in info.host_medians:
+            rows = hosts == host
+            low[rows], med[rows], high[rows] = info.host_low[key], info.host_medians[key], info.host_high[key]
+    outside = np.maximum(x - high, 0) - np.maximum(low - x, 0)
+    return np.hstack([x, outside]), outside, med
+
+
+def save(forest: IsolationForest, info: ModelInfo, path: Path) -> Path:
+    """joblib file + `<path>.json` sidecar, each written to a temp name then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = path.with_name(path.name + ".tmp")
+        joblib.dump(forest, tmp)
+        os.replace(tmp, path)
+        side = sidecar(path)
+        tmp = side.with_name(side.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(info), indent=2))
+        os.replace(tmp, side)
+    except OSError as exc:
+        raise LakeError(f"cannot write the model to {path}: {exc}") from exc
+    return path
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def load(path: Path) -> tuple[IsolationForest, ModelInfo]:
+    if not path.exists() or not sidecar(path).exists():
+        raise InputError(f"no model at {path}. Fit one first: tracepipe model fit --since ... --until ...")
+    info = ModelInfo(**json.loads(sidecar(path).read_text()))
+    if info.features != list(FEATURES):
+        raise InputError(f"the model at {path} was fitted on other features ({len(info.features)}); "
+                         f"refit it with tracepipe model fit")
+    return joblib.load(path), info
+
+
+def score(features: pl.DataFrame, forest: IsolationForest, info: ModelInfo, top_features: int = 3) -> pl.DataFrame:
+    """Features -> the same rows plus anomaly_score (0..1) and explanation (JSON list of the features that
+    stand out most: name, value, baseline median, robust z), highest score first."""
+    if features.is_empty():
+        return features.with_columns(anomaly_score=pl.lit(None, pl.Float64), explanation=pl.lit(None, pl.String))
+    x = _matrix(features)
+    model_input, outside, reference = _model_input(x, features.get_column("host").to_numpy(), info)
+    anomaly = -forest.score_samples(model_input)
+    # robust z of the distance outside the host's usual range, scaled by the population's spread
+    medians = np.asarray(info.medians)
+    z = outside / _spread(np.asarray(info.mads), medians)
+    order = np.argsort(-np.abs(z), axis=1)[:, :top_features]
+    raw = features.select([pl.col(f).cast(pl.Float64) for f in FEATURES]).to_numpy()
+    is_log = np.array([f in LOG_FEATURES for f in FEATURES])
+    base = np.where(is_log, np.expm1(reference), reference)
+    explanations = [
+        json.dumps([{"feature": FEATURES[j], "value": round(float(raw[i, j]), 4),
+                     "baseline": round(float(base[i, j]), 4), "z": round(float(z[i, j]), 2)} for j in order[i]])
+        for i in range(len(order))
+    ]
+    return features.with_columns(anomaly_score=pl.Series(anomaly), explanation=pl.Series(explanations)).sort(
+        "anomaly_score", descending=True)
+
+
+def fit_lake(lake: Lake, since: dt.datetime, until: dt.datetime, local_networks: list[str],
+             window_s: float = 3600.0, path: str | Path | None = None) -> tuple[Path, ModelInfo]:
+    """`tracepipe model fit`: features of [since, until) from the lake -> fitted, persisted model."""
+    features = compute_features(lake, since, until, local_networks, window_s, history_start=since)
+    forest, info = fit(features, since, until, window_s, local_networks)
+    target = save(forest, info, model_path(lake, path))
+    return target, info
+
+
+def score_lake(lake: Lake, since: dt.datetime, until: dt.datetime, path: str | Path | None = None,
+               history: float = 7 * 86400.0, top_features: int = 3) -> pl.DataFrame:
+    """`tracepipe model score`: rank the (host, window)s of [since, until) with a persisted model."""
+    forest, info = load(model_path(lake, path))
+    start = utc(since) - dt.timedelta(seconds=history)
+    features = compute_features(lake, since, until, info.local_networks, info.window_seconds, history_start=start)
+    return score(features, forest, info, top_features)
+
+
+def anomaly_candidates(scored: pl.DataFrame, min_score: float, max_alerts: int, window_s: float,
+                       skip_hosts: set[str] | None = None) -> pl.DataFrame:
+    """Scored features -> candidate alerts of detector "anomaly" (schema detectors.CANDIDATE): the top
+    `max_alerts` (host, window)s above `min_score`, hosts a rule already named left out."""
+    from tracepipe.detect.detectors import _finish, fmt_duration
+
+    if scored.is_empty():
+        return _finish(scored, "anomaly", str, dict)
+    picked = scored.filter(pl.col("anomaly_score") >= min_score)
+    if skip_hosts:
+        picked = picked.filter(~pl.col("host").is_in(sorted(skip_hosts)))
+    picked = (picked.sort("anomaly_score", descending=True).unique("host", keep="first", maintain_order=True)
+              .head(max_alerts)
+              .with_columns(addr=pl.col("host"), peer=pl.lit(None, pl.String), port=pl.lit(None, pl.Int32),
+                            score=pl.col("anomaly_score"), first_ts=pl.col("window_start"),
+                            window_end=pl.col("window_start") + pl.duration(seconds=int(window_s))))
+
+    def reason(r: dict) -> str:
+        parts = [f"{e['feature']} {_num(e['value'])} (baseline {_num(e['baseline'])})"
+                 for e in json.loads(r["explanation"])]
+        return (f"{{who}} behaved unlike the baseline in the {fmt_duration(window_s)} from "
+                f"{r['window_start']:%Y-%m-%d %H:%M} (anomaly score {r['anomaly_score']:.2f}): {'; '.join(parts)}")
+
+    return _finish(picked, "anomaly", reason,
+                   lambda r: {"anomaly_score": r["anomaly_score"], "explanation": json.loads(r["explanation"]),
+                              **{f: r[f] for f in FEATURES}})
+
+
+def _num(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.2f}"

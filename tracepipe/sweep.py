@@ -1,0 +1,274 @@
+"""`tracepipe sweep PIPELINE.toml`: one scheduled security sweep, start to end.
+
+Reads a pipeline definition (tracepipe.pipeline_config), ingests its drop folders (already-ingested files are
+skipped by the lake's manifest), runs the enabled detectors and the anomaly model over the window, applies the
+allowlists, appends the alerts not already in the `alerts` dataset (ids are deterministic, so a rerun adds
+nothing), writes a JSON report (and the HTML one when tracepipe.report is installed) and returns a SweepResult
+whose exit code a cron job can act on: 0 nothing new, 1 new alerts, 3 partial input (some input rejected and
+no new alert), 4 failure. A window without flows is not a failure: the summary says "no flows between ... and
+..." and the code is 0, or 4 when the pipeline sets `fail_on_empty = true`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from tracepipe.detect import detectors as det
+from tracepipe.detect.features import compute_features, floor_time, scan_flows, utc
+from tracepipe.errors import EXIT_FAILED, EXIT_FOUND, EXIT_OK, EXIT_PARTIAL, TracepipeError, UsageError
+from tracepipe.lake import Lake
+from tracepipe.pipeline_config import PipelineConfig, load_pipeline
+from tracepipe.schema import ALERTS
+
+Stage = Callable[[str], None]
+ENGINES = ("duckdb",)  # detectors run as polars lazy + DuckDB here; "spark" is issue 8's engine
+
+
+@dataclass
+class SweepResult:
+    pipeline: str
+    since: dt.datetime
+    until: dt.datetime
+    exit_code: int = EXIT_OK
+    flows: int = 0
+    alerts: pa.Table = field(default_factory=ALERTS.empty_table)  # every alert of this window (new or known)
+    new_alerts: pa.Table = field(default_factory=ALERTS.empty_table)
+    already_known: int = 0
+    allowlisted: int = 0
+    ingest: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    report_paths: dict[str, Path] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def message(self) -> str:
+        if self.flows == 0:
+            return f"no flows between {self.since:%Y-%m-%d %H:%M} and {self.until:%Y-%m-%d %H:%M} UTC"
+        return (f"{self.flows:,} flows between {self.since:%Y-%m-%d %H:%M} and {self.until:%Y-%m-%d %H:%M} UTC: "
+                f"{self.new_alerts.num_rows} new alert(s), {self.already_known} already known")
+
+    def summary(self) -> dict[str, Any]:
+        by_detector: dict[str, int] = {}
+        for name in self.new_alerts.column("detector").to_pylist():
+            by_detector[name] = by_detector.get(name, 0) + 1
+        return {
+            "pipeline": self.pipeline,
+            "since": self.since.isoformat(),
+            "until": self.until.isoformat(),
+            "exit_code": self.exit_code,
+            "message": self.message,
+            "flows": self.flows,
+            "alerts": self.alerts.num_rows,
+            "new_alerts": self.new_alerts.num_rows,
+            "already_known": self.already_known,
+            "allowlisted": self.allowlisted,
+            "new_by_detector": by_detector,
+            "ingest": self.ingest,
+            "notes": self.notes,
+            "reports": {k: str(v) for k, v in self.report_paths.items()},
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "top": [
+                {"detector": r["detector"], "addr": r["addr"], "vm_name": r["vm_name"], "project": r["project"],
+                 "user": r["user"], "score": r["score"], "reason": r["reason"]}
+                for r in self.new_alerts.sort_by([("score", "descending")]).slice(0, 20).to_pylist()
+            ],
+        }
+
+
+# ---- the window -------------------------------------------------------------------------------------------
+def sweep_window(config: PipelineConfig, since: dt.datetime | None, until: dt.datetime | None,
+                 now: dt.datetime | None = None) -> tuple[dt.datetime, dt.datetime]:
+    """Explicit --since/--until, else the last completed `window.last` (1h -> previous hour, 1d -> yesterday)."""
+    last = float(config.window.last)
+    now = utc(now or dt.datetime.now(dt.UTC))
+    if until is None:
+        # align to the hour for hourly sweeps, to 00:00 UTC for a day or more
+        until = floor_time(now, min(last, 86400.0)) if since is None else now
+    if since is None:
+        since = utc(until) - dt.timedelta(seconds=last)
+    since, until = utc(since), utc(until)
+    if since >= until:
+        raise UsageError(f"--since {since:%Y-%m-%d %H:%M} is not before --until {until:%Y-%m-%d %H:%M}")
+    return since, until
+
+
+# ---- stages -----------------------------------------------------------------------------------------------
+def _files(dirs: list[str], pattern: str) -> list[Path]:
+    found: list[Path] = []
+    for folder in dirs:
+        path = Path(folder)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            found.extend(sorted(p for p in path.glob(pattern) if p.is_file() and not p.name.startswith(".")))
+    return found
+
+
+def ingest_inputs(lake: Lake, config: PipelineConfig) -> tuple[dict[str, Any], bool]:
+    """Land the drop folders' files (the manifest skips those already in). Returns (summary, partial?)."""
+    summary: dict[str, Any] = {}
+    partial = False
+    flow_files = _files(config.inputs.flow_dirs, config.inputs.flow_pattern)
+    missing = [d for d in config.inputs.flow_dirs + config.inputs.vm_dirs if not Path(d).exists()]
+    if missing:
+        summary["missing_inputs"] = missing
+        partial = True
+    if flow_files:
+        from tracepipe.ingest.flows import ingest_flow_files
+
+        result = ingest_flow_files(lake, flow_files)
+        landed = [f for f in result.files if f.status == "landed"]
+        summary["flows"] = {"files": len(flow_files), "landed": len(landed), "flows": result.flows,
+                            "rejects": result.rejects}
+        partial |= result.exit_code in (EXIT_PARTIAL, EXIT_FAILED) and any(
+            f.status in ("rejected", "missing") or f.rejects for f in result.files)
+    vm_files = _files(config.inputs.vm_dirs, config.inputs.vm_pattern)
+    if vm_files:
+        from tracepipe.ingest.vm import ingest_vm_files
+
+        report = ingest_vm_files(lake, vm_files)
+        summary["vm"] = {"files": len(vm_files), "rows": report.rows, "rejects": report.rejects,
+                         "leases": report.leases}
+        partial |= report.rejects > 0
+    return summary, partial
+
+
+def count_flows(lake: Lake, since: dt.datetime, until: dt.datetime) -> int:
+    return int(scan_flows(lake, since, until).select(pl.len()).collect(engine="streaming").item())
+
+
+def known_alert_ids(lake: Lake, ids: list[str]) -> set[str]:
+    if not ids or not lake.files("alerts"):
+        return set()
+    frame = (pl.scan_parquet(str(lake.root / "alerts" / "*" / "*.parquet"), hive_partitioning=True)
+             .select("alert_id").filter(pl.col("alert_id").is_in(ids)).collect())
+    return set(frame.get_column("alert_id").to_list())
+
+
+def anomaly_stage(ctx: det.DetectContext, rule_hosts: set[str], notes: list[str]) -> pl.DataFrame:
+    """Score the sweep's (host, window)s with the persisted model; no model -> a note, not a failure."""
+    from tracepipe.detect import model
+
+    cfg = ctx.config.model
+    path = model.model_path(ctx.lake, cfg.path or None)
+    try:
+        forest, info = model.load(path)
+    except TracepipeError as exc:
+        notes.append(f"anomaly model skipped: {exc}")
+        return det._empty()
+    history = ctx.since - dt.timedelta(seconds=float(ctx.config.window.baseline))
+    features = compute_features(ctx.lake, ctx.since, ctx.until, ctx.config.pipeline.local_networks,
+                                info.window_seconds, history_start=history, night=ctx.night)
+    scored = model.score(features, forest, info, cfg.top_features)
+    return model.anomaly_candidates(scored, cfg.min_score, cfg.max_alerts, info.window_seconds, rule_hosts)
+
+
+def write_reports(lake: Lake, config: PipelineConfig, result: SweepResult) -> dict[str, Path]:
+    """The JSON report (always) and the HTML one (tracepipe.report, when installed)."""
+    out_dir = Path(config.output.report_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"sweep-{config.pipeline.name}-{result.since:%Y%m%dT%H%M}-{result.until:%Y%m%dT%H%M}"
+    paths: dict[str, Path] = {}
+    json_path = out_dir / f"{stem}.json"
+    report = {"summary": result.summary(), "alerts": [_jsonable(r) for r in result.alerts.to_pylist()]}
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(json_path)
+    paths["json"] = json_path
+    if config.output.html:
+        try:
+            from tracepipe.report import render_report  # type: ignore[attr-defined]
+        except ImportError:
+            result.notes.append("HTML report skipped: tracepipe.report is not installed")
+            return paths
+        title = config.output.title or f"tracepipe sweep {config.pipeline.name}"
+        try:
+            rendered = render_report(lake, result.alerts, out_dir, title, (result.since, result.until))
+            paths.update({k if k == "html" else f"report_{k}": Path(v) for k, v in (rendered or {}).items()})
+        except TracepipeError as exc:
+            result.notes.append(f"HTML report failed: {exc}")
+    return paths
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    for key in ("features", "evidence"):
+        if isinstance(row.get(key), str):
+            try:
+                row[key] = json.loads(row[key])
+            except json.JSONDecodeError:
+                pass
+    return row
+
+
+# ---- the sweep --------------------------------------------------------------------------------------------
+def run_sweep(lake: Lake, pipeline_path: Path | str | PipelineConfig, since: dt.datetime | None = None,
+              until: dt.datetime | None = None, engine: str = "duckdb", now: dt.datetime | None = None,
+              on_stage: Stage | None = None, write: bool = True) -> SweepResult:
+    """Run one pipeline over one window. Raises PipelineError (exit 2) for a bad file, LakeError (exit 4)
+    when the lake cannot be written; everything else is in the result (exit_code, notes)."""
+    if engine not in ENGINES:
+        raise UsageError(f"engine {engine!r} is not available for sweeps yet; use one of: {', '.join(ENGINES)}")
+    config = pipeline_path if isinstance(pipeline_path, PipelineConfig) else load_pipeline(pipeline_path)
+    since, until = sweep_window(config, since, until, now)
+    result = SweepResult(config.pipeline.name, since, until)
+    timings = result.timings
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        if on_stage:
+            on_stage(name)
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
+    result.ingest, partial = stage("ingest", lambda: ingest_inputs(lake, config))
+    result.flows = stage("count", lambda: count_flows(lake, since, until))
+    if result.flows == 0:
+        result.exit_code = EXIT_FAILED if config.pipeline.fail_on_empty else (EXIT_PARTIAL if partial else EXIT_OK)
+        if write:
+            result.report_paths = stage("report", lambda: write_reports(lake, config, result))
+        return result
+
+    intel = lake.read("intel") if config.detectors.intel.enabled else None
+    ctx = stage("prepare", lambda: det.prepare_context(lake, config, since, until, intel))
+    frames = []
+    for name, detector in det.DETECTORS.items():
+        if getattr(config.detectors, name).enabled:
+            frames.append(stage(name, lambda detector=detector: detector(ctx)))
+    candidates = pl.concat(frames) if frames else det._empty()
+    if config.model.enabled:
+        rule_hosts = set(candidates.get_column("addr").to_list())
+        frames.append(stage("anomaly", lambda: anomaly_stage(ctx, rule_hosts, result.notes)))
+        candidates = pl.concat(frames)
+    alerts, stats = stage("finalize", lambda: det.finalize(candidates, ctx, config.pipeline.name))
+    result.allowlisted = stats["allowlisted"]
+    result.alerts = alerts
+    ids = alerts.column("alert_id").to_pylist()
+    known = stage("dedupe", lambda: known_alert_ids(lake, ids))
+    fresh = [i for i, alert in enumerate(ids) if alert not in known]
+    result.already_known = len(ids) - len(fresh)
+    result.new_alerts = alerts.take(pa.array(fresh, pa.int64())) if fresh else ALERTS.empty_table()
+    if write and result.new_alerts.num_rows:
+        key = hashlib.sha256("|".join(sorted(result.new_alerts.column("alert_id").to_pylist())).encode()).hexdigest()
+        stage("write", lambda: lake.append("alerts", result.new_alerts, key=key[:32]))
+    if result.new_alerts.num_rows:
+        result.exit_code = EXIT_FOUND
+    elif partial:
+        result.exit_code = EXIT_PARTIAL
+    if partial:
+        result.notes.append("some input was rejected or missing (see the rejects dataset)")
+    if write:
+        result.report_paths = stage("report", lambda: write_reports(lake, config, result))
+    return result
+
