@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import json
 import multiprocessing
+import re
 import shutil
 import signal
 import socket
@@ -152,9 +153,28 @@ def settle(read, quiet: float = 0.6, timeout: float = 60.0) -> int:
     return last
 
 
-def bench_tracepipe(work: Path, datagrams: list[bytes], rates: list[int]) -> list[dict]:
-    stats_file = work / "tp-stats.json"
-    log = open(work / "tp.log", "wb")  # closed in finally
+class Receiver:
+    """One receiver under test, listening on 127.0.0.1; `spooled()` is None where only kernel drops count."""
+
+    def __init__(
+        self, name: str, proc: subprocess.Popen, port: int, log: Path, stats_file: Path | None = None
+    ):
+        self.name, self.proc, self.port, self.log, self.stats_file = name, proc, port, log, stats_file
+
+    def spooled(self) -> int | None:
+        if self.stats_file is None:
+            return None
+        return json.loads(self.stats_file.read_text())["datagrams"]
+
+    def stop(self) -> None:
+        # tracepipe: SIGKILL, its spool is thrown away with the work directory (this measures the receive path)
+        self.proc.send_signal(signal.SIGKILL if self.stats_file else signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+def start_tracepipe(work: Path, name: str, rcvbuf: str) -> Receiver:
+    stats_file = work / f"{name}-stats.json"
+    log = work / f"{name}.log"
     cmd = [
         sys.executable,
         "-m",
@@ -162,8 +182,10 @@ def bench_tracepipe(work: Path, datagrams: list[bytes], rates: list[int]) -> lis
         "collect",
         "--listen",
         "127.0.0.1:0",
+        "--rcvbuf",
+        rcvbuf,
         "--lake",
-        str(work / "lake"),
+        str(work / f"{name}-lake"),
         "--stats-file",
         str(stats_file),
         "--status-interval",
@@ -173,50 +195,21 @@ def bench_tracepipe(work: Path, datagrams: list[bytes], rates: list[int]) -> lis
         "--rotate-size",
         "8G",
     ]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    try:
-        while not stats_file.exists():
-            if proc.poll() is not None:
-                raise SystemExit((work / "tp.log").read_text())
-            time.sleep(0.05)
-        port = int(json.loads(stats_file.read_text())["listen"][0].rsplit(":", 1)[1])
-
-        def spooled() -> int:
-            return json.loads(stats_file.read_text())["datagrams"]
-
-        rows = []
-        for rate in rates:
-            before, drops_before = spooled(), udp_drops(port)
-            sent, achieved = send(datagrams, ("127.0.0.1", port), rate)
-            got = settle(spooled) - before
-            drops = udp_drops(port) - drops_before
-            rows.append(
-                {
-                    "receiver": "tracepipe",
-                    "rate": rate,
-                    "achieved": achieved,
-                    "sent": sent,
-                    "received": got,
-                    "lost": sent - got,
-                    "kernel_drops": drops,
-                }
-            )
-            print(
-                f"  tracepipe  {rate:>7}/s (sent at {achieved:>9.0f}/s): received {got}, lost {sent - got}, "
-                f"kernel drops {drops}",
-                flush=True,
-            )
-    finally:
-        proc.kill()  # the spool is thrown away with the work directory: this measures the receive path
-        proc.wait()
-        log.close()
-    return rows
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=handle, stdin=subprocess.DEVNULL)
+    while not stats_file.exists():
+        if proc.poll() is not None:
+            raise SystemExit(log.read_text())
+        time.sleep(0.05)
+    port = int(json.loads(stats_file.read_text())["listen"][0].rsplit(":", 1)[1])
+    return Receiver(name, proc, port, log, stats_file)
 
 
-def bench_nfcapd(work: Path, datagrams: list[bytes], rates: list[int]) -> list[dict]:
+def start_nfcapd(work: Path) -> Receiver:
     port = probes.free_udp_port()
     out = work / "nfcapd"
     out.mkdir()
+    log = work / "nfcapd.log"
     cmd = [
         probes.tool_path("nfcapd"),
         "-b",
@@ -230,40 +223,68 @@ def bench_nfcapd(work: Path, datagrams: list[bytes], rates: list[int]) -> list[d
         "-B",
         "33554432",
     ]
-    log = open(work / "nfcapd.log", "wb")  # closed in finally
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=handle, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while "Startup" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(log.read_text())
+        time.sleep(0.05)
+    return Receiver("nfcapd", proc, port, log)
+
+
+def socket_buffer(port: int) -> int:
+    """The receive buffer the kernel granted the socket on 127.0.0.1:`port` (ss's skmem rb)."""
+    out = subprocess.run(["ss", "-uamn", f"sport = :{port}"], capture_output=True, text=True).stdout
+    found = re.search(r"rb(\d+)", out)
+    return int(found.group(1)) if found else -1
+
+
+def bench_receivers(
+    work: Path, datagrams: list[bytes], rates: list[int]
+) -> tuple[list[dict], dict[str, int]]:
+    """All receivers run at once (idle ones cost nothing); each rate step is replayed to each in turn, so that
+    a noisy neighbour on a shared machine hurts them alike."""
+    receivers = [
+        start_tracepipe(work, "tracepipe", "32M"),
+        start_tracepipe(work, "tracepipe-8M", "4M"),
+        start_nfcapd(work),
+    ]
+    buffers = {r.name: socket_buffer(r.port) for r in receivers}
+    time.sleep(3)  # imports of the committer processes are done
     rows = []
     try:
-        deadline = time.monotonic() + 10
-        while "Startup" not in (work / "nfcapd.log").read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit((work / "nfcapd.log").read_text())
-            time.sleep(0.05)
         for rate in rates:
-            drops_before = udp_drops(port)
-            sent, achieved = send(datagrams, ("127.0.0.1", port), rate)
-            time.sleep(0.5)
-            drops = udp_drops(port) - drops_before
-            rows.append(
-                {
-                    "receiver": "nfcapd",
-                    "rate": rate,
-                    "achieved": achieved,
-                    "sent": sent,
-                    "received": sent - drops,
-                    "lost": drops,
-                    "kernel_drops": drops,
-                }
-            )
-            print(
-                f"  nfcapd     {rate:>7}/s (sent at {achieved:>9.0f}/s): lost {drops} (kernel drops)",
-                flush=True,
-            )
+            for receiver in receivers:
+                before, drops_before = receiver.spooled(), udp_drops(receiver.port)
+                sent, achieved = send(datagrams, ("127.0.0.1", receiver.port), rate)
+                if before is not None:
+                    got = settle(receiver.spooled) - before
+                else:
+                    time.sleep(0.6)
+                drops = udp_drops(receiver.port) - drops_before
+                if before is None:
+                    got = sent - drops
+                rows.append(
+                    {
+                        "receiver": receiver.name,
+                        "rate": rate,
+                        "achieved": achieved,
+                        "sent": sent,
+                        "received": got,
+                        "lost": sent - got,
+                        "kernel_drops": drops,
+                    }
+                )
+                print(
+                    f"  {receiver.name:<13} {rate:>7}/s (sent at {achieved:>7.0f}/s): lost {sent - got:>6}, "
+                    f"kernel drops {drops:>6}",
+                    flush=True,
+                )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-        log.close()
-    return rows
+        for receiver in receivers:
+            receiver.stop()
+    return rows, buffers
 
 
 def bench_commit(work: Path, datagrams: list[bytes]) -> dict:
@@ -302,6 +323,9 @@ def main() -> None:
         "--rates", default=",".join(map(str, DEFAULT_RATES)), help="datagrams/s, comma-separated"
     )
     parser.add_argument("--flows", type=int, default=2000, help="conversations in the traffic capture")
+    parser.add_argument(
+        "--commit-count", type=int, default=20_000, help="datagrams for the decode+commit step"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON at the end")
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
@@ -315,29 +339,43 @@ def main() -> None:
             f"replayed as {len(datagrams)} per step ({records} records incl. templates)",
             flush=True,
         )
-        rows = bench_tracepipe(work, datagrams, rates) + bench_nfcapd(work, datagrams, rates)
-        commit = bench_commit(work, datagrams)
+        rows, buffers = bench_receivers(work, datagrams, rates)
+        commit = bench_commit(work, datagrams[: args.commit_count])
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    names = ["tracepipe", "tracepipe-8M", "nfcapd"]
     print()
-    print(f"{'rate/s':>8} {'tracepipe lost':>15} {'nfcapd lost':>12}   (of {args.count} datagrams per step)")
+    print(
+        f"{args.count} datagrams per step; kernel receive buffers: "
+        + ", ".join(f"{n} {buffers[n] / 2**20:.0f} MiB" for n in names)
+    )
+    print(f"{'target/s':>9} | " + " | ".join(f"{n + ' sent/s':>19} {'lost':>6}" for n in names))
     for rate in rates:
-        tp = next(r for r in rows if r["receiver"] == "tracepipe" and r["rate"] == rate)
-        nf = next(r for r in rows if r["receiver"] == "nfcapd" and r["rate"] == rate)
-        print(f"{rate:>8} {tp['lost']:>15} {nf['lost']:>12}")
-    best = {}
-    for receiver in ("tracepipe", "nfcapd"):
-        ok = [
-            r["rate"] for r in rows if r["receiver"] == receiver and r["lost"] == 0 and r["kernel_drops"] == 0
-        ]
-        best[receiver] = max(ok, default=0)
-        print(f"highest rate with zero loss: {receiver:<9} {best[receiver]:>7} datagrams/s")
+        cells = []
+        for name in names:
+            row = next(r for r in rows if r["receiver"] == name and r["rate"] == rate)
+            cells.append(f"{row['achieved']:>19.0f} {row['lost']:>6}")
+        print(f"{rate:>9} | " + " | ".join(cells))
+    best: dict[str, dict] = {}
+    for name in names:
+        best[name] = {"rate": 0, "achieved": 0.0}
+        for rate in rates:  # the highest step below which every step was lossless
+            row = next(r for r in rows if r["receiver"] == name and r["rate"] == rate)
+            if row["lost"] or row["kernel_drops"]:
+                break
+            best[name] = {"rate": rate, "achieved": row["achieved"]}
+        print(
+            f"highest rate with zero loss (all steps up to it lossless): {name:<13} target "
+            f"{best[name]['rate']:>7}/s, sent at {best[name]['achieved']:>7.0f}/s"
+        )
     print(
         f"committer: {commit['datagrams']} datagrams -> {commit['flows']} flows decoded and committed in "
         f"{commit['seconds']:.1f} s ({commit['flows_per_s']:,.0f} flows/s)"
     )
     if args.json:
-        print(json.dumps({"steps": rows, "zero_loss_max": best, "commit": commit}, indent=1))
+        print(
+            json.dumps({"steps": rows, "zero_loss_max": best, "buffers": buffers, "commit": commit}, indent=1)
+        )
 
 
 if __name__ == "__main__":
