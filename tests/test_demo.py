@@ -1,0 +1,119 @@
+"""`tracepipe demo` end to end, as a user runs it (a subprocess): every planted incident of the sample story is
+found, attributed to the right VM, project and owner, no ordinary host is alerted, and the report and the
+suggested next commands work. Checked against sample_data/story/ground_truth.json, not the demo's own verdict."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRUTH = json.loads((REPO / "sample_data" / "story" / "ground_truth.json").read_text())
+EXPECTED = {
+    "ssh_bruteforce": "brute_force",
+    "horizontal_scan": "horizontal_scan",
+    "beacon": "beacon",
+    "exfiltration": "exfiltration",
+    "miner": "mining",
+}
+
+
+def _tracepipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    env.pop("TRACEPIPE_LAKE", None)
+    return subprocess.run([sys.executable, "-m", "tracepipe.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, float, Path]:
+    work = tmp_path_factory.mktemp("demo")
+    started = time.monotonic()
+    run = _tracepipe("demo", "--format", "json", cwd=work)
+    elapsed = time.monotonic() - started
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads(run.stdout), elapsed, work
+
+
+def test_demo_runs_every_step_quickly(demo: tuple[dict, float, Path]) -> None:
+    result, elapsed, work = demo
+    assert [s["status"] for s in result["steps"]] == ["ok"] * 5, result["steps"]
+    assert result["lake"] == "demo-lake" and (work / "demo-lake" / "flows").is_dir()
+    numbers = {s["name"].split(" (")[0]: s["numbers"] for s in result["steps"]}
+    assert numbers["ingest netflow"]["flows"] == 13_879 and numbers["ingest netflow"]["rejects"] == 0
+    assert numbers["ingest vm"]["vms"] == 37 and numbers["ingest vm"]["rejects"] == 0
+    assert numbers["ingest syslog"]["lines"] > 100
+    assert elapsed < 60
+
+
+@pytest.mark.parametrize("incident", TRUTH["incidents"], ids=[i["kind"] for i in TRUTH["incidents"]])
+def test_every_planted_incident_found_and_attributed(demo: tuple[dict, float, Path], incident: dict) -> None:
+    findings = demo[0]["findings"]
+    hits = [f for f in findings if f["addr"] == incident["addr"] and f["detector"] == EXPECTED[incident["kind"]]]
+    assert hits, f"{incident['kind']} on {incident['addr']} not found; findings: {findings}"
+    for hit in hits:
+        assert (hit["vm_name"], hit["project"], hit["user"]) == (incident["vm_name"], incident["project"],
+                                                                 incident["user"])
+        assert hit["vm_id"] == incident["vm_id"]
+        assert incident["vm_name"] in hit["reason"]
+
+
+def test_deleted_culprits_still_named(demo: tuple[dict, float, Path]) -> None:
+    by_addr = {(f["addr"], f["detector"]): f for f in demo[0]["findings"]}
+    scanner = by_addr[("10.20.1.31", "horizontal_scan")]  # deleted at 10:20, address reused by jupyter-31
+    assert scanner["vm_name"] == "jupyter-07" and scanner["vm_status"] == "deleted"
+    exfil = by_addr[("10.20.1.26", "exfiltration")]  # soft-deleted at 09:45: in quarantine
+    assert exfil["vm_status"] == "soft_deleted" and exfil["quarantine_until"].startswith("2025-06-18T09:45")
+
+
+def test_no_alert_on_ordinary_hosts(demo: tuple[dict, float, Path]) -> None:
+    result = demo[0]
+    ordinary = set(TRUTH["ordinary_addrs"])
+    assert ordinary and not [f for f in result["findings"] if f["addr"] in ordinary]
+    planted = {i["addr"] for i in TRUTH["incidents"]}
+    assert {f["addr"] for f in result["findings"]} <= planted
+    assert all(c["found"] and c["attributed"] for c in result["truth_check"]) and result["false_positives"] == []
+
+
+def test_report_written_inside_the_demo_lake(demo: tuple[dict, float, Path]) -> None:
+    result, _, work = demo
+    html = Path(work / result["report"]["html"]) if not Path(result["report"]["html"]).is_absolute() \
+        else Path(result["report"]["html"])
+    assert html.is_file() and (work / "demo-lake") in html.parents
+    text = html.read_text()
+    for incident in TRUTH["incidents"]:
+        assert incident["vm_name"] in text and incident["user"] in text
+    assert text.count("<svg") >= 2 + len(TRUTH["incidents"])
+    assert not (work / "reports").exists()  # nothing written into the current directory
+
+
+def test_suggested_commands_work(demo: tuple[dict, float, Path]) -> None:
+    result, _, work = demo
+    assert len(result["next_commands"]) == 3
+    outputs = []
+    for command in result["next_commands"]:
+        argv = shlex.split(command)
+        assert argv[0] == "tracepipe"
+        run = _tracepipe(*argv[1:], cwd=work)
+        assert run.returncode == 0, command + "\n" + run.stdout + run.stderr
+        outputs.append(run.stdout)
+    assert "jupyter-07" in outputs[0] and "apatel" in outputs[0]
+    assert "dataproc-04" in outputs[1] and "okafor" in outputs[1]
+    assert "ci-runner-3" in outputs[2] and "tnguyen" in outputs[2]
+
+
+def test_demo_refuses_to_wipe_a_directory_it_did_not_make(tmp_path: Path) -> None:
+    precious = tmp_path / "lake"
+    (precious / "flows").mkdir(parents=True)
+    (precious / "flows" / "keep.parquet").write_bytes(b"PAR1")
+    run = _tracepipe("demo", "--lake", str(precious), cwd=tmp_path)
+    assert run.returncode == 2
+    assert "not made by `tracepipe demo`" in run.stderr.replace("\n", " ")
+    assert (precious / "flows" / "keep.parquet").read_bytes() == b"PAR1"
