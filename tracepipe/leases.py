@@ -33,7 +33,7 @@ from tracepipe.schema import VM_EVENTS, VM_LEASES, VMS
 SETTINGS_FILE = "_settings/leases.json"
 
 # events that only announce an action; the VM's state changes with the .end
-_PASSIVE_PHASES = ("start", "error")
+_PASSIVE_PHASES = (0, 1)  # normalise_events' _phase: 0 .start, 1 .error, 2 .end or no phase
 _DEFAULT_STATUS = {
     "create": "active",
     "power_on": "active",
@@ -52,14 +52,6 @@ _DEFAULT_STATUS = {
 _GONE = ("deleted", "purged")
 _IDENTITY = ("vm_name", "project", "user", "cloud")
 _CONTENT = [f.name for f in VM_EVENTS if f.name not in ("source", "line")]
-
-
-def _phase(event_type: str | None) -> str:
-    if event_type:
-        for phase in ("start", "end", "error"):
-            if event_type.endswith("." + phase):
-                return phase
-    return "end"
 
 
 def normalise_events(events: pa.Table) -> pl.DataFrame:
@@ -98,12 +90,13 @@ class _Vm:
     user: str | None = None
     hypervisor: str | None = None
     status: str | None = None
-    created_at: dt.datetime | None = None
-    first_seen: dt.datetime | None = None
-    deleted_at: dt.datetime | None = None
-    soft_deleted_at: dt.datetime | None = None
-    quarantine_until: dt.datetime | None = None
-    last_event_at: dt.datetime | None = None
+    # times are µs since the epoch (UTC) inside the replay: ints compare and add far faster than datetimes
+    created_at: int | None = None
+    first_seen: int | None = None
+    deleted_at: int | None = None
+    soft_deleted_at: int | None = None
+    quarantine_until: int | None = None
+    last_event_at: int | None = None
     open: set[str] = field(default_factory=set)  # addresses with an open lease
 
 
@@ -112,11 +105,11 @@ class _Replay:
 
     def __init__(
         self,
-        reclaim_interval: dt.timedelta | None,
-        ports: dict[str, list[tuple[Any, str]]],
+        reclaim_us: int | None,
+        ports: dict[str, list[tuple[int, str]]],
         port_addrs: dict[str, set[str]],
     ) -> None:
-        self.reclaim = reclaim_interval
+        self.reclaim = reclaim_us
         self.vms: dict[str, _Vm] = {}
         self.leases: list[dict[str, Any]] = []
         self.open_by_addr: dict[str, int] = {}  # addr -> index of its open lease
@@ -125,7 +118,7 @@ class _Replay:
         self.port_addrs = port_addrs
 
     # ---- leases ----
-    def open(self, addr: str, vm_id: str, kind: str, ts: dt.datetime, hypervisor: str | None) -> None:
+    def open(self, addr: str, vm_id: str, kind: str, ts: int, hypervisor: str | None) -> None:
         current = self.open_by_addr.get(addr)
         if current is not None:
             if self.leases[current]["vm_id"] == vm_id:
@@ -146,7 +139,7 @@ class _Replay:
         if vm_id in self.vms:
             self.vms[vm_id].open.add(addr)
 
-    def close(self, addr: str, ts: dt.datetime, reason: str) -> None:
+    def close(self, addr: str, ts: int, reason: str) -> None:
         index = self.open_by_addr.pop(addr, None)
         if index is None:
             return
@@ -161,7 +154,7 @@ class _Replay:
         index = self.open_by_addr.get(addr)
         return None if index is None else self.leases[index]["vm_id"]
 
-    def port_vm(self, port_id: str | None, ts: dt.datetime) -> str | None:
+    def port_vm(self, port_id: str | None, ts: int) -> str | None:
         history = self.ports.get(port_id or "")
         if not history:
             return None
@@ -170,9 +163,9 @@ class _Replay:
 
     # ---- events ----
     def apply(self, e: dict[str, Any]) -> None:
-        ts: dt.datetime = e["ts"]
+        ts: int = e["ts"]
         action: str = e["action"] or "unknown"
-        phase = _phase(e["event_type"])
+        phase = e["_phase"]
         vm = self._vm(e) if e["vm_id"] else None
         if action.startswith("fip_"):
             if phase not in _PASSIVE_PHASES or action == "fip_delete":
@@ -231,7 +224,7 @@ class _Replay:
         vm.last_event_at = e["ts"]
         return vm
 
-    def _move(self, vm: _Vm, hypervisor: str, ts: dt.datetime) -> None:
+    def _move(self, vm: _Vm, hypervisor: str, ts: int) -> None:
         """Hypervisor changed (live migration, unshelve elsewhere): split the open leases there."""
         if vm.hypervisor is not None:
             for addr in sorted(vm.open):
@@ -240,7 +233,7 @@ class _Replay:
                 self.open(addr, vm.vm_id, kind, ts, hypervisor)
         vm.hypervisor = hypervisor
 
-    def _delete(self, vm: _Vm, action: str, ts: dt.datetime) -> None:
+    def _delete(self, vm: _Vm, action: str, ts: int) -> None:
         if vm.status in _GONE and action != "purge":
             return
         for addr in sorted(vm.open):
@@ -258,7 +251,7 @@ class _Replay:
         else:
             vm.quarantine_until = ts + self.reclaim
 
-    def _detach(self, vm: _Vm | None, e: dict[str, Any], ts: dt.datetime) -> None:
+    def _detach(self, vm: _Vm | None, e: dict[str, Any], ts: int) -> None:
         vm_id = vm.vm_id if vm else self.port_vm(e["port_id"], ts)
         if e["addr"]:
             targets = {e["addr"]}
@@ -274,7 +267,7 @@ class _Replay:
             if vm_id is None or self.holder(addr) == vm_id:
                 self.close(addr, ts, "detach")
 
-    def _floating(self, e: dict[str, Any], action: str, ts: dt.datetime) -> None:
+    def _floating(self, e: dict[str, Any], action: str, ts: int) -> None:
         key = e["resource_id"] or e["addr"]
         if not key:
             return
@@ -310,9 +303,9 @@ class _Replay:
         self.open(address, vm_id, "floating", ts, hypervisor)
 
 
-def _port_maps(frame: pl.DataFrame) -> tuple[dict[str, list[tuple[Any, str]]], dict[str, set[str]]]:
+def _port_maps(frame: pl.DataFrame) -> tuple[dict[str, list[tuple[int, str]]], dict[str, set[str]]]:
     """port id -> [(ts, vm id)] sorted, and port id -> fixed addresses, from every event naming both."""
-    ports: dict[str, list[tuple[Any, str]]] = {}
+    ports: dict[str, list[tuple[int, str]]] = {}
     port_addrs: dict[str, set[str]] = {}
     named = frame.filter(pl.col("port_id").is_not_null() & ~pl.col("action").str.starts_with("fip_"))
     for row in named.select("ts", "port_id", "vm_id", "addrs").iter_rows():
@@ -326,17 +319,23 @@ def _port_maps(frame: pl.DataFrame) -> tuple[dict[str, list[tuple[Any, str]]], d
     return ports, port_addrs
 
 
+def _timestamps(values: list[int | None]) -> pa.Array:
+    return pa.array(values, pa.int64()).cast(VM_LEASES.field("valid_from").type)
+
+
 def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None) -> tuple[pa.Table, pa.Table]:
     """Whole event history -> (vm_leases, vms) tables in schema.VM_LEASES / schema.VMS, sorted.
 
-    The replay walks the events one by one: lifecycle volume is small next to flows (a site creating
-    hundreds of VMs an hour makes ~10^5-10^6 events a month) and each step is a few dict operations."""
+    The replay walks the events one by one (a state machine over VMs and addresses; times as integer µs):
+    lifecycle volume is small next to flows (hundreds of VMs an hour make ~10^6 events a month)."""
     frame = normalise_events(events)
-    replay = (
-        _Replay(reclaim_interval, *_port_maps(frame)) if frame.height else _Replay(reclaim_interval, {}, {})
-    )
+    if frame.height:
+        frame = frame.with_columns(pl.col("ts").dt.epoch("us"))
+    reclaim_us = None if reclaim_interval is None else reclaim_interval // dt.timedelta(microseconds=1)
+    replay = _Replay(reclaim_us, *_port_maps(frame)) if frame.height else _Replay(reclaim_us, {}, {})
     columns = [
         "ts",
+        "_phase",
         "action",
         "event_type",
         "vm_id",
@@ -352,46 +351,53 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
     if frame.height:
         for e in frame.select(columns).iter_rows(named=True):
             replay.apply(e)
-    leases = [
+    kept = [
         lease
         for lease in replay.leases
         if lease["valid_to"] is None or lease["valid_to"] > lease["valid_from"]
     ]
-    for lease in leases:
-        vm = replay.vms.get(lease["vm_id"])
-        lease.update(
-            vm_name=vm.vm_name if vm else None,
-            project=vm.project if vm else None,
-            user=vm.user if vm else None,
-            cloud=vm.cloud if vm else None,
-            vm_status=vm.status if vm else None,
-            quarantine_until=vm.quarantine_until if vm else None,
-        )
-    leases.sort(key=lambda lease: (lease["addr"], lease["valid_from"], lease["vm_id"]))
-    lease_table = pa.Table.from_pylist(leases, schema=VM_LEASES) if leases else VM_LEASES.empty_table()
+    kept.sort(key=lambda lease: (lease["addr"], lease["valid_from"], lease["vm_id"]))
+    vm_of = [replay.vms.get(lease["vm_id"]) for lease in kept]
+
+    def vm_field(name: str) -> list[Any]:
+        return [getattr(vm, name) if vm is not None else None for vm in vm_of]
+
+    lease_table = pa.table(
+        {
+            "addr": [lease["addr"] for lease in kept],
+            "vm_id": [lease["vm_id"] for lease in kept],
+            "vm_name": vm_field("vm_name"),
+            "project": vm_field("project"),
+            "user": vm_field("user"),
+            "hypervisor": [lease["hypervisor"] for lease in kept],
+            "cloud": vm_field("cloud"),
+            "addr_kind": [lease["addr_kind"] for lease in kept],
+            "valid_from": _timestamps([lease["valid_from"] for lease in kept]),
+            "valid_to": _timestamps([lease["valid_to"] for lease in kept]),
+            "end_reason": [lease["end_reason"] for lease in kept],
+            "vm_status": vm_field("status"),
+            "quarantine_until": _timestamps(vm_field("quarantine_until")),
+        },
+        schema=VM_LEASES,
+    )
     vms = sorted(replay.vms.values(), key=lambda vm: vm.vm_id)
-    vm_table = (
-        pa.Table.from_pylist(
-            [
-                {
-                    "vm_id": vm.vm_id,
-                    "cloud": vm.cloud,
-                    "vm_name": vm.vm_name,
-                    "project": vm.project,
-                    "user": vm.user,
-                    "hypervisor": vm.hypervisor,
-                    "status": vm.status or "unknown",
-                    "created_at": vm.created_at or vm.first_seen,
-                    "deleted_at": vm.deleted_at,
-                    "quarantine_until": vm.quarantine_until,
-                    "last_event_at": vm.last_event_at,
-                }
-                for vm in vms
-            ],
-            schema=VMS,
-        )
-        if vms
-        else VMS.empty_table()
+    vm_table = pa.table(
+        {
+            "vm_id": [vm.vm_id for vm in vms],
+            "cloud": [vm.cloud for vm in vms],
+            "vm_name": [vm.vm_name for vm in vms],
+            "project": [vm.project for vm in vms],
+            "user": [vm.user for vm in vms],
+            "hypervisor": [vm.hypervisor for vm in vms],
+            "status": [vm.status or "unknown" for vm in vms],
+            "created_at": _timestamps(
+                [vm.created_at if vm.created_at is not None else vm.first_seen for vm in vms]
+            ),
+            "deleted_at": _timestamps([vm.deleted_at for vm in vms]),
+            "quarantine_until": _timestamps([vm.quarantine_until for vm in vms]),
+            "last_event_at": _timestamps([vm.last_event_at for vm in vms]),
+        },
+        schema=VMS,
     )
     return lease_table, vm_table
 
