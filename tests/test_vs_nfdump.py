@@ -18,6 +18,7 @@ from conftest import (
     SOFTFLOWD_CASES,
     blank_icmpv6_ports,
     case_id,
+    ingest_in_process,
     lake_flows,
     multiset_diff,
     nfdump_reference,
@@ -28,9 +29,15 @@ from tracepipe import probes
 
 
 def ingest(capture, lake) -> pa.Table:
+    """`tracepipe ingest netflow CAPTURE --lake LAKE`, the real CLI in a subprocess, then the lake's flows."""
     proc = run_tracepipe("ingest", "netflow", str(capture), "--lake", str(lake))
     assert proc.returncode == 0, f"tracepipe ingest exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return lake_flows(lake)
+
+
+def ingest_fast(capture, lake) -> pa.Table:
+    """Same, through the library function the CLI calls: for the tests beyond the main comparison."""
+    return ingest_in_process([capture], lake)
 
 
 @pytest.mark.parametrize("case", SOFTFLOWD_CASES, ids=case_id)
@@ -86,7 +93,7 @@ def test_erratum_e1_nfdump_swaps_ipfix_sysuptime_start_and_end(softflowd_export,
     diff = multiset_diff(with_duration(nfdump_reference(v9.expected, 9)), with_duration(nfdump_reference(raw, 10)),
                          columns)
     assert not diff, f"nfdump's IPFIX records, swapped back, differ from its v9 records of the same traffic:\n{diff}"
-    got = ingest(ipfix.export_pcap, tmp_path / "lake")
+    got = ingest_fast(ipfix.export_pcap, tmp_path / "lake")
     assert pc.all(pc.less_equal(got.column("ts_start"), got.column("ts_end"))).as_py()
 
 
@@ -105,7 +112,7 @@ def test_v9_icmpv6_type_code_as_nfdump_reads_it_from_ipfix(softflowd_export, tmp
     from_ipfix = icmpv6(ipfix.expected)
     # echo request 128.0, echo reply 129.0, destination unreachable 1.4 (see probes.default_flow_specs)
     assert {port for _, _, port in from_ipfix} <= {128 * 256, 129 * 256, 1 * 256 + 4}
-    assert icmpv6(ingest(v9.export_pcap, tmp_path / "lake")) == from_ipfix
+    assert icmpv6(ingest_fast(v9.export_pcap, tmp_path / "lake")) == from_ipfix
 
 
 @pytest.mark.parametrize("link_type", [None, "LINUX_SLL"], ids=["linux-cooked-v2", "linux-cooked-v1"])
@@ -118,7 +125,7 @@ def test_capture_on_any_interface_linux_cooked(link_type, traffic_pcaps, tmp_pat
             capture.wait_for_packets(result.datagrams)
     expected = nfdump_reference(probes.nfdump_records(nfcapd.out_dir), 5)
     assert expected.num_rows == result.records
-    diff = multiset_diff(expected, ingest(capture.path, tmp_path / "lake"))
+    diff = multiset_diff(expected, ingest_fast(capture.path, tmp_path / "lake"))
     assert not diff, f"tcpdump -i any ({link_type or 'LINUX_SLL2'}): lake differs from nfdump\n{diff}"
 
 
@@ -136,7 +143,7 @@ def test_all_versions_in_one_capture(traffic_pcaps, tmp_path):
                 sent += probes.softflowd_export(traffic_pcaps[traffic], version, (probes.LOOPBACK_V4, port)).datagrams
             expected.append(blank_icmpv6_ports(nfdump_reference(probes.nfdump_records(nfcapd.out_dir), version)))
         capture.wait_for_packets(sent)
-    got = ingest(capture.path, tmp_path / "lake")
+    got = ingest_fast(capture.path, tmp_path / "lake")
     diff = multiset_diff(pa.concat_tables(expected, promote_options="permissive"), blank_icmpv6_ports(got))
     assert not diff, f"v5 + v9 + IPFIX in one capture: lake differs from nfdump\n{diff}"
 
@@ -147,7 +154,7 @@ def test_softflowd_v1_datagrams_nfdump_drops_still_land(softflowd_export, tmp_pa
     (v1 and v5 carry the same fields and the same header clock)."""
     v1, v5 = softflowd_export(1, "ipv4"), softflowd_export(5, "ipv4")
     assert v1.expected.num_rows < v1.softflowd.records, "nfdump now reads 30-record v1 datagrams: compare with it"
-    got_v1 = ingest(v1.export_pcap, tmp_path / "lake-v1")
+    got_v1 = ingest_fast(v1.export_pcap, tmp_path / "lake-v1")
     assert got_v1.num_rows == v1.softflowd.records
-    diff = multiset_diff(ingest(v5.export_pcap, tmp_path / "lake-v5"), got_v1)
+    diff = multiset_diff(ingest_fast(v5.export_pcap, tmp_path / "lake-v5"), got_v1)
     assert not diff, f"softflowd v1 export differs from its v5 export of the same traffic:\n{diff}"

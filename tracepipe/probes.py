@@ -323,6 +323,13 @@ class FprobeRun:
     def pid(self) -> int:
         return self.proc.pid
 
+    def request_stop(self) -> None:
+        """SIGTERM without waiting: fprobe exports the flows it still holds, which takes it a few seconds, so
+        several probes are best stopped together (the context exit then only waits)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
 
 @contextlib.contextmanager
 def fprobe_export(version: int, dest_port: int, bpf: str, iface: str = "lo", dest_host: str = LOOPBACK_V4,
