@@ -42,16 +42,23 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="tracepipe-story-") as tmp:
         # two probes, two formats: the OpenStack border exports NetFlow v9, the OpenNebula site IPFIX
-        for probe, version, name in (("openstack", 9, "openstack-softflowd-v9.pcap"),
-                                     ("opennebula", 10, "opennebula-softflowd-ipfix.pcap")):
+        for probe, version, name in (
+            ("openstack", 9, "openstack-softflowd-v9.pcap"),
+            ("opennebula", 10, "opennebula-softflowd-ipfix.pcap"),
+        ):
             traffic = synth.write_traffic_pcap(story, Path(tmp) / f"traffic-{probe}.pcap", probe)
             synth.export_netflow(traffic, version, out / "netflow" / name)
             if args.keep_traffic:
-                shutil.copyfile(traffic, args.keep_traffic.with_name(f"{args.keep_traffic.stem}-{probe}.pcap"))
+                shutil.copyfile(
+                    traffic, args.keep_traffic.with_name(f"{args.keep_traffic.stem}-{probe}.pcap")
+                )
 
-    (out / "nova" / "notifications.jsonl").write_text("\n".join(synth.nova_notifications(story, templates / "nova")) + "\n")
+    (out / "nova" / "notifications.jsonl").write_text(
+        "\n".join(synth.nova_notifications(story, templates / "nova")) + "\n"
+    )
     (out / "neutron" / "floatingip.jsonl").write_text(
-        "\n".join(synth.neutron_notifications(story, templates / "neutron")) + "\n")
+        "\n".join(synth.neutron_notifications(story, templates / "neutron")) + "\n"
+    )
     for name, text in synth.opennebula_records(story).items():
         (out / "opennebula" / name).write_text(text)
     for name, text in synth.syslog_files(story).items():
@@ -60,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "ground_truth.json").write_text(json.dumps(story.truth, indent=1) + "\n")
 
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"wrote {out} ({total / 1e6:.1f} MB, {story.n_conns} connections, "
-          f"{len(story.truth['incidents'])} planted incidents)")
+    print(
+        f"wrote {out} ({total / 1e6:.1f} MB, {story.n_conns} connections, "
+        f"{len(story.truth['incidents'])} planted incidents)"
+    )
     return 0
 
 

@@ -28,8 +28,14 @@ EXPECTED = {
 def _tracepipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
     env.pop("TRACEPIPE_LAKE", None)
-    return subprocess.run([sys.executable, "-m", "tracepipe.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "tracepipe.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=180,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +62,16 @@ def test_demo_runs_every_step_quickly(demo: tuple[dict, float, Path]) -> None:
 @pytest.mark.parametrize("incident", TRUTH["incidents"], ids=[i["kind"] for i in TRUTH["incidents"]])
 def test_every_planted_incident_found_and_attributed(demo: tuple[dict, float, Path], incident: dict) -> None:
     findings = demo[0]["findings"]
-    hits = [f for f in findings if f["addr"] == incident["addr"] and f["detector"] == EXPECTED[incident["kind"]]]
+    hits = [
+        f for f in findings if f["addr"] == incident["addr"] and f["detector"] == EXPECTED[incident["kind"]]
+    ]
     assert hits, f"{incident['kind']} on {incident['addr']} not found; findings: {findings}"
     for hit in hits:
-        assert (hit["vm_name"], hit["project"], hit["user"]) == (incident["vm_name"], incident["project"],
-                                                                 incident["user"])
+        assert (hit["vm_name"], hit["project"], hit["user"]) == (
+            incident["vm_name"],
+            incident["project"],
+            incident["user"],
+        )
         assert hit["vm_id"] == incident["vm_id"]
         assert incident["vm_name"] in hit["reason"]
 
@@ -79,13 +90,18 @@ def test_no_alert_on_ordinary_hosts(demo: tuple[dict, float, Path]) -> None:
     assert ordinary and not [f for f in result["findings"] if f["addr"] in ordinary]
     planted = {i["addr"] for i in TRUTH["incidents"]}
     assert {f["addr"] for f in result["findings"]} <= planted
-    assert all(c["found"] and c["attributed"] for c in result["truth_check"]) and result["false_positives"] == []
+    assert (
+        all(c["found"] and c["attributed"] for c in result["truth_check"]) and result["false_positives"] == []
+    )
 
 
 def test_report_written_inside_the_demo_lake(demo: tuple[dict, float, Path]) -> None:
     result, _, work = demo
-    html = Path(work / result["report"]["html"]) if not Path(result["report"]["html"]).is_absolute() \
+    html = (
+        Path(work / result["report"]["html"])
+        if not Path(result["report"]["html"]).is_absolute()
         else Path(result["report"]["html"])
+    )
     assert html.is_file() and (work / "demo-lake") in html.parents
     text = html.read_text()
     for incident in TRUTH["incidents"]:

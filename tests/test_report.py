@@ -35,66 +35,159 @@ def _flows() -> pa.Table:
 
     def add(ts, src, dst, sport, dport, proto, pk, by):
         n = len(ts)
-        for key, value in (("ts", ts), ("src", src), ("dst", dst), ("sport", sport), ("dport", dport),
-                           ("proto", proto), ("pk", pk), ("by", by)):
+        for key, value in (
+            ("ts", ts),
+            ("src", src),
+            ("dst", dst),
+            ("sport", sport),
+            ("dport", dport),
+            ("proto", proto),
+            ("pk", pk),
+            ("by", by),
+        ):
             rows[key].extend(np.broadcast_to(np.asarray(value, dtype=object), (n,)).tolist())
 
     scan_t = t0 + 7200 + np.sort(rng.uniform(0, 600, 300))
-    add(scan_t, "10.9.0.5", [f"198.18.1.{i % 250}" for i in range(300)], 40000 + np.arange(300), 445, 6, 1, 40)
+    add(
+        scan_t, "10.9.0.5", [f"198.18.1.{i % 250}" for i in range(300)], 40000 + np.arange(300), 445, 6, 1, 40
+    )
     dns_t = t0 + np.sort(rng.uniform(0, 14400, 200))
     add(dns_t, ["10.9.0.5", "10.9.0.7"] * 100, "10.9.0.2", 50000 + np.arange(200), 53, 17, 1, 70)
     up_t = t0 + 9000 + np.arange(5) * 300.0
     add(up_t, "10.9.0.7", "198.51.100.200", 45000 + np.arange(5), 443, 6, 5000, 300_000_000)
-    ts = pa.array([dt.datetime.fromtimestamp(float(t), UTC) for t in rows["ts"]], FLOWS.field("ts_start").type)
-    return pa.table({
-        "ts_start": ts, "ts_end": ts, "src_addr": rows["src"], "dst_addr": rows["dst"],
-        "src_port": pa.array(rows["sport"], pa.int32()), "dst_port": pa.array(rows["dport"], pa.int32()),
-        "proto": pa.array(rows["proto"], pa.int16()), "packets": pa.array(rows["pk"], pa.int64()),
-        "bytes": pa.array(rows["by"], pa.int64()), "ip_version": pa.array([4] * len(ts), pa.int8()),
-        "exporter": ["127.0.0.1"] * len(ts), "source": ["test"] * len(ts),
-    })
+    ts = pa.array(
+        [dt.datetime.fromtimestamp(float(t), UTC) for t in rows["ts"]], FLOWS.field("ts_start").type
+    )
+    return pa.table(
+        {
+            "ts_start": ts,
+            "ts_end": ts,
+            "src_addr": rows["src"],
+            "dst_addr": rows["dst"],
+            "src_port": pa.array(rows["sport"], pa.int32()),
+            "dst_port": pa.array(rows["dport"], pa.int32()),
+            "proto": pa.array(rows["proto"], pa.int16()),
+            "packets": pa.array(rows["pk"], pa.int64()),
+            "bytes": pa.array(rows["by"], pa.int64()),
+            "ip_version": pa.array([4] * len(ts), pa.int8()),
+            "exporter": ["127.0.0.1"] * len(ts),
+            "source": ["test"] * len(ts),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory: pytest.TempPathFactory) -> Lake:
     lake = Lake(tmp_path_factory.mktemp("lake"))
     ingest_table(lake, "flows", "test-flows", "h-flows", [_flows()])
-    lake.replace_dataset("vms", pa.Table.from_pylist([
-        {"vm_id": "vm-evil", "cloud": "openstack", "vm_name": EVIL_NAME, "project": "p&q", "user": "mallory",
-         "hypervisor": "compute-1", "status": "deleted", "created_at": T0 - dt.timedelta(hours=2),
-         "deleted_at": T0 + dt.timedelta(hours=3)},
-        {"vm_id": "vm-up", "cloud": "openstack", "vm_name": "dataproc-04", "project": "genomics-lab",
-         "user": "okafor", "hypervisor": "compute-2", "status": "soft_deleted",
-         "quarantine_until": T0 + dt.timedelta(days=1)},
-    ], schema=VMS))
-    ingest_table(lake, "vm_logs", "test-logs", "h-logs", [pa.Table.from_pylist([
-        {"ts": T0 + dt.timedelta(hours=2, minutes=1), "hostname": "web-03", "app": "sshd", "pid": 4242,
-         "message": EVIL_LOG, "vm_id": "vm-victim", "auth_event": "failed", "auth_user": "<img>",
-         "auth_src_addr": "10.9.0.5", "source": "test", "line": 1},
-    ], schema=VM_LOGS)])
+    lake.replace_dataset(
+        "vms",
+        pa.Table.from_pylist(
+            [
+                {
+                    "vm_id": "vm-evil",
+                    "cloud": "openstack",
+                    "vm_name": EVIL_NAME,
+                    "project": "p&q",
+                    "user": "mallory",
+                    "hypervisor": "compute-1",
+                    "status": "deleted",
+                    "created_at": T0 - dt.timedelta(hours=2),
+                    "deleted_at": T0 + dt.timedelta(hours=3),
+                },
+                {
+                    "vm_id": "vm-up",
+                    "cloud": "openstack",
+                    "vm_name": "dataproc-04",
+                    "project": "genomics-lab",
+                    "user": "okafor",
+                    "hypervisor": "compute-2",
+                    "status": "soft_deleted",
+                    "quarantine_until": T0 + dt.timedelta(days=1),
+                },
+            ],
+            schema=VMS,
+        ),
+    )
+    ingest_table(
+        lake,
+        "vm_logs",
+        "test-logs",
+        "h-logs",
+        [
+            pa.Table.from_pylist(
+                [
+                    {
+                        "ts": T0 + dt.timedelta(hours=2, minutes=1),
+                        "hostname": "web-03",
+                        "app": "sshd",
+                        "pid": 4242,
+                        "message": EVIL_LOG,
+                        "vm_id": "vm-victim",
+                        "auth_event": "failed",
+                        "auth_user": "<img>",
+                        "auth_src_addr": "10.9.0.5",
+                        "source": "test",
+                        "line": 1,
+                    },
+                ],
+                schema=VM_LOGS,
+            )
+        ],
+    )
     return lake
 
 
 def _alerts() -> pa.Table:
     now = dt.datetime(2025, 6, 17, 12, 0, tzinfo=UTC)
     scan_window = (T0 + dt.timedelta(hours=2), T0 + dt.timedelta(hours=3))
-    return pa.Table.from_pylist([
-        {"alert_id": "scan-1", "detector": "horizontal_scan", "window_start": scan_window[0],
-         "window_end": scan_window[1], "addr": "10.9.0.5", "score": 7.5,
-         "reason": f"10.9.0.5 (vm {EVIL_NAME}) contacted 250 distinct hosts on port 445 in 1 h",
-         "vm_id": "vm-evil", "vm_name": EVIL_NAME, "project": "p&q", "user": "mallory",
-         "hypervisor": "compute-1", "vm_status": "deleted",
-         "features": json.dumps({"distinct_dst": 250, "syn_only_share": 1.0, "note": "<b>bold?</b>"}),
-         "evidence": json.dumps({"port": 445, "flows": [{"src_addr": "10.9.0.5", "dst_addr": "<i>x</i>"}]}),
-         "pipeline": "nightly", "created_at": now},
-        {"alert_id": "exfil-1", "detector": "exfiltration", "window_start": T0 + dt.timedelta(hours=2, minutes=30),
-         "window_end": T0 + dt.timedelta(hours=3, minutes=30), "addr": "10.9.0.7", "peer": "198.51.100.200",
-         "score": 4.0, "reason": "10.9.0.7 (vm dataproc-04) sent 1.5 GB to 198.51.100.200",
-         "vm_id": "vm-up", "vm_name": "dataproc-04", "project": "genomics-lab", "user": "okafor",
-         "hypervisor": "compute-2", "vm_status": "soft_deleted", "quarantine_until": T0 + dt.timedelta(days=1),
-         "features": json.dumps({"bytes_out": 1.5e9, "baseline_ratio": 40.0}), "evidence": None,
-         "pipeline": "nightly", "created_at": now},
-    ], schema=ALERTS)
+    return pa.Table.from_pylist(
+        [
+            {
+                "alert_id": "scan-1",
+                "detector": "horizontal_scan",
+                "window_start": scan_window[0],
+                "window_end": scan_window[1],
+                "addr": "10.9.0.5",
+                "score": 7.5,
+                "reason": f"10.9.0.5 (vm {EVIL_NAME}) contacted 250 distinct hosts on port 445 in 1 h",
+                "vm_id": "vm-evil",
+                "vm_name": EVIL_NAME,
+                "project": "p&q",
+                "user": "mallory",
+                "hypervisor": "compute-1",
+                "vm_status": "deleted",
+                "features": json.dumps({"distinct_dst": 250, "syn_only_share": 1.0, "note": "<b>bold?</b>"}),
+                "evidence": json.dumps(
+                    {"port": 445, "flows": [{"src_addr": "10.9.0.5", "dst_addr": "<i>x</i>"}]}
+                ),
+                "pipeline": "nightly",
+                "created_at": now,
+            },
+            {
+                "alert_id": "exfil-1",
+                "detector": "exfiltration",
+                "window_start": T0 + dt.timedelta(hours=2, minutes=30),
+                "window_end": T0 + dt.timedelta(hours=3, minutes=30),
+                "addr": "10.9.0.7",
+                "peer": "198.51.100.200",
+                "score": 4.0,
+                "reason": "10.9.0.7 (vm dataproc-04) sent 1.5 GB to 198.51.100.200",
+                "vm_id": "vm-up",
+                "vm_name": "dataproc-04",
+                "project": "genomics-lab",
+                "user": "okafor",
+                "hypervisor": "compute-2",
+                "vm_status": "soft_deleted",
+                "quarantine_until": T0 + dt.timedelta(days=1),
+                "features": json.dumps({"bytes_out": 1.5e9, "baseline_ratio": 40.0}),
+                "evidence": None,
+                "pipeline": "nightly",
+                "created_at": now,
+            },
+        ],
+        schema=ALERTS,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +230,20 @@ def test_report_escapes_everything_from_data(report: dict[str, Path]) -> None:
 
 
 def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-           "--enable-logging=stderr", "--v=0", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=90)
 
 
@@ -148,8 +252,8 @@ def _png_pixels(path: Path) -> tuple[int, int, bytes]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     offset, idat, width, height = 8, b"", 0, 0
     while offset < len(data):
-        (length,), kind = struct.unpack(">I", data[offset:offset + 4]), data[offset + 4:offset + 8]
-        body = data[offset + 8:offset + 8 + length]
+        (length,), kind = struct.unpack(">I", data[offset : offset + 4]), data[offset + 4 : offset + 8]
+        body = data[offset + 8 : offset + 8 + length]
         if kind == b"IHDR":
             width, height = struct.unpack(">II", body[:8])
         elif kind == b"IDAT":
@@ -171,8 +275,10 @@ def test_report_renders_in_headless_chromium(report: dict[str, Path], tmp_path: 
     assert console == []
 
     shot = tmp_path / "report.png"  # kept under the test's tmp dir, like a CI artifact
-    run = _chromium([f"--screenshot={shot}", "--window-size=1280,2000", "--hide-scrollbars", url],
-                    tmp_path / "profile-shot")
+    run = _chromium(
+        [f"--screenshot={shot}", "--window-size=1280,2000", "--hide-scrollbars", url],
+        tmp_path / "profile-shot",
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     width, height, raw = _png_pixels(shot)
     assert (width, height) == (1280, 2000)

@@ -29,7 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 STORY_DIR = REPO / "sample_data" / "story"
 PIPELINE = REPO / "pipelines" / "nightly.toml"
 DEFAULT_DEMO_LAKE = Path("demo-lake")
-RECLAIM_INTERVAL = dt.timedelta(days=1)  # the story's nova.conf reclaim_instance_interval (see sample_data/README.md)
+RECLAIM_INTERVAL = dt.timedelta(
+    days=1
+)  # the story's nova.conf reclaim_instance_interval (see sample_data/README.md)
 
 # which detectors find which planted incident (ground_truth.json "kind")
 EXPECTED_DETECTORS = {
@@ -96,15 +98,19 @@ def fresh_lake(path: Path) -> Lake:
         if not path.is_dir():
             raise UsageError(f"{path} exists and is not a directory; pick another --lake for the demo")
         if any(path.iterdir()) and not (path / DEMO_MARKER).exists():
-            raise UsageError(f"{path} is not empty and was not made by `tracepipe demo`; the demo starts from an "
-                             "empty lake and deletes it on the next run: pick another --lake")
+            raise UsageError(
+                f"{path} is not empty and was not made by `tracepipe demo`; the demo starts from an "
+                "empty lake and deletes it on the next run: pick another --lake"
+            )
         shutil.rmtree(path)
     path.mkdir(parents=True)
     (path / DEMO_MARKER).write_text("made by `tracepipe demo`; deleted and rebuilt by the next run\n")
     return Lake(path)
 
 
-def _run(result: DemoResult, name: str, progress: Progress | None, fn: Callable[[], dict[str, Any] | None]) -> Any:
+def _run(
+    result: DemoResult, name: str, progress: Progress | None, fn: Callable[[], dict[str, Any] | None]
+) -> Any:
     if progress:
         progress(name)
     step = Step(name)
@@ -138,31 +144,52 @@ def finding_rows(alerts: pa.Table) -> list[dict[str, Any]]:
             continue
         seen.add(key)
         quarantine = row.get("quarantine_until")
-        findings.append({
-            "detector": row.get("detector"), "addr": row.get("addr"), "peer": row.get("peer"),
-            "vm_name": row.get("vm_name"), "vm_id": row.get("vm_id"), "project": row.get("project"),
-            "user": row.get("user"), "hypervisor": row.get("hypervisor"), "vm_status": row.get("vm_status"),
-            "quarantine_until": quarantine.isoformat() if quarantine else None,
-            "score": row.get("score"), "reason": row.get("reason"),
-            "window_start": row["window_start"].isoformat() if row.get("window_start") else None,
-        })
+        findings.append(
+            {
+                "detector": row.get("detector"),
+                "addr": row.get("addr"),
+                "peer": row.get("peer"),
+                "vm_name": row.get("vm_name"),
+                "vm_id": row.get("vm_id"),
+                "project": row.get("project"),
+                "user": row.get("user"),
+                "hypervisor": row.get("hypervisor"),
+                "vm_status": row.get("vm_status"),
+                "quarantine_until": quarantine.isoformat() if quarantine else None,
+                "score": row.get("score"),
+                "reason": row.get("reason"),
+                "window_start": row["window_start"].isoformat() if row.get("window_start") else None,
+            }
+        )
     return findings
 
 
-def check_against_truth(findings: list[dict[str, Any]], truth: dict[str, Any]) -> tuple[list[dict], list[str]]:
+def check_against_truth(
+    findings: list[dict[str, Any]], truth: dict[str, Any]
+) -> tuple[list[dict], list[str]]:
     """Per planted incident: found by an expected detector, and attributed to the right VM and owner?
     Plus the ordinary addresses that raised any alert (false positives)."""
     checks = []
     for incident in truth["incidents"]:
         expected = EXPECTED_DETECTORS.get(incident["kind"], set())
         hits = [f for f in findings if f["addr"] == incident["addr"] and f["detector"] in expected]
-        checks.append({
-            "kind": incident["kind"], "addr": incident["addr"], "vm_name": incident["vm_name"],
-            "user": incident["user"], "found": bool(hits),
-            "detectors": sorted({f["detector"] for f in hits}),
-            "attributed": bool(hits) and all(f["vm_name"] == incident["vm_name"] and f["user"] == incident["user"]
-                                             and f["project"] == incident["project"] for f in hits),
-        })
+        checks.append(
+            {
+                "kind": incident["kind"],
+                "addr": incident["addr"],
+                "vm_name": incident["vm_name"],
+                "user": incident["user"],
+                "found": bool(hits),
+                "detectors": sorted({f["detector"] for f in hits}),
+                "attributed": bool(hits)
+                and all(
+                    f["vm_name"] == incident["vm_name"]
+                    and f["user"] == incident["user"]
+                    and f["project"] == incident["project"]
+                    for f in hits
+                ),
+            }
+        )
     ordinary = set(truth.get("ordinary_addrs", []))
     false_positives = sorted({f["addr"] for f in findings if f["addr"] in ordinary})
     return checks, false_positives
@@ -176,20 +203,26 @@ def next_commands(lake: Path, truth: dict[str, Any]) -> list[str]:
     return [
         f"tracepipe who {scan['addr']} --at {scan['start'][:16]}Z {lake_arg}",
         f"tracepipe who {exfil['addr']} --at {exfil['start'][:16]}Z {lake_arg}",
-        "tracepipe sql \"SELECT src_vm_name, src_user, dst_addr, count(*) AS flows, sum(bytes) AS bytes "
-        "FROM flows_attributed WHERE dst_port = 22 GROUP BY ALL ORDER BY flows DESC LIMIT 5\" " + lake_arg,
+        'tracepipe sql "SELECT src_vm_name, src_user, dst_addr, count(*) AS flows, sum(bytes) AS bytes '
+        'FROM flows_attributed WHERE dst_port = 22 GROUP BY ALL ORDER BY flows DESC LIMIT 5" ' + lake_arg,
     ]
 
 
-def run_demo(lake_dir: Path = DEFAULT_DEMO_LAKE, story_dir: Path = STORY_DIR, pipeline: Path = PIPELINE,
-             progress: Progress | None = None) -> DemoResult:
+def run_demo(
+    lake_dir: Path = DEFAULT_DEMO_LAKE,
+    story_dir: Path = STORY_DIR,
+    pipeline: Path = PIPELINE,
+    progress: Progress | None = None,
+) -> DemoResult:
     """Run the whole demo; see the module docstring. Never raises for a missing or failing step."""
     started = time.monotonic()
     story_dir = Path(story_dir)
     truth_path = story_dir / "ground_truth.json"
     if not truth_path.is_file():
-        raise UsageError(f"{story_dir} is not a sample story (no ground_truth.json); "
-                         "regenerate it with `python sample_data/make_sample.py`")
+        raise UsageError(
+            f"{story_dir} is not a sample story (no ground_truth.json); "
+            "regenerate it with `python sample_data/make_sample.py`"
+        )
     truth = json.loads(truth_path.read_text())
     window = story_window(truth)
     lake = fresh_lake(Path(lake_dir))
@@ -198,16 +231,23 @@ def run_demo(lake_dir: Path = DEFAULT_DEMO_LAKE, story_dir: Path = STORY_DIR, pi
     def vm() -> dict[str, Any]:
         from tracepipe.ingest.vm import ingest_vm_files
 
-        report = ingest_vm_files(lake, [story_dir / "nova", story_dir / "neutron", story_dir / "opennebula"],
-                                 reclaim_interval=RECLAIM_INTERVAL)
+        report = ingest_vm_files(
+            lake,
+            [story_dir / "nova", story_dir / "neutron", story_dir / "opennebula"],
+            reclaim_interval=RECLAIM_INTERVAL,
+        )
         return {"events": report.rows, "rejects": report.rejects, "leases": report.leases, "vms": report.vms}
 
     def netflow() -> dict[str, Any]:
         from tracepipe.ingest.flows import ingest_flow_files
 
         summary = ingest_flow_files(lake, sorted((story_dir / "netflow").glob("*.pcap")))
-        return {"flows": summary.flows, "datagrams": summary.datagrams, "rejects": summary.rejects,
-                "attributed": summary.attributed}
+        return {
+            "flows": summary.flows,
+            "datagrams": summary.datagrams,
+            "rejects": summary.rejects,
+            "attributed": summary.attributed,
+        }
 
     def syslog() -> dict[str, Any]:
         from tracepipe.ingest.vm import ingest_syslog_files
@@ -229,16 +269,28 @@ def run_demo(lake_dir: Path = DEFAULT_DEMO_LAKE, story_dir: Path = STORY_DIR, pi
 
         config = load_pipeline(pipeline)
         # the report goes into the demo lake, not into the current directory
-        config = dataclasses.replace(config, output=dataclasses.replace(
-            config.output, report_dir=str(Path(lake_dir) / "reports" / config.pipeline.name)))
+        config = dataclasses.replace(
+            config,
+            output=dataclasses.replace(
+                config.output, report_dir=str(Path(lake_dir) / "reports" / config.pipeline.name)
+            ),
+        )
         res = run_sweep(lake, config, since=window[0], until=window[1])
         sweep_out["alerts"] = res.alerts
         sweep_out["report"] = {k: str(v) for k, v in (res.report_paths or {}).items()}
-        return {"alerts": res.alerts.num_rows, "new_alerts": res.new_alerts.num_rows, "exit_code": res.exit_code}
+        return {
+            "alerts": res.alerts.num_rows,
+            "new_alerts": res.new_alerts.num_rows,
+            "exit_code": res.exit_code,
+        }
 
-    for name, fn in (("ingest vm (Nova, Neutron, OpenNebula)", vm), ("ingest netflow (softflowd v9 + IPFIX)", netflow),
-                     ("ingest syslog", syslog), ("intel import (MISP CSV)", intel),
-                     (f"sweep {pipeline.name}", sweep)):
+    for name, fn in (
+        ("ingest vm (Nova, Neutron, OpenNebula)", vm),
+        ("ingest netflow (softflowd v9 + IPFIX)", netflow),
+        ("ingest syslog", syslog),
+        ("intel import (MISP CSV)", intel),
+        (f"sweep {pipeline.name}", sweep),
+    ):
         _run(result, name, progress, fn)
 
     if "alerts" in sweep_out:

@@ -42,7 +42,13 @@ WEB_SITES_V6 = [f"2001:db8:ffff::{i:x}" for i in range(0x10, 0x18)]
 HTTP_CLIENTS = [f"203.0.113.{i}" for i in range(100, 140)]
 
 # planted incidents
-BRUTE_SRC, BEACON_SRC, EXFIL_SRC, SCAN_SRC, MINER_SRC = "10.20.1.23", "10.20.1.19", "10.20.1.26", "10.20.1.31", "10.40.0.12"
+BRUTE_SRC, BEACON_SRC, EXFIL_SRC, SCAN_SRC, MINER_SRC = (
+    "10.20.1.23",
+    "10.20.1.19",
+    "10.20.1.26",
+    "10.20.1.31",
+    "10.40.0.12",
+)
 BEACON_DST, EXFIL_DST, MINER_DST, MINER_PORT = "192.0.2.77", "198.51.100.200", "203.0.113.50", 3333
 BRUTE_VICTIMS_INTERNAL = ("10.20.1.13", "10.20.1.15")
 FLOATING_IP, FLOATING_FIXED = "198.51.100.20", "10.20.1.10"
@@ -96,8 +102,20 @@ class _Conns:
 
     def add(self, t0, dur, src, dst, dport, proto, kind, pk_f, pk_r, by_f, by_r, sport=-1) -> None:
         n = len(np.atleast_1d(t0))
-        values = dict(t0=t0, dur=dur, src=src, dst=dst, sport=sport, dport=dport, proto=proto, kind=kind,
-                      pk_f=pk_f, pk_r=pk_r, by_f=by_f, by_r=by_r)
+        values = dict(
+            t0=t0,
+            dur=dur,
+            src=src,
+            dst=dst,
+            sport=sport,
+            dport=dport,
+            proto=proto,
+            kind=kind,
+            pk_f=pk_f,
+            pk_r=pk_r,
+            by_f=by_f,
+            by_r=by_r,
+        )
         for col, value in values.items():
             arr = np.asarray(value)
             if arr.ndim == 0:
@@ -145,8 +163,11 @@ def _poisson_times(rng: np.random.Generator, t0: float, t1: float, mean_gap: flo
 
 def _make_vms(rng: np.random.Generator, n_ordinary: int) -> list[VM]:
     projects = [
-        ("atlas-sim", "jdoe"), ("genomics-lab", "mkowalski"), ("climate-ml", "apatel"),
-        ("teaching-cs101", "tnguyen"), ("astro-survey", "lchen"),
+        ("atlas-sim", "jdoe"),
+        ("genomics-lab", "mkowalski"),
+        ("climate-ml", "apatel"),
+        ("teaching-cs101", "tnguyen"),
+        ("astro-survey", "lchen"),
     ]
     roles = ["web", "db", "ci-runner", "jupyter", "dataproc"]
     vms: list[VM] = []
@@ -172,16 +193,43 @@ def _make_vms(rng: np.random.Generator, n_ordinary: int) -> list[VM]:
             name = f"{role}-{counters[role] + 10:02d}"
         addr6 = f"2001:db8:20:1::{10 + i:x}" if i % 3 == 0 else None
         mac = "fa:16:3e:" + ":".join(f"{b:02x}" for b in rng.bytes(3))
-        vms.append(VM(_uuid(rng), name, project, user, "openstack", f"compute-{1 + i % 4}", addr, addr6, role,
-                      mac, _uuid(rng)))
+        vms.append(
+            VM(
+                _uuid(rng),
+                name,
+                project,
+                user,
+                "openstack",
+                f"compute-{1 + i % 4}",
+                addr,
+                addr6,
+                role,
+                mac,
+                _uuid(rng),
+            )
+        )
     # the second cloud: an OpenNebula VM (numeric id, group as project)
-    vms.append(VM("42", "render-node-2", "hpc-lab", "rsilva", "opennebula", "one-kvm-3", MINER_SRC, None,
-                  "render", "02:00:0a:28:00:0c", "0"))
+    vms.append(
+        VM(
+            "42",
+            "render-node-2",
+            "hpc-lab",
+            "rsilva",
+            "opennebula",
+            "one-kvm-3",
+            MINER_SRC,
+            None,
+            "render",
+            "02:00:0a:28:00:0c",
+            "0",
+        )
+    )
     return vms
 
 
-def build_story(seed: int = 7, start: dt.datetime = STORY_START, hours: float = STORY_HOURS,
-                n_ordinary: int = 30) -> Story:
+def build_story(
+    seed: int = 7, start: dt.datetime = STORY_START, hours: float = STORY_HOURS, n_ordinary: int = 30
+) -> Story:
     """Plan every connection of the story. Pure: same arguments, same story."""
     rng = np.random.default_rng(seed)
     t_start = _ts(start)
@@ -193,36 +241,98 @@ def build_story(seed: int = 7, start: dt.datetime = STORY_START, hours: float = 
     for vm in vms:
         # every VM, culprits included, does ordinary work too
         dns = _poisson_times(rng, t_start, t_end, 150.0)
-        c.add(dns, rng.uniform(0.001, 0.02, len(dns)), vm.addr, RESOLVER, 53, 17, UDP, 1, 1,
-              rng.integers(40, 70, len(dns)), rng.integers(80, 250, len(dns)))
+        c.add(
+            dns,
+            rng.uniform(0.001, 0.02, len(dns)),
+            vm.addr,
+            RESOLVER,
+            53,
+            17,
+            UDP,
+            1,
+            1,
+            rng.integers(40, 70, len(dns)),
+            rng.integers(80, 250, len(dns)),
+        )
         web = _poisson_times(rng, t_start, t_end, 420.0)
         sites = np.array(WEB_SITES_V4, dtype=object)[rng.integers(0, len(WEB_SITES_V4), len(web))]
-        c.add(web, rng.uniform(0.2, 8.0, len(web)), vm.addr, sites, 443, 6, TCP_FULL,
-              rng.integers(6, 14, len(web)), rng.integers(6, 20, len(web)),
-              rng.integers(800, 4000, len(web)), rng.integers(5_000, 2_000_000, len(web)))
+        c.add(
+            web,
+            rng.uniform(0.2, 8.0, len(web)),
+            vm.addr,
+            sites,
+            443,
+            6,
+            TCP_FULL,
+            rng.integers(6, 14, len(web)),
+            rng.integers(6, 20, len(web)),
+            rng.integers(800, 4000, len(web)),
+            rng.integers(5_000, 2_000_000, len(web)),
+        )
         if vm.addr6:
             web6 = _poisson_times(rng, t_start, t_end, 900.0)
             sites6 = np.array(WEB_SITES_V6, dtype=object)[rng.integers(0, len(WEB_SITES_V6), len(web6))]
-            c.add(web6, rng.uniform(0.2, 5.0, len(web6)), vm.addr6, sites6, 443, 6, TCP_FULL,
-                  rng.integers(6, 12, len(web6)), rng.integers(6, 16, len(web6)),
-                  rng.integers(800, 3000, len(web6)), rng.integers(5_000, 800_000, len(web6)))
+            c.add(
+                web6,
+                rng.uniform(0.2, 5.0, len(web6)),
+                vm.addr6,
+                sites6,
+                443,
+                6,
+                TCP_FULL,
+                rng.integers(6, 12, len(web6)),
+                rng.integers(6, 16, len(web6)),
+                rng.integers(800, 3000, len(web6)),
+                rng.integers(5_000, 800_000, len(web6)),
+            )
         ntp = np.arange(t_start + rng.uniform(0, 1024), t_end, 1024.0)
         c.add(ntp, 0.002, vm.addr, NTP_SERVER, 123, 17, UDP, 1, 1, 76, 76, sport=123)
         logins = _poisson_times(rng, t_start, t_end, 5400.0)
-        c.add(logins, rng.uniform(60, 1500, len(logins)), BASTION, vm.addr, 22, 6, TCP_FULL,
-              rng.integers(40, 200, len(logins)), rng.integers(40, 260, len(logins)),
-              rng.integers(5_000, 60_000, len(logins)), rng.integers(10_000, 400_000, len(logins)))
+        c.add(
+            logins,
+            rng.uniform(60, 1500, len(logins)),
+            BASTION,
+            vm.addr,
+            22,
+            6,
+            TCP_FULL,
+            rng.integers(40, 200, len(logins)),
+            rng.integers(40, 260, len(logins)),
+            rng.integers(5_000, 60_000, len(logins)),
+            rng.integers(10_000, 400_000, len(logins)),
+        )
         if vm.role in ("dataproc", "jupyter", "db"):
             bulk = _poisson_times(rng, t_start, t_end, 3000.0)
-            c.add(bulk, rng.uniform(20, 120, len(bulk)), vm.addr, STORAGE, 2049, 6, TCP_FULL,
-                  20, 20, rng.integers(20_000_000, 80_000_000, len(bulk)), rng.integers(50_000, 400_000, len(bulk)))
+            c.add(
+                bulk,
+                rng.uniform(20, 120, len(bulk)),
+                vm.addr,
+                STORAGE,
+                2049,
+                6,
+                TCP_FULL,
+                20,
+                20,
+                rng.integers(20_000_000, 80_000_000, len(bulk)),
+                rng.integers(50_000, 400_000, len(bulk)),
+            )
         if vm.addr == FLOATING_FIXED:
             # inbound HTTPS to the floating IP (the probe sits outside the NAT)
             hits = _poisson_times(rng, t_start, t_end, 40.0)
             clients = np.array(HTTP_CLIENTS, dtype=object)[rng.integers(0, len(HTTP_CLIENTS), len(hits))]
-            c.add(hits, rng.uniform(0.1, 3.0, len(hits)), clients, FLOATING_IP, 443, 6, TCP_FULL,
-                  rng.integers(5, 10, len(hits)), rng.integers(5, 14, len(hits)),
-                  rng.integers(500, 2000, len(hits)), rng.integers(3_000, 300_000, len(hits)))
+            c.add(
+                hits,
+                rng.uniform(0.1, 3.0, len(hits)),
+                clients,
+                FLOATING_IP,
+                443,
+                6,
+                TCP_FULL,
+                rng.integers(5, 10, len(hits)),
+                rng.integers(5, 14, len(hits)),
+                rng.integers(500, 2000, len(hits)),
+                rng.integers(3_000, 300_000, len(hits)),
+            )
 
     incidents: list[dict[str, Any]] = []
 
@@ -236,11 +346,31 @@ def build_story(seed: int = 7, start: dt.datetime = STORY_START, hours: float = 
     for target in targets:
         tries = np.sort(rng.uniform(b0, b1, int(rng.integers(36, 48))))
         brute_tries[target] = tries
-        c.add(tries, rng.uniform(1.5, 4.0, len(tries)), BRUTE_SRC, target, 22, 6, TCP_FULL,
-              rng.integers(10, 14, len(tries)), rng.integers(10, 14, len(tries)),
-              rng.integers(1800, 2600, len(tries)), rng.integers(2400, 3400, len(tries)))
-    incidents.append(dict(kind="ssh_bruteforce", direction="outbound", addr=BRUTE_SRC, start=iso(b0), end=iso(b1),
-                          peers=targets, dst_ports=[22], attempts=int(sum(len(v) for v in brute_tries.values()))))
+        c.add(
+            tries,
+            rng.uniform(1.5, 4.0, len(tries)),
+            BRUTE_SRC,
+            target,
+            22,
+            6,
+            TCP_FULL,
+            rng.integers(10, 14, len(tries)),
+            rng.integers(10, 14, len(tries)),
+            rng.integers(1800, 2600, len(tries)),
+            rng.integers(2400, 3400, len(tries)),
+        )
+    incidents.append(
+        dict(
+            kind="ssh_bruteforce",
+            direction="outbound",
+            addr=BRUTE_SRC,
+            start=iso(b0),
+            end=iso(b1),
+            peers=targets,
+            dst_ports=[22],
+            attempts=int(sum(len(v) for v in brute_tries.values())),
+        )
+    )
 
     # 2. horizontal scan of 198.18.0.0/16 on port 445 from jupyter-07; ~4 % answer with RST
     s0, s1 = t_start + 120 * 60, t_start + 140 * 60
@@ -249,53 +379,146 @@ def build_story(seed: int = 7, start: dt.datetime = STORY_START, hours: float = 
     scan_dst = np.array([f"198.18.{h >> 8}.{h & 255}" for h in scan_hosts], dtype=object)
     answered = rng.random(n_scan) < 0.04
     scan_t = np.sort(rng.uniform(s0, s1, n_scan))
-    c.add(scan_t, 0.0, SCAN_SRC, scan_dst, 445, 6, np.where(answered, TCP_SYN_RST, TCP_SYN_ONLY),
-          1, np.where(answered, 1, 0), 0, 0)
-    incidents.append(dict(kind="horizontal_scan", addr=SCAN_SRC, start=iso(s0), end=iso(s1), peers_count=n_scan,
-                          peers_cidr="198.18.0.0/16", dst_ports=[445]))
+    c.add(
+        scan_t,
+        0.0,
+        SCAN_SRC,
+        scan_dst,
+        445,
+        6,
+        np.where(answered, TCP_SYN_RST, TCP_SYN_ONLY),
+        1,
+        np.where(answered, 1, 0),
+        0,
+        0,
+    )
+    incidents.append(
+        dict(
+            kind="horizontal_scan",
+            addr=SCAN_SRC,
+            start=iso(s0),
+            end=iso(s1),
+            peers_count=n_scan,
+            peers_cidr="198.18.0.0/16",
+            dst_ports=[445],
+        )
+    )
 
     # 3. beacon: every ~90 s with jitter, constant small sizes, the whole window
     beacon_t = np.arange(t_start + 37.0, t_end - 60, 90.0)
     beacon_t = beacon_t + rng.uniform(-8, 8, len(beacon_t))
-    c.add(beacon_t, rng.uniform(0.3, 0.6, len(beacon_t)), BEACON_SRC, BEACON_DST, 443, 6, TCP_FULL, 6, 5,
-          rng.integers(880, 920, len(beacon_t)), rng.integers(1480, 1540, len(beacon_t)))
-    incidents.append(dict(kind="beacon", addr=BEACON_SRC, start=iso(beacon_t[0]), end=iso(beacon_t[-1]),
-                          peers=[BEACON_DST], dst_ports=[443], period_s=90, jitter_s=8, connections=len(beacon_t),
-                          intel_match=True))
+    c.add(
+        beacon_t,
+        rng.uniform(0.3, 0.6, len(beacon_t)),
+        BEACON_SRC,
+        BEACON_DST,
+        443,
+        6,
+        TCP_FULL,
+        6,
+        5,
+        rng.integers(880, 920, len(beacon_t)),
+        rng.integers(1480, 1540, len(beacon_t)),
+    )
+    incidents.append(
+        dict(
+            kind="beacon",
+            addr=BEACON_SRC,
+            start=iso(beacon_t[0]),
+            end=iso(beacon_t[-1]),
+            peers=[BEACON_DST],
+            dst_ports=[443],
+            period_s=90,
+            jitter_s=8,
+            connections=len(beacon_t),
+            intel_match=True,
+        )
+    )
 
     # 4. exfiltration: six uploads of ~300 MB to one outside address
     e0, e1 = t_start + 150 * 60, t_start + 190 * 60
     ex_t = np.linspace(e0, e1 - 400, 6)
     ex_bytes = rng.integers(290_000_000, 320_000_000, 6)
-    c.add(ex_t, 380.0, EXFIL_SRC, EXFIL_DST, 443, 6, TCP_FULL, 20, 20, ex_bytes, rng.integers(200_000, 400_000, 6))
-    incidents.append(dict(kind="exfiltration", addr=EXFIL_SRC, start=iso(e0), end=iso(e1), peers=[EXFIL_DST],
-                          dst_ports=[443], bytes_out=int(ex_bytes.sum())))
+    c.add(
+        ex_t,
+        380.0,
+        EXFIL_SRC,
+        EXFIL_DST,
+        443,
+        6,
+        TCP_FULL,
+        20,
+        20,
+        ex_bytes,
+        rng.integers(200_000, 400_000, 6),
+    )
+    incidents.append(
+        dict(
+            kind="exfiltration",
+            addr=EXFIL_SRC,
+            start=iso(e0),
+            end=iso(e1),
+            peers=[EXFIL_DST],
+            dst_ports=[443],
+            bytes_out=int(ex_bytes.sum()),
+        )
+    )
 
     # 5. crypto miner on the OpenNebula VM: one connection to a pool port, a share every ~30 s for ~4 h
     m0, m1 = t_start + 5 * 60, t_end - 5 * 60
     n_shares = int((m1 - m0) / 30)
-    c.add(m0, m1 - m0, MINER_SRC, MINER_DST, MINER_PORT, 6, TCP_FULL, n_shares, n_shares,
-          n_shares * 180, n_shares * 140)
-    incidents.append(dict(kind="miner", addr=MINER_SRC, start=iso(m0), end=iso(m1), peers=[MINER_DST],
-                          dst_ports=[MINER_PORT]))
+    c.add(
+        m0,
+        m1 - m0,
+        MINER_SRC,
+        MINER_DST,
+        MINER_PORT,
+        6,
+        TCP_FULL,
+        n_shares,
+        n_shares,
+        n_shares * 180,
+        n_shares * 140,
+    )
+    incidents.append(
+        dict(
+            kind="miner",
+            addr=MINER_SRC,
+            start=iso(m0),
+            end=iso(m1),
+            peers=[MINER_DST],
+            dst_ports=[MINER_PORT],
+        )
+    )
 
     by_addr = {vm.addr: vm for vm in vms}
     for incident in incidents:
         vm = by_addr[incident["addr"]]
-        incident.update(vm_id=vm.vm_id, vm_name=vm.name, project=vm.project, user=vm.user, cloud=vm.cloud,
-                        hypervisor=vm.hypervisor)
+        incident.update(
+            vm_id=vm.vm_id,
+            vm_name=vm.name,
+            project=vm.project,
+            user=vm.user,
+            cloud=vm.cloud,
+            hypervisor=vm.hypervisor,
+        )
     conns = c.build(rng)
     story = Story(seed, start, dt.datetime.fromtimestamp(t_end, UTC), vms, conns)
     story.truth = {
         "seed": seed,
         "window": {"start": iso(t_start), "end": iso(t_end)},
         "incidents": incidents,
-        "brute_force_tries": {k: [iso(t) for t in v] for k, v in brute_tries.items()
-                              if k in BRUTE_VICTIMS_INTERNAL},
+        "brute_force_tries": {
+            k: [iso(t) for t in v] for k, v in brute_tries.items() if k in BRUTE_VICTIMS_INTERNAL
+        },
         "ordinary_addrs": sorted(vm.addr for vm in vms if vm.addr not in planted)
         + sorted(vm.addr6 for vm in vms if vm.addr6 and vm.addr not in planted),
         "infrastructure": {"resolver": RESOLVER, "ntp": NTP_SERVER, "storage": STORAGE, "bastion": BASTION},
-        "floating_ip": {"floating": FLOATING_IP, "fixed": FLOATING_FIXED, "vm_name": by_addr[FLOATING_FIXED].name},
+        "floating_ip": {
+            "floating": FLOATING_IP,
+            "fixed": FLOATING_FIXED,
+            "vm_name": by_addr[FLOATING_FIXED].name,
+        },
         "vms": [asdict(vm) for vm in vms],
         "connections": len(conns["t0"]),
     }
@@ -306,11 +529,37 @@ def build_story(seed: int = 7, start: dt.datetime = STORY_START, hours: float = 
 
 _PCAP_REC = [("ts_sec", "<u4"), ("ts_usec", "<u4"), ("caplen", "<u4"), ("wirelen", "<u4")]
 _ETH = [("eth_dst", "V6"), ("eth_src", "V6"), ("ethertype", ">u2")]
-_IP4 = [("ver_ihl", "u1"), ("tos", "u1"), ("ip_len", ">u2"), ("ident", ">u2"), ("frag", ">u2"), ("ttl", "u1"),
-        ("ip_proto", "u1"), ("ip_sum", ">u2"), ("src4", ">u4"), ("dst4", ">u4")]
-_IP6 = [("ver_flow", ">u4"), ("pay_len", ">u2"), ("next_hdr", "u1"), ("hop", "u1"), ("src6", "V16"), ("dst6", "V16")]
-_TCP = [("sport", ">u2"), ("dport", ">u2"), ("seq", ">u4"), ("ack", ">u4"), ("off", "u1"), ("flags", "u1"),
-        ("win", ">u2"), ("l4_sum", ">u2"), ("urg", ">u2")]
+_IP4 = [
+    ("ver_ihl", "u1"),
+    ("tos", "u1"),
+    ("ip_len", ">u2"),
+    ("ident", ">u2"),
+    ("frag", ">u2"),
+    ("ttl", "u1"),
+    ("ip_proto", "u1"),
+    ("ip_sum", ">u2"),
+    ("src4", ">u4"),
+    ("dst4", ">u4"),
+]
+_IP6 = [
+    ("ver_flow", ">u4"),
+    ("pay_len", ">u2"),
+    ("next_hdr", "u1"),
+    ("hop", "u1"),
+    ("src6", "V16"),
+    ("dst6", "V16"),
+]
+_TCP = [
+    ("sport", ">u2"),
+    ("dport", ">u2"),
+    ("seq", ">u4"),
+    ("ack", ">u4"),
+    ("off", "u1"),
+    ("flags", "u1"),
+    ("win", ">u2"),
+    ("l4_sum", ">u2"),
+    ("urg", ">u2"),
+]
 _UDP = [("sport", ">u2"), ("dport", ">u2"), ("udp_len", ">u2"), ("l4_sum", ">u2")]
 _LAYOUTS = {
     (4, 6): np.dtype(_PCAP_REC + _ETH + _IP4 + _TCP),
@@ -344,8 +593,11 @@ def _expand_packets(conns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     ts = conns["t0"][conn] + np.where(rev, rtt + frac * np.maximum(dur - rtt, 0), frac * dur)
     ts = np.where(rev & (kind == TCP_FULL) & (k == n - 1), conns["t0"][conn] + dur + rtt, ts)
     first, last = k == 0, k == n - 1
-    flags = np.where(rev, np.where(first, 0x12, np.where(last, 0x11, 0x10)),
-                     np.where(first, 0x02, np.where(last, 0x11, 0x18)))
+    flags = np.where(
+        rev,
+        np.where(first, 0x12, np.where(last, 0x11, 0x10)),
+        np.where(first, 0x02, np.where(last, 0x11, 0x18)),
+    )
     flags = np.where(kind == TCP_SYN_ONLY, 0x02, flags)
     flags = np.where(kind == TCP_SYN_RST, np.where(rev, 0x14, 0x02), flags)
     flags = np.where(kind == UDP, 0, flags)
@@ -445,9 +697,18 @@ def packet_bytes(story: Story, probe: str = "all") -> bytes:
     out = np.empty(int(sizes.sum()), np.uint8)
     for sel, rows in parts:
         out[offsets[sel][:, None] + np.arange(rows.shape[1])] = rows
-    header = np.array([(0xA1B2C3D4, 2, 4, 0, 0, 128, 1)],
-                      dtype=[("m", "<u4"), ("ma", "<u2"), ("mi", "<u2"), ("z", "<i4"), ("s", "<u4"),
-                             ("snap", "<u4"), ("link", "<u4")])
+    header = np.array(
+        [(0xA1B2C3D4, 2, 4, 0, 0, 128, 1)],
+        dtype=[
+            ("m", "<u4"),
+            ("ma", "<u2"),
+            ("mi", "<u2"),
+            ("z", "<i4"),
+            ("s", "<u4"),
+            ("snap", "<u4"),
+            ("link", "<u4"),
+        ],
+    )
     return header.tobytes() + out.tobytes()
 
 
@@ -459,6 +720,7 @@ def write_traffic_pcap(story: Story, path: Path, probe: str = "all") -> Path:
 
 
 # ---- the real probe -----------------------------------------------------------------------------------------
+
 
 def export_netflow(traffic_pcap: Path, version: int, out_pcap: Path) -> Path:
     """Run the real softflowd over `traffic_pcap` (NetFlow `version` 9, or 10 = IPFIX) exporting to 127.0.0.1,
@@ -494,13 +756,16 @@ def export_netflow(traffic_pcap: Path, version: int, out_pcap: Path) -> Path:
         probes.stop_process(proc, signal.SIGINT)
     got = probes.count_pcap_packets(out_pcap)
     if got < result.datagrams:
-        raise EnvironmentProblem(f"tcpdump recorded {got} of {result.datagrams} export datagrams "
-                                 f"({log.read_text(errors='replace').strip()}); retry on a quieter machine")
+        raise EnvironmentProblem(
+            f"tcpdump recorded {got} of {result.datagrams} export datagrams "
+            f"({log.read_text(errors='replace').strip()}); retry on a quieter machine"
+        )
     log.unlink(missing_ok=True)
     return out_pcap
 
 
 # ---- cloud records in the real formats ----------------------------------------------------------------------
+
 
 def _stamp(t: dt.datetime) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S.%f")
@@ -533,20 +798,37 @@ def nova_notifications(story: Story, templates: Path) -> list[str]:
     by_name = {vm.name: vm for vm in openstack}
     exfil, scanner = by_name["dataproc-04"], by_name["jupyter-07"]
     soft = t0 + dt.timedelta(minutes=225)
-    events += [(soft, "instance-soft_delete-start", exfil, {}),
-               (soft + dt.timedelta(seconds=2), "instance-soft_delete-end", exfil, {})]
+    events += [
+        (soft, "instance-soft_delete-start", exfil, {}),
+        (soft + dt.timedelta(seconds=2), "instance-soft_delete-end", exfil, {}),
+    ]
     s_soft = t0 + dt.timedelta(minutes=230)
     s_del = t0 + dt.timedelta(minutes=260)
-    events += [(s_soft, "instance-soft_delete-start", scanner, {}),
-               (s_soft + dt.timedelta(seconds=2), "instance-soft_delete-end", scanner, {}),
-               (s_del, "instance-delete-start", scanner, {"state": "soft-delete", "deleted_at": s_soft}),
-               (s_del + dt.timedelta(seconds=3), "instance-delete-end", scanner, {"deleted_at": s_del})]
+    events += [
+        (s_soft, "instance-soft_delete-start", scanner, {}),
+        (s_soft + dt.timedelta(seconds=2), "instance-soft_delete-end", scanner, {}),
+        (s_del, "instance-delete-start", scanner, {"state": "soft-delete", "deleted_at": s_soft}),
+        (s_del + dt.timedelta(seconds=3), "instance-delete-end", scanner, {"deleted_at": s_del}),
+    ]
     # the scanner's address goes to a new VM of another project after the reclaim (jupyter-31)
-    reuse = VM(_det_uuid(story.seed, "jupyter-31"), "jupyter-31", "astro-survey", "lchen", "openstack",
-               "compute-2", SCAN_SRC, None, "jupyter", "fa:16:3e:5a:11:0b", _det_uuid(story.seed, "port-j11"))
+    reuse = VM(
+        _det_uuid(story.seed, "jupyter-31"),
+        "jupyter-31",
+        "astro-survey",
+        "lchen",
+        "openstack",
+        "compute-2",
+        SCAN_SRC,
+        None,
+        "jupyter",
+        "fa:16:3e:5a:11:0b",
+        _det_uuid(story.seed, "port-j11"),
+    )
     r_at = t0 + dt.timedelta(minutes=280)
-    events += [(r_at, "instance-create-start", reuse, {"addrs": False}),
-               (r_at + dt.timedelta(seconds=40), "instance-create-end", reuse, {})]
+    events += [
+        (r_at, "instance-create-start", reuse, {"addrs": False}),
+        (r_at + dt.timedelta(seconds=40), "instance-create-end", reuse, {}),
+    ]
     events.sort(key=lambda e: (e[0], e[2].name))
     created_at = {}
     lines = []
@@ -554,10 +836,19 @@ def nova_notifications(story: Story, templates: Path) -> list[str]:
         msg = copy.deepcopy(samples[sample])
         data = msg["payload"]["nova_object.data"]
         created_at.setdefault(vm.vm_id, when)
-        data.update(uuid=vm.vm_id, display_name=vm.name, display_description=vm.name, host_name=vm.name,
-                    tenant_id=vm.project, user_id=vm.user, action_initiator_user=vm.user,
-                    action_initiator_project=vm.project, created_at=_z(created_at[vm.vm_id]),
-                    updated_at=_z(when), request_id="req-" + _det_uuid(vm.vm_id, sample, when))
+        data.update(
+            uuid=vm.vm_id,
+            display_name=vm.name,
+            display_description=vm.name,
+            host_name=vm.name,
+            tenant_id=vm.project,
+            user_id=vm.user,
+            action_initiator_user=vm.user,
+            action_initiator_project=vm.project,
+            created_at=_z(created_at[vm.vm_id]),
+            updated_at=_z(when),
+            request_id="req-" + _det_uuid(vm.vm_id, sample, when),
+        )
         if data.get("host") is not None:
             data["host"] = vm.hypervisor
             data["node"] = vm.hypervisor
@@ -580,8 +871,14 @@ def nova_notifications(story: Story, templates: Path) -> list[str]:
             data["ip_addresses"] = []
             for addr, version in addrs:
                 ip = copy.deepcopy(template)
-                ip["nova_object.data"].update(address=addr, version=version, mac=vm.mac, port_uuid=vm.port_id,
-                                              label="tenant-net", device_name="tap" + vm.port_id[:11])
+                ip["nova_object.data"].update(
+                    address=addr,
+                    version=version,
+                    mac=vm.mac,
+                    port_uuid=vm.port_id,
+                    label="tenant-net",
+                    device_name="tap" + vm.port_id[:11],
+                )
                 data["ip_addresses"].append(ip)
         message = {
             "message_id": _det_uuid(vm.vm_id, sample, when),
@@ -602,12 +899,23 @@ def neutron_notifications(story: Story, templates: Path) -> list[str]:
     when = story.start - dt.timedelta(minutes=90)
     msg = copy.deepcopy(sample)
     fip = msg["payload"]["floatingip"]
-    fip.update(tenant_id=vm.project, fixed_ip_address=vm.addr, floating_ip_address=FLOATING_IP, port_id=vm.port_id,
-               id=_det_uuid(story.seed, "fip"), router_id=_det_uuid(story.seed, "router"),
-               floating_network_id=_det_uuid(story.seed, "ext-net"))
-    msg.update(message_id=_det_uuid(story.seed, "fip-assoc"), timestamp=_stamp(when),
-               _context_timestamp=_stamp(when - dt.timedelta(milliseconds=50)), _context_tenant_id=vm.project,
-               _context_user_id=vm.user, publisher_id="network.net-01.cloud.example")
+    fip.update(
+        tenant_id=vm.project,
+        fixed_ip_address=vm.addr,
+        floating_ip_address=FLOATING_IP,
+        port_id=vm.port_id,
+        id=_det_uuid(story.seed, "fip"),
+        router_id=_det_uuid(story.seed, "router"),
+        floating_network_id=_det_uuid(story.seed, "ext-net"),
+    )
+    msg.update(
+        message_id=_det_uuid(story.seed, "fip-assoc"),
+        timestamp=_stamp(when),
+        _context_timestamp=_stamp(when - dt.timedelta(milliseconds=50)),
+        _context_tenant_id=vm.project,
+        _context_user_id=vm.user,
+        publisher_id="network.net-01.cloud.example",
+    )
     return [json.dumps(msg)]
 
 
@@ -619,11 +927,15 @@ def opennebula_records(story: Story) -> dict[str, str]:
     def line(when: dt.datetime, module: str, level: str, text: str) -> str:
         return f"{when.strftime('%a %b %d %H:%M:%S %Y')} [Z0][{module}][{level}]: {text}"
 
-    seq = [(0, "VM", "I", "New state is ACTIVE"), (0, "VM", "I", "New LCM state is PROLOG"),
-           (14, "VM", "I", "New LCM state is BOOT"),
-           (15, "VMM", "I", f"Generating deployment file: /var/lib/one/vms/{vm.vm_id}/deployment.0"),
-           (17, "VMM", "I", "ExitCode: 0"), (17, "VMM", "I", "Successfully execute virtualization driver operation: deploy."),
-           (18, "VM", "I", "New LCM state is RUNNING")]
+    seq = [
+        (0, "VM", "I", "New state is ACTIVE"),
+        (0, "VM", "I", "New LCM state is PROLOG"),
+        (14, "VM", "I", "New LCM state is BOOT"),
+        (15, "VMM", "I", f"Generating deployment file: /var/lib/one/vms/{vm.vm_id}/deployment.0"),
+        (17, "VMM", "I", "ExitCode: 0"),
+        (17, "VMM", "I", "Successfully execute virtualization driver operation: deploy."),
+        (18, "VM", "I", "New LCM state is RUNNING"),
+    ]
     log = [line(t + dt.timedelta(seconds=s), m, lv, txt) for s, m, lv, txt in seq]
     stime = int((t + dt.timedelta(seconds=14)).timestamp())
     xml = f"""<VM>
@@ -682,8 +994,13 @@ def syslog_files(story: Story) -> dict[str, str]:
         lines = []
         pid = int(rng.integers(2000, 30000))
         t_ok = story.start + dt.timedelta(minutes=20)
-        lines.append((t_ok, f"{_rfc3164(t_ok)} {vm.name} sshd[{pid}]: Accepted publickey for {vm.user} from {BASTION} port 50122 ssh2: "
-                      "ED25519 SHA256:Qm9vdHN0cmFwIGtleSBmb3IgdHJhY2VwaXBl"))
+        lines.append(
+            (
+                t_ok,
+                f"{_rfc3164(t_ok)} {vm.name} sshd[{pid}]: Accepted publickey for {vm.user} from {BASTION} port 50122 ssh2: "
+                "ED25519 SHA256:Qm9vdHN0cmFwIGtleSBmb3IgdHJhY2VwaXBl",
+            )
+        )
         for k, iso_t in enumerate(tries):
             when = dt.datetime.fromisoformat(iso_t.replace("Z", "+00:00")) + dt.timedelta(seconds=1)
             user = users[int(rng.integers(0, len(users)))]
@@ -693,14 +1010,26 @@ def syslog_files(story: Story) -> dict[str, str]:
             if user == "root":
                 text = f"Failed password for root from {BRUTE_SRC} port {port} ssh2"
             else:
-                lines.append((when, f"{stamp} {vm.name} sshd[{pid}]: Invalid user {user} from {BRUTE_SRC} port {port}"))
+                lines.append(
+                    (when, f"{stamp} {vm.name} sshd[{pid}]: Invalid user {user} from {BRUTE_SRC} port {port}")
+                )
                 text = f"Failed password for invalid user {user} from {BRUTE_SRC} port {port} ssh2"
             lines.append((when, f"{stamp} {vm.name} sshd[{pid}]: {text}"))
             if k % 6 == 5:
-                lines.append((when, f"{stamp} {vm.name} sshd[{pid}]: Disconnecting invalid user {user} {BRUTE_SRC} "
-                                    f"port {port}: Too many authentication failures [preauth]"))
+                lines.append(
+                    (
+                        when,
+                        f"{stamp} {vm.name} sshd[{pid}]: Disconnecting invalid user {user} {BRUTE_SRC} "
+                        f"port {port}: Too many authentication failures [preauth]",
+                    )
+                )
         cron = story.start + dt.timedelta(minutes=17)
-        lines.append((cron, f"{_rfc3164(cron)} {vm.name} CRON[{pid + 1}]: (root) CMD (   cd / && run-parts --report /etc/cron.hourly)"))
+        lines.append(
+            (
+                cron,
+                f"{_rfc3164(cron)} {vm.name} CRON[{pid + 1}]: (root) CMD (   cd / && run-parts --report /etc/cron.hourly)",
+            )
+        )
         lines.sort(key=lambda x: x[0])
         files[f"{vm.name}.log"] = "\n".join(text for _, text in lines) + "\n"
     return files
@@ -708,10 +1037,18 @@ def syslog_files(story: Story) -> dict[str, str]:
 
 def misp_csv(story: Story) -> str:
     """A MISP attribute CSV export (the columns MISP's CSV export writes) with the beacon's C2 address."""
-    header = ("uuid,event_id,category,type,value,comment,to_ids,date,object_relation,attribute_tag,object_uuid,"
-              "object_name,object_meta_category")
+    header = (
+        "uuid,event_id,category,type,value,comment,to_ids,date,object_relation,attribute_tag,object_uuid,"
+        "object_name,object_meta_category"
+    )
     rows = [
-        (BEACON_DST, "ip-dst", "Network activity", "C2 of a Cobalt Strike-like implant (HTTPS beacon)", "tlp:amber"),
+        (
+            BEACON_DST,
+            "ip-dst",
+            "Network activity",
+            "C2 of a Cobalt Strike-like implant (HTTPS beacon)",
+            "tlp:amber",
+        ),
         ("192.0.2.0/28", "ip-dst", "Network activity", "hosting range used by the same actor", "tlp:amber"),
         ("203.0.113.250", "ip-src", "Network activity", "SSH scanner seen at partner sites", "tlp:green"),
         ("evil-updates.example", "domain", "Network activity", "phishing landing page", "tlp:green"),
@@ -719,6 +1056,23 @@ def misp_csv(story: Story) -> str:
     day = (story.start - dt.timedelta(days=2)).strftime("%Y%m%d")
     out = [header]
     for i, (value, kind, category, comment, tag) in enumerate(rows):
-        out.append(",".join([_det_uuid(story.seed, "misp", i), "1842", category, kind, value, f'"{comment}"',
-                             "1", day, "", tag, "", "", ""]))
+        out.append(
+            ",".join(
+                [
+                    _det_uuid(story.seed, "misp", i),
+                    "1842",
+                    category,
+                    kind,
+                    value,
+                    f'"{comment}"',
+                    "1",
+                    day,
+                    "",
+                    tag,
+                    "",
+                    "",
+                    "",
+                ]
+            )
+        )
     return "\n".join(out) + "\n"

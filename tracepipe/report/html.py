@@ -10,6 +10,7 @@ that comes from data goes through Jinja2 autoescape; the page also forbids scrip
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from markupsafe import Markup
 from tracepipe.lake import Lake
 
 TEMPLATES = Path(__file__).resolve().parent
-MAX_CHART_ALERTS = 40  # per-alert timelines rendered; the rest get tables only (keeps big sweeps fast)
+MAX_CHART_ALERTS = 25  # per-alert timelines rendered; the rest get tables only (keeps big sweeps fast)
 TOP_N = 8
 TIMELINE_BINS = 96
 # the service side of a flow: the lower of the two ports (replies carry the client's ephemeral port as dst);
@@ -64,6 +65,7 @@ def _loads(text: str | None) -> Any:
 
 # ---- facts from the lake ------------------------------------------------------------------------------------
 
+
 def _connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
@@ -83,56 +85,80 @@ def _flows_source(lake: Lake) -> str:
     return f"read_parquet('{lake.glob('flows')}', hive_partitioning = true, union_by_name = true)"
 
 
-def _host_flow_facts(con: duckdb.DuckDBPyConnection, lake: Lake, addr: str, peer: str | None,
-                     start: dt.datetime, end: dt.datetime) -> dict[str, list[dict[str, Any]]]:
+def _host_flow_facts(
+    con: duckdb.DuckDBPyConnection,
+    lake: Lake,
+    addr: str,
+    peer: str | None,
+    start: dt.datetime,
+    end: dt.datetime,
+) -> dict[str, list[dict[str, Any]]]:
     """Top peers (the alert's own peer first) and service ports of `addr` (either end) between start and end."""
     src = _flows_source(lake)
     where = "(src_addr = $addr OR dst_addr = $addr) AND ts_start >= $start AND ts_start < $end"
     params = {"addr": addr, "start": start, "end": end}
     # one row per peer, both directions together (softflowd exports each direction as its own flow)
-    peers = _rows(con.execute(
-        f"""SELECT CASE WHEN src_addr = $addr THEN dst_addr ELSE src_addr END AS peer,
+    peers = _rows(
+        con.execute(
+            f"""SELECT CASE WHEN src_addr = $addr THEN dst_addr ELSE src_addr END AS peer,
                    count(*) AS flows,
                    sum(CASE WHEN src_addr = $addr THEN bytes ELSE 0 END) AS bytes_out,
                    sum(CASE WHEN src_addr = $addr THEN 0 ELSE bytes END) AS bytes_in,
                    count(DISTINCT {SERVICE_PORT}) AS ports, min(ts_start) AS first_seen, max(ts_end) AS last_seen
             FROM {src} WHERE {where} GROUP BY 1
             ORDER BY (peer = $peer) DESC, flows DESC, bytes_out DESC LIMIT {TOP_N}""",
-        {**params, "peer": peer or ""}))
-    ports = _rows(con.execute(
-        f"""SELECT {SERVICE_PORT} AS port, proto, count(*) AS flows, sum(bytes) AS bytes,
+            {**params, "peer": peer or ""},
+        )
+    )
+    ports = _rows(
+        con.execute(
+            f"""SELECT {SERVICE_PORT} AS port, proto, count(*) AS flows, sum(bytes) AS bytes,
                    count(DISTINCT CASE WHEN src_addr = $addr THEN dst_addr ELSE src_addr END) AS peers
             FROM {src} WHERE {where} GROUP BY 1, 2 ORDER BY flows DESC, bytes DESC LIMIT {TOP_N}""",
-        params))
+            params,
+        )
+    )
     for row in peers:
         row["first_seen"], row["last_seen"] = _iso(row["first_seen"]), _iso(row["last_seen"])
     return {"top_peers": peers, "top_ports": ports}
 
 
-def _timeline_rows(con: duckdb.DuckDBPyConnection, lake: Lake, addr: str, start: dt.datetime,
-                   end: dt.datetime, bin_s: int) -> list[dict[str, Any]]:
-    rows = _rows(con.execute(
-        f"""SELECT to_timestamp(floor(epoch(ts_start) / {bin_s}) * {bin_s}) AS t,
+def _timeline_rows(
+    con: duckdb.DuckDBPyConnection, lake: Lake, addr: str, start: dt.datetime, end: dt.datetime, bin_s: int
+) -> list[dict[str, Any]]:
+    rows = _rows(
+        con.execute(
+            f"""SELECT to_timestamp(floor(epoch(ts_start) / {bin_s}) * {bin_s}) AS t,
                    CASE WHEN src_addr = $addr THEN 'outbound' ELSE 'inbound' END AS direction,
                    count(*) AS flows, sum(bytes) AS bytes
             FROM {_flows_source(lake)}
             WHERE (src_addr = $addr OR dst_addr = $addr) AND ts_start >= $start AND ts_start < $end
             GROUP BY 1, 2 ORDER BY 1""",
-        {"addr": addr, "start": start, "end": end}))
-    return [{"t": _iso(r["t"]), "direction": r["direction"], "flows": r["flows"], "bytes": r["bytes"]}
-            for r in rows]
+            {"addr": addr, "start": start, "end": end},
+        )
+    )
+    return [
+        {"t": _iso(r["t"]), "direction": r["direction"], "flows": r["flows"], "bytes": r["bytes"]}
+        for r in rows
+    ]
 
 
-def _traffic_rows(con: duckdb.DuckDBPyConnection, lake: Lake, start: dt.datetime, end: dt.datetime,
-                  bin_s: int) -> list[dict[str, Any]]:
-    rows = _rows(con.execute(
-        f"""SELECT to_timestamp(floor(epoch(ts_start) / {bin_s}) * {bin_s}) AS t,
+def _traffic_rows(
+    con: duckdb.DuckDBPyConnection, lake: Lake, start: dt.datetime, end: dt.datetime, bin_s: int
+) -> list[dict[str, Any]]:
+    rows = _rows(
+        con.execute(
+            f"""SELECT to_timestamp(floor(epoch(ts_start) / {bin_s}) * {bin_s}) AS t,
                    CASE WHEN ip_version = 6 THEN 'IPv6' ELSE 'IPv4' END AS family,
                    count(*) AS flows, sum(bytes) AS bytes
             FROM {_flows_source(lake)} WHERE ts_start >= $start AND ts_start < $end GROUP BY 1, 2 ORDER BY 1""",
-        {"start": start, "end": end}))
-    return [{"t": _iso(r["t"]), "family": r["family"], "flows": r["flows"], "mbytes": round(r["bytes"] / 1e6, 3)}
-            for r in rows]
+            {"start": start, "end": end},
+        )
+    )
+    return [
+        {"t": _iso(r["t"]), "family": r["family"], "flows": r["flows"], "mbytes": round(r["bytes"] / 1e6, 3)}
+        for r in rows
+    ]
 
 
 def _vm_facts(lake: Lake) -> dict[str, dict[str, Any]]:
@@ -141,18 +167,28 @@ def _vm_facts(lake: Lake) -> dict[str, dict[str, Any]]:
     return {row["vm_id"]: row for row in lake.read("vms").to_pylist()}
 
 
-def _vm_logs(con: duckdb.DuckDBPyConnection, lake: Lake, vm_id: str | None, addr: str | None,
-             start: dt.datetime, end: dt.datetime, limit: int = 12) -> list[dict[str, Any]]:
+def _vm_logs(
+    con: duckdb.DuckDBPyConnection,
+    lake: Lake,
+    vm_id: str | None,
+    addr: str | None,
+    start: dt.datetime,
+    end: dt.datetime,
+    limit: int = 12,
+) -> list[dict[str, Any]]:
     """Syslog lines from inside the alerted VM, or lines elsewhere that name the alerted address (sshd)."""
     if not _has(lake, "vm_logs"):
         return []
-    rows = _rows(con.execute(
-        f"""SELECT ts, hostname, app, message, auth_event, auth_user, auth_src_addr
-            FROM read_parquet('{lake.glob('vm_logs')}', hive_partitioning = true, union_by_name = true)
+    rows = _rows(
+        con.execute(
+            f"""SELECT ts, hostname, app, message, auth_event, auth_user, auth_src_addr
+            FROM read_parquet('{lake.glob("vm_logs")}', hive_partitioning = true, union_by_name = true)
             WHERE ts >= $start AND ts < $end
               AND (vm_id = $vm OR auth_src_addr = $addr)
             ORDER BY (auth_event IS NULL), ts LIMIT {limit}""",
-        {"vm": vm_id or "", "addr": addr or "", "start": start, "end": end}))
+            {"vm": vm_id or "", "addr": addr or "", "start": start, "end": end},
+        )
+    )
     for row in rows:
         row["ts"] = _iso(row["ts"])
     return rows
@@ -160,16 +196,21 @@ def _vm_logs(con: duckdb.DuckDBPyConnection, lake: Lake, vm_id: str | None, addr
 
 # ---- charts -------------------------------------------------------------------------------------------------
 
-def _svg(chart: Any) -> Markup:
-    """altair chart -> inline SVG. vl-convert renders data text as escaped SVG text nodes."""
+
+def _svg(spec: Any) -> Markup:
+    """Vega-Lite spec (altair chart or dict) -> inline SVG. vl-convert renders data text as escaped SVG text."""
     import vl_convert
 
-    svg = vl_convert.vegalite_to_svg(chart.to_json())
+    if not isinstance(spec, dict):
+        spec = spec.to_dict(validate=False)
+    svg = vl_convert.vegalite_to_svg(spec)
     # the XML prolog is not allowed inside HTML; the <svg> element itself is
-    return Markup(svg[svg.index("<svg"):])
+    return Markup(svg[svg.index("<svg") :])
 
 
-def _overview_charts(alerts: list[dict[str, Any]], traffic: list[dict[str, Any]], window: tuple[str, str]) -> dict[str, Markup]:
+def _overview_charts(
+    alerts: list[dict[str, Any]], traffic: list[dict[str, Any]], window: tuple[str, str]
+) -> dict[str, Markup]:
     import altair as alt
 
     charts: dict[str, Markup] = {}
@@ -178,39 +219,79 @@ def _overview_charts(alerts: list[dict[str, Any]], traffic: list[dict[str, Any]]
         counts[alert["detector_label"]] = counts.get(alert["detector_label"], 0) + 1
     if counts:
         data = alt.Data(values=[{"detector": k, "alerts": v} for k, v in sorted(counts.items())])
-        bar = alt.Chart(data).mark_bar(color="#b9472c").encode(
-            x=alt.X("alerts:Q", title="alerts", axis=alt.Axis(tickMinStep=1, format="d")),
-            y=alt.Y("detector:N", title=None, sort="-x"),
-        ).properties(width=360, height=max(40, 26 * len(counts)), title="Alerts by detector")
+        bar = (
+            alt.Chart(data)
+            .mark_bar(color="#b9472c")
+            .encode(
+                x=alt.X("alerts:Q", title="alerts", axis=alt.Axis(tickMinStep=1, format="d")),
+                y=alt.Y("detector:N", title=None, sort="-x"),
+            )
+            .properties(width=360, height=max(40, 26 * len(counts)), title="Alerts by detector")
+        )
         charts["by_detector"] = _svg(bar)
     if traffic:
         data = alt.Data(values=traffic)
-        area = alt.Chart(data).mark_area(opacity=0.8).encode(
-            x=alt.X("t:T", title="time (UTC)", scale=alt.Scale(domain=list(window)),
-                    axis=alt.Axis(format="%H:%M")),
-            y=alt.Y("mbytes:Q", title="MB per bin", stack=True),
-            color=alt.Color("family:N", title=None, scale=alt.Scale(range=["#2f6690", "#7fb069"])),
-        ).properties(width=620, height=180, title="Traffic over time (all flows)")
+        area = (
+            alt.Chart(data)
+            .mark_area(opacity=0.8)
+            .encode(
+                x=alt.X(
+                    "t:T",
+                    title="time (UTC)",
+                    scale=alt.Scale(domain=list(window)),
+                    axis=alt.Axis(format="%H:%M"),
+                ),
+                y=alt.Y("mbytes:Q", title="MB per bin", stack=True),
+                color=alt.Color("family:N", title=None, scale=alt.Scale(range=["#2f6690", "#7fb069"])),
+            )
+            .properties(width=620, height=180, title="Traffic over time (all flows)")
+        )
         charts["traffic"] = _svg(area)
     return charts
 
 
-def _timeline_chart(rows: list[dict[str, Any]], alert_window: tuple[str, str], window: tuple[str, str]) -> Markup:
+@functools.cache
+def _timeline_spec(window: tuple[str, str]) -> str:
+    """The per-alert timeline as a Vega-Lite spec over two named datasets, built (and validated) once per
+    report: altair's schema validation costs more than rendering, so alerts only fill in the data."""
     import altair as alt
 
-    shade = alt.Chart(alt.Data(values=[{"start": alert_window[0], "end": alert_window[1]}])).mark_rect(
-        color="#f2c14e", opacity=0.35).encode(x="start:T", x2="end:T")
-    bars = alt.Chart(alt.Data(values=rows)).mark_bar().encode(
-        x=alt.X("t:T", title="time (UTC)", scale=alt.Scale(domain=list(window)), axis=alt.Axis(format="%H:%M")),
-        y=alt.Y("flows:Q", title="flows per bin", stack=True),
-        color=alt.Color("direction:N", title=None,
-                        scale=alt.Scale(domain=["outbound", "inbound"], range=["#b9472c", "#2f6690"])),
+    shade = (
+        alt.Chart(alt.NamedData("alert_window"))
+        .mark_rect(color="#f2c14e", opacity=0.35)
+        .encode(x="start:T", x2="end:T")
     )
-    return _svg(alt.layer(shade, bars).properties(width=620, height=150,
-                                                   title="This host's flows; shaded: the alert window"))
+    bars = (
+        alt.Chart(alt.NamedData("flows"))
+        .mark_bar()
+        .encode(
+            x=alt.X(
+                "t:T", title="time (UTC)", scale=alt.Scale(domain=list(window)), axis=alt.Axis(format="%H:%M")
+            ),
+            y=alt.Y("flows:Q", title="flows per bin", stack=True),
+            color=alt.Color(
+                "direction:N",
+                title=None,
+                scale=alt.Scale(domain=["outbound", "inbound"], range=["#b9472c", "#2f6690"]),
+            ),
+        )
+    )
+    chart = alt.layer(shade, bars).properties(
+        width=620, height=150, title="This host's flows; shaded: the alert window"
+    )
+    return json.dumps(chart.to_dict())
+
+
+def _timeline_chart(
+    rows: list[dict[str, Any]], alert_window: tuple[str, str], window: tuple[str, str]
+) -> Markup:
+    spec = json.loads(_timeline_spec(window))
+    spec["datasets"] = {"alert_window": [{"start": alert_window[0], "end": alert_window[1]}], "flows": rows}
+    return _svg(spec)
 
 
 # ---- the report ---------------------------------------------------------------------------------------------
+
 
 def _lifecycle(alert: dict[str, Any], vm: dict[str, Any] | None) -> dict[str, Any]:
     status = alert.get("vm_status") or (vm or {}).get("status")
@@ -224,10 +305,15 @@ def _lifecycle(alert: dict[str, Any], vm: dict[str, Any] | None) -> dict[str, An
     }.get(status or "", status or "unknown")
     if status == "soft_deleted" and quarantine:
         label += f" until {_iso(quarantine)}"
-    return {"status": status, "label": label, "quarantine_until": _iso(quarantine),
-            "gone": status in ("soft_deleted", "deleted", "purged"),
-            "created_at": _iso((vm or {}).get("created_at")), "deleted_at": _iso((vm or {}).get("deleted_at")),
-            "cloud": (vm or {}).get("cloud")}
+    return {
+        "status": status,
+        "label": label,
+        "quarantine_until": _iso(quarantine),
+        "gone": status in ("soft_deleted", "deleted", "purged"),
+        "created_at": _iso((vm or {}).get("created_at")),
+        "deleted_at": _iso((vm or {}).get("deleted_at")),
+        "cloud": (vm or {}).get("cloud"),
+    }
 
 
 def _standout(features: Any) -> tuple[list[tuple[str, Any]], Any]:
@@ -264,8 +350,9 @@ def _evidence_tables(evidence: Any) -> tuple[list[tuple[str, Any]], list[dict[st
     return facts, tables
 
 
-def build_report_data(lake: Lake, alerts: pa.Table, title: str,
-                      window: tuple[dt.datetime, dt.datetime]) -> dict[str, Any]:
+def build_report_data(
+    lake: Lake, alerts: pa.Table, title: str, window: tuple[dt.datetime, dt.datetime]
+) -> dict[str, Any]:
     """Everything the report shows, as JSON-able data (this is also the JSON report)."""
     start, end = _utc(window[0]), _utc(window[1])
     span = max((end - start).total_seconds(), 60.0)
@@ -273,8 +360,10 @@ def build_report_data(lake: Lake, alerts: pa.Table, title: str,
     vms = _vm_facts(lake)
     has_flows = _has(lake, "flows")
     con = _connect(lake)
-    rows = sorted(alerts.to_pylist(), key=lambda r: (-(r.get("score") or 0.0), r.get("detector") or "",
-                                                     r.get("addr") or ""))
+    rows = sorted(
+        alerts.to_pylist(),
+        key=lambda r: (-(r.get("score") or 0.0), r.get("detector") or "", r.get("addr") or ""),
+    )
     out_alerts = []
     for row in rows:
         w0, w1 = _utc(row.get("window_start")), _utc(row.get("window_end"))
@@ -292,8 +381,11 @@ def build_report_data(lake: Lake, alerts: pa.Table, title: str,
             "window_start": _iso(w0),
             "window_end": _iso(w1),
             "who": {
-                "vm_id": row.get("vm_id"), "vm_name": row.get("vm_name"), "project": row.get("project"),
-                "user": row.get("user"), "hypervisor": row.get("hypervisor"),
+                "vm_id": row.get("vm_id"),
+                "vm_name": row.get("vm_name"),
+                "project": row.get("project"),
+                "user": row.get("user"),
+                "hypervisor": row.get("hypervisor"),
                 "lifecycle": _lifecycle(row, vm),
             },
             "features": features,
@@ -309,22 +401,33 @@ def build_report_data(lake: Lake, alerts: pa.Table, title: str,
             item.update(_host_flow_facts(con, lake, row["addr"], row.get("peer"), w0, w1))
             item["timeline"] = _timeline_rows(con, lake, row["addr"], start, end, bin_s)
         if w0 and w1:
-            item["logs"] = _vm_logs(con, lake, row.get("vm_id"), row.get("addr"), min(w0, start), max(w1, end))
+            item["logs"] = _vm_logs(
+                con, lake, row.get("vm_id"), row.get("addr"), min(w0, start), max(w1, end)
+            )
         out_alerts.append(item)
     by_detector: dict[str, int] = {}
     for item in out_alerts:
         by_detector[item["detector"] or "?"] = by_detector.get(item["detector"] or "?", 0) + 1
     traffic = _traffic_rows(con, lake, start, end, bin_s) if has_flows else []
-    totals = {"flows": sum(r["flows"] for r in traffic), "mbytes": round(sum(r["mbytes"] for r in traffic), 1)}
+    totals = {
+        "flows": sum(r["flows"] for r in traffic),
+        "mbytes": round(sum(r["mbytes"] for r in traffic), 1),
+    }
     con.close()
     return {
         "title": title,
         "window": {"start": _iso(start), "end": _iso(end)},
         "generated_at": _iso(dt.datetime.now(dt.UTC)),
-        "summary": {"alerts": len(out_alerts), "by_detector": by_detector,
-                    "hosts": len({a["addr"] for a in out_alerts}),
-                    "vms_gone": sorted({a["who"]["vm_name"] or "?" for a in out_alerts if a["who"]["lifecycle"]["gone"]}),
-                    "traffic": totals, "bin_seconds": bin_s},
+        "summary": {
+            "alerts": len(out_alerts),
+            "by_detector": by_detector,
+            "hosts": len({a["addr"] for a in out_alerts}),
+            "vms_gone": sorted(
+                {a["who"]["vm_name"] or "?" for a in out_alerts if a["who"]["lifecycle"]["gone"]}
+            ),
+            "traffic": totals,
+            "bin_seconds": bin_s,
+        },
         "traffic": traffic,
         "alerts": out_alerts,
     }
@@ -340,13 +443,27 @@ def render_html(data: dict[str, Any]) -> str:
         facts, tables = _evidence_tables(alert["evidence"])
         timeline = None
         if alert["timeline"] and index < MAX_CHART_ALERTS:
-            timeline = _timeline_chart(alert["timeline"], (alert["window_start"], alert["window_end"]), window)
-        alert_views.append({**alert, "feature_rows": feature_rows,
-                            "feature_rest": json.dumps(feature_rest, indent=1) if feature_rest else None,
-                            "evidence_facts": facts, "evidence_tables": tables, "timeline_svg": timeline,
-                            "anchor": f"alert-{index + 1}"})
-    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True, undefined=StrictUndefined,
-                      trim_blocks=True, lstrip_blocks=True)
+            timeline = _timeline_chart(
+                alert["timeline"], (alert["window_start"], alert["window_end"]), window
+            )
+        alert_views.append(
+            {
+                **alert,
+                "feature_rows": feature_rows,
+                "feature_rest": json.dumps(feature_rest, indent=1) if feature_rest else None,
+                "evidence_facts": facts,
+                "evidence_tables": tables,
+                "timeline_svg": timeline,
+                "anchor": f"alert-{index + 1}",
+            }
+        )
+    env = Environment(
+        loader=FileSystemLoader(str(TEMPLATES)),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["num"] = _num
     env.filters["bytes"] = _bytes
     return env.get_template("report.html.j2").render(data=data, charts=charts, alerts=alert_views)
@@ -377,8 +494,9 @@ def _file_stem(window: tuple[dt.datetime, dt.datetime]) -> str:
     return f"report-{start:%Y%m%dT%H%M}-{end:%Y%m%dT%H%M}"
 
 
-def render_report(lake: Lake, alerts: pa.Table, out_dir: Path, title: str,
-                  window: tuple[dt.datetime, dt.datetime]) -> dict[str, Path]:
+def render_report(
+    lake: Lake, alerts: pa.Table, out_dir: Path, title: str, window: tuple[dt.datetime, dt.datetime]
+) -> dict[str, Path]:
     """Write `report-<start>-<end>.html` and `.json` into `out_dir`; returns {"html": path, "json": path}.
     Atomic: each file is written under a temporary name and renamed."""
     data = build_report_data(lake, alerts, title, window)
