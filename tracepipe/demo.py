@@ -143,7 +143,8 @@ def finding_rows(alerts: pa.Table) -> list[dict[str, Any]]:
         if key in seen:
             continue
         seen.add(key)
-        quarantine = row.get("quarantine_until")
+        # a quarantine ends when the VM is really deleted (reclaimed or force-deleted)
+        quarantine = row.get("quarantine_until") if row.get("vm_status") == "soft_deleted" else None
         findings.append(
             {
                 "detector": row.get("detector"),
