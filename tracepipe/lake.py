@@ -61,18 +61,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Reorder, add missing nullable columns as nulls, and cast to the declared schema."""
+def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False) -> pa.Table:
+    """Reorder, add missing nullable columns as nulls, and cast to the declared schema.
+
+    text_as_dictionary: string columns become dictionary<int32, string> (the in-memory form the writer
+    sorts and writes fast); Parquet files store them as plain strings all the same."""
     columns = []
+    fields = []
     for fld in schema:
         if fld.name in table.column_names:
             column = table.column(fld.name)
-            if column.type != fld.type:
-                column = column.cast(fld.type)
         else:
             column = pa.nulls(table.num_rows, type=fld.type)
+        if text_as_dictionary and pa.types.is_string(fld.type):
+            column = _text_dictionary(column)
+            fld = pa.field(fld.name, column.type, fld.nullable)
+        elif column.type != fld.type:
+            column = column.cast(fld.type)
         columns.append(column)
-    return pa.Table.from_arrays(columns, schema=schema)
+        fields.append(fld)
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=schema.metadata))
+
+
+TEXT_DICTIONARY = pa.dictionary(pa.int32(), pa.string())
+
+
+def _text_dictionary(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    if column.type == TEXT_DICTIONARY:
+        return column
+    if pa.types.is_dictionary(column.type):
+        return column.cast(TEXT_DICTIONARY)
+    return pc.dictionary_encode(column.cast(pa.string()))
+
+
+def _writer_schema(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([pa.field(f.name, TEXT_DICTIONARY, f.nullable) if pa.types.is_string(f.type) else f
+                      for f in schema], metadata=schema.metadata)
 
 
 def _day_strings(column: pa.ChunkedArray) -> pa.Array:
@@ -88,27 +112,36 @@ def _day_strings(column: pa.ChunkedArray) -> pa.Array:
 
 def sort_indices(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
     """Row order by `keys` ascending, nulls last (as Table.sort_by). Text keys are ranked through their
-    distinct values and integers/timestamps sorted with numpy: Arrow's multi-key sort on a text column is
-    ~10x slower, and every flows row group is sorted by (src_addr, ts_start)."""
-    columns = []
-    for name in reversed(keys):  # np.lexsort sorts by the last key first
+    distinct values and the ranks of all keys packed into one int64 when they fit (else numpy lexsort):
+    Arrow's multi-key sort on a text column is ~10x slower, and every flows row group is sorted by
+    (src_addr, ts_start)."""
+    ranks: list[np.ndarray] = []  # per key, an integer >= 0 per row, nulls largest
+    for name in keys:
         column = table.column(name).combine_chunks()
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            encoded = pc.dictionary_encode(column)
-            order = pc.sort_indices(encoded.dictionary).to_numpy()
-            rank = np.empty(len(order) + 1, dtype=np.int64)
-            rank[order] = np.arange(len(order))
-            rank[len(order)] = len(order)  # nulls last
-            indices = pc.fill_null(encoded.indices, len(order)).to_numpy(zero_copy_only=False)
-            columns.append(rank[indices])
+        if pa.types.is_dictionary(column.type) or pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            encoded = column if pa.types.is_dictionary(column.type) else pc.dictionary_encode(column)
+            dense = pc.rank(encoded.dictionary, sort_keys="ascending", tiebreaker="dense").to_numpy()
+            lookup = np.append(dense.astype(np.int64) - 1, len(dense))  # equal strings share a rank; nulls last
+            indices = pc.fill_null(encoded.indices, len(dense)).to_numpy(zero_copy_only=False)
+            ranks.append(lookup[indices])
         elif pa.types.is_integer(column.type) or pa.types.is_timestamp(column.type):
             values = pc.cast(column, pa.int64())
-            valid = pc.is_valid(values).to_numpy(zero_copy_only=False)
-            columns.append(pc.fill_null(values, 0).to_numpy(zero_copy_only=False))
-            columns.append(~valid)  # nulls last: sorted by validity before value
+            numbers = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
+            low = numbers.min() if len(numbers) else 0
+            shifted = numbers - low  # >= 0; may overflow only for absurd spans, checked below
+            if (shifted < 0).any():
+                return pc.sort_indices(table, sort_keys=[(c, "ascending") for c in keys])
+            nulls = ~pc.is_valid(values).to_numpy(zero_copy_only=False)
+            ranks.append(np.where(nulls, shifted.max(initial=0) + 1, shifted))
         else:
             return pc.sort_indices(table, sort_keys=[(c, "ascending") for c in keys])
-    return pa.array(np.lexsort(columns))
+    bits = [int(r.max(initial=0)).bit_length() for r in ranks]
+    if sum(bits) <= 63:
+        packed = np.zeros(table.num_rows, dtype=np.int64)
+        for rank, width in zip(ranks, bits, strict=True):
+            packed = (packed << width) | rank
+        return pa.array(np.argsort(packed))
+    return pa.array(np.lexsort(ranks[::-1]))
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
@@ -311,7 +344,7 @@ class IngestWriter:
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
-        table = conform(table, self.dataset.schema)
+        table = conform(table, self.dataset.schema, text_as_dictionary=True)
         self.result.rows += table.num_rows
         if self.dataset.partition_ts is None:
             self._buffer(None, table)
@@ -337,7 +370,7 @@ class IngestWriter:
         self._buffered.pop(key, None)
         if not tables:
             return
-        table = pa.concat_tables(tables)
+        table = pa.concat_tables(tables).combine_chunks()  # one dictionary per text column
         if self.dataset.sort_by:
             table = table.take(sort_indices(table, self.dataset.sort_by))
         writer = self._writers.get(key)
@@ -346,7 +379,11 @@ class IngestWriter:
             directory.mkdir(parents=True, exist_ok=True)
             tmp = directory / (self._final_name() + ".tmp")
             self._tmp_paths[key] = tmp
-            writer = pq.ParquetWriter(tmp, self.dataset.schema, compression="zstd")
+            # text columns arrive dictionary-encoded (cheap to sort and write); store_schema=False so that
+            # every reader sees them as the plain strings schema.py declares
+            text = [f.name for f in self.dataset.schema if pa.types.is_string(f.type)]
+            writer = pq.ParquetWriter(tmp, _writer_schema(self.dataset.schema), compression="zstd",
+                                      store_schema=False, use_dictionary=text)
             self._writers[key] = writer
         writer.write_table(table, row_group_size=self.row_group_rows)
 

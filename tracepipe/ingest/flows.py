@@ -23,6 +23,7 @@ from tracepipe.ingest.pcap import PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
 from tracepipe.lake import Lake, hash_file
 
 Progress = Callable[[int], None]  # called with the number of input bytes just consumed
+BATCH_DATAGRAMS = 16384  # ~20 MB of export datagrams per decode step: memory stays flat, overhead negligible
 
 
 @dataclass
@@ -41,7 +42,7 @@ class IngestSummary:
     files: list[FileResult] = field(default_factory=list)
     exporters: dict[str, dict[str, Any]] = field(default_factory=dict)
     days: set[str] = field(default_factory=set)  # UTC days of the flows partitions written
-    attributed: bool = False
+    attributed: bool | str = False  # True, False (no leases yet), or why it failed
 
     @property
     def flows(self) -> int:
@@ -123,11 +124,11 @@ def _ingest_one(lake: Lake, path: Path, state: DecoderState, summary: IngestSumm
     with lake.ingest("flows", source=source, content_hash=content_hash) as writer:
         if kind == "pcap":
             done = 0
-            for batch in iter_udp_batches(path):
+            for batch in iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS):
                 if batch.rejects.num_rows:
                     writer.reject(batch.rejects)
                 decoded = decode_datagrams(batch.payloads, batch.exporters, batch.ts_us, batch.offsets, source,
-                                           state)
+                                           state, text_as_dictionary=True)
                 writer.write(decoded.flows)
                 writer.reject(decoded.rejects)
                 merge_stats(stats, decoded.stats)
@@ -195,13 +196,18 @@ def _value_counts(column: pa.ChunkedArray) -> dict[str | None, int]:
     return {v["values"]: v["counts"] for v in counts.to_pylist()}
 
 
-def _attribute(lake: Lake, days: set[str]) -> bool:
-    """Give the new flows their VMs (src_vm/dst_vm) if the attribution module is installed."""
-    if not days or importlib.util.find_spec("tracepipe.attribution") is None:
+def _attribute(lake: Lake, days: set[str]) -> bool | str:
+    """Give the new flows their VMs (src_vm/dst_vm) when the attribution module and leases exist. The flows
+    have landed whatever happens here; a failure is reported (True/False, or the error text), and
+    `tracepipe` can attribute those days again later."""
+    if not days or not lake.files("vm_leases") or importlib.util.find_spec("tracepipe.attribution") is None:
         return False
     module = importlib.import_module("tracepipe.attribution")
     attribute = getattr(module, "attribute_flows", None)
     if attribute is None:
         return False
-    attribute(lake, sorted(days))
+    try:
+        attribute(lake, sorted(days))
+    except Exception as exc:  # the flows are committed; attribution is a separate, rerunnable step
+        return f"attribution failed: {exc}"
     return True

@@ -15,6 +15,7 @@ import base64
 import ipaddress
 import json
 import struct
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -282,12 +283,15 @@ class _Batch:
         self.rejects.append((offset, exporter, reason, detail))
         self.stat(exporter)["rejects"] += 1
 
-    def add_ctx(self, exporter: str, values: tuple) -> int:
+    def exporter_id(self, exporter: str) -> int:
         idx = self.exporter_index.get(exporter)
         if idx is None:
             idx = self.exporter_index[exporter] = len(self.exporters)
             self.exporters.append(exporter)
-        self.ctx.append((idx, *values))
+        return idx
+
+    def add_ctx(self, exporter: str, values: tuple) -> int:
+        self.ctx.append((self.exporter_id(exporter), *values))
         return len(self.ctx) - 1
 
     def add_data(self, tpl: Template, body: bytes | memoryview, count: int, ctx: int) -> None:
@@ -300,29 +304,110 @@ class _Batch:
 
 
 def decode_datagrams(payloads: Sequence[bytes | memoryview], exporters: Sequence[str], arrival_us: np.ndarray,
-                     offsets: np.ndarray | None, source: str, state: DecoderState) -> Decoded:
+                     offsets: np.ndarray | None, source: str, state: DecoderState,
+                     text_as_dictionary: bool = False) -> Decoded:
     """Decode a batch of export datagrams (any mix of versions and exporters) into flows and rejects.
 
     `offsets` are the byte offsets of each datagram's record in its file (for rejects); `state` is updated in
     place (templates learnt, sequence numbers, options values, data waiting for templates).
+    `text_as_dictionary`: leave the text columns (addresses, exporter, source) dictionary-encoded, as
+    Lake writers take them fastest; by default they are plain strings exactly as schema.FLOWS declares.
     """
     batch = _Batch(state, source)
     n = len(payloads)
     offs = offsets.tolist() if offsets is not None else [None] * n
+    # Fast path: a v9/IPFIX datagram holding exactly one data set of a known template (the steady state of
+    # every exporter). Whatever else (templates, options, several sets, v1/v5/v7, junk) takes the full walk,
+    # which also drops this cache since it may have changed templates or options values.
+    fast: dict[tuple[str, int, int, int], tuple] = {}
+    ctx_append = batch.ctx.append
+    v9_unpack, ipfix_unpack = _FAST_V9.unpack_from, _FAST_IPFIX.unpack_from
     for i in range(n):
         payload = payloads[i]
-        exporter = exporters[i]
-        offset = offs[i]
+        size = len(payload)
+        if size >= 24:
+            version = payload[1] | (payload[0] << 8)
+            if version == 9:
+                _, _, uptime, secs, seq, domain, set_id, set_len = v9_unpack(payload, 0)
+                if set_len == size - 20 and set_id >= 256:
+                    entry = fast.get((exporters[i], 9, domain, set_id))
+                    if entry is None:
+                        entry = _fast_entry(batch, fast, exporters[i], 9, domain, set_id)
+                    if entry:
+                        tpl, bodies, counts, ctx_ids, track, eidx, sys_init, sampling = entry
+                        count = (set_len - 4) // tpl.record_len
+                        if track.expected == seq:  # v9 counts datagrams
+                            track.expected = (seq + 1) & 0xFFFFFFFF
+                        else:
+                            _track_sequence(batch, exporters[i], (exporters[i], 9, domain), seq, 1)
+                        if count:
+                            ctx_ids.append(len(batch.ctx))
+                            ctx_append((eidx, 9, domain, secs * 1000 - uptime, uptime, secs * 1000, sys_init,
+                                        sampling))
+                            bodies.append(payload[24: 24 + count * tpl.record_len])
+                            counts.append(count)
+                        continue
+            elif version == 10:
+                _, length, export_s, seq, domain, set_id, set_len = ipfix_unpack(payload, 0)
+                if length == size and set_len == size - 16 and set_id >= 256:
+                    entry = fast.get((exporters[i], 10, domain, set_id))
+                    if entry is None:
+                        entry = _fast_entry(batch, fast, exporters[i], 10, domain, set_id)
+                    if entry:
+                        tpl, bodies, counts, ctx_ids, track, eidx, sys_init, sampling = entry
+                        count = (set_len - 4) // tpl.record_len
+                        if track.expected == seq:  # IPFIX counts data records
+                            track.expected = (seq + count) & 0xFFFFFFFF
+                        else:
+                            _track_sequence(batch, exporters[i], (exporters[i], 10, domain), seq, count)
+                        if count:
+                            ctx_ids.append(len(batch.ctx))
+                            ctx_append((eidx, 10, domain, export_s * 1000, 0, export_s * 1000, sys_init,
+                                        sampling))
+                            bodies.append(payload[20: 20 + count * tpl.record_len])
+                            counts.append(count)
+                        continue
+        fast.clear()
         try:
-            _walk_datagram(batch, payload, exporter, offset)
+            _walk_datagram(batch, payload, exporters[i], offs[i])
         except (struct.error, ValueError, IndexError, OverflowError) as exc:  # a length that lied past our checks
-            batch.reject(offset, exporter, "malformed datagram", repr(exc)[:200])
+            batch.reject(offs[i], exporters[i], "malformed datagram", repr(exc)[:200])
+    for exporter, datagrams in Counter(exporters).items():
+        batch.stat(exporter)["datagrams"] += datagrams
     flows = _decode_groups(batch)
+    if not text_as_dictionary:
+        flows = flows.cast(FLOWS)
     for exporter, s in batch.stats.items():
         sampling = _known_sampling(state, exporter)
         if sampling is not None:
             s["sampling"] = sampling
     return Decoded(flows, _rejects_table(batch.rejects, source), batch.stats)
+
+
+_FAST_V9 = struct.Struct(">HHIIIIHH")  # v9 header + first flowset header
+_FAST_IPFIX = struct.Struct(">HHIIIHH")  # IPFIX header + first set header
+
+
+def _fast_entry(batch: _Batch, fast: dict, exporter: str, version: int, domain: int, set_id: int) -> tuple | None:
+    """What the fast path needs for one (exporter, version, domain, template): None if it cannot be taken."""
+    state = batch.state
+    tpl = state.templates.get((exporter, version, domain, set_id))
+    if tpl is None or tpl.options or tpl.variable_fields or tpl.enterprise_fields or not tpl.record_len:
+        return None
+    track = state.sequences.get((exporter, version, domain))
+    if track is None or track.expected is None:
+        return None  # the first datagram of a sequence goes the full way (it sets `expected`)
+    stats = batch.stat(exporter)
+    if version not in stats["versions"]:
+        stats["versions"].append(version)
+    group = batch.groups.get(id(tpl))
+    if group is None:
+        group = batch.groups[id(tpl)] = (tpl, [], [], [])
+    eidx = batch.exporter_id(exporter)
+    entry = (tpl, group[1], group[2], group[3], track, eidx, state.sys_init_ms.get((exporter, domain), -1),
+             state.sampling.get((exporter, domain), -1))
+    fast[(exporter, version, domain, set_id)] = entry
+    return entry
 
 
 def _known_sampling(state: DecoderState, exporter: str) -> int | None:
@@ -333,7 +418,6 @@ def _known_sampling(state: DecoderState, exporter: str) -> int | None:
 def _walk_datagram(batch: _Batch, payload: bytes | memoryview, exporter: str, offset: int | None) -> None:
     size = len(payload)
     stats = batch.stat(exporter)
-    stats["datagrams"] += 1
     if size < 4:
         batch.reject(offset, exporter, "not netflow", f"{size} bytes")
         return
@@ -677,8 +761,9 @@ def _track_sequence(batch: _Batch, exporter: str, key: tuple[str, int, int], seq
 
 # ---- columns ------------------------------------------------------------------------------------------------
 def _decode_groups(batch: _Batch) -> pa.Table:
+    """All groups' records as one table with FLOWS_TEXT_DICTIONARY types."""
     if not batch.groups:
-        return FLOWS.empty_table()
+        return FLOWS_TEXT_DICTIONARY.empty_table()
     ctx = np.array(batch.ctx, dtype=np.int64).reshape(-1, 8)
     exporters = pa.array(batch.exporters, pa.string())
     tables = []
@@ -687,12 +772,13 @@ def _decode_groups(batch: _Batch) -> pa.Table:
         if table is not None and table.num_rows:
             tables.append(table)
     if not tables:
-        return FLOWS.empty_table()
+        return FLOWS_TEXT_DICTIONARY.empty_table()
     return pa.concat_tables(tables)
 
 
-def _uint(arr: np.ndarray, role: str, roles: dict[str, int]) -> np.ndarray | None:
-    """A numeric field as int64 (uint64 beyond 2**63 is clipped), whatever its wire length."""
+def _uint(arr: np.ndarray, role: str, roles: dict[str, int], dtype: type = np.int64) -> np.ndarray | None:
+    """A numeric field as `dtype` (int64 by default; uint64 beyond 2**63 is clipped), whatever its wire length
+    (reduced-size encoding, RFC 7011 §6.2). Narrow dtypes are for fields whose wire type fits them."""
     if role not in roles:
         return None
     col = arr[role]
@@ -703,9 +789,26 @@ def _uint(arr: np.ndarray, role: str, roles: dict[str, int]) -> np.ndarray | Non
         for j in range(raw.shape[1]):
             out = (out << np.uint64(8)) | raw[:, j].astype(np.uint64)
         col = out
-    if col.dtype == np.uint64:
-        return np.minimum(col, np.uint64(2**63 - 1)).astype(np.int64)
-    return col.astype(np.int64)
+    if col.dtype.itemsize >= np.dtype(dtype).itemsize:
+        limit = np.iinfo(dtype).max
+        if col.dtype.itemsize > np.dtype(dtype).itemsize or col.dtype.kind == "u":
+            col = np.minimum(col, col.dtype.type(limit))
+    return col.astype(dtype)
+
+
+class _PerRecord:
+    """Context values (one row per datagram) repeated out to one value per record, column by column."""
+
+    def __init__(self, ctx: np.ndarray, ctx_ids: list[int], counts: list[int]) -> None:
+        self.rows = ctx[np.asarray(ctx_ids, dtype=np.int64)]
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.cache: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, column: int) -> np.ndarray:
+        values = self.cache.get(column)
+        if values is None:
+            values = self.cache[column] = np.repeat(self.rows[:, column], self.counts)
+        return values
 
 
 def _decode_group(batch: _Batch, tpl: Template, bodies: list, counts: list, ctx_ids: list, ctx: np.ndarray,
@@ -714,8 +817,7 @@ def _decode_group(batch: _Batch, tpl: Template, bodies: list, counts: list, ctx_
     total = sum(counts)
     buf = b"".join(bodies)
     arr = np.frombuffer(buf, dtype=tpl.dtype, count=total)
-    rec_ctx = np.repeat(np.asarray(ctx_ids, dtype=np.int64), counts)
-    c = ctx[rec_ctx]  # per record: ctx columns
+    c = _PerRecord(ctx, ctx_ids, counts)
 
     has4 = "src_addr4" in roles and "dst_addr4" in roles
     has6 = "src_addr6" in roles and "dst_addr6" in roles
@@ -725,96 +827,104 @@ def _decode_group(batch: _Batch, tpl: Template, bodies: list, counts: list, ctx_
             batch.reject(None, exporter, "no addresses", f"template without address fields: {count} records")
         return None
 
-    ip_version = _uint(arr, "ip_version", roles)
     if has4 and has6:
         # a template carrying both families: the ip version field (or a zero v4 address) decides
+        ip_version = _uint(arr, "ip_version", roles, np.int16)
         use6 = (ip_version == 6) if ip_version is not None else (arr["src_addr4"] == 0)
         src = _address_text_mixed(arr, use6)
         dst = _address_text_mixed(arr, use6, "dst")
-        version_col = np.where(use6, 6, 4)
+        version_col = np.where(use6, 6, 4).astype(np.int8)
     elif has4:
         src, dst = _ipv4_text(arr["src_addr4"]), _ipv4_text(arr["dst_addr4"])
-        version_col = np.full(total, 4)
+        version_col = np.full(total, 4, dtype=np.int8)
     else:
         src, dst = _ipv6_text(arr["src_addr6"]), _ipv6_text(arr["dst_addr6"])
-        version_col = np.full(total, 6)
+        version_col = np.full(total, 6, dtype=np.int8)
 
-    zeros = np.zeros(total, dtype=np.int64)
     packets = _uint(arr, "packets", roles)
     if packets is None:
         packets = _uint(arr, "packets_total", roles)
     nbytes = _uint(arr, "bytes", roles)
     if nbytes is None:
         nbytes = _uint(arr, "bytes_total", roles)
-    src_port = _uint(arr, "src_port", roles)
-    dst_port = _uint(arr, "dst_port", roles)
-    proto = _uint(arr, "proto", roles)
-    proto = zeros if proto is None else proto
-    src_port = zeros.copy() if src_port is None else src_port
-    dst_port = zeros.copy() if dst_port is None else dst_port
-    icmp = _uint(arr, "icmp", roles)
+    src_port = _uint(arr, "src_port", roles, np.int32)
+    dst_port = _uint(arr, "dst_port", roles, np.int32)
+    proto = _uint(arr, "proto", roles, np.int16)
+    proto = np.zeros(total, np.int16) if proto is None else proto
+    src_port = np.zeros(total, np.int32) if src_port is None else src_port
+    dst_port = np.zeros(total, np.int32) if dst_port is None else dst_port
     if tpl.version in (9, 10):
         is_icmp = (proto == 1) | (proto == 58)
         if is_icmp.any():
             # exporters that put ICMP type/code into the source port (as nfdump repairs it)
             swap = is_icmp & (src_port != 0)
-            dst_port = np.where(swap, ((src_port & 0xFF) << 8) | (src_port >> 8), dst_port)
+            dst_port = np.where(swap, ((src_port & 0xFF) << 8) | ((src_port >> 8) & 0xFF), dst_port)
             src_port = np.where(swap, 0, src_port)
+            icmp = _uint(arr, "icmp", roles, np.int32)
             if icmp is not None:
                 dst_port = np.where(is_icmp & (icmp != 0), icmp, dst_port)
-    tcp_flags = _uint(arr, "tcp_flags", roles)
-    input_if = _uint(arr, "input_if", roles)
-    output_if = _uint(arr, "output_if", roles)
+    tcp_flags = _uint(arr, "tcp_flags", roles, np.int16)
+    input_if = _uint(arr, "input_if", roles, np.int32)
+    output_if = _uint(arr, "output_if", roles, np.int32)
 
     start_ms, end_ms = _times(tpl, arr, c)
 
-    exporter_col = exporters.take(pa.array(c[:, _CTX_EXPORTER]))
-    sampling = c[:, _CTX_SAMPLING]
+    exporter_ids = c[_CTX_EXPORTER]
+    sampling = c[_CTX_SAMPLING]
     columns = {
         "ts_start": pa.array(start_ms * 1000, type=TS),
         "ts_end": pa.array(end_ms * 1000, type=TS),
         "src_addr": src,
         "dst_addr": dst,
-        "src_port": pa.array(src_port.astype(np.int32)),
-        "dst_port": pa.array(dst_port.astype(np.int32)),
-        "proto": pa.array(proto.astype(np.int16)),
-        "packets": pa.array(zeros if packets is None else packets),
-        "bytes": pa.array(zeros if nbytes is None else nbytes),
-        "tcp_flags": pa.array((zeros if tcp_flags is None else tcp_flags & 0xFFFF).astype(np.int16)),
-        "ip_version": pa.array(version_col.astype(np.int8)),
-        "exporter": exporter_col,
-        "input_if": None if input_if is None else pa.array(np.minimum(input_if, 2**31 - 1).astype(np.int32)),
-        "output_if": None if output_if is None else pa.array(np.minimum(output_if, 2**31 - 1).astype(np.int32)),
+        "src_port": pa.array(src_port),
+        "dst_port": pa.array(dst_port),
+        "proto": pa.array(proto),
+        "packets": pa.array(np.zeros(total, np.int64) if packets is None else packets),
+        "bytes": pa.array(np.zeros(total, np.int64) if nbytes is None else nbytes),
+        "tcp_flags": pa.array(np.zeros(total, np.int16) if tcp_flags is None else tcp_flags),
+        "ip_version": pa.array(version_col),
+        "exporter": pa.DictionaryArray.from_arrays(pa.array(exporter_ids.astype(np.int32)), exporters),
+        "input_if": None if input_if is None else pa.array(input_if),
+        "output_if": None if output_if is None else pa.array(output_if),
         "sampling_interval": pa.array(sampling.astype(np.int32), mask=sampling < 0),
-        "source": pa.array([batch.source], pa.string()).take(pa.array(np.zeros(total, dtype=np.int32))),
+        "source": pa.DictionaryArray.from_arrays(pa.array(np.zeros(total, dtype=np.int32)),
+                                                 pa.array([batch.source], pa.string())),
     }
-    for exporter_idx, n in zip(*np.unique(c[:, _CTX_EXPORTER], return_counts=True), strict=True):
-        batch.stat(batch.exporters[int(exporter_idx)])["flows"] += int(n)
-    arrays = [columns.get(f.name) if columns.get(f.name) is not None else pa.nulls(total, f.type) for f in FLOWS]
-    return pa.Table.from_arrays(arrays, schema=FLOWS)
+    per_exporter = np.bincount(exporter_ids, minlength=len(batch.exporters))
+    for exporter_idx in np.flatnonzero(per_exporter):
+        batch.stat(batch.exporters[int(exporter_idx)])["flows"] += int(per_exporter[exporter_idx])
+    arrays = []
+    for f in FLOWS_TEXT_DICTIONARY:
+        array = columns.get(f.name)
+        if array is None:
+            array = pa.nulls(total, f.type)
+        elif f.type == TEXT_DICTIONARY:
+            array = _text(array)
+        arrays.append(array)
+    return pa.Table.from_arrays(arrays, schema=FLOWS_TEXT_DICTIONARY)
 
 
-def _times(tpl: Template, arr: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _times(tpl: Template, arr: np.ndarray, c: _PerRecord) -> tuple[np.ndarray, np.ndarray]:
     """Absolute start and end of each record in unix ms, from whatever time fields the layout carries."""
     roles = tpl.roles
     version = tpl.version
     if version in FIXED_LAYOUTS or (version == 9 and "start_uptime" in roles and "end_uptime" in roles):
         first = _uint(arr, "start_uptime", roles)
         last = _uint(arr, "end_uptime", roles)
-        boot = c[:, _CTX_BOOT]
+        boot = c[_CTX_BOOT]
         # a start later than the end means sysUptime wrapped in between (as nfdump reads it)
         start = boot + first - np.where(first > last, WRAP, 0)
         end = boot + last
         if version in (1, 5):
             # the counter wrapped after the flow ended but before export (v5: >100 s, Cisco bug CSCei12353)
-            uptime = c[:, _CTX_UPTIME]
+            uptime = c[_CTX_UPTIME]
             margin = 100_000 if version == 5 else 0
             late = (last > uptime) & ((last - uptime) > margin)
             start = start - np.where(late, WRAP, 0)
             end = end - np.where(late, WRAP, 0)
         return start, end
 
-    export_ms = c[:, _CTX_EXPORT]
+    export_ms = c[_CTX_EXPORT]
     start = _point_in_time(arr, roles, "start", c)
     end = _point_in_time(arr, roles, "end", c)
     duration = _uint(arr, "duration_ms", roles)
@@ -827,7 +937,7 @@ def _times(tpl: Template, arr: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, n
     return start, end
 
 
-def _point_in_time(arr: np.ndarray, roles: dict[str, int], which: str, c: np.ndarray) -> np.ndarray | None:
+def _point_in_time(arr: np.ndarray, roles: dict[str, int], which: str, c: _PerRecord) -> np.ndarray | None:
     value = _uint(arr, f"{which}_ms", roles)
     if value is not None:
         return value
@@ -841,19 +951,33 @@ def _point_in_time(arr: np.ndarray, roles: dict[str, int], which: str, c: np.nda
         return seconds * 1000 + fraction_ms.astype(np.int64)
     value = _uint(arr, f"{which}_delta_us", roles)
     if value is not None:
-        return c[:, _CTX_EXPORT] - value // 1000
+        return c[_CTX_EXPORT] - value // 1000
     value = _uint(arr, f"{which}_uptime", roles)
     if value is not None:
         # IPFIX sysUpTime fields: ms since systemInitTimeMilliseconds, from the record or from options data
         init = _uint(arr, "sys_init_ms", roles)
         if init is None:
-            init = c[:, _CTX_INIT]
+            init = c[_CTX_INIT]
         if (init < 0).any():
             # no boot time known: assume the latest end in the record is the export time
             other = _uint(arr, "end_uptime", roles)
-            init = np.where(init < 0, c[:, _CTX_EXPORT] - (other if other is not None else value), init)
+            init = np.where(init < 0, c[_CTX_EXPORT] - (other if other is not None else value), init)
         return init + value
     return None
+
+
+TEXT_DICTIONARY = pa.dictionary(pa.int32(), pa.string())
+FLOWS_TEXT_DICTIONARY = pa.schema([pa.field(f.name, TEXT_DICTIONARY, f.nullable) if pa.types.is_string(f.type) else f
+                                   for f in FLOWS])
+
+
+def _text(array: pa.Array) -> pa.Array:
+    """Text columns travel dictionary-encoded (each distinct address formatted once, cheap to sort/write)."""
+    if array.type == TEXT_DICTIONARY:
+        return array
+    if pa.types.is_dictionary(array.type):
+        return array.cast(TEXT_DICTIONARY)
+    return pc.dictionary_encode(array.cast(pa.string()))
 
 
 def _ipv4_text(values: np.ndarray) -> pa.Array:
@@ -862,7 +986,7 @@ def _ipv4_text(values: np.ndarray) -> pa.Array:
     uniq = encoded.dictionary.to_numpy(zero_copy_only=False).astype(np.uint32)
     parts = [pc.cast(pa.array((uniq >> s) & 0xFF), pa.string()) for s in (24, 16, 8, 0)]
     text = pc.binary_join_element_wise(*parts, ".")
-    return text.take(encoded.indices)
+    return pa.DictionaryArray.from_arrays(encoded.indices, text)
 
 
 def _ipv6_text(values: np.ndarray) -> pa.Array:
@@ -870,13 +994,13 @@ def _ipv6_text(values: np.ndarray) -> pa.Array:
                    pa.binary(16))
     encoded = pc.dictionary_encode(raw)
     text = pa.array([str(ipaddress.IPv6Address(b)) for b in encoded.dictionary.to_pylist()], pa.string())
-    return text.take(encoded.indices)
+    return pa.DictionaryArray.from_arrays(encoded.indices, text)
 
 
 def _address_text_mixed(arr: np.ndarray, use6: np.ndarray, end: str = "src") -> pa.Array:
     v4 = _ipv4_text(arr[f"{end}_addr4"])
     v6 = _ipv6_text(arr[f"{end}_addr6"])
-    return pc.if_else(pa.array(use6), v6, v4)
+    return pc.if_else(pa.array(use6), v6.cast(pa.string()), v4.cast(pa.string()))
 
 
 def _rejects_table(rows: list[tuple[int | None, str, str, str]], source: str) -> pa.Table:

@@ -21,7 +21,7 @@ import pyarrow as pa
 from tracepipe.schema import REJECTS
 
 CHUNK = 8 << 20  # bytes read at a time
-BATCH_BYTES = 48 << 20  # a batch is also cut when its payloads reach this many bytes
+BATCH_BYTES = 24 << 20  # a batch is also cut when its payloads reach this many bytes
 
 PCAP_MAGIC = {  # magic as read little-endian -> (struct byte order, ticks per µs divisor is ns?)
     0xA1B2C3D4: ("<", False),
