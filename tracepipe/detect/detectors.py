@@ -320,11 +320,10 @@ def exfiltration(ctx: DetectContext) -> pl.DataFrame:
                .group_by("src_addr").agg(host_ref=pl.col("bytes_out").quantile(0.99), baseline_windows=pl.len())
                .collect(engine="streaming"))
     peers = current.group_by("window_start").agg(peer_ref=pl.col("bytes_out").median(), peer_hosts=pl.len())
-    # The host's typical window inside this sweep too (windows without traffic count as 0), so that a lake
-    # without history still compares a host with itself.
-    n_windows = max(1, round((ctx.span(c.window)[1] - start).total_seconds() / c.window))
+    # Without history the host is compared with itself inside the sweep: its third-busiest window (0 if it
+    # has fewer), so a burst over one or two windows stands out while a host that is always busy does not.
     typical = current.group_by("src_addr").agg(
-        sweep_ref=pl.col("bytes_out").sort(descending=True).implode().list.get(n_windows // 2, null_on_oob=True))
+        sweep_ref=pl.col("bytes_out").sort(descending=True).implode().list.get(2, null_on_oob=True))
     found = (
         current.join(history, on="src_addr", how="left").join(peers, on="window_start", how="left")
         .join(typical, on="src_addr", how="left")
