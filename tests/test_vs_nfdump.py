@@ -158,3 +158,31 @@ def test_softflowd_v1_datagrams_nfdump_drops_still_land(softflowd_export, tmp_pa
     assert got_v1.num_rows == v1.softflowd.records
     diff = multiset_diff(ingest_fast(v5.export_pcap, tmp_path / "lake-v5"), got_v1)
     assert not diff, f"softflowd v1 export differs from its v5 export of the same traffic:\n{diff}"
+
+
+def test_flow_at_exporter_boot_keeps_its_time(tmp_path):
+    """softflowd -a boots its clock at the first packet, so a one-packet flow there has end uptime 0, which
+    nfdump 1.7.1 takes for "no time" (it prints 1970-01-01). The lake keeps the packet's time: IPFIX carries
+    the boot time in ms (systemInitTimeMilliseconds), so the flow starts and ends exactly at t0."""
+    t0 = probes.DEFAULT_T0
+    flows = [probes.FlowSpec("icmp", "10.9.0.1", "192.0.2.99", start=0.0, packets=1, reply=False, icmp_type=3,
+                             icmp_code=1),
+             probes.FlowSpec("udp", "10.9.0.1", "192.0.2.53", 41000, 53, start=2.5, packets=2)]
+    traffic = probes.build_traffic_pcap(tmp_path / "boot.pcap", flows, t0=t0)
+    port = probes.free_udp_port()
+    with probes.nfcapd_receiving(port, tmp_path / "nfcapd") as nfcapd:
+        with probes.capture_udp(port, tmp_path / "boot-export.pcap") as capture:
+            result = probes.softflowd_export(traffic, 10, (probes.LOOPBACK_V4, port))
+            capture.wait_for_packets(result.datagrams)
+    printed = probes.nfdump_records(nfcapd.out_dir)
+    at_boot = printed.filter(pc.equal(printed.column("proto"), 1))
+    assert at_boot.column("ts_start")[0].as_py().year == 1970, "nfdump now times flows at boot: compare them"
+    got = ingest_fast(capture.path, tmp_path / "lake")
+    icmp = got.filter(pc.equal(got.column("proto"), 1))
+    assert icmp.column("ts_start_ms").to_pylist() == [int(t0 * 1000)]
+    assert icmp.column("ts_end_ms").to_pylist() == [int(t0 * 1000)]
+    assert icmp.column("dst_port").to_pylist() == [3 * 256 + 1]
+    # the other flows as nfdump prints them (E1 undone)
+    rest = nfdump_reference(printed.filter(pc.not_equal(printed.column("proto"), 1)), 10)
+    diff = multiset_diff(rest, got.filter(pc.not_equal(got.column("proto"), 1)))
+    assert not diff, diff
