@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import json
 import multiprocessing
+import os
 import re
 import shutil
 import signal
@@ -339,12 +340,17 @@ def main() -> None:
             f"replayed as {len(datagrams)} per step ({records} records incl. templates)",
             flush=True,
         )
+        load_before = os.getloadavg()[0]
         rows, buffers = bench_receivers(work, datagrams, rates)
         commit = bench_commit(work, datagrams[: args.commit_count])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     names = ["tracepipe", "tracepipe-8M", "nfcapd"]
     print()
+    print(
+        f"load average (1 min) before / after the replay: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} CPUs"
+    )
     print(
         f"{args.count} datagrams per step; kernel receive buffers: "
         + ", ".join(f"{n} {buffers[n] / 2**20:.0f} MiB" for n in names)
@@ -356,6 +362,8 @@ def main() -> None:
             row = next(r for r in rows if r["receiver"] == name and r["rate"] == rate)
             cells.append(f"{row['achieved']:>19.0f} {row['lost']:>6}")
         print(f"{rate:>9} | " + " | ".join(cells))
+    totals = {n: sum(r["lost"] for r in rows if r["receiver"] == n) for n in names}
+    print(f"{'total':>9} | " + " | ".join(f"{'':>19} {totals[n]:>6}" for n in names))
     best: dict[str, dict] = {}
     for name in names:
         best[name] = {"rate": 0, "achieved": 0.0}

@@ -492,7 +492,7 @@ def commit_pending(lake: Any, spool: Path, keep: bool, totals: dict[str, Any] | 
             merge_stats(totals.setdefault("exporters", {}), result.stats["exporters"])
             totals["last_segment"] = path.name
             totals["last_commit_at"] = time.time()
-            sp.write_json_atomic(spool / COMMITTER_STATS, totals)
+            sp.write_json_atomic(spool / COMMITTER_STATS, totals, durable=False)
     return handled
 
 
@@ -521,7 +521,7 @@ def committer_main(spool: str, lake_root: str, keep: bool, stop: Any, parent: in
     fcntl.flock(lock, fcntl.LOCK_EX)  # a committer of a killed collector may still be finishing
     lake = Lake(lake_root)
     totals: dict[str, Any] = {"started_at": time.time()}
-    sp.write_json_atomic(spool_dir / COMMITTER_STATS, totals)
+    sp.write_json_atomic(spool_dir / COMMITTER_STATS, totals, durable=False)
     while True:
         finishing = stop.is_set()
         try:
@@ -754,7 +754,7 @@ class Collector:
         }
         self._last_status = {"t": now, "datagrams": self.stats.datagrams, "flows": flows}
         if self.config.stats_file is not None:
-            sp.write_json_atomic(self.config.stats_file, report)
+            sp.write_json_atomic(self.config.stats_file, report, durable=False)
         return report
 
     def log_status(self, report: dict[str, Any]) -> None:

@@ -230,10 +230,13 @@ def addresses_text(addr16: np.ndarray) -> np.ndarray:
     return np.array(texts, dtype=object)[inverse.reshape(-1)]
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
+def write_json_atomic(path: Path, obj: object, durable: bool = True) -> None:
+    """Replace `path` atomically (readers see the old or the new file). `durable=False` skips the fsync: fine for
+    monitoring files, and keeps a journal commit from stalling the receive loop."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as handle:
         json.dump(obj, handle, indent=1, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
