@@ -478,16 +478,21 @@ def test_allow_drops_and_names_senders_outside_the_allowed_networks(tmp_path):
                 sock.bind((host, 0))
                 for i in range(30):
                     sock.sendto(v5_datagram(i, [(f"10.{base}.0.{i}", 80)]), target)
+                for seq in (0, 1, 2, 4, 5):  # v9 counts datagrams: 3 is missing, one sequence gap
+                    sock.sendto(v9_datagram(seq, [(f"10.{base}.9.{seq}", 53)], template=seq == 0), target)
         time.sleep(0.3)
         assert stop_collector(run) == 0, run.stderr.read_text()
         stats = run.stats()
     flows = lake_flows(lake)
     assert set(flows.column("exporter").to_pylist()) == {"127.0.0.2"}
-    assert sorted(flows.column("src_addr").to_pylist()) == sorted(f"10.2.0.{i}" for i in range(30))
-    assert stats["dropped_senders"] == {"127.0.0.1": 30}
-    assert stats["exporters"] == {"127.0.0.2": 30}
+    want = [f"10.2.0.{i}" for i in range(30)] + [f"10.2.9.{seq}" for seq in (0, 1, 2, 4, 5)]
+    assert sorted(flows.column("src_addr").to_pylist()) == sorted(want)
+    assert stats["dropped_senders"] == {"127.0.0.1": 35}
+    assert stats["exporters"] == {"127.0.0.2": 35}
+    assert stats["sequence_gaps"] == 1 and stats["committer"]["exporters"]["127.0.0.2"]["lost"] == 1
     log = run.stderr.read_text()
-    assert "dropped senders: 127.0.0.1=30" in log and "accepting datagrams from any sender" not in log
+    assert "1 sequence gaps" in log and "dropped senders: 127.0.0.1=35" in log
+    assert "accepting datagrams from any sender" not in log
 
 
 def test_allow_list_matches_ipv4_ipv6_and_mapped_addresses():
