@@ -112,3 +112,56 @@ def test_unknown_event_kept_and_malformed_line_rejected():
 )
 def test_action_names(event_type, action):
     assert nova_action(event_type) == action
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_JSONISH = st.sampled_from(
+    [
+        *list('{}[]",:\n 01abe.-_ZT'),
+        '"oslo.message"',
+        '"event_type"',
+        '"instance.x"',
+        '"payload"',
+        "null",
+        '"timestamp"',
+    ]
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    text=st.one_of(st.text(), st.lists(_JSONISH).map("".join)),
+    fmt=st.sampled_from(["nova", "opennebula", "csv", "jsonl"]),
+)
+def test_any_text_gives_rows_or_rejects_never_a_crash(text, fmt):
+    events, rejects = parse_cloud_text(text, "fuzz", fmt=fmt)
+    assert events.num_rows >= 0 and rejects.num_rows >= 0
+    assert set(events.column("action").to_pylist()) <= set(
+        [
+            "create",
+            "update",
+            "exists",
+            "power_on",
+            "power_off",
+            "reboot",
+            "rebuild",
+            "shelve",
+            "shelve_offload",
+            "unshelve",
+            "soft_delete",
+            "restore",
+            "delete",
+            "force_delete",
+            "purge",
+            "migrate",
+            "attach",
+            "detach",
+            "fip_associate",
+            "fip_disassociate",
+            "fip_delete",
+            "port_update",
+            "unknown",
+        ]
+    )

@@ -155,3 +155,31 @@ def test_ingest_syslog_into_lake_and_cli_exit_partial(tmp_path):
         check=False,
     )
     assert bad.returncode == 2 and "not an IP address" in bad.stderr
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.text(),
+            st.sampled_from(
+                [
+                    "<38>1 2024-03-12T07:45:10Z web-01 sshd 1 - - Failed password for root from 203.0.113.9 port 1 ssh2",
+                    "Mar 12 07:41:02 web-01 sshd[1]: Accepted publickey for a from 198.51.100.7 port 2 ssh2",
+                    "<999>Feb 30 25:61:61 h x: y",
+                    "<13>1 - - - - - -",
+                    "Mar 12 07:41:02 h",
+                ]
+            ),
+        )
+    )
+)
+def test_any_lines_give_rows_or_rejects_never_a_crash(lines):
+    text = "\n".join(lines)
+    logs, rejects = parse_syslog(text, "fuzz", year=2024)
+    nonblank = sum(1 for line in text.splitlines() if line.strip())
+    assert logs.num_rows + rejects.num_rows == nonblank

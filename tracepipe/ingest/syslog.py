@@ -74,7 +74,9 @@ def parse_syslog(
     which carry neither; `reference` (default: now) is the latest plausible time (the file's mtime)."""
     reference = reference or dt.datetime.now(dt.UTC)
     year = year or reference.year
-    lines = pl.DataFrame({"raw": text.splitlines()}).with_row_index("line", offset=1)
+    lines = pl.DataFrame({"raw": pl.Series(text.splitlines(), dtype=pl.String)}).with_row_index(
+        "line", offset=1
+    )
     lines = lines.filter(pl.col("raw").str.strip_chars() != "")
     parsed = lines.with_columns(
         pl.col("raw").str.extract_groups(RFC5424).alias("a"),
