@@ -183,3 +183,18 @@ def test_any_lines_give_rows_or_rejects_never_a_crash(lines):
     logs, rejects = parse_syslog(text, "fuzz", year=2024)
     nonblank = sum(1 for line in text.splitlines() if line.strip())
     assert logs.num_rows + rejects.num_rows == nonblank
+
+
+def test_logs_landed_before_the_lifecycle_get_attributed_when_it_arrives(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    assert ingest_syslog_files(lake, [FORWARDED], year=2024).attributed == 0
+    report = ingest_vm_files(lake, [DATA / "nova" / "notifications.jsonl"])
+    assert report.touched_days == ["2024-03-12"] and report.logs_reattributed == 1
+    vms = (
+        duckdb.connect()
+        .execute(
+            f"SELECT vm_id FROM read_parquet('{lake.glob('vm_logs')}', hive_partitioning = true) ORDER BY line"
+        )
+        .fetchall()
+    )
+    assert vms[0][0].startswith("7311d8a3") and vms[2][0] is None and vms[3][0].startswith("efba91fc")

@@ -427,13 +427,15 @@ def _intervals(table: pa.Table) -> set[tuple[Any, ...]]:
     return set(zip(cols["addr"], cols["vm_id"], cols["valid_from"], cols["valid_to"], strict=True))
 
 
-def _flow_days(lake: Any) -> list[str]:
-    """Days that have flow partitions: only those can need re-attribution (flows landing later are
-    attributed when they land)."""
-    directory = lake.root / "flows"
-    if not directory.exists():
-        return []
-    return sorted(p.name.removeprefix("date=") for p in directory.glob("date=*") if p.is_dir())
+def _partition_days(lake: Any, datasets: tuple[str, ...] = ("flows", "vm_logs")) -> list[str]:
+    """Days that have flow or VM-log partitions: only those can need re-attribution (data landing later is
+    attributed when it lands)."""
+    days: set[str] = set()
+    for name in datasets:
+        directory = lake.root / name
+        if directory.exists():
+            days.update(p.name.removeprefix("date=") for p in directory.glob("date=*") if p.is_dir())
+    return sorted(days)
 
 
 def changed_days(
@@ -457,8 +459,8 @@ def changed_days(
 
 
 def rebuild_leases(lake: Any, reclaim_interval: dt.timedelta | None = None) -> set[str]:
-    """Rebuild vm_leases and vms from every vm_event in the lake; return the UTC days (with flows, when the
-    lake has flows) whose attribution may change, for attribution.attribute_flows."""
+    """Rebuild vm_leases and vms from every vm_event in the lake; return the UTC days (among those with flows
+    or VM logs) whose attribution may change, for attribution.attribute_flows and ingest.vm.reattribute_logs."""
     if reclaim_interval is not None:
         save_reclaim_interval(lake, reclaim_interval)
     else:
@@ -467,4 +469,4 @@ def rebuild_leases(lake: Any, reclaim_interval: dt.timedelta | None = None) -> s
     leases, vms = build_leases(lake.read("vm_events"), reclaim_interval)
     lake.replace_dataset("vm_leases", leases)
     lake.replace_dataset("vms", vms)
-    return changed_days(old, leases, _flow_days(lake))
+    return changed_days(old, leases, _partition_days(lake))

@@ -201,10 +201,13 @@ def _sshd_columns() -> list[pl.Expr]:
 
 
 def attribute_logs(logs: pa.Table, leases: pa.Table) -> pa.Table:
-    """Set vm_id: the VM whose lease held `sender_addr` at the line's time; lines without a sender address
-    go by hostname (or its first label) = vm_name among the VMs holding a lease then, when exactly one does."""
+    """(Re)set vm_id: the VM whose lease held `sender_addr` at the line's time; lines without a sender address
+    go by hostname (or its first label) = vm_name among the VMs holding a lease then, when exactly one does;
+    else null."""
     if logs.num_rows == 0 or leases.num_rows == 0:
-        return logs
+        return logs.set_column(
+            logs.schema.get_field_index("vm_id"), "vm_id", pa.nulls(logs.num_rows, pa.string())
+        )
     frame = pl.from_arrow(logs).with_row_index("_row")
     lease = pl.from_arrow(leases.select(["addr", "vm_id", "vm_name", "valid_from", "valid_to"]))
     assert isinstance(frame, pl.DataFrame) and isinstance(lease, pl.DataFrame)
@@ -257,7 +260,7 @@ def attribute_logs(logs: pa.Table, leases: pa.Table) -> pa.Table:
     frame = (
         frame.join(by_addr, on="_row", how="left")
         .join(by_name, on="_row", how="left")
-        .with_columns(pl.coalesce("_by_addr", "_by_name", "vm_id").alias("vm_id"))
+        .with_columns(pl.coalesce("_by_addr", "_by_name").alias("vm_id"))
         .sort("_row")
     )
     table = frame.select([f.name for f in VM_LOGS]).to_arrow()

@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from tracepipe.errors import InputError, UsageError
 from tracepipe.ingest.cloud import FORMATS, parse_cloud_text
 from tracepipe.ingest.syslog import attribute_logs, parse_syslog
-from tracepipe.lake import IngestResult, Lake, hash_bytes, hash_file, ingest_table
+from tracepipe.lake import IngestResult, Lake, conform, hash_bytes, hash_file, ingest_table
 from tracepipe.leases import rebuild_leases
+from tracepipe.schema import VM_LOGS
 
 Progress = Callable[[str], None]
 
@@ -31,6 +34,7 @@ class VmIngestReport:
     touched_days: list[str] = field(default_factory=list)
     attribution: dict[str, Any] | None = None  # what attribution.attribute_flows returned, if it ran
     attributed: int | None = None  # syslog: lines attributed to a VM
+    logs_reattributed: int = 0  # vm_logs files rewritten because their lines' VM changed
 
     @property
     def rows(self) -> int:
@@ -58,6 +62,7 @@ class VmIngestReport:
             "touched_days": self.touched_days,
             "attribution": self.attribution,
             "attributed_lines": self.attributed,
+            "logs_reattributed_files": self.logs_reattributed,
         }
 
 
@@ -159,6 +164,7 @@ def ingest_vm_files(
         days = rebuild_leases(lake, reclaim_interval)
         report.touched_days = sorted(days)
         report.attribution = _attribute(lake, days)
+        report.logs_reattributed = reattribute_logs(lake, days)
     report.leases = len(lake.read("vm_leases", columns=["addr"]))
     report.vms = len(lake.read("vms", columns=["vm_id"]))
     return report
@@ -173,6 +179,24 @@ def _attribute(lake: Lake, days: set[str]) -> dict[str, Any] | None:
     except ImportError:
         return None
     return attribute_flows(lake, days)
+
+
+def reattribute_logs(lake: Lake, days: Iterable[str]) -> int:
+    """Re-set vm_id of the vm_logs lines of `days` from the current leases (a lifecycle event that arrived
+    after the logs); only files whose attribution changed are rewritten. Returns the files rewritten."""
+    wanted = {f"date={day}" for day in days}
+    paths = [p for p in lake.files("vm_logs") if p.parent.name in wanted]
+    if not paths:
+        return 0
+    leases = lake.read("vm_leases")
+    rewritten = 0
+    for path in paths:
+        logs = conform(pq.read_table(path), VM_LOGS)
+        again = attribute_logs(logs, leases)
+        if not again.column("vm_id").equals(logs.column("vm_id")):
+            lake.rewrite_file(path, again, "vm_logs")
+            rewritten += 1
+    return rewritten
 
 
 def ingest_syslog_files(
