@@ -52,7 +52,7 @@ BATCH = 1024  # datagrams per recvmmsg call
 SLOT = 65536  # bytes per datagram slot: the largest UDP payload fits, nothing is ever truncated
 DECODE_CHUNK = 20_000  # datagrams per decode_datagrams call in the committer (bounds its memory)
 COMMITTER_STATS = "committer.json"
-FAILED_DIR = "failed"
+FAILED_DIR = sp.FAILED_DIR
 LOCK_FILE = ".collector.lock"
 COMMIT_LOCK_FILE = ".committer.lock"
 

@@ -41,6 +41,7 @@ MAX_BLOCK_DATAGRAMS = 1 << 16
 OPEN_SUFFIX = ".open"
 CLOSED_SUFFIX = ".spool"
 DONE_DIR = "done"
+FAILED_DIR = "failed"  # segments the decoder could not handle (a bug): kept for the report
 STATE_FILE = "decoder-state.json"
 RECOVERY_SUFFIX = ".recovered.json"  # sidecar: what recovery cut off the segment's torn tail
 
@@ -58,8 +59,17 @@ def closed_segments(spool: Path) -> list[Path]:
 
 
 def next_serial(spool: Path) -> int:
-    serials = [segment_serial(p) for p in spool.glob("seg-*")]
-    serials += [segment_serial(p) for p in (spool / DONE_DIR).glob("seg-*")]
+    """One more than any segment this spool ever had, including the last committed one named in the decoder
+    state (its file may be gone): serials never repeat, so "state is after segment N" stays unambiguous."""
+    serials = [
+        segment_serial(p) for d in (spool, spool / DONE_DIR, spool / FAILED_DIR) for p in d.glob("seg-*")
+    ]
+    try:
+        after = json.loads((spool / STATE_FILE).read_text()).get("after_segment")
+        if after:
+            serials.append(segment_serial(Path(after)))
+    except (OSError, ValueError, IndexError):
+        pass
     return max(serials, default=0) + 1
 
 
