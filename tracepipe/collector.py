@@ -667,7 +667,8 @@ class Collector:
         self.committer.start()
 
     def _new_segment(self) -> None:
-        self.serial = max(self.serial + 1, sp.next_serial(self.spool))
+        # the directory scan once at start; afterwards only this process creates segments
+        self.serial = self.serial + 1 if self.serial else sp.next_serial(self.spool)
         self.writer = sp.SegmentWriter(self.spool, self.serial)
 
     def rotate(self) -> None:
