@@ -1,0 +1,164 @@
+"""Threat intel: MISP CSV / JSON exports and plain lists into the `intel` dataset (rejects with their line),
+idempotent imports, matching v4/v6 addresses against IPs and (overlapping) CIDRs, and the retro-hunt sweep."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import detect_flowgen as gen
+import pyarrow as pa
+import pytest
+
+from tracepipe.intel import import_intel, match_addresses, parse_intel, sniff_format
+from tracepipe.lake import Lake
+from tracepipe.pipeline_config import load_pipeline
+from tracepipe.sweep import run_sweep
+
+REPO = Path(__file__).resolve().parent.parent
+
+MISP_CSV = """uuid,event_id,category,type,value,comment,to_ids,date,object_relation,attribute_tag,object_uuid,object_name,object_meta_category
+5f1a0c1e-0001-4b4e-9d6a-000000000001,1201,Network activity,ip-dst,203.0.113.66,C2 server,1,1718611200,,,,,
+5f1a0c1e-0001-4b4e-9d6a-000000000002,1201,Network activity,ip-dst|port,198.51.100.9|4444,,1,1718611200,,,,,
+5f1a0c1e-0001-4b4e-9d6a-000000000003,1201,Network activity,ip-src,192.0.2.0/24,scanner range,1,1718611200,,,,,
+5f1a0c1e-0001-4b4e-9d6a-000000000004,1201,Network activity,ip-dst,not-an-ip,,1,1718611200,,,,,
+5f1a0c1e-0001-4b4e-9d6a-000000000005,1201,Network activity,domain,evil.example,,1,1718611200,,,,,
+5f1a0c1e-0001-4b4e-9d6a-000000000006,1201,Payload delivery,url,http://evil.example/x,,1,1718611200,,,,,
+5f1a0c1e-0001-4b4e-9d6a-000000000007,1202,Network activity,ip-dst,2001:db8:bad::/48,v6 block,1,1718611200,,,,,
+"""
+
+MISP_JSON = {
+    "Event": {
+        "id": "77", "info": "Botnet infrastructure",
+        "Attribute": [
+            {"type": "ip-dst", "value": "203.0.113.5", "category": "Network activity", "comment": "panel",
+             "timestamp": "1718611200"},
+            {"type": "ip-src", "value": "300.1.1.1", "category": "Network activity"},
+            {"type": "sha256", "value": "ab" * 32, "category": "Payload delivery"},
+        ],
+        "Object": [{"name": "ip-port", "Attribute": [
+            {"type": "ip-dst", "value": "2001:db8:bad::66", "category": "Network activity"}]}],
+    }
+}
+
+PLAIN = """# our CERT's list
+10.66.0.0/16      # a whole range
+198.51.100.77
+2001:DB8:0BAD::1  # upper case and zeros: stored canonical
+
+999.1.2.3
+"""
+
+
+def test_misp_csv_rows_rejects_and_skipped_types():
+    table, rejects, skipped = parse_intel(MISP_CSV, "misp-csv", "misp.csv")
+    rows = table.to_pylist()
+    assert [r["indicator"] for r in rows] == ["203.0.113.66", "198.51.100.9", "192.0.2.0/24", "evil.example",
+                                              "2001:db8:bad::/48"]
+    cidr = rows[2]
+    assert (cidr["kind"], cidr["net_lo"], cidr["net_hi"], cidr["ip_version"]) == ("cidr", "192.0.2.0", "192.0.2.255", 4)
+    assert rows[0]["description"] == "C2 server" and rows[0]["event_id"] == "1201"
+    assert rows[0]["first_seen"] == dt.datetime(2024, 6, 17, 8, 0, tzinfo=dt.UTC)
+    assert rows[4]["net_hi"] == "2001:db8:bad:ffff:ffff:ffff:ffff:ffff"
+    assert rejects.to_pylist()[0]["line"] == 5 and "not an address" in rejects.to_pylist()[0]["reason"]
+    assert skipped == 1  # the url
+
+
+def test_misp_json_event_attributes_and_objects():
+    table, rejects, skipped = parse_intel(json.dumps(MISP_JSON), "misp-json", "event.json")
+    assert table.column("indicator").to_pylist() == ["203.0.113.5", "2001:db8:bad::66"]
+    assert table.column("event_id").to_pylist() == ["77", "77"]
+    assert table.column("description").to_pylist()[0] == "panel"
+    assert rejects.num_rows == 1 and rejects.column("offset").to_pylist() == [2]
+    assert skipped == 1
+    # the REST shape {"response": [{"Event": ...}]} too
+    wrapped, _, _ = parse_intel(json.dumps({"response": [MISP_JSON]}), "misp-json", "r.json")
+    assert wrapped.num_rows == 2
+
+
+def test_plain_list_with_comments_and_bad_line():
+    table, rejects, _ = parse_intel(PLAIN, "list", "list.txt")
+    assert table.column("indicator").to_pylist() == ["10.66.0.0/16", "198.51.100.77", "2001:db8:bad::1"]
+    assert rejects.column("line").to_pylist() == [6]
+
+
+def test_sniff_format():
+    assert sniff_format(MISP_CSV, Path("x.txt")) == "misp-csv"
+    assert sniff_format(json.dumps(MISP_JSON), Path("x")) == "misp-json"
+    assert sniff_format(PLAIN, Path("bad.txt")) == "list"
+
+
+def test_import_is_idempotent_and_stores_rejects(tmp_path):
+    path = tmp_path / "misp.csv"
+    path.write_text(MISP_CSV)
+    lake = Lake(tmp_path / "lake")
+    first = import_intel(lake, path)
+    assert (first.format, first.rows, first.rejects, first.already_imported) == ("misp-csv", 5, 1, False)
+    again = import_intel(lake, path)
+    assert again.already_imported
+    assert lake.read("intel").num_rows == 5
+    rejects = lake.read("rejects").to_pylist()
+    assert [(r["dataset"], r["line"]) for r in rejects] == [("intel", 5)]
+
+
+def test_cli_import_exit_codes(tmp_path):
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("203.0.113.1\n")
+    bad.write_text(PLAIN)
+    base = [sys.executable, "-m", "tracepipe.cli", "intel", "import", "--lake", str(tmp_path / "lake")]
+    proc = subprocess.run([*base, str(good), "--output", "json"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["rows"] == 1
+    proc = subprocess.run([*base, str(bad), "--format", "list"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    proc = subprocess.run([*base, str(tmp_path / "missing.csv")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 4 and "cannot read" in proc.stderr
+
+
+def test_match_addresses_ips_nested_cidrs_v6():
+    rows, _, _ = parse_intel("10.0.0.0/8\n10.1.0.0/16\n192.0.2.7\n2001:db8:bad::/48\n172.16.5.0/24\n", "list", "l")
+    addrs = ["10.1.2.3", "10.200.0.1", "192.0.2.7", "192.0.2.8", "2001:db8:bad:1::5", "2001:db8:bae::1",
+             "172.16.5.255", "172.16.6.0", "11.0.0.0"]
+    found = dict(match_addresses(addrs, rows).select("addr", "indicator").iter_rows())
+    assert set(found) == {"10.1.2.3", "10.200.0.1", "192.0.2.7", "2001:db8:bad:1::5", "172.16.5.255"}
+    assert found["10.200.0.1"] == "10.0.0.0/8"
+    assert found["10.1.2.3"] in {"10.0.0.0/8", "10.1.0.0/16"}
+    assert found["2001:db8:bad:1::5"] == "2001:db8:bad::/48"
+    assert match_addresses([], rows).is_empty()
+    assert match_addresses(addrs, pa.Table.from_pylist([], schema=rows.schema)).is_empty()
+
+
+@pytest.fixture(scope="module")
+def story_lake(tmp_path_factory):
+    root = tmp_path_factory.mktemp("intel")
+    story = gen.generate(seed=8, days=2)
+    lake = Lake(root / "lake")
+    lake.append("flows", story.flows, key="story")
+    lake.replace_dataset("vm_leases", story.leases)
+    return root, lake, story
+
+
+def test_retro_hunt_finds_old_contacts_after_import(story_lake):
+    root, lake, story = story_lake
+    config = load_pipeline(REPO / "pipelines" / "retro-hunt.toml")
+    import dataclasses
+
+    config = dataclasses.replace(config, output=dataclasses.replace(config.output, report_dir=str(root / "r"),
+                                                                    html=False))
+    since, until = story.start, story.last_day[1]
+    before = run_sweep(lake, config, since, until)
+    assert before.exit_code == 0 and before.alerts.num_rows == 0  # no indicators yet
+    (root / "cert.txt").write_text(story.intel_lines)
+    import_intel(lake, root / "cert.txt")
+    after = run_sweep(lake, config, since, until)
+    assert after.exit_code == 1
+    planted = {p.addr: p for p in story.planted if p.detector == "intel"}
+    got = {a["addr"]: a for a in after.new_alerts.to_pylist()}
+    assert set(got) == set(planted)
+    for addr, alert in got.items():
+        assert alert["detector"] == "intel" and alert["vm_name"] == planted[addr].vm_name
+        assert alert["peer"] == planted[addr].peer
+        assert "listed in threat intel" in alert["reason"]
+    assert run_sweep(lake, config, since, until).new_alerts.num_rows == 0
