@@ -639,7 +639,10 @@ def demo_command(
     from tracepipe.demo import STORY_DIR, run_demo
 
     with console.status("demo") as status:
-        result = run_demo(lake, story or STORY_DIR, progress=lambda step: status.update(f"demo: {step}"))
+        # the next commands are printed the way the user called us (.venv/bin/tracepipe, tracepipe, ...)
+        program = sys.argv[0] if Path(sys.argv[0]).name == "tracepipe" else "tracepipe"
+        result = run_demo(lake, story or STORY_DIR, progress=lambda step: status.update(f"demo: {step}"),
+                          program=program)
     if output == OutputFormat.json:
         print_json(result.to_dict())
         raise typer.Exit(result.exit_code)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -196,16 +197,17 @@ def check_against_truth(
     return checks, false_positives
 
 
-def next_commands(lake: Path, truth: dict[str, Any]) -> list[str]:
-    """Three commands worth typing after the demo, built from the story (they name the demo lake)."""
+def next_commands(lake: Path, truth: dict[str, Any], program: str = "tracepipe") -> list[str]:
+    """Three commands worth typing after the demo, built from the story (they name the demo lake).
+    `program` is how the user invoked tracepipe (e.g. .venv/bin/tracepipe), so they paste as they are."""
     by_kind = {i["kind"]: i for i in truth["incidents"]}
     scan, exfil = by_kind["horizontal_scan"], by_kind["exfiltration"]
-    lake_arg = f"--lake {lake}"
+    lake_arg = f"--lake {shlex.quote(str(lake))}"
     return [
-        f"tracepipe who {scan['addr']} --at {scan['start'][:16]}Z {lake_arg}",
-        f"tracepipe who {exfil['addr']} --at {exfil['start'][:16]}Z {lake_arg}",
-        'tracepipe sql "SELECT src_vm_name, src_user, dst_addr, count(*) AS flows, sum(bytes) AS bytes '
-        'FROM flows_attributed WHERE dst_port = 22 GROUP BY ALL ORDER BY flows DESC LIMIT 5" ' + lake_arg,
+        f"{program} who {scan['addr']} --at {scan['start'][:16]}Z {lake_arg}",
+        f"{program} who {exfil['addr']} --at {exfil['start'][:16]}Z {lake_arg}",
+        f'{program} sql "SELECT src_vm_name, src_user, dst_addr, count(*) AS flows, sum(bytes) AS bytes '
+        f'FROM flows_attributed WHERE dst_port = 22 GROUP BY ALL ORDER BY flows DESC LIMIT 5" {lake_arg}',
     ]
 
 
@@ -214,6 +216,7 @@ def run_demo(
     story_dir: Path = STORY_DIR,
     pipeline: Path = PIPELINE,
     progress: Progress | None = None,
+    program: str = "tracepipe",
 ) -> DemoResult:
     """Run the whole demo; see the module docstring. Never raises for a missing or failing step."""
     started = time.monotonic()
@@ -309,6 +312,6 @@ def run_demo(
 
         _run(result, "report", progress, report)
     result.truth_check, result.false_positives = check_against_truth(result.findings, truth)
-    result.next_commands = next_commands(Path(lake_dir), truth)
+    result.next_commands = next_commands(Path(lake_dir), truth, program)
     result.seconds = time.monotonic() - started
     return result
