@@ -51,6 +51,10 @@ FIELDS: dict[int, tuple[str, str]] = {
     85: ("octetTotalCount", "bytes_total"),
     86: ("packetTotalCount", "packets_total"),
     139: ("icmpTypeCodeIPv6", "icmp"),
+    176: ("icmpTypeIPv4", "icmp_type"),
+    177: ("icmpCodeIPv4", "icmp_code"),
+    178: ("icmpTypeIPv6", "icmp_type"),
+    179: ("icmpCodeIPv6", "icmp_code"),
     150: ("flowStartSeconds", "start_s"),
     151: ("flowEndSeconds", "end_s"),
     152: ("flowStartMilliseconds", "start_ms"),
@@ -853,16 +857,23 @@ def _decode_group(batch: _Batch, tpl: Template, bodies: list, counts: list, ctx_
     proto = np.zeros(total, np.int16) if proto is None else proto
     src_port = np.zeros(total, np.int32) if src_port is None else src_port
     dst_port = np.zeros(total, np.int32) if dst_port is None else dst_port
-    if tpl.version in (9, 10):
-        is_icmp = (proto == 1) | (proto == 58)
-        if is_icmp.any():
-            # exporters that put ICMP type/code into the source port (as nfdump repairs it)
-            swap = is_icmp & (src_port != 0)
-            dst_port = np.where(swap, ((src_port & 0xFF) << 8) | ((src_port >> 8) & 0xFF), dst_port)
-            src_port = np.where(swap, 0, src_port)
-            icmp = _uint(arr, "icmp", roles, np.int32)
-            if icmp is not None:
-                dst_port = np.where(is_icmp & (icmp != 0), icmp, dst_port)
+    # ICMP type/code travel in dst_port (type*256 + code), as nfdump shows them. Exporters that use the source
+    # port: fprobe puts the type there and the code in the destination port; Cisco puts type/code there in
+    # host byte order (nfdump swaps the bytes). Both end up as type*256 + code, source port 0.
+    is_icmp = (proto == 1) | (proto == 58) if tpl.version in (9, 10) else (proto == 1)
+    if is_icmp.any():
+        in_src = is_icmp & (src_port != 0)
+        split = in_src & (src_port < 256) & (dst_port < 256)
+        swapped = ((src_port & 0xFF) << 8) | ((src_port >> 8) & 0xFF)
+        dst_port = np.where(split, src_port * 256 + dst_port, np.where(in_src, swapped, dst_port))
+        src_port = np.where(in_src, 0, src_port)
+        icmp = _uint(arr, "icmp", roles, np.int32)
+        if icmp is None and ("icmp_type" in roles or "icmp_code" in roles):
+            icmp_type = _uint(arr, "icmp_type", roles, np.int32)
+            icmp_code = _uint(arr, "icmp_code", roles, np.int32)
+            icmp = (0 if icmp_type is None else icmp_type * 256) + (0 if icmp_code is None else icmp_code)
+        if icmp is not None:
+            dst_port = np.where(is_icmp & (icmp != 0), icmp, dst_port)
     tcp_flags = _uint(arr, "tcp_flags", roles, np.int16)
     input_if = _uint(arr, "input_if", roles, np.int32)
     output_if = _uint(arr, "output_if", roles, np.int32)
