@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import struct
 import subprocess
 import sys
 import time
@@ -133,3 +134,37 @@ def test_demo_refuses_to_wipe_a_directory_it_did_not_make(tmp_path: Path) -> Non
     assert run.returncode == 2
     assert "not made by `tracepipe demo`" in run.stderr.replace("\n", " ")
     assert (precious / "flows" / "keep.parquet").read_bytes() == b"PAR1"
+
+
+def test_committed_story_matches_the_generator() -> None:
+    """The committed sample is what `make_sample.py` makes today (regenerate it after changing synth)."""
+    from tracepipe import synth
+
+    story = synth.build_story(seed=TRUTH["seed"])
+    assert json.loads(json.dumps(story.truth)) == TRUTH
+    story_dir = REPO / "sample_data" / "story"
+    lines = synth.nova_notifications(story, REPO / "sample_data" / "templates" / "nova")
+    assert "\n".join(lines) + "\n" == (story_dir / "nova" / "notifications.jsonl").read_text()
+    for name, text in synth.syslog_files(story).items():
+        assert text == (story_dir / "syslog" / name).read_text()
+    assert synth.misp_csv(story) == (story_dir / "intel" / "misp.csv").read_text()
+
+
+def test_traffic_capture_is_deterministic_and_complete() -> None:
+    from tracepipe import synth
+
+    one, two = synth.build_story(seed=11, n_ordinary=8), synth.build_story(seed=11, n_ordinary=8)
+    data = synth.packet_bytes(one)
+    assert data == synth.packet_bytes(two)
+    assert data != synth.packet_bytes(synth.build_story(seed=12, n_ordinary=8))
+    # walk the pcap: every record complete, times never go backwards, both probes' views add up
+    offset, count, last = 24, 0, 0.0
+    while offset < len(data):
+        sec, usec, caplen, wirelen = struct.unpack_from("<IIII", data, offset)
+        assert caplen <= wirelen and (sec + usec / 1e6) >= last
+        last = sec + usec / 1e6
+        offset += 16 + caplen
+        count += 1
+    assert offset == len(data)
+    split = len(synth.packet_bytes(one, "openstack")) + len(synth.packet_bytes(one, "opennebula")) - 24
+    assert split == len(data) and count > one.n_conns * 2

@@ -283,3 +283,11 @@ def test_report_renders_in_headless_chromium(report: dict[str, Path], tmp_path: 
     width, height, raw = _png_pixels(shot)
     assert (width, height) == (1280, 2000)
     assert len(set(raw[::7])) > 50  # many distinct byte values: text and charts, not a blank page
+
+
+def test_report_without_alerts_says_so(lake: Lake, tmp_path: Path) -> None:
+    paths = render_report(lake, ALERTS.empty_table(), tmp_path, "Quiet night", WINDOW)
+    html = paths["html"].read_text()
+    assert "No alerts in this window." in html
+    assert html.count("<svg") == 1  # the traffic chart only
+    assert json.loads(paths["json"].read_text())["summary"]["alerts"] == 0

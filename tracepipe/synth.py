@@ -181,7 +181,8 @@ def _make_vms(rng: np.random.Generator, n_ordinary: int) -> list[VM]:
         SCAN_SRC: ("jupyter-07", "climate-ml", "apatel", "jupyter"),
     }
     counters = {r: 0 for r in roles}
-    total = max(n_ordinary, 0) + 5  # the planted OpenStack VMs count too
+    # the planted and victim VMs sit at fixed addresses up to 10.20.1.31: never fewer VMs than that
+    total = max(max(n_ordinary, 0) + 5, 22)
     for i in range(total):
         addr = f"10.20.1.{10 + i}"
         if addr in fixed:
@@ -230,7 +231,11 @@ def _make_vms(rng: np.random.Generator, n_ordinary: int) -> list[VM]:
 def build_story(
     seed: int = 7, start: dt.datetime = STORY_START, hours: float = STORY_HOURS, n_ordinary: int = 30
 ) -> Story:
-    """Plan every connection of the story. Pure: same arguments, same story."""
+    """Plan every connection of the story. Pure: same arguments, same story.
+
+    `n_ordinary` + 5 OpenStack VMs on 10.20.1.10 and up (at least 22: the culprits and the two brute-force
+    victims have fixed addresses up to 10.20.1.31), plus the OpenNebula VM; `start` and `hours` set the window.
+    """
     rng = np.random.default_rng(seed)
     t_start = _ts(start)
     t_end = t_start + hours * 3600
