@@ -69,15 +69,17 @@ def parse_syslog(
     reference: dt.datetime | None = None,
     tz: str = "UTC",
     sender_addr: str | None = None,
+    first_line: int = 1,
 ) -> tuple[pa.Table, pa.Table]:
     """Syslog text -> (vm_logs without vm_id, rejects). `year` and `tz` complete RFC 3164 timestamps,
-    which carry neither; `reference` (default: now) is the latest plausible time (the file's mtime)."""
+    which carry neither; `reference` (default: now) is the latest plausible time (the file's mtime).
+    `first_line` numbers the lines of a block cut out of a bigger file."""
     reference = reference or dt.datetime.now(dt.UTC)
     year = year or reference.year
-    lines = pl.DataFrame({"raw": pl.Series(text.splitlines(), dtype=pl.String)}).with_row_index(
-        "line", offset=1
-    )
-    lines = lines.filter(pl.col("raw").str.strip_chars() != "")
+    lines = pl.DataFrame(
+        {"raw": pl.Series(text.split("\n"), dtype=pl.String).str.strip_chars_end("\r")}
+    ).with_row_index("line", offset=first_line)
+    lines = lines.filter(pl.col("raw").str.strip_chars(" \t") != "")  # blank lines are no records
     parsed = lines.with_columns(
         pl.col("raw").str.extract_groups(RFC5424).alias("a"),
         pl.col("raw").str.extract_groups(ISO_FILE).alias("b"),

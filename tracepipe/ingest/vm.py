@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import zoneinfo
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +181,33 @@ def _attribute(lake: Lake, days: set[str]) -> dict[str, Any] | None:
     return attribute_flows(lake, days)
 
 
+SYSLOG_BLOCK_BYTES = 32 << 20
+
+
+def _line_blocks(path: Path, block_bytes: int = SYSLOG_BLOCK_BYTES) -> Iterator[tuple[int, str]]:
+    """(number of the block's first line, text) for consecutive blocks of whole lines of a file."""
+    first_line = 1
+    carry = b""
+    try:
+        with open(path, "rb") as handle:
+            while True:
+                chunk = handle.read(block_bytes)
+                if not chunk:
+                    break
+                data = carry + chunk
+                cut = data.rfind(b"\n")
+                if cut < 0:
+                    carry = data
+                    continue
+                block, carry = data[: cut + 1], data[cut + 1 :]
+                yield first_line, block.decode("utf-8", errors="replace")
+                first_line += block.count(b"\n")
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc}") from exc
+    if carry:
+        yield first_line, carry.decode("utf-8", errors="replace")
+
+
 def reattribute_logs(lake: Lake, days: Iterable[str]) -> int:
     """Re-set vm_id of the vm_logs lines of `days` from the current leases (a lifecycle event that arrived
     after the logs); only files whose attribution changed are rewritten. Returns the files rewritten."""
@@ -208,7 +235,7 @@ def ingest_syslog_files(
     progress: Progress | None = None,
 ) -> VmIngestReport:
     """Land syslog files in vm_logs, each line attributed to the VM holding its sender address (or named
-    like its hostname) at that time. Ingest the VM lifecycle first: attribution uses the current leases."""
+    like its hostname) at that time, from the current leases (a later `ingest vm` re-attributes its days)."""
     timezone(tz)
     report = VmIngestReport()
     leases = lake.read("vm_leases")
@@ -220,25 +247,24 @@ def ingest_syslog_files(
             report.results.append(IngestResult("vm_logs", str(path), content_hash, skipped=True))
             continue
         mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
-        logs, rejects = parse_syslog(
-            _read_text(path),
-            str(path),
-            year=year or mtime.year,
-            reference=mtime if year is None else None,
-            tz=tz,
-            sender_addr=sender_addr,
-        )
-        logs = attribute_logs(logs, leases)
-        attributed = logs.num_rows - logs.column("vm_id").null_count
-        result = ingest_table(
-            lake,
-            "vm_logs",
-            str(path),
-            content_hash,
-            [logs],
-            [rejects],
-            stats={"lines": logs.num_rows, "attributed": attributed},
-        )
+        attributed = 0
+        with lake.ingest("vm_logs", str(path), content_hash) as writer:
+            # in blocks of whole lines: memory stays bounded on big files, line numbers stay exact
+            for first_line, text in _line_blocks(path):
+                logs, rejects = parse_syslog(
+                    text,
+                    str(path),
+                    year=year or mtime.year,
+                    reference=mtime if year is None else None,
+                    tz=tz,
+                    sender_addr=sender_addr,
+                    first_line=first_line,
+                )
+                logs = attribute_logs(logs, leases)
+                attributed += logs.num_rows - logs.column("vm_id").null_count
+                writer.write(logs)
+                writer.reject(rejects)
+            result = writer.commit({"lines": writer.result.rows, "attributed": attributed})
         report.results.append(result)
         if not result.skipped:
             report.attributed = (report.attributed or 0) + attributed
