@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import blank_icmpv6_ports, lake_flows, multiset_diff, nfdump_reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tracepipe import probes
 from tracepipe import spool as sp
@@ -521,3 +523,31 @@ def test_parse_options():
     assert parse_size("32M") == 32 << 20 and parse_size("33554432") == 33554432
     assert str(parse_listen("[::]:4739")) == "[::]:4739" and parse_listen(":2055").host == "0.0.0.0"
     assert parse_listen("2055").port == 2055 and parse_listen("127.0.0.1:9995").family == socket.AF_INET
+
+
+@settings(max_examples=200, deadline=None)
+@given(cut=st.integers(min_value=0, max_value=4000), noise=st.binary(max_size=64))
+def test_spool_reader_takes_any_tail(cut, noise):
+    """A write torn anywhere leaves exactly the complete blocks before the cut; bytes after it (garbage) never
+    make a block of their own; the reader never raises."""
+    addr = np.zeros((2, 16), np.uint8)
+    addr[:, 10:12] = 255
+    blocks = [
+        make_block(
+            1_700_000_000_000_000,
+            socket.AF_INET,
+            addr,
+            np.array([1, 2], np.uint16),
+            [memoryview(bytes([i]) * (50 + i)), memoryview(b"x" * 700)],
+        )
+        for i in range(3)
+    ]
+    whole = b"".join(blocks)
+    data = whole[:cut] + noise
+    kept, datagrams = sp.valid_length(data)
+    prefix = max(k for k in range(4) if len(b"".join(blocks[:k])) <= cut)  # complete blocks before the cut
+    prefix_bytes = len(b"".join(blocks[:prefix]))
+    if not noise:  # what a kill -9 leaves: exactly the complete blocks
+        assert (kept, datagrams) == (prefix_bytes, 2 * prefix)
+    else:  # garbage after the cut is never taken as a block of its own (record headers carry a CRC)
+        assert prefix_bytes <= kept <= len(data) and datagrams in (2 * prefix, 2 * prefix + 2)
