@@ -176,6 +176,11 @@ def test_rejects_unknown_events_and_exit_partial(tmp_path):
         ("create", "instance.create.end"),
         ("unknown", "instance.lock"),
     ]
+    # every line rejected: nothing landed, exit 4
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("{not json\n")
+    failed = run_cli("ingest", "vm", str(garbage), "--lake", str(lake))
+    assert failed.returncode == 4, failed.stderr
     # usage errors: exit 2, one line
     usage = run_cli("ingest", "vm", str(bad), "--lake", str(lake), "--reclaim-interval", "soon")
     assert usage.returncode == 2 and "does not parse" in usage.stderr

@@ -146,8 +146,6 @@ OutputOption = Annotated[
 def _print_vm_report(report: Any, output: OutputFormat, title: str, lake: Path) -> None:
     from rich.table import Table
 
-    from tracepipe.errors import EXIT_OK, EXIT_PARTIAL
-
     if output == OutputFormat.json:
         print_json(report.as_dict())
     else:
@@ -169,7 +167,7 @@ def _print_vm_report(report: Any, output: OutputFormat, title: str, lake: Path) 
     if report.rejects:
         console.print(f"[yellow]{report.rejects} input lines rejected[/yellow] (the rest landed); list them: "
                       f"tracepipe sql \"SELECT * FROM read_parquet('{lake}/rejects/*/*.parquet')\"")
-    raise typer.Exit(EXIT_PARTIAL if report.rejects else EXIT_OK)
+    raise typer.Exit(report.exit_code)
 
 
 @ingest_app.command("vm")
@@ -191,7 +189,7 @@ def ingest_vm_command(
     """Land VM lifecycle events (Nova/Neutron notifications, OpenNebula logs + XML, CSV/JSONL) and rebuild
     the address leases (who held which address when), then re-attribute flows of the days that changed.
 
-    Exit codes: 0 all landed; 3 partial: some lines were rejected (the rest landed); 4 failed.
+    Exit codes: 0 all landed; 3 partial: some lines were rejected (the rest landed); 4 failed: nothing landed.
 
     Example: tracepipe ingest vm /var/log/nova/notifications.jsonl --reclaim-interval 7d --lake /srv/lake
     """
@@ -220,7 +218,7 @@ def ingest_syslog_command(
     """Land syslog from inside VMs in vm_logs, attributed to the VM by sender address (or hostname) and time,
     with sshd logins parsed (auth_event, auth_user, auth_src_addr, auth_method). Ingest the VM lifecycle first.
 
-    Exit codes: 0 all landed; 3 partial: some lines in no known format were rejected; 4 failed.
+    Exit codes: 0 all landed; 3 partial: some lines in no known format were rejected; 4 failed: nothing landed.
 
     Example: tracepipe ingest syslog /var/log/remote/web-01/auth.log --year 2024 --sender-addr 192.168.1.3
     """

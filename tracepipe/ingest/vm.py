@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from tracepipe.errors import InputError, UsageError
+from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.ingest.cloud import FORMATS, parse_cloud_text
 from tracepipe.ingest.syslog import attribute_logs, parse_syslog
 from tracepipe.lake import IngestResult, Lake, conform, hash_bytes, hash_file, ingest_table
@@ -47,6 +47,13 @@ class VmIngestReport:
     @property
     def skipped(self) -> int:
         return sum(1 for r in self.results if r.skipped)
+
+    @property
+    def exit_code(self) -> int:
+        """3 partial: some lines rejected, the rest landed; 4 failed: every line rejected, nothing landed."""
+        if not self.rejects:
+            return EXIT_OK
+        return EXIT_FAILED if self.rows == 0 and self.skipped == 0 else EXIT_PARTIAL
 
     def as_dict(self) -> dict[str, Any]:
         return {
