@@ -14,8 +14,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -80,6 +82,14 @@ def looks_like_nfdump_csv(head: bytes) -> bool:
 
 
 # ---- vectorised conversions of nfdump's text ------------------------------------------------------------------
+
+
+def _per_unique(convert, column: pa.Array, *args) -> tuple[pa.Array, pa.Array]:
+    """Run a text conversion on the distinct values only and spread the result back (nfdump output repeats
+    itself a lot: times in seconds, flag strings, protocols, ports)."""
+    encoded = pc.dictionary_encode(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column)
+    values, ok = convert(encoded.dictionary, *args)
+    return pc.take(values, encoded.indices), pc.fill_null(pc.take(ok, encoded.indices), False)
 
 
 def _trim(column: pa.Array) -> pa.Array:
@@ -178,42 +188,56 @@ def _addresses(column: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
 
 
 def _flows_from_columns(fields: dict[str, pa.Array], source: str, tz: str
-                        ) -> tuple[pa.Table, pa.Array, pa.Array]:
-    """Common tail of both readers: text columns -> (FLOWS table of all rows, valid mask, reason per row)."""
+                        ) -> tuple[pa.Table, pa.Array, pa.Array, pa.Array]:
+    """Common tail of both readers: text columns -> (FLOWS table of all rows, valid mask, reason per row,
+    detail per row: `field=value` of the first field that did not parse)."""
     checks: list[tuple[str, pa.Array]] = []
-    ts_start, ok = _timestamps(fields["ts"], tz)
+    ts_start, ok = _per_unique(_timestamps, fields["ts"], tz)
     checks.append(("bad start time", ok))
-    ts_end, ok = _timestamps(fields["te"], tz)
+    ts_end, ok = _per_unique(_timestamps, fields["te"], tz)
     checks.append(("bad end time", ok))
     src, src_version, ok = _addresses(fields["sa"])
     checks.append(("bad source address", ok))
     dst, _, ok = _addresses(fields["da"])
     checks.append(("bad destination address", ok))
-    src_port, ok = _uint(fields["sp"], pa.int32())
+    src_port, ok = _per_unique(_uint, fields["sp"], pa.int32())
     checks.append(("bad source port", ok))
-    dst_port, ok = dst_port_from_text(fields["dp"])
+    dst_port, ok = _per_unique(dst_port_from_text, fields["dp"])
     checks.append(("bad destination port", ok))
-    proto, ok = proto_from_text(fields["pr"])
+    proto, ok = _per_unique(proto_from_text, fields["pr"])
     checks.append(("bad protocol", ok))
-    packets, ok = _uint(fields["ipkt"], pa.int64())
+    packets, ok = _per_unique(_uint, fields["ipkt"], pa.int64())
     checks.append(("bad packet count", ok))
-    octets, ok = _uint(fields["ibyt"], pa.int64())
+    octets, ok = _per_unique(_uint, fields["ibyt"], pa.int64())
     checks.append(("bad byte count", ok))
-    flags, ok = tcp_flags_from_text(fields["flg"])
+    flags, ok = _per_unique(tcp_flags_from_text, fields["flg"])
     checks.append(("bad tcp flags", ok))
     exporter, _, ok = _addresses(fields["ra"])
     checks.append(("bad exporter address", ok))
-    input_if, ok = _uint(fields["in"], pa.int32())
+    input_if, ok = _per_unique(_uint, fields["in"], pa.int32())
     checks.append(("bad input interface", ok))
-    output_if, ok = _uint(fields["out"], pa.int32())
+    output_if, ok = _per_unique(_uint, fields["out"], pa.int32())
     checks.append(("bad output interface", ok))
 
     n = len(ts_start)
-    valid = pa.array([True] * n, pa.bool_())
-    reason = pa.nulls(n, pa.string())
-    for text, ok in checks:  # first failing check names the row's reason
-        reason = pc.if_else(pc.and_(pc.is_null(reason), pc.invert(ok)), text, reason)
+    valid = pa.array(np.ones(n, dtype=bool))
+    for _, ok in checks:
         valid = pc.and_(valid, ok)
+    reason = pa.nulls(n, pa.string())
+    detail = pa.nulls(n, pa.string())
+    if n and not pc.all(valid).as_py():  # name the first field that failed, on the bad rows only
+        bad = pc.invert(valid)
+        bad_reason = pa.nulls(pc.sum(pc.cast(bad, pa.int64())).as_py(), pa.string())
+        bad_detail = bad_reason
+        for (text, ok), name in zip(checks, _CHECKED_FIELDS, strict=True):
+            first = pc.and_(pc.is_null(bad_reason), pc.invert(ok.filter(bad)))
+            bad_reason = pc.if_else(first, text, bad_reason)
+            value = pc.fill_null(pc.cast(fields[name], pa.string()).filter(bad), "")
+            bad_detail = pc.if_else(first, pc.binary_join_element_wise(name, value, "="), bad_detail)
+        # spread back: rows that are valid keep null
+        positions = pc.subtract(pc.cumulative_sum(pc.cast(bad, pa.int64())), 1)
+        reason = pc.if_else(bad, pc.take(bad_reason, pc.if_else(bad, positions, 0)), pa.scalar(None, pa.string()))
+        detail = pc.if_else(bad, pc.take(bad_detail, pc.if_else(bad, positions, 0)), pa.scalar(None, pa.string()))
     table = pa.table(
         {
             "ts_start": ts_start,
@@ -236,44 +260,71 @@ def _flows_from_columns(fields: dict[str, pa.Array], source: str, tz: str
             "dst_vm": pa.nulls(n, pa.string()),
         }
     )
-    return table, valid, reason
+    return table, valid, reason, detail
 
 
-def _lines(data: bytes) -> pa.Array:
-    """Every line of a text as one string array (empty lines kept, so that index + 1 is the line number)."""
-    if not data:
-        return pa.array([], pa.string())
+_NEEDED = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg", "ra", "in", "out")
+_CHECKED_FIELDS = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg", "ra", "in", "out")
+
+
+@dataclass
+class _Delimited:
+    """Rows of a delimited text with the expected width, their 1-based line numbers, and the lines that had
+    another width (line number, text)."""
+
+    table: pa.Table
+    line_numbers: pa.Array
+    invalid: list[tuple[int, str]]
+
+
+def _read_delimited(source: pa.NativeFile | pa.Buffer, delimiter: str, columns: tuple[str, ...], skip_rows: int,
+                    ) -> _Delimited:
+    """pyarrow's CSV reader, every value as text, only the columns we use. Lines of another width come back
+    through the invalid-row handler with their line numbers; the reader runs serially so that it knows them."""
+    invalid: list[tuple[int, str]] = []
+
+    def on_invalid(row) -> str:
+        invalid.append((row.number if row.number is not None else -1, row.text))
+        return "skip"
+
     table = pacsv.read_csv(
-        pa.py_buffer(data),
-        read_options=pacsv.ReadOptions(column_names=["line"], block_size=1 << 24),
-        parse_options=pacsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False,
-                                          newlines_in_values=False, ignore_empty_lines=False),
-        convert_options=pacsv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False),
+        source,
+        read_options=pacsv.ReadOptions(column_names=list(columns), skip_rows=skip_rows, use_threads=False,
+                                       block_size=1 << 24),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False, escape_char=False,
+                                         newlines_in_values=False, ignore_empty_lines=False,
+                                         invalid_row_handler=on_invalid),
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in _NEEDED},
+                                             include_columns=list(_NEEDED), strings_can_be_null=False),
     )
-    return pc.fill_null(table.column("line").combine_chunks(), "")
+    # line numbers of the good rows: every line after the skipped ones that the handler did not report
+    bad = np.array(sorted(number for number, _ in invalid if number > 0), dtype=np.int64)
+    total = skip_rows + table.num_rows + len(invalid)
+    numbers = np.setdiff1d(np.arange(skip_rows + 1, total + 1, dtype=np.int64), bad, assume_unique=True)
+    if len(numbers) != table.num_rows:  # reader could not number a row: keep the order, drop the numbers
+        line_numbers = pa.nulls(table.num_rows, pa.int64())
+    else:
+        line_numbers = pa.array(numbers)
+    return _Delimited(table.combine_chunks(), line_numbers, invalid)
 
 
-def _split_records(lines: pa.Array, line_numbers: pa.Array, delimiter: str, columns: tuple[str, ...],
-                   source: str, tz: str) -> tuple[pa.Table, pa.Table]:
-    """Lines of `delimiter`-separated fields -> (flows, rejects). Lines with a wrong field count are rejects."""
-    parts = pc.split_pattern(lines, delimiter)
-    width_ok = pc.equal(pc.list_value_length(parts), len(columns))
-    good_parts = parts.filter(width_ok)
-    fields = {name: pc.list_element(good_parts, i) for i, name in enumerate(columns) if name in _NEEDED}
-    flows, valid, reason = _flows_from_columns(fields, source, tz)
-    good_lines = line_numbers.filter(width_ok)
-    bad_width = pc.invert(width_ok)
-    n_bad_width = pc.sum(pc.cast(bad_width, pa.int64())).as_py() or 0
-    invalid = pc.invert(valid)
+def _to_flows(rows: _Delimited, width: int, source: str, tz: str, trailer: str | None
+              ) -> tuple[pa.Table, pa.Table]:
+    """Parsed rows -> (FLOWS, rejects). Blank lines and everything from the `trailer` line on are not data."""
+    fields = {name: rows.table.column(name) for name in _NEEDED}
+    blank = pc.and_(pc.equal(_trim(fields["ts"]), ""), pc.equal(_trim(fields["sa"]), ""))
+    flows, valid, reason, detail = _flows_from_columns(fields, source, tz)
+    trailer_from = min((n for n, text in rows.invalid if text.strip() == trailer), default=None) if trailer else None
+    numbers = [n for n, text in rows.invalid if text.strip() and (trailer_from is None or n < trailer_from)]
+    texts = [text for n, text in rows.invalid if text.strip() and (trailer_from is None or n < trailer_from)]
+    bad = pc.and_(pc.invert(valid), pc.invert(blank))
     rejects = pa.concat_tables([
-        _rejects(line_numbers.filter(bad_width), lines.filter(bad_width),
-                 pa.array([f"expected {len(columns)} fields"] * n_bad_width, pa.string()), source),
-        _rejects(good_lines.filter(invalid), lines.filter(width_ok).filter(invalid), reason.filter(invalid), source),
+        _rejects(pa.array(numbers, pa.int64()), pa.array(texts, pa.string()),
+                 pa.array([f"expected {width} fields"] * len(numbers), pa.string()), source),
+        _rejects(rows.line_numbers.filter(bad), detail.filter(bad), reason.filter(bad), source),
     ])
-    return flows.filter(valid), rejects.sort_by("line")
-
-
-_NEEDED = frozenset(("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg", "ra", "in", "out"))
+    flows = flows.filter(valid)
+    return pa.Table.from_arrays([flows.column(f.name) for f in FLOWS], schema=FLOWS), rejects.sort_by("line")
 
 
 def _rejects(line_numbers: pa.Array, lines: pa.Array, reasons: pa.Array, source: str) -> pa.Table:
@@ -295,42 +346,45 @@ def empty_rejects() -> pa.Table:
 # ---- the readers ---------------------------------------------------------------------------------------------
 
 
-def parse_nfdump_csv(data: bytes, source: str, tz: str = "UTC") -> tuple[pa.Table, pa.Table]:
-    """Text of `nfdump -o csv` -> (flows in schema.FLOWS, rejects with 1-based line numbers). Pure."""
-    lines = _lines(data)
-    numbers = pa.array(range(1, len(lines) + 1), pa.int64())
-    columns = CSV_COLUMNS
-    stripped = pc.utf8_rtrim(lines, characters="\r")
-    # the header names the columns (nfdump writes it unless -q); the "Summary" line starts the trailer
-    is_header = pc.starts_with(stripped, "ts,te,")
-    header_rows = pc.indices_nonzero(is_header).to_pylist()
-    if header_rows:
-        columns = tuple(stripped[header_rows[0]].as_py().split(","))
-    summary_rows = pc.indices_nonzero(pc.equal(stripped, "Summary")).to_pylist()
-    keep = pc.and_(pc.invert(is_header), pc.not_equal(pc.utf8_trim_whitespace(stripped), ""))
-    if summary_rows:
-        keep = pc.and_(keep, pc.less(numbers, summary_rows[0] + 1))
+def _parse_csv(source: pa.NativeFile | pa.Buffer, first_line: bytes, name: str, tz: str
+               ) -> tuple[pa.Table, pa.Table]:
+    first = first_line.rstrip(b"\r\n")
+    has_header = first.startswith(b"ts,te,")  # nfdump writes it unless -q
+    columns = tuple(first.decode(errors="replace").split(",")) if has_header else CSV_COLUMNS
     missing = sorted(c for c in _NEEDED if c not in columns)
     if missing:  # not nfdump's CSV layout: nothing can be read, say so at the header line
-        reason = pa.array([f"header lacks {', '.join(missing)}"], pa.string())
-        line = header_rows[0]
-        return FLOWS.empty_table(), _rejects(numbers[line:line + 1], stripped[line:line + 1], reason, source)
-    flows, rejects = _split_records(stripped.filter(keep), numbers.filter(keep), ",", columns, source, tz)
-    return pa.Table.from_arrays([flows.column(f.name) for f in FLOWS], schema=FLOWS), rejects
+        return FLOWS.empty_table(), _rejects(pa.array([1], pa.int64()), pa.array([first.decode(errors="replace")]),
+                                             pa.array([f"header lacks {', '.join(missing)}"]), name)
+    if len(set(columns)) != len(columns):
+        columns = tuple(f"{c}#{i}" if c not in _NEEDED else c for i, c in enumerate(columns))
+    rows = _read_delimited(source, ",", columns, 1 if has_header else 0)
+    return _to_flows(rows, len(columns), name, tz, trailer="Summary")
+
+
+def parse_nfdump_csv(data: bytes, source: str, tz: str = "UTC") -> tuple[pa.Table, pa.Table]:
+    """Text of `nfdump -o csv` -> (flows in schema.FLOWS, rejects with 1-based line numbers). Pure."""
+    if not data.strip():
+        return FLOWS.empty_table(), empty_rejects()
+    return _parse_csv(pa.py_buffer(data), data.split(b"\n", 1)[0], source, tz)
 
 
 def read_nfdump_csv(path: Path | str, tz: str = "UTC") -> tuple[pa.Table, pa.Table]:
     """A file written by `nfdump -o csv` -> (flows in schema.FLOWS, rejects with line numbers).
 
     `tz`: the time zone nfdump ran in (it prints local time); default UTC. Malformed lines become rejects
-    (line number, reason), every other line lands.
+    (line number, reason), every other line lands. The file is memory-mapped, not read into Python.
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            first_line = handle.readline()
+            rest = handle.read(1)
+        if not first_line.strip() and not rest:
+            return FLOWS.empty_table(), empty_rejects()
+        with pa.memory_map(str(path)) as mapped:
+            return _parse_csv(mapped, first_line, str(path), tz)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc}") from exc
-    return parse_nfdump_csv(data, str(path), tz=tz)
 
 
 def read_nfcapd(path: Path | str, timeout: float = 300.0) -> tuple[pa.Table, pa.Table]:
@@ -353,8 +407,7 @@ def read_nfcapd(path: Path | str, timeout: float = 300.0) -> tuple[pa.Table, pa.
     if proc.returncode != 0:
         raise EnvironmentProblem(f"nfdump failed (exit {proc.returncode}) on {path}: "
                                  f"{proc.stderr.decode(errors='replace').strip()}")
-    lines = _lines(proc.stdout)
-    numbers = pa.array(range(1, len(lines) + 1), pa.int64())
-    keep = pc.not_equal(pc.utf8_trim_whitespace(lines), "")
-    flows, rejects = _split_records(lines.filter(keep), numbers.filter(keep), "|", _FMT_COLUMNS, str(path), "UTC")
-    return pa.Table.from_arrays([flows.column(f.name) for f in FLOWS], schema=FLOWS), rejects
+    if not proc.stdout.strip():
+        return FLOWS.empty_table(), empty_rejects()
+    rows = _read_delimited(pa.py_buffer(proc.stdout), "|", _FMT_COLUMNS, 0)
+    return _to_flows(rows, len(_FMT_COLUMNS), str(path), "UTC", trailer=None)
