@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -114,13 +115,13 @@ def test_report_written_inside_the_demo_lake(demo: tuple[dict, float, Path]) -> 
 def test_suggested_commands_work(demo: tuple[dict, float, Path]) -> None:
     result, _, work = demo
     assert len(result["next_commands"]) == 3
-    outputs = []
-    for command in result["next_commands"]:
-        argv = shlex.split(command)
-        assert argv[0] == "tracepipe"
-        run = _tracepipe(*argv[1:], cwd=work)
+    argvs = [shlex.split(command) for command in result["next_commands"]]
+    assert all(argv[0] == "tracepipe" for argv in argvs)
+    with ThreadPoolExecutor(3) as pool:  # three independent read-only commands: run them side by side
+        runs = list(pool.map(lambda argv: _tracepipe(*argv[1:], cwd=work), argvs))
+    for command, run in zip(result["next_commands"], runs, strict=True):
         assert run.returncode == 0, command + "\n" + run.stdout + run.stderr
-        outputs.append(run.stdout)
+    outputs = [run.stdout for run in runs]
     assert "jupyter-07" in outputs[0] and "apatel" in outputs[0]
     assert "dataproc-04" in outputs[1] and "okafor" in outputs[1]
     assert "ci-runner-3" in outputs[2] and "tnguyen" in outputs[2]
