@@ -231,8 +231,13 @@ def periodicity(flows: pl.LazyFrame, window_s: float, min_connections: int,
         .group_by([*keys, "src_port"])
         .agg(pl.col("ts_start").min(), pl.col("bytes").sum())
     )
-    ts = pl.col("ts_start").sort().dt.epoch("ms").diff().drop_nulls().cast(pl.Float64) / 1000.0
-    size = pl.col("bytes").cast(pl.Float64)
+    # intervals between a pair's connection starts, computed once per row (a window function over the sorted
+    # connections), so that the quantiles below aggregate a plain column
+    candidates = candidates.sort([*keys, "ts_start"]).with_columns(
+        interval=(pl.col("ts_start").dt.epoch("ms").diff().over(keys).cast(pl.Float64) / 1000.0),
+        size=pl.col("bytes").cast(pl.Float64),
+    )
+    ts, size = pl.col("interval").drop_nulls(), pl.col("size")
     stats = candidates.group_by(keys).agg(
         connections=pl.len(),
         interval_median=ts.median(),
@@ -317,8 +322,11 @@ def host_features(flows: pl.LazyFrame, window_s: float, history_start: dt.dateti
     else:
         first_seen = first_seen.filter(pl.lit(False))
     new_dsts = first_seen.group_by("host", "window_start").agg(new_dsts=pl.len())
+    # periodicity towards the outside only, DNS/NTP aside: inside the cloud periodic traffic is by design
+    # (metrics, backups), and leaving it out keeps this, the costliest feature, cheap.
+    outward = pl.col("src_local") & initiator & ~pl.col("dst_local") & ~pl.col("dst_port").is_in([53, 123])
     beacons = (
-        periodicity(flows.filter(pl.col("src_local") & initiator), 86400.0, min_beacon_connections)
+        periodicity(flows.filter(outward), 86400.0, min_beacon_connections)
         .group_by(pl.col("src_addr").alias("host"), pl.col("window_start").alias("day"))
         .agg(periodicity=pl.col("score").max())
     )
