@@ -5,7 +5,7 @@ identical content) and replayed in a total order (ts, phase, then content), so s
 notifications give the same leases. It guarantees that no address has two leases at one instant (valid_to is
 exclusive): an address taken by another VM closes the previous holder's lease (end_reason "superseded").
 
-The deletion and quarantine model (documented in README, "VM lifecycle ingest"), with Q = `reclaim_interval`
+The deletion and quarantine model (README, "VM lifecycle: tracepipe ingest vm"), with Q = `reclaim_interval`
 (Nova's reclaim_instance_interval, or the site's retention of deleted VMs' images):
   soft_delete     leases stay open (Nova keeps the ports), status soft_deleted (= quarantined, restorable),
                   quarantine_until = soft-delete time + Q (when Nova's periodic task reclaims it).

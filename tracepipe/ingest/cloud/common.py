@@ -77,9 +77,10 @@ def empty_rejects() -> pa.Table:
 REJECT_COLUMNS = [f.name for f in REJECTS if f.name in ("source", "line", "reason", "detail")]
 
 
-def parse_utc(text: Any) -> dt.datetime | None:
-    """OpenStack timestamps: "2024-03-12 07:00:00.123456" (oslo, no zone = UTC) or ISO 8601 with Z/offset.
-    Returns an aware UTC datetime, or None when the value is empty or does not parse."""
+def parse_utc(text: Any, naive_tz: dt.tzinfo = UTC) -> dt.datetime | None:
+    """OpenStack timestamps: "2024-03-12 07:00:00.123456" (oslo, no zone = UTC) or ISO 8601 with Z/offset;
+    a time without zone is read in `naive_tz`. Returns an aware UTC datetime, or None when the value is empty
+    or does not parse."""
     if text is None or text == "":
         return None
     if isinstance(text, int | float):
@@ -94,7 +95,7 @@ def parse_utc(text: Any) -> dt.datetime | None:
     except ValueError:
         return None
     if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
+        return parsed.replace(tzinfo=naive_tz).astimezone(UTC)
     return parsed.astimezone(UTC)
 
 

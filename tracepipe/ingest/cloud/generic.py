@@ -109,13 +109,7 @@ def parse_generic(
 
     for row, line in zip(rows, lines, strict=True):
         raw_ts = text_of(row, "ts")
-        ts = parse_utc(raw_ts)
-        if (
-            raw_ts
-            and ts is not None
-            and dt.datetime.fromisoformat(raw_ts.replace("Z", "+00:00")).tzinfo is None
-        ):
-            ts = ts.replace(tzinfo=tz).astimezone(dt.UTC)  # no offset written: the given local zone
+        ts = parse_utc(raw_ts, naive_tz=tz)  # no offset written: the given local zone
         vm_id = text_of(row, "vm_id")
         if ts is None:
             rejects.add(line, "bad or missing ts", str(raw_ts))
