@@ -154,10 +154,10 @@ def test_committed_story_matches_the_generator() -> None:
 def test_traffic_capture_is_deterministic_and_complete() -> None:
     from tracepipe import synth
 
-    one, two = synth.build_story(seed=11, n_ordinary=8), synth.build_story(seed=11, n_ordinary=8)
+    one, two = (synth.build_story(seed=11, hours=1.0, n_ordinary=8) for _ in range(2))
     data = synth.packet_bytes(one)
     assert data == synth.packet_bytes(two)
-    assert data != synth.packet_bytes(synth.build_story(seed=12, n_ordinary=8))
+    assert data != synth.packet_bytes(synth.build_story(seed=12, hours=1.0, n_ordinary=8))
     # walk the pcap: every record complete, times never go backwards, both probes' views add up
     offset, count, last = 24, 0, 0.0
     while offset < len(data):

@@ -93,7 +93,12 @@ def _uuid(rng: np.random.Generator) -> str:
 
 
 class _Conns:
-    """Collects planned connections column-wise, one vectorised batch per activity."""
+    """Collects planned connections column-wise, one vectorised batch per activity.
+
+    Columns: t0 (start, epoch s), dur (s), src/dst (address text; src opens the connection), sport (-1 = pick an
+    ephemeral port), dport, proto (6/17), kind (TCP_FULL, TCP_SYN_ONLY, TCP_SYN_RST, UDP), pk_f/pk_r (packets
+    src->dst / dst->src), by_f/by_r (payload bytes each way).
+    """
 
     cols = ("t0", "dur", "src", "dst", "sport", "dport", "proto", "kind", "pk_f", "pk_r", "by_f", "by_r")
 
