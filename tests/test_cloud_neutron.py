@@ -2,6 +2,7 @@
 fixed address then; disassociate and delete (id only) close it."""
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -91,3 +92,24 @@ def test_unresolvable_floating_ip_keeps_where_it_pointed():
     events = parse("neutron/floatingip.update.end_associate.json")
     leases, _ = build_leases(events)
     assert leases.column("vm_id").to_pylist() == ["port:289ed46b-274c-444d-9fd4-bddf8acc7d7c"]
+
+
+def test_port_details_name_the_vm_and_port_unbind_detaches():
+    """Neutron's fip-port-details extension carries the port's device_id; a port update that clears the
+    device_id takes its fixed addresses away from the VM."""
+    associate = json.loads((DATA / "neutron" / "floatingip.update.end_associate.json").read_text())
+    associate["payload"]["floatingip"]["port_details"] = {"device_id": "vm-pd", "device_owner": "compute:az1"}
+    port = json.loads((DATA / "neutron" / "port.create.end.json").read_text())
+    port["payload"]["port"]["device_id"] = "vm-pd"
+    unbind = json.loads(json.dumps(port))
+    unbind.update(event_type="port.update.end", message_id="m-unbind", timestamp="2012-11-18 02:00:00.000000")
+    unbind["payload"]["port"].update(device_id="", device_owner="")
+    text = "\n".join(json.dumps(m) for m in (associate, port, unbind))
+    events, rejects = parse_cloud_text(text, "mixed.jsonl")
+    assert rejects.num_rows == 0
+    assert events.column("action").to_pylist() == ["fip_associate", "port_update", "detach"]
+    assert events.column("vm_id").to_pylist()[0] == "vm-pd"
+    leases, _ = build_leases(events)
+    got = {(r["addr"], r["vm_id"], r["valid_to"], r["end_reason"]) for r in leases.to_pylist()}
+    unbound = dt.datetime(2012, 11, 18, 2, tzinfo=dt.UTC)
+    assert got == {("192.168.5.201", "vm-pd", None, None), ("172.16.59.10", "vm-pd", unbound, "detach")}

@@ -56,6 +56,10 @@ def add_neutron_event(
             row["action"] = "fip_associate"
             row["addrs"] = [fip["fixed_ip_address"]]
             row["port_id"] = fip["port_id"]
+            # Neutron with the fip-port-details extension names the port's owner right here
+            details = fip.get("port_details") if isinstance(fip.get("port_details"), dict) else {}
+            if str(details.get("device_owner") or "").startswith("compute:") and details.get("device_id"):
+                row["vm_id"] = details["device_id"]
         elif fip:
             row["action"] = "fip_disassociate"
         else:
@@ -70,8 +74,8 @@ def add_neutron_event(
             port.get("device_id") if owner.startswith("compute:") and port.get("device_id") else None
         )
         row["hypervisor"] = port.get("binding:host_id") or None
-        if ".delete." in event_type:
-            row["action"] = "detach"
+        if ".delete." in event_type or (".update." in event_type and port and not port.get("device_id")):
+            row["action"] = "detach"  # port deleted, or unbound from its VM: its addresses leave the VM
         else:
             row["action"] = "port_update"
             addrs = _port_addrs(port)
