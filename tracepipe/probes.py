@@ -163,17 +163,19 @@ class Capture:
 
 @contextlib.contextmanager
 def capture_udp(port: int, out_pcap: Path | str, iface: str = "lo", link_type: str | None = None,
-                bpf: str | None = None, timeout: float = 15.0) -> Iterator[Capture]:
+                bpf: str | None = None, buffer_kb: int = 65536, timeout: float = 15.0) -> Iterator[Capture]:
     """Record UDP datagrams to/from `port` on `iface` into `out_pcap` with the real tcpdump.
 
     iface="lo" gives Ethernet link type; iface="any" gives Linux cooked capture (LINUX_SLL2 by default,
     `link_type="LINUX_SLL"` for v1). Yields once tcpdump reports "listening on"; on exit stops it with SIGINT
-    and waits for it to flush (-U writes every packet as it comes).
+    and waits for it to flush (-U writes every packet as it comes). `buffer_kb` is the kernel capture buffer
+    (-B): softflowd flushing thousands of flows at EOF is a burst that the default 2 MB buffer drops.
     """
     out_pcap = Path(out_pcap)
     out_pcap.parent.mkdir(parents=True, exist_ok=True)
     log = out_pcap.with_name(out_pcap.name + ".tcpdump.log")
-    cmd = [tool_path("tcpdump"), "-i", iface, "-U", "-n", "--immediate-mode", "-w", str(out_pcap)]
+    cmd = [tool_path("tcpdump"), "-i", iface, "-U", "-n", "--immediate-mode", "-B", str(buffer_kb),
+           "-w", str(out_pcap)]
     if os.geteuid() == 0:
         cmd += ["-Z", "root"]  # keep root: the drop to user tcpdump could not write into a 0700 test dir
     if link_type:
