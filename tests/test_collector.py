@@ -411,6 +411,35 @@ def test_recovery_cuts_a_torn_tail_block_and_counts_it(tmp_path):
     assert lake.manifest().num_rows == 1
 
 
+def test_a_failed_spool_write_leaves_no_torn_block_behind(tmp_path):
+    """Disk full in the middle of a block (here: RLIMIT_FSIZE in a child process): the partial block is cut off
+    again, so the blocks written before and after the failure stay readable."""
+    script = f"""
+import resource, socket, numpy as np
+from pathlib import Path
+from tracepipe import spool as sp
+from tracepipe.collector import make_block
+writer = sp.SegmentWriter(Path({str(tmp_path)!r}), 1)
+addr = np.zeros((1, 16), np.uint8)
+block = lambda n: make_block(1, socket.AF_INET, addr, np.array([5], np.uint16), [memoryview(b"d" * n)])
+writer.append(block(1000), 1)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))
+try:
+    writer.append(block(1000), 1)
+except OSError as exc:
+    print("failed", exc.errno)
+writer.append(block(100), 1)
+print(writer.bytes, writer.datagrams)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split()
+    assert lines[0] == "failed"
+    size = (tmp_path / "seg-000000001.open").stat().st_size
+    assert int(lines[2]) == size and int(lines[3]) == 2
+    assert sp.valid_length((tmp_path / "seg-000000001.open").read_bytes()) == (size, 2)
+
+
 # ---- 3. garbage mixed with good datagrams ---------------------------------------------------------------------
 
 

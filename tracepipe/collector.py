@@ -546,6 +546,7 @@ class ReceiveStats:
     bytes: int = 0
     per_exporter: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)  # sender outside --allow -> datagrams
+    spool_errors: int = 0  # datagrams dropped because the spool could not be written (disk full)
     _raw: dict[bytes, int] = field(default_factory=dict)
     _raw_dropped: dict[bytes, int] = field(default_factory=dict)
 
@@ -592,6 +593,7 @@ class Collector:
         self._last_status: dict[str, float] = {}
         self._drops = 0
         self._listening: list[str] = []
+        self._last_spool_error = 0.0
 
     # -- setup --
     def _lock_spool(self) -> None:
@@ -700,7 +702,21 @@ class Collector:
             if payloads:
                 block = make_block(arrival, receiver.family, addr16, ports, payloads)
                 assert self.writer is not None
-                self.writer.append(block, len(payloads))
+                try:
+                    self.writer.append(block, len(payloads))
+                except OSError as exc:  # spool disk full: drop this batch, keep receiving, say so
+                    self.stats.spool_errors += len(payloads)
+                    if time.monotonic() - self._last_spool_error > 10:
+                        self._last_spool_error = time.monotonic()
+                        log.error(
+                            "cannot write the spool %s (%s): datagrams are being dropped (%d so far); "
+                            "free space there",
+                            self.spool,
+                            exc.strerror,
+                            self.stats.spool_errors,
+                        )
+                    total += count
+                    continue
                 self.stats.count(addr16, self.stats._raw)
                 self.stats.datagrams += len(payloads)
                 self.stats.bytes += len(block)
@@ -746,6 +762,7 @@ class Collector:
             "sequence_gaps": gaps,
             "kernel_drops": self._drops,
             "dropped_senders": dict(self.stats.dropped),
+            "spool_write_errors": self.stats.spool_errors,
             "spool_backlog_segments": len(backlog),
             "spool_backlog_bytes": backlog_bytes,
             "open_segment_bytes": self.writer.bytes if self.writer else 0,
@@ -760,6 +777,8 @@ class Collector:
 
     def log_status(self, report: dict[str, Any]) -> None:
         dropped = ", ".join(f"{a}={n}" for a, n in sorted(report["dropped_senders"].items())) or "none"
+        if report["spool_write_errors"]:
+            dropped += f"; {report['spool_write_errors']} datagrams lost: spool not writable"
         log.info(
             "%.0f datagrams/s, %.0f flows/s, %d exporters, %s sequence gaps, %d kernel drops, dropped "
             "senders: %s, spool backlog %d segments (%.1f MB)",

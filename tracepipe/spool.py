@@ -12,6 +12,7 @@ the committer) -> deleted, or moved to `done/` with --keep-segments, once its ma
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -102,10 +103,17 @@ class SegmentWriter:
         self.datagrams = 0
 
     def append(self, block: bytes, count: int) -> None:
+        """Append one block whole, or not at all: on an error (disk full) the partial block is cut off again,
+        so that later blocks stay readable, and the OSError is raised."""
         view = memoryview(block)
-        while view:  # a regular-file write is complete unless the disk is full; loop for the partial case
-            written = os.write(self.fd, view)
-            view = view[written:]
+        try:
+            while view:  # a regular-file write is complete unless the disk is full; loop for the partial case
+                written = os.write(self.fd, view)
+                view = view[written:]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.bytes)
+            raise
         self.bytes += len(block)
         self.datagrams += count
 
