@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from tracepipe.schema import REJECTS, VM_EVENTS
+from tracepipe.schema import VM_EVENTS
 
 UTC = dt.UTC
 
@@ -61,20 +61,6 @@ class RejectColumns:
                 "detail": pa.array(self.details, pa.string()),
             }
         )
-
-
-def empty_rejects() -> pa.Table:
-    return pa.table(
-        {
-            "source": pa.array([], pa.string()),
-            "line": pa.array([], pa.int64()),
-            "reason": pa.array([], pa.string()),
-            "detail": pa.array([], pa.string()),
-        }
-    )
-
-
-REJECT_COLUMNS = [f.name for f in REJECTS if f.name in ("source", "line", "reason", "detail")]
 
 
 def parse_utc(text: Any, naive_tz: dt.tzinfo = UTC) -> dt.datetime | None:

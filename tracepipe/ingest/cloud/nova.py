@@ -13,8 +13,6 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import pyarrow as pa
-
 from tracepipe.ingest.cloud.common import EventColumns, RejectColumns, parse_utc
 
 CLOUD = "openstack"
@@ -192,10 +190,3 @@ def add_nova_event(
         line=line,
         resource_id=None,
     )
-
-
-def parse_nova(text: str, source: str = "") -> tuple[pa.Table, pa.Table]:
-    """Nova (and any OpenStack) notifications -> (vm_events, rejects). Same as cloud.parse_openstack."""
-    from tracepipe.ingest.cloud import parse_openstack
-
-    return parse_openstack(text, source)
