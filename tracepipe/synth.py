@@ -189,7 +189,7 @@ def _make_vms(rng: np.random.Generator, n_ordinary: int) -> list[VM]:
     # the planted and victim VMs sit at fixed addresses up to 10.20.1.31: never fewer VMs than that
     total = max(max(n_ordinary, 0) + 5, 22)
     for i in range(total):
-        addr = f"10.20.1.{10 + i}"
+        addr = f"10.20.{1 + i // 240}.{10 + i % 240}"  # 240 VMs per /24, from 10.20.1.10
         if addr in fixed:
             name, project, user, role = fixed[addr]
         else:
