@@ -5,6 +5,9 @@ headers (arrival µs, length, sender port, family, sender address as 16 bytes, I
 then the `count` payloads back to back. The writer appends whole blocks with one write() each, so a kill -9
 can only tear the last block; `valid_length` finds the end of the last complete block and `recover_open`
 truncates the segment there *before* it is hashed or committed, so a segment is committed with one content only.
+The block CRC covers the record headers, not the payloads (checksumming every payload would cost about a fifth
+of the receive path): a kill -9 cannot alter written bytes; a power loss can (zero-filled tail pages), and such
+payloads decode as rejects.
 
 Life of a segment: `seg-<serial>.open` (being written) -> `seg-<serial>.spool` (closed, immutable, waiting for
 the committer) -> deleted, or moved to `done/` with --keep-segments, once its manifest row is in the lake.
