@@ -28,6 +28,7 @@ from tracepipe import probes
 SOFTFLOWD_CASES = [
     (1, "ipv4-small", "ipv4"),
     (5, "ipv4", "ipv4"),
+    (5, "ipv6", "ipv4"),  # v5 is IPv4 only: softflowd does not even track the IPv6 packets, nothing is lost silently
     (9, "ipv4", "ipv4"),
     (9, "ipv6", "ipv4"),
     (10, "ipv4", "ipv4"),
