@@ -212,10 +212,31 @@ def _no_overlap(leases: pa.Table) -> bool:
     return True
 
 
+@pytest.fixture(scope="module")
+def every_source(story) -> pa.Table:
+    """The Nova story plus Neutron floating IPs and ports, the generic CSV, and OpenNebula log + XML."""
+    tables = [story]
+    for name in (
+        "neutron/port.create.end.json",
+        "neutron/floatingip.update.end_associate.json",
+        "neutron/floatingip.update.end_disassociate.json",
+        "neutron/floatingip.delete.start.json",
+        "generic/inventory.csv",
+    ):
+        tables.append(parse_cloud_text((DATA / name).read_text(), name)[0])
+    one = DATA / "opennebula"
+    tables.append(
+        parse_cloud_text((one / "42.log").read_text(), "42.log", xml_text=(one / "42.xml").read_text())[0]
+    )
+    return pa.concat_tables(tables)
+
+
 @settings(max_examples=40, deadline=None)
-@given(data=st.data())
-def test_shuffled_and_duplicated_events_give_identical_leases(story, data):
+@given(data=st.data(), which=st.sampled_from(["story", "every_source"]))
+def test_shuffled_and_duplicated_events_give_identical_leases(story, every_source, data, which):
+    story = story if which == "story" else every_source
     expected = build_leases(story, SEVEN_DAYS)
+    assert expected[0].num_rows >= 4
     n = story.num_rows
     order = data.draw(st.permutations(range(n)))
     extra = data.draw(st.lists(st.integers(0, n - 1), max_size=10))
