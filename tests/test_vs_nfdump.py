@@ -188,3 +188,35 @@ def test_flow_at_exporter_boot_keeps_its_time(tmp_path):
     rest = nfdump_reference(printed.filter(pc.not_equal(printed.column("proto"), 1)), 10)
     diff = multiset_diff(rest, got.filter(pc.not_equal(got.column("proto"), 1)))
     assert not diff, diff
+
+
+@pytest.mark.parametrize(
+    ("layout", "case"),
+    [("pcapng", (9, "ipv6", "ipv4")), ("raw-ip", (10, "ipv6", "ipv6")), ("raw-ip", (5, "ipv4", "ipv4"))],
+    ids=["pcapng-v9", "raw-ip-ipfix-over-ipv6", "raw-ip-v5"],
+)
+def test_other_capture_layouts(layout, case, softflowd_export, tmp_path):
+    """The same export datagrams as pcapng (what Wireshark/dumpcap write) or with raw IP frames (LINKTYPE_RAW,
+    as captured on a tunnel interface): the same records as nfdump."""
+    from scapy.layers.l2 import Ether
+    from scapy.utils import PcapNgWriter, rdpcap, wrpcap
+
+    export = softflowd_export(*case)
+    frames = rdpcap(str(export.export_pcap))
+    path = tmp_path / f"export-{layout}.{'pcapng' if layout == 'pcapng' else 'pcap'}"
+    if layout == "pcapng":
+        writer = PcapNgWriter(str(path))
+        writer.write(list(frames))
+        writer.close()
+    else:
+        packets = []
+        for frame in frames:
+            packet = frame[Ether].payload
+            packet.time = frame.time
+            packets.append(packet)
+        wrpcap(str(path), packets, linktype=101)  # LINKTYPE_RAW: the frame starts with the IP header
+    assert path.read_bytes()[:4] == (b"\x0a\x0d\x0d\x0a" if layout == "pcapng" else export.export_pcap.read_bytes()[:4])
+    got = ingest_fast(path, tmp_path / "lake")
+    expected = nfdump_reference(export.expected, export.version)
+    diff = multiset_diff(expected, blank_icmpv6_ports(got) if export.version == 9 else got)
+    assert not diff, f"{layout} of {export.name}: lake differs from nfdump\n{diff}"
