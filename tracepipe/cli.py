@@ -197,9 +197,10 @@ def ingest_vm_command(
     from tracepipe.ingest.vm import ingest_vm_files
 
     interval = parse_interval(reclaim_interval) if reclaim_interval else None
-    with console.status("ingest vm"):
+    with console.status("ingest vm") as status:
         report = ingest_vm_files(open_lake(lake), paths, fmt=input_format.value, cloud=cloud,
-                                 reclaim_interval=interval, tz=tz)
+                                 reclaim_interval=interval, tz=tz,
+                                 progress=lambda step: status.update(f"ingest vm: {step}"))
     _print_vm_report(report, output, "vm lifecycle sources", lake)
 
 
@@ -233,8 +234,9 @@ def ingest_syslog_command(
             sender_addr = str(ipaddress.ip_address(sender_addr))
         except ValueError as exc:
             raise UsageError(f"--sender-addr {sender_addr!r} is not an IP address") from exc
-    with console.status("ingest syslog"):
-        report = ingest_syslog_files(open_lake(lake), paths, year=year, sender_addr=sender_addr, tz=tz)
+    with console.status("ingest syslog") as status:
+        report = ingest_syslog_files(open_lake(lake), paths, year=year, sender_addr=sender_addr, tz=tz,
+                                     progress=lambda step: status.update(f"ingest syslog: {step}"))
     _print_vm_report(report, output, "syslog sources", lake)
 
 

@@ -168,7 +168,11 @@ def ingest_vm_files(
         )
         report.results.append(result)
     if report.rows or reclaim_interval is not None or not lake.files("vm_leases"):
+        if progress:
+            progress("rebuilding leases")
         days = rebuild_leases(lake, reclaim_interval)
+        if progress and days:
+            progress(f"re-attributing flows and VM logs of {len(days)} days")
         report.touched_days = sorted(days)
         report.attribution = _attribute(lake, days)
         report.logs_reattributed = reattribute_logs(lake, days)
