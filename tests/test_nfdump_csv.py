@@ -61,8 +61,11 @@ def test_reader_gives_the_rows_nfdump_prints(quiet, nfcapd_dir, tmp_path):
     assert looks_like_nfdump_csv(text.encode()[:512])
 
 
-def test_cli_ingest_of_nfdump_csv_lands_the_same_rows(nfcapd_dir, tmp_path):
-    csv = probes.nfdump_csv(nfcapd_dir, tmp_path / "flows.csv")
+@pytest.mark.parametrize("quiet", [False, True], ids=["with-header-and-summary", "quiet"])
+def test_cli_ingest_of_nfdump_csv_lands_the_same_rows(quiet, nfcapd_dir, tmp_path):
+    """`tracepipe ingest netflow flows.csv` tells nfdump's CSV by its content, with or without the header
+    line that `nfdump -q` leaves out."""
+    csv = probes.nfdump_csv(nfcapd_dir, tmp_path / "flows.csv", quiet=quiet)
     lake = tmp_path / "lake"
     proc = run_tracepipe("ingest", "netflow", str(csv), "--lake", str(lake))
     assert proc.returncode == 0, f"tracepipe ingest exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
