@@ -76,7 +76,12 @@ def free_udp_port(host: str = LOOPBACK_V4) -> int:
     _check_loopback(host)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.bind((host, 0))
+        try:
+            sock.bind((host, 0))
+        except OSError as exc:
+            raise EnvironmentProblem(
+                f"cannot bind UDP on {host}: {exc}. IPv6 tests need ::1 on the loopback interface "
+                "(sysctl -w net.ipv6.conf.lo.disable_ipv6=0).") from exc
         return sock.getsockname()[1]
 
 
