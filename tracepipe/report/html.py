@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -466,6 +467,7 @@ def render_html(data: dict[str, Any]) -> str:
     )
     env.filters["num"] = _num
     env.filters["bytes"] = _bytes
+    env.filters["cell"] = _cell
     return env.get_template("report.html.j2").render(data=data, charts=charts, alerts=alert_views)
 
 
@@ -477,6 +479,21 @@ def _num(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
+
+
+_TS_TEXT = re.compile(r"^\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d")
+
+
+def _cell(value: Any) -> str:
+    """Evidence cell text: timestamps to the second, file paths to their name (the full path is the tooltip)."""
+    if value is None:
+        return ""
+    text = str(value)
+    if _TS_TEXT.match(text):
+        return text[:19].replace("T", " ")
+    if "/" in text and len(text) > 32:
+        return text.rsplit("/", 1)[-1]
+    return text
 
 
 def _bytes(value: Any) -> str:
