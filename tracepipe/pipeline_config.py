@@ -163,7 +163,7 @@ class Mining:
 @dataclass(frozen=True)
 class IntelMatch:
     enabled: bool = True
-    window: Duration = 3600  # type: ignore[assignment]
+    window: Duration = 86400  # type: ignore[assignment]  # one alert per (host, indicator, day)
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,8 @@ def fmt_duration(seconds: float) -> str:
         h, m = divmod(seconds // 60, 60)
         return f"{h} h" if m == 0 else f"{h} h {m} min"
     if seconds >= 60:
-        return f"{seconds // 60} min"
+        m, s = divmod(seconds, 60)
+        return f"{m} min" if s == 0 or m >= 10 else f"{m} min {s} s"
     return f"{seconds} s"
 
 
