@@ -82,6 +82,13 @@ def _has(lake: Lake, dataset: str) -> bool:
     return bool(lake.files(dataset))
 
 
+# the hive `date` partition column lets DuckDB skip the files of other days (flows are partitioned by ts_start)
+IN_WINDOW = (
+    "date >= CAST(CAST($start AS TIMESTAMPTZ) AS DATE) AND date <= CAST(CAST($end AS TIMESTAMPTZ) AS DATE) "
+    "AND ts_start >= $start AND ts_start < $end"
+)
+
+
 def _flows_source(lake: Lake) -> str:
     return f"read_parquet('{lake.glob('flows')}', hive_partitioning = true, union_by_name = true)"
 
@@ -96,7 +103,7 @@ def _host_flow_facts(
 ) -> dict[str, list[dict[str, Any]]]:
     """Top peers (the alert's own peer first) and service ports of `addr` (either end) between start and end."""
     src = _flows_source(lake)
-    where = "(src_addr = $addr OR dst_addr = $addr) AND ts_start >= $start AND ts_start < $end"
+    where = f"(src_addr = $addr OR dst_addr = $addr) AND {IN_WINDOW}"
     params = {"addr": addr, "start": start, "end": end}
     # one row per peer, both directions together (softflowd exports each direction as its own flow)
     peers = _rows(
@@ -133,7 +140,7 @@ def _timeline_rows(
                    CASE WHEN src_addr = $addr THEN 'outbound' ELSE 'inbound' END AS direction,
                    count(*) AS flows, sum(bytes) AS bytes
             FROM {_flows_source(lake)}
-            WHERE (src_addr = $addr OR dst_addr = $addr) AND ts_start >= $start AND ts_start < $end
+            WHERE (src_addr = $addr OR dst_addr = $addr) AND {IN_WINDOW}
             GROUP BY 1, 2 ORDER BY 1""",
             {"addr": addr, "start": start, "end": end},
         )
@@ -152,7 +159,7 @@ def _traffic_rows(
             f"""SELECT to_timestamp(floor(epoch(ts_start) / {bin_s}) * {bin_s}) AS t,
                    CASE WHEN ip_version = 6 THEN 'IPv6' ELSE 'IPv4' END AS family,
                    count(*) AS flows, sum(bytes) AS bytes
-            FROM {_flows_source(lake)} WHERE ts_start >= $start AND ts_start < $end GROUP BY 1, 2 ORDER BY 1""",
+            FROM {_flows_source(lake)} WHERE {IN_WINDOW} GROUP BY 1, 2 ORDER BY 1""",
             {"start": start, "end": end},
         )
     )
