@@ -25,6 +25,7 @@ from tracepipe.lake import Lake
 
 TEMPLATES = Path(__file__).resolve().parent
 MAX_CHART_ALERTS = 25  # per-alert timelines rendered; the rest get tables only (keeps big sweeps fast)
+MAX_DETAILED_ALERTS = 200  # per-alert flow/syslog look-ups; beyond, who and why only (strongest alerts first)
 TOP_N = 8
 TIMELINE_BINS = 96
 # the service side of a flow: the lower of the two ports (replies carry the client's ephemeral port as dst);
@@ -373,8 +374,9 @@ def build_report_data(
         key=lambda r: (-(r.get("score") or 0.0), r.get("detector") or "", r.get("addr") or ""),
     )
     out_alerts = []
-    for row in rows:
+    for index, row in enumerate(rows):
         w0, w1 = _utc(row.get("window_start")), _utc(row.get("window_end"))
+        detailed = index < MAX_DETAILED_ALERTS
         vm = vms.get(row.get("vm_id") or "")
         features = _loads(row.get("features"))
         evidence = _loads(row.get("evidence"))
@@ -405,10 +407,10 @@ def build_report_data(
             "logs": [],
             "timeline": [],
         }
-        if has_flows and row.get("addr") and w0 and w1:
+        if detailed and has_flows and row.get("addr") and w0 and w1:
             item.update(_host_flow_facts(con, lake, row["addr"], row.get("peer"), w0, w1))
             item["timeline"] = _timeline_rows(con, lake, row["addr"], start, end, bin_s)
-        if w0 and w1:
+        if detailed and w0 and w1:
             item["logs"] = _vm_logs(
                 con, lake, row.get("vm_id"), row.get("addr"), min(w0, start), max(w1, end)
             )
