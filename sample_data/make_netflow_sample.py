@@ -36,8 +36,9 @@ def make(out_dir: Path, seed: int = SEED, flows: int = FLOWS) -> dict[str, Path]
     written: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="tracepipe-sample-") as tmp:
         work = Path(tmp)
-        traffic = probes.build_traffic_pcap(work / "traffic.pcap",
-                                            probes.default_flow_specs(seed=seed, ipv6=True, n=flows))
+        traffic = probes.build_traffic_pcap(
+            work / "traffic.pcap", probes.default_flow_specs(seed=seed, ipv6=True, n=flows)
+        )
         for version, name in ((9, "softflowd-v9"), (10, "softflowd-ipfix")):
             port = probes.free_udp_port()
             with probes.nfcapd_receiving(port, work / f"nfcapd-{name}") as nfcapd:

@@ -28,7 +28,11 @@ from tracepipe import probes
 SOFTFLOWD_CASES = [
     (1, "ipv4-small", "ipv4"),
     (5, "ipv4", "ipv4"),
-    (5, "ipv6", "ipv4"),  # v5 is IPv4 only: softflowd does not even track the IPv6 packets, nothing is lost silently
+    (
+        5,
+        "ipv6",
+        "ipv4",
+    ),  # v5 is IPv4 only: softflowd does not even track the IPv6 packets, nothing is lost silently
     (9, "ipv4", "ipv4"),
     (9, "ipv6", "ipv4"),
     (10, "ipv4", "ipv4"),
@@ -38,8 +42,18 @@ SOFTFLOWD_CASES = [
 ]
 
 # what is compared between nfdump and the lake: times at nfdump's resolution (ms), then the flow key and counters
-COMPARED = ("ts_start_ms", "ts_end_ms", "src_addr", "dst_addr", "src_port", "dst_port", "proto", "packets", "bytes",
-            "tcp_flags")
+COMPARED = (
+    "ts_start_ms",
+    "ts_end_ms",
+    "src_addr",
+    "dst_addr",
+    "src_port",
+    "dst_port",
+    "proto",
+    "packets",
+    "bytes",
+    "tcp_flags",
+)
 
 
 def case_id(case: tuple[int, str, str]) -> str:
@@ -69,7 +83,8 @@ def traffic_pcaps(tmp_path_factory) -> dict[str, Path]:
         "ipv4": probes.build_traffic_pcap(base / "traffic-ipv4.pcap", seed=11, ipv6=False),
         "ipv6": probes.build_traffic_pcap(base / "traffic-ipv6.pcap", seed=12, ipv6=True),
         "ipv4-small": probes.build_traffic_pcap(
-            base / "traffic-ipv4-small.pcap", probes.default_flow_specs(seed=13, ipv6=False, n=10)),
+            base / "traffic-ipv4-small.pcap", probes.default_flow_specs(seed=13, ipv6=False, n=10)
+        ),
     }
 
 
@@ -93,7 +108,8 @@ def softflowd_export(traffic_pcaps, tmp_path_factory) -> Callable[[int, str, str
             expected = probes.nfdump_records(nfcapd.out_dir)
             assert expected.num_rows > 0, f"nfdump printed no records for {name}: {nfcapd.log_text}"
             assert nfcapd.flows_received == expected.num_rows, (
-                f"nfcapd reports {nfcapd.flows_received} flows but nfdump printed {expected.num_rows}")
+                f"nfcapd reports {nfcapd.flows_received} flows but nfdump printed {expected.num_rows}"
+            )
             cache[key] = ExportCase(name, version, capture.path, nfcapd, result, expected, host)
         return cache[key]
 
@@ -102,8 +118,13 @@ def softflowd_export(traffic_pcaps, tmp_path_factory) -> Callable[[int, str, str
 
 def run_tracepipe(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess (what a user types), with a timeout."""
-    return subprocess.run([sys.executable, "-m", "tracepipe.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "tracepipe.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def ingest_in_process(paths: list[Path], lake: Path) -> pa.Table:
@@ -113,7 +134,9 @@ def ingest_in_process(paths: list[Path], lake: Path) -> pa.Table:
     from tracepipe.lake import Lake
 
     summary = ingest_flow_files(Lake(lake), [Path(p) for p in paths])
-    assert summary.exit_code == 0, f"ingest of {paths} ended with exit code {summary.exit_code}: {summary.to_dict()}"
+    assert summary.exit_code == 0, (
+        f"ingest of {paths} ended with exit code {summary.exit_code}: {summary.to_dict()}"
+    )
     return lake_flows(lake)
 
 
@@ -132,6 +155,7 @@ def lake_flows(lake: Path) -> pa.Table:
 
 def with_ms_columns(table: pa.Table) -> pa.Table:
     """Add ts_start_ms/ts_end_ms (epoch ms, truncated like nfdump prints them) to a FLOWS-shaped table."""
+
     def ms(column: str) -> pa.Array:
         micros = pc.cast(pc.cast(table.column(column), pa.timestamp("us")), pa.int64())
         return pc.divide(micros, 1000)  # integer division: truncates like nfdump's msec fields
@@ -172,8 +196,11 @@ def nfdump_reference(expected: pa.Table, version: int) -> pa.Table:
 def blank_icmpv6_ports(table: pa.Table) -> pa.Table:
     """dst_port set to null on ICMPv6 rows (erratum E2: not comparable with nfdump's v9 output)."""
     index = table.schema.get_field_index("dst_port")
-    ports = pc.if_else(pc.equal(table.column("proto"), ICMPV6), pa.scalar(None, pa.int32()),
-                       pc.cast(table.column("dst_port"), pa.int32()))
+    ports = pc.if_else(
+        pc.equal(table.column("proto"), ICMPV6),
+        pa.scalar(None, pa.int32()),
+        pc.cast(table.column("dst_port"), pa.int32()),
+    )
     return table.set_column(index, pa.field("dst_port", pa.int32()), ports)
 
 
@@ -190,9 +217,11 @@ def multiset_diff(expected: pa.Table, got: pa.Table, columns: tuple[str, ...] = 
         return ""
     missing = list((want - have).elements())
     extra = list((have - want).elements())
-    lines = [f"nfdump printed {expected.num_rows} records, the lake holds {got.num_rows};",
-             f"columns: {', '.join(columns)}",
-             f"{len(missing)} printed by nfdump but not in the lake:"]
+    lines = [
+        f"nfdump printed {expected.num_rows} records, the lake holds {got.num_rows};",
+        f"columns: {', '.join(columns)}",
+        f"{len(missing)} printed by nfdump but not in the lake:",
+    ]
     lines += [f"  - {row}" for row in sorted(missing, key=str)[:15]]
     lines.append(f"{len(extra)} in the lake but not printed by nfdump:")
     lines += [f"  + {row}" for row in sorted(extra, key=str)[:15]]

@@ -100,8 +100,10 @@ def fprobe_run(tmp_path_factory) -> tuple[dict[int, FprobeExport], Traffic]:
         closed_port = probes.free_udp_port()
         udp_port, tcp_port = udp_server.getsockname()[1], listener.getsockname()[1]
         # the probes see only the test's own traffic, never the export datagrams (other ports) nor other tests'
-        bpf = (f"(udp port {udp_port}) or (tcp port {tcp_port}) or (udp port {closed_port}) "
-               f"or (icmp and icmp[30:2] = {closed_port})")
+        bpf = (
+            f"(udp port {udp_port}) or (tcp port {tcp_port}) or (udp port {closed_port}) "
+            f"or (icmp and icmp[30:2] = {closed_port})"
+        )
         exports: dict[int, FprobeExport] = {}
         with contextlib.ExitStack() as stack:
             for version in VERSIONS:
@@ -109,7 +111,9 @@ def fprobe_run(tmp_path_factory) -> tuple[dict[int, FprobeExport], Traffic]:
                 nfcapd = stack.enter_context(probes.nfcapd_receiving(port, base / f"nfcapd-v{version}"))
                 capture = stack.enter_context(probes.capture_udp(port, base / f"fprobe-v{version}.pcap"))
                 exports[version] = FprobeExport(version, port, capture.path, nfcapd)
-            runs = [stack.enter_context(probes.fprobe_export(v, exports[v].export_port, bpf)) for v in VERSIONS]
+            runs = [
+                stack.enter_context(probes.fprobe_export(v, exports[v].export_port, bpf)) for v in VERSIONS
+            ]
             traffic = send_loopback_traffic(udp_server, listener, closed_port)
             # libpcap hands packets over in blocks (1 s timeout); after that, SIGTERM makes fprobe export its
             # whole flow cache and exit. All at once: each takes a few seconds to flush.
@@ -122,8 +126,10 @@ def fprobe_run(tmp_path_factory) -> tuple[dict[int, FprobeExport], Traffic]:
 
 
 def flows_between(table: pa.Table, proto: int, port: int) -> pa.Table:
-    mask = pc.and_(pc.equal(table.column("proto"), proto),
-                   pc.or_(pc.equal(table.column("src_port"), port), pc.equal(table.column("dst_port"), port)))
+    mask = pc.and_(
+        pc.equal(table.column("proto"), proto),
+        pc.or_(pc.equal(table.column("src_port"), port), pc.equal(table.column("dst_port"), port)),
+    )
     return table.filter(mask)
 
 
@@ -165,7 +171,8 @@ def test_lake_holds_exactly_what_nfdump_prints(version, fprobe_run, tmp_path):
     icmp = got.filter(pc.equal(got.column("proto"), 1))
     assert icmp.select(["src_port", "dst_port"]).to_pylist() == [{"src_port": 0, "dst_port": 3 * 256 + 3}], (
         "fprobe sends the ICMP type in the source port and the code in the destination port; the lake must hold "
-        "type*256+code in dst_port and 0 in src_port")
+        "type*256+code in dst_port and 0 in src_port"
+    )
 
 
 def icmp_type_only(table: pa.Table) -> pa.Table:
@@ -174,4 +181,6 @@ def icmp_type_only(table: pa.Table) -> pa.Table:
     port = pc.cast(table.column("dst_port"), pa.int32())
     typed = pc.multiply(pc.divide(port, 256), 256)
     index = table.schema.get_field_index("dst_port")
-    return table.set_column(index, pa.field("dst_port", pa.int32()), pc.cast(pc.if_else(is_icmp, typed, port), pa.int32()))
+    return table.set_column(
+        index, pa.field("dst_port", pa.int32()), pc.cast(pc.if_else(is_icmp, typed, port), pa.int32())
+    )

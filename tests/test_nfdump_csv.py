@@ -25,8 +25,21 @@ from tracepipe.ingest.nfdump import (
 from tracepipe.schema import FLOWS
 
 # CSV times are whole seconds: compare them so, with everything else nfdump prints
-CSV_COMPARED = ("start_s", "end_s", "src_addr", "dst_addr", "src_port", "dst_port", "proto", "packets", "bytes",
-                "tcp_flags", "exporter", "input_if", "output_if")
+CSV_COMPARED = (
+    "start_s",
+    "end_s",
+    "src_addr",
+    "dst_addr",
+    "src_port",
+    "dst_port",
+    "proto",
+    "packets",
+    "bytes",
+    "tcp_flags",
+    "exporter",
+    "input_if",
+    "output_if",
+)
 
 
 def with_seconds(table: pa.Table) -> pa.Table:
@@ -92,22 +105,31 @@ def test_malformed_lines_are_rejected_with_their_line_numbers(nfcapd_dir, tmp_pa
 
     flows, rejects = read_nfdump_csv(bad)
     assert rejects.column("line").to_pylist() == [5, 10, 15]
-    assert rejects.column("reason").to_pylist() == [f"expected {len(CSV_COLUMNS)} fields", "bad source address",
-                                                    "bad packet count"]
+    assert rejects.column("reason").to_pylist() == [
+        f"expected {len(CSV_COLUMNS)} fields",
+        "bad source address",
+        "bad packet count",
+    ]
     assert rejects.column("detail").to_pylist() == ["this is not nfdump output", "sa=10.0.0.999", "ipkt=12x"]
     assert flows.num_rows == total - 2
 
     lake = tmp_path / "lake"
     proc = run_tracepipe("ingest", "netflow", str(bad), "--lake", str(lake), "--format", "json")
-    assert proc.returncode == 3, f"expected exit 3 (partial), got {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 3, (
+        f"expected exit 3 (partial), got {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    )
     assert json.loads(proc.stdout)  # the summary is JSON for scripts
     assert lake_flows(lake).num_rows == total - 2
     with duckdb.connect() as con:
         stored = con.sql(
             f"select line, reason from read_parquet('{lake}/rejects/**/*.parquet', hive_partitioning=true) "
-            "order by line").fetchall()
-    assert stored == [(5, f"expected {len(CSV_COLUMNS)} fields"), (10, "bad source address"),
-                      (15, "bad packet count")]
+            "order by line"
+        ).fetchall()
+    assert stored == [
+        (5, f"expected {len(CSV_COLUMNS)} fields"),
+        (10, "bad source address"),
+        (15, "bad packet count"),
+    ]
 
 
 def test_local_time_of_nfdump_is_read_back_with_tz(nfcapd_dir, tmp_path):
@@ -125,7 +147,9 @@ def test_local_time_of_nfdump_is_read_back_with_tz(nfcapd_dir, tmp_path):
 def test_every_flag_string_and_protocol_name_reads_back():
     """nfdump's FlagsString/ProtoString for all 256 values, parsed back (IDPR is printed for 35 and 38)."""
     letters = "CEUAPRSF"
-    texts = ["".join(ch if value & (128 >> i) else "." for i, ch in enumerate(letters)) for value in range(256)]
+    texts = [
+        "".join(ch if value & (128 >> i) else "." for i, ch in enumerate(letters)) for value in range(256)
+    ]
     flags, ok = tcp_flags_from_text(pa.array(texts))
     assert pc.all(ok).as_py() and flags.to_pylist() == list(range(256))
     names = [NFDUMP_PROTOCOLS[n] if n < len(NFDUMP_PROTOCOLS) else f"{n:<5d}" for n in range(256)]
@@ -163,8 +187,9 @@ def test_bundled_sample_capture_and_its_nfdump_csv_agree(tmp_path):
     assert rejects.num_rows == 0 and from_csv.num_rows > 200
     got = ingest_in_process([sample / "softflowd-v9.pcap"], tmp_path / "lake-v9")
     # v9 ICMPv6 type/code: erratum E2 (conftest.py), nfdump prints 0
-    diff = multiset_diff(with_seconds(blank_icmpv6_ports(from_csv)), with_seconds(blank_icmpv6_ports(got)),
-                         CSV_COMPARED)
+    diff = multiset_diff(
+        with_seconds(blank_icmpv6_ports(from_csv)), with_seconds(blank_icmpv6_ports(got)), CSV_COMPARED
+    )
     assert not diff, f"bundled v9 sample differs from its nfdump CSV:\n{diff}"
     ipfix = ingest_in_process([sample / "softflowd-ipfix.pcap"], tmp_path / "lake-ipfix")
     assert ipfix.num_rows == got.num_rows

@@ -48,7 +48,8 @@ def test_harness_sees_every_export_datagram(case, softflowd_export):
     assert export.nfcapd.files, f"nfcapd wrote no file: {export.nfcapd.log_text}"
     assert probes.count_pcap_packets(export.export_pcap) == export.softflowd.datagrams
     assert export.expected.num_rows == export.softflowd.records, (
-        f"softflowd exported {export.softflowd.records} records, nfdump printed {export.expected.num_rows}")
+        f"softflowd exported {export.softflowd.records} records, nfdump printed {export.expected.num_rows}"
+    )
     protocols = set(export.expected.column("proto").to_pylist())
     versions = set(export.expected.column("ip_version").to_pylist())
     version, traffic, _ = case
@@ -86,15 +87,32 @@ def test_erratum_e1_nfdump_swaps_ipfix_sysuptime_start_and_end(softflowd_export,
     ipfix, v9 = softflowd_export(10, "ipv4"), softflowd_export(9, "ipv4")
     raw = ipfix.expected
     assert pc.any(pc.greater(raw.column("ts_start"), raw.column("ts_end"))).as_py(), (
-        "nfdump no longer swaps IPFIX flowStart/EndSysUpTime: remove erratum E1 from conftest.nfdump_reference")
+        "nfdump no longer swaps IPFIX flowStart/EndSysUpTime: remove erratum E1 from conftest.nfdump_reference"
+    )
+
     # v9 carries whole export seconds only, so compare durations (exact in both) rather than absolute times
     def with_duration(table: pa.Table) -> pa.Table:
-        return table.append_column("duration_ms", pc.subtract(table.column("ts_end_ms"), table.column("ts_start_ms")))
+        return table.append_column(
+            "duration_ms", pc.subtract(table.column("ts_end_ms"), table.column("ts_start_ms"))
+        )
 
-    columns = ("duration_ms", "src_addr", "dst_addr", "src_port", "dst_port", "proto", "packets", "bytes", "tcp_flags")
-    diff = multiset_diff(with_duration(nfdump_reference(v9.expected, 9)), with_duration(nfdump_reference(raw, 10)),
-                         columns)
-    assert not diff, f"nfdump's IPFIX records, swapped back, differ from its v9 records of the same traffic:\n{diff}"
+    columns = (
+        "duration_ms",
+        "src_addr",
+        "dst_addr",
+        "src_port",
+        "dst_port",
+        "proto",
+        "packets",
+        "bytes",
+        "tcp_flags",
+    )
+    diff = multiset_diff(
+        with_duration(nfdump_reference(v9.expected, 9)), with_duration(nfdump_reference(raw, 10)), columns
+    )
+    assert not diff, (
+        f"nfdump's IPFIX records, swapped back, differ from its v9 records of the same traffic:\n{diff}"
+    )
     got = ingest_fast(ipfix.export_pcap, tmp_path / "lake")
     assert pc.all(pc.less_equal(got.column("ts_start"), got.column("ts_end"))).as_py()
 
@@ -105,12 +123,15 @@ def test_v9_icmpv6_type_code_as_nfdump_reads_it_from_ipfix(softflowd_export, tmp
     v9, ipfix = softflowd_export(9, "ipv6"), softflowd_export(10, "ipv6")
 
     def icmpv6(table: pa.Table) -> Counter:
-        rows = table.filter(pc.equal(table.column("proto"), ICMPV6)).select(["src_addr", "dst_addr", "dst_port"])
+        rows = table.filter(pc.equal(table.column("proto"), ICMPV6)).select(
+            ["src_addr", "dst_addr", "dst_port"]
+        )
         return Counter(zip(*rows.to_pydict().values(), strict=True))
 
     nfdump_v9 = icmpv6(v9.expected)
     assert nfdump_v9 and {port for _, _, port in nfdump_v9} == {0}, (
-        "nfdump now reads v9 element 139: remove erratum E2 from conftest.nfdump_reference")
+        "nfdump now reads v9 element 139: remove erratum E2 from conftest.nfdump_reference"
+    )
     from_ipfix = icmpv6(ipfix.expected)
     # echo request 128.0, echo reply 129.0, destination unreachable 1.4 (see probes.default_flow_specs)
     assert {port for _, _, port in from_ipfix} <= {128 * 256, 129 * 256, 1 * 256 + 4}
@@ -122,7 +143,9 @@ def test_capture_on_any_interface_linux_cooked(link_type, traffic_pcaps, tmp_pat
     """A collector host that ran `tcpdump -i any` records Linux cooked frames, not Ethernet: same records."""
     port = probes.free_udp_port()
     with probes.nfcapd_receiving(port, tmp_path / "nfcapd") as nfcapd:
-        with probes.capture_udp(port, tmp_path / "export-any.pcap", iface="any", link_type=link_type) as capture:
+        with probes.capture_udp(
+            port, tmp_path / "export-any.pcap", iface="any", link_type=link_type
+        ) as capture:
             result = probes.softflowd_export(traffic_pcaps["ipv4"], 5, (probes.LOOPBACK_V4, port))
             capture.wait_for_packets(result.datagrams)
     expected = nfdump_reference(probes.nfdump_records(nfcapd.out_dir), 5)
@@ -142,8 +165,12 @@ def test_all_versions_in_one_capture(traffic_pcaps, tmp_path):
     with probes.capture_udp(ports[0], tmp_path / "mixed.pcap", bpf=bpf) as capture:
         for (version, traffic), port in zip(runs, ports, strict=True):
             with probes.nfcapd_receiving(port, tmp_path / f"nfcapd-{version}") as nfcapd:
-                sent += probes.softflowd_export(traffic_pcaps[traffic], version, (probes.LOOPBACK_V4, port)).datagrams
-            expected.append(blank_icmpv6_ports(nfdump_reference(probes.nfdump_records(nfcapd.out_dir), version)))
+                sent += probes.softflowd_export(
+                    traffic_pcaps[traffic], version, (probes.LOOPBACK_V4, port)
+                ).datagrams
+            expected.append(
+                blank_icmpv6_ports(nfdump_reference(probes.nfdump_records(nfcapd.out_dir), version))
+            )
         capture.wait_for_packets(sent)
     got = ingest_fast(capture.path, tmp_path / "lake")
     diff = multiset_diff(pa.concat_tables(expected, promote_options="permissive"), blank_icmpv6_ports(got))
@@ -155,7 +182,9 @@ def test_softflowd_v1_datagrams_nfdump_drops_still_land(softflowd_export, tmp_pa
     datagrams whole. tracepipe reads them: the lake equals the v5 export of the same traffic, record for record
     (v1 and v5 carry the same fields and the same header clock)."""
     v1, v5 = softflowd_export(1, "ipv4"), softflowd_export(5, "ipv4")
-    assert v1.expected.num_rows < v1.softflowd.records, "nfdump now reads 30-record v1 datagrams: compare with it"
+    assert v1.expected.num_rows < v1.softflowd.records, (
+        "nfdump now reads 30-record v1 datagrams: compare with it"
+    )
     got_v1 = ingest_fast(v1.export_pcap, tmp_path / "lake-v1")
     assert got_v1.num_rows == v1.softflowd.records
     diff = multiset_diff(ingest_fast(v5.export_pcap, tmp_path / "lake-v5"), got_v1)
@@ -167,9 +196,12 @@ def test_flow_at_exporter_boot_keeps_its_time(tmp_path):
     nfdump 1.7.1 takes for "no time" (it prints 1970-01-01). The lake keeps the packet's time: IPFIX carries
     the boot time in ms (systemInitTimeMilliseconds), so the flow starts and ends exactly at t0."""
     t0 = probes.DEFAULT_T0
-    flows = [probes.FlowSpec("icmp", "10.9.0.1", "192.0.2.99", start=0.0, packets=1, reply=False, icmp_type=3,
-                             icmp_code=1),
-             probes.FlowSpec("udp", "10.9.0.1", "192.0.2.53", 41000, 53, start=2.5, packets=2)]
+    flows = [
+        probes.FlowSpec(
+            "icmp", "10.9.0.1", "192.0.2.99", start=0.0, packets=1, reply=False, icmp_type=3, icmp_code=1
+        ),
+        probes.FlowSpec("udp", "10.9.0.1", "192.0.2.53", 41000, 53, start=2.5, packets=2),
+    ]
     traffic = probes.build_traffic_pcap(tmp_path / "boot.pcap", flows, t0=t0)
     port = probes.free_udp_port()
     with probes.nfcapd_receiving(port, tmp_path / "nfcapd") as nfcapd:
@@ -215,7 +247,9 @@ def test_other_capture_layouts(layout, case, softflowd_export, tmp_path):
             packet.time = frame.time
             packets.append(packet)
         wrpcap(str(path), packets, linktype=101)  # LINKTYPE_RAW: the frame starts with the IP header
-    assert path.read_bytes()[:4] == (b"\x0a\x0d\x0d\x0a" if layout == "pcapng" else export.export_pcap.read_bytes()[:4])
+    assert path.read_bytes()[:4] == (
+        b"\x0a\x0d\x0d\x0a" if layout == "pcapng" else export.export_pcap.read_bytes()[:4]
+    )
     got = ingest_fast(path, tmp_path / "lake")
     expected = nfdump_reference(export.expected, export.version)
     diff = multiset_diff(expected, blank_icmpv6_ports(got) if export.version == 9 else got)

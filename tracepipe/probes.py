@@ -81,7 +81,8 @@ def free_udp_port(host: str = LOOPBACK_V4) -> int:
         except OSError as exc:
             raise EnvironmentProblem(
                 f"cannot bind UDP on {host}: {exc}. IPv6 tests need ::1 on the loopback interface "
-                "(sysctl -w net.ipv6.conf.lo.disable_ipv6=0).") from exc
+                "(sysctl -w net.ipv6.conf.lo.disable_ipv6=0)."
+            ) from exc
         return sock.getsockname()[1]
 
 
@@ -107,9 +108,13 @@ def _wait_for_text(log: Path, pattern: str, proc: subprocess.Popen, timeout: flo
         if re.search(pattern, text):
             return text
         if proc.poll() is not None:
-            raise EnvironmentProblem(f"{what} exited with code {proc.returncode} before it was ready:\n{text}")
+            raise EnvironmentProblem(
+                f"{what} exited with code {proc.returncode} before it was ready:\n{text}"
+            )
         if time.monotonic() > deadline:
-            raise EnvironmentProblem(f"{what} not ready after {timeout:.0f} s (waiting for {pattern!r}):\n{text}")
+            raise EnvironmentProblem(
+                f"{what} not ready after {timeout:.0f} s (waiting for {pattern!r}):\n{text}"
+            )
         time.sleep(0.02)
 
 
@@ -167,8 +172,15 @@ class Capture:
 
 
 @contextlib.contextmanager
-def capture_udp(port: int, out_pcap: Path | str, iface: str = "lo", link_type: str | None = None,
-                bpf: str | None = None, buffer_kb: int = 65536, timeout: float = 15.0) -> Iterator[Capture]:
+def capture_udp(
+    port: int,
+    out_pcap: Path | str,
+    iface: str = "lo",
+    link_type: str | None = None,
+    bpf: str | None = None,
+    buffer_kb: int = 65536,
+    timeout: float = 15.0,
+) -> Iterator[Capture]:
     """Record UDP datagrams to/from `port` on `iface` into `out_pcap` with the real tcpdump.
 
     iface="lo" gives Ethernet link type; iface="any" gives Linux cooked capture (LINUX_SLL2 by default,
@@ -179,8 +191,18 @@ def capture_udp(port: int, out_pcap: Path | str, iface: str = "lo", link_type: s
     out_pcap = Path(out_pcap)
     out_pcap.parent.mkdir(parents=True, exist_ok=True)
     log = out_pcap.with_name(out_pcap.name + ".tcpdump.log")
-    cmd = [tool_path("tcpdump"), "-i", iface, "-U", "-n", "--immediate-mode", "-B", str(buffer_kb),
-           "-w", str(out_pcap)]
+    cmd = [
+        tool_path("tcpdump"),
+        "-i",
+        iface,
+        "-U",
+        "-n",
+        "--immediate-mode",
+        "-B",
+        str(buffer_kb),
+        "-w",
+        str(out_pcap),
+    ]
     if os.geteuid() == 0:
         cmd += ["-Z", "root"]  # keep root: the drop to user tcpdump could not write into a 0700 test dir
     if link_type:
@@ -218,8 +240,9 @@ class NfcapdRun:
 
 
 @contextlib.contextmanager
-def nfcapd_receiving(port: int, out_dir: Path | str, host: str = LOOPBACK_V4, settle: float = 0.3,
-                     timeout: float = 15.0) -> Iterator[NfcapdRun]:
+def nfcapd_receiving(
+    port: int, out_dir: Path | str, host: str = LOOPBACK_V4, settle: float = 0.3, timeout: float = 15.0
+) -> Iterator[NfcapdRun]:
     """Run nfcapd (nfdump 1.7.1) in the foreground on host:port writing into `out_dir`.
 
     On exit it waits `settle` seconds (datagrams already in its socket buffer get read), then SIGTERM, which
@@ -230,7 +253,19 @@ def nfcapd_receiving(port: int, out_dir: Path | str, host: str = LOOPBACK_V4, se
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir.parent / f"{out_dir.name}.nfcapd.log"
     # -t 3600: no rotation during a test; -B: room for a burst of export datagrams
-    cmd = [tool_path("nfcapd"), "-b", host, "-p", str(port), "-w", str(out_dir), "-t", "3600", "-B", "8388608"]
+    cmd = [
+        tool_path("nfcapd"),
+        "-b",
+        host,
+        "-p",
+        str(port),
+        "-w",
+        str(out_dir),
+        "-t",
+        "3600",
+        "-B",
+        "8388608",
+    ]
     if ":" in host:
         cmd.append("-6")
     run = NfcapdRun(out_dir, host, port, log)
@@ -257,8 +292,9 @@ def nfdump_records(nfcapd_path: Path | str, timeout: float = 120.0) -> pa.Table:
     return table
 
 
-def nfdump_csv(nfcapd_path: Path | str, out_csv: Path | str, quiet: bool = False, tz: str = "UTC",
-               timeout: float = 120.0) -> Path:
+def nfdump_csv(
+    nfcapd_path: Path | str, out_csv: Path | str, quiet: bool = False, tz: str = "UTC", timeout: float = 120.0
+) -> Path:
     """Write what `nfdump -o csv` prints for an nfcapd file or directory (times in local time `tz`; `quiet`
     adds -q: no header line, no Summary trailer)."""
     nfcapd_path, out_csv = Path(nfcapd_path), Path(out_csv)
@@ -266,10 +302,18 @@ def nfdump_csv(nfcapd_path: Path | str, out_csv: Path | str, quiet: bool = False
     if quiet:
         cmd.append("-q")
     with open(out_csv, "wb") as handle:
-        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.PIPE, timeout=timeout,
-                              env=dict(os.environ, TZ=tz, LC_ALL="C"), stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            cmd,
+            stdout=handle,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+            env=dict(os.environ, TZ=tz, LC_ALL="C"),
+            stdin=subprocess.DEVNULL,
+        )
     if proc.returncode != 0:
-        raise EnvironmentProblem(f"nfdump -o csv failed (exit {proc.returncode}): {proc.stderr.decode(errors='replace')}")
+        raise EnvironmentProblem(
+            f"nfdump -o csv failed (exit {proc.returncode}): {proc.stderr.decode(errors='replace')}"
+        )
     return out_csv
 
 
@@ -284,9 +328,14 @@ class SoftflowdResult:
     output: str
 
 
-def softflowd_export(traffic_pcap: Path | str, version: int, dest: tuple[str, int],
-                     timeouts: dict[str, int] | None = None, extra_args: Sequence[str] = (),
-                     timeout: float = 60.0) -> SoftflowdResult:
+def softflowd_export(
+    traffic_pcap: Path | str,
+    version: int,
+    dest: tuple[str, int],
+    timeouts: dict[str, int] | None = None,
+    extra_args: Sequence[str] = (),
+    timeout: float = 60.0,
+) -> SoftflowdResult:
     """Replay `traffic_pcap` through the real softflowd, exporting NetFlow `version` (1, 5, 9 or 10 = IPFIX) to
     `dest` (127.0.0.1 or ::1). Returns once softflowd has exported every flow (it flushes all at EOF) and exited.
 
@@ -298,15 +347,32 @@ def softflowd_export(traffic_pcap: Path | str, version: int, dest: tuple[str, in
     if version not in (1, 5, 9, 10):
         raise ValueError(f"softflowd exports NetFlow v1, v5, v9 or 10 (IPFIX), not {version}")
     with tempfile.TemporaryDirectory(prefix="tracepipe-softflowd-") as tmp:
-        cmd = [tool_path("softflowd"), "-r", str(traffic_pcap), "-n", _host_port(host, port), "-v", str(version),
-               "-d", "-a", "-c", "none", "-p", str(Path(tmp) / "softflowd.pid")]
+        cmd = [
+            tool_path("softflowd"),
+            "-r",
+            str(traffic_pcap),
+            "-n",
+            _host_port(host, port),
+            "-v",
+            str(version),
+            "-d",
+            "-a",
+            "-c",
+            "none",
+            "-p",
+            str(Path(tmp) / "softflowd.pid"),
+        ]
         for name, seconds in (timeouts or {}).items():
             cmd += ["-t", f"{name}={seconds}"]
         cmd += list(extra_args)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+            )
         except subprocess.TimeoutExpired as exc:  # run() has killed it
-            raise EnvironmentProblem(f"softflowd did not finish within {timeout:.0f} s: {' '.join(cmd)}") from exc
+            raise EnvironmentProblem(
+                f"softflowd did not finish within {timeout:.0f} s: {' '.join(cmd)}"
+            ) from exc
     output = proc.stdout + proc.stderr
     match = re.search(r"Flows exported: (\d+) \((\d+) records\) in (\d+) packets \((\d+) failures\)", output)
     if proc.returncode != 0 or match is None:
@@ -339,9 +405,17 @@ class FprobeRun:
 
 
 @contextlib.contextmanager
-def fprobe_export(version: int, dest_port: int, bpf: str, iface: str = "lo", dest_host: str = LOOPBACK_V4,
-                  idle_timeout: int = 1, active_timeout: int = 2, scan_interval: int = 1,
-                  timeout: float = 15.0) -> Iterator[FprobeRun]:
+def fprobe_export(
+    version: int,
+    dest_port: int,
+    bpf: str,
+    iface: str = "lo",
+    dest_host: str = LOOPBACK_V4,
+    idle_timeout: int = 1,
+    active_timeout: int = 2,
+    scan_interval: int = 1,
+    timeout: float = 15.0,
+) -> Iterator[FprobeRun]:
     """Run the real fprobe capturing `iface` (filter `bpf`, which must exclude the export traffic itself) and
     exporting NetFlow `version` (1, 5 or 7) to dest_host:dest_port. Short idle/active timeouts make it export
     within seconds. Yields once capture is up; on exit stops it by its pid (SIGTERM)."""
@@ -352,9 +426,24 @@ def fprobe_export(version: int, dest_port: int, bpf: str, iface: str = "lo", des
     workdir = Path(tempfile.mkdtemp(prefix="tracepipe-fprobe-"))
     log = workdir / "fprobe.log"
     # -l 2:ID logs to stdout, which keeps fprobe in the foreground: its pid is the one we started
-    cmd = [tool_path("fprobe"), "-i", iface, "-f", bpf, "-n", str(version), "-d", str(idle_timeout),
-           "-e", str(active_timeout), "-s", str(scan_interval), "-l", f"2:{ident}",
-           _host_port(dest_host, dest_port)]
+    cmd = [
+        tool_path("fprobe"),
+        "-i",
+        iface,
+        "-f",
+        bpf,
+        "-n",
+        str(version),
+        "-d",
+        str(idle_timeout),
+        "-e",
+        str(active_timeout),
+        "-s",
+        str(scan_interval),
+        "-l",
+        f"2:{ident}",
+        _host_port(dest_host, dest_port),
+    ]
     with open(log, "wb") as log_handle:
         proc = subprocess.Popen(cmd, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     run = FprobeRun(proc, log, Path("/var/run") / f"fprobe[{ident}].pid")
@@ -419,23 +508,51 @@ def default_flow_specs(seed: int = 1, ipv6: bool = True, n: int = 40, span: floa
         sport = rng.randint(32768, 60999)
         pick = rng.random()
         if pick < 0.35:
-            spec = FlowSpec("tcp", src, dst, sport, rng.choice([22, 80, 443, 8080]), start,
-                            packets=rng.randint(1, 6), payload=rng.randint(1, 1400))
+            spec = FlowSpec(
+                "tcp",
+                src,
+                dst,
+                sport,
+                rng.choice([22, 80, 443, 8080]),
+                start,
+                packets=rng.randint(1, 6),
+                payload=rng.randint(1, 1400),
+            )
         elif pick < 0.45:
-            spec = FlowSpec("tcp-rst", src, dst, sport, rng.choice([25, 443]), start, packets=rng.randint(0, 2))
+            spec = FlowSpec(
+                "tcp-rst", src, dst, sport, rng.choice([25, 443]), start, packets=rng.randint(0, 2)
+            )
         elif pick < 0.55:
-            spec = FlowSpec("tcp-syn", src, dst, sport, rng.randint(1, 1024), start, packets=rng.randint(1, 3),
-                            gap=1.0)
+            spec = FlowSpec(
+                "tcp-syn", src, dst, sport, rng.randint(1, 1024), start, packets=rng.randint(1, 3), gap=1.0
+            )
         elif pick < 0.75:
             port = rng.choice([53, 123])
-            spec = FlowSpec("udp", src, dst, sport, port, start, packets=rng.randint(1, 3),
-                            payload=48 if port == 123 else rng.randint(20, 80))
+            spec = FlowSpec(
+                "udp",
+                src,
+                dst,
+                sport,
+                port,
+                start,
+                packets=rng.randint(1, 3),
+                payload=48 if port == 123 else rng.randint(20, 80),
+            )
         elif pick < 0.9:
             spec = FlowSpec("icmp", src, dst, start=start, packets=rng.randint(1, 4), payload=56, gap=1.0)
         else:
             v6 = ":" in src
-            spec = FlowSpec("icmp", dst, src, start=start, packets=1, payload=28, reply=False,
-                            icmp_type=1 if v6 else 3, icmp_code=4 if v6 else 3)
+            spec = FlowSpec(
+                "icmp",
+                dst,
+                src,
+                start=start,
+                packets=1,
+                payload=28,
+                reply=False,
+                icmp_type=1 if v6 else 3,
+                icmp_code=4 if v6 else 3,
+            )
         specs.append(spec)
     return specs
 
@@ -465,7 +582,9 @@ def _flow_packets(spec: FlowSpec, t0: float) -> list:
 
     def tcp(forward: bool, flags: str, payload: int = 0):
         sport, dport = (spec.sport, spec.dport) if forward else (spec.dport, spec.sport)
-        pkt = ip(forward) / TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=2000 if "A" in flags else 0)
+        pkt = ip(forward) / TCP(
+            sport=sport, dport=dport, flags=flags, seq=1000, ack=2000 if "A" in flags else 0
+        )
         return pkt / Raw(b"x" * payload) if payload else pkt
 
     if spec.kind == "tcp-syn":
@@ -486,9 +605,15 @@ def _flow_packets(spec: FlowSpec, t0: float) -> list:
             add(tcp(False, "RA"), spec.gap)
     elif spec.kind == "udp":
         for k in range(max(spec.packets, 1)):
-            add(ip(True) / UDP(sport=spec.sport, dport=spec.dport) / Raw(b"q" * spec.payload), spec.gap if k else 0.0)
+            add(
+                ip(True) / UDP(sport=spec.sport, dport=spec.dport) / Raw(b"q" * spec.payload),
+                spec.gap if k else 0.0,
+            )
             if spec.reply:
-                add(ip(False) / UDP(sport=spec.dport, dport=spec.sport) / Raw(b"r" * (spec.payload + 16)), 0.003)
+                add(
+                    ip(False) / UDP(sport=spec.dport, dport=spec.sport) / Raw(b"r" * (spec.payload + 16)),
+                    0.003,
+                )
     elif spec.kind == "icmp":
         body = Raw(b"p" * spec.payload)
         if spec.icmp_type is not None:
@@ -502,18 +627,29 @@ def _flow_packets(spec: FlowSpec, t0: float) -> list:
                 add(ip(True) / msg / body, spec.gap if k else 0.0)
         else:
             for k in range(max(spec.packets, 1)):
-                add(ip(True) / (ICMPv6EchoRequest(id=7, seq=k) if v6 else ICMP(type=8, id=7, seq=k)) / body,
-                    spec.gap if k else 0.0)
+                add(
+                    ip(True) / (ICMPv6EchoRequest(id=7, seq=k) if v6 else ICMP(type=8, id=7, seq=k)) / body,
+                    spec.gap if k else 0.0,
+                )
                 if spec.reply:
-                    add(ip(False) / (ICMPv6EchoReply(id=7, seq=k) if v6 else ICMP(type=0, id=7, seq=k)) / body,
-                        0.002)
+                    add(
+                        ip(False)
+                        / (ICMPv6EchoReply(id=7, seq=k) if v6 else ICMP(type=0, id=7, seq=k))
+                        / body,
+                        0.002,
+                    )
     else:
         raise ValueError(f"unknown flow kind {spec.kind!r}")
     return out
 
 
-def build_traffic_pcap(path: Path | str, flows: Sequence[FlowSpec] | None = None, seed: int = 1,
-                       ipv6: bool = True, t0: float = DEFAULT_T0) -> Path:
+def build_traffic_pcap(
+    path: Path | str,
+    flows: Sequence[FlowSpec] | None = None,
+    seed: int = 1,
+    ipv6: bool = True,
+    t0: float = DEFAULT_T0,
+) -> Path:
     """Write an Ethernet pcap of the given conversations (default: default_flow_specs(seed, ipv6)), packets in
     time order from `t0` (epoch seconds). Deterministic: same specs and t0, same bytes."""
     from scapy.utils import wrpcap

@@ -27,18 +27,21 @@ from tracepipe.schema import FLOWS, TS
 
 # nfdump 1.7.1 src/lib/output_util.c protoList: what ProtoString() prints for protocol numbers 0..137; any other
 # number is printed as a number. "IDPR" is printed for both 35 and 38; we read it back as 35.
+# fmt: off
 NFDUMP_PROTOCOLS = (
-    "0", "ICMP", "IGMP", "GGP", "IPIP", "ST", "TCP", "CBT", "EGP", "IGP", "BBN", "NVPII", "PUP", "ARGUS", "ENCOM",
-    "XNET", "CHAOS", "UDP", "MUX", "DCN", "HMP", "PRM", "XNS", "Trnk1", "Trnk2", "Leaf1", "Leaf2", "RDP", "IRTP",
-    "ISO-4", "NETBK", "MFESP", "MEINP", "DCCP", "3PC", "IDPR", "XTP", "DDP", "IDPR", "TP++", "IL", "IPv6", "SDRP",
-    "Rte6", "Frag6", "IDRP", "RSVP", "GRE", "MHRP", "BNA", "ESP", "AH", "INLSP", "SWIPE", "NARP", "MOBIL", "TLSP",
-    "SKIP", "ICMP6", "NOHE6", "OPTS6", "HOST", "CFTP", "NET", "SATNT", "KLAN", "RVD", "IPPC", "FS", "SATM", "VISA",
-    "IPCV", "CPNX", "CPHB", "WSN", "PVP", "BSATM", "SUNND", "WBMON", "WBEXP", "ISOIP", "VMTP", "SVMTP", "VINES",
-    "TTP", "NSIGP", "DGP", "TCF", "EIGRP", "OSPF", "S-RPC", "LARP", "MTP", "AX.25", "OS", "MICP", "SCCSP", "ETHIP",
-    "ENCAP", "99", "GMTP", "IFMP", "PNNI", "PIM", "ARIS", "SCPS", "QNX", "A/N", "IPcmp", "SNP", "CpqPP", "IPXIP",
-    "VRRP", "PGM", "0hop", "L2TP", "DDX", "IATP", "STP", "SRP", "UTI", "SMP", "SM", "PTP", "ISIS4", "FIRE", "CRTP",
-    "CRUDP", "128", "IPLT", "SPS", "PIPE", "SCTP", "FC", "134", "MHEAD", "UDP-L", "MPLS",
+    "0", "ICMP", "IGMP", "GGP", "IPIP", "ST", "TCP", "CBT", "EGP", "IGP", "BBN", "NVPII", "PUP", "ARGUS",
+    "ENCOM", "XNET", "CHAOS", "UDP", "MUX", "DCN", "HMP", "PRM", "XNS", "Trnk1", "Trnk2", "Leaf1", "Leaf2",
+    "RDP", "IRTP", "ISO-4", "NETBK", "MFESP", "MEINP", "DCCP", "3PC", "IDPR", "XTP", "DDP", "IDPR", "TP++",
+    "IL", "IPv6", "SDRP", "Rte6", "Frag6", "IDRP", "RSVP", "GRE", "MHRP", "BNA", "ESP", "AH", "INLSP", "SWIPE",
+    "NARP", "MOBIL", "TLSP", "SKIP", "ICMP6", "NOHE6", "OPTS6", "HOST", "CFTP", "NET", "SATNT", "KLAN", "RVD",
+    "IPPC", "FS", "SATM", "VISA", "IPCV", "CPNX", "CPHB", "WSN", "PVP", "BSATM", "SUNND", "WBMON", "WBEXP",
+    "ISOIP", "VMTP", "SVMTP", "VINES", "TTP", "NSIGP", "DGP", "TCF", "EIGRP", "OSPF", "S-RPC", "LARP", "MTP",
+    "AX.25", "OS", "MICP", "SCCSP", "ETHIP", "ENCAP", "99", "GMTP", "IFMP", "PNNI", "PIM", "ARIS", "SCPS",
+    "QNX", "A/N", "IPcmp", "SNP", "CpqPP", "IPXIP", "VRRP", "PGM", "0hop", "L2TP", "DDX", "IATP", "STP", "SRP",
+    "UTI", "SMP", "SM", "PTP", "ISIS4", "FIRE", "CRTP", "CRUDP", "128", "IPLT", "SPS", "PIPE", "SCTP", "FC",
+    "134", "MHEAD", "UDP-L", "MPLS",
 )
+# fmt: on
 _PROTO_NAMES: list[str] = []
 _PROTO_NUMBERS: list[int] = []
 for _number, _name in enumerate(NFDUMP_PROTOCOLS):
@@ -47,12 +50,14 @@ for _number, _name in enumerate(NFDUMP_PROTOCOLS):
         _PROTO_NUMBERS.append(_number)
 
 # nfdump 1.7.1 `-o csv` columns (output_csv.c); the header line, when present, names them the same way.
+# fmt: off
 CSV_COLUMNS = (
     "ts", "te", "td", "sa", "da", "sp", "dp", "pr", "flg", "fwd", "stos", "ipkt", "ibyt", "opkt", "obyt", "in",
-    "out", "sas", "das", "smk", "dmk", "dtos", "dir", "nh", "nhb", "svln", "dvln", "ismc", "odmc", "idmc", "osmc",
-    "mpls1", "mpls2", "mpls3", "mpls4", "mpls5", "mpls6", "mpls7", "mpls8", "mpls9", "mpls10", "cl", "sl", "al",
-    "ra", "eng", "exid", "tr",
+    "out", "sas", "das", "smk", "dmk", "dtos", "dir", "nh", "nhb", "svln", "dvln", "ismc", "odmc", "idmc",
+    "osmc", "mpls1", "mpls2", "mpls3", "mpls4", "mpls5", "mpls6", "mpls7", "mpls8", "mpls9", "mpls10", "cl",
+    "sl", "al", "ra", "eng", "exid", "tr",
 )
+# fmt: on
 CSV_HEADER_PREFIX = b"ts,te,td,sa,da,sp,dp,pr,"
 
 # What read_nfcapd asks nfdump to print: ms times, raw numbers (-N), one record per line.
@@ -77,8 +82,14 @@ def looks_like_nfdump_csv(head: bytes) -> bool:
     if len(first) < 20 or first.count(b",") != len(CSV_COLUMNS) - 1:
         return False
     stamp = first[:20]
-    return (stamp[4:5] == b"-" and stamp[7:8] == b"-" and stamp[10:11] == b" " and stamp[13:14] == b":"
-            and stamp[19:20] == b"," and stamp[:4].isdigit())
+    return (
+        stamp[4:5] == b"-"
+        and stamp[7:8] == b"-"
+        and stamp[10:11] == b" "
+        and stamp[13:14] == b":"
+        and stamp[19:20] == b","
+        and stamp[:4].isdigit()
+    )
 
 
 # ---- vectorised conversions of nfdump's text ------------------------------------------------------------------
@@ -148,7 +159,7 @@ def dst_port_from_text(column: pa.Array) -> tuple[pa.Array, pa.Array]:
 
 
 def _timestamps(column: pa.Array, tz: str) -> tuple[pa.Array, pa.Array]:
-    """"YYYY-MM-DD hh:mm:ss[.mmm]" in local time `tz` -> timestamp[us, UTC]; returns (values, valid mask)."""
+    """ "YYYY-MM-DD hh:mm:ss[.mmm]" in local time `tz` -> timestamp[us, UTC]; returns (values, valid mask)."""
     text = _trim(column)
     ok = pc.fill_null(pc.match_substring_regex(text, _TIME_RE), False)
     text = pc.if_else(ok, text, "1970-01-01 00:00:00.000")
@@ -162,7 +173,9 @@ def _timestamps(column: pa.Array, tz: str) -> tuple[pa.Array, pa.Array]:
     if tz.upper() == "UTC":
         values = pc.cast(naive, TS)
     else:
-        values = pc.cast(pc.assume_timezone(naive, timezone=tz, ambiguous="earliest", nonexistent="earliest"), TS)
+        values = pc.cast(
+            pc.assume_timezone(naive, timezone=tz, ambiguous="earliest", nonexistent="earliest"), TS
+        )
     return values, ok
 
 
@@ -187,8 +200,9 @@ def _addresses(column: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
     return values, version, pc.is_valid(values)
 
 
-def _flows_from_columns(fields: dict[str, pa.Array], source: str, tz: str
-                        ) -> tuple[pa.Table, pa.Array, pa.Array, pa.Array]:
+def _flows_from_columns(
+    fields: dict[str, pa.Array], source: str, tz: str
+) -> tuple[pa.Table, pa.Array, pa.Array, pa.Array]:
     """Common tail of both readers: text columns -> (FLOWS table of all rows, valid mask, reason per row,
     detail per row: `field=value` of the first field that did not parse)."""
     checks: list[tuple[str, pa.Array]] = []
@@ -236,8 +250,12 @@ def _flows_from_columns(fields: dict[str, pa.Array], source: str, tz: str
             bad_detail = pc.if_else(first, pc.binary_join_element_wise(name, value, "="), bad_detail)
         # spread back: rows that are valid keep null
         positions = pc.subtract(pc.cumulative_sum(pc.cast(bad, pa.int64())), 1)
-        reason = pc.if_else(bad, pc.take(bad_reason, pc.if_else(bad, positions, 0)), pa.scalar(None, pa.string()))
-        detail = pc.if_else(bad, pc.take(bad_detail, pc.if_else(bad, positions, 0)), pa.scalar(None, pa.string()))
+        reason = pc.if_else(
+            bad, pc.take(bad_reason, pc.if_else(bad, positions, 0)), pa.scalar(None, pa.string())
+        )
+        detail = pc.if_else(
+            bad, pc.take(bad_detail, pc.if_else(bad, positions, 0)), pa.scalar(None, pa.string())
+        )
     table = pa.table(
         {
             "ts_start": ts_start,
@@ -277,8 +295,12 @@ class _Delimited:
     invalid: list[tuple[int, str]]
 
 
-def _read_delimited(source: pa.NativeFile | pa.Buffer, delimiter: str, columns: tuple[str, ...], skip_rows: int,
-                    ) -> _Delimited:
+def _read_delimited(
+    source: pa.NativeFile | pa.Buffer,
+    delimiter: str,
+    columns: tuple[str, ...],
+    skip_rows: int,
+) -> _Delimited:
     """pyarrow's CSV reader, every value as text, only the columns we use. Lines of another width come back
     through the invalid-row handler with their line numbers; the reader runs serially so that it knows them."""
     invalid: list[tuple[int, str]] = []
@@ -289,13 +311,22 @@ def _read_delimited(source: pa.NativeFile | pa.Buffer, delimiter: str, columns: 
 
     table = pacsv.read_csv(
         source,
-        read_options=pacsv.ReadOptions(column_names=list(columns), skip_rows=skip_rows, use_threads=False,
-                                       block_size=1 << 24),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False, escape_char=False,
-                                         newlines_in_values=False, ignore_empty_lines=False,
-                                         invalid_row_handler=on_invalid),
-        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in _NEEDED},
-                                             include_columns=list(_NEEDED), strings_can_be_null=False),
+        read_options=pacsv.ReadOptions(
+            column_names=list(columns), skip_rows=skip_rows, use_threads=False, block_size=1 << 24
+        ),
+        parse_options=pacsv.ParseOptions(
+            delimiter=delimiter,
+            quote_char=False,
+            escape_char=False,
+            newlines_in_values=False,
+            ignore_empty_lines=False,
+            invalid_row_handler=on_invalid,
+        ),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in _NEEDED},
+            include_columns=list(_NEEDED),
+            strings_can_be_null=False,
+        ),
     )
     # line numbers of the good rows: every line after the skipped ones that the handler did not report
     bad = np.array(sorted(number for number, _ in invalid if number > 0), dtype=np.int64)
@@ -308,21 +339,30 @@ def _read_delimited(source: pa.NativeFile | pa.Buffer, delimiter: str, columns: 
     return _Delimited(table.combine_chunks(), line_numbers, invalid)
 
 
-def _to_flows(rows: _Delimited, width: int, source: str, tz: str, trailer: str | None
-              ) -> tuple[pa.Table, pa.Table]:
+def _to_flows(
+    rows: _Delimited, width: int, source: str, tz: str, trailer: str | None
+) -> tuple[pa.Table, pa.Table]:
     """Parsed rows -> (FLOWS, rejects). Blank lines and everything from the `trailer` line on are not data."""
     fields = {name: rows.table.column(name) for name in _NEEDED}
     blank = pc.and_(pc.equal(_trim(fields["ts"]), ""), pc.equal(_trim(fields["sa"]), ""))
     flows, valid, reason, detail = _flows_from_columns(fields, source, tz)
-    trailer_from = min((n for n, text in rows.invalid if text.strip() == trailer), default=None) if trailer else None
+    trailer_from = (
+        min((n for n, text in rows.invalid if text.strip() == trailer), default=None) if trailer else None
+    )
     numbers = [n for n, text in rows.invalid if text.strip() and (trailer_from is None or n < trailer_from)]
     texts = [text for n, text in rows.invalid if text.strip() and (trailer_from is None or n < trailer_from)]
     bad = pc.and_(pc.invert(valid), pc.invert(blank))
-    rejects = pa.concat_tables([
-        _rejects(pa.array(numbers, pa.int64()), pa.array(texts, pa.string()),
-                 pa.array([f"expected {width} fields"] * len(numbers), pa.string()), source),
-        _rejects(rows.line_numbers.filter(bad), detail.filter(bad), reason.filter(bad), source),
-    ])
+    rejects = pa.concat_tables(
+        [
+            _rejects(
+                pa.array(numbers, pa.int64()),
+                pa.array(texts, pa.string()),
+                pa.array([f"expected {width} fields"] * len(numbers), pa.string()),
+                source,
+            ),
+            _rejects(rows.line_numbers.filter(bad), detail.filter(bad), reason.filter(bad), source),
+        ]
+    )
     flows = flows.filter(valid)
     return pa.Table.from_arrays([flows.column(f.name) for f in FLOWS], schema=FLOWS), rejects.sort_by("line")
 
@@ -346,15 +386,20 @@ def empty_rejects() -> pa.Table:
 # ---- the readers ---------------------------------------------------------------------------------------------
 
 
-def _parse_csv(source: pa.NativeFile | pa.Buffer, first_line: bytes, name: str, tz: str
-               ) -> tuple[pa.Table, pa.Table]:
+def _parse_csv(
+    source: pa.NativeFile | pa.Buffer, first_line: bytes, name: str, tz: str
+) -> tuple[pa.Table, pa.Table]:
     first = first_line.rstrip(b"\r\n")
     has_header = first.startswith(b"ts,te,")  # nfdump writes it unless -q
     columns = tuple(first.decode(errors="replace").split(",")) if has_header else CSV_COLUMNS
     missing = sorted(c for c in _NEEDED if c not in columns)
     if missing:  # not nfdump's CSV layout: nothing can be read, say so at the header line
-        return FLOWS.empty_table(), _rejects(pa.array([1], pa.int64()), pa.array([first.decode(errors="replace")]),
-                                             pa.array([f"header lacks {', '.join(missing)}"]), name)
+        return FLOWS.empty_table(), _rejects(
+            pa.array([1], pa.int64()),
+            pa.array([first.decode(errors="replace")]),
+            pa.array([f"header lacks {', '.join(missing)}"]),
+            name,
+        )
     if len(set(columns)) != len(columns):
         columns = tuple(f"{c}#{i}" if c not in _NEEDED else c for i, c in enumerate(columns))
     rows = _read_delimited(source, ",", columns, 1 if has_header else 0)
@@ -398,15 +443,26 @@ def read_nfcapd(path: Path | str, timeout: float = 300.0) -> tuple[pa.Table, pa.
     from tracepipe.probes import tool_path  # the one place that locates binaries
 
     # -6: full IPv6 addresses (without it fmt: abbreviates them to "2001:db..fff::20")
-    cmd = [tool_path("nfdump"), "-R" if path.is_dir() else "-r", str(path), "-q", "-N", "-6", "-o", NFDUMP_FMT]
+    cmd = [
+        tool_path("nfdump"),
+        "-R" if path.is_dir() else "-r",
+        str(path),
+        "-q",
+        "-N",
+        "-6",
+        "-o",
+        NFDUMP_FMT,
+    ]
     env = dict(os.environ, TZ="UTC", LC_ALL="C")
     try:
         proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         raise EnvironmentProblem(f"nfdump did not finish within {timeout:.0f} s reading {path}") from exc
     if proc.returncode != 0:
-        raise EnvironmentProblem(f"nfdump failed (exit {proc.returncode}) on {path}: "
-                                 f"{proc.stderr.decode(errors='replace').strip()}")
+        raise EnvironmentProblem(
+            f"nfdump failed (exit {proc.returncode}) on {path}: "
+            f"{proc.stderr.decode(errors='replace').strip()}"
+        )
     if not proc.stdout.strip():
         return FLOWS.empty_table(), empty_rejects()
     rows = _read_delimited(pa.py_buffer(proc.stdout), "|", _FMT_COLUMNS, 0)
