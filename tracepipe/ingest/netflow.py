@@ -147,8 +147,8 @@ def _layout(fields: list[tuple[int, int, int]]) -> tuple[np.dtype, dict[str, int
         info = FIELDS.get(field_id) if not pen else None
         if info is not None and info[1] not in roles and length > 0:
             role = info[1]
-            wanted_len = 16 if role in ("src_addr6", "dst_addr6") else None
-            if wanted_len is None or length == wanted_len:
+            usable = {"src_addr4": 4, "dst_addr4": 4, "src_addr6": 16, "dst_addr6": 16}.get(role)
+            if length == usable or (usable is None and length <= 8):  # else: not what the id promises, skipped
                 roles[role] = length
                 names.append(role)
                 formats.append(_NUMERIC.get(length, f"V{length}"))
@@ -175,6 +175,20 @@ FIXED_TEMPLATES = {v: _fixed_template(v) for v in FIXED_LAYOUTS}
 class _Sequence:
     expected: int | None = None
     missing: list[list[int]] = field(default_factory=list)  # open gaps [start, end) still hoped for (reordering)
+    # IPFIX only: how this exporter counts, learnt from two messages in a row. RFC 7011 numbers a message by
+    # the data records sent *before* it, options records included; softflowd numbers it by the records sent
+    # up to and including it, options records left out.
+    locked: bool = False
+    after: bool = False
+    with_options: bool = False
+    last: list[int] | None = None  # sequence, data records, all records of the previous message
+
+    def to_obj(self) -> list:
+        return [self.expected, self.missing, self.locked, self.after, self.with_options, self.last]
+
+    @classmethod
+    def from_obj(cls, obj: list) -> _Sequence:
+        return cls(*obj)
 
 
 class DecoderState:
@@ -197,7 +211,7 @@ class DecoderState:
 
         return json.dumps({
             "templates": {key(k): t.to_obj() for k, t in self.templates.items()},
-            "sequences": {key(k): [s.expected, s.missing] for k, s in self.sequences.items()},
+            "sequences": {key(k): s.to_obj() for k, s in self.sequences.items()},
             "sampling": {key(k): v for k, v in self.sampling.items()},
             "sys_init_ms": {key(k): v for k, v in self.sys_init_ms.items()},
             "pending": {key(k): [[base64.b64encode(b).decode(), list(c), o] for b, c, o in v]
@@ -214,7 +228,7 @@ class DecoderState:
         obj = json.loads(text)
         state = cls()
         state.templates = {key(k, 3): Template.from_obj(v) for k, v in obj.get("templates", {}).items()}
-        state.sequences = {key(k, 2): _Sequence(v[0], v[1]) for k, v in obj.get("sequences", {}).items()}
+        state.sequences = {key(k, 2): _Sequence.from_obj(v) for k, v in obj.get("sequences", {}).items()}
         state.sampling = {key(k, 1): v for k, v in obj.get("sampling", {}).items()}
         state.sys_init_ms = {key(k, 1): v for k, v in obj.get("sys_init_ms", {}).items()}
         state.pending = {key(k, 3): [(base64.b64decode(b), tuple(c), o) for b, c, o in v]
@@ -276,6 +290,7 @@ class _Batch:
         self.groups: dict[int, tuple[Template, list, list, list]] = {}
         self.rejects: list[tuple[int | None, str, str, str]] = []
         self.stats: dict[str, dict[str, Any]] = {}
+        self.replay: list[tuple] = []  # (template, exporter, domain, data that waited for it)
 
     def stat(self, exporter: str) -> dict[str, Any]:
         s = self.stats.get(exporter)
@@ -360,10 +375,11 @@ def decode_datagrams(payloads: Sequence[bytes | memoryview], exporters: Sequence
                     if entry:
                         tpl, bodies, counts, ctx_ids, track, eidx, sys_init, sampling = entry
                         count = (set_len - 4) // tpl.record_len
-                        if track.expected == seq:  # IPFIX counts data records
-                            track.expected = (seq + count) & 0xFFFFFFFF
+                        first = (seq - count) & 0xFFFFFFFF if track.after else seq  # IPFIX counts data records
+                        if track.expected == first:
+                            track.expected = (first + count) & 0xFFFFFFFF
                         else:
-                            _track_sequence(batch, exporters[i], (exporters[i], 10, domain), seq, count)
+                            _track_ipfix(batch, exporters[i], (exporters[i], 10, domain), seq, count, 0)
                         if count:
                             ctx_ids.append(len(batch.ctx))
                             ctx_append((eidx, 10, domain, export_s * 1000, 0, export_s * 1000, sys_init,
@@ -376,6 +392,8 @@ def decode_datagrams(payloads: Sequence[bytes | memoryview], exporters: Sequence
             _walk_datagram(batch, payload, exporters[i], offs[i])
         except (struct.error, ValueError, IndexError, OverflowError) as exc:  # a length that lied past our checks
             batch.reject(offs[i], exporters[i], "malformed datagram", repr(exc)[:200])
+        if batch.replay:  # templates learnt before the walk stopped still serve the data that waited
+            _replay_pending(batch)
     for exporter, datagrams in Counter(exporters).items():
         batch.stat(exporter)["datagrams"] += datagrams
     flows = _decode_groups(batch)
@@ -399,8 +417,8 @@ def _fast_entry(batch: _Batch, fast: dict, exporter: str, version: int, domain: 
     if tpl is None or tpl.options or tpl.variable_fields or tpl.enterprise_fields or not tpl.record_len:
         return None
     track = state.sequences.get((exporter, version, domain))
-    if track is None or track.expected is None:
-        return None  # the first datagram of a sequence goes the full way (it sets `expected`)
+    if track is None or track.expected is None or (version == 10 and not track.locked):
+        return None  # the first datagrams of a sequence go the full way (they set `expected`)
     stats = batch.stat(exporter)
     if version not in stats["versions"]:
         stats["versions"].append(version)
@@ -488,19 +506,19 @@ def _walk_ipfix(batch: _Batch, payload: bytes | memoryview, exporter: str, offse
     if length < 16 or length > size:
         batch.reject(offset, exporter, "bad length", f"IPFIX message length {length}, datagram {size} bytes")
         return
-    records = _walk_sets(batch, payload, 16, length, exporter, offset, 10, domain, export_s * 1000, 0,
-                         export_s * 1000)
-    # IPFIX sequence numbers count data records sent before this message (RFC 7011 §3.1); data waiting for
-    # its template cannot be counted, so a message holding such data re-synchronises instead.
-    _track_sequence(batch, exporter, (exporter, 10, domain), seq, records)
+    records, options = _walk_sets(batch, payload, 16, length, exporter, offset, 10, domain, export_s * 1000, 0,
+                                  export_s * 1000)
+    _track_ipfix(batch, exporter, (exporter, 10, domain), seq, records, options)
 
 
 def _walk_sets(batch: _Batch, payload: bytes | memoryview, pos: int, end: int, exporter: str, offset: int | None,
-               version: int, domain: int, boot_ms: int, uptime: int, export_ms: int) -> int | None:
-    """Walk the (flow)sets of one v9/IPFIX message. Returns data records seen (None if some were unknown)."""
+               version: int, domain: int, boot_ms: int, uptime: int, export_ms: int) -> tuple[int | None, int]:
+    """Walk the (flow)sets of one v9/IPFIX message. Returns (data records, options data records) seen, data
+    records None if some could not be counted (no template yet)."""
     state = batch.state
     template_set, options_set = (0, 1) if version == 9 else (2, 3)
     records: int | None = 0
+    options_records = 0
     ctx = -1
     ctx_key: tuple | None = None
     while pos + 4 <= end:
@@ -509,7 +527,9 @@ def _walk_sets(batch: _Batch, payload: bytes | memoryview, pos: int, end: int, e
             # a zero or lying length: the rest of the datagram cannot be delimited
             batch.reject(offset, exporter, "bad flowset length",
                          f"set {set_id} at byte {pos} says {set_len} bytes, {end - pos} left")
-            return records
+            if batch.replay:
+                _replay_pending(batch)
+            return None, options_records
         body_start, body_end = pos + 4, pos + set_len
         pos = body_end
         if set_id == template_set or set_id == options_set:
@@ -529,7 +549,7 @@ def _walk_sets(batch: _Batch, payload: bytes | memoryview, pos: int, end: int, e
             records = None
             continue
         if tpl.options:
-            _read_options_data(batch, tpl, payload[body_start:body_end], exporter, domain)
+            options_records += _read_options_data(batch, tpl, payload[body_start:body_end], exporter, domain)
             continue
         if values != ctx_key:
             ctx = batch.add_ctx(exporter, values)
@@ -537,7 +557,9 @@ def _walk_sets(batch: _Batch, payload: bytes | memoryview, pos: int, end: int, e
         count = _add_template_data(batch, tpl, payload[body_start:body_end], ctx, exporter, offset)
         if records is not None:
             records += count
-    return records
+    if batch.replay:
+        _replay_pending(batch)
+    return records, options_records
 
 
 def _add_template_data(batch: _Batch, tpl: Template, body: bytes | memoryview, ctx: int, exporter: str,
@@ -660,12 +682,24 @@ def _read_templates(batch: _Batch, payload: bytes | memoryview, pos: int, end: i
         if waiting:
             state.pending_count -= len(waiting)
             batch.stat(exporter)["waiting_for_template"] -= len(waiting)
-            for body, values, pending_offset in waiting:
-                if tpl.options:
-                    _read_options_data(batch, tpl, body, exporter, domain)
-                else:
-                    ctx = batch.add_ctx(exporter, values)
-                    _add_template_data(batch, tpl, body, ctx, exporter, pending_offset)
+            # decoded once the whole datagram is read: options data (sampling, boot time) that came with the
+            # template in the same datagram then applies to them too
+            batch.replay.append((tpl, exporter, domain, waiting))
+
+
+def _replay_pending(batch: _Batch) -> None:
+    """Decode data flowsets that were waiting for a template that has now arrived."""
+    state = batch.state
+    replay, batch.replay = batch.replay, []
+    for tpl, exporter, domain, waiting in replay:
+        for body, values, pending_offset in waiting:
+            if tpl.options:
+                _read_options_data(batch, tpl, body, exporter, domain)
+                continue
+            sys_init = values[5] if values[5] >= 0 else state.sys_init_ms.get((exporter, domain), -1)
+            sampling = values[6] if values[6] >= 0 else state.sampling.get((exporter, domain), -1)
+            ctx = batch.add_ctx(exporter, (*values[:5], sys_init, sampling))
+            _add_template_data(batch, tpl, body, ctx, exporter, pending_offset)
 
 
 def _withdraw(state: DecoderState, exporter: str, domain: int, tid: int, options: bool) -> None:
@@ -691,13 +725,13 @@ def _keep_pending(batch: _Batch, key: tuple[str, int, int, int], body: bytes, va
     batch.stat(exporter)["waiting_for_template"] += 1
 
 
-def _read_options_data(batch: _Batch, tpl: Template, body: bytes | memoryview, exporter: str, domain: int) -> None:
-    """Options records are few: read sampling interval and boot time per record in Python."""
+def _read_options_data(batch: _Batch, tpl: Template, body: bytes | memoryview, exporter: str, domain: int) -> int:
+    """Options records are few: read sampling interval and boot time per record in Python. Returns how many."""
     if tpl.record_len == 0 or tpl.dtype is None:
-        return
+        return 0
     count = len(body) // tpl.record_len
     if count == 0:
-        return
+        return 0
     arr = np.frombuffer(bytes(body[: count * tpl.record_len]), dtype=tpl.dtype)
     roles = tpl.roles
     state = batch.state
@@ -714,14 +748,41 @@ def _read_options_data(batch: _Batch, tpl: Template, body: bytes | memoryview, e
                 state.sampling[(exporter, domain)] = min((packets + space) // packets, 2**31 - 1)
         if "sys_init_ms" in roles:
             value = _scalar(rec["sys_init_ms"])
-            if value > 0:
+            if 0 < value < 2**50:  # a unix time in ms (anything larger is garbage)
                 state.sys_init_ms[(exporter, domain)] = value
+    return count
 
 
 def _scalar(value: Any) -> int:
     if isinstance(value, np.void | bytes):
         return int.from_bytes(bytes(value), "big")
     return int(value)
+
+
+def _track_ipfix(batch: _Batch, exporter: str, key: tuple[str, int, int], seq: int, data: int | None,
+                 options: int) -> None:
+    """IPFIX sequence numbers count data records (RFC 7011 §3.1). Exporters differ in what they count (see
+    _Sequence): the first two messages of a stream tell, then gaps are counted in that convention."""
+    track = batch.state.sequences.get(key)
+    if track is None:
+        track = batch.state.sequences[key] = _Sequence()
+    if data is None:  # records that could not be counted (no template yet): re-synchronise
+        track.expected = None
+        track.last = None
+        return
+    everything = data + options
+    if not track.locked and track.last is not None:
+        last_seq, last_data, last_all = track.last
+        for after, with_options in ((False, True), (False, False), (True, False), (True, True)):
+            base = last_seq if after else last_seq + (last_all if with_options else last_data)
+            own = (everything if with_options else data) if after else 0
+            if (seq - own - base) % WRAP == 0:
+                track.locked, track.after, track.with_options = True, after, with_options
+                track.expected = (last_seq if after else base) % WRAP
+                break
+    track.last = [seq, data, everything]
+    count = everything if track.with_options else data
+    _track_sequence(batch, exporter, key, (seq - count) % WRAP if track.after else seq, count)
 
 
 def _track_sequence(batch: _Batch, exporter: str, key: tuple[str, int, int], seq: int, count: int | None) -> None:
@@ -956,7 +1017,7 @@ def _point_in_time(arr: np.ndarray, roles: dict[str, int], which: str, c: _PerRe
     if value is not None:
         return value * 1000
     if f"{which}_ntp" in roles and roles[f"{which}_ntp"] == 8:
-        raw = _uint(arr, f"{which}_ntp", roles).view(np.uint64)
+        raw = arr[f"{which}_ntp"].astype(np.uint64)  # all 64 bits: seconds since 1900 . fraction
         seconds = (raw >> np.uint64(32)).astype(np.int64) - NTP_UNIX_OFFSET_S
         fraction_ms = ((raw & np.uint64(0xFFFFFFFF)) * np.uint64(1000)) >> np.uint64(32)
         return seconds * 1000 + fraction_ms.astype(np.int64)
