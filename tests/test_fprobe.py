@@ -111,8 +111,12 @@ def fprobe_run(tmp_path_factory) -> tuple[dict[int, FprobeExport], Traffic]:
                 nfcapd = stack.enter_context(probes.nfcapd_receiving(port, base / f"nfcapd-v{version}"))
                 capture = stack.enter_context(probes.capture_udp(port, base / f"fprobe-v{version}.pcap"))
                 exports[version] = FprobeExport(version, port, capture.path, nfcapd)
+            # long timers: no flow is cut in two by a slow machine; SIGTERM below exports them all
             runs = [
-                stack.enter_context(probes.fprobe_export(v, exports[v].export_port, bpf)) for v in VERSIONS
+                stack.enter_context(
+                    probes.fprobe_export(v, exports[v].export_port, bpf, idle_timeout=30, active_timeout=60)
+                )
+                for v in VERSIONS
             ]
             traffic = send_loopback_traffic(udp_server, listener, closed_port)
             # libpcap hands packets over in blocks (1 s timeout); after that, SIGTERM makes fprobe export its
