@@ -118,6 +118,21 @@ def _wait_for_text(log: Path, pattern: str, proc: subprocess.Popen, timeout: flo
         time.sleep(0.02)
 
 
+def udp_receive_queue(port: int, host: str = LOOPBACK_V4) -> int | None:
+    """Bytes waiting in the receive queue of the UDP socket bound to host:port (Linux /proc/net/udp[6]), None
+    if no such socket. Zero means the receiver has read everything sent to it so far."""
+    table = Path("/proc/net/udp6" if ":" in host else "/proc/net/udp")
+    try:
+        lines = table.read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4 and fields[1].rsplit(":", 1)[1] == f"{port:04X}":
+            return int(fields[4].split(":")[1], 16)
+    return None
+
+
 def count_pcap_packets(path: Path | str) -> int:
     """Number of complete records in a pcap file (classic format; what tcpdump -w writes)."""
     data = Path(path).read_bytes() if Path(path).exists() else b""
@@ -241,12 +256,13 @@ class NfcapdRun:
 
 @contextlib.contextmanager
 def nfcapd_receiving(
-    port: int, out_dir: Path | str, host: str = LOOPBACK_V4, settle: float = 0.3, timeout: float = 15.0
+    port: int, out_dir: Path | str, host: str = LOOPBACK_V4, settle: float = 0.2, timeout: float = 15.0
 ) -> Iterator[NfcapdRun]:
     """Run nfcapd (nfdump 1.7.1) in the foreground on host:port writing into `out_dir`.
 
-    On exit it waits `settle` seconds (datagrams already in its socket buffer get read), then SIGTERM, which
-    makes nfcapd close and rename its current file; `run.files` lists the resulting nfcapd files.
+    On exit it waits until nfcapd's socket has no unread datagram (then `settle` seconds more for the last one
+    to be processed), then SIGTERM, which makes nfcapd close and rename its current file; `run.files` lists
+    the resulting nfcapd files.
     """
     _check_loopback(host)
     out_dir = Path(out_dir)
@@ -274,6 +290,9 @@ def nfcapd_receiving(
     try:
         _wait_for_text(log, r"Startup", proc, timeout, "nfcapd")
         yield run
+        deadline = time.monotonic() + timeout
+        while (udp_receive_queue(port, host) or 0) > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
         time.sleep(settle)
     finally:
         stop_process(proc, signal.SIGTERM, timeout=timeout)
