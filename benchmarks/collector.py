@@ -132,23 +132,30 @@ def send(datagrams: list[bytes], dest: tuple[str, int], rate: float) -> tuple[in
 # ---- receivers --------------------------------------------------------------------------------------------------
 
 
-def udp_drops(port: int) -> int:
-    """The kernel's drop counter of the UDP socket bound to 127.0.0.1:`port` (/proc/net/udp)."""
+def udp_socket(port: int) -> tuple[int, int]:
+    """(bytes waiting in the receive queue, datagrams dropped) of the UDP socket on 127.0.0.1:`port`, from the
+    kernel (/proc/net/udp: tx_queue:rx_queue in hex, and the drops column)."""
     local = f"0100007F:{port:04X}"
     for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
         cols = line.split()
         if cols[1] == local:
-            return int(cols[12])
+            return int(cols[4].split(":")[1], 16), int(cols[12])
     raise RuntimeError(f"no UDP socket on 127.0.0.1:{port}")
 
 
-def settle(read, quiet: float = 0.6, timeout: float = 60.0) -> int:
-    """Wait until `read()` stops changing for `quiet` seconds; return its value."""
-    last, since, deadline = read(), time.monotonic(), time.monotonic() + timeout
+def udp_drops(port: int) -> int:
+    return udp_socket(port)[1]
+
+
+def settle(port: int, read, quiet: float = 0.6, timeout: float = 120.0) -> int | None:
+    """Wait until the receiver has taken everything from its socket (receive queue empty) and `read()` (its
+    own count, if any) stopped changing for `quiet` seconds; returns that count."""
+    deadline = time.monotonic() + timeout
+    last, since = read(), time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.1)
         now = read()
-        if now != last:
+        if now != last or udp_socket(port)[0]:
             last, since = now, time.monotonic()
         elif time.monotonic() - since >= quiet:
             break
@@ -260,13 +267,9 @@ def bench_receivers(
             for receiver in receivers:
                 before, drops_before = receiver.spooled(), udp_drops(receiver.port)
                 sent, achieved = send(datagrams, ("127.0.0.1", receiver.port), rate)
-                if before is not None:
-                    got = settle(receiver.spooled) - before
-                else:
-                    time.sleep(0.6)
+                after = settle(receiver.port, receiver.spooled)
                 drops = udp_drops(receiver.port) - drops_before
-                if before is None:
-                    got = sent - drops
+                got = sent - drops if before is None or after is None else after - before
                 rows.append(
                     {
                         "receiver": receiver.name,

@@ -687,9 +687,10 @@ class Collector:
 
     # -- loop --
     def _receive_ready(self, receiver: BatchReceiver) -> int:
-        """Drain one socket (up to 64 batches), appending each batch to the spool. Returns datagrams."""
+        """Drain one socket (up to 16 batches, then rotation and status get their turn), appending each batch to
+        the spool. Returns datagrams."""
         total = 0
-        for _ in range(64):
+        for _ in range(16):
             count, addr16, ports, payloads = receiver.receive()
             if count == 0:
                 break
