@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tracepipe.attribution import attribute_flows
-from tracepipe.lake import Lake, ingest_table
+from tracepipe.lake import Lake, hash_bytes, ingest_table
 from tracepipe.query import connect
 from tracepipe.schema import FLOWS, VM_LEASES
 
@@ -183,10 +183,11 @@ def main(argv: list[str] | None = None) -> int:
                 lake,
                 "flows",
                 f"bench-day-{day}",
-                f"bench-{args.flows}-{day:03d}",
+                hash_bytes(f"bench-{args.flows}-{day:03d}".encode()),  # file names use its first 16 chars
                 [table.cast(pa.schema([FLOWS.field(n) for n in table.column_names]))],
             )
         total = per_day * args.days
+        assert len(lake.files("flows")) == args.days
         print(f"generated and landed {total:,} flows in {time.perf_counter() - started:.1f} s")
 
         con = connect(lake, threads=args.threads)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             f"plain scan {t_scan_before:.2f} s ({t_asof / t_scan_before:.0f}x)"
         )
 
-        summary = attribute_flows(lake, threads=args.threads)
+        summary = attribute_flows(lake)
         print(
             f"attribute_flows: {summary['rows']:,} rows in {summary['files']} files, {summary['seconds']:.1f} s "
             f"({summary['rows'] / summary['seconds'] / 1e6:.2f} M flows/s); src attributed "

@@ -1,11 +1,11 @@
 """Flow attribution: give both ends of every flow the VM whose lease was valid at `ts_start`.
 
-`attribute_flows(lake, days)` rewrites the flow files of those UTC days (all days if None), one file at a time
-through DuckDB (out of core): `src_vm`/`dst_vm` = vm_id of the lease on that address with
-valid_from <= ts_start < valid_to (open leases: valid_to null). Row order, row groups and every other column
-stay as they were; rerunning gives the same files (idempotent). Each rewritten file carries
-query.ATTRIBUTED_KEY in its footer, so that `flows_attributed` trusts its src_vm/dst_vm (a null there means
-"nobody held the address") and joins only never-attributed files at query time.
+`attribute_flows(lake, days)` rewrites the flow files of those UTC days (all days if None), one file and one
+row group at a time (out of core), with vectorised lease look-ups (LeaseIndex): `src_vm`/`dst_vm` = vm_id of
+the lease on that address with valid_from <= ts_start < valid_to (open leases: valid_to null). Row order, row
+groups and every other column stay as they were; rerunning gives the same files (idempotent). Each rewritten
+file carries query.ATTRIBUTED_KEY in its footer, so that `flows_attributed` trusts its src_vm/dst_vm (a null
+there means "nobody held the address") and joins only never-attributed files at query time.
 
 Run it when flows land (ingest does) and for the days a late or changed lifecycle event touches
 (`leases.rebuild_leases` returns them; `ingest vm` does).
@@ -20,30 +20,73 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from tracepipe.lake import Lake
-from tracepipe.query import ATTRIBUTED_KEY, connect, quote_literal
+from tracepipe.query import ATTRIBUTED_KEY
 
 BATCH_ROWS = 1_000_000
-
-# Leases do not overlap per address: the lease valid at ts_start is the last one that started at or before it
-# (ASOF), provided it had not ended yet.
-_ATTRIBUTE_FILE_SQL = """
-SELECT f.* EXCLUDE (src_vm, dst_vm, file_row_number),
-       CASE WHEN s.valid_to IS NULL OR f.ts_start < s.valid_to THEN s.vm_id END AS src_vm,
-       CASE WHEN d.valid_to IS NULL OR f.ts_start < d.valid_to THEN d.vm_id END AS dst_vm
-FROM read_parquet({path}, file_row_number = true, hive_partitioning = false) f
-ASOF LEFT JOIN _leases s ON f.src_addr = s.addr AND f.ts_start >= s.valid_from
-ASOF LEFT JOIN _leases d ON f.dst_addr = d.addr AND f.ts_start >= d.valid_from
-ORDER BY f.file_row_number
-"""
+_NEVER = np.iinfo(np.int64).max  # valid_to of a lease still held
 
 
-def arrow_reader(relation: Any, batch_rows: int = BATCH_ROWS) -> pa.RecordBatchReader:
-    """Stream a DuckDB relation as Arrow batches (DuckDB >= 1.4 names it to_arrow_reader)."""
-    method = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
-    return method(batch_rows)
+class LeaseIndex:
+    """The leases of vm_leases, indexed so that "which lease was valid for (addr, ts)" is a few vectorised
+    numpy searches per batch of flows, no per-row Python.
+
+    Leases do not overlap per address, so the answer is the last lease of that address that started at or
+    before ts, if it had not ended yet. To search on (address, start) with one sorted int64 key, times are
+    replaced by their rank among all lease starts (rank(start) <= rank(ts) exactly when start <= ts), which
+    keeps the key small (addresses x leases) whatever the time span.
+    """
+
+    def __init__(self, leases: pa.Table) -> None:
+        self.addrs = pc.unique(leases["addr"].combine_chunks())
+        addr_id = pc.index_in(leases["addr"], value_set=self.addrs).to_numpy().astype(np.int64)
+        valid_from = _micros(leases["valid_from"], fill=0)
+        valid_to = _micros(leases["valid_to"], fill=_NEVER)
+        self.starts = np.sort(valid_from)
+        self.stride = len(valid_from) + 1
+        key = addr_id * self.stride + np.searchsorted(self.starts, valid_from, side="right")
+        order = np.argsort(key, kind="stable")
+        self.keys = key[order]
+        self.addr_id = addr_id[order]
+        self.valid_to = valid_to[order]
+        self.vm_id = leases["vm_id"].combine_chunks().take(pa.array(order))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def lookup(self, addr: pa.Array | pa.ChunkedArray, ts: pa.Array | pa.ChunkedArray) -> pa.Array:
+        """vm_id of the lease valid for each (addr, ts) pair; null where nobody held the address."""
+        if len(self.keys) == 0:
+            return pa.nulls(len(addr), pa.string())
+        aid = pc.fill_null(pc.index_in(addr, value_set=self.addrs), -1).to_numpy().astype(np.int64)
+        when = _micros(ts, fill=0)
+        key = aid * self.stride + np.searchsorted(self.starts, when, side="right")
+        idx = np.searchsorted(self.keys, key, side="right") - 1
+        safe = np.where(idx >= 0, idx, 0)
+        held = (aid >= 0) & (idx >= 0) & (self.addr_id[safe] == aid) & (when < self.valid_to[safe])
+        return self.vm_id.take(pa.array(safe, mask=~held))
+
+
+def _micros(column: pa.Array | pa.ChunkedArray, fill: int) -> np.ndarray:
+    """A timestamp column as int64 microseconds, nulls replaced by `fill`."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    values = column.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    return pc.fill_null(values, fill).to_numpy()
+
+
+def attribute_table(flows: pa.Table | pa.RecordBatch, index: LeaseIndex) -> pa.Table | pa.RecordBatch:
+    """`flows` with src_vm / dst_vm set from the lease index (every other column untouched)."""
+    src = index.lookup(flows.column("src_addr"), flows.column("ts_start"))
+    dst = index.lookup(flows.column("dst_addr"), flows.column("ts_start"))
+    names = flows.schema.names
+    flows = flows.set_column(names.index("src_vm"), "src_vm", src)
+    return flows.set_column(names.index("dst_vm"), "dst_vm", dst)
 
 
 def flow_files(lake: Lake, days: Iterable[str] | None = None) -> list[Path]:
@@ -59,12 +102,13 @@ def attribute_flows(
     lake: Lake,
     days: Iterable[str] | None = None,
     progress: Callable[[Path, int, int], None] | None = None,
-    threads: int | None = None,
 ) -> dict[str, Any]:
     """Set src_vm/dst_vm in the flow files of `days` (None = all) from the current vm_leases.
 
-    Returns {"days", "files", "rows", "src_attributed", "dst_attributed", "seconds"}. `progress` is called
-    after each file with (path, files done, files total).
+    One file at a time, one row group at a time (memory: the leases plus one batch), rewritten atomically
+    through Lake.rewrite_file_batches with query.ATTRIBUTED_KEY in its footer. Returns {"days", "files",
+    "rows", "src_attributed", "dst_attributed", "leases", "seconds"}. `progress` is called after each file
+    with (path, files done, files total).
     """
     started = time.perf_counter()
     days_list = sorted(set(days)) if days is not None else None
@@ -77,36 +121,28 @@ def attribute_flows(
         "rows": 0,
         "src_attributed": 0,
         "dst_attributed": 0,
+        "leases": 0,
         "seconds": 0.0,
     }
     if not paths:
         return summary
-    con = connect(lake, read_only=False, threads=threads)
-    try:
-        con.execute(
-            "CREATE TEMP TABLE _leases AS SELECT addr, vm_id, valid_from, valid_to FROM vm_leases "
-            "ORDER BY addr, valid_from"
+    index = LeaseIndex(lake.read("vm_leases", columns=["addr", "vm_id", "valid_from", "valid_to"]))
+    summary["leases"] = len(index)
+    marker = json.dumps({"attributed_at": dt.datetime.now(dt.UTC).isoformat(), "leases": len(index)})
+
+    def attributed(path: Path) -> Iterator[pa.RecordBatch]:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+            batch = attribute_table(batch, index)
+            summary["src_attributed"] += len(batch) - batch.column("src_vm").null_count
+            summary["dst_attributed"] += len(batch) - batch.column("dst_vm").null_count
+            yield batch
+
+    for done, path in enumerate(paths, start=1):
+        summary["rows"] += lake.rewrite_file_batches(
+            path, attributed(path), "flows", {ATTRIBUTED_KEY: marker}
         )
-        leases = con.execute("SELECT count(*) FROM _leases").fetchall()[0][0]
-        marker = json.dumps({"attributed_at": dt.datetime.now(dt.UTC).isoformat(), "leases": leases})
-        counts = {"src_attributed": 0, "dst_attributed": 0}
-
-        def counted(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
-            for batch in reader:
-                counts["src_attributed"] += len(batch) - batch.column("src_vm").null_count
-                counts["dst_attributed"] += len(batch) - batch.column("dst_vm").null_count
-                yield batch
-
-        for done, path in enumerate(paths, start=1):
-            reader = arrow_reader(con.sql(_ATTRIBUTE_FILE_SQL.format(path=quote_literal(str(path)))))
-            summary["rows"] += lake.rewrite_file_batches(
-                path, counted(reader), "flows", {ATTRIBUTED_KEY: marker}
-            )
-            summary["files"] += 1
-            if progress is not None:
-                progress(path, done, len(paths))
-    finally:
-        con.close()
-    summary.update(counts)
+        summary["files"] += 1
+        if progress is not None:
+            progress(path, done, len(paths))
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary

@@ -1,0 +1,177 @@
+"""attribution.attribute_flows over real Parquet: each end of a flow gets the VM whose lease was valid at
+ts_start (reused addresses: each VM in its own interval, never both), files keep their rows and order, reruns
+change nothing, and flows_attributed answers the same before (query-time ASOF) and after attribution."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tracepipe import query
+from tracepipe.attribution import attribute_flows
+from tracepipe.lake import Lake, ingest_table
+from tracepipe.schema import FLOWS, VM_LEASES, VMS
+
+DAY1 = dt.datetime(2024, 3, 12, tzinfo=dt.UTC)
+DAY2 = dt.datetime(2024, 3, 13, tzinfo=dt.UTC)
+
+
+def at(base: dt.datetime, hours: float) -> dt.datetime:
+    return base + dt.timedelta(hours=hours)
+
+
+# 10.0.0.5: vm-a 07:00-09:00 (deleted), nobody 09:00-10:00, vm-b from 10:00 (still holds it, into day 2).
+# 2001:db8::7: vm-c 08:00-12:00. 10.0.0.9: vm-d from 06:00 on day 2.
+LEASES = [
+    {"addr": "10.0.0.5", "vm_id": "vm-a", "vm_name": "alpha", "project": "physics", "user": "ann",
+     "hypervisor": "compute-1", "valid_from": at(DAY1, 7), "valid_to": at(DAY1, 9), "vm_status": "deleted"},
+    {"addr": "10.0.0.5", "vm_id": "vm-b", "vm_name": "beta", "project": "biology", "user": "bob",
+     "hypervisor": "compute-2", "valid_from": at(DAY1, 10), "valid_to": None, "vm_status": "active"},
+    {"addr": "2001:db8::7", "vm_id": "vm-c", "vm_name": "gamma", "project": "physics", "user": "ann",
+     "hypervisor": "compute-1", "valid_from": at(DAY1, 8), "valid_to": at(DAY1, 12), "vm_status": "stopped"},
+    {"addr": "10.0.0.9", "vm_id": "vm-d", "vm_name": "delta", "project": "chemistry", "user": "cat",
+     "hypervisor": "compute-3", "valid_from": at(DAY2, 6), "valid_to": None, "vm_status": "active"},
+]
+VMS_ROWS = [
+    {"vm_id": "vm-a", "vm_name": "alpha", "project": "physics", "user": "ann", "hypervisor": "compute-1",
+     "status": "deleted", "deleted_at": at(DAY1, 9)},
+    {"vm_id": "vm-b", "vm_name": "beta", "project": "biology", "user": "bob", "hypervisor": "compute-2",
+     "status": "active"},
+    {"vm_id": "vm-c", "vm_name": "gamma", "project": "physics", "user": "ann", "hypervisor": "compute-1",
+     "status": "stopped"},
+]  # vm-d only in leases (an inventory CSV without a vms row): names still come through
+
+# (ts_start, src, dst, expected src_vm, expected dst_vm)
+FLOWS_EXPECTED = [
+    (at(DAY1, 6.5), "10.0.0.5", "198.51.100.1", None, None),  # before anyone held it
+    (at(DAY1, 7), "10.0.0.5", "198.51.100.1", "vm-a", None),  # lease start is inclusive
+    (at(DAY1, 8.99), "10.0.0.5", "2001:db8::7", "vm-a", "vm-c"),
+    (at(DAY1, 9), "10.0.0.5", "198.51.100.1", None, None),  # lease end is exclusive: nobody
+    (at(DAY1, 9.5), "198.51.100.1", "10.0.0.5", None, None),  # gap between the two VMs
+    (at(DAY1, 10), "10.0.0.5", "198.51.100.2", "vm-b", None),
+    (at(DAY1, 11), "2001:db8::7", "10.0.0.5", "vm-c", "vm-b"),
+    (at(DAY1, 12), "2001:db8::7", "10.0.0.5", None, "vm-b"),
+    (at(DAY2, 5), "10.0.0.9", "10.0.0.5", None, "vm-b"),
+    (at(DAY2, 7), "10.0.0.9", "10.0.0.5", "vm-d", "vm-b"),
+]
+
+
+def flows_table(rows) -> pa.Table:
+    return pa.Table.from_pylist([
+        {"ts_start": ts, "ts_end": ts + dt.timedelta(seconds=30), "src_addr": src, "dst_addr": dst,
+         "src_port": 40000 + i, "dst_port": 443, "proto": 6, "packets": 3, "bytes": 1000 + i, "ip_version": 4,
+         "source": f"test-row-{i}"}
+        for i, (ts, src, dst, *_rest) in enumerate(rows)
+    ], schema=FLOWS)
+
+
+@pytest.fixture()
+def lake(tmp_path) -> Lake:
+    lake = Lake(tmp_path / "lake")
+    lake.replace_dataset("vm_leases", pa.Table.from_pylist(LEASES, schema=VM_LEASES))
+    lake.replace_dataset("vms", pa.Table.from_pylist(VMS_ROWS, schema=VMS))
+    ingest_table(lake, "flows", "test", "flows-attribution-test", [flows_table(FLOWS_EXPECTED)])
+    return lake
+
+
+def attributed_view(lake: Lake) -> list[tuple]:
+    con = query.connect(lake)
+    return con.sql("SELECT source, src_vm, dst_vm, src_vm_name, src_project, src_user, src_hypervisor, "
+                   "src_vm_status, dst_vm_name, dst_project FROM flows_attributed ORDER BY source").fetchall()
+
+
+def expected_by_source() -> dict[str, tuple[str | None, str | None]]:
+    return {f"test-row-{i}": (row[3], row[4]) for i, row in enumerate(FLOWS_EXPECTED)}
+
+
+def test_query_time_and_attributed_answers_agree(lake):
+    before = attributed_view(lake)  # nothing attributed yet: ASOF join at query time
+    assert {r[0]: (r[1], r[2]) for r in before} == expected_by_source()
+    summary = attribute_flows(lake)
+    assert summary["files"] == 2 and summary["rows"] == len(FLOWS_EXPECTED)
+    assert summary["days"] == ["2024-03-12", "2024-03-13"]
+    assert summary["src_attributed"] == sum(1 for r in FLOWS_EXPECTED if r[3])
+    assert summary["dst_attributed"] == sum(1 for r in FLOWS_EXPECTED if r[4])
+    stored = {r["source"]: (r["src_vm"], r["dst_vm"]) for r in lake.read("flows").to_pylist()}
+    assert stored == expected_by_source()
+    after = attributed_view(lake)
+    assert after == before
+    by_source = {r[0]: r for r in after}
+    assert by_source["test-row-2"][3:10] == ("alpha", "physics", "ann", "compute-1", "deleted", "gamma",
+                                             "physics")
+    assert by_source["test-row-9"][3:6] == ("delta", "chemistry", "cat")  # from vm_leases, no vms row
+
+
+def test_reused_address_each_vm_in_its_own_interval_never_both(lake):
+    attribute_flows(lake)
+    con = query.connect(lake)
+    rows = con.sql("SELECT src_vm, min(ts_start), max(ts_start), count(*) FROM flows_attributed "
+                   "WHERE src_addr = '10.0.0.5' GROUP BY src_vm ORDER BY 2").fetchall()
+    assert [(r[0], r[3]) for r in rows] == [(None, 2), ("vm-a", 2), ("vm-b", 1)]
+    a = next(r for r in rows if r[0] == "vm-a")
+    b = next(r for r in rows if r[0] == "vm-b")
+    assert a[2] < at(DAY1, 9) <= at(DAY1, 10) <= b[1]
+    # a flow row is never counted for two VMs: the join keeps the row count
+    assert con.sql("SELECT count(*) FROM flows_attributed").fetchall() == [(len(FLOWS_EXPECTED),)]
+
+
+def test_rewrite_keeps_rows_order_sort_and_is_idempotent(lake):
+    path = lake.files("flows")[0]
+    original = pq.read_table(path)
+    attribute_flows(lake)
+    first = pq.read_table(path)
+    assert first.drop(["src_vm", "dst_vm"]).equals(original.drop(["src_vm", "dst_vm"]))
+    keys = list(zip(first["src_addr"].to_pylist(), first["ts_start"].to_pylist(), strict=True))
+    assert keys == sorted(keys)  # the lake's sort order (src_addr, ts_start) survives
+    marker = json.loads(pq.read_metadata(path).metadata[query.ATTRIBUTED_KEY.encode()])
+    assert marker["leases"] == len(LEASES)
+    attribute_flows(lake)
+    assert pq.read_table(path).equals(first)
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_only_the_given_days_are_rewritten(lake):
+    summary = attribute_flows(lake, {"2024-03-13"})
+    assert summary["files"] == 1 and summary["days"] == ["2024-03-13"]
+    day1, day2 = lake.files("flows")
+    assert pq.read_table(day1)["src_vm"].null_count == pq.read_table(day1).num_rows
+    assert pq.read_table(day2)["src_vm"].to_pylist() == [None, "vm-d"]
+    assert attribute_flows(lake, ["2024-01-01"])["files"] == 0
+    # day 1 still answers through the query-time join
+    assert {r[0]: (r[1], r[2]) for r in attributed_view(lake)} == expected_by_source()
+
+
+def test_attributed_nobody_is_not_looked_up_again(lake):
+    """A null src_vm in an attributed file means "nobody held it then" (as of the last attribution); a lease
+    added later shows up once its days are re-attributed, which is what `ingest vm` does."""
+    attribute_flows(lake)
+    late = [*LEASES, {"addr": "198.51.100.1", "vm_id": "vm-e", "vm_name": "epsilon", "project": "ext",
+                      "valid_from": at(DAY1, 6), "valid_to": at(DAY1, 10)}]
+    lake.replace_dataset("vm_leases", pa.Table.from_pylist(late, schema=VM_LEASES))
+    con = query.connect(lake)
+    assert con.sql("SELECT count(*) FROM flows_attributed WHERE dst_vm = 'vm-e'").fetchall() == [(0,)]
+    attribute_flows(lake, {"2024-03-12"})
+    con = query.connect(lake)
+    assert con.sql("SELECT count(*) FROM flows_attributed WHERE dst_vm = 'vm-e'").fetchall() == [(3,)]
+    assert con.sql("SELECT dst_vm_name, dst_project FROM flows_attributed WHERE dst_vm = 'vm-e' LIMIT 1"
+                   ).fetchall() == [("epsilon", "ext")]
+
+
+def test_new_files_of_an_attributed_day_are_joined_at_query_time(lake):
+    attribute_flows(lake)
+    extra = [(at(DAY1, 8), "10.0.0.5", "198.51.100.9", "vm-a", None)]
+    table = flows_table(extra).set_column(10 + 5, "source", pa.array(["late-file"]))
+    ingest_table(lake, "flows", "late", "flows-attribution-late", [table])
+    con = query.connect(lake)
+    assert con.sql("SELECT src_vm, src_vm_name FROM flows_attributed WHERE source = 'late-file'").fetchall() == [
+        ("vm-a", "alpha")]
+    assert con.sql("SELECT count(*) FROM _flows_todo").fetchall() == [(1,)]
+
+
+def test_empty_lake_attributes_nothing(tmp_path):
+    summary = attribute_flows(Lake(tmp_path))
+    assert summary["files"] == 0 and summary["rows"] == 0
