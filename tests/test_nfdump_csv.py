@@ -11,6 +11,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from conftest import lake_flows, multiset_diff, run_tracepipe
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tracepipe import probes
 from tracepipe.ingest.nfdump import (
@@ -193,3 +195,41 @@ def test_bundled_sample_capture_and_its_nfdump_csv_agree(tmp_path):
     assert not diff, f"bundled v9 sample differs from its nfdump CSV:\n{diff}"
     ipfix = ingest_in_process([sample / "softflowd-ipfix.pcap"], tmp_path / "lake-ipfix")
     assert ipfix.num_rows == got.num_rows
+
+
+def _sample_csv_lines(n: int = 20) -> list[bytes]:
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parent.parent / "sample_data" / "netflow" / "nfdump-v9.csv"
+    lines = sample.read_bytes().split(b"\n")
+    return lines[: n + 1]  # header + n data lines
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mutations=st.lists(
+        st.tuples(
+            st.integers(min_value=1, max_value=20),  # data line (0 is the header)
+            st.integers(min_value=0, max_value=400),  # position in the line
+            st.binary(min_size=0, max_size=6).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b"")),
+            st.integers(min_value=0, max_value=6),  # bytes replaced
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_damaged_csv_gives_rows_or_rejects_never_an_exception(mutations):
+    """Any damage to nfdump CSV lines (bytes replaced, inserted, cut; invalid UTF-8): every data line becomes
+    a flow or a reject with its own line number, nothing raises."""
+    lines = _sample_csv_lines()
+    touched = set()
+    for index, position, new, cut in mutations:
+        line = lines[index]
+        position = min(position, len(line))
+        lines[index] = line[:position] + new + line[position + cut :]
+        touched.add(index + 1)
+    data_lines = [i + 1 for i, line in enumerate(lines) if i > 0 and line.strip()]
+    flows, rejects = parse_nfdump_csv(b"\n".join(lines) + b"\n", "fuzz")
+    assert flows.num_rows + rejects.num_rows == len(data_lines)
+    assert set(rejects.column("line").to_pylist()) <= touched
+    assert flows.schema == FLOWS

@@ -295,6 +295,30 @@ class _Delimited:
     invalid: list[tuple[int, str]]
 
 
+def _read_text_rows(
+    source: pa.NativeFile | pa.Buffer, delimiter: str, columns: tuple[str, ...], skip_rows: int
+) -> _Delimited:
+    """_read_delimited, and when the text is not valid UTF-8 (a damaged file), again on a copy whose bad
+    bytes are replaced by U+FFFD: the lines with them are then rejected by the field checks, not the file."""
+    try:
+        return _read_delimited(source, delimiter, columns, skip_rows)
+    except pa.ArrowInvalid as exc:
+        # "invalid UTF8 data" from the converter, or "CSV parse error" when pyarrow could not even decode a
+        # malformed line for the invalid-row handler
+        if "UTF8" not in str(exc) and "CSV parse error" not in str(exc):
+            raise
+    if isinstance(source, pa.NativeFile):
+        source.seek(0)
+        raw = source.read()
+    else:
+        raw = source.to_pybytes()
+    cleaned = raw.decode("utf-8", errors="replace").encode("utf-8")
+    try:
+        return _read_delimited(pa.py_buffer(cleaned), delimiter, columns, skip_rows)
+    except pa.ArrowInvalid as exc:
+        raise InputError(f"cannot read this text as nfdump output: {exc}") from exc
+
+
 def _read_delimited(
     source: pa.NativeFile | pa.Buffer,
     delimiter: str,
@@ -402,7 +426,7 @@ def _parse_csv(
         )
     if len(set(columns)) != len(columns):
         columns = tuple(f"{c}#{i}" if c not in _NEEDED else c for i, c in enumerate(columns))
-    rows = _read_delimited(source, ",", columns, 1 if has_header else 0)
+    rows = _read_text_rows(source, ",", columns, 1 if has_header else 0)
     return _to_flows(rows, len(columns), name, tz, trailer="Summary")
 
 
@@ -465,5 +489,5 @@ def read_nfcapd(path: Path | str, timeout: float = 300.0) -> tuple[pa.Table, pa.
         )
     if not proc.stdout.strip():
         return FLOWS.empty_table(), empty_rejects()
-    rows = _read_delimited(pa.py_buffer(proc.stdout), "|", _FMT_COLUMNS, 0)
+    rows = _read_text_rows(pa.py_buffer(proc.stdout), "|", _FMT_COLUMNS, 0)
     return _to_flows(rows, len(_FMT_COLUMNS), str(path), "UTC", trailer=None)
