@@ -205,7 +205,7 @@ def _sample_csv_lines(n: int = 20) -> list[bytes]:
     return lines[: n + 1]  # header + n data lines
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     mutations=st.lists(
         st.tuples(
