@@ -148,7 +148,8 @@ class LongConnection:
     window: Duration = 86400  # type: ignore[assignment]
     min_duration: Duration = 8 * 3600  # type: ignore[assignment]  # one 5-tuple seen without a gap of more than `max_gap`
     max_gap: Duration = 900  # type: ignore[assignment]
-    ignore_ports: list[int] = field(default_factory=list)
+    # NTP (ntpd keeps port 123 on both ends) and DNS look like hours-long UDP "connections" to a flow cache
+    ignore_ports: list[int] = field(default_factory=lambda: [53, 123])
 
 
 @dataclass(frozen=True)

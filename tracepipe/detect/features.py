@@ -180,8 +180,11 @@ def with_flow_facts(flows: pl.LazyFrame, local_addrs: list[str], night: tuple[in
         # An attempt that never completed: SYN or RST seen, ACK never (the handshake did not finish).
         failed=is_tcp & ((flags & ACK) == 0) & ((flags & (SYN | RST)) != 0),
         syn_only=is_tcp & ((flags & 0x3F) == SYN),
-        # The server side of a conversation (well-known source port, ephemeral destination): not an initiator.
-        response=pl.col("proto").is_in([6, 17]) & (pl.col("src_port") < 1024) & (pl.col("dst_port") >= 1024),
+        # The server side of a conversation: a well-known (or registered, below the ephemeral range 32768+)
+        # source port talking to a higher ephemeral port. NetFlow is one-way, so this tells replies apart.
+        response=pl.col("proto").is_in([6, 17]) & (
+            ((pl.col("src_port") < 1024) & (pl.col("dst_port") >= 1024))
+            | ((pl.col("src_port") < 32768) & (pl.col("dst_port") >= 32768))),
         icmp_unreach=unreach,
         night=is_night,
         src_local=pl.col("src_addr").is_in(locals_series.implode()),
