@@ -50,6 +50,7 @@ _DEFAULT_STATUS = {
     "purge": "purged",
 }
 _GONE = ("deleted", "purged")
+_FLOATING_ACTIONS = frozenset({"fip_associate", "fip_disassociate", "fip_delete"})
 _IDENTITY = ("vm_name", "project", "user", "cloud")
 _CONTENT = [f.name for f in VM_EVENTS if f.name not in ("source", "line")]
 
@@ -167,7 +168,7 @@ class _Replay:
         action: str = e["action"] or "unknown"
         phase = e["_phase"]
         vm = self._vm(e) if e["vm_id"] else None
-        if action.startswith("fip_"):
+        if action in _FLOATING_ACTIONS:
             if phase not in _PASSIVE_PHASES or action == "fip_delete":
                 self._floating(e, action, ts)
             return
@@ -212,16 +213,7 @@ class _Replay:
     def _vm(self, e: dict[str, Any]) -> _Vm:
         vm = self.vms.get(e["vm_id"])
         if vm is None:
-            vm = self.vms[e["vm_id"]] = _Vm(e["vm_id"], first_seen=e["ts"])
-        if e["action"] not in ("port_update", "fip_associate"):
-            for name in _IDENTITY:
-                if e[name]:
-                    setattr(vm, name, e[name])
-        elif vm.cloud is None:
-            vm.cloud = e["cloud"]
-        if e["action"] == "create" and vm.created_at is None:
-            vm.created_at = e["ts"]
-        vm.last_event_at = e["ts"]
+            vm = self.vms[e["vm_id"]] = _Vm(e["vm_id"])
         return vm
 
     def _move(self, vm: _Vm, hypervisor: str, ts: int) -> None:
@@ -319,6 +311,35 @@ def _port_maps(frame: pl.DataFrame) -> tuple[dict[str, list[tuple[int, str]]], d
     return ports, port_addrs
 
 
+def _set_identities(vms: dict[str, _Vm], frame: pl.DataFrame) -> None:
+    """Name, project, user, cloud: the latest non-null value over the VM's own events (Neutron rows carry the
+    port's project, so they only count when nothing else names the VM); created_at = first create event,
+    else first event; last_event_at = last event."""
+    own = pl.col("action").is_in(["port_update", "fip_associate"]).not_()
+    facts = (
+        frame.filter(pl.col("vm_id").is_not_null())
+        .group_by("vm_id", maintain_order=True)
+        .agg(
+            *[
+                pl.coalesce(
+                    pl.col(name).filter(own).drop_nulls().last(), pl.col(name).drop_nulls().last()
+                ).alias(name)
+                for name in _IDENTITY
+            ],
+            pl.col("ts").filter(pl.col("action") == "create").first().alias("created"),
+            pl.col("ts").first().alias("first_seen"),
+            pl.col("ts").last().alias("last_event_at"),
+        )
+    )
+    for vm_id, vm_name, project, user, cloud, created, first_seen, last_event_at in facts.iter_rows():
+        vm = vms.get(vm_id)
+        if vm is None:
+            continue
+        vm.vm_name, vm.project, vm.user, vm.cloud = vm_name, project, user, cloud
+        vm.created_at = created if created is not None else first_seen
+        vm.first_seen, vm.last_event_at = first_seen, last_event_at
+
+
 def _timestamps(values: list[int | None]) -> pa.Array:
     return pa.array(values, pa.int64()).cast(VM_LEASES.field("valid_from").type)
 
@@ -337,7 +358,6 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
         "ts",
         "_phase",
         "action",
-        "event_type",
         "vm_id",
         "state",
         "addrs",
@@ -346,11 +366,12 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
         "port_id",
         "resource_id",
         "hypervisor",
-        *_IDENTITY,
     ]
     if frame.height:
         for e in frame.select(columns).iter_rows(named=True):
             replay.apply(e)
+    if frame.height:
+        _set_identities(replay.vms, frame)
     kept = [
         lease
         for lease in replay.leases
