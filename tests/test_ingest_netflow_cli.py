@@ -1,0 +1,164 @@
+"""`tracepipe ingest netflow` as a user runs it: real softflowd export captures into a lake read back with DuckDB,
+idempotent re-runs, partial and unusable input with their exit codes, and SIGKILL at random moments."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+from scapy.utils import rdpcap, wrpcap
+
+from tests.conftest import run_tracepipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def query(lake: Path, sql: str) -> list[tuple]:
+    with duckdb.connect() as con:
+        sql = sql.replace("FLOWS", f"read_parquet('{lake}/flows/**/*.parquet', hive_partitioning=true)")
+        sql = sql.replace("REJECTS", f"read_parquet('{lake}/rejects/**/*.parquet', hive_partitioning=true)")
+        return con.execute(sql).fetchall()
+
+
+def ingest(lake: Path, *paths: Path, fmt: str = "json") -> tuple[int, dict | str]:
+    proc = run_tracepipe("ingest", "netflow", *map(str, paths), "--lake", str(lake), "--format", fmt)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, json.loads(proc.stdout) if fmt == "json" else proc.stdout
+
+
+@pytest.fixture(scope="module")
+def exports(softflowd_export) -> dict[int, object]:
+    return {v: softflowd_export(v, "ipv6" if v in (9, 10) else "ipv4") for v in (5, 9, 10)}
+
+
+def test_real_exports_land_and_match_what_nfdump_counts(exports, tmp_path):
+    lake = tmp_path / "lake"
+    paths = [exports[v].export_pcap for v in (5, 9, 10)]
+    code, summary = ingest(lake, *paths)
+    assert code == 0, summary
+    expected = sum(exports[v].expected.num_rows for v in (5, 9, 10))
+    assert summary["totals"]["flows"] == expected
+    assert summary["totals"]["rejects"] == 0
+    assert [f["status"] for f in summary["files"]] == ["landed"] * 3
+    (exporter,) = summary["exporters"]
+    stats = summary["exporters"][exporter]
+    assert stats["versions"] == [5, 9, 10]
+    assert stats["datagrams"] == sum(exports[v].softflowd.datagrams for v in (5, 9, 10))
+    assert stats["sequence_gaps"] == 0
+    assert query(lake, "select count(*) from FLOWS") == [(expected,)]
+    by_source = dict(query(lake, "select source, count(*) from FLOWS group by source"))
+    assert by_source == {str(exports[v].export_pcap): exports[v].expected.num_rows for v in (5, 9, 10)}
+    # hive partitions by UTC day of ts_start, one manifest row per capture
+    assert query(lake, "select count(*) from FLOWS where strftime(ts_start, '%Y-%m-%d') <> date") == [(0,)]
+    assert len(list((lake / "_ingest").glob("flows-*.parquet"))) == 3
+
+
+def test_reingest_adds_nothing(exports, tmp_path):
+    lake = tmp_path / "lake"
+    path = exports[9].export_pcap
+    assert ingest(lake, path)[0] == 0
+    before = query(lake, "select count(*), sum(bytes) from FLOWS")
+    code, summary = ingest(lake, path)
+    assert code == 0
+    assert summary["files"][0]["status"] == "skipped"
+    assert query(lake, "select count(*), sum(bytes) from FLOWS") == before
+
+
+def test_table_output_names_exporters_and_unknown_sampling(exports, tmp_path):
+    code, text = ingest(tmp_path / "lake", exports[5].export_pcap, fmt="table")
+    assert code == 0
+    assert "127.0.0.1" in text
+    assert "sampling interval unknown for 127.0.0.1" in text  # v5 from softflowd: no sampling information
+
+
+def test_partial_input_lands_the_rest_and_exits_3(exports, tmp_path):
+    packets = list(rdpcap(str(exports[9].export_pcap)))
+    junk = Ether() / IP(src="127.0.0.1", dst="127.0.0.1") / UDP(sport=1, dport=2055) / (b"\x00\x63" + b"junk" * 10)
+    wrpcap(str(tmp_path / "mixed.pcap"), [*packets, junk])
+    data = (tmp_path / "mixed.pcap").read_bytes()
+    (tmp_path / "mixed.pcap").write_bytes(data + data[24:60])  # and a record cut at the end of the file
+    lake = tmp_path / "lake"
+    code, summary = ingest(lake, tmp_path / "mixed.pcap")
+    assert code == 3
+    assert summary["totals"]["flows"] == exports[9].expected.num_rows
+    assert summary["totals"]["rejects"] == 2
+    rejects = query(lake, "select source, reason, \"offset\" from REJECTS order by \"offset\"")
+    assert [(s, r) for s, r, _ in rejects] == [(str(tmp_path / "mixed.pcap"), "not netflow"),
+                                             (str(tmp_path / "mixed.pcap"), "truncated pcap record")]
+    assert rejects[1][2] == len(data)  # the byte offset of the cut record
+    assert query(lake, "select count(*) from FLOWS") == [(exports[9].expected.num_rows,)]
+
+
+def test_nothing_usable_exits_4(tmp_path):
+    (tmp_path / "notes.txt").write_text("this is not a capture\n")
+    lake = tmp_path / "lake"
+    code, summary = ingest(lake, tmp_path / "notes.txt", tmp_path / "missing.pcap")
+    assert code == 4
+    assert [(f["kind"], f["status"]) for f in summary["files"]] == [("unknown", "rejected"), ("missing", "missing")]
+    assert query(lake, "select reason, \"offset\" from REJECTS") == [("not a pcap", 0)]
+
+
+def test_help_documents_exit_codes_and_an_example():
+    proc = run_tracepipe("ingest", "netflow", "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for needle in ("Exit codes: 0 all landed", "3 partial", "4 nothing landed", "Example: tracepipe ingest netflow",
+                   "--lake", "--format"):
+        assert needle in text, needle
+
+
+# ---- SIGKILL at random moments ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def big_capture(tmp_path_factory) -> Path:
+    """~200k v9 records in a real softflowd template's layout: an ingest of a second or two."""
+    path = tmp_path_factory.mktemp("big") / "v9-big.pcap"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "netflow_ingest.py"), "--build-only", str(path),
+                    "--records", "200000"], check=True, capture_output=True, timeout=300)
+    return path
+
+
+def _start(lake: Path, capture: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tracepipe.cli", "ingest", "netflow", str(capture), "--lake",
+                             str(lake), "--format", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=ROOT)
+
+
+def test_sigkill_at_random_moments_then_rerun_gives_the_clean_lake(big_capture, tmp_path):
+    clean = tmp_path / "clean"
+    started = time.monotonic()
+    assert _start(clean, big_capture).wait(timeout=300) == 0
+    duration = time.monotonic() - started
+    total = query(clean, "select count(*) from FLOWS")[0][0]
+    assert total >= 200_000
+
+    lake = tmp_path / "killed"
+    rng = random.Random(7)
+    kills = 0
+    while kills < 10:
+        proc = _start(lake, big_capture)
+        time.sleep(rng.uniform(0.05, duration * 0.9))  # anywhere from start-up to the commit
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=60)
+        if list(lake.glob("flows/*/*.parquet")):  # whatever has landed is readable at every moment
+            query(lake, "select count(*) from FLOWS")
+    assert _start(lake, big_capture).wait(timeout=300) == 0
+    assert query(lake, "select count(*) from FLOWS") == [(total,)]
+    difference = ("select count(*) from (select * exclude (date) from {a} except all select * exclude (date) from {b})")
+    a = f"read_parquet('{clean}/flows/**/*.parquet', hive_partitioning=true)"
+    b = f"read_parquet('{lake}/flows/**/*.parquet', hive_partitioning=true)"
+    assert query(lake, difference.format(a=a, b=b)) == [(0,)]
+    assert query(lake, difference.format(a=b, b=a)) == [(0,)]
+    assert not list(lake.rglob("*.tmp")) or _start(lake, big_capture).wait(timeout=300) == 0
+    assert len(list((lake / "_ingest").glob("flows-*.parquet"))) == 1
