@@ -212,3 +212,16 @@ def test_big_files_are_read_in_blocks_of_whole_lines_with_exact_line_numbers(tmp
     assert pa.concat_tables([p[0] for p in parts]).equals(whole)
     assert pa.concat_tables([p[1] for p in parts]).column("line").to_pylist() == [9]
     assert whole.column("line").to_pylist()[-1] == 11
+
+
+def test_hostname_that_is_an_address_counts_as_sender(story_leases):
+    """rsyslog without name resolution writes the sender's address (%fromhost-ip%) as the hostname."""
+    text = (
+        "Mar 12 07:45:00 192.168.1.3 sshd[5]: Failed password for root from 203.0.113.9 port 1 ssh2\n"
+        "<38>1 2024-03-12T08:20:00Z 192.168.001.3 sshd 1 - - x\n"
+        "<38>1 2024-03-12T08:20:00Z 2001:DB8::1 sshd 1 - - x\n"
+    )
+    logs, _ = parse_syslog(text, "x", year=2024)
+    assert logs.column("sender_addr").to_pylist() == ["192.168.1.3", None, "2001:db8::1"]
+    vms = attribute_logs(logs, story_leases).column("vm_id").to_pylist()
+    assert vms[0].startswith("7311d8a3") and vms[1] is None and vms[2] is None

@@ -8,12 +8,14 @@ each with or without a leading `<PRI>`:
   rsyslog high-precision `2024-03-12T07:41:02.123456+01:00 web-01 sshd[1234]: message`
 sshd's authentication messages become auth_event (failed / accepted / invalid_user / preauth_closed),
 auth_user, auth_src_addr, auth_method. Lines in no known shape are rejects with their line number.
-`attribute_logs` then sets vm_id from the sender address (or the hostname = VM name) and the leases.
+`attribute_logs` then sets vm_id from the sender address (given, or a hostname that is an IP address, as
+rsyslog writes %fromhost-ip%) or else the hostname = VM name, and the leases.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 
 import polars as pl
 import pyarrow as pa
@@ -156,6 +158,8 @@ def parse_syslog(
         pl.lit(source).alias("source"),
         pl.col("line").cast(pl.Int64),
     )
+    if sender_addr is None:
+        logs = logs.with_columns(_addresses_as_text(logs.get_column("hostname")).alias("sender_addr"))
     logs = logs.with_columns(
         pl.col("message").str.extract_groups(pattern).alias(f"_sshd{i}")
         for i, (_, pattern) in enumerate(SSHD_PATTERNS)
@@ -200,6 +204,19 @@ def _sshd_columns() -> list[pl.Expr]:
         first("addr").alias("auth_src_addr"),
         pl.when(first("event").is_in(["failed", "accepted"])).then(method).alias("auth_method"),
     ]
+
+
+def _addresses_as_text(hostnames: pl.Series) -> pl.Series:
+    """Hostnames that are IP addresses (rsyslog writes %fromhost-ip% when it does not resolve names), in
+    canonical text; others null. `ipaddress` runs on the distinct candidates only."""
+    candidates = hostnames.filter(hostnames.str.contains(r"^[0-9.]+$|:")).unique().to_list()
+    canonical: dict[str, str] = {}
+    for text in candidates:
+        try:
+            canonical[text] = str(ipaddress.ip_address(text))
+        except ValueError:
+            continue
+    return hostnames.replace_strict(canonical, default=None, return_dtype=pl.String)
 
 
 def attribute_logs(logs: pa.Table, leases: pa.Table) -> pa.Table:
