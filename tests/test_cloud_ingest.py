@@ -195,3 +195,16 @@ def test_opennebula_pair_and_directory(tmp_path):
     assert report.leases == 6
     leases = lake.read("vm_leases").to_pylist()
     assert leases[0]["valid_from"] == utc(8, 0, 41)
+
+
+def test_opennebula_log_paired_with_a_given_xml_by_vm_id(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "xml").mkdir()
+    log = tmp_path / "logs" / "42.log"
+    log.write_bytes((DATA / "opennebula" / "42.log").read_bytes())
+    xml = tmp_path / "xml" / "vm42-show.xml"
+    xml.write_bytes((DATA / "opennebula" / "42.xml").read_bytes())
+    lake = Lake(tmp_path / "lake")
+    report = ingest_vm_files(lake, [xml, log], tz="Europe/Berlin")
+    assert [r.source for r in report.results] == [f"{log}+vm42-show.xml"]
+    assert report.leases == 6 and report.vms == 1

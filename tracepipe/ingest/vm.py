@@ -8,6 +8,7 @@ leases changed. `ingest_syslog_files` lands syslog in `vm_logs`, attributed thro
 from __future__ import annotations
 
 import datetime as dt
+import re
 import zoneinfo
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -102,21 +103,30 @@ def _read_text(path: Path) -> str:
         raise InputError(f"cannot read {path}: {exc}") from exc
 
 
+_XML_VM_ID = re.compile(rb"<VM>\s*<ID>\s*(\d+)\s*</ID>")
+
+
 def _opennebula_pairs(files: list[Path]) -> tuple[list[tuple[Path, Path | None]], set[Path]]:
-    """Pair `<id>.log` with `<id>.xml` (given together, or next to each other). Returns the sources to
-    ingest (log or lone XML, with its partner) and the XML files consumed by a log."""
-    given = {p.resolve(): p for p in files}
+    """Pair each `<id>.log` with its VM's XML: `<id>.xml` next to it, or any given XML whose VM/ID is <id>
+    (`onevm show -x 42 > vm42.xml`). Returns (log, partner or None) pairs and the XML files consumed."""
+    by_id: dict[str, Path] = {}
+    for path in files:
+        if path.suffix.lower() == ".xml":
+            with open(path, "rb") as handle:
+                match = _XML_VM_ID.search(handle.read(4096))
+            if match:
+                by_id.setdefault(match.group(1).decode(), path)
     consumed: set[Path] = set()
     pairs: list[tuple[Path, Path | None]] = []
     for path in files:
         if path.suffix.lower() != ".log":
             continue
-        partner = path.with_suffix(".xml")
-        if partner.resolve() in given or partner.is_file():
+        partner: Path | None = path.with_suffix(".xml")
+        if not partner.is_file():
+            partner = by_id.get(path.stem)
+        if partner is not None:
             consumed.add(partner.resolve())
-            pairs.append((path, partner))
-        else:
-            pairs.append((path, None))
+        pairs.append((path, partner))
     return pairs, consumed
 
 
