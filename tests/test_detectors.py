@@ -60,7 +60,9 @@ def test_each_planted_host_is_alerted_by_its_detector_with_its_vm(story_lake, al
     _, story = story_lake
     planted = story.planted[index]
     hits = [a for a in alerts if a["addr"] == planted.addr and a["detector"] == planted.detector]
-    assert hits, f"{planted.detector} on {planted.addr} not alerted; got {[(a['detector'], a['addr']) for a in alerts]}"
+    assert hits, (
+        f"{planted.detector} on {planted.addr} not alerted; got {[(a['detector'], a['addr']) for a in alerts]}"
+    )
     alert = hits[0]
     assert alert["vm_id"] == planted.vm_id
     assert alert["vm_name"] == planted.vm_name
@@ -122,8 +124,9 @@ def test_allowlists(story_lake):
     lake, story = story_lake
     scanner = next(p.addr for p in story.planted if p.detector == "horizontal_scan")
     miner = next(p for p in story.planted if p.detector == "mining")
-    text = PIPELINE + (f'[allowlist]\nknown_scanners = ["{scanner}/32"]\nports = [3389]\n'
-                       f'cidrs = ["{miner.peer}/32"]\n')
+    text = PIPELINE + (
+        f'[allowlist]\nknown_scanners = ["{scanner}/32"]\nports = [3389]\ncidrs = ["{miner.peer}/32"]\n'
+    )
     got = {(a["detector"], a["addr"]) for a in sweep_alerts(lake, story, text).to_pylist()}
     assert ("horizontal_scan", scanner) not in got
     assert not any(d == "mining" for d, _ in got)
@@ -152,9 +155,19 @@ def test_periodicity_scores_a_metronome_high_and_poisson_low():
     rows = []
     for dst, times in (("192.0.2.1", regular), ("192.0.2.2", poisson)):
         for i, t in enumerate(times):
-            rows.append({"src_addr": "10.0.0.1", "dst_addr": dst, "dst_port": 443, "proto": 6, "src_port": 40000 + i,
-                         "ts_start": dt.datetime.fromtimestamp(t, dt.UTC),
-                         "bytes": int(1000 + (rng.integers(-5, 5) if dst.endswith("1") else rng.integers(0, 50000)))})
+            rows.append(
+                {
+                    "src_addr": "10.0.0.1",
+                    "dst_addr": dst,
+                    "dst_port": 443,
+                    "proto": 6,
+                    "src_port": 40000 + i,
+                    "ts_start": dt.datetime.fromtimestamp(t, dt.UTC),
+                    "bytes": int(
+                        1000 + (rng.integers(-5, 5) if dst.endswith("1") else rng.integers(0, 50000))
+                    ),
+                }
+            )
     scores = periodicity(pl.LazyFrame(rows), 86400, 20).collect().sort("dst_addr")
     regular_score, poisson_score = scores.get_column("score").to_list()
     assert regular_score > 0.9
@@ -165,7 +178,9 @@ def test_address_helpers_v4_and_v6():
     values, valid = ipv4_to_int(pa.array(["10.0.0.1", "255.255.255.255", "2001:db8::1", "1.2.3", None]))
     assert values[:2].tolist() == [0x0A000001, 0xFFFFFFFF]
     assert valid.tolist() == [True, True, False, False, False]
-    mask = in_networks(["10.1.2.3", "11.0.0.1", "2001:db8:10::5", "2001:db8:11::5"], ["10.0.0.0/8", "2001:db8:10::/48"])
+    mask = in_networks(
+        ["10.1.2.3", "11.0.0.1", "2001:db8:10::5", "2001:db8:11::5"], ["10.0.0.0/8", "2001:db8:10::/48"]
+    )
     assert mask.tolist() == [True, False, True, False]
 
 

@@ -32,15 +32,27 @@ MISP_CSV = """uuid,event_id,category,type,value,comment,to_ids,date,object_relat
 
 MISP_JSON = {
     "Event": {
-        "id": "77", "info": "Botnet infrastructure",
+        "id": "77",
+        "info": "Botnet infrastructure",
         "Attribute": [
-            {"type": "ip-dst", "value": "203.0.113.5", "category": "Network activity", "comment": "panel",
-             "timestamp": "1718611200"},
+            {
+                "type": "ip-dst",
+                "value": "203.0.113.5",
+                "category": "Network activity",
+                "comment": "panel",
+                "timestamp": "1718611200",
+            },
             {"type": "ip-src", "value": "300.1.1.1", "category": "Network activity"},
             {"type": "sha256", "value": "ab" * 32, "category": "Payload delivery"},
         ],
-        "Object": [{"name": "ip-port", "Attribute": [
-            {"type": "ip-dst", "value": "2001:db8:bad::66", "category": "Network activity"}]}],
+        "Object": [
+            {
+                "name": "ip-port",
+                "Attribute": [
+                    {"type": "ip-dst", "value": "2001:db8:bad::66", "category": "Network activity"}
+                ],
+            }
+        ],
     }
 }
 
@@ -56,10 +68,20 @@ PLAIN = """# our CERT's list
 def test_misp_csv_rows_rejects_and_skipped_types():
     table, rejects, skipped = parse_intel(MISP_CSV, "misp-csv", "misp.csv")
     rows = table.to_pylist()
-    assert [r["indicator"] for r in rows] == ["203.0.113.66", "198.51.100.9", "192.0.2.0/24", "evil.example",
-                                              "2001:db8:bad::/48"]
+    assert [r["indicator"] for r in rows] == [
+        "203.0.113.66",
+        "198.51.100.9",
+        "192.0.2.0/24",
+        "evil.example",
+        "2001:db8:bad::/48",
+    ]
     cidr = rows[2]
-    assert (cidr["kind"], cidr["net_lo"], cidr["net_hi"], cidr["ip_version"]) == ("cidr", "192.0.2.0", "192.0.2.255", 4)
+    assert (cidr["kind"], cidr["net_lo"], cidr["net_hi"], cidr["ip_version"]) == (
+        "cidr",
+        "192.0.2.0",
+        "192.0.2.255",
+        4,
+    )
     assert rows[0]["description"] == "C2 server" and rows[0]["event_id"] == "1201"
     assert rows[0]["first_seen"] == dt.datetime(2024, 6, 17, 8, 0, tzinfo=dt.UTC)
     assert rows[4]["net_hi"] == "2001:db8:bad:ffff:ffff:ffff:ffff:ffff"
@@ -118,9 +140,20 @@ def test_cli_import_exit_codes(tmp_path):
 
 
 def test_match_addresses_ips_nested_cidrs_v6():
-    rows, _, _ = parse_intel("10.0.0.0/8\n10.1.0.0/16\n192.0.2.7\n2001:db8:bad::/48\n172.16.5.0/24\n", "list", "l")
-    addrs = ["10.1.2.3", "10.200.0.1", "192.0.2.7", "192.0.2.8", "2001:db8:bad:1::5", "2001:db8:bae::1",
-             "172.16.5.255", "172.16.6.0", "11.0.0.0"]
+    rows, _, _ = parse_intel(
+        "10.0.0.0/8\n10.1.0.0/16\n192.0.2.7\n2001:db8:bad::/48\n172.16.5.0/24\n", "list", "l"
+    )
+    addrs = [
+        "10.1.2.3",
+        "10.200.0.1",
+        "192.0.2.7",
+        "192.0.2.8",
+        "2001:db8:bad:1::5",
+        "2001:db8:bae::1",
+        "172.16.5.255",
+        "172.16.6.0",
+        "11.0.0.0",
+    ]
     found = dict(match_addresses(addrs, rows).select("addr", "indicator").iter_rows())
     assert set(found) == {"10.1.2.3", "10.200.0.1", "192.0.2.7", "2001:db8:bad:1::5", "172.16.5.255"}
     assert found["10.200.0.1"] == "10.0.0.0/8"
@@ -145,8 +178,9 @@ def test_retro_hunt_finds_old_contacts_after_import(story_lake):
     config = load_pipeline(REPO / "pipelines" / "retro-hunt.toml")
     import dataclasses
 
-    config = dataclasses.replace(config, output=dataclasses.replace(config.output, report_dir=str(root / "r"),
-                                                                    html=False))
+    config = dataclasses.replace(
+        config, output=dataclasses.replace(config.output, report_dir=str(root / "r"), html=False)
+    )
     since, until = story.start, story.last_day[1]
     before = run_sweep(lake, config, since, until)
     assert before.exit_code == 0 and before.alerts.num_rows == 0  # no indicators yet

@@ -55,8 +55,14 @@ def test_score_ranks_the_odd_host_and_explains_it(fitted):
     row = by_host.filter(pl.col("host") == odd).row(0, named=True)
     explanation = json.loads(row["explanation"])
     assert len(explanation) == 3
-    assert {e["feature"] for e in explanation} & {"new_dst_share", "distinct_dst", "distinct_dst_ports",
-                                                   "bytes_out", "packets_out", "bytes_out_ext"}
+    assert {e["feature"] for e in explanation} & {
+        "new_dst_share",
+        "distinct_dst",
+        "distinct_dst_ports",
+        "bytes_out",
+        "packets_out",
+        "bytes_out_ext",
+    }
     assert all(e["value"] >= e["baseline"] for e in explanation)
     # the planted scanners stand out too, although the model never saw a rule
     scanner = next(p.addr for p in story.planted if p.detector == "horizontal_scan")
@@ -68,7 +74,8 @@ def test_sweep_raises_anomaly_alerts(fitted):
     pipeline = root / "m.toml"
     pipeline.write_text(
         f'[pipeline]\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n[output]\nreport_dir = "{root}/r"\n'
-        'html = false\n[model]\nenabled = true\nmin_score = 0.6\nmax_alerts = 3\n')
+        "html = false\n[model]\nenabled = true\nmin_score = 0.6\nmax_alerts = 3\n"
+    )
     result = run_sweep(lake, pipeline, *story.last_day)
     anomalies = [a for a in result.alerts.to_pylist() if a["detector"] == "anomaly"]
     assert 1 <= len(anomalies) <= 3
@@ -86,8 +93,10 @@ def test_sweep_without_a_model_notes_it(tmp_path):
     lake = Lake(tmp_path / "lake")
     lake.append("flows", story.flows, key="s")
     pipeline = tmp_path / "m.toml"
-    pipeline.write_text(f'[pipeline]\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n[output]\n'
-                        f'report_dir = "{tmp_path}/r"\nhtml = false\n[model]\nenabled = true\n')
+    pipeline.write_text(
+        f"[pipeline]\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n[output]\n"
+        f'report_dir = "{tmp_path}/r"\nhtml = false\n[model]\nenabled = true\n'
+    )
     result = run_sweep(lake, pipeline, *story.last_day)
     assert any("anomaly model skipped" in n and "model fit" in n for n in result.notes)
     assert result.exit_code == 1  # the rules still ran
@@ -104,18 +113,37 @@ def test_too_little_baseline_is_a_clear_error(tmp_path):
 def test_cli_model_fit_and_score(fitted, tmp_path):
     _, lake, story, _, _ = fitted
     pipeline = tmp_path / "p.toml"
-    pipeline.write_text(f'[pipeline]\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n'
-                        f'[model]\npath = "{tmp_path}/m.joblib"\n')
+    pipeline.write_text(
+        f"[pipeline]\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n"
+        f'[model]\npath = "{tmp_path}/m.joblib"\n'
+    )
     base = [sys.executable, "-m", "tracepipe.cli", "model"]
     common = ["--lake", str(lake.root), "--pipeline", str(pipeline), "--format", "json"]
     one_day = (story.start + dt.timedelta(days=1)).isoformat()
-    fit = subprocess.run([*base, "fit", "--since", story.start.isoformat(), "--until", one_day, *common],
-                         capture_output=True, text=True, timeout=120)
+    fit = subprocess.run(
+        [*base, "fit", "--since", story.start.isoformat(), "--until", one_day, *common],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert fit.returncode == 0, fit.stderr
     assert json.loads(fit.stdout)["model"] == f"{tmp_path}/m.joblib"
-    score = subprocess.run([*base, "score", "--since", story.last_day[0].isoformat(), "--until",
-                            story.last_day[1].isoformat(), "--top", "5", *common],
-                           capture_output=True, text=True, timeout=120)
+    score = subprocess.run(
+        [
+            *base,
+            "score",
+            "--since",
+            story.last_day[0].isoformat(),
+            "--until",
+            story.last_day[1].isoformat(),
+            "--top",
+            "5",
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert score.returncode == 0, score.stderr
     rows = json.loads(score.stdout)
     assert len(rows) == 5 and rows[0]["anomaly_score"] >= rows[-1]["anomaly_score"]

@@ -25,14 +25,23 @@ from tracepipe.sweep import run_sweep, sweep_window
 REPO = Path(__file__).resolve().parent.parent
 STORY = REPO / "sample_data" / "story"
 # ground-truth kinds of tracepipe.synth -> our detector names
-KIND = {"ssh_bruteforce": "brute_force", "horizontal_scan": "horizontal_scan", "beacon": "beacon",
-        "exfiltration": "exfiltration", "miner": "mining", "vertical_scan": "vertical_scan",
-        "rdp_bruteforce": "brute_force", "long_connection": "long_connection"}
+KIND = {
+    "ssh_bruteforce": "brute_force",
+    "horizontal_scan": "horizontal_scan",
+    "beacon": "beacon",
+    "exfiltration": "exfiltration",
+    "miner": "mining",
+    "vertical_scan": "vertical_scan",
+    "rdp_bruteforce": "brute_force",
+    "long_connection": "long_connection",
+}
 
 
 def pipeline_text(report_dir: Path, extra: str = "") -> str:
-    return (f'[pipeline]\nname = "t"\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n'
-            f'[output]\nreport_dir = "{report_dir}"\nhtml = false\n{extra}')
+    return (
+        f'[pipeline]\nname = "t"\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n'
+        f'[output]\nreport_dir = "{report_dir}"\nhtml = false\n{extra}'
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +62,15 @@ def test_sweep_writes_new_alerts_once(story_lake):
     first = run_sweep(lake, pipeline, since, until)
     assert first.exit_code == EXIT_FOUND
     detectors = {a["detector"] for a in first.new_alerts.to_pylist()}
-    assert {"horizontal_scan", "vertical_scan", "brute_force", "beacon", "exfiltration", "long_connection",
-            "mining"} <= detectors
+    assert {
+        "horizontal_scan",
+        "vertical_scan",
+        "brute_force",
+        "beacon",
+        "exfiltration",
+        "long_connection",
+        "mining",
+    } <= detectors
     stored = lake.read("alerts")
     assert stored.num_rows == first.new_alerts.num_rows
     report = json.loads(first.report_paths["json"].read_text())
@@ -100,13 +116,25 @@ def test_partial_input_is_exit_3(story_lake, tmp_path):
 
 
 BAD_PIPELINES = [
-    ('[pipeline]\nname = "x"\n\n[detectors.beacon]\nmin_scroe = 0.5\n', 5, "detectors.beacon.min_scroe",
-     "unknown key"),
-    ('[pipeline]\nname = "x"\n[detectors.horizontal_scan]\n# comment\nmin_hosts = "many"\n', 5,
-     "detectors.horizontal_scan.min_hosts", "expected integer"),
+    (
+        '[pipeline]\nname = "x"\n\n[detectors.beacon]\nmin_scroe = 0.5\n',
+        5,
+        "detectors.beacon.min_scroe",
+        "unknown key",
+    ),
+    (
+        '[pipeline]\nname = "x"\n[detectors.horizontal_scan]\n# comment\nmin_hosts = "many"\n',
+        5,
+        "detectors.horizontal_scan.min_hosts",
+        "expected integer",
+    ),
     ('[window]\nlast = "1 fortnight"\n', 2, "window.last", "not a duration"),
-    ('[pipeline]\nlocal_networks = ["10.0.0.0/8", "10.300.0.0/16"]\n', 2, "pipeline.local_networks",
-     "not an address or CIDR"),
+    (
+        '[pipeline]\nlocal_networks = ["10.0.0.0/8", "10.300.0.0/16"]\n',
+        2,
+        "pipeline.local_networks",
+        "not an address or CIDR",
+    ),
     ('[pipeline]\nname = "x"\n[detectorz]\nfoo = 1\n', 3, "detectorz", "unknown key"),
     ('[model]\nenabled = "yes"\n', 2, "model.enabled", "expected true/false"),
 ]
@@ -131,8 +159,12 @@ def test_toml_syntax_error_names_line():
 def test_cli_bad_pipeline_exits_2_with_the_line(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[pipeline]\nname = "x"\nlocal_network = ["10.0.0.0/8"]\n')
-    proc = subprocess.run([sys.executable, "-m", "tracepipe.cli", "sweep", str(path), "--lake", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tracepipe.cli", "sweep", str(path), "--lake", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "line 3" in proc.stderr and "pipeline.local_network" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -141,13 +173,34 @@ def test_cli_bad_pipeline_exits_2_with_the_line(tmp_path):
 def test_cli_sweep_json_summary_and_codes(story_lake, tmp_path):
     lake, story, pipeline = story_lake
     since, until = story.last_day
-    cmd = [sys.executable, "-m", "tracepipe.cli", "sweep", str(pipeline), "--since", since.isoformat(), "--until",
-           until.isoformat(), "--lake", str(lake.root), "--format", "json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tracepipe.cli",
+        "sweep",
+        str(pipeline),
+        "--since",
+        since.isoformat(),
+        "--until",
+        until.isoformat(),
+        "--lake",
+        str(lake.root),
+        "--format",
+        "json",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     summary = json.loads(proc.stdout)
     assert proc.returncode == summary["exit_code"]
     assert summary["alerts"] >= 8 and summary["flows"] > 0  # every planted kind but intel (none imported)
-    empty_cmd = [*cmd[:5], "--since", "2020-01-01T00:00", "--until", "2020-01-01T01:00", "--lake", str(lake.root)]
+    empty_cmd = [
+        *cmd[:5],
+        "--since",
+        "2020-01-01T00:00",
+        "--until",
+        "2020-01-01T01:00",
+        "--lake",
+        str(lake.root),
+    ]
     empty = subprocess.run(empty_cmd, capture_output=True, text=True, timeout=60)
     assert empty.returncode == 0
     assert "no flows between 2020-01-01 00:00 and 2020-01-01 01:00 UTC" in empty.stdout.replace("\n", " ")
@@ -180,7 +233,9 @@ def _check_story(result, truth: dict, also: frozenset[tuple[str, str]] = frozens
     for incident in truth["incidents"]:
         detector = KIND[incident["kind"]]
         hits = [a for a in alerts if a["addr"] == incident["addr"] and a["detector"] == detector]
-        assert hits, f"{incident['kind']} on {incident['addr']} not found: {[(a['detector'], a['addr']) for a in alerts]}"
+        assert hits, (
+            f"{incident['kind']} on {incident['addr']} not found: {[(a['detector'], a['addr']) for a in alerts]}"
+        )
         assert hits[0]["vm_name"] == incident["vm_name"]
         assert hits[0]["user"] == incident["user"]
         assert hits[0]["project"] == incident["project"]
@@ -219,7 +274,10 @@ def test_end_to_end_on_the_softflowd_story(tmp_path):
     assert scan["vm_status"] == "deleted"
     exfil = next(a for a in result.alerts.to_pylist() if a["detector"] == "exfiltration")
     assert exfil["vm_status"] == "soft_deleted"  # quarantine_until needs the reclaim interval (ingest vm)
-    assert run_sweep(lake, _story_pipeline(tmp_path, flows_dir, vm_dir), *_window(truth)).new_alerts.num_rows == 0
+    assert (
+        run_sweep(lake, _story_pipeline(tmp_path, flows_dir, vm_dir), *_window(truth)).new_alerts.num_rows
+        == 0
+    )
 
 
 def _plant_more(story: synth.Story) -> None:
@@ -232,19 +290,57 @@ def _plant_more(story: synth.Story) -> None:
     vscan, rdp, tunnel = picks
     ports = np.arange(1, 1201)
     extra = [  # t0, dur, src, dst, sport, dport, proto, kind, pk_f, pk_r, by_f, by_r
-        (t0 + 3 * 3600 + np.sort(rng.uniform(0, 300, len(ports))), 0.0, vscan, "203.0.113.99", 41234, ports, 6,
-         synth.TCP_SYN_RST, 1, 1, 0, 0),
-        (t0 + 7800 + np.sort(rng.uniform(0, 2400, 300)), rng.uniform(1, 3, 300), "198.51.100.66", rdp,
-         rng.integers(32768, 60999, 300), 3389, 6, synth.TCP_FULL, 8, 8, rng.integers(1200, 2000, 300),
-         rng.integers(2000, 4000, 300)),
-        (np.array([t0 + 600]), 3.5 * 3600, tunnel, "91.198.174.192", 45678, 8443, 6, synth.TCP_FULL, 1500, 1500,
-         2_000_000, 6_000_000),
+        (
+            t0 + 3 * 3600 + np.sort(rng.uniform(0, 300, len(ports))),
+            0.0,
+            vscan,
+            "203.0.113.99",
+            41234,
+            ports,
+            6,
+            synth.TCP_SYN_RST,
+            1,
+            1,
+            0,
+            0,
+        ),
+        (
+            t0 + 7800 + np.sort(rng.uniform(0, 2400, 300)),
+            rng.uniform(1, 3, 300),
+            "198.51.100.66",
+            rdp,
+            rng.integers(32768, 60999, 300),
+            3389,
+            6,
+            synth.TCP_FULL,
+            8,
+            8,
+            rng.integers(1200, 2000, 300),
+            rng.integers(2000, 4000, 300),
+        ),
+        (
+            np.array([t0 + 600]),
+            3.5 * 3600,
+            tunnel,
+            "91.198.174.192",
+            45678,
+            8443,
+            6,
+            synth.TCP_FULL,
+            1500,
+            1500,
+            2_000_000,
+            6_000_000,
+        ),
     ]
     conns = {k: [v] for k, v in story.conns.items()}
     for row in extra:
         n = len(row[0])
-        for key, value in zip(("t0", "dur", "src", "dst", "sport", "dport", "proto", "kind", "pk_f", "pk_r",
-                               "by_f", "by_r"), row, strict=True):
+        for key, value in zip(
+            ("t0", "dur", "src", "dst", "sport", "dport", "proto", "kind", "pk_f", "pk_r", "by_f", "by_r"),
+            row,
+            strict=True,
+        ):
             arr = np.asarray(value)
             arr = np.repeat(arr, n) if arr.ndim == 0 else arr
             conns[key].append(arr.astype(story.conns[key].dtype))
@@ -254,8 +350,9 @@ def _plant_more(story: synth.Story) -> None:
     vms = {vm.addr: vm for vm in story.vms}
     for kind, addr in (("vertical_scan", vscan), ("rdp_bruteforce", rdp), ("long_connection", tunnel)):
         vm = vms[addr]
-        story.truth["incidents"].append({"kind": kind, "addr": addr, "vm_name": vm.name, "user": vm.user,
-                                         "project": vm.project})
+        story.truth["incidents"].append(
+            {"kind": kind, "addr": addr, "vm_name": vm.name, "user": vm.user, "project": vm.project}
+        )
     story.truth["ordinary_addrs"] = [a for a in story.truth["ordinary_addrs"] if a not in picks]
 
 
@@ -272,7 +369,9 @@ def test_every_detector_kind_through_live_softflowd(tmp_path):
         synth.export_netflow(traffic, version, flows_dir / f"{probe}.pcap")
     templates = REPO / "sample_data" / "templates"
     (vm_dir / "nova.jsonl").write_text("\n".join(synth.nova_notifications(story, templates / "nova")) + "\n")
-    (vm_dir / "neutron.jsonl").write_text("\n".join(synth.neutron_notifications(story, templates / "neutron")) + "\n")
+    (vm_dir / "neutron.jsonl").write_text(
+        "\n".join(synth.neutron_notifications(story, templates / "neutron")) + "\n"
+    )
     for name, text in synth.opennebula_records(story).items():
         (vm_dir / name).write_text(text)
     (tmp_path / "misp.csv").write_text(synth.misp_csv(story))
@@ -282,14 +381,26 @@ def test_every_detector_kind_through_live_softflowd(tmp_path):
     import_intel(lake, tmp_path / "misp.csv")
     config = _story_pipeline(tmp_path, flows_dir, vm_dir)
     # the story is 4 h long: a "long" connection here is 3 h (a threshold of the pipeline file, not of the code)
-    config = dataclasses.replace(config, detectors=dataclasses.replace(
-        config.detectors, long_connection=dataclasses.replace(config.detectors.long_connection, min_duration=3 * 3600)))
+    config = dataclasses.replace(
+        config,
+        detectors=dataclasses.replace(
+            config.detectors,
+            long_connection=dataclasses.replace(config.detectors.long_connection, min_duration=3 * 3600),
+        ),
+    )
     result = run_sweep(lake, config, *_window(story.truth))
     # at 3 h, the miner's 3 h 50 min pool session is a long connection as well
     _check_story(result, story.truth, also=frozenset({("10.40.0.12", "long_connection")}))
     assert {a["detector"] for a in result.alerts.to_pylist()} == {
-        "horizontal_scan", "vertical_scan", "brute_force", "beacon", "exfiltration", "long_connection", "mining",
-        "intel"}
+        "horizontal_scan",
+        "vertical_scan",
+        "brute_force",
+        "beacon",
+        "exfiltration",
+        "long_connection",
+        "mining",
+        "intel",
+    }
 
 
 def test_engine_other_than_duckdb_is_a_usage_error(story_lake):

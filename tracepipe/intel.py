@@ -51,11 +51,23 @@ def _indicator_row(value: str, **extra: Any) -> dict[str, Any]:
         if net.num_addresses == 1:
             value, net = str(net.network_address), None
         else:
-            return {"indicator": str(net), "kind": "cidr", "net_lo": str(net.network_address),
-                    "net_hi": str(net.broadcast_address), "ip_version": net.version, **extra}
+            return {
+                "indicator": str(net),
+                "kind": "cidr",
+                "net_lo": str(net.network_address),
+                "net_hi": str(net.broadcast_address),
+                "ip_version": net.version,
+                **extra,
+            }
     address = ipaddress.ip_address(value)
-    return {"indicator": str(address), "kind": "ip", "net_lo": str(address), "net_hi": str(address),
-            "ip_version": address.version, **extra}
+    return {
+        "indicator": str(address),
+        "kind": "ip",
+        "net_lo": str(address),
+        "net_hi": str(address),
+        "ip_version": address.version,
+        **extra,
+    }
 
 
 def _reject(line: int | None, reason: str, detail: str, offset: int | None = None) -> dict[str, Any]:
@@ -165,8 +177,14 @@ def parse_misp_json(text: str) -> tuple[list[dict], list[dict], int]:
             if result is None:
                 skipped += 1
             elif isinstance(result, str):
-                rejects.append(_reject(None, result, f"attribute {index}: {attr.get('type')},{attr.get('value')}",
-                                       offset=index))
+                rejects.append(
+                    _reject(
+                        None,
+                        result,
+                        f"attribute {index}: {attr.get('type')},{attr.get('value')}",
+                        offset=index,
+                    )
+                )
             else:
                 rows.append(result)
     if index == 0 and not rejects:
@@ -187,8 +205,9 @@ def sniff_format(text: str, path: Path) -> str:
 PARSERS = {"list": parse_list, "misp-csv": parse_misp_csv, "misp-json": parse_misp_json}
 
 
-def parse_intel(text: str, fmt: str, source: str, imported_at: dt.datetime | None = None
-                ) -> tuple[pa.Table, pa.Table, int]:
+def parse_intel(
+    text: str, fmt: str, source: str, imported_at: dt.datetime | None = None
+) -> tuple[pa.Table, pa.Table, int]:
     """Text of one file -> (INTEL rows, REJECTS rows, skipped attribute count). Pure."""
     rows, rejects, skipped = PARSERS[fmt](text)
     imported_at = imported_at or dt.datetime.now(dt.UTC)
@@ -210,18 +229,32 @@ def import_intel(lake: Lake, path: Path | str, fmt: str = "auto") -> IntelImport
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}. Give the path of a MISP export or a list.") from exc
+        raise InputError(
+            f"cannot read {path}: {exc.strerror}. Give the path of a MISP export or a list."
+        ) from exc
     if fmt == "auto":
         fmt = sniff_format(text, path)
     table, rejects, skipped = parse_intel(text, fmt, str(path))
-    result = ingest_table(lake, "intel", str(path), hash_file(path), [table], [rejects],
-                          stats={"format": fmt, "skipped_types": skipped})
+    result = ingest_table(
+        lake,
+        "intel",
+        str(path),
+        hash_file(path),
+        [table],
+        [rejects],
+        stats={"format": fmt, "skipped_types": skipped},
+    )
     return IntelImport(str(path), fmt, table.num_rows, rejects.num_rows, skipped, result.skipped)
 
 
 # ---- matching ----------------------------------------------------------------------------------------------
-MATCH_COLUMNS = {"addr": pl.String, "indicator": pl.String, "description": pl.String, "tags": pl.String,
-                 "event_id": pl.String}
+MATCH_COLUMNS = {
+    "addr": pl.String,
+    "indicator": pl.String,
+    "description": pl.String,
+    "tags": pl.String,
+    "event_id": pl.String,
+}
 
 
 def _empty_matches() -> pl.DataFrame:
@@ -239,8 +272,11 @@ def match_addresses(addrs: list[str] | pa.Array, intel: pa.Table) -> pl.DataFram
     found: list[pl.DataFrame] = []
     exact = ind.filter(pl.col("kind") == "ip").unique("indicator", keep="first")
     if not exact.is_empty():
-        found.append(pl.DataFrame({"addr": arr}).join(exact.select(info), left_on="addr", right_on="indicator",
-                                                      how="inner").with_columns(indicator=pl.col("addr")))
+        found.append(
+            pl.DataFrame({"addr": arr})
+            .join(exact.select(info), left_on="addr", right_on="indicator", how="inner")
+            .with_columns(indicator=pl.col("addr"))
+        )
     cidrs = ind.filter(pl.col("kind") == "cidr")
     v4 = cidrs.filter(pl.col("ip_version") == 4)
     addr_int, valid = ipv4_to_int(arr)
@@ -278,7 +314,9 @@ def match_addresses(addrs: list[str] | pa.Array, intel: pa.Table) -> pl.DataFram
             found.append(rows.with_columns(addr=pl.Series([t for t, _ in hits], dtype=pl.String)))
     if not found:
         return _empty_matches()
-    return pl.concat([f.select(list(MATCH_COLUMNS)).cast(MATCH_COLUMNS) for f in found]).unique("addr", keep="first")
+    return pl.concat([f.select(list(MATCH_COLUMNS)).cast(MATCH_COLUMNS) for f in found]).unique(
+        "addr", keep="first"
+    )
 
 
 def _running_argmax(values: np.ndarray) -> np.ndarray:

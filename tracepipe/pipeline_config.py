@@ -51,8 +51,9 @@ class PipelineSection:
     name: str = "sweep"
     description: str = ""
     # The cloud's own address space: a flow's local end is the "host" whose behaviour is scored.
-    local_networks: list[str] = field(default_factory=lambda: ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
-                                                               "fc00::/7"])
+    local_networks: list[str] = field(
+        default_factory=lambda: ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
+    )
     # Exit 4 instead of 0 when the window holds no flows (a silent collector is then noticed by cron).
     fail_on_empty: bool = False
 
@@ -92,7 +93,9 @@ class AllowlistSection:
     cidrs: list[str] = field(default_factory=list)
     projects: list[str] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)  # the alert's service port
-    known_scanners: list[str] = field(default_factory=list)  # addresses/CIDRs allowed to scan (scan detectors only)
+    known_scanners: list[str] = field(
+        default_factory=list
+    )  # addresses/CIDRs allowed to scan (scan detectors only)
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,9 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
-    return {bool: "true/false", int: "integer", float: "number", str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {bool: "true/false", int: "integer", float: "number", str: "string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _convert(value: Any, tp: Any, where: str, fail) -> Any:
@@ -294,7 +299,9 @@ def parse_pipeline(text: str, path: str = "<pipeline>") -> PipelineConfig:
     def fail(where: str, message: str) -> typing.NoReturn:
         line = lines.of(where)
         at = f"line {line}" if line else "top level"
-        raise PipelineError(f"{path}, {at}: {where}: {message}. Fix the pipeline file (see pipelines/*.toml).")
+        raise PipelineError(
+            f"{path}, {at}: {where}: {message}. Fix the pipeline file (see pipelines/*.toml)."
+        )
 
     try:
         data = tomllib.loads(text)
@@ -325,6 +332,7 @@ def load_pipeline(path: Path | str) -> PipelineConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise PipelineError(f"cannot read pipeline file {path}: {exc.strerror}. Give the path of a "
-                            f"pipelines/*.toml file.") from exc
+        raise PipelineError(
+            f"cannot read pipeline file {path}: {exc.strerror}. Give the path of a pipelines/*.toml file."
+        ) from exc
     return parse_pipeline(text, str(path))

@@ -54,8 +54,10 @@ class SweepResult:
     def message(self) -> str:
         if self.flows == 0:
             return f"no flows between {self.since:%Y-%m-%d %H:%M} and {self.until:%Y-%m-%d %H:%M} UTC"
-        return (f"{self.flows:,} flows between {self.since:%Y-%m-%d %H:%M} and {self.until:%Y-%m-%d %H:%M} UTC: "
-                f"{self.new_alerts.num_rows} new alert(s), {self.already_known} already known")
+        return (
+            f"{self.flows:,} flows between {self.since:%Y-%m-%d %H:%M} and {self.until:%Y-%m-%d %H:%M} UTC: "
+            f"{self.new_alerts.num_rows} new alert(s), {self.already_known} already known"
+        )
 
     def summary(self) -> dict[str, Any]:
         by_detector: dict[str, int] = {}
@@ -78,16 +80,27 @@ class SweepResult:
             "reports": {k: str(v) for k, v in self.report_paths.items()},
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "top": [
-                {"detector": r["detector"], "addr": r["addr"], "vm_name": r["vm_name"], "project": r["project"],
-                 "user": r["user"], "score": r["score"], "reason": r["reason"]}
+                {
+                    "detector": r["detector"],
+                    "addr": r["addr"],
+                    "vm_name": r["vm_name"],
+                    "project": r["project"],
+                    "user": r["user"],
+                    "score": r["score"],
+                    "reason": r["reason"],
+                }
                 for r in self.new_alerts.sort_by([("score", "descending")]).slice(0, 20).to_pylist()
             ],
         }
 
 
 # ---- the window -------------------------------------------------------------------------------------------
-def sweep_window(config: PipelineConfig, since: dt.datetime | None, until: dt.datetime | None,
-                 now: dt.datetime | None = None) -> tuple[dt.datetime, dt.datetime]:
+def sweep_window(
+    config: PipelineConfig,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    now: dt.datetime | None = None,
+) -> tuple[dt.datetime, dt.datetime]:
     """Explicit --since/--until, else the last completed `window.last` (1h -> previous hour, 1d -> yesterday)."""
     last = float(config.window.last)
     now = utc(now or dt.datetime.now(dt.UTC))
@@ -128,17 +141,26 @@ def ingest_inputs(lake: Lake, config: PipelineConfig) -> tuple[dict[str, Any], b
 
         result = ingest_flow_files(lake, flow_files)
         landed = [f for f in result.files if f.status == "landed"]
-        summary["flows"] = {"files": len(flow_files), "landed": len(landed), "flows": result.flows,
-                            "rejects": result.rejects}
+        summary["flows"] = {
+            "files": len(flow_files),
+            "landed": len(landed),
+            "flows": result.flows,
+            "rejects": result.rejects,
+        }
         partial |= result.exit_code in (EXIT_PARTIAL, EXIT_FAILED) and any(
-            f.status in ("rejected", "missing") or f.rejects for f in result.files)
+            f.status in ("rejected", "missing") or f.rejects for f in result.files
+        )
     vm_files = _files(config.inputs.vm_dirs, config.inputs.vm_pattern)
     if vm_files:
         from tracepipe.ingest.vm import ingest_vm_files
 
         report = ingest_vm_files(lake, vm_files)
-        summary["vm"] = {"files": len(vm_files), "rows": report.rows, "rejects": report.rejects,
-                         "leases": report.leases}
+        summary["vm"] = {
+            "files": len(vm_files),
+            "rows": report.rows,
+            "rejects": report.rejects,
+            "leases": report.leases,
+        }
         partial |= report.rejects > 0
     return summary, partial
 
@@ -150,8 +172,12 @@ def count_flows(lake: Lake, since: dt.datetime, until: dt.datetime) -> int:
 def known_alert_ids(lake: Lake, ids: list[str]) -> set[str]:
     if not ids or not lake.files("alerts"):
         return set()
-    frame = (pl.scan_parquet(str(lake.root / "alerts" / "*" / "*.parquet"), hive_partitioning=True)
-             .select("alert_id").filter(pl.col("alert_id").is_in(ids)).collect())
+    frame = (
+        pl.scan_parquet(str(lake.root / "alerts" / "*" / "*.parquet"), hive_partitioning=True)
+        .select("alert_id")
+        .filter(pl.col("alert_id").is_in(ids))
+        .collect()
+    )
     return set(frame.get_column("alert_id").to_list())
 
 
@@ -167,8 +193,15 @@ def anomaly_stage(ctx: det.DetectContext, rule_hosts: set[str], notes: list[str]
         notes.append(f"anomaly model skipped: {exc}")
         return det._empty()
     history = ctx.since - dt.timedelta(seconds=float(ctx.config.window.baseline))
-    features = compute_features(ctx.lake, ctx.since, ctx.until, ctx.config.pipeline.local_networks,
-                                info.window_seconds, history_start=history, night=ctx.night)
+    features = compute_features(
+        ctx.lake,
+        ctx.since,
+        ctx.until,
+        ctx.config.pipeline.local_networks,
+        info.window_seconds,
+        history_start=history,
+        night=ctx.night,
+    )
     scored = model.score(features, forest, info, cfg.top_features)
     return model.anomaly_candidates(scored, cfg.min_score, cfg.max_alerts, info.window_seconds, rule_hosts)
 
@@ -211,13 +244,22 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- the sweep --------------------------------------------------------------------------------------------
-def run_sweep(lake: Lake, pipeline_path: Path | str | PipelineConfig, since: dt.datetime | None = None,
-              until: dt.datetime | None = None, engine: str = "duckdb", now: dt.datetime | None = None,
-              on_stage: Stage | None = None, write: bool = True) -> SweepResult:
+def run_sweep(
+    lake: Lake,
+    pipeline_path: Path | str | PipelineConfig,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    engine: str = "duckdb",
+    now: dt.datetime | None = None,
+    on_stage: Stage | None = None,
+    write: bool = True,
+) -> SweepResult:
     """Run one pipeline over one window. Raises PipelineError (exit 2) for a bad file, LakeError (exit 4)
     when the lake cannot be written; everything else is in the result (exit_code, notes)."""
     if engine not in ENGINES:
-        raise UsageError(f"engine {engine!r} is not available for sweeps yet; use one of: {', '.join(ENGINES)}")
+        raise UsageError(
+            f"engine {engine!r} is not available for sweeps yet; use one of: {', '.join(ENGINES)}"
+        )
     config = pipeline_path if isinstance(pipeline_path, PipelineConfig) else load_pipeline(pipeline_path)
     since, until = sweep_window(config, since, until, now)
     result = SweepResult(config.pipeline.name, since, until)
@@ -235,7 +277,9 @@ def run_sweep(lake: Lake, pipeline_path: Path | str | PipelineConfig, since: dt.
     result.ingest, partial = stage("ingest", lambda: ingest_inputs(lake, config))
     result.flows = stage("count", lambda: count_flows(lake, since, until))
     if result.flows == 0:
-        result.exit_code = EXIT_FAILED if config.pipeline.fail_on_empty else (EXIT_PARTIAL if partial else EXIT_OK)
+        result.exit_code = (
+            EXIT_FAILED if config.pipeline.fail_on_empty else (EXIT_PARTIAL if partial else EXIT_OK)
+        )
         if write:
             result.report_paths = stage("report", lambda: write_reports(lake, config, result))
         return result
@@ -260,7 +304,9 @@ def run_sweep(lake: Lake, pipeline_path: Path | str | PipelineConfig, since: dt.
     result.already_known = len(ids) - len(fresh)
     result.new_alerts = alerts.take(pa.array(fresh, pa.int64())) if fresh else ALERTS.empty_table()
     if write and result.new_alerts.num_rows:
-        key = hashlib.sha256("|".join(sorted(result.new_alerts.column("alert_id").to_pylist())).encode()).hexdigest()
+        key = hashlib.sha256(
+            "|".join(sorted(result.new_alerts.column("alert_id").to_pylist())).encode()
+        ).hexdigest()
         stage("write", lambda: lake.append("alerts", result.new_alerts, key=key[:32]))
     if result.new_alerts.num_rows:
         result.exit_code = EXIT_FOUND
@@ -271,4 +317,3 @@ def run_sweep(lake: Lake, pipeline_path: Path | str | PipelineConfig, since: dt.
     if write:
         result.report_paths = stage("report", lambda: write_reports(lake, config, result))
     return result
-

@@ -52,8 +52,19 @@ CANDIDATE = {
     "features": pl.String,
 }
 SCAN_DETECTORS = ("horizontal_scan", "vertical_scan")
-EVIDENCE_COLUMNS = ("ts_start", "ts_end", "src_addr", "dst_addr", "src_port", "dst_port", "proto", "packets",
-                    "bytes", "tcp_flags", "source")
+EVIDENCE_COLUMNS = (
+    "ts_start",
+    "ts_end",
+    "src_addr",
+    "dst_addr",
+    "src_port",
+    "dst_port",
+    "proto",
+    "packets",
+    "bytes",
+    "tcp_flags",
+    "source",
+)
 
 
 # ---- human-readable numbers (the reason line) ---------------------------------------------------------------
@@ -106,8 +117,9 @@ class DetectContext:
     def span(self, window_s: float) -> tuple[dt.datetime, dt.datetime]:
         return floor_time(self.since, window_s), ceil_time(self.until, window_s)
 
-    def flows(self, window_s: float, since: dt.datetime | None = None,
-              until: dt.datetime | None = None) -> pl.LazyFrame:
+    def flows(
+        self, window_s: float, since: dt.datetime | None = None, until: dt.datetime | None = None
+    ) -> pl.LazyFrame:
         """Flows of the whole windows overlapping the sweep, with the shared facts and `window_start`."""
         start, end = self.span(window_s)
         start, end = since or start, until or end
@@ -118,8 +130,9 @@ class DetectContext:
         )
 
 
-def prepare_context(lake: Lake, config: PipelineConfig, since: dt.datetime, until: dt.datetime,
-                    intel: pa.Table | None = None) -> DetectContext:
+def prepare_context(
+    lake: Lake, config: PipelineConfig, since: dt.datetime, until: dt.datetime, intel: pa.Table | None = None
+) -> DetectContext:
     ctx = DetectContext(lake, config, utc(since), utc(until), intel=intel)
     widest = max(_window_of(config, name) for name in DETECTORS)
     start, end = ctx.span(widest)
@@ -148,49 +161,69 @@ def _empty() -> pl.DataFrame:
     return pl.DataFrame(schema=CANDIDATE)
 
 
-def _finish(frame: pl.DataFrame, detector: str, reason: Callable[[dict], str],
-            features: Callable[[dict], dict]) -> pl.DataFrame:
+def _finish(
+    frame: pl.DataFrame, detector: str, reason: Callable[[dict], str], features: Callable[[dict], dict]
+) -> pl.DataFrame:
     """Detector rows -> CANDIDATE columns; reason and features are written per alert (few rows)."""
     if frame.is_empty():
         return _empty()
     rows = frame.to_dicts()
-    return pl.DataFrame({
-        "detector": [detector] * len(rows),
-        "addr": [r["addr"] for r in rows],
-        "peer": [r.get("peer") for r in rows],
-        "port": [r.get("port") for r in rows],
-        "window_start": [r["window_start"] for r in rows],
-        "window_end": [r["window_end"] for r in rows],
-        "score": [float(r["score"]) for r in rows],
-        "first_ts": [r["first_ts"] for r in rows],
-        "reason": [reason(r) for r in rows],
-        "features": [json.dumps(features(r), default=str) for r in rows],
-    }, schema=CANDIDATE)
+    return pl.DataFrame(
+        {
+            "detector": [detector] * len(rows),
+            "addr": [r["addr"] for r in rows],
+            "peer": [r.get("peer") for r in rows],
+            "port": [r.get("port") for r in rows],
+            "window_start": [r["window_start"] for r in rows],
+            "window_end": [r["window_end"] for r in rows],
+            "score": [float(r["score"]) for r in rows],
+            "first_ts": [r["first_ts"] for r in rows],
+            "reason": [reason(r) for r in rows],
+            "features": [json.dumps(features(r), default=str) for r in rows],
+        },
+        schema=CANDIDATE,
+    )
 
 
 # ---- the detectors -----------------------------------------------------------------------------------------
 def horizontal_scan(ctx: DetectContext) -> pl.DataFrame:
     """One local host, one port, many destinations, mostly unanswered."""
     c = ctx.config.detectors.horizontal_scan
-    flows = ctx.flows(c.window).filter(pl.col("src_local") & ~pl.col("response") & pl.col("proto").is_in([6, 17]))
+    flows = ctx.flows(c.window).filter(
+        pl.col("src_local") & ~pl.col("response") & pl.col("proto").is_in([6, 17])
+    )
     tcp = pl.col("proto") == 6
     found = (
         flows.group_by("src_addr", "dst_port", "window_start")
-        .agg(hosts=pl.col("dst_addr").n_unique(), flows=pl.len(), tcp=tcp.sum(), failed=pl.col("failed").sum(),
-             first_ts=pl.col("ts_start").min(), proto=pl.col("proto").first())
+        .agg(
+            hosts=pl.col("dst_addr").n_unique(),
+            flows=pl.len(),
+            tcp=tcp.sum(),
+            failed=pl.col("failed").sum(),
+            first_ts=pl.col("ts_start").min(),
+            proto=pl.col("proto").first(),
+        )
         .filter(pl.col("hosts") >= c.min_hosts)
         # UDP has no handshake: an unanswered UDP probe cannot be told from an answered one here, count it failed
-        .with_columns(failed_share=pl.when(pl.col("tcp") > 0).then(pl.col("failed") / pl.col("tcp")).otherwise(1.0))
+        .with_columns(
+            failed_share=pl.when(pl.col("tcp") > 0).then(pl.col("failed") / pl.col("tcp")).otherwise(1.0)
+        )
         .filter(pl.col("failed_share") >= c.min_failed_share)
-        .with_columns(score=_ratio_score(pl.col("hosts").cast(pl.Float64), c.min_hosts),
-                      addr=pl.col("src_addr"), port=pl.col("dst_port"))
+        .with_columns(
+            score=_ratio_score(pl.col("hosts").cast(pl.Float64), c.min_hosts),
+            addr=pl.col("src_addr"),
+            port=pl.col("dst_port"),
+        )
     )
     frame = _with_window_end(found, c.window).collect(engine="streaming")
     return _finish(
-        frame, "horizontal_scan",
-        lambda r: (f"{{who}} contacted {fmt_int(r['hosts'])} distinct hosts on port {r['port']}"
-                   f"{'/udp' if r['proto'] == 17 else ''} in {fmt_duration(c.window)}, "
-                   f"{fmt_share(r['failed_share'])} failed"),
+        frame,
+        "horizontal_scan",
+        lambda r: (
+            f"{{who}} contacted {fmt_int(r['hosts'])} distinct hosts on port {r['port']}"
+            f"{'/udp' if r['proto'] == 17 else ''} in {fmt_duration(c.window)}, "
+            f"{fmt_share(r['failed_share'])} failed"
+        ),
         lambda r: {k: r[k] for k in ("hosts", "flows", "failed_share")},
     )
 
@@ -198,23 +231,41 @@ def horizontal_scan(ctx: DetectContext) -> pl.DataFrame:
 def vertical_scan(ctx: DetectContext) -> pl.DataFrame:
     """One local host probing many ports of one destination, mostly refused or unanswered."""
     c = ctx.config.detectors.vertical_scan
-    flows = ctx.flows(c.window).filter(pl.col("src_local") & ~pl.col("response") & pl.col("proto").is_in([6, 17]))
+    flows = ctx.flows(c.window).filter(
+        pl.col("src_local") & ~pl.col("response") & pl.col("proto").is_in([6, 17])
+    )
     tcp = pl.col("proto") == 6
     found = (
         flows.group_by("src_addr", "dst_addr", "window_start")
-        .agg(ports=pl.col("dst_port").n_unique(), flows=pl.len(), tcp=tcp.sum(), failed=pl.col("failed").sum(),
-             first_ts=pl.col("ts_start").min(), low=pl.col("dst_port").min(), high=pl.col("dst_port").max())
+        .agg(
+            ports=pl.col("dst_port").n_unique(),
+            flows=pl.len(),
+            tcp=tcp.sum(),
+            failed=pl.col("failed").sum(),
+            first_ts=pl.col("ts_start").min(),
+            low=pl.col("dst_port").min(),
+            high=pl.col("dst_port").max(),
+        )
         .filter(pl.col("ports") >= c.min_ports)
-        .with_columns(failed_share=pl.when(pl.col("tcp") > 0).then(pl.col("failed") / pl.col("tcp")).otherwise(1.0))
+        .with_columns(
+            failed_share=pl.when(pl.col("tcp") > 0).then(pl.col("failed") / pl.col("tcp")).otherwise(1.0)
+        )
         .filter(pl.col("failed_share") >= c.min_failed_share)
-        .with_columns(score=_ratio_score(pl.col("ports").cast(pl.Float64), c.min_ports),
-                      addr=pl.col("src_addr"), peer=pl.col("dst_addr"), port=pl.lit(None, pl.Int32))
+        .with_columns(
+            score=_ratio_score(pl.col("ports").cast(pl.Float64), c.min_ports),
+            addr=pl.col("src_addr"),
+            peer=pl.col("dst_addr"),
+            port=pl.lit(None, pl.Int32),
+        )
     )
     frame = _with_window_end(found, c.window).collect(engine="streaming")
     return _finish(
-        frame, "vertical_scan",
-        lambda r: (f"{{who}} probed {fmt_int(r['ports'])} ports ({r['low']}–{r['high']}) of {r['peer']} "
-                   f"in {fmt_duration(c.window)}, {fmt_share(r['failed_share'])} failed"),
+        frame,
+        "vertical_scan",
+        lambda r: (
+            f"{{who}} probed {fmt_int(r['ports'])} ports ({r['low']}–{r['high']}) of {r['peer']} "
+            f"in {fmt_duration(c.window)}, {fmt_share(r['failed_share'])} failed"
+        ),
         lambda r: {k: r[k] for k in ("ports", "flows", "failed_share")},
     )
 
@@ -228,7 +279,9 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
     one local host, counted per (source, victim, port)."""
     c = ctx.config.detectors.brute_force
     flows = ctx.flows(c.window).filter(
-        (pl.col("proto") == 6) & pl.col("dst_port").is_in(c.ports) & ~pl.col("response")
+        (pl.col("proto") == 6)
+        & pl.col("dst_port").is_in(c.ports)
+        & ~pl.col("response")
         & (pl.col("src_local") | pl.col("dst_local"))
     )
     frames = []
@@ -236,31 +289,63 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
         frames.append(
             flows.filter(pl.col("src_local"))
             .group_by("src_addr", "dst_port", "window_start")
-            .agg(attempts=pl.len(), targets=pl.col("dst_addr").n_unique(), median_bytes=pl.col("bytes").median(),
-                 failed=pl.col("failed").sum(), first_ts=pl.col("ts_start").min(),
-                 top_target=pl.col("dst_addr").mode().first())
-            .with_columns(direction=pl.lit("outbound"), addr=pl.col("src_addr"),
-                          peer=pl.when(pl.col("targets") == 1).then(pl.col("top_target")).otherwise(None))
+            .agg(
+                attempts=pl.len(),
+                targets=pl.col("dst_addr").n_unique(),
+                median_bytes=pl.col("bytes").median(),
+                failed=pl.col("failed").sum(),
+                first_ts=pl.col("ts_start").min(),
+                top_target=pl.col("dst_addr").mode().first(),
+            )
+            .with_columns(
+                direction=pl.lit("outbound"),
+                addr=pl.col("src_addr"),
+                peer=pl.when(pl.col("targets") == 1).then(pl.col("top_target")).otherwise(None),
+            )
         )
     if c.inbound:
         frames.append(
             flows.filter(~pl.col("src_local"))
             .group_by("src_addr", "dst_addr", "dst_port", "window_start")
-            .agg(attempts=pl.len(), median_bytes=pl.col("bytes").median(), failed=pl.col("failed").sum(),
-                 first_ts=pl.col("ts_start").min())
-            .with_columns(direction=pl.lit("inbound"), addr=pl.col("dst_addr"), peer=pl.col("src_addr"),
-                          targets=pl.lit(1, pl.UInt32), top_target=pl.col("dst_addr"))
+            .agg(
+                attempts=pl.len(),
+                median_bytes=pl.col("bytes").median(),
+                failed=pl.col("failed").sum(),
+                first_ts=pl.col("ts_start").min(),
+            )
+            .with_columns(
+                direction=pl.lit("inbound"),
+                addr=pl.col("dst_addr"),
+                peer=pl.col("src_addr"),
+                targets=pl.lit(1, pl.UInt32),
+                top_target=pl.col("dst_addr"),
+            )
         )
     if not frames:
         return _empty()
-    columns = ["addr", "peer", "dst_port", "window_start", "attempts", "targets", "median_bytes", "failed",
-               "first_ts", "direction", "top_target"]
+    columns = [
+        "addr",
+        "peer",
+        "dst_port",
+        "window_start",
+        "attempts",
+        "targets",
+        "median_bytes",
+        "failed",
+        "first_ts",
+        "direction",
+        "top_target",
+    ]
     found = (
         pl.concat([f.select(columns) for f in frames])
-        .filter((pl.col("attempts") >= c.min_attempts) & (pl.col("median_bytes") <= c.max_bytes_per_attempt)
-                & (pl.col("attempts") / pl.col("targets") >= c.min_attempts_per_target))
-        .with_columns(port=pl.col("dst_port"),
-                      score=_ratio_score(pl.col("attempts").cast(pl.Float64), c.min_attempts))
+        .filter(
+            (pl.col("attempts") >= c.min_attempts)
+            & (pl.col("median_bytes") <= c.max_bytes_per_attempt)
+            & (pl.col("attempts") / pl.col("targets") >= c.min_attempts_per_target)
+        )
+        .with_columns(
+            port=pl.col("dst_port"), score=_ratio_score(pl.col("attempts").cast(pl.Float64), c.min_attempts)
+        )
     )
     frame = _with_window_end(found, c.window).collect(engine="streaming")
 
@@ -269,13 +354,21 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
         each = f"median {fmt_bytes(r['median_bytes'])} each"
         if r["direction"] == "outbound":
             against = r["peer"] if r["targets"] == 1 else f"{r['targets']} hosts (most: {r['top_target']})"
-            return (f"{{who}} made {fmt_int(r['attempts'])} {service} login attempts against {against} in "
-                    f"{fmt_duration(c.window)} ({each}): outbound brute force")
-        return (f"{r['peer']} made {fmt_int(r['attempts'])} {service} login attempts against {{who}} in "
-                f"{fmt_duration(c.window)} ({each}): inbound brute force")
+            return (
+                f"{{who}} made {fmt_int(r['attempts'])} {service} login attempts against {against} in "
+                f"{fmt_duration(c.window)} ({each}): outbound brute force"
+            )
+        return (
+            f"{r['peer']} made {fmt_int(r['attempts'])} {service} login attempts against {{who}} in "
+            f"{fmt_duration(c.window)} ({each}): inbound brute force"
+        )
 
-    return _finish(frame, "brute_force", reason,
-                   lambda r: {k: r[k] for k in ("attempts", "targets", "median_bytes", "failed", "direction")})
+    return _finish(
+        frame,
+        "brute_force",
+        reason,
+        lambda r: {k: r[k] for k in ("attempts", "targets", "median_bytes", "failed", "direction")},
+    )
 
 
 def beacon(ctx: DetectContext) -> pl.DataFrame:
@@ -293,13 +386,27 @@ def beacon(ctx: DetectContext) -> pl.DataFrame:
     )
     frame = _with_window_end(found, c.window).collect(engine="streaming")
     return _finish(
-        frame, "beacon",
-        lambda r: (f"{{who}} connected to {r['peer']}:{r['port']} {fmt_int(r['connections'])} times in "
-                   f"{fmt_duration(c.window)}, every {fmt_duration(r['interval_median'])} "
-                   f"(spread {r['interval_mad']:.1f} s), ~{fmt_bytes(r['bytes_median'])} each: beaconing, "
-                   f"score {r['score']:.2f}"),
-        lambda r: {k: r[k] for k in ("connections", "interval_median", "interval_mad", "interval_skew",
-                                     "bytes_median", "bytes_mad", "bytes_skew", "score")},
+        frame,
+        "beacon",
+        lambda r: (
+            f"{{who}} connected to {r['peer']}:{r['port']} {fmt_int(r['connections'])} times in "
+            f"{fmt_duration(c.window)}, every {fmt_duration(r['interval_median'])} "
+            f"(spread {r['interval_mad']:.1f} s), ~{fmt_bytes(r['bytes_median'])} each: beaconing, "
+            f"score {r['score']:.2f}"
+        ),
+        lambda r: {
+            k: r[k]
+            for k in (
+                "connections",
+                "interval_median",
+                "interval_mad",
+                "interval_skew",
+                "bytes_median",
+                "bytes_mad",
+                "bytes_skew",
+                "score",
+            )
+        },
     )
 
 
@@ -309,57 +416,83 @@ def exfiltration(ctx: DetectContext) -> pl.DataFrame:
     start = ctx.span(c.window)[0]
 
     def volumes(frame: pl.LazyFrame) -> pl.LazyFrame:
-        return (frame.filter(pl.col("src_local") & ~pl.col("dst_local"))
-                .group_by("src_addr", "window_start")
-                .agg(bytes_out=pl.col("bytes").sum(), first_ts=pl.col("ts_start").min(), flows=pl.len()))
+        return (
+            frame.filter(pl.col("src_local") & ~pl.col("dst_local"))
+            .group_by("src_addr", "window_start")
+            .agg(bytes_out=pl.col("bytes").sum(), first_ts=pl.col("ts_start").min(), flows=pl.len())
+        )
 
     current = volumes(ctx.flows(c.window)).collect(engine="streaming")
     if current.is_empty():
         return _empty()
     baseline_start = start - dt.timedelta(seconds=float(ctx.config.window.baseline))
-    history = (volumes(ctx.flows(c.window, baseline_start, start))
-               .group_by("src_addr").agg(host_ref=pl.col("bytes_out").quantile(0.99), baseline_windows=pl.len())
-               .collect(engine="streaming"))
+    history = (
+        volumes(ctx.flows(c.window, baseline_start, start))
+        .group_by("src_addr")
+        .agg(host_ref=pl.col("bytes_out").quantile(0.99), baseline_windows=pl.len())
+        .collect(engine="streaming")
+    )
     peers = current.group_by("window_start").agg(peer_ref=pl.col("bytes_out").median(), peer_hosts=pl.len())
     # Without history the host is compared with itself inside the sweep: its third-busiest window (0 if it
     # has fewer), so a burst over one or two windows stands out while a host that is always busy does not.
     typical = current.group_by("src_addr").agg(
-        sweep_ref=pl.col("bytes_out").sort(descending=True).implode().list.get(2, null_on_oob=True))
+        sweep_ref=pl.col("bytes_out").sort(descending=True).implode().list.get(2, null_on_oob=True)
+    )
     found = (
-        current.join(history, on="src_addr", how="left").join(peers, on="window_start", how="left")
+        current.join(history, on="src_addr", how="left")
+        .join(peers, on="window_start", how="left")
         .join(typical, on="src_addr", how="left")
-        .with_columns(host_ref=pl.max_horizontal(pl.col("host_ref").fill_null(0.0),
-                                                 pl.col("sweep_ref").fill_null(0).cast(pl.Float64)),
-                      baseline_windows=pl.col("baseline_windows").fill_null(0))
-        .filter((pl.col("bytes_out") >= c.min_bytes)
-                & (pl.col("bytes_out") >= c.host_factor * pl.col("host_ref"))
-                & (pl.col("bytes_out") >= c.peer_factor * pl.col("peer_ref")))
+        .with_columns(
+            host_ref=pl.max_horizontal(
+                pl.col("host_ref").fill_null(0.0), pl.col("sweep_ref").fill_null(0).cast(pl.Float64)
+            ),
+            baseline_windows=pl.col("baseline_windows").fill_null(0),
+        )
+        .filter(
+            (pl.col("bytes_out") >= c.min_bytes)
+            & (pl.col("bytes_out") >= c.host_factor * pl.col("host_ref"))
+            & (pl.col("bytes_out") >= c.peer_factor * pl.col("peer_ref"))
+        )
     )
     if found.is_empty():
         return _empty()
     # the biggest receivers of each suspicious host-window, for the reason line
     keys = found.select("src_addr", "window_start")
-    top = (ctx.flows(c.window).filter(pl.col("src_local") & ~pl.col("dst_local"))
-           .join(keys.lazy(), on=["src_addr", "window_start"], how="semi")
-           .group_by("src_addr", "window_start", "dst_addr").agg(to_peer=pl.col("bytes").sum())
-           .sort("to_peer", descending=True)
-           .group_by("src_addr", "window_start").agg(peer=pl.col("dst_addr").first(),
-                                                     to_peer=pl.col("to_peer").first(), peers=pl.len())
-           .collect(engine="streaming"))
+    top = (
+        ctx.flows(c.window)
+        .filter(pl.col("src_local") & ~pl.col("dst_local"))
+        .join(keys.lazy(), on=["src_addr", "window_start"], how="semi")
+        .group_by("src_addr", "window_start", "dst_addr")
+        .agg(to_peer=pl.col("bytes").sum())
+        .sort("to_peer", descending=True)
+        .group_by("src_addr", "window_start")
+        .agg(peer=pl.col("dst_addr").first(), to_peer=pl.col("to_peer").first(), peers=pl.len())
+        .collect(engine="streaming")
+    )
     found = found.join(top, on=["src_addr", "window_start"], how="left").with_columns(
-        addr=pl.col("src_addr"), port=pl.lit(None, pl.Int32),
+        addr=pl.col("src_addr"),
+        port=pl.lit(None, pl.Int32),
         score=_ratio_score(pl.col("bytes_out").cast(pl.Float64), c.min_bytes),
         window_end=pl.col("window_start") + pl.duration(seconds=int(c.window)),
     )
 
     def reason(r: dict) -> str:
-        base = (f"its own baseline {fmt_bytes(r['host_ref'])}" if r["baseline_windows"]
-                else f"its typical window {fmt_bytes(r['host_ref'])} (no history before)")
-        return (f"{{who}} sent {fmt_bytes(r['bytes_out'])} out of the cloud in {fmt_duration(c.window)} "
-                f"({fmt_bytes(r['to_peer'])} to {r['peer']}); {base}, peers' median {fmt_bytes(r['peer_ref'])}")
+        base = (
+            f"its own baseline {fmt_bytes(r['host_ref'])}"
+            if r["baseline_windows"]
+            else f"its typical window {fmt_bytes(r['host_ref'])} (no history before)"
+        )
+        return (
+            f"{{who}} sent {fmt_bytes(r['bytes_out'])} out of the cloud in {fmt_duration(c.window)} "
+            f"({fmt_bytes(r['to_peer'])} to {r['peer']}); {base}, peers' median {fmt_bytes(r['peer_ref'])}"
+        )
 
-    return _finish(found, "exfiltration", reason,
-                   lambda r: {k: r[k] for k in ("bytes_out", "host_ref", "peer_ref", "baseline_windows", "peers")})
+    return _finish(
+        found,
+        "exfiltration",
+        reason,
+        lambda r: {k: r[k] for k in ("bytes_out", "host_ref", "peer_ref", "baseline_windows", "peers")},
+    )
 
 
 MIN_PIECE_SECONDS = 60.0  # flows shorter than this cannot be part of a long connection (cheap pre-filter)
@@ -369,16 +502,24 @@ def long_connection(ctx: DetectContext) -> pl.DataFrame:
     """One 5-tuple seen for hours (exporters split it at their active timeout: the pieces are joined)."""
     c = ctx.config.detectors.long_connection
     flows = ctx.flows(c.window).filter(
-        (pl.col("src_local") | pl.col("dst_local")) & (pl.col("duration") >= MIN_PIECE_SECONDS)
-        & ~pl.col("dst_port").is_in(c.ignore_ports) & ~pl.col("src_port").is_in(c.ignore_ports)
+        (pl.col("src_local") | pl.col("dst_local"))
+        & (pl.col("duration") >= MIN_PIECE_SECONDS)
+        & ~pl.col("dst_port").is_in(c.ignore_ports)
+        & ~pl.col("src_port").is_in(c.ignore_ports)
     )
     order = pl.col("ts_start")
     gap = (pl.col("ts_start").sort_by(order).shift(-1) - pl.col("ts_end").sort_by(order)).dt.total_seconds()
     found = (
         flows.group_by("src_addr", "dst_addr", "src_port", "dst_port", "proto", "window_start")
-        .agg(first_ts=pl.col("ts_start").min(), last_end=pl.col("ts_end").max(), pieces=pl.len(),
-             bytes=pl.col("bytes").sum(), max_gap=gap.max(), src_local=pl.col("src_local").first(),
-             response=pl.col("response").first())
+        .agg(
+            first_ts=pl.col("ts_start").min(),
+            last_end=pl.col("ts_end").max(),
+            pieces=pl.len(),
+            bytes=pl.col("bytes").sum(),
+            max_gap=gap.max(),
+            src_local=pl.col("src_local").first(),
+            response=pl.col("response").first(),
+        )
         .with_columns(span=(pl.col("last_end") - pl.col("first_ts")).dt.total_seconds())
         .filter((pl.col("span") >= c.min_duration) & (pl.col("max_gap").fill_null(0) <= c.max_gap))
         .with_columns(
@@ -390,14 +531,23 @@ def long_connection(ctx: DetectContext) -> pl.DataFrame:
         )
         # both directions of one connection: keep one alert, with the bytes of both
         .group_by("addr", "peer", "window_start")
-        .agg(pl.col("port").min(), pl.col("first_ts").min(), pl.col("span").max(), pl.col("pieces").max(),
-             pl.col("bytes").sum(), pl.col("score").max())
+        .agg(
+            pl.col("port").min(),
+            pl.col("first_ts").min(),
+            pl.col("span").max(),
+            pl.col("pieces").max(),
+            pl.col("bytes").sum(),
+            pl.col("score").max(),
+        )
     )
     frame = _with_window_end(found, c.window).collect(engine="streaming")
     return _finish(
-        frame, "long_connection",
-        lambda r: (f"{{who}} held one connection with {r['peer']}:{r['port']} for {fmt_duration(r['span'])} "
-                   f"({fmt_bytes(r['bytes'])} both ways, {r['pieces']} flow records)"),
+        frame,
+        "long_connection",
+        lambda r: (
+            f"{{who}} held one connection with {r['peer']}:{r['port']} for {fmt_duration(r['span'])} "
+            f"({fmt_bytes(r['bytes'])} both ways, {r['pieces']} flow records)"
+        ),
         lambda r: {k: r[k] for k in ("span", "pieces", "bytes")},
     )
 
@@ -406,24 +556,41 @@ def mining(ctx: DetectContext) -> pl.DataFrame:
     """Sustained small-packet sessions to mining-pool ports (Stratum: short JSON lines, long-lived)."""
     c = ctx.config.detectors.mining
     flows = ctx.flows(c.window).filter(
-        pl.col("src_local") & ~pl.col("dst_local") & (pl.col("proto") == 6) & pl.col("dst_port").is_in(c.ports)
+        pl.col("src_local")
+        & ~pl.col("dst_local")
+        & (pl.col("proto") == 6)
+        & pl.col("dst_port").is_in(c.ports)
     )
     found = (
         flows.group_by("src_addr", "dst_addr", "dst_port", "window_start")
-        .agg(first_ts=pl.col("ts_start").min(), last_end=pl.col("ts_end").max(), packets=pl.col("packets").sum(),
-             bytes=pl.col("bytes").sum(), flows=pl.len())
-        .with_columns(span=(pl.col("last_end") - pl.col("first_ts")).dt.total_seconds(),
-                      bytes_per_packet=pl.col("bytes") / pl.col("packets").clip(lower_bound=1))
+        .agg(
+            first_ts=pl.col("ts_start").min(),
+            last_end=pl.col("ts_end").max(),
+            packets=pl.col("packets").sum(),
+            bytes=pl.col("bytes").sum(),
+            flows=pl.len(),
+        )
+        .with_columns(
+            span=(pl.col("last_end") - pl.col("first_ts")).dt.total_seconds(),
+            bytes_per_packet=pl.col("bytes") / pl.col("packets").clip(lower_bound=1),
+        )
         .filter((pl.col("span") >= c.min_duration) & (pl.col("bytes_per_packet") <= c.max_bytes_per_packet))
-        .with_columns(addr=pl.col("src_addr"), peer=pl.col("dst_addr"), port=pl.col("dst_port"),
-                      score=_ratio_score(pl.col("span"), c.min_duration))
+        .with_columns(
+            addr=pl.col("src_addr"),
+            peer=pl.col("dst_addr"),
+            port=pl.col("dst_port"),
+            score=_ratio_score(pl.col("span"), c.min_duration),
+        )
     )
     frame = _with_window_end(found, c.window).collect(engine="streaming")
     return _finish(
-        frame, "mining",
-        lambda r: (f"{{who}} kept a session to {r['peer']}:{r['port']} (a mining-pool port) for "
-                   f"{fmt_duration(r['span'])}, {fmt_int(r['packets'])} small packets "
-                   f"(avg {r['bytes_per_packet']:.0f} B): Stratum-like"),
+        frame,
+        "mining",
+        lambda r: (
+            f"{{who}} kept a session to {r['peer']}:{r['port']} (a mining-pool port) for "
+            f"{fmt_duration(r['span'])}, {fmt_int(r['packets'])} small packets "
+            f"(avg {r['bytes_per_packet']:.0f} B): Stratum-like"
+        ),
         lambda r: {k: r[k] for k in ("span", "packets", "bytes", "bytes_per_packet", "flows")},
     )
 
@@ -436,10 +603,12 @@ def intel_match(ctx: DetectContext) -> pl.DataFrame:
     # Each flow seen from its local end(s): a listed address inside the cloud (a VM a CERT reported) is a
     # peer of the local hosts that talked to it.
     base = ctx.flows(c.window)
-    flows = pl.concat([
-        base.filter(pl.col("src_local")).with_columns(addr=pl.col("src_addr"), peer=pl.col("dst_addr")),
-        base.filter(pl.col("dst_local")).with_columns(addr=pl.col("dst_addr"), peer=pl.col("src_addr")),
-    ])
+    flows = pl.concat(
+        [
+            base.filter(pl.col("src_local")).with_columns(addr=pl.col("src_addr"), peer=pl.col("dst_addr")),
+            base.filter(pl.col("dst_local")).with_columns(addr=pl.col("dst_addr"), peer=pl.col("src_addr")),
+        ]
+    )
     peers = flows.select("peer").unique().collect(engine="streaming").get_column("peer").to_arrow()
     matches = match_addresses(peers, ctx.intel)
     if matches.is_empty():
@@ -447,10 +616,17 @@ def intel_match(ctx: DetectContext) -> pl.DataFrame:
     found = (
         flows.join(matches.lazy().rename({"addr": "peer"}), on="peer", how="inner")
         .group_by("addr", "peer", "window_start")
-        .agg(flows=pl.len(), bytes=pl.col("bytes").sum(), first_ts=pl.col("ts_start").min(),
-             ports=pl.col("dst_port").unique().sort().head(5), indicator=pl.col("indicator").first(),
-             description=pl.col("description").first(), tags=pl.col("tags").first(),
-             event_id=pl.col("event_id").first(), outbound=pl.col("src_local").any())
+        .agg(
+            flows=pl.len(),
+            bytes=pl.col("bytes").sum(),
+            first_ts=pl.col("ts_start").min(),
+            ports=pl.col("dst_port").unique().sort().head(5),
+            indicator=pl.col("indicator").first(),
+            description=pl.col("description").first(),
+            tags=pl.col("tags").first(),
+            event_id=pl.col("event_id").first(),
+            outbound=pl.col("src_local").any(),
+        )
         .with_columns(port=pl.lit(None, pl.Int32), score=pl.lit(0.9))
     )
     frame = _with_window_end(found, c.window).collect(engine="streaming")
@@ -458,11 +634,17 @@ def intel_match(ctx: DetectContext) -> pl.DataFrame:
     def reason(r: dict) -> str:
         what = f" ({r['description']})" if r["description"] else ""
         event = f", MISP event {r['event_id']}" if r["event_id"] else ""
-        return (f"{{who}} exchanged {fmt_int(r['flows'])} flows ({fmt_bytes(r['bytes'])}) with {r['peer']}, "
-                f"listed in threat intel as {r['indicator']}{what}{event}")
+        return (
+            f"{{who}} exchanged {fmt_int(r['flows'])} flows ({fmt_bytes(r['bytes'])}) with {r['peer']}, "
+            f"listed in threat intel as {r['indicator']}{what}{event}"
+        )
 
-    return _finish(frame, "intel", reason,
-                   lambda r: {k: r[k] for k in ("flows", "bytes", "ports", "indicator", "tags", "event_id")})
+    return _finish(
+        frame,
+        "intel",
+        reason,
+        lambda r: {k: r[k] for k in ("flows", "bytes", "ports", "indicator", "tags", "event_id")},
+    )
 
 
 DETECTORS: dict[str, Callable[[DetectContext], pl.DataFrame]] = {
@@ -477,8 +659,9 @@ DETECTORS: dict[str, Callable[[DetectContext], pl.DataFrame]] = {
 }
 
 
-def run_detectors(ctx: DetectContext, names: list[str] | None = None,
-                  on_stage: Callable[[str, float], None] | None = None) -> pl.DataFrame:
+def run_detectors(
+    ctx: DetectContext, names: list[str] | None = None, on_stage: Callable[[str, float], None] | None = None
+) -> pl.DataFrame:
     """Run the enabled detectors (or `names`), return all candidates."""
     import time
 
@@ -525,8 +708,10 @@ def attribute(candidates: pl.DataFrame, lake: Lake) -> pl.DataFrame:
     """Give each candidate the VM whose lease on `addr` was valid at its first flow (deleted VMs included)."""
     lease_files = lake.files("vm_leases")
     if candidates.is_empty() or not lease_files:
-        return candidates.with_columns([pl.lit(None, pl.String).alias(c) for c in LEASE_COLUMNS[:-1]]
-                                       + [pl.lit(None, pl.Datetime("us", "UTC")).alias("quarantine_until")])
+        return candidates.with_columns(
+            [pl.lit(None, pl.String).alias(c) for c in LEASE_COLUMNS[:-1]]
+            + [pl.lit(None, pl.Datetime("us", "UTC")).alias("quarantine_until")]
+        )
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")
@@ -545,8 +730,9 @@ def attribute(candidates: pl.DataFrame, lake: Lake) -> pl.DataFrame:
     found = pl.from_arrow(leases)
     if not isinstance(found, pl.DataFrame):  # pragma: no cover - from_arrow of a table is a frame
         raise TypeError("unexpected lease lookup result")
-    found = found.with_columns(pl.col("_row").cast(pl.UInt32),
-                               pl.col("quarantine_until").cast(pl.Datetime("us", "UTC")))
+    found = found.with_columns(
+        pl.col("_row").cast(pl.UInt32), pl.col("quarantine_until").cast(pl.Datetime("us", "UTC"))
+    )
     return keyed.join(found, on="_row", how="left").drop("_row")
 
 
@@ -569,8 +755,12 @@ def describe_host(row: dict) -> str:
     return f"{addr} ({', '.join(parts)})"
 
 
-def alert_id(detector: str, addr: str | None, peer: str | None, port: int | None, window_start: dt.datetime) -> str:
-    key = f"{detector}|{addr or ''}|{peer or ''}|{'' if port is None else port}|{utc(window_start).isoformat()}"
+def alert_id(
+    detector: str, addr: str | None, peer: str | None, port: int | None, window_start: dt.datetime
+) -> str:
+    key = (
+        f"{detector}|{addr or ''}|{peer or ''}|{'' if port is None else port}|{utc(window_start).isoformat()}"
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
@@ -581,21 +771,33 @@ def evidence_rows(lake: Lake, alerts: pl.DataFrame, limit: int) -> dict[int, lis
         return {}
     start, end = alerts.get_column("window_start").min(), alerts.get_column("window_end").max()
     addrs = alerts.get_column("addr").unique().to_list()
-    flows = (scan_flows(lake, start, end)
-             .filter(pl.col("src_addr").is_in(addrs) | pl.col("dst_addr").is_in(addrs))
-             .select(list(EVIDENCE_COLUMNS)))
-    keys = alerts.with_row_index("_alert").select("_alert", "addr", "peer", "port", "window_start", "window_end")
+    flows = (
+        scan_flows(lake, start, end)
+        .filter(pl.col("src_addr").is_in(addrs) | pl.col("dst_addr").is_in(addrs))
+        .select(list(EVIDENCE_COLUMNS))
+    )
+    keys = alerts.with_row_index("_alert").select(
+        "_alert", "addr", "peer", "port", "window_start", "window_end"
+    )
     sides = []
     for mine, other in (("src_addr", "dst_addr"), ("dst_addr", "src_addr")):
-        sides.append(flows.join(keys.lazy(), left_on=mine, right_on="addr", how="inner")
-                     .with_columns(_other=pl.col(other)))
+        sides.append(
+            flows.join(keys.lazy(), left_on=mine, right_on="addr", how="inner").with_columns(
+                _other=pl.col(other)
+            )
+        )
     joined = (
         pl.concat(sides)
         .filter((pl.col("ts_start") >= pl.col("window_start")) & (pl.col("ts_start") < pl.col("window_end")))
         .filter(pl.col("peer").is_null() | (pl.col("_other") == pl.col("peer")))
-        .filter(pl.col("port").is_null() | (pl.col("dst_port") == pl.col("port")) | (pl.col("src_port") == pl.col("port")))
+        .filter(
+            pl.col("port").is_null()
+            | (pl.col("dst_port") == pl.col("port"))
+            | (pl.col("src_port") == pl.col("port"))
+        )
         .sort("bytes", descending=True)
-        .group_by("_alert").head(limit)
+        .group_by("_alert")
+        .head(limit)
         .collect(engine="streaming")
     )
     out: dict[int, list[dict]] = {}
@@ -604,8 +806,9 @@ def evidence_rows(lake: Lake, alerts: pl.DataFrame, limit: int) -> dict[int, lis
     return out
 
 
-def finalize(candidates: pl.DataFrame, ctx: DetectContext, pipeline: str,
-             created_at: dt.datetime | None = None) -> tuple[pa.Table, dict[str, int]]:
+def finalize(
+    candidates: pl.DataFrame, ctx: DetectContext, pipeline: str, created_at: dt.datetime | None = None
+) -> tuple[pa.Table, dict[str, int]]:
     """Candidates -> schema.ALERTS rows: allowlists, VM attribution, reason, evidence, deterministic ids."""
     created_at = created_at or dt.datetime.now(dt.UTC)
     kept, allowed = apply_allowlist(candidates, ctx.config)
@@ -614,26 +817,32 @@ def finalize(candidates: pl.DataFrame, ctx: DetectContext, pipeline: str,
     attributed = attribute(kept, ctx.lake)
     if ctx.config.allowlist.projects:
         before = attributed.height
-        attributed = attributed.filter(~pl.col("project").is_in(ctx.config.allowlist.projects).fill_null(False))
+        attributed = attributed.filter(
+            ~pl.col("project").is_in(ctx.config.allowlist.projects).fill_null(False)
+        )
         allowed += before - attributed.height
     evidence = evidence_rows(ctx.lake, attributed, ctx.config.output.max_evidence_rows)
     rows = []
     for index, row in enumerate(attributed.to_dicts()):
-        rows.append({
-            "alert_id": alert_id(row["detector"], row["addr"], row["peer"], row["port"], row["window_start"]),
-            "detector": row["detector"],
-            "window_start": row["window_start"],
-            "window_end": row["window_end"],
-            "addr": row["addr"],
-            "peer": row["peer"],
-            "score": None if row["score"] is None or math.isnan(row["score"]) else round(row["score"], 4),
-            "reason": row["reason"].replace("{who}", describe_host(row)),
-            **{c: row.get(c) for c in LEASE_COLUMNS},
-            "features": row["features"],
-            "evidence": json.dumps({"port": row["port"], "flows": evidence.get(index, [])}, default=str),
-            "pipeline": pipeline,
-            "created_at": created_at,
-        })
+        rows.append(
+            {
+                "alert_id": alert_id(
+                    row["detector"], row["addr"], row["peer"], row["port"], row["window_start"]
+                ),
+                "detector": row["detector"],
+                "window_start": row["window_start"],
+                "window_end": row["window_end"],
+                "addr": row["addr"],
+                "peer": row["peer"],
+                "score": None if row["score"] is None or math.isnan(row["score"]) else round(row["score"], 4),
+                "reason": row["reason"].replace("{who}", describe_host(row)),
+                **{c: row.get(c) for c in LEASE_COLUMNS},
+                "features": row["features"],
+                "evidence": json.dumps({"port": row["port"], "flows": evidence.get(index, [])}, default=str),
+                "pipeline": pipeline,
+                "created_at": created_at,
+            }
+        )
     table = pa.Table.from_pylist(rows, schema=ALERTS)
     # one alert per id (e.g. both directions of one connection)
     _, first = np.unique(np.asarray(table.column("alert_id").to_pylist(), dtype=object), return_index=True)

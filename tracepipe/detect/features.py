@@ -164,7 +164,9 @@ def scan_flows(lake: Lake, since: dt.datetime, until: dt.datetime) -> pl.LazyFra
     )
 
 
-def with_flow_facts(flows: pl.LazyFrame, local_addrs: list[str], night: tuple[int, int] = (22, 6)) -> pl.LazyFrame:
+def with_flow_facts(
+    flows: pl.LazyFrame, local_addrs: list[str], night: tuple[int, int] = (22, 6)
+) -> pl.LazyFrame:
     """Adds the per-flow facts every detector shares, defined once here."""
     flags = pl.col("tcp_flags").fill_null(0).cast(pl.Int32)
     is_tcp = pl.col("proto") == 6
@@ -182,9 +184,11 @@ def with_flow_facts(flows: pl.LazyFrame, local_addrs: list[str], night: tuple[in
         syn_only=is_tcp & ((flags & 0x3F) == SYN),
         # The server side of a conversation: a well-known (or registered, below the ephemeral range 32768+)
         # source port talking to a higher ephemeral port. NetFlow is one-way, so this tells replies apart.
-        response=pl.col("proto").is_in([6, 17]) & (
+        response=pl.col("proto").is_in([6, 17])
+        & (
             ((pl.col("src_port") < 1024) & (pl.col("dst_port") >= 1024))
-            | ((pl.col("src_port") < 32768) & (pl.col("dst_port") >= 32768))),
+            | ((pl.col("src_port") < 32768) & (pl.col("dst_port") >= 32768))
+        ),
         icmp_unreach=unreach,
         night=is_night,
         src_local=pl.col("src_addr").is_in(locals_series.implode()),
@@ -194,9 +198,13 @@ def with_flow_facts(flows: pl.LazyFrame, local_addrs: list[str], night: tuple[in
 
 def local_addresses(flows: pl.LazyFrame, local_networks: list[str]) -> list[str]:
     """The distinct local addresses (either end) among the flows."""
-    uniques = pl.concat(
-        [flows.select(pl.col("src_addr").alias("addr")), flows.select(pl.col("dst_addr").alias("addr"))]
-    ).unique().collect(engine="streaming")
+    uniques = (
+        pl.concat(
+            [flows.select(pl.col("src_addr").alias("addr")), flows.select(pl.col("dst_addr").alias("addr"))]
+        )
+        .unique()
+        .collect(engine="streaming")
+    )
     arr = uniques.get_column("addr").to_arrow()
     mask = in_networks(arr, local_networks)
     return [a for a, m in zip(arr.to_pylist(), mask, strict=True) if m]
@@ -214,8 +222,12 @@ def _mad(col: pl.Expr) -> pl.Expr:
     return (col - col.median()).abs().median()
 
 
-def periodicity(flows: pl.LazyFrame, window_s: float, min_connections: int,
-                pair: tuple[str, ...] = ("src_addr", "dst_addr", "dst_port", "proto")) -> pl.LazyFrame:
+def periodicity(
+    flows: pl.LazyFrame,
+    window_s: float,
+    min_connections: int,
+    pair: tuple[str, ...] = ("src_addr", "dst_addr", "dst_port", "proto"),
+) -> pl.LazyFrame:
     """Score how regular the connections of each pair are within each window, RITA-like: the intervals between
     connection starts and the connection sizes should be symmetric (Bowley skew ~ 0) and tightly spread (MAD
     small against the median), and there should be many of them. Score in [0, 1], 1 = a metronome.
@@ -225,8 +237,11 @@ def periodicity(flows: pl.LazyFrame, window_s: float, min_connections: int,
     """
     flows = flows.with_columns(window_start=bucket_expr("ts_start", window_s))
     keys = [*pair, "window_start"]
-    counts = flows.group_by(keys).agg(pl.len().alias("connections")).filter(
-        pl.col("connections") >= min_connections)
+    counts = (
+        flows.group_by(keys)
+        .agg(pl.len().alias("connections"))
+        .filter(pl.col("connections") >= min_connections)
+    )
     # One connection split by the exporter's active timeout is several flows with the same source port:
     # collapse them, so that a long session exported every 30 min does not look like a beacon.
     candidates = (
@@ -241,26 +256,33 @@ def periodicity(flows: pl.LazyFrame, window_s: float, min_connections: int,
         size=pl.col("bytes").cast(pl.Float64),
     )
     ts, size = pl.col("interval").drop_nulls(), pl.col("size")
-    stats = candidates.group_by(keys).agg(
-        connections=pl.len(),
-        interval_median=ts.median(),
-        interval_mad=_mad(ts),
-        interval_skew=_bowley(ts),
-        bytes_median=size.median(),
-        bytes_mad=_mad(size),
-        bytes_skew=_bowley(size),
-        first_ts=pl.col("ts_start").min(),
-        last_ts=pl.col("ts_start").max(),
-        bytes=pl.col("bytes").sum(),
-    ).filter(pl.col("connections") >= min_connections)
+    stats = (
+        candidates.group_by(keys)
+        .agg(
+            connections=pl.len(),
+            interval_median=ts.median(),
+            interval_mad=_mad(ts),
+            interval_skew=_bowley(ts),
+            bytes_median=size.median(),
+            bytes_mad=_mad(size),
+            bytes_skew=_bowley(size),
+            first_ts=pl.col("ts_start").min(),
+            last_ts=pl.col("ts_start").max(),
+            bytes=pl.col("bytes").sum(),
+        )
+        .filter(pl.col("connections") >= min_connections)
+    )
     # Dispersion relative to the typical value, x3: a spread of a third of the interval already scores 0
     # (random arrivals have MAD/median ~0.5; a beacon with 10% jitter keeps ~0.85).
-    interval_regular = (1 - 3 * pl.col("interval_mad") / pl.col("interval_median").clip(lower_bound=1e-3)).clip(0, 1)
+    interval_regular = (
+        1 - 3 * pl.col("interval_mad") / pl.col("interval_median").clip(lower_bound=1e-3)
+    ).clip(0, 1)
     size_regular = (1 - 3 * pl.col("bytes_mad") / pl.col("bytes_median").clip(lower_bound=1.0)).clip(0, 1)
     # Coverage: the pair keeps its pace over the time the window actually holds data (a lake with 4 h of a
     # day is judged on those 4 h): a burst of 20 regular connections in 10 min is not a beacon.
     observed = flows.group_by("window_start").agg(
-        data_span=(pl.col("ts_start").max() - pl.col("ts_start").min()).dt.total_seconds())
+        data_span=(pl.col("ts_start").max() - pl.col("ts_start").min()).dt.total_seconds()
+    )
     active = (pl.col("last_ts") - pl.col("first_ts")).dt.total_seconds()
     coverage = (active / pl.col("data_span").clip(lower_bound=1.0)).clip(0, 1)
     stats = stats.join(observed, on="window_start", how="left")
@@ -276,8 +298,13 @@ def periodicity(flows: pl.LazyFrame, window_s: float, min_connections: int,
 
 
 # ---- per (host, window) features ---------------------------------------------------------------------------
-def host_features(flows: pl.LazyFrame, window_s: float, history_start: dt.datetime | None = None,
-                  warmup_s: float = 86400.0, min_beacon_connections: int = 10) -> pl.LazyFrame:
+def host_features(
+    flows: pl.LazyFrame,
+    window_s: float,
+    history_start: dt.datetime | None = None,
+    warmup_s: float = 86400.0,
+    min_beacon_connections: int = 10,
+) -> pl.LazyFrame:
     """One row per (host, window_start) with FEATURES. `flows` must come from with_flow_facts.
 
     new_dst_share: the share of a window's destinations the host had not contacted since `history_start`
@@ -347,9 +374,26 @@ def host_features(flows: pl.LazyFrame, window_s: float, history_start: dt.dateti
         .join(nights, on=["host", "day"], how="left")
         .drop("day")
     )
-    zero = [c for c in ("flows_out", "packets_out", "bytes_out", "bytes_out_ext", "distinct_dst",
-                        "distinct_dst_ports", "tcp_attempts", "failed", "syn_only", "long_flows",
-                        "bytes_in", "flows_in", "distinct_src_in", "icmp_unreach", "new_dsts")]
+    zero = [
+        c
+        for c in (
+            "flows_out",
+            "packets_out",
+            "bytes_out",
+            "bytes_out_ext",
+            "distinct_dst",
+            "distinct_dst_ports",
+            "tcp_attempts",
+            "failed",
+            "syn_only",
+            "long_flows",
+            "bytes_in",
+            "flows_in",
+            "distinct_src_in",
+            "icmp_unreach",
+            "new_dsts",
+        )
+    ]
     joined = joined.with_columns([pl.col(c).fill_null(0) for c in zero])
     return joined.with_columns(
         failed_share=(pl.col("failed") / pl.col("tcp_attempts")).fill_nan(0.0).fill_null(0.0),
@@ -360,9 +404,15 @@ def host_features(flows: pl.LazyFrame, window_s: float, history_start: dt.dateti
     ).select("host", "window_start", *FEATURES)
 
 
-def compute_features(lake: Lake, since: dt.datetime, until: dt.datetime, local_networks: list[str],
-                     window_s: float = 3600.0, history_start: dt.datetime | None = None,
-                     night: tuple[int, int] = (22, 6)) -> pl.DataFrame:
+def compute_features(
+    lake: Lake,
+    since: dt.datetime,
+    until: dt.datetime,
+    local_networks: list[str],
+    window_s: float = 3600.0,
+    history_start: dt.datetime | None = None,
+    night: tuple[int, int] = (22, 6),
+) -> pl.DataFrame:
     """Features of every (host, window) with ts in [since, until), collected with the streaming engine.
     `history_start` (<= since) widens the read so that new destinations are judged against the host's past;
     only the windows inside [since, until) are returned."""

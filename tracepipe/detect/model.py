@@ -51,8 +51,10 @@ def model_path(lake: Lake, path: str | Path | None = None) -> Path:
 
 def _matrix(features: pl.DataFrame) -> np.ndarray:
     """The model's view of the features: log1p of counts and volumes, shares as they are."""
-    columns = [pl.col(f).cast(pl.Float64).log1p() if f in LOG_FEATURES else pl.col(f).cast(pl.Float64)
-               for f in FEATURES]
+    columns = [
+        pl.col(f).cast(pl.Float64).log1p() if f in LOG_FEATURES else pl.col(f).cast(pl.Float64)
+        for f in FEATURES
+    ]
     return features.select(columns).fill_null(0.0).fill_nan(0.0).to_numpy()
 
 
@@ -61,13 +63,21 @@ def _spread(mads: np.ndarray, medians: np.ndarray) -> np.ndarray:
     return np.maximum.reduce([1.4826 * mads, 0.05 * np.abs(medians), np.full_like(mads, 0.1)])
 
 
-def fit(features: pl.DataFrame, since: dt.datetime, until: dt.datetime, window_s: float,
-        local_networks: list[str], seed: int = 0) -> tuple[IsolationForest, ModelInfo]:
+def fit(
+    features: pl.DataFrame,
+    since: dt.datetime,
+    until: dt.datetime,
+    window_s: float,
+    local_networks: list[str],
+    seed: int = 0,
+) -> tuple[IsolationForest, ModelInfo]:
     """Fit on baseline features (pure: no I/O)."""
     if features.height < MIN_FIT_ROWS:
-        raise InputError(f"only {features.height} (host, window)s between {since:%Y-%m-%d %H:%M} and "
-                         f"{until:%Y-%m-%d %H:%M}: too little to fit a baseline. Choose a longer --since/--until "
-                         f"period with flows in the lake.")
+        raise InputError(
+            f"only {features.height} (host, window)s between {since:%Y-%m-%d %H:%M} and "
+            f"{until:%Y-%m-%d %H:%M}: too little to fit a baseline. Choose a longer --since/--until "
+            f"period with flows in the lake."
+        )
     x = _matrix(features)
     medians = np.median(x, axis=0)
     mads = np.median(np.abs(x - medians), axis=0)
@@ -79,17 +89,31 @@ def fit(features: pl.DataFrame, since: dt.datetime, until: dt.datetime, window_s
         names.append(str(host))
         for key, value in (("low", low), ("median", med), ("high", high)):
             ranges[key].append(np.round(value, 6).tolist())
-    info = ModelInfo(list(FEATURES), sklearn.__version__, utc(since).isoformat(), utc(until).isoformat(),
-                     window_s, features.height, len(names), dt.datetime.now(dt.UTC).isoformat(),
-                     list(local_networks), medians.tolist(), mads.tolist(),
-                     dict(zip(names, ranges["low"], strict=True)), dict(zip(names, ranges["median"], strict=True)),
-                     dict(zip(names, ranges["high"], strict=True)))
+    info = ModelInfo(
+        list(FEATURES),
+        sklearn.__version__,
+        utc(since).isoformat(),
+        utc(until).isoformat(),
+        window_s,
+        features.height,
+        len(names),
+        dt.datetime.now(dt.UTC).isoformat(),
+        list(local_networks),
+        medians.tolist(),
+        mads.tolist(),
+        dict(zip(names, ranges["low"], strict=True)),
+        dict(zip(names, ranges["median"], strict=True)),
+        dict(zip(names, ranges["high"], strict=True)),
+    )
     forest = IsolationForest(n_estimators=200, random_state=seed, contamination="auto").fit(
-        _model_input(x, hosts, info)[0])
+        _model_input(x, hosts, info)[0]
+    )
     return forest, info
 
 
-def _model_input(x: np.ndarray, hosts: np.ndarray, info: ModelInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _model_input(
+    x: np.ndarray, hosts: np.ndarray, info: ModelInfo
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The forest sees each window as it is AND by how far it leaves the host's own usual range (5th-95th
     percentile of its baseline windows; the global median for hosts the baseline lacks): a data mover's big
     hour is ordinary, a web server's is not. Returns (model input, outside-range distance, host median)."""
@@ -129,16 +153,22 @@ def load(path: Path) -> tuple[IsolationForest, ModelInfo]:
         raise InputError(f"no model at {path}. Fit one first: tracepipe model fit --since ... --until ...")
     info = ModelInfo(**json.loads(sidecar(path).read_text()))
     if info.features != list(FEATURES):
-        raise InputError(f"the model at {path} was fitted on other features ({len(info.features)}); "
-                         f"refit it with tracepipe model fit")
+        raise InputError(
+            f"the model at {path} was fitted on other features ({len(info.features)}); "
+            f"refit it with tracepipe model fit"
+        )
     return joblib.load(path), info
 
 
-def score(features: pl.DataFrame, forest: IsolationForest, info: ModelInfo, top_features: int = 3) -> pl.DataFrame:
+def score(
+    features: pl.DataFrame, forest: IsolationForest, info: ModelInfo, top_features: int = 3
+) -> pl.DataFrame:
     """Features -> the same rows plus anomaly_score (0..1) and explanation (JSON list of the features that
     stand out most: name, value, baseline median, robust z), highest score first."""
     if features.is_empty():
-        return features.with_columns(anomaly_score=pl.lit(None, pl.Float64), explanation=pl.lit(None, pl.String))
+        return features.with_columns(
+            anomaly_score=pl.lit(None, pl.Float64), explanation=pl.lit(None, pl.String)
+        )
     x = _matrix(features)
     model_input, outside, reference = _model_input(x, features.get_column("host").to_numpy(), info)
     anomaly = -forest.score_samples(model_input)
@@ -150,16 +180,32 @@ def score(features: pl.DataFrame, forest: IsolationForest, info: ModelInfo, top_
     is_log = np.array([f in LOG_FEATURES for f in FEATURES])
     base = np.where(is_log, np.expm1(reference), reference)
     explanations = [
-        json.dumps([{"feature": FEATURES[j], "value": round(float(raw[i, j]), 4),
-                     "baseline": round(float(base[i, j]), 4), "z": round(float(z[i, j]), 2)} for j in order[i]])
+        json.dumps(
+            [
+                {
+                    "feature": FEATURES[j],
+                    "value": round(float(raw[i, j]), 4),
+                    "baseline": round(float(base[i, j]), 4),
+                    "z": round(float(z[i, j]), 2),
+                }
+                for j in order[i]
+            ]
+        )
         for i in range(len(order))
     ]
     return features.with_columns(anomaly_score=pl.Series(anomaly), explanation=pl.Series(explanations)).sort(
-        "anomaly_score", descending=True)
+        "anomaly_score", descending=True
+    )
 
 
-def fit_lake(lake: Lake, since: dt.datetime, until: dt.datetime, local_networks: list[str],
-             window_s: float = 3600.0, path: str | Path | None = None) -> tuple[Path, ModelInfo]:
+def fit_lake(
+    lake: Lake,
+    since: dt.datetime,
+    until: dt.datetime,
+    local_networks: list[str],
+    window_s: float = 3600.0,
+    path: str | Path | None = None,
+) -> tuple[Path, ModelInfo]:
     """`tracepipe model fit`: features of [since, until) from the lake -> fitted, persisted model."""
     features = compute_features(lake, since, until, local_networks, window_s, history_start=since)
     forest, info = fit(features, since, until, window_s, local_networks)
@@ -167,17 +213,30 @@ def fit_lake(lake: Lake, since: dt.datetime, until: dt.datetime, local_networks:
     return target, info
 
 
-def score_lake(lake: Lake, since: dt.datetime, until: dt.datetime, path: str | Path | None = None,
-               history: float = 7 * 86400.0, top_features: int = 3) -> pl.DataFrame:
+def score_lake(
+    lake: Lake,
+    since: dt.datetime,
+    until: dt.datetime,
+    path: str | Path | None = None,
+    history: float = 7 * 86400.0,
+    top_features: int = 3,
+) -> pl.DataFrame:
     """`tracepipe model score`: rank the (host, window)s of [since, until) with a persisted model."""
     forest, info = load(model_path(lake, path))
     start = utc(since) - dt.timedelta(seconds=history)
-    features = compute_features(lake, since, until, info.local_networks, info.window_seconds, history_start=start)
+    features = compute_features(
+        lake, since, until, info.local_networks, info.window_seconds, history_start=start
+    )
     return score(features, forest, info, top_features)
 
 
-def anomaly_candidates(scored: pl.DataFrame, min_score: float, max_alerts: int, window_s: float,
-                       skip_hosts: set[str] | None = None) -> pl.DataFrame:
+def anomaly_candidates(
+    scored: pl.DataFrame,
+    min_score: float,
+    max_alerts: int,
+    window_s: float,
+    skip_hosts: set[str] | None = None,
+) -> pl.DataFrame:
     """Scored features -> candidate alerts of detector "anomaly" (schema detectors.CANDIDATE): the top
     `max_alerts` (host, window)s above `min_score`, hosts a rule already named left out."""
     from tracepipe.detect.detectors import _finish, fmt_duration
@@ -187,21 +246,40 @@ def anomaly_candidates(scored: pl.DataFrame, min_score: float, max_alerts: int, 
     picked = scored.filter(pl.col("anomaly_score") >= min_score)
     if skip_hosts:
         picked = picked.filter(~pl.col("host").is_in(sorted(skip_hosts)))
-    picked = (picked.sort("anomaly_score", descending=True).unique("host", keep="first", maintain_order=True)
-              .head(max_alerts)
-              .with_columns(addr=pl.col("host"), peer=pl.lit(None, pl.String), port=pl.lit(None, pl.Int32),
-                            score=pl.col("anomaly_score"), first_ts=pl.col("window_start"),
-                            window_end=pl.col("window_start") + pl.duration(seconds=int(window_s))))
+    picked = (
+        picked.sort("anomaly_score", descending=True)
+        .unique("host", keep="first", maintain_order=True)
+        .head(max_alerts)
+        .with_columns(
+            addr=pl.col("host"),
+            peer=pl.lit(None, pl.String),
+            port=pl.lit(None, pl.Int32),
+            score=pl.col("anomaly_score"),
+            first_ts=pl.col("window_start"),
+            window_end=pl.col("window_start") + pl.duration(seconds=int(window_s)),
+        )
+    )
 
     def reason(r: dict) -> str:
-        parts = [f"{e['feature']} {_num(e['value'])} (baseline {_num(e['baseline'])})"
-                 for e in json.loads(r["explanation"])]
-        return (f"{{who}} behaved unlike the baseline in the {fmt_duration(window_s)} from "
-                f"{r['window_start']:%Y-%m-%d %H:%M} (anomaly score {r['anomaly_score']:.2f}): {'; '.join(parts)}")
+        parts = [
+            f"{e['feature']} {_num(e['value'])} (baseline {_num(e['baseline'])})"
+            for e in json.loads(r["explanation"])
+        ]
+        return (
+            f"{{who}} behaved unlike the baseline in the {fmt_duration(window_s)} from "
+            f"{r['window_start']:%Y-%m-%d %H:%M} (anomaly score {r['anomaly_score']:.2f}): {'; '.join(parts)}"
+        )
 
-    return _finish(picked, "anomaly", reason,
-                   lambda r: {"anomaly_score": r["anomaly_score"], "explanation": json.loads(r["explanation"]),
-                              **{f: r[f] for f in FEATURES}})
+    return _finish(
+        picked,
+        "anomaly",
+        reason,
+        lambda r: {
+            "anomaly_score": r["anomaly_score"],
+            "explanation": json.loads(r["explanation"]),
+            **{f: r[f] for f in FEATURES},
+        },
+    )
 
 
 def _num(value: float) -> str:
