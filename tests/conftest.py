@@ -21,7 +21,7 @@ import pytest
 from tracepipe import probes
 
 # softflowd exports compared with nfdump: (version, traffic, exporter transport)
-#   traffic "ipv4": IPv4 flows only; "ipv6": IPv4 and IPv6 flows mixed (v5 cannot carry IPv6)
+#   traffic "ipv4": IPv4 flows only; "ipv6": IPv4 and IPv6 flows mixed (v5 cannot carry IPv6), > 16 datagrams
 #   "ipv4-small": few enough IPv4 flows for one v1 datagram. softflowd packs 30 records into a v1 datagram, the
 #   format allows 24, and nfdump 1.7.1 drops such datagrams whole ("Unexpected record count in header: 30"),
 #   so v1 is compared with nfdump on an export that fits one datagram.
@@ -81,7 +81,11 @@ def traffic_pcaps(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("traffic")
     return {
         "ipv4": probes.build_traffic_pcap(base / "traffic-ipv4.pcap", seed=11, ipv6=False),
-        "ipv6": probes.build_traffic_pcap(base / "traffic-ipv6.pcap", seed=12, ipv6=True),
+        # enough conversations for more than 16 export datagrams: softflowd re-sends its v9/IPFIX templates
+        # every 16 datagrams, so the comparison covers template refreshes
+        "ipv6": probes.build_traffic_pcap(
+            base / "traffic-ipv6.pcap", probes.default_flow_specs(seed=12, ipv6=True, n=300)
+        ),
         "ipv4-small": probes.build_traffic_pcap(
             base / "traffic-ipv4-small.pcap", probes.default_flow_specs(seed=13, ipv6=False, n=10)
         ),

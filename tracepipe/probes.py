@@ -576,90 +576,177 @@ def default_flow_specs(seed: int = 1, ipv6: bool = True, n: int = 40, span: floa
     return specs
 
 
-def _flow_packets(spec: FlowSpec, t0: float) -> list:
+@dataclass(frozen=True)
+class TrafficPacket:
+    """One packet of a conversation, before it is rendered into frame bytes."""
+
+    time: float
+    forward: bool  # client -> server
+    layer: str  # "tcp", "udp", "icmp"
+    flags: str = ""  # tcp flags, scapy letters ("SA", "PA", ...)
+    payload: bytes = b""
+    icmp_type: int = 0
+    icmp_code: int = 0
+    icmp_echo: tuple[int, int] | None = None  # (id, seq) of an echo request/reply
+
+
+def conversation_packets(spec: FlowSpec, t0: float = DEFAULT_T0) -> list[TrafficPacket]:
+    """The packets of one FlowSpec, in order, with their times (epoch seconds, µs resolution)."""
+    v6 = ipaddress.ip_address(spec.src).version == 6
+    out: list[TrafficPacket] = []
+    t = t0 + spec.start
+
+    def add(dt: float, forward: bool, layer: str, **fields) -> None:
+        nonlocal t
+        t += dt
+        out.append(TrafficPacket(round(t, 6), forward, layer, **fields))
+
+    if spec.kind == "tcp-syn":
+        for k in range(max(spec.packets, 1)):
+            add(spec.gap if k else 0.0, True, "tcp", flags="S")
+    elif spec.kind in ("tcp", "tcp-rst"):
+        add(0.0, True, "tcp", flags="S")
+        add(0.01, False, "tcp", flags="SA")
+        add(0.01, True, "tcp", flags="A")
+        for _ in range(spec.packets):
+            add(spec.gap, True, "tcp", flags="PA", payload=b"x" * spec.payload)
+            add(0.005, False, "tcp", flags="A")
+        if spec.kind == "tcp":
+            add(spec.gap, True, "tcp", flags="FA")
+            add(0.01, False, "tcp", flags="FA")
+            add(0.01, True, "tcp", flags="A")
+        else:
+            add(spec.gap, False, "tcp", flags="RA")
+    elif spec.kind == "udp":
+        for k in range(max(spec.packets, 1)):
+            add(spec.gap if k else 0.0, True, "udp", payload=b"q" * spec.payload)
+            if spec.reply:
+                add(0.003, False, "udp", payload=b"r" * (spec.payload + 16))
+    elif spec.kind == "icmp":
+        body = b"p" * spec.payload
+        if spec.icmp_type is not None:
+            if v6 and spec.icmp_type != 1:
+                raise ValueError(f"ICMPv6 type {spec.icmp_type} not supported by the builder (only 1)")
+            for k in range(max(spec.packets, 1)):
+                add(
+                    spec.gap if k else 0.0,
+                    True,
+                    "icmp",
+                    payload=body,
+                    icmp_type=spec.icmp_type,
+                    icmp_code=spec.icmp_code,
+                )
+        else:
+            request, reply = (128, 129) if v6 else (8, 0)
+            for k in range(max(spec.packets, 1)):
+                add(spec.gap if k else 0.0, True, "icmp", payload=body, icmp_type=request, icmp_echo=(7, k))
+                if spec.reply:
+                    add(0.002, False, "icmp", payload=body, icmp_type=reply, icmp_echo=(7, k))
+    else:
+        raise ValueError(f"unknown flow kind {spec.kind!r}")
+    return out
+
+
+_MAC_CLIENT, _MAC_SERVER = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
+_TCP_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20, "E": 0x40, "C": 0x80}
+
+
+def _checksum(data: bytes) -> int:
+    """RFC 1071 Internet checksum."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def render_frame(spec: FlowSpec, packet: TrafficPacket) -> bytes:
+    """Ethernet frame bytes of one packet, with correct lengths and checksums (the same bytes scapy builds
+    with its defaults: IPv4 id 1, TTL/hop limit 64, TCP window 8192, seq 1000, ack 2000 when ACK is set)."""
+    a, b = (spec.src, spec.dst) if packet.forward else (spec.dst, spec.src)
+    src, dst = ipaddress.ip_address(a).packed, ipaddress.ip_address(b).packed
+    v6 = len(src) == 16
+    sport, dport = (spec.sport, spec.dport) if packet.forward else (spec.dport, spec.sport)
+    if packet.layer == "tcp":
+        proto = 6
+        flags = sum(_TCP_FLAG_BITS[c] for c in packet.flags)
+        ack = 2000 if "A" in packet.flags else 0
+        header = struct.pack("!HHIIBBHHH", sport, dport, 1000, ack, 5 << 4, flags, 8192, 0, 0)
+    elif packet.layer == "udp":
+        proto = 17
+        header = struct.pack("!HHHH", sport, dport, 8 + len(packet.payload), 0)
+    else:
+        proto = 58 if v6 else 1
+        rest = struct.pack("!HH", *packet.icmp_echo) if packet.icmp_echo else b"\0\0\0\0"
+        header = struct.pack("!BBH", packet.icmp_type, packet.icmp_code, 0) + rest
+    segment = header + packet.payload
+    if v6:
+        pseudo = src + dst + struct.pack("!I3xB", len(segment), proto)
+    else:
+        pseudo = src + dst + struct.pack("!xBH", proto, len(segment))
+    if proto == 1:  # ICMPv4: no pseudo-header
+        checksum = _checksum(segment)
+    else:
+        checksum = _checksum(pseudo + segment)
+        if proto == 17 and checksum == 0:
+            checksum = 0xFFFF
+    offset = {6: 16, 17: 6, 1: 2, 58: 2}[proto]
+    segment = segment[:offset] + struct.pack("!H", checksum) + segment[offset + 2 :]
+    if v6:
+        ip = struct.pack("!IHBB", 6 << 28, len(segment), proto, 64) + src + dst
+        ethertype = 0x86DD
+    else:
+        head = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(segment), 1, 0, 64, proto, 0) + src + dst
+        ip = head[:10] + struct.pack("!H", _checksum(head)) + head[12:]
+        ethertype = 0x0800
+    macs = _MAC_SERVER + _MAC_CLIENT if packet.forward else _MAC_CLIENT + _MAC_SERVER
+    return macs + struct.pack("!H", ethertype) + ip + segment
+
+
+def render_frame_scapy(spec: FlowSpec, packet: TrafficPacket) -> bytes:
+    """The same frame built by scapy: the reference render_frame is tested against."""
     from scapy.layers.inet import ICMP, IP, TCP, UDP
     from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
     from scapy.layers.l2 import Ether
     from scapy.packet import Raw
 
-    v6 = ipaddress.ip_address(spec.src).version == 6
-    eth_out = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
-    eth_back = Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01")
-
-    def ip(forward: bool):
-        a, b = (spec.src, spec.dst) if forward else (spec.dst, spec.src)
-        return (eth_out if forward else eth_back) / (IPv6(src=a, dst=b) if v6 else IP(src=a, dst=b))
-
-    out: list = []
-    t = t0 + spec.start
-
-    def add(pkt, dt: float = 0.0) -> None:
-        nonlocal t
-        t += dt
-        pkt.time = round(t, 6)
-        out.append(pkt)
-
-    def tcp(forward: bool, flags: str, payload: int = 0):
-        sport, dport = (spec.sport, spec.dport) if forward else (spec.dport, spec.sport)
-        pkt = ip(forward) / TCP(
-            sport=sport, dport=dport, flags=flags, seq=1000, ack=2000 if "A" in flags else 0
-        )
-        return pkt / Raw(b"x" * payload) if payload else pkt
-
-    if spec.kind == "tcp-syn":
-        for k in range(max(spec.packets, 1)):
-            add(tcp(True, "S"), spec.gap if k else 0.0)
-    elif spec.kind in ("tcp", "tcp-rst"):
-        add(tcp(True, "S"))
-        add(tcp(False, "SA"), 0.01)
-        add(tcp(True, "A"), 0.01)
-        for _ in range(spec.packets):
-            add(tcp(True, "PA", spec.payload), spec.gap)
-            add(tcp(False, "A"), 0.005)
-        if spec.kind == "tcp":
-            add(tcp(True, "FA"), spec.gap)
-            add(tcp(False, "FA"), 0.01)
-            add(tcp(True, "A"), 0.01)
-        else:
-            add(tcp(False, "RA"), spec.gap)
-    elif spec.kind == "udp":
-        for k in range(max(spec.packets, 1)):
-            add(
-                ip(True) / UDP(sport=spec.sport, dport=spec.dport) / Raw(b"q" * spec.payload),
-                spec.gap if k else 0.0,
-            )
-            if spec.reply:
-                add(
-                    ip(False) / UDP(sport=spec.dport, dport=spec.sport) / Raw(b"r" * (spec.payload + 16)),
-                    0.003,
-                )
-    elif spec.kind == "icmp":
-        body = Raw(b"p" * spec.payload)
-        if spec.icmp_type is not None:
-            if v6:
-                msg = ICMPv6DestUnreach(code=spec.icmp_code) if spec.icmp_type == 1 else None
-                if msg is None:
-                    raise ValueError(f"ICMPv6 type {spec.icmp_type} not supported by the builder")
-            else:
-                msg = ICMP(type=spec.icmp_type, code=spec.icmp_code)
-            for k in range(max(spec.packets, 1)):
-                add(ip(True) / msg / body, spec.gap if k else 0.0)
-        else:
-            for k in range(max(spec.packets, 1)):
-                add(
-                    ip(True) / (ICMPv6EchoRequest(id=7, seq=k) if v6 else ICMP(type=8, id=7, seq=k)) / body,
-                    spec.gap if k else 0.0,
-                )
-                if spec.reply:
-                    add(
-                        ip(False)
-                        / (ICMPv6EchoReply(id=7, seq=k) if v6 else ICMP(type=0, id=7, seq=k))
-                        / body,
-                        0.002,
-                    )
+    a, b = (spec.src, spec.dst) if packet.forward else (spec.dst, spec.src)
+    v6 = ipaddress.ip_address(a).version == 6
+    macs = ("02:00:00:00:00:01", "02:00:00:00:00:02")
+    eth = Ether(src=macs[0], dst=macs[1]) if packet.forward else Ether(src=macs[1], dst=macs[0])
+    frame = eth / (IPv6(src=a, dst=b) if v6 else IP(src=a, dst=b))
+    sport, dport = (spec.sport, spec.dport) if packet.forward else (spec.dport, spec.sport)
+    if packet.layer == "tcp":
+        ack = 2000 if "A" in packet.flags else 0
+        frame = frame / TCP(sport=sport, dport=dport, flags=packet.flags, seq=1000, ack=ack)
+    elif packet.layer == "udp":
+        frame = frame / UDP(sport=sport, dport=dport)
+    elif v6 and packet.icmp_echo:
+        kind = ICMPv6EchoRequest if packet.icmp_type == 128 else ICMPv6EchoReply
+        frame = frame / kind(id=packet.icmp_echo[0], seq=packet.icmp_echo[1])
+    elif v6:
+        frame = frame / ICMPv6DestUnreach(code=packet.icmp_code)
+    elif packet.icmp_echo:
+        frame = frame / ICMP(type=packet.icmp_type, id=packet.icmp_echo[0], seq=packet.icmp_echo[1])
     else:
-        raise ValueError(f"unknown flow kind {spec.kind!r}")
-    return out
+        frame = frame / ICMP(type=packet.icmp_type, code=packet.icmp_code)
+    if packet.payload:
+        frame = frame / Raw(packet.payload)
+    return bytes(frame)
+
+
+def write_pcap(path: Path | str, frames: Sequence[tuple[float, bytes]], linktype: int = 1) -> Path:
+    """A classic little-endian pcap (µs timestamps) of (epoch seconds, frame bytes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, linktype))
+        for when, frame in frames:
+            seconds, micros = divmod(round(when * 1_000_000), 1_000_000)
+            handle.write(struct.pack("<IIII", seconds, micros, len(frame), len(frame)))
+            handle.write(frame)
+    return path
 
 
 def build_traffic_pcap(
@@ -670,13 +757,9 @@ def build_traffic_pcap(
     t0: float = DEFAULT_T0,
 ) -> Path:
     """Write an Ethernet pcap of the given conversations (default: default_flow_specs(seed, ipv6)), packets in
-    time order from `t0` (epoch seconds). Deterministic: same specs and t0, same bytes."""
-    from scapy.utils import wrpcap
-
+    time order from `t0` (epoch seconds). Deterministic: same specs and t0, same bytes. Frames are built with
+    struct (render_frame, byte-identical to scapy's and tested so): ~100x faster than scapy per packet."""
     specs = list(flows) if flows is not None else default_flow_specs(seed=seed, ipv6=ipv6)
-    packets = [pkt for spec in specs for pkt in _flow_packets(spec, t0)]
-    packets.sort(key=lambda p: p.time)  # stable: ties keep the per-flow order
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    wrpcap(str(path), packets, linktype=1)
-    return path
+    packets = [(packet.time, spec, packet) for spec in specs for packet in conversation_packets(spec, t0)]
+    packets.sort(key=lambda item: item[0])  # stable: ties keep the per-flow order
+    return write_pcap(path, [(when, render_frame(spec, packet)) for when, spec, packet in packets])
