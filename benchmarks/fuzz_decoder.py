@@ -23,8 +23,10 @@ from tracepipe.ingest.pcap import iter_udp_batches
 
 def real_datagrams(workdir: Path) -> list[bytes]:
     """Export datagrams of the real softflowd for every version it speaks."""
-    traffic = {False: probes.build_traffic_pcap(workdir / "v4.pcap", seed=5, ipv6=False),
-               True: probes.build_traffic_pcap(workdir / "v6.pcap", seed=6, ipv6=True)}
+    traffic = {
+        False: probes.build_traffic_pcap(workdir / "v4.pcap", seed=5, ipv6=False),
+        True: probes.build_traffic_pcap(workdir / "v6.pcap", seed=6, ipv6=True),
+    }
     out: list[bytes] = []
     for version, ipv6 in ((1, False), (5, False), (9, True), (10, True), (9, False), (10, False)):
         port = probes.free_udp_port()
@@ -45,22 +47,24 @@ def mutate(rng: random.Random, corpus: list[bytes]) -> bytes:
     if kind < 0.12:  # splice two datagrams
         other = rng.choice(corpus)
         cut = rng.randrange(len(data) + 1)
-        data = data[:cut] + other[rng.randrange(len(other) + 1):]
+        data = data[:cut] + other[rng.randrange(len(other) + 1) :]
     for _ in range(rng.randint(1, 10)):
         action = rng.random()
         if action < 0.45 and data:
             data[rng.randrange(len(data))] = rng.randrange(256)
         elif action < 0.6 and data:
             start = rng.randrange(len(data))
-            del data[start: start + rng.randint(1, 64)]
+            del data[start : start + rng.randint(1, 64)]
         elif action < 0.7:
             pos = rng.randrange(len(data) + 1)
             data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 32)))
         elif action < 0.9 and len(data) > 2:  # a length, count or id set to an extreme
             pos = rng.randrange(len(data) - 1)
-            data[pos: pos + 2] = rng.choice([b"\0\0", b"\xff\xff", b"\0\4", b"\0\1", b"\x80\0", b"\0\x10", b"\1\0"])
+            data[pos : pos + 2] = rng.choice(
+                [b"\0\0", b"\xff\xff", b"\0\4", b"\0\1", b"\x80\0", b"\0\x10", b"\1\0"]
+            )
         elif len(data) > 4:
-            del data[rng.randrange(len(data)):]  # truncate
+            del data[rng.randrange(len(data)) :]  # truncate
     return bytes(data)
 
 
@@ -74,8 +78,15 @@ def run(cases: int, seed: int, corpus: list[bytes], batch: int = 8) -> tuple[int
         payloads = [mutate(rng, corpus) if rng.random() < 0.9 else rng.choice(corpus) for _ in range(n)]
         exporters = [rng.choice(["127.0.0.1", "::1", "192.0.2.1"]) for _ in range(n)]
         try:
-            decode_datagrams(payloads, exporters, np.zeros(n, np.int64), np.arange(n, dtype=np.int64), "fuzz", state,
-                             text_as_dictionary=rng.random() < 0.5)
+            decode_datagrams(
+                payloads,
+                exporters,
+                np.zeros(n, np.int64),
+                np.arange(n, dtype=np.int64),
+                "fuzz",
+                state,
+                text_as_dictionary=rng.random() < 0.5,
+            )
             if rng.random() < 0.02:
                 state = DecoderState.from_json(state.to_json())
             if rng.random() < 0.01:
@@ -90,7 +101,9 @@ def run(cases: int, seed: int, corpus: list[bytes], batch: int = 8) -> tuple[int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cases", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
@@ -101,7 +114,9 @@ def main() -> None:
     seconds = time.perf_counter() - start
     for text in tracebacks:
         print(text)
-    print(f"{args.cases} cases from {len(corpus)} real softflowd datagrams in {seconds:.1f} s: {raised} raised")
+    print(
+        f"{args.cases} cases from {len(corpus)} real softflowd datagrams in {seconds:.1f} s: {raised} raised"
+    )
     raise SystemExit(1 if raised else 0)
 
 

@@ -61,7 +61,9 @@ def _template_of(datagram: bytes) -> tuple[int, int, list[tuple[int, int, int]]]
 
 def _record_dtype(fields: list[tuple[int, int, int]]) -> np.dtype:
     formats = {1: "u1", 2: ">u2", 4: ">u4", 8: ">u8"}
-    return np.dtype([(f"f{i}_{fid}", formats.get(length, f"V{length}")) for i, (fid, length, _) in enumerate(fields)])
+    return np.dtype(
+        [(f"f{i}_{fid}", formats.get(length, f"V{length}")) for i, (fid, length, _) in enumerate(fields)]
+    )
 
 
 def build_capture(datagram: bytes, records: int, path: Path, seed: int = 1, chunk: int = 20_000) -> int:
@@ -71,16 +73,39 @@ def build_capture(datagram: bytes, records: int, path: Path, seed: int = 1, chun
     rec = _record_dtype(fields)
     n_datagrams = max(1, records // RECORDS_PER_DATAGRAM)
     payload_len = 20 + 4 + RECORDS_PER_DATAGRAM * rec.itemsize
-    packet = np.dtype([
-        ("ts_sec", "<u4"), ("ts_usec", "<u4"), ("caplen", "<u4"), ("wirelen", "<u4"),
-        ("macs", "V12"), ("ethertype", ">u2"),
-        ("ip_vhl", "u1"), ("ip_tos", "u1"), ("ip_len", ">u2"), ("ip_id", ">u2"), ("ip_frag", ">u2"),
-        ("ip_ttl", "u1"), ("ip_proto", "u1"), ("ip_csum", ">u2"), ("ip_src", ">u4"), ("ip_dst", ">u4"),
-        ("sport", ">u2"), ("dport", ">u2"), ("udp_len", ">u2"), ("udp_csum", ">u2"),
-        ("version", ">u2"), ("count", ">u2"), ("uptime", ">u4"), ("unix_secs", ">u4"), ("sequence", ">u4"),
-        ("source_id", ">u4"), ("set_id", ">u2"), ("set_len", ">u2"),
-        ("records", rec, (RECORDS_PER_DATAGRAM,)),
-    ])
+    packet = np.dtype(
+        [
+            ("ts_sec", "<u4"),
+            ("ts_usec", "<u4"),
+            ("caplen", "<u4"),
+            ("wirelen", "<u4"),
+            ("macs", "V12"),
+            ("ethertype", ">u2"),
+            ("ip_vhl", "u1"),
+            ("ip_tos", "u1"),
+            ("ip_len", ">u2"),
+            ("ip_id", ">u2"),
+            ("ip_frag", ">u2"),
+            ("ip_ttl", "u1"),
+            ("ip_proto", "u1"),
+            ("ip_csum", ">u2"),
+            ("ip_src", ">u4"),
+            ("ip_dst", ">u4"),
+            ("sport", ">u2"),
+            ("dport", ">u2"),
+            ("udp_len", ">u2"),
+            ("udp_csum", ">u2"),
+            ("version", ">u2"),
+            ("count", ">u2"),
+            ("uptime", ">u4"),
+            ("unix_secs", ">u4"),
+            ("sequence", ">u4"),
+            ("source_id", ">u4"),
+            ("set_id", ">u2"),
+            ("set_len", ">u2"),
+            ("records", rec, (RECORDS_PER_DATAGRAM,)),
+        ]
+    )
     rng = np.random.default_rng(seed)
     t0 = 1_700_000_000
     loopback = 0x7F000001
@@ -148,10 +173,12 @@ def _records_in(datagram: bytes) -> int:
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------
-def _run_measured(cmd: list[str], stdout=subprocess.DEVNULL, one_core: bool = True,
-                  env=None) -> tuple[float, float, int, int]:
+def _run_measured(
+    cmd: list[str], stdout=subprocess.DEVNULL, one_core: bool = True, env=None
+) -> tuple[float, float, int, int]:
     """(wall seconds, CPU seconds, peak RSS in MiB, exit code) of one child process. CPU time (user + sys)
     is what one core spends; on a shared machine it is steadier than the wall clock."""
+
     def pin() -> None:
         if one_core:
             os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
@@ -168,8 +195,18 @@ def _run_measured(cmd: list[str], stdout=subprocess.DEVNULL, one_core: bool = Tr
 
 def measure_tracepipe(pcap: Path, lake: Path) -> dict:
     env = dict(os.environ, POLARS_MAX_THREADS="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "tracepipe.cli", "ingest", "netflow", str(pcap), "--lake", str(lake),
-           "--format", "json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tracepipe.cli",
+        "ingest",
+        "netflow",
+        str(pcap),
+        "--lake",
+        str(lake),
+        "--format",
+        "json",
+    ]
     wall, cpu, rss, code = _run_measured(cmd, stdout=subprocess.PIPE, env=env)
     flows = 0
     for manifest in (lake / "_ingest").glob("*.parquet"):
@@ -184,8 +221,19 @@ def replay_to_nfcapd(pcap: Path, workdir: Path, expected: int) -> Path:
     port = probes.free_udp_port()
     out_dir = workdir / "nfcapd"
     out_dir.mkdir()
-    cmd = [probes.tool_path("nfcapd"), "-b", "127.0.0.1", "-p", str(port), "-w", str(out_dir), "-t", "3600",
-           "-B", "33554432"]
+    cmd = [
+        probes.tool_path("nfcapd"),
+        "-b",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        str(out_dir),
+        "-t",
+        "3600",
+        "-B",
+        "33554432",
+    ]
     log = open(workdir / "nfcapd.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -212,10 +260,15 @@ def replay_to_nfcapd(pcap: Path, workdir: Path, expected: int) -> Path:
 
 def measure_nfdump(nfcapd_file: Path) -> dict:
     env = dict(os.environ, TZ="UTC")
-    count = subprocess.run([probes.tool_path("nfdump"), "-r", str(nfcapd_file), "-q", "-N", "-o", NFDUMP_FORMAT],
-                           capture_output=True, text=True, env=env).stdout.count("\n")
-    wall, cpu, rss, code = _run_measured([probes.tool_path("nfdump"), "-r", str(nfcapd_file), "-q", "-N", "-o",
-                                          NFDUMP_FORMAT], env=env)
+    count = subprocess.run(
+        [probes.tool_path("nfdump"), "-r", str(nfcapd_file), "-q", "-N", "-o", NFDUMP_FORMAT],
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout.count("\n")
+    wall, cpu, rss, code = _run_measured(
+        [probes.tool_path("nfdump"), "-r", str(nfcapd_file), "-q", "-N", "-o", NFDUMP_FORMAT], env=env
+    )
     return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mib": rss, "exit": code, "records": count}
 
 
@@ -238,13 +291,17 @@ def measure_python_netflow(pcap: Path, datagrams: int = 5000) -> dict:
 
 
 def _line(label: str, m: dict) -> str:
-    return (f"{label:44s} {m['records'] / m['cpu_seconds'] / 1e6:5.2f} M records/s of CPU time, "
-            f"{m['records'] / m['seconds'] / 1e6:5.2f} M/s wall ({m['records']:,} records, "
-            f"{m['cpu_seconds']:.2f} s CPU, {m['seconds']:.2f} s wall), peak RSS {m['peak_rss_mib']} MiB")
+    return (
+        f"{label:44s} {m['records'] / m['cpu_seconds'] / 1e6:5.2f} M records/s of CPU time, "
+        f"{m['records'] / m['seconds'] / 1e6:5.2f} M/s wall ({m['records']:,} records, "
+        f"{m['cpu_seconds']:.2f} s CPU, {m['seconds']:.2f} s wall), peak RSS {m['peak_rss_mib']} MiB"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--records", type=int, default=3_000_000)
     parser.add_argument("--build-only", type=Path, help="only write the synthetic capture to this path")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
@@ -269,13 +326,24 @@ def main() -> None:
             print(f"  (nfcapd stored {nf['records']:,} of {records:,} replayed records: rate is over those)")
         py = measure_python_netflow(pcap)
         if py.get("available"):
-            print(f"{'python `netflow` package (decode only)':44s} {py['records'] / py['seconds'] / 1e6:5.3f} M records/s "
-                  f"of CPU time ({py['records']:,} records sample)")
+            print(
+                f"{'python `netflow` package (decode only)':44s} {py['records'] / py['seconds'] / 1e6:5.3f} M records/s "
+                f"of CPU time ({py['records']:,} records sample)"
+            )
         else:
             print("python `netflow` package: not installed (pip install netflow)")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-        print(json.dumps({"records": records, "tracepipe": tp, "nfdump": nf, "python_netflow": py,
-                          "benchmark_process_rss_mib": peak}))
+        print(
+            json.dumps(
+                {
+                    "records": records,
+                    "tracepipe": tp,
+                    "nfdump": nf,
+                    "python_netflow": py,
+                    "benchmark_process_rss_mib": peak,
+                }
+            )
+        )
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -83,7 +83,12 @@ def test_table_output_names_exporters_and_unknown_sampling(exports, tmp_path):
 
 def test_partial_input_lands_the_rest_and_exits_3(exports, tmp_path):
     packets = list(rdpcap(str(exports[9].export_pcap)))
-    junk = Ether() / IP(src="127.0.0.1", dst="127.0.0.1") / UDP(sport=1, dport=2055) / (b"\x00\x63" + b"junk" * 10)
+    junk = (
+        Ether()
+        / IP(src="127.0.0.1", dst="127.0.0.1")
+        / UDP(sport=1, dport=2055)
+        / (b"\x00\x63" + b"junk" * 10)
+    )
     wrpcap(str(tmp_path / "mixed.pcap"), [*packets, junk])
     data = (tmp_path / "mixed.pcap").read_bytes()
     (tmp_path / "mixed.pcap").write_bytes(data + data[24:60])  # and a record cut at the end of the file
@@ -92,9 +97,11 @@ def test_partial_input_lands_the_rest_and_exits_3(exports, tmp_path):
     assert code == 3
     assert summary["totals"]["flows"] == exports[9].expected.num_rows
     assert summary["totals"]["rejects"] == 2
-    rejects = query(lake, "select source, reason, \"offset\" from REJECTS order by \"offset\"")
-    assert [(s, r) for s, r, _ in rejects] == [(str(tmp_path / "mixed.pcap"), "not netflow"),
-                                             (str(tmp_path / "mixed.pcap"), "truncated pcap record")]
+    rejects = query(lake, 'select source, reason, "offset" from REJECTS order by "offset"')
+    assert [(s, r) for s, r, _ in rejects] == [
+        (str(tmp_path / "mixed.pcap"), "not netflow"),
+        (str(tmp_path / "mixed.pcap"), "truncated pcap record"),
+    ]
     assert rejects[1][2] == len(data)  # the byte offset of the cut record
     assert query(lake, "select count(*) from FLOWS") == [(exports[9].expected.num_rows,)]
 
@@ -104,16 +111,25 @@ def test_nothing_usable_exits_4(tmp_path):
     lake = tmp_path / "lake"
     code, summary = ingest(lake, tmp_path / "notes.txt", tmp_path / "missing.pcap")
     assert code == 4
-    assert [(f["kind"], f["status"]) for f in summary["files"]] == [("unknown", "rejected"), ("missing", "missing")]
-    assert query(lake, "select reason, \"offset\" from REJECTS") == [("not a pcap", 0)]
+    assert [(f["kind"], f["status"]) for f in summary["files"]] == [
+        ("unknown", "rejected"),
+        ("missing", "missing"),
+    ]
+    assert query(lake, 'select reason, "offset" from REJECTS') == [("not a pcap", 0)]
 
 
 def test_help_documents_exit_codes_and_an_example():
     proc = run_tracepipe("ingest", "netflow", "--help")
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
-    for needle in ("Exit codes: 0 all landed", "3 partial", "4 nothing landed", "Example: tracepipe ingest netflow",
-                   "--lake", "--format"):
+    for needle in (
+        "Exit codes: 0 all landed",
+        "3 partial",
+        "4 nothing landed",
+        "Example: tracepipe ingest netflow",
+        "--lake",
+        "--format",
+    ):
         assert needle in text, needle
 
 
@@ -122,15 +138,40 @@ def test_help_documents_exit_codes_and_an_example():
 def big_capture(tmp_path_factory) -> Path:
     """~200k v9 records in a real softflowd template's layout: an ingest of a second or two."""
     path = tmp_path_factory.mktemp("big") / "v9-big.pcap"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "netflow_ingest.py"), "--build-only", str(path),
-                    "--records", "200000"], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "netflow_ingest.py"),
+            "--build-only",
+            str(path),
+            "--records",
+            "200000",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return path
 
 
 def _start(lake: Path, capture: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tracepipe.cli", "ingest", "netflow", str(capture), "--lake",
-                             str(lake), "--format", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=ROOT)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tracepipe.cli",
+            "ingest",
+            "netflow",
+            str(capture),
+            "--lake",
+            str(lake),
+            "--format",
+            "json",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
 
 
 def test_sigkill_at_random_moments_then_rerun_gives_the_clean_lake(big_capture, tmp_path):
@@ -155,7 +196,9 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_clean_lake(big_capture, 
             query(lake, "select count(*) from FLOWS")
     assert _start(lake, big_capture).wait(timeout=300) == 0
     assert query(lake, "select count(*) from FLOWS") == [(total,)]
-    difference = ("select count(*) from (select * exclude (date) from {a} except all select * exclude (date) from {b})")
+    difference = (
+        "select count(*) from (select * exclude (date) from {a} except all select * exclude (date) from {b})"
+    )
     a = f"read_parquet('{clean}/flows/**/*.parquet', hive_partitioning=true)"
     b = f"read_parquet('{lake}/flows/**/*.parquet', hive_partitioning=true)"
     assert query(lake, difference.format(a=a, b=b)) == [(0,)]

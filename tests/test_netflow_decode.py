@@ -25,12 +25,30 @@ BOOT_MS = SECS * 1000 - UPTIME
 
 # softflowd's IPv4 v9/IPFIX data template (as it sends it): addresses, uptime first/last, octets, packets,
 # ifindexes, direction, end reason, ports, protocol, flags, ip version, tos
-SOFTFLOWD_V4 = [(8, 4), (12, 4), (22, 4), (21, 4), (1, 4), (2, 4), (10, 4), (14, 4), (61, 1), (136, 1), (7, 2),
-                (11, 2), (4, 1), (6, 1), (60, 1), (5, 1)]
+SOFTFLOWD_V4 = [
+    (8, 4),
+    (12, 4),
+    (22, 4),
+    (21, 4),
+    (1, 4),
+    (2, 4),
+    (10, 4),
+    (14, 4),
+    (61, 1),
+    (136, 1),
+    (7, 2),
+    (11, 2),
+    (4, 1),
+    (6, 1),
+    (60, 1),
+    (5, 1),
+]
 
 
 # ---- hand-built datagrams ------------------------------------------------------------------------------------
-def v9_datagram(*sets: bytes, seq: int = 1, uptime: int = UPTIME, secs: int = SECS, source_id: int = 0) -> bytes:
+def v9_datagram(
+    *sets: bytes, seq: int = 1, uptime: int = UPTIME, secs: int = SECS, source_id: int = 0
+) -> bytes:
     return struct.pack(">HHIIII", 9, len(sets), uptime, secs, seq, source_id) + b"".join(sets)
 
 
@@ -76,8 +94,21 @@ def pack_values(fields: list[tuple], values: dict[int, int | bytes]) -> bytes:
 
 
 def softflowd_like_record(**overrides) -> dict[int, int]:
-    values = {8: 0x0A000001, 12: 0xC0A80101, 22: UPTIME - 30_000, 21: UPTIME - 1_500, 1: 1500, 2: 3, 10: 2,
-              14: 3, 7: 40000, 11: 443, 4: 6, 6: 0x1B, 60: 4}
+    values = {
+        8: 0x0A000001,
+        12: 0xC0A80101,
+        22: UPTIME - 30_000,
+        21: UPTIME - 1_500,
+        1: 1500,
+        2: 3,
+        10: 2,
+        14: 3,
+        7: 40000,
+        11: 443,
+        4: 6,
+        6: 0x1B,
+        60: 4,
+    }
     values.update({int(k[1:]): v for k, v in overrides.items()})
     return values
 
@@ -85,8 +116,14 @@ def softflowd_like_record(**overrides) -> dict[int, int]:
 def decode(payloads: list[bytes], state: DecoderState | None = None, exporter: str = EXPORTER):
     state = state if state is not None else DecoderState()
     n = len(payloads)
-    result = decode_datagrams(payloads, [exporter] * n, np.zeros(n, np.int64), np.arange(n, dtype=np.int64) * 100,
-                              "test-source", state)
+    result = decode_datagrams(
+        payloads,
+        [exporter] * n,
+        np.zeros(n, np.int64),
+        np.arange(n, dtype=np.int64) * 100,
+        "test-source",
+        state,
+    )
     return result, state
 
 
@@ -111,8 +148,20 @@ def real(softflowd_export):
 
 
 def rows(table: pa.Table) -> list[tuple]:
-    columns = ["ts_start", "ts_end", "src_addr", "dst_addr", "src_port", "dst_port", "proto", "packets", "bytes",
-               "tcp_flags", "ip_version", "sampling_interval"]
+    columns = [
+        "ts_start",
+        "ts_end",
+        "src_addr",
+        "dst_addr",
+        "src_port",
+        "dst_port",
+        "proto",
+        "packets",
+        "bytes",
+        "tcp_flags",
+        "ip_version",
+        "sampling_interval",
+    ]
     data = table.select(columns).to_pydict()
     return sorted(zip(*(data[c] for c in columns), strict=True), key=repr)
 
@@ -147,13 +196,17 @@ def test_data_before_its_template_is_kept_and_decoded_when_the_template_arrives(
     payloads, exporters = real[version]
     in_order, _ = decode(payloads, exporter=exporters[0])
     # the datagrams that carry no template come first, those with the templates last
-    with_templates = [p for p in payloads if struct.unpack_from(">H", p, 20 if version == 9 else 16)[0] in (0, 2)]
+    with_templates = [
+        p for p in payloads if struct.unpack_from(">H", p, 20 if version == 9 else 16)[0] in (0, 2)
+    ]
     without = [p for p in payloads if p not in with_templates]
     assert with_templates and without
     state = DecoderState()
     first, state = decode(without, state, exporters[0])
     assert first.flows.num_rows == 0
-    assert first.stats[exporters[0]]["waiting_for_template"] >= len(without)  # data sets, several per datagram
+    assert first.stats[exporters[0]]["waiting_for_template"] >= len(
+        without
+    )  # data sets, several per datagram
     second, state = decode(with_templates, state, exporters[0])
     assert rows(second.flows) == rows(in_order.flows)
     assert flush_pending(state, "x").num_rows == 0
@@ -162,7 +215,9 @@ def test_data_before_its_template_is_kept_and_decoded_when_the_template_arrives(
 @pytest.mark.parametrize("version", [9, 10])
 def test_data_whose_template_never_comes_is_rejected_as_no_template(real, version):
     payloads, exporters = real[version]
-    without = [p for p in payloads if struct.unpack_from(">H", p, 20 if version == 9 else 16)[0] not in (0, 2)]
+    without = [
+        p for p in payloads if struct.unpack_from(">H", p, 20 if version == 9 else 16)[0] not in (0, 2)
+    ]
     result, state = decode(without, exporter=exporters[0])
     assert result.flows.num_rows == 0 and result.rejects.num_rows == 0
     waiting = result.stats[exporters[0]]["waiting_for_template"]
@@ -180,7 +235,7 @@ def test_state_round_trips_through_json_between_batches(real, version):
     whole, _ = decode(payloads, exporter=exporters[0])
     state = DecoderState()
     halves = []
-    for part in (payloads[: len(payloads) // 2], payloads[len(payloads) // 2:]):
+    for part in (payloads[: len(payloads) // 2], payloads[len(payloads) // 2 :]):
         state = DecoderState.from_json(state.to_json())
         result, state = decode(part, state, exporters[0])
         halves.append(result.flows)
@@ -201,14 +256,19 @@ def test_pending_data_survives_a_json_round_trip(real):
 # ---- v9 by hand -----------------------------------------------------------------------------------------------
 def test_v9_record_values_and_times_exact():
     record = softflowd_like_record()
-    datagram = v9_datagram(flowset(0, template_record(1024, SOFTFLOWD_V4)),
-                           flowset(1024, pack_values(SOFTFLOWD_V4, record)))
+    datagram = v9_datagram(
+        flowset(0, template_record(1024, SOFTFLOWD_V4)), flowset(1024, pack_values(SOFTFLOWD_V4, record))
+    )
     result, _ = decode([datagram])
     (row,) = result.flows.to_pylist()
     assert ms(row["ts_start"]) == BOOT_MS + UPTIME - 30_000
     assert ms(row["ts_end"]) == BOOT_MS + UPTIME - 1_500
-    assert (row["src_addr"], row["dst_addr"], row["src_port"], row["dst_port"]) == ("10.0.0.1", "192.168.1.1",
-                                                                                  40000, 443)
+    assert (row["src_addr"], row["dst_addr"], row["src_port"], row["dst_port"]) == (
+        "10.0.0.1",
+        "192.168.1.1",
+        40000,
+        443,
+    )
     assert (row["proto"], row["packets"], row["bytes"], row["tcp_flags"]) == (6, 3, 1500, 0x1B)
     assert (row["input_if"], row["output_if"], row["ip_version"], row["exporter"]) == (2, 3, 4, EXPORTER)
     assert row["sampling_interval"] is None and row["source"] == "test-source"
@@ -218,8 +278,11 @@ def test_v9_record_values_and_times_exact():
 def test_v9_uptime_wrapped_between_start_and_end():
     # first > last: the 32-bit ms counter wrapped during the flow (RFC 3954 §8, as nfdump reads it)
     record = softflowd_like_record(f22=0xFFFFF000, f21=0x00000200)
-    datagram = v9_datagram(flowset(0, template_record(1024, SOFTFLOWD_V4)),
-                           flowset(1024, pack_values(SOFTFLOWD_V4, record)), uptime=0x300)
+    datagram = v9_datagram(
+        flowset(0, template_record(1024, SOFTFLOWD_V4)),
+        flowset(1024, pack_values(SOFTFLOWD_V4, record)),
+        uptime=0x300,
+    )
     result, _ = decode([datagram])
     row = result.flows.to_pylist()[0]
     boot = SECS * 1000 - 0x300
@@ -231,15 +294,26 @@ def test_v9_uptime_wrapped_between_start_and_end():
 def test_template_redefinition_replaces_the_layout():
     first_layout = [(8, 4), (12, 4), (2, 4), (1, 4), (4, 1)]
     second_layout = [(12, 4), (8, 4), (1, 8), (2, 8), (4, 1), (7, 2), (11, 2)]
-    one = v9_datagram(flowset(0, template_record(300, first_layout)),
-                      flowset(300, pack_values(first_layout, {8: 0x01010101, 12: 0x02020202, 2: 5, 1: 500, 4: 17})),
-                      seq=1)
-    two = v9_datagram(flowset(0, template_record(300, second_layout)),
-                      flowset(300, pack_values(second_layout, {8: 0x03030303, 12: 0x04040404, 2: 7, 1: 2**40,
-                                                               4: 6, 7: 22, 11: 5555})), seq=2)
+    one = v9_datagram(
+        flowset(0, template_record(300, first_layout)),
+        flowset(300, pack_values(first_layout, {8: 0x01010101, 12: 0x02020202, 2: 5, 1: 500, 4: 17})),
+        seq=1,
+    )
+    two = v9_datagram(
+        flowset(0, template_record(300, second_layout)),
+        flowset(
+            300,
+            pack_values(
+                second_layout, {8: 0x03030303, 12: 0x04040404, 2: 7, 1: 2**40, 4: 6, 7: 22, 11: 5555}
+            ),
+        ),
+        seq=2,
+    )
     result, state = decode([one, two])
-    got = {(r["src_addr"], r["dst_addr"], r["packets"], r["bytes"], r["proto"], r["src_port"], r["dst_port"])
-           for r in result.flows.to_pylist()}
+    got = {
+        (r["src_addr"], r["dst_addr"], r["packets"], r["bytes"], r["proto"], r["src_port"], r["dst_port"])
+        for r in result.flows.to_pylist()
+    }
     assert got == {("1.1.1.1", "2.2.2.2", 5, 500, 17, 0, 0), ("3.3.3.3", "4.4.4.4", 7, 2**40, 6, 22, 5555)}
     assert [f[0] for f in state.templates[(EXPORTER, 9, 0, 300)].fields] == [12, 8, 1, 2, 4, 7, 11]
 
@@ -267,12 +341,17 @@ def test_padding_after_the_records_is_ignored():
 def test_sources_ids_keep_templates_apart():
     a = [(8, 4), (12, 4), (1, 4)]
     b = [(12, 4), (8, 4), (1, 4)]
-    first = v9_datagram(flowset(0, template_record(256, a)), flowset(256, pack_values(a, {8: 1, 12: 2, 1: 3})),
-                        source_id=1)
-    second = v9_datagram(flowset(0, template_record(256, b)), flowset(256, pack_values(b, {8: 1, 12: 2, 1: 3})),
-                         source_id=2)
+    first = v9_datagram(
+        flowset(0, template_record(256, a)), flowset(256, pack_values(a, {8: 1, 12: 2, 1: 3})), source_id=1
+    )
+    second = v9_datagram(
+        flowset(0, template_record(256, b)), flowset(256, pack_values(b, {8: 1, 12: 2, 1: 3})), source_id=2
+    )
     result, _ = decode([first, second])
-    assert sorted((r["src_addr"], r["dst_addr"]) for r in result.flows.to_pylist()) == [("0.0.0.1", "0.0.0.2")] * 2
+    assert (
+        sorted((r["src_addr"], r["dst_addr"]) for r in result.flows.to_pylist())
+        == [("0.0.0.1", "0.0.0.2")] * 2
+    )
 
 
 # ---- sequence numbers -----------------------------------------------------------------------------------------
@@ -283,15 +362,18 @@ def _v9_stream(seqs: list[int]) -> list[bytes]:
     return [v9_datagram(template, data, seq=s) for s in seqs]
 
 
-@pytest.mark.parametrize(("seqs", "gaps", "lost"), [
-    ([1, 2, 3, 4], 0, 0),
-    ([1, 2, 4, 5], 1, 1),  # one datagram lost
-    ([1, 2, 6, 7, 9], 2, 4),
-    ([1, 3, 2, 4], 0, 0),  # reordered: the late one fills the gap
-    ([1, 2, 2, 3], 0, 0),  # duplicated
-    ([0xFFFFFFFE, 0xFFFFFFFF, 0, 1], 0, 0),  # 32-bit wrap
-    ([1, 5, 3, 6], 1, 2),  # 2 and 4 lost, 3 late
-])
+@pytest.mark.parametrize(
+    ("seqs", "gaps", "lost"),
+    [
+        ([1, 2, 3, 4], 0, 0),
+        ([1, 2, 4, 5], 1, 1),  # one datagram lost
+        ([1, 2, 6, 7, 9], 2, 4),
+        ([1, 3, 2, 4], 0, 0),  # reordered: the late one fills the gap
+        ([1, 2, 2, 3], 0, 0),  # duplicated
+        ([0xFFFFFFFE, 0xFFFFFFFF, 0, 1], 0, 0),  # 32-bit wrap
+        ([1, 5, 3, 6], 1, 2),  # 2 and 4 lost, 3 late
+    ],
+)
 def test_v9_sequence_gaps_count_lost_datagrams_not_reordering(seqs, gaps, lost):
     result, _ = decode(_v9_stream(seqs))
     assert (result.stats[EXPORTER]["sequence_gaps"], result.stats[EXPORTER]["lost"]) == (gaps, lost)
@@ -303,7 +385,9 @@ def test_v5_sequence_counts_flows(real):
     assert len(payloads) >= 3
     result, _ = decode(payloads[:1] + payloads[2:], exporter=exporters[0])
     assert result.stats[exporters[0]]["sequence_gaps"] == 1
-    assert result.stats[exporters[0]]["lost"] == struct.unpack_from(">H", payloads[1], 2)[0]  # its record count
+    assert (
+        result.stats[exporters[0]]["lost"] == struct.unpack_from(">H", payloads[1], 2)[0]
+    )  # its record count
 
 
 def test_ipfix_sequence_counts_data_records(real):
@@ -321,8 +405,9 @@ def test_ipfix_sequence_counts_data_records(real):
 
 
 # ---- v1 / v5 / v7 by hand ------------------------------------------------------------------------------------
-def fixed_record(version: int, first: int, last: int, sport: int = 1234, dport: int = 80, proto: int = 6,
-                 flags: int = 0x12) -> bytes:
+def fixed_record(
+    version: int, first: int, last: int, sport: int = 1234, dport: int = 80, proto: int = 6, flags: int = 0x12
+) -> bytes:
     head = struct.pack(">IIIHHIIIIHH", 0x0A000001, 0x0A000002, 0, 1, 2, 10, 1000, first, last, sport, dport)
     if version == 1:
         return head + struct.pack(">HBBB", 0, proto, 0, flags) + b"\0" * 7
@@ -330,8 +415,9 @@ def fixed_record(version: int, first: int, last: int, sport: int = 1234, dport: 
     return head + tail + (b"\0" * 4 if version == 7 else b"")
 
 
-def fixed_datagram(version: int, records: list[bytes], uptime: int = UPTIME, seq: int = 0,
-                   sampling: int = 0) -> bytes:
+def fixed_datagram(
+    version: int, records: list[bytes], uptime: int = UPTIME, seq: int = 0, sampling: int = 0
+) -> bytes:
     header = struct.pack(">HHIII", version, len(records), uptime, SECS, 500_000_000)
     if version == 5:
         header += struct.pack(">IBBH", seq, 0, 0, sampling)
@@ -342,25 +428,43 @@ def fixed_datagram(version: int, records: list[bytes], uptime: int = UPTIME, seq
 
 @pytest.mark.parametrize("version", [1, 5, 7])
 def test_fixed_versions_values_and_times(version):
-    datagram = fixed_datagram(version, [fixed_record(version, UPTIME - 9000, UPTIME - 1000),
-                                        fixed_record(version, UPTIME - 500, UPTIME - 400, 0, 0, 1, 0)])
+    datagram = fixed_datagram(
+        version,
+        [
+            fixed_record(version, UPTIME - 9000, UPTIME - 1000),
+            fixed_record(version, UPTIME - 500, UPTIME - 400, 0, 0, 1, 0),
+        ],
+    )
     result, _ = decode([datagram])
     assert result.rejects.num_rows == 0
     first, icmp = sorted(result.flows.to_pylist(), key=lambda r: r["proto"], reverse=True)
     boot = SECS * 1000 + 500 - UPTIME  # unix_nsecs 0.5 s
     assert (ms(first["ts_start"]), ms(first["ts_end"])) == (boot + UPTIME - 9000, boot + UPTIME - 1000)
-    assert (first["src_addr"], first["dst_addr"], first["src_port"], first["dst_port"]) == ("10.0.0.1", "10.0.0.2",
-                                                                                        1234, 80)
+    assert (first["src_addr"], first["dst_addr"], first["src_port"], first["dst_port"]) == (
+        "10.0.0.1",
+        "10.0.0.2",
+        1234,
+        80,
+    )
     assert (first["packets"], first["bytes"], first["tcp_flags"], first["proto"]) == (10, 1000, 0x12, 6)
     assert (first["input_if"], first["output_if"]) == (1, 2)
     assert icmp["proto"] == 1
 
 
-@pytest.mark.parametrize(("first", "last", "uptime", "shift_start", "shift_end"), [
-    (1000, 2000, 5000, 0, 0),
-    (0xFFFFFF00, 0x100, 0x200, -(2**32), 0),  # wrapped during the flow
-    (0xFFFF0000, 0xFFFFF000, 0x500, -(2**32), -(2**32)),  # wrapped after the flow ended (> 100 s late in v5)
-])
+@pytest.mark.parametrize(
+    ("first", "last", "uptime", "shift_start", "shift_end"),
+    [
+        (1000, 2000, 5000, 0, 0),
+        (0xFFFFFF00, 0x100, 0x200, -(2**32), 0),  # wrapped during the flow
+        (
+            0xFFFF0000,
+            0xFFFFF000,
+            0x500,
+            -(2**32),
+            -(2**32),
+        ),  # wrapped after the flow ended (> 100 s late in v5)
+    ],
+)
 def test_v5_uptime_wrap_as_nfdump_reads_it(first, last, uptime, shift_start, shift_end):
     result, _ = decode([fixed_datagram(5, [fixed_record(5, first, last)], uptime=uptime)])
     row = result.flows.to_pylist()[0]
@@ -383,21 +487,46 @@ def test_fprobe_style_icmp_type_in_source_port():
 
 
 # ---- IPFIX by hand --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("time_fields", "values", "start_ms", "end_ms"), [
-    ([(152, 8), (153, 8)], {152: 1_700_000_000_123, 153: 1_700_000_005_456}, 1_700_000_000_123, 1_700_000_005_456),
-    ([(150, 4), (151, 4)], {150: 1_700_000_000, 151: 1_700_000_009}, 1_700_000_000_000, 1_700_000_009_000),
-    ([(154, 8), (155, 8)], {154: ((1_700_000_000 + 2_208_988_800) << 32) | (1 << 31),
-                            155: ((1_700_000_001 + 2_208_988_800) << 32) | (1 << 30)},
-     1_700_000_000_500, 1_700_000_001_250),
-    ([(158, 4), (159, 4)], {158: 7_000_000, 159: 2_500_000}, SECS * 1000 - 7000, SECS * 1000 - 2500),
-    ([(22, 4), (21, 4), (160, 8)], {22: 1000, 21: 4000, 160: 1_699_999_000_000}, 1_699_999_001_000,
-     1_699_999_004_000),
-    ([(152, 8), (161, 4)], {152: 1_700_000_000_000, 161: 2500}, 1_700_000_000_000, 1_700_000_002_500),
-])
+@pytest.mark.parametrize(
+    ("time_fields", "values", "start_ms", "end_ms"),
+    [
+        (
+            [(152, 8), (153, 8)],
+            {152: 1_700_000_000_123, 153: 1_700_000_005_456},
+            1_700_000_000_123,
+            1_700_000_005_456,
+        ),
+        (
+            [(150, 4), (151, 4)],
+            {150: 1_700_000_000, 151: 1_700_000_009},
+            1_700_000_000_000,
+            1_700_000_009_000,
+        ),
+        (
+            [(154, 8), (155, 8)],
+            {
+                154: ((1_700_000_000 + 2_208_988_800) << 32) | (1 << 31),
+                155: ((1_700_000_001 + 2_208_988_800) << 32) | (1 << 30),
+            },
+            1_700_000_000_500,
+            1_700_000_001_250,
+        ),
+        ([(158, 4), (159, 4)], {158: 7_000_000, 159: 2_500_000}, SECS * 1000 - 7000, SECS * 1000 - 2500),
+        (
+            [(22, 4), (21, 4), (160, 8)],
+            {22: 1000, 21: 4000, 160: 1_699_999_000_000},
+            1_699_999_001_000,
+            1_699_999_004_000,
+        ),
+        ([(152, 8), (161, 4)], {152: 1_700_000_000_000, 161: 2500}, 1_700_000_000_000, 1_700_000_002_500),
+    ],
+)
 def test_ipfix_time_fields(time_fields, values, start_ms, end_ms):
     layout = [(8, 4), (12, 4), (4, 1), *time_fields]
-    message = ipfix_message(flowset(2, template_record(500, layout)),
-                            flowset(500, pack_values(layout, {8: 1, 12: 2, 4: 17, **values})))
+    message = ipfix_message(
+        flowset(2, template_record(500, layout)),
+        flowset(500, pack_values(layout, {8: 1, 12: 2, 4: 17, **values})),
+    )
     result, _ = decode([message])
     row = result.flows.to_pylist()[0]
     assert (ms(row["ts_start"]), ms(row["ts_end"])) == (start_ms, end_ms)
@@ -407,8 +536,12 @@ def test_ipfix_uptime_fields_with_boot_time_from_options_data():
     options = ipfix_options_template(256, [(143, 4)], [(160, 8), (305, 4), (306, 4)])
     option_data = flowset(256, struct.pack(">IQII", 1, 1_699_999_000_000, 1, 9))  # 1 in 10 packets
     layout = [(8, 4), (12, 4), (22, 4), (21, 4)]
-    message = ipfix_message(options, option_data, flowset(2, template_record(1024, layout)),
-                            flowset(1024, pack_values(layout, {8: 1, 12: 2, 22: 1000, 21: 4000})))
+    message = ipfix_message(
+        options,
+        option_data,
+        flowset(2, template_record(1024, layout)),
+        flowset(1024, pack_values(layout, {8: 1, 12: 2, 22: 1000, 21: 4000})),
+    )
     result, _ = decode([message])
     row = result.flows.to_pylist()[0]
     assert (ms(row["ts_start"]), ms(row["ts_end"])) == (1_699_999_001_000, 1_699_999_004_000)
@@ -418,10 +551,23 @@ def test_ipfix_uptime_fields_with_boot_time_from_options_data():
 
 def test_ipfix_enterprise_and_variable_length_fields_are_skipped_and_counted():
     layout = [(8, 4), (1, 65535), (12, 4), (100, 2, 29305), (2, 4), (200, 65535, 9)]
-    record_one = (struct.pack(">I", 0x0A000001) + b"\x03abc" + struct.pack(">I", 0x0A000002) + b"\0\7"
-                  + struct.pack(">I", 5) + b"\x00")
-    record_two = (struct.pack(">I", 0x0A000003) + b"\xff\x01\x00" + b"x" * 256 + struct.pack(">I", 0x0A000004)
-                  + b"\0\7" + struct.pack(">I", 6) + b"\x02zz")
+    record_one = (
+        struct.pack(">I", 0x0A000001)
+        + b"\x03abc"
+        + struct.pack(">I", 0x0A000002)
+        + b"\0\7"
+        + struct.pack(">I", 5)
+        + b"\x00"
+    )
+    record_two = (
+        struct.pack(">I", 0x0A000003)
+        + b"\xff\x01\x00"
+        + b"x" * 256
+        + struct.pack(">I", 0x0A000004)
+        + b"\0\7"
+        + struct.pack(">I", 6)
+        + b"\x02zz"
+    )
     message = ipfix_message(flowset(2, template_record(600, layout)), flowset(600, record_one + record_two))
     result, _ = decode([message])
     assert result.rejects.num_rows == 0
@@ -434,8 +580,10 @@ def test_ipfix_enterprise_and_variable_length_fields_are_skipped_and_counted():
 
 def test_ipfix_reduced_size_encoding():
     layout = [(8, 4), (12, 4), (1, 3), (2, 2), (10, 1)]  # octets in 3 bytes, packets in 2, ifindex in 1
-    message = ipfix_message(flowset(2, template_record(700, layout)),
-                            flowset(700, pack_values(layout, {8: 1, 12: 2, 1: 0x123456, 2: 0x0102, 10: 9})))
+    message = ipfix_message(
+        flowset(2, template_record(700, layout)),
+        flowset(700, pack_values(layout, {8: 1, 12: 2, 1: 0x123456, 2: 0x0102, 10: 9})),
+    )
     result, _ = decode([message])
     row = result.flows.to_pylist()[0]
     assert (row["bytes"], row["packets"], row["input_if"]) == (0x123456, 0x0102, 9)
@@ -444,9 +592,11 @@ def test_ipfix_reduced_size_encoding():
 def test_ipfix_template_withdrawal():
     layout = [(8, 4), (12, 4), (1, 4)]
     data = flowset(800, pack_values(layout, {8: 1, 12: 2, 1: 3}))
-    messages = [ipfix_message(flowset(2, template_record(800, layout)), data, seq=0),
-                ipfix_message(flowset(2, struct.pack(">HH", 800, 0)), seq=1),  # withdrawn
-                ipfix_message(data, seq=1)]
+    messages = [
+        ipfix_message(flowset(2, template_record(800, layout)), data, seq=0),
+        ipfix_message(flowset(2, struct.pack(">HH", 800, 0)), seq=1),  # withdrawn
+        ipfix_message(data, seq=1),
+    ]
     result, state = decode(messages)
     assert result.flows.num_rows == 1
     assert (EXPORTER, 10, 0, 800) not in state.templates
@@ -457,10 +607,16 @@ def test_ipfix_ipv6_template_addresses():
     layout = [(27, 16), (28, 16), (7, 2), (11, 2), (4, 1), (139, 2)]
     src = bytes.fromhex("20010db8000000000000000000000001")
     dst = bytes.fromhex("fe800000000000000202b3fffe1e8329")
-    message = ipfix_message(flowset(2, template_record(900, layout)),
-                            flowset(900, pack_values(layout, {27: src, 28: dst, 4: 58, 139: 128 * 256})))
+    message = ipfix_message(
+        flowset(2, template_record(900, layout)),
+        flowset(900, pack_values(layout, {27: src, 28: dst, 4: 58, 139: 128 * 256})),
+    )
     row = decode([message])[0].flows.to_pylist()[0]
-    assert (row["src_addr"], row["dst_addr"], row["ip_version"]) == ("2001:db8::1", "fe80::202:b3ff:fe1e:8329", 6)
+    assert (row["src_addr"], row["dst_addr"], row["ip_version"]) == (
+        "2001:db8::1",
+        "fe80::202:b3ff:fe1e:8329",
+        6,
+    )
     assert (row["proto"], row["src_port"], row["dst_port"]) == (58, 0, 128 * 256)
 
 
@@ -473,19 +629,32 @@ MALFORMED = {
     "v5 count lies": (fixed_datagram(5, [fixed_record(5, 1, 2)])[:-10], "truncated datagram"),
     "v9 header cut": (struct.pack(">HH", 9, 1) + b"\0" * 6, "truncated datagram"),
     "zero-length flowset": (v9_datagram(struct.pack(">HH", 256, 0) + b"\0" * 16), "bad flowset length"),
-    "flowset longer than datagram": (v9_datagram(struct.pack(">HH", 256, 400) + b"\0" * 16), "bad flowset length"),
-    "template field count beyond the set": (v9_datagram(flowset(0, struct.pack(">HH", 256, 500) + b"\0\1\0\4")),
-                                            "bad template"),
-    "template of zero-length fields": (v9_datagram(flowset(0, template_record(256, [(8, 0), (12, 0)]))),
-                                       "bad template"),
+    "flowset longer than datagram": (
+        v9_datagram(struct.pack(">HH", 256, 400) + b"\0" * 16),
+        "bad flowset length",
+    ),
+    "template field count beyond the set": (
+        v9_datagram(flowset(0, struct.pack(">HH", 256, 500) + b"\0\1\0\4")),
+        "bad template",
+    ),
+    "template of zero-length fields": (
+        v9_datagram(flowset(0, template_record(256, [(8, 0), (12, 0)]))),
+        "bad template",
+    ),
     "template id below 256": (v9_datagram(flowset(0, template_record(12, [(8, 4)]))), "bad template"),
     "reserved flowset id": (v9_datagram(_GOOD_TEMPLATE, flowset(77, b"\0" * 8)), "unknown flowset id"),
     "IPFIX length lies": (ipfix_message(_GOOD_TEMPLATE)[:-4], "bad length"),
     "IPFIX variable length beyond record": (
-        ipfix_message(flowset(2, template_record(300, [(8, 4), (12, 4), (1, 65535)])),
-                      flowset(300, b"\0" * 8 + b"\xff\x01\x00")), "bad variable-length record"),
-    "template without addresses": (v9_datagram(flowset(0, template_record(256, [(1, 4), (2, 4)])),
-                                               flowset(256, b"\0" * 8)), "no addresses"),
+        ipfix_message(
+            flowset(2, template_record(300, [(8, 4), (12, 4), (1, 65535)])),
+            flowset(300, b"\0" * 8 + b"\xff\x01\x00"),
+        ),
+        "bad variable-length record",
+    ),
+    "template without addresses": (
+        v9_datagram(flowset(0, template_record(256, [(1, 4), (2, 4)])), flowset(256, b"\0" * 8)),
+        "no addresses",
+    ),
 }
 
 
@@ -501,8 +670,9 @@ def test_malformed_datagrams_become_rejects(case):
 
 def test_huge_template_id_and_many_fields_are_fine():
     layout = [(8, 4), (12, 4)] + [(1000 + i, 1) for i in range(300)]
-    message = ipfix_message(flowset(2, template_record(65535, layout)),
-                            flowset(65535, pack_values(layout, {8: 1, 12: 2})))
+    message = ipfix_message(
+        flowset(2, template_record(65535, layout)), flowset(65535, pack_values(layout, {8: 1, 12: 2}))
+    )
     result, _ = decode([message])
     assert result.flows.num_rows == 1
 
@@ -516,13 +686,13 @@ def _mutate(rng: random.Random, datagram: bytes) -> bytes:
             data[rng.randrange(len(data))] = rng.randrange(256)
         elif action < 0.7 and data:
             cut = rng.randrange(len(data))
-            del data[cut: cut + rng.randint(1, 40)]
+            del data[cut : cut + rng.randint(1, 40)]
         elif action < 0.85:
             pos = rng.randrange(len(data) + 1)
             data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
         elif len(data) > 4:  # a length field set to something extreme
             pos = rng.randrange(len(data) - 1)
-            data[pos: pos + 2] = rng.choice([b"\0\0", b"\xff\xff", b"\0\4", b"\0\3"])
+            data[pos : pos + 2] = rng.choice([b"\0\0", b"\xff\xff", b"\0\4", b"\0\3"])
     return bytes(data)
 
 

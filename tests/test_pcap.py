@@ -31,12 +31,25 @@ def read_all(path: Path, batch_datagrams: int = 65536):
         offsets += batch.offsets.tolist()
         ports += batch.dst_ports.tolist()
         rejects += batch.rejects.to_pylist()
-    return {"payloads": payloads, "exporters": exporters, "ts": ts, "offsets": offsets, "ports": ports,
-            "rejects": rejects, "batches": batches}
+    return {
+        "payloads": payloads,
+        "exporters": exporters,
+        "ts": ts,
+        "offsets": offsets,
+        "ports": ports,
+        "rejects": rejects,
+        "batches": batches,
+    }
 
 
-def write_pcap(path: Path, frames: list[bytes], linktype: int, order: str = "<", nanos: bool = False,
-               snaplen: int = 65535) -> list[int]:
+def write_pcap(
+    path: Path,
+    frames: list[bytes],
+    linktype: int,
+    order: str = "<",
+    nanos: bool = False,
+    snaplen: int = 65535,
+) -> list[int]:
     """A classic pcap file; returns the byte offset of each record."""
     magic = 0xA1B23C4D if nanos else 0xA1B2C3D4
     out = bytearray(struct.pack(order + "IHHiIII", magic, 2, 4, 0, 0, snaplen, linktype))
@@ -53,6 +66,7 @@ def write_pcap(path: Path, frames: list[bytes], linktype: int, order: str = "<",
 
 def write_pcapng(path: Path, frames: list[bytes], linktype: int, tsresol: int = 9) -> list[int]:
     """A pcapng file: section header, one interface (ticks 10^-tsresol s), one enhanced packet block each."""
+
     def block(kind: int, body: bytes) -> bytes:
         body += b"\0" * (-len(body) % 4)
         return struct.pack("<II", kind, len(body) + 12) + body + struct.pack("<I", len(body) + 12)
@@ -62,9 +76,11 @@ def write_pcapng(path: Path, frames: list[bytes], linktype: int, tsresol: int = 
     out += block(1, struct.pack("<HHI", linktype, 0, 65535) + options)
     offsets = []
     for i, frame in enumerate(frames):
-        ticks = (T0_US + i * 1000) * 10 ** tsresol // 1_000_000
+        ticks = (T0_US + i * 1000) * 10**tsresol // 1_000_000
         offsets.append(len(out))
-        out += block(6, struct.pack("<IIIII", 0, ticks >> 32, ticks & 0xFFFFFFFF, len(frame), len(frame)) + frame)
+        out += block(
+            6, struct.pack("<IIIII", 0, ticks >> 32, ticks & 0xFFFFFFFF, len(frame), len(frame)) + frame
+        )
     path.write_bytes(bytes(out))
     return offsets
 
@@ -129,8 +145,17 @@ FRAMINGS = {
     "bsd loopback (0)": (0, lambda p: struct.pack("<I", 2) + bytes(udp4(p))),
     "openbsd loop (108)": (108, lambda p: struct.pack(">I", 2) + bytes(udp4(p))),
     "ipv6": (1, lambda p: bytes(Ether() / udp6(p))),
-    "ipv6 ext headers": (1, lambda p: bytes(Ether() / IPv6(src="2001:db8::10", dst="::1") / IPv6ExtHdrHopByHop()
-                                           / IPv6ExtHdrDestOpt() / UDP(sport=50000, dport=4739) / p)),
+    "ipv6 ext headers": (
+        1,
+        lambda p: bytes(
+            Ether()
+            / IPv6(src="2001:db8::10", dst="::1")
+            / IPv6ExtHdrHopByHop()
+            / IPv6ExtHdrDestOpt()
+            / UDP(sport=50000, dport=4739)
+            / p
+        ),
+    ),
     "raw ipv6": (101, lambda p: bytes(udp6(p))),
     "bsd loopback ipv6": (0, lambda p: struct.pack("<I", 30) + bytes(udp6(p))),
 }
@@ -183,8 +208,12 @@ def test_non_udp_fragments_and_short_snaplen_are_rejected_with_their_offsets(dat
     assert got["payloads"] == [datagrams[0], datagrams[0]]
     assert got["offsets"] == [offsets[0], offsets[-1]]
     assert [(r["offset"], r["reason"]) for r in got["rejects"]] == [
-        (offsets[1], "not UDP"), (offsets[2], "ip fragment"), (offsets[3], "ip fragment"),
-        (offsets[4], "not UDP"), (offsets[5], "truncated packet")]
+        (offsets[1], "not UDP"),
+        (offsets[2], "ip fragment"),
+        (offsets[3], "ip fragment"),
+        (offsets[4], "not UDP"),
+        (offsets[5], "truncated packet"),
+    ]
 
 
 def test_snap_length_shorter_than_the_datagram(datagrams, tmp_path):
@@ -226,8 +255,10 @@ def test_cut_inside_a_record_header(datagrams, tmp_path):
     assert [(r["offset"], r["reason"]) for r in got["rejects"]] == [(offsets[-1], "truncated pcap record")]
 
 
-@pytest.mark.parametrize("content", [b"", b"ts,te,td\n", b"not a capture at all, just text\n" * 10,
-                                     b"\xa1\xb2\xc3\xd4" + b"\0" * 8])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"ts,te,td\n", b"not a capture at all, just text\n" * 10, b"\xa1\xb2\xc3\xd4" + b"\0" * 8],
+)
 def test_a_file_that_is_no_capture_is_one_reject(tmp_path, content):
     path = tmp_path / "junk.bin"
     path.write_bytes(content)

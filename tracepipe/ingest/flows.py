@@ -69,8 +69,12 @@ class IngestSummary:
     def to_dict(self) -> dict[str, Any]:
         return {
             "files": [vars(f) for f in self.files],
-            "totals": {"files": len(self.files), "datagrams": self.datagrams, "flows": self.flows,
-                       "rejects": self.rejects},
+            "totals": {
+                "files": len(self.files),
+                "datagrams": self.datagrams,
+                "flows": self.flows,
+                "rejects": self.rejects,
+            },
             "exporters": self.exporters,
             "days": sorted(self.days),
             "attributed": self.attributed,
@@ -107,8 +111,9 @@ def ingest_flow_files(lake: Lake, paths: list[Path], progress: Progress | None =
     return summary
 
 
-def _ingest_one(lake: Lake, path: Path, state: DecoderState, summary: IngestSummary,
-                progress: Progress | None) -> FileResult:
+def _ingest_one(
+    lake: Lake, path: Path, state: DecoderState, summary: IngestSummary, progress: Progress | None
+) -> FileResult:
     size = path.stat().st_size
     content_hash = hash_file(path)
     kind = sniff_kind(path)
@@ -127,8 +132,15 @@ def _ingest_one(lake: Lake, path: Path, state: DecoderState, summary: IngestSumm
             for batch in iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS):
                 if batch.rejects.num_rows:
                     writer.reject(batch.rejects)
-                decoded = decode_datagrams(batch.payloads, batch.exporters, batch.ts_us, batch.offsets, source,
-                                           state, text_as_dictionary=True)
+                decoded = decode_datagrams(
+                    batch.payloads,
+                    batch.exporters,
+                    batch.ts_us,
+                    batch.offsets,
+                    source,
+                    state,
+                    text_as_dictionary=True,
+                )
                 writer.write(decoded.flows)
                 writer.reject(decoded.rejects)
                 merge_stats(stats, decoded.stats)
@@ -153,12 +165,21 @@ def _ingest_one(lake: Lake, path: Path, state: DecoderState, summary: IngestSumm
             writer.reject(rejects)
             if flows.num_rows and "exporter" in flows.column_names:
                 for exporter, n in _value_counts(flows.column("exporter")).items():
-                    stats.setdefault(exporter or "unknown", {"flows": 0, "versions": ["nfdump-csv"]})["flows"] += n
+                    stats.setdefault(exporter or "unknown", {"flows": 0, "versions": ["nfdump-csv"]})[
+                        "flows"
+                    ] += n
             if progress:
                 progress(size)
         else:
-            writer.reject(pa.table({"offset": [0], "reason": ["not a pcap"],
-                                    "detail": ["neither pcap/pcapng nor nfdump CSV (checked the first bytes)"]}))
+            writer.reject(
+                pa.table(
+                    {
+                        "offset": [0],
+                        "reason": ["not a pcap"],
+                        "detail": ["neither pcap/pcapng nor nfdump CSV (checked the first bytes)"],
+                    }
+                )
+            )
             result.status = "rejected"
             result.message = "not a pcap, pcapng or nfdump CSV file"
             if progress:

@@ -113,8 +113,9 @@ class Template:
     variable_fields: int = 0
 
     @classmethod
-    def build(cls, fields: list[tuple[int, int, int]], options: bool = False, scope_count: int = 0,
-              version: int = 9) -> Template:
+    def build(
+        cls, fields: list[tuple[int, int, int]], options: bool = False, scope_count: int = 0, version: int = 9
+    ) -> Template:
         tpl = cls(fields=fields, options=options, scope_count=scope_count, version=version)
         tpl.enterprise_fields = sum(1 for _, _, pen in fields if pen)
         tpl.variable_fields = sum(1 for _, length, _ in fields if length == VARIABLE_LENGTH)
@@ -125,11 +126,17 @@ class Template:
 
     def fixed_projection(self) -> Template:
         """The same template without its variable-length fields (records are rewritten to it)."""
-        return Template.build([f for f in self.fields if f[1] != VARIABLE_LENGTH], self.options,
-                              self.scope_count, self.version)
+        return Template.build(
+            [f for f in self.fields if f[1] != VARIABLE_LENGTH], self.options, self.scope_count, self.version
+        )
 
     def to_obj(self) -> dict[str, Any]:
-        return {"fields": self.fields, "options": self.options, "scope": self.scope_count, "version": self.version}
+        return {
+            "fields": self.fields,
+            "options": self.options,
+            "scope": self.scope_count,
+            "version": self.version,
+        }
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> Template:
@@ -148,7 +155,9 @@ def _layout(fields: list[tuple[int, int, int]]) -> tuple[np.dtype, dict[str, int
         if info is not None and info[1] not in roles and length > 0:
             role = info[1]
             usable = {"src_addr4": 4, "dst_addr4": 4, "src_addr6": 16, "dst_addr6": 16}.get(role)
-            if length == usable or (usable is None and length <= 8):  # else: not what the id promises, skipped
+            if length == usable or (
+                usable is None and length <= 8
+            ):  # else: not what the id promises, skipped
                 roles[role] = length
                 names.append(role)
                 formats.append(_NUMERIC.get(length, f"V{length}"))
@@ -161,8 +170,14 @@ def _layout(fields: list[tuple[int, int, int]]) -> tuple[np.dtype, dict[str, int
 def _fixed_template(version: int) -> Template:
     _, record_len, layout = FIXED_LAYOUTS[version]
     tpl = Template(fields=[], version=version, record_len=record_len)
-    tpl.dtype = np.dtype({"names": [r for r, _, _ in layout], "formats": [d for _, _, d in layout],
-                          "offsets": [o for _, o, _ in layout], "itemsize": record_len})
+    tpl.dtype = np.dtype(
+        {
+            "names": [r for r, _, _ in layout],
+            "formats": [d for _, _, d in layout],
+            "offsets": [o for _, o, _ in layout],
+            "itemsize": record_len,
+        }
+    )
     tpl.roles = {r: np.dtype(d).itemsize for r, _, d in layout}
     return tpl
 
@@ -174,7 +189,9 @@ FIXED_TEMPLATES = {v: _fixed_template(v) for v in FIXED_LAYOUTS}
 @dataclass
 class _Sequence:
     expected: int | None = None
-    missing: list[list[int]] = field(default_factory=list)  # open gaps [start, end) still hoped for (reordering)
+    missing: list[list[int]] = field(
+        default_factory=list
+    )  # open gaps [start, end) still hoped for (reordering)
     # IPFIX only: how this exporter counts, learnt from two messages in a row. RFC 7011 numbers a message by
     # the data records sent *before* it, options records included; softflowd numbers it by the records sent
     # up to and including it, options records left out.
@@ -209,21 +226,25 @@ class DecoderState:
         def key(k: tuple) -> str:
             return "|".join(str(x) for x in k)
 
-        return json.dumps({
-            "templates": {key(k): t.to_obj() for k, t in self.templates.items()},
-            "sequences": {key(k): s.to_obj() for k, s in self.sequences.items()},
-            "sampling": {key(k): v for k, v in self.sampling.items()},
-            "sys_init_ms": {key(k): v for k, v in self.sys_init_ms.items()},
-            "pending": {key(k): [[base64.b64encode(b).decode(), list(c), o] for b, c, o in v]
-                        for k, v in self.pending.items()},
-        })
+        return json.dumps(
+            {
+                "templates": {key(k): t.to_obj() for k, t in self.templates.items()},
+                "sequences": {key(k): s.to_obj() for k, s in self.sequences.items()},
+                "sampling": {key(k): v for k, v in self.sampling.items()},
+                "sys_init_ms": {key(k): v for k, v in self.sys_init_ms.items()},
+                "pending": {
+                    key(k): [[base64.b64encode(b).decode(), list(c), o] for b, c, o in v]
+                    for k, v in self.pending.items()
+                },
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> DecoderState:
         def key(k: str, ints: int) -> tuple:
             parts = k.split("|")
             head = "|".join(parts[: len(parts) - ints])  # exporter text never holds "|", but be safe
-            return (head, *(int(x) for x in parts[len(parts) - ints:]))
+            return (head, *(int(x) for x in parts[len(parts) - ints :]))
 
         obj = json.loads(text)
         state = cls()
@@ -231,8 +252,10 @@ class DecoderState:
         state.sequences = {key(k, 2): _Sequence.from_obj(v) for k, v in obj.get("sequences", {}).items()}
         state.sampling = {key(k, 1): v for k, v in obj.get("sampling", {}).items()}
         state.sys_init_ms = {key(k, 1): v for k, v in obj.get("sys_init_ms", {}).items()}
-        state.pending = {key(k, 3): [(base64.b64decode(b), tuple(c), o) for b, c, o in v]
-                         for k, v in obj.get("pending", {}).items()}
+        state.pending = {
+            key(k, 3): [(base64.b64decode(b), tuple(c), o) for b, c, o in v]
+            for k, v in obj.get("pending", {}).items()
+        }
         state.pending_count = sum(len(v) for v in state.pending.values())
         return state
 
@@ -245,9 +268,19 @@ class Decoded:
 
 
 def _new_stats() -> dict[str, Any]:
-    return {"datagrams": 0, "flows": 0, "rejects": 0, "sequence_gaps": 0, "lost": 0, "no_template": 0,
-            "waiting_for_template": 0, "enterprise_fields_skipped": 0, "variable_fields_skipped": 0,
-            "sampling": "unknown", "versions": []}
+    return {
+        "datagrams": 0,
+        "flows": 0,
+        "rejects": 0,
+        "sequence_gaps": 0,
+        "lost": 0,
+        "no_template": 0,
+        "waiting_for_template": 0,
+        "enterprise_fields_skipped": 0,
+        "variable_fields_skipped": 0,
+        "sampling": "unknown",
+        "versions": [],
+    }
 
 
 def merge_stats(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]]) -> None:
@@ -267,7 +300,9 @@ def merge_stats(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]
 # ---- the batch decoder --------------------------------------------------------------------------------------
 # ctx: one per (datagram, options state) holding what record times and sampling need:
 # (exporter index, version, domain, boot_ms or export_ms, sys_uptime_ms, export_ms, sys_init_ms, sampling)
-_CTX_EXPORTER, _CTX_VERSION, _CTX_DOMAIN, _CTX_BOOT, _CTX_UPTIME, _CTX_EXPORT, _CTX_INIT, _CTX_SAMPLING = range(8)
+_CTX_EXPORTER, _CTX_VERSION, _CTX_DOMAIN, _CTX_BOOT, _CTX_UPTIME, _CTX_EXPORT, _CTX_INIT, _CTX_SAMPLING = (
+    range(8)
+)
 
 _U16 = struct.Struct(">H")
 _HDR_FIXED = struct.Struct(">HHIII")  # version, count, sysUptime, unix_secs, unix_nsecs
@@ -322,9 +357,15 @@ class _Batch:
         group[3].append(ctx)
 
 
-def decode_datagrams(payloads: Sequence[bytes | memoryview], exporters: Sequence[str], arrival_us: np.ndarray,
-                     offsets: np.ndarray | None, source: str, state: DecoderState,
-                     text_as_dictionary: bool = False) -> Decoded:
+def decode_datagrams(
+    payloads: Sequence[bytes | memoryview],
+    exporters: Sequence[str],
+    arrival_us: np.ndarray,
+    offsets: np.ndarray | None,
+    source: str,
+    state: DecoderState,
+    text_as_dictionary: bool = False,
+) -> Decoded:
     """Decode a batch of export datagrams (any mix of versions and exporters) into flows and rejects.
 
     `offsets` are the byte offsets of each datagram's record in its file (for rejects); `state` is updated in
@@ -361,9 +402,19 @@ def decode_datagrams(payloads: Sequence[bytes | memoryview], exporters: Sequence
                             _track_sequence(batch, exporters[i], (exporters[i], 9, domain), seq, 1)
                         if count:
                             ctx_ids.append(len(batch.ctx))
-                            ctx_append((eidx, 9, domain, secs * 1000 - uptime, uptime, secs * 1000, sys_init,
-                                        sampling))
-                            bodies.append(payload[24: 24 + count * tpl.record_len])
+                            ctx_append(
+                                (
+                                    eidx,
+                                    9,
+                                    domain,
+                                    secs * 1000 - uptime,
+                                    uptime,
+                                    secs * 1000,
+                                    sys_init,
+                                    sampling,
+                                )
+                            )
+                            bodies.append(payload[24 : 24 + count * tpl.record_len])
                             counts.append(count)
                         continue
             elif version == 10:
@@ -375,22 +426,30 @@ def decode_datagrams(payloads: Sequence[bytes | memoryview], exporters: Sequence
                     if entry:
                         tpl, bodies, counts, ctx_ids, track, eidx, sys_init, sampling = entry
                         count = (set_len - 4) // tpl.record_len
-                        first = (seq - count) & 0xFFFFFFFF if track.after else seq  # IPFIX counts data records
+                        first = (
+                            (seq - count) & 0xFFFFFFFF if track.after else seq
+                        )  # IPFIX counts data records
                         if track.expected == first:
                             track.expected = (first + count) & 0xFFFFFFFF
                         else:
                             _track_ipfix(batch, exporters[i], (exporters[i], 10, domain), seq, count, 0)
                         if count:
                             ctx_ids.append(len(batch.ctx))
-                            ctx_append((eidx, 10, domain, export_s * 1000, 0, export_s * 1000, sys_init,
-                                        sampling))
-                            bodies.append(payload[20: 20 + count * tpl.record_len])
+                            ctx_append(
+                                (eidx, 10, domain, export_s * 1000, 0, export_s * 1000, sys_init, sampling)
+                            )
+                            bodies.append(payload[20 : 20 + count * tpl.record_len])
                             counts.append(count)
                         continue
         fast.clear()
         try:
             _walk_datagram(batch, payload, exporters[i], offs[i])
-        except (struct.error, ValueError, IndexError, OverflowError) as exc:  # a length that lied past our checks
+        except (
+            struct.error,
+            ValueError,
+            IndexError,
+            OverflowError,
+        ) as exc:  # a length that lied past our checks
             batch.reject(offs[i], exporters[i], "malformed datagram", repr(exc)[:200])
         if batch.replay:  # templates learnt before the walk stopped still serve the data that waited
             _replay_pending(batch)
@@ -410,7 +469,9 @@ _FAST_V9 = struct.Struct(">HHIIIIHH")  # v9 header + first flowset header
 _FAST_IPFIX = struct.Struct(">HHIIIHH")  # IPFIX header + first set header
 
 
-def _fast_entry(batch: _Batch, fast: dict, exporter: str, version: int, domain: int, set_id: int) -> tuple | None:
+def _fast_entry(
+    batch: _Batch, fast: dict, exporter: str, version: int, domain: int, set_id: int
+) -> tuple | None:
     """What the fast path needs for one (exporter, version, domain, template): None if it cannot be taken."""
     state = batch.state
     tpl = state.templates.get((exporter, version, domain, set_id))
@@ -426,8 +487,16 @@ def _fast_entry(batch: _Batch, fast: dict, exporter: str, version: int, domain: 
     if group is None:
         group = batch.groups[id(tpl)] = (tpl, [], [], [])
     eidx = batch.exporter_id(exporter)
-    entry = (tpl, group[1], group[2], group[3], track, eidx, state.sys_init_ms.get((exporter, domain), -1),
-             state.sampling.get((exporter, domain), -1))
+    entry = (
+        tpl,
+        group[1],
+        group[2],
+        group[3],
+        track,
+        eidx,
+        state.sys_init_ms.get((exporter, domain), -1),
+        state.sampling.get((exporter, domain), -1),
+    )
     fast[(exporter, version, domain, set_id)] = entry
     return entry
 
@@ -457,18 +526,26 @@ def _walk_datagram(batch: _Batch, payload: bytes | memoryview, exporter: str, of
         batch.reject(offset, exporter, "not netflow", f"unknown version {version}")
 
 
-def _walk_fixed(batch: _Batch, payload: bytes | memoryview, exporter: str, offset: int | None, version: int) -> None:
+def _walk_fixed(
+    batch: _Batch, payload: bytes | memoryview, exporter: str, offset: int | None, version: int
+) -> None:
     header_len, record_len, _ = FIXED_LAYOUTS[version]
     size = len(payload)
     if size < header_len:
-        batch.reject(offset, exporter, "truncated datagram", f"v{version} header needs {header_len} bytes, got {size}")
+        batch.reject(
+            offset, exporter, "truncated datagram", f"v{version} header needs {header_len} bytes, got {size}"
+        )
         return
     _, count, uptime, secs, nsecs = _HDR_FIXED.unpack_from(payload, 0)
     if count == 0:
         return
     if header_len + count * record_len > size:
-        batch.reject(offset, exporter, "truncated datagram",
-                     f"v{version} header says {count} records, {size} bytes hold {(size - header_len) // record_len}")
+        batch.reject(
+            offset,
+            exporter,
+            "truncated datagram",
+            f"v{version} header says {count} records, {size} bytes hold {(size - header_len) // record_len}",
+        )
         return
     sampling = -1
     if version != 1:
@@ -482,7 +559,7 @@ def _walk_fixed(batch: _Batch, payload: bytes | memoryview, exporter: str, offse
     # v5 boot time: unix_secs + nsecs - sysUptime, in ms (RFC-less, as Cisco documents it)
     boot_ms = secs * 1000 + nsecs // 1_000_000 - uptime
     ctx = batch.add_ctx(exporter, (version, 0, boot_ms, uptime, secs * 1000, -1, sampling))
-    body = payload[header_len: header_len + count * record_len]
+    body = payload[header_len : header_len + count * record_len]
     batch.add_data(FIXED_TEMPLATES[version], body, count, ctx)
 
 
@@ -494,7 +571,9 @@ def _walk_v9(batch: _Batch, payload: bytes | memoryview, exporter: str, offset: 
     _, _count, uptime, secs, seq, domain = _HDR_V9.unpack_from(payload, 0)
     # v9 sequence numbers count export packets (RFC 3954 §5.1)
     _track_sequence(batch, exporter, (exporter, 9, domain), seq, 1)
-    _walk_sets(batch, payload, 20, size, exporter, offset, 9, domain, secs * 1000 - uptime, uptime, secs * 1000)
+    _walk_sets(
+        batch, payload, 20, size, exporter, offset, 9, domain, secs * 1000 - uptime, uptime, secs * 1000
+    )
 
 
 def _walk_ipfix(batch: _Batch, payload: bytes | memoryview, exporter: str, offset: int | None) -> None:
@@ -506,13 +585,25 @@ def _walk_ipfix(batch: _Batch, payload: bytes | memoryview, exporter: str, offse
     if length < 16 or length > size:
         batch.reject(offset, exporter, "bad length", f"IPFIX message length {length}, datagram {size} bytes")
         return
-    records, options = _walk_sets(batch, payload, 16, length, exporter, offset, 10, domain, export_s * 1000, 0,
-                                  export_s * 1000)
+    records, options = _walk_sets(
+        batch, payload, 16, length, exporter, offset, 10, domain, export_s * 1000, 0, export_s * 1000
+    )
     _track_ipfix(batch, exporter, (exporter, 10, domain), seq, records, options)
 
 
-def _walk_sets(batch: _Batch, payload: bytes | memoryview, pos: int, end: int, exporter: str, offset: int | None,
-               version: int, domain: int, boot_ms: int, uptime: int, export_ms: int) -> tuple[int | None, int]:
+def _walk_sets(
+    batch: _Batch,
+    payload: bytes | memoryview,
+    pos: int,
+    end: int,
+    exporter: str,
+    offset: int | None,
+    version: int,
+    domain: int,
+    boot_ms: int,
+    uptime: int,
+    export_ms: int,
+) -> tuple[int | None, int]:
     """Walk the (flow)sets of one v9/IPFIX message. Returns (data records, options data records) seen, data
     records None if some could not be counted (no template yet)."""
     state = batch.state
@@ -525,16 +616,21 @@ def _walk_sets(batch: _Batch, payload: bytes | memoryview, pos: int, end: int, e
         set_id, set_len = _SET.unpack_from(payload, pos)
         if set_len < 4 or pos + set_len > end:
             # a zero or lying length: the rest of the datagram cannot be delimited
-            batch.reject(offset, exporter, "bad flowset length",
-                         f"set {set_id} at byte {pos} says {set_len} bytes, {end - pos} left")
+            batch.reject(
+                offset,
+                exporter,
+                "bad flowset length",
+                f"set {set_id} at byte {pos} says {set_len} bytes, {end - pos} left",
+            )
             if batch.replay:
                 _replay_pending(batch)
             return None, options_records
         body_start, body_end = pos + 4, pos + set_len
         pos = body_end
         if set_id == template_set or set_id == options_set:
-            _read_templates(batch, payload, body_start, body_end, exporter, offset, version, domain,
-                            set_id == options_set)
+            _read_templates(
+                batch, payload, body_start, body_end, exporter, offset, version, domain, set_id == options_set
+            )
             continue
         if set_id < 256:
             batch.reject(offset, exporter, "unknown flowset id", f"v{version} set id {set_id}")
@@ -562,8 +658,9 @@ def _walk_sets(batch: _Batch, payload: bytes | memoryview, pos: int, end: int, e
     return records, options_records
 
 
-def _add_template_data(batch: _Batch, tpl: Template, body: bytes | memoryview, ctx: int, exporter: str,
-                       offset: int | None) -> int:
+def _add_template_data(
+    batch: _Batch, tpl: Template, body: bytes | memoryview, ctx: int, exporter: str, offset: int | None
+) -> int:
     stats = batch.stat(exporter)
     if tpl.variable_fields:
         rows = _fixed_from_variable(tpl, body)
@@ -612,14 +709,23 @@ def _fixed_from_variable(tpl: Template, body: bytes | memoryview) -> tuple[Templ
             else:
                 if pos + length > end:
                     return None
-                out += body[pos: pos + length]
+                out += body[pos : pos + length]
                 pos += length
         count += 1
     return projected, bytes(out), count
 
 
-def _read_templates(batch: _Batch, payload: bytes | memoryview, pos: int, end: int, exporter: str,
-                    offset: int | None, version: int, domain: int, options: bool) -> None:
+def _read_templates(
+    batch: _Batch,
+    payload: bytes | memoryview,
+    pos: int,
+    end: int,
+    exporter: str,
+    offset: int | None,
+    version: int,
+    domain: int,
+    options: bool,
+) -> None:
     state = batch.state
     while end - pos >= 4:
         scope_count = 0
@@ -629,9 +735,13 @@ def _read_templates(batch: _Batch, payload: bytes | memoryview, pos: int, end: i
             tid, scope_len, option_len = struct.unpack_from(">HHH", payload, pos)
             pos += 6
             if scope_len % 4 or option_len % 4 or pos + scope_len + option_len > end:
-                batch.reject(offset, exporter, "bad template",
-                             f"v9 options template {tid}: scope {scope_len} + options {option_len} bytes, "
-                             f"{end - pos} left")
+                batch.reject(
+                    offset,
+                    exporter,
+                    "bad template",
+                    f"v9 options template {tid}: scope {scope_len} + options {option_len} bytes, "
+                    f"{end - pos} left",
+                )
                 return
             scope_count = scope_len // 4
             n_fields = (scope_len + option_len) // 4
@@ -655,21 +765,29 @@ def _read_templates(batch: _Batch, payload: bytes | memoryview, pos: int, end: i
         fields: list[tuple[int, int, int]] = []
         for _ in range(n_fields):
             if pos + 4 > end:
-                batch.reject(offset, exporter, "bad template",
-                             f"template {tid} declares {n_fields} fields, set ends after {len(fields)}")
+                batch.reject(
+                    offset,
+                    exporter,
+                    "bad template",
+                    f"template {tid} declares {n_fields} fields, set ends after {len(fields)}",
+                )
                 return
             field_id, length = _SET.unpack_from(payload, pos)
             pos += 4
             pen = 0
             if version == 10 and field_id & ENTERPRISE_BIT:
                 if pos + 4 > end:
-                    batch.reject(offset, exporter, "bad template", f"template {tid}: enterprise number cut short")
+                    batch.reject(
+                        offset, exporter, "bad template", f"template {tid}: enterprise number cut short"
+                    )
                     return
                 pen = _U32.unpack_from(payload, pos)[0]
                 pos += 4
                 field_id &= ~ENTERPRISE_BIT
             if version == 9 and length == VARIABLE_LENGTH:
-                batch.reject(offset, exporter, "bad template", f"template {tid}: v9 has no variable-length fields")
+                batch.reject(
+                    offset, exporter, "bad template", f"template {tid}: v9 has no variable-length fields"
+                )
                 return
             fields.append((field_id, length, pen))
         tpl = Template.build(fields, options, scope_count, version)
@@ -705,15 +823,19 @@ def _replay_pending(batch: _Batch) -> None:
 def _withdraw(state: DecoderState, exporter: str, domain: int, tid: int, options: bool) -> None:
     """IPFIX template withdrawal: one template, or all of a set type when tid is the set id (RFC 7011 §8.1)."""
     if tid in (2, 3):
-        for key in [k for k, t in state.templates.items()
-                    if k[0] == exporter and k[1] == 10 and k[2] == domain and t.options == options]:
+        for key in [
+            k
+            for k, t in state.templates.items()
+            if k[0] == exporter and k[1] == 10 and k[2] == domain and t.options == options
+        ]:
             del state.templates[key]
     else:
         state.templates.pop((exporter, 10, domain, tid), None)
 
 
-def _keep_pending(batch: _Batch, key: tuple[str, int, int, int], body: bytes, values: tuple,
-                  offset: int | None) -> None:
+def _keep_pending(
+    batch: _Batch, key: tuple[str, int, int, int], body: bytes, values: tuple, offset: int | None
+) -> None:
     state = batch.state
     exporter = key[0]
     if state.pending_count >= MAX_PENDING_FLOWSETS:
@@ -725,7 +847,9 @@ def _keep_pending(batch: _Batch, key: tuple[str, int, int, int], body: bytes, va
     batch.stat(exporter)["waiting_for_template"] += 1
 
 
-def _read_options_data(batch: _Batch, tpl: Template, body: bytes | memoryview, exporter: str, domain: int) -> int:
+def _read_options_data(
+    batch: _Batch, tpl: Template, body: bytes | memoryview, exporter: str, domain: int
+) -> int:
     """Options records are few: read sampling interval and boot time per record in Python. Returns how many."""
     if tpl.record_len == 0 or tpl.dtype is None:
         return 0
@@ -759,8 +883,9 @@ def _scalar(value: Any) -> int:
     return int(value)
 
 
-def _track_ipfix(batch: _Batch, exporter: str, key: tuple[str, int, int], seq: int, data: int | None,
-                 options: int) -> None:
+def _track_ipfix(
+    batch: _Batch, exporter: str, key: tuple[str, int, int], seq: int, data: int | None, options: int
+) -> None:
     """IPFIX sequence numbers count data records (RFC 7011 §3.1). Exporters differ in what they count (see
     _Sequence): the first two messages of a stream tell, then gaps are counted in that convention."""
     track = batch.state.sequences.get(key)
@@ -785,7 +910,9 @@ def _track_ipfix(batch: _Batch, exporter: str, key: tuple[str, int, int], seq: i
     _track_sequence(batch, exporter, key, (seq - count) % WRAP if track.after else seq, count)
 
 
-def _track_sequence(batch: _Batch, exporter: str, key: tuple[str, int, int], seq: int, count: int | None) -> None:
+def _track_sequence(
+    batch: _Batch, exporter: str, key: tuple[str, int, int], seq: int, count: int | None
+) -> None:
     """Count lost units between the expected and the received sequence number; a late (reordered) arrival
     fills the gap it belongs to instead of counting as a new one; duplicates count nothing."""
     state = batch.state
@@ -818,7 +945,7 @@ def _track_sequence(batch: _Batch, exporter: str, key: tuple[str, int, int], seq
                 stats["lost"] -= filled
                 pieces = [p for p in ([gap_start, seq], [(seq + filled) % WRAP, gap_stop]) if p[0] != p[1]]
                 index = track.missing.index(gap)
-                track.missing[index: index + 1] = pieces
+                track.missing[index : index + 1] = pieces
                 if not pieces:
                     stats["sequence_gaps"] -= 1
                 break
@@ -876,8 +1003,15 @@ class _PerRecord:
         return values
 
 
-def _decode_group(batch: _Batch, tpl: Template, bodies: list, counts: list, ctx_ids: list, ctx: np.ndarray,
-                  exporters: pa.Array) -> pa.Table | None:
+def _decode_group(
+    batch: _Batch,
+    tpl: Template,
+    bodies: list,
+    counts: list,
+    ctx_ids: list,
+    ctx: np.ndarray,
+    exporters: pa.Array,
+) -> pa.Table | None:
     roles = tpl.roles
     total = sum(counts)
     buf = b"".join(bodies)
@@ -959,8 +1093,9 @@ def _decode_group(batch: _Batch, tpl: Template, bodies: list, counts: list, ctx_
         "input_if": None if input_if is None else pa.array(input_if),
         "output_if": None if output_if is None else pa.array(output_if),
         "sampling_interval": pa.array(sampling.astype(np.int32), mask=sampling < 0),
-        "source": pa.DictionaryArray.from_arrays(pa.array(np.zeros(total, dtype=np.int32)),
-                                                 pa.array([batch.source], pa.string())),
+        "source": pa.DictionaryArray.from_arrays(
+            pa.array(np.zeros(total, dtype=np.int32)), pa.array([batch.source], pa.string())
+        ),
     }
     per_exporter = np.bincount(exporter_ids, minlength=len(batch.exporters))
     for exporter_idx in np.flatnonzero(per_exporter):
@@ -1039,8 +1174,9 @@ def _point_in_time(arr: np.ndarray, roles: dict[str, int], which: str, c: _PerRe
 
 
 TEXT_DICTIONARY = pa.dictionary(pa.int32(), pa.string())
-FLOWS_TEXT_DICTIONARY = pa.schema([pa.field(f.name, TEXT_DICTIONARY, f.nullable) if pa.types.is_string(f.type) else f
-                                   for f in FLOWS])
+FLOWS_TEXT_DICTIONARY = pa.schema(
+    [pa.field(f.name, TEXT_DICTIONARY, f.nullable) if pa.types.is_string(f.type) else f for f in FLOWS]
+)
 
 
 def _text(array: pa.Array) -> pa.Array:
@@ -1062,8 +1198,9 @@ def _ipv4_text(values: np.ndarray) -> pa.Array:
 
 
 def _ipv6_text(values: np.ndarray) -> pa.Array:
-    raw = pa.array(np.frombuffer(values.tobytes(), dtype=np.uint8).reshape(-1, 16).view("S16").ravel(),
-                   pa.binary(16))
+    raw = pa.array(
+        np.frombuffer(values.tobytes(), dtype=np.uint8).reshape(-1, 16).view("S16").ravel(), pa.binary(16)
+    )
     encoded = pc.dictionary_encode(raw)
     text = pa.array([str(ipaddress.IPv6Address(b)) for b in encoded.dictionary.to_pylist()], pa.string())
     return pa.DictionaryArray.from_arrays(encoded.indices, text)
@@ -1081,15 +1218,23 @@ def _rejects_table(rows: list[tuple[int | None, str, str, str]], source: str) ->
     if not rows:
         return schema.empty_table()
     offsets, exporters, reasons, details = zip(*rows, strict=True)
-    return pa.table([list(offsets), list(exporters), list(reasons), list(details), [source] * len(rows)],
-                    schema=schema)
+    return pa.table(
+        [list(offsets), list(exporters), list(reasons), list(details), [source] * len(rows)], schema=schema
+    )
 
 
 def flush_pending(state: DecoderState, source: str) -> pa.Table:
     """Data flowsets still waiting for a template at the end of an input: rejects "no template" (and forgotten)."""
-    rows = [(offset if offset >= 0 else None, key[0], "no template",
-             f"v{key[1]} template {key[3]} (domain {key[2]}) never seen; {len(body)} bytes")
-            for key, entries in state.pending.items() for body, _, offset in entries]
+    rows = [
+        (
+            offset if offset >= 0 else None,
+            key[0],
+            "no template",
+            f"v{key[1]} template {key[3]} (domain {key[2]}) never seen; {len(body)} bytes",
+        )
+        for key, entries in state.pending.items()
+        for body, _, offset in entries
+    ]
     state.pending.clear()
     state.pending_count = 0
     return _rejects_table(rows, source)

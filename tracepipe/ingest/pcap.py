@@ -70,9 +70,15 @@ class _Collector:
             rejects = pa.table([list(offs), list(reasons), list(details)], schema=REJECT_SCHEMA)
         else:
             rejects = REJECT_SCHEMA.empty_table()
-        batch = UdpBatch(self.payloads, self.exporters, np.array(self.ts, dtype=np.int64),
-                         np.array(self.offsets, dtype=np.int64), np.array(self.ports, dtype=np.int32), rejects,
-                         bytes_read)
+        batch = UdpBatch(
+            self.payloads,
+            self.exporters,
+            np.array(self.ts, dtype=np.int64),
+            np.array(self.offsets, dtype=np.int64),
+            np.array(self.ports, dtype=np.int32),
+            rejects,
+            bytes_read,
+        )
         self.__init__()  # type: ignore[misc]
         return batch
 
@@ -92,7 +98,7 @@ class _Reader:
             return True
         if self.eof:
             return False
-        rest = self.buf[self.pos:]
+        rest = self.buf[self.pos :]
         self.base += self.pos
         self.pos = 0
         chunk = self.handle.read(max(CHUNK, n))
@@ -143,8 +149,13 @@ def _read_pcap(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
     while True:
         if not reader.need(16):
             if reader.pos < len(reader.buf):
-                col.rejects.append((reader.offset, "truncated pcap record",
-                                    f"{len(reader.buf) - reader.pos} bytes of a record header at end of file"))
+                col.rejects.append(
+                    (
+                        reader.offset,
+                        "truncated pcap record",
+                        f"{len(reader.buf) - reader.pos} bytes of a record header at end of file",
+                    )
+                )
             break
         offset = reader.offset
         secs, frac, caplen, _origlen = record.unpack_from(reader.buf, reader.pos)
@@ -152,8 +163,13 @@ def _read_pcap(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
             col.rejects.append((offset, "truncated pcap record", f"record claims {caplen} bytes"))
             break
         if not reader.need(16 + caplen):
-            col.rejects.append((offset, "truncated pcap record",
-                                f"record needs {caplen} bytes, file has {len(reader.buf) - reader.pos - 16}"))
+            col.rejects.append(
+                (
+                    offset,
+                    "truncated pcap record",
+                    f"record needs {caplen} bytes, file has {len(reader.buf) - reader.pos - 16}",
+                )
+            )
             break
         start = reader.pos + 16
         reader.pos = start + caplen
@@ -176,7 +192,7 @@ def _read_pcapng(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
         offset = reader.offset
         block_type_le = struct.unpack_from("<I", reader.buf, reader.pos)[0]
         if block_type_le == PCAPNG_SHB:
-            bom = reader.buf[reader.pos + 8: reader.pos + 12]
+            bom = reader.buf[reader.pos + 8 : reader.pos + 12]
             order = "<" if struct.unpack("<I", bom)[0] == PCAPNG_BYTE_ORDER else ">"
             interfaces = []
         block_type, block_len = struct.unpack_from(order + "II", reader.buf, reader.pos)
@@ -184,8 +200,13 @@ def _read_pcapng(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
             col.rejects.append((offset, "truncated pcap record", f"pcapng block length {block_len}"))
             break
         if not reader.need(block_len):
-            col.rejects.append((offset, "truncated pcap record",
-                                f"pcapng block needs {block_len} bytes, file has {len(reader.buf) - reader.pos}"))
+            col.rejects.append(
+                (
+                    offset,
+                    "truncated pcap record",
+                    f"pcapng block needs {block_len} bytes, file has {len(reader.buf) - reader.pos}",
+                )
+            )
             break
         body = reader.pos + 8
         end = reader.pos + block_len - 4
@@ -202,7 +223,9 @@ def _read_pcapng(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
                 iface, _, hi, lo, caplen = struct.unpack_from(order + "HHIII", buf, body)
                 data = body + 20
             if iface >= len(interfaces) or data + caplen > end:
-                col.rejects.append((offset, "truncated pcap record", f"packet block: interface {iface}, {caplen} bytes"))
+                col.rejects.append(
+                    (offset, "truncated pcap record", f"packet block: interface {iface}, {caplen} bytes")
+                )
                 continue
             linktype, ticks = interfaces[iface]
             ts = (hi << 32) | lo
@@ -210,7 +233,9 @@ def _read_pcapng(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
             decode.packet(col, buf, data, caplen, linktype, offset, ts_us)
         elif block_type == 3:  # simple packet block: interface 0, no time
             if not interfaces:
-                col.rejects.append((offset, "truncated pcap record", "simple packet block before any interface"))
+                col.rejects.append(
+                    (offset, "truncated pcap record", "simple packet block before any interface")
+                )
                 continue
             origlen = struct.unpack_from(order + "I", buf, body)[0]
             caplen = min(origlen, end - body - 4)
@@ -228,7 +253,7 @@ def _tsresol(buf: bytes, pos: int, end: int, order: str) -> int:
             break
         if code == 9 and length >= 1:
             value = buf[pos + 4]
-            return 2 ** (value & 0x7F) if value & 0x80 else 10 ** value
+            return 2 ** (value & 0x7F) if value & 0x80 else 10**value
         pos += 4 + ((length + 3) & ~3)
     return 1_000_000
 
@@ -244,8 +269,9 @@ class _LinkDecoder:
     def __init__(self) -> None:
         self.addr_text: dict[bytes, str] = {}
 
-    def packet(self, col: _Collector, buf: bytes, start: int, caplen: int, linktype: int, offset: int,
-               ts_us: int) -> None:
+    def packet(
+        self, col: _Collector, buf: bytes, start: int, caplen: int, linktype: int, offset: int, ts_us: int
+    ) -> None:
         end = start + caplen
         pos = start
         if linktype == LINK_ETHERNET:
@@ -292,14 +318,14 @@ class _LinkDecoder:
             if _U16.unpack_from(buf, pos + 6)[0] & 0x3FFF:  # more-fragments flag or fragment offset
                 col.rejects.append((offset, "ip fragment", "fragmented datagrams are not reassembled"))
                 return
-            src = buf[pos + 12: pos + 16]
+            src = buf[pos + 12 : pos + 16]
             pos += ihl
         elif ethertype == 0x86DD:
             if end - pos < 40:
                 col.rejects.append((offset, "truncated packet", "IPv6 header cut short"))
                 return
             next_header = buf[pos + 6]
-            src = buf[pos + 8: pos + 24]
+            src = buf[pos + 8 : pos + 24]
             pos += 40
             while next_header in IPV6_EXTENSION_HEADERS or next_header == IPV6_AUTH:
                 if pos + 2 > end:
@@ -323,13 +349,18 @@ class _LinkDecoder:
             return
         _, dst_port, udp_len = _UDP.unpack_from(buf, pos)
         if udp_len < 8 or pos + udp_len > end:
-            col.rejects.append((offset, "truncated packet",
-                                f"UDP length {udp_len}, {end - pos} bytes captured (snap length too small?)"))
+            col.rejects.append(
+                (
+                    offset,
+                    "truncated packet",
+                    f"UDP length {udp_len}, {end - pos} bytes captured (snap length too small?)",
+                )
+            )
             return
         exporter = self.addr_text.get(src)
         if exporter is None:
             exporter = self.addr_text[src] = str(ipaddress.ip_address(bytes(src)))
-        payload = memoryview(buf)[pos + 8: pos + udp_len]
+        payload = memoryview(buf)[pos + 8 : pos + udp_len]
         col.payloads.append(payload)
         col.exporters.append(exporter)
         col.ts.append(ts_us)
