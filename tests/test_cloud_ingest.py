@@ -208,3 +208,24 @@ def test_opennebula_log_paired_with_a_given_xml_by_vm_id(tmp_path):
     report = ingest_vm_files(lake, [xml, log], tz="Europe/Berlin")
     assert [r.source for r in report.results] == [f"{log}+vm42-show.xml"]
     assert report.leases == 6 and report.vms == 1
+
+
+def test_grown_or_resent_file_adds_only_new_events(tmp_path):
+    """A listener's dump grows (and at-least-once delivery re-sends messages): only news land in vm_events."""
+    lines = STORY.read_text().splitlines()
+    dump = tmp_path / "notifications.jsonl"
+    dump.write_text("\n".join(lines[:10]) + "\n")
+    lake = Lake(tmp_path / "lake")
+    assert ingest_vm_files(lake, [dump]).rows == 10
+    dump.write_text("\n".join(lines) + "\n")
+    resent = tmp_path / "resent.jsonl"
+    resent.write_text("\n".join(lines[3:5] + lines[3:5]) + "\n")
+    report = ingest_vm_files(lake, [dump, resent])
+    assert [r.rows for r in report.results] == [6, 0]
+    assert lake.read("vm_events").num_rows == 16
+    # OpenNebula logs have no message ids: content decides
+    one = tmp_path / "42.log"
+    one.write_text("\n".join((DATA / "opennebula" / "42.log").read_text().splitlines()[:11]) + "\n")
+    assert ingest_vm_files(lake, [one]).rows == 5
+    one.write_text((DATA / "opennebula" / "42.log").read_text())
+    assert ingest_vm_files(lake, [one]).rows == 5

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
@@ -36,6 +38,7 @@ class VmIngestReport:
     attribution: dict[str, Any] | None = None  # what attribution.attribute_flows returned, if it ran
     attributed: int | None = None  # syslog: lines attributed to a VM
     logs_reattributed: int = 0  # vm_logs files rewritten because their lines' VM changed
+    duplicates: int = 0  # events already in the lake (re-sent, or a file that grew), not written again
 
     @property
     def rows(self) -> int:
@@ -54,7 +57,8 @@ class VmIngestReport:
         """3 partial: some lines rejected, the rest landed; 4 failed: every line rejected, nothing landed."""
         if not self.rejects:
             return EXIT_OK
-        return EXIT_FAILED if self.rows == 0 and self.skipped == 0 else EXIT_PARTIAL
+        nothing = self.rows == 0 and self.skipped == 0 and self.duplicates == 0
+        return EXIT_FAILED if nothing else EXIT_PARTIAL
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +69,7 @@ class VmIngestReport:
             "rows": self.rows,
             "rejects": self.rejects,
             "skipped": self.skipped,
+            "duplicates": self.duplicates,
             "leases": self.leases,
             "vms": self.vms,
             "touched_days": self.touched_days,
@@ -147,6 +152,9 @@ def ingest_vm_files(
     report = VmIngestReport()
     pairs, consumed = _opennebula_pairs(files) if fmt in ("auto", "opennebula") else ([], set())
     paired_logs = {log for log, _ in pairs}
+    seen: set[str] | None = (
+        None  # keys of the events already in the lake: a grown or re-sent file adds only news
+    )
     for path in files:
         if path.resolve() in consumed and path not in paired_logs:
             continue  # an OpenNebula XML read together with its log
@@ -167,6 +175,14 @@ def ingest_vm_files(
         events, rejects = parse_cloud_text(
             text, str(path), fmt=file_fmt, cloud=cloud, tz=zone, xml_text=xml_text
         )
+        if seen is None:
+            seen = set(event_keys(lake.read("vm_events")).to_list())
+        keys = event_keys(events)
+        fresh = ~keys.is_in(pl.Series(list(seen), dtype=pl.String).implode()) & keys.is_first_distinct()
+        duplicates = events.num_rows - int(fresh.sum())
+        report.duplicates += duplicates
+        events = events.filter(pa.array(fresh.to_list()))
+        seen.update(keys.filter(fresh).to_list())
         result = ingest_table(
             lake,
             "vm_events",
@@ -174,7 +190,7 @@ def ingest_vm_files(
             content_hash,
             [events],
             [rejects],
-            stats={"format": file_fmt, "events": events.num_rows},
+            stats={"format": file_fmt, "events": events.num_rows, "duplicates": duplicates},
         )
         report.results.append(result)
     if report.rows or reclaim_interval is not None or not lake.files("vm_leases"):
@@ -189,6 +205,31 @@ def ingest_vm_files(
     report.leases = len(lake.read("vm_leases", columns=["addr"]))
     report.vms = len(lake.read("vms", columns=["vm_id"]))
     return report
+
+
+_KEY_COLUMNS = ("cloud", "vm_id", "event_type", "action", "state", "addr", "port_id", "resource_id")
+
+
+def event_keys(events: pa.Table) -> pl.Series:
+    """One key per event for de-duplication across sources: its message id, else its content (what the
+    lease builder de-duplicates on too)."""
+    frame = pl.from_arrow(events.select(["ts", "event_id", "addrs", *_KEY_COLUMNS]))
+    assert isinstance(frame, pl.DataFrame)
+    content = pl.concat_str(
+        [
+            pl.col("ts").dt.epoch("us").cast(pl.String),
+            pl.col("addrs").list.join(",").fill_null("~"),
+            *[pl.col(c).fill_null("~") for c in _KEY_COLUMNS],
+        ],
+        separator="\x1f",
+    )
+    keys = frame.select(
+        pl.when(pl.col("event_id").is_not_null())
+        .then(pl.lit("id:") + pl.col("event_id"))
+        .otherwise(pl.lit("content:") + content)
+        .alias("key")
+    )
+    return keys.get_column("key")
 
 
 def _attribute(lake: Lake, days: set[str]) -> dict[str, Any] | None:
