@@ -157,6 +157,8 @@ def _print_vm_report(report: Any, output: OutputFormat, title: str, lake: Path) 
                           str(r.rejects))
         out.print(table)
         summary = f"{report.rows} rows, {report.rejects} rejects, {report.skipped} sources skipped; "
+        if report.duplicates:
+            summary += f"{report.duplicates} events already in the lake; "
         if report.attributed is not None:
             summary += f"{report.attributed} lines attributed to a VM"
         else:
