@@ -623,6 +623,15 @@ def test_ipfix_ipv6_template_addresses():
 # ---- bad input: rejects, never an exception -------------------------------------------------------------------
 _GOOD_TEMPLATE = flowset(0, template_record(256, [(8, 4), (12, 4)]))
 MALFORMED = {
+    "time beyond 2100": (
+        ipfix_message(
+            flowset(2, template_record(310, [(8, 4), (12, 4), (152, 8), (153, 8)])),
+            flowset(
+                310, pack_values([(8, 4), (12, 4), (152, 8), (153, 8)], {8: 1, 12: 2, 152: 2**62, 153: 2**62})
+            ),
+        ),
+        "bad time",
+    ),
     "empty": (b"", "not netflow"),
     "unknown version": (struct.pack(">HH", 8, 1) + b"\0" * 40, "not netflow"),
     "v5 header cut": (struct.pack(">HH", 5, 1) + b"\0" * 10, "truncated datagram"),

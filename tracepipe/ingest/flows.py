@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
+from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
 from tracepipe.ingest.netflow import DecoderState, decode_datagrams, flush_pending, merge_stats
 from tracepipe.ingest.pcap import PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
 from tracepipe.lake import Lake, hash_file
@@ -105,7 +105,21 @@ def ingest_flow_files(lake: Lake, paths: list[Path], progress: Progress | None =
         if not path.is_file():
             summary.files.append(FileResult(str(path), "missing", "missing", message="no such file"))
             continue
-        result = _ingest_one(lake, path, state, summary, progress)
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:  # unreadable (permissions): this file fails, the others go on
+            summary.files.append(
+                FileResult(str(path), "unknown", "missing", message=f"cannot read: {exc.strerror}")
+            )
+            continue
+        try:
+            result = _ingest_one(lake, path, state, summary, progress)
+        except OSError as exc:  # the lake side: a directory or temp file that cannot be written
+            raise LakeError(
+                f"cannot write flows of {path} into {lake.root}: {exc}. Check that the lake is writable and has "
+                "free space."
+            ) from exc
         summary.files.append(result)
     summary.attributed = _attribute(lake, summary.days)
     return summary

@@ -75,6 +75,7 @@ VARIABLE_LENGTH = 65535
 ENTERPRISE_BIT = 0x8000
 NTP_UNIX_OFFSET_S = 2_208_988_800  # seconds from 1900-01-01 to 1970-01-01
 WRAP = 1 << 32  # sysUptime is a 32-bit ms counter: wraps after 49.7 days
+MAX_TIME_MS = 4_102_444_800_000  # 2100-01-01: flow times beyond are garbage
 MAX_PENDING_FLOWSETS = 20_000  # data waiting for a template, per state; beyond: rejected at once
 
 # v1/v5/v7 fixed layouts (header length, record length, max records, record fields as (role, offset, dtype))
@@ -1097,7 +1098,21 @@ def _decode_group(
             pa.array(np.zeros(total, dtype=np.int32)), pa.array([batch.source], pa.string())
         ),
     }
-    per_exporter = np.bincount(exporter_ids, minlength=len(batch.exporters))
+    # times a lake partition cannot hold (before 1970, after 2100: garbage or a lying exporter) are rejects
+    sane = (start_ms >= 0) & (start_ms < MAX_TIME_MS) & (end_ms >= 0) & (end_ms < MAX_TIME_MS)
+    all_sane = bool(sane.all())
+    if not all_sane:
+        for exporter_idx in np.unique(exporter_ids[~sane]):
+            n = int(np.count_nonzero(~sane & (exporter_ids == exporter_idx)))
+            batch.reject(
+                None,
+                batch.exporters[int(exporter_idx)],
+                "bad time",
+                f"{n} records with a start or end before 1970 or after 2100",
+            )
+    per_exporter = np.bincount(
+        exporter_ids[sane] if not all_sane else exporter_ids, minlength=len(batch.exporters)
+    )
     for exporter_idx in np.flatnonzero(per_exporter):
         batch.stat(batch.exporters[int(exporter_idx)])["flows"] += int(per_exporter[exporter_idx])
     arrays = []
@@ -1108,7 +1123,8 @@ def _decode_group(
         elif f.type == TEXT_DICTIONARY:
             array = _text(array)
         arrays.append(array)
-    return pa.Table.from_arrays(arrays, schema=FLOWS_TEXT_DICTIONARY)
+    table = pa.Table.from_arrays(arrays, schema=FLOWS_TEXT_DICTIONARY)
+    return table if all_sane else table.filter(pa.array(sane))
 
 
 def _times(tpl: Template, arr: np.ndarray, c: _PerRecord) -> tuple[np.ndarray, np.ndarray]:
