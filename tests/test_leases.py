@@ -145,6 +145,21 @@ def test_reclaim_after_soft_delete_ends_quarantine_at_reclaim_window():
     assert rows(leases)[0][2:] == (utc(1, 0), utc(2, 0, day=19), "delete", "deleted", utc(2, 0, day=19))
 
 
+def test_delete_before_the_reclaim_window_ends_ends_the_quarantine_then():
+    """Regression (reported from the demo story): soft delete 09:50, instance.delete.end 10:20 (a force delete,
+    which Nova reports as instance.delete.*): the image is gone at 10:20, not kept until soft delete + 7 d."""
+    events = _events(
+        [
+            {"ts": utc(9, 0), "vm_id": "a", "action": "create", "addrs": ["10.0.0.5"]},
+            {"ts": utc(9, 50), "vm_id": "a", "action": "soft_delete", "addrs": ["10.0.0.5"]},
+            {"ts": utc(10, 20), "vm_id": "a", "action": "delete", "addrs": []},
+        ]
+    )
+    leases, vms = build_leases(events, SEVEN_DAYS)
+    assert rows(leases)[0][2:] == (utc(9, 0), utc(10, 20), "delete", "deleted", utc(10, 20))
+    assert vms.column("quarantine_until").to_pylist() == [utc(10, 20)]
+
+
 def test_live_migration_splits_lease_per_hypervisor():
     events = _events(
         [

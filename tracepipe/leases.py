@@ -11,8 +11,9 @@ The deletion and quarantine model (README, "VM lifecycle: tracepipe ingest vm"),
                   quarantine_until = soft-delete time + Q (when Nova's periodic task reclaims it).
   restore         status active again, quarantine cleared.
   delete          all leases close (end_reason delete), status deleted, deleted_at = the delete's time;
-                  quarantine_until = deleted_at + Q, or, when the VM was soft-deleted until then (Nova reclaim),
-                  the end of that reclaim window.
+                  quarantine_until = deleted_at + Q; when the VM was soft-deleted until then (Nova's reclaim,
+                  or a force delete, which Nova also reports as instance.delete.*), the image was kept until
+                  then: min(soft-delete time + Q, deleted_at).
   force_delete    as delete, end_reason force_delete; nothing is kept: quarantine_until null.
 Whether a quarantine is over is a question for query time (quarantine_until < now); leases stay pure.
 """
@@ -239,7 +240,9 @@ class _Replay:
         if action == "force_delete" or self.reclaim is None:
             vm.quarantine_until = None
         elif vm.soft_deleted_at is not None:
-            vm.quarantine_until = vm.soft_deleted_at + self.reclaim  # Nova reclaimed the soft-deleted VM
+            # Nova's reclaim at the window's end, or an earlier force delete (Nova sends instance.delete.* for
+            # both): either way the image was kept until this delete at the latest
+            vm.quarantine_until = min(vm.soft_deleted_at + self.reclaim, ts)
         else:
             vm.quarantine_until = ts + self.reclaim
 
