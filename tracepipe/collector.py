@@ -23,12 +23,13 @@ import ipaddress
 import json
 import logging
 import math
-import multiprocessing
 import os
 import re
 import select
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -505,8 +506,10 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def committer_main(spool: str, lake_root: str, keep: bool, stop: Any, parent: int, level: int) -> None:
-    """Entry point of the committer process: commit closed segments until `stop` is set and none is left."""
+def committer_main(spool: str, lake_root: str, keep: bool, parent: int, level: int) -> int:
+    """The committer process (`python -m tracepipe.collector SPOOL LAKE KEEP PARENT LEVEL`): commit closed
+    segments until its stdin reaches end-of-file (the collector asks it to finish) and none is left.
+    Returns the exit code: 0, or 4 when the lake refused the last commits."""
     from tracepipe.lake import Lake
 
     _die_with_parent(parent)
@@ -523,19 +526,28 @@ def committer_main(spool: str, lake_root: str, keep: bool, stop: Any, parent: in
     lake = Lake(lake_root)
     totals: dict[str, Any] = {"started_at": time.time()}
     sp.write_json_atomic(spool_dir / COMMITTER_STATS, totals, durable=False)
+    stdin = sys.stdin.fileno()
+    finishing = False
+
+    def wait(seconds: float) -> bool:
+        """Sleep up to `seconds`; True once the collector closed our stdin (finish what is spooled, then exit)."""
+        if select.select([stdin], [], [], seconds)[0]:
+            return not os.read(stdin, 4096)  # end-of-file
+        return False
+
     while True:
-        finishing = stop.is_set()
+        finishing = finishing or wait(0)
         try:
             commit_pending(lake, spool_dir, keep, totals)
         except LakeError as exc:
             log.error("cannot commit to the lake, datagrams stay in the spool, retrying in 10 s: %s", exc)
             if finishing:
-                raise SystemExit(4) from exc
-            stop.wait(10)
+                return 4
+            finishing = wait(10)
             continue
         if finishing:
-            return
-        stop.wait(0.5)
+            return 0
+        finishing = wait(0.5)
 
 
 # ---- the collector (receive loop) -----------------------------------------------------------------------------
@@ -586,9 +598,7 @@ class Collector:
         self.stats = ReceiveStats()
         self.writer: sp.SegmentWriter | None = None
         self.serial = 0
-        self.committer: Any = None
-        self.committer_stop: Any = None
-        self.context = multiprocessing.get_context("spawn")
+        self.committer: subprocess.Popen | None = None
         self.started = time.time()
         self._lock_handle: Any = None
         self._last_status: dict[str, float] = {}
@@ -653,21 +663,19 @@ class Collector:
             )
 
     def _start_committer(self) -> None:
-        self.committer_stop = self.context.Event()
-        self.committer = self.context.Process(
-            target=committer_main,
-            name="tracepipe-committer",
-            args=(
-                str(self.spool),
-                str(self.config.lake),
-                self.config.keep_segments,
-                self.committer_stop,
-                os.getpid(),
-                log.getEffectiveLevel(),
-            ),
-            daemon=False,
-        )
-        self.committer.start()
+        """A separate process (`python -m tracepipe.collector`): decoding never competes with the receive loop
+        for the GIL, and it imports only what it needs. Closing its stdin asks it to finish."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "tracepipe.collector",
+            str(self.spool),
+            str(self.config.lake),
+            "1" if self.config.keep_segments else "0",
+            str(os.getpid()),
+            str(log.getEffectiveLevel()),
+        ]
+        self.committer = subprocess.Popen(cmd, stdin=subprocess.PIPE, close_fds=True)
 
     def _new_segment(self) -> None:
         # the directory scan once at start; afterwards only this process creates segments
@@ -825,8 +833,8 @@ class Collector:
                 if time.monotonic() >= next_status:
                     self.log_status(self.status())
                     next_status = time.monotonic() + self.config.status_s
-                if not self.committer.is_alive():
-                    log.error("the committer exited (code %s); restarting it", self.committer.exitcode)
+                if self.committer.poll() is not None:
+                    log.error("the committer exited (code %s); restarting it", self.committer.returncode)
                     self._start_committer()
             # stop: take what the kernel already holds, then close the segment and let the committer drain
             for receiver in self.receivers:
@@ -839,29 +847,36 @@ class Collector:
             assert self.writer is not None
             self.writer.close()
             self.writer = None
-            self.committer_stop.set()
-            while self.committer.is_alive() and self.stop_requested < 2:
-                self.committer.join(0.2)
-            if self.committer.is_alive():
+            self.committer.stdin.close()  # finish what is spooled, then exit
+            while self.committer.poll() is None and self.stop_requested < 2:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.committer.wait(0.2)
+            if self.committer.poll() is None:
                 log.warning(
                     "second signal: not waiting for the committer; %d segment(s) stay spooled and are "
                     "committed at the next start",
                     len(sp.closed_segments(self.spool)),
                 )
                 self.committer.kill()
-                self.committer.join()
+                self.committer.wait()
             self.log_status(self.status(final=True))
-            return 0 if self.committer.exitcode == 0 else 4
+            return 0 if self.committer.returncode == 0 else 4
         finally:
             done.set()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             for sock in self.sockets:
                 sock.close()
-            if self.committer is not None and self.committer.is_alive():
+            if self.committer is not None and self.committer.poll() is None:
                 self.committer.kill()
+                self.committer.wait()
 
 
 def run_collector(config: CollectorConfig) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code (0 clean stop, 4 the lake could not take the spool)."""
     return Collector(config).run()
+
+
+if __name__ == "__main__":
+    _spool, _lake, _keep, _parent, _level = sys.argv[1:6]
+    sys.exit(committer_main(_spool, _lake, _keep == "1", int(_parent), int(_level)))
