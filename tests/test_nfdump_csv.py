@@ -233,3 +233,28 @@ def test_damaged_csv_gives_rows_or_rejects_never_an_exception(mutations):
     assert flows.num_rows + rejects.num_rows == len(data_lines)
     assert set(rejects.column("line").to_pylist()) <= touched
     assert flows.schema == FLOWS
+
+
+@pytest.mark.parametrize("block_size", [4096, 100_000, 1 << 24])
+def test_line_numbers_hold_across_batches(block_size):
+    """The reader streams in blocks; junk lines, blank lines and bad values anywhere in a long file keep their
+    own line numbers, and the Summary trailer is never a reject."""
+    lines = _sample_csv_lines(200)
+    header, body = lines[0], lines[1:]
+    data, bad = [header], []
+    for i in range(3000):
+        data.append(body[i % len(body)])
+        if i % 397 == 5:
+            data.append(b"junk,line")
+            bad.append(len(data))
+        if i % 511 == 7:
+            data.append(b"")
+        if i % 733 == 9:
+            fields = body[0].split(b",")
+            fields[3] = b"1.2.3.999"
+            data.append(b",".join(fields))
+            bad.append(len(data))
+    data += [b"Summary", b"flows,bytes,packets,avg_bps,avg_pps,avg_bpp", b"1,2,3,4,5,6"]
+    flows, rejects = parse_nfdump_csv(b"\n".join(data) + b"\n", "mem", block_size=block_size)
+    assert flows.num_rows == 3000
+    assert rejects.column("line").to_pylist() == bad

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -285,58 +285,48 @@ _NEEDED = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg", "ra"
 _CHECKED_FIELDS = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg", "ra", "in", "out")
 
 
-@dataclass
-class _Delimited:
-    """Rows of a delimited text with the expected width, their 1-based line numbers, and the lines that had
-    another width (line number, text)."""
+class _LineNumbers:
+    """1-based line numbers of the rows the CSV reader returns, from the lines it reported as invalid (which
+    it reports in file order, before the batch that follows them): valid row j sits on line
+    skip + 1 + j + #(invalid lines with fewer than j+1 valid rows before them)."""
 
-    table: pa.Table
-    line_numbers: pa.Array
-    invalid: list[tuple[int, str]]
+    def __init__(self, skip_rows: int) -> None:
+        self.skip = skip_rows
+        self.invalid: list[tuple[int, str]] = []
+        self.rows = 0  # valid rows numbered so far
 
+    def on_invalid(self, row) -> str:
+        self.invalid.append((row.number if row.number is not None else -1, row.text))
+        return "skip"
 
-def _read_text_rows(
-    source: pa.NativeFile | pa.Buffer, delimiter: str, columns: tuple[str, ...], skip_rows: int
-) -> _Delimited:
-    """_read_delimited, and when the text is not valid UTF-8 (a damaged file), again on a copy whose bad
-    bytes are replaced by U+FFFD: the lines with them are then rejected by the field checks, not the file."""
-    try:
-        return _read_delimited(source, delimiter, columns, skip_rows)
-    except pa.ArrowInvalid as exc:
-        # "invalid UTF8 data" from the converter, or "CSV parse error" when pyarrow could not even decode a
-        # malformed line for the invalid-row handler
-        if "UTF8" not in str(exc) and "CSV parse error" not in str(exc):
-            raise
-    if isinstance(source, pa.NativeFile):
-        source.seek(0)
-        raw = source.read()
-    else:
-        raw = source.to_pybytes()
-    cleaned = raw.decode("utf-8", errors="replace").encode("utf-8")
-    try:
-        return _read_delimited(pa.py_buffer(cleaned), delimiter, columns, skip_rows)
-    except pa.ArrowInvalid as exc:
-        raise InputError(f"cannot read this text as nfdump output: {exc}") from exc
+    def number(self, n: int) -> pa.Array:
+        lines = np.array([number for number, _ in self.invalid if number > 0], dtype=np.int64)
+        valid_before = lines - (self.skip + 1) - np.arange(len(lines), dtype=np.int64)
+        rows = np.arange(self.rows, self.rows + n, dtype=np.int64)
+        self.rows += n
+        return pa.array(self.skip + 1 + rows + np.searchsorted(valid_before, rows, side="right"))
 
 
-def _read_delimited(
-    source: pa.NativeFile | pa.Buffer,
+def _iter_rows(
+    source: pa.NativeFile | pa.Buffer | str,
     delimiter: str,
     columns: tuple[str, ...],
     skip_rows: int,
-) -> _Delimited:
-    """pyarrow's CSV reader, every value as text, only the columns we use. Lines of another width come back
-    through the invalid-row handler with their line numbers; the reader runs serially so that it knows them."""
-    invalid: list[tuple[int, str]] = []
-
-    def on_invalid(row) -> str:
-        invalid.append((row.number if row.number is not None else -1, row.text))
-        return "skip"
-
-    table = pacsv.read_csv(
+    block_size: int = 1 << 24,
+) -> Iterator[tuple[pa.Table, pa.Array, _LineNumbers]]:
+    """Stream a delimited text as batches of the columns we use (all as text) with their line numbers. Lines
+    of another width go to the invalid-row handler with their numbers (the reader runs serially so that it
+    knows them). Decoded as Latin-1: nfdump writes ASCII, and a damaged byte then only spoils its field
+    (rejected by the field checks) instead of stopping the reader."""
+    numbers = _LineNumbers(skip_rows)
+    reader = pacsv.open_csv(
         source,
         read_options=pacsv.ReadOptions(
-            column_names=list(columns), skip_rows=skip_rows, use_threads=False, block_size=1 << 24
+            column_names=list(columns),
+            skip_rows=skip_rows,
+            use_threads=False,
+            block_size=block_size,
+            encoding="latin-1",
         ),
         parse_options=pacsv.ParseOptions(
             delimiter=delimiter,
@@ -344,7 +334,7 @@ def _read_delimited(
             escape_char=False,
             newlines_in_values=False,
             ignore_empty_lines=False,
-            invalid_row_handler=on_invalid,
+            invalid_row_handler=numbers.on_invalid,
         ),
         convert_options=pacsv.ConvertOptions(
             column_types={c: pa.string() for c in _NEEDED},
@@ -352,43 +342,63 @@ def _read_delimited(
             strings_can_be_null=False,
         ),
     )
-    # line numbers of the good rows: every line after the skipped ones that the handler did not report
-    bad = np.array(sorted(number for number, _ in invalid if number > 0), dtype=np.int64)
-    total = skip_rows + table.num_rows + len(invalid)
-    numbers = np.setdiff1d(np.arange(skip_rows + 1, total + 1, dtype=np.int64), bad, assume_unique=True)
-    if len(numbers) != table.num_rows:  # reader could not number a row: keep the order, drop the numbers
-        line_numbers = pa.nulls(table.num_rows, pa.int64())
-    else:
-        line_numbers = pa.array(numbers)
-    return _Delimited(table.combine_chunks(), line_numbers, invalid)
+    for batch in reader:
+        if batch.num_rows:
+            yield pa.Table.from_batches([batch]), numbers.number(batch.num_rows), numbers
+    yield (
+        FLOWS.empty_table().select([]),
+        pa.array([], pa.int64()),
+        numbers,
+    )  # the invalid lines after the last batch
 
 
-def _to_flows(
-    rows: _Delimited, width: int, source: str, tz: str, trailer: str | None
-) -> tuple[pa.Table, pa.Table]:
-    """Parsed rows -> (FLOWS, rejects). Blank lines and everything from the `trailer` line on are not data."""
-    fields = {name: rows.table.column(name) for name in _NEEDED}
-    blank = pc.and_(pc.equal(_trim(fields["ts"]), ""), pc.equal(_trim(fields["sa"]), ""))
-    flows, valid, reason, detail = _flows_from_columns(fields, source, tz)
-    trailer_from = (
-        min((n for n, text in rows.invalid if text.strip() == trailer), default=None) if trailer else None
-    )
-    numbers = [n for n, text in rows.invalid if text.strip() and (trailer_from is None or n < trailer_from)]
-    texts = [text for n, text in rows.invalid if text.strip() and (trailer_from is None or n < trailer_from)]
-    bad = pc.and_(pc.invert(valid), pc.invert(blank))
-    rejects = pa.concat_tables(
-        [
-            _rejects(
-                pa.array(numbers, pa.int64()),
-                pa.array(texts, pa.string()),
-                pa.array([f"expected {width} fields"] * len(numbers), pa.string()),
-                source,
-            ),
-            _rejects(rows.line_numbers.filter(bad), detail.filter(bad), reason.filter(bad), source),
-        ]
-    )
-    flows = flows.filter(valid)
-    return pa.Table.from_arrays([flows.column(f.name) for f in FLOWS], schema=FLOWS), rejects.sort_by("line")
+def _iter_flows(
+    source: pa.NativeFile | pa.Buffer | str,
+    delimiter: str,
+    columns: tuple[str, ...],
+    skip_rows: int,
+    name: str,
+    tz: str,
+    trailer: str | None,
+    block_size: int = 1 << 24,
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """Batches of (FLOWS, rejects). Blank lines and everything from the `trailer` line on are not data."""
+    reported = 0
+    trailer_from: int | None = None
+    for table, line_numbers, numbers in _iter_rows(source, delimiter, columns, skip_rows, block_size):
+        parts: list[pa.Table] = []
+        # invalid lines up to this batch's last line (the reader may already have reported later ones)
+        last = pc.max(line_numbers).as_py() if len(line_numbers) else None
+        fresh = [entry for entry in numbers.invalid[reported:] if last is None or entry[0] <= last]
+        reported += len(fresh)
+        kept = []
+        for number, text in fresh:
+            if trailer is not None and trailer_from is None and text.strip() == trailer:
+                trailer_from = number
+            if text.strip() and trailer_from is None:
+                kept.append((number, text))
+        if kept:
+            parts.append(
+                _rejects(
+                    pa.array([n for n, _ in kept], pa.int64()),
+                    pa.array([t for _, t in kept], pa.string()),
+                    pa.array([f"expected {len(columns)} fields"] * len(kept), pa.string()),
+                    name,
+                )
+            )
+        if table.num_rows == 0:
+            flows = FLOWS.empty_table()
+        else:
+            fields = {field: table.column(field) for field in _NEEDED}
+            blank = pc.and_(pc.equal(_trim(fields["ts"]), ""), pc.equal(_trim(fields["sa"]), ""))
+            flows, valid, reason, detail = _flows_from_columns(fields, name, tz)
+            bad = pc.and_(pc.invert(valid), pc.invert(blank))
+            if pc.any(bad).as_py():
+                parts.append(_rejects(line_numbers.filter(bad), detail.filter(bad), reason.filter(bad), name))
+            flows = flows.filter(valid)
+            flows = pa.Table.from_arrays([flows.column(f.name) for f in FLOWS], schema=FLOWS)
+        rejects = pa.concat_tables(parts).sort_by("line") if parts else empty_rejects()
+        yield flows, rejects
 
 
 def _rejects(line_numbers: pa.Array, lines: pa.Array, reasons: pa.Array, source: str) -> pa.Table:
@@ -410,50 +420,70 @@ def empty_rejects() -> pa.Table:
 # ---- the readers ---------------------------------------------------------------------------------------------
 
 
-def _parse_csv(
-    source: pa.NativeFile | pa.Buffer, first_line: bytes, name: str, tz: str
-) -> tuple[pa.Table, pa.Table]:
+def _csv_layout(first_line: bytes) -> tuple[tuple[str, ...], int, list[str]]:
+    """(column names, header lines to skip, needed columns the header lacks) from the first line."""
     first = first_line.rstrip(b"\r\n")
-    has_header = first.startswith(b"ts,te,")  # nfdump writes it unless -q
-    columns = tuple(first.decode(errors="replace").split(",")) if has_header else CSV_COLUMNS
+    if not first.startswith(b"ts,te,"):  # nfdump writes the header unless -q
+        return CSV_COLUMNS, 0, []
+    columns = tuple(first.decode("latin-1").split(","))
     missing = sorted(c for c in _NEEDED if c not in columns)
-    if missing:  # not nfdump's CSV layout: nothing can be read, say so at the header line
-        return FLOWS.empty_table(), _rejects(
-            pa.array([1], pa.int64()),
-            pa.array([first.decode(errors="replace")]),
-            pa.array([f"header lacks {', '.join(missing)}"]),
-            name,
-        )
     if len(set(columns)) != len(columns):
         columns = tuple(f"{c}#{i}" if c not in _NEEDED else c for i, c in enumerate(columns))
-    rows = _read_text_rows(source, ",", columns, 1 if has_header else 0)
-    return _to_flows(rows, len(columns), name, tz, trailer="Summary")
+    return columns, 1, missing
 
 
-def parse_nfdump_csv(data: bytes, source: str, tz: str = "UTC") -> tuple[pa.Table, pa.Table]:
-    """Text of `nfdump -o csv` -> (flows in schema.FLOWS, rejects with 1-based line numbers). Pure."""
+def _iter_csv(
+    source: pa.NativeFile | pa.Buffer | str, first_line: bytes, name: str, tz: str, block_size: int = 1 << 24
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    columns, skip, missing = _csv_layout(first_line)
+    if missing:  # not nfdump's CSV layout: nothing can be read, say so at the header line
+        header = first_line.rstrip(b"\r\n").decode("latin-1")
+        reason = f"header lacks {', '.join(missing)}"
+        yield FLOWS.empty_table(), _rejects(pa.array([1]), pa.array([header]), pa.array([reason]), name)
+        return
+    yield from _iter_flows(source, ",", columns, skip, name, tz, trailer="Summary", block_size=block_size)
+
+
+def _collect(batches: Iterator[tuple[pa.Table, pa.Table]]) -> tuple[pa.Table, pa.Table]:
+    flows, rejects = [FLOWS.empty_table()], [empty_rejects()]
+    for batch_flows, batch_rejects in batches:
+        flows.append(batch_flows)
+        rejects.append(batch_rejects)
+    return pa.concat_tables(flows), pa.concat_tables(rejects)
+
+
+def parse_nfdump_csv(
+    data: bytes, source: str, tz: str = "UTC", block_size: int = 1 << 24
+) -> tuple[pa.Table, pa.Table]:
+    """Text of `nfdump -o csv` -> (flows in schema.FLOWS, rejects with 1-based line numbers). Pure.
+    `block_size`: bytes of text per batch (the reader's unit; line numbers hold across batches)."""
     if not data.strip():
         return FLOWS.empty_table(), empty_rejects()
-    return _parse_csv(pa.py_buffer(data), data.split(b"\n", 1)[0], source, tz)
+    return _collect(_iter_csv(pa.py_buffer(data), data.split(b"\n", 1)[0], source, tz, block_size))
 
 
-def read_nfdump_csv(path: Path | str, tz: str = "UTC") -> tuple[pa.Table, pa.Table]:
-    """A file written by `nfdump -o csv` -> (flows in schema.FLOWS, rejects with line numbers).
+def iter_nfdump_csv(path: Path | str, tz: str = "UTC") -> Iterator[tuple[pa.Table, pa.Table]]:
+    """A file written by `nfdump -o csv`, streamed: batches of (flows in schema.FLOWS, rejects with line
+    numbers), ~16 MB of text each, so memory stays flat however big the file.
 
     `tz`: the time zone nfdump ran in (it prints local time); default UTC. Malformed lines become rejects
-    (line number, reason), every other line lands. The file is memory-mapped, not read into Python.
+    (line number, reason, detail), every other line lands.
     """
     path = Path(path)
     try:
         with open(path, "rb") as handle:
             first_line = handle.readline()
-            rest = handle.read(1)
-        if not first_line.strip() and not rest:
-            return FLOWS.empty_table(), empty_rejects()
-        with pa.memory_map(str(path)) as mapped:
-            return _parse_csv(mapped, first_line, str(path), tz)
+            more = handle.read(1)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc}") from exc
+    if not first_line.strip() and not more:
+        return
+    yield from _iter_csv(str(path), first_line, str(path), tz)
+
+
+def read_nfdump_csv(path: Path | str, tz: str = "UTC") -> tuple[pa.Table, pa.Table]:
+    """iter_nfdump_csv, collected into one (flows, rejects) pair."""
+    return _collect(iter_nfdump_csv(path, tz))
 
 
 def read_nfcapd(path: Path | str, timeout: float = 300.0) -> tuple[pa.Table, pa.Table]:
@@ -489,5 +519,6 @@ def read_nfcapd(path: Path | str, timeout: float = 300.0) -> tuple[pa.Table, pa.
         )
     if not proc.stdout.strip():
         return FLOWS.empty_table(), empty_rejects()
-    rows = _read_text_rows(pa.py_buffer(proc.stdout), "|", _FMT_COLUMNS, 0)
-    return _to_flows(rows, len(_FMT_COLUMNS), str(path), "UTC", trailer=None)
+    return _collect(
+        _iter_flows(pa.py_buffer(proc.stdout), "|", _FMT_COLUMNS, 0, str(path), "UTC", trailer=None)
+    )
