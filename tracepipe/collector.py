@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from tracepipe import spool as sp
-from tracepipe.errors import EnvironmentProblem, LakeError, UsageError
+from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EnvironmentProblem, LakeError, UsageError
 
 log = logging.getLogger("tracepipe.collect")
 
@@ -860,7 +860,9 @@ class Collector:
                 self.committer.kill()
                 self.committer.wait()
             self.log_status(self.status(final=True))
-            return 0 if self.committer.returncode == 0 else 4
+            if self.stop_requested >= 2 and self.committer.returncode != 0:
+                return EXIT_PARTIAL  # stopped before everything was committed; the spool keeps the rest
+            return EXIT_OK if self.committer.returncode == 0 else EXIT_FAILED
         finally:
             done.set()
             for sig, handler in previous.items():
@@ -873,7 +875,8 @@ class Collector:
 
 
 def run_collector(config: CollectorConfig) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit code (0 clean stop, 4 the lake could not take the spool)."""
+    """Run until SIGTERM/SIGINT; returns the exit code: 0 clean stop, everything committed; 3 a second signal
+    stopped it before the committer finished (the rest stays spooled for the next start); 4 the lake refused."""
     return Collector(config).run()
 
 
