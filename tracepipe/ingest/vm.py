@@ -151,14 +151,12 @@ def ingest_vm_files(
     files = expand_paths(paths)
     report = VmIngestReport()
     pairs, consumed = _opennebula_pairs(files) if fmt in ("auto", "opennebula") else ([], set())
-    paired_logs = {log for log, _ in pairs}
-    seen: set[str] | None = (
-        None  # keys of the events already in the lake: a grown or re-sent file adds only news
-    )
+    partners = dict(pairs)
+    seen: set[str] | None = None  # keys of the events in the lake: a grown or re-sent file adds only news
     for path in files:
-        if path.resolve() in consumed and path not in paired_logs:
+        if path.resolve() in consumed and path not in partners:
             continue  # an OpenNebula XML read together with its log
-        partner = next((xml for log, xml in pairs if log == path), None)
+        partner = partners.get(path)
         source = str(path)
         content_hash = hash_file(path)
         if partner is not None:
@@ -177,12 +175,8 @@ def ingest_vm_files(
         )
         if seen is None:
             seen = set(event_keys(lake.read("vm_events")).to_list())
-        keys = event_keys(events)
-        fresh = ~keys.is_in(pl.Series(list(seen), dtype=pl.String).implode()) & keys.is_first_distinct()
-        duplicates = events.num_rows - int(fresh.sum())
+        events, duplicates = _drop_known(events, seen)
         report.duplicates += duplicates
-        events = events.filter(pa.array(fresh.to_list()))
-        seen.update(keys.filter(fresh).to_list())
         result = ingest_table(
             lake,
             "vm_events",
@@ -208,6 +202,14 @@ def ingest_vm_files(
 
 
 _KEY_COLUMNS = ("cloud", "vm_id", "event_type", "action", "state", "addr", "port_id", "resource_id")
+
+
+def _drop_known(events: pa.Table, seen: set[str]) -> tuple[pa.Table, int]:
+    """Events whose key is not in `seen` (first of repeats within the table); `seen` learns the new keys."""
+    keys = event_keys(events)
+    fresh = ~keys.is_in(pl.Series(list(seen), dtype=pl.String).implode()) & keys.is_first_distinct()
+    seen.update(keys.filter(fresh).to_list())
+    return events.filter(fresh.to_arrow()), events.num_rows - int(fresh.sum())
 
 
 def event_keys(events: pa.Table) -> pl.Series:
