@@ -363,6 +363,25 @@ def test_kill_9_then_restart_lands_every_spooled_datagram_exactly_once(tmp_path)
     assert late and all(landed[sent[d][0]] == 1 for d in late)
 
 
+def test_second_signal_stops_at_once_and_the_next_start_commits_the_rest(tmp_path):
+    lake = tmp_path / "lake"
+    run = start_collector(tmp_path, lake, "--rotate", "1h")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for i in range(200):
+            sock.sendto(v5_datagram(i, [(f"10.3.{i // 100}.{i % 100}", 9)]), run.addr("4"))
+    time.sleep(0.3)
+    run.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    run.proc.send_signal(signal.SIGINT)
+    code = run.proc.wait(60)
+    spooled = list((lake / "_spool").glob("seg-*.spool"))
+    # 3: stopped before the committer finished (the segment stays spooled); 0: it was already done
+    assert (code, len(spooled)) in ((3, 1), (0, 0)), run.stderr.read_text()
+    run = start_collector(tmp_path, lake, "--rotate", "1h")
+    assert stop_collector(run) == 0, run.stderr.read_text()
+    assert sorted(flow_keys(lake_flows(lake)).values()) == [1] * 200
+
+
 def test_recovery_cuts_a_torn_tail_block_and_counts_it(tmp_path):
     """A kill in the middle of a write leaves half a block: recovery truncates to the last complete block before
     hashing (so the segment has one content), the complete datagrams land, the cut is a reject row."""
