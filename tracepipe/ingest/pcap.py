@@ -142,41 +142,123 @@ def _read_pcap(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
     order, nanos = PCAP_MAGIC[magic]
     linktype = struct.unpack_from(order + "I", reader.buf, 20)[0] & 0xFFFF
     reader.pos = 24
-    record = struct.Struct(order + "IIII")
+    caplen_at = struct.Struct(order + "I").unpack_from
     col = _Collector()
     decode = _LinkDecoder()
     divisor = 1000 if nanos else 1
     while True:
+        # every complete record in the buffer: the walk over record lengths is the only per-packet Python
+        buf, pos, end = reader.buf, reader.pos, len(reader.buf)
+        records: list[int] = []
+        corrupt = None
+        while pos + 16 <= end:
+            caplen = caplen_at(buf, pos + 8)[0]
+            if caplen > 0x4000000:  # 64 MiB: no real packet is that large; the file is corrupt from here
+                corrupt = (reader.base + pos, "truncated pcap record", f"record claims {caplen} bytes")
+                break
+            if pos + 16 + caplen > end:
+                break
+            records.append(pos)
+            pos += 16 + caplen
+        done = 0
+        while done < len(records):
+            room = max(1, batch_datagrams - len(col.payloads))
+            part = records[done : done + room]
+            done += len(part)
+            _packets(col, decode, buf, reader.base, part, linktype, order == ">", divisor)
+            if len(col.payloads) >= batch_datagrams or col.nbytes >= BATCH_BYTES:
+                yield col.flush(reader.base + (part[-1] if done < len(records) else pos))
+        reader.pos = pos
+        if corrupt is not None:
+            col.rejects.append(corrupt)
+            break
+        # a partial record (or nothing) is left: read on
         if not reader.need(16):
             if reader.pos < len(reader.buf):
+                left = len(reader.buf) - reader.pos
                 col.rejects.append(
                     (
                         reader.offset,
                         "truncated pcap record",
-                        f"{len(reader.buf) - reader.pos} bytes of a record header at end of file",
+                        f"{left} bytes of a record header at end of file",
                     )
                 )
             break
-        offset = reader.offset
-        secs, frac, caplen, _origlen = record.unpack_from(reader.buf, reader.pos)
-        if caplen > 0x4000000:  # 64 MiB: no real packet is that large; the file is corrupt from here
-            col.rejects.append((offset, "truncated pcap record", f"record claims {caplen} bytes"))
-            break
-        if not reader.need(16 + caplen):
+        caplen = caplen_at(reader.buf, reader.pos + 8)[0]
+        if caplen <= 0x4000000 and not reader.need(16 + caplen):
+            have = len(reader.buf) - reader.pos - 16
             col.rejects.append(
-                (
-                    offset,
-                    "truncated pcap record",
-                    f"record needs {caplen} bytes, file has {len(reader.buf) - reader.pos - 16}",
-                )
+                (reader.offset, "truncated pcap record", f"record needs {caplen} bytes, file has {have}")
             )
             break
-        start = reader.pos + 16
-        reader.pos = start + caplen
-        decode.packet(col, reader.buf, start, caplen, linktype, offset, secs * 1_000_000 + frac // divisor)
-        if len(col.payloads) >= batch_datagrams or col.nbytes >= BATCH_BYTES:
-            yield col.flush(reader.offset)
     yield col.flush(reader.offset)
+
+
+# link type -> (bytes before the IP header, offset of the ethertype in them or None)
+_FAST_LINKS = {
+    LINK_ETHERNET: (14, 12),
+    LINK_SLL: (16, 14),
+    LINK_SLL2: (20, 0),
+    LINK_RAW: (0, None),
+    LINK_RAW_BSD: (0, None),
+    LINK_RAW_OPENBSD: (0, None),
+    LINK_NULL: (4, None),
+    LINK_LOOP: (4, None),
+}
+
+
+def _u32(data: np.ndarray, at: np.ndarray, big: bool) -> np.ndarray:
+    b = [data[at + i].astype(np.int64) for i in range(4)]
+    if big:
+        return (b[0] << 24) | (b[1] << 16) | (b[2] << 8) | b[3]
+    return (b[3] << 24) | (b[2] << 16) | (b[1] << 8) | b[0]
+
+
+def _packets(
+    col: _Collector,
+    decode: _LinkDecoder,
+    buf: bytes,
+    base: int,
+    records: list[int],
+    linktype: int,
+    big: bool,
+    divisor: int,
+) -> None:
+    """Records at `records` (positions in buf) -> datagrams. Vectorised when every packet is plain IPv4 UDP
+    without options or fragments (what an export capture holds); otherwise packet by packet."""
+    pos = np.asarray(records, dtype=np.int64)
+    data = np.frombuffer(buf, dtype=np.uint8)
+    secs = _u32(data, pos, big)
+    ts_us = secs * 1_000_000 + _u32(data, pos + 4, big) // divisor
+    caplen = _u32(data, pos + 8, big)
+    layout = _FAST_LINKS.get(linktype)
+    if layout is not None:
+        link_len, ethertype_at = layout
+        first = pos + 16
+        if (caplen >= link_len + 28).all():
+            ip = first + link_len
+            ok = data[ip] == 0x45  # IPv4, 20-byte header
+            if ethertype_at is not None:
+                ok &= (data[first + ethertype_at] == 0x08) & (data[first + ethertype_at + 1] == 0x00)
+            ok &= ((data[ip + 6] & 0x3F) == 0) & (data[ip + 7] == 0) & (data[ip + 9] == UDP)
+            udp_len = (data[ip + 24].astype(np.int64) << 8) | data[ip + 25]
+            ok &= (udp_len >= 8) & (link_len + 20 + udp_len <= caplen)
+            if ok.all():
+                starts = (ip + 28).tolist()
+                ends = (ip + 20 + udp_len).tolist()
+                view = memoryview(buf)
+                col.payloads.extend([view[a:b] for a, b in zip(starts, ends, strict=True)])
+                sources = _u32(data, ip + 12, True)
+                uniq, inverse = np.unique(sources, return_inverse=True)
+                texts = [decode.ipv4_text(int(u)) for u in uniq]
+                col.exporters.extend([texts[i] for i in inverse.tolist()])
+                col.ts.extend(ts_us.tolist())
+                col.offsets.extend((pos + base).tolist())
+                col.ports.extend(((data[ip + 22].astype(np.int64) << 8) | data[ip + 23]).tolist())
+                col.nbytes += int(udp_len.sum())
+                return
+    for record, length, ts in zip(records, caplen.tolist(), ts_us.tolist(), strict=True):
+        decode.packet(col, buf, record + 16, length, linktype, base + record, ts)
 
 
 def _read_pcapng(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
@@ -268,6 +350,13 @@ class _LinkDecoder:
 
     def __init__(self) -> None:
         self.addr_text: dict[bytes, str] = {}
+        self.v4_text: dict[int, str] = {}
+
+    def ipv4_text(self, value: int) -> str:
+        text = self.v4_text.get(value)
+        if text is None:
+            text = self.v4_text[value] = str(ipaddress.IPv4Address(value))
+        return text
 
     def packet(
         self, col: _Collector, buf: bytes, start: int, caplen: int, linktype: int, offset: int, ts_us: int
