@@ -40,10 +40,13 @@ from tracepipe.collector import (
     AllowList,
     commit_pending,
     make_block,
+    open_socket,
     parse_duration,
     parse_listen,
     parse_size,
+    rmem_max,
 )
+from tracepipe.errors import UsageError
 from tracepipe.lake import Lake
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -571,6 +574,15 @@ def test_parse_options():
     assert parse_size("32M") == 32 << 20 and parse_size("33554432") == 33554432
     assert str(parse_listen("[::]:4739")) == "[::]:4739" and parse_listen(":2055").host == "0.0.0.0"
     assert parse_listen("2055").port == 2055 and parse_listen("127.0.0.1:9995").family == socket.AF_INET
+    for bad in ("foo", "[::1]", "127.0.0.1:70000", "example.org:2055"):
+        with pytest.raises(UsageError):
+            parse_listen(bad)
+    with pytest.raises(UsageError):
+        open_socket(parse_listen("127.0.0.1:0"), 4 << 30)  # setsockopt takes an int: refused, not a traceback
+    sock, granted = open_socket(parse_listen("127.0.0.1:0"), 1 << 20)
+    sock.close()
+    # root (CAP_NET_ADMIN): SO_RCVBUFFORCE grants it whatever net.core.rmem_max says; others get the cap
+    assert granted == (1 << 20 if os.geteuid() == 0 else min(1 << 20, rmem_max()))
 
 
 @settings(max_examples=200, deadline=None)

@@ -45,6 +45,7 @@ from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EnvironmentProb
 log = logging.getLogger("tracepipe.collect")
 
 DEFAULT_RCVBUF = 32 << 20
+MAX_RCVBUF = 1 << 30  # setsockopt takes an int, and the kernel doubles it
 DEFAULT_ROTATE_S = 300.0
 DEFAULT_SEGMENT_BYTES = 256 << 20
 DEFAULT_STATUS_S = 10.0
@@ -179,6 +180,8 @@ class CollectorConfig:
 def open_socket(spec: ListenSpec, rcvbuf: int) -> tuple[socket.socket, int]:
     """Bind one UDP socket with a receive buffer of `rcvbuf` bytes if the kernel allows; returns (socket,
     granted bytes). SO_RCVBUFFORCE (root / CAP_NET_ADMIN) goes past net.core.rmem_max; else SO_RCVBUF, capped."""
+    if not 0 < rcvbuf <= MAX_RCVBUF:
+        raise UsageError(f"--rcvbuf {rcvbuf} is out of range; the kernel takes 1 byte to 1G")
     sock = socket.socket(spec.family, socket.SOCK_DGRAM)
     try:
         if spec.family == socket.AF_INET6:
