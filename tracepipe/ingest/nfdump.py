@@ -285,75 +285,69 @@ _NEEDED = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg", "ra"
 _CHECKED_FIELDS = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg", "ra", "in", "out")
 
 
-class _LineNumbers:
-    """1-based line numbers of the rows the CSV reader returns, from the lines it reported as invalid (which
-    it reports in file order, before the batch that follows them): valid row j sits on line
-    skip + 1 + j + #(invalid lines with fewer than j+1 valid rows before them)."""
-
-    def __init__(self, skip_rows: int) -> None:
-        self.skip = skip_rows
-        self.invalid: list[tuple[int, str]] = []
-        self.rows = 0  # valid rows numbered so far
-
-    def on_invalid(self, row) -> str:
-        self.invalid.append((row.number if row.number is not None else -1, row.text))
-        return "skip"
-
-    def number(self, n: int) -> pa.Array:
-        lines = np.array([number for number, _ in self.invalid if number > 0], dtype=np.int64)
-        valid_before = lines - (self.skip + 1) - np.arange(len(lines), dtype=np.int64)
-        rows = np.arange(self.rows, self.rows + n, dtype=np.int64)
-        self.rows += n
-        return pa.array(self.skip + 1 + rows + np.searchsorted(valid_before, rows, side="right"))
+def _chunks(source: bytes | str, block_size: int) -> Iterator[bytes]:
+    """Whole lines, about `block_size` bytes at a time, from bytes or a file path (memory stays flat)."""
+    if isinstance(source, bytes):
+        start = 0
+        while start < len(source):
+            end = source.find(b"\n", min(start + block_size, len(source)) - 1)
+            end = len(source) if end < 0 else end + 1
+            yield source[start:end]
+            start = end
+        return
+    with open(source, "rb") as handle:
+        while block := handle.read(block_size):
+            if not block.endswith(b"\n"):
+                block += handle.readline()
+            yield block
 
 
 def _iter_rows(
-    source: pa.NativeFile | pa.Buffer | str,
-    delimiter: str,
-    columns: tuple[str, ...],
-    skip_rows: int,
-    block_size: int = 1 << 24,
-) -> Iterator[tuple[pa.Table, pa.Array, _LineNumbers]]:
-    """Stream a delimited text as batches of the columns we use (all as text) with their line numbers. Lines
-    of another width go to the invalid-row handler with their numbers (the reader runs serially so that it
-    knows them). Decoded as Latin-1: nfdump writes ASCII, and a damaged byte then only spoils its field
-    (rejected by the field checks) instead of stopping the reader."""
-    numbers = _LineNumbers(skip_rows)
-    reader = pacsv.open_csv(
-        source,
-        read_options=pacsv.ReadOptions(
-            column_names=list(columns),
-            skip_rows=skip_rows,
-            use_threads=False,
-            block_size=block_size,
-            encoding="latin-1",
-        ),
-        parse_options=pacsv.ParseOptions(
-            delimiter=delimiter,
-            quote_char=False,
-            escape_char=False,
-            newlines_in_values=False,
-            ignore_empty_lines=False,
-            invalid_row_handler=numbers.on_invalid,
-        ),
-        convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in _NEEDED},
-            include_columns=list(_NEEDED),
-            strings_can_be_null=False,
-        ),
-    )
-    for batch in reader:
-        if batch.num_rows:
-            yield pa.Table.from_batches([batch]), numbers.number(batch.num_rows), numbers
-    yield (
-        FLOWS.empty_table().select([]),
-        pa.array([], pa.int64()),
-        numbers,
-    )  # the invalid lines after the last batch
+    source: bytes | str, delimiter: str, columns: tuple[str, ...], skip_rows: int, block_size: int = 1 << 24
+) -> Iterator[tuple[pa.Table, pa.Array, list[tuple[int, str]]]]:
+    """Stream a delimited text as (the columns we use, all as text; their 1-based line numbers; the lines of
+    another width as (line number, text)). pyarrow's CSV reader parses each chunk of whole lines serially,
+    so its invalid-row handler knows line numbers; valid row j of a chunk then sits on line
+    skip + 1 + j + #(invalid lines with at most j valid rows before them). Decoded as Latin-1: nfdump writes
+    ASCII, and a damaged byte only spoils its field (rejected by the field checks), it cannot stop the reader."""
+    lines_before = 0
+    for index, chunk in enumerate(_chunks(source, block_size)):
+        skip = skip_rows if index == 0 else 0
+        invalid: list[tuple[int, str]] = []
+
+        def on_invalid(row, invalid=invalid) -> str:
+            invalid.append((row.number if row.number is not None else -1, row.text))
+            return "skip"
+
+        table = pacsv.read_csv(
+            pa.py_buffer(chunk),
+            read_options=pacsv.ReadOptions(
+                column_names=list(columns), skip_rows=skip, use_threads=False, encoding="latin-1"
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter=delimiter,
+                quote_char=False,
+                escape_char=False,
+                newlines_in_values=False,
+                ignore_empty_lines=False,
+                invalid_row_handler=on_invalid,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in _NEEDED},
+                include_columns=list(_NEEDED),
+                strings_can_be_null=False,
+            ),
+        )
+        bad = np.array([number for number, _ in invalid if number > 0], dtype=np.int64)
+        valid_before = bad - (skip + 1) - np.arange(len(bad), dtype=np.int64)
+        rows = np.arange(table.num_rows, dtype=np.int64)
+        numbers = lines_before + skip + 1 + rows + np.searchsorted(valid_before, rows, side="right")
+        yield table, pa.array(numbers), [(lines_before + n, text) for n, text in invalid]
+        lines_before += chunk.count(b"\n") + (0 if chunk.endswith(b"\n") else 1)
 
 
 def _iter_flows(
-    source: pa.NativeFile | pa.Buffer | str,
+    source: bytes | str,
     delimiter: str,
     columns: tuple[str, ...],
     skip_rows: int,
@@ -363,19 +357,13 @@ def _iter_flows(
     block_size: int = 1 << 24,
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Batches of (FLOWS, rejects). Blank lines and everything from the `trailer` line on are not data."""
-    reported = 0
-    trailer_from: int | None = None
-    for table, line_numbers, numbers in _iter_rows(source, delimiter, columns, skip_rows, block_size):
+    in_trailer = False
+    for table, line_numbers, invalid in _iter_rows(source, delimiter, columns, skip_rows, block_size):
         parts: list[pa.Table] = []
-        # invalid lines up to this batch's last line (the reader may already have reported later ones)
-        last = pc.max(line_numbers).as_py() if len(line_numbers) else None
-        fresh = [entry for entry in numbers.invalid[reported:] if last is None or entry[0] <= last]
-        reported += len(fresh)
         kept = []
-        for number, text in fresh:
-            if trailer is not None and trailer_from is None and text.strip() == trailer:
-                trailer_from = number
-            if text.strip() and trailer_from is None:
+        for number, text in invalid:
+            in_trailer = in_trailer or (trailer is not None and text.strip() == trailer)
+            if text.strip() and not in_trailer:
                 kept.append((number, text))
         if kept:
             parts.append(
@@ -386,9 +374,8 @@ def _iter_flows(
                     name,
                 )
             )
-        if table.num_rows == 0:
-            flows = FLOWS.empty_table()
-        else:
+        flows = FLOWS.empty_table()
+        if table.num_rows:
             fields = {field: table.column(field) for field in _NEEDED}
             blank = pc.and_(pc.equal(_trim(fields["ts"]), ""), pc.equal(_trim(fields["sa"]), ""))
             flows, valid, reason, detail = _flows_from_columns(fields, name, tz)
@@ -433,7 +420,7 @@ def _csv_layout(first_line: bytes) -> tuple[tuple[str, ...], int, list[str]]:
 
 
 def _iter_csv(
-    source: pa.NativeFile | pa.Buffer | str, first_line: bytes, name: str, tz: str, block_size: int = 1 << 24
+    source: bytes | str, first_line: bytes, name: str, tz: str, block_size: int = 1 << 24
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     columns, skip, missing = _csv_layout(first_line)
     if missing:  # not nfdump's CSV layout: nothing can be read, say so at the header line
@@ -459,7 +446,7 @@ def parse_nfdump_csv(
     `block_size`: bytes of text per batch (the reader's unit; line numbers hold across batches)."""
     if not data.strip():
         return FLOWS.empty_table(), empty_rejects()
-    return _collect(_iter_csv(pa.py_buffer(data), data.split(b"\n", 1)[0], source, tz, block_size))
+    return _collect(_iter_csv(data, data.split(b"\n", 1)[0], source, tz, block_size))
 
 
 def iter_nfdump_csv(path: Path | str, tz: str = "UTC") -> Iterator[tuple[pa.Table, pa.Table]]:
@@ -519,6 +506,4 @@ def read_nfcapd(path: Path | str, timeout: float = 300.0) -> tuple[pa.Table, pa.
         )
     if not proc.stdout.strip():
         return FLOWS.empty_table(), empty_rejects()
-    return _collect(
-        _iter_flows(pa.py_buffer(proc.stdout), "|", _FMT_COLUMNS, 0, str(path), "UTC", trailer=None)
-    )
+    return _collect(_iter_flows(proc.stdout, "|", _FMT_COLUMNS, 0, str(path), "UTC", trailer=None))
