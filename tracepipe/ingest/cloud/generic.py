@@ -22,7 +22,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from tracepipe.ingest.cloud.common import EventColumns, RejectColumns, parse_utc
+from tracepipe.ingest.cloud.common import EventColumns, RejectColumns, json_loads, parse_utc
 from tracepipe.schema import VM_ACTIONS, VM_STATES
 
 COLUMNS = (
@@ -71,7 +71,7 @@ def _read_rows(text: str, fmt: str, rejects: RejectColumns) -> tuple[list[dict[s
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json_loads(line)
         except json.JSONDecodeError as exc:
             rejects.add(number, "malformed JSON", f"{exc}: {line[:200]}")
             continue

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from tracepipe.ingest.cloud.common import EventColumns, RejectColumns, parse_utc
+from tracepipe.ingest.cloud.common import EventColumns, RejectColumns, json_loads, parse_utc
 
 CLOUD = "openstack"
 
@@ -91,7 +91,7 @@ def iter_messages(text: str, source: str, rejects: RejectColumns) -> Iterator[tu
     whole_file = stripped.startswith("[") or first_line in ("{", "{\n")
     if whole_file:
         try:
-            loaded = json.loads(text)
+            loaded = json_loads(text)
         except json.JSONDecodeError as exc:
             rejects.add(exc.lineno, "malformed JSON", str(exc))
             return
@@ -107,7 +107,7 @@ def iter_messages(text: str, source: str, rejects: RejectColumns) -> Iterator[tu
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            item = json_loads(line)
         except json.JSONDecodeError as exc:
             rejects.add(number, "malformed JSON", f"{exc}: {line[:200]}")
             continue
@@ -125,7 +125,7 @@ def _unwrap(item: Any) -> dict[str, Any] | None:
         inner = item["oslo.message"]
         if isinstance(inner, str):
             try:
-                inner = json.loads(inner)
+                inner = json_loads(inner)
             except json.JSONDecodeError:
                 return None
         return inner if isinstance(inner, dict) and "event_type" in inner else None
