@@ -55,8 +55,7 @@ class DuckDBEngine:
         self.con = query.connect(lake)
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
-        relation = self.con.execute(sql, dict(params) if params else None)
-        return relation.fetch_arrow_table()
+        return duckdb_arrow(self.con.sql(sql, params=dict(params) if params else None))
 
     def register(self, name: str, table: pa.Table) -> None:
         self.con.register(name, table)
@@ -69,6 +68,12 @@ class DuckDBEngine:
 
     def close(self) -> None:
         self.con.close()
+
+
+def duckdb_arrow(result: Any) -> pa.Table:
+    """A DuckDB result as an Arrow table (`to_arrow_table` since DuckDB 1.4, `fetch_arrow_table` before)."""
+    fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
+    return fetch()
 
 
 def open_engine(lake: Lake, engine: str = "duckdb", *, spark_master: str | None = None,

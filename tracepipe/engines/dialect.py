@@ -149,42 +149,38 @@ def _expand_star_modifiers(select: exp.Select, columns_of: ColumnsOf | None) -> 
             else:
                 projections.append(exp.column(column, table=alias or None))
         changed = True
-    if not changed:
-        return select
-    rewritten = select.copy()
-    rewritten.set("expressions", projections)
-    return rewritten
+    if changed:
+        select.set("expressions", projections)
+    return select
 
 
 def _union_by_name(union: exp.Union, macros: Mapping[str, TableMacro], columns_of: ColumnsOf | None) -> exp.Expression:
     """`a UNION ALL BY NAME b` -> both sides projected onto one column list (missing ones NULL)."""
     if columns_of is None:
         raise EngineUnsupported("UNION BY NAME needs the Spark engine's column resolver")
-    left_cols = columns_of(to_spark(union.this.sql("duckdb"), macros, columns_of)[0])
-    right_cols = columns_of(to_spark(union.expression.sql("duckdb"), macros, columns_of)[0])
+    left = _rewrite_tree(union.this.copy(), macros, columns_of)
+    right = _rewrite_tree(union.expression.copy(), macros, columns_of)
+    left_cols = columns_of(left.sql(dialect="spark", identify=True))
+    right_cols = columns_of(right.sql(dialect="spark", identify=True))
     names = left_cols + [c for c in right_cols if c not in left_cols]
 
     def side(query: exp.Expression, have: list[str], alias: str) -> exp.Select:
         items = [exp.column(c, table=alias) if c in have else exp.alias_(exp.Null(), c) for c in names]
-        return exp.select(*items).from_(exp.Subquery(this=query.copy(), alias=exp.TableAlias(
+        return exp.select(*items).from_(exp.Subquery(this=query, alias=exp.TableAlias(
             this=exp.to_identifier(alias))))
 
-    return exp.Union(this=side(union.this, left_cols, "_by_name_l"),
-                     expression=side(union.expression, right_cols, "_by_name_r"),
+    return exp.Union(this=side(left, left_cols, "_by_name_l"), expression=side(right, right_cols, "_by_name_r"),
                      distinct=union.args.get("distinct", False))
 
 
-def _rewrite(node: exp.Expression, macros: Mapping[str, TableMacro], columns_of: ColumnsOf | None
-             ) -> exp.Expression:
-    if isinstance(node, exp.Union) and node.args.get("by_name"):
-        return _union_by_name(node, macros, columns_of)
-    if isinstance(node, exp.Select):
-        return _expand_star_modifiers(node, columns_of)
+def _rewrite_basic(node: exp.Expression, macros: Mapping[str, TableMacro]) -> exp.Expression:
+    """Node-local rewrites: ASOF joins, table macros, epoch functions."""
     if isinstance(node, exp.Join) and str(node.args.get("method") or "").upper() == "ASOF":
         return _rewrite_asof(node)
     if isinstance(node, exp.Table):
         expanded = _expand_table_macro(node, macros)
         if expanded is not None:
+            expanded.set("this", expanded.this.transform(lambda n: _rewrite_basic(n, macros)))
             return expanded
     if isinstance(node, exp.Anonymous) and node.name.lower() == "epoch_us":
         return exp.Anonymous(this="unix_micros", expressions=[a.copy() for a in node.expressions])
@@ -192,6 +188,20 @@ def _rewrite(node: exp.Expression, macros: Mapping[str, TableMacro], columns_of:
         micros = exp.Anonymous(this="unix_micros", expressions=[node.this.copy()])
         return exp.Div(this=micros, expression=exp.Literal.number("1e6"))
     return node
+
+
+def _rewrite_tree(tree: exp.Expression, macros: Mapping[str, TableMacro], columns_of: ColumnsOf | None
+                  ) -> exp.Expression:
+    tree = tree.transform(lambda n: _rewrite_basic(n, macros))
+    for select in list(tree.find_all(exp.Select)):
+        _expand_star_modifiers(select, columns_of)
+    if isinstance(tree, exp.Union) and tree.args.get("by_name"):
+        return _union_by_name(tree, macros, columns_of)
+    for union in [u for u in tree.find_all(exp.Union) if u.args.get("by_name")]:
+        union.replace(exp.Subquery(this=_union_by_name(union, macros, columns_of)) if
+                      not isinstance(union.parent, exp.Subquery | exp.Create) else
+                      _union_by_name(union, macros, columns_of))
+    return tree
 
 
 def parse_duckdb(sql: str) -> list[exp.Expression]:
@@ -224,7 +234,7 @@ def to_spark(sql: str, table_macros: Mapping[str, TableMacro] | None = None,
         check_queries(statements)
     out = []
     for statement in statements:
-        rewritten = statement.transform(lambda n: _rewrite(n, macros, columns_of))
+        rewritten = _rewrite_tree(statement, macros, columns_of)
         out.append(rewritten.sql(dialect="spark", identify=True))
     return out
 

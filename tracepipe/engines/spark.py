@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from tracepipe.engines import BatchFn
+from tracepipe.engines import BatchFn, duckdb_arrow
 from tracepipe.engines.dialect import EngineUnsupported, parse_table_macros, to_spark
-from tracepipe.errors import EnvironmentProblem
+from tracepipe.errors import EnvironmentProblem, UsageError
 from tracepipe.lake import Lake
 from tracepipe.schema import DATASETS
 
@@ -240,29 +240,31 @@ _DUCK_TO_ARROW = {"BOOLEAN": pa.bool_(), "INTEGER": pa.int32(), "BIGINT": pa.int
                   "DOUBLE": pa.float64(), "SMALLINT": pa.int16(), "TINYINT": pa.int8()}
 
 
-def scalar_macros() -> dict[str, tuple[int, pa.DataType]]:
-    """Public scalar macros of sql/macros.sql: name -> (number of arguments, Arrow result type). Macros whose
-    result has no Spark type (128-bit integers: ip_to_num) are left out."""
+@functools.cache
+def scalar_macro_names() -> frozenset[str]:
+    """Public scalar macros of sql/macros.sql (table macros are expanded by dialect.py instead)."""
     import sqlglot
     from sqlglot import exp
 
     from tracepipe.query import sql_text
 
-    con = _macro_connection()
-    found: dict[str, tuple[int, pa.DataType]] = {}
+    names = set()
     for statement in sqlglot.parse(sql_text("macros"), read="duckdb"):
         if not isinstance(statement, exp.Create) or isinstance(statement.expression, exp.Query):
             continue
         signature = statement.this
         name = signature.this.name if isinstance(signature.this, exp.Expression) else signature.name
-        if not name or name.startswith("_"):
-            continue
-        nargs = len(signature.expressions)
-        args = ", ".join(["NULL::VARCHAR"] * nargs)
-        kind = con.execute(f"DESCRIBE SELECT {name}({args}) AS r").fetchall()[0][1]
-        if kind in _DUCK_TO_ARROW:
-            found[name] = (nargs, _DUCK_TO_ARROW[kind])
-    return found
+        if name and not name.startswith("_"):
+            names.add(name.lower())
+    return frozenset(names)
+
+
+@functools.cache
+def macro_result_type(name: str, nargs: int) -> pa.DataType | None:
+    """Arrow type of `name(VARCHAR x nargs)` as DuckDB binds it; None if Spark has no such type (UHUGEINT)."""
+    args = ", ".join(["NULL::VARCHAR"] * nargs)
+    kind = _macro_connection().execute(f"DESCRIBE SELECT {name}({args}) AS r").fetchall()[0][1]
+    return _DUCK_TO_ARROW.get(kind)
 
 
 def evaluate_macro(name: str, out_type: pa.DataType, *columns: pa.Array) -> pa.Array:
@@ -271,20 +273,39 @@ def evaluate_macro(name: str, out_type: pa.DataType, *columns: pa.Array) -> pa.A
     cursor = con.cursor()  # one per call: Spark may run UDFs of several columns in one worker
     cursor.register("batch", pa.table({f"a{i}": column for i, column in enumerate(columns)}))
     args = ", ".join(f"a{i}" for i in range(len(columns)))
-    result = cursor.execute(f"SELECT {name}({args}) AS r FROM batch").fetch_arrow_table().column(0)
+    result = duckdb_arrow(cursor.execute(f"SELECT {name}({args}) AS r FROM batch")).column(0)
     return result.combine_chunks().cast(out_type)
 
 
-def register_macros(spark: SparkSession) -> list[str]:
-    """Register every public scalar macro as a Spark Arrow UDF of the same name; the names."""
+def register_macro(spark: SparkSession, name: str, nargs: int) -> None:
+    """`name` (a scalar macro of macros.sql) as a Spark Arrow UDF that runs the DuckDB macro per batch."""
+    import warnings
+
     from pyspark.sql.functions import ArrowUDFType, arrow_udf
 
-    names = []
-    for name, (_nargs, out_type) in scalar_macros().items():
-        fn = functools.partial(evaluate_macro, name, out_type)
+    out_type = macro_result_type(name, nargs)
+    if out_type is None:
+        raise EngineUnsupported(f"{name}() returns a type Spark does not have (128-bit integer); "
+                                "compare addresses with cidr_contains / ip_between instead")
+    fn = functools.partial(evaluate_macro, name, out_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "prefer type hints": a partial has none to give
         spark.udf.register(name, arrow_udf(fn, spark_type(out_type), ArrowUDFType.SCALAR))
-        names.append(name)
-    return names
+
+
+def macro_calls(sql: str) -> dict[str, int]:
+    """Scalar macros a DuckDB query calls: name -> number of arguments."""
+    from sqlglot import exp
+
+    from tracepipe.engines.dialect import parse_duckdb
+
+    names = scalar_macro_names()
+    calls: dict[str, int] = {}
+    for statement in parse_duckdb(sql):
+        for func in statement.find_all(exp.Anonymous):
+            if func.name.lower() in names:
+                calls[func.name.lower()] = len(func.expressions)
+    return calls
 
 
 # ---- the engine ---------------------------------------------------------------------------------------------
@@ -318,7 +339,7 @@ class SparkEngine:
         read_files(self.spark, "flows", base, done).createOrReplaceTempView("_flows_done")
         todo_frame = self.spark.table("flows") if todo is None else read_files(self.spark, "flows", base, todo)
         todo_frame.createOrReplaceTempView("_flows_todo")
-        self.macros = register_macros(self.spark)
+        self.macros: set[str] = set()
         views_sql = sql_text("views")
         self.table_macros = {**parse_table_macros(sql_text("macros")), **parse_table_macros(views_sql)}
         for statement in sqlglot.parse(views_sql, read="duckdb"):
@@ -329,7 +350,7 @@ class SparkEngine:
         name = statement.this.name
         select_sql = statement.expression.sql("duckdb")
         spark_sql = self._transpile(select_sql)[0]
-        self.spark.sql(spark_sql).createOrReplaceTempView(name)
+        self._sql(spark_sql).createOrReplaceTempView(name)
 
     def _columns(self, spark_sql_or_table: str) -> list[str]:
         if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", spark_sql_or_table):
@@ -337,21 +358,32 @@ class SparkEngine:
         return self.spark.sql(spark_sql_or_table).columns
 
     def _transpile(self, sql: str) -> list[str]:
+        for name, nargs in macro_calls(sql).items():  # registered on first use (binding them is not free)
+            if name not in self.macros:
+                register_macro(self.spark, name, nargs)
+                self.macros.add(name)
         return to_spark(sql, self.table_macros, columns_of=self._columns, queries_only=True)
 
     # -- Engine
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
         """Queries only (SELECT, WITH, DESCRIBE): like `tracepipe sql` on DuckDB, Spark never writes here."""
-        statements = to_spark(sql, self.table_macros, columns_of=self._columns, queries_only=True)
-        frame = None
-        for statement in statements:
-            frame = self.spark.sql(statement, args=_spark_params(params))
-        return to_arrow(frame)
+        return to_arrow(self.frame(sql, params))
 
     def frame(self, sql: str, params: Mapping[str, Any] | None = None) -> DataFrame:
         """The last statement of `sql` as a Spark DataFrame (for callers that keep working in Spark)."""
-        statements = self._transpile(sql)
-        return self.spark.sql(statements[-1], args=_spark_params(params))
+        frame = None
+        for statement in self._transpile(sql):
+            frame = self._sql(statement, params)
+        return frame
+
+    def _sql(self, statement: str, params: Mapping[str, Any] | None = None) -> DataFrame:
+        from pyspark.errors import AnalysisException, ParseException
+
+        try:
+            return self.spark.sql(statement, args=_spark_params(params))
+        except (AnalysisException, ParseException) as exc:
+            message = str(exc).strip().splitlines()[0]
+            raise UsageError(f"query failed on Spark: {message}") from exc
 
     def register(self, name: str, table: pa.Table) -> None:
         from_arrow(self.spark, table).createOrReplaceTempView(name)
@@ -398,3 +430,10 @@ def to_arrow(frame: DataFrame, schema: pa.Schema | None = None) -> pa.Table:
 def from_arrow(spark: SparkSession, table: pa.Table) -> DataFrame:
     """An Arrow table as a DataFrame with the matching Spark schema (no pandas)."""
     return spark.createDataFrame(table, schema=spark_schema(table.schema))
+
+
+def sweep_candidates(*args: Any, **kwargs: Any) -> Any:
+    """The sweep's rule and anomaly candidates on Spark: see tracepipe.engines.spark_sweep.sweep_candidates."""
+    from tracepipe.engines.spark_sweep import sweep_candidates as run
+
+    return run(*args, **kwargs)
