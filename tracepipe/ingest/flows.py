@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
 from tracepipe.ingest.netflow import DecoderState, decode_datagrams, flush_pending, merge_stats
+from tracepipe.ingest.nfdump import iter_nfdump_csv, looks_like_nfdump_csv
 from tracepipe.ingest.pcap import PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
 from tracepipe.lake import Lake, hash_file
 
@@ -90,8 +91,7 @@ def sniff_kind(path: Path) -> str:
         magic = int.from_bytes(head[:4], "little")
         if magic in PCAP_MAGIC or magic == PCAPNG_SHB:
             return "pcap"
-    first_line = head.split(b"\n", 1)[0].strip().lower()
-    if re.match(rb"^ts,te,td,sa,da,sp,dp,pr", first_line):
+    if looks_like_nfdump_csv(head):
         return "nfdump-csv"
     return "unknown"
 
@@ -172,16 +172,21 @@ def _ingest_one(
                     entry["rejects"] = entry.get("rejects", 0) + 1
             if progress and size > done:
                 progress(size - done)
-        elif kind == "nfdump-csv" and _nfdump_reader() is not None:
-            flows, rejects = _nfdump_reader()(path)
-            flows = _with_source(flows, source)
-            writer.write(flows)
-            writer.reject(rejects)
-            if flows.num_rows and "exporter" in flows.column_names:
+        elif kind == "nfdump-csv":
+            for flows, rejects in iter_nfdump_csv(path):  # streamed: ~16 MB of text at a time
+                flows = _with_source(flows, source)
+                writer.write(flows)
+                writer.reject(rejects)
                 for exporter, n in _value_counts(flows.column("exporter")).items():
-                    stats.setdefault(exporter or "unknown", {"flows": 0, "versions": ["nfdump-csv"]})[
-                        "flows"
-                    ] += n
+                    entry = stats.setdefault(exporter or "unknown", {"flows": 0, "versions": ["nfdump-csv"]})
+                    entry["flows"] += n
+                for exporter, n in (
+                    _value_counts(rejects.column("exporter")).items()
+                    if "exporter" in rejects.column_names
+                    else ()
+                ):
+                    entry = stats.setdefault(exporter or "unknown", {"flows": 0, "versions": ["nfdump-csv"]})
+                    entry["rejects"] = entry.get("rejects", 0) + n
             if progress:
                 progress(size)
         else:
@@ -210,13 +215,6 @@ def _ingest_one(
             summary.days.add(match.group(1))
     merge_stats(summary.exporters, stats)
     return result
-
-
-def _nfdump_reader() -> Callable[[Path], tuple[pa.Table, pa.Table]] | None:
-    if importlib.util.find_spec("tracepipe.ingest.nfdump") is None:
-        return None
-    module = importlib.import_module("tracepipe.ingest.nfdump")
-    return getattr(module, "read_nfdump_csv", None)
 
 
 def _with_source(flows: pa.Table, source: str) -> pa.Table:
