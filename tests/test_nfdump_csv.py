@@ -235,7 +235,7 @@ def test_damaged_csv_gives_rows_or_rejects_never_an_exception(mutations):
     assert flows.schema == FLOWS
 
 
-@pytest.mark.parametrize("block_size", [4096, 100_000, 1 << 24])
+@pytest.mark.parametrize("block_size", [50_000, 1 << 24])
 def test_line_numbers_hold_across_batches(block_size):
     """The reader streams in blocks; junk lines, blank lines and bad values anywhere in a long file keep their
     own line numbers, and the Summary trailer is never a reject."""
