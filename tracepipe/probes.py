@@ -336,6 +336,29 @@ def nfdump_csv(
     return out_csv
 
 
+def export_payloads(capture: Path | str) -> list[bytes]:
+    """The UDP payloads (export datagrams) of a capture, in order, whatever its link type (scapy reads it)."""
+    from scapy.layers.inet import UDP
+    from scapy.utils import rdpcap
+
+    return [bytes(packet[UDP].payload) for packet in rdpcap(str(capture)) if UDP in packet]
+
+
+def replay_udp(payloads: Sequence[bytes], dest: tuple[str, int], pace: int = 256) -> int:
+    """Send datagrams to a loopback collector in order from one socket (a short pause every `pace` datagrams
+    so that the receiver keeps up). With nfcapd_receiving this shows nfdump the exact datagrams of any export
+    capture, e.g. a committed sample. Returns the number sent."""
+    host, port = dest
+    _check_loopback(host)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        for index, payload in enumerate(payloads, start=1):
+            sock.sendto(payload, (host, port))
+            if index % pace == 0:
+                time.sleep(0.01)
+    return len(payloads)
+
+
 # ---- softflowd ------------------------------------------------------------------------------------------------
 
 
