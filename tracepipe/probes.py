@@ -100,6 +100,28 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: flo
     return proc.returncode
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGKILL it when the process that started it dies, so that a
+    killed test run (CI timeout, SIGKILL) leaves no tcpdump, nfcapd or fprobe behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _start(cmd: list[str], log_handle) -> subprocess.Popen:
+    """A long-running tool, its stdout and stderr into `log_handle`."""
+    return subprocess.Popen(
+        cmd,
+        stdout=log_handle,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+    )
+
+
 def _wait_for_text(log: Path, pattern: str, proc: subprocess.Popen, timeout: float, what: str) -> str:
     """Poll a log file until `pattern` (regex) appears; fail clearly if the process died or time ran out."""
     deadline = time.monotonic() + timeout
@@ -224,7 +246,7 @@ def capture_udp(
         cmd += ["-y", link_type]
     cmd.append(bpf or f"udp port {port}")
     with open(log, "wb") as log_handle:
-        proc = subprocess.Popen(cmd, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = _start(cmd, log_handle)
     try:
         _wait_for_text(log, r"listening on", proc, timeout, "tcpdump")
         yield Capture(out_pcap, proc, log)
@@ -286,7 +308,7 @@ def nfcapd_receiving(
         cmd.append("-6")
     run = NfcapdRun(out_dir, host, port, log)
     with open(log, "wb") as log_handle:
-        proc = subprocess.Popen(cmd, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = _start(cmd, log_handle)
     try:
         _wait_for_text(log, r"Startup", proc, timeout, "nfcapd")
         yield run
@@ -487,7 +509,7 @@ def fprobe_export(
         _host_port(dest_host, dest_port),
     ]
     with open(log, "wb") as log_handle:
-        proc = subprocess.Popen(cmd, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = _start(cmd, log_handle)
     run = FprobeRun(proc, log, Path("/var/run") / f"fprobe[{ident}].pid")
     try:
         _wait_for_text(log, r"collector #1", proc, timeout, "fprobe")
