@@ -304,8 +304,12 @@ def host_features(
     history_start: dt.datetime | None = None,
     warmup_s: float = 86400.0,
     min_beacon_connections: int = 10,
+    sequential: bool = False,
 ) -> pl.LazyFrame:
     """One row per (host, window_start) with FEATURES. `flows` must come from with_flow_facts.
+
+    sequential: collect each partial aggregate on its own (streaming) before joining the small results, so
+    that peak memory is that of the largest part, not of all scans at once (what compute_features does).
 
     new_dst_share: the share of a window's destinations the host had not contacted since `history_start`
     (only for windows at least `warmup_s` after it; 0 before, when there is no history to compare with).
@@ -366,6 +370,10 @@ def host_features(
         .group_by(pl.col("src_addr").alias("host"), bucket_expr("ts_start", 86400.0).alias("day"))
         .agg(night_share=pl.col("night").mean())
     )
+    if sequential:
+        out, inbound, new_dsts, beacons, nights = (
+            part.collect(engine="streaming").lazy() for part in (out, inbound, new_dsts, beacons, nights)
+        )
     joined = (
         out.join(inbound, on=["host", "window_start"], how="full", coalesce=True)
         .join(new_dsts, on=["host", "window_start"], how="left")
@@ -420,7 +428,9 @@ def compute_features(
     flows = scan_flows(lake, start, until)
     local = local_addresses(flows, local_networks)
     facts = with_flow_facts(flows, local, night)
-    features = host_features(facts, window_s, history_start=start if history_start is not None else None)
+    features = host_features(
+        facts, window_s, history_start=start if history_start is not None else None, sequential=True
+    )
     return (
         features.filter(pl.col("window_start") >= floor_time(since, window_s))
         .sort("host", "window_start")
