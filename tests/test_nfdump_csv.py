@@ -258,3 +258,12 @@ def test_line_numbers_hold_across_batches(block_size):
     flows, rejects = parse_nfdump_csv(b"\n".join(data) + b"\n", "mem", block_size=block_size)
     assert flows.num_rows == 3000
     assert rejects.column("line").to_pylist() == bad
+
+
+def test_concatenated_nfdump_outputs_read_as_one(nfcapd_dir, tmp_path):
+    """`cat day1.csv day2.csv`: the second header and the first Summary trailer are neither rows nor rejects."""
+    one = probes.nfdump_csv(nfcapd_dir, tmp_path / "one.csv").read_bytes()
+    flows_one, _ = parse_nfdump_csv(one, "one")
+    flows, rejects = parse_nfdump_csv(one + one + b"\n" + one, "three")
+    assert rejects.num_rows == 0, rejects.to_pylist()[:3]
+    assert flows.num_rows == 3 * flows_one.num_rows

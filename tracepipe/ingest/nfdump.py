@@ -356,14 +356,20 @@ def _iter_flows(
     trailer: str | None,
     block_size: int = 1 << 24,
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
-    """Batches of (FLOWS, rejects). Blank lines and everything from the `trailer` line on are not data."""
-    in_trailer = False
+    """Batches of (FLOWS, rejects). Not data, and not rejected: blank lines, nfdump's summary trailer (the
+    `trailer` line, the names line that follows and its values line) and repeated header lines, so that
+    several nfdump outputs concatenated into one file read as one."""
+    summary_lines_left = 0
     for table, line_numbers, invalid in _iter_rows(source, delimiter, columns, skip_rows, block_size):
         parts: list[pa.Table] = []
         kept = []
         for number, text in invalid:
-            in_trailer = in_trailer or (trailer is not None and text.strip() == trailer)
-            if text.strip() and not in_trailer:
+            stripped = text.strip()
+            if trailer is not None and stripped == trailer:
+                summary_lines_left = 2
+            elif summary_lines_left and stripped:
+                summary_lines_left -= 1
+            elif stripped:
                 kept.append((number, text))
         if kept:
             parts.append(
@@ -378,6 +384,9 @@ def _iter_flows(
         if table.num_rows:
             fields = {field: table.column(field) for field in _NEEDED}
             blank = pc.and_(pc.equal(_trim(fields["ts"]), ""), pc.equal(_trim(fields["sa"]), ""))
+            blank = pc.or_(
+                blank, pc.and_(pc.equal(fields["ts"], "ts"), pc.equal(fields["sa"], "sa"))
+            )  # header
             flows, valid, reason, detail = _flows_from_columns(fields, name, tz)
             bad = pc.and_(pc.invert(valid), pc.invert(blank))
             if pc.any(bad).as_py():
