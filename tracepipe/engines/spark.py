@@ -318,8 +318,16 @@ class SparkEngine:
                  session: SparkSession | None = None, uri: str | None = None) -> None:
         self.lake = lake
         self.uri = uri or lake_uri(lake)
-        self._own_session = session is None
-        self.spark = session if session is not None else get_session(master, conf)
+        if session is None:
+            _pyspark()
+            from pyspark.sql import SparkSession
+
+            # stop() at close only a session this engine started (Spark has one per process)
+            self._own_session = SparkSession.getActiveSession() is None
+            session = get_session(master, conf)
+        else:
+            self._own_session = False
+        self.spark = session
         self._register_views()
 
     # -- setup
