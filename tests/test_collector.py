@@ -366,6 +366,42 @@ def test_kill_9_then_restart_lands_every_spooled_datagram_exactly_once(tmp_path)
     assert late and all(landed[sent[d][0]] == 1 for d in late)
 
 
+def test_flows_are_attributed_to_vms_when_they_land(tmp_path):
+    """With vm_leases in the lake, the committer gives flows their VMs before writing them and marks the file
+    (query.ATTRIBUTED_KEY), as `ingest netflow` does after landing: no rewrite of the day afterwards."""
+    import datetime as dt
+
+    from tracepipe.query import ATTRIBUTED_KEY
+
+    lake = Lake(tmp_path / "lake")
+    held = dt.datetime(2024, 3, 12, 9, 0, tzinfo=dt.UTC)
+    lake.replace_dataset(
+        "vm_leases",
+        pa.table(
+            {
+                "addr": ["10.0.0.1", "192.0.2.1"],
+                "vm_id": ["vm-a", "vm-web"],
+                "valid_from": [held, held],
+                "valid_to": pa.array([None, None], pa.timestamp("us", tz="UTC")),
+            }
+        ),
+    )
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    writer = sp.SegmentWriter(spool, 1)
+    addr = np.zeros((1, 16), np.uint8)
+    addr[0, 10:] = [255, 255, 127, 0, 0, 1]
+    datagram = v5_datagram(0, [("10.0.0.1", 7), ("10.0.0.2", 8)])  # both to 192.0.2.1
+    writer.append(make_block(1, socket.AF_INET, addr, np.array([9], np.uint16), [memoryview(datagram)]), 1)
+    writer.close()
+    assert commit_pending(lake, spool, keep=False) == 1
+    flows = lake.read("flows").sort_by("src_addr")
+    assert flows.column("src_vm").to_pylist() == ["vm-a", None]
+    assert flows.column("dst_vm").to_pylist() == ["vm-web", "vm-web"]
+    (path,) = lake.files("flows")
+    assert ATTRIBUTED_KEY.encode() in pq.read_metadata(path).metadata
+
+
 def test_second_signal_stops_at_once_and_the_next_start_commits_the_rest(tmp_path):
     lake = tmp_path / "lake"
     run = start_collector(tmp_path, lake, "--rotate", "1h")

@@ -220,9 +220,12 @@ class Lake:
         return pa.concat_tables([conform(pq.read_table(p), INGEST_MANIFEST) for p in paths])
 
     # ---- writing ----
-    def ingest(self, dataset: str, source: str, content_hash: str) -> IngestWriter:
-        """Open a writer for one source. Use as a context manager; call `commit()` at the end."""
-        return IngestWriter(self, DATASETS[dataset], source, content_hash)
+    def ingest(self, dataset: str, source: str, content_hash: str,
+               metadata: dict[str, str] | None = None) -> IngestWriter:
+        """Open a writer for one source. Use as a context manager; call `commit()` at the end.
+        `metadata` goes into the footer of every file written (e.g. query.ATTRIBUTED_KEY for flows that were
+        attributed before they landed)."""
+        return IngestWriter(self, DATASETS[dataset], source, content_hash, metadata=metadata)
 
     def replace_dataset(self, name: str, table: pa.Table) -> Path:
         """Replace an unpartitioned derived dataset (vm_leases, vms, intel) with `table`, atomically."""
@@ -297,8 +300,10 @@ class IngestWriter:
     """
 
     def __init__(self, lake: Lake, dataset: Dataset, source: str, content_hash: str,
-                 manifest: bool = True, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+                 manifest: bool = True, row_group_rows: int = ROW_GROUP_ROWS,
+                 metadata: dict[str, str] | None = None) -> None:
         self.lake = lake
+        self.metadata = metadata
         self.dataset = dataset
         self.source = source
         self.content_hash = content_hash
@@ -384,6 +389,8 @@ class IngestWriter:
             text = [f.name for f in self.dataset.schema if pa.types.is_string(f.type)]
             writer = pq.ParquetWriter(tmp, _writer_schema(self.dataset.schema), compression="zstd",
                                       store_schema=False, use_dictionary=text)
+            if self.metadata:  # footer key-value metadata (store_schema=False keeps no schema metadata)
+                writer.add_key_value_metadata(self.metadata)  # pyarrow >= 13
             self._writers[key] = writer
         writer.write_table(table, row_group_size=self.row_group_rows)
 
