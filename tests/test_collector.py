@@ -6,6 +6,7 @@
    the spool at a kill lands exactly once after restart, with templates restored from the persisted state.
 3. garbage mixed with good datagrams: counted per exporter, every good record lands.
 4. --allow: senders outside the allowed networks are dropped, counted and named.
+Plus: flows attributed to VMs as they land, a second signal, torn tails and a full disk, option parsing.
 """
 
 from __future__ import annotations
