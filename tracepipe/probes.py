@@ -302,7 +302,7 @@ def nfcapd_receiving(
         "-t",
         "3600",
         "-B",
-        "8388608",
+        "33554432",
     ]
     if ":" in host:
         cmd.append("-6")
