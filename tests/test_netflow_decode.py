@@ -718,3 +718,23 @@ def test_mutated_real_datagrams_and_random_bytes_never_raise(real, seed, junk, v
     assert result.flows.num_rows + result.rejects.num_rows + state.pending_count >= 1
     leftovers = flush_pending(DecoderState.from_json(state.to_json()), "x")
     assert leftovers.num_rows == state.pending_count
+
+
+@pytest.mark.parametrize("inclusive", [False, True])
+def test_ipfix_sequence_numbering_rfc_and_softflowd_without_false_gaps(inclusive):
+    # RFC 7011 numbers a message by the data records before it, softflowd by those up to and including it;
+    # equal counts in the first messages fit both, so the convention is only settled by a later message
+    layout = [(8, 4), (12, 4), (1, 4)]
+    record = pack_values(layout, {8: 1, 12: 2, 1: 3})
+    counts = [3, 3, 3, 5, 1, 4, 2]
+    messages, total = [], 0
+    for i, n in enumerate(counts):
+        sets = [flowset(2, template_record(256, layout))] if i == 0 else []
+        seq = total + n if inclusive else total
+        messages.append(ipfix_message(*sets, flowset(256, record * n), seq=seq))
+        total += n
+    result, _ = decode(messages)
+    assert result.flows.num_rows == sum(counts)
+    assert (result.stats[EXPORTER]["sequence_gaps"], result.stats[EXPORTER]["lost"]) == (0, 0)
+    dropped, _ = decode(messages[:4] + messages[5:])  # the message of 1 record lost
+    assert (dropped.stats[EXPORTER]["sequence_gaps"], dropped.stats[EXPORTER]["lost"]) == (1, 1)

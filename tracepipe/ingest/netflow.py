@@ -899,13 +899,21 @@ def _track_ipfix(
     everything = data + options
     if not track.locked and track.last is not None:
         last_seq, last_data, last_all = track.last
+        matches = []
         for after, with_options in ((False, True), (False, False), (True, False), (True, True)):
             base = last_seq if after else last_seq + (last_all if with_options else last_data)
             own = (everything if with_options else data) if after else 0
             if (seq - own - base) % WRAP == 0:
-                track.locked, track.after, track.with_options = True, after, with_options
-                track.expected = (last_seq if after else base) % WRAP
-                break
+                matches.append((after, with_options, (last_seq if after else base) % WRAP))
+        if matches:
+            track.after, track.with_options, track.expected = matches[0]
+            afters = {m[0] for m in matches}
+            if len(afters) == 1:  # else equal record counts fit both numberings: decide on a later message
+                track.locked = True
+                options_fit = {m[1] for m in matches}
+                # options records counted or not is only told by a message that has some; until then, what
+                # each convention's reference does: RFC 7011 counts them, softflowd does not
+                track.with_options = options_fit.pop() if len(options_fit) == 1 else not track.after
     track.last = [seq, data, everything]
     count = everything if track.with_options else data
     _track_sequence(batch, exporter, key, (seq - count) % WRAP if track.after else seq, count)
