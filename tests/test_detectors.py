@@ -72,6 +72,9 @@ def test_each_planted_host_is_alerted_by_its_detector_with_its_vm(story_lake, al
         assert alert["peer"] == planted.peer
     evidence = json.loads(alert["evidence"])
     assert evidence["flows"], "evidence must hold flow rows"
+    assert evidence["matched_flows"] >= len(evidence["flows"]) and evidence["top_ports"]
+    if planted.peer:
+        assert evidence["top_peers"][0]["peer"] == planted.peer
     assert all(planted.addr in (f["src_addr"], f["dst_addr"]) for f in evidence["flows"])
 
 

@@ -764,9 +764,10 @@ def alert_id(
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def evidence_rows(lake: Lake, alerts: pl.DataFrame, limit: int) -> dict[int, list[dict]]:
-    """Up to `limit` flow rows per alert (row index -> rows): the flows between addr and peer (or on the
-    alert's port) in its window, biggest first. One lazy scan for all alerts."""
+def evidence_rows(lake: Lake, alerts: pl.DataFrame, limit: int, top: int = 5) -> dict[int, dict]:
+    """Evidence per alert (row index -> {"flows", "top_peers", "top_ports", "matched_flows"}): up to `limit`
+    flow rows between addr and peer (or on the alert's port) in its window, biggest first, and the peers and
+    ports of ALL those flows ranked by flow count. One lazy scan for all alerts."""
     if alerts.is_empty() or limit <= 0:
         return {}
     start, end = alerts.get_column("window_start").min(), alerts.get_column("window_end").max()
@@ -786,7 +787,7 @@ def evidence_rows(lake: Lake, alerts: pl.DataFrame, limit: int) -> dict[int, lis
                 _other=pl.col(other)
             )
         )
-    joined = (
+    matched = (
         pl.concat(sides)
         .filter((pl.col("ts_start") >= pl.col("window_start")) & (pl.col("ts_start") < pl.col("window_end")))
         .filter(pl.col("peer").is_null() | (pl.col("_other") == pl.col("peer")))
@@ -795,14 +796,30 @@ def evidence_rows(lake: Lake, alerts: pl.DataFrame, limit: int) -> dict[int, lis
             | (pl.col("dst_port") == pl.col("port"))
             | (pl.col("src_port") == pl.col("port"))
         )
-        .sort("bytes", descending=True)
-        .group_by("_alert")
-        .head(limit)
-        .collect(engine="streaming")
     )
-    out: dict[int, list[dict]] = {}
-    for alert, rows in joined.sort("_alert", "ts_start").group_by("_alert", maintain_order=True):
-        out[int(alert[0])] = rows.select(list(EVIDENCE_COLUMNS)).to_dicts()
+    rows = matched.sort("bytes", descending=True).group_by("_alert").head(limit).collect(engine="streaming")
+
+    def ranked(column: str, name: str) -> pl.DataFrame:
+        return (
+            matched.group_by("_alert", pl.col(column).alias(name))
+            .agg(flows=pl.len(), bytes=pl.col("bytes").sum())
+            .sort(["_alert", "flows", "bytes"], descending=[False, True, True])
+            .group_by("_alert", maintain_order=True)
+            .head(top)
+            .collect(engine="streaming")
+        )
+
+    peers, ports = ranked("_other", "peer"), ranked("dst_port", "port")
+    totals = matched.group_by("_alert").agg(matched_flows=pl.len()).collect(engine="streaming")
+    out: dict[int, dict] = {
+        int(a): {"flows": [], "top_peers": [], "top_ports": [], "matched_flows": int(n)}
+        for a, n in totals.iter_rows()
+    }
+    for alert, group in rows.sort("_alert", "ts_start").group_by("_alert", maintain_order=True):
+        out[int(alert[0])]["flows"] = group.select(list(EVIDENCE_COLUMNS)).to_dicts()
+    for key, frame in (("top_peers", peers), ("top_ports", ports)):
+        for alert, group in frame.group_by("_alert", maintain_order=True):
+            out[int(alert[0])][key] = group.drop("_alert").to_dicts()
     return out
 
 
@@ -838,7 +855,13 @@ def finalize(
                 "reason": row["reason"].replace("{who}", describe_host(row)),
                 **{c: row.get(c) for c in LEASE_COLUMNS},
                 "features": row["features"],
-                "evidence": json.dumps({"port": row["port"], "flows": evidence.get(index, [])}, default=str),
+                "evidence": json.dumps(
+                    {
+                        "port": row["port"],
+                        **evidence.get(index, {"flows": [], "top_peers": [], "top_ports": []}),
+                    },
+                    default=str,
+                ),
                 "pipeline": pipeline,
                 "created_at": created_at,
             }
