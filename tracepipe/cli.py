@@ -515,14 +515,14 @@ def sweep_command(
     if output_format == OutputFormat.json:
         print_json(summary)
     else:
-        out.print(f"[bold]{result.pipeline}[/bold]: {result.message}")
+        out.print(f"[bold]{result.pipeline}[/bold]: {result.message}", soft_wrap=True)
         for row in summary["top"]:
             out.print(f"  [{'red' if row['score'] and row['score'] >= 0.8 else 'yellow'}]{row['detector']:>15}"
-                      f"[/] {row['score']:.2f}  {row['reason']}")
+                      f"[/] {row['score']:.2f}  {row['reason']}", soft_wrap=True)
         for note in result.notes:
-            out.print(f"  note: {note}")
+            out.print(f"  note: {note}", soft_wrap=True)
         for kind, path in result.report_paths.items():
-            out.print(f"  report ({kind}): {path}")
+            out.print(f"  report ({kind}): {path}", soft_wrap=True)
     raise typer.Exit(result.exit_code)
 
 
@@ -585,7 +585,8 @@ def model_score_command(
         return
     for r in rows:
         why = "; ".join(f"{e['feature']}={e['value']:g} (baseline {e['baseline']:g})" for e in r["explanation"])
-        out.print(f"{r['anomaly_score']:.3f}  {r['host']:<20} {r['window_start']:%Y-%m-%d %H:%M}  {why}")
+        out.print(f"{r['anomaly_score']:.3f}  {r['host']:<20} {r['window_start']:%Y-%m-%d %H:%M}  {why}",
+                  soft_wrap=True)
 
 
 @intel_app.command("import")
