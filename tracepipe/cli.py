@@ -312,8 +312,15 @@ def sql_command(
     shell: Annotated[bool, typer.Option("--shell", help="Interactive session with the same views.")] = False,
     max_rows: Annotated[int, typer.Option("--max-rows", help="Rows shown by --format table.")] = 1000,
     lake: LakeOption = Path(DEFAULT_LAKE),
+    engine: Annotated[str, typer.Option("--engine", help="duckdb, or spark (the same SQL, transpiled; needs "
+                                                         "tracepipe[spark] and Java).")] = "duckdb",
+    spark_master: Annotated[str | None, typer.Option("--spark-master", help="Spark master: local[*], yarn, "
+                                                                            "k8s://https://host:443, spark://...")]
+    = None,
+    spark_conf: Annotated[list[str] | None, typer.Option("--spark-conf", help="Spark conf key=value "
+                                                                              "(repeatable).")] = None,
 ) -> None:
-    """Run read-only DuckDB SQL over the lake.
+    """Run read-only DuckDB SQL over the lake (or the same SQL on Spark with --engine spark).
 
     Views: flows, flows_attributed, vm_events, vm_leases, vms, vm_logs, intel, alerts, rejects. Macros:
     who_had(addr, ts), cidr_contains(cidr, addr), ip_to_num(addr), ip_between(addr, lo, hi).
@@ -341,8 +348,13 @@ def sql_command(
         text = query
     else:
         raise UsageError("give a query, -f FILE, '-' for stdin, or --shell")
-    con = q.connect(lake_)
-    relation = q.run_read_only(con, text)
+    if engine != "duckdb":
+        from tracepipe.engines import engine_relation, parse_conf
+
+        relation = engine_relation(lake_, text, engine, spark_master=spark_master, spark_conf=parse_conf(spark_conf))
+    else:
+        con = q.connect(lake_)
+        relation = q.run_read_only(con, text)
     if relation is None:
         return
     if fmt == SqlFormat.table:

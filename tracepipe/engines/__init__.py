@@ -114,3 +114,13 @@ def run_sql(lake: Lake, sql: str, engine: str = "duckdb", params: Mapping[str, A
     """One query on a freshly opened engine: what `tracepipe sql --engine ...` calls."""
     with engine_session(lake, engine, spark_master=spark_master, spark_conf=spark_conf) as opened:
         return opened.query(sql, params)
+
+
+def engine_relation(lake: Lake, sql: str, engine: str, *, spark_master: str | None = None,
+                    spark_conf: Mapping[str, str] | None = None) -> Any:
+    """`run_sql` on `engine`, as a DuckDB relation over the Arrow result, so that `tracepipe sql` prints and
+    exports it exactly like a DuckDB result."""
+    import duckdb
+
+    table = run_sql(lake, sql, engine, spark_master=spark_master, spark_conf=spark_conf)
+    return duckdb.arrow(table)
