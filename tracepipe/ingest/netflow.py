@@ -144,6 +144,22 @@ class Template:
         return cls.build([tuple(f) for f in obj["fields"]], obj["options"], obj["scope"], obj["version"])
 
 
+_INTERNED: dict[tuple, Template] = {}
+_INTERNED_MAX = 4096  # a template flood must not grow memory without bound
+
+
+def _intern(tpl: Template) -> Template:
+    """One Template object per distinct layout (fields, options, scope, version), across exporters."""
+    key = (tuple(tpl.fields), tpl.options, tpl.scope_count, tpl.version)
+    found = _INTERNED.get(key)
+    if found is not None:
+        return found
+    if len(_INTERNED) >= _INTERNED_MAX:
+        _INTERNED.clear()
+    _INTERNED[key] = tpl
+    return tpl
+
+
 _NUMERIC = {1: "u1", 2: ">u2", 4: ">u4", 8: ">u8"}
 
 
@@ -249,7 +265,7 @@ class DecoderState:
 
         obj = json.loads(text)
         state = cls()
-        state.templates = {key(k, 3): Template.from_obj(v) for k, v in obj.get("templates", {}).items()}
+        state.templates = {key(k, 3): _intern(Template.from_obj(v)) for k, v in obj.get("templates", {}).items()}
         state.sequences = {key(k, 2): _Sequence.from_obj(v) for k, v in obj.get("sequences", {}).items()}
         state.sampling = {key(k, 1): v for k, v in obj.get("sampling", {}).items()}
         state.sys_init_ms = {key(k, 1): v for k, v in obj.get("sys_init_ms", {}).items()}
@@ -688,7 +704,7 @@ def _fixed_from_variable(tpl: Template, body: bytes | memoryview) -> tuple[Templ
     """Rewrite records of a template with variable-length fields to its fixed projection (rare: per record)."""
     projected = _PROJECTIONS.get(id(tpl))
     if projected is None or projected.fields != [f for f in tpl.fields if f[1] != VARIABLE_LENGTH]:
-        projected = _PROJECTIONS[id(tpl)] = tpl.fixed_projection()
+        projected = _PROJECTIONS[id(tpl)] = _intern(tpl.fixed_projection())
     out = bytearray()
     pos, end, count = 0, len(body), 0
     min_len = sum(length if length != VARIABLE_LENGTH else 1 for _, length, _ in tpl.fields)
@@ -796,7 +812,10 @@ def _read_templates(
             batch.reject(offset, exporter, "bad template", f"template {tid}: records of 0 bytes")
             continue
         key = (exporter, version, domain, tid)
-        state.templates[key] = tpl  # a redefinition replaces the old layout (RFC 7011 §8.1)
+        # a redefinition replaces the old layout (RFC 7011 §8.1); a refresh of the same layout (softflowd re-sends
+        # its templates every ~20 datagrams) keeps one shared object, so that all records of one layout in a
+        # batch are decoded as one group
+        state.templates[key] = _intern(tpl)
         waiting = state.pending.pop(key, None)
         if waiting:
             state.pending_count -= len(waiting)
