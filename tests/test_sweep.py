@@ -409,3 +409,17 @@ def test_engine_other_than_duckdb_is_a_usage_error(story_lake):
 
     with pytest.raises(UsageError, match="engine 'spark'"):
         run_sweep(lake, pipeline, *story.last_day, engine="spark")
+
+
+def test_unwritable_report_dir_is_exit_4_and_alerts_stay(story_lake, tmp_path):
+    lake, story, _ = story_lake
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the report folder should be")
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(pipeline_text(blocker / "reports"))
+    from tracepipe.errors import LakeError
+
+    with pytest.raises(LakeError, match="cannot write the sweep report") as info:
+        run_sweep(lake, pipeline, *story.last_day)
+    assert info.value.exit_code == EXIT_FAILED
+    assert lake.read("alerts").num_rows > 0

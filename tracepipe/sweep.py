@@ -25,7 +25,15 @@ import pyarrow as pa
 
 from tracepipe.detect import detectors as det
 from tracepipe.detect.features import compute_features, floor_time, scan_flows, utc
-from tracepipe.errors import EXIT_FAILED, EXIT_FOUND, EXIT_OK, EXIT_PARTIAL, TracepipeError, UsageError
+from tracepipe.errors import (
+    EXIT_FAILED,
+    EXIT_FOUND,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    LakeError,
+    TracepipeError,
+    UsageError,
+)
 from tracepipe.lake import Lake
 from tracepipe.pipeline_config import PipelineConfig, load_pipeline
 from tracepipe.schema import ALERTS
@@ -209,14 +217,20 @@ def anomaly_stage(ctx: det.DetectContext, rule_hosts: set[str], notes: list[str]
 def write_reports(lake: Lake, config: PipelineConfig, result: SweepResult) -> dict[str, Path]:
     """The JSON report (always) and the HTML one (tracepipe.report, when installed)."""
     out_dir = Path(config.output.report_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"sweep-{config.pipeline.name}-{result.since:%Y%m%dT%H%M}-{result.until:%Y%m%dT%H%M}"
     paths: dict[str, Path] = {}
     json_path = out_dir / f"{stem}.json"
     report = {"summary": result.summary(), "alerts": [_jsonable(r) for r in result.alerts.to_pylist()]}
     tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(json_path)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report, indent=2, default=str))
+        tmp.replace(json_path)
+    except OSError as exc:
+        raise LakeError(
+            f"cannot write the sweep report to {out_dir}: {exc.strerror}. The alerts are in the lake; "
+            f"fix output.report_dir in {config.path or 'the pipeline file'} (or its permissions)."
+        ) from exc
     paths["json"] = json_path
     if config.output.html:
         try:
