@@ -90,7 +90,7 @@ def session(master: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hosts", type=int, nargs="+", default=[40, 160, 640])
-    X
+    parser.add_argument("--rate", type=float, default=1.0, help="scales each ordinary host's activity")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir, removed)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
