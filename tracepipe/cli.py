@@ -503,7 +503,12 @@ def sweep_command(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline file, e.g. pipelines/nightly.toml.", show_default=False)],
     since: SinceOption = None,
     until: UntilOption = None,
-    engine: Annotated[str, typer.Option("--engine", help="Query engine (duckdb).")] = "duckdb",
+    engine: Annotated[str, typer.Option("--engine", help="duckdb, or spark (same detectors on Spark executors; "
+                                                         "needs tracepipe[spark] and Java).")] = "duckdb",
+    spark_master: Annotated[str | None, typer.Option("--spark-master", help="Spark master: local[*], yarn, "
+                                                                            "k8s://https://host:443, ...")] = None,
+    spark_conf: Annotated[list[str] | None, typer.Option("--spark-conf", help="Spark conf key=value "
+                                                                              "(repeatable).")] = None,
     lake: LakeOption = Path(DEFAULT_LAKE),
     output_format: FormatOption = OutputFormat.table,
 ) -> None:
@@ -518,11 +523,13 @@ def sweep_command(
 
     Example: tracepipe sweep pipelines/nightly.toml --since 2025-06-17T00:00 --until 2025-06-18T00:00 --lake /srv/lake
     """
+    from tracepipe.engines import parse_conf
     from tracepipe.sweep import run_sweep
 
     with console.status("sweep") as status:
         result = run_sweep(open_lake(lake), pipeline, _time_or_none(since), _time_or_none(until), engine=engine,
-                           on_stage=lambda name: status.update(f"sweep: {name}"))
+                           on_stage=lambda name: status.update(f"sweep: {name}"), spark_master=spark_master,
+                           spark_conf=parse_conf(spark_conf))
     summary = result.summary()
     if output_format == OutputFormat.json:
         print_json(summary)

@@ -39,7 +39,7 @@ from tracepipe.pipeline_config import PipelineConfig, load_pipeline
 from tracepipe.schema import ALERTS
 
 Stage = Callable[[str], None]
-ENGINES = ("duckdb",)  # detectors run as polars lazy + DuckDB here; "spark" is issue 8's engine
+ENGINES = ("duckdb", "spark")  # spark: the same detectors per host bucket (tracepipe.engines.spark_sweep)
 
 
 @dataclass
@@ -267,6 +267,8 @@ def run_sweep(
     now: dt.datetime | None = None,
     on_stage: Stage | None = None,
     write: bool = True,
+    spark_master: str | None = None,
+    spark_conf: dict[str, str] | None = None,
 ) -> SweepResult:
     """Run one pipeline over one window. Raises PipelineError (exit 2) for a bad file, LakeError (exit 4)
     when the lake cannot be written; everything else is in the result (exit_code, notes)."""
@@ -299,16 +301,23 @@ def run_sweep(
         return result
 
     intel = lake.read("intel") if config.detectors.intel.enabled else None
-    ctx = stage("prepare", lambda: det.prepare_context(lake, config, since, until, intel))
-    frames = []
-    for name, detector in det.DETECTORS.items():
-        if getattr(config.detectors, name).enabled:
-            frames.append(stage(name, lambda detector=detector: detector(ctx)))
-    candidates = pl.concat(frames) if frames else det._empty()
-    if config.model.enabled:
-        rule_hosts = set(candidates.get_column("addr").to_list())
-        frames.append(stage("anomaly", lambda: anomaly_stage(ctx, rule_hosts, result.notes)))
-        candidates = pl.concat(frames)
+    if engine == "spark":
+        from tracepipe.engines.spark import sweep_candidates
+
+        ctx, candidates = stage("spark", lambda: sweep_candidates(
+            lake, config, since, until, intel, master=spark_master, conf=spark_conf, notes=result.notes,
+            timings=timings))
+    else:
+        ctx = stage("prepare", lambda: det.prepare_context(lake, config, since, until, intel))
+        frames = []
+        for name, detector in det.DETECTORS.items():
+            if getattr(config.detectors, name).enabled:
+                frames.append(stage(name, lambda detector=detector: detector(ctx)))
+        candidates = pl.concat(frames) if frames else det._empty()
+        if config.model.enabled:
+            rule_hosts = set(candidates.get_column("addr").to_list())
+            frames.append(stage("anomaly", lambda: anomaly_stage(ctx, rule_hosts, result.notes)))
+            candidates = pl.concat(frames)
     alerts, stats = stage("finalize", lambda: det.finalize(candidates, ctx, config.pipeline.name))
     result.allowlisted = stats["allowlisted"]
     result.alerts = alerts
