@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import DataFrame, SparkSession
 
 CROSS_HOST = ("exfiltration",)  # compares hosts with each other: runs on the driver
+WINDOW_WIDE = ("beacon",)  # per-host results that also use a window-wide span (features.periodicity)
 BUCKET_COLUMN = "_bucket"
 HOST_COLUMNS = ("_src_in", "_dst_in")  # this row's src / dst is a local host of this bucket
 
@@ -60,6 +61,83 @@ class FramesContext(det.DetectContext):
         return facts.with_columns(
             window_start=((pl.col("ts_start").dt.epoch("us") // step) * step).cast(pl.Datetime("us", "UTC")),
         )
+
+
+# ---- window-wide facts inside per-host code -----------------------------------------------------------------
+# features.periodicity judges a pair's coverage against the span of ALL the flows it is given per window (a
+# lake-wide fact a host bucket cannot see). On Spark every call is made twice: once to observe each bucket's
+# (min, max) ts_start per window and call, then with two zero-byte rows of a sentinel pair at the global min and
+# max added, so that the span is the lake's and the sentinel pair (2 connections) never becomes a candidate.
+SENTINEL_SRC = "spark-sentinel"
+SENTINEL_DST = "spark-sentinel-peer"
+
+
+class _SpanPatch:
+    """Swaps features.periodicity (and detectors' import of it) for a recording or a span-injecting wrapper."""
+
+    def __init__(self, spans: dict[tuple[int, int], tuple[int, int]] | None) -> None:
+        self.spans = spans  # None: observe; else (call, window_start_us) -> (min_us, max_us) to inject
+        self.seen: list[tuple[int, int, int, int]] = []
+        self.calls = 0
+
+    def __enter__(self) -> _SpanPatch:
+        from tracepipe.detect import features
+
+        self._original = features.periodicity
+        features.periodicity = det.periodicity = self._wrapped  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from tracepipe.detect import features
+
+        features.periodicity = det.periodicity = self._original  # type: ignore[assignment]
+
+    def _wrapped(self, flows: pl.LazyFrame, window_s: float, *args: Any, **kwargs: Any) -> pl.LazyFrame:
+        from tracepipe.detect.features import bucket_expr
+
+        call = self.calls
+        self.calls += 1
+        step = int(window_s) * 1_000_000
+        if self.spans is None:
+            spans = (flows.group_by(bucket_expr("ts_start", window_s).dt.epoch("us").alias("w"))
+                     .agg(lo=pl.col("ts_start").min().dt.epoch("us"), hi=pl.col("ts_start").max().dt.epoch("us"))
+                     .collect())
+            self.seen.extend((call, w, lo, hi) for w, lo, hi in spans.iter_rows())
+            return self._original(flows, window_s, *args, **kwargs)
+        marks = [t for (c, _w), (lo, hi) in self.spans.items() if c == call for t in (lo, hi)]
+        if marks:
+            schema = flows.collect_schema()
+            sentinel = pl.DataFrame({"ts_start": marks}, schema={"ts_start": pl.Int64}).with_columns(
+                ts_start=pl.col("ts_start").cast(pl.Datetime("us", "UTC")))
+            sentinel = sentinel.with_columns(
+                [pl.lit(SENTINEL_SRC).alias("src_addr"), pl.lit(SENTINEL_DST).alias("dst_addr"),
+                 pl.lit(0).alias("bytes")]
+            )
+            sentinel = sentinel.with_columns(
+                [pl.lit(None).cast(dtype).alias(name) for name, dtype in schema.items() if name not in sentinel.columns]
+            ).select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
+            flows = pl.concat([flows, sentinel.lazy()])
+        del step
+        return self._original(flows, window_s, *args, **kwargs)
+
+
+SPAN_ARROW = pa.schema([("call", pa.int64()), ("w", pa.int64()), ("lo", pa.int64()), ("hi", pa.int64())])
+
+
+def _global_spans(routed: DataFrame, run: Callable[[pa.Table], None]) -> dict[tuple[int, int], tuple[int, int]]:
+    """Phase 1: each bucket runs `run` under an observing _SpanPatch; the lake-wide span per (call, window)."""
+    def observe(table: pa.Table) -> pa.Table:
+        with _SpanPatch(None) as patch:
+            run(table)
+        return pa.Table.from_pylist([dict(zip(SPAN_ARROW.names, row, strict=True)) for row in patch.seen],
+                                    schema=SPAN_ARROW)
+
+    seen = to_arrow(routed.groupBy(BUCKET_COLUMN).applyInArrow(observe, spark_schema(SPAN_ARROW)), SPAN_ARROW)
+    spans: dict[tuple[int, int], tuple[int, int]] = {}
+    for call, w, lo, hi in zip(*(seen.column(n).to_pylist() for n in SPAN_ARROW.names), strict=True):
+        old = spans.get((call, w))
+        spans[(call, w)] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+    return spans
 
 
 # ---- flows, routed to host buckets --------------------------------------------------------------------------
@@ -120,25 +198,36 @@ def _arrow(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
     return frame.to_arrow().select(schema.names).cast(schema)
 
 
-def _bucket_detectors(base: det.DetectContext, names: list[str]) -> Callable[[pa.Table], pa.Table]:
+def _bucket_detectors(base: det.DetectContext, names: list[str],
+                      spans: dict[tuple[int, int], tuple[int, int]] | None = None) -> Callable[[pa.Table], pa.Table]:
     def run(table: pa.Table) -> pa.Table:
         frame, hosts = _bucket_frame(table)
-        found = det.run_detectors(FramesContext(base, frame), names)
+        context = FramesContext(base, frame)
+        context.local = [*context.local, SENTINEL_SRC]
+        if spans is None:
+            found = det.run_detectors(context, names)
+        else:
+            with _SpanPatch(spans):
+                found = det.run_detectors(context, names)
         return _arrow(found.filter(pl.col("addr").is_in(sorted(hosts))), CANDIDATE_ARROW)
 
     return run
 
 
 def _bucket_features(base: det.DetectContext, local: list[str], window_s: float, history: dt.datetime,
-                     since: dt.datetime, schema: pa.Schema) -> Callable[[pa.Table], pa.Table]:
+                     since: dt.datetime, schema: pa.Schema,
+                     spans: dict[tuple[int, int], tuple[int, int]] | None = None) -> Callable[[pa.Table], pa.Table]:
     """What features.compute_features does for the lake, for one bucket's flows."""
     def run(table: pa.Table) -> pa.Table:
         frame, hosts = _bucket_frame(table)
-        facts = with_flow_facts(frame.lazy(), local, base.night)
-        features = (host_features(facts, window_s, history_start=history)
-                    .filter(pl.col("window_start") >= floor_time(since, window_s))
-                    .filter(pl.col("host").is_in(sorted(hosts)))
-                    .collect())
+        facts = with_flow_facts(frame.lazy(), [*local, SENTINEL_SRC], base.night)
+        if spans is None:
+            features = host_features(facts, window_s, history_start=history).collect()
+        else:
+            with _SpanPatch(spans):
+                features = host_features(facts, window_s, history_start=history).collect()
+        features = (features.filter(pl.col("window_start") >= floor_time(since, window_s))
+                    .filter(pl.col("host").is_in(sorted(hosts))))
         return _arrow(features, schema)
 
     return run
@@ -150,8 +239,16 @@ def _features_schema(base: det.DetectContext, window_s: float) -> pa.Schema:
     facts = with_flow_facts(empty._frame.lazy(), [], base.night)
     frame = host_features(facts, window_s, history_start=None).collect()
     schema = frame.to_arrow().schema
-    return pa.schema([pa.field(f.name, pa.string() if pa.types.is_large_string(f.type) or
-                               pa.types.is_string_view(f.type) else f.type) for f in schema])
+    return pa.schema([pa.field(f.name, _signed(f.type)) for f in schema])
+
+
+def _signed(arrow_type: pa.DataType) -> pa.DataType:
+    """A type Spark has: text as string, unsigned counts (polars n_unique/len are UInt32) as int64."""
+    if pa.types.is_large_string(arrow_type) or pa.types.is_string_view(arrow_type):
+        return pa.string()
+    if pa.types.is_unsigned_integer(arrow_type):
+        return pa.int64()
+    return arrow_type
 
 
 # ---- the sweep ---------------------------------------------------------------------------------------------
@@ -195,7 +292,9 @@ def sweep_candidates(lake: Lake, config: PipelineConfig, since: dt.datetime, unt
         spans = [ctx.span(det._window_of(config, n)) for n in per_host]
         start, end = min(s for s, _ in spans), max(e for _, e in spans)
         routed = route(window_flows(spark, lake, start, end), ctx.local, buckets)
-        found = routed.groupBy(BUCKET_COLUMN).applyInArrow(_bucket_detectors(ctx, per_host),
+        spans = _global_spans(routed, _bucket_detectors(ctx, [n for n in per_host if n in WINDOW_WIDE]))
+        lap("spans")
+        found = routed.groupBy(BUCKET_COLUMN).applyInArrow(_bucket_detectors(ctx, per_host, spans),
                                                            spark_schema(CANDIDATE_ARROW))
         frames.append(pl.from_arrow(to_arrow(found, CANDIDATE_ARROW)))
         lap("rules")
@@ -255,8 +354,10 @@ def _anomaly(spark: SparkSession, ctx: det.DetectContext, rule_hosts: set[str], 
     flows = window_flows(spark, ctx.lake, history, ctx.until)
     local = sorted(local_hosts(flows, ctx.config.pipeline.local_networks))
     schema = _features_schema(ctx, window_s)
-    features = route(flows, local, buckets).groupBy(BUCKET_COLUMN).applyInArrow(
-        _bucket_features(ctx, local, window_s, history, ctx.since, schema), spark_schema(schema))
+    routed = route(flows, local, buckets)
+    spans = _global_spans(routed, _bucket_features(ctx, local, window_s, history, ctx.since, schema))
+    features = routed.groupBy(BUCKET_COLUMN).applyInArrow(
+        _bucket_features(ctx, local, window_s, history, ctx.since, schema, spans), spark_schema(schema))
     scored_schema = pa.schema([*schema, pa.field("anomaly_score", pa.float64()), pa.field("explanation", pa.string())])
     top = cfg.top_features
 
