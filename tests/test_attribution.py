@@ -27,22 +27,77 @@ def at(base: dt.datetime, hours: float) -> dt.datetime:
 # 10.0.0.5: vm-a 07:00-09:00 (deleted), nobody 09:00-10:00, vm-b from 10:00 (still holds it, into day 2).
 # 2001:db8::7: vm-c 08:00-12:00. 10.0.0.9: vm-d from 06:00 on day 2.
 LEASES = [
-    {"addr": "10.0.0.5", "vm_id": "vm-a", "vm_name": "alpha", "project": "physics", "user": "ann",
-     "hypervisor": "compute-1", "valid_from": at(DAY1, 7), "valid_to": at(DAY1, 9), "vm_status": "deleted"},
-    {"addr": "10.0.0.5", "vm_id": "vm-b", "vm_name": "beta", "project": "biology", "user": "bob",
-     "hypervisor": "compute-2", "valid_from": at(DAY1, 10), "valid_to": None, "vm_status": "active"},
-    {"addr": "2001:db8::7", "vm_id": "vm-c", "vm_name": "gamma", "project": "physics", "user": "ann",
-     "hypervisor": "compute-1", "valid_from": at(DAY1, 8), "valid_to": at(DAY1, 12), "vm_status": "stopped"},
-    {"addr": "10.0.0.9", "vm_id": "vm-d", "vm_name": "delta", "project": "chemistry", "user": "cat",
-     "hypervisor": "compute-3", "valid_from": at(DAY2, 6), "valid_to": None, "vm_status": "active"},
+    {
+        "addr": "10.0.0.5",
+        "vm_id": "vm-a",
+        "vm_name": "alpha",
+        "project": "physics",
+        "user": "ann",
+        "hypervisor": "compute-1",
+        "valid_from": at(DAY1, 7),
+        "valid_to": at(DAY1, 9),
+        "vm_status": "deleted",
+    },
+    {
+        "addr": "10.0.0.5",
+        "vm_id": "vm-b",
+        "vm_name": "beta",
+        "project": "biology",
+        "user": "bob",
+        "hypervisor": "compute-2",
+        "valid_from": at(DAY1, 10),
+        "valid_to": None,
+        "vm_status": "active",
+    },
+    {
+        "addr": "2001:db8::7",
+        "vm_id": "vm-c",
+        "vm_name": "gamma",
+        "project": "physics",
+        "user": "ann",
+        "hypervisor": "compute-1",
+        "valid_from": at(DAY1, 8),
+        "valid_to": at(DAY1, 12),
+        "vm_status": "stopped",
+    },
+    {
+        "addr": "10.0.0.9",
+        "vm_id": "vm-d",
+        "vm_name": "delta",
+        "project": "chemistry",
+        "user": "cat",
+        "hypervisor": "compute-3",
+        "valid_from": at(DAY2, 6),
+        "valid_to": None,
+        "vm_status": "active",
+    },
 ]
 VMS_ROWS = [
-    {"vm_id": "vm-a", "vm_name": "alpha", "project": "physics", "user": "ann", "hypervisor": "compute-1",
-     "status": "deleted", "deleted_at": at(DAY1, 9)},
-    {"vm_id": "vm-b", "vm_name": "beta", "project": "biology", "user": "bob", "hypervisor": "compute-2",
-     "status": "active"},
-    {"vm_id": "vm-c", "vm_name": "gamma", "project": "physics", "user": "ann", "hypervisor": "compute-1",
-     "status": "stopped"},
+    {
+        "vm_id": "vm-a",
+        "vm_name": "alpha",
+        "project": "physics",
+        "user": "ann",
+        "hypervisor": "compute-1",
+        "status": "deleted",
+        "deleted_at": at(DAY1, 9),
+    },
+    {
+        "vm_id": "vm-b",
+        "vm_name": "beta",
+        "project": "biology",
+        "user": "bob",
+        "hypervisor": "compute-2",
+        "status": "active",
+    },
+    {
+        "vm_id": "vm-c",
+        "vm_name": "gamma",
+        "project": "physics",
+        "user": "ann",
+        "hypervisor": "compute-1",
+        "status": "stopped",
+    },
 ]  # vm-d only in leases (an inventory CSV without a vms row): names still come through
 
 # (ts_start, src, dst, expected src_vm, expected dst_vm)
@@ -61,12 +116,25 @@ FLOWS_EXPECTED = [
 
 
 def flows_table(rows) -> pa.Table:
-    return pa.Table.from_pylist([
-        {"ts_start": ts, "ts_end": ts + dt.timedelta(seconds=30), "src_addr": src, "dst_addr": dst,
-         "src_port": 40000 + i, "dst_port": 443, "proto": 6, "packets": 3, "bytes": 1000 + i, "ip_version": 4,
-         "source": f"test-row-{i}"}
-        for i, (ts, src, dst, *_rest) in enumerate(rows)
-    ], schema=FLOWS)
+    return pa.Table.from_pylist(
+        [
+            {
+                "ts_start": ts,
+                "ts_end": ts + dt.timedelta(seconds=30),
+                "src_addr": src,
+                "dst_addr": dst,
+                "src_port": 40000 + i,
+                "dst_port": 443,
+                "proto": 6,
+                "packets": 3,
+                "bytes": 1000 + i,
+                "ip_version": 4,
+                "source": f"test-row-{i}",
+            }
+            for i, (ts, src, dst, *_rest) in enumerate(rows)
+        ],
+        schema=FLOWS,
+    )
 
 
 @pytest.fixture()
@@ -80,8 +148,10 @@ def lake(tmp_path) -> Lake:
 
 def attributed_view(lake: Lake) -> list[tuple]:
     con = query.connect(lake)
-    return con.sql("SELECT source, src_vm, dst_vm, src_vm_name, src_project, src_user, src_hypervisor, "
-                   "src_vm_status, dst_vm_name, dst_project FROM flows_attributed ORDER BY source").fetchall()
+    return con.sql(
+        "SELECT source, src_vm, dst_vm, src_vm_name, src_project, src_user, src_hypervisor, "
+        "src_vm_status, dst_vm_name, dst_project FROM flows_attributed ORDER BY source"
+    ).fetchall()
 
 
 def expected_by_source() -> dict[str, tuple[str | None, str | None]]:
@@ -101,16 +171,25 @@ def test_query_time_and_attributed_answers_agree(lake):
     after = attributed_view(lake)
     assert after == before
     by_source = {r[0]: r for r in after}
-    assert by_source["test-row-2"][3:10] == ("alpha", "physics", "ann", "compute-1", "deleted", "gamma",
-                                             "physics")
+    assert by_source["test-row-2"][3:10] == (
+        "alpha",
+        "physics",
+        "ann",
+        "compute-1",
+        "deleted",
+        "gamma",
+        "physics",
+    )
     assert by_source["test-row-9"][3:6] == ("delta", "chemistry", "cat")  # from vm_leases, no vms row
 
 
 def test_reused_address_each_vm_in_its_own_interval_never_both(lake):
     attribute_flows(lake)
     con = query.connect(lake)
-    rows = con.sql("SELECT src_vm, min(ts_start), max(ts_start), count(*) FROM flows_attributed "
-                   "WHERE src_addr = '10.0.0.5' GROUP BY src_vm ORDER BY 2").fetchall()
+    rows = con.sql(
+        "SELECT src_vm, min(ts_start), max(ts_start), count(*) FROM flows_attributed "
+        "WHERE src_addr = '10.0.0.5' GROUP BY src_vm ORDER BY 2"
+    ).fetchall()
     assert [(r[0], r[3]) for r in rows] == [(None, 2), ("vm-a", 2), ("vm-b", 1)]
     a = next(r for r in rows if r[0] == "vm-a")
     b = next(r for r in rows if r[0] == "vm-b")
@@ -149,16 +228,26 @@ def test_attributed_nobody_is_not_looked_up_again(lake):
     """A null src_vm in an attributed file means "nobody held it then" (as of the last attribution); a lease
     added later shows up once its days are re-attributed, which is what `ingest vm` does."""
     attribute_flows(lake)
-    late = [*LEASES, {"addr": "198.51.100.1", "vm_id": "vm-e", "vm_name": "epsilon", "project": "ext",
-                      "valid_from": at(DAY1, 6), "valid_to": at(DAY1, 10)}]
+    late = [
+        *LEASES,
+        {
+            "addr": "198.51.100.1",
+            "vm_id": "vm-e",
+            "vm_name": "epsilon",
+            "project": "ext",
+            "valid_from": at(DAY1, 6),
+            "valid_to": at(DAY1, 10),
+        },
+    ]
     lake.replace_dataset("vm_leases", pa.Table.from_pylist(late, schema=VM_LEASES))
     con = query.connect(lake)
     assert con.sql("SELECT count(*) FROM flows_attributed WHERE dst_vm = 'vm-e'").fetchall() == [(0,)]
     attribute_flows(lake, {"2024-03-12"})
     con = query.connect(lake)
     assert con.sql("SELECT count(*) FROM flows_attributed WHERE dst_vm = 'vm-e'").fetchall() == [(3,)]
-    assert con.sql("SELECT dst_vm_name, dst_project FROM flows_attributed WHERE dst_vm = 'vm-e' LIMIT 1"
-                   ).fetchall() == [("epsilon", "ext")]
+    assert con.sql(
+        "SELECT dst_vm_name, dst_project FROM flows_attributed WHERE dst_vm = 'vm-e' LIMIT 1"
+    ).fetchall() == [("epsilon", "ext")]
 
 
 def test_new_files_of_an_attributed_day_are_joined_at_query_time(lake):
@@ -167,8 +256,9 @@ def test_new_files_of_an_attributed_day_are_joined_at_query_time(lake):
     table = flows_table(extra).set_column(10 + 5, "source", pa.array(["late-file"]))
     ingest_table(lake, "flows", "late", "flows-attribution-late", [table])
     con = query.connect(lake)
-    assert con.sql("SELECT src_vm, src_vm_name FROM flows_attributed WHERE source = 'late-file'").fetchall() == [
-        ("vm-a", "alpha")]
+    assert con.sql(
+        "SELECT src_vm, src_vm_name FROM flows_attributed WHERE source = 'late-file'"
+    ).fetchall() == [("vm-a", "alpha")]
     assert con.sql("SELECT count(*) FROM _flows_todo").fetchall() == [(1,)]
 
 

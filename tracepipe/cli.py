@@ -388,28 +388,29 @@ def who_command(
     if output == OutputFormat.json:
         print_json(answer)
         return
+    screen = _data_console()
     at_text = f"{answer['at']:%Y-%m-%d %H:%M:%S} UTC"
     if not answer["held"]:
-        out.print(f"nobody held {answer['addr']} at {at_text}")
+        screen.print(f"nobody held {answer['addr']} at {at_text}")
         for key, label in (("previous_lease", "before"), ("next_lease", "after")):
             lease = answer[key]
             if lease:
-                out.print(f"  {label}: {lease['vm_name'] or ''} ({lease['vm_id']}) held it "
+                screen.print(f"  {label}: {lease['vm_name'] or ''} ({lease['vm_id']}) held it "
                           f"{lease['valid_from']:%Y-%m-%d %H:%M:%S} - "
                           f"{'now' if lease['valid_to'] is None else format(lease['valid_to'], '%Y-%m-%d %H:%M:%S')}")
     for lease in answer["leases"]:
         until = "still held" if lease["valid_to"] is None else f"{lease['valid_to']:%Y-%m-%d %H:%M:%S} UTC"
-        out.print(f"[bold]{answer['addr']}[/bold] at {at_text} was held by")
-        out.print(f"  VM          {lease['vm_name'] or '?'} ({lease['vm_id']})")
-        out.print(f"  project     {lease['project'] or '?'}")
-        out.print(f"  user        {lease['user'] or '?'}")
-        out.print(f"  hypervisor  {lease['hypervisor'] or '?'}   cloud {lease['cloud'] or '?'}   "
+        screen.print(f"[bold]{answer['addr']}[/bold] at {at_text} was held by")
+        screen.print(f"  VM          {lease['vm_name'] or '?'} ({lease['vm_id']})")
+        screen.print(f"  project     {lease['project'] or '?'}")
+        screen.print(f"  user        {lease['user'] or '?'}")
+        screen.print(f"  hypervisor  {lease['hypervisor'] or '?'}   cloud {lease['cloud'] or '?'}   "
                   f"address {lease['addr_kind'] or '?'}")
-        out.print(f"  lease       {lease['valid_from']:%Y-%m-%d %H:%M:%S} UTC -> {until}"
+        screen.print(f"  lease       {lease['valid_from']:%Y-%m-%d %H:%M:%S} UTC -> {until}"
                   + (f" ({lease['end_reason']})" if lease["end_reason"] else ""))
-        out.print(f"  VM now      {lease['now']}")
+        screen.print(f"  VM now      {lease['now']}")
     flows = answer["flows"]
-    out.print(f"flows of {answer['addr']} {flows['from']:%Y-%m-%d %H:%M} - {flows['to']:%H:%M} UTC: "
+    screen.print(f"flows of {answer['addr']} {flows['from']:%Y-%m-%d %H:%M} - {flows['to']:%H:%M} UTC: "
               f"{flows['flows']} flows ({flows['flows_out']} out, {flows['flows_in']} in), {flows['bytes']} bytes, "
               f"{flows['peers']} peers")
     _print_rows(flows["top_peers"], "top peers", ["peer", "flows", "bytes"])
@@ -433,8 +434,9 @@ def timeline_command(
     if output == OutputFormat.json:
         print_json(answer)
         return
+    screen = _data_console()
     info = answer["vm"]
-    out.print(f"[bold]{info['vm_name'] or '?'}[/bold] ({answer['vm_id']}) project {info['project'] or '?'}, "
+    screen.print(f"[bold]{info['vm_name'] or '?'}[/bold] ({answer['vm_id']}) project {info['project'] or '?'}, "
               f"user {info['user'] or '?'}, hypervisor {info['hypervisor'] or '?'}: {info['now']}")
     _print_rows(answer["events"], "lifecycle", ["ts", "action", "state", "event_type", "addrs", "addr"])
     _print_rows(answer["leases"], "leases", ["addr", "addr_kind", "valid_from", "valid_to", "end_reason"])

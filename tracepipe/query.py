@@ -215,7 +215,9 @@ def parse_addr(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text.strip()))
     except ValueError:
-        raise UsageError(f"address {text!r} does not parse: give one IPv4 or IPv6 address, e.g. 10.0.0.5") from None
+        raise UsageError(
+            f"address {text!r} does not parse: give one IPv4 or IPv6 address, e.g. 10.0.0.5"
+        ) from None
 
 
 def _rows(relation: duckdb.DuckDBPyRelation | duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
@@ -227,19 +229,25 @@ def _day(value: dt.datetime) -> dt.date:
     return value.astimezone(dt.UTC).date()
 
 
-def vm_now(status: str | None, deleted_at: dt.datetime | None, quarantine_until: dt.datetime | None,
-           now: dt.datetime | None = None) -> str:
+def vm_now(
+    status: str | None,
+    deleted_at: dt.datetime | None,
+    quarantine_until: dt.datetime | None,
+    now: dt.datetime | None = None,
+) -> str:
     """What a VM is now, in words: 'deleted 2024-03-12 09:12 UTC, image quarantined until 2024-03-19'."""
     now = now or dt.datetime.now(dt.UTC)
     text = (status or "unknown").replace("_", "-")
     if deleted_at is not None and status in ("deleted", "purged", "soft_deleted"):
         text += f" {deleted_at.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC"
     if quarantine_until is not None:
-        verb = "quarantined until" if quarantine_until > now else "was quarantined until (reclaimed)"
-        if status == "soft_deleted":
-            text += f", restorable; image {verb} {quarantine_until.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC"
-        else:
-            text += f", image {verb} {quarantine_until.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC"
+        until = f"{quarantine_until.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC"
+        kept = (
+            f"image quarantined until {until}"
+            if quarantine_until > now
+            else f"image kept until {until} (reclaimed since)"
+        )
+        text += (", restorable; " if status == "soft_deleted" else ", ") + kept
     elif status == "soft_deleted":
         text += " (quarantined, restorable)"
     return text
@@ -263,27 +271,36 @@ SELECT
     (SELECT coalesce(sum(bytes) FILTER (WHERE outbound), 0) FROM w) AS bytes_out,
     (SELECT coalesce(sum(bytes) FILTER (WHERE NOT outbound), 0) FROM w) AS bytes_in,
     (SELECT count(DISTINCT peer) FROM w) AS peers,
-    (SELECT list({'peer': peer, 'flows': n, 'bytes': b} ORDER BY b DESC, n DESC, peer) FROM (
+    (SELECT list({'peer': peer, 'flows': n, 'bytes': b} ORDER BY n DESC, b DESC, peer) FROM (
         SELECT peer, count(*) AS n, coalesce(sum(bytes), 0) AS b FROM w GROUP BY peer
-        ORDER BY b DESC, n DESC, peer LIMIT $top)) AS top_peers,
+        ORDER BY n DESC, b DESC, peer LIMIT $top)) AS top_peers,
     (SELECT list({'proto': proto, 'port': dst_port, 'flows': n, 'bytes': b} ORDER BY n DESC, b DESC, dst_port) FROM (
         SELECT proto, dst_port, count(*) AS n, coalesce(sum(bytes), 0) AS b FROM w GROUP BY proto, dst_port
         ORDER BY n DESC, b DESC, dst_port LIMIT $top)) AS top_ports
 """
 
 
-def flow_summary(con: duckdb.DuckDBPyConnection, addr: str, start: dt.datetime, stop: dt.datetime,
-                 top: int = 5) -> dict[str, Any]:
+def flow_summary(
+    con: duckdb.DuckDBPyConnection, addr: str, start: dt.datetime, stop: dt.datetime, top: int = 5
+) -> dict[str, Any]:
     """Flows of `addr` (either end) with start <= ts_start < stop: counts, bytes, top peers and ports."""
-    params = {"addr": addr, "start": start, "stop": stop, "first_day": _day(start), "last_day": _day(stop),
-              "top": top}
+    params = {
+        "addr": addr,
+        "start": start,
+        "stop": stop,
+        "first_day": _day(start),
+        "last_day": _day(stop),
+        "top": top,
+    }
     summary = _rows(con.execute(_FLOW_WINDOW_SQL, params))[0]
     summary["top_peers"] = summary["top_peers"] or []
     summary["top_ports"] = summary["top_ports"] or []
     return {"from": start, "to": stop, **summary}
 
 
-def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timedelta(hours=1)) -> dict[str, Any]:
+def who(
+    lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timedelta(hours=1)
+) -> dict[str, Any]:
     """Who held `addr` at `at`: the lease(s) valid then with what the VM is now, the leases just before and
     after (useful when nobody held it), and the address's flows in at ± window. All input is bound."""
     addr = parse_addr(addr)
@@ -292,12 +309,20 @@ def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timede
         leases = _rows(con.execute("SELECT * FROM who_had($addr, $at)", {"addr": addr, "at": at}))
         for lease in leases:
             lease["now"] = vm_now(lease["vm_status"], lease["deleted_at"], lease["quarantine_until"])
-        before = _rows(con.execute(
-            "SELECT vm_id, vm_name, project, valid_from, valid_to FROM vm_leases "
-            "WHERE addr = $addr AND valid_to <= $at ORDER BY valid_to DESC LIMIT 1", {"addr": addr, "at": at}))
-        after = _rows(con.execute(
-            "SELECT vm_id, vm_name, project, valid_from, valid_to FROM vm_leases "
-            "WHERE addr = $addr AND valid_from > $at ORDER BY valid_from LIMIT 1", {"addr": addr, "at": at}))
+        before = _rows(
+            con.execute(
+                "SELECT vm_id, vm_name, project, valid_from, valid_to FROM vm_leases "
+                "WHERE addr = $addr AND valid_to <= $at ORDER BY valid_to DESC LIMIT 1",
+                {"addr": addr, "at": at},
+            )
+        )
+        after = _rows(
+            con.execute(
+                "SELECT vm_id, vm_name, project, valid_from, valid_to FROM vm_leases "
+                "WHERE addr = $addr AND valid_from > $at ORDER BY valid_from LIMIT 1",
+                {"addr": addr, "at": at},
+            )
+        )
         flows = flow_summary(con, addr, at - window, at + window)
     finally:
         con.close()
@@ -317,12 +342,18 @@ def resolve_vm(con: duckdb.DuckDBPyConnection, vm: str) -> str:
     """A vm_id, or a name that one VM (in vms or vm_leases) carries -> vm_id; UsageError if none or several."""
     if con.execute("SELECT 1 FROM _vm_info WHERE vm_id = $vm LIMIT 1", {"vm": vm}).fetchall():
         return vm
-    ids = [row[0] for row in con.execute(
-        "SELECT DISTINCT vm_id FROM (SELECT vm_id, vm_name FROM _vm_info UNION ALL "
-        "SELECT vm_id, vm_name FROM vm_events) WHERE vm_name = $vm ORDER BY vm_id", {"vm": vm}).fetchall()]
+    ids = [
+        row[0]
+        for row in con.execute(
+            "SELECT DISTINCT vm_id FROM (SELECT vm_id, vm_name FROM _vm_info UNION ALL "
+            "SELECT vm_id, vm_name FROM vm_events) WHERE vm_name = $vm ORDER BY vm_id",
+            {"vm": vm},
+        ).fetchall()
+    ]
     if not ids:
-        raise UsageError(f"no VM with id or name {vm!r} in the lake; try `tracepipe sql \"SELECT vm_id, vm_name "
-                         "FROM vms\"`")
+        raise UsageError(
+            f'no VM with id or name {vm!r} in the lake; try `tracepipe sql "SELECT vm_id, vm_name FROM vms"`'
+        )
     if len(ids) > 1:
         raise UsageError(f"{len(ids)} VMs are named {vm!r} ({', '.join(ids)}); give the vm_id")
     return ids[0]
@@ -335,36 +366,60 @@ def timeline(lake: Lake, vm: str, limit: int = 200) -> dict[str, Any]:
     try:
         vm_id = resolve_vm(con, vm)
         params = {"vm": vm_id, "limit": limit}
-        info = _rows(con.execute(
-            "SELECT v.*, x.created_at, x.last_event_at, x.cloud FROM _vm_info v "
-            "LEFT JOIN vms x USING (vm_id) WHERE vm_id = $vm", {"vm": vm_id}))[0]
+        info = _rows(
+            con.execute(
+                "SELECT v.*, x.created_at, x.last_event_at, x.cloud FROM _vm_info v "
+                "LEFT JOIN vms x USING (vm_id) WHERE vm_id = $vm",
+                {"vm": vm_id},
+            )
+        )[0]
         info["now"] = vm_now(info["status"], info["deleted_at"], info["quarantine_until"])
-        events = _rows(con.execute(
-            "SELECT ts, action, state, event_type, addrs, addr, addr_kind, hypervisor, source, line "
-            "FROM vm_events WHERE vm_id = $vm ORDER BY ts, event_type LIMIT $limit", params))
-        leases = _rows(con.execute(
-            "SELECT addr, addr_kind, valid_from, valid_to, end_reason FROM vm_leases WHERE vm_id = $vm "
-            "ORDER BY valid_from, addr", {"vm": vm_id}))
+        events = _rows(
+            con.execute(
+                "SELECT ts, action, state, event_type, addrs, addr, addr_kind, hypervisor, source, line "
+                "FROM vm_events WHERE vm_id = $vm ORDER BY ts, event_type LIMIT $limit",
+                params,
+            )
+        )
+        leases = _rows(
+            con.execute(
+                "SELECT addr, addr_kind, valid_from, valid_to, end_reason FROM vm_leases WHERE vm_id = $vm "
+                "ORDER BY valid_from, addr",
+                {"vm": vm_id},
+            )
+        )
         flows = _vm_flows_per_hour(con, vm_id, leases, limit)
-        logs = _rows(con.execute(
-            "SELECT ts, hostname, app, severity, auth_event, auth_user, auth_src_addr, message FROM vm_logs "
-            "WHERE vm_id = $vm ORDER BY ts LIMIT $limit", params))
+        logs = _rows(
+            con.execute(
+                "SELECT ts, hostname, app, severity, auth_event, auth_user, auth_src_addr, message FROM vm_logs "
+                "WHERE vm_id = $vm ORDER BY ts LIMIT $limit",
+                params,
+            )
+        )
     finally:
         con.close()
-    return {"vm_id": vm_id, "vm": info, "events": events, "leases": leases, "flows_per_hour": flows,
-            "logs": logs}
+    return {
+        "vm_id": vm_id,
+        "vm": info,
+        "events": events,
+        "leases": leases,
+        "flows_per_hour": flows,
+        "logs": logs,
+    }
 
 
-def _vm_flows_per_hour(con: duckdb.DuckDBPyConnection, vm_id: str, leases: list[dict[str, Any]],
-                       limit: int) -> list[dict[str, Any]]:
+def _vm_flows_per_hour(
+    con: duckdb.DuckDBPyConnection, vm_id: str, leases: list[dict[str, Any]], limit: int
+) -> list[dict[str, Any]]:
     """Flows per hour of one VM, read only from the days and addresses of its leases (partition pruning)."""
     if not leases:
         return []
     first = min(lease["valid_from"] for lease in leases)
     last = max(lease["valid_to"] or dt.datetime.now(dt.UTC) for lease in leases)
     addrs = sorted({lease["addr"] for lease in leases})
-    return _rows(con.execute(
-        """
+    return _rows(
+        con.execute(
+            """
         SELECT date_trunc('hour', ts_start) AS hour,
                count(*) FILTER (WHERE src_vm = $vm) AS flows_out,
                count(*) FILTER (WHERE dst_vm = $vm) AS flows_in,
@@ -377,8 +432,9 @@ def _vm_flows_per_hour(con: duckdb.DuckDBPyConnection, vm_id: str, leases: list[
           AND "date" BETWEEN $first_day AND $last_day
         GROUP BY hour ORDER BY hour LIMIT $limit
         """,
-        {"vm": vm_id, "addrs": addrs, "first_day": _day(first), "last_day": _day(last), "limit": limit},
-    ))
+            {"vm": vm_id, "addrs": addrs, "first_day": _day(first), "last_day": _day(last), "limit": limit},
+        )
+    )
 
 
 # ---- results out of `tracepipe sql` ---------------------------------------------------------------------------

@@ -22,30 +22,27 @@ CREATE OR REPLACE MACRO _v6_no_dots(a) AS
                   ipv4_to_num(regexp_extract(a, '[^:]*$')) & 65535::UHUGEINT)
     ELSE a END;
 
--- '::' at either end gets a '0' so that exactly one '::' sits between two groups, then it becomes as many
--- ':0' groups as are missing to make eight.
-CREATE OR REPLACE MACRO _v6_pad_ends(a) AS
-    CASE WHEN ends_with(a, '::') THEN (CASE WHEN starts_with(a, '::') THEN '0' || a ELSE a END) || '0'
-         WHEN starts_with(a, '::') THEN '0' || a
-         ELSE a END;
+-- Text an IPv6 address may be: hex groups of 1-4 digits, one '::' at most, no ':' alone at either end.
+CREATE OR REPLACE MACRO _v6_shape_ok(s) AS
+    regexp_full_match(s, '[0-9a-f:]{2,39}')
+    AND NOT regexp_matches(s, '[0-9a-f]{5}|:::|::.*::|^:[^:]|[^:]:$');
 
-CREATE OR REPLACE MACRO _v6_expand(s) AS
-    CASE WHEN contains(s, '::') THEN
-        replace(s, '::', ':' || repeat('0:', 8 - (length(s) - length(replace(s, ':', '')))))
-    ELSE s END;
+-- Every group padded to 4 digits ('000' before each, then keep the last 4), '::' kept as a 'z' mark, colons
+-- dropped: '2001:db8::1' -> '20010db8z0001'. Each step reads the previous one once (macros are inlined:
+-- an argument used n times is copied n times, so nesting must not multiply).
+CREATE OR REPLACE MACRO _v6_packed(s) AS
+    replace(regexp_replace(regexp_replace(replace(s, '::', ':z:'), '([0-9a-f]+)', '000\1', 'g'),
+                           '0*([0-9a-f]{4})\b', '\1', 'g'), ':', '');
 
-CREATE OR REPLACE MACRO _v6_group(s, i) AS try_cast('0x' || split_part(s, ':', i) AS USMALLINT)::UHUGEINT;
+-- The 'z' mark becomes as many zeros as are missing to make 32 hex digits ('::' stands for one group or more).
+CREATE OR REPLACE MACRO _v6_hex(packed) AS
+    CASE WHEN NOT contains(packed, 'z') OR length(packed) <= 29 THEN replace(packed, 'z', repeat('0', 33 - length(packed))) END;
 
-CREATE OR REPLACE MACRO _v6_full_to_num(s) AS
-    CASE WHEN split_part(s, ':', 9) = '' AND length(s) - length(replace(s, ':', '')) = 7 THEN
-        (_v6_group(s, 1) << 112) + (_v6_group(s, 2) << 96) + (_v6_group(s, 3) << 80) + (_v6_group(s, 4) << 64)
-        + (_v6_group(s, 5) << 48) + (_v6_group(s, 6) << 32) + (_v6_group(s, 7) << 16) + _v6_group(s, 8)
-    END;
+CREATE OR REPLACE MACRO _v6_hex_to_num(h) AS
+    CASE WHEN length(h) = 32 THEN try_cast('0x' || h AS UHUGEINT) END;
 
 CREATE OR REPLACE MACRO ipv6_to_num(a) AS
-    CASE WHEN (length(a) - length(replace(a, '::', ''))) <= 2 THEN
-        _v6_full_to_num(_v6_expand(_v6_pad_ends(_v6_no_dots(lower(a)))))
-    END;
+    CASE WHEN _v6_shape_ok(_v6_no_dots(lower(a))) THEN _v6_hex_to_num(_v6_hex(_v6_packed(_v6_no_dots(lower(a))))) END;
 
 -- The address as a number (UHUGEINT); compare only within one family (see ip_family).
 CREATE OR REPLACE MACRO ip_to_num(a) AS
@@ -60,16 +57,12 @@ CREATE OR REPLACE MACRO _cidr_len(cidr) AS
     END;
 
 -- cidr_contains('10.0.0.0/8', '10.1.2.3') -> true; IPv4 and IPv6; families that differ -> false;
--- text that does not parse -> NULL. Host bits set in the network part are ignored (10.1.2.3/8 = 10.0.0.0/8).
+-- text that does not parse -> NULL. Host bits in the network part are ignored (10.1.2.3/8 = 10.0.0.0/8).
 CREATE OR REPLACE MACRO cidr_contains(cidr, addr) AS
-    CASE
-        WHEN ip_to_num(split_part(cidr, '/', 1)) IS NULL OR ip_to_num(addr) IS NULL OR _cidr_len(cidr) IS NULL
-            THEN NULL
-        WHEN ip_family(split_part(cidr, '/', 1)) <> ip_family(addr) THEN false
-        ELSE (ip_to_num(split_part(cidr, '/', 1))
-                  >> CAST((CASE ip_family(addr) WHEN 4 THEN 32 ELSE 128 END) - _cidr_len(cidr) AS UHUGEINT))
-             = (ip_to_num(addr)
-                  >> CAST((CASE ip_family(addr) WHEN 4 THEN 32 ELSE 128 END) - _cidr_len(cidr) AS UHUGEINT))
+    CASE WHEN ip_family(split_part(cidr, '/', 1)) <> ip_family(addr) THEN false
+    ELSE (ip_to_num(addr) >> CAST((CASE ip_family(addr) WHEN 4 THEN 32 ELSE 128 END) - _cidr_len(cidr) AS UHUGEINT))
+       = (ip_to_num(split_part(cidr, '/', 1))
+          >> CAST((CASE ip_family(addr) WHEN 4 THEN 32 ELSE 128 END) - _cidr_len(cidr) AS UHUGEINT))
     END;
 
 -- ip_between(addr, lo, hi): addr within [lo, hi] of the same family (intel ranges keep net_lo / net_hi).
