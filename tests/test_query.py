@@ -253,7 +253,7 @@ def test_sql_refuses_writes_and_leaves_the_lake_unchanged(small_lake, statement)
 
 def test_sql_session_reads_only_the_lake(small_lake):
     con = query.connect(Lake(small_lake))
-    with pytest.raises(UsageError, match="disabled by configuration|Permission"):
+    with pytest.raises(UsageError, match=r"disabled by configuration|Permission"):
         query.run_read_only(con, "SELECT * FROM read_csv('/etc/passwd')")
     with pytest.raises(UsageError, match="SET statements are refused"):
         query.run_read_only(con, "SET lock_configuration = false")
