@@ -271,3 +271,44 @@ def _without_ties(row: dict) -> dict:
             evidence[key] = sorted((e["flows"], e["bytes"]) for e in evidence[key])
     row["evidence"] = evidence
     return row
+
+
+# ---- the CLI ----------------------------------------------------------------------------------------------
+def test_cli_sql_engine_spark(view_lake, spark):
+    from typer.testing import CliRunner
+
+    from tracepipe.cli import app
+
+    sql = "SELECT vm_id, count(*) AS n FROM vm_leases GROUP BY 1 ORDER BY 1"
+    result = CliRunner().invoke(app, ["sql", "--engine", "spark", "--spark-master", "local[2]", "--lake",
+                                      str(view_lake.root), "--format", "json", sql])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == [{"vm_id": "vm-a", "n": 1}, {"vm_id": "vm-b", "n": 1},
+                                         {"vm_id": "vm-c", "n": 2}]
+    refused = CliRunner().invoke(app, ["sql", "--engine", "spark", "--lake", str(view_lake.root),
+                                       "DELETE FROM flows"])
+    assert refused.exit_code == 2
+
+
+def test_cli_sweep_engine_spark_finds_the_planted_hosts(sweep_lake, spark, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from tracepipe.cli import app
+
+    lake, story, _ = sweep_lake
+    copy = tmp_path / "lake"
+    shutil.copytree(lake.root, copy)
+    pipeline = tmp_path / "t.toml"
+    pipeline.write_text(f'[pipeline]\nname = "t"\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n'
+                        f'[output]\nreport_dir = "{tmp_path / "reports"}"\nhtml = false\n')
+    since, until = story.last_day
+    result = CliRunner().invoke(app, ["sweep", str(pipeline), "--since", since.isoformat(), "--until",
+                                      until.isoformat(), "--engine", "spark", "--spark-master", "local[2]",
+                                      "--lake", str(copy), "--format", "json"])
+    assert result.exit_code == 1, result.output  # new alerts found
+    summary = json.loads(result.stdout)
+    assert {"horizontal_scan", "vertical_scan", "brute_force", "beacon", "exfiltration", "long_connection",
+            "mining"} <= set(summary["new_by_detector"])
+    assert Lake(copy).read("alerts").num_rows == summary["new_alerts"]
