@@ -299,3 +299,38 @@ def test_lease_index_agrees_with_the_query_time_asof_join(tmp_path):
     assert con.sql("SELECT count(*) FROM _flows_todo").fetchall() == [(0,)]
     assert con.sql(sql).fetchall() == by_asof
     assert sum(1 for r in by_asof if r[1]) > 100  # the comparison is not between two empty answers
+
+
+def test_attribute_command(lake):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracepipe.cli",
+            "attribute",
+            "--day",
+            "2024-03-13",
+            "--format",
+            "json",
+            "--lake",
+            str(lake.root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["files"], summary["rows"], summary["src_attributed"], summary["dst_attributed"]) == (
+        1,
+        2,
+        1,
+        2,
+    )
+    day1, day2 = lake.files("flows")
+    assert query.ATTRIBUTED_KEY.encode() in pq.read_metadata(day2).metadata
+    assert query.ATTRIBUTED_KEY.encode() not in (pq.read_metadata(day1).metadata or {})

@@ -444,6 +444,43 @@ def timeline_command(
     _print_rows(answer["logs"], "VM logs", ["ts", "app", "auth_event", "auth_user", "auth_src_addr", "message"])
 
 
+@app.command("attribute")
+def attribute_command(
+    day: Annotated[list[str] | None, typer.Option("--day", help="UTC day YYYY-MM-DD (repeatable); default all.")]
+    = None,
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Set src_vm/dst_vm in the flow files from the current leases (ingest does this by itself; use it after
+    editing leases by hand or to repair a lake). Idempotent.
+
+    Example: tracepipe attribute --day 2024-03-12 --day 2024-03-13
+    """
+    import datetime as dt
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress
+
+    from tracepipe.attribution import attribute_flows
+    from tracepipe.errors import UsageError
+
+    for text in day or []:
+        try:
+            dt.date.fromisoformat(text)
+        except ValueError:
+            raise UsageError(f"--day {text!r} is not a date: give YYYY-MM-DD") from None
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("attribute flows", total=None)
+        summary = attribute_flows(open_lake(lake), day or None,
+                                  progress=lambda _path, done, total: bar.update(task, completed=done, total=total))
+    if output == OutputFormat.json:
+        print_json(summary)
+        return
+    out.print(f"{summary['rows']} flows in {summary['files']} files: {summary['src_attributed']} sources and "
+              f"{summary['dst_attributed']} destinations attributed to a VM ({summary['seconds']} s)")
+
+
+
 # ---- commands: collect --------------------------------------------------------------------------------------
 
 
