@@ -112,6 +112,10 @@ def parse_conf(pairs: list[str] | None) -> dict[str, str]:
 def run_sql(lake: Lake, sql: str, engine: str = "duckdb", params: Mapping[str, Any] | None = None, *,
             spark_master: str | None = None, spark_conf: Mapping[str, str] | None = None) -> pa.Table:
     """One query on a freshly opened engine: what `tracepipe sql --engine ...` calls."""
+    if engine == "spark":  # refuse a non-query before paying for a JVM
+        from tracepipe.engines.dialect import check_queries, parse_duckdb
+
+        check_queries(parse_duckdb(sql))
     with engine_session(lake, engine, spark_master=spark_master, spark_conf=spark_conf) as opened:
         return opened.query(sql, params)
 
