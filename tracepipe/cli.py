@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,7 +40,7 @@ out = Console()
 _DEBUG = {"on": False}
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     table = "table"
     json = "json"
 
@@ -128,7 +128,7 @@ def ingest_netflow_command(
 # ---- commands: ingest vm / syslog ---------------------------------------------------------------------------
 
 
-class VmInputFormat(str, Enum):  # noqa: UP042 - same as OutputFormat, typer choices
+class VmInputFormat(StrEnum):
     auto = "auto"
     nova = "nova"
     neutron = "neutron"
@@ -245,7 +245,7 @@ def ingest_syslog_command(
 # ---- commands: sql / who / timeline -------------------------------------------------------------------------
 
 
-class SqlFormat(str, Enum):  # noqa: UP042 - same shape as OutputFormat above
+class SqlFormat(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"

@@ -455,7 +455,7 @@ class IngestWriter:
         for writer in self._writers.values():
             try:
                 writer.close()
-            except Exception:  # noqa: BLE001 - closing a half-written temp file we are about to delete
+            except Exception:  # closing a half-written temp file we are about to delete
                 pass
         self._writers.clear()
         for tmp in self._tmp_paths.values():

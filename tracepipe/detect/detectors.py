@@ -797,13 +797,24 @@ def evidence_rows(lake: Lake, alerts: pl.DataFrame, limit: int, top: int = 5) ->
             | (pl.col("src_port") == pl.col("port"))
         )
     )
-    rows = matched.sort("bytes", descending=True).group_by("_alert").head(limit).collect(engine="streaming")
+    # total orders (ties broken by time, addresses, ports): the same candidates give the same evidence on
+    # every engine and in every row order
+    rows = (
+        matched.sort(
+            ["bytes", "ts_start", "src_addr", "dst_addr", "src_port", "dst_port"],
+            descending=[True, False, False, False, False, False],
+            nulls_last=True,
+        )
+        .group_by("_alert", maintain_order=True)
+        .head(limit)
+        .collect(engine="streaming")
+    )
 
     def ranked(column: str, name: str) -> pl.DataFrame:
         return (
             matched.group_by("_alert", pl.col(column).alias(name))
             .agg(flows=pl.len(), bytes=pl.col("bytes").sum())
-            .sort(["_alert", "flows", "bytes"], descending=[False, True, True])
+            .sort(["_alert", "flows", "bytes", name], descending=[False, True, True, False], nulls_last=True)
             .group_by("_alert", maintain_order=True)
             .head(top)
             .collect(engine="streaming")
