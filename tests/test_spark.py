@@ -42,19 +42,21 @@ def spark():
 
 def _flows(n: int, offset_min: int, first_port: int) -> pa.Table:
     ts = [at(0) + dt.timedelta(minutes=offset_min + 37 * i) for i in range(n)]
-    return pa.table({
-        "ts_start": ts,
-        "ts_end": [t + dt.timedelta(seconds=3) for t in ts],
-        "src_addr": ["10.0.0.5" if i % 3 else "2001:db8::7" for i in range(n)],
-        "dst_addr": ["10.0.0.6" if i % 2 else "192.0.2.1" for i in range(n)],
-        "src_port": [first_port + i for i in range(n)],
-        "dst_port": [22 if i % 4 else 443 for i in range(n)],
-        "proto": [6] * n,
-        "packets": [i + 1 for i in range(n)],
-        "bytes": [100 * (i + 1) for i in range(n)],
-        "tcp_flags": [2 if i % 5 else 27 for i in range(n)],
-        "ip_version": [4 if i % 3 else 6 for i in range(n)],
-    })
+    return pa.table(
+        {
+            "ts_start": ts,
+            "ts_end": [t + dt.timedelta(seconds=3) for t in ts],
+            "src_addr": ["10.0.0.5" if i % 3 else "2001:db8::7" for i in range(n)],
+            "dst_addr": ["10.0.0.6" if i % 2 else "192.0.2.1" for i in range(n)],
+            "src_port": [first_port + i for i in range(n)],
+            "dst_port": [22 if i % 4 else 443 for i in range(n)],
+            "proto": [6] * n,
+            "packets": [i + 1 for i in range(n)],
+            "bytes": [100 * (i + 1) for i in range(n)],
+            "tcp_flags": [2 if i % 5 else 27 for i in range(n)],
+            "ip_version": [4 if i % 3 else 6 for i in range(n)],
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,20 +64,35 @@ def view_lake(tmp_path_factory) -> Lake:
     """10.0.0.5 held by vm-a until 08:00 (deleted, quarantined), by vm-b from 09:00; flows over two days,
     half of them in files attribution.py already set, half landed after it (attributed at query time)."""
     lake = Lake(tmp_path_factory.mktemp("spark") / "lake")
-    lake.replace_dataset("vm_leases", pa.table({
-        "addr": ["10.0.0.5", "10.0.0.5", "10.0.0.6", "2001:db8::7"],
-        "vm_id": ["vm-a", "vm-b", "vm-c", "vm-c"],
-        "vm_name": ["alpha", "beta", "gamma", "gamma"],
-        "project": ["p1", "p2", "p1", "p1"],
-        "user": ["ann", "bob", "cy", "cy"],
-        "valid_from": [at(1), at(9), at(0), at(0)],
-        "valid_to": [at(8), None, None, None],
-        "vm_status": ["deleted", "active", "active", "active"],
-    }))
-    lake.replace_dataset("vms", pa.table({
-        "vm_id": ["vm-a", "vm-b"], "vm_name": ["alpha", "beta"], "project": ["p1", "p2"], "user": ["ann", "bob"],
-        "status": ["deleted", "active"], "deleted_at": [at(8), None], "quarantine_until": [at(8, day=19), None],
-    }))
+    lake.replace_dataset(
+        "vm_leases",
+        pa.table(
+            {
+                "addr": ["10.0.0.5", "10.0.0.5", "10.0.0.6", "2001:db8::7"],
+                "vm_id": ["vm-a", "vm-b", "vm-c", "vm-c"],
+                "vm_name": ["alpha", "beta", "gamma", "gamma"],
+                "project": ["p1", "p2", "p1", "p1"],
+                "user": ["ann", "bob", "cy", "cy"],
+                "valid_from": [at(1), at(9), at(0), at(0)],
+                "valid_to": [at(8), None, None, None],
+                "vm_status": ["deleted", "active", "active", "active"],
+            }
+        ),
+    )
+    lake.replace_dataset(
+        "vms",
+        pa.table(
+            {
+                "vm_id": ["vm-a", "vm-b"],
+                "vm_name": ["alpha", "beta"],
+                "project": ["p1", "p2"],
+                "user": ["ann", "bob"],
+                "status": ["deleted", "active"],
+                "deleted_at": [at(8), None],
+                "quarantine_until": [at(8, day=19), None],
+            }
+        ),
+    )
     ingest_table(lake, "flows", "test:one", hash_bytes(b"one"), [_flows(40, 0, 40000)])
     attribute_flows(lake)
     ingest_table(lake, "flows", "test:two", hash_bytes(b"two"), [_flows(30, 11, 50000)])
@@ -119,7 +136,9 @@ def test_attribution_on_spark_names_each_vm_in_its_interval(engines):
     _, sparky = engines
     rows = sparky.query(
         "SELECT ts_start, src_vm, src_vm_name, src_vm_status FROM flows_attributed "
-        "WHERE src_addr = $addr ORDER BY ts_start", {"addr": "10.0.0.5"}).to_pylist()
+        "WHERE src_addr = $addr ORDER BY ts_start",
+        {"addr": "10.0.0.5"},
+    ).to_pylist()
     for row in rows:
         ts = row["ts_start"]
         expected = "vm-a" if at(1) <= ts < at(8) else "vm-b" if ts >= at(9) else None
@@ -141,15 +160,24 @@ def test_datasets_typed_from_schema(view_lake, spark):
 
 def test_parameters_and_timestamps_utc(engines):
     duck, sparky = engines
-    sql = "SELECT count(*) AS n, max(ts_start) AS last FROM flows WHERE ts_start < $until AND dst_port = $port"
+    sql = (
+        "SELECT count(*) AS n, max(ts_start) AS last FROM flows WHERE ts_start < $until AND dst_port = $port"
+    )
     params = {"until": dt.datetime(2024, 3, 12, 12, tzinfo=UTC), "port": 22}
     got = sparky.query(sql, params)
     assert got.to_pylist() == duck.query(sql, params).to_pylist()
     assert got.schema.field("last").type == pa.timestamp("us", tz="UTC")
 
 
-@pytest.mark.parametrize("sql", ["CREATE TABLE x AS SELECT 1", "DROP VIEW flows",
-                                 "INSERT INTO alerts SELECT * FROM alerts", "COPY flows TO '/tmp/x.csv'"])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TABLE x AS SELECT 1",
+        "DROP VIEW flows",
+        "INSERT INTO alerts SELECT * FROM alerts",
+        "COPY flows TO '/tmp/x.csv'",
+    ],
+)
 def test_spark_is_read_only(engines, sql):
     _, sparky = engines
     with pytest.raises(UsageError, match="read-only"):
@@ -169,8 +197,10 @@ def test_run_sql_spark_opens_its_own_session_then_leaves_the_shared_one(view_lak
 
 # ---- dialect (no Spark needed) ----------------------------------------------------------------------------
 def test_asof_join_becomes_a_bounded_range_join():
-    sql = ("SELECT f.src_addr, l.vm_id FROM flows f ASOF LEFT JOIN vm_leases l "
-           "ON f.src_addr = l.addr AND f.ts_start >= l.valid_from")
+    sql = (
+        "SELECT f.src_addr, l.vm_id FROM flows f ASOF LEFT JOIN vm_leases l "
+        "ON f.src_addr = l.addr AND f.ts_start >= l.valid_from"
+    )
     (out,) = to_spark(sql)
     assert "ASOF" not in out
     assert "LEFT JOIN `vm_leases` AS `l`" in out
@@ -183,11 +213,13 @@ def test_asof_join_on_other_columns_is_refused():
 
 
 def test_table_macro_expands_with_bound_parameters():
-    macros = parse_table_macros("CREATE MACRO held(a, t) AS TABLE SELECT vm_id FROM vm_leases "
-                                "WHERE addr = a AND valid_from <= t")
+    macros = parse_table_macros(
+        "CREATE MACRO held(a, t) AS TABLE SELECT vm_id FROM vm_leases WHERE addr = a AND valid_from <= t"
+    )
     (out,) = to_spark("SELECT * FROM held($addr, $at) h", macros)
-    assert out == ("SELECT * FROM (SELECT `vm_id` FROM `vm_leases` WHERE `addr` = :addr AND "
-                   "`valid_from` <= :at) AS `h`")
+    assert out == (
+        "SELECT * FROM (SELECT `vm_id` FROM `vm_leases` WHERE `addr` = :addr AND `valid_from` <= :at) AS `h`"
+    )
 
 
 def test_epoch_functions_keep_duckdb_meaning():
@@ -196,14 +228,19 @@ def test_epoch_functions_keep_duckdb_meaning():
 
 
 def test_spark_conf_pairs():
-    assert parse_conf(["spark.executor.memory=8g", "a.b = c=d"]) == {"spark.executor.memory": "8g", "a.b": "c=d"}
+    assert parse_conf(["spark.executor.memory=8g", "a.b = c=d"]) == {
+        "spark.executor.memory": "8g",
+        "a.b": "c=d",
+    }
     with pytest.raises(UsageError, match="key=value"):
         parse_conf(["nonsense"])
 
 
 def test_base_package_needs_no_pyspark():
-    code = ("import sys, tracepipe.cli, tracepipe.engines, tracepipe.sweep, tracepipe.query; "
-            "assert 'pyspark' not in sys.modules and 'sqlglot' not in sys.modules, 'imported eagerly'")
+    code = (
+        "import sys, tracepipe.cli, tracepipe.engines, tracepipe.sweep, tracepipe.query; "
+        "assert 'pyspark' not in sys.modules and 'sqlglot' not in sys.modules, 'imported eagerly'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -216,8 +253,10 @@ def sweep_lake(tmp_path_factory):
     lake.append("flows", story.flows, key="story")
     lake.replace_dataset("vm_leases", story.leases)
     pipeline = root / "t.toml"
-    pipeline.write_text(f'[pipeline]\nname = "t"\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n'
-                        f'[output]\nreport_dir = "{root / "reports"}"\nhtml = false\n')
+    pipeline.write_text(
+        f'[pipeline]\nname = "t"\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n'
+        f'[output]\nreport_dir = "{root / "reports"}"\nhtml = false\n'
+    )
     config = load_pipeline(pipeline)
     first_day = (story.start, story.start + dt.timedelta(days=1))
     model.fit_lake(lake, *first_day, gen.LOCAL_NETWORKS)
@@ -247,17 +286,28 @@ def test_sweep_alerts_equal_duckdb_row_for_row(sweep_lake, spark):
     ctx_d, cand_d, notes_d = _duckdb_candidates(lake, config, since, until)
     notes_s: list[str] = []
     timings: dict[str, float] = {}
-    ctx_s, cand_s = sweep_candidates(lake, config, since, until, None, session=spark, notes=notes_s,
-                                     timings=timings)
+    ctx_s, cand_s = sweep_candidates(
+        lake, config, since, until, None, session=spark, notes=notes_s, timings=timings
+    )
     assert ctx_s.local == ctx_d.local
     assert notes_s == notes_d == []
     expected, _ = det.finalize(cand_d, ctx_d, "t", created_at=created)
     got, _ = det.finalize(cand_s, ctx_s, "t", created_at=created)
     detectors = set(expected.column("detector").to_pylist())
-    assert {"horizontal_scan", "vertical_scan", "brute_force", "beacon", "exfiltration", "long_connection",
-            "mining", "anomaly"} <= detectors
+    assert {
+        "horizontal_scan",
+        "vertical_scan",
+        "brute_force",
+        "beacon",
+        "exfiltration",
+        "long_connection",
+        "mining",
+        "anomaly",
+    } <= detectors
     expected_rows, got_rows = expected.sort_by("alert_id").to_pylist(), got.sort_by("alert_id").to_pylist()
-    assert got_rows == expected_rows  # evidence included: finalize breaks every tie (bytes, time, addresses, ports)
+    assert (
+        got_rows == expected_rows
+    )  # evidence included: finalize breaks every tie (bytes, time, addresses, ports)
     assert set(timings) >= {"local", "spans", "rules", "exfiltration", "anomaly"}
 
 
@@ -268,14 +318,33 @@ def test_cli_sql_engine_spark(view_lake, spark):
     from tracepipe.cli import app
 
     sql = "SELECT vm_id, count(*) AS n FROM vm_leases GROUP BY 1 ORDER BY 1"
-    result = CliRunner().invoke(app, ["sql", "--engine", "spark", "--spark-master", "local[2]", "--lake",
-                                      str(view_lake.root), "--format", "json", sql])
+    result = CliRunner().invoke(
+        app,
+        [
+            "sql",
+            "--engine",
+            "spark",
+            "--spark-master",
+            "local[2]",
+            "--lake",
+            str(view_lake.root),
+            "--format",
+            "json",
+            sql,
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == [{"vm_id": "vm-a", "n": 1}, {"vm_id": "vm-b", "n": 1},
-                                         {"vm_id": "vm-c", "n": 2}]
-    refused = CliRunner().invoke(app, ["sql", "--engine", "spark", "--lake", str(view_lake.root),
-                                       "DELETE FROM flows"])
-    assert isinstance(refused.exception, UsageError) and "read-only" in str(refused.exception)  # main(): exit 2
+    assert json.loads(result.stdout) == [
+        {"vm_id": "vm-a", "n": 1},
+        {"vm_id": "vm-b", "n": 1},
+        {"vm_id": "vm-c", "n": 2},
+    ]
+    refused = CliRunner().invoke(
+        app, ["sql", "--engine", "spark", "--lake", str(view_lake.root), "DELETE FROM flows"]
+    )
+    assert isinstance(refused.exception, UsageError) and "read-only" in str(
+        refused.exception
+    )  # main(): exit 2
 
 
 def test_cli_sweep_engine_spark_finds_the_planted_hosts(sweep_lake, spark, tmp_path):
@@ -289,14 +358,39 @@ def test_cli_sweep_engine_spark_finds_the_planted_hosts(sweep_lake, spark, tmp_p
     copy = tmp_path / "lake"
     shutil.copytree(lake.root, copy)
     pipeline = tmp_path / "t.toml"
-    pipeline.write_text(f'[pipeline]\nname = "t"\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n'
-                        f'[output]\nreport_dir = "{tmp_path / "reports"}"\nhtml = false\n')
+    pipeline.write_text(
+        f'[pipeline]\nname = "t"\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n'
+        f'[output]\nreport_dir = "{tmp_path / "reports"}"\nhtml = false\n'
+    )
     since, until = story.last_day
-    result = CliRunner().invoke(app, ["sweep", str(pipeline), "--since", since.isoformat(), "--until",
-                                      until.isoformat(), "--engine", "spark", "--spark-master", "local[2]",
-                                      "--lake", str(copy), "--format", "json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            str(pipeline),
+            "--since",
+            since.isoformat(),
+            "--until",
+            until.isoformat(),
+            "--engine",
+            "spark",
+            "--spark-master",
+            "local[2]",
+            "--lake",
+            str(copy),
+            "--format",
+            "json",
+        ],
+    )
     assert result.exit_code == 1, result.output  # new alerts found
     summary = json.loads(result.stdout)
-    assert {"horizontal_scan", "vertical_scan", "brute_force", "beacon", "exfiltration", "long_connection",
-            "mining"} <= set(summary["new_by_detector"])
+    assert {
+        "horizontal_scan",
+        "vertical_scan",
+        "brute_force",
+        "beacon",
+        "exfiltration",
+        "long_connection",
+        "mining",
+    } <= set(summary["new_by_detector"])
     assert Lake(copy).read("alerts").num_rows == summary["new_alerts"]

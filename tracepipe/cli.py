@@ -31,7 +31,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-ingest_app = typer.Typer(help="Land inputs in the lake (NetFlow, VM lifecycle, syslog).", no_args_is_help=True)
+ingest_app = typer.Typer(
+    help="Land inputs in the lake (NetFlow, VM lifecycle, syslog).", no_args_is_help=True
+)
 app.add_typer(ingest_app, name="ingest")
 
 console = Console(stderr=True)  # human messages and progress on stderr; data on stdout
@@ -72,8 +74,12 @@ def _root(
 
 @ingest_app.command("netflow")
 def ingest_netflow_command(
-    paths: Annotated[list[Path], typer.Argument(help="Capture files (pcap/pcapng of export traffic) or "
-                                                "nfdump CSV files.", show_default=False)],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Capture files (pcap/pcapng of export traffic) or nfdump CSV files.", show_default=False
+        ),
+    ],
     lake: LakeOption = Path(DEFAULT_LAKE),
     output: FormatOption = OutputFormat.table,
 ) -> None:
@@ -90,8 +96,14 @@ def ingest_netflow_command(
     from tracepipe.ingest.flows import ingest_flow_files
 
     total = sum(p.stat().st_size for p in paths if p.is_file())
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         task = bar.add_task("ingest netflow", total=total)
         summary = ingest_flow_files(open_lake(lake), paths, progress=lambda n: bar.advance(task, n))
     if output == OutputFormat.json:
@@ -101,25 +113,43 @@ def ingest_netflow_command(
     for col in ("file", "kind", "status", "datagrams", "flows", "rejects"):
         files.add_column(col, justify="right" if col in ("datagrams", "flows", "rejects") else "left")
     for f in summary.files:
-        files.add_row(f.path, f.kind, f.status + (f" ({f.message})" if f.message else ""), str(f.datagrams),
-                      str(f.flows), str(f.rejects))
+        files.add_row(
+            f.path,
+            f.kind,
+            f.status + (f" ({f.message})" if f.message else ""),
+            str(f.datagrams),
+            str(f.flows),
+            str(f.rejects),
+        )
     out.print(files)
     exporters = Table(title="exporters")
     for col in ("exporter", "versions", "datagrams", "flows", "rejects", "sequence gaps", "lost", "sampling"):
         exporters.add_column(col)
     for name, s in sorted(summary.exporters.items()):
         sampling = s.get("sampling", "unknown")
-        exporters.add_row(name, ",".join(str(v) for v in s.get("versions", [])), str(s.get("datagrams", 0)),
-                          str(s.get("flows", 0)), str(s.get("rejects", 0)), str(s.get("sequence_gaps", 0)),
-                          str(s.get("lost", 0)),
-                          "unknown" if sampling == "unknown" else f"1:{sampling}")
+        exporters.add_row(
+            name,
+            ",".join(str(v) for v in s.get("versions", [])),
+            str(s.get("datagrams", 0)),
+            str(s.get("flows", 0)),
+            str(s.get("rejects", 0)),
+            str(s.get("sequence_gaps", 0)),
+            str(s.get("lost", 0)),
+            "unknown" if sampling == "unknown" else f"1:{sampling}",
+        )
     out.print(exporters)
-    unknown = [name for name, s in sorted(summary.exporters.items()) if s.get("sampling", "unknown") == "unknown"]
+    unknown = [
+        name for name, s in sorted(summary.exporters.items()) if s.get("sampling", "unknown") == "unknown"
+    ]
     if unknown:
-        out.print(f"sampling interval unknown for {', '.join(unknown)} (no options template): volumes are "
-                  "as exported, not scaled")
-    out.print(f"{len(summary.files)} files, {summary.datagrams} datagrams, {summary.flows} flows, "
-              f"{summary.rejects} rejects" + (", flows attributed to VMs" if summary.attributed is True else ""))
+        out.print(
+            f"sampling interval unknown for {', '.join(unknown)} (no options template): volumes are "
+            "as exported, not scaled"
+        )
+    out.print(
+        f"{len(summary.files)} files, {summary.datagrams} datagrams, {summary.flows} flows, "
+        f"{summary.rejects} rejects" + (", flows attributed to VMs" if summary.attributed is True else "")
+    )
     if isinstance(summary.attributed, str):
         console.print(f"[yellow]warning:[/yellow] {summary.attributed}")
     raise typer.Exit(summary.exit_code)
@@ -139,7 +169,9 @@ class VmInputFormat(StrEnum):
 
 OutputOption = Annotated[
     OutputFormat,
-    typer.Option("--output", "-o", help="table for people, json for scripts (--format names the INPUT format)."),
+    typer.Option(
+        "--output", "-o", help="table for people, json for scripts (--format names the INPUT format)."
+    ),
 ]
 
 
@@ -153,8 +185,12 @@ def _print_vm_report(report: Any, output: OutputFormat, title: str, lake: Path) 
         for col in ("source", "status", "rows", "rejects"):
             table.add_column(col, justify="right" if col in ("rows", "rejects") else "left")
         for r in report.results:
-            table.add_row(r.source, "skipped (already in the lake)" if r.skipped else "landed", str(r.rows),
-                          str(r.rejects))
+            table.add_row(
+                r.source,
+                "skipped (already in the lake)" if r.skipped else "landed",
+                str(r.rows),
+                str(r.rejects),
+            )
         out.print(table)
         summary = f"{report.rows} rows, {report.rejects} rejects, {report.skipped} sources skipped; "
         if report.duplicates:
@@ -167,24 +203,42 @@ def _print_vm_report(report: Any, output: OutputFormat, title: str, lake: Path) 
             summary += f"; flows re-attributed for {', '.join(report.touched_days)}"
         out.print(summary)
     if report.rejects:
-        console.print(f"[yellow]{report.rejects} input lines rejected[/yellow] (the rest landed); list them: "
-                      f"tracepipe sql \"SELECT * FROM read_parquet('{lake}/rejects/*/*.parquet')\"")
+        console.print(
+            f"[yellow]{report.rejects} input lines rejected[/yellow] (the rest landed); list them: "
+            f"tracepipe sql \"SELECT * FROM read_parquet('{lake}/rejects/*/*.parquet')\""
+        )
     raise typer.Exit(report.exit_code)
 
 
 @ingest_app.command("vm")
 def ingest_vm_command(
-    paths: Annotated[list[Path], typer.Argument(help="Notification dumps, OpenNebula <id>.log (+ <id>.xml), "
-                                                "CSV/JSONL files, or directories of them.", show_default=False)],
-    input_format: Annotated[VmInputFormat, typer.Option(
-        "--format", "-f", help="INPUT format; auto guesses from name and content.")] = VmInputFormat.auto,
-    cloud: Annotated[str | None, typer.Option(help="Cloud/site name written to every row "
-                                                   "(default: openstack, opennebula, generic).")] = None,
-    reclaim_interval: Annotated[str | None, typer.Option(
-        help="Deferred-deletion / image-retention interval (Nova's reclaim_instance_interval), e.g. 7d; "
-             "sets quarantine_until. Remembered in the lake.")] = None,
-    tz: Annotated[str, typer.Option("--tz", help="Time zone of OpenNebula logs and CSV times without "
-                                                 "offset (IANA name).")] = "UTC",
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Notification dumps, OpenNebula <id>.log (+ <id>.xml), "
+            "CSV/JSONL files, or directories of them.",
+            show_default=False,
+        ),
+    ],
+    input_format: Annotated[
+        VmInputFormat,
+        typer.Option("--format", "-f", help="INPUT format; auto guesses from name and content."),
+    ] = VmInputFormat.auto,
+    cloud: Annotated[
+        str | None,
+        typer.Option(help="Cloud/site name written to every row (default: openstack, opennebula, generic)."),
+    ] = None,
+    reclaim_interval: Annotated[
+        str | None,
+        typer.Option(
+            help="Deferred-deletion / image-retention interval (Nova's reclaim_instance_interval), e.g. 7d; "
+            "sets quarantine_until. Remembered in the lake."
+        ),
+    ] = None,
+    tz: Annotated[
+        str,
+        typer.Option("--tz", help="Time zone of OpenNebula logs and CSV times without offset (IANA name)."),
+    ] = "UTC",
     lake: LakeOption = Path(DEFAULT_LAKE),
     output: OutputOption = OutputFormat.table,
 ) -> None:
@@ -200,21 +254,40 @@ def ingest_vm_command(
 
     interval = parse_interval(reclaim_interval) if reclaim_interval else None
     with console.status("ingest vm") as status:
-        report = ingest_vm_files(open_lake(lake), paths, fmt=input_format.value, cloud=cloud,
-                                 reclaim_interval=interval, tz=tz,
-                                 progress=lambda step: status.update(f"ingest vm: {step}"))
+        report = ingest_vm_files(
+            open_lake(lake),
+            paths,
+            fmt=input_format.value,
+            cloud=cloud,
+            reclaim_interval=interval,
+            tz=tz,
+            progress=lambda step: status.update(f"ingest vm: {step}"),
+        )
     _print_vm_report(report, output, "vm lifecycle sources", lake)
 
 
 @ingest_app.command("syslog")
 def ingest_syslog_command(
-    paths: Annotated[list[Path], typer.Argument(help="Syslog files written inside VMs (RFC 3164/5424, "
-                                                "rsyslog formats), or directories of them.", show_default=False)],
-    year: Annotated[int | None, typer.Option(help="Year of RFC 3164 lines (they carry none); "
-                                                  "default: the file's modification time.")] = None,
-    sender_addr: Annotated[str | None, typer.Option(help="Address the lines came from (the VM's address); "
-                                                         "default: match the hostname to VM names.")] = None,
-    tz: Annotated[str, typer.Option("--tz", help="Time zone of timestamps without offset (RFC 3164).")] = "UTC",
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Syslog files written inside VMs (RFC 3164/5424, rsyslog formats), or directories of them.",
+            show_default=False,
+        ),
+    ],
+    year: Annotated[
+        int | None,
+        typer.Option(help="Year of RFC 3164 lines (they carry none); default: the file's modification time."),
+    ] = None,
+    sender_addr: Annotated[
+        str | None,
+        typer.Option(
+            help="Address the lines came from (the VM's address); default: match the hostname to VM names."
+        ),
+    ] = None,
+    tz: Annotated[
+        str, typer.Option("--tz", help="Time zone of timestamps without offset (RFC 3164).")
+    ] = "UTC",
     lake: LakeOption = Path(DEFAULT_LAKE),
     output: OutputOption = OutputFormat.table,
 ) -> None:
@@ -237,8 +310,14 @@ def ingest_syslog_command(
         except ValueError as exc:
             raise UsageError(f"--sender-addr {sender_addr!r} is not an IP address") from exc
     with console.status("ingest syslog") as status:
-        report = ingest_syslog_files(open_lake(lake), paths, year=year, sender_addr=sender_addr, tz=tz,
-                                     progress=lambda step: status.update(f"ingest syslog: {step}"))
+        report = ingest_syslog_files(
+            open_lake(lake),
+            paths,
+            year=year,
+            sender_addr=sender_addr,
+            tz=tz,
+            progress=lambda step: status.update(f"ingest syslog: {step}"),
+        )
     _print_vm_report(report, output, "syslog sources", lake)
 
 
@@ -259,7 +338,9 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, dt.datetime):
-        return f"{value.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S}" if value.tzinfo else f"{value:%Y-%m-%d %H:%M:%S}"
+        return (
+            f"{value.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S}" if value.tzinfo else f"{value:%Y-%m-%d %H:%M:%S}"
+        )
     if isinstance(value, list):
         return ", ".join(_cell(v) for v in value)
     return str(value)
@@ -304,21 +385,34 @@ def _print_rows(rows: list[dict[str, Any]], title: str, columns: list[str] | Non
 
 @app.command("sql")
 def sql_command(
-    query: Annotated[str | None, typer.Argument(help="SQL text; '-' reads it from stdin.", show_default=False)] = None,
+    query: Annotated[
+        str | None, typer.Argument(help="SQL text; '-' reads it from stdin.", show_default=False)
+    ] = None,
     file: Annotated[Path | None, typer.Option("-f", "--file", help="Read the SQL from this file.")] = None,
-    fmt: Annotated[SqlFormat, typer.Option("--format", help="table, csv, json, or parquet (with --output).")]
-    = SqlFormat.table,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the result here (parquet).")] = None,
+    fmt: Annotated[
+        SqlFormat, typer.Option("--format", help="table, csv, json, or parquet (with --output).")
+    ] = SqlFormat.table,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the result here (parquet).")
+    ] = None,
     shell: Annotated[bool, typer.Option("--shell", help="Interactive session with the same views.")] = False,
     max_rows: Annotated[int, typer.Option("--max-rows", help="Rows shown by --format table.")] = 1000,
     lake: LakeOption = Path(DEFAULT_LAKE),
-    engine: Annotated[str, typer.Option("--engine", help="duckdb, or spark (the same SQL, transpiled; needs "
-                                                         "tracepipe[spark] and Java).")] = "duckdb",
-    spark_master: Annotated[str | None, typer.Option("--spark-master", help="Spark master: local[*], yarn, "
-                                                                            "k8s://https://host:443, spark://...")]
-    = None,
-    spark_conf: Annotated[list[str] | None, typer.Option("--spark-conf", help="Spark conf key=value "
-                                                                              "(repeatable).")] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine", help="duckdb, or spark (the same SQL, transpiled; needs tracepipe[spark] and Java)."
+        ),
+    ] = "duckdb",
+    spark_master: Annotated[
+        str | None,
+        typer.Option(
+            "--spark-master", help="Spark master: local[*], yarn, k8s://https://host:443, spark://..."
+        ),
+    ] = None,
+    spark_conf: Annotated[
+        list[str] | None, typer.Option("--spark-conf", help="Spark conf key=value (repeatable).")
+    ] = None,
 ) -> None:
     """Run read-only DuckDB SQL over the lake (or the same SQL on Spark with --engine spark).
 
@@ -334,8 +428,12 @@ def sql_command(
 
     lake_ = open_lake(lake)
     if shell:
-        q.shell(lake_, lambda r: console.print(f"[red]{r}[/red]") if isinstance(r, Exception)
-                else _print_relation(r, max_rows))
+        q.shell(
+            lake_,
+            lambda r: (
+                console.print(f"[red]{r}[/red]") if isinstance(r, Exception) else _print_relation(r, max_rows)
+            ),
+        )
         return
     if file is not None:
         try:
@@ -351,7 +449,9 @@ def sql_command(
     if engine != "duckdb":
         from tracepipe.engines import engine_relation, parse_conf
 
-        relation = engine_relation(lake_, text, engine, spark_master=spark_master, spark_conf=parse_conf(spark_conf))
+        relation = engine_relation(
+            lake_, text, engine, spark_master=spark_master, spark_conf=parse_conf(spark_conf)
+        )
     else:
         con = q.connect(lake_)
         relation = q.run_read_only(con, text)
@@ -372,7 +472,9 @@ def sql_command(
 def who_command(
     addr: Annotated[str, typer.Argument(help="IPv4 or IPv6 address.", show_default=False)],
     at: Annotated[str, typer.Option("--at", help="ISO 8601 (Z or offset; none = UTC) or epoch seconds.")],
-    window: Annotated[str, typer.Option("--window", help="Flow summary over TIME ± this (30m, 1h, 2d).")] = "1h",
+    window: Annotated[
+        str, typer.Option("--window", help="Flow summary over TIME ± this (30m, 1h, 2d).")
+    ] = "1h",
     output: FormatOption = OutputFormat.table,
     lake: LakeOption = Path(DEFAULT_LAKE),
 ) -> None:
@@ -395,31 +497,41 @@ def who_command(
         for key, label in (("previous_lease", "before"), ("next_lease", "after")):
             lease = answer[key]
             if lease:
-                screen.print(f"  {label}: {lease['vm_name'] or ''} ({lease['vm_id']}) held it "
-                          f"{lease['valid_from']:%Y-%m-%d %H:%M:%S} - "
-                          f"{'now' if lease['valid_to'] is None else format(lease['valid_to'], '%Y-%m-%d %H:%M:%S')}")
+                screen.print(
+                    f"  {label}: {lease['vm_name'] or ''} ({lease['vm_id']}) held it "
+                    f"{lease['valid_from']:%Y-%m-%d %H:%M:%S} - "
+                    f"{'now' if lease['valid_to'] is None else format(lease['valid_to'], '%Y-%m-%d %H:%M:%S')}"
+                )
     for lease in answer["leases"]:
         until = "still held" if lease["valid_to"] is None else f"{lease['valid_to']:%Y-%m-%d %H:%M:%S} UTC"
         screen.print(f"[bold]{answer['addr']}[/bold] at {at_text} was held by")
         screen.print(f"  VM          {lease['vm_name'] or '?'} ({lease['vm_id']})")
         screen.print(f"  project     {lease['project'] or '?'}")
         screen.print(f"  user        {lease['user'] or '?'}")
-        screen.print(f"  hypervisor  {lease['hypervisor'] or '?'}   cloud {lease['cloud'] or '?'}   "
-                  f"address {lease['addr_kind'] or '?'}")
-        screen.print(f"  lease       {lease['valid_from']:%Y-%m-%d %H:%M:%S} UTC -> {until}"
-                  + (f" ({lease['end_reason']})" if lease["end_reason"] else ""))
+        screen.print(
+            f"  hypervisor  {lease['hypervisor'] or '?'}   cloud {lease['cloud'] or '?'}   "
+            f"address {lease['addr_kind'] or '?'}"
+        )
+        screen.print(
+            f"  lease       {lease['valid_from']:%Y-%m-%d %H:%M:%S} UTC -> {until}"
+            + (f" ({lease['end_reason']})" if lease["end_reason"] else "")
+        )
         screen.print(f"  VM now      {lease['now']}")
     flows = answer["flows"]
-    screen.print(f"flows of {answer['addr']} {flows['from']:%Y-%m-%d %H:%M} - {flows['to']:%H:%M} UTC: "
-              f"{flows['flows']} flows ({flows['flows_out']} out, {flows['flows_in']} in), {flows['bytes']} bytes, "
-              f"{flows['peers']} peers")
+    screen.print(
+        f"flows of {answer['addr']} {flows['from']:%Y-%m-%d %H:%M} - {flows['to']:%H:%M} UTC: "
+        f"{flows['flows']} flows ({flows['flows_out']} out, {flows['flows_in']} in), {flows['bytes']} bytes, "
+        f"{flows['peers']} peers"
+    )
     _print_rows(flows["top_peers"], "top peers", ["peer", "flows", "bytes"])
     _print_rows(flows["top_ports"], "top destination ports", ["proto", "port", "flows", "bytes"])
 
 
 @app.command("timeline")
 def timeline_command(
-    vm: Annotated[str, typer.Argument(help="vm_id, or a VM name that only one VM carries.", show_default=False)],
+    vm: Annotated[
+        str, typer.Argument(help="vm_id, or a VM name that only one VM carries.", show_default=False)
+    ],
     limit: Annotated[int, typer.Option("--limit", help="At most this many rows per section.")] = 200,
     output: FormatOption = OutputFormat.table,
     lake: LakeOption = Path(DEFAULT_LAKE),
@@ -436,18 +548,23 @@ def timeline_command(
         return
     screen = _data_console()
     info = answer["vm"]
-    screen.print(f"[bold]{info['vm_name'] or '?'}[/bold] ({answer['vm_id']}) project {info['project'] or '?'}, "
-              f"user {info['user'] or '?'}, hypervisor {info['hypervisor'] or '?'}: {info['now']}")
+    screen.print(
+        f"[bold]{info['vm_name'] or '?'}[/bold] ({answer['vm_id']}) project {info['project'] or '?'}, "
+        f"user {info['user'] or '?'}, hypervisor {info['hypervisor'] or '?'}: {info['now']}"
+    )
     _print_rows(answer["events"], "lifecycle", ["ts", "action", "state", "event_type", "addrs", "addr"])
     _print_rows(answer["leases"], "leases", ["addr", "addr_kind", "valid_from", "valid_to", "end_reason"])
     _print_rows(answer["flows_per_hour"], "flows per hour")
-    _print_rows(answer["logs"], "VM logs", ["ts", "app", "auth_event", "auth_user", "auth_src_addr", "message"])
+    _print_rows(
+        answer["logs"], "VM logs", ["ts", "app", "auth_event", "auth_user", "auth_src_addr", "message"]
+    )
 
 
 @app.command("attribute")
 def attribute_command(
-    day: Annotated[list[str] | None, typer.Option("--day", help="UTC day YYYY-MM-DD (repeatable); default all.")]
-    = None,
+    day: Annotated[
+        list[str] | None, typer.Option("--day", help="UTC day YYYY-MM-DD (repeatable); default all.")
+    ] = None,
     output: FormatOption = OutputFormat.table,
     lake: LakeOption = Path(DEFAULT_LAKE),
 ) -> None:
@@ -468,17 +585,26 @@ def attribute_command(
             dt.date.fromisoformat(text)
         except ValueError:
             raise UsageError(f"--day {text!r} is not a date: give YYYY-MM-DD") from None
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  console=console, transient=True) as bar:
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         task = bar.add_task("attribute flows", total=None)
-        summary = attribute_flows(open_lake(lake), day or None,
-                                  progress=lambda _path, done, total: bar.update(task, completed=done, total=total))
+        summary = attribute_flows(
+            open_lake(lake),
+            day or None,
+            progress=lambda _path, done, total: bar.update(task, completed=done, total=total),
+        )
     if output == OutputFormat.json:
         print_json(summary)
         return
-    out.print(f"{summary['rows']} flows in {summary['files']} files: {summary['src_attributed']} sources and "
-              f"{summary['dst_attributed']} destinations attributed to a VM ({summary['seconds']} s)")
-
+    out.print(
+        f"{summary['rows']} flows in {summary['files']} files: {summary['src_attributed']} sources and "
+        f"{summary['dst_attributed']} destinations attributed to a VM ({summary['seconds']} s)"
+    )
 
 
 # ---- commands: collect --------------------------------------------------------------------------------------
@@ -486,19 +612,41 @@ def attribute_command(
 
 @app.command("collect")
 def collect_command(
-    listen: Annotated[list[str], typer.Option("--listen", help="HOST:PORT to receive on; repeat for more. "
-                                              "[::]:PORT is IPv6 only.")] = ["0.0.0.0:2055"],  # noqa: B006
+    listen: Annotated[
+        list[str],
+        typer.Option("--listen", help="HOST:PORT to receive on; repeat for more. [::]:PORT is IPv6 only."),
+    ] = ["0.0.0.0:2055"],  # noqa: B006
     lake: LakeOption = Path(DEFAULT_LAKE),
-    spool: Annotated[Path | None, typer.Option("--spool", help="Spool directory (default: LAKE/_spool).")] = None,
-    rotate: Annotated[str, typer.Option("--rotate", help="Commit to the lake every interval (on the clock).")] = "5m",
-    rotate_size: Annotated[str, typer.Option("--rotate-size", help="... or when a spool segment is this big.")] = "256M",
+    spool: Annotated[
+        Path | None, typer.Option("--spool", help="Spool directory (default: LAKE/_spool).")
+    ] = None,
+    rotate: Annotated[
+        str, typer.Option("--rotate", help="Commit to the lake every interval (on the clock).")
+    ] = "5m",
+    rotate_size: Annotated[
+        str, typer.Option("--rotate-size", help="... or when a spool segment is this big.")
+    ] = "256M",
     rcvbuf: Annotated[str, typer.Option("--rcvbuf", help="Socket receive buffer to ask for.")] = "32M",
-    allow: Annotated[list[str], typer.Option("--allow", help="Accept only senders in this CIDR; repeat. "
-                                             "Default: any sender (with a warning).")] = [],  # noqa: B006
-    status_interval: Annotated[str, typer.Option("--status-interval", help="One status line per interval.")] = "10s",
-    stats_file: Annotated[Path | None, typer.Option("--stats-file", help="JSON status, replaced atomically.")] = None,
-    keep_segments: Annotated[bool, typer.Option("--keep-segments", help="Keep committed spool segments (raw "
-                                                "datagrams, evidence) in SPOOL/done/ instead of deleting.")] = False,
+    allow: Annotated[
+        list[str],
+        typer.Option(
+            "--allow", help="Accept only senders in this CIDR; repeat. Default: any sender (with a warning)."
+        ),
+    ] = [],  # noqa: B006
+    status_interval: Annotated[
+        str, typer.Option("--status-interval", help="One status line per interval.")
+    ] = "10s",
+    stats_file: Annotated[
+        Path | None, typer.Option("--stats-file", help="JSON status, replaced atomically.")
+    ] = None,
+    keep_segments: Annotated[
+        bool,
+        typer.Option(
+            "--keep-segments",
+            help="Keep committed spool segments (raw "
+            "datagrams, evidence) in SPOOL/done/ instead of deleting.",
+        ),
+    ] = False,
 ) -> None:
     """Receive NetFlow v1/v5/v9 and IPFIX over UDP, spool the datagrams, and commit them to the lake.
 
@@ -510,25 +658,46 @@ def collect_command(
 
     from tracepipe.collector import CollectorConfig, parse_duration, parse_listen, parse_size, run_collector
 
-    logging.basicConfig(level=logging.DEBUG if _DEBUG["on"] else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s tracepipe collect: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if _DEBUG["on"] else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s tracepipe collect: %(message)s",
+    )
     config = CollectorConfig(
-        listen=[parse_listen(text) for text in listen], lake=lake, spool=spool, rotate_s=parse_duration(rotate),
-        segment_bytes=parse_size(rotate_size), rcvbuf=parse_size(rcvbuf), allow=list(allow),
-        status_s=parse_duration(status_interval), stats_file=stats_file, keep_segments=keep_segments)
+        listen=[parse_listen(text) for text in listen],
+        lake=lake,
+        spool=spool,
+        rotate_s=parse_duration(rotate),
+        segment_bytes=parse_size(rotate_size),
+        rcvbuf=parse_size(rcvbuf),
+        allow=list(allow),
+        status_s=parse_duration(status_interval),
+        stats_file=stats_file,
+        keep_segments=keep_segments,
+    )
     raise typer.Exit(run_collector(config))
 
 
 # ---- commands: sweep / model / intel ------------------------------------------------------------------------
 
-model_app = typer.Typer(help="The anomaly model: fit on a baseline period, score windows.", no_args_is_help=True)
+model_app = typer.Typer(
+    help="The anomaly model: fit on a baseline period, score windows.", no_args_is_help=True
+)
 app.add_typer(model_app, name="model")
-intel_app = typer.Typer(help="Threat-intelligence indicators (MISP exports, address lists).", no_args_is_help=True)
+intel_app = typer.Typer(
+    help="Threat-intelligence indicators (MISP exports, address lists).", no_args_is_help=True
+)
 app.add_typer(intel_app, name="intel")
 
-SinceOption = Annotated[str | None, typer.Option("--since", help="Window start, ISO 8601 (no offset = UTC) "
-                                                                "or epoch seconds.", show_default=False)]
-UntilOption = Annotated[str | None, typer.Option("--until", help="Window end (exclusive).", show_default=False)]
+SinceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--since", help="Window start, ISO 8601 (no offset = UTC) or epoch seconds.", show_default=False
+    ),
+]
+UntilOption = Annotated[
+    str | None, typer.Option("--until", help="Window end (exclusive).", show_default=False)
+]
 
 
 def _time_or_none(text: str | None) -> Any:
@@ -539,15 +708,25 @@ def _time_or_none(text: str | None) -> Any:
 
 @app.command("sweep")
 def sweep_command(
-    pipeline: Annotated[Path, typer.Argument(help="Pipeline file, e.g. pipelines/nightly.toml.", show_default=False)],
+    pipeline: Annotated[
+        Path, typer.Argument(help="Pipeline file, e.g. pipelines/nightly.toml.", show_default=False)
+    ],
     since: SinceOption = None,
     until: UntilOption = None,
-    engine: Annotated[str, typer.Option("--engine", help="duckdb, or spark (same detectors on Spark executors; "
-                                                         "needs tracepipe[spark] and Java).")] = "duckdb",
-    spark_master: Annotated[str | None, typer.Option("--spark-master", help="Spark master: local[*], yarn, "
-                                                                            "k8s://https://host:443, ...")] = None,
-    spark_conf: Annotated[list[str] | None, typer.Option("--spark-conf", help="Spark conf key=value "
-                                                                              "(repeatable).")] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="duckdb, or spark (same detectors on Spark executors; needs tracepipe[spark] and Java).",
+        ),
+    ] = "duckdb",
+    spark_master: Annotated[
+        str | None,
+        typer.Option("--spark-master", help="Spark master: local[*], yarn, k8s://https://host:443, ..."),
+    ] = None,
+    spark_conf: Annotated[
+        list[str] | None, typer.Option("--spark-conf", help="Spark conf key=value (repeatable).")
+    ] = None,
     lake: LakeOption = Path(DEFAULT_LAKE),
     output_format: FormatOption = OutputFormat.table,
 ) -> None:
@@ -566,17 +745,27 @@ def sweep_command(
     from tracepipe.sweep import run_sweep
 
     with console.status("sweep") as status:
-        result = run_sweep(open_lake(lake), pipeline, _time_or_none(since), _time_or_none(until), engine=engine,
-                           on_stage=lambda name: status.update(f"sweep: {name}"), spark_master=spark_master,
-                           spark_conf=parse_conf(spark_conf))
+        result = run_sweep(
+            open_lake(lake),
+            pipeline,
+            _time_or_none(since),
+            _time_or_none(until),
+            engine=engine,
+            on_stage=lambda name: status.update(f"sweep: {name}"),
+            spark_master=spark_master,
+            spark_conf=parse_conf(spark_conf),
+        )
     summary = result.summary()
     if output_format == OutputFormat.json:
         print_json(summary)
     else:
         out.print(f"[bold]{result.pipeline}[/bold]: {result.message}", soft_wrap=True)
         for row in summary["top"]:
-            out.print(f"  [{'red' if row['score'] and row['score'] >= 0.8 else 'yellow'}]{row['detector']:>15}"
-                      f"[/] {row['score']:.2f}  {row['reason']}", soft_wrap=True)
+            out.print(
+                f"  [{'red' if row['score'] and row['score'] >= 0.8 else 'yellow'}]{row['detector']:>15}"
+                f"[/] {row['score']:.2f}  {row['reason']}",
+                soft_wrap=True,
+            )
         for note in result.notes:
             out.print(f"  note: {note}", soft_wrap=True)
         for kind, path in result.report_paths.items():
@@ -586,10 +775,13 @@ def sweep_command(
 
 @model_app.command("fit")
 def model_fit_command(
-    since: Annotated[str, typer.Option("--since", help="Baseline start (ISO 8601 / epoch).", show_default=False)],
+    since: Annotated[
+        str, typer.Option("--since", help="Baseline start (ISO 8601 / epoch).", show_default=False)
+    ],
     until: Annotated[str, typer.Option("--until", help="Baseline end (exclusive).", show_default=False)],
-    pipeline: Annotated[Path, typer.Option("--pipeline", help="Pipeline file giving local_networks and the model "
-                                                              "path.")] = Path("pipelines/nightly.toml"),
+    pipeline: Annotated[
+        Path, typer.Option("--pipeline", help="Pipeline file giving local_networks and the model path.")
+    ] = Path("pipelines/nightly.toml"),
     lake: LakeOption = Path(DEFAULT_LAKE),
     output_format: FormatOption = OutputFormat.table,
 ) -> None:
@@ -604,10 +796,22 @@ def model_fit_command(
 
     config = load_pipeline(pipeline)
     with console.status("model fit"):
-        path, info = fit_lake(open_lake(lake), parse_time(since), parse_time(until),
-                              config.pipeline.local_networks, path=config.model.path or None)
-    answer = {"model": str(path), "rows": info.rows, "hosts": info.hosts, "features": info.features,
-              "sklearn": info.sklearn_version, "fit_since": info.fit_since, "fit_until": info.fit_until}
+        path, info = fit_lake(
+            open_lake(lake),
+            parse_time(since),
+            parse_time(until),
+            config.pipeline.local_networks,
+            path=config.model.path or None,
+        )
+    answer = {
+        "model": str(path),
+        "rows": info.rows,
+        "hosts": info.hosts,
+        "features": info.features,
+        "sklearn": info.sklearn_version,
+        "fit_since": info.fit_since,
+        "fit_until": info.fit_until,
+    }
     if output_format == OutputFormat.json:
         print_json(answer)
     else:
@@ -619,8 +823,9 @@ def model_score_command(
     since: Annotated[str, typer.Option("--since", help="Start of the windows to score.", show_default=False)],
     until: Annotated[str, typer.Option("--until", help="End (exclusive).", show_default=False)],
     top: Annotated[int, typer.Option("--top", help="Show the N highest.")] = 20,
-    pipeline: Annotated[Path, typer.Option("--pipeline", help="Pipeline file (model path, baseline).")] =
-    Path("pipelines/nightly.toml"),
+    pipeline: Annotated[
+        Path, typer.Option("--pipeline", help="Pipeline file (model path, baseline).")
+    ] = Path("pipelines/nightly.toml"),
     lake: LakeOption = Path(DEFAULT_LAKE),
     output_format: FormatOption = OutputFormat.table,
 ) -> None:
@@ -634,26 +839,48 @@ def model_score_command(
 
     config = load_pipeline(pipeline)
     with console.status("model score"):
-        scored = score_lake(open_lake(lake), parse_time(since), parse_time(until), config.model.path or None,
-                            history=float(config.window.baseline), top_features=config.model.top_features)
-    rows = [{"host": r["host"], "window_start": r["window_start"], "anomaly_score": round(r["anomaly_score"], 4),
-             "explanation": json.loads(r["explanation"])} for r in scored.head(top).to_dicts()]
+        scored = score_lake(
+            open_lake(lake),
+            parse_time(since),
+            parse_time(until),
+            config.model.path or None,
+            history=float(config.window.baseline),
+            top_features=config.model.top_features,
+        )
+    rows = [
+        {
+            "host": r["host"],
+            "window_start": r["window_start"],
+            "anomaly_score": round(r["anomaly_score"], 4),
+            "explanation": json.loads(r["explanation"]),
+        }
+        for r in scored.head(top).to_dicts()
+    ]
     if output_format == OutputFormat.json:
         print_json(rows)
         return
     for r in rows:
-        why = "; ".join(f"{e['feature']}={e['value']:g} (baseline {e['baseline']:g})" for e in r["explanation"])
-        out.print(f"{r['anomaly_score']:.3f}  {r['host']:<20} {r['window_start']:%Y-%m-%d %H:%M}  {why}",
-                  soft_wrap=True)
+        why = "; ".join(
+            f"{e['feature']}={e['value']:g} (baseline {e['baseline']:g})" for e in r["explanation"]
+        )
+        out.print(
+            f"{r['anomaly_score']:.3f}  {r['host']:<20} {r['window_start']:%Y-%m-%d %H:%M}  {why}",
+            soft_wrap=True,
+        )
 
 
 @intel_app.command("import")
 def intel_import_command(
-    path: Annotated[Path, typer.Argument(help="MISP CSV/JSON export or a list of addresses/CIDRs.",
-                                         show_default=False)],
-    input_format: Annotated[str, typer.Option("--format", help="auto, misp-csv, misp-json or list.")] = "auto",
+    path: Annotated[
+        Path, typer.Argument(help="MISP CSV/JSON export or a list of addresses/CIDRs.", show_default=False)
+    ],
+    input_format: Annotated[
+        str, typer.Option("--format", help="auto, misp-csv, misp-json or list.")
+    ] = "auto",
     lake: LakeOption = Path(DEFAULT_LAKE),
-    output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table or json.")] = OutputFormat.table,
+    output: Annotated[
+        OutputFormat, typer.Option("--output", "-o", help="table or json.")
+    ] = OutputFormat.table,
 ) -> None:
     """Load threat-intel indicators into the lake's `intel` dataset (importing the same file twice adds
     nothing). Bad lines go to the `rejects` dataset with their line number.
@@ -673,8 +900,10 @@ def intel_import_command(
     elif result.already_imported:
         out.print(f"{path}: already imported (same content), nothing added")
     else:
-        out.print(f"{path} ({result.format}): {result.rows} indicators, {result.rejects} rejected, "
-                  f"{result.skipped_types} attributes of other types skipped")
+        out.print(
+            f"{path} ({result.format}): {result.rows} indicators, {result.rejects} rejected, "
+            f"{result.skipped_types} attributes of other types skipped"
+        )
     raise typer.Exit(code)
 
 
@@ -684,10 +913,13 @@ def intel_import_command(
 @app.command("demo")
 def demo_command(
     lake: Annotated[Path, typer.Option("--lake", help="Demo lake; emptied and rebuilt on every run.")] = Path(
-        "demo-lake"),
+        "demo-lake"
+    ),
     output: FormatOption = OutputFormat.table,
-    story: Annotated[Path | None, typer.Option("--story", help="Sample story folder (default: the bundled one).",
-                                               show_default=False)] = None,
+    story: Annotated[
+        Path | None,
+        typer.Option("--story", help="Sample story folder (default: the bundled one).", show_default=False),
+    ] = None,
 ) -> None:
     """Run the whole pipeline on the bundled incident story and show what it finds.
 
@@ -702,8 +934,9 @@ def demo_command(
     with console.status("demo") as status:
         # the next commands are printed the way the user called us (.venv/bin/tracepipe, tracepipe, ...)
         program = sys.argv[0] if Path(sys.argv[0]).name == "tracepipe" else "tracepipe"
-        result = run_demo(lake, story or STORY_DIR, progress=lambda step: status.update(f"demo: {step}"),
-                          program=program)
+        result = run_demo(
+            lake, story or STORY_DIR, progress=lambda step: status.update(f"demo: {step}"), program=program
+        )
     if output == OutputFormat.json:
         print_json(result.to_dict())
         raise typer.Exit(result.exit_code)
@@ -715,35 +948,53 @@ def _print_demo(result: Any) -> None:
     from rich.markup import escape
 
     start, end = result.window
-    out.print(f"[bold]tracepipe demo[/bold]: sample story {start:%Y-%m-%d %H:%M}–{end:%H:%M} UTC, lake {result.lake}")
+    out.print(
+        f"[bold]tracepipe demo[/bold]: sample story {start:%Y-%m-%d %H:%M}–{end:%H:%M} UTC, lake {result.lake}"
+    )
     marks = {"ok": "[green]ok[/green]", "failed": "[red]failed[/red]", "missing": "[yellow]missing[/yellow]"}
     for step in result.steps:
-        numbers = ", ".join(f"{k} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k} {v}"
-                            for k, v in step.numbers.items())
+        numbers = ", ".join(
+            f"{k} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k} {v}"
+            for k, v in step.numbers.items()
+        )
         detail = f" — {escape(step.detail)}" if step.detail else ""
-        out.print(f"  {marks.get(step.status, step.status)}  {escape(step.name)}: {escape(numbers)}{detail}"
-                  f" [dim]({step.seconds:.1f} s)[/dim]")
+        out.print(
+            f"  {marks.get(step.status, step.status)}  {escape(step.name)}: {escape(numbers)}{detail}"
+            f" [dim]({step.seconds:.1f} s)[/dim]"
+        )
     out.print(f"\n[bold]Findings[/bold]: {len(result.findings)} (host, detector) pairs, strongest first")
     for n, f in enumerate(result.findings, 1):
         state = f["vm_status"] or "unknown"
         if f.get("quarantine_until"):
             state += f", quarantined until {f['quarantine_until'][:16]}"
-        who = (f"VM {f['vm_name']} · project {f['project']} · owner {f['user']} · {f['hypervisor']} · {state}"
-               if f["vm_name"] else "no VM held this address")
-        out.print(f"{n:>2}. [bold]{escape(f['detector'] or '')}[/bold]  {escape(f['addr'] or '')}  {escape(who)}")
+        who = (
+            f"VM {f['vm_name']} · project {f['project']} · owner {f['user']} · {f['hypervisor']} · {state}"
+            if f["vm_name"]
+            else "no VM held this address"
+        )
+        out.print(
+            f"{n:>2}. [bold]{escape(f['detector'] or '')}[/bold]  {escape(f['addr'] or '')}  {escape(who)}"
+        )
         out.print(f"    {escape(f['reason'] or '')}", soft_wrap=True)
     out.print()
     found = sum(1 for c in result.truth_check if c["found"] and c["attributed"])
-    out.print(f"Ground truth (sample_data/story/ground_truth.json): {found}/{len(result.truth_check)} planted "
-              f"incidents found and attributed to the right VM and owner; "
-              f"{len(result.false_positives)} ordinary hosts alerted"
-              + (f" ({', '.join(result.false_positives)})" if result.false_positives else "") + ".")
+    out.print(
+        f"Ground truth (sample_data/story/ground_truth.json): {found}/{len(result.truth_check)} planted "
+        f"incidents found and attributed to the right VM and owner; "
+        f"{len(result.false_positives)} ordinary hosts alerted"
+        + (f" ({', '.join(result.false_positives)})" if result.false_positives else "")
+        + "."
+    )
     for check in result.truth_check:
         if not (check["found"] and check["attributed"]):
-            out.print(f"  [yellow]not found/attributed:[/yellow] {check['kind']} {check['addr']} ({check['vm_name']})")
+            out.print(
+                f"  [yellow]not found/attributed:[/yellow] {check['kind']} {check['addr']} ({check['vm_name']})"
+            )
     if result.report.get("html"):
-        out.print(f"Report: [bold]{escape(result.report['html'])}[/bold] (open it in a browser; JSON: "
-                  f"{escape(result.report.get('json', ''))})")
+        out.print(
+            f"Report: [bold]{escape(result.report['html'])}[/bold] (open it in a browser; JSON: "
+            f"{escape(result.report.get('json', ''))})"
+        )
     out.print("Try next:")
     for command in result.next_commands:
         out.print(f"  {escape(command)}", soft_wrap=True)

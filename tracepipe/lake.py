@@ -95,8 +95,10 @@ def _text_dictionary(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa
 
 
 def _writer_schema(schema: pa.Schema) -> pa.Schema:
-    return pa.schema([pa.field(f.name, TEXT_DICTIONARY, f.nullable) if pa.types.is_string(f.type) else f
-                      for f in schema], metadata=schema.metadata)
+    return pa.schema(
+        [pa.field(f.name, TEXT_DICTIONARY, f.nullable) if pa.types.is_string(f.type) else f for f in schema],
+        metadata=schema.metadata,
+    )
 
 
 def _day_strings(column: pa.ChunkedArray) -> pa.Array:
@@ -118,10 +120,16 @@ def sort_indices(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
     ranks: list[np.ndarray] = []  # per key, an integer >= 0 per row, nulls largest
     for name in keys:
         column = table.column(name).combine_chunks()
-        if pa.types.is_dictionary(column.type) or pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        if (
+            pa.types.is_dictionary(column.type)
+            or pa.types.is_string(column.type)
+            or pa.types.is_large_string(column.type)
+        ):
             encoded = column if pa.types.is_dictionary(column.type) else pc.dictionary_encode(column)
             dense = pc.rank(encoded.dictionary, sort_keys="ascending", tiebreaker="dense").to_numpy()
-            lookup = np.append(dense.astype(np.int64) - 1, len(dense))  # equal strings share a rank; nulls last
+            lookup = np.append(
+                dense.astype(np.int64) - 1, len(dense)
+            )  # equal strings share a rank; nulls last
             indices = pc.fill_null(encoded.indices, len(dense)).to_numpy(zero_copy_only=False)
             ranks.append(lookup[indices])
         elif pa.types.is_integer(column.type) or pa.types.is_timestamp(column.type):
@@ -155,7 +163,9 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise LakeError(f"cannot write {path}: {exc}. Check that the lake is writable and has free space.") from exc
+        raise LakeError(
+            f"cannot write {path}: {exc}. Check that the lake is writable and has free space."
+        ) from exc
     _fsync_dir(path.parent)
 
 
@@ -201,8 +211,13 @@ class Lake:
         schema = DATASETS[name].schema
         if not paths:
             return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-        tables = [conform(pq.read_table(p, columns=columns), schema if columns is None else
-                          pa.schema([schema.field(c) for c in columns])) for p in paths]
+        tables = [
+            conform(
+                pq.read_table(p, columns=columns),
+                schema if columns is None else pa.schema([schema.field(c) for c in columns]),
+            )
+            for p in paths
+        ]
         return pa.concat_tables(tables)
 
     # ---- manifest ----
@@ -220,8 +235,9 @@ class Lake:
         return pa.concat_tables([conform(pq.read_table(p), INGEST_MANIFEST) for p in paths])
 
     # ---- writing ----
-    def ingest(self, dataset: str, source: str, content_hash: str,
-               metadata: dict[str, str] | None = None) -> IngestWriter:
+    def ingest(
+        self, dataset: str, source: str, content_hash: str, metadata: dict[str, str] | None = None
+    ) -> IngestWriter:
         """Open a writer for one source. Use as a context manager; call `commit()` at the end.
         `metadata` goes into the footer of every file written (e.g. query.ATTRIBUTED_KEY for flows that were
         attributed before they landed)."""
@@ -243,9 +259,14 @@ class Lake:
         """Replace one existing partition file with a new version of its rows (e.g. flows with src_vm set)."""
         write_parquet_atomic(conform(table, DATASETS[name].schema), path)
 
-    def rewrite_file_batches(self, path: Path, batches: Iterable[pa.RecordBatch], name: str,
-                             metadata: dict[str, str] | None = None,
-                             row_group_rows: int = ROW_GROUP_ROWS) -> int:
+    def rewrite_file_batches(
+        self,
+        path: Path,
+        batches: Iterable[pa.RecordBatch],
+        name: str,
+        metadata: dict[str, str] | None = None,
+        row_group_rows: int = ROW_GROUP_ROWS,
+    ) -> int:
         """Replace one existing partition file with a stream of batches (out of core: e.g. a DuckDB result
         read from that very file), atomically: temp file, fsync, rename. `metadata` goes into the footer's
         key-value metadata (attribution marks files so). Returns the rows written."""
@@ -263,7 +284,9 @@ class Lake:
                     pending.append(table)
                     pending_rows += table.num_rows
                     if pending_rows >= row_group_rows:
-                        writer.write_table(pa.concat_tables(pending).cast(schema), row_group_size=row_group_rows)
+                        writer.write_table(
+                            pa.concat_tables(pending).cast(schema), row_group_size=row_group_rows
+                        )
                         rows += pending_rows
                         pending, pending_rows = [], 0
                 if pending:
@@ -274,7 +297,9 @@ class Lake:
             os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise LakeError(f"cannot rewrite {path}: {exc}. Check that the lake is writable and has free space.") from exc
+            raise LakeError(
+                f"cannot rewrite {path}: {exc}. Check that the lake is writable and has free space."
+            ) from exc
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -299,9 +324,16 @@ class IngestWriter:
     (sorted by the dataset's sort key so that min/max statistics let readers skip row groups).
     """
 
-    def __init__(self, lake: Lake, dataset: Dataset, source: str, content_hash: str,
-                 manifest: bool = True, row_group_rows: int = ROW_GROUP_ROWS,
-                 metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        lake: Lake,
+        dataset: Dataset,
+        source: str,
+        content_hash: str,
+        manifest: bool = True,
+        row_group_rows: int = ROW_GROUP_ROWS,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         self.lake = lake
         self.metadata = metadata
         self.dataset = dataset
@@ -387,8 +419,13 @@ class IngestWriter:
             # text columns arrive dictionary-encoded (cheap to sort and write); store_schema=False so that
             # every reader sees them as the plain strings schema.py declares
             text = [f.name for f in self.dataset.schema if pa.types.is_string(f.type)]
-            writer = pq.ParquetWriter(tmp, _writer_schema(self.dataset.schema), compression="zstd",
-                                      store_schema=False, use_dictionary=text)
+            writer = pq.ParquetWriter(
+                tmp,
+                _writer_schema(self.dataset.schema),
+                compression="zstd",
+                store_schema=False,
+                use_dictionary=text,
+            )
             if self.metadata:  # footer key-value metadata (store_schema=False keeps no schema metadata)
                 writer.add_key_value_metadata(self.metadata)  # pyarrow >= 13
             self._writers[key] = writer
@@ -400,7 +437,9 @@ class IngestWriter:
             return
         n = rejects.num_rows
         if "ingested_at" not in rejects.column_names:
-            rejects = rejects.append_column("ingested_at", pa.array([self.ingested_at] * n, REJECTS.field("ingested_at").type))
+            rejects = rejects.append_column(
+                "ingested_at", pa.array([self.ingested_at] * n, REJECTS.field("ingested_at").type)
+            )
         if "dataset" not in rejects.column_names:
             rejects = rejects.append_column("dataset", pa.array([self.dataset.name] * n, pa.string()))
         if "source" not in rejects.column_names:
@@ -443,8 +482,10 @@ class IngestWriter:
                     "ingested_at": [self.ingested_at],
                     "stats": [json.dumps(self.result.stats, default=str)],
                 }
-                write_parquet_atomic(pa.table(row, schema=INGEST_MANIFEST),
-                                     self.lake._manifest_path(self.dataset.name, self.content_hash))
+                write_parquet_atomic(
+                    pa.table(row, schema=INGEST_MANIFEST),
+                    self.lake._manifest_path(self.dataset.name, self.content_hash),
+                )
         except OSError as exc:
             self.abort()
             raise LakeError(f"cannot commit {self.source} to {self.lake.root}: {exc}") from exc
@@ -464,8 +505,15 @@ class IngestWriter:
         self._buffers.clear()
 
 
-def ingest_table(lake: Lake, dataset: str, source: str, content_hash: str, tables: Iterable[pa.Table],
-                 rejects: Iterable[pa.Table] = (), stats: dict[str, Any] | None = None) -> IngestResult:
+def ingest_table(
+    lake: Lake,
+    dataset: str,
+    source: str,
+    content_hash: str,
+    tables: Iterable[pa.Table],
+    rejects: Iterable[pa.Table] = (),
+    stats: dict[str, Any] | None = None,
+) -> IngestResult:
     """Convenience for small sources: skip if already ingested, else write all tables and commit."""
     if lake.already_ingested(dataset, content_hash):
         return IngestResult(dataset, source, content_hash, skipped=True)

@@ -87,8 +87,19 @@ VM_ACTIONS = (
     "port_update",
     "unknown",
 )
-VM_STATES = ("building", "active", "stopped", "paused", "suspended", "shelved", "soft_deleted", "deleted",
-             "purged", "error", "unknown")
+VM_STATES = (
+    "building",
+    "active",
+    "stopped",
+    "paused",
+    "suspended",
+    "shelved",
+    "soft_deleted",
+    "deleted",
+    "purged",
+    "error",
+    "unknown",
+)
 
 # Who held which address from when to when. valid_to null = still held.
 VM_LEASES = pa.schema(
@@ -164,7 +175,9 @@ INTEL = pa.schema(
 
 ALERTS = pa.schema(
     [
-        pa.field("alert_id", pa.string(), nullable=False),  # deterministic: re-running a sweep raises no duplicate
+        pa.field(
+            "alert_id", pa.string(), nullable=False
+        ),  # deterministic: re-running a sweep raises no duplicate
         pa.field("detector", pa.string(), nullable=False),
         pa.field("window_start", TS, nullable=False),
         pa.field("window_end", TS, nullable=False),

@@ -304,9 +304,20 @@ def run_sweep(
     if engine == "spark":
         from tracepipe.engines.spark import sweep_candidates
 
-        ctx, candidates = stage("spark", lambda: sweep_candidates(
-            lake, config, since, until, intel, master=spark_master, conf=spark_conf, notes=result.notes,
-            timings=timings))
+        ctx, candidates = stage(
+            "spark",
+            lambda: sweep_candidates(
+                lake,
+                config,
+                since,
+                until,
+                intel,
+                master=spark_master,
+                conf=spark_conf,
+                notes=result.notes,
+                timings=timings,
+            ),
+        )
     else:
         ctx = stage("prepare", lambda: det.prepare_context(lake, config, since, until, intel))
         frames = []

@@ -34,8 +34,9 @@ class Engine(Protocol):
         """Make a small Arrow table (allowlist, baseline, intel subset) a view named `name`."""
         ...
 
-    def map_batches(self, sql: str, params: Mapping[str, Any] | None, fn: BatchFn,
-                    out_schema: pa.Schema) -> pa.Table:
+    def map_batches(
+        self, sql: str, params: Mapping[str, Any] | None, fn: BatchFn, out_schema: pa.Schema
+    ) -> pa.Table:
         """Run `sql`, then `fn` on each Arrow batch of its result (e.g. a scikit-learn model scoring rows).
         DuckDB: in this process; Spark: `mapInArrow`, per partition on the executors."""
         ...
@@ -60,8 +61,9 @@ class DuckDBEngine:
     def register(self, name: str, table: pa.Table) -> None:
         self.con.register(name, table)
 
-    def map_batches(self, sql: str, params: Mapping[str, Any] | None, fn: BatchFn,
-                    out_schema: pa.Schema) -> pa.Table:
+    def map_batches(
+        self, sql: str, params: Mapping[str, Any] | None, fn: BatchFn, out_schema: pa.Schema
+    ) -> pa.Table:
         table = self.query(sql, params)
         batches = [fn(batch) for batch in table.to_batches()]
         return pa.Table.from_batches(batches, schema=out_schema)
@@ -76,8 +78,13 @@ def duckdb_arrow(result: Any) -> pa.Table:
     return fetch()
 
 
-def open_engine(lake: Lake, engine: str = "duckdb", *, spark_master: str | None = None,
-                spark_conf: Mapping[str, str] | None = None) -> Engine:
+def open_engine(
+    lake: Lake,
+    engine: str = "duckdb",
+    *,
+    spark_master: str | None = None,
+    spark_conf: Mapping[str, str] | None = None,
+) -> Engine:
     """The engine named `engine` over `lake`. Spark options are ignored by DuckDB."""
     if engine == "duckdb":
         return DuckDBEngine(lake)
@@ -109,8 +116,15 @@ def parse_conf(pairs: list[str] | None) -> dict[str, str]:
     return conf
 
 
-def run_sql(lake: Lake, sql: str, engine: str = "duckdb", params: Mapping[str, Any] | None = None, *,
-            spark_master: str | None = None, spark_conf: Mapping[str, str] | None = None) -> pa.Table:
+def run_sql(
+    lake: Lake,
+    sql: str,
+    engine: str = "duckdb",
+    params: Mapping[str, Any] | None = None,
+    *,
+    spark_master: str | None = None,
+    spark_conf: Mapping[str, str] | None = None,
+) -> pa.Table:
     """One query on a freshly opened engine: what `tracepipe sql --engine ...` calls."""
     if engine == "spark":  # refuse a non-query before paying for a JVM
         from tracepipe.engines.dialect import check_queries, parse_duckdb
@@ -120,8 +134,14 @@ def run_sql(lake: Lake, sql: str, engine: str = "duckdb", params: Mapping[str, A
         return opened.query(sql, params)
 
 
-def engine_relation(lake: Lake, sql: str, engine: str, *, spark_master: str | None = None,
-                    spark_conf: Mapping[str, str] | None = None) -> Any:
+def engine_relation(
+    lake: Lake,
+    sql: str,
+    engine: str,
+    *,
+    spark_master: str | None = None,
+    spark_conf: Mapping[str, str] | None = None,
+) -> Any:
     """`run_sql` on `engine`, as a DuckDB relation over the Arrow result, so that `tracepipe sql` prints and
     exports it exactly like a DuckDB result."""
     import duckdb

@@ -94,8 +94,11 @@ def _rewrite_asof(join: exp.Join) -> exp.Join:
     bound = None
     for condition in on.find_all(exp.GTE, exp.GT) if on is not None else ():
         left_ts, right_from = condition.this, condition.expression
-        if isinstance(right_from, exp.Column) and right_from.table == right_name and \
-                right_from.name in ASOF_INTERVALS:
+        if (
+            isinstance(right_from, exp.Column)
+            and right_from.table == right_name
+            and right_from.name in ASOF_INTERVALS
+        ):
             upper = exp.column(ASOF_INTERVALS[right_from.name], table=right_name)
             far = exp.cast(exp.Literal.string(FAR_FUTURE), exp.DataType.build("timestamp"))
             bound = exp.LT(this=left_ts.copy(), expression=exp.Coalesce(this=upper, expressions=[far]))
@@ -103,7 +106,8 @@ def _rewrite_asof(join: exp.Join) -> exp.Join:
     if bound is None:
         raise EngineUnsupported(
             "the Spark engine rewrites ASOF joins only as `... ASOF JOIN t ON ... AND x >= t.valid_from`; "
-            f"got: {join.sql('duckdb')}")
+            f"got: {join.sql('duckdb')}"
+        )
     rewritten = join.copy()
     rewritten.set("method", None)
     rewritten.set("on", exp.and_(on.copy(), bound))
@@ -134,11 +138,17 @@ def _expand_star_modifiers(select: exp.Select, columns_of: ColumnsOf | None) -> 
             continue
         alias = projection.table if isinstance(projection, exp.Column) else ""
         sources = [select.args.get("from_") or select.args.get("from"), *(select.args.get("joins") or [])]
-        table = _table_of_alias(select, alias) if alias else (
-            sources[0].this.name if len(sources) == 1 and isinstance(sources[0].this, exp.Table) else None)
+        table = (
+            _table_of_alias(select, alias)
+            if alias
+            else (
+                sources[0].this.name if len(sources) == 1 and isinstance(sources[0].this, exp.Table) else None
+            )
+        )
         if table is None or columns_of is None:
             raise EngineUnsupported(
-                f"the Spark engine expands `* REPLACE/EXCLUDE` only over a named table: {select.sql('duckdb')[:120]}")
+                f"the Spark engine expands `* REPLACE/EXCLUDE` only over a named table: {select.sql('duckdb')[:120]}"
+            )
         replaced = {e.alias_or_name: e for e in star.args.get("replace") or []}
         excluded = {e.name for e in star.args.get("except") or []}
         for column in columns_of(table):
@@ -154,7 +164,9 @@ def _expand_star_modifiers(select: exp.Select, columns_of: ColumnsOf | None) -> 
     return select
 
 
-def _union_by_name(union: exp.Union, macros: Mapping[str, TableMacro], columns_of: ColumnsOf | None) -> exp.Expression:
+def _union_by_name(
+    union: exp.Union, macros: Mapping[str, TableMacro], columns_of: ColumnsOf | None
+) -> exp.Expression:
     """`a UNION ALL BY NAME b` -> both sides projected onto one column list (missing ones NULL)."""
     if columns_of is None:
         raise EngineUnsupported("UNION BY NAME needs the Spark engine's column resolver")
@@ -166,11 +178,15 @@ def _union_by_name(union: exp.Union, macros: Mapping[str, TableMacro], columns_o
 
     def side(query: exp.Expression, have: list[str], alias: str) -> exp.Select:
         items = [exp.column(c, table=alias) if c in have else exp.alias_(exp.Null(), c) for c in names]
-        return exp.select(*items).from_(exp.Subquery(this=query, alias=exp.TableAlias(
-            this=exp.to_identifier(alias))))
+        return exp.select(*items).from_(
+            exp.Subquery(this=query, alias=exp.TableAlias(this=exp.to_identifier(alias)))
+        )
 
-    return exp.Union(this=side(left, left_cols, "_by_name_l"), expression=side(right, right_cols, "_by_name_r"),
-                     distinct=union.args.get("distinct", False))
+    return exp.Union(
+        this=side(left, left_cols, "_by_name_l"),
+        expression=side(right, right_cols, "_by_name_r"),
+        distinct=union.args.get("distinct", False),
+    )
 
 
 def _rewrite_basic(node: exp.Expression, macros: Mapping[str, TableMacro]) -> exp.Expression:
@@ -190,17 +206,20 @@ def _rewrite_basic(node: exp.Expression, macros: Mapping[str, TableMacro]) -> ex
     return node
 
 
-def _rewrite_tree(tree: exp.Expression, macros: Mapping[str, TableMacro], columns_of: ColumnsOf | None
-                  ) -> exp.Expression:
+def _rewrite_tree(
+    tree: exp.Expression, macros: Mapping[str, TableMacro], columns_of: ColumnsOf | None
+) -> exp.Expression:
     tree = tree.transform(lambda n: _rewrite_basic(n, macros))
     for select in list(tree.find_all(exp.Select)):
         _expand_star_modifiers(select, columns_of)
     if isinstance(tree, exp.Union) and tree.args.get("by_name"):
         return _union_by_name(tree, macros, columns_of)
     for union in [u for u in tree.find_all(exp.Union) if u.args.get("by_name")]:
-        union.replace(exp.Subquery(this=_union_by_name(union, macros, columns_of)) if
-                      not isinstance(union.parent, exp.Subquery | exp.Create) else
-                      _union_by_name(union, macros, columns_of))
+        union.replace(
+            exp.Subquery(this=_union_by_name(union, macros, columns_of))
+            if not isinstance(union.parent, exp.Subquery | exp.Create)
+            else _union_by_name(union, macros, columns_of)
+        )
     return tree
 
 
@@ -221,11 +240,16 @@ def check_queries(statements: list[exp.Expression]) -> None:
         if not isinstance(statement, exp.Query | exp.Describe):
             raise UsageError(
                 f"tracepipe sql is read-only: {statement.key.upper()} statements are refused "
-                f"({statement.sql('duckdb')[:60]!r}). Write queries only (SELECT, WITH, DESCRIBE).")
+                f"({statement.sql('duckdb')[:60]!r}). Write queries only (SELECT, WITH, DESCRIBE)."
+            )
 
 
-def to_spark(sql: str, table_macros: Mapping[str, TableMacro] | None = None,
-             columns_of: ColumnsOf | None = None, queries_only: bool = False) -> list[str]:
+def to_spark(
+    sql: str,
+    table_macros: Mapping[str, TableMacro] | None = None,
+    columns_of: ColumnsOf | None = None,
+    queries_only: bool = False,
+) -> list[str]:
     """Transpile a DuckDB script (one or more statements) to Spark SQL statements. `columns_of` (Spark SQL
     or a view name -> its column names) lets `* REPLACE` and `UNION BY NAME` be expanded."""
     macros = table_macros or {}

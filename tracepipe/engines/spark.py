@@ -144,8 +144,9 @@ def session_conf(master: str, conf: Mapping[str, str] | None = None) -> dict[str
     return merged
 
 
-def get_session(master: str | None = None, conf: Mapping[str, str] | None = None,
-                app_name: str = "tracepipe") -> SparkSession:
+def get_session(
+    master: str | None = None, conf: Mapping[str, str] | None = None, app_name: str = "tracepipe"
+) -> SparkSession:
     """A SparkSession (the active one if it exists: Spark allows one per process) with session_conf()."""
     _pyspark()
     master = master or DEFAULT_MASTER
@@ -236,8 +237,15 @@ def _macro_connection() -> Any:
     return con
 
 
-_DUCK_TO_ARROW = {"BOOLEAN": pa.bool_(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "VARCHAR": pa.string(),
-                  "DOUBLE": pa.float64(), "SMALLINT": pa.int16(), "TINYINT": pa.int8()}
+_DUCK_TO_ARROW = {
+    "BOOLEAN": pa.bool_(),
+    "INTEGER": pa.int32(),
+    "BIGINT": pa.int64(),
+    "VARCHAR": pa.string(),
+    "DOUBLE": pa.float64(),
+    "SMALLINT": pa.int16(),
+    "TINYINT": pa.int8(),
+}
 
 
 @functools.cache
@@ -285,8 +293,10 @@ def register_macro(spark: SparkSession, name: str, nargs: int) -> None:
 
     out_type = macro_result_type(name, nargs)
     if out_type is None:
-        raise EngineUnsupported(f"{name}() returns a type Spark does not have (128-bit integer); "
-                                "compare addresses with cidr_contains / ip_between instead")
+        raise EngineUnsupported(
+            f"{name}() returns a type Spark does not have (128-bit integer); "
+            "compare addresses with cidr_contains / ip_between instead"
+        )
     fn = functools.partial(evaluate_macro, name, out_type)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "prefer type hints": a partial has none to give
@@ -314,8 +324,14 @@ class SparkEngine:
 
     name = "spark"
 
-    def __init__(self, lake: Lake, master: str | None = None, conf: Mapping[str, str] | None = None,
-                 session: SparkSession | None = None, uri: str | None = None) -> None:
+    def __init__(
+        self,
+        lake: Lake,
+        master: str | None = None,
+        conf: Mapping[str, str] | None = None,
+        session: SparkSession | None = None,
+        uri: str | None = None,
+    ) -> None:
         self.lake = lake
         self.uri = uri or lake_uri(lake)
         if session is None:
@@ -345,7 +361,9 @@ class SparkEngine:
             done, todo = _flow_halves(self.lake)
         base = f"{self.uri}/flows"
         read_files(self.spark, "flows", base, done).createOrReplaceTempView("_flows_done")
-        todo_frame = self.spark.table("flows") if todo is None else read_files(self.spark, "flows", base, todo)
+        todo_frame = (
+            self.spark.table("flows") if todo is None else read_files(self.spark, "flows", base, todo)
+        )
         todo_frame.createOrReplaceTempView("_flows_todo")
         self.macros: set[str] = set()
         views_sql = sql_text("views")
@@ -396,8 +414,9 @@ class SparkEngine:
     def register(self, name: str, table: pa.Table) -> None:
         from_arrow(self.spark, table).createOrReplaceTempView(name)
 
-    def map_batches(self, sql: str, params: Mapping[str, Any] | None, fn: BatchFn,
-                    out_schema: pa.Schema) -> pa.Table:
+    def map_batches(
+        self, sql: str, params: Mapping[str, Any] | None, fn: BatchFn, out_schema: pa.Schema
+    ) -> pa.Table:
         frame = self.frame(sql, params)
         mapped = frame.mapInArrow(functools.partial(_map_iterator, fn), spark_schema(out_schema))
         return to_arrow(mapped, out_schema)

@@ -35,12 +35,20 @@ WINDOW_WIDE = ("beacon",)  # per-host results that also use a window-wide span (
 BUCKET_COLUMN = "_bucket"
 HOST_COLUMNS = ("_src_in", "_dst_in")  # this row's src / dst is a local host of this bucket
 
-CANDIDATE_ARROW = pa.schema([
-    ("detector", pa.string()), ("addr", pa.string()), ("peer", pa.string()), ("port", pa.int32()),
-    ("window_start", pa.timestamp("us", "UTC")), ("window_end", pa.timestamp("us", "UTC")),
-    ("score", pa.float64()), ("first_ts", pa.timestamp("us", "UTC")), ("reason", pa.string()),
-    ("features", pa.string()),
-])
+CANDIDATE_ARROW = pa.schema(
+    [
+        ("detector", pa.string()),
+        ("addr", pa.string()),
+        ("peer", pa.string()),
+        ("port", pa.int32()),
+        ("window_start", pa.timestamp("us", "UTC")),
+        ("window_end", pa.timestamp("us", "UTC")),
+        ("score", pa.float64()),
+        ("first_ts", pa.timestamp("us", "UTC")),
+        ("reason", pa.string()),
+        ("features", pa.string()),
+    ]
+)
 
 
 class FramesContext(det.DetectContext):
@@ -51,8 +59,9 @@ class FramesContext(det.DetectContext):
         super().__init__(base.lake, base.config, base.since, base.until, list(base.local), base.intel)
         self._frame = frame
 
-    def flows(self, window_s: float, since: dt.datetime | None = None,
-              until: dt.datetime | None = None) -> pl.LazyFrame:
+    def flows(
+        self, window_s: float, since: dt.datetime | None = None, until: dt.datetime | None = None
+    ) -> pl.LazyFrame:
         start, end = self.span(window_s)
         start, end = since or start, until or end
         scanned = self._frame.lazy().filter((pl.col("ts_start") >= start) & (pl.col("ts_start") < end))
@@ -99,22 +108,32 @@ class _SpanPatch:
         self.calls += 1
         step = int(window_s) * 1_000_000
         if self.spans is None:
-            spans = (flows.group_by(bucket_expr("ts_start", window_s).dt.epoch("us").alias("w"))
-                     .agg(lo=pl.col("ts_start").min().dt.epoch("us"), hi=pl.col("ts_start").max().dt.epoch("us"))
-                     .collect())
+            spans = (
+                flows.group_by(bucket_expr("ts_start", window_s).dt.epoch("us").alias("w"))
+                .agg(lo=pl.col("ts_start").min().dt.epoch("us"), hi=pl.col("ts_start").max().dt.epoch("us"))
+                .collect()
+            )
             self.seen.extend((call, w, lo, hi) for w, lo, hi in spans.iter_rows())
             return self._original(flows, window_s, *args, **kwargs)
         marks = [t for (c, _w), (lo, hi) in self.spans.items() if c == call for t in (lo, hi)]
         if marks:
             schema = flows.collect_schema()
             sentinel = pl.DataFrame({"ts_start": marks}, schema={"ts_start": pl.Int64}).with_columns(
-                ts_start=pl.col("ts_start").cast(pl.Datetime("us", "UTC")))
-            sentinel = sentinel.with_columns(
-                [pl.lit(SENTINEL_SRC).alias("src_addr"), pl.lit(SENTINEL_DST).alias("dst_addr"),
-                 pl.lit(0).alias("bytes")]
+                ts_start=pl.col("ts_start").cast(pl.Datetime("us", "UTC"))
             )
             sentinel = sentinel.with_columns(
-                [pl.lit(None).cast(dtype).alias(name) for name, dtype in schema.items() if name not in sentinel.columns]
+                [
+                    pl.lit(SENTINEL_SRC).alias("src_addr"),
+                    pl.lit(SENTINEL_DST).alias("dst_addr"),
+                    pl.lit(0).alias("bytes"),
+                ]
+            )
+            sentinel = sentinel.with_columns(
+                [
+                    pl.lit(None).cast(dtype).alias(name)
+                    for name, dtype in schema.items()
+                    if name not in sentinel.columns
+                ]
             ).select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
             flows = pl.concat([flows, sentinel.lazy()])
         del step
@@ -124,13 +143,17 @@ class _SpanPatch:
 SPAN_ARROW = pa.schema([("call", pa.int64()), ("w", pa.int64()), ("lo", pa.int64()), ("hi", pa.int64())])
 
 
-def _global_spans(routed: DataFrame, run: Callable[[pa.Table], None]) -> dict[tuple[int, int], tuple[int, int]]:
+def _global_spans(
+    routed: DataFrame, run: Callable[[pa.Table], None]
+) -> dict[tuple[int, int], tuple[int, int]]:
     """Phase 1: each bucket runs `run` under an observing _SpanPatch; the lake-wide span per (call, window)."""
+
     def observe(table: pa.Table) -> pa.Table:
         with _SpanPatch(None) as patch:
             run(table)
-        return pa.Table.from_pylist([dict(zip(SPAN_ARROW.names, row, strict=True)) for row in patch.seen],
-                                    schema=SPAN_ARROW)
+        return pa.Table.from_pylist(
+            [dict(zip(SPAN_ARROW.names, row, strict=True)) for row in patch.seen], schema=SPAN_ARROW
+        )
 
     seen = to_arrow(routed.groupBy(BUCKET_COLUMN).applyInArrow(observe, spark_schema(SPAN_ARROW)), SPAN_ARROW)
     spans: dict[tuple[int, int], tuple[int, int]] = {}
@@ -148,7 +171,8 @@ def window_flows(spark: SparkSession, lake: Lake, start: dt.datetime, end: dt.da
     flows = read_dataset(spark, lake_uri(lake), "flows")
     last_day = (end - dt.timedelta(microseconds=1)).date()
     return flows.where(F.col("date").between(F.lit(start.date()), F.lit(last_day))).where(
-        (F.col("ts_start") >= F.lit(start)) & (F.col("ts_start") < F.lit(end)))
+        (F.col("ts_start") >= F.lit(start)) & (F.col("ts_start") < F.lit(end))
+    )
 
 
 def local_hosts(flows: DataFrame, local_networks: list[str]) -> list[str]:
@@ -167,16 +191,17 @@ def route(flows: DataFrame, local: list[str], buckets: int) -> DataFrame:
 
     spark = flows.sparkSession
     local_df = F.broadcast(spark.createDataFrame(pa.table({"addr": pa.array(local, pa.string())})))
-    marked = (
-        flows.join(local_df.withColumnRenamed("addr", "_s"), F.col("src_addr") == F.col("_s"), "left")
-        .join(local_df.withColumnRenamed("addr", "_d"), F.col("dst_addr") == F.col("_d"), "left")
-    )
+    marked = flows.join(
+        local_df.withColumnRenamed("addr", "_s"), F.col("src_addr") == F.col("_s"), "left"
+    ).join(local_df.withColumnRenamed("addr", "_d"), F.col("dst_addr") == F.col("_d"), "left")
     src_bucket = F.when(F.col("_s").isNotNull(), F.pmod(F.xxhash64("src_addr"), F.lit(buckets)))
     dst_bucket = F.when(F.col("_d").isNotNull(), F.pmod(F.xxhash64("dst_addr"), F.lit(buckets)))
     routed = (
         marked.where(F.col("_s").isNotNull() | F.col("_d").isNotNull())
-        .withColumn(BUCKET_COLUMN, F.explode(F.array_distinct(F.filter(F.array(src_bucket, dst_bucket),
-                                                                       lambda b: b.isNotNull()))))
+        .withColumn(
+            BUCKET_COLUMN,
+            F.explode(F.array_distinct(F.filter(F.array(src_bucket, dst_bucket), lambda b: b.isNotNull()))),
+        )
         .withColumn("_src_in", F.coalesce(src_bucket == F.col(BUCKET_COLUMN), F.lit(False)))
         .withColumn("_dst_in", F.coalesce(dst_bucket == F.col(BUCKET_COLUMN), F.lit(False)))
     )
@@ -198,8 +223,9 @@ def _arrow(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
     return frame.to_arrow().select(schema.names).cast(schema)
 
 
-def _bucket_detectors(base: det.DetectContext, names: list[str],
-                      spans: dict[tuple[int, int], tuple[int, int]] | None = None) -> Callable[[pa.Table], pa.Table]:
+def _bucket_detectors(
+    base: det.DetectContext, names: list[str], spans: dict[tuple[int, int], tuple[int, int]] | None = None
+) -> Callable[[pa.Table], pa.Table]:
     def run(table: pa.Table) -> pa.Table:
         frame, hosts = _bucket_frame(table)
         context = FramesContext(base, frame)
@@ -214,10 +240,17 @@ def _bucket_detectors(base: det.DetectContext, names: list[str],
     return run
 
 
-def _bucket_features(base: det.DetectContext, local: list[str], window_s: float, history: dt.datetime,
-                     since: dt.datetime, schema: pa.Schema,
-                     spans: dict[tuple[int, int], tuple[int, int]] | None = None) -> Callable[[pa.Table], pa.Table]:
+def _bucket_features(
+    base: det.DetectContext,
+    local: list[str],
+    window_s: float,
+    history: dt.datetime,
+    since: dt.datetime,
+    schema: pa.Schema,
+    spans: dict[tuple[int, int], tuple[int, int]] | None = None,
+) -> Callable[[pa.Table], pa.Table]:
     """What features.compute_features does for the lake, for one bucket's flows."""
+
     def run(table: pa.Table) -> pa.Table:
         frame, hosts = _bucket_frame(table)
         facts = with_flow_facts(frame.lazy(), [*local, SENTINEL_SRC], base.night)
@@ -226,8 +259,9 @@ def _bucket_features(base: det.DetectContext, local: list[str], window_s: float,
         else:
             with _SpanPatch(spans):
                 features = host_features(facts, window_s, history_start=history).collect()
-        features = (features.filter(pl.col("window_start") >= floor_time(since, window_s))
-                    .filter(pl.col("host").is_in(sorted(hosts))))
+        features = features.filter(pl.col("window_start") >= floor_time(since, window_s)).filter(
+            pl.col("host").is_in(sorted(hosts))
+        )
         return _arrow(features, schema)
 
     return run
@@ -252,11 +286,20 @@ def _signed(arrow_type: pa.DataType) -> pa.DataType:
 
 
 # ---- the sweep ---------------------------------------------------------------------------------------------
-def sweep_candidates(lake: Lake, config: PipelineConfig, since: dt.datetime, until: dt.datetime,
-                     intel: pa.Table | None = None, *, master: str | None = None,
-                     conf: dict[str, str] | None = None, session: SparkSession | None = None,
-                     notes: list[str] | None = None, buckets: int | None = None,
-                     timings: dict[str, float] | None = None) -> tuple[det.DetectContext, pl.DataFrame]:
+def sweep_candidates(
+    lake: Lake,
+    config: PipelineConfig,
+    since: dt.datetime,
+    until: dt.datetime,
+    intel: pa.Table | None = None,
+    *,
+    master: str | None = None,
+    conf: dict[str, str] | None = None,
+    session: SparkSession | None = None,
+    notes: list[str] | None = None,
+    buckets: int | None = None,
+    timings: dict[str, float] | None = None,
+) -> tuple[det.DetectContext, pl.DataFrame]:
     """Rule and anomaly candidates of a sweep window, computed on Spark (schema detectors.CANDIDATE), and the
     DetectContext that `detectors.finalize` needs. The same detectors as the DuckDB/polars engine.
     `timings` (if given) receives seconds per stage: session, local, rules, exfiltration, anomaly."""
@@ -294,8 +337,9 @@ def sweep_candidates(lake: Lake, config: PipelineConfig, since: dt.datetime, unt
         routed = route(window_flows(spark, lake, start, end), ctx.local, buckets)
         spans = _global_spans(routed, _bucket_detectors(ctx, [n for n in per_host if n in WINDOW_WIDE]))
         lap("spans")
-        found = routed.groupBy(BUCKET_COLUMN).applyInArrow(_bucket_detectors(ctx, per_host, spans),
-                                                           spark_schema(CANDIDATE_ARROW))
+        found = routed.groupBy(BUCKET_COLUMN).applyInArrow(
+            _bucket_detectors(ctx, per_host, spans), spark_schema(CANDIDATE_ARROW)
+        )
         frames.append(pl.from_arrow(to_arrow(found, CANDIDATE_ARROW)))
         lap("rules")
     if "exfiltration" in enabled:
@@ -324,11 +368,13 @@ def _exfiltration(spark: SparkSession, ctx: det.DetectContext) -> pl.DataFrame:
     step = int(window_s) * 1_000_000
     local_df = F.broadcast(spark.createDataFrame(pa.table({"addr": pa.array(ctx.local, pa.string())})))
     flows = window_flows(spark, ctx.lake, baseline_start, end)
-    outbound = (flows.join(local_df, flows.src_addr == local_df.addr, "left_semi")
-                .join(local_df, flows.dst_addr == local_df.addr, "left_anti"))
+    outbound = flows.join(local_df, flows.src_addr == local_df.addr, "left_semi").join(
+        local_df, flows.dst_addr == local_df.addr, "left_anti"
+    )
     window = F.timestamp_micros(F.floor(F.unix_micros("ts_start") / F.lit(step)).cast("long") * F.lit(step))
-    sums = (outbound.groupBy("src_addr", "dst_addr", window.alias("_window"))
-            .agg(F.sum("bytes").alias("bytes"), F.min("ts_start").alias("ts_start")))
+    sums = outbound.groupBy("src_addr", "dst_addr", window.alias("_window")).agg(
+        F.sum("bytes").alias("bytes"), F.min("ts_start").alias("ts_start")
+    )
     table = to_arrow(sums.select("src_addr", "dst_addr", "bytes", "ts_start"))
     frame = pl.from_arrow(conform(table, FLOWS))
     assert isinstance(frame, pl.DataFrame)
@@ -336,8 +382,9 @@ def _exfiltration(spark: SparkSession, ctx: det.DetectContext) -> pl.DataFrame:
     return det.exfiltration(FramesContext(ctx, frame))
 
 
-def _anomaly(spark: SparkSession, ctx: det.DetectContext, rule_hosts: set[str], notes: list[str],
-             buckets: int) -> pl.DataFrame:
+def _anomaly(
+    spark: SparkSession, ctx: det.DetectContext, rule_hosts: set[str], notes: list[str], buckets: int
+) -> pl.DataFrame:
     """sweep.anomaly_stage on Spark: features per host bucket, model.score in mapInArrow, then the same
     anomaly_candidates."""
     from tracepipe.detect import model
@@ -357,8 +404,11 @@ def _anomaly(spark: SparkSession, ctx: det.DetectContext, rule_hosts: set[str], 
     routed = route(flows, local, buckets)
     spans = _global_spans(routed, _bucket_features(ctx, local, window_s, history, ctx.since, schema))
     features = routed.groupBy(BUCKET_COLUMN).applyInArrow(
-        _bucket_features(ctx, local, window_s, history, ctx.since, schema, spans), spark_schema(schema))
-    scored_schema = pa.schema([*schema, pa.field("anomaly_score", pa.float64()), pa.field("explanation", pa.string())])
+        _bucket_features(ctx, local, window_s, history, ctx.since, schema, spans), spark_schema(schema)
+    )
+    scored_schema = pa.schema(
+        [*schema, pa.field("anomaly_score", pa.float64()), pa.field("explanation", pa.string())]
+    )
     top = cfg.top_features
 
     def score_batches(batches: Any) -> Any:
@@ -367,7 +417,9 @@ def _anomaly(spark: SparkSession, ctx: det.DetectContext, rule_hosts: set[str], 
             scored = model.score(frame, forest, info, top)  # type: ignore[arg-type]
             yield from _arrow(scored, scored_schema).to_batches()
 
-    scored = pl.from_arrow(to_arrow(features.mapInArrow(score_batches, spark_schema(scored_schema)), scored_schema))
+    scored = pl.from_arrow(
+        to_arrow(features.mapInArrow(score_batches, spark_schema(scored_schema)), scored_schema)
+    )
     assert isinstance(scored, pl.DataFrame)
     scored = scored.sort(["anomaly_score", "host", "window_start"], descending=[True, False, False])
     return model.anomaly_candidates(scored, cfg.min_score, cfg.max_alerts, window_s, rule_hosts)

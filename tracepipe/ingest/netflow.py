@@ -265,7 +265,9 @@ class DecoderState:
 
         obj = json.loads(text)
         state = cls()
-        state.templates = {key(k, 3): _intern(Template.from_obj(v)) for k, v in obj.get("templates", {}).items()}
+        state.templates = {
+            key(k, 3): _intern(Template.from_obj(v)) for k, v in obj.get("templates", {}).items()
+        }
         state.sequences = {key(k, 2): _Sequence.from_obj(v) for k, v in obj.get("sequences", {}).items()}
         state.sampling = {key(k, 1): v for k, v in obj.get("sampling", {}).items()}
         state.sys_init_ms = {key(k, 1): v for k, v in obj.get("sys_init_ms", {}).items()}
