@@ -194,12 +194,10 @@ def anomaly_stage(ctx: det.DetectContext, rule_hosts: set[str], notes: list[str]
     from tracepipe.detect import model
 
     cfg = ctx.config.model
-    path = model.model_path(ctx.lake, cfg.path or None)
-    try:
-        forest, info = model.load(path)
-    except TracepipeError as exc:
-        notes.append(f"anomaly model skipped: {exc}")
+    loaded = model.load_for_sweep(ctx.lake, cfg.path, notes)
+    if loaded is None:
         return det._empty()
+    forest, info = loaded
     history = ctx.since - dt.timedelta(seconds=float(ctx.config.window.baseline))
     features = compute_features(
         ctx.lake,

@@ -19,7 +19,7 @@ import sklearn
 from sklearn.ensemble import IsolationForest
 
 from tracepipe.detect.features import FEATURES, LOG_FEATURES, compute_features, utc
-from tracepipe.errors import InputError, LakeError
+from tracepipe.errors import InputError, LakeError, TracepipeError
 from tracepipe.lake import Lake
 
 DEFAULT_MODEL = "_models/isolation-forest.joblib"
@@ -284,3 +284,14 @@ def anomaly_candidates(
 
 def _num(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def load_for_sweep(
+    lake: Lake, path: str | None, notes: list[str]
+) -> tuple[IsolationForest, ModelInfo] | None:
+    """The persisted model for a sweep, whichever engine runs it: no model is a note, not a failure."""
+    try:
+        return load(model_path(lake, path or None))
+    except TracepipeError as exc:
+        notes.append(f"anomaly model skipped: {exc}")
+        return None

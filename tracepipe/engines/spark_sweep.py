@@ -22,7 +22,6 @@ import pyarrow as pa
 from tracepipe.detect import detectors as det
 from tracepipe.detect.features import floor_time, host_features, in_networks, utc, with_flow_facts
 from tracepipe.engines.spark import get_session, lake_uri, read_dataset, spark_schema, to_arrow
-from tracepipe.errors import TracepipeError
 from tracepipe.lake import Lake, conform
 from tracepipe.pipeline_config import PipelineConfig
 from tracepipe.schema import FLOWS
@@ -390,12 +389,10 @@ def _anomaly(
     from tracepipe.detect import model
 
     cfg = ctx.config.model
-    path = model.model_path(ctx.lake, cfg.path or None)
-    try:
-        forest, info = model.load(path)
-    except TracepipeError as exc:
-        notes.append(f"anomaly model skipped: {exc}")
+    loaded = model.load_for_sweep(ctx.lake, cfg.path, notes)
+    if loaded is None:
         return det._empty()
+    forest, info = loaded
     window_s = info.window_seconds
     history = ctx.since - dt.timedelta(seconds=float(ctx.config.window.baseline))
     flows = window_flows(spark, ctx.lake, history, ctx.until)
