@@ -138,7 +138,7 @@ def _ingest_one(
         if progress:
             progress(size)
         return result
-    source = str(path)
+    source = str(path.absolute())  # evidence: an investigator must find the file again, whatever the cwd was
     stats: dict[str, dict[str, Any]] = {}
     with lake.ingest("flows", source=source, content_hash=content_hash) as writer:
         if kind == "pcap":
@@ -176,7 +176,7 @@ def _ingest_one(
             for flows, rejects in iter_nfdump_csv(path):  # streamed: ~16 MB of text at a time
                 flows = _with_source(flows, source)
                 writer.write(flows)
-                writer.reject(rejects)
+                writer.reject(_with_source(rejects, source))
                 for exporter, n in _value_counts(flows.column("exporter")).items():
                     entry = stats.setdefault(exporter or "unknown", {"flows": 0, "versions": ["nfdump-csv"]})
                     entry["flows"] += n

@@ -157,7 +157,7 @@ def ingest_vm_files(
         if path.resolve() in consumed and path not in partners:
             continue  # an OpenNebula XML read together with its log
         partner = partners.get(path)
-        source = str(path)
+        source = str(path.absolute())  # evidence: findable again whatever the cwd was
         content_hash = hash_file(path)
         if partner is not None:
             content_hash = hash_bytes(f"{content_hash}+{hash_file(partner)}".encode())
@@ -312,12 +312,13 @@ def ingest_syslog_files(
             continue
         mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
         attributed = 0
-        with lake.ingest("vm_logs", str(path), content_hash) as writer:
+        source = str(path.absolute())
+        with lake.ingest("vm_logs", source, content_hash) as writer:
             # in blocks of whole lines: memory stays bounded on big files, line numbers stay exact
             for first_line, text in _line_blocks(path):
                 logs, rejects = parse_syslog(
                     text,
-                    str(path),
+                    source,
                     year=year or mtime.year,
                     reference=mtime if year is None else None,
                     tz=tz,
