@@ -41,10 +41,8 @@ SOFTFLOWD_CASES = [
     (10, "ipv6", "ipv6"),
 ]
 
-# what is compared between nfdump and the lake: times at nfdump's resolution (ms), then the flow key and counters
-COMPARED = (
-    "ts_start_ms",
-    "ts_end_ms",
+# the flow key and counters every comparison with nfdump (or between versions) looks at
+FLOW_KEY_AND_COUNTERS = (
     "src_addr",
     "dst_addr",
     "src_port",
@@ -54,6 +52,8 @@ COMPARED = (
     "bytes",
     "tcp_flags",
 )
+# what is compared between nfdump and the lake: times at nfdump's resolution (ms), then the key and counters
+COMPARED = ("ts_start_ms", "ts_end_ms", *FLOW_KEY_AND_COUNTERS)
 
 
 def case_id(case: tuple[int, str, str]) -> str:

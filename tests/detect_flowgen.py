@@ -10,11 +10,14 @@ records, the way softflowd does. Everything is seeded: same seed, same flows.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from tracepipe.lake import Lake
 from tracepipe.schema import FLOWS, VM_LEASES
 
 LOCAL_NETWORKS = ["10.10.0.0/16", "2001:db8:10::/48"]
@@ -515,3 +518,22 @@ def _plant(
         rng.integers(20_000, 400_000, n),
         rng.integers(1_000, 10_000, n),
     )
+
+
+def pipeline_text(report_dir: Path, extra: str = "") -> str:
+    """A minimal pipeline file for tests: this generator's local networks, JSON report only."""
+    return (
+        f'[pipeline]\nname = "t"\nlocal_networks = {json.dumps(LOCAL_NETWORKS)}\n'
+        f'[output]\nreport_dir = "{report_dir}"\nhtml = false\n{extra}'
+    )
+
+
+def story_lake(root: Path, seed: int = 21, days: int = 2) -> tuple[Lake, Story, Path]:
+    """A real lake holding a generated story (flows + leases) and a pipeline file next to it."""
+    story = generate(seed=seed, days=days)
+    lake = Lake(root / "lake")
+    lake.append("flows", story.flows, key="story")
+    lake.replace_dataset("vm_leases", story.leases)
+    pipeline = root / "t.toml"
+    pipeline.write_text(pipeline_text(root / "reports"))
+    return lake, story, pipeline

@@ -11,6 +11,7 @@ import struct
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import FLOW_KEY_AND_COUNTERS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -148,20 +149,7 @@ def real(softflowd_export):
 
 
 def rows(table: pa.Table) -> list[tuple]:
-    columns = [
-        "ts_start",
-        "ts_end",
-        "src_addr",
-        "dst_addr",
-        "src_port",
-        "dst_port",
-        "proto",
-        "packets",
-        "bytes",
-        "tcp_flags",
-        "ip_version",
-        "sampling_interval",
-    ]
+    columns = ["ts_start", "ts_end", *FLOW_KEY_AND_COUNTERS, "ip_version", "sampling_interval"]
     data = table.select(columns).to_pydict()
     return sorted(zip(*(data[c] for c in columns), strict=True), key=repr)
 

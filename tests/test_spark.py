@@ -247,16 +247,7 @@ def test_base_package_needs_no_pyspark():
 # ---- the sweep: same alerts, row for row --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sweep_lake(tmp_path_factory):
-    root = tmp_path_factory.mktemp("spark-sweep")
-    story = gen.generate(seed=21, days=2)
-    lake = Lake(root / "lake")
-    lake.append("flows", story.flows, key="story")
-    lake.replace_dataset("vm_leases", story.leases)
-    pipeline = root / "t.toml"
-    pipeline.write_text(
-        f'[pipeline]\nname = "t"\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n'
-        f'[output]\nreport_dir = "{root / "reports"}"\nhtml = false\n'
-    )
+    lake, story, pipeline = gen.story_lake(tmp_path_factory.mktemp("spark-sweep"))
     config = load_pipeline(pipeline)
     first_day = (story.start, story.start + dt.timedelta(days=1))
     model.fit_lake(lake, *first_day, gen.LOCAL_NETWORKS)

@@ -37,23 +37,12 @@ KIND = {
 }
 
 
-def pipeline_text(report_dir: Path, extra: str = "") -> str:
-    return (
-        f'[pipeline]\nname = "t"\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n'
-        f'[output]\nreport_dir = "{report_dir}"\nhtml = false\n{extra}'
-    )
+pipeline_text = gen.pipeline_text
 
 
 @pytest.fixture(scope="module")
 def story_lake(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    story = gen.generate(seed=21, days=2)
-    lake = Lake(root / "lake")
-    lake.append("flows", story.flows, key="story")
-    lake.replace_dataset("vm_leases", story.leases)
-    pipeline = root / "t.toml"
-    pipeline.write_text(pipeline_text(root / "reports"))
-    return lake, story, pipeline
+    return gen.story_lake(tmp_path_factory.mktemp("sweep"))
 
 
 def test_sweep_writes_new_alerts_once(story_lake):

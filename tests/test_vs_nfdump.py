@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from conftest import (
+    FLOW_KEY_AND_COUNTERS,
     ICMPV6,
     SOFTFLOWD_CASES,
     blank_icmpv6_ports,
@@ -98,17 +99,7 @@ def test_erratum_e1_nfdump_swaps_ipfix_sysuptime_start_and_end(softflowd_export,
             "duration_ms", pc.subtract(table.column("ts_end_ms"), table.column("ts_start_ms"))
         )
 
-    columns = (
-        "duration_ms",
-        "src_addr",
-        "dst_addr",
-        "src_port",
-        "dst_port",
-        "proto",
-        "packets",
-        "bytes",
-        "tcp_flags",
-    )
+    columns = ("duration_ms", *FLOW_KEY_AND_COUNTERS)
     diff = multiset_diff(
         with_duration(nfdump_reference(v9.expected, 9)), with_duration(nfdump_reference(raw, 10)), columns
     )

@@ -34,7 +34,7 @@ from tracepipe.detect.features import (
 )
 from tracepipe.intel import match_addresses
 from tracepipe.lake import Lake
-from tracepipe.pipeline_config import PipelineConfig
+from tracepipe.pipeline_config import HorizontalScan, PipelineConfig, VerticalScan
 from tracepipe.schema import ALERTS
 
 # The columns every detector returns (a candidate alert, before attribution). `reason` may hold "{who}",
@@ -186,36 +186,47 @@ def _finish(
 
 
 # ---- the detectors -----------------------------------------------------------------------------------------
-def horizontal_scan(ctx: DetectContext) -> pl.DataFrame:
-    """One local host, one port, many destinations, mostly unanswered."""
-    c = ctx.config.detectors.horizontal_scan
+def _fan_out(
+    ctx: DetectContext,
+    c: HorizontalScan | VerticalScan,
+    fixed: str,
+    spread: str,
+    count: str,
+    minimum: int,
+    **extra: pl.Expr,
+) -> pl.DataFrame:
+    """Local hosts that, per window, sent to one `fixed` value (a port, or a destination) from many distinct
+    `spread` values (destinations, or ports), mostly failed: the shape of both scans. UDP has no handshake: an
+    unanswered UDP probe cannot be told from an answered one here, so it counts as failed."""
     flows = ctx.flows(c.window).filter(
         pl.col("src_local") & ~pl.col("response") & pl.col("proto").is_in([6, 17])
     )
-    tcp = pl.col("proto") == 6
     found = (
-        flows.group_by("src_addr", "dst_port", "window_start")
+        flows.group_by("src_addr", fixed, "window_start")
         .agg(
-            hosts=pl.col("dst_addr").n_unique(),
+            pl.col(spread).n_unique().alias(count),
             flows=pl.len(),
-            tcp=tcp.sum(),
+            tcp=(pl.col("proto") == 6).sum(),
             failed=pl.col("failed").sum(),
             first_ts=pl.col("ts_start").min(),
-            proto=pl.col("proto").first(),
+            **extra,
         )
-        .filter(pl.col("hosts") >= c.min_hosts)
-        # UDP has no handshake: an unanswered UDP probe cannot be told from an answered one here, count it failed
+        .filter(pl.col(count) >= minimum)
         .with_columns(
             failed_share=pl.when(pl.col("tcp") > 0).then(pl.col("failed") / pl.col("tcp")).otherwise(1.0)
         )
         .filter(pl.col("failed_share") >= c.min_failed_share)
-        .with_columns(
-            score=_ratio_score(pl.col("hosts").cast(pl.Float64), c.min_hosts),
-            addr=pl.col("src_addr"),
-            port=pl.col("dst_port"),
-        )
+        .with_columns(score=_ratio_score(pl.col(count).cast(pl.Float64), minimum), addr=pl.col("src_addr"))
     )
-    frame = _with_window_end(found, c.window).collect(engine="streaming")
+    return _with_window_end(found, c.window).collect(engine="streaming")
+
+
+def horizontal_scan(ctx: DetectContext) -> pl.DataFrame:
+    """One local host, one port, many destinations, mostly unanswered."""
+    c = ctx.config.detectors.horizontal_scan
+    frame = _fan_out(
+        ctx, c, "dst_port", "dst_addr", "hosts", c.min_hosts, proto=pl.col("proto").first()
+    ).with_columns(port=pl.col("dst_port"))
     return _finish(
         frame,
         "horizontal_scan",
@@ -231,34 +242,16 @@ def horizontal_scan(ctx: DetectContext) -> pl.DataFrame:
 def vertical_scan(ctx: DetectContext) -> pl.DataFrame:
     """One local host probing many ports of one destination, mostly refused or unanswered."""
     c = ctx.config.detectors.vertical_scan
-    flows = ctx.flows(c.window).filter(
-        pl.col("src_local") & ~pl.col("response") & pl.col("proto").is_in([6, 17])
-    )
-    tcp = pl.col("proto") == 6
-    found = (
-        flows.group_by("src_addr", "dst_addr", "window_start")
-        .agg(
-            ports=pl.col("dst_port").n_unique(),
-            flows=pl.len(),
-            tcp=tcp.sum(),
-            failed=pl.col("failed").sum(),
-            first_ts=pl.col("ts_start").min(),
-            low=pl.col("dst_port").min(),
-            high=pl.col("dst_port").max(),
-        )
-        .filter(pl.col("ports") >= c.min_ports)
-        .with_columns(
-            failed_share=pl.when(pl.col("tcp") > 0).then(pl.col("failed") / pl.col("tcp")).otherwise(1.0)
-        )
-        .filter(pl.col("failed_share") >= c.min_failed_share)
-        .with_columns(
-            score=_ratio_score(pl.col("ports").cast(pl.Float64), c.min_ports),
-            addr=pl.col("src_addr"),
-            peer=pl.col("dst_addr"),
-            port=pl.lit(None, pl.Int32),
-        )
-    )
-    frame = _with_window_end(found, c.window).collect(engine="streaming")
+    frame = _fan_out(
+        ctx,
+        c,
+        "dst_addr",
+        "dst_port",
+        "ports",
+        c.min_ports,
+        low=pl.col("dst_port").min(),
+        high=pl.col("dst_port").max(),
+    ).with_columns(peer=pl.col("dst_addr"), port=pl.lit(None, pl.Int32))
     return _finish(
         frame,
         "vertical_scan",
