@@ -14,6 +14,7 @@ import pytest
 
 from tracepipe.ingest.vm import ingest_vm_files
 from tracepipe.lake import Lake
+from tracepipe.query import scan_sql
 
 DATA = Path(__file__).parent / "data" / "cloud"
 STORY = DATA / "nova" / "notifications.jsonl"
@@ -28,7 +29,7 @@ def who(lake: Lake, addr: str, at: dt.datetime) -> tuple | None:
     return (
         con.execute(
             f"""SELECT l.vm_name, l.project, l.user, l.end_reason, v.status, v.deleted_at, v.quarantine_until
-            FROM read_parquet('{lake.glob("vm_leases")}') l JOIN read_parquet('{lake.glob("vms")}') v USING (vm_id)
+            FROM ({scan_sql("vm_leases", lake.files("vm_leases"))}) l JOIN ({scan_sql("vms", lake.files("vms"))}) v USING (vm_id)
             WHERE l.addr = $addr AND l.valid_from <= $at AND (l.valid_to IS NULL OR $at < l.valid_to)""",
             {"addr": addr, "at": at},
         ).fetchall()
@@ -39,7 +40,7 @@ def who(lake: Lake, addr: str, at: dt.datetime) -> tuple | None:
 def status_at(lake: Lake, vm_name: str, at: dt.datetime) -> str:
     con = duckdb.connect()
     return con.execute(
-        f"""SELECT state FROM read_parquet('{lake.glob("vm_events")}', hive_partitioning = true)
+        f"""SELECT state FROM ({scan_sql("vm_events", lake.files("vm_events"))})
             WHERE vm_name = $n AND ts <= $at AND NOT event_type LIKE '%.start' ORDER BY ts DESC LIMIT 1""",
         {"n": vm_name, "at": at},
     ).fetchone()[0]
@@ -130,7 +131,7 @@ def test_late_file_and_flow_reattribution(tmp_path):
     assert first.touched_days == ["2024-03-12"]
     src = (
         duckdb.connect()
-        .execute(f"SELECT src_vm FROM read_parquet('{lake.glob('flows')}') ORDER BY ts_start")
+        .execute(f"SELECT src_vm FROM ({scan_sql('flows', lake.files('flows'))}) ORDER BY ts_start")
         .fetchall()
     )
     assert src[0][0].startswith("7311d8a3") and src[1][0] is None
@@ -138,7 +139,7 @@ def test_late_file_and_flow_reattribution(tmp_path):
     assert second.touched_days == ["2024-03-12"] and second.attribution["files"] == 1
     src = (
         duckdb.connect()
-        .execute(f"SELECT src_vm FROM read_parquet('{lake.glob('flows')}') ORDER BY ts_start")
+        .execute(f"SELECT src_vm FROM ({scan_sql('flows', lake.files('flows'))}) ORDER BY ts_start")
         .fetchall()
     )
     assert src[0][0].startswith("7311d8a3") and src[1][0].startswith("efba91fc")

@@ -1,13 +1,17 @@
 """The lake's guarantees: hive partitions by UTC day, atomic files, idempotent re-ingest, leftovers cleaned."""
 
 import datetime as dt
+import os
+import time
 
 import duckdb
 import pyarrow as pa
 import pytest
 
-from tracepipe.lake import Lake, ingest_table
-from tracepipe.schema import FLOWS
+from tracepipe import query
+from tracepipe.lake import Lake, PartFile, ingest_table
+from tracepipe.query import scan_sql
+from tracepipe.schema import DATASETS, FLOWS
 
 
 def _flows(n: int, start: dt.datetime) -> pa.Table:
@@ -34,7 +38,7 @@ def test_ingest_partitions_by_utc_day_and_duckdb_reads_it(tmp_path):
     assert days == ["date=2024-03-12", "date=2024-03-13"]
     con = duckdb.connect()
     rows = con.execute(
-        f"select date, count(*), sum(bytes) from read_parquet('{lake.glob('flows')}', hive_partitioning=true) "
+        f"select date, count(*), sum(bytes) from ({scan_sql('flows', lake.files('flows'))}) "
         "group by date order by date"
     ).fetchall()
     assert [(str(d), c) for d, c, _ in rows] == [("2024-03-12", 24), ("2024-03-13", 6)]
@@ -54,19 +58,26 @@ def test_same_source_twice_adds_nothing(tmp_path):
 
 
 def test_killed_run_leftovers_are_replaced_not_doubled(tmp_path):
+    """A run killed after its rows were committed but before its manifest row: the rerun is skipped (the
+    table's transaction id says the source is in), nothing doubles. A temp file of a run killed mid-write
+    is never read, and vacuum removes it once it is older than the retention."""
     lake = Lake(tmp_path / "lake")
     table = _flows(5, dt.datetime(2024, 3, 12, tzinfo=dt.UTC))
-    # a run that renamed its data file but died before the manifest row: simulate by committing, then
-    # deleting the manifest row
-    ingest_table(lake, "flows", "src", "ef" * 32, [table])
-    for manifest in (lake.root / "_ingest").glob("*.parquet"):
-        manifest.unlink()
-    # and a stray temp file of a run killed mid-write
-    stray = lake.files("flows")[0].with_suffix(".parquet.tmp")
+    part = PartFile(lake.root / "flows", DATASETS["flows"], "2024-03-12", "part-killed")
+    part.write(table)
+    lake.commit("flows", [part.close()], key="ef" * 32)  # the rows' commit, and then the process died
+    stray = lake.root / "flows" / "date=2024-03-12" / "part-stray.parquet.tmp"
     stray.write_bytes(b"PAR1 half")
-    ingest_table(lake, "flows", "src", "ef" * 32, [table])
+    result = ingest_table(lake, "flows", "src", "ef" * 32, [table])
+    assert result.skipped
     assert lake.read("flows").num_rows == 5
-    assert not list((lake.root / "flows").rglob("*.tmp"))
+    con = query.connect(lake)
+    assert con.execute("select count(*) from flows").fetchone()[0] == 5
+    old = time.time() - 3 * 86400
+    os.utime(stray, (old, old))
+    lake.vacuum(dt.timedelta(days=1))
+    assert not stray.exists()
+    assert lake.read("flows").num_rows == 5
 
 
 def test_abort_leaves_nothing_visible(tmp_path):
@@ -75,7 +86,8 @@ def test_abort_leaves_nothing_visible(tmp_path):
     with pytest.raises(RuntimeError):
         with lake.ingest("flows", "src", "12" * 32) as writer:
             writer.write(table)
-            writer._flush("2024-03-12")
+            writer._part("2024-03-12")._flush()
+            assert list(lake.root.rglob("*.tmp"))  # a file was being written
             raise RuntimeError("killed")
     assert lake.files("flows") == []
     assert not list(lake.root.rglob("*.tmp"))

@@ -16,6 +16,7 @@ from tracepipe.ingest.syslog import attribute_logs, parse_syslog
 from tracepipe.ingest.vm import ingest_syslog_files, ingest_vm_files
 from tracepipe.lake import Lake
 from tracepipe.leases import build_leases
+from tracepipe.query import scan_sql
 
 DATA = Path(__file__).parent / "data" / "cloud"
 AUTH = DATA / "syslog" / "web-02-auth.log"
@@ -111,7 +112,7 @@ def test_ingest_syslog_into_lake_and_cli_exit_partial(tmp_path):
     con = duckdb.connect()
     got = con.execute(
         "SELECT count(*), count(DISTINCT vm_id), min(ts), sum((auth_event = 'failed')::int) "
-        f"FROM read_parquet('{lake.glob('vm_logs')}', hive_partitioning = true)"
+        f"FROM ({scan_sql('vm_logs', lake.files('vm_logs'))})"
     ).fetchone()
     assert got[0] == 9 and got[1] == 1 and got[3] == 3
     assert got[2] == utc(8, 20, 1)
@@ -194,7 +195,7 @@ def test_logs_landed_before_the_lifecycle_get_attributed_when_it_arrives(tmp_pat
     vms = (
         duckdb.connect()
         .execute(
-            f"SELECT vm_id FROM read_parquet('{lake.glob('vm_logs')}', hive_partitioning = true) ORDER BY line"
+            f"SELECT vm_id FROM ({scan_sql('vm_logs', lake.files('vm_logs'))}) ORDER BY line"
         )
         .fetchall()
     )

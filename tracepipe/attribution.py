@@ -1,11 +1,11 @@
 """Flow attribution: give both ends of every flow the VM whose lease was valid at `ts_start`.
 
-`attribute_flows(lake, days)` rewrites the flow files of those UTC days (all days if None), one file and one
-row group at a time (out of core), with vectorised lease look-ups (LeaseIndex): `src_vm`/`dst_vm` = vm_id of
-the lease on that address with valid_from <= ts_start < valid_to (open leases: valid_to null). Row order, row
-groups and every other column stay as they were; rerunning gives the same files (idempotent). Each rewritten
-file carries query.ATTRIBUTED_KEY in its footer, so that `flows_attributed` trusts its src_vm/dst_vm (a null
-there means "nobody held the address") and joins only never-attributed files at query time.
+`attribute_flows(lake, days)` rewrites the flow files of those UTC days (all days if None) through
+Lake.rewrite (one commit per day, streamed one row group at a time), with vectorised lease look-ups
+(LeaseIndex): `src_vm`/`dst_vm` = vm_id of the lease on that address with valid_from <= ts_start < valid_to
+(open leases: valid_to null), and `attributed_at` set. Every other column stays as it was; rerunning gives the
+same rows (idempotent). The log's null count of attributed_at tells `flows_attributed` which files to trust
+(a null src_vm there means "nobody held the address") and which to join at query time.
 
 Run it when flows land (ingest does) and for the days a late or changed lifecycle event touches
 (`leases.rebuild_leases` returns them; `ingest vm` does).
@@ -14,19 +14,15 @@ Run it when flows land (ingest does) and for the days a late or changed lifecycl
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from tracepipe.lake import Lake
-from tracepipe.query import ATTRIBUTED_KEY
 
 BATCH_ROWS = 1_000_000
 _NEVER = np.iinfo(np.int64).max  # valid_to of a lease still held
@@ -80,43 +76,45 @@ def _micros(column: pa.Array | pa.ChunkedArray, fill: int) -> np.ndarray:
     return pc.fill_null(values, fill).to_numpy()
 
 
-def attribute_table(flows: pa.Table | pa.RecordBatch, index: LeaseIndex) -> pa.Table | pa.RecordBatch:
-    """`flows` with src_vm / dst_vm set from the lease index (every other column untouched)."""
+def attribute_table(
+    flows: pa.Table | pa.RecordBatch, index: LeaseIndex, when: dt.datetime | None = None
+) -> pa.Table | pa.RecordBatch:
+    """`flows` with src_vm / dst_vm set from the lease index and attributed_at = `when` (default now); every
+    other column untouched."""
     src = index.lookup(flows.column("src_addr"), flows.column("ts_start"))
     dst = index.lookup(flows.column("dst_addr"), flows.column("ts_start"))
-    names = flows.schema.names
-    flows = flows.set_column(names.index("src_vm"), "src_vm", src)
-    return flows.set_column(names.index("dst_vm"), "dst_vm", dst)
+    stamp = pa.array([when or dt.datetime.now(dt.UTC)], pa.timestamp("us", tz="UTC")).take(
+        pa.array(np.zeros(len(flows), np.int32))
+    )
+    columns = {"src_vm": src, "dst_vm": dst, "attributed_at": stamp}
+    for name, values in columns.items():
+        if name in flows.schema.names:
+            flows = flows.set_column(flows.schema.names.index(name), name, values)
+        else:
+            flows = flows.append_column(name, values)
+    return flows
 
 
-def flow_files(lake: Lake, days: Iterable[str] | None = None) -> list[Path]:
-    """The flow partition files of `days` ('YYYY-MM-DD'; None = every day)."""
-    files = lake.files("flows")
-    if days is None:
-        return files
-    wanted = {f"date={day}" for day in days}
-    return [path for path in files if path.parent.name in wanted]
+def lease_index(lake: Lake) -> LeaseIndex:
+    """The current vm_leases as a LeaseIndex."""
+    return LeaseIndex(lake.read("vm_leases", columns=["addr", "vm_id", "valid_from", "valid_to"]))
 
 
 def attribute_flows(
     lake: Lake,
     days: Iterable[str] | None = None,
-    progress: Callable[[Path, int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Set src_vm/dst_vm in the flow files of `days` (None = all) from the current vm_leases.
+    """Set src_vm/dst_vm/attributed_at of the flows of `days` (None = all) from the current vm_leases.
 
-    One file at a time, one row group at a time (memory: the leases plus one batch), rewritten atomically
-    through Lake.rewrite_file_batches with query.ATTRIBUTED_KEY in its footer. Returns {"days", "files",
-    "rows", "src_attributed", "dst_attributed", "leases", "seconds"}. `progress` is called after each file
-    with (path, files done, files total).
+    One commit per day through Lake.rewrite (memory: the leases plus one batch). Returns {"days", "files",
+    "rows", "src_attributed", "dst_attributed", "leases", "seconds"}. `progress` is called after each day
+    with (day, days done, days total).
     """
     started = time.perf_counter()
     days_list = sorted(set(days)) if days is not None else None
-    paths = flow_files(lake, days_list)
     summary: dict[str, Any] = {
-        "days": days_list
-        if days_list is not None
-        else sorted({p.parent.name.removeprefix("date=") for p in paths}),
+        "days": days_list if days_list is not None else lake.days("flows"),
         "files": 0,
         "rows": 0,
         "src_attributed": 0,
@@ -124,25 +122,22 @@ def attribute_flows(
         "leases": 0,
         "seconds": 0.0,
     }
-    if not paths:
+    if not lake.files("flows", days_list):
         return summary
-    index = LeaseIndex(lake.read("vm_leases", columns=["addr", "vm_id", "valid_from", "valid_to"]))
+    index = lease_index(lake)
     summary["leases"] = len(index)
-    marker = json.dumps({"attributed_at": dt.datetime.now(dt.UTC).isoformat(), "leases": len(index)})
+    when = dt.datetime.now(dt.UTC)
 
-    def attributed(path: Path) -> Iterator[pa.RecordBatch]:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
-            batch = attribute_table(batch, index)
-            summary["src_attributed"] += len(batch) - batch.column("src_vm").null_count
-            summary["dst_attributed"] += len(batch) - batch.column("dst_vm").null_count
-            yield batch
+    def attributed(batch: pa.RecordBatch) -> pa.RecordBatch:
+        batch = attribute_table(batch, index, when)
+        summary["src_attributed"] += len(batch) - batch.column("src_vm").null_count
+        summary["dst_attributed"] += len(batch) - batch.column("dst_vm").null_count
+        return batch
 
-    for done, path in enumerate(paths, start=1):
-        summary["rows"] += lake.rewrite_file_batches(
-            path, attributed(path), "flows", {ATTRIBUTED_KEY: marker}
-        )
-        summary["files"] += 1
-        if progress is not None:
-            progress(path, done, len(paths))
+    done = lake.rewrite(
+        "flows", days_list, attributed, info={"operation": "attribute", "leases": len(index)}, progress=progress
+    )
+    summary["files"] = done["files_removed"]
+    summary["rows"] = done["rows"]
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary

@@ -205,7 +205,7 @@ def _print_vm_report(report: Any, output: OutputFormat, title: str, lake: Path) 
     if report.rejects:
         console.print(
             f"[yellow]{report.rejects} input lines rejected[/yellow] (the rest landed); list them: "
-            f"tracepipe sql \"SELECT * FROM read_parquet('{lake}/rejects/*/*.parquet')\""
+            f"tracepipe sql \"SELECT * FROM rejects\" --lake {lake}"
         )
     raise typer.Exit(report.exit_code)
 

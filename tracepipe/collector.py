@@ -339,24 +339,20 @@ def _save_state(spool: Path, state: Any, segment: str) -> None:
     sp.write_json_atomic(spool / sp.STATE_FILE, {"after_segment": segment, "state": state.to_json()})
 
 
-def _attribution(lake: Any) -> tuple[Any, dict[str, str] | None]:
-    """(flows -> flows with src_vm/dst_vm, footer metadata) when the lake has vm_leases, to attribute flows
-    before they land (as `ingest netflow` does right after landing); (None, None) otherwise or when that fails:
-    the flows land anyway and are joined to VMs at query time."""
+def _attribution(lake: Any) -> Any:
+    """flows -> flows with src_vm/dst_vm/attributed_at when the lake has vm_leases, to attribute flows before
+    they land (as `ingest netflow` does right after landing); None otherwise or when that fails: the flows land
+    anyway and are joined to VMs at query time."""
     if not lake.files("vm_leases"):
-        return None, None
+        return None
     try:
-        import datetime as dt
+        from tracepipe.attribution import attribute_table, lease_index
 
-        from tracepipe.attribution import LeaseIndex, attribute_table
-        from tracepipe.query import ATTRIBUTED_KEY
-
-        index = LeaseIndex(lake.read("vm_leases", columns=["addr", "vm_id", "valid_from", "valid_to"]))
+        index = lease_index(lake)
     except Exception as exc:  # attribution is an optimisation; never a reason not to commit
         log.warning("flows land unattributed (joined to VMs at query time): cannot index vm_leases: %s", exc)
-        return None, None
-    marker = json.dumps({"attributed_at": dt.datetime.now(dt.UTC).isoformat(), "leases": len(index)})
-    return (lambda flows: attribute_table(flows, index)), {ATTRIBUTED_KEY: marker}
+        return None
+    return lambda flows: attribute_table(flows, index)
 
 
 @dataclass
@@ -388,8 +384,8 @@ def commit_segment(lake: Any, path: Path, state: Any) -> SegmentResult:
     per_exporter: dict[str, dict[str, Any]] = {}
     stats: dict[str, Any] = {"kind": "collector spool", "exporters": per_exporter}
     datagrams = flows = rejects = 0
-    attribute, metadata = (None, None) if skipped else _attribution(lake)
-    writer = None if skipped else lake.ingest("flows", source, content_hash, metadata=metadata)
+    attribute = None if skipped else _attribution(lake)
+    writer = None if skipped else lake.ingest("flows", source, content_hash)
     with contextlib.ExitStack() as stack:
         if writer is not None:
             stack.enter_context(writer)

@@ -1,20 +1,28 @@
-"""The only writer of Parquet. A lake is a directory with one folder per dataset (schema.DATASETS),
-hive-partitioned by UTC day (`flows/date=2024-03-12/part-<hash>.parquet`), plus `_ingest/` (one manifest file
-per ingested source) and `rejects/`.
+"""The only writer of the lake. A lake is a directory holding one Delta Lake table per dataset (schema.DATASETS,
+plus `_ingest`, one manifest row per ingested source), the partitioned ones by UTC day
+(`flows/date=2024-03-12/part-<id>.parquet`, `flows/_delta_log/`).
 
-Guarantees: a reader never sees half a file (write `*.parquet.tmp`, fsync, rename); a source whose content hash
-is in the manifest is skipped, and leftovers of a run killed before its manifest row landed are removed when the
-same source is ingested again, so re-ingesting neither loses nor doubles rows.
+Guarantees: what a reader sees is what the transaction log lists, so opening the lake never lists directories
+or opens every file, and a file joins the lake only in the commit that names it (written `*.tmp`, fsynced,
+renamed, then committed; several files and partitions in one atomic commit). A source is committed with its
+content hash as a Delta application transaction id and a manifest row, so re-ingesting it is skipped: rows
+are neither lost nor doubled, whatever moment a run was killed at. Rewrites (attribution, compaction, expiry,
+derived tables) remove and add files in one commit under a per-table lock; appends never wait for them.
+Day partitions are compacted once they hold COMPACT_MIN_FILES small files; removed files stay on disk for
+RETAIN_REMOVED (readers that started before a rewrite, and time travel) until `vacuum`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,14 +31,32 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake import Schema as DeltaSchema
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
 
 from tracepipe.errors import LakeError
 from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset
 
 DEFAULT_LAKE = "./lake"
 MANIFEST_DIR = "_ingest"
+LOCK_DIR = "_locks"
+PARTITION = "date"  # the partition column of day-partitioned tables: 'YYYY-MM-DD', UTC
 ROW_GROUP_ROWS = 1_000_000
 HASH_PREFIX = 16  # hex chars of the content hash used in file names
+# A day partition is compacted when it holds this many files of fewer than ROW_GROUP_ROWS rows (a collector
+# committing every 5 minutes: every 80 minutes, into one file per row group).
+COMPACT_MIN_FILES = 16
+# How long files removed by a rewrite stay on disk (readers that opened the lake before, time travel).
+RETAIN_REMOVED = dt.timedelta(days=7)
+TABLE_CONFIG = {
+    "delta.checkpointInterval": "100",  # a reader replays at most 99 JSON commits after the last checkpoint
+    "delta.logRetentionDuration": "interval 30 days",  # how far back `--as-of` reaches at least
+    "delta.deletedFileRetentionDuration": "interval 7 days",
+    "delta.setTransactionRetentionDuration": "interval 30 days",  # idempotence ids; the manifest keeps longer
+}
+MANIFEST = Dataset(MANIFEST_DIR, INGEST_MANIFEST, None, ())
 
 
 def default_lake_path() -> Path:
@@ -169,6 +195,157 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_
     _fsync_dir(path.parent)
 
 
+def _dataset(name: str) -> Dataset:
+    if name == MANIFEST_DIR:
+        return MANIFEST
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise LakeError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
+
+
+def table_schema(dataset: Dataset) -> pa.Schema:
+    """The Delta table's schema: the dataset's columns, plus the `date` partition column (not stored in the
+    files; its value is in the path and in the log)."""
+    if dataset.partition_ts is None:
+        return dataset.schema
+    return dataset.schema.append(pa.field(PARTITION, pa.string()))
+
+
+def _stat_value(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value
+
+
+def file_stats(meta: pq.FileMetaData) -> str:
+    """Delta per-file statistics (numRecords, nullCount, minValues, maxValues) from a Parquet footer: what the
+    log carries so that readers prune files and count rows without opening them."""
+    nulls: dict[str, int] = {}
+    lows: dict[str, Any] = {}
+    highs: dict[str, Any] = {}
+    unknown: set[str] = set()
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            name = column.path_in_schema
+            if "." in name:  # list elements and nested fields: no statistics
+                continue
+            stats = column.statistics
+            if stats is None or not stats.has_null_count:
+                unknown.add(name)
+                continue
+            nulls[name] = nulls.get(name, 0) + stats.null_count
+            if stats.has_min_max and name not in unknown:
+                low, high = stats.min, stats.max
+                lows[name] = low if name not in lows else min(lows[name], low)
+                highs[name] = high if name not in highs else max(highs[name], high)
+            elif group.num_rows > stats.null_count:
+                unknown.add(name)
+    for name in unknown:
+        nulls.pop(name, None)
+        lows.pop(name, None)
+        highs.pop(name, None)
+    return json.dumps(
+        {
+            "numRecords": meta.num_rows,
+            "nullCount": nulls,
+            "minValues": {k: _stat_value(v) for k, v in lows.items()},
+            "maxValues": {k: _stat_value(v) for k, v in highs.items()},
+        }
+    )
+
+
+class PartFile:
+    """One Parquet file of a dataset being written: rows buffered up to a row group, each row group sorted by
+    the dataset's sort key (min/max statistics let readers skip), text dictionary-encoded in memory and stored
+    as plain strings. `close()` fsyncs and renames the temp file and returns the Delta add action; until the
+    commit that names it, the file is not part of the lake."""
+
+    def __init__(
+        self, root: Path, dataset: Dataset, day: str | None, stem: str, row_group_rows: int = ROW_GROUP_ROWS
+    ) -> None:
+        self.dataset = dataset
+        self.day = day
+        self.row_group_rows = row_group_rows
+        self.relative = (f"{PARTITION}={day}/" if day is not None else "") + f"{stem}.parquet"
+        self.path = root / self.relative
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.rows = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self._pending.append(conform(table, self.dataset.schema, text_as_dictionary=True))
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= self.row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        table = pa.concat_tables(self._pending).combine_chunks()  # one dictionary per text column
+        self._pending, self._pending_rows = [], 0
+        if self.dataset.sort_by:
+            table = table.take(sort_indices(table, self.dataset.sort_by))
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            text = [f.name for f in self.dataset.schema if pa.types.is_string(f.type)]
+            # store_schema=False: every reader sees the text columns as the plain strings schema.py declares
+            self._writer = pq.ParquetWriter(
+                self.tmp,
+                _writer_schema(self.dataset.schema),
+                compression="zstd",
+                store_schema=False,
+                use_dictionary=text,
+            )
+        self._writer.write_table(table, row_group_size=self.row_group_rows)
+        self.rows += table.num_rows
+
+    def close(self) -> AddAction | None:
+        """Finish the file; None when no row was written (no file)."""
+        self._flush()
+        if self._writer is None:
+            return None
+        self._writer.close()
+        self._writer = None
+        with open(self.tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+        meta = pq.read_metadata(self.path)
+        size = self.path.stat().st_size
+        return AddAction(
+            self.relative,
+            size,
+            {PARTITION: self.day} if self.dataset.partition_ts is not None else {},
+            int(time.time() * 1000),
+            True,
+            file_stats(meta),
+        )
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):  # a half-written temp file we are about to delete
+                self._writer.close()
+            self._writer = None
+        self.tmp.unlink(missing_ok=True)
+
+
+def _remove(relative: str, day: str | None, size: int | None, data_change: bool = True) -> RemoveAction:
+    return RemoveAction(
+        relative, data_change, int(time.time() * 1000), size, {PARTITION: day} if day is not None else None
+    )
+
+
 @dataclass
 class IngestResult:
     dataset: str
@@ -176,153 +353,509 @@ class IngestResult:
     content_hash: str
     rows: int = 0
     rejects: int = 0
-    skipped: bool = False  # already in the manifest: nothing written
-    files: list[str] = field(default_factory=list)
+    skipped: bool = False  # already in the lake: nothing written
+    files: list[str] = field(default_factory=list)  # relative to the lake root: flows/date=D/part-x.parquet
     stats: dict[str, Any] = field(default_factory=dict)
+    version: int | None = None  # the table version of the commit
+
+
+@dataclass
+class FileEntry:
+    """One data file of a table as the log lists it."""
+
+    path: Path
+    relative: str
+    day: str | None
+    rows: int
+    size: int
+    null_counts: dict[str, int | None]
 
 
 class Lake:
-    """A lake directory. Cheap to construct; creates folders only when writing."""
+    """A lake directory. Cheap to construct; creates tables only when writing.
 
-    def __init__(self, root: Path | str | None = None) -> None:
+    `as_of` pins every table to what it was at a time (datetime) or at versions ({dataset: version}); such a
+    lake is read-only."""
+
+    def __init__(
+        self, root: Path | str | None = None, as_of: dt.datetime | dict[str, int] | None = None
+    ) -> None:
         self.root = Path(root) if root is not None else default_lake_path()
+        self.as_of = as_of
+        self._tables: dict[str, DeltaTable | None] = {}
 
-    # ---- reading helpers (the readers themselves are DuckDB, polars, pyarrow, Spark) ----
+    # ---- tables ------------------------------------------------------------------------------------------
     def dataset_dir(self, name: str) -> Path:
-        if name not in DATASETS:
-            raise LakeError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        _dataset(name)
         return self.root / name
 
-    def files(self, name: str) -> list[Path]:
+    def _open(self, name: str) -> DeltaTable | None:
+        """The table at the lake's snapshot (as_of) or its latest version; None when it does not exist."""
         directory = self.dataset_dir(name)
-        if not directory.exists():
+        if not (directory / "_delta_log").is_dir():
+            if self.is_old_layout():
+                raise LakeError(
+                    f"{self.root} is a lake of the old layout (Parquet files without a transaction log); "
+                    f"upgrade it in place with: tracepipe upgrade --lake {self.root}"
+                )
+            return None
+        try:
+            if isinstance(self.as_of, dict):
+                version = self.as_of.get(name)
+                if version is None or version < 0:
+                    return None
+                return DeltaTable(str(directory), version=version)
+            table = DeltaTable(str(directory))
+            if isinstance(self.as_of, dt.datetime):
+                try:
+                    table.load_as_version(self.as_of)
+                except DeltaError:  # the table did not exist yet at that time
+                    return None
+            return table
+        except TableNotFoundError:
+            return None
+        except DeltaError as exc:
+            raise LakeError(f"cannot read the transaction log of {directory}: {exc}") from exc
+
+    def is_old_layout(self) -> bool:
+        """A lake written before the table format: manifest rows as loose Parquet files in `_ingest/`."""
+        manifest = self.root / MANIFEST_DIR
+        return not (manifest / "_delta_log").is_dir() and any(manifest.glob("*.parquet"))
+
+    def table(self, name: str) -> DeltaTable | None:
+        """The Delta table of dataset `name` (cached for this Lake object: one snapshot per command)."""
+        if name not in self._tables:
+            self._tables[name] = self._open(name)
+        return self._tables[name]
+
+    def refresh(self, name: str | None = None) -> None:
+        """Forget cached snapshots so that the next read sees the latest commits."""
+        if name is None:
+            self._tables.clear()
+        else:
+            self._tables.pop(name, None)
+
+    def version(self, name: str) -> int | None:
+        table = self.table(name)
+        return None if table is None else table.version()
+
+    def versions(self) -> dict[str, int]:
+        """{dataset: version} of every table that exists: the lake version a report records, and what
+        `tracepipe sql --as-of` takes back."""
+        out = {}
+        for name in DATASETS:
+            version = self.version(name)
+            if version is not None:
+                out[name] = version
+        return out
+
+    def entries(self, name: str, days: Iterable[str] | None = None) -> list[FileEntry]:
+        """The data files of a table from its log (no directory listing), optionally of some days only."""
+        table = self.table(name)
+        if table is None:
             return []
-        return sorted(p for p in directory.rglob("*.parquet") if p.is_file())
-
-    def glob(self, name: str) -> str:
-        """Pattern for DuckDB's read_parquet(..., hive_partitioning=true)."""
-        dataset = DATASETS[name]
-        directory = self.dataset_dir(name)
-        return str(directory / ("*/*.parquet" if dataset.partition_ts else "*.parquet"))
-
-    def read(self, name: str, columns: list[str] | None = None) -> pa.Table:
-        """Whole dataset as one Arrow table (small datasets and tests; big ones go through DuckDB/polars)."""
-        paths = self.files(name)
-        schema = DATASETS[name].schema
-        if not paths:
-            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-        tables = [
-            conform(
-                pq.read_table(p, columns=columns),
-                schema if columns is None else pa.schema([schema.field(c) for c in columns]),
+        actions = pa.table(table.get_add_actions(flatten=True))
+        if actions.num_rows == 0:
+            return []
+        partitioned = f"partition.{PARTITION}" in actions.column_names
+        if days is not None and partitioned:
+            wanted = pa.array(sorted(set(days)), pa.string())
+            actions = actions.filter(pc.is_in(actions.column(f"partition.{PARTITION}"), wanted))
+        paths = actions.column("path").to_pylist()
+        day_list = (
+            actions.column(f"partition.{PARTITION}").to_pylist() if partitioned else [None] * len(paths)
+        )
+        rows = actions.column("num_records").to_pylist()
+        sizes = actions.column("size_bytes").to_pylist()
+        null_columns = [c for c in actions.column_names if c.startswith("null_count.")]
+        nulls = {c.removeprefix("null_count."): actions.column(c).to_pylist() for c in null_columns}
+        base = self.root / name
+        out = [
+            FileEntry(
+                base / rel,
+                rel,
+                day,
+                n if n is not None else -1,
+                size,
+                {column: values[i] for column, values in nulls.items()},
             )
-            for p in paths
+            for i, (rel, day, n, size) in enumerate(zip(paths, day_list, rows, sizes, strict=True))
         ]
-        return pa.concat_tables(tables)
+        return sorted(out, key=lambda e: e.relative)
 
-    # ---- manifest ----
-    def _manifest_path(self, dataset: str, content_hash: str) -> Path:
-        return self.root / MANIFEST_DIR / f"{dataset}-{content_hash}.parquet"
+    def files(self, name: str, days: Iterable[str] | None = None) -> list[Path]:
+        """Absolute paths of the table's current data files (from the log), sorted."""
+        return [entry.path for entry in self.entries(name, days)]
 
+    def days(self, name: str) -> list[str]:
+        """The UTC days that have data in a day-partitioned table (from the log)."""
+        return sorted({e.day for e in self.entries(name) if e.day is not None})
+
+    def read(
+        self, name: str, columns: list[str] | None = None, days: Iterable[str] | None = None
+    ) -> pa.Table:
+        """Whole dataset as one Arrow table (small datasets and tests; big ones go through DuckDB/polars)."""
+        schema = _dataset(name).schema
+        wanted = schema if columns is None else pa.schema([schema.field(c) for c in columns])
+        paths = self.files(name, days)
+        if not paths:
+            return wanted.empty_table()
+        return pa.concat_tables([conform(pq.read_table(p, columns=columns), wanted) for p in paths])
+
+    # ---- manifest ----------------------------------------------------------------------------------------
     def already_ingested(self, dataset: str, content_hash: str) -> bool:
-        return self._manifest_path(dataset, content_hash).exists()
+        """True when a source with this content was committed to `dataset`: its id is among the table's
+        application transactions (recent commits, O(1)) or in the manifest (all history)."""
+        table = self.table(dataset)
+        if table is not None and table.transaction_version(_txn_id(dataset, content_hash)) is not None:
+            return True
+        manifest = self.table(MANIFEST_DIR)
+        if manifest is None:
+            return False
+        found = manifest.to_pyarrow_dataset().to_table(
+            columns=["dataset"], filter=pc.field("content_hash") == content_hash
+        )
+        return dataset in found.column("dataset").to_pylist()
 
     def manifest(self) -> pa.Table:
-        directory = self.root / MANIFEST_DIR
-        paths = sorted(directory.glob("*.parquet")) if directory.exists() else []
-        if not paths:
-            return INGEST_MANIFEST.empty_table()
-        return pa.concat_tables([conform(pq.read_table(p), INGEST_MANIFEST) for p in paths])
+        return self.read(MANIFEST_DIR)
 
-    # ---- writing ----
-    def ingest(
-        self, dataset: str, source: str, content_hash: str, metadata: dict[str, str] | None = None
-    ) -> IngestWriter:
-        """Open a writer for one source. Use as a context manager; call `commit()` at the end.
-        `metadata` goes into the footer of every file written (e.g. query.ATTRIBUTED_KEY for flows that were
-        attributed before they landed)."""
-        return IngestWriter(self, DATASETS[dataset], source, content_hash, metadata=metadata)
+    # ---- writing -----------------------------------------------------------------------------------------
+    def _writable(self, name: str) -> DeltaTable:
+        """The latest version of the table, created (empty) if it does not exist yet."""
+        if self.as_of is not None:
+            raise LakeError("a lake opened --as-of a past version is read-only")
+        directory = self.dataset_dir(name)
+        table = self.table(name)
+        if table is None:
+            dataset = _dataset(name)
+            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                create_table_with_add_actions(
+                    str(directory),
+                    DeltaSchema.from_arrow(table_schema(dataset)),
+                    [],
+                    mode="ignore",
+                    partition_by=[PARTITION] if dataset.partition_ts is not None else None,
+                    configuration=TABLE_CONFIG,
+                )
+            except (CommitFailedError, DeltaError) as exc:  # created at the same moment by another writer
+                if not (directory / "_delta_log").is_dir():
+                    raise LakeError(f"cannot create table {directory}: {exc}") from exc
+            self._tables.pop(name, None)
+            table = self.table(name)
+            if table is None:
+                raise LakeError(f"cannot open the table just created at {directory}")
+        else:
+            table.update_incremental()
+        return table
+
+    def commit(
+        self,
+        name: str,
+        adds: list[AddAction],
+        removes: list[RemoveAction] = (),  # type: ignore[assignment]
+        key: str | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> int:
+        """One atomic commit of added and removed files to table `name`; `key` (a content hash) becomes an
+        application transaction id, so that the same source is never committed twice. Returns the version."""
+        table = self._writable(name)
+        dataset = _dataset(name)
+        properties = CommitProperties(
+            custom_metadata={"tracepipe": json.dumps(info or {}, default=str)},
+            app_transactions=[Transaction(_txn_id(name, key), 1)] if key else None,
+            max_commit_retries=100,
+        )
+        try:
+            table.create_write_transaction(
+                [*adds, *removes],
+                mode="append",
+                schema=table_schema(dataset),
+                partition_by=[PARTITION] if dataset.partition_ts is not None else None,
+                commit_properties=properties,
+            )
+            table.update_incremental()
+        except (CommitFailedError, DeltaError, OSError) as exc:
+            raise LakeError(
+                f"cannot commit to {self.root / name}: {exc}. Check that the lake is writable and has free space."
+            ) from exc
+        return table.version()
+
+    @contextlib.contextmanager
+    def lock(self, name: str, wait: bool = True) -> Iterator[bool]:
+        """Exclusive lock of the table's rewriters (attribution, compaction, expiry, derived tables): two of
+        them never remove the same file. Appends do not take it. Yields False when wait=False and busy."""
+        directory = self.root / LOCK_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / f"{name}.lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                self.refresh(name)  # what is rewritten is read after the lock is held
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def ingest(self, dataset: str, source: str, content_hash: str) -> IngestWriter:
+        """Open a writer for one source. Use as a context manager; call `commit()` at the end."""
+        return IngestWriter(self, _dataset(dataset), source, content_hash)
 
     def replace_dataset(self, name: str, table: pa.Table) -> Path:
-        """Replace an unpartitioned derived dataset (vm_leases, vms, intel) with `table`, atomically."""
-        dataset = DATASETS[name]
+        """Replace an unpartitioned derived dataset (vm_leases, vms, intel) with `table`, in one commit."""
+        dataset = _dataset(name)
         if dataset.partition_ts is not None:
-            raise LakeError(f"{name} is partitioned; use ingest() or rewrite_file()")
-        table = conform(table, dataset.schema)
-        if dataset.sort_by and table.num_rows:
-            table = table.take(sort_indices(table, dataset.sort_by))
-        path = self.dataset_dir(name) / "part-0.parquet"
-        write_parquet_atomic(table, path)
-        return path
+            raise LakeError(f"{name} is partitioned; use ingest() or rewrite()")
+        with self.lock(name):
+            old = self.entries(name)
+            part = PartFile(self.root / name, dataset, None, f"part-{uuid.uuid4().hex}")
+            try:
+                part.write(table)
+                add = part.close()
+            except BaseException:
+                part.abort()
+                raise
+            self.commit(
+                name,
+                [add] if add is not None else [],
+                [_remove(e.relative, None, e.size) for e in old],
+                info={"operation": "replace", "rows": table.num_rows},
+            )
+        return part.path
 
-    def rewrite_file(self, path: Path, table: pa.Table, name: str) -> None:
-        """Replace one existing partition file with a new version of its rows (e.g. flows with src_vm set)."""
-        write_parquet_atomic(conform(table, DATASETS[name].schema), path)
-
-    def rewrite_file_batches(
+    def rewrite(
         self,
-        path: Path,
-        batches: Iterable[pa.RecordBatch],
         name: str,
-        metadata: dict[str, str] | None = None,
-        row_group_rows: int = ROW_GROUP_ROWS,
-    ) -> int:
-        """Replace one existing partition file with a stream of batches (out of core: e.g. a DuckDB result
-        read from that very file), atomically: temp file, fsync, rename. `metadata` goes into the footer's
-        key-value metadata (attribution marks files so). Returns the rows written."""
-        schema = DATASETS[name].schema
-        if metadata:
-            schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
-        tmp = path.with_name(path.name + ".tmp")
-        rows = 0
-        pending: list[pa.Table] = []
-        pending_rows = 0
+        days: Iterable[str] | None,
+        transform: Callable[[pa.RecordBatch], pa.RecordBatch | pa.Table],
+        select: Callable[[list[FileEntry]], list[FileEntry]] | None = None,
+        data_change: bool = True,
+        info: dict[str, Any] | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+        wait: bool = True,
+    ) -> dict[str, int]:
+        """Rewrite the files of `days` (None = every day) through `transform`, one commit per day that
+        removes the old files and adds the new ones, under the table's rewrite lock. Streamed: memory is one
+        row group. `select` narrows the files of a day (compaction: the small ones). Appends that land
+        meanwhile are untouched. Returns {"days", "files_removed", "files_added", "rows"}."""
+        dataset = _dataset(name)
+        summary = {"days": 0, "files_removed": 0, "files_added": 0, "rows": 0}
+        with self.lock(name, wait=wait) as got:
+            if not got:
+                return summary
+            entries = self.entries(name, days)
+            by_day: dict[str | None, list[FileEntry]] = {}
+            for entry in entries:
+                by_day.setdefault(entry.day, []).append(entry)
+            for done, (day, day_entries) in enumerate(sorted(by_day.items(), key=lambda kv: kv[0] or ""), 1):
+                chosen = select(day_entries) if select is not None else day_entries
+                if chosen:
+                    rows, added = self._rewrite_day(name, dataset, day, chosen, transform, data_change, info)
+                    summary["days"] += 1
+                    summary["files_removed"] += len(chosen)
+                    summary["files_added"] += added
+                    summary["rows"] += rows
+                if progress is not None:
+                    progress(day or "", done, len(by_day))
+        return summary
+
+    def _rewrite_day(
+        self,
+        name: str,
+        dataset: Dataset,
+        day: str | None,
+        entries: list[FileEntry],
+        transform: Callable[[pa.RecordBatch], pa.RecordBatch | pa.Table],
+        data_change: bool,
+        info: dict[str, Any] | None,
+    ) -> tuple[int, int]:
+        base = self.root / name
+        parts: list[PartFile] = []
+        part: PartFile | None = None
+        adds: list[AddAction] = []
         try:
-            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-                for batch in batches:
-                    table = conform(pa.Table.from_batches([batch]), DATASETS[name].schema)
-                    pending.append(table)
-                    pending_rows += table.num_rows
-                    if pending_rows >= row_group_rows:
-                        writer.write_table(
-                            pa.concat_tables(pending).cast(schema), row_group_size=row_group_rows
-                        )
-                        rows += pending_rows
-                        pending, pending_rows = [], 0
-                if pending:
-                    writer.write_table(pa.concat_tables(pending).cast(schema), row_group_size=row_group_rows)
-                    rows += pending_rows
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise LakeError(
-                f"cannot rewrite {path}: {exc}. Check that the lake is writable and has free space."
-            ) from exc
+            for entry in entries:
+                for batch in pq.ParquetFile(entry.path).iter_batches(batch_size=256_000):
+                    out = transform(batch)
+                    if part is None or part.rows + part._pending_rows >= ROW_GROUP_ROWS * 8:
+                        if part is not None:
+                            action = part.close()
+                            if action is not None:
+                                adds.append(action)
+                        part = PartFile(base, dataset, day, f"part-{uuid.uuid4().hex}")
+                        parts.append(part)
+                    part.write(out if isinstance(out, pa.Table) else pa.Table.from_batches([out]))
+            if part is not None:
+                action = part.close()
+                if action is not None:
+                    adds.append(action)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            for p in parts:
+                p.abort()
             raise
-        _fsync_dir(path.parent)
-        return rows
+        rows = sum(p.rows for p in parts)
+        self.commit(
+            name,
+            adds,
+            [_remove(e.relative, e.day, e.size, data_change) for e in entries],
+            info={**(info or {}), "day": day, "rows": rows},
+        )
+        return rows, len(adds)
 
     def append(self, name: str, table: pa.Table, key: str | None = None) -> list[Path]:
-        """Add rows that are not tied to an input file (alerts, collector batches): a new file per
-        partition named by `key` (a content hash makes the write idempotent; default a random id)."""
+        """Add rows that are not tied to an input file (alerts): one commit, idempotent by `key` (a content
+        hash; default a random id)."""
         key = key or uuid.uuid4().hex
-        writer = IngestWriter(self, DATASETS[name], f"append:{key}", key, manifest=False)
+        writer = IngestWriter(self, _dataset(name), f"append:{key}", key, manifest=False)
         with writer:
-            writer.write(table)
-            writer.commit()
+            if not writer.skipped:
+                writer.write(table)
+                writer.commit()
         return [self.root / f for f in writer.result.files]
+
+    # ---- maintenance -------------------------------------------------------------------------------------
+    def compact(
+        self,
+        name: str,
+        days: Iterable[str] | None = None,
+        min_files: int = COMPACT_MIN_FILES,
+        wait: bool = True,
+    ) -> dict[str, int]:
+        """Merge the small files (< ROW_GROUP_ROWS rows) of each day that has at least `min_files` of them into
+        files of sorted row groups, one commit per day (the rows are the same: data_change=false). With
+        wait=False, returns at once when another process is rewriting the table."""
+        if _dataset(name).partition_ts is None:
+            days = None
+
+        def small(entries: list[FileEntry]) -> list[FileEntry]:
+            chosen = [e for e in entries if 0 <= e.rows < ROW_GROUP_ROWS]
+            return chosen if len(chosen) >= max(min_files, 2) else []
+
+        empty = {"days": 0, "files_removed": 0, "files_added": 0, "rows": 0}
+        if not wait:  # appenders call this after every commit: look at the log before taking any lock
+            by_day: dict[str | None, list[FileEntry]] = {}
+            for entry in self.entries(name, days):
+                by_day.setdefault(entry.day, []).append(entry)
+            if not any(small(group) for group in by_day.values()):
+                return empty
+        return self.rewrite(
+            name,
+            days,
+            lambda batch: batch,
+            select=small,
+            data_change=False,
+            info={"operation": "compact"},
+            wait=wait,
+        )
+
+    def expire(self, name: str, before: dt.date) -> dict[str, Any]:
+        """Remove every partition of `name` older than `before` (UTC day) from the table, in one commit; the
+        files go at the next vacuum. Returns {"dataset", "days", "files", "rows"}: what went."""
+        if _dataset(name).partition_ts is None:
+            raise LakeError(f"{name} is not partitioned by day; nothing to expire")
+        cutoff = before.isoformat()
+        with self.lock(name):
+            old = [e for e in self.entries(name) if e.day is not None and e.day < cutoff]
+            if old:
+                self.commit(
+                    name,
+                    [],
+                    [_remove(e.relative, e.day, e.size) for e in old],
+                    info={"operation": "expire", "before": cutoff},
+                )
+        return {
+            "dataset": name,
+            "days": sorted({e.day for e in old if e.day}),
+            "files": len(old),
+            "rows": sum(max(e.rows, 0) for e in old),
+        }
+
+    def vacuum(self, retain: dt.timedelta = RETAIN_REMOVED) -> dict[str, int]:
+        """Delete files that no table version within `retain` still lists (removed by compaction, expiry and
+        rewrites; and orphans of killed writers), and expired log entries. Returns {dataset: files deleted}."""
+        # at least an hour: a file a writer is still finishing is untracked too, and only its age protects it
+        hours = max(int(retain.total_seconds() // 3600), 1)
+        out: dict[str, int] = {}
+        for name in [*DATASETS, MANIFEST_DIR]:
+            with self.lock(name):
+                table = self.table(name)
+                if table is None:
+                    continue
+                deleted = table.vacuum(
+                    retention_hours=hours, dry_run=False, enforce_retention_duration=False, full=True
+                )
+                table.cleanup_metadata()
+                out[name] = len(deleted)
+        return out
+
+    def upgrade(self) -> dict[str, int]:
+        """Put a lake of the old layout (Parquet files, `_ingest/*.parquet`) under transaction logs, in place:
+        each dataset's existing files are added to a new table in one commit (no data is copied; flow files
+        get the attributed_at column by one streamed rewrite). Idempotent. Returns {dataset: files}."""
+        out: dict[str, int] = {}
+        for name in [MANIFEST_DIR, *DATASETS]:
+            dataset = _dataset(name)
+            directory = self.root / name
+            if (directory / "_delta_log").is_dir() or not directory.is_dir():
+                continue
+            files = sorted(p for p in directory.rglob("*.parquet") if p.is_file())
+            for stale in directory.rglob("*.parquet.tmp"):
+                stale.unlink()
+            adds = []
+            for path in files:
+                relative = path.relative_to(directory).as_posix()
+                day = None
+                if dataset.partition_ts is not None:
+                    day = path.parent.name.removeprefix(f"{PARTITION}=")
+                if name == "flows" or not _same_columns(path, dataset.schema):
+                    # older files lack columns added since (flows: attributed_at): rewrite them conformed
+                    part = PartFile(directory, dataset, day, f"part-{uuid.uuid4().hex}")
+                    for batch in pq.ParquetFile(path).iter_batches(batch_size=256_000):
+                        part.write(pa.Table.from_batches([batch]))
+                    action = part.close()
+                    path.unlink()
+                    if action is not None:
+                        adds.append(action)
+                    continue
+                meta = pq.read_metadata(path)
+                adds.append(
+                    AddAction(
+                        relative,
+                        path.stat().st_size,
+                        {PARTITION: day} if day is not None else {},
+                        int(path.stat().st_mtime * 1000),
+                        True,
+                        file_stats(meta),
+                    )
+                )
+            create_table_with_add_actions(
+                str(directory),
+                DeltaSchema.from_arrow(table_schema(dataset)),
+                adds,
+                mode="error",
+                partition_by=[PARTITION] if dataset.partition_ts is not None else None,
+                configuration=TABLE_CONFIG,
+            )
+            out[name] = len(adds)
+        self.refresh()
+        return out
+
+
+def _same_columns(path: Path, schema: pa.Schema) -> bool:
+    return set(pq.read_schema(path).names) >= set(schema.names)
+
+
+def _txn_id(dataset: str, key: str) -> str:
+    return f"tracepipe:{dataset}:{key}"
 
 
 class IngestWriter:
-    """Streams tables of one source into per-day temp files, then commits them all and the manifest row.
-
-    Memory stays flat: rows are buffered per day up to ROW_GROUP_ROWS, then written as one row group
-    (sorted by the dataset's sort key so that min/max statistics let readers skip row groups).
-    """
+    """Streams tables of one source into per-day files, then commits them all in one Delta commit (with the
+    source's content hash as transaction id), then its rejects and manifest row. Memory stays flat: rows are
+    buffered per day up to ROW_GROUP_ROWS, then written as one sorted row group."""
 
     def __init__(
         self,
@@ -332,104 +865,58 @@ class IngestWriter:
         content_hash: str,
         manifest: bool = True,
         row_group_rows: int = ROW_GROUP_ROWS,
-        metadata: dict[str, str] | None = None,
     ) -> None:
         self.lake = lake
-        self.metadata = metadata
         self.dataset = dataset
         self.source = source
         self.content_hash = content_hash
-        self.key = content_hash[:HASH_PREFIX] if manifest else content_hash
+        self.key = content_hash[:HASH_PREFIX] if manifest else content_hash[:32]
         self.use_manifest = manifest
         self.row_group_rows = row_group_rows
         self.result = IngestResult(dataset.name, source, content_hash)
-        self._buffers: dict[str, list[pa.Table]] = {}
-        self._buffered: dict[str, int] = {}
-        self._writers: dict[str, pq.ParquetWriter] = {}
-        self._tmp_paths: dict[str, Path] = {}
+        self.skipped = False
+        self._parts: dict[str, PartFile] = {}
         self._rejects: list[pa.Table] = []
         self._committed = False
         self.ingested_at = dt.datetime.now(dt.UTC)
 
-    # context manager: abort (delete temp files) on any exception or missing commit
     def __enter__(self) -> IngestWriter:
-        self._remove_leftovers()
+        if not self.use_manifest:
+            table = self.lake.table(self.dataset.name)
+            if table is not None:
+                table.update_incremental()
+                if table.transaction_version(_txn_id(self.dataset.name, self.content_hash)) is not None:
+                    self.skipped = True
+                    self.result.skipped = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._committed:
             self.abort()
 
-    def _final_name(self) -> str:
-        return f"part-{self.key}.parquet"
-
-    def _remove_leftovers(self) -> None:
-        """Files of this source written by a run that died before its manifest row: remove them, the
-        rerun writes them again. Without a manifest row the source counts as not ingested."""
-        name = self._final_name()
-        for dataset in {self.dataset.name, "rejects"}:
-            directory = self.lake.root / dataset
-            if not directory.exists():
-                continue
-            for stale in list(directory.rglob(name)) + list(directory.rglob(name + ".tmp")):
-                stale.unlink(missing_ok=True)
-
-    def _partition_dir(self, day: str | None) -> Path:
-        base = self.lake.root / self.dataset.name
-        return base / f"date={day}" if day is not None else base
-
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
-        table = conform(table, self.dataset.schema, text_as_dictionary=True)
         self.result.rows += table.num_rows
         if self.dataset.partition_ts is None:
-            self._buffer(None, table)
+            self._part(None).write(table)
             return
         days = _day_strings(table.column(self.dataset.partition_ts))
         distinct = pc.unique(days).to_pylist()
         if len(distinct) == 1:  # the common case: no filter (copy) needed
-            self._buffer(distinct[0], table)
+            self._part(distinct[0]).write(table)
             return
         for day in distinct:
-            part = table.filter(pc.equal(days, day))
-            self._buffer(day, part)
+            self._part(day).write(table.filter(pc.equal(days, day)))
 
-    def _buffer(self, day: str | None, table: pa.Table) -> None:
+    def _part(self, day: str | None) -> PartFile:
         key = day or ""
-        self._buffers.setdefault(key, []).append(table)
-        self._buffered[key] = self._buffered.get(key, 0) + table.num_rows
-        if self._buffered[key] >= self.row_group_rows:
-            self._flush(key)
-
-    def _flush(self, key: str) -> None:
-        tables = self._buffers.pop(key, [])
-        self._buffered.pop(key, None)
-        if not tables:
-            return
-        table = pa.concat_tables(tables).combine_chunks()  # one dictionary per text column
-        if self.dataset.sort_by:
-            table = table.take(sort_indices(table, self.dataset.sort_by))
-        writer = self._writers.get(key)
-        if writer is None:
-            directory = self._partition_dir(key or None)
-            directory.mkdir(parents=True, exist_ok=True)
-            tmp = directory / (self._final_name() + ".tmp")
-            self._tmp_paths[key] = tmp
-            # text columns arrive dictionary-encoded (cheap to sort and write); store_schema=False so that
-            # every reader sees them as the plain strings schema.py declares
-            text = [f.name for f in self.dataset.schema if pa.types.is_string(f.type)]
-            writer = pq.ParquetWriter(
-                tmp,
-                _writer_schema(self.dataset.schema),
-                compression="zstd",
-                store_schema=False,
-                use_dictionary=text,
-            )
-            if self.metadata:  # footer key-value metadata (store_schema=False keeps no schema metadata)
-                writer.add_key_value_metadata(self.metadata)  # pyarrow >= 13
-            self._writers[key] = writer
-        writer.write_table(table, row_group_size=self.row_group_rows)
+        part = self._parts.get(key)
+        if part is None:
+            stem = f"part-{self.key}-{uuid.uuid4().hex[:8]}"
+            part = PartFile(self.lake.root / self.dataset.name, self.dataset, day, stem, self.row_group_rows)
+            self._parts[key] = part
+        return part
 
     def reject(self, rejects: pa.Table) -> None:
         """Rows that could not be parsed (schema.REJECTS columns; missing ones are filled in)."""
@@ -448,28 +935,28 @@ class IngestWriter:
         self.result.rejects += n
 
     def commit(self, stats: dict[str, Any] | None = None) -> IngestResult:
-        """Close all temp files, fsync, rename, then write rejects and the manifest row (last)."""
+        """Finish the files, then commit: rejects, the rows (the commit that makes the source count as
+        ingested), the manifest row; then compact the days touched if they crossed the threshold."""
+        lake = self.lake
         try:
-            for key in list(self._buffers):
-                self._flush(key)
-            for writer in self._writers.values():
-                writer.close()
-            self._writers.clear()
-            for tmp in self._tmp_paths.values():
-                with open(tmp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-            for tmp in self._tmp_paths.values():
-                final = tmp.with_name(self._final_name())
-                os.replace(tmp, final)
-                _fsync_dir(final.parent)
-                self.result.files.append(str(final.relative_to(self.lake.root)))
-            self._tmp_paths.clear()
+            adds = [a for a in (p.close() for p in self._parts.values()) if a is not None]
+            info = {"source": self.source, "content_hash": self.content_hash, "rows": self.result.rows}
             if self._rejects:
-                rejects = pa.concat_tables(self._rejects)
-                day = self.ingested_at.strftime("%Y-%m-%d")
-                path = self.lake.root / "rejects" / f"date={day}" / self._final_name()
-                write_parquet_atomic(rejects, path)
-                self.result.files.append(str(path.relative_to(self.lake.root)))
+                rejects_table = lake.table("rejects")
+                txn = _txn_id("rejects", self.content_hash)
+                if rejects_table is None or rejects_table.transaction_version(txn) is None:
+                    part = PartFile(
+                        lake.root / "rejects",
+                        DATASETS["rejects"],
+                        self.ingested_at.strftime("%Y-%m-%d"),
+                        f"part-{self.key}-{uuid.uuid4().hex[:8]}",
+                    )
+                    part.write(pa.concat_tables(self._rejects))
+                    action = part.close()
+                    lake.commit("rejects", [action] if action else [], key=self.content_hash, info=info)
+                    self.result.files.append(f"rejects/{part.relative}")
+            self.result.version = lake.commit(self.dataset.name, adds, key=self.content_hash, info=info)
+            self.result.files[:0] = [f"{self.dataset.name}/{a.path}" for a in adds]
             self.result.stats = stats or {}
             if self.use_manifest:
                 row = {
@@ -482,27 +969,28 @@ class IngestWriter:
                     "ingested_at": [self.ingested_at],
                     "stats": [json.dumps(self.result.stats, default=str)],
                 }
-                write_parquet_atomic(
-                    pa.table(row, schema=INGEST_MANIFEST),
-                    self.lake._manifest_path(self.dataset.name, self.content_hash),
+                part = PartFile(
+                    lake.root / MANIFEST_DIR, MANIFEST, None, f"part-{self.key}-{uuid.uuid4().hex[:8]}"
                 )
+                part.write(pa.table(row, schema=INGEST_MANIFEST))
+                action = part.close()
+                lake.commit(MANIFEST_DIR, [action] if action else [], info=info)
         except OSError as exc:
             self.abort()
-            raise LakeError(f"cannot commit {self.source} to {self.lake.root}: {exc}") from exc
+            raise LakeError(f"cannot commit {self.source} to {lake.root}: {exc}") from exc
         self._committed = True
+        days = [p.day for p in self._parts.values() if p.day is not None]
+        for name, touched in ((self.dataset.name, days), (MANIFEST_DIR, None)):
+            try:
+                lake.compact(name, touched or None, wait=False)
+            except LakeError:  # compaction is housekeeping: the rows are committed, a later run merges
+                pass
         return self.result
 
     def abort(self) -> None:
-        for writer in self._writers.values():
-            try:
-                writer.close()
-            except Exception:  # closing a half-written temp file we are about to delete
-                pass
-        self._writers.clear()
-        for tmp in self._tmp_paths.values():
-            tmp.unlink(missing_ok=True)
-        self._tmp_paths.clear()
-        self._buffers.clear()
+        for part in self._parts.values():
+            part.abort()
+        self._parts.clear()
 
 
 def ingest_table(

@@ -456,9 +456,7 @@ def _partition_days(lake: Any, datasets: tuple[str, ...] = ("flows", "vm_logs"))
     attributed when it lands)."""
     days: set[str] = set()
     for name in datasets:
-        directory = lake.root / name
-        if directory.exists():
-            days.update(p.name.removeprefix("date=") for p in directory.glob("date=*") if p.is_dir())
+        days.update(lake.days(name))
     return sorted(days)
 
 

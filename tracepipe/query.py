@@ -23,11 +23,6 @@ from tracepipe.errors import LakeError, UsageError
 from tracepipe.lake import Lake
 from tracepipe.schema import DATASETS
 
-# Key in a flow file's Parquet footer (key-value metadata) that says "src_vm/dst_vm of this file were set by
-# attribute_flows": a null src_vm there means nobody held the address, not "not looked up yet". Files that
-# lack it (just landed) are attributed at query time by flows_attributed. Written by attribution.py.
-ATTRIBUTED_KEY = "tracepipe.attributed"
-
 # Statement types `tracepipe sql` runs; everything else (COPY, CREATE, INSERT, DELETE, UPDATE, ATTACH, SET,
 # LOAD, EXPORT, PRAGMA, CALL, ...) is refused before it reaches DuckDB.
 READ_ONLY_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
@@ -73,11 +68,13 @@ def empty_relation_sql(name: str) -> str:
 
 
 def scan_sql(name: str, paths: list[Path]) -> str:
-    """read_parquet over the given files of a dataset, hive `date` typed DATE; empty typed relation if none."""
+    """read_parquet over the given files of a dataset (a file list taken from the table's log, never a glob:
+    files removed by compaction stay on disk for a while), hive `date` typed DATE; empty typed relation if
+    none. Every file of a table has the declared columns, so only the first footer is read at bind time."""
     if not paths:
         return empty_relation_sql(name)
     files = "[" + ", ".join(quote_literal(str(p)) for p in paths) + "]"
-    options = "union_by_name = true"
+    options = "union_by_name = false"
     if DATASETS[name].partition_ts is not None:
         options += ", hive_partitioning = true, hive_types = {'date': DATE}"
     columns = ", ".join(f'"{f.name}"' for f in DATASETS[name].schema)
@@ -86,16 +83,15 @@ def scan_sql(name: str, paths: list[Path]) -> str:
     return f"SELECT {columns} FROM read_parquet({files}, {options})"
 
 
-def attributed_files(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> set[str]:
-    """The flow files whose footer carries ATTRIBUTED_KEY (one footer read per file)."""
-    if not paths:
-        return set()
-    files = "[" + ", ".join(quote_literal(str(p)) for p in paths) + "]"
-    rows = con.execute(
-        f"SELECT DISTINCT file_name FROM parquet_kv_metadata({files}) WHERE decode(key) = ?",
-        [ATTRIBUTED_KEY],
-    ).fetchall()
-    return {row[0] for row in rows}
+def flow_halves(lake: Lake) -> tuple[list[Path], list[Path]]:
+    """The flow files whose every row was attributed when written (the log's null count of attributed_at is
+    0: src_vm/dst_vm are final, a null means nobody held the address) and the others, which flows_attributed
+    joins to vm_leases at query time. Read from the transaction log; no file is opened."""
+    done: list[Path] = []
+    todo: list[Path] = []
+    for entry in lake.entries("flows"):
+        (done if entry.rows > 0 and entry.null_counts.get("attributed_at") == 0 else todo).append(entry.path)
+    return done, todo
 
 
 def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> duckdb.DuckDBPyConnection:
@@ -113,20 +109,10 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
         con.execute(f"SET threads = {int(threads)}")
     con.execute(sql_text("macros"))
     for name in DATASETS:
-        if name == "flows":
-            continue
         con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {scan_sql(name, lake.files(name))}')
-    flow_files = lake.files("flows")
-    done = attributed_files(con, flow_files)
-    con.execute(f"CREATE OR REPLACE VIEW flows AS {scan_sql('flows', flow_files)}")
-    con.execute(
-        "CREATE OR REPLACE VIEW _flows_done AS "
-        + scan_sql("flows", [p for p in flow_files if str(p) in done])
-    )
-    con.execute(
-        "CREATE OR REPLACE VIEW _flows_todo AS "
-        + scan_sql("flows", [p for p in flow_files if str(p) not in done])
-    )
+    done, todo = flow_halves(lake)
+    con.execute(f"CREATE OR REPLACE VIEW _flows_done AS {scan_sql('flows', done)}")
+    con.execute(f"CREATE OR REPLACE VIEW _flows_todo AS {scan_sql('flows', todo)}")
     con.execute(sql_text("views"))
     if read_only:
         # Defence in depth under the statement check: the session reads the lake (and its spill directory)

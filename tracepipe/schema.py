@@ -33,6 +33,8 @@ FLOWS = pa.schema(
         pa.field("source", pa.string()),  # evidence: file path or collector spool segment it came from
         pa.field("src_vm", pa.string()),  # vm_id holding src_addr at ts_start; null until attributed
         pa.field("dst_vm", pa.string()),
+        # when src_vm/dst_vm were looked up in vm_leases; null = not yet (flows_attributed joins at query time)
+        pa.field("attributed_at", TS),
     ]
 )
 

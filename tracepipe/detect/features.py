@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -140,27 +139,23 @@ def in_networks(addrs: list[str] | pa.Array, cidrs: Iterable[str]) -> np.ndarray
 
 
 # ---- the flows of a window ---------------------------------------------------------------------------------
-def flows_glob(lake: Lake) -> str:
-    return str(lake.root / "flows" / "*" / "*.parquet")
-
-
-def has_flows(lake: Lake) -> bool:
-    return any(Path(lake.root / "flows").glob("*/*.parquet")) if (lake.root / "flows").exists() else False
+def window_days(since: dt.datetime, until: dt.datetime) -> list[str]:
+    """The UTC days (partition names) that [since, until) touches."""
+    first, last = utc(since).date(), (utc(until) - dt.timedelta(microseconds=1)).date()
+    return [(first + dt.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
 
 
 def scan_flows(lake: Lake, since: dt.datetime, until: dt.datetime) -> pl.LazyFrame:
-    """Flows with since <= ts_start < until, lazily; the date partitions outside are never opened."""
+    """Flows with since <= ts_start < until, lazily; only the files the log lists for those days are read."""
     since, until = utc(since), utc(until)
-    if not has_flows(lake):
+    paths = lake.files("flows", window_days(since, until)) if until > since else []
+    if not paths:
         from tracepipe.schema import FLOWS
 
         return pl.LazyFrame(pl.from_arrow(FLOWS.empty_table()))
-    last_day = (until - dt.timedelta(microseconds=1)).date()
     return (
-        pl.scan_parquet(flows_glob(lake), hive_partitioning=True)
-        .filter(pl.col("date").is_between(since.date(), last_day))
+        pl.scan_parquet([str(p) for p in paths], hive_partitioning=False)
         .filter((pl.col("ts_start") >= since) & (pl.col("ts_start") < until))
-        .drop("date")
     )
 
 

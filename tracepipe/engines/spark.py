@@ -197,30 +197,39 @@ def read_files(spark: SparkSession, name: str, base: str, files: list[str] | Non
     return reader.parquet(base)
 
 
-def read_dataset(spark: SparkSession, lake: Lake | str, name: str) -> DataFrame:
-    """The whole dataset `name` of the lake as a DataFrame with the schema.py schema; empty if nothing landed."""
+def table_files(lake: Lake | str, name: str) -> list[str]:
+    """The current files of a dataset, from its Delta transaction log (never a directory listing: files
+    removed by compaction stay on disk until vacuum). Object-store lakes are opened by delta-rs with the
+    URI as given (s3a:// read as s3://) and the files handed back in the URI's own scheme."""
+    if isinstance(lake, Lake):
+        return [str(p) for p in lake.files(name)]
     root = lake_uri(lake)
-    base = f"{root}/{name}"
-    if "://" not in root and not any(Path(base).rglob("*.parquet")):
-        return empty_frame(spark, name)
+    if "://" not in root:
+        return [str(p) for p in Lake(root).files(name)]
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    scheme, rest = root.split("://", 1)
+    delta_scheme = {"s3a": "s3", "s3n": "s3"}.get(scheme, scheme)
     try:
-        return read_files(spark, name, base)
-    except Exception as exc:  # AnalysisException PATH_NOT_FOUND on object stores: nothing landed yet
-        if "PATH_NOT_FOUND" in str(exc) or "does not exist" in str(exc):
-            return empty_frame(spark, name)
-        raise
+        uris = DeltaTable(f"{delta_scheme}://{rest}/{name}").file_uris()
+    except TableNotFoundError:
+        return []
+    return [f"{scheme}://{u.split('://', 1)[1]}" if "://" in u else u for u in uris]
+
+
+def read_dataset(spark: SparkSession, lake: Lake | str, name: str) -> DataFrame:
+    """The whole dataset `name` of the lake as a DataFrame with the schema.py schema; empty if nothing landed.
+    The file list comes from the table's log (no Delta connector jar needed)."""
+    return read_files(spark, name, f"{lake_uri(lake)}/{name}", table_files(lake, name))
 
 
 def _flow_halves(lake: Lake) -> tuple[list[str], list[str]]:
-    """Flow files already attributed (footer key, see tracepipe.query) and those not yet."""
-    import duckdb
+    """Flow files whose rows were attributed when written (see tracepipe.query.flow_halves) and the others."""
+    from tracepipe.query import flow_halves
 
-    from tracepipe.query import attributed_files
-
-    paths = lake.files("flows")
-    with duckdb.connect() as con:
-        done = attributed_files(con, paths)
-    return [str(p) for p in paths if str(p) in done], [str(p) for p in paths if str(p) not in done]
+    done, todo = flow_halves(lake)
+    return [str(p) for p in done], [str(p) for p in todo]
 
 
 # ---- macros: one DuckDB definition, evaluated by DuckDB inside Spark's Arrow UDFs --------------------------
@@ -356,7 +365,7 @@ class SparkEngine:
         for name in DATASETS:
             read_dataset(self.spark, self.uri, name).createOrReplaceTempView(name)
         if "://" in self.uri:
-            done, todo = [], None  # object stores: footers not inspected, every flow attributed at query time
+            done, todo = [], None  # object stores: every flow attributed at query time
         else:
             done, todo = _flow_halves(self.lake)
         base = f"{self.uri}/flows"

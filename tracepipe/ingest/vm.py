@@ -17,7 +17,6 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.ingest.cloud import FORMATS, parse_cloud_text
@@ -274,20 +273,16 @@ def _line_blocks(path: Path, block_bytes: int = SYSLOG_BLOCK_BYTES) -> Iterator[
 
 def reattribute_logs(lake: Lake, days: Iterable[str]) -> int:
     """Re-set vm_id of the vm_logs lines of `days` from the current leases (a lifecycle event that arrived
-    after the logs); only files whose attribution changed are rewritten. Returns the files rewritten."""
-    wanted = {f"date={day}" for day in days}
-    paths = [p for p in lake.files("vm_logs") if p.parent.name in wanted]
-    if not paths:
+    after the logs), one commit per day. Returns the files rewritten."""
+    days = sorted(set(days))
+    if not days or not lake.files("vm_logs", days):
         return 0
     leases = lake.read("vm_leases")
-    rewritten = 0
-    for path in paths:
-        logs = conform(pq.read_table(path), VM_LOGS)
-        again = attribute_logs(logs, leases)
-        if not again.column("vm_id").equals(logs.column("vm_id")):
-            lake.rewrite_file(path, again, "vm_logs")
-            rewritten += 1
-    return rewritten
+
+    def again(batch: pa.RecordBatch) -> pa.Table:
+        return attribute_logs(conform(pa.Table.from_batches([batch]), VM_LOGS), leases)
+
+    return lake.rewrite("vm_logs", days, again, info={"operation": "attribute logs"})["files_removed"]
 
 
 def ingest_syslog_files(

@@ -22,6 +22,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
 from tracepipe.lake import Lake
+from tracepipe.query import scan_sql
 
 TEMPLATES = Path(__file__).resolve().parent
 MAX_CHART_ALERTS = 25  # per-alert timelines rendered; the rest get tables only (keeps big sweeps fast)
@@ -90,8 +91,13 @@ IN_WINDOW = (
 )
 
 
+def _source(lake: Lake, dataset: str) -> str:
+    """The dataset's current files (from the table's log) as a DuckDB relation."""
+    return f"({scan_sql(dataset, lake.files(dataset))})"
+
+
 def _flows_source(lake: Lake) -> str:
-    return f"read_parquet('{lake.glob('flows')}', hive_partitioning = true, union_by_name = true)"
+    return _source(lake, "flows")
 
 
 def _host_flow_facts(
@@ -191,7 +197,7 @@ def _vm_logs(
     rows = _rows(
         con.execute(
             f"""SELECT ts, hostname, app, message, auth_event, auth_user, auth_src_addr
-            FROM read_parquet('{lake.glob("vm_logs")}', hive_partitioning = true, union_by_name = true)
+            FROM {_source(lake, "vm_logs")}
             WHERE ts >= $start AND ts < $end
               AND (vm_id = $vm OR auth_src_addr = $addr)
             ORDER BY (auth_event IS NULL), ts LIMIT {limit}""",
