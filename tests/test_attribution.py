@@ -202,14 +202,20 @@ def test_rewrite_keeps_rows_order_sort_and_is_idempotent(lake):
     path = lake.files("flows")[0]
     original = pq.read_table(path)
     attribute_flows(lake)
+    [path] = [p for p in lake.files("flows") if p.parent == path.parent]  # the day's new file
     first = pq.read_table(path)
-    assert first.drop(["src_vm", "dst_vm"]).equals(original.drop(["src_vm", "dst_vm"]))
+    assert first.drop(["src_vm", "dst_vm", "attributed_at"]).equals(
+        original.drop(["src_vm", "dst_vm", "attributed_at"])
+    )
     keys = list(zip(first["src_addr"].to_pylist(), first["ts_start"].to_pylist(), strict=True))
     assert keys == sorted(keys)  # the lake's sort order (src_addr, ts_start) survives
-    marker = json.loads(pq.read_metadata(path).metadata[query.ATTRIBUTED_KEY.encode()])
-    assert marker["leases"] == len(LEASES)
+    assert first["attributed_at"].null_count == 0 and original["attributed_at"].null_count == original.num_rows
+    # the log knows the file is attributed without opening it
+    done, todo = query.flow_halves(lake)
+    assert path in done and not todo
     attribute_flows(lake)
-    assert pq.read_table(path).equals(first)
+    [again] = [p for p in lake.files("flows") if p.parent == path.parent]
+    assert pq.read_table(again).drop(["attributed_at"]).equals(first.drop(["attributed_at"]))
     assert not list(path.parent.glob("*.tmp"))
 
 
@@ -332,5 +338,6 @@ def test_attribute_command(lake):
         2,
     )
     day1, day2 = lake.files("flows")
-    assert query.ATTRIBUTED_KEY.encode() in pq.read_metadata(day2).metadata
-    assert query.ATTRIBUTED_KEY.encode() not in (pq.read_metadata(day1).metadata or {})
+    assert pq.read_table(day2)["attributed_at"].null_count == 0
+    assert pq.read_table(day1)["attributed_at"].null_count == pq.read_table(day1).num_rows
+    assert query.flow_halves(lake) == ([day2], [day1])

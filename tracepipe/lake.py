@@ -420,13 +420,18 @@ class Lake:
     def is_old_layout(self) -> bool:
         """A lake written before the table format: manifest rows as loose Parquet files in `_ingest/`."""
         manifest = self.root / MANIFEST_DIR
-        return not (manifest / "_delta_log").is_dir() and any(manifest.glob("*.parquet"))
+        if (manifest / "_delta_log").is_dir() or not manifest.is_dir():
+            return False
+        return any(not p.name.startswith("part-") for p in manifest.glob("*.parquet"))  # <dataset>-<hash>
 
     def table(self, name: str) -> DeltaTable | None:
         """The Delta table of dataset `name` (cached for this Lake object: one snapshot per command)."""
-        if name not in self._tables:
-            self._tables[name] = self._open(name)
-        return self._tables[name]
+        table = self._tables.get(name)
+        if table is None:
+            table = self._tables[name] = self._open(name)
+        elif self.as_of is None:
+            table.update_incremental()  # commits of other processes since (reads only the new log entries)
+        return table
 
     def refresh(self, name: str | None = None) -> None:
         """Forget cached snapshots so that the next read sees the latest commits."""
