@@ -490,8 +490,6 @@ def read_nfcapd(path: Path | str, timeout: float = 300.0) -> tuple[pa.Table, pa.
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist")
-    from tracepipe.probes import tool_path  # the one place that locates binaries
-
     # -6: full IPv6 addresses (without it fmt: abbreviates them to "2001:db..fff::20")
     cmd = [
         tool_path("nfdump"),
