@@ -24,6 +24,7 @@ import pyarrow.csv as pacsv
 
 from tracepipe.errors import EnvironmentProblem, InputError
 from tracepipe.schema import FLOWS, TS
+from tracepipe.tools import tool_path
 
 # nfdump 1.7.1 src/lib/output_util.c protoList: what ProtoString() prints for protocol numbers 0..137; any other
 # number is printed as a number. "IDPR" is printed for both 35 and 38; we read it back as 35.
