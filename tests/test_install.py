@@ -161,7 +161,7 @@ def test_model_commands_default_to_the_packaged_template(tmp_path: Path, monkeyp
 # ---- only the product in the package ------------------------------------------------------------------------
 def test_package_imports_no_test_code() -> None:
     """Nothing under tracepipe/ imports tests/, the old scaffolding modules, scapy or pytest."""
-    banned = ("tests", "support", "probes", "synth", "detect_flowgen", "storygen", "scapy", "pytest")
+    banned = ("tests", "support", "probes", "synth", "detect_flowgen", "stories", "scapy", "pytest")
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -174,4 +174,4 @@ def test_package_imports_no_test_code() -> None:
                 if any(part in banned for part in name.split(".")):
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
     assert offenders == []
-    assert not (PACKAGE / "probes.py").exists() and not (PACKAGE / "synth.py").exists()
+    assert not (PACKAGE / "probes.py").exists() and not (PACKAGE / "stories.py").exists()
