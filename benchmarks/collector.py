@@ -35,10 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tracepipe import probes
-from tracepipe import spool as sp
-from tracepipe.collector import commit_pending, make_block
-from tracepipe.lake import Lake
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # tracepipe from this checkout; tests/support
+
+from support import probes  # noqa: E402
+
+from tracepipe import spool as sp  # noqa: E402
+from tracepipe.collector import commit_pending, make_block  # noqa: E402
+from tracepipe.lake import Lake  # noqa: E402
+from tracepipe.tools import tool_path  # noqa: E402
 
 DEFAULT_RATES = (25_000, 50_000, 100_000, 150_000, 200_000, 300_000)
 
@@ -220,7 +225,7 @@ def start_nfcapd(work: Path) -> Receiver:
     out.mkdir()
     log = work / "nfcapd.log"
     cmd = [
-        probes.tool_path("nfcapd"),
+        tool_path("nfcapd"),
         "-b",
         "127.0.0.1",
         "-p",

@@ -4,7 +4,7 @@ flows_attributed query, at growing sizes; then Spark local[1] vs local[2] on the
 
 Prints, in one run, a table of seconds per engine and size (Spark's session start reported apart: a cluster
 pays it once per job), and the speed-up of a second executor core. Flows come from the sweep tests'
-generator (tests/detect_flowgen.py: ordinary hosts plus one host per detector), one day per size.
+generator (tests/support/stories.py generate(): ordinary hosts plus one host per detector), one day per size.
 
     python benchmarks/engines.py                       # 40, 160, 640 hosts (~0.1 / 0.4 / 1.5 M flows)
     python benchmarks/engines.py --hosts 40 160 --rate 4 --json
@@ -33,7 +33,7 @@ QUERY = (
 
 
 def build(root: Path, hosts: int, rate: float, seed: int) -> tuple[object, object, int]:
-    import detect_flowgen as gen
+    from support import stories as gen
 
     from tracepipe.lake import Lake
     from tracepipe.pipeline_config import parse_pipeline

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import tempfile
 import time
 import traceback
@@ -16,9 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tracepipe import probes
-from tracepipe.ingest.netflow import DecoderState, decode_datagrams, flush_pending
-from tracepipe.ingest.pcap import iter_udp_batches
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # tracepipe from this checkout; tests/support
+
+from support import probes  # noqa: E402
+
+from tracepipe.ingest.netflow import DecoderState, decode_datagrams, flush_pending  # noqa: E402
+from tracepipe.ingest.pcap import iter_udp_batches  # noqa: E402
 
 
 def real_datagrams(workdir: Path) -> list[bytes]:

@@ -29,9 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tracepipe import probes
-from tracepipe.ingest.netflow import DecoderState, decode_datagrams
-from tracepipe.ingest.pcap import iter_udp_batches
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # tracepipe from this checkout; tests/support
+
+from support import probes  # noqa: E402
+
+from tracepipe.ingest.netflow import DecoderState, decode_datagrams  # noqa: E402
+from tracepipe.ingest.pcap import iter_udp_batches  # noqa: E402
+from tracepipe.tools import tool_path  # noqa: E402
 
 RECORDS_PER_DATAGRAM = 30  # what softflowd packs into a 1500-byte MTU with its 42-byte IPv4 template
 NFDUMP_FORMAT = "fmt:%ts,%te,%pr,%sa,%da,%sp,%dp,%pkt,%byt,%flg"
@@ -222,7 +227,7 @@ def replay_to_nfcapd(pcap: Path, workdir: Path, expected: int) -> Path:
     out_dir = workdir / "nfcapd"
     out_dir.mkdir()
     cmd = [
-        probes.tool_path("nfcapd"),
+        tool_path("nfcapd"),
         "-b",
         "127.0.0.1",
         "-p",
@@ -261,13 +266,13 @@ def replay_to_nfcapd(pcap: Path, workdir: Path, expected: int) -> Path:
 def measure_nfdump(nfcapd_file: Path) -> dict:
     env = dict(os.environ, TZ="UTC")
     count = subprocess.run(
-        [probes.tool_path("nfdump"), "-r", str(nfcapd_file), "-q", "-N", "-o", NFDUMP_FORMAT],
+        [tool_path("nfdump"), "-r", str(nfcapd_file), "-q", "-N", "-o", NFDUMP_FORMAT],
         capture_output=True,
         text=True,
         env=env,
     ).stdout.count("\n")
     wall, cpu, rss, code = _run_measured(
-        [probes.tool_path("nfdump"), "-r", str(nfcapd_file), "-q", "-N", "-o", NFDUMP_FORMAT], env=env
+        [tool_path("nfdump"), "-r", str(nfcapd_file), "-q", "-N", "-o", NFDUMP_FORMAT], env=env
     )
     return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mib": rss, "exit": code, "records": count}
 

@@ -30,7 +30,7 @@ START = dt.datetime(2026, 3, 12, tzinfo=dt.UTC)
 
 
 def generate(lake_dir: Path, hosts: int, rate: float, seed: int) -> dict:
-    import detect_flowgen as gen
+    from support import stories as gen
 
     from tracepipe.lake import Lake
 
@@ -58,7 +58,7 @@ def generate(lake_dir: Path, hosts: int, rate: float, seed: int) -> dict:
 
 def fit(lake_dir: Path) -> dict:
     """The model's baseline = the same day (the benchmark has one day); its own process, its own RSS."""
-    import detect_flowgen as gen
+    from support import stories as gen
 
     from tracepipe.detect import model
     from tracepipe.lake import Lake
@@ -79,7 +79,7 @@ def fit(lake_dir: Path) -> dict:
 
 def sweep(lake_dir: Path, with_model: bool) -> dict:
     """Runs in its own process so that ru_maxrss is the sweep's peak, not the generator's."""
-    import detect_flowgen as gen
+    from support import stories as gen
 
     from tracepipe.lake import Lake
     from tracepipe.pipeline_config import load_pipeline

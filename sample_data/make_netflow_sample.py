@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerate the bundled NetFlow samples: real softflowd export traffic, as a collector host records it.
 
-A deterministic traffic capture (tracepipe.probes.build_traffic_pcap, fixed seed: TCP sessions, DNS/NTP, ICMP
+A deterministic traffic capture (tests/support/probes.py build_traffic_pcap, fixed seed: TCP sessions, DNS/NTP, ICMP
 echo and unreachables, IPv4 and IPv6, 2024-03-12 from 10:00 UTC) is replayed through the real softflowd, which
 exports to 127.0.0.1 where tcpdump records the datagrams and a real nfcapd receives them too. Writes:
 
@@ -23,9 +23,9 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # runnable from a fresh clone without installing
+sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]  # a fresh clone's tracepipe; tests/support
 
-from tracepipe import probes  # noqa: E402
+from support import probes  # noqa: E402
 
 SEED = 2024
 FLOWS = 150  # conversations; about 300 flow records, a few kB per capture

@@ -17,8 +17,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-
-from tracepipe import probes
+from support import probes
 
 # softflowd exports compared with nfdump: (version, traffic, exporter transport)
 #   traffic "ipv4": IPv4 flows only; "ipv6": IPv4 and IPv6 flows mixed (v5 cannot carry IPv6), > 16 datagrams

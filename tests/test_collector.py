@@ -34,8 +34,8 @@ import pytest
 from conftest import blank_icmpv6_ports, lake_flows, multiset_diff, nfdump_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import probes
 
-from tracepipe import probes
 from tracepipe import spool as sp
 from tracepipe.collector import (
     AllowList,

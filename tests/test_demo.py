@@ -138,26 +138,26 @@ def test_demo_refuses_to_wipe_a_directory_it_did_not_make(tmp_path: Path) -> Non
 
 
 def test_committed_story_matches_the_generator() -> None:
-    """The committed sample is what `make_sample.py` makes today (regenerate it after changing synth)."""
-    from tracepipe import synth
+    """The committed sample is what `make_sample.py` makes today (regenerate it after changing tests/support/stories.py)."""
+    from support import stories
 
-    story = synth.build_story(seed=TRUTH["seed"])
+    story = stories.build_story(seed=TRUTH["seed"])
     assert json.loads(json.dumps(story.truth)) == TRUTH
     story_dir = REPO / "sample_data" / "story"
-    lines = synth.nova_notifications(story, REPO / "sample_data" / "templates" / "nova")
+    lines = stories.nova_notifications(story, REPO / "sample_data" / "templates" / "nova")
     assert "\n".join(lines) + "\n" == (story_dir / "nova" / "notifications.jsonl").read_text()
-    for name, text in synth.syslog_files(story).items():
+    for name, text in stories.syslog_files(story).items():
         assert text == (story_dir / "syslog" / name).read_text()
-    assert synth.misp_csv(story) == (story_dir / "intel" / "misp.csv").read_text()
+    assert stories.misp_csv(story) == (story_dir / "intel" / "misp.csv").read_text()
 
 
 def test_traffic_capture_is_deterministic_and_complete() -> None:
-    from tracepipe import synth
+    from support import stories
 
-    one, two = (synth.build_story(seed=11, hours=1.0, n_ordinary=8) for _ in range(2))
-    data = synth.packet_bytes(one)
-    assert data == synth.packet_bytes(two)
-    assert data != synth.packet_bytes(synth.build_story(seed=12, hours=1.0, n_ordinary=8))
+    one, two = (stories.build_story(seed=11, hours=1.0, n_ordinary=8) for _ in range(2))
+    data = stories.packet_bytes(one)
+    assert data == stories.packet_bytes(two)
+    assert data != stories.packet_bytes(stories.build_story(seed=12, hours=1.0, n_ordinary=8))
     # walk the pcap: every record complete, times never go backwards, both probes' views add up
     offset, count, last = 24, 0, 0.0
     while offset < len(data):
@@ -167,5 +167,5 @@ def test_traffic_capture_is_deterministic_and_complete() -> None:
         offset += 16 + caplen
         count += 1
     assert offset == len(data)
-    split = len(synth.packet_bytes(one, "openstack")) + len(synth.packet_bytes(one, "opennebula")) - 24
+    split = len(stories.packet_bytes(one, "openstack")) + len(stories.packet_bytes(one, "opennebula")) - 24
     assert split == len(data) and count > one.n_conns * 2

@@ -1,4 +1,4 @@
-"""Detectors on generated flow stories (tests/detect_flowgen.py) written through the lake (real Parquet) and
+"""Detectors on generated flow stories (tests/support/stories.py generate()) written through the lake (real Parquet) and
 read back with polars and DuckDB: every planted behaviour is alerted by the right detector with the VM that held
 the address, ordinary hosts raise nothing, thresholds come from the pipeline, reruns give the same ids."""
 
@@ -8,11 +8,11 @@ import dataclasses
 import datetime as dt
 import json
 
-import detect_flowgen as gen
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
+from support import stories as gen
 
 from tracepipe.detect import detectors as det
 from tracepipe.detect.features import FEATURES, compute_features, in_networks, ipv4_to_int, periodicity
@@ -23,7 +23,7 @@ from tracepipe.pipeline_config import parse_pipeline
 PIPELINE = f'[pipeline]\nname = "test"\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n'
 
 
-def build_lake(root, seed: int, **kwargs) -> tuple[Lake, gen.Story]:
+def build_lake(root, seed: int, **kwargs) -> tuple[Lake, gen.FlowStory]:
     story = gen.generate(seed=seed, **kwargs)
     lake = Lake(root)
     lake.append("flows", story.flows, key=f"story-{seed}")
@@ -36,7 +36,7 @@ def story_lake(tmp_path_factory):
     return build_lake(tmp_path_factory.mktemp("detect-lake"), seed=11)
 
 
-def sweep_alerts(lake: Lake, story: gen.Story, text: str = PIPELINE) -> pa.Table:
+def sweep_alerts(lake: Lake, story: gen.FlowStory, text: str = PIPELINE) -> pa.Table:
     config = parse_pipeline(text)
     intel, _, _ = parse_intel(story.intel_lines, "list", "test-intel")
     since, until = story.last_day
@@ -51,7 +51,7 @@ def alerts(story_lake) -> list[dict]:
     return sweep_alerts(lake, story).to_pylist()
 
 
-def planted_ids(story: gen.Story) -> list[str]:
+def planted_ids(story: gen.FlowStory) -> list[str]:
     return [f"{p.detector}:{p.addr}" for p in story.planted]
 
 

@@ -18,8 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from conftest import ingest_in_process, multiset_diff, with_ms_columns
-
-from tracepipe import probes
+from support import probes
 
 VERSIONS = (1, 5, 7)
 UDP_SIZES = (10, 200, 31, 1000, 64, 512)  # payload bytes of the client's datagrams; the server echoes each

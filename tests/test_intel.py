@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import detect_flowgen as gen
 import pyarrow as pa
 import pytest
+from support import stories as gen
 
 from tracepipe.intel import import_intel, match_addresses, parse_intel, sniff_format
 from tracepipe.lake import Lake

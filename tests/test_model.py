@@ -8,9 +8,9 @@ import json
 import subprocess
 import sys
 
-import detect_flowgen as gen
 import polars as pl
 import pytest
+from support import stories as gen
 
 from tracepipe.detect import model
 from tracepipe.detect.features import FEATURES

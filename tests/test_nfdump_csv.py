@@ -13,8 +13,8 @@ import pytest
 from conftest import FLOW_KEY_AND_COUNTERS, lake_flows, multiset_diff, run_tracepipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import probes
 
-from tracepipe import probes
 from tracepipe.ingest.nfdump import (
     CSV_COLUMNS,
     NFDUMP_PROTOCOLS,

@@ -12,8 +12,8 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import Dot1Q, Ether
+from support import probes
 
-from tracepipe import probes
 from tracepipe.ingest.netflow import DecoderState, decode_datagrams
 from tracepipe.ingest.pcap import iter_udp_batches
 

@@ -11,9 +11,9 @@ import json
 import subprocess
 import sys
 
-import detect_flowgen as gen
 import pyarrow as pa
 import pytest
+from support import stories as gen
 
 from tracepipe.attribution import attribute_flows
 from tracepipe.detect import detectors as det

@@ -1,5 +1,5 @@
 """`tracepipe sweep` end to end: pipeline files (errors name the line), windows, exit codes, no duplicates on
-rerun, the JSON report, and the whole pipeline on traffic made by the real softflowd (tracepipe.synth's story:
+rerun, the JSON report, and the whole pipeline on traffic made by the real softflowd (tests/support/stories.py build_story:
 NetFlow v9 + IPFIX captures, Nova/Neutron/OpenNebula lifecycle) with ground truth."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import detect_flowgen as gen
 import numpy as np
 import pytest
+from support import stories
+from support import stories as gen
 
-from tracepipe import synth
 from tracepipe.errors import EXIT_FAILED, EXIT_FOUND, EXIT_OK, EXIT_PARTIAL
 from tracepipe.lake import Lake
 from tracepipe.pipeline_config import PipelineError, load_pipeline, parse_pipeline
@@ -24,7 +24,7 @@ from tracepipe.sweep import run_sweep, sweep_window
 
 REPO = Path(__file__).resolve().parent.parent
 STORY = REPO / "sample_data" / "story"
-# ground-truth kinds of tracepipe.synth -> our detector names
+# ground-truth kinds of stories.build_story -> our detector names
 KIND = {
     "ssh_bruteforce": "brute_force",
     "horizontal_scan": "horizontal_scan",
@@ -269,8 +269,8 @@ def test_end_to_end_on_the_softflowd_story(tmp_path):
     )
 
 
-def _plant_more(story: synth.Story) -> None:
-    """Add the kinds the synth story lacks (vertical scan, inbound RDP brute force, a long-lived connection) to
+def _plant_more(story: stories.CloudStory) -> None:
+    """Add the kinds the cloud story lacks (vertical scan, inbound RDP brute force, a long-lived connection) to
     three ordinary VMs, as planned connections that go through softflowd like the rest."""
     t0 = story.start.timestamp()
     rng = np.random.default_rng(story.seed + 1000)
@@ -287,7 +287,7 @@ def _plant_more(story: synth.Story) -> None:
             41234,
             ports,
             6,
-            synth.TCP_SYN_RST,
+            stories.TCP_SYN_RST,
             1,
             1,
             0,
@@ -301,7 +301,7 @@ def _plant_more(story: synth.Story) -> None:
             rng.integers(32768, 60999, 300),
             3389,
             6,
-            synth.TCP_FULL,
+            stories.TCP_FULL,
             8,
             8,
             rng.integers(1200, 2000, 300),
@@ -315,7 +315,7 @@ def _plant_more(story: synth.Story) -> None:
             45678,
             8443,
             6,
-            synth.TCP_FULL,
+            stories.TCP_FULL,
             1500,
             1500,
             2_000_000,
@@ -348,22 +348,24 @@ def _plant_more(story: synth.Story) -> None:
 def test_every_detector_kind_through_live_softflowd(tmp_path):
     """One of each detector's kind among ordinary VMs, on a story seed the thresholds were not tuned on, turned
     into packets, exported by the real softflowd (v9 and IPFIX), landed and swept from drop folders."""
-    story = synth.build_story(seed=41, n_ordinary=35)
+    story = stories.build_story(seed=41, n_ordinary=35)
     _plant_more(story)
     flows_dir, vm_dir = tmp_path / "flows", tmp_path / "vm"
     flows_dir.mkdir()
     vm_dir.mkdir()
     for probe, version in (("openstack", 9), ("opennebula", 10)):
-        traffic = synth.write_traffic_pcap(story, tmp_path / f"traffic-{probe}.pcap", probe)
-        synth.export_netflow(traffic, version, flows_dir / f"{probe}.pcap")
+        traffic = stories.write_traffic_pcap(story, tmp_path / f"traffic-{probe}.pcap", probe)
+        stories.export_netflow(traffic, version, flows_dir / f"{probe}.pcap")
     templates = REPO / "sample_data" / "templates"
-    (vm_dir / "nova.jsonl").write_text("\n".join(synth.nova_notifications(story, templates / "nova")) + "\n")
-    (vm_dir / "neutron.jsonl").write_text(
-        "\n".join(synth.neutron_notifications(story, templates / "neutron")) + "\n"
+    (vm_dir / "nova.jsonl").write_text(
+        "\n".join(stories.nova_notifications(story, templates / "nova")) + "\n"
     )
-    for name, text in synth.opennebula_records(story).items():
+    (vm_dir / "neutron.jsonl").write_text(
+        "\n".join(stories.neutron_notifications(story, templates / "neutron")) + "\n"
+    )
+    for name, text in stories.opennebula_records(story).items():
         (vm_dir / name).write_text(text)
-    (tmp_path / "misp.csv").write_text(synth.misp_csv(story))
+    (tmp_path / "misp.csv").write_text(stories.misp_csv(story))
     lake = Lake(tmp_path / "lake")
     from tracepipe.intel import import_intel
 

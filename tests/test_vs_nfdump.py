@@ -26,8 +26,7 @@ from conftest import (
     nfdump_reference,
     run_tracepipe,
 )
-
-from tracepipe import probes
+from support import probes
 
 
 def ingest(capture, lake) -> pa.Table:

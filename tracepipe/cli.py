@@ -709,7 +709,11 @@ def _time_or_none(text: str | None) -> Any:
 @app.command("sweep")
 def sweep_command(
     pipeline: Annotated[
-        Path, typer.Argument(help="Pipeline file, e.g. pipelines/nightly.toml.", show_default=False)
+        Path,
+        typer.Argument(
+            help="Pipeline file, e.g. site/nightly.toml (`tracepipe init site` writes the templates).",
+            show_default=False,
+        ),
     ],
     since: SinceOption = None,
     until: UntilOption = None,
@@ -739,7 +743,7 @@ def sweep_command(
     Exit codes: 0 nothing new (also: no flows in the window, said in the summary); 1 new alerts;
     2 bad pipeline file (the message names the key and line); 3 some input rejected and nothing new; 4 failed.
 
-    Example: tracepipe sweep pipelines/nightly.toml --since 2025-06-17T00:00 --until 2025-06-18T00:00 --lake /srv/lake
+    Example: tracepipe sweep site/nightly.toml --since 2025-06-17T00:00 --until 2025-06-18T00:00 --lake /srv/lake
     """
     from tracepipe.engines import parse_conf
     from tracepipe.sweep import run_sweep
@@ -780,15 +784,21 @@ def model_fit_command(
     ],
     until: Annotated[str, typer.Option("--until", help="Baseline end (exclusive).", show_default=False)],
     pipeline: Annotated[
-        Path, typer.Option("--pipeline", help="Pipeline file giving local_networks and the model path.")
-    ] = Path("pipelines/nightly.toml"),
+        Path | None,
+        typer.Option(
+            "--pipeline",
+            help="Pipeline file giving local_networks and the model path (default: the packaged nightly "
+            "template; `tracepipe init` writes editable copies).",
+            show_default=False,
+        ),
+    ] = None,
     lake: LakeOption = Path(DEFAULT_LAKE),
     output_format: FormatOption = OutputFormat.table,
 ) -> None:
     """Fit the IsolationForest on per (host, hour) features of a baseline period and save it in the lake
     (joblib + a JSON sidecar of feature names, scikit-learn version and fit window).
 
-    Example: tracepipe model fit --since 2025-06-01 --until 2025-06-15 --pipeline pipelines/nightly.toml
+    Example: tracepipe model fit --since 2025-06-01 --until 2025-06-15 --pipeline site/nightly.toml
     """
     from tracepipe.detect.model import fit_lake
     from tracepipe.pipeline_config import load_pipeline
@@ -824,8 +834,13 @@ def model_score_command(
     until: Annotated[str, typer.Option("--until", help="End (exclusive).", show_default=False)],
     top: Annotated[int, typer.Option("--top", help="Show the N highest.")] = 20,
     pipeline: Annotated[
-        Path, typer.Option("--pipeline", help="Pipeline file (model path, baseline).")
-    ] = Path("pipelines/nightly.toml"),
+        Path | None,
+        typer.Option(
+            "--pipeline",
+            help="Pipeline file (model path, baseline; default: the packaged nightly template).",
+            show_default=False,
+        ),
+    ] = None,
     lake: LakeOption = Path(DEFAULT_LAKE),
     output_format: FormatOption = OutputFormat.table,
 ) -> None:
@@ -887,7 +902,7 @@ def intel_import_command(
 
     Exit codes: 0 all imported; 3 some lines rejected; 4 nothing usable.
 
-    Example: tracepipe intel import misp-export.csv && tracepipe sweep pipelines/retro-hunt.toml
+    Example: tracepipe intel import misp-export.csv && tracepipe sweep site/retro-hunt.toml
     """
     from tracepipe.errors import EXIT_PARTIAL
     from tracepipe.intel import import_intel
@@ -907,6 +922,33 @@ def intel_import_command(
     raise typer.Exit(code)
 
 
+# ---- commands: init ----------------------------------------------------------------------------------------
+
+
+@app.command("init")
+def init_command(
+    directory: Annotated[Path, typer.Argument(help="Where the pipeline files go (made if missing).")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite pipeline files already there.")] = False,
+    output: FormatOption = OutputFormat.table,
+) -> None:
+    """Write editable copies of the pipeline templates (hourly.toml, nightly.toml, retro-hunt.toml) into
+    DIRECTORY for a site to start from. Files already there are kept unless --force.
+
+    Exit codes: 0 written; 2 a file exists (nothing written) or the directory is not writable.
+
+    Example: tracepipe init /srv/tracepipe/pipelines && tracepipe sweep /srv/tracepipe/pipelines/nightly.toml
+    """
+    from tracepipe.pipeline_config import write_templates
+
+    result = write_templates(directory, force=force)
+    if output == OutputFormat.json:
+        print_json(result.to_dict())
+    else:
+        for path in result.written:
+            out.print(f"wrote {path}", markup=False, soft_wrap=True)
+    raise typer.Exit(result.exit_code)
+
+
 # ---- commands: demo -----------------------------------------------------------------------------------------
 
 
@@ -923,8 +965,8 @@ def demo_command(
 ) -> None:
     """Run the whole pipeline on the bundled incident story and show what it finds.
 
-    Ingests sample_data/story (softflowd NetFlow v9 + IPFIX captures, Nova, Neutron, OpenNebula, syslog, MISP)
-    into a fresh lake, builds the leases, runs pipelines/nightly.toml over the story window, prints each finding
+    Ingests the bundled story (softflowd NetFlow v9 + IPFIX captures, Nova, Neutron, OpenNebula, syslog, MISP)
+    into a fresh lake, builds the leases, runs the nightly pipeline template over the story window, prints each finding
     with its VM, project and owner, the report path and three commands to try next.
 
     Example: tracepipe demo --lake /tmp/demo-lake
@@ -979,7 +1021,7 @@ def _print_demo(result: Any) -> None:
     out.print()
     found = sum(1 for c in result.truth_check if c["found"] and c["attributed"])
     out.print(
-        f"Ground truth (sample_data/story/ground_truth.json): {found}/{len(result.truth_check)} planted "
+        f"Ground truth (the story's ground_truth.json): {found}/{len(result.truth_check)} planted "
         f"incidents found and attributed to the right VM and owner; "
         f"{len(result.false_positives)} ordinary hosts alerted"
         + (f" ({', '.join(result.false_positives)})" if result.false_positives else "")

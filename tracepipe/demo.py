@@ -1,7 +1,7 @@
-"""`tracepipe demo`: the whole pipeline on the bundled incident story (sample_data/story/) in a fresh lake.
+"""`tracepipe demo`: the whole pipeline on the bundled incident story (tracepipe/demo_story/) in a fresh lake.
 
 Ingests the NetFlow export captures, the Nova / Neutron / OpenNebula lifecycle records, the syslog from inside
-two VMs and the MISP indicators; builds the leases; runs pipelines/nightly.toml over the story window; returns
+two VMs and the MISP indicators; builds the leases; runs the nightly pipeline template over the story window; returns
 the findings (each naming VM, project and owner), the report paths, how they compare with the story's ground
 truth, and commands to try next. Each step is run by the library function its own command uses; a step whose
 module is missing or fails is reported and the rest still runs.
@@ -24,11 +24,12 @@ import pyarrow as pa
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, TracepipeError, UsageError
 from tracepipe.lake import Lake
+from tracepipe.pipeline_config import DEFAULT_PIPELINE
 from tracepipe.schema import DATASETS
 
-REPO = Path(__file__).resolve().parents[1]
-STORY_DIR = REPO / "sample_data" / "story"
-PIPELINE = REPO / "pipelines" / "nightly.toml"
+# package data (sample_data/story at the repository root links here; sample_data/make_sample.py rebuilds it)
+STORY_DIR = Path(__file__).resolve().parent / "demo_story"
+PIPELINE = DEFAULT_PIPELINE
 DEFAULT_DEMO_LAKE = Path("demo-lake")
 RECLAIM_INTERVAL = dt.timedelta(
     days=1

@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tracepipe.errors import UsageError
+from tracepipe.errors import EXIT_OK, UsageError
+
+# The pipeline templates ship inside the package (pipelines/ at the repository root links here); a site starts
+# from editable copies (`tracepipe init DIR`). Commands given no pipeline file use the nightly template.
+TEMPLATES_DIR = Path(__file__).resolve().parent / "pipelines"
+DEFAULT_PIPELINE = TEMPLATES_DIR / "nightly.toml"
 
 
 class PipelineError(UsageError):
@@ -326,9 +331,9 @@ def _check_networks(values: list[str], where: str, fail) -> None:
             fail(where, f"{value!r} is not an address or CIDR")
 
 
-def load_pipeline(path: Path | str) -> PipelineConfig:
-    """Read and check a pipeline file."""
-    path = Path(path)
+def load_pipeline(path: Path | str | None = None) -> PipelineConfig:
+    """Read and check a pipeline file; None reads the packaged nightly template (DEFAULT_PIPELINE)."""
+    path = Path(path) if path is not None else DEFAULT_PIPELINE
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -336,3 +341,49 @@ def load_pipeline(path: Path | str) -> PipelineConfig:
             f"cannot read pipeline file {path}: {exc.strerror}. Give the path of a pipelines/*.toml file."
         ) from exc
     return parse_pipeline(text, str(path))
+
+
+# ---- templates ----------------------------------------------------------------------------------------------
+@dataclass
+class InitResult:
+    """What `write_templates` wrote (or refused to overwrite) into a site's pipeline directory."""
+
+    directory: Path
+    written: list[Path]
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "directory": str(self.directory),
+            "written": [str(p) for p in self.written],
+            "exit_code": self.exit_code,
+        }
+
+
+def template_paths() -> list[Path]:
+    """The packaged pipeline templates (hourly, nightly, retro-hunt), sorted by name."""
+    return sorted(TEMPLATES_DIR.glob("*.toml"))
+
+
+def write_templates(directory: Path | str, force: bool = False) -> InitResult:
+    """Copy every pipeline template into `directory` (made if missing) for a site to edit.
+
+    Refuses (UsageError, nothing written) when any of the files exists already, unless `force`."""
+    directory = Path(directory)
+    templates = template_paths()
+    existing = [directory / t.name for t in templates if (directory / t.name).exists()]
+    if existing and not force:
+        raise UsageError(
+            f"{', '.join(str(p) for p in existing)} already exist(s); nothing was written. "
+            "Pass --force to overwrite them with the templates."
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        written = []
+        for template in templates:
+            target = directory / template.name
+            target.write_text(template.read_text(encoding="utf-8"), encoding="utf-8")
+            written.append(target)
+    except OSError as exc:
+        raise UsageError(f"cannot write pipeline templates into {directory}: {exc.strerror}") from exc
+    return InitResult(directory, written)

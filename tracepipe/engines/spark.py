@@ -13,8 +13,9 @@ import datetime as dt
 import functools
 import os
 import re
-import shutil
+import sys
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from tracepipe.engines.dialect import EngineUnsupported, parse_table_macros, to_
 from tracepipe.errors import EnvironmentProblem, UsageError
 from tracepipe.lake import Lake
 from tracepipe.schema import DATASETS
+from tracepipe.tools import find_tool
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; pyspark is optional
     from pyspark.sql import DataFrame, SparkSession
@@ -65,7 +67,7 @@ def check_java() -> str:
     candidate = Path(java_home) / "bin" / "java" if java_home else None
     if candidate is not None and candidate.exists():
         return str(candidate)
-    found = shutil.which("java")
+    found = find_tool("java")
     if found is None:
         raise EnvironmentProblem(
             "the Spark engine needs a Java 17+ runtime and none was found: install one "
@@ -144,6 +146,19 @@ def session_conf(master: str, conf: Mapping[str, str] | None = None) -> dict[str
     return merged
 
 
+def worker_python(master: str, conf: Mapping[str, str] | None = None) -> str | None:
+    """The Python that Spark's workers must start, or None to leave Spark's choice (a cluster's own Python).
+
+    On a local master the workers run on this machine: they get the interpreter tracepipe runs in, so they
+    can import tracepipe whatever PATH holds (Spark's default is `python3` from PATH). The user's choice wins:
+    `--spark-conf spark.pyspark.python=...` or PYSPARK_PYTHON. On a cluster the executors need their own
+    environment (README: "Spark on a cluster")."""
+    chosen = (conf or {}).get("spark.pyspark.python") or os.environ.get("PYSPARK_PYTHON")
+    if chosen:
+        return chosen
+    return sys.executable if _local_cores(master) is not None else None
+
+
 def get_session(
     master: str | None = None, conf: Mapping[str, str] | None = None, app_name: str = "tracepipe"
 ) -> SparkSession:
@@ -153,6 +168,13 @@ def get_session(
     if _local_cores(master) is not None:
         check_java()
     from pyspark.sql import SparkSession
+
+    python = worker_python(master, conf)
+    if python is not None:
+        # pyspark's SparkContext takes its workers' Python from PYSPARK_PYTHON only (the conf key alone is
+        # read by spark-submit), so both are set before the context starts; a running context keeps its own.
+        os.environ["PYSPARK_PYTHON"] = python
+        conf = {**(conf or {}), "spark.pyspark.python": python}
 
     builder = SparkSession.builder.master(master).appName(app_name)
     for key, value in session_conf(master, conf).items():
@@ -165,6 +187,37 @@ def get_session(
     # Settings that a reused session may not have yet (runtime SQL conf can change after start).
     spark.conf.set("spark.sql.session.timeZone", "UTC")
     return spark
+
+
+_MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
+
+
+def missing_on_workers(exc: BaseException) -> EnvironmentProblem | None:
+    """A failure of Spark's Python workers that could not import a module (they run another Python than
+    tracepipe's), as the EnvironmentProblem that names the fix; None for any other failure."""
+    match = _MISSING_MODULE.search(str(exc))
+    if match is None:
+        return None
+    python = os.environ.get("PYSPARK_PYTHON", "python3 from PATH")
+    return EnvironmentProblem(
+        f"Spark's Python workers cannot import {match.group(1)!r}: they run {python}, which lacks "
+        "tracepipe's environment. On a cluster, ship it to the executors (a venv-pack archive with "
+        "--spark-conf spark.archives=tracepipe-env.tar.gz#env and PYSPARK_PYTHON=./env/bin/python, or an "
+        "image with tracepipe installed; see README, 'Spark on a cluster'); locally, unset PYSPARK_PYTHON "
+        "or point it at an interpreter that has tracepipe installed."
+    )
+
+
+@contextmanager
+def worker_errors() -> Iterator[None]:
+    """Runs Spark actions; a worker that lacks tracepipe (or a dependency) becomes an EnvironmentProblem."""
+    try:
+        yield
+    except Exception as exc:
+        problem = missing_on_workers(exc)
+        if problem is None:
+            raise
+        raise problem from exc
 
 
 # ---- reading the lake ----------------------------------------------------------------------------------
@@ -402,7 +455,8 @@ class SparkEngine:
     # -- Engine
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
         """Queries only (SELECT, WITH, DESCRIBE): like `tracepipe sql` on DuckDB, Spark never writes here."""
-        return to_arrow(self.frame(sql, params))
+        with worker_errors():
+            return to_arrow(self.frame(sql, params))
 
     def frame(self, sql: str, params: Mapping[str, Any] | None = None) -> DataFrame:
         """The last statement of `sql` as a Spark DataFrame (for callers that keep working in Spark)."""
@@ -428,7 +482,8 @@ class SparkEngine:
     ) -> pa.Table:
         frame = self.frame(sql, params)
         mapped = frame.mapInArrow(functools.partial(_map_iterator, fn), spark_schema(out_schema))
-        return to_arrow(mapped, out_schema)
+        with worker_errors():
+            return to_arrow(mapped, out_schema)
 
     def close(self) -> None:
         if self._own_session:
@@ -472,4 +527,5 @@ def sweep_candidates(*args: Any, **kwargs: Any) -> Any:
     """The sweep's rule and anomaly candidates on Spark: see tracepipe.engines.spark_sweep.sweep_candidates."""
     from tracepipe.engines.spark_sweep import sweep_candidates as run
 
-    return run(*args, **kwargs)
+    with worker_errors():
+        return run(*args, **kwargs)

@@ -24,6 +24,7 @@ import pyarrow.csv as pacsv
 
 from tracepipe.errors import EnvironmentProblem, InputError
 from tracepipe.schema import FLOWS, TS
+from tracepipe.tools import tool_path
 
 # nfdump 1.7.1 src/lib/output_util.c protoList: what ProtoString() prints for protocol numbers 0..137; any other
 # number is printed as a number. "IDPR" is printed for both 35 and 38; we read it back as 35.
@@ -490,8 +491,6 @@ def read_nfcapd(path: Path | str, timeout: float = 300.0) -> tuple[pa.Table, pa.
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist")
-    from tracepipe.probes import tool_path  # the one place that locates binaries
-
     # -6: full IPv6 addresses (without it fmt: abbreviates them to "2001:db..fff::20")
     cmd = [
         tool_path("nfdump"),

@@ -1,6 +1,6 @@
 """Run the real NetFlow tools on the loopback interface: softflowd, fprobe, nfcapd/nfdump, tcpdump.
 
-Used by the tests, the benchmarks and the sample_data scripts to make *real* export traffic and to read what
+Test scaffolding (not in the package), used by the tests, the benchmarks and the sample_data scripts to make *real* export traffic and to read what
 the reference collector (nfdump 1.7.1) makes of it. Every process gets a timeout and is always stopped in a
 `finally`; nothing here ever talks to an address other than 127.0.0.1 or ::1.
 
@@ -38,26 +38,14 @@ from pathlib import Path
 import pyarrow as pa
 
 from tracepipe.errors import EnvironmentProblem
+from tracepipe.tools import tool_path
 
 LOOPBACK_V4 = "127.0.0.1"
 LOOPBACK_V6 = "::1"
 _LOOPBACKS = (LOOPBACK_V4, LOOPBACK_V6)
-_SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------------
-
-
-def tool_path(name: str) -> str:
-    """Absolute path of a required binary (PATH, then the sbin directories a non-root PATH lacks)."""
-    found = shutil.which(name)
-    if found:
-        return found
-    for directory in _SBIN:
-        candidate = Path(directory) / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    raise EnvironmentProblem(f"{name} is not installed; run `bash .ci/install` (apt-get install {name}).")
 
 
 def _check_loopback(host: str) -> str:

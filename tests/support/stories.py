@@ -1,11 +1,18 @@
-"""A deterministic (seeded) story of a small research cloud: tens of VMs doing ordinary work plus planted
-incidents (SSH brute force, horizontal scan, beaconing, exfiltration, a crypto miner).
+"""Seeded stories of a small research cloud, for the tests, the benchmarks and sample_data/make_sample.py (test
+scaffolding: not in the package). Same seed, same bytes. Both stories plan conversations column-wise with numpy
+(one batch per activity), flag them with the same TCP flag constants and export both directions the way
+softflowd does; they differ in how far they go:
 
-In: a seed and a window. Out: a `Story` (VMs, planned connections as numpy columns, ground truth as a JSON-able
-dict), a packet capture of it written with numpy (headers only, snap-length truncated, so a 1 GB transfer costs a
-few thousand records), and the matching cloud records in the real formats (Nova notifications, Neutron floating
-IP events, an OpenNebula VM log and XML, rsyslog files from inside two VMs, a MISP CSV). The real softflowd turns
-the capture into NetFlow v9 / IPFIX (`export_netflow`). Same seed, same bytes.
+- `build_story`: a few hours, tens of VMs doing ordinary work plus planted incidents (SSH brute force,
+  horizontal scan, beaconing, exfiltration, a crypto miner) -> a `CloudStory` (VMs, planned connections,
+  ground truth), a packet capture of it written with numpy (headers only, snap-length truncated, so a 1 GB
+  transfer costs a few thousand records) that the real softflowd turns into NetFlow v9 / IPFIX
+  (`export_netflow`), and the matching cloud records in the real formats (Nova notifications, Neutron floating
+  IP events, an OpenNebula VM log and XML, rsyslog files from inside two VMs, a MISP CSV). This is the story
+  behind sample_data/story (the demo).
+- `generate`: days of flow records for tens of hosts, straight into schema.FLOWS (no packets: large enough for
+  the detectors' baselines and for benchmarks at tens of millions of flows), one planted incident per detector
+  on the last day -> a `FlowStory` with its leases; `story_lake` writes it into a real lake.
 """
 
 from __future__ import annotations
@@ -25,8 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from tracepipe.errors import EnvironmentProblem
+from tracepipe.lake import Lake
+from tracepipe.schema import FLOWS, VM_LEASES
+from tracepipe.tools import tool_path
 
 UTC = dt.UTC
 STORY_START = dt.datetime(2025, 6, 17, 6, 0, tzinfo=UTC)
@@ -54,6 +65,10 @@ BRUTE_VICTIMS_INTERNAL = ("10.20.1.13", "10.20.1.15")
 FLOATING_IP, FLOATING_FIXED = "198.51.100.20", "10.20.1.10"
 ONE_PREFIX = "10.40."  # the OpenNebula site: its own probe
 
+# TCP flags (RFC 9293), as packets carry them and flow records OR them
+FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+DONE = SYN | ACK | FIN | PSH  # a whole conversation's flags, one direction
+
 # connection kinds
 TCP_FULL, TCP_SYN_ONLY, TCP_SYN_RST, UDP = 0, 1, 2, 3
 MAX_IP_LEN = 65000  # GRO/TSO-sized segments as a host-side capture sees them
@@ -75,7 +90,7 @@ class VM:
 
 
 @dataclass
-class Story:
+class CloudStory:
     seed: int
     start: dt.datetime
     end: dt.datetime
@@ -90,6 +105,14 @@ class Story:
 
 def _uuid(rng: np.random.Generator) -> str:
     return str(uuid.UUID(bytes=rng.bytes(16), version=4))
+
+
+def _column(value, n: int, dtype=None) -> np.ndarray:
+    """One column of a batch of n: a scalar (or a one-element array) repeated n times, an array as it is."""
+    arr = np.asarray(value)
+    if arr.ndim == 0 or (len(arr) == 1 and n != 1):
+        arr = np.repeat(arr.reshape(-1), n)
+    return arr if dtype is None else arr.astype(dtype)
 
 
 class _Conns:
@@ -122,10 +145,7 @@ class _Conns:
             by_r=by_r,
         )
         for col, value in values.items():
-            arr = np.asarray(value)
-            if arr.ndim == 0:
-                arr = np.repeat(arr, n)
-            self.parts[col].append(arr)
+            self.parts[col].append(_column(value, n))
 
     def build(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         out = {c: np.concatenate(self.parts[c]) for c in self.cols}
@@ -160,7 +180,7 @@ def _ts(start: dt.datetime) -> float:
     return start.timestamp()
 
 
-def _poisson_times(rng: np.random.Generator, t0: float, t1: float, mean_gap: float) -> np.ndarray:
+def _arrivals(rng: np.random.Generator, t0: float, t1: float, mean_gap: float) -> np.ndarray:
     n = int((t1 - t0) / mean_gap * 1.5) + 5
     times = t0 + np.cumsum(rng.exponential(mean_gap, n))
     return times[times < t1]
@@ -235,7 +255,7 @@ def _make_vms(rng: np.random.Generator, n_ordinary: int) -> list[VM]:
 
 def build_story(
     seed: int = 7, start: dt.datetime = STORY_START, hours: float = STORY_HOURS, n_ordinary: int = 30
-) -> Story:
+) -> CloudStory:
     """Plan every connection of the story. Pure: same arguments, same story.
 
     `n_ordinary` + 5 OpenStack VMs on 10.20.1.10 and up (at least 22: the culprits and the two brute-force
@@ -250,7 +270,7 @@ def build_story(
 
     for vm in vms:
         # every VM, culprits included, does ordinary work too
-        dns = _poisson_times(rng, t_start, t_end, 150.0)
+        dns = _arrivals(rng, t_start, t_end, 150.0)
         c.add(
             dns,
             rng.uniform(0.001, 0.02, len(dns)),
@@ -264,7 +284,7 @@ def build_story(
             rng.integers(40, 70, len(dns)),
             rng.integers(80, 250, len(dns)),
         )
-        web = _poisson_times(rng, t_start, t_end, 420.0)
+        web = _arrivals(rng, t_start, t_end, 420.0)
         sites = np.array(WEB_SITES_V4, dtype=object)[rng.integers(0, len(WEB_SITES_V4), len(web))]
         c.add(
             web,
@@ -280,7 +300,7 @@ def build_story(
             rng.integers(5_000, 2_000_000, len(web)),
         )
         if vm.addr6:
-            web6 = _poisson_times(rng, t_start, t_end, 900.0)
+            web6 = _arrivals(rng, t_start, t_end, 900.0)
             sites6 = np.array(WEB_SITES_V6, dtype=object)[rng.integers(0, len(WEB_SITES_V6), len(web6))]
             c.add(
                 web6,
@@ -297,7 +317,7 @@ def build_story(
             )
         ntp = np.arange(t_start + rng.uniform(0, 1024), t_end, 1024.0)
         c.add(ntp, 0.002, vm.addr, NTP_SERVER, 123, 17, UDP, 1, 1, 76, 76, sport=123)
-        logins = _poisson_times(rng, t_start, t_end, 5400.0)
+        logins = _arrivals(rng, t_start, t_end, 5400.0)
         c.add(
             logins,
             rng.uniform(60, 1500, len(logins)),
@@ -312,7 +332,7 @@ def build_story(
             rng.integers(10_000, 400_000, len(logins)),
         )
         if vm.role in ("dataproc", "jupyter", "db"):
-            bulk = _poisson_times(rng, t_start, t_end, 3000.0)
+            bulk = _arrivals(rng, t_start, t_end, 3000.0)
             c.add(
                 bulk,
                 rng.uniform(20, 120, len(bulk)),
@@ -328,7 +348,7 @@ def build_story(
             )
         if vm.addr == FLOATING_FIXED:
             # inbound HTTPS to the floating IP (the probe sits outside the NAT)
-            hits = _poisson_times(rng, t_start, t_end, 40.0)
+            hits = _arrivals(rng, t_start, t_end, 40.0)
             clients = np.array(HTTP_CLIENTS, dtype=object)[rng.integers(0, len(HTTP_CLIENTS), len(hits))]
             c.add(
                 hits,
@@ -513,7 +533,7 @@ def build_story(
             hypervisor=vm.hypervisor,
         )
     conns = c.build(rng)
-    story = Story(seed, start, dt.datetime.fromtimestamp(t_end, UTC), vms, conns)
+    story = CloudStory(seed, start, dt.datetime.fromtimestamp(t_end, UTC), vms, conns)
     story.truth = {
         "seed": seed,
         "window": {"start": iso(t_start), "end": iso(t_end)},
@@ -605,11 +625,11 @@ def _expand_packets(conns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     first, last = k == 0, k == n - 1
     flags = np.where(
         rev,
-        np.where(first, 0x12, np.where(last, 0x11, 0x10)),
-        np.where(first, 0x02, np.where(last, 0x11, 0x18)),
+        np.where(first, SYN | ACK, np.where(last, FIN | ACK, ACK)),
+        np.where(first, SYN, np.where(last, FIN | ACK, PSH | ACK)),
     )
-    flags = np.where(kind == TCP_SYN_ONLY, 0x02, flags)
-    flags = np.where(kind == TCP_SYN_RST, np.where(rev, 0x14, 0x02), flags)
+    flags = np.where(kind == TCP_SYN_ONLY, SYN, flags)
+    flags = np.where(kind == TCP_SYN_RST, np.where(rev, RST | ACK, SYN), flags)
     flags = np.where(kind == UDP, 0, flags)
     total = np.where(rev, conns["by_r"][conn], conns["by_f"][conn])
     # TCP: payload only in the middle packets (SYN/SYN-ACK/FIN carry none); UDP: all packets carry it
@@ -638,7 +658,7 @@ def _ip4_checksum(rec: np.ndarray) -> np.ndarray:
     return (~total & 0xFFFF).astype(np.uint16)
 
 
-def probe_conns(story: Story, probe: str) -> np.ndarray:
+def probe_conns(story: CloudStory, probe: str) -> np.ndarray:
     """Which connections a probe sees: "openstack" (everything but the OpenNebula site's 10.40.0.0/16, exported
     as NetFlow v9), "opennebula" (that site's own probe, exported as IPFIX) or "all"."""
     src, dst = story.conns["src"].astype(str), story.conns["dst"].astype(str)
@@ -646,7 +666,7 @@ def probe_conns(story: Story, probe: str) -> np.ndarray:
     return {"openstack": ~one, "opennebula": one, "all": np.ones(len(one), bool)}[probe]
 
 
-def packet_bytes(story: Story, probe: str = "all") -> bytes:
+def packet_bytes(story: CloudStory, probe: str = "all") -> bytes:
     """The capture a probe sees (pcap, microsecond, Ethernet), packets in time order, headers only
     (snap-truncated)."""
     keep = probe_conns(story, probe)
@@ -722,7 +742,7 @@ def packet_bytes(story: Story, probe: str = "all") -> bytes:
     return header.tobytes() + out.tobytes()
 
 
-def write_traffic_pcap(story: Story, path: Path, probe: str = "all") -> Path:
+def write_traffic_pcap(story: CloudStory, path: Path, probe: str = "all") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(packet_bytes(story, probe))
@@ -739,14 +759,14 @@ def export_netflow(traffic_pcap: Path, version: int, out_pcap: Path) -> Path:
     softflowd -r sends its whole export in one burst: tcpdump needs a large kernel buffer (-B) or it drops most
     of it ("packets dropped by kernel"), so tcpdump is started here rather than through probes.capture_udp.
     """
-    from tracepipe import probes
+    from support import probes
 
     out_pcap = Path(out_pcap)
     out_pcap.unlink(missing_ok=True)
     out_pcap.parent.mkdir(parents=True, exist_ok=True)
     port = probes.free_udp_port()
     log = out_pcap.with_name(out_pcap.name + ".tcpdump.log")
-    cmd = [probes.tool_path("tcpdump"), "-i", "lo", "-U", "-n", "-B", "65536", "-w", str(out_pcap)]
+    cmd = [tool_path("tcpdump"), "-i", "lo", "-U", "-n", "-B", "65536", "-w", str(out_pcap)]
     if os.geteuid() == 0:
         cmd += ["-Z", "root"]
     cmd.append(f"udp and dst host 127.0.0.1 and dst port {port}")
@@ -789,7 +809,7 @@ def _det_uuid(*parts: object) -> str:
     return str(uuid.UUID(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:32], version=4))
 
 
-def nova_notifications(story: Story, templates: Path) -> list[str]:
+def nova_notifications(story: CloudStory, templates: Path) -> list[str]:
     """Nova versioned notifications (oslo envelope, one JSON per line) for every OpenStack VM of the story,
     built from Nova's own samples with ids, names, hosts, owners, addresses and times changed."""
     samples = {p.stem: json.loads(p.read_text()) for p in Path(templates).glob("instance-*.json")}
@@ -902,7 +922,7 @@ def nova_notifications(story: Story, templates: Path) -> list[str]:
     return lines
 
 
-def neutron_notifications(story: Story, templates: Path) -> list[str]:
+def neutron_notifications(story: CloudStory, templates: Path) -> list[str]:
     """Neutron floating IP events (one JSON per line): web-01's floating IP associated before the window."""
     sample = json.loads((Path(templates) / "floatingip.update.end_associate.json").read_text())
     vm = next(v for v in story.vms if v.addr == FLOATING_FIXED)
@@ -929,7 +949,7 @@ def neutron_notifications(story: Story, templates: Path) -> list[str]:
     return [json.dumps(msg)]
 
 
-def opennebula_records(story: Story) -> dict[str, str]:
+def opennebula_records(story: CloudStory) -> dict[str, str]:
     """The OpenNebula VM's log (/var/log/one/42.log) and its XML (`onevm show -x 42`)."""
     vm = next(v for v in story.vms if v.cloud == "opennebula")
     t = story.start - dt.timedelta(hours=1)
@@ -993,7 +1013,7 @@ def _rfc3164(t: dt.datetime) -> str:
     return f"{t:%b} {t.day:2d} {t:%H:%M:%S}"  # RFC 3164 §4.1.2: day space-padded, no year
 
 
-def syslog_files(story: Story) -> dict[str, str]:
+def syslog_files(story: CloudStory) -> dict[str, str]:
     """rsyslog files (RFC 3164 traditional format) from inside the two brute-forced VMs: one sshd line per try."""
     rng = np.random.default_rng(story.seed + 1)
     users = ["root", "admin", "ubuntu", "test", "oracle", "postgres", "git", "user"]
@@ -1045,7 +1065,7 @@ def syslog_files(story: Story) -> dict[str, str]:
     return files
 
 
-def misp_csv(story: Story) -> str:
+def misp_csv(story: CloudStory) -> str:
     """A MISP attribute CSV export (the columns MISP's CSV export writes) with the beacon's C2 address."""
     header = (
         "uuid,event_id,category,type,value,comment,to_ids,date,object_relation,attribute_tag,object_uuid,"
@@ -1086,3 +1106,521 @@ def misp_csv(story: Story) -> str:
             )
         )
     return "\n".join(out) + "\n"
+
+
+# ---- the flow story: days of flow records, one planted incident per detector ---------------------------------
+LOCAL_NETWORKS = ["10.10.0.0/16", "2001:db8:10::/48"]
+# infrastructure of the flow story (its own /16: the two stories never share addresses)
+FLOW_RESOLVER, FLOW_METRICS, FLOW_BASTION, FLOW_STORAGE = "10.10.0.2", "10.10.0.5", "10.10.0.9", "10.10.0.20"
+HOUR = 3_600_000_000  # microseconds
+
+
+@dataclass
+class Planted:
+    detector: str
+    addr: str
+    vm_id: str
+    vm_name: str
+    peer: str | None = None
+
+
+@dataclass
+class FlowStory:
+    flows: pa.Table
+    leases: pa.Table
+    planted: list[Planted]
+    hosts: list[str]  # every VM address (ordinary and planted)
+    start: dt.datetime
+    days: int
+    intel_lines: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def last_day(self) -> tuple[dt.datetime, dt.datetime]:
+        day = self.start + dt.timedelta(days=self.days - 1)
+        return day, day + dt.timedelta(days=1)
+
+    def ordinary(self) -> set[str]:
+        return set(self.hosts) - {p.addr for p in self.planted}
+
+
+class _Flows:
+    """Column buffers; `session` adds a request and (optionally) its response, vectorised over n flows."""
+
+    def __init__(self, addr_pool: list[str]) -> None:
+        self.pool = list(dict.fromkeys(addr_pool))
+        self.index = {a: i for i, a in enumerate(self.pool)}
+        self.cols: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("ts", "dur", "src", "dst", "sport", "dport", "proto", "packets", "bytes", "flags")
+        }
+
+    def idx(self, addrs) -> np.ndarray:
+        if isinstance(addrs, str):
+            addrs = [addrs]
+        out = []
+        for a in addrs:
+            if a not in self.index:
+                self.index[a] = len(self.pool)
+                self.pool.append(a)
+            out.append(self.index[a])
+        return np.asarray(out, dtype=np.int32)
+
+    def add(self, ts, dur, src, dst, sport, dport, proto, packets, nbytes, flags) -> None:
+        n = len(ts)
+        if n == 0:
+            return
+
+        self.cols["ts"].append(np.asarray(ts, dtype=np.int64))
+        self.cols["dur"].append(_column(dur, n, np.int64))
+        self.cols["src"].append(_column(src, n, np.int32))
+        self.cols["dst"].append(_column(dst, n, np.int32))
+        self.cols["sport"].append(_column(sport, n, np.int32))
+        self.cols["dport"].append(_column(dport, n, np.int32))
+        self.cols["proto"].append(_column(proto, n, np.int16))
+        self.cols["packets"].append(np.maximum(_column(packets, n, np.int64), 1))
+        self.cols["bytes"].append(np.maximum(_column(nbytes, n, np.int64), 40))
+        self.cols["flags"].append(_column(flags, n, np.int16))
+
+    def session(
+        self,
+        rng,
+        ts,
+        dur,
+        src,
+        dst,
+        dport,
+        proto,
+        req_bytes,
+        resp_bytes,
+        flags=DONE,
+        resp_flags=None,
+        answered=None,
+    ) -> None:
+        n = len(ts)
+        sport = rng.integers(32768, 60999, n)
+        req_packets = np.maximum(np.asarray(req_bytes) // 500, 1)
+        self.add(ts, dur, src, dst, sport, dport, proto, req_packets, req_bytes, flags if proto == 6 else 0)
+        keep = np.ones(n, bool) if answered is None else answered
+        if keep.any():
+            rb = np.broadcast_to(np.asarray(resp_bytes), (n,))[keep]
+            self.add(
+                np.asarray(ts)[keep] + 500,
+                np.broadcast_to(np.asarray(dur), (n,))[keep],
+                np.broadcast_to(np.asarray(dst), (n,))[keep],
+                np.broadcast_to(np.asarray(src), (n,))[keep],
+                np.broadcast_to(np.asarray(dport), (n,))[keep],
+                sport[keep],
+                proto,
+                np.maximum(rb // 1200, 1),
+                rb,
+                (resp_flags if resp_flags is not None else flags) if proto == 6 else 0,
+            )
+
+    def table(self, exporter: str = "10.10.0.1") -> pa.Table:
+        c = {k: np.concatenate(v) for k, v in self.cols.items()}
+        order = np.argsort(c["ts"], kind="stable")
+        c = {k: v[order] for k, v in c.items()}
+        pool = pa.array(self.pool, pa.string())
+        src = pa.DictionaryArray.from_arrays(pa.array(c["src"]), pool).cast(pa.string())
+        dst = pa.DictionaryArray.from_arrays(pa.array(c["dst"]), pool).cast(pa.string())
+        is_v6 = np.array([":" in a for a in self.pool])[c["src"]]
+        n = len(order)
+        ts = pa.array(c["ts"], pa.timestamp("us", tz="UTC"))
+        return pa.table(
+            {
+                "ts_start": ts,
+                "ts_end": pa.array(c["ts"] + c["dur"], pa.timestamp("us", tz="UTC")),
+                "src_addr": src,
+                "dst_addr": dst,
+                "src_port": c["sport"],
+                "dst_port": c["dport"],
+                "proto": c["proto"],
+                "packets": c["packets"],
+                "bytes": c["bytes"],
+                "tcp_flags": c["flags"],
+                "ip_version": np.where(is_v6, 6, 4).astype(np.int8),
+                "exporter": pa.array([exporter] * n, pa.string())
+                if n < 2_000_000
+                else pa.DictionaryArray.from_arrays(
+                    pa.array(np.zeros(n, np.int32)), pa.array([exporter])
+                ).cast(pa.string()),
+                "input_if": np.zeros(n, np.int32),
+                "output_if": np.zeros(n, np.int32),
+                "sampling_interval": np.ones(n, np.int32),
+                "source": pa.DictionaryArray.from_arrays(
+                    pa.array(np.zeros(n, np.int32)), pa.array(["flowgen"])
+                ).cast(pa.string()),
+            },
+            schema=pa.schema([f for f in FLOWS if f.name not in ("src_vm", "dst_vm")]),
+        )
+
+
+def _ext_pool(rng, n: int, first: tuple[int, ...]) -> list[str]:
+    a = rng.choice(first, n)
+    return [
+        f"{x}.{y}.{z}.{w}"
+        for x, y, z, w in zip(
+            a, rng.integers(0, 256, n), rng.integers(0, 256, n), rng.integers(1, 255, n), strict=True
+        )
+    ]
+
+
+def _hourly_arrivals(
+    rng, n_hosts: int, hours: int, t0: int, rate_day: float, rate_night: float, hour_of_day0: int = 0
+):
+    """Per (host, hour) Poisson counts with a day/night rhythm -> (host index, ts in us) arrays."""
+    hod = (np.arange(hours) + hour_of_day0) % 24
+    rate = np.where((hod >= 7) & (hod < 20), rate_day, rate_night)
+    counts = rng.poisson(np.broadcast_to(rate, (n_hosts, hours)))
+    host = np.repeat(np.repeat(np.arange(n_hosts), hours), counts.ravel())
+    hour = np.repeat(np.tile(np.arange(hours), n_hosts), counts.ravel())
+    ts = t0 + hour.astype(np.int64) * HOUR + rng.integers(0, HOUR, len(host))
+    return host, ts
+
+
+def generate(
+    seed: int = 1,
+    n_hosts: int = 40,
+    days: int = 3,
+    start: dt.datetime | None = None,
+    rate: float = 1.0,
+    planted: bool = True,
+    v6_hosts: int = 4,
+) -> FlowStory:
+    """A story of `days` days for `n_hosts` VMs; incidents planted on the last day (if `planted`).
+    `rate` scales every ordinary host's activity (benchmarks use it to reach tens of millions of flows)."""
+    rng = np.random.default_rng(seed)
+    start = start or dt.datetime(2026, 3, 9, tzinfo=dt.UTC)
+    t0 = int(start.timestamp() * 1_000_000)
+    hours = 24 * days
+    hosts = [f"10.10.{1 + i // 200}.{10 + i % 200}" for i in range(n_hosts - v6_hosts)]
+    hosts += [f"2001:db8:10::{0x100 + i:x}" for i in range(v6_hosts)]
+    web = _ext_pool(rng, 400, (93, 104, 151, 172, 185))
+    tail = _ext_pool(rng, 5000, (23, 34, 52, 99, 142))
+    ntp = ["129.6.15.28", "132.163.97.1", "162.159.200.123"]
+    forge = "140.82.121.3"
+    partner = "192.0.2.50"
+    f = _Flows([FLOW_RESOLVER, FLOW_METRICS, FLOW_BASTION, FLOW_STORAGE, *hosts, *web, *ntp, forge, partner])
+    H = f.idx(hosts)
+    web_i, tail_i = f.idx(web), f.idx(tail)
+    favourites = rng.integers(0, len(web), (n_hosts, 15))
+
+    # DNS to the local resolver
+    h, ts = _hourly_arrivals(rng, n_hosts, hours, t0, 30 * rate, 8 * rate)
+    f.session(
+        rng,
+        ts,
+        2000,
+        H[h],
+        f.idx(FLOW_RESOLVER),
+        53,
+        17,
+        rng.integers(60, 90, len(h)),
+        rng.integers(90, 400, len(h)),
+    )
+    # web: mostly the host's favourite sites, sometimes the long tail; a few attempts go unanswered
+    h, ts = _hourly_arrivals(rng, n_hosts, hours, t0, 15 * rate, 3 * rate)
+    n = len(h)
+    dst = np.where(
+        rng.random(n) < 0.85,
+        web_i[favourites[h, rng.integers(0, 15, n)]],
+        tail_i[rng.integers(0, len(tail_i), n)],
+    )
+    answered = rng.random(n) > 0.02
+    f.session(
+        rng,
+        ts,
+        rng.integers(100_000, 30_000_000, n),
+        H[h],
+        dst,
+        np.where(rng.random(n) < 0.9, 443, 80),
+        6,
+        rng.integers(500, 5000, n),
+        np.exp(rng.normal(11, 1.5, n)).astype(np.int64),
+        flags=np.where(answered, DONE, SYN),
+        resp_flags=DONE | 0,
+        answered=answered,
+    )
+    # NTP every 1024 s, metrics push every 300 s (both periodic, both expected)
+    for period, dst_addr, port, proto, size in (
+        (1024, ntp, 123, 17, 76),
+        (300, [FLOW_METRICS], 2003, 6, 900),
+    ):
+        steps = np.arange(0, hours * 3600 // period)
+        phase = rng.integers(0, period, n_hosts)
+        hh = np.repeat(np.arange(n_hosts), len(steps))
+        ts = t0 + (np.tile(steps, n_hosts) * period + phase[hh]).astype(np.int64) * 1_000_000
+        ts += rng.integers(0, 200_000, len(ts))
+        d = f.idx(dst_addr)[rng.integers(0, len(dst_addr), len(ts))]
+        f.session(rng, ts, 50_000, H[hh], d, port, proto, size + rng.integers(-20, 20, len(ts)), size // 2)
+    # SSH: inbound from the bastion to a fifth of the hosts, outbound to a forge from a tenth
+    admin = np.flatnonzero(rng.random(n_hosts) < 0.2)
+    h, ts = _hourly_arrivals(rng, len(admin), hours, t0, 0.4 * rate, 0.05 * rate)
+    f.session(
+        rng,
+        ts,
+        rng.integers(10_000_000, 900_000_000, len(h)),
+        f.idx(FLOW_BASTION),
+        H[admin[h]],
+        22,
+        6,
+        rng.integers(5_000, 200_000, len(h)),
+        rng.integers(5_000, 2_000_000, len(h)),
+    )
+    devs = np.flatnonzero(rng.random(n_hosts) < 0.1)
+    h, ts = _hourly_arrivals(rng, len(devs), hours, t0, 0.8 * rate, 0.1 * rate)
+    f.session(
+        rng,
+        ts,
+        rng.integers(1_000_000, 20_000_000, len(h)),
+        H[devs[h]],
+        f.idx(forge),
+        22,
+        6,
+        rng.integers(3_000, 50_000, len(h)),
+        rng.integers(10_000, 5_000_000, len(h)),
+    )
+    # data movers: big transfers every day, to the partner site or local storage
+    movers = np.flatnonzero(rng.random(n_hosts) < 0.1)
+    h, ts = _hourly_arrivals(rng, len(movers), hours, t0, 0.5, 0.5)
+    n = len(h)
+    f.session(
+        rng,
+        ts,
+        rng.integers(60_000_000, 1_800_000_000, n),
+        H[movers[h]],
+        np.where(rng.random(n) < 0.5, f.idx(partner)[0], f.idx(FLOW_STORAGE)[0]),
+        443,
+        6,
+        rng.integers(2 * 10**8, 3 * 10**9, n),
+        rng.integers(10**5, 10**6, n),
+    )
+
+    lease_rows = _leases(hosts, start, days)
+    story = FlowStory(f.table(), pa.Table.from_pylist([], schema=VM_LEASES), [], hosts, start, days, "")
+    if planted:
+        _plant(rng, f, story, hosts, movers, devs, admin, t0 + (days - 1) * 24 * HOUR, lease_rows)
+        story.flows = f.table()
+    story.leases = pa.Table.from_pylist(lease_rows, schema=VM_LEASES)
+    return story
+
+
+def _leases(hosts: list[str], start: dt.datetime, days: int) -> list[dict]:
+    rows = []
+    for i, addr in enumerate(hosts):
+        rows.append(
+            {
+                "addr": addr,
+                "vm_id": f"vm-{i:04d}",
+                "vm_name": f"node-{i:03d}",
+                "project": f"proj-{i % 7}",
+                "user": f"user{i % 13}",
+                "hypervisor": f"hv-{i % 5:02d}",
+                "cloud": "openstack",
+                "addr_kind": "fixed",
+                "valid_from": start - dt.timedelta(days=2),
+                "valid_to": None,
+                "end_reason": None,
+                "vm_status": "active",
+                "quarantine_until": None,
+            }
+        )
+    return rows
+
+
+def _plant(
+    rng, f: _Flows, story: FlowStory, hosts: list[str], movers, devs, admin, day0: int, leases: list[dict]
+) -> None:
+    """One incident per detector kind, each on a host that is otherwise ordinary."""
+    busy = set(movers.tolist()) | set(devs.tolist()) | set(admin.tolist())
+    v4 = [i for i, a in enumerate(hosts) if ":" not in a and i not in busy]
+    v6 = [i for i, a in enumerate(hosts) if ":" in a and i not in busy]
+    pick = iter(rng.permutation(v4).tolist())
+    planted = story.planted
+
+    def host(detector: str, peer: str | None = None, index: int | None = None) -> int:
+        i = next(pick) if index is None else index
+        planted.append(Planted(detector, hosts[i], f"vm-{i:04d}", f"node-{i:03d}", peer))
+        return i
+
+    S = lambda x: int(x * 1_000_000)  # noqa: E731 - seconds -> us
+    # horizontal scan: 1,500 addresses on port 22 in 15 minutes, 96% unanswered
+    i = host("horizontal_scan")
+    n = 1500
+    targets = _ext_pool(rng, n, (45, 78, 201))
+    ts = day0 + 3 * HOUR + rng.integers(0, S(900), n)
+    answered = rng.random(n) < 0.04
+    f.session(
+        rng,
+        ts,
+        1_000,
+        f.idx(hosts[i]),
+        f.idx(targets),
+        22,
+        6,
+        60,
+        60,
+        flags=np.where(answered, SYN | ACK | RST, SYN),
+        resp_flags=SYN | ACK,
+        answered=answered,
+    )
+    # vertical scan: ports 1..1200 of one external host, most closed (RST|ACK back)
+    victim = "203.0.113.77"
+    i = host("vertical_scan", victim)
+    ports = np.arange(1, 1201)
+    ts = day0 + 9 * HOUR + np.sort(rng.integers(0, S(300), len(ports)))
+    sport = np.full(len(ports), 40000)
+    f.add(ts, 1_000, f.idx(hosts[i]), f.idx(victim), sport, ports, 6, 1, 60, SYN)
+    f.add(ts + 300, 0, f.idx(victim), f.idx(hosts[i]), ports, sport, 6, 1, 54, RST | ACK)
+    # SSH brute force, outbound: 400 short logins in an hour
+    bf_peer = "198.51.100.23"
+    i = host("brute_force", bf_peer)
+    ts = day0 + 13 * HOUR + np.sort(rng.integers(0, HOUR, 400))
+    f.session(
+        rng,
+        ts,
+        rng.integers(1_500_000, 4_000_000, 400),
+        f.idx(hosts[i]),
+        f.idx(bf_peer),
+        22,
+        6,
+        rng.integers(2_500, 4_000, 400),
+        rng.integers(3_000, 5_000, 400),
+    )
+    # RDP brute force, inbound from the internet
+    rdp_peer = "203.0.113.200"
+    i = host("brute_force", rdp_peer)
+    ts = day0 + 20 * HOUR + np.sort(rng.integers(0, HOUR, 300))
+    f.session(
+        rng,
+        ts,
+        rng.integers(500_000, 2_000_000, 300),
+        f.idx(rdp_peer),
+        f.idx(hosts[i]),
+        3389,
+        6,
+        rng.integers(1_500, 3_000, 300),
+        rng.integers(2_000, 6_000, 300),
+    )
+    # beacon: every 300 s (+-3 s) all day to one address, ~1.2 kB each
+    c2 = "45.77.12.34"
+    i = host("beacon", c2)
+    steps = np.arange(24 * 12)
+    ts = day0 + rng.integers(0, S(300)) + steps * S(300) + rng.integers(-S(3), S(3), len(steps))
+    f.session(
+        rng,
+        ts,
+        400_000,
+        f.idx(hosts[i]),
+        f.idx(c2),
+        443,
+        6,
+        1200 + rng.integers(-20, 20, len(steps)),
+        400 + rng.integers(-10, 10, len(steps)),
+    )
+    # exfiltration: 6 GB in one hour to one address, then the VM is deleted (image in quarantine)
+    drop = "185.220.101.5"
+    i = host("exfiltration", drop)
+    ts = day0 + 14 * HOUR + np.array([S(60), S(1300), S(2500)])
+    f.session(rng, ts, S(1000), f.idx(hosts[i]), f.idx(drop), 443, 6, np.array([2, 2, 2]) * 10**9, 50_000)
+    leases[i]["valid_to"] = dt.datetime.fromtimestamp((day0 + 20 * HOUR) / 1e6, dt.UTC)
+    leases[i]["end_reason"] = "soft_delete"
+    leases[i]["vm_status"] = "soft_deleted"
+    leases[i]["quarantine_until"] = leases[i]["valid_to"] + dt.timedelta(days=7)
+    story.extra["deleted_vm"] = f"vm-{i:04d}"
+    # long-lived connection: one TCP connection for 10 h, exported every 30 min (active timeout)
+    tunnel = "91.198.174.192"
+    i = host("long_connection", tunnel)
+    k = 20
+    ts = day0 + 1 * HOUR + np.arange(k) * S(1800)
+    sport = int(rng.integers(32768, 60999))
+    f.add(
+        ts,
+        S(1799),
+        f.idx(hosts[i]),
+        f.idx(tunnel),
+        sport,
+        8443,
+        6,
+        rng.integers(100, 2000, k),
+        rng.integers(20_000, 900_000, k),
+        np.where(np.arange(k) == 0, SYN | ACK | PSH, ACK | PSH),
+    )
+    f.add(
+        ts + 100,
+        S(1799),
+        f.idx(tunnel),
+        f.idx(hosts[i]),
+        8443,
+        sport,
+        6,
+        rng.integers(100, 2000, k),
+        rng.integers(20_000, 900_000, k),
+        ACK | PSH,
+    )
+    # mining: Stratum to a pool on 3333 for 6 h, many small packets
+    pool = "162.19.139.184"
+    i = host("mining", pool)
+    k = 12
+    ts = day0 + 15 * HOUR + np.arange(k) * S(1800)
+    sport = int(rng.integers(32768, 60999))
+    packets = rng.integers(200, 260, k)
+    f.add(
+        ts,
+        S(1799),
+        f.idx(hosts[i]),
+        f.idx(pool),
+        sport,
+        3333,
+        6,
+        packets,
+        packets * 110,
+        np.where(np.arange(k) == 0, SYN | ACK | PSH, ACK | PSH),
+    )
+    f.add(ts + 100, S(1799), f.idx(pool), f.idx(hosts[i]), 3333, sport, 6, packets, packets * 180, ACK | PSH)
+    # intel: a v4 host talks to an address inside a listed CIDR; a v6 host to a listed v6 address
+    bad4, bad6 = "198.18.7.7", "2001:db8:bad::66"
+    i = host("intel", bad4)
+    ts = day0 + 6 * HOUR + np.sort(rng.integers(0, HOUR, 5))
+    f.session(rng, ts, 2_000_000, f.idx(hosts[i]), f.idx(bad4), 443, 6, 3000, 40_000)
+    if v6:
+        i = host("intel", bad6, index=v6[0])
+        ts = day0 + 7 * HOUR + np.sort(rng.integers(0, HOUR, 3))
+        f.session(rng, ts, 2_000_000, f.idx(hosts[i]), f.idx(bad6), 443, 6, 2000, 30_000)
+    story.intel_lines = "# test indicators\n198.18.7.0/24\n2001:db8:bad::66\n203.0.113.250\n"
+    # odd behaviour no rule names: at 02:00, 60 never-seen addresses on unusual ports, all answered
+    i = next(pick)
+    story.extra["anomaly"] = Planted("anomaly", hosts[i], f"vm-{i:04d}", f"node-{i:03d}")
+    n = 80
+    targets = _ext_pool(rng, n, (61, 88, 176))
+    ts = day0 + 2 * HOUR + rng.integers(0, HOUR, n)
+    f.session(
+        rng,
+        ts,
+        rng.integers(1_000_000, 60_000_000, n),
+        f.idx(hosts[i]),
+        f.idx(targets),
+        rng.choice([8080, 8888, 6379, 27017, 9200], n),
+        6,
+        rng.integers(20_000, 400_000, n),
+        rng.integers(1_000, 10_000, n),
+    )
+
+
+def pipeline_text(report_dir: Path, extra: str = "") -> str:
+    """A minimal pipeline file for tests: this generator's local networks, JSON report only."""
+    return (
+        f'[pipeline]\nname = "t"\nlocal_networks = {json.dumps(LOCAL_NETWORKS)}\n'
+        f'[output]\nreport_dir = "{report_dir}"\nhtml = false\n{extra}'
+    )
+
+
+def story_lake(root: Path, seed: int = 21, days: int = 2) -> tuple[Lake, FlowStory, Path]:
+    """A real lake holding a generated story (flows + leases) and a pipeline file next to it."""
+    story = generate(seed=seed, days=days)
+    lake = Lake(root / "lake")
+    lake.append("flows", story.flows, key="story")
+    lake.replace_dataset("vm_leases", story.leases)
+    pipeline = root / "t.toml"
+    pipeline.write_text(pipeline_text(root / "reports"))
+    return lake, story, pipeline
