@@ -56,7 +56,7 @@ TABLE_CONFIG = {
     "delta.deletedFileRetentionDuration": "interval 7 days",
     "delta.setTransactionRetentionDuration": "interval 30 days",  # idempotence ids; the manifest keeps longer
 }
-MANIFEST = Dataset(MANIFEST_DIR, INGEST_MANIFEST, None, ())
+MANIFEST = Dataset(MANIFEST_DIR, INGEST_MANIFEST, None, ("dataset", "content_hash"))
 
 
 def default_lake_path() -> Path:
@@ -383,6 +383,8 @@ class Lake:
         self.root = Path(root) if root is not None else default_lake_path()
         self.as_of = as_of
         self._tables: dict[str, DeltaTable | None] = {}
+        self._seen: dict[str, int | None] = {}
+        self._manifest_cache: tuple[int, set[tuple[str, str]]] | None = None
 
     # ---- tables ------------------------------------------------------------------------------------------
     def dataset_dir(self, name: str) -> Path:
@@ -429,9 +431,20 @@ class Lake:
         table = self._tables.get(name)
         if table is None:
             table = self._tables[name] = self._open(name)
+            self._seen[name] = self._log_stamp(name)
         elif self.as_of is None:
-            table.update_incremental()  # commits of other processes since (reads only the new log entries)
+            stamp = self._log_stamp(name)
+            if stamp != self._seen.get(name):  # another commit since: read only the new log entries
+                table.update_incremental()
+                self._seen[name] = stamp
         return table
+
+    def _log_stamp(self, name: str) -> int | None:
+        """Changes whenever a commit lands in the table's log (a new file in _delta_log/): one stat()."""
+        try:
+            return (self.root / name / "_delta_log").stat().st_mtime_ns
+        except OSError:
+            return None
 
     def refresh(self, name: str | None = None) -> None:
         """Forget cached snapshots so that the next read sees the latest commits."""
@@ -514,13 +527,27 @@ class Lake:
         table = self.table(dataset)
         if table is not None and table.transaction_version(_txn_id(dataset, content_hash)) is not None:
             return True
+        return (dataset, content_hash) in self._manifest_keys()
+
+    def _manifest_keys(self) -> set[tuple[str, str]]:
+        """(dataset, content_hash) of every manifest row; read once per manifest version (a long-running
+        collector reads it once and then adds its own commits)."""
         manifest = self.table(MANIFEST_DIR)
         if manifest is None:
-            return False
-        found = manifest.to_pyarrow_dataset().to_table(
-            columns=["dataset"], filter=pc.field("content_hash") == content_hash
-        )
-        return dataset in found.column("dataset").to_pylist()
+            return set()
+        version = manifest.version()
+        if self._manifest_cache is None or self._manifest_cache[0] != version:
+            rows = self.read(MANIFEST_DIR, columns=["dataset", "content_hash"])
+            keys = set(
+                zip(rows.column("dataset").to_pylist(), rows.column("content_hash").to_pylist(), strict=True)
+            )
+            self._manifest_cache = (version, keys)
+        return self._manifest_cache[1]
+
+    def _remember(self, dataset: str, content_hash: str, version: int) -> None:
+        if self._manifest_cache is not None and self._manifest_cache[0] == version - 1:
+            self._manifest_cache[1].add((dataset, content_hash))
+            self._manifest_cache = (version, self._manifest_cache[1])
 
     def manifest(self) -> pa.Table:
         return self.read(MANIFEST_DIR)
@@ -551,8 +578,6 @@ class Lake:
             table = self.table(name)
             if table is None:
                 raise LakeError(f"cannot open the table just created at {directory}")
-        else:
-            table.update_incremental()
         return table
 
     def commit(
@@ -581,6 +606,7 @@ class Lake:
                 commit_properties=properties,
             )
             table.update_incremental()
+            self._seen[name] = self._log_stamp(name)
         except (CommitFailedError, DeltaError, OSError) as exc:
             raise LakeError(
                 f"cannot commit to {self.root / name}: {exc}. Check that the lake is writable and has free space."
@@ -979,7 +1005,8 @@ class IngestWriter:
                 )
                 part.write(pa.table(row, schema=INGEST_MANIFEST))
                 action = part.close()
-                lake.commit(MANIFEST_DIR, [action] if action else [], info=info)
+                version = lake.commit(MANIFEST_DIR, [action] if action else [], info=info)
+                lake._remember(self.dataset.name, self.content_hash, version)
         except OSError as exc:
             self.abort()
             raise LakeError(f"cannot commit {self.source} to {lake.root}: {exc}") from exc
