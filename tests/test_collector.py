@@ -42,13 +42,12 @@ from tracepipe.collector import (
     commit_pending,
     make_block,
     open_socket,
-    parse_duration,
     parse_listen,
-    parse_size,
     rmem_max,
 )
 from tracepipe.errors import UsageError
 from tracepipe.lake import Lake
+from tracepipe.units import parse_size
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
 
@@ -598,13 +597,6 @@ def test_allow_list_matches_ipv4_ipv6_and_mapped_addresses():
     assert AllowList([]).allowed(np.zeros((3, 16), np.uint8)).tolist() == [True] * 3
     addr_text = sp.addresses_text(np.frombuffer(b"".join(raw), np.uint8).reshape(-1, 16)).tolist()
     assert addr_text == ["10.1.2.3", "11.0.0.1", "2001:db8:1::5", "2001:db9::1", "::1"]
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"), [("5m", 300), ("300", 300), ("1h", 3600), ("0.5s", 0.5), ("250ms", 0.25)]
-)
-def test_parse_duration(text, seconds):
-    assert parse_duration(text) == seconds
 
 
 def test_parse_options():

@@ -249,10 +249,10 @@ def ingest_vm_command(
 
     Example: tracepipe ingest vm /var/log/nova/notifications.jsonl --reclaim-interval 7d --lake /srv/lake
     """
-    from tracepipe.ingest.cloud.common import parse_interval
     from tracepipe.ingest.vm import ingest_vm_files
+    from tracepipe.units import parse_duration
 
-    interval = parse_interval(reclaim_interval) if reclaim_interval else None
+    interval = parse_duration(reclaim_interval) if reclaim_interval else None
     with console.status("ingest vm") as status:
         report = ingest_vm_files(
             open_lake(lake),
@@ -656,7 +656,8 @@ def collect_command(
     """
     import logging
 
-    from tracepipe.collector import CollectorConfig, parse_duration, parse_listen, parse_size, run_collector
+    from tracepipe.collector import CollectorConfig, parse_listen, run_collector
+    from tracepipe.units import parse_duration, parse_size
 
     logging.basicConfig(
         level=logging.DEBUG if _DEBUG["on"] else logging.INFO,
@@ -667,11 +668,11 @@ def collect_command(
         listen=[parse_listen(text) for text in listen],
         lake=lake,
         spool=spool,
-        rotate_s=parse_duration(rotate),
+        rotate_s=parse_duration(rotate, positive=True).total_seconds(),
         segment_bytes=parse_size(rotate_size),
         rcvbuf=parse_size(rcvbuf),
         allow=list(allow),
-        status_s=parse_duration(status_interval),
+        status_s=parse_duration(status_interval, positive=True).total_seconds(),
         stats_file=stats_file,
         keep_segments=keep_segments,
     )

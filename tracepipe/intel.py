@@ -26,6 +26,7 @@ from tracepipe.detect.features import ipv4_to_int
 from tracepipe.errors import InputError, UsageError
 from tracepipe.lake import Lake, hash_file, ingest_table
 from tracepipe.schema import INTEL, REJECTS
+from tracepipe.units import to_utc
 
 FORMATS = ("auto", "misp-csv", "misp-json", "list")
 # MISP attribute types that carry an address ("ip-dst|port" carries "addr|port").
@@ -87,18 +88,6 @@ def parse_list(text: str) -> tuple[list[dict], list[dict], int]:
     return rows, rejects, 0
 
 
-def _parse_date(value: Any) -> dt.datetime | None:
-    if value in (None, ""):
-        return None
-    try:
-        if isinstance(value, int | float) or str(value).isdigit():
-            return dt.datetime.fromtimestamp(int(value), dt.UTC)
-        parsed = dt.datetime.fromisoformat(str(value))
-        return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
-    except (ValueError, OverflowError, OSError):
-        return None
-
-
 def _attribute_row(attr: dict[str, Any], event: dict[str, Any]) -> dict[str, Any] | str | None:
     """One MISP attribute -> a row, None (a type we do not match on), or a reject reason."""
     kind = str(attr.get("type", "")).strip()
@@ -107,7 +96,7 @@ def _attribute_row(attr: dict[str, Any], event: dict[str, Any]) -> dict[str, Any
         "description": attr.get("comment") or event.get("info") or None,
         "tags": attr.get("category") or None,
         "event_id": str(attr.get("event_id") or event.get("id") or "") or None,
-        "first_seen": _parse_date(attr.get("first_seen") or attr.get("timestamp") or attr.get("date")),
+        "first_seen": to_utc(attr.get("first_seen") or attr.get("timestamp") or attr.get("date")),
     }
     if kind in ADDRESS_TYPES:
         if "|" in kind or (kind == "ip" and "|" in value):

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tracepipe import fsutil
 from tracepipe.errors import LakeError
 from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset
 
@@ -51,14 +52,7 @@ def hash_bytes(data: bytes) -> str:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsutil.fsync_dir(path)
 
 
 def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False) -> pa.Table:
@@ -155,18 +149,13 @@ def sort_indices(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
 def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
     """Write one complete Parquet file: temp name, fsync, rename over `path` (atomic replace)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with fsutil.replacing(path) as tmp:
+            pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise LakeError(
             f"cannot write {path}: {exc}. Check that the lake is writable and has free space."
         ) from exc
-    _fsync_dir(path.parent)
 
 
 @dataclass

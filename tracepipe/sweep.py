@@ -34,6 +34,7 @@ from tracepipe.errors import (
     TracepipeError,
     UsageError,
 )
+from tracepipe.fsutil import write_atomic
 from tracepipe.lake import Lake
 from tracepipe.pipeline_config import PipelineConfig, load_pipeline
 from tracepipe.schema import ALERTS
@@ -219,11 +220,9 @@ def write_reports(lake: Lake, config: PipelineConfig, result: SweepResult) -> di
     paths: dict[str, Path] = {}
     json_path = out_dir / f"{stem}.json"
     report = {"summary": result.summary(), "alerts": [_jsonable(r) for r in result.alerts.to_pylist()]}
-    tmp = json_path.with_name(json_path.name + ".tmp")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(report, indent=2, default=str))
-        tmp.replace(json_path)
+        write_atomic(json_path, json.dumps(report, indent=2, default=str))
     except OSError as exc:
         raise LakeError(
             f"cannot write the sweep report to {out_dir}: {exc.strerror}. The alerts are in the lake; "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import polars as pl
 import sklearn
 from sklearn.ensemble import IsolationForest
 
+from tracepipe import fsutil
 from tracepipe.detect.features import FEATURES, LOG_FEATURES, compute_features, utc
 from tracepipe.errors import InputError, LakeError, TracepipeError
 from tracepipe.lake import Lake
@@ -129,16 +129,12 @@ def _model_input(
 
 
 def save(forest: IsolationForest, info: ModelInfo, path: Path) -> Path:
-    """joblib file + `<path>.json` sidecar, each written to a temp name then renamed."""
+    """joblib file + `<path>.json` sidecar, each replaced atomically (tracepipe.fsutil)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tmp = path.with_name(path.name + ".tmp")
-        joblib.dump(forest, tmp)
-        os.replace(tmp, path)
-        side = sidecar(path)
-        tmp = side.with_name(side.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(info), indent=2))
-        os.replace(tmp, side)
+        with fsutil.replacing(path) as tmp:
+            joblib.dump(forest, tmp)
+        fsutil.write_atomic(sidecar(path), json.dumps(asdict(info), indent=2))
     except OSError as exc:
         raise LakeError(f"cannot write the model to {path}: {exc}") from exc
     return path
