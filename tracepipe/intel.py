@@ -23,7 +23,7 @@ import polars as pl
 import pyarrow as pa
 
 from tracepipe.detect.features import ipv4_to_int
-from tracepipe.errors import InputError, UsageError
+from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.lake import Lake, hash_file, ingest_table
 from tracepipe.schema import INTEL, REJECTS
 from tracepipe.units import to_utc
@@ -42,6 +42,16 @@ class IntelImport:
     rejects: int
     skipped_types: int  # MISP attributes of types that are not addresses or domains (urls, hashes...)
     already_imported: bool
+
+    @property
+    def exit_code(self) -> int:
+        """0 all imported (or already); 3 some lines rejected; 4 every line rejected, nothing usable."""
+        if self.rejects and self.rows == 0:
+            return EXIT_FAILED
+        return EXIT_PARTIAL if self.rejects else EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**vars(self), "exit_code": self.exit_code}
 
 
 def _indicator_row(value: str, **extra: Any) -> dict[str, Any]:

@@ -68,6 +68,9 @@ class SweepResult:
             f"{self.new_alerts.num_rows} new alert(s), {self.already_known} already known"
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        return self.summary()
+
     def summary(self) -> dict[str, Any]:
         by_detector: dict[str, int] = {}
         for name in self.new_alerts.column("detector").to_pylist():
