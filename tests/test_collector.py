@@ -640,3 +640,28 @@ def test_spool_reader_takes_any_tail(cut, noise):
         assert (kept, datagrams) == (prefix_bytes, 2 * prefix)
     else:  # garbage after the cut is never taken as a block of its own (record headers carry a CRC)
         assert prefix_bytes <= kept <= len(data) and datagrams in (2 * prefix, 2 * prefix + 2)
+
+
+@pytest.mark.parametrize("form", ["1d", "1.5h", "90s", "1w"])
+def test_rotate_and_window_accept_the_same_durations(tmp_path, form):
+    """Regression: `collect --rotate 1d` was refused while `who --window 1d` worked (four duration parsers;
+    now tracepipe.units.parse_duration for both)."""
+    import datetime as dt
+
+    from tracepipe.units import parse_duration
+
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    run = start_collector(tmp_path, lake, "--rotate", form)
+    assert stop_collector(run) == 0, run.stderr.read_text()
+    at = "2024-03-12T00:00:00+00:00"
+    command = [sys.executable, "-m", "tracepipe.cli", "who"]
+    who = subprocess.run(
+        [*command, "10.0.0.1", "--at", at, "--window", form, "--lake", str(lake), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert who.returncode == 0, who.stderr
+    flows = json.loads(who.stdout)["flows"]
+    assert dt.datetime.fromisoformat(flows["from"]) == dt.datetime.fromisoformat(at) - parse_duration(form)

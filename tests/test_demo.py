@@ -169,3 +169,25 @@ def test_traffic_capture_is_deterministic_and_complete() -> None:
     assert offset == len(data)
     split = len(synth.packet_bytes(one, "openstack")) + len(synth.packet_bytes(one, "opennebula")) - 24
     assert split == len(data) and count > one.n_conns * 2
+
+
+def test_demo_piped_prints_each_finding_on_one_line(demo: tuple[dict, float, Path]) -> None:
+    """Regression: `tracepipe demo | cat` wrapped at 80 columns and split "owner tnguyen" over two lines."""
+    result, _, work = demo
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80"}
+    env.pop("TRACEPIPE_LAKE", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "tracepipe.cli", "demo", "--lake", "demo-lake-text"],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env=env,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    for finding in result["findings"]:
+        who = f"VM {finding['vm_name']} · project {finding['project']} · owner {finding['user']}"
+        assert any(finding["addr"] in line and who in line for line in lines), (who, lines)
+        assert any(line.strip() == finding["reason"] for line in lines)
+    assert max(len(line) for line in lines) > 120
