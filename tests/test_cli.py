@@ -4,38 +4,26 @@ for the traceback, and every command's help with an example."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_tracepipe
 from typer.testing import CliRunner
 
 from tracepipe.cli import app
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def tracepipe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """A real run with stdout and stderr piped, on an 80-column 'terminal' setting that must not matter."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80"}
-    env.pop("TRACEPIPE_LAKE", None)
-    return subprocess.run(
-        [sys.executable, "-m", "tracepipe.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=120,
-    )
+@pytest.fixture(autouse=True)
+def eighty_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An 80-column setting (what wrapped `tracepipe demo | cat`) that piped output must ignore."""
+    monkeypatch.setenv("COLUMNS", "80")
 
 
 def test_piped_output_keeps_long_lines_whole(tmp_path: Path) -> None:
     """Regression: `tracepipe demo | cat` broke lines at 80 columns ("owner" and "tnguyen" on two lines)."""
     path = tmp_path / ("site-blocklist-" + "very-long-name-" * 8 + ".txt")
     path.write_text("192.0.2.1\n198.51.100.0/24\n")
-    run = tracepipe("intel", "import", str(path), "--format", "list", "--lake", str(tmp_path / "lake"))
+    run = run_tracepipe("intel", "import", str(path), "--format", "list", "--lake", str(tmp_path / "lake"))
     assert run.returncode == 0, run.stderr
     line = f"{path} (list): 2 indicators, 0 rejected, 0 attributes of other types skipped"
     assert len(line) > 160 and run.stdout.splitlines() == [line]
@@ -44,7 +32,7 @@ def test_piped_output_keeps_long_lines_whole(tmp_path: Path) -> None:
 def test_data_is_never_markup_and_control_characters_are_escaped(tmp_path: Path) -> None:
     path = tmp_path / "[bold red]evil[blink]\x1b[2J.txt"  # a name from outside: markup and an ESC sequence
     path.write_text("192.0.2.1\n")
-    run = tracepipe("intel", "import", str(path), "--lake", str(tmp_path / "lake"))
+    run = run_tracepipe("intel", "import", str(path), "--lake", str(tmp_path / "lake"))
     assert run.returncode == 0, run.stderr
     assert "[bold red]evil[blink]\\x1b[2J.txt (list): 1 indicators" in run.stdout
     assert "\x1b" not in run.stdout

@@ -28,7 +28,7 @@ EXPECTED = {
 
 
 def _tracepipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80"}  # piped: no wrapping at 80 all the same
     env.pop("TRACEPIPE_LAKE", None)
     return subprocess.run(
         [sys.executable, "-m", "tracepipe.cli", *args],
@@ -174,16 +174,7 @@ def test_traffic_capture_is_deterministic_and_complete() -> None:
 def test_demo_piped_prints_each_finding_on_one_line(demo: tuple[dict, float, Path]) -> None:
     """Regression: `tracepipe demo | cat` wrapped at 80 columns and split "owner tnguyen" over two lines."""
     result, _, work = demo
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80"}
-    env.pop("TRACEPIPE_LAKE", None)
-    run = subprocess.run(
-        [sys.executable, "-m", "tracepipe.cli", "demo", "--lake", "demo-lake-text"],
-        capture_output=True,
-        text=True,
-        cwd=work,
-        env=env,
-        timeout=180,
-    )
+    run = _tracepipe("demo", "--lake", "demo-lake-text", cwd=work)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
     for finding in result["findings"]:
