@@ -33,8 +33,8 @@ def parse_duration(value: str | float, *, positive: bool = False) -> dt.timedelt
         match = _DURATION.fullmatch(value.strip())
         if not match:
             raise UsageError(
-                f"duration {value!r} does not parse: give a number and a unit (ms, s, m, h, d, w), "
-                "e.g. 90s, 30m, 1h, 2d; a bare number is seconds"
+                f"duration {value!r} does not parse: it is not a duration like 90s, 30m, 1h or 2d "
+                "(units ms, s, m, h, d, w; a bare number is seconds)"
             )
         seconds = float(match.group(1)) * _DURATION_SECONDS[(match.group(2) or "s").lower()]
     else:
