@@ -209,7 +209,9 @@ def test_rewrite_keeps_rows_order_sort_and_is_idempotent(lake):
     )
     keys = list(zip(first["src_addr"].to_pylist(), first["ts_start"].to_pylist(), strict=True))
     assert keys == sorted(keys)  # the lake's sort order (src_addr, ts_start) survives
-    assert first["attributed_at"].null_count == 0 and original["attributed_at"].null_count == original.num_rows
+    assert (
+        first["attributed_at"].null_count == 0 and original["attributed_at"].null_count == original.num_rows
+    )
     # the log knows the file is attributed without opening it
     done, todo = query.flow_halves(lake)
     assert path in done and not todo

@@ -42,13 +42,12 @@ from tracepipe.collector import (
     commit_pending,
     make_block,
     open_socket,
-    parse_duration,
     parse_listen,
-    parse_size,
     rmem_max,
 )
 from tracepipe.errors import UsageError
 from tracepipe.lake import Lake
+from tracepipe.units import parse_size
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
 
@@ -600,13 +599,6 @@ def test_allow_list_matches_ipv4_ipv6_and_mapped_addresses():
     assert addr_text == ["10.1.2.3", "11.0.0.1", "2001:db8:1::5", "2001:db9::1", "::1"]
 
 
-@pytest.mark.parametrize(
-    ("text", "seconds"), [("5m", 300), ("300", 300), ("1h", 3600), ("0.5s", 0.5), ("250ms", 0.25)]
-)
-def test_parse_duration(text, seconds):
-    assert parse_duration(text) == seconds
-
-
 def test_parse_options():
     assert parse_size("32M") == 32 << 20 and parse_size("33554432") == 33554432
     assert str(parse_listen("[::]:4739")) == "[::]:4739" and parse_listen(":2055").host == "0.0.0.0"
@@ -648,3 +640,28 @@ def test_spool_reader_takes_any_tail(cut, noise):
         assert (kept, datagrams) == (prefix_bytes, 2 * prefix)
     else:  # garbage after the cut is never taken as a block of its own (record headers carry a CRC)
         assert prefix_bytes <= kept <= len(data) and datagrams in (2 * prefix, 2 * prefix + 2)
+
+
+@pytest.mark.parametrize("form", ["1d", "1.5h", "90s", "1w"])
+def test_rotate_and_window_accept_the_same_durations(tmp_path, form):
+    """Regression: `collect --rotate 1d` was refused while `who --window 1d` worked (four duration parsers;
+    now tracepipe.units.parse_duration for both)."""
+    import datetime as dt
+
+    from tracepipe.units import parse_duration
+
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    run = start_collector(tmp_path, lake, "--rotate", form)
+    assert stop_collector(run) == 0, run.stderr.read_text()
+    at = "2024-03-12T00:00:00+00:00"
+    command = [sys.executable, "-m", "tracepipe.cli", "who"]
+    who = subprocess.run(
+        [*command, "10.0.0.1", "--at", at, "--window", form, "--lake", str(lake), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert who.returncode == 0, who.stderr
+    flows = json.loads(who.stdout)["flows"]
+    assert dt.datetime.fromisoformat(flows["from"]) == dt.datetime.fromisoformat(at) - parse_duration(form)

@@ -28,7 +28,7 @@ EXPECTED = {
 
 
 def _tracepipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80"}  # piped: no wrapping at 80 all the same
     env.pop("TRACEPIPE_LAKE", None)
     return subprocess.run(
         [sys.executable, "-m", "tracepipe.cli", *args],
@@ -169,3 +169,16 @@ def test_traffic_capture_is_deterministic_and_complete() -> None:
     assert offset == len(data)
     split = len(stories.packet_bytes(one, "openstack")) + len(stories.packet_bytes(one, "opennebula")) - 24
     assert split == len(data) and count > one.n_conns * 2
+
+
+def test_demo_piped_prints_each_finding_on_one_line(demo: tuple[dict, float, Path]) -> None:
+    """Regression: `tracepipe demo | cat` wrapped at 80 columns and split "owner tnguyen" over two lines."""
+    result, _, work = demo
+    run = _tracepipe("demo", "--lake", "demo-lake-text", cwd=work)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    for finding in result["findings"]:
+        who = f"VM {finding['vm_name']} · project {finding['project']} · owner {finding['user']}"
+        assert any(finding["addr"] in line and who in line for line in lines), (who, lines)
+        assert any(line.strip() == finding["reason"] for line in lines)
+    assert max(len(line) for line in lines) > 120

@@ -194,9 +194,7 @@ def test_logs_landed_before_the_lifecycle_get_attributed_when_it_arrives(tmp_pat
     assert report.touched_days == ["2024-03-12"] and report.logs_reattributed == 1
     vms = (
         duckdb.connect()
-        .execute(
-            f"SELECT vm_id FROM ({scan_sql('vm_logs', lake.files('vm_logs'))}) ORDER BY line"
-        )
+        .execute(f"SELECT vm_id FROM ({scan_sql('vm_logs', lake.files('vm_logs'))}) ORDER BY line")
         .fetchall()
     )
     assert vms[0][0].startswith("7311d8a3") and vms[2][0] is None and vms[3][0].startswith("efba91fc")

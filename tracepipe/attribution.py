@@ -135,7 +135,11 @@ def attribute_flows(
         return batch
 
     done = lake.rewrite(
-        "flows", days_list, attributed, info={"operation": "attribute", "leases": len(index)}, progress=progress
+        "flows",
+        days_list,
+        attributed,
+        info={"operation": "attribute", "leases": len(index)},
+        progress=progress,
     )
     summary["files"] = done["files_removed"]
     summary["rows"] = done["rows"]

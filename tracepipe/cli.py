@@ -7,24 +7,49 @@ or the environment is wrong (lake unwritable, binary missing).
 
 from __future__ import annotations
 
-import json
 import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from typer.core import TyperGroup
 
 from tracepipe.errors import EXIT_FAILED, TracepipeError
 from tracepipe.lake import DEFAULT_LAKE, Lake
+from tracepipe.printer import Printer
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 done; 1 new alerts found (sweep); 2 usage error; "
     "3 partial: some input rejected, the rest landed; 4 failed: nothing landed or environment wrong."
 )
 
+
+class _Tracepipe(TyperGroup):
+    """Turns a TracepipeError into one red line and its exit code, anything else unexpected into "internal
+    error" and 4; --debug (the Printer in the context) adds the traceback. click's usage errors pass (2)."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.TyperException, typer.Exit, typer.Abort):
+            raise
+        except TracepipeError as exc:
+            printer = ctx.obj if isinstance(ctx.obj, Printer) else Printer()
+            if printer.debug:
+                printer.err.print_exception()
+            printer.error(str(exc))
+            ctx.exit(exc.exit_code)
+        except Exception as exc:
+            printer = ctx.obj if isinstance(ctx.obj, Printer) else Printer()
+            if printer.debug:
+                printer.err.print_exception()
+            printer.error(f"{exc!r} (rerun with --debug for the traceback)", label="internal error:")
+            ctx.exit(EXIT_FAILED)
+
+
 app = typer.Typer(
+    cls=_Tracepipe,
     name="tracepipe",
     help="NetFlow + cloud VM lifecycle traceability for research clouds.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
@@ -35,11 +60,6 @@ ingest_app = typer.Typer(
     help="Land inputs in the lake (NetFlow, VM lifecycle, syslog).", no_args_is_help=True
 )
 app.add_typer(ingest_app, name="ingest")
-
-console = Console(stderr=True)  # human messages and progress on stderr; data on stdout
-out = Console()
-
-_DEBUG = {"on": False}
 
 
 class OutputFormat(StrEnum):
@@ -58,15 +78,13 @@ def open_lake(path: Path | None) -> Lake:
     return Lake(path if path is not None else Path(DEFAULT_LAKE))
 
 
-def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-
-
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
 ) -> None:
-    _DEBUG["on"] = debug
+    # every command prints through this Printer (data on stdout, messages on stderr, no markup from data)
+    ctx.obj = Printer(debug=debug)
 
 
 # ---- commands: ingest netflow -------------------------------------------------------------------------------
@@ -74,6 +92,7 @@ def _root(
 
 @ingest_app.command("netflow")
 def ingest_netflow_command(
+    ctx: typer.Context,
     paths: Annotated[
         list[Path],
         typer.Argument(
@@ -91,67 +110,71 @@ def ingest_netflow_command(
     Example: tracepipe ingest netflow /var/captures/netflow-*.pcap --lake /srv/lake
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-    from rich.table import Table
 
     from tracepipe.ingest.flows import ingest_flow_files
 
+    p: Printer = ctx.obj
     total = sum(p.stat().st_size for p in paths if p.is_file())
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         DownloadColumn(),
         TimeRemainingColumn(),
-        console=console,
+        console=p.err,
         transient=True,
     ) as bar:
         task = bar.add_task("ingest netflow", total=total)
         summary = ingest_flow_files(open_lake(lake), paths, progress=lambda n: bar.advance(task, n))
     if output == OutputFormat.json:
-        print_json(summary.to_dict())
+        p.json(summary.to_dict())
         raise typer.Exit(summary.exit_code)
-    files = Table(title="files")
-    for col in ("file", "kind", "status", "datagrams", "flows", "rejects"):
-        files.add_column(col, justify="right" if col in ("datagrams", "flows", "rejects") else "left")
-    for f in summary.files:
-        files.add_row(
-            f.path,
-            f.kind,
-            f.status + (f" ({f.message})" if f.message else ""),
-            str(f.datagrams),
-            str(f.flows),
-            str(f.rejects),
-        )
-    out.print(files)
-    exporters = Table(title="exporters")
-    for col in ("exporter", "versions", "datagrams", "flows", "rejects", "sequence gaps", "lost", "sampling"):
-        exporters.add_column(col)
-    for name, s in sorted(summary.exporters.items()):
-        sampling = s.get("sampling", "unknown")
-        exporters.add_row(
-            name,
-            ",".join(str(v) for v in s.get("versions", [])),
-            str(s.get("datagrams", 0)),
-            str(s.get("flows", 0)),
-            str(s.get("rejects", 0)),
-            str(s.get("sequence_gaps", 0)),
-            str(s.get("lost", 0)),
-            "unknown" if sampling == "unknown" else f"1:{sampling}",
-        )
-    out.print(exporters)
+    p.table(
+        (
+            [
+                f.path,
+                f.kind,
+                f.status + (f" ({f.message})" if f.message else ""),
+                f.datagrams,
+                f.flows,
+                f.rejects,
+            ]
+            for f in summary.files
+        ),
+        ["file", "kind", "status", "datagrams", "flows", "rejects"],
+        "files",
+        right=["datagrams", "flows", "rejects"],
+    )
+    p.table(
+        (
+            [
+                name,
+                ",".join(str(v) for v in s.get("versions", [])),
+                s.get("datagrams", 0),
+                s.get("flows", 0),
+                s.get("rejects", 0),
+                s.get("sequence_gaps", 0),
+                s.get("lost", 0),
+                "unknown" if s.get("sampling", "unknown") == "unknown" else f"1:{s['sampling']}",
+            ]
+            for name, s in sorted(summary.exporters.items())
+        ),
+        ["exporter", "versions", "datagrams", "flows", "rejects", "sequence gaps", "lost", "sampling"],
+        "exporters",
+    )
     unknown = [
         name for name, s in sorted(summary.exporters.items()) if s.get("sampling", "unknown") == "unknown"
     ]
     if unknown:
-        out.print(
+        p.line(
             f"sampling interval unknown for {', '.join(unknown)} (no options template): volumes are "
             "as exported, not scaled"
         )
-    out.print(
+    p.line(
         f"{len(summary.files)} files, {summary.datagrams} datagrams, {summary.flows} flows, "
         f"{summary.rejects} rejects" + (", flows attributed to VMs" if summary.attributed is True else "")
     )
     if isinstance(summary.attributed, str):
-        console.print(f"[yellow]warning:[/yellow] {summary.attributed}")
+        p.warning(summary.attributed)
     raise typer.Exit(summary.exit_code)
 
 
@@ -175,23 +198,19 @@ OutputOption = Annotated[
 ]
 
 
-def _print_vm_report(report: Any, output: OutputFormat, title: str, lake: Path) -> None:
-    from rich.table import Table
-
+def _print_vm_report(p: Printer, report: Any, output: OutputFormat, title: str, lake: Path) -> None:
     if output == OutputFormat.json:
-        print_json(report.as_dict())
+        p.json(report.as_dict())
     else:
-        table = Table(title=title)
-        for col in ("source", "status", "rows", "rejects"):
-            table.add_column(col, justify="right" if col in ("rows", "rejects") else "left")
-        for r in report.results:
-            table.add_row(
-                r.source,
-                "skipped (already in the lake)" if r.skipped else "landed",
-                str(r.rows),
-                str(r.rejects),
-            )
-        out.print(table)
+        p.table(
+            (
+                [r.source, "skipped (already in the lake)" if r.skipped else "landed", r.rows, r.rejects]
+                for r in report.results
+            ),
+            ["source", "status", "rows", "rejects"],
+            title,
+            right=["rows", "rejects"],
+        )
         summary = f"{report.rows} rows, {report.rejects} rejects, {report.skipped} sources skipped; "
         if report.duplicates:
             summary += f"{report.duplicates} events already in the lake; "
@@ -201,17 +220,18 @@ def _print_vm_report(report: Any, output: OutputFormat, title: str, lake: Path) 
             summary += f"{report.leases} leases, {report.vms} VMs"
         if report.attribution:
             summary += f"; flows re-attributed for {', '.join(report.touched_days)}"
-        out.print(summary)
+        p.line(summary)
     if report.rejects:
-        console.print(
-            f"[yellow]{report.rejects} input lines rejected[/yellow] (the rest landed); list them: "
-            f"tracepipe sql \"SELECT * FROM rejects\" --lake {lake}"
+        p.note(
+            (f"{report.rejects} input lines rejected", "yellow"),
+            f' (the rest landed); list them: tracepipe sql "SELECT * FROM rejects" --lake {lake}',
         )
     raise typer.Exit(report.exit_code)
 
 
 @ingest_app.command("vm")
 def ingest_vm_command(
+    ctx: typer.Context,
     paths: Annotated[
         list[Path],
         typer.Argument(
@@ -249,11 +269,12 @@ def ingest_vm_command(
 
     Example: tracepipe ingest vm /var/log/nova/notifications.jsonl --reclaim-interval 7d --lake /srv/lake
     """
-    from tracepipe.ingest.cloud.common import parse_interval
     from tracepipe.ingest.vm import ingest_vm_files
+    from tracepipe.units import parse_duration
 
-    interval = parse_interval(reclaim_interval) if reclaim_interval else None
-    with console.status("ingest vm") as status:
+    p: Printer = ctx.obj
+    interval = parse_duration(reclaim_interval) if reclaim_interval else None
+    with p.err.status("ingest vm") as status:
         report = ingest_vm_files(
             open_lake(lake),
             paths,
@@ -263,11 +284,12 @@ def ingest_vm_command(
             tz=tz,
             progress=lambda step: status.update(f"ingest vm: {step}"),
         )
-    _print_vm_report(report, output, "vm lifecycle sources", lake)
+    _print_vm_report(p, report, output, "vm lifecycle sources", lake)
 
 
 @ingest_app.command("syslog")
 def ingest_syslog_command(
+    ctx: typer.Context,
     paths: Annotated[
         list[Path],
         typer.Argument(
@@ -299,26 +321,19 @@ def ingest_syslog_command(
     Example: tracepipe ingest syslog /var/log/remote/web-01/auth.log --year 2024 --sender-addr 192.168.1.3
     """
     from tracepipe.ingest.vm import ingest_syslog_files
+    from tracepipe.units import parse_addr
 
-    if sender_addr is not None:
-        import ipaddress
-
-        from tracepipe.errors import UsageError
-
-        try:
-            sender_addr = str(ipaddress.ip_address(sender_addr))
-        except ValueError as exc:
-            raise UsageError(f"--sender-addr {sender_addr!r} is not an IP address") from exc
-    with console.status("ingest syslog") as status:
+    p: Printer = ctx.obj
+    with p.err.status("ingest syslog") as status:
         report = ingest_syslog_files(
             open_lake(lake),
             paths,
             year=year,
-            sender_addr=sender_addr,
+            sender_addr=parse_addr(sender_addr) if sender_addr is not None else None,
             tz=tz,
             progress=lambda step: status.update(f"ingest syslog: {step}"),
         )
-    _print_vm_report(report, output, "syslog sources", lake)
+    _print_vm_report(p, report, output, "syslog sources", lake)
 
 
 # ---- commands: sql / who / timeline -------------------------------------------------------------------------
@@ -331,60 +346,19 @@ class SqlFormat(StrEnum):
     parquet = "parquet"
 
 
-def _cell(value: Any) -> str:
-    """Compact text for a table cell: UTC times without microseconds and offset, lists comma-joined."""
-    import datetime as dt
-
-    if value is None:
-        return ""
-    if isinstance(value, dt.datetime):
-        return (
-            f"{value.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S}" if value.tzinfo else f"{value:%Y-%m-%d %H:%M:%S}"
-        )
-    if isinstance(value, list):
-        return ", ".join(_cell(v) for v in value)
-    return str(value)
-
-
-def _data_console() -> Console:
-    """stdout for tables: the terminal's width, or wide enough not to squash columns when piped."""
-    return out if out.is_terminal else Console(width=240)
-
-
-def _print_relation(relation: Any, max_rows: int = 1000, title: str | None = None) -> None:
-    """A DuckDB result as a rich table on stdout (first max_rows rows)."""
-    from rich.table import Table
-
+def _print_relation(p: Printer, relation: Any, max_rows: int = 1000, title: str | None = None) -> None:
+    """A DuckDB result as a table on stdout (first max_rows rows)."""
     if relation is None:
         return
-    table = Table(title=title)
-    for name in relation.columns:
-        table.add_column(name)
     rows = relation.limit(max_rows + 1).fetchall()
-    for row in rows[:max_rows]:
-        table.add_row(*(_cell(v) for v in row))
-    _data_console().print(table)
+    p.table(rows[:max_rows], relation.columns, title)
     if len(rows) > max_rows:
-        console.print(f"(first {max_rows} rows shown; use --max-rows, or --format csv/json/parquet for all)")
-
-
-def _print_rows(rows: list[dict[str, Any]], title: str, columns: list[str] | None = None) -> None:
-    from rich.table import Table
-
-    if not rows:
-        out.print(f"[dim]{title}: none[/dim]")
-        return
-    columns = columns or list(rows[0])
-    table = Table(title=title)
-    for name in columns:
-        table.add_column(name)
-    for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in columns))
-    _data_console().print(table)
+        p.note(f"(first {max_rows} rows shown; use --max-rows, or --format csv/json/parquet for all)")
 
 
 @app.command("sql")
 def sql_command(
+    ctx: typer.Context,
     query: Annotated[
         str | None, typer.Argument(help="SQL text; '-' reads it from stdin.", show_default=False)
     ] = None,
@@ -423,53 +397,36 @@ def sql_command(
 
     Example: tracepipe sql "SELECT src_project, sum(bytes) FROM flows_attributed GROUP BY 1 ORDER BY 2 DESC"
     """
+    from tracepipe import engines
     from tracepipe import query as q
-    from tracepipe.errors import UsageError
 
-    lake_ = open_lake(lake)
+    p: Printer = ctx.obj
     if shell:
         q.shell(
-            lake_,
-            lambda r: (
-                console.print(f"[red]{r}[/red]") if isinstance(r, Exception) else _print_relation(r, max_rows)
-            ),
+            open_lake(lake),
+            lambda r: p.error(str(r)) if isinstance(r, Exception) else _print_relation(p, r, max_rows),
         )
         return
-    if file is not None:
-        try:
-            text = file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot read {file}: {exc}") from exc
-    elif query == "-" or (query is None and not sys.stdin.isatty()):
-        text = sys.stdin.read()
-    elif query is not None:
-        text = query
-    else:
-        raise UsageError("give a query, -f FILE, '-' for stdin, or --shell")
-    if engine != "duckdb":
-        from tracepipe.engines import engine_relation, parse_conf
-
-        relation = engine_relation(
-            lake_, text, engine, spark_master=spark_master, spark_conf=parse_conf(spark_conf)
-        )
-    else:
-        con = q.connect(lake_)
-        relation = q.run_read_only(con, text)
+    relation = engines.query_lake(
+        open_lake(lake),
+        engines.read_sql(query, file, sys.stdin),
+        engine,
+        spark_master=spark_master,
+        spark_conf=engines.parse_conf(spark_conf),
+    )
     if relation is None:
         return
     if fmt == SqlFormat.table:
-        _print_relation(relation, max_rows)
+        _print_relation(p, relation, max_rows)
         return
-    text_out = q.export_result(relation, fmt.value, output)
-    if text_out is not None:
-        if output is not None:
-            output.write_text(text_out, encoding="utf-8")
-        else:
-            sys.stdout.write(text_out)
+    text = engines.export_relation(relation, fmt.value, output)
+    if text is not None:
+        sys.stdout.write(text)
 
 
 @app.command("who")
 def who_command(
+    ctx: typer.Context,
     addr: Annotated[str, typer.Argument(help="IPv4 or IPv6 address.", show_default=False)],
     at: Annotated[str, typer.Option("--at", help="ISO 8601 (Z or offset; none = UTC) or epoch seconds.")],
     window: Annotated[
@@ -485,50 +442,52 @@ def who_command(
     Example: tracepipe who 192.168.1.3 --at 2024-03-12T07:45:00Z --window 30m
     """
     from tracepipe import query as q
+    from tracepipe.units import parse_duration, parse_time
 
-    answer = q.who(open_lake(lake), addr, q.parse_time(at), q.parse_duration(window))
+    p: Printer = ctx.obj
+    answer = q.who(open_lake(lake), addr, parse_time(at), parse_duration(window))
     if output == OutputFormat.json:
-        print_json(answer)
+        p.json(answer)
         return
-    screen = _data_console()
     at_text = f"{answer['at']:%Y-%m-%d %H:%M:%S} UTC"
     if not answer["held"]:
-        screen.print(f"nobody held {answer['addr']} at {at_text}")
+        p.line(f"nobody held {answer['addr']} at {at_text}")
         for key, label in (("previous_lease", "before"), ("next_lease", "after")):
             lease = answer[key]
             if lease:
-                screen.print(
+                p.line(
                     f"  {label}: {lease['vm_name'] or ''} ({lease['vm_id']}) held it "
                     f"{lease['valid_from']:%Y-%m-%d %H:%M:%S} - "
                     f"{'now' if lease['valid_to'] is None else format(lease['valid_to'], '%Y-%m-%d %H:%M:%S')}"
                 )
     for lease in answer["leases"]:
         until = "still held" if lease["valid_to"] is None else f"{lease['valid_to']:%Y-%m-%d %H:%M:%S} UTC"
-        screen.print(f"[bold]{answer['addr']}[/bold] at {at_text} was held by")
-        screen.print(f"  VM          {lease['vm_name'] or '?'} ({lease['vm_id']})")
-        screen.print(f"  project     {lease['project'] or '?'}")
-        screen.print(f"  user        {lease['user'] or '?'}")
-        screen.print(
+        p.line((answer["addr"], "bold"), f" at {at_text} was held by")
+        p.line(f"  VM          {lease['vm_name'] or '?'} ({lease['vm_id']})")
+        p.line(f"  project     {lease['project'] or '?'}")
+        p.line(f"  user        {lease['user'] or '?'}")
+        p.line(
             f"  hypervisor  {lease['hypervisor'] or '?'}   cloud {lease['cloud'] or '?'}   "
             f"address {lease['addr_kind'] or '?'}"
         )
-        screen.print(
+        p.line(
             f"  lease       {lease['valid_from']:%Y-%m-%d %H:%M:%S} UTC -> {until}"
             + (f" ({lease['end_reason']})" if lease["end_reason"] else "")
         )
-        screen.print(f"  VM now      {lease['now']}")
+        p.line(f"  VM now      {lease['now']}")
     flows = answer["flows"]
-    screen.print(
+    p.line(
         f"flows of {answer['addr']} {flows['from']:%Y-%m-%d %H:%M} - {flows['to']:%H:%M} UTC: "
         f"{flows['flows']} flows ({flows['flows_out']} out, {flows['flows_in']} in), {flows['bytes']} bytes, "
         f"{flows['peers']} peers"
     )
-    _print_rows(flows["top_peers"], "top peers", ["peer", "flows", "bytes"])
-    _print_rows(flows["top_ports"], "top destination ports", ["proto", "port", "flows", "bytes"])
+    p.records(flows["top_peers"], "top peers", ["peer", "flows", "bytes"])
+    p.records(flows["top_ports"], "top destination ports", ["proto", "port", "flows", "bytes"])
 
 
 @app.command("timeline")
 def timeline_command(
+    ctx: typer.Context,
     vm: Annotated[
         str, typer.Argument(help="vm_id, or a VM name that only one VM carries.", show_default=False)
     ],
@@ -542,26 +501,26 @@ def timeline_command(
     """
     from tracepipe import query as q
 
+    p: Printer = ctx.obj
     answer = q.timeline(open_lake(lake), vm, limit)
     if output == OutputFormat.json:
-        print_json(answer)
+        p.json(answer)
         return
-    screen = _data_console()
     info = answer["vm"]
-    screen.print(
-        f"[bold]{info['vm_name'] or '?'}[/bold] ({answer['vm_id']}) project {info['project'] or '?'}, "
-        f"user {info['user'] or '?'}, hypervisor {info['hypervisor'] or '?'}: {info['now']}"
+    p.line(
+        (info["vm_name"] or "?", "bold"),
+        f" ({answer['vm_id']}) project {info['project'] or '?'}, "
+        f"user {info['user'] or '?'}, hypervisor {info['hypervisor'] or '?'}: {info['now']}",
     )
-    _print_rows(answer["events"], "lifecycle", ["ts", "action", "state", "event_type", "addrs", "addr"])
-    _print_rows(answer["leases"], "leases", ["addr", "addr_kind", "valid_from", "valid_to", "end_reason"])
-    _print_rows(answer["flows_per_hour"], "flows per hour")
-    _print_rows(
-        answer["logs"], "VM logs", ["ts", "app", "auth_event", "auth_user", "auth_src_addr", "message"]
-    )
+    p.records(answer["events"], "lifecycle", ["ts", "action", "state", "event_type", "addrs", "addr"])
+    p.records(answer["leases"], "leases", ["addr", "addr_kind", "valid_from", "valid_to", "end_reason"])
+    p.records(answer["flows_per_hour"], "flows per hour")
+    p.records(answer["logs"], "VM logs", ["ts", "app", "auth_event", "auth_user", "auth_src_addr", "message"])
 
 
 @app.command("attribute")
 def attribute_command(
+    ctx: typer.Context,
     day: Annotated[
         list[str] | None, typer.Option("--day", help="UTC day YYYY-MM-DD (repeatable); default all.")
     ] = None,
@@ -573,35 +532,30 @@ def attribute_command(
 
     Example: tracepipe attribute --day 2024-03-12 --day 2024-03-13
     """
-    import datetime as dt
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress
 
     from tracepipe.attribution import attribute_flows
-    from tracepipe.errors import UsageError
+    from tracepipe.units import parse_date
 
-    for text in day or []:
-        try:
-            dt.date.fromisoformat(text)
-        except ValueError:
-            raise UsageError(f"--day {text!r} is not a date: give YYYY-MM-DD") from None
+    p: Printer = ctx.obj
+    days = [parse_date(text).isoformat() for text in day or []]
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         MofNCompleteColumn(),
-        console=console,
+        console=p.err,
         transient=True,
     ) as bar:
         task = bar.add_task("attribute flows", total=None)
         summary = attribute_flows(
             open_lake(lake),
-            day or None,
+            days or None,
             progress=lambda _path, done, total: bar.update(task, completed=done, total=total),
         )
     if output == OutputFormat.json:
-        print_json(summary)
+        p.json(summary)
         return
-    out.print(
+    p.line(
         f"{summary['rows']} flows in {summary['files']} files: {summary['src_attributed']} sources and "
         f"{summary['dst_attributed']} destinations attributed to a VM ({summary['seconds']} s)"
     )
@@ -612,6 +566,7 @@ def attribute_command(
 
 @app.command("collect")
 def collect_command(
+    ctx: typer.Context,
     listen: Annotated[
         list[str],
         typer.Option("--listen", help="HOST:PORT to receive on; repeat for more. [::]:PORT is IPv6 only."),
@@ -656,10 +611,11 @@ def collect_command(
     """
     import logging
 
-    from tracepipe.collector import CollectorConfig, parse_duration, parse_listen, parse_size, run_collector
+    from tracepipe.collector import CollectorConfig, parse_listen, run_collector
+    from tracepipe.units import parse_duration, parse_size
 
     logging.basicConfig(
-        level=logging.DEBUG if _DEBUG["on"] else logging.INFO,
+        level=logging.DEBUG if ctx.obj.debug else logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s tracepipe collect: %(message)s",
     )
@@ -667,11 +623,11 @@ def collect_command(
         listen=[parse_listen(text) for text in listen],
         lake=lake,
         spool=spool,
-        rotate_s=parse_duration(rotate),
+        rotate_s=parse_duration(rotate, positive=True).total_seconds(),
         segment_bytes=parse_size(rotate_size),
         rcvbuf=parse_size(rcvbuf),
         allow=list(allow),
-        status_s=parse_duration(status_interval),
+        status_s=parse_duration(status_interval, positive=True).total_seconds(),
         stats_file=stats_file,
         keep_segments=keep_segments,
     )
@@ -700,14 +656,9 @@ UntilOption = Annotated[
 ]
 
 
-def _time_or_none(text: str | None) -> Any:
-    from tracepipe.query import parse_time
-
-    return parse_time(text) if text else None
-
-
 @app.command("sweep")
 def sweep_command(
+    ctx: typer.Context,
     pipeline: Annotated[
         Path,
         typer.Argument(
@@ -747,38 +698,38 @@ def sweep_command(
     """
     from tracepipe.engines import parse_conf
     from tracepipe.sweep import run_sweep
+    from tracepipe.units import parse_time
 
-    with console.status("sweep") as status:
+    p: Printer = ctx.obj
+    with p.err.status("sweep") as status:
         result = run_sweep(
             open_lake(lake),
             pipeline,
-            _time_or_none(since),
-            _time_or_none(until),
+            parse_time(since) if since else None,
+            parse_time(until) if until else None,
             engine=engine,
             on_stage=lambda name: status.update(f"sweep: {name}"),
             spark_master=spark_master,
             spark_conf=parse_conf(spark_conf),
         )
-    summary = result.summary()
+    summary = result.to_dict()
     if output_format == OutputFormat.json:
-        print_json(summary)
+        p.json(summary)
     else:
-        out.print(f"[bold]{result.pipeline}[/bold]: {result.message}", soft_wrap=True)
+        p.line((result.pipeline, "bold"), f": {result.message}")
         for row in summary["top"]:
-            out.print(
-                f"  [{'red' if row['score'] and row['score'] >= 0.8 else 'yellow'}]{row['detector']:>15}"
-                f"[/] {row['score']:.2f}  {row['reason']}",
-                soft_wrap=True,
-            )
+            colour = "red" if row["score"] and row["score"] >= 0.8 else "yellow"
+            p.line("  ", (f"{row['detector']:>15}", colour), f" {row['score']:.2f}  {row['reason']}")
         for note in result.notes:
-            out.print(f"  note: {note}", soft_wrap=True)
+            p.line(f"  note: {note}")
         for kind, path in result.report_paths.items():
-            out.print(f"  report ({kind}): {path}", soft_wrap=True)
+            p.line(f"  report ({kind}): {path}")
     raise typer.Exit(result.exit_code)
 
 
 @model_app.command("fit")
 def model_fit_command(
+    ctx: typer.Context,
     since: Annotated[
         str, typer.Option("--since", help="Baseline start (ISO 8601 / epoch).", show_default=False)
     ],
@@ -800,36 +751,24 @@ def model_fit_command(
 
     Example: tracepipe model fit --since 2025-06-01 --until 2025-06-15 --pipeline site/nightly.toml
     """
-    from tracepipe.detect.model import fit_lake
-    from tracepipe.pipeline_config import load_pipeline
-    from tracepipe.query import parse_time
+    from tracepipe.detect.model import fit_pipeline
+    from tracepipe.units import parse_time
 
-    config = load_pipeline(pipeline)
-    with console.status("model fit"):
-        path, info = fit_lake(
-            open_lake(lake),
-            parse_time(since),
-            parse_time(until),
-            config.pipeline.local_networks,
-            path=config.model.path or None,
-        )
-    answer = {
-        "model": str(path),
-        "rows": info.rows,
-        "hosts": info.hosts,
-        "features": info.features,
-        "sklearn": info.sklearn_version,
-        "fit_since": info.fit_since,
-        "fit_until": info.fit_until,
-    }
+    p: Printer = ctx.obj
+    with p.err.status("model fit"):
+        result = fit_pipeline(open_lake(lake), pipeline, parse_time(since), parse_time(until))
     if output_format == OutputFormat.json:
-        print_json(answer)
+        p.json(result.to_dict())
     else:
-        out.print(f"fitted on {info.rows:,} (host, hour)s of {info.hosts:,} hosts -> {path}")
+        p.line(
+            f"fitted on {result.info.rows:,} (host, hour)s of {result.info.hosts:,} hosts -> {result.path}"
+        )
+    raise typer.Exit(result.exit_code)
 
 
 @model_app.command("score")
 def model_score_command(
+    ctx: typer.Context,
     since: Annotated[str, typer.Option("--since", help="Start of the windows to score.", show_default=False)],
     until: Annotated[str, typer.Option("--until", help="End (exclusive).", show_default=False)],
     top: Annotated[int, typer.Option("--top", help="Show the N highest.")] = 20,
@@ -848,44 +787,26 @@ def model_score_command(
 
     Example: tracepipe model score --since 2025-06-17 --until 2025-06-18 --top 10
     """
-    from tracepipe.detect.model import score_lake
-    from tracepipe.pipeline_config import load_pipeline
-    from tracepipe.query import parse_time
+    from tracepipe.detect.model import score_pipeline
+    from tracepipe.units import parse_time
 
-    config = load_pipeline(pipeline)
-    with console.status("model score"):
-        scored = score_lake(
-            open_lake(lake),
-            parse_time(since),
-            parse_time(until),
-            config.model.path or None,
-            history=float(config.window.baseline),
-            top_features=config.model.top_features,
-        )
-    rows = [
-        {
-            "host": r["host"],
-            "window_start": r["window_start"],
-            "anomaly_score": round(r["anomaly_score"], 4),
-            "explanation": json.loads(r["explanation"]),
-        }
-        for r in scored.head(top).to_dicts()
-    ]
+    p: Printer = ctx.obj
+    with p.err.status("model score"):
+        result = score_pipeline(open_lake(lake), pipeline, parse_time(since), parse_time(until), top)
     if output_format == OutputFormat.json:
-        print_json(rows)
-        return
-    for r in rows:
+        p.json(result.to_dict())
+        raise typer.Exit(result.exit_code)
+    for r in result.rows:
         why = "; ".join(
             f"{e['feature']}={e['value']:g} (baseline {e['baseline']:g})" for e in r["explanation"]
         )
-        out.print(
-            f"{r['anomaly_score']:.3f}  {r['host']:<20} {r['window_start']:%Y-%m-%d %H:%M}  {why}",
-            soft_wrap=True,
-        )
+        p.line(f"{r['anomaly_score']:.3f}  {r['host']:<20} {r['window_start']:%Y-%m-%d %H:%M}  {why}")
+    raise typer.Exit(result.exit_code)
 
 
 @intel_app.command("import")
 def intel_import_command(
+    ctx: typer.Context,
     path: Annotated[
         Path, typer.Argument(help="MISP CSV/JSON export or a list of addresses/CIDRs.", show_default=False)
     ],
@@ -904,22 +825,20 @@ def intel_import_command(
 
     Example: tracepipe intel import misp-export.csv && tracepipe sweep site/retro-hunt.toml
     """
-    from tracepipe.errors import EXIT_PARTIAL
     from tracepipe.intel import import_intel
 
+    p: Printer = ctx.obj
     result = import_intel(open_lake(lake), path, input_format)
-    code = EXIT_FAILED if result.rows == 0 and result.rejects else (EXIT_PARTIAL if result.rejects else 0)
-    answer = {**vars(result), "exit_code": code}
     if output == OutputFormat.json:
-        print_json(answer)
+        p.json(result.to_dict())
     elif result.already_imported:
-        out.print(f"{path}: already imported (same content), nothing added")
+        p.line(f"{path}: already imported (same content), nothing added")
     else:
-        out.print(
+        p.line(
             f"{path} ({result.format}): {result.rows} indicators, {result.rejects} rejected, "
             f"{result.skipped_types} attributes of other types skipped"
         )
-    raise typer.Exit(code)
+    raise typer.Exit(result.exit_code)
 
 
 # ---- commands: init ----------------------------------------------------------------------------------------
@@ -927,6 +846,7 @@ def intel_import_command(
 
 @app.command("init")
 def init_command(
+    ctx: typer.Context,
     directory: Annotated[Path, typer.Argument(help="Where the pipeline files go (made if missing).")],
     force: Annotated[bool, typer.Option("--force", help="Overwrite pipeline files already there.")] = False,
     output: FormatOption = OutputFormat.table,
@@ -940,12 +860,13 @@ def init_command(
     """
     from tracepipe.pipeline_config import write_templates
 
+    p: Printer = ctx.obj
     result = write_templates(directory, force=force)
     if output == OutputFormat.json:
-        print_json(result.to_dict())
+        p.json(result.to_dict())
     else:
         for path in result.written:
-            out.print(f"wrote {path}", markup=False, soft_wrap=True)
+            p.line(f"wrote {path}")
     raise typer.Exit(result.exit_code)
 
 
@@ -954,6 +875,7 @@ def init_command(
 
 @app.command("demo")
 def demo_command(
+    ctx: typer.Context,
     lake: Annotated[Path, typer.Option("--lake", help="Demo lake; emptied and rebuilt on every run.")] = Path(
         "demo-lake"
     ),
@@ -973,38 +895,41 @@ def demo_command(
     """
     from tracepipe.demo import STORY_DIR, run_demo
 
-    with console.status("demo") as status:
+    p: Printer = ctx.obj
+    with p.err.status("demo") as status:
         # the next commands are printed the way the user called us (.venv/bin/tracepipe, tracepipe, ...)
         program = sys.argv[0] if Path(sys.argv[0]).name == "tracepipe" else "tracepipe"
         result = run_demo(
             lake, story or STORY_DIR, progress=lambda step: status.update(f"demo: {step}"), program=program
         )
     if output == OutputFormat.json:
-        print_json(result.to_dict())
-        raise typer.Exit(result.exit_code)
-    _print_demo(result)
+        p.json(result.to_dict())
+    else:
+        _print_demo(p, result)
     raise typer.Exit(result.exit_code)
 
 
-def _print_demo(result: Any) -> None:
-    from rich.markup import escape
-
+def _print_demo(p: Printer, result: Any) -> None:
     start, end = result.window
-    out.print(
-        f"[bold]tracepipe demo[/bold]: sample story {start:%Y-%m-%d %H:%M}–{end:%H:%M} UTC, lake {result.lake}"
+    p.line(
+        ("tracepipe demo", "bold"),
+        f": sample story {start:%Y-%m-%d %H:%M}–{end:%H:%M} UTC, lake {result.lake}",
     )
-    marks = {"ok": "[green]ok[/green]", "failed": "[red]failed[/red]", "missing": "[yellow]missing[/yellow]"}
+    marks = {"ok": "green", "failed": "red", "missing": "yellow"}
     for step in result.steps:
         numbers = ", ".join(
             f"{k} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k} {v}"
             for k, v in step.numbers.items()
         )
-        detail = f" — {escape(step.detail)}" if step.detail else ""
-        out.print(
-            f"  {marks.get(step.status, step.status)}  {escape(step.name)}: {escape(numbers)}{detail}"
-            f" [dim]({step.seconds:.1f} s)[/dim]"
+        detail = f" — {step.detail}" if step.detail else ""
+        p.line(
+            "  ",
+            (step.status, marks.get(step.status, "")),
+            f"  {step.name}: {numbers}{detail} ",
+            (f"({step.seconds:.1f} s)", "dim"),
         )
-    out.print(f"\n[bold]Findings[/bold]: {len(result.findings)} (host, detector) pairs, strongest first")
+    p.line("")
+    p.line(("Findings", "bold"), f": {len(result.findings)} (host, detector) pairs, strongest first")
     for n, f in enumerate(result.findings, 1):
         state = f["vm_status"] or "unknown"
         if f.get("quarantine_until"):
@@ -1014,51 +939,37 @@ def _print_demo(result: Any) -> None:
             if f["vm_name"]
             else "no VM held this address"
         )
-        out.print(
-            f"{n:>2}. [bold]{escape(f['detector'] or '')}[/bold]  {escape(f['addr'] or '')}  {escape(who)}"
-        )
-        out.print(f"    {escape(f['reason'] or '')}", soft_wrap=True)
-    out.print()
-    found = sum(1 for c in result.truth_check if c["found"] and c["attributed"])
-    out.print(
-        f"Ground truth (the story's ground_truth.json): {found}/{len(result.truth_check)} planted "
-        f"incidents found and attributed to the right VM and owner; "
+        p.line(f"{n:>2}. ", (f["detector"] or "", "bold"), f"  {f['addr'] or ''}  {who}")
+        p.line(f"    {f['reason'] or ''}")
+    p.line("")
+    p.line(
+        f"Ground truth (the story's ground_truth.json): {result.truth_found}/{len(result.truth_check)} "
+        "planted incidents found and attributed to the right VM and owner; "
         f"{len(result.false_positives)} ordinary hosts alerted"
         + (f" ({', '.join(result.false_positives)})" if result.false_positives else "")
         + "."
     )
-    for check in result.truth_check:
-        if not (check["found"] and check["attributed"]):
-            out.print(
-                f"  [yellow]not found/attributed:[/yellow] {check['kind']} {check['addr']} ({check['vm_name']})"
-            )
-    if result.report.get("html"):
-        out.print(
-            f"Report: [bold]{escape(result.report['html'])}[/bold] (open it in a browser; JSON: "
-            f"{escape(result.report.get('json', ''))})"
+    for check in result.truth_missed:
+        p.line(
+            "  ",
+            ("not found/attributed:", "yellow"),
+            f" {check['kind']} {check['addr']} ({check['vm_name']})",
         )
-    out.print("Try next:")
+    if result.report.get("html"):
+        p.line(
+            "Report: ",
+            (result.report["html"], "bold"),
+            f" (open it in a browser; JSON: {result.report.get('json', '')})",
+        )
+    p.line("Try next:")
     for command in result.next_commands:
-        out.print(f"  {escape(command)}", soft_wrap=True)
-    out.print(f"[dim]{result.seconds:.1f} s[/dim]")
+        p.line(f"  {command}")
+    p.line((f"{result.seconds:.1f} s", "dim"))
 
 
 def main() -> None:
-    """Entry point: turns TracepipeError into one red line and its exit code (click handles usage errors)."""
-    try:
-        app()
-    except TracepipeError as exc:
-        if _DEBUG["on"]:
-            console.print_exception()
-        console.print(f"[red]error:[/red] {exc}")
-        sys.exit(exc.exit_code)
-    except (SystemExit, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        if _DEBUG["on"]:
-            console.print_exception()
-        console.print(f"[red]internal error:[/red] {exc!r} (rerun with --debug for the traceback)")
-        sys.exit(EXIT_FAILED)
+    """Entry point (errors become one red line and their exit code in the app's group, see _Tracepipe)."""
+    app()
 
 
 if __name__ == "__main__":

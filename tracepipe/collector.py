@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from tracepipe import fsutil
 from tracepipe import spool as sp
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EnvironmentProblem, LakeError, UsageError
 
@@ -65,23 +66,6 @@ PR_SET_PDEATHSIG = 1
 
 
 # ---- options --------------------------------------------------------------------------------------------------
-
-
-def parse_duration(text: str) -> float:
-    """`5m`, `300s`, `300`, `1h`, `0.5s` -> seconds."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
-    if not match or float(match.group(1)) <= 0:
-        raise UsageError(f"cannot read duration {text!r}; write e.g. 5m, 300s, 1h, 0.5s")
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
-    return float(match.group(1)) * scale
-
-
-def parse_size(text: str) -> int:
-    """`32M`, `33554432`, `1G`, `512k` -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]+)\s*([kKmMgG])?i?[bB]?\s*", text)
-    if not match:
-        raise UsageError(f"cannot read size {text!r}; write e.g. 32M, 33554432, 1G")
-    return int(match.group(1)) << {None: 0, "k": 10, "m": 20, "g": 30}[(match.group(2) or "").lower() or None]
 
 
 @dataclass(frozen=True)
@@ -459,13 +443,13 @@ def _finish_segment(path: Path, keep: bool) -> None:
     if keep:
         done = path.parent / sp.DONE_DIR
         done.mkdir(exist_ok=True)
-        os.replace(path, done / path.name)
+        fsutil.move_durably(path, done / path.name)
         if sidecar.exists():
-            os.replace(sidecar, done / sidecar.name)
+            fsutil.move_durably(sidecar, done / sidecar.name)
     else:
         path.unlink(missing_ok=True)
         sidecar.unlink(missing_ok=True)
-    sp.fsync_dir(path.parent)
+        fsutil.fsync_dir(path.parent)
 
 
 def commit_pending(lake: Any, spool: Path, keep: bool, totals: dict[str, Any] | None = None) -> int:
@@ -490,7 +474,7 @@ def commit_pending(lake: Any, spool: Path, keep: bool, totals: dict[str, Any] | 
                 "cannot decode %s; moved to %s/ for a bug report, continuing", path.name, FAILED_DIR
             )
             (spool / FAILED_DIR).mkdir(exist_ok=True)
-            os.replace(path, spool / FAILED_DIR / path.name)
+            fsutil.move_durably(path, spool / FAILED_DIR / path.name)
             state, after = _load_state(spool)
             continue
         _save_state(spool, state, path.name)

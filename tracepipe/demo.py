@@ -69,6 +69,15 @@ class DemoResult:
     seconds: float = 0.0
 
     @property
+    def truth_found(self) -> int:
+        """Planted incidents found by an expected detector AND attributed to the right VM and owner."""
+        return sum(1 for check in self.truth_check if check["found"] and check["attributed"])
+
+    @property
+    def truth_missed(self) -> list[dict[str, Any]]:
+        return [check for check in self.truth_check if not (check["found"] and check["attributed"])]
+
+    @property
     def exit_code(self) -> int:
         if all(s.status != "ok" for s in self.steps):
             return EXIT_FAILED
@@ -82,6 +91,7 @@ class DemoResult:
             "findings": self.findings,
             "report": self.report,
             "truth_check": self.truth_check,
+            "truth_found": self.truth_found,
             "false_positives": self.false_positives,
             "next_commands": self.next_commands,
             "seconds": round(self.seconds, 1),

@@ -23,9 +23,10 @@ import polars as pl
 import pyarrow as pa
 
 from tracepipe.detect.features import ipv4_to_int
-from tracepipe.errors import InputError, UsageError
+from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.lake import Lake, hash_file, ingest_table
 from tracepipe.schema import INTEL, REJECTS
+from tracepipe.units import to_utc
 
 FORMATS = ("auto", "misp-csv", "misp-json", "list")
 # MISP attribute types that carry an address ("ip-dst|port" carries "addr|port").
@@ -41,6 +42,16 @@ class IntelImport:
     rejects: int
     skipped_types: int  # MISP attributes of types that are not addresses or domains (urls, hashes...)
     already_imported: bool
+
+    @property
+    def exit_code(self) -> int:
+        """0 all imported (or already); 3 some lines rejected; 4 every line rejected, nothing usable."""
+        if self.rejects and self.rows == 0:
+            return EXIT_FAILED
+        return EXIT_PARTIAL if self.rejects else EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**vars(self), "exit_code": self.exit_code}
 
 
 def _indicator_row(value: str, **extra: Any) -> dict[str, Any]:
@@ -87,18 +98,6 @@ def parse_list(text: str) -> tuple[list[dict], list[dict], int]:
     return rows, rejects, 0
 
 
-def _parse_date(value: Any) -> dt.datetime | None:
-    if value in (None, ""):
-        return None
-    try:
-        if isinstance(value, int | float) or str(value).isdigit():
-            return dt.datetime.fromtimestamp(int(value), dt.UTC)
-        parsed = dt.datetime.fromisoformat(str(value))
-        return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
-    except (ValueError, OverflowError, OSError):
-        return None
-
-
 def _attribute_row(attr: dict[str, Any], event: dict[str, Any]) -> dict[str, Any] | str | None:
     """One MISP attribute -> a row, None (a type we do not match on), or a reject reason."""
     kind = str(attr.get("type", "")).strip()
@@ -107,7 +106,7 @@ def _attribute_row(attr: dict[str, Any], event: dict[str, Any]) -> dict[str, Any
         "description": attr.get("comment") or event.get("info") or None,
         "tags": attr.get("category") or None,
         "event_id": str(attr.get("event_id") or event.get("id") or "") or None,
-        "first_seen": _parse_date(attr.get("first_seen") or attr.get("timestamp") or attr.get("date")),
+        "first_seen": to_utc(attr.get("first_seen") or attr.get("timestamp") or attr.get("date")),
     }
     if kind in ADDRESS_TYPES:
         if "|" in kind or (kind == "ip" and "|" in value):

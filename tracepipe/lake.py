@@ -36,6 +36,7 @@ from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
 
+from tracepipe import fsutil
 from tracepipe.errors import LakeError
 from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset
 
@@ -74,17 +75,6 @@ def hash_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def hash_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False) -> pa.Table:
@@ -178,23 +168,6 @@ def sort_indices(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
     return pa.array(np.lexsort(ranks[::-1]))
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
-    """Write one complete Parquet file: temp name, fsync, rename over `path` (atomic replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise LakeError(
-            f"cannot write {path}: {exc}. Check that the lake is writable and has free space."
-        ) from exc
-    _fsync_dir(path.parent)
-
-
 def _dataset(name: str) -> Dataset:
     if name == MANIFEST_DIR:
         return MANIFEST
@@ -275,7 +248,7 @@ class PartFile:
         self.row_group_rows = row_group_rows
         self.relative = (f"{PARTITION}={day}/" if day is not None else "") + f"{stem}.parquet"
         self.path = root / self.relative
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tmp = self.path.with_name(self.path.name + fsutil.TMP_SUFFIX)
         self.rows = 0
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
@@ -315,12 +288,10 @@ class PartFile:
         self._flush()
         if self._writer is None:
             return None
-        self._writer.close()
-        self._writer = None
-        with open(self.tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        with fsutil.replacing(self.path) as tmp:  # fsync, rename over, fsync the directory
+            assert tmp == self.tmp
+            self._writer.close()
+            self._writer = None
         meta = pq.read_metadata(self.path)
         size = self.path.stat().st_size
         return AddAction(

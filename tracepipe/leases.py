@@ -29,6 +29,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from tracepipe.fsutil import write_atomic
 from tracepipe.schema import VM_EVENTS, VM_LEASES, VMS
 
 SETTINGS_FILE = "_settings/leases.json"
@@ -441,9 +442,7 @@ def load_reclaim_interval(lake: Any) -> dt.timedelta | None:
 def save_reclaim_interval(lake: Any, interval: dt.timedelta) -> None:
     path = lake.root / SETTINGS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"reclaim_interval_seconds": interval.total_seconds()}))
-    tmp.replace(path)
+    write_atomic(path, json.dumps({"reclaim_interval_seconds": interval.total_seconds()}))
 
 
 def _intervals(table: pa.Table) -> set[tuple[Any, ...]]:

@@ -3,7 +3,7 @@
 Read with stdlib `tomllib`; every key is checked against the dataclass it fills, so an unknown key or a value of
 the wrong type is a `PipelineError` naming the key AND its line in the file (tomllib gives values, not
 positions, so `_KeyLines` finds the line of each `[table]` / `key =` by a light scan of the text).
-Durations are written "90s", "15m", "1h", "7d" (or plain seconds).
+Durations are written "90s", "15m", "1h", "7d" (or plain seconds): tracepipe.units, as on the command line.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tracepipe.errors import EXIT_OK, UsageError
+from tracepipe.units import parse_duration
 
 # The pipeline templates ship inside the package (pipelines/ at the repository root links here); a site starts
 # from editable copies (`tracepipe init DIR`). Commands given no pipeline file use the nightly template.
@@ -27,23 +28,6 @@ DEFAULT_PIPELINE = TEMPLATES_DIR / "nightly.toml"
 
 class PipelineError(UsageError):
     """The pipeline file does not parse or does not fit the schema (exit code 2)."""
-
-
-# ---- durations ----------------------------------------------------------------------------------------------
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-
-
-def parse_duration(value: str | int | float) -> float:
-    """'90s', '15m', '1h', '7d' or a number of seconds -> seconds. ValueError if it does not parse."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a duration")
-    if isinstance(value, int | float):
-        return float(value)
-    match = _DURATION_RE.match(value)
-    if not match:
-        raise ValueError(f"{value!r} is not a duration like '90s', '15m', '1h' or '7d'")
-    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 class Duration(float):
@@ -250,8 +234,8 @@ def _type_name(tp: Any) -> str:
 def _convert(value: Any, tp: Any, where: str, fail) -> Any:
     if tp is Duration:
         try:
-            return Duration(parse_duration(value))
-        except ValueError as exc:
+            return Duration(parse_duration(value).total_seconds())
+        except UsageError as exc:
             fail(where, str(exc))
     if tp is bool:
         if not isinstance(value, bool):

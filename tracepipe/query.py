@@ -9,7 +9,6 @@ not a query: `tracepipe sql` cannot COPY, CREATE, DELETE, ATTACH or change setti
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import re
 import tempfile
 from importlib import resources
@@ -22,6 +21,7 @@ import pyarrow as pa
 from tracepipe.errors import LakeError, UsageError
 from tracepipe.lake import Lake
 from tracepipe.schema import DATASETS
+from tracepipe.units import parse_addr, parse_duration, parse_time  # noqa: F401 (re-exported)
 
 # Statement types `tracepipe sql` runs; everything else (COPY, CREATE, INSERT, DELETE, UPDATE, ATTACH, SET,
 # LOAD, EXPORT, PRAGMA, CALL, ...) is refused before it reaches DuckDB.
@@ -166,44 +166,6 @@ def run_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRe
 
 
 # ---- the incident questions: who held an address, everything about one VM ----------------------------------
-
-_EPOCH = re.compile(r"^\s*\d{9,11}(\.\d+)?\s*$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_time(text: str) -> dt.datetime:
-    """ISO 8601 (with Z or an offset; naive = UTC) or epoch seconds -> aware UTC datetime; UsageError else."""
-    if _EPOCH.match(text):
-        return dt.datetime.fromtimestamp(float(text), tz=dt.UTC)
-    try:
-        value = dt.datetime.fromisoformat(text.strip().replace("z", "Z"))
-    except ValueError:
-        raise UsageError(
-            f"time {text!r} does not parse: give ISO 8601 (2024-03-12T07:30:00Z, 2024-03-12 08:30+01:00; "
-            "no offset = UTC) or epoch seconds (1710228600)"
-        ) from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC)
-
-
-def parse_duration(text: str) -> dt.timedelta:
-    """'90s', '30m', '1h', '2d', '1w' (a bare number is seconds) -> timedelta; UsageError else."""
-    match = _DURATION.match(text)
-    if not match:
-        raise UsageError(f"duration {text!r} does not parse: give a number and a unit, e.g. 30m, 1h, 2d")
-    return dt.timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()])
-
-
-def parse_addr(text: str) -> str:
-    """An IPv4/IPv6 address -> its canonical text (as the lake stores it); UsageError else."""
-    try:
-        return str(ipaddress.ip_address(text.strip()))
-    except ValueError:
-        raise UsageError(
-            f"address {text!r} does not parse: give one IPv4 or IPv6 address, e.g. 10.0.0.5"
-        ) from None
 
 
 def _rows(relation: duckdb.DuckDBPyRelation | duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tracepipe import fsutil
+
 BLOCK_MAGIC = b"TPSB"
 BLOCK_HEADER = struct.Struct("<4sIII")  # magic, datagram count, payload bytes, crc32 of the record headers
 RECORD = np.dtype(
@@ -75,14 +77,6 @@ def next_serial(spool: Path) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return max(serials, default=0) + 1
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def encode_block(records: np.ndarray, payload: bytes) -> bytes:
@@ -134,8 +128,7 @@ class SegmentWriter:
             self.path.unlink(missing_ok=True)
             return None
         closed = self.path.with_suffix(CLOSED_SUFFIX)
-        os.replace(self.path, closed)
-        fsync_dir(self.path.parent)
+        fsutil.move_durably(self.path, closed)
         return closed
 
 
@@ -232,9 +225,10 @@ def recover_open(path: Path) -> Recovery:
         os.fsync(handle.fileno())
     if cut:
         sidecar = closed.with_name(closed.name + RECOVERY_SUFFIX)
-        sidecar.write_text(json.dumps({"cut_bytes": cut, "kept_bytes": kept, "datagrams": datagrams}))
-    os.replace(path, closed)
-    fsync_dir(path.parent)
+        fsutil.write_atomic(
+            sidecar, json.dumps({"cut_bytes": cut, "kept_bytes": kept, "datagrams": datagrams})
+        )
+    fsutil.move_durably(path, closed)
     return Recovery(closed, datagrams, kept, cut)
 
 
@@ -254,10 +248,4 @@ def addresses_text(addr16: np.ndarray) -> np.ndarray:
 def write_json_atomic(path: Path, obj: object, durable: bool = True) -> None:
     """Replace `path` atomically (readers see the old or the new file). `durable=False` skips the fsync: fine for
     monitoring files, and keeps a journal commit from stalling the receive loop."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(obj, handle, indent=1, default=str)
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    fsutil.write_atomic(path, json.dumps(obj, indent=1, default=str), durable=durable)

@@ -34,6 +34,7 @@ from tracepipe.errors import (
     TracepipeError,
     UsageError,
 )
+from tracepipe.fsutil import write_atomic
 from tracepipe.lake import Lake
 from tracepipe.pipeline_config import PipelineConfig, load_pipeline
 from tracepipe.schema import ALERTS
@@ -66,6 +67,9 @@ class SweepResult:
             f"{self.flows:,} flows between {self.since:%Y-%m-%d %H:%M} and {self.until:%Y-%m-%d %H:%M} UTC: "
             f"{self.new_alerts.num_rows} new alert(s), {self.already_known} already known"
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.summary()
 
     def summary(self) -> dict[str, Any]:
         by_detector: dict[str, int] = {}
@@ -219,11 +223,9 @@ def write_reports(lake: Lake, config: PipelineConfig, result: SweepResult) -> di
     paths: dict[str, Path] = {}
     json_path = out_dir / f"{stem}.json"
     report = {"summary": result.summary(), "alerts": [_jsonable(r) for r in result.alerts.to_pylist()]}
-    tmp = json_path.with_name(json_path.name + ".tmp")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(report, indent=2, default=str))
-        tmp.replace(json_path)
+        write_atomic(json_path, json.dumps(report, indent=2, default=str))
     except OSError as exc:
         raise LakeError(
             f"cannot write the sweep report to {out_dir}: {exc.strerror}. The alerts are in the lake; "

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import joblib
 import numpy as np
@@ -18,8 +18,9 @@ import polars as pl
 import sklearn
 from sklearn.ensemble import IsolationForest
 
+from tracepipe import fsutil
 from tracepipe.detect.features import FEATURES, LOG_FEATURES, compute_features, utc
-from tracepipe.errors import InputError, LakeError, TracepipeError
+from tracepipe.errors import EXIT_OK, InputError, LakeError, TracepipeError
 from tracepipe.lake import Lake
 
 DEFAULT_MODEL = "_models/isolation-forest.joblib"
@@ -129,16 +130,12 @@ def _model_input(
 
 
 def save(forest: IsolationForest, info: ModelInfo, path: Path) -> Path:
-    """joblib file + `<path>.json` sidecar, each written to a temp name then renamed."""
+    """joblib file + `<path>.json` sidecar, each replaced atomically (tracepipe.fsutil)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tmp = path.with_name(path.name + ".tmp")
-        joblib.dump(forest, tmp)
-        os.replace(tmp, path)
-        side = sidecar(path)
-        tmp = side.with_name(side.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(info), indent=2))
-        os.replace(tmp, side)
+        with fsutil.replacing(path) as tmp:
+            joblib.dump(forest, tmp)
+        fsutil.write_atomic(sidecar(path), json.dumps(asdict(info), indent=2))
     except OSError as exc:
         raise LakeError(f"cannot write the model to {path}: {exc}") from exc
     return path
@@ -228,6 +225,73 @@ def score_lake(
         lake, since, until, info.local_networks, info.window_seconds, history_start=start
     )
     return score(features, forest, info, top_features)
+
+
+@dataclass
+class FitResult:
+    """What `tracepipe model fit` reports."""
+
+    path: Path
+    info: ModelInfo
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": str(self.path),
+            "rows": self.info.rows,
+            "hosts": self.info.hosts,
+            "features": self.info.features,
+            "sklearn": self.info.sklearn_version,
+            "fit_since": self.info.fit_since,
+            "fit_until": self.info.fit_until,
+        }
+
+
+@dataclass
+class ScoreResult:
+    """What `tracepipe model score` reports: the top (host, window)s, each with the features that stood out."""
+
+    rows: list[dict[str, Any]]
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        return self.rows
+
+
+def fit_pipeline(lake: Lake, pipeline: Path, since: dt.datetime, until: dt.datetime) -> FitResult:
+    """`fit_lake` with the local networks and model path of a pipeline file."""
+    from tracepipe.pipeline_config import load_pipeline
+
+    config = load_pipeline(pipeline)
+    path, info = fit_lake(lake, since, until, config.pipeline.local_networks, path=config.model.path or None)
+    return FitResult(path, info)
+
+
+def score_pipeline(
+    lake: Lake, pipeline: Path, since: dt.datetime, until: dt.datetime, top: int = 20
+) -> ScoreResult:
+    """`score_lake` with the model path, baseline and explanation length of a pipeline file; the `top`."""
+    from tracepipe.pipeline_config import load_pipeline
+
+    config = load_pipeline(pipeline)
+    scored = score_lake(
+        lake,
+        since,
+        until,
+        config.model.path or None,
+        history=float(config.window.baseline),
+        top_features=config.model.top_features,
+    )
+    rows = [
+        {
+            "host": r["host"],
+            "window_start": r["window_start"],
+            "anomaly_score": round(r["anomaly_score"], 4),
+            "explanation": json.loads(r["explanation"]),
+        }
+        for r in scored.head(top).to_dicts()
+    ]
+    return ScoreResult(rows)
 
 
 def anomaly_candidates(

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, TextIO
 
 import pyarrow as pa
 
@@ -148,3 +149,50 @@ def engine_relation(
 
     table = run_sql(lake, sql, engine, spark_master=spark_master, spark_conf=spark_conf)
     return duckdb.arrow(table)
+
+
+def read_sql(query: str | None, file: Path | None, stdin: TextIO) -> str:
+    """The SQL of `tracepipe sql`: from `file`, from stdin (query '-', or no query and stdin is not a
+    terminal), else the query argument itself."""
+    if file is not None:
+        try:
+            return Path(file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read {file}: {exc.strerror or exc}") from exc
+    if query == "-" or (query is None and not stdin.isatty()):
+        return stdin.read()
+    if query is not None:
+        return query
+    raise UsageError("give a query, -f FILE, '-' for stdin, or --shell")
+
+
+def query_lake(
+    lake: Lake,
+    sql: str,
+    engine: str = "duckdb",
+    *,
+    spark_master: str | None = None,
+    spark_conf: Mapping[str, str] | None = None,
+) -> Any:
+    """Read-only SQL over the lake's views on `engine`, as a DuckDB relation (None when the last statement
+    returns no rows): what `tracepipe sql` prints or exports."""
+    if engine == "duckdb":
+        from tracepipe import query
+
+        return query.run_read_only(query.connect(lake), sql)
+    return engine_relation(lake, sql, engine, spark_master=spark_master, spark_conf=spark_conf)
+
+
+def export_relation(relation: Any, fmt: str, output: Path | None = None) -> str | None:
+    """A result as csv/json text, returned, or written (atomically) to `output`; parquet needs `output`."""
+    from tracepipe import query
+    from tracepipe.fsutil import write_atomic
+
+    text = query.export_result(relation, fmt, output)
+    if text is None or output is None:
+        return text
+    try:
+        write_atomic(output, text)
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    return None

@@ -21,6 +21,7 @@ import pyarrow as pa
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
+from tracepipe.fsutil import write_atomic
 from tracepipe.lake import Lake
 from tracepipe.query import scan_sql
 
@@ -530,7 +531,7 @@ def render_report(
     lake: Lake, alerts: pa.Table, out_dir: Path, title: str, window: tuple[dt.datetime, dt.datetime]
 ) -> dict[str, Path]:
     """Write `report-<start>-<end>.html` and `.json` into `out_dir`; returns {"html": path, "json": path}.
-    Atomic: each file is written under a temporary name and renamed."""
+    Atomic: each file is replaced with tracepipe.fsutil.write_atomic."""
     data = build_report_data(lake, alerts, title, window)
     html = render_html(data)
     out_dir = Path(out_dir)
@@ -538,7 +539,5 @@ def render_report(
     stem = _file_stem(window)
     paths = {"html": out_dir / f"{stem}.html", "json": out_dir / f"{stem}.json"}
     for kind, text in (("html", html), ("json", json.dumps(data, indent=1, default=str))):
-        tmp = paths[kind].with_name(paths[kind].name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(paths[kind])
+        write_atomic(paths[kind], text)
     return paths

@@ -1,5 +1,5 @@
 """Shared pieces of the VM-lifecycle parsers: a column builder for schema.VM_EVENTS rows, a rejects builder,
-and timestamp parsing. Parsers stay pure: text in, (events, rejects) Arrow tables out.
+(timestamps: tracepipe.units.to_utc). Parsers stay pure: text in, (events, rejects) Arrow tables out.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ try:  # 3x faster than the stdlib on notification dumps; its errors subclass jso
 except ImportError:  # pragma: no cover - without orjson, the stdlib decoder
     from json import loads as json_loads
 
-__all__ = ["EventColumns", "RejectColumns", "json_loads", "parse_interval", "parse_utc"]
+__all__ = ["EventColumns", "RejectColumns", "json_loads"]
 
 UTC = dt.UTC
 
@@ -68,39 +68,3 @@ class RejectColumns:
                 "detail": pa.array(self.details, pa.string()),
             }
         )
-
-
-def parse_utc(text: Any, naive_tz: dt.tzinfo = UTC) -> dt.datetime | None:
-    """OpenStack timestamps: "2024-03-12 07:00:00.123456" (oslo, no zone = UTC) or ISO 8601 with Z/offset;
-    a time without zone is read in `naive_tz`. Returns an aware UTC datetime, or None when the value is empty
-    or does not parse."""
-    if text is None or text == "":
-        return None
-    if isinstance(text, int | float):
-        return dt.datetime.fromtimestamp(float(text), UTC)
-    if not isinstance(text, str):
-        return None
-    value = text.strip()
-    if value.endswith("Z"):
-        value = value[:-1] + "+00:00"
-    try:
-        parsed = dt.datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=naive_tz).astimezone(UTC)
-    return parsed.astimezone(UTC)
-
-
-def parse_interval(text: str) -> dt.timedelta:
-    """ "7d", "36h", "90m", "3600s" or a bare number of seconds (Nova's reclaim_instance_interval is seconds)."""
-    value = text.strip().lower()
-    units = {"d": 86400, "h": 3600, "m": 60, "s": 1, "w": 7 * 86400}
-    try:
-        if value and value[-1] in units:
-            return dt.timedelta(seconds=float(value[:-1]) * units[value[-1]])
-        return dt.timedelta(seconds=float(value))
-    except ValueError as exc:
-        from tracepipe.errors import UsageError
-
-        raise UsageError(f"interval {text!r} does not parse; write e.g. 7d, 36h, 90m or 604800") from exc

@@ -22,8 +22,9 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from tracepipe.ingest.cloud.common import EventColumns, RejectColumns, json_loads, parse_utc
+from tracepipe.ingest.cloud.common import EventColumns, RejectColumns, json_loads
 from tracepipe.schema import VM_ACTIONS, VM_STATES
+from tracepipe.units import to_utc
 
 COLUMNS = (
     "ts",
@@ -109,7 +110,7 @@ def parse_generic(
 
     for row, line in zip(rows, lines, strict=True):
         raw_ts = text_of(row, "ts")
-        ts = parse_utc(raw_ts, naive_tz=tz)  # no offset written: the given local zone
+        ts = to_utc(raw_ts, naive_tz=tz)  # no offset written: the given local zone
         vm_id = text_of(row, "vm_id")
         if ts is None:
             rejects.add(line, "bad or missing ts", str(raw_ts))

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tracepipe.ingest.cloud.common import EventColumns, RejectColumns, parse_utc
+from tracepipe.ingest.cloud.common import EventColumns, RejectColumns
+from tracepipe.units import to_utc
 
 CLOUD = "openstack"
 
@@ -29,7 +30,7 @@ def add_neutron_event(
 ) -> None:
     """One `floatingip.*` / `port.*` message -> one vm_events row (or a reject without a usable time)."""
     event_type = str(message.get("event_type"))
-    ts = parse_utc(message.get("timestamp"))
+    ts = to_utc(message.get("timestamp"))
     if ts is None:
         rejects.add(line, "notification without timestamp", event_type)
         return

@@ -13,7 +13,8 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from tracepipe.ingest.cloud.common import EventColumns, RejectColumns, json_loads, parse_utc
+from tracepipe.ingest.cloud.common import EventColumns, RejectColumns, json_loads
+from tracepipe.units import to_utc
 
 CLOUD = "openstack"
 
@@ -156,11 +157,7 @@ def add_nova_event(
     event_type = str(message.get("event_type"))
     data = _payload_data(message)
     # Nova's doc samples carry no envelope timestamp: fall back to the instance's updated_at/created_at.
-    ts = (
-        parse_utc(message.get("timestamp"))
-        or parse_utc(data.get("updated_at"))
-        or parse_utc(data.get("created_at"))
-    )
+    ts = to_utc(message.get("timestamp")) or to_utc(data.get("updated_at")) or to_utc(data.get("created_at"))
     if ts is None:
         rejects.add(line, "notification without timestamp", event_type)
         return

@@ -1,0 +1,87 @@
+"""tracepipe.units: the one parser of durations, sizes, times, dates and addresses, used by every command and
+by pipeline files (regression: `collect --rotate 1d` was refused while `who --window 1d` worked)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from tracepipe.errors import UsageError
+from tracepipe.pipeline_config import parse_pipeline
+from tracepipe.units import parse_addr, parse_date, parse_duration, parse_size, parse_time, to_utc
+
+DURATIONS = [
+    ("250ms", 0.25),
+    ("0.5s", 0.5),
+    ("90s", 90),
+    ("300", 300),
+    ("5m", 300),
+    ("30m", 1800),
+    ("1h", 3600),
+    ("1H", 3600),
+    ("1d", 86400),
+    ("7d", 7 * 86400),
+    ("1w", 604800),
+    (" 2 h ", 7200),
+]
+
+
+@pytest.mark.parametrize(("text", "seconds"), DURATIONS)
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == dt.timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize(("text", "seconds"), DURATIONS)
+def test_pipeline_files_accept_the_same_durations(text, seconds):
+    config = parse_pipeline(f'[window]\nlast = "{text}"\n[detectors.beacon]\nwindow = "{text}"\n')
+    assert config.window.last == seconds and config.detectors.beacon.window == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "1y", "-5m", "5 minutes", "", "m"])
+def test_parse_duration_refuses(text):
+    with pytest.raises(UsageError, match="duration"):
+        parse_duration(text)
+
+
+def test_parse_duration_positive_refuses_zero():
+    assert parse_duration("0s") == dt.timedelta(0)
+    with pytest.raises(UsageError, match="more than zero"):
+        parse_duration("0s", positive=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("33554432", 33554432),
+        ("512k", 512 << 10),
+        ("32M", 32 << 20),
+        ("1G", 1 << 30),
+        ("1GiB", 1 << 30),
+        ("2.5g", 5 << 29),
+    ],
+)
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["big", "32X", "-1M", ""])
+def test_parse_size_refuses(text):
+    with pytest.raises(UsageError, match="size"):
+        parse_size(text)
+
+
+def test_parse_time_date_addr():
+    assert parse_time("2024-03-12T07:30:00Z") == dt.datetime(2024, 3, 12, 7, 30, tzinfo=dt.UTC)
+    assert parse_time("2024-03-12") == dt.datetime(2024, 3, 12, tzinfo=dt.UTC)
+    assert parse_time("2024-03-12 08:30", naive_tz=dt.timezone(dt.timedelta(hours=1))) == dt.datetime(
+        2024, 3, 12, 7, 30, tzinfo=dt.UTC
+    )
+    assert to_utc("not a time") is None and to_utc("") is None and to_utc(None) is None
+    assert to_utc(1710228600) == dt.datetime(2024, 3, 12, 7, 30, tzinfo=dt.UTC)
+    assert parse_date("2024-03-12") == dt.date(2024, 3, 12)
+    with pytest.raises(UsageError, match="YYYY-MM-DD"):
+        parse_date("12/03/2024")
+    assert parse_addr(" 2001:DB8:0::1 ") == "2001:db8::1" and parse_addr("10.0.0.5") == "10.0.0.5"
+    with pytest.raises(UsageError, match="not an IP address"):
+        parse_addr("10.0.0.0/8")

@@ -1,0 +1,112 @@
+"""The one parser of each unit people type: durations, sizes, times, dates and addresses.
+
+Every command option and every pipeline file goes through these, so `--rotate 1d`, `--window 1d` and
+`window = "1d"` accept the same forms. Text that does not parse raises UsageError (exit code 2) with a form
+that works; `to_utc` is the lenient twin of `parse_time` for timestamps found in data (None instead).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import re
+from typing import Any
+
+from tracepipe.errors import UsageError
+
+__all__ = ["parse_addr", "parse_date", "parse_duration", "parse_size", "parse_time", "to_utc"]
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d|w)?", re.IGNORECASE)
+_DURATION_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}  # binary: 32M is 32 MiB, as the kernel counts
+_EPOCH = re.compile(r"\d{9,11}(\.\d+)?")  # 1973..5138: a short number is a typo, not a time
+
+
+def parse_duration(value: str | float, *, positive: bool = False) -> dt.timedelta:
+    """'250ms', '90s', '30m', '1h', '2d', '1w', or a number of seconds (text or number) -> timedelta.
+
+    Units are case-insensitive; `positive=True` also refuses zero (intervals that drive a clock)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise UsageError(f"duration {value!r} does not parse: give a number and a unit, e.g. 30m, 1h, 2d")
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        if not match:
+            raise UsageError(
+                f"duration {value!r} does not parse: it is not a duration like 90s, 30m, 1h or 2d "
+                "(units ms, s, m, h, d, w; a bare number is seconds)"
+            )
+        seconds = float(match.group(1)) * _DURATION_SECONDS[(match.group(2) or "s").lower()]
+    else:
+        seconds = float(value)
+    if seconds < 0 or (positive and seconds == 0):
+        raise UsageError(f"duration {value!r} must be {'more than' if positive else 'at least'} zero")
+    return dt.timedelta(seconds=seconds)
+
+
+def parse_size(value: str | int) -> int:
+    """'512k', '32M', '1G', '1GiB', '2.5G' or a number of bytes -> bytes (binary multiples)."""
+    if isinstance(value, bool):
+        raise UsageError(f"size {value!r} does not parse: write e.g. 32M, 1G or 33554432")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.fullmatch(str(value).strip())
+    if not match:
+        raise UsageError(f"size {value!r} does not parse: write e.g. 512k, 32M, 1G or 33554432 (bytes)")
+    return int(float(match.group(1)) * (1 << _SIZE_SHIFT[match.group(2).lower()]))
+
+
+def to_utc(value: Any, naive_tz: dt.tzinfo = dt.UTC) -> dt.datetime | None:
+    """A timestamp from data -> aware UTC datetime, or None when it is empty or does not parse.
+
+    ISO 8601 with Z or an offset (a time without one is read in `naive_tz`), epoch seconds as a number or as
+    9-11 digits of text, or a datetime."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        if isinstance(value, int | float):
+            return dt.datetime.fromtimestamp(float(value), dt.UTC)
+        if isinstance(value, dt.datetime):
+            parsed = value
+        elif isinstance(value, str):
+            text = value.strip()
+            if _EPOCH.fullmatch(text):
+                return dt.datetime.fromtimestamp(float(text), dt.UTC)
+            parsed = dt.datetime.fromisoformat(text.replace("z", "Z"))
+        else:
+            return None
+    except (ValueError, OverflowError, OSError):
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=naive_tz)
+    return parsed.astimezone(dt.UTC)
+
+
+def parse_time(text: str, naive_tz: dt.tzinfo = dt.UTC) -> dt.datetime:
+    """A time typed by a person: ISO 8601 (Z or an offset; none = `naive_tz`, UTC by default) or epoch
+    seconds -> aware UTC datetime; UsageError else."""
+    value = to_utc(text, naive_tz) if isinstance(text, str) else None
+    if value is None:
+        raise UsageError(
+            f"time {text!r} does not parse: give ISO 8601 (2024-03-12T07:30:00Z, 2024-03-12 08:30+01:00; "
+            "no offset = UTC) or epoch seconds (1710228600)"
+        )
+    return value
+
+
+def parse_date(text: str) -> dt.date:
+    """A UTC day 'YYYY-MM-DD' -> date; UsageError else."""
+    try:
+        return dt.date.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(f"date {text!r} does not parse: give YYYY-MM-DD, e.g. 2024-03-12") from None
+
+
+def parse_addr(text: str) -> str:
+    """One IPv4/IPv6 address -> its canonical text (as the lake stores it: 2001:db8::1); UsageError else."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise UsageError(
+            f"address {text!r} does not parse (not an IP address): give one IPv4 or IPv6 address, e.g. 10.0.0.5"
+        ) from None
