@@ -387,6 +387,13 @@ def sql_command(
     spark_conf: Annotated[
         list[str] | None, typer.Option("--spark-conf", help="Spark conf key=value (repeatable).")
     ] = None,
+    as_of: Annotated[
+        str | None,
+        typer.Option(
+            "--as-of",
+            help="Read the lake as it was at a time, or at the version a report recorded (flows=812,...).",
+        ),
+    ] = None,
 ) -> None:
     """Run read-only DuckDB SQL over the lake (or the same SQL on Spark with --engine spark).
 
@@ -399,16 +406,18 @@ def sql_command(
     """
     from tracepipe import engines
     from tracepipe import query as q
+    from tracepipe.maintenance import parse_as_of
 
     p: Printer = ctx.obj
+    snapshot = Lake(lake, as_of=parse_as_of(as_of)) if as_of else open_lake(lake)
     if shell:
         q.shell(
-            open_lake(lake),
+            snapshot,
             lambda r: p.error(str(r)) if isinstance(r, Exception) else _print_relation(p, r, max_rows),
         )
         return
     relation = engines.query_lake(
-        open_lake(lake),
+        snapshot,
         engines.read_sql(query, file, sys.stdin),
         engine,
         spark_master=spark_master,
@@ -559,6 +568,137 @@ def attribute_command(
         f"{summary['rows']} flows in {summary['files']} files: {summary['src_attributed']} sources and "
         f"{summary['dst_attributed']} destinations attributed to a VM ({summary['seconds']} s)"
     )
+
+
+# ---- commands: lake maintenance -----------------------------------------------------------------------------
+
+
+@app.command("compact")
+def compact_command(
+    ctx: typer.Context,
+    dataset: Annotated[
+        list[str] | None, typer.Option("--dataset", help="flows, vm_logs, ... (repeatable); default all.")
+    ] = None,
+    day: Annotated[
+        list[str] | None, typer.Option("--day", help="UTC day YYYY-MM-DD (repeatable); default all.")
+    ] = None,
+    min_files: Annotated[
+        int, typer.Option("--min-files", help="Merge a day once it holds this many small files.", min=2)
+    ] = 2,
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Merge each day's small files into files of sorted row groups, one commit per day. Ingest and the
+    collector do this by themselves once a day holds 16 small files; readers running meanwhile see every row
+    exactly once.
+
+    Example: tracepipe compact --dataset flows --day 2024-03-12 --lake /srv/lake
+    """
+    from tracepipe.maintenance import compact_lake
+    from tracepipe.units import parse_date
+
+    p: Printer = ctx.obj
+    days = [parse_date(text).isoformat() for text in day or []] or None
+    result = compact_lake(open_lake(lake), dataset or None, days, min_files=min_files)
+    if output == OutputFormat.json:
+        p.json(result.to_dict())
+    else:
+        for name, done in result.datasets.items():
+            p.line(
+                f"{name}: {done['days']} days compacted, {done['files_removed']} files merged into "
+                f"{done['files_added']} ({done['rows']} rows)"
+            )
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("expire")
+def expire_command(
+    ctx: typer.Context,
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Remove days older than this (e.g. 400d, 56w).")
+    ],
+    no_vacuum: Annotated[
+        bool, typer.Option("--no-vacuum", help="Only commit the removal; delete the files later (vacuum).")
+    ] = False,
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Retention: remove flows, VM logs and rejects of the days older than --older-than, one commit per table
+    (the log records what went and when), then delete the files no version of the last 7 days lists. VM
+    events, leases, VMs and alerts are kept.
+
+    Example: tracepipe expire --older-than 400d --lake /srv/lake --format json >> /var/log/tracepipe-expire.jsonl
+    """
+    from tracepipe.maintenance import expire_lake
+    from tracepipe.units import parse_duration
+
+    p: Printer = ctx.obj
+    result = expire_lake(open_lake(lake), parse_duration(older_than, positive=True), vacuum=not no_vacuum)
+    if output == OutputFormat.json:
+        p.json(result.to_dict())
+    else:
+        p.line(f"expired everything before {result.before} (UTC):")
+        for gone in result.datasets:
+            days = gone["days"]
+            span = f"{days[0]} .. {days[-1]}" if days else "nothing"
+            p.line(
+                f"  {gone['dataset']}: {len(days)} days ({span}), {gone['files']} files, {gone['rows']} rows"
+            )
+        if result.vacuumed:
+            p.line(f"  files deleted from disk: {sum(result.vacuumed.values())}")
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("vacuum")
+def vacuum_command(
+    ctx: typer.Context,
+    retain: Annotated[
+        str, typer.Option("--retain", help="Keep files a version of this recent past still lists.")
+    ] = "7d",
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Delete files that no table version within --retain lists (merged by compaction, expired, rewritten by
+    attribution, or left by a killed writer). Time travel (sql --as-of) reaches back as far as --retain.
+
+    Example: tracepipe vacuum --retain 30d --lake /srv/lake
+    """
+    from tracepipe.maintenance import vacuum_lake
+    from tracepipe.units import parse_duration
+
+    p: Printer = ctx.obj
+    result = vacuum_lake(open_lake(lake), parse_duration(retain, positive=True))
+    if output == OutputFormat.json:
+        p.json(result)
+    else:
+        for name, deleted in result["deleted"].items():
+            p.line(f"{name}: {deleted} files deleted")
+    raise typer.Exit(result["exit_code"])
+
+
+@app.command("upgrade")
+def upgrade_command(
+    ctx: typer.Context,
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Put a lake written by tracepipe before 0.2 (loose Parquet files) under transaction logs, in place: no
+    row is copied except flows, which gain their attributed_at column. Safe to run twice.
+
+    Example: tracepipe upgrade --lake /srv/lake
+    """
+    from tracepipe.maintenance import upgrade_lake
+
+    p: Printer = ctx.obj
+    result = upgrade_lake(open_lake(lake))
+    if output == OutputFormat.json:
+        p.json(result.to_dict())
+    else:
+        if not result.converted:
+            p.line("nothing to upgrade: every dataset already has a transaction log")
+        for name, files in result.converted.items():
+            p.line(f"{name}: {files} files now under a transaction log")
+    raise typer.Exit(result.exit_code)
 
 
 # ---- commands: collect --------------------------------------------------------------------------------------

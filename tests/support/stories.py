@@ -1251,7 +1251,7 @@ class _Flows:
                     pa.array(np.zeros(n, np.int32)), pa.array(["flowgen"])
                 ).cast(pa.string()),
             },
-            schema=pa.schema([f for f in FLOWS if f.name not in ("src_vm", "dst_vm")]),
+            schema=pa.schema([f for f in FLOWS if f.name not in ("src_vm", "dst_vm", "attributed_at")]),
         )
 
 

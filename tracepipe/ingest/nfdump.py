@@ -277,6 +277,7 @@ def _flows_from_columns(
             "source": pa.array([source] * n, pa.string()),
             "src_vm": pa.nulls(n, pa.string()),
             "dst_vm": pa.nulls(n, pa.string()),
+            "attributed_at": pa.nulls(n, FLOWS.field("attributed_at").type),
         }
     )
     return table, valid, reason, detail

@@ -23,6 +23,7 @@ from markupsafe import Markup
 
 from tracepipe.fsutil import write_atomic
 from tracepipe.lake import Lake
+from tracepipe.maintenance import version_token
 from tracepipe.query import scan_sql
 
 TEMPLATES = Path(__file__).resolve().parent
@@ -435,6 +436,8 @@ def build_report_data(
         "title": title,
         "window": {"start": _iso(start), "end": _iso(end)},
         "generated_at": _iso(dt.datetime.now(dt.UTC)),
+        # the table versions this report read: `tracepipe sql --as-of <lake_version>` sees the same rows
+        "lake_version": version_token(lake.versions()),
         "summary": {
             "alerts": len(out_alerts),
             "by_detector": by_detector,
