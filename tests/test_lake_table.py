@@ -1,0 +1,217 @@
+"""The lake on Delta Lake tables: commits from the log, compaction (automatic and `tracepipe compact`),
+retention (`tracepipe expire`), time travel (`tracepipe sql --as-of`), the in-place upgrade of an old lake, and
+reading the lake without tracepipe (deltalake + DuckDB, polars). Real Parquet, real DuckDB, the real CLI."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tracepipe import query
+from tracepipe.lake import COMPACT_MIN_FILES, Lake, ingest_table
+from tracepipe.schema import FLOWS, VM_EVENTS
+
+DAY = dt.datetime(2024, 3, 12, tzinfo=dt.UTC)
+
+
+def _flows(n: int, start: dt.datetime, seed: int = 0) -> pa.Table:
+    ts = [start + dt.timedelta(minutes=i) for i in range(n)]
+    return pa.table(
+        {
+            "ts_start": pa.array(ts, FLOWS.field("ts_start").type),
+            "ts_end": pa.array(ts, FLOWS.field("ts_end").type),
+            "src_addr": [f"10.0.{seed % 250}.{i % 250}" for i in range(n)],
+            "dst_addr": ["192.0.2.1"] * n,
+            "dst_port": [22] * n,
+            "proto": pa.array([6] * n, pa.int16()),
+            "bytes": pa.array([100 + seed] * n, pa.int64()),
+            "source": [f"batch-{seed}"] * n,
+        }
+    )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tracepipe.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _count(lake: Lake, sql: str = "SELECT count(*) FROM flows") -> int:
+    return query.connect(lake).execute(sql).fetchone()[0]
+
+
+def test_ingest_commits_once_per_source_and_compacts_by_itself(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    for i in range(COMPACT_MIN_FILES - 1):
+        ingest_table(lake, "flows", f"b{i}", f"{i:064x}", [_flows(10, DAY + dt.timedelta(hours=i), i)])
+    assert len(lake.files("flows")) == COMPACT_MIN_FILES - 1  # below the threshold: one file per commit
+    ingest_table(lake, "flows", "last", f"{99:064x}", [_flows(10, DAY + dt.timedelta(hours=20), 99)])
+    files = lake.files("flows")
+    assert len(files) == 1  # the 16th small file of the day triggered the merge
+    merged = pq.read_table(files[0])
+    assert merged.num_rows == 10 * COMPACT_MIN_FILES
+    keys = list(zip(merged["src_addr"].to_pylist(), merged["ts_start"].to_pylist(), strict=True))
+    assert keys == sorted(keys)  # one sorted row group: min/max statistics prune by address
+    assert _count(lake) == 10 * COMPACT_MIN_FILES
+    # the history says what happened, in order
+    history = lake.table("flows").history()
+    assert history[0]["operation"] == "WRITE" and "compact" in history[0]["tracepipe"]
+    # the same source again: skipped, nothing doubles (also after the merge removed its file)
+    again = ingest_table(lake, "flows", "b0", f"{0:064x}", [_flows(10, DAY, 0)])
+    assert again.skipped and _count(lake) == 10 * COMPACT_MIN_FILES
+
+
+def test_compact_command_keeps_every_row_and_readers_of_old_snapshots(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    for i in range(6):
+        ingest_table(lake, "flows", f"b{i}", f"{i:064x}", [_flows(5, DAY + dt.timedelta(days=i % 2), i)])
+    before = query.connect(lake)  # a reader that opened the lake before the compaction
+    expected = before.execute("SELECT sum(bytes), count(*) FROM flows").fetchone()
+    result = _cli("compact", "--lake", str(lake.root), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    done = json.loads(result.stdout)["datasets"]["flows"]
+    assert (done["days"], done["files_removed"], done["files_added"], done["rows"]) == (2, 6, 2, 30)
+    assert len(lake.files("flows")) == 2
+    assert query.connect(lake).execute("SELECT sum(bytes), count(*) FROM flows").fetchone() == expected
+    # the old reader still reads the files it listed: removed from the log, not from the disk
+    assert before.execute("SELECT sum(bytes), count(*) FROM flows").fetchone() == expected
+
+
+def test_expire_removes_old_days_says_what_went_and_keeps_lifecycle(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    old, recent = DAY - dt.timedelta(days=500), DAY
+    ingest_table(lake, "flows", "old", "01" * 32, [_flows(7, old)])
+    ingest_table(lake, "flows", "recent", "02" * 32, [_flows(3, recent, 1)])
+    events = pa.table(
+        {
+            "ts": pa.array([old], VM_EVENTS.field("ts").type),
+            "cloud": ["openstack"],
+            "vm_id": ["vm-1"],
+            "action": ["create"],
+        }
+    )
+    ingest_table(lake, "vm_events", "ev", "03" * 32, [events])
+    now = recent + dt.timedelta(days=1)
+    result = _cli(
+        "expire", "--older-than", "400d", "--lake", str(lake.root), "--format", "json", "--no-vacuum"
+    )
+    assert result.returncode == 0, result.stderr
+    gone = {d["dataset"]: d for d in json.loads(result.stdout)["datasets"]}
+    # relative to today (2026 or later): both 2024 days are older than 400 days
+    assert gone["flows"]["rows"] == 10 and gone["flows"]["days"] == [old.date().isoformat(), "2024-03-12"]
+    assert _count(lake) == 0
+    assert lake.read("vm_events").num_rows == 1  # lifecycle history stays
+    # relative to a given `now`, only the old day goes
+    lake2 = Lake(tmp_path / "lake2")
+    ingest_table(lake2, "flows", "old", "01" * 32, [_flows(7, old)])
+    ingest_table(lake2, "flows", "recent", "02" * 32, [_flows(3, recent, 1)])
+    from tracepipe.maintenance import expire_lake
+
+    summary = expire_lake(lake2, dt.timedelta(days=400), now=now, vacuum=False)
+    assert [(d["dataset"], d["rows"]) for d in summary.datasets if d["rows"]] == [("flows", 7)]
+    assert _count(lake2) == 3
+    assert lake2.table("flows").history(1)[0]["tracepipe"].find("expire") >= 0
+
+
+def test_sql_as_of_a_version_or_a_time_sees_the_lake_as_it_was(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    ingest_table(lake, "flows", "first", "0a" * 32, [_flows(4, DAY)])
+    token = ",".join(f"{k}={v}" for k, v in sorted(lake.versions().items()))
+    between = dt.datetime.now(dt.UTC)
+    ingest_table(lake, "flows", "second", "0b" * 32, [_flows(6, DAY, 1)])
+
+    def count(*extra: str) -> int:
+        result = _cli(
+            "sql", "SELECT count(*) AS n FROM flows", "--format", "json", "--lake", str(lake.root), *extra
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)[0]["n"]
+
+    assert count() == 10
+    assert count("--as-of", token) == 4
+    assert count("--as-of", between.isoformat()) == 4
+    bad = _cli("sql", "SELECT 1", "--as-of", "flows=x", "--lake", str(lake.root))
+    assert bad.returncode == 2 and "lake version" in bad.stderr
+
+
+def test_upgrade_puts_an_old_lake_under_logs_in_place(tmp_path):
+    """A lake as tracepipe 0.1 wrote it: loose Parquet files per day and one manifest file per source."""
+    root = tmp_path / "lake"
+    day_dir = root / "flows" / "date=2024-03-12"
+    day_dir.mkdir(parents=True)
+    old_flows = _flows(8, DAY).drop_columns([])  # no attributed_at column: the old schema
+    pq.write_table(old_flows, day_dir / "part-0123456789abcdef.parquet")
+    (root / "_ingest").mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "content_hash": ["cd" * 32],
+                "dataset": ["flows"],
+                "source": ["old.pcap"],
+                "rows": [8],
+                "ingested_at": pa.array([DAY], FLOWS.field("ts_start").type),
+            }
+        ),
+        root / "_ingest" / f"flows-{'cd' * 32}.parquet",
+    )
+    refused = _cli("sql", "SELECT count(*) FROM flows", "--lake", str(root))
+    assert refused.returncode == 4 and "tracepipe upgrade" in refused.stderr
+    result = _cli("upgrade", "--lake", str(root), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["converted"] == {"_ingest": 1, "flows": 1}
+    lake = Lake(root)
+    assert _count(lake) == 8
+    assert lake.already_ingested("flows", "cd" * 32)
+    again = _cli("upgrade", "--lake", str(root), "--format", "json")
+    assert again.returncode == 0 and json.loads(again.stdout)["converted"] == {}
+
+
+def test_readable_without_tracepipe(tmp_path):
+    """The README's snippets: delta-rs gives the file list (or an Arrow dataset), DuckDB and polars read it."""
+    lake = Lake(tmp_path / "lake")
+    for i in range(3):
+        ingest_table(lake, "flows", f"b{i}", f"{i + 40:064x}", [_flows(5, DAY, i)])
+    lake.compact("flows", min_files=2)
+    from deltalake import DeltaTable
+
+    table = DeltaTable(str(tmp_path / "lake" / "flows"))
+    con = duckdb.connect()
+    files = table.file_uris()
+    assert con.execute("SELECT count(*), sum(bytes) FROM read_parquet($f)", {"f": files}).fetchone() == (
+        15,
+        5 * (100 + 101 + 102),
+    )
+    arrow = table.to_pyarrow_dataset()  # noqa: F841 (DuckDB reads the Python variable by name)
+    assert con.execute("SELECT count(*) FROM arrow WHERE date = '2024-03-12'").fetchone() == (15,)
+    assert pl.scan_delta(str(tmp_path / "lake" / "flows")).select(pl.len()).collect().item() == 15
+    # the removed small files are still on disk: a glob would double rows, the log does not
+    on_disk = list((tmp_path / "lake" / "flows").rglob("*.parquet"))
+    assert len(on_disk) > len(files)
+
+
+@pytest.mark.parametrize("dataset", ["vm_leases", "vms"])
+def test_replaced_derived_tables_keep_one_version_of_their_rows(tmp_path, dataset):
+    lake = Lake(tmp_path / "lake")
+    for n in (3, 5):
+        rows = pa.table(
+            {
+                "addr": [f"10.0.0.{i}" for i in range(n)],
+                "vm_id": [f"vm-{i}" for i in range(n)],
+                "valid_from": pa.array([DAY] * n, FLOWS.field("ts_start").type),
+            }
+        )
+        lake.replace_dataset(dataset, rows if dataset == "vm_leases" else rows.select(["vm_id"]))
+    assert lake.read(dataset).num_rows == 5
+    assert _count(lake, f"SELECT count(*) FROM {dataset}") == 5
