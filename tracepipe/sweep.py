@@ -36,6 +36,7 @@ from tracepipe.errors import (
 )
 from tracepipe.fsutil import write_atomic
 from tracepipe.lake import Lake
+from tracepipe.maintenance import version_token
 from tracepipe.pipeline_config import PipelineConfig, load_pipeline
 from tracepipe.schema import ALERTS
 
@@ -58,6 +59,7 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
     report_paths: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    lake_version: str = ""  # the table versions the sweep read (maintenance.version_token)
 
     @property
     def message(self) -> str:
@@ -81,6 +83,7 @@ class SweepResult:
             "until": self.until.isoformat(),
             "exit_code": self.exit_code,
             "message": self.message,
+            "lake_version": self.lake_version,
             "flows": self.flows,
             "alerts": self.alerts.num_rows,
             "new_alerts": self.new_alerts.num_rows,
@@ -291,6 +294,11 @@ def run_sweep(
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
 
     result.ingest, partial = stage("ingest", lambda: ingest_inputs(lake, config))
+    # Everything below reads one snapshot: the table versions after ingest, recorded in the result and the
+    # report (`tracepipe sql --as-of <lake_version>` shows an analyst exactly what the sweep saw).
+    versions = lake.versions()
+    result.lake_version = version_token(versions)
+    writer, lake = lake, Lake(lake.root, as_of=versions)
     result.flows = stage("count", lambda: count_flows(lake, since, until))
     if result.flows == 0:
         result.exit_code = (
@@ -333,7 +341,7 @@ def run_sweep(
     result.allowlisted = stats["allowlisted"]
     result.alerts = alerts
     ids = alerts.column("alert_id").to_pylist()
-    known = stage("dedupe", lambda: known_alert_ids(lake, ids))
+    known = stage("dedupe", lambda: known_alert_ids(writer, ids))
     fresh = [i for i, alert in enumerate(ids) if alert not in known]
     result.already_known = len(ids) - len(fresh)
     result.new_alerts = alerts.take(pa.array(fresh, pa.int64())) if fresh else ALERTS.empty_table()
@@ -341,7 +349,7 @@ def run_sweep(
         key = hashlib.sha256(
             "|".join(sorted(result.new_alerts.column("alert_id").to_pylist())).encode()
         ).hexdigest()
-        stage("write", lambda: lake.append("alerts", result.new_alerts, key=key[:32]))
+        stage("write", lambda: writer.append("alerts", result.new_alerts, key=key[:32]))
     if result.new_alerts.num_rows:
         result.exit_code = EXIT_FOUND
     elif partial:
