@@ -367,11 +367,12 @@ def test_kill_9_then_restart_lands_every_spooled_datagram_exactly_once(tmp_path)
 
 
 def test_flows_are_attributed_to_vms_when_they_land(tmp_path):
-    """With vm_leases in the lake, the committer gives flows their VMs before writing them and marks the file
-    (query.ATTRIBUTED_KEY), as `ingest netflow` does after landing: no rewrite of the day afterwards."""
+    """With vm_leases in the lake, the committer gives flows their VMs before writing them (attributed_at set,
+    which the log's per-file null count shows), as `ingest netflow` does after landing: no rewrite of the day
+    afterwards, and flows_attributed trusts the file without a query-time join."""
     import datetime as dt
 
-    from tracepipe.query import ATTRIBUTED_KEY
+    from tracepipe.query import flow_halves
 
     lake = Lake(tmp_path / "lake")
     held = dt.datetime(2024, 3, 12, 9, 0, tzinfo=dt.UTC)
@@ -399,7 +400,9 @@ def test_flows_are_attributed_to_vms_when_they_land(tmp_path):
     assert flows.column("src_vm").to_pylist() == ["vm-a", None]
     assert flows.column("dst_vm").to_pylist() == ["vm-web", "vm-web"]
     (path,) = lake.files("flows")
-    assert ATTRIBUTED_KEY.encode() in pq.read_metadata(path).metadata
+    assert pq.read_table(path)["attributed_at"].null_count == 0
+    assert flow_halves(lake) == ([path], [])
+    assert lake.version("flows") == 1  # created, then one commit: nothing rewrote the day
 
 
 def test_second_signal_stops_at_once_and_the_next_start_commits_the_rest(tmp_path):

@@ -357,6 +357,13 @@ class Lake:
         self._seen: dict[str, int | None] = {}
         self._manifest_cache: tuple[int, set[tuple[str, str]]] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (Spark ships closures that hold a Lake): open tables are per process, reopened there."""
+        return {"root": self.root, "as_of": self.as_of}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["root"], state["as_of"])  # type: ignore[misc]
+
     # ---- tables ------------------------------------------------------------------------------------------
     def dataset_dir(self, name: str) -> Path:
         _dataset(name)
