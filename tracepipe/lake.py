@@ -56,6 +56,8 @@ TABLE_CONFIG = {
     "delta.deletedFileRetentionDuration": "interval 7 days",
     "delta.setTransactionRetentionDuration": "interval 30 days",  # idempotence ids; the manifest keeps longer
 }
+# an append that a concurrent rewrite made conflict is committed again on the latest version, up to this often
+APPEND_CONFLICT_RETRIES = 20
 MANIFEST = Dataset(MANIFEST_DIR, INGEST_MANIFEST, None, ("dataset", "content_hash"))
 
 
@@ -598,13 +600,25 @@ class Lake:
             max_commit_retries=100,
         )
         try:
-            table.create_write_transaction(
-                [*adds, *removes],
-                mode="append",
-                schema=table_schema(dataset),
-                partition_by=[PARTITION] if dataset.partition_ts is not None else None,
-                commit_properties=properties,
-            )
+            for attempt in range(APPEND_CONFLICT_RETRIES + 1):
+                try:
+                    table.create_write_transaction(
+                        [*adds, *removes],
+                        mode="append",
+                        schema=table_schema(dataset),
+                        partition_by=[PARTITION] if dataset.partition_ts is not None else None,
+                        commit_properties=properties,
+                    )
+                    break
+                except CommitFailedError:
+                    # delta-rs checks a commit as if it had read every file of its snapshot, so an append whose
+                    # snapshot predates a rewrite (attribution removed that day's files) fails with "a
+                    # concurrent transaction deleted data this operation read". An append reads nothing:
+                    # nothing was committed, so commit it again on the latest version. A rewrite (removes)
+                    # holds the table's lock and read under it; its conflicts are real.
+                    if removes or attempt == APPEND_CONFLICT_RETRIES:
+                        raise
+                    table.update_incremental()
             table.update_incremental()
             self._seen[name] = self._log_stamp(name)
         except (CommitFailedError, DeltaError, OSError) as exc:
