@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from conftest import ingest_in_process
 from support import probes
 from test_collector import spooled_payloads, start_collector, stop_collector
@@ -294,7 +295,9 @@ def test_kill_9_writers_while_readers_count_nothing_lost_nothing_doubled(tmp_pat
                 proc.wait()
         probes.stop_process(reader, timeout=30)
     elapsed = time.monotonic() - started
-    print(f"{elapsed:.0f} s, kills {dict(kills)}, {len(missing)} datagrams sent again, calm after {calm:.0f} s")
+    print(
+        f"{elapsed:.0f} s, kills {dict(kills)}, {len(missing)} datagrams sent again, calm after {calm:.0f} s"
+    )
 
     # every writer was killed, at least 10 times in all
     assert sum(kills.values()) >= 10 and set(kills) == {"collector", "committer", "ingest vm", "compactor"}, (
@@ -345,3 +348,34 @@ def test_kill_9_writers_while_readers_count_nothing_lost_nothing_doubled(tmp_pat
     assert (
         sum(1 for row in chaos_stored.elements() if row[-2] or row[-1]) > 1000
     )  # flows were attributed at all
+
+
+@pytest.mark.parametrize("killed_after", ["events landed", "leases rebuilt"])
+def test_a_killed_ingest_vm_is_finished_by_its_rerun(killed_after, tmp_path):
+    """Regression (found by the test above): a rerun of a killed `ingest vm` skips its sources (their events
+    are in the lake), and so rebuilt no lease and re-attributed no day: the lake kept the leases and the flow
+    attribution from before the killed run for good."""
+    from tracepipe.ingest.cloud import parse_cloud_text
+    from tracepipe.lake import hash_file, ingest_table
+    from tracepipe.leases import rebuild_leases
+
+    first, late = split_lines(NOVA, 2, tmp_path / "nova")
+    clean = tmp_path / "clean"
+    ingest_in_process([EXPORT], clean)
+    ingest_vm_files(Lake(clean), [first, late])
+    lake = tmp_path / "lake"
+    ingest_in_process([EXPORT], lake)
+    ingest_vm_files(Lake(lake), [first])
+    events, rejects = parse_cloud_text(late.read_text(), str(late))  # what the killed run had done
+    ingest_table(Lake(lake), "vm_events", str(late.absolute()), hash_file(late), [events], [rejects])
+    if killed_after == "leases rebuilt":
+        assert rebuild_leases(Lake(lake)) == {"2025-06-17"}
+    stored = f"select {', '.join(FLOW_COLUMNS + WHO)} from flows"
+    assert rows(lake, stored) != rows(clean, stored)
+
+    rerun = ingest_vm_files(Lake(lake), [late])
+    assert rerun.skipped == 1 and rerun.touched_days == ["2025-06-17"]
+    lease_sql = "select addr, vm_id, valid_from, valid_to from vm_leases"
+    assert rows(lake, lease_sql) == rows(clean, lease_sql)
+    assert rows(lake, stored) == rows(clean, stored)
+    assert ingest_vm_files(Lake(lake), [late]).touched_days == []  # once finished, a rerun rewrites nothing

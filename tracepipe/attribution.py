@@ -124,6 +124,7 @@ def attribute_flows(
     }
     if not lake.files("flows", days_list):
         return summary
+    leases_version = lake.version("vm_leases")  # read before the leases: never newer than what is applied
     index = lease_index(lake)
     summary["leases"] = len(index)
     when = dt.datetime.now(dt.UTC)
@@ -135,7 +136,11 @@ def attribute_flows(
         return batch
 
     done = lake.rewrite(
-        "flows", days_list, attributed, info={"operation": "attribute", "leases": len(index)}, progress=progress
+        "flows",
+        days_list,
+        attributed,
+        info={"operation": "attribute", "leases": len(index), "leases_version": leases_version},
+        progress=progress,
     )
     summary["files"] = done["files_removed"]
     summary["rows"] = done["rows"]

@@ -649,8 +649,9 @@ class Lake:
         """Open a writer for one source. Use as a context manager; call `commit()` at the end."""
         return IngestWriter(self, _dataset(dataset), source, content_hash)
 
-    def replace_dataset(self, name: str, table: pa.Table) -> Path:
-        """Replace an unpartitioned derived dataset (vm_leases, vms, intel) with `table`, in one commit."""
+    def replace_dataset(self, name: str, table: pa.Table, info: dict[str, Any] | None = None) -> Path:
+        """Replace an unpartitioned derived dataset (vm_leases, vms, intel) with `table`, in one commit
+        (`info` is recorded with it, see commit_infos)."""
         dataset = _dataset(name)
         if dataset.partition_ts is not None:
             raise LakeError(f"{name} is partitioned; use ingest() or rewrite()")
@@ -667,9 +668,22 @@ class Lake:
                 name,
                 [add] if add is not None else [],
                 [_remove(e.relative, None, e.size) for e in old],
-                info={"operation": "replace", "rows": table.num_rows},
+                info={"operation": "replace", "rows": table.num_rows, **(info or {})},
             )
         return part.path
+
+    def commit_infos(self, name: str, limit: int = 1) -> list[dict[str, Any]]:
+        """What was recorded with the latest `limit` commits of a table (Lake.commit's `info`, plus its
+        "version"), newest first; [] when the table does not exist."""
+        table = self.table(name)
+        if table is None:
+            return []
+        out = []
+        for entry in table.history(limit):
+            info = json.loads(entry.get("tracepipe") or "{}")
+            info["version"] = entry.get("version")
+            out.append(info)
+        return out
 
     def rewrite(
         self,
