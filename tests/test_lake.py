@@ -101,3 +101,21 @@ def test_rejects_land_with_source_and_offset(tmp_path):
     assert result.rejects == 1
     got = lake.read("rejects").to_pylist()
     assert got[0]["source"] == "cap.pcap" and got[0]["offset"] == 24 and got[0]["dataset"] == "flows"
+
+
+def test_an_append_on_a_snapshot_older_than_a_rewrite_still_commits(tmp_path):
+    """Regression (issue 11 concurrency test): delta-rs checked an append as if it had read every file of its
+    snapshot, so a collector commit whose snapshot predated an attribution rewrite of the day (data_change
+    removes) failed with "a concurrent transaction deleted data this operation read"."""
+    root = tmp_path / "lake"
+    appender, rewriter = Lake(root), Lake(root)
+    start = dt.datetime(2024, 3, 12, 1, tzinfo=dt.UTC)
+    for i in range(3):
+        ingest_table(appender, "flows", f"src-{i}", f"{i:02d}" * 32, [_flows(5, start)])
+    rewriter.rewrite("flows", None, lambda batch: batch)  # what attribute_flows does, data_change=True
+    appender._seen["flows"] = appender._log_stamp(
+        "flows"
+    )  # the appender read its snapshot before the rewrite
+    result = ingest_table(appender, "flows", "src-3", "03" * 32, [_flows(5, start)])
+    assert result.rows == 5 and not result.skipped
+    assert Lake(root).read("flows").num_rows == 20 and len(Lake(root).files("flows")) == 2

@@ -124,6 +124,7 @@ def attribute_flows(
     }
     if not lake.files("flows", days_list):
         return summary
+    leases_version = lake.version("vm_leases")  # read before the leases: never newer than what is applied
     index = lease_index(lake)
     summary["leases"] = len(index)
     when = dt.datetime.now(dt.UTC)
@@ -138,7 +139,7 @@ def attribute_flows(
         "flows",
         days_list,
         attributed,
-        info={"operation": "attribute", "leases": len(index)},
+        info={"operation": "attribute", "leases": len(index), "leases_version": leases_version},
         progress=progress,
     )
     summary["files"] = done["files_removed"]

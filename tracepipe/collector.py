@@ -368,6 +368,7 @@ def commit_segment(lake: Any, path: Path, state: Any) -> SegmentResult:
     per_exporter: dict[str, dict[str, Any]] = {}
     stats: dict[str, Any] = {"kind": "collector spool", "exporters": per_exporter}
     datagrams = flows = rejects = 0
+    leases_version = lake.version("vm_leases")  # read before the leases the flows are attributed with
     attribute = None if skipped else _attribution(lake)
     writer = None if skipped else lake.ingest("flows", source, content_hash)
     with contextlib.ExitStack() as stack:
@@ -434,7 +435,14 @@ def commit_segment(lake: Any, path: Path, state: Any) -> SegmentResult:
                 )
         stats["datagrams"] = datagrams
         if writer is not None:
-            writer.commit(stats)
+            result = writer.commit(stats)
+            if lake.version("vm_leases") != leases_version:
+                # `ingest vm` changed the leases while this segment was decoded, and its re-attribution of the
+                # day may have read the day's files before this commit: attribute what landed with the new ones
+                from tracepipe.attribution import attribute_flows
+
+                days = {f.split("/")[1].removeprefix("date=") for f in result.files if f.startswith("flows/")}
+                attribute_flows(lake, days)
     return SegmentResult(path.name, content_hash, datagrams, flows, rejects, skipped, stats)
 
 

@@ -57,6 +57,8 @@ TABLE_CONFIG = {
     "delta.deletedFileRetentionDuration": "interval 7 days",
     "delta.setTransactionRetentionDuration": "interval 30 days",  # idempotence ids; the manifest keeps longer
 }
+# an append that a concurrent rewrite made conflict is committed again on the latest version, up to this often
+APPEND_CONFLICT_RETRIES = 20
 MANIFEST = Dataset(MANIFEST_DIR, INGEST_MANIFEST, None, ("dataset", "content_hash"))
 
 
@@ -576,13 +578,25 @@ class Lake:
             max_commit_retries=100,
         )
         try:
-            table.create_write_transaction(
-                [*adds, *removes],
-                mode="append",
-                schema=table_schema(dataset),
-                partition_by=[PARTITION] if dataset.partition_ts is not None else None,
-                commit_properties=properties,
-            )
+            for attempt in range(APPEND_CONFLICT_RETRIES + 1):
+                try:
+                    table.create_write_transaction(
+                        [*adds, *removes],
+                        mode="append",
+                        schema=table_schema(dataset),
+                        partition_by=[PARTITION] if dataset.partition_ts is not None else None,
+                        commit_properties=properties,
+                    )
+                    break
+                except CommitFailedError:
+                    # delta-rs checks a commit as if it had read every file of its snapshot, so an append whose
+                    # snapshot predates a rewrite (attribution removed that day's files) fails with "a
+                    # concurrent transaction deleted data this operation read". An append reads nothing:
+                    # nothing was committed, so commit it again on the latest version. A rewrite (removes)
+                    # holds the table's lock and read under it; its conflicts are real.
+                    if removes or attempt == APPEND_CONFLICT_RETRIES:
+                        raise
+                    table.update_incremental()
             table.update_incremental()
             self._seen[name] = self._log_stamp(name)
         except (CommitFailedError, DeltaError, OSError) as exc:
@@ -613,8 +627,9 @@ class Lake:
         """Open a writer for one source. Use as a context manager; call `commit()` at the end."""
         return IngestWriter(self, _dataset(dataset), source, content_hash)
 
-    def replace_dataset(self, name: str, table: pa.Table) -> Path:
-        """Replace an unpartitioned derived dataset (vm_leases, vms, intel) with `table`, in one commit."""
+    def replace_dataset(self, name: str, table: pa.Table, info: dict[str, Any] | None = None) -> Path:
+        """Replace an unpartitioned derived dataset (vm_leases, vms, intel) with `table`, in one commit
+        (`info` is recorded with it, see commit_infos)."""
         dataset = _dataset(name)
         if dataset.partition_ts is not None:
             raise LakeError(f"{name} is partitioned; use ingest() or rewrite()")
@@ -631,9 +646,22 @@ class Lake:
                 name,
                 [add] if add is not None else [],
                 [_remove(e.relative, None, e.size) for e in old],
-                info={"operation": "replace", "rows": table.num_rows},
+                info={"operation": "replace", "rows": table.num_rows, **(info or {})},
             )
         return part.path
+
+    def commit_infos(self, name: str, limit: int = 1) -> list[dict[str, Any]]:
+        """What was recorded with the latest `limit` commits of a table (Lake.commit's `info`, plus its
+        "version"), newest first; [] when the table does not exist."""
+        table = self.table(name)
+        if table is None:
+            return []
+        out = []
+        for entry in table.history(limit):
+            info = json.loads(entry.get("tracepipe") or "{}")
+            info["version"] = entry.get("version")
+            out.append(info)
+        return out
 
     def rewrite(
         self,

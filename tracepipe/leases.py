@@ -487,7 +487,14 @@ def rebuild_leases(lake: Any, reclaim_interval: dt.timedelta | None = None) -> s
     else:
         reclaim_interval = load_reclaim_interval(lake)
     old = lake.read("vm_leases")
+    events_version = lake.version("vm_events")  # read before the events: never newer than what is built
     leases, vms = build_leases(lake.read("vm_events"), reclaim_interval)
-    lake.replace_dataset("vm_leases", leases)
+    days = changed_days(old, leases, _partition_days(lake))
+    # vm_leases last, recording what it was built from and the days it changed: a run killed before that
+    # commit is redone by the next (events newer than the leases), one killed after it re-attributes the days
+    # that no attribution with these leases rewrote yet (ingest.vm.days_left_to_attribute)
     lake.replace_dataset("vms", vms)
-    return changed_days(old, leases, _partition_days(lake))
+    lake.replace_dataset(
+        "vm_leases", leases, info={"vm_events_version": events_version, "days": sorted(days)}
+    )
+    return days

@@ -19,7 +19,7 @@ import duckdb
 import pyarrow as pa
 
 from tracepipe.errors import LakeError, UsageError
-from tracepipe.lake import Lake
+from tracepipe.lake import FileEntry, Lake
 from tracepipe.schema import DATASETS
 from tracepipe.units import parse_addr, parse_duration, parse_time  # noqa: F401 (re-exported)
 
@@ -83,13 +83,14 @@ def scan_sql(name: str, paths: list[Path]) -> str:
     return f"SELECT {columns} FROM read_parquet({files}, {options})"
 
 
-def flow_halves(lake: Lake) -> tuple[list[Path], list[Path]]:
+def flow_halves(lake: Lake, entries: list[FileEntry] | None = None) -> tuple[list[Path], list[Path]]:
     """The flow files whose every row was attributed when written (the log's null count of attributed_at is
     0: src_vm/dst_vm are final, a null means nobody held the address) and the others, which flows_attributed
-    joins to vm_leases at query time. Read from the transaction log; no file is opened."""
+    joins to vm_leases at query time. Read from the transaction log (or `entries`, a snapshot of it already
+    read); no file is opened."""
     done: list[Path] = []
     todo: list[Path] = []
-    for entry in lake.entries("flows"):
+    for entry in lake.entries("flows") if entries is None else entries:
         (done if entry.rows > 0 and entry.null_counts.get("attributed_at") == 0 else todo).append(entry.path)
     return done, todo
 
@@ -108,9 +109,14 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     con.execute(sql_text("macros"))
+    # `flows` and both halves of `flows_attributed` from one read of the log: a Lake follows new commits on
+    # every read, so two reads may see two versions (a commit in between: flows_attributed counted rows that
+    # flows did not hold)
+    flow_entries = lake.entries("flows")
     for name in DATASETS:
-        con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {scan_sql(name, lake.files(name))}')
-    done, todo = flow_halves(lake)
+        paths = [e.path for e in flow_entries] if name == "flows" else lake.files(name)
+        con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {scan_sql(name, paths)}')
+    done, todo = flow_halves(lake, flow_entries)
     con.execute(f"CREATE OR REPLACE VIEW _flows_done AS {scan_sql('flows', done)}")
     con.execute(f"CREATE OR REPLACE VIEW _flows_todo AS {scan_sql('flows', todo)}")
     con.execute(sql_text("views"))

@@ -186,10 +186,22 @@ def ingest_vm_files(
             stats={"format": file_fmt, "events": events.num_rows, "duplicates": duplicates},
         )
         report.results.append(result)
-    if report.rows or reclaim_interval is not None or not lake.files("vm_leases"):
+    # a run killed after landing its events but before the leases were rebuilt from them, or before the days
+    # they changed were re-attributed: the rerun skips the sources, so it finishes that work here
+    built = next(iter(lake.commit_infos("vm_leases")), {})
+    left = days_left_to_attribute(lake, built)
+    days: set[str] = set()
+    if (
+        report.rows
+        or reclaim_interval is not None
+        or not lake.files("vm_leases")
+        or built.get("vm_events_version") != lake.version("vm_events")
+    ):
         if progress:
             progress("rebuilding leases")
         days = rebuild_leases(lake, reclaim_interval)
+    days |= left
+    if days:
         if progress and days:
             progress(f"re-attributing flows and VM logs of {len(days)} days")
         report.touched_days = sorted(days)
@@ -198,6 +210,22 @@ def ingest_vm_files(
     report.leases = len(lake.read("vm_leases", columns=["addr"]))
     report.vms = len(lake.read("vms", columns=["vm_id"]))
     return report
+
+
+ATTRIBUTION_HISTORY = 300  # flows commits searched for the re-attribution of the last lease rebuild
+
+
+def days_left_to_attribute(lake: Lake, built: dict[str, Any]) -> set[str]:
+    """The days that the lease rebuild recorded in `built` (Lake.commit_infos of vm_leases) changed and that no
+    attribution with those leases has rewritten since (or not within the last ATTRIBUTION_HISTORY flows
+    commits: then again, idempotent)."""
+    days = set(built.get("days", [])) & set(lake.days("flows"))
+    if not days:
+        return days
+    for info in lake.commit_infos("flows", ATTRIBUTION_HISTORY):
+        if info.get("operation") == "attribute" and info.get("leases_version") == built["version"]:
+            days.discard(info.get("day"))
+    return days
 
 
 _KEY_COLUMNS = ("cloud", "vm_id", "event_type", "action", "state", "addr", "port_id", "resource_id")
