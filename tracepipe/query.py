@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import tempfile
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from tracepipe.errors import LakeError, UsageError
+from tracepipe.errors import EXIT_OK, LakeError, UsageError
 from tracepipe.lake import Lake
 from tracepipe.schema import DATASETS
 from tracepipe.units import parse_addr, parse_duration, parse_time  # noqa: F401 (re-exported)
@@ -246,9 +247,40 @@ def flow_summary(
     return {"from": start, "to": stop, **summary}
 
 
-def who(
-    lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timedelta(hours=1)
-) -> dict[str, Any]:
+@dataclass
+class WhoAnswer:
+    """What `who` found for one address at one time. "Nobody held it" is an answer (held False, exit code 0):
+    the previous and next leases then say who had it around that time. Bad input raises UsageError (2), a
+    missing lake LakeError (4)."""
+
+    addr: str
+    at: dt.datetime
+    window: dt.timedelta
+    leases: list[dict[str, Any]] = field(default_factory=list)
+    previous_lease: dict[str, Any] | None = None
+    next_lease: dict[str, Any] | None = None
+    flows: dict[str, Any] = field(default_factory=dict)
+    exit_code: int = EXIT_OK
+
+    @property
+    def held(self) -> bool:
+        return bool(self.leases)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "addr": self.addr,
+            "at": self.at,
+            "window_seconds": self.window.total_seconds(),
+            "held": self.held,
+            "leases": self.leases,
+            "previous_lease": self.previous_lease,
+            "next_lease": self.next_lease,
+            "flows": self.flows,
+            "exit_code": self.exit_code,
+        }
+
+
+def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timedelta(hours=1)) -> WhoAnswer:
     """Who held `addr` at `at`: the lease(s) valid then with what the VM is now, the leases just before and
     after (useful when nobody held it), and the address's flows in at ± window. All input is bound."""
     addr = parse_addr(addr)
@@ -274,16 +306,15 @@ def who(
         flows = flow_summary(con, addr, at - window, at + window)
     finally:
         con.close()
-    return {
-        "addr": addr,
-        "at": at,
-        "window_seconds": window.total_seconds(),
-        "held": bool(leases),
-        "leases": leases,
-        "previous_lease": before[0] if before else None,
-        "next_lease": after[0] if after else None,
-        "flows": flows,
-    }
+    return WhoAnswer(
+        addr=addr,
+        at=at,
+        window=window,
+        leases=leases,
+        previous_lease=before[0] if before else None,
+        next_lease=after[0] if after else None,
+        flows=flows,
+    )
 
 
 def resolve_vm(con: duckdb.DuckDBPyConnection, vm: str) -> str:
@@ -307,7 +338,24 @@ def resolve_vm(con: duckdb.DuckDBPyConnection, vm: str) -> str:
     return ids[0]
 
 
-def timeline(lake: Lake, vm: str, limit: int = 200) -> dict[str, Any]:
+@dataclass
+class Timeline:
+    """Everything the lake knows about one VM. A VM that no id or name matches (or a name several VMs carry)
+    is a usage error (UsageError, 2), a missing lake LakeError (4); otherwise exit code 0."""
+
+    vm_id: str
+    vm: dict[str, Any]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    leases: list[dict[str, Any]] = field(default_factory=list)
+    flows_per_hour: list[dict[str, Any]] = field(default_factory=list)
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def timeline(lake: Lake, vm: str, limit: int = 200) -> Timeline:
     """Everything the lake knows about one VM (vm_id or unique name): what it is now, lifecycle events,
     leases, flows per hour while it held its addresses, and its syslog lines (first `limit` of each list)."""
     con = connect(lake)
@@ -346,14 +394,7 @@ def timeline(lake: Lake, vm: str, limit: int = 200) -> dict[str, Any]:
         )
     finally:
         con.close()
-    return {
-        "vm_id": vm_id,
-        "vm": info,
-        "events": events,
-        "leases": leases,
-        "flows_per_hour": flows,
-        "logs": logs,
-    }
+    return Timeline(vm_id=vm_id, vm=info, events=events, leases=leases, flows_per_hour=flows, logs=logs)
 
 
 def _vm_flows_per_hour(
