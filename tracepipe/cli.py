@@ -766,8 +766,8 @@ def collect_command(
     """
     import logging
 
-    from tracepipe.collector import CollectorConfig, parse_listen, run_collector
-    from tracepipe.units import parse_duration, parse_size
+    from tracepipe.collector import CollectorConfig, run_collector
+    from tracepipe.units import parse_duration, parse_listen, parse_size
 
     logging.basicConfig(
         level=logging.DEBUG if ctx.obj.debug else logging.INFO,
