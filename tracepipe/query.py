@@ -429,20 +429,45 @@ def _vm_flows_per_hour(
 # ---- results out of `tracepipe sql` ---------------------------------------------------------------------------
 
 
-def export_result(relation: duckdb.DuckDBPyRelation, fmt: str, output: Path | None = None) -> str | None:
-    """A query result as csv or json text (returned), or as a Parquet file at `output` (a user's file outside
-    the lake, written with pyarrow because the session itself may not write files)."""
-    table = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
-    if fmt == "parquet":
-        if output is None:
-            raise UsageError("--format parquet needs --output FILE")
-        import pyarrow.parquet as pq
+EXPORT_FORMATS = ("csv", "json", "parquet")
 
-        try:
-            pq.write_table(table, output, compression="zstd")
-        except OSError as exc:
-            raise UsageError(f"cannot write {output}: {exc}") from exc
-        return None
+
+def check_output(fmt: str, output: Path | None, lake_root: Path) -> None:
+    """Refuse (UsageError) an export that could not be written or must not be: parquet without a file, a
+    table into a file (the table is for a terminal), and any file inside the lake — a typing mistake or a path
+    someone planted (a symlink into the lake) must never overwrite the lake's files. Both paths are resolved
+    (symlinks followed) before they are compared."""
+    if fmt not in (*EXPORT_FORMATS, "table"):
+        raise UsageError(f"unknown format {fmt!r}: table, csv, json or parquet")
+    if output is None:
+        if fmt == "parquet":
+            raise UsageError("--format parquet needs --output FILE")
+        return
+    if fmt == "table":
+        raise UsageError(
+            f"--output {output}: a table is for the terminal; to write a file give --format csv, json or parquet"
+        )
+    target = Path(output).resolve()
+    lake = Path(lake_root).resolve()
+    if target == lake or target.is_relative_to(lake):
+        raise UsageError(
+            f"--output {output} is inside the lake ({lake}); tracepipe sql never writes there: "
+            "choose a file outside the lake directory"
+        )
+
+
+def export_result(
+    relation: duckdb.DuckDBPyRelation, fmt: str, output: Path | None, lake_root: Path
+) -> str | None:
+    """A query result as csv or json text: returned when `output` is None, else written to `output` (a user's
+    file outside the lake, see check_output) through fsutil.replacing — a reader of `output` sees the old file
+    or the whole new one, and a symlink planted at `output` is replaced, not followed. Parquet needs `output`.
+    Written with pyarrow, because the session itself may not write files."""
+    from tracepipe.fsutil import replacing
+
+    check_output(fmt, output, lake_root)
+    table = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+    text: str | None = None
     if fmt == "csv":
         import io
 
@@ -450,12 +475,26 @@ def export_result(relation: duckdb.DuckDBPyRelation, fmt: str, output: Path | No
 
         buffer = io.BytesIO()
         pacsv.write_csv(table, buffer)
-        return buffer.getvalue().decode("utf-8")
-    if fmt == "json":
+        text = buffer.getvalue().decode("utf-8")
+    elif fmt == "json":
         import json
 
-        return json.dumps(table.to_pylist(), indent=2, default=str) + "\n"
-    raise UsageError(f"unknown format {fmt!r}: table, csv, json or parquet")
+        text = json.dumps(table.to_pylist(), indent=2, default=str) + "\n"
+    if output is None:
+        return text
+    try:
+        with replacing(Path(output)) as tmp:
+            # a temp file a killed run left, or a symlink planted in its place, is removed, not written through
+            tmp.unlink(missing_ok=True)
+            if text is not None:
+                tmp.write_text(text, encoding="utf-8")
+            else:
+                import pyarrow.parquet as pq
+
+                pq.write_table(table, tmp, compression="zstd")
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    return None
 
 
 def shell(lake: Lake, show: Any, read_line: Any = input) -> None:
