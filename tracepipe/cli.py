@@ -1059,11 +1059,7 @@ def demo_command(
 
     p: Printer = ctx.obj
     with p.err.status("demo") as status:
-        # the next commands are printed the way the user called us (.venv/bin/tracepipe, tracepipe, ...)
-        program = sys.argv[0] if Path(sys.argv[0]).name == "tracepipe" else "tracepipe"
-        result = run_demo(
-            lake, story or STORY_DIR, progress=lambda step: status.update(f"demo: {step}"), program=program
-        )
+        result = run_demo(lake, story or STORY_DIR, progress=lambda step: status.update(f"demo: {step}"))
     if output == OutputFormat.json:
         p.json(result.to_dict())
     else:
