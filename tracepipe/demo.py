@@ -27,6 +27,7 @@ from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, TracepipeError,
 from tracepipe.lake import Lake
 from tracepipe.pipeline_config import DEFAULT_PIPELINE
 from tracepipe.schema import DATASETS
+from tracepipe.units import parse_time
 
 # package data (sample_data/story at the repository root links here; sample_data/make_sample.py rebuilds it)
 STORY_DIR = Path(__file__).resolve().parent / "demo_story"
@@ -141,8 +142,8 @@ def _run(
 
 def story_window(truth: dict[str, Any]) -> tuple[dt.datetime, dt.datetime]:
     """The story's window, widened to whole hours (flows that start before the end may end after it)."""
-    start = dt.datetime.fromisoformat(truth["window"]["start"].replace("Z", "+00:00"))
-    end = dt.datetime.fromisoformat(truth["window"]["end"].replace("Z", "+00:00")) + dt.timedelta(hours=1)
+    start = parse_time(truth["window"]["start"])
+    end = parse_time(truth["window"]["end"]) + dt.timedelta(hours=1)
     return start, end
 
 
