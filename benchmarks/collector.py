@@ -300,7 +300,8 @@ def bench_receivers(
 def bench_receive_cpu(work: Path, datagrams: list[bytes], count: int = 40_000) -> dict:
     """CPU time (user + system, so waiting for a busy CPU does not count) of tracepipe's receive loop per
     datagram: fill a socket's buffer, then drain it into a spool segment with the collector's own code."""
-    from tracepipe.collector import Collector, CollectorConfig, parse_listen
+    from tracepipe.collector import Collector, CollectorConfig
+    from tracepipe.units import parse_listen
 
     logging.getLogger("tracepipe.collect").setLevel(logging.ERROR)  # no "accepting any sender" warning here
 

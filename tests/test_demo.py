@@ -182,3 +182,20 @@ def test_demo_piped_prints_each_finding_on_one_line(demo: tuple[dict, float, Pat
         assert any(finding["addr"] in line and who in line for line in lines), (who, lines)
         assert any(line.strip() == finding["reason"] for line in lines)
     assert max(len(line) for line in lines) > 120
+
+
+@pytest.mark.parametrize(
+    ("argv0", "program"),
+    [
+        ("/srv/app/.venv/bin/tracepipe", "/srv/app/.venv/bin/tracepipe"),
+        ("tracepipe", "tracepipe"),
+        ("/home/a b/.local/bin/tracepipe", "'/home/a b/.local/bin/tracepipe'"),  # pastes as one word
+        ("/usr/lib/python3.11/site-packages/tracepipe/cli.py", "tracepipe"),  # python -m tracepipe.cli
+        ("", "tracepipe"),
+    ],
+)
+def test_next_commands_name_the_program_as_invoked(argv0, program):
+    from tracepipe.demo import program_name
+
+    assert program_name(argv0) == program
+    assert shlex.split(f"{program_name(argv0)} who 10.0.0.1")[0] == shlex.split(program)[0]

@@ -290,6 +290,49 @@ def test_sql_formats_stdin_and_file(small_lake, tmp_path):
     assert bad.returncode == 2 and "nope" in bad.stderr
 
 
+def test_sql_output_is_written_atomically_and_replaced(small_lake, tmp_path):
+    out = tmp_path / "out.csv"
+    out.write_text("old content\n")
+    sql = "SELECT src_addr, bytes FROM flows ORDER BY bytes DESC, src_addr LIMIT 2"
+    written = run_cli("sql", sql, "--format", "csv", "--output", str(out), "--lake", str(small_lake))
+    assert written.returncode == 0 and written.stdout == "", written.stderr
+    assert out.read_text().splitlines()[0] == '"src_addr","bytes"'
+    # a temp file a killed writer left behind (or a symlink planted in its place, pointing into the lake) is
+    # removed, never written through
+    victim = Lake(small_lake).files("flows")[0]
+    before = victim.read_bytes()
+    out_parquet = tmp_path / "out.parquet"
+    (tmp_path / "out.parquet.tmp").symlink_to(victim)
+    as_parquet = run_cli("sql", sql, "--format", "parquet", "-o", str(out_parquet), "--lake", str(small_lake))
+    assert as_parquet.returncode == 0, as_parquet.stderr
+    assert len(pq.read_table(out_parquet).to_pylist()) == 2
+    assert victim.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "out.parquet"]
+
+
+def test_sql_never_writes_inside_the_lake(small_lake, tmp_path):
+    victim = Lake(small_lake).files("flows")[0]
+    before = {p: p.read_bytes() for p in small_lake.rglob("*") if p.is_file()}
+    link = tmp_path / "innocent-looking"
+    link.symlink_to(victim.parent)  # a directory someone planted that leads into the lake
+    for target in (victim, small_lake / "new.csv", link / "x.csv", small_lake):
+        refused = run_cli(
+            "sql", "SELECT 1 AS n", "--format", "csv", "-o", str(target), "--lake", str(small_lake)
+        )
+        assert refused.returncode == 2, (target, refused.stderr)
+        assert "is inside the lake" in refused.stderr and "Traceback" not in refused.stderr
+    with pytest.raises(UsageError, match="inside the lake"):
+        query.check_output("parquet", small_lake / ".." / small_lake.name / "x.parquet", small_lake)
+    assert {p: p.read_bytes() for p in small_lake.rglob("*") if p.is_file()} == before
+
+
+def test_sql_table_into_a_file_is_refused_not_silently_empty(small_lake, tmp_path):
+    out = tmp_path / "table.txt"
+    result = run_cli("sql", "SELECT 1 AS n", "--output", str(out), "--lake", str(small_lake))
+    assert result.returncode == 2 and "--format csv, json or parquet" in result.stderr, result.stderr
+    assert not out.exists()
+
+
 def test_shell_runs_queries_and_refuses_writes(small_lake):
     shown: list[object] = []
     lines = iter(

@@ -4,12 +4,24 @@ by pipeline files (regression: `collect --rotate 1d` was refused while `who --wi
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
+import socket
 
 import pytest
 
 from tracepipe.errors import UsageError
 from tracepipe.pipeline_config import parse_pipeline
-from tracepipe.units import parse_addr, parse_date, parse_duration, parse_size, parse_time, to_utc
+from tracepipe.units import (
+    ListenSpec,
+    parse_addr,
+    parse_date,
+    parse_duration,
+    parse_listen,
+    parse_network,
+    parse_size,
+    parse_time,
+    to_utc,
+)
 
 DURATIONS = [
     ("250ms", 0.25),
@@ -85,3 +97,42 @@ def test_parse_time_date_addr():
     assert parse_addr(" 2001:DB8:0::1 ") == "2001:db8::1" and parse_addr("10.0.0.5") == "10.0.0.5"
     with pytest.raises(UsageError, match="not an IP address"):
         parse_addr("10.0.0.0/8")
+
+
+@pytest.mark.parametrize(
+    ("text", "spec", "shown"),
+    [
+        ("0.0.0.0:2055", ListenSpec(socket.AF_INET, "0.0.0.0", 2055), "0.0.0.0:2055"),
+        ("[::]:4739", ListenSpec(socket.AF_INET6, "::", 4739), "[::]:4739"),
+        ("[::1]:9995", ListenSpec(socket.AF_INET6, "::1", 9995), "[::1]:9995"),
+        ("[fe80::1%eth0]:2055", ListenSpec(socket.AF_INET6, "fe80::1%eth0", 2055), "[fe80::1%eth0]:2055"),
+        (" 127.0.0.1:9995 ", ListenSpec(socket.AF_INET, "127.0.0.1", 9995), "127.0.0.1:9995"),
+        (":2055", ListenSpec(socket.AF_INET, "0.0.0.0", 2055), "0.0.0.0:2055"),
+        ("2055", ListenSpec(socket.AF_INET, "0.0.0.0", 2055), "0.0.0.0:2055"),
+    ],
+)
+def test_parse_listen(text, spec, shown):
+    assert parse_listen(text) == spec and str(parse_listen(text)) == shown
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("foo", "write HOST:PORT"),
+        ("[::1]", "write HOST:PORT"),
+        ("::1:2055", "write HOST:PORT"),  # a bare IPv6 address needs brackets
+        ("127.0.0.1:70000", "port 70000 is out of range"),
+        ("example.org:2055", "'example.org' is not an IP address"),
+    ],
+)
+def test_parse_listen_refuses(text, message):
+    with pytest.raises(UsageError, match=message):
+        parse_listen(text)
+
+
+def test_parse_network():
+    assert parse_network(" 10.1.2.3/8 ") == ipaddress.ip_network("10.0.0.0/8")
+    assert parse_network("2001:db8::1") == ipaddress.ip_network("2001:db8::1/128")
+    for bad in ("10.0.0.0/33", "lan", ""):
+        with pytest.raises(UsageError, match="not an address or CIDR"):
+            parse_network(bad)

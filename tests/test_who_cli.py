@@ -105,8 +105,9 @@ def story_lake(tmp_path_factory) -> Path:
 )
 def test_who_before_during_after_each_change(story_lake, addr, hhmm, vm_id):
     answer = query.who(Lake(story_lake), addr, t(hhmm))
-    assert [lease["vm_id"] for lease in answer["leases"]] == ([vm_id] if vm_id else [])
-    assert answer["held"] is (vm_id is not None)
+    assert [lease["vm_id"] for lease in answer.leases] == ([vm_id] if vm_id else [])
+    assert answer.held is (vm_id is not None)
+    assert answer.exit_code == 0  # "nobody held it" is an answer too
 
 
 def test_who_tells_the_deleted_vm_and_its_quarantine(story_lake):
@@ -152,6 +153,34 @@ def test_who_nobody_names_the_neighbours(story_lake):
     assert result.returncode == 0, result.stderr
     assert "nobody held 192.168.1.3 at 2024-03-12 08:05:00 UTC" in result.stdout
     assert "before: web-01" in result.stdout and "after: web-02" in result.stdout
+    as_json = run_cli(
+        "who", "192.168.1.99", "--at", "2024-03-12T07:30:00Z", "--format", "json", "--lake", str(story_lake)
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    answer = json.loads(as_json.stdout)
+    assert (answer["held"], answer["leases"], answer["exit_code"]) == (False, [], 0)
+
+
+def test_who_timeline_and_attribute_without_a_lake_fail_with_4(tmp_path):
+    missing = str(tmp_path / "no-lake")
+    for args in (("who", "10.0.0.1", "--at", "2024-03-12T07:30:00Z"), ("timeline", "web-01"), ("attribute",)):
+        result = run_cli(*args, "--lake", missing)
+        assert result.returncode == 4 and f"no lake at {missing}" in result.stderr, (args, result.stderr)
+
+
+def test_attribute_reports_what_it_did(story_lake):
+    result = run_cli("attribute", "--format", "json", "--lake", str(story_lake))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    # the story's eight flows; web-01/web-02 as sources five times, batch-07 once as destination, web-01 once
+    assert (summary["rows"], summary["src_attributed"], summary["dst_attributed"], summary["exit_code"]) == (
+        8,
+        5,
+        2,
+        0,
+    )
+    nothing = run_cli("attribute", "--day", "2023-01-01", "--lake", str(story_lake))
+    assert nothing.returncode == 0 and nothing.stdout.startswith("0 flows in 0 files"), nothing.stdout
 
 
 def test_late_lifecycle_events_end_up_in_the_flow_files(story_lake):
@@ -195,24 +224,24 @@ def test_injection_attempts_are_harmless(story_lake, args):
 
 def test_timeline_of_a_deleted_vm(story_lake):
     answer = query.timeline(Lake(story_lake), "web-01")
-    assert answer["vm_id"] == WEB01
-    assert answer["vm"]["status"] == "deleted"
-    actions = [e["action"] for e in answer["events"]]
+    assert (answer.vm_id, answer.exit_code) == (WEB01, 0)
+    assert answer.vm["status"] == "deleted"
+    actions = [e["action"] for e in answer.events]
     assert (
         actions[0] == "create"
         and "soft_delete" in actions
         and "restore" in actions
         and actions[-1] == "delete"
     )
-    assert [(lease["addr"], lease["end_reason"]) for lease in answer["leases"]] == [
+    assert [(lease["addr"], lease["end_reason"]) for lease in answer.leases] == [
         ("192.168.1.3", "delete"),
         ("192.168.1.30", "detach"),
     ]
-    (hour,) = answer["flows_per_hour"]
+    (hour,) = answer.flows_per_hour
     assert (hour["hour"].hour, hour["flows_out"], hour["flows_in"]) == (7, 4, 1)
-    assert query.timeline(Lake(story_lake), BATCH07)["flows_per_hour"][0]["flows_in"] == 1
+    assert query.timeline(Lake(story_lake), BATCH07).flows_per_hour[0]["flows_in"] == 1
     result = run_cli("timeline", "web-02", "--format", "json", "--lake", str(story_lake))
     assert result.returncode == 0, result.stderr
     web02 = json.loads(result.stdout)
-    assert web02["vm_id"] == WEB02 and web02["vm"]["user"] == "bob"
+    assert web02["vm_id"] == WEB02 and web02["vm"]["user"] == "bob" and web02["exit_code"] == 0
     assert web02["flows_per_hour"][0]["flows_out"] == 1

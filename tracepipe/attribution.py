@@ -16,12 +16,14 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tracepipe.errors import EXIT_OK, LakeError
 from tracepipe.lake import Lake
 
 BATCH_ROWS = 1_000_000
@@ -146,3 +148,34 @@ def attribute_flows(
     summary["rows"] = done["rows"]
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+@dataclass
+class AttributionResult:
+    """What `tracepipe attribute` did. Exit code 0 also when the days hold no flows (rows 0: nothing to do is
+    an answer); a day that does not parse is a UsageError (2); no lake, or one that cannot be rewritten, a
+    LakeError (4)."""
+
+    days: list[str] = field(default_factory=list)
+    files: int = 0
+    rows: int = 0
+    src_attributed: int = 0
+    dst_attributed: int = 0
+    leases: int = 0
+    seconds: float = 0.0
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def attribute_lake(
+    lake: Lake,
+    days: Iterable[str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> AttributionResult:
+    """`attribute_flows` for a person repairing a lake: refuses a path that holds no lake instead of
+    reporting 0 flows, and returns a result object (what ingest and upgrade embed is the plain summary)."""
+    if not lake.root.is_dir():
+        raise LakeError(f"no lake at {lake.root}; pass --lake or set TRACEPIPE_LAKE")
+    return AttributionResult(**attribute_flows(lake, days, progress))

@@ -367,7 +367,12 @@ def sql_command(
         SqlFormat, typer.Option("--format", help="table, csv, json, or parquet (with --output).")
     ] = SqlFormat.table,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write the result here (parquet).")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the result to this file (csv, json or parquet; replaced atomically; never inside the lake).",
+        ),
     ] = None,
     shell: Annotated[bool, typer.Option("--shell", help="Interactive session with the same views.")] = False,
     max_rows: Annotated[int, typer.Option("--max-rows", help="Rows shown by --format table.")] = 1000,
@@ -400,7 +405,8 @@ def sql_command(
     Views: flows, flows_attributed, vm_events, vm_leases, vms, vm_logs, intel, alerts, rejects. Macros:
     who_had(addr, ts), cidr_contains(cidr, addr), ip_to_num(addr), ip_between(addr, lo, hi).
     Only queries run (SELECT, WITH, DESCRIBE, SUMMARIZE, EXPLAIN): COPY, CREATE, INSERT, DELETE, ATTACH, SET
-    ... are refused with exit code 2.
+    ... are refused with exit code 2, and so is an --output inside the lake directory (symlinks followed) or
+    --format table with --output.
 
     Example: tracepipe sql "SELECT src_project, sum(bytes) FROM flows_attributed GROUP BY 1 ORDER BY 2 DESC"
     """
@@ -410,6 +416,7 @@ def sql_command(
 
     p: Printer = ctx.obj
     snapshot = Lake(lake, as_of=parse_as_of(as_of)) if as_of else open_lake(lake)
+    q.check_output(fmt.value, output, snapshot.root)  # before the query runs: it may take a while
     if shell:
         q.shell(
             snapshot,
@@ -428,7 +435,7 @@ def sql_command(
     if fmt == SqlFormat.table:
         _print_relation(p, relation, max_rows)
         return
-    text = engines.export_relation(relation, fmt.value, output)
+    text = q.export_result(relation, fmt.value, output, snapshot.root)
     if text is not None:
         sys.stdout.write(text)
 
@@ -446,7 +453,10 @@ def who_command(
 ) -> None:
     """Which VM held ADDR at TIME, whose it is, what became of it, and what the address did around then.
 
-    Deleted and soft-deleted (quarantined) VMs included. "nobody held ADDR" is an answer: exit code 0.
+    Deleted and soft-deleted (quarantined) VMs included. "nobody held ADDR" is an answer, not a failure: it
+    names the VMs that held ADDR before and after, and exits 0.
+
+    Exit codes: 0 answered (held or not); 2 ADDR, --at or --window does not parse; 4 no lake at --lake.
 
     Example: tracepipe who 192.168.1.3 --at 2024-03-12T07:45:00Z --window 30m
     """
@@ -456,22 +466,26 @@ def who_command(
     p: Printer = ctx.obj
     answer = q.who(open_lake(lake), addr, parse_time(at), parse_duration(window))
     if output == OutputFormat.json:
-        p.json(answer)
-        return
-    at_text = f"{answer['at']:%Y-%m-%d %H:%M:%S} UTC"
-    if not answer["held"]:
-        p.line(f"nobody held {answer['addr']} at {at_text}")
-        for key, label in (("previous_lease", "before"), ("next_lease", "after")):
-            lease = answer[key]
+        p.json(answer.to_dict())
+    else:
+        _print_who(p, answer)
+    raise typer.Exit(answer.exit_code)
+
+
+def _print_who(p: Printer, answer: Any) -> None:
+    at_text = f"{answer.at:%Y-%m-%d %H:%M:%S} UTC"
+    if not answer.held:
+        p.line(f"nobody held {answer.addr} at {at_text}")
+        for lease, label in ((answer.previous_lease, "before"), (answer.next_lease, "after")):
             if lease:
                 p.line(
                     f"  {label}: {lease['vm_name'] or ''} ({lease['vm_id']}) held it "
                     f"{lease['valid_from']:%Y-%m-%d %H:%M:%S} - "
                     f"{'now' if lease['valid_to'] is None else format(lease['valid_to'], '%Y-%m-%d %H:%M:%S')}"
                 )
-    for lease in answer["leases"]:
+    for lease in answer.leases:
         until = "still held" if lease["valid_to"] is None else f"{lease['valid_to']:%Y-%m-%d %H:%M:%S} UTC"
-        p.line((answer["addr"], "bold"), f" at {at_text} was held by")
+        p.line((answer.addr, "bold"), f" at {at_text} was held by")
         p.line(f"  VM          {lease['vm_name'] or '?'} ({lease['vm_id']})")
         p.line(f"  project     {lease['project'] or '?'}")
         p.line(f"  user        {lease['user'] or '?'}")
@@ -484,9 +498,9 @@ def who_command(
             + (f" ({lease['end_reason']})" if lease["end_reason"] else "")
         )
         p.line(f"  VM now      {lease['now']}")
-    flows = answer["flows"]
+    flows = answer.flows
     p.line(
-        f"flows of {answer['addr']} {flows['from']:%Y-%m-%d %H:%M} - {flows['to']:%H:%M} UTC: "
+        f"flows of {answer.addr} {flows['from']:%Y-%m-%d %H:%M} - {flows['to']:%H:%M} UTC: "
         f"{flows['flows']} flows ({flows['flows_out']} out, {flows['flows_in']} in), {flows['bytes']} bytes, "
         f"{flows['peers']} peers"
     )
@@ -506,6 +520,9 @@ def timeline_command(
 ) -> None:
     """Everything known about one VM: what it is now, lifecycle events, leases, flows per hour, VM logs.
 
+    Exit codes: 0 shown; 2 no VM has that id or name, or several VMs carry the name (give the vm_id);
+    4 no lake at --lake.
+
     Example: tracepipe timeline web-01
     """
     from tracepipe import query as q
@@ -513,18 +530,19 @@ def timeline_command(
     p: Printer = ctx.obj
     answer = q.timeline(open_lake(lake), vm, limit)
     if output == OutputFormat.json:
-        p.json(answer)
-        return
-    info = answer["vm"]
+        p.json(answer.to_dict())
+        raise typer.Exit(answer.exit_code)
+    info = answer.vm
     p.line(
         (info["vm_name"] or "?", "bold"),
-        f" ({answer['vm_id']}) project {info['project'] or '?'}, "
+        f" ({answer.vm_id}) project {info['project'] or '?'}, "
         f"user {info['user'] or '?'}, hypervisor {info['hypervisor'] or '?'}: {info['now']}",
     )
-    p.records(answer["events"], "lifecycle", ["ts", "action", "state", "event_type", "addrs", "addr"])
-    p.records(answer["leases"], "leases", ["addr", "addr_kind", "valid_from", "valid_to", "end_reason"])
-    p.records(answer["flows_per_hour"], "flows per hour")
-    p.records(answer["logs"], "VM logs", ["ts", "app", "auth_event", "auth_user", "auth_src_addr", "message"])
+    p.records(answer.events, "lifecycle", ["ts", "action", "state", "event_type", "addrs", "addr"])
+    p.records(answer.leases, "leases", ["addr", "addr_kind", "valid_from", "valid_to", "end_reason"])
+    p.records(answer.flows_per_hour, "flows per hour")
+    p.records(answer.logs, "VM logs", ["ts", "app", "auth_event", "auth_user", "auth_src_addr", "message"])
+    raise typer.Exit(answer.exit_code)
 
 
 @app.command("attribute")
@@ -539,11 +557,14 @@ def attribute_command(
     """Set src_vm/dst_vm in the flow files from the current leases (ingest does this by itself; use it after
     editing leases by hand or to repair a lake). Idempotent.
 
+    Exit codes: 0 done (also when those days hold no flows: it says 0 flows); 2 a --day does not parse;
+    4 no lake at --lake, or its files cannot be rewritten.
+
     Example: tracepipe attribute --day 2024-03-12 --day 2024-03-13
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress
 
-    from tracepipe.attribution import attribute_flows
+    from tracepipe.attribution import attribute_lake
     from tracepipe.units import parse_date
 
     p: Printer = ctx.obj
@@ -556,18 +577,19 @@ def attribute_command(
         transient=True,
     ) as bar:
         task = bar.add_task("attribute flows", total=None)
-        summary = attribute_flows(
+        result = attribute_lake(
             open_lake(lake),
             days or None,
             progress=lambda _path, done, total: bar.update(task, completed=done, total=total),
         )
     if output == OutputFormat.json:
-        p.json(summary)
-        return
-    p.line(
-        f"{summary['rows']} flows in {summary['files']} files: {summary['src_attributed']} sources and "
-        f"{summary['dst_attributed']} destinations attributed to a VM ({summary['seconds']} s)"
-    )
+        p.json(result.to_dict())
+    else:
+        p.line(
+            f"{result.rows} flows in {result.files} files: {result.src_attributed} sources and "
+            f"{result.dst_attributed} destinations attributed to a VM ({result.seconds} s)"
+        )
+    raise typer.Exit(result.exit_code)
 
 
 # ---- commands: lake maintenance -----------------------------------------------------------------------------
@@ -751,8 +773,8 @@ def collect_command(
     """
     import logging
 
-    from tracepipe.collector import CollectorConfig, parse_listen, run_collector
-    from tracepipe.units import parse_duration, parse_size
+    from tracepipe.collector import CollectorConfig, run_collector
+    from tracepipe.units import parse_duration, parse_listen, parse_size
 
     logging.basicConfig(
         level=logging.DEBUG if ctx.obj.debug else logging.INFO,
@@ -1037,11 +1059,7 @@ def demo_command(
 
     p: Printer = ctx.obj
     with p.err.status("demo") as status:
-        # the next commands are printed the way the user called us (.venv/bin/tracepipe, tracepipe, ...)
-        program = sys.argv[0] if Path(sys.argv[0]).name == "tracepipe" else "tracepipe"
-        result = run_demo(
-            lake, story or STORY_DIR, progress=lambda step: status.update(f"demo: {step}"), program=program
-        )
+        result = run_demo(lake, story or STORY_DIR, progress=lambda step: status.update(f"demo: {step}"))
     if output == OutputFormat.json:
         p.json(result.to_dict())
     else:

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import re
 import select
 import signal
 import socket
@@ -42,6 +41,7 @@ import numpy as np
 from tracepipe import fsutil
 from tracepipe import spool as sp
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EnvironmentProblem, LakeError, UsageError
+from tracepipe.units import ListenSpec, parse_network
 
 log = logging.getLogger("tracepipe.collect")
 
@@ -68,38 +68,6 @@ PR_SET_PDEATHSIG = 1
 # ---- options --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ListenSpec:
-    family: int
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.host}:{self.port}"
-
-
-def parse_listen(text: str) -> ListenSpec:
-    """`0.0.0.0:2055`, `[::]:4739`, `[::1]:9995`, `:2055` or `2055` (all IPv4 addresses)."""
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.%a-z]+)\]:(\d+)|([^:\[\]]*):(\d+)|(\d+)", text.strip())
-    if not match:
-        raise UsageError(
-            f"cannot read listen address {text!r}; write HOST:PORT, e.g. 0.0.0.0:2055 or [::]:4739"
-        )
-    if match.group(5):
-        host, port = "0.0.0.0", int(match.group(5))
-    elif match.group(1):
-        host, port = match.group(1), int(match.group(2))
-    else:
-        host, port = match.group(3) or "0.0.0.0", int(match.group(4))
-    try:
-        version = ipaddress.ip_address(host.split("%")[0]).version
-    except ValueError as exc:
-        raise UsageError(f"listen address {text!r}: {host!r} is not an IP address") from exc
-    if port > 65535:
-        raise UsageError(f"listen address {text!r}: port {port} is out of range")
-    return ListenSpec(socket.AF_INET6 if version == 6 else socket.AF_INET, host, port)
-
-
 class AllowList:
     """Sender CIDRs (IPv4 and IPv6) checked on whole batches: addresses as two big-endian uint64 halves of the
     16-byte form (IPv4 mapped into ::ffff:0:0/96), one mask-and-compare per network."""
@@ -109,11 +77,9 @@ class AllowList:
         self._nets: list[tuple[int, int, int, int]] = []  # (net_hi, net_lo, mask_hi, mask_lo)
         for cidr in cidrs:
             try:
-                net = ipaddress.ip_network(cidr.strip(), strict=False)
-            except ValueError as exc:
-                raise UsageError(
-                    f"--allow {cidr!r} is not a network; write e.g. 10.0.0.0/8 or 2001:db8::/32"
-                ) from exc
+                net = parse_network(cidr)
+            except UsageError as exc:
+                raise UsageError(f"--allow: {exc}") from None
             if net.version == 4:
                 value = (0xFFFF << 32) | int(net.network_address)
                 prefix = 96 + net.prefixlen

@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import shlex
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, TracepipeError,
 from tracepipe.lake import Lake
 from tracepipe.pipeline_config import DEFAULT_PIPELINE
 from tracepipe.schema import DATASETS
+from tracepipe.units import parse_time
 
 # package data (sample_data/story at the repository root links here; sample_data/make_sample.py rebuilds it)
 STORY_DIR = Path(__file__).resolve().parent / "demo_story"
@@ -140,8 +142,8 @@ def _run(
 
 def story_window(truth: dict[str, Any]) -> tuple[dt.datetime, dt.datetime]:
     """The story's window, widened to whole hours (flows that start before the end may end after it)."""
-    start = dt.datetime.fromisoformat(truth["window"]["start"].replace("Z", "+00:00"))
-    end = dt.datetime.fromisoformat(truth["window"]["end"].replace("Z", "+00:00")) + dt.timedelta(hours=1)
+    start = parse_time(truth["window"]["start"])
+    end = parse_time(truth["window"]["end"]) + dt.timedelta(hours=1)
     return start, end
 
 
@@ -208,6 +210,14 @@ def check_against_truth(
     return checks, false_positives
 
 
+def program_name(argv0: str | None = None) -> str:
+    """How the user invoked tracepipe, for commands they can paste: the path they typed when it was the
+    `tracepipe` script (.venv/bin/tracepipe, ~/.local/bin/tracepipe; quoted for the shell), else plain
+    `tracepipe` (python -m tracepipe.cli, a test runner). `argv0` defaults to this process's sys.argv[0]."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    return shlex.quote(argv0) if argv0 and Path(argv0).name == "tracepipe" else "tracepipe"
+
+
 def next_commands(lake: Path, truth: dict[str, Any], program: str = "tracepipe") -> list[str]:
     """Three commands worth typing after the demo, built from the story (they name the demo lake).
     `program` is how the user invoked tracepipe (e.g. .venv/bin/tracepipe), so they paste as they are."""
@@ -227,9 +237,10 @@ def run_demo(
     story_dir: Path = STORY_DIR,
     pipeline: Path = PIPELINE,
     progress: Progress | None = None,
-    program: str = "tracepipe",
+    program: str | None = None,
 ) -> DemoResult:
-    """Run the whole demo; see the module docstring. Never raises for a missing or failing step."""
+    """Run the whole demo; see the module docstring. Never raises for a missing or failing step. The next
+    commands start with `program` (default: program_name(), how this process was invoked)."""
     started = time.monotonic()
     story_dir = Path(story_dir)
     truth_path = story_dir / "ground_truth.json"
@@ -323,6 +334,6 @@ def run_demo(
 
         _run(result, "report", progress, report)
     result.truth_check, result.false_positives = check_against_truth(result.findings, truth)
-    result.next_commands = next_commands(Path(lake_dir), truth, program)
+    result.next_commands = next_commands(Path(lake_dir), truth, program or program_name())
     result.seconds = time.monotonic() - started
     return result

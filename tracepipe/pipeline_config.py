@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tracepipe.errors import EXIT_OK, UsageError
-from tracepipe.units import parse_duration
+from tracepipe.units import parse_duration, parse_network
 
 # The pipeline templates ship inside the package (pipelines/ at the repository root links here); a site starts
 # from editable copies (`tracepipe init DIR`). Commands given no pipeline file use the nightly template.
@@ -306,12 +306,10 @@ def parse_pipeline(text: str, path: str = "<pipeline>") -> PipelineConfig:
 
 
 def _check_networks(values: list[str], where: str, fail) -> None:
-    import ipaddress
-
     for value in values:
         try:
-            ipaddress.ip_network(value, strict=False)
-        except ValueError:
+            parse_network(value)
+        except UsageError:
             fail(where, f"{value!r} is not an address or CIDR")
 
 

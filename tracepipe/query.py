@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import tempfile
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from tracepipe.errors import LakeError, UsageError
+from tracepipe.errors import EXIT_OK, LakeError, UsageError
 from tracepipe.lake import FileEntry, Lake
 from tracepipe.schema import DATASETS
 from tracepipe.units import parse_addr, parse_duration, parse_time  # noqa: F401 (re-exported)
@@ -252,9 +253,40 @@ def flow_summary(
     return {"from": start, "to": stop, **summary}
 
 
-def who(
-    lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timedelta(hours=1)
-) -> dict[str, Any]:
+@dataclass
+class WhoAnswer:
+    """What `who` found for one address at one time. "Nobody held it" is an answer (held False, exit code 0):
+    the previous and next leases then say who had it around that time. Bad input raises UsageError (2), a
+    missing lake LakeError (4)."""
+
+    addr: str
+    at: dt.datetime
+    window: dt.timedelta
+    leases: list[dict[str, Any]] = field(default_factory=list)
+    previous_lease: dict[str, Any] | None = None
+    next_lease: dict[str, Any] | None = None
+    flows: dict[str, Any] = field(default_factory=dict)
+    exit_code: int = EXIT_OK
+
+    @property
+    def held(self) -> bool:
+        return bool(self.leases)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "addr": self.addr,
+            "at": self.at,
+            "window_seconds": self.window.total_seconds(),
+            "held": self.held,
+            "leases": self.leases,
+            "previous_lease": self.previous_lease,
+            "next_lease": self.next_lease,
+            "flows": self.flows,
+            "exit_code": self.exit_code,
+        }
+
+
+def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timedelta(hours=1)) -> WhoAnswer:
     """Who held `addr` at `at`: the lease(s) valid then with what the VM is now, the leases just before and
     after (useful when nobody held it), and the address's flows in at ± window. All input is bound."""
     addr = parse_addr(addr)
@@ -280,16 +312,15 @@ def who(
         flows = flow_summary(con, addr, at - window, at + window)
     finally:
         con.close()
-    return {
-        "addr": addr,
-        "at": at,
-        "window_seconds": window.total_seconds(),
-        "held": bool(leases),
-        "leases": leases,
-        "previous_lease": before[0] if before else None,
-        "next_lease": after[0] if after else None,
-        "flows": flows,
-    }
+    return WhoAnswer(
+        addr=addr,
+        at=at,
+        window=window,
+        leases=leases,
+        previous_lease=before[0] if before else None,
+        next_lease=after[0] if after else None,
+        flows=flows,
+    )
 
 
 def resolve_vm(con: duckdb.DuckDBPyConnection, vm: str) -> str:
@@ -313,7 +344,24 @@ def resolve_vm(con: duckdb.DuckDBPyConnection, vm: str) -> str:
     return ids[0]
 
 
-def timeline(lake: Lake, vm: str, limit: int = 200) -> dict[str, Any]:
+@dataclass
+class Timeline:
+    """Everything the lake knows about one VM. A VM that no id or name matches (or a name several VMs carry)
+    is a usage error (UsageError, 2), a missing lake LakeError (4); otherwise exit code 0."""
+
+    vm_id: str
+    vm: dict[str, Any]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    leases: list[dict[str, Any]] = field(default_factory=list)
+    flows_per_hour: list[dict[str, Any]] = field(default_factory=list)
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def timeline(lake: Lake, vm: str, limit: int = 200) -> Timeline:
     """Everything the lake knows about one VM (vm_id or unique name): what it is now, lifecycle events,
     leases, flows per hour while it held its addresses, and its syslog lines (first `limit` of each list)."""
     con = connect(lake)
@@ -352,14 +400,7 @@ def timeline(lake: Lake, vm: str, limit: int = 200) -> dict[str, Any]:
         )
     finally:
         con.close()
-    return {
-        "vm_id": vm_id,
-        "vm": info,
-        "events": events,
-        "leases": leases,
-        "flows_per_hour": flows,
-        "logs": logs,
-    }
+    return Timeline(vm_id=vm_id, vm=info, events=events, leases=leases, flows_per_hour=flows, logs=logs)
 
 
 def _vm_flows_per_hour(
@@ -394,20 +435,45 @@ def _vm_flows_per_hour(
 # ---- results out of `tracepipe sql` ---------------------------------------------------------------------------
 
 
-def export_result(relation: duckdb.DuckDBPyRelation, fmt: str, output: Path | None = None) -> str | None:
-    """A query result as csv or json text (returned), or as a Parquet file at `output` (a user's file outside
-    the lake, written with pyarrow because the session itself may not write files)."""
-    table = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
-    if fmt == "parquet":
-        if output is None:
-            raise UsageError("--format parquet needs --output FILE")
-        import pyarrow.parquet as pq
+EXPORT_FORMATS = ("csv", "json", "parquet")
 
-        try:
-            pq.write_table(table, output, compression="zstd")
-        except OSError as exc:
-            raise UsageError(f"cannot write {output}: {exc}") from exc
-        return None
+
+def check_output(fmt: str, output: Path | None, lake_root: Path) -> None:
+    """Refuse (UsageError) an export that could not be written or must not be: parquet without a file, a
+    table into a file (the table is for a terminal), and any file inside the lake — a typing mistake or a path
+    someone planted (a symlink into the lake) must never overwrite the lake's files. Both paths are resolved
+    (symlinks followed) before they are compared."""
+    if fmt not in (*EXPORT_FORMATS, "table"):
+        raise UsageError(f"unknown format {fmt!r}: table, csv, json or parquet")
+    if output is None:
+        if fmt == "parquet":
+            raise UsageError("--format parquet needs --output FILE")
+        return
+    if fmt == "table":
+        raise UsageError(
+            f"--output {output}: a table is for the terminal; to write a file give --format csv, json or parquet"
+        )
+    target = Path(output).resolve()
+    lake = Path(lake_root).resolve()
+    if target == lake or target.is_relative_to(lake):
+        raise UsageError(
+            f"--output {output} is inside the lake ({lake}); tracepipe sql never writes there: "
+            "choose a file outside the lake directory"
+        )
+
+
+def export_result(
+    relation: duckdb.DuckDBPyRelation, fmt: str, output: Path | None, lake_root: Path
+) -> str | None:
+    """A query result as csv or json text: returned when `output` is None, else written to `output` (a user's
+    file outside the lake, see check_output) through fsutil.replacing — a reader of `output` sees the old file
+    or the whole new one, and a symlink planted at `output` is replaced, not followed. Parquet needs `output`.
+    Written with pyarrow, because the session itself may not write files."""
+    from tracepipe.fsutil import replacing
+
+    check_output(fmt, output, lake_root)
+    table = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+    text: str | None = None
     if fmt == "csv":
         import io
 
@@ -415,12 +481,26 @@ def export_result(relation: duckdb.DuckDBPyRelation, fmt: str, output: Path | No
 
         buffer = io.BytesIO()
         pacsv.write_csv(table, buffer)
-        return buffer.getvalue().decode("utf-8")
-    if fmt == "json":
+        text = buffer.getvalue().decode("utf-8")
+    elif fmt == "json":
         import json
 
-        return json.dumps(table.to_pylist(), indent=2, default=str) + "\n"
-    raise UsageError(f"unknown format {fmt!r}: table, csv, json or parquet")
+        text = json.dumps(table.to_pylist(), indent=2, default=str) + "\n"
+    if output is None:
+        return text
+    try:
+        with replacing(Path(output)) as tmp:
+            # a temp file a killed run left, or a symlink planted in its place, is removed, not written through
+            tmp.unlink(missing_ok=True)
+            if text is not None:
+                tmp.write_text(text, encoding="utf-8")
+            else:
+                import pyarrow.parquet as pq
+
+                pq.write_table(table, tmp, compression="zstd")
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    return None
 
 
 def shell(lake: Lake, show: Any, read_line: Any = input) -> None:

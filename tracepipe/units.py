@@ -1,4 +1,5 @@
-"""The one parser of each unit people type: durations, sizes, times, dates and addresses.
+"""The one parser of each unit people type: durations, sizes, times, dates and addresses (one address, a
+network, a HOST:PORT to listen on).
 
 Every command option and every pipeline file goes through these, so `--rotate 1d`, `--window 1d` and
 `window = "1d"` accept the same forms. Text that does not parse raises UsageError (exit code 2) with a form
@@ -10,16 +11,30 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import re
+import socket
+from dataclasses import dataclass
 from typing import Any
 
 from tracepipe.errors import UsageError
 
-__all__ = ["parse_addr", "parse_date", "parse_duration", "parse_size", "parse_time", "to_utc"]
+__all__ = [
+    "ListenSpec",
+    "parse_addr",
+    "parse_date",
+    "parse_duration",
+    "parse_listen",
+    "parse_network",
+    "parse_size",
+    "parse_time",
+    "to_utc",
+]
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d|w)?", re.IGNORECASE)
 _DURATION_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}  # binary: 32M is 32 MiB, as the kernel counts
+# [v6]:port | host:port | :port | port ('%' and letters: a zone id, fe80::1%eth0)
+_LISTEN = re.compile(r"\[([0-9A-Fa-f:.%a-z]+)\]:(\d+)|([^:\[\]]*):(\d+)|(\d+)")
 _EPOCH = re.compile(r"\d{9,11}(\.\d+)?")  # 1973..5138: a short number is a typo, not a time
 
 
@@ -110,3 +125,49 @@ def parse_addr(text: str) -> str:
         raise UsageError(
             f"address {text!r} does not parse (not an IP address): give one IPv4 or IPv6 address, e.g. 10.0.0.5"
         ) from None
+
+
+def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An address or CIDR (10.0.0.0/8, 2001:db8::/32, 192.0.2.7; host bits allowed) -> network; UsageError
+    else."""
+    try:
+        return ipaddress.ip_network(str(text).strip(), strict=False)
+    except ValueError:
+        raise UsageError(
+            f"network {text!r} does not parse (not an address or CIDR): write e.g. 10.0.0.0/8 or 2001:db8::/32"
+        ) from None
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    """Where a UDP socket listens: address family, host, port."""
+
+    family: int
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str) -> ListenSpec:
+    """`0.0.0.0:2055`, `[::]:4739`, `[::1]:9995`, `:2055` or `2055` (all IPv4 addresses) -> ListenSpec;
+    UsageError for anything else (host names included: a collector binds to addresses)."""
+    match = _LISTEN.fullmatch(text.strip())
+    if not match:
+        raise UsageError(
+            f"cannot read listen address {text!r}; write HOST:PORT, e.g. 0.0.0.0:2055 or [::]:4739"
+        )
+    if match.group(5):
+        host, port = "0.0.0.0", int(match.group(5))
+    elif match.group(1):
+        host, port = match.group(1), int(match.group(2))
+    else:
+        host, port = match.group(3) or "0.0.0.0", int(match.group(4))
+    try:
+        version = ipaddress.ip_address(host.split("%")[0]).version
+    except ValueError:
+        raise UsageError(f"listen address {text!r}: {host!r} is not an IP address") from None
+    if port > 65535:
+        raise UsageError(f"listen address {text!r}: port {port} is out of range")
+    return ListenSpec(socket.AF_INET6 if version == 6 else socket.AF_INET, host, port)

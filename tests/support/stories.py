@@ -1,7 +1,8 @@
 """Seeded stories of a small research cloud, for the tests, the benchmarks and sample_data/make_sample.py (test
 scaffolding: not in the package). Same seed, same bytes. Both stories plan conversations column-wise with numpy
-(one batch per activity), flag them with the same TCP flag constants and export both directions the way
-softflowd does; they differ in how far they go:
+(one batch per activity), take their TCP flags from one table per connection outcome (PACKET_FLAGS for
+packets, FLOW_FLAGS their OR for flow records) and export both directions the way softflowd does; they differ
+in how far they go:
 
 - `build_story`: a few hours, tens of VMs doing ordinary work plus planted incidents (SSH brute force,
   horizontal scan, beaconing, exfiltration, a crypto miner) -> a `CloudStory` (VMs, planned connections,
@@ -67,10 +68,26 @@ ONE_PREFIX = "10.40."  # the OpenNebula site: its own probe
 
 # TCP flags (RFC 9293), as packets carry them and flow records OR them
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
-DONE = SYN | ACK | FIN | PSH  # a whole conversation's flags, one direction
 
-# connection kinds
-TCP_FULL, TCP_SYN_ONLY, TCP_SYN_RST, UDP = 0, 1, 2, 3
+# How a connection ends (its "kind"), shared by both stories: the cloud story's packets and the flow story's
+# records take their TCP flags from the one table below.
+TCP_FULL, TCP_SYN_ONLY, TCP_SYN_RST, UDP, TCP_SYN_ACK_RST = 0, 1, 2, 3, 4
+# kind -> direction (opener, answer) -> flags of its (first, middle, last) packet
+PACKET_FLAGS = np.array(
+    [
+        [[SYN, PSH | ACK, FIN | ACK], [SYN | ACK, ACK, FIN | ACK]],  # TCP_FULL: handshake, data, close
+        [[SYN, SYN, SYN], [0, 0, 0]],  # TCP_SYN_ONLY: nobody answers (filtered, or no host)
+        [[SYN, SYN, SYN], [RST | ACK] * 3],  # TCP_SYN_RST: closed port
+        [[0, 0, 0], [0, 0, 0]],  # UDP
+        [[SYN, RST | ACK, RST | ACK], [SYN | ACK] * 3],  # TCP_SYN_ACK_RST: open port, the scanner resets
+    ],
+    np.uint8,
+)
+# what a flow record of each direction carries: the OR of its packets' flags (as softflowd exports it)
+FLOW_FLAGS = np.bitwise_or.reduce(PACKET_FLAGS, axis=2)
+DONE = int(FLOW_FLAGS[TCP_FULL, 0])  # a whole conversation's flags, opener's side
+ANSWERED = np.array([True, False, True, True, True])  # kind -> does the other side send anything
+
 MAX_IP_LEN = 65000  # GRO/TSO-sized segments as a host-side capture sees them
 
 
@@ -623,14 +640,7 @@ def _expand_packets(conns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     ts = conns["t0"][conn] + np.where(rev, rtt + frac * np.maximum(dur - rtt, 0), frac * dur)
     ts = np.where(rev & (kind == TCP_FULL) & (k == n - 1), conns["t0"][conn] + dur + rtt, ts)
     first, last = k == 0, k == n - 1
-    flags = np.where(
-        rev,
-        np.where(first, SYN | ACK, np.where(last, FIN | ACK, ACK)),
-        np.where(first, SYN, np.where(last, FIN | ACK, PSH | ACK)),
-    )
-    flags = np.where(kind == TCP_SYN_ONLY, SYN, flags)
-    flags = np.where(kind == TCP_SYN_RST, np.where(rev, RST | ACK, SYN), flags)
-    flags = np.where(kind == UDP, 0, flags)
+    flags = PACKET_FLAGS[kind, rev.astype(np.int64), np.where(first, 0, np.where(last, 2, 1))]
     total = np.where(rev, conns["by_r"][conn], conns["by_f"][conn])
     # TCP: payload only in the middle packets (SYN/SYN-ACK/FIN carry none); UDP: all packets carry it
     carriers = np.where(kind == UDP, n, np.maximum(n - 2, 1))
@@ -1192,15 +1202,16 @@ class _Flows:
         proto,
         req_bytes,
         resp_bytes,
-        flags=DONE,
-        resp_flags=None,
-        answered=None,
+        kind=None,
     ) -> None:
+        """n conversations of `kind` (scalar or per flow; default TCP_FULL for TCP, UDP else): the opener's
+        flow and, where the kind is answered, the answer's, flagged from FLOW_FLAGS."""
         n = len(ts)
+        kind = _column(kind if kind is not None else (TCP_FULL if proto == 6 else UDP), n, np.int64)
         sport = rng.integers(32768, 60999, n)
         req_packets = np.maximum(np.asarray(req_bytes) // 500, 1)
-        self.add(ts, dur, src, dst, sport, dport, proto, req_packets, req_bytes, flags if proto == 6 else 0)
-        keep = np.ones(n, bool) if answered is None else answered
+        self.add(ts, dur, src, dst, sport, dport, proto, req_packets, req_bytes, FLOW_FLAGS[kind, 0])
+        keep = ANSWERED[kind]
         if keep.any():
             rb = np.broadcast_to(np.asarray(resp_bytes), (n,))[keep]
             self.add(
@@ -1213,7 +1224,7 @@ class _Flows:
                 proto,
                 np.maximum(rb // 1200, 1),
                 rb,
-                (resp_flags if resp_flags is not None else flags) if proto == 6 else 0,
+                FLOW_FLAGS[kind[keep], 1],
             )
 
     def table(self, exporter: str = "10.10.0.1") -> pa.Table:
@@ -1337,9 +1348,7 @@ def generate(
         6,
         rng.integers(500, 5000, n),
         np.exp(rng.normal(11, 1.5, n)).astype(np.int64),
-        flags=np.where(answered, DONE, SYN),
-        resp_flags=DONE | 0,
-        answered=answered,
+        kind=np.where(answered, TCP_FULL, TCP_SYN_ONLY),
     )
     # NTP every 1024 s, metrics push every 300 s (both periodic, both expected)
     for period, dst_addr, port, proto, size in (
@@ -1460,9 +1469,7 @@ def _plant(
         6,
         60,
         60,
-        flags=np.where(answered, SYN | ACK | RST, SYN),
-        resp_flags=SYN | ACK,
-        answered=answered,
+        kind=np.where(answered, TCP_SYN_ACK_RST, TCP_SYN_ONLY),
     )
     # vertical scan: ports 1..1200 of one external host, most closed (RST|ACK back)
     victim = "203.0.113.77"
@@ -1470,8 +1477,9 @@ def _plant(
     ports = np.arange(1, 1201)
     ts = day0 + 9 * HOUR + np.sort(rng.integers(0, S(300), len(ports)))
     sport = np.full(len(ports), 40000)
-    f.add(ts, 1_000, f.idx(hosts[i]), f.idx(victim), sport, ports, 6, 1, 60, SYN)
-    f.add(ts + 300, 0, f.idx(victim), f.idx(hosts[i]), ports, sport, 6, 1, 54, RST | ACK)
+    probe, closed = FLOW_FLAGS[TCP_SYN_RST]
+    f.add(ts, 1_000, f.idx(hosts[i]), f.idx(victim), sport, ports, 6, 1, 60, probe)
+    f.add(ts + 300, 0, f.idx(victim), f.idx(hosts[i]), ports, sport, 6, 1, 54, closed)
     # SSH brute force, outbound: 400 short logins in an hour
     bf_peer = "198.51.100.23"
     i = host("brute_force", bf_peer)

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tracepipe.lake import Lake
+from tracepipe.units import parse_network
 
 # TCP flag bits (RFC 793), as the cumulative OR NetFlow exports in tcp_flags.
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
@@ -111,7 +112,7 @@ def _ipv4_to_int_slow(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def networks_of(cidrs: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    return [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    return [parse_network(c) for c in cidrs]
 
 
 def in_networks(addrs: list[str] | pa.Array, cidrs: Iterable[str]) -> np.ndarray:

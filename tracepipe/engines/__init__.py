@@ -181,18 +181,3 @@ def query_lake(
 
         return query.run_read_only(query.connect(lake), sql)
     return engine_relation(lake, sql, engine, spark_master=spark_master, spark_conf=spark_conf)
-
-
-def export_relation(relation: Any, fmt: str, output: Path | None = None) -> str | None:
-    """A result as csv/json text, returned, or written (atomically) to `output`; parquet needs `output`."""
-    from tracepipe import query
-    from tracepipe.fsutil import write_atomic
-
-    text = query.export_result(relation, fmt, output)
-    if text is None or output is None:
-        return text
-    try:
-        write_atomic(output, text)
-    except OSError as exc:
-        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from exc
-    return None
