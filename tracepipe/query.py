@@ -110,9 +110,9 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     con.execute(sql_text("macros"))
-    # `flows` and both halves of `flows_attributed` from one read of the log: a Lake follows new commits on
-    # every read, so two reads may see two versions (a commit in between: flows_attributed counted rows that
-    # flows did not hold)
+    # Every view from one version of each table: a Lake follows new commits on every read, so two reads may
+    # see two versions (a commit in between: flows_attributed counted rows that flows did not hold)
+    lake = lake.snapshot()
     flow_entries = lake.entries("flows")
     for name in DATASETS:
         paths = [e.path for e in flow_entries] if name == "flows" else lake.files(name)

@@ -415,12 +415,14 @@ class SparkEngine:
 
         from tracepipe.query import sql_text
 
+        # one version of every table for the whole session (see query.connect)
+        source: Lake | str = self.uri if "://" in self.uri else self.lake.snapshot()
         for name in DATASETS:
-            read_dataset(self.spark, self.uri, name).createOrReplaceTempView(name)
-        if "://" in self.uri:
+            read_dataset(self.spark, source, name).createOrReplaceTempView(name)
+        if isinstance(source, str):
             done, todo = [], None  # object stores: every flow attributed at query time
         else:
-            done, todo = _flow_halves(self.lake)
+            done, todo = _flow_halves(source)
         base = f"{self.uri}/flows"
         read_files(self.spark, "flows", base, done).createOrReplaceTempView("_flows_done")
         todo_frame = (
