@@ -166,6 +166,10 @@ def test_upgrade_puts_an_old_lake_under_logs_in_place(tmp_path):
         ),
         root / "_ingest" / f"flows-{'cd' * 32}.parquet",
     )
+    # an upgrade killed before its commit left a conformed copy next to the original: not counted twice
+    (day_dir / "part-upgraded-0badc0ffee.parquet").write_bytes(
+        (day_dir / "part-0123456789abcdef.parquet").read_bytes()
+    )
     refused = _cli("sql", "SELECT count(*) FROM flows", "--lake", str(root))
     assert refused.returncode == 4 and "tracepipe upgrade" in refused.stderr
     result = _cli("upgrade", "--lake", str(root), "--format", "json")
@@ -173,6 +177,7 @@ def test_upgrade_puts_an_old_lake_under_logs_in_place(tmp_path):
     assert json.loads(result.stdout)["converted"] == {"_ingest": 1, "flows": 1}
     lake = Lake(root)
     assert _count(lake) == 8
+    assert [p.name for p in day_dir.glob("*.parquet")] == [lake.files("flows")[0].name]  # originals gone
     assert lake.already_ingested("flows", "cd" * 32)
     again = _cli("upgrade", "--lake", str(root), "--format", "json")
     assert again.returncode == 0 and json.loads(again.stdout)["converted"] == {}

@@ -62,6 +62,7 @@ TABLE_CONFIG = {
 }
 # an append that a concurrent rewrite made conflict is committed again on the latest version, up to this often
 APPEND_CONFLICT_RETRIES = 20
+UPGRADED = "part-upgraded-"  # prefix of the conformed copies `upgrade` writes before its commit
 MANIFEST = Dataset(MANIFEST_DIR, INGEST_MANIFEST, None, ("dataset", "content_hash"))
 
 
@@ -859,10 +860,12 @@ class Lake:
             directory = self.root / name
             if (directory / "_delta_log").is_dir() or not directory.is_dir():
                 continue
-            files = sorted(p for p in directory.rglob("*.parquet") if p.is_file())
-            for stale in directory.rglob("*.parquet.tmp"):
+            # what an upgrade killed before its commit left: conformed copies (the originals are still there)
+            for stale in [*directory.rglob(f"{UPGRADED}*.parquet"), *directory.rglob("*.parquet.tmp")]:
                 stale.unlink()
+            files = sorted(p for p in directory.rglob("*.parquet") if p.is_file())
             adds = []
+            replaced: list[Path] = []
             for path in files:
                 relative = path.relative_to(directory).as_posix()
                 day = None
@@ -870,11 +873,11 @@ class Lake:
                     day = path.parent.name.removeprefix(f"{PARTITION}=")
                 if name == "flows" or not _same_columns(path, dataset.schema):
                     # older files lack columns added since (flows: attributed_at): rewrite them conformed
-                    part = PartFile(directory, dataset, day, f"part-{uuid.uuid4().hex}")
+                    part = PartFile(directory, dataset, day, f"{UPGRADED}{uuid.uuid4().hex}")
                     for batch in pq.ParquetFile(path).iter_batches(batch_size=256_000):
                         part.write(pa.Table.from_batches([batch]))
                     action = part.close()
-                    path.unlink()
+                    replaced.append(path)  # deleted only once the commit names its copy
                     if action is not None:
                         adds.append(action)
                     continue
@@ -897,6 +900,8 @@ class Lake:
                 partition_by=[PARTITION] if dataset.partition_ts is not None else None,
                 configuration=TABLE_CONFIG,
             )
+            for path in replaced:  # not in the log: never read again; removed now rather than at vacuum
+                path.unlink(missing_ok=True)
             out[name] = len(adds)
         self.refresh()
         return out
