@@ -63,9 +63,9 @@ def test_killed_run_leftovers_are_replaced_not_doubled(tmp_path):
     is never read, and vacuum removes it once it is older than the retention."""
     lake = Lake(tmp_path / "lake")
     table = _flows(5, dt.datetime(2024, 3, 12, tzinfo=dt.UTC))
-    part = PartFile(lake.root / "flows", DATASETS["flows"], "2024-03-12", "part-killed")
+    part = PartFile(lake.root / "flows", DATASETS["flows"], "2024-03-12", f"part-{'ef' * 32}-0badf00d")
     part.write(table)
-    lake.commit("flows", [part.close()], key="ef" * 32)  # the rows' commit, and then the process died
+    lake.commit("flows", [part.close()])  # the rows' commit, and then the process died
     stray = lake.root / "flows" / "date=2024-03-12" / "part-stray.parquet.tmp"
     stray.write_bytes(b"PAR1 half")
     result = ingest_table(lake, "flows", "src", "ef" * 32, [table])

@@ -220,3 +220,23 @@ def test_replaced_derived_tables_keep_one_version_of_their_rows(tmp_path, datase
         lake.replace_dataset(dataset, rows if dataset == "vm_leases" else rows.select(["vm_id"]))
     assert lake.read(dataset).num_rows == 5
     assert _count(lake, f"SELECT count(*) FROM {dataset}") == 5
+
+
+def test_a_source_killed_before_its_manifest_row_is_not_merged_until_recognised(tmp_path):
+    """Regression for the idempotence key: the rows of a run killed between its commit and its manifest row
+    are found again by their file names, so compaction must not rename them before the rerun has seen them."""
+    from tracepipe.lake import PartFile
+    from tracepipe.schema import DATASETS
+
+    lake = Lake(tmp_path / "lake")
+    ingest_table(lake, "flows", "earlier", "0e" * 32, [_flows(3, DAY, 1)])
+    part = PartFile(lake.root / "flows", DATASETS["flows"], "2024-03-12", f"part-{'0d' * 32}-0badf00d")
+    part.write(_flows(4, DAY, 2))
+    lake.commit("flows", [part.close()])  # and then the process was killed: no manifest row
+    assert lake.compact("flows", min_files=2)["files_removed"] == 0  # the unconfirmed file is left alone
+    again = ingest_table(lake, "flows", "killed", "0d" * 32, [_flows(4, DAY, 2)])
+    assert again.skipped and _count(lake) == 7
+    recovered = [r for r in lake.manifest().to_pylist() if r["content_hash"] == "0d" * 32]
+    assert len(recovered) == 1 and recovered[0]["rows"] == 4 and "recovered" in recovered[0]["source"]
+    assert lake.compact("flows", min_files=2)["files_removed"] == 2 and _count(lake) == 7
+    assert ingest_table(lake, "flows", "killed", "0d" * 32, [_flows(4, DAY, 2)]).skipped

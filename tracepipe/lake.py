@@ -4,10 +4,10 @@ plus `_ingest`, one manifest row per ingested source), the partitioned ones by U
 
 Guarantees: what a reader sees is what the transaction log lists, so opening the lake never lists directories
 or opens every file, and a file joins the lake only in the commit that names it (written `*.tmp`, fsynced,
-renamed, then committed; several files and partitions in one atomic commit). A source is committed with its
-content hash as a Delta application transaction id and a manifest row, so re-ingesting it is skipped: rows
-are neither lost nor doubled, whatever moment a run was killed at. Rewrites (attribution, compaction, expiry,
-derived tables) remove and add files in one commit under a per-table lock; appends never wait for them.
+renamed, then committed; several files and partitions in one atomic commit). A source's files are named after
+its content hash and a manifest row follows its commit, so re-ingesting it is skipped: rows are neither lost
+nor doubled, whatever moment a run was killed at. Rewrites (attribution, compaction, expiry, derived tables)
+remove and add files in one commit under a per-table lock; appends never wait for them.
 Day partitions are compacted once they hold COMPACT_MIN_FILES small files; removed files stay on disk for
 RETAIN_REMOVED (readers that started before a rewrite, and time travel) until `vacuum`.
 """
@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -31,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake import CommitProperties, DeltaTable
 from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
@@ -45,7 +46,6 @@ MANIFEST_DIR = "_ingest"
 LOCK_DIR = "_locks"
 PARTITION = "date"  # the partition column of day-partitioned tables: 'YYYY-MM-DD', UTC
 ROW_GROUP_ROWS = 1_000_000
-HASH_PREFIX = 16  # hex chars of the content hash used in file names
 # A day partition is compacted when it holds this many files of fewer than ROW_GROUP_ROWS rows (a collector
 # committing every 5 minutes: every 80 minutes, into one file per row group).
 COMPACT_MIN_FILES = 16
@@ -57,9 +57,21 @@ TABLE_CONFIG = {
         CHECKPOINT_INTERVAL
     ),  # a reader replays at most 99 JSON commits after the last checkpoint
     "delta.logRetentionDuration": "interval 30 days",  # how far back `--as-of` reaches at least
-    "delta.deletedFileRetentionDuration": "interval 7 days",
-    "delta.setTransactionRetentionDuration": "interval 30 days",  # idempotence ids; the manifest keeps longer
+    # tombstones in checkpoints (every open reads them); vacuum uses its own retention (RETAIN_REMOVED) over the
+    # whole directory, so a day of them is enough
+    "delta.deletedFileRetentionDuration": "interval 1 days",
 }
+# Why no Delta application transaction ids for idempotence: delta-rs 1.6 keeps every (appId, version) in every
+# checkpoint forever (setTransactionRetentionDuration is not applied), so one id per source made opening a table
+# grow with the number of sources ever ingested. Data files are named part-<first 16 hex of the source's content
+# hash>-<random>.parquet instead; see Lake.already_ingested and IngestWriter.
+_SOURCE_FILE = re.compile(r"^part-([0-9a-f]{64})-[0-9a-f]{8}\.parquet$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def source_key(content_hash: str) -> str:
+    """The key a source's files are named by: its sha256 content hash (other ids are hashed to one)."""
+    return content_hash if _SHA256.match(content_hash) else hash_bytes(content_hash.encode())
 # an append that a concurrent rewrite made conflict is committed again on the latest version, up to this often
 APPEND_CONFLICT_RETRIES = 20
 UPGRADED = "part-upgraded-"  # prefix of the conformed copies `upgrade` writes before its commit
@@ -517,12 +529,69 @@ class Lake:
 
     # ---- manifest ----------------------------------------------------------------------------------------
     def already_ingested(self, dataset: str, content_hash: str) -> bool:
-        """True when a source with this content was committed to `dataset`: its id is among the table's
-        application transactions (recent commits, O(1)) or in the manifest (all history)."""
-        table = self.table(dataset)
-        if table is not None and table.transaction_version(_txn_id(dataset, content_hash)) is not None:
+        """True when a source with this content was committed to `dataset`: its manifest row (read once per
+        manifest version), or, for a run killed between its rows' commit and its manifest row, its data files
+        in the table (named after the content hash; compaction leaves such files alone until the manifest
+        row exists). Such a row is then written, marked recovered."""
+        if (dataset, content_hash) in self._manifest_keys():
             return True
-        return (dataset, content_hash) in self._manifest_keys()
+        landed = self._source_entries(dataset, content_hash)
+        if not landed:
+            return False
+        if self.as_of is None:
+            self._write_manifest_row(
+                dataset,
+                content_hash,
+                "(recovered: the run that committed these rows was stopped before its manifest row)",
+                sum(max(e.rows, 0) for e in landed),
+                0,
+                [f"{dataset}/{e.relative}" for e in landed],
+                {"recovered": True},
+            )
+        return True
+
+    def _source_entries(self, name: str, content_hash: str) -> list[FileEntry]:
+        """The table's files that one source's commit added (named part-<content hash>-<random>.parquet)."""
+        key = source_key(content_hash)
+        out = []
+        for entry in self.entries(name):
+            match = _SOURCE_FILE.match(Path(entry.relative).name)
+            if match is not None and match.group(1) == key:
+                out.append(entry)
+        return out
+
+    def _confirmed(self) -> set[str]:
+        """The keys of every source in the manifest: their files may be merged by compaction."""
+        return {source_key(content_hash) for _dataset_name, content_hash in self._manifest_keys()}
+
+    def _write_manifest_row(
+        self,
+        dataset: str,
+        content_hash: str,
+        source: str,
+        rows: int,
+        rejects: int,
+        files: list[str],
+        stats: dict[str, Any],
+        ingested_at: dt.datetime | None = None,
+    ) -> None:
+        row = {
+            "content_hash": [content_hash],
+            "dataset": [dataset],
+            "source": [source],
+            "rows": [rows],
+            "rejects": [rejects],
+            "files": [files],
+            "ingested_at": [ingested_at or dt.datetime.now(dt.UTC)],
+            "stats": [json.dumps(stats, default=str)],
+        }
+        part = PartFile(self.root / MANIFEST_DIR, MANIFEST, None, f"part-{uuid.uuid4().hex}")
+        part.write(pa.table(row, schema=INGEST_MANIFEST))
+        action = part.close()
+        version = self.commit(
+            MANIFEST_DIR, [action] if action else [], info={"source": source, "content_hash": content_hash}
+        )
+        self._remember(dataset, content_hash, version)
 
     def _manifest_keys(self) -> set[tuple[str, str]]:
         """(dataset, content_hash) of every manifest row; read once per manifest version (a long-running
@@ -580,16 +649,14 @@ class Lake:
         name: str,
         adds: list[AddAction],
         removes: list[RemoveAction] = (),  # type: ignore[assignment]
-        key: str | None = None,
         info: dict[str, Any] | None = None,
     ) -> int:
-        """One atomic commit of added and removed files to table `name`; `key` (a content hash) becomes an
-        application transaction id, so that the same source is never committed twice. Returns the version."""
+        """One atomic commit of added and removed files to table `name` (`info` goes into the commit's
+        metadata: operation, source, what went). Returns the version."""
         table = self._writable(name)
         dataset = _dataset(name)
         properties = CommitProperties(
             custom_metadata={"tracepipe": json.dumps(info or {}, default=str)},
-            app_transactions=[Transaction(_txn_id(name, key), 1)] if key else None,
             max_commit_retries=100,
         )
         try:
@@ -765,15 +832,11 @@ class Lake:
         return rows, len(adds)
 
     def append(self, name: str, table: pa.Table, key: str | None = None) -> list[Path]:
-        """Add rows that are not tied to an input file (alerts): one commit, idempotent by `key` (a content
-        hash; default a random id)."""
-        key = key or uuid.uuid4().hex
-        writer = IngestWriter(self, _dataset(name), f"append:{key}", key, manifest=False)
-        with writer:
-            if not writer.skipped:
-                writer.write(table)
-                writer.commit()
-        return [self.root / f for f in writer.result.files]
+        """Add rows that are not tied to an input file (alerts): one commit, idempotent by `key` (any text
+        naming the batch, e.g. a hash of its alert ids; default a random id)."""
+        content_hash = hash_bytes(f"append:{name}:{key or uuid.uuid4().hex}".encode())
+        result = ingest_table(self, name, f"append:{key}", content_hash, [table])
+        return [self.root / f for f in result.files if f.startswith(f"{name}/")]
 
     # ---- maintenance -------------------------------------------------------------------------------------
     def compact(
@@ -789,8 +852,16 @@ class Lake:
         if _dataset(name).partition_ts is None:
             days = None
 
+        confirmed = self._confirmed()
+
+        def mergeable(entry: FileEntry) -> bool:
+            # a source's file whose manifest row is not there yet (its run may have been killed in between)
+            # keeps its name until the rerun finds it: see already_ingested
+            match = _SOURCE_FILE.match(Path(entry.relative).name)
+            return match is None or match.group(1) in confirmed
+
         def small(entries: list[FileEntry]) -> list[FileEntry]:
-            chosen = [e for e in entries if 0 <= e.rows < ROW_GROUP_ROWS]
+            chosen = [e for e in entries if 0 <= e.rows < ROW_GROUP_ROWS and mergeable(e)]
             return chosen if len(chosen) >= max(min_files, 2) else []
 
         empty = {"days": 0, "files_removed": 0, "files_added": 0, "rows": 0}
@@ -911,14 +982,10 @@ def _same_columns(path: Path, schema: pa.Schema) -> bool:
     return set(pq.read_schema(path).names) >= set(schema.names)
 
 
-def _txn_id(dataset: str, key: str) -> str:
-    return f"tracepipe:{dataset}:{key}"
-
-
 class IngestWriter:
-    """Streams tables of one source into per-day files, then commits them all in one Delta commit (with the
-    source's content hash as transaction id), then its rejects and manifest row. Memory stays flat: rows are
-    buffered per day up to ROW_GROUP_ROWS, then written as one sorted row group."""
+    """Streams tables of one source into per-day files (part-<content hash>-<random>.parquet), then commits its
+    rejects, its rows (all days in one Delta commit) and its manifest row. Memory stays flat: rows are buffered
+    per day up to ROW_GROUP_ROWS, then written as one sorted row group."""
 
     def __init__(
         self,
@@ -926,31 +993,21 @@ class IngestWriter:
         dataset: Dataset,
         source: str,
         content_hash: str,
-        manifest: bool = True,
         row_group_rows: int = ROW_GROUP_ROWS,
     ) -> None:
         self.lake = lake
         self.dataset = dataset
         self.source = source
         self.content_hash = content_hash
-        self.key = content_hash[:HASH_PREFIX] if manifest else content_hash[:32]
-        self.use_manifest = manifest
+        self.key = source_key(content_hash)
         self.row_group_rows = row_group_rows
         self.result = IngestResult(dataset.name, source, content_hash)
-        self.skipped = False
         self._parts: dict[str, PartFile] = {}
         self._rejects: list[pa.Table] = []
         self._committed = False
         self.ingested_at = dt.datetime.now(dt.UTC)
 
     def __enter__(self) -> IngestWriter:
-        if not self.use_manifest:
-            table = self.lake.table(self.dataset.name)
-            if table is not None:
-                table.update_incremental()
-                if table.transaction_version(_txn_id(self.dataset.name, self.content_hash)) is not None:
-                    self.skipped = True
-                    self.result.skipped = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -1004,41 +1061,32 @@ class IngestWriter:
         try:
             adds = [a for a in (p.close() for p in self._parts.values()) if a is not None]
             info = {"source": self.source, "content_hash": self.content_hash, "rows": self.result.rows}
-            if self._rejects:
-                rejects_table = lake.table("rejects")
-                txn = _txn_id("rejects", self.content_hash)
-                if rejects_table is None or rejects_table.transaction_version(txn) is None:
-                    part = PartFile(
-                        lake.root / "rejects",
-                        DATASETS["rejects"],
-                        self.ingested_at.strftime("%Y-%m-%d"),
-                        f"part-{self.key}-{uuid.uuid4().hex[:8]}",
-                    )
-                    part.write(pa.concat_tables(self._rejects))
-                    action = part.close()
-                    lake.commit("rejects", [action] if action else [], key=self.content_hash, info=info)
-                    self.result.files.append(f"rejects/{part.relative}")
-            self.result.version = lake.commit(self.dataset.name, adds, key=self.content_hash, info=info)
+            # rejects first, then the rows (the commit that makes the source count as landed), then the
+            # manifest row; a rerun after a kill in between finds what landed by its file names
+            if self._rejects and not lake._source_entries("rejects", self.content_hash):
+                part = PartFile(
+                    lake.root / "rejects",
+                    DATASETS["rejects"],
+                    self.ingested_at.strftime("%Y-%m-%d"),
+                    f"part-{self.key}-{uuid.uuid4().hex[:8]}",
+                )
+                part.write(pa.concat_tables(self._rejects))
+                action = part.close()
+                lake.commit("rejects", [action] if action else [], info=info)
+                self.result.files.append(f"rejects/{part.relative}")
+            self.result.version = lake.commit(self.dataset.name, adds, info=info)
             self.result.files[:0] = [f"{self.dataset.name}/{a.path}" for a in adds]
             self.result.stats = stats or {}
-            if self.use_manifest:
-                row = {
-                    "content_hash": [self.content_hash],
-                    "dataset": [self.dataset.name],
-                    "source": [self.source],
-                    "rows": [self.result.rows],
-                    "rejects": [self.result.rejects],
-                    "files": [self.result.files],
-                    "ingested_at": [self.ingested_at],
-                    "stats": [json.dumps(self.result.stats, default=str)],
-                }
-                part = PartFile(
-                    lake.root / MANIFEST_DIR, MANIFEST, None, f"part-{self.key}-{uuid.uuid4().hex[:8]}"
-                )
-                part.write(pa.table(row, schema=INGEST_MANIFEST))
-                action = part.close()
-                version = lake.commit(MANIFEST_DIR, [action] if action else [], info=info)
-                lake._remember(self.dataset.name, self.content_hash, version)
+            lake._write_manifest_row(
+                self.dataset.name,
+                self.content_hash,
+                self.source,
+                self.result.rows,
+                self.result.rejects,
+                self.result.files,
+                self.result.stats,
+                self.ingested_at,
+            )
         except OSError as exc:
             self.abort()
             raise LakeError(f"cannot commit {self.source} to {lake.root}: {exc}") from exc
