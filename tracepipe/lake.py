@@ -53,10 +53,11 @@ COMPACT_MIN_FILES = 16
 RETAIN_REMOVED = dt.timedelta(days=7)
 CHECKPOINT_INTERVAL = 100
 TABLE_CONFIG = {
-    "delta.checkpointInterval": str(
-        CHECKPOINT_INTERVAL
-    ),  # a reader replays at most 99 JSON commits after the last checkpoint
-    "delta.logRetentionDuration": "interval 30 days",  # how far back `--as-of` reaches at least
+    # a reader replays at most 99 JSON commits after the last checkpoint
+    "delta.checkpointInterval": str(CHECKPOINT_INTERVAL),
+    # how far back `--as-of` reaches: as far as vacuum keeps removed files (RETAIN_REMOVED); delta-rs lists the
+    # log directory on every open, so its entries, 288+ a day per table, are what this bounds
+    "delta.logRetentionDuration": "interval 7 days",
     # tombstones in checkpoints (every open reads them); vacuum uses its own retention (RETAIN_REMOVED) over the
     # whole directory, so a day of them is enough
     "delta.deletedFileRetentionDuration": "interval 1 days",
@@ -72,6 +73,8 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 def source_key(content_hash: str) -> str:
     """The key a source's files are named by: its sha256 content hash (other ids are hashed to one)."""
     return content_hash if _SHA256.match(content_hash) else hash_bytes(content_hash.encode())
+
+
 # an append that a concurrent rewrite made conflict is committed again on the latest version, up to this often
 APPEND_CONFLICT_RETRIES = 20
 UPGRADED = "part-upgraded-"  # prefix of the conformed copies `upgrade` writes before its commit
