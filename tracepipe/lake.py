@@ -435,8 +435,22 @@ class Lake:
         elif self.as_of is None:
             stamp = self._log_stamp(name)
             if stamp != self._seen.get(name):  # another commit since: read only the new log entries
-                table.update_incremental()
+                try:
+                    table.update_incremental()
+                except (DeltaError, OSError):
+                    # the entries after this handle's version were cleaned up meanwhile (log retention): a
+                    # handle idle for longer than that starts again from the latest checkpoint
+                    table = self._tables[name] = self._open(name)
                 self._seen[name] = stamp
+        return table
+
+    def _fresh(self, name: str, table: DeltaTable) -> DeltaTable:
+        """`table` brought to the latest version, or reopened when its log entries are gone."""
+        try:
+            table.update_incremental()
+        except (DeltaError, OSError):
+            self._tables.pop(name, None)
+            table = self._writable(name)
         return table
 
     def _log_stamp(self, name: str) -> int | None:
@@ -673,7 +687,15 @@ class Lake:
                         commit_properties=properties,
                     )
                     break
-                except CommitFailedError:
+                except DeltaError as exc:
+                    if not isinstance(exc, CommitFailedError):
+                        # the log entries between this handle's version and the latest were cleaned up (a
+                        # handle older than the log retention): reopen from the latest checkpoint, try again
+                        if "not found" not in str(exc) or attempt == APPEND_CONFLICT_RETRIES:
+                            raise
+                        self._tables.pop(name, None)
+                        table = self._writable(name)
+                        continue
                     # delta-rs checks a commit as if it had read every file of its snapshot, so an append whose
                     # snapshot predates a rewrite (attribution removed that day's files) fails with "a
                     # concurrent transaction deleted data this operation read". An append reads nothing:
@@ -682,8 +704,8 @@ class Lake:
                     # files it removes are still there and the concurrent commits only added others.
                     if (removes and name not in self._held) or attempt == APPEND_CONFLICT_RETRIES:
                         raise
-                    table.update_incremental()
-            table.update_incremental()
+                    table = self._fresh(name, table)
+            table = self._fresh(name, table)
             self._seen[name] = self._log_stamp(name)
             if table.version() % CHECKPOINT_INTERVAL == 0:
                 # a handle kept across many commits gets slower with each (measured: 10 -> 110 ms per append
