@@ -36,6 +36,7 @@ from conftest import ingest_in_process
 from support import probes
 from test_collector import spooled_payloads, start_collector, stop_collector
 
+from tests.conftest import FLOW_KEY_AND_COUNTERS
 from tracepipe.attribution import attribute_flows
 from tracepipe.demo import STORY_DIR
 from tracepipe.ingest.vm import ingest_vm_files
@@ -50,17 +51,7 @@ SEND_S = 40.0  # the export is sent over this much of the minute (longer: paused
 VM_CHUNKS = 7
 KILL_EVERY_S = (2.0, 4.5)  # collector, its committer or the compactor
 VM_KILL_AFTER_S = (0.5, 2.2)  # an `ingest vm` run takes ~2 s here
-FLOW_COLUMNS = (
-    "ts_start",
-    "ts_end",
-    "src_addr",
-    "dst_addr",
-    "src_port",
-    "dst_port",
-    "proto",
-    "packets",
-    "bytes",
-)
+FLOW_COLUMNS = ("ts_start", "ts_end", *FLOW_KEY_AND_COUNTERS)
 WHO = ("src_vm", "dst_vm")
 
 # A reader as an analyst runs it: a new session per query, on a new Lake (the latest commits) and on one Lake that
