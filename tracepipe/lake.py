@@ -377,7 +377,8 @@ class Lake:
         self._tables: dict[str, DeltaTable | None] = {}
         self._seen: dict[str, int | None] = {}
         self._held: set[str] = set()  # tables whose rewrite lock this object holds
-        self._manifest_cache: tuple[int, set[tuple[str, str]]] | None = None
+        # (manifest version, {(dataset, content_hash)}, {source_key}): read once per manifest version
+        self._manifest_cache: tuple[int, set[tuple[str, str]], set[str]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (Spark ships closures that hold a Lake): open tables are per process, reopened there."""
@@ -579,7 +580,8 @@ class Lake:
 
     def _confirmed(self) -> set[str]:
         """The keys of every source in the manifest: their files may be merged by compaction."""
-        return {source_key(content_hash) for _dataset_name, content_hash in self._manifest_keys()}
+        self._manifest_keys()
+        return self._manifest_cache[2] if self._manifest_cache is not None else set()
 
     def _write_manifest_row(
         self,
@@ -619,16 +621,18 @@ class Lake:
         version = manifest.version()
         if self._manifest_cache is None or self._manifest_cache[0] != version:
             rows = self.read(MANIFEST_DIR, columns=["dataset", "content_hash"])
-            keys = set(
-                zip(rows.column("dataset").to_pylist(), rows.column("content_hash").to_pylist(), strict=True)
-            )
-            self._manifest_cache = (version, keys)
+            hashes = rows.column("content_hash").to_pylist()
+            keys = set(zip(rows.column("dataset").to_pylist(), hashes, strict=True))
+            self._manifest_cache = (version, keys, {source_key(h) for h in hashes})
         return self._manifest_cache[1]
 
     def _remember(self, dataset: str, content_hash: str, version: int) -> None:
+        """Our own manifest commit: the cache follows without reading the manifest again."""
         if self._manifest_cache is not None and self._manifest_cache[0] == version - 1:
-            self._manifest_cache[1].add((dataset, content_hash))
-            self._manifest_cache = (version, self._manifest_cache[1])
+            _old, keys, confirmed = self._manifest_cache
+            keys.add((dataset, content_hash))
+            confirmed.add(source_key(content_hash))
+            self._manifest_cache = (version, keys, confirmed)
 
     def manifest(self) -> pa.Table:
         return self.read(MANIFEST_DIR)
