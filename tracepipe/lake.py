@@ -35,7 +35,12 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable
 from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
-from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
+from deltalake.transaction import (
+    AddAction,
+    PostCommitHookProperties,
+    RemoveAction,
+    create_table_with_add_actions,
+)
 
 from tracepipe import fsutil
 from tracepipe.errors import LakeError
@@ -377,8 +382,8 @@ class Lake:
         self._tables: dict[str, DeltaTable | None] = {}
         self._seen: dict[str, int | None] = {}
         self._held: set[str] = set()  # tables whose rewrite lock this object holds
-        # (manifest version, {(dataset, content_hash)}, {source_key}): read once per manifest version
-        self._manifest_cache: tuple[int, set[tuple[str, str]], set[str]] | None = None
+        # (manifest version, {(dataset, content_hash)}, {source_key}, manifest files already read)
+        self._manifest_cache: tuple[int, set[tuple[str, str]], set[str], set[str]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (Spark ships closures that hold a Lake): open tables are per process, reopened there."""
@@ -444,6 +449,13 @@ class Lake:
                     table = self._tables[name] = self._open(name)
                 self._seen[name] = stamp
         return table
+
+    def _landed(self, name: str, adds: list[AddAction], removes: list[RemoveAction]) -> bool:
+        """Whether a commit of these actions is in the table's latest version (file names are unique)."""
+        current = {e.relative for e in self.entries(name)}
+        if adds:
+            return adds[0].path in current
+        return bool(removes) and all(r.path not in current for r in removes)
 
     def _fresh(self, name: str, table: DeltaTable) -> DeltaTable:
         """`table` brought to the latest version, or reopened when its log entries are gone."""
@@ -610,7 +622,7 @@ class Lake:
         version = self.commit(
             MANIFEST_DIR, [action] if action else [], info={"source": source, "content_hash": content_hash}
         )
-        self._remember(dataset, content_hash, version)
+        self._remember(dataset, content_hash, version, part.relative)
 
     def _manifest_keys(self) -> set[tuple[str, str]]:
         """(dataset, content_hash) of every manifest row; read once per manifest version (a long-running
@@ -620,19 +632,28 @@ class Lake:
             return set()
         version = manifest.version()
         if self._manifest_cache is None or self._manifest_cache[0] != version:
-            rows = self.read(MANIFEST_DIR, columns=["dataset", "content_hash"])
-            hashes = rows.column("content_hash").to_pylist()
-            keys = set(zip(rows.column("dataset").to_pylist(), hashes, strict=True))
-            self._manifest_cache = (version, keys, {source_key(h) for h in hashes})
+            # manifest rows are never deleted (compaction moves them): read only the files not read before
+            _old, keys, confirmed, seen = self._manifest_cache or (-1, set(), set(), set())
+            for entry in self.entries(MANIFEST_DIR):
+                if entry.relative in seen:
+                    continue
+                rows = pq.read_table(entry.path, columns=["dataset", "content_hash"])
+                hashes = rows.column("content_hash").to_pylist()
+                keys.update(zip(rows.column("dataset").to_pylist(), hashes, strict=True))
+                confirmed.update(source_key(h) for h in hashes)
+                seen.add(entry.relative)
+            self._manifest_cache = (version, keys, confirmed, seen)
         return self._manifest_cache[1]
 
-    def _remember(self, dataset: str, content_hash: str, version: int) -> None:
+    def _remember(self, dataset: str, content_hash: str, version: int, relative: str | None = None) -> None:
         """Our own manifest commit: the cache follows without reading the manifest again."""
         if self._manifest_cache is not None and self._manifest_cache[0] == version - 1:
-            _old, keys, confirmed = self._manifest_cache
+            _old, keys, confirmed, seen = self._manifest_cache
             keys.add((dataset, content_hash))
             confirmed.add(source_key(content_hash))
-            self._manifest_cache = (version, keys, confirmed)
+            if relative is not None:
+                seen.add(relative)
+            self._manifest_cache = (version, keys, confirmed, seen)
 
     def manifest(self) -> pa.Table:
         return self.read(MANIFEST_DIR)
@@ -689,16 +710,24 @@ class Lake:
                         schema=table_schema(dataset),
                         partition_by=[PARTITION] if dataset.partition_ts is not None else None,
                         commit_properties=properties,
+                        # expired log entries are deleted by compaction under the table's lock, never by a
+                        # commit: two writers cleaning at once made one of them fail after its commit landed
+                        post_commithook_properties=PostCommitHookProperties(
+                            create_checkpoint=True, cleanup_expired_logs=False
+                        ),
                     )
                     break
                 except DeltaError as exc:
                     if not isinstance(exc, CommitFailedError):
                         # the log entries between this handle's version and the latest were cleaned up (a
-                        # handle older than the log retention): reopen from the latest checkpoint, try again
-                        if "not found" not in str(exc) or attempt == APPEND_CONFLICT_RETRIES:
-                            raise
+                        # handle older than the log retention), or a post-commit step failed after the commit
+                        # landed: reopen from the latest checkpoint; commit again only if it did not land
                         self._tables.pop(name, None)
                         table = self._writable(name)
+                        if self._landed(name, adds, removes):
+                            break
+                        if "not found" not in str(exc) or attempt == APPEND_CONFLICT_RETRIES:
+                            raise
                         continue
                     # delta-rs checks a commit as if it had read every file of its snapshot, so an append whose
                     # snapshot predates a rewrite (attribution removed that day's files) fails with "a
@@ -874,10 +903,16 @@ class Lake:
         days: Iterable[str] | None = None,
         min_files: int = COMPACT_MIN_FILES,
         wait: bool = True,
+        tiered: bool = False,
     ) -> dict[str, int]:
         """Merge the small files (< ROW_GROUP_ROWS rows) of each day that has at least `min_files` of them into
         files of sorted row groups, one commit per day (the rows are the same: data_change=false). With
-        wait=False, returns at once when another process is rewriting the table."""
+        wait=False, returns at once when another process is rewriting the table.
+
+        tiered (what ingest uses after each commit): only files of similar size are merged, `min_files` of a
+        size tier (rows within a factor of 4) at a time, so that a merged file is not rewritten again by the next
+        few small commits: each row is rewritten O(log n) times instead of once per merge (the manifest,
+        which only grows, was rewritten whole every 16 commits)."""
         if _dataset(name).partition_ts is None:
             days = None
 
@@ -891,6 +926,11 @@ class Lake:
 
         def small(entries: list[FileEntry]) -> list[FileEntry]:
             chosen = [e for e in entries if 0 <= e.rows < ROW_GROUP_ROWS and mergeable(e)]
+            if tiered:
+                tiers: dict[int, list[FileEntry]] = {}
+                for entry in chosen:
+                    tiers.setdefault(max(entry.rows, 1).bit_length() // 2, []).append(entry)
+                chosen = [e for group in tiers.values() if len(group) >= max(min_files, 2) for e in group]
             return chosen if len(chosen) >= max(min_files, 2) else []
 
         empty = {"days": 0, "files_removed": 0, "files_added": 0, "rows": 0}
@@ -900,7 +940,7 @@ class Lake:
                 by_day.setdefault(entry.day, []).append(entry)
             if not any(small(group) for group in by_day.values()):
                 return empty
-        return self.rewrite(
+        done = self.rewrite(
             name,
             days,
             lambda batch: batch,
@@ -909,6 +949,14 @@ class Lake:
             info={"operation": "compact"},
             wait=wait,
         )
+        if done["days"]:
+            with self.lock(name, wait=False) as got:
+                table = self.table(name) if got else None
+                if table is not None:
+                    # log entries older than delta.logRetentionDuration (delta-rs lists the log folder on
+                    # every open and commit): deleted here, under the lock, rather than by every commit
+                    table.cleanup_metadata()
+        return done
 
     def expire(self, name: str, before: dt.date) -> dict[str, Any]:
         """Remove every partition of `name` older than `before` (UTC day) from the table, in one commit; the
@@ -1123,7 +1171,7 @@ class IngestWriter:
         days = [p.day for p in self._parts.values() if p.day is not None]
         for name, touched in ((self.dataset.name, days), (MANIFEST_DIR, None)):
             try:
-                lake.compact(name, touched or None, wait=False)
+                lake.compact(name, touched or None, wait=False, tiered=True)
             except LakeError:  # compaction is housekeeping: the rows are committed, a later run merges
                 pass
         return self.result
