@@ -76,14 +76,14 @@ def test_ingest_commits_once_per_source_and_compacts_by_itself(tmp_path):
 def test_compact_command_keeps_every_row_and_readers_of_old_snapshots(tmp_path):
     lake = Lake(tmp_path / "lake")
     for i in range(6):
-        ingest_table(lake, "flows", f"b{i}", f"{i:064x}", [_flows(5, DAY + dt.timedelta(days=i % 2), i)])
+        ingest_table(lake, "flows", f"b{i}", f"{i:064x}", [_flows(5, DAY + dt.timedelta(hours=i), i)])
     before = query.connect(lake)  # a reader that opened the lake before the compaction
     expected = before.execute("SELECT sum(bytes), count(*) FROM flows").fetchone()
     result = _cli("compact", "--lake", str(lake.root), "--format", "json")
     assert result.returncode == 0, result.stderr
     done = json.loads(result.stdout)["datasets"]["flows"]
-    assert (done["days"], done["files_removed"], done["files_added"], done["rows"]) == (2, 6, 2, 30)
-    assert len(lake.files("flows")) == 2
+    assert (done["days"], done["files_removed"], done["files_added"], done["rows"]) == (1, 6, 1, 30)
+    assert len(lake.files("flows")) == 1
     assert query.connect(lake).execute("SELECT sum(bytes), count(*) FROM flows").fetchone() == expected
     # the old reader still reads the files it listed: removed from the log, not from the disk
     assert before.execute("SELECT sum(bytes), count(*) FROM flows").fetchone() == expected
@@ -220,6 +220,19 @@ def test_replaced_derived_tables_keep_one_version_of_their_rows(tmp_path, datase
         lake.replace_dataset(dataset, rows if dataset == "vm_leases" else rows.select(["vm_id"]))
     assert lake.read(dataset).num_rows == 5
     assert _count(lake, f"SELECT count(*) FROM {dataset}") == 5
+
+
+def test_a_closed_day_is_merged_when_the_next_day_gets_rows(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    for i in range(5):
+        ingest_table(
+            lake, "flows", f"d1-{i}", f"{i + 0x300:064x}", [_flows(3, DAY + dt.timedelta(hours=i), i)]
+        )
+    assert (
+        len(lake.files("flows", ["2024-03-12"])) == 5
+    )  # the day is still being written: below the threshold
+    ingest_table(lake, "flows", "d2", f"{0x400:064x}", [_flows(3, DAY + dt.timedelta(days=1), 9)])
+    assert len(lake.files("flows", ["2024-03-12"])) == 1 and _count(lake) == 18
 
 
 def test_a_source_killed_before_its_manifest_row_is_not_merged_until_recognised(tmp_path):

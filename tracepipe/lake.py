@@ -1168,12 +1168,17 @@ class IngestWriter:
             self.abort()
             raise LakeError(f"cannot commit {self.source} to {lake.root}: {exc}") from exc
         self._committed = True
-        days = [p.day for p in self._parts.values() if p.day is not None]
-        for name, touched in ((self.dataset.name, days), (MANIFEST_DIR, None)):
-            try:
+        days = sorted(p.day for p in self._parts.values() if p.day is not None)
+        try:
+            for name, touched in ((self.dataset.name, days), (MANIFEST_DIR, None)):
                 lake.compact(name, touched or None, wait=False, tiered=True)
-            except LakeError:  # compaction is housekeeping: the rows are committed, a later run merges
-                pass
+            if days:
+                # the day before the newest one this source wrote is closed (a collector has moved on): merge
+                # what is small there into one file, once, so that a past day is a file or two, not ~20 tiers
+                closed = (dt.date.fromisoformat(days[-1]) - dt.timedelta(days=1)).isoformat()
+                lake.compact(self.dataset.name, [closed], min_files=2, wait=False)
+        except LakeError:  # compaction is housekeeping: the rows are committed, a later run merges
+            pass
         return self.result
 
     def abort(self) -> None:
