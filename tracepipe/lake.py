@@ -755,8 +755,12 @@ class Lake:
         """Exclusive lock of the table's rewriters (attribution, compaction, expiry, derived tables): two of
         them never remove the same file. Appends do not take it. Yields False when wait=False and busy."""
         directory = self.root / LOCK_DIR
-        directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / f"{name}.lock", "a+") as handle:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            handle = open(directory / f"{name}.lock", "a+")
+        except OSError as exc:
+            raise LakeError(f"cannot take the rewrite lock of {name} in {directory}: {exc}") from exc
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
