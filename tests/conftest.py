@@ -144,12 +144,15 @@ def ingest_in_process(paths: list[Path], lake: Path) -> pa.Table:
 
 
 def lake_flows(lake: Path) -> pa.Table:
-    """Every flow in a lake, read with DuckDB the way a user would, plus ms-epoch times for comparison."""
-    pattern = str(lake / "flows" / "**" / "*.parquet")
+    """Every flow in a lake, read with DuckDB the way a user would (the files the log lists: a glob would also
+    see files of killed runs and files merged since), plus ms-epoch times for comparison."""
+    from tracepipe.lake import Lake
+    from tracepipe.query import scan_sql
+
     with duckdb.connect() as con:
         relation = con.sql(
             f"select *, epoch_ms(ts_start) as ts_start_ms, epoch_ms(ts_end) as ts_end_ms "
-            f"from read_parquet('{pattern}', hive_partitioning=true)"
+            f"from ({scan_sql('flows', Lake(lake).files('flows'))})"
         )
         # duckdb >= 1.4 names it to_arrow_table; older releases arrow()
         fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
