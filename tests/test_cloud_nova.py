@@ -12,7 +12,7 @@ from tracepipe.ingest.cloud.nova import nova_action
 from tracepipe.schema import VM_ACTIONS
 
 DATA = Path(__file__).parent / "data" / "cloud" / "nova"
-REAL = Path("/work/shared/realdata/nova")
+REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "nova"  # ../shared beside the clone
 
 
 def test_story_envelope_parsed():
