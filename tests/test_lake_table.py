@@ -247,6 +247,8 @@ def test_a_source_killed_before_its_manifest_row_is_not_merged_until_recognised(
     part.write(_flows(4, DAY, 2))
     lake.commit("flows", [part.close()])  # and then the process was killed: no manifest row
     assert lake.compact("flows", min_files=2)["files_removed"] == 0  # the unconfirmed file is left alone
+    # attribution (a rewrite of the whole day) keeps it recognisable too
+    assert lake.rewrite("flows", ["2024-03-12"], lambda batch: batch)["rows"] == 7
     again = ingest_table(lake, "flows", "killed", "0d" * 32, [_flows(4, DAY, 2)])
     assert again.skipped and _count(lake) == 7
     recovered = [r for r in lake.manifest().to_pylist() if r["content_hash"] == "0d" * 32]

@@ -864,10 +864,26 @@ class Lake:
         parts: list[PartFile] = []
         part: PartFile | None = None
         adds: list[AddAction] = []
+        confirmed = self._confirmed()
         try:
             for entry in entries:
+                # the file of a source whose manifest row is not there yet (its run may have been killed in
+                # between) is rewritten on its own and keeps its source's name: see already_ingested
+                match = _SOURCE_FILE.match(Path(entry.relative).name)
+                own = match is not None and match.group(1) not in confirmed
+                alone = (
+                    PartFile(base, dataset, day, f"part-{match.group(1)}-{uuid.uuid4().hex[:8]}")
+                    if own
+                    else None
+                )
+                if alone is not None:
+                    parts.append(alone)
                 for batch in pq.ParquetFile(entry.path).iter_batches(batch_size=256_000):
                     out = transform(batch)
+                    table = out if isinstance(out, pa.Table) else pa.Table.from_batches([out])
+                    if alone is not None:
+                        alone.write(table)
+                        continue
                     if part is None or part.rows + part._pending_rows >= ROW_GROUP_ROWS * 8:
                         if part is not None:
                             action = part.close()
@@ -875,7 +891,11 @@ class Lake:
                                 adds.append(action)
                         part = PartFile(base, dataset, day, f"part-{uuid.uuid4().hex}")
                         parts.append(part)
-                    part.write(out if isinstance(out, pa.Table) else pa.Table.from_batches([out]))
+                    part.write(table)
+                if alone is not None:
+                    action = alone.close()
+                    if action is not None:
+                        adds.append(action)
             if part is not None:
                 action = part.close()
                 if action is not None:
