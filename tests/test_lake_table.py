@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
-import sys
 
 import duckdb
 import polars as pl
@@ -15,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import run_tracepipe
 from tracepipe import query
 from tracepipe.lake import COMPACT_MIN_FILES, Lake, ingest_table
 from tracepipe.schema import FLOWS, VM_EVENTS
@@ -35,16 +34,6 @@ def _flows(n: int, start: dt.datetime, seed: int = 0) -> pa.Table:
             "bytes": pa.array([100 + seed] * n, pa.int64()),
             "source": [f"batch-{seed}"] * n,
         }
-    )
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tracepipe.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        stdin=subprocess.DEVNULL,
     )
 
 
@@ -79,7 +68,7 @@ def test_compact_command_keeps_every_row_and_readers_of_old_snapshots(tmp_path):
         ingest_table(lake, "flows", f"b{i}", f"{i:064x}", [_flows(5, DAY + dt.timedelta(hours=i), i)])
     before = query.connect(lake)  # a reader that opened the lake before the compaction
     expected = before.execute("SELECT sum(bytes), count(*) FROM flows").fetchone()
-    result = _cli("compact", "--lake", str(lake.root), "--format", "json")
+    result = run_tracepipe("compact", "--lake", str(lake.root), "--format", "json")
     assert result.returncode == 0, result.stderr
     done = json.loads(result.stdout)["datasets"]["flows"]
     assert (done["days"], done["files_removed"], done["files_added"], done["rows"]) == (1, 6, 1, 30)
@@ -104,7 +93,7 @@ def test_expire_removes_old_days_says_what_went_and_keeps_lifecycle(tmp_path):
     )
     ingest_table(lake, "vm_events", "ev", "03" * 32, [events])
     now = recent + dt.timedelta(days=1)
-    result = _cli(
+    result = run_tracepipe(
         "expire", "--older-than", "400d", "--lake", str(lake.root), "--format", "json", "--no-vacuum"
     )
     assert result.returncode == 0, result.stderr
@@ -133,7 +122,7 @@ def test_sql_as_of_a_version_or_a_time_sees_the_lake_as_it_was(tmp_path):
     ingest_table(lake, "flows", "second", "0b" * 32, [_flows(6, DAY, 1)])
 
     def count(*extra: str) -> int:
-        result = _cli(
+        result = run_tracepipe(
             "sql", "SELECT count(*) AS n FROM flows", "--format", "json", "--lake", str(lake.root), *extra
         )
         assert result.returncode == 0, result.stderr
@@ -142,7 +131,7 @@ def test_sql_as_of_a_version_or_a_time_sees_the_lake_as_it_was(tmp_path):
     assert count() == 10
     assert count("--as-of", token) == 4
     assert count("--as-of", between.isoformat()) == 4
-    bad = _cli("sql", "SELECT 1", "--as-of", "flows=x", "--lake", str(lake.root))
+    bad = run_tracepipe("sql", "SELECT 1", "--as-of", "flows=x", "--lake", str(lake.root))
     assert bad.returncode == 2 and "lake version" in bad.stderr
 
 
@@ -170,16 +159,16 @@ def test_upgrade_puts_an_old_lake_under_logs_in_place(tmp_path):
     (day_dir / "part-upgraded-0badc0ffee.parquet").write_bytes(
         (day_dir / "part-0123456789abcdef.parquet").read_bytes()
     )
-    refused = _cli("sql", "SELECT count(*) FROM flows", "--lake", str(root))
+    refused = run_tracepipe("sql", "SELECT count(*) FROM flows", "--lake", str(root))
     assert refused.returncode == 4 and "tracepipe upgrade" in refused.stderr
-    result = _cli("upgrade", "--lake", str(root), "--format", "json")
+    result = run_tracepipe("upgrade", "--lake", str(root), "--format", "json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["converted"] == {"_ingest": 1, "flows": 1}
     lake = Lake(root)
     assert _count(lake) == 8
     assert [p.name for p in day_dir.glob("*.parquet")] == [lake.files("flows")[0].name]  # originals gone
     assert lake.already_ingested("flows", "cd" * 32)
-    again = _cli("upgrade", "--lake", str(root), "--format", "json")
+    again = run_tracepipe("upgrade", "--lake", str(root), "--format", "json")
     assert again.returncode == 0 and json.loads(again.stdout)["converted"] == {}
 
 
