@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from tracepipe.detect.features import ipv4_to_int
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
+from tracepipe.ingest.inputs import input_problem
 from tracepipe.lake import Lake, hash_file, ingest_table
 from tracepipe.schema import INTEL, REJECTS
 from tracepipe.units import in_time_window, to_utc
@@ -301,6 +302,9 @@ def import_intel(lake: Lake, path: Path | str, fmt: str = "auto") -> IntelImport
     path = Path(path)
     if fmt not in FORMATS:
         raise UsageError(f"unknown intel format {fmt!r}; use one of {', '.join(FORMATS)}")
+    problem = input_problem(path, "give the export file itself")
+    if problem is not None:  # told from os.stat: a FIFO is never opened (that would block)
+        raise InputError(f"cannot read {path}: {problem}. Give the path of a MISP export or a list.")
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.ingest.cloud import FORMATS, parse_cloud_text
+from tracepipe.ingest.inputs import input_problem
 from tracepipe.ingest.syslog import attribute_logs, parse_syslog
 from tracepipe.lake import IngestResult, Lake, conform, hash_bytes, hash_file, ingest_table
 from tracepipe.leases import rebuild_leases
@@ -88,15 +89,17 @@ def timezone(name: str) -> dt.tzinfo:
 
 
 def expand_paths(paths: Iterable[Path]) -> list[Path]:
-    """Files as given; directories -> their files (sorted, not recursive, hidden files skipped)."""
+    """Files as given; directories -> their regular files (sorted, not recursive, hidden files skipped).
+    A path that is neither (missing, a FIFO, a socket, a device) is an InputError saying what it is."""
     out: list[Path] = []
     for path in paths:
         if path.is_dir():
             out.extend(p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith("."))
-        elif path.is_file():
-            out.append(path)
-        else:
-            raise InputError(f"{path}: no such file or directory")
+            continue
+        problem = input_problem(path)
+        if problem is not None:
+            raise InputError(f"{path}: {problem}")
+        out.append(path)
     return out
 
 
