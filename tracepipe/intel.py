@@ -25,6 +25,7 @@ import pyarrow as pa
 from tracepipe.detect.features import ipv4_to_int
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.lake import Lake, hash_file, ingest_table
+from tracepipe.limits import LINE_TOO_LONG, json_loads, read_text_bounded, too_long_detail
 from tracepipe.schema import INTEL, REJECTS
 from tracepipe.units import to_utc
 
@@ -158,8 +159,8 @@ def _events(doc: Any) -> list[dict[str, Any]]:
 
 def parse_misp_json(text: str) -> tuple[list[dict], list[dict], int]:
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
+        doc = json_loads(text)
+    except json.JSONDecodeError as exc:  # JsonTooDeep too
         return [], [_reject(exc.lineno, "not valid JSON", exc.msg)], 0
     rows, rejects, skipped = [], [], 0
     index = 0
@@ -226,7 +227,8 @@ def import_intel(lake: Lake, path: Path | str, fmt: str = "auto") -> IntelImport
     if fmt not in FORMATS:
         raise UsageError(f"unknown intel format {fmt!r}; use one of {', '.join(FORMATS)}")
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with open(path, "rb") as handle:  # lines over limits.line_bytes are never held whole
+            text, too_long = read_text_bounded(handle)
     except OSError as exc:
         raise InputError(
             f"cannot read {path}: {exc.strerror}. Give the path of a MISP export or a list."
@@ -234,6 +236,14 @@ def import_intel(lake: Lake, path: Path | str, fmt: str = "auto") -> IntelImport
     if fmt == "auto":
         fmt = sniff_format(text, path)
     table, rejects, skipped = parse_intel(text, fmt, str(path))
+    if too_long:
+        now = dt.datetime.now(dt.UTC)
+        extra = [
+            _reject(line, LINE_TOO_LONG, too_long_detail(length))
+            | {"ingested_at": now, "dataset": "intel", "source": str(path)}
+            for line, length in too_long
+        ]
+        rejects = pa.concat_tables([rejects, pa.Table.from_pylist(extra, schema=REJECTS)])
     result = ingest_table(
         lake,
         "intel",

@@ -15,15 +15,14 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
+import pyarrow as pa
 
 from tracepipe.errors import UsageError
 
-try:  # orjson is faster and stops at 1024 levels by itself
-    from orjson import JSONDecodeError as _OrjsonError
-    from orjson import loads as _orjson_loads
-except ImportError:  # pragma: no cover - orjson is a dependency, json is the fallback
-    _orjson_loads = None
-    _OrjsonError = ValueError
+try:  # 3x faster than the stdlib on notification dumps; its errors subclass json.JSONDecodeError
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - without orjson, the stdlib decoder
+    _fast_loads = json.loads
 
 
 @dataclass(frozen=True)
@@ -86,24 +85,20 @@ DEFAULT = Limits()
 JSON_DEPTH = 1024  # orjson's fixed nesting limit; the stdlib parser stops near its recursion limit (~1000)
 
 
-class JsonTooDeep(ValueError):
-    """A JSON document nested deeper than the parser takes (a reject, like any other JSON error)."""
+class JsonTooDeep(json.JSONDecodeError):
+    """A JSON document nested deeper than the parser takes: a JSONDecodeError, so every reader that turns
+    those into rejects (with their line and message) does so for this one too."""
 
 
 def json_loads(text: str | bytes) -> Any:
-    """json.loads that never raises RecursionError: a document nested deeper than the parser takes
-    (JSON_DEPTH levels) raises JsonTooDeep, a ValueError, which readers already turn into a reject. No
-    pre-scan of brackets: one inside a string (a VM named "[[[[...") must not make an event a reject."""
+    """json.loads that never raises RecursionError. orjson stops at JSON_DEPTH levels with a JSONDecodeError;
+    the stdlib parser (without orjson) hits the interpreter's recursion limit, turned into JsonTooDeep here.
+    No pre-scan of brackets: one inside a string (a VM named "[[[[...") must not make an event a reject."""
     try:
-        if _orjson_loads is not None:
-            return _orjson_loads(text)
-        return json.loads(text)
+        return _fast_loads(text)
     except RecursionError:
-        raise JsonTooDeep(f"JSON nested deeper than {JSON_DEPTH} levels") from None
-    except _OrjsonError as exc:
-        if "depth" in str(exc) or "recursion" in str(exc):
-            raise JsonTooDeep(f"JSON nested deeper than {JSON_DEPTH} levels") from None
-        raise
+        doc = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
+        raise JsonTooDeep(f"nested deeper than {JSON_DEPTH} levels", doc[:100], 0) from None
 
 
 # ---- lines ----------------------------------------------------------------------------------------------------
@@ -192,5 +187,20 @@ def read_text_bounded(handle: BinaryIO, limits: Limits = DEFAULT) -> tuple[str, 
     return b"".join(parts).decode("utf-8", errors="replace"), too_long
 
 
+LINE_TOO_LONG = "limit line_bytes"  # the reject reason of an over-long line
+
+
 def too_long_detail(length: int, limits: Limits = DEFAULT) -> str:
-    return f"{length} bytes, more than the limit of {limits.line_bytes} (line_bytes); skipped"
+    return f"line of {length} bytes, more than the limit of {limits.line_bytes}; skipped"
+
+
+def too_long_rejects(source: str, too_long: list[tuple[int, int]], limits: Limits = DEFAULT) -> pa.Table:
+    """Rejects (source, line, reason, detail) of over-long lines, as the text readers' rejects are shaped."""
+    return pa.table(
+        {
+            "source": pa.array([source] * len(too_long), pa.string()),
+            "line": pa.array([line for line, _ in too_long], pa.int64()),
+            "reason": pa.array([LINE_TOO_LONG] * len(too_long), pa.string()),
+            "detail": pa.array([too_long_detail(n, limits) for _, n in too_long], pa.string()),
+        }
+    )
