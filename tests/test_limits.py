@@ -313,3 +313,162 @@ def test_template_flood_over_udp_keeps_the_committer_and_its_state_bounded(tmp_p
     grown_mb = (rss_during - rss_before) / 1024
     assert grown_mb < 150, f"committer grew {grown_mb:.0f} MB (was ~1.1 GB)"
     assert os.path.getsize(lake / "_spool" / sp.STATE_FILE) == state_size
+
+
+# ---- files: line length, JSON depth, record sizes ----------------------------------------------------------
+
+DATA = Path(__file__).resolve().parent / "data" / "cloud"
+SAMPLE_CSV = Path(__file__).resolve().parent.parent / "sample_data" / "netflow" / "nfdump-v9.csv"
+LONG = b"x" * (DEFAULT.line_bytes + 10)  # one line over the limit
+
+
+def with_long_line(lines: list[bytes], at: int, long: bytes = LONG) -> bytes:
+    """The lines with `long` inserted as line `at` (1-based), newline-terminated."""
+    return b"".join(line + b"\n" for line in [*lines[: at - 1], long, *lines[at - 1 :]])
+
+
+def test_a_gigabyte_line_is_read_through_not_held():
+    import tracemalloc
+
+    from tracepipe.limits import iter_line_blocks
+
+    path = Path("/tmp") / f"tracepipe-limits-{os.getpid()}.log"
+    try:
+        with open(path, "wb") as handle:
+            handle.write(b"first\nsecond\n")
+            handle.seek(1 << 30, os.SEEK_CUR)  # a sparse GB of NULs: one line, no newline
+            handle.write(b"\nafter\n")
+        tracemalloc.start()
+        with open(path, "rb") as handle:
+            blocks = list(iter_line_blocks(handle))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    finally:
+        path.unlink(missing_ok=True)
+    text = b"".join(b.data for b in blocks)
+    assert text == b"first\nsecond\n\nafter\n"  # line numbers hold: "after" is still line 4
+    assert [t for b in blocks for t in b.too_long] == [(3, 1 << 30)]
+    assert peak < 200 << 20, peak
+
+
+def test_over_long_syslog_line_is_a_reject_with_its_line_number(tmp_path):
+    from tracepipe.ingest.vm import ingest_syslog_files
+    from tracepipe.lake import Lake
+
+    lines = (DATA / "syslog" / "web-02-auth.log").read_bytes().splitlines()
+    path = tmp_path / "auth.log"
+    path.write_bytes(with_long_line(lines, 3))
+    lake = Lake(tmp_path / "lake")
+    report = ingest_syslog_files(lake, [path], year=2024)
+    baseline = ingest_syslog_files(Lake(tmp_path / "lake2"), [DATA / "syslog" / "web-02-auth.log"], year=2024)
+    assert report.rows == baseline.rows  # the rest landed
+    rejects = lake.read("rejects").to_pylist()
+    long = [r for r in rejects if r["reason"] == "limit line_bytes"]
+    assert [r["line"] for r in long] == [3] and report.rejects == baseline.rejects + 1
+
+
+@pytest.mark.parametrize("kind", ["nova", "generic"])
+def test_over_long_cloud_line_is_a_reject_and_the_rest_lands(tmp_path, kind):
+    from tracepipe.ingest.vm import ingest_vm_files
+    from tracepipe.lake import Lake
+
+    source = DATA / ("nova/notifications.jsonl" if kind == "nova" else "generic/inventory.csv")
+    lines = source.read_bytes().splitlines()
+    path = tmp_path / source.name
+    path.write_bytes(with_long_line(lines, 2))
+    lake = Lake(tmp_path / "lake")
+    report = ingest_vm_files(lake, [path])
+    baseline = ingest_vm_files(Lake(tmp_path / "lake2"), [source])
+    assert report.rows == baseline.rows
+    long = [r for r in lake.read("rejects").to_pylist() if r["reason"] == "limit line_bytes"]
+    assert [r["line"] for r in long] == [2]
+
+
+def test_over_long_nfdump_csv_line_is_a_reject_and_the_rest_lands(tmp_path):
+    from tracepipe.ingest.nfdump import read_nfdump_csv
+
+    lines = SAMPLE_CSV.read_bytes().splitlines()
+    path = tmp_path / "flows.csv"
+    path.write_bytes(with_long_line(lines, 5))
+    flows, rejects = read_nfdump_csv(path)
+    want, want_rejects = read_nfdump_csv(SAMPLE_CSV)
+    assert flows.num_rows == want.num_rows
+    assert rejects.num_rows == want_rejects.num_rows + 1
+    long = [r for r in rejects.to_pylist() if r["reason"] == "limit line_bytes"]
+    assert [r["line"] for r in long] == [5]
+
+
+def test_over_long_intel_line_is_a_reject_and_the_rest_lands(tmp_path):
+    from tracepipe.intel import import_intel
+    from tracepipe.lake import Lake
+
+    path = tmp_path / "bad-ips.txt"
+    path.write_bytes(with_long_line([b"198.51.100.7", b"203.0.113.0/24"], 2))
+    lake = Lake(tmp_path / "lake")
+    result = import_intel(lake, path, "list")
+    assert result.to_dict()["rows"] == 2 and result.to_dict()["rejects"] == 1
+    assert lake.read("rejects").column("line").to_pylist() == [2]
+
+
+@pytest.mark.parametrize("json_impl", ["orjson", "stdlib"])
+def test_deep_json_is_a_reject_not_a_recursion_error(monkeypatch, tmp_path, json_impl):
+    import json as stdlib_json
+
+    from tracepipe import limits
+    from tracepipe.ingest.cloud import parse_cloud_text
+    from tracepipe.intel import parse_misp_json
+
+    if json_impl == "stdlib":
+        monkeypatch.setattr(limits, "_fast_loads", stdlib_json.loads)
+    deep = "[" * 200_000 + "]" * 200_000
+    good = (DATA / "nova" / "notifications.jsonl").read_text().splitlines()
+    events, rejects = parse_cloud_text("\n".join([good[0], deep, *good[1:]]), "n.jsonl", fmt="nova")
+    want, _ = parse_cloud_text("\n".join(good), "n.jsonl", fmt="nova")
+    assert events.num_rows == want.num_rows
+    assert rejects.column("line").to_pylist() == [2]
+    rows, bad, _ = parse_misp_json('{"Event": ' + deep + "}")
+    assert rows == [] and len(bad) == 1
+    with pytest.raises(stdlib_json.JSONDecodeError):
+        limits.json_loads(deep)
+    # a bracket inside a string is no nesting: a VM named "[[[[..." is an event like any other
+    assert limits.json_loads('{"name": "' + "[" * 5000 + '"}')["name"] == "[" * 5000
+
+
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng"])
+def test_a_capture_record_over_the_limit_is_skipped_and_the_rest_lands(tmp_path, fmt):
+    from scapy.layers.inet import IP, UDP
+    from test_pcap import read_all, write_pcap, write_pcapng
+
+    frames = [
+        bytes(IP(src="192.0.2.10", dst="127.0.0.1") / UDP(sport=5, dport=2055) / (bytes([i]) * 40))
+        for i in range(6)
+    ]
+    huge = bytes(IP(src="192.0.2.10", dst="127.0.0.1") / UDP(sport=5, dport=2055)) + bytes(300_000)
+    path = tmp_path / f"x.{fmt}"
+    raw = 101  # LINKTYPE_RAW: the frame is the IP packet
+    if fmt == "pcap":
+        offsets = write_pcap(path, [*frames[:3], huge, *frames[3:]], raw, snaplen=1 << 20)
+    else:
+        offsets = write_pcapng(path, [*frames[:3], huge, *frames[3:]], raw)
+    got = read_all(path)
+    assert len(got["payloads"]) == 6  # the records after the oversized one still land
+    assert [(r["reason"], r["offset"]) for r in got["rejects"]] == [
+        ("limit capture_record_bytes", offsets[3])
+    ]
+
+
+def test_a_pcap_record_claiming_4_gb_stops_the_file_there_without_reading_it(tmp_path):
+    from scapy.layers.inet import IP, UDP
+    from test_pcap import read_all, write_pcap
+
+    frames = [
+        bytes(IP(src="192.0.2.10", dst="127.0.0.1") / UDP(sport=5, dport=2055) / b"ab") for _ in range(3)
+    ]
+    path = tmp_path / "x.pcap"
+    offsets = write_pcap(path, frames, 101)
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, offsets[2] + 8, 0xFFFFFFF0)  # the last record claims ~4 GB
+    path.write_bytes(bytes(data))
+    got = read_all(path)
+    assert len(got["payloads"]) == 2
+    assert [(r["reason"], r["offset"]) for r in got["rejects"]] == [("truncated pcap record", offsets[2])]
