@@ -206,7 +206,10 @@ def test_big_files_are_read_in_blocks_of_whole_lines_with_exact_line_numbers(tmp
     path = tmp_path / "auth.log"
     path.write_bytes(AUTH.read_bytes() + b"Mar 12 08:30:00 web-02 sshd[9]: last line without newline")
     whole, _ = parse_syslog(path.read_text(), "x", year=2024)
-    parts = [parse_syslog(text, "x", year=2024, first_line=first) for first, text in _line_blocks(path, 150)]
+    parts = [
+        parse_syslog(b.data.decode(), "x", year=2024, first_line=b.first_line)
+        for b in _line_blocks(path, 150)
+    ]
     assert len(parts) > 3
     assert pa.concat_tables([p[0] for p in parts]).equals(whole)
     assert pa.concat_tables([p[1] for p in parts]).column("line").to_pylist() == [9]

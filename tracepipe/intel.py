@@ -26,6 +26,7 @@ from tracepipe.detect.features import ipv4_to_int
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.ingest.inputs import input_problem
 from tracepipe.lake import Lake, hash_file, ingest_table
+from tracepipe.limits import LINE_TOO_LONG, json_loads, read_text_bounded, too_long_detail
 from tracepipe.schema import INTEL, REJECTS
 from tracepipe.units import in_time_window, to_utc
 
@@ -240,8 +241,8 @@ def _attributes(event: dict[str, Any], problems: list[str]) -> list[Any]:
 
 def parse_misp_json(text: str) -> tuple[list[dict], list[dict], int]:
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
+        doc = json_loads(text)
+    except json.JSONDecodeError as exc:  # JsonTooDeep too
         return [], [_reject(exc.lineno, "not valid JSON", exc.msg)], 0
     except RecursionError:
         return [], [_reject(None, "not valid JSON", "nested too deeply")], 0
@@ -306,7 +307,8 @@ def import_intel(lake: Lake, path: Path | str, fmt: str = "auto") -> IntelImport
     if problem is not None:  # told from os.stat: a FIFO is never opened (that would block)
         raise InputError(f"cannot read {path}: {problem}. Give the path of a MISP export or a list.")
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with open(path, "rb") as handle:  # lines over limits.line_bytes are never held whole
+            text, too_long = read_text_bounded(handle)
     except OSError as exc:
         raise InputError(
             f"cannot read {path}: {exc.strerror}. Give the path of a MISP export or a list."
@@ -314,6 +316,14 @@ def import_intel(lake: Lake, path: Path | str, fmt: str = "auto") -> IntelImport
     if fmt == "auto":
         fmt = sniff_format(text, path)
     table, rejects, skipped = parse_intel(text, fmt, str(path))
+    if too_long:
+        now = dt.datetime.now(dt.UTC)
+        extra = [
+            _reject(line, LINE_TOO_LONG, too_long_detail(length))
+            | {"ingested_at": now, "dataset": "intel", "source": str(path)}
+            for line, length in too_long
+        ]
+        rejects = pa.concat_tables([rejects, pa.Table.from_pylist(extra, schema=REJECTS)])
     result = ingest_table(
         lake,
         "intel",

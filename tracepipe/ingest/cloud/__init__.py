@@ -16,7 +16,7 @@ from pathlib import PurePath
 import pyarrow as pa
 
 from tracepipe.errors import UsageError
-from tracepipe.ingest.cloud.common import BadRecord, EventColumns, RejectColumns
+from tracepipe.ingest.cloud.common import BadRecord, EventColumns, RejectColumns, json_loads
 from tracepipe.ingest.cloud.neutron import add_neutron_event
 from tracepipe.ingest.cloud.nova import add_nova_event, iter_messages
 
@@ -55,7 +55,7 @@ def detect_format(name: str, head: str) -> str:
         if "oslo.message" in head or '"event_type"' in head:
             return "nova"
         try:
-            obj = json.loads(first)
+            obj = json_loads(first)
         except json.JSONDecodeError:
             return "nova"
         if isinstance(obj, dict) and "action" in obj and "ts" in obj:

@@ -16,13 +16,9 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from tracepipe.limits import json_loads  # orjson when there; never a RecursionError on deep nesting
 from tracepipe.schema import VM_EVENTS
 from tracepipe.units import canonical_addresses, in_time_window, to_utc
-
-try:  # 3x faster than the stdlib on notification dumps; its errors subclass json.JSONDecodeError
-    from orjson import loads as json_loads
-except ImportError:  # pragma: no cover - without orjson, the stdlib decoder
-    from json import loads as json_loads
 
 __all__ = [
     "BadRecord",
