@@ -25,7 +25,7 @@ from tracepipe import spool as sp
 from tracepipe.collector import _load_state
 from tracepipe.errors import UsageError
 from tracepipe.ingest.netflow import DecoderState, decode_datagrams
-from tracepipe.limits import DEFAULT, Limits
+from tracepipe.limits import DEFAULT, Limits, json_loads
 
 LEGIT = "192.0.2.10"
 ARRIVAL_US = 1_710_237_600 * 1_000_000
@@ -472,3 +472,13 @@ def test_a_pcap_record_claiming_4_gb_stops_the_file_there_without_reading_it(tmp
     got = read_all(path)
     assert len(got["payloads"]) == 2
     assert [(r["reason"], r["offset"]) for r in got["rejects"]] == [("truncated pcap record", offsets[2])]
+
+
+def test_escaped_lone_surrogates_are_read_not_rejected():
+    """Regression (issue 12 property test): a project named "\\udcff" in a Nova notification made orjson refuse the
+    line, so every event of that tenant's VMs was rejected and their flows landed unattributed (blinded)."""
+    doc = json.dumps({"display_name": "web\udcff-05", "tags": ["\ud800", "ok"], "n": 1})
+    assert json_loads(doc) == {"display_name": "web\ufffd-05", "tags": ["\ufffd", "ok"], "n": 1}
+    assert json_loads(doc.encode()) == json_loads(doc)
+    with pytest.raises(json.JSONDecodeError):
+        json_loads('{"a": "\\udcff", }')  # still not JSON: still an error
