@@ -22,7 +22,8 @@ import pyarrow as pa
 
 from tracepipe.errors import InputError, UsageError
 from tracepipe.intel import ADDRESS_TYPES, DOMAIN_TYPES
-from tracepipe.schema import TS
+from tracepipe.lake import Lake
+from tracepipe.schema import ALERTS, TS
 from tracepipe.units import to_utc
 
 FORMATS = ("auto", "csv", "json", "misp", "alerts")
@@ -71,7 +72,7 @@ def _address(text: Any) -> str | None:
         return None
 
 
-def _port(value: Any) -> int | None | str:
+def _port(value: Any) -> int | str | None:
     """int, None (not given) or a reject reason."""
     if value is None or str(value).strip() == "":
         return None
@@ -240,8 +241,8 @@ def _alert_observations(lines: list[str], alerts: pa.Table) -> tuple[list[dict],
     return rows, rejects
 
 
-def read_observations(path: Path | str, fmt: str = "auto", alerts: pa.Table | None = None) -> Observations:
-    """Read one observation file. `alerts` (the lake's alerts dataset) is needed for an alert id list.
+def read_observations(path: Path | str, fmt: str = "auto", lake: Lake | None = None) -> Observations:
+    """Read one observation file. An alert id list is looked up in `lake`'s alerts dataset.
     UsageError for an unknown format, InputError when the file cannot be read."""
     path = Path(path)
     if fmt not in FORMATS:
@@ -258,10 +259,11 @@ def read_observations(path: Path | str, fmt: str = "auto", alerts: pa.Table | No
         fmt = sniff(text, path)
     domains: list[dict] = []
     if fmt == "alerts":
-        numbered = [
-            (n, line.split("#", 1)[0].strip()) for n, line in enumerate(text.splitlines(), start=1)
-        ]
-        rows, rejects = _alert_observations([(n, t) for n, t in numbered if t], alerts or _no_alerts())
+        numbered = [(n, line.split("#", 1)[0].strip()) for n, line in enumerate(text.splitlines(), start=1)]
+        rows, rejects = _alert_observations(
+            [(n, t) for n, t in numbered if t],
+            lake.read("alerts") if lake is not None else ALERTS.empty_table(),
+        )
     else:
         rows, rejects, domains = {"csv": parse_csv, "json": parse_json, "misp": parse_misp}[fmt](text)
     if len(rows) > MAX_OBSERVATIONS:
@@ -271,9 +273,3 @@ def read_observations(path: Path | str, fmt: str = "auto", alerts: pa.Table | No
         row["obs"] = number
     table = pa.Table.from_pylist(rows, schema=OBSERVATIONS) if rows else OBSERVATIONS.empty_table()
     return Observations(table, rejects, domains, fmt, str(path))
-
-
-def _no_alerts() -> pa.Table:
-    from tracepipe.schema import ALERTS
-
-    return ALERTS.empty_table()

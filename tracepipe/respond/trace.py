@@ -112,6 +112,7 @@ class TraceResult:
     domains: list[dict[str, Any]] = field(default_factory=list)
     generated_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     seconds: float = 0.0
+    package: dict[str, Any] = field(default_factory=dict)  # kind -> path of the written package files
 
     @property
     def exit_code(self) -> int:
@@ -146,6 +147,7 @@ class TraceResult:
             "rejects": self.rejects,
             "domains": self.domains,
             "seconds": round(self.seconds, 3),
+            "package": {kind: str(path) for kind, path in self.package.items()},
             "exit_code": self.exit_code,
         }
 
@@ -334,7 +336,7 @@ def trace(
 def _load_observations(con: duckdb.DuckDBPyConnection, obs: pa.Table, window: dt.timedelta) -> None:
     con.register("_obs_in", obs)
     con.execute(
-        "CREATE TEMP TABLE _obs AS SELECT *, start - $w AS w_start, \"end\" + $w AS w_end FROM _obs_in",
+        'CREATE TEMP TABLE _obs AS SELECT *, start - $w AS w_start, "end" + $w AS w_end FROM _obs_in',
         {"w": window},
     )
     con.unregister("_obs_in")
@@ -511,11 +513,16 @@ _PEER_COLUMNS = ("vm_name", "project", "user", "hypervisor", "vm_status")
 
 def _privacy_filter(evidence: pa.Table, found: set[str], include_spread: bool) -> pa.Table:
     """Evidence flows name the VM of each end; the end of a VM the observations did not lead to (another
-    tenant) keeps its address but loses its identity, unless include_spread."""
-    if include_spread or evidence.num_rows == 0:
-        return evidence
+    tenant) keeps its address but loses its identity, unless include_spread. `src_in_cloud`/`dst_in_cloud`
+    keep whether an end was the cloud's (exports leave local addresses out by it)."""
     import pyarrow.compute as pc
 
+    if evidence.num_rows == 0:
+        return evidence
+    for side in ("src", "dst"):
+        evidence = evidence.append_column(f"{side}_in_cloud", pc.is_valid(evidence.column(f"{side}_vm")))
+    if include_spread:
+        return evidence
     for side in ("src", "dst"):
         keep = pc.is_in(evidence.column(f"{side}_vm"), value_set=pa.array(sorted(found), pa.string()))
         keep = pc.fill_null(keep, False)
