@@ -970,10 +970,13 @@ def model_score_command(
 def intel_import_command(
     ctx: typer.Context,
     path: Annotated[
-        Path, typer.Argument(help="MISP CSV/JSON export or a list of addresses/CIDRs.", show_default=False)
+        Path,
+        typer.Argument(
+            help="MISP CSV/JSON export, STIX bundle, or a list of addresses/CIDRs.", show_default=False
+        ),
     ],
     input_format: Annotated[
-        str, typer.Option("--format", help="auto, misp-csv, misp-json or list.")
+        str, typer.Option("--format", help="auto, misp-csv, misp-json, stix (STIX 2.x bundle) or list.")
     ] = "auto",
     lake: LakeOption = Path(DEFAULT_LAKE),
     output: Annotated[

@@ -41,6 +41,7 @@ DISTRIBUTIONS = {0: "your organisation only", 1: "this community", 2: "connected
 STIX_SCO_NAMESPACE = uuid.UUID("00abedb4-aa42-466c-9c01-fed23315a9b7")  # STIX 2.1 §2.9, deterministic SCO ids
 TRACEPIPE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://tracepipe.invalid/share")
 MISP_KEY_ENV = "MISP_KEY"
+MAX_PEERS_PER_PORT = 20  # more outside peers on one observed port than this is a scan, not a C&C
 
 
 @dataclass
@@ -124,18 +125,29 @@ def indicators_from_package(package: Path) -> tuple[list[Indicator], dict[str, A
             "Make one with `tracepipe trace OBSERVATIONS --out DIR`."
         ) from exc
     found: dict[tuple, Indicator] = {}
+    notes: list[str] = []
     rows = _evidence_groups(evidence)
     for obs in data.get("observations", []):
         number = obs["obs"]
-        if not obs.get("in_cloud", True):
-            # the observed address itself is not the cloud's: the CSIRT's C&C, seen from here
-            _merge(
-                found, _from_rows(obs["address"], None, rows.get((number, obs["address"]), {}), "observed")
-            )
+        if not obs.get("in_cloud", True) and obs.get("matching_flows"):
+            # the observed address is not the cloud's and VMs talked to it: the CSIRT's C&C, seen here
+            stats = rows.get((number, "__local__"), {})
+            why = "observed address, contacted by cloud VMs"
+            _merge(found, _from_rows(obs["address"], obs.get("port"), stats, why))
         if obs.get("peer") or obs.get("port") is not None:
-            for (n, peer), stats in rows.items():
-                if n == number and peer != obs["address"] and not stats["peer_in_cloud"]:
+            remotes = [
+                (peer, stats)
+                for (n, peer), stats in rows.items()
+                if n == number and peer not in (obs["address"], "__local__") and not stats["peer_in_cloud"]
+            ]
+            if obs.get("peer") or len(remotes) <= MAX_PEERS_PER_PORT:
+                for peer, stats in remotes:
                     _merge(found, _from_rows(peer, obs.get("port"), stats, "contacted by a traced VM"))
+            else:
+                notes.append(
+                    f"observation {number}: {len(remotes)} outside peers on port {obs['port']} (a scan's victims, "
+                    "not a C&C): not shared"
+                )
         if obs.get("holders"):
             stats = rows.get((number, "__local__"), {})
             _merge(found, _from_rows(obs["address"], None, stats, "address of the traced VM", local=True))
@@ -144,7 +156,7 @@ def indicators_from_package(package: Path) -> tuple[list[Indicator], dict[str, A
             found[(domain["value"], None, "dst")] = Indicator(
                 domain["value"], "domain", "dst", comment="named by the input event"
             )
-    return list(found.values()), data
+    return list(found.values()), {**data, "notes": notes}
 
 
 def _evidence_groups(evidence: pa.Table) -> dict[tuple[int, str], dict[str, Any]]:
@@ -386,7 +398,7 @@ def stix_bundle(
     now = now or dt.datetime.now(dt.UTC)
     stamp = _stix_time(now)
     marking = [STIX_TLP[tlp]]
-    identity_id = f"identity--{uuid.uuid5(TRACEPIPE_NAMESPACE, 'identity|' + info)}"
+    identity_id = f"identity--{uuid.uuid4()}"
     objects: list[dict[str, Any]] = [
         {
             "type": "identity",
@@ -401,8 +413,7 @@ def stix_bundle(
     ]
     for item in indicators:
         kind, pattern = _pattern(item)
-        key = f"{info}|{pattern}"
-        indicator_id = f"indicator--{uuid.uuid5(TRACEPIPE_NAMESPACE, 'indicator|' + key)}"
+        indicator_id = f"indicator--{uuid.uuid4()}"
         first = _stix_time(item.first_seen or now)
         last = _stix_time(item.last_seen or item.first_seen or now)
         objects.append(
@@ -424,7 +435,7 @@ def stix_bundle(
         )
         sco = {"type": kind, "spec_version": "2.1", "id": _sco_id(kind, item.value), "value": item.value}
         objects.append(sco)
-        observed_id = f"observed-data--{uuid.uuid5(TRACEPIPE_NAMESPACE, 'observed|' + key)}"
+        observed_id = f"observed-data--{uuid.uuid4()}"
         objects.append(
             {
                 "type": "observed-data",
@@ -444,7 +455,7 @@ def stix_bundle(
             {
                 "type": "sighting",
                 "spec_version": "2.1",
-                "id": f"sighting--{uuid.uuid5(TRACEPIPE_NAMESPACE, 'sighting|' + key)}",
+                "id": f"sighting--{uuid.uuid4()}",
                 "created": stamp,
                 "modified": stamp,
                 "first_seen": first,
@@ -457,7 +468,7 @@ def stix_bundle(
                 "object_marking_refs": marking,
             }
         )
-    bundle_id = f"bundle--{uuid.uuid5(TRACEPIPE_NAMESPACE, 'bundle|' + info + '|' + str(len(objects)))}"
+    bundle_id = f"bundle--{uuid.uuid4()}"
     return {"type": "bundle", "id": bundle_id, "objects": objects}
 
 
@@ -488,6 +499,7 @@ def export(
     if source.is_dir() or source.name == "trace.json":
         indicators, meta = indicators_from_package(source)
         title = info or f"tracepipe trace of {Path(str(meta.get('source') or 'observations')).name}"
+        notes += meta["notes"]
     else:
         if lake is None:
             raise UsageError("an alert id list needs the lake (--lake)")
