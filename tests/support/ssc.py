@@ -120,7 +120,8 @@ def observations(cloud: Cloud, n: int = 100, seed: int = 7) -> list[dict]:
         "ipv6": [x for x in leases if ":" in x["addr"]],
     }
     out: list[dict] = []
-    plan = ["active"] * 15 + ["deleted"] * 20 + ["soft_deleted"] * 15 + ["reused"] * 20 + ["ipv6"] * 10
+    k = max(1, n // 100)  # per 100 observations: 80 held (5 kinds), 10 gaps, 10 never the cloud's
+    plan = (["active"] * 15 + ["deleted"] * 20 + ["soft_deleted"] * 15 + ["reused"] * 20 + ["ipv6"] * 10) * k
     chosen: set[str] = set()
     for kind in plan:
         lease = kinds[kind][int(rng.integers(len(kinds[kind])))]
@@ -145,18 +146,18 @@ def observations(cloud: Cloud, n: int = 100, seed: int = 7) -> list[dict]:
         for earlier, later in itertools.pairwise(held)
         if later["valid_from"] - earlier["valid_to"] > dt.timedelta(hours=2)
     ]
-    for _ in range(10):
+    for _ in range(10 * k):
         earlier, later = gaps[int(rng.integers(len(gaps)))]
         at = earlier["valid_to"] + (later["valid_from"] - earlier["valid_to"]) / 2
         out.append(
             {"kind": "gap", "address": earlier["addr"], "time": at, "expect_vm": None, "in_cloud": True}
         )
-    for i in range(10):
+    for i in range(10 * k):
         at = START + dt.timedelta(days=float(rng.uniform(1, cloud.days - 1)))
         out.append(
             {
                 "kind": "never",
-                "address": f"10.99.{i}.{i + 7}",
+                "address": f"10.99.{i // 250}.{i % 250 + 1}",
                 "time": at,
                 "expect_vm": None,
                 "in_cloud": False,
