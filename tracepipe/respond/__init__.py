@@ -10,9 +10,9 @@ from pathlib import Path
 
 from tracepipe.lake import Lake
 from tracepipe.respond.observations import read_observations
-from tracepipe.respond.trace import TraceResult, trace
+from tracepipe.respond.trace import TraceResult
 
-__all__ = ["TraceResult", "trace", "trace_observations"]
+__all__ = ["TraceResult", "trace_observations"]
 
 
 def trace_observations(
@@ -27,6 +27,7 @@ def trace_observations(
     """Read the observations in `source`, trace them against the lake, and write the incident package into
     `out` when given (checked before the lake is read: a refused folder costs nothing)."""
     from tracepipe.respond.package import check_out_dir, write_package
+    from tracepipe.respond.trace import trace
 
     if out is not None:
         check_out_dir(out, lake.root, force)

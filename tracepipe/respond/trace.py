@@ -444,10 +444,13 @@ def _siblings(con: duckdb.DuckDBPyConnection) -> dict[str, list[dict[str, Any]]]
                    SELECT w.vm_id, min(w.w_start) AS w_start, max(w.w_end) AS w_end,
                           any_value(v."user") AS "user", any_value(v.project) AS project
                    FROM _vm_windows w JOIN _vm_info v USING (vm_id) GROUP BY w.vm_id),
-               cand AS (
-                   SELECT f.vm_id AS found_vm, f.w_start, f.w_end, o.*, o."user" = f."user" AS same_user
-                   FROM found f JOIN _vm_info o
-                     ON o.vm_id <> f.vm_id AND (o."user" = f."user" OR o.project = f.project))
+               cand AS (  -- two equi-joins: an OR in the join condition would compare every pair
+                   SELECT f.vm_id AS found_vm, f.w_start, f.w_end, o.*, true AS same_user
+                   FROM found f JOIN _vm_info o ON o."user" = f."user" AND o.vm_id <> f.vm_id
+                   UNION ALL
+                   SELECT f.vm_id, f.w_start, f.w_end, o.*, false
+                   FROM found f JOIN _vm_info o ON o.project = f.project AND o.vm_id <> f.vm_id
+                   WHERE o."user" IS DISTINCT FROM f."user")
                SELECT c.found_vm, c.vm_id, c.vm_name, c.project, c."user", c.hypervisor, c.status, c.deleted_at,
                       c.quarantine_until, c.same_user,
                       (count(l.addr) > 0
