@@ -982,10 +982,13 @@ def model_score_command(
 def intel_import_command(
     ctx: typer.Context,
     path: Annotated[
-        Path, typer.Argument(help="MISP CSV/JSON export or a list of addresses/CIDRs.", show_default=False)
+        Path,
+        typer.Argument(
+            help="MISP CSV/JSON export, STIX bundle, or a list of addresses/CIDRs.", show_default=False
+        ),
     ],
     input_format: Annotated[
-        str, typer.Option("--format", help="auto, misp-csv, misp-json or list.")
+        str, typer.Option("--format", help="auto, misp-csv, misp-json, stix (STIX 2.x bundle) or list.")
     ] = "auto",
     lake: LakeOption = Path(DEFAULT_LAKE),
     output: Annotated[
@@ -1135,6 +1138,232 @@ def _print_demo(p: Printer, result: Any) -> None:
     for command in result.next_commands:
         p.line(f"  {command}")
     p.line((f"{result.seconds:.1f} s", "dim"))
+
+
+# ---- commands: trace / export (respond to an incident, share with MISP/STIX) --------------------------------
+
+export_app = typer.Typer(
+    help="Share findings: a MISP event or a STIX 2.1 bundle from an incident package or alert ids.",
+    no_args_is_help=True,
+)
+app.add_typer(export_app, name="export")
+
+
+@app.command("trace")
+def trace_command(
+    ctx: typer.Context,
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="Observations: CSV/JSON (address, port, peer, time or start/end), a MISP event JSON, or a "
+            "file of tracepipe alert ids.",
+            show_default=False,
+        ),
+    ],
+    window: Annotated[
+        str, typer.Option("--window", help="Look at each observation's time (range) ± this.")
+    ] = "1h",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write the incident package (HTML, JSON, CSV, Parquet) into this folder."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a package already in --out.")] = False,
+    include_spread: Annotated[
+        bool,
+        typer.Option(
+            "--include-spread", help="Also name other tenants' VMs that talked to the same peers (privacy!)."
+        ),
+    ] = False,
+    input_format: Annotated[
+        str, typer.Option("--input-format", help="auto, csv, json, misp or alerts.")
+    ] = "auto",
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Answer a list of observations (a Security Service Challenge, a CSIRT ticket) in one go: for each, the
+    VM that held the address then (deleted and quarantined ones included), owner, project, hypervisor, cloud,
+    the matching flows; for each VM found, its connections and logs in the window and the owner's and
+    project's other VMs alive then and now. What is uncertain is said, never guessed.
+
+    Exit codes: 0 every observation answered; 2 bad option, or --out exists (use --force) or is in the lake;
+    3 some input lines rejected (listed), the rest answered; 4 no observation could be read, or no lake.
+
+    Example: tracepipe trace ssc-ticket.csv --window 30m --out ssc-2025-06 --lake /srv/lake
+    """
+    from tracepipe.respond import trace_observations
+    from tracepipe.units import parse_duration
+
+    p: Printer = ctx.obj
+    with p.err.status("trace"):
+        result = trace_observations(
+            open_lake(lake),
+            source,
+            input_format,
+            parse_duration(window),
+            include_spread=include_spread,
+            out=out,
+            force=force,
+        )
+    if output == OutputFormat.json:
+        p.json(result.to_dict())
+    else:
+        _print_trace(p, result)
+    raise typer.Exit(result.exit_code)
+
+
+def _print_trace(p: Printer, result: Any) -> None:
+    for answer in result.observations:
+        where = f"{answer['address']}" + (f" port {answer['port']}" if answer["port"] is not None else "")
+        where += f" peer {answer['peer']}" if answer["peer"] else ""
+        when = f"{answer['start']:%Y-%m-%d %H:%M:%S}" + (
+            f" - {answer['end']:%H:%M:%S}" if answer["end"] != answer["start"] else ""
+        )
+        p.line((f"{answer['obs']:>4}. ", "bold"), f"{where} at {when} UTC ({answer['ref']})")
+        for h in answer["holders"]:
+            p.line(
+                "      VM ",
+                (h["vm_name"] or h["vm_id"], "bold"),
+                f" ({h['vm_id']}) · owner {h['user'] or '?'} · project {h['project'] or '?'} · "
+                f"{h['hypervisor'] or '?'} · {h['cloud'] or '?'} · now: {h['now']}",
+            )
+        if answer["contacts"]:
+            p.line(f"      contacted by VMs: {', '.join(answer['contacts'])}")
+        p.line(f"      {answer['matching_flows']} matching flows")
+        for note in answer["ambiguities"]:
+            p.line("      ", ("note:", "yellow"), f" {note}")
+    for vm in result.vms:
+        t = vm["traffic"]
+        p.line(
+            ("VM ", "bold"),
+            (vm["vm_name"] or vm["vm_id"], "bold"),
+            f": {t['flows']} flows, {t['peers']} peers, {t['bytes_out']} bytes out; "
+            f"owner's other VMs {len(vm['owner_vms'])}, project's {len(vm['project_vms'])}"
+            + (f", spread {len(vm['spread'])}" if result.include_spread else ""),
+        )
+    for reject in result.rejects:
+        p.note(("rejected:", "yellow"), f" {reject['ref']}: {reject['reason']}")
+    summary = result.summary
+    p.line(
+        f"{summary['observations']} observations: {summary['held']} with a holder, {summary['not_held']} "
+        f"nobody held, {summary['outside_cloud']} outside the cloud; {summary['vms']} VMs; "
+        f"{summary['evidence_flows']} evidence flows ({result.seconds:.1f} s)"
+    )
+    if result.package:
+        p.line(
+            "package: ",
+            (str(result.package["html"]), "bold"),
+            f" (and {', '.join(str(path.name) for kind, path in result.package.items() if kind != 'html')})",
+        )
+
+
+def _export(ctx: typer.Context, fmt: str, output: OutputFormat, **options: Any) -> None:
+    from tracepipe.respond.share import export
+
+    p: Printer = ctx.obj
+    result = export(fmt, **options)
+    if output == OutputFormat.json and result.path is None:
+        p.json(result.document)
+    elif output == OutputFormat.json:
+        p.json(result.to_dict())
+    else:
+        if result.path is None and not result.pushed_to:
+            p.json(result.document)
+        else:
+            p.note(f"{result.indicators} indicators -> {result.path or result.pushed_to}")
+    for note in result.notes:
+        p.note(note)
+    raise typer.Exit(result.exit_code)
+
+
+ExportSource = Annotated[
+    Path,
+    typer.Argument(
+        help="An incident package folder (tracepipe trace --out), or a file of alert ids.", show_default=False
+    ),
+]
+ExportOut = Annotated[
+    Path | None, typer.Option("--out", help="Write the document here (default: stdout).", show_default=False)
+]
+IncludeLocal = Annotated[
+    bool, typer.Option("--include-local", help="Also share the cloud's own VM addresses (ip-src, no IDS).")
+]
+TlpOption = Annotated[str, typer.Option("--tlp", help="TLP: clear, green, amber, amber+strict, red.")]
+InfoOption = Annotated[str | None, typer.Option("--info", help="Event title.", show_default=False)]
+
+
+@export_app.command("misp")
+def export_misp_command(
+    ctx: typer.Context,
+    source: ExportSource,
+    out: ExportOut = None,
+    include_local: IncludeLocal = False,
+    tlp: TlpOption = "amber",
+    distribution: Annotated[
+        int, typer.Option("--distribution", help="0 your organisation, 1 community, 2 connected, 3 all.")
+    ] = 0,
+    info: InfoOption = None,
+    push: Annotated[
+        str | None,
+        typer.Option(
+            "--push", help="Also send it to this MISP (https URL; API key in $MISP_KEY).", show_default=False
+        ),
+    ] = None,
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Write a MISP event (MISP core format JSON): the outside addresses the evidence names as ip-dst /
+    ip-dst|port with first/last seen and sightings, TLP tag and distribution. Local VM addresses stay home
+    unless --include-local; VM names, owners and projects never leave.
+
+    Exit codes: 0 written (or pushed); 2 bad option, or --push without https or without $MISP_KEY;
+    4 the source is not a package / no alert found, or the MISP refused.
+
+    Example: tracepipe export misp ssc-2025-06 --tlp amber --out ssc-2025-06.misp.json
+    """
+    _export(
+        ctx,
+        "misp",
+        output,
+        source=source,
+        lake=open_lake(lake),
+        out=out,
+        include_local=include_local,
+        tlp=tlp,
+        distribution=distribution,
+        info=info,
+        push=push,
+    )
+
+
+@export_app.command("stix")
+def export_stix_command(
+    ctx: typer.Context,
+    source: ExportSource,
+    out: ExportOut = None,
+    include_local: IncludeLocal = False,
+    tlp: TlpOption = "amber",
+    info: InfoOption = None,
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Write a STIX 2.1 bundle: per outside address an indicator, the observed-data of what the site saw and
+    a sighting; TLP as the standard marking definitions. Local VM addresses only with --include-local.
+
+    Exit codes: 0 written; 2 bad option; 4 the source is not a package / no alert found.
+
+    Example: tracepipe export stix ssc-2025-06 --out ssc-2025-06.stix.json
+    """
+    _export(
+        ctx,
+        "stix",
+        output,
+        source=source,
+        lake=open_lake(lake),
+        out=out,
+        include_local=include_local,
+        tlp=tlp,
+        info=info,
+    )
 
 
 def main() -> None:
