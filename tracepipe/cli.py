@@ -909,7 +909,8 @@ def model_fit_command(
     output_format: FormatOption = OutputFormat.table,
 ) -> None:
     """Fit the IsolationForest on per (host, hour) features of a baseline period and save it in the lake
-    (joblib + a JSON sidecar of feature names, scikit-learn version and fit window).
+    (plain arrays in an .npz that loads without pickle, + a JSON sidecar of feature names, scikit-learn
+    version, fit window and the .npz's SHA-256). A model file that is not such a pair is refused, never loaded.
 
     Example: tracepipe model fit --since 2025-06-01 --until 2025-06-15 --pipeline site/nightly.toml
     """
