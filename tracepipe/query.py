@@ -9,6 +9,7 @@ not a query: `tracepipe sql` cannot COPY, CREATE, DELETE, ATTACH or change setti
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -438,11 +439,11 @@ def _vm_flows_per_hour(
 EXPORT_FORMATS = ("csv", "json", "parquet")
 
 
-def check_output(fmt: str, output: Path | None, lake_root: Path) -> None:
+def check_output(fmt: str, output: Path | None, lake_root: Path, force: bool = False) -> None:
     """Refuse (UsageError) an export that could not be written or must not be: parquet without a file, a
-    table into a file (the table is for a terminal), and any file inside the lake — a typing mistake or a path
-    someone planted (a symlink into the lake) must never overwrite the lake's files. Both paths are resolved
-    (symlinks followed) before they are compared."""
+    table into a file (the table is for a terminal), any file inside the lake — a typing mistake or a path
+    someone planted (a symlink into the lake) must never overwrite the lake's files; both paths are resolved
+    (symlinks followed) before they are compared — and, without `force`, a file (or symlink) already there."""
     if fmt not in (*EXPORT_FORMATS, "table"):
         raise UsageError(f"unknown format {fmt!r}: table, csv, json or parquet")
     if output is None:
@@ -460,10 +461,14 @@ def check_output(fmt: str, output: Path | None, lake_root: Path) -> None:
             f"--output {output} is inside the lake ({lake}); tracepipe sql never writes there: "
             "choose a file outside the lake directory"
         )
+    if not force and os.path.lexists(output):
+        raise UsageError(
+            f"--output {output} already exists; add --force to replace it, or choose another file"
+        )
 
 
 def export_result(
-    relation: duckdb.DuckDBPyRelation, fmt: str, output: Path | None, lake_root: Path
+    relation: duckdb.DuckDBPyRelation, fmt: str, output: Path | None, lake_root: Path, force: bool = False
 ) -> str | None:
     """A query result as csv or json text: returned when `output` is None, else written to `output` (a user's
     file outside the lake, see check_output) through fsutil.replacing — a reader of `output` sees the old file
@@ -471,7 +476,7 @@ def export_result(
     Written with pyarrow, because the session itself may not write files."""
     from tracepipe.fsutil import replacing
 
-    check_output(fmt, output, lake_root)
+    check_output(fmt, output, lake_root, force)
     table = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
     text: str | None = None
     if fmt == "csv":
