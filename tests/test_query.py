@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import json
+import os
 import random
 import subprocess
 import sys
@@ -257,6 +258,39 @@ def test_sql_session_reads_only_the_lake(small_lake):
         query.run_read_only(con, "SELECT * FROM read_csv('/etc/passwd')")
     with pytest.raises(UsageError, match="SET statements are refused"):
         query.run_read_only(con, "SET lock_configuration = false")
+
+
+def test_spill_directory_is_private_and_a_planted_symlink_leads_nowhere(small_lake, tmp_path):
+    """Issue #12 item 7: DuckDB's temp directory was a fixed `tracepipe-duckdb` under the shared temp dir and
+    on the allowed list; a symlink planted there (here: under the TMPDIR the command runs with) let read_text
+    leave the lake. Now each session spills into a new 0700 directory of its own, removed afterwards."""
+    secret = tmp_path / "outside"
+    secret.mkdir()
+    (secret / "secret.txt").write_text("s3cret")
+    shared_tmp = tmp_path / "tmp"
+    shared_tmp.mkdir()
+    (shared_tmp / "tracepipe-duckdb").symlink_to(secret)
+    read = f"SELECT content FROM read_text('{shared_tmp}/tracepipe-duckdb/secret.txt')"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tracepipe.cli", "sql", read, "--format", "json", "--lake", str(small_lake)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(shared_tmp)},
+    )
+    assert proc.returncode == 2 and "s3cret" not in proc.stdout, proc.stdout
+    assert "Permission" in proc.stderr or "disabled" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in shared_tmp.iterdir()) == ["tracepipe-duckdb"]  # the session's own is gone
+    con = query.connect(Lake(small_lake))
+    spill = Path(con.execute("SELECT current_setting('temp_directory')").fetchone()[0])
+    assert spill.is_dir() and not spill.is_symlink() and spill.name.startswith("tracepipe-duckdb-")
+    assert spill.stat().st_mode & 0o777 == 0o700
+    other = query.connect(Lake(small_lake))
+    assert other.execute("SELECT current_setting('temp_directory')").fetchone()[0] != str(spill)
+    con.close()
+    del con
+    assert not spill.exists()
+    other.close()
 
 
 def test_sql_formats_stdin_and_file(small_lake, tmp_path):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -124,8 +126,12 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
     con.execute(sql_text("views"))
     if read_only:
         # Defence in depth under the statement check: the session reads the lake (and its spill directory)
-        # and nothing else, and a query cannot switch that back on.
-        spill = Path(tempfile.gettempdir()) / "tracepipe-duckdb"
+        # and nothing else, and a query cannot switch that back on. The spill directory is this session's
+        # own, new and 0700 (mkdtemp): a fixed name under the shared temp dir could be a symlink someone
+        # planted (issue #12), which would have put whatever it points to on the allowed list.
+        spill = Path(tempfile.mkdtemp(prefix="tracepipe-duckdb-")).resolve()
+        # removed when the session is garbage (who, timeline: right after close) or at exit
+        weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)
         con.execute(f"SET temp_directory = {quote_literal(str(spill))}")
         allowed = "[" + ", ".join(quote_literal(str(p)) for p in (lake.root.resolve(), spill)) + "]"
         con.execute(f"SET allowed_directories = {allowed}")
