@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -291,6 +292,27 @@ def test_spill_directory_is_private_and_a_planted_symlink_leads_nowhere(small_la
     del con
     assert not spill.exists()
     other.close()
+
+
+def test_lake_path_with_glob_characters_reads_its_own_files_only(tmp_path):
+    """Issue #12 item 5: read_parquet takes each name as a glob, so the files of a lake at `lake[1]` were
+    looked up by a pattern that matches `lake1` and not `lake[1]` itself: a directory planted beside the lake
+    with the same file names took the lake's place. Names are now glob-escaped (and quoted)."""
+    real = tmp_path / "it's lake[1]*?"
+    lake = Lake(real)
+    rows = pa.table({"vm_id": ["real-vm"], "vm_name": ["real"]})
+    lake.replace_dataset("vms", rows)
+    decoy = tmp_path / "it's lake1zy"  # what the unescaped pattern `lake[1]*?` matches
+    shutil.copytree(real, decoy)
+    for part in (decoy / "vms").glob("*.parquet"):
+        real_rows = pq.read_table(part)
+        pq.write_table(real_rows.set_column(0, "vm_id", pa.array(["forged-vm"])), part)
+    con = query.connect(lake)
+    try:
+        assert con.execute("SELECT vm_id FROM vms").fetchall() == [("real-vm",)]
+    finally:
+        con.close()
+    assert query.glob_literal("/a[1]/b*?c") == "/a[[]1]/b[*][?]c"
 
 
 def test_sql_formats_stdin_and_file(small_lake, tmp_path):

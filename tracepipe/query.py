@@ -53,6 +53,13 @@ def quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def glob_literal(path: str) -> str:
+    """`path` as a DuckDB file pattern that matches only itself: read_parquet takes every name as a glob, so
+    `*`, `?` and `[` in a lake path (`/srv/lake[1]`) would match other files, even a planted `/srv/lake1`.
+    DuckDB's glob has no backslash escape; a one-character class (`[*]`, `[?]`, `[[]`) is the literal."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
+
+
 def _duck_type(arrow_type: pa.DataType) -> str:
     if pa.types.is_timestamp(arrow_type):
         return "TIMESTAMPTZ" if arrow_type.tz else "TIMESTAMP"
@@ -73,11 +80,11 @@ def empty_relation_sql(name: str) -> str:
 
 def scan_sql(name: str, paths: list[Path]) -> str:
     """read_parquet over the given files of a dataset (a file list taken from the table's log, never a glob:
-    files removed by compaction stay on disk for a while), hive `date` typed DATE; empty typed relation if
-    none. Every file of a table has the declared columns, so only the first footer is read at bind time."""
+    files removed by compaction stay on disk for a while; each name quoted and glob-escaped, so a lake path with
+    `'`, `*`, `?` or `[` reads exactly its own files), hive `date` typed DATE; empty typed relation if none. Every file of a table has the declared columns, so only the first footer is read at bind time."""
     if not paths:
         return empty_relation_sql(name)
-    files = "[" + ", ".join(quote_literal(str(p)) for p in paths) + "]"
+    files = "[" + ", ".join(quote_literal(glob_literal(str(p))) for p in paths) + "]"
     options = "union_by_name = false"
     if DATASETS[name].partition_ts is not None:
         options += ", hive_partitioning = true, hive_types = {'date': DATE}"
@@ -117,8 +124,10 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
     # see two versions (a commit in between: flows_attributed counted rows that flows did not hold)
     lake = lake.snapshot()
     flow_entries = lake.entries("flows")
+    files: list[Path] = []
     for name in DATASETS:
         paths = [e.path for e in flow_entries] if name == "flows" else lake.files(name)
+        files += paths
         con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {scan_sql(name, paths)}')
     done, todo = flow_halves(lake, flow_entries)
     con.execute(f"CREATE OR REPLACE VIEW _flows_done AS {scan_sql('flows', done)}")
@@ -135,6 +144,12 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
         con.execute(f"SET temp_directory = {quote_literal(str(spill))}")
         allowed = "[" + ", ".join(quote_literal(str(p)) for p in (lake.root.resolve(), spill)) + "]"
         con.execute(f"SET allowed_directories = {allowed}")
+        # DuckDB checks the name it is given, here the glob-escaped one (scan_sql) when the lake's path has
+        # `*?[`: each such file name is allowed as it is written, not its escaped directory (a sibling directory
+        # literally named `lake[[]1]` would have become readable, as a name no glob matches is read as is)
+        escaped = [glob_literal(str(p)) for p in files if glob_literal(str(p)) != str(p)]
+        if escaped:
+            con.execute(f"SET allowed_paths = [{', '.join(quote_literal(p) for p in escaped)}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
