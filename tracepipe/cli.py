@@ -374,6 +374,9 @@ def sql_command(
             help="Write the result to this file (csv, json or parquet; replaced atomically; never inside the lake).",
         ),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the --output file if it exists (refused otherwise).")
+    ] = False,
     shell: Annotated[bool, typer.Option("--shell", help="Interactive session with the same views.")] = False,
     max_rows: Annotated[int, typer.Option("--max-rows", help="Rows shown by --format table.")] = 1000,
     lake: LakeOption = Path(DEFAULT_LAKE),
@@ -405,8 +408,8 @@ def sql_command(
     Views: flows, flows_attributed, vm_events, vm_leases, vms, vm_logs, intel, alerts, rejects. Macros:
     who_had(addr, ts), cidr_contains(cidr, addr), ip_to_num(addr), ip_between(addr, lo, hi).
     Only queries run (SELECT, WITH, DESCRIBE, SUMMARIZE, EXPLAIN): COPY, CREATE, INSERT, DELETE, ATTACH, SET
-    ... are refused with exit code 2, and so is an --output inside the lake directory (symlinks followed) or
-    --format table with --output.
+    ... are refused with exit code 2, and so is an --output inside the lake directory (symlinks followed), an
+    --output file that exists (unless --force), or --format table with --output.
 
     Example: tracepipe sql "SELECT src_project, sum(bytes) FROM flows_attributed GROUP BY 1 ORDER BY 2 DESC"
     """
@@ -416,7 +419,7 @@ def sql_command(
 
     p: Printer = ctx.obj
     snapshot = Lake(lake, as_of=parse_as_of(as_of)) if as_of else open_lake(lake)
-    q.check_output(fmt.value, output, snapshot.root)  # before the query runs: it may take a while
+    q.check_output(fmt.value, output, snapshot.root, force)  # before the query runs: it may take a while
     if shell:
         q.shell(
             snapshot,
@@ -435,7 +438,7 @@ def sql_command(
     if fmt == SqlFormat.table:
         _print_relation(p, relation, max_rows)
         return
-    text = q.export_result(relation, fmt.value, output, snapshot.root)
+    text = q.export_result(relation, fmt.value, output, snapshot.root, force)
     if text is not None:
         sys.stdout.write(text)
 
@@ -921,7 +924,8 @@ def model_fit_command(
     output_format: FormatOption = OutputFormat.table,
 ) -> None:
     """Fit the IsolationForest on per (host, hour) features of a baseline period and save it in the lake
-    (joblib + a JSON sidecar of feature names, scikit-learn version and fit window).
+    (plain arrays in an .npz that loads without pickle, + a JSON sidecar of feature names, scikit-learn
+    version, fit window and the .npz's SHA-256). A model file that is not such a pair is refused, never loaded.
 
     Example: tracepipe model fit --since 2025-06-01 --until 2025-06-15 --pipeline site/nightly.toml
     """

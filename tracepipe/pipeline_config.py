@@ -174,7 +174,7 @@ class Detectors:
 @dataclass(frozen=True)
 class ModelSection:
     enabled: bool = False
-    path: str = ""  # default <lake>/_models/isolation-forest.joblib
+    path: str = ""  # default <lake>/_models/isolation-forest.npz
     min_score: float = 0.65  # anomaly score in [0, 1] (0.5 = ordinary) above which an alert is raised
     max_alerts: int = 10  # the top N (host, window)s at most
     top_features: int = 3

@@ -9,8 +9,11 @@ not a query: `tracepipe sql` cannot COPY, CREATE, DELETE, ATTACH or change setti
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -50,6 +53,13 @@ def quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def glob_literal(path: str) -> str:
+    """`path` as a DuckDB file pattern that matches only itself: read_parquet takes every name as a glob, so
+    `*`, `?` and `[` in a lake path (`/srv/lake[1]`) would match other files, even a planted `/srv/lake1`.
+    DuckDB's glob has no backslash escape; a one-character class (`[*]`, `[?]`, `[[]`) is the literal."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
+
+
 def _duck_type(arrow_type: pa.DataType) -> str:
     if pa.types.is_timestamp(arrow_type):
         return "TIMESTAMPTZ" if arrow_type.tz else "TIMESTAMP"
@@ -70,11 +80,11 @@ def empty_relation_sql(name: str) -> str:
 
 def scan_sql(name: str, paths: list[Path]) -> str:
     """read_parquet over the given files of a dataset (a file list taken from the table's log, never a glob:
-    files removed by compaction stay on disk for a while), hive `date` typed DATE; empty typed relation if
-    none. Every file of a table has the declared columns, so only the first footer is read at bind time."""
+    files removed by compaction stay on disk for a while; each name quoted and glob-escaped, so a lake path with
+    `'`, `*`, `?` or `[` reads exactly its own files), hive `date` typed DATE; empty typed relation if none. Every file of a table has the declared columns, so only the first footer is read at bind time."""
     if not paths:
         return empty_relation_sql(name)
-    files = "[" + ", ".join(quote_literal(str(p)) for p in paths) + "]"
+    files = "[" + ", ".join(quote_literal(glob_literal(str(p))) for p in paths) + "]"
     options = "union_by_name = false"
     if DATASETS[name].partition_ts is not None:
         options += ", hive_partitioning = true, hive_types = {'date': DATE}"
@@ -114,8 +124,10 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
     # see two versions (a commit in between: flows_attributed counted rows that flows did not hold)
     lake = lake.snapshot()
     flow_entries = lake.entries("flows")
+    files: list[Path] = []
     for name in DATASETS:
         paths = [e.path for e in flow_entries] if name == "flows" else lake.files(name)
+        files += paths
         con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {scan_sql(name, paths)}')
     done, todo = flow_halves(lake, flow_entries)
     con.execute(f"CREATE OR REPLACE VIEW _flows_done AS {scan_sql('flows', done)}")
@@ -123,11 +135,21 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
     con.execute(sql_text("views"))
     if read_only:
         # Defence in depth under the statement check: the session reads the lake (and its spill directory)
-        # and nothing else, and a query cannot switch that back on.
-        spill = Path(tempfile.gettempdir()) / "tracepipe-duckdb"
+        # and nothing else, and a query cannot switch that back on. The spill directory is this session's
+        # own, new and 0700 (mkdtemp): a fixed name under the shared temp dir could be a symlink someone
+        # planted (issue #12), which would have put whatever it points to on the allowed list.
+        spill = Path(tempfile.mkdtemp(prefix="tracepipe-duckdb-")).resolve()
+        # removed when the session is garbage (who, timeline: right after close) or at exit
+        weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)
         con.execute(f"SET temp_directory = {quote_literal(str(spill))}")
         allowed = "[" + ", ".join(quote_literal(str(p)) for p in (lake.root.resolve(), spill)) + "]"
         con.execute(f"SET allowed_directories = {allowed}")
+        # DuckDB checks the name it is given, here the glob-escaped one (scan_sql) when the lake's path has
+        # `*?[`: each such file name is allowed as it is written, not its escaped directory (a sibling directory
+        # literally named `lake[[]1]` would have become readable, as a name no glob matches is read as is)
+        escaped = [glob_literal(str(p)) for p in files if glob_literal(str(p)) != str(p)]
+        if escaped:
+            con.execute(f"SET allowed_paths = [{', '.join(quote_literal(p) for p in escaped)}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
@@ -438,11 +460,11 @@ def _vm_flows_per_hour(
 EXPORT_FORMATS = ("csv", "json", "parquet")
 
 
-def check_output(fmt: str, output: Path | None, lake_root: Path) -> None:
+def check_output(fmt: str, output: Path | None, lake_root: Path, force: bool = False) -> None:
     """Refuse (UsageError) an export that could not be written or must not be: parquet without a file, a
-    table into a file (the table is for a terminal), and any file inside the lake — a typing mistake or a path
-    someone planted (a symlink into the lake) must never overwrite the lake's files. Both paths are resolved
-    (symlinks followed) before they are compared."""
+    table into a file (the table is for a terminal), any file inside the lake — a typing mistake or a path
+    someone planted (a symlink into the lake) must never overwrite the lake's files; both paths are resolved
+    (symlinks followed) before they are compared — and, without `force`, a file (or symlink) already there."""
     if fmt not in (*EXPORT_FORMATS, "table"):
         raise UsageError(f"unknown format {fmt!r}: table, csv, json or parquet")
     if output is None:
@@ -460,10 +482,14 @@ def check_output(fmt: str, output: Path | None, lake_root: Path) -> None:
             f"--output {output} is inside the lake ({lake}); tracepipe sql never writes there: "
             "choose a file outside the lake directory"
         )
+    if not force and os.path.lexists(output):
+        raise UsageError(
+            f"--output {output} already exists; add --force to replace it, or choose another file"
+        )
 
 
 def export_result(
-    relation: duckdb.DuckDBPyRelation, fmt: str, output: Path | None, lake_root: Path
+    relation: duckdb.DuckDBPyRelation, fmt: str, output: Path | None, lake_root: Path, force: bool = False
 ) -> str | None:
     """A query result as csv or json text: returned when `output` is None, else written to `output` (a user's
     file outside the lake, see check_output) through fsutil.replacing — a reader of `output` sees the old file
@@ -471,7 +497,7 @@ def export_result(
     Written with pyarrow, because the session itself may not write files."""
     from tracepipe.fsutil import replacing
 
-    check_output(fmt, output, lake_root)
+    check_output(fmt, output, lake_root, force)
     table = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
     text: str | None = None
     if fmt == "csv":

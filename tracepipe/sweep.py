@@ -185,10 +185,13 @@ def count_flows(lake: Lake, since: dt.datetime, until: dt.datetime) -> int:
 
 
 def known_alert_ids(lake: Lake, ids: list[str]) -> set[str]:
-    if not ids or not lake.files("alerts"):
+    files = lake.files("alerts")
+    if not ids or not files:
         return set()
+    # the log's files, not a glob of the folder: compacted-away files are still on disk, and a `*`, `?` or `[`
+    # in the lake's path would be read as a pattern
     frame = (
-        pl.scan_parquet(str(lake.root / "alerts" / "*" / "*.parquet"), hive_partitioning=True)
+        pl.scan_parquet([str(p) for p in files], hive_partitioning=False, glob=False)
         .select("alert_id")
         .filter(pl.col("alert_id").is_in(ids))
         .collect()

@@ -127,10 +127,11 @@ def run_sql(
     spark_conf: Mapping[str, str] | None = None,
 ) -> pa.Table:
     """One query on a freshly opened engine: what `tracepipe sql --engine ...` calls."""
-    if engine == "spark":  # refuse a non-query before paying for a JVM
-        from tracepipe.engines.dialect import check_queries, parse_duckdb
+    if engine == "spark":  # refuse what the allowlist does not hold before paying for a JVM
+        from tracepipe.engines.allowlist import check_allowed
+        from tracepipe.engines.dialect import parse_duckdb
 
-        check_queries(parse_duckdb(sql))
+        check_allowed(parse_duckdb(sql))
     with engine_session(lake, engine, spark_master=spark_master, spark_conf=spark_conf) as opened:
         return opened.query(sql, params)
 
