@@ -323,7 +323,11 @@ def ingest_syslog_command(
     ],
     year: Annotated[
         int | None,
-        typer.Option(help="Year of RFC 3164 lines (they carry none); default: the file's modification time."),
+        typer.Option(
+            help="Year of RFC 3164 lines (they carry none), 1970-2199; default: the file's modification time.",
+            min=1970,
+            max=2199,
+        ),
     ] = None,
     sender_addr: Annotated[
         str | None,
