@@ -374,11 +374,15 @@ class SqlFormat(StrEnum):
     parquet = "parquet"
 
 
-def _print_relation(p: Printer, relation: Any, max_rows: int = 1000, title: str | None = None) -> None:
+def _print_relation(
+    p: Printer, relation: Any, root: Path, max_rows: int = 1000, title: str | None = None
+) -> None:
     """A DuckDB result as a table on stdout (first max_rows rows)."""
+    from tracepipe.query import fetch_rows
+
     if relation is None:
         return
-    rows = relation.limit(max_rows + 1).fetchall()
+    rows = fetch_rows(relation, max_rows + 1, root)
     p.table(rows[:max_rows], relation.columns, title)
     if len(rows) > max_rows:
         p.note(f"(first {max_rows} rows shown; use --max-rows, or --format csv/json/parquet for all)")
@@ -448,7 +452,11 @@ def sql_command(
     if shell:
         q.shell(
             snapshot,
-            lambda r: p.error(str(r)) if isinstance(r, Exception) else _print_relation(p, r, max_rows),
+            lambda r: (
+                p.error(str(r))
+                if isinstance(r, Exception)
+                else _print_relation(p, r, snapshot.root, max_rows)
+            ),
         )
         return
     relation = engines.query_lake(
@@ -461,7 +469,7 @@ def sql_command(
     if relation is None:
         return
     if fmt == SqlFormat.table:
-        _print_relation(p, relation, max_rows)
+        _print_relation(p, relation, snapshot.root, max_rows)
         return
     text = q.export_result(relation, fmt.value, output, snapshot.root)
     if text is not None:
@@ -720,6 +728,32 @@ def vacuum_command(
         for name, deleted in result["deleted"].items():
             p.line(f"{name}: {deleted} files deleted")
     raise typer.Exit(result["exit_code"])
+
+
+@app.command("repair")
+def repair_command(
+    ctx: typer.Context,
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Take damaged files out of the lake: files a table's log lists that are missing, truncated, replaced
+    or not Parquet (every query fails on them) are moved to LAKE/_damaged/ (kept as evidence) and removed
+    from the log in one commit per table. Their rows leave the lake. Safe to run twice.
+
+    Example: tracepipe repair --lake /srv/lake
+    """
+    p: Printer = ctx.obj
+    target = open_lake(lake)
+    target.require()
+    moved = target.repair()
+    if output == OutputFormat.json:
+        p.json({"moved": moved, "exit_code": 0})
+    elif not moved:
+        p.line("no damaged file: every file the logs list is there, of its size, and reads as Parquet")
+    for name, files in moved.items():
+        for relative in files:
+            p.line(f"{name}: {relative} moved to {target.root / '_damaged' / name / relative}")
+    raise typer.Exit(0)
 
 
 @app.command("upgrade")

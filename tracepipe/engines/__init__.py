@@ -154,13 +154,20 @@ def engine_relation(
 def read_sql(query: str | None, file: Path | None, stdin: TextIO) -> str:
     """The SQL of `tracepipe sql`: from `file`, from stdin (query '-', or no query and stdin is not a
     terminal), else the query argument itself."""
-    if file is not None:
-        try:
-            return Path(file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot read {file}: {exc.strerror or exc}") from exc
-    if query == "-" or (query is None and not stdin.isatty()):
-        return stdin.read()
+    try:
+        if file is not None:
+            try:
+                return Path(file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise UsageError(f"cannot read {file}: {exc.strerror or exc}") from exc
+        if query == "-" or (query is None and not stdin.isatty()):
+            return stdin.read()
+    except UnicodeDecodeError as exc:
+        where = file if file is not None else "stdin"
+        raise UsageError(
+            f"the SQL from {where} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); save it as UTF-8"
+        ) from exc
     if query is not None:
         return query
     raise UsageError("give a query, -f FILE, '-' for stdin, or --shell")
@@ -179,5 +186,6 @@ def query_lake(
     if engine == "duckdb":
         from tracepipe import query
 
-        return query.run_read_only(query.connect(lake), sql)
+        lake.require()
+        return query.run_read_only(query.connect(lake), sql, lake.root)
     return engine_relation(lake, sql, engine, spark_master=spark_master, spark_conf=spark_conf)
