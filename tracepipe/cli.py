@@ -748,7 +748,8 @@ def repair_command(
     moved = target.repair()
     if output == OutputFormat.json:
         p.json({"moved": moved, "exit_code": 0})
-    elif not moved:
+        raise typer.Exit(0)
+    if not moved:
         p.line("no damaged file: every file the logs list is there, of its size, and reads as Parquet")
     for name, files in moved.items():
         for relative in files:

@@ -618,7 +618,8 @@ def shell(lake: Lake, show: Any, read_line: Any = input) -> None:
     except ImportError:
         pass
     lake.require()
-    con = connect(lake)
+    with reading(lake.root):
+        con = connect(lake)
     buffer: list[str] = []
     try:
         while True:

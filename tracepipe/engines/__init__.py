@@ -153,24 +153,29 @@ def engine_relation(
 
 def read_sql(query: str | None, file: Path | None, stdin: TextIO) -> str:
     """The SQL of `tracepipe sql`: from `file`, from stdin (query '-', or no query and stdin is not a
-    terminal), else the query argument itself."""
+    terminal), else the query argument itself. UsageError for text that is not UTF-8 (stdin and argv come
+    with undecodable bytes as surrogates, which DuckDB refuses with a TypeError)."""
+    where = "the query argument"
     try:
         if file is not None:
+            where = str(file)
             try:
-                return Path(file).read_text(encoding="utf-8")
+                text = Path(file).read_text(encoding="utf-8")
             except OSError as exc:
                 raise UsageError(f"cannot read {file}: {exc.strerror or exc}") from exc
-        if query == "-" or (query is None and not stdin.isatty()):
-            return stdin.read()
-    except UnicodeDecodeError as exc:
-        where = file if file is not None else "stdin"
+        elif query == "-" or (query is None and not stdin.isatty()):
+            where = "stdin"
+            text = stdin.read()
+        elif query is not None:
+            text = query
+        else:
+            raise UsageError("give a query, -f FILE, '-' for stdin, or --shell")
+        text.encode("utf-8")
+    except UnicodeError as exc:
         raise UsageError(
-            f"the SQL from {where} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-            f"{exc.start}); save it as UTF-8"
+            f"the SQL from {where} is not UTF-8 text (at offset {exc.start}); save or type it as UTF-8"
         ) from exc
-    if query is not None:
-        return query
-    raise UsageError("give a query, -f FILE, '-' for stdin, or --shell")
+    return text
 
 
 def query_lake(
@@ -187,5 +192,7 @@ def query_lake(
         from tracepipe import query
 
         lake.require()
-        return query.run_read_only(query.connect(lake), sql, lake.root)
+        with query.reading(lake.root):  # the views read each table's first file: it may be damaged
+            con = query.connect(lake)
+        return query.run_read_only(con, sql, lake.root)
     return engine_relation(lake, sql, engine, spark_master=spark_master, spark_conf=spark_conf)
