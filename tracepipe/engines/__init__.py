@@ -187,11 +187,11 @@ def query_lake(
     spark_conf: Mapping[str, str] | None = None,
 ) -> Any:
     """Read-only SQL over the lake's views on `engine`, as a DuckDB relation (None when the last statement
-    returns no rows): what `tracepipe sql` prints or exports."""
+    returns no rows): what `tracepipe sql` prints or exports. LakeError when `lake` is no lake."""
+    lake.require()
     if engine == "duckdb":
         from tracepipe import query
 
-        lake.require()
         with query.reading(lake.root):  # the views read each table's first file: it may be damaged
             con = query.connect(lake)
         return query.run_read_only(con, sql, lake.root)
