@@ -19,6 +19,9 @@ from tracepipe.errors import EXIT_FAILED, TracepipeError
 from tracepipe.lake import DEFAULT_LAKE, Lake
 from tracepipe.printer import Printer
 
+# click's exception base (typer >= 0.22 vendors click as typer._click): found from a public subclass
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
 EXIT_CODES_HELP = (
     "Exit codes: 0 done; 1 new alerts found (sweep); 2 usage error; "
     "3 partial: some input rejected, the rest landed; 4 failed: nothing landed or environment wrong."
@@ -27,7 +30,22 @@ EXIT_CODES_HELP = (
 
 class _Tracepipe(TyperGroup):
     """Turns a TracepipeError into one red line and its exit code, anything else unexpected into "internal
-    error" and 4; --debug (the Printer in the context) adds the traceback. click's usage errors pass (2)."""
+    error" and 4; --debug (the Printer in the context) adds the traceback. click's usage errors (2) are
+    printed through the Printer too: they quote what was typed (`No such command '[/x]'`), and typer's own
+    error panel would send the control and bidi characters of an argument to the terminal."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except ClickException as exc:
+            _usage_error(exc)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            Printer().error("aborted", label="")
+            sys.exit(EXIT_FAILED)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
@@ -46,6 +64,19 @@ class _Tracepipe(TyperGroup):
                 printer.err.print_exception()
             printer.error(f"{exc!r} (rerun with --debug for the traceback)", label="internal error:")
             ctx.exit(EXIT_FAILED)
+
+
+def _usage_error(exc: Any) -> None:
+    """click's usage error as `main` prints it (usage line, how to get help, the error), cleaned."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # the help text was printed already
+        return
+    printer = Printer()
+    context = getattr(exc, "ctx", None)
+    if context is not None:
+        printer.note(context.get_usage())
+        if context.command.get_help_option(context) is not None:
+            printer.note(f"Try '{context.command_path} {context.help_option_names[0]}' for help.")
+    printer.error(exc.format_message())
 
 
 app = typer.Typer(
@@ -109,20 +140,13 @@ def ingest_netflow_command(
 
     Example: tracepipe ingest netflow /var/captures/netflow-*.pcap --lake /srv/lake
     """
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+    from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
 
     from tracepipe.ingest.flows import ingest_flow_files
 
     p: Printer = ctx.obj
     total = sum(p.stat().st_size for p in paths if p.is_file())
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        console=p.err,
-        transient=True,
-    ) as bar:
+    with p.progress(BarColumn(), DownloadColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task("ingest netflow", total=total)
         summary = ingest_flow_files(open_lake(lake), paths, progress=lambda n: bar.advance(task, n))
     if output == OutputFormat.json:
@@ -274,7 +298,7 @@ def ingest_vm_command(
 
     p: Printer = ctx.obj
     interval = parse_duration(reclaim_interval) if reclaim_interval else None
-    with p.err.status("ingest vm") as status:
+    with p.status("ingest vm") as status:
         report = ingest_vm_files(
             open_lake(lake),
             paths,
@@ -282,7 +306,7 @@ def ingest_vm_command(
             cloud=cloud,
             reclaim_interval=interval,
             tz=tz,
-            progress=lambda step: status.update(f"ingest vm: {step}"),
+            progress=lambda step: status(f"ingest vm: {step}"),
         )
     _print_vm_report(p, report, output, "vm lifecycle sources", lake)
 
@@ -299,7 +323,11 @@ def ingest_syslog_command(
     ],
     year: Annotated[
         int | None,
-        typer.Option(help="Year of RFC 3164 lines (they carry none); default: the file's modification time."),
+        typer.Option(
+            help="Year of RFC 3164 lines (they carry none), 1970-2199; default: the file's modification time.",
+            min=1970,
+            max=2199,
+        ),
     ] = None,
     sender_addr: Annotated[
         str | None,
@@ -324,14 +352,14 @@ def ingest_syslog_command(
     from tracepipe.units import parse_addr
 
     p: Printer = ctx.obj
-    with p.err.status("ingest syslog") as status:
+    with p.status("ingest syslog") as status:
         report = ingest_syslog_files(
             open_lake(lake),
             paths,
             year=year,
             sender_addr=parse_addr(sender_addr) if sender_addr is not None else None,
             tz=tz,
-            progress=lambda step: status.update(f"ingest syslog: {step}"),
+            progress=lambda step: status(f"ingest syslog: {step}"),
         )
     _print_vm_report(p, report, output, "syslog sources", lake)
 
@@ -346,11 +374,15 @@ class SqlFormat(StrEnum):
     parquet = "parquet"
 
 
-def _print_relation(p: Printer, relation: Any, max_rows: int = 1000, title: str | None = None) -> None:
+def _print_relation(
+    p: Printer, relation: Any, root: Path, max_rows: int = 1000, title: str | None = None
+) -> None:
     """A DuckDB result as a table on stdout (first max_rows rows)."""
+    from tracepipe.query import fetch_rows
+
     if relation is None:
         return
-    rows = relation.limit(max_rows + 1).fetchall()
+    rows = fetch_rows(relation, max_rows + 1, root)
     p.table(rows[:max_rows], relation.columns, title)
     if len(rows) > max_rows:
         p.note(f"(first {max_rows} rows shown; use --max-rows, or --format csv/json/parquet for all)")
@@ -378,7 +410,7 @@ def sql_command(
         bool, typer.Option("--force", help="Replace the --output file if it exists (refused otherwise).")
     ] = False,
     shell: Annotated[bool, typer.Option("--shell", help="Interactive session with the same views.")] = False,
-    max_rows: Annotated[int, typer.Option("--max-rows", help="Rows shown by --format table.")] = 1000,
+    max_rows: Annotated[int, typer.Option("--max-rows", help="Rows shown by --format table.", min=1)] = 1000,
     lake: LakeOption = Path(DEFAULT_LAKE),
     engine: Annotated[
         str,
@@ -423,7 +455,11 @@ def sql_command(
     if shell:
         q.shell(
             snapshot,
-            lambda r: p.error(str(r)) if isinstance(r, Exception) else _print_relation(p, r, max_rows),
+            lambda r: (
+                p.error(str(r))
+                if isinstance(r, Exception)
+                else _print_relation(p, r, snapshot.root, max_rows)
+            ),
         )
         return
     relation = engines.query_lake(
@@ -436,7 +472,7 @@ def sql_command(
     if relation is None:
         return
     if fmt == SqlFormat.table:
-        _print_relation(p, relation, max_rows)
+        _print_relation(p, relation, snapshot.root, max_rows)
         return
     text = q.export_result(relation, fmt.value, output, snapshot.root, force)
     if text is not None:
@@ -517,7 +553,9 @@ def timeline_command(
     vm: Annotated[
         str, typer.Argument(help="vm_id, or a VM name that only one VM carries.", show_default=False)
     ],
-    limit: Annotated[int, typer.Option("--limit", help="At most this many rows per section.")] = 200,
+    limit: Annotated[
+        int, typer.Option("--limit", help="At most this many rows per section (1 or more).", min=1)
+    ] = 200,
     output: FormatOption = OutputFormat.table,
     lake: LakeOption = Path(DEFAULT_LAKE),
 ) -> None:
@@ -565,20 +603,14 @@ def attribute_command(
 
     Example: tracepipe attribute --day 2024-03-12 --day 2024-03-13
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress
+    from rich.progress import BarColumn, MofNCompleteColumn
 
     from tracepipe.attribution import attribute_lake
     from tracepipe.units import parse_date
 
     p: Printer = ctx.obj
     days = [parse_date(text).isoformat() for text in day or []]
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=p.err,
-        transient=True,
-    ) as bar:
+    with p.progress(BarColumn(), MofNCompleteColumn()) as bar:
         task = bar.add_task("attribute flows", total=None)
         result = attribute_lake(
             open_lake(lake),
@@ -699,6 +731,33 @@ def vacuum_command(
         for name, deleted in result["deleted"].items():
             p.line(f"{name}: {deleted} files deleted")
     raise typer.Exit(result["exit_code"])
+
+
+@app.command("repair")
+def repair_command(
+    ctx: typer.Context,
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Take damaged files out of the lake: files a table's log lists that are missing, truncated, replaced
+    or not Parquet (every query fails on them) are moved to LAKE/_damaged/ (kept as evidence) and removed
+    from the log in one commit per table. Their rows leave the lake. Safe to run twice.
+
+    Example: tracepipe repair --lake /srv/lake
+    """
+    p: Printer = ctx.obj
+    target = open_lake(lake)
+    target.require()
+    moved = target.repair()
+    if output == OutputFormat.json:
+        p.json({"moved": moved, "exit_code": 0})
+        raise typer.Exit(0)
+    if not moved:
+        p.line("no damaged file: every file the logs list is there, of its size, and reads as Parquet")
+    for name, files in moved.items():
+        for relative in files:
+            p.line(f"{name}: {relative} moved to {target.root / '_damaged' / name / relative}")
+    raise typer.Exit(0)
 
 
 @app.command("upgrade")
@@ -878,14 +937,14 @@ def sweep_command(
     from tracepipe.units import parse_time
 
     p: Printer = ctx.obj
-    with p.err.status("sweep") as status:
+    with p.status("sweep") as status:
         result = run_sweep(
             open_lake(lake),
             pipeline,
             parse_time(since) if since else None,
             parse_time(until) if until else None,
             engine=engine,
-            on_stage=lambda name: status.update(f"sweep: {name}"),
+            on_stage=lambda name: status(f"sweep: {name}"),
             spark_master=spark_master,
             spark_conf=parse_conf(spark_conf),
         )
@@ -933,7 +992,7 @@ def model_fit_command(
     from tracepipe.units import parse_time
 
     p: Printer = ctx.obj
-    with p.err.status("model fit"):
+    with p.status("model fit"):
         result = fit_pipeline(open_lake(lake), pipeline, parse_time(since), parse_time(until))
     if output_format == OutputFormat.json:
         p.json(result.to_dict())
@@ -949,7 +1008,7 @@ def model_score_command(
     ctx: typer.Context,
     since: Annotated[str, typer.Option("--since", help="Start of the windows to score.", show_default=False)],
     until: Annotated[str, typer.Option("--until", help="End (exclusive).", show_default=False)],
-    top: Annotated[int, typer.Option("--top", help="Show the N highest.")] = 20,
+    top: Annotated[int, typer.Option("--top", help="Show the N highest.", min=1)] = 20,
     pipeline: Annotated[
         Path | None,
         typer.Option(
@@ -969,7 +1028,7 @@ def model_score_command(
     from tracepipe.units import parse_time
 
     p: Printer = ctx.obj
-    with p.err.status("model score"):
+    with p.status("model score"):
         result = score_pipeline(open_lake(lake), pipeline, parse_time(since), parse_time(until), top)
     if output_format == OutputFormat.json:
         p.json(result.to_dict())
@@ -1077,8 +1136,8 @@ def demo_command(
     from tracepipe.demo import STORY_DIR, run_demo
 
     p: Printer = ctx.obj
-    with p.err.status("demo") as status:
-        result = run_demo(lake, story or STORY_DIR, progress=lambda step: status.update(f"demo: {step}"))
+    with p.status("demo") as status:
+        result = run_demo(lake, story or STORY_DIR, progress=lambda step: status(f"demo: {step}"))
     if output == OutputFormat.json:
         p.json(result.to_dict())
     else:
