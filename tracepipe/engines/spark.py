@@ -249,8 +249,17 @@ def read_files(spark: SparkSession, name: str, base: str, files: list[str] | Non
     if files is not None:
         if not files:
             return empty_frame(spark, name)
-        return reader.parquet(*files)
-    return reader.parquet(base)
+        return reader.parquet(*(hadoop_glob_literal(f) for f in files))
+    return reader.parquet(hadoop_glob_literal(base))
+
+
+def hadoop_glob_literal(path: str) -> str:
+    """`path` for Hadoop's globbing (every path spark.read takes is a pattern): its glob characters escaped
+    with a backslash, so a lake at `/srv/lake[1]` reads its own files, not those of a planted `/srv/lake1`."""
+    return _HADOOP_GLOB.sub(r"\\\1", path)
+
+
+_HADOOP_GLOB = re.compile(r"([\\{}\[\]*?])")
 
 
 def table_files(lake: Lake | str, name: str) -> list[str]:
