@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tracepipe import query
-from tracepipe.attribution import attribute_flows
+from tracepipe.correlate.attribution import attribute_flows
 from tracepipe.lake import Lake, ingest_table
 from tracepipe.schema import FLOWS, VM_LEASES, VMS
 

@@ -196,6 +196,9 @@ class _Replay:
         vm = self.vms.get(e["vm_id"])
         if vm is None:
             vm = self.vms[e["vm_id"]] = _Vm(e["vm_id"])
+            # fixed in the oracle (the first version missed it): a floating IP pointed at this VM through its
+            # port before the VM's first event is the VM's too, so that its delete ends it
+            vm.open = {a for a, i in self.open_by_addr.items() if self.leases[i]["vm_id"] == vm.vm_id}
         return vm
 
     def _move(self, vm: _Vm, hypervisor: str, ts: int) -> None:

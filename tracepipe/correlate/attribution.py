@@ -1,14 +1,14 @@
-"""Flow attribution: give both ends of every flow the VM whose lease was valid at `ts_start`.
+"""Attribution: give flows and VM log lines the VM whose lease held their address then (lease_at.py).
 
-`attribute_flows(lake, days)` rewrites the flow files of those UTC days (all days if None) through
-Lake.rewrite (one commit per day, streamed one row group at a time), with vectorised lease look-ups
-(LeaseIndex): `src_vm`/`dst_vm` = vm_id of the lease on that address with valid_from <= ts_start < valid_to
-(open leases: valid_to null), and `attributed_at` set. Every other column stays as it was; rerunning gives the
-same rows (idempotent). The log's null count of attributed_at tells `flows_attributed` which files to trust
-(a null src_vm there means "nobody held the address") and which to join at query time.
-
-Run it when flows land (ingest does) and for the days a late or changed lifecycle event touches
-(`leases.rebuild_leases` returns them; `ingest vm` does).
+`correlate(lake, days)` is what runs after ingest (the CLI, the collector's committer and sweeps call it;
+ingest itself never does): it brings vm_leases/vms up to the events landed (incrementally, leases.py), then
+rewrites the flow and vm_logs files of the days whose leases changed plus the days ingest touched.
+`attribute_flows(lake, days)` rewrites flow files through Lake.rewrite (one commit per day, streamed one row
+group at a time): `src_vm`/`dst_vm` = vm_id of the lease valid at ts_start, and `attributed_at` set; every
+other column stays as it was, rerunning gives the same rows. The log's null count of attributed_at tells
+`flows_attributed` which files to trust (a null src_vm there means "nobody held the address") and which to
+join at query time. A failure of any of this is an AttributionError (exit code 5): the input has landed and
+`tracepipe attribute` (or `tracepipe leases rebuild`) finishes the job.
 """
 
 from __future__ import annotations
@@ -20,62 +20,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from tracepipe.errors import EXIT_OK, LakeError
-from tracepipe.lake import Lake
+from tracepipe.correlate.lease_at import LeaseIndex, lease_index, read_leases
+from tracepipe.correlate.leases import LeaseUpdate, refresh_leases
+from tracepipe.errors import EXIT_ATTRIBUTION, EXIT_OK, AttributionError, LakeError, TracepipeError
+from tracepipe.lake import Lake, conform
+from tracepipe.schema import VM_LOGS
 
-BATCH_ROWS = 1_000_000
-_NEVER = np.iinfo(np.int64).max  # valid_to of a lease still held
-
-
-class LeaseIndex:
-    """The leases of vm_leases, indexed so that "which lease was valid for (addr, ts)" is a few vectorised
-    numpy searches per batch of flows, no per-row Python.
-
-    Leases do not overlap per address, so the answer is the last lease of that address that started at or
-    before ts, if it had not ended yet. To search on (address, start) with one sorted int64 key, times are
-    replaced by their rank among all lease starts (rank(start) <= rank(ts) exactly when start <= ts), which
-    keeps the key small (addresses x leases) whatever the time span.
-    """
-
-    def __init__(self, leases: pa.Table) -> None:
-        self.addrs = pc.unique(leases["addr"].combine_chunks())
-        addr_id = pc.index_in(leases["addr"], value_set=self.addrs).to_numpy().astype(np.int64)
-        valid_from = _micros(leases["valid_from"], fill=0)
-        valid_to = _micros(leases["valid_to"], fill=_NEVER)
-        self.starts = np.sort(valid_from)
-        self.stride = len(valid_from) + 1
-        key = addr_id * self.stride + np.searchsorted(self.starts, valid_from, side="right")
-        order = np.argsort(key, kind="stable")
-        self.keys = key[order]
-        self.addr_id = addr_id[order]
-        self.valid_to = valid_to[order]
-        self.vm_id = leases["vm_id"].combine_chunks().take(pa.array(order))
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def lookup(self, addr: pa.Array | pa.ChunkedArray, ts: pa.Array | pa.ChunkedArray) -> pa.Array:
-        """vm_id of the lease valid for each (addr, ts) pair; null where nobody held the address."""
-        if len(self.keys) == 0:
-            return pa.nulls(len(addr), pa.string())
-        aid = pc.fill_null(pc.index_in(addr, value_set=self.addrs), -1).to_numpy().astype(np.int64)
-        when = _micros(ts, fill=0)
-        key = aid * self.stride + np.searchsorted(self.starts, when, side="right")
-        idx = np.searchsorted(self.keys, key, side="right") - 1
-        safe = np.where(idx >= 0, idx, 0)
-        held = (aid >= 0) & (idx >= 0) & (self.addr_id[safe] == aid) & (when < self.valid_to[safe])
-        return self.vm_id.take(pa.array(safe, mask=~held))
-
-
-def _micros(column: pa.Array | pa.ChunkedArray, fill: int) -> np.ndarray:
-    """A timestamp column as int64 microseconds, nulls replaced by `fill`."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    values = column.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
-    return pc.fill_null(values, fill).to_numpy()
+__all__ = [
+    "AttributionResult",
+    "CorrelationResult",
+    "LeaseIndex",
+    "attribute_flows",
+    "attribute_lake",
+    "attribute_logs",
+    "attribute_table",
+    "correlate",
+    "days_left_to_attribute",
+    "lease_index",
+    "reattribute_logs",
+]
 
 
 def attribute_table(
@@ -83,8 +49,8 @@ def attribute_table(
 ) -> pa.Table | pa.RecordBatch:
     """`flows` with src_vm / dst_vm set from the lease index and attributed_at = `when` (default now); every
     other column untouched."""
-    src = index.lookup(flows.column("src_addr"), flows.column("ts_start"))
-    dst = index.lookup(flows.column("dst_addr"), flows.column("ts_start"))
+    src = index.lookup(flows.column("src_addr"), flows.column("ts_start")).column("vm_id").combine_chunks()
+    dst = index.lookup(flows.column("dst_addr"), flows.column("ts_start")).column("vm_id").combine_chunks()
     stamp = pa.array([when or dt.datetime.now(dt.UTC)], pa.timestamp("us", tz="UTC")).take(
         pa.array(np.zeros(len(flows), np.int32))
     )
@@ -95,11 +61,6 @@ def attribute_table(
         else:
             flows = flows.append_column(name, values)
     return flows
-
-
-def lease_index(lake: Lake) -> LeaseIndex:
-    """The current vm_leases as a LeaseIndex."""
-    return LeaseIndex(lake.read("vm_leases", columns=["addr", "vm_id", "valid_from", "valid_to"]))
 
 
 def attribute_flows(
@@ -150,11 +111,158 @@ def attribute_flows(
     return summary
 
 
+def attribute_logs(logs: pa.Table, leases: pa.Table) -> pa.Table:
+    """(Re)set vm_id of VM log lines: the VM whose lease held `sender_addr` at the line's time (lease_at);
+    lines without a sender address go by hostname (or its first label) = vm_name among the VMs holding a
+    lease then, when exactly one does; else null."""
+    if logs.num_rows == 0 or leases.num_rows == 0:
+        return logs.set_column(
+            logs.schema.get_field_index("vm_id"), "vm_id", pa.nulls(logs.num_rows, pa.string())
+        )
+    by_addr = LeaseIndex(leases).lookup(logs.column("sender_addr"), logs.column("ts")).column("vm_id")
+    frame = pl.from_arrow(logs).with_row_index("_row").with_columns(pl.Series("_by_addr", by_addr))
+    lease = pl.from_arrow(leases.select(["vm_id", "vm_name", "valid_from", "valid_to"]))
+    assert isinstance(frame, pl.DataFrame) and isinstance(lease, pl.DataFrame)
+    # by name: a VM's span from its first lease to its last (its name may move to another VM after)
+    spans = (
+        lease.filter(pl.col("vm_name").is_not_null())
+        .group_by("vm_name", "vm_id")
+        .agg(
+            pl.col("valid_from").min(),
+            pl.col("valid_to").max(),
+            pl.col("valid_to").is_null().any().alias("_open"),
+        )
+    )
+    named = frame.filter(pl.col("sender_addr").is_null() & pl.col("hostname").is_not_null()).select(
+        "_row", "ts", pl.col("hostname").str.split(".").list.first().alias("_short"), "hostname"
+    )
+    candidates = pl.concat(
+        [
+            named.join(spans, left_on="hostname", right_on="vm_name"),
+            named.filter(pl.col("_short") != pl.col("hostname")).join(
+                spans, left_on="_short", right_on="vm_name"
+            ),
+        ],
+        how="diagonal_relaxed",
+    )
+    by_name = (
+        candidates.filter(
+            (pl.col("ts") >= pl.col("valid_from")) & (pl.col("_open") | (pl.col("ts") < pl.col("valid_to")))
+        )
+        .group_by("_row")
+        .agg(pl.col("vm_id").unique().alias("_ids"))
+        .filter(pl.col("_ids").list.len() == 1)  # two VMs of that name alive then: do not guess
+        .select("_row", pl.col("_ids").list.first().alias("_by_name"))
+    )
+    frame = (
+        frame.join(by_name, on="_row", how="left")
+        .with_columns(pl.coalesce("_by_addr", "_by_name").alias("vm_id"))
+        .sort("_row")
+    )
+    return frame.select([f.name for f in VM_LOGS]).to_arrow().cast(VM_LOGS)
+
+
+def reattribute_logs(lake: Lake, days: Iterable[str]) -> tuple[int, int]:
+    """Re-set vm_id of the vm_logs lines of `days` from the current leases, one commit per day. Returns
+    (files rewritten, lines attributed to a VM)."""
+    days = sorted(set(days))
+    if not days or not lake.files("vm_logs", days):
+        return 0, 0
+    leases = read_leases(lake, columns=["addr", "vm_id", "vm_name", "valid_from", "valid_to"])
+    attributed = 0
+
+    def again(batch: pa.RecordBatch) -> pa.Table:
+        nonlocal attributed
+        table = attribute_logs(conform(pa.Table.from_batches([batch]), VM_LOGS), leases)
+        attributed += table.num_rows - table.column("vm_id").null_count
+        return table
+
+    files = lake.rewrite("vm_logs", days, again, info={"operation": "attribute logs"})["files_removed"]
+    return files, attributed
+
+
+ATTRIBUTION_HISTORY = 300  # flows commits searched for the re-attribution of the last lease update
+
+
+def days_left_to_attribute(lake: Lake) -> set[str]:
+    """The days that the last lease update changed and that no attribution with those leases has rewritten
+    since (or not within the last ATTRIBUTION_HISTORY flows commits: then again, idempotent): what a run
+    killed between the lease commit and the re-attribution left to do."""
+    built = next(iter(lake.commit_infos("vm_leases")), {})
+    days = set(built.get("days", [])) & set(lake.days("flows"))
+    if not days:
+        return days
+    for info in lake.commit_infos("flows", ATTRIBUTION_HISTORY):
+        if info.get("operation") == "attribute" and info.get("leases_version") == built["version"]:
+            days.discard(info.get("day"))
+    return days
+
+
+@dataclass
+class CorrelationResult:
+    """What correlation did after ingest: the lease update (full or incremental), the days re-attributed,
+    flows and VM log lines attributed. `error` and exit code 5 when it failed (what landed stays landed)."""
+
+    leases: dict[str, Any] = field(default_factory=dict)
+    days: list[str] = field(default_factory=list)
+    flows: dict[str, Any] | None = None
+    logs_files: int = 0
+    logs_attributed: int | None = None
+    lease_rows: int = 0
+    vms: int = 0
+    error: str | None = None
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def correlate(
+    lake: Lake,
+    days: Iterable[str] = (),
+    log_days: Iterable[str] = (),
+    reclaim_interval: dt.timedelta | None = None,
+    full: bool = False,
+) -> CorrelationResult:
+    """After ingest: update the leases from the events landed since they were built, then attribute the flows
+    of `days` and the VM log lines of `log_days` (what ingest touched) and of every day whose leases changed.
+    Never raises for a failure of its own: the result carries it (exit code 5) so that the caller still
+    reports what landed; environment errors (TracepipeError) keep their own code."""
+    result = CorrelationResult()
+    try:
+        update: LeaseUpdate = (
+            refresh_leases(lake, reclaim_interval, full=full) if lake.files("vm_events") else LeaseUpdate()
+        )
+        result.leases = update.to_dict()
+        changed = update.days | days_left_to_attribute(lake)
+        flow_days = (changed | set(days)) & set(lake.days("flows"))
+        if flow_days and lake.files("vm_leases"):
+            result.flows = attribute_flows(lake, flow_days)
+        logs = (changed | set(log_days)) & set(lake.days("vm_logs"))
+        if logs:
+            result.logs_files, result.logs_attributed = reattribute_logs(lake, logs)
+        result.days = sorted(flow_days | logs)
+        result.lease_rows = sum(e.rows for e in lake.entries("vm_leases"))
+        result.vms = sum(e.rows for e in lake.entries("vms"))
+    except TracepipeError as exc:
+        result.error = str(exc)
+        result.exit_code = exc.exit_code if not isinstance(exc, LakeError) else EXIT_ATTRIBUTION
+    except Exception as exc:  # a bug or a planted file: report it with its own exit code, never swallow it
+        result.error = f"{type(exc).__name__}: {exc}"
+        result.exit_code = EXIT_ATTRIBUTION
+    if result.error:
+        result.error = (
+            f"attribution failed: {result.error}. What was ingested has landed; finish with "
+            f"`tracepipe leases rebuild --lake {lake.root}` (it rebuilds the leases and attributes every day)"
+        )
+    return result
+
+
 @dataclass
 class AttributionResult:
     """What `tracepipe attribute` did. Exit code 0 also when the days hold no flows (rows 0: nothing to do is
     an answer); a day that does not parse is a UsageError (2); no lake, or one that cannot be rewritten, a
-    LakeError (4)."""
+    LakeError (4); a failure of attribution itself an AttributionError (5)."""
 
     days: list[str] = field(default_factory=list)
     files: int = 0
@@ -178,4 +286,12 @@ def attribute_lake(
     reporting 0 flows, and returns a result object (what ingest and upgrade embed is the plain summary)."""
     if not lake.root.is_dir():
         raise LakeError(f"no lake at {lake.root}; pass --lake or set TRACEPIPE_LAKE")
-    return AttributionResult(**attribute_flows(lake, days, progress))
+    try:
+        return AttributionResult(**attribute_flows(lake, days, progress))
+    except TracepipeError:
+        raise
+    except Exception as exc:
+        raise AttributionError(
+            f"attribution failed: {type(exc).__name__}: {exc}. Rebuild the leases with "
+            f"`tracepipe leases rebuild --lake {lake.root}`, then run this again"
+        ) from exc

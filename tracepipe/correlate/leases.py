@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tracepipe.fsutil import write_atomic
+from tracepipe.lake import conform
 from tracepipe.schema import VM_EVENTS, VM_LEASES, VMS
 
 SETTINGS_FILE = "_settings/leases.json"
@@ -602,7 +606,7 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
         "project",
         "user",
         "cloud",
-        pl.col("status").alias("vm_status"),
+        pl.col("status").fill_null("unknown").alias("vm_status"),  # as vms says it
         "quarantine_until",
     )
     lease_frame = (
@@ -697,22 +701,387 @@ def changed_days(
     return days
 
 
+FILE_ROWS = 250_000  # leases/VMs per file, files cut by time: an update rewrites the few recent ones
+ROW_GROUP_ROWS = 32_768  # small row groups: `who` reads one address's rows through the addr statistics
+_TIME_OF = {"vm_leases": "valid_from", "vms": "created_at"}
+_VM_COLUMNS = ("vm_name", "project", "user", "cloud", "vm_status", "quarantine_until")
+
+
+@dataclass
+class LeaseUpdate:
+    """What a lease update did: `mode` full (every event replayed) or incremental (only the addresses and VMs
+    the new events touch), the UTC days whose attribution may have changed, and its size."""
+
+    mode: str = "none"
+    days: set[str] = field(default_factory=set)
+    events: int = 0  # events replayed
+    new_events: int = 0
+    addresses: int = 0  # addresses whose leases were recomputed (incremental)
+    vms: int = 0
+    reason: str = ""  # why a full rebuild (when incremental was asked)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(vars(self))
+        out["days"] = sorted(self.days)
+        return out
+
+
+def _chunks(table: pa.Table, name: str) -> list[pa.Table]:
+    """A derived table cut into files by time (valid_from / created_at), FILE_ROWS each."""
+    if table.num_rows == 0:
+        return []
+    table = table.sort_by([(_TIME_OF[name], "ascending")])
+    return [table.slice(i, FILE_ROWS) for i in range(0, table.num_rows, FILE_ROWS)]
+
+
+def _write_whole(lake: Any, name: str, table: pa.Table, info: dict[str, Any]) -> None:
+    with lake.lock(name):
+        lake.replace_files(name, lake.entries(name), _chunks(table, name), info, ROW_GROUP_ROWS)
+
+
 def rebuild_leases(lake: Any, reclaim_interval: dt.timedelta | None = None) -> set[str]:
-    """Rebuild vm_leases and vms from every vm_event in the lake; return the UTC days (among those with flows
-    or VM logs) whose attribution may change, for attribution.attribute_flows and ingest.vm.reattribute_logs."""
+    """Repair: rebuild vm_leases and vms from every vm_event in the lake (vectorised, > 1 M events/s); return
+    the UTC days (among those with flows or VM logs) whose attribution may change."""
+    return _full(lake, reclaim_interval).days
+
+
+def _full(lake: Any, reclaim_interval: dt.timedelta | None, reason: str = "") -> LeaseUpdate:
+    started = time.perf_counter()
     if reclaim_interval is not None:
         save_reclaim_interval(lake, reclaim_interval)
     else:
         reclaim_interval = load_reclaim_interval(lake)
-    old = lake.read("vm_leases")
+    old = lake.read("vm_leases", columns=["addr", "vm_id", "valid_from", "valid_to"])
     events_version = lake.version("vm_events")  # read before the events: never newer than what is built
-    leases, vms = build_leases(lake.read("vm_events"), reclaim_interval)
+    events = lake.read("vm_events")
+    leases, vms = build_leases(events, reclaim_interval)
     days = changed_days(old, leases, _partition_days(lake))
     # vm_leases last, recording what it was built from and the days it changed: a run killed before that
     # commit is redone by the next (events newer than the leases), one killed after it re-attributes the days
-    # that no attribution with these leases rewrote yet (ingest.vm.days_left_to_attribute)
-    lake.replace_dataset("vms", vms)
-    lake.replace_dataset(
-        "vm_leases", leases, info={"vm_events_version": events_version, "days": sorted(days)}
+    # that no attribution with these leases rewrote yet (attribution.days_left_to_attribute)
+    _write_whole(lake, "vms", vms, {})
+    _write_whole(lake, "vm_leases", leases, {"vm_events_version": events_version, "days": sorted(days)})
+    return LeaseUpdate(
+        "full", days, events.num_rows, reason=reason, seconds=round(time.perf_counter() - started, 3)
     )
-    return days
+
+
+def refresh_leases(
+    lake: Any, reclaim_interval: dt.timedelta | None = None, full: bool = False
+) -> LeaseUpdate:
+    """Bring vm_leases and vms up to the events in the lake: incrementally when they were built before
+    (only the addresses and VMs that the events landed since touch), else (or with `full`, or a changed
+    reclaim interval) a full rebuild. Nothing to do when no event landed since the last build."""
+    built = next(iter(lake.commit_infos("vm_leases")), {})
+    version = lake.version("vm_events")
+    changed_interval = reclaim_interval is not None and reclaim_interval != load_reclaim_interval(lake)
+    if full or changed_interval or "vm_events_version" not in built:
+        reason = "asked" if full else "reclaim interval" if changed_interval else "no leases built yet"
+        return _full(lake, reclaim_interval, reason)
+    if built["vm_events_version"] == version:
+        return LeaseUpdate()
+    return _incremental(lake, built["vm_events_version"], version)
+
+
+def _new_event_files(lake: Any, since: int) -> list[Any] | None:
+    """vm_events files added after version `since` (None when that version is no longer readable)."""
+    try:
+        before = {e.relative for e in type(lake)(lake.root, as_of={"vm_events": since}).entries("vm_events")}
+    except Exception:  # the log of that version was cleaned up: the caller rebuilds
+        return None
+    return [e for e in lake.entries("vm_events") if e.relative not in before]
+
+
+def _addr_set(events: pl.DataFrame) -> pl.Series:
+    return pl.concat(
+        [events.get_column("addr").drop_nulls(), events.get_column("addrs").explode().drop_nulls()]
+    ).unique()
+
+
+def _incremental(lake: Any, since: int, version: int | None) -> LeaseUpdate:
+    """Recompute only the leases of the addresses the new events touch, from the time each was last free.
+
+        For each touched address A, b(A) is where its run of back-to-back leases covering the earliest new event
+        starts (or that time, when A was free then): before b(A) nobody held A, so its leases from b(A) on follow
+        from the events after b(A) that name A, and the whole history of every VM involved (status, moves,
+        deletes). Those are read from the day partitions they fall in, replayed with build_leases (the same code
+        as a full rebuild, with A's claims before b(A) taken out), and replace A's leases from b(A) on and the
+        involved VMs' rows. Neutron floating-IP and port events (keyed by ids that reach further back) are rare
+        next to instance events: with them, the update is a full rebuild. (Nova events carry port ids too; a port's
+    history matters only to those Neutron events, so Nova events update incrementally.)"""
+    started = time.perf_counter()
+    files = _new_event_files(lake, since)
+    if files is None:
+        return _full(lake, None, "event log of the last build expired")
+    new = pl.from_arrow(
+        pa.concat_tables([conform(pq.read_table(e.path), VM_EVENTS) for e in files])
+        if files
+        else VM_EVENTS.empty_table()
+    )
+    assert isinstance(new, pl.DataFrame)
+    if new.height == 0:
+        return LeaseUpdate("incremental", seconds=round(time.perf_counter() - started, 3))
+    neutron = (
+        pl.col("action").is_in(["fip_associate", "fip_disassociate", "fip_delete", "port_update"])
+        | ((pl.col("action") == "detach") & pl.col("vm_id").is_null())
+        | pl.col("resource_id").is_not_null()
+    )
+    if new.select(neutron.any()).item():
+        return _full(lake, None, "Neutron floating-IP or port events")
+    reclaim = load_reclaim_interval(lake)
+    with lake.lock("vm_leases"), lake.lock("vms"):
+        lease_entries = lake.entries("vm_leases")
+        vm_entries = lake.entries("vms")
+        index = _index(lake, lease_entries, ["addr", "vm_id", "valid_from", "valid_to"])
+        vm_index = _index(lake, vm_entries, ["vm_id", "created_at", "last_event_at"])
+        t0 = new.get_column("ts").min()
+        vms0 = new.get_column("vm_id").drop_nulls().unique()
+        addrs = pl.concat(
+            [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
+        ).unique()
+        starts = _free_since(index, addrs, t0)
+        events = _history(lake, new, starts, vms0, vm_index)
+        leases, vms = build_leases(_strip_before(events, starts).to_arrow(), reclaim)
+        leases = pl.from_arrow(leases)
+        vms = pl.from_arrow(vms)
+        assert isinstance(leases, pl.DataFrame) and isinstance(vms, pl.DataFrame)
+        leases = leases.filter(pl.col("addr").is_in(addrs.implode()))
+        involved = vms.get_column("vm_id")
+        # the lease rows replaced: those of the touched addresses from b(A) on
+        replaced = index.join(starts, on="addr").filter(pl.col("valid_from") >= pl.col("free_from"))
+        lease_files = _files_of(replaced, index, involved, lease_entries)
+        vm_files = _files_of(None, vm_index, involved, vm_entries)
+        kept = _read_files(lease_entries, lease_files, VM_LEASES).join(
+            replaced.select("addr", "valid_from", "vm_id"), on=["addr", "valid_from", "vm_id"], how="anti"
+        )
+        facts = vms.select(
+            "vm_id",
+            "vm_name",
+            "project",
+            "user",
+            "cloud",
+            pl.col("status").alias("vm_status"),
+            "quarantine_until",
+        )
+        kept = (
+            kept.join(facts, on="vm_id", how="left", suffix="_new")
+            .with_columns(
+                [
+                    pl.when(pl.col("vm_id").is_in(involved.implode()))
+                    .then(pl.col(f"{c}_new"))
+                    .otherwise(pl.col(c))
+                    .alias(c)
+                    for c in _VM_COLUMNS
+                ]
+            )
+            .select([f.name for f in VM_LEASES])
+        )
+        # VMs a delete made vm_status "deleted" keep "deleted" in the rows just recomputed, as in a full build
+        new_leases = pl.concat([kept, leases.select(kept.columns)]).to_arrow().cast(VM_LEASES)
+        new_vms = (
+            pl.concat(
+                [
+                    _read_files(vm_entries, vm_files, VMS).filter(~pl.col("vm_id").is_in(involved.implode())),
+                    vms,
+                ]
+            )
+            .to_arrow()
+            .cast(VMS)
+        )
+        days = changed_days(
+            replaced.select("addr", "vm_id", "valid_from", "valid_to").to_arrow(),
+            leases.select("addr", "vm_id", "valid_from", "valid_to").to_arrow(),
+            _partition_days(lake),
+        )
+        lake.replace_files(
+            "vms", [vm_entries[i] for i in vm_files], _chunks(new_vms, "vms"), {}, ROW_GROUP_ROWS
+        )
+        lake.replace_files(
+            "vm_leases",
+            [lease_entries[i] for i in lease_files],
+            _chunks(new_leases, "vm_leases"),
+            {"vm_events_version": version, "days": sorted(days), "incremental": True},
+            ROW_GROUP_ROWS,
+        )
+    return LeaseUpdate(
+        "incremental",
+        days,
+        events.height,
+        new.height,
+        starts.height,
+        vms.height,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def _index(lake: Any, entries: list[Any], columns: list[str]) -> pl.DataFrame:
+    """Some columns of every file of a derived table, with the file's position in `entries`."""
+    frames = [
+        pl.from_arrow(pq.read_table(e.path, columns=columns)).with_columns(pl.lit(i, pl.Int32).alias("_file"))
+        for i, e in enumerate(entries)
+    ]
+    if not frames:
+        both = {**{f.name: f for f in VMS}, **{f.name: f for f in VM_LEASES}}
+        schema = {
+            c: pl.Datetime("us", "UTC") if pa.types.is_timestamp(both[c].type) else pl.String for c in columns
+        }
+        return pl.DataFrame(schema={**schema, "_file": pl.Int32})
+    return pl.concat(frames).with_columns(
+        pl.col(c).cast(pl.Datetime("us", "UTC")) for c in columns if "valid" in c or c.endswith("_at")
+    )
+
+
+def _free_since(index: pl.DataFrame, addrs: pl.Series, t0: dt.datetime) -> pl.DataFrame:
+    """addr -> free_from = b(A): the start of A's run of back-to-back leases that covers t0, else t0."""
+    t0_col = pl.lit(t0).cast(pl.Datetime("us", "UTC"))
+    leases = (
+        index.filter(pl.col("addr").is_in(addrs.implode()))
+        .select("addr", "valid_from", "valid_to")
+        .sort("addr", "valid_from")
+        .with_columns(
+            # a run starts where the previous lease ended before this one began (or there was none)
+            (
+                pl.col("valid_to").shift(1).over("addr").is_null()
+                & pl.col("valid_from").shift(1).over("addr").is_null()
+                | (pl.col("valid_to").shift(1).over("addr") < pl.col("valid_from"))
+            ).alias("_run_start")
+        )
+        .with_columns(
+            pl.when("_run_start").then(pl.col("valid_from")).forward_fill().over("addr").alias("_run")
+        )
+    )
+    covering = (
+        leases.filter(
+            (pl.col("valid_from") <= t0_col) & (pl.col("valid_to").is_null() | (pl.col("valid_to") >= t0_col))
+        )
+        .group_by("addr")
+        .agg(pl.col("_run").min().alias("free_from"))
+    )
+    return (
+        pl.DataFrame({"addr": addrs})
+        .join(covering, on="addr", how="left")
+        .with_columns(pl.coalesce("free_from", t0_col).alias("free_from"))
+    )
+
+
+def _days(start: dt.datetime, end: dt.datetime) -> set[str]:
+    out, day = set(), start.date()
+    while day <= end.date():
+        out.add(day.isoformat())
+        day += dt.timedelta(days=1)
+    return out
+
+
+def _history(
+    lake: Any, new: pl.DataFrame, starts: pl.DataFrame, vms0: pl.Series, vm_index: pl.DataFrame
+) -> pl.DataFrame:
+    """The events an incremental update replays: those naming a touched address at or after its b(A), and
+    every event of each VM involved (the touched ones and any that named a touched address since b(A)),
+    read from the day partitions they can be in (a VM's: from a day before its creation to its last event).
+    Only events after b(A) bring in further VMs, so the search never walks back through A's older tenants."""
+    last = max(new.get_column("ts").max(), dt.datetime.now(dt.UTC))
+    first = starts.get_column("free_from").min() or new.get_column("ts").min()  # no address: a delete
+    base = _days(first, last)
+    vms = set(vms0.to_list())
+    while True:
+        days = set(base)
+        spans = vm_index.filter(pl.col("vm_id").is_in(list(vms)))
+        for first, end in spans.select("created_at", "last_event_at").iter_rows():
+            if first is not None:  # per involved VM (a few hundred an hour), not per event
+                days |= _days(first - dt.timedelta(days=1), end or first)
+        events = pl.concat([new, _scan_events(lake, sorted(days), starts, vms)])
+        named = _naming(events, starts)
+        found = set(named.get_column("vm_id").drop_nulls().unique().to_list()) - vms
+        if not found:
+            return events
+        vms |= found
+
+
+def _naming(events: pl.DataFrame, starts: pl.DataFrame) -> pl.DataFrame:
+    """The events that name a touched address A at or after b(A)."""
+    ids = events.with_row_index("_event")
+    listed = (
+        ids.select("_event", "ts", pl.col("addrs").alias("a"))
+        .explode("a")
+        .vstack(ids.select("_event", "ts", pl.col("addr").alias("a")))
+        .join(starts.rename({"addr": "a"}), on="a")
+        .filter(pl.col("ts") >= pl.col("free_from"))
+        .get_column("_event")
+        .unique()
+    )
+    return ids.filter(pl.col("_event").is_in(listed.implode())).drop("_event")
+
+
+def _scan_events(lake: Any, days: list[str], starts: pl.DataFrame, vms: set[str]) -> pl.DataFrame:
+    """Events of `days` that belong to one of `vms` or name a touched address at or after its b(A)."""
+    paths = [str(p) for p in lake.files("vm_events", days)]
+    if not paths:
+        return pl.from_arrow(VM_EVENTS.empty_table())  # type: ignore[return-value]
+    wanted = starts.get_column("addr").implode()
+    frame = (
+        pl.scan_parquet(paths, hive_partitioning=False)
+        .filter(
+            pl.col("vm_id").is_in(list(vms))
+            | pl.col("addr").is_in(wanted)
+            | pl.col("addrs").list.eval(pl.element().is_in(wanted)).list.any()
+        )
+        .collect()
+    )
+    frame = pl.from_arrow(conform(frame.to_arrow(), VM_EVENTS))
+    assert isinstance(frame, pl.DataFrame)
+    own = frame.filter(pl.col("vm_id").is_in(list(vms)))
+    return pl.concat(
+        [own, _naming(frame.filter(~pl.col("vm_id").is_in(list(vms)) | pl.col("vm_id").is_null()), starts)]
+    )
+
+
+def _strip_before(events: pl.DataFrame, starts: pl.DataFrame) -> pl.DataFrame:
+    """Events with each touched address A taken out of those before b(A) (nobody held A then)."""
+    b = dict(starts.select("addr", "free_from").iter_rows())
+    events = events.with_row_index("_event")
+    listed = (
+        events.select("_event", "ts", pl.col("addrs").alias("a"))
+        .explode("a")
+        .join(starts.rename({"addr": "a"}), on="a", how="left")
+        .filter(
+            pl.col("a").is_not_null()
+            & (pl.col("free_from").is_null() | (pl.col("ts") >= pl.col("free_from")))
+        )
+        .group_by("_event")
+        .agg(pl.col("a").alias("_kept"))
+    )
+    single = pl.col("addr").replace_strict(b, default=None, return_dtype=pl.Datetime("us", "UTC"))
+    events = events.join(listed, on="_event", how="left").with_columns(
+        pl.when(pl.col("addrs").is_null())
+        .then(None)
+        .otherwise(pl.col("_kept").fill_null(pl.lit([], pl.List(pl.String))))
+        .alias("addrs"),
+        pl.when(single.is_not_null() & (pl.col("ts") < single))
+        .then(None)
+        .otherwise(pl.col("addr"))
+        .alias("addr"),
+    )
+    return events.select([f.name for f in VM_EVENTS])
+
+
+def _files_of(
+    replaced: pl.DataFrame | None, index: pl.DataFrame, involved: pl.Series, entries: list[Any]
+) -> list[int]:
+    """Positions of the files holding rows to replace or rows of involved VMs, plus the newest file (new
+    rows go there, so that hourly updates do not add a file each)."""
+    files = set(index.filter(pl.col("vm_id").is_in(involved.implode())).get_column("_file").to_list())
+    if replaced is not None:
+        files |= set(replaced.get_column("_file").to_list())
+    if entries:
+        column = "valid_from" if "valid_from" in index.columns else "created_at"
+        newest = max(range(len(entries)), key=lambda i: str(entries[i].maxs.get(column) or ""))
+        files.add(newest)
+    return sorted(files)
+
+
+def _read_files(entries: list[Any], positions: list[int], schema: pa.Schema) -> pl.DataFrame:
+    tables = [conform(pq.read_table(entries[i].path), schema) for i in positions]
+    frame = pl.from_arrow(pa.concat_tables(tables) if tables else schema.empty_table())
+    assert isinstance(frame, pl.DataFrame)
+    return frame
