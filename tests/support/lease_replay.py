@@ -38,30 +38,10 @@ _CONTENT = [f.name for f in VM_EVENTS if f.name not in ("source", "line")]
 
 
 def normalise_events(events: pa.Table) -> pl.DataFrame:
-    """Drop duplicate deliveries and sort into the replay order (independent of the input order)."""
-    frame = pl.from_arrow(events.select([f.name for f in VM_EVENTS]))
-    assert isinstance(frame, pl.DataFrame)
-    if frame.height == 0:
-        return frame
-    frame = frame.with_columns(
-        pl.col("addrs").list.join(",").alias("_addrs"),
-        pl.when(pl.col("event_type").str.ends_with(".start"))
-        .then(0)
-        .when(pl.col("event_type").str.ends_with(".error"))
-        .then(1)
-        .otherwise(2)
-        .alias("_phase"),
-    )
-    content_keys = [c if c != "addrs" else "_addrs" for c in _CONTENT]
-    order = ["ts", "_phase", "event_id", "vm_id", "event_type", "action", *content_keys, "source", "line"]
-    frame = frame.sort(order, nulls_last=True)
-    # at-least-once delivery: the same message id twice is one event; so is identical content
-    with_id = frame.filter(pl.col("event_id").is_not_null()).unique(
-        subset=["event_id"], keep="first", maintain_order=True
-    )
-    without_id = frame.filter(pl.col("event_id").is_null())
-    frame = pl.concat([with_id, without_id]).unique(subset=content_keys, keep="first", maintain_order=True)
-    return frame.sort(order, nulls_last=True)
+    """The replay order and de-duplication are the package's (both builders replay the same sequence)."""
+    from tracepipe.correlate.leases import normalise_events as package_order
+
+    return package_order(events)
 
 
 @dataclass

@@ -74,16 +74,23 @@ def normalise_events(events: pa.Table) -> pl.DataFrame:
         .otherwise(2)
         .alias("_phase"),
     )
-    content_keys = [c if c != "addrs" else "_addrs" for c in _CONTENT]
-    order = ["ts", "_phase", "event_id", "vm_id", "event_type", "action", *content_keys, "source", "line"]
-    frame = frame.sort(order, nulls_last=True)
-    # at-least-once delivery: the same message id twice is one event; so is identical content
-    with_id = frame.filter(pl.col("event_id").is_not_null()).unique(
-        subset=["event_id"], keep="first", maintain_order=True
+    content = pl.struct([c if c != "addrs" else "_addrs" for c in _CONTENT])
+    # the replay order: time, start/error before end, then the event's identity; exact ties broken by a hash
+    # (sorting on every content column costs more than the whole replay). A hash collision can only swap two
+    # events of one instant; which events are the same is decided on the content itself, never on the hash.
+    frame = frame.with_columns(
+        pl.struct("vm_id", "event_type", "action", "state", "_addrs", "addr", "hypervisor")
+        .hash(18)
+        .alias("_key")
     )
-    without_id = frame.filter(pl.col("event_id").is_null())
-    frame = pl.concat([with_id, without_id]).unique(subset=content_keys, keep="first", maintain_order=True)
-    return frame.sort(order, nulls_last=True)
+    frame = frame.sort(["ts", "_phase", "event_id", "vm_id", "event_type", "action", "_key"], nulls_last=True)
+    # at-least-once delivery: the same message id twice is one event; so is identical content (compared
+    # exactly, among the few rows whose time and key repeat)
+    frame = frame.filter(pl.col("event_id").is_null() | pl.col("event_id").is_first_distinct())
+    frame = frame.with_row_index("_row")
+    maybe = frame.filter(pl.struct("ts", "_key").is_duplicated())
+    repeats = maybe.filter(~content.is_first_distinct()).get_column("_row")
+    return frame.filter(~pl.col("_row").is_in(repeats.implode())).drop("_key", "_row")
 
 
 # ---- the vectorised replay ------------------------------------------------------------------------------------
@@ -95,14 +102,31 @@ _DELETES = ("delete", "force_delete", "purge")
 _LEASE_KEY = ["addr", "valid_from", "vm_id"]
 
 
+def _ffill_within(value: pl.Expr, key: str = "vm_id") -> pl.Expr:
+    """Forward fill of `value` over a frame sorted by `key`, not crossing from one key to the next."""
+    source = pl.when(value.is_not_null()).then(pl.col(key)).forward_fill()
+    return pl.when(source == pl.col(key)).then(value.forward_fill())
+
+
 def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Per-event VM context (gone?, applicable?, hypervisor then), the VMs' final facts, and the hypervisor
-    moves (live migration, unshelve elsewhere) that split leases."""
+    moves (live migration, unshelve elsewhere) that split leases. Sorted by (vm_id, seq); only fast
+    aggregations and fills over the whole frame (per-group expressions are evaluated group by group)."""
     floating = pl.col("act").is_in(list(_FLOATING_ACTIONS))
-    is_delete = pl.col("act").is_in(list(_DELETES)) & ~pl.col("passive")
-    ev = frame.filter(pl.col("vm_id").is_not_null()).with_columns(
-        pl.col("seq").filter(is_delete & ~floating).min().over("vm_id").alias("gone_seq")
+    is_delete = pl.col("act").is_in(list(_DELETES)) & ~pl.col("passive") & ~floating
+    ev = frame.filter(pl.col("vm_id").is_not_null()).sort("vm_id", "seq")
+    # VMs numbered in this order: group-bys and joins on an integer, row positions for look-ups
+    ev = ev.with_columns(
+        (pl.col("vm_id") != pl.col("vm_id").shift(1).fill_null("")).cast(pl.Int64).cum_sum().alias("_vm"),
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("_pos"),
     )
+    gone = (
+        ev.lazy()
+        .select("_vm", pl.when(is_delete).then(pl.col("seq")).alias("gone_seq"))
+        .group_by("_vm")
+        .agg(pl.col("gone_seq").min())
+    )
+    ev = ev.lazy().join(gone, on="_vm", how="left", maintain_order="left").collect()
     alive = pl.col("gone_seq").is_null() | (pl.col("seq") < pl.col("gone_seq"))
     # events that move the VM's state: an .end (or phase-less) event of a VM not deleted yet, other than a
     # floating-IP event, a delete or a detach (handled on their own)
@@ -123,26 +147,36 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
         .otherwise(pl.col("act").replace_strict(_DEFAULT_STATUS, default=None, return_dtype=pl.String))
     )
     # hypervisor: an applicable event naming one sets it (a change = a move); start/error events and Neutron
-    # port bindings only fill it in while none is known
+    # port bindings only fill it in while none is known (so only the VM's first such value counts)
     strong = pl.col("applicable") & (pl.col("act") != "port_update") & pl.col("hypervisor").is_not_null()
     weak = pl.col("hypervisor").is_not_null() & (
         (pl.col("passive") & ~floating & (pl.col("act") != "port_update"))
         | (pl.col("applicable") & (pl.col("act") == "port_update"))
     )
+    new_vm = pl.col("_vm") != pl.col("_vm").shift(1).fill_null(-1)
     ev = ev.with_columns(
         status.alias("new_status"),
         pl.when(strong).then(pl.col("hypervisor")).alias("_strong"),
         pl.when(weak).then(pl.col("hypervisor")).alias("_weak"),
-    ).with_columns(
-        pl.when(pl.col("_weak").is_not_null() & (pl.col("_weak").is_not_null().cum_sum().over("vm_id") == 1))
-        .then(pl.col("_weak"))
-        .forward_fill()
-        .over("vm_id")
-        .alias("_weak_first"),
-        pl.col("_strong").forward_fill().over("vm_id").alias("_strong_last"),
     )
-    ev = ev.with_columns(pl.coalesce("_strong_last", "_weak_first").alias("hyp_now")).with_columns(
-        pl.col("hyp_now").shift(1).over("vm_id").alias("_hyp_before")
+    weak_first = (
+        ev.lazy()
+        .filter(pl.col("_weak").is_not_null())
+        .group_by("_vm")
+        .agg(pl.col("seq").min().alias("_weak_seq"), pl.col("_weak").first().alias("_weak_first_value"))
+    )
+    ev = (
+        ev.lazy()
+        .join(weak_first, on="_vm", how="left", maintain_order="left")
+        .with_columns(
+            _ffill_within(pl.col("_strong"), "_vm").alias("_strong_last"),
+            pl.when(pl.col("seq") >= pl.col("_weak_seq"))
+            .then(pl.col("_weak_first_value"))
+            .alias("_weak_now"),
+        )
+        .with_columns(pl.coalesce("_strong_last", "_weak_now").alias("hyp_now"))
+        .with_columns(pl.when(~new_vm).then(pl.col("hyp_now").shift(1)).alias("_hyp_before"))
+        .collect()
     )
     moves = ev.filter(
         pl.col("_strong").is_not_null()
@@ -155,33 +189,60 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
         pl.col("_strong").alias("hyp"),
     )
     # soft delete and restore: the quarantine runs from the first soft delete after the last restore
-    last_restore = (
-        pl.col("seq").filter(pl.col("applicable") & (pl.col("act") == "restore")).max().over("vm_id")
+    restores = (
+        ev.lazy()
+        .select(
+            "_vm",
+            pl.when(pl.col("applicable") & (pl.col("act") == "restore")).then(pl.col("seq")).alias("_r"),
+        )
+        .group_by("_vm")
+        .agg(pl.col("_r").max().alias("_last_restore"))
     )
-    ev = ev.with_columns(last_restore.alias("_last_restore"))
+    ev = ev.lazy().join(restores, on="_vm", how="left", maintain_order="left").collect()
     soft = (
         pl.col("applicable")
         & (pl.col("act") == "soft_delete")
         & (pl.col("_last_restore").is_null() | (pl.col("seq") > pl.col("_last_restore")))
     )
     own = pl.col("act").is_in(["port_update", "fip_associate"]).not_()
-    facts = ev.group_by("vm_id").agg(
-        *[
-            pl.coalesce(pl.col(name).filter(own).drop_nulls().last(), pl.col(name).drop_nulls().last()).alias(
-                name
-            )
-            for name in _IDENTITY
-        ],
-        pl.col("new_status").drop_nulls().last().alias("status"),
-        pl.col("act").filter(gone_row).first().alias("gone_act"),
-        pl.col("ts").filter(gone_row).first().alias("gone_ts"),
-        pl.col("ts").filter((pl.col("act") == "purge") & ~pl.col("passive") & ~alive).min().alias("purge_ts"),
-        pl.col("ts").filter(soft).min().alias("soft_deleted_at"),
-        pl.col("hyp_now").last().alias("hypervisor"),
-        pl.col("ts").filter(pl.col("act") == "create").first().alias("created"),
-        pl.col("ts").first().alias("first_seen"),
-        pl.col("ts").last().alias("last_event_at"),
+    # "the latest non-null value" = the value at the last row where it is not null: a max, then a gather
+    marks = {
+        **{f"_own_{n}": pl.when(own & pl.col(n).is_not_null()).then(pl.col("_pos")) for n in _IDENTITY},
+        **{f"_any_{n}": pl.when(pl.col(n).is_not_null()).then(pl.col("_pos")) for n in _IDENTITY},
+        "_status": pl.when(pl.col("new_status").is_not_null()).then(pl.col("_pos")),
+    }
+    facts = (
+        ev.lazy()
+        .with_columns(
+            **marks,
+            _gone_act=pl.when(gone_row).then(pl.col("act")),
+            _gone_ts=pl.when(gone_row).then(pl.col("ts")),
+            _purge=pl.when((pl.col("act") == "purge") & ~pl.col("passive") & ~alive).then(pl.col("ts")),
+            _soft=pl.when(soft).then(pl.col("ts")),
+            _created=pl.when(pl.col("act") == "create").then(pl.col("ts")),
+        )
+        .group_by("_vm")
+        .agg(
+            pl.col("vm_id").first(),
+            *[pl.col(m).max() for m in marks],
+            pl.col("_gone_act").max().alias("gone_act"),
+            pl.col("_gone_ts").max().alias("gone_ts"),
+            pl.col("_purge").min().alias("purge_ts"),
+            pl.col("_soft").min().alias("soft_deleted_at"),
+            pl.col("hyp_now").last().alias("hypervisor"),
+            pl.col("_created").min().alias("created"),
+            pl.col("ts").min().alias("first_seen"),
+            pl.col("ts").max().alias("last_event_at"),
+        )
+        .collect()
     )
+    for name in [*_IDENTITY, "new_status"]:
+        column = ev.get_column(name)
+        sources = [f"_own_{name}", f"_any_{name}"] if name in _IDENTITY else ["_status"]
+        found = [column.gather(facts.get_column(mark)) for mark in sources]
+        value = found[0] if len(found) == 1 else found[0].fill_null(found[1])
+        facts = facts.with_columns(value.alias("status" if name == "new_status" else name))
+    facts = facts.drop(*marks, "_vm")
     reclaim = pl.lit(reclaim_us, pl.Int64)
     soft_end = pl.col("soft_deleted_at") + reclaim
     facts = facts.with_columns(
@@ -269,7 +330,8 @@ def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
     A segment runs from one claim to the next. A release ends the holder's lease when it names the segment's
     VM (or anyone) and kind; later releases in the segment find the address free. A claim opens a lease unless
     the same VM still holds the address (then it is a repeat); a claim by another VM ends the holder's lease
-    (`reason` of that claim: superseded, fip_reassociate)."""
+    (`reason` of that claim: superseded, fip_reassociate). One sort, then shifts and forward fills over the
+    whole frame (no per-group expressions: those are evaluated group by group)."""
     rows = pl.concat(
         [
             claims.select(
@@ -296,68 +358,73 @@ def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
             ),
         ]
     ).sort("addr", "seq", "sub")
-    rows = rows.with_columns((pl.col("sub") == 1).cast(pl.Int32).cum_sum().over("addr").alias("seg")).filter(
-        pl.col("seg") > 0
-    )
+    claim = pl.col("sub") == 1
     rows = rows.with_columns(
-        pl.col("vm_id").first().over("addr", "seg").alias("seg_vm"),
-        pl.col("kind").first().over("addr", "seg").alias("seg_kind"),
-    )
+        claim.cast(pl.Int64).cum_sum().alias("seg"),
+        pl.when(claim).then(pl.col("addr")).forward_fill().alias("seg_addr"),
+        pl.when(claim).then(pl.col("vm_id")).forward_fill().alias("seg_vm"),
+        pl.when(claim).then(pl.col("kind")).forward_fill().alias("seg_kind"),
+    ).filter(pl.col("seg_addr") == pl.col("addr"))  # releases before an address's first claim: nothing held
     effective = (
-        (pl.col("sub") == 0)
+        ~claim
         & (pl.col("need_vm").is_null() | (pl.col("need_vm") == pl.col("seg_vm")))
         & (pl.col("need_kind").is_null() | (pl.col("need_kind") == pl.col("seg_kind")))
     )
-    segments = (
-        rows.group_by("addr", "seg")
-        .agg(
-            pl.col("seg_vm").first().alias("vm_id"),
-            pl.col("seg_kind").first().alias("kind"),
-            pl.col("seq").first().alias("start_seq"),
-            pl.col("ts").first().alias("start_ts"),
-            pl.col("reason").first().alias("claim_reason"),
-            pl.col("seq").filter(effective).first().alias("rel_seq"),
-            pl.col("ts").filter(effective).first().alias("rel_ts"),
-            pl.col("reason").filter(effective).first().alias("rel_reason"),
+    first_release = (
+        rows.filter(effective)
+        .unique(subset="seg", keep="first", maintain_order=True)
+        .select(
+            "seg",
+            pl.col("seq").alias("rel_seq"),
+            pl.col("ts").alias("rel_ts"),
+            pl.col("reason").alias("rel_reason"),
         )
-        .sort("addr", "seg")
     )
+    segments = (
+        rows.filter(claim)
+        .select(
+            "seg",
+            "addr",
+            "vm_id",
+            "kind",
+            pl.col("seq").alias("start_seq"),
+            pl.col("ts").alias("start_ts"),
+            pl.col("reason").alias("claim_reason"),
+        )
+        .join(first_release, on="seg", how="left")
+        .sort("seg")
+    )
+    same_addr = pl.col("addr") == pl.col("addr").shift(1)
+    next_same = pl.col("addr") == pl.col("addr").shift(-1)
     segments = segments.with_columns(
         (
-            pl.col("vm_id").shift(1).over("addr").is_null()
-            | (pl.col("vm_id") != pl.col("vm_id").shift(1).over("addr"))
-            | pl.col("rel_seq").shift(1).over("addr").is_not_null()
+            ~same_addr.fill_null(False)
+            | (pl.col("vm_id") != pl.col("vm_id").shift(1))
+            | pl.col("rel_seq").shift(1).is_not_null()
         )
-        .cast(pl.Int32)
+        .cast(pl.Int64)
         .cum_sum()
-        .over("addr")
         .alias("lease"),
-        pl.col("start_seq").shift(-1).over("addr").alias("next_seq"),
-        pl.col("start_ts").shift(-1).over("addr").alias("next_ts"),
-        pl.col("claim_reason").shift(-1).over("addr").alias("next_reason"),
+        pl.when(next_same).then(pl.col("start_seq").shift(-1)).alias("next_seq"),
+        pl.when(next_same).then(pl.col("start_ts").shift(-1)).alias("next_ts"),
+        pl.when(next_same).then(pl.col("claim_reason").shift(-1)).alias("next_reason"),
     )
-    leases = segments.group_by("addr", "lease").agg(
-        pl.col("vm_id").first(),
-        pl.col("kind").first(),
-        pl.col("start_seq").first(),
-        pl.col("start_ts").first().alias("valid_from"),
-        pl.col("rel_seq").last(),
-        pl.col("rel_ts").last(),
-        pl.col("rel_reason").last(),
-        pl.col("next_seq").last(),
-        pl.col("next_ts").last(),
-        pl.col("next_reason").last(),
-    )
+    opening = segments.filter(pl.col("lease") != pl.col("lease").shift(1).fill_null(-1))
+    closing = segments.filter(pl.col("lease") != pl.col("lease").shift(-1).fill_null(-1))
     released = pl.col("rel_seq").is_not_null()
-    return leases.select(
-        "addr",
-        "vm_id",
-        "kind",
-        "start_seq",
-        "valid_from",
-        pl.when(released).then(pl.col("rel_seq")).otherwise(pl.col("next_seq")).alias("end_seq"),
-        pl.when(released).then(pl.col("rel_ts")).otherwise(pl.col("next_ts")).alias("valid_to"),
-        pl.when(released).then(pl.col("rel_reason")).otherwise(pl.col("next_reason")).alias("end_reason"),
+    return pl.concat(
+        [
+            opening.select("addr", "vm_id", "kind", "start_seq", pl.col("start_ts").alias("valid_from")),
+            closing.select(
+                pl.when(released).then(pl.col("rel_seq")).otherwise(pl.col("next_seq")).alias("end_seq"),
+                pl.when(released).then(pl.col("rel_ts")).otherwise(pl.col("next_ts")).alias("valid_to"),
+                pl.when(released)
+                .then(pl.col("rel_reason"))
+                .otherwise(pl.col("next_reason"))
+                .alias("end_reason"),
+            ),
+        ],
+        how="horizontal",
     )
 
 
