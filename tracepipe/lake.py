@@ -815,6 +815,30 @@ class Lake:
             )
         return part.path
 
+    def files_added_since(self, name: str, version: int) -> list[FileEntry] | None:
+        """The table's current files that commits after `version` added with new rows: a file that
+        compaction made only from files already there at `version` is not new (its rows were). None when the
+        log entries after `version` are gone (then everything counts as new)."""
+        log = self.root / name / "_delta_log"
+        latest = self.version(name)
+        if latest is None:
+            return None
+        added: set[str] = set()
+        for v in range(version + 1, latest + 1):
+            path = log / f"{v:020d}.json"
+            try:
+                actions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            except (OSError, ValueError):
+                return None
+            adds = [a["add"]["path"] for a in actions if "add" in a]
+            removes = {a["remove"]["path"] for a in actions if "remove" in a}
+            info = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
+            operation = json.loads(info.get("tracepipe") or "{}").get("operation")
+            if operation == "compact" and not (removes & added):
+                continue  # the same rows in fewer files
+            added.update(adds)
+        return [e for e in self.entries(name) if e.relative in added]
+
     def replace_files(
         self,
         name: str,

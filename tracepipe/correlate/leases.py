@@ -819,11 +819,14 @@ def _full(lake: Any, reclaim_interval: dt.timedelta | None, reason: str = "") ->
         save_reclaim_interval(lake, reclaim_interval)
     else:
         reclaim_interval = load_reclaim_interval(lake)
-    old = lake.read("vm_leases", columns=["addr", "vm_id", "valid_from", "valid_to"])
+    try:
+        old = lake.read("vm_leases", columns=["addr", "vm_id", "valid_from", "valid_to"])
+    except Exception:  # the repair of a lease table that cannot be read: every day may change
+        old = None
     events_version = lake.version("vm_events")  # read before the events: never newer than what is built
     events = lake.read("vm_events")
     leases, vms = build_leases(events, reclaim_interval)
-    days = changed_days(old, leases, _partition_days(lake))
+    days = set(_partition_days(lake)) if old is None else changed_days(old, leases, _partition_days(lake))
     # vm_leases last, recording what it was built from and the days it changed: a run killed before that
     # commit is redone by the next (events newer than the leases), one killed after it re-attributes the days
     # that no attribution with these leases rewrote yet (attribution.days_left_to_attribute)
@@ -852,12 +855,8 @@ def refresh_leases(
 
 
 def _new_event_files(lake: Any, since: int) -> list[Any] | None:
-    """vm_events files added after version `since` (None when that version is no longer readable)."""
-    try:
-        before = {e.relative for e in type(lake)(lake.root, as_of={"vm_events": since}).entries("vm_events")}
-    except Exception:  # the log of that version was cleaned up: the caller rebuilds
-        return None
-    return [e for e in lake.entries("vm_events") if e.relative not in before]
+    """vm_events files added after version `since` (None when the log of that version is gone)."""
+    return lake.files_added_since("vm_events", since)
 
 
 def _addr_set(events: pl.DataFrame) -> pl.Series:
@@ -908,78 +907,116 @@ def _incremental(lake: Any, since: int, version: int | None) -> LeaseUpdate:
             [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
         ).unique()
         starts = _free_since(index, addrs, t0)
-        events = _history(lake, new, starts, vms0, vm_index)
-        leases, vms = build_leases(_strip_before(events, starts).to_arrow(), reclaim)
-        leases = pl.from_arrow(leases)
-        vms = pl.from_arrow(vms)
-        assert isinstance(leases, pl.DataFrame) and isinstance(vms, pl.DataFrame)
-        leases = leases.filter(pl.col("addr").is_in(addrs.implode()))
-        involved = vms.get_column("vm_id")
-        # the lease rows replaced: those of the touched addresses from b(A) on
-        replaced = index.join(starts, on="addr").filter(pl.col("valid_from") >= pl.col("free_from"))
-        lease_files = _files_of(replaced, index, involved, lease_entries)
-        vm_files = _files_of(None, vm_index, involved, vm_entries)
-        kept = _read_files(lease_entries, lease_files, VM_LEASES).join(
-            replaced.select("addr", "valid_from", "vm_id"), on=["addr", "valid_from", "vm_id"], how="anti"
-        )
-        facts = vms.select(
-            "vm_id",
-            "vm_name",
-            "project",
-            "user",
-            "cloud",
-            pl.col("status").alias("vm_status"),
-            "quarantine_until",
-        )
-        kept = (
-            kept.join(facts, on="vm_id", how="left", suffix="_new")
-            .with_columns(
-                [
-                    pl.when(pl.col("vm_id").is_in(involved.implode()))
-                    .then(pl.col(f"{c}_new"))
-                    .otherwise(pl.col(c))
-                    .alias(c)
-                    for c in _VM_COLUMNS
-                ]
+        # the VMs whose events can move a touched address after b(A): those of the new events, and every VM
+        # that held it since (a claim that opened no lease, by a deleted VM or at the instant another VM
+        # took the address, changes nothing)
+        holders = index.join(starts, on="addr").filter(pl.col("valid_from") >= pl.col("free_from"))
+        involved_vms = set(vms0.to_list()) | set(holders.get_column("vm_id").to_list())
+        # in order = later than anything stored about these addresses and VMs: then no claim that opened no
+        # lease before can open one now. A batch that reaches back before that is replayed in full instead
+        latest = [
+            holders.get_column("valid_from").max(),
+            vm_index.filter(pl.col("vm_id").is_in(list(involved_vms))).get_column("last_event_at").max(),
+        ]
+        if any(t is not None and t >= t0 for t in latest):
+            out_of_order = True
+        else:
+            out_of_order = False
+            update = _update_files(
+                lake,
+                new,
+                addrs,
+                starts,
+                involved_vms,
+                vm_index,
+                index,
+                reclaim,
+                version,
+                lease_entries,
+                vm_entries,
             )
-            .select([f.name for f in VM_LEASES])
-        )
-        # VMs a delete made vm_status "deleted" keep "deleted" in the rows just recomputed, as in a full build
-        new_leases = pl.concat([kept, leases.select(kept.columns)]).to_arrow().cast(VM_LEASES)
-        new_vms = (
-            pl.concat(
-                [
-                    _read_files(vm_entries, vm_files, VMS).filter(~pl.col("vm_id").is_in(involved.implode())),
-                    vms,
-                ]
-            )
-            .to_arrow()
-            .cast(VMS)
-        )
-        days = changed_days(
-            replaced.select("addr", "vm_id", "valid_from", "valid_to").to_arrow(),
-            leases.select("addr", "vm_id", "valid_from", "valid_to").to_arrow(),
-            _partition_days(lake),
-        )
-        lake.replace_files(
-            "vms", [vm_entries[i] for i in vm_files], _chunks(new_vms, "vms"), {}, ROW_GROUP_ROWS
-        )
-        lake.replace_files(
-            "vm_leases",
-            [lease_entries[i] for i in lease_files],
-            _chunks(new_leases, "vm_leases"),
-            {"vm_events_version": version, "days": sorted(days), "incremental": True},
-            ROW_GROUP_ROWS,
-        )
-    return LeaseUpdate(
-        "incremental",
-        days,
-        events.height,
-        new.height,
-        starts.height,
-        vms.height,
-        seconds=round(time.perf_counter() - started, 3),
+    if out_of_order:  # after the locks are released: the full rebuild takes them itself
+        return _full(lake, None, "events older than what the lake holds for their addresses or VMs")
+    update.seconds = round(time.perf_counter() - started, 3)
+    return update
+
+
+def _update_files(
+    lake: Any,
+    new: pl.DataFrame,
+    addrs: pl.Series,
+    starts: pl.DataFrame,
+    involved_vms: set[str],
+    vm_index: pl.DataFrame,
+    index: pl.DataFrame,
+    reclaim: dt.timedelta | None,
+    version: int | None,
+    lease_entries: list[Any],
+    vm_entries: list[Any],
+) -> LeaseUpdate:
+    """The incremental update's replay and commits (the caller holds the vm_leases and vms locks)."""
+    events = _history(lake, new, involved_vms, vm_index)
+    leases, vms = build_leases(_strip_before(events, starts).to_arrow(), reclaim)
+    leases = pl.from_arrow(leases)
+    vms = pl.from_arrow(vms)
+    assert isinstance(leases, pl.DataFrame) and isinstance(vms, pl.DataFrame)
+    leases = leases.filter(pl.col("addr").is_in(addrs.implode()))
+    involved = vms.get_column("vm_id")
+    # the lease rows replaced: those of the touched addresses from b(A) on
+    replaced = index.join(starts, on="addr").filter(pl.col("valid_from") >= pl.col("free_from"))
+    lease_files = _files_of(replaced, index, involved, lease_entries)
+    vm_files = _files_of(None, vm_index, involved, vm_entries)
+    kept = _read_files(lease_entries, lease_files, VM_LEASES).join(
+        replaced.select("addr", "valid_from", "vm_id"), on=["addr", "valid_from", "vm_id"], how="anti"
     )
+    facts = vms.select(
+        "vm_id",
+        "vm_name",
+        "project",
+        "user",
+        "cloud",
+        pl.col("status").alias("vm_status"),
+        "quarantine_until",
+    )
+    kept = (
+        kept.join(facts, on="vm_id", how="left", suffix="_new")
+        .with_columns(
+            [
+                pl.when(pl.col("vm_id").is_in(involved.implode()))
+                .then(pl.col(f"{c}_new"))
+                .otherwise(pl.col(c))
+                .alias(c)
+                for c in _VM_COLUMNS
+            ]
+        )
+        .select([f.name for f in VM_LEASES])
+    )
+    # VMs a delete made vm_status "deleted" keep "deleted" in the rows just recomputed, as in a full build
+    new_leases = pl.concat([kept, leases.select(kept.columns)]).to_arrow().cast(VM_LEASES)
+    new_vms = (
+        pl.concat(
+            [
+                _read_files(vm_entries, vm_files, VMS).filter(~pl.col("vm_id").is_in(involved.implode())),
+                vms,
+            ]
+        )
+        .to_arrow()
+        .cast(VMS)
+    )
+    days = changed_days(
+        replaced.select("addr", "vm_id", "valid_from", "valid_to").to_arrow(),
+        leases.select("addr", "vm_id", "valid_from", "valid_to").to_arrow(),
+        _partition_days(lake),
+    )
+    lake.replace_files("vms", [vm_entries[i] for i in vm_files], _chunks(new_vms, "vms"), {}, ROW_GROUP_ROWS)
+    lake.replace_files(
+        "vm_leases",
+        [lease_entries[i] for i in lease_files],
+        _chunks(new_leases, "vm_leases"),
+        {"vm_events_version": version, "days": sorted(days), "incremental": True},
+        ROW_GROUP_ROWS,
+    )
+    return LeaseUpdate("incremental", days, events.height, new.height, starts.height, vms.height)
 
 
 def _index(lake: Any, entries: list[Any], columns: list[str]) -> pl.DataFrame:
@@ -1040,67 +1077,26 @@ def _days(start: dt.datetime, end: dt.datetime) -> set[str]:
     return out
 
 
-def _history(
-    lake: Any, new: pl.DataFrame, starts: pl.DataFrame, vms0: pl.Series, vm_index: pl.DataFrame
-) -> pl.DataFrame:
-    """The events an incremental update replays: those naming a touched address at or after its b(A), and
-    every event of each VM involved (the touched ones and any that named a touched address since b(A)),
-    read from the day partitions they can be in (a VM's: from a day before its creation to its last event).
-    Only events after b(A) bring in further VMs, so the search never walks back through A's older tenants."""
-    last = max(new.get_column("ts").max(), dt.datetime.now(dt.UTC))
-    first = starts.get_column("free_from").min() or new.get_column("ts").min()  # no address: a delete
-    base = _days(first, last)
-    vms = set(vms0.to_list())
-    while True:
-        days = set(base)
-        spans = vm_index.filter(pl.col("vm_id").is_in(list(vms)))
-        for first, end in spans.select("created_at", "last_event_at").iter_rows():
-            if first is not None:  # per involved VM (a few hundred an hour), not per event
-                days |= _days(first - dt.timedelta(days=1), end or first)
-        events = pl.concat([new, _scan_events(lake, sorted(days), starts, vms)])
-        named = _naming(events, starts)
-        found = set(named.get_column("vm_id").drop_nulls().unique().to_list()) - vms
-        if not found:
-            return events
-        vms |= found
+def _history(lake: Any, new: pl.DataFrame, vms: set[str], vm_index: pl.DataFrame) -> pl.DataFrame:
+    """The events an incremental update replays: the new ones, and every stored event of each VM involved,
+    read from the day partitions it can be in (a day before its creation to its last event)."""
+    days: set[str] = set()
+    spans = vm_index.filter(pl.col("vm_id").is_in(list(vms)))
+    for first, end in spans.select("created_at", "last_event_at").iter_rows():
+        if first is not None:  # per involved VM (a few hundred an hour), not per event
+            days |= _days(first - dt.timedelta(days=1), end or first)
+    return pl.concat([new, _scan_events(lake, sorted(days), vms)])
 
 
-def _naming(events: pl.DataFrame, starts: pl.DataFrame) -> pl.DataFrame:
-    """The events that name a touched address A at or after b(A)."""
-    ids = events.with_row_index("_event")
-    listed = (
-        ids.select("_event", "ts", pl.col("addrs").alias("a"))
-        .explode("a")
-        .vstack(ids.select("_event", "ts", pl.col("addr").alias("a")))
-        .join(starts.rename({"addr": "a"}), on="a")
-        .filter(pl.col("ts") >= pl.col("free_from"))
-        .get_column("_event")
-        .unique()
-    )
-    return ids.filter(pl.col("_event").is_in(listed.implode())).drop("_event")
-
-
-def _scan_events(lake: Any, days: list[str], starts: pl.DataFrame, vms: set[str]) -> pl.DataFrame:
-    """Events of `days` that belong to one of `vms` or name a touched address at or after its b(A)."""
+def _scan_events(lake: Any, days: list[str], vms: set[str]) -> pl.DataFrame:
+    """The events of `vms` in the partitions of `days`."""
     paths = [str(p) for p in lake.files("vm_events", days)]
-    if not paths:
+    if not paths or not vms:
         return pl.from_arrow(VM_EVENTS.empty_table())  # type: ignore[return-value]
-    wanted = starts.get_column("addr").implode()
-    frame = (
-        pl.scan_parquet(paths, hive_partitioning=False)
-        .filter(
-            pl.col("vm_id").is_in(list(vms))
-            | pl.col("addr").is_in(wanted)
-            | pl.col("addrs").list.eval(pl.element().is_in(wanted)).list.any()
-        )
-        .collect()
-    )
+    frame = pl.scan_parquet(paths, hive_partitioning=False).filter(pl.col("vm_id").is_in(list(vms))).collect()
     frame = pl.from_arrow(conform(frame.to_arrow(), VM_EVENTS))
     assert isinstance(frame, pl.DataFrame)
-    own = frame.filter(pl.col("vm_id").is_in(list(vms)))
-    return pl.concat(
-        [own, _naming(frame.filter(~pl.col("vm_id").is_in(list(vms)) | pl.col("vm_id").is_null()), starts)]
-    )
+    return frame
 
 
 def _strip_before(events: pl.DataFrame, starts: pl.DataFrame) -> pl.DataFrame:
