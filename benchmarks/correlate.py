@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tracepipe.attribution import attribute_flows
+from tracepipe.correlate.attribution import attribute_flows
 from tracepipe.lake import Lake, hash_bytes, ingest_table
 from tracepipe.query import connect
 from tracepipe.schema import FLOWS, VM_LEASES

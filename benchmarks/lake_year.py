@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from correlate import START, US, address_pool, make_day_flows, make_leases
 
 from tracepipe import query as q
-from tracepipe.attribution import attribute_table, lease_index
+from tracepipe.correlate.attribution import attribute_table, lease_index
 from tracepipe.lake import MANIFEST_DIR, Lake, hash_bytes, ingest_table
 from tracepipe.schema import FLOWS
 

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -130,13 +131,38 @@ def run_tracepipe(*args: str, timeout: float = 120.0) -> subprocess.CompletedPro
     )
 
 
+def ingest_vm(lake: Any, paths: list[Path], reclaim_interval: Any = None, **options: Any) -> tuple[Any, Any]:
+    """What `tracepipe ingest vm` does in-process: land the sources, then correlate (leases, attribution).
+    Returns (ingest report, correlation result); the correlation must not have failed."""
+    from tracepipe.correlate.attribution import correlate
+    from tracepipe.ingest.vm import ingest_vm_files
+
+    report = ingest_vm_files(lake, paths, **options)
+    done = correlate(lake, reclaim_interval=reclaim_interval)
+    assert done.error is None, done.error
+    return report, done
+
+
+def ingest_syslog(lake: Any, paths: list[Path], **options: Any) -> tuple[Any, Any]:
+    """What `tracepipe ingest syslog` does in-process: land the lines, then attribute their days."""
+    from tracepipe.correlate.attribution import correlate
+    from tracepipe.ingest.vm import ingest_syslog_files
+
+    report = ingest_syslog_files(lake, paths, **options)
+    done = correlate(lake, log_days=report.touched_days)
+    assert done.error is None, done.error
+    return report, done
+
+
 def ingest_in_process(paths: list[Path], lake: Path) -> pa.Table:
     """The library call behind `tracepipe ingest netflow` (no interpreter start-up): land `paths`, assert that
     everything landed, return the lake's flows as lake_flows() does."""
+    from tracepipe.correlate.attribution import correlate
     from tracepipe.ingest.flows import ingest_flow_files
     from tracepipe.lake import Lake
 
     summary = ingest_flow_files(Lake(lake), [Path(p) for p in paths])
+    assert correlate(Lake(lake), days=summary.days).error is None
     assert summary.exit_code == 0, (
         f"ingest of {paths} ended with exit code {summary.exit_code}: {summary.to_dict()}"
     )

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tracepipe import query
-from tracepipe.attribution import attribute_flows
+from tracepipe.correlate.attribution import attribute_flows
 from tracepipe.lake import Lake, ingest_table
 from tracepipe.schema import FLOWS, VM_LEASES, VMS
 
@@ -343,3 +343,30 @@ def test_attribute_command(lake):
     assert pq.read_table(day2)["attributed_at"].null_count == 0
     assert pq.read_table(day1)["attributed_at"].null_count == pq.read_table(day1).num_rows
     assert query.flow_halves(lake) == ([day2], [day1])
+
+
+def test_a_failed_attribution_is_exit_code_5_the_flows_stay_and_rebuild_repairs(tmp_path):
+    """Regression (issue 18): attribution failures ended `ingest netflow` with exit 0 and a warning. A lease
+    file that cannot be read (planted, or torn by hand) now fails the command with exit 5 and the way out,
+    the flows stay landed, and `tracepipe leases rebuild` repairs the lake."""
+    from conftest import ingest_vm, run_tracepipe
+
+    from tracepipe.demo import STORY_DIR
+
+    lake = Lake(tmp_path / "lake")
+    ingest_vm(lake, [STORY_DIR / "nova" / "notifications.jsonl"], reclaim_interval=dt.timedelta(days=7))
+    for path in lake.files("vm_leases"):
+        path.write_bytes(b"PAR1 not a parquet file")
+    capture = STORY_DIR / "netflow" / "openstack-softflowd-v9.pcap"
+    run = run_tracepipe("ingest", "netflow", str(capture), "--lake", str(lake.root))
+    assert run.returncode == 5, run.stderr
+    assert "attribution failed" in run.stderr and "tracepipe leases rebuild" in " ".join(run.stderr.split())
+    landed = Lake(lake.root)
+    assert sum(e.rows for e in landed.entries("flows")) > 0
+    assert all(e.null_counts.get("attributed_at") == e.rows for e in landed.entries("flows"))
+    fixed = run_tracepipe("leases", "rebuild", "--lake", str(lake.root), "--format", "json")
+    assert fixed.returncode == 0, fixed.stderr
+    assert json.loads(fixed.stdout)["flows"]["rows"] > 0
+    again = Lake(lake.root)
+    assert all(e.null_counts.get("attributed_at") == 0 for e in again.entries("flows"))
+    assert again.read("vm_leases").num_rows > 0

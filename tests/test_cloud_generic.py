@@ -5,8 +5,8 @@ import json
 import zoneinfo
 from pathlib import Path
 
+from tracepipe.correlate.leases import build_leases
 from tracepipe.ingest.cloud import detect_format, parse_cloud_text
-from tracepipe.leases import build_leases
 
 DATA = Path(__file__).parent / "data" / "cloud" / "generic"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
+from conftest import ingest_vm
 
 from tests.conftest import run_tracepipe
 from tracepipe.ingest.vm import ingest_vm_files
@@ -103,7 +104,7 @@ def test_deleted_vm_answer_carries_quarantine(story_lake):
 
 def test_reingest_is_skipped_and_changes_nothing(story_lake):
     before = story_lake.read("vm_leases")
-    report = ingest_vm_files(story_lake, [STORY])
+    report, _ = ingest_vm(story_lake, [STORY])
     assert report.skipped == 1 and report.rows == 0
     after = story_lake.read("vm_leases")
     assert after.equals(before)  # the reclaim interval given once is remembered in the lake
@@ -129,16 +130,17 @@ def test_late_file_and_flow_reattribution(tmp_path):
         }
     )
     lake.append("flows", flows, key="testflows")
-    first = ingest_vm_files(lake, [early])
-    assert first.touched_days == ["2024-03-12"]
+    _, first = ingest_vm(lake, [early])
+    assert first.days == ["2024-03-12"]
     src = (
         duckdb.connect()
         .execute(f"SELECT src_vm FROM ({scan_sql('flows', lake.files('flows'))}) ORDER BY ts_start")
         .fetchall()
     )
     assert src[0][0].startswith("7311d8a3") and src[1][0] is None
-    second = ingest_vm_files(lake, [late])
-    assert second.touched_days == ["2024-03-12"] and second.attribution["files"] == 1
+    _, second = ingest_vm(lake, [late])
+    assert second.days == ["2024-03-12"] and second.flows["files"] == 1
+    assert second.leases["mode"] == "incremental"
     src = (
         duckdb.connect()
         .execute(f"SELECT src_vm FROM ({scan_sql('flows', lake.files('flows'))}) ORDER BY ts_start")
@@ -147,10 +149,10 @@ def test_late_file_and_flow_reattribution(tmp_path):
     assert src[0][0].startswith("7311d8a3") and src[1][0].startswith("efba91fc")
     # the same leases as one in-order file
     whole = Lake(tmp_path / "whole")
-    ingest_vm_files(whole, [STORY])
+    ingest_vm(whole, [STORY])
     assert whole.read("vm_leases").equals(lake.read("vm_leases"))
     # nothing new: no rebuild, no re-attribution
-    assert ingest_vm_files(lake, [late, early]).touched_days == []
+    assert ingest_vm(lake, [late, early])[1].days == []
 
 
 def test_rejects_unknown_events_and_exit_partial(tmp_path):
@@ -193,9 +195,9 @@ def test_rejects_unknown_events_and_exit_partial(tmp_path):
 
 def test_opennebula_pair_and_directory(tmp_path):
     lake = Lake(tmp_path / "lake")
-    report = ingest_vm_files(lake, [DATA / "opennebula" / "42.log"], tz="Europe/Berlin")
+    report, done = ingest_vm(lake, [DATA / "opennebula" / "42.log"], tz="Europe/Berlin")
     assert report.results[0].source.endswith("42.log+42.xml") and report.rows == 10
-    assert report.leases == 6
+    assert done.lease_rows == 6
     leases = lake.read("vm_leases").to_pylist()
     assert leases[0]["valid_from"] == utc(8, 0, 41)
 
@@ -208,9 +210,9 @@ def test_opennebula_log_paired_with_a_given_xml_by_vm_id(tmp_path):
     xml = tmp_path / "xml" / "vm42-show.xml"
     xml.write_bytes((DATA / "opennebula" / "42.xml").read_bytes())
     lake = Lake(tmp_path / "lake")
-    report = ingest_vm_files(lake, [xml, log], tz="Europe/Berlin")
+    report, done = ingest_vm(lake, [xml, log], tz="Europe/Berlin")
     assert [r.source for r in report.results] == [f"{log}+vm42-show.xml"]
-    assert report.leases == 6 and report.vms == 1
+    assert done.lease_rows == 6 and done.vms == 1
 
 
 def test_grown_or_resent_file_adds_only_new_events(tmp_path):
@@ -219,19 +221,19 @@ def test_grown_or_resent_file_adds_only_new_events(tmp_path):
     dump = tmp_path / "notifications.jsonl"
     dump.write_text("\n".join(lines[:10]) + "\n")
     lake = Lake(tmp_path / "lake")
-    assert ingest_vm_files(lake, [dump]).rows == 10
+    assert ingest_vm(lake, [dump])[0].rows == 10
     dump.write_text("\n".join(lines) + "\n")
     resent = tmp_path / "resent.jsonl"
     resent.write_text("\n".join(lines[3:5] + lines[3:5]) + "\n")
-    report = ingest_vm_files(lake, [dump, resent])
+    report, _ = ingest_vm(lake, [dump, resent])
     assert [r.rows for r in report.results] == [6, 0]
     assert lake.read("vm_events").num_rows == 16
     # OpenNebula logs have no message ids: content decides
     one = tmp_path / "42.log"
     one.write_text("\n".join((DATA / "opennebula" / "42.log").read_text().splitlines()[:11]) + "\n")
-    assert ingest_vm_files(lake, [one]).rows == 5
+    assert ingest_vm(lake, [one])[0].rows == 5
     one.write_text((DATA / "opennebula" / "42.log").read_text())
-    assert ingest_vm_files(lake, [one]).rows == 5
+    assert ingest_vm(lake, [one])[0].rows == 5
 
 
 # ---- inputs that are not regular files (issue 12, item 8) ------------------------------------------------------

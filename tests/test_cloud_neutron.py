@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from tracepipe.correlate.leases import build_leases
 from tracepipe.ingest.cloud import parse_cloud_text
-from tracepipe.leases import build_leases
 
 DATA = Path(__file__).parent / "data" / "cloud"
 ASSOCIATED = dt.datetime(2012, 11, 18, 1, 29, 29, 497899, tzinfo=dt.UTC)

@@ -5,9 +5,9 @@ import datetime as dt
 import zoneinfo
 from pathlib import Path
 
+from tracepipe.correlate.leases import build_leases
 from tracepipe.ingest.cloud import detect_format, parse_cloud_text
 from tracepipe.ingest.cloud.opennebula import parse_opennebula
-from tracepipe.leases import build_leases
 
 DATA = Path(__file__).parent / "data" / "cloud" / "opennebula"
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")

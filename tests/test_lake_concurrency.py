@@ -33,13 +33,13 @@ from pathlib import Path
 
 import pytest
 from conftest import ingest_in_process
+from conftest import ingest_vm as ingest_vm_in_process
 from support import probes
 from test_collector import spooled_payloads, start_collector, stop_collector
 
 from tests.conftest import FLOW_KEY_AND_COUNTERS
-from tracepipe.attribution import attribute_flows
+from tracepipe.correlate.attribution import attribute_flows
 from tracepipe.demo import STORY_DIR
-from tracepipe.ingest.vm import ingest_vm_files
 from tracepipe.lake import Lake
 from tracepipe.query import connect
 
@@ -188,7 +188,7 @@ def test_kill_9_writers_while_readers_count_nothing_lost_nothing_doubled(tmp_pat
     # the clean run: the capture and every notification, each ingested once into a fresh lake
     clean = tmp_path / "clean"
     ingest_in_process([EXPORT], clean)
-    ingest_vm_files(Lake(clean), [NOVA])
+    ingest_vm_in_process(Lake(clean), [NOVA])
 
     lake = tmp_path / "lake"
     lake.mkdir()  # readers start before the first commit: an empty lake reads as empty views
@@ -348,17 +348,17 @@ def test_a_killed_ingest_vm_is_finished_by_its_rerun(killed_after, tmp_path):
     """Regression (found by the test above): a rerun of a killed `ingest vm` skips its sources (their events
     are in the lake), and so rebuilt no lease and re-attributed no day: the lake kept the leases and the flow
     attribution from before the killed run for good."""
+    from tracepipe.correlate.leases import rebuild_leases
     from tracepipe.ingest.cloud import parse_cloud_text
     from tracepipe.lake import hash_file, ingest_table
-    from tracepipe.leases import rebuild_leases
 
     first, late = split_lines(NOVA, 2, tmp_path / "nova")
     clean = tmp_path / "clean"
     ingest_in_process([EXPORT], clean)
-    ingest_vm_files(Lake(clean), [first, late])
+    ingest_vm_in_process(Lake(clean), [first, late])
     lake = tmp_path / "lake"
     ingest_in_process([EXPORT], lake)
-    ingest_vm_files(Lake(lake), [first])
+    ingest_vm_in_process(Lake(lake), [first])
     events, rejects = parse_cloud_text(late.read_text(), str(late))  # what the killed run had done
     ingest_table(Lake(lake), "vm_events", str(late.absolute()), hash_file(late), [events], [rejects])
     if killed_after == "leases rebuilt":
@@ -366,9 +366,9 @@ def test_a_killed_ingest_vm_is_finished_by_its_rerun(killed_after, tmp_path):
     stored = f"select {', '.join(FLOW_COLUMNS + WHO)} from flows"
     assert rows(lake, stored) != rows(clean, stored)
 
-    rerun = ingest_vm_files(Lake(lake), [late])
-    assert rerun.skipped == 1 and rerun.touched_days == ["2025-06-17"]
+    rerun, done = ingest_vm_in_process(Lake(lake), [late])
+    assert rerun.skipped == 1 and done.days == ["2025-06-17"]
     lease_sql = "select addr, vm_id, valid_from, valid_to from vm_leases"
     assert rows(lake, lease_sql) == rows(clean, lease_sql)
     assert rows(lake, stored) == rows(clean, stored)
-    assert ingest_vm_files(Lake(lake), [late]).touched_days == []  # once finished, a rerun rewrites nothing
+    assert ingest_vm_in_process(Lake(lake), [late])[1].days == []  # once finished, a rerun rewrites nothing

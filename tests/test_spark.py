@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 from support import stories as gen
 
-from tracepipe.attribution import attribute_flows
+from tracepipe.correlate.attribution import attribute_flows
 from tracepipe.detect import detectors as det
 from tracepipe.detect import model
 from tracepipe.engines import open_engine, parse_conf, run_sql

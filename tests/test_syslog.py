@@ -10,12 +10,13 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
+from conftest import ingest_syslog, ingest_vm
 
+from tracepipe.correlate.attribution import attribute_logs
+from tracepipe.correlate.leases import build_leases
 from tracepipe.ingest.cloud import parse_cloud_text
-from tracepipe.ingest.syslog import attribute_logs, parse_syslog
-from tracepipe.ingest.vm import ingest_syslog_files, ingest_vm_files
+from tracepipe.ingest.syslog import parse_syslog
 from tracepipe.lake import Lake
-from tracepipe.leases import build_leases
 from tracepipe.query import scan_sql
 
 DATA = Path(__file__).parent / "data" / "cloud"
@@ -103,11 +104,11 @@ def test_attribution_by_hostname(story_leases):
 
 def test_ingest_syslog_into_lake_and_cli_exit_partial(tmp_path):
     lake = Lake(tmp_path / "lake")
-    ingest_vm_files(lake, [DATA / "nova" / "notifications.jsonl"], reclaim_interval=dt.timedelta(days=7))
+    ingest_vm(lake, [DATA / "nova" / "notifications.jsonl"], reclaim_interval=dt.timedelta(days=7))
     auth = tmp_path / "auth.log"
     auth.write_bytes(AUTH.read_bytes())
     os.utime(auth, (dt.datetime(2024, 3, 13, tzinfo=dt.UTC).timestamp(),) * 2)  # year from the mtime
-    report = ingest_syslog_files(lake, [auth])
+    report, _ = ingest_syslog(lake, [auth])
     assert (report.rows, report.rejects) == (9, 1)
     con = duckdb.connect()
     got = con.execute(
@@ -116,7 +117,7 @@ def test_ingest_syslog_into_lake_and_cli_exit_partial(tmp_path):
     ).fetchone()
     assert got[0] == 9 and got[1] == 1 and got[3] == 3
     assert got[2] == utc(8, 20, 1)
-    again = ingest_syslog_files(lake, [auth])
+    again, _ = ingest_syslog(lake, [auth])
     assert again.skipped == 1 and again.rows == 0
     run = subprocess.run(
         [
@@ -189,9 +190,9 @@ def test_any_lines_give_rows_or_rejects_never_a_crash(lines):
 
 def test_logs_landed_before_the_lifecycle_get_attributed_when_it_arrives(tmp_path):
     lake = Lake(tmp_path / "lake")
-    assert ingest_syslog_files(lake, [FORWARDED], year=2024).attributed == 0
-    report = ingest_vm_files(lake, [DATA / "nova" / "notifications.jsonl"])
-    assert report.touched_days == ["2024-03-12"] and report.logs_reattributed == 1
+    assert ingest_syslog(lake, [FORWARDED], year=2024)[1].logs_attributed == 0
+    _, done = ingest_vm(lake, [DATA / "nova" / "notifications.jsonl"])
+    assert done.days == ["2024-03-12"] and done.logs_files == 1
     vms = (
         duckdb.connect()
         .execute(f"SELECT vm_id FROM ({scan_sql('vm_logs', lake.files('vm_logs'))}) ORDER BY line")
@@ -278,7 +279,7 @@ def test_ingest_syslog_with_invalid_pri_exits_partial_and_keeps_the_line(tmp_pat
     log.write_text(
         "<999>Mar 12 08:20:04 web-02 sshd[2201]: Accepted publickey for ubuntu from 10.0.0.9 port 1 ssh2\n"
     )
-    report = ingest_syslog_files(Lake(tmp_path / "lake"), [log], year=2024)
+    report, _ = ingest_syslog(Lake(tmp_path / "lake"), [log], year=2024)
     assert (report.rows, report.rejects, report.exit_code) == (1, 1, EXIT_PARTIAL)
     stored = Lake(tmp_path / "lake").read("rejects").to_pylist()
     assert [(r["dataset"], r["line"], r["reason"][:11]) for r in stored] == [("vm_logs", 1, "invalid PRI")]

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import run_tracepipe
 from tracepipe import query
-from tracepipe.attribution import attribute_flows
+from tracepipe.correlate.attribution import attribute_flows
 from tracepipe.lake import Lake, ingest_table
 from tracepipe.schema import FLOWS
 

@@ -142,6 +142,8 @@ def ingest_netflow_command(
     """
     from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
 
+    from tracepipe.correlate.attribution import correlate
+    from tracepipe.errors import combined_exit
     from tracepipe.ingest.flows import ingest_flow_files
 
     p: Printer = ctx.obj
@@ -149,9 +151,12 @@ def ingest_netflow_command(
     with p.progress(BarColumn(), DownloadColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task("ingest netflow", total=total)
         summary = ingest_flow_files(open_lake(lake), paths, progress=lambda n: bar.advance(task, n))
+        bar.update(task, description="attribute flows to VMs")
+        correlation = correlate(open_lake(lake), days=summary.days)
+    exit_code = combined_exit(summary.exit_code, correlation.exit_code)
     if output == OutputFormat.json:
-        p.json(summary.to_dict())
-        raise typer.Exit(summary.exit_code)
+        p.json({**summary.to_dict(), "correlation": correlation.to_dict(), "exit_code": exit_code})
+        raise typer.Exit(exit_code)
     p.table(
         (
             [
@@ -195,11 +200,11 @@ def ingest_netflow_command(
         )
     p.line(
         f"{len(summary.files)} files, {summary.datagrams} datagrams, {summary.flows} flows, "
-        f"{summary.rejects} rejects" + (", flows attributed to VMs" if summary.attributed is True else "")
+        f"{summary.rejects} rejects" + (", flows attributed to VMs" if correlation.flows else "")
     )
-    if isinstance(summary.attributed, str):
-        p.warning(summary.attributed)
-    raise typer.Exit(summary.exit_code)
+    if correlation.error:
+        p.error(correlation.error)
+    raise typer.Exit(exit_code)
 
 
 # ---- commands: ingest vm / syslog ---------------------------------------------------------------------------
@@ -222,9 +227,23 @@ OutputOption = Annotated[
 ]
 
 
-def _print_vm_report(p: Printer, report: Any, output: OutputFormat, title: str, lake: Path) -> None:
+def _print_vm_report(
+    p: Printer, report: Any, correlation: Any, output: OutputFormat, title: str, lake: Path
+) -> None:
+    from tracepipe.errors import combined_exit
+
+    exit_code = combined_exit(report.exit_code, correlation.exit_code)
     if output == OutputFormat.json:
-        p.json(report.as_dict())
+        p.json(
+            {
+                **report.as_dict(),
+                "leases": correlation.lease_rows,
+                "vms": correlation.vms,
+                "attributed_lines": correlation.logs_attributed,
+                "correlation": correlation.to_dict(),
+                "exit_code": exit_code,
+            }
+        )
     else:
         p.table(
             (
@@ -238,19 +257,23 @@ def _print_vm_report(p: Printer, report: Any, output: OutputFormat, title: str, 
         summary = f"{report.rows} rows, {report.rejects} rejects, {report.skipped} sources skipped; "
         if report.duplicates:
             summary += f"{report.duplicates} events already in the lake; "
-        if report.attributed is not None:
-            summary += f"{report.attributed} lines attributed to a VM"
+        if correlation.logs_attributed is not None:
+            summary += f"{correlation.logs_attributed} lines attributed to a VM"
         else:
-            summary += f"{report.leases} leases, {report.vms} VMs"
-        if report.attribution:
-            summary += f"; flows re-attributed for {', '.join(report.touched_days)}"
+            summary += f"{correlation.lease_rows} leases, {correlation.vms} VMs"
+        if correlation.leases.get("mode") not in (None, "none"):
+            summary += f" (leases updated: {correlation.leases['mode']})"
+        if correlation.flows:
+            summary += f"; flows re-attributed for {', '.join(correlation.flows['days'])}"
         p.line(summary)
     if report.rejects:
         p.note(
             (f"{report.rejects} input lines rejected", "yellow"),
             f' (the rest landed); list them: tracepipe sql "SELECT * FROM rejects" --lake {lake}',
         )
-    raise typer.Exit(report.exit_code)
+    if correlation.error:
+        p.error(correlation.error)
+    raise typer.Exit(exit_code)
 
 
 @ingest_app.command("vm")
@@ -289,10 +312,12 @@ def ingest_vm_command(
     """Land VM lifecycle events (Nova/Neutron notifications, OpenNebula logs + XML, CSV/JSONL) and rebuild
     the address leases (who held which address when), then re-attribute flows of the days that changed.
 
-    Exit codes: 0 all landed; 3 partial: some lines were rejected (the rest landed); 4 failed: nothing landed.
+    Exit codes: 0 all landed; 3 partial: some lines were rejected (the rest landed); 4 failed: nothing landed;
+    5 landed, but updating the leases or attributing failed (run `tracepipe leases rebuild`).
 
     Example: tracepipe ingest vm /var/log/nova/notifications.jsonl --reclaim-interval 7d --lake /srv/lake
     """
+    from tracepipe.correlate.attribution import correlate
     from tracepipe.ingest.vm import ingest_vm_files
     from tracepipe.units import parse_duration
 
@@ -304,11 +329,12 @@ def ingest_vm_command(
             paths,
             fmt=input_format.value,
             cloud=cloud,
-            reclaim_interval=interval,
             tz=tz,
             progress=lambda step: status(f"ingest vm: {step}"),
         )
-    _print_vm_report(p, report, output, "vm lifecycle sources", lake)
+        status.update("ingest vm: updating leases, re-attributing the days they change")
+        correlation = correlate(open_lake(lake), reclaim_interval=interval)
+    _print_vm_report(p, report, correlation, output, "vm lifecycle sources", lake)
 
 
 @ingest_app.command("syslog")
@@ -344,10 +370,12 @@ def ingest_syslog_command(
     """Land syslog from inside VMs in vm_logs, attributed to the VM by sender address (or hostname) and time,
     with sshd logins parsed (auth_event, auth_user, auth_src_addr, auth_method). Ingest the VM lifecycle first.
 
-    Exit codes: 0 all landed; 3 partial: some lines in no known format were rejected; 4 failed: nothing landed.
+    Exit codes: 0 all landed; 3 partial: some lines in no known format were rejected; 4 failed: nothing landed;
+    5 landed, but attributing the lines to VMs failed (run `tracepipe leases rebuild`).
 
     Example: tracepipe ingest syslog /var/log/remote/web-01/auth.log --year 2024 --sender-addr 192.168.1.3
     """
+    from tracepipe.correlate.attribution import correlate
     from tracepipe.ingest.vm import ingest_syslog_files
     from tracepipe.units import parse_addr
 
@@ -361,7 +389,9 @@ def ingest_syslog_command(
             tz=tz,
             progress=lambda step: status(f"ingest syslog: {step}"),
         )
-    _print_vm_report(p, report, output, "syslog sources", lake)
+        status.update("ingest syslog: attributing lines to VMs")
+        correlation = correlate(open_lake(lake), log_days=report.touched_days)
+    _print_vm_report(p, report, correlation, output, "syslog sources", lake)
 
 
 # ---- commands: sql / who / timeline -------------------------------------------------------------------------
@@ -599,13 +629,13 @@ def attribute_command(
     editing leases by hand or to repair a lake). Idempotent.
 
     Exit codes: 0 done (also when those days hold no flows: it says 0 flows); 2 a --day does not parse;
-    4 no lake at --lake, or its files cannot be rewritten.
+    4 no lake at --lake, or its files cannot be rewritten; 5 attribution itself failed.
 
     Example: tracepipe attribute --day 2024-03-12 --day 2024-03-13
     """
     from rich.progress import BarColumn, MofNCompleteColumn
 
-    from tracepipe.attribution import attribute_lake
+    from tracepipe.correlate.attribution import attribute_lake
     from tracepipe.units import parse_date
 
     p: Printer = ctx.obj
@@ -624,6 +654,45 @@ def attribute_command(
             f"{result.rows} flows in {result.files} files: {result.src_attributed} sources and "
             f"{result.dst_attributed} destinations attributed to a VM ({result.seconds} s)"
         )
+    raise typer.Exit(result.exit_code)
+
+
+leases_app = typer.Typer(help="VM address leases: who held which address when.", no_args_is_help=True)
+app.add_typer(leases_app, name="leases")
+
+
+@leases_app.command("rebuild")
+def leases_rebuild_command(
+    ctx: typer.Context,
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Rebuild vm_leases and vms from every lifecycle event in the lake (vectorised; ingest updates them
+    incrementally by itself), then re-attribute the flows and VM log lines of the days that changed. A repair:
+    use it after a failed update (exit code 5) or to check an incremental lake against a full build.
+
+    Exit codes: 0 done; 4 no lake at --lake or it cannot be written; 5 the rebuild or attribution failed.
+
+    Example: tracepipe leases rebuild --lake /srv/lake
+    """
+    from tracepipe.correlate.attribution import correlate
+    from tracepipe.errors import LakeError
+
+    p: Printer = ctx.obj
+    path = open_lake(lake)
+    if not path.root.is_dir():
+        raise LakeError(f"no lake at {path.root}; pass --lake or set TRACEPIPE_LAKE")
+    with p.err.status("rebuilding leases"):
+        result = correlate(path, full=True)
+    if output == OutputFormat.json:
+        p.json(result.to_dict())
+    else:
+        p.line(
+            f"{result.lease_rows} leases, {result.vms} VMs from {result.leases.get('events', 0)} events in "
+            f"{result.leases.get('seconds', 0)} s; re-attributed: {', '.join(result.days) or 'nothing'}"
+        )
+    if result.error:
+        p.error(result.error)
     raise typer.Exit(result.exit_code)
 
 

@@ -316,7 +316,7 @@ def _attribution(lake: Any) -> Any:
     if not lake.files("vm_leases"):
         return None
     try:
-        from tracepipe.attribution import attribute_table, lease_index
+        from tracepipe.correlate.attribution import attribute_table, lease_index
 
         index = lease_index(lake)
     except Exception as exc:  # attribution is an optimisation; never a reason not to commit
@@ -425,7 +425,7 @@ def commit_segment(lake: Any, path: Path, state: Any) -> SegmentResult:
             if lake.version("vm_leases") != leases_version:
                 # `ingest vm` changed the leases while this segment was decoded, and its re-attribution of the
                 # day may have read the day's files before this commit: attribute what landed with the new ones
-                from tracepipe.attribution import attribute_flows
+                from tracepipe.correlate.attribution import attribute_flows
 
                 days = {f.split("/")[1].removeprefix("date=") for f in result.files if f.startswith("flows/")}
                 attribute_flows(lake, days)

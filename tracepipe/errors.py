@@ -7,6 +7,15 @@ EXIT_FOUND = 1  # done, and a sweep found new alerts
 EXIT_USAGE = 2  # click's own usage errors, and arguments that do not parse
 EXIT_PARTIAL = 3  # some input was rejected, the rest landed
 EXIT_FAILED = 4  # nothing landed, or the environment is wrong
+EXIT_ATTRIBUTION = 5  # the input landed, but the leases or the attribution to VMs failed
+
+
+def combined_exit(ingest: int, correlation: int) -> int:
+    """Exit code of an ingest followed by correlation: a failed attribution (5) outranks 0 and 3; nothing
+    landed (4) stays 4."""
+    if correlation != EXIT_OK and ingest != EXIT_FAILED:
+        return correlation
+    return ingest
 
 
 class TracepipeError(Exception):
@@ -31,3 +40,9 @@ class EnvironmentProblem(TracepipeError):
 
 class InputError(TracepipeError):
     """An input as a whole is unusable (file missing, unreadable). Per-record problems are rejects."""
+
+
+class AttributionError(TracepipeError):
+    """Leases or attribution failed after the input landed: run `tracepipe leases rebuild` to finish."""
+
+    exit_code = EXIT_ATTRIBUTION

@@ -367,6 +367,8 @@ class FileEntry:
     rows: int
     size: int
     null_counts: dict[str, int | None]
+    mins: dict[str, Any] = field(default_factory=dict)  # per-column statistics from the log
+    maxs: dict[str, Any] = field(default_factory=dict)
 
 
 class Lake:
@@ -593,6 +595,16 @@ class Lake:
         sizes = actions.column("size_bytes").to_pylist()
         null_columns = [c for c in actions.column_names if c.startswith("null_count.")]
         nulls = {c.removeprefix("null_count."): actions.column(c).to_pylist() for c in null_columns}
+        lows = {
+            c.removeprefix("min."): actions.column(c).to_pylist()
+            for c in actions.column_names
+            if c.startswith("min.")
+        }
+        highs = {
+            c.removeprefix("max."): actions.column(c).to_pylist()
+            for c in actions.column_names
+            if c.startswith("max.")
+        }
         base = self.root / name
         out = [
             FileEntry(
@@ -602,6 +614,8 @@ class Lake:
                 n if n is not None else -1,
                 size,
                 {column: values[i] for column, values in nulls.items()},
+                {column: values[i] for column, values in lows.items()},
+                {column: values[i] for column, values in highs.items()},
             )
             for i, (rel, day, n, size) in enumerate(zip(paths, day_list, rows, sizes, strict=True))
         ]
@@ -869,6 +883,66 @@ class Lake:
                 info={"operation": "replace", "rows": table.num_rows, **(info or {})},
             )
         return part.path
+
+    def files_added_since(self, name: str, version: int) -> list[FileEntry] | None:
+        """The table's current files that commits after `version` added with new rows: a file that
+        compaction made only from files already there at `version` is not new (its rows were). None when the
+        log entries after `version` are gone (then everything counts as new)."""
+        log = self.root / name / "_delta_log"
+        latest = self.version(name)
+        if latest is None:
+            return None
+        added: set[str] = set()
+        for v in range(version + 1, latest + 1):
+            path = log / f"{v:020d}.json"
+            try:
+                actions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            except (OSError, ValueError):
+                return None
+            adds = [a["add"]["path"] for a in actions if "add" in a]
+            removes = {a["remove"]["path"] for a in actions if "remove" in a}
+            info = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
+            operation = json.loads(info.get("tracepipe") or "{}").get("operation")
+            if operation == "compact" and not (removes & added):
+                continue  # the same rows in fewer files
+            added.update(adds)
+        return [e for e in self.entries(name) if e.relative in added]
+
+    def replace_files(
+        self,
+        name: str,
+        removed: list[FileEntry],
+        tables: Iterable[pa.Table],
+        info: dict[str, Any] | None = None,
+        row_group_rows: int = ROW_GROUP_ROWS,
+    ) -> int:
+        """One commit of an unpartitioned derived dataset (vm_leases, vms) that removes `removed` and adds one
+        file per table: the incremental update of a few files. The caller holds the table's lock (it read
+        `removed` under it). Returns the version."""
+        dataset = _dataset(name)
+        if dataset.partition_ts is not None or name not in self._held:
+            raise LakeError(f"replace_files({name}) needs an unpartitioned table and its lock")
+        parts: list[PartFile] = []
+        adds: list[AddAction] = []
+        try:
+            for table in tables:
+                part = PartFile(self.root / name, dataset, None, f"part-{uuid.uuid4().hex}", row_group_rows)
+                parts.append(part)
+                part.write(table)
+                add = part.close()
+                if add is not None:
+                    adds.append(add)
+        except BaseException:
+            for part in parts:
+                part.abort()
+            raise
+        rows = sum(p.rows for p in parts)
+        return self.commit(
+            name,
+            adds,
+            [_remove(e.relative, None, e.size) for e in removed],
+            info={"operation": "update", "rows": rows, **(info or {})},
+        )
 
     def commit_infos(self, name: str, limit: int = 1) -> list[dict[str, Any]]:
         """What was recorded with the latest `limit` commits of a table (Lake.commit's `info`, plus its

@@ -106,7 +106,7 @@ def upgrade_lake(lake: Lake) -> UpgradeResult:
     from the leases (the old footer marks are gone; attributed_at is set again). Idempotent."""
     result = UpgradeResult(converted=lake.upgrade())
     if result.converted.get("flows") and lake.files("vm_leases"):
-        from tracepipe.attribution import attribute_flows
+        from tracepipe.correlate.attribution import attribute_flows
 
         result.attribution = attribute_flows(lake)
     return result

@@ -163,6 +163,7 @@ def ingest_inputs(lake: Lake, config: PipelineConfig) -> tuple[dict[str, Any], b
             "flows": result.flows,
             "rejects": result.rejects,
         }
+        summary["flow_days"] = sorted(result.days)
         partial |= result.exit_code in (EXIT_PARTIAL, EXIT_FAILED) and any(
             f.status in ("rejected", "missing") or f.rejects for f in result.files
         )
@@ -171,13 +172,19 @@ def ingest_inputs(lake: Lake, config: PipelineConfig) -> tuple[dict[str, Any], b
         from tracepipe.ingest.vm import ingest_vm_files
 
         report = ingest_vm_files(lake, vm_files)
-        summary["vm"] = {
-            "files": len(vm_files),
-            "rows": report.rows,
-            "rejects": report.rejects,
-            "leases": report.leases,
-        }
+        summary["vm"] = {"files": len(vm_files), "rows": report.rows, "rejects": report.rejects}
         partial |= report.rejects > 0
+    if flow_files or vm_files:
+        from tracepipe.correlate.attribution import correlate
+        from tracepipe.errors import AttributionError
+
+        # the sweep asks correlation for what ingest touched: leases from the new events, then the flows of
+        # the new days and of the days whose leases changed
+        done = correlate(lake, days=summary.get("flow_days", []))
+        if done.error:
+            raise AttributionError(done.error)
+        summary["correlation"] = {"leases": done.lease_rows, "days": done.days, "update": done.leases}
+    summary.pop("flow_days", None)
     return summary, partial
 
 

@@ -17,7 +17,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -698,35 +697,23 @@ LEASE_COLUMNS = ("vm_id", "vm_name", "project", "user", "hypervisor", "vm_status
 
 
 def attribute(candidates: pl.DataFrame, lake: Lake) -> pl.DataFrame:
-    """Give each candidate the VM whose lease on `addr` was valid at its first flow (deleted VMs included)."""
-    lease_files = lake.files("vm_leases")
-    if candidates.is_empty() or not lease_files:
-        return candidates.with_columns(
-            [pl.lit(None, pl.String).alias(c) for c in LEASE_COLUMNS[:-1]]
-            + [pl.lit(None, pl.Datetime("us", "UTC")).alias("quarantine_until")]
-        )
-    con = duckdb.connect()
-    try:
-        con.execute("SET TimeZone = 'UTC'")
-        keyed = candidates.with_row_index("_row")
-        con.register("cands", keyed.select("_row", "addr", "first_ts").to_arrow())
-        files = ", ".join(f"'{p}'" for p in lease_files)
-        leases = con.sql(f"""
-            SELECT c._row, l.vm_id, l.vm_name, l.project, l."user", l.hypervisor, l.vm_status,
-                   l.quarantine_until
-            FROM cands c ASOF LEFT JOIN read_parquet([{files}]) l
-              ON c.addr = l.addr AND c.first_ts >= l.valid_from
-            WHERE l.vm_id IS NULL OR l.valid_to IS NULL OR c.first_ts < l.valid_to
-        """).to_arrow_table()
-    finally:
-        con.close()
-    found = pl.from_arrow(leases)
-    if not isinstance(found, pl.DataFrame):  # pragma: no cover - from_arrow of a table is a frame
-        raise TypeError("unexpected lease lookup result")
-    found = found.with_columns(
-        pl.col("_row").cast(pl.UInt32), pl.col("quarantine_until").cast(pl.Datetime("us", "UTC"))
+    """Give each candidate the VM whose lease on `addr` was valid at its first flow (deleted VMs included),
+    through correlate.lease_at: the same answer and rules as the flows' src_vm/dst_vm, read from only the
+    leases of the candidates' addresses. (Not the src_vm written into the flow files: a candidate is a
+    (host, window), its host may be either end of its flows, and files landed since may not be attributed.)"""
+    from tracepipe.correlate.lease_at import lease_at, read_leases
+
+    if candidates.is_empty():
+        leases = read_leases(lake, [], ["addr", "valid_from", "valid_to", *LEASE_COLUMNS])
+    else:
+        addrs = candidates.get_column("addr").drop_nulls().unique().to_list()
+        leases = read_leases(lake, addrs, ["addr", "valid_from", "valid_to", *LEASE_COLUMNS])
+    found = pl.from_arrow(
+        lease_at(leases, candidates.get_column("addr"), candidates.get_column("first_ts"), LEASE_COLUMNS)
     )
-    return keyed.join(found, on="_row", how="left").drop("_row")
+    assert isinstance(found, pl.DataFrame)
+    found = found.with_columns(pl.col("quarantine_until").cast(pl.Datetime("us", "UTC")))
+    return pl.concat([candidates, found], how="horizontal")
 
 
 def describe_host(row: dict) -> str:

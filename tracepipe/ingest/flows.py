@@ -7,8 +7,6 @@ The kind of a file is told by its first bytes, not its name.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,8 +41,8 @@ class FileResult:
 class IngestSummary:
     files: list[FileResult] = field(default_factory=list)
     exporters: dict[str, dict[str, Any]] = field(default_factory=dict)
-    days: set[str] = field(default_factory=set)  # UTC days of the flows partitions written
-    attributed: bool | str = False  # True, False (no leases yet), or why it failed
+    days: set[str] = field(default_factory=set)  # UTC days of the flows partitions written: the caller
+    # attributes them (tracepipe.correlate.attribution.correlate); ingest never imports correlation
 
     @property
     def flows(self) -> int:
@@ -79,7 +77,6 @@ class IngestSummary:
             },
             "exporters": self.exporters,
             "days": sorted(self.days),
-            "attributed": self.attributed,
             "exit_code": self.exit_code,
         }
 
@@ -124,7 +121,6 @@ def ingest_flow_files(lake: Lake, paths: list[Path], progress: Progress | None =
                 "free space."
             ) from exc
         summary.files.append(result)
-    summary.attributed = _attribute(lake, summary.days)
     return summary
 
 
@@ -230,20 +226,3 @@ def _with_source(flows: pa.Table, source: str) -> pa.Table:
 def _value_counts(column: pa.ChunkedArray) -> dict[str | None, int]:
     counts = column.value_counts()
     return {v["values"]: v["counts"] for v in counts.to_pylist()}
-
-
-def _attribute(lake: Lake, days: set[str]) -> bool | str:
-    """Give the new flows their VMs (src_vm/dst_vm) when the attribution module and leases exist. The flows
-    have landed whatever happens here; a failure is reported (True/False, or the error text), and
-    `tracepipe` can attribute those days again later."""
-    if not days or not lake.files("vm_leases") or importlib.util.find_spec("tracepipe.attribution") is None:
-        return False
-    module = importlib.import_module("tracepipe.attribution")
-    attribute = getattr(module, "attribute_flows", None)
-    if attribute is None:
-        return False
-    try:
-        attribute(lake, sorted(days))
-    except Exception as exc:  # the flows are committed; attribution is a separate, rerunnable step
-        return f"attribution failed: {exc}"
-    return True

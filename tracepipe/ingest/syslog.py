@@ -13,8 +13,8 @@ A PRI above 191 is invalid (RFC 5424 6.2.1). rsyslog keeps such a message and fi
 pseudo-facility "invld" (no RFC number) instead of dropping it; so does this reader: the line lands with
 facility and severity null (not a made-up severity 7 of facility 124), and is also counted in rejects as
 "invalid PRI" with its raw text, so the summary shows it.
-`attribute_logs` then sets vm_id from the sender address (given, or a hostname that is an IP address, as
-rsyslog writes %fromhost-ip%) or else the hostname = VM name, and the leases.
+vm_id is left null: correlation (tracepipe.correlate.attribution.attribute_logs) sets it from the sender
+address (given, or a hostname that is an IP address, as rsyslog writes %fromhost-ip%) or the hostname.
 """
 
 from __future__ import annotations
@@ -231,70 +231,3 @@ def _addresses_as_text(hostnames: pl.Series) -> pl.Series:
     canonical text; others null. `ipaddress` runs on the distinct candidates only."""
     candidate = hostnames.str.contains(r"^[0-9.]+$|:")
     return canonical_addresses(pl.select(pl.when(candidate).then(hostnames)).to_series())
-
-
-def attribute_logs(logs: pa.Table, leases: pa.Table) -> pa.Table:
-    """(Re)set vm_id: the VM whose lease held `sender_addr` at the line's time; lines without a sender address
-    go by hostname (or its first label) = vm_name among the VMs holding a lease then, when exactly one does;
-    else null."""
-    if logs.num_rows == 0 or leases.num_rows == 0:
-        return logs.set_column(
-            logs.schema.get_field_index("vm_id"), "vm_id", pa.nulls(logs.num_rows, pa.string())
-        )
-    frame = pl.from_arrow(logs).with_row_index("_row")
-    lease = pl.from_arrow(leases.select(["addr", "vm_id", "vm_name", "valid_from", "valid_to"]))
-    assert isinstance(frame, pl.DataFrame) and isinstance(lease, pl.DataFrame)
-    by_addr = (
-        frame.filter(pl.col("sender_addr").is_not_null())
-        .select("_row", "ts", "sender_addr")
-        .sort("ts")
-        .join_asof(
-            lease.sort("valid_from"),
-            left_on="ts",
-            right_on="valid_from",
-            by_left="sender_addr",
-            by_right="addr",
-            strategy="backward",
-            check_sortedness=False,  # both sides sorted by time just above; polars cannot verify it per group
-        )
-        .filter(pl.col("valid_to").is_null() | (pl.col("ts") < pl.col("valid_to")))
-        .select("_row", pl.col("vm_id").alias("_by_addr"))
-    )
-    spans = (
-        lease.filter(pl.col("vm_name").is_not_null())
-        .group_by("vm_name", "vm_id")
-        .agg(
-            pl.col("valid_from").min(),
-            pl.col("valid_to").max(),
-            pl.col("valid_to").is_null().any().alias("_open"),
-        )
-    )
-    named = frame.filter(pl.col("sender_addr").is_null() & pl.col("hostname").is_not_null()).select(
-        "_row", "ts", pl.col("hostname").str.split(".").list.first().alias("_short"), "hostname"
-    )
-    candidates = pl.concat(
-        [
-            named.join(spans, left_on="hostname", right_on="vm_name"),
-            named.filter(pl.col("_short") != pl.col("hostname")).join(
-                spans, left_on="_short", right_on="vm_name"
-            ),
-        ],
-        how="diagonal_relaxed",
-    )
-    by_name = (
-        candidates.filter(
-            (pl.col("ts") >= pl.col("valid_from")) & (pl.col("_open") | (pl.col("ts") < pl.col("valid_to")))
-        )
-        .group_by("_row")
-        .agg(pl.col("vm_id").unique().alias("_ids"))
-        .filter(pl.col("_ids").list.len() == 1)  # two VMs of that name alive then: do not guess
-        .select("_row", pl.col("_ids").list.first().alias("_by_name"))
-    )
-    frame = (
-        frame.join(by_addr, on="_row", how="left")
-        .join(by_name, on="_row", how="left")
-        .with_columns(pl.coalesce("_by_addr", "_by_name").alias("vm_id"))
-        .sort("_row")
-    )
-    table = frame.select([f.name for f in VM_LOGS]).to_arrow()
-    return table.cast(VM_LOGS)

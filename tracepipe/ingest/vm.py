@@ -1,8 +1,8 @@
 """Files -> lake for VM lifecycle and VM syslog: the I/O edge around the pure parsers.
 
-`ingest_vm_files` lands each source in `vm_events` (skipped when its content hash is in the manifest), then
-rebuilds `vm_leases` and `vms` from the whole event history and re-attributes the flows of the days whose
-leases changed. `ingest_syslog_files` lands syslog in `vm_logs`, attributed through the current leases.
+`ingest_vm_files` lands each source in `vm_events` (skipped when its content hash is in the manifest);
+`ingest_syslog_files` lands syslog in `vm_logs`. Both return the UTC days they touched: the caller then asks
+correlation (tracepipe.correlate.attribution.correlate) to update the leases and attribute those days.
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ import pyarrow as pa
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.fsutil import input_problem
 from tracepipe.ingest.cloud import FORMATS, parse_cloud_text
-from tracepipe.ingest.syslog import attribute_logs, parse_syslog
-from tracepipe.lake import IngestResult, Lake, conform, hash_bytes, hash_file, ingest_table
-from tracepipe.leases import rebuild_leases
+from tracepipe.ingest.syslog import parse_syslog
+from tracepipe.lake import IngestResult, Lake, hash_bytes, hash_file, ingest_table
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, read_text_bounded, too_long_rejects
-from tracepipe.schema import VM_LOGS
 
 Progress = Callable[[str], None]
 
@@ -34,12 +32,7 @@ Progress = Callable[[str], None]
 @dataclass
 class VmIngestReport:
     results: list[IngestResult] = field(default_factory=list)
-    leases: int = 0
-    vms: int = 0
-    touched_days: list[str] = field(default_factory=list)
-    attribution: dict[str, Any] | None = None  # what attribution.attribute_flows returned, if it ran
-    attributed: int | None = None  # syslog: lines attributed to a VM
-    logs_reattributed: int = 0  # vm_logs files rewritten because their lines' VM changed
+    touched_days: list[str] = field(default_factory=list)  # UTC days of the partitions written
     duplicates: int = 0  # events already in the lake (re-sent, or a file that grew), not written again
 
     @property
@@ -72,12 +65,7 @@ class VmIngestReport:
             "rejects": self.rejects,
             "skipped": self.skipped,
             "duplicates": self.duplicates,
-            "leases": self.leases,
-            "vms": self.vms,
             "touched_days": self.touched_days,
-            "attribution": self.attribution,
-            "attributed_lines": self.attributed,
-            "logs_reattributed_files": self.logs_reattributed,
         }
 
 
@@ -172,11 +160,10 @@ def ingest_vm_files(
     paths: Iterable[Path],
     fmt: str = "auto",
     cloud: str | None = None,
-    reclaim_interval: dt.timedelta | None = None,
     tz: str = "UTC",
     progress: Progress | None = None,
 ) -> VmIngestReport:
-    """Land lifecycle sources in vm_events, rebuild leases, re-attribute flows of the touched days."""
+    """Land lifecycle sources in vm_events; the caller then updates the leases (correlate)."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     zone = timezone(tz)
@@ -227,46 +214,18 @@ def ingest_vm_files(
             stats={"format": file_fmt, "events": events.num_rows, "duplicates": duplicates},
         )
         report.results.append(result)
-    # a run killed after landing its events but before the leases were rebuilt from them, or before the days
-    # they changed were re-attributed: the rerun skips the sources, so it finishes that work here
-    built = next(iter(lake.commit_infos("vm_leases")), {})
-    left = days_left_to_attribute(lake, built)
-    days: set[str] = set()
-    if (
-        report.rows
-        or reclaim_interval is not None
-        or not lake.files("vm_leases")
-        or built.get("vm_events_version") != lake.version("vm_events")
-    ):
-        if progress:
-            progress("rebuilding leases")
-        days = rebuild_leases(lake, reclaim_interval)
-    days |= left
-    if days:
-        if progress and days:
-            progress(f"re-attributing flows and VM logs of {len(days)} days")
-        report.touched_days = sorted(days)
-        report.attribution = _attribute(lake, days)
-        report.logs_reattributed = reattribute_logs(lake, days)
-    report.leases = len(lake.read("vm_leases", columns=["addr"]))
-    report.vms = len(lake.read("vms", columns=["vm_id"]))
+    report.touched_days = _days_of(report.results, "vm_events")
     return report
 
 
-ATTRIBUTION_HISTORY = 300  # flows commits searched for the re-attribution of the last lease rebuild
-
-
-def days_left_to_attribute(lake: Lake, built: dict[str, Any]) -> set[str]:
-    """The days that the lease rebuild recorded in `built` (Lake.commit_infos of vm_leases) changed and that no
-    attribution with those leases has rewritten since (or not within the last ATTRIBUTION_HISTORY flows
-    commits: then again, idempotent)."""
-    days = set(built.get("days", [])) & set(lake.days("flows"))
-    if not days:
-        return days
-    for info in lake.commit_infos("flows", ATTRIBUTION_HISTORY):
-        if info.get("operation") == "attribute" and info.get("leases_version") == built["version"]:
-            days.discard(info.get("day"))
-    return days
+def _days_of(results: list[IngestResult], dataset: str) -> list[str]:
+    days = set()
+    for result in results:
+        for relative in result.files:
+            match = re.match(rf"^{dataset}/date=(\d{{4}}-\d{{2}}-\d{{2}})/", relative)
+            if match:
+                days.add(match.group(1))
+    return sorted(days)
 
 
 _KEY_COLUMNS = ("cloud", "vm_id", "event_type", "action", "state", "addr", "port_id", "resource_id")
@@ -302,17 +261,6 @@ def event_keys(events: pa.Table) -> pl.Series:
     return keys.get_column("key")
 
 
-def _attribute(lake: Lake, days: set[str]) -> dict[str, Any] | None:
-    """Re-attribute flows of `days` when the attribution module (query side) is installed."""
-    if not days:
-        return None
-    try:
-        from tracepipe.attribution import attribute_flows  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return attribute_flows(lake, days)
-
-
 SYSLOG_BLOCK_BYTES = 32 << 20
 
 
@@ -325,20 +273,6 @@ def _line_blocks(path: Path, block_bytes: int = SYSLOG_BLOCK_BYTES) -> Iterator[
         raise InputError(f"cannot read {path}: {exc}") from exc
 
 
-def reattribute_logs(lake: Lake, days: Iterable[str]) -> int:
-    """Re-set vm_id of the vm_logs lines of `days` from the current leases (a lifecycle event that arrived
-    after the logs), one commit per day. Returns the files rewritten."""
-    days = sorted(set(days))
-    if not days or not lake.files("vm_logs", days):
-        return 0
-    leases = lake.read("vm_leases")
-
-    def again(batch: pa.RecordBatch) -> pa.Table:
-        return attribute_logs(conform(pa.Table.from_batches([batch]), VM_LOGS), leases)
-
-    return lake.rewrite("vm_logs", days, again, info={"operation": "attribute logs"})["files_removed"]
-
-
 def ingest_syslog_files(
     lake: Lake,
     paths: Iterable[Path],
@@ -347,11 +281,9 @@ def ingest_syslog_files(
     tz: str = "UTC",
     progress: Progress | None = None,
 ) -> VmIngestReport:
-    """Land syslog files in vm_logs, each line attributed to the VM holding its sender address (or named
-    like its hostname) at that time, from the current leases (a later `ingest vm` re-attributes its days)."""
+    """Land syslog files in vm_logs (vm_id null); the caller then attributes the days touched (correlate)."""
     timezone(tz)
     report = VmIngestReport()
-    leases = lake.read("vm_leases")
     for path in expand_paths(paths):
         content_hash = hash_file(path)
         if progress:
@@ -360,7 +292,6 @@ def ingest_syslog_files(
             report.results.append(IngestResult("vm_logs", str(path), content_hash, skipped=True))
             continue
         mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
-        attributed = 0
         source = str(path.absolute())
         with lake.ingest("vm_logs", source, content_hash) as writer:
             # in blocks of whole lines: memory stays bounded on big files, line numbers stay exact
@@ -376,13 +307,9 @@ def ingest_syslog_files(
                     sender_addr=sender_addr,
                     first_line=block.first_line,
                 )
-                logs = attribute_logs(logs, leases)
-                attributed += logs.num_rows - logs.column("vm_id").null_count
                 writer.write(logs)
                 writer.reject(rejects)
-            result = writer.commit({"lines": writer.result.rows, "attributed": attributed})
+            result = writer.commit({"lines": writer.result.rows})
         report.results.append(result)
-        if not result.skipped:
-            report.attributed = (report.attributed or 0) + attributed
-    report.leases = leases.num_rows
+    report.touched_days = _days_of(report.results, "vm_logs")
     return report

@@ -10,8 +10,10 @@ SELECT l.vm_id, any_value(l.vm_name), any_value(l.project), any_value(l."user"),
 FROM vm_leases l ANTI JOIN vms v ON l.vm_id = v.vm_id
 GROUP BY l.vm_id;
 
--- Rows of never-attributed files get their VMs at query time: leases do not overlap per address, so the lease
--- valid at ts_start is the last one that started at or before it (ASOF), if it had not ended yet.
+-- Rows of never-attributed files get their VMs at query time, by the rules of tracepipe/correlate/lease_at.py
+-- (the one definition): a lease holds its address on [valid_from, valid_to), valid_to NULL = still held. Leases
+-- do not overlap per address, so the lease valid at ts_start is the last one that started at or before it
+-- (ASOF), if it had not ended yet; at a boundary (one ends as the next begins) the new one holds the instant.
 CREATE OR REPLACE VIEW _flows_resolved AS
 SELECT * FROM _flows_done
 UNION ALL BY NAME
@@ -34,7 +36,8 @@ FROM _flows_resolved f
 LEFT JOIN _vm_info s ON f.src_vm = s.vm_id
 LEFT JOIN _vm_info d ON f.dst_vm = d.vm_id;
 
--- who_had('10.0.0.5', TIMESTAMPTZ '2024-03-12 07:30:00+00'): the lease(s) valid then, with what the VM is now.
+-- who_had('10.0.0.5', TIMESTAMPTZ '2024-03-12 07:30:00+00'): the lease(s) valid then (same half-open intervals
+-- as lease_at; more than one row only if a planted file made leases overlap), with what the VM is now.
 -- Addresses are compared as canonical text (the lake stores them so; `tracepipe who` canonicalises input).
 CREATE OR REPLACE MACRO who_had(addr_text, at_time) AS TABLE
 SELECT l.addr, l.vm_id, coalesce(v.vm_name, l.vm_name) AS vm_name, coalesce(v.project, l.project) AS project,

@@ -1,0 +1,336 @@
+"""Lease benchmark: a year of CERN-like VM churn, then the next hour.
+
+Generates HOURS hours of Nova lifecycle history (350 VMs created per hour by default; addresses of one /16
+reused as soon as they are free; 1 in 10 VMs soft-deleted before its delete; lifetimes from minutes to
+months; create.start/.end, soft_delete.end, delete.start/.end as Nova sends them), lands it in a lake one day
+per source, then prints in one run:
+  * the full build (`tracepipe leases rebuild`: every event replayed, vectorised) and its events/s,
+  * the next hour (~1,000 notifications written as real Nova versioned notifications in the oslo envelope,
+    from the samples in ../shared/realdata) through `ingest vm` + correlate, into the year-old lake and into an
+    empty lake (goal: <= 3x and <= 2 s),
+  * `who` (the library call behind `tracepipe who`) p50/p95 over PROBES probes with known answers, all checked,
+  * peak RSS of the process.
+The year's events are generated as vm_events rows (their JSON would be ~40 GB); the generator's rows are
+checked against the Nova parser on a sample of VMs written as notifications.
+
+    python benchmarks/leases.py                      # a year: 8,760 hours, ~3 M VMs, ~10 M events
+    python benchmarks/leases.py --hours 720 --keep --lake /tmp/lease-lake
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import heapq
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from tracepipe.correlate.attribution import correlate
+from tracepipe.ingest.cloud import parse_cloud_text
+from tracepipe.ingest.vm import ingest_vm_files
+from tracepipe.lake import Lake, hash_bytes, ingest_table
+from tracepipe.query import who
+from tracepipe.schema import VM_EVENTS
+
+START = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+US = 1_000_000
+REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "nova"
+if not REALDATA.is_dir():
+    REALDATA = Path("/work/shared/realdata/nova")
+RECLAIM = dt.timedelta(days=7)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plan_vms(hours: int, per_hour: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One row per VM: created (µs), deleted (µs, or -1 still alive), soft-deleted (µs or -1), address index.
+    Addresses: the one free the longest is taken next (as a /16 under churn), so each is reused many times."""
+    n = hours * per_hour
+    created = np.sort(rng.integers(0, hours * 3600 * US, n)) + int(START.timestamp() * US)
+    # lifetimes: log-normal, median ~8 h, a tail of weeks to months
+    life = (np.exp(rng.normal(np.log(8 * 3600), 1.6, n)) * US).astype(np.int64) + 60 * US
+    end = int((START + dt.timedelta(hours=hours)).timestamp() * US)
+    deleted = created + life
+    alive = deleted >= end
+    soft = (rng.random(n) < 0.1) & ~alive
+    soft_at = np.where(soft, deleted - np.minimum(life // 2, 3600 * US), -1)
+    deleted = np.where(alive, -1, deleted)
+    # address allocation: a per-VM loop of the generator (not of what is measured)
+    free = [(0, a) for a in range(65_534)]
+    heapq.heapify(free)
+    addr = np.empty(n, np.int64)
+    for i in range(n):
+        t, a = heapq.heappop(free)
+        if t > created[i]:  # the pool is exhausted: should not happen at this churn
+            raise SystemExit(f"address pool exhausted at VM {i}")
+        addr[i] = a
+        heapq.heappush(free, (deleted[i] if deleted[i] >= 0 else end + 10**12, a))
+    return {"created": created, "deleted": deleted, "soft": soft_at, "addr": addr}
+
+
+def address_text(index: np.ndarray) -> pa.Array:
+    """10.64.0.1 ... 10.64.255.254 for indexes 0 .. 65,533, as canonical text (vectorised)."""
+    value = index + 1
+    third, fourth = value // 256, value % 256
+    text = np.char.add(np.char.add("10.64.", third.astype(str)), np.char.add(".", fourth.astype(str)))
+    return pa.array(text)
+
+
+def vm_ids(n: int, offset: int = 0) -> np.ndarray:
+    return np.array([str(uuid.UUID(int=(offset + i) * 7919 + 1)) for i in range(n)])
+
+
+def event_rows(plan: dict[str, np.ndarray], ids: np.ndarray, rng: np.random.Generator) -> pa.Table:
+    """vm_events rows exactly as the Nova parser makes them from the notifications (checked in main)."""
+    n = len(ids)
+    addrs = address_text(plan["addr"])
+    name = np.char.add("vm-", np.arange(n).astype(str))
+    project = np.char.add("project-", (np.arange(n) % 500).astype(str))
+    user = np.char.add("user-", (np.arange(n) % 2000).astype(str))
+    host = np.char.add("compute-", rng.integers(0, 200, n).astype(str))
+    parts = []
+
+    def add(
+        mask: np.ndarray, ts: np.ndarray, event_type: str, action: str, state: str, with_addr: bool
+    ) -> None:
+        idx = np.nonzero(mask)[0]
+        if not len(idx):
+            return
+        listed = pa.ListArray.from_arrays(
+            pa.array(np.arange(len(idx) + 1) if with_addr else np.zeros(len(idx) + 1, np.int64), pa.int32()),
+            addrs.take(pa.array(idx)) if with_addr else pa.array([], pa.string()),
+        )
+        parts.append(
+            pa.table(
+                {
+                    "ts": pa.array(ts[idx], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+                    "cloud": pa.array(["openstack"] * len(idx)),
+                    "vm_id": pa.array(ids[idx]),
+                    "vm_name": pa.array(name[idx]),
+                    "project": pa.array(project[idx]),
+                    "user": pa.array(user[idx]),
+                    "hypervisor": pa.array(host[idx]),
+                    "event_type": pa.array([event_type] * len(idx)),
+                    "action": pa.array([action] * len(idx)),
+                    "state": pa.array([state] * len(idx)),
+                    "addrs": listed,
+                    "event_id": pa.array([f"{event_type}-{v}" for v in ids[idx]]),
+                    "source": pa.array(["benchmark"] * len(idx)),
+                }
+            )
+        )
+
+    everyone = np.ones(n, bool)
+    gone = plan["deleted"] >= 0
+    add(everyone, plan["created"], "instance.create.start", "create", "building", False)
+    add(everyone, plan["created"] + 40 * US, "instance.create.end", "create", "active", True)
+    add(plan["soft"] >= 0, plan["soft"], "instance.soft_delete.end", "soft_delete", "soft_deleted", True)
+    add(gone, plan["deleted"], "instance.delete.start", "delete", "active", True)
+    add(gone, plan["deleted"] + 3 * US, "instance.delete.end", "delete", "deleted", False)
+    table = pa.concat_tables(parts, promote_options="default")
+    columns = {
+        f.name: table[f.name] if f.name in table.column_names else pa.nulls(len(table), f.type)
+        for f in VM_EVENTS
+    }
+    return pa.table(columns, schema=VM_EVENTS).sort_by("ts")
+
+
+def notification(template: dict, row: dict) -> str:
+    """One Nova versioned notification in the oslo envelope, made from a real sample."""
+    message = copy.deepcopy(template)
+    data = message["payload"]["nova_object.data"]
+    data.update(
+        uuid=row["vm_id"],
+        display_name=row["vm_name"],
+        host_name=row["vm_name"],
+        tenant_id=row["project"],
+        user_id=row["user"],
+        host=row["hypervisor"],
+        state=row["state"],
+    )
+    ips = data.get("ip_addresses") or []
+    if row["addrs"] and ips:
+        ips[0]["nova_object.data"]["address"] = row["addrs"][0]
+        data["ip_addresses"] = ips[:1]
+    elif not row["addrs"]:
+        data["ip_addresses"] = []
+    message["message_id"] = row["event_id"]
+    message["timestamp"] = row["ts"].strftime("%Y-%m-%d %H:%M:%S.%f")
+    return json.dumps({"oslo.version": "2.0", "oslo.message": json.dumps(message)})
+
+
+def write_notifications(rows: pa.Table, path: Path) -> None:
+    templates = {}
+    for event_type in set(rows["event_type"].to_pylist()):
+        name = event_type.removeprefix("instance.").replace(".", "-").replace("_", "_")
+        templates[event_type] = json.loads((REALDATA / f"instance-{name}.json").read_text())
+    # a template without an address (delete.end of a deleted VM) still needs an ip list to fill: take create's
+    with open(path, "w") as out:
+        for row in rows.to_pylist():
+            template = templates[row["event_type"]]
+            if row["addrs"] and not template["payload"]["nova_object.data"].get("ip_addresses"):
+                template = copy.deepcopy(template)
+                template["payload"]["nova_object.data"]["ip_addresses"] = copy.deepcopy(
+                    templates["instance.create.end"]["payload"]["nova_object.data"]["ip_addresses"]
+                    if "instance.create.end" in templates
+                    else json.loads((REALDATA / "instance-create-end.json").read_text())["payload"][
+                        "nova_object.data"
+                    ]["ip_addresses"]
+                )
+            out.write(notification(template, row) + "\n")
+
+
+def land_year(lake: Lake, events: pa.Table) -> None:
+    days = events["ts"].cast(pa.date32()).to_numpy()
+    bounds = np.flatnonzero(np.diff(days.astype(np.int64))) + 1
+    for chunk in np.split(np.arange(len(days)), bounds):
+        day = str(days[chunk[0]])
+        ingest_table(
+            lake, "vm_events", f"benchmark-{day}", hash_bytes(f"bench-{day}".encode()), [events.take(chunk)]
+        )
+
+
+def next_hour(plan: dict[str, np.ndarray], ids: np.ndarray, hours: int, per_hour: int, rng) -> pa.Table:
+    """The hour after the year: per_hour new VMs (create.start/.end) and deletes of VMs alive at the end."""
+    end = int((START + dt.timedelta(hours=hours)).timestamp() * US)
+    alive = np.flatnonzero(plan["deleted"] < 0)
+    leaving = rng.choice(alive, min(len(alive), 150), replace=False)
+    held = set(plan["addr"][alive].tolist())
+    free = np.array(sorted(set(range(65_534)) - held))[:per_hour]
+    new = {
+        "created": np.sort(rng.integers(end, end + 3600 * US, per_hour)),
+        "deleted": np.full(per_hour, -1),
+        "soft": np.full(per_hour, -1),
+        "addr": free,
+    }
+    new_rows = event_rows(new, vm_ids(per_hour, len(ids)), rng)
+    old = {
+        "created": plan["created"][leaving],
+        "deleted": rng.integers(end, end + 3600 * US, len(leaving)),
+        "soft": np.full(len(leaving), -1),
+        "addr": plan["addr"][leaving],
+    }
+    old_rows = event_rows(old, ids[leaving], rng)
+    old_rows = old_rows.filter(pa.compute.starts_with(old_rows["event_type"], "instance.delete"))
+    return pa.concat_tables([new_rows, old_rows]).sort_by("ts")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--hours", type=int, default=8760, help="history length (default a year)")
+    parser.add_argument("--per-hour", type=int, default=350, help="VMs created per hour")
+    parser.add_argument("--probes", type=int, default=1000)
+    parser.add_argument("--lake", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(18)
+    root = args.lake or Path(tempfile.mkdtemp(prefix="tracepipe-leases-"))
+    try:
+        started = time.perf_counter()
+        plan = plan_vms(args.hours, args.per_hour, rng)
+        ids = vm_ids(len(plan["created"]))
+        events = event_rows(plan, ids, rng)
+        print(
+            f"generated {len(ids):,} VMs, {events.num_rows:,} events over {args.hours:,} h "
+            f"({time.perf_counter() - started:.1f} s)"
+        )
+        # the generator's rows are the parser's: write 200 VMs as notifications and parse them back
+        sample = pa.compute.is_in(events["vm_id"], pa.array(ids[:200]))
+        sample_rows = events.filter(sample)
+        sample_path = root.parent / f"{root.name}-sample.jsonl"
+        root.mkdir(parents=True, exist_ok=True)
+        write_notifications(sample_rows, sample_path)
+        parsed, rejects = parse_cloud_text(sample_path.read_text(), str(sample_path))
+        keep = [
+            "ts",
+            "vm_id",
+            "vm_name",
+            "project",
+            "user",
+            "hypervisor",
+            "event_type",
+            "action",
+            "state",
+            "addrs",
+        ]
+        same = (
+            parsed.select(keep)
+            .sort_by([("ts", "ascending"), ("event_type", "ascending")])
+            .equals(sample_rows.select(keep).sort_by([("ts", "ascending"), ("event_type", "ascending")]))
+        )
+        print(
+            f"generator vs Nova parser on 200 VMs: {'identical' if same else 'DIFFERENT'} ({rejects.num_rows} rejects)"
+        )
+        sample_path.unlink()
+
+        lake = Lake(root / "year")
+        t = time.perf_counter()
+        land_year(lake, events)
+        print(f"landed the year in {len(lake.files('vm_events'))} files ({time.perf_counter() - t:.1f} s)")
+        t = time.perf_counter()
+        built = correlate(lake, reclaim_interval=RECLAIM, full=True)
+        full_s = time.perf_counter() - t
+        assert built.error is None, built.error
+        print(
+            f"full build: {built.leases['events']:,} events -> {built.lease_rows:,} leases, {built.vms:,} VMs in "
+            f"{built.leases['seconds']:.1f} s ({built.leases['events'] / built.leases['seconds'] / 1e6:.2f} M events/s;"
+            f" with reading and writing the lake {full_s:.1f} s)"
+        )
+
+        hour = next_hour(plan, ids, args.hours, args.per_hour, rng)
+        notes = root / "next-hour.jsonl"
+        write_notifications(hour, notes)
+        timings = {}
+        for label, target in (("year-old lake", lake), ("empty lake", Lake(root / "empty"))):
+            t = time.perf_counter()
+            report = ingest_vm_files(target, [notes])
+            done = correlate(target, reclaim_interval=RECLAIM)
+            timings[label] = time.perf_counter() - t
+            assert done.error is None and report.rejects == 0, (done.error, report.rejects)
+            print(
+                f"next hour ({report.rows:,} notifications) into the {label}: {timings[label]:.2f} s "
+                f"(leases: {done.leases['mode']}, {done.leases.get('addresses', 0)} addresses, "
+                f"{done.leases['events']:,} events replayed)"
+            )
+        ratio = timings["year-old lake"] / timings["empty lake"]
+        print(f"year-old / empty: {ratio:.2f}x (goal <= 3x and <= 2 s)")
+
+        # who: probes at a random instant inside a random VM's life (a deleted one's too), known answers
+        picks = rng.choice(len(ids), args.probes, replace=False)
+        end_us = int((START + dt.timedelta(hours=args.hours)).timestamp() * US)
+        stop = np.where(plan["deleted"] >= 0, plan["deleted"] + 3 * US, end_us)
+        start = plan["created"] + 40 * US
+        at = start[picks] + (rng.random(args.probes) * (stop[picks] - start[picks])).astype(np.int64)
+        addrs = address_text(plan["addr"][picks]).to_pylist()
+        latencies, right = [], 0
+        for i, pick in enumerate(picks):
+            when = dt.datetime.fromtimestamp(at[i] / US, dt.UTC)
+            t = time.perf_counter()
+            answer = who(lake, addrs[i], when, window=dt.timedelta(0))
+            latencies.append(time.perf_counter() - t)
+            right += [lease["vm_id"] for lease in answer.leases] == [ids[pick]]
+        p50, p95 = np.percentile(latencies, [50, 95])
+        print(f"who over {args.probes} probes: p50 {p50:.3f} s, p95 {p95:.3f} s, right {right}/{args.probes}")
+        print(f"peak RSS {peak_rss_mib():,.0f} MiB")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

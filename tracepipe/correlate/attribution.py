@@ -1,0 +1,297 @@
+"""Attribution: give flows and VM log lines the VM whose lease held their address then (lease_at.py).
+
+`correlate(lake, days)` is what runs after ingest (the CLI, the collector's committer and sweeps call it;
+ingest itself never does): it brings vm_leases/vms up to the events landed (incrementally, leases.py), then
+rewrites the flow and vm_logs files of the days whose leases changed plus the days ingest touched.
+`attribute_flows(lake, days)` rewrites flow files through Lake.rewrite (one commit per day, streamed one row
+group at a time): `src_vm`/`dst_vm` = vm_id of the lease valid at ts_start, and `attributed_at` set; every
+other column stays as it was, rerunning gives the same rows. The log's null count of attributed_at tells
+`flows_attributed` which files to trust (a null src_vm there means "nobody held the address") and which to
+join at query time. A failure of any of this is an AttributionError (exit code 5): the input has landed and
+`tracepipe attribute` (or `tracepipe leases rebuild`) finishes the job.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from tracepipe.correlate.lease_at import LeaseIndex, lease_index, read_leases
+from tracepipe.correlate.leases import LeaseUpdate, refresh_leases
+from tracepipe.errors import EXIT_ATTRIBUTION, EXIT_OK, AttributionError, LakeError, TracepipeError
+from tracepipe.lake import Lake, conform
+from tracepipe.schema import VM_LOGS
+
+__all__ = [
+    "AttributionResult",
+    "CorrelationResult",
+    "LeaseIndex",
+    "attribute_flows",
+    "attribute_lake",
+    "attribute_logs",
+    "attribute_table",
+    "correlate",
+    "days_left_to_attribute",
+    "lease_index",
+    "reattribute_logs",
+]
+
+
+def attribute_table(
+    flows: pa.Table | pa.RecordBatch, index: LeaseIndex, when: dt.datetime | None = None
+) -> pa.Table | pa.RecordBatch:
+    """`flows` with src_vm / dst_vm set from the lease index and attributed_at = `when` (default now); every
+    other column untouched."""
+    src = index.lookup(flows.column("src_addr"), flows.column("ts_start")).column("vm_id").combine_chunks()
+    dst = index.lookup(flows.column("dst_addr"), flows.column("ts_start")).column("vm_id").combine_chunks()
+    stamp = pa.array([when or dt.datetime.now(dt.UTC)], pa.timestamp("us", tz="UTC")).take(
+        pa.array(np.zeros(len(flows), np.int32))
+    )
+    columns = {"src_vm": src, "dst_vm": dst, "attributed_at": stamp}
+    for name, values in columns.items():
+        if name in flows.schema.names:
+            flows = flows.set_column(flows.schema.names.index(name), name, values)
+        else:
+            flows = flows.append_column(name, values)
+    return flows
+
+
+def attribute_flows(
+    lake: Lake,
+    days: Iterable[str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Set src_vm/dst_vm/attributed_at of the flows of `days` (None = all) from the current vm_leases.
+
+    One commit per day through Lake.rewrite (memory: the leases plus one batch). Returns {"days", "files",
+    "rows", "src_attributed", "dst_attributed", "leases", "seconds"}. `progress` is called after each day
+    with (day, days done, days total).
+    """
+    started = time.perf_counter()
+    days_list = sorted(set(days)) if days is not None else None
+    summary: dict[str, Any] = {
+        "days": days_list if days_list is not None else lake.days("flows"),
+        "files": 0,
+        "rows": 0,
+        "src_attributed": 0,
+        "dst_attributed": 0,
+        "leases": 0,
+        "seconds": 0.0,
+    }
+    if not lake.files("flows", days_list):
+        return summary
+    leases_version = lake.version("vm_leases")  # read before the leases: never newer than what is applied
+    index = lease_index(lake)
+    summary["leases"] = len(index)
+    when = dt.datetime.now(dt.UTC)
+
+    def attributed(batch: pa.RecordBatch) -> pa.RecordBatch:
+        batch = attribute_table(batch, index, when)
+        summary["src_attributed"] += len(batch) - batch.column("src_vm").null_count
+        summary["dst_attributed"] += len(batch) - batch.column("dst_vm").null_count
+        return batch
+
+    done = lake.rewrite(
+        "flows",
+        days_list,
+        attributed,
+        info={"operation": "attribute", "leases": len(index), "leases_version": leases_version},
+        progress=progress,
+    )
+    summary["files"] = done["files_removed"]
+    summary["rows"] = done["rows"]
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def attribute_logs(logs: pa.Table, leases: pa.Table) -> pa.Table:
+    """(Re)set vm_id of VM log lines: the VM whose lease held `sender_addr` at the line's time (lease_at);
+    lines without a sender address go by hostname (or its first label) = vm_name among the VMs holding a
+    lease then, when exactly one does; else null."""
+    if logs.num_rows == 0 or leases.num_rows == 0:
+        return logs.set_column(
+            logs.schema.get_field_index("vm_id"), "vm_id", pa.nulls(logs.num_rows, pa.string())
+        )
+    by_addr = LeaseIndex(leases).lookup(logs.column("sender_addr"), logs.column("ts")).column("vm_id")
+    frame = pl.from_arrow(logs).with_row_index("_row").with_columns(pl.Series("_by_addr", by_addr))
+    lease = pl.from_arrow(leases.select(["vm_id", "vm_name", "valid_from", "valid_to"]))
+    assert isinstance(frame, pl.DataFrame) and isinstance(lease, pl.DataFrame)
+    # by name: a VM's span from its first lease to its last (its name may move to another VM after)
+    spans = (
+        lease.filter(pl.col("vm_name").is_not_null())
+        .group_by("vm_name", "vm_id")
+        .agg(
+            pl.col("valid_from").min(),
+            pl.col("valid_to").max(),
+            pl.col("valid_to").is_null().any().alias("_open"),
+        )
+    )
+    named = frame.filter(pl.col("sender_addr").is_null() & pl.col("hostname").is_not_null()).select(
+        "_row", "ts", pl.col("hostname").str.split(".").list.first().alias("_short"), "hostname"
+    )
+    candidates = pl.concat(
+        [
+            named.join(spans, left_on="hostname", right_on="vm_name"),
+            named.filter(pl.col("_short") != pl.col("hostname")).join(
+                spans, left_on="_short", right_on="vm_name"
+            ),
+        ],
+        how="diagonal_relaxed",
+    )
+    by_name = (
+        candidates.filter(
+            (pl.col("ts") >= pl.col("valid_from")) & (pl.col("_open") | (pl.col("ts") < pl.col("valid_to")))
+        )
+        .group_by("_row")
+        .agg(pl.col("vm_id").unique().alias("_ids"))
+        .filter(pl.col("_ids").list.len() == 1)  # two VMs of that name alive then: do not guess
+        .select("_row", pl.col("_ids").list.first().alias("_by_name"))
+    )
+    frame = (
+        frame.join(by_name, on="_row", how="left")
+        .with_columns(pl.coalesce("_by_addr", "_by_name").alias("vm_id"))
+        .sort("_row")
+    )
+    return frame.select([f.name for f in VM_LOGS]).to_arrow().cast(VM_LOGS)
+
+
+def reattribute_logs(lake: Lake, days: Iterable[str]) -> tuple[int, int]:
+    """Re-set vm_id of the vm_logs lines of `days` from the current leases, one commit per day. Returns
+    (files rewritten, lines attributed to a VM)."""
+    days = sorted(set(days))
+    if not days or not lake.files("vm_logs", days):
+        return 0, 0
+    leases = read_leases(lake, columns=["addr", "vm_id", "vm_name", "valid_from", "valid_to"])
+    attributed = 0
+
+    def again(batch: pa.RecordBatch) -> pa.Table:
+        nonlocal attributed
+        table = attribute_logs(conform(pa.Table.from_batches([batch]), VM_LOGS), leases)
+        attributed += table.num_rows - table.column("vm_id").null_count
+        return table
+
+    files = lake.rewrite("vm_logs", days, again, info={"operation": "attribute logs"})["files_removed"]
+    return files, attributed
+
+
+ATTRIBUTION_HISTORY = 300  # flows commits searched for the re-attribution of the last lease update
+
+
+def days_left_to_attribute(lake: Lake) -> set[str]:
+    """The days that the last lease update changed and that no attribution with those leases has rewritten
+    since (or not within the last ATTRIBUTION_HISTORY flows commits: then again, idempotent): what a run
+    killed between the lease commit and the re-attribution left to do."""
+    built = next(iter(lake.commit_infos("vm_leases")), {})
+    days = set(built.get("days", [])) & set(lake.days("flows"))
+    if not days:
+        return days
+    for info in lake.commit_infos("flows", ATTRIBUTION_HISTORY):
+        if info.get("operation") == "attribute" and info.get("leases_version") == built["version"]:
+            days.discard(info.get("day"))
+    return days
+
+
+@dataclass
+class CorrelationResult:
+    """What correlation did after ingest: the lease update (full or incremental), the days re-attributed,
+    flows and VM log lines attributed. `error` and exit code 5 when it failed (what landed stays landed)."""
+
+    leases: dict[str, Any] = field(default_factory=dict)
+    days: list[str] = field(default_factory=list)
+    flows: dict[str, Any] | None = None
+    logs_files: int = 0
+    logs_attributed: int | None = None
+    lease_rows: int = 0
+    vms: int = 0
+    error: str | None = None
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def correlate(
+    lake: Lake,
+    days: Iterable[str] = (),
+    log_days: Iterable[str] = (),
+    reclaim_interval: dt.timedelta | None = None,
+    full: bool = False,
+) -> CorrelationResult:
+    """After ingest: update the leases from the events landed since they were built, then attribute the flows
+    of `days` and the VM log lines of `log_days` (what ingest touched) and of every day whose leases changed.
+    Never raises for a failure of its own: the result carries it (exit code 5) so that the caller still
+    reports what landed; environment errors (TracepipeError) keep their own code."""
+    result = CorrelationResult()
+    try:
+        update: LeaseUpdate = (
+            refresh_leases(lake, reclaim_interval, full=full) if lake.files("vm_events") else LeaseUpdate()
+        )
+        result.leases = update.to_dict()
+        changed = update.days | days_left_to_attribute(lake)
+        flow_days = (changed | set(days)) & set(lake.days("flows"))
+        if flow_days and lake.files("vm_leases"):
+            result.flows = attribute_flows(lake, flow_days)
+        logs = (changed | set(log_days)) & set(lake.days("vm_logs"))
+        if logs:
+            result.logs_files, result.logs_attributed = reattribute_logs(lake, logs)
+        result.days = sorted(flow_days | logs)
+        result.lease_rows = sum(e.rows for e in lake.entries("vm_leases"))
+        result.vms = sum(e.rows for e in lake.entries("vms"))
+    except TracepipeError as exc:
+        result.error = str(exc)
+        result.exit_code = exc.exit_code if not isinstance(exc, LakeError) else EXIT_ATTRIBUTION
+    except Exception as exc:  # a bug or a planted file: report it with its own exit code, never swallow it
+        result.error = f"{type(exc).__name__}: {exc}"
+        result.exit_code = EXIT_ATTRIBUTION
+    if result.error:
+        result.error = (
+            f"attribution failed: {result.error}. What was ingested has landed; finish with "
+            f"`tracepipe leases rebuild --lake {lake.root}` (it rebuilds the leases and attributes every day)"
+        )
+    return result
+
+
+@dataclass
+class AttributionResult:
+    """What `tracepipe attribute` did. Exit code 0 also when the days hold no flows (rows 0: nothing to do is
+    an answer); a day that does not parse is a UsageError (2); no lake, or one that cannot be rewritten, a
+    LakeError (4); a failure of attribution itself an AttributionError (5)."""
+
+    days: list[str] = field(default_factory=list)
+    files: int = 0
+    rows: int = 0
+    src_attributed: int = 0
+    dst_attributed: int = 0
+    leases: int = 0
+    seconds: float = 0.0
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def attribute_lake(
+    lake: Lake,
+    days: Iterable[str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> AttributionResult:
+    """`attribute_flows` for a person repairing a lake: refuses a path that holds no lake instead of
+    reporting 0 flows, and returns a result object (what ingest and upgrade embed is the plain summary)."""
+    if not lake.root.is_dir():
+        raise LakeError(f"no lake at {lake.root}; pass --lake or set TRACEPIPE_LAKE")
+    try:
+        return AttributionResult(**attribute_flows(lake, days, progress))
+    except TracepipeError:
+        raise
+    except Exception as exc:
+        raise AttributionError(
+            f"attribution failed: {type(exc).__name__}: {exc}. Rebuild the leases with "
+            f"`tracepipe leases rebuild --lake {lake.root}`, then run this again"
+        ) from exc

@@ -1,0 +1,126 @@
+"""Who held address X at time T: the one answer, for flows, VM log lines, alerts and `tracepipe who`.
+
+Semantics (the SQL in tracepipe/sql/views.sql reads the same vm_leases rows the same way):
+  * a lease holds its address on the half-open interval [valid_from, valid_to); valid_to null = still held.
+    At the instant one lease ends and the next begins (reuse, migration split), the NEW lease holds it.
+  * build_leases never lets two leases of one address overlap. Should a lake hold overlapping rows anyway (a
+    hand-edited or planted file), the lease that started last wins; equal starts: the greater vm_id.
+  * addresses are compared as canonical text (10.1.2.3, 2001:db8::1), as the lake stores them.
+  * no lease, or the address's last lease before T ended at or before T: null (nobody held it).
+
+`lease_at(leases, addresses, times)` takes Arrow/polars columns and returns columns (one row per input,
+nulls where nobody held the address): numpy searches over a sorted (address, start) key, no per-row Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from tracepipe.schema import VM_LEASES
+
+_NEVER = np.iinfo(np.int64).max  # valid_to of a lease still held
+Column = pa.Array | pa.ChunkedArray | pl.Series
+
+
+def _arrow(column: Column) -> pa.Array:
+    if isinstance(column, pl.Series):
+        column = column.to_arrow()
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    return column
+
+
+def _micros(column: Column, fill: int) -> np.ndarray:
+    """A timestamp column as int64 microseconds, nulls replaced by `fill`."""
+    values = _arrow(column).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    return pc.fill_null(values, fill).to_numpy()
+
+
+class LeaseIndex:
+    """vm_leases rows indexed so that "which row was valid for (addr, ts)" is a few vectorised numpy searches
+    per batch, whatever the batch size.
+
+    Leases do not overlap per address, so the answer is the last lease of that address that started at or
+    before ts, if it had not ended yet. To search on (address, start) with one sorted int64 key, times are
+    replaced by their rank among all lease starts (rank(start) <= rank(ts) exactly when start <= ts), which
+    keeps the key small (addresses x leases) whatever the time span."""
+
+    def __init__(self, leases: pa.Table) -> None:
+        if "vm_id" in leases.column_names and leases.num_rows:
+            # the tie-break of the module docstring: among equal (addr, valid_from) the greater vm_id comes last
+            leases = leases.sort_by(
+                [("addr", "ascending"), ("valid_from", "ascending"), ("vm_id", "ascending")]
+            )
+        self.leases = leases
+        self.addrs = pc.unique(_arrow(leases["addr"]))
+        addr_id = pc.index_in(_arrow(leases["addr"]), value_set=self.addrs).to_numpy().astype(np.int64)
+        valid_from = _micros(leases["valid_from"], fill=0)
+        valid_to = _micros(leases["valid_to"], fill=_NEVER)
+        self.starts = np.sort(valid_from)
+        self.stride = len(valid_from) + 1
+        key = addr_id * self.stride + np.searchsorted(self.starts, valid_from, side="right")
+        self.order = np.argsort(key, kind="stable")
+        self.keys = key[self.order]
+        self.addr_id = addr_id[self.order]
+        self.valid_to = valid_to[self.order]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def rows(self, addresses: Column, times: Column) -> pa.Array:
+        """Row number in `leases` of the lease valid for each (address, time); null where nobody held it."""
+        if len(self.keys) == 0:
+            return pa.nulls(len(addresses), pa.int64())
+        aid = pc.fill_null(pc.index_in(_arrow(addresses), value_set=self.addrs), -1).to_numpy()
+        aid = aid.astype(np.int64)
+        when = _micros(times, fill=0)
+        key = aid * self.stride + np.searchsorted(self.starts, when, side="right")
+        idx = np.searchsorted(self.keys, key, side="right") - 1
+        safe = np.where(idx >= 0, idx, 0)
+        held = (aid >= 0) & (idx >= 0) & (self.addr_id[safe] == aid) & (when < self.valid_to[safe])
+        return pa.array(self.order[safe], pa.int64(), mask=~held)
+
+    def lookup(self, addresses: Column, times: Column, columns: Sequence[str] = ("vm_id",)) -> pa.Table:
+        """`columns` of the lease valid for each (address, time), one row per input; nulls where none."""
+        rows = self.rows(addresses, times)
+        if self.leases.num_rows == 0:
+            return pa.table({c: pa.nulls(len(rows), VM_LEASES.field(c).type) for c in columns})
+        return self.leases.select(list(columns)).take(rows)
+
+
+def lease_at(
+    leases: pa.Table, addresses: Column, times: Column, columns: Sequence[str] = ("vm_id",)
+) -> pa.Table:
+    """Who held each address at each time: `columns` of vm_leases (vm_id, vm_name, project, ...), one row per
+    (address, time), nulls where nobody held the address then. See the module docstring for the rules."""
+    return LeaseIndex(leases).lookup(addresses, times, columns)
+
+
+def read_leases(
+    lake: Any, addresses: Iterable[str] | None = None, columns: Sequence[str] | None = None
+) -> pa.Table:
+    """vm_leases of the lake (only the rows of `addresses`, skipping row groups by their addr statistics)."""
+    wanted = list(columns) if columns is not None else VM_LEASES.names
+    paths = [str(p) for p in lake.files("vm_leases")]
+    schema = pa.schema([VM_LEASES.field(c) for c in wanted])
+    if not paths:
+        return schema.empty_table()
+    dataset = ds.dataset(paths, format="parquet", schema=VM_LEASES)
+    where = None
+    if addresses is not None:
+        where = pc.field("addr").isin(pa.array(sorted(set(addresses)), pa.string()))
+    return dataset.to_table(columns=wanted, filter=where).cast(schema)
+
+
+def lease_index(lake: Any, addresses: Iterable[str] | None = None) -> LeaseIndex:
+    """The lake's vm_leases (or the rows of some addresses) as a LeaseIndex."""
+    return LeaseIndex(read_leases(lake, addresses, ["addr", "vm_id", "valid_from", "valid_to"]))
