@@ -63,3 +63,68 @@ def test_jsonl_with_local_zone_and_floating():
 def test_csv_missing_required_column_rejects_file():
     events, rejects = parse_cloud_text("ts,vm_name\n2024-01-01T00:00:00Z,x\n", "bad.csv", fmt="csv")
     assert events.num_rows == 0 and rejects.to_pydict()["reason"] == ["missing columns"]
+
+
+# ---- hostile input (issue 12, items 8 and 9) -------------------------------------------------------------------
+
+_GOOD = [f"2024-03-12T0{i}:00:00Z,v{i},create,10.0.0.{i}" for i in range(1, 10)]
+
+
+def test_one_bad_csv_line_rejects_that_line_and_the_other_eight_land(tmp_path):
+    # before: polars failed on the whole file -> 0 rows, one "unreadable CSV" reject, exit 4
+    from tracepipe.errors import EXIT_PARTIAL
+    from tracepipe.ingest.vm import ingest_vm_files
+    from tracepipe.lake import Lake
+
+    rows = list(_GOOD)
+    rows[4] = '2024-03-12T05:00:00Z,"v5,create'  # an unclosed quote: would swallow every line after it
+    path = tmp_path / "inventory.csv"
+    path.write_text("ts,vm_id,action,addr\n" + "\n".join(rows) + "\n")
+    report = ingest_vm_files(Lake(tmp_path / "lake"), [path])
+    assert (report.rows, report.rejects, report.exit_code) == (8, 1, EXIT_PARTIAL)
+    stored = Lake(tmp_path / "lake").read("rejects").to_pylist()
+    assert [(r["line"], r["reason"]) for r in stored] == [(6, "malformed CSV line")]
+
+
+def test_csv_lines_with_wrong_cell_counts_and_quoted_commas():
+    text = (
+        "\ufeffts,vm_id,vm_name,action,addr\n"
+        '2024-03-12T01:00:00Z,v1,"web, the first",create,10.0.0.1\n'
+        "2024-03-12T02:00:00Z,v2,x,create,10.0.0.2,extra\n"
+        "2024-03-12T03:00:00Z,v3\n"
+        "2024-03-12T04:00:00Z,v4,y,create,10.0.0.4\n"
+    )
+    events, rejects = parse_cloud_text(text, "x.csv", fmt="csv")
+    assert events.column("vm_name").to_pylist() == ["web, the first", "y"]
+    assert rejects.to_pydict()["line"] == [3, 4]
+    assert rejects.to_pydict()["reason"] == ["wrong number of columns"] * 2
+
+
+def test_generic_addresses_times_ids_and_json_types():
+    rows = [
+        {"ts": "2024-03-12T01:00:00Z", "vm_id": "v1", "action": "create", "addr": "2001:DB8::0001"},
+        {"ts": "2024-03-12T02:00:00Z", "vm_id": "v2", "action": "create", "addr": "not-an-ip"},
+        {"ts": "0001-01-01T00:00:00Z", "vm_id": "v3", "action": "create", "addr": "10.0.0.3"},
+        {"ts": "9999-12-31T23:59:59Z", "vm_id": "v4", "action": "create", "addr": "10.0.0.4"},
+        {"ts": "2024-03-12T05:00:00Z", "vm_id": {"a": 1}, "action": "create"},
+        {"ts": "2024-03-12T06:00:00Z", "vm_id": "v6", "action": ["create"]},
+        {"ts": "2024-03-12T07:00:00Z", "vm_id": 7, "action": "create", "addr": "10.0.0.7"},  # numeric ids: ok
+        {"ts": "2024-03-12T08:00:00Z", "vm_id": " ", "action": "create"},
+        {"ts": True, "vm_id": "v9", "action": "create"},
+    ]
+    events, rejects = parse_cloud_text("\n".join(json.dumps(r) for r in rows), "x.jsonl", fmt="jsonl")
+    d = events.to_pydict()
+    assert (d["vm_id"], d["addr"], d["addrs"]) == (
+        ["v1", "7"],
+        ["2001:db8::1", "10.0.0.7"],
+        [["2001:db8::1"], ["10.0.0.7"]],
+    )
+    assert list(zip(rejects.to_pydict()["line"], rejects.to_pydict()["reason"], strict=True)) == [
+        (3, "time out of range"),
+        (4, "time out of range"),
+        (5, "wrong JSON type"),
+        (6, "wrong JSON type"),
+        (8, "missing vm_id"),
+        (9, "wrong JSON type"),
+        (2, "not an IP address"),  # found when the table is finished (all addresses at once)
+    ]

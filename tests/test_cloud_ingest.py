@@ -4,6 +4,7 @@ with file and line number and exit code 3, and flows re-attributed for the days 
 
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
+from tests.conftest import run_tracepipe
 from tracepipe.ingest.vm import ingest_vm_files
 from tracepipe.lake import Lake
 from tracepipe.query import scan_sql
@@ -230,3 +232,70 @@ def test_grown_or_resent_file_adds_only_new_events(tmp_path):
     assert ingest_vm_files(lake, [one]).rows == 5
     one.write_text((DATA / "opennebula" / "42.log").read_text())
     assert ingest_vm_files(lake, [one]).rows == 5
+
+
+# ---- inputs that are not regular files (issue 12, item 8) ------------------------------------------------------
+
+
+@pytest.fixture
+def odd_paths(tmp_path_factory):
+    """A FIFO, a directory, /dev/null, a listening UNIX socket, a dangling symlink (short paths: sockets)."""
+    import socket
+    import tempfile
+
+    where = Path(tempfile.mkdtemp(prefix="tp-odd-"))
+    fifo = where / "fifo"
+    os.mkfifo(fifo)
+    (where / "dir").mkdir()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(where / "sock"))
+    (where / "dangling").symlink_to(where / "gone")
+    yield {
+        "fifo": fifo,
+        "dir": where / "dir",
+        "devnull": Path("/dev/null"),
+        "socket": where / "sock",
+        "dangling": where / "dangling",
+    }
+    sock.close()
+
+
+@pytest.mark.parametrize(
+    "command", [("ingest", "netflow"), ("ingest", "vm"), ("ingest", "syslog"), ("intel", "import")]
+)
+def test_a_fifo_is_named_and_never_blocks_any_ingest_command(tmp_path, odd_paths, command):
+    # before: `intel import FIFO` blocked for ever in open(); the ingest commands said "no such file"
+    run = run_tracepipe(*command, str(odd_paths["fifo"]), "--lake", str(tmp_path / "lake"), timeout=60)
+    assert run.returncode == 4, run.stderr + run.stdout
+    said = " ".join((run.stderr + run.stdout).split())
+    assert "is not a regular file (FIFO)" in said and "no such file" not in said
+    assert "internal error" not in said
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("devnull", "is not a regular file (character device)"),
+        ("socket", "is not a regular file (socket)"),
+        ("dangling", "is a symbolic link to"),
+        ("dir", "is a directory (give the capture files in it, e.g. DIR/*.pcap)"),
+    ],
+)
+def test_odd_inputs_are_named_for_what_they_are(tmp_path, odd_paths, kind, expected):
+    from tracepipe.errors import InputError
+    from tracepipe.ingest.flows import ingest_flow_files
+    from tracepipe.ingest.vm import ingest_syslog_files
+    from tracepipe.intel import import_intel
+
+    lake = Lake(tmp_path / "lake")
+    path = odd_paths[kind]
+    summary = ingest_flow_files(lake, [path, STORY])  # the Nova dump is no capture: rejected, not landed
+    assert summary.files[0].message.startswith(expected) and summary.exit_code == 4
+    if kind == "dir":  # vm and syslog read the files in a directory; intel wants the export itself
+        assert ingest_syslog_files(lake, [path]).rows == 0
+        with pytest.raises(InputError, match=r"is a directory \(give the export file itself\)"):
+            import_intel(lake, path)
+        return
+    for ingest in (ingest_vm_files, ingest_syslog_files, import_intel):
+        with pytest.raises(InputError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            ingest(lake, [path]) if ingest is not import_intel else ingest(lake, path)

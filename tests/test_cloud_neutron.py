@@ -113,3 +113,43 @@ def test_port_details_name_the_vm_and_port_unbind_detaches():
     got = {(r["addr"], r["vm_id"], r["valid_to"], r["end_reason"]) for r in leases.to_pylist()}
     unbound = dt.datetime(2012, 11, 18, 2, tzinfo=dt.UTC)
     assert got == {("192.168.5.201", "vm-pd", None, None), ("172.16.59.10", "vm-pd", unbound, "detach")}
+
+
+def _sample(name: str) -> dict:
+    return json.loads((DATA / "neutron" / name).read_text())
+
+
+def test_hostile_neutron_fields_reject_their_line_and_addresses_are_canonical():
+    base = _sample("floatingip.update.end_associate.json")
+
+    def variant(**floatingip) -> str:
+        message = json.loads(json.dumps(base))
+        message["payload"]["floatingip"].update(floatingip)
+        return json.dumps(message)
+
+    lines = [
+        variant(floating_ip_address="2001:DB8::00C8", fixed_ip_address="2001:db8:0:0::10"),
+        variant(floating_ip_address="not-an-ip"),
+        variant(fixed_ip_address="999.1.1.1"),
+        variant(id=None),
+        variant(port_id={"nested": "object"}),
+        json.dumps({**base, "payload": ["a", "list"]}),
+        json.dumps({**base, "timestamp": "9999-01-01 00:00:00"}),
+        json.dumps({**base, "timestamp": "not a time"}),
+        json.dumps({**base, "timestamp": None}),
+    ]
+    events, rejects = parse_cloud_text("\n".join(lines) + "\n", "n.jsonl", fmt="neutron")
+    assert events.to_pydict()["addr"] == ["2001:db8::c8"] and events.to_pydict()["addrs"] == [
+        ["2001:db8::10"]
+    ]
+    got = sorted(zip(rejects.to_pydict()["line"], rejects.to_pydict()["reason"], strict=True))
+    assert got == [
+        (2, "not an IP address"),
+        (3, "not an IP address"),  # the fixed address of an association: the row means nothing without it
+        (4, "floating IP event without id"),
+        (5, "wrong JSON type"),
+        (6, "wrong JSON type"),
+        (7, "time out of range"),
+        (8, "bad timestamp"),
+        (9, "notification without timestamp"),
+    ]

@@ -140,3 +140,118 @@ def test_any_text_gives_rows_or_rejects_never_a_crash(text, fmt):
     events, rejects = parse_cloud_text(text, "fuzz", fmt=fmt)
     assert events.num_rows >= 0 and rejects.num_rows >= 0
     assert set(events.column("action").to_pylist()) <= set(VM_ACTIONS)
+
+
+# ---- hostile input (issue 12, items 8 and 9): bad records are rejects with their line, the rest lands ----------
+
+
+def _story_message(index: int = 1) -> dict:
+    """Message `index` of the real story dump (oslo envelope unwrapped)."""
+    line = (DATA / "notifications.jsonl").read_text().splitlines()[index]
+    return json.loads(json.loads(line)["oslo.message"])
+
+
+def _hostile_dump(*changes) -> str:
+    """The story's web-01 create.end (192.168.1.3), once as it is (line 1), then once per change(message)."""
+    lines = [json.dumps(_story_message())]
+    for change in changes:
+        message = _story_message()
+        message["message_id"] = f"m-{len(lines) + 1}"
+        change(message)
+        lines.append(json.dumps(message))
+    return "\n".join(lines) + "\n"
+
+
+def _data(message: dict) -> dict:
+    return message["payload"]["nova_object.data"]
+
+
+def test_unparseable_or_absurd_timestamp_is_a_reject_not_a_fallback_to_the_payload_date():
+    # before: "garbage" silently became the instance's updated_at (2012 in the doc samples), years 1 and 9999
+    # landed, and 0001-01-01T00:00:00+01:00 raised OverflowError (the whole file lost)
+    text = _hostile_dump(
+        lambda m: m.update(timestamp="garbage"),
+        lambda m: m.update(timestamp="0001-01-01 00:00:00.000000"),
+        lambda m: m.update(timestamp="9999-12-31 23:59:59.000000"),
+        lambda m: m.update(timestamp="0001-01-01T00:00:00+01:00"),
+        lambda m: m.update(timestamp="1970-01-01T00:00:00Z"),
+    )
+    events, rejects = parse_cloud_text(text, "n.jsonl", fmt="nova")
+    assert events.column("line").to_pylist() == [1]
+    assert rejects.column("line").to_pylist() == [2, 3, 4, 5, 6]
+    assert rejects.column("reason").to_pylist() == [
+        "bad timestamp",
+        "time out of range",
+        "time out of range",
+        "bad timestamp",
+        "time out of range",
+    ]
+
+
+def test_doc_sample_without_timestamp_still_uses_updated_at_but_a_bad_one_is_rejected():
+    sample = json.loads((REAL / "instance-create-end.json").read_text())
+    assert "timestamp" not in sample  # the doc samples' case: the fallback stays
+    sample["payload"]["nova_object.data"]["updated_at"] = "yesterday"
+    events, rejects = parse_cloud_text(json.dumps(sample), "s.json", fmt="nova")
+    assert events.num_rows == 0 and rejects.column("reason").to_pylist() == ["bad updated_at"]
+
+
+def test_missing_instance_uuid_is_a_reject_not_a_row_without_vm_id():
+    text = _hostile_dump(lambda m: _data(m).pop("uuid"), lambda m: _data(m).update(uuid=""))
+    events, rejects = parse_cloud_text(text, "n.jsonl", fmt="nova")
+    assert events.column("vm_id").to_pylist() == ["7311d8a3-c2ce-4f44-bed4-d57b1e2feb89"]
+    assert rejects.column("reason").to_pylist() == ["notification without instance uuid"] * 2
+
+
+def test_addresses_are_canonical_and_non_addresses_are_dropped_and_counted():
+    def addresses(message: dict, *texts: str) -> None:
+        template = _data(message)["ip_addresses"][0]
+        _data(message)["ip_addresses"] = [
+            {**template, "nova_object.data": {**template["nova_object.data"], "address": t}} for t in texts
+        ]
+
+    text = _hostile_dump(lambda m: addresses(m, "2001:DB8::0001", "not-an-ip", "192.168.1.9"))
+    events, rejects = parse_cloud_text(text, "n.jsonl", fmt="nova")
+    # the flows' form (str(ipaddress)), so `who 2001:db8::1` and flow attribution find it
+    assert events.column("addrs").to_pylist() == [["192.168.1.3"], ["2001:db8::1", "192.168.1.9"]]
+    assert rejects.to_pydict()["line"] == [2]
+    assert rejects.to_pydict()["reason"] == ["not an IP address in the address list (dropped)"]
+    assert rejects.to_pydict()["detail"] == ["not-an-ip"]
+
+
+def test_fields_of_the_wrong_json_type_reject_their_line_only():
+    # before: a number as uuid made the whole file land nothing (ArrowTypeError, exit 4); a list as payload
+    # landed a row without vm_id
+    text = _hostile_dump(
+        lambda m: _data(m).update(uuid=12345),
+        lambda m: m.update(payload=[1, 2]),
+        lambda m: m.update(payload="a string"),
+        lambda m: m["payload"].update({"nova_object.data": "a string"}),
+        lambda m: _data(m).update(ip_addresses="10.0.0.1"),
+        lambda m: _data(m).update(ip_addresses=["10.0.0.1"]),
+        lambda m: _data(m).update(display_name={"nested": "object"}),
+        lambda m: _data(m).update(tenant_id=["a", "list"]),
+        lambda m: m.update(timestamp={"an": "object"}),
+        lambda m: m.update(message_id=7),
+    )
+    events, rejects = parse_cloud_text(text, "n.jsonl", fmt="nova")
+    assert events.column("line").to_pylist() == [1]
+    assert rejects.column("line").to_pylist() == list(range(2, 12))
+    assert set(rejects.column("reason").to_pylist()) == {"wrong JSON type", "bad timestamp"}
+
+
+def test_a_hostile_line_in_a_real_dump_costs_that_line_only(tmp_path):
+    from tracepipe.errors import EXIT_PARTIAL
+    from tracepipe.ingest.vm import ingest_vm_files
+    from tracepipe.lake import Lake
+
+    lines = (REAL / "notifications.jsonl").read_text().splitlines()
+    bad = json.loads(json.loads(lines[0])["oslo.message"])
+    bad["payload"]["nova_object.data"]["uuid"] = 42
+    lines.insert(3, json.dumps({"oslo.version": "2.0", "oslo.message": json.dumps(bad)}))
+    dump = tmp_path / "notifications.jsonl"
+    dump.write_text("\n".join(lines) + "\n")
+    report = ingest_vm_files(Lake(tmp_path / "lake"), [dump])
+    assert (report.rows, report.rejects, report.exit_code) == (len(lines) - 1, 1, EXIT_PARTIAL)
+    stored = Lake(tmp_path / "lake").read("rejects").to_pylist()
+    assert [(r["line"], r["reason"]) for r in stored] == [(4, "wrong JSON type")]

@@ -94,3 +94,31 @@ def test_real_excerpts_and_log_without_xml():
 def test_malformed_xml_is_a_reject():
     events, rejects = parse_opennebula(None, "<VM><ID>3</ID", "3.xml")
     assert events.num_rows == 0 and rejects.column("reason").to_pylist() == ["malformed OpenNebula VM XML"]
+
+
+def test_hostile_opennebula_times_addresses_and_ids():
+    log = (DATA / "42.log").read_text().splitlines()
+    log.insert(1, "Mon Jan  1 12:00:00 1900 [Z0][VM][I]: New state is ACTIVE")
+    log.insert(2, "Fri Dec 31 23:59:59 9999 [Z0][VM][I]: New state is ACTIVE")
+    xml = (DATA / "42.xml").read_text()
+    # the first NIC's IP is not an address; its IP6 is not written canonically
+    bad_nic = "<IP><![CDATA[not-an-ip]]></IP><IP6><![CDATA[2001:DB8::0042]]></IP6><IP><![CDATA["
+    xml = xml.replace("<IP><![CDATA[", bad_nic, 1)
+    events, rejects = parse_opennebula("\n".join(log), xml, "42.log", tz=BERLIN)
+    assert rejects.to_pydict()["line"][:2] == [2, 3]
+    assert rejects.to_pydict()["reason"][:2] == ["time out of range"] * 2
+    running = [a for a in events.column("addrs").to_pylist() if a]
+    assert running and all("2001:db8::42" in a and "not-an-ip" not in a for a in running)
+    assert "not an IP address in the address list (dropped)" in rejects.to_pydict()["reason"]
+
+
+def test_xml_times_out_of_range_are_left_out_and_counted():
+    xml = "<VM><ID>7</ID><NAME>x</NAME><STIME>253402300800000</STIME><ETIME>1</ETIME><STATE>3</STATE></VM>"
+    events, rejects = parse_opennebula(None, xml, "7.xml")
+    assert events.num_rows == 0  # no usable creation time: nothing to say
+    assert rejects.to_pydict()["reason"] == ["time out of range in OpenNebula VM XML"] * 2
+
+
+def test_log_without_a_vm_id_is_rejected_not_landed_with_an_empty_id():
+    events, rejects = parse_opennebula("Tue Mar 12 09:00:00 2024 [Z0][VM][I]: New state is PENDING", None, "")
+    assert events.num_rows == 0 and rejects.to_pydict()["reason"] == ["no OpenNebula VM id"]

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 from support import stories as gen
 
+from tests.conftest import run_tracepipe
 from tracepipe.intel import import_intel, match_addresses, parse_intel, sniff_format
 from tracepipe.lake import Lake
 from tracepipe.pipeline_config import load_pipeline
@@ -196,3 +197,93 @@ def test_retro_hunt_finds_old_contacts_after_import(story_lake):
         assert alert["peer"] == planted[addr].peer
         assert "listed in threat intel" in alert["reason"]
     assert run_sweep(lake, config, since, until).new_alerts.num_rows == 0
+
+
+# ---- hostile input (issue 12, items 8 and 9) -------------------------------------------------------------------
+
+
+def test_absurdly_wide_networks_are_rejected_not_indicators():
+    # before: 0.0.0.0/0 and ::/0 landed and made every address an IOC hit
+    text = "0.0.0.0/0\n::/0\n10.0.0.0/7\n2000::/3\n2001:db8::/15\n10.0.0.0/8\n2001:db8::/16\n"
+    table, rejects, _ = parse_intel(text, "list", "wide.txt")
+    assert table.column("indicator").to_pylist() == ["10.0.0.0/8", "2001::/16"]
+    assert rejects.column("line").to_pylist() == [1, 2, 3, 4, 5]
+    assert rejects.column("reason").to_pylist() == [
+        "CIDR too wide (shorter than /8 for IPv4)",
+        "CIDR too wide (shorter than /16 for IPv6)",
+        "CIDR too wide (shorter than /8 for IPv4)",
+        "CIDR too wide (shorter than /16 for IPv6)",
+        "CIDR too wide (shorter than /16 for IPv6)",
+    ]
+    misp = "type,value\nip-dst,0.0.0.0/0\nip-src|port,::/0|443\nip-dst,192.0.2.0/24\n"
+    table, rejects, _ = parse_intel(misp, "misp-csv", "wide.csv")
+    assert table.column("indicator").to_pylist() == ["192.0.2.0/24"]
+    assert rejects.column("line").to_pylist() == [2, 3]
+
+
+@pytest.mark.parametrize(
+    ("doc", "rows", "reasons"),
+    [
+        (
+            {"Event": {"Attribute": {"type": "ip-dst", "value": "192.0.2.1"}}},
+            0,
+            ["unexpected MISP JSON shape"],
+        ),
+        ({"Event": {"Attribute": "192.0.2.1"}}, 0, ["unexpected MISP JSON shape"]),
+        ({"Event": None}, 0, ["unexpected MISP JSON shape"]),
+        ({"Event": "a string"}, 0, ["unexpected MISP JSON shape"]),
+        ([1, "x", None], 0, ["unexpected MISP JSON shape"] * 3),
+        ("just a string", 0, ["unexpected MISP JSON shape"]),
+        (42, 0, ["unexpected MISP JSON shape"]),
+        ({"response": {"Event": 7}}, 0, ["unexpected MISP JSON shape"]),
+        ({"Event": {"Object": [{"Attribute": 5}, "x"]}}, 0, ["unexpected MISP JSON shape"] * 2),
+        ({"Event": {"Object": {"Attribute": []}}}, 0, ["unexpected MISP JSON shape"]),
+        (
+            {
+                "Event": {
+                    "info": {"nested": "object"},
+                    "Attribute": [
+                        {"type": "ip-dst", "value": {"ip": "192.0.2.1"}},
+                        {"type": ["ip-dst"], "value": "192.0.2.2"},
+                        {"type": "ip-dst", "value": "192.0.2.3", "comment": ["a", "list"]},
+                        {"type": "ip-dst", "value": "192.0.2.4", "comment": "ok", "category": True},
+                        {"type": "ip-dst", "value": 3221225989},  # a number is not an address text
+                        {"type": "ip-dst", "value": "192.0.2.6", "comment": "fine", "first_seen": {"x": 1}},
+                        {"type": "ip-dst", "value": "192.0.2.7", "comment": "old", "timestamp": "1"},
+                    ],
+                }
+            },
+            2,
+            [
+                "wrong JSON type: value is dict, not text",
+                "wrong JSON type: type is list, not text",
+                "wrong JSON type: comment is list, not text",
+                "wrong JSON type: category is bool, not text",
+                "ip-dst value is not an address or CIDR",
+            ],
+        ),
+    ],
+)
+def test_misp_json_of_unexpected_shapes_gives_counted_rejects_never_a_crash(doc, rows, reasons):
+    table, rejects, _ = parse_intel(json.dumps(doc), "misp-json", "odd.json")
+    assert table.num_rows == rows
+    assert rejects.column("reason").to_pylist() == reasons
+    if rows:
+        assert table.column("indicator").to_pylist() == ["192.0.2.6", "192.0.2.7"]
+        assert table.column("first_seen").to_pylist() == [None, None]  # an object; 1970: out of range
+
+
+def test_cli_misp_json_with_wrong_shapes_is_partial_not_an_internal_error(tmp_path):
+    doc = {
+        "Event": {
+            "id": "9",
+            "Attribute": [{"type": "ip-dst", "value": "192.0.2.1"}, {"type": "ip-dst", "value": {"x": 1}}],
+            "Object": [{"Attribute": "oops"}],
+        }
+    }
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps(doc))
+    proc = run_tracepipe("intel", "import", str(path), "--lake", str(tmp_path / "lake"), "--output", "json")
+    assert proc.returncode == 3, proc.stderr
+    assert "internal error" not in proc.stderr
+    assert (json.loads(proc.stdout)["rows"], json.loads(proc.stdout)["rejects"]) == (1, 2)

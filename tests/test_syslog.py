@@ -206,7 +206,10 @@ def test_big_files_are_read_in_blocks_of_whole_lines_with_exact_line_numbers(tmp
     path = tmp_path / "auth.log"
     path.write_bytes(AUTH.read_bytes() + b"Mar 12 08:30:00 web-02 sshd[9]: last line without newline")
     whole, _ = parse_syslog(path.read_text(), "x", year=2024)
-    parts = [parse_syslog(text, "x", year=2024, first_line=first) for first, text in _line_blocks(path, 150)]
+    parts = [
+        parse_syslog(b.data.decode(), "x", year=2024, first_line=b.first_line)
+        for b in _line_blocks(path, 150)
+    ]
     assert len(parts) > 3
     assert pa.concat_tables([p[0] for p in parts]).equals(whole)
     assert pa.concat_tables([p[1] for p in parts]).column("line").to_pylist() == [9]
@@ -224,3 +227,58 @@ def test_hostname_that_is_an_address_counts_as_sender(story_leases):
     assert logs.column("sender_addr").to_pylist() == ["192.168.1.3", None, "2001:db8::1"]
     vms = attribute_logs(logs, story_leases).column("vm_id").to_pylist()
     assert vms[0].startswith("7311d8a3") and vms[1] is None and vms[2] is None
+
+
+# ---- hostile input (issue 12, items 8 and 9) -------------------------------------------------------------------
+
+
+def test_pri_above_191_is_kept_without_a_made_up_severity_and_counted():
+    # before: <999> became facility 124, severity 7 (debug), as if it were valid; rsyslog marks it invalid
+    sshd = "Mar 12 08:20:04 web-02 sshd[2201]: Failed password for root from 203.0.113.9 port 52008 ssh2"
+    text = "\n".join([f"<999>{sshd}", f"<191>{sshd}", f"<0>{sshd}", f"<1234567>{sshd}", f"<abc>{sshd}", sshd])
+    logs, rejects = parse_syslog(text, "auth.log", year=2024)
+    rows = logs.to_pylist()
+    assert [(r["line"], r["facility"], r["severity"]) for r in rows] == [
+        (1, None, None),
+        (2, 23, 7),
+        (3, 0, 0),
+        (4, None, None),
+        (6, None, None),
+    ]
+    # the invalid PRI does not hide the attempt from the detectors
+    assert [r["auth_event"] for r in rows] == ["failed"] * 5
+    got = list(zip(rejects.column("line").to_pylist(), rejects.column("reason").to_pylist(), strict=True))
+    assert got == [
+        (1, "invalid PRI (above 191): line kept, facility and severity unknown"),
+        (4, "invalid PRI (above 191): line kept, facility and severity unknown"),
+        (5, "unknown syslog format"),
+    ]
+    assert rejects.column("detail").to_pylist()[0].startswith("<999>Mar 12")
+
+
+def test_syslog_times_outside_1990_to_tomorrow_are_rejects():
+    text = "\n".join(
+        [
+            "<34>1 0001-03-12T07:41:02Z web-01 sshd 1 - - year one",
+            "<34>1 9999-03-12T07:41:02Z web-01 sshd 1 - - year 9999",
+            "1970-01-01T00:00:00+00:00 web-01 sshd[1]: epoch zero",
+            "<34>1 2024-03-12T07:41:02Z web-01 sshd 1 - - fine",
+        ]
+    )
+    logs, rejects = parse_syslog(text, "fwd.log", year=2024)
+    assert logs.column("message").to_pylist() == ["fine"]
+    assert rejects.column("line").to_pylist() == [1, 2, 3]
+    assert set(rejects.column("reason").to_pylist()) == {"time out of range"}
+
+
+def test_ingest_syslog_with_invalid_pri_exits_partial_and_keeps_the_line(tmp_path):
+    from tracepipe.errors import EXIT_PARTIAL
+
+    log = tmp_path / "auth.log"
+    log.write_text(
+        "<999>Mar 12 08:20:04 web-02 sshd[2201]: Accepted publickey for ubuntu from 10.0.0.9 port 1 ssh2\n"
+    )
+    report = ingest_syslog_files(Lake(tmp_path / "lake"), [log], year=2024)
+    assert (report.rows, report.rejects, report.exit_code) == (1, 1, EXIT_PARTIAL)
+    stored = Lake(tmp_path / "lake").read("rejects").to_pylist()
+    assert [(r["dataset"], r["line"], r["reason"][:11]) for r in stored] == [("vm_logs", 1, "invalid PRI")]

@@ -764,16 +764,27 @@ def collect_command(
             "datagrams, evidence) in SPOOL/done/ instead of deleting.",
         ),
     ] = False,
+    limit: Annotated[
+        list[str],
+        typer.Option(
+            "--limit",
+            help="Raise or lower one decoder limit, NAME=NUMBER (e.g. exporters=8192); repeat. "
+            "Names and defaults: README, Limits.",
+        ),
+    ] = [],  # noqa: B006
 ) -> None:
     """Receive NetFlow v1/v5/v9 and IPFIX over UDP, spool the datagrams, and commit them to the lake.
 
     Runs in the foreground, logs to stderr, stops cleanly on SIGTERM/SIGINT (rotates, commits, exits 0).
 
     Example: tracepipe collect --listen 0.0.0.0:2055 --listen [::]:4739 --allow 10.0.0.0/8 --lake /srv/lake --rotate 5m
+
+    Example: tracepipe collect --listen 0.0.0.0:4739 --limit exporters=8192 --limit templates_total=32768
     """
     import logging
 
     from tracepipe.collector import CollectorConfig, run_collector
+    from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
     from tracepipe.units import parse_duration, parse_listen, parse_size
 
     logging.basicConfig(
@@ -792,6 +803,7 @@ def collect_command(
         status_s=parse_duration(status_interval, positive=True).total_seconds(),
         stats_file=stats_file,
         keep_segments=keep_segments,
+        limits=DEFAULT_LIMITS.override(limit),
     )
     raise typer.Exit(run_collector(config))
 

@@ -41,6 +41,8 @@ import numpy as np
 from tracepipe import fsutil
 from tracepipe import spool as sp
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EnvironmentProblem, LakeError, UsageError
+from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
+from tracepipe.limits import Limits
 from tracepipe.units import ListenSpec, parse_network
 
 log = logging.getLogger("tracepipe.collect")
@@ -118,6 +120,7 @@ class CollectorConfig:
     status_s: float = DEFAULT_STATUS_S
     stats_file: Path | None = None
     keep_segments: bool = False  # move committed segments to <spool>/done/ instead of deleting them
+    limits: Limits = DEFAULT_LIMITS  # bounds of the decoder state (what senders control)
 
     @property
     def spool_dir(self) -> Path:
@@ -275,14 +278,31 @@ def make_block(
 # ---- the committer (a separate process) ------------------------------------------------------------------------
 
 
-def _load_state(spool: Path) -> tuple[Any, str | None]:
+def _load_state(spool: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[Any, str | None]:
+    """The decoder state saved after the last commit, loaded within `limits`. A file too large to be ours
+    (limits.decoder_state_bytes) or that does not parse is not used: the decoder starts empty (templates come
+    back with the exporters' next refresh), and that is logged and counted in `limits_hit`."""
     from tracepipe.ingest.netflow import DecoderState
 
-    path = spool / sp.STATE_FILE
-    if not path.exists():
-        return DecoderState(), None
-    saved = json.loads(path.read_text())
-    return DecoderState.from_json(saved["state"]), saved.get("after_segment")
+    saved, problem = sp.read_state_file(spool, limits.decoder_state_bytes)
+    if saved is None:
+        state = DecoderState(limits)
+        if problem:
+            log.warning("decoder state %s not used (%s); starting without templates", sp.STATE_FILE, problem)
+            limit = "decoder_state_bytes" if "decoder_state_bytes" in problem else "decoder_state_entries"
+            state.limits_hit[limit] += 1
+        return state, None
+    try:
+        state = DecoderState.from_json(saved["state"], limits)
+    except (ValueError, TypeError, KeyError) as exc:
+        log.warning("decoder state %s not used (%s); starting without templates", sp.STATE_FILE, exc)
+        state = DecoderState(limits)
+        state.limits_hit["decoder_state_entries"] += 1
+        return state, None
+    if state.limits_hit:
+        log.warning("decoder state %s loaded within limits: %s", sp.STATE_FILE, dict(state.limits_hit))
+    after = saved.get("after_segment")
+    return state, after if isinstance(after, str) else None
 
 
 def _save_state(spool: Path, state: Any, segment: str) -> None:
@@ -325,7 +345,7 @@ def commit_segment(lake: Any, path: Path, state: Any) -> SegmentResult:
     """
     import pyarrow as pa
 
-    from tracepipe.ingest.netflow import decode_datagrams, merge_stats
+    from tracepipe.ingest.netflow import decode_datagrams
     from tracepipe.lake import hash_file
 
     content_hash = hash_file(path)
@@ -368,7 +388,7 @@ def commit_segment(lake: Any, path: Path, state: Any) -> SegmentResult:
             datagrams += len(records)
             flows += decoded.flows.num_rows
             rejects += decoded.rejects.num_rows
-            merge_stats(per_exporter, decoded.stats)
+            merge_exporter_totals(per_exporter, decoded.stats, state.limits)
             if writer is not None:
                 writer.write(decoded.flows if attribute is None else attribute(decoded.flows))
                 writer.reject(decoded.rejects)
@@ -426,12 +446,16 @@ def _finish_segment(path: Path, keep: bool) -> None:
         fsutil.fsync_dir(path.parent)
 
 
-def commit_pending(lake: Any, spool: Path, keep: bool, totals: dict[str, Any] | None = None) -> int:
+def commit_pending(
+    lake: Any,
+    spool: Path,
+    keep: bool,
+    totals: dict[str, Any] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> int:
     """Commit every closed segment of `spool`, oldest first, persisting the decoder state after each.
     Returns the number of segments handled. Used by the committer process and by tests."""
-    from tracepipe.ingest.netflow import merge_stats
-
-    state, after = _load_state(spool)
+    state, after = _load_state(spool, limits)
     handled = 0
     for path in sp.closed_segments(spool):
         if after == path.name:  # committed and state saved; killed before it was marked done
@@ -449,7 +473,7 @@ def commit_pending(lake: Any, spool: Path, keep: bool, totals: dict[str, Any] | 
             )
             (spool / FAILED_DIR).mkdir(exist_ok=True)
             fsutil.move_durably(path, spool / FAILED_DIR / path.name)
-            state, after = _load_state(spool)
+            state, after = _load_state(spool, limits)
             continue
         _save_state(spool, state, path.name)
         after = path.name
@@ -469,11 +493,40 @@ def commit_pending(lake: Any, spool: Path, keep: bool, totals: dict[str, Any] | 
             totals["datagrams"] = totals.get("datagrams", 0) + result.datagrams
             totals["flows"] = totals.get("flows", 0) + result.flows
             totals["rejects"] = totals.get("rejects", 0) + result.rejects
-            merge_stats(totals.setdefault("exporters", {}), result.stats["exporters"])
+            merge_exporter_totals(totals.setdefault("exporters", {}), result.stats["exporters"], limits)
+            totals["decoder"] = decoder_summary(state)
             totals["last_segment"] = path.name
             totals["last_commit_at"] = time.time()
             sp.write_json_atomic(spool / COMMITTER_STATS, totals, durable=False)
     return handled
+
+
+OTHER_EXPORTERS = "(others)"  # per-exporter counters beyond limits.exporters are summed under this name
+
+
+def merge_exporter_totals(
+    total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]], limits: Limits = DEFAULT_LIMITS
+) -> None:
+    """merge_stats into running per-exporter totals that keep at most `limits.exporters` names (a flood from
+    many addresses must not grow the status file): counters of the rest are summed under OTHER_EXPORTERS."""
+    from tracepipe.ingest.netflow import merge_stats
+
+    for exporter, stats in part.items():
+        if exporter in total or len(total) < limits.exporters:
+            merge_stats(total, {exporter: stats})
+        else:
+            merge_stats(total, {OTHER_EXPORTERS: stats})
+
+
+def decoder_summary(state: Any) -> dict[str, Any]:
+    """What the decoder state holds and which of its limits were hit (collector status, `committer`)."""
+    return {
+        "exporters": len(state.exporters),
+        "templates": len(state.templates),
+        "template_fields": state.fields_total,
+        "pending_flowsets": state.pending_count,
+        "limits_hit": dict(state.limits_hit),
+    }
 
 
 def _die_with_parent(parent: int) -> None:
@@ -484,10 +537,12 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def committer_main(spool: str, lake_root: str, keep: bool, parent: int, level: int) -> int:
-    """The committer process (`python -m tracepipe.collector SPOOL LAKE KEEP PARENT LEVEL`): commit closed
-    segments until its stdin reaches end-of-file (the collector asks it to finish) and none is left.
-    Returns the exit code: 0, or 4 when the lake refused the last commits."""
+def committer_main(
+    spool: str, lake_root: str, keep: bool, parent: int, level: int, limits: Limits = DEFAULT_LIMITS
+) -> int:
+    """The committer process (`python -m tracepipe.collector SPOOL LAKE KEEP PARENT LEVEL [LIMITS-JSON]`):
+    commit closed segments until its stdin reaches end-of-file (the collector asks it to finish) and none is
+    left. Returns the exit code: 0, or 4 when the lake refused the last commits."""
     from tracepipe.lake import Lake
 
     _die_with_parent(parent)
@@ -516,7 +571,7 @@ def committer_main(spool: str, lake_root: str, keep: bool, parent: int, level: i
     while True:
         finishing = finishing or wait(0)
         try:
-            commit_pending(lake, spool_dir, keep, totals)
+            commit_pending(lake, spool_dir, keep, totals, limits)
         except LakeError as exc:
             log.error("cannot commit to the lake, datagrams stay in the spool, retrying in 10 s: %s", exc)
             if finishing:
@@ -652,12 +707,17 @@ class Collector:
             "1" if self.config.keep_segments else "0",
             str(os.getpid()),
             str(log.getEffectiveLevel()),
+            json.dumps(self.config.limits.to_dict()),
         ]
         self.committer = subprocess.Popen(cmd, stdin=subprocess.PIPE, close_fds=True)
 
     def _new_segment(self) -> None:
         # the directory scan once at start; afterwards only this process creates segments
-        self.serial = self.serial + 1 if self.serial else sp.next_serial(self.spool)
+        self.serial = (
+            self.serial + 1
+            if self.serial
+            else sp.next_serial(self.spool, self.config.limits.decoder_state_bytes)
+        )
         self.writer = sp.SegmentWriter(self.spool, self.serial)
 
     def rotate(self) -> None:
@@ -860,4 +920,5 @@ def run_collector(config: CollectorConfig) -> int:
 
 if __name__ == "__main__":
     _spool, _lake, _keep, _parent, _level = sys.argv[1:6]
-    sys.exit(committer_main(_spool, _lake, _keep == "1", int(_parent), int(_level)))
+    _limits = Limits.from_dict(json.loads(sys.argv[6])) if len(sys.argv) > 6 else DEFAULT_LIMITS
+    sys.exit(committer_main(_spool, _lake, _keep == "1", int(_parent), int(_level), _limits))

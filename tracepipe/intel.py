@@ -24,14 +24,25 @@ import pyarrow as pa
 
 from tracepipe.detect.features import ipv4_to_int
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
+from tracepipe.ingest.inputs import input_problem
 from tracepipe.lake import Lake, hash_file, ingest_table
+from tracepipe.limits import LINE_TOO_LONG, json_loads, read_text_bounded, too_long_detail
 from tracepipe.schema import INTEL, REJECTS
-from tracepipe.units import to_utc
+from tracepipe.units import in_time_window, to_utc
 
 FORMATS = ("auto", "misp-csv", "misp-json", "list")
 # MISP attribute types that carry an address ("ip-dst|port" carries "addr|port").
 ADDRESS_TYPES = {"ip-dst", "ip-src", "ip-dst|port", "ip-src|port", "ip", "ip-any"}
 DOMAIN_TYPES = {"domain", "hostname", "domain|ip"}
+# The widest network an indicator may name. 0.0.0.0/0 or ::/0 (a slip in a MISP event, or a poisoned feed)
+# would flag every flow and bury the real alerts. The largest blocks real blocklists carry are far narrower
+# (Spamhaus DROP: /10 and longer for IPv4, /19 and longer for IPv6; the RIRs themselves hold /8 and /12), so
+# a prefix shorter than /8 (IPv4) or /16 (IPv6) is a reject ("CIDR too wide"), not an indicator.
+MIN_PREFIX = {4: 8, 6: 16}
+
+
+class TooWide(ValueError):
+    """A CIDR shorter than MIN_PREFIX."""
 
 
 @dataclass
@@ -59,6 +70,8 @@ def _indicator_row(value: str, **extra: Any) -> dict[str, Any]:
     value = value.strip()
     if "/" in value:
         net = ipaddress.ip_network(value, strict=False)
+        if net.prefixlen < MIN_PREFIX[net.version]:
+            raise TooWide(f"CIDR too wide (shorter than /{MIN_PREFIX[net.version]} for IPv{net.version})")
         if net.num_addresses == 1:
             value, net = str(net.network_address), None
         else:
@@ -93,26 +106,67 @@ def parse_list(text: str) -> tuple[list[dict], list[dict], int]:
             continue
         try:
             rows.append(_indicator_row(value))
+        except TooWide as exc:
+            rejects.append(_reject(number, str(exc), line))
         except ValueError:
             rejects.append(_reject(number, "not an address or CIDR", line))
     return rows, rejects, 0
 
 
+class WrongType(ValueError):
+    """A MISP field of a JSON type it never has (an object where text belongs)."""
+
+
+def _text(record: dict[str, Any], key: str) -> str | None:
+    """A MISP text field: its text, None when missing or null; WrongType for an object, a list or true/false
+    (numbers are taken as text: MISP writes ids both ways)."""
+    value = record.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise WrongType(f"{key} is {type(value).__name__}, not text")
+
+
+def _event_text(event: dict[str, Any], key: str) -> str | None:
+    """An event-level default for its attributes (info, id): None when it has the wrong type, so that one bad
+    event field does not reject every attribute under it."""
+    try:
+        return _text(event, key) or None
+    except WrongType:
+        return None
+
+
+def _first_seen(attr: dict[str, Any]) -> dt.datetime | None:
+    """When the indicator was first seen; None when absent, unparseable or outside 1990..now+1 day."""
+    for key in ("first_seen", "timestamp", "date"):
+        value = attr.get(key)
+        if value not in (None, ""):
+            ts = to_utc(value)
+            return ts if ts is not None and in_time_window(ts) else None
+    return None
+
+
 def _attribute_row(attr: dict[str, Any], event: dict[str, Any]) -> dict[str, Any] | str | None:
     """One MISP attribute -> a row, None (a type we do not match on), or a reject reason."""
-    kind = str(attr.get("type", "")).strip()
-    value = str(attr.get("value", "")).strip()
-    extra = {
-        "description": attr.get("comment") or event.get("info") or None,
-        "tags": attr.get("category") or None,
-        "event_id": str(attr.get("event_id") or event.get("id") or "") or None,
-        "first_seen": to_utc(attr.get("first_seen") or attr.get("timestamp") or attr.get("date")),
-    }
+    try:
+        kind = (_text(attr, "type") or "").strip()
+        value = (_text(attr, "value") or "").strip()
+        extra = {
+            "description": _text(attr, "comment") or _event_text(event, "info"),
+            "tags": _text(attr, "category") or None,
+            "event_id": _text(attr, "event_id") or _event_text(event, "id"),
+            "first_seen": _first_seen(attr),
+        }
+    except WrongType as exc:
+        return f"wrong JSON type: {exc}"
     if kind in ADDRESS_TYPES:
         if "|" in kind or (kind == "ip" and "|" in value):
             value = value.split("|", 1)[0]
         try:
             return _indicator_row(value, **extra)
+        except TooWide as exc:
+            return str(exc)
         except ValueError:
             return f"{kind} value is not an address or CIDR"
     if kind in DOMAIN_TYPES:
@@ -146,28 +200,57 @@ def parse_misp_csv(text: str) -> tuple[list[dict], list[dict], int]:
     return rows, rejects, skipped
 
 
-def _events(doc: Any) -> list[dict[str, Any]]:
+def _events(doc: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """The events of a MISP JSON export (an Event, a list of them, {"response": [...]}) and what was not one."""
     if isinstance(doc, dict) and "response" in doc:
         doc = doc["response"]
     if isinstance(doc, dict):
         doc = [doc]
     if not isinstance(doc, list):
-        return []
-    return [item.get("Event", item) for item in doc if isinstance(item, dict)]
+        return [], [f"the document is {type(doc).__name__}, not a MISP event or a list of events"]
+    events, problems = [], []
+    for item in doc:
+        event = item.get("Event", item) if isinstance(item, dict) else item
+        if isinstance(event, dict):
+            events.append(event)
+        else:
+            problems.append(f"an event is {type(event).__name__}, not an object")
+    return events, problems
+
+
+def _attributes(event: dict[str, Any], problems: list[str]) -> list[Any]:
+    """Event.Attribute[] and Event.Object[].Attribute[]; a part of another shape is named in `problems`."""
+
+    def listed(container: dict[str, Any], key: str, where: str) -> list[Any]:
+        value = container.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            problems.append(f"{where}{key} is {type(value).__name__}, not a list")
+            return []
+        return value
+
+    attributes = list(listed(event, "Attribute", "Event."))
+    for obj in listed(event, "Object", "Event."):
+        if isinstance(obj, dict):
+            attributes.extend(listed(obj, "Attribute", "Event.Object[]."))
+        else:
+            problems.append(f"an Event.Object entry is {type(obj).__name__}, not an object")
+    return attributes
 
 
 def parse_misp_json(text: str) -> tuple[list[dict], list[dict], int]:
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
+        doc = json_loads(text)
+    except json.JSONDecodeError as exc:  # JsonTooDeep too
         return [], [_reject(exc.lineno, "not valid JSON", exc.msg)], 0
+    except RecursionError:
+        return [], [_reject(None, "not valid JSON", "nested too deeply")], 0
     rows, rejects, skipped = [], [], 0
     index = 0
-    for event in _events(doc):
-        attributes = list(event.get("Attribute") or [])
-        for obj in event.get("Object") or []:
-            attributes.extend(obj.get("Attribute") or [])
-        for attr in attributes:
+    events, problems = _events(doc)
+    for event in events:
+        for attr in _attributes(event, problems):
             index += 1
             if not isinstance(attr, dict):
                 rejects.append(_reject(None, "attribute is not an object", repr(attr), offset=index))
@@ -176,16 +259,11 @@ def parse_misp_json(text: str) -> tuple[list[dict], list[dict], int]:
             if result is None:
                 skipped += 1
             elif isinstance(result, str):
-                rejects.append(
-                    _reject(
-                        None,
-                        result,
-                        f"attribute {index}: {attr.get('type')},{attr.get('value')}",
-                        offset=index,
-                    )
-                )
+                detail = f"attribute {index}: {str(attr.get('type'))[:50]},{str(attr.get('value'))[:200]}"
+                rejects.append(_reject(None, result, detail, offset=index))
             else:
                 rows.append(result)
+    rejects.extend(_reject(None, "unexpected MISP JSON shape", problem) for problem in problems)
     if index == 0 and not rejects:
         rejects.append(_reject(None, "no MISP Event/Attribute found", text[:200]))
     return rows, rejects, skipped
@@ -225,8 +303,12 @@ def import_intel(lake: Lake, path: Path | str, fmt: str = "auto") -> IntelImport
     path = Path(path)
     if fmt not in FORMATS:
         raise UsageError(f"unknown intel format {fmt!r}; use one of {', '.join(FORMATS)}")
+    problem = input_problem(path, "give the export file itself")
+    if problem is not None:  # told from os.stat: a FIFO is never opened (that would block)
+        raise InputError(f"cannot read {path}: {problem}. Give the path of a MISP export or a list.")
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with open(path, "rb") as handle:  # lines over limits.line_bytes are never held whole
+            text, too_long = read_text_bounded(handle)
     except OSError as exc:
         raise InputError(
             f"cannot read {path}: {exc.strerror}. Give the path of a MISP export or a list."
@@ -234,6 +316,14 @@ def import_intel(lake: Lake, path: Path | str, fmt: str = "auto") -> IntelImport
     if fmt == "auto":
         fmt = sniff_format(text, path)
     table, rejects, skipped = parse_intel(text, fmt, str(path))
+    if too_long:
+        now = dt.datetime.now(dt.UTC)
+        extra = [
+            _reject(line, LINE_TOO_LONG, too_long_detail(length))
+            | {"ingested_at": now, "dataset": "intel", "source": str(path)}
+            for line, length in too_long
+        ]
+        rejects = pa.concat_tables([rejects, pa.Table.from_pylist(extra, schema=REJECTS)])
     result = ingest_table(
         lake,
         "intel",

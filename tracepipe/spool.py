@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from tracepipe import fsutil
+from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 
 BLOCK_MAGIC = b"TPSB"
 BLOCK_HEADER = struct.Struct("<4sIII")  # magic, datagram count, payload bytes, crc32 of the record headers
@@ -64,19 +65,41 @@ def closed_segments(spool: Path) -> list[Path]:
     return sorted(spool.glob(f"seg-*{CLOSED_SUFFIX}"), key=segment_serial)
 
 
-def next_serial(spool: Path) -> int:
+def next_serial(spool: Path, max_state_bytes: int = DEFAULT_LIMITS.decoder_state_bytes) -> int:
     """One more than any segment this spool ever had, including the last committed one named in the decoder
     state (its file may be gone): serials never repeat, so "state is after segment N" stays unambiguous."""
     serials = [
         segment_serial(p) for d in (spool, spool / DONE_DIR, spool / FAILED_DIR) for p in d.glob("seg-*")
     ]
-    try:
-        after = json.loads((spool / STATE_FILE).read_text()).get("after_segment")
-        if after:
+    saved, _ = read_state_file(spool, max_state_bytes)
+    after = saved.get("after_segment") if saved is not None else None
+    if isinstance(after, str):
+        with contextlib.suppress(ValueError, IndexError):
             serials.append(segment_serial(Path(after)))
-    except (OSError, ValueError, IndexError):
-        pass
     return max(serials, default=0) + 1
+
+
+def read_state_file(
+    spool: Path, max_bytes: int = DEFAULT_LIMITS.decoder_state_bytes
+) -> tuple[dict | None, str]:
+    """The saved decoder state of `spool` as a dict, or (None, why not): missing (""), larger than
+    `max_bytes` (checked before reading: a planted huge file is never parsed), or not a JSON object."""
+    path = spool / STATE_FILE
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None, ""
+    except OSError as exc:
+        return None, f"cannot read it: {exc.strerror}"
+    if size > max_bytes:
+        return None, f"{size} bytes, more than the limit of {max_bytes} (decoder_state_bytes)"
+    try:
+        saved = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        return None, f"not readable JSON: {str(exc)[:200]}"
+    if not isinstance(saved, dict):
+        return None, "not a JSON object"
+    return saved, ""
 
 
 def encode_block(records: np.ndarray, payload: bytes) -> bytes:

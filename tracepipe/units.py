@@ -18,7 +18,11 @@ from typing import Any
 from tracepipe.errors import UsageError
 
 __all__ = [
+    "EARLIEST_TIME",
+    "FUTURE_SLACK",
     "ListenSpec",
+    "canonical_addresses",
+    "in_time_window",
     "parse_addr",
     "parse_date",
     "parse_duration",
@@ -26,6 +30,7 @@ __all__ = [
     "parse_network",
     "parse_size",
     "parse_time",
+    "time_window",
     "to_utc",
 ]
 
@@ -36,6 +41,14 @@ _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}  # binary: 32M is 32 M
 # [v6]:port | host:port | :port | port ('%' and letters: a zone id, fe80::1%eth0)
 _LISTEN = re.compile(r"\[([0-9A-Fa-f:.%a-z]+)\]:(\d+)|([^:\[\]]*):(\d+)|(\d+)")
 _EPOCH = re.compile(r"\d{9,11}(\.\d+)?")  # 1973..5138: a short number is a typo, not a time
+
+# The times data may carry (flows, lifecycle events, syslog, intel): 1990-01-01 .. now + 1 day, UTC.
+# Before 1990 there was no NetFlow (1996), OpenStack (2010) or OpenNebula (2008) to write them; what lies
+# there is a broken clock (epoch 0 = 1970, an unset RTC) or a forgery (year 0001). A day past now still takes a
+# clock some hours fast or a zone written wrong (offsets reach 14 h); anything later (year 9999) is forged or
+# broken, would make "latest" queries and retention lie, and is rejected where it was found.
+EARLIEST_TIME = dt.datetime(1990, 1, 1, tzinfo=dt.UTC)
+FUTURE_SLACK = dt.timedelta(days=1)
 
 
 def parse_duration(value: str | float, *, positive: bool = False) -> dt.timedelta:
@@ -90,11 +103,22 @@ def to_utc(value: Any, naive_tz: dt.tzinfo = dt.UTC) -> dt.datetime | None:
             parsed = dt.datetime.fromisoformat(text.replace("z", "Z"))
         else:
             return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=naive_tz)
+        return parsed.astimezone(dt.UTC)  # 0001-01-01T00:00+01:00 has no UTC time: OverflowError
     except (ValueError, OverflowError, OSError):
         return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=naive_tz)
-    return parsed.astimezone(dt.UTC)
+
+
+def time_window(now: dt.datetime | None = None) -> tuple[dt.datetime, dt.datetime]:
+    """(earliest, latest) time that data may carry: EARLIEST_TIME .. now + FUTURE_SLACK (see above)."""
+    return EARLIEST_TIME, (now or dt.datetime.now(dt.UTC)) + FUTURE_SLACK
+
+
+def in_time_window(ts: dt.datetime, now: dt.datetime | None = None) -> bool:
+    """Whether a time found in data is plausible (time_window); readers reject the record otherwise."""
+    earliest, latest = time_window(now)
+    return earliest <= ts <= latest
 
 
 def parse_time(text: str, naive_tz: dt.tzinfo = dt.UTC) -> dt.datetime:
@@ -125,6 +149,20 @@ def parse_addr(text: str) -> str:
         raise UsageError(
             f"address {text!r} does not parse (not an IP address): give one IPv4 or IPv6 address, e.g. 10.0.0.5"
         ) from None
+
+
+def canonical_addresses(values: Any) -> Any:
+    """A polars Series of address text -> the canonical text the lake stores (as flows: `2001:db8::1`,
+    `10.1.2.3`), null where a value is not one IP address. `ipaddress` runs on the distinct values only."""
+    import polars as pl  # here: the CLI's option parsing above stays light
+
+    mapping: dict[str, str] = {}
+    for text in values.drop_nulls().unique().to_list():
+        try:
+            mapping[text] = str(ipaddress.ip_address(text))
+        except ValueError:
+            continue
+    return values.replace_strict(mapping, default=None, return_dtype=pl.String)
 
 
 def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
+from tracepipe.ingest.inputs import input_problem
 from tracepipe.ingest.netflow import DecoderState, decode_datagrams, flush_pending, merge_stats
 from tracepipe.ingest.nfdump import iter_nfdump_csv, looks_like_nfdump_csv
 from tracepipe.ingest.pcap import PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
@@ -63,7 +64,7 @@ class IngestSummary:
         usable = [f for f in self.files if f.status in ("landed", "skipped")]
         if not usable or (self.flows == 0 and not any(f.status == "skipped" for f in self.files)):
             return EXIT_FAILED
-        if self.rejects or any(f.status in ("missing", "rejected") for f in self.files):
+        if self.rejects or any(f.status in ("missing", "not a file", "rejected") for f in self.files):
             return EXIT_PARTIAL
         return EXIT_OK
 
@@ -102,8 +103,10 @@ def ingest_flow_files(lake: Lake, paths: list[Path], progress: Progress | None =
     state = DecoderState()  # templates learnt from one file serve the next (a capture split by tcpdump -C)
     for path in paths:
         path = Path(path)
-        if not path.is_file():
-            summary.files.append(FileResult(str(path), "missing", "missing", message="no such file"))
+        problem = input_problem(path, "give the capture files in it, e.g. DIR/*.pcap")
+        if problem is not None:  # told from os.stat: a FIFO is never opened (that would block)
+            status = "missing" if problem.startswith("no such") else "not a file"
+            summary.files.append(FileResult(str(path), status, status, message=problem))
             continue
         try:
             with open(path, "rb"):

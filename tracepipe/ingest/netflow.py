@@ -15,8 +15,8 @@ import base64
 import ipaddress
 import json
 import struct
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tracepipe.limits import DEFAULT, Limits
 from tracepipe.schema import FLOWS, REJECTS, TS
 
 # ---- field ids: the one table. id -> (IANA / RFC 3954 name, role in the decoder) ----------------------------
@@ -76,7 +77,6 @@ ENTERPRISE_BIT = 0x8000
 NTP_UNIX_OFFSET_S = 2_208_988_800  # seconds from 1900-01-01 to 1970-01-01
 WRAP = 1 << 32  # sysUptime is a 32-bit ms counter: wraps after 49.7 days
 MAX_TIME_MS = 4_102_444_800_000  # 2100-01-01: flow times beyond are garbage
-MAX_PENDING_FLOWSETS = 20_000  # data waiting for a template, per state; beyond: rejected at once
 
 # v1/v5/v7 fixed layouts (header length, record length, max records, record fields as (role, offset, dtype))
 _V157_COMMON = [
@@ -112,6 +112,7 @@ class Template:
     roles: dict[str, int] = field(default_factory=dict)  # role -> byte length on the wire
     enterprise_fields: int = 0
     variable_fields: int = 0
+    min_record_len: int = 0  # bytes of one record at least (variable-length fields counted as 1)
 
     @classmethod
     def build(
@@ -120,6 +121,7 @@ class Template:
         tpl = cls(fields=fields, options=options, scope_count=scope_count, version=version)
         tpl.enterprise_fields = sum(1 for _, _, pen in fields if pen)
         tpl.variable_fields = sum(1 for _, length, _ in fields if length == VARIABLE_LENGTH)
+        tpl.min_record_len = sum(length if length != VARIABLE_LENGTH else 1 for _, length, _ in fields)
         if tpl.variable_fields == 0:
             tpl.record_len = sum(length for _, length, _ in fields)
             tpl.dtype, tpl.roles = _layout(fields)
@@ -140,8 +142,23 @@ class Template:
         }
 
     @classmethod
-    def from_obj(cls, obj: dict[str, Any]) -> Template:
-        return cls.build([tuple(f) for f in obj["fields"]], obj["options"], obj["scope"], obj["version"])
+    def from_obj(cls, obj: dict[str, Any], limits: Limits = DEFAULT) -> Template:
+        """A template saved by to_obj; ValueError/TypeError for anything else (checked before it is built)."""
+        fields = obj["fields"]
+        if not isinstance(fields, list) or len(fields) > limits.fields_per_template:
+            raise ValueError("template fields: not a list, or too many")
+        checked = []
+        for f in fields:
+            field_id, length, pen = f
+            if not all(isinstance(x, int) for x in f) or not (
+                0 <= field_id < 2**16 and 0 <= length < 2**16 and 0 <= pen < 2**32
+            ):
+                raise ValueError(f"template field {f!r}")
+            checked.append((field_id, length, pen))
+        version, scope = obj["version"], obj["scope"]
+        if version not in (9, 10) or not isinstance(scope, int) or not 0 <= scope <= len(checked):
+            raise ValueError("template version or scope")
+        return cls.build(checked, bool(obj["options"]), scope, version)
 
 
 _INTERNED: dict[tuple, Template] = {}
@@ -222,15 +239,73 @@ class _Sequence:
 
     @classmethod
     def from_obj(cls, obj: list) -> _Sequence:
-        return cls(*obj)
+        """A tracker saved by to_obj; ValueError/TypeError for anything else."""
+        expected, missing, locked, after, with_options, last = obj
+        if expected is not None and not isinstance(expected, int):
+            raise TypeError("sequence expected")
+        gaps = [[int(a) % WRAP, int(b) % WRAP] for a, b in missing[-64:]]
+        if last is not None:
+            last = [int(x) for x in last]
+            if len(last) != 3:
+                raise ValueError("sequence last")
+        return cls(expected, gaps, bool(locked), bool(after), bool(with_options), last)
+
+
+class _Standing:
+    """Keys in least-recently-used order, in two tiers: `fresh` ones (that never carried flow data) are given up
+    before `live` ones. A flood of templates or exporters that send no flows so only ever evicts its own kind;
+    what an exporter uses every batch stays at the recent end."""
+
+    def __init__(self) -> None:
+        self.fresh: OrderedDict[Hashable, None] = OrderedDict()
+        self.live: OrderedDict[Hashable, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.fresh) + len(self.live)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.fresh or key in self.live
+
+    def __iter__(self):  # fresh first, each tier oldest first
+        yield from list(self.fresh)
+        yield from list(self.live)
+
+    def touch(self, key: Hashable, live: bool = False) -> None:
+        if key in self.live:
+            self.live.move_to_end(key)
+        elif live:
+            self.fresh.pop(key, None)
+            self.live[key] = None
+        elif key in self.fresh:
+            self.fresh.move_to_end(key)
+        else:
+            self.fresh[key] = None
+
+    def discard(self, key: Hashable) -> None:
+        self.fresh.pop(key, None)
+        self.live.pop(key, None)
+
+    def victim(self) -> Hashable | None:
+        """The key to give up first: the oldest fresh one, else the oldest live one."""
+        for tier in (self.fresh, self.live):
+            if tier:
+                return next(iter(tier))
+        return None
 
 
 class DecoderState:
     """What a decoder remembers between batches: templates per (exporter, version, domain, template id), the
     next expected sequence number per (exporter, version, domain), sampling interval and boot time per
-    (exporter, domain) from options data, and data flowsets still waiting for their template."""
+    (exporter, domain) from options data, and data flowsets still waiting for their template.
 
-    def __init__(self) -> None:
+    Everything here is chosen by whoever sends datagrams, so all of it is bounded by `limits` (tracepipe/limits.py):
+    exporters, domains per exporter, templates per domain and in total, waiting data. When a bound is reached
+    the least recently used entry of the same scope makes room, templates and exporters that never delivered
+    flows first; an exporter that delivered flows within `exporter_idle_s` is never evicted (a newcomer is
+    refused instead). Each hit is counted in `limits_hit` and in the batch's per-exporter stats."""
+
+    def __init__(self, limits: Limits = DEFAULT) -> None:
+        self.limits = limits
         self.templates: dict[tuple[str, int, int, int], Template] = {}
         self.sequences: dict[tuple[str, int, int], _Sequence] = {}
         self.sampling: dict[tuple[str, int], int] = {}
@@ -238,14 +313,147 @@ class DecoderState:
         # (exporter, version, domain, template id) -> [(flowset body, ctx values, offset)]
         self.pending: dict[tuple[str, int, int, int], list[tuple[bytes, tuple, int]]] = {}
         self.pending_count = 0
+        self.pending_bytes = 0
+        # bookkeeping of the bounds
+        self.exporters = _Standing()  # exporter names
+        self.last_seen_ms: dict[str, int] = {}  # arrival of an exporter's latest datagram
+        self.domains: dict[str, _Standing] = {}  # exporter -> (version, domain)
+        self.domain_templates: dict[tuple[str, int, int], _Standing] = {}  # -> data template ids
+        self.domain_options: dict[tuple[str, int, int], _Standing] = {}  # -> options template ids
+        self.all_templates = _Standing()  # (exporter, version, domain, template id)
+        self.fields_total = 0  # fields of all templates kept (what their memory grows with)
+        self.now_ms = 0  # latest arrival seen
+        self.limits_hit: Counter[str] = Counter()  # since this state was made, per limit name
 
+    # -- bounds --
+    def admit_domain(self, exporter: str, version: int, domain: int) -> tuple[list[str], str | None]:
+        """Make room for state of (exporter, version, domain). Returns (limits whose entries were evicted for
+        it, the limit that refused it or None)."""
+        evicted: list[str] = []
+        domains = self.domains.get(exporter)
+        if domains is None:
+            if len(self.exporters) >= self.limits.exporters:
+                victim = self.exporters.victim()
+                if victim in self.exporters.live and (
+                    self.now_ms - self.last_seen_ms.get(victim, 0) < self.limits.exporter_idle_s * 1000
+                ):
+                    return evicted, "exporters"
+                self.forget_exporter(victim)
+                evicted.append("exporters")
+            domains = self.domains[exporter] = _Standing()
+            self.exporters.touch(exporter)
+        if (version, domain) not in domains:
+            if len(domains) >= self.limits.domains_per_exporter:
+                old_version, old_domain = domains.victim()
+                self.forget_domain(exporter, old_version, old_domain)
+                evicted.append("domains_per_exporter")
+            domains.touch((version, domain))
+        return evicted, None
+
+    def add_template(self, key: tuple[str, int, int, int], tpl: Template) -> tuple[list[str], str | None]:
+        """Store a template (new, refreshed or redefined) within the bounds: (limits evicted for it, the limit
+        that refused it or None)."""
+        lim = self.limits
+        if len(tpl.fields) > lim.fields_per_template:
+            return [], "fields_per_template"
+        if tpl.min_record_len > lim.template_record_bytes:
+            return [], "template_record_bytes"
+        exporter, version, domain, tid = key
+        evicted, refused = self.admit_domain(exporter, version, domain)
+        if refused:
+            return evicted, refused
+        scope = key[:3]
+        old = self.templates.get(key)
+        if old is not None and old.options != tpl.options:
+            self.forget_template(key)
+        standings = self.domain_options if tpl.options else self.domain_templates
+        standing = standings.get(scope)
+        if standing is None:
+            standing = standings[scope] = _Standing()
+        if tid not in standing:
+            cap, name = (
+                (lim.options_templates_per_domain, "options_templates_per_domain")
+                if tpl.options
+                else (lim.templates_per_domain, "templates_per_domain")
+            )
+            if len(standing) >= cap:
+                self.forget_template((*scope, standing.victim()))
+                evicted.append(name)
+            if len(self.all_templates) >= lim.templates_total:
+                self.forget_template(self.all_templates.victim())
+                evicted.append("templates_total")
+        old = self.templates.get(key)
+        self.fields_total -= len(old.fields) if old is not None else 0
+        while self.fields_total + len(tpl.fields) > lim.template_fields_total and len(self.all_templates):
+            victim = self.all_templates.victim()
+            if victim == key:  # itself the oldest: make it the newest, give up the next
+                self.all_templates.touch(key)
+                if len(self.all_templates) == 1:
+                    break
+                continue
+            self.forget_template(victim)
+            evicted.append("template_fields_total")
+        standing.touch(tid)
+        self.all_templates.touch(key)
+        self.domains[exporter].touch((version, domain))
+        self.exporters.touch(exporter)
+        self.templates[key] = tpl
+        self.fields_total += len(tpl.fields)
+        return evicted, None
+
+    def used(self, key: tuple[str, int, int, int]) -> None:
+        """A template carried flow data (or options values): it and its exporter become live, most recent."""
+        exporter, version, domain, tid = key
+        self.all_templates.touch(key, live=True)
+        standing = self.domain_templates.get(key[:3]) or self.domain_options.get(key[:3])
+        if standing is not None:
+            standing.touch(tid, live=True)
+        domains = self.domains.get(exporter)
+        if domains is not None:
+            domains.touch((version, domain), live=True)
+            self.exporters.touch(exporter, live=True)
+
+    def forget_template(self, key: tuple[str, int, int, int]) -> None:
+        old = self.templates.pop(key, None)
+        self.fields_total -= len(old.fields) if old is not None else 0
+        self.all_templates.discard(key)
+        for standings in (self.domain_templates, self.domain_options):
+            standing = standings.get(key[:3])
+            if standing is not None:
+                standing.discard(key[3])
+
+    def forget_domain(self, exporter: str, version: int, domain: int) -> None:
+        scope = (exporter, version, domain)
+        for standings in (self.domain_templates, self.domain_options):
+            for tid in standings.pop(scope, _Standing()):
+                self.forget_template((*scope, tid))
+        self.sequences.pop(scope, None)
+        domains = self.domains.get(exporter)
+        if domains is not None:
+            domains.discard((version, domain))
+            if not any(d == domain for _, d in domains):
+                self.sampling.pop((exporter, domain), None)
+                self.sys_init_ms.pop((exporter, domain), None)
+
+    def forget_exporter(self, exporter: str) -> None:
+        for version, domain in self.domains.get(exporter, _Standing()):
+            self.forget_domain(exporter, version, domain)
+        self.domains.pop(exporter, None)
+        self.exporters.discard(exporter)
+        self.last_seen_ms.pop(exporter, None)
+
+    # -- persistence --
     def to_json(self) -> str:
         def key(k: tuple) -> str:
             return "|".join(str(x) for x in k)
 
+        order = list(self.all_templates)  # least recently used first: a load replays them in that order
         return json.dumps(
             {
-                "templates": {key(k): t.to_obj() for k, t in self.templates.items()},
+                "templates": {key(k): self.templates[k].to_obj() for k in order if k in self.templates},
+                "live_templates": [key(k) for k in self.all_templates.live],
+                "live_exporters": list(self.exporters.live),
+                "last_seen_ms": self.last_seen_ms,
                 "sequences": {key(k): s.to_obj() for k, s in self.sequences.items()},
                 "sampling": {key(k): v for k, v in self.sampling.items()},
                 "sys_init_ms": {key(k): v for k, v in self.sys_init_ms.items()},
@@ -257,25 +465,89 @@ class DecoderState:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> DecoderState:
+    def from_json(cls, text: str, limits: Limits = DEFAULT) -> DecoderState:
+        """A state saved by to_json, loaded within `limits` (the same bounds as a live decoder: a file
+        planted or grown elsewhere cannot make this state larger). Entries that do not parse are dropped and
+        counted in `limits_hit["decoder_state_entries"]`; text that is no JSON object raises ValueError."""
+
         def key(k: str, ints: int) -> tuple:
             parts = k.split("|")
             head = "|".join(parts[: len(parts) - ints])  # exporter text never holds "|", but be safe
-            return (head, *(int(x) for x in parts[len(parts) - ints :]))
+            tail = tuple(int(x) for x in parts[len(parts) - ints :])
+            if len(tail) != ints or any(not 0 <= x < 2**32 for x in tail):
+                raise ValueError(f"bad key {k[:100]!r}")
+            return (head, *tail)
 
-        obj = json.loads(text)
-        state = cls()
-        state.templates = {
-            key(k, 3): _intern(Template.from_obj(v)) for k, v in obj.get("templates", {}).items()
-        }
-        state.sequences = {key(k, 2): _Sequence.from_obj(v) for k, v in obj.get("sequences", {}).items()}
-        state.sampling = {key(k, 1): v for k, v in obj.get("sampling", {}).items()}
-        state.sys_init_ms = {key(k, 1): v for k, v in obj.get("sys_init_ms", {}).items()}
-        state.pending = {
-            key(k, 3): [(base64.b64decode(b), tuple(c), o) for b, c, o in v]
-            for k, v in obj.get("pending", {}).items()
-        }
-        state.pending_count = sum(len(v) for v in state.pending.values())
+        try:
+            obj = json.loads(text)
+        except RecursionError:
+            raise ValueError("decoder state nested too deep") from None
+        if not isinstance(obj, dict):
+            raise ValueError("decoder state is no JSON object")
+        state = cls(limits)
+        bad = 0
+
+        def entries(name: str) -> list:
+            section = obj.get(name, {})
+            return list(section.items()) if isinstance(section, dict) else []
+
+        live_templates = set(obj.get("live_templates", []) or [])
+        live_exporters = set(obj.get("live_exporters", []) or [])
+        for k, v in entries("last_seen_ms"):
+            if isinstance(v, int) and len(state.last_seen_ms) < limits.exporters:
+                state.last_seen_ms[k] = v
+        state.now_ms = max(state.last_seen_ms.values(), default=0)
+        for k, v in entries("templates"):
+            try:
+                tkey = key(k, 3)
+                tpl = _intern(Template.from_obj(v, limits))
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                bad += 1
+                continue
+            evicted, refused = state.add_template(tkey, tpl)
+            for name in [*evicted, *([refused] if refused else [])]:
+                state.limits_hit[name] += 1
+            if not refused and k in live_templates:
+                state.used(tkey)
+        for exporter in live_exporters:
+            if exporter in state.exporters:
+                state.exporters.touch(exporter, live=True)
+        for k, v in entries("sequences"):
+            try:
+                skey = key(k, 2)
+                track = _Sequence.from_obj(v)
+            except (ValueError, TypeError):
+                bad += 1
+                continue
+            if state.admit_domain(*skey)[1] is None:
+                state.sequences[skey] = track
+        for name, target in (("sampling", state.sampling), ("sys_init_ms", state.sys_init_ms)):
+            for k, v in entries(name):
+                try:
+                    exporter, domain = key(k, 1)
+                except ValueError:
+                    bad += 1
+                    continue
+                if isinstance(v, int) and exporter in state.domains:
+                    target[(exporter, domain)] = v
+        for k, v in entries("pending"):
+            try:
+                pkey = key(k, 3)
+                for b, c, o in v:
+                    body = base64.b64decode(b)
+                    if (
+                        state.pending_count >= limits.pending_flowsets
+                        or state.pending_bytes + len(body) > limits.pending_bytes
+                    ):
+                        state.limits_hit["pending_flowsets"] += 1
+                        continue
+                    state.pending.setdefault(pkey, []).append((body, tuple(int(x) for x in c), int(o)))
+                    state.pending_count += 1
+                    state.pending_bytes += len(body)
+            except (ValueError, TypeError):
+                bad += 1
+        if bad:
+            state.limits_hit["decoder_state_entries"] += bad
         return state
 
 
@@ -299,6 +571,7 @@ def _new_stats() -> dict[str, Any]:
         "variable_fields_skipped": 0,
         "sampling": "unknown",
         "versions": [],
+        "limits_hit": {},  # limit name (tracepipe/limits.py) -> times it evicted or refused something
     }
 
 
@@ -309,6 +582,9 @@ def merge_stats(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]
         for k, v in stats.items():
             if k == "versions":
                 acc[k] = sorted(set(acc[k]) | set(v))
+            elif k == "limits_hit":
+                for name, n in v.items():
+                    acc[k][name] = acc[k].get(name, 0) + n
             elif k == "sampling":
                 if v != "unknown":
                     acc[k] = v
@@ -356,6 +632,18 @@ class _Batch:
         self.rejects.append((offset, exporter, reason, detail))
         self.stat(exporter)["rejects"] += 1
 
+    def limit(self, exporter: str, names: list[str]) -> None:
+        """Count limits hit on behalf of `exporter` (in its stats and in the state's running total)."""
+        hits = self.stat(exporter)["limits_hit"]
+        for name in names:
+            hits[name] = hits.get(name, 0) + 1
+            self.state.limits_hit[name] += 1
+
+    def refuse(self, offset: int | None, exporter: str, name: str, detail: str) -> None:
+        """A template or datagram refused by limit `name`: counted, and a reject naming the limit."""
+        self.limit(exporter, [name])
+        self.reject(offset, exporter, f"limit {name}", f"{detail} (limit {getattr(self.state.limits, name)})")
+
     def exporter_id(self, exporter: str) -> int:
         idx = self.exporter_index.get(exporter)
         if idx is None:
@@ -394,6 +682,8 @@ def decode_datagrams(
     """
     batch = _Batch(state, source)
     n = len(payloads)
+    if n:
+        state.now_ms = max(state.now_ms, int(np.max(arrival_us)) // 1000)
     offs = offsets.tolist() if offsets is not None else [None] * n
     # Fast path: a v9/IPFIX datagram holding exactly one data set of a known template (the steady state of
     # every exporter). Whatever else (templates, options, several sets, v1/v5/v7, junk) takes the full walk,
@@ -474,6 +764,8 @@ def decode_datagrams(
             _replay_pending(batch)
     for exporter, datagrams in Counter(exporters).items():
         batch.stat(exporter)["datagrams"] += datagrams
+        if exporter in state.domains:  # only exporters the state keeps (bounded) are remembered
+            state.last_seen_ms[exporter] = state.now_ms
     flows = _decode_groups(batch)
     if not text_as_dictionary:
         flows = flows.cast(FLOWS)
@@ -499,6 +791,7 @@ def _fast_entry(
     track = state.sequences.get((exporter, version, domain))
     if track is None or track.expected is None or (version == 10 and not track.locked):
         return None  # the first datagrams of a sequence go the full way (they set `expected`)
+    state.used((exporter, version, domain, set_id))
     stats = batch.stat(exporter)
     if version not in stats["versions"]:
         stats["versions"].append(version)
@@ -574,10 +867,13 @@ def _walk_fixed(
             interval = _U16.unpack_from(payload, 22)[0] & 0x3FFF  # top 2 bits: sampling mode
             if interval > 0:
                 sampling = interval
-                batch.state.sampling[(exporter, 0)] = interval
+                if exporter in batch.state.domains:  # state only for the exporters kept (bounded)
+                    batch.state.sampling[(exporter, 0)] = interval
     # v5 boot time: unix_secs + nsecs - sysUptime, in ms (RFC-less, as Cisco documents it)
     boot_ms = secs * 1000 + nsecs // 1_000_000 - uptime
     ctx = batch.add_ctx(exporter, (version, 0, boot_ms, uptime, secs * 1000, -1, sampling))
+    if exporter in batch.state.domains:
+        batch.state.exporters.touch(exporter, live=True)
     body = payload[header_len : header_len + count * record_len]
     batch.add_data(FIXED_TEMPLATES[version], body, count, ctx)
 
@@ -665,11 +961,14 @@ def _walk_sets(
             continue
         if tpl.options:
             options_records += _read_options_data(batch, tpl, payload[body_start:body_end], exporter, domain)
+            state.used(key)
             continue
         if values != ctx_key:
             ctx = batch.add_ctx(exporter, values)
             ctx_key = values
         count = _add_template_data(batch, tpl, payload[body_start:body_end], ctx, exporter, offset)
+        if count:
+            state.used(key)
         if records is not None:
             records += count
     if batch.replay:
@@ -706,6 +1005,8 @@ def _fixed_from_variable(tpl: Template, body: bytes | memoryview) -> tuple[Templ
     """Rewrite records of a template with variable-length fields to its fixed projection (rare: per record)."""
     projected = _PROJECTIONS.get(id(tpl))
     if projected is None or projected.fields != [f for f in tpl.fields if f[1] != VARIABLE_LENGTH]:
+        if len(_PROJECTIONS) >= _INTERNED_MAX:  # keyed by template: bounded like the interned layouts
+            _PROJECTIONS.clear()
         projected = _PROJECTIONS[id(tpl)] = _intern(tpl.fixed_projection())
     out = bytearray()
     pos, end, count = 0, len(body), 0
@@ -781,6 +1082,11 @@ def _read_templates(
         if tid < 256:
             batch.reject(offset, exporter, "bad template", f"template id {tid} < 256")
             return
+        if n_fields > state.limits.fields_per_template:
+            # the walk over its fields goes on (the set length bounds it); the template is not kept
+            batch.refuse(
+                offset, exporter, "fields_per_template", f"template {tid} declares {n_fields} fields"
+            )
         fields: list[tuple[int, int, int]] = []
         for _ in range(n_fields):
             if pos + 4 > end:
@@ -809,6 +1115,8 @@ def _read_templates(
                 )
                 return
             fields.append((field_id, length, pen))
+        if n_fields > state.limits.fields_per_template:
+            continue
         tpl = Template.build(fields, options, scope_count, version)
         if tpl.variable_fields == 0 and tpl.record_len == 0:
             batch.reject(offset, exporter, "bad template", f"template {tid}: records of 0 bytes")
@@ -817,10 +1125,21 @@ def _read_templates(
         # a redefinition replaces the old layout (RFC 7011 §8.1); a refresh of the same layout (softflowd re-sends
         # its templates every ~20 datagrams) keeps one shared object, so that all records of one layout in a
         # batch are decoded as one group
-        state.templates[key] = _intern(tpl)
+        evicted, refused = state.add_template(key, _intern(tpl))
+        if evicted:
+            batch.limit(exporter, evicted)
+        if refused:
+            what = (
+                f"{len(fields)} fields, {tpl.min_record_len} bytes a record" if refused != "exporters" else ""
+            )
+            batch.refuse(
+                offset, exporter, refused, f"template {tid} (domain {domain}) not kept {what}".strip()
+            )
+            continue
         waiting = state.pending.pop(key, None)
         if waiting:
             state.pending_count -= len(waiting)
+            state.pending_bytes -= sum(len(body) for body, _, _ in waiting)
             batch.stat(exporter)["waiting_for_template"] -= len(waiting)
             # decoded once the whole datagram is read: options data (sampling, boot time) that came with the
             # template in the same datagram then applies to them too
@@ -845,14 +1164,11 @@ def _replay_pending(batch: _Batch) -> None:
 def _withdraw(state: DecoderState, exporter: str, domain: int, tid: int, options: bool) -> None:
     """IPFIX template withdrawal: one template, or all of a set type when tid is the set id (RFC 7011 §8.1)."""
     if tid in (2, 3):
-        for key in [
-            k
-            for k, t in state.templates.items()
-            if k[0] == exporter and k[1] == 10 and k[2] == domain and t.options == options
-        ]:
-            del state.templates[key]
+        standing = (state.domain_options if options else state.domain_templates).get((exporter, 10, domain))
+        for template_id in list(standing or ()):
+            state.forget_template((exporter, 10, domain, template_id))
     else:
-        state.templates.pop((exporter, 10, domain, tid), None)
+        state.forget_template((exporter, 10, domain, tid))
 
 
 def _keep_pending(
@@ -860,12 +1176,19 @@ def _keep_pending(
 ) -> None:
     state = batch.state
     exporter = key[0]
-    if state.pending_count >= MAX_PENDING_FLOWSETS:
+    full = None
+    if state.pending_count >= state.limits.pending_flowsets:
+        full = "pending_flowsets"
+    elif state.pending_bytes + len(body) > state.limits.pending_bytes:
+        full = "pending_bytes"
+    if full is not None:
         batch.reject(offset, exporter, "no template", f"template {key[3]} (domain {key[2]}) never seen")
         batch.stat(exporter)["no_template"] += 1
+        batch.limit(exporter, [full])
         return
     state.pending.setdefault(key, []).append((body, values, offset if offset is not None else -1))
     state.pending_count += 1
+    state.pending_bytes += len(body)
     batch.stat(exporter)["waiting_for_template"] += 1
 
 
@@ -881,6 +1204,8 @@ def _read_options_data(
     arr = np.frombuffer(bytes(body[: count * tpl.record_len]), dtype=tpl.dtype)
     roles = tpl.roles
     state = batch.state
+    if exporter not in state.domains:  # evicted meanwhile: no state for it (bounded)
+        return count
     for i in range(count):
         rec = arr[i]
         if "sampling" in roles:
@@ -912,7 +1237,9 @@ def _track_ipfix(
     _Sequence): the first two messages of a stream tell, then gaps are counted in that convention."""
     track = batch.state.sequences.get(key)
     if track is None:
-        track = batch.state.sequences[key] = _Sequence()
+        track = _new_track(batch, key)
+        if track is None:
+            return
     if data is None:  # records that could not be counted (no template yet): re-synchronise
         track.expected = None
         track.last = None
@@ -940,6 +1267,17 @@ def _track_ipfix(
     _track_sequence(batch, exporter, key, (seq - count) % WRAP if track.after else seq, count)
 
 
+def _new_track(batch: _Batch, key: tuple[str, int, int]) -> _Sequence | None:
+    """Sequence tracking for a new (exporter, version, domain), within the state's bounds; None if refused
+    (the datagram still decodes; only its losses go uncounted)."""
+    evicted, refused = batch.state.admit_domain(*key)
+    batch.limit(key[0], [*evicted, *([refused] if refused else [])])
+    if refused:
+        return None
+    track = batch.state.sequences[key] = _Sequence()
+    return track
+
+
 def _track_sequence(
     batch: _Batch, exporter: str, key: tuple[str, int, int], seq: int, count: int | None
 ) -> None:
@@ -948,7 +1286,9 @@ def _track_sequence(
     state = batch.state
     track = state.sequences.get(key)
     if track is None:
-        track = state.sequences[key] = _Sequence()
+        track = _new_track(batch, key)
+        if track is None:
+            return
     if count is None:
         track.expected = None
         return
@@ -1282,4 +1622,5 @@ def flush_pending(state: DecoderState, source: str) -> pa.Table:
     ]
     state.pending.clear()
     state.pending_count = 0
+    state.pending_bytes = 0
     return _rejects_table(rows, source)

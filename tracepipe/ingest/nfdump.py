@@ -11,6 +11,7 @@ Both map nfdump's text conventions back to numbers: protocol names (nfdump's own
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import os
 import subprocess
@@ -23,6 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from tracepipe.errors import EnvironmentProblem, InputError
+from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
+from tracepipe.limits import LineBlock, iter_line_blocks, too_long_rejects
 from tracepipe.schema import FLOWS, TS
 from tracepipe.tools import tool_path
 
@@ -287,34 +290,28 @@ _NEEDED = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg", "ra"
 _CHECKED_FIELDS = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg", "ra", "in", "out")
 
 
-def _chunks(source: bytes | str, block_size: int) -> Iterator[bytes]:
-    """Whole lines, about `block_size` bytes at a time, from bytes or a file path (memory stays flat)."""
-    if isinstance(source, bytes):
-        start = 0
-        while start < len(source):
-            end = source.find(b"\n", min(start + block_size, len(source)) - 1)
-            end = len(source) if end < 0 else end + 1
-            yield source[start:end]
-            start = end
-        return
-    with open(source, "rb") as handle:
-        while block := handle.read(block_size):
-            if not block.endswith(b"\n"):
-                block += handle.readline()
-            yield block
+def _chunks(source: bytes | str, block_size: int) -> Iterator[LineBlock]:
+    """Whole lines, about `block_size` bytes at a time, from bytes or a file path (memory stays flat); lines
+    longer than limits.line_bytes are emptied (and listed), never read whole."""
+    with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as handle:
+        yield from iter_line_blocks(handle, block_size)
 
 
 def _iter_rows(
     source: bytes | str, delimiter: str, columns: tuple[str, ...], skip_rows: int, block_size: int = 1 << 24
-) -> Iterator[tuple[pa.Table, pa.Array, list[tuple[int, str]]]]:
+) -> Iterator[tuple[pa.Table, pa.Array, list[tuple[int, str]], list[tuple[int, int]]]]:
     """Stream a delimited text as (the columns we use, all as text; their 1-based line numbers; the lines of
-    another width as (line number, text)). pyarrow's CSV reader parses each chunk of whole lines serially,
-    so its invalid-row handler knows line numbers; valid row j of a chunk then sits on line
+    another width as (line number, text); the lines over limits.line_bytes as (line number, length)).
+    pyarrow's CSV reader parses each chunk of whole lines serially, so its invalid-row handler knows line numbers; valid row j of a chunk then sits on line
     skip + 1 + j + #(invalid lines with at most j valid rows before them). Decoded as Latin-1: nfdump writes
     ASCII, and a damaged byte only spoils its field (rejected by the field checks), it cannot stop the reader."""
     lines_before = 0
-    for index, chunk in enumerate(_chunks(source, block_size)):
+    for index, block in enumerate(_chunks(source, block_size)):
+        chunk = block.data
         skip = skip_rows if index == 0 else 0
+        if not chunk:  # only the rest of an over-long last line
+            yield pa.table({}), pa.array([], pa.int64()), [], block.too_long
+            continue
         invalid: list[tuple[int, str]] = []
 
         def on_invalid(row, invalid=invalid) -> str:
@@ -324,7 +321,12 @@ def _iter_rows(
         table = pacsv.read_csv(
             pa.py_buffer(chunk),
             read_options=pacsv.ReadOptions(
-                column_names=list(columns), skip_rows=skip, use_threads=False, encoding="latin-1"
+                column_names=list(columns),
+                skip_rows=skip,
+                use_threads=False,
+                encoding="latin-1",
+                block_size=2 * DEFAULT_LIMITS.line_bytes
+                + 2,  # a row must fit a block: any line within limits
             ),
             parse_options=pacsv.ParseOptions(
                 delimiter=delimiter,
@@ -344,7 +346,7 @@ def _iter_rows(
         valid_before = bad - (skip + 1) - np.arange(len(bad), dtype=np.int64)
         rows = np.arange(table.num_rows, dtype=np.int64)
         numbers = lines_before + skip + 1 + rows + np.searchsorted(valid_before, rows, side="right")
-        yield table, pa.array(numbers), [(lines_before + n, text) for n, text in invalid]
+        yield table, pa.array(numbers), [(lines_before + n, text) for n, text in invalid], block.too_long
         lines_before += chunk.count(b"\n") + (0 if chunk.endswith(b"\n") else 1)
 
 
@@ -362,9 +364,13 @@ def _iter_flows(
     `trailer` line, the names line that follows and its values line) and repeated header lines, so that
     several nfdump outputs concatenated into one file read as one."""
     summary_lines_left = 0
-    for table, line_numbers, invalid in _iter_rows(source, delimiter, columns, skip_rows, block_size):
+    for table, line_numbers, invalid, too_long in _iter_rows(
+        source, delimiter, columns, skip_rows, block_size
+    ):
         parts: list[pa.Table] = []
         kept = []
+        if too_long:  # emptied by the reader: blank here, a reject there
+            parts.append(too_long_rejects(name, too_long))
         for number, text in invalid:
             stripped = text.strip()
             if trailer is not None and stripped == trailer:
@@ -470,7 +476,7 @@ def iter_nfdump_csv(path: Path | str, tz: str = "UTC") -> Iterator[tuple[pa.Tabl
     path = Path(path)
     try:
         with open(path, "rb") as handle:
-            first_line = handle.readline()
+            first_line = handle.readline(DEFAULT_LIMITS.line_bytes + 1)
             more = handle.read(1)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc}") from exc

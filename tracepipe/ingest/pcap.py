@@ -9,6 +9,7 @@ unknown link type) becomes a reject with its byte offset; a cut-off file yields 
 from __future__ import annotations
 
 import ipaddress
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,10 +19,13 @@ from typing import BinaryIO
 import numpy as np
 import pyarrow as pa
 
+from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
+from tracepipe.limits import Limits
 from tracepipe.schema import REJECTS
 
 CHUNK = 8 << 20  # bytes read at a time
 BATCH_BYTES = 24 << 20  # a batch is also cut when its payloads reach this many bytes
+PCAPNG_BLOCK_OVERHEAD = 4096  # a pcapng block may hold this much beside its packet (headers, options)
 
 PCAP_MAGIC = {  # magic as read little-endian -> (struct byte order, ticks per µs divisor is ns?)
     0xA1B2C3D4: ("<", False),
@@ -107,13 +111,32 @@ class _Reader:
         self.buf = rest + chunk
         return self.pos + n <= len(self.buf)
 
+    def skip(self, n: int) -> bool:
+        """Step over n bytes from `pos` without reading them into memory (a record too large to keep);
+        False when the file ends before."""
+        if self.pos + n <= len(self.buf):
+            self.pos += n
+            return True
+        target = self.base + self.pos + n
+        try:
+            if target > os.fstat(self.handle.fileno()).st_size:
+                return False
+            self.handle.seek(target)
+        except (OSError, ValueError):
+            return False
+        self.base, self.buf, self.pos = target, b"", 0
+        return True
+
     @property
     def offset(self) -> int:
         return self.base + self.pos
 
 
-def iter_udp_batches(path: Path | str, batch_datagrams: int = 65536) -> Iterator[UdpBatch]:
-    """Yield UDP datagrams of a pcap or pcapng file in batches; a file that is no capture yields one reject."""
+def iter_udp_batches(
+    path: Path | str, batch_datagrams: int = 65536, limits: Limits = DEFAULT_LIMITS
+) -> Iterator[UdpBatch]:
+    """Yield UDP datagrams of a pcap or pcapng file in batches; a file that is no capture yields one reject.
+    A record larger than `limits.capture_record_bytes` is a reject, stepped over without being read."""
     with open(path, "rb") as handle:
         reader = _Reader(handle)
         if not reader.need(4):
@@ -121,9 +144,9 @@ def iter_udp_batches(path: Path | str, batch_datagrams: int = 65536) -> Iterator
             return
         magic_le = struct.unpack_from("<I", reader.buf, 0)[0]
         if magic_le in PCAP_MAGIC:
-            yield from _read_pcap(reader, batch_datagrams)
+            yield from _read_pcap(reader, batch_datagrams, limits)
         elif magic_le == PCAPNG_SHB:
-            yield from _read_pcapng(reader, batch_datagrams)
+            yield from _read_pcapng(reader, batch_datagrams, limits)
         else:
             yield _only_reject(0, "not a pcap", f"magic {reader.buf[:4].hex()}")
 
@@ -134,7 +157,7 @@ def _only_reject(offset: int, reason: str, detail: str) -> UdpBatch:
     return col.flush(0)
 
 
-def _read_pcap(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
+def _read_pcap(reader: _Reader, batch_datagrams: int, limits: Limits) -> Iterator[UdpBatch]:
     if not reader.need(24):
         yield _only_reject(0, "truncated pcap record", "global header cut short")
         return
@@ -143,6 +166,7 @@ def _read_pcap(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
     linktype = struct.unpack_from(order + "I", reader.buf, 20)[0] & 0xFFFF
     reader.pos = 24
     caplen_at = struct.Struct(order + "I").unpack_from
+    max_record = limits.capture_record_bytes
     col = _Collector()
     decode = _LinkDecoder()
     divisor = 1000 if nanos else 1
@@ -150,11 +174,11 @@ def _read_pcap(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
         # every complete record in the buffer: the walk over record lengths is the only per-packet Python
         buf, pos, end = reader.buf, reader.pos, len(reader.buf)
         records: list[int] = []
-        corrupt = None
+        oversized = 0
         while pos + 16 <= end:
             caplen = caplen_at(buf, pos + 8)[0]
-            if caplen > 0x4000000:  # 64 MiB: no real packet is that large; the file is corrupt from here
-                corrupt = (reader.base + pos, "truncated pcap record", f"record claims {caplen} bytes")
+            if caplen > max_record:  # never read into memory: stepped over below if the file holds it
+                oversized = caplen
                 break
             if pos + 16 + caplen > end:
                 break
@@ -169,8 +193,19 @@ def _read_pcap(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
             if len(col.payloads) >= batch_datagrams or col.nbytes >= BATCH_BYTES:
                 yield col.flush(reader.base + (part[-1] if done < len(records) else pos))
         reader.pos = pos
-        if corrupt is not None:
-            col.rejects.append(corrupt)
+        if oversized:
+            offset = reader.offset
+            if reader.skip(16 + oversized):
+                col.rejects.append(
+                    (
+                        offset,
+                        "limit capture_record_bytes",
+                        f"record of {oversized} bytes skipped (limit {max_record})",
+                    )
+                )
+                continue
+            # a length past the end of the file: no next record can be found, the file is corrupt from here
+            col.rejects.append((offset, "truncated pcap record", f"record claims {oversized} bytes"))
             break
         # a partial record (or nothing) is left: read on
         if not reader.need(16):
@@ -185,7 +220,7 @@ def _read_pcap(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
                 )
             break
         caplen = caplen_at(reader.buf, reader.pos + 8)[0]
-        if caplen <= 0x4000000 and not reader.need(16 + caplen):
+        if caplen <= max_record and not reader.need(16 + caplen):
             have = len(reader.buf) - reader.pos - 16
             col.rejects.append(
                 (reader.offset, "truncated pcap record", f"record needs {caplen} bytes, file has {have}")
@@ -261,7 +296,7 @@ def _packets(
         decode.packet(col, buf, record + 16, length, linktype, base + record, ts)
 
 
-def _read_pcapng(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
+def _read_pcapng(reader: _Reader, batch_datagrams: int, limits: Limits) -> Iterator[UdpBatch]:
     col = _Collector()
     decode = _LinkDecoder()
     order = "<"
@@ -281,6 +316,16 @@ def _read_pcapng(reader: _Reader, batch_datagrams: int) -> Iterator[UdpBatch]:
         if block_len < 12 or block_len % 4:
             col.rejects.append((offset, "truncated pcap record", f"pcapng block length {block_len}"))
             break
+        if block_len > limits.capture_record_bytes + PCAPNG_BLOCK_OVERHEAD:
+            if not reader.skip(block_len):
+                col.rejects.append(
+                    (offset, "truncated pcap record", f"pcapng block claims {block_len} bytes")
+                )
+                break
+            col.rejects.append(
+                (offset, "limit capture_record_bytes", f"pcapng block of {block_len} bytes skipped")
+            )
+            continue
         if not reader.need(block_len):
             col.rejects.append(
                 (

@@ -7,7 +7,12 @@ each with or without a leading `<PRI>`:
   default file format  year for lines that would lie in the future of `reference`, e.g. the file's mtime)
   rsyslog high-precision `2024-03-12T07:41:02.123456+01:00 web-01 sshd[1234]: message`
 sshd's authentication messages become auth_event (failed / accepted / invalid_user / preauth_closed),
-auth_user, auth_src_addr, auth_method. Lines in no known shape are rejects with their line number.
+auth_user, auth_src_addr, auth_method. Lines in no known shape, or whose time does not parse or lies outside
+units.time_window (1990 .. now + 1 day), are rejects with their line number.
+A PRI above 191 is invalid (RFC 5424 6.2.1). rsyslog keeps such a message and files it under its own
+pseudo-facility "invld" (no RFC number) instead of dropping it; so does this reader: the line lands with
+facility and severity null (not a made-up severity 7 of facility 124), and is also counted in rejects as
+"invalid PRI" with its raw text, so the summary shows it.
 `attribute_logs` then sets vm_id from the sender address (given, or a hostname that is an IP address, as
 rsyslog writes %fromhost-ip%) or else the hostname = VM name, and the leases.
 """
@@ -15,16 +20,17 @@ rsyslog writes %fromhost-ip%) or else the hostname = VM name, and the leases.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 
 import polars as pl
 import pyarrow as pa
 
 from tracepipe.schema import VM_LOGS
+from tracepipe.units import canonical_addresses, time_window
 
 # Header regexes capture the short fields only and end where the rest begins: the rest is cut off with a
 # regex replace, which is many times faster than capturing `(.*)` (Rust regex captures run the slower engine).
-_PRI = r"^(?:<(?P<pri>\d{1,3})>)?"
+_PRI = r"^(?:<(?P<pri>\d{1,10})>)?"  # any digits: a PRI above MAX_PRI is read, then marked invalid
+MAX_PRI = 191  # RFC 5424 6.2.1 / RFC 3164 4.1.1: facility 23 * 8 + severity 7 (rsyslog's LOG_MAXPRI)
 RFC5424 = (
     _PRI + r"1 (?P<ts>\S+) (?P<host>\S+) (?P<app>\S+) (?P<pid>\S+) (?P<msgid>\S+) "
     r"(?P<sd>-|(?:\[(?:[^\]\\]|\\.)*\])+)(?: \x{FEFF}?|$)"
@@ -133,18 +139,32 @@ def parse_syslog(
     parsed = parsed.with_columns(
         pl.when(pl.col("shape") == "3164").then(local).otherwise(_parse_5424_ts(pl.col("ts"))).alias("ts_utc")
     )
-    bad = parsed.filter(pl.col("ts_utc").is_null())
-    rejects = bad.select(
-        pl.lit(source).alias("source"),
-        pl.col("line").cast(pl.Int64),
+    earliest, latest = time_window()
+    in_window = pl.col("ts_utc").is_between(pl.lit(earliest), pl.lit(latest))
+    pri = pl.col("pri").cast(pl.Int32, strict=False)
+    bad_pri = pl.col("pri").is_not_null() & (pri.is_null() | (pri > MAX_PRI))
+    reason = (
         pl.when(pl.col("shape").is_null())
         .then(pl.lit("unknown syslog format"))
-        .otherwise(pl.lit("bad syslog timestamp"))
-        .alias("reason"),
-        pl.col("raw").str.slice(0, 300).alias("detail"),
+        .when(pl.col("ts_utc").is_null())
+        .then(pl.lit("bad syslog timestamp"))
+        .when(~in_window)
+        .then(pl.lit("time out of range"))
+        .when(bad_pri)
+        .then(pl.lit(f"invalid PRI (above {MAX_PRI}): line kept, facility and severity unknown"))
     )
-    good = parsed.filter(pl.col("ts_utc").is_not_null())
-    pri = pl.col("pri").cast(pl.Int16, strict=False)
+    rejects = (
+        parsed.with_columns(reason.alias("reason"))
+        .filter(pl.col("reason").is_not_null())
+        .select(
+            pl.lit(source).alias("source"),
+            pl.col("line").cast(pl.Int64),
+            "reason",
+            pl.col("raw").str.slice(0, 300).alias("detail"),
+        )
+    )
+    good = parsed.filter(pl.col("ts_utc").is_not_null() & in_window)
+    pri = pl.when(bad_pri).then(None).otherwise(pri)
     nil = ["-", ""]
     logs = good.select(
         pl.col("ts_utc").alias("ts"),
@@ -209,14 +229,8 @@ def _sshd_columns() -> list[pl.Expr]:
 def _addresses_as_text(hostnames: pl.Series) -> pl.Series:
     """Hostnames that are IP addresses (rsyslog writes %fromhost-ip% when it does not resolve names), in
     canonical text; others null. `ipaddress` runs on the distinct candidates only."""
-    candidates = hostnames.filter(hostnames.str.contains(r"^[0-9.]+$|:")).unique().to_list()
-    canonical: dict[str, str] = {}
-    for text in candidates:
-        try:
-            canonical[text] = str(ipaddress.ip_address(text))
-        except ValueError:
-            continue
-    return hostnames.replace_strict(canonical, default=None, return_dtype=pl.String)
+    candidate = hostnames.str.contains(r"^[0-9.]+$|:")
+    return canonical_addresses(pl.select(pl.when(candidate).then(hostnames)).to_series())
 
 
 def attribute_logs(logs: pa.Table, leases: pa.Table) -> pa.Table:

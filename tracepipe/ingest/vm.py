@@ -20,9 +20,12 @@ import pyarrow as pa
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.ingest.cloud import FORMATS, parse_cloud_text
+from tracepipe.ingest.inputs import input_problem
 from tracepipe.ingest.syslog import attribute_logs, parse_syslog
 from tracepipe.lake import IngestResult, Lake, conform, hash_bytes, hash_file, ingest_table
 from tracepipe.leases import rebuild_leases
+from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
+from tracepipe.limits import LineBlock, iter_line_blocks, read_text_bounded, too_long_rejects
 from tracepipe.schema import VM_LOGS
 
 Progress = Callable[[str], None]
@@ -88,23 +91,53 @@ def timezone(name: str) -> dt.tzinfo:
 
 
 def expand_paths(paths: Iterable[Path]) -> list[Path]:
-    """Files as given; directories -> their files (sorted, not recursive, hidden files skipped)."""
+    """Files as given; directories -> their regular files (sorted, not recursive, hidden files skipped).
+    A path that is neither (missing, a FIFO, a socket, a device) is an InputError saying what it is."""
     out: list[Path] = []
     for path in paths:
         if path.is_dir():
             out.extend(p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith("."))
-        elif path.is_file():
-            out.append(path)
-        else:
-            raise InputError(f"{path}: no such file or directory")
+            continue
+        problem = input_problem(path)
+        if problem is not None:
+            raise InputError(f"{path}: {problem}")
+        out.append(path)
     return out
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path) -> tuple[str, list[tuple[int, int]]]:
+    """The text of a file with lines over limits.line_bytes emptied (never held whole), and those lines as
+    (line number, length)."""
     try:
-        return path.read_bytes().decode("utf-8", errors="replace")
+        with open(path, "rb") as handle:
+            return read_text_bounded(handle)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc}") from exc
+
+
+def _read_xml(path: Path, source: str, rejects: list[pa.Table]) -> str | None:
+    """An OpenNebula VM XML, unless it is larger than limits.xml_bytes (then a reject, and None)."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc}") from exc
+    if size > DEFAULT_LIMITS.xml_bytes:
+        detail = f"{path.name}: {size} bytes, more than the limit of {DEFAULT_LIMITS.xml_bytes}; not read"
+        rejects.append(
+            pa.table(
+                {
+                    "source": [source],
+                    "line": pa.array([None], pa.int64()),
+                    "reason": ["limit xml_bytes"],
+                    "detail": [detail],
+                }
+            )
+        )
+        return None
+    text, too_long = _read_text(path)
+    if too_long:
+        rejects.append(too_long_rejects(source, too_long))
+    return text
 
 
 _XML_VM_ID = re.compile(rb"<VM>\s*<ID>\s*(\d+)\s*</ID>")
@@ -166,12 +199,20 @@ def ingest_vm_files(
         if lake.already_ingested("vm_events", content_hash):
             report.results.append(IngestResult("vm_events", source, content_hash, skipped=True))
             continue
-        text = _read_text(path)
-        xml_text = _read_text(partner) if partner is not None else None
+        limit_rejects: list[pa.Table] = []
+        if path.suffix.lower() == ".xml":
+            text = _read_xml(path, str(path), limit_rejects) or ""
+        else:
+            text, too_long = _read_text(path)
+            if too_long:
+                limit_rejects.append(too_long_rejects(str(path), too_long))
+        xml_text = _read_xml(partner, str(path), limit_rejects) if partner is not None else None
         file_fmt = "opennebula" if partner is not None else fmt
         events, rejects = parse_cloud_text(
             text, str(path), fmt=file_fmt, cloud=cloud, tz=zone, xml_text=xml_text
         )
+        if limit_rejects:
+            rejects = pa.concat_tables([rejects, *limit_rejects], promote_options="permissive")
         if seen is None:
             seen = set(event_keys(lake.read("vm_events")).to_list())
         events, duplicates = _drop_known(events, seen)
@@ -275,28 +316,13 @@ def _attribute(lake: Lake, days: set[str]) -> dict[str, Any] | None:
 SYSLOG_BLOCK_BYTES = 32 << 20
 
 
-def _line_blocks(path: Path, block_bytes: int = SYSLOG_BLOCK_BYTES) -> Iterator[tuple[int, str]]:
-    """(number of the block's first line, text) for consecutive blocks of whole lines of a file."""
-    first_line = 1
-    carry = b""
+def _line_blocks(path: Path, block_bytes: int = SYSLOG_BLOCK_BYTES) -> Iterator[LineBlock]:
+    """Consecutive blocks of whole lines of a file, lines over limits.line_bytes emptied and listed."""
     try:
         with open(path, "rb") as handle:
-            while True:
-                chunk = handle.read(block_bytes)
-                if not chunk:
-                    break
-                data = carry + chunk
-                cut = data.rfind(b"\n")
-                if cut < 0:
-                    carry = data
-                    continue
-                block, carry = data[: cut + 1], data[cut + 1 :]
-                yield first_line, block.decode("utf-8", errors="replace")
-                first_line += block.count(b"\n")
+            yield from iter_line_blocks(handle, block_bytes)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc}") from exc
-    if carry:
-        yield first_line, carry.decode("utf-8", errors="replace")
 
 
 def reattribute_logs(lake: Lake, days: Iterable[str]) -> int:
@@ -338,15 +364,17 @@ def ingest_syslog_files(
         source = str(path.absolute())
         with lake.ingest("vm_logs", source, content_hash) as writer:
             # in blocks of whole lines: memory stays bounded on big files, line numbers stay exact
-            for first_line, text in _line_blocks(path):
+            for block in _line_blocks(path):
+                if block.too_long:
+                    writer.reject(too_long_rejects(source, block.too_long))
                 logs, rejects = parse_syslog(
-                    text,
+                    block.data.decode("utf-8", errors="replace"),
                     source,
                     year=year or mtime.year,
                     reference=mtime if year is None else None,
                     tz=tz,
                     sender_addr=sender_addr,
-                    first_line=first_line,
+                    first_line=block.first_line,
                 )
                 logs = attribute_logs(logs, leases)
                 attributed += logs.num_rows - logs.column("vm_id").null_count

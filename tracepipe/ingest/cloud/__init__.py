@@ -16,7 +16,7 @@ from pathlib import PurePath
 import pyarrow as pa
 
 from tracepipe.errors import UsageError
-from tracepipe.ingest.cloud.common import EventColumns, RejectColumns
+from tracepipe.ingest.cloud.common import BadRecord, EventColumns, RejectColumns, json_loads
 from tracepipe.ingest.cloud.neutron import add_neutron_event
 from tracepipe.ingest.cloud.nova import add_nova_event, iter_messages
 
@@ -30,12 +30,15 @@ def parse_openstack(text: str, source: str = "") -> tuple[pa.Table, pa.Table]:
     rejects = RejectColumns(source)
     for line, message in iter_messages(text, source, rejects):
         event_type = str(message.get("event_type") or "")
-        if event_type.startswith(("floatingip.", "port.")):
-            add_neutron_event(columns, rejects, message, source, line)
-        else:
-            # instance.* and anything else: other event types are kept with action "unknown"
-            add_nova_event(columns, rejects, message, source, line)
-    return columns.table(), rejects.table()
+        try:
+            if event_type.startswith(("floatingip.", "port.")):
+                add_neutron_event(columns, rejects, message, source, line)
+            else:
+                # instance.* and anything else: other event types are kept with action "unknown"
+                add_nova_event(columns, rejects, message, source, line)
+        except BadRecord as bad:  # this message only: the rest of the dump lands
+            rejects.add(line, bad.reason, f"{event_type[:80]}: {bad.detail}")
+    return columns.finish(rejects), rejects.table()
 
 
 def detect_format(name: str, head: str) -> str:
@@ -52,7 +55,7 @@ def detect_format(name: str, head: str) -> str:
         if "oslo.message" in head or '"event_type"' in head:
             return "nova"
         try:
-            obj = json.loads(first)
+            obj = json_loads(first)
         except json.JSONDecodeError:
             return "nova"
         if isinstance(obj, dict) and "action" in obj and "ts" in obj:

@@ -9,22 +9,29 @@ One row per event and address. Columns (header names; only `ts`, `vm_id` and `ac
   addr_kind   fixed (default) or floating (floating + create/attach = associate; + detach = disassociate)
   state       one of schema.VM_STATES (optional)
   event_id    optional; rows with the same event_id are one event (de-duplication)
-Bad rows (time missing or not parsing, no vm_id) are rejects with their line number; the rest lands.
+Bad rows (time missing, not parsing or outside 1990..now+1 day, no vm_id, an `addr` that is not an IP address,
+a malformed CSV line, a JSON value that is an object or a list) are rejects with their line number; the rest
+lands. Addresses are stored in canonical text (2001:DB8::0001 -> 2001:db8::1), as flows carry them.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
-import io
 import json
 from typing import Any
 
-import polars as pl
 import pyarrow as pa
 
-from tracepipe.ingest.cloud.common import EventColumns, RejectColumns, json_loads
+from tracepipe.ingest.cloud.common import (
+    BadRecord,
+    EventColumns,
+    RejectColumns,
+    event_time,
+    json_loads,
+    text_field,
+)
 from tracepipe.schema import VM_ACTIONS, VM_STATES
-from tracepipe.units import to_utc
 
 COLUMNS = (
     "ts",
@@ -61,25 +68,43 @@ _OPENING = {
 
 
 def _read_rows(text: str, fmt: str, rejects: RejectColumns) -> tuple[list[dict[str, Any]], list[int]]:
-    if fmt == "csv":
-        frame = pl.read_csv(io.StringIO(text), infer_schema=False)
-        frame = frame.rename({c: c.strip().lower() for c in frame.columns})
-        # header is line 1; rows with embedded newlines are not part of this format
-        return frame.to_dicts(), list(range(2, frame.height + 2))
+    """Rows as dicts (lower-case keys) and their line numbers. One line is one record in both forms (rows with
+    embedded newlines are not part of this format), so a bad line (an unclosed quote, too many or too few
+    cells, not JSON) is a reject of its own and the lines after it still land."""
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
+    header: list[str] | None = None
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        if fmt != "csv":
+            try:
+                obj = json_loads(line)
+            except json.JSONDecodeError as exc:
+                rejects.add(number, "malformed JSON", f"{exc}: {line[:200]}")
+                continue
+            if not isinstance(obj, dict):
+                rejects.add(number, "not a JSON object", line[:200])
+                continue
+            rows.append({str(k).lower(): v for k, v in obj.items()})
+            lines.append(number)
+            continue
         try:
-            obj = json_loads(line)
-        except json.JSONDecodeError as exc:
-            rejects.add(number, "malformed JSON", f"{exc}: {line[:200]}")
+            cells = next(csv.reader([line], strict=True))
+        except csv.Error as exc:
+            rejects.add(number, "malformed CSV line", f"{exc}: {line[:200]}")
             continue
-        if not isinstance(obj, dict):
-            rejects.add(number, "not a JSON object", line[:200])
+        if header is None:
+            header = [cell.strip().lstrip("\ufeff").lower() for cell in cells]
+            missing = [c for c in REQUIRED if c not in header]
+            if missing:
+                rejects.add(number, "missing columns", ", ".join(missing))
+                return [], []
             continue
-        rows.append({str(k).lower(): v for k, v in obj.items()})
+        if len(cells) != len(header):
+            rejects.add(number, "wrong number of columns", f"{len(cells)} cells, header has {len(header)}")
+            continue
+        rows.append(dict(zip(header, cells, strict=True)))
         lines.append(number)
     return rows, lines
 
@@ -90,63 +115,64 @@ def parse_generic(
     """CSV or JSONL in the documented columns -> (vm_events, rejects)."""
     columns = EventColumns()
     rejects = RejectColumns(source)
-    try:
-        rows, lines = _read_rows(text, fmt, rejects)
-    except (pl.exceptions.ComputeError, pl.exceptions.NoDataError) as exc:
-        rejects.add(None, "unreadable CSV", str(exc))
-        return columns.table(), rejects.table()
-    if rows and fmt == "csv":
-        missing = [c for c in REQUIRED if c not in rows[0]]
-        if missing:
-            rejects.add(1, "missing columns", ", ".join(missing))
-            return columns.table(), rejects.table()
-
-    def text_of(row: dict[str, Any], key: str) -> str | None:
-        value = row.get(key)
-        if value is None:
-            return None
-        value = str(value).strip()
-        return value or None
-
+    rows, lines = _read_rows(text, fmt, rejects)
     for row, line in zip(rows, lines, strict=True):
-        raw_ts = text_of(row, "ts")
-        ts = to_utc(raw_ts, naive_tz=tz)  # no offset written: the given local zone
-        vm_id = text_of(row, "vm_id")
-        if ts is None:
-            rejects.add(line, "bad or missing ts", str(raw_ts))
-            continue
-        if vm_id is None:
-            rejects.add(line, "missing vm_id", json.dumps(row, default=str)[:200])
-            continue
-        action = (text_of(row, "action") or "unknown").lower()
-        if action not in VM_ACTIONS:
-            action = "unknown"
-        kind = (text_of(row, "addr_kind") or "fixed").lower()
-        addr = text_of(row, "addr")
-        if kind == "floating" and action in ("create", "attach", "update", "port_update"):
-            action = "fip_associate"
-        elif kind == "floating" and action == "detach":
-            action = "fip_disassociate"
-        state = (text_of(row, "state") or "").lower() or None
-        if state is not None and state not in VM_STATES:
-            state = "unknown"
-        columns.add(
-            ts=ts,
-            cloud=text_of(row, "cloud") or default_cloud,
-            vm_id=vm_id,
-            vm_name=text_of(row, "vm_name"),
-            project=text_of(row, "project"),
-            user=text_of(row, "user"),
-            hypervisor=text_of(row, "hypervisor"),
-            event_type=text_of(row, "action"),
-            action=action,
-            state=state,
-            addrs=[addr] if addr and kind == "fixed" and action in _OPENING else None,
-            addr=addr,
-            addr_kind=kind if addr else None,
-            event_id=text_of(row, "event_id"),
-            source=source,
-            line=line,
-            resource_id=addr if kind == "floating" else None,
-        )
-    return columns.table(), rejects.table()
+        try:
+            _add_row(columns, row, line, source, tz, default_cloud)
+        except BadRecord as bad:
+            rejects.add(line, bad.reason, bad.detail)
+    return columns.finish(rejects), rejects.table()
+
+
+def _add_row(
+    columns: EventColumns, row: dict[str, Any], line: int, source: str, tz: dt.tzinfo, default_cloud: str
+) -> None:
+    """One row -> one vm_events row; BadRecord when ts or vm_id is missing or bad, or a value is an object,
+    a list or true/false (JSONL: numbers are taken as text, e.g. OpenNebula's numeric VM ids)."""
+
+    def text_of(key: str) -> str | None:
+        return text_field(row, key, numbers=True)
+
+    raw_ts = text_of("ts")
+    if raw_ts is None:
+        raise BadRecord("bad or missing ts", "no ts")
+    try:
+        ts = event_time(raw_ts, naive_tz=tz)  # no offset written: the given local zone
+    except BadRecord as bad:
+        raise BadRecord(
+            "bad or missing ts" if bad.reason.startswith("bad") else bad.reason, bad.detail
+        ) from None
+    vm_id = text_of("vm_id")
+    if vm_id is None:
+        raise BadRecord("missing vm_id", json.dumps(row, default=str)[:200])
+    action = (text_of("action") or "unknown").lower()
+    if action not in VM_ACTIONS:
+        action = "unknown"
+    kind = (text_of("addr_kind") or "fixed").lower()
+    addr = text_of("addr")
+    if kind == "floating" and action in ("create", "attach", "update", "port_update"):
+        action = "fip_associate"
+    elif kind == "floating" and action == "detach":
+        action = "fip_disassociate"
+    state = (text_of("state") or "").lower() or None
+    if state is not None and state not in VM_STATES:
+        state = "unknown"
+    columns.add(
+        ts=ts,
+        cloud=text_of("cloud") or default_cloud,
+        vm_id=vm_id,
+        vm_name=text_of("vm_name"),
+        project=text_of("project"),
+        user=text_of("user"),
+        hypervisor=text_of("hypervisor"),
+        event_type=text_of("action"),
+        action=action,
+        state=state,
+        addrs=[addr] if addr and kind == "fixed" and action in _OPENING else None,
+        addr=addr,
+        addr_kind=kind if addr else None,
+        event_id=text_of("event_id"),
+        source=source,
+        line=line,
+        resource_id=addr if kind == "floating" else None,
+    )

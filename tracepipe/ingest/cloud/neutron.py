@@ -11,71 +11,88 @@ from __future__ import annotations
 
 from typing import Any
 
-from tracepipe.ingest.cloud.common import EventColumns, RejectColumns
-from tracepipe.units import to_utc
+from tracepipe.ingest.cloud.common import (
+    BadRecord,
+    EventColumns,
+    RejectColumns,
+    event_time,
+    object_field,
+    text_field,
+)
 
 CLOUD = "openstack"
 
 
 def _port_addrs(port: dict[str, Any]) -> list[str]:
-    return [
-        ip["ip_address"]
-        for ip in port.get("fixed_ips") or []
-        if isinstance(ip, dict) and ip.get("ip_address")
-    ]
+    fixed_ips = port.get("fixed_ips") or []
+    if not isinstance(fixed_ips, list) or not all(isinstance(ip, dict) for ip in fixed_ips):
+        raise BadRecord("wrong JSON type", "port.fixed_ips is not a list of objects")
+    return [addr for ip in fixed_ips if (addr := text_field(ip, "ip_address", "fixed_ips[]."))]
 
 
 def add_neutron_event(
     columns: EventColumns, rejects: RejectColumns, message: dict[str, Any], source: str, line: int
 ) -> None:
-    """One `floatingip.*` / `port.*` message -> one vm_events row (or a reject without a usable time)."""
-    event_type = str(message.get("event_type"))
-    ts = to_utc(message.get("timestamp"))
-    if ts is None:
-        rejects.add(line, "notification without timestamp", event_type)
-        return
-    payload = message.get("payload") if isinstance(message.get("payload"), dict) else {}
+    """One `floatingip.*` / `port.*` message -> one vm_events row; BadRecord without a usable time, without
+    the id of the floating IP or port it is about, or with fields of the wrong JSON type."""
+    event_type = text_field(message, "event_type") or ""
+    if message.get("timestamp") in (None, ""):
+        raise BadRecord("notification without timestamp", event_type)
+    ts = event_time(message["timestamp"])
+    payload = object_field(message, "payload")
     row: dict[str, Any] = {
         "ts": ts,
         "cloud": CLOUD,
         "event_type": event_type,
-        "event_id": message.get("message_id") or message.get("_unique_id"),
+        "event_id": text_field(message, "message_id") or text_field(message, "_unique_id"),
         "source": source,
         "line": line,
-        "project": message.get("_context_project_id") or message.get("_context_tenant_id"),
-        "user": message.get("_context_user_id"),
+        "project": text_field(message, "_context_project_id") or text_field(message, "_context_tenant_id"),
+        "user": text_field(message, "_context_user_id"),
     }
     if event_type.startswith("floatingip."):
-        fip = payload.get("floatingip") if isinstance(payload.get("floatingip"), dict) else {}
-        row["resource_id"] = fip.get("id") or payload.get("floatingip_id")
-        row["addr"] = fip.get("floating_ip_address")
+        fip = object_field(payload, "floatingip", "payload.")
+        where = "floatingip."
+        row["resource_id"] = text_field(fip, "id", where) or text_field(payload, "floatingip_id", "payload.")
+        if row["resource_id"] is None:
+            raise BadRecord("floating IP event without id", event_type)
+        row["addr"] = text_field(fip, "floating_ip_address", where)
         row["addr_kind"] = "floating"
-        row["project"] = fip.get("tenant_id") or fip.get("project_id") or row["project"]
+        row["project"] = (
+            text_field(fip, "tenant_id", where) or text_field(fip, "project_id", where) or row["project"]
+        )
+        fixed, port_id = text_field(fip, "fixed_ip_address", where), text_field(fip, "port_id", where)
         if ".delete." in event_type:
             row["action"] = "fip_delete"
-        elif fip.get("fixed_ip_address") and fip.get("port_id"):
+        elif fixed and port_id:
             row["action"] = "fip_associate"
-            row["addrs"] = [fip["fixed_ip_address"]]
-            row["port_id"] = fip["port_id"]
+            row["addrs"] = [fixed]
+            row["port_id"] = port_id
             # Neutron with the fip-port-details extension names the port's owner right here
-            details = fip.get("port_details") if isinstance(fip.get("port_details"), dict) else {}
-            if str(details.get("device_owner") or "").startswith("compute:") and details.get("device_id"):
-                row["vm_id"] = details["device_id"]
+            details = object_field(fip, "port_details", where)
+            owner = text_field(details, "device_owner", "port_details.") or ""
+            device = text_field(details, "device_id", "port_details.")
+            if owner.startswith("compute:") and device:
+                row["vm_id"] = device
         elif fip:
             row["action"] = "fip_disassociate"
         else:
             row["action"] = "unknown"
     elif event_type.startswith("port."):
-        port = payload.get("port") if isinstance(payload.get("port"), dict) else {}
-        row["port_id"] = port.get("id") or payload.get("port_id")
-        row["project"] = port.get("tenant_id") or port.get("project_id") or row["project"]
-        owner = str(port.get("device_owner") or "")
-        # only compute:* ports belong to VMs; router and DHCP ports carry their own device ids
-        row["vm_id"] = (
-            port.get("device_id") if owner.startswith("compute:") and port.get("device_id") else None
+        port = object_field(payload, "port", "payload.")
+        where = "port."
+        row["port_id"] = text_field(port, "id", where) or text_field(payload, "port_id", "payload.")
+        if row["port_id"] is None:
+            raise BadRecord("port event without id", event_type)
+        row["project"] = (
+            text_field(port, "tenant_id", where) or text_field(port, "project_id", where) or row["project"]
         )
-        row["hypervisor"] = port.get("binding:host_id") or None
-        if ".delete." in event_type or (".update." in event_type and port and not port.get("device_id")):
+        owner = text_field(port, "device_owner", where) or ""
+        device = text_field(port, "device_id", where)
+        # only compute:* ports belong to VMs; router and DHCP ports carry their own device ids
+        row["vm_id"] = device if owner.startswith("compute:") else None
+        row["hypervisor"] = text_field(port, "binding:host_id", where)
+        if ".delete." in event_type or (".update." in event_type and port and not device):
             row["action"] = "detach"  # port deleted, or unbound from its VM: its addresses leave the VM
         else:
             row["action"] = "port_update"

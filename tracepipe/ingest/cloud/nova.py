@@ -3,18 +3,27 @@
 Input: what a notification listener or `[oslo_messaging_notifications] driver = log` dumps: one JSON per line,
 either the oslo messaging envelope (`{"oslo.version": "2.0", "oslo.message": "<JSON string>"}`) or the bare
 message; a JSON array of messages or one pretty-printed message per file (like Nova's doc samples) works too.
-Output: (events, rejects). A line that is not JSON, or a message without a usable time, is a reject with its
-line number; an `instance.*` event type we do not know is kept with action "unknown".
+Output: (events, rejects). A line that is not JSON, a message without a usable time (or with one outside
+1990..now+1 day), without an instance uuid, or with fields of the wrong JSON type is a reject with its line
+number; an `instance.*` event type we do not know is kept with action "unknown".
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Iterator
 from typing import Any
 
-from tracepipe.ingest.cloud.common import EventColumns, RejectColumns, json_loads
-from tracepipe.units import to_utc
+from tracepipe.ingest.cloud.common import (
+    BadRecord,
+    EventColumns,
+    RejectColumns,
+    event_time,
+    json_loads,
+    object_field,
+    text_field,
+)
 
 CLOUD = "openstack"
 
@@ -134,46 +143,67 @@ def _unwrap(item: Any) -> dict[str, Any] | None:
 
 
 def _payload_data(message: dict[str, Any]) -> dict[str, Any]:
-    payload = message.get("payload") or {}
-    if isinstance(payload, dict) and isinstance(payload.get("nova_object.data"), dict):
-        return payload["nova_object.data"]
-    return payload if isinstance(payload, dict) else {}
+    """The instance payload: `payload.nova_object.data` (versioned) or `payload` (legacy); BadRecord when
+    either is there but not an object."""
+    payload = object_field(message, "payload")
+    if "nova_object.data" in payload:
+        return object_field(payload, "nova_object.data", "payload.")
+    return payload
 
 
 def _ip_payloads(data: dict[str, Any]) -> list[dict[str, Any]]:
+    addresses = data.get("ip_addresses")
+    if addresses is None:
+        return []
+    if not isinstance(addresses, list):
+        raise BadRecord("wrong JSON type", "payload ip_addresses is not a list")
     out = []
-    for item in data.get("ip_addresses") or []:
-        if isinstance(item, dict):
-            inner = item.get("nova_object.data", item)
-            if isinstance(inner, dict) and inner.get("address"):
-                out.append(inner)
+    for item in addresses:
+        if not isinstance(item, dict):
+            raise BadRecord("wrong JSON type", "an ip_addresses entry is not an object")
+        inner = (
+            object_field(item, "nova_object.data", "ip_addresses[].") if "nova_object.data" in item else item
+        )
+        if text_field(inner, "address", "ip_addresses[]."):
+            out.append(inner)
     return out
+
+
+def _time(message: dict[str, Any], data: dict[str, Any]) -> dt.datetime:
+    """The notification's `timestamp`; Nova's doc samples carry none, and only then the instance's
+    updated_at/created_at stand in. A timestamp that is there but does not parse is a BadRecord: falling back
+    to the instance's creation date would put the event years away from when it happened."""
+    for record, key in ((message, "timestamp"), (data, "updated_at"), (data, "created_at")):
+        if record.get(key) not in (None, ""):
+            return event_time(record[key], what=key)
+    raise BadRecord("notification without timestamp", str(message.get("event_type")))
 
 
 def add_nova_event(
     columns: EventColumns, rejects: RejectColumns, message: dict[str, Any], source: str, line: int
 ) -> None:
-    """One `instance.*` message -> one vm_events row (or one reject when it has no usable time)."""
-    event_type = str(message.get("event_type"))
+    """One `instance.*` message -> one vm_events row; BadRecord when it has no usable time, no instance uuid,
+    or fields of the wrong JSON type."""
+    event_type = text_field(message, "event_type") or ""
     data = _payload_data(message)
-    # Nova's doc samples carry no envelope timestamp: fall back to the instance's updated_at/created_at.
-    ts = to_utc(message.get("timestamp")) or to_utc(data.get("updated_at")) or to_utc(data.get("created_at"))
-    if ts is None:
-        rejects.add(line, "notification without timestamp", event_type)
-        return
+    ts = _time(message, data)
+    where = "payload."
+    vm_id = text_field(data, "uuid", where)
+    if vm_id is None:
+        raise BadRecord("notification without instance uuid", event_type)
     ips = _ip_payloads(data)
-    addrs = [ip["address"] for ip in ips]
-    ports = [ip.get("port_uuid") for ip in ips]
+    addrs = [text_field(ip, "address") for ip in ips]
+    ports = [text_field(ip, "port_uuid", "ip_addresses[].") for ip in ips]
     action = nova_action(event_type)
-    state = data.get("state")
+    state = text_field(data, "state", where)
     columns.add(
         ts=ts,
         cloud=CLOUD,
-        vm_id=data.get("uuid"),
-        vm_name=data.get("display_name"),
-        project=data.get("tenant_id"),
-        user=data.get("user_id"),
-        hypervisor=data.get("host") or data.get("node"),
+        vm_id=vm_id,
+        vm_name=text_field(data, "display_name", where),
+        project=text_field(data, "tenant_id", where),
+        user=text_field(data, "user_id", where),
+        hypervisor=text_field(data, "host", where) or text_field(data, "node", where),
         event_type=event_type,
         action=action,
         state=NOVA_STATES.get(state, "unknown") if state else None,
@@ -182,7 +212,7 @@ def add_nova_event(
         addr=None,
         addr_kind="fixed" if addrs else None,
         port_id=ports[0] if len(ports) == 1 else None,
-        event_id=message.get("message_id") or message.get("_unique_id"),
+        event_id=text_field(message, "message_id") or text_field(message, "_unique_id"),
         source=source,
         line=line,
         resource_id=None,

@@ -17,7 +17,8 @@ from pathlib import PurePath
 
 import pyarrow as pa
 
-from tracepipe.ingest.cloud.common import EventColumns, RejectColumns
+from tracepipe.ingest.cloud.common import BadRecord, EventColumns, RejectColumns
+from tracepipe.units import in_time_window
 
 CLOUD = "opennebula"
 
@@ -71,6 +72,7 @@ class OneVm:
         default_factory=list
     )  # start, end, host
     running: list[tuple[dt.datetime, str]] = field(default_factory=list)  # (RSTIME, host)
+    problems: list[str] = field(default_factory=list)  # XML values that were ignored (time out of range)
 
     def host_at(self, ts: dt.datetime) -> str | None:
         host = None  # before the first placement the VM is on no host
@@ -81,24 +83,42 @@ class OneVm:
 
 
 def _epoch(text: str | None) -> dt.datetime | None:
+    """Epoch seconds from the XML -> UTC; None when 0 or empty (not set), BadRecord outside 1990..now+1 day."""
     if not text or not text.strip().isdigit() or int(text) <= 0:
         return None
-    return dt.datetime.fromtimestamp(int(text), dt.UTC)
+    try:
+        ts = dt.datetime.fromtimestamp(int(text), dt.UTC)
+    except (OverflowError, ValueError, OSError):
+        ts = None
+    if ts is None or not in_time_window(ts):
+        raise BadRecord("time out of range", f"epoch {text.strip()[:30]} (accepted: 1990 to now + 1 day)")
+    return ts
 
 
 def parse_vm_xml(xml_text: str) -> OneVm:
-    """`onevm show -x` output -> OneVm. Raises ValueError when it is not a VM document."""
+    """`onevm show -x` output -> OneVm. Raises ValueError when it is not a VM document (no numeric VM ID).
+    A time out of range is left out and named in `problems`."""
     root = ET.fromstring(xml_text)
-    if root.tag != "VM" or root.findtext("ID") is None:
-        raise ValueError("not an OpenNebula VM document (expected <VM><ID>...)")
+    if root.tag != "VM" or not (root.findtext("ID") or "").strip().isdigit():
+        raise ValueError("not an OpenNebula VM document (expected <VM><ID>number</ID>...)")
+    problems: list[str] = []
+
+    def epoch(element: ET.Element, tag: str) -> dt.datetime | None:
+        try:
+            return _epoch(element.findtext(tag))
+        except BadRecord as bad:
+            problems.append(f"{tag}: {bad.detail}")
+            return None
+
     vm = OneVm(
         vm_id=root.findtext("ID", "").strip(),
         name=root.findtext("NAME"),
         user=root.findtext("UNAME"),
         group=root.findtext("GNAME"),
-        stime=_epoch(root.findtext("STIME")),
-        etime=_epoch(root.findtext("ETIME")),
+        stime=epoch(root, "STIME"),
+        etime=epoch(root, "ETIME"),
         state=int(root.findtext("STATE")) if (root.findtext("STATE") or "").isdigit() else None,
+        problems=problems,
     )
     for nic in root.findall("TEMPLATE/NIC") + root.findall("TEMPLATE/NIC_ALIAS"):
         for tag in ("IP", "IP6_GLOBAL", "IP6", "IP6_ULA"):
@@ -106,12 +126,12 @@ def parse_vm_xml(xml_text: str) -> OneVm:
             if value and value not in vm.addrs:
                 vm.addrs.append(value)
     for record in root.findall("HISTORY_RECORDS/HISTORY"):
-        start = _epoch(record.findtext("STIME"))
+        start = epoch(record, "STIME")
         host = (record.findtext("HOSTNAME") or "").strip()
         if start is None or not host:
             continue
-        vm.history.append((start, _epoch(record.findtext("ETIME")), host))
-        running = _epoch(record.findtext("RSTIME")) or start
+        vm.history.append((start, epoch(record, "ETIME"), host))
+        running = epoch(record, "RSTIME") or start
         vm.running.append((running, host))
     return vm
 
@@ -142,6 +162,11 @@ def parse_opennebula(
     if vm is None:
         stem = PurePath(source).stem if source else ""
         vm = OneVm(vm_id=vm_id or stem)
+    for problem in vm.problems:
+        rejects.add(None, "time out of range in OpenNebula VM XML", problem)
+    if not vm.vm_id:  # rows without a VM id would land with vm_id empty: nothing could ever find them
+        rejects.add(None, "no OpenNebula VM id", "name the log <id>.log or give the VM's XML with it")
+        return columns.table(), rejects.table()
 
     def add(
         ts: dt.datetime,
@@ -181,8 +206,11 @@ def parse_opennebula(
                 continue  # driver output, commands: evidence for a human, not lifecycle
             try:
                 ts = _parse_ctime(match["ts"], tz)
-            except ValueError:
+            except (ValueError, OverflowError):
                 rejects.add(number, "bad OpenNebula log date", line)
+                continue
+            if not in_time_window(ts):
+                rejects.add(number, "time out of range", line)
                 continue
             name = state_match["state"]
             if state_match["lcm"]:
@@ -212,4 +240,4 @@ def parse_opennebula(
             )
         if vm.etime is not None and vm.state == 6:  # DONE
             add(vm.etime, "xml.etime", "delete", "deleted", None, None)
-    return columns.table(), rejects.table()
+    return columns.finish(rejects), rejects.table()

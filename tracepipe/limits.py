@@ -1,0 +1,234 @@
+"""Limits on everything an exporter or a file controls, declared once (README: "Limits").
+
+Anyone who can reach the collector's port, or write a file that tracepipe ingests, chooses sizes: how many
+templates, exporters and fields, how long a line, how deep a JSON document, how large a capture record claims to
+be. Each limit here has a default that real sources stay far below; a hit is counted (per reason) where the
+reader reports, the offending piece is skipped, and the rest of the input is still processed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import numpy as np
+import pyarrow as pa
+
+from tracepipe.errors import UsageError
+
+try:  # 3x faster than the stdlib on notification dumps; its errors subclass json.JSONDecodeError
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - without orjson, the stdlib decoder
+    _fast_loads = json.loads
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits (see the README table for what happens when each is hit)."""
+
+    # NetFlow v9 / IPFIX decoder state (per collector, or per `ingest netflow` run)
+    exporters: int = 4096  # exporters with templates / sequence state
+    exporter_idle_s: int = 3600  # an exporter that delivered flows keeps its place unless silent this long
+    domains_per_exporter: int = 16  # v9 source ids / IPFIX observation domains per exporter
+    templates_per_domain: int = 256  # data templates per (exporter, version, domain)
+    options_templates_per_domain: int = 16  # options templates per (exporter, version, domain)
+    templates_total: int = 16384  # templates of all exporters together
+    fields_per_template: int = 1024  # fields in one template
+    template_fields_total: int = 262_144  # fields of all templates together (what their memory grows with)
+    template_record_bytes: int = 65515  # one record: more cannot fit a 65535-byte datagram with its headers
+    pending_flowsets: int = 20_000  # data sets waiting for their template
+    pending_bytes: int = 16 << 20  # ... and their bytes
+    decoder_state_bytes: int = 64 << 20  # decoder-state.json larger than this is not read
+    # files
+    line_bytes: int = 1 << 20  # one line of syslog, nfdump CSV, Nova/Neutron JSONL, generic CSV/JSONL, intel
+    xml_bytes: int = 16 << 20  # an OpenNebula VM XML (`onevm show -x`)
+    capture_record_bytes: int = 262_144  # one pcap/pcapng record (tcpdump's largest snaplen)
+
+    def override(self, assignments: Iterable[str]) -> Limits:
+        """A copy with `NAME=VALUE` assignments applied (e.g. from `collect --limit exporters=8192`)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        changes: dict[str, int] = {}
+        for assignment in assignments:
+            name, sep, value = assignment.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in names:
+                raise UsageError(
+                    f"--limit {assignment!r}: use NAME=NUMBER with NAME one of {', '.join(sorted(names))}"
+                )
+            try:
+                number = int(value.replace("_", ""))
+            except ValueError:
+                number = -1
+            if number < 1:
+                raise UsageError(f"--limit {assignment!r}: the value must be a whole number of at least 1")
+            changes[name] = number
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Limits:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: int(v) for k, v in obj.items() if k in names})
+
+
+DEFAULT = Limits()
+
+
+# ---- JSON ---------------------------------------------------------------------------------------------------
+
+
+JSON_DEPTH = 1024  # orjson's fixed nesting limit; the stdlib parser stops near its recursion limit (~1000)
+
+
+class JsonTooDeep(json.JSONDecodeError):
+    """A JSON document nested deeper than the parser takes: a JSONDecodeError, so every reader that turns
+    those into rejects (with their line and message) does so for this one too."""
+
+
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def json_loads(text: str | bytes) -> Any:
+    """json.loads that never raises RecursionError. orjson stops at JSON_DEPTH levels with a JSONDecodeError;
+    the stdlib parser (without orjson) hits the interpreter's recursion limit, turned into JsonTooDeep here.
+    No pre-scan of brackets: one inside a string (a VM named "[[[[...") must not make an event a reject.
+
+    JSON may escape lone UTF-16 surrogates (`"\\udcff"`); orjson refuses such a document and Arrow cannot hold
+    such text. A tenant who names a VM that way must not make its events vanish: the document is read with the
+    stdlib and every lone surrogate becomes U+FFFD (the rest of the text unchanged)."""
+    try:
+        return _fast_loads(text)
+    except RecursionError:
+        doc = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
+        raise JsonTooDeep(f"nested deeper than {JSON_DEPTH} levels", doc[:100], 0) from None
+    except ValueError:
+        doc = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
+        if not _LONE_SURROGATE_ESCAPE.search(doc):
+            raise
+        try:
+            obj = json.loads(doc)
+        except RecursionError:
+            raise JsonTooDeep(f"nested deeper than {JSON_DEPTH} levels", doc[:100], 0) from None
+        return _without_surrogates(obj)
+
+
+def _without_surrogates(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return _SURROGATES.sub("\ufffd", obj)
+    if isinstance(obj, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_without_surrogates(v) for v in obj]
+    return obj
+
+
+# ---- lines ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LineBlock:
+    """Whole lines of a file. Lines longer than the limit are replaced by an empty line (so line numbers
+    stay exact) and listed in `too_long` as (line number, length in bytes)."""
+
+    first_line: int
+    data: bytes
+    too_long: list[tuple[int, int]]
+
+
+def iter_line_blocks(
+    handle: BinaryIO, block_bytes: int = 32 << 20, limits: Limits = DEFAULT
+) -> Iterator[LineBlock]:
+    """Blocks of whole lines, about `block_bytes` each, never holding more than `limits.line_bytes` of one
+    line in memory: a 1 GB line without a newline is read through and reported, not kept."""
+    max_line = limits.line_bytes
+    block_bytes = max(block_bytes, 1)
+    first_line = 1
+    carry = b""
+    skipping = 0  # > 0: inside an over-long line, this many bytes of it seen so far
+    while True:
+        chunk = handle.read(block_bytes)
+        if not chunk:
+            break
+        if skipping:
+            cut = chunk.find(b"\n")
+            if cut < 0:
+                skipping += len(chunk)
+                continue
+            yield LineBlock(first_line, b"\n", [(first_line, skipping + cut)])
+            first_line += 1
+            skipping = 0
+            chunk = chunk[cut + 1 :]
+        data = carry + chunk
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            if len(data) > max_line:
+                carry, skipping = b"", len(data)
+            else:
+                carry = data
+            continue
+        block, carry = data[: cut + 1], data[cut + 1 :]
+        if len(carry) > max_line:
+            carry, skipping = b"", len(carry)
+        too_long: list[tuple[int, int]] = []
+        if len(block) > max_line:
+            block, too_long = _drop_long_lines(block, first_line, max_line)
+        yield LineBlock(first_line, block, too_long)
+        first_line += block.count(b"\n")
+    if skipping:
+        yield LineBlock(first_line, b"", [(first_line, skipping)])
+    elif carry:
+        yield LineBlock(first_line, carry, [])
+
+
+def _drop_long_lines(block: bytes, first_line: int, max_line: int) -> tuple[bytes, list[tuple[int, int]]]:
+    """The lines of `block` (which ends with a newline) with those over `max_line` bytes emptied; found in
+    bulk (newline positions with numpy), rebuilt only when one is there."""
+    ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts
+    long = np.flatnonzero(lengths > max_line)
+    if not len(long):
+        return block, []
+    parts, pos = [], 0
+    for index in long.tolist():
+        parts.append(block[pos : int(starts[index])])
+        pos = int(ends[index])  # keep its newline
+    parts.append(block[pos:])
+    too_long = [(first_line + i, int(lengths[i])) for i in long.tolist()]
+    return b"".join(parts), too_long
+
+
+def read_text_bounded(handle: BinaryIO, limits: Limits = DEFAULT) -> tuple[str, list[tuple[int, int]]]:
+    """A whole text file (UTF-8, bad bytes replaced) with over-long lines emptied, and those lines as
+    (line number, length). For readers that take the text of a file at once."""
+    parts, too_long = [], []
+    for block in iter_line_blocks(handle, limits=limits):
+        parts.append(block.data)
+        too_long.extend(block.too_long)
+    return b"".join(parts).decode("utf-8", errors="replace"), too_long
+
+
+LINE_TOO_LONG = "limit line_bytes"  # the reject reason of an over-long line
+
+
+def too_long_detail(length: int, limits: Limits = DEFAULT) -> str:
+    return f"line of {length} bytes, more than the limit of {limits.line_bytes}; skipped"
+
+
+def too_long_rejects(source: str, too_long: list[tuple[int, int]], limits: Limits = DEFAULT) -> pa.Table:
+    """Rejects (source, line, reason, detail) of over-long lines, as the text readers' rejects are shaped."""
+    return pa.table(
+        {
+            "source": pa.array([source] * len(too_long), pa.string()),
+            "line": pa.array([line for line, _ in too_long], pa.int64()),
+            "reason": pa.array([LINE_TOO_LONG] * len(too_long), pa.string()),
+            "detail": pa.array([too_long_detail(n, limits) for _, n in too_long], pa.string()),
+        }
+    )
