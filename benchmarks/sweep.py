@@ -69,7 +69,7 @@ def fit(lake_dir: Path) -> dict:
         START,
         START + dt.timedelta(days=1),
         gen.LOCAL_NETWORKS,
-        path=lake_dir / "_models" / "bench.joblib",
+        path=lake_dir / "_models" / "bench.npz",
     )
     return {
         "fit_s": time.perf_counter() - t0,
@@ -92,7 +92,7 @@ def sweep(lake_dir: Path, with_model: bool) -> dict:
         pipeline=dataclasses.replace(config.pipeline, local_networks=gen.LOCAL_NETWORKS),
         output=dataclasses.replace(config.output, report_dir=str(lake_dir / "reports"), html=False),
         model=dataclasses.replace(
-            config.model, enabled=with_model, path=str(lake_dir / "_models" / "bench.joblib")
+            config.model, enabled=with_model, path=str(lake_dir / "_models" / "bench.npz")
         ),
     )
     for old in (lake_dir / "alerts").rglob("*.parquet"):  # a fresh sweep each run (not an idempotent rerun)

@@ -7,7 +7,9 @@ import datetime as dt
 import hashlib
 import ipaddress
 import json
+import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -259,6 +261,60 @@ def test_sql_session_reads_only_the_lake(small_lake):
         query.run_read_only(con, "SET lock_configuration = false")
 
 
+def test_spill_directory_is_private_and_a_planted_symlink_leads_nowhere(small_lake, tmp_path):
+    """Issue #12 item 7: DuckDB's temp directory was a fixed `tracepipe-duckdb` under the shared temp dir and
+    on the allowed list; a symlink planted there (here: under the TMPDIR the command runs with) let read_text
+    leave the lake. Now each session spills into a new 0700 directory of its own, removed afterwards."""
+    secret = tmp_path / "outside"
+    secret.mkdir()
+    (secret / "secret.txt").write_text("s3cret")
+    shared_tmp = tmp_path / "tmp"
+    shared_tmp.mkdir()
+    (shared_tmp / "tracepipe-duckdb").symlink_to(secret)
+    read = f"SELECT content FROM read_text('{shared_tmp}/tracepipe-duckdb/secret.txt')"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tracepipe.cli", "sql", read, "--format", "json", "--lake", str(small_lake)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(shared_tmp)},
+    )
+    assert proc.returncode == 2 and "s3cret" not in proc.stdout, proc.stdout
+    assert "Permission" in proc.stderr or "disabled" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in shared_tmp.iterdir()) == ["tracepipe-duckdb"]  # the session's own is gone
+    con = query.connect(Lake(small_lake))
+    spill = Path(con.execute("SELECT current_setting('temp_directory')").fetchone()[0])
+    assert spill.is_dir() and not spill.is_symlink() and spill.name.startswith("tracepipe-duckdb-")
+    assert spill.stat().st_mode & 0o777 == 0o700
+    other = query.connect(Lake(small_lake))
+    assert other.execute("SELECT current_setting('temp_directory')").fetchone()[0] != str(spill)
+    con.close()
+    del con
+    assert not spill.exists()
+    other.close()
+
+
+def test_lake_path_with_glob_characters_reads_its_own_files_only(tmp_path):
+    """Issue #12 item 5: read_parquet takes each name as a glob, so the files of a lake at `lake[1]` were
+    looked up by a pattern that matches `lake1` and not `lake[1]` itself: a directory planted beside the lake
+    with the same file names took the lake's place. Names are now glob-escaped (and quoted)."""
+    real = tmp_path / "it's lake[1]*?"
+    lake = Lake(real)
+    rows = pa.table({"vm_id": ["real-vm"], "vm_name": ["real"]})
+    lake.replace_dataset("vms", rows)
+    decoy = tmp_path / "it's lake1zy"  # what the unescaped pattern `lake[1]*?` matches
+    shutil.copytree(real, decoy)
+    for part in (decoy / "vms").glob("*.parquet"):
+        real_rows = pq.read_table(part)
+        pq.write_table(real_rows.set_column(0, "vm_id", pa.array(["forged-vm"])), part)
+    con = query.connect(lake)
+    try:
+        assert con.execute("SELECT vm_id FROM vms").fetchall() == [("real-vm",)]
+    finally:
+        con.close()
+    assert query.glob_literal("/a[1]/b*?c") == "/a[[]1]/b[*][?]c"
+
+
 def test_sql_formats_stdin_and_file(small_lake, tmp_path):
     sql = "SELECT src_addr, src_vm_name, bytes FROM flows_attributed ORDER BY bytes"
     as_json = run_cli("sql", sql, "--format", "json", "--lake", str(small_lake))
@@ -294,7 +350,10 @@ def test_sql_output_is_written_atomically_and_replaced(small_lake, tmp_path):
     out = tmp_path / "out.csv"
     out.write_text("old content\n")
     sql = "SELECT src_addr, bytes FROM flows ORDER BY bytes DESC, src_addr LIMIT 2"
-    written = run_cli("sql", sql, "--format", "csv", "--output", str(out), "--lake", str(small_lake))
+    kept = run_cli("sql", sql, "--format", "csv", "--output", str(out), "--lake", str(small_lake))
+    assert kept.returncode == 2 and "already exists; add --force" in kept.stderr, kept.stderr
+    assert out.read_text() == "old content\n"
+    written = run_cli("sql", sql, "--format", "csv", "-o", str(out), "--force", "--lake", str(small_lake))
     assert written.returncode == 0 and written.stdout == "", written.stderr
     assert out.read_text().splitlines()[0] == '"src_addr","bytes"'
     # a temp file a killed writer left behind (or a symlink planted in its place, pointing into the lake) is
@@ -315,9 +374,13 @@ def test_sql_never_writes_inside_the_lake(small_lake, tmp_path):
     before = {p: p.read_bytes() for p in small_lake.rglob("*") if p.is_file()}
     link = tmp_path / "innocent-looking"
     link.symlink_to(victim.parent)  # a directory someone planted that leads into the lake
-    for target in (victim, small_lake / "new.csv", link / "x.csv", small_lake):
+    file_link = tmp_path / "result.parquet"
+    file_link.symlink_to(victim)  # a file name someone planted that is a lake file
+    dangling = tmp_path / "later.csv"
+    dangling.symlink_to(victim.parent / "new.parquet")  # into the lake, to a file that is not there yet
+    for target in (victim, small_lake / "new.csv", link / "x.csv", small_lake, file_link, dangling):
         refused = run_cli(
-            "sql", "SELECT 1 AS n", "--format", "csv", "-o", str(target), "--lake", str(small_lake)
+            "sql", "SELECT 1 AS n", "--format", "csv", "-o", str(target), "--force", "--lake", str(small_lake)
         )
         assert refused.returncode == 2, (target, refused.stderr)
         assert "is inside the lake" in refused.stderr and "Traceback" not in refused.stderr
@@ -331,6 +394,59 @@ def test_sql_table_into_a_file_is_refused_not_silently_empty(small_lake, tmp_pat
     result = run_cli("sql", "SELECT 1 AS n", "--output", str(out), "--lake", str(small_lake))
     assert result.returncode == 2 and "--format csv, json or parquet" in result.stderr, result.stderr
     assert not out.exists()
+
+
+def test_sql_output_needs_force_and_replaces_a_symlink_not_its_target(small_lake, tmp_path):
+    """Issue #12 item 3: an existing --output is kept without --force; with it, a symlink at that name is
+    replaced by the result and the file it pointed to (outside the lake) is left alone."""
+    elsewhere = tmp_path / "someone-elses.txt"
+    elsewhere.write_text("theirs\n")
+    out = tmp_path / "out.json"
+    out.symlink_to(elsewhere)
+    sql = "SELECT 1 AS n"
+    kept = run_cli("sql", sql, "--format", "json", "-o", str(out), "--lake", str(small_lake))
+    assert kept.returncode == 2 and "--force" in kept.stderr
+    forced = run_cli("sql", sql, "--format", "json", "-o", str(out), "--force", "--lake", str(small_lake))
+    assert forced.returncode == 0, forced.stderr
+    assert not out.is_symlink() and json.loads(out.read_text()) == [{"n": 1}]
+    assert elsewhere.read_text() == "theirs\n"
+    with pytest.raises(UsageError, match="already exists"):
+        query.check_output("csv", out, small_lake)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT * FROM read_text('/etc/hostname')",
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM read_blob('/etc/hostname')",
+        "SELECT * FROM '/etc/passwd'",
+        "SELECT * FROM glob('/etc/*')",
+        "SELECT * FROM read_parquet('{lake}/../*/*.parquet')",
+        "COPY (SELECT 1) TO '/tmp/tracepipe-pwn.csv'",
+        "ATTACH '/tmp/tracepipe-pwn.duckdb' AS x",
+        "INSTALL httpfs",
+        "LOAD httpfs",
+        "SET enable_external_access = true",
+        "SET allowed_directories = ['/']",
+        "PRAGMA enable_profiling",
+        "CALL pragma_version()",
+        "SELECT 1; COPY (SELECT 1) TO '/tmp/tracepipe-pwn.csv'",
+        "EXPLAIN ANALYZE COPY (SELECT 1) TO '/tmp/tracepipe-pwn.csv'",
+    ],
+)
+def test_duckdb_sql_holds_against_the_spark_attacks(small_lake, statement):
+    """The DuckDB side of issue #12 item 2: statements other than queries are refused, and queries cannot
+    read outside the lake (enable_external_access off, allowed_directories = the lake, locked)."""
+    con = query.connect(Lake(small_lake))
+    try:
+        with pytest.raises(
+            UsageError, match=r"refused|disabled by configuration|Permission|not allowed|does not exist"
+        ):
+            query.run_read_only(con, statement.format(lake=small_lake))
+    finally:
+        con.close()
+    assert not Path("/tmp/tracepipe-pwn.csv").exists() and not Path("/tmp/tracepipe-pwn.duckdb").exists()
 
 
 def test_shell_runs_queries_and_refuses_writes(small_lake):

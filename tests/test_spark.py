@@ -19,7 +19,8 @@ from tracepipe.attribution import attribute_flows
 from tracepipe.detect import detectors as det
 from tracepipe.detect import model
 from tracepipe.engines import open_engine, parse_conf, run_sql
-from tracepipe.engines.dialect import EngineUnsupported, parse_table_macros, to_spark
+from tracepipe.engines.allowlist import check_allowed
+from tracepipe.engines.dialect import EngineUnsupported, parse_duckdb, parse_table_macros, to_spark
 from tracepipe.engines.spark import SparkEngine, dataset_schema, get_session, read_dataset
 from tracepipe.engines.spark_sweep import sweep_candidates
 from tracepipe.errors import UsageError
@@ -182,6 +183,90 @@ def test_spark_is_read_only(engines, sql):
     _, sparky = engines
     with pytest.raises(UsageError, match="read-only"):
         sparky.query(sql)
+
+
+# ---- issue #12 item 2: user SQL on Spark runs against an allowlist ----------------------------------------
+# (what each attack did before: read any file, chmod / symlink through Hadoop's FileUtil, sleep the JVM, ...)
+SPARK_ATTACKS = [
+    ('SELECT max(value) FROM "text"."/etc/hostname"', "schema-qualified table"),
+    ("SELECT * FROM csv.`/etc/passwd`", "does not parse"),
+    ("SELECT reflect('org.apache.hadoop.fs.FileUtil', 'chmod', '/tmp/x', '777')", "reflect()"),
+    ("SELECT java_method('org.apache.hadoop.fs.FileUtil', 'symLink', '/etc', '/tmp/l')", "java_method()"),
+    ("SELECT try_reflect('java.lang.Thread', 'sleep', 1000)", "try_reflect()"),
+    ("SELECT count(*) FROM flows WHERE assert_true(bytes > 0) IS NULL", "assert_true()"),
+    (
+        "SELECT xpath_string('<!DOCTYPE a [<!ENTITY x SYSTEM \"file:///etc/passwd\">]><a>&x;</a>', 'a')",
+        "xpath",
+    ),
+    ("SELECT * FROM read_csv('/etc/passwd')", "table function"),
+    ("SELECT * FROM '/etc/passwd'", "not one of the lake's views"),
+    ("SELECT * FROM spark_catalog.default.flows", "schema-qualified"),
+    ("SELECT * FROM _flows_done", "not one of the lake's views"),
+    ('WITH x AS (SELECT * FROM "parquet"."/srv/other") SELECT * FROM x', "schema-qualified"),
+    ("SELECT (SELECT java_method('java.lang.System', 'exit', 0))", "java_method()"),
+    ("SELECT * FROM flows TABLESAMPLE (10 PERCENT)", "SAMPLE"),
+    ("SELECT * FROM range(10)", "table function"),
+    ("SELECT * FROM flows, LATERAL (SELECT 1)", "LATERAL"),
+    ("SET spark.sql.runSQLOnFiles = true", "read-only"),
+    ("CACHE TABLE flows", "read-only"),
+    ("CREATE TEMPORARY FUNCTION f AS 'x.Y'", "read-only"),
+    ("ADD JAR /tmp/evil.jar", "does not parse"),
+    ("SELECT 1; DROP VIEW flows", "read-only"),
+]
+
+
+@pytest.mark.parametrize(("sql", "named"), SPARK_ATTACKS)
+def test_spark_allowlist_refuses_and_names_it(sql, named):
+    with pytest.raises(UsageError, match=r"refused|does not parse") as refused:
+        check_allowed(parse_duckdb(sql))
+    assert named in str(refused.value)
+
+
+def test_spark_allowlist_keeps_what_users_write():
+    readme = [
+        "SELECT src_project, sum(bytes) FROM flows_attributed GROUP BY 1 ORDER BY 2 DESC",
+        "SELECT src_addr, src_vm_name, src_project, src_user, count(DISTINCT dst_addr) AS targets, "
+        "min(ts_start) AS first_seen FROM flows_attributed WHERE cidr_contains('198.18.0.0/16', dst_addr) "
+        "GROUP BY ALL ORDER BY targets DESC",
+        "WITH h AS (SELECT src_addr, date_trunc('hour', ts_start) AS hour, count(*) FILTER (WHERE proto = 6) "
+        "AS tcp, row_number() OVER (PARTITION BY src_addr ORDER BY ts_start) AS rn FROM flows) "
+        "SELECT h.*, coalesce(v.vm_name, '?') FROM h LEFT JOIN vms v ON v.vm_id = h.src_addr WHERE rn = 1 "
+        "UNION ALL SELECT NULL, NULL, 0, 0, NULL",
+        "DESCRIBE flows",
+    ]
+    for sql in [*VIEW_QUERIES, *readme]:
+        check_allowed(parse_duckdb(sql))
+
+
+def test_spark_attacks_change_nothing(engines, spark, tmp_path):
+    """The attacks through the real engine (one JVM): refused before Spark sees them, the file keeps its mode,
+    no symlink appears, the secret is not read; SQL on files is off in the session too."""
+    _, sparky = engines
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    attacks = [
+        f"SELECT reflect('org.apache.hadoop.fs.FileUtil', 'chmod', '{secret}', '777')",
+        f"SELECT java_method('org.apache.hadoop.fs.FileUtil', 'symLink', '{secret}', '{tmp_path}/link')",
+        f'SELECT max(value) FROM "text"."{secret}"',
+    ]
+    for sql in attacks:
+        with pytest.raises(UsageError, match="refused"):
+            sparky.query(sql)
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.txt"]
+    assert spark.conf.get("spark.sql.runSQLOnFiles") == "false"
+    with pytest.raises(Exception, match=r"(?i)run sql on files|not supported|cannot be found|UNSUPPORTED"):
+        spark.sql(f"SELECT * FROM text.`{secret}`").collect()
+    from typer.testing import CliRunner
+
+    from tracepipe.cli import app
+
+    refused = CliRunner().invoke(
+        app, ["sql", "--engine", "spark", "--lake", str(sparky.lake.root), attacks[0]]
+    )
+    assert refused.exit_code == 2 and "reflect()" in refused.stderr, refused.output
+    assert secret.stat().st_mode & 0o777 == 0o600
 
 
 def test_unknown_column_is_a_usage_error(engines):

@@ -19,6 +19,9 @@ from tracepipe.errors import EXIT_FAILED, TracepipeError
 from tracepipe.lake import DEFAULT_LAKE, Lake
 from tracepipe.printer import Printer
 
+# click's exception base (typer >= 0.22 vendors click as typer._click): found from a public subclass
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
 EXIT_CODES_HELP = (
     "Exit codes: 0 done; 1 new alerts found (sweep); 2 usage error; "
     "3 partial: some input rejected, the rest landed; 4 failed: nothing landed or environment wrong."
@@ -27,7 +30,22 @@ EXIT_CODES_HELP = (
 
 class _Tracepipe(TyperGroup):
     """Turns a TracepipeError into one red line and its exit code, anything else unexpected into "internal
-    error" and 4; --debug (the Printer in the context) adds the traceback. click's usage errors pass (2)."""
+    error" and 4; --debug (the Printer in the context) adds the traceback. click's usage errors (2) are
+    printed through the Printer too: they quote what was typed (`No such command '[/x]'`), and typer's own
+    error panel would send the control and bidi characters of an argument to the terminal."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except ClickException as exc:
+            _usage_error(exc)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            Printer().error("aborted", label="")
+            sys.exit(EXIT_FAILED)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
@@ -46,6 +64,19 @@ class _Tracepipe(TyperGroup):
                 printer.err.print_exception()
             printer.error(f"{exc!r} (rerun with --debug for the traceback)", label="internal error:")
             ctx.exit(EXIT_FAILED)
+
+
+def _usage_error(exc: Any) -> None:
+    """click's usage error as `main` prints it (usage line, how to get help, the error), cleaned."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # the help text was printed already
+        return
+    printer = Printer()
+    context = getattr(exc, "ctx", None)
+    if context is not None:
+        printer.note(context.get_usage())
+        if context.command.get_help_option(context) is not None:
+            printer.note(f"Try '{context.command_path} {context.help_option_names[0]}' for help.")
+    printer.error(exc.format_message())
 
 
 app = typer.Typer(
@@ -109,20 +140,13 @@ def ingest_netflow_command(
 
     Example: tracepipe ingest netflow /var/captures/netflow-*.pcap --lake /srv/lake
     """
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+    from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
 
     from tracepipe.ingest.flows import ingest_flow_files
 
     p: Printer = ctx.obj
     total = sum(p.stat().st_size for p in paths if p.is_file())
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        console=p.err,
-        transient=True,
-    ) as bar:
+    with p.progress(BarColumn(), DownloadColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task("ingest netflow", total=total)
         summary = ingest_flow_files(open_lake(lake), paths, progress=lambda n: bar.advance(task, n))
     if output == OutputFormat.json:
@@ -274,7 +298,7 @@ def ingest_vm_command(
 
     p: Printer = ctx.obj
     interval = parse_duration(reclaim_interval) if reclaim_interval else None
-    with p.err.status("ingest vm") as status:
+    with p.status("ingest vm") as status:
         report = ingest_vm_files(
             open_lake(lake),
             paths,
@@ -282,7 +306,7 @@ def ingest_vm_command(
             cloud=cloud,
             reclaim_interval=interval,
             tz=tz,
-            progress=lambda step: status.update(f"ingest vm: {step}"),
+            progress=lambda step: status(f"ingest vm: {step}"),
         )
     _print_vm_report(p, report, output, "vm lifecycle sources", lake)
 
@@ -299,7 +323,11 @@ def ingest_syslog_command(
     ],
     year: Annotated[
         int | None,
-        typer.Option(help="Year of RFC 3164 lines (they carry none); default: the file's modification time."),
+        typer.Option(
+            help="Year of RFC 3164 lines (they carry none), 1970-2199; default: the file's modification time.",
+            min=1970,
+            max=2199,
+        ),
     ] = None,
     sender_addr: Annotated[
         str | None,
@@ -324,14 +352,14 @@ def ingest_syslog_command(
     from tracepipe.units import parse_addr
 
     p: Printer = ctx.obj
-    with p.err.status("ingest syslog") as status:
+    with p.status("ingest syslog") as status:
         report = ingest_syslog_files(
             open_lake(lake),
             paths,
             year=year,
             sender_addr=parse_addr(sender_addr) if sender_addr is not None else None,
             tz=tz,
-            progress=lambda step: status.update(f"ingest syslog: {step}"),
+            progress=lambda step: status(f"ingest syslog: {step}"),
         )
     _print_vm_report(p, report, output, "syslog sources", lake)
 
@@ -346,11 +374,15 @@ class SqlFormat(StrEnum):
     parquet = "parquet"
 
 
-def _print_relation(p: Printer, relation: Any, max_rows: int = 1000, title: str | None = None) -> None:
+def _print_relation(
+    p: Printer, relation: Any, root: Path, max_rows: int = 1000, title: str | None = None
+) -> None:
     """A DuckDB result as a table on stdout (first max_rows rows)."""
+    from tracepipe.query import fetch_rows
+
     if relation is None:
         return
-    rows = relation.limit(max_rows + 1).fetchall()
+    rows = fetch_rows(relation, max_rows + 1, root)
     p.table(rows[:max_rows], relation.columns, title)
     if len(rows) > max_rows:
         p.note(f"(first {max_rows} rows shown; use --max-rows, or --format csv/json/parquet for all)")
@@ -374,8 +406,11 @@ def sql_command(
             help="Write the result to this file (csv, json or parquet; replaced atomically; never inside the lake).",
         ),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the --output file if it exists (refused otherwise).")
+    ] = False,
     shell: Annotated[bool, typer.Option("--shell", help="Interactive session with the same views.")] = False,
-    max_rows: Annotated[int, typer.Option("--max-rows", help="Rows shown by --format table.")] = 1000,
+    max_rows: Annotated[int, typer.Option("--max-rows", help="Rows shown by --format table.", min=1)] = 1000,
     lake: LakeOption = Path(DEFAULT_LAKE),
     engine: Annotated[
         str,
@@ -405,8 +440,8 @@ def sql_command(
     Views: flows, flows_attributed, vm_events, vm_leases, vms, vm_logs, intel, alerts, rejects. Macros:
     who_had(addr, ts), cidr_contains(cidr, addr), ip_to_num(addr), ip_between(addr, lo, hi).
     Only queries run (SELECT, WITH, DESCRIBE, SUMMARIZE, EXPLAIN): COPY, CREATE, INSERT, DELETE, ATTACH, SET
-    ... are refused with exit code 2, and so is an --output inside the lake directory (symlinks followed) or
-    --format table with --output.
+    ... are refused with exit code 2, and so is an --output inside the lake directory (symlinks followed), an
+    --output file that exists (unless --force), or --format table with --output.
 
     Example: tracepipe sql "SELECT src_project, sum(bytes) FROM flows_attributed GROUP BY 1 ORDER BY 2 DESC"
     """
@@ -416,11 +451,15 @@ def sql_command(
 
     p: Printer = ctx.obj
     snapshot = Lake(lake, as_of=parse_as_of(as_of)) if as_of else open_lake(lake)
-    q.check_output(fmt.value, output, snapshot.root)  # before the query runs: it may take a while
+    q.check_output(fmt.value, output, snapshot.root, force)  # before the query runs: it may take a while
     if shell:
         q.shell(
             snapshot,
-            lambda r: p.error(str(r)) if isinstance(r, Exception) else _print_relation(p, r, max_rows),
+            lambda r: (
+                p.error(str(r))
+                if isinstance(r, Exception)
+                else _print_relation(p, r, snapshot.root, max_rows)
+            ),
         )
         return
     relation = engines.query_lake(
@@ -433,9 +472,9 @@ def sql_command(
     if relation is None:
         return
     if fmt == SqlFormat.table:
-        _print_relation(p, relation, max_rows)
+        _print_relation(p, relation, snapshot.root, max_rows)
         return
-    text = q.export_result(relation, fmt.value, output, snapshot.root)
+    text = q.export_result(relation, fmt.value, output, snapshot.root, force)
     if text is not None:
         sys.stdout.write(text)
 
@@ -514,7 +553,9 @@ def timeline_command(
     vm: Annotated[
         str, typer.Argument(help="vm_id, or a VM name that only one VM carries.", show_default=False)
     ],
-    limit: Annotated[int, typer.Option("--limit", help="At most this many rows per section.")] = 200,
+    limit: Annotated[
+        int, typer.Option("--limit", help="At most this many rows per section (1 or more).", min=1)
+    ] = 200,
     output: FormatOption = OutputFormat.table,
     lake: LakeOption = Path(DEFAULT_LAKE),
 ) -> None:
@@ -562,20 +603,14 @@ def attribute_command(
 
     Example: tracepipe attribute --day 2024-03-12 --day 2024-03-13
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress
+    from rich.progress import BarColumn, MofNCompleteColumn
 
     from tracepipe.attribution import attribute_lake
     from tracepipe.units import parse_date
 
     p: Printer = ctx.obj
     days = [parse_date(text).isoformat() for text in day or []]
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=p.err,
-        transient=True,
-    ) as bar:
+    with p.progress(BarColumn(), MofNCompleteColumn()) as bar:
         task = bar.add_task("attribute flows", total=None)
         result = attribute_lake(
             open_lake(lake),
@@ -696,6 +731,33 @@ def vacuum_command(
         for name, deleted in result["deleted"].items():
             p.line(f"{name}: {deleted} files deleted")
     raise typer.Exit(result["exit_code"])
+
+
+@app.command("repair")
+def repair_command(
+    ctx: typer.Context,
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Take damaged files out of the lake: files a table's log lists that are missing, truncated, replaced
+    or not Parquet (every query fails on them) are moved to LAKE/_damaged/ (kept as evidence) and removed
+    from the log in one commit per table. Their rows leave the lake. Safe to run twice.
+
+    Example: tracepipe repair --lake /srv/lake
+    """
+    p: Printer = ctx.obj
+    target = open_lake(lake)
+    target.require()
+    moved = target.repair()
+    if output == OutputFormat.json:
+        p.json({"moved": moved, "exit_code": 0})
+        raise typer.Exit(0)
+    if not moved:
+        p.line("no damaged file: every file the logs list is there, of its size, and reads as Parquet")
+    for name, files in moved.items():
+        for relative in files:
+            p.line(f"{name}: {relative} moved to {target.root / '_damaged' / name / relative}")
+    raise typer.Exit(0)
 
 
 @app.command("upgrade")
@@ -875,14 +937,14 @@ def sweep_command(
     from tracepipe.units import parse_time
 
     p: Printer = ctx.obj
-    with p.err.status("sweep") as status:
+    with p.status("sweep") as status:
         result = run_sweep(
             open_lake(lake),
             pipeline,
             parse_time(since) if since else None,
             parse_time(until) if until else None,
             engine=engine,
-            on_stage=lambda name: status.update(f"sweep: {name}"),
+            on_stage=lambda name: status(f"sweep: {name}"),
             spark_master=spark_master,
             spark_conf=parse_conf(spark_conf),
         )
@@ -921,7 +983,8 @@ def model_fit_command(
     output_format: FormatOption = OutputFormat.table,
 ) -> None:
     """Fit the IsolationForest on per (host, hour) features of a baseline period and save it in the lake
-    (joblib + a JSON sidecar of feature names, scikit-learn version and fit window).
+    (plain arrays in an .npz that loads without pickle, + a JSON sidecar of feature names, scikit-learn
+    version, fit window and the .npz's SHA-256). A model file that is not such a pair is refused, never loaded.
 
     Example: tracepipe model fit --since 2025-06-01 --until 2025-06-15 --pipeline site/nightly.toml
     """
@@ -929,7 +992,7 @@ def model_fit_command(
     from tracepipe.units import parse_time
 
     p: Printer = ctx.obj
-    with p.err.status("model fit"):
+    with p.status("model fit"):
         result = fit_pipeline(open_lake(lake), pipeline, parse_time(since), parse_time(until))
     if output_format == OutputFormat.json:
         p.json(result.to_dict())
@@ -945,7 +1008,7 @@ def model_score_command(
     ctx: typer.Context,
     since: Annotated[str, typer.Option("--since", help="Start of the windows to score.", show_default=False)],
     until: Annotated[str, typer.Option("--until", help="End (exclusive).", show_default=False)],
-    top: Annotated[int, typer.Option("--top", help="Show the N highest.")] = 20,
+    top: Annotated[int, typer.Option("--top", help="Show the N highest.", min=1)] = 20,
     pipeline: Annotated[
         Path | None,
         typer.Option(
@@ -965,7 +1028,7 @@ def model_score_command(
     from tracepipe.units import parse_time
 
     p: Printer = ctx.obj
-    with p.err.status("model score"):
+    with p.status("model score"):
         result = score_pipeline(open_lake(lake), pipeline, parse_time(since), parse_time(until), top)
     if output_format == OutputFormat.json:
         p.json(result.to_dict())
@@ -982,10 +1045,13 @@ def model_score_command(
 def intel_import_command(
     ctx: typer.Context,
     path: Annotated[
-        Path, typer.Argument(help="MISP CSV/JSON export or a list of addresses/CIDRs.", show_default=False)
+        Path,
+        typer.Argument(
+            help="MISP CSV/JSON export, STIX bundle, or a list of addresses/CIDRs.", show_default=False
+        ),
     ],
     input_format: Annotated[
-        str, typer.Option("--format", help="auto, misp-csv, misp-json or list.")
+        str, typer.Option("--format", help="auto, misp-csv, misp-json, stix (STIX 2.x bundle) or list.")
     ] = "auto",
     lake: LakeOption = Path(DEFAULT_LAKE),
     output: Annotated[
@@ -1070,8 +1136,8 @@ def demo_command(
     from tracepipe.demo import STORY_DIR, run_demo
 
     p: Printer = ctx.obj
-    with p.err.status("demo") as status:
-        result = run_demo(lake, story or STORY_DIR, progress=lambda step: status.update(f"demo: {step}"))
+    with p.status("demo") as status:
+        result = run_demo(lake, story or STORY_DIR, progress=lambda step: status(f"demo: {step}"))
     if output == OutputFormat.json:
         p.json(result.to_dict())
     else:
@@ -1135,6 +1201,232 @@ def _print_demo(p: Printer, result: Any) -> None:
     for command in result.next_commands:
         p.line(f"  {command}")
     p.line((f"{result.seconds:.1f} s", "dim"))
+
+
+# ---- commands: trace / export (respond to an incident, share with MISP/STIX) --------------------------------
+
+export_app = typer.Typer(
+    help="Share findings: a MISP event or a STIX 2.1 bundle from an incident package or alert ids.",
+    no_args_is_help=True,
+)
+app.add_typer(export_app, name="export")
+
+
+@app.command("trace")
+def trace_command(
+    ctx: typer.Context,
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="Observations: CSV/JSON (address, port, peer, time or start/end), a MISP event JSON, or a "
+            "file of tracepipe alert ids.",
+            show_default=False,
+        ),
+    ],
+    window: Annotated[
+        str, typer.Option("--window", help="Look at each observation's time (range) ± this.")
+    ] = "1h",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write the incident package (HTML, JSON, CSV, Parquet) into this folder."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a package already in --out.")] = False,
+    include_spread: Annotated[
+        bool,
+        typer.Option(
+            "--include-spread", help="Also name other tenants' VMs that talked to the same peers (privacy!)."
+        ),
+    ] = False,
+    input_format: Annotated[
+        str, typer.Option("--input-format", help="auto, csv, json, misp or alerts.")
+    ] = "auto",
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Answer a list of observations (a Security Service Challenge, a CSIRT ticket) in one go: for each, the
+    VM that held the address then (deleted and quarantined ones included), owner, project, hypervisor, cloud,
+    the matching flows; for each VM found, its connections and logs in the window and the owner's and
+    project's other VMs alive then and now. What is uncertain is said, never guessed.
+
+    Exit codes: 0 every observation answered; 2 bad option, or --out exists (use --force) or is in the lake;
+    3 some input lines rejected (listed), the rest answered; 4 no observation could be read, or no lake.
+
+    Example: tracepipe trace ssc-ticket.csv --window 30m --out ssc-2025-06 --lake /srv/lake
+    """
+    from tracepipe.respond import trace_observations
+    from tracepipe.units import parse_duration
+
+    p: Printer = ctx.obj
+    with p.err.status("trace"):
+        result = trace_observations(
+            open_lake(lake),
+            source,
+            input_format,
+            parse_duration(window),
+            include_spread=include_spread,
+            out=out,
+            force=force,
+        )
+    if output == OutputFormat.json:
+        p.json(result.to_dict())
+    else:
+        _print_trace(p, result)
+    raise typer.Exit(result.exit_code)
+
+
+def _print_trace(p: Printer, result: Any) -> None:
+    for answer in result.observations:
+        where = f"{answer['address']}" + (f" port {answer['port']}" if answer["port"] is not None else "")
+        where += f" peer {answer['peer']}" if answer["peer"] else ""
+        when = f"{answer['start']:%Y-%m-%d %H:%M:%S}" + (
+            f" - {answer['end']:%H:%M:%S}" if answer["end"] != answer["start"] else ""
+        )
+        p.line((f"{answer['obs']:>4}. ", "bold"), f"{where} at {when} UTC ({answer['ref']})")
+        for h in answer["holders"]:
+            p.line(
+                "      VM ",
+                (h["vm_name"] or h["vm_id"], "bold"),
+                f" ({h['vm_id']}) · owner {h['user'] or '?'} · project {h['project'] or '?'} · "
+                f"{h['hypervisor'] or '?'} · {h['cloud'] or '?'} · now: {h['now']}",
+            )
+        if answer["contacts"]:
+            p.line(f"      contacted by VMs: {', '.join(answer['contacts'])}")
+        p.line(f"      {answer['matching_flows']} matching flows")
+        for note in answer["ambiguities"]:
+            p.line("      ", ("note:", "yellow"), f" {note}")
+    for vm in result.vms:
+        t = vm["traffic"]
+        p.line(
+            ("VM ", "bold"),
+            (vm["vm_name"] or vm["vm_id"], "bold"),
+            f": {t['flows']} flows, {t['peers']} peers, {t['bytes_out']} bytes out; "
+            f"owner's other VMs {len(vm['owner_vms'])}, project's {len(vm['project_vms'])}"
+            + (f", spread {len(vm['spread'])}" if result.include_spread else ""),
+        )
+    for reject in result.rejects:
+        p.note(("rejected:", "yellow"), f" {reject['ref']}: {reject['reason']}")
+    summary = result.summary
+    p.line(
+        f"{summary['observations']} observations: {summary['held']} with a holder, {summary['not_held']} "
+        f"nobody held, {summary['outside_cloud']} outside the cloud; {summary['vms']} VMs; "
+        f"{summary['evidence_flows']} evidence flows ({result.seconds:.1f} s)"
+    )
+    if result.package:
+        p.line(
+            "package: ",
+            (str(result.package["html"]), "bold"),
+            f" (and {', '.join(str(path.name) for kind, path in result.package.items() if kind != 'html')})",
+        )
+
+
+def _export(ctx: typer.Context, fmt: str, output: OutputFormat, **options: Any) -> None:
+    from tracepipe.respond.share import export
+
+    p: Printer = ctx.obj
+    result = export(fmt, **options)
+    if output == OutputFormat.json and result.path is None:
+        p.json(result.document)
+    elif output == OutputFormat.json:
+        p.json(result.to_dict())
+    else:
+        if result.path is None and not result.pushed_to:
+            p.json(result.document)
+        else:
+            p.note(f"{result.indicators} indicators -> {result.path or result.pushed_to}")
+    for note in result.notes:
+        p.note(note)
+    raise typer.Exit(result.exit_code)
+
+
+ExportSource = Annotated[
+    Path,
+    typer.Argument(
+        help="An incident package folder (tracepipe trace --out), or a file of alert ids.", show_default=False
+    ),
+]
+ExportOut = Annotated[
+    Path | None, typer.Option("--out", help="Write the document here (default: stdout).", show_default=False)
+]
+IncludeLocal = Annotated[
+    bool, typer.Option("--include-local", help="Also share the cloud's own VM addresses (ip-src, no IDS).")
+]
+TlpOption = Annotated[str, typer.Option("--tlp", help="TLP: clear, green, amber, amber+strict, red.")]
+InfoOption = Annotated[str | None, typer.Option("--info", help="Event title.", show_default=False)]
+
+
+@export_app.command("misp")
+def export_misp_command(
+    ctx: typer.Context,
+    source: ExportSource,
+    out: ExportOut = None,
+    include_local: IncludeLocal = False,
+    tlp: TlpOption = "amber",
+    distribution: Annotated[
+        int, typer.Option("--distribution", help="0 your organisation, 1 community, 2 connected, 3 all.")
+    ] = 0,
+    info: InfoOption = None,
+    push: Annotated[
+        str | None,
+        typer.Option(
+            "--push", help="Also send it to this MISP (https URL; API key in $MISP_KEY).", show_default=False
+        ),
+    ] = None,
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Write a MISP event (MISP core format JSON): the outside addresses the evidence names as ip-dst /
+    ip-dst|port with first/last seen and sightings, TLP tag and distribution. Local VM addresses stay home
+    unless --include-local; VM names, owners and projects never leave.
+
+    Exit codes: 0 written (or pushed); 2 bad option, or --push without https or without $MISP_KEY;
+    4 the source is not a package / no alert found, or the MISP refused.
+
+    Example: tracepipe export misp ssc-2025-06 --tlp amber --out ssc-2025-06.misp.json
+    """
+    _export(
+        ctx,
+        "misp",
+        output,
+        source=source,
+        lake=open_lake(lake),
+        out=out,
+        include_local=include_local,
+        tlp=tlp,
+        distribution=distribution,
+        info=info,
+        push=push,
+    )
+
+
+@export_app.command("stix")
+def export_stix_command(
+    ctx: typer.Context,
+    source: ExportSource,
+    out: ExportOut = None,
+    include_local: IncludeLocal = False,
+    tlp: TlpOption = "amber",
+    info: InfoOption = None,
+    output: FormatOption = OutputFormat.table,
+    lake: LakeOption = Path(DEFAULT_LAKE),
+) -> None:
+    """Write a STIX 2.1 bundle: per outside address an indicator, the observed-data of what the site saw and
+    a sighting; TLP as the standard marking definitions. Local VM addresses only with --include-local.
+
+    Exit codes: 0 written; 2 bad option; 4 the source is not a package / no alert found.
+
+    Example: tracepipe export stix ssc-2025-06 --out ssc-2025-06.stix.json
+    """
+    _export(
+        ctx,
+        "stix",
+        output,
+        source=source,
+        lake=open_lake(lake),
+        out=out,
+        include_local=include_local,
+        tlp=tlp,
+        info=info,
+    )
 
 
 def main() -> None:

@@ -116,8 +116,13 @@ def fresh_lake(path: Path) -> Lake:
                 f"{path} is not empty and was not made by `tracepipe demo`; the demo starts from an "
                 "empty lake and deletes it on the next run: pick another --lake"
             )
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+        # empty it rather than remove it: --lake may be a symlink to the demo's directory (rmtree refuses one)
+        for child in path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    path.mkdir(parents=True, exist_ok=True)
     (path / DEMO_MARKER).write_text("made by `tracepipe demo`; deleted and rebuilt by the next run\n")
     return Lake(path)
 

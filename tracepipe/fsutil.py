@@ -30,7 +30,7 @@ def fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def replacing(path: Path, *, durable: bool = True) -> Iterator[Path]:
-    """`with replacing(path) as tmp:` write `tmp` (any writer that takes a file name: pyarrow, joblib); on
+    """`with replacing(path) as tmp:` write `tmp` (any writer that takes a file name: pyarrow, numpy); on
     exit it is fsynced and renamed over `path`, and the directory fsynced. On an error the temp file is
     removed and `path` keeps its old content."""
     path = Path(path)

@@ -14,6 +14,7 @@ import datetime as dt
 import io
 import ipaddress
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from tracepipe.limits import LINE_TOO_LONG, json_loads, read_text_bounded, too_l
 from tracepipe.schema import INTEL, REJECTS
 from tracepipe.units import in_time_window, to_utc
 
-FORMATS = ("auto", "misp-csv", "misp-json", "list")
+FORMATS = ("auto", "misp-csv", "misp-json", "stix", "list")
 # MISP attribute types that carry an address ("ip-dst|port" carries "addr|port").
 ADDRESS_TYPES = {"ip-dst", "ip-src", "ip-dst|port", "ip-src|port", "ip", "ip-any"}
 DOMAIN_TYPES = {"domain", "hostname", "domain|ip"}
@@ -269,9 +270,63 @@ def parse_misp_json(text: str) -> tuple[list[dict], list[dict], int]:
     return rows, rejects, skipped
 
 
+# the comparisons of a STIX pattern that name an address or a domain: [ipv4-addr:value = '192.0.2.7'],
+# network-traffic:dst_ref.value = '...' (what `tracepipe export stix` writes for an address with a port)
+_STIX_VALUE = re.compile(
+    r"(ipv4-addr|ipv6-addr|domain-name|network-traffic:(?:dst|src)_ref)(?::|\.)value\s*=\s*'((?:[^'\\]|\\.)*)'"
+)
+
+
+def parse_stix(text: str) -> tuple[list[dict], list[dict], int]:
+    """A STIX 2.x bundle: every indicator whose pattern compares an address, CIDR or domain (several per
+    pattern when OR-ed). Other objects are skipped; an indicator naming no address is a reject."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return [], [_reject(exc.lineno, "not valid JSON", exc.msg)], 0
+    objects = doc.get("objects") if isinstance(doc, dict) else None
+    if not isinstance(objects, list):
+        return [], [_reject(None, "not a STIX bundle (no objects list)", text[:200])], 0
+    rows, rejects, skipped = [], [], 0
+    for index, obj in enumerate(objects, start=1):
+        if not isinstance(obj, dict) or obj.get("type") != "indicator":
+            skipped += 1
+            continue
+        extra = {
+            "description": obj.get("description") or obj.get("name") or None,
+            "tags": ",".join(obj.get("indicator_types") or obj.get("labels") or []) or None,
+            "event_id": obj.get("id"),
+            "first_seen": to_utc(obj.get("valid_from")),
+        }
+        found = _STIX_VALUE.findall(str(obj.get("pattern", "")))
+        if not found:
+            rejects.append(
+                _reject(
+                    None,
+                    "indicator pattern names no address or domain",
+                    str(obj.get("pattern"))[:300],
+                    offset=index,
+                )
+            )
+        for kind, value in found:
+            value = value.replace("\\'", "'").replace("\\\\", "\\")
+            try:
+                if kind == "domain-name":
+                    rows.append({"indicator": value.lower(), "kind": "domain", **extra})
+                else:
+                    rows.append(_indicator_row(value, **extra))
+            except ValueError:
+                rejects.append(
+                    _reject(None, "indicator value is not an address or CIDR", value, offset=index)
+                )
+    return rows, rejects, skipped
+
+
 def sniff_format(text: str, path: Path) -> str:
     head = text.lstrip()[:1]
     if head in ("{", "["):
+        if re.match(r'\s*\{\s*"type"\s*:\s*"bundle"', text) or '"type": "bundle"' in text[:2000]:
+            return "stix"
         return "misp-json"
     first = text.splitlines()[0].lower() if text else ""
     if path.suffix.lower() == ".csv" or ("type" in first and "value" in first and "," in first):
@@ -279,7 +334,12 @@ def sniff_format(text: str, path: Path) -> str:
     return "list"
 
 
-PARSERS = {"list": parse_list, "misp-csv": parse_misp_csv, "misp-json": parse_misp_json}
+PARSERS = {
+    "list": parse_list,
+    "misp-csv": parse_misp_csv,
+    "misp-json": parse_misp_json,
+    "stix": parse_stix,
+}
 
 
 def parse_intel(

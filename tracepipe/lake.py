@@ -49,6 +49,7 @@ from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset
 DEFAULT_LAKE = "./lake"
 MANIFEST_DIR = "_ingest"
 LOCK_DIR = "_locks"
+DAMAGED_DIR = "_damaged"  # files `repair` took out of the lake (unreadable, replaced), kept as evidence
 PARTITION = "date"  # the partition column of day-partitioned tables: 'YYYY-MM-DD', UTC
 ROW_GROUP_ROWS = 1_000_000
 # A day partition is compacted when it holds this many files of fewer than ROW_GROUP_ROWS rows (a collector
@@ -424,6 +425,71 @@ class Lake:
             return None
         except DeltaError as exc:
             raise LakeError(f"cannot read the transaction log of {directory}: {exc}") from exc
+
+    def require(self, allow_empty: bool = False) -> None:
+        """LakeError unless `root` is a lake: a directory holding at least one of its tables (or a lake of the
+        old layout, which a read then asks to upgrade). A read of some other directory would answer "nobody,
+        nothing" instead of failing. `allow_empty` also accepts an empty directory (nothing landed yet)."""
+        root = self.root
+        if not root.is_dir():
+            raise LakeError(f"no lake at {root}; ingest something first or pass --lake / set TRACEPIPE_LAKE")
+        if self.is_old_layout() or any((root / n / "_delta_log").is_dir() for n in [*DATASETS, MANIFEST_DIR]):
+            return
+        if (root / "_delta_log").is_dir():
+            raise LakeError(
+                f"{root} is one table of a lake, not a lake: pass the directory above it as --lake"
+            )
+        if allow_empty and next(root.iterdir(), None) is None:
+            return
+        raise LakeError(
+            f"{root} is not a tracepipe lake (it holds none of the lake's tables, such as {root / 'flows'}/"
+            "_delta_log): pass the lake's directory as --lake or TRACEPIPE_LAKE, or ingest something first"
+        )
+
+    def damaged(self, name: str, read_footers: bool = False) -> list[tuple[FileEntry, str]]:
+        """The files the table's log lists that cannot be what the log says: missing, or of another size than
+        the log recorded (one stat() each; a 0-byte or replaced file, planted or left by a broken disk);
+        with `read_footers` also those whose Parquet footer does not read. Each with the reason."""
+        out = []
+        for entry in self.entries(name):
+            try:
+                size = entry.path.stat().st_size
+            except OSError as exc:
+                out.append((entry, exc.strerror or "cannot be read"))
+                continue
+            if size != entry.size:
+                out.append((entry, f"{size} bytes, the log says {entry.size}"))
+            elif read_footers:
+                try:
+                    pq.read_metadata(entry.path)
+                except (OSError, pa.ArrowException) as exc:
+                    out.append((entry, f"not a Parquet file ({exc})"))
+        return out
+
+    def repair(self) -> dict[str, list[str]]:
+        """Take the files that `damaged` finds (footers read) out of the lake: each is moved to
+        `<lake>/_damaged/<table>/` (kept as evidence, never deleted) and one commit per table removes it from the
+        log. Their rows are gone from the lake. Returns {dataset: [file moved, ...]}."""
+        out: dict[str, list[str]] = {}
+        for name in [*DATASETS, MANIFEST_DIR]:
+            with self.lock(name):
+                self.refresh(name)
+                bad = self.damaged(name, read_footers=True)
+                if not bad:
+                    continue
+                for entry, _reason in bad:
+                    if entry.path.exists():
+                        target = self.root / DAMAGED_DIR / name / entry.relative
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        entry.path.replace(target)
+                table = self.table(name)
+                try:
+                    table.repair(dry_run=False)  # Delta's FSCK: removes the entries of files not there
+                except DeltaError as exc:
+                    raise LakeError(f"cannot commit the repair of {self.root / name}: {exc}") from exc
+                self.refresh(name)
+                out[name] = [entry.relative for entry, _reason in bad]
+        return out
 
     def is_old_layout(self) -> bool:
         """A lake written before the table format: manifest rows as loose Parquet files in `_ingest/`."""

@@ -4,11 +4,15 @@ Read with stdlib `tomllib`; every key is checked against the dataclass it fills,
 the wrong type is a `PipelineError` naming the key AND its line in the file (tomllib gives values, not
 positions, so `_KeyLines` finds the line of each `[table]` / `key =` by a light scan of the text).
 Durations are written "90s", "15m", "1h", "7d" (or plain seconds): tracepipe.units, as on the command line.
+Every number must be finite (TOML allows nan and inf) and within its key's range in `RANGES` (by key name:
+windows > 0, shares and scores 0..1, ports 0..65535, hours 0..23, counts >= 1, anything else >= 0): a
+negative threshold or a zero window would switch a detector off or divide by zero without a word.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -174,7 +178,7 @@ class Detectors:
 @dataclass(frozen=True)
 class ModelSection:
     enabled: bool = False
-    path: str = ""  # default <lake>/_models/isolation-forest.joblib
+    path: str = ""  # default <lake>/_models/isolation-forest.npz
     min_score: float = 0.65  # anomaly score in [0, 1] (0.5 = ordinary) above which an alert is raised
     max_alerts: int = 10  # the top N (host, window)s at most
     top_features: int = 3
@@ -190,6 +194,43 @@ class PipelineConfig:
     detectors: Detectors = field(default_factory=Detectors)
     model: ModelSection = field(default_factory=ModelSection)
     path: str = ""  # the file it came from (not a TOML key)
+
+
+# ---- allowed ranges of numbers ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Range:
+    """low <= value <= high (low excluded when `above`)."""
+
+    low: float = 0
+    high: float = math.inf
+    above: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        return (value > self.low if self.above else value >= self.low) and value <= self.high
+
+    def __str__(self) -> str:
+        low = f"> {self.low:g}" if self.above else f">= {self.low:g}"
+        return low if self.high == math.inf else f"{low} and <= {self.high:g}"
+
+
+# By key name, wherever the key occurs (every detector's `window`, ...); a number not named here: >= 0.
+RANGES: dict[str, Range] = {
+    "last": Range(0, above=True),  # the sweep window
+    "window": Range(0, above=True),  # detector windows: a zero window divides by zero
+    "max_gap": Range(0, above=True),
+    "night_start_hour": Range(0, 23),
+    "night_end_hour": Range(0, 23),
+    "min_failed_share": Range(0, 1),
+    "min_score": Range(0, 1),
+    "ports": Range(0, 65535),
+    "ignore_ports": Range(0, 65535),
+    "min_hosts": Range(1),
+    "min_ports": Range(1),
+    "min_attempts": Range(1),
+    "min_connections": Range(2),  # a period needs two connections
+    "max_bytes_per_packet": Range(1),
+}
+ANY_NUMBER = Range(0)
 
 
 # ---- line numbers -------------------------------------------------------------------------------------------
@@ -231,12 +272,22 @@ def _type_name(tp: Any) -> str:
     )
 
 
+def _in_range(value: float, where: str, fail) -> float:
+    allowed = RANGES.get(where.rpartition(".")[2], ANY_NUMBER)
+    if not math.isfinite(value) or value not in allowed:
+        fail(where, f"{value!r} is out of range: must be {allowed}")
+    return value
+
+
 def _convert(value: Any, tp: Any, where: str, fail) -> Any:
     if tp is Duration:
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(where, f"{value!r} is out of range: must be a finite {_type_name(tp)}")
         try:
-            return Duration(parse_duration(value).total_seconds())
+            seconds = parse_duration(value).total_seconds()
         except UsageError as exc:
             fail(where, str(exc))
+        return Duration(_in_range(seconds, where, fail))
     if tp is bool:
         if not isinstance(value, bool):
             fail(where, f"expected {_type_name(tp)}, got {value!r}")
@@ -244,11 +295,12 @@ def _convert(value: Any, tp: Any, where: str, fail) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             fail(where, f"expected {_type_name(tp)}, got {value!r}")
+        _in_range(value, where, fail)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             fail(where, f"expected {_type_name(tp)}, got {value!r}")
-        return float(value)
+        return _in_range(float(value), where, fail)
     if tp is str:
         if not isinstance(value, str):
             fail(where, f"expected {_type_name(tp)}, got {value!r}")
@@ -300,8 +352,6 @@ def parse_pipeline(text: str, path: str = "<pipeline>") -> PipelineConfig:
     for name in ("local_networks",):
         _check_networks(getattr(config.pipeline, name), f"pipeline.{name}", fail)
     _check_networks(config.allowlist.cidrs + config.allowlist.known_scanners, "allowlist", fail)
-    if config.model.min_score < 0 or config.model.min_score > 1:
-        fail("model.min_score", "must be between 0 and 1")
     return dataclasses.replace(config, path=path)
 
 
@@ -321,6 +371,11 @@ def load_pipeline(path: Path | str | None = None) -> PipelineConfig:
     except OSError as exc:
         raise PipelineError(
             f"cannot read pipeline file {path}: {exc.strerror}. Give the path of a pipelines/*.toml file."
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise PipelineError(
+            f"pipeline file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "TOML files are UTF-8: save it as UTF-8."
         ) from exc
     return parse_pipeline(text, str(path))
 

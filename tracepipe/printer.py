@@ -3,25 +3,49 @@
 Both are rich Consoles made by `make_console`: on a terminal they use its width; in a pipe, a file or cron's
 mail, a very wide page with soft wrap, so that no line is broken at 80 columns. Nothing printed is read as
 markup (styles are given as (text, style) pairs, never inside the text), and control characters in text that
-came from outside (VM names, log lines, user names, paths) are shown escaped (`\\x1b`), not sent to the terminal.
+came from outside (VM names, log lines, user names, paths) are shown escaped (`\\x1b`), not sent to the terminal;
+so are the invisible Unicode characters that can make text read as something else (bidi overrides and
+isolates, zero-width and other format characters, line/paragraph separators: `\\u202e`) and lone surrogates
+(bytes of a file name or argument that are not UTF-8: `\\udcff`), which would also stop a print to a UTF-8
+stream with UnicodeEncodeError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.progress import Progress, ProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
 PIPE_WIDTH = 1_000_000  # not a terminal: lines as long as they are (soft wrap), tables never squashed
-# C0 controls, DEL and C1 controls -> \xNN: an ESC or CR in a VM name cannot move the cursor or rewrite a line
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+# What `clean` escapes: C0 controls, DEL and C1 controls (an ESC or CR in a VM name cannot move the cursor or
+# rewrite a line); every Unicode format character (category Cf: bidi embeddings, overrides and isolates
+# U+202A-202E / U+2066-2069, marks U+200E/200F/061C, zero-width space/joiners U+200B-200D, word joiner, BOM,
+# soft hyphen, tag characters U+E0000-E007F that hide text, ...), line/paragraph separators U+2028/2029 and
+# surrogates (U+D800-DFFF: undecodable bytes of argv or a file name under surrogateescape). A zero-width
+# joiner inside an emoji is escaped too: in a security tool a name must read as what it is.
+# test_cli_hostile checks this class against unicodedata for every code point.
+_UNSAFE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
+    r"\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ud800-\udfff\ufeff\ufff9-\ufffb"
+    r"\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    r"\U000e0001\U000e0020-\U000e007f]"
+)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
 
 Part = str | tuple[str, str]  # plain text, or (text, rich style)
 
@@ -42,8 +66,8 @@ def make_console(*, stderr: bool = False) -> Console:
 
 
 def clean(value: Any) -> str:
-    """Text of a value from outside, control characters escaped."""
-    return str(value).translate(_CONTROL)
+    """Text of a value from outside, control, invisible format and surrogate characters escaped."""
+    return _UNSAFE.sub(_escape, str(value))
 
 
 def cell(value: Any) -> Text:
@@ -85,6 +109,23 @@ class Printer:
     def error(self, message: str, label: str = "error:") -> None:
         self.note((label, "red"), " ", message)
 
+    @contextlib.contextmanager
+    def status(self, message: str) -> Iterator[Callable[[str], None]]:
+        """A spinner with `message` on stderr (a terminal only); yields update(text). rich reads a plain
+        string given to a spinner as markup, so the text goes in cleaned, as Text."""
+        with self.err.status(styled(message)) as spinner:
+            yield lambda text: spinner.update(styled(text))
+
+    def progress(self, *columns: str | ProgressColumn) -> Progress:
+        """A transient progress bar on stderr whose first column is the task description, shown as text
+        (rich's default description column reads it as markup)."""
+        return Progress(
+            TextColumn("{task.description}", markup=False, style="progress.description"),
+            *columns,
+            console=self.err,
+            transient=True,
+        )
+
     def json(self, obj: Any) -> None:
         """`--format json`: plain JSON on stdout (times as ISO text)."""
         sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
@@ -99,9 +140,10 @@ class Printer:
     ) -> None:
         """Rows (sequences of values) as a table on stdout; columns named in `right` are right-aligned."""
         aligned = set(right)
-        table = Table(title=title)
+        # headers and title are data too (column names of `tracepipe sql` come from the user's SQL)
+        table = Table(title=styled(title) if title is not None else None)
         for name in columns:
-            table.add_column(name, justify="right" if name in aligned else "left")
+            table.add_column(styled(name), justify="right" if name in aligned else "left")
         for row in rows:
             table.add_row(*(cell(v) for v in row))
         self.out.print(table)

@@ -8,9 +8,14 @@ not a query: `tracepipe sql` cannot COPY, CREATE, DELETE, ATTACH or change setti
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
 import re
+import shutil
 import tempfile
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,7 +24,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from tracepipe.errors import EXIT_OK, LakeError, UsageError
+from tracepipe.errors import EXIT_OK, LakeError, TracepipeError, UsageError
 from tracepipe.lake import FileEntry, Lake
 from tracepipe.schema import DATASETS
 from tracepipe.units import parse_addr, parse_duration, parse_time  # noqa: F401 (re-exported)
@@ -50,6 +55,13 @@ def quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def glob_literal(path: str) -> str:
+    """`path` as a DuckDB file pattern that matches only itself: read_parquet takes every name as a glob, so
+    `*`, `?` and `[` in a lake path (`/srv/lake[1]`) would match other files, even a planted `/srv/lake1`.
+    DuckDB's glob has no backslash escape; a one-character class (`[*]`, `[?]`, `[[]`) is the literal."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
+
+
 def _duck_type(arrow_type: pa.DataType) -> str:
     if pa.types.is_timestamp(arrow_type):
         return "TIMESTAMPTZ" if arrow_type.tz else "TIMESTAMP"
@@ -70,11 +82,11 @@ def empty_relation_sql(name: str) -> str:
 
 def scan_sql(name: str, paths: list[Path]) -> str:
     """read_parquet over the given files of a dataset (a file list taken from the table's log, never a glob:
-    files removed by compaction stay on disk for a while), hive `date` typed DATE; empty typed relation if
-    none. Every file of a table has the declared columns, so only the first footer is read at bind time."""
+    files removed by compaction stay on disk for a while; each name quoted and glob-escaped, so a lake path with
+    `'`, `*`, `?` or `[` reads exactly its own files), hive `date` typed DATE; empty typed relation if none. Every file of a table has the declared columns, so only the first footer is read at bind time."""
     if not paths:
         return empty_relation_sql(name)
-    files = "[" + ", ".join(quote_literal(str(p)) for p in paths) + "]"
+    files = "[" + ", ".join(quote_literal(glob_literal(str(p))) for p in paths) + "]"
     options = "union_by_name = false"
     if DATASETS[name].partition_ts is not None:
         options += ", hive_partitioning = true, hive_types = {'date': DATE}"
@@ -103,8 +115,7 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
     sql/macros.sql and who_had from sql/views.sql. With read_only (the default) the session may read only the
     lake directory and its settings are locked; run user SQL through `run_read_only`.
     """
-    if not lake.root.exists():
-        raise LakeError(f"no lake at {lake.root}; ingest something first or pass --lake / set TRACEPIPE_LAKE")
+    lake.require(allow_empty=True)
     con = duckdb.connect(":memory:")
     con.execute("SET TimeZone = 'UTC'")
     if threads:
@@ -113,9 +124,12 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
     # Every view from one version of each table: a Lake follows new commits on every read, so two reads may
     # see two versions (a commit in between: flows_attributed counted rows that flows did not hold)
     lake = lake.snapshot()
+    check_files(lake)
     flow_entries = lake.entries("flows")
+    files: list[Path] = []
     for name in DATASETS:
         paths = [e.path for e in flow_entries] if name == "flows" else lake.files(name)
+        files += paths
         con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {scan_sql(name, paths)}')
     done, todo = flow_halves(lake, flow_entries)
     con.execute(f"CREATE OR REPLACE VIEW _flows_done AS {scan_sql('flows', done)}")
@@ -123,14 +137,88 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
     con.execute(sql_text("views"))
     if read_only:
         # Defence in depth under the statement check: the session reads the lake (and its spill directory)
-        # and nothing else, and a query cannot switch that back on.
-        spill = Path(tempfile.gettempdir()) / "tracepipe-duckdb"
+        # and nothing else, and a query cannot switch that back on. The spill directory is this session's
+        # own, new and 0700 (mkdtemp): a fixed name under the shared temp dir could be a symlink someone
+        # planted (issue #12), which would have put whatever it points to on the allowed list.
+        spill = Path(tempfile.mkdtemp(prefix="tracepipe-duckdb-")).resolve()
+        # removed when the session is garbage (who, timeline: right after close) or at exit
+        weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)
         con.execute(f"SET temp_directory = {quote_literal(str(spill))}")
         allowed = "[" + ", ".join(quote_literal(str(p)) for p in (lake.root.resolve(), spill)) + "]"
         con.execute(f"SET allowed_directories = {allowed}")
+        # DuckDB checks the name it is given, here the glob-escaped one (scan_sql) when the lake's path has
+        # `*?[`: each such file name is allowed as it is written, not its escaped directory (a sibling directory
+        # literally named `lake[[]1]` would have become readable, as a name no glob matches is read as is)
+        escaped = [glob_literal(str(p)) for p in files if glob_literal(str(p)) != str(p)]
+        if escaped:
+            con.execute(f"SET allowed_paths = [{', '.join(quote_literal(p) for p in escaped)}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
+
+
+def check_files(lake: Lake) -> None:
+    """LakeError naming every file the lake's logs list that is missing or not the size the log recorded (a
+    stat each): DuckDB would fail every query on it, or with the first file of a table, every view."""
+    damaged = [(entry, reason) for name in DATASETS for entry, reason in lake.damaged(name)]
+    if damaged:
+        files = "; ".join(f"{entry.path} ({reason})" for entry, reason in damaged[:5])
+        more = f" and {len(damaged) - 5} more" if len(damaged) > 5 else ""
+        raise LakeError(f"damaged lake files: {files}{more}. {repair_advice(lake.root)}")
+
+
+def repair_advice(root: Path) -> str:
+    return (
+        "A file the table's log lists was truncated, replaced or deleted (a planted file, a broken disk). Copy it "
+        f"as evidence if you like, then run `tracepipe repair --lake {root}`: it moves such files to "
+        f"{root / '_damaged'}/ and removes them from the log (their rows leave the lake)."
+    )
+
+
+_QUOTED_PARQUET = re.compile(r"'([^']+\.parquet)'")
+
+
+def lake_file_error(exc: Exception, root: Path) -> LakeError | None:
+    """A LakeError when DuckDB failed on a file of the lake at `root` (a damaged file of the log's size that
+    check_files cannot see), else None."""
+    if not isinstance(exc, duckdb.IOException | duckdb.InvalidInputException):
+        return None
+    lake = Path(root).resolve()
+    for path in _QUOTED_PARQUET.findall(str(exc)):
+        if Path(path).resolve().is_relative_to(lake):
+            first = str(exc).splitlines()[0]
+            return LakeError(f"cannot read lake file {path}: {first}. {repair_advice(Path(root))}")
+    return None
+
+
+@contextlib.contextmanager
+def reading(root: Path, user_sql: bool = False) -> Iterator[None]:
+    """DuckDB errors while a query runs or its rows are fetched: a damaged lake file -> LakeError (4); with
+    `user_sql`, any other -> UsageError (2) with DuckDB's message (a bad CAST, error('x'), a type mismatch)."""
+    try:
+        yield
+    except duckdb.Error as exc:
+        lake_error = lake_file_error(exc, root)
+        if lake_error is not None:
+            raise lake_error from exc
+        if user_sql:
+            # one line: DuckDB's text without the caret line under the query
+            lines = [line.strip() for line in str(exc).splitlines()]
+            raise UsageError(f"query failed: {' '.join(x for x in lines if x.strip('^'))}") from exc
+        raise
+
+
+def fetch_rows(relation: duckdb.DuckDBPyRelation, limit: int, root: Path) -> list[tuple[Any, ...]]:
+    """The first `limit` rows of the result of a user's query (errors as `reading` says)."""
+    with reading(root, user_sql=True):
+        return relation.limit(limit).fetchall()
+
+
+# EXPLAIN [ANALYZE] / EXPLAIN (options) and what it explains, comments allowed before and between
+_SKIP = r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*"
+_EXPLAIN = re.compile(
+    rf"^{_SKIP}explain\b{_SKIP}(?:\([^)]*\){_SKIP})?(?:analy[sz]e\b)?", re.IGNORECASE | re.DOTALL
+)
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[duckdb.Statement]:
@@ -145,9 +233,15 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[duckdb.Sta
     for statement in statements:
         kind = statement.type
         if kind == duckdb.StatementType.EXPLAIN:
-            # EXPLAIN ANALYZE runs its statement: check what it explains.
-            inner = re.sub(r"^\s*explain\s+(analy[sz]e\s+)?", "", statement.query, flags=re.IGNORECASE)
-            check_read_only(con, inner)
+            # EXPLAIN ANALYZE runs its statement: check what it explains (each level strips one EXPLAIN, so
+            # this ends; a form the pattern does not know is refused, never passed on)
+            match = _EXPLAIN.match(statement.query)
+            if match is None:
+                raise UsageError(
+                    f"cannot tell what this EXPLAIN explains ({statement.query.strip()[:60]!r}); write "
+                    "EXPLAIN [ANALYZE] SELECT ... or EXPLAIN (FORMAT json) SELECT ..."
+                )
+            check_read_only(con, statement.query[match.end() :])
             continue
         if kind not in READ_ONLY_TYPES:
             verb = kind.name if kind is not None else "this statement"
@@ -159,16 +253,18 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[duckdb.Sta
     return statements
 
 
-def run_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation | None:
+def run_read_only(
+    con: duckdb.DuckDBPyConnection, sql: str, root: Path | None = None
+) -> duckdb.DuckDBPyRelation | None:
     """Run every statement of `sql` after check_read_only; the relation of the last one (None if it returns
-    no rows). Errors of DuckDB (unknown column, ...) become UsageError with DuckDB's message."""
+    no rows). Errors of DuckDB (unknown column, ...) become UsageError with DuckDB's message, or LakeError
+    when a file of the lake at `root` does not read. Rows are computed when fetched: use fetch_rows or
+    export_result, which do the same."""
     statements = check_read_only(con, sql)
     relation = None
-    try:
+    with reading(root if root is not None else Path("/nonexistent-lake"), user_sql=True):
         for statement in statements:
             relation = con.sql(statement.query)
-    except duckdb.Error as exc:
-        raise UsageError(f"query failed: {exc}") from exc
     return relation
 
 
@@ -290,8 +386,8 @@ def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timede
     """Who held `addr` at `at`: the lease(s) valid then with what the VM is now, the leases just before and
     after (useful when nobody held it), and the address's flows in at ± window. All input is bound."""
     addr = parse_addr(addr)
-    con = connect(lake)
-    try:
+    lake.require()
+    with reading(lake.root), contextlib.closing(connect(lake)) as con:
         leases = _rows(con.execute("SELECT * FROM who_had($addr, $at)", {"addr": addr, "at": at}))
         for lease in leases:
             lease["now"] = vm_now(lease["vm_status"], lease["deleted_at"], lease["quarantine_until"])
@@ -310,8 +406,6 @@ def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timede
             )
         )
         flows = flow_summary(con, addr, at - window, at + window)
-    finally:
-        con.close()
     return WhoAnswer(
         addr=addr,
         at=at,
@@ -325,6 +419,9 @@ def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timede
 
 def resolve_vm(con: duckdb.DuckDBPyConnection, vm: str) -> str:
     """A vm_id, or a name that one VM (in vms or vm_leases) carries -> vm_id; UsageError if none or several."""
+    if re.search(r"[\ud800-\udfff]", vm):
+        # bytes of the command line that are not UTF-8: no name in the lake can be them
+        raise UsageError(f"VM {vm!r} is not UTF-8 text; no VM in the lake has that id or name")
     if con.execute("SELECT 1 FROM _vm_info WHERE vm_id = $vm LIMIT 1", {"vm": vm}).fetchall():
         return vm
     ids = [
@@ -364,8 +461,10 @@ class Timeline:
 def timeline(lake: Lake, vm: str, limit: int = 200) -> Timeline:
     """Everything the lake knows about one VM (vm_id or unique name): what it is now, lifecycle events,
     leases, flows per hour while it held its addresses, and its syslog lines (first `limit` of each list)."""
-    con = connect(lake)
-    try:
+    if limit < 1:
+        raise UsageError(f"limit {limit} is out of range: give 1 or more rows per section")
+    lake.require()
+    with reading(lake.root), contextlib.closing(connect(lake)) as con:
         vm_id = resolve_vm(con, vm)
         params = {"vm": vm_id, "limit": limit}
         info = _rows(
@@ -398,8 +497,6 @@ def timeline(lake: Lake, vm: str, limit: int = 200) -> Timeline:
                 params,
             )
         )
-    finally:
-        con.close()
     return Timeline(vm_id=vm_id, vm=info, events=events, leases=leases, flows_per_hour=flows, logs=logs)
 
 
@@ -438,11 +535,11 @@ def _vm_flows_per_hour(
 EXPORT_FORMATS = ("csv", "json", "parquet")
 
 
-def check_output(fmt: str, output: Path | None, lake_root: Path) -> None:
+def check_output(fmt: str, output: Path | None, lake_root: Path, force: bool = False) -> None:
     """Refuse (UsageError) an export that could not be written or must not be: parquet without a file, a
-    table into a file (the table is for a terminal), and any file inside the lake — a typing mistake or a path
-    someone planted (a symlink into the lake) must never overwrite the lake's files. Both paths are resolved
-    (symlinks followed) before they are compared."""
+    table into a file (the table is for a terminal), any file inside the lake — a typing mistake or a path
+    someone planted (a symlink into the lake) must never overwrite the lake's files; both paths are resolved
+    (symlinks followed) before they are compared — and, without `force`, a file (or symlink) already there."""
     if fmt not in (*EXPORT_FORMATS, "table"):
         raise UsageError(f"unknown format {fmt!r}: table, csv, json or parquet")
     if output is None:
@@ -460,10 +557,14 @@ def check_output(fmt: str, output: Path | None, lake_root: Path) -> None:
             f"--output {output} is inside the lake ({lake}); tracepipe sql never writes there: "
             "choose a file outside the lake directory"
         )
+    if not force and os.path.lexists(output):
+        raise UsageError(
+            f"--output {output} already exists; add --force to replace it, or choose another file"
+        )
 
 
 def export_result(
-    relation: duckdb.DuckDBPyRelation, fmt: str, output: Path | None, lake_root: Path
+    relation: duckdb.DuckDBPyRelation, fmt: str, output: Path | None, lake_root: Path, force: bool = False
 ) -> str | None:
     """A query result as csv or json text: returned when `output` is None, else written to `output` (a user's
     file outside the lake, see check_output) through fsutil.replacing — a reader of `output` sees the old file
@@ -471,8 +572,11 @@ def export_result(
     Written with pyarrow, because the session itself may not write files."""
     from tracepipe.fsutil import replacing
 
-    check_output(fmt, output, lake_root)
-    table = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+    check_output(fmt, output, lake_root, force)
+    if fmt == "csv":
+        relation = _nested_as_json(relation)
+    with reading(lake_root, user_sql=True):
+        table = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
     text: str | None = None
     if fmt == "csv":
         import io
@@ -480,7 +584,13 @@ def export_result(
         import pyarrow.csv as pacsv
 
         buffer = io.BytesIO()
-        pacsv.write_csv(table, buffer)
+        try:
+            pacsv.write_csv(table, buffer)
+        except pa.ArrowException as exc:
+            raise UsageError(
+                f"cannot write this result as CSV: {exc}; cast the column to text in the query "
+                "(CAST(x AS VARCHAR)) or use --format json or parquet"
+            ) from exc
         text = buffer.getvalue().decode("utf-8")
     elif fmt == "json":
         import json
@@ -499,8 +609,31 @@ def export_result(
 
                 pq.write_table(table, tmp, compression="zstd")
     except OSError as exc:
-        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from exc
+        folder = Path(output).parent
+        hint = (
+            ""
+            if folder.is_dir()
+            else f" (folder {folder} does not exist: create it or choose another --output)"
+        )
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}{hint}") from exc
     return None
+
+
+def _nested_as_json(relation: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
+    """`relation` with its list, array, struct and map columns as JSON text (a CSV cell holds text: pyarrow
+    refuses nested columns), computed by DuckDB; other columns as they are."""
+
+    def nested(duck_type: str) -> bool:
+        return duck_type.endswith("]") or duck_type.startswith(("STRUCT", "MAP", "UNION"))
+
+    types = [str(t) for t in relation.types]
+    if not any(nested(t) for t in types):
+        return relation
+    columns = []
+    for name, duck_type in zip(relation.columns, types, strict=True):
+        quoted = '"' + name.replace('"', '""') + '"'
+        columns.append(f"to_json({quoted})::VARCHAR AS {quoted}" if nested(duck_type) else quoted)
+    return relation.project(", ".join(columns))
 
 
 def shell(lake: Lake, show: Any, read_line: Any = input) -> None:
@@ -510,7 +643,9 @@ def shell(lake: Lake, show: Any, read_line: Any = input) -> None:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
         pass
-    con = connect(lake)
+    lake.require()
+    with reading(lake.root):
+        con = connect(lake)
     buffer: list[str] = []
     try:
         while True:
@@ -526,8 +661,11 @@ def shell(lake: Lake, show: Any, read_line: Any = input) -> None:
                 continue
             buffer.clear()
             try:
-                show(run_read_only(con, text))
-            except UsageError as exc:
+                # show() fetches the rows: a query that fails only then (error('x'), a bad CAST) is shown
+                # like one that fails at once, and the session goes on
+                with reading(lake.root, user_sql=True):
+                    show(run_read_only(con, text, lake.root))
+            except TracepipeError as exc:
                 show(exc)
     finally:
         con.close()

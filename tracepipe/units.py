@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import math
 import re
 import socket
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}  # binary: 32M is 32 M
 # [v6]:port | host:port | :port | port ('%' and letters: a zone id, fe80::1%eth0)
 _LISTEN = re.compile(r"\[([0-9A-Fa-f:.%a-z]+)\]:(\d+)|([^:\[\]]*):(\d+)|(\d+)")
 _EPOCH = re.compile(r"\d{9,11}(\.\d+)?")  # 1973..5138: a short number is a typo, not a time
+# What a person may type. Times: NetFlow, cloud logs and this tool live between these, and a window or baseline
+# (at most MAX_DURATION) around any of them stays far inside what datetime and DuckDB can hold (year 1..9999).
+TIME_RANGE = (dt.datetime(1970, 1, 1, tzinfo=dt.UTC), dt.datetime(2200, 1, 1, tzinfo=dt.UTC))
+MAX_DURATION = dt.timedelta(days=36500)  # 100 years: retention, windows, baselines
 
 # The times data may carry (flows, lifecycle events, syslog, intel): 1990-01-01 .. now + 1 day, UTC.
 # Before 1990 there was no NetFlow (1996), OpenStack (2010) or OpenNebula (2008) to write them; what lies
@@ -52,7 +57,8 @@ FUTURE_SLACK = dt.timedelta(days=1)
 
 
 def parse_duration(value: str | float, *, positive: bool = False) -> dt.timedelta:
-    """'250ms', '90s', '30m', '1h', '2d', '1w', or a number of seconds (text or number) -> timedelta.
+    """'250ms', '90s', '30m', '1h', '2d', '1w', or a number of seconds (text or number) -> timedelta, from 0 to
+    MAX_DURATION (nan and inf refused).
 
     Units are case-insensitive; `positive=True` also refuses zero (intervals that drive a clock)."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
@@ -67,6 +73,8 @@ def parse_duration(value: str | float, *, positive: bool = False) -> dt.timedelt
         seconds = float(match.group(1)) * _DURATION_SECONDS[(match.group(2) or "s").lower()]
     else:
         seconds = float(value)
+    if not math.isfinite(seconds) or seconds > MAX_DURATION.total_seconds():
+        raise UsageError(f"duration {value!r} is out of range: at most {MAX_DURATION.days}d (100 years)")
     if seconds < 0 or (positive and seconds == 0):
         raise UsageError(f"duration {value!r} must be {'more than' if positive else 'at least'} zero")
     return dt.timedelta(seconds=seconds)
@@ -123,12 +131,17 @@ def in_time_window(ts: dt.datetime, now: dt.datetime | None = None) -> bool:
 
 def parse_time(text: str, naive_tz: dt.tzinfo = dt.UTC) -> dt.datetime:
     """A time typed by a person: ISO 8601 (Z or an offset; none = `naive_tz`, UTC by default) or epoch
-    seconds -> aware UTC datetime; UsageError else."""
+    seconds -> aware UTC datetime within TIME_RANGE; UsageError else."""
     value = to_utc(text, naive_tz) if isinstance(text, str) else None
     if value is None:
         raise UsageError(
             f"time {text!r} does not parse: give ISO 8601 (2024-03-12T07:30:00Z, 2024-03-12 08:30+01:00; "
             "no offset = UTC) or epoch seconds (1710228600)"
+        )
+    low, high = TIME_RANGE
+    if not low <= value < high:
+        raise UsageError(
+            f"time {text!r} is out of range: give a time from {low:%Y-%m-%d} to before {high:%Y-%m-%d} (UTC)"
         )
     return value
 

@@ -154,7 +154,8 @@ def scan_flows(lake: Lake, since: dt.datetime, until: dt.datetime) -> pl.LazyFra
         from tracepipe.schema import FLOWS
 
         return pl.LazyFrame(pl.from_arrow(FLOWS.empty_table()))
-    return pl.scan_parquet([str(p) for p in paths], hive_partitioning=False).filter(
+    # glob=False: the names are files from the log, and a `*`, `?` or `[` in the lake's path is no pattern
+    return pl.scan_parquet([str(p) for p in paths], hive_partitioning=False, glob=False).filter(
         (pl.col("ts_start") >= since) & (pl.col("ts_start") < until)
     )
 

@@ -1,18 +1,21 @@
 """The anomaly model: an IsolationForest (scikit-learn) fitted on per (host, window) features of a baseline
-period, persisted with joblib next to a JSON sidecar (feature names, sklearn version, fit window, the baseline's
-medians and MADs). `score` ranks (host, window)s by how easily the forest isolates them (0.5 ~ ordinary, towards
-1 = stands out) and explains each with robust z-scores against the baseline: which features made it stand out.
+period, persisted as plain arrays (detect/forest.py: an .npz read without pickle, so a file planted in the lake
+cannot run code) next to a JSON sidecar (feature names, sklearn version, fit window, the baseline's medians and
+MADs, the .npz's SHA-256). `score` ranks (host, window)s by how easily the forest isolates them (0.5 ~ ordinary,
+towards 1 = stands out) and explains each with robust z-scores against the baseline: which features made it stand out.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import ipaddress
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 import polars as pl
 import sklearn
@@ -20,10 +23,12 @@ from sklearn.ensemble import IsolationForest
 
 from tracepipe import fsutil
 from tracepipe.detect.features import FEATURES, LOG_FEATURES, compute_features, utc
-from tracepipe.errors import EXIT_OK, InputError, LakeError, TracepipeError
+from tracepipe.detect.forest import REFIT, Forest, ModelError, read, write
+from tracepipe.errors import EXIT_OK, InputError, LakeError, TracepipeError, UsageError
 from tracepipe.lake import Lake
 
-DEFAULT_MODEL = "_models/isolation-forest.joblib"
+DEFAULT_MODEL = "_models/isolation-forest.npz"
+MAX_SIDECAR_BYTES = 64 * 1024 * 1024  # ~1,000 hosts x 3 ranges x 14 features is ~1 MiB
 MIN_FIT_ROWS = 24  # fewer (host, window)s than this is not a baseline
 
 
@@ -44,6 +49,7 @@ class ModelInfo:
     host_low: dict[str, list[float]]
     host_medians: dict[str, list[float]]
     host_high: dict[str, list[float]]
+    model_sha256: str = ""  # of the .npz: a sidecar and a forest that do not belong together are refused
 
 
 def model_path(lake: Lake, path: str | Path | None = None) -> Path:
@@ -129,12 +135,18 @@ def _model_input(
     return np.hstack([x, outside]), outside, med
 
 
-def save(forest: IsolationForest, info: ModelInfo, path: Path) -> Path:
-    """joblib file + `<path>.json` sidecar, each replaced atomically (tracepipe.fsutil)."""
+def save(forest: IsolationForest | Forest, info: ModelInfo, path: Path) -> Path:
+    """The forest's arrays (`.npz`, detect/forest.py) + `<path>.json` sidecar with their SHA-256, each replaced
+    atomically (tracepipe.fsutil)."""
+    if sidecar(path) == path:
+        raise UsageError(f"model path {path}: name it *.npz (the sidecar beside it is {path.stem}.json)")
+    arrays = forest if isinstance(forest, Forest) else Forest.from_sklearn(forest)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with fsutil.replacing(path) as tmp:
-            joblib.dump(forest, tmp)
+            tmp.unlink(missing_ok=True)  # a symlink planted at the temp name is replaced, not written through
+            write(arrays, tmp)
+        info.model_sha256 = _sha256(path)
         fsutil.write_atomic(sidecar(path), json.dumps(asdict(info), indent=2))
     except OSError as exc:
         raise LakeError(f"cannot write the model to {path}: {exc}") from exc
@@ -145,20 +157,90 @@ def sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def load(path: Path) -> tuple[IsolationForest, ModelInfo]:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load(path: Path) -> tuple[Forest, ModelInfo]:
+    """The model at `path` and its sidecar, both checked (never unpickled): a missing model is an InputError
+    saying how to fit one; an old joblib file, a sidecar or forest that does not match what `save` writes,
+    or a forest whose SHA-256 is not the sidecar's, a ModelError saying how to refit."""
     if not path.exists() or not sidecar(path).exists():
         raise InputError(f"no model at {path}. Fit one first: tracepipe model fit --since ... --until ...")
-    info = ModelInfo(**json.loads(sidecar(path).read_text()))
+    info = _read_sidecar(sidecar(path))
     if info.features != list(FEATURES):
-        raise InputError(
+        raise ModelError(
             f"the model at {path} was fitted on other features ({len(info.features)}); "
             f"refit it with tracepipe model fit"
         )
-    return joblib.load(path), info
+    forest = read(path)  # refuses a pickle before anything else: its first byte is not a zip's
+    if _sha256(path) != info.model_sha256:
+        raise ModelError(f"{path} is not the forest its sidecar {sidecar(path).name} describes; {REFIT}")
+    if forest.n_features != 2 * len(FEATURES):
+        raise ModelError(f"{path} scores {forest.n_features} columns, not {2 * len(FEATURES)}; {REFIT}")
+    return forest, info
+
+
+def _read_sidecar(path: Path) -> ModelInfo:
+    """ModelInfo from the sidecar JSON, every field's type and size checked (it lives in the lake: whoever
+    can write there can plant it)."""
+
+    def refuse(what: str) -> ModelError:
+        return ModelError(f"the model sidecar {path} {what}; {REFIT}")
+
+    try:
+        if path.stat().st_size > MAX_SIDECAR_BYTES:
+            raise refuse(f"is larger than {MAX_SIDECAR_BYTES:,} bytes")
+        raw = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise refuse(f"is not readable JSON ({type(exc).__name__})") from exc
+    names = [f.name for f in fields(ModelInfo)]
+    if not isinstance(raw, dict) or set(raw) != set(names):
+        missing = sorted(set(names) - set(raw)) if isinstance(raw, dict) else names
+        raise refuse(f"does not have the fields of this tracepipe's models (missing {missing[:3]})")
+    width = len(FEATURES)
+
+    def numbers(value: Any, n: int = width) -> bool:
+        return (
+            isinstance(value, list)
+            and len(value) == n
+            and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
+            )
+        )
+
+    strings = ("sklearn_version", "fit_since", "fit_until", "fitted_at", "model_sha256")
+    checks = {
+        "features": isinstance(raw["features"], list) and all(isinstance(f, str) for f in raw["features"]),
+        "strings": all(isinstance(raw[k], str) for k in strings),
+        "window_seconds": isinstance(raw["window_seconds"], int | float)
+        and math.isfinite(raw["window_seconds"])
+        and raw["window_seconds"] > 0,
+        "rows/hosts": all(isinstance(raw[k], int) and raw[k] >= 0 for k in ("rows", "hosts")),
+        "local_networks": isinstance(raw["local_networks"], list)
+        and all(isinstance(n, str) for n in raw["local_networks"]),
+        "medians/mads": numbers(raw["medians"]) and numbers(raw["mads"]),
+        "host ranges": all(isinstance(raw[k], dict) for k in ("host_low", "host_medians", "host_high"))
+        and raw["host_low"].keys() == raw["host_medians"].keys() == raw["host_high"].keys()
+        and all(numbers(v) for k in ("host_low", "host_medians", "host_high") for v in raw[k].values()),
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise refuse(f"has fields of the wrong type or size: {', '.join(bad)}")
+    try:
+        for network in raw["local_networks"]:
+            ipaddress.ip_network(network, strict=False)
+    except ValueError as exc:
+        raise refuse(f"names a local network that does not parse ({exc})") from exc
+    return ModelInfo(**{name: raw[name] for name in names})
 
 
 def score(
-    features: pl.DataFrame, forest: IsolationForest, info: ModelInfo, top_features: int = 3
+    features: pl.DataFrame, forest: Forest | IsolationForest, info: ModelInfo, top_features: int = 3
 ) -> pl.DataFrame:
     """Features -> the same rows plus anomaly_score (0..1) and explanation (JSON list of the features that
     stand out most: name, value, baseline median, robust z), highest score first."""
@@ -350,9 +432,7 @@ def _num(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.2f}"
 
 
-def load_for_sweep(
-    lake: Lake, path: str | None, notes: list[str]
-) -> tuple[IsolationForest, ModelInfo] | None:
+def load_for_sweep(lake: Lake, path: str | None, notes: list[str]) -> tuple[Forest, ModelInfo] | None:
     """The persisted model for a sweep, whichever engine runs it: no model is a note, not a failure."""
     try:
         return load(model_path(lake, path or None))

@@ -127,10 +127,11 @@ def run_sql(
     spark_conf: Mapping[str, str] | None = None,
 ) -> pa.Table:
     """One query on a freshly opened engine: what `tracepipe sql --engine ...` calls."""
-    if engine == "spark":  # refuse a non-query before paying for a JVM
-        from tracepipe.engines.dialect import check_queries, parse_duckdb
+    if engine == "spark":  # refuse what the allowlist does not hold before paying for a JVM
+        from tracepipe.engines.allowlist import check_allowed
+        from tracepipe.engines.dialect import parse_duckdb
 
-        check_queries(parse_duckdb(sql))
+        check_allowed(parse_duckdb(sql))
     with engine_session(lake, engine, spark_master=spark_master, spark_conf=spark_conf) as opened:
         return opened.query(sql, params)
 
@@ -153,17 +154,29 @@ def engine_relation(
 
 def read_sql(query: str | None, file: Path | None, stdin: TextIO) -> str:
     """The SQL of `tracepipe sql`: from `file`, from stdin (query '-', or no query and stdin is not a
-    terminal), else the query argument itself."""
-    if file is not None:
-        try:
-            return Path(file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot read {file}: {exc.strerror or exc}") from exc
-    if query == "-" or (query is None and not stdin.isatty()):
-        return stdin.read()
-    if query is not None:
-        return query
-    raise UsageError("give a query, -f FILE, '-' for stdin, or --shell")
+    terminal), else the query argument itself. UsageError for text that is not UTF-8 (stdin and argv come
+    with undecodable bytes as surrogates, which DuckDB refuses with a TypeError)."""
+    where = "the query argument"
+    try:
+        if file is not None:
+            where = str(file)
+            try:
+                text = Path(file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise UsageError(f"cannot read {file}: {exc.strerror or exc}") from exc
+        elif query == "-" or (query is None and not stdin.isatty()):
+            where = "stdin"
+            text = stdin.read()
+        elif query is not None:
+            text = query
+        else:
+            raise UsageError("give a query, -f FILE, '-' for stdin, or --shell")
+        text.encode("utf-8")
+    except UnicodeError as exc:
+        raise UsageError(
+            f"the SQL from {where} is not UTF-8 text (at offset {exc.start}); save or type it as UTF-8"
+        ) from exc
+    return text
 
 
 def query_lake(
@@ -175,9 +188,12 @@ def query_lake(
     spark_conf: Mapping[str, str] | None = None,
 ) -> Any:
     """Read-only SQL over the lake's views on `engine`, as a DuckDB relation (None when the last statement
-    returns no rows): what `tracepipe sql` prints or exports."""
+    returns no rows): what `tracepipe sql` prints or exports. LakeError when `lake` is no lake."""
+    lake.require()
     if engine == "duckdb":
         from tracepipe import query
 
-        return query.run_read_only(query.connect(lake), sql)
+        with query.reading(lake.root):  # the views read each table's first file: it may be damaged
+            con = query.connect(lake)
+        return query.run_read_only(con, sql, lake.root)
     return engine_relation(lake, sql, engine, spark_master=spark_master, spark_conf=spark_conf)

@@ -259,7 +259,8 @@ def to_spark(
     out = []
     for statement in statements:
         rewritten = _rewrite_tree(statement, macros, columns_of)
-        out.append(rewritten.sql(dialect="spark", identify=True))
+        # comments=False: nothing a user wrote in a comment reaches Spark (a `/*+ ... */` would be a hint)
+        out.append(rewritten.sql(dialect="spark", identify=True, comments=False))
     return out
 
 

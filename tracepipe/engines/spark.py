@@ -184,8 +184,11 @@ def get_session(
     except Exception as exc:  # py4j/JVM start-up failures come as plain exceptions
         raise EnvironmentProblem(f"cannot start Spark (master {master}): {exc}") from exc
     spark.sparkContext.setLogLevel("ERROR")
-    # Settings that a reused session may not have yet (runtime SQL conf can change after start).
+    # Settings that a reused session may not have yet (runtime SQL conf can change after start). No SQL on
+    # files (`SELECT * FROM parquet.`/path``): tracepipe reads the lake through DataFrames, users through its
+    # views (defence in depth under engines/allowlist.py).
     spark.conf.set("spark.sql.session.timeZone", "UTC")
+    spark.conf.set("spark.sql.runSQLOnFiles", "false")
     return spark
 
 
@@ -406,6 +409,7 @@ class SparkEngine:
         else:
             self._own_session = False
         self.spark = session
+        self.registered: set[str] = set()
         self._register_views()
 
     # -- setup
@@ -447,7 +451,13 @@ class SparkEngine:
             return self.spark.table(spark_sql_or_table).columns
         return self.spark.sql(spark_sql_or_table).columns
 
-    def _transpile(self, sql: str) -> list[str]:
+    def _transpile(self, sql: str, user: bool = False) -> list[str]:
+        """DuckDB SQL -> Spark statements; `user` SQL (tracepipe sql) must pass allowlist.check_allowed."""
+        if user:
+            from tracepipe.engines.allowlist import check_allowed, lake_relations
+            from tracepipe.engines.dialect import parse_duckdb
+
+            check_allowed(parse_duckdb(sql), views=lake_relations()[0] | self.registered)
         for name, nargs in macro_calls(sql).items():  # registered on first use (binding them is not free)
             if name not in self.macros:
                 register_macro(self.spark, name, nargs)
@@ -456,14 +466,15 @@ class SparkEngine:
 
     # -- Engine
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
-        """Queries only (SELECT, WITH, DESCRIBE): like `tracepipe sql` on DuckDB, Spark never writes here."""
+        """Queries of the lake's views only (engines/allowlist.py): Spark never writes, reads other files or
+        calls Java here."""
         with worker_errors():
             return to_arrow(self.frame(sql, params))
 
     def frame(self, sql: str, params: Mapping[str, Any] | None = None) -> DataFrame:
         """The last statement of `sql` as a Spark DataFrame (for callers that keep working in Spark)."""
         frame = None
-        for statement in self._transpile(sql):
+        for statement in self._transpile(sql, user=True):
             frame = self._sql(statement, params)
         return frame
 
@@ -478,6 +489,7 @@ class SparkEngine:
 
     def register(self, name: str, table: pa.Table) -> None:
         from_arrow(self.spark, table).createOrReplaceTempView(name)
+        self.registered.add(name)
 
     def map_batches(
         self, sql: str, params: Mapping[str, Any] | None, fn: BatchFn, out_schema: pa.Schema

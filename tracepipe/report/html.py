@@ -477,6 +477,13 @@ def render_html(data: dict[str, Any]) -> str:
                 "anchor": f"alert-{index + 1}",
             }
         )
+    env = template_environment()
+    return env.get_template("report.html.j2").render(data=data, charts=charts, alerts=alert_views)
+
+
+def template_environment() -> Environment:
+    """The Jinja2 environment of every tracepipe page (the sweep report, the incident package): templates
+    from tracepipe/report/, autoescape on, the number/bytes/cell filters."""
     env = Environment(
         loader=FileSystemLoader(str(TEMPLATES)),
         autoescape=True,
@@ -487,7 +494,7 @@ def render_html(data: dict[str, Any]) -> str:
     env.filters["num"] = _num
     env.filters["bytes"] = _bytes
     env.filters["cell"] = _cell
-    return env.get_template("report.html.j2").render(data=data, charts=charts, alerts=alert_views)
+    return env
 
 
 def _num(value: Any) -> str:

@@ -1,0 +1,368 @@
+"""Hostile input through the real CLI (issue 12, items 4, 8 and 9): names an attacker chooses (VM display
+name, project, sshd user) are printed literally and escaped by `who`, `timeline`, `sweep` and `sql`; arguments
+and files that used to end in "internal error" (exit 4) or in a wrong answer are usage errors (2) or lake
+errors (4) that say what to do.
+
+The hostile lake is made the way a site makes one: a generic JSONL lifecycle (`ingest vm`), syslog from inside
+the VM (`ingest syslog`) and flows of a horizontal scan from the VM's address, landed through the lake API."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from tests.conftest import run_tracepipe
+from tracepipe.lake import Lake, ingest_table
+from tracepipe.printer import clean
+from tracepipe.schema import FLOWS
+
+# what an attacker names things: markup that crashed rich, markup that rich silently ate, terminal escape
+# sequences (clear screen, set the window title), a right-to-left override that reverses what follows
+MARKUP_CLOSE = "[/x]"
+MARKUP_STYLE = "[red]x"
+ESCAPES = "\x1b[2J\x1b]0;pwned\x07"
+BIDI = "evil\u202etxt.exe"
+VM_NAME = f"vm{MARKUP_CLOSE}{BIDI}"
+PROJECT = f"proj{ESCAPES}"
+USER = f"owner{MARKUP_STYLE}"
+SSH_USER = f"root{MARKUP_CLOSE}{ESCAPES}"
+VM_ID = "11111111-2222-3333-4444-555555555555"
+ADDR = "10.20.30.40"
+DAY = "2025-06-17"
+PIPELINE = Path(__file__).resolve().parents[1] / "tracepipe" / "pipelines" / "nightly.toml"
+
+
+def cli(*args: str, input_bytes: bytes | None = None) -> subprocess.CompletedProcess:
+    if input_bytes is None:
+        return run_tracepipe(*args)
+    return subprocess.run(
+        [sys.executable, "-m", "tracepipe.cli", *args], input=input_bytes, capture_output=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def hostile_lake(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("hostile")
+    root = base / "lake"
+    events = base / "inventory.jsonl"
+    row = {"cloud": "lab", "vm_id": VM_ID, "vm_name": VM_NAME, "project": PROJECT, "user": USER}
+    events.write_text(
+        json.dumps({**row, "ts": f"{DAY}T01:00:00Z", "action": "create", "addr": ADDR, "state": "active"})
+        + "\n"
+    )
+    result = run_tracepipe("ingest", "vm", str(events), "--format", "jsonl", "--lake", str(root))
+    assert result.returncode == 0, result.stderr
+    auth = base / "auth.log"
+    auth.write_text(
+        f"2025-06-17T03:00:00+00:00 host sshd[42]: Failed password for invalid user {SSH_USER} "
+        "from 198.51.100.9 port 50000 ssh2\n"
+    )
+    result = run_tracepipe("ingest", "syslog", str(auth), "--sender-addr", ADDR, "--lake", str(root))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # a horizontal scan from the VM: 150 hosts, telnet, SYN only (nightly template: 100 hosts, half failed)
+    start = dt.datetime.fromisoformat(f"{DAY}T02:00:00+00:00")
+    flows = pa.Table.from_pylist(
+        [
+            {
+                "ts_start": start + dt.timedelta(seconds=i),
+                "ts_end": start + dt.timedelta(seconds=i + 1),
+                "src_addr": ADDR,
+                "dst_addr": f"10.99.{i // 200}.{i % 200 + 1}",
+                "src_port": 40000 + i,
+                "dst_port": 23,
+                "proto": 6,
+                "packets": 1,
+                "bytes": 44,
+                "tcp_flags": 2,
+                "ip_version": 4,
+                "source": "hostile-test",
+            }
+            for i in range(150)
+        ],
+        schema=FLOWS,
+    )
+    ingest_table(Lake(root), "flows", "hostile-test", "hostile-flows", [flows])
+    result = run_tracepipe("attribute", "--lake", str(root))
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def assert_shown_escaped(result: subprocess.CompletedProcess, *values: str) -> None:
+    """Each value is printed as `clean` shows it, nothing raw reaches the terminal, no internal error."""
+    text = result.stdout + result.stderr
+    assert "internal error" not in text and "Traceback" not in text, text
+    for value in values:
+        assert clean(value) in text, (clean(value), text)
+    for raw in ("\x1b", "\x07", "\u202e"):
+        assert raw not in text, text
+
+
+# ---- item 4: data and arguments are never markup, never terminal control ----------------------------------
+
+
+def test_who_prints_hostile_names_literally(hostile_lake):
+    result = cli("who", ADDR, "--at", f"{DAY}T02:00:00Z", "--lake", str(hostile_lake))
+    assert result.returncode == 0, result.stderr
+    assert_shown_escaped(result, VM_NAME, PROJECT, USER)
+    assert "[/x]" in result.stdout and "[red]x" in result.stdout  # not eaten as markup
+    assert "\\x1b[2J\\x1b]0;pwned\\x07" in result.stdout and "\\u202e" in result.stdout
+
+
+def test_timeline_prints_hostile_names_and_ssh_user_literally(hostile_lake):
+    result = cli("timeline", VM_ID, "--lake", str(hostile_lake))
+    assert result.returncode == 0, result.stderr
+    assert_shown_escaped(result, VM_NAME, PROJECT, USER, SSH_USER)
+
+
+def test_timeline_by_hostile_name_argument(hostile_lake):
+    result = cli("timeline", VM_NAME, "--lake", str(hostile_lake))
+    assert result.returncode == 0, result.stderr
+    assert VM_ID in result.stdout
+
+
+def test_sweep_prints_alert_with_hostile_names_and_exits_found(hostile_lake, tmp_path):
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(PIPELINE.read_text().replace('report_dir = "', f'report_dir = "{tmp_path}/'))
+    result = cli(
+        "sweep",
+        str(pipeline),
+        "--since",
+        f"{DAY}T00:00",
+        "--until",
+        f"{DAY}T06:00",
+        "--lake",
+        str(hostile_lake),
+    )
+    assert result.returncode == 1, result.stdout + result.stderr  # new alerts: the scan, named
+    assert "horizontal_scan" in result.stdout
+    assert_shown_escaped(result, VM_NAME, PROJECT)
+
+
+def test_sql_prints_hostile_cells_and_headers_literally(hostile_lake):
+    result = cli(
+        "sql",
+        'SELECT vm_name, project, "user", \'x\' AS "[/x]\x1b[2J" FROM vms',
+        "--lake",
+        str(hostile_lake),
+    )
+    assert result.returncode == 0, result.stderr
+    assert_shown_escaped(result, VM_NAME, PROJECT, USER, "[/x]\x1b[2J")
+
+
+def test_sql_json_keeps_values_exact(hostile_lake):
+    result = cli("sql", "SELECT vm_name, project FROM vms", "--format", "json", "--lake", str(hostile_lake))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [{"vm_name": VM_NAME, "project": PROJECT}]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["who", "[/x]", "--at", f"{DAY}T02:00Z"],
+        ["who", ESCAPES, "--at", f"{DAY}T02:00Z"],
+        ["timeline", f"{MARKUP_CLOSE}{BIDI}"],
+        ["sweep", f"/nonexistent/[/x]{ESCAPES}.toml"],
+        [f"{MARKUP_STYLE}{ESCAPES}"],  # click: no such command
+        ["sql", "SELECT 1", f"{BIDI}{ESCAPES}"],  # click: unexpected extra argument
+        ["sql", "--format", f"{MARKUP_CLOSE}{ESCAPES}", "SELECT 1"],  # click: invalid choice
+        ["timeline", "x\udcff"],  # argv bytes that are not UTF-8
+    ],
+)
+def test_hostile_arguments_are_usage_errors_printed_escaped(hostile_lake, args):
+    result = cli(*args, "--lake", str(hostile_lake))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert_shown_escaped(result)
+    assert "error:" in result.stderr
+
+
+def test_clean_escapes_every_control_format_and_surrogate_character():
+    unsafe = ("Cc", "Cf", "Cs", "Zl", "Zp")
+    for code in range(0x110000):
+        char = chr(code)
+        if unicodedata.category(char) in unsafe:
+            assert clean(char).startswith("\\"), hex(code)
+    assert clean("web-05 ä 名前 🙂 [/x]") == "web-05 ä 名前 🙂 [/x]"
+    assert clean("a\u202eb\u2066c\u200bd\udcff\U000e0041") == "a\\u202eb\\u2066c\\u200bd\\udcff\\U000e0041"
+
+
+# ---- item 8: no wrong answer from a directory that is no lake ------------------------------------------------
+
+
+READ_COMMANDS = [
+    ["who", ADDR, "--at", f"{DAY}T02:00Z"],
+    ["sql", "SELECT count(*) FROM flows"],
+    ["timeline", VM_ID],
+    ["sweep", str(PIPELINE), "--since", f"{DAY}T00:00", "--until", f"{DAY}T06:00"],
+]
+# a sweep may start a lake in an empty directory (its inputs land first; an empty window then says so)
+NOT_LAKES = [
+    (kind, args)
+    for kind in ("empty-dir", "other-dir", "one-table")
+    for args in READ_COMMANDS
+    if not (kind == "empty-dir" and args[0] == "sweep")
+]
+
+
+@pytest.mark.parametrize(("kind", "args"), NOT_LAKES, ids=[f"{k}-{a[0]}" for k, a in NOT_LAKES])
+def test_read_commands_refuse_a_directory_that_is_no_lake(hostile_lake, tmp_path, kind, args):
+    where = {
+        "empty-dir": tmp_path / "empty",
+        "other-dir": Path(__file__).parent,
+        "one-table": hostile_lake / "flows",
+    }[kind]
+    where.mkdir(exist_ok=True)
+    result = cli(*args, "--lake", str(where))
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "nobody held" not in result.stdout
+    assert "not a tracepipe lake" in result.stderr or "not a lake" in result.stderr, result.stderr
+    assert "internal error" not in result.stderr
+
+
+# ---- item 9: usage and data errors, not internal errors ---------------------------------------------------------
+
+# (arguments after the command, expected exit code, a piece of the message)
+PROBES = [
+    (["sql", "SELECT error('boom-x')"], 2, "boom-x"),
+    (["sql", "SELECT CAST(vm_name AS INT) FROM vms"], 2, "Conversion Error"),
+    (["sql", "SELECT CAST(vm_name AS INT) FROM vms", "--format", "json"], 2, "Conversion Error"),
+    (["sql", "/* c */ EXPLAIN SELECT 1", "--format", "json"], 0, "explain_key"),
+    (["sql", "EXPLAIN(FORMAT JSON) SELECT 1", "--format", "json"], 0, "explain_value"),
+    (["sql", "EXPLAIN ANALYZE /* x */ COPY (SELECT 1) TO 'x.csv'"], 2, "read-only"),
+    (["sql", "EXPLAIN (FORMAT json) COPY (SELECT 1) TO 'x.csv'"], 2, "read-only"),
+    (["sql", "SELECT [1, 2] AS l, {'a': 'b'} AS s", "--format", "csv"], 0, '"[1,2]","{""a"":""b""}"'),
+    (["who", ADDR, "--at", "9999-12-31T23:59:59Z"], 2, "out of range"),
+    (["who", ADDR, "--at", f"{DAY}T02:00Z", "--window", "2000000d"], 2, "at most 36500d"),
+    (["who", ADDR, "--at", f"{DAY}T02:00Z", "--window", "nan"], 2, "does not parse"),
+    (["timeline", VM_ID, "--limit", "-1"], 2, "--limit"),
+    (["sql", "SELECT 1", "--max-rows", "0"], 2, "--max-rows"),
+    (["sweep", str(PIPELINE), "--since", "0001-01-01"], 2, "1970-01-01"),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "message"), PROBES, ids=[" ".join(p[0])[:50] for p in PROBES])
+def test_probe(hostile_lake, args, code, message):
+    result = cli(*args, "--lake", str(hostile_lake))
+    text = result.stdout + result.stderr
+    assert result.returncode == code, text
+    assert message in text, text
+    assert "internal error" not in text and "Traceback" not in text, text
+
+
+def test_output_into_a_missing_folder(hostile_lake, tmp_path):
+    result = cli(
+        "sql",
+        "SELECT 1",
+        "--format",
+        "csv",
+        "--output",
+        str(tmp_path / "no" / "x.csv"),
+        "--lake",
+        str(hostile_lake),
+    )
+    assert result.returncode == 2
+    assert "does not exist: create it" in result.stderr
+
+
+def test_non_utf8_sql_file_and_stdin_and_pipeline(hostile_lake, tmp_path):
+    bad = tmp_path / "q.sql"
+    bad.write_bytes(b"SELECT '\xff'")
+    result = cli("sql", "-f", str(bad), "--lake", str(hostile_lake))
+    assert result.returncode == 2 and "not UTF-8" in result.stderr, result.stderr
+    result = cli("sql", "-", "--lake", str(hostile_lake), input_bytes=b"SELECT '\xff'")
+    assert result.returncode == 2 and b"from stdin is not UTF-8" in result.stderr, result.stderr
+    toml = tmp_path / "p.toml"
+    toml.write_bytes(b'[pipeline]\nname = "\xff"\n')
+    result = cli("sweep", str(toml), "--lake", str(hostile_lake))
+    assert result.returncode == 2 and "not UTF-8" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "allowed"),
+    [
+        ("[detectors.horizontal_scan]\nwindow = 0", "detectors.horizontal_scan.window", "> 0"),
+        ("[detectors.horizontal_scan]\nwindow = -3600", "detectors.horizontal_scan.window", "at least zero"),
+        ("[detectors.beacon]\nmin_score = nan", "detectors.beacon.min_score", ">= 0 and <= 1"),
+        ("[detectors.exfiltration]\nhost_factor = -1.0", "detectors.exfiltration.host_factor", ">= 0"),
+        ("[detectors.exfiltration]\nmin_bytes = -5", "detectors.exfiltration.min_bytes", ">= 0"),
+        ("[window]\nlast = inf", "window.last", "finite"),
+        ("[window]\nnight_start_hour = 24", "window.night_start_hour", "<= 23"),
+        ("[detectors.brute_force]\nports = [22, 70000]", "detectors.brute_force.ports", "<= 65535"),
+    ],
+)
+def test_pipeline_numbers_out_of_range_name_file_key_and_range(hostile_lake, tmp_path, toml, key, allowed):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml + "\n")
+    result = cli(
+        "sweep", str(path), "--since", f"{DAY}T00:00", "--until", f"{DAY}T06:00", "--lake", str(hostile_lake)
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert str(path) in result.stderr and "line 2" in result.stderr and key in result.stderr, result.stderr
+    assert allowed in result.stderr, result.stderr
+
+
+def test_damaged_lake_file_is_named_with_its_repair(hostile_lake, tmp_path):
+    """A 0-byte file in place of one the log lists made every query fail with an internal error; one the log
+    does not list (planted, or left by a killed writer) is never read."""
+    lake = tmp_path / "lake"
+    shutil.copytree(hostile_lake, lake)
+    day = lake / "flows" / f"date={DAY}"
+    (day / "part-planted.parquet").write_bytes(b"garbage")
+    assert cli("sql", "SELECT count(*) FROM flows", "--format", "json", "--lake", str(lake)).returncode == 0
+    listed = Lake(lake).files("flows")[0]
+    listed.write_bytes(b"")
+    for args in (
+        ["sql", "SELECT count(*) FROM vms"],
+        ["who", ADDR, "--at", f"{DAY}T02:00Z"],
+        ["sweep", str(PIPELINE), "--since", f"{DAY}T00:00", "--until", f"{DAY}T06:00"],
+    ):
+        result = cli(*args, "--lake", str(lake))
+        assert result.returncode == 4, result.stdout + result.stderr
+        assert str(listed) in result.stderr and "tracepipe repair" in result.stderr, result.stderr
+        assert "internal error" not in result.stderr
+    result = cli("repair", "--lake", str(lake), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["moved"] == {"flows": [listed.relative_to(lake / "flows").as_posix()]}
+    assert (lake / "_damaged" / "flows" / listed.relative_to(lake / "flows")).exists()  # kept as evidence
+    result = cli("sql", "SELECT count(*) AS n FROM vms", "--format", "json", "--lake", str(lake))
+    assert result.returncode == 0 and json.loads(result.stdout) == [{"n": 1}], result.stderr
+
+
+def test_garbage_of_the_logged_size_names_the_file(hostile_lake, tmp_path):
+    lake = tmp_path / "lake"
+    shutil.copytree(hostile_lake, lake)
+    listed = Lake(lake).files("flows")[0]
+    listed.write_bytes(b"x" * listed.stat().st_size)  # what the log says, so only reading it tells
+    result = cli("sql", "SELECT count(*) FROM flows", "--lake", str(lake))
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert str(listed) in result.stderr and "tracepipe repair" in result.stderr, result.stderr
+
+
+def test_shell_keeps_going_after_a_fetch_error(hostile_lake):
+    result = cli(
+        "sql",
+        "--shell",
+        "--lake",
+        str(hostile_lake),
+        input_bytes=b"SELECT error('first-fails');\nSELECT 41 + 1 AS answer;\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert b"first-fails" in result.stderr and b"42" in result.stdout, result.stdout + result.stderr
+
+
+def test_demo_lake_may_be_a_symlink(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    for _ in range(2):  # the second run empties the demo's directory through the link
+        result = cli("demo", "--lake", str(link), "--format", "json")
+        assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and (real / "flows" / "_delta_log").is_dir()

@@ -1,0 +1,404 @@
+"""The Security Service Challenge drill (issue #15): `tracepipe trace` on the demo story (through the CLI, as a
+new user runs it) and on a generated cloud of 5,000 VMs with address reuse, every answer checked against what
+the generator / ground truth knows; the incident package (escaping, privacy, rendering in headless Chromium,
+refusals); MISP and STIX exports loaded by the real pymisp, stix2 and stix2-validator, and read back by
+`intel import` (round trip)."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from support import ssc
+
+from tests.conftest import run_tracepipe
+from tests.test_report import _chromium
+from tracepipe.lake import Lake, hash_bytes, ingest_table
+from tracepipe.respond.observations import read_observations
+from tracepipe.respond.trace import trace
+from tracepipe.schema import FLOWS, VM_LEASES, VMS
+
+STORY = Path(__file__).resolve().parents[1] / "tracepipe" / "demo_story"
+JUPYTER07 = "09575d72-77d4-46c0-b6e8-1a0e584d7306"
+EVIL = "<script>alert(1)</script>\x1b[31mred"
+
+
+def iso(text: str) -> str:
+    """`--format json` prints times as Python does (2025-06-17 10:20:03+00:00); the package as ISO 8601."""
+    return text.replace(" ", "T")
+
+
+# ---- the demo story, through the CLI ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def story_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tracepipe.ingest.flows import ingest_flow_files
+    from tracepipe.ingest.vm import ingest_syslog_files, ingest_vm_files
+
+    root = tmp_path_factory.mktemp("story") / "lake"
+    lake = Lake(root)
+    ingest_vm_files(
+        lake, [STORY / "nova", STORY / "neutron", STORY / "opennebula"], reclaim_interval=dt.timedelta(days=1)
+    )
+    assert ingest_flow_files(lake, sorted((STORY / "netflow").glob("*.pcap"))).exit_code == 0
+    ingest_syslog_files(lake, [STORY / "syslog"], year=2025)
+    return root
+
+
+STORY_OBSERVATIONS = [
+    # address, port, peer, time, expected holder (vm name) or None
+    ("10.20.1.31", "445", "", "2025-06-17T08:05:00Z", "jupyter-07"),  # deleted since
+    ("10.20.1.31", "", "", "2025-06-17T11:00:00Z", "jupyter-31"),  # the same address, reused later
+    ("10.20.1.31", "", "", "2025-06-17T04:00:00Z", None),  # before anybody held it
+    ("10.20.1.26", "", "", "2025-06-17T08:45:00Z", "dataproc-04"),  # soft-deleted (quarantined)
+    ("2001:db8:20:1::a", "", "", "2025-06-17T08:00:00Z", "web-01"),  # IPv6
+    ("198.51.100.20", "", "", "2025-06-17T08:00:00Z", "web-01"),  # floating IP
+    ("10.20.1.19", "443", "192.0.2.77", "2025-06-17T07:00:00Z", "web-05"),  # the beacon to its C&C
+    ("192.0.2.77", "443", "", "2025-06-17T07:00:00Z", None),  # the C&C itself: outside, contacted by web-05
+]
+
+
+@pytest.fixture(scope="module")
+def story_trace(story_lake: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
+    work = tmp_path_factory.mktemp("ssc")
+    ticket = work / "ticket.csv"
+    with ticket.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["address", "port", "peer", "time"])
+        writer.writerows(row[:4] for row in STORY_OBSERVATIONS)
+    run = run_tracepipe(
+        "trace", str(ticket), "--out", str(work / "pkg"), "--format", "json", "--lake", str(story_lake)
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout), work / "pkg", str(story_lake)
+
+
+def test_story_every_answer_right(story_trace: tuple[dict, Path, str]) -> None:
+    result = story_trace[0]
+    answers = result["observations"]
+    assert [a["obs"] for a in answers] == list(range(1, len(STORY_OBSERVATIONS) + 1))
+    for answer, (*_, expected) in zip(answers, STORY_OBSERVATIONS, strict=True):
+        assert [h["vm_name"] for h in answer["holders"]] == ([expected] if expected else []), answer
+    scan, reused, before, soft, v6, floating, beacon, cc = answers
+    assert scan["holders"][0]["vm_id"] == JUPYTER07 and scan["holders"][0]["vm_status"] == "deleted"
+    assert scan["holders"][0]["user"] == "apatel" and scan["holders"][0]["project"] == "climate-ml"
+    assert iso(scan["holders"][0]["valid_to"]).startswith("2025-06-17T10:20:03")
+    assert scan["matching_flows"] > 1400 and scan["ports"] == [445]
+    assert iso(reused["holders"][0]["valid_from"]).startswith("2025-06-17T10:40:40")
+    assert before["in_cloud"] and any(n.startswith("no holder") for n in before["ambiguities"])
+    assert "the next began 2025-06-17 05:03:40 UTC" in before["ambiguities"][0]
+    assert soft["holders"][0]["vm_status"] == "soft_deleted"
+    assert iso(soft["holders"][0]["quarantine_until"]).startswith("2025-06-18T09:45")
+    assert v6["holders"][0]["hypervisor"] == "compute-1" and v6["matching_flows"] > 0
+    assert any(n.startswith("floating IP") for n in floating["ambiguities"])
+    assert beacon["peers"] == ["192.0.2.77"] and beacon["matching_flows"] > 50
+    assert not cc["in_cloud"] and cc["contacts"] == ["eb6603f7-b272-4de1-9fe6-ac2f88a68182"]
+    assert result["exit_code"] == 0
+
+
+def test_story_vm_facts_and_containment(story_trace: tuple[dict, Path, str]) -> None:
+    vms = {vm["vm_name"]: vm for vm in story_trace[0]["vms"]}
+    assert set(vms) == {"jupyter-07", "jupyter-31", "dataproc-04", "web-01", "web-05"}
+    jupyter = vms["jupyter-07"]
+    assert jupyter["traffic"]["peers"] > 1400 and jupyter["connections"][0]["flows"] >= 1
+    assert {c["port"] for c in jupyter["connections"]} >= {445}
+    # the owner's other VMs alive then or now: what to contain (apatel owns the dataproc-1x VMs)
+    assert jupyter["owner_vms"] and all(s["user"] == "apatel" for s in jupyter["owner_vms"])
+    assert all(s["alive_then"] or s["alive_now"] for s in jupyter["owner_vms"])
+    assert jupyter["spread"] == []  # not asked for
+    assert vms["web-01"]["traffic"]["flows"] > 0
+
+
+def test_story_package_files_and_privacy(story_trace: tuple[dict, Path, str]) -> None:
+    result, pkg, lake = story_trace
+    assert sorted(p.name for p in pkg.iterdir()) == [
+        "evidence-flows.csv",
+        "evidence-flows.parquet",
+        "index.html",
+        "trace.json",
+    ]
+    data = json.loads((pkg / "trace.json").read_text())
+    assert data["observations"][0]["holders"][0]["vm_name"] == "jupyter-07"
+    evidence = pq.read_table(pkg / "evidence-flows.parquet")
+    assert evidence.num_rows == result["summary"]["evidence_flows"]
+    assert set(evidence.column("lake_version").to_pylist()) == {result["lake_version"]}
+    assert None not in evidence.column("source").to_pylist()
+    found = {vm["vm_id"] for vm in result["vms"]}
+    for side in ("src_vm", "dst_vm"):  # no other tenant is named without --include-spread
+        assert set(evidence.column(side).drop_null().to_pylist()) <= found
+    html = (pkg / "index.html").read_text()
+    assert "jupyter-07" in html and "apatel" in html and "<script" not in html.lower()
+    # with --include-spread other VMs that talked to the same outside peers are named
+    ticket = pkg.parent / "ticket.csv"
+    run = run_tracepipe("trace", str(ticket), "--include-spread", "--format", "json", "--lake", lake)
+    spread = {vm["vm_name"]: vm["spread"] for vm in json.loads(run.stdout)["vms"]}
+    assert run.returncode == 0 and any(spread.values())
+
+
+def test_story_package_renders_in_headless_chromium(
+    story_trace: tuple[dict, Path, str], tmp_path: Path
+) -> None:
+    pkg = story_trace[1]
+    dom = _chromium(["--dump-dom", (pkg / "index.html").as_uri()], tmp_path / "profile")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count('id="obs-') == len(STORY_OBSERVATIONS)
+    charted = sum(1 for vm in story_trace[0]["vms"] if vm["timeline"])  # jupyter-31 had no flows yet
+    assert dom.stdout.count('class="card vm"') == 5 and dom.stdout.count("<svg") == charted == 4
+    assert "Refused to" not in dom.stderr  # nothing blocked by the CSP: the page needs nothing from outside
+
+
+def test_out_refused_when_it_exists_or_is_in_the_lake(story_trace: tuple[dict, Path, str]) -> None:
+    _, pkg, lake = story_trace
+    ticket = pkg.parent / "ticket.csv"
+    before = (pkg / "trace.json").stat().st_mtime_ns
+    run = run_tracepipe("trace", str(ticket), "--out", str(pkg), "--lake", lake)
+    assert run.returncode == 2 and "--force" in run.stderr
+    assert (pkg / "trace.json").stat().st_mtime_ns == before
+    run = run_tracepipe("trace", str(ticket), "--out", str(Path(lake) / "pkg"), "--lake", lake)
+    assert run.returncode == 2 and "lake" in run.stderr and not (Path(lake) / "pkg").exists()
+    run = run_tracepipe("trace", str(ticket), "--out", str(pkg), "--force", "--lake", lake)
+    assert run.returncode == 0 and (pkg / "trace.json").stat().st_mtime_ns != before
+    assert not list(pkg.parent.glob(".pkg.*"))  # no staging folder left behind
+
+
+def test_bad_observation_lines_are_rejects(story_lake: Path, tmp_path: Path) -> None:
+    ticket = tmp_path / "ticket.csv"
+    ticket.write_text(
+        "address,port,time\n10.20.1.26,,2025-06-17T08:45:00Z\nnot-an-ip,,2025-06-17T08:00Z\n"
+        "10.20.1.26,99999,2025-06-17T08:00Z\n10.20.1.26,,\n"
+    )
+    run = run_tracepipe("trace", str(ticket), "--format", "json", "--lake", str(story_lake))
+    result = json.loads(run.stdout)
+    assert run.returncode == 3 and result["summary"]["observations"] == 1
+    assert [(r["ref"], r["reason"]) for r in result["rejects"]] == [
+        ("line 3", "address is not an IPv4/IPv6 address"),
+        ("line 4", "port out of range 0-65535"),
+        ("line 5", "no time: give time, or start and end (ISO 8601 or epoch seconds)"),
+    ]
+
+
+# ---- the generated cloud: 5,000 VMs, 100 observations ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def drill(tmp_path_factory: pytest.TempPathFactory) -> tuple[Lake, list[dict], Path]:
+    cloud = ssc.make_cloud(n_vms=5000)
+    observations = ssc.observations(cloud, 100)
+    lake = Lake(tmp_path_factory.mktemp("drill") / "lake")
+    ssc.land(lake, cloud, observations, per_day=2000)
+    ticket = lake.root.parent / "ticket.json"
+    ticket.write_text(
+        json.dumps(
+            {
+                "observations": [
+                    {"address": o["address"], "port": ssc.CC_PORT, "time": o["time"].isoformat()}
+                    for o in observations
+                ]
+            }
+        )
+    )
+    return lake, observations, ticket
+
+
+def test_drill_every_answer_right(drill: tuple[Lake, list[dict], Path]) -> None:
+    lake, observations, ticket = drill
+    assert {o["kind"] for o in observations} == {
+        "active",
+        "deleted",
+        "soft_deleted",
+        "reused",
+        "ipv6",
+        "gap",
+        "never",
+    }
+    started = time.perf_counter()
+    result = trace(lake, read_observations(ticket))
+    assert time.perf_counter() - started < 10
+    assert result.exit_code == 0 and len(result.observations) == 100
+    statuses = {vm["vm_id"]: vm["status"] for vm in result.vms}
+    for truth, answer in zip(observations, result.observations, strict=True):
+        holders = [h["vm_id"] for h in answer["holders"]]
+        assert holders == ([truth["expect_vm"]] if truth["expect_vm"] else []), (truth, answer)
+        assert answer["in_cloud"] == truth["in_cloud"]
+        if truth["expect_vm"]:
+            # exactly the two C&C flows of this VM (port 4444 filters the background out)
+            assert answer["matching_flows"] == 2 and answer["peers"] == [ssc.CC], (truth, answer)
+            holder = answer["holders"][0]
+            if truth["kind"] in ("deleted", "soft_deleted", "active"):
+                assert holder["vm_status"] == statuses[truth["expect_vm"]] == truth["kind"]
+            if truth["kind"] == "soft_deleted":
+                assert holder["quarantine_until"] is not None and holder["valid_to"] is None
+        elif truth["in_cloud"]:
+            assert answer["ambiguities"][0].startswith("no holder") and answer["matching_flows"] == 0
+        else:
+            assert answer["ambiguities"][0].startswith("outside the cloud") and answer["contacts"] == []
+    reused = [a for t, a in zip(observations, result.observations, strict=True) if t["kind"] == "reused"]
+    assert all(a["holders"][0]["valid_from"] > dt.datetime(2024, 3, 1, tzinfo=dt.UTC) for a in reused)
+
+
+# ---- hostile input ---------------------------------------------------------------------------------------------
+
+
+def test_hostile_vm_names_are_escaped(tmp_path: Path) -> None:
+    lake = Lake(tmp_path / "lake")
+    t0 = dt.datetime(2025, 1, 2, 3, 0, tzinfo=dt.UTC)
+    lease = {
+        "addr": "10.0.0.5",
+        "vm_id": "vm-evil",
+        "vm_name": EVIL,
+        "project": "p&q",
+        "user": "=cmd|' /C calc'!A0",
+        "hypervisor": "h",
+        "cloud": "c",
+        "addr_kind": "fixed",
+        "valid_from": t0,
+        "vm_status": "active",
+    }
+    lake.replace_dataset("vm_leases", pa.Table.from_pylist([lease], schema=VM_LEASES))
+    lake.replace_dataset(
+        "vms",
+        pa.Table.from_pylist(
+            [
+                {
+                    "vm_id": "vm-evil",
+                    "vm_name": EVIL,
+                    "project": "p&q",
+                    "user": lease["user"],
+                    "status": "active",
+                }
+            ],
+            schema=VMS,
+        ),
+    )
+    flow = {
+        "ts_start": t0 + dt.timedelta(minutes=5),
+        "ts_end": t0 + dt.timedelta(minutes=6),
+        "src_addr": "10.0.0.5",
+        "dst_addr": "203.0.113.9",
+        "proto": 6,
+        "src_vm": "vm-evil",
+        "source": "<b>planted</b>.pcap",
+    }
+    ingest_table(lake, "flows", "evil", hash_bytes(b"evil"), [pa.Table.from_pylist([flow], schema=FLOWS)])
+    ticket = tmp_path / "t.csv"
+    ticket.write_text("address,time\n10.0.0.5,2025-01-02T03:05:00Z\n")
+    run = run_tracepipe("trace", str(ticket), "--out", str(tmp_path / "pkg"), "--lake", str(lake.root))
+    assert run.returncode == 0, run.stderr
+    assert (
+        "\x1b" not in run.stdout and "\\x1b[31mred" in run.stdout
+    )  # shown escaped, not sent to the terminal
+    html = (tmp_path / "pkg" / "index.html").read_text()
+    assert "<script" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "p&amp;q" in html
+    csv_text = (tmp_path / "pkg" / "evidence-flows.csv").read_text()
+    assert "<b>planted</b>.pcap" in csv_text  # data kept as data
+    data = json.loads((tmp_path / "pkg" / "trace.json").read_text())
+    assert data["vms"][0]["vm_name"] == EVIL  # JSON keeps the raw value
+    assert data["vms"][0]["user"].startswith("=cmd")
+
+
+# ---- sharing: MISP and STIX, and back in -----------------------------------------------------------------------
+
+
+def test_misp_export_loads_in_pymisp_and_round_trips(
+    story_trace: tuple[dict, Path, str], tmp_path: Path
+) -> None:
+    from pymisp import MISPEvent
+
+    _, pkg, lake = story_trace
+    out = tmp_path / "event.json"
+    run = run_tracepipe(
+        "export", "misp", str(pkg), "--tlp", "green", "--distribution", "1", "--out", str(out), "--lake", lake
+    )
+    assert run.returncode == 0, run.stderr
+    event = MISPEvent()
+    event.load(json.loads(out.read_text()))
+    assert [t.name for t in event.tags] == ["tlp:green"] and int(event.distribution) == 1
+    values = {(a.type, a.value): a for a in event.attributes}
+    # the C&C the beacon went to, with its port; the C&C observed directly; no local VM address
+    assert ("ip-dst|port", "192.0.2.77|443") in values and ("ip-dst|port", "192.0.2.77|443") in values
+    cc = values[("ip-dst|port", "192.0.2.77|443")]
+    assert cc.to_ids is True and cc.first_seen.year == 2025 and len(cc.sightings) == 1
+    assert not [v for t, v in values if t.startswith("ip-src")]
+    assert not [v for _, v in values if v.startswith(("10.20.", "2001:db8:20:", "198.51.100.20"))]
+    assert "scan" in run.stderr  # the 1,500 scan victims are said to be left out, not shared
+    # asked for: the traced VMs' own addresses as ip-src, not for IDS
+    run = run_tracepipe("export", "misp", str(pkg), "--include-local", "--out", str(out), "--lake", lake)
+    local = [a for a in json.loads(out.read_text())["Event"]["Attribute"] if a["type"] == "ip-src"]
+    assert run.returncode == 0 and {a["value"] for a in local} >= {"10.20.1.31", "10.20.1.26"}
+    assert all(a["to_ids"] is False for a in local)
+    # round trip: the event imports back as intel
+    intel_lake = tmp_path / "intel-lake"
+    run = run_tracepipe("intel", "import", str(out), "--output", "json", "--lake", str(intel_lake))
+    imported = json.loads(run.stdout)
+    assert run.returncode == 0 and imported["format"] == "misp-json"
+    assert imported["rows"] == len(json.loads(out.read_text())["Event"]["Attribute"])
+    # and a MISP event is also an observation list for trace
+    observations = read_observations(out)
+    assert observations.format == "misp" and observations.table.num_rows == imported["rows"]
+
+
+def test_stix_bundle_is_valid_and_imports(story_trace: tuple[dict, Path, str], tmp_path: Path) -> None:
+    import stix2
+    import stix2validator
+
+    _, pkg, lake = story_trace
+    out = tmp_path / "bundle.json"
+    run = run_tracepipe("export", "stix", str(pkg), "--tlp", "amber", "--out", str(out), "--lake", lake)
+    assert run.returncode == 0, run.stderr
+    bundle = stix2.parse(out.read_text(), allow_custom=False)
+    kinds = [o.type for o in bundle.objects]
+    assert kinds.count("indicator") == kinds.count("sighting") == kinds.count("observed-data") >= 1
+    report = stix2validator.validate_file(str(out))
+    assert report.is_valid, [str(e) for r in report.results for e in r.errors]
+    patterns = [o.pattern for o in bundle.objects if o.type == "indicator"]
+    assert any("192.0.2.77" in p and "dst_port = 443" in p for p in patterns)
+    run = run_tracepipe("intel", "import", str(out), "--output", "json", "--lake", str(tmp_path / "intel"))
+    imported = json.loads(run.stdout)
+    assert run.returncode == 0 and imported["format"] == "stix" and imported["rows"] == len(patterns)
+    con_rows = Lake(tmp_path / "intel").read("intel").column("indicator").to_pylist()
+    assert "192.0.2.77" in con_rows
+
+
+def test_push_refusals(story_trace: tuple[dict, Path, str]) -> None:
+    _, pkg, lake = story_trace
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MISP_KEY"}
+
+    def push(url: str, key: str | None) -> subprocess.CompletedProcess:
+        extra = {"MISP_KEY": key} if key else {}
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tracepipe.cli",
+                "export",
+                "misp",
+                str(pkg),
+                "--push",
+                url,
+                "--lake",
+                lake,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**env, **extra},
+            stdin=subprocess.DEVNULL,
+        )
+
+    run = push("https://misp.example.org", None)
+    assert run.returncode == 2 and "$MISP_KEY" in run.stderr
+    run = push("http://misp.example.org", "secret")
+    assert run.returncode == 2 and "in clear" in run.stderr and "secret" not in run.stderr
+    run = push("ftp://127.0.0.1/", "secret")
+    assert run.returncode == 2

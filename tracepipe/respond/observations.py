@@ -1,0 +1,275 @@
+"""What a CSIRT hands a site, as one Arrow table of observations: (address, optional port and peer, a time or a
+time range), from a CSV or JSON list, a MISP event (JSON export) or a list of tracepipe alert ids.
+
+Out: `Observations` (the table, the rejects with line or attribute index and reason, and the domains a MISP
+event named, kept for the export). Nothing here raises on bad content: a line that does not parse is a reject,
+the rest is traced. Addresses are canonicalised once per unique value (stdlib ipaddress), times with units.to_utc.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from tracepipe.errors import InputError, UsageError
+from tracepipe.intel import ADDRESS_TYPES, DOMAIN_TYPES
+from tracepipe.lake import Lake
+from tracepipe.schema import ALERTS, TS
+from tracepipe.units import to_utc
+
+FORMATS = ("auto", "csv", "json", "misp", "alerts")
+MAX_OBSERVATIONS = 100_000  # a ticket lists tens to thousands; more is not a ticket (the rest is rejected)
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+
+OBSERVATIONS = pa.schema(
+    [
+        pa.field("obs", pa.int32(), nullable=False),  # 1-based, in input order: how answers refer back
+        pa.field("ref", pa.string()),  # where it came from: "line 7", "attribute 3", "alert 9f2c..."
+        pa.field("address", pa.string(), nullable=False),  # canonical text, as the lake stores it
+        pa.field("port", pa.int32()),
+        pa.field("peer", pa.string()),
+        pa.field("start", TS, nullable=False),
+        pa.field("end", TS, nullable=False),  # == start for a point in time
+    ]
+)
+
+# column names a ticket uses for each field (first match wins)
+_ALIASES = {
+    "address": ("address", "addr", "ip", "src_ip", "source_ip", "src_addr", "host"),
+    "port": ("port", "dst_port", "dport"),
+    "peer": ("peer", "dst_ip", "destination", "dst_addr", "remote", "cc"),
+    "time": ("time", "timestamp", "ts", "at", "datetime"),
+    "start": ("start", "from", "first_seen", "since"),
+    "end": ("end", "to", "last_seen", "until"),
+}
+_ALERT_ID = re.compile(r"[0-9a-f]{12,64}")
+
+
+@dataclass
+class Observations:
+    table: pa.Table
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    domains: list[dict[str, Any]] = field(default_factory=list)  # MISP domain/hostname attributes, for export
+    format: str = "csv"
+    source: str = ""
+
+
+def _address(text: Any) -> str | None:
+    if text is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(str(text).strip()))
+    except ValueError:
+        return None
+
+
+def _port(value: Any) -> int | str | None:
+    """int, None (not given) or a reject reason."""
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        port = int(str(value).strip())
+    except ValueError:
+        return "port is not a number"
+    return port if 0 <= port <= 65535 else "port out of range 0-65535"
+
+
+def _pick(record: dict[str, Any], name: str) -> Any:
+    lowered = {str(k).strip().lower(): v for k, v in record.items() if k is not None}
+    for alias in _ALIASES[name]:
+        value = lowered.get(alias)
+        if value not in (None, ""):
+            return value
+    return None
+
+
+def _record_row(record: dict[str, Any], ref: str) -> dict[str, Any] | str:
+    """One CSV/JSON record -> an observation row, or a reject reason."""
+    address = _address(_pick(record, "address"))
+    if address is None:
+        given = _pick(record, "address")
+        return "no address column" if given is None else "address is not an IPv4/IPv6 address"
+    port = _port(_pick(record, "port"))
+    if isinstance(port, str):
+        return port
+    peer_text = _pick(record, "peer")
+    peer = _address(peer_text)
+    if peer_text is not None and peer is None:
+        return "peer is not an IPv4/IPv6 address"
+    at = _pick(record, "time")
+    start, end = to_utc(_pick(record, "start") or at), to_utc(_pick(record, "end") or at)
+    if start is None and end is None:
+        return "no time: give time, or start and end (ISO 8601 or epoch seconds)"
+    start, end = start or end, end or start
+    if end < start:
+        return "end is before start"
+    return {"ref": ref, "address": address, "port": port, "peer": peer, "start": start, "end": end}
+
+
+def _reject(ref: str, reason: str, detail: Any = "") -> dict[str, Any]:
+    return {"ref": ref, "reason": reason, "detail": str(detail)[:300]}
+
+
+def parse_csv(text: str) -> tuple[list[dict], list[dict], list[dict]]:
+    reader = csv.DictReader(io.StringIO(text))
+    rows, rejects = [], []
+    for record in reader:
+        ref = f"line {reader.line_num}"
+        result = _record_row(record, ref)
+        (rejects.append(_reject(ref, result, record)) if isinstance(result, str) else rows.append(result))
+    return rows, rejects, []
+
+
+def _misp_events(doc: Any) -> list[dict[str, Any]] | None:
+    """The events of a MISP JSON export, or None if `doc` is not one."""
+    if isinstance(doc, dict) and "response" in doc:
+        doc = doc["response"]
+    items = doc if isinstance(doc, list) else [doc]
+    if items and all(isinstance(i, dict) and isinstance(i.get("Event"), dict) for i in items):
+        return [i["Event"] for i in items]
+    return None
+
+
+def parse_json(text: str) -> tuple[list[dict], list[dict], list[dict]]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return [], [_reject(f"line {exc.lineno}", "not valid JSON", exc.msg)], []
+    if isinstance(doc, dict):
+        doc = doc.get("observations", doc)
+    if not isinstance(doc, list):
+        return [], [_reject("document", "expected a list of observations or {'observations': [...]}")], []
+    rows, rejects = [], []
+    for index, record in enumerate(doc, start=1):
+        ref = f"item {index}"
+        result = _record_row(record, ref) if isinstance(record, dict) else "item is not an object"
+        (rejects.append(_reject(ref, result, record)) if isinstance(result, str) else rows.append(result))
+    return rows, rejects, []
+
+
+def _event_range(event: dict[str, Any]) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """An event's date (YYYY-MM-DD) covers that whole UTC day."""
+    day = to_utc(event.get("date"))
+    return (day, day + dt.timedelta(days=1) - dt.timedelta(microseconds=1)) if day else (None, None)
+
+
+def parse_misp(text: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """Every address attribute of a MISP event is an observation: its first/last seen, else its timestamp,
+    else the event's day. `ip-*|port` carries the port. Domains are kept for the export, not traced."""
+    try:
+        events = _misp_events(json.loads(text))
+    except json.JSONDecodeError as exc:
+        return [], [_reject(f"line {exc.lineno}", "not valid JSON", exc.msg)], []
+    if events is None:
+        return [], [_reject("document", "not a MISP event export (no Event object)")], []
+    rows, rejects, domains = [], [], []
+    index = 0
+    for event in events:
+        attributes = list(event.get("Attribute") or [])
+        for obj in event.get("Object") or []:
+            if isinstance(obj, dict):
+                attributes.extend(obj.get("Attribute") or [])
+        day_start, day_end = _event_range(event)
+        for attr in attributes:
+            index += 1
+            ref = f"attribute {index}"
+            if not isinstance(attr, dict):
+                rejects.append(_reject(ref, "attribute is not an object", attr))
+                continue
+            kind, value = str(attr.get("type", "")).strip(), str(attr.get("value", "")).strip()
+            if kind in DOMAIN_TYPES:
+                domains.append({"value": value.split("|", 1)[0].lower(), "comment": attr.get("comment")})
+                continue
+            if kind not in ADDRESS_TYPES:
+                continue  # hashes, urls, ...: not something a flow lake can trace
+            address_text, _, port_text = value.partition("|")
+            stamp = to_utc(attr.get("timestamp"))
+            start = to_utc(attr.get("first_seen")) or stamp or day_start
+            end = to_utc(attr.get("last_seen")) or stamp or day_end
+            record = {
+                "address": address_text,
+                "port": port_text if "|" in kind else None,
+                "start": start.isoformat() if start else None,
+                "end": end.isoformat() if end else None,
+            }
+            result = _record_row(record, ref)
+            (rejects.append(_reject(ref, result, value)) if isinstance(result, str) else rows.append(result))
+    return rows, rejects, domains
+
+
+def sniff(text: str, path: Path) -> str:
+    stripped = text.lstrip()
+    if stripped[:1] in ("{", "["):
+        try:
+            return "misp" if _misp_events(json.loads(stripped)) is not None else "json"
+        except json.JSONDecodeError:
+            return "json"
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if lines and all(_ALERT_ID.fullmatch(line) for line in lines):
+        return "alerts"
+    return "csv"
+
+
+def _alert_observations(lines: list[str], alerts: pa.Table) -> tuple[list[dict], list[dict]]:
+    by_id = {row["alert_id"]: row for row in alerts.to_pylist()} if alerts.num_rows else {}
+    rows, rejects = [], []
+    for number, alert_id in lines:
+        alert = by_id.get(alert_id)
+        if alert is None or not alert.get("addr"):
+            rejects.append(_reject(f"line {number}", "no such alert in the lake", alert_id))
+            continue
+        rows.append(
+            {
+                "ref": f"alert {alert_id}",
+                "address": alert["addr"],
+                "port": None,
+                "peer": alert.get("peer"),
+                "start": alert["window_start"],
+                "end": alert["window_end"],
+            }
+        )
+    return rows, rejects
+
+
+def read_observations(path: Path | str, fmt: str = "auto", lake: Lake | None = None) -> Observations:
+    """Read one observation file. An alert id list is looked up in `lake`'s alerts dataset.
+    UsageError for an unknown format, InputError when the file cannot be read."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown observation format {fmt!r}; use one of {', '.join(FORMATS)}")
+    try:
+        if path.stat().st_size > MAX_INPUT_BYTES:
+            raise InputError(f"{path} is larger than {MAX_INPUT_BYTES >> 20} MiB: split the observation list")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise InputError(
+            f"cannot read {path}: {exc.strerror}. Give a CSV/JSON observation list, a MISP event or alert ids."
+        ) from exc
+    if fmt == "auto":
+        fmt = sniff(text, path)
+    domains: list[dict] = []
+    if fmt == "alerts":
+        numbered = [(n, line.split("#", 1)[0].strip()) for n, line in enumerate(text.splitlines(), start=1)]
+        rows, rejects = _alert_observations(
+            [(n, t) for n, t in numbered if t],
+            lake.read("alerts") if lake is not None else ALERTS.empty_table(),
+        )
+    else:
+        rows, rejects, domains = {"csv": parse_csv, "json": parse_json, "misp": parse_misp}[fmt](text)
+    if len(rows) > MAX_OBSERVATIONS:
+        rejects.append(_reject(rows[MAX_OBSERVATIONS]["ref"], f"more than {MAX_OBSERVATIONS} observations"))
+        rows = rows[:MAX_OBSERVATIONS]
+    for number, row in enumerate(rows, start=1):
+        row["obs"] = number
+    table = pa.Table.from_pylist(rows, schema=OBSERVATIONS) if rows else OBSERVATIONS.empty_table()
+    return Observations(table, rejects, domains, fmt, str(path))

@@ -1,0 +1,530 @@
+"""Give findings back to the community: an incident package or a list of alert ids -> a MISP event (MISP core
+format JSON) or a STIX 2.1 bundle (identity, indicators, observed-data, sightings).
+
+What leaves: the outside addresses the evidence names (the observed C&C, the peers of the matching flows when
+the observation named a port or a peer), with first/last seen and how often they were seen. What does not
+leave unless asked (include_local): the cloud's own VM addresses, and never VM names, owners or projects.
+Both formats are built as plain JSON here (no library needed to write them); the tests load them with pymisp,
+stix2 and stix2-validator. `push_misp` sends an event to a MISP instance through PyMISP (extra `share`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tracepipe.errors import EXIT_OK, EnvironmentProblem, InputError, UsageError
+from tracepipe.lake import Lake
+from tracepipe.units import to_utc
+
+TLP_LEVELS = ("clear", "white", "green", "amber", "amber+strict", "red")
+# STIX 2.1 predefined TLP marking definitions (STIX 2.1 spec, section 7.2.1.4)
+STIX_TLP = {
+    "clear": "marking-definition--613f2e26-407d-48c7-9eca-b8e91df99dc9",
+    "white": "marking-definition--613f2e26-407d-48c7-9eca-b8e91df99dc9",
+    "green": "marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da",
+    "amber": "marking-definition--f88d31f6-486f-44da-b317-01333bde0b82",
+    "amber+strict": "marking-definition--f88d31f6-486f-44da-b317-01333bde0b82",
+    "red": "marking-definition--5e57c739-391a-4eb3-b6be-7d15ca92d5ed",
+}
+DISTRIBUTIONS = {0: "your organisation only", 1: "this community", 2: "connected communities", 3: "all"}
+STIX_SCO_NAMESPACE = uuid.UUID("00abedb4-aa42-466c-9c01-fed23315a9b7")  # STIX 2.1 §2.9, deterministic SCO ids
+TRACEPIPE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://tracepipe.invalid/share")
+MISP_KEY_ENV = "MISP_KEY"
+MAX_PEERS_PER_PORT = 20  # more outside peers on one observed port than this is a scan, not a C&C
+
+
+@dataclass
+class Indicator:
+    """One address (or domain) to share, with what the site saw of it."""
+
+    value: str
+    kind: str  # ip / domain
+    role: str  # dst (a remote the VMs contacted or were contacted by) / src (a local VM address)
+    port: int | None = None
+    first_seen: dt.datetime | None = None
+    last_seen: dt.datetime | None = None
+    count: int = 0
+    comment: str = ""
+    local: bool = False
+
+
+@dataclass
+class ShareResult:
+    """The exported document, where it went, and what it holds."""
+
+    format: str
+    document: dict[str, Any]
+    indicators: int
+    local_left_out: int
+    path: Path | None = None
+    pushed_to: str | None = None
+    notes: list[str] = field(default_factory=list)
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "indicators": self.indicators,
+            "local_left_out": self.local_left_out,
+            "path": str(self.path) if self.path else None,
+            "pushed_to": self.pushed_to,
+            "notes": self.notes,
+            "exit_code": self.exit_code,
+        }
+
+
+# ---- what to share -------------------------------------------------------------------------------------------
+
+
+def _family(value: str) -> int | None:
+    try:
+        return ipaddress.ip_address(value).version
+    except ValueError:
+        return None
+
+
+def _merge(found: dict[tuple, Indicator], item: Indicator) -> None:
+    key = (item.value, item.port, item.role)
+    old = found.get(key)
+    if old is None:
+        found[key] = item
+        return
+    old.count += item.count
+    old.first_seen = (
+        min(t for t in (old.first_seen, item.first_seen) if t)
+        if (old.first_seen or item.first_seen)
+        else None
+    )
+    old.last_seen = (
+        max(t for t in (old.last_seen, item.last_seen) if t) if (old.last_seen or item.last_seen) else None
+    )
+
+
+def indicators_from_package(package: Path) -> tuple[list[Indicator], dict[str, Any]]:
+    """The indicators an incident package supports, from its trace.json and evidence-flows.parquet."""
+    import pyarrow.parquet as pq
+
+    folder = package if package.is_dir() else package.parent
+    try:
+        data = json.loads((folder / "trace.json").read_text(encoding="utf-8"))
+        evidence = pq.read_table(folder / "evidence-flows.parquet")
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"{package} is not an incident package (trace.json + evidence-flows.parquet): {exc}. "
+            "Make one with `tracepipe trace OBSERVATIONS --out DIR`."
+        ) from exc
+    found: dict[tuple, Indicator] = {}
+    notes: list[str] = []
+    rows = _evidence_groups(evidence)
+    for obs in data.get("observations", []):
+        number = obs["obs"]
+        if not obs.get("in_cloud", True) and obs.get("matching_flows"):
+            # the observed address is not the cloud's and VMs talked to it: the CSIRT's C&C, seen here
+            stats = rows.get((number, "__local__"), {})
+            why = "observed address, contacted by cloud VMs"
+            _merge(found, _from_rows(obs["address"], obs.get("port"), stats, why))
+        if obs.get("peer") or obs.get("port") is not None:
+            remotes = [
+                (peer, stats)
+                for (n, peer), stats in rows.items()
+                if n == number and peer not in (obs["address"], "__local__") and not stats["peer_in_cloud"]
+            ]
+            if obs.get("peer") or len(remotes) <= MAX_PEERS_PER_PORT:
+                for peer, stats in remotes:
+                    _merge(found, _from_rows(peer, obs.get("port"), stats, "contacted by a traced VM"))
+            else:
+                notes.append(
+                    f"observation {number}: {len(remotes)} outside peers on port {obs['port']} (a scan's victims, "
+                    "not a C&C): not shared"
+                )
+        if obs.get("holders"):
+            stats = rows.get((number, "__local__"), {})
+            _merge(found, _from_rows(obs["address"], None, stats, "address of the traced VM", local=True))
+    for domain in data.get("domains") or []:
+        if domain.get("value"):
+            found[(domain["value"], None, "dst")] = Indicator(
+                domain["value"], "domain", "dst", comment="named by the input event"
+            )
+    return list(found.values()), {**data, "notes": notes}
+
+
+def _evidence_groups(evidence: pa.Table) -> dict[tuple[int, str], dict[str, Any]]:
+    """Per (observation, remote end of its matching flows): flows, first and last seen, whether the remote end
+    was a cloud VM; plus (obs, '__local__') for the observed end."""
+    if evidence.num_rows == 0 or "observed_is_src" not in evidence.column_names:
+        return {}
+    is_src = evidence.column("observed_is_src")
+    remote = pc.if_else(is_src, evidence.column("dst_addr"), evidence.column("src_addr"))
+    remote_cloud = pc.if_else(is_src, evidence.column("dst_in_cloud"), evidence.column("src_in_cloud"))
+    table = pa.table(
+        {
+            "obs": evidence.column("obs"),
+            "remote": remote,
+            "remote_cloud": remote_cloud,
+            "ts": evidence.column("ts_start"),
+        }
+    )
+    out: dict[tuple[int, str], dict[str, Any]] = {}
+    grouped = table.group_by(["obs", "remote"]).aggregate(
+        [("ts", "min"), ("ts", "max"), ("ts", "count"), ("remote_cloud", "max")]
+    )
+    for row in grouped.to_pylist():
+        out[(row["obs"], row["remote"])] = {
+            "first": row["ts_min"],
+            "last": row["ts_max"],
+            "count": row["ts_count"],
+            "peer_in_cloud": bool(row["remote_cloud_max"]),
+        }
+    local = table.group_by(["obs"]).aggregate([("ts", "min"), ("ts", "max"), ("ts", "count")])
+    for row in local.to_pylist():
+        out[(row["obs"], "__local__")] = {
+            "first": row["ts_min"],
+            "last": row["ts_max"],
+            "count": row["ts_count"],
+        }
+    return out
+
+
+def _from_rows(
+    value: str, port: int | None, stats: dict[str, Any], why: str, local: bool = False
+) -> Indicator:
+    return Indicator(
+        value=value,
+        kind="ip",
+        role="src" if local else "dst",
+        port=port,
+        first_seen=stats.get("first"),
+        last_seen=stats.get("last"),
+        count=stats.get("count", 0),
+        comment=f"{why}; seen in {stats.get('count', 0)} flows" if stats else why,
+        local=local,
+    )
+
+
+def indicators_from_alerts(lake: Lake, ids_file: Path) -> tuple[list[Indicator], dict[str, Any]]:
+    """Indicators of alerts named in a file (one alert id per line): the alert's peer as dst, its address as
+    a local src."""
+    try:
+        ids = {line.split("#", 1)[0].strip() for line in ids_file.read_text(encoding="utf-8").splitlines()}
+    except OSError as exc:
+        raise InputError(f"cannot read {ids_file}: {exc.strerror}") from exc
+    ids.discard("")
+    alerts = lake.read("alerts")
+    rows = [r for r in alerts.to_pylist() if r["alert_id"] in ids]
+    missing = ids - {r["alert_id"] for r in rows}
+    if not rows:
+        raise InputError(f"none of the {len(ids)} alert ids in {ids_file} is in the lake's alerts dataset")
+    local = _cloud_addresses(lake, [a for r in rows for a in (r["addr"], r["peer"]) if a])
+    found: dict[tuple, Indicator] = {}
+    for r in rows:
+        why = (
+            f"tracepipe {r['detector']} alert (score {r['score']:.2f})"
+            if r.get("score") is not None
+            else "tracepipe alert"
+        )
+        for value, role in ((r.get("peer"), "dst"), (r.get("addr"), "src")):
+            if value:
+                _merge(
+                    found,
+                    Indicator(
+                        value, "ip", role, None, r["window_start"], r["window_end"], 1, why, value in local
+                    ),
+                )
+    return list(found.values()), {"missing_alerts": sorted(missing)}
+
+
+def _cloud_addresses(lake: Lake, addrs: list[str]) -> set[str]:
+    """Which of `addrs` a VM of the cloud ever held (the lease history)."""
+    held = set(pc.unique(lake.read("vm_leases", columns=["addr"]).column("addr")).to_pylist())
+    return {a for a in addrs if a in held}
+
+
+def select(indicators: list[Indicator], include_local: bool) -> tuple[list[Indicator], int]:
+    kept = [i for i in indicators if include_local or not i.local]
+    return sorted(kept, key=lambda i: (i.local, i.value, i.port or 0)), len(indicators) - len(kept)
+
+
+# ---- MISP ----------------------------------------------------------------------------------------------------
+
+
+def _epoch(value: dt.datetime | None) -> str:
+    return str(int((value or dt.datetime.now(dt.UTC)).timestamp()))
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    value = to_utc(value) if value is not None else None
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def _misp_type(item: Indicator) -> str:
+    if item.kind == "domain":
+        return "domain"
+    base = "ip-src" if item.role == "src" else "ip-dst"
+    return f"{base}|port" if item.port is not None else base
+
+
+def misp_event(
+    indicators: list[Indicator],
+    info: str,
+    tlp: str = "amber",
+    distribution: int = 0,
+    now: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """A MISP event in MISP core format ({"Event": {...}}), one attribute per indicator."""
+    if tlp not in TLP_LEVELS:
+        raise UsageError(f"unknown TLP level {tlp!r}; one of {', '.join(TLP_LEVELS)}")
+    if distribution not in DISTRIBUTIONS:
+        raise UsageError(f"distribution {distribution} unknown; 0 (your organisation only) .. 3 (all)")
+    now = now or dt.datetime.now(dt.UTC)
+    event_uuid = str(uuid.uuid5(TRACEPIPE_NAMESPACE, info + "|" + "|".join(i.value for i in indicators)))
+    attributes = []
+    for item in indicators:
+        value = f"{item.value}|{item.port}" if item.port is not None and item.kind == "ip" else item.value
+        attribute: dict[str, Any] = {
+            "uuid": str(uuid.uuid5(TRACEPIPE_NAMESPACE, f"{event_uuid}|{_misp_type(item)}|{value}")),
+            "type": _misp_type(item),
+            "category": "Network activity",
+            "value": value,
+            "to_ids": not item.local,  # a site's own VM address is context, not something to block
+            "comment": item.comment,
+            "distribution": "5",  # inherit the event's
+            "timestamp": _epoch(now),
+        }
+        if item.first_seen:
+            attribute["first_seen"] = _iso(item.first_seen)
+        if item.last_seen:
+            attribute["last_seen"] = _iso(item.last_seen)
+        if item.count:
+            attribute["Sighting"] = [
+                {
+                    "type": "0",
+                    "date_sighting": _epoch(item.last_seen or now),
+                    "source": f"tracepipe ({item.count} flows)",
+                }
+            ]
+        attributes.append(attribute)
+    return {
+        "Event": {
+            "uuid": event_uuid,
+            "info": info,
+            "date": now.date().isoformat(),
+            "threat_level_id": "2",
+            "analysis": "2",
+            "distribution": str(distribution),
+            "published": False,
+            "timestamp": _epoch(now),
+            "Tag": [{"name": f"tlp:{tlp}"}],
+            "Attribute": attributes,
+        }
+    }
+
+
+def push_misp(event: dict[str, Any], url: str, verify_tls: bool = True) -> str:
+    """Send the event to a MISP instance with PyMISP; the API key comes from $MISP_KEY. Plain http is
+    refused except to this machine (127.0.0.0/8, ::1, localhost): the key would cross the network in clear."""
+    key = os.environ.get(MISP_KEY_ENV, "").strip()
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UsageError(f"--push {url!r} is not an http(s) URL of a MISP instance")
+    loopback = parsed.hostname == "localhost" or (
+        _family(parsed.hostname) is not None and ipaddress.ip_address(parsed.hostname).is_loopback
+    )
+    if parsed.scheme == "http" and not loopback:
+        raise UsageError(f"--push {url}: plain http would send the API key in clear; use https")
+    if not key:
+        raise UsageError(f"--push needs the MISP API key in ${MISP_KEY_ENV} (never on the command line)")
+    try:
+        from pymisp import MISPEvent, PyMISP
+    except ImportError as exc:
+        raise EnvironmentProblem("--push needs PyMISP: pip install 'tracepipe[share]'") from exc
+    misp_event_obj = MISPEvent()
+    misp_event_obj.load(event)
+    try:
+        client = PyMISP(url, key, ssl=verify_tls, timeout=30)
+        answer = client.add_event(misp_event_obj, pythonify=False)
+    except Exception as exc:  # PyMISP raises its own and requests' errors
+        raise EnvironmentProblem(f"MISP at {url} refused or did not answer: {exc}") from exc
+    if isinstance(answer, dict) and answer.get("errors"):
+        raise EnvironmentProblem(f"MISP at {url} refused the event: {answer['errors']}")
+    event_id = (answer or {}).get("Event", {}).get("id") if isinstance(answer, dict) else None
+    return f"{url} (event {event_id})" if event_id else url
+
+
+# ---- STIX 2.1 ------------------------------------------------------------------------------------------------
+
+
+def _stix_time(value: dt.datetime | None) -> str:
+    value = to_utc(value) or dt.datetime.now(dt.UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def _sco_id(kind: str, value: str) -> str:
+    return f"{kind}--{uuid.uuid5(STIX_SCO_NAMESPACE, json.dumps({'value': value}, separators=(',', ':')))}"
+
+
+def _pattern(item: Indicator) -> tuple[str, str]:
+    """(SCO type, STIX pattern) of an indicator."""
+    if item.kind == "domain":
+        kind = "domain-name"
+    else:
+        kind = "ipv6-addr" if _family(item.value) == 6 else "ipv4-addr"
+    value = item.value.replace("\\", "\\\\").replace("'", "\\'")
+    if item.port is not None and item.kind == "ip":
+        return kind, (
+            f"[network-traffic:dst_ref.type = '{kind}' AND network-traffic:dst_ref.value = '{value}' "
+            f"AND network-traffic:dst_port = {int(item.port)}]"
+        )
+    return kind, f"[{kind}:value = '{value}']"
+
+
+def stix_bundle(
+    indicators: list[Indicator], info: str, tlp: str = "amber", now: dt.datetime | None = None
+) -> dict[str, Any]:
+    """A STIX 2.1 bundle: the reporting identity, and per indicator an indicator, the observed-data of what
+    the site saw (the address as an SCO) and a sighting that ties them together."""
+    if tlp not in TLP_LEVELS:
+        raise UsageError(f"unknown TLP level {tlp!r}; one of {', '.join(TLP_LEVELS)}")
+    now = now or dt.datetime.now(dt.UTC)
+    stamp = _stix_time(now)
+    marking = [STIX_TLP[tlp]]
+    identity_id = f"identity--{uuid.uuid4()}"
+    objects: list[dict[str, Any]] = [
+        {
+            "type": "identity",
+            "spec_version": "2.1",
+            "id": identity_id,
+            "created": stamp,
+            "modified": stamp,
+            "name": "tracepipe site",
+            "identity_class": "organization",
+            "object_marking_refs": marking,
+        }
+    ]
+    for item in indicators:
+        kind, pattern = _pattern(item)
+        indicator_id = f"indicator--{uuid.uuid4()}"
+        first = _stix_time(item.first_seen or now)
+        last = _stix_time(item.last_seen or item.first_seen or now)
+        objects.append(
+            {
+                "type": "indicator",
+                "spec_version": "2.1",
+                "id": indicator_id,
+                "created": stamp,
+                "modified": stamp,
+                "name": item.value if item.port is None else f"{item.value} port {item.port}",
+                "description": item.comment or info,
+                "indicator_types": ["compromised" if item.local else "malicious-activity"],
+                "pattern": pattern,
+                "pattern_type": "stix",
+                "valid_from": first,
+                "created_by_ref": identity_id,
+                "object_marking_refs": marking,
+            }
+        )
+        sco = {"type": kind, "spec_version": "2.1", "id": _sco_id(kind, item.value), "value": item.value}
+        objects.append(sco)
+        observed_id = f"observed-data--{uuid.uuid4()}"
+        objects.append(
+            {
+                "type": "observed-data",
+                "spec_version": "2.1",
+                "id": observed_id,
+                "created": stamp,
+                "modified": stamp,
+                "first_observed": first,
+                "last_observed": last,
+                "number_observed": max(1, item.count),
+                "object_refs": [sco["id"]],
+                "created_by_ref": identity_id,
+                "object_marking_refs": marking,
+            }
+        )
+        objects.append(
+            {
+                "type": "sighting",
+                "spec_version": "2.1",
+                "id": f"sighting--{uuid.uuid4()}",
+                "created": stamp,
+                "modified": stamp,
+                "first_seen": first,
+                "last_seen": last,
+                "count": max(1, item.count),
+                "sighting_of_ref": indicator_id,
+                "observed_data_refs": [observed_id],
+                "where_sighted_refs": [identity_id],
+                "created_by_ref": identity_id,
+                "object_marking_refs": marking,
+            }
+        )
+    bundle_id = f"bundle--{uuid.uuid4()}"
+    return {"type": "bundle", "id": bundle_id, "objects": objects}
+
+
+# ---- the command ---------------------------------------------------------------------------------------------
+
+
+def export(
+    fmt: str,
+    source: Path,
+    lake: Lake | None = None,
+    out: Path | None = None,
+    include_local: bool = False,
+    tlp: str = "amber",
+    distribution: int = 0,
+    info: str | None = None,
+    push: str | None = None,
+) -> ShareResult:
+    """`tracepipe export misp|stix SOURCE`: SOURCE is an incident package folder (or its trace.json), or a
+    file of alert ids (then `lake` is read). Writes `out` (replaced atomically) when given."""
+    from tracepipe.fsutil import write_atomic
+
+    if fmt not in ("misp", "stix"):
+        raise UsageError(f"unknown export format {fmt!r}: misp or stix")
+    if push and fmt != "misp":
+        raise UsageError("--push sends MISP events only: use `tracepipe export misp ... --push URL`")
+    source = Path(source)
+    notes: list[str] = []
+    if source.is_dir() or source.name == "trace.json":
+        indicators, meta = indicators_from_package(source)
+        title = info or f"tracepipe trace of {Path(str(meta.get('source') or 'observations')).name}"
+        notes += meta["notes"]
+    else:
+        if lake is None:
+            raise UsageError("an alert id list needs the lake (--lake)")
+        indicators, meta = indicators_from_alerts(lake, source)
+        title = info or f"tracepipe alerts ({len(indicators)} indicators)"
+        if meta.get("missing_alerts"):
+            notes.append(
+                f"{len(meta['missing_alerts'])} alert ids not in the lake: {', '.join(meta['missing_alerts'][:5])}"
+            )
+    kept, left_out = select(indicators, include_local)
+    if left_out:
+        notes.append(f"{left_out} local VM addresses left out (--include-local to share them)")
+    if fmt == "misp":
+        document = misp_event(kept, title, tlp, distribution)
+    else:
+        document = stix_bundle(kept, title, tlp)
+    result = ShareResult(fmt, document, len(kept), left_out, notes=notes)
+    if out is not None:
+        if lake is not None and Path(out).resolve().is_relative_to(lake.root.resolve()):
+            raise UsageError(f"--out {out} is inside the lake; write the export elsewhere")
+        try:
+            write_atomic(Path(out), json.dumps(document, indent=1) + "\n")
+        except OSError as exc:
+            raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from exc
+        result.path = Path(out)
+    if push:
+        result.pushed_to = push_misp(document, push)
+    return result

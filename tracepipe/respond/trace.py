@@ -1,0 +1,539 @@
+"""Observations (address, port, peer, time) -> who held each address then, and what that VM did: the answer a
+Security Service Challenge asks for, for all observations at once.
+
+One DuckDB session over the lake's public views (vm_leases, _vm_info, vms, flows_attributed, vm_logs): the
+observations are one table, joined to the leases on (address, interval) and to the flows on (address, window),
+so 1,000 observations cost a few scans, not 1,000 `who` calls. Answers state what is ambiguous (nobody held the
+address, it never was the cloud's, a floating IP, several holders in the range) and never guess. VMs that the
+observations do not lead to (other tenants talking to the same peers) appear only with include_spread.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
+from tracepipe.lake import Lake
+from tracepipe.maintenance import version_token
+from tracepipe.query import connect, vm_now
+from tracepipe.report.html import SERVICE_PORT
+from tracepipe.respond.observations import Observations
+
+MAX_CONNECTIONS = 500  # per VM, biggest first: the package stays readable; the CSV has every evidence flow
+MAX_LOGS = 200  # VM log lines per VM
+MAX_EVIDENCE = 200_000  # matching flow rows kept as evidence
+TIMELINE_BINS = 48
+
+# the lease(s) valid at some instant of each observation's range, with what the VM is now
+_HOLDERS_SQL = """
+CREATE TEMP TABLE _holders AS
+SELECT o.obs, l.addr, l.vm_id, coalesce(v.vm_name, l.vm_name) AS vm_name, coalesce(v.project, l.project) AS project,
+       coalesce(v."user", l."user") AS "user", coalesce(v.hypervisor, l.hypervisor) AS hypervisor,
+       coalesce(x.cloud, l.cloud) AS cloud, l.addr_kind, l.valid_from, l.valid_to, l.end_reason,
+       coalesce(v.status, l.vm_status) AS vm_status, x.created_at, v.deleted_at,
+       coalesce(v.quarantine_until, l.quarantine_until) AS quarantine_until
+FROM _obs o
+JOIN vm_leases l ON l.addr = o.address AND l.valid_from <= o."end" AND (l.valid_to IS NULL OR o.start < l.valid_to)
+LEFT JOIN _vm_info v ON v.vm_id = l.vm_id
+LEFT JOIN vms x ON x.vm_id = l.vm_id
+"""
+
+# what the cloud knows of each address around the observation: ever leased, the lease just before and after,
+# and leases of other VMs within the window (flows of those are left out: another tenant's)
+_ADDRESS_FACTS_SQL = """
+SELECT o.obs,
+       count(l.addr) AS leases_ever,
+       max(l.valid_to) FILTER (WHERE l.valid_to <= o.start) AS held_until_before,
+       arg_max(l.end_reason, l.valid_to) FILTER (WHERE l.valid_to <= o.start) AS end_reason_before,
+       min(l.valid_from) FILTER (WHERE l.valid_from > o."end") AS held_again_from,
+       count(l.addr) FILTER (WHERE l.valid_from < o.w_end AND (l.valid_to IS NULL OR o.w_start < l.valid_to)
+                             AND NOT list_contains(o.holder_ids, l.vm_id)) AS other_holders_in_window
+FROM _obs o LEFT JOIN vm_leases l ON l.addr = o.address
+GROUP BY o.obs ORDER BY o.obs
+"""
+
+# flows of each observed address in its window that fit its port and peer, and whose observed end belongs to
+# the observation's holder (or to nobody when nobody held it): two equi-joins, one per flow end
+_MATCH_SQL = """
+CREATE TEMP TABLE _match AS
+SELECT o.obs, true AS observed_is_src, f.*
+FROM _obs o JOIN flows_attributed f
+  ON f.src_addr = o.address AND f.ts_start >= o.w_start AND f.ts_start < o.w_end
+WHERE f."date" BETWEEN $first_day AND $last_day
+  AND (o.port IS NULL OR f.src_port = o.port OR f.dst_port = o.port)
+  AND (o.peer IS NULL OR f.dst_addr = o.peer)
+  AND (CASE WHEN len(o.holder_ids) = 0 THEN f.src_vm IS NULL ELSE list_contains(o.holder_ids, f.src_vm) END)
+UNION ALL BY NAME
+SELECT o.obs, false AS observed_is_src, f.*
+FROM _obs o JOIN flows_attributed f
+  ON f.dst_addr = o.address AND f.ts_start >= o.w_start AND f.ts_start < o.w_end
+WHERE f."date" BETWEEN $first_day AND $last_day
+  AND (o.port IS NULL OR f.src_port = o.port OR f.dst_port = o.port)
+  AND (o.peer IS NULL OR f.src_addr = o.peer)
+  AND (CASE WHEN len(o.holder_ids) = 0 THEN f.dst_vm IS NULL ELSE list_contains(o.holder_ids, f.dst_vm) END)
+"""
+
+# every flow of each VM found, inside the windows of the observations that led to it (a flow once per VM)
+_VM_FLOWS_SQL = f"""
+CREATE TEMP TABLE _vm_flows AS
+SELECT w.vm_id, true AS outbound, f.dst_addr AS peer, f.dst_vm AS peer_vm, f.proto, {SERVICE_PORT} AS port,
+       f.ts_start, f.bytes, f.packets
+FROM flows_attributed f JOIN (SELECT DISTINCT vm_id, w_start, w_end FROM _vm_windows) w
+  ON f.src_vm = w.vm_id AND f.ts_start >= w.w_start AND f.ts_start < w.w_end
+WHERE f."date" BETWEEN $first_day AND $last_day
+UNION ALL
+SELECT w.vm_id, false, f.src_addr, f.src_vm, f.proto, {SERVICE_PORT}, f.ts_start, f.bytes, f.packets
+FROM flows_attributed f JOIN (SELECT DISTINCT vm_id, w_start, w_end FROM _vm_windows) w
+  ON f.dst_vm = w.vm_id AND f.ts_start >= w.w_start AND f.ts_start < w.w_end
+WHERE f."date" BETWEEN $first_day AND $last_day
+"""
+
+
+@dataclass
+class TraceResult:
+    """Answers per observation, facts per VM found, the evidence flows (Arrow) and how the input went.
+    Exit code 0 when every observation was answered ("nobody held it" is an answer), 3 when some input lines
+    were rejected, 4 when none could be read."""
+
+    observations: list[dict[str, Any]]
+    vms: list[dict[str, Any]]
+    evidence: pa.Table
+    lake_version: str
+    window: dt.timedelta
+    include_spread: bool
+    input_format: str = ""
+    source: str = ""
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    domains: list[dict[str, Any]] = field(default_factory=list)
+    generated_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    seconds: float = 0.0
+    package: dict[str, Any] = field(default_factory=dict)  # kind -> path of the written package files
+
+    @property
+    def exit_code(self) -> int:
+        if not self.observations:
+            return EXIT_FAILED
+        return EXIT_PARTIAL if self.rejects else EXIT_OK
+
+    @property
+    def summary(self) -> dict[str, int]:
+        answers = self.observations
+        return {
+            "observations": len(answers),
+            "held": sum(1 for a in answers if a["holders"]),
+            "not_held": sum(1 for a in answers if not a["holders"] and a["in_cloud"]),
+            "outside_cloud": sum(1 for a in answers if not a["in_cloud"]),
+            "vms": len(self.vms),
+            "evidence_flows": self.evidence.num_rows,
+            "rejects": len(self.rejects),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "input_format": self.input_format,
+            "generated_at": self.generated_at,
+            "lake_version": self.lake_version,
+            "window_seconds": self.window.total_seconds(),
+            "include_spread": self.include_spread,
+            "summary": self.summary,
+            "observations": self.observations,
+            "vms": self.vms,
+            "rejects": self.rejects,
+            "domains": self.domains,
+            "seconds": round(self.seconds, 3),
+            "package": {kind: str(path) for kind, path in self.package.items()},
+            "exit_code": self.exit_code,
+        }
+
+
+def _rows(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def _arrow(relation: duckdb.DuckDBPyRelation) -> pa.Table:
+    # duckdb >= 1.4 names it to_arrow_table; older releases arrow()
+    fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
+    table = fetch()
+    return table.read_all() if isinstance(table, pa.RecordBatchReader) else table
+
+
+def _ambiguities(answer: dict[str, Any], facts: dict[str, Any], matched: int) -> list[str]:
+    """What the answer cannot say for sure, in words. Never a guess."""
+    notes = []
+    holders = answer["holders"]
+    if not facts["leases_ever"]:
+        notes.append(
+            "outside the cloud: no VM ever held this address (not a cloud address, or its lifecycle records "
+            "were never ingested); VMs that exchanged flows with it are listed as contacts"
+        )
+    elif not holders:
+        before = facts["held_until_before"]
+        after = facts["held_again_from"]
+        text = "no holder: no VM held this address then"
+        if before:
+            text += f"; the last lease ended {before:%Y-%m-%d %H:%M:%S} UTC ({facts['end_reason_before']})"
+        if after:
+            text += f"; the next began {after:%Y-%m-%d %H:%M:%S} UTC"
+        notes.append(text)
+    if len({h["vm_id"] for h in holders}) > 1:
+        notes.append(
+            f"{len({h['vm_id'] for h in holders})} VMs held this address during the observed range: "
+            "each is named with its lease; narrow the time to tell them apart"
+        )
+    for holder in holders:
+        if holder["addr_kind"] == "floating":
+            notes.append(
+                f"floating IP (NAT): {answer['address']} was mapped to VM {holder['vm_name']}; its traffic may "
+                "be exported under the VM's fixed address, which its connections include"
+            )
+    if facts["other_holders_in_window"]:
+        notes.append(
+            f"the address changed hands within the ±window ({facts['other_holders_in_window']} other lease(s)): "
+            "flows while another VM held it are left out"
+        )
+    if holders and not matched:
+        notes.append(
+            "no flow in the lake matches (address, port, peer, time): the exporters may not see this path "
+            "(NAT, another site), or the flows were not ingested"
+        )
+    return notes
+
+
+def _lease_view(holder: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
+    return {
+        "vm_id": holder["vm_id"],
+        "vm_name": holder["vm_name"],
+        "project": holder["project"],
+        "user": holder["user"],
+        "hypervisor": holder["hypervisor"],
+        "cloud": holder["cloud"],
+        "addr_kind": holder["addr_kind"],
+        "valid_from": holder["valid_from"],
+        "valid_to": holder["valid_to"],
+        "end_reason": holder["end_reason"],
+        "vm_status": holder["vm_status"],
+        "deleted_at": holder["deleted_at"],
+        "quarantine_until": holder["quarantine_until"],
+        "image_kept": bool(holder["quarantine_until"] and holder["quarantine_until"] > now),
+        "now": vm_now(holder["vm_status"], holder["deleted_at"], holder["quarantine_until"], now),
+    }
+
+
+def trace(
+    lake: Lake,
+    observations: Observations,
+    window: dt.timedelta = dt.timedelta(hours=1),
+    include_spread: bool = False,
+    threads: int | None = None,
+) -> TraceResult:
+    """Answer every observation (see the module docstring). Reads one snapshot of the lake; writes nothing."""
+    import time
+
+    started = time.perf_counter()
+    lake = lake.snapshot()
+    now = dt.datetime.now(dt.UTC)
+    obs = observations.table
+    result = TraceResult(
+        observations=[],
+        vms=[],
+        evidence=pa.table({}),
+        lake_version=version_token(lake.versions()),
+        window=window,
+        include_spread=include_spread,
+        input_format=observations.format,
+        source=observations.source,
+        rejects=observations.rejects,
+        domains=observations.domains,
+    )
+    if obs.num_rows == 0:
+        return result
+    con = connect(lake, read_only=False, threads=threads)
+    try:
+        _load_observations(con, obs, window)
+        first_day, last_day = con.execute(
+            "SELECT CAST(min(w_start) AS DATE), CAST(max(w_end) AS DATE) FROM _obs"
+        ).fetchone()
+        days = {"first_day": first_day, "last_day": last_day}
+        con.execute(_HOLDERS_SQL)
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE _obs AS SELECT o.*, coalesce(h.ids, []) AS holder_ids FROM _obs o "
+            "LEFT JOIN (SELECT obs, list(DISTINCT vm_id) AS ids FROM _holders GROUP BY obs) h USING (obs)"
+        )
+        holders = _rows(con.execute("SELECT * FROM _holders ORDER BY obs, valid_from"))
+        facts = {row["obs"]: row for row in _rows(con.execute(_ADDRESS_FACTS_SQL))}
+        con.execute(_MATCH_SQL, days)
+        evidence = _arrow(con.sql(f"SELECT * FROM _match ORDER BY obs, ts_start LIMIT {MAX_EVIDENCE}"))
+        match_stats = {
+            row["obs"]: row
+            for row in _rows(
+                con.execute(
+                    """SELECT obs, count(*) AS flows, sum(bytes) AS bytes, min(ts_start) AS first_seen,
+                              max(ts_end) AS last_seen,
+                              list(DISTINCT CASE WHEN observed_is_src THEN dst_addr ELSE src_addr END) AS peers,
+                              list(DISTINCT CASE WHEN observed_is_src THEN dst_port ELSE src_port END) AS ports
+                       FROM _match GROUP BY obs"""
+                )
+            )
+        }
+        # VMs the observations lead to: the holders, and for addresses nobody in the cloud held, the cloud's
+        # VMs on the other end of the matching flows (they contacted the observed address)
+        con.execute(
+            """CREATE TEMP TABLE _vm_windows AS
+               SELECT h.vm_id, o.obs, 'holder' AS role, o.w_start, o.w_end FROM _holders h JOIN _obs o USING (obs)
+               UNION
+               SELECT CASE WHEN m.observed_is_src THEN m.dst_vm ELSE m.src_vm END, o.obs, 'contact', o.w_start,
+                      o.w_end
+               FROM _match m JOIN _obs o USING (obs)
+               WHERE len(o.holder_ids) = 0 AND (CASE WHEN m.observed_is_src THEN m.dst_vm ELSE m.src_vm END) IS NOT NULL"""
+        )
+        contacts = {}
+        for row in _rows(
+            con.execute(
+                "SELECT obs, list(DISTINCT vm_id ORDER BY vm_id) AS vms FROM _vm_windows WHERE role = 'contact' "
+                "GROUP BY obs"
+            )
+        ):
+            contacts[row["obs"]] = row["vms"]
+        vms = _vm_facts(con, days, include_spread, now)
+        evidence = _privacy_filter(evidence, {v["vm_id"] for v in vms}, include_spread)
+    finally:
+        con.close()
+    by_obs: dict[int, list[dict[str, Any]]] = {}
+    for holder in holders:
+        by_obs.setdefault(holder["obs"], []).append(holder)
+    for row in obs.to_pylist():
+        number = row["obs"]
+        stats = match_stats.get(number) or {}
+        answer = {
+            **row,
+            "window_start": row["start"] - window,
+            "window_end": row["end"] + window,
+            "holders": [_lease_view(h, now) for h in by_obs.get(number, [])],
+            "in_cloud": bool(facts[number]["leases_ever"]),
+            "contacts": contacts.get(number, []),
+            "matching_flows": stats.get("flows", 0),
+            "matching_bytes": stats.get("bytes") or 0,
+            "first_seen": stats.get("first_seen"),
+            "last_seen": stats.get("last_seen"),
+            "peers": sorted(p for p in stats.get("peers") or [] if p)[:50],
+            "ports": sorted(p for p in stats.get("ports") or [] if p is not None)[:50],
+        }
+        answer["ambiguities"] = _ambiguities(answer, facts[number], answer["matching_flows"])
+        result.observations.append(answer)
+    result.vms = vms
+    result.evidence = evidence
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _load_observations(con: duckdb.DuckDBPyConnection, obs: pa.Table, window: dt.timedelta) -> None:
+    con.register("_obs_in", obs)
+    con.execute(
+        'CREATE TEMP TABLE _obs AS SELECT *, start - $w AS w_start, "end" + $w AS w_end FROM _obs_in',
+        {"w": window},
+    )
+    con.unregister("_obs_in")
+
+
+def _vm_facts(
+    con: duckdb.DuckDBPyConnection, days: dict[str, Any], include_spread: bool, now: dt.datetime
+) -> list[dict[str, Any]]:
+    """Per VM found: who it is and what became of it, its connections, timeline and logs in the windows, the
+    owner's and project's other VMs alive then and now, and (opt-in) VMs that talked to the same peers."""
+    vms = _rows(
+        con.execute(
+            """SELECT w.vm_id, list(DISTINCT w.obs ORDER BY w.obs) AS observations,
+                      list(DISTINCT w.role ORDER BY w.role) AS roles,
+                      min(w.w_start) AS first_window, max(w.w_end) AS last_window,
+                      any_value(v.vm_name) AS vm_name, any_value(v.project) AS project,
+                      any_value(v."user") AS "user", any_value(v.hypervisor) AS hypervisor,
+                      any_value(v.status) AS status, any_value(v.deleted_at) AS deleted_at,
+                      any_value(v.quarantine_until) AS quarantine_until, any_value(x.cloud) AS cloud,
+                      any_value(x.created_at) AS created_at
+               FROM _vm_windows w LEFT JOIN _vm_info v USING (vm_id) LEFT JOIN vms x USING (vm_id)
+               GROUP BY w.vm_id ORDER BY min(w.obs), w.vm_id"""
+        )
+    )
+    if not vms:
+        return []
+    con.execute(_VM_FLOWS_SQL, days)
+    totals = {
+        r["vm_id"]: r
+        for r in _rows(
+            con.execute(
+                """SELECT vm_id, count(*) AS flows, count(*) FILTER (WHERE outbound) AS flows_out,
+                          coalesce(sum(bytes) FILTER (WHERE outbound), 0) AS bytes_out,
+                          coalesce(sum(bytes) FILTER (WHERE NOT outbound), 0) AS bytes_in,
+                          count(DISTINCT peer) AS peers FROM _vm_flows GROUP BY vm_id"""
+            )
+        )
+    }
+    connections: dict[str, list[dict[str, Any]]] = {}
+    for row in _rows(
+        con.execute(
+            f"""SELECT * FROM (
+                  SELECT vm_id, CASE WHEN outbound THEN 'out' ELSE 'in' END AS direction, peer,
+                         peer_vm IS NOT NULL AS peer_in_cloud, proto, port, count(*) AS flows,
+                         sum(packets) AS packets, sum(bytes) AS bytes, min(ts_start) AS first_seen,
+                         max(ts_start) AS last_seen
+                  FROM _vm_flows GROUP BY ALL)
+                QUALIFY row_number() OVER (PARTITION BY vm_id ORDER BY bytes DESC, flows DESC, peer) <= {MAX_CONNECTIONS}
+                ORDER BY vm_id, bytes DESC, flows DESC, peer"""
+        )
+    ):
+        connections.setdefault(row.pop("vm_id"), []).append(row)
+    timelines: dict[str, list[dict[str, Any]]] = {}
+    for row in _rows(
+        con.execute(
+            f"""WITH span AS (SELECT vm_id, greatest(60, epoch(max(w_end) - min(w_start)) / {TIMELINE_BINS}) AS bin
+                              FROM _vm_windows GROUP BY vm_id)
+                SELECT f.vm_id, to_timestamp(floor(epoch(f.ts_start) / s.bin) * s.bin) AS t,
+                       CASE WHEN f.outbound THEN 'outbound' ELSE 'inbound' END AS direction,
+                       count(*) AS flows, sum(f.bytes) AS bytes
+                FROM _vm_flows f JOIN span s USING (vm_id) GROUP BY ALL ORDER BY 1, 2"""
+        )
+    ):
+        timelines.setdefault(row.pop("vm_id"), []).append(row)
+    logs: dict[str, list[dict[str, Any]]] = {}
+    for row in _rows(
+        con.execute(
+            f"""SELECT l.vm_id, l.ts, l.hostname, l.app, l.auth_event, l.auth_user, l.auth_src_addr, l.message,
+                       l.source, l.line
+                FROM vm_logs l SEMI JOIN _vm_windows w ON l.vm_id = w.vm_id AND l.ts >= w.w_start AND l.ts < w.w_end
+                QUALIFY row_number() OVER (PARTITION BY l.vm_id ORDER BY l.ts) <= {MAX_LOGS}
+                ORDER BY l.vm_id, l.ts"""
+        )
+    ):
+        logs.setdefault(row.pop("vm_id"), []).append(row)
+    siblings = _siblings(con)
+    spread = _spread(con, days) if include_spread else {}
+    for vm in vms:
+        vm_id = vm["vm_id"]
+        vm["now"] = vm_now(vm["status"], vm["deleted_at"], vm["quarantine_until"], now)
+        vm["image_kept"] = bool(vm["quarantine_until"] and vm["quarantine_until"] > now)
+        vm["traffic"] = totals.get(
+            vm_id, {"flows": 0, "flows_out": 0, "bytes_out": 0, "bytes_in": 0, "peers": 0}
+        )
+        vm["traffic"].pop("vm_id", None)
+        vm["connections"] = connections.get(vm_id, [])
+        vm["timeline"] = timelines.get(vm_id, [])
+        vm["logs"] = logs.get(vm_id, [])
+        vm["owner_vms"] = [s for s in siblings.get(vm_id, []) if s.pop("same_user")]
+        vm["project_vms"] = siblings.get(vm_id, [])
+        for s in vm["owner_vms"] + vm["project_vms"]:
+            s["now"] = vm_now(s["status"], s["deleted_at"], s["quarantine_until"], now)
+        vm["project_vms"] = [s for s in vm["project_vms"] if s not in vm["owner_vms"]]
+        vm["spread"] = spread.get(vm_id, [])
+    return vms
+
+
+def _siblings(con: duckdb.DuckDBPyConnection) -> dict[str, list[dict[str, Any]]]:
+    """The owner's and the project's other VMs alive in the observation windows ("then") or now: what to
+    contain. Alive then = a lease overlapping the windows, or created before their end and not deleted before
+    their start."""
+    rows = _rows(
+        con.execute(
+            """WITH found AS (
+                   SELECT w.vm_id, min(w.w_start) AS w_start, max(w.w_end) AS w_end,
+                          any_value(v."user") AS "user", any_value(v.project) AS project
+                   FROM _vm_windows w JOIN _vm_info v USING (vm_id) GROUP BY w.vm_id),
+               cand AS (  -- two equi-joins: an OR in the join condition would compare every pair
+                   SELECT f.vm_id AS found_vm, f.w_start, f.w_end, o.*, true AS same_user
+                   FROM found f JOIN _vm_info o ON o."user" = f."user" AND o.vm_id <> f.vm_id
+                   UNION ALL
+                   SELECT f.vm_id, f.w_start, f.w_end, o.*, false
+                   FROM found f JOIN _vm_info o ON o.project = f.project AND o.vm_id <> f.vm_id
+                   WHERE o."user" IS DISTINCT FROM f."user")
+               SELECT c.found_vm, c.vm_id, c.vm_name, c.project, c."user", c.hypervisor, c.status, c.deleted_at,
+                      c.quarantine_until, c.same_user,
+                      (count(l.addr) > 0
+                        OR (x.created_at <= c.w_end AND (x.deleted_at IS NULL OR x.deleted_at > c.w_start)))
+                        AS alive_then,
+                      coalesce(c.status, '') NOT IN ('deleted', 'purged') AS alive_now,
+                      list(DISTINCT l.addr ORDER BY l.addr) FILTER (WHERE l.addr IS NOT NULL) AS addrs_then
+               FROM cand c
+               LEFT JOIN vm_leases l ON l.vm_id = c.vm_id AND l.valid_from < c.w_end
+                                     AND (l.valid_to IS NULL OR c.w_start < l.valid_to)
+               LEFT JOIN vms x ON x.vm_id = c.vm_id
+               GROUP BY c.found_vm, c.vm_id, c.vm_name, c.project, c."user", c.hypervisor, c.status,
+                        c.deleted_at, c.quarantine_until, c.same_user, c.w_start, c.w_end, x.created_at,
+                        x.deleted_at
+               HAVING alive_then OR alive_now
+               ORDER BY c.found_vm, NOT c.same_user, c.vm_name, c.vm_id"""
+        )
+    )
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        row["addrs_then"] = row["addrs_then"] or []
+        out.setdefault(row.pop("found_vm"), []).append(row)
+    return out
+
+
+def _spread(con: duckdb.DuckDBPyConnection, days: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Other VMs of the cloud that exchanged flows with the outside peers of a found VM's matching flows,
+    anywhere in the trace's time span (opt-in: these are other tenants)."""
+    rows = _rows(
+        con.execute(
+            """WITH peers AS (
+                   SELECT DISTINCT w.vm_id AS found_vm,
+                          CASE WHEN m.observed_is_src THEN m.dst_addr ELSE m.src_addr END AS peer
+                   FROM _match m JOIN _vm_windows w ON w.obs = m.obs AND w.role = 'holder'
+                   WHERE (CASE WHEN m.observed_is_src THEN m.dst_vm ELSE m.src_vm END) IS NULL),
+               span AS (SELECT min(w_start) AS s, max(w_end) AS e FROM _obs),
+               talk AS (
+                   SELECT f.src_vm AS vm_id, f.dst_addr AS peer, f.ts_start FROM flows_attributed f, span
+                   WHERE f."date" BETWEEN $first_day AND $last_day AND f.ts_start >= span.s AND f.ts_start < span.e
+                     AND f.src_vm IS NOT NULL AND f.dst_addr IN (SELECT peer FROM peers)
+                   UNION ALL
+                   SELECT f.dst_vm, f.src_addr, f.ts_start FROM flows_attributed f, span
+                   WHERE f."date" BETWEEN $first_day AND $last_day AND f.ts_start >= span.s AND f.ts_start < span.e
+                     AND f.dst_vm IS NOT NULL AND f.src_addr IN (SELECT peer FROM peers))
+               SELECT p.found_vm, t.vm_id, any_value(v.vm_name) AS vm_name, any_value(v.project) AS project,
+                      any_value(v."user") AS "user", any_value(v.status) AS status,
+                      list(DISTINCT t.peer ORDER BY t.peer) AS peers, count(*) AS flows,
+                      min(t.ts_start) AS first_seen, max(t.ts_start) AS last_seen
+               FROM talk t JOIN peers p ON p.peer = t.peer AND p.found_vm <> t.vm_id
+               LEFT JOIN _vm_info v ON v.vm_id = t.vm_id
+               GROUP BY p.found_vm, t.vm_id ORDER BY p.found_vm, flows DESC, t.vm_id""",
+            days,
+        )
+    )
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        out.setdefault(row.pop("found_vm"), []).append(row)
+    return out
+
+
+_PEER_COLUMNS = ("vm_name", "project", "user", "hypervisor", "vm_status")
+
+
+def _privacy_filter(evidence: pa.Table, found: set[str], include_spread: bool) -> pa.Table:
+    """Evidence flows name the VM of each end; the end of a VM the observations did not lead to (another
+    tenant) keeps its address but loses its identity, unless include_spread. `src_in_cloud`/`dst_in_cloud`
+    keep whether an end was the cloud's (exports leave local addresses out by it)."""
+    import pyarrow.compute as pc
+
+    if evidence.num_rows == 0:
+        return evidence
+    for side in ("src", "dst"):
+        evidence = evidence.append_column(f"{side}_in_cloud", pc.is_valid(evidence.column(f"{side}_vm")))
+    if include_spread:
+        return evidence
+    for side in ("src", "dst"):
+        keep = pc.is_in(evidence.column(f"{side}_vm"), value_set=pa.array(sorted(found), pa.string()))
+        keep = pc.fill_null(keep, False)
+        for column in [f"{side}_vm", *(f"{side}_{c}" for c in _PEER_COLUMNS)]:
+            if column in evidence.column_names:
+                index = evidence.column_names.index(column)
+                values = evidence.column(column)
+                evidence = evidence.set_column(
+                    index, column, pc.if_else(keep, values, pa.nulls(len(values), values.type))
+                )
+    return evidence
