@@ -163,6 +163,46 @@ def test_sql_json_keeps_values_exact(hostile_lake):
     assert json.loads(result.stdout) == [{"vm_name": VM_NAME, "project": PROJECT}]
 
 
+def _on_a_terminal(*args: str) -> bytes:
+    """The CLI with stdout on a pseudo-terminal (what a person at a shell sees), its output bytes."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tracepipe.cli", *args],
+        stdout=follower,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=120)
+    os.close(leader)
+    assert proc.returncode == 0, proc.stderr.read()
+    return out
+
+
+def test_sql_csv_is_exact_into_a_pipe_and_escaped_on_a_terminal(hostile_lake):
+    """CSV keeps values exact for scripts, but a person whose terminal shows it must not get the ESC and bidi
+    characters of a tenant's VM name raw (regression: `sql --format csv` wrote them to the terminal)."""
+    args = ("sql", "SELECT vm_name, project FROM vms", "--format", "csv", "--lake", str(hostile_lake))
+    piped = cli(*args)
+    assert piped.returncode == 0, piped.stderr
+    assert VM_NAME in piped.stdout and PROJECT in piped.stdout  # exact: a script reads what the lake holds
+    shown = _on_a_terminal(*args).decode()
+    assert "\x1b" not in shown and "\u202e" not in shown  # no raw ESC, no raw right-to-left override
+    assert r"\x1b" in shown and r"\u202e" in shown  # shown escaped instead
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -476,7 +476,7 @@ def sql_command(
         return
     text = q.export_result(relation, fmt.value, output, snapshot.root, force)
     if text is not None:
-        sys.stdout.write(text)
+        p.data(text)
 
 
 @app.command("who")

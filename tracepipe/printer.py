@@ -95,6 +95,15 @@ class Printer:
     out: Console = field(default_factory=make_console)
     err: Console = field(default_factory=lambda: make_console(stderr=True))
 
+    def data(self, text: str) -> None:
+        """Text a script reads (CSV, JSON lines) on stdout: exactly as it is into a pipe or a file, so values stay
+        exact; on a terminal each line cleaned like any text from outside (as `ls` shows odd file names), so a
+        VM name cannot move the cursor or retitle the window of whoever looks at it."""
+        if not self.out.file.isatty():
+            self.out.file.write(text)
+            return
+        self.out.file.write("".join(clean(line) + "\n" for line in text.splitlines()))
+
     def line(self, *parts: Part) -> None:
         """A line of data on stdout."""
         self.out.print(styled(*parts))
