@@ -34,7 +34,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 4}
+from tracepipe import errors
+
+# README's exit-code table is tracepipe.errors' EXIT_* constants
+DOCUMENTED_EXIT_CODES = {v for k, v in vars(errors).items() if k.startswith("EXIT_") and isinstance(v, int)}
+
+LISTENING_S = 8.0  # collect: started and still listening after this long = it accepted its arguments
 WHO_ADDR, WHO_AT = "10.20.1.23", "2025-06-17T08:00:00Z"
 SINCE, UNTIL = "2025-06-17T06:00:00Z", "2025-06-17T11:00:00Z"
 # a canary: an injected COPY/ATTACH/symlink trick that worked would create one of these
@@ -75,7 +80,14 @@ HOSTILE_TIMES = [
     "2025-06-17T08:00:00+99:00",
 ]
 HOSTILE_DURATIONS = ["0", "-1h", "2000000d", "1e309s", "nan", "1x", "99999999999999999999s"]
-HOSTILE_ADDRESSES = ["not-an-ip", "999.1.1.1", "10.20.1.23/33", "::ffff:10.20.1.23", "2001:DB8::0001", "10.20.1.023"]
+HOSTILE_ADDRESSES = [
+    "not-an-ip",
+    "999.1.1.1",
+    "10.20.1.23/33",
+    "::ffff:10.20.1.23",
+    "2001:DB8::0001",
+    "10.20.1.023",
+]
 
 
 @dataclass
@@ -108,7 +120,9 @@ class HostileFiles:
         p["deep-json"].write_text("[" * 100_000 + "]" * 100_000)
         p["pickle"] = r / "model.joblib"
         p["pickle"].write_bytes(
-            b"cos\nsystem\n(S'touch " + str(CANARY).encode() + b".pickle'\ntR."  # pickle protocol 0: os.system(...)
+            b"cos\nsystem\n(S'touch "
+            + str(CANARY).encode()
+            + b".pickle'\ntR."  # pickle protocol 0: os.system(...)
         )
         p["loop"] = r / "loop"
         if not p["loop"].is_symlink():
@@ -171,8 +185,16 @@ def baselines(story: Path) -> dict[str, list[str]]:
         "vacuum": ["vacuum", "--lake", "{lake}"],
         "upgrade": ["upgrade", "--lake", "{lake}"],
         "collect": ["collect", "--listen", "127.0.0.1:0", "--lake", "{lake}", "--spool", "{work}/spool"],
-        "sweep": ["sweep", str(story.parent / "pipelines" / "nightly.toml"), "--since", SINCE, "--until", UNTIL,
-                  "--lake", "{lake}"],
+        "sweep": [
+            "sweep",
+            str(story.parent / "pipelines" / "nightly.toml"),
+            "--since",
+            SINCE,
+            "--until",
+            UNTIL,
+            "--lake",
+            "{lake}",
+        ],
         "init": ["init", "{work}/pipelines"],
         "demo": ["demo", "--lake", "{work}/demo-lake"],
         "ingest netflow": ["ingest", "netflow", pcap, "--lake", "{lake}"],
@@ -235,7 +257,11 @@ def build_cases(story: Path, files: dict[str, Path], only: str | None = None) ->
         cases.append(Case(command, "-", "0-byte part-*.parquet in the lake", list(base), True, timeout_ok))
         for option, name, annotation in _params(command):
             for label, value in _values_for(name, annotation, files):
-                if command == "collect" and option == "--listen" and not label.startswith(("file:", "[", "\\")):
+                if (
+                    command == "collect"
+                    and option == "--listen"
+                    and not label.startswith(("file:", "[", "\\"))
+                ):
                     continue  # never bind anything but loopback
                 argv = _substitute(base, command, option, value)
                 cases.append(Case(command, option, label, argv, timeout_ok=timeout_ok))
@@ -276,6 +302,8 @@ def run_case(case: Case, lake: Path, scratch: Path, timeout: float) -> Outcome:
         (day / "part-0000000000000000.parquet").write_bytes(b"")
     argv = [a.replace("{lake}", str(case_lake)).replace("{work}", str(work)) for a in case.argv]
     env = dict(os.environ, HOME=str(work), TMPDIR=str(work))
+    if case.timeout_ok:
+        timeout = min(timeout, LISTENING_S)
     started = time.monotonic()
     try:
         proc = subprocess.run(
@@ -381,8 +409,12 @@ def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sample", type=int, help="run the baselines plus a seeded sample of this many cases")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sample", type=int, help="run the baselines plus a seeded sample of this many cases"
+    )
     parser.add_argument("--command", help="only this command (e.g. 'who', 'ingest vm')")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a case counts as a hang")
@@ -403,14 +435,18 @@ def main() -> int:
         print(f"{'command':<16} {'cases':>6} {'ok':>6} {'failed':>7}  exit codes")
         for command, c in summary["by_command"].items():
             exits = ", ".join(f"{k[5:]}:{v}" for k, v in sorted(c.items()) if k.startswith("exit "))
-            print(f"{command:<16} {c['cases']:>6} {c.get('ok', 0):>6} {c['cases'] - c.get('ok', 0):>7}  {exits}")
+            print(
+                f"{command:<16} {c['cases']:>6} {c.get('ok', 0):>6} {c['cases'] - c.get('ok', 0):>7}  {exits}"
+            )
         print(
             f"\n{summary['cases']} cases ran, {summary['internal_errors']} ended in internal error "
             f"(goal: 0), {summary['failures']} failed in all: {summary['by_verdict']}"
         )
         for f in summary["failed_cases"][:60]:
-            print(f"  [{f['verdict']}] {f['command']} {f['param']}={f['label']}: exit {f['exit_code']}: "
-                  f"{f['stderr'][-160:]!r}")
+            print(
+                f"  [{f['verdict']}] {f['command']} {f['param']}={f['label']}: exit {f['exit_code']}: "
+                f"{f['stderr'][-160:]!r}"
+            )
     return 0 if summary["failures"] == 0 else 1
 
 
