@@ -80,6 +80,9 @@ def parse_duration(value: str | float, *, positive: bool = False) -> dt.timedelt
     return dt.timedelta(seconds=seconds)
 
 
+MAX_SIZE = 1 << 50  # 1 PiB: beyond any buffer, file or spool a size option names
+
+
 def parse_size(value: str | int) -> int:
     """'512k', '32M', '1G', '1GiB', '2.5G' or a number of bytes -> bytes (binary multiples)."""
     if isinstance(value, bool):
@@ -89,7 +92,10 @@ def parse_size(value: str | int) -> int:
     match = _SIZE.fullmatch(str(value).strip())
     if not match:
         raise UsageError(f"size {value!r} does not parse: write e.g. 512k, 32M, 1G or 33554432 (bytes)")
-    return int(float(match.group(1)) * (1 << _SIZE_SHIFT[match.group(2).lower()]))
+    size = float(match.group(1)) * (1 << _SIZE_SHIFT[match.group(2).lower()])
+    if not size <= MAX_SIZE:  # also catches inf: 400 digits of "9" are a float overflow, not a size
+        raise UsageError(f"size {value!r} is out of range: at most 1024T")
+    return int(size)
 
 
 def to_utc(value: Any, naive_tz: dt.tzinfo = dt.UTC) -> dt.datetime | None:
