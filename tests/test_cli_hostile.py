@@ -251,6 +251,53 @@ NOT_LAKES = [
 ]
 
 
+STORY = Path(__file__).resolve().parents[1] / "tracepipe" / "demo_story"
+WRITE_COMMANDS = [
+    ["ingest", "syslog", str(STORY / "syslog"), "--year", "2025"],
+    ["ingest", "vm", str(STORY / "nova")],
+    ["intel", "import", str(STORY / "intel" / "misp.csv")],
+    ["compact"],
+    ["who", ADDR, "--at", f"{DAY}T02:00Z"],
+]
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo", "devnull", "loop", "under-a-file"])
+@pytest.mark.parametrize("args", WRITE_COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_a_lake_that_is_no_directory_is_named_not_an_internal_error(tmp_path, kind, args):
+    """Regression (fuzz_cli): `ingest syslog --lake FILE` and `intel import --lake FIFO` ended in "internal
+    error: NotADirectoryError"."""
+    import os
+
+    lake = {"file": tmp_path / "f", "fifo": tmp_path / "p", "devnull": Path("/dev/null")}.get(kind)
+    if kind == "file":
+        lake.write_text("not a lake")
+    elif kind == "fifo":
+        os.mkfifo(lake)
+    elif kind == "loop":
+        lake = tmp_path / "loop"
+        lake.symlink_to(lake)
+    elif kind == "under-a-file":
+        (tmp_path / "f").write_text("x")
+        lake = tmp_path / "f" / "lake"
+    result = cli(*args, "--lake", str(lake))
+    assert result.returncode == 4, result.stderr
+    assert "internal error" not in result.stderr and f"--lake {lake}" in result.stderr, result.stderr
+    assert "a lake is a directory" in result.stderr
+
+
+def test_a_pipeline_file_that_is_a_fifo_is_named_and_never_blocks(hostile_lake, tmp_path):
+    """Regression (fuzz_cli): `model fit --pipeline FIFO` waited for a writer for ever."""
+    import os
+
+    fifo = tmp_path / "pipeline.toml"
+    os.mkfifo(fifo)
+    for args in (["model", "fit", "--since", DAY, "--until", "2025-06-18"], ["sweep", str(fifo)]):
+        if args[0] == "model":
+            args += ["--pipeline", str(fifo)]
+        result = cli(*args, "--lake", str(hostile_lake))
+        assert result.returncode == 2 and "is not a regular file (FIFO)" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize(("kind", "args"), NOT_LAKES, ids=[f"{k}-{a[0]}" for k, a in NOT_LAKES])
 def test_read_commands_refuse_a_directory_that_is_no_lake(hostile_lake, tmp_path, kind, args):
     where = {

@@ -1,16 +1,21 @@
 """The one way tracepipe replaces a file: a temp file in the same directory, write, fsync, rename over the
 target, fsync the directory. A reader sees the old file or the new one, never half of one; after return the
 new one survives a power loss (unless `durable=False`, for monitoring files that may lag a crash).
+
+And what a path someone gave is, told before anything opens it (`input_problem`, `directory_problem`):
+`open()` on a FIFO blocks until some writer appears (a cron job would hang for ever), and a directory, a socket
+or a device such as /dev/null is no input file either; os.stat never blocks and lets the message name the thing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["fsync_dir", "move_durably", "replacing", "write_atomic"]
+__all__ = ["directory_problem", "fsync_dir", "input_problem", "move_durably", "replacing", "write_atomic"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -66,3 +71,49 @@ def move_durably(source: Path, target: Path) -> None:
     fsync_dir(Path(target).parent)
     if Path(source).parent != Path(target).parent:
         fsync_dir(Path(source).parent)
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+def input_problem(path: Path, directory_hint: str | None = None) -> str | None:
+    """None when `path` is a regular file (or a symlink to one), else what it is instead, as a message.
+
+    `directory_hint` completes "is a directory (...)" for readers that take files only (e.g. "give the capture
+    files, e.g. DIR/*.pcap"); readers that expand directories check for one before calling this."""
+    try:
+        mode = os.stat(path).st_mode  # stat, never open: opening a FIFO waits for a writer
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.lexists(path):
+            return f"is a symbolic link to {os.readlink(path)!r}, which does not exist"
+        return "no such file or directory"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return f"is a directory ({directory_hint or 'give the files in it'})"
+    kind = next((name for test, name in _KINDS if test(mode)), "special file")
+    return f"is not a regular file ({kind}); copy what it holds into a file and give that file"
+
+
+def directory_problem(path: Path) -> str | None:
+    """None when `path` is a directory (or a symlink to one) or does not exist yet (a writer creates it), else
+    what it is instead, as a message: a lake given as a file, a FIFO or a symlink loop."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # ELOOP, ENOTDIR (a parent is a file), EACCES
+        return f"cannot be used: {exc.strerror}"
+    if stat.S_ISDIR(mode):
+        return None
+    kind = next(
+        (name for test, name in _KINDS if test(mode)), "regular file" if stat.S_ISREG(mode) else "file"
+    )
+    return f"is not a directory (a {kind})"

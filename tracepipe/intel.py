@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from tracepipe.detect.features import ipv4_to_int
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
-from tracepipe.ingest.inputs import input_problem
+from tracepipe.fsutil import input_problem
 from tracepipe.lake import Lake, hash_file, ingest_table
 from tracepipe.limits import LINE_TOO_LONG, json_loads, read_text_bounded, too_long_detail
 from tracepipe.schema import INTEL, REJECTS

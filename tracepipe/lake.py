@@ -379,6 +379,9 @@ class Lake:
         self, root: Path | str | None = None, as_of: dt.datetime | dict[str, int] | None = None
     ) -> None:
         self.root = Path(root) if root is not None else default_lake_path()
+        problem = fsutil.directory_problem(self.root)
+        if problem:  # a lake given as a file, a FIFO, /dev/null or a symlink loop: say so, before any write
+            raise LakeError(f"--lake {self.root} {problem}: a lake is a directory; pass another --lake")
         self.as_of = as_of
         self._tables: dict[str, DeltaTable | None] = {}
         self._seen: dict[str, int | None] = {}

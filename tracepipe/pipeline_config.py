@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tracepipe.errors import EXIT_OK, UsageError
+from tracepipe.fsutil import input_problem
 from tracepipe.units import parse_duration, parse_network
 
 # The pipeline templates ship inside the package (pipelines/ at the repository root links here); a site starts
@@ -366,6 +367,9 @@ def _check_networks(values: list[str], where: str, fail) -> None:
 def load_pipeline(path: Path | str | None = None) -> PipelineConfig:
     """Read and check a pipeline file; None reads the packaged nightly template (DEFAULT_PIPELINE)."""
     path = Path(path) if path is not None else DEFAULT_PIPELINE
+    problem = input_problem(path)  # stat first: reading a FIFO would wait for a writer for ever
+    if problem:
+        raise PipelineError(f"pipeline file {path} {problem}. Give the path of a pipelines/*.toml file.")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

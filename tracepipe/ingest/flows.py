@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
-from tracepipe.ingest.inputs import input_problem
+from tracepipe.fsutil import input_problem
 from tracepipe.ingest.netflow import DecoderState, decode_datagrams, flush_pending, merge_stats
 from tracepipe.ingest.nfdump import iter_nfdump_csv, looks_like_nfdump_csv
 from tracepipe.ingest.pcap import PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches

@@ -19,8 +19,8 @@ import polars as pl
 import pyarrow as pa
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
+from tracepipe.fsutil import input_problem
 from tracepipe.ingest.cloud import FORMATS, parse_cloud_text
-from tracepipe.ingest.inputs import input_problem
 from tracepipe.ingest.syslog import attribute_logs, parse_syslog
 from tracepipe.lake import IngestResult, Lake, conform, hash_bytes, hash_file, ingest_table
 from tracepipe.leases import rebuild_leases
