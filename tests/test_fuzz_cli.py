@@ -9,6 +9,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_cli.py"
 
 
@@ -28,10 +30,11 @@ def test_every_command_survives_hostile_arguments(tmp_path):
     assert set(summary["by_command"]) == set(fuzz.baselines(Path("story")))
     assert summary["cases"] == 110
     failed = [
-        (f["verdict"], f["command"], f["param"], f["label"], f["stderr"][-200:])
+        f"{f['verdict']}: {f['command']} {f['param']}={f['label']}: {f['stderr'][-200:]}"
         for f in summary["failed_cases"]
     ]
-    assert not failed, failed
+    if failed:
+        pytest.fail(f"{len(failed)} of {summary['cases']} cases failed:\n" + "\n".join(failed))
     baselines = [o for o in outcomes if o.case.label == "baseline"]
     # the valid command lines work: the fuzzing is not only hitting argument errors
     assert all(o.exit_code in (0, 1, None) for o in baselines if o.case.command != "model score"), [
