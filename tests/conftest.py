@@ -120,7 +120,7 @@ def softflowd_export(traffic_pcaps, tmp_path_factory) -> Callable[[int, str, str
     return export
 
 
-def run_tracepipe(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+def run_tracepipe(*args: str, timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess (what a user types), with a timeout."""
     return subprocess.run(
         [sys.executable, "-m", "tracepipe.cli", *args],
@@ -128,6 +128,7 @@ def run_tracepipe(*args: str, timeout: float = 120.0) -> subprocess.CompletedPro
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        cwd=cwd,
     )
 
 
