@@ -351,8 +351,8 @@ def _random_event(minute: int, vm: str, which: int, addr: str, hyp: str, fip: st
             port_id=port if action == "fip_associate" else None,
             hypervisor=None,
         )
-    elif action == "port_update":
-        row.update(action="port_update", vm_id=vm, port_id=port, addrs=[addr])
+    elif action == "port_update":  # an image here counts only while no event of the VM's own names one
+        row.update(action="port_update", vm_id=vm, port_id=port, addrs=[addr], image="img-port")
     elif action == "port_delete":
         row.update(action="detach", vm_id=None, port_id=port, hypervisor=None)
     elif action == "detach_list":
@@ -363,6 +363,8 @@ def _random_event(minute: int, vm: str, which: int, addr: str, hyp: str, fip: st
             vm_id=vm,
             addr=addr if action in ("attach", "detach") else None,
             addrs=[addr] if action in ("create", "update", "exists", "migrate", "restore") else None,
+            # the image: set on create, changed by a rebuild, not named by the other events
+            image=f"img-{hyp}" if action in ("create", "rebuild") else None,
         )
     return row
 

@@ -558,6 +558,7 @@ def _print_who(p: Printer, answer: Any) -> None:
         p.line(f"  VM          {lease['vm_name'] or '?'} ({lease['vm_id']})")
         p.line(f"  project     {lease['project'] or '?'}")
         p.line(f"  user        {lease['user'] or '?'}")
+        p.line(f"  image       {lease['image'] or '?'}")
         p.line(
             f"  hypervisor  {lease['hypervisor'] or '?'}   cloud {lease['cloud'] or '?'}   "
             f"address {lease['addr_kind'] or '?'}"
@@ -607,9 +608,10 @@ def timeline_command(
     p.line(
         (info["vm_name"] or "?", "bold"),
         f" ({answer.vm_id}) project {info['project'] or '?'}, "
-        f"user {info['user'] or '?'}, hypervisor {info['hypervisor'] or '?'}: {info['now']}",
+        f"user {info['user'] or '?'}, image {info['image'] or '?'}, hypervisor {info['hypervisor'] or '?'}: "
+        f"{info['now']}",
     )
-    p.records(answer.events, "lifecycle", ["ts", "action", "state", "event_type", "addrs", "addr"])
+    p.records(answer.events, "lifecycle", ["ts", "action", "state", "event_type", "addrs", "addr", "image"])
     p.records(answer.leases, "leases", ["addr", "addr_kind", "valid_from", "valid_to", "end_reason"])
     p.records(answer.flows_per_hour, "flows per hour")
     p.records(answer.logs, "VM logs", ["ts", "app", "auth_event", "auth_user", "auth_src_addr", "message"])
@@ -1313,7 +1315,7 @@ def trace_command(
     lake: LakeOption = Path(DEFAULT_LAKE),
 ) -> None:
     """Answer a list of observations (a Security Service Challenge, a CSIRT ticket) in one go: for each, the
-    VM that held the address then (deleted and quarantined ones included), owner, project, hypervisor, cloud,
+    VM that held the address then (deleted and quarantined ones included), owner, project, image, hypervisor, cloud,
     the matching flows; for each VM found, its connections and logs in the window and the owner's and
     project's other VMs alive then and now. What is uncertain is said, never guessed.
 
@@ -1356,7 +1358,7 @@ def _print_trace(p: Printer, result: Any) -> None:
                 "      VM ",
                 (h["vm_name"] or h["vm_id"], "bold"),
                 f" ({h['vm_id']}) · owner {h['user'] or '?'} · project {h['project'] or '?'} · "
-                f"{h['hypervisor'] or '?'} · {h['cloud'] or '?'} · now: {h['now']}",
+                f"image {h['image'] or '?'} · {h['hypervisor'] or '?'} · {h['cloud'] or '?'} · now: {h['now']}",
             )
         if answer["contacts"]:
             p.line(f"      contacted by VMs: {', '.join(answer['contacts'])}")

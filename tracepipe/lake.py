@@ -388,6 +388,7 @@ class Lake:
         self._tables: dict[str, DeltaTable | None] = {}
         self._seen: dict[str, int | None] = {}
         self._held: set[str] = set()  # tables whose rewrite lock this object holds
+        self._evolved: set[str] = set()  # tables whose log schema was checked against schema.py
         # (manifest version, {(dataset, content_hash)}, {source_key}, manifest files already read)
         self._manifest_cache: tuple[int, set[tuple[str, str]], set[str], set[str]] | None = None
 
@@ -767,6 +768,32 @@ class Lake:
             table = self.table(name)
             if table is None:
                 raise LakeError(f"cannot open the table just created at {directory}")
+        if name not in self._evolved:
+            table = self._evolve(name, table)
+            self._evolved.add(name)
+        return table
+
+    def _evolve(self, name: str, table: DeltaTable) -> DeltaTable:
+        """Add to the table's log schema the columns schema.py declares and it lacks (a lake written before
+        they existed: vm_events.image), as nullable columns, in one metadata commit: Delta readers (Spark,
+        delta-rs) then see them, null in the older files. Those files are not rewritten; tracepipe's own
+        readers fill the missing columns (conform, query.scan_sql)."""
+        for _attempt in range(3):
+            have = set(table.schema().to_arrow().names)  # type: ignore[attr-defined]
+            missing = [f for f in table_schema(_dataset(name)) if f.name not in have]
+            if not missing:
+                return table
+            try:
+                # nullable whatever schema.py says: the rows already there have no value
+                added = DeltaSchema.from_arrow(pa.schema([f.with_nullable(True) for f in missing]))
+                table.alter.add_columns(list(added.fields))
+            except DeltaError:  # another writer added them at the same moment: look again
+                pass
+            self._tables.pop(name, None)
+            reopened = self.table(name)
+            if reopened is None:
+                raise LakeError(f"cannot reopen {self.root / name} after adding columns")
+            table = reopened
         return table
 
     def commit(
@@ -1168,7 +1195,9 @@ class Lake:
     def upgrade(self) -> dict[str, int]:
         """Put a lake of the old layout (Parquet files, `_ingest/*.parquet`) under transaction logs, in place:
         each dataset's existing files are added to a new table in one commit (no data is copied; flow files
-        get the attributed_at column by one streamed rewrite). Idempotent. Returns {dataset: files}."""
+        get the attributed_at column by one streamed rewrite). Tables of the current layout get the columns
+        added to schema.py since they were written (as the next write to them would). Idempotent. Returns
+        {dataset: files}."""
         out: dict[str, int] = {}
         for name in [MANIFEST_DIR, *DATASETS]:
             dataset = _dataset(name)
@@ -1219,6 +1248,10 @@ class Lake:
                 path.unlink(missing_ok=True)
             out[name] = len(adds)
         self.refresh()
+        for name in [MANIFEST_DIR, *DATASETS]:  # tables of an older tracepipe: the columns added since
+            table = self.table(name)
+            if table is not None and self.as_of is None:
+                self._evolve(name, table)
         return out
 
 

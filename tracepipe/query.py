@@ -23,6 +23,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tracepipe.errors import EXIT_OK, LakeError, TracepipeError, UsageError
 from tracepipe.lake import FileEntry, Lake
@@ -80,18 +81,67 @@ def empty_relation_sql(name: str) -> str:
     return f"SELECT {', '.join(columns)} WHERE false"
 
 
-def scan_sql(name: str, paths: list[Path]) -> str:
+def scan_sql(name: str, files: list[Path] | list[FileEntry]) -> str:
     """read_parquet over the given files of a dataset (a file list taken from the table's log, never a glob:
     files removed by compaction stay on disk for a while; each name quoted and glob-escaped, so a lake path with
-    `'`, `*`, `?` or `[` reads exactly its own files), hive `date` typed DATE; empty typed relation if none. Every file of a table has the declared columns, so only the first footer is read at bind time."""
-    if not paths:
+    `'`, `*`, `?` or `[` reads exactly its own files), hive `date` typed DATE; empty typed relation if none.
+
+    Files that have every declared column (the log's statistics name them all) are read in one scan that
+    binds on the first footer only. Files written before a column was added to schema.py (vm_events.image)
+    lack it: grouped by the columns their footers hold, each group is read with the missing ones as typed
+    NULLs (DuckDB cannot read files of differing columns in one scan without opening every footer)."""
+    if not files:
         return empty_relation_sql(name)
+    complete, older = _split_by_columns(name, files)
+    if not older:
+        return _read_sql(name, complete, set())
+    names = frozenset(f.name for f in DATASETS[name].schema)
+    groups: dict[frozenset[str], list[Path]] = {}
+    for path in older:
+        groups.setdefault(_footer_columns(path, names), []).append(path)
+    if complete:
+        groups.setdefault(names, []).extend(complete)
+    return " UNION ALL ".join(
+        f"({_read_sql(name, paths, set(names - have))})"
+        for have, paths in sorted(groups.items(), key=lambda item: str(item[1][0]))
+    )
+
+
+def _split_by_columns(name: str, files: list[Path] | list[FileEntry]) -> tuple[list[Path], list[Path]]:
+    """Files known (from the log's per-file null counts) to have every flat column, and the others (no log
+    entry given, or a column the statistics do not name). Nested columns have no statistics: not checked."""
+    flat = [f.name for f in DATASETS[name].schema if not pa.types.is_nested(f.type)]
+    complete: list[Path] = []
+    older: list[Path] = []
+    for item in files:
+        if isinstance(item, FileEntry):
+            has_all = all(item.null_counts.get(c) is not None for c in flat)
+            (complete if has_all else older).append(item.path)
+        else:
+            older.append(item)
+    return complete, older
+
+
+def _footer_columns(path: Path, names: frozenset[str]) -> frozenset[str]:
+    """The columns a file's footer declares; all `names` when the footer does not read (the scan then fails
+    on it and says which file: query.lake_file_error)."""
+    try:
+        return frozenset(pq.read_schema(path).names)
+    except (OSError, pa.ArrowException):
+        return names
+
+
+def _read_sql(name: str, paths: list[Path], missing: set[str]) -> str:
+    dataset = DATASETS[name]
     files = "[" + ", ".join(quote_literal(glob_literal(str(p))) for p in paths) + "]"
     options = "union_by_name = false"
-    if DATASETS[name].partition_ts is not None:
+    if dataset.partition_ts is not None:
         options += ", hive_partitioning = true, hive_types = {'date': DATE}"
-    columns = ", ".join(f'"{f.name}"' for f in DATASETS[name].schema)
-    if DATASETS[name].partition_ts is not None:
+    columns = ", ".join(
+        f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"' if f.name in missing else f'"{f.name}"'
+        for f in dataset.schema
+    )
+    if dataset.partition_ts is not None:
         columns += ', "date"'
     return f"SELECT {columns} FROM read_parquet({files}, {options})"
 
@@ -128,12 +178,13 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
     flow_entries = lake.entries("flows")
     files: list[Path] = []
     for name in DATASETS:
-        paths = [e.path for e in flow_entries] if name == "flows" else lake.files(name)
-        files += paths
-        con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {scan_sql(name, paths)}')
+        entries = flow_entries if name == "flows" else lake.entries(name)
+        files += [e.path for e in entries]
+        con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {scan_sql(name, entries)}')
     done, todo = flow_halves(lake, flow_entries)
-    con.execute(f"CREATE OR REPLACE VIEW _flows_done AS {scan_sql('flows', done)}")
-    con.execute(f"CREATE OR REPLACE VIEW _flows_todo AS {scan_sql('flows', todo)}")
+    by_path = {e.path: e for e in flow_entries}  # the log's entries: scan_sql reads no footer for them
+    con.execute(f"CREATE OR REPLACE VIEW _flows_done AS {scan_sql('flows', [by_path[p] for p in done])}")
+    con.execute(f"CREATE OR REPLACE VIEW _flows_todo AS {scan_sql('flows', [by_path[p] for p in todo])}")
     con.execute(sql_text("views"))
     if read_only:
         # Defence in depth under the statement check: the session reads the lake (and its spill directory)
@@ -477,7 +528,7 @@ def timeline(lake: Lake, vm: str, limit: int = 200) -> Timeline:
         info["now"] = vm_now(info["status"], info["deleted_at"], info["quarantine_until"])
         events = _rows(
             con.execute(
-                "SELECT ts, action, state, event_type, addrs, addr, addr_kind, hypervisor, source, line "
+                "SELECT ts, action, state, event_type, addrs, addr, addr_kind, hypervisor, image, source, line "
                 "FROM vm_events WHERE vm_id = $vm ORDER BY ts, event_type LIMIT $limit",
                 params,
             )

@@ -61,6 +61,9 @@ VM_EVENTS = pa.schema(
         pa.field("source", pa.string()),
         pa.field("line", pa.int64()),
         pa.field("resource_id", pa.string()),  # what the event is about when not the VM: floating IP id
+        # the image the VM runs: Nova's image_uuid, OpenNebula's IMAGE_ID (else IMAGE name), the generic form's
+        # `image`; null when the source does not say (Neutron). Last column: added after lakes existed
+        pa.field("image", pa.string()),
     ]
 )
 
@@ -136,6 +139,7 @@ VMS = pa.schema(
         pa.field("deleted_at", TS),
         pa.field("quarantine_until", TS),
         pa.field("last_event_at", TS),
+        pa.field("image", pa.string()),  # the image it runs now (or last ran): the latest event naming one
     ]
 )
 

@@ -33,7 +33,7 @@ _DEFAULT_STATUS = {
 }
 _GONE = ("deleted", "purged")
 _FLOATING_ACTIONS = frozenset({"fip_associate", "fip_disassociate", "fip_delete"})
-_IDENTITY = ("vm_name", "project", "user", "cloud")
+_IDENTITY = ("vm_name", "project", "user", "cloud", "image")
 _CONTENT = [f.name for f in VM_EVENTS if f.name not in ("source", "line")]
 
 
@@ -60,6 +60,7 @@ class _Vm:
     soft_deleted_at: int | None = None
     quarantine_until: int | None = None
     last_event_at: int | None = None
+    image: str | None = None
     open: set[str] = field(default_factory=set)  # addresses with an open lease
 
 
@@ -279,7 +280,7 @@ def _port_maps(frame: pl.DataFrame) -> tuple[dict[str, list[tuple[int, str]]], d
 
 
 def _set_identities(vms: dict[str, _Vm], frame: pl.DataFrame) -> None:
-    """Name, project, user, cloud: the latest non-null value over the VM's own events (Neutron rows carry the
+    """Name, project, user, cloud, image: the latest non-null value over the VM's own events (Neutron rows carry the
     port's project, so they only count when nothing else names the VM); created_at = first create event,
     else first event; last_event_at = last event."""
     own = pl.col("action").is_in(["port_update", "fip_associate"]).not_()
@@ -298,11 +299,11 @@ def _set_identities(vms: dict[str, _Vm], frame: pl.DataFrame) -> None:
             pl.col("ts").last().alias("last_event_at"),
         )
     )
-    for vm_id, vm_name, project, user, cloud, created, first_seen, last_event_at in facts.iter_rows():
+    for vm_id, vm_name, project, user, cloud, image, created, first_seen, last_event_at in facts.iter_rows():
         vm = vms.get(vm_id)
         if vm is None:
             continue
-        vm.vm_name, vm.project, vm.user, vm.cloud = vm_name, project, user, cloud
+        vm.vm_name, vm.project, vm.user, vm.cloud, vm.image = vm_name, project, user, cloud, image
         vm.created_at = created if created is not None else first_seen
         vm.first_seen, vm.last_event_at = first_seen, last_event_at
 
@@ -384,6 +385,7 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
             "deleted_at": _timestamps([vm.deleted_at for vm in vms]),
             "quarantine_until": _timestamps([vm.quarantine_until for vm in vms]),
             "last_event_at": _timestamps([vm.last_event_at for vm in vms]),
+            "image": [vm.image for vm in vms],
         },
         schema=VMS,
     )

@@ -993,6 +993,19 @@ def opennebula_records(story: CloudStory) -> dict[str, str]:
   <TEMPLATE>
     <CPU><![CDATA[4]]></CPU>
     <MEMORY><![CDATA[8192]]></MEMORY>
+    <DISK>
+      <CLONE><![CDATA[YES]]></CLONE>
+      <DATASTORE><![CDATA[default]]></DATASTORE>
+      <DATASTORE_ID><![CDATA[1]]></DATASTORE_ID>
+      <DEV_PREFIX><![CDATA[vd]]></DEV_PREFIX>
+      <DISK_ID><![CDATA[0]]></DISK_ID>
+      <IMAGE><![CDATA[alma9-render]]></IMAGE>
+      <IMAGE_ID><![CDATA[17]]></IMAGE_ID>
+      <IMAGE_UNAME><![CDATA[oneadmin]]></IMAGE_UNAME>
+      <SOURCE><![CDATA[/var/lib/one//datastores/1/5f2c0e2b9d7d4a1e8c6b3f0a9e4d2c71]]></SOURCE>
+      <TARGET><![CDATA[vda]]></TARGET>
+      <TYPE><![CDATA[FILE]]></TYPE>
+    </DISK>
     <NIC>
       <BRIDGE><![CDATA[br0]]></BRIDGE>
       <IP><![CDATA[{vm.addr}]]></IP>

@@ -55,7 +55,8 @@ _DEFAULT_STATUS = {
 }
 _GONE = ("deleted", "purged")
 _FLOATING_ACTIONS = frozenset({"fip_associate", "fip_disassociate", "fip_delete"})
-_IDENTITY = ("vm_name", "project", "user", "cloud")
+# facts of a VM that the latest event naming them decides (image: a rebuild changes it)
+_IDENTITY = ("vm_name", "project", "user", "cloud", "image")
 _CONTENT = [f.name for f in VM_EVENTS if f.name not in ("source", "line")]
 
 
@@ -709,6 +710,7 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
             "deleted_at",
             "quarantine_until",
             "last_event_at",
+            "image",
         )
         .with_columns(_us_to_ts("created_at", "deleted_at", "quarantine_until", "last_event_at"))
         .sort("vm_id")
@@ -1093,7 +1095,13 @@ def _scan_events(lake: Any, days: list[str], vms: set[str]) -> pl.DataFrame:
     paths = [str(p) for p in lake.files("vm_events", days)]
     if not paths or not vms:
         return pl.from_arrow(VM_EVENTS.empty_table())  # type: ignore[return-value]
-    frame = pl.scan_parquet(paths, hive_partitioning=False).filter(pl.col("vm_id").is_in(list(vms))).collect()
+    # files written before a column was added to schema.py lack it: read as nulls (missing_columns)
+    schema = pl.from_arrow(VM_EVENTS.empty_table()).schema  # type: ignore[union-attr]
+    frame = (
+        pl.scan_parquet(paths, hive_partitioning=False, schema=schema, missing_columns="insert")
+        .filter(pl.col("vm_id").is_in(list(vms)))
+        .collect()
+    )
     frame = pl.from_arrow(conform(frame.to_arrow(), VM_EVENTS))
     assert isinstance(frame, pl.DataFrame)
     return frame

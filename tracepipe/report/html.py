@@ -95,7 +95,7 @@ IN_WINDOW = (
 
 def _source(lake: Lake, dataset: str) -> str:
     """The dataset's current files (from the table's log) as a DuckDB relation."""
-    return f"({scan_sql(dataset, lake.files(dataset))})"
+    return f"({scan_sql(dataset, lake.entries(dataset))})"
 
 
 def _flows_source(lake: Lake) -> str:
@@ -404,6 +404,7 @@ def build_report_data(
                 "project": row.get("project"),
                 "user": row.get("user"),
                 "hypervisor": row.get("hypervisor"),
+                "image": (vm or {}).get("image"),  # what the VM runs now (vms), not frozen into the alert
                 "lifecycle": _lifecycle(row, vm),
             },
             "features": features,

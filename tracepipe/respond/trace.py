@@ -36,7 +36,7 @@ SELECT o.obs, l.addr, l.vm_id, coalesce(v.vm_name, l.vm_name) AS vm_name, coales
        coalesce(v."user", l."user") AS "user", coalesce(v.hypervisor, l.hypervisor) AS hypervisor,
        coalesce(x.cloud, l.cloud) AS cloud, l.addr_kind, l.valid_from, l.valid_to, l.end_reason,
        coalesce(v.status, l.vm_status) AS vm_status, x.created_at, v.deleted_at,
-       coalesce(v.quarantine_until, l.quarantine_until) AS quarantine_until
+       coalesce(v.quarantine_until, l.quarantine_until) AS quarantine_until, v.image
 FROM _obs o
 JOIN vm_leases l ON l.addr = o.address AND l.valid_from <= o."end" AND (l.valid_to IS NULL OR o.start < l.valid_to)
 LEFT JOIN _vm_info v ON v.vm_id = l.vm_id
@@ -213,6 +213,7 @@ def _lease_view(holder: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
         "project": holder["project"],
         "user": holder["user"],
         "hypervisor": holder["hypervisor"],
+        "image": holder["image"],
         "cloud": holder["cloud"],
         "addr_kind": holder["addr_kind"],
         "valid_from": holder["valid_from"],
@@ -356,7 +357,7 @@ def _vm_facts(
                       any_value(v."user") AS "user", any_value(v.hypervisor) AS hypervisor,
                       any_value(v.status) AS status, any_value(v.deleted_at) AS deleted_at,
                       any_value(v.quarantine_until) AS quarantine_until, any_value(x.cloud) AS cloud,
-                      any_value(x.created_at) AS created_at
+                      any_value(x.created_at) AS created_at, any_value(v.image) AS image
                FROM _vm_windows w LEFT JOIN _vm_info v USING (vm_id) LEFT JOIN vms x USING (vm_id)
                GROUP BY w.vm_id ORDER BY min(w.obs), w.vm_id"""
         )
@@ -511,7 +512,7 @@ def _spread(con: duckdb.DuckDBPyConnection, days: dict[str, Any]) -> dict[str, l
     return out
 
 
-_PEER_COLUMNS = ("vm_name", "project", "user", "hypervisor", "vm_status")
+_PEER_COLUMNS = ("vm_name", "project", "user", "hypervisor", "vm_status", "image")
 
 
 def _privacy_filter(evidence: pa.Table, found: set[str], include_spread: bool) -> pa.Table:

@@ -3,10 +3,10 @@
 
 -- What each VM is now: vms, plus any VM that only appears in leases (a CSV inventory without a vms row).
 CREATE OR REPLACE VIEW _vm_info AS
-SELECT vm_id, vm_name, project, "user", hypervisor, status, deleted_at, quarantine_until FROM vms
+SELECT vm_id, vm_name, project, "user", hypervisor, status, deleted_at, quarantine_until, image FROM vms
 UNION ALL
 SELECT l.vm_id, any_value(l.vm_name), any_value(l.project), any_value(l."user"), any_value(l.hypervisor),
-       any_value(l.vm_status), NULL::TIMESTAMPTZ, max(l.quarantine_until)
+       any_value(l.vm_status), NULL::TIMESTAMPTZ, max(l.quarantine_until), NULL::VARCHAR
 FROM vm_leases l ANTI JOIN vms v ON l.vm_id = v.vm_id
 GROUP BY l.vm_id;
 
@@ -29,22 +29,23 @@ ASOF LEFT JOIN vm_leases d ON f.dst_addr = d.addr AND f.ts_start >= d.valid_from
 CREATE OR REPLACE VIEW flows_attributed AS
 SELECT f.*,
        s.vm_name AS src_vm_name, s.project AS src_project, s."user" AS src_user,
-       s.hypervisor AS src_hypervisor, s.status AS src_vm_status,
+       s.hypervisor AS src_hypervisor, s.status AS src_vm_status, s.image AS src_image,
        d.vm_name AS dst_vm_name, d.project AS dst_project, d."user" AS dst_user,
-       d.hypervisor AS dst_hypervisor, d.status AS dst_vm_status
+       d.hypervisor AS dst_hypervisor, d.status AS dst_vm_status, d.image AS dst_image
 FROM _flows_resolved f
 LEFT JOIN _vm_info s ON f.src_vm = s.vm_id
 LEFT JOIN _vm_info d ON f.dst_vm = d.vm_id;
 
 -- who_had('10.0.0.5', TIMESTAMPTZ '2024-03-12 07:30:00+00'): the lease(s) valid then (same half-open intervals
--- as lease_at; more than one row only if a planted file made leases overlap), with what the VM is now.
+-- as lease_at; more than one row only if a planted file made leases overlap), with what the VM is now (image:
+-- the one it runs now or last ran; a rebuild since shows in the VM's vm_events).
 -- Addresses are compared as canonical text (the lake stores them so; `tracepipe who` canonicalises input).
 CREATE OR REPLACE MACRO who_had(addr_text, at_time) AS TABLE
 SELECT l.addr, l.vm_id, coalesce(v.vm_name, l.vm_name) AS vm_name, coalesce(v.project, l.project) AS project,
        coalesce(v."user", l."user") AS "user", coalesce(v.hypervisor, l.hypervisor) AS hypervisor, l.cloud,
        l.addr_kind, l.valid_from, l.valid_to, l.end_reason,
        coalesce(v.status, l.vm_status) AS vm_status, v.deleted_at,
-       coalesce(v.quarantine_until, l.quarantine_until) AS quarantine_until
+       coalesce(v.quarantine_until, l.quarantine_until) AS quarantine_until, v.image
 FROM vm_leases l LEFT JOIN _vm_info v ON l.vm_id = v.vm_id
 WHERE l.addr = addr_text
   AND l.valid_from <= CAST(at_time AS TIMESTAMPTZ)

@@ -9,6 +9,7 @@ One row per event and address. Columns (header names; only `ts`, `vm_id` and `ac
   addr_kind   fixed (default) or floating (floating + create/attach = associate; + detach = disassociate)
   state       one of schema.VM_STATES (optional)
   event_id    optional; rows with the same event_id are one event (de-duplication)
+  image       optional: the image id (or name) the VM runs; the latest row naming one is what `who` shows
 Bad rows (time missing, not parsing or outside 1990..now+1 day, no vm_id, an `addr` that is not an IP address,
 a malformed CSV line, a JSON value that is an object or a list) are rejects with their line number; the rest
 lands. Addresses are stored in canonical text (2001:DB8::0001 -> 2001:db8::1), as flows carry them.
@@ -46,6 +47,7 @@ COLUMNS = (
     "addr_kind",
     "state",
     "event_id",
+    "image",
 )
 REQUIRED = ("ts", "vm_id", "action")
 _OPENING = {
@@ -175,4 +177,5 @@ def _add_row(
         source=source,
         line=line,
         resource_id=addr if kind == "floating" else None,
+        image=text_of("image"),
     )

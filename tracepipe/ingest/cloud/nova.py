@@ -216,4 +216,18 @@ def add_nova_event(
         source=source,
         line=line,
         resource_id=None,
+        image=_image(data),
     )
+
+
+def _image(data: dict[str, Any]) -> str | None:
+    """The image the instance was booted from (or rebuilt with): versioned InstancePayload.image_uuid; the
+    legacy payload's image_meta.base_image_ref, else the last part of image_ref_url. Null (not "") for a
+    volume-backed instance, which Nova reports with an empty image_uuid."""
+    image = text_field(data, "image_uuid", "payload.")
+    if image is None and "image_meta" in data:
+        image = text_field(object_field(data, "image_meta", "payload."), "base_image_ref", "payload.image_meta.")
+    url = text_field(data, "image_ref_url", "payload.") if image is None else None
+    if url is not None:  # http://glance:9292/images/<uuid>
+        image = url.rstrip("/").rsplit("/", 1)[-1] or None
+    return image

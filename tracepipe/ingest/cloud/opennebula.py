@@ -2,7 +2,8 @@
 
 The log gives the state changes (`<ctime> [Z0][VM][I]: New state is ACTIVE`, `... New LCM state is RUNNING`)
 in the frontend's local time (pass `tz`); it names no address. The XML gives owner (UNAME), group (GNAME, used
-as the project), name, the NICs' addresses and the hosts the VM ran on (HISTORY_RECORDS, epoch seconds).
+as the project), name, the NICs' addresses, the image of its first disk (TEMPLATE/DISK IMAGE_ID, else IMAGE) and
+the hosts the VM ran on (HISTORY_RECORDS, epoch seconds).
 Every RUNNING event carries the NIC addresses, DONE deletes: leases then span RUNNING..DONE.
 Without a log, the XML alone yields create (STIME), running per host (HISTORY RSTIME) and done (ETIME).
 """
@@ -67,6 +68,7 @@ class OneVm:
     stime: dt.datetime | None = None
     etime: dt.datetime | None = None
     state: int | None = None
+    image: str | None = None  # the first disk's IMAGE_ID (else its IMAGE name): what the VM boots
     addrs: list[str] = field(default_factory=list)
     history: list[tuple[dt.datetime, dt.datetime | None, str]] = field(
         default_factory=list
@@ -120,6 +122,11 @@ def parse_vm_xml(xml_text: str) -> OneVm:
         state=int(root.findtext("STATE")) if (root.findtext("STATE") or "").isdigit() else None,
         problems=problems,
     )
+    for disk in root.findall("TEMPLATE/DISK"):  # in DISK_ID order; volatile disks name no image
+        image = (disk.findtext("IMAGE_ID") or "").strip() or (disk.findtext("IMAGE") or "").strip()
+        if image:
+            vm.image = image
+            break
     for nic in root.findall("TEMPLATE/NIC") + root.findall("TEMPLATE/NIC_ALIAS"):
         for tag in ("IP", "IP6_GLOBAL", "IP6", "IP6_ULA"):
             value = (nic.findtext(tag) or "").strip()
@@ -191,6 +198,7 @@ def parse_opennebula(
             addr_kind="fixed" if addrs else None,
             source=source,
             line=line,
+            image=vm.image,
         )
 
     if log_text is not None:
@@ -237,6 +245,7 @@ def parse_opennebula(
                 addrs=list(vm.addrs),
                 addr_kind="fixed" if vm.addrs else None,
                 source=source,
+                image=vm.image,
             )
         if vm.etime is not None and vm.state == 6:  # DONE
             add(vm.etime, "xml.etime", "delete", "deleted", None, None)
