@@ -432,6 +432,21 @@ def test_garbage_of_the_logged_size_names_the_file(hostile_lake, tmp_path):
     assert str(listed) in result.stderr and "tracepipe repair" in result.stderr, result.stderr
 
 
+def test_sweep_over_garbage_of_the_logged_size_says_repair(hostile_lake, tmp_path):
+    """Regression: the sweep's polars stage ended in "internal error" on a listed flow file of the logged size
+    whose bytes are not Parquet; now exit 4 naming `tracepipe repair`, which finds the file."""
+    lake = tmp_path / "lake"
+    shutil.copytree(hostile_lake, lake)
+    listed = Lake(lake).files("flows")[0]
+    listed.write_bytes(b"x" * listed.stat().st_size)
+    window = ("--since", f"{DAY}T00:00Z", "--until", f"{DAY}T06:00Z")
+    result = cli("sweep", str(PIPELINE), *window, "--lake", str(lake))
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "internal error" not in result.stderr and "tracepipe repair" in result.stderr, result.stderr
+    repaired = cli("repair", "--lake", str(lake))
+    assert repaired.returncode == 0 and str(listed.name) in repaired.stdout + repaired.stderr, repaired.stderr
+
+
 def test_shell_keeps_going_after_a_fetch_error(hostile_lake):
     result = cli(
         "sql",

@@ -151,7 +151,9 @@ def test_demo_in_a_lake_path_with_sql_and_glob_characters(tmp_path: Path, name: 
     assert Path(result["report"]["html"]).is_file() and lake in Path(result["report"]["html"]).parents
     who = _tracepipe(*shlex.split(result["next_commands"][0])[1:], cwd=tmp_path)
     assert who.returncode == 0 and "jupyter-07" in who.stdout, who.stdout + who.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == [lake.relative_to(tmp_path).parts[0]]  # nothing beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        lake.relative_to(tmp_path).parts[0]
+    ]  # nothing beside it
 
 
 def test_demo_refuses_to_wipe_a_directory_it_did_not_make(tmp_path: Path) -> None:

@@ -332,7 +332,7 @@ def ingest_vm_command(
             tz=tz,
             progress=lambda step: status(f"ingest vm: {step}"),
         )
-        status.update("ingest vm: updating leases, re-attributing the days they change")
+        status("ingest vm: updating leases, re-attributing the days they change")
         correlation = correlate(open_lake(lake), reclaim_interval=interval)
     _print_vm_report(p, report, correlation, output, "vm lifecycle sources", lake)
 
@@ -389,7 +389,7 @@ def ingest_syslog_command(
             tz=tz,
             progress=lambda step: status(f"ingest syslog: {step}"),
         )
-        status.update("ingest syslog: attributing lines to VMs")
+        status("ingest syslog: attributing lines to VMs")
         correlation = correlate(open_lake(lake), log_days=report.touched_days)
     _print_vm_report(p, report, correlation, output, "syslog sources", lake)
 
