@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from support import ssc
 
-from tests.conftest import run_tracepipe
+from tests.conftest import ingest_vm, run_tracepipe
 from tests.test_report import _chromium
 from tracepipe.lake import Lake, hash_bytes, ingest_table
 from tracepipe.respond.observations import read_observations
@@ -40,13 +40,12 @@ def iso(text: str) -> str:
 @pytest.fixture(scope="module")
 def story_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tracepipe.ingest.flows import ingest_flow_files
-    from tracepipe.ingest.vm import ingest_syslog_files, ingest_vm_files
+    from tracepipe.ingest.vm import ingest_syslog_files
 
     root = tmp_path_factory.mktemp("story") / "lake"
     lake = Lake(root)
-    ingest_vm_files(
-        lake, [STORY / "nova", STORY / "neutron", STORY / "opennebula"], reclaim_interval=dt.timedelta(days=1)
-    )
+    # ingest_vm_files lands the sources, correlation builds the leases (as `tracepipe ingest vm` does)
+    ingest_vm(lake, [STORY / "nova", STORY / "neutron", STORY / "opennebula"], reclaim_interval=dt.timedelta(days=1))
     assert ingest_flow_files(lake, sorted((STORY / "netflow").glob("*.pcap"))).exit_code == 0
     ingest_syslog_files(lake, [STORY / "syslog"], year=2025)
     return root
@@ -154,6 +153,43 @@ def test_story_package_renders_in_headless_chromium(
     assert "Refused to" not in dom.stderr  # nothing blocked by the CSP: the page needs nothing from outside
 
 
+NOVA_IMAGE = "155d900f-4e14-4e4c-a73d-069cbf4541e6"  # image_uuid of every instance in the story's notifications
+
+
+def test_story_names_each_vms_image(story_trace: tuple[dict, Path, str], tmp_path: Path) -> None:
+    """Issue 15: "owner, project, image, hypervisor, cloud" of the VM that held the address: Nova's image_uuid
+    (also of the deleted and quarantined VMs), OpenNebula's DISK IMAGE_ID, in the JSON, the console, the
+    package's JSON and HTML, and in `who`."""
+    result, pkg, lake = story_trace
+    holders = [h for answer in result["observations"] for h in answer["holders"]]
+    assert len(holders) == 6 and {h["image"] for h in holders} == {NOVA_IMAGE}
+    assert {vm["vm_name"]: vm["image"] for vm in result["vms"]} == dict.fromkeys(
+        ("jupyter-07", "jupyter-31", "dataproc-04", "web-01", "web-05"), NOVA_IMAGE
+    )
+    assert json.loads((pkg / "trace.json").read_text())["vms"][0]["image"] == NOVA_IMAGE
+    assert f"<code>{NOVA_IMAGE}</code>" in (pkg / "index.html").read_text()
+    # the OpenNebula render node (42.xml: DISK IMAGE_ID 17, IMAGE alma9-render)
+    ticket = tmp_path / "render.csv"
+    ticket.write_text("address,time\n10.40.0.12,2025-06-17T09:00:00Z\n")
+    run = run_tracepipe("trace", str(ticket), "--format", "json", "--lake", lake)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (holder,) = json.loads(run.stdout)["observations"][0]["holders"]
+    assert (holder["vm_name"], holder["cloud"], holder["image"]) == ("render-node-2", "opennebula", "17")
+    table = run_tracepipe("trace", str(ticket), "--lake", lake)
+    assert "project hpc-lab · image 17 · one-kvm-3 · opennebula" in table.stdout
+    # who: the deleted jupyter-07 (table and JSON) and the render node
+    who = run_tracepipe("who", "10.20.1.31", "--at", "2025-06-17T08:05:00Z", "--format", "json", "--lake", lake)
+    assert who.returncode == 0 and json.loads(who.stdout)["leases"][0]["image"] == NOVA_IMAGE
+    who = run_tracepipe("who", "10.20.1.31", "--at", "2025-06-17T08:05:00Z", "--lake", lake)
+    assert f"  image       {NOVA_IMAGE}" in who.stdout
+    who = run_tracepipe("who", "10.40.0.12", "--at", "2025-06-17T09:00:00Z", "--format", "json", "--lake", lake)
+    assert json.loads(who.stdout)["leases"][0]["image"] == "17"
+    timeline = run_tracepipe("timeline", "render-node-2", "--format", "json", "--lake", lake)
+    answer = json.loads(timeline.stdout)
+    assert answer["vm"]["image"] == "17" and {e["image"] for e in answer["events"]} == {"17"}
+    assert "image 17" in run_tracepipe("timeline", "render-node-2", "--lake", lake).stdout
+
+
 def test_out_refused_when_it_exists_or_is_in_the_lake(story_trace: tuple[dict, Path, str]) -> None:
     _, pkg, lake = story_trace
     ticket = pkg.parent / "ticket.csv"
@@ -235,6 +271,7 @@ def test_drill_every_answer_right(drill: tuple[Lake, list[dict], Path]) -> None:
                 assert holder["vm_status"] == statuses[truth["expect_vm"]] == truth["kind"]
             if truth["kind"] == "soft_deleted":
                 assert holder["quarantine_until"] is not None and holder["valid_to"] is None
+            assert holder["image"] == f"img-{int(truth['expect_vm'].removeprefix('vm-')) % 7}"
         elif truth["in_cloud"]:
             assert answer["ambiguities"][0].startswith("no holder") and answer["matching_flows"] == 0
         else:
