@@ -8,7 +8,6 @@ the old schemas (no image column in the files nor in the log)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from pathlib import Path
 
@@ -65,7 +64,11 @@ def test_old_lake_reads_before_any_write(old_lake: Path) -> None:
     timeline = run_tracepipe("timeline", WEB01, "--format", "json", "--lake", str(old_lake))
     assert timeline.returncode == 0, timeline.stderr
     answer = json.loads(timeline.stdout)
-    assert answer["vm"]["image"] is None and answer["events"] and {e["image"] for e in answer["events"]} == {None}
+    assert (
+        answer["vm"]["image"] is None
+        and answer["events"]
+        and {e["image"] for e in answer["events"]} == {None}
+    )
 
 
 def test_old_lake_takes_new_events_and_answers_for_both(old_lake: Path, tmp_path: Path) -> None:

@@ -45,7 +45,9 @@ def story_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("story") / "lake"
     lake = Lake(root)
     # ingest_vm_files lands the sources, correlation builds the leases (as `tracepipe ingest vm` does)
-    ingest_vm(lake, [STORY / "nova", STORY / "neutron", STORY / "opennebula"], reclaim_interval=dt.timedelta(days=1))
+    ingest_vm(
+        lake, [STORY / "nova", STORY / "neutron", STORY / "opennebula"], reclaim_interval=dt.timedelta(days=1)
+    )
     assert ingest_flow_files(lake, sorted((STORY / "netflow").glob("*.pcap"))).exit_code == 0
     ingest_syslog_files(lake, [STORY / "syslog"], year=2025)
     return root
@@ -153,7 +155,8 @@ def test_story_package_renders_in_headless_chromium(
     assert "Refused to" not in dom.stderr  # nothing blocked by the CSP: the page needs nothing from outside
 
 
-NOVA_IMAGE = "155d900f-4e14-4e4c-a73d-069cbf4541e6"  # image_uuid of every instance in the story's notifications
+# image_uuid of every instance in the story's notifications
+NOVA_IMAGE = "155d900f-4e14-4e4c-a73d-069cbf4541e6"
 
 
 def test_story_names_each_vms_image(story_trace: tuple[dict, Path, str], tmp_path: Path) -> None:
@@ -178,11 +181,15 @@ def test_story_names_each_vms_image(story_trace: tuple[dict, Path, str], tmp_pat
     table = run_tracepipe("trace", str(ticket), "--lake", lake)
     assert "project hpc-lab · image 17 · one-kvm-3 · opennebula" in table.stdout
     # who: the deleted jupyter-07 (table and JSON) and the render node
-    who = run_tracepipe("who", "10.20.1.31", "--at", "2025-06-17T08:05:00Z", "--format", "json", "--lake", lake)
+    who = run_tracepipe(
+        "who", "10.20.1.31", "--at", "2025-06-17T08:05:00Z", "--format", "json", "--lake", lake
+    )
     assert who.returncode == 0 and json.loads(who.stdout)["leases"][0]["image"] == NOVA_IMAGE
     who = run_tracepipe("who", "10.20.1.31", "--at", "2025-06-17T08:05:00Z", "--lake", lake)
     assert f"  image       {NOVA_IMAGE}" in who.stdout
-    who = run_tracepipe("who", "10.40.0.12", "--at", "2025-06-17T09:00:00Z", "--format", "json", "--lake", lake)
+    who = run_tracepipe(
+        "who", "10.40.0.12", "--at", "2025-06-17T09:00:00Z", "--format", "json", "--lake", lake
+    )
     assert json.loads(who.stdout)["leases"][0]["image"] == "17"
     timeline = run_tracepipe("timeline", "render-node-2", "--format", "json", "--lake", lake)
     answer = json.loads(timeline.stdout)

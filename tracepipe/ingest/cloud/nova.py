@@ -226,7 +226,9 @@ def _image(data: dict[str, Any]) -> str | None:
     volume-backed instance, which Nova reports with an empty image_uuid."""
     image = text_field(data, "image_uuid", "payload.")
     if image is None and "image_meta" in data:
-        image = text_field(object_field(data, "image_meta", "payload."), "base_image_ref", "payload.image_meta.")
+        image = text_field(
+            object_field(data, "image_meta", "payload."), "base_image_ref", "payload.image_meta."
+        )
     url = text_field(data, "image_ref_url", "payload.") if image is None else None
     if url is not None:  # http://glance:9292/images/<uuid>
         image = url.rstrip("/").rsplit("/", 1)[-1] or None
