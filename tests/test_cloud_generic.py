@@ -128,3 +128,24 @@ def test_generic_addresses_times_ids_and_json_types():
         (9, "wrong JSON type"),
         (2, "not an IP address"),  # found when the table is finished (all addresses at once)
     ]
+
+
+def test_optional_image_column_and_the_latest_wins():
+    """Issue 15: `image` is optional (absent: null); the VM's image is the latest row naming one."""
+    text = (
+        "ts,vm_id,action,addr,image\n"
+        "2024-03-12T07:00:00Z,vm-a,create,10.0.0.5,img-1\n"
+        "2024-03-12T08:00:00Z,vm-a,power_off,,\n"
+        "2024-03-12T09:00:00Z,vm-a,rebuild,10.0.0.5,img-2\n"
+        "2024-03-12T10:00:00Z,vm-a,power_on,,\n"
+    )
+    events, rejects = parse_cloud_text(text, "inv.csv", fmt="csv")
+    assert rejects.num_rows == 0
+    assert events.column("image").to_pylist() == ["img-1", None, "img-2", None]
+    assert build_leases(events)[1].column("image").to_pylist() == ["img-2"]
+    without, _ = parse_cloud_text((DATA / "inventory.csv").read_text(), "inventory.csv", fmt="csv")
+    assert without.num_rows > 0 and without.column("image").null_count == without.num_rows
+    jsonl, _ = parse_cloud_text(
+        '{"ts": "2024-03-12T07:00:00Z", "vm_id": 7, "action": "create", "image": 42}', "x", fmt="jsonl"
+    )
+    assert jsonl.column("image").to_pylist() == ["42"]  # numbers as text, like OpenNebula's image ids

@@ -255,3 +255,39 @@ def test_a_hostile_line_in_a_real_dump_costs_that_line_only(tmp_path):
     assert (report.rows, report.rejects, report.exit_code) == (len(lines) - 1, 1, EXIT_PARTIAL)
     stored = Lake(tmp_path / "lake").read("rejects").to_pylist()
     assert [(r["line"], r["reason"]) for r in stored] == [(4, "wrong JSON type")]
+
+
+def test_image_from_versioned_and_legacy_payloads_and_a_rebuild_changes_it():
+    """Issue 15: the image the VM runs. Versioned: image_uuid (the rebuild sample names another image than the
+    create); legacy: image_meta.base_image_ref, else the id at the end of image_ref_url; an empty image_uuid
+    (volume-backed instance) is null, an object there is a reject."""
+    import pyarrow as pa
+
+    from tracepipe.correlate.leases import build_leases
+
+    create, _ = parse_cloud_text((REAL / "instance-create-end.json").read_text(), "create")
+    rebuild, _ = parse_cloud_text((REAL / "instance-rebuild-end.json").read_text(), "rebuild")
+    assert create.column("image").to_pylist() == ["155d900f-4e14-4e4c-a73d-069cbf4541e6"]
+    assert rebuild.column("image").to_pylist() == ["a2459075-d96c-40d5-893e-577ff92e721c"]
+
+    def legacy(payload: dict) -> dict:
+        base = {"instance_id": "vm-1", "tenant_id": "p", "user_id": "u", "state": "active"}
+        return {
+            "event_type": "instance.create.end",
+            "timestamp": "2024-03-12T07:00:00Z",
+            "payload": {**base, "uuid": "vm-1", **payload},
+        }
+
+    lines = [
+        legacy(
+            {"image_meta": {"base_image_ref": "img-meta"}, "image_ref_url": "http://g:9292/images/img-url"}
+        ),
+        legacy({"image_ref_url": "http://glance:9292/images/img-url/"}),
+        legacy({"image_uuid": ""}),
+        legacy({"image_uuid": {"id": "x"}}),
+    ]
+    events, rejects = parse_cloud_text("\n".join(json.dumps(m) for m in lines), "legacy", fmt="nova")
+    assert events.column("image").to_pylist() == ["img-meta", "img-url", None]
+    assert rejects.column("reason").to_pylist() == ["wrong JSON type"]
+    _, vms = build_leases(pa.concat_tables([create, rebuild]))
+    assert vms.column("image").to_pylist() == ["a2459075-d96c-40d5-893e-577ff92e721c"]  # the latest

@@ -122,3 +122,22 @@ def test_xml_times_out_of_range_are_left_out_and_counted():
 def test_log_without_a_vm_id_is_rejected_not_landed_with_an_empty_id():
     events, rejects = parse_opennebula("Tue Mar 12 09:00:00 2024 [Z0][VM][I]: New state is PENDING", None, "")
     assert events.num_rows == 0 and rejects.to_pydict()["reason"] == ["no OpenNebula VM id"]
+
+
+def test_image_of_the_first_disk_that_names_one():
+    """Issue 15: TEMPLATE/DISK IMAGE_ID (the id), else the IMAGE name; a volatile disk (no image) before it is
+    skipped; no disk at all: null. Every row of the VM carries it, and vms keeps it."""
+    xml = (DATA / "42.xml").read_text()
+    events, _ = parse_opennebula((DATA / "42.log").read_text(), xml, "42.log", tz=BERLIN)
+    assert set(events.column("image").to_pylist()) == {"5"}
+    assert build_leases(events)[1].column("image").to_pylist() == ["5"]
+    volatile = "<DISK><DISK_ID>0</DISK_ID><TYPE>fs</TYPE><SIZE>1024</SIZE></DISK>"
+    named_only = xml.replace("<IMAGE_ID><![CDATA[5]]></IMAGE_ID>", "").replace(
+        "<DISK>", volatile + "<DISK>", 1
+    )
+    assert set(parse_opennebula(None, named_only, "42.xml")[0].column("image").to_pylist()) == {
+        "ubuntu-22.04"
+    }
+    start, end = xml.index("<DISK>"), xml.index("</DISK>") + len("</DISK>")
+    no_disk = xml[:start] + xml[end:]
+    assert set(parse_opennebula(None, no_disk, "42.xml")[0].column("image").to_pylist()) == {None}
