@@ -107,12 +107,13 @@ def test_views_exist_typed_on_an_empty_lake(tmp_path):
         assert con.sql(f"SELECT count(*) FROM {name}").fetchall() == [(0,)]
     types = dict((row[0], row[1]) for row in con.sql("DESCRIBE flows_attributed").fetchall())
     assert types["ts_start"] == "TIMESTAMP WITH TIME ZONE" and types["date"] == "DATE"
-    assert [c for c in types if c.startswith("dst_")][-5:] == [
+    assert [c for c in types if c.startswith("dst_")][-6:] == [
         "dst_vm_name",
         "dst_project",
         "dst_user",
         "dst_hypervisor",
         "dst_vm_status",
+        "dst_image",
     ]
     assert con.execute("SELECT * FROM who_had(?, ?)", ["10.0.0.5", T0]).fetchall() == []
 
