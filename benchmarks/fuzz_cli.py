@@ -9,8 +9,9 @@ edges of the calendar, and files that are not what they claim (FIFO, directory, 
 non-UTF-8, a pickle, a symlink loop, a truncated pcap, a 0-byte part-*.parquet planted in the lake).
 
 A case FAILS when the command ends in "internal error" (exit 4 from an unexpected exception), prints a Python
-traceback, exits with a code outside README's table (0-4), hangs past --timeout, or creates a file outside its
-own work folder. Usage and data errors (exit 2/3/4 with a message) are the expected answer to most cases.
+traceback, exits with a code outside README's table, hangs past --timeout, creates a file outside its own work
+folder, or replaces /dev/null (an atomic write renames over its target; as root that broke the host once: run
+this as an unprivileged user where you can). Usage and data errors (exit 2/3/4 with a message) are the expected answer to most cases.
 
     PYTHONPATH=$PWD python benchmarks/fuzz_cli.py                    # every case (~1,000; ~15 min on 2 cores)
     PYTHONPATH=$PWD python benchmarks/fuzz_cli.py --sample 80        # a seeded sample (what tests/ runs)
@@ -25,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -333,6 +335,8 @@ def run_case(case: Case, lake: Path, scratch: Path, timeout: float) -> Outcome:
         verdict = "undocumented-exit"
     elif any(CANARY.parent.glob(CANARY.name + "*")):
         verdict = "escaped-file"
+    elif not stat.S_ISCHR(os.stat("/dev/null").st_mode):  # a write target replaced by a rename (run as root)
+        verdict = "replaced-/dev/null"
     else:
         verdict = "ok"
     shutil.rmtree(work, ignore_errors=True)

@@ -468,3 +468,25 @@ def test_demo_lake_may_be_a_symlink(tmp_path):
         result = cli("demo", "--lake", str(link), "--format", "json")
         assert result.returncode == 0, result.stderr
     assert link.is_symlink() and (real / "flows" / "_delta_log").is_dir()
+
+
+def test_no_write_replaces_a_device_or_fifo(hostile_lake, tmp_path):
+    """Regression (fuzz_cli run as root): a hostile write target replaced /dev/null with a regular file — every
+    atomic write renames over its target. The one writer (fsutil.replacing) now refuses anything but a regular
+    file; checked on a FIFO, for `sql --output --force` and for the helper every writer uses."""
+    import os
+    import stat
+
+    from tracepipe.errors import UsageError
+    from tracepipe.fsutil import write_atomic
+
+    fifo = tmp_path / "listener"
+    os.mkfifo(fifo)
+    result = cli(
+        "sql", "SELECT 1", "--format", "csv", "--output", str(fifo), "--force", "--lake", str(hostile_lake)
+    )
+    assert result.returncode == 2 and "is not a regular file (a FIFO)" in result.stderr, result.stderr
+    with pytest.raises(UsageError, match="never replaces a device"):
+        write_atomic(fifo, "stats")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)

@@ -15,7 +15,17 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["directory_problem", "fsync_dir", "input_problem", "move_durably", "replacing", "write_atomic"]
+from tracepipe.errors import UsageError
+
+__all__ = [
+    "directory_problem",
+    "fsync_dir",
+    "input_problem",
+    "move_durably",
+    "replace_problem",
+    "replacing",
+    "write_atomic",
+]
 
 TMP_SUFFIX = ".tmp"
 
@@ -39,6 +49,9 @@ def replacing(path: Path, *, durable: bool = True) -> Iterator[Path]:
     exit it is fsynced and renamed over `path`, and the directory fsynced. On an error the temp file is
     removed and `path` keeps its old content."""
     path = Path(path)
+    problem = replace_problem(path)
+    if problem:
+        raise UsageError(f"{path} {problem}")
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         yield tmp
@@ -117,3 +130,22 @@ def directory_problem(path: Path) -> str | None:
         (name for test, name in _KINDS if test(mode)), "regular file" if stat.S_ISREG(mode) else "file"
     )
     return f"is not a directory (a {kind})"
+
+
+def replace_problem(path: Path) -> str | None:
+    """None when `path` may be replaced by a rename (missing, or a regular file), else why not. Renaming over
+    /dev/null (a `--stats-file /dev/null` or `--output /dev/null` as root) would put a regular file in its place
+    and break every program on the host that writes there; a FIFO or socket someone listens on likewise."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # missing (or unreadable: the write itself will say so)
+    if stat.S_ISREG(mode):
+        return None
+    kind = (
+        "directory" if stat.S_ISDIR(mode) else next((n for test, n in _KINDS if test(mode)), "special file")
+    )
+    return (
+        f"is not a regular file (a {kind}): tracepipe writes a file by replacing it atomically and never "
+        "replaces a device, FIFO, socket or directory; give the path of a file"
+    )
