@@ -120,6 +120,17 @@ def softflowd_export(traffic_pcaps, tmp_path_factory) -> Callable[[int, str, str
     return export
 
 
+def empty_lake(path: Path):
+    """A lake with nothing in it yet (one empty table): readers refuse a directory holding none of the lake's
+    tables ("not a tracepipe lake"), so a test whose readers may run before the first commit starts here."""
+    from tracepipe.lake import Lake
+    from tracepipe.schema import VM_LEASES
+
+    lake = Lake(path)
+    lake.replace_dataset("vm_leases", VM_LEASES.empty_table())
+    return lake
+
+
 def run_tracepipe(*args: str, timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess (what a user types), with a timeout."""
     return subprocess.run(

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import blank_icmpv6_ports, lake_flows, multiset_diff, nfdump_reference
+from conftest import blank_icmpv6_ports, empty_lake, lake_flows, multiset_diff, nfdump_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import probes
@@ -46,7 +46,6 @@ from tracepipe.collector import (
 )
 from tracepipe.errors import UsageError
 from tracepipe.lake import Lake
-from tracepipe.schema import VM_LEASES
 from tracepipe.units import parse_listen, parse_size
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -654,7 +653,7 @@ def test_rotate_and_window_accept_the_same_durations(tmp_path, form):
     run = start_collector(tmp_path, lake, "--rotate", form)
     assert stop_collector(run) == 0, run.stderr.read_text()
     # nothing was sent, so nothing landed: give `who` a lake (an empty directory is refused as "not a lake")
-    Lake(lake).replace_dataset("vm_leases", VM_LEASES.empty_table())
+    empty_lake(lake)
     at = "2024-03-12T00:00:00+00:00"
     command = [sys.executable, "-m", "tracepipe.cli", "who"]
     who = subprocess.run(

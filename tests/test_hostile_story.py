@@ -98,7 +98,9 @@ def hostile_story(root: Path, text: dict[str, Any]) -> Path:
     xml.write_bytes(named.encode("utf-8", "surrogatepass"))  # a lone surrogate: bytes that are no UTF-8
     for log in (story / "syslog").glob("*.log"):
         data = log.read_bytes()
-        log.write_bytes(re.sub(rb"(Invalid user |Failed password for )\S+", rb"\1" + text["ssh"], data))
+        log.write_bytes(
+            re.sub(rb"(Invalid user |Failed password for )\S+", lambda m: m.group(1) + text["ssh"], data)
+        )
     misp = story / "intel" / "misp.csv"
     rows = list(csv.reader(io.StringIO(misp.read_text())))
     for row in rows[1:]:

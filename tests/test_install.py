@@ -20,6 +20,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from conftest import empty_lake
 from typer.testing import CliRunner
 
 import tracepipe
@@ -93,6 +94,7 @@ def test_installed_demo_finds_the_story_from_an_empty_directory(installed: Path,
 
 def test_installed_spark_engine_runs_with_the_venvs_python(installed: Path, tmp_path: Path) -> None:
     sql = "SELECT cidr_contains('10.20.0.0/16', '10.20.1.23') AS inside, ip_family('::1') AS family"
+    empty_lake(tmp_path / "lake")
     args = [
         "sql",
         "--engine",

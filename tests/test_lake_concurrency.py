@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import ingest_in_process
+from conftest import empty_lake, ingest_in_process
 from conftest import ingest_vm as ingest_vm_in_process
 from support import probes
 from test_collector import spooled_payloads, start_collector, stop_collector
@@ -191,7 +191,7 @@ def test_kill_9_writers_while_readers_count_nothing_lost_nothing_doubled(tmp_pat
     ingest_vm_in_process(Lake(clean), [NOVA])
 
     lake = tmp_path / "lake"
-    lake.mkdir()  # readers start before the first commit: an empty lake reads as empty views
+    empty_lake(lake)  # readers start before the first flow lands: a lake with no flows reads as empty views
     spool = tmp_path / "spool"
     logs = tmp_path / "logs"
     logs.mkdir()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import empty_lake
 
 import tracepipe
 from tracepipe.engines.spark import worker_python
@@ -26,6 +27,7 @@ def run_cli_bare_path(tmp_path: Path, **env: str) -> subprocess.CompletedProcess
     """`tracepipe sql --engine spark` with PATH=/usr/bin:/bin (no venv bin/), nothing else inherited."""
     code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tracepipe.cli import main; main()"
     base = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "COLUMNS": "400"}
+    empty_lake(tmp_path / "lake")
     args = ["sql", "--engine", "spark", "--spark-master", "local[1]", "--lake", str(tmp_path / "lake")]
     return subprocess.run(
         [sys.executable, "-c", code, *args, "--format", "json", SQL],
