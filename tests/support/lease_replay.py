@@ -12,29 +12,16 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from tracepipe.schema import VM_EVENTS, VM_LEASES, VMS
-
-# events that only announce an action; the VM's state changes with the .end
-_PASSIVE_PHASES = (0, 1)  # normalise_events' _phase: 0 .start, 1 .error, 2 .end or no phase
-_DEFAULT_STATUS = {
-    "create": "active",
-    "power_on": "active",
-    "power_off": "stopped",
-    "reboot": "active",
-    "rebuild": "active",
-    "shelve": "shelved",
-    "shelve_offload": "shelved",
-    "unshelve": "active",
-    "restore": "active",
-    "soft_delete": "soft_deleted",
-    "delete": "deleted",
-    "force_delete": "deleted",
-    "purge": "purged",
-}
-_GONE = ("deleted", "purged")
-_FLOATING_ACTIONS = frozenset({"fip_associate", "fip_disassociate", "fip_delete"})
-_IDENTITY = ("vm_name", "project", "user", "cloud", "image")
-_CONTENT = [f.name for f in VM_EVENTS if f.name not in ("source", "line")]
+# the vocabulary (which action leaves which state, which VM facts the latest event decides) is the package's own:
+# the oracle checks the replay, not a second copy of the tables
+from tracepipe.correlate.leases import (
+    _DEFAULT_STATUS,
+    _FLOATING_ACTIONS,
+    _GONE,
+    _IDENTITY,
+    _PASSIVE_PHASES,
+)
+from tracepipe.schema import VM_LEASES, VMS
 
 
 def normalise_events(events: pa.Table) -> pl.DataFrame:
