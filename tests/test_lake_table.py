@@ -5,6 +5,7 @@ reading the lake without tracepipe (deltalake + DuckDB, polars). Real Parquet, r
 from __future__ import annotations
 
 import datetime as dt
+import time
 import json
 
 import duckdb
@@ -118,7 +119,11 @@ def test_sql_as_of_a_version_or_a_time_sees_the_lake_as_it_was(tmp_path):
     lake = Lake(tmp_path / "lake")
     ingest_table(lake, "flows", "first", "0a" * 32, [_flows(4, DAY)])
     token = ",".join(f"{k}={v}" for k, v in sorted(lake.versions().items()))
+    # Delta time travel goes by the commit files' modification times, which the kernel stamps from its coarse
+    # clock (a few ms behind the wall clock): a moment between two commits must be more than that from both
+    time.sleep(0.05)
     between = dt.datetime.now(dt.UTC)
+    time.sleep(0.05)
     ingest_table(lake, "flows", "second", "0b" * 32, [_flows(6, DAY, 1)])
 
     def count(*extra: str) -> int:
