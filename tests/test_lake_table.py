@@ -5,8 +5,8 @@ reading the lake without tracepipe (deltalake + DuckDB, polars). Real Parquet, r
 from __future__ import annotations
 
 import datetime as dt
-import time
 import json
+import time
 
 import duckdb
 import polars as pl
