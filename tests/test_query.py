@@ -357,8 +357,8 @@ def test_sql_output_is_written_atomically_and_replaced(small_lake, tmp_path):
     written = run_cli("sql", sql, "--format", "csv", "-o", str(out), "--force", "--lake", str(small_lake))
     assert written.returncode == 0 and written.stdout == "", written.stderr
     assert out.read_text().splitlines()[0] == '"src_addr","bytes"'
-    # a temp file a killed writer left behind (or a symlink planted in its place, pointing into the lake) is
-    # removed, never written through
+    # a symlink planted at a guessable temp name, pointing into the lake, is never written through (the temp
+    # file is created exclusively under a random name) and is left as it was
     victim = Lake(small_lake).files("flows")[0]
     before = victim.read_bytes()
     out_parquet = tmp_path / "out.parquet"
@@ -367,7 +367,8 @@ def test_sql_output_is_written_atomically_and_replaced(small_lake, tmp_path):
     assert as_parquet.returncode == 0, as_parquet.stderr
     assert len(pq.read_table(out_parquet).to_pylist()) == 2
     assert victim.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "out.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "out.parquet", "out.parquet.tmp"]
+    assert (tmp_path / "out.parquet.tmp").is_symlink()
 
 
 def test_sql_never_writes_inside_the_lake(small_lake, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,16 +44,41 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, for a moment, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def _fresh_temp(path: Path) -> Path:
+    """A new, empty, unpredictably named file beside `path`, created exclusively (O_EXCL: never a file or
+    symlink someone planted at a name they could guess), with the mode a plain create would give."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
+    return Path(name)
+
+
 @contextlib.contextmanager
-def replacing(path: Path, *, durable: bool = True) -> Iterator[Path]:
+def replacing(path: Path, *, durable: bool = True, tmp: Path | None = None) -> Iterator[Path]:
     """`with replacing(path) as tmp:` write `tmp` (any writer that takes a file name: pyarrow, numpy); on
     exit it is fsynced and renamed over `path`, and the directory fsynced. On an error the temp file is
-    removed and `path` keeps its old content."""
+    removed and `path` keeps its old content. The temp file is created exclusively under a random name in
+    `path`'s folder, so a folder others can write to (/tmp) cannot redirect the write through a planted
+    symlink. A caller that already writes a temp file of an unguessable name (the lake's part files) passes
+    it as `tmp`."""
     path = Path(path)
     problem = replace_problem(path)
     if problem:
         raise UsageError(f"{path} {problem}")
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = _fresh_temp(path) if tmp is None else tmp
     try:
         yield tmp
         if durable:

@@ -315,8 +315,7 @@ class PartFile:
         self._flush()
         if self._writer is None:
             return None
-        with fsutil.replacing(self.path) as tmp:  # fsync, rename over, fsync the directory
-            assert tmp == self.tmp
+        with fsutil.replacing(self.path, tmp=self.tmp):  # fsync, rename over, fsync the directory
             self._writer.close()
             self._writer = None
         meta = pq.read_metadata(self.path)

@@ -651,8 +651,6 @@ def export_result(
         return text
     try:
         with replacing(Path(output)) as tmp:
-            # a temp file a killed run left, or a symlink planted in its place, is removed, not written through
-            tmp.unlink(missing_ok=True)
             if text is not None:
                 tmp.write_text(text, encoding="utf-8")
             else:

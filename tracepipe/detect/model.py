@@ -144,7 +144,6 @@ def save(forest: IsolationForest | Forest, info: ModelInfo, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with fsutil.replacing(path) as tmp:
-            tmp.unlink(missing_ok=True)  # a symlink planted at the temp name is replaced, not written through
             write(arrays, tmp)
         info.model_sha256 = _sha256(path)
         fsutil.write_atomic(sidecar(path), json.dumps(asdict(info), indent=2))
