@@ -45,6 +45,7 @@ from deltalake.transaction import (
 from tracepipe import fsutil
 from tracepipe.errors import LakeError
 from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset
+from tracepipe.units import time_window
 
 DEFAULT_LAKE = "./lake"
 MANIFEST_DIR = "_ingest"
@@ -1291,6 +1292,8 @@ class IngestWriter:
             self.abort()
 
     def write(self, table: pa.Table) -> None:
+        if table.num_rows and self.dataset.partition_ts is not None:
+            table = self._plausible(table)
         if table.num_rows == 0:
             return
         self.result.rows += table.num_rows
@@ -1304,6 +1307,37 @@ class IngestWriter:
             return
         for day in distinct:
             self._part(day).write(table.filter(pc.equal(days, day)))
+
+    def _plausible(self, table: pa.Table) -> pa.Table:
+        """Rows whose partition time is missing or outside units.time_window (1990 .. now + 1 day) become
+        rejects: whatever a source claims (a NetFlow header's clock is the sender's to set, a router without
+        NTP says 1970), no row creates a partition in the far past or future, where retention, time travel
+        and every "last N days" query would miss or mishandle it."""
+        column = table.column(self.dataset.partition_ts)
+        earliest, latest = time_window()
+        ok = pc.fill_null(
+            pc.and_(
+                pc.greater_equal(column, pa.scalar(earliest, column.type)),
+                pc.less_equal(column, pa.scalar(latest, column.type)),
+            ),
+            False,
+        )
+        if pc.all(ok).as_py():
+            return table
+        bad = table.filter(pc.invert(ok))
+        shown = pc.fill_null(pc.cast(bad.column(self.dataset.partition_ts), pa.string()), "null")
+        detail = pc.binary_join_element_wise(
+            f"{self.dataset.partition_ts}=", shown, f" (plausible: {earliest:%Y-%m-%d} .. now + 1 day)", ""
+        )
+        rejects = {
+            "reason": pa.array(["time outside plausible window"] * bad.num_rows, pa.string()),
+            "detail": detail,
+        }
+        for name in ("exporter", "offset", "line"):
+            if name in bad.column_names:
+                rejects[name] = bad.column(name)
+        self.reject(pa.table(rejects))
+        return table.filter(ok)
 
     def _part(self, day: str | None) -> PartFile:
         key = day or ""
