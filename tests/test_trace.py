@@ -446,3 +446,115 @@ def test_push_refusals(story_trace: tuple[dict, Path, str]) -> None:
     assert run.returncode == 2 and "in clear" in run.stderr and "secret" not in run.stderr
     run = push("ftp://127.0.0.1/", "secret")
     assert run.returncode == 2
+
+
+class _MispStandIn:
+    """A MISP server on 127.0.0.1 that answers the calls PyMISP makes (version, the key's user, event add) and
+    records what it received: the real PyMISP and requests stack speaks real HTTP to it."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        import http.server
+        import threading
+
+        import pymisp
+
+        self.requests: list[dict] = []
+        stand_in = self
+        describe = json.loads((Path(pymisp.__file__).parent / "data" / "describeTypes.json").read_text())
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _answer(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                stand_in.requests.append(
+                    {
+                        "method": self.command,
+                        "path": self.path,
+                        "key": self.headers.get("Authorization"),
+                        "body": body,
+                    }
+                )
+                if self.headers.get("Authorization") != "s3cret-key":
+                    self._answer(403, {"errors": ["Authentication failed"]})
+                elif self.path.startswith("/servers/getVersion"):
+                    self._answer(200, {"version": "2.5.2", "pymisp_recommended_version": pymisp.__version__})
+                elif self.path.startswith("/users/view/me"):
+                    user = {"id": "7", "email": "csirt@example.org", "org_id": "1", "role_id": "3"}
+                    self._answer(200, {"User": user, "Role": {"id": "3", "name": "User"}, "UserSetting": {}})
+                elif self.path.startswith("/attributes/describeTypes"):
+                    self._answer(200, describe)
+                elif self.path.startswith("/events/add") and refuse:
+                    self._answer(403, {"errors": ["You do not have permission to use this functionality."]})
+                elif self.path.startswith("/events/add"):
+                    posted = json.loads(body)
+                    event = posted.get("Event", posted)  # MISP takes the event bare or wrapped
+                    self._answer(200, {"Event": {**event, "id": "4242", "org_id": "1"}})
+                else:
+                    self._answer(404, {"errors": [f"no route {self.path}"]})
+
+            do_GET = do_POST = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["accepted", "refused"])
+def test_push_sends_the_exported_event_to_misp(
+    story_trace: tuple[dict, Path, str], tmp_path: Path, refuse
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    _, pkg, lake = story_trace
+    misp = _MispStandIn(refuse=refuse)
+    # no proxy may carry loopback traffic elsewhere; the key only in the environment
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "MISP_KEY"}
+    out = tmp_path / "event.json"
+    try:
+        args = ["export", "misp", str(pkg), "--out", str(out), "--push", misp.url, "--format", "json"]
+        run = subprocess.run(
+            [sys.executable, "-m", "tracepipe.cli", *args, "--lake", lake],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, "MISP_KEY": "s3cret-key"},
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        misp.close()
+    assert "s3cret-key" not in run.stdout + run.stderr
+    assert all(r["key"] == "s3cret-key" for r in misp.requests)
+    added = [r for r in misp.requests if r["method"] == "POST" and r["path"].startswith("/events/add")]
+    assert len(added) == 1, [r["path"] for r in misp.requests]
+    posted = json.loads(added[0]["body"])
+    sent = posted.get("Event", posted)
+    written = json.loads(out.read_text())["Event"]
+    assert sent["info"] == written["info"] and sent["uuid"] == written["uuid"]
+    assert sorted((a["type"], a["value"]) for a in sent["Attribute"]) == sorted(
+        (a["type"], a["value"]) for a in written["Attribute"]
+    )
+    assert len(sent["Attribute"]) == len(written["Attribute"]) > 0
+    if refuse:
+        assert run.returncode == 4, run.stderr
+        assert "refused" in run.stderr and "permission" in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["pushed_to"] == f"{misp.url} (event 4242)"
