@@ -395,3 +395,20 @@ def test_allowlist_entries_and_science_peers_are_checked(entry, message):
 
     with pytest.raises(PipelineError, match=message):
         parse_pipeline(PIPELINE + entry)
+
+
+def test_science_peers_file_ships_and_is_read_relative_to_the_pipeline(tmp_path):
+    from tracepipe.pipeline_config import TEMPLATES_DIR, load_pipeline
+
+    example = TEMPLATES_DIR / "science_peers.toml.example"
+    (tmp_path / "science_peers.toml").write_text(example.read_text())
+    (tmp_path / "p.toml").write_text(
+        PIPELINE.replace("[pipeline]\n", '[pipeline]\nscience_peers_file = "science_peers.toml"\n')
+    )
+    config = load_pipeline(tmp_path / "p.toml")
+    assert [p.name for p in config.science_peers] == ["LHCONE", "LHCOPN Tier-0", "national lab storage"]
+    assert all(p.reason for p in config.science_peers)
+    assert (
+        config.science_peers[2].ports == [1094, 2880, 8443]
+        and config.science_peers[2].expires == "2027-06-30"
+    )

@@ -739,11 +739,17 @@ def mining(ctx: DetectContext) -> pl.DataFrame:
     """Sustained small-packet sessions to an outside host (Stratum: short JSON lines, long-lived), on any
     port; the known pool ports raise the score and shorten the time it takes to be sure."""
     c = ctx.config.detectors.mining
-    flows = ctx.flows(c.window).filter(
-        pl.col("src_local") & ~pl.col("dst_local") & (pl.col("proto") == 6) & ~pl.col("response")
+    flows = (
+        ctx.flows(c.window)
+        .filter(pl.col("src_local") & ~pl.col("dst_local") & (pl.col("proto") == 6) & ~pl.col("response"))
+        .with_columns(
+            # Off the pool ports only ONE connection counts (its pieces share the source port): many short
+            # connections to one place over hours are a beacon's shape, not a miner's session.
+            session=pl.when(pl.col("dst_port").is_in(c.ports)).then(-1).otherwise(pl.col("src_port"))
+        )
     )
     found = (
-        flows.group_by("src_addr", "dst_addr", "dst_port", "window_start")
+        flows.group_by("src_addr", "dst_addr", "dst_port", "session", "window_start")
         .agg(
             first_ts=pl.col("ts_start").min(),
             last_end=pl.col("ts_end").max(),
