@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
+from support import probes
 from support import stories as gen
 
 from tracepipe.detect import detectors as det
@@ -261,6 +262,37 @@ def test_a_known_port_raises_the_score_but_is_not_required(story_lake, alerts, t
         assert on_known == pytest.approx(off_known + det.KNOWN_PORT_BONUS)
 
 
+def test_issue_14_brute_force_on_a_non_standard_port_through_the_real_softflowd(tmp_path):
+    """Regression (issue 14): an SSH brute force against a server listening on port 2222, 67 short sessions of
+    ~1.7 kB from one client, each reset by the server, exported by the real softflowd: the sweep raised 0
+    alerts because the detector only looked at 22/3389. Now it is found, and ordinary traffic is not."""
+    from tracepipe.ingest.flows import ingest_flow_files
+
+    victim, attacker = "10.10.1.50", "198.51.100.7"
+    tries = [
+        probes.FlowSpec(
+            "tcp-rst", attacker, victim, 40000 + i, 2222, start=1.0 + 4.0 * i, packets=6, payload=240
+        )
+        for i in range(67)
+    ]
+    traffic = probes.build_traffic_pcap(tmp_path / "traffic.pcap", probes.default_flow_specs(seed=3) + tries)
+    port = probes.free_udp_port()
+    with probes.capture_udp(port, tmp_path / "export.pcap") as capture:
+        result = probes.softflowd_export(traffic, 9, (probes.LOOPBACK_V4, port))
+        capture.wait_for_packets(result.datagrams)
+    lake = Lake(tmp_path / "lake")
+    assert ingest_flow_files(lake, [capture.path]).exit_code == 0
+    text = PIPELINE.replace(json.dumps(gen.LOCAL_NETWORKS), json.dumps([*gen.LOCAL_NETWORKS, "10.0.0.0/16"]))
+    day = dt.datetime.fromtimestamp(probes.DEFAULT_T0, dt.UTC).replace(hour=0)
+    ctx = det.prepare_context(lake, parse_pipeline(text), day, day + dt.timedelta(days=1))
+    alerts = det.finalize(det.run_detectors(ctx), ctx, "test")[0].to_pylist()
+    assert [(a["detector"], a["addr"], a["peer"]) for a in alerts] == [("brute_force", victim, attacker)]
+    features = json.loads(alerts[0]["features"])
+    assert features["attempts"] == 67 and features["known_port"] is False
+    assert 1000 <= features["median_bytes"] <= 2500 and features["median_duration"] < 5
+    assert alerts[0]["reason"].startswith(f"{attacker} made 67 port 2222 login attempts against {victim}")
+
+
 # ---- research-network awareness (issue 14, item 5) ---------------------------------------------------------
 LAB = "192.16.166.40"  # a national lab's storage element, declared below
 SCIENCE = (
@@ -412,3 +444,22 @@ def test_science_peers_file_ships_and_is_read_relative_to_the_pipeline(tmp_path)
         config.science_peers[2].ports == [1094, 2880, 8443]
         and config.science_peers[2].expires == "2027-06-30"
     )
+
+
+def test_the_sweep_report_shows_what_was_suppressed_and_why(tmp_path):
+    from tracepipe.sweep import run_sweep
+
+    lake, story, _ = gen.story_lake(tmp_path, seed=11, days=3)
+    drop = next(p.peer for p in story.planted if p.detector == "exfiltration")
+    science = f'[[science_peers]]\nname = "partner lab"\nreason = "replica to the partner lab"\nprefixes = ["{drop}/32"]\n'
+    pipeline = tmp_path / "s.toml"
+    pipeline.write_text(
+        gen.pipeline_text(tmp_path / "reports", science).replace("html = false", "html = true")
+    )
+    result = run_sweep(lake, pipeline, *story.last_day)
+    assert "exfiltration" not in {a["detector"] for a in result.alerts.to_pylist()}
+    summary = json.loads(result.report_paths["json"].read_text())["summary"]
+    why = [s["why"] for s in summary["suppressed"] if s["detector"] == "exfiltration"]
+    assert len(why) == 1 and why[0].startswith("6.0 GB went to declared science peer partner lab (replica to")
+    html = result.report_paths["html"].read_text()
+    assert "Suppressed, and why" in html and "declared science peer partner lab" in html
