@@ -463,3 +463,31 @@ def test_the_sweep_report_shows_what_was_suppressed_and_why(tmp_path):
     assert len(why) == 1 and why[0].startswith("6.0 GB went to declared science peer partner lab (replica to")
     html = result.report_paths["html"].read_text()
     assert "Suppressed, and why" in html and "declared science peer partner lab" in html
+
+
+@pytest.mark.parametrize("hosts, suppressed", [(5, True), (4, False)])
+def test_a_destination_the_fleet_beacons_to_alike_is_a_shared_service(tmp_path, hosts, suppressed):
+    """No port exempts a beacon (a C2 on 123/udp is still a C2); what marks NTP pools and mirrors is that many
+    hosts keep the same rhythm with them. At beacon.shared_service_hosts (5) it is suppressed, with why."""
+    lake, story = build_lake(tmp_path, seed=11)
+    day, _ = story.last_day
+    f, rng = gen._Flows([]), np.random.default_rng(1)
+    fleet = sorted(story.ordinary())[:hosts]
+    for k, host in enumerate(fleet):
+        ts = int(day.timestamp() * 1e6) + k * 7_000_000 + np.arange(140) * 600_000_000
+        f.session(rng, ts, 40_000, f.idx(host), f.idx("192.0.2.123"), 7123, 17, 480, 480)
+    lake.append("flows", f.table(), key="fleet")
+    ctx = det.prepare_context(lake, parse_pipeline(PIPELINE), *story.last_day)
+    alerts, stats = det.finalize(det.run_detectors(ctx), ctx, "test")
+    beacons = {
+        a["addr"] for a in alerts.to_pylist() if a["detector"] == "beacon" and a["peer"] == "192.0.2.123"
+    }
+    why = [s["why"] for s in stats["suppressed"] if s["peer"] == "192.0.2.123"]
+    if suppressed:
+        assert beacons == set() and len(why) == hosts
+        assert (
+            why[0]
+            == "shared periodic service: 5 local hosts keep the same rhythm with 192.0.2.123:7123 (beacon.shared_service_hosts = 5)"
+        )
+    else:
+        assert beacons == set(fleet) and why == []

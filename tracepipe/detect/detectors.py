@@ -430,22 +430,6 @@ def beacon(ctx: DetectContext) -> pl.DataFrame:
         .with_columns(addr=pl.col("src_addr"), peer=pl.col("dst_addr"), port=pl.col("dst_port"))
     )
     frame = _with_window_end(found, c.window).collect(engine="streaming")
-    if c.shared_service_hosts and not frame.is_empty():
-        # Any port, any protocol; what tells NTP pools and update mirrors apart is that the whole fleet
-        # keeps the same rhythm with them, not their port.
-        frame = frame.with_columns(
-            fleet=pl.col("addr").n_unique().over("peer", "port", "proto", "window_start")
-        )
-        shared = frame.filter(pl.col("fleet") >= c.shared_service_hosts)
-        ctx.suppress(
-            shared,
-            "beacon",
-            lambda r: (
-                f"shared periodic service: {r['fleet']} local hosts keep the same rhythm with "
-                f"{r['peer']}:{r['port']} (beacon.shared_service_hosts = {c.shared_service_hosts})"
-            ),
-        )
-        frame = frame.filter(pl.col("fleet") < c.shared_service_hosts)
     return _finish(
         frame,
         "beacon",
@@ -535,9 +519,13 @@ def exfiltration(ctx: DetectContext) -> pl.DataFrame:
         pl.col("src_local") & ~pl.col("dst_local")
     )
     science = science_destinations(ctx, outbound)
-    is_science = pl.col("science").is_not_null() & (
-        (pl.col("science_ports").list.len() == 0) | pl.col("science_ports").list.contains(pl.col("dst_port"))
-    )
+    is_science = (
+        pl.col("science").is_not_null()
+        & (
+            (pl.col("science_ports").list.len() == 0)
+            | pl.col("science_ports").list.contains(pl.col("dst_port"))
+        )
+    ).fill_null(False)
     tagged = outbound.join(science.lazy(), on="dst_addr", how="left").with_columns(is_science=is_science)
     volumes = tagged.group_by("src_addr", "window_start").agg(
         bytes_out=pl.col("bytes").filter(~pl.col("is_science")).sum(),
@@ -897,7 +885,28 @@ def run_detectors(
     return pl.concat(frames) if frames else _empty()
 
 
-# ---- allowlists, attribution, evidence, ids ----------------------------------------------------------------
+# ---- cross-host rules, allowlists, attribution, evidence, ids ----------------------------------------------
+def shared_services(candidates: pl.DataFrame, ctx: DetectContext) -> pl.DataFrame:
+    """Beacons to a destination that `beacon.shared_service_hosts` or more local hosts keep the same rhythm with
+    are a shared service (NTP pool, update mirror), whatever its port: dropped here and recorded in
+    ctx.suppressed. A cross-host rule, so it runs over every engine's candidates together (a Spark host bucket
+    sees one host)."""
+    limit = ctx.config.detectors.beacon.shared_service_hosts
+    if not limit or candidates.is_empty():
+        return candidates
+    fleet = pl.col("addr").n_unique().over("peer", "port", "window_start")
+    marked = candidates.with_columns(_fleet=pl.when(pl.col("detector") == "beacon").then(fleet).otherwise(0))
+    ctx.suppress(
+        marked.filter(pl.col("_fleet") >= limit),
+        "beacon",
+        lambda r: (
+            f"shared periodic service: {r['_fleet']} local hosts keep the same rhythm with "
+            f"{r['peer']}:{r['port']} (beacon.shared_service_hosts = {limit})"
+        ),
+    )
+    return marked.filter(pl.col("_fleet") < limit).drop("_fleet")
+
+
 def apply_allowlist(
     candidates: pl.DataFrame,
     config: PipelineConfig,
@@ -1088,6 +1097,7 @@ def finalize(
     """Candidates -> schema.ALERTS rows: allowlists, VM attribution, reason, evidence, deterministic ids."""
     created_at = created_at or dt.datetime.now(dt.UTC)
     suppressed = ctx.suppressed
+    candidates = shared_services(candidates, ctx)
     kept, allowed = apply_allowlist(candidates, ctx.config, suppressed, ctx.until)
     if kept.is_empty():
         return ALERTS.empty_table(), {"allowlisted": allowed, "suppressed": suppressed}
