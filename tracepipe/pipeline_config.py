@@ -145,8 +145,8 @@ class BruteForce:
     ports: list[int] = field(default_factory=lambda: [22, 3389, 5900, 21, 23])
     min_attempts: int = 60  # connections from one source to the port in a window (outbound: over all targets)
     min_attempts_per_target: float = 10.0  # tells a brute force (many tries per host) from a scan (one each)
-    max_bytes_per_attempt: int = 10000  # median bytes of one attempt: logins are small
-    max_duration: Duration = 30  # type: ignore[assignment]  # median seconds of one attempt: logins are short
+    max_bytes_per_attempt: int = 10000  # bytes of one attempt: logins are small (bigger sessions never count)
+    max_duration: Duration = 30  # type: ignore[assignment]  # seconds of one attempt: logins are short
     max_size_spread: float = 0.5  # MAD/median of the attempts' bytes: a tool repeats one exchange
     inbound: bool = True
     outbound: bool = True

@@ -309,6 +309,9 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
         # an attempt opens a connection: a record whose flags are known but hold no SYN is an answer (the
         # RST|ACK of a closed port probed from a high port) or a later piece, not a login try
         & ((flags == 0) | ((flags & SYN) != 0))
+        # and is short and small: bulk sessions never count, whatever their number (cheap: most flows go here)
+        & (pl.col("bytes") <= c.max_bytes_per_attempt)
+        & (pl.col("duration") <= c.max_duration)
     )
     size = pl.col("bytes").cast(pl.Float64)
     shape = {
@@ -319,11 +322,25 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
         "failed": pl.col("failed").sum(),
         "first_ts": pl.col("ts_start").min(),
     }
+
+    def enough(frame: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
+        """The groups with enough attempts (per target), counted first and cheaply: the medians and the
+        mode below then run on the few groups that pass, not on every client of every port."""
+        counted = (
+            frame.group_by(keys)
+            .agg(n=pl.len(), hosts=pl.col("dst_addr").n_unique())
+            .filter(
+                (pl.col("n") >= c.min_attempts) & (pl.col("n") / pl.col("hosts") >= c.min_attempts_per_target)
+            )
+        )
+        return frame.join(counted.select(keys), on=keys, how="semi")
+
     frames = []
     if c.outbound:
+        outbound = ["src_addr", "dst_port", "window_start"]
         frames.append(
-            flows.filter(pl.col("src_local"))
-            .group_by("src_addr", "dst_port", "window_start")
+            enough(flows.filter(pl.col("src_local")), outbound)
+            .group_by(outbound)
             .agg(
                 targets=pl.col("dst_addr").n_unique(),
                 top_target=pl.col("dst_addr").mode().first(),
@@ -336,9 +353,10 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
             )
         )
     if c.inbound:
+        inbound = ["src_addr", "dst_addr", "dst_port", "window_start"]
         frames.append(
-            flows.filter(~pl.col("src_local"))
-            .group_by("src_addr", "dst_addr", "dst_port", "window_start")
+            enough(flows.filter(~pl.col("src_local")), inbound)
+            .group_by(inbound)
             .agg(**shape)
             .with_columns(
                 direction=pl.lit("inbound"),
@@ -526,7 +544,12 @@ def exfiltration(ctx: DetectContext) -> pl.DataFrame:
             | pl.col("science_ports").list.contains(pl.col("dst_port"))
         )
     ).fill_null(False)
-    tagged = outbound.join(science.lazy(), on="dst_addr", how="left").with_columns(is_science=is_science)
+    if science.is_empty():  # nothing declared (or nothing of it seen): no join over every outbound flow
+        tagged = outbound.with_columns(
+            science=pl.lit(None, pl.String), science_reason=pl.lit(None, pl.String), is_science=pl.lit(False)
+        )
+    else:
+        tagged = outbound.join(science.lazy(), on="dst_addr", how="left").with_columns(is_science=is_science)
     volumes = tagged.group_by("src_addr", "window_start").agg(
         bytes_out=pl.col("bytes").filter(~pl.col("is_science")).sum(),
         science_bytes=pl.col("bytes").filter(pl.col("is_science")).sum(),
@@ -541,15 +564,19 @@ def exfiltration(ctx: DetectContext) -> pl.DataFrame:
         return _empty()
     history = every.filter(pl.col("window_start") < start)
     current = current.with_columns(_projects(ctx, current, "src_addr", "first_ts"))
-    history = history.with_columns(_projects(ctx, history, "src_addr", "first_ts"))
     own = history.group_by("src_addr").agg(
         host_ref=pl.col("bytes_out").quantile(0.99), baseline_windows=pl.len()
     )
-    project_history = (
-        history.filter(pl.col("project").is_not_null())
-        .group_by("project")
-        .agg(project_history_ref=pl.col("bytes_out").quantile(0.99))
-    )
+    project_history = pl.DataFrame(schema={"project": pl.String, "project_history_ref": pl.Float64})
+    newcomers = current.filter(~pl.col("src_addr").is_in(own.get_column("src_addr").implode()))
+    projects = newcomers.get_column("project").drop_nulls().unique()
+    if len(projects):  # only a first-seen VM needs its project's history: look the past up then
+        history = history.with_columns(_projects(ctx, history, "src_addr", "first_ts"))
+        project_history = (
+            history.filter(pl.col("project").is_in(projects.implode()))
+            .group_by("project")
+            .agg(project_history_ref=pl.col("bytes_out").quantile(0.99))
+        )
     site = current.group_by("window_start").agg(site_ref=pl.col("bytes_out").median(), peer_hosts=pl.len())
     # The project's hosts in that window. A median is moved by at most one rank by the host itself, so with
     # MIN_PROJECT_HOSTS or more it stays the peers' level; smaller projects are judged by the site's median.
@@ -735,6 +762,9 @@ def mining(ctx: DetectContext) -> pl.DataFrame:
             # connections to one place over hours are a beacon's shape, not a miner's session.
             session=pl.when(pl.col("dst_port").is_in(c.ports)).then(-1).otherwise(pl.col("src_port"))
         )
+        # off the pool ports a session of an hour or more is exported in long pieces (active timeout):
+        # the many short flows of ordinary traffic never make one (cheap pre-filter)
+        .filter((pl.col("session") == -1) | (pl.col("duration") >= MIN_PIECE_SECONDS))
     )
     found = (
         flows.group_by("src_addr", "dst_addr", "dst_port", "session", "window_start")
