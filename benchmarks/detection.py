@@ -275,19 +275,20 @@ def read_binetflow(path: Path) -> tuple[pl.DataFrame, pa.Table]:
         _dflags=_history_flags(state.str.split("_").list.get(1, null_on_oob=True).fill_null(""), letters),
         _tcp=proto == 6,
     ).filter(pl.col("_ts").is_not_null() & pl.col("_proto").is_in([1, 6, 17]))
+    icmp = pl.col("_proto") == 1  # ra prints the ICMP type as Sport and the code as Dport
     forward = _direction(
         base,
         ("SrcAddr", "DstAddr"),
-        pl.col("_sp"),
-        pl.col("_dp"),
+        pl.when(icmp).then(0).otherwise(pl.col("_sp")),
+        pl.when(icmp).then(pl.col("_sp") * 256 + pl.col("_dp")).otherwise(pl.col("_dp")),
         (src_packets, src_bytes),
         pl.when(pl.col("_tcp")).then(pl.col("_sflags")).otherwise(0),
     )
     back = _direction(
         base.filter(total > src_bytes),
         ("DstAddr", "SrcAddr"),
-        pl.col("_dp"),
-        pl.col("_sp"),
+        pl.when(icmp).then(0).otherwise(pl.col("_dp")),
+        pl.when(icmp).then(0).otherwise(pl.col("_sp")),
         ((packets - src_packets).clip(lower_bound=1), total - src_bytes),
         pl.when(pl.col("_tcp")).then(pl.col("_dflags")).otherwise(0),
     )
