@@ -491,3 +491,39 @@ def test_a_destination_the_fleet_beacons_to_alike_is_a_shared_service(tmp_path, 
         )
     else:
         assert beacons == set(fleet) and why == []
+
+
+def test_an_address_handed_to_a_new_vm_does_not_hand_it_the_old_vms_history(tmp_path):
+    """The VM's own history, not the address's: 10.10.2.4 was a data mover's (3 GB every day); since this
+    morning it is a new VM of a quiet project, and its 3 GB to the outside is measured as a first-seen VM's."""
+    lake, story = build_lake(tmp_path, seed=11)
+    day, _ = story.last_day
+    addr, sink = "10.10.2.4", "192.0.2.150"
+    sessions = [
+        (addr, sink, story.start + dt.timedelta(days=d, hours=10), 2811, 3 * 10**9) for d in range(story.days)
+    ]
+    append_flows(lake, "reuse", sessions)
+    template = story.leases.to_pylist()[0]
+    old = template | {
+        "addr": addr,
+        "vm_id": "vm-mover",
+        "vm_name": "mover",
+        "project": "dataproc",
+        "valid_to": day,
+    }
+    new = template | {
+        "addr": addr,
+        "vm_id": "vm-new",
+        "vm_name": "newcomer",
+        "project": "quiet",
+        "valid_from": day,
+    }
+    extra = pa.Table.from_pylist([old, new], schema=story.leases.schema)
+    lake.replace_dataset("vm_leases", pa.concat_tables([story.leases, extra]))
+    exfil = [
+        a
+        for a in sweep_alerts(lake, story).to_pylist()
+        if a["detector"] == "exfiltration" and a["addr"] == addr
+    ]
+    assert len(exfil) == 1 and exfil[0]["vm_name"] == "newcomer"
+    assert "(no history before)" in exfil[0]["reason"]

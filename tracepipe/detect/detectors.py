@@ -510,15 +510,17 @@ def science_destinations(ctx: DetectContext, flows: pl.LazyFrame) -> pl.DataFram
     return pl.concat(parts) if parts else pl.DataFrame(schema=schema)
 
 
-def _projects(ctx: DetectContext, frame: pl.DataFrame, addr: str, at: str) -> pl.Series:
-    """The project of the VM that held `addr` at `at`, per row (correlate.lease_at: the one answer)."""
+def _leases_of(
+    ctx: DetectContext, frame: pl.DataFrame, addr: str, at: str, columns: tuple[str, ...] = ("project",)
+) -> pl.DataFrame:
+    """`columns` of the VM lease that held `addr` at `at`, per row (correlate.lease_at: the one answer)."""
     from tracepipe.correlate.lease_at import lease_at, read_leases
 
-    leases = read_leases(
-        ctx.lake, frame.get_column(addr).unique().to_list(), ["addr", "valid_from", "valid_to", "project"]
-    )
-    found = lease_at(leases, frame.get_column(addr), frame.get_column(at), ["project"])
-    return pl.Series("project", found.column("project").to_pylist(), pl.String)
+    wanted = ["addr", "valid_from", "valid_to", *[c for c in columns if c != "valid_from"]]
+    leases = read_leases(ctx.lake, frame.get_column(addr).unique().to_list(), wanted)
+    found = pl.from_arrow(lease_at(leases, frame.get_column(addr), frame.get_column(at), list(columns)))
+    assert isinstance(found, pl.DataFrame)
+    return found
 
 
 MIN_PROJECT_HOSTS = 3
@@ -563,15 +565,24 @@ def exfiltration(ctx: DetectContext) -> pl.DataFrame:
     if current.is_empty():
         return _empty()
     history = every.filter(pl.col("window_start") < start)
-    current = current.with_columns(_projects(ctx, current, "src_addr", "first_ts"))
-    own = history.group_by("src_addr").agg(
-        host_ref=pl.col("bytes_out").quantile(0.99), baseline_windows=pl.len()
+    current = pl.concat(
+        [current, _leases_of(ctx, current, "src_addr", "first_ts", ("project", "valid_from"))],
+        how="horizontal",
+    )
+    # The VM's own history: the address's past since the lease of the VM that holds it now began (an
+    # address handed to a new VM does not hand it the old VM's habits).
+    since_lease = current.group_by("src_addr").agg(lease_start=pl.col("valid_from").max())
+    own = (
+        history.join(since_lease, on="src_addr", how="inner")
+        .filter(pl.col("lease_start").is_null() | (pl.col("window_start") >= pl.col("lease_start")))
+        .group_by("src_addr")
+        .agg(host_ref=pl.col("bytes_out").quantile(0.99), baseline_windows=pl.len())
     )
     project_history = pl.DataFrame(schema={"project": pl.String, "project_history_ref": pl.Float64})
     newcomers = current.filter(~pl.col("src_addr").is_in(own.get_column("src_addr").implode()))
     projects = newcomers.get_column("project").drop_nulls().unique()
     if len(projects):  # only a first-seen VM needs its project's history: look the past up then
-        history = history.with_columns(_projects(ctx, history, "src_addr", "first_ts"))
+        history = history.with_columns(_leases_of(ctx, history, "src_addr", "first_ts").get_column("project"))
         project_history = (
             history.filter(pl.col("project").is_in(projects.implode()))
             .group_by("project")
