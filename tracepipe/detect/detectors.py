@@ -296,7 +296,8 @@ def _with_known_port(score: pl.Expr, port: pl.Expr, known: list[int]) -> pl.Expr
 
 def brute_force(ctx: DetectContext) -> pl.DataFrame:
     """Many short, alike sessions from one client to one server port, whatever the port: a login tool
-    repeats one exchange (near-identical bytes and durations), each closed or refused by the server.
+    repeats one exchange (near-identical bytes and durations). The share refused outright (no handshake) is
+    reported, not required: a login refused after the handshake is, in a flow record, any closed session.
     Outbound: one local source against one or more targets (a campaign spreads its tries), counted per
     (source, port). Inbound: one outside source against one local host, per (source, victim, port).
     Known login ports (SSH, RDP, ...) raise the score; they are not required."""
