@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
+from support import probes
 from support import stories as gen
 
 from tracepipe.detect import detectors as det
@@ -213,3 +214,316 @@ def test_detectors_work_without_leases_or_intel(tmp_path):
     rows = alerts.to_pylist()
     assert {"horizontal_scan", "vertical_scan", "mining"} <= {a["detector"] for a in rows}
     assert all(a["vm_id"] is None and "no VM lease known" in a["reason"] for a in rows)
+
+
+# ---- behaviour, not ports (issue 14, item 4) ---------------------------------------------------------------
+@pytest.mark.parametrize("port_seed", [1, 2, 3])
+def test_every_planted_behaviour_on_random_non_standard_ports_is_found(tmp_path, port_seed):
+    """Regression (issue 14): the brute-force detector keyed on 22/3389 and the miner on pool ports, so the
+    same attacks on other ports raised nothing. Every planted behaviour moves to random ports and is found,
+    by the same detector, and ordinary hosts still raise nothing."""
+    lake, story = build_lake(tmp_path, seed=11, port_seed=port_seed)
+    ports = story.extra["ports"]
+    assert not set(ports.values()) & gen.SPECIAL_PORTS
+    alerts = sweep_alerts(lake, story).to_pylist()
+    got = {(a["detector"], a["addr"]) for a in alerts}
+    truth = {(p.detector, p.addr) for p in story.planted}
+    assert got == truth
+    by_port = {a["detector"]: a for a in alerts}
+    brute = [a for a in alerts if a["detector"] == "brute_force"]
+    assert {json.loads(a["evidence"])["port"] for a in brute} == {ports["ssh_brute"], ports["rdp_brute"]}
+    for alert in brute:  # explains itself with feature values, and scores below a known login port's
+        features = json.loads(alert["features"])
+        assert features["known_port"] is False and features["size_spread"] <= 0.5
+        assert f"port {json.loads(alert['evidence'])['port']} login attempts" in alert["reason"]
+    assert f":{ports['mining']} for" in by_port["mining"]["reason"]
+    assert "mining-pool port" not in by_port["mining"]["reason"]
+    assert f"connected to 45.77.12.34:{ports['beacon']} 28" in by_port["beacon"]["reason"]
+    assert f"on port {ports['horizontal_scan']} in 1 h" in by_port["horizontal_scan"]["reason"]
+
+
+def test_a_known_port_raises_the_score_but_is_not_required(story_lake, alerts, tmp_path):
+    moved_lake, moved = build_lake(tmp_path, seed=11, port_seed=1)
+    moved_alerts = sweep_alerts(moved_lake, moved).to_pylist()
+
+    def score(rows: list[dict], detector: str, direction: str) -> float:
+        return next(
+            a["score"]
+            for a in rows
+            if a["detector"] == detector
+            and json.loads(a["features"]).get("direction", direction) == direction
+        )
+
+    for direction in ("outbound", "inbound"):
+        on_known, off_known = (
+            score(alerts, "brute_force", direction),
+            score(moved_alerts, "brute_force", direction),
+        )
+        assert on_known == pytest.approx(off_known + det.KNOWN_PORT_BONUS)
+
+
+def test_issue_14_brute_force_on_a_non_standard_port_through_the_real_softflowd(tmp_path):
+    """Regression (issue 14): an SSH brute force against a server listening on port 2222, 67 short sessions of
+    ~1.7 kB from one client, each reset by the server, exported by the real softflowd: the sweep raised 0
+    alerts because the detector only looked at 22/3389. Now it is found, and ordinary traffic is not."""
+    from tracepipe.ingest.flows import ingest_flow_files
+
+    victim, attacker = "10.10.1.50", "198.51.100.7"
+    tries = [
+        probes.FlowSpec(
+            "tcp-rst", attacker, victim, 40000 + i, 2222, start=1.0 + 4.0 * i, packets=6, payload=240
+        )
+        for i in range(67)
+    ]
+    traffic = probes.build_traffic_pcap(tmp_path / "traffic.pcap", probes.default_flow_specs(seed=3) + tries)
+    port = probes.free_udp_port()
+    with probes.capture_udp(port, tmp_path / "export.pcap") as capture:
+        result = probes.softflowd_export(traffic, 9, (probes.LOOPBACK_V4, port))
+        capture.wait_for_packets(result.datagrams)
+    lake = Lake(tmp_path / "lake")
+    assert ingest_flow_files(lake, [capture.path]).exit_code == 0
+    text = PIPELINE.replace(json.dumps(gen.LOCAL_NETWORKS), json.dumps([*gen.LOCAL_NETWORKS, "10.0.0.0/16"]))
+    day = dt.datetime.fromtimestamp(probes.DEFAULT_T0, dt.UTC).replace(hour=0)
+    ctx = det.prepare_context(lake, parse_pipeline(text), day, day + dt.timedelta(days=1))
+    alerts = det.finalize(det.run_detectors(ctx), ctx, "test")[0].to_pylist()
+    assert [(a["detector"], a["addr"], a["peer"]) for a in alerts] == [("brute_force", victim, attacker)]
+    features = json.loads(alerts[0]["features"])
+    assert features["attempts"] == 67 and features["known_port"] is False
+    assert 1000 <= features["median_bytes"] <= 2500 and features["median_duration"] < 5
+    assert alerts[0]["reason"].startswith(f"{attacker} made 67 port 2222 login attempts against {victim}")
+
+
+# ---- research-network awareness (issue 14, item 5) ---------------------------------------------------------
+LAB = "192.16.166.40"  # a national lab's storage element, declared below
+SCIENCE = (
+    '[[science_peers]]\nname = "LHCONE"\nreason = "WLCG transfers to the national lab\'s storage"\n'
+    'prefixes = ["192.16.166.0/24", "2001:1458::/32"]\n'
+)
+
+
+def append_flows(lake: Lake, key: str, sessions: list[tuple[str, str, dt.datetime, int, int]]) -> None:
+    """Add real flow files: (src, dst, start, dst_port, bytes) bulk TCP sessions of 20 minutes."""
+    f = gen._Flows([])
+    rng = np.random.default_rng(0)
+    for src, dst, start, port, size in sessions:
+        ts = np.array([int(start.timestamp() * 1_000_000)])
+        f.session(rng, ts, 1_200_000_000, f.idx(src), f.idx(dst), port, 6, np.array([size]), 40_000)
+    lake.append("flows", f.table(), key=key)
+
+
+def test_declared_science_transfer_is_not_alerted_but_the_same_volume_elsewhere_is(tmp_path):
+    lake, story = build_lake(tmp_path, seed=11)
+    day, _ = story.last_day
+    science_host, other_host = sorted(story.ordinary())[:2]
+    at = day + dt.timedelta(hours=16, minutes=5)
+    append_flows(
+        lake,
+        "transfers",
+        [(science_host, LAB, at, 1094, 3 * 10**9), (other_host, "198.51.100.99", at, 1094, 3 * 10**9)],
+    )
+    config = parse_pipeline(PIPELINE + SCIENCE)
+    ctx = det.prepare_context(lake, config, *story.last_day)
+    alerts, stats = det.finalize(det.run_detectors(ctx), ctx, "test")
+    exfil = {a["addr"]: a for a in alerts.to_pylist() if a["detector"] == "exfiltration"}
+    assert science_host not in exfil
+    assert other_host in exfil and "3.0 GB to 198.51.100.99" in exfil[other_host]["reason"]
+    why = [s for s in stats["suppressed"] if s["addr"] == science_host]
+    assert len(why) == 1 and why[0]["detector"] == "exfiltration"
+    assert why[0]["why"].startswith("3.0 GB went to declared science peer LHCONE (WLCG transfers")
+    # without the declaration the same transfer is an alert: the peer list, not the volume, made it science
+    plain = {a["addr"] for a in sweep_alerts(lake, story).to_pylist() if a["detector"] == "exfiltration"}
+    assert {science_host, other_host} <= plain
+
+
+def test_a_science_peer_restricted_to_ports_covers_only_those(tmp_path):
+    lake, story = build_lake(tmp_path, seed=11)
+    host = sorted(story.ordinary())[0]
+    append_flows(lake, "t", [(host, LAB, story.last_day[0] + dt.timedelta(hours=16), 4444, 3 * 10**9)])
+    only_xrootd = SCIENCE + "ports = [1094]\n"
+    config = parse_pipeline(PIPELINE + only_xrootd)
+    ctx = det.prepare_context(lake, config, *story.last_day)
+    alerts, _ = det.finalize(det.run_detectors(ctx), ctx, "test")
+    assert host in {a["addr"] for a in alerts.to_pylist() if a["detector"] == "exfiltration"}
+
+
+def test_first_seen_vm_is_judged_against_its_project_not_flagged_for_having_no_history(tmp_path):
+    """Regression (issue 14): a 3 GB transfer by a new VM was alerted as 'no history before'. Its project's
+    VMs move that much every day, so it is ordinary; the same transfer by a new VM of a quiet project is not."""
+    lake, story = build_lake(tmp_path, seed=11)
+    day, _ = story.last_day
+    movers = ["10.10.2.1", "10.10.2.2", "10.10.2.3"]
+    sessions = [
+        (m, "192.0.2.150", story.start + dt.timedelta(days=d, hours=10 + k), 2811, 3 * 10**9)
+        for d in range(story.days - 1)
+        for k, m in enumerate(movers)
+    ]
+    newcomer, quiet = "10.10.2.9", "10.10.2.10"
+    at = day + dt.timedelta(hours=11, minutes=5)
+    sessions += [(newcomer, "192.0.2.150", at, 2811, 3 * 10**9), (quiet, "192.0.2.150", at, 2811, 3 * 10**9)]
+    append_flows(lake, "movers", sessions)
+    template = story.leases.to_pylist()[0]
+    extra = [
+        template | {"addr": a, "vm_id": f"vm-dp-{i}", "vm_name": f"dataproc-{i}", "project": "dataproc"}
+        for i, a in enumerate(movers)
+    ]
+    extra.append(
+        template
+        | {
+            "addr": newcomer,
+            "vm_id": "vm-dp-new",
+            "vm_name": "dataproc-new",
+            "project": "dataproc",
+            "valid_from": day,
+        }
+    )
+    extra.append(
+        template
+        | {"addr": quiet, "vm_id": "vm-q-new", "vm_name": "quiet-new", "project": "quiet", "valid_from": day}
+    )
+    lake.replace_dataset(
+        "vm_leases", pa.concat_tables([story.leases, pa.Table.from_pylist(extra, schema=story.leases.schema)])
+    )
+    exfil = {a["addr"]: a for a in sweep_alerts(lake, story).to_pylist() if a["detector"] == "exfiltration"}
+    assert newcomer not in exfil
+    assert quiet in exfil and "(no history before)" in exfil[quiet]["reason"]
+    features = json.loads(exfil[quiet]["features"])
+    assert features["first_seen"] is True and features["baseline_windows"] == 0
+
+
+# ---- allowlists with a reason and an expiry (issue 14, item 5) ---------------------------------------------
+def test_allowlist_entries_carry_a_reason_and_expire(story_lake):
+    lake, story = story_lake
+    scanner = next(p.addr for p in story.planted if p.detector == "horizontal_scan")
+    entry = (
+        '[[allowlist.entries]]\nreason = "weekly vulnerability scan, ticket SEC-1234"\n'
+        f'cidrs = ["{scanner}/32"]\ndetectors = ["horizontal_scan"]\nexpires = "{{}}"\n'
+    )
+    config = parse_pipeline(PIPELINE + entry.format("2099-01-01"))
+    ctx = det.prepare_context(lake, config, *story.last_day)
+    alerts, stats = det.finalize(det.run_detectors(ctx), ctx, "test")
+    assert ("horizontal_scan", scanner) not in {(a["detector"], a["addr"]) for a in alerts.to_pylist()}
+    assert [s["why"] for s in stats["suppressed"] if s["addr"] == scanner] == [
+        "allowlisted: weekly vulnerability scan, ticket SEC-1234 (until 2099-01-01)"
+    ]
+    expired = parse_pipeline(PIPELINE + entry.format("2020-01-01"))
+    ctx = det.prepare_context(lake, expired, *story.last_day)
+    alerts, stats = det.finalize(det.run_detectors(ctx), ctx, "test")
+    assert ("horizontal_scan", scanner) in {(a["detector"], a["addr"]) for a in alerts.to_pylist()}
+    assert any("expired 2020-01-01" in s["why"] for s in stats["suppressed"])
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ('[[allowlist.entries]]\ncidrs = ["10.0.0.1/32"]\n', "has no reason"),
+        ('[[allowlist.entries]]\nreason = "x"\n', "has no cidrs"),
+        ('[[allowlist.entries]]\nreason = "x"\ncidrs = ["nope"]\n', "is not an address or CIDR"),
+        ('[[allowlist.entries]]\nreason = "x"\ncidrs = ["10.0.0.1"]\nexpires = "soon"\n', "does not parse"),
+        ('[[science_peers]]\nname = "LHCONE"\nprefixes = ["192.16.166.0/24"]\n', "has no reason"),
+    ],
+)
+def test_allowlist_entries_and_science_peers_are_checked(entry, message):
+    from tracepipe.pipeline_config import PipelineError
+
+    with pytest.raises(PipelineError, match=message):
+        parse_pipeline(PIPELINE + entry)
+
+
+def test_science_peers_file_ships_and_is_read_relative_to_the_pipeline(tmp_path):
+    from tracepipe.pipeline_config import TEMPLATES_DIR, load_pipeline
+
+    example = TEMPLATES_DIR / "science_peers.toml.example"
+    (tmp_path / "science_peers.toml").write_text(example.read_text())
+    (tmp_path / "p.toml").write_text(
+        PIPELINE.replace("[pipeline]\n", '[pipeline]\nscience_peers_file = "science_peers.toml"\n')
+    )
+    config = load_pipeline(tmp_path / "p.toml")
+    assert [p.name for p in config.science_peers] == ["LHCONE", "LHCOPN Tier-0", "national lab storage"]
+    assert all(p.reason for p in config.science_peers)
+    assert (
+        config.science_peers[2].ports == [1094, 2880, 8443]
+        and config.science_peers[2].expires == "2027-06-30"
+    )
+
+
+def test_the_sweep_report_shows_what_was_suppressed_and_why(tmp_path):
+    from tracepipe.sweep import run_sweep
+
+    lake, story, _ = gen.story_lake(tmp_path, seed=11, days=3)
+    drop = next(p.peer for p in story.planted if p.detector == "exfiltration")
+    science = f'[[science_peers]]\nname = "partner lab"\nreason = "replica to the partner lab"\nprefixes = ["{drop}/32"]\n'
+    pipeline = tmp_path / "s.toml"
+    pipeline.write_text(
+        gen.pipeline_text(tmp_path / "reports", science).replace("html = false", "html = true")
+    )
+    result = run_sweep(lake, pipeline, *story.last_day)
+    assert "exfiltration" not in {a["detector"] for a in result.alerts.to_pylist()}
+    summary = json.loads(result.report_paths["json"].read_text())["summary"]
+    why = [s["why"] for s in summary["suppressed"] if s["detector"] == "exfiltration"]
+    assert len(why) == 1 and why[0].startswith("6.0 GB went to declared science peer partner lab (replica to")
+    html = result.report_paths["html"].read_text()
+    assert "Suppressed, and why" in html and "declared science peer partner lab" in html
+
+
+@pytest.mark.parametrize("hosts, suppressed", [(5, True), (4, False)])
+def test_a_destination_the_fleet_beacons_to_alike_is_a_shared_service(tmp_path, hosts, suppressed):
+    """No port exempts a beacon (a C2 on 123/udp is still a C2); what marks NTP pools and mirrors is that many
+    hosts keep the same rhythm with them. At beacon.shared_service_hosts (5) it is suppressed, with why."""
+    lake, story = build_lake(tmp_path, seed=11)
+    day, _ = story.last_day
+    f, rng = gen._Flows([]), np.random.default_rng(1)
+    fleet = sorted(story.ordinary())[:hosts]
+    for k, host in enumerate(fleet):
+        ts = int(day.timestamp() * 1e6) + k * 7_000_000 + np.arange(140) * 600_000_000
+        f.session(rng, ts, 40_000, f.idx(host), f.idx("192.0.2.123"), 7123, 17, 480, 480)
+    lake.append("flows", f.table(), key="fleet")
+    ctx = det.prepare_context(lake, parse_pipeline(PIPELINE), *story.last_day)
+    alerts, stats = det.finalize(det.run_detectors(ctx), ctx, "test")
+    beacons = {
+        a["addr"] for a in alerts.to_pylist() if a["detector"] == "beacon" and a["peer"] == "192.0.2.123"
+    }
+    why = [s["why"] for s in stats["suppressed"] if s["peer"] == "192.0.2.123"]
+    if suppressed:
+        assert beacons == set() and len(why) == hosts
+        assert (
+            why[0]
+            == "shared periodic service: 5 local hosts keep the same rhythm with 192.0.2.123:7123 (beacon.shared_service_hosts = 5)"
+        )
+    else:
+        assert beacons == set(fleet) and why == []
+
+
+def test_an_address_handed_to_a_new_vm_does_not_hand_it_the_old_vms_history(tmp_path):
+    """The VM's own history, not the address's: 10.10.2.4 was a data mover's (3 GB every day); since this
+    morning it is a new VM of a quiet project, and its 3 GB to the outside is measured as a first-seen VM's."""
+    lake, story = build_lake(tmp_path, seed=11)
+    day, _ = story.last_day
+    addr, sink = "10.10.2.4", "192.0.2.150"
+    sessions = [
+        (addr, sink, story.start + dt.timedelta(days=d, hours=10), 2811, 3 * 10**9) for d in range(story.days)
+    ]
+    append_flows(lake, "reuse", sessions)
+    template = story.leases.to_pylist()[0]
+    old = template | {
+        "addr": addr,
+        "vm_id": "vm-mover",
+        "vm_name": "mover",
+        "project": "dataproc",
+        "valid_to": day,
+    }
+    new = template | {
+        "addr": addr,
+        "vm_id": "vm-new",
+        "vm_name": "newcomer",
+        "project": "quiet",
+        "valid_from": day,
+    }
+    extra = pa.Table.from_pylist([old, new], schema=story.leases.schema)
+    lake.replace_dataset("vm_leases", pa.concat_tables([story.leases, extra]))
+    exfil = [
+        a
+        for a in sweep_alerts(lake, story).to_pylist()
+        if a["detector"] == "exfiltration" and a["addr"] == addr
+    ]
+    assert len(exfil) == 1 and exfil[0]["vm_name"] == "newcomer"
+    assert "(no history before)" in exfil[0]["reason"]

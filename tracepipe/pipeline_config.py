@@ -12,6 +12,7 @@ negative threshold or a zero window would switch a detector off or divide by zer
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import math
 import re
 import tomllib
@@ -23,7 +24,7 @@ from typing import Any
 
 from tracepipe.errors import EXIT_OK, UsageError
 from tracepipe.fsutil import input_problem
-from tracepipe.units import parse_duration, parse_network
+from tracepipe.units import parse_date, parse_duration, parse_network, parse_time
 
 # The pipeline templates ship inside the package (pipelines/ at the repository root links here); a site starts
 # from editable copies (`tracepipe init DIR`). Commands given no pipeline file use the nightly template.
@@ -50,6 +51,8 @@ class PipelineSection:
     )
     # Exit 4 instead of 0 when the window holds no flows (a silent collector is then noticed by cron).
     fail_on_empty: bool = False
+    # A TOML file of [[science_peers]] entries (relative to this pipeline file), added to the inline ones.
+    science_peers_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,31 @@ class OutputSection:
 
 
 @dataclass(frozen=True)
+class AllowEntry:
+    """One allowlist decision with its why: alerts whose address or peer falls in `cidrs` (and, when given,
+    of these `detectors`, on these `ports`) are suppressed until `expires` (a UTC time or day; empty = no
+    end). The report lists every suppressed alert with this reason."""
+
+    reason: str = ""
+    cidrs: list[str] = field(default_factory=list)
+    detectors: list[str] = field(default_factory=list)  # empty = every detector
+    ports: list[int] = field(default_factory=list)  # empty = any port
+    expires: str = ""
+
+
+@dataclass(frozen=True)
+class SciencePeer:
+    """A research-network peer or bulk-transfer service the site declares (LHCONE/LHCOPN prefixes, a
+    national lab's storage, a data-transfer node): outbound volume to it is science, not exfiltration."""
+
+    name: str = ""
+    reason: str = ""
+    prefixes: list[str] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)  # empty = any port (GridFTP, XRootD, HTTP-TPC, FTS...)
+    expires: str = ""
+
+
+@dataclass(frozen=True)
 class AllowlistSection:
     addresses: list[str] = field(default_factory=list)  # never alert on these, either end
     cidrs: list[str] = field(default_factory=list)
@@ -90,6 +118,7 @@ class AllowlistSection:
     known_scanners: list[str] = field(
         default_factory=list
     )  # addresses/CIDRs allowed to scan (scan detectors only)
+    entries: list[AllowEntry] = field(default_factory=list)  # [[allowlist.entries]]: reason, optional expiry
 
 
 @dataclass(frozen=True)
@@ -112,10 +141,13 @@ class VerticalScan:
 class BruteForce:
     enabled: bool = True
     window: Duration = 3600  # type: ignore[assignment]
-    ports: list[int] = field(default_factory=lambda: [22, 3389, 5900])
+    # Known login ports raise the score; they are not required (the same attack on port 2222 is found).
+    ports: list[int] = field(default_factory=lambda: [22, 3389, 5900, 21, 23])
     min_attempts: int = 60  # connections from one source to the port in a window (outbound: over all targets)
     min_attempts_per_target: float = 10.0  # tells a brute force (many tries per host) from a scan (one each)
-    max_bytes_per_attempt: int = 10000  # median bytes of one attempt: logins are small
+    max_bytes_per_attempt: int = 10000  # bytes of one attempt: logins are small (bigger sessions never count)
+    max_duration: Duration = 30  # type: ignore[assignment]  # seconds of one attempt: logins are short
+    max_size_spread: float = 0.5  # MAD/median of the attempts' bytes: a tool repeats one exchange
     inbound: bool = True
     outbound: bool = True
 
@@ -127,7 +159,12 @@ class Beacon:
     min_connections: int = 20
     min_score: float = 0.8
     external_only: bool = True  # internal periodic traffic (metrics, backups) is expected
-    ignore_ports: list[int] = field(default_factory=lambda: [53, 123])
+    # A destination that this many local hosts or more reach with the same beacon shape is a shared
+    # service (NTP pool, update mirror): suppressed, and listed in the report as such. 0 = off.
+    shared_service_hosts: int = 5
+    ignore_ports: list[int] = field(
+        default_factory=list
+    )  # exempt ports: a blind spot, prefer allowlist entries
 
 
 @dataclass(frozen=True)
@@ -145,17 +182,24 @@ class LongConnection:
     window: Duration = 86400  # type: ignore[assignment]
     min_duration: Duration = 8 * 3600  # type: ignore[assignment]  # one 5-tuple seen without a gap of more than `max_gap`
     max_gap: Duration = 900  # type: ignore[assignment]
-    # NTP (ntpd keeps port 123 on both ends) and DNS look like hours-long UDP "connections" to a flow cache
+    # NTP (ntpd keeps port 123 on both ends) and DNS look like hours-long UDP "connections" to a flow cache;
+    # exempt only while quiet: a tunnel over port 53 that carries data is still alerted.
     ignore_ports: list[int] = field(default_factory=lambda: [53, 123])
+    ignore_max_bytes: int = 1_000_000  # both ways over the connection's life
 
 
 @dataclass(frozen=True)
 class Mining:
     enabled: bool = True
     window: Duration = 86400  # type: ignore[assignment]
+    # Known pool ports raise the score; off them the session must also last `min_duration_any_port` and
+    # keep a steady packet rate (idle SSH or IMAP IDLE sessions are small-packet too, but nearly silent).
     ports: list[int] = field(default_factory=lambda: [3333, 4444, 5555, 7777, 9999, 14444, 45700])
     min_duration: Duration = 600  # type: ignore[assignment]
     max_bytes_per_packet: int = 400  # Stratum: short JSON lines
+    min_duration_any_port: Duration = 3600  # type: ignore[assignment]
+    min_packets_per_minute: float = 3.0
+    max_packet_size_spread: float = 0.25  # MAD/median of the flow records' bytes per packet
 
 
 @dataclass(frozen=True)
@@ -192,6 +236,7 @@ class PipelineConfig:
     inputs: InputsSection = field(default_factory=InputsSection)
     output: OutputSection = field(default_factory=OutputSection)
     allowlist: AllowlistSection = field(default_factory=AllowlistSection)
+    science_peers: list[SciencePeer] = field(default_factory=list)  # [[science_peers]]
     detectors: Detectors = field(default_factory=Detectors)
     model: ModelSection = field(default_factory=ModelSection)
     path: str = ""  # the file it came from (not a TOML key)
@@ -353,7 +398,47 @@ def parse_pipeline(text: str, path: str = "<pipeline>") -> PipelineConfig:
     for name in ("local_networks",):
         _check_networks(getattr(config.pipeline, name), f"pipeline.{name}", fail)
     _check_networks(config.allowlist.cidrs + config.allowlist.known_scanners, "allowlist", fail)
+    _check_entries(config, fail)
     return dataclasses.replace(config, path=path)
+
+
+def _check_entries(config: PipelineConfig, fail) -> None:
+    """Every allowlist entry and science peer says why, names real networks, and has a valid expiry."""
+    groups: list[tuple[str, list[Any], str]] = [
+        ("allowlist.entries", list(config.allowlist.entries), "cidrs"),
+        ("science_peers", list(config.science_peers), "prefixes"),
+    ]
+    for where, entries, nets in groups:
+        for i, entry in enumerate(entries):
+            at = f"{where}[{i}]"
+            if not entry.reason.strip():
+                fail(at, "has no reason: say why it is allowed (the report shows it next to what it hides)")
+            if not getattr(entry, nets):
+                fail(at, f"has no {nets}: list the addresses or CIDRs it covers")
+            _check_networks(getattr(entry, nets), f"{at}.{nets}", fail)
+            if entry.expires:
+                try:
+                    expiry_of(entry.expires)
+                except UsageError as exc:
+                    fail(f"{at}.expires", str(exc))
+
+
+def expiry_of(text: str) -> dt.datetime | None:
+    """An entry's `expires` -> aware UTC time (a bare day means the end of that day); '' -> None."""
+    if not text:
+        return None
+    if len(text.strip()) == 10:
+        return dt.datetime.combine(parse_date(text), dt.time(), dt.UTC) + dt.timedelta(days=1)
+    return parse_time(text)
+
+
+def active(entries: list[Any], now: dt.datetime) -> tuple[list[Any], list[Any]]:
+    """Split entries into (still in force at `now`, expired)."""
+    live, expired = [], []
+    for entry in entries:
+        end = expiry_of(entry.expires)
+        (expired if end is not None and end <= now else live).append(entry)
+    return live, expired
 
 
 def _check_networks(values: list[str], where: str, fail) -> None:
@@ -381,7 +466,22 @@ def load_pipeline(path: Path | str | None = None) -> PipelineConfig:
             f"pipeline file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
             "TOML files are UTF-8: save it as UTF-8."
         ) from exc
-    return parse_pipeline(text, str(path))
+    config = parse_pipeline(text, str(path))
+    if config.pipeline.science_peers_file:
+        config = with_science_peers_file(config, path.parent / config.pipeline.science_peers_file)
+    return config
+
+
+def with_science_peers_file(config: PipelineConfig, path: Path) -> PipelineConfig:
+    """Add the [[science_peers]] of a separate file (the site's list, shared by its pipelines)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(
+            f"cannot read science peers file {path} ({exc}): fix pipeline.science_peers_file in {config.path}."
+        ) from exc
+    extra = parse_pipeline(text, str(path))
+    return dataclasses.replace(config, science_peers=[*config.science_peers, *extra.science_peers])
 
 
 # ---- templates ----------------------------------------------------------------------------------------------

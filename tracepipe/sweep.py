@@ -57,6 +57,8 @@ class SweepResult:
     new_alerts: pa.Table = field(default_factory=ALERTS.empty_table)
     already_known: int = 0
     allowlisted: int = 0
+    # what detectors and allowlists kept out of the alerts, and why (detector, addr, peer, port, why)
+    suppressed: list[dict[str, Any]] = field(default_factory=list)
     ingest: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     report_paths: dict[str, Path] = field(default_factory=dict)
@@ -91,6 +93,7 @@ class SweepResult:
             "new_alerts": self.new_alerts.num_rows,
             "already_known": self.already_known,
             "allowlisted": self.allowlisted,
+            "suppressed": [_jsonable(r) for r in self.suppressed],
             "new_by_detector": by_detector,
             "ingest": self.ingest,
             "notes": self.notes,
@@ -255,7 +258,9 @@ def write_reports(lake: Lake, config: PipelineConfig, result: SweepResult) -> di
             return paths
         title = config.output.title or f"tracepipe sweep {config.pipeline.name}"
         try:
-            rendered = render_report(lake, result.alerts, out_dir, title, (result.since, result.until))
+            rendered = render_report(
+                lake, result.alerts, out_dir, title, (result.since, result.until), result.suppressed
+            )
             paths.update({k if k == "html" else f"report_{k}": Path(v) for k, v in (rendered or {}).items()})
         except TracepipeError as exc:
             result.notes.append(f"HTML report failed: {exc}")
@@ -368,6 +373,7 @@ def run_sweep(
             candidates = pl.concat(frames)
     alerts, stats = stage("finalize", lambda: det.finalize(candidates, ctx, config.pipeline.name))
     result.allowlisted = stats["allowlisted"]
+    result.suppressed = stats.get("suppressed", [])
     result.alerts = alerts
     ids = alerts.column("alert_id").to_pylist()
     known = stage("dedupe", lambda: known_alert_ids(writer, ids))

@@ -1310,9 +1310,11 @@ def generate(
     rate: float = 1.0,
     planted: bool = True,
     v6_hosts: int = 4,
+    port_seed: int | None = None,
 ) -> FlowStory:
     """A story of `days` days for `n_hosts` VMs; incidents planted on the last day (if `planted`).
-    `rate` scales every ordinary host's activity (benchmarks use it to reach tens of millions of flows)."""
+    `rate` scales every ordinary host's activity (benchmarks use it to reach tens of millions of flows).
+    `port_seed`: every planted behaviour moves to random non-standard ports (PLANTED_PORTS -> random_ports)."""
     rng = np.random.default_rng(seed)
     start = start or dt.datetime(2026, 3, 9, tzinfo=dt.UTC)
     t0 = int(start.timestamp() * 1_000_000)
@@ -1421,7 +1423,9 @@ def generate(
     lease_rows = _leases(hosts, start, days)
     story = FlowStory(f.table(), pa.Table.from_pylist([], schema=VM_LEASES), [], hosts, start, days, "")
     if planted:
-        _plant(rng, f, story, hosts, movers, devs, admin, t0 + (days - 1) * 24 * HOUR, lease_rows)
+        ports = PLANTED_PORTS if port_seed is None else random_ports(port_seed)
+        story.extra["ports"] = ports
+        _plant(rng, f, story, hosts, movers, devs, admin, t0 + (days - 1) * 24 * HOUR, lease_rows, ports)
         story.flows = f.table()
     story.leases = pa.Table.from_pylist(lease_rows, schema=VM_LEASES)
     return story
@@ -1450,10 +1454,44 @@ def _leases(hosts: list[str], start: dt.datetime, days: int) -> list[dict]:
     return rows
 
 
+# The service port of each planted behaviour, as the attacks usually come.
+PLANTED_PORTS = {
+    "horizontal_scan": 22,
+    "ssh_brute": 22,
+    "rdp_brute": 3389,
+    "beacon": 443,
+    "exfiltration": 443,
+    "long_connection": 8443,
+    "mining": 3333,
+    "intel": 443,
+}
+# Ports that carry a meaning for a detector or for the ordinary traffic of the story: never drawn at random.
+SPECIAL_PORTS = frozenset({21, 22, 23, 53, 80, 123, 443, 2003, 3389, 5900, 8443})
+SPECIAL_PORTS |= frozenset({3333, 4444, 5555, 7777, 9999, 14444, 45700})
+
+
+def random_ports(seed: int) -> dict[str, int]:
+    """PLANTED_PORTS moved to distinct random non-standard ports. Drawn below the ephemeral range (32768+):
+    a flow record has no direction, and a server port up there cannot be told from the client's."""
+    rng = np.random.default_rng(seed)
+    pool = np.setdiff1d(np.arange(1025, 32768), np.array(sorted(SPECIAL_PORTS)))
+    drawn = rng.choice(pool, len(PLANTED_PORTS), replace=False)
+    return {name: int(port) for name, port in zip(PLANTED_PORTS, drawn, strict=True)}
+
+
 def _plant(
-    rng, f: _Flows, story: FlowStory, hosts: list[str], movers, devs, admin, day0: int, leases: list[dict]
+    rng,
+    f: _Flows,
+    story: FlowStory,
+    hosts: list[str],
+    movers,
+    devs,
+    admin,
+    day0: int,
+    leases: list[dict],
+    ports: dict[str, int] = PLANTED_PORTS,
 ) -> None:
-    """One incident per detector kind, each on a host that is otherwise ordinary."""
+    """One incident per detector kind, each on a host that is otherwise ordinary, on `ports`."""
     busy = set(movers.tolist()) | set(devs.tolist()) | set(admin.tolist())
     v4 = [i for i, a in enumerate(hosts) if ":" not in a and i not in busy]
     v6 = [i for i, a in enumerate(hosts) if ":" in a and i not in busy]
@@ -1478,7 +1516,7 @@ def _plant(
         1_000,
         f.idx(hosts[i]),
         f.idx(targets),
-        22,
+        ports["horizontal_scan"],
         6,
         60,
         60,
@@ -1487,12 +1525,12 @@ def _plant(
     # vertical scan: ports 1..1200 of one external host, most closed (RST|ACK back)
     victim = "203.0.113.77"
     i = host("vertical_scan", victim)
-    ports = np.arange(1, 1201)
-    ts = day0 + 9 * HOUR + np.sort(rng.integers(0, S(300), len(ports)))
-    sport = np.full(len(ports), 40000)
+    probed = np.arange(1, 1201) if ports is PLANTED_PORTS else np.sort(rng.choice(65535, 1200, False) + 1)
+    ts = day0 + 9 * HOUR + np.sort(rng.integers(0, S(300), len(probed)))
+    sport = np.full(len(probed), 40000)
     probe, closed = FLOW_FLAGS[TCP_SYN_RST]
-    f.add(ts, 1_000, f.idx(hosts[i]), f.idx(victim), sport, ports, 6, 1, 60, probe)
-    f.add(ts + 300, 0, f.idx(victim), f.idx(hosts[i]), ports, sport, 6, 1, 54, closed)
+    f.add(ts, 1_000, f.idx(hosts[i]), f.idx(victim), sport, probed, 6, 1, 60, probe)
+    f.add(ts + 300, 0, f.idx(victim), f.idx(hosts[i]), probed, sport, 6, 1, 54, closed)
     # SSH brute force, outbound: 400 short logins in an hour
     bf_peer = "198.51.100.23"
     i = host("brute_force", bf_peer)
@@ -1503,7 +1541,7 @@ def _plant(
         rng.integers(1_500_000, 4_000_000, 400),
         f.idx(hosts[i]),
         f.idx(bf_peer),
-        22,
+        ports["ssh_brute"],
         6,
         rng.integers(2_500, 4_000, 400),
         rng.integers(3_000, 5_000, 400),
@@ -1518,7 +1556,7 @@ def _plant(
         rng.integers(500_000, 2_000_000, 300),
         f.idx(rdp_peer),
         f.idx(hosts[i]),
-        3389,
+        ports["rdp_brute"],
         6,
         rng.integers(1_500, 3_000, 300),
         rng.integers(2_000, 6_000, 300),
@@ -1534,7 +1572,7 @@ def _plant(
         400_000,
         f.idx(hosts[i]),
         f.idx(c2),
-        443,
+        ports["beacon"],
         6,
         1200 + rng.integers(-20, 20, len(steps)),
         400 + rng.integers(-10, 10, len(steps)),
@@ -1543,7 +1581,17 @@ def _plant(
     drop = "185.220.101.5"
     i = host("exfiltration", drop)
     ts = day0 + 14 * HOUR + np.array([S(60), S(1300), S(2500)])
-    f.session(rng, ts, S(1000), f.idx(hosts[i]), f.idx(drop), 443, 6, np.array([2, 2, 2]) * 10**9, 50_000)
+    f.session(
+        rng,
+        ts,
+        S(1000),
+        f.idx(hosts[i]),
+        f.idx(drop),
+        ports["exfiltration"],
+        6,
+        np.array([2, 2, 2]) * 10**9,
+        50_000,
+    )
     leases[i]["valid_to"] = dt.datetime.fromtimestamp((day0 + 20 * HOUR) / 1e6, dt.UTC)
     leases[i]["end_reason"] = "soft_delete"
     leases[i]["vm_status"] = "soft_deleted"
@@ -1561,7 +1609,7 @@ def _plant(
         f.idx(hosts[i]),
         f.idx(tunnel),
         sport,
-        8443,
+        ports["long_connection"],
         6,
         rng.integers(100, 2000, k),
         rng.integers(20_000, 900_000, k),
@@ -1572,7 +1620,7 @@ def _plant(
         S(1799),
         f.idx(tunnel),
         f.idx(hosts[i]),
-        8443,
+        ports["long_connection"],
         sport,
         6,
         rng.integers(100, 2000, k),
@@ -1592,22 +1640,33 @@ def _plant(
         f.idx(hosts[i]),
         f.idx(pool),
         sport,
-        3333,
+        ports["mining"],
         6,
         packets,
         packets * 110,
         np.where(np.arange(k) == 0, SYN | ACK | PSH, ACK | PSH),
     )
-    f.add(ts + 100, S(1799), f.idx(pool), f.idx(hosts[i]), 3333, sport, 6, packets, packets * 180, ACK | PSH)
+    f.add(
+        ts + 100,
+        S(1799),
+        f.idx(pool),
+        f.idx(hosts[i]),
+        ports["mining"],
+        sport,
+        6,
+        packets,
+        packets * 180,
+        ACK | PSH,
+    )
     # intel: a v4 host talks to an address inside a listed CIDR; a v6 host to a listed v6 address
     bad4, bad6 = "198.18.7.7", "2001:db8:bad::66"
     i = host("intel", bad4)
     ts = day0 + 6 * HOUR + np.sort(rng.integers(0, HOUR, 5))
-    f.session(rng, ts, 2_000_000, f.idx(hosts[i]), f.idx(bad4), 443, 6, 3000, 40_000)
+    f.session(rng, ts, 2_000_000, f.idx(hosts[i]), f.idx(bad4), ports["intel"], 6, 3000, 40_000)
     if v6:
         i = host("intel", bad6, index=v6[0])
         ts = day0 + 7 * HOUR + np.sort(rng.integers(0, HOUR, 3))
-        f.session(rng, ts, 2_000_000, f.idx(hosts[i]), f.idx(bad6), 443, 6, 2000, 30_000)
+        f.session(rng, ts, 2_000_000, f.idx(hosts[i]), f.idx(bad6), ports["intel"], 6, 2000, 30_000)
     story.intel_lines = "# test indicators\n198.18.7.0/24\n2001:db8:bad::66\n203.0.113.250\n"
     # odd behaviour no rule names: at 02:00, 60 never-seen addresses on unusual ports, all answered
     i = next(pick)

@@ -22,6 +22,7 @@ import polars as pl
 import pyarrow as pa
 
 from tracepipe.detect.features import (
+    SYN,
     ceil_time,
     floor_time,
     in_networks,
@@ -108,6 +109,22 @@ class DetectContext:
     local: list[str] = field(default_factory=list)
     intel: pa.Table | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # what a detector or an allowlist kept out of the alerts, and why (the report lists it)
+    suppressed: list[dict] = field(default_factory=list)
+
+    def suppress(self, frame: pl.DataFrame, detector: str, why: Callable[[dict], str]) -> None:
+        """Record candidates a detector judged benign for a declared or measured reason."""
+        for r in frame.to_dicts():
+            self.suppressed.append(
+                {
+                    "detector": detector,
+                    "addr": r.get("addr"),
+                    "peer": r.get("peer"),
+                    "port": r.get("port"),
+                    "window_start": r.get("window_start"),
+                    "why": why(r),
+                }
+            )
 
     @property
     def night(self) -> tuple[int, int]:
@@ -263,31 +280,72 @@ def vertical_scan(ctx: DetectContext) -> pl.DataFrame:
 
 
 SERVICE_NAMES = {22: "SSH", 3389: "RDP", 5900: "VNC", 21: "FTP", 23: "telnet"}
+KNOWN_PORT_BONUS = 0.1  # a behaviour on its service's own port is a little more certain; never required
+
+
+def _spread(values: pl.Expr) -> pl.Expr:
+    """MAD / median (robust relative spread) of a column within a group: 0 = all alike."""
+    values = values.cast(pl.Float64)
+    return (values - values.median()).abs().median() / values.median().clip(lower_bound=1e-9)
+
+
+def _with_known_port(score: pl.Expr, port: pl.Expr, known: list[int]) -> pl.Expr:
+    """Off the known ports a behaviour scores KNOWN_PORT_BONUS lower; on them it keeps its score."""
+    return score - pl.when(port.is_in(known)).then(0.0).otherwise(KNOWN_PORT_BONUS)
 
 
 def brute_force(ctx: DetectContext) -> pl.DataFrame:
-    """Many short logins to a login port (SSH, RDP, ...). Outbound: one local source against one or more
-    targets (a campaign spreads its tries), counted per (source, port). Inbound: one outside source against
-    one local host, counted per (source, victim, port)."""
+    """Many short, alike sessions from one client to one server port, whatever the port: a login tool
+    repeats one exchange (near-identical bytes and durations). The share refused outright (no handshake) is
+    reported, not required: a login refused after the handshake is, in a flow record, any closed session.
+    Outbound: one local source against one or more targets (a campaign spreads its tries), counted per
+    (source, port). Inbound: one outside source against one local host, per (source, victim, port).
+    Known login ports (SSH, RDP, ...) raise the score; they are not required."""
     c = ctx.config.detectors.brute_force
+    flags = pl.col("tcp_flags").fill_null(0).cast(pl.Int32)
     flows = ctx.flows(c.window).filter(
         (pl.col("proto") == 6)
-        & pl.col("dst_port").is_in(c.ports)
         & ~pl.col("response")
         & (pl.col("src_local") | pl.col("dst_local"))
+        # an attempt opens a connection: a record whose flags are known but hold no SYN is an answer (the
+        # RST|ACK of a closed port probed from a high port) or a later piece, not a login try
+        & ((flags == 0) | ((flags & SYN) != 0))
+        # and is short and small: bulk sessions never count, whatever their number (cheap: most flows go here)
+        & (pl.col("bytes") <= c.max_bytes_per_attempt)
+        & (pl.col("duration") <= c.max_duration)
     )
+    size = pl.col("bytes").cast(pl.Float64)
+    shape = {
+        "attempts": pl.len(),
+        "median_bytes": size.median(),
+        "size_spread": _spread(size),
+        "median_duration": pl.col("duration").median(),
+        "failed": pl.col("failed").sum(),
+        "first_ts": pl.col("ts_start").min(),
+    }
+
+    def enough(frame: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
+        """The groups with enough attempts (per target), counted first and cheaply: the medians and the
+        mode below then run on the few groups that pass, not on every client of every port."""
+        counted = (
+            frame.group_by(keys)
+            .agg(n=pl.len(), hosts=pl.col("dst_addr").n_unique())
+            .filter(
+                (pl.col("n") >= c.min_attempts) & (pl.col("n") / pl.col("hosts") >= c.min_attempts_per_target)
+            )
+        )
+        return frame.join(counted.select(keys), on=keys, how="semi")
+
     frames = []
     if c.outbound:
+        outbound = ["src_addr", "dst_port", "window_start"]
         frames.append(
-            flows.filter(pl.col("src_local"))
-            .group_by("src_addr", "dst_port", "window_start")
+            enough(flows.filter(pl.col("src_local")), outbound)
+            .group_by(outbound)
             .agg(
-                attempts=pl.len(),
                 targets=pl.col("dst_addr").n_unique(),
-                median_bytes=pl.col("bytes").median(),
-                failed=pl.col("failed").sum(),
-                first_ts=pl.col("ts_start").min(),
                 top_target=pl.col("dst_addr").mode().first(),
+                **shape,
             )
             .with_columns(
                 direction=pl.lit("outbound"),
@@ -296,15 +354,11 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
             )
         )
     if c.inbound:
+        inbound = ["src_addr", "dst_addr", "dst_port", "window_start"]
         frames.append(
-            flows.filter(~pl.col("src_local"))
-            .group_by("src_addr", "dst_addr", "dst_port", "window_start")
-            .agg(
-                attempts=pl.len(),
-                median_bytes=pl.col("bytes").median(),
-                failed=pl.col("failed").sum(),
-                first_ts=pl.col("ts_start").min(),
-            )
+            enough(flows.filter(~pl.col("src_local")), inbound)
+            .group_by(inbound)
+            .agg(**shape)
             .with_columns(
                 direction=pl.lit("inbound"),
                 addr=pl.col("dst_addr"),
@@ -323,6 +377,8 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
         "attempts",
         "targets",
         "median_bytes",
+        "size_spread",
+        "median_duration",
         "failed",
         "first_ts",
         "direction",
@@ -334,16 +390,26 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
             (pl.col("attempts") >= c.min_attempts)
             & (pl.col("median_bytes") <= c.max_bytes_per_attempt)
             & (pl.col("attempts") / pl.col("targets") >= c.min_attempts_per_target)
+            & (pl.col("median_duration") <= c.max_duration)
+            & (pl.col("size_spread") <= c.max_size_spread)
         )
         .with_columns(
-            port=pl.col("dst_port"), score=_ratio_score(pl.col("attempts").cast(pl.Float64), c.min_attempts)
+            port=pl.col("dst_port"),
+            known_port=pl.col("dst_port").is_in(c.ports),
+            failed_share=pl.col("failed") / pl.col("attempts"),
+            score=_with_known_port(
+                _ratio_score(pl.col("attempts").cast(pl.Float64), c.min_attempts), pl.col("dst_port"), c.ports
+            ),
         )
     )
     frame = _with_window_end(found, c.window).collect(engine="streaming")
 
     def reason(r: dict) -> str:
         service = SERVICE_NAMES.get(r["port"], f"port {r['port']}")
-        each = f"median {fmt_bytes(r['median_bytes'])} each"
+        each = (
+            f"median {fmt_bytes(r['median_bytes'])} and {r['median_duration']:.1f} s each, "
+            f"sizes within {fmt_share(r['size_spread'])}"
+        )
         if r["direction"] == "outbound":
             against = r["peer"] if r["targets"] == 1 else f"{r['targets']} hosts (most: {r['top_target']})"
             return (
@@ -355,12 +421,18 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
             f"{fmt_duration(c.window)} ({each}): inbound brute force"
         )
 
-    return _finish(
-        frame,
-        "brute_force",
-        reason,
-        lambda r: {k: r[k] for k in ("attempts", "targets", "median_bytes", "failed", "direction")},
+    keys = (
+        "attempts",
+        "targets",
+        "median_bytes",
+        "size_spread",
+        "median_duration",
+        "failed",
+        "failed_share",
+        "known_port",
+        "direction",
     )
+    return _finish(frame, "brute_force", reason, lambda r: {k: r[k] for k in keys})
 
 
 def beacon(ctx: DetectContext) -> pl.DataFrame:
@@ -402,57 +474,182 @@ def beacon(ctx: DetectContext) -> pl.DataFrame:
     )
 
 
+def science_destinations(ctx: DetectContext, flows: pl.LazyFrame) -> pl.DataFrame:
+    """The destinations of `flows` that a declared science peer covers: dst_addr, science (the peer's name),
+    science_reason, science_ports (empty = any). Matched on the unique addresses only; the first entry that
+    covers an address wins. Expired entries no longer cover anything."""
+    from tracepipe.pipeline_config import active
+
+    peers, _ = active(list(ctx.config.science_peers), ctx.until)
+    schema = {
+        "dst_addr": pl.String,
+        "science": pl.String,
+        "science_reason": pl.String,
+        "science_ports": pl.List(pl.Int64),
+    }
+    if not peers:
+        return pl.DataFrame(schema=schema)
+    uniques = flows.select("dst_addr").unique().collect(engine="streaming").get_column("dst_addr")
+    arr = uniques.to_arrow()
+    taken = np.zeros(len(arr), dtype=bool)
+    parts = []
+    for peer in peers:
+        mask = in_networks(arr, peer.prefixes) & ~taken
+        taken |= mask
+        if mask.any():
+            parts.append(
+                pl.DataFrame(
+                    {
+                        "dst_addr": uniques.filter(pl.Series(mask)),
+                        "science": peer.name or ", ".join(peer.prefixes),
+                        "science_reason": peer.reason,
+                        "science_ports": [list(peer.ports)] * int(mask.sum()),
+                    },
+                    schema=schema,
+                )
+            )
+    return pl.concat(parts) if parts else pl.DataFrame(schema=schema)
+
+
+def _leases_of(
+    ctx: DetectContext, frame: pl.DataFrame, addr: str, at: str, columns: tuple[str, ...] = ("project",)
+) -> pl.DataFrame:
+    """`columns` of the VM lease that held `addr` at `at`, per row (correlate.lease_at: the one answer)."""
+    from tracepipe.correlate.lease_at import lease_at, read_leases
+
+    wanted = ["addr", "valid_from", "valid_to", *[c for c in columns if c != "valid_from"]]
+    leases = read_leases(ctx.lake, frame.get_column(addr).unique().to_list(), wanted)
+    found = pl.from_arrow(lease_at(leases, frame.get_column(addr), frame.get_column(at), list(columns)))
+    assert isinstance(found, pl.DataFrame)
+    return found
+
+
+MIN_PROJECT_HOSTS = 3
+
+
 def exfiltration(ctx: DetectContext) -> pl.DataFrame:
-    """Outbound volume to non-local addresses far above the host's own baseline AND its peers' in that window."""
+    """Outbound volume to unknown outside addresses far above the VM's own history AND its peers' in that
+    window. Volume to declared science peers (LHCONE/LHCOPN sites, a lab's storage) is science, not counted;
+    a window that only crossed the line thanks to it is listed as suppressed with the peer's reason. Peers
+    are the VM's project (all hosts when the project has none active); a VM with no history of its own is
+    judged against its project's history, not flagged for being new."""
     c = ctx.config.detectors.exfiltration
     start = ctx.span(c.window)[0]
-
-    def volumes(frame: pl.LazyFrame) -> pl.LazyFrame:
-        return (
-            frame.filter(pl.col("src_local") & ~pl.col("dst_local"))
-            .group_by("src_addr", "window_start")
-            .agg(bytes_out=pl.col("bytes").sum(), first_ts=pl.col("ts_start").min(), flows=pl.len())
+    baseline_start = start - dt.timedelta(seconds=float(ctx.config.window.baseline))
+    outbound = ctx.flows(c.window, baseline_start, ctx.span(c.window)[1]).filter(
+        pl.col("src_local") & ~pl.col("dst_local")
+    )
+    science = science_destinations(ctx, outbound)
+    is_science = (
+        pl.col("science").is_not_null()
+        & (
+            (pl.col("science_ports").list.len() == 0)
+            | pl.col("science_ports").list.contains(pl.col("dst_port"))
         )
-
-    current = volumes(ctx.flows(c.window)).collect(engine="streaming")
+    ).fill_null(False)
+    if science.is_empty():  # nothing declared (or nothing of it seen): no join over every outbound flow
+        tagged = outbound.with_columns(
+            science=pl.lit(None, pl.String), science_reason=pl.lit(None, pl.String), is_science=pl.lit(False)
+        )
+    else:
+        tagged = outbound.join(science.lazy(), on="dst_addr", how="left").with_columns(is_science=is_science)
+    volumes = tagged.group_by("src_addr", "window_start").agg(
+        bytes_out=pl.col("bytes").filter(~pl.col("is_science")).sum(),
+        science_bytes=pl.col("bytes").filter(pl.col("is_science")).sum(),
+        science=pl.col("science").filter(pl.col("is_science")).first(),
+        science_reason=pl.col("science_reason").filter(pl.col("is_science")).first(),
+        first_ts=pl.col("ts_start").min(),
+        flows=pl.len(),
+    )
+    every = volumes.collect(engine="streaming")
+    current = every.filter(pl.col("window_start") >= start)
     if current.is_empty():
         return _empty()
-    baseline_start = start - dt.timedelta(seconds=float(ctx.config.window.baseline))
-    history = (
-        volumes(ctx.flows(c.window, baseline_start, start))
+    history = every.filter(pl.col("window_start") < start)
+    current = pl.concat(
+        [current, _leases_of(ctx, current, "src_addr", "first_ts", ("project", "valid_from"))],
+        how="horizontal",
+    )
+    # The VM's own history: the address's past since the lease of the VM that holds it now began (an
+    # address handed to a new VM does not hand it the old VM's habits).
+    since_lease = current.group_by("src_addr").agg(lease_start=pl.col("valid_from").max())
+    own = (
+        history.join(since_lease, on="src_addr", how="inner")
+        .filter(pl.col("lease_start").is_null() | (pl.col("window_start") >= pl.col("lease_start")))
         .group_by("src_addr")
         .agg(host_ref=pl.col("bytes_out").quantile(0.99), baseline_windows=pl.len())
-        .collect(engine="streaming")
     )
-    peers = current.group_by("window_start").agg(peer_ref=pl.col("bytes_out").median(), peer_hosts=pl.len())
+    project_history = pl.DataFrame(schema={"project": pl.String, "project_history_ref": pl.Float64})
+    newcomers = current.filter(~pl.col("src_addr").is_in(own.get_column("src_addr").implode()))
+    projects = newcomers.get_column("project").drop_nulls().unique()
+    if len(projects):  # only a first-seen VM needs its project's history: look the past up then
+        history = history.with_columns(_leases_of(ctx, history, "src_addr", "first_ts").get_column("project"))
+        project_history = (
+            history.filter(pl.col("project").is_in(projects.implode()))
+            .group_by("project")
+            .agg(project_history_ref=pl.col("bytes_out").quantile(0.99))
+        )
+    site = current.group_by("window_start").agg(site_ref=pl.col("bytes_out").median(), peer_hosts=pl.len())
+    # The project's hosts in that window. A median is moved by at most one rank by the host itself, so with
+    # MIN_PROJECT_HOSTS or more it stays the peers' level; smaller projects are judged by the site's median.
+    project = (
+        current.filter(pl.col("project").is_not_null())
+        .group_by("project", "window_start")
+        .agg(project_ref=pl.col("bytes_out").median(), project_hosts=pl.len())
+        .filter(pl.col("project_hosts") >= MIN_PROJECT_HOSTS)
+    )
     # Without history the host is compared with itself inside the sweep: its third-busiest window (0 if it
     # has fewer), so a burst over one or two windows stands out while a host that is always busy does not.
     typical = current.group_by("src_addr").agg(
         sweep_ref=pl.col("bytes_out").sort(descending=True).implode().list.get(2, null_on_oob=True)
     )
-    found = (
-        current.join(history, on="src_addr", how="left")
-        .join(peers, on="window_start", how="left")
+    joined = (
+        current.join(own, on="src_addr", how="left")
+        .join(site, on="window_start", how="left")
         .join(typical, on="src_addr", how="left")
-        .with_columns(
-            host_ref=pl.max_horizontal(
-                pl.col("host_ref").fill_null(0.0), pl.col("sweep_ref").fill_null(0).cast(pl.Float64)
-            ),
-            baseline_windows=pl.col("baseline_windows").fill_null(0),
+        .join(project_history, on="project", how="left")
+        .join(project, on=["project", "window_start"], how="left")
+    )
+    joined = joined.with_columns(
+        first_seen=pl.col("baseline_windows").is_null(),
+        baseline_windows=pl.col("baseline_windows").fill_null(0),
+        host_ref=pl.max_horizontal(
+            pl.col("host_ref").fill_null(0.0),
+            pl.col("sweep_ref").fill_null(0).cast(pl.Float64),
+            # a VM new to the lake is judged by what its project's VMs have done, not by having no past
+            pl.when(pl.col("baseline_windows").is_null())
+            .then(pl.col("project_history_ref"))
+            .otherwise(None)
+            .fill_null(0.0),
+        ),
+        peer_ref=pl.max_horizontal(pl.col("site_ref").cast(pl.Float64), pl.col("project_ref").fill_null(0.0)),
+    )
+
+    def over(volume: str) -> pl.Expr:
+        return (
+            (pl.col(volume) >= c.min_bytes)
+            & (pl.col(volume) >= c.host_factor * pl.col("host_ref"))
+            & (pl.col(volume) >= c.peer_factor * pl.col("peer_ref"))
         )
-        .filter(
-            (pl.col("bytes_out") >= c.min_bytes)
-            & (pl.col("bytes_out") >= c.host_factor * pl.col("host_ref"))
-            & (pl.col("bytes_out") >= c.peer_factor * pl.col("peer_ref"))
-        )
+
+    found = joined.filter(over("bytes_out"))
+    declared = joined.with_columns(total=pl.col("bytes_out") + pl.col("science_bytes")).filter(
+        ~over("bytes_out") & over("total") & (pl.col("science_bytes") > 0)
+    )
+    ctx.suppress(
+        declared.with_columns(addr=pl.col("src_addr"), peer=pl.lit(None, pl.String), port=pl.lit(None)),
+        "exfiltration",
+        lambda r: (
+            f"{fmt_bytes(r['science_bytes'])} went to declared science peer {r['science']} "
+            f"({r['science_reason']}); {fmt_bytes(r['bytes_out'])} to other destinations"
+        ),
     )
     if found.is_empty():
         return _empty()
     # the biggest receivers of each suspicious host-window, for the reason line
     keys = found.select("src_addr", "window_start")
     top = (
-        ctx.flows(c.window)
-        .filter(pl.col("src_local") & ~pl.col("dst_local"))
+        tagged.filter(~pl.col("is_science"))
         .join(keys.lazy(), on=["src_addr", "window_start"], how="semi")
         .group_by("src_addr", "window_start", "dst_addr")
         .agg(to_peer=pl.col("bytes").sum())
@@ -469,22 +666,39 @@ def exfiltration(ctx: DetectContext) -> pl.DataFrame:
     )
 
     def reason(r: dict) -> str:
-        base = (
-            f"its own baseline {fmt_bytes(r['host_ref'])}"
-            if r["baseline_windows"]
-            else f"its typical window {fmt_bytes(r['host_ref'])} (no history before)"
+        if r["baseline_windows"]:
+            base = f"its own baseline {fmt_bytes(r['host_ref'])}"
+        elif r["project_history_ref"]:
+            base = f"first seen: its project's VMs up to {fmt_bytes(r['host_ref'])}"
+        else:
+            base = f"its typical window {fmt_bytes(r['host_ref'])} (no history before)"
+        peers = (
+            f"project {r['project']} peers' median {fmt_bytes(r['peer_ref'])}"
+            if r["project_ref"] is not None and r["project_ref"] >= (r["site_ref"] or 0)
+            else f"peers' median {fmt_bytes(r['peer_ref'])}"
+        )
+        science = (
+            f"; plus {fmt_bytes(r['science_bytes'])} to science peer {r['science']} (not counted)"
+            if r["science_bytes"]
+            else ""
         )
         return (
             f"{{who}} sent {fmt_bytes(r['bytes_out'])} out of the cloud in {fmt_duration(c.window)} "
-            f"({fmt_bytes(r['to_peer'])} to {r['peer']}); {base}, peers' median {fmt_bytes(r['peer_ref'])}"
+            f"({fmt_bytes(r['to_peer'])} to {r['peer']}); {base}, {peers}{science}"
         )
 
-    return _finish(
-        found,
-        "exfiltration",
-        reason,
-        lambda r: {k: r[k] for k in ("bytes_out", "host_ref", "peer_ref", "baseline_windows", "peers")},
+    keys_out = (
+        "bytes_out",
+        "host_ref",
+        "peer_ref",
+        "site_ref",
+        "project_ref",
+        "baseline_windows",
+        "first_seen",
+        "science_bytes",
+        "peers",
     )
+    return _finish(found, "exfiltration", reason, lambda r: {k: r[k] for k in keys_out})
 
 
 MIN_PIECE_SECONDS = 60.0  # flows shorter than this cannot be part of a long connection (cheap pre-filter)
@@ -494,10 +708,7 @@ def long_connection(ctx: DetectContext) -> pl.DataFrame:
     """One 5-tuple seen for hours (exporters split it at their active timeout: the pieces are joined)."""
     c = ctx.config.detectors.long_connection
     flows = ctx.flows(c.window).filter(
-        (pl.col("src_local") | pl.col("dst_local"))
-        & (pl.col("duration") >= MIN_PIECE_SECONDS)
-        & ~pl.col("dst_port").is_in(c.ignore_ports)
-        & ~pl.col("src_port").is_in(c.ignore_ports)
+        (pl.col("src_local") | pl.col("dst_local")) & (pl.col("duration") >= MIN_PIECE_SECONDS)
     )
     order = pl.col("ts_start")
     gap = (pl.col("ts_start").sort_by(order).shift(-1) - pl.col("ts_end").sort_by(order)).dt.total_seconds()
@@ -514,6 +725,13 @@ def long_connection(ctx: DetectContext) -> pl.DataFrame:
         )
         .with_columns(span=(pl.col("last_end") - pl.col("first_ts")).dt.total_seconds())
         .filter((pl.col("span") >= c.min_duration) & (pl.col("max_gap").fill_null(0) <= c.max_gap))
+        # NTP/DNS flow-cache entries are exempt while quiet; one that carries data (a tunnel) is not
+        .filter(
+            ~(
+                (pl.col("dst_port").is_in(c.ignore_ports) | pl.col("src_port").is_in(c.ignore_ports))
+                & (pl.col("bytes") <= c.ignore_max_bytes)
+            )
+        )
         .with_columns(
             addr=pl.when(pl.col("src_local")).then(pl.col("src_addr")).otherwise(pl.col("dst_addr")),
             peer=pl.when(pl.col("src_local")).then(pl.col("dst_addr")).otherwise(pl.col("src_addr")),
@@ -545,33 +763,58 @@ def long_connection(ctx: DetectContext) -> pl.DataFrame:
 
 
 def mining(ctx: DetectContext) -> pl.DataFrame:
-    """Sustained small-packet sessions to mining-pool ports (Stratum: short JSON lines, long-lived)."""
+    """Sustained small-packet sessions to an outside host (Stratum: short JSON lines, long-lived), on any
+    port; the known pool ports raise the score and shorten the time it takes to be sure."""
     c = ctx.config.detectors.mining
-    flows = ctx.flows(c.window).filter(
-        pl.col("src_local")
-        & ~pl.col("dst_local")
-        & (pl.col("proto") == 6)
-        & pl.col("dst_port").is_in(c.ports)
+    flows = (
+        ctx.flows(c.window)
+        .filter(pl.col("src_local") & ~pl.col("dst_local") & (pl.col("proto") == 6) & ~pl.col("response"))
+        .with_columns(
+            # Off the pool ports only ONE connection counts (its pieces share the source port): many short
+            # connections to one place over hours are a beacon's shape, not a miner's session.
+            session=pl.when(pl.col("dst_port").is_in(c.ports)).then(-1).otherwise(pl.col("src_port"))
+        )
+        # off the pool ports a session of an hour or more is exported in long pieces (active timeout):
+        # the many short flows of ordinary traffic never make one (cheap pre-filter)
+        .filter((pl.col("session") == -1) | (pl.col("duration") >= MIN_PIECE_SECONDS))
     )
     found = (
-        flows.group_by("src_addr", "dst_addr", "dst_port", "window_start")
+        flows.group_by("src_addr", "dst_addr", "dst_port", "session", "window_start")
         .agg(
             first_ts=pl.col("ts_start").min(),
             last_end=pl.col("ts_end").max(),
             packets=pl.col("packets").sum(),
             bytes=pl.col("bytes").sum(),
             flows=pl.len(),
+            # how alike the flow records' packet sizes are: a miner repeats the same short lines all day
+            packet_size_spread=_spread(pl.col("bytes") / pl.col("packets").clip(lower_bound=1)),
         )
         .with_columns(
             span=(pl.col("last_end") - pl.col("first_ts")).dt.total_seconds(),
             bytes_per_packet=pl.col("bytes") / pl.col("packets").clip(lower_bound=1),
         )
-        .filter((pl.col("span") >= c.min_duration) & (pl.col("bytes_per_packet") <= c.max_bytes_per_packet))
+        .with_columns(
+            known_port=pl.col("dst_port").is_in(c.ports),
+            packets_per_minute=pl.col("packets") / (pl.col("span") / 60.0).clip(lower_bound=1.0),
+        )
+        .filter(
+            (pl.col("span") >= c.min_duration)
+            & (pl.col("bytes_per_packet") <= c.max_bytes_per_packet)
+            # off the pool ports: longer, and steadily chatty (idle SSH / IMAP IDLE are small-packet too)
+            & (
+                pl.col("known_port")
+                | (
+                    (pl.col("span") >= c.min_duration_any_port)
+                    & (pl.col("packets_per_minute") >= c.min_packets_per_minute)
+                    & (pl.col("packet_size_spread") <= c.max_packet_size_spread)
+                )
+            )
+        )
         .with_columns(
             addr=pl.col("src_addr"),
             peer=pl.col("dst_addr"),
             port=pl.col("dst_port"),
-            score=_ratio_score(pl.col("span"), c.min_duration),
+            score=_with_known_port(_ratio_score(pl.col("span"), c.min_duration), pl.col("dst_port"), c.ports),
         )
     )
     frame = _with_window_end(found, c.window).collect(engine="streaming")
@@ -579,11 +822,23 @@ def mining(ctx: DetectContext) -> pl.DataFrame:
         frame,
         "mining",
         lambda r: (
-            f"{{who}} kept a session to {r['peer']}:{r['port']} (a mining-pool port) for "
+            f"{{who}} kept a session to {r['peer']}:{r['port']}"
+            f"{' (a mining-pool port)' if r['known_port'] else ''} for "
             f"{fmt_duration(r['span'])}, {fmt_int(r['packets'])} small packets "
-            f"(avg {r['bytes_per_packet']:.0f} B): Stratum-like"
+            f"(avg {r['bytes_per_packet']:.0f} B, {r['packets_per_minute']:.1f}/min): Stratum-like"
         ),
-        lambda r: {k: r[k] for k in ("span", "packets", "bytes", "bytes_per_packet", "flows")},
+        lambda r: {
+            k: r[k]
+            for k in (
+                "span",
+                "packets",
+                "bytes",
+                "bytes_per_packet",
+                "packets_per_minute",
+                "flows",
+                "known_port",
+            )
+        },
     )
 
 
@@ -672,25 +927,89 @@ def run_detectors(
     return pl.concat(frames) if frames else _empty()
 
 
-# ---- allowlists, attribution, evidence, ids ----------------------------------------------------------------
-def apply_allowlist(candidates: pl.DataFrame, config: PipelineConfig) -> tuple[pl.DataFrame, int]:
-    """Drop candidates the site allowed (addresses, CIDRs, ports, known scanners). Projects: after attribution."""
+# ---- cross-host rules, allowlists, attribution, evidence, ids ----------------------------------------------
+def shared_services(candidates: pl.DataFrame, ctx: DetectContext) -> pl.DataFrame:
+    """Beacons to a destination that `beacon.shared_service_hosts` or more local hosts keep the same rhythm with
+    are a shared service (NTP pool, update mirror), whatever its port: dropped here and recorded in
+    ctx.suppressed. A cross-host rule, so it runs over every engine's candidates together (a Spark host bucket
+    sees one host)."""
+    limit = ctx.config.detectors.beacon.shared_service_hosts
+    if not limit or candidates.is_empty():
+        return candidates
+    fleet = pl.col("addr").n_unique().over("peer", "port", "window_start")
+    marked = candidates.with_columns(_fleet=pl.when(pl.col("detector") == "beacon").then(fleet).otherwise(0))
+    ctx.suppress(
+        marked.filter(pl.col("_fleet") >= limit),
+        "beacon",
+        lambda r: (
+            f"shared periodic service: {r['_fleet']} local hosts keep the same rhythm with "
+            f"{r['peer']}:{r['port']} (beacon.shared_service_hosts = {limit})"
+        ),
+    )
+    return marked.filter(pl.col("_fleet") < limit).drop("_fleet")
+
+
+def apply_allowlist(
+    candidates: pl.DataFrame,
+    config: PipelineConfig,
+    suppressed: list[dict] | None = None,
+    now: dt.datetime | None = None,
+) -> tuple[pl.DataFrame, int]:
+    """Drop candidates the site allowed (addresses, CIDRs, ports, known scanners, and [[allowlist.entries]]
+    still in force at `now`). Each dropped candidate goes into `suppressed` with the rule that dropped it;
+    an expired entry drops nothing and is listed once as expired. Projects: after attribution."""
+    from tracepipe.pipeline_config import active
+
     allow = config.allowlist
+    live, expired = active(list(allow.entries), now or dt.datetime.now(dt.UTC))
+    if suppressed is not None:
+        for entry in expired:
+            suppressed.append(
+                {
+                    "detector": None,
+                    "addr": None,
+                    "peer": None,
+                    "port": None,
+                    "window_start": None,
+                    "why": f"allowlist entry expired {entry.expires}, no longer applied: {entry.reason}",
+                }
+            )
     if candidates.is_empty():
         return candidates, 0
+    why = np.full(candidates.height, None, dtype=object)
+
+    def drop(mask: np.ndarray, reason: str) -> None:
+        why[mask & (why == None)] = reason  # noqa: E711 - numpy elementwise test of an object array
+
+    addr = candidates.get_column("addr").fill_null("").to_arrow()
+    peer = candidates.get_column("peer").fill_null("").to_arrow()
+    port = candidates.get_column("port")
+    detector = candidates.get_column("detector")
     nets = allow.addresses + allow.cidrs
-    keep = np.ones(candidates.height, dtype=bool)
     if nets:
-        for column in ("addr", "peer"):
-            values = candidates.get_column(column).fill_null("").to_arrow()
-            keep &= ~in_networks(values, nets)
+        drop(in_networks(addr, nets) | in_networks(peer, nets), "allowlist.addresses/cidrs")
     if allow.ports:
-        keep &= ~candidates.get_column("port").is_in(allow.ports).fill_null(False).to_numpy()
+        drop(port.is_in(allow.ports).fill_null(False).to_numpy(), "allowlist.ports")
     if allow.known_scanners:
-        scanner = in_networks(candidates.get_column("addr").to_arrow(), allow.known_scanners)
-        is_scan = candidates.get_column("detector").is_in(list(SCAN_DETECTORS)).to_numpy()
-        keep &= ~(scanner & is_scan)
-    return candidates.filter(pl.Series(keep)), int((~keep).sum())
+        scanner = in_networks(addr, allow.known_scanners)
+        drop(scanner & detector.is_in(list(SCAN_DETECTORS)).to_numpy(), "allowlist.known_scanners")
+    for entry in live:
+        mask = in_networks(addr, entry.cidrs) | in_networks(peer, entry.cidrs)
+        if entry.detectors:
+            mask &= detector.is_in(entry.detectors).to_numpy()
+        if entry.ports:
+            mask &= port.is_in(entry.ports).fill_null(False).to_numpy()
+        until = f" (until {entry.expires})" if entry.expires else ""
+        drop(mask, f"allowlisted: {entry.reason}{until}")
+    dropped = why != None  # noqa: E711
+    if suppressed is not None and dropped.any():
+        rows = candidates.filter(pl.Series(dropped)).to_dicts()
+        for row, reason in zip(rows, why[dropped], strict=True):
+            suppressed.append(
+                {k: row.get(k) for k in ("detector", "addr", "peer", "port", "window_start")}
+                | {"why": reason}
+            )
+    return candidates.filter(pl.Series(~dropped)), int(dropped.sum())
 
 
 LEASE_COLUMNS = ("vm_id", "vm_name", "project", "user", "hypervisor", "vm_status", "quarantine_until")
@@ -819,16 +1138,21 @@ def finalize(
 ) -> tuple[pa.Table, dict[str, int]]:
     """Candidates -> schema.ALERTS rows: allowlists, VM attribution, reason, evidence, deterministic ids."""
     created_at = created_at or dt.datetime.now(dt.UTC)
-    kept, allowed = apply_allowlist(candidates, ctx.config)
+    suppressed = ctx.suppressed
+    candidates = shared_services(candidates, ctx)
+    kept, allowed = apply_allowlist(candidates, ctx.config, suppressed, ctx.until)
     if kept.is_empty():
-        return ALERTS.empty_table(), {"allowlisted": allowed}
+        return ALERTS.empty_table(), {"allowlisted": allowed, "suppressed": suppressed}
     attributed = attribute(kept, ctx.lake)
     if ctx.config.allowlist.projects:
-        before = attributed.height
-        attributed = attributed.filter(
-            ~pl.col("project").is_in(ctx.config.allowlist.projects).fill_null(False)
-        )
-        allowed += before - attributed.height
+        by_project = attributed.get_column("project").is_in(ctx.config.allowlist.projects).fill_null(False)
+        for row in attributed.filter(by_project).to_dicts():
+            suppressed.append(
+                {k: row.get(k) for k in ("detector", "addr", "peer", "port", "window_start")}
+                | {"why": f"allowlist.projects: project {row['project']}"}
+            )
+        attributed = attributed.filter(~by_project)
+        allowed += int(by_project.sum())
     evidence = evidence_rows(ctx.lake, attributed, ctx.config.output.max_evidence_rows)
     rows = []
     for index, row in enumerate(attributed.to_dicts()):
@@ -861,4 +1185,4 @@ def finalize(
     # one alert per id (e.g. both directions of one connection)
     _, first = np.unique(np.asarray(table.column("alert_id").to_pylist(), dtype=object), return_index=True)
     table = table.take(pa.array(np.sort(first)))
-    return table, {"allowlisted": allowed}
+    return table, {"allowlisted": allowed, "suppressed": suppressed}

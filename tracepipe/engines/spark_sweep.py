@@ -4,8 +4,9 @@ The detectors (tracepipe/detect) are polars code over `DetectContext.flows(...)`
 host depends only on the flows that have that host at one end, so Spark partitions the window's flows by local
 host (each flow goes to the bucket of each of its local ends, once), and every bucket runs the SAME detector
 and feature functions on its flows (`applyInArrow`); a candidate is kept by the bucket its `addr` belongs to.
-The one cross-host comparison, exfiltration's peer median, runs on the driver over Spark's per (source,
-destination, window) byte sums, which is all that detector reads. The persisted scikit-learn model scores the
+The cross-host comparisons run on the driver: exfiltration's peers over Spark's per (source, destination,
+port, window) byte sums, which is all that detector reads, and beacon's shared services in `finalize`, over
+every bucket's candidates together. The persisted scikit-learn model scores the
 features in `mapInArrow`, per partition. Allowlists, attribution, evidence and ids stay in `finalize`.
 """
 
@@ -57,6 +58,7 @@ class FramesContext(det.DetectContext):
     def __init__(self, base: det.DetectContext, frame: pl.DataFrame) -> None:
         super().__init__(base.lake, base.config, base.since, base.until, list(base.local), base.intel)
         self._frame = frame
+        self.suppressed = base.suppressed  # what a detector suppresses on the driver reaches the report
 
     def flows(
         self, window_s: float, since: dt.datetime | None = None, until: dt.datetime | None = None
@@ -371,10 +373,11 @@ def _exfiltration(spark: SparkSession, ctx: det.DetectContext) -> pl.DataFrame:
         local_df, flows.dst_addr == local_df.addr, "left_anti"
     )
     window = F.timestamp_micros(F.floor(F.unix_micros("ts_start") / F.lit(step)).cast("long") * F.lit(step))
-    sums = outbound.groupBy("src_addr", "dst_addr", window.alias("_window")).agg(
+    # dst_port: a science peer may be declared for some services (ports) only
+    sums = outbound.groupBy("src_addr", "dst_addr", "dst_port", window.alias("_window")).agg(
         F.sum("bytes").alias("bytes"), F.min("ts_start").alias("ts_start")
     )
-    table = to_arrow(sums.select("src_addr", "dst_addr", "bytes", "ts_start"))
+    table = to_arrow(sums.select("src_addr", "dst_addr", "dst_port", "bytes", "ts_start"))
     frame = pl.from_arrow(conform(table, FLOWS))
     assert isinstance(frame, pl.DataFrame)
     frame = frame.with_columns(ts_end=pl.col("ts_start"))

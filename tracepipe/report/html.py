@@ -368,9 +368,14 @@ def _evidence_tables(evidence: Any) -> tuple[list[tuple[str, Any]], list[dict[st
 
 
 def build_report_data(
-    lake: Lake, alerts: pa.Table, title: str, window: tuple[dt.datetime, dt.datetime]
+    lake: Lake,
+    alerts: pa.Table,
+    title: str,
+    window: tuple[dt.datetime, dt.datetime],
+    suppressed: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Everything the report shows, as JSON-able data (this is also the JSON report)."""
+    """Everything the report shows, as JSON-able data (this is also the JSON report). `suppressed`: what
+    allowlists and declared science peers kept out of the alerts, each with its why."""
     start, end = _utc(window[0]), _utc(window[1])
     span = max((end - start).total_seconds(), 60.0)
     bin_s = max(60, int(span / TIMELINE_BINS) // 60 * 60)
@@ -451,6 +456,9 @@ def build_report_data(
         },
         "traffic": traffic,
         "alerts": out_alerts,
+        "suppressed": [
+            {**row, "window_start": _iso(_utc(row.get("window_start")))} for row in (suppressed or [])
+        ],
     }
 
 
@@ -539,11 +547,16 @@ def _file_stem(window: tuple[dt.datetime, dt.datetime]) -> str:
 
 
 def render_report(
-    lake: Lake, alerts: pa.Table, out_dir: Path, title: str, window: tuple[dt.datetime, dt.datetime]
+    lake: Lake,
+    alerts: pa.Table,
+    out_dir: Path,
+    title: str,
+    window: tuple[dt.datetime, dt.datetime],
+    suppressed: list[dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write `report-<start>-<end>.html` and `.json` into `out_dir`; returns {"html": path, "json": path}.
     Atomic: each file is replaced with tracepipe.fsutil.write_atomic."""
-    data = build_report_data(lake, alerts, title, window)
+    data = build_report_data(lake, alerts, title, window, suppressed)
     html = render_html(data)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
