@@ -336,7 +336,7 @@ def _iter_flows(
                 summary_lines_left = 2
             elif summary_lines_left and stripped:
                 summary_lines_left -= 1
-            elif stripped:
+            elif stripped and stripped != NO_FLOWS:
                 kept.append((number, text))
         if kept:
             parts.append(
@@ -447,6 +447,12 @@ _EXPORTER_RE = re.compile(r"SysID:\s*(\d+),\s*IP:\s*(\S+),")
 _SAMPLER_RE = re.compile(r"Sampler for Exporter SysID:\s*(\d+),.*?interval:\s*(\d+)", re.I)
 
 
+NO_FLOWS = "No matching flows"  # what nfdump prints (stdout, even with -q) when a file yields no record
+# nfdump 1.7.1 reports a damaged file on stderr and still exits 0 ("Open file X: appendix offset error",
+# "Short read from file: X", "GetNextFile() error in nfdump.c line 295")
+_NFDUMP_READ_ERROR = re.compile(r"error|short read|corrupt|cannot|failed", re.I)
+
+
 def looks_like_nfcapd(head: bytes) -> bool:
     return head[:4] in NFCAPD_MAGIC
 
@@ -517,7 +523,7 @@ def iter_nfcapd(
                 proc.wait()
         errors.seek(0)
         message = errors.read(2000).decode("latin-1", "replace").strip()
-    if code != 0:
+    if code != 0 or _NFDUMP_READ_ERROR.search(message):
         yield (
             FLOWS.empty_table(),
             _rejects(

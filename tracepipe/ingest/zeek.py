@@ -318,6 +318,10 @@ def _tsv_segment(segment: bytes, first_line: int, layout: _Layout, source: str) 
             )
         )
     flows = FLOWS.empty_table()
+    if table.num_rows:  # a blank line reads as a row of empty fields: not data, not a reject
+        blank = pc.and_(pc.equal(table.column("ts"), ""), pc.equal(table.column("id.orig_h"), ""))
+        if pc.any(blank).as_py():
+            table, lines = table.filter(pc.invert(blank)), lines.filter(pc.invert(blank))
     if table.num_rows:
         typed, checks = _typed_from_text(table, layout.unset, layout.empty)
         flows, rejects = _connections(typed, lines, source, checks)
