@@ -34,7 +34,14 @@ import pyarrow.compute as pc
 
 from tracepipe.errors import InputError
 from tracepipe.flowstate import ARGUS_FLAG_LETTERS, ARGUS_TCP_STATE_FLAGS
-from tracepipe.ingest.delimited import address_text, as_flows, first_failure, read_block, rejects_table
+from tracepipe.ingest.delimited import (
+    address_text,
+    as_flows,
+    first_failure,
+    line_rejects,
+    read_block,
+    rejects_table,
+)
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import iter_line_blocks, too_long_rejects
 from tracepipe.schema import FLOW_LABELS, FLOWS, TS
@@ -332,14 +339,7 @@ def _iter(handle, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.T
         table, lines, invalid = read_block(block.data, block.first_line + 1, delimiter, columns, include)
         kept = [(n, t) for n, t in invalid if t.strip()]
         if kept:
-            parts.append(
-                rejects_table(
-                    pa.array([n for n, _ in kept], pa.int64()),
-                    pa.array([t for _, t in kept], pa.string()),
-                    pa.array([f"expected {len(columns)} fields"] * len(kept)),
-                    source,
-                )
-            )
+            parts.append(line_rejects(kept, f"expected {len(columns)} fields", source))
         flows, rejects, labels = FLOWS.empty_table(), _empty_rejects(), FLOW_LABELS.empty_table()
         if table.num_rows:
             flows, rejects, labels, _ = _records(table, lines, source)

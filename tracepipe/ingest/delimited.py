@@ -129,3 +129,13 @@ def as_flows(table: pa.Table) -> pa.Table:
         ],
         schema=FLOWS,
     )
+
+
+def line_rejects(lines: list[tuple[int, str]], reason: str, source: str) -> pa.Table:
+    """rejects_table for whole lines that share one reason (another width, no header yet, ...)."""
+    return rejects_table(
+        pa.array([n for n, _ in lines], pa.int64()),
+        pa.array([t for _, t in lines], pa.string()),
+        pa.array([reason] * len(lines), pa.string()),
+        source,
+    )

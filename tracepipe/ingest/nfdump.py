@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tracepipe.errors import EnvironmentProblem, InputError
-from tracepipe.ingest.delimited import address_text, read_block, rejects_table
+from tracepipe.ingest.delimited import address_text, line_rejects, read_block, rejects_table
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, too_long_rejects
 from tracepipe.schema import FLOWS, TS
@@ -339,14 +339,7 @@ def _iter_flows(
             elif stripped and stripped != NO_FLOWS:
                 kept.append((number, text))
         if kept:
-            parts.append(
-                _rejects(
-                    pa.array([n for n, _ in kept], pa.int64()),
-                    pa.array([t for _, t in kept], pa.string()),
-                    pa.array([f"expected {len(columns)} fields"] * len(kept), pa.string()),
-                    name,
-                )
-            )
+            parts.append(line_rejects(kept, f"expected {len(columns)} fields", name))
         flows = FLOWS.empty_table()
         if table.num_rows:
             fields = {field: table.column(field) for field in _NEEDED}

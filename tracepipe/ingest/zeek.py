@@ -30,7 +30,14 @@ import pyarrow.json as pajson
 
 from tracepipe.errors import InputError
 from tracepipe.flowstate import ZEEK_HISTORY_FLAGS, ZEEK_STATE_FLAGS
-from tracepipe.ingest.delimited import address_text, as_flows, first_failure, read_block, rejects_table
+from tracepipe.ingest.delimited import (
+    address_text,
+    as_flows,
+    first_failure,
+    line_rejects,
+    read_block,
+    rejects_table,
+)
 from tracepipe.limits import iter_line_blocks, too_long_rejects
 from tracepipe.schema import FLOWS, TS
 
@@ -297,26 +304,14 @@ def _tsv_segment(segment: bytes, first_line: int, layout: _Layout, source: str) 
     if layout.problem is not None:  # every non-blank line of the segment is a reject, with the reason
         parts = segment.split(b"\n")
         kept = [(first_line + i, p.decode("latin-1")) for i, p in enumerate(parts) if p.strip()]
-        return FLOWS.empty_table(), rejects_table(
-            pa.array([n for n, _ in kept], pa.int64()),
-            pa.array([t for _, t in kept], pa.string()),
-            pa.array([layout.problem] * len(kept), pa.string()),
-            source,
-        )
+        return FLOWS.empty_table(), line_rejects(kept, layout.problem, source)
     assert layout.fields is not None
     include = [f for f in USED if f in layout.fields]
     table, lines, invalid = read_block(segment, first_line, layout.separator, layout.fields, include)
     parts = []
     kept = [(n, t) for n, t in invalid if t.strip()]
     if kept:
-        parts.append(
-            rejects_table(
-                pa.array([n for n, _ in kept], pa.int64()),
-                pa.array([t for _, t in kept], pa.string()),
-                pa.array([f"expected {len(layout.fields)} fields"] * len(kept), pa.string()),
-                source,
-            )
-        )
+        parts.append(line_rejects(kept, f"expected {len(layout.fields)} fields", source))
     flows = FLOWS.empty_table()
     if table.num_rows:  # a blank line reads as a row of empty fields: not data, not a reject
         blank = pc.and_(pc.equal(table.column("ts"), ""), pc.equal(table.column("id.orig_h"), ""))
