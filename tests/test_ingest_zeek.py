@@ -264,3 +264,19 @@ def test_sample_data_has_provenance(name):
     assert name in (DATA / "PROVENANCE.md").read_text()
     rows = list(csv.reader((DATA / name).open(), delimiter="\t"))
     assert rows[0][0] == "#separator \\x09"
+
+
+def test_out_of_range_numbers_are_rejects_not_overflows():
+    """Regression: a JSON ts or duration of 1e300 (valid JSON, hostile) overflowed the µs cast and raised
+    instead of being one rejected line."""
+    line = '{"ts":%s,"id.orig_h":"1.2.3.4","id.orig_p":1,"id.resp_h":"1.2.3.5","id.resp_p":2,"proto":"tcp"%s}'
+    text = "\n".join(
+        [line % ("1e300", ""), line % ("1.5", ',"duration":1e300'), line % ("1.5", ',"duration":-1')]
+    )
+    flows, rejects = parse_conn_log((text + "\n" + line % ("1.5", "") + "\n").encode(), "x")
+    assert [(r["line"], r["reason"]) for r in rejects.to_pylist()] == [
+        (1, "bad time"),
+        (2, "bad duration"),
+        (3, "bad duration"),
+    ]
+    assert flows.num_rows == 1

@@ -42,6 +42,7 @@ from tracepipe.ingest.delimited import (
     read_block,
     rejects_table,
 )
+from tracepipe.ingest.zeek import LATEST_SECONDS
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import iter_line_blocks, too_long_rejects
 from tracepipe.schema import FLOW_LABELS, FLOWS, TS
@@ -108,7 +109,8 @@ def _micros(text: pa.Array) -> tuple[pa.Array, pa.Array]:
         pc.cast(pc.cast(whole, pa.timestamp("us")), pa.int64()), pc.cast(fraction, pa.int64(), safe=False)
     )
     values = pc.if_else(epoch, from_epoch, from_date)
-    return values, pc.is_valid(values)
+    sane = pc.and_(pc.greater_equal(values, 0), pc.less(values, int(LATEST_SECONDS) * 1_000_000))
+    return values, pc.fill_null(sane, False)
 
 
 def _seconds_micros(text: pa.Array) -> tuple[pa.Array, pa.Array]:

@@ -92,11 +92,18 @@ def _micros_from_text(text: pa.Array) -> tuple[pa.Array, pa.Array]:
     """Zeek `time`/`interval` text (seconds, up to 9 decimals) -> int64 µs; returns (values, valid-or-null)."""
     ok = pc.fill_null(pc.match_substring_regex(text, _NUMBER_RE), True)  # null (unset) is not an error
     number = pc.cast(pc.if_else(ok, text, pa.scalar(None, pa.string())), pa.float64())
-    return _micros(number), ok
+    values = _micros(number)
+    return values, pc.and_(ok, pc.or_(pc.is_null(number), pc.is_valid(values)))
+
+
+LATEST_SECONDS = 4_102_444_800.0  # 2100-01-01: a time or duration beyond that is an error, not data
 
 
 def _micros(seconds: pa.Array) -> pa.Array:
-    # |epoch| * 1e6 < 2**53: the nearest double to a 6-decimal time rounds back to its exact µs
+    """Seconds -> int64 µs; null outside [0, 2100) (so that no value can overflow what follows).
+    |epoch| * 1e6 < 2**53: the nearest double to a 6-decimal time rounds back to its exact µs."""
+    sane = pc.and_(pc.greater_equal(seconds, 0.0), pc.less(seconds, LATEST_SECONDS))
+    seconds = pc.if_else(sane, seconds, pa.scalar(None, pa.float64()))
     return pc.cast(pc.round(pc.multiply(seconds, 1e6)), pa.int64())
 
 
@@ -176,7 +183,7 @@ def _connections(
     duration = pc.fill_null(typed["duration"], 0)
     checks = [
         *text_checks,
-        ("bad time", pc.is_valid(typed["ts"]), typed["ts"]),
+        ("bad time", pc.less(typed["ts"], int(LATEST_SECONDS) * 1_000_000), typed["ts"]),  # null: bad too
         ("bad originator address", orig_ok, typed["id.orig_h"]),
         ("bad responder address", resp_ok, typed["id.resp_h"]),
         ("bad originator port", ports_ok[0], typed["id.orig_p"]),
@@ -290,7 +297,7 @@ class _Layout:
         else:
             return
         self.problem = None
-        if len(self.separator) != 1:
+        if len(self.separator) != 1 or self.separator in '\r\n"':
             self.problem = f"unsupported #separator {self.separator!r}"
         elif self.path != "conn":
             self.problem = f"not a conn log (#path {self.path[:40]})"
@@ -307,7 +314,14 @@ def _tsv_segment(segment: bytes, first_line: int, layout: _Layout, source: str) 
         return FLOWS.empty_table(), line_rejects(kept, layout.problem, source)
     assert layout.fields is not None
     include = [f for f in USED if f in layout.fields]
-    table, lines, invalid = read_block(segment, first_line, layout.separator, layout.fields, include)
+    try:
+        table, lines, invalid = read_block(segment, first_line, layout.separator, layout.fields, include)
+    except pa.ArrowException as exc:  # what pyarrow cannot split at all: every line of it, with the reason
+        layout_problem, layout.problem = layout.problem, f"unreadable: {str(exc)[:80]}"
+        try:
+            return _tsv_segment(segment, first_line, layout, source)
+        finally:
+            layout.problem = layout_problem
     parts = []
     kept = [(n, t) for n, t in invalid if t.strip()]
     if kept:
@@ -444,8 +458,10 @@ def _iter_json(handle: BinaryIO, source: str, block_size: int) -> Iterator[tuple
                 typed["ts"] = _iso_micros(typed["ts"])
             else:
                 typed["ts"] = _micros(typed["ts"])
-            typed["duration"] = _micros(typed["duration"])
-            flows, more = _connections(typed, pa.array(numbers), source, [])
+            given = typed["duration"]
+            typed["duration"] = _micros(given)
+            checks = [("bad duration", pc.or_(pc.is_null(given), pc.is_valid(typed["duration"])), given)]
+            flows, more = _connections(typed, pa.array(numbers), source, checks)
             rejects.append(more)
         else:
             flows = FLOWS.empty_table()
