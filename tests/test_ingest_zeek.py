@@ -280,3 +280,32 @@ def test_out_of_range_numbers_are_rejects_not_overflows():
         (3, "bad duration"),
     ]
     assert flows.num_rows == 1
+
+
+def test_a_lake_from_before_the_zeek_columns_takes_zeek_flows(tmp_path):
+    """flows gained uid, conn_state, history (issue 14): a lake whose flow files lack them takes a Zeek log,
+    and both readers (DuckDB views, the detectors' polars scan) see old and new rows, the old with nulls."""
+    import datetime as dt
+
+    from deltalake import write_deltalake
+
+    from tracepipe.detect.features import scan_flows
+    from tracepipe.schema import FLOWS
+
+    old_schema = pa.schema([f for f in FLOWS if f.name not in ("uid", "conn_state", "history")])
+    old = read_conn_log(ZEEK_REPO)[0].select(old_schema.names).cast(old_schema)
+    old = old.set_column(
+        old.column_names.index("src_addr"), "src_addr", pa.array(["10.9.9.9"] * old.num_rows)
+    )
+    root = tmp_path / "lake"
+    days = pc.strftime(old.column("ts_start"), format="%Y-%m-%d")
+    write_deltalake(str(root / "flows"), old.append_column("date", days), partition_by=["date"])
+    shifted = tmp_path / "conn.log"  # the same day, so that both generations of files are read together
+    shifted.write_text(ZEEK_REPO.read_text().replace("CvVbVi3kNVC4LPU90f", "Cnew"))
+    proc = run_tracepipe("ingest", "zeek", str(shifted), "--lake", str(root))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    flows = lake_flows(root)
+    assert sorted(flows.column("uid").to_pylist(), key=str) == ["Cnew", "Cnew", None, None]
+    day = dt.datetime(2021, 9, 29, tzinfo=dt.UTC)
+    frame = scan_flows(Lake(root), day, day + dt.timedelta(days=1)).collect()
+    assert frame.height == 4 and sorted(frame["conn_state"].to_list(), key=str) == [None, None, "SF", "SF"]
