@@ -268,13 +268,18 @@ def _ingest_one(
                 pa.table(
                     {
                         "offset": [0],
-                        "reason": ["not a pcap"],
+                        # NetFlow's reason stays "not a pcap" (sites count it); the others name their kind
+                        "reason": [
+                            "not a pcap" if "pcap" in accept else f"not a {accept[0].split('-')[0]} file"
+                        ],
                         "detail": [f"none of {', '.join(accept)} (checked the first bytes)"],
                     }
                 )
             )
             result.status = "rejected"
-            result.message = f"not a {', '.join(accept)} file"
+            result.message = (
+                f"not a {', '.join(accept)} file; `tracepipe ingest --help` lists what each command reads"
+            )
             if progress:
                 progress(size)
         ingested = writer.commit({"kind": kind, "datagrams": result.datagrams, "exporters": stats})
