@@ -162,9 +162,7 @@ def scan_flows(lake: Lake, since: dt.datetime, until: dt.datetime) -> pl.LazyFra
         glob=False,
         schema=pl.Schema(pl.from_arrow(FLOWS.empty_table()).schema),
         missing_columns="insert",
-    ).filter(
-        (pl.col("ts_start") >= since) & (pl.col("ts_start") < until)
-    )
+    ).filter((pl.col("ts_start") >= since) & (pl.col("ts_start") < until))
 
 
 def with_flow_facts(
