@@ -177,6 +177,7 @@ def _label(value: str) -> str:
 def baselines(story: Path) -> dict[str, list[str]]:
     """A valid command line per command ({lake}, {work} filled in per case)."""
     pcap = str(story / "netflow" / "openstack-softflowd-v9.pcap")
+    data = Path(__file__).resolve().parent.parent / "tests" / "data"
     return {
         "sql": ["sql", "SELECT count(*) AS n FROM flows", "--lake", "{lake}"],
         "who": ["who", WHO_ADDR, "--at", WHO_AT, "--lake", "{lake}"],
@@ -200,6 +201,14 @@ def baselines(story: Path) -> dict[str, list[str]]:
         "init": ["init", "{work}/pipelines"],
         "demo": ["demo", "--lake", "{work}/demo-lake"],
         "ingest netflow": ["ingest", "netflow", pcap, "--lake", "{lake}"],
+        "ingest zeek": ["ingest", "zeek", str(data / "zeek" / "conn-wrccdc2018.log"), "--lake", "{lake}"],
+        "ingest argus": [
+            "ingest",
+            "argus",
+            str(data / "argus" / "ra-softflowd-traffic.csv"),
+            "--lake",
+            "{lake}",
+        ],
         "ingest vm": ["ingest", "vm", str(story / "nova"), "--lake", "{lake}"],
         "ingest syslog": ["ingest", "syslog", str(story / "syslog"), "--year", "2025", "--lake", "{lake}"],
         "model fit": ["model", "fit", "--since", SINCE, "--until", UNTIL, "--lake", "{lake}"],

@@ -127,30 +127,98 @@ def ingest_netflow_command(
     paths: Annotated[
         list[Path],
         typer.Argument(
-            help="Capture files (pcap/pcapng of export traffic) or nfdump CSV files.", show_default=False
+            help="Capture files (pcap/pcapng of export traffic), nfdump CSV files, nfcapd files, or directories "
+            "of nfcapd files (an nfsen profile tree).",
+            show_default=False,
         ),
     ],
     lake: LakeOption = Path(DEFAULT_LAKE),
     output: FormatOption = OutputFormat.table,
 ) -> None:
-    """Land NetFlow v1/v5/v7/v9 and IPFIX records from captures (tcpdump -w, any UDP port) and nfdump CSV.
+    """Land NetFlow v1/v5/v7/v9 and IPFIX records from captures (tcpdump -w, any UDP port), nfdump CSV, and
+    nfcapd files or whole nfsen/nfcapd directory trees (read through the installed nfdump, file by file).
 
-    Files already in the lake (same content) are skipped. Exit codes: 0 all landed; 3 partial: some input was
-    rejected (see the rejects dataset), the rest landed; 4 nothing landed or no usable input.
+    The kind of each file is told by its first bytes. Files already in the lake (same content) are skipped.
+    Exit codes: 0 all landed; 3 partial: some input was rejected (see the rejects dataset), the rest landed;
+    4 nothing landed or no usable input; 5 landed, but attributing the flows to VMs failed.
 
-    Example: tracepipe ingest netflow /var/captures/netflow-*.pcap --lake /srv/lake
+    Example: tracepipe ingest netflow /var/captures/netflow-*.pcap /var/nfsen/profiles-data/live --lake /srv/lake
     """
+    from tracepipe.ingest.flows import NETFLOW_KINDS
+
+    _ingest_flows(ctx.obj, paths, lake, output, NETFLOW_KINDS, "ingest netflow")
+
+
+@ingest_app.command("zeek")
+def ingest_zeek_command(
+    ctx: typer.Context,
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Zeek conn.log files (TSV or JSON, plain or .gz) or directories of them (Zeek's log archive).",
+            show_default=False,
+        ),
+    ],
+    lake: LakeOption = Path(DEFAULT_LAKE),
+    output: FormatOption = OutputFormat.table,
+) -> None:
+    """Land Zeek conn.log connections as flows: one row per direction, with Zeek's uid, conn_state and history
+    kept (tcp_flags derived from them), IP bytes as NetFlow counts them.
+
+    Files already in the lake (same content) are skipped. Exit codes: 0 all landed; 3 partial: some lines
+    were rejected (see the rejects dataset: file, line, reason), the rest landed; 4 nothing landed; 5 landed,
+    but attributing the flows to VMs failed.
+
+    Example: tracepipe ingest zeek /opt/zeek/logs/2024-03-12/conn.*.log.gz --lake /srv/lake
+    """
+    from tracepipe.ingest.flows import ZEEK_KINDS
+
+    _ingest_flows(ctx.obj, paths, lake, output, ZEEK_KINDS, "ingest zeek")
+
+
+@ingest_app.command("argus")
+def ingest_argus_command(
+    ctx: typer.Context,
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="CSV files written by argus `ra -u -c , -L0` (binetflow files of CTU-13/Stratosphere too).",
+            show_default=False,
+        ),
+    ],
+    lake: LakeOption = Path(DEFAULT_LAKE),
+    output: FormatOption = OutputFormat.table,
+) -> None:
+    """Land argus flow records (ra CSV output) as flows: one row per direction, argus' State kept in
+    conn_state and mapped to TCP flags. A `Label` column (labelled data sets) goes to the flow_labels dataset,
+    for evaluation only: detectors never see it.
+
+    Make such a file with: ra -r FILE.argus -u -n -c , -L0 -Z b -s stime dur proto saddr sport dir daddr
+    dport state stos dtos pkts bytes sbytes spkts dpkts dbytes. Exit codes as for `ingest zeek`.
+
+    Example: tracepipe ingest argus capture20110810.binetflow --lake /srv/lake
+    """
+    from tracepipe.ingest.flows import ARGUS_KINDS
+
+    _ingest_flows(ctx.obj, paths, lake, output, ARGUS_KINDS, "ingest argus")
+
+
+def _ingest_flows(
+    p: Printer, paths: list[Path], lake: Path, output: OutputFormat, accept: tuple[str, ...], title: str
+) -> None:
+    """The common body of the flow ingest commands: land, attribute, print the summary, exit."""
     from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
 
     from tracepipe.correlate.attribution import correlate
     from tracepipe.errors import combined_exit
-    from tracepipe.ingest.flows import ingest_flow_files
+    from tracepipe.ingest.flows import expand_paths, ingest_flow_files
 
-    p: Printer = ctx.obj
-    total = sum(p.stat().st_size for p in paths if p.is_file())
+    total = sum(f.stat().st_size for f in expand_paths(paths) if f.is_file())
     with p.progress(BarColumn(), DownloadColumn(), TimeRemainingColumn()) as bar:
-        task = bar.add_task("ingest netflow", total=total)
-        summary = ingest_flow_files(open_lake(lake), paths, progress=lambda n: bar.advance(task, n))
+        task = bar.add_task(title, total=total)
+        summary = ingest_flow_files(
+            open_lake(lake), paths, progress=lambda n: bar.advance(task, n), accept=accept
+        )
         bar.update(task, description="attribute flows to VMs")
         correlation = correlate(open_lake(lake), days=summary.days)
     exit_code = combined_exit(summary.exit_code, correlation.exit_code)

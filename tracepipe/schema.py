@@ -35,6 +35,13 @@ FLOWS = pa.schema(
         pa.field("dst_vm", pa.string()),
         # when src_vm/dst_vm were looked up in vm_leases; null = not yet (flows_attributed joins at query time)
         pa.field("attributed_at", TS),
+        # Added after lakes existed (issue 14), so last. The sensor's own connection id and TCP state words,
+        # null for NetFlow: Zeek's `uid` (pivot to its other logs), `conn_state` (Zeek's, or argus' State)
+        # and Zeek's `history`. Both rows of a bidirectional connection carry them; detectors read tcp_flags
+        # (tracepipe.flowstate), which the readers derive from these.
+        pa.field("uid", pa.string()),
+        pa.field("conn_state", pa.string()),
+        pa.field("history", pa.string()),
     ]
 )
 
@@ -163,6 +170,22 @@ VM_LOGS = pa.schema(
     ]
 )
 
+# Ground-truth labels that came with a flow input (argus binetflow `Label`), kept for evaluation only: the
+# detectors read `flows`, never this. One row per labelled flow record, with the flow's key to join it back.
+FLOW_LABELS = pa.schema(
+    [
+        pa.field("ts_start", TS, nullable=False),
+        pa.field("src_addr", pa.string()),
+        pa.field("dst_addr", pa.string()),
+        pa.field("src_port", pa.int32()),
+        pa.field("dst_port", pa.int32()),
+        pa.field("proto", pa.int16()),
+        pa.field("label", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("line", pa.int64()),
+    ]
+)
+
 INTEL = pa.schema(
     [
         pa.field("indicator", pa.string(), nullable=False),  # address, CIDR or domain as given
@@ -249,6 +272,7 @@ DATASETS: dict[str, Dataset] = {
         Dataset("vms", VMS, None, ("vm_id",)),
         Dataset("vm_logs", VM_LOGS, "ts", ("ts",)),
         Dataset("intel", INTEL, None, ("indicator",)),
+        Dataset("flow_labels", FLOW_LABELS, "ts_start", ("ts_start",)),
         Dataset("alerts", ALERTS, "window_start", ("window_start", "detector")),
         Dataset("rejects", REJECTS, "ingested_at", ()),
     )

@@ -85,6 +85,9 @@ PACKET_FLAGS = np.array(
 )
 # what a flow record of each direction carries: the OR of its packets' flags (as softflowd exports it)
 FLOW_FLAGS = np.bitwise_or.reduce(PACKET_FLAGS, axis=2)
+# The columns a NetFlow exporter fills; FLOWS columns after `source` are added by the lake (attribution) or
+# come only from other sensors (Zeek uid/conn_state/history).
+FLOW_RECORD_COLUMNS = tuple(FLOWS.names[: FLOWS.names.index("source") + 1])
 DONE = int(FLOW_FLAGS[TCP_FULL, 0])  # a whole conversation's flags, opener's side
 ANSWERED = np.array([True, False, True, True, True])  # kind -> does the other side send anything
 
@@ -1241,6 +1244,7 @@ class _Flows:
             )
 
     def table(self, exporter: str = "10.10.0.1") -> pa.Table:
+        """The flow records as a NetFlow exporter gives them: FLOWS up to `source` (the lake adds the rest)."""
         c = {k: np.concatenate(v) for k, v in self.cols.items()}
         order = np.argsort(c["ts"], kind="stable")
         c = {k: v[order] for k, v in c.items()}
@@ -1275,7 +1279,7 @@ class _Flows:
                     pa.array(np.zeros(n, np.int32)), pa.array(["flowgen"])
                 ).cast(pa.string()),
             },
-            schema=pa.schema([f for f in FLOWS if f.name not in ("src_vm", "dst_vm", "attributed_at")]),
+            schema=pa.schema([f for f in FLOWS if f.name in FLOW_RECORD_COLUMNS]),
         )
 
 

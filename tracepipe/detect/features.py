@@ -18,7 +18,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tracepipe.flowstate import failed_attempt
 from tracepipe.lake import Lake
+from tracepipe.schema import FLOWS
 from tracepipe.units import parse_network
 
 # TCP flag bits (RFC 793), as the cumulative OR NetFlow exports in tcp_flags.
@@ -151,13 +153,16 @@ def scan_flows(lake: Lake, since: dt.datetime, until: dt.datetime) -> pl.LazyFra
     since, until = utc(since), utc(until)
     paths = lake.files("flows", window_days(since, until)) if until > since else []
     if not paths:
-        from tracepipe.schema import FLOWS
-
         return pl.LazyFrame(pl.from_arrow(FLOWS.empty_table()))
     # glob=False: the names are files from the log, and a `*`, `?` or `[` in the lake's path is no pattern
-    return pl.scan_parquet([str(p) for p in paths], hive_partitioning=False, glob=False).filter(
-        (pl.col("ts_start") >= since) & (pl.col("ts_start") < until)
-    )
+    # schema + missing_columns: files written before a column was added to FLOWS read it as null
+    return pl.scan_parquet(
+        [str(p) for p in paths],
+        hive_partitioning=False,
+        glob=False,
+        schema=pl.Schema(pl.from_arrow(FLOWS.empty_table()).schema),
+        missing_columns="insert",
+    ).filter((pl.col("ts_start") >= since) & (pl.col("ts_start") < until))
 
 
 def with_flow_facts(
@@ -175,8 +180,8 @@ def with_flow_facts(
     locals_series = pl.Series(local_addrs, dtype=pl.String)
     return flows.with_columns(
         duration=(pl.col("ts_end") - pl.col("ts_start")).dt.total_milliseconds() / 1000.0,
-        # An attempt that never completed: SYN or RST seen, ACK never (the handshake did not finish).
-        failed=is_tcp & ((flags & ACK) == 0) & ((flags & (SYN | RST)) != 0),
+        # An attempt that never completed, defined once for NetFlow, Zeek and argus rows (tracepipe.flowstate)
+        failed=failed_attempt(),
         syn_only=is_tcp & ((flags & 0x3F) == SYN),
         # The server side of a conversation: a well-known (or registered, below the ephemeral range 32768+)
         # source port talking to a higher ephemeral port. NetFlow is one-way, so this tells replies apart.

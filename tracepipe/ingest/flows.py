@@ -1,14 +1,16 @@
-"""Flow input files (NetFlow/IPFIX export captures, nfdump CSV) -> the lake's `flows` dataset.
+"""Flow input files -> the lake's `flows` dataset: NetFlow/IPFIX export captures, nfdump CSV, nfcapd files (and
+nfsen/nfcapd directory trees), Zeek conn.log (TSV/JSON, gzip'ed or not) and argus `ra` CSV.
 
 One file is one source: it is hashed, skipped if the manifest already holds it, otherwise streamed batch by
-batch through the decoder into one lake writer, with its rejects and per-exporter counters in the manifest.
-The kind of a file is told by its first bytes, not its name.
+batch through its reader into one lake writer, with its rejects and per-exporter counters in the manifest.
+The kind of a file is told by its first bytes, not its name; a directory stands for the files under it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,19 +19,46 @@ import pyarrow as pa
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
 from tracepipe.fsutil import input_problem
+from tracepipe.ingest.argus import iter_argus, looks_like_argus
 from tracepipe.ingest.netflow import DecoderState, decode_datagrams, flush_pending, merge_stats
-from tracepipe.ingest.nfdump import iter_nfdump_csv, looks_like_nfdump_csv
+from tracepipe.ingest.nfdump import (
+    iter_nfcapd,
+    iter_nfdump_csv,
+    looks_like_nfcapd,
+    looks_like_nfdump_csv,
+    nfcapd_exporters,
+)
 from tracepipe.ingest.pcap import PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
+from tracepipe.ingest.zeek import GZIP_MAGIC, iter_conn_log, sniff_zeek, zeek_kind
 from tracepipe.lake import Lake, hash_file
 
 Progress = Callable[[int], None]  # called with the number of input bytes just consumed
+Batches = Iterator[tuple[pa.Table, ...]]  # (flows, rejects) or (flows, rejects, flow_labels)
+
+# kind -> streamed reader of text-like inputs (pcap goes through the NetFlow decoder)
+READERS: dict[str, Callable[[Path], Batches]] = {
+    "nfdump-csv": iter_nfdump_csv,
+    "nfcapd": iter_nfcapd,
+    "zeek-tsv": iter_conn_log,
+    "zeek-json": iter_conn_log,
+    "argus": iter_argus,
+}
+# what each command takes, and the command a file of another kind needs
+NETFLOW_KINDS = ("pcap", "nfdump-csv", "nfcapd")
+ZEEK_KINDS = ("zeek-tsv", "zeek-json")
+ARGUS_KINDS = ("argus",)
+COMMAND_OF_KIND = {
+    **dict.fromkeys(NETFLOW_KINDS, "tracepipe ingest netflow"),
+    **dict.fromkeys(ZEEK_KINDS, "tracepipe ingest zeek"),
+    **dict.fromkeys(ARGUS_KINDS, "tracepipe ingest argus"),
+}
 BATCH_DATAGRAMS = 16384  # ~20 MB of export datagrams per decode step: memory stays flat, overhead negligible
 
 
 @dataclass
 class FileResult:
     path: str
-    kind: str  # pcap, nfdump-csv, unknown, missing
+    kind: str  # pcap, nfdump-csv, nfcapd, zeek-tsv, zeek-json, argus, unknown, missing
     status: str  # landed, skipped (already ingested), rejected (nothing usable), missing
     flows: int = 0
     rejects: int = 0
@@ -82,23 +111,69 @@ class IngestSummary:
 
 
 def sniff_kind(path: Path) -> str:
-    """pcap / pcapng / nfdump-csv / unknown, from the first bytes of the file."""
+    """pcap / nfcapd / zeek-tsv / zeek-json / nfdump-csv / argus / unknown, from the first bytes of the file
+    (a gzip'ed file by its decompressed first bytes: Zeek rotates logs into .gz)."""
     with open(path, "rb") as handle:
-        head = handle.read(512)
+        head = handle.read(4096)
     if len(head) >= 4:
         magic = int.from_bytes(head[:4], "little")
         if magic in PCAP_MAGIC or magic == PCAPNG_SHB:
             return "pcap"
+    if looks_like_nfcapd(head):
+        return "nfcapd"
+    if head.startswith(GZIP_MAGIC):
+        return sniff_zeek(path) or "unknown"
+    kind = zeek_kind(head)
+    if kind is not None:
+        return kind
     if looks_like_nfdump_csv(head):
         return "nfdump-csv"
+    if looks_like_argus(head):
+        return "argus"
     return "unknown"
 
 
-def ingest_flow_files(lake: Lake, paths: list[Path], progress: Progress | None = None) -> IngestSummary:
-    """Land every file in `paths` in the lake's flows dataset; never raises for bad input (see rejects)."""
+def _kind_or_none(path: Path) -> str | None:
+    try:
+        return sniff_kind(path)
+    except OSError:  # unreadable: the caller reports it
+        return None
+
+
+def expand_paths(paths: list[Path]) -> list[Path]:
+    """Directories -> the regular files under them (sorted; hidden files and nfcapd's still-open
+    `nfcapd.current.*` left out; ingest_flow_files then skips the ones of a kind the command does not
+    read, such as nfsen's .nfstat files), so that an nfsen tree `profiles-data/live/router1/2024/03/12/` lands file by
+    file: each is its own source, and the next run skips what is already in the lake."""
+    out: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_dir():
+            out.append(path)
+            continue
+        for child in sorted(path.rglob("*")):
+            name = child.name
+            if name.startswith(".") or name.startswith("nfcapd.current") or not child.is_file():
+                continue
+            out.append(child)
+    return out
+
+
+def ingest_flow_files(
+    lake: Lake,
+    paths: list[Path],
+    progress: Progress | None = None,
+    accept: tuple[str, ...] = NETFLOW_KINDS,
+) -> IngestSummary:
+    """Land every file in `paths` (directories: the files under them) in the lake's flows dataset; never
+    raises for bad input (see rejects). `accept`: the kinds this command takes (NETFLOW_KINDS, ZEEK_KINDS,
+    ARGUS_KINDS); a file of another known kind is not read, and its result names the command that reads it."""
     summary = IngestSummary()
     state = DecoderState()  # templates learnt from one file serve the next (a capture split by tcpdump -C)
-    for path in paths:
+    given = {Path(p) for p in paths}
+    for path in expand_paths(paths):
+        if path not in given and _kind_or_none(path) not in (*accept, None):  # in a directory, not ours
+            continue
         path = Path(path)
         problem = input_problem(path, "give the capture files in it, e.g. DIR/*.pcap")
         if problem is not None:  # told from os.stat: a FIFO is never opened (that would block)
@@ -114,7 +189,7 @@ def ingest_flow_files(lake: Lake, paths: list[Path], progress: Progress | None =
             )
             continue
         try:
-            result = _ingest_one(lake, path, state, summary, progress)
+            result = _ingest_one(lake, path, state, summary, progress, accept)
         except OSError as exc:  # the lake side: a directory or temp file that cannot be written
             raise LakeError(
                 f"cannot write flows of {path} into {lake.root}: {exc}. Check that the lake is writable and has "
@@ -125,12 +200,23 @@ def ingest_flow_files(lake: Lake, paths: list[Path], progress: Progress | None =
 
 
 def _ingest_one(
-    lake: Lake, path: Path, state: DecoderState, summary: IngestSummary, progress: Progress | None
+    lake: Lake,
+    path: Path,
+    state: DecoderState,
+    summary: IngestSummary,
+    progress: Progress | None,
+    accept: tuple[str, ...],
 ) -> FileResult:
     size = path.stat().st_size
-    content_hash = hash_file(path)
     kind = sniff_kind(path)
     result = FileResult(str(path), kind, "landed")
+    if kind not in accept and kind in COMMAND_OF_KIND:  # read by another command: say which, land nothing
+        result.status = "rejected"
+        result.message = f"a {kind} file: run `{COMMAND_OF_KIND[kind]} {path}`"
+        if progress:
+            progress(size)
+        return result
+    content_hash = hash_file(path)
     if lake.already_ingested("flows", content_hash):
         result.status = "skipped"
         result.message = "already in the lake (same content hash)"
@@ -171,21 +257,10 @@ def _ingest_one(
                     entry["rejects"] = entry.get("rejects", 0) + 1
             if progress and size > done:
                 progress(size - done)
-        elif kind == "nfdump-csv":
-            for flows, rejects in iter_nfdump_csv(path):  # streamed: ~16 MB of text at a time
-                flows = _with_source(flows, source)
-                writer.write(flows)
-                writer.reject(_with_source(rejects, source))
-                for exporter, n in _value_counts(flows.column("exporter")).items():
-                    entry = stats.setdefault(exporter or "unknown", {"flows": 0, "versions": ["nfdump-csv"]})
-                    entry["flows"] += n
-                for exporter, n in (
-                    _value_counts(rejects.column("exporter")).items()
-                    if "exporter" in rejects.column_names
-                    else ()
-                ):
-                    entry = stats.setdefault(exporter or "unknown", {"flows": 0, "versions": ["nfdump-csv"]})
-                    entry["rejects"] = entry.get("rejects", 0) + n
+        elif kind in READERS:
+            labels = _read_text_kind(lake, path, kind, source, content_hash, writer, stats)
+            if labels:
+                result.message = f"{labels} labels kept in flow_labels (for evaluation only)"
             if progress:
                 progress(size)
         else:
@@ -193,13 +268,18 @@ def _ingest_one(
                 pa.table(
                     {
                         "offset": [0],
-                        "reason": ["not a pcap"],
-                        "detail": ["neither pcap/pcapng nor nfdump CSV (checked the first bytes)"],
+                        # NetFlow's reason stays "not a pcap" (sites count it); the others name their kind
+                        "reason": [
+                            "not a pcap" if "pcap" in accept else f"not a {accept[0].split('-')[0]} file"
+                        ],
+                        "detail": [f"none of {', '.join(accept)} (checked the first bytes)"],
                     }
                 )
             )
             result.status = "rejected"
-            result.message = "not a pcap, pcapng or nfdump CSV file"
+            result.message = (
+                f"not a {', '.join(accept)} file; `tracepipe ingest --help` lists what each command reads"
+            )
             if progress:
                 progress(size)
         ingested = writer.commit({"kind": kind, "datagrams": result.datagrams, "exporters": stats})
@@ -214,6 +294,55 @@ def _ingest_one(
             summary.days.add(match.group(1))
     merge_stats(summary.exporters, stats)
     return result
+
+
+def _read_text_kind(
+    lake: Lake,
+    path: Path,
+    kind: str,
+    source: str,
+    content_hash: str,
+    writer,
+    stats: dict[str, dict[str, Any]],
+) -> int:
+    """Stream one file of a READERS kind into `writer`; ground-truth labels (argus Label) go to their own
+    dataset, flow_labels, which detectors never read (committed before the flows: a rerun after a kill in
+    between finds them there and does not write them twice). Returns how many labels landed."""
+    labelled = 0
+    keep_labels = not lake.already_ingested("flow_labels", content_hash)
+    with contextlib.ExitStack() as stack:
+        label_writer = None
+        for batch in READERS[kind](path):  # streamed: ~16 MB of text at a time
+            flows, rejects = _with_source(batch[0], source), _with_source(batch[1], source)
+            writer.write(flows)
+            writer.reject(rejects)
+            if keep_labels and len(batch) > 2 and batch[2].num_rows:
+                if label_writer is None:
+                    label_writer = stack.enter_context(
+                        lake.ingest("flow_labels", source=source, content_hash=content_hash)
+                    )
+                label_writer.write(_with_source(batch[2], source))
+                labelled += batch[2].num_rows
+            for exporter, n in _value_counts(flows.column("exporter")).items():
+                entry = stats.setdefault(exporter or kind, {"flows": 0, "versions": [kind]})
+                entry["flows"] += n
+            rejected = rejects.column("exporter") if "exporter" in rejects.column_names else None
+            counts = _value_counts(rejected) if rejected is not None else {None: rejects.num_rows}
+            for exporter, n in counts.items():
+                if n:
+                    entry = stats.setdefault(exporter or kind, {"flows": 0, "versions": [kind]})
+                    entry["rejects"] = entry.get("rejects", 0) + n
+        if kind == "nfcapd":  # the sampler list nfdump keeps in the file, per exporter (one interval: known)
+            for exporter, info in nfcapd_exporters(path).items():
+                samplers = info["sampling"]
+                if isinstance(samplers, list) and len(samplers) == 1:
+                    stats.setdefault(exporter, {"flows": 0, "versions": [kind]})["sampling"] = samplers[0]
+        if kind in ZEEK_KINDS + ARGUS_KINDS:  # sensors that see every packet they are given: unsampled
+            for entry in stats.values():
+                entry.setdefault("sampling", 1)
+        if label_writer is not None:
+            label_writer.commit({"kind": kind, "labels": labelled})
+    return labelled
 
 
 def _with_source(flows: pa.Table, source: str) -> pa.Table:

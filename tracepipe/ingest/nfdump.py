@@ -12,18 +12,20 @@ Both map nfdump's text conventions back to numbers: protocol names (nfdump's own
 from __future__ import annotations
 
 import io
-import ipaddress
 import os
+import re
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 
 from tracepipe.errors import EnvironmentProblem, InputError
+from tracepipe.ingest.delimited import address_text, line_rejects, read_block, rejects_table
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, too_long_rejects
 from tracepipe.schema import FLOWS, TS
@@ -183,25 +185,7 @@ def _timestamps(column: pa.Array, tz: str) -> tuple[pa.Array, pa.Array]:
     return values, ok
 
 
-def _addresses(column: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
-    """Address text -> (canonical text, ip_version int8, valid mask); `ipaddress` runs on unique values only."""
-    text = _trim(column)
-    unique = pc.unique(text)
-    canonical: list[str | None] = []
-    versions: list[int | None] = []
-    for value in unique.to_pylist():
-        try:
-            address = ipaddress.ip_address(value)
-        except ValueError:
-            canonical.append(None)
-            versions.append(None)
-            continue
-        canonical.append(str(address))
-        versions.append(address.version)
-    index = pc.index_in(text, value_set=unique)
-    values = pc.take(pa.array(canonical, pa.string()), index)
-    version = pc.take(pa.array(versions, pa.int8()), index)
-    return values, version, pc.is_valid(values)
+_addresses = address_text
 
 
 def _flows_from_columns(
@@ -281,6 +265,9 @@ def _flows_from_columns(
             "src_vm": pa.nulls(n, pa.string()),
             "dst_vm": pa.nulls(n, pa.string()),
             "attributed_at": pa.nulls(n, FLOWS.field("attributed_at").type),
+            "uid": pa.nulls(n, pa.string()),
+            "conn_state": pa.nulls(n, pa.string()),
+            "history": pa.nulls(n, pa.string()),
         }
     )
     return table, valid, reason, detail
@@ -290,21 +277,26 @@ _NEEDED = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg", "ra"
 _CHECKED_FIELDS = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg", "ra", "in", "out")
 
 
-def _chunks(source: bytes | str, block_size: int) -> Iterator[LineBlock]:
-    """Whole lines, about `block_size` bytes at a time, from bytes or a file path (memory stays flat); lines
-    longer than limits.line_bytes are emptied (and listed), never read whole."""
+def _chunks(source: bytes | str | BinaryIO, block_size: int) -> Iterator[LineBlock]:
+    """Whole lines, about `block_size` bytes at a time, from bytes, a file path or an open binary stream (a
+    pipe from nfdump): memory stays flat; lines longer than limits.line_bytes are emptied (and listed)."""
+    if not isinstance(source, bytes | str):
+        yield from iter_line_blocks(source, block_size)
+        return
     with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as handle:
         yield from iter_line_blocks(handle, block_size)
 
 
 def _iter_rows(
-    source: bytes | str, delimiter: str, columns: tuple[str, ...], skip_rows: int, block_size: int = 1 << 24
+    source: bytes | str | BinaryIO,
+    delimiter: str,
+    columns: tuple[str, ...],
+    skip_rows: int,
+    block_size: int = 1 << 24,
 ) -> Iterator[tuple[pa.Table, pa.Array, list[tuple[int, str]], list[tuple[int, int]]]]:
     """Stream a delimited text as (the columns we use, all as text; their 1-based line numbers; the lines of
-    another width as (line number, text); the lines over limits.line_bytes as (line number, length)).
-    pyarrow's CSV reader parses each chunk of whole lines serially, so its invalid-row handler knows line numbers; valid row j of a chunk then sits on line
-    skip + 1 + j + #(invalid lines with at most j valid rows before them). Decoded as Latin-1: nfdump writes
-    ASCII, and a damaged byte only spoils its field (rejected by the field checks), it cannot stop the reader."""
+    another width as (line number, text); the lines over limits.line_bytes as (line number, length)), one
+    block of ~`block_size` bytes at a time (delimited.read_block)."""
     lines_before = 0
     for index, block in enumerate(_chunks(source, block_size)):
         chunk = block.data
@@ -312,46 +304,13 @@ def _iter_rows(
         if not chunk:  # only the rest of an over-long last line
             yield pa.table({}), pa.array([], pa.int64()), [], block.too_long
             continue
-        invalid: list[tuple[int, str]] = []
-
-        def on_invalid(row, invalid=invalid) -> str:
-            invalid.append((row.number if row.number is not None else -1, row.text))
-            return "skip"
-
-        table = pacsv.read_csv(
-            pa.py_buffer(chunk),
-            read_options=pacsv.ReadOptions(
-                column_names=list(columns),
-                skip_rows=skip,
-                use_threads=False,
-                encoding="latin-1",
-                block_size=2 * DEFAULT_LIMITS.line_bytes
-                + 2,  # a row must fit a block: any line within limits
-            ),
-            parse_options=pacsv.ParseOptions(
-                delimiter=delimiter,
-                quote_char=False,
-                escape_char=False,
-                newlines_in_values=False,
-                ignore_empty_lines=False,
-                invalid_row_handler=on_invalid,
-            ),
-            convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.string() for c in _NEEDED},
-                include_columns=list(_NEEDED),
-                strings_can_be_null=False,
-            ),
-        )
-        bad = np.array([number for number, _ in invalid if number > 0], dtype=np.int64)
-        valid_before = bad - (skip + 1) - np.arange(len(bad), dtype=np.int64)
-        rows = np.arange(table.num_rows, dtype=np.int64)
-        numbers = lines_before + skip + 1 + rows + np.searchsorted(valid_before, rows, side="right")
-        yield table, pa.array(numbers), [(lines_before + n, text) for n, text in invalid], block.too_long
+        table, numbers, invalid = read_block(chunk, lines_before + 1, delimiter, columns, _NEEDED, skip)
+        yield table, numbers, invalid, block.too_long
         lines_before += chunk.count(b"\n") + (0 if chunk.endswith(b"\n") else 1)
 
 
 def _iter_flows(
-    source: bytes | str,
+    source: bytes | str | BinaryIO,
     delimiter: str,
     columns: tuple[str, ...],
     skip_rows: int,
@@ -377,17 +336,10 @@ def _iter_flows(
                 summary_lines_left = 2
             elif summary_lines_left and stripped:
                 summary_lines_left -= 1
-            elif stripped:
+            elif stripped and stripped != NO_FLOWS:
                 kept.append((number, text))
         if kept:
-            parts.append(
-                _rejects(
-                    pa.array([n for n, _ in kept], pa.int64()),
-                    pa.array([t for _, t in kept], pa.string()),
-                    pa.array([f"expected {len(columns)} fields"] * len(kept), pa.string()),
-                    name,
-                )
-            )
+            parts.append(line_rejects(kept, f"expected {len(columns)} fields", name))
         flows = FLOWS.empty_table()
         if table.num_rows:
             fields = {field: table.column(field) for field in _NEEDED}
@@ -405,16 +357,7 @@ def _iter_flows(
         yield flows, rejects
 
 
-def _rejects(line_numbers: pa.Array, lines: pa.Array, reasons: pa.Array, source: str) -> pa.Table:
-    n = len(line_numbers)
-    return pa.table(
-        {
-            "source": pa.array([source] * n, pa.string()),
-            "line": pc.cast(line_numbers, pa.int64()),
-            "reason": pc.cast(reasons, pa.string()),
-            "detail": pc.utf8_slice_codeunits(pc.cast(lines, pa.string()), 0, 200),
-        }
-    )
+_rejects = rejects_table
 
 
 def empty_rejects() -> pa.Table:
@@ -490,15 +433,62 @@ def read_nfdump_csv(path: Path | str, tz: str = "UTC") -> tuple[pa.Table, pa.Tab
     return _collect(iter_nfdump_csv(path, tz))
 
 
-def read_nfcapd(path: Path | str, timeout: float = 300.0) -> tuple[pa.Table, pa.Table]:
-    """nfcapd file or directory -> (flows in schema.FLOWS, rejects), through the nfdump binary (ms precision).
+# nfcapd files (nfdump 1.6 layout 1 and 1.7 layout 2) start with magic 0xA50C and the layout version, in the
+# byte order of the machine that wrote them (nffile.h); nfdump reads both orders.
+NFCAPD_MAGIC = (b"\x0c\xa5\x01\x00", b"\x0c\xa5\x02\x00", b"\xa5\x0c\x00\x01", b"\xa5\x0c\x00\x02")
+_EXPORTER_RE = re.compile(r"SysID:\s*(\d+),\s*IP:\s*(\S+),")
+_SAMPLER_RE = re.compile(r"Sampler for Exporter SysID:\s*(\d+),.*?interval:\s*(\d+)", re.I)
 
-    nfdump runs with TZ=UTC so that its local-time text is UTC; `-N` prints plain numbers.
-    """
+
+NO_FLOWS = "No matching flows"  # what nfdump prints (stdout, even with -q) when a file yields no record
+# nfdump 1.7.1 reports a damaged file on stderr and still exits 0 ("Open file X: appendix offset error",
+# "Short read from file: X", "GetNextFile() error in nfdump.c line 295")
+_NFDUMP_READ_ERROR = re.compile(r"error|short read|corrupt|cannot|failed", re.I)
+
+
+def looks_like_nfcapd(head: bytes) -> bool:
+    return head[:4] in NFCAPD_MAGIC
+
+
+def _nfdump_env() -> dict[str, str]:
+    return dict(os.environ, TZ="UTC", LC_ALL="C")  # nfdump prints local time: make it UTC
+
+
+def nfcapd_exporters(path: Path | str, timeout: float = 120.0) -> dict[str, dict[str, object]]:
+    """What `nfdump -E FILE` keeps of the exporters of an nfcapd file: {address: {"sysid", "sampling"}},
+    sampling = the packet interval of its samplers ([] when it announced none: volumes are as exported)."""
+    proc = subprocess.run(
+        [tool_path("nfdump"), "-E", str(path)],
+        capture_output=True,
+        timeout=timeout,
+        env=_nfdump_env(),
+        stdin=subprocess.DEVNULL,
+    )
+    text = proc.stdout.decode("latin-1")
+    by_sysid: dict[str, str] = {}
+    out: dict[str, dict[str, object]] = {}
+    for sysid, address in _EXPORTER_RE.findall(text):
+        by_sysid[sysid] = address
+        out.setdefault(address, {"sysid": int(sysid), "sampling": []})
+    for sysid, interval in _SAMPLER_RE.findall(text):
+        address = by_sysid.get(sysid)
+        if address is not None and int(interval) not in out[address]["sampling"]:  # type: ignore[operator]
+            out[address]["sampling"].append(int(interval))  # type: ignore[union-attr]
+    return out
+
+
+def iter_nfcapd(
+    path: Path | str, timeout: float = 3600.0, block_size: int = 1 << 24
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """One nfcapd file (or a directory tree of them: `nfdump -R`) through the installed nfdump, streamed:
+    batches of (flows in schema.FLOWS, rejects), ~`block_size` bytes of nfdump's text each, so memory stays
+    flat however big the archive. Times in ms (`fmt:` output, TZ=UTC), `-N` plain numbers, `-6` full IPv6.
+
+    A file nfdump cannot read (corrupt, truncated) gives one reject with nfdump's message; what it printed
+    before that landed. A missing nfdump binary raises EnvironmentProblem."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist")
-    # -6: full IPv6 addresses (without it fmt: abbreviates them to "2001:db..fff::20")
     cmd = [
         tool_path("nfdump"),
         "-R" if path.is_dir() else "-r",
@@ -509,16 +499,41 @@ def read_nfcapd(path: Path | str, timeout: float = 300.0) -> tuple[pa.Table, pa.
         "-o",
         NFDUMP_FMT,
     ]
-    env = dict(os.environ, TZ="UTC", LC_ALL="C")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        raise EnvironmentProblem(f"nfdump did not finish within {timeout:.0f} s reading {path}") from exc
-    if proc.returncode != 0:
-        raise EnvironmentProblem(
-            f"nfdump failed (exit {proc.returncode}) on {path}: "
-            f"{proc.stderr.decode(errors='replace').strip()}"
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL, env=_nfdump_env()
         )
-    if not proc.stdout.strip():
-        return FLOWS.empty_table(), empty_rejects()
-    return _collect(_iter_flows(proc.stdout, "|", _FMT_COLUMNS, 0, str(path), "UTC", trailer=None))
+        assert proc.stdout is not None
+        try:
+            yield from _iter_flows(proc.stdout, "|", _FMT_COLUMNS, 0, str(path), "UTC", None, block_size)
+            proc.stdout.close()
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise EnvironmentProblem(f"nfdump did not finish within {timeout:.0f} s reading {path}") from exc
+        finally:
+            if proc.poll() is None:  # the caller stopped early, or an error: do not leave nfdump behind
+                proc.kill()
+                proc.wait()
+        errors.seek(0)
+        message = errors.read(2000).decode("latin-1", "replace").strip()
+    if code != 0 or _NFDUMP_READ_ERROR.search(message):
+        yield (
+            FLOWS.empty_table(),
+            _rejects(
+                pa.array([0]),
+                pa.array([message[:200] or f"exit {code}"]),
+                pa.array(["nfdump could not read the file"]),
+                str(path),
+            ),
+        )
+
+
+def read_nfcapd(path: Path | str, timeout: float = 300.0) -> tuple[pa.Table, pa.Table]:
+    """iter_nfcapd collected into one (flows in schema.FLOWS, rejects): nfcapd file or directory, ms precision.
+    Raises EnvironmentProblem when nfdump fails on it as a whole (the tests' oracle wants to know)."""
+    flows, rejects = _collect(iter_nfcapd(path, timeout))
+    failed = pc.equal(rejects.column("reason"), "nfdump could not read the file")
+    if rejects.num_rows and pc.any(failed).as_py():
+        detail = rejects.filter(failed).column("detail")[0].as_py()
+        raise EnvironmentProblem(f"nfdump failed on {path}: {detail}")
+    return flows, rejects

@@ -1,0 +1,186 @@
+"""`tracepipe ingest argus` (issue 14, item 3): the real argus (argus-server) reads a traffic capture, the real
+`ra` (argus-client) writes the CSV a site or a data set (CTU-13 "binetflow") has; the lake must hold what ra
+says of each record, per direction, as ra(1) defines the fields: `ra -s stime ltime proto saddr sport daddr
+dport spkts dpkts sbytes dbytes` printed separately with numbers only (-nn) is the oracle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from conftest import lake_flows, run_tracepipe
+from support import probes
+
+from tracepipe.ingest.argus import parse_argus, read_argus
+from tracepipe.ingest.flows import sniff_kind
+from tracepipe.lake import Lake
+from tracepipe.tools import tool_path
+
+# what the docstring of tracepipe/ingest/argus.py tells a user to run (CTU-13's binetflow columns + per direction)
+FIELDS = "stime dur proto saddr sport dir daddr dport state stos dtos pkts bytes sbytes"
+PER_DIRECTION = " spkts dpkts dbytes"
+
+
+def ra(argus_file: Path, *args: str) -> str:
+    return subprocess.run(
+        [tool_path("ra"), "-r", str(argus_file), *args], capture_output=True, text=True, check=True
+    ).stdout
+
+
+@pytest.fixture(scope="module")
+def argus_file(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("argus")
+    pcap = probes.build_traffic_pcap(base / "traffic.pcap", seed=21, ipv6=True)
+    out = base / "traffic.argus"
+    subprocess.run([tool_path("argus"), "-r", str(pcap), "-w", str(out)], check=True, capture_output=True)
+    return out
+
+
+def oracle(argus_file: Path) -> Counter:
+    """Per-direction rows from ra's own fields (numbers only): src->dst always, dst->src when dst sent."""
+    text = ra(
+        argus_file,
+        "-u",
+        "-nn",
+        "-c",
+        "|",
+        "-s",
+        "stime ltime proto saddr sport daddr dport spkts dpkts sbytes dbytes",
+    )
+    rows: Counter = Counter()
+    for line in text.splitlines()[1:]:
+        stime, ltime, proto, sa, sp, da, dp, spk, dpk, sb, db = line.split("|")
+        if not proto.isdigit():  # argus management records (man)
+            continue
+        start, end = round(float(stime) * 1e6), round(float(ltime) * 1e6)
+        proto_n = int(proto)
+
+        def port(p: str) -> int:  # ra prints ICMP's type in hex (0x0008), ICMPv6's in decimal (128)
+            return int(p, 16) if p.startswith("0x") else int(p)
+
+        if proto_n in (1, 58):  # ICMP: type*256 (+ code, 0 unless an unreachable state says)
+            fwd = (sa, da, 0, port(sp) * 256)
+            back = (da, sa, 0, None)
+        else:
+            fwd = (sa, da, port(sp), port(dp))
+            back = (da, sa, port(dp), port(sp))
+        rows[(*fwd, proto_n, int(spk), int(sb), start, end)] += 1
+        if int(dpk) or int(db):
+            rows[(*back, proto_n, int(dpk), int(db), start, end)] += 1
+    return rows
+
+
+def rows(flows: pa.Table, packets: bool = True) -> Counter:
+    d = flows.to_pydict()
+    start = pc.cast(flows.column("ts_start"), pa.int64()).to_pylist()
+    end = pc.cast(flows.column("ts_end"), pa.int64()).to_pylist()
+    return Counter(
+        zip(d["src_addr"], d["dst_addr"], d["src_port"], d["dst_port"], d["proto"],
+            d["packets"] if packets else [None] * len(start), d["bytes"], start, end, strict=True)
+    )  # fmt: skip
+
+
+def test_lake_holds_what_ra_says_per_direction(argus_file, tmp_path):
+    csv = tmp_path / "flows.csv"
+    csv.write_text(ra(argus_file, "-u", "-n", "-c", ",", "-L0", "-Z", "b", "-s", FIELDS + PER_DIRECTION))
+    assert sniff_kind(csv) == "argus"
+    lake = tmp_path / "lake"
+    proc = run_tracepipe("ingest", "argus", str(csv), "--lake", str(lake), "--format", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["totals"]["rejects"] == 0
+    got = lake_flows(lake)
+    expected = oracle(argus_file)
+    assert sum(expected.values()) > 50 and {6, 17, 1, 58} <= {k[4] for k in expected}
+    assert rows(got) == expected
+    # ra -Z b states kept as argus wrote them, and mapped to flags: a TCP exchange with data has ACK both ways
+    states = set(got.column("conn_state").to_pylist())
+    assert any("_" in s for s in states if s)
+    tcp = got.filter(pc.equal(got.column("proto"), 6))
+    assert 0 not in set(tcp.column("tcp_flags").to_pylist())
+
+
+def test_binetflow_form_splits_bytes_and_keeps_labels_apart(argus_file, tmp_path):
+    """CTU-13's form: TotPkts, TotBytes, SrcBytes and a Label; per-direction packets are unknown (null unless
+    the destination sent nothing). Labels land in flow_labels, never in flows."""
+    text = ra(argus_file, "-u", "-n", "-c", ",", "-L0", "-Z", "b", "-s", FIELDS).splitlines()
+    labelled = [text[0] + ",Label"] + [
+        line + (",flow=From-Botnet-V42-TCP-Established" if ",tcp," in line else ",flow=Background")
+        for line in text[1:]
+    ]
+    csv = tmp_path / "capture.binetflow"
+    csv.write_text("\n".join(labelled) + "\n")
+    lake = tmp_path / "lake"
+    proc = run_tracepipe("ingest", "argus", str(csv), "--lake", str(lake), "--format", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = lake_flows(lake)
+    assert "label" not in got.column_names and "Label" not in got.column_names
+    expected = Counter()
+    for key, n in oracle(argus_file).items():
+        expected[(*key[:5], None, *key[6:])] += n
+    assert rows(got, packets=False) == expected
+    one_way = [k for k in oracle(argus_file) if k[5] is not None]
+    assert pc.sum(pc.is_valid(got.column("packets"))).as_py() > 0 and one_way
+    files = [str(p) for p in Lake(lake).files("flow_labels")]
+    labels = duckdb.sql(
+        f"SELECT label, count(*) FROM read_parquet({files}) GROUP BY ALL ORDER BY 1"
+    ).fetchall()
+    records = sum(1 for line in text[1:] if ",man," not in line)  # not the management records
+    assert sum(n for _, n in labels) == records
+    assert {label for label, _ in labels} == {"flow=Background", "flow=From-Botnet-V42-TCP-Established"}
+
+
+BAD = b"""StartTime,Dur,Proto,SrcAddr,Sport,Dir,DstAddr,Dport,State,sTos,dTos,TotPkts,TotBytes,SrcBytes,Label
+2011/08/10 09:46:53.047277,3.870976,udp,93.45.239.29,1611,   <->,147.32.84.118,6881,CON,0,0,4,276,156,flow=Background
+2011/08/10 09:46:53.048843,0.000883,tcp,62.240.166.118,1031,   ->,147.32.84.229,13363,S_RA,0,0,2,120,60,flow=Background
+09:46:53.1,0.0,udp,1.2.3.4,1,   ->,5.6.7.8,2,INT,0,,1,60,60,flow=Background
+2011/08/10 09:46:53.2,0.0,udp,1.2.3.999,1,   ->,5.6.7.8,2,INT,0,,1,60,60,flow=Background
+2011/08/10 09:46:53.2,0.0,udp,1.2.3.4,99999,   ->,5.6.7.8,2,INT,0,,1,60,60,flow=Background
+2011/08/10 09:46:53.2,0.0,udp,1.2.3.4,1,   ->,5.6.7.8
+2011/08/10 09:46:53.2,0.0,arp,1.2.3.4,,   who,5.6.7.8,,INT,0,,1,60,60,flow=Background
+2011/08/10 09:46:53.2,0.0,udp,1.2.3.4,1,   ->,5.6.7.8,2,INT,0,,1,60,600,flow=Background
+2011/08/10 09:46:53.2,0.0,xyzp,1.2.3.4,1,   ->,5.6.7.8,2,INT,0,,1,60,60,flow=Background
+"""
+
+
+def test_bad_lines_are_rejects_with_line_and_reason():
+    flows, rejects, labels = parse_argus(BAD, "bad.binetflow")
+    assert [(r["line"], r["reason"]) for r in rejects.to_pylist()] == [
+        (4, "bad start time (ra -u gives epoch seconds)"),
+        (5, "bad source address"),
+        (6, "bad source port"),
+        (7, "expected 15 fields"),
+        (9, "SrcBytes above TotBytes"),
+        (10, "unknown protocol"),
+    ]
+    assert labels.num_rows == 2 and labels.column("line").to_pylist() == [2, 3]
+    # the S_RA attempt: SYN answered by RST|ACK; the shared rule calls the originator's side failed
+    tcp = flows.filter(pc.equal(flows.column("proto"), 6)).to_pylist()
+    assert [(r["src_addr"], r["tcp_flags"], r["bytes"], r["packets"]) for r in tcp] == [
+        ("62.240.166.118", 2, 60, None),
+        ("147.32.84.229", 20, 60, None),
+    ]
+    assert flows.column("ts_start")[0].as_py().isoformat() == "2011-08-10T09:46:53.047277+00:00"
+
+
+def test_ingest_zeek_names_the_command_for_an_argus_file(tmp_path):
+    path = tmp_path / "x.binetflow"
+    path.write_bytes(BAD)
+    proc = run_tracepipe("ingest", "zeek", str(path), "--lake", str(tmp_path / "lake"))
+    assert proc.returncode == 4 and "tracepipe ingest argus" in proc.stdout
+
+
+def test_read_argus_streams_with_line_numbers_across_blocks(tmp_path):
+    path = tmp_path / "big.binetflow"
+    good = BAD.splitlines()[1]
+    path.write_bytes(
+        BAD.splitlines()[0] + b"\n" + b"\n".join([good] * 500 + [b"garbage"] + [good] * 10) + b"\n"
+    )
+    flows, rejects, labels = read_argus(path)
+    assert labels.num_rows == 510 and flows.num_rows == 1020
+    assert rejects.column("line").to_pylist() == [502]

@@ -1,0 +1,135 @@
+"""`tracepipe ingest netflow` on nfcapd files and nfsen/nfcapd directory trees (issue 14, item 2): the real
+softflowd exports to a real nfcapd on 127.0.0.1 (conftest.softflowd_export); the lake must hold, record for
+record, what `nfdump -r FILE -o csv` prints for the same file (nfdump's CSV has whole seconds: the comparison
+is at that precision, plus the ms the reader keeps, checked against nfdump's own `%tsr` fractional output)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from conftest import lake_flows, multiset_diff, run_tracepipe
+from support import probes
+
+from tracepipe.ingest.flows import sniff_kind
+from tracepipe.ingest.nfdump import iter_nfcapd, read_nfdump_csv
+from tracepipe.tools import tool_path
+
+CASES = [(5, "ipv4", "ipv4"), (9, "ipv6", "ipv4"), (10, "ipv4", "ipv4")]
+KEY = ("src_addr", "dst_addr", "src_port", "dst_port", "proto", "packets", "bytes", "tcp_flags", "exporter")
+
+
+def seconds(table: pa.Table) -> pa.Table:
+    """Start/end in whole seconds since the epoch (nfdump -o csv's precision) as comparable columns."""
+    out = table.select(list(KEY))
+    for name in ("ts_start", "ts_end"):
+        out = out.append_column(f"{name}_s", pc.divide(pc.cast(table.column(name), pa.int64()), 1_000_000))
+    return out
+
+
+def nfdump_ms(path: Path) -> list[tuple[str, int, int]]:
+    """(src, start ms, end ms) per record as nfdump prints them: %tsr (fractional start), %te (end text, ms; TZ
+    UTC). Not %ter: nfdump 1.7.1 prints its milliseconds modulo 100 (10:00:03.695 comes out as ...03.095), nor
+    start + %td: with softflowd's IPFIX (erratum E1, end before start) the duration wraps around."""
+    out = subprocess.run(
+        [tool_path("nfdump"), "-r", str(path), "-q", "-N", "-6", "-o", "fmt:%sa|%tsr|%te"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"TZ": "UTC", "LC_ALL": "C"},
+    ).stdout
+    rows = []
+    for line in out.splitlines():
+        if "|" in line:
+            sa, ts, te = (x.strip() for x in line.split("|"))
+            end = dt.datetime.strptime(te, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=dt.UTC)
+            rows.append((sa, round(float(ts) * 1000), round(end.timestamp() * 1000)))
+    return sorted(rows)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"v{c[0]}-{c[1]}")
+def test_lake_holds_what_nfdump_r_prints(case, softflowd_export, tmp_path):
+    export = softflowd_export(*case)
+    (nfcapd_file,) = export.nfcapd.files
+    assert sniff_kind(nfcapd_file) == "nfcapd"
+    csv = tmp_path / "nfdump.csv"
+    probes.nfdump_csv(nfcapd_file, csv, tz="UTC")
+    expected, csv_rejects = read_nfdump_csv(csv)
+    assert csv_rejects.num_rows == 0 and expected.num_rows == export.softflowd.records
+    lake = tmp_path / "lake"
+    proc = run_tracepipe("ingest", "netflow", str(nfcapd_file), "--lake", str(lake), "--format", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["files"][0]["kind"] == "nfcapd"
+    got = lake_flows(lake)
+    diff = multiset_diff(seconds(expected), seconds(got), (*KEY, "ts_start_s", "ts_end_s"))
+    assert not diff, diff
+    # the ms nfdump keeps, as nfdump prints them in fractional seconds
+    starts = pc.divide(pc.cast(got.column("ts_start"), pa.int64()), 1000).to_pylist()
+    ends = pc.divide(pc.cast(got.column("ts_end"), pa.int64()), 1000).to_pylist()
+    assert sorted(zip(got.column("src_addr").to_pylist(), starts, ends, strict=True)) == nfdump_ms(
+        nfcapd_file
+    )
+    # the exporter nfdump keeps per record, and in the summary
+    assert set(got.column("exporter").to_pylist()) == {export.exporter}
+    assert export.exporter in summary["exporters"]
+    assert set(got.column("source").to_pylist()) == {str(nfcapd_file.absolute())}
+
+
+def test_an_nfsen_tree_lands_file_by_file_once(softflowd_export, tmp_path):
+    """profiles-data/live/<source>/YYYY/MM/DD/nfcapd.YYYYMMDDhhmm: every file lands once; nfsen's .nfstat and
+    nfcapd's still-open nfcapd.current.* are left alone; a rerun (the archive grew) adds only the new file."""
+    files = [softflowd_export(*case).nfcapd.files[0] for case in CASES[:2]]
+    tree = tmp_path / "profiles-data" / "live" / "router1" / "2024" / "03" / "12"
+    tree.mkdir(parents=True)
+    shutil.copy(files[0], tree / "nfcapd.202403120000")
+    shutil.copy(files[0], tree / "nfcapd.current.4242")
+    (tree.parent / ".nfstat").write_text("junk")
+    (tree / "README").write_text("not a flow file")
+    root = tmp_path / "profiles-data"
+    lake = tmp_path / "lake"
+    first = json.loads(
+        run_tracepipe("ingest", "netflow", str(root), "--lake", str(lake), "--format", "json").stdout
+    )
+    assert [(Path(f["path"]).name, f["status"]) for f in first["files"]] == [
+        ("nfcapd.202403120000", "landed")
+    ]
+    shutil.copy(files[1], tree / "nfcapd.202403120005")
+    proc = run_tracepipe("ingest", "netflow", str(root), "--lake", str(lake), "--format", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    second = json.loads(proc.stdout)
+    assert [(Path(f["path"]).name, f["status"]) for f in second["files"]] == [
+        ("nfcapd.202403120000", "skipped"),
+        ("nfcapd.202403120005", "landed"),
+    ]
+    expected = sum(softflowd_export(*case).expected.num_rows for case in CASES[:2])
+    assert lake_flows(lake).num_rows == expected
+
+
+def test_a_damaged_nfcapd_file_is_a_reject_the_others_land(softflowd_export, tmp_path):
+    good = softflowd_export(*CASES[0]).nfcapd.files[0]
+    damaged = tmp_path / "nfcapd.202403120010"
+    damaged.write_bytes(good.read_bytes()[:3000])  # cut mid-block: nfdump says "appendix offset error"
+    lake = tmp_path / "lake"
+    proc = run_tracepipe(
+        "ingest", "netflow", str(good), str(damaged), "--lake", str(lake), "--format", "json"
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    files = {Path(f["path"]).name: f for f in json.loads(proc.stdout)["files"]}
+    assert files[damaged.name]["rejects"] == 1 and files[damaged.name]["flows"] == 0
+    assert files[good.name]["flows"] == softflowd_export(*CASES[0]).expected.num_rows
+
+
+def test_nfcapd_is_streamed_in_batches(softflowd_export):
+    """A small block size makes many batches, and together they are the whole file: nothing waits for the end."""
+    path = softflowd_export(*CASES[1]).nfcapd.files[0]
+    batches = list(iter_nfcapd(path, block_size=2048))
+    assert len(batches) > 3
+    assert sum(b[0].num_rows for b in batches) == softflowd_export(*CASES[1]).expected.num_rows
+    assert all(b[1].num_rows == 0 for b in batches)

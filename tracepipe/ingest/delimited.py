@@ -1,0 +1,155 @@
+"""One block of delimited text lines -> a table of text columns with each row's line number, and the lines of
+another width. Shared by the text flow readers (nfdump CSV and fmt: output, Zeek TSV, argus CSV)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
+
+
+def read_block(
+    chunk: bytes,
+    first_line: int,
+    delimiter: str,
+    columns: list[str] | tuple[str, ...],
+    include: list[str] | tuple[str, ...],
+    skip_rows: int = 0,
+) -> tuple[pa.Table, pa.Array, list[tuple[int, str]]]:
+    """`chunk` (whole lines; its first line is line `first_line` of the file) -> (the `include` columns as
+    text, their line numbers, the lines of another width as (line number, text)).
+
+    pyarrow's CSV reader parses the chunk serially, so its invalid-row handler knows line numbers; valid row j
+    then sits on line first + skip + j + #(invalid lines with at most j valid rows before them). No quoting:
+    the formats read here have none. Decoded as Latin-1, so that a damaged byte only spoils its own field
+    (rejected by the field checks) and never stops the reader."""
+    invalid: list[tuple[int, str]] = []
+
+    def on_invalid(row) -> str:
+        invalid.append((row.number if row.number is not None else -1, row.text))
+        return "skip"
+
+    table = pacsv.read_csv(
+        pa.py_buffer(chunk),
+        read_options=pacsv.ReadOptions(
+            column_names=list(columns),
+            skip_rows=skip_rows,
+            use_threads=False,
+            encoding="latin-1",
+            block_size=2 * DEFAULT_LIMITS.line_bytes + 2,  # a row must fit a block: any line within limits
+        ),
+        parse_options=pacsv.ParseOptions(
+            delimiter=delimiter,
+            quote_char=False,
+            escape_char=False,
+            newlines_in_values=False,
+            ignore_empty_lines=False,
+            invalid_row_handler=on_invalid,
+        ),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in include},
+            include_columns=list(include),
+            strings_can_be_null=False,
+        ),
+    )
+    bad = np.array([number for number, _ in invalid if number > 0], dtype=np.int64)
+    valid_before = bad - (skip_rows + 1) - np.arange(len(bad), dtype=np.int64)
+    rows = np.arange(table.num_rows, dtype=np.int64)
+    numbers = first_line + skip_rows + rows + np.searchsorted(valid_before, rows, side="right")
+    return table, pa.array(numbers), [(first_line - 1 + n, text) for n, text in invalid]
+
+
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+CANONICAL_IPV4_RE = rf"^{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}$"  # already what str(IPv4Address) prints
+
+
+def address_text(column: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Address text -> (canonical text, ip_version int8, valid mask). Canonical IPv4 text is recognised by a
+    vectorised regex; `ipaddress` runs only on the other distinct values (IPv6, leading zeros, garbage)."""
+    text = pc.utf8_trim_whitespace(column)
+    unique = pc.unique(text)
+    ipv4 = pc.fill_null(pc.match_substring_regex(unique, CANONICAL_IPV4_RE), False)
+    canonical = pc.if_else(ipv4, unique, pa.scalar(None, pa.string()))
+    versions = pc.if_else(ipv4, pa.scalar(4, pa.int8()), pa.scalar(None, pa.int8()))
+    others = np.flatnonzero(~np.asarray(ipv4, dtype=bool))
+    if len(others):
+        found_text: list[str | None] = []
+        found_version: list[int | None] = []
+        for value in unique.take(pa.array(others)).to_pylist():  # distinct non-IPv4 values only
+            try:
+                address = ipaddress.ip_address(value)
+            except ValueError:
+                found_text.append(None)
+                found_version.append(None)
+                continue
+            found_text.append(str(address))
+            found_version.append(address.version)
+        slot = np.full(len(unique), -1, np.int64)
+        slot[others] = np.arange(len(others))
+        index = pa.array(slot, mask=slot < 0)
+        canonical = pc.coalesce(canonical, pc.take(pa.array(found_text, pa.string()), index))
+        versions = pc.coalesce(versions, pc.take(pa.array(found_version, pa.int8()), index))
+    position = pc.index_in(text, value_set=unique)
+    values = pc.take(canonical, position)
+    return values, pc.take(versions, position), pc.is_valid(values)
+
+
+def first_failure(
+    checks: list[tuple[str, pa.Array, pa.Array]], n: int
+) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """`checks`: (reason, ok mask, the field's values) in the order fields are named. Returns (valid mask,
+    reason per row, detail per row: `value` of the first field that failed), null where the row is valid."""
+    valid = pa.array(np.ones(n, dtype=bool))
+    reason = pa.nulls(n, pa.string())
+    detail = pa.nulls(n, pa.string())
+    for text, ok, values in checks:
+        failed = pc.and_(pc.is_null(reason), pc.invert(pc.fill_null(ok, False)))
+        if not pc.any(failed).as_py():
+            continue
+        valid = pc.and_(valid, pc.invert(failed))
+        reason = pc.if_else(failed, text, reason)
+        shown = pc.fill_null(pc.cast(values, pa.string()), "")
+        detail = pc.if_else(failed, pc.utf8_slice_codeunits(shown, 0, 200), detail)
+    return valid, reason, detail
+
+
+def rejects_table(line_numbers: pa.Array, lines: pa.Array, reasons: pa.Array, source: str) -> pa.Table:
+    """Rejects of a text input as the lake takes them: source, line, reason, detail (the text, cut at 200)."""
+    n = len(line_numbers)
+    return pa.table(
+        {
+            "source": pa.array([source] * n, pa.string()),
+            "line": pc.cast(line_numbers, pa.int64()),
+            "reason": pc.cast(reasons, pa.string()),
+            "detail": pc.utf8_slice_codeunits(pc.cast(lines, pa.string()), 0, 200),
+        }
+    )
+
+
+def as_flows(table: pa.Table) -> pa.Table:
+    """A table of some FLOWS columns -> schema.FLOWS (the others null), for readers that fill few of them."""
+    from tracepipe.schema import FLOWS
+
+    n = table.num_rows
+    return pa.Table.from_arrays(
+        [
+            table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type)
+            for f in FLOWS
+        ],
+        schema=FLOWS,
+    )
+
+
+def line_rejects(lines: list[tuple[int, str]], reason: str, source: str) -> pa.Table:
+    """rejects_table for whole lines that share one reason (another width, no header yet, ...)."""
+    return rejects_table(
+        pa.array([n for n, _ in lines], pa.int64()),
+        pa.array([t for _, t in lines], pa.string()),
+        pa.array([reason] * len(lines), pa.string()),
+        source,
+    )

@@ -1,0 +1,528 @@
+"""Zeek (Bro) conn.log -> flow rows (schema.FLOWS) plus rejects (schema.REJECTS columns), vectorised, streamed.
+
+Reads both forms Zeek writes: TSV (`#separator`, `#fields`, `#unset_field` `-`, `#empty_field` `(empty)`
+headers; several logs concatenated, as rotation and `cat` make them, each with its own header) and JSON lines
+(`LogAscii::use_json=T`, epoch or ISO 8601 `ts`); plain or gzip'ed (told by the first bytes). Column meanings
+follow Zeek's own documentation of conn.log (base/protocols/conn/main.zeek), read by name as `zeek-cut` does.
+
+A connection is two directions: the originator's row (id.orig_h -> id.resp_h, orig_pkts, orig_ip_bytes) and,
+when the responder sent anything, the responder's row (resp_pkts, resp_ip_bytes), as a NetFlow probe exports
+them. Both carry `uid`, `conn_state` and `history`; their tcp_flags come from the history letters (or the
+conn_state when Zeek wrote no history), see tracepipe.flowstate. Bytes are IP bytes (`*_ip_bytes`, what
+NetFlow counts); a log without them falls back to the payload bytes (`orig_bytes`). ICMP: Zeek writes the
+type as id.orig_p and the code as id.resp_p; the originator row carries type*256+code in dst_port as NetFlow
+does, the responder row no port (Zeek does not say which type the replies had).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
+
+from tracepipe.errors import InputError
+from tracepipe.flowstate import ZEEK_HISTORY_FLAGS, ZEEK_STATE_FLAGS
+from tracepipe.ingest.delimited import (
+    address_text,
+    as_flows,
+    first_failure,
+    line_rejects,
+    read_block,
+    rejects_table,
+)
+from tracepipe.limits import iter_line_blocks, too_long_rejects
+from tracepipe.schema import FLOWS, TS
+
+GZIP_MAGIC = b"\x1f\x8b"
+REQUIRED = ("ts", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto")
+COUNTS = ("orig_pkts", "orig_ip_bytes", "orig_bytes", "resp_pkts", "resp_ip_bytes", "resp_bytes")
+TEXTS = ("uid", "conn_state", "history")
+USED = (*REQUIRED, "duration", *COUNTS, *TEXTS)
+PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1}
+ICMP6 = 58
+_NUMBER_RE = r"^\d{1,12}(\.\d{1,9})?$"
+_COUNT_RE = r"^\d{1,18}$"
+
+
+def _open(path: Path) -> BinaryIO:
+    handle = open(path, "rb")
+    if handle.read(2) == GZIP_MAGIC:
+        handle.close()
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    handle.seek(0)
+    return handle
+
+
+def zeek_kind(head: bytes) -> str | None:
+    """ "zeek-tsv" / "zeek-json" / None from the first (decompressed) bytes of a file."""
+    if head.startswith(b"#separator"):
+        return "zeek-tsv"
+    first = head.lstrip().split(b"\n", 1)[0]
+    if first.startswith(b"{") and b'"id.orig_h"' in first and b'"ts"' in first:
+        return "zeek-json"
+    return None
+
+
+def sniff_zeek(path: Path) -> str | None:
+    """zeek_kind of a plain or gzip'ed file; None when it is neither form (or a broken gzip)."""
+    try:
+        with _open(path) as handle:
+            return zeek_kind(handle.read(4096))
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None
+
+
+# ---- text -> typed columns ------------------------------------------------------------------------------------
+
+
+def _unset(text: pa.Array, unset: str, empty: str) -> pa.Array:
+    """Zeek's unset (`-`) and empty (`(empty)`) markers -> null."""
+    return pc.if_else(pc.is_in(text, pa.array([unset, empty])), pa.scalar(None, pa.string()), text)
+
+
+def _micros_from_text(text: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Zeek `time`/`interval` text (seconds, up to 9 decimals) -> int64 µs; returns (values, valid-or-null)."""
+    ok = pc.fill_null(pc.match_substring_regex(text, _NUMBER_RE), True)  # null (unset) is not an error
+    number = pc.cast(pc.if_else(ok, text, pa.scalar(None, pa.string())), pa.float64())
+    values = _micros(number)
+    return values, pc.and_(ok, pc.or_(pc.is_null(number), pc.is_valid(values)))
+
+
+LATEST_SECONDS = 4_102_444_800.0  # 2100-01-01: a time or duration beyond that is an error, not data
+
+
+def _micros(seconds: pa.Array) -> pa.Array:
+    """Seconds -> int64 µs; null outside [0, 2100) (so that no value can overflow what follows).
+    |epoch| * 1e6 < 2**53: the nearest double to a 6-decimal time rounds back to its exact µs."""
+    sane = pc.and_(pc.greater_equal(seconds, 0.0), pc.less(seconds, LATEST_SECONDS))
+    seconds = pc.if_else(sane, seconds, pa.scalar(None, pa.float64()))
+    return pc.cast(pc.round(pc.multiply(seconds, 1e6)), pa.int64())
+
+
+def _count_from_text(text: pa.Array) -> tuple[pa.Array, pa.Array]:
+    ok = pc.fill_null(pc.match_substring_regex(text, _COUNT_RE), True)
+    return pc.cast(pc.if_else(ok, text, pa.scalar(None, pa.string())), pa.int64()), ok
+
+
+def _typed_from_text(table: pa.Table, unset: str, empty: str) -> tuple[dict[str, pa.Array], list]:
+    """TSV text columns -> the typed columns _connections takes, and the text checks (reason, ok, field)."""
+    text = {
+        name: _unset(table.column(name).combine_chunks(), unset, empty)
+        if name in table.column_names
+        else pa.nulls(table.num_rows, pa.string())
+        for name in USED
+    }
+    checks = []
+    typed: dict[str, pa.Array] = {name: text[name] for name in ("id.orig_h", "id.resp_h", "proto", *TEXTS)}
+    typed["ts"], ok = _micros_from_text(text["ts"])
+    checks.append(("bad time", ok, "ts"))
+    typed["duration"], ok = _micros_from_text(text["duration"])
+    checks.append(("bad duration", ok, "duration"))
+    for name in ("id.orig_p", "id.resp_p", *COUNTS):
+        typed[name], ok = _count_from_text(text[name])
+        checks.append((f"bad {name}", ok, name))
+    return typed, [(reason, ok, text[name]) for reason, ok, name in checks]
+
+
+# ---- typed columns -> flow rows -------------------------------------------------------------------------------
+
+
+def _flags(history: pa.Array, conn_state: pa.Array, is_tcp: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """(originator flags, responder flags) as int16, from history letters, else conn_state (unique values)."""
+    encoded = pc.dictionary_encode(history)
+    words = encoded.dictionary
+    orig = np.zeros(len(words), np.int64)
+    resp = np.zeros(len(words), np.int64)
+    for letter, bits in ZEEK_HISTORY_FLAGS.items():
+        seen = np.asarray(pc.match_substring(words, letter), dtype=bool)
+        target = orig if letter.isupper() else resp
+        target[seen] |= bits
+    by_history_o = pc.take(pa.array(orig), encoded.indices)
+    by_history_r = pc.take(pa.array(resp), encoded.indices)
+    states = pa.array(list(ZEEK_STATE_FLAGS))
+    index = pc.index_in(conn_state, value_set=states)
+    by_state_o = pc.take(pa.array([o for o, _ in ZEEK_STATE_FLAGS.values()], pa.int64()), index)
+    by_state_r = pc.take(pa.array([r for _, r in ZEEK_STATE_FLAGS.values()], pa.int64()), index)
+    orig_flags = pc.coalesce(by_history_o, by_state_o, 0)
+    resp_flags = pc.coalesce(by_history_r, by_state_r, 0)
+    zero = pa.scalar(0, pa.int64())
+    return (
+        pc.cast(pc.if_else(is_tcp, orig_flags, zero), pa.int16()),
+        pc.cast(pc.if_else(is_tcp, resp_flags, zero), pa.int16()),
+    )
+
+
+def _connections(
+    typed: dict[str, pa.Array], lines: pa.Array, source: str, text_checks: list
+) -> tuple[pa.Table, pa.Table]:
+    """Typed conn.log columns (one row per connection) -> (flow rows, rejects naming line and field)."""
+    n = len(lines)
+    orig_addr, version, orig_ok = address_text(typed["id.orig_h"])
+    resp_addr, _, resp_ok = address_text(typed["id.resp_h"])
+    proto_text = pc.utf8_lower(pc.fill_null(typed["proto"], ""))
+    proto = pc.take(
+        pa.array(list(PROTOCOLS.values()), pa.int16()), pc.index_in(proto_text, pa.array(list(PROTOCOLS)))
+    )
+    is_icmp = pc.fill_null(pc.equal(proto, 1), False)
+    proto = pc.if_else(pc.and_(is_icmp, pc.equal(version, 6)), pa.scalar(ICMP6, pa.int16()), proto)
+    ports_ok = [
+        pc.fill_null(pc.and_(pc.greater_equal(p, 0), pc.less_equal(p, 65535)), False)
+        for p in (typed["id.orig_p"], typed["id.resp_p"])
+    ]
+    counts_ok = pa.array(np.ones(n, bool))
+    for name in COUNTS:
+        counts_ok = pc.and_(counts_ok, pc.fill_null(pc.greater_equal(typed[name], 0), True))
+    duration = pc.fill_null(typed["duration"], 0)
+    checks = [
+        *text_checks,
+        ("bad time", pc.less(typed["ts"], int(LATEST_SECONDS) * 1_000_000), typed["ts"]),  # null: bad too
+        ("bad originator address", orig_ok, typed["id.orig_h"]),
+        ("bad responder address", resp_ok, typed["id.resp_h"]),
+        ("bad originator port", ports_ok[0], typed["id.orig_p"]),
+        ("bad responder port", ports_ok[1], typed["id.resp_p"]),
+        ("unknown protocol", pc.is_valid(proto), typed["proto"]),
+        ("negative count", counts_ok, typed["orig_pkts"]),
+        ("negative duration", pc.greater_equal(duration, 0), typed["duration"]),
+    ]
+    valid, reason, detail = first_failure(checks, n)
+    rejects = rejects_table(
+        lines.filter(pc.invert(valid)),
+        detail.filter(pc.invert(valid)),
+        reason.filter(pc.invert(valid)),
+        source,
+    )
+
+    def keep(array: pa.Array) -> pa.Array:
+        return array.filter(valid)
+
+    ts = keep(typed["ts"])
+    start = pc.cast(ts, TS)
+    end = pc.cast(pc.add(ts, keep(duration)), TS)
+    is_tcp = pc.fill_null(pc.equal(keep(proto), 6), False)
+    orig_flags, resp_flags = _flags(keep(typed["history"]), keep(typed["conn_state"]), is_tcp)
+    icmp = pc.fill_null(pc.is_in(keep(proto), pa.array([1, ICMP6], pa.int16())), False)
+    orig_p = pc.cast(keep(typed["id.orig_p"]), pa.int32())
+    resp_p = pc.cast(keep(typed["id.resp_p"]), pa.int32())
+    icmp_port = pc.add(pc.multiply(orig_p, 256), resp_p)  # type*256 + code, as NetFlow carries it
+    zero = pa.scalar(0, pa.int32())
+    null_port = pa.scalar(None, pa.int32())
+    m = len(ts)
+    common = {
+        "ts_start": start,
+        "ts_end": end,
+        "proto": keep(proto),
+        "ip_version": keep(version),
+        "sampling_interval": pa.array(np.ones(m, np.int32)),  # Zeek sees every packet it is given
+        "source": pa.array([source] * m, pa.string()),
+        "uid": keep(typed["uid"]),
+        "conn_state": keep(typed["conn_state"]),
+        "history": keep(typed["history"]),
+    }
+    originator = pa.table(
+        {
+            **common,
+            "src_addr": keep(orig_addr),
+            "dst_addr": keep(resp_addr),
+            "src_port": pc.if_else(icmp, zero, orig_p),
+            "dst_port": pc.if_else(icmp, icmp_port, resp_p),
+            "packets": keep(typed["orig_pkts"]),
+            "bytes": pc.coalesce(keep(typed["orig_ip_bytes"]), keep(typed["orig_bytes"])),
+            "tcp_flags": orig_flags,
+        }
+    )
+    resp_packets = keep(typed["resp_pkts"])
+    resp_bytes = pc.coalesce(keep(typed["resp_ip_bytes"]), keep(typed["resp_bytes"]))
+    answered = pc.fill_null(pc.or_(pc.greater(resp_packets, 0), pc.greater(resp_bytes, 0)), False)
+    responder = pa.table(
+        {
+            **common,
+            "src_addr": keep(resp_addr),
+            "dst_addr": keep(orig_addr),
+            "src_port": pc.if_else(icmp, zero, resp_p),
+            "dst_port": pc.if_else(icmp, null_port, orig_p),
+            "packets": resp_packets,
+            "bytes": resp_bytes,
+            "tcp_flags": resp_flags,
+        }
+    ).filter(answered)
+    flows = pa.concat_tables([as_flows(originator), as_flows(responder)])
+    return flows, rejects
+
+
+# ---- TSV ------------------------------------------------------------------------------------------------------
+
+_HEADER_RE = re.compile(rb"^#[^\n]*(?:\n|$)", re.M)
+
+
+def _unescape(value: str) -> str:
+    """Zeek writes the separator header value as `\\x09`."""
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+class _Layout:
+    def __init__(self) -> None:
+        self.separator = "\t"
+        self.unset = "-"
+        self.empty = "(empty)"
+        self.fields: list[str] | None = None
+        self.path = "conn"
+        self.problem: str | None = "no #fields header before this line"
+
+    def header(self, line: str) -> None:
+        if line.startswith("#separator"):
+            self.separator = _unescape(line[len("#separator") :].strip(" "))
+            return
+        name, _, value = line.partition(self.separator)
+        if name == "#fields":
+            fields = value.split(self.separator)
+            seen: set[str] = set()
+            self.fields = []
+            for i, f in enumerate(fields):  # a repeated name (a hostile header) must not shadow a real one
+                self.fields.append(f if f not in seen else f"{f}#{i}")
+                seen.add(f)
+        elif name == "#unset_field":
+            self.unset = value
+        elif name == "#empty_field":
+            self.empty = value
+        elif name == "#path":
+            self.path = value
+        else:
+            return
+        self.problem = None
+        if len(self.separator) != 1 or self.separator in '\r\n"':
+            self.problem = f"unsupported #separator {self.separator!r}"
+        elif self.path != "conn":
+            self.problem = f"not a conn log (#path {self.path[:40]})"
+        elif self.fields is None:
+            self.problem = "no #fields header before this line"
+        elif missing := [f for f in REQUIRED if f not in self.fields]:
+            self.problem = f"#fields lacks {', '.join(missing)}"
+
+
+def _tsv_segment(segment: bytes, first_line: int, layout: _Layout, source: str) -> tuple[pa.Table, pa.Table]:
+    if layout.problem is not None:  # every non-blank line of the segment is a reject, with the reason
+        parts = segment.split(b"\n")
+        kept = [(first_line + i, p.decode("latin-1")) for i, p in enumerate(parts) if p.strip()]
+        return FLOWS.empty_table(), line_rejects(kept, layout.problem, source)
+    assert layout.fields is not None
+    include = [f for f in USED if f in layout.fields]
+    try:
+        table, lines, invalid = read_block(segment, first_line, layout.separator, layout.fields, include)
+    except pa.ArrowException as exc:  # what pyarrow cannot split at all: every line of it, with the reason
+        layout_problem, layout.problem = layout.problem, f"unreadable: {str(exc)[:80]}"
+        try:
+            return _tsv_segment(segment, first_line, layout, source)
+        finally:
+            layout.problem = layout_problem
+    parts = []
+    kept = [(n, t) for n, t in invalid if t.strip()]
+    if kept:
+        parts.append(line_rejects(kept, f"expected {len(layout.fields)} fields", source))
+    flows = FLOWS.empty_table()
+    if table.num_rows:  # a blank line reads as a row of empty fields: not data, not a reject
+        blank = pc.and_(pc.equal(table.column("ts"), ""), pc.equal(table.column("id.orig_h"), ""))
+        if pc.any(blank).as_py():
+            table, lines = table.filter(pc.invert(blank)), lines.filter(pc.invert(blank))
+    if table.num_rows:
+        typed, checks = _typed_from_text(table, layout.unset, layout.empty)
+        flows, rejects = _connections(typed, lines, source, checks)
+        parts.append(rejects)
+    return flows, pa.concat_tables(parts) if parts else empty_rejects()
+
+
+def _iter_tsv(handle: BinaryIO, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.Table]]:
+    layout = _Layout()
+    for block in iter_line_blocks(handle, block_size):
+        data = block.data
+        out_flows, out_rejects = [], []
+        if block.too_long:
+            out_rejects.append(too_long_rejects(source, block.too_long))
+        position, line = 0, block.first_line
+        for match in _HEADER_RE.finditer(data):
+            if match.start() > position:
+                segment = data[position : match.start()]
+                flows, rejects = _tsv_segment(segment, line, layout, source)
+                out_flows.append(flows)
+                out_rejects.append(rejects)
+                line += segment.count(b"\n")
+            layout.header(match.group().rstrip(b"\r\n").decode("latin-1"))
+            position = match.end()
+            line += 1
+        if position < len(data):
+            flows, rejects = _tsv_segment(data[position:], line, layout, source)
+            out_flows.append(flows)
+            out_rejects.append(rejects)
+        yield (
+            pa.concat_tables([FLOWS.empty_table(), *out_flows]),
+            pa.concat_tables([empty_rejects(), *out_rejects]).sort_by("line"),
+        )
+
+
+# ---- JSON -----------------------------------------------------------------------------------------------------
+
+_JSON_COUNTS = {name: pa.int64() for name in ("id.orig_p", "id.resp_p", *COUNTS)}
+
+
+def _json_schema(ts_type: pa.DataType) -> pa.Schema:
+    return pa.schema(
+        [
+            ("ts", ts_type),
+            ("duration", pa.float64()),
+            ("id.orig_h", pa.string()),
+            ("id.resp_h", pa.string()),
+            ("proto", pa.string()),
+            *[(name, pa.string()) for name in TEXTS],
+            *_JSON_COUNTS.items(),
+        ]
+    )
+
+
+def _parse_json_lines(data: bytes, starts: np.ndarray, ends: np.ndarray, schema: pa.Schema):
+    """Parse lines [i] = data[starts[i]:ends[i]]; a range that fails is halved until the bad lines stand
+    alone (log2 parser calls per bad line, none per good one). Yields (first index, table) or (index, error)."""
+    stack = [(0, len(starts))]
+    while stack:
+        lo, hi = stack.pop()
+        chunk = data[starts[lo] : ends[hi - 1]] + b"\n"
+        try:
+            table = pajson.read_json(
+                io.BytesIO(chunk),
+                read_options=pajson.ReadOptions(use_threads=False, block_size=max(len(chunk), 1 << 16)),
+                parse_options=pajson.ParseOptions(
+                    explicit_schema=schema, unexpected_field_behavior="ignore", newlines_in_values=False
+                ),
+            )
+            if table.num_rows != hi - lo:  # two objects on one line: which line is which is lost
+                raise pa.ArrowInvalid(f"{table.num_rows} JSON values on {hi - lo} lines")
+            yield lo, table, None
+        except pa.ArrowInvalid as exc:
+            if hi - lo == 1:
+                yield lo, None, str(exc).split("\n", 1)[0][:160]
+            else:
+                mid = (lo + hi) // 2
+                stack.append((mid, hi))
+                stack.append((lo, mid))
+
+
+def _iter_json(handle: BinaryIO, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.Table]]:
+    ts_type: pa.DataType | None = None
+    for block in iter_line_blocks(handle, block_size):
+        data = block.data
+        rejects = [too_long_rejects(source, block.too_long)] if block.too_long else []
+        raw = np.frombuffer(data, np.uint8)
+        ends = np.flatnonzero(raw == 10)
+        if len(data) and data[-1:] != b"\n":
+            ends = np.append(ends, len(data))
+        starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+        lines = block.first_line + np.arange(len(starts), dtype=np.int64)
+        stripped_ends = ends - (raw[np.maximum(ends - 1, 0)] == 13)  # CRLF
+        filled = stripped_ends > starts
+        starts, ends, lines = starts[filled], stripped_ends[filled], lines[filled]
+        if not len(starts):
+            yield FLOWS.empty_table(), pa.concat_tables([empty_rejects(), *rejects])
+            continue
+        if ts_type is None:
+            ts_type = (
+                pa.string() if b'"ts":"' in data[starts[0] : ends[0]].replace(b" ", b"") else pa.float64()
+            )
+        tables, firsts, bad = [], [], []
+        for lo, table, error in _parse_json_lines(data, starts, ends, _json_schema(ts_type)):
+            if table is None:
+                bad.append((lo, error))
+            else:
+                tables.append(table)
+                firsts.append(lo)
+        if bad:
+            rejects.append(
+                rejects_table(
+                    pa.array([lines[i] for i, _ in bad], pa.int64()),
+                    pa.array([data[starts[i] : ends[i]].decode("latin-1") for i, _ in bad], pa.string()),
+                    pa.array([f"bad json: {e}" for _, e in bad], pa.string()),
+                    source,
+                )
+            )
+        if tables:
+            order = np.argsort(firsts)
+            table = pa.concat_tables([tables[i] for i in order])
+            numbers = np.concatenate([lines[firsts[i] : firsts[i] + tables[i].num_rows] for i in order])
+            typed = {name: table.column(name).combine_chunks() for name in table.column_names}
+            if ts_type == pa.string():  # JSON::TS_ISO8601: "2024-03-12T10:00:00.123456Z"
+                typed["ts"] = _iso_micros(typed["ts"])
+            else:
+                typed["ts"] = _micros(typed["ts"])
+            given = typed["duration"]
+            typed["duration"] = _micros(given)
+            checks = [("bad duration", pc.or_(pc.is_null(given), pc.is_valid(typed["duration"])), given)]
+            flows, more = _connections(typed, pa.array(numbers), source, checks)
+            rejects.append(more)
+        else:
+            flows = FLOWS.empty_table()
+        yield flows, pa.concat_tables([empty_rejects(), *rejects]).sort_by("line")
+
+
+def _iso_micros(text: pa.Array) -> pa.Array:
+    """ISO 8601 UTC text -> int64 µs, null where it is not one."""
+    ok = pc.fill_null(pc.match_substring_regex(text, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$"), False)
+    clean = pc.if_else(ok, pc.utf8_rtrim(text, "Z"), pa.scalar(None, pa.string()))
+    try:
+        stamps = pc.cast(clean, pa.timestamp("us"))
+    except pa.ArrowInvalid:
+        return pa.nulls(len(text), pa.int64())
+    return pc.cast(stamps, pa.int64())
+
+
+# ---- the readers ----------------------------------------------------------------------------------------------
+
+
+def empty_rejects() -> pa.Table:
+    return rejects_table(pa.array([], pa.int64()), pa.array([], pa.string()), pa.array([], pa.string()), "")
+
+
+def iter_conn_log(path: Path | str, block_size: int = 1 << 24) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """A Zeek conn.log (TSV or JSON, plain or gzip), streamed: batches of (flows in schema.FLOWS, rejects with
+    line numbers), ~`block_size` bytes of text each. Malformed lines become rejects, every other line lands."""
+    path = Path(path)
+    kind = sniff_zeek(path)
+    if kind is None:
+        raise InputError(f"{path} is not a Zeek conn.log (neither a #separator header nor JSON lines)")
+    try:
+        with _open(path) as handle:
+            reader = _iter_tsv if kind == "zeek-tsv" else _iter_json
+            yield from reader(handle, str(path), block_size)
+    except (EOFError, gzip.BadGzipFile, OSError) as exc:  # a truncated .gz: what came before it landed
+        yield (
+            FLOWS.empty_table(),
+            rejects_table(
+                pa.array([0], pa.int64()), pa.array([str(exc)[:200]]), pa.array(["truncated gzip"]), str(path)
+            ),
+        )
+
+
+def parse_conn_log(data: bytes, source: str, block_size: int = 1 << 24) -> tuple[pa.Table, pa.Table]:
+    """Text of a conn.log (either form) -> (flows, rejects). Pure."""
+    kind = zeek_kind(data[:4096])
+    if kind is None:
+        raise InputError(f"{source} is not a Zeek conn.log")
+    reader = _iter_tsv if kind == "zeek-tsv" else _iter_json
+    batches = list(reader(io.BytesIO(data), source, block_size))
+    return (
+        pa.concat_tables([FLOWS.empty_table(), *[f for f, _ in batches]]),
+        pa.concat_tables([empty_rejects(), *[r for _, r in batches]]),
+    )
+
+
+def read_conn_log(path: Path | str) -> tuple[pa.Table, pa.Table]:
+    """iter_conn_log, collected into one (flows, rejects) pair."""
+    batches = list(iter_conn_log(path))
+    return (
+        pa.concat_tables([FLOWS.empty_table(), *[f for f, _ in batches]]),
+        pa.concat_tables([empty_rejects(), *[r for _, r in batches]]),
+    )
