@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tracepipe.ingest import inner_headers
 from tracepipe.limits import DEFAULT, Limits
 from tracepipe.schema import FLOWS, REJECTS, TS
 
@@ -70,6 +71,14 @@ FIELDS: dict[int, tuple[str, str]] = {
     161: ("flowDurationMilliseconds", "duration_ms"),
     305: ("samplingPacketInterval", "sampling_packets"),  # IPFIX: sample N packets ...
     306: ("samplingPacketSpace", "sampling_space"),  # ... then skip M: interval = (N + M) / N
+    # issue 16: packet bytes routers export for tunnelled traffic (read by inner_headers.py); a variable-length
+    # one is rewritten to a length-prefixed fixed slot under a pseudo id no template can carry (>= 2**16)
+    48: ("samplerId", "sampler_id"),  # v9 FLOW_SAMPLER_ID: which sampler (options: its interval) (issue 16)
+    302: ("selectorId", "sampler_id"),  # IPFIX (RFC 5477)
+    313: ("ipHeaderPacketSection", "ip_header"),
+    315: ("dataLinkFrameSection", "frame"),
+    inner_headers.SECTION_SLOT_BASE + 313: ("ipHeaderPacketSection (variable length)", "ip_header_slot"),
+    inner_headers.SECTION_SLOT_BASE + 315: ("dataLinkFrameSection (variable length)", "frame_slot"),
 }
 ADDRESS_ROLES = {"src_addr4", "dst_addr4", "src_addr6", "dst_addr6"}
 VARIABLE_LENGTH = 65535
@@ -130,7 +139,10 @@ class Template:
     def fixed_projection(self) -> Template:
         """The same template without its variable-length fields (records are rewritten to it)."""
         return Template.build(
-            [f for f in self.fields if f[1] != VARIABLE_LENGTH], self.options, self.scope_count, self.version
+            _projected_fields(self.fields),
+            self.options,
+            self.scope_count,
+            self.version,
         )
 
     def to_obj(self) -> dict[str, Any]:
@@ -161,6 +173,19 @@ class Template:
         return cls.build(checked, bool(obj["options"]), scope, version)
 
 
+def _projected_fields(fields: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Fixed-length fields, and packet sections as slots; other variable-length fields are skipped."""
+    return [_section_slot(f) for f in fields if f[1] != VARIABLE_LENGTH or _section_slot(f) != f]
+
+
+def _section_slot(f: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A variable-length packet section (IE 313/315) as its fixed, length-prefixed slot (issue 16)."""
+    field_id, length, pen = f
+    if length == VARIABLE_LENGTH and not pen and field_id in (313, 315):
+        return (inner_headers.SECTION_SLOT_BASE + field_id, inner_headers.SECTION_SLOT_BYTES, 0)
+    return f
+
+
 _INTERNED: dict[tuple, Template] = {}
 _INTERNED_MAX = 4096  # a template flood must not grow memory without bound
 
@@ -189,8 +214,10 @@ def _layout(fields: list[tuple[int, int, int]]) -> tuple[np.dtype, dict[str, int
         if info is not None and info[1] not in roles and length > 0:
             role = info[1]
             usable = {"src_addr4": 4, "dst_addr4": 4, "src_addr6": 16, "dst_addr6": 16}.get(role)
-            if length == usable or (
-                usable is None and length <= 8
+            if (
+                length == usable
+                or (usable is None and length <= 8)
+                or role in inner_headers.SECTION_ROLES  # packet bytes: any length (issue 16)
             ):  # else: not what the id promises, skipped
                 roles[role] = length
                 names.append(role)
@@ -310,6 +337,8 @@ class DecoderState:
         self.sequences: dict[tuple[str, int, int], _Sequence] = {}
         self.sampling: dict[tuple[str, int], int] = {}
         self.sys_init_ms: dict[tuple[str, int], int] = {}
+        # (exporter, domain, sampler id) -> interval, from sampler tables in options data (issue 16)
+        self.samplers: dict[tuple[str, int, int], int] = {}
         # (exporter, version, domain, template id) -> [(flowset body, ctx values, offset)]
         self.pending: dict[tuple[str, int, int, int], list[tuple[bytes, tuple, int]]] = {}
         self.pending_count = 0
@@ -434,6 +463,8 @@ class DecoderState:
             if not any(d == domain for _, d in domains):
                 self.sampling.pop((exporter, domain), None)
                 self.sys_init_ms.pop((exporter, domain), None)
+                for sampler in [k for k in self.samplers if k[:2] == (exporter, domain)]:
+                    del self.samplers[sampler]
 
     def forget_exporter(self, exporter: str) -> None:
         for version, domain in self.domains.get(exporter, _Standing()):
@@ -1004,15 +1035,17 @@ _PROJECTIONS: dict[int, Template] = {}
 def _fixed_from_variable(tpl: Template, body: bytes | memoryview) -> tuple[Template, bytes, int] | None:
     """Rewrite records of a template with variable-length fields to its fixed projection (rare: per record)."""
     projected = _PROJECTIONS.get(id(tpl))
-    if projected is None or projected.fields != [f for f in tpl.fields if f[1] != VARIABLE_LENGTH]:
+    if projected is None or projected.fields != _projected_fields(tpl.fields):
         if len(_PROJECTIONS) >= _INTERNED_MAX:  # keyed by template: bounded like the interned layouts
             _PROJECTIONS.clear()
         projected = _PROJECTIONS[id(tpl)] = _intern(tpl.fixed_projection())
     out = bytearray()
     pos, end, count = 0, len(body), 0
     min_len = sum(length if length != VARIABLE_LENGTH else 1 for _, length, _ in tpl.fields)
+    slots = [_section_slot(f) != f for f in tpl.fields]  # variable-length sections kept (issue 16)
+    slot_bytes = inner_headers.SECTION_SLOT_BYTES - 2
     while end - pos >= max(min_len, 1):
-        for _, length, _ in tpl.fields:
+        for (_, length, _), slot in zip(tpl.fields, slots, strict=True):
             if length == VARIABLE_LENGTH:
                 if pos >= end:
                     return None
@@ -1023,9 +1056,12 @@ def _fixed_from_variable(tpl: Template, body: bytes | memoryview) -> tuple[Templ
                         return None
                     vlen = _U16.unpack_from(body, pos)[0]
                     pos += 2
-                pos += vlen
-                if pos > end:
+                if pos + vlen > end:
                     return None
+                if slot:
+                    kept = body[pos : pos + min(vlen, slot_bytes)]
+                    out += _U16.pack(len(kept)) + kept + bytes(slot_bytes - len(kept))
+                pos += vlen
             else:
                 if pos + length > end:
                     return None
@@ -1208,15 +1244,18 @@ def _read_options_data(
         return count
     for i in range(count):
         rec = arr[i]
+        interval = 0
         if "sampling" in roles:
             value = _scalar(rec["sampling"])
             if value > 0:
-                state.sampling[(exporter, domain)] = min(value, 2**31 - 1)
+                interval = state.sampling[(exporter, domain)] = min(value, 2**31 - 1)
         if "sampling_packets" in roles:
             packets = _scalar(rec["sampling_packets"])
             space = _scalar(rec["sampling_space"]) if "sampling_space" in roles else 0
             if packets > 0:
-                state.sampling[(exporter, domain)] = min((packets + space) // packets, 2**31 - 1)
+                interval = state.sampling[(exporter, domain)] = min((packets + space) // packets, 2**31 - 1)
+        if interval and "sampler_id" in roles and len(state.samplers) < state.limits.exporters * 16:
+            state.samplers[(exporter, domain, _scalar(rec["sampler_id"]))] = interval  # a sampler table row
         if "sys_init_ms" in roles:
             value = _scalar(rec["sys_init_ms"])
             if 0 < value < 2**50:  # a unix time in ms (anything larger is garbage)
@@ -1390,7 +1429,8 @@ def _decode_group(
 
     has4 = "src_addr4" in roles and "dst_addr4" in roles
     has6 = "src_addr6" in roles and "dst_addr6" in roles
-    if not (has4 or has6):
+    section = inner_headers.section_bytes(arr, roles)  # issue 16: IE 313/315 packet bytes, if any
+    if not (has4 or has6) and section is None:
         for cid, count in zip(ctx_ids, counts, strict=True):
             exporter = batch.exporters[int(ctx[cid, _CTX_EXPORTER])]
             batch.reject(None, exporter, "no addresses", f"template without address fields: {count} records")
@@ -1406,9 +1446,12 @@ def _decode_group(
     elif has4:
         src, dst = _ipv4_text(arr["src_addr4"]), _ipv4_text(arr["dst_addr4"])
         version_col = np.full(total, 4, dtype=np.int8)
-    else:
+    elif has6:
         src, dst = _ipv6_text(arr["src_addr6"]), _ipv6_text(arr["dst_addr6"])
         version_col = np.full(total, 6, dtype=np.int8)
+    else:  # the packet section is all there is (filled in below)
+        src = dst = pa.nulls(total, pa.string())
+        version_col = np.zeros(total, dtype=np.int8)
 
     packets = _uint(arr, "packets", roles)
     if packets is None:
@@ -1443,10 +1486,37 @@ def _decode_group(
     input_if = _uint(arr, "input_if", roles, np.int32)
     output_if = _uint(arr, "output_if", roles, np.int32)
 
+    tunnel: dict[str, pa.Array] = {}
+    kept = None
+    if section is not None:  # ---- hook (issue 16): the inner conversation of tunnelled/sampled packets
+        over = inner_headers.overlay(section, has4 or has6)
+        use = pa.array(over.use_inner)
+        src, dst = (
+            pc.if_else(use, over.src, _text(src).cast(pa.string())),
+            pc.if_else(use, over.dst, _text(dst).cast(pa.string())),
+        )
+        version_col = np.where(over.use_inner, over.ip_version, version_col).astype(np.int8)
+        proto = np.where(over.use_inner, over.proto, proto).astype(np.int16)
+        src_port = np.where(over.use_inner, over.src_port, src_port).astype(np.int32)
+        dst_port = np.where(over.use_inner, over.dst_port, dst_port).astype(np.int32)
+        flags = np.zeros(total, np.int16) if tcp_flags is None else tcp_flags
+        tcp_flags = np.where(over.use_inner & (flags == 0), over.tcp_flags, flags).astype(np.int16)
+        tunnel = {
+            "tunnel_src_addr": over.tunnel_src,
+            "tunnel_dst_addr": over.tunnel_dst,
+            "tunnel_proto": over.tunnel_proto,
+        }
+        kept = None if over.keep.all() else over.keep
+        if packets is None and nbytes is None:
+            packets, nbytes = over.sample_packets, over.sample_bytes
     start_ms, end_ms = _times(tpl, arr, c)
 
     exporter_ids = c[_CTX_EXPORTER]
     sampling = c[_CTX_SAMPLING]
+    if "sampler_id" in roles and batch.state.samplers:  # issue 16: the interval of the record's own sampler
+        sampling = _sampler_intervals(
+            batch, _uint(arr, "sampler_id", roles), exporter_ids, c[_CTX_DOMAIN], sampling
+        )
     columns = {
         "ts_start": pa.array(start_ms * 1000, type=TS),
         "ts_end": pa.array(end_ms * 1000, type=TS),
@@ -1466,6 +1536,7 @@ def _decode_group(
         "source": pa.DictionaryArray.from_arrays(
             pa.array(np.zeros(total, dtype=np.int32)), pa.array([batch.source], pa.string())
         ),
+        **tunnel,
     }
     # times a lake partition cannot hold (before 1970, after 2100: garbage or a lying exporter) are rejects
     sane = (start_ms >= 0) & (start_ms < MAX_TIME_MS) & (end_ms >= 0) & (end_ms < MAX_TIME_MS)
@@ -1479,6 +1550,18 @@ def _decode_group(
                 "bad time",
                 f"{n} records with a start or end before 1970 or after 2100",
             )
+    if kept is not None:  # issue 16: records whose only addresses were in a packet section that is not IP
+        dropped = sane & ~kept
+        for exporter_idx in np.unique(exporter_ids[dropped]):
+            n = int(np.count_nonzero(dropped & (exporter_ids == exporter_idx)))
+            batch.reject(
+                None,
+                batch.exporters[int(exporter_idx)],
+                "no addresses",
+                f"{n} records: packet section not IP",
+            )
+        sane &= kept
+        all_sane = bool(sane.all())
     per_exporter = np.bincount(
         exporter_ids[sane] if not all_sane else exporter_ids, minlength=len(batch.exporters)
     )
@@ -1494,6 +1577,19 @@ def _decode_group(
         arrays.append(array)
     table = pa.Table.from_arrays(arrays, schema=FLOWS_TEXT_DICTIONARY)
     return table if all_sane else table.filter(pa.array(sane))
+
+
+def _sampler_intervals(
+    batch: _Batch, sampler: np.ndarray, exporter_ids: np.ndarray, domains: np.ndarray, fallback: np.ndarray
+) -> np.ndarray:
+    """Per record, the interval its sampler id has in the exporter's sampler table; else `fallback`."""
+    keys = np.stack([exporter_ids.astype(np.int64), domains.astype(np.int64), sampler], axis=1)
+    uniq, index = np.unique(keys, axis=0, return_inverse=True)
+    table = batch.state.samplers
+    known = np.array(
+        [table.get((batch.exporters[int(e)], int(d), int(s)), -1) for e, d, s in uniq], dtype=np.int64
+    )[index.reshape(-1)]
+    return np.where(known > 0, known, fallback)
 
 
 def _times(tpl: Template, arr: np.ndarray, c: _PerRecord) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ import pyarrow.csv as pacsv
 from tracepipe.errors import EnvironmentProblem, InputError
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, too_long_rejects
-from tracepipe.schema import FLOWS, TS
+from tracepipe.schema import FLOWS, TS, TUNNEL_COLUMNS
 from tracepipe.tools import tool_path
 
 # nfdump 1.7.1 src/lib/output_util.c protoList: what ProtoString() prints for protocol numbers 0..137; any other
@@ -281,6 +281,7 @@ def _flows_from_columns(
             "src_vm": pa.nulls(n, pa.string()),
             "dst_vm": pa.nulls(n, pa.string()),
             "attributed_at": pa.nulls(n, FLOWS.field("attributed_at").type),
+            **{name: pa.nulls(n, FLOWS.field(name).type) for name in TUNNEL_COLUMNS},
         }
     )
     return table, valid, reason, detail
