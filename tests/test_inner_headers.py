@@ -159,3 +159,14 @@ def test_any_section_bytes_in_a_datagram_never_crash_the_decoder(packets, field)
     assert result.flows.num_rows + sum(
         int(d.split()[0]) for d in result.rejects.column("detail").to_pylist() if d.endswith("not IP")
     ) == len(packets)
+
+
+def test_sampler_tables_survive_a_saved_decoder_state():
+    """The collector saves its DecoderState between rotations: sampler tables (issue 16) go with it."""
+    from tracepipe.ingest.netflow import DecoderState, Template
+
+    state = DecoderState()
+    state.add_template(("192.0.2.1", 9, 0, 256), Template.build([(8, 4, 0), (12, 4, 0), (48, 2, 0)]))
+    state.samplers[("192.0.2.1", 0, 3)] = 4000
+    loaded = DecoderState.from_json(state.to_json())
+    assert loaded.samplers == {("192.0.2.1", 0, 3): 4000}

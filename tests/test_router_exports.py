@@ -80,7 +80,7 @@ CASES: dict[str, tuple[list[str], str, int, str]] = {
     ),
     "ipfix-datalink": (
         ["datalink-template.pcap", "datalink-data.pcap"],
-        "Juniper MX inline monitoring (akvorado issue #818)",
+        "Juniper, Junos inline monitoring (akvorado issue #818)",
         10,
         "dataLinkFrameSection (IE 315, variable length), flowDirection, no counters",
     ),
@@ -92,7 +92,7 @@ CASES: dict[str, tuple[list[str], str, int, str]] = {
     ),
     "ipfix-juniper-cpid": (
         ["juniper-cpid-template.pcap", "juniper-cpid-data.pcap"],
-        "Juniper MX (inline J-Flow)",
+        "Juniper, Junos inline monitoring",
         10,
         "enterprise elements (PEN 2636), IE 315 of IPv4-in-IPv6",
     ),

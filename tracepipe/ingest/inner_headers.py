@@ -351,12 +351,14 @@ def address_text(raw: np.ndarray, version: np.ndarray) -> pa.Array:
     n = raw.shape[0]
     if n == 0:
         return pa.array([], pa.string())
-    keyed = np.concatenate([raw, (version.astype(np.uint8) == 6).astype(np.uint8)[:, None]], axis=1)
-    uniq, index = np.unique(keyed, axis=0, return_inverse=True)
+    keyed = np.ascontiguousarray(
+        np.concatenate([raw, (version.astype(np.uint8) == 6).astype(np.uint8)[:, None]], axis=1)
+    )
+    encoded = pc.dictionary_encode(
+        pa.FixedSizeBinaryArray.from_buffers(pa.binary(17), n, [None, pa.py_buffer(keyed.tobytes())])
+    )
     text = [
-        str(ipaddress.IPv6Address(bytes(row[:16]))) if row[16] else str(ipaddress.IPv4Address(bytes(row[:4])))
-        for row in uniq
+        str(ipaddress.IPv6Address(key[:16])) if key[16] else str(ipaddress.IPv4Address(key[:4]))
+        for key in encoded.dictionary.to_pylist()
     ]
-    return pa.DictionaryArray.from_arrays(
-        pa.array(index.reshape(-1).astype(np.int32)), pa.array(text, pa.string())
-    ).cast(pa.string())
+    return pa.DictionaryArray.from_arrays(encoded.indices, pa.array(text, pa.string())).cast(pa.string())

@@ -488,6 +488,7 @@ class DecoderState:
                 "sequences": {key(k): s.to_obj() for k, s in self.sequences.items()},
                 "sampling": {key(k): v for k, v in self.sampling.items()},
                 "sys_init_ms": {key(k): v for k, v in self.sys_init_ms.items()},
+                "samplers": {key(k): v for k, v in self.samplers.items()},
                 "pending": {
                     key(k): [[base64.b64encode(b).decode(), list(c), o] for b, c, o in v]
                     for k, v in self.pending.items()
@@ -561,6 +562,15 @@ class DecoderState:
                     continue
                 if isinstance(v, int) and exporter in state.domains:
                     target[(exporter, domain)] = v
+        for k, v in entries("samplers"):
+            try:
+                exporter, domain, sampler = key(k, 2)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(v, int) and 0 < v < 2**31 and exporter in state.domains:
+                if len(state.samplers) < limits.exporters * 16:
+                    state.samplers[(exporter, domain, sampler)] = v
         for k, v in entries("pending"):
             try:
                 pkey = key(k, 3)
@@ -652,6 +662,8 @@ class _Batch:
         self.rejects: list[tuple[int | None, str, str, str]] = []
         self.stats: dict[str, dict[str, Any]] = {}
         self.replay: list[tuple] = []  # (template, exporter, domain, data that waited for it)
+        # variable-length template id -> (template, [(record bytes, bounds, ctx)]): rewritten in one go (issue 16)
+        self.variable: dict[int, tuple[Template, list]] = {}
 
     def stat(self, exporter: str) -> dict[str, Any]:
         s = self.stats.get(exporter)
@@ -1012,15 +1024,16 @@ def _add_template_data(
 ) -> int:
     stats = batch.stat(exporter)
     if tpl.variable_fields:
-        rows = _fixed_from_variable(tpl, body)
-        if rows is None:
+        raw = bytes(body)
+        bounds = _variable_bounds(tpl, raw)
+        if bounds is None:
             batch.reject(offset, exporter, "bad variable-length record", f"{len(body)} bytes")
             return 0
-        projected, data, count = rows
+        count = len(bounds[0])
         stats["variable_fields_skipped"] += count * tpl.variable_fields
         stats["enterprise_fields_skipped"] += count * tpl.enterprise_fields
         if count:
-            batch.add_data(projected, data, count, ctx)
+            batch.variable.setdefault(id(tpl), (tpl, []))[1].append((raw, bounds, ctx))
         return count
     count = len(body) // tpl.record_len  # the remainder is padding (RFC 3954 §5.3, RFC 7011 §3.3.1)
     if count:
@@ -1032,43 +1045,107 @@ def _add_template_data(
 _PROJECTIONS: dict[int, Template] = {}
 
 
-def _fixed_from_variable(tpl: Template, body: bytes | memoryview) -> tuple[Template, bytes, int] | None:
-    """Rewrite records of a template with variable-length fields to its fixed projection (rare: per record)."""
+def _projection(tpl: Template) -> Template:
     projected = _PROJECTIONS.get(id(tpl))
     if projected is None or projected.fields != _projected_fields(tpl.fields):
         if len(_PROJECTIONS) >= _INTERNED_MAX:  # keyed by template: bounded like the interned layouts
             _PROJECTIONS.clear()
         projected = _PROJECTIONS[id(tpl)] = _intern(tpl.fixed_projection())
-    out = bytearray()
-    pos, end, count = 0, len(body), 0
-    min_len = sum(length if length != VARIABLE_LENGTH else 1 for _, length, _ in tpl.fields)
-    slots = [_section_slot(f) != f for f in tpl.fields]  # variable-length sections kept (issue 16)
+    return projected
+
+
+def _variable_layout(tpl: Template) -> tuple[list[int], int, list[bool]]:
+    """(fixed bytes before each variable-length field, fixed bytes after the last, which ones are kept sections)."""
+    runs, keep = [0], []
+    for f in tpl.fields:
+        if f[1] == VARIABLE_LENGTH:
+            keep.append(_section_slot(f) != f)
+            runs.append(0)
+        else:
+            runs[-1] += f[1]
+    return runs[:-1], runs[-1], keep
+
+
+def _variable_bounds(tpl: Template, raw: bytes) -> tuple[list[int], list[int], list[int]] | None:
+    """Where each record starts, and each variable-length field's data offset and length (RFC 7011 §7), or None
+    if a length runs past the set. The boundaries depend on each record's length bytes, so this is one Python
+    step per record and variable field; the bytes are gathered later, for all records of the batch at once."""
+    gaps, tail, keep = _variable_layout(tpl)
+    end = len(raw)
+    min_len = max(sum(gaps) + tail + len(keep), 1)
+    starts: list[int] = []
+    var_at: list[int] = []
+    var_len: list[int] = []
+    pos = 0
+    while end - pos >= min_len:
+        starts.append(pos)
+        for gap in gaps:
+            pos += gap
+            if pos >= end:
+                return None
+            vlen = raw[pos]
+            pos += 1
+            if vlen == 255:  # long form, two more bytes of length
+                if pos + 2 > end:
+                    return None
+                vlen = (raw[pos] << 8) | raw[pos + 1]
+                pos += 2
+            var_at.append(pos)
+            var_len.append(vlen)
+            pos += vlen
+        pos += tail
+        if pos > end:
+            return None
+    return starts, var_at, var_len
+
+
+def _project_variable(batch: _Batch) -> None:
+    """Rewrite all variable-length records of the batch to their templates' fixed projections (the fixed fields,
+    and packet sections as length-prefixed slots), one numpy gather per template, then group them as usual."""
     slot_bytes = inner_headers.SECTION_SLOT_BYTES - 2
-    while end - pos >= max(min_len, 1):
-        for (_, length, _), slot in zip(tpl.fields, slots, strict=True):
-            if length == VARIABLE_LENGTH:
-                if pos >= end:
-                    return None
-                vlen = body[pos]
-                pos += 1
-                if vlen == 255:  # RFC 7011 §7: long form, two more bytes of length
-                    if pos + 2 > end:
-                        return None
-                    vlen = _U16.unpack_from(body, pos)[0]
-                    pos += 2
-                if pos + vlen > end:
-                    return None
-                if slot:
-                    kept = body[pos : pos + min(vlen, slot_bytes)]
-                    out += _U16.pack(len(kept)) + kept + bytes(slot_bytes - len(kept))
-                pos += vlen
-            else:
-                if pos + length > end:
-                    return None
-                out += body[pos : pos + length]
-                pos += length
-        count += 1
-    return projected, bytes(out), count
+    for tpl, parts in batch.variable.values():
+        gaps, tail, keep = _variable_layout(tpl)
+        raws = [raw for raw, _, _ in parts]
+        shift = np.cumsum([0] + [len(raw) for raw in raws[:-1]])
+        counts = [len(bounds[0]) for _, bounds, _ in parts]
+        count = sum(counts)
+        starts = np.concatenate(
+            [np.asarray(b[0], dtype=np.int64) + off for (_, b, _), off in zip(parts, shift, strict=True)]
+        )
+        at = np.concatenate(
+            [np.asarray(b[1], dtype=np.int64) + off for (_, b, _), off in zip(parts, shift, strict=True)]
+        ).reshape(count, len(gaps))
+        size = np.concatenate([np.asarray(b[2], dtype=np.int64) for _, b, _ in parts]).reshape(
+            count, len(gaps)
+        )
+        buf = np.frombuffer(b"".join(raws), dtype=np.uint8)
+        last = len(buf) - 1
+        pieces = []
+        run_start = starts
+        for k, gap in enumerate(gaps):
+            if gap:
+                pieces.append(buf[run_start[:, None] + np.arange(gap)])
+            if keep[k]:
+                kept = np.minimum(size[:, k], slot_bytes)
+                width = int(kept.max())  # exporters cut sections short (128 bytes is common): gather no more
+                slot = np.zeros((count, slot_bytes), dtype=np.uint8)
+                index = np.minimum(at[:, k, None] + np.arange(width), last)
+                slot[:, :width] = buf[index] * (np.arange(width) < kept[:, None])
+                pieces.append(np.stack([kept >> 8, kept & 0xFF], axis=1).astype(np.uint8))
+                pieces.append(slot)
+            run_start = at[:, k] + size[:, k]
+        if tail:
+            pieces.append(buf[run_start[:, None] + np.arange(tail)])
+        if not pieces:  # nothing but skipped variable-length fields: no columns to decode
+            continue
+        projected = _projection(tpl)
+        group = batch.groups.get(id(projected))
+        if group is None:
+            group = batch.groups[id(projected)] = (projected, [], [], [])
+        group[1].append(np.concatenate(pieces, axis=1).tobytes())
+        group[2].extend(counts)
+        group[3].extend(ctx for _, _, ctx in parts)
+    batch.variable.clear()
 
 
 def _read_templates(
@@ -1363,6 +1440,8 @@ def _track_sequence(
 # ---- columns ------------------------------------------------------------------------------------------------
 def _decode_groups(batch: _Batch) -> pa.Table:
     """All groups' records as one table with FLOWS_TEXT_DICTIONARY types."""
+    if batch.variable:
+        _project_variable(batch)
     if not batch.groups:
         return FLOWS_TEXT_DICTIONARY.empty_table()
     ctx = np.array(batch.ctx, dtype=np.int64).reshape(-1, 8)
