@@ -4,7 +4,7 @@ Nokia and other (unnamed) routers and of ipfixprobe (akvorado's test data, see t
 Two peers give the expected decode:
 - the installed nfdump: each capture's datagrams are replayed over UDP on 127.0.0.1 to a real nfcapd and
   `nfdump` prints what it made of them. Where nfdump reads a record wrong, the comparison undoes that one
-  difference and a test pins it (errata R1-R5 below), so that it fails once nfdump is fixed;
+  difference and a test pins it (errata R1-R7 below), so that it fails once nfdump is fixed;
 - akvorado's own published expectations (its outlet/flow/decoder/netflow/root_test.go), for the records nfdump
   cannot decode at all: packet samples that carry only `dataLinkFrameSection` (IE 315), where the 5-tuple, and
   for tunnelled traffic (SRv6, IP-in-IPv6) the inner 5-tuple, must be read from the packet bytes.
@@ -35,11 +35,11 @@ CASES: dict[str, tuple[list[str], str, int, str]] = {
         9,
         "options template with sampler table, IPv4 5-tuple, next hop, AS",
     ),
-    "ipfix-sampling": (
+    "v9-record-sampling": (
         ["samplingrate-template.pcap", "samplingrate-data.pcap"],
         "router, vendor not named",
-        10,
-        "options data: sampling interval, VLAN",
+        9,
+        "samplingInterval inside each data record, VLAN",
     ),
     "ipfix-multi-sampling": (
         [
@@ -190,7 +190,7 @@ def test_a_folder_of_router_exports_lands_without_rejects(tmp_path):
 # case -> (compared columns, counters scaled by the sampling interval as nfdump prints them)
 PLAIN: dict[str, tuple[tuple[str, ...], bool]] = {
     "v9-sampled": ((*KEY, *COUNTERS, *TIMES), True),  # R1: nfdump scales v9 volumes
-    "ipfix-sampling": ((*KEY, *COUNTERS, *TIMES), True),
+    "v9-record-sampling": ((*KEY, *COUNTERS, *TIMES), False),  # R7: interval in the data records
     "ipfix-multi-sampling": ((*KEY, *TIMES), False),  # R6: volumes
     "ipfix-mpls": ((*KEY, *COUNTERS, *TIMES), False),  # nfdump does not scale these IPFIX volumes
     "nfv5": ((*KEY, *COUNTERS, *TIMES), False),
@@ -236,6 +236,17 @@ def test_erratum_r6_sampler_tables_per_sampler_id(decoded):
         (2000, 4),
     ]
     assert [first(theirs, s)["packets"] for s in ("ffff::68", "ffff::5a")] == [18, 8000], "nfdump changed: R6"
+
+
+def test_erratum_r7_sampling_interval_inside_data_records(decoded):
+    """R7: this v9 exporter puts samplingInterval (34) into every data record, not into options data. akvorado
+    TestDecodeSamplingRate: 2048 (first record 232.131.215.65, 1 packet, input 13); nfdump prints the volumes
+    unscaled, as if unsampled."""
+    ours, theirs = decoded["v9-record-sampling"]
+    assert set(ours.column("sampling_interval").to_pylist()) == {2048}
+    first = ours.filter(pc.equal(ours.column("src_addr"), "232.131.215.65")).to_pylist()
+    assert [(r["packets"], r["input_if"]) for r in first] == [(1, 13)]
+    assert sorted(theirs.column("packets").to_pylist()) == [1] * 6, "nfdump scales now: compare scaled (R7)"
 
 
 def test_erratum_r2_nfdump_drops_ipfix_icmp_type_code(decoded):

@@ -1592,6 +1592,9 @@ def _decode_group(
 
     exporter_ids = c[_CTX_EXPORTER]
     sampling = c[_CTX_SAMPLING]
+    in_record = _uint(arr, "sampling", roles)  # issue 16: some routers put the interval in each data record
+    if in_record is not None:
+        sampling = np.where(in_record > 0, np.minimum(in_record, 2**31 - 1), sampling)
     if "sampler_id" in roles and batch.state.samplers:  # issue 16: the interval of the record's own sampler
         sampling = _sampler_intervals(
             batch, _uint(arr, "sampler_id", roles), exporter_ids, c[_CTX_DOMAIN], sampling
