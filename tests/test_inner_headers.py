@@ -17,7 +17,7 @@ from scapy.contrib.mpls import MPLS
 from scapy.layers.inet import GRE, ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrSegmentRouting
 from scapy.layers.l2 import Dot1Q, Ether
-from test_netflow_decode import decode, flowset, ipfix_message, template_record
+from test_netflow_decode import EXPORTER, decode, flowset, ipfix_message, template_record
 
 from tracepipe.ingest.inner_headers import decode_sections
 
@@ -117,6 +117,7 @@ def test_data_link_frame_sections_variable_length_give_inner_conversations():
     result, _ = decode(_ipfix_records((315, 65535), packets))
     assert result.rejects.num_rows == 0, result.rejects.to_pylist()
     assert _rows(result.flows) == [want for _, want in FRAME_CASES.values()]
+    assert result.stats[EXPORTER]["variable_fields_skipped"] == 0  # the sections were read, not skipped
     # the record's own counters win over the packet's length
     assert result.flows.column("bytes").to_pylist() == [len(p) for p in packets]
 

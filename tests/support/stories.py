@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from tracepipe.errors import EnvironmentProblem
 from tracepipe.lake import Lake
-from tracepipe.schema import FLOWS, VM_LEASES
+from tracepipe.schema import FLOWS, TUNNEL_COLUMNS, VM_LEASES
 from tracepipe.tools import tool_path
 
 UTC = dt.UTC
@@ -1275,7 +1275,9 @@ class _Flows:
                     pa.array(np.zeros(n, np.int32)), pa.array(["flowgen"])
                 ).cast(pa.string()),
             },
-            schema=pa.schema([f for f in FLOWS if f.name not in ("src_vm", "dst_vm", "attributed_at")]),
+            schema=pa.schema(
+                [f for f in FLOWS if f.name not in ("src_vm", "dst_vm", "attributed_at", *TUNNEL_COLUMNS)]
+            ),
         )
 
 

@@ -71,10 +71,10 @@ FIELDS: dict[int, tuple[str, str]] = {
     161: ("flowDurationMilliseconds", "duration_ms"),
     305: ("samplingPacketInterval", "sampling_packets"),  # IPFIX: sample N packets ...
     306: ("samplingPacketSpace", "sampling_space"),  # ... then skip M: interval = (N + M) / N
-    # issue 16: packet bytes routers export for tunnelled traffic (read by inner_headers.py); a variable-length
-    # one is rewritten to a length-prefixed fixed slot under a pseudo id no template can carry (>= 2**16)
     48: ("samplerId", "sampler_id"),  # v9 FLOW_SAMPLER_ID: which sampler (options: its interval) (issue 16)
     302: ("selectorId", "sampler_id"),  # IPFIX (RFC 5477)
+    # issue 16: packet bytes routers export for tunnelled traffic (read by inner_headers.py); a variable-length
+    # one is rewritten to a length-prefixed fixed slot under a pseudo id no template can carry (>= 2**16)
     313: ("ipHeaderPacketSection", "ip_header"),
     315: ("dataLinkFrameSection", "frame"),
     inner_headers.SECTION_SLOT_BASE + 313: ("ipHeaderPacketSection (variable length)", "ip_header_slot"),
@@ -1030,7 +1030,8 @@ def _add_template_data(
             batch.reject(offset, exporter, "bad variable-length record", f"{len(body)} bytes")
             return 0
         count = len(bounds[0])
-        stats["variable_fields_skipped"] += count * tpl.variable_fields
+        sections = sum(_section_slot(f) != f for f in tpl.fields)  # kept, not skipped (issue 16)
+        stats["variable_fields_skipped"] += count * (tpl.variable_fields - sections)
         stats["enterprise_fields_skipped"] += count * tpl.enterprise_fields
         if count:
             batch.variable.setdefault(id(tpl), (tpl, []))[1].append((raw, bounds, ctx))
