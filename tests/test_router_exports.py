@@ -41,7 +41,7 @@ CASES: dict[str, tuple[list[str], str, int, str]] = {
         9,
         "samplingInterval inside each data record, VLAN",
     ),
-    "ipfix-multi-sampling": (
+    "v9-multi-sampling": (
         [
             "multiplesamplingrates-options-template.pcap",
             "multiplesamplingrates-options-data.pcap",
@@ -49,7 +49,7 @@ CASES: dict[str, tuple[list[str], str, int, str]] = {
             "multiplesamplingrates-data.pcap",
         ],
         "router, vendor not named (several samplers)",
-        10,
+        9,
         "IPv6, sampler ids, sysUpTime times",
     ),
     "ipfix-icmp": (
@@ -191,7 +191,7 @@ def test_a_folder_of_router_exports_lands_without_rejects(tmp_path):
 PLAIN: dict[str, tuple[tuple[str, ...], bool]] = {
     "v9-sampled": ((*KEY, *COUNTERS, *TIMES), True),  # R1: nfdump scales v9 volumes
     "v9-record-sampling": ((*KEY, *COUNTERS, *TIMES), False),  # R7: interval in the data records
-    "ipfix-multi-sampling": ((*KEY, *TIMES), False),  # R6: volumes
+    "v9-multi-sampling": ((*KEY, *TIMES), False),  # R6: volumes
     "ipfix-mpls": ((*KEY, *COUNTERS, *TIMES), False),  # nfdump does not scale these IPFIX volumes
     "nfv5": ((*KEY, *COUNTERS, *TIMES), False),
     "ipfix-icmp": (("src_addr", "dst_addr", "src_port", "proto", *COUNTERS, *TIMES), False),  # R2: dst_port
@@ -224,7 +224,7 @@ def test_erratum_r6_sampler_tables_per_sampler_id(decoded):
     """R6: the exporter's options data is a sampler table (sampler id -> interval) and each record names its
     sampler (v9 FLOW_SAMPLER_ID). akvorado TestDecodeMultipleSamplingRates: ffff::68 at 4000 (18 packets as
     exported), ffff::5a at 2000 (4 packets). nfdump scales ffff::5a by 2000 but prints ffff::68 unscaled."""
-    ours, theirs = decoded["ipfix-multi-sampling"]
+    ours, theirs = decoded["v9-multi-sampling"]
 
     def first(table: pa.Table, src: str) -> dict:
         return table.filter(pc.equal(table.column("src_addr"), src)).to_pylist()[0]
