@@ -111,13 +111,6 @@ KEY = ("src_addr", "dst_addr", "src_port", "dst_port", "proto")
 COUNTERS = ("packets", "bytes")
 TIMES = ("ts_start_ms", "ts_end_ms")
 
-if not all((DATA / f).is_file() for files, *_ in CASES.values() for f in files):
-    pytest.skip(
-        f"router captures missing in {DATA}: copy them as tests/data/routers/PROVENANCE.md says",
-        allow_module_level=True,
-    )
-
-
 def combined_capture(case: str, out_dir: Path) -> Path:
     """The case's capture files as one pcap, in order (all are classic pcap, Ethernet): a collector's capture."""
     files = CASES[case][0]
