@@ -112,3 +112,40 @@ def test_upgrade_adds_the_columns_without_rewriting(old_lake: Path) -> None:
     table = DeltaTable(str(old_lake / "vm_events"))
     assert "image" in table.schema().to_arrow().names and sorted(table.file_uris()) == files
     assert _who(old_lake, "192.168.1.3", "2024-03-12T08:30:00Z")["leases"][0]["image"] is None
+
+
+def test_old_flows_lake_takes_tunnelled_flows(tmp_path: Path) -> None:
+    """Issue 16 adds flows.tunnel_src_addr/tunnel_dst_addr/tunnel_proto. A flows table written without them
+    (deltalake, the old schema) reads with nulls, takes flows that carry them, and SQL sees both generations."""
+    from tracepipe.lake import ingest_table
+    from tracepipe.schema import FLOWS, TUNNEL_COLUMNS
+
+    old_schema = pa.schema([f for f in FLOWS if f.name not in TUNNEL_COLUMNS])
+    row = {
+        "ts_start": pa.scalar(1_710_230_400_000_000, pa.timestamp("us", tz="UTC")).as_py(),
+        "ts_end": pa.scalar(1_710_230_401_000_000, pa.timestamp("us", tz="UTC")).as_py(),
+        "src_addr": "10.0.0.1",
+        "dst_addr": "10.0.0.2",
+        "src_port": 1,
+        "dst_port": 2,
+        "proto": 17,
+        "ip_version": 4,
+    }
+    old = pa.Table.from_pylist([row], schema=old_schema)
+    days = pc.strftime(old.column("ts_start"), format="%Y-%m-%d")
+    write_deltalake(str(tmp_path / "lake" / "flows"), old.append_column("date", days), partition_by=["date"])
+    lake = Lake(tmp_path / "lake")
+    tunnelled = {**row, "src_addr": "10.9.8.7", "dst_port": 1111, "tunnel_src_addr": "fc00::1"}
+    tunnelled |= {"tunnel_dst_addr": "fc00::2", "tunnel_proto": 4}
+    ingest_table(lake, "flows", "new", "hash-new", [pa.Table.from_pylist([tunnelled], schema=FLOWS)])
+    run = run_tracepipe(
+        "sql",
+        "SELECT src_addr, tunnel_src_addr, tunnel_proto FROM flows ORDER BY src_addr",
+        "--format",
+        "json",
+        "--lake",
+        str(tmp_path / "lake"),
+    )
+    assert run.returncode == 0, run.stderr
+    rows = [(r["src_addr"], r["tunnel_src_addr"], r["tunnel_proto"]) for r in json.loads(run.stdout)]
+    assert rows == [("10.0.0.1", None, None), ("10.9.8.7", "fc00::1", 4)]

@@ -42,8 +42,16 @@ FLOWS = pa.schema(
         pa.field("uid", pa.string()),
         pa.field("conn_state", pa.string()),
         pa.field("history", pa.string()),
+        # tunnelled traffic (issue 16): src/dst/proto/ports above are the inner conversation, read from the packet
+        # bytes a router exported (IPFIX IE 313/315); these keep the outer (tunnel) header. Null when not tunnelled
+        pa.field("tunnel_src_addr", pa.string()),
+        pa.field("tunnel_dst_addr", pa.string()),
+        pa.field("tunnel_proto", pa.int16()),
     ]
 )
+
+# columns only tunnelled flows fill (issue 16); readers of other sources leave them null
+TUNNEL_COLUMNS = ("tunnel_src_addr", "tunnel_dst_addr", "tunnel_proto")
 
 # One row per lifecycle event, whatever the cloud. `action` is normalised (see VM_ACTIONS); the cloud's own
 # event name stays in `event_type`. `addrs` lists every address the VM holds according to this event (Nova

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tracepipe.ingest import inner_headers
 from tracepipe.limits import DEFAULT, Limits
 from tracepipe.schema import FLOWS, REJECTS, TS
 
@@ -70,6 +71,14 @@ FIELDS: dict[int, tuple[str, str]] = {
     161: ("flowDurationMilliseconds", "duration_ms"),
     305: ("samplingPacketInterval", "sampling_packets"),  # IPFIX: sample N packets ...
     306: ("samplingPacketSpace", "sampling_space"),  # ... then skip M: interval = (N + M) / N
+    48: ("samplerId", "sampler_id"),  # v9 FLOW_SAMPLER_ID: which sampler (options: its interval) (issue 16)
+    302: ("selectorId", "sampler_id"),  # IPFIX (RFC 5477)
+    # issue 16: packet bytes routers export for tunnelled traffic (read by inner_headers.py); a variable-length
+    # one is rewritten to a length-prefixed fixed slot under a pseudo id no template can carry (>= 2**16)
+    313: ("ipHeaderPacketSection", "ip_header"),
+    315: ("dataLinkFrameSection", "frame"),
+    inner_headers.SECTION_SLOT_BASE + 313: ("ipHeaderPacketSection (variable length)", "ip_header_slot"),
+    inner_headers.SECTION_SLOT_BASE + 315: ("dataLinkFrameSection (variable length)", "frame_slot"),
 }
 ADDRESS_ROLES = {"src_addr4", "dst_addr4", "src_addr6", "dst_addr6"}
 VARIABLE_LENGTH = 65535
@@ -130,7 +139,10 @@ class Template:
     def fixed_projection(self) -> Template:
         """The same template without its variable-length fields (records are rewritten to it)."""
         return Template.build(
-            [f for f in self.fields if f[1] != VARIABLE_LENGTH], self.options, self.scope_count, self.version
+            _projected_fields(self.fields),
+            self.options,
+            self.scope_count,
+            self.version,
         )
 
     def to_obj(self) -> dict[str, Any]:
@@ -161,6 +173,19 @@ class Template:
         return cls.build(checked, bool(obj["options"]), scope, version)
 
 
+def _projected_fields(fields: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Fixed-length fields, and packet sections as slots; other variable-length fields are skipped."""
+    return [_section_slot(f) for f in fields if f[1] != VARIABLE_LENGTH or _section_slot(f) != f]
+
+
+def _section_slot(f: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A variable-length packet section (IE 313/315) as its fixed, length-prefixed slot (issue 16)."""
+    field_id, length, pen = f
+    if length == VARIABLE_LENGTH and not pen and field_id in (313, 315):
+        return (inner_headers.SECTION_SLOT_BASE + field_id, inner_headers.SECTION_SLOT_BYTES, 0)
+    return f
+
+
 _INTERNED: dict[tuple, Template] = {}
 _INTERNED_MAX = 4096  # a template flood must not grow memory without bound
 
@@ -189,8 +214,10 @@ def _layout(fields: list[tuple[int, int, int]]) -> tuple[np.dtype, dict[str, int
         if info is not None and info[1] not in roles and length > 0:
             role = info[1]
             usable = {"src_addr4": 4, "dst_addr4": 4, "src_addr6": 16, "dst_addr6": 16}.get(role)
-            if length == usable or (
-                usable is None and length <= 8
+            if (
+                length == usable
+                or (usable is None and length <= 8)
+                or role in inner_headers.SECTION_ROLES  # packet bytes: any length (issue 16)
             ):  # else: not what the id promises, skipped
                 roles[role] = length
                 names.append(role)
@@ -310,6 +337,8 @@ class DecoderState:
         self.sequences: dict[tuple[str, int, int], _Sequence] = {}
         self.sampling: dict[tuple[str, int], int] = {}
         self.sys_init_ms: dict[tuple[str, int], int] = {}
+        # (exporter, domain, sampler id) -> interval, from sampler tables in options data (issue 16)
+        self.samplers: dict[tuple[str, int, int], int] = {}
         # (exporter, version, domain, template id) -> [(flowset body, ctx values, offset)]
         self.pending: dict[tuple[str, int, int, int], list[tuple[bytes, tuple, int]]] = {}
         self.pending_count = 0
@@ -434,6 +463,8 @@ class DecoderState:
             if not any(d == domain for _, d in domains):
                 self.sampling.pop((exporter, domain), None)
                 self.sys_init_ms.pop((exporter, domain), None)
+                for sampler in [k for k in self.samplers if k[:2] == (exporter, domain)]:
+                    del self.samplers[sampler]
 
     def forget_exporter(self, exporter: str) -> None:
         for version, domain in self.domains.get(exporter, _Standing()):
@@ -457,6 +488,7 @@ class DecoderState:
                 "sequences": {key(k): s.to_obj() for k, s in self.sequences.items()},
                 "sampling": {key(k): v for k, v in self.sampling.items()},
                 "sys_init_ms": {key(k): v for k, v in self.sys_init_ms.items()},
+                "samplers": {key(k): v for k, v in self.samplers.items()},
                 "pending": {
                     key(k): [[base64.b64encode(b).decode(), list(c), o] for b, c, o in v]
                     for k, v in self.pending.items()
@@ -530,6 +562,15 @@ class DecoderState:
                     continue
                 if isinstance(v, int) and exporter in state.domains:
                     target[(exporter, domain)] = v
+        for k, v in entries("samplers"):
+            try:
+                exporter, domain, sampler = key(k, 2)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(v, int) and 0 < v < 2**31 and exporter in state.domains:
+                if len(state.samplers) < limits.exporters * 16:
+                    state.samplers[(exporter, domain, sampler)] = v
         for k, v in entries("pending"):
             try:
                 pkey = key(k, 3)
@@ -621,6 +662,8 @@ class _Batch:
         self.rejects: list[tuple[int | None, str, str, str]] = []
         self.stats: dict[str, dict[str, Any]] = {}
         self.replay: list[tuple] = []  # (template, exporter, domain, data that waited for it)
+        # variable-length template id -> (template, [(record bytes, bounds, ctx)]): rewritten in one go (issue 16)
+        self.variable: dict[int, tuple[Template, list]] = {}
 
     def stat(self, exporter: str) -> dict[str, Any]:
         s = self.stats.get(exporter)
@@ -981,15 +1024,17 @@ def _add_template_data(
 ) -> int:
     stats = batch.stat(exporter)
     if tpl.variable_fields:
-        rows = _fixed_from_variable(tpl, body)
-        if rows is None:
+        raw = bytes(body)
+        bounds = _variable_bounds(tpl, raw)
+        if bounds is None:
             batch.reject(offset, exporter, "bad variable-length record", f"{len(body)} bytes")
             return 0
-        projected, data, count = rows
-        stats["variable_fields_skipped"] += count * tpl.variable_fields
+        count = len(bounds[0])
+        sections = sum(_section_slot(f) != f for f in tpl.fields)  # kept, not skipped (issue 16)
+        stats["variable_fields_skipped"] += count * (tpl.variable_fields - sections)
         stats["enterprise_fields_skipped"] += count * tpl.enterprise_fields
         if count:
-            batch.add_data(projected, data, count, ctx)
+            batch.variable.setdefault(id(tpl), (tpl, []))[1].append((raw, bounds, ctx))
         return count
     count = len(body) // tpl.record_len  # the remainder is padding (RFC 3954 §5.3, RFC 7011 §3.3.1)
     if count:
@@ -1001,38 +1046,107 @@ def _add_template_data(
 _PROJECTIONS: dict[int, Template] = {}
 
 
-def _fixed_from_variable(tpl: Template, body: bytes | memoryview) -> tuple[Template, bytes, int] | None:
-    """Rewrite records of a template with variable-length fields to its fixed projection (rare: per record)."""
+def _projection(tpl: Template) -> Template:
     projected = _PROJECTIONS.get(id(tpl))
-    if projected is None or projected.fields != [f for f in tpl.fields if f[1] != VARIABLE_LENGTH]:
+    if projected is None or projected.fields != _projected_fields(tpl.fields):
         if len(_PROJECTIONS) >= _INTERNED_MAX:  # keyed by template: bounded like the interned layouts
             _PROJECTIONS.clear()
         projected = _PROJECTIONS[id(tpl)] = _intern(tpl.fixed_projection())
-    out = bytearray()
-    pos, end, count = 0, len(body), 0
-    min_len = sum(length if length != VARIABLE_LENGTH else 1 for _, length, _ in tpl.fields)
-    while end - pos >= max(min_len, 1):
-        for _, length, _ in tpl.fields:
-            if length == VARIABLE_LENGTH:
-                if pos >= end:
+    return projected
+
+
+def _variable_layout(tpl: Template) -> tuple[list[int], int, list[bool]]:
+    """(fixed bytes before each variable-length field, fixed bytes after the last, which ones are kept sections)."""
+    runs, keep = [0], []
+    for f in tpl.fields:
+        if f[1] == VARIABLE_LENGTH:
+            keep.append(_section_slot(f) != f)
+            runs.append(0)
+        else:
+            runs[-1] += f[1]
+    return runs[:-1], runs[-1], keep
+
+
+def _variable_bounds(tpl: Template, raw: bytes) -> tuple[list[int], list[int], list[int]] | None:
+    """Where each record starts, and each variable-length field's data offset and length (RFC 7011 §7), or None
+    if a length runs past the set. The boundaries depend on each record's length bytes, so this is one Python
+    step per record and variable field; the bytes are gathered later, for all records of the batch at once."""
+    gaps, tail, keep = _variable_layout(tpl)
+    end = len(raw)
+    min_len = max(sum(gaps) + tail + len(keep), 1)
+    starts: list[int] = []
+    var_at: list[int] = []
+    var_len: list[int] = []
+    pos = 0
+    while end - pos >= min_len:
+        starts.append(pos)
+        for gap in gaps:
+            pos += gap
+            if pos >= end:
+                return None
+            vlen = raw[pos]
+            pos += 1
+            if vlen == 255:  # long form, two more bytes of length
+                if pos + 2 > end:
                     return None
-                vlen = body[pos]
-                pos += 1
-                if vlen == 255:  # RFC 7011 §7: long form, two more bytes of length
-                    if pos + 2 > end:
-                        return None
-                    vlen = _U16.unpack_from(body, pos)[0]
-                    pos += 2
-                pos += vlen
-                if pos > end:
-                    return None
-            else:
-                if pos + length > end:
-                    return None
-                out += body[pos : pos + length]
-                pos += length
-        count += 1
-    return projected, bytes(out), count
+                vlen = (raw[pos] << 8) | raw[pos + 1]
+                pos += 2
+            var_at.append(pos)
+            var_len.append(vlen)
+            pos += vlen
+        pos += tail
+        if pos > end:
+            return None
+    return starts, var_at, var_len
+
+
+def _project_variable(batch: _Batch) -> None:
+    """Rewrite all variable-length records of the batch to their templates' fixed projections (the fixed fields,
+    and packet sections as length-prefixed slots), one numpy gather per template, then group them as usual."""
+    slot_bytes = inner_headers.SECTION_SLOT_BYTES - 2
+    for tpl, parts in batch.variable.values():
+        gaps, tail, keep = _variable_layout(tpl)
+        raws = [raw for raw, _, _ in parts]
+        shift = np.cumsum([0] + [len(raw) for raw in raws[:-1]])
+        counts = [len(bounds[0]) for _, bounds, _ in parts]
+        count = sum(counts)
+        starts = np.concatenate(
+            [np.asarray(b[0], dtype=np.int64) + off for (_, b, _), off in zip(parts, shift, strict=True)]
+        )
+        at = np.concatenate(
+            [np.asarray(b[1], dtype=np.int64) + off for (_, b, _), off in zip(parts, shift, strict=True)]
+        ).reshape(count, len(gaps))
+        size = np.concatenate([np.asarray(b[2], dtype=np.int64) for _, b, _ in parts]).reshape(
+            count, len(gaps)
+        )
+        buf = np.frombuffer(b"".join(raws), dtype=np.uint8)
+        last = len(buf) - 1
+        pieces = []
+        run_start = starts
+        for k, gap in enumerate(gaps):
+            if gap:
+                pieces.append(buf[run_start[:, None] + np.arange(gap)])
+            if keep[k]:
+                kept = np.minimum(size[:, k], slot_bytes)
+                width = int(kept.max())  # exporters cut sections short (128 bytes is common): gather no more
+                slot = np.zeros((count, slot_bytes), dtype=np.uint8)
+                index = np.minimum(at[:, k, None] + np.arange(width), last)
+                slot[:, :width] = buf[index] * (np.arange(width) < kept[:, None])
+                pieces.append(np.stack([kept >> 8, kept & 0xFF], axis=1).astype(np.uint8))
+                pieces.append(slot)
+            run_start = at[:, k] + size[:, k]
+        if tail:
+            pieces.append(buf[run_start[:, None] + np.arange(tail)])
+        if not pieces:  # nothing but skipped variable-length fields: no columns to decode
+            continue
+        projected = _projection(tpl)
+        group = batch.groups.get(id(projected))
+        if group is None:
+            group = batch.groups[id(projected)] = (projected, [], [], [])
+        group[1].append(np.concatenate(pieces, axis=1).tobytes())
+        group[2].extend(counts)
+        group[3].extend(ctx for _, _, ctx in parts)
+    batch.variable.clear()
 
 
 def _read_templates(
@@ -1208,15 +1322,18 @@ def _read_options_data(
         return count
     for i in range(count):
         rec = arr[i]
+        interval = 0
         if "sampling" in roles:
             value = _scalar(rec["sampling"])
             if value > 0:
-                state.sampling[(exporter, domain)] = min(value, 2**31 - 1)
+                interval = state.sampling[(exporter, domain)] = min(value, 2**31 - 1)
         if "sampling_packets" in roles:
             packets = _scalar(rec["sampling_packets"])
             space = _scalar(rec["sampling_space"]) if "sampling_space" in roles else 0
             if packets > 0:
-                state.sampling[(exporter, domain)] = min((packets + space) // packets, 2**31 - 1)
+                interval = state.sampling[(exporter, domain)] = min((packets + space) // packets, 2**31 - 1)
+        if interval and "sampler_id" in roles and len(state.samplers) < state.limits.exporters * 16:
+            state.samplers[(exporter, domain, _scalar(rec["sampler_id"]))] = interval  # a sampler table row
         if "sys_init_ms" in roles:
             value = _scalar(rec["sys_init_ms"])
             if 0 < value < 2**50:  # a unix time in ms (anything larger is garbage)
@@ -1324,6 +1441,8 @@ def _track_sequence(
 # ---- columns ------------------------------------------------------------------------------------------------
 def _decode_groups(batch: _Batch) -> pa.Table:
     """All groups' records as one table with FLOWS_TEXT_DICTIONARY types."""
+    if batch.variable:
+        _project_variable(batch)
     if not batch.groups:
         return FLOWS_TEXT_DICTIONARY.empty_table()
     ctx = np.array(batch.ctx, dtype=np.int64).reshape(-1, 8)
@@ -1390,7 +1509,8 @@ def _decode_group(
 
     has4 = "src_addr4" in roles and "dst_addr4" in roles
     has6 = "src_addr6" in roles and "dst_addr6" in roles
-    if not (has4 or has6):
+    section = inner_headers.section_bytes(arr, roles)  # issue 16: IE 313/315 packet bytes, if any
+    if not (has4 or has6) and section is None:
         for cid, count in zip(ctx_ids, counts, strict=True):
             exporter = batch.exporters[int(ctx[cid, _CTX_EXPORTER])]
             batch.reject(None, exporter, "no addresses", f"template without address fields: {count} records")
@@ -1406,9 +1526,12 @@ def _decode_group(
     elif has4:
         src, dst = _ipv4_text(arr["src_addr4"]), _ipv4_text(arr["dst_addr4"])
         version_col = np.full(total, 4, dtype=np.int8)
-    else:
+    elif has6:
         src, dst = _ipv6_text(arr["src_addr6"]), _ipv6_text(arr["dst_addr6"])
         version_col = np.full(total, 6, dtype=np.int8)
+    else:  # the packet section is all there is (filled in below)
+        src = dst = pa.nulls(total, pa.string())
+        version_col = np.zeros(total, dtype=np.int8)
 
     packets = _uint(arr, "packets", roles)
     if packets is None:
@@ -1443,10 +1566,40 @@ def _decode_group(
     input_if = _uint(arr, "input_if", roles, np.int32)
     output_if = _uint(arr, "output_if", roles, np.int32)
 
+    tunnel: dict[str, pa.Array] = {}
+    kept = None
+    if section is not None:  # ---- hook (issue 16): the inner conversation of tunnelled/sampled packets
+        over = inner_headers.overlay(section, has4 or has6)
+        use = pa.array(over.use_inner)
+        src, dst = (
+            pc.if_else(use, over.src, _text(src).cast(pa.string())),
+            pc.if_else(use, over.dst, _text(dst).cast(pa.string())),
+        )
+        version_col = np.where(over.use_inner, over.ip_version, version_col).astype(np.int8)
+        proto = np.where(over.use_inner, over.proto, proto).astype(np.int16)
+        src_port = np.where(over.use_inner, over.src_port, src_port).astype(np.int32)
+        dst_port = np.where(over.use_inner, over.dst_port, dst_port).astype(np.int32)
+        flags = np.zeros(total, np.int16) if tcp_flags is None else tcp_flags
+        tcp_flags = np.where(over.use_inner & (flags == 0), over.tcp_flags, flags).astype(np.int16)
+        tunnel = {
+            "tunnel_src_addr": over.tunnel_src,
+            "tunnel_dst_addr": over.tunnel_dst,
+            "tunnel_proto": over.tunnel_proto,
+        }
+        kept = None if over.keep.all() else over.keep
+        if packets is None and nbytes is None:
+            packets, nbytes = over.sample_packets, over.sample_bytes
     start_ms, end_ms = _times(tpl, arr, c)
 
     exporter_ids = c[_CTX_EXPORTER]
     sampling = c[_CTX_SAMPLING]
+    in_record = _uint(arr, "sampling", roles)  # issue 16: some routers put the interval in each data record
+    if in_record is not None:
+        sampling = np.where(in_record > 0, np.minimum(in_record, 2**31 - 1), sampling)
+    if "sampler_id" in roles and batch.state.samplers:  # issue 16: the interval of the record's own sampler
+        sampling = _sampler_intervals(
+            batch, _uint(arr, "sampler_id", roles), exporter_ids, c[_CTX_DOMAIN], sampling
+        )
     columns = {
         "ts_start": pa.array(start_ms * 1000, type=TS),
         "ts_end": pa.array(end_ms * 1000, type=TS),
@@ -1466,6 +1619,7 @@ def _decode_group(
         "source": pa.DictionaryArray.from_arrays(
             pa.array(np.zeros(total, dtype=np.int32)), pa.array([batch.source], pa.string())
         ),
+        **tunnel,
     }
     # times a lake partition cannot hold (before 1970, after 2100: garbage or a lying exporter) are rejects
     sane = (start_ms >= 0) & (start_ms < MAX_TIME_MS) & (end_ms >= 0) & (end_ms < MAX_TIME_MS)
@@ -1479,6 +1633,18 @@ def _decode_group(
                 "bad time",
                 f"{n} records with a start or end before 1970 or after 2100",
             )
+    if kept is not None:  # issue 16: records whose only addresses were in a packet section that is not IP
+        dropped = sane & ~kept
+        for exporter_idx in np.unique(exporter_ids[dropped]):
+            n = int(np.count_nonzero(dropped & (exporter_ids == exporter_idx)))
+            batch.reject(
+                None,
+                batch.exporters[int(exporter_idx)],
+                "no addresses",
+                f"{n} records: packet section not IP",
+            )
+        sane &= kept
+        all_sane = bool(sane.all())
     per_exporter = np.bincount(
         exporter_ids[sane] if not all_sane else exporter_ids, minlength=len(batch.exporters)
     )
@@ -1494,6 +1660,19 @@ def _decode_group(
         arrays.append(array)
     table = pa.Table.from_arrays(arrays, schema=FLOWS_TEXT_DICTIONARY)
     return table if all_sane else table.filter(pa.array(sane))
+
+
+def _sampler_intervals(
+    batch: _Batch, sampler: np.ndarray, exporter_ids: np.ndarray, domains: np.ndarray, fallback: np.ndarray
+) -> np.ndarray:
+    """Per record, the interval its sampler id has in the exporter's sampler table; else `fallback`."""
+    keys = np.stack([exporter_ids.astype(np.int64), domains.astype(np.int64), sampler], axis=1)
+    uniq, index = np.unique(keys, axis=0, return_inverse=True)
+    table = batch.state.samplers
+    known = np.array(
+        [table.get((batch.exporters[int(e)], int(d), int(s)), -1) for e, d, s in uniq], dtype=np.int64
+    )[index.reshape(-1)]
+    return np.where(known > 0, known, fallback)
 
 
 def _times(tpl: Template, arr: np.ndarray, c: _PerRecord) -> tuple[np.ndarray, np.ndarray]:
