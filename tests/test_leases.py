@@ -634,3 +634,66 @@ def test_every_lease_vm_has_a_vms_row_and_vm_info_is_a_plain_read(tmp_path):
     text, rows = vm_info_sql(by_hand)
     assert "vm_leases" in text
     assert rows == [("a", "alpha"), ("port:p-x", None)]
+
+
+@pytest.mark.parametrize(
+    ("leases_per_addr", "step_us"),
+    [
+        (300, 60_000_000),  # 300,000 leases: the big-index path (queries searched in sorted order)
+        (3, 10**17),  # starts thousands of years apart: addresses x span overflow 62 bits, the rank key
+    ],
+)
+def test_lease_index_agrees_with_an_asof_join_on_big_and_wide_indexes(leases_per_addr, step_us):
+    """Issue 18 item 4: LeaseIndex keys on µs since the first start (or the start's rank when that would
+    overflow) and searches big indexes in sorted query order; both against polars' ASOF join."""
+    import numpy as np
+    import polars as pl
+
+    from tracepipe.correlate.lease_at import LeaseIndex
+
+    rng = np.random.default_rng(7)
+    n_addr = 1000
+    addr = np.repeat(np.arange(n_addr), leases_per_addr)
+    slot = np.tile(np.arange(leases_per_addr), n_addr)
+    start = -(10**17) + slot * step_us + rng.integers(0, step_us // 4, len(slot))
+    end = np.where(rng.random(len(slot)) < 0.1, None, start + rng.integers(1, step_us // 2, len(slot)))
+    ts = pa.timestamp("us", tz="UTC")
+    leases = pa.table(
+        {
+            "addr": pa.array([f"10.0.{a // 256}.{a % 256}" for a in addr]),
+            "vm_id": pa.array([f"vm-{i}" for i in range(len(addr))]),
+            "valid_from": pa.array(start, pa.int64()).cast(ts),
+            "valid_to": pa.array(list(end), pa.int64()).cast(ts),
+        }
+    ).take(pa.array(rng.permutation(len(addr))))
+    queries = 20_000
+    q_addr = [f"10.0.{a // 256}.{a % 256}" for a in rng.integers(0, n_addr + 5, queries)]
+    q_time = -(10**17) - step_us + rng.integers(0, (leases_per_addr + 2) * step_us, queries)
+    got = LeaseIndex(leases).lookup(pa.array(q_addr), pa.array(q_time, pa.int64()).cast(ts))["vm_id"]
+
+    frame = pl.from_arrow(
+        leases.cast(
+            pa.schema(
+                [(n, pa.int64() if n.startswith("valid") else pa.string()) for n in leases.column_names]
+            )
+        )
+    )
+    asked = pl.DataFrame({"addr": q_addr, "at": q_time, "row": range(queries)}).sort("at")
+    joined = asked.join_asof(
+        frame.sort("valid_from"),
+        left_on="at",
+        right_on="valid_from",
+        by="addr",
+        strategy="backward",
+        check_sortedness=False,
+    )
+    expected = (
+        joined.with_columns(
+            pl.when(pl.col("valid_to").is_null() | (pl.col("at") < pl.col("valid_to"))).then(pl.col("vm_id"))
+        )
+        .sort("row")
+        .get_column("vm_id")
+        .to_list()
+    )
+    assert got.to_pylist() == expected
+    assert sum(v is not None for v in expected) > queries // 10  # the probes do hit leases
