@@ -870,7 +870,9 @@ def _chunks(table: pa.Table, name: str) -> list[pa.Table]:
     return out
 
 
-def _write_whole(lake: Any, name: str, table: pa.Table, info: dict[str, Any]) -> None:
+def write_derived(lake: Any, name: str, table: pa.Table, info: dict[str, Any]) -> None:
+    """Replace the whole of vm_leases or vms by `table`, in the layout of FILE_ROWS, in one commit."""
+    """Replace the whole of vm_leases or vms by `table`, in the layout of FILE_ROWS, in one commit."""
     with lake.lock(name):
         lake.replace_files(name, lake.entries(name), _chunks(table, name), info, ROW_GROUP_ROWS)
 
@@ -898,8 +900,8 @@ def _full(lake: Any, reclaim_interval: dt.timedelta | None, reason: str = "") ->
     # vm_leases last, recording what it was built from and the days it changed: a run killed before that
     # commit is redone by the next (events newer than the leases), one killed after it re-attributes the days
     # that no attribution with these leases rewrote yet (attribution.days_left_to_attribute)
-    _write_whole(lake, "vms", vms, {})
-    _write_whole(
+    write_derived(lake, "vms", vms, {})
+    write_derived(
         lake,
         "vm_leases",
         leases,
