@@ -824,11 +824,27 @@ _KEY_OF = {"vm_leases": ["addr", "valid_from"], "vms": ["vm_id"]}
 _OPEN = {"vm_leases": "valid_to", "vms": "deleted_at"}  # null in a row that can still change
 
 
+_STATUS = {"vm_leases": "vm_status", "vms": "status"}
+
+
 def _settled(name: str) -> pl.Expr:
     """Rows that no in-order event changes any more (a purge of a deleted VM still can: then its file is
     rewritten like any other)."""
-    status = "vm_status" if name == "vm_leases" else "status"
-    return pl.col(_OPEN[name]).is_not_null() & pl.col(status).is_in(list(_GONE)).fill_null(False)
+    return pl.col(_OPEN[name]).is_not_null() & pl.col(_STATUS[name]).is_in(list(_GONE)).fill_null(False)
+
+
+def _is_settled_file(entry: Any, name: str) -> bool:
+    """A file whose statistics prove that every row is settled (one gone status, nothing open): whoever wrote
+    it, the incremental update may read only the rows it looks for from it."""
+    status = _STATUS[name]
+    low, high = entry.mins.get(status), entry.maxs.get(status)
+    return (
+        entry.rows > 0
+        and entry.null_counts.get(_OPEN[name]) == 0
+        and entry.null_counts.get(status) == 0
+        and low == high
+        and low in _GONE
+    )
 
 
 _VM_COLUMNS = ("vm_name", "project", "user", "cloud", "vm_status", "quarantine_until")
@@ -862,8 +878,13 @@ def _chunks(table: pa.Table, name: str) -> list[pa.Table]:
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     settled = _settled(name)
+    status = _STATUS[name]
+    # settled rows of one status per file (deleted, purged): _is_settled_file knows them from the statistics
+    parts = [
+        (p, _SETTLED_TIME[name]) for p in frame.filter(settled).partition_by(status, maintain_order=True)
+    ]
     out = []
-    for part, by in ((frame.filter(settled), _SETTLED_TIME[name]), (frame.filter(~settled), _TIME_OF[name])):
+    for part, by in [*parts, (frame.filter(~settled), _TIME_OF[name])]:
         part = part.sort(by, nulls_last=True)
         for i in range(0, part.height, FILE_ROWS):
             out.append(part.slice(i, FILE_ROWS).sort(_KEY_OF[name]).to_arrow().cast(table.schema))
@@ -974,19 +995,35 @@ def _incremental(lake: Any, since: int, version: int | None) -> LeaseUpdate:
     with lake.lock("vm_leases"), lake.lock("vms"):
         lease_entries = lake.entries("vm_leases")
         vm_entries = lake.entries("vms")
-        index = _index(lake, lease_entries, ["addr", "vm_id", "valid_from", "valid_to"])
-        vm_index = _index(lake, vm_entries, ["vm_id", "created_at", "last_event_at"])
         t0 = new.get_column("ts").min()
         vms0 = new.get_column("vm_id").drop_nulls().unique()
-        addrs = pl.concat(
-            [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
-        ).unique()
+        lease_columns = ["addr", "vm_id", "valid_from", "valid_to"]
+        vm_columns = ["vm_id", "created_at", "last_event_at"]
+        # Settled files (closed leases of deleted VMs) hold most of the history and no row of a VM that is not
+        # deleted: of them only the rows of the touched addresses are read, and of settled vms the rows of the
+        # VMs involved. A new event of a VM already settled (rare) reads everything, as before.
+        if len(_index(lake, vm_entries, vm_columns, "vms", ("vm_id", vms0.to_list()), settled_only=True)):
+            index = _index(lake, lease_entries, lease_columns)
+            vm_index = _index(lake, vm_entries, vm_columns)
+            addrs = pl.concat(
+                [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
+            ).unique()
+        else:
+            index = _index(lake, lease_entries, lease_columns, "vm_leases", ("addr", []))
+            addrs = pl.concat(
+                [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
+            ).unique()
+            settled = _index(lake, lease_entries, lease_columns, "vm_leases", ("addr", addrs.to_list()), True)
+            index = pl.concat([index, settled])
+            vm_index = None
         starts = _free_since(index, addrs, t0)
         # the VMs whose events can move a touched address after b(A): those of the new events, and every VM
         # that held it since (a claim that opened no lease, by a deleted VM or at the instant another VM
         # took the address, changes nothing)
         holders = index.join(starts, on="addr").filter(pl.col("valid_from") >= pl.col("free_from"))
         involved_vms = set(vms0.to_list()) | set(holders.get_column("vm_id").to_list())
+        if vm_index is None:
+            vm_index = _index(lake, vm_entries, vm_columns, "vms", ("vm_id", sorted(involved_vms)))
         # in order = later than anything stored about these addresses and VMs: then no claim that opened no
         # lease before can open one now. A batch that reaches back before that is replayed in full instead
         latest = [
@@ -1094,12 +1131,42 @@ def _update_files(
     return LeaseUpdate("incremental", days, events.height, new.height, starts.height, vms.height)
 
 
-def _index(lake: Any, entries: list[Any], columns: list[str]) -> pl.DataFrame:
-    """Some columns of every file of a derived table, with the file's position in `entries`."""
-    frames = [
-        pl.from_arrow(pq.read_table(e.path, columns=columns)).with_columns(pl.lit(i, pl.Int32).alias("_file"))
-        for i, e in enumerate(entries)
-    ]
+def _index(
+    lake: Any,
+    entries: list[Any],
+    columns: list[str],
+    name: str | None = None,
+    where: tuple[str, list[str]] | None = None,
+    settled_only: bool = False,
+) -> pl.DataFrame:
+    """Some columns of the files of a derived table, with the file's position in `entries`. With `where`
+    (column, values): of the settled files (_is_settled_file) only the rows whose column is one of the values
+    (and with `settled_only`, nothing of the other files): what the hourly update needs of the settled past,
+    without reading it all."""
+    whole, filtered = [], []
+    for i, e in enumerate(entries):
+        settled = where is not None and name is not None and _is_settled_file(e, name)
+        if settled:
+            filtered.append(i)
+        elif not settled_only:
+            whole.append(i)
+    frames = []
+    # one polars scan per kind (a reader per file costs more than the rows), the file's position from its path
+    for positions, condition in (
+        (whole, None),
+        (filtered, None if where is None else pl.col(where[0]).is_in(where[1])),
+    ):
+        if not positions or (condition is not None and where is not None and not where[1]):
+            continue
+        position = {str(entries[i].path): i for i in positions}
+        scan = pl.scan_parquet(list(position), hive_partitioning=False, include_file_paths="_path")
+        if condition is not None:
+            scan = scan.filter(condition)
+        frames.append(
+            scan.select(
+                *columns, pl.col("_path").replace_strict(position, return_dtype=pl.Int32).alias("_file")
+            ).collect()
+        )
     if not frames:
         both = {**{f.name: f for f in VMS}, **{f.name: f for f in VM_LEASES}}
         schema = {
@@ -1218,9 +1285,13 @@ def _files_of(
     files = set(index.filter(pl.col("vm_id").is_in(involved.implode())).get_column("_file").to_list())
     if replaced is not None:
         files |= set(replaced.get_column("_file").to_list())
-    is_open = [bool(e.null_counts.get(_OPEN[name])) for e in entries]
+    is_open = [not _is_settled_file(e, name) for e in entries]
     for want_open, column in ((True, _TIME_OF[name]), (False, _SETTLED_TIME[name])):
-        candidates = [i for i, e in enumerate(entries) if is_open[i] == want_open]
+        candidates = [
+            i
+            for i, e in enumerate(entries)
+            if is_open[i] == want_open and (want_open or e.mins.get(_STATUS[name]) == "deleted")
+        ]
         if candidates:
             newest = max(candidates, key=lambda i: str(entries[i].maxs.get(column) or ""))
             if want_open or entries[newest].rows < FILE_ROWS:
