@@ -697,3 +697,38 @@ def test_lease_index_agrees_with_an_asof_join_on_big_and_wide_indexes(leases_per
     )
     assert got.to_pylist() == expected
     assert sum(v is not None for v in expected) > queries // 10  # the probes do hit leases
+
+
+def test_hourly_updates_touching_settled_rows_give_the_full_build(tmp_path):
+    """The hourly update reads of the settled files (closed leases of deleted VMs) only the rows of the
+    addresses it touches, and everything when a VM of the new events is already settled (a purge after the
+    delete): both in order, both incremental, both equal to a full build."""
+    from tracepipe.correlate.leases import _is_settled_file, refresh_leases
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    batches = [
+        [
+            {"ts": utc(0, 0), "vm_id": "a", "vm_name": "a", "action": "create", "addrs": ["10.0.0.1"]},
+            {"ts": utc(0, 5), "vm_id": "b", "vm_name": "b", "action": "create", "addrs": ["10.0.0.2"]},
+        ],
+        [{"ts": utc(0, 10), "vm_id": "a", "action": "delete", "addrs": []}],
+        [{"ts": utc(1, 0), "vm_id": "a", "action": "purge", "addrs": []}],  # a VM already settled
+        [{"ts": utc(1, 10), "vm_id": "c", "vm_name": "c", "action": "create", "addrs": ["10.0.0.1"]}],
+        [{"ts": utc(1, 20), "vm_id": "b", "action": "delete", "addrs": []}],
+    ]
+    lake = Lake(tmp_path / "lake")
+    modes, settled = [], []
+    for i, rows_ in enumerate(batches):
+        ingest_table(lake, "vm_events", f"b{i}", hash_bytes(f"b{i}".encode()), [_events(rows_)])
+        modes.append(refresh_leases(lake, SEVEN_DAYS if i == 0 else None).mode)
+        settled.append(sum(_is_settled_file(e, "vm_leases") for e in lake.entries("vm_leases")))
+    assert modes == ["full"] + ["incremental"] * 4
+    assert settled[1] == 1  # a's closed lease went to a settled file, read by address from then on
+    leases, vms = build_leases(_events([r for b in batches for r in b]), SEVEN_DAYS)
+    expected = leases.sort_by([("addr", "ascending"), ("valid_from", "ascending")]).to_pylist()
+    assert _lake_tables(lake) == (expected, vms.to_pylist())
+    assert [(r["addr"], r["vm_id"], r["vm_status"]) for r in expected] == [
+        ("10.0.0.1", "a", "purged"),
+        ("10.0.0.1", "c", "active"),
+        ("10.0.0.2", "b", "deleted"),
+    ]
