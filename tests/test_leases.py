@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tracepipe.correlate.leases import build_leases, changed_days
 from tracepipe.ingest.cloud import parse_cloud_text
-from tracepipe.schema import VM_EVENTS
+from tracepipe.schema import VM_EVENTS, VMS
 
 DATA = Path(__file__).parent / "data" / "cloud"
 SEVEN_DAYS = dt.timedelta(days=7)
@@ -401,7 +401,12 @@ def test_vectorised_build_agrees_with_the_event_by_event_replay(history, reclaim
         for r in expected_leases.to_pylist()
     ]
     assert leases.to_pylist() == expected
-    assert vms.to_pylist() == expected_vms.to_pylist()
+    # every VM holding a lease has a vms row (the oracle's floating-IP holders of no known VM, "port:<id>",
+    # "fixed:<addr>", have none there): facts unknown
+    empty = dict.fromkeys(VMS.names)
+    lease_only = [{**empty, "vm_id": v} for v in sorted({r["vm_id"] for r in expected} - known)]
+    want = sorted(expected_vms.to_pylist() + lease_only, key=lambda r: r["vm_id"])
+    assert vms.to_pylist() == want
 
 
 def _lake_tables(lake) -> tuple[list[dict], list[dict]]:
@@ -577,3 +582,153 @@ def test_lease_at_and_the_sql_views_agree_at_every_boundary(tmp_path):
         for a, t in probes
     ]
     assert [[v] if v else [] for v in answers.column("vm_id").to_pylist()] == sql
+
+
+def test_every_lease_vm_has_a_vms_row_and_vm_info_is_a_plain_read(tmp_path):
+    """Issue 18 item 4: `_vm_info` anti-joined every lease against vms on each query (40x a plain scan at 3 M
+    VMs). The builder now writes a vms row for every VM holding a lease (here the holder of a floating IP whose
+    port no known VM owns: "port:p-x") and marks its commit, so query.connect reads VMs from vms alone; a lake
+    whose leases were written by hand keeps the view that also takes VMs from vm_leases."""
+    from tracepipe.correlate.leases import refresh_leases
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+    from tracepipe.query import connect
+    from tracepipe.schema import VM_LEASES
+
+    events = _events(
+        [
+            {"ts": utc(1, 0), "vm_id": "a", "vm_name": "alpha", "action": "create", "addrs": ["10.0.0.5"]},
+            {
+                "ts": utc(2, 0),
+                "action": "fip_associate",
+                "vm_id": None,
+                "resource_id": "fip-1",
+                "addr": "172.16.0.9",
+                "addr_kind": "floating",
+                "addrs": ["10.9.9.9"],
+                "port_id": "p-x",
+            },
+        ]
+    )
+    leases, vms = build_leases(events, SEVEN_DAYS)
+    assert sorted(leases["vm_id"].to_pylist()) == ["a", "port:p-x"]
+    assert vms["vm_id"].to_pylist() == ["a", "port:p-x"]
+    orphan = vms.to_pylist()[1]
+    assert orphan == {**dict.fromkeys(VMS.names), "vm_id": "port:p-x"}
+
+    def vm_info_sql(lake: Lake) -> str:
+        con = connect(lake)
+        text = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = '_vm_info'").fetchall()[0][0]
+        rows = con.execute("SELECT vm_id, vm_name FROM _vm_info ORDER BY vm_id").fetchall()
+        con.close()
+        return text, rows
+
+    built = Lake(tmp_path / "built")
+    ingest_table(built, "vm_events", "e", hash_bytes(b"e"), [events])
+    assert refresh_leases(built, SEVEN_DAYS).mode == "full"
+    text, rows = vm_info_sql(built)
+    assert "vm_leases" not in text  # a plain read of vms
+    assert rows == [("a", "alpha"), ("port:p-x", None)]
+
+    by_hand = Lake(tmp_path / "by-hand")  # leases from another tool, no vms at all: names from the leases
+    by_hand.replace_dataset("vm_leases", leases.cast(VM_LEASES))
+    text, rows = vm_info_sql(by_hand)
+    assert "vm_leases" in text
+    assert rows == [("a", "alpha"), ("port:p-x", None)]
+
+
+@pytest.mark.parametrize(
+    ("leases_per_addr", "step_us"),
+    [
+        (300, 60_000_000),  # 300,000 leases: the big-index path (queries searched in sorted order)
+        (3, 10**17),  # starts thousands of years apart: addresses x span overflow 62 bits, the rank key
+    ],
+)
+def test_lease_index_agrees_with_an_asof_join_on_big_and_wide_indexes(leases_per_addr, step_us):
+    """Issue 18 item 4: LeaseIndex keys on µs since the first start (or the start's rank when that would
+    overflow) and searches big indexes in sorted query order; both against polars' ASOF join."""
+    import numpy as np
+    import polars as pl
+
+    from tracepipe.correlate.lease_at import LeaseIndex
+
+    rng = np.random.default_rng(7)
+    n_addr = 1000
+    addr = np.repeat(np.arange(n_addr), leases_per_addr)
+    slot = np.tile(np.arange(leases_per_addr), n_addr)
+    start = -(10**17) + slot * step_us + rng.integers(0, step_us // 4, len(slot))
+    end = np.where(rng.random(len(slot)) < 0.1, None, start + rng.integers(1, step_us // 2, len(slot)))
+    ts = pa.timestamp("us", tz="UTC")
+    leases = pa.table(
+        {
+            "addr": pa.array([f"10.0.{a // 256}.{a % 256}" for a in addr]),
+            "vm_id": pa.array([f"vm-{i}" for i in range(len(addr))]),
+            "valid_from": pa.array(start, pa.int64()).cast(ts),
+            "valid_to": pa.array(list(end), pa.int64()).cast(ts),
+        }
+    ).take(pa.array(rng.permutation(len(addr))))
+    queries = 20_000
+    q_addr = [f"10.0.{a // 256}.{a % 256}" for a in rng.integers(0, n_addr + 5, queries)]
+    q_time = -(10**17) - step_us + rng.integers(0, (leases_per_addr + 2) * step_us, queries)
+    got = LeaseIndex(leases).lookup(pa.array(q_addr), pa.array(q_time, pa.int64()).cast(ts))["vm_id"]
+
+    frame = pl.from_arrow(
+        leases.cast(
+            pa.schema(
+                [(n, pa.int64() if n.startswith("valid") else pa.string()) for n in leases.column_names]
+            )
+        )
+    )
+    asked = pl.DataFrame({"addr": q_addr, "at": q_time, "row": range(queries)}).sort("at")
+    joined = asked.join_asof(
+        frame.sort("valid_from"),
+        left_on="at",
+        right_on="valid_from",
+        by="addr",
+        strategy="backward",
+        check_sortedness=False,
+    )
+    expected = (
+        joined.with_columns(
+            pl.when(pl.col("valid_to").is_null() | (pl.col("at") < pl.col("valid_to"))).then(pl.col("vm_id"))
+        )
+        .sort("row")
+        .get_column("vm_id")
+        .to_list()
+    )
+    assert got.to_pylist() == expected
+    assert sum(v is not None for v in expected) > queries // 10  # the probes do hit leases
+
+
+def test_hourly_updates_touching_settled_rows_give_the_full_build(tmp_path):
+    """The hourly update reads of the settled files (closed leases of deleted VMs) only the rows of the
+    addresses it touches, and everything when a VM of the new events is already settled (a purge after the
+    delete): both in order, both incremental, both equal to a full build."""
+    from tracepipe.correlate.leases import _is_settled_file, refresh_leases
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    batches = [
+        [
+            {"ts": utc(0, 0), "vm_id": "a", "vm_name": "a", "action": "create", "addrs": ["10.0.0.1"]},
+            {"ts": utc(0, 5), "vm_id": "b", "vm_name": "b", "action": "create", "addrs": ["10.0.0.2"]},
+        ],
+        [{"ts": utc(0, 10), "vm_id": "a", "action": "delete", "addrs": []}],
+        [{"ts": utc(1, 0), "vm_id": "a", "action": "purge", "addrs": []}],  # a VM already settled
+        [{"ts": utc(1, 10), "vm_id": "c", "vm_name": "c", "action": "create", "addrs": ["10.0.0.1"]}],
+        [{"ts": utc(1, 20), "vm_id": "b", "action": "delete", "addrs": []}],
+    ]
+    lake = Lake(tmp_path / "lake")
+    modes, settled = [], []
+    for i, rows_ in enumerate(batches):
+        ingest_table(lake, "vm_events", f"b{i}", hash_bytes(f"b{i}".encode()), [_events(rows_)])
+        modes.append(refresh_leases(lake, SEVEN_DAYS if i == 0 else None).mode)
+        settled.append(sum(_is_settled_file(e, "vm_leases") for e in lake.entries("vm_leases")))
+    assert modes == ["full"] + ["incremental"] * 4
+    assert settled[1] == 1  # a's closed lease went to a settled file, read by address from then on
+    leases, vms = build_leases(_events([r for b in batches for r in b]), SEVEN_DAYS)
+    expected = leases.sort_by([("addr", "ascending"), ("valid_from", "ascending")]).to_pylist()
+    assert _lake_tables(lake) == (expected, vms.to_pylist())
+    assert [(r["addr"], r["vm_id"], r["vm_status"]) for r in expected] == [
+        ("10.0.0.1", "a", "purged"),
+        ("10.0.0.1", "c", "active"),
+        ("10.0.0.2", "b", "deleted"),
+    ]

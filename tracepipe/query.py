@@ -25,6 +25,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tracepipe.correlate import VMS_COMPLETE
 from tracepipe.errors import EXIT_OK, LakeError, TracepipeError, UsageError
 from tracepipe.lake import FileEntry, Lake
 from tracepipe.schema import DATASETS
@@ -186,6 +187,8 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
     con.execute(f"CREATE OR REPLACE VIEW _flows_done AS {scan_sql('flows', [by_path[p] for p in done])}")
     con.execute(f"CREATE OR REPLACE VIEW _flows_todo AS {scan_sql('flows', [by_path[p] for p in todo])}")
     con.execute(sql_text("views"))
+    if not vms_complete(lake):
+        con.execute(sql_text("vm_info_from_leases"))  # leases not written by the builder: see that file
     if read_only:
         # Defence in depth under the statement check: the session reads the lake (and its spill directory)
         # and nothing else, and a query cannot switch that back on. The spill directory is this session's
@@ -206,6 +209,13 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
+
+
+def vms_complete(lake: Lake) -> bool:
+    """True when the lease builder wrote vm_leases last (its commit says so): then vms holds a row for every
+    VM of vm_leases and _vm_info is a plain read of vms (sql/views.sql); else the views add the VMs found only
+    in vm_leases (sql/vm_info_from_leases.sql). Both engines ask this."""
+    return bool(next(iter(lake.commit_infos("vm_leases")), {}).get(VMS_COMPLETE))
 
 
 def check_files(lake: Lake) -> None:

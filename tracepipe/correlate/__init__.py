@@ -7,3 +7,9 @@
 Ingest never imports this package: it lands sources and returns the days it touched; its caller (the CLI,
 the collector's committer, a sweep) then calls `correlate.attribution.attribute_days`.
 """
+
+# recorded with each vm_leases commit that leases.py makes: vms then holds a row for every VM of vm_leases, so
+# query.connect reads what a VM is now from vms alone (sql/views.sql); a lake whose leases were written another
+# way gets sql/vm_info_from_leases.sql, which also takes VMs from vm_leases. Here, not in leases.py: query.py
+# reads it without importing polars.
+VMS_COMPLETE = "vms_hold_every_lease_vm"

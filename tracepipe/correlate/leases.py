@@ -26,10 +26,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tracepipe.correlate import VMS_COMPLETE
 from tracepipe.fsutil import write_atomic
 from tracepipe.lake import conform
 from tracepipe.schema import VM_EVENTS, VM_LEASES, VMS
@@ -65,33 +67,46 @@ def normalise_events(events: pa.Table) -> pl.DataFrame:
     frame = pl.from_arrow(events.select([f.name for f in VM_EVENTS]))
     assert isinstance(frame, pl.DataFrame)
     if frame.height == 0:
-        return frame
-    frame = frame.with_columns(
-        pl.col("addrs").list.join(",").alias("_addrs"),
+        return frame.with_columns(pl.lit(None, pl.Int32).alias("_phase"))
+    phase = (
         pl.when(pl.col("event_type").str.ends_with(".start"))
         .then(0)
         .when(pl.col("event_type").str.ends_with(".error"))
         .then(1)
         .otherwise(2)
-        .alias("_phase"),
+        .alias("_phase")
     )
-    content = pl.struct([c if c != "addrs" else "_addrs" for c in _CONTENT])
     # the replay order: time, start/error before end, then the event's identity; exact ties broken by a hash
     # (sorting on every content column costs more than the whole replay). A hash collision can only swap two
     # events of one instant; which events are the same is decided on the content itself, never on the hash.
-    frame = frame.with_columns(
-        pl.struct("vm_id", "event_type", "action", "state", "_addrs", "addr", "hypervisor")
-        .hash(18)
-        .alias("_key")
+    # Sorted and de-duplicated on these few key columns; the whole frame is gathered once, in that order.
+    keys = (
+        frame.select(
+            "ts",
+            phase,
+            "event_id",
+            "vm_id",
+            "event_type",
+            "action",
+            pl.struct(
+                "vm_id", "event_type", "action", "state", pl.col("addrs").list.join(","), "addr", "hypervisor"
+            )
+            .hash(18)
+            .alias("_key"),
+        )
+        .with_row_index("_row")
+        .sort(["ts", "_phase", "event_id", "vm_id", "event_type", "action", "_key"], nulls_last=True)
     )
-    frame = frame.sort(["ts", "_phase", "event_id", "vm_id", "event_type", "action", "_key"], nulls_last=True)
     # at-least-once delivery: the same message id twice is one event; so is identical content (compared
     # exactly, among the few rows whose time and key repeat)
-    frame = frame.filter(pl.col("event_id").is_null() | pl.col("event_id").is_first_distinct())
-    frame = frame.with_row_index("_row")
-    maybe = frame.filter(pl.struct("ts", "_key").is_duplicated())
-    repeats = maybe.filter(~content.is_first_distinct()).get_column("_row")
-    return frame.filter(~pl.col("_row").is_in(repeats.implode())).drop("_key", "_row")
+    keys = keys.filter(pl.col("event_id").is_null() | pl.col("event_id").is_first_distinct())
+    maybe = keys.filter(pl.struct("ts", "_key").is_duplicated()).get_column("_row")
+    if len(maybe):
+        content = pl.struct([c if c != "addrs" else pl.col("addrs").list.join(",") for c in _CONTENT])
+        suspects = frame.with_row_index("_row").gather(maybe)  # in the replay order, as `keys`
+        repeats = suspects.filter(~content.is_first_distinct()).get_column("_row")
+        keys = keys.filter(~pl.col("_row").is_in(repeats.implode()))
+    return frame.gather(keys.get_column("_row")).with_columns(keys.get_column("_phase"))
 
 
 # ---- the vectorised replay ------------------------------------------------------------------------------------
@@ -109,25 +124,38 @@ def _ffill_within(value: pl.Expr, key: str = "vm_id") -> pl.Expr:
     return pl.when(source == pl.col(key)).then(value.forward_fill())
 
 
+def _per_vm(ev: pl.DataFrame, aggregate: pl.Expr, name: str) -> pl.Series:
+    """One value per VM (an aggregation over its events), repeated on each of its events: a group-by on the
+    dense VM number and a gather (a join would copy every column of the frame)."""
+    values = ev.lazy().group_by("_vm").agg(aggregate.alias(name)).sort("_vm").collect()
+    return values.get_column(name).gather(ev.get_column("_vm"))
+
+
 def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Per-event VM context (gone?, applicable?, hypervisor then), the VMs' final facts, and the hypervisor
     moves (live migration, unshelve elsewhere) that split leases. Sorted by (vm_id, seq); only fast
     aggregations and fills over the whole frame (per-group expressions are evaluated group by group)."""
     floating = pl.col("act").is_in(list(_FLOATING_ACTIONS))
     is_delete = pl.col("act").is_in(list(_DELETES)) & ~pl.col("passive") & ~floating
-    ev = frame.filter(pl.col("vm_id").is_not_null()).sort("vm_id", "seq")
-    # VMs numbered in this order: group-bys and joins on an integer, row positions for look-ups
+    # only the columns the VM's story needs: every sort and filter below copies what the frame holds (the
+    # address lists are taken from `frame` by seq where they are needed)
+    ev = (
+        frame.select("vm_id", "seq", "ts", "act", "passive", "state", "hypervisor", *_IDENTITY)
+        .filter(pl.col("vm_id").is_not_null())
+        .sort("vm_id", "seq")
+    )
+    # VMs numbered in this order: group-bys on an integer, per-VM values broadcast by gather (_vm is dense
+    # from 0, in order), row positions for look-ups
     ev = ev.with_columns(
-        (pl.col("vm_id") != pl.col("vm_id").shift(1).fill_null("")).cast(pl.Int64).cum_sum().alias("_vm"),
+        (pl.col("vm_id") != pl.col("vm_id").shift(1))
+        .fill_null(True)
+        .cast(pl.Int64)
+        .cum_sum()
+        .sub(1)
+        .alias("_vm"),
         pl.int_range(pl.len(), dtype=pl.Int64).alias("_pos"),
     )
-    gone = (
-        ev.lazy()
-        .select("_vm", pl.when(is_delete).then(pl.col("seq")).alias("gone_seq"))
-        .group_by("_vm")
-        .agg(pl.col("gone_seq").min())
-    )
-    ev = ev.lazy().join(gone, on="_vm", how="left", maintain_order="left").collect()
+    ev = ev.with_columns(_per_vm(ev, pl.when(is_delete).then(pl.col("seq")).min(), "gone_seq"))
     alive = pl.col("gone_seq").is_null() | (pl.col("seq") < pl.col("gone_seq"))
     # events that move the VM's state: an .end (or phase-less) event of a VM not deleted yet, other than a
     # floating-IP event, a delete or a detach (handled on their own)
@@ -160,15 +188,13 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
         pl.when(strong).then(pl.col("hypervisor")).alias("_strong"),
         pl.when(weak).then(pl.col("hypervisor")).alias("_weak"),
     )
-    weak_first = (
-        ev.lazy()
-        .filter(pl.col("_weak").is_not_null())
-        .group_by("_vm")
-        .agg(pl.col("seq").min().alias("_weak_seq"), pl.col("_weak").first().alias("_weak_first_value"))
+    weak = pl.col("_weak").is_not_null()
+    ev = ev.with_columns(
+        _per_vm(ev, pl.col("seq").filter(weak).min(), "_weak_seq"),
+        _per_vm(ev, pl.col("_weak").filter(weak).first(), "_weak_first_value"),
     )
     ev = (
         ev.lazy()
-        .join(weak_first, on="_vm", how="left", maintain_order="left")
         .with_columns(
             _ffill_within(pl.col("_strong"), "_vm").alias("_strong_last"),
             pl.when(pl.col("seq") >= pl.col("_weak_seq"))
@@ -179,27 +205,23 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
         .with_columns(pl.when(~new_vm).then(pl.col("hyp_now").shift(1)).alias("_hyp_before"))
         .collect()
     )
-    moves = ev.filter(
-        pl.col("_strong").is_not_null()
-        & pl.col("_hyp_before").is_not_null()
-        & (pl.col("_strong") != pl.col("_hyp_before"))
-    ).select(
-        "vm_id",
-        pl.col("seq").alias("move_seq"),
-        pl.col("ts").alias("move_ts"),
-        pl.col("_strong").alias("hyp"),
+    moves = (
+        ev.select("vm_id", "seq", "ts", "_strong", "_hyp_before")
+        .filter(
+            pl.col("_strong").is_not_null()
+            & pl.col("_hyp_before").is_not_null()
+            & (pl.col("_strong") != pl.col("_hyp_before"))
+        )
+        .select(
+            "vm_id",
+            pl.col("seq").alias("move_seq"),
+            pl.col("ts").alias("move_ts"),
+            pl.col("_strong").alias("hyp"),
+        )
     )
     # soft delete and restore: the quarantine runs from the first soft delete after the last restore
-    restores = (
-        ev.lazy()
-        .select(
-            "_vm",
-            pl.when(pl.col("applicable") & (pl.col("act") == "restore")).then(pl.col("seq")).alias("_r"),
-        )
-        .group_by("_vm")
-        .agg(pl.col("_r").max().alias("_last_restore"))
-    )
-    ev = ev.lazy().join(restores, on="_vm", how="left", maintain_order="left").collect()
+    restore = pl.col("applicable") & (pl.col("act") == "restore")
+    ev = ev.with_columns(_per_vm(ev, pl.when(restore).then(pl.col("seq")).max(), "_last_restore"))
     soft = (
         pl.col("applicable")
         & (pl.col("act") == "soft_delete")
@@ -458,8 +480,11 @@ def _replay(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame, 
     port_history, port_addrs = _port_maps(frame)
 
     # claims by VMs: every address an applicable event lists, and the one an attach names
-    listed = ev.filter(pl.col("applicable")).select(
-        "seq", "ts", "vm_id", pl.col("addr_kind").fill_null("fixed").alias("kind"), "addrs", "addr", "act"
+    applicable = ev.filter(pl.col("applicable")).get_column("seq").sort()
+    listed = (
+        frame.select(
+            "seq", "ts", "vm_id", pl.col("addr_kind").fill_null("fixed").alias("kind"), "addrs", "addr", "act"
+        ).gather(applicable)  # frame's row number is seq
     )
     fixed_claims = pl.concat(
         [
@@ -697,24 +722,25 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
         .with_columns(_us_to_ts("valid_from", "valid_to", "quarantine_until"))
         .sort(_LEASE_KEY)
     )
-    vm_frame = (
-        facts.select(
-            "vm_id",
-            "cloud",
-            "vm_name",
-            "project",
-            "user",
-            "hypervisor",
-            pl.col("status").fill_null("unknown"),
-            "created_at",
-            "deleted_at",
-            "quarantine_until",
-            "last_event_at",
-            "image",
-        )
-        .with_columns(_us_to_ts("created_at", "deleted_at", "quarantine_until", "last_event_at"))
-        .sort("vm_id")
-    )
+    vm_frame = facts.select(
+        "vm_id",
+        "cloud",
+        "vm_name",
+        "project",
+        "user",
+        "hypervisor",
+        pl.col("status").fill_null("unknown"),
+        "created_at",
+        "deleted_at",
+        "quarantine_until",
+        "last_event_at",
+        "image",
+    ).with_columns(_us_to_ts("created_at", "deleted_at", "quarantine_until", "last_event_at"))
+    # every VM that holds a lease has a vms row, so that "what is this VM now" is a plain read of vms
+    # (sql/views.sql, _vm_info): the holders no event names (a floating IP associated with a port or fixed
+    # address of no known VM: "port:<id>", "fixed:<addr>") get a row of their own, facts unknown
+    lease_only = lease_frame.select("vm_id").unique().join(vm_frame.select("vm_id"), on="vm_id", how="anti")
+    vm_frame = pl.concat([vm_frame, lease_only], how="diagonal").sort("vm_id")
     return lease_frame.to_arrow().cast(VM_LEASES), vm_frame.to_arrow().cast(VMS)
 
 
@@ -736,9 +762,17 @@ def save_reclaim_interval(lake: Any, interval: dt.timedelta) -> None:
     write_atomic(path, json.dumps({"reclaim_interval_seconds": interval.total_seconds()}))
 
 
-def _intervals(table: pa.Table) -> set[tuple[Any, ...]]:
-    cols = table.select(["addr", "vm_id", "valid_from", "valid_to"]).to_pydict()
-    return set(zip(cols["addr"], cols["vm_id"], cols["valid_from"], cols["valid_to"], strict=True))
+_INTERVAL = ["addr", "vm_id", "valid_from", "valid_to"]
+
+
+def _changed_spans(old: pa.Table, new: pa.Table) -> pl.DataFrame:
+    """(valid_from, valid_to) of the leases in one table and not in the other (only addr/vm/interval matter),
+    as two anti joins (nulls equal: a lease still held is the same lease in both)."""
+    a, b = (pl.from_arrow(t.select(_INTERVAL)) for t in (old, new))
+    assert isinstance(a, pl.DataFrame) and isinstance(b, pl.DataFrame)
+    b = b.cast(a.schema)  # type: ignore[arg-type]
+    only = [x.join(y, on=_INTERVAL, how="anti", nulls_equal=True) for x, y in ((a, b), (b, a))]
+    return pl.concat(only).select("valid_from", "valid_to")
 
 
 def _partition_days(lake: Any, datasets: tuple[str, ...] = ("flows", "vm_logs")) -> list[str]:
@@ -753,26 +787,66 @@ def _partition_days(lake: Any, datasets: tuple[str, ...] = ("flows", "vm_logs"))
 def changed_days(
     old: pa.Table, new: pa.Table, flow_days: list[str] | None, now: dt.datetime | None = None
 ) -> set[str]:
-    """UTC days on which attribution may differ between two lease tables (only addr/vm/interval matter)."""
-    changed = _intervals(old) ^ _intervals(new)
+    """UTC days on which attribution may differ between two lease tables (only addr/vm/interval matter):
+    the days a lease in one and not the other covers (to `now` while still held), among `flow_days` if given.
+    Vectorised: a difference array over the days spanned (leases tables hold millions of rows)."""
+    spans = _changed_spans(old, new)
+    if spans.height == 0:
+        return set()
     now = now or dt.datetime.now(dt.UTC)
-    days: set[str] = set()
-    for _addr, _vm, start, end in changed:
-        stop = end or now
-        if flow_days is not None:
-            first, last = start.strftime("%Y-%m-%d"), stop.strftime("%Y-%m-%d")
-            days.update(d for d in flow_days if first <= d <= last)
-            continue
-        day = start.date()
-        while day <= stop.date():
-            days.add(day.isoformat())
-            day += dt.timedelta(days=1)
-    return days
+    bounds = spans.select(
+        pl.col("valid_from").dt.date().cast(pl.Int32).alias("first"),
+        pl.coalesce("valid_to", pl.lit(now)).dt.date().cast(pl.Int32).alias("last"),
+    ).with_columns(pl.max_horizontal("first", "last").alias("last"))
+    first = bounds.get_column("first").to_numpy().astype(np.int64)
+    last = bounds.get_column("last").to_numpy().astype(np.int64)
+    low = int(first.min())
+    size = int(last.max()) - low + 2
+    steps = np.bincount(first - low, minlength=size) - np.bincount(last - low + 1, minlength=size)
+    covered = np.flatnonzero(np.cumsum(steps)[:-1] > 0) + low
+    epoch = dt.date(1970, 1, 1)
+    days = {(epoch + dt.timedelta(days=int(d))).isoformat() for d in covered}
+    return days if flow_days is None else days & set(flow_days)
 
 
-FILE_ROWS = 250_000  # leases/VMs per file, files cut by time: an update rewrites the few recent ones
-ROW_GROUP_ROWS = 32_768  # small row groups: `who` reads one address's rows through the addr statistics
+# The file layout of vm_leases and vms, for an hourly update that rewrites little and a `who` that reads little:
+#   * rows that can still change (an open lease, a VM not deleted: "hot") are kept apart from settled rows
+#     (closed leases of deleted VMs, deleted VMs: "cold"), so that the hourly update finds the VMs it touches in
+#     the hot file, and adds the rows that settled to the newest cold file (a year of churn: 3 M cold rows,
+#     the hot ones are the VMs alive now);
+#   * files are cut by time (valid_from / deleted_at) in FILE_ROWS, and each is sorted by its key (addr /
+#     vm_id) in small row groups, so that one address or VM is one row group of each file (min/max statistics).
+FILE_ROWS = 32_768
+ROW_GROUP_ROWS = 8_192
 _TIME_OF = {"vm_leases": "valid_from", "vms": "created_at"}
+_SETTLED_TIME = {"vm_leases": "valid_from", "vms": "deleted_at"}
+_KEY_OF = {"vm_leases": ["addr", "valid_from"], "vms": ["vm_id"]}
+_OPEN = {"vm_leases": "valid_to", "vms": "deleted_at"}  # null in a row that can still change
+
+
+_STATUS = {"vm_leases": "vm_status", "vms": "status"}
+
+
+def _settled(name: str) -> pl.Expr:
+    """Rows that no in-order event changes any more (a purge of a deleted VM still can: then its file is
+    rewritten like any other)."""
+    return pl.col(_OPEN[name]).is_not_null() & pl.col(_STATUS[name]).is_in(list(_GONE)).fill_null(False)
+
+
+def _is_settled_file(entry: Any, name: str) -> bool:
+    """A file whose statistics prove that every row is settled (one gone status, nothing open): whoever wrote
+    it, the incremental update may read only the rows it looks for from it."""
+    status = _STATUS[name]
+    low, high = entry.mins.get(status), entry.maxs.get(status)
+    return (
+        entry.rows > 0
+        and entry.null_counts.get(_OPEN[name]) == 0
+        and entry.null_counts.get(status) == 0
+        and low == high
+        and low in _GONE
+    )
+
+
 _VM_COLUMNS = ("vm_name", "project", "user", "cloud", "vm_status", "quarantine_until")
 
 
@@ -797,14 +871,29 @@ class LeaseUpdate:
 
 
 def _chunks(table: pa.Table, name: str) -> list[pa.Table]:
-    """A derived table cut into files by time (valid_from / created_at), FILE_ROWS each."""
+    """A derived table as files: settled rows apart from those that can change, cut by time in FILE_ROWS,
+    each file sorted by its key (see FILE_ROWS)."""
     if table.num_rows == 0:
         return []
-    table = table.sort_by([(_TIME_OF[name], "ascending")])
-    return [table.slice(i, FILE_ROWS) for i in range(0, table.num_rows, FILE_ROWS)]
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    settled = _settled(name)
+    status = _STATUS[name]
+    # settled rows of one status per file (deleted, purged): _is_settled_file knows them from the statistics
+    parts = [
+        (p, _SETTLED_TIME[name]) for p in frame.filter(settled).partition_by(status, maintain_order=True)
+    ]
+    out = []
+    for part, by in [*parts, (frame.filter(~settled), _TIME_OF[name])]:
+        part = part.sort(by, nulls_last=True)
+        for i in range(0, part.height, FILE_ROWS):
+            out.append(part.slice(i, FILE_ROWS).sort(_KEY_OF[name]).to_arrow().cast(table.schema))
+    return out
 
 
-def _write_whole(lake: Any, name: str, table: pa.Table, info: dict[str, Any]) -> None:
+def write_derived(lake: Any, name: str, table: pa.Table, info: dict[str, Any]) -> None:
+    """Replace the whole of vm_leases or vms by `table`, in the layout of FILE_ROWS, in one commit."""
+    """Replace the whole of vm_leases or vms by `table`, in the layout of FILE_ROWS, in one commit."""
     with lake.lock(name):
         lake.replace_files(name, lake.entries(name), _chunks(table, name), info, ROW_GROUP_ROWS)
 
@@ -832,8 +921,13 @@ def _full(lake: Any, reclaim_interval: dt.timedelta | None, reason: str = "") ->
     # vm_leases last, recording what it was built from and the days it changed: a run killed before that
     # commit is redone by the next (events newer than the leases), one killed after it re-attributes the days
     # that no attribution with these leases rewrote yet (attribution.days_left_to_attribute)
-    _write_whole(lake, "vms", vms, {})
-    _write_whole(lake, "vm_leases", leases, {"vm_events_version": events_version, "days": sorted(days)})
+    write_derived(lake, "vms", vms, {})
+    write_derived(
+        lake,
+        "vm_leases",
+        leases,
+        {"vm_events_version": events_version, "days": sorted(days), VMS_COMPLETE: True},
+    )
     return LeaseUpdate(
         "full", days, events.num_rows, reason=reason, seconds=round(time.perf_counter() - started, 3)
     )
@@ -901,19 +995,35 @@ def _incremental(lake: Any, since: int, version: int | None) -> LeaseUpdate:
     with lake.lock("vm_leases"), lake.lock("vms"):
         lease_entries = lake.entries("vm_leases")
         vm_entries = lake.entries("vms")
-        index = _index(lake, lease_entries, ["addr", "vm_id", "valid_from", "valid_to"])
-        vm_index = _index(lake, vm_entries, ["vm_id", "created_at", "last_event_at"])
         t0 = new.get_column("ts").min()
         vms0 = new.get_column("vm_id").drop_nulls().unique()
-        addrs = pl.concat(
-            [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
-        ).unique()
+        lease_columns = ["addr", "vm_id", "valid_from", "valid_to"]
+        vm_columns = ["vm_id", "created_at", "last_event_at"]
+        # Settled files (closed leases of deleted VMs) hold most of the history and no row of a VM that is not
+        # deleted: of them only the rows of the touched addresses are read, and of settled vms the rows of the
+        # VMs involved. A new event of a VM already settled (rare) reads everything, as before.
+        if len(_index(lake, vm_entries, vm_columns, "vms", ("vm_id", vms0.to_list()), settled_only=True)):
+            index = _index(lake, lease_entries, lease_columns)
+            vm_index = _index(lake, vm_entries, vm_columns)
+            addrs = pl.concat(
+                [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
+            ).unique()
+        else:
+            index = _index(lake, lease_entries, lease_columns, "vm_leases", ("addr", []))
+            addrs = pl.concat(
+                [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
+            ).unique()
+            settled = _index(lake, lease_entries, lease_columns, "vm_leases", ("addr", addrs.to_list()), True)
+            index = pl.concat([index, settled])
+            vm_index = None
         starts = _free_since(index, addrs, t0)
         # the VMs whose events can move a touched address after b(A): those of the new events, and every VM
         # that held it since (a claim that opened no lease, by a deleted VM or at the instant another VM
         # took the address, changes nothing)
         holders = index.join(starts, on="addr").filter(pl.col("valid_from") >= pl.col("free_from"))
         involved_vms = set(vms0.to_list()) | set(holders.get_column("vm_id").to_list())
+        if vm_index is None:
+            vm_index = _index(lake, vm_entries, vm_columns, "vms", ("vm_id", sorted(involved_vms)))
         # in order = later than anything stored about these addresses and VMs: then no claim that opened no
         # lease before can open one now. A batch that reaches back before that is replayed in full instead
         latest = [
@@ -966,8 +1076,8 @@ def _update_files(
     involved = vms.get_column("vm_id")
     # the lease rows replaced: those of the touched addresses from b(A) on
     replaced = index.join(starts, on="addr").filter(pl.col("valid_from") >= pl.col("free_from"))
-    lease_files = _files_of(replaced, index, involved, lease_entries)
-    vm_files = _files_of(None, vm_index, involved, vm_entries)
+    lease_files = _files_of(replaced, index, involved, lease_entries, "vm_leases")
+    vm_files = _files_of(None, vm_index, involved, vm_entries, "vms")
     kept = _read_files(lease_entries, lease_files, VM_LEASES).join(
         replaced.select("addr", "valid_from", "vm_id"), on=["addr", "valid_from", "vm_id"], how="anti"
     )
@@ -1015,18 +1125,48 @@ def _update_files(
         "vm_leases",
         [lease_entries[i] for i in lease_files],
         _chunks(new_leases, "vm_leases"),
-        {"vm_events_version": version, "days": sorted(days), "incremental": True},
+        {"vm_events_version": version, "days": sorted(days), "incremental": True, VMS_COMPLETE: True},
         ROW_GROUP_ROWS,
     )
     return LeaseUpdate("incremental", days, events.height, new.height, starts.height, vms.height)
 
 
-def _index(lake: Any, entries: list[Any], columns: list[str]) -> pl.DataFrame:
-    """Some columns of every file of a derived table, with the file's position in `entries`."""
-    frames = [
-        pl.from_arrow(pq.read_table(e.path, columns=columns)).with_columns(pl.lit(i, pl.Int32).alias("_file"))
-        for i, e in enumerate(entries)
-    ]
+def _index(
+    lake: Any,
+    entries: list[Any],
+    columns: list[str],
+    name: str | None = None,
+    where: tuple[str, list[str]] | None = None,
+    settled_only: bool = False,
+) -> pl.DataFrame:
+    """Some columns of the files of a derived table, with the file's position in `entries`. With `where`
+    (column, values): of the settled files (_is_settled_file) only the rows whose column is one of the values
+    (and with `settled_only`, nothing of the other files): what the hourly update needs of the settled past,
+    without reading it all."""
+    whole, filtered = [], []
+    for i, e in enumerate(entries):
+        settled = where is not None and name is not None and _is_settled_file(e, name)
+        if settled:
+            filtered.append(i)
+        elif not settled_only:
+            whole.append(i)
+    frames = []
+    # one polars scan per kind (a reader per file costs more than the rows), the file's position from its path
+    for positions, condition in (
+        (whole, None),
+        (filtered, None if where is None else pl.col(where[0]).is_in(where[1])),
+    ):
+        if not positions or (condition is not None and where is not None and not where[1]):
+            continue
+        position = {str(entries[i].path): i for i in positions}
+        scan = pl.scan_parquet(list(position), hive_partitioning=False, include_file_paths="_path")
+        if condition is not None:
+            scan = scan.filter(condition)
+        frames.append(
+            scan.select(
+                *columns, pl.col("_path").replace_strict(position, return_dtype=pl.Int32).alias("_file")
+            ).collect()
+        )
     if not frames:
         both = {**{f.name: f for f in VMS}, **{f.name: f for f in VM_LEASES}}
         schema = {
@@ -1137,17 +1277,25 @@ def _strip_before(events: pl.DataFrame, starts: pl.DataFrame) -> pl.DataFrame:
 
 
 def _files_of(
-    replaced: pl.DataFrame | None, index: pl.DataFrame, involved: pl.Series, entries: list[Any]
+    replaced: pl.DataFrame | None, index: pl.DataFrame, involved: pl.Series, entries: list[Any], name: str
 ) -> list[int]:
-    """Positions of the files holding rows to replace or rows of involved VMs, plus the newest file (new
-    rows go there, so that hourly updates do not add a file each)."""
+    """Positions of the files holding rows to replace or rows of involved VMs, plus the newest file of rows
+    that can change and the newest settled file while it is not full (new rows go there, so that hourly
+    updates do not add files)."""
     files = set(index.filter(pl.col("vm_id").is_in(involved.implode())).get_column("_file").to_list())
     if replaced is not None:
         files |= set(replaced.get_column("_file").to_list())
-    if entries:
-        column = "valid_from" if "valid_from" in index.columns else "created_at"
-        newest = max(range(len(entries)), key=lambda i: str(entries[i].maxs.get(column) or ""))
-        files.add(newest)
+    is_open = [not _is_settled_file(e, name) for e in entries]
+    for want_open, column in ((True, _TIME_OF[name]), (False, _SETTLED_TIME[name])):
+        candidates = [
+            i
+            for i, e in enumerate(entries)
+            if is_open[i] == want_open and (want_open or e.mins.get(_STATUS[name]) == "deleted")
+        ]
+        if candidates:
+            newest = max(candidates, key=lambda i: str(entries[i].maxs.get(column) or ""))
+            if want_open or entries[newest].rows < FILE_ROWS:
+                files.add(newest)
     return sorted(files)
 
 

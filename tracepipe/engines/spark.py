@@ -426,7 +426,7 @@ class SparkEngine:
         import sqlglot
         from sqlglot import exp
 
-        from tracepipe.query import sql_text
+        from tracepipe.query import sql_text, vms_complete
 
         # one version of every table for the whole session (see query.connect)
         source: Lake | str = self.uri if "://" in self.uri else self.lake.snapshot()
@@ -445,9 +445,16 @@ class SparkEngine:
         self.macros: set[str] = set()
         views_sql = sql_text("views")
         self.table_macros = {**parse_table_macros(sql_text("macros")), **parse_table_macros(views_sql)}
+        # as query.connect (see query.vms_complete); in place of views.sql's own _vm_info, since a Spark view
+        # binds the views it reads when it is created
+        replacing = {}
+        if isinstance(source, str) or not vms_complete(source):
+            replacing = {
+                s.this.name: s for s in sqlglot.parse(sql_text("vm_info_from_leases"), read="duckdb")
+            }
         for statement in sqlglot.parse(views_sql, read="duckdb"):
             if isinstance(statement, exp.Create) and str(statement.args.get("kind", "")).upper() == "VIEW":
-                self._create_view(statement)
+                self._create_view(replacing.get(statement.this.name, statement))
 
     def _create_view(self, statement: Any) -> None:
         name = statement.this.name

@@ -17,6 +17,7 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.fsutil import input_problem
@@ -171,7 +172,10 @@ def ingest_vm_files(
     report = VmIngestReport()
     pairs, consumed = _opennebula_pairs(files) if fmt in ("auto", "opennebula") else ([], set())
     partners = dict(pairs)
-    seen: set[str] | None = None  # keys of the events in the lake: a grown or re-sent file adds only news
+    # keys of the events in the lake: a grown or re-sent file adds only news. An event lands in the partition
+    # of its own day, so only the days the new events fall on are read (not the whole history)
+    seen: set[str] = set()
+    read_days: set[str] = set()
     for path in files:
         if path.resolve() in consumed and path not in partners:
             continue  # an OpenNebula XML read together with its log
@@ -200,8 +204,11 @@ def ingest_vm_files(
         )
         if limit_rejects:
             rejects = pa.concat_tables([rejects, *limit_rejects], promote_options="permissive")
-        if seen is None:
-            seen = set(event_keys(lake.read("vm_events")).to_list())
+        days = _event_days(events) - read_days
+        if days:
+            stored = lake.read("vm_events", columns=_KEY_READ, days=sorted(days))
+            seen.update(event_keys(stored).to_list())
+            read_days |= days
         events, duplicates = _drop_known(events, seen)
         report.duplicates += duplicates
         result = ingest_table(
@@ -229,6 +236,13 @@ def _days_of(results: list[IngestResult], dataset: str) -> list[str]:
 
 
 _KEY_COLUMNS = ("cloud", "vm_id", "event_type", "action", "state", "addr", "port_id", "resource_id")
+_KEY_READ = ["ts", "event_id", "addrs", *_KEY_COLUMNS]
+
+
+def _event_days(events: pa.Table) -> set[str]:
+    """The UTC days (partitions of vm_events) that events fall on."""
+    days = pc.unique(events.column("ts").cast(pa.date32())).to_pylist()
+    return {d.isoformat() for d in days if d is not None}
 
 
 def _drop_known(events: pa.Table, seen: set[str]) -> tuple[pa.Table, int]:

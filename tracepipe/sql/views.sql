@@ -1,14 +1,11 @@
 -- Views over the base relations that query.connect() creates from the lake (flows, vm_leases, vms, ...,
 -- and the two halves of flows: _flows_done = files already attributed, _flows_todo = files never attributed).
 
--- What each VM is now: vms, plus any VM that only appears in leases (a CSV inventory without a vms row).
+-- What each VM is now: a plain read of vms. The lease builder (tracepipe/correlate/leases.py) writes a vms row
+-- for every VM that holds a lease; for a lake whose leases were written some other way, query.connect then runs
+-- sql/vm_info_from_leases.sql, which adds the VMs found only in vm_leases.
 CREATE OR REPLACE VIEW _vm_info AS
-SELECT vm_id, vm_name, project, "user", hypervisor, status, deleted_at, quarantine_until, image FROM vms
-UNION ALL
-SELECT l.vm_id, any_value(l.vm_name), any_value(l.project), any_value(l."user"), any_value(l.hypervisor),
-       any_value(l.vm_status), NULL::TIMESTAMPTZ, max(l.quarantine_until), NULL::VARCHAR
-FROM vm_leases l ANTI JOIN vms v ON l.vm_id = v.vm_id
-GROUP BY l.vm_id;
+SELECT vm_id, vm_name, project, "user", hypervisor, status, deleted_at, quarantine_until, image FROM vms;
 
 -- Rows of never-attributed files get their VMs at query time, by the rules of tracepipe/correlate/lease_at.py
 -- (the one definition): a lease holds its address on [valid_from, valid_to), valid_to NULL = still held. Leases
