@@ -607,6 +607,22 @@ _SET = struct.Struct(">HH")
 _U32 = struct.Struct(">I")
 
 
+@dataclass
+class Walked:
+    """Data records of one batch, grouped by template: what turning them into columns needs, no more (plain
+    bytes and arrays: pickled cheaply to a worker process). Per group: the template, its records joined, the
+    records of each data set and the ctx row of each data set; ctx: one row per context (see _CTX_*)."""
+
+    groups: list[tuple[Template, bytes, np.ndarray, np.ndarray]]
+    ctx: np.ndarray
+    exporters: list[str]
+    source: str
+
+    @property
+    def records(self) -> int:
+        return sum(int(counts.sum()) for _, _, counts, _ in self.groups)
+
+
 class _Batch:
     """Working memory of one decode_datagrams call."""
 
@@ -621,6 +637,14 @@ class _Batch:
         self.rejects: list[tuple[int | None, str, str, str]] = []
         self.stats: dict[str, dict[str, Any]] = {}
         self.replay: list[tuple] = []  # (template, exporter, domain, data that waited for it)
+
+    def walked(self) -> Walked:
+        groups = [
+            (tpl, b"".join(bodies), np.asarray(counts, np.int64), np.asarray(ctx_ids, np.int64))
+            for tpl, bodies, counts, ctx_ids in self.groups.values()
+        ]
+        ctx = np.array(self.ctx, dtype=np.int64).reshape(-1, 8)
+        return Walked(groups, ctx, self.exporters, self.source)
 
     def stat(self, exporter: str) -> dict[str, Any]:
         s = self.stats.get(exporter)
@@ -680,6 +704,47 @@ def decode_datagrams(
     `text_as_dictionary`: leave the text columns (addresses, exporter, source) dictionary-encoded, as
     Lake writers take them fastest; by default they are plain strings exactly as schema.FLOWS declares.
     """
+    batch = _walk_batch(payloads, exporters, arrival_us, offsets, source, state)
+    flows = _decode_walked(batch, batch.walked())
+    if not text_as_dictionary:
+        flows = flows.cast(FLOWS)
+    return Decoded(flows, _rejects_table(batch.rejects, source), batch.stats)
+
+
+def walk_datagrams(
+    payloads: Sequence[bytes | memoryview],
+    exporters: Sequence[str],
+    arrival_us: np.ndarray,
+    offsets: np.ndarray | None,
+    source: str,
+    state: DecoderState,
+) -> tuple[Walked, Decoded]:
+    """The stateful half of decode_datagrams: headers, templates, sequences, options, data waiting for
+    templates. Returns the data records grouped by template (`Walked`: plain bytes and arrays, cheap to send
+    to another process, where `decode_walked` turns them into columns) and what the walk itself found
+    (flows empty; rejects and per-exporter counters). decode_datagrams == walk + decode_walked, merged."""
+    batch = _walk_batch(payloads, exporters, arrival_us, offsets, source, state)
+    empty = FLOWS_TEXT_DICTIONARY.empty_table()
+    return batch.walked(), Decoded(empty, _rejects_table(batch.rejects, source), batch.stats)
+
+
+def decode_walked(walked: Walked) -> Decoded:
+    """The stateless half of decode_datagrams: records grouped by template -> flows (text columns
+    dictionary-encoded), with the rejects and counters found on the way (times out of range, no addresses)."""
+    batch = _Batch(None, walked.source)  # type: ignore[arg-type]  # columns need no decoder state
+    batch.exporters = list(walked.exporters)
+    flows = _decode_walked(batch, walked)
+    return Decoded(flows, _rejects_table(batch.rejects, walked.source), batch.stats)
+
+
+def _walk_batch(
+    payloads: Sequence[bytes | memoryview],
+    exporters: Sequence[str],
+    arrival_us: np.ndarray,
+    offsets: np.ndarray | None,
+    source: str,
+    state: DecoderState,
+) -> _Batch:
     batch = _Batch(state, source)
     n = len(payloads)
     if n:
@@ -766,14 +831,11 @@ def decode_datagrams(
         batch.stat(exporter)["datagrams"] += datagrams
         if exporter in state.domains:  # only exporters the state keeps (bounded) are remembered
             state.last_seen_ms[exporter] = state.now_ms
-    flows = _decode_groups(batch)
-    if not text_as_dictionary:
-        flows = flows.cast(FLOWS)
     for exporter, s in batch.stats.items():
         sampling = _known_sampling(state, exporter)
         if sampling is not None:
             s["sampling"] = sampling
-    return Decoded(flows, _rejects_table(batch.rejects, source), batch.stats)
+    return batch
 
 
 _FAST_V9 = struct.Struct(">HHIIIIHH")  # v9 header + first flowset header
@@ -1322,15 +1384,14 @@ def _track_sequence(
 
 
 # ---- columns ------------------------------------------------------------------------------------------------
-def _decode_groups(batch: _Batch) -> pa.Table:
-    """All groups' records as one table with FLOWS_TEXT_DICTIONARY types."""
-    if not batch.groups:
+def _decode_walked(batch: _Batch, walked: Walked) -> pa.Table:
+    """All groups' records as one table with FLOWS_TEXT_DICTIONARY types (rejects and flow counts into batch)."""
+    if not walked.groups:
         return FLOWS_TEXT_DICTIONARY.empty_table()
-    ctx = np.array(batch.ctx, dtype=np.int64).reshape(-1, 8)
-    exporters = pa.array(batch.exporters, pa.string())
+    exporters = pa.array(walked.exporters, pa.string())
     tables = []
-    for tpl, bodies, counts, ctx_ids in batch.groups.values():
-        table = _decode_group(batch, tpl, bodies, counts, ctx_ids, ctx, exporters)
+    for tpl, records, counts, ctx_ids in walked.groups:
+        table = _decode_group(batch, tpl, records, counts, ctx_ids, walked.ctx, exporters)
         if table is not None and table.num_rows:
             tables.append(table)
     if not tables:
@@ -1361,9 +1422,9 @@ def _uint(arr: np.ndarray, role: str, roles: dict[str, int], dtype: type = np.in
 class _PerRecord:
     """Context values (one row per datagram) repeated out to one value per record, column by column."""
 
-    def __init__(self, ctx: np.ndarray, ctx_ids: list[int], counts: list[int]) -> None:
-        self.rows = ctx[np.asarray(ctx_ids, dtype=np.int64)]
-        self.counts = np.asarray(counts, dtype=np.int64)
+    def __init__(self, ctx: np.ndarray, ctx_ids: np.ndarray, counts: np.ndarray) -> None:
+        self.rows = ctx[ctx_ids]
+        self.counts = counts
         self.cache: dict[int, np.ndarray] = {}
 
     def __getitem__(self, column: int) -> np.ndarray:
@@ -1376,16 +1437,15 @@ class _PerRecord:
 def _decode_group(
     batch: _Batch,
     tpl: Template,
-    bodies: list,
-    counts: list,
-    ctx_ids: list,
+    records: bytes,
+    counts: np.ndarray,
+    ctx_ids: np.ndarray,
     ctx: np.ndarray,
     exporters: pa.Array,
 ) -> pa.Table | None:
     roles = tpl.roles
-    total = sum(counts)
-    buf = b"".join(bodies)
-    arr = np.frombuffer(buf, dtype=tpl.dtype, count=total)
+    total = int(counts.sum())
+    arr = np.frombuffer(records, dtype=tpl.dtype, count=total)
     c = _PerRecord(ctx, ctx_ids, counts)
 
     has4 = "src_addr4" in roles and "dst_addr4" in roles
