@@ -132,13 +132,24 @@ def ingest_netflow_command(
     ],
     lake: LakeOption = Path(DEFAULT_LAKE),
     output: FormatOption = OutputFormat.table,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=1,
+            help="Worker processes turning large captures into Parquet (default: the number of cores). "
+            "Templates and sequence numbers are still read in input order, in one process.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Land NetFlow v1/v5/v7/v9 and IPFIX records from captures (tcpdump -w, any UDP port) and nfdump CSV.
 
     Files already in the lake (same content) are skipped. Exit codes: 0 all landed; 3 partial: some input was
     rejected (see the rejects dataset), the rest landed; 4 nothing landed or no usable input.
 
-    Example: tracepipe ingest netflow /var/captures/netflow-*.pcap --lake /srv/lake
+    Example: tracepipe ingest netflow /var/captures/netflow-*.pcap --lake /srv/lake --jobs 2
     """
     from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
 
@@ -150,7 +161,9 @@ def ingest_netflow_command(
     total = sum(p.stat().st_size for p in paths if p.is_file())
     with p.progress(BarColumn(), DownloadColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task("ingest netflow", total=total)
-        summary = ingest_flow_files(open_lake(lake), paths, progress=lambda n: bar.advance(task, n))
+        summary = ingest_flow_files(
+            open_lake(lake), paths, progress=lambda n: bar.advance(task, n), jobs=jobs
+        )
         bar.update(task, description="attribute flows to VMs")
         correlation = correlate(open_lake(lake), days=summary.days)
     exit_code = combined_exit(summary.exit_code, correlation.exit_code)

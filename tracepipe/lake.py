@@ -1294,6 +1294,9 @@ class IngestWriter:
     def write(self, table: pa.Table) -> None:
         self.result.rows += self._parts.write(table)
 
+    def _part(self, day: str | None) -> PartFile:
+        return self._parts._part(day)
+
     def adopt(self, adds: list[AddAction], rows: int) -> None:
         """Parts of this source written elsewhere (a worker process's DayParts, closed): committed with the rest."""
         self._adopted.extend(adds)

@@ -17,13 +17,23 @@ import pyarrow as pa
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
 from tracepipe.fsutil import input_problem
-from tracepipe.ingest.netflow import DecoderState, decode_datagrams, flush_pending, merge_stats
+from tracepipe.ingest.decode_pool import DecodePool, default_jobs
+from tracepipe.ingest.netflow import (
+    Decoded,
+    DecoderState,
+    decode_datagrams,
+    flush_pending,
+    merge_stats,
+    walk_datagrams,
+)
 from tracepipe.ingest.nfdump import iter_nfdump_csv, looks_like_nfdump_csv
 from tracepipe.ingest.pcap import PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
-from tracepipe.lake import Lake, hash_file
+from tracepipe.lake import IngestWriter, Lake, hash_file
 
 Progress = Callable[[int], None]  # called with the number of input bytes just consumed
 BATCH_DATAGRAMS = 16384  # ~20 MB of export datagrams per decode step: memory stays flat, overhead negligible
+# captures from this size on are decoded by worker processes when jobs > 1 (spawning them costs ~1 s)
+PARALLEL_MIN_BYTES = 64 << 20
 
 
 @dataclass
@@ -94,8 +104,29 @@ def sniff_kind(path: Path) -> str:
     return "unknown"
 
 
-def ingest_flow_files(lake: Lake, paths: list[Path], progress: Progress | None = None) -> IngestSummary:
-    """Land every file in `paths` in the lake's flows dataset; never raises for bad input (see rejects)."""
+def ingest_flow_files(
+    lake: Lake,
+    paths: list[Path],
+    progress: Progress | None = None,
+    jobs: int | None = None,
+    parallel_min_bytes: int = PARALLEL_MIN_BYTES,
+) -> IngestSummary:
+    """Land every file in `paths` in the lake's flows dataset; never raises for bad input (see rejects).
+
+    `jobs` (default: the cores available): captures of `parallel_min_bytes` or more are walked here, in input
+    order with one decoder state, and turned into columns and Parquet by `jobs` worker processes."""
+    jobs = default_jobs() if jobs is None else jobs
+    with DecodePool(jobs, lake.root) as pool:
+        return _ingest_files(lake, paths, progress, pool if jobs > 1 else None, parallel_min_bytes)
+
+
+def _ingest_files(
+    lake: Lake,
+    paths: list[Path],
+    progress: Progress | None,
+    pool: DecodePool | None,
+    parallel_min_bytes: int,
+) -> IngestSummary:
     summary = IngestSummary()
     state = DecoderState()  # templates learnt from one file serve the next (a capture split by tcpdump -C)
     for path in paths:
@@ -114,7 +145,8 @@ def ingest_flow_files(lake: Lake, paths: list[Path], progress: Progress | None =
             )
             continue
         try:
-            result = _ingest_one(lake, path, state, summary, progress)
+            parallel = pool if pool is not None and path.stat().st_size >= parallel_min_bytes else None
+            result = _ingest_one(lake, path, state, summary, progress, parallel)
         except OSError as exc:  # the lake side: a directory or temp file that cannot be written
             raise LakeError(
                 f"cannot write flows of {path} into {lake.root}: {exc}. Check that the lake is writable and has "
@@ -125,7 +157,12 @@ def ingest_flow_files(lake: Lake, paths: list[Path], progress: Progress | None =
 
 
 def _ingest_one(
-    lake: Lake, path: Path, state: DecoderState, summary: IngestSummary, progress: Progress | None
+    lake: Lake,
+    path: Path,
+    state: DecoderState,
+    summary: IngestSummary,
+    progress: Progress | None,
+    pool: DecodePool | None = None,
 ) -> FileResult:
     size = path.stat().st_size
     content_hash = hash_file(path)
@@ -140,7 +177,12 @@ def _ingest_one(
     source = str(path.absolute())  # evidence: an investigator must find the file again, whatever the cwd was
     stats: dict[str, dict[str, Any]] = {}
     with lake.ingest("flows", source=source, content_hash=content_hash) as writer:
-        if kind == "pcap":
+        if kind == "pcap" and pool is not None:
+            result.datagrams = _land_pcap_parallel(writer, pool, path, source, state, stats, progress)
+            _land_leftover(writer, state, source, stats)
+            if progress:
+                progress(size)
+        elif kind == "pcap":
             done = 0
             for batch in iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS):
                 if batch.rejects.num_rows:
@@ -161,14 +203,7 @@ def _ingest_one(
                 if progress and batch.bytes_read > done:
                     progress(batch.bytes_read - done)
                     done = batch.bytes_read
-            leftover = flush_pending(state, source)
-            if leftover.num_rows:
-                writer.reject(leftover)
-                for exporter in leftover.column("exporter").to_pylist():
-                    entry = stats.setdefault(exporter, {})
-                    entry["no_template"] = entry.get("no_template", 0) + 1
-                    entry["waiting_for_template"] = 0
-                    entry["rejects"] = entry.get("rejects", 0) + 1
+            _land_leftover(writer, state, source, stats)
             if progress and size > done:
                 progress(size - done)
         elif kind == "nfdump-csv":
@@ -214,6 +249,71 @@ def _ingest_one(
             summary.days.add(match.group(1))
     merge_stats(summary.exporters, stats)
     return result
+
+
+def _land_leftover(writer: IngestWriter, state: DecoderState, source: str, stats: dict[str, Any]) -> None:
+    """Data still waiting for its template at the end of a file: rejects "no template"."""
+    leftover = flush_pending(state, source)
+    if leftover.num_rows:
+        writer.reject(leftover)
+        for exporter in leftover.column("exporter").to_pylist():
+            entry = stats.setdefault(exporter, {})
+            entry["no_template"] = entry.get("no_template", 0) + 1
+            entry["waiting_for_template"] = 0
+            entry["rejects"] = entry.get("rejects", 0) + 1
+
+
+def _land_pcap_parallel(
+    writer: IngestWriter,
+    pool: DecodePool,
+    path: Path,
+    source: str,
+    state: DecoderState,
+    stats: dict[str, Any],
+    progress: Progress | None,
+) -> int:
+    """One capture through the worker pool: walked here in input order (one decoder state), columns and
+    Parquet in the workers; rejects and counters land in input order, the workers' files in the writer's
+    commit. Returns the datagrams read."""
+    waiting: dict[
+        int, tuple[pa.Table, Decoded]
+    ] = {}  # batch number -> (capture rejects, what the walk found)
+    answers: dict[int, Decoded] = {}
+    landed = 0  # batches landed so far, in order
+    datagrams = 0
+    done = 0
+
+    def land(new: list[tuple[int, Decoded]]) -> None:
+        nonlocal landed
+        answers.update(new)
+        while landed in answers:
+            capture_rejects, walk = waiting.pop(landed)
+            columns = answers.pop(landed)
+            writer.reject(capture_rejects)
+            for part in (walk, columns):
+                writer.reject(part.rejects)
+                merge_stats(stats, part.stats)
+            landed += 1
+
+    pool.begin(writer.key)
+    try:
+        for number, batch in enumerate(iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS)):
+            walked, walk = walk_datagrams(
+                batch.payloads, batch.exporters, batch.ts_us, batch.offsets, source, state
+            )
+            waiting[number] = (batch.rejects, walk)
+            datagrams += len(batch.payloads)
+            land(pool.submit(walked))
+            if progress and batch.bytes_read > done:
+                progress(batch.bytes_read - done)
+                done = batch.bytes_read
+        last, adds, rows = pool.finish()
+        land(last)
+    except BaseException:
+        pool.abort()
+        raise
+    writer.adopt(adds, rows)
+    return datagrams
 
 
 def _with_source(flows: pa.Table, source: str) -> pa.Table:

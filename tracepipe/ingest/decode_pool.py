@@ -1,0 +1,184 @@
+"""Worker processes that turn walked NetFlow records into the lake's Parquet parts (`ingest netflow --jobs N`).
+
+In: `Walked` batches (records grouped by template, from netflow.walk_datagrams), in input order. The decoder state
+(templates, sequence numbers, options values) never leaves the process that walks the datagrams, so it stays
+exactly per exporter and domain, as with one process. Out: per batch the rejects and counters found while making
+columns, handed back in input order; per source the closed day files of every worker, which the caller commits
+(IngestWriter.adopt) in one Delta commit with the rest. Batch k goes to worker k % jobs; workers are spawned
+(delta-rs is not fork-safe) and hold at most two batches each, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from deltalake.transaction import AddAction
+
+from tracepipe.errors import LakeError
+from tracepipe.ingest.netflow import Decoded, Walked, decode_walked
+
+IN_FLIGHT = 2  # batches queued per worker: one being decoded, one waiting (memory: ~2 x 24 MB of records)
+
+
+def default_jobs() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _worker(conn: Connection, root: str) -> None:
+    """One worker: ("begin", key) opens a source's day files, ("batch", walked) decodes and writes a batch,
+    ("close",) finishes the files, ("abort",) deletes them, ("stop",) ends. Errors go back as text."""
+    from tracepipe.lake import DayParts
+    from tracepipe.schema import DATASETS
+
+    parts: DayParts | None = None
+    rows = 0
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:  # the parent is gone
+            message = ("stop",)
+        op = message[0]
+        try:
+            if op == "begin":
+                parts, rows = DayParts(Path(root), DATASETS["flows"], message[1]), 0
+            elif op == "batch":
+                decoded = decode_walked(message[1])
+                assert parts is not None, "batch before begin"
+                rows += parts.write(decoded.flows)
+                conn.send(("done", decoded.rejects, decoded.stats))
+            elif op == "close":
+                adds = parts.close() if parts is not None else []
+                parts = None
+                conn.send(("closed", adds, rows))
+            elif op in ("abort", "stop"):
+                if parts is not None:
+                    parts.abort()
+                    parts = None
+                if op == "stop":
+                    return
+        except Exception:  # a bug or the environment (disk full): the parent raises it, with this text
+            conn.send(("error", traceback.format_exc(limit=8)))
+            if parts is not None:
+                parts.abort()
+                parts = None
+
+
+class DecodePool:
+    """`jobs` spawned workers writing into the lake at `root`. Use as a context manager (workers stop at exit)."""
+
+    def __init__(self, jobs: int, root: Path) -> None:
+        self.jobs = max(1, jobs)
+        self.root = root
+        self._conns: list[Connection] = []
+        self._procs: list[multiprocessing.process.BaseProcess] = []
+        self._queued: list[list[int]] = []  # per worker: sequence numbers of batches sent, not answered
+        self._sent = 0
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _start(self) -> None:
+        if self._procs:
+            return
+        context = multiprocessing.get_context("spawn")
+        for _ in range(self.jobs):
+            parent, child = context.Pipe()
+            proc = context.Process(target=_worker, args=(child, str(self.root)), daemon=True)
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+            self._queued.append([])
+
+    def begin(self, key: str) -> None:
+        """Start a source: each worker opens day files named after `key` (lake.source_key)."""
+        self._start()
+        self._sent = 0
+        for conn in self._conns:
+            conn.send(("begin", key))
+
+    def submit(self, walked: Walked) -> list[tuple[int, Decoded]]:
+        """Queue batch number `self._sent`; returns the (batch number, Decoded) answers that came in meanwhile
+        (not necessarily in order: the caller lands them in order)."""
+        worker = self._sent % self.jobs
+        answers = []
+        while len(self._queued[worker]) >= IN_FLIGHT:
+            answers.append(self._answer(worker))
+        self._conns[worker].send(("batch", walked))
+        self._queued[worker].append(self._sent)
+        self._sent += 1
+        return answers
+
+    def finish(self) -> tuple[list[tuple[int, Decoded]], list[AddAction], int]:
+        """All answers still due, then every worker's closed day files and the rows in them."""
+        answers = [self._answer(w) for w in range(self.jobs) for _ in range(len(self._queued[w]))]
+        adds: list[AddAction] = []
+        rows = 0
+        for conn in self._conns:
+            conn.send(("close",))
+        for worker in range(self.jobs):
+            reply = self._receive(worker)
+            if reply[0] != "closed":
+                raise LakeError(f"decode worker {worker}: unexpected answer {reply[0]!r}")
+            adds.extend(reply[1])
+            rows += reply[2]
+        return answers, adds, rows
+
+    def abort(self) -> None:
+        """Drop the current source: workers delete the files they wrote for it and stop (answers still on
+        their way are dropped with them; a next source starts new workers)."""
+        for conn in self._conns:
+            try:
+                conn.send(("abort",))
+            except OSError:
+                pass
+        self.stop()
+
+    def stop(self) -> None:
+        for conn in self._conns:
+            try:
+                conn.send(("stop",))
+            except OSError:
+                pass
+        for proc in self._procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+        for conn in self._conns:
+            conn.close()
+        self._conns, self._procs, self._queued = [], [], []
+
+    def _answer(self, worker: int) -> tuple[int, Decoded]:
+        reply = self._receive(worker)
+        seq = self._queued[worker].pop(0)
+        if reply[0] != "done":
+            raise LakeError(f"decode worker {worker}: unexpected answer {reply[0]!r}")
+        _, rejects, stats = reply
+        return seq, Decoded(rejects.schema.empty_table(), rejects, stats)
+
+    def _receive(self, worker: int) -> tuple[Any, ...]:
+        try:
+            reply = self._conns[worker].recv()
+        except (EOFError, OSError) as exc:
+            raise LakeError(
+                f"decode worker {worker} died ({exc or 'no answer'}); rerun with --jobs 1 to decode in one "
+                "process, or check memory (dmesg) and free space of the lake"
+            ) from exc
+        if reply[0] == "error":
+            raise LakeError(
+                f"decode worker {worker} failed: {reply[1].strip().splitlines()[-1]}. Rerun with --jobs 1 "
+                "--debug to see where."
+            )
+        return reply
