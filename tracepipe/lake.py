@@ -294,7 +294,15 @@ class PartFile:
         table = pa.concat_tables(self._pending).combine_chunks()  # one dictionary per text column
         self._pending, self._pending_rows = [], 0
         if self.dataset.sort_by:
-            table = table.take(sort_indices(table, self.dataset.sort_by))
+            order = sort_indices(table, self.dataset.sort_by)
+            # column by column, each unsorted column freed once its sorted copy exists: the peak is the row
+            # group plus one column, not two row groups
+            schema, columns = table.schema, table.columns
+            del table
+            for i, column in enumerate(columns):
+                columns[i] = column.take(order)
+                del column
+            table = pa.Table.from_arrays(columns, schema=schema)
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             text = [f.name for f in self.dataset.schema if pa.types.is_string(f.type)]

@@ -4,14 +4,15 @@ In: `Walked` batches (records grouped by template, from netflow.walk_datagrams),
 (templates, sequence numbers, options values) never leaves the process that walks the datagrams, so it stays
 exactly per exporter and domain, as with one process. Out: per batch the rejects and counters found while making
 columns, handed back in input order; per source the closed day files of every worker, which the caller commits
-(IngestWriter.adopt) in one Delta commit with the rest. Batch k goes to worker k % jobs; workers are spawned
-(delta-rs is not fork-safe) and hold at most two batches each, so memory stays bounded.
+(IngestWriter.adopt) in one Delta commit with the rest. Batch k goes to worker k % jobs; workers are fresh
+interpreters (delta-rs is not fork-safe) and hold at most two batches each, so memory stays bounded.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import subprocess
+import sys
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -21,8 +22,9 @@ from deltalake.transaction import AddAction
 
 from tracepipe.errors import LakeError
 from tracepipe.ingest.netflow import Decoded, Walked, decode_walked
+from tracepipe.lake import ROW_GROUP_ROWS
 
-IN_FLIGHT = 2  # batches queued per worker: one being decoded, one waiting (memory: ~2 x 24 MB of records)
+IN_FLIGHT = 2  # batches queued per worker: one being decoded, one waiting (memory: ~2 x 5 MB of records)
 
 
 def default_jobs() -> int:
@@ -33,7 +35,7 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _worker(conn: Connection, root: str) -> None:
+def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
     """One worker: ("begin", key) opens a source's day files, ("batch", walked) decodes and writes a batch,
     ("close",) finishes the files, ("abort",) deletes them, ("stop",) ends. Errors go back as text."""
     from tracepipe.lake import DayParts
@@ -43,22 +45,22 @@ def _worker(conn: Connection, root: str) -> None:
     rows = 0
     while True:
         try:
-            message = conn.recv()
+            message = inbox.recv()
         except EOFError:  # the parent is gone
             message = ("stop",)
         op = message[0]
         try:
             if op == "begin":
-                parts, rows = DayParts(Path(root), DATASETS["flows"], message[1]), 0
+                parts, rows = DayParts(Path(root), DATASETS["flows"], message[1], message[2]), 0
             elif op == "batch":
                 decoded = decode_walked(message[1])
                 assert parts is not None, "batch before begin"
                 rows += parts.write(decoded.flows)
-                conn.send(("done", decoded.rejects, decoded.stats))
+                outbox.send(("done", decoded.rejects, decoded.stats))
             elif op == "close":
                 adds = parts.close() if parts is not None else []
                 parts = None
-                conn.send(("closed", adds, rows))
+                outbox.send(("closed", adds, rows))
             elif op in ("abort", "stop"):
                 if parts is not None:
                     parts.abort()
@@ -66,7 +68,7 @@ def _worker(conn: Connection, root: str) -> None:
                 if op == "stop":
                     return
         except Exception:  # a bug or the environment (disk full): the parent raises it, with this text
-            conn.send(("error", traceback.format_exc(limit=8)))
+            outbox.send(("error", traceback.format_exc(limit=8)))
             if parts is not None:
                 parts.abort()
                 parts = None
@@ -78,8 +80,8 @@ class DecodePool:
     def __init__(self, jobs: int, root: Path) -> None:
         self.jobs = max(1, jobs)
         self.root = root
-        self._conns: list[Connection] = []
-        self._procs: list[multiprocessing.process.BaseProcess] = []
+        self._conns: list[tuple[Connection, Connection]] = []  # per worker: (from it, to it)
+        self._procs: list[subprocess.Popen] = []
         self._queued: list[list[int]] = []  # per worker: sequence numbers of batches sent, not answered
         self._sent = 0
 
@@ -92,13 +94,24 @@ class DecodePool:
     def _start(self) -> None:
         if self._procs:
             return
-        context = multiprocessing.get_context("spawn")
+        # a fresh interpreter per worker (no fork: delta-rs is not fork-safe), started as a module so that the
+        # caller's __main__ is never re-imported (multiprocessing's spawn would, and needs a __main__ guard)
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
         for _ in range(self.jobs):
-            parent, child = context.Pipe()
-            proc = context.Process(target=_worker, args=(child, str(self.root)), daemon=True)
-            proc.start()
-            child.close()
-            self._conns.append(parent)
+            to_child_r, to_child_w = os.pipe()
+            from_child_r, from_child_w = os.pipe()
+            cmd = [sys.executable, "-m", __name__, str(self.root), str(to_child_r), str(from_child_w)]
+            try:
+                proc = subprocess.Popen(
+                    cmd, pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL
+                )
+            finally:
+                os.close(to_child_r)
+                os.close(from_child_w)
+            self._conns.append(
+                (Connection(from_child_r, writable=False), Connection(to_child_w, readable=False))
+            )
             self._procs.append(proc)
             self._queued.append([])
 
@@ -106,8 +119,11 @@ class DecodePool:
         """Start a source: each worker opens day files named after `key` (lake.source_key)."""
         self._start()
         self._sent = 0
-        for conn in self._conns:
-            conn.send(("begin", key))
+        # each worker buffers a row group per day: 1/jobs of the usual size keeps the sum of them (memory) as
+        # with one process
+        row_group_rows = max(ROW_GROUP_ROWS // self.jobs, 100_000)
+        for worker in range(self.jobs):
+            self._send(worker, ("begin", key, row_group_rows))
 
     def submit(self, walked: Walked) -> list[tuple[int, Decoded]]:
         """Queue batch number `self._sent`; returns the (batch number, Decoded) answers that came in meanwhile
@@ -116,7 +132,7 @@ class DecodePool:
         answers = []
         while len(self._queued[worker]) >= IN_FLIGHT:
             answers.append(self._answer(worker))
-        self._conns[worker].send(("batch", walked))
+        self._send(worker, ("batch", walked))
         self._queued[worker].append(self._sent)
         self._sent += 1
         return answers
@@ -126,8 +142,8 @@ class DecodePool:
         answers = [self._answer(w) for w in range(self.jobs) for _ in range(len(self._queued[w]))]
         adds: list[AddAction] = []
         rows = 0
-        for conn in self._conns:
-            conn.send(("close",))
+        for worker in range(self.jobs):
+            self._send(worker, ("close",))
         for worker in range(self.jobs):
             reply = self._receive(worker)
             if reply[0] != "closed":
@@ -139,26 +155,41 @@ class DecodePool:
     def abort(self) -> None:
         """Drop the current source: workers delete the files they wrote for it and stop (answers still on
         their way are dropped with them; a next source starts new workers)."""
-        for conn in self._conns:
+        for _, to_worker in self._conns:
             try:
-                conn.send(("abort",))
+                to_worker.send(("abort",))
             except OSError:
                 pass
         self.stop()
 
     def stop(self) -> None:
-        for conn in self._conns:
+        for _, to_worker in self._conns:
             try:
-                conn.send(("stop",))
+                to_worker.send(("stop",))
             except OSError:
                 pass
+            to_worker.close()
         for proc in self._procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-        for conn in self._conns:
-            conn.close()
+                proc.wait()
+        for from_worker, _ in self._conns:
+            from_worker.close()
         self._conns, self._procs, self._queued = [], [], []
+
+    def _send(self, worker: int, message: tuple[Any, ...]) -> None:
+        try:
+            self._conns[worker][1].send(message)
+        except OSError as exc:
+            raise self._died(worker, exc) from exc
+
+    def _died(self, worker: int, exc: BaseException) -> LakeError:
+        return LakeError(
+            f"decode worker {worker} died ({exc or 'no answer'}); rerun with --jobs 1 to decode in one process, "
+            "or check memory (dmesg) and free space of the lake"
+        )
 
     def _answer(self, worker: int) -> tuple[int, Decoded]:
         reply = self._receive(worker)
@@ -170,15 +201,20 @@ class DecodePool:
 
     def _receive(self, worker: int) -> tuple[Any, ...]:
         try:
-            reply = self._conns[worker].recv()
+            reply = self._conns[worker][0].recv()
         except (EOFError, OSError) as exc:
-            raise LakeError(
-                f"decode worker {worker} died ({exc or 'no answer'}); rerun with --jobs 1 to decode in one "
-                "process, or check memory (dmesg) and free space of the lake"
-            ) from exc
+            raise self._died(worker, exc) from exc
         if reply[0] == "error":
             raise LakeError(
                 f"decode worker {worker} failed: {reply[1].strip().splitlines()[-1]}. Rerun with --jobs 1 "
                 "--debug to see where."
             )
         return reply
+
+
+if __name__ == "__main__":  # a worker: python -m tracepipe.ingest.decode_pool LAKE_ROOT READ_FD WRITE_FD
+    _worker(
+        Connection(int(sys.argv[2]), writable=False),
+        Connection(int(sys.argv[3]), readable=False),
+        sys.argv[1],
+    )

@@ -31,7 +31,7 @@ from tracepipe.ingest.pcap import PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
 from tracepipe.lake import IngestWriter, Lake, hash_file
 
 Progress = Callable[[int], None]  # called with the number of input bytes just consumed
-BATCH_DATAGRAMS = 16384  # ~20 MB of export datagrams per decode step: memory stays flat, overhead negligible
+BATCH_DATAGRAMS = 4096  # ~5 MB of export datagrams per decode step: memory stays flat, overhead negligible
 # captures from this size on are decoded by worker processes when jobs > 1 (spawning them costs ~1 s)
 PARALLEL_MIN_BYTES = 64 << 20
 
