@@ -333,6 +333,7 @@ def main() -> None:
         default=[1_000_000, 3_000_000, 10_000_000],
         help="records per capture, comma-separated (default 1000000,3000000,10000000)",
     )
+    parser.add_argument("--records", type=int, help="one size only (the same as --sizes N)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per size; the best counts")
     parser.add_argument(
         "--jobs", type=int, help="tracepipe --jobs (default: tracepipe's, the number of cores)"
@@ -340,6 +341,8 @@ def main() -> None:
     parser.add_argument("--build-only", type=Path, help="only write the synthetic capture to this path")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
     args = parser.parse_args()
+    if args.records:
+        args.sizes = [args.records]
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="tracepipe-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
