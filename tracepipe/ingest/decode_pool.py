@@ -91,7 +91,8 @@ class DecodePool:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start the workers (their start-up, ~0.5 s each, then overlaps with hashing the first file)."""
         if self._procs:
             return
         # a fresh interpreter per worker (no fork: delta-rs is not fork-safe), started as a module so that the
@@ -117,7 +118,7 @@ class DecodePool:
 
     def begin(self, key: str) -> None:
         """Start a source: each worker opens day files named after `key` (lake.source_key)."""
-        self._start()
+        self.start()
         self._sent = 0
         # each worker buffers a row group per day: 1/jobs of the usual size keeps the sum of them (memory) as
         # with one process

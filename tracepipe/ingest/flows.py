@@ -129,6 +129,8 @@ def _ingest_files(
 ) -> IngestSummary:
     summary = IngestSummary()
     state = DecoderState()  # templates learnt from one file serve the next (a capture split by tcpdump -C)
+    if pool is not None and any(_size(Path(p)) >= parallel_min_bytes for p in paths):
+        pool.start()
     for path in paths:
         path = Path(path)
         problem = input_problem(path, "give the capture files in it, e.g. DIR/*.pcap")
@@ -145,7 +147,7 @@ def _ingest_files(
             )
             continue
         try:
-            parallel = pool if pool is not None and path.stat().st_size >= parallel_min_bytes else None
+            parallel = pool if pool is not None and _size(path) >= parallel_min_bytes else None
             result = _ingest_one(lake, path, state, summary, progress, parallel)
         except OSError as exc:  # the lake side: a directory or temp file that cannot be written
             raise LakeError(
@@ -249,6 +251,13 @@ def _ingest_one(
             summary.days.add(match.group(1))
     merge_stats(summary.exporters, stats)
     return result
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except OSError:
+        return 0
 
 
 def _land_leftover(writer: IngestWriter, state: DecoderState, source: str, stats: dict[str, Any]) -> None:
