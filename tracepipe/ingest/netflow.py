@@ -5,8 +5,11 @@ rejects (what could not be decoded, with its byte offset and why), plus per-expo
 never an exception. Templates, sequence numbers, sampling intervals and data still waiting for its template
 live in a `DecoderState` that the caller keeps across batches (and that round-trips through JSON).
 
-Speed: the per-datagram header and flowset walk is Python; the per-record work is not. All data records that
-share a template in a batch are joined into one buffer and read with one structured big-endian numpy dtype.
+Speed: the steady state (datagrams holding one data set of a known template) is read with numpy over the headers
+of a whole run of datagrams; only templates, options, multi-set datagrams and junk are walked in Python, one
+datagram at a time, in input order. All data records that share a template in a batch are joined into one
+buffer and read with one structured big-endian numpy dtype. walk_datagrams (stateful) and decode_walked
+(stateless columns) are the two halves of decode_datagrams, so that the second can run in another process.
 """
 
 from __future__ import annotations
@@ -847,14 +850,12 @@ class _FastHeads:
         )
         self.candidate = (self.sizes >= 24) & (v9 | v10)
         self.version = version.astype(np.int64)
-        self.is_v9 = v9
         self.time = np.where(v9, heads["w2"], heads["w1"]).astype(np.int64)  # unix secs / export time
         self.uptime = np.where(v9, heads["w1"], 0).astype(np.int64)
         self.sequence = np.where(v9, heads["w3"], heads["w2"]).astype(np.int64)
         self.domain = np.where(v9, heads["w4"], heads["w3"]).astype(np.int64)
         sets = np.where(v9, heads["w5"], heads["w4"]).astype(np.int64)
         self.set_id, self.set_len = sets >> 16, sets & 0xFFFF
-        self.header_len = np.where(v9, 24, 20)
         encoded = pc.dictionary_encode(pa.array(exporters, pa.string())) if n else None
         self.exporter_code = (
             encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64) if n else np.zeros(0, np.int64)
