@@ -215,9 +215,16 @@ def _run_measured(cmd: list[str], stdout=subprocess.DEVNULL, env=None) -> dict:
     proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, env=env)
     done = threading.Event()
 
+    own_cmdline = Path("/proc/self/cmdline").read_bytes()
+
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
+            try:  # between fork and exec the child is a copy of this process: not what is measured
+                started = Path(f"/proc/{proc.pid}/cmdline").read_bytes() != own_cmdline
+            except OSError:
+                started = False
+            if started:
+                peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
             done.wait(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -232,7 +239,7 @@ def _run_measured(cmd: list[str], stdout=subprocess.DEVNULL, env=None) -> dict:
     return {
         "seconds": wall,
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
-        "peak_rss_mib": max(peak[0] // 1024, usage.ru_maxrss // 1024),
+        "peak_rss_mib": peak[0] // 1024,  # the whole tree (ru_maxrss is one process's, and can be the fork's)
         "exit": code,
     }
 
@@ -288,7 +295,13 @@ def measure_nfdump(nfcapd_file: Path) -> dict:
     cmd = [tool_path("nfdump"), "-r", str(nfcapd_file), "-q", "-N", "-o", NFDUMP_FORMAT]
     env = dict(os.environ, TZ="UTC")
     result = _run_measured(cmd, env=env)
-    result["records"] = subprocess.run(cmd, capture_output=True, env=env).stdout.count(b"\n")
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, env=env
+    ) as lister:  # counted as it streams (GBs of text)
+        assert lister.stdout is not None
+        result["records"] = sum(
+            chunk.count(b"\n") for chunk in iter(lambda: lister.stdout.read(1 << 20), b"")
+        )
     return result
 
 
