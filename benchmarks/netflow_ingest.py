@@ -1,16 +1,20 @@
-"""NetFlow ingest speed: tracepipe (pcap -> Parquet lake) against nfdump reading the same records.
+"""NetFlow ingest speed: tracepipe (pcap -> Parquet lake) against nfdump reading the same records (issue 17).
 
 1. Captures ONE real softflowd v9 export datagram (templates + data) on 127.0.0.1 with tcpdump.
-2. Synthesises a capture of several million v9 records in that template's layout (numpy: varying addresses,
-   ports, protocols, counters and times), written as an Ethernet pcap (numpy as well).
-3. Prints, in one run, records/s and peak RSS of
-   - `tracepipe ingest netflow` (whole pcap -> Parquet, pinned to one core),
-   - nfdump reading the same records with its fastest text output, after replaying the datagrams over UDP to a
-     real nfcapd on 127.0.0.1 (`-B 33554432`),
-   - the pure-Python `netflow` package (decode only, on a sample), for reference.
+2. For each size (default 1 M, 3 M and 10 M records) synthesises a capture in that template's layout (numpy:
+   varying addresses, ports, protocols, counters and times), written as an Ethernet pcap (numpy as well), and
+   replays its datagrams over UDP to a real nfcapd on 127.0.0.1 (`-B 33554432`, paced: none is dropped).
+3. Runs, interleaved, best of 3 (`--rounds`), as a new user would (no pinning, default options):
+   - `tracepipe ingest netflow FILE --lake L --format json` (whole pcap -> sorted zstd Parquet lake, start-up,
+     hashing and attribution included; `--jobs` defaults to the number of cores),
+   - `nfdump -r FILE -q -N -o 'fmt:%tsr,%ter,%pr,%sa,%da,%sp,%dp,%pkt,%byt,%flg' > /dev/null` (its fastest
+     text form: raw times),
+   and prints records/s (wall clock; CPU seconds of the whole process tree next to it), the peak RSS of the
+   whole process tree (sampled every 20 ms: tracepipe's workers included) and the ratio tracepipe / nfdump.
 
-    python benchmarks/netflow_ingest.py [--records 3000000] [--keep DIR]
-    python benchmarks/netflow_ingest.py --build-only OUT.pcap --records 300000   # just the capture
+    python benchmarks/netflow_ingest.py                         # 1 M, 3 M, 10 M records
+    python benchmarks/netflow_ingest.py --sizes 300000 --rounds 1   # quick, while developing
+    python benchmarks/netflow_ingest.py --build-only OUT.pcap --sizes 300000   # just the capture
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,7 +43,6 @@ from tracepipe.ingest.pcap import iter_udp_batches  # noqa: E402
 from tracepipe.tools import tool_path  # noqa: E402
 
 RECORDS_PER_DATAGRAM = 30  # what softflowd packs into a 1500-byte MTU with its 42-byte IPv4 template
-NFDUMP_FORMAT = "fmt:%ts,%te,%pr,%sa,%da,%sp,%dp,%pkt,%byt,%flg"
 
 
 def real_v9_datagram(workdir: Path) -> bytes:
@@ -178,67 +181,92 @@ def _records_in(datagram: bytes) -> int:
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------
-def _run_measured(
-    cmd: list[str], stdout=subprocess.DEVNULL, one_core: bool = True, env=None
-) -> tuple[float, float, int, int]:
-    """(wall seconds, CPU seconds, peak RSS in MiB, exit code) of one child process. CPU time (user + sys)
-    is what one core spends; on a shared machine it is steadier than the wall clock."""
+NFDUMP_FORMAT = "fmt:%tsr,%ter,%pr,%sa,%da,%sp,%dp,%pkt,%byt,%flg"  # raw times: nfdump's fastest text output
 
-    def pin() -> None:
-        if one_core:
-            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
+def _tree_rss_kib(root: int) -> int:
+    """RSS of a process and all its descendants (KiB), from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry)
+        children.setdefault(int(fields[1]), []).append(pid)
+        rss[pid] = int(fields[21]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def _run_measured(cmd: list[str], stdout=subprocess.DEVNULL, env=None) -> dict:
+    """Wall seconds, CPU seconds (user + sys of the process and every child it waited for), peak RSS of the
+    whole process tree in MiB (sampled), and exit code of one command."""
+    peak = [0]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, preexec_fn=pin, env=env)
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, env=env)
+    done = threading.Event()
+
+    own_cmdline = Path("/proc/self/cmdline").read_bytes()
+
+    def sample() -> None:
+        while not done.is_set():
+            try:  # between fork and exec the child is a copy of this process: not what is measured
+                started = Path(f"/proc/{proc.pid}/cmdline").read_bytes() != own_cmdline
+            except OSError:
+                started = False
+            if started:
+                peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode not in (0, 3):
+    done.set()
+    sampler.join()
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (0, 3):
         sys.stderr.write(proc.stderr.read().decode(errors="replace") if proc.stderr else "")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss // 1024, proc.returncode
+    return {
+        "seconds": wall,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mib": peak[0] // 1024,  # the whole tree (ru_maxrss is one process's, and can be the fork's)
+        "exit": code,
+    }
 
 
-def measure_tracepipe(pcap: Path, lake: Path) -> dict:
-    env = dict(os.environ, POLARS_MAX_THREADS="1", OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "tracepipe.cli",
-        "ingest",
-        "netflow",
-        str(pcap),
-        "--lake",
-        str(lake),
-        "--format",
-        "json",
-    ]
-    wall, cpu, rss, code = _run_measured(cmd, stdout=subprocess.PIPE, env=env)
-    flows = 0
-    for manifest in (lake / "_ingest").glob("*.parquet"):
-        import pyarrow.parquet as pq
+def measure_tracepipe(pcap: Path, lake: Path, jobs: int | None = None) -> dict:
+    shutil.rmtree(lake, ignore_errors=True)
+    cmd = [sys.executable, "-m", "tracepipe.cli", "ingest", "netflow", str(pcap), "--lake", str(lake)]
+    cmd += ["--format", "json", *(["--jobs", str(jobs)] if jobs else [])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    result = _run_measured(cmd, stdout=subprocess.PIPE, env=env)
+    import pyarrow.parquet as pq
 
-        flows += sum(pq.read_table(manifest, columns=["rows"]).column("rows").to_pylist())
-    return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mib": rss, "exit": code, "records": flows}
+    result["records"] = sum(
+        sum(pq.read_table(m, columns=["rows"]).column("rows").to_pylist())
+        for m in (lake / "_ingest").glob("*.parquet")
+    )
+    shutil.rmtree(lake, ignore_errors=True)
+    return result
 
 
-def replay_to_nfcapd(pcap: Path, workdir: Path, expected: int) -> Path:
+def replay_to_nfcapd(pcap: Path, workdir: Path) -> Path:
     """Send every datagram of `pcap` to a real nfcapd on 127.0.0.1, paced so that none is dropped."""
     port = probes.free_udp_port()
-    out_dir = workdir / "nfcapd"
+    out_dir = workdir / f"nfcapd-{pcap.stem}"
     out_dir.mkdir()
-    cmd = [
-        tool_path("nfcapd"),
-        "-b",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-w",
-        str(out_dir),
-        "-t",
-        "3600",
-        "-B",
-        "33554432",
-    ]
+    cmd = [tool_path("nfcapd"), "-b", "127.0.0.1", "-p", str(port), "-w", str(out_dir), "-t", "3600"]
+    cmd += ["-B", "33554432"]
     log = open(workdir / "nfcapd.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -264,91 +292,83 @@ def replay_to_nfcapd(pcap: Path, workdir: Path, expected: int) -> Path:
 
 
 def measure_nfdump(nfcapd_file: Path) -> dict:
+    cmd = [tool_path("nfdump"), "-r", str(nfcapd_file), "-q", "-N", "-o", NFDUMP_FORMAT]
     env = dict(os.environ, TZ="UTC")
-    count = subprocess.run(
-        [tool_path("nfdump"), "-r", str(nfcapd_file), "-q", "-N", "-o", NFDUMP_FORMAT],
-        capture_output=True,
-        text=True,
-        env=env,
-    ).stdout.count("\n")
-    wall, cpu, rss, code = _run_measured(
-        [tool_path("nfdump"), "-r", str(nfcapd_file), "-q", "-N", "-o", NFDUMP_FORMAT], env=env
-    )
-    return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mib": rss, "exit": code, "records": count}
+    result = _run_measured(cmd, env=env)
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, env=env
+    ) as lister:  # counted as it streams (GBs of text)
+        assert lister.stdout is not None
+        result["records"] = sum(
+            chunk.count(b"\n") for chunk in iter(lambda: lister.stdout.read(1 << 20), b"")
+        )
+    return result
 
 
-def measure_python_netflow(pcap: Path, datagrams: int = 5000) -> dict:
-    try:
-        import netflow  # the pure-Python `netflow` package from PyPI
-    except ImportError:
-        return {"available": False}
-    payloads = []
-    for batch in iter_udp_batches(pcap, batch_datagrams=datagrams):
-        payloads = [bytes(p) for p in batch.payloads[:datagrams]]
-        break
-    templates: dict = {"netflow": {}, "ipfix": {}}
-    netflow.parse_packet(payloads[0], templates)
-    start = time.process_time()
-    records = 0
-    for payload in payloads[1:]:
-        records += len(netflow.parse_packet(payload, templates).flows)
-    return {"available": True, "seconds": time.process_time() - start, "records": records}
-
-
-def _line(label: str, m: dict) -> str:
+def _rate(m: dict) -> str:
     return (
-        f"{label:44s} {m['records'] / m['cpu_seconds'] / 1e6:5.2f} M records/s of CPU time, "
-        f"{m['records'] / m['seconds'] / 1e6:5.2f} M/s wall ({m['records']:,} records, "
-        f"{m['cpu_seconds']:.2f} s CPU, {m['seconds']:.2f} s wall), peak RSS {m['peak_rss_mib']} MiB"
+        f"{m['records'] / m['seconds'] / 1e6:5.2f} M records/s ({m['seconds']:6.2f} s wall, "
+        f"{m['records'] / m['cpu_seconds'] / 1e6:5.2f} M/s of CPU, {m['cpu_seconds']:6.2f} s CPU), "
+        f"peak RSS {m['peak_rss_mib']:5d} MiB"
     )
+
+
+def bench_size(datagram: bytes, size: int, workdir: Path, rounds: int, jobs: int | None) -> dict:
+    pcap = workdir / f"v9-{size}.pcap"
+    records = build_capture(datagram, size, pcap)
+    nffile = replay_to_nfcapd(pcap, workdir)
+    runs: dict[str, list[dict]] = {"tracepipe": [], "nfdump": []}
+    for _ in range(rounds):  # interleaved: both see the same machine load
+        runs["tracepipe"].append(measure_tracepipe(pcap, workdir / "lake", jobs))
+        runs["nfdump"].append(measure_nfdump(nffile))
+    best = {name: min(r, key=lambda m: m["seconds"]) for name, r in runs.items()}
+    tp, nf = best["tracepipe"], best["nfdump"]
+    ratio = (tp["records"] / tp["seconds"]) / (nf["records"] / nf["seconds"])
+    cpu_ratio = (tp["records"] / tp["cpu_seconds"]) / (nf["records"] / nf["cpu_seconds"])
+    print(f"{records:>10,} records ({pcap.stat().st_size / 1e6:.0f} MB pcap), best of {rounds}:")
+    print(f"  tracepipe ingest netflow (pcap -> Parquet)  {_rate(tp)}")
+    print(f"  nfdump -r FILE -o fmt:%tsr,... > /dev/null  {_rate(nf)}")
+    if nf["records"] != records or tp["records"] != records:
+        print(f"  (records seen: tracepipe {tp['records']:,}, nfdump {nf['records']:,} of {records:,})")
+    print(f"  ratio tracepipe / nfdump: {ratio:.2f}x wall, {cpu_ratio:.2f}x per CPU second")
+    pcap.unlink()
+    nffile.unlink()
+    return {"records": records, "best": best, "runs": runs, "ratio": ratio, "cpu_ratio": cpu_ratio}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--records", type=int, default=3_000_000)
+    parser.add_argument(
+        "--sizes",
+        type=lambda text: [int(float(x)) for x in text.split(",")],
+        default=[1_000_000, 3_000_000, 10_000_000],
+        help="records per capture, comma-separated (default 1000000,3000000,10000000)",
+    )
+    parser.add_argument("--records", type=int, help="one size only (the same as --sizes N)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per size; the best counts")
+    parser.add_argument(
+        "--jobs", type=int, help="tracepipe --jobs (default: tracepipe's, the number of cores)"
+    )
     parser.add_argument("--build-only", type=Path, help="only write the synthetic capture to this path")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
     args = parser.parse_args()
+    if args.records:
+        args.sizes = [args.records]
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="tracepipe-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         datagram = real_v9_datagram(workdir)
-        pcap = args.build_only or workdir / "v9-synthetic.pcap"
-        records = build_capture(datagram, args.records, pcap)
         if args.build_only:
-            print(json.dumps({"pcap": str(pcap), "records": records, "bytes": pcap.stat().st_size}))
+            records = build_capture(datagram, args.sizes[0], args.build_only)
+            size = args.build_only.stat().st_size
+            print(json.dumps({"pcap": str(args.build_only), "records": records, "bytes": size}))
             return
-        size_mb = pcap.stat().st_size / 1e6
-        print(f"capture: {records:,} v9 records (softflowd template), {size_mb:.0f} MB")
-        tp = measure_tracepipe(pcap, workdir / "lake")
-        print(_line("tracepipe ingest (pcap -> Parquet, 1 core)", tp))
-        nffile = replay_to_nfcapd(pcap, workdir, records)
-        nf = measure_nfdump(nffile)
-        print(_line("nfdump -r FILE -o fmt:... > /dev/null", nf))
-        if nf["records"] < records:
-            print(f"  (nfcapd stored {nf['records']:,} of {records:,} replayed records: rate is over those)")
-        py = measure_python_netflow(pcap)
-        if py.get("available"):
-            print(
-                f"{'python `netflow` package (decode only)':44s} {py['records'] / py['seconds'] / 1e6:5.3f} M records/s "
-                f"of CPU time ({py['records']:,} records sample)"
-            )
-        else:
-            print("python `netflow` package: not installed (pip install netflow)")
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-        print(
-            json.dumps(
-                {
-                    "records": records,
-                    "tracepipe": tp,
-                    "nfdump": nf,
-                    "python_netflow": py,
-                    "benchmark_process_rss_mib": peak,
-                }
-            )
-        )
+        load = os.getloadavg()
+        print(f"{os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+        results = [bench_size(datagram, size, workdir, args.rounds, args.jobs) for size in args.sizes]
+        print(json.dumps({"load_average": load, "sizes": results}))
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

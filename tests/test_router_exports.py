@@ -111,6 +111,7 @@ KEY = ("src_addr", "dst_addr", "src_port", "dst_port", "proto")
 COUNTERS = ("packets", "bytes")
 TIMES = ("ts_start_ms", "ts_end_ms")
 
+
 def combined_capture(case: str, out_dir: Path) -> Path:
     """The case's capture files as one pcap, in order (all are classic pcap, Ethernet): a collector's capture."""
     files = CASES[case][0]

@@ -134,6 +134,17 @@ def ingest_netflow_command(
     ],
     lake: LakeOption = Path(DEFAULT_LAKE),
     output: FormatOption = OutputFormat.table,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=1,
+            help="Worker processes turning large captures into Parquet (default: the number of cores). "
+            "Templates and sequence numbers are still read in input order, in one process.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Land NetFlow v1/v5/v7/v9 and IPFIX records from captures (tcpdump -w, any UDP port), nfdump CSV, and
     nfcapd files or whole nfsen/nfcapd directory trees (read through the installed nfdump, file by file).
@@ -143,10 +154,12 @@ def ingest_netflow_command(
     4 nothing landed or no usable input; 5 landed, but attributing the flows to VMs failed.
 
     Example: tracepipe ingest netflow /var/captures/netflow-*.pcap /var/nfsen/profiles-data/live --lake /srv/lake
+
+    Example: tracepipe ingest netflow /var/captures/netflow-*.pcap --lake /srv/lake --jobs 2
     """
     from tracepipe.ingest.flows import NETFLOW_KINDS
 
-    _ingest_flows(ctx.obj, paths, lake, output, NETFLOW_KINDS, "ingest netflow")
+    _ingest_flows(ctx.obj, paths, lake, output, NETFLOW_KINDS, "ingest netflow", jobs)
 
 
 @ingest_app.command("zeek")
@@ -204,7 +217,13 @@ def ingest_argus_command(
 
 
 def _ingest_flows(
-    p: Printer, paths: list[Path], lake: Path, output: OutputFormat, accept: tuple[str, ...], title: str
+    p: Printer,
+    paths: list[Path],
+    lake: Path,
+    output: OutputFormat,
+    accept: tuple[str, ...],
+    title: str,
+    jobs: int | None = None,
 ) -> None:
     """The common body of the flow ingest commands: land, attribute, print the summary, exit."""
     from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
@@ -217,7 +236,7 @@ def _ingest_flows(
     with p.progress(BarColumn(), DownloadColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task(title, total=total)
         summary = ingest_flow_files(
-            open_lake(lake), paths, progress=lambda n: bar.advance(task, n), accept=accept
+            open_lake(lake), paths, progress=lambda n: bar.advance(task, n), accept=accept, jobs=jobs
         )
         bar.update(task, description="attribute flows to VMs")
         correlation = correlate(open_lake(lake), days=summary.days)

@@ -145,15 +145,14 @@ def _writer_schema(schema: pa.Schema) -> pa.Schema:
     )
 
 
-def _day_strings(column: pa.ChunkedArray) -> pa.Array:
-    """UTC day (YYYY-MM-DD) of each timestamp. Formatted once per distinct day: strftime per row of a
-    tz-aware column costs ~2.5 µs, more than decoding the NetFlow record it belongs to."""
+def _day_numbers(column: pa.ChunkedArray) -> np.ndarray:
+    """UTC day number (days since 1970-01-01) of each timestamp (0 where nulls make the column non-integer)."""
     micros = pc.cast(column, pa.int64()).to_numpy(zero_copy_only=False)
-    day_numbers = micros // 86_400_000_000 if micros.dtype.kind == "i" else np.zeros(len(micros), np.int64)
-    uniq, inverse = np.unique(day_numbers, return_inverse=True)
-    epoch = dt.date(1970, 1, 1)
-    names = pa.array([(epoch + dt.timedelta(days=int(d))).isoformat() for d in uniq], pa.string())
-    return names.take(pa.array(inverse.astype(np.int32)))
+    return micros // 86_400_000_000 if micros.dtype.kind == "i" else np.zeros(len(micros), np.int64)
+
+
+def _day_name(day_number: int) -> str:
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=int(day_number))).isoformat()
 
 
 def sort_indices(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
@@ -296,7 +295,15 @@ class PartFile:
         table = pa.concat_tables(self._pending).combine_chunks()  # one dictionary per text column
         self._pending, self._pending_rows = [], 0
         if self.dataset.sort_by:
-            table = table.take(sort_indices(table, self.dataset.sort_by))
+            order = sort_indices(table, self.dataset.sort_by)
+            # column by column, each unsorted column freed once its sorted copy exists: the peak is the row
+            # group plus one column, not two row groups
+            schema, columns = table.schema, table.columns
+            del table
+            for i, column in enumerate(columns):
+                columns[i] = column.take(order)
+                del column
+            table = pa.Table.from_arrays(columns, schema=schema)
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             text = [f.name for f in self.dataset.schema if pa.types.is_string(f.type)]
@@ -1259,6 +1266,41 @@ def _same_columns(path: Path, schema: pa.Schema) -> bool:
     return set(pq.read_schema(path).names) >= set(schema.names)
 
 
+def split_implausible(table: pa.Table, dataset: Dataset) -> tuple[pa.Table, pa.Table]:
+    """(rows kept, rejects): rows whose partition time is missing or outside units.time_window (1990 .. now +
+    1 day) become rejects carrying the time they claimed. Whatever a source says (a NetFlow header's clock is
+    the sender's to set, a router without NTP says 1970), no row creates a partition in the far past or
+    future, where retention, time travel and every "last N days" query would miss or mishandle it. Used by
+    IngestWriter and by the decode workers that write their own day files (tracepipe.ingest.decode_pool)."""
+    empty = pa.table({"reason": pa.array([], pa.string())})
+    if table.num_rows == 0 or dataset.partition_ts is None:
+        return table, empty
+    column = table.column(dataset.partition_ts)
+    earliest, latest = time_window()
+    ok = pc.fill_null(
+        pc.and_(
+            pc.greater_equal(column, pa.scalar(earliest, column.type)),
+            pc.less_equal(column, pa.scalar(latest, column.type)),
+        ),
+        False,
+    )
+    if pc.all(ok).as_py():
+        return table, empty
+    bad = table.filter(pc.invert(ok))
+    shown = pc.fill_null(pc.cast(bad.column(dataset.partition_ts), pa.string()), "null")
+    detail = pc.binary_join_element_wise(
+        f"{dataset.partition_ts}=", shown, f" (plausible: {earliest:%Y-%m-%d} .. now + 1 day)", ""
+    )
+    rejects = {
+        "reason": pa.array(["time outside plausible window"] * bad.num_rows, pa.string()),
+        "detail": detail,
+    }
+    for name in ("exporter", "offset", "line", "source"):
+        if name in bad.column_names:
+            rejects[name] = bad.column(name)
+    return table.filter(ok), pa.table(rejects)
+
+
 class IngestWriter:
     """Streams tables of one source into per-day files (part-<content hash>-<random>.parquet), then commits its
     rejects, its rows (all days in one Delta commit) and its manifest row. Memory stays flat: rows are buffered
@@ -1279,7 +1321,8 @@ class IngestWriter:
         self.key = source_key(content_hash)
         self.row_group_rows = row_group_rows
         self.result = IngestResult(dataset.name, source, content_hash)
-        self._parts: dict[str, PartFile] = {}
+        self._parts = DayParts(lake.root, dataset, self.key, row_group_rows)
+        self._adopted: list[AddAction] = []  # parts written by worker processes (DayParts there)
         self._rejects: list[pa.Table] = []
         self._committed = False
         self.ingested_at = dt.datetime.now(dt.UTC)
@@ -1292,61 +1335,17 @@ class IngestWriter:
             self.abort()
 
     def write(self, table: pa.Table) -> None:
-        if table.num_rows and self.dataset.partition_ts is not None:
-            table = self._plausible(table)
-        if table.num_rows == 0:
-            return
-        self.result.rows += table.num_rows
-        if self.dataset.partition_ts is None:
-            self._part(None).write(table)
-            return
-        days = _day_strings(table.column(self.dataset.partition_ts))
-        distinct = pc.unique(days).to_pylist()
-        if len(distinct) == 1:  # the common case: no filter (copy) needed
-            self._part(distinct[0]).write(table)
-            return
-        for day in distinct:
-            self._part(day).write(table.filter(pc.equal(days, day)))
-
-    def _plausible(self, table: pa.Table) -> pa.Table:
-        """Rows whose partition time is missing or outside units.time_window (1990 .. now + 1 day) become
-        rejects: whatever a source claims (a NetFlow header's clock is the sender's to set, a router without
-        NTP says 1970), no row creates a partition in the far past or future, where retention, time travel
-        and every "last N days" query would miss or mishandle it."""
-        column = table.column(self.dataset.partition_ts)
-        earliest, latest = time_window()
-        ok = pc.fill_null(
-            pc.and_(
-                pc.greater_equal(column, pa.scalar(earliest, column.type)),
-                pc.less_equal(column, pa.scalar(latest, column.type)),
-            ),
-            False,
-        )
-        if pc.all(ok).as_py():
-            return table
-        bad = table.filter(pc.invert(ok))
-        shown = pc.fill_null(pc.cast(bad.column(self.dataset.partition_ts), pa.string()), "null")
-        detail = pc.binary_join_element_wise(
-            f"{self.dataset.partition_ts}=", shown, f" (plausible: {earliest:%Y-%m-%d} .. now + 1 day)", ""
-        )
-        rejects = {
-            "reason": pa.array(["time outside plausible window"] * bad.num_rows, pa.string()),
-            "detail": detail,
-        }
-        for name in ("exporter", "offset", "line"):
-            if name in bad.column_names:
-                rejects[name] = bad.column(name)
-        self.reject(pa.table(rejects))
-        return table.filter(ok)
+        table, implausible = split_implausible(table, self.dataset)
+        self.reject(implausible)
+        self.result.rows += self._parts.write(table)
 
     def _part(self, day: str | None) -> PartFile:
-        key = day or ""
-        part = self._parts.get(key)
-        if part is None:
-            stem = f"part-{self.key}-{uuid.uuid4().hex[:8]}"
-            part = PartFile(self.lake.root / self.dataset.name, self.dataset, day, stem, self.row_group_rows)
-            self._parts[key] = part
-        return part
+        return self._parts._part(day)
+
+    def adopt(self, adds: list[AddAction], rows: int) -> None:
+        """Parts of this source written elsewhere (a worker process's DayParts, closed): committed with the rest."""
+        self._adopted.extend(adds)
+        self.result.rows += rows
 
     def reject(self, rejects: pa.Table) -> None:
         """Rows that could not be parsed (schema.REJECTS columns; missing ones are filled in)."""
@@ -1369,7 +1368,7 @@ class IngestWriter:
         ingested), the manifest row; then compact the days touched if they crossed the threshold."""
         lake = self.lake
         try:
-            adds = [a for a in (p.close() for p in self._parts.values()) if a is not None]
+            adds = [*self._parts.close(), *self._adopted]
             info = {"source": self.source, "content_hash": self.content_hash, "rows": self.result.rows}
             # rejects first, then the rows (the commit that makes the source count as landed), then the
             # manifest row; a rerun after a kill in between finds what landed by its file names
@@ -1401,7 +1400,7 @@ class IngestWriter:
             self.abort()
             raise LakeError(f"cannot commit {self.source} to {lake.root}: {exc}") from exc
         self._committed = True
-        days = sorted(p.day for p in self._parts.values() if p.day is not None)
+        days = sorted({a.partition_values[PARTITION] for a in adds if a.partition_values.get(PARTITION)})
         try:
             for name, touched in ((self.dataset.name, days), (MANIFEST_DIR, None)):
                 lake.compact(name, touched or None, wait=False, tiered=True)
@@ -1413,6 +1412,54 @@ class IngestWriter:
         except LakeError:  # compaction is housekeeping: the rows are committed, a later run merges
             pass
         return self.result
+
+    def abort(self) -> None:
+        self._parts.abort()
+        for add in self._adopted:  # renamed into place by a worker, never committed: not part of the lake
+            (self.lake.root / self.dataset.name / add.path).unlink(missing_ok=True)
+        self._adopted.clear()
+
+
+class DayParts:
+    """The files one source writes into a dataset: one PartFile per UTC day of `partition_ts`, each buffering
+    up to a row group. Used by IngestWriter, and by worker processes that write a share of a source's rows
+    (their closed parts are then committed by the IngestWriter that adopts them)."""
+
+    def __init__(self, root: Path, dataset: Dataset, key: str, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+        self.root = root
+        self.dataset = dataset
+        self.key = key
+        self.row_group_rows = row_group_rows
+        self._parts: dict[str, PartFile] = {}
+
+    def write(self, table: pa.Table) -> int:
+        """Route rows to their day's file; returns the number of rows taken."""
+        if table.num_rows == 0:
+            return 0
+        if self.dataset.partition_ts is None:
+            self._part(None).write(table)
+            return table.num_rows
+        days = _day_numbers(table.column(self.dataset.partition_ts))
+        first, last = (int(days.min()), int(days.max())) if len(days) else (0, 0)
+        if first == last:  # the common case: one day, no sort of day numbers, no filter (copy)
+            self._part(_day_name(first)).write(table)
+            return table.num_rows
+        for day in np.unique(days):
+            self._part(_day_name(day)).write(table.filter(pa.array(days == day)))
+        return table.num_rows
+
+    def _part(self, day: str | None) -> PartFile:
+        key = day or ""
+        part = self._parts.get(key)
+        if part is None:
+            stem = f"part-{self.key}-{uuid.uuid4().hex[:8]}"
+            part = PartFile(self.root / self.dataset.name, self.dataset, day, stem, self.row_group_rows)
+            self._parts[key] = part
+        return part
+
+    def close(self) -> list[AddAction]:
+        """Finish every file (fsync, rename); the add actions of those that hold rows."""
+        return [a for a in (p.close() for p in self._parts.values()) if a is not None]
 
     def abort(self) -> None:
         for part in self._parts.values():

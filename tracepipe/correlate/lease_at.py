@@ -21,7 +21,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from tracepipe.schema import VM_LEASES
 
@@ -138,6 +137,8 @@ def read_leases(
     schema = pa.schema([VM_LEASES.field(c) for c in wanted])
     if not paths:
         return schema.empty_table()
+    import pyarrow.dataset as ds  # here, not at the top: it imports pandas (~1 s), which an ingest without leases never needs
+
     dataset = ds.dataset(paths, format="parquet", schema=VM_LEASES)
     where = None
     if addresses is not None:

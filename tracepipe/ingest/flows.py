@@ -20,7 +20,15 @@ import pyarrow as pa
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
 from tracepipe.fsutil import input_problem
 from tracepipe.ingest.argus import iter_argus, looks_like_argus
-from tracepipe.ingest.netflow import DecoderState, decode_datagrams, flush_pending, merge_stats
+from tracepipe.ingest.decode_pool import DecodePool, default_jobs
+from tracepipe.ingest.netflow import (
+    Decoded,
+    DecoderState,
+    decode_datagrams,
+    flush_pending,
+    merge_stats,
+    walk_datagrams,
+)
 from tracepipe.ingest.nfdump import (
     iter_nfcapd,
     iter_nfdump_csv,
@@ -30,7 +38,7 @@ from tracepipe.ingest.nfdump import (
 )
 from tracepipe.ingest.pcap import PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
 from tracepipe.ingest.zeek import GZIP_MAGIC, iter_conn_log, sniff_zeek, zeek_kind
-from tracepipe.lake import Lake, hash_file
+from tracepipe.lake import IngestWriter, Lake, hash_file
 
 Progress = Callable[[int], None]  # called with the number of input bytes just consumed
 Batches = Iterator[tuple[pa.Table, ...]]  # (flows, rejects) or (flows, rejects, flow_labels)
@@ -52,7 +60,9 @@ COMMAND_OF_KIND = {
     **dict.fromkeys(ZEEK_KINDS, "tracepipe ingest zeek"),
     **dict.fromkeys(ARGUS_KINDS, "tracepipe ingest argus"),
 }
-BATCH_DATAGRAMS = 16384  # ~20 MB of export datagrams per decode step: memory stays flat, overhead negligible
+BATCH_DATAGRAMS = 4096  # ~5 MB of export datagrams per decode step: memory stays flat, overhead negligible
+# captures from this size on are decoded by worker processes when jobs > 1 (spawning them costs ~1 s)
+PARALLEL_MIN_BYTES = 64 << 20
 
 
 @dataclass
@@ -164,16 +174,36 @@ def ingest_flow_files(
     paths: list[Path],
     progress: Progress | None = None,
     accept: tuple[str, ...] = NETFLOW_KINDS,
+    jobs: int | None = None,
+    parallel_min_bytes: int = PARALLEL_MIN_BYTES,
 ) -> IngestSummary:
     """Land every file in `paths` (directories: the files under them) in the lake's flows dataset; never
     raises for bad input (see rejects). `accept`: the kinds this command takes (NETFLOW_KINDS, ZEEK_KINDS,
-    ARGUS_KINDS); a file of another known kind is not read, and its result names the command that reads it."""
+    ARGUS_KINDS); a file of another known kind is not read, and its result names the command that reads it.
+
+    `jobs` (default: the cores available): captures of `parallel_min_bytes` or more are walked here, in input
+    order with one decoder state, and turned into columns and Parquet by `jobs` worker processes."""
+    jobs = default_jobs() if jobs is None else jobs
+    with DecodePool(jobs, lake.root) as pool:
+        return _ingest_files(lake, paths, progress, accept, pool if jobs > 1 else None, parallel_min_bytes)
+
+
+def _ingest_files(
+    lake: Lake,
+    paths: list[Path],
+    progress: Progress | None,
+    accept: tuple[str, ...],
+    pool: DecodePool | None,
+    parallel_min_bytes: int,
+) -> IngestSummary:
     summary = IngestSummary()
     state = DecoderState()  # templates learnt from one file serve the next (a capture split by tcpdump -C)
     given = {Path(p) for p in paths}
-    for path in expand_paths(paths):
-        if path not in given and _kind_or_none(path) not in (*accept, None):  # in a directory, not ours
-            continue
+    files = [p for p in expand_paths(paths) if p in given or _kind_or_none(p) in (*accept, None)]
+    big_captures = [p for p in files if _size(p) >= parallel_min_bytes and _kind_or_none(p) == "pcap"]
+    if pool is not None and big_captures:
+        pool.start()
+    for path in files:
         path = Path(path)
         problem = input_problem(path, "give the capture files in it, e.g. DIR/*.pcap")
         if problem is not None:  # told from os.stat: a FIFO is never opened (that would block)
@@ -189,7 +219,8 @@ def ingest_flow_files(
             )
             continue
         try:
-            result = _ingest_one(lake, path, state, summary, progress, accept)
+            parallel = pool if pool is not None and _size(path) >= parallel_min_bytes else None
+            result = _ingest_one(lake, path, state, summary, progress, accept, parallel)
         except OSError as exc:  # the lake side: a directory or temp file that cannot be written
             raise LakeError(
                 f"cannot write flows of {path} into {lake.root}: {exc}. Check that the lake is writable and has "
@@ -206,6 +237,7 @@ def _ingest_one(
     summary: IngestSummary,
     progress: Progress | None,
     accept: tuple[str, ...],
+    pool: DecodePool | None = None,
 ) -> FileResult:
     size = path.stat().st_size
     kind = sniff_kind(path)
@@ -226,7 +258,12 @@ def _ingest_one(
     source = str(path.absolute())  # evidence: an investigator must find the file again, whatever the cwd was
     stats: dict[str, dict[str, Any]] = {}
     with lake.ingest("flows", source=source, content_hash=content_hash) as writer:
-        if kind == "pcap":
+        if kind == "pcap" and pool is not None:
+            result.datagrams = _land_pcap_parallel(writer, pool, path, source, state, stats, progress)
+            _land_leftover(writer, state, source, stats)
+            if progress:
+                progress(size)
+        elif kind == "pcap":
             done = 0
             for batch in iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS):
                 if batch.rejects.num_rows:
@@ -240,21 +277,14 @@ def _ingest_one(
                     state,
                     text_as_dictionary=True,
                 )
-                writer.write(decoded.flows)
                 writer.reject(decoded.rejects)
+                writer.write(decoded.flows)  # after: rows outside the time window are rejects of their own
                 merge_stats(stats, decoded.stats)
                 result.datagrams += len(batch.payloads)
                 if progress and batch.bytes_read > done:
                     progress(batch.bytes_read - done)
                     done = batch.bytes_read
-            leftover = flush_pending(state, source)
-            if leftover.num_rows:
-                writer.reject(leftover)
-                for exporter in leftover.column("exporter").to_pylist():
-                    entry = stats.setdefault(exporter, {})
-                    entry["no_template"] = entry.get("no_template", 0) + 1
-                    entry["waiting_for_template"] = 0
-                    entry["rejects"] = entry.get("rejects", 0) + 1
+            _land_leftover(writer, state, source, stats)
             if progress and size > done:
                 progress(size - done)
         elif kind in READERS:
@@ -343,6 +373,78 @@ def _read_text_kind(
         if label_writer is not None:
             label_writer.commit({"kind": kind, "labels": labelled})
     return labelled
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except OSError:
+        return 0
+
+
+def _land_leftover(writer: IngestWriter, state: DecoderState, source: str, stats: dict[str, Any]) -> None:
+    """Data still waiting for its template at the end of a file: rejects "no template"."""
+    leftover = flush_pending(state, source)
+    if leftover.num_rows:
+        writer.reject(leftover)
+        for exporter in leftover.column("exporter").to_pylist():
+            entry = stats.setdefault(exporter, {})
+            entry["no_template"] = entry.get("no_template", 0) + 1
+            entry["waiting_for_template"] = 0
+            entry["rejects"] = entry.get("rejects", 0) + 1
+
+
+def _land_pcap_parallel(
+    writer: IngestWriter,
+    pool: DecodePool,
+    path: Path,
+    source: str,
+    state: DecoderState,
+    stats: dict[str, Any],
+    progress: Progress | None,
+) -> int:
+    """One capture through the worker pool: walked here in input order (one decoder state), columns and
+    Parquet in the workers; rejects and counters land in input order, the workers' files in the writer's
+    commit. Returns the datagrams read."""
+    waiting: dict[
+        int, tuple[pa.Table, Decoded]
+    ] = {}  # batch number -> (capture rejects, what the walk found)
+    answers: dict[int, Decoded] = {}
+    landed = 0  # batches landed so far, in order
+    datagrams = 0
+    done = 0
+
+    def land(new: list[tuple[int, Decoded]]) -> None:
+        nonlocal landed
+        answers.update(new)
+        while landed in answers:
+            capture_rejects, walk = waiting.pop(landed)
+            columns = answers.pop(landed)
+            writer.reject(capture_rejects)
+            for part in (walk, columns):
+                writer.reject(part.rejects)
+                merge_stats(stats, part.stats)
+            landed += 1
+
+    pool.begin(writer.key)
+    try:
+        for number, batch in enumerate(iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS)):
+            walked, walk = walk_datagrams(
+                batch.payloads, batch.exporters, batch.ts_us, batch.offsets, source, state
+            )
+            waiting[number] = (batch.rejects, walk)
+            datagrams += len(batch.payloads)
+            land(pool.submit(walked))
+            if progress and batch.bytes_read > done:
+                progress(batch.bytes_read - done)
+                done = batch.bytes_read
+        last, adds, rows = pool.finish()
+        land(last)
+    except BaseException:
+        pool.abort()
+        raise
+    writer.adopt(adds, rows)
+    return datagrams
 
 
 def _with_source(flows: pa.Table, source: str) -> pa.Table:

@@ -5,8 +5,11 @@ rejects (what could not be decoded, with its byte offset and why), plus per-expo
 never an exception. Templates, sequence numbers, sampling intervals and data still waiting for its template
 live in a `DecoderState` that the caller keeps across batches (and that round-trips through JSON).
 
-Speed: the per-datagram header and flowset walk is Python; the per-record work is not. All data records that
-share a template in a batch are joined into one buffer and read with one structured big-endian numpy dtype.
+Speed: the steady state (datagrams holding one data set of a known template) is read with numpy over the headers
+of a whole run of datagrams; only templates, options, multi-set datagrams and junk are walked in Python, one
+datagram at a time, in input order. All data records that share a template in a batch are joined into one
+buffer and read with one structured big-endian numpy dtype. walk_datagrams (stateful) and decode_walked
+(stateless columns) are the two halves of decode_datagrams, so that the second can run in another process.
 """
 
 from __future__ import annotations
@@ -648,6 +651,29 @@ _SET = struct.Struct(">HH")
 _U32 = struct.Struct(">I")
 
 
+@dataclass
+class Walked:
+    """Data records of one batch, grouped by template: what turning them into columns needs, no more (plain
+    bytes and arrays: pickled cheaply to a worker process). Per group: the template, its records joined, the
+    records of each data set and the ctx row of each data set; ctx: one row per context (see _CTX_*)."""
+
+    groups: list[tuple[Template, bytes, np.ndarray, np.ndarray]]
+    ctx: np.ndarray
+    exporters: list[str]
+    source: str
+
+    @property
+    def records(self) -> int:
+        return sum(int(counts.sum()) for _, _, counts, _ in self.groups)
+
+
+def _int_array(items: list) -> np.ndarray:
+    """ints and int arrays, in order, as one int64 array."""
+    if any(isinstance(x, np.ndarray) for x in items):
+        return np.concatenate([np.asarray(x, np.int64).reshape(-1) for x in items])
+    return np.asarray(items, np.int64)
+
+
 class _Batch:
     """Working memory of one decode_datagrams call."""
 
@@ -656,7 +682,9 @@ class _Batch:
         self.source = source
         self.exporters: list[str] = []
         self.exporter_index: dict[str, int] = {}
-        self.ctx: list[tuple] = []
+        self.ctx: list[tuple] = []  # ctx rows not yet in a block
+        self.ctx_blocks: list[np.ndarray] = []
+        self.ctx_rows = 0
         # template object id -> (template, [slices], [record counts], [ctx index], [offsets])
         self.groups: dict[int, tuple[Template, list, list, list]] = {}
         self.rejects: list[tuple[int | None, str, str, str]] = []
@@ -664,6 +692,17 @@ class _Batch:
         self.replay: list[tuple] = []  # (template, exporter, domain, data that waited for it)
         # variable-length template id -> (template, [(record bytes, bounds, ctx)]): rewritten in one go (issue 16)
         self.variable: dict[int, tuple[Template, list]] = {}
+
+    def walked(self) -> Walked:
+        if self.variable:  # variable-length records -> their templates' fixed projections, grouped as usual
+            _project_variable(self)
+        groups = [
+            (tpl, b"".join(bodies), _int_array(counts), _int_array(ctx_ids))
+            for tpl, bodies, counts, ctx_ids in self.groups.values()
+        ]
+        self._ctx_to_block()
+        ctx = np.concatenate(self.ctx_blocks) if self.ctx_blocks else np.zeros((0, 8), np.int64)
+        return Walked(groups, ctx, self.exporters, self.source)
 
     def stat(self, exporter: str) -> dict[str, Any]:
         s = self.stats.get(exporter)
@@ -696,13 +735,29 @@ class _Batch:
 
     def add_ctx(self, exporter: str, values: tuple) -> int:
         self.ctx.append((self.exporter_id(exporter), *values))
-        return len(self.ctx) - 1
+        self.ctx_rows += 1
+        return self.ctx_rows - 1
 
-    def add_data(self, tpl: Template, body: bytes | memoryview, count: int, ctx: int) -> None:
+    def add_ctx_block(self, rows: np.ndarray) -> np.ndarray:
+        """Many ctx rows at once (an (n, 8) int64 array); returns their indices."""
+        self._ctx_to_block()
+        self.ctx_blocks.append(rows)
+        self.ctx_rows += len(rows)
+        return np.arange(self.ctx_rows - len(rows), self.ctx_rows)
+
+    def _ctx_to_block(self) -> None:
+        if self.ctx:
+            self.ctx_blocks.append(np.array(self.ctx, dtype=np.int64).reshape(-1, 8))
+            self.ctx = []
+
+    def add_data(
+        self, tpl: Template, body: bytes | memoryview | list, count: int | np.ndarray, ctx: int | np.ndarray
+    ) -> None:
+        """Records of `tpl`: one data set (count records, ctx index) or many (a list of bodies, arrays)."""
         group = self.groups.get(id(tpl))
         if group is None:
             group = self.groups[id(tpl)] = (tpl, [], [], [])
-        group[1].append(body)
+        (group[1].extend if isinstance(body, list) else group[1].append)(body)
         group[2].append(count)
         group[3].append(ctx)
 
@@ -723,79 +778,66 @@ def decode_datagrams(
     `text_as_dictionary`: leave the text columns (addresses, exporter, source) dictionary-encoded, as
     Lake writers take them fastest; by default they are plain strings exactly as schema.FLOWS declares.
     """
+    batch = _walk_batch(payloads, exporters, arrival_us, offsets, source, state)
+    flows = _decode_walked(batch, batch.walked())
+    if not text_as_dictionary:
+        flows = flows.cast(FLOWS)
+    return Decoded(flows, _rejects_table(batch.rejects, source), batch.stats)
+
+
+def walk_datagrams(
+    payloads: Sequence[bytes | memoryview],
+    exporters: Sequence[str],
+    arrival_us: np.ndarray,
+    offsets: np.ndarray | None,
+    source: str,
+    state: DecoderState,
+) -> tuple[Walked, Decoded]:
+    """The stateful half of decode_datagrams: headers, templates, sequences, options, data waiting for
+    templates. Returns the data records grouped by template (`Walked`: plain bytes and arrays, cheap to send
+    to another process, where `decode_walked` turns them into columns) and what the walk itself found
+    (flows empty; rejects and per-exporter counters). decode_datagrams == walk + decode_walked, merged."""
+    batch = _walk_batch(payloads, exporters, arrival_us, offsets, source, state)
+    empty = FLOWS_TEXT_DICTIONARY.empty_table()
+    return batch.walked(), Decoded(empty, _rejects_table(batch.rejects, source), batch.stats)
+
+
+def decode_walked(walked: Walked) -> Decoded:
+    """The stateless half of decode_datagrams: records grouped by template -> flows (text columns
+    dictionary-encoded), with the rejects and counters found on the way (times out of range, no addresses)."""
+    batch = _Batch(None, walked.source)  # type: ignore[arg-type]  # columns need no decoder state
+    batch.exporters = list(walked.exporters)
+    flows = _decode_walked(batch, walked)
+    return Decoded(flows, _rejects_table(batch.rejects, walked.source), batch.stats)
+
+
+def _walk_batch(
+    payloads: Sequence[bytes | memoryview],
+    exporters: Sequence[str],
+    arrival_us: np.ndarray,
+    offsets: np.ndarray | None,
+    source: str,
+    state: DecoderState,
+) -> _Batch:
     batch = _Batch(state, source)
     n = len(payloads)
     if n:
         state.now_ms = max(state.now_ms, int(np.max(arrival_us)) // 1000)
     offs = offsets.tolist() if offsets is not None else [None] * n
     # Fast path: a v9/IPFIX datagram holding exactly one data set of a known template (the steady state of
-    # every exporter). Whatever else (templates, options, several sets, v1/v5/v7, junk) takes the full walk,
-    # which also drops this cache since it may have changed templates or options values.
-    fast: dict[tuple[str, int, int, int], tuple] = {}
-    ctx_append = batch.ctx.append
-    v9_unpack, ipfix_unpack = _FAST_V9.unpack_from, _FAST_IPFIX.unpack_from
-    for i in range(n):
-        payload = payloads[i]
-        size = len(payload)
-        if size >= 24:
-            version = payload[1] | (payload[0] << 8)
-            if version == 9:
-                _, _, uptime, secs, seq, domain, set_id, set_len = v9_unpack(payload, 0)
-                if set_len == size - 20 and set_id >= 256:
-                    entry = fast.get((exporters[i], 9, domain, set_id))
-                    if entry is None:
-                        entry = _fast_entry(batch, fast, exporters[i], 9, domain, set_id)
-                    if entry:
-                        tpl, bodies, counts, ctx_ids, track, eidx, sys_init, sampling = entry
-                        count = (set_len - 4) // tpl.record_len
-                        if track.expected == seq:  # v9 counts datagrams
-                            track.expected = (seq + 1) & 0xFFFFFFFF
-                        else:
-                            _track_sequence(batch, exporters[i], (exporters[i], 9, domain), seq, 1)
-                        if count:
-                            ctx_ids.append(len(batch.ctx))
-                            ctx_append(
-                                (
-                                    eidx,
-                                    9,
-                                    domain,
-                                    secs * 1000 - uptime,
-                                    uptime,
-                                    secs * 1000,
-                                    sys_init,
-                                    sampling,
-                                )
-                            )
-                            bodies.append(payload[24 : 24 + count * tpl.record_len])
-                            counts.append(count)
-                        continue
-            elif version == 10:
-                _, length, export_s, seq, domain, set_id, set_len = ipfix_unpack(payload, 0)
-                if length == size and set_len == size - 16 and set_id >= 256:
-                    entry = fast.get((exporters[i], 10, domain, set_id))
-                    if entry is None:
-                        entry = _fast_entry(batch, fast, exporters[i], 10, domain, set_id)
-                    if entry:
-                        tpl, bodies, counts, ctx_ids, track, eidx, sys_init, sampling = entry
-                        count = (set_len - 4) // tpl.record_len
-                        first = (
-                            (seq - count) & 0xFFFFFFFF if track.after else seq
-                        )  # IPFIX counts data records
-                        if track.expected == first:
-                            track.expected = (first + count) & 0xFFFFFFFF
-                        else:
-                            _track_ipfix(batch, exporters[i], (exporters[i], 10, domain), seq, count, 0)
-                        if count:
-                            ctx_ids.append(len(batch.ctx))
-                            ctx_append(
-                                (eidx, 10, domain, export_s * 1000, 0, export_s * 1000, sys_init, sampling)
-                            )
-                            bodies.append(payload[20 : 20 + count * tpl.record_len])
-                            counts.append(count)
-                        continue
-        fast.clear()
+    # every exporter), taken in runs, with numpy over the headers of the whole run (no Python per datagram but
+    # one slice of its records). Whatever else (templates, options, several sets, v1/v5/v7, junk) takes the
+    # full walk, one datagram at a time, in input order: it may change templates, options values or bounds.
+    heads = _FastHeads(payloads, exporters)
+    i = 0
+    while i < n:
+        if heads.candidate[i]:
+            stop = heads.run_end(i)
+            i = _fast_run(batch, heads, payloads, i, stop)
+            if i == stop:
+                continue
         try:
-            _walk_datagram(batch, payload, exporters[i], offs[i])
+            _walk_datagram(batch, payloads[i], exporters[i], offs[i])
         except (
             struct.error,
             ValueError,
@@ -805,55 +847,175 @@ def decode_datagrams(
             batch.reject(offs[i], exporters[i], "malformed datagram", repr(exc)[:200])
         if batch.replay:  # templates learnt before the walk stopped still serve the data that waited
             _replay_pending(batch)
+        i += 1
     for exporter, datagrams in Counter(exporters).items():
         batch.stat(exporter)["datagrams"] += datagrams
         if exporter in state.domains:  # only exporters the state keeps (bounded) are remembered
             state.last_seen_ms[exporter] = state.now_ms
-    flows = _decode_groups(batch)
-    if not text_as_dictionary:
-        flows = flows.cast(FLOWS)
     for exporter, s in batch.stats.items():
         sampling = _known_sampling(state, exporter)
         if sampling is not None:
             s["sampling"] = sampling
-    return Decoded(flows, _rejects_table(batch.rejects, source), batch.stats)
+    return batch
 
 
-_FAST_V9 = struct.Struct(">HHIIIIHH")  # v9 header + first flowset header
-_FAST_IPFIX = struct.Struct(">HHIIIHH")  # IPFIX header + first set header
+# the first 24 bytes of a datagram, read as v9 (header + first flowset header) and as IPFIX (header + first set
+# header + 4 bytes of it), big-endian
+_HEAD = np.dtype(
+    [
+        ("version", ">u2"),
+        ("count", ">u2"),
+        ("w1", ">u4"),
+        ("w2", ">u4"),
+        ("w3", ">u4"),
+        ("w4", ">u4"),
+        ("w5", ">u4"),
+    ]
+)
+_PAD = bytes(24)
 
 
-def _fast_entry(
-    batch: _Batch, fast: dict, exporter: str, version: int, domain: int, set_id: int
-) -> tuple | None:
-    """What the fast path needs for one (exporter, version, domain, template): None if it cannot be taken."""
-    state = batch.state
+class _FastHeads:
+    """Headers of a batch's datagrams as columns; which ones may take the fast path (one data set, v9/IPFIX)."""
+
+    def __init__(self, payloads: Sequence[bytes | memoryview], exporters: Sequence[str]) -> None:
+        n = len(payloads)
+        self.sizes = np.fromiter(map(len, payloads), np.int64, n)
+        raw = b"".join([p[:24] if len(p) >= 24 else _PAD for p in payloads])
+        heads = np.frombuffer(raw, _HEAD, n)
+        version = heads["version"]
+        # v9: version, count, sysUptime, unix_secs, sequence, source id, (set id, set length)
+        v9 = (version == 9) & ((heads["w5"] & 0xFFFF) == self.sizes - 20) & ((heads["w5"] >> 16) >= 256)
+        # IPFIX: version, length, export time, sequence, domain, (set id, set length)
+        v10 = (
+            (version == 10)
+            & (heads["count"] == self.sizes)
+            & ((heads["w4"] & 0xFFFF) == self.sizes - 16)
+            & ((heads["w4"] >> 16) >= 256)
+        )
+        self.candidate = (self.sizes >= 24) & (v9 | v10)
+        self.version = version.astype(np.int64)
+        self.time = np.where(v9, heads["w2"], heads["w1"]).astype(np.int64)  # unix secs / export time
+        self.uptime = np.where(v9, heads["w1"], 0).astype(np.int64)
+        self.sequence = np.where(v9, heads["w3"], heads["w2"]).astype(np.int64)
+        self.domain = np.where(v9, heads["w4"], heads["w3"]).astype(np.int64)
+        sets = np.where(v9, heads["w5"], heads["w4"]).astype(np.int64)
+        self.set_id, self.set_len = sets >> 16, sets & 0xFFFF
+        encoded = pc.dictionary_encode(pa.array(exporters, pa.string())) if n else None
+        self.exporter_code = (
+            encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64) if n else np.zeros(0, np.int64)
+        )
+        self.exporter_names: list[str] = encoded.dictionary.to_pylist() if n else []
+        # one number per (exporter, version, domain, set id): the fast path's cache key
+        scope = (self.version << 48) | (self.set_id << 32) | self.domain
+        self.key = self.exporter_code * max(n, 1) + np.unique(scope, return_inverse=True)[1].reshape(-1)
+        self.breaks = np.flatnonzero(~self.candidate)
+
+    def run_end(self, i: int) -> int:
+        """The first datagram from i on that is no candidate (or the batch's end)."""
+        at = np.searchsorted(self.breaks, i)
+        return int(self.breaks[at]) if at < len(self.breaks) else len(self.candidate)
+
+    def key_of(self, i: int) -> tuple[str, int, int, int]:
+        return (
+            self.exporter_names[self.exporter_code[i]],
+            int(self.version[i]),
+            int(self.domain[i]),
+            int(self.set_id[i]),
+        )
+
+
+def _fast_run(
+    batch: _Batch, heads: _FastHeads, payloads: Sequence[bytes | memoryview], start: int, stop: int
+) -> int:
+    """Take datagrams start.. of a run of candidates as fast as their templates allow; returns where it stopped
+    (stop, or the first datagram that must take the full walk: unknown template, sequence not yet followed)."""
+    keys = heads.key[start:stop]
+    first = np.unique(keys, return_index=True)[1]
+    end = stop
+    for j in np.argsort(first):  # in order of first appearance: a key that cannot be taken ends the run there
+        at = start + int(first[j])
+        if at >= end:
+            break
+        if _fast_template(batch.state, *heads.key_of(at)) is None:
+            end = at
+    if end == start:
+        return start
+    keys = keys[: end - start]
+    order = np.argsort(keys, kind="stable")  # datagrams of one key together, each key's in input order
+    bounds = np.flatnonzero(np.diff(keys[order])) + 1
+    groups = sorted(np.split(order + start, bounds), key=lambda idx: idx[0])
+    for idx in groups:  # keys in order of first appearance (as the templates and domains are touched)
+        _fast_key(batch, heads, payloads, idx)
+    return end
+
+
+def _fast_template(
+    state: DecoderState, exporter: str, version: int, domain: int, set_id: int
+) -> tuple[Template, _Sequence] | None:
+    """The template and sequence tracker the fast path needs, None if it cannot be taken. No side effects."""
     tpl = state.templates.get((exporter, version, domain, set_id))
     if tpl is None or tpl.options or tpl.variable_fields or tpl.enterprise_fields or not tpl.record_len:
         return None
     track = state.sequences.get((exporter, version, domain))
     if track is None or track.expected is None or (version == 10 and not track.locked):
         return None  # the first datagrams of a sequence go the full way (they set `expected`)
+    return tpl, track
+
+
+def _fast_key(
+    batch: _Batch, heads: _FastHeads, payloads: Sequence[bytes | memoryview], idx: np.ndarray
+) -> None:
+    """Datagrams `idx` (input order) of one (exporter, version, domain, template) known to the fast path."""
+    state = batch.state
+    exporter, version, domain, set_id = heads.key_of(int(idx[0]))
+    tpl, track = _fast_template(state, exporter, version, domain, set_id)  # type: ignore[misc]
     state.used((exporter, version, domain, set_id))
     stats = batch.stat(exporter)
     if version not in stats["versions"]:
         stats["versions"].append(version)
-    group = batch.groups.get(id(tpl))
-    if group is None:
-        group = batch.groups[id(tpl)] = (tpl, [], [], [])
-    eidx = batch.exporter_id(exporter)
-    entry = (
-        tpl,
-        group[1],
-        group[2],
-        group[3],
-        track,
-        eidx,
-        state.sys_init_ms.get((exporter, domain), -1),
-        state.sampling.get((exporter, domain), -1),
-    )
-    fast[(exporter, version, domain, set_id)] = entry
-    return entry
+    counts = (heads.set_len[idx] - 4) // tpl.record_len
+    seqs = heads.sequence[idx]
+    scope = (exporter, version, domain)
+    if version == 9:  # v9 counts datagrams
+        if seqs[0] == track.expected and bool((np.diff(seqs) % WRAP == 1).all()):
+            track.expected = int(seqs[-1] + 1) % WRAP
+        else:  # a gap, a duplicate or a late datagram: one at a time, as the full walk does
+            for seq in seqs.tolist():
+                if track.expected == seq:
+                    track.expected = (seq + 1) & 0xFFFFFFFF
+                else:
+                    _track_sequence(batch, exporter, scope, seq, 1)
+    else:  # IPFIX counts data records; locked convention (see _Sequence)
+        firsts = (seqs - counts) % WRAP if track.after else seqs
+        if firsts[0] == track.expected and bool(((firsts[1:] - firsts[:-1] - counts[:-1]) % WRAP == 0).all()):
+            track.expected = int(firsts[-1] + counts[-1]) % WRAP
+        else:
+            for seq, first, count in zip(seqs.tolist(), firsts.tolist(), counts.tolist(), strict=True):
+                if track.expected == first:
+                    track.expected = (first + count) & 0xFFFFFFFF
+                else:
+                    _track_ipfix(batch, exporter, scope, seq, count, 0)
+    has = counts > 0
+    if not has.all():
+        idx, counts = idx[has], counts[has]
+    if not len(idx):
+        return
+    export_ms = heads.time[idx] * 1000
+    rows = np.empty((len(idx), 8), np.int64)
+    rows[:, _CTX_EXPORTER] = batch.exporter_id(exporter)
+    rows[:, _CTX_VERSION] = version
+    rows[:, _CTX_DOMAIN] = domain
+    rows[:, _CTX_BOOT] = export_ms - heads.uptime[idx]
+    rows[:, _CTX_UPTIME] = heads.uptime[idx]
+    rows[:, _CTX_EXPORT] = export_ms
+    rows[:, _CTX_INIT] = state.sys_init_ms.get((exporter, domain), -1)
+    rows[:, _CTX_SAMPLING] = state.sampling.get((exporter, domain), -1)
+    hdr, record_len = 24 if version == 9 else 20, tpl.record_len
+    bodies = [
+        payloads[d][hdr : hdr + c * record_len] for d, c in zip(idx.tolist(), counts.tolist(), strict=True)
+    ]
+    batch.add_data(tpl, bodies, counts, batch.add_ctx_block(rows))
 
 
 def _known_sampling(state: DecoderState, exporter: str) -> int | None:
@@ -1439,17 +1601,14 @@ def _track_sequence(
 
 
 # ---- columns ------------------------------------------------------------------------------------------------
-def _decode_groups(batch: _Batch) -> pa.Table:
-    """All groups' records as one table with FLOWS_TEXT_DICTIONARY types."""
-    if batch.variable:
-        _project_variable(batch)
-    if not batch.groups:
+def _decode_walked(batch: _Batch, walked: Walked) -> pa.Table:
+    """All groups' records as one table with FLOWS_TEXT_DICTIONARY types (rejects and flow counts into batch)."""
+    if not walked.groups:
         return FLOWS_TEXT_DICTIONARY.empty_table()
-    ctx = np.array(batch.ctx, dtype=np.int64).reshape(-1, 8)
-    exporters = pa.array(batch.exporters, pa.string())
+    exporters = pa.array(walked.exporters, pa.string())
     tables = []
-    for tpl, bodies, counts, ctx_ids in batch.groups.values():
-        table = _decode_group(batch, tpl, bodies, counts, ctx_ids, ctx, exporters)
+    for tpl, records, counts, ctx_ids in walked.groups:
+        table = _decode_group(batch, tpl, records, counts, ctx_ids, walked.ctx, exporters)
         if table is not None and table.num_rows:
             tables.append(table)
     if not tables:
@@ -1480,9 +1639,9 @@ def _uint(arr: np.ndarray, role: str, roles: dict[str, int], dtype: type = np.in
 class _PerRecord:
     """Context values (one row per datagram) repeated out to one value per record, column by column."""
 
-    def __init__(self, ctx: np.ndarray, ctx_ids: list[int], counts: list[int]) -> None:
-        self.rows = ctx[np.asarray(ctx_ids, dtype=np.int64)]
-        self.counts = np.asarray(counts, dtype=np.int64)
+    def __init__(self, ctx: np.ndarray, ctx_ids: np.ndarray, counts: np.ndarray) -> None:
+        self.rows = ctx[ctx_ids]
+        self.counts = counts
         self.cache: dict[int, np.ndarray] = {}
 
     def __getitem__(self, column: int) -> np.ndarray:
@@ -1495,16 +1654,15 @@ class _PerRecord:
 def _decode_group(
     batch: _Batch,
     tpl: Template,
-    bodies: list,
-    counts: list,
-    ctx_ids: list,
+    records: bytes,
+    counts: np.ndarray,
+    ctx_ids: np.ndarray,
     ctx: np.ndarray,
     exporters: pa.Array,
 ) -> pa.Table | None:
     roles = tpl.roles
-    total = sum(counts)
-    buf = b"".join(bodies)
-    arr = np.frombuffer(buf, dtype=tpl.dtype, count=total)
+    total = int(counts.sum())
+    arr = np.frombuffer(records, dtype=tpl.dtype, count=total)
     c = _PerRecord(ctx, ctx_ids, counts)
 
     has4 = "src_addr4" in roles and "dst_addr4" in roles

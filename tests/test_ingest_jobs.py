@@ -1,0 +1,134 @@
+"""`ingest netflow --jobs N`: captures walked in input order in one process (one decoder state) and turned into
+Parquet by N worker processes land exactly what one process lands: the same flows, rejects in the same order, the
+same per-exporter counters (sequence gaps across a capture split in two included), committed as one source each."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+from scapy.utils import rdpcap, wrpcap
+
+from tracepipe.errors import LakeError
+from tracepipe.ingest.decode_pool import DecodePool
+from tracepipe.ingest.flows import ingest_flow_files
+from tracepipe.ingest.netflow import DecoderState, walk_datagrams
+from tracepipe.ingest.pcap import iter_udp_batches
+from tracepipe.lake import Lake
+
+COLUMNS = ["ts_start", "ts_end", "src_addr", "dst_addr", "src_port", "dst_port", "proto", "packets", "bytes"]
+COLUMNS += ["tcp_flags", "ip_version", "exporter", "input_if", "output_if", "sampling_interval", "source"]
+
+
+@pytest.fixture(scope="module")
+def captures(softflowd_export, tmp_path_factory) -> list:
+    """Real softflowd v5, v9 and IPFIX exports; the v9 one also split in two files (its template in the first,
+    most data in the second), and with junk datagrams and a truncated one among its packets."""
+    base = tmp_path_factory.mktemp("jobs")
+    exports = {v: softflowd_export(v, "ipv6" if v in (9, 10) else "ipv4") for v in (5, 9, 10)}
+    packets = rdpcap(str(exports[9].export_pcap))
+    wrpcap(str(base / "v9-part1.pcap"), packets[:3])
+    wrpcap(str(base / "v9-part2.pcap"), packets[3:])
+    hostile = list(packets)
+    first = hostile[0]
+    for at, payload in (
+        (5, b"\x00\x09junk"),
+        (9, bytes(first[UDP].payload)[:30]),
+        (12, b"\x00\x0a" + b"\xff" * 40),
+    ):
+        frame = Ether() / IP(src=first[IP].src, dst=first[IP].dst) / UDP(sport=first[UDP].sport, dport=2055)
+        hostile.insert(at, frame / payload)
+    # a data datagram whose header clock says 2099: its flows are rejects "time outside plausible window"
+    future = next(bytes(p[UDP].payload) for p in packets[1:] if len(p[UDP].payload) > 200)
+    future = future[:8] + struct.pack(">I", 4_080_000_000) + future[12:]
+    frame = Ether() / IP(src=first[IP].src, dst=first[IP].dst) / UDP(sport=first[UDP].sport, dport=2055)
+    hostile.append(frame / future)
+    wrpcap(str(base / "v9-hostile.pcap"), hostile)
+    paths = [exports[5].export_pcap, base / "v9-part1.pcap", base / "v9-part2.pcap", exports[10].export_pcap]
+    return [*paths, base / "v9-hostile.pcap"]
+
+
+def landed(lake_dir, paths: list, jobs: int) -> tuple:
+    lake = Lake(lake_dir)
+    # parallel_min_bytes=0: the small real captures go through the workers too
+    summary = ingest_flow_files(lake, paths, jobs=jobs, parallel_min_bytes=0)
+    flows = lake.read("flows", columns=COLUMNS)
+    rejects = lake.read("rejects", columns=["offset", "exporter", "reason", "detail", "source"])
+    data = flows.to_pydict()
+    rows = sorted(zip(*(data[c] for c in COLUMNS), strict=True), key=repr)
+    return summary, rows, rejects, lake
+
+
+def test_jobs_land_exactly_what_one_process_lands(captures, tmp_path):
+    one, one_rows, one_rejects, _ = landed(tmp_path / "one", captures, jobs=1)
+    two, two_rows, two_rejects, lake = landed(tmp_path / "two", captures, jobs=2)
+    assert one.flows > 0 and one.rejects >= 3  # the junk, the truncated datagram, the bad IPFIX
+    assert two_rows == one_rows
+    assert two.to_dict()["files"] == one.to_dict()["files"]
+    assert two.exporters == one.exporters
+    assert two.days == one.days
+    assert two.exit_code == one.exit_code == 3
+    future = [r for r in one_rejects.to_pylist() if r["reason"] == "time outside plausible window"]
+    assert future and all("ts_start=2099" in r["detail"] for r in future)
+    assert not [r for r in one_rows if r[0].year > 2090]
+    key = ["source", "offset", "reason", "detail"]
+    assert sorted(two_rejects.select(key).to_pylist(), key=repr) == sorted(
+        one_rejects.select(key).to_pylist(), key=repr
+    )
+    # rejects in input order within each source, as one process writes them
+    for source in set(one_rejects.column("source").to_pylist()):
+        mask = pa.compute.equal(one_rejects.column("source"), source)
+        mask2 = pa.compute.equal(two_rejects.column("source"), source)
+        assert (
+            two_rejects.filter(mask2).column("offset").to_pylist()
+            == one_rejects.filter(mask).column("offset").to_pylist()
+        )
+    # every capture is one source in the manifest, its rows in the workers' files
+    manifest = lake.manifest().to_pylist()
+    assert sorted(r["rows"] for r in manifest if r["dataset"] == "flows") == sorted(
+        f["flows"] for f in one.to_dict()["files"]
+    )
+    # re-ingesting skips every file, as with one process
+    again = ingest_flow_files(lake, captures, jobs=2, parallel_min_bytes=0)
+    assert [f.status for f in again.files] == ["skipped"] * len(captures)
+
+
+def test_a_worker_that_dies_is_an_error_that_says_what_to_do(captures, tmp_path):
+    state = DecoderState()
+    batch = next(iter_udp_batches(captures[1]))
+    walked, _ = walk_datagrams(batch.payloads, batch.exporters, batch.ts_us, batch.offsets, "x", state)
+    (tmp_path / "lake" / "flows").mkdir(parents=True)
+    with DecodePool(2, tmp_path / "lake") as pool:
+        pool.begin("k" * 16)
+        os.kill(pool._procs[0].pid, signal.SIGKILL)
+        pool._procs[0].wait()
+        with pytest.raises(LakeError, match=r"decode worker 0 died.*--jobs 1"):
+            for _ in range(4):
+                pool.submit(walked)
+            pool.finish()
+        pool.abort()
+    assert not list((tmp_path / "lake").rglob("*.parquet"))  # the live worker deleted what it wrote
+
+
+def test_batches_go_round_robin_and_answers_come_back_numbered(captures, tmp_path):
+    state = DecoderState()
+    walked = [
+        walk_datagrams(b.payloads, b.exporters, b.ts_us, b.offsets, "x", state)[0]
+        for b in iter_udp_batches(captures[2], batch_datagrams=4)
+    ]
+    assert len(walked) >= 5
+    with DecodePool(2, tmp_path) as pool:
+        pool.begin("k" * 16)
+        answers = [a for w in walked for a in pool.submit(w)]
+        last, adds, rows = pool.finish()
+    numbers = sorted(n for n, _ in [*answers, *last])
+    assert numbers == list(range(len(walked)))
+    assert rows == sum(w.records for w in walked) > 0
+    assert len(adds) == 2  # one file per worker for the one day of this capture
+    assert np.all([(tmp_path / "flows" / a.path).exists() for a in adds])

@@ -1,0 +1,237 @@
+"""Worker processes that turn walked NetFlow records into the lake's Parquet parts (`ingest netflow --jobs N`).
+
+In: `Walked` batches (records grouped by template, from netflow.walk_datagrams), in input order. The decoder state
+(templates, sequence numbers, options values) never leaves the process that walks the datagrams, so it stays
+exactly per exporter and domain, as with one process. Out: per batch the rejects and counters found while making
+columns, handed back in input order; per source the closed day files of every worker, which the caller commits
+(IngestWriter.adopt) in one Delta commit with the rest. Batch k goes to worker k % jobs; workers are fresh
+interpreters (delta-rs is not fork-safe) and hold at most two batches each, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from deltalake.transaction import AddAction
+
+from tracepipe.errors import LakeError
+from tracepipe.ingest.netflow import Decoded, Walked, decode_walked
+from tracepipe.lake import ROW_GROUP_ROWS
+
+IN_FLIGHT = 2  # batches queued per worker: one being decoded, one waiting (memory: ~2 x 5 MB of records)
+
+
+def default_jobs() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
+    """One worker: ("begin", key) opens a source's day files, ("batch", walked) decodes and writes a batch,
+    ("close",) finishes the files, ("abort",) deletes them, ("stop",) ends. Errors go back as text."""
+    import pyarrow as pa
+
+    from tracepipe.lake import DayParts, split_implausible
+    from tracepipe.schema import DATASETS
+
+    parts: DayParts | None = None
+    rows = 0
+    while True:
+        try:
+            message = inbox.recv()
+        except EOFError:  # the parent is gone
+            message = ("stop",)
+        op = message[0]
+        try:
+            if op == "begin":
+                parts, rows = DayParts(Path(root), DATASETS["flows"], message[1], message[2]), 0
+            elif op == "batch":
+                decoded = decode_walked(message[1])
+                assert parts is not None, "batch before begin"
+                flows, implausible = split_implausible(decoded.flows, DATASETS["flows"])
+                rows += parts.write(flows)
+                rejects = decoded.rejects
+                if implausible.num_rows:  # as IngestWriter.write would: rejects, in this batch's place
+                    n = implausible.num_rows
+                    same = pa.table(
+                        {
+                            f.name: implausible.column(f.name).cast(f.type)
+                            if f.name in implausible.column_names
+                            else pa.nulls(n, f.type)
+                            for f in rejects.schema
+                        },
+                        schema=rejects.schema,
+                    )
+                    rejects = pa.concat_tables([rejects, same])
+                outbox.send(("done", rejects, decoded.stats))
+            elif op == "close":
+                adds = parts.close() if parts is not None else []
+                parts = None
+                outbox.send(("closed", adds, rows))
+            elif op in ("abort", "stop"):
+                if parts is not None:
+                    parts.abort()
+                    parts = None
+                if op == "stop":
+                    return
+        except Exception:  # a bug or the environment (disk full): the parent raises it, with this text
+            outbox.send(("error", traceback.format_exc(limit=8)))
+            if parts is not None:
+                parts.abort()
+                parts = None
+
+
+class DecodePool:
+    """`jobs` spawned workers writing into the lake at `root`. Use as a context manager (workers stop at exit)."""
+
+    def __init__(self, jobs: int, root: Path) -> None:
+        self.jobs = max(1, jobs)
+        self.root = root
+        self._conns: list[tuple[Connection, Connection]] = []  # per worker: (from it, to it)
+        self._procs: list[subprocess.Popen] = []
+        self._queued: list[list[int]] = []  # per worker: sequence numbers of batches sent, not answered
+        self._sent = 0
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start the workers (their start-up, ~0.5 s each, then overlaps with hashing the first file)."""
+        if self._procs:
+            return
+        # a fresh interpreter per worker (no fork: delta-rs is not fork-safe), started as a module so that the
+        # caller's __main__ is never re-imported (multiprocessing's spawn would, and needs a __main__ guard)
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
+        for _ in range(self.jobs):
+            to_child_r, to_child_w = os.pipe()
+            from_child_r, from_child_w = os.pipe()
+            cmd = [sys.executable, "-m", __name__, str(self.root), str(to_child_r), str(from_child_w)]
+            try:
+                proc = subprocess.Popen(
+                    cmd, pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL
+                )
+            finally:
+                os.close(to_child_r)
+                os.close(from_child_w)
+            self._conns.append(
+                (Connection(from_child_r, writable=False), Connection(to_child_w, readable=False))
+            )
+            self._procs.append(proc)
+            self._queued.append([])
+
+    def begin(self, key: str) -> None:
+        """Start a source: each worker opens day files named after `key` (lake.source_key)."""
+        self.start()
+        self._sent = 0
+        # each worker buffers a row group per day: 1/jobs of the usual size keeps the sum of them (memory) as
+        # with one process
+        row_group_rows = max(ROW_GROUP_ROWS // self.jobs, 100_000)
+        for worker in range(self.jobs):
+            self._send(worker, ("begin", key, row_group_rows))
+
+    def submit(self, walked: Walked) -> list[tuple[int, Decoded]]:
+        """Queue batch number `self._sent`; returns the (batch number, Decoded) answers that came in meanwhile
+        (not necessarily in order: the caller lands them in order)."""
+        worker = self._sent % self.jobs
+        answers = []
+        while len(self._queued[worker]) >= IN_FLIGHT:
+            answers.append(self._answer(worker))
+        self._send(worker, ("batch", walked))
+        self._queued[worker].append(self._sent)
+        self._sent += 1
+        return answers
+
+    def finish(self) -> tuple[list[tuple[int, Decoded]], list[AddAction], int]:
+        """All answers still due, then every worker's closed day files and the rows in them."""
+        answers = [self._answer(w) for w in range(self.jobs) for _ in range(len(self._queued[w]))]
+        adds: list[AddAction] = []
+        rows = 0
+        for worker in range(self.jobs):
+            self._send(worker, ("close",))
+        for worker in range(self.jobs):
+            reply = self._receive(worker)
+            if reply[0] != "closed":
+                raise LakeError(f"decode worker {worker}: unexpected answer {reply[0]!r}")
+            adds.extend(reply[1])
+            rows += reply[2]
+        return answers, adds, rows
+
+    def abort(self) -> None:
+        """Drop the current source: workers delete the files they wrote for it and stop (answers still on
+        their way are dropped with them; a next source starts new workers)."""
+        for _, to_worker in self._conns:
+            try:
+                to_worker.send(("abort",))
+            except OSError:
+                pass
+        self.stop()
+
+    def stop(self) -> None:
+        for _, to_worker in self._conns:
+            try:
+                to_worker.send(("stop",))
+            except OSError:
+                pass
+            to_worker.close()
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for from_worker, _ in self._conns:
+            from_worker.close()
+        self._conns, self._procs, self._queued = [], [], []
+
+    def _send(self, worker: int, message: tuple[Any, ...]) -> None:
+        try:
+            self._conns[worker][1].send(message)
+        except OSError as exc:
+            raise self._died(worker, exc) from exc
+
+    def _died(self, worker: int, exc: BaseException) -> LakeError:
+        return LakeError(
+            f"decode worker {worker} died ({exc or 'no answer'}); rerun with --jobs 1 to decode in one process, "
+            "or check memory (dmesg) and free space of the lake"
+        )
+
+    def _answer(self, worker: int) -> tuple[int, Decoded]:
+        reply = self._receive(worker)
+        seq = self._queued[worker].pop(0)
+        if reply[0] != "done":
+            raise LakeError(f"decode worker {worker}: unexpected answer {reply[0]!r}")
+        _, rejects, stats = reply
+        return seq, Decoded(rejects.schema.empty_table(), rejects, stats)
+
+    def _receive(self, worker: int) -> tuple[Any, ...]:
+        try:
+            reply = self._conns[worker][0].recv()
+        except (EOFError, OSError) as exc:
+            raise self._died(worker, exc) from exc
+        if reply[0] == "error":
+            raise LakeError(
+                f"decode worker {worker} failed: {reply[1].strip().splitlines()[-1]}. Rerun with --jobs 1 "
+                "--debug to see where."
+            )
+        return reply
+
+
+if __name__ == "__main__":  # a worker: python -m tracepipe.ingest.decode_pool LAKE_ROOT READ_FD WRITE_FD
+    _worker(
+        Connection(int(sys.argv[2]), writable=False),
+        Connection(int(sys.argv[3]), readable=False),
+        sys.argv[1],
+    )
