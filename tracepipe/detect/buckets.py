@@ -21,7 +21,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from tracepipe.detect import detectors as det
 from tracepipe.detect.features import (
@@ -31,13 +35,16 @@ from tracepipe.detect.features import (
     local_addresses,
     scan_flows,
     utc,
+    window_days,
     with_flow_facts,
 )
-from tracepipe.lake import Lake
+from tracepipe.lake import Lake, conform
+from tracepipe.schema import FLOWS
 
-# ~4 M flows per bucket keep a sweep (every detector + features) under ~1 GB here (README, "Detection quality
-# and speed"); a day of 10^8 flows is then 25 buckets.
-ROWS_PER_BUCKET = 4_000_000
+# ~3 M flows per bucket keep each bucket's detectors and features under ~1 GB here (README, "Detection quality
+# and speed"); a day of 10^8 flows is then 34 buckets. A host that is one end of very many flows (the cloud's
+# DNS resolver) makes its bucket bigger than the others: its share of the day, whatever the bucket count.
+ROWS_PER_BUCKET = 3_000_000
 CROSS_HOST = ("exfiltration",)  # compares hosts with each other: runs over the whole window
 # per-host detectors that call features.periodicity (passing spans=ctx.spans): their window-wide spans are
 # recorded before the buckets run; one that is missing here fails loudly (SpanBook has nothing to give)
@@ -45,6 +52,7 @@ WINDOW_WIDE = ("beacon",)
 BUCKET = "_bucket"
 # Provenance columns no detector or feature reads (evidence rows come from the lake itself): not spilled.
 NOT_SPILLED = ("source", "src_vm", "dst_vm")
+SPILL_BATCH_ROWS = 1_000_000  # rows read (and held) at a time: the lake's row group size
 T = TypeVar("T")
 Timer = Callable[[str, Callable[[], T]], T]
 
@@ -69,10 +77,10 @@ class Spill:
     schema: pl.Schema
 
     def source(self, bucket: int) -> pl.LazyFrame:
-        files = sorted((self.root / f"{BUCKET}={bucket}").glob("*.ipc"))
-        if not files:
+        path = self.root / f"{bucket}.parquet"
+        if not path.exists():
             return pl.LazyFrame(schema=self.schema)
-        return pl.scan_ipc([str(f) for f in files], hive_partitioning=False, glob=False)
+        return pl.scan_parquet(str(path), hive_partitioning=False, glob=False)
 
     def hosts(self, bucket: int) -> pl.Series:
         return self.owners.filter(pl.col(BUCKET) == bucket).get_column("addr")
@@ -88,29 +96,55 @@ def assign(hosts: list[str], buckets: int) -> pl.DataFrame:
 def spill_flows(
     lake: Lake, start: dt.datetime, end: dt.datetime, hosts: list[str], buckets: int
 ) -> Iterator[Spill]:
-    """One streaming pass over the lake's flows of [start, end): each flow with a local end, to the bucket of
-    each of its local ends (Arrow IPC, uncompressed: written and read back at memory speed). Removed on exit.
-    The rows of one (source, destination) pair keep their lake order, so `first()` per group is the
-    unbucketed run's."""
+    """One pass over the lake's flows of [start, end), one row group at a time (pyarrow pulls the next only
+    when asked: polars' own sinks read ahead and held ~1.2 GB here whatever the settings): each flow with a local
+    end goes to the bucket of each of its local ends, in lake order. Removed on exit."""
     owners = assign(hosts, buckets)
     root = Path(tempfile.mkdtemp(prefix="tracepipe-buckets-"))
     keys, values = owners.get_column("addr"), owners.get_column(BUCKET)
+    schema = pa.schema([f for f in FLOWS if f.name not in NOT_SPILLED])
+    since, until = utc(start), utc(end)
+    writers: dict[int, pq.ParquetWriter] = {}
 
-    def owner(column: str) -> pl.Expr:
-        return pl.col(column).replace_strict(keys, values, default=None, return_dtype=pl.Int32)
+    def owner(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+        found = pl.Series(column).replace_strict(keys, values, default=None, return_dtype=pl.Int32)
+        return found.fill_null(-1).to_numpy()
 
-    flows = scan_flows(lake, start, end).drop(NOT_SPILLED)
     try:
-        routed = flows.with_columns(_src=owner("src_addr"), _dst=owner("dst_addr"))
-        by_source = routed.filter(pl.col("_src").is_not_null()).with_columns(pl.col("_src").alias(BUCKET))
-        # a flow between two hosts of one bucket goes there once
-        other = pl.col("_dst").is_not_null() & (pl.col("_dst") != pl.col("_src")).fill_null(True)
-        by_destination = routed.filter(other).with_columns(pl.col("_dst").alias(BUCKET))
-        pl.concat([by_source, by_destination]).drop("_src", "_dst").sink_ipc(
-            pl.PartitionBy(root, key=BUCKET, include_key=False), compression=None, mkdir=True
+        for entry in lake.entries("flows", window_days(since, until)) if until > since else []:
+            source = pq.ParquetFile(entry.path)
+            columns = [name for name in schema.names if name in source.schema_arrow.names]
+            day = dt.datetime.fromisoformat(entry.day).replace(tzinfo=dt.UTC) if entry.day else None
+            whole_day = day is not None and since <= day and day + dt.timedelta(days=1) <= until
+            for batch in source.iter_batches(batch_size=SPILL_BATCH_ROWS, columns=columns):
+                table = conform(pa.Table.from_batches([batch]), schema)
+                if not whole_day:
+                    ts = table.column("ts_start")
+                    table = table.filter(pc.and_(pc.greater_equal(ts, since), pc.less(ts, until)))
+                src, dst = owner(table.column("src_addr")), owner(table.column("dst_addr"))
+                for bucket in range(buckets):
+                    rows = np.flatnonzero((src == bucket) | (dst == bucket))
+                    if not len(rows):
+                        continue
+                    if bucket not in writers:
+                        writers[bucket] = pq.ParquetWriter(
+                            root / f"{bucket}.parquet",
+                            schema,
+                            compression="none",
+                            use_dictionary=["src_addr", "dst_addr", "exporter"],
+                            write_statistics=False,
+                        )
+                    writers[bucket].write_table(table.take(rows))
+        for writer in writers.values():
+            writer.close()
+        writers.clear()
+        pa.default_memory_pool().release_unused()  # the buckets' polars scans come next: give back the batches
+        yield Spill(
+            root, owners, buckets, since, until, pl.Schema(pl.from_arrow(schema.empty_table()).schema)
         )
-        yield Spill(root, owners, buckets, utc(start), utc(end), flows.collect_schema())
     finally:
+        for writer in writers.values():
+            writer.close()
         shutil.rmtree(root, ignore_errors=True)
 
 
