@@ -355,6 +355,7 @@ def host_features(
     bucket = bucket_expr("ts_start", window_s)
     flows = flows.with_columns(window_start=bucket)
     initiator = ~pl.col("response")
+    milliseconds = (pl.col("ts_end") - pl.col("ts_start")).dt.total_milliseconds()
     out = (
         flows.filter(pl.col("src_local"))
         .group_by(pl.col("src_addr").alias("host"), "window_start")
@@ -368,7 +369,11 @@ def host_features(
             tcp_attempts=(pl.col("proto") == 6).and_(initiator).sum(),
             failed=pl.col("failed").sum(),
             syn_only=pl.col("syn_only").sum(),
-            mean_duration=pl.col("duration").mean(),
+            # from the exact integer sum of milliseconds: a float mean depends on the order rows are summed
+            # in (the streaming engine's, or a host bucket's), a sum of integers does not
+            mean_duration=pl.when(milliseconds.count() > 0).then(
+                milliseconds.sum() / milliseconds.count() / 1000.0
+            ),
             long_flows=(pl.col("duration") >= LONG_FLOW_SECONDS).sum(),
         )
     )
