@@ -2,7 +2,7 @@
 
 In: a lake, a time range, the local hosts, a bucket count. One streaming pass (`spill_flows`) writes every flow
 with a local end to the bucket of each local end (hash of the address; a flow between local hosts of two
-buckets goes to both) in a temporary directory; then the SAME detector and feature code runs on each bucket's
+buckets goes to both) in a temporary directory ($TMPDIR: a disk, not a RAM-backed tmpfs); then the SAME detector and feature code runs on each bucket's
 flows in turn. What a rule finds for a host depends only on the flows with that host at one end, so a bucket
 keeps the candidates whose `addr` it owns, and the union is what one unbucketed run finds: peak memory follows
 the largest bucket, not the day. Two facts span hosts: exfiltration's peer median (that detector runs once over
@@ -114,13 +114,12 @@ def spill_flows(
         for entry in lake.entries("flows", window_days(since, until)) if until > since else []:
             source = pq.ParquetFile(entry.path)
             columns = [name for name in schema.names if name in source.schema_arrow.names]
-            day = dt.datetime.fromisoformat(entry.day).replace(tzinfo=dt.UTC) if entry.day else None
-            whole_day = day is not None and since <= day and day + dt.timedelta(days=1) <= until
             for batch in source.iter_batches(batch_size=SPILL_BATCH_ROWS, columns=columns):
                 table = conform(pa.Table.from_batches([batch]), schema)
-                if not whole_day:
-                    ts = table.column("ts_start")
-                    table = table.filter(pc.and_(pc.greater_equal(ts, since), pc.less(ts, until)))
+                ts = table.column("ts_start")
+                inside = pc.fill_null(pc.and_(pc.greater_equal(ts, since), pc.less(ts, until)), False)
+                if not pc.all(inside).as_py():  # (a copy only when some rows fall outside)
+                    table = table.filter(inside)
                 src, dst = owner(table.column("src_addr")), owner(table.column("dst_addr"))
                 for bucket in range(buckets):
                     rows = np.flatnonzero((src == bucket) | (dst == bucket))
