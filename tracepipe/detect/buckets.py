@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -151,7 +151,9 @@ class BucketContext(det.DetectContext):
     """A DetectContext over one bucket's spilled flows (time filter, facts and windows: DetectContext's)."""
 
     def __init__(self, base: det.DetectContext, spill: Spill, bucket: int, spans: SpanBook) -> None:
-        super().__init__(base.lake, base.config, base.since, base.until, base.local, base.intel, spans=spans)
+        # every field of the base (lists such as its timings are shared, not copied), its spans swapped
+        shared = {f.name: getattr(base, f.name) for f in fields(base) if f.init and f.name != "spans"}
+        super().__init__(**shared, spans=spans)
         self._spill, self._source = spill, spill.source(bucket)
 
     def scan(self, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
@@ -175,17 +177,27 @@ def detect(ctx: det.DetectContext, names: list[str], spill: Spill, timed: Timer 
     # periodicity's spans over the whole window, per detector that calls it (each bucket then makes the same
     # calls): the recording run skips everything but those spans
     given: dict[str, list[pl.DataFrame]] = {}
+    # what detectors record on the context besides their candidates (a list of rows with an `addr`, e.g.
+    # suppressed candidates): like the candidates, kept from the bucket that owns the address only
+    log = getattr(ctx, "suppressed", None)
     for name in per_host:
         if name in WINDOW_WIDE:
             book = SpanBook(recording=True)
+            before = len(log) if log is not None else 0
             timed(name, lambda name=name, book=book: det.DETECTORS[name](replace(ctx, spans=book)))
+            if log is not None:
+                del log[before:]  # the recording run finds nothing: it only records spans
             given[name] = timed(name, book.collected).given
     for bucket in range(spill.buckets):
-        hosts = spill.hosts(bucket).implode()
+        hosts = spill.hosts(bucket)
+        owned = set(hosts.to_list())
         for name in per_host:
             context = BucketContext(ctx, spill, bucket, SpanBook(given=given.get(name, [])))
+            before = len(log) if log is not None else 0
             found = timed(name, lambda name=name, context=context: det.DETECTORS[name](context))
-            frames.append(found.filter(pl.col("addr").is_in(hosts)))
+            frames.append(found.filter(pl.col("addr").is_in(hosts.implode())))
+            if log is not None:
+                log[before:] = [row for row in log[before:] if row.get("addr") in owned]
     return pl.concat(frames) if frames else det._empty()
 
 
