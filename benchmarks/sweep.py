@@ -1,173 +1,193 @@
 #!/usr/bin/env python3
-"""Sweep benchmark: a day of a ~1,000-VM cloud's flows (numpy generator, tens of millions of rows) landed in a
-lake, then one `run_sweep` over it (all rule detectors + the anomaly model) in a fresh process.
+"""Sweep benchmark: a day of a ~1,000-VM cloud's flows at 10^7 and 5*10^7 flows (more with --flows), generated
+with numpy straight into the lake, then `tracepipe model fit` and `tracepipe sweep` run on their own over that
+day, each in a fresh child process of this (small) one: wall time, CPU time, flows/s and the child's peak RSS
+(ru_maxrss from wait4), one row per size, so that growth with flows/day is visible.
 
-Prints flows/s of the sweep, its peak RSS, and the share of time per stage. The lake is kept (--lake) so that
-a second run can skip generation (--reuse).
+    python benchmarks/sweep.py                                   # 10^7 and 5*10^7 flows (~25 min here)
+    python benchmarks/sweep.py --flows 1e7 --flows 5e7 --flows 1e8
+    python benchmarks/sweep.py --flows 1e7 --reuse               # sweep the lakes of a previous run again
 
-    python benchmarks/sweep.py --hosts 1000 --rate 9 --lake /tmp/tracepipe-bench   # ~20 M flows
-    python benchmarks/sweep.py --lake /tmp/tracepipe-bench --reuse                  # sweep again
+The lakes live under --dir (default /tmp/tracepipe-bench-sweep, ~1.6 GB per 10^8 flows) and are kept for
+--reuse; a sweep's spill (in $TMPDIR, ~11 GB per 10^8 flows, removed at its end) needs room as well.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
 START = dt.datetime(2026, 3, 12, tzinfo=dt.UTC)
+CHUNK_FLOWS = 5_000_000  # flows generated (and held) at a time: the generator's own memory stays ~1.5 GB
 
 
-def generate(lake_dir: Path, hosts: int, rate: float, seed: int) -> dict:
+def generate(lake_dir: Path, flows: int, hosts: int, seed: int) -> dict:
+    """A day of `hosts` VMs: the planted story of tests/support/stories.generate, then more days' worth of the
+    same hosts' ordinary traffic (other seeds) appended in chunks until `flows` rows."""
+    sys.path.insert(0, str(REPO / "tests"))
     from support import stories as gen
 
-    from tracepipe.lake import Lake
-
-    t0 = time.perf_counter()
-    story = gen.generate(
-        seed=seed, n_hosts=hosts, days=1, start=START, rate=rate, v6_hosts=max(4, hosts // 50)
-    )
-    t1 = time.perf_counter()
-    lake = Lake(lake_dir)
-    lake.append("flows", story.flows, key=f"bench-{seed}")
-    lake.replace_dataset("vm_leases", story.leases)
-    (lake_dir / "intel.txt").write_text(story.intel_lines)
     from tracepipe.intel import import_intel
-
-    import_intel(lake, lake_dir / "intel.txt")
-    t2 = time.perf_counter()
-    return {
-        "flows": story.flows.num_rows,
-        "planted": len(story.planted),
-        "generate_s": round(t1 - t0, 1),
-        "write_s": round(t2 - t1, 1),
-        "local_networks": gen.LOCAL_NETWORKS,
-    }
-
-
-def fit(lake_dir: Path) -> dict:
-    """The model's baseline = the same day (the benchmark has one day); its own process, its own RSS."""
-    from support import stories as gen
-
-    from tracepipe.detect import model
     from tracepipe.lake import Lake
-
-    t0 = time.perf_counter()
-    model.fit_lake(
-        Lake(lake_dir),
-        START,
-        START + dt.timedelta(days=1),
-        gen.LOCAL_NETWORKS,
-        path=lake_dir / "_models" / "bench.npz",
-    )
-    return {
-        "fit_s": time.perf_counter() - t0,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-
-
-def sweep(lake_dir: Path, with_model: bool) -> dict:
-    """Runs in its own process so that ru_maxrss is the sweep's peak, not the generator's."""
-    from support import stories as gen
-
-    from tracepipe.lake import Lake
-    from tracepipe.pipeline_config import load_pipeline
-    from tracepipe.sweep import run_sweep
 
     lake = Lake(lake_dir)
-    config = load_pipeline(REPO / "pipelines" / "nightly.toml")
-    config = dataclasses.replace(
-        config,
-        pipeline=dataclasses.replace(config.pipeline, local_networks=gen.LOCAL_NETWORKS),
-        output=dataclasses.replace(config.output, report_dir=str(lake_dir / "reports"), html=False),
-        model=dataclasses.replace(
-            config.model, enabled=with_model, path=str(lake_dir / "_models" / "bench.npz")
-        ),
-    )
-    for old in (lake_dir / "alerts").rglob("*.parquet"):  # a fresh sweep each run (not an idempotent rerun)
-        old.unlink()
+    total, chunk, per_rate = 0, 0, None
     t0 = time.perf_counter()
-    result = run_sweep(lake, config, START, START + dt.timedelta(days=1))
-    elapsed = time.perf_counter() - t0
-    return {
-        "flows": result.flows,
-        "sweep_s": elapsed,
-        "timings": result.timings,
-        "alerts": result.alerts.num_rows,
-        "by_detector": result.summary()["new_by_detector"],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "cpu_s": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]),
-    }
+    while total < flows:
+        # rate scales the ordinary hosts' activity linearly: aim each chunk at CHUNK_FLOWS rows
+        want = min(CHUNK_FLOWS, flows - total)
+        rate = 3.0 if per_rate is None else max(0.05, want / per_rate)
+        story = gen.generate(
+            seed=seed + chunk,
+            n_hosts=hosts,
+            days=1,
+            start=START,
+            rate=rate,
+            planted=chunk == 0,
+            v6_hosts=max(4, hosts // 50),
+        )
+        table = story.flows if story.flows.num_rows <= flows - total else story.flows.slice(0, flows - total)
+        per_rate = per_rate or story.flows.num_rows / rate
+        lake.append("flows", table, key=f"bench-{seed}-{chunk}")
+        if chunk == 0:
+            lake.replace_dataset("vm_leases", story.leases)
+            (lake_dir / "intel.txt").write_text(story.intel_lines)
+            import_intel(lake, lake_dir / "intel.txt")
+        total += table.num_rows
+        chunk += 1
+        del story, table
+    pipeline = (REPO / "pipelines" / "nightly.toml").read_text()
+    pipeline = pipeline.replace(
+        'local_networks = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7", "2001:db8::/32"]',
+        f"local_networks = {json.dumps(gen.LOCAL_NETWORKS)}",
+    )
+    pipeline = pipeline.replace('report_dir = "reports/nightly"', f'report_dir = "{lake_dir / "reports"}"')
+    pipeline = pipeline.replace("html = true", "html = false")
+    (lake_dir / "bench.toml").write_text(pipeline)
+    return {"flows": total, "generate_s": time.perf_counter() - t0}
+
+
+def child(args: list[str]) -> tuple[int, str, dict]:
+    """Run `python args...` with this worktree first on the path: its exit code, stdout and its own rusage
+    (wait4: this child's peak RSS alone, not the largest of all children as RUSAGE_CHILDREN would give)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, env=env, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode not in (0, 1):  # 1: the sweep found alerts
+        raise SystemExit(f"`{' '.join(args)}` failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return (
+        proc.returncode,
+        stdout,
+        {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024},
+    )
+
+
+def measure(lake_dir: Path) -> dict:
+    """`tracepipe model fit` then `tracepipe sweep` over the day, each on its own."""
+    since, until = START.isoformat(), (START + dt.timedelta(days=1)).isoformat()
+    pipeline = str(lake_dir / "bench.toml")
+    shutil.rmtree(lake_dir / "alerts", ignore_errors=True)  # a fresh sweep each run, not an idempotent rerun
+    shutil.rmtree(lake_dir / "_models", ignore_errors=True)
+    cli = ["-m", "tracepipe.cli"]
+    common = ["--lake", str(lake_dir), "--format", "json"]
+    _, _, fit = child(
+        [*cli, "model", "fit", "--since", since, "--until", until, "--pipeline", pipeline, *common]
+    )
+    _, out, sweep = child([*cli, "sweep", pipeline, "--since", since, "--until", until, *common])
+    return {"fit": fit, "sweep": sweep, "summary": json.loads(out)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lake", type=Path, default=Path("/tmp/tracepipe-bench-sweep"))
-    parser.add_argument("--hosts", type=int, default=1000)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/tracepipe-bench-sweep"))
     parser.add_argument(
-        "--rate", type=float, default=9.0, help="activity per host (9 -> ~20 M flows/day at 1,000)"
+        "--flows", type=float, action="append", help="flows in the day (repeatable; default 1e7 and 5e7)"
     )
+    parser.add_argument("--hosts", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--reuse", action="store_true", help="sweep the lake as it is, no generation")
-    parser.add_argument("--no-model", action="store_true")
-    parser.add_argument("--sweep-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--fit-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reuse", action="store_true", help="sweep the lakes of a previous run as they are")
+    parser.add_argument("--generate-only", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.sweep_only:
-        print(json.dumps(sweep(args.lake, not args.no_model)))
+    sizes = [int(f) for f in (args.flows or [1e7, 5e7])]
+    if args.generate_only:
+        print(json.dumps(generate(args.generate_only, sizes[0], args.hosts, args.seed)))
         return 0
-    if args.fit_only:
-        print(json.dumps(fit(args.lake)))
-        return 0
-    if not args.reuse:
-        if args.lake.exists():
-            import shutil
-
-            shutil.rmtree(args.lake)
-        info = generate(args.lake, args.hosts, args.rate, args.seed)
+    rows = []
+    for size in sizes:
+        lake_dir = args.dir / f"flows-{size:.0e}".replace("+", "")
+        if not (args.reuse and (lake_dir / "bench.toml").exists()):
+            shutil.rmtree(lake_dir, ignore_errors=True)
+            lake_dir.mkdir(parents=True)
+            _, out, gen = child(
+                [__file__, "--generate-only", str(lake_dir), "--flows", str(size), "--hosts", str(args.hosts)]
+            )
+            info = json.loads(out.strip().splitlines()[-1])
+            print(
+                f"{info['flows']:,} flows for {args.hosts:,} VMs generated into {lake_dir} in "
+                f"{info['generate_s']:.0f} s (generator peak RSS {gen['peak_rss_mb']:,.0f} MB)",
+                flush=True,
+            )
+        m = measure(lake_dir)
+        s, fit, summary = m["sweep"], m["fit"], m["summary"]
+        flows = summary["flows"]
+        row = {
+            "flows": flows,
+            "sweep_s": s["wall_s"],
+            "sweep_cpu_s": s["cpu_s"],
+            "sweep_rss_mb": s["peak_rss_mb"],
+            "fit_s": fit["wall_s"],
+            "fit_cpu_s": fit["cpu_s"],
+            "fit_rss_mb": fit["peak_rss_mb"],
+            "alerts": summary["alerts"],
+            "by_detector": summary["new_by_detector"],
+            "timings": summary["timings_s"],
+            "load": os.getloadavg()[0],
+        }
+        rows.append(row)
         print(
-            f"generated {info['flows']:,} flows for {args.hosts:,} VMs in {info['generate_s']} s, "
-            f"landed in the lake in {info['write_s']} s ({info['flows'] / max(info['write_s'], 1e-9):,.0f} rows/s)"
+            f"{flows:,} flows: sweep {row['sweep_s']:.0f} s wall = {flows / row['sweep_s']:,.0f} flows/s, "
+            f"{row['sweep_cpu_s']:.0f} s CPU = {flows / row['sweep_cpu_s']:,.0f} flows per CPU-second, "
+            f"peak RSS {row['sweep_rss_mb']:,.0f} MB; model fit {row['fit_s']:.0f} s wall, "
+            f"{row['fit_cpu_s']:.0f} s CPU, peak RSS {row['fit_rss_mb']:,.0f} MB; "
+            f"{row['alerts']} alerts {row['by_detector']}",
+            flush=True,
         )
-
-    def child(*flags: str) -> dict:
-        proc = subprocess.run(
-            [sys.executable, __file__, *flags, "--lake", str(args.lake)], capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            raise SystemExit(f"benchmark step {flags} failed:\n{proc.stderr}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    if not args.no_model:
-        fitted = child("--fit-only")
+        total = sum(v for k, v in row["timings"].items())
         print(
-            f"model fit on the day (before the sweep, own process): {fitted['fit_s']:.1f} s, "
-            f"peak RSS {fitted['peak_rss_mb']:,.0f} MB"
+            "  sweep time per stage: "
+            + ", ".join(
+                f"{k} {v:.1f} s ({100 * v / max(total, 1e-9):.0f}%)"
+                for k, v in sorted(row["timings"].items(), key=lambda kv: -kv[1])
+                if v >= 0.05
+            )
         )
-    stats = child("--sweep-only", *(["--no-model"] if args.no_model else []))
-    total = stats["sweep_s"]
+    print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other jobs share the machine)")
     print(
-        f"sweep of {stats['flows']:,} flows: {total:.1f} s = {stats['flows'] / total:,.0f} flows/s, "
-        f"peak RSS {stats['peak_rss_mb']:,.0f} MB, {stats['alerts']} alerts {stats['by_detector']}"
+        f"{'flows':>12} {'sweep s':>8} {'flows/s':>10} {'CPU s':>7} {'flows/CPU-s':>12} {'sweep RSS':>10} "
+        f"{'fit s':>6} {'fit CPU s':>9} {'fit RSS':>8}"
     )
-    print(
-        f"CPU time of the sweep process (user+sys, imports included): {stats['cpu_s']:.1f} s "
-        f"on {os.cpu_count()} cores; load average now {os.getloadavg()[0]:.1f} (other jobs share the machine)"
-    )
-    print("time per stage:")
-    for stage, seconds in sorted(stats["timings"].items(), key=lambda kv: -kv[1]):
-        print(f"  {stage:<16} {seconds:7.2f} s  {100 * seconds / total:5.1f}%")
+    for r in rows:
+        print(
+            f"{r['flows']:>12,} {r['sweep_s']:>8.0f} {r['flows'] / r['sweep_s']:>10,.0f} {r['sweep_cpu_s']:>7.0f} "
+            f"{r['flows'] / r['sweep_cpu_s']:>12,.0f} {r['sweep_rss_mb']:>7,.0f} MB {r['fit_s']:>6.0f} "
+            f"{r['fit_cpu_s']:>9.0f} {r['fit_rss_mb']:>5,.0f} MB"
+        )
     return 0
 
 

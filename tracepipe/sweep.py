@@ -17,6 +17,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from tracepipe.detect import buckets as bucketed
 from tracepipe.detect import detectors as det
-from tracepipe.detect.features import compute_features, floor_time, scan_flows, utc
+from tracepipe.detect.buckets import count_rows
+from tracepipe.detect.features import compute_features, floor_time, utc
 from tracepipe.errors import (
     EXIT_FAILED,
     EXIT_FOUND,
@@ -192,10 +195,6 @@ def ingest_inputs(lake: Lake, config: PipelineConfig) -> tuple[dict[str, Any], b
     return summary, partial
 
 
-def count_flows(lake: Lake, since: dt.datetime, until: dt.datetime) -> int:
-    return int(scan_flows(lake, since, until).select(pl.len()).collect(engine="streaming").item())
-
-
 def known_alert_ids(lake: Lake, ids: list[str]) -> set[str]:
     files = lake.files("alerts")
     if not ids or not files:
@@ -211,7 +210,9 @@ def known_alert_ids(lake: Lake, ids: list[str]) -> set[str]:
     return set(frame.get_column("alert_id").to_list())
 
 
-def anomaly_stage(ctx: det.DetectContext, rule_hosts: set[str], notes: list[str]) -> pl.DataFrame:
+def anomaly_stage(
+    ctx: det.DetectContext, rule_hosts: set[str], notes: list[str], buckets: int | None = None
+) -> pl.DataFrame:
     """Score the sweep's (host, window)s with the persisted model; no model -> a note, not a failure."""
     from tracepipe.detect import model
 
@@ -229,9 +230,31 @@ def anomaly_stage(ctx: det.DetectContext, rule_hosts: set[str], notes: list[str]
         info.window_seconds,
         history_start=history,
         night=ctx.night,
+        buckets=buckets,
     )
     scored = model.score(features, forest, info, cfg.top_features)
     return model.anomaly_candidates(scored, cfg.min_score, cfg.max_alerts, info.window_seconds, rule_hosts)
+
+
+def detect_local(
+    ctx: det.DetectContext,
+    names: list[str],
+    buckets: int | None,
+    stage: Callable[[str, Callable[[], Any]], Any],
+) -> pl.DataFrame:
+    """The rule detectors `names` on this machine: over the lake's window when it fits one host bucket, else
+    bucket by bucket from a spill (detect/buckets.py), in bounded memory and with the same candidates."""
+    start, end = bucketed.sweep_range(ctx, names)
+    buckets = buckets or bucketed.bucket_count(count_rows(ctx.lake, start, end))
+    if buckets <= 1:
+        frames = [stage(name, lambda name=name: det.DETECTORS[name](ctx)) for name in names]
+        return pl.concat(frames) if frames else det._empty()
+    with ExitStack() as stack:
+        spill = stage(
+            "spill",
+            lambda: stack.enter_context(bucketed.spill_flows(ctx.lake, start, end, ctx.local, buckets)),
+        )
+        return bucketed.detect(ctx, names, spill, stage)
 
 
 def write_reports(lake: Lake, config: PipelineConfig, result: SweepResult) -> dict[str, Path]:
@@ -292,9 +315,11 @@ def run_sweep(
     write: bool = True,
     spark_master: str | None = None,
     spark_conf: dict[str, str] | None = None,
+    buckets: int | None = None,
 ) -> SweepResult:
     """Run one pipeline over one window. Raises PipelineError (exit 2) for a bad file, LakeError (exit 4)
-    when the lake cannot be written; everything else is in the result (exit_code, notes)."""
+    when the lake cannot be written; everything else is in the result (exit_code, notes).
+    `buckets`: host buckets of the local engine (default: one per ROWS_PER_BUCKET flows, detect/buckets.py)."""
     if engine not in ENGINES:
         raise UsageError(
             f"engine {engine!r} is not available for sweeps yet; use one of: {', '.join(ENGINES)}"
@@ -333,7 +358,7 @@ def run_sweep(
     # (polars without naming it): both are errors that say what to do
     lake.require(allow_empty=True)
     check_files(lake)
-    result.flows = stage("count", lambda: count_flows(lake, since, until))
+    result.flows = stage("count", lambda: count_rows(lake, since, until))
     if result.flows == 0:
         result.exit_code = (
             EXIT_FAILED if config.pipeline.fail_on_empty else (EXIT_PARTIAL if partial else EXIT_OK)
@@ -362,15 +387,12 @@ def run_sweep(
         )
     else:
         ctx = stage("prepare", lambda: det.prepare_context(lake, config, since, until, intel))
-        frames = []
-        for name, detector in det.DETECTORS.items():
-            if getattr(config.detectors, name).enabled:
-                frames.append(stage(name, lambda detector=detector: detector(ctx)))
-        candidates = pl.concat(frames) if frames else det._empty()
+        enabled = [name for name in det.DETECTORS if getattr(config.detectors, name).enabled]
+        candidates = detect_local(ctx, enabled, buckets, stage)
         if config.model.enabled:
             rule_hosts = set(candidates.get_column("addr").to_list())
-            frames.append(stage("anomaly", lambda: anomaly_stage(ctx, rule_hosts, result.notes)))
-            candidates = pl.concat(frames)
+            anomalies = stage("anomaly", lambda: anomaly_stage(ctx, rule_hosts, result.notes, buckets))
+            candidates = pl.concat([candidates, anomalies])
     alerts, stats = stage("finalize", lambda: det.finalize(candidates, ctx, config.pipeline.name))
     result.allowlisted = stats["allowlisted"]
     result.suppressed = stats.get("suppressed", [])

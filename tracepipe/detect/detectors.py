@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from tracepipe.detect.features import (
     SYN,
+    SpanBook,
     ceil_time,
     floor_time,
     in_networks,
@@ -125,6 +126,7 @@ class DetectContext:
                     "why": why(r),
                 }
             )
+    spans: SpanBook | None = None  # window-wide spans for periodicity when the flows are one host bucket's
 
     @property
     def night(self) -> tuple[int, int]:
@@ -139,11 +141,16 @@ class DetectContext:
         """Flows of the whole windows overlapping the sweep, with the shared facts and `window_start`."""
         start, end = self.span(window_s)
         start, end = since or start, until or end
-        facts = with_flow_facts(scan_flows(self.lake, start, end), self.local, self.night)
+        facts = with_flow_facts(self.scan(start, end), self.local, self.night)
         step = int(window_s) * 1_000_000
         return facts.with_columns(
             window_start=((pl.col("ts_start").dt.epoch("us") // step) * step).cast(pl.Datetime("us", "UTC")),
         )
+
+    def scan(self, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
+        """The flows with start <= ts_start < end: the lake's here; one host bucket's, or a Spark partition's,
+        in the contexts of detect/buckets.py and engines/spark_sweep.py."""
+        return scan_flows(self.lake, start, end)
 
 
 def prepare_context(
@@ -444,7 +451,7 @@ def beacon(ctx: DetectContext) -> pl.DataFrame:
     if c.external_only:
         flows = flows.filter(~pl.col("dst_local"))
     found = (
-        periodicity(flows.drop("window_start"), c.window, c.min_connections)
+        periodicity(flows.drop("window_start"), c.window, c.min_connections, spans=ctx.spans)
         .filter(pl.col("score") >= c.min_score)
         .with_columns(addr=pl.col("src_addr"), peer=pl.col("dst_addr"), port=pl.col("dst_port"))
     )
@@ -1125,7 +1132,10 @@ def evidence_rows(lake: Lake, alerts: pl.DataFrame, limit: int, top: int = 5) ->
         int(a): {"flows": [], "top_peers": [], "top_ports": [], "matched_flows": int(n)}
         for a, n in totals.iter_rows()
     }
-    for alert, group in rows.sort("_alert", "ts_start").group_by("_alert", maintain_order=True):
+    # stable: flows of one start time (both directions of a connection) keep the total order above
+    for alert, group in rows.sort("_alert", "ts_start", maintain_order=True).group_by(
+        "_alert", maintain_order=True
+    ):
         out[int(alert[0])]["flows"] = group.select(list(EVIDENCE_COLUMNS)).to_dicts()
     for key, frame in (("top_peers", peers), ("top_ports", ports)):
         for alert, group in frame.group_by("_alert", maintain_order=True):

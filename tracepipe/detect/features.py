@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
@@ -212,6 +213,34 @@ def local_addresses(flows: pl.LazyFrame, local_networks: list[str]) -> list[str]
 
 
 # ---- periodicity (RITA-style) ------------------------------------------------------------------------------
+@dataclass
+class SpanBook:
+    """periodicity's coverage compares a pair's active time with the span of the data its window holds, over
+    ALL the flows it is asked about: a window-wide fact that one host bucket cannot see. A recording book
+    keeps each periodicity call's (window_start, lo, hi) plan over the whole window (and skips the rest of the
+    call); `given` (the plans collected, in call order) is then handed to every bucket's run."""
+
+    recording: bool = False
+    plans: list[pl.LazyFrame] = field(default_factory=list)
+    given: list[pl.DataFrame] = field(default_factory=list)
+    calls: int = 0
+
+    def collected(self) -> SpanBook:
+        """The recorded plans, run (streaming: a few rows per window), as a book to give to the buckets."""
+        return SpanBook(given=[plan.collect(engine="streaming") for plan in self.plans])
+
+    def next_given(self) -> pl.LazyFrame:
+        """The spans of the next call (a bucket makes the same calls, in the same order, as the recording)."""
+        if self.calls >= len(self.given):
+            raise RuntimeError(
+                "periodicity was called on one host bucket without the window-wide spans recorded for it: "
+                "list the detector in WINDOW_WIDE (detect/buckets.py)"
+            )
+        frame = self.given[self.calls]
+        self.calls += 1
+        return frame.lazy()
+
+
 def _bowley(col: pl.Expr) -> pl.Expr:
     """Bowley (quartile) skewness in [-1, 1]; 0 for a symmetric distribution. 0 when the quartiles coincide."""
     q1, q2, q3 = col.quantile(0.25), col.quantile(0.5), col.quantile(0.75)
@@ -228,6 +257,7 @@ def periodicity(
     window_s: float,
     min_connections: int,
     pair: tuple[str, ...] = ("src_addr", "dst_addr", "dst_port", "proto"),
+    spans: SpanBook | None = None,
 ) -> pl.LazyFrame:
     """Score how regular the connections of each pair are within each window, RITA-like: the intervals between
     connection starts and the connection sizes should be symmetric (Bowley skew ~ 0) and tightly spread (MAD
@@ -235,6 +265,8 @@ def periodicity(
 
     Expects initiator flows (responses removed). Columns out: pair..., window_start, connections, interval_median,
     interval_mad, interval_skew, bytes_median, bytes_mad, bytes_skew, score, first_ts, last_ts, bytes.
+    `spans`: the data span of each window over ALL the flows of the window, when `flows` is one host bucket's
+    (detect/buckets.py); None: observed from `flows`.
     """
     flows = flows.with_columns(window_start=bucket_expr("ts_start", window_s))
     keys = [*pair, "window_start"]
@@ -273,6 +305,17 @@ def periodicity(
         )
         .filter(pl.col("connections") >= min_connections)
     )
+    observed = flows.group_by("window_start").agg(lo=pl.col("ts_start").min(), hi=pl.col("ts_start").max())
+    if spans is not None:
+        if spans.recording:  # only the window-wide spans are wanted now: skip the costly part
+            spans.plans.append(observed)
+            return pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
+        observed = spans.next_given()
+    return _score(stats, observed)
+
+
+def _score(stats: pl.LazyFrame, observed: pl.LazyFrame) -> pl.LazyFrame:
+    """periodicity's score of each pair from its stats and the (window_start, lo, hi) span of the data."""
     # Dispersion relative to the typical value, x3: a spread of a third of the interval already scores 0
     # (random arrivals have MAD/median ~0.5; a beacon with 10% jitter keeps ~0.85).
     interval_regular = (
@@ -281,9 +324,7 @@ def periodicity(
     size_regular = (1 - 3 * pl.col("bytes_mad") / pl.col("bytes_median").clip(lower_bound=1.0)).clip(0, 1)
     # Coverage: the pair keeps its pace over the time the window actually holds data (a lake with 4 h of a
     # day is judged on those 4 h): a burst of 20 regular connections in 10 min is not a beacon.
-    observed = flows.group_by("window_start").agg(
-        data_span=(pl.col("ts_start").max() - pl.col("ts_start").min()).dt.total_seconds()
-    )
+    observed = observed.select("window_start", data_span=(pl.col("hi") - pl.col("lo")).dt.total_seconds())
     active = (pl.col("last_ts") - pl.col("first_ts")).dt.total_seconds()
     coverage = (active / pl.col("data_span").clip(lower_bound=1.0)).clip(0, 1)
     stats = stats.join(observed, on="window_start", how="left")
@@ -306,6 +347,7 @@ def host_features(
     warmup_s: float = 86400.0,
     min_beacon_connections: int = 10,
     sequential: bool = False,
+    spans: SpanBook | None = None,
 ) -> pl.LazyFrame:
     """One row per (host, window_start) with FEATURES. `flows` must come from with_flow_facts.
 
@@ -318,6 +360,7 @@ def host_features(
     bucket = bucket_expr("ts_start", window_s)
     flows = flows.with_columns(window_start=bucket)
     initiator = ~pl.col("response")
+    milliseconds = (pl.col("ts_end") - pl.col("ts_start")).dt.total_milliseconds()
     out = (
         flows.filter(pl.col("src_local"))
         .group_by(pl.col("src_addr").alias("host"), "window_start")
@@ -331,7 +374,11 @@ def host_features(
             tcp_attempts=(pl.col("proto") == 6).and_(initiator).sum(),
             failed=pl.col("failed").sum(),
             syn_only=pl.col("syn_only").sum(),
-            mean_duration=pl.col("duration").mean(),
+            # from the exact integer sum of milliseconds: a float mean depends on the order rows are summed
+            # in (the streaming engine's, or a host bucket's), a sum of integers does not
+            mean_duration=pl.when(milliseconds.count() > 0).then(
+                milliseconds.sum() / milliseconds.count() / 1000.0
+            ),
             long_flows=(pl.col("duration") >= LONG_FLOW_SECONDS).sum(),
         )
     )
@@ -361,7 +408,7 @@ def host_features(
     # (metrics, backups), and leaving it out keeps this, the costliest feature, cheap.
     outward = pl.col("src_local") & initiator & ~pl.col("dst_local") & ~pl.col("dst_port").is_in([53, 123])
     beacons = (
-        periodicity(flows.filter(outward), 86400.0, min_beacon_connections)
+        periodicity(flows.filter(outward), 86400.0, min_beacon_connections, spans=spans)
         .group_by(pl.col("src_addr").alias("host"), pl.col("window_start").alias("day"))
         .agg(periodicity=pl.col("score").max())
     )
@@ -421,19 +468,12 @@ def compute_features(
     window_s: float = 3600.0,
     history_start: dt.datetime | None = None,
     night: tuple[int, int] = (22, 6),
+    buckets: int | None = None,
 ) -> pl.DataFrame:
-    """Features of every (host, window) with ts in [since, until), collected with the streaming engine.
-    `history_start` (<= since) widens the read so that new destinations are judged against the host's past;
-    only the windows inside [since, until) are returned."""
-    start = utc(history_start) if history_start is not None else utc(since)
-    flows = scan_flows(lake, start, until)
-    local = local_addresses(flows, local_networks)
-    facts = with_flow_facts(flows, local, night)
-    features = host_features(
-        facts, window_s, history_start=start if history_start is not None else None, sequential=True
-    )
-    return (
-        features.filter(pl.col("window_start") >= floor_time(since, window_s))
-        .sort("host", "window_start")
-        .collect(engine="streaming")
-    )
+    """Features of every (host, window) with ts in [since, until), collected with the streaming engine, sorted
+    by host and window. `history_start` (<= since) widens the read so that new destinations are judged against
+    the host's past; only the windows inside [since, until) are returned. More flows than one host bucket takes
+    (or `buckets` > 1) are computed bucket by bucket, in bounded memory (detect/buckets.py): the same rows."""
+    from tracepipe.detect.buckets import features
+
+    return features(lake, since, until, local_networks, window_s, history_start, night, buckets)

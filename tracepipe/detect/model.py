@@ -283,9 +283,14 @@ def fit_lake(
     local_networks: list[str],
     window_s: float = 3600.0,
     path: str | Path | None = None,
+    buckets: int | None = None,
 ) -> tuple[Path, ModelInfo]:
-    """`tracepipe model fit`: features of [since, until) from the lake -> fitted, persisted model."""
-    features = compute_features(lake, since, until, local_networks, window_s, history_start=since)
+    """`tracepipe model fit`: features of [since, until) from the lake -> fitted, persisted model. The features
+    are computed per host bucket (`buckets`, default by flow count: detect/buckets.py), in bounded memory; the
+    fit then sees all (host, window) rows, a few per host and hour."""
+    features = compute_features(
+        lake, since, until, local_networks, window_s, history_start=since, buckets=buckets
+    )
     forest, info = fit(features, since, until, window_s, local_networks)
     target = save(forest, info, model_path(lake, path))
     return target, info

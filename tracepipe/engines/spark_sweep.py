@@ -52,25 +52,16 @@ CANDIDATE_ARROW = pa.schema(
 
 
 class FramesContext(det.DetectContext):
-    """A DetectContext whose flows come from an in-memory frame (a Spark bucket) instead of the lake.
-    `flows()` is DetectContext.flows with the scan swapped: same time filter, facts and window_start."""
+    """A DetectContext whose flows come from an in-memory frame (a Spark bucket) instead of the lake: only
+    `scan` differs, so time filter, facts and window_start are DetectContext.flows'."""
 
     def __init__(self, base: det.DetectContext, frame: pl.DataFrame) -> None:
         super().__init__(base.lake, base.config, base.since, base.until, list(base.local), base.intel)
         self._frame = frame
         self.suppressed = base.suppressed  # what a detector suppresses on the driver reaches the report
 
-    def flows(
-        self, window_s: float, since: dt.datetime | None = None, until: dt.datetime | None = None
-    ) -> pl.LazyFrame:
-        start, end = self.span(window_s)
-        start, end = since or start, until or end
-        scanned = self._frame.lazy().filter((pl.col("ts_start") >= start) & (pl.col("ts_start") < end))
-        facts = with_flow_facts(scanned, self.local, self.night)
-        step = int(window_s) * 1_000_000
-        return facts.with_columns(
-            window_start=((pl.col("ts_start").dt.epoch("us") // step) * step).cast(pl.Datetime("us", "UTC")),
-        )
+    def scan(self, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
+        return self._frame.lazy().filter((pl.col("ts_start") >= start) & (pl.col("ts_start") < end))
 
 
 # ---- window-wide facts inside per-host code -----------------------------------------------------------------

@@ -1,0 +1,260 @@
+"""Sweeps and model fits in bounded memory: the window's flows split by host bucket, each bucket run alone.
+
+In: a lake, a time range, the local hosts, a bucket count. One streaming pass (`spill_flows`) writes every flow
+with a local end to the bucket of each local end (hash of the address; a flow between local hosts of two
+buckets goes to both) in a temporary directory ($TMPDIR: a disk, not a RAM-backed tmpfs); then the SAME detector and feature code runs on each bucket's
+flows in turn. What a rule finds for a host depends only on the flows with that host at one end, so a bucket
+keeps the candidates whose `addr` it owns, and the union is what one unbucketed run finds: peak memory follows
+the largest bucket, not the day. Two facts span hosts: exfiltration's peer median (that detector runs once over
+the whole window; it holds only per (host, window) sums) and periodicity's data span (recorded over the whole
+window first, then given to every bucket: features.SpanBook). Spark (engines/spark_sweep.py) splits the same way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tracepipe.detect import detectors as det
+from tracepipe.detect.features import (
+    SpanBook,
+    floor_time,
+    host_features,
+    local_addresses,
+    scan_flows,
+    utc,
+    window_days,
+    with_flow_facts,
+)
+from tracepipe.lake import Lake, conform
+from tracepipe.schema import FLOWS
+
+# ~3 M flows per bucket keep each bucket's detectors and features under ~1 GB here (README, "Detection quality
+# and speed"); a day of 10^8 flows is then 34 buckets. A host that is one end of very many flows (the cloud's
+# DNS resolver) makes its bucket bigger than the others: its share of the day, whatever the bucket count.
+ROWS_PER_BUCKET = 3_000_000
+CROSS_HOST = ("exfiltration",)  # compares hosts with each other: runs over the whole window
+# per-host detectors that call features.periodicity (passing spans=ctx.spans): their window-wide spans are
+# recorded before the buckets run; one that is missing here fails loudly (SpanBook has nothing to give)
+WINDOW_WIDE = ("beacon",)
+BUCKET = "_bucket"
+# Provenance columns no detector or feature reads (evidence rows come from the lake itself): not spilled.
+NOT_SPILLED = ("source", "src_vm", "dst_vm")
+SPILL_BATCH_ROWS = 1_000_000  # rows read (and held) at a time: the lake's row group size
+T = TypeVar("T")
+Timer = Callable[[str, Callable[[], T]], T]
+
+
+def bucket_count(rows: int, rows_per_bucket: int = ROWS_PER_BUCKET) -> int:
+    return max(1, -(-rows // max(1, rows_per_bucket)))
+
+
+def count_rows(lake: Lake, start: dt.datetime, end: dt.datetime) -> int:
+    return int(scan_flows(lake, start, end).select(pl.len()).collect(engine="streaming").item())
+
+
+@dataclass
+class Spill:
+    """The flows of [start, end) with a local end, one folder of Parquet files per host bucket."""
+
+    root: Path
+    owners: pl.DataFrame  # addr -> _bucket, one row per local host
+    buckets: int
+    start: dt.datetime
+    end: dt.datetime
+    schema: pl.Schema
+
+    def source(self, bucket: int) -> pl.LazyFrame:
+        path = self.root / f"{bucket}.parquet"
+        if not path.exists():
+            return pl.LazyFrame(schema=self.schema)
+        return pl.scan_parquet(str(path), hive_partitioning=False, glob=False)
+
+    def hosts(self, bucket: int) -> pl.Series:
+        return self.owners.filter(pl.col(BUCKET) == bucket).get_column("addr")
+
+
+def assign(hosts: list[str], buckets: int) -> pl.DataFrame:
+    """Each local host's bucket: a hash of its address (fixed for one run: the spill and the owners agree)."""
+    addrs = pl.Series("addr", sorted(set(hosts)), pl.String)
+    return pl.DataFrame({"addr": addrs, BUCKET: (addrs.hash(seed=18) % buckets).cast(pl.Int32)})
+
+
+@contextmanager
+def spill_flows(
+    lake: Lake, start: dt.datetime, end: dt.datetime, hosts: list[str], buckets: int
+) -> Iterator[Spill]:
+    """One pass over the lake's flows of [start, end), one row group at a time (pyarrow pulls the next only
+    when asked: polars' own sinks read ahead and held ~1.2 GB here whatever the settings): each flow with a local
+    end goes to the bucket of each of its local ends, in lake order. Removed on exit."""
+    owners = assign(hosts, buckets)
+    root = Path(tempfile.mkdtemp(prefix="tracepipe-buckets-"))
+    keys, values = owners.get_column("addr"), owners.get_column(BUCKET)
+    schema = pa.schema([f for f in FLOWS if f.name not in NOT_SPILLED])
+    since, until = utc(start), utc(end)
+    writers: dict[int, pq.ParquetWriter] = {}
+
+    def owner(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+        found = pl.Series(column).replace_strict(keys, values, default=None, return_dtype=pl.Int32)
+        return found.fill_null(-1).to_numpy()
+
+    try:
+        for entry in lake.entries("flows", window_days(since, until)) if until > since else []:
+            source = pq.ParquetFile(entry.path)
+            columns = [name for name in schema.names if name in source.schema_arrow.names]
+            for batch in source.iter_batches(batch_size=SPILL_BATCH_ROWS, columns=columns):
+                table = conform(pa.Table.from_batches([batch]), schema)
+                ts = table.column("ts_start")
+                inside = pc.fill_null(pc.and_(pc.greater_equal(ts, since), pc.less(ts, until)), False)
+                if not pc.all(inside).as_py():  # (a copy only when some rows fall outside)
+                    table = table.filter(inside)
+                src, dst = owner(table.column("src_addr")), owner(table.column("dst_addr"))
+                for bucket in range(buckets):
+                    rows = np.flatnonzero((src == bucket) | (dst == bucket))
+                    if not len(rows):
+                        continue
+                    if bucket not in writers:
+                        writers[bucket] = pq.ParquetWriter(
+                            root / f"{bucket}.parquet",
+                            schema,
+                            compression="none",
+                            use_dictionary=["src_addr", "dst_addr", "exporter"],
+                            write_statistics=False,
+                        )
+                    writers[bucket].write_table(table.take(rows))
+        for writer in writers.values():
+            writer.close()
+        writers.clear()
+        pa.default_memory_pool().release_unused()  # the buckets' polars scans come next: give back the batches
+        yield Spill(
+            root, owners, buckets, since, until, pl.Schema(pl.from_arrow(schema.empty_table()).schema)
+        )
+    finally:
+        for writer in writers.values():
+            writer.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class BucketContext(det.DetectContext):
+    """A DetectContext over one bucket's spilled flows (time filter, facts and windows: DetectContext's)."""
+
+    def __init__(self, base: det.DetectContext, spill: Spill, bucket: int, spans: SpanBook) -> None:
+        # every field of the base (lists such as its timings are shared, not copied), its spans swapped
+        shared = {f.name: getattr(base, f.name) for f in fields(base) if f.init and f.name != "spans"}
+        super().__init__(**shared, spans=spans)
+        self._spill, self._source = spill, spill.source(bucket)
+
+    def scan(self, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
+        if utc(start) < self._spill.start or utc(end) > self._spill.end:
+            raise RuntimeError(
+                f"a detector read flows from {start} to {end}, outside the spilled {self._spill.start} to "
+                f"{self._spill.end}: widen sweep_range() in detect/buckets.py (or list it in CROSS_HOST)"
+            )
+        return self._source.filter((pl.col("ts_start") >= start) & (pl.col("ts_start") < end))
+
+
+def _timer(name: str, fn: Callable[[], T]) -> T:
+    return fn()
+
+
+def detect(ctx: det.DetectContext, names: list[str], spill: Spill, timed: Timer = _timer) -> pl.DataFrame:
+    """The candidates of the rule detectors `names`, run bucket by bucket (cross-host ones over the window).
+    `timed(stage, fn)` runs and times each step (a detector's time is summed over its buckets)."""
+    frames = [timed(name, lambda name=name: det.DETECTORS[name](ctx)) for name in names if name in CROSS_HOST]
+    per_host = [name for name in names if name not in CROSS_HOST]
+    # periodicity's spans over the whole window, per detector that calls it (each bucket then makes the same
+    # calls): the recording run skips everything but those spans
+    given: dict[str, list[pl.DataFrame]] = {}
+    # what detectors record on the context besides their candidates (a list of rows with an `addr`, e.g.
+    # suppressed candidates): like the candidates, kept from the bucket that owns the address only
+    log = getattr(ctx, "suppressed", None)
+    for name in per_host:
+        if name in WINDOW_WIDE:
+            book = SpanBook(recording=True)
+            before = len(log) if log is not None else 0
+            timed(name, lambda name=name, book=book: det.DETECTORS[name](replace(ctx, spans=book)))
+            if log is not None:
+                del log[before:]  # the recording run finds nothing: it only records spans
+            given[name] = timed(name, book.collected).given
+    for bucket in range(spill.buckets):
+        hosts = spill.hosts(bucket)
+        owned = set(hosts.to_list())
+        for name in per_host:
+            context = BucketContext(ctx, spill, bucket, SpanBook(given=given.get(name, [])))
+            before = len(log) if log is not None else 0
+            found = timed(name, lambda name=name, context=context: det.DETECTORS[name](context))
+            frames.append(found.filter(pl.col("addr").is_in(hosts.implode())))
+            if log is not None:
+                log[before:] = [row for row in log[before:] if row.get("addr") in owned]
+    return pl.concat(frames) if frames else det._empty()
+
+
+def sweep_range(ctx: det.DetectContext, names: list[str]) -> tuple[dt.datetime, dt.datetime]:
+    """The flows the per-host detectors `names` read: the whole windows overlapping the sweep."""
+    spans = [ctx.span(det._window_of(ctx.config, name)) for name in names if name not in CROSS_HOST]
+    if not spans:
+        return ctx.since, ctx.since
+    return min(s for s, _ in spans), max(e for _, e in spans)
+
+
+def features(
+    lake: Lake,
+    since: dt.datetime,
+    until: dt.datetime,
+    local_networks: list[str],
+    window_s: float,
+    history_start: dt.datetime | None,
+    night: tuple[int, int],
+    buckets: int | None = None,
+) -> pl.DataFrame:
+    """features.compute_features, bucket by bucket when the range holds more flows than one bucket takes:
+    the same rows (per (host, window), sorted by host and window)."""
+    start = utc(history_start) if history_start is not None else utc(since)
+    flows = scan_flows(lake, start, until)
+    buckets = buckets or bucket_count(count_rows(lake, start, until))
+    local = local_addresses(flows, local_networks)
+    history = start if history_start is not None else None
+    if buckets <= 1:
+        parts = [_features_of(flows, local, window_s, history, night, None)]
+    else:
+        recording = SpanBook(recording=True)
+        host_features(with_flow_facts(flows, local, night), window_s, history_start=history, spans=recording)
+        given = recording.collected().given
+        parts = []
+        with spill_flows(lake, start, until, local, buckets) as spill:
+            for bucket in range(buckets):
+                found = _features_of(
+                    spill.source(bucket), local, window_s, history, night, SpanBook(given=given)
+                )
+                parts.append(found.filter(pl.col("host").is_in(spill.hosts(bucket).implode())))
+    return (
+        pl.concat(parts)
+        .filter(pl.col("window_start") >= floor_time(since, window_s))
+        .sort("host", "window_start")
+    )
+
+
+def _features_of(
+    flows: pl.LazyFrame,
+    local: list[str],
+    window_s: float,
+    history: dt.datetime | None,
+    night: tuple[int, int],
+    spans: SpanBook | None,
+) -> pl.DataFrame:
+    facts = with_flow_facts(flows, local, night)
+    return host_features(facts, window_s, history_start=history, sequential=True, spans=spans).collect(
+        engine="streaming"
+    )
