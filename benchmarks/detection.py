@@ -297,8 +297,8 @@ DATASETS = [
         "argus binetflow (labelled) -> tracepipe ingest argus",
         "CTU-13 scenario 6 (Garcia et al., Computers & Security 45, 2014), 20-minute excerpt via "
         "github.com/jingzbu/BiNetflowToSIGs",
-        "Garcia et al. 2014 report scenario 6 for BClus, CAMNEP, BotHunter with their own time-windowed, "
-        "IP-weighted metric over the whole 2.2 h capture: not comparable 1:1 with host-level figures on 20 min",
+        "no host-level figure; Garcia et al. 2014 report scenario 6 for BClus, CAMNEP, BotHunter with their own "
+        "IP-based, time-windowed metric over the whole capture on the older unidirectional flows: not comparable",
         load_ctu13,
     ),
 ]
