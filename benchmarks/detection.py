@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Detection quality on PUBLIC labelled traffic nobody here made: each data set lands in a fresh lake through
-the sensor path it was published for, the rule detectors run over it with the shipped nightly thresholds, and
-the hosts they name are scored against the data set's own labels.
+the sensor path it was published for and the product's own reader (`tracepipe ingest netflow|zeek|argus`, the
+CLI a user runs), the rule detectors run over it with the shipped nightly thresholds, and the hosts they name
+are scored against the data set's own labels, as the reader kept them in the lake's flow_labels dataset.
 
     python benchmarks/detection.py                 # every data set; a table
     python benchmarks/detection.py --format json   # the same figures for scripts
-    python benchmarks/detection.py --only esnet-pcaps --ctu13 DIR   # DIR/*.binetflow: CTU-13 scenarios
+    python benchmarks/detection.py --only ctu13-binetflow --ctu13 DIR   # whole CTU-13 scenarios instead
 
 Per data set: host-level precision and recall (a host is "alerted" when any alert names it as the actor),
 PR-AUC (average precision) of two host scores -- the highest rule-alert score, and the anomaly model's highest
@@ -16,14 +17,17 @@ Data sets (small excerpts with PROVENANCE in tests/data/detection/):
   esnet-pcaps      ESnet curated-pcaps: masscan TCP/UDP and nmap runs, plus a benign whois exchange, replayed
                    through the real softflowd (NetFlow v9 over UDP on 127.0.0.1, captured by tcpdump) and read
                    by `tracepipe ingest netflow`. Labels: the scanning host (the README's command) is malicious.
-  esnet-argus      The same captures through the real argus, printed by `ra` in CTU-13's binetflow columns.
+  esnet-argus      The same captures through the real argus, printed by `ra` in CTU-13's binetflow columns,
+                   read by `tracepipe ingest argus`.
   ctu50-zeek       Stratosphere CTU-50 "normal" Windows hosts (CTU-Normal-40 day 1, CTU-Normal-44 day 2),
-                   Zeek conn.log labelled per flow (Benign / Malicious = attacks from the Internet).
-  ctu-njrat-zeek   Stratosphere CTU-Malware-Capture-Botnet-230-1 (NjRAT), first 1,000 conn.log lines, labelled.
-  ctu13-binetflow  CTU-13 scenarios (argus bidirectional flows, "binetflow"), labelled per flow: not
-                   committed (hundreds of MB); give --ctu13 DIR holding capture*.binetflow files. Without it
-                   the row says so and how to get them (this machine is offline).
-The labels of a data set never reach the detectors: they are read by this script only.
+                   Zeek conn.log labelled per flow (Benign / Malicious = attacks from the Internet), read by
+                   `tracepipe ingest zeek` (its `label` column goes to flow_labels).
+  ctu-njrat-zeek   Stratosphere CTU-Malware-Capture-Botnet-230-1 (NjRAT), first 1,000 conn.log lines, labelled;
+                   its relative times are placed on 2017-01-02 before ingest.
+  ctu13-binetflow  CTU-13 scenario 6 (capture20110816, Menti), 10:10-10:30 with every host's flows: argus
+                   bidirectional flows ("binetflow") labelled per flow, read by `tracepipe ingest argus`
+                   (`Label` goes to flow_labels). `--ctu13 DIR` runs DIR/*.binetflow (whole scenarios) instead.
+The labels of a data set never reach the detectors: they sit in flow_labels, which only this script reads.
 
 Setup (the same for every data set): every address is a watched host (local_networks = everything; the data
 sets are seen from one sensor, not from a cloud), beacon.external_only = false (nothing is external then),
@@ -36,9 +40,10 @@ import argparse
 import dataclasses
 import datetime as dt
 import gzip
-import io
 import json
+import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +53,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -57,12 +61,10 @@ DATA = REPO / "tests" / "data" / "detection"
 EVERYTHING = ["0.0.0.0/0", "::/0"]
 # Relative Zeek timestamps (seconds since capture start) are placed here: the lake refuses 1970.
 REBASE = dt.datetime(2017, 1, 2, tzinfo=dt.UTC)
-SYN, ACK, FIN, RST, PSH = 0x02, 0x10, 0x01, 0x04, 0x08
 
 
 @dataclass
 class Loaded:
-    flows: pa.Table | None  # schema.FLOWS rows (None: landed by the sensor path already)
     malicious: set[str]
     benign: set[str]
     notes: list[str] = field(default_factory=list)
@@ -77,245 +79,101 @@ class Dataset:
     load: Callable[[Path, argparse.Namespace], Loaded | str]  # str: why it could not run
 
 
-# ---- loaders: labelled public data -> flow rows (labels kept apart) ----------------------------------------
-def _flows_frame(frame: pl.DataFrame, source: str) -> pa.Table:
-    """Columns ts_start, ts_end, src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, tcp_flags ->
-    schema.FLOWS (the rest null or constant)."""
-    from tracepipe.schema import FLOWS
-
-    frame = frame.with_columns(
-        ip_version=pl.when(pl.col("src_addr").str.contains(":")).then(6).otherwise(4).cast(pl.Int8),
-        exporter=pl.lit(None, pl.String),
-        input_if=pl.lit(0, pl.Int32),
-        output_if=pl.lit(0, pl.Int32),
-        sampling_interval=pl.lit(1, pl.Int32),
-        source=pl.lit(source),
-        src_vm=pl.lit(None, pl.String),
-        dst_vm=pl.lit(None, pl.String),
-        attributed_at=pl.lit(None, pl.Datetime("us", "UTC")),
+# ---- loaders: labelled public data -> the lake at work/lake, as a user lands it (labels kept apart) ---------
+def ingest(command: str, paths: list[Path], work: Path) -> dict:
+    """`tracepipe ingest <command> PATHS --lake work/lake --format json`, the CLI a user runs; its summary.
+    Exit 3 (some lines rejected, the rest landed) is data, not a failure: the rejects are counted in notes."""
+    lake_options = ["--lake", str(work / "lake"), "--format", "json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tracepipe.cli", "ingest", command, *map(str, paths), *lake_options],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    return frame.select(FLOWS.names).to_arrow().cast(FLOWS)
+    if proc.returncode not in (0, 3):
+        raise RuntimeError(
+            f"tracepipe ingest {command} exited {proc.returncode}: {proc.stdout[-500:]}{proc.stderr[-500:]}"
+        )
+    return json.loads(proc.stdout)
 
 
-def _direction(
-    base: pl.DataFrame,
-    ends: tuple[str, str],
-    src_port: pl.Expr,
-    dst_port: pl.Expr,
-    volume: tuple[pl.Expr, pl.Expr],
-    flags: pl.Expr,
-) -> pl.DataFrame:
-    """One direction of bidirectional records (columns _ts, _end, _proto prepared) as flow columns."""
-    return base.select(
-        ts_start=pl.col("_ts"),
-        ts_end=pl.col("_end"),
-        src_addr=pl.col(ends[0]),
-        dst_addr=pl.col(ends[1]),
-        src_port=src_port.cast(pl.Int32),
-        dst_port=dst_port.cast(pl.Int32),
-        proto=pl.col("_proto"),
-        packets=volume[0],
-        bytes=volume[1],
-        tcp_flags=flags.cast(pl.Int16),
-    )
+def _ingest_note(command: str, summary: dict) -> str:
+    totals = summary["totals"]
+    return f"tracepipe ingest {command}: {totals['flows']} flow rows, {totals['rejects']} rejected lines"
 
 
-def _history_flags(history: pl.Expr, letters: dict[str, int]) -> pl.Expr:
-    out = pl.lit(0, pl.Int16)
-    for letter, bits in letters.items():
-        out = out | pl.when(history.str.contains(letter, literal=True)).then(bits).otherwise(0).cast(pl.Int16)
-    return out
+def label_hosts(work: Path, bad: pl.Expr, good: pl.Expr) -> tuple[set[str], set[str]]:
+    """Host-level truth from the lake's flow_labels (what the reader kept of the data set's own labels; the
+    detectors never read it): a host that originated any flow labelled bad is malicious; one that originated
+    flows labelled good and none bad is benign; hosts with neither are left out."""
+    from tracepipe.lake import Lake
+
+    files = [str(f) for f in Lake(work / "lake").files("flow_labels")]
+    if not files:
+        return set(), set()
+    per = pl.scan_parquet(files).group_by("src_addr").agg(bad=bad.any(), good=good.any()).collect()
+    malicious = set(per.filter(pl.col("bad")).get_column("src_addr").to_list())
+    benign = set(per.filter(~pl.col("bad") & pl.col("good")).get_column("src_addr").to_list())
+    return malicious, benign - malicious
 
 
-def read_zeek_conn(path: Path) -> tuple[pl.DataFrame, pa.Table]:
-    """A Zeek conn.log (TSV, `#fields` header, gz or not) -> (the log as a frame, flow rows: one per direction
-    that sent packets, bytes = IP bytes as NetFlow counts them, TCP flags from `history`: upper case = the
-    originator's packets, lower case = the responder's). Stand-in until tracepipe.ingest.zeek lands."""
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    fields = next(
-        line.split("\t")[1:]
-        for line in raw.decode("utf-8", "replace").splitlines()
-        if line.startswith("#fields")
-    )
-    log = pl.read_csv(
-        io.BytesIO(raw),
-        separator="\t",
-        comment_prefix="#",
-        has_header=False,
-        new_columns=fields,
-        null_values=["-", "(empty)"],
-        infer_schema=False,
-        quote_char=None,
-    )
-    if log.get_column("ts").cast(pl.Float64).max() < 1e9:  # relative times (seconds since capture start)
-        log = log.with_columns((pl.col("ts").cast(pl.Float64) + REBASE.timestamp()).cast(pl.String))
-    ts = (pl.col("ts").cast(pl.Float64) * 1e6).cast(pl.Int64)
-    dur = (pl.col("duration").cast(pl.Float64).fill_null(0.0) * 1e6).cast(pl.Int64)
-    proto = pl.col("proto").replace_strict({"tcp": 6, "udp": 17, "icmp": 1}, default=0).cast(pl.Int16)
-    history = pl.col("history").fill_null("")
-    is_icmp = pl.col("proto") == "icmp"
-    count = lambda c: pl.col(c).cast(pl.Int64).fill_null(0)  # noqa: E731
-    base = log.with_columns(
-        _ts=ts,
-        _end=ts + dur,
-        _proto=proto,
-        _op=pl.col("id.orig_p").cast(pl.Int32),
-        _rp=pl.col("id.resp_p").cast(pl.Int32),
-    )
-    tcp = pl.col("proto") == "tcp"
-    letters = {"S": SYN, "H": SYN | ACK, "A": ACK, "D": ACK | PSH, "F": FIN, "R": RST}
-    orig = _direction(
-        base,
-        ("id.orig_h", "id.resp_h"),
-        pl.when(is_icmp).then(0).otherwise(pl.col("_op")),
-        # ICMP: Zeek keeps type in orig_p and code in resp_p; NetFlow puts type*256+code in dst_port
-        pl.when(is_icmp).then(pl.col("_op") * 256 + pl.col("_rp")).otherwise(pl.col("_rp")),
-        (count("orig_pkts"), count("orig_ip_bytes")),
-        pl.when(tcp).then(_history_flags(history, letters)).otherwise(0),
-    )
-    resp = _direction(
-        base.filter(count("resp_pkts") > 0),
-        ("id.resp_h", "id.orig_h"),
-        pl.when(is_icmp).then(0).otherwise(pl.col("_rp")),
-        pl.when(is_icmp).then(0).otherwise(pl.col("_op")),
-        (count("resp_pkts"), count("resp_ip_bytes")),
-        pl.when(tcp).then(_history_flags(history, {k.lower(): v for k, v in letters.items()})).otherwise(0),
-    )
-    frame = pl.concat([orig, resp]).with_columns(
-        pl.col("ts_start").cast(pl.Datetime("us", "UTC")), pl.col("ts_end").cast(pl.Datetime("us", "UTC"))
-    )
-    return log, _flows_frame(frame, str(path.name))
+def _unpacked(name: str, work: Path) -> Path:
+    """A committed .gz excerpt, unpacked into `work` (`tracepipe ingest argus` reads plain text)."""
+    target = work / name.removesuffix(".gz")
+    target.write_bytes(gzip.decompress((DATA / name).read_bytes()))
+    return target
 
 
-def _label_hosts(
-    frame: pl.DataFrame, host: str, label: pl.Expr, bad: pl.Expr, good: pl.Expr
-) -> tuple[set, set]:
-    """Host-level truth: a host that originated any flow labelled bad is malicious; one that originated flows
-    labelled good and none bad is benign; hosts with only background (unlabelled) flows are left out."""
-    per = frame.group_by(host).agg(bad=bad.any(), good=good.any())
-    malicious = set(per.filter(pl.col("bad")).get_column(host).to_list())
-    benign = set(per.filter(~pl.col("bad") & pl.col("good")).get_column(host).to_list())
-    return malicious, benign
+def _rebased(path: Path, work: Path) -> Path:
+    """A conn.log whose `ts` counts seconds from the capture's start (the NjRAT excerpt) placed on REBASE, as
+    a user would before landing it (the lake keeps no 1970 partitions); any other log is returned as is."""
+    lines = gzip.decompress(path.read_bytes()).decode().split("\n")
+    first = next(line for line in lines if line and not line.startswith("#"))
+    if float(first.split("\t", 1)[0]) >= 1e9:
+        return path
+    shift = REBASE.timestamp()
+    out = [
+        line
+        if not line or line.startswith("#")
+        else f"{float(line.split(chr(9), 1)[0]) + shift:.6f}\t{line.split(chr(9), 1)[1]}"
+        for line in lines
+    ]
+    target = work / path.name.removesuffix(".gz")
+    target.write_text("\n".join(out))
+    return target
+
+
+# Stratosphere's Zeek labels: Malicious, Benign, Background (the lab's other devices, not attacks): a host
+# with no Malicious flow is benign.
+ZEEK_BAD = pl.col("label").fill_null("").str.starts_with("Malicious")
+# CTU-13 convention: From-Botnet = the infected host's own traffic, From-Normal = the known normal hosts;
+# Background (everyone else) is unlabelled and left out.
+CTU13_BAD = pl.col("label").fill_null("").str.contains("From-Botnet")
+CTU13_GOOD = pl.col("label").fill_null("").str.contains("From-Normal")
 
 
 def load_zeek(names: list[str]) -> Callable[[Path, argparse.Namespace], Loaded | str]:
     def load(work: Path, args: argparse.Namespace) -> Loaded | str:
-        tables, malicious, benign = [], set(), set()
-        for name in names:
-            log, flows = read_zeek_conn(DATA / name)
-            tables.append(flows)
-            label = pl.col("label").fill_null("")
-            # Stratosphere's Zeek labels: Malicious, Benign, Background (the lab's other devices, not
-            # attacks): a host with no Malicious flow is benign
-            bad, good = _label_hosts(
-                log,
-                "id.orig_h",
-                label,
-                label.str.starts_with("Malicious"),
-                ~label.str.starts_with("Malicious"),
-            )
-            malicious |= bad
-            benign |= good
-        return Loaded(pa.concat_tables(tables), malicious, benign - malicious)
+        paths = [_rebased(DATA / name, work) for name in names]
+        summary = ingest("zeek", paths, work)
+        malicious, benign = label_hosts(work, ZEEK_BAD, ~ZEEK_BAD)
+        return Loaded(malicious, benign, [_ingest_note("zeek", summary)])
 
     return load
 
 
-def read_binetflow(path: Path) -> tuple[pl.DataFrame, pa.Table]:
-    """argus `ra` CSV ("binetflow": one bidirectional row per conversation) -> (the rows, flow rows: the
-    source's direction with SrcBytes, the reply with TotBytes - SrcBytes; packets split in the same ratio when
-    there is no SrcPkts column; TCP flags from State "<source flags>_<destination flags>").
-    Stand-in until tracepipe.ingest.argus lands."""
-    raw = path.read_bytes()
-    separator = "\t" if b"\t" in raw.split(b"\n", 1)[0] else ","
-    rows = pl.read_csv(io.BytesIO(raw), separator=separator, infer_schema=False, quote_char=None)
-    rows = rows.with_columns(pl.col(c).str.strip_chars() for c in rows.columns)
-
-    def port(column: str) -> pl.Expr:  # decimal, or hex for ICMP ("0x0008")
-        text = pl.col(column).fill_null("")
-        hexa = text.str.starts_with("0x")
-        return (
-            pl.when(hexa)
-            .then(text.str.slice(2).str.to_integer(base=16, strict=False))
-            .otherwise(text.str.to_integer(strict=False))
-            .fill_null(0)
-            .clip(0, 65535)
-            .cast(pl.Int32)
-        )
-
-    text = pl.col("StartTime")
-    start = (
-        pl.when(text.str.contains(r"^[0-9]+(\.[0-9]+)?$"))  # `ra -u`: epoch seconds
-        .then((text.cast(pl.Float64, strict=False) * 1e6).cast(pl.Int64).cast(pl.Datetime("us", "UTC")))
-        .otherwise(
-            text.str.replace_all("/", "-").str.to_datetime(
-                "%Y-%m-%d %H:%M:%S%.f", time_zone="UTC", strict=False
-            )
-        )
-    )
-    total = pl.col("TotBytes").cast(pl.Int64, strict=False).fill_null(0)
-    src_bytes = pl.col("SrcBytes").cast(pl.Int64, strict=False).fill_null(0)
-    packets = pl.col("TotPkts").cast(pl.Int64, strict=False).fill_null(0)
-    src_packets = (
-        pl.col("SrcPkts").cast(pl.Int64, strict=False).fill_null(0)
-        if "SrcPkts" in rows.columns
-        else (packets * src_bytes / total.clip(lower_bound=1)).round().cast(pl.Int64).clip(lower_bound=1)
-    )
-    proto = pl.col("Proto").str.to_lowercase().replace_strict({"tcp": 6, "udp": 17, "icmp": 1}, default=0)
-    state = pl.col("State").fill_null("")
-    letters = {"S": SYN, "A": ACK, "F": FIN, "R": RST, "P": PSH}
-    base = rows.with_columns(
-        _ts=start,
-        _end=start
-        + pl.duration(microseconds=(pl.col("Dur").cast(pl.Float64, strict=False).fill_null(0) * 1e6)),
-        _proto=proto.cast(pl.Int16),
-        _sp=port("Sport"),
-        _dp=port("Dport"),
-        _sflags=_history_flags(state.str.split("_").list.get(0, null_on_oob=True).fill_null(""), letters),
-        _dflags=_history_flags(state.str.split("_").list.get(1, null_on_oob=True).fill_null(""), letters),
-        _tcp=proto == 6,
-    ).filter(pl.col("_ts").is_not_null() & pl.col("_proto").is_in([1, 6, 17]))
-    icmp = pl.col("_proto") == 1  # ra prints the ICMP type as Sport and the code as Dport
-    forward = _direction(
-        base,
-        ("SrcAddr", "DstAddr"),
-        pl.when(icmp).then(0).otherwise(pl.col("_sp")),
-        pl.when(icmp).then(pl.col("_sp") * 256 + pl.col("_dp")).otherwise(pl.col("_dp")),
-        (src_packets, src_bytes),
-        pl.when(pl.col("_tcp")).then(pl.col("_sflags")).otherwise(0),
-    )
-    back = _direction(
-        base.filter(total > src_bytes),
-        ("DstAddr", "SrcAddr"),
-        pl.when(icmp).then(0).otherwise(pl.col("_dp")),
-        pl.when(icmp).then(0).otherwise(pl.col("_sp")),
-        ((packets - src_packets).clip(lower_bound=1), total - src_bytes),
-        pl.when(pl.col("_tcp")).then(pl.col("_dflags")).otherwise(0),
-    )
-    return rows, _flows_frame(pl.concat([forward, back]), path.name)
+CTU13_EXCERPT = "ctu13-s6-capture20110816-1010-1030.binetflow.gz"
 
 
 def load_ctu13(work: Path, args: argparse.Namespace) -> Loaded | str:
-    files = sorted(Path(args.ctu13).glob("*.binetflow")) if args.ctu13 else []
+    """The committed CTU-13 excerpt (scenario 6, 20 minutes, every host's flows), or with --ctu13 DIR the
+    capture*.binetflow files there instead."""
+    files = sorted(Path(args.ctu13).glob("*.binetflow")) if args.ctu13 else [_unpacked(CTU13_EXCERPT, work)]
     if not files:
-        return (
-            "not run: no CTU-13 binetflow here (hundreds of MB, not committed). Download e.g. "
-            "https://mcfp.felk.cvut.cz/publicDatasets/CTU-Malware-Capture-Botnet-42/detailed-bidirectional-"
-            "flow-labels/capture20110810.binetflow into a folder and pass --ctu13 FOLDER"
-        )
-    tables, malicious, benign = [], set(), set()
-    for path in files:
-        rows, flows = read_binetflow(path)
-        tables.append(flows)
-        label = pl.col("Label").fill_null("")
-        # CTU-13 convention: From-Botnet = the infected host's own traffic, From-Normal = the known normal
-        # hosts; Background (everyone else) is unlabelled and left out.
-        bad, good = _label_hosts(
-            rows, "SrcAddr", label, label.str.contains("From-Botnet"), label.str.contains("From-Normal")
-        )
-        malicious |= bad
-        benign |= good
-    return Loaded(pa.concat_tables(tables), malicious, benign - malicious)
+        return f"not run: no *.binetflow in {args.ctu13}"
+    summary = ingest("argus", files, work)
+    malicious, benign = label_hosts(work, CTU13_BAD, CTU13_GOOD)
+    return Loaded(malicious, benign, [_ingest_note("argus", summary)])
 
 
 # Who scanned in the ESnet captures (their READMEs give the commands; the targets answer).
@@ -340,71 +198,69 @@ def _missing_tools(*names: str) -> str | None:
     return None
 
 
-def _esnet_captures(work: Path) -> list[Path]:
-    """The committed captures, unpacked into `work`."""
-    paths = []
-    for name in ESNET:
-        traffic = work / name.removesuffix(".gz")
-        traffic.write_bytes(gzip.decompress((DATA / name).read_bytes()))
-        paths.append(traffic)
-    return paths
+def _esnet_truth(work: Path) -> tuple[set[str], set[str]]:
+    """Every address in the lake: the scanners of ESNET are malicious, everyone else benign."""
+    from tracepipe.lake import Lake
+
+    flows = pl.scan_parquet([str(p) for p in Lake(work / "lake").files("flows")]).select(
+        "src_addr", "dst_addr"
+    )
+    hosts = set(flows.collect().unpivot().get_column("value").to_list())
+    malicious = {s for s in ESNET.values() if s}
+    return malicious & hosts, hosts - malicious
 
 
 def load_esnet(work: Path, args: argparse.Namespace) -> Loaded | str:
-    """The captures through the real softflowd (NetFlow v9 to 127.0.0.1, recorded by tcpdump) into the lake
-    the caller opened at work/lake, by tracepipe's own NetFlow ingest."""
+    """The captures through the real softflowd (NetFlow v9 to 127.0.0.1, recorded by tcpdump), landed by
+    `tracepipe ingest netflow`."""
     from support import probes
-
-    from tracepipe.ingest.flows import ingest_flow_files
-    from tracepipe.lake import Lake
 
     missing = _missing_tools("softflowd", "tcpdump")
     if missing:
         return missing
     exports = []
-    for traffic in _esnet_captures(work):
+    for name in ESNET:
+        traffic = _unpacked(name, work)
         port = probes.free_udp_port()
         with probes.capture_udp(port, work / f"export-{traffic.name}") as capture:
             result = probes.softflowd_export(traffic, 9, (probes.LOOPBACK_V4, port))
             capture.wait_for_packets(result.datagrams)
         exports.append(capture.path)
-    lake = Lake(work / "lake")
-    summary = ingest_flow_files(lake, exports)
-    flows = pl.scan_parquet([str(p) for p in lake.files("flows")]).select("src_addr", "dst_addr").collect()
-    hosts = set(flows.get_column("src_addr").to_list()) | set(flows.get_column("dst_addr").to_list())
-    malicious = {s for s in ESNET.values() if s}
-    notes = [f"softflowd -> {summary.to_dict().get('flows', '?')} flow records"]
-    return Loaded(None, malicious & hosts, hosts - malicious, notes)
+    summary = ingest("netflow", exports, work)
+    return Loaded(*_esnet_truth(work), [f"softflowd -> {_ingest_note('netflow', summary)}"])
+
+
+# ra's binetflow columns as tracepipe.ingest.argus documents them (per-direction packets and bytes, TCP flags
+# per direction with -Z b, epoch times with -u, a header line with -L0)
+RA_COLUMNS = (
+    "stime dur proto saddr sport dir daddr dport state stos dtos pkts bytes sbytes spkts dpkts dbytes"
+)
 
 
 def load_esnet_argus(work: Path, args: argparse.Namespace) -> Loaded | str:
-    """The same captures through the real argus, printed by `ra` as CTU-13's binetflow columns (TCP flags
-    per direction with -Z b, epoch times with -u), read by the binetflow loader."""
-    import subprocess
-
+    """The same captures through the real argus, printed by `ra` as binetflow, landed by `tracepipe ingest
+    argus`."""
     from tracepipe.tools import tool_path
 
     missing = _missing_tools("argus", "ra")
     if missing:
         return missing
     argus, ra = tool_path("argus"), tool_path("ra")
-    tables = []
-    for traffic in _esnet_captures(work):
+    binetflows = []
+    for name in ESNET:
+        traffic = _unpacked(name, work)
         flows_file = work / f"{traffic.name}.argus"
         subprocess.run([argus, "-r", str(traffic), "-w", str(flows_file)], check=True, capture_output=True)
-        columns = "stime dur proto saddr sport dir daddr dport state stos dtos pkts bytes sbytes spkts"
         text = subprocess.run(
-            [ra, "-r", str(flows_file), "-n", "-u", "-Z", "b", "-c", ",", "-s", *columns.split()],
+            [ra, "-r", str(flows_file), "-u", "-n", "-c", ",", "-L0", "-Z", "b", "-s", *RA_COLUMNS.split()],
             check=True,
             capture_output=True,
         ).stdout
         binetflow = work / f"{traffic.name}.binetflow"
         binetflow.write_bytes(text)
-        tables.append(read_binetflow(binetflow)[1])
-    flows = pa.concat_tables(tables)
-    hosts = set(flows.column("src_addr").to_pylist()) | set(flows.column("dst_addr").to_pylist())
-    malicious = {s for s in ESNET.values() if s}
-    return Loaded(flows, malicious & hosts, hosts - malicious)
+        binetflows.append(binetflow)
+    summary = ingest("argus", binetflows, work)
+    return Loaded(*_esnet_truth(work), [_ingest_note("argus", summary)])
 
 
 DATASETS = [
@@ -417,30 +273,32 @@ DATASETS = [
     ),
     Dataset(
         "esnet-argus",
-        "pcap -> argus -> ra binetflow (CTU-13's format)",
+        "pcap -> argus -> ra binetflow (CTU-13's format) -> tracepipe ingest argus",
         "github.com/esnet-security/curated-pcaps (the same captures, another sensor)",
         "none published",
         load_esnet_argus,
     ),
     Dataset(
         "ctu50-zeek",
-        "Zeek conn.log (labelled)",
+        "Zeek conn.log (labelled) -> tracepipe ingest zeek",
         "github.com/stratosphereips/security-datasets-for-testing 008, 012 (CTU-Normal-40 d1, -44 d2)",
         "none published for these days",
         load_zeek(["ctu-normal-40-day1.conn.log.labeled.gz", "ctu-normal-44-day2.conn.log.labeled.gz"]),
     ),
     Dataset(
         "ctu-njrat-zeek",
-        "Zeek conn.log (labelled)",
+        "Zeek conn.log (labelled) -> tracepipe ingest zeek",
         "github.com/stratosphereips/security-datasets-for-testing 001 (CTU-Malware-Capture-Botnet-230-1)",
         "none published for this excerpt",
         load_zeek(["ctu-malware-230-1-njrat.conn.log.labeled.gz"]),
     ),
     Dataset(
         "ctu13-binetflow",
-        "argus binetflow (labelled)",
-        "mcfp.felk.cvut.cz CTU-13 (Garcia et al., Computers & Security 45, 2014)",
-        "Garcia et al. 2014 compare BClus, CAMNEP and BotHunter per scenario (their time-windowed metrics)",
+        "argus binetflow (labelled) -> tracepipe ingest argus",
+        "CTU-13 scenario 6 (Garcia et al., Computers & Security 45, 2014), 20-minute excerpt via "
+        "github.com/jingzbu/BiNetflowToSIGs",
+        "no host-level figure; Garcia et al. 2014 report scenario 6 for BClus, CAMNEP, BotHunter with their own "
+        "IP-based, time-windowed metric over the whole capture on the older unidirectional flows: not comparable",
         load_ctu13,
     ),
 ]
@@ -482,8 +340,6 @@ def evaluate(dataset: Dataset, args: argparse.Namespace) -> dict:
         if isinstance(loaded, str):
             return row | {"status": loaded, "published": dataset.published}
         lake = Lake(work / "lake")
-        if loaded.flows is not None:
-            lake.append("flows", loaded.flows, key=dataset.name)
         flows = pl.scan_parquet([str(p) for p in lake.files("flows")])
         span = flows.select(
             pl.col("ts_start").min().alias("a"), pl.col("ts_start").max().alias("b"), pl.len().alias("n")
@@ -584,7 +440,10 @@ def main() -> int:
     print()
     for r in results:
         detail = f"; by detector {r['by_detector']}" if r.get("by_detector") else ""
-        print(f"{r['data_set']}: {r['sensor']}; source {r['source']}; published: {r['published']}{detail}")
+        notes = "".join(f"; {n}" for n in r.get("notes", []))
+        print(
+            f"{r['data_set']}: {r['sensor']}; source {r['source']}; published: {r['published']}{detail}{notes}"
+        )
     return 0
 
 

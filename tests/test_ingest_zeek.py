@@ -131,7 +131,7 @@ def test_tsv_lands_exactly_what_zeek_cut_reads(tmp_path):
 
 def test_json_gzip_and_rotated_files_give_the_same_rows(tmp_path):
     records = zeek_cut(WRCCDC)
-    tsv, _ = read_conn_log(WRCCDC)
+    tsv, _, _ = read_conn_log(WRCCDC)
     as_json = tmp_path / "conn.json.log"
     as_json.write_text(to_json_lines(records))
     gz = tmp_path / "conn.12:00:00-13:00:00.log.gz"
@@ -148,7 +148,7 @@ def test_json_gzip_and_rotated_files_give_the_same_rows(tmp_path):
     rotated = tmp_path / "conn.rotated.log"
     rotated.write_text("".join([*header, *body[:10], "#close\t2019-11-08-11-44-16\n", *second]))
     for path in (as_json, gz, rotated):
-        flows, rejects = read_conn_log(path)
+        flows, rejects, _ = read_conn_log(path)
         assert rejects.num_rows == 0, (path.name, rejects.to_pylist())
         assert got_rows(flows) == got_rows(tsv), path.name
 
@@ -156,7 +156,7 @@ def test_json_gzip_and_rotated_files_give_the_same_rows(tmp_path):
 def test_zeek_failed_states_are_failed_attempts_by_the_shared_rule():
     """The detectors' one rule (tracepipe.flowstate.failed_attempt) says what Zeek's conn_state says: the
     originator of S0, REJ, RSTOS0 and SH never completed a handshake; SF/RSTO/RSTR ones did."""
-    flows, _ = read_conn_log(WRCCDC)
+    flows, _, _ = read_conn_log(WRCCDC)
     frame = pl.from_arrow(flows).with_columns(failed=failed_attempt())
     originators = frame.filter(pl.col("src_addr").is_in(["10.128.0.207", "10.174.251.215", "10.47.25.80"]))
     states = dict(zip(originators["conn_state"], originators["failed"], strict=True))
@@ -180,7 +180,7 @@ def test_history_missing_falls_back_to_conn_state():
         .replace("\tSF\t-\t-\t0\tDd\t", "\tREJ\t-\t-\t0\t-\t")
         .replace("\tudp\t", "\ttcp\t")
     )
-    flows, rejects = parse_conn_log(text.encode(), "x")
+    flows, rejects, _ = parse_conn_log(text.encode(), "x")
     assert rejects.num_rows == 0
     assert flows.column("tcp_flags").to_pylist() == [2, 20]  # SYN; RST|ACK
     assert flows.column("history").to_pylist() == [None, None]
@@ -208,7 +208,7 @@ yesterday\tC4\t192.168.1.99\t1\t192.168.1.1\t53\tudp\t0.1\t1\t83\t1\t162\tSF\tDd
 def test_bad_lines_are_rejects_with_line_and_reason_the_rest_lands(tmp_path):
     path = tmp_path / "conn.log"
     path.write_text(BAD)
-    flows, rejects = read_conn_log(path)
+    flows, rejects, _ = read_conn_log(path)
     assert sorted(flows.column("uid").unique().to_pylist()) == ["C1", "C6"]
     assert flows.filter(pc.equal(flows.column("uid"), "C6")).column("src_addr").to_pylist() == ["2001:db8::1"]
     got = {(r["line"], r["reason"]) for r in rejects.to_pylist()}
@@ -234,7 +234,7 @@ def test_json_bad_lines_are_rejects_by_line(tmp_path):
     text = "\n".join([good, "{not json", bad_type, "", good.replace("192.168.1.99", "nope"), good, "[1, 2]"])
     path = tmp_path / "conn.json"
     path.write_text(text + "\n")
-    flows, rejects = read_conn_log(path)
+    flows, rejects, _ = read_conn_log(path)
     assert flows.num_rows == 4  # lines 1 and 6, two directions each
     assert [(r["line"], r["reason"].split(":")[0]) for r in rejects.to_pylist()] == [
         (2, "bad json"),
@@ -255,7 +255,7 @@ def test_ingest_netflow_names_the_command_for_a_zeek_log(tmp_path):
 def test_any_bytes_after_a_header_give_rows_or_rejects_never_a_crash(tail, as_json):
     head = b"" if as_json else ZEEK_REPO.read_bytes()[:600]
     data = (b'{"ts":1.5,"id.orig_h":"1.2.3.4"}\n' if as_json else head) + tail
-    flows, rejects = parse_conn_log(data, "fuzz")
+    flows, rejects, _ = parse_conn_log(data, "fuzz")
     assert flows.num_rows >= 0 and rejects.num_rows >= 0
 
 
@@ -273,7 +273,7 @@ def test_out_of_range_numbers_are_rejects_not_overflows():
     text = "\n".join(
         [line % ("1e300", ""), line % ("1.5", ',"duration":1e300'), line % ("1.5", ',"duration":-1')]
     )
-    flows, rejects = parse_conn_log((text + "\n" + line % ("1.5", "") + "\n").encode(), "x")
+    flows, rejects, _ = parse_conn_log((text + "\n" + line % ("1.5", "") + "\n").encode(), "x")
     assert [(r["line"], r["reason"]) for r in rejects.to_pylist()] == [
         (1, "bad time"),
         (2, "bad duration"),
@@ -309,3 +309,55 @@ def test_a_lake_from_before_the_zeek_columns_takes_zeek_flows(tmp_path):
     day = dt.datetime(2021, 9, 29, tzinfo=dt.UTC)
     frame = scan_flows(Lake(root), day, day + dt.timedelta(days=1)).collect()
     assert frame.height == 4 and sorted(frame["conn_state"].to_list(), key=str) == [None, None, "SF", "SF"]
+
+
+LABELLED = Path(__file__).parent / "data" / "detection" / "ctu-normal-44-day2.conn.log.labeled.gz"
+
+
+def test_stratosphere_labelled_log_lands_and_its_labels_go_to_flow_labels(tmp_path):
+    """Stratosphere's *.labeled conn.logs add `tunnel_parents label detailedlabel` columns: the reader ignores
+    what it does not use, every connection lands, and `label` goes to flow_labels (never into flows), keyed
+    by the connection's originator row, one label per connection as zeek-cut reads it."""
+    records = zeek_cut(LABELLED)
+    lake = tmp_path / "lake"
+    proc = run_tracepipe("ingest", "zeek", str(LABELLED), "--lake", str(lake), "--format", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["totals"]["rejects"] == 0
+    assert summary["totals"]["flows"] == sum(expected_rows(records).values())
+    assert "label" not in lake_flows(lake).column_names
+    files = [str(p) for p in Lake(lake).files("flow_labels")]
+    labels = duckdb.sql(f"SELECT src_addr, dst_addr, src_port, label FROM read_parquet({files})").fetchall()
+    assert Counter(r[3] for r in labels) == Counter(r["label"] for r in records)
+    assert Counter(labels) == Counter(
+        (r["id.orig_h"], r["id.resp_h"], int(r["id.orig_p"]) if r["proto"] != "icmp" else 0, r["label"])
+        for r in records
+    )
+    assert Counter(r[3] for r in labels)["Malicious"] > 0
+
+
+def test_iot23_joined_label_field_gives_the_middle_word():
+    """IoT-23 writes `tunnel_parents   label   detailed-label` as ONE tab-separated field (spaces inside), in
+    the header and in every row: the rows land, and the label is the middle word."""
+    head = WRCCDC.read_text().splitlines()
+    fields = next(line for line in head if line.startswith("#fields")).split("\t")[1:]
+    assert fields[-1] == "tunnel_parents"
+    header = [
+        (line + "   label   detailed-label") if line.startswith("#fields") else line
+        for line in head
+        if line.startswith("#") and not line.startswith(("#types", "#close"))
+    ]
+    rows = [line for line in head if not line.startswith("#")][:3]
+    text = "\n".join(
+        [
+            *header,
+            rows[0] + "   Malicious   PartOfAHorizontalPortScan",
+            rows[1] + "   Benign   -",
+            rows[2] + "   -   -",
+        ]
+    )
+    flows, rejects, labels = parse_conn_log((text + "\n").encode(), "iot23")
+    assert rejects.num_rows == 0
+    assert labels.column("label").to_pylist() == ["Malicious", "Benign", None]
+    assert labels.column("line").to_pylist() == [len(header) + 1, len(header) + 2, len(header) + 3]
+    assert flows.num_rows >= 3

@@ -176,7 +176,8 @@ def ingest_zeek_command(
     output: FormatOption = OutputFormat.table,
 ) -> None:
     """Land Zeek conn.log connections as flows: one row per direction, with Zeek's uid, conn_state and history
-    kept (tcp_flags derived from them), IP bytes as NetFlow counts them.
+    kept (tcp_flags derived from them), IP bytes as NetFlow counts them. A `label` column (Stratosphere's
+    labelled logs, IoT-23) goes to the flow_labels dataset, for evaluation only; detectors never read it.
 
     Files already in the lake (same content) are skipped. Exit codes: 0 all landed; 3 partial: some lines
     were rejected (see the rejects dataset: file, line, reason), the rest landed; 4 nothing landed; 5 landed,

@@ -12,6 +12,12 @@ conn_state when Zeek wrote no history), see tracepipe.flowstate. Bytes are IP by
 NetFlow counts); a log without them falls back to the payload bytes (`orig_bytes`). ICMP: Zeek writes the
 type as id.orig_p and the code as id.resp_p; the originator row carries type*256+code in dst_port as NetFlow
 does, the responder row no port (Zeek does not say which type the replies had).
+
+Labelled logs (Stratosphere's `*.labeled` conn.logs, IoT-23): a `label` column is ground truth, kept apart as
+schema.FLOW_LABELS (one row per connection, keyed like its originator row) for evaluation; detectors never see
+it. IoT-23 writes its three extra columns as one TSV field, `tunnel_parents   label   detailed-label` with
+spaces inside, in the header and in every row: the label is then the middle word of that field. Any other
+column the reader does not use is ignored.
 """
 
 from __future__ import annotations
@@ -39,13 +45,16 @@ from tracepipe.ingest.delimited import (
     rejects_table,
 )
 from tracepipe.limits import iter_line_blocks, too_long_rejects
-from tracepipe.schema import FLOWS, TS
+from tracepipe.schema import FLOW_LABELS, FLOWS, TS
 
 GZIP_MAGIC = b"\x1f\x8b"
 REQUIRED = ("ts", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto")
 COUNTS = ("orig_pkts", "orig_ip_bytes", "orig_bytes", "resp_pkts", "resp_ip_bytes", "resp_bytes")
 TEXTS = ("uid", "conn_state", "history")
 USED = (*REQUIRED, "duration", *COUNTS, *TEXTS)
+LABEL = "label"
+# IoT-23's three label columns joined by spaces into one TSV field (header and rows alike)
+JOINED_LABEL_FIELDS = ["tunnel_parents", "label", "detailed-label"]
 PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1}
 ICMP6 = 58
 _NUMBER_RE = r"^\d{1,12}(\.\d{1,9})?$"
@@ -161,9 +170,10 @@ def _flags(history: pa.Array, conn_state: pa.Array, is_tcp: pa.Array) -> tuple[p
 
 
 def _connections(
-    typed: dict[str, pa.Array], lines: pa.Array, source: str, text_checks: list
-) -> tuple[pa.Table, pa.Table]:
-    """Typed conn.log columns (one row per connection) -> (flow rows, rejects naming line and field)."""
+    typed: dict[str, pa.Array], lines: pa.Array, source: str, text_checks: list, label: pa.Array | None = None
+) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Typed conn.log columns (one row per connection) -> (flow rows, rejects naming line and field, the
+    connections' ground-truth labels when the log has a `label` column)."""
     n = len(lines)
     orig_addr, version, orig_ok = address_text(typed["id.orig_h"])
     resp_addr, _, resp_ok = address_text(typed["id.resp_h"])
@@ -254,7 +264,22 @@ def _connections(
         }
     ).filter(answered)
     flows = pa.concat_tables([as_flows(originator), as_flows(responder)])
-    return flows, rejects
+    labels = FLOW_LABELS.empty_table()
+    if label is not None:
+        labels = pa.table(
+            {
+                "ts_start": start,
+                "src_addr": originator.column("src_addr"),
+                "dst_addr": originator.column("dst_addr"),
+                "src_port": originator.column("src_port"),
+                "dst_port": originator.column("dst_port"),
+                "proto": keep(proto),
+                "label": keep(label),
+                "source": common["source"],
+                "line": keep(lines),
+            }
+        ).cast(FLOW_LABELS)
+    return flows, rejects, labels
 
 
 # ---- TSV ------------------------------------------------------------------------------------------------------
@@ -275,6 +300,7 @@ class _Layout:
         self.fields: list[str] | None = None
         self.path = "conn"
         self.problem: str | None = "no #fields header before this line"
+        self.label: str | None = None  # the field holding ground-truth labels, if any
 
     def header(self, line: str) -> None:
         if line.startswith("#separator"):
@@ -288,6 +314,8 @@ class _Layout:
             for i, f in enumerate(fields):  # a repeated name (a hostile header) must not shadow a real one
                 self.fields.append(f if f not in seen else f"{f}#{i}")
                 seen.add(f)
+            joined = [f for f in self.fields if f.split() == JOINED_LABEL_FIELDS]
+            self.label = LABEL if LABEL in self.fields else (joined[0] if joined else None)
         elif name == "#unset_field":
             self.unset = value
         elif name == "#empty_field":
@@ -307,13 +335,24 @@ class _Layout:
             self.problem = f"#fields lacks {', '.join(missing)}"
 
 
-def _tsv_segment(segment: bytes, first_line: int, layout: _Layout, source: str) -> tuple[pa.Table, pa.Table]:
+def _label_text(column: pa.ChunkedArray, name: str, unset: str, empty: str) -> pa.Array:
+    """The label field's text; of IoT-23's joined field, its middle word."""
+    text = column.combine_chunks()
+    if name != LABEL:
+        words = pc.split_pattern_regex(pc.utf8_trim_whitespace(text), r"\s+")
+        text = pc.list_element(pc.if_else(pc.greater_equal(pc.list_value_length(words), 2), words, None), 1)
+    return _unset(text, unset, empty)
+
+
+def _tsv_segment(
+    segment: bytes, first_line: int, layout: _Layout, source: str
+) -> tuple[pa.Table, pa.Table, pa.Table]:
     if layout.problem is not None:  # every non-blank line of the segment is a reject, with the reason
         parts = segment.split(b"\n")
         kept = [(first_line + i, p.decode("latin-1")) for i, p in enumerate(parts) if p.strip()]
-        return FLOWS.empty_table(), line_rejects(kept, layout.problem, source)
+        return FLOWS.empty_table(), line_rejects(kept, layout.problem, source), FLOW_LABELS.empty_table()
     assert layout.fields is not None
-    include = [f for f in USED if f in layout.fields]
+    include = [f for f in USED if f in layout.fields] + ([layout.label] if layout.label else [])
     try:
         table, lines, invalid = read_block(segment, first_line, layout.separator, layout.fields, include)
     except pa.ArrowException as exc:  # what pyarrow cannot split at all: every line of it, with the reason
@@ -326,43 +365,54 @@ def _tsv_segment(segment: bytes, first_line: int, layout: _Layout, source: str) 
     kept = [(n, t) for n, t in invalid if t.strip()]
     if kept:
         parts.append(line_rejects(kept, f"expected {len(layout.fields)} fields", source))
-    flows = FLOWS.empty_table()
+    flows, labels = FLOWS.empty_table(), FLOW_LABELS.empty_table()
     if table.num_rows:  # a blank line reads as a row of empty fields: not data, not a reject
         blank = pc.and_(pc.equal(table.column("ts"), ""), pc.equal(table.column("id.orig_h"), ""))
         if pc.any(blank).as_py():
             table, lines = table.filter(pc.invert(blank)), lines.filter(pc.invert(blank))
     if table.num_rows:
         typed, checks = _typed_from_text(table, layout.unset, layout.empty)
-        flows, rejects = _connections(typed, lines, source, checks)
+        label = (
+            _label_text(table.column(layout.label), layout.label, layout.unset, layout.empty)
+            if layout.label
+            else None
+        )
+        flows, rejects, labels = _connections(typed, lines, source, checks, label)
         parts.append(rejects)
-    return flows, pa.concat_tables(parts) if parts else empty_rejects()
+    return flows, pa.concat_tables(parts) if parts else empty_rejects(), labels
 
 
-def _iter_tsv(handle: BinaryIO, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.Table]]:
+Batch = tuple[pa.Table, pa.Table, pa.Table]  # (flows, rejects, flow labels)
+
+
+def _iter_tsv(handle: BinaryIO, source: str, block_size: int) -> Iterator[Batch]:
     layout = _Layout()
     for block in iter_line_blocks(handle, block_size):
         data = block.data
-        out_flows, out_rejects = [], []
+        out_flows, out_rejects, out_labels = [], [], []
         if block.too_long:
             out_rejects.append(too_long_rejects(source, block.too_long))
         position, line = 0, block.first_line
         for match in _HEADER_RE.finditer(data):
             if match.start() > position:
                 segment = data[position : match.start()]
-                flows, rejects = _tsv_segment(segment, line, layout, source)
+                flows, rejects, labels = _tsv_segment(segment, line, layout, source)
                 out_flows.append(flows)
                 out_rejects.append(rejects)
+                out_labels.append(labels)
                 line += segment.count(b"\n")
             layout.header(match.group().rstrip(b"\r\n").decode("latin-1"))
             position = match.end()
             line += 1
         if position < len(data):
-            flows, rejects = _tsv_segment(data[position:], line, layout, source)
+            flows, rejects, labels = _tsv_segment(data[position:], line, layout, source)
             out_flows.append(flows)
             out_rejects.append(rejects)
+            out_labels.append(labels)
         yield (
             pa.concat_tables([FLOWS.empty_table(), *out_flows]),
             pa.concat_tables([empty_rejects(), *out_rejects]).sort_by("line"),
+            pa.concat_tables([FLOW_LABELS.empty_table(), *out_labels]),
         )
 
 
@@ -412,7 +462,7 @@ def _parse_json_lines(data: bytes, starts: np.ndarray, ends: np.ndarray, schema:
                 stack.append((lo, mid))
 
 
-def _iter_json(handle: BinaryIO, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.Table]]:
+def _iter_json(handle: BinaryIO, source: str, block_size: int) -> Iterator[Batch]:
     ts_type: pa.DataType | None = None
     for block in iter_line_blocks(handle, block_size):
         data = block.data
@@ -427,7 +477,11 @@ def _iter_json(handle: BinaryIO, source: str, block_size: int) -> Iterator[tuple
         filled = stripped_ends > starts
         starts, ends, lines = starts[filled], stripped_ends[filled], lines[filled]
         if not len(starts):
-            yield FLOWS.empty_table(), pa.concat_tables([empty_rejects(), *rejects])
+            yield (
+                FLOWS.empty_table(),
+                pa.concat_tables([empty_rejects(), *rejects]),
+                FLOW_LABELS.empty_table(),
+            )
             continue
         if ts_type is None:
             ts_type = (
@@ -461,11 +515,11 @@ def _iter_json(handle: BinaryIO, source: str, block_size: int) -> Iterator[tuple
             given = typed["duration"]
             typed["duration"] = _micros(given)
             checks = [("bad duration", pc.or_(pc.is_null(given), pc.is_valid(typed["duration"])), given)]
-            flows, more = _connections(typed, pa.array(numbers), source, checks)
+            flows, more, _ = _connections(typed, pa.array(numbers), source, checks)
             rejects.append(more)
         else:
             flows = FLOWS.empty_table()
-        yield flows, pa.concat_tables([empty_rejects(), *rejects]).sort_by("line")
+        yield flows, pa.concat_tables([empty_rejects(), *rejects]).sort_by("line"), FLOW_LABELS.empty_table()
 
 
 def _iso_micros(text: pa.Array) -> pa.Array:
@@ -486,9 +540,10 @@ def empty_rejects() -> pa.Table:
     return rejects_table(pa.array([], pa.int64()), pa.array([], pa.string()), pa.array([], pa.string()), "")
 
 
-def iter_conn_log(path: Path | str, block_size: int = 1 << 24) -> Iterator[tuple[pa.Table, pa.Table]]:
+def iter_conn_log(path: Path | str, block_size: int = 1 << 24) -> Iterator[Batch]:
     """A Zeek conn.log (TSV or JSON, plain or gzip), streamed: batches of (flows in schema.FLOWS, rejects with
-    line numbers), ~`block_size` bytes of text each. Malformed lines become rejects, every other line lands."""
+    line numbers, ground-truth labels in schema.FLOW_LABELS when the log is labelled), ~`block_size` bytes of
+    text each. Malformed lines become rejects, every other line lands."""
     path = Path(path)
     kind = sniff_zeek(path)
     if kind is None:
@@ -503,26 +558,27 @@ def iter_conn_log(path: Path | str, block_size: int = 1 << 24) -> Iterator[tuple
             rejects_table(
                 pa.array([0], pa.int64()), pa.array([str(exc)[:200]]), pa.array(["truncated gzip"]), str(path)
             ),
+            FLOW_LABELS.empty_table(),
         )
 
 
-def parse_conn_log(data: bytes, source: str, block_size: int = 1 << 24) -> tuple[pa.Table, pa.Table]:
-    """Text of a conn.log (either form) -> (flows, rejects). Pure."""
+def _collect(batches: list[Batch]) -> Batch:
+    return (
+        pa.concat_tables([FLOWS.empty_table(), *[b[0] for b in batches]]),
+        pa.concat_tables([empty_rejects(), *[b[1] for b in batches]]),
+        pa.concat_tables([FLOW_LABELS.empty_table(), *[b[2] for b in batches]]),
+    )
+
+
+def parse_conn_log(data: bytes, source: str, block_size: int = 1 << 24) -> Batch:
+    """Text of a conn.log (either form) -> (flows, rejects, labels). Pure."""
     kind = zeek_kind(data[:4096])
     if kind is None:
         raise InputError(f"{source} is not a Zeek conn.log")
     reader = _iter_tsv if kind == "zeek-tsv" else _iter_json
-    batches = list(reader(io.BytesIO(data), source, block_size))
-    return (
-        pa.concat_tables([FLOWS.empty_table(), *[f for f, _ in batches]]),
-        pa.concat_tables([empty_rejects(), *[r for _, r in batches]]),
-    )
+    return _collect(list(reader(io.BytesIO(data), source, block_size)))
 
 
-def read_conn_log(path: Path | str) -> tuple[pa.Table, pa.Table]:
-    """iter_conn_log, collected into one (flows, rejects) pair."""
-    batches = list(iter_conn_log(path))
-    return (
-        pa.concat_tables([FLOWS.empty_table(), *[f for f, _ in batches]]),
-        pa.concat_tables([empty_rejects(), *[r for _, r in batches]]),
-    )
+def read_conn_log(path: Path | str) -> Batch:
+    """iter_conn_log, collected into one (flows, rejects, labels) triple."""
+    return _collect(list(iter_conn_log(path)))
