@@ -12,6 +12,7 @@ Plus: flows attributed to VMs as they land, a second signal, torn tails and a fu
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -39,6 +40,7 @@ from support import probes
 from tracepipe import spool as sp
 from tracepipe.collector import (
     AllowList,
+    block_records,
     commit_pending,
     make_block,
     open_socket,
@@ -472,33 +474,82 @@ def test_recovery_cuts_a_torn_tail_block_and_counts_it(tmp_path):
     assert lake.manifest().num_rows == 1
 
 
-def test_a_failed_spool_write_leaves_no_torn_block_behind(tmp_path):
-    """Disk full in the middle of a block (here: RLIMIT_FSIZE in a child process): the partial block is cut off
-    again, so the blocks written before and after the failure stay readable."""
-    script = f"""
-import resource, socket, numpy as np
+SPOOL_WRITE_SCRIPT = """
+import resource, socket, sys, numpy as np
 from pathlib import Path
 from tracepipe import spool as sp
-from tracepipe.collector import make_block
-writer = sp.SegmentWriter(Path({str(tmp_path)!r}), 1)
+from tracepipe.collector import block_records, make_block
+writer = sp.SegmentWriter(Path(sys.argv[1]), 1)
 addr = np.zeros((1, 16), np.uint8)
-block = lambda n: make_block(1, socket.AF_INET, addr, np.array([5], np.uint16), [memoryview(b"d" * n)])
-writer.append(block(1000), 1)
-resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))
+keep = []
+
+def append(n, count=1):
+    if sys.argv[2] == "append":
+        writer.append(make_block(1, socket.AF_INET, addr, np.array([5], np.uint16), [memoryview(b"d" * n)]), 1)
+        return
+    # as the receive loop does: payloads stay where recvmmsg put them, (address, length) rows; more rows than
+    # IOV_MAX make more than one writev(2)
+    size = n // count
+    data = np.full(size * count, ord("d"), np.uint8)
+    keep.append(data)
+    payloads = np.empty((count, 2), np.uint64)
+    payloads[:, 0] = data.ctypes.data + np.arange(count, dtype=np.uint64) * size
+    payloads[:, 1] = size
+    records = block_records(1, socket.AF_INET, np.zeros((count, 16), np.uint8), np.full(count, 5), payloads[:, 1])
+    writer.append_gather(sp.block_head(records, size * count), payloads, count)
+
+append(1000)
+resource.setrlimit(resource.RLIMIT_FSIZE, (writer.bytes + 90_000, writer.bytes + 90_000))
 try:
-    writer.append(block(1000), 1)
+    append(100_000, 2000)  # 64 kB of record headers, then 1023 payloads fit, the rest not
 except OSError as exc:
     print("failed", exc.errno)
-writer.append(block(100), 1)
+append(100)
 print(writer.bytes, writer.datagrams)
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("method", ["append", "append_gather"])
+def test_a_failed_spool_write_leaves_no_torn_block_behind(tmp_path, method):
+    """Disk full in the middle of a block (here: RLIMIT_FSIZE in a child process): the partial block is cut off
+    again, so the blocks written before and after the failure stay readable. `append_gather` is the receive
+    loop's path (writev straight from the receive buffer); its block is larger than one writev takes."""
+    out = subprocess.run(
+        [sys.executable, "-c", SPOOL_WRITE_SCRIPT, str(tmp_path), method],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split()
-    assert lines[0] == "failed"
+    assert lines[0] == "failed" and int(lines[1]) == errno.EFBIG
     size = (tmp_path / "seg-000000001.open").stat().st_size
     assert int(lines[2]) == size and int(lines[3]) == 2
     assert sp.valid_length((tmp_path / "seg-000000001.open").read_bytes()) == (size, 2)
+
+
+def test_a_gathered_block_is_byte_for_byte_the_encoded_one(tmp_path):
+    """The receive loop writes blocks with writev from its slots; a reader must see exactly what encode_block
+    makes of the same datagrams, also past IOV_MAX datagrams in one block (several writev calls)."""
+    rng = np.random.default_rng(5)
+    count = sp.IOV_MAX * 2 + 7
+    lengths = rng.integers(1, 3000, count).astype(np.uint64)
+    slot = 4096
+    buffer = rng.integers(0, 256, count * slot, dtype=np.uint8)
+    payloads = np.empty((count, 2), np.uint64)
+    payloads[:, 0] = buffer.ctypes.data + np.arange(count, dtype=np.uint64) * slot
+    payloads[:, 1] = lengths
+    addr16 = rng.integers(0, 256, (count, 16), dtype=np.uint8)
+    ports = rng.integers(0, 65536, count).astype(np.uint16)
+    records = block_records(7, socket.AF_INET6, addr16, ports, lengths)
+    writer = sp.SegmentWriter(tmp_path, 1)
+    writer.append_gather(sp.block_head(records, int(lengths.sum())), payloads, count)
+    path = writer.close()
+    datagrams = [buffer[i * slot : i * slot + int(n)].tobytes() for i, n in enumerate(lengths)]
+    expected = make_block(7, socket.AF_INET6, addr16, ports, [memoryview(d) for d in datagrams])
+    assert path is not None and path.read_bytes() == expected
+    (block,) = sp.read_blocks(path)
+    assert block.records["length"].tolist() == lengths.tolist()
 
 
 # ---- 3. garbage mixed with good datagrams ---------------------------------------------------------------------
