@@ -15,11 +15,8 @@ and commit rate for one step's worth of datagrams.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import logging
-import multiprocessing
 import os
 import re
 import shutil
@@ -45,7 +42,7 @@ from tracepipe.collector import commit_pending, make_block  # noqa: E402
 from tracepipe.lake import Lake  # noqa: E402
 from tracepipe.tools import tool_path  # noqa: E402
 
-DEFAULT_RATES = (25_000, 50_000, 100_000, 150_000, 200_000, 300_000)
+DEFAULT_RATES = (100_000, 200_000, 400_000, 800_000)
 
 
 # ---- real softflowd datagrams ----------------------------------------------------------------------------------
@@ -87,65 +84,126 @@ def replicate(datagrams: list[bytes], count: int) -> list[bytes]:
     return out
 
 
-# ---- the paced sender (its own process, sendmmsg in chunks) ---------------------------------------------------
+# ---- the paced sender: a tiny C program (sendmmsg), built at run time ------------------------------------------
+
+SENDER_C = r"""
+/* Paced sendmmsg(2) replay of a file of datagrams (u32 little-endian length + bytes each) to 127.0.0.1:PORT.
+   Usage: sender FILE PORT RATE [CHUNK]; prints "sent elapsed_s" on stdout. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4) return 2;
+    FILE *f = fopen(argv[1], "rb");
+    if (!f) return 3;
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *blob = malloc(size);
+    if (fread(blob, 1, size, f) != (size_t)size) return 3;
+    fclose(f);
+    size_t n = 0;
+    for (long pos = 0; pos + 4 <= size; n++) { uint32_t len; memcpy(&len, blob + pos, 4); pos += 4 + len; }
+    struct mmsghdr *msgs = calloc(n, sizeof *msgs);
+    struct iovec *iov = calloc(n, sizeof *iov);
+    long pos = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t len; memcpy(&len, blob + pos, 4);
+        iov[i].iov_base = blob + pos + 4; iov[i].iov_len = len; pos += 4 + len;
+        msgs[i].msg_hdr.msg_iov = &iov[i]; msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    int sock = socket(AF_INET, SOCK_DGRAM, 0);
+    int sndbuf = 4 << 20;
+    setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+    struct sockaddr_in dest = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
+    dest.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(sock, (struct sockaddr *)&dest, sizeof dest)) return 4;
+    double rate = atof(argv[3]);
+    unsigned chunk = argc > 4 ? (unsigned)atoi(argv[4]) : 32;
+    size_t sent = 0;
+    double start = now();
+    while (sent < n) {
+        unsigned k = n - sent < chunk ? (unsigned)(n - sent) : chunk;
+        int done = sendmmsg(sock, msgs + sent, k, 0);
+        if (done <= 0) continue; /* ENOBUFS on a full queue: retry */
+        sent += done;
+        double due = start + sent / rate;
+        double wait;
+        while ((wait = due - now()) > 0) {
+            if (wait > 200e-6) {
+                struct timespec t = {0, (long)((wait - 100e-6) * 1e9)};
+                nanosleep(&t, NULL);
+            }
+        }
+    }
+    printf("%zu %.6f\n", sent, now() - start);
+    return 0;
+}
+"""
 
 
-def _sender(
-    datagrams: list[bytes], dest: tuple[str, int], rate: float, result: multiprocessing.Queue
-) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    sock.connect(dest)
-    n = len(datagrams)
-    blob = np.frombuffer(b"".join(datagrams), np.uint8)
-    lengths = np.array([len(d) for d in datagrams], np.uint64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.uint64)
-    iov = np.zeros((n, 2), np.uint64)
-    iov[:, 0] = blob.ctypes.data + starts
-    iov[:, 1] = lengths
-    headers = np.zeros((n, 8), np.uint64)  # struct mmsghdr: msg_name NULL (connected socket)
-    headers[:, 2] = iov.ctypes.data + np.arange(n, dtype=np.uint64) * 16
-    headers[:, 3] = 1
-    chunk = 16
-    sent = 0
-    started = time.perf_counter()
-    while sent < n:
-        k = min(chunk, n - sent)
-        done = libc.sendmmsg(sock.fileno(), ctypes.c_void_p(headers.ctypes.data + sent * 64), k, 0)
-        if done <= 0:
-            continue  # ENOBUFS/EAGAIN on a full queue: retry (loopback never drops on the send side)
-        sent += done
-        due = started + sent / rate
-        while time.perf_counter() < due:
-            pass
-    elapsed = time.perf_counter() - started
-    result.put((sent, elapsed))
+def build_sender(work: Path) -> Path:
+    """Compile SENDER_C with gcc into `work` (nothing binary is committed); a Python sender cannot go past
+    ~200 k datagrams/s on this machine, which is where the receivers start to differ."""
+    source = work / "sender.c"
+    source.write_text(SENDER_C)
+    binary = work / "sender"
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        raise SystemExit(
+            "benchmarks/collector.py needs gcc (or cc) to build its sendmmsg sender: apt-get install gcc"
+        )
+    subprocess.run([gcc, "-O2", "-o", str(binary), str(source)], check=True)
+    return binary
 
 
-def send(datagrams: list[bytes], dest: tuple[str, int], rate: float) -> tuple[int, float]:
-    """Replay at `rate` datagrams/s from a separate process; returns (sent, achieved rate)."""
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    proc = context.Process(target=_sender, args=(datagrams, dest, rate, queue))
-    proc.start()
-    sent, elapsed = queue.get(timeout=600)
-    proc.join()
-    return sent, sent / elapsed
+def write_datagrams(path: Path, datagrams: list[bytes]) -> Path:
+    """The replay file the sender reads: for each datagram a little-endian u32 length, then its bytes."""
+    with open(path, "wb") as handle:
+        for d in datagrams:
+            handle.write(struct.pack("<I", len(d)) + d)
+    return path
+
+
+def send(sender: Path, replay: Path, port: int, rate: float) -> tuple[int, float]:
+    """Replay every datagram of `replay` to 127.0.0.1:`port` at `rate` datagrams/s; (sent, achieved rate)."""
+    out = subprocess.run(
+        [str(sender), str(replay), str(port), str(rate)], capture_output=True, text=True, check=True
+    )
+    sent, elapsed = out.stdout.split()
+    return int(sent), int(sent) / float(elapsed)
 
 
 # ---- receivers --------------------------------------------------------------------------------------------------
 
 
 def udp_socket(port: int) -> tuple[int, int]:
-    """(bytes waiting in the receive queue, datagrams dropped) of the UDP socket on 127.0.0.1:`port`, from the
-    kernel (/proc/net/udp: tx_queue:rx_queue in hex, and the drops column)."""
+    """(bytes waiting in the receive queues, datagrams dropped) of the UDP sockets on 127.0.0.1:`port` (summed
+    when several share the port), from the kernel (/proc/net/udp: tx_queue:rx_queue in hex, and drops)."""
     local = f"0100007F:{port:04X}"
+    queued = drops = found = 0
     for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
         cols = line.split()
         if cols[1] == local:
-            return int(cols[4].split(":")[1], 16), int(cols[12])
-    raise RuntimeError(f"no UDP socket on 127.0.0.1:{port}")
+            queued += int(cols[4].split(":")[1], 16)
+            drops += int(cols[12])
+            found += 1
+    if not found:
+        raise RuntimeError(f"no UDP socket on 127.0.0.1:{port}")
+    return queued, drops
 
 
 def udp_drops(port: int) -> int:
@@ -167,6 +225,23 @@ def settle(port: int, read, quiet: float = 0.6, timeout: float = 120.0) -> int |
     return last
 
 
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by `pid` and its live descendants, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15)
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 class Receiver:
     """One receiver under test, listening on 127.0.0.1; `spooled()` is None where only kernel drops count."""
 
@@ -175,18 +250,28 @@ class Receiver:
     ):
         self.name, self.proc, self.port, self.log, self.stats_file = name, proc, port, log, stats_file
 
+    def stats(self) -> dict:
+        assert self.stats_file is not None
+        for _ in range(50):  # replaced atomically, but it may be between two writes of a very busy collector
+            try:
+                return json.loads(self.stats_file.read_text())
+            except (OSError, ValueError):
+                time.sleep(0.02)
+        raise RuntimeError(f"cannot read {self.stats_file}")
+
     def spooled(self) -> int | None:
-        if self.stats_file is None:
-            return None
-        return json.loads(self.stats_file.read_text())["datagrams"]
+        return None if self.stats_file is None else self.stats()["datagrams"]
 
-    def stop(self) -> None:
+    def cpu(self) -> float:
+        return process_tree_cpu(self.proc.pid)
+
+    def stop(self, kill: bool = True) -> None:
         # tracepipe: SIGKILL, its spool is thrown away with the work directory (this measures the receive path)
-        self.proc.send_signal(signal.SIGKILL if self.stats_file else signal.SIGTERM)
-        self.proc.wait(timeout=60)
+        self.proc.send_signal(signal.SIGKILL if self.stats_file and kill else signal.SIGTERM)
+        self.proc.wait(timeout=600)
 
 
-def start_tracepipe(work: Path, name: str, rcvbuf: str) -> Receiver:
+def start_tracepipe(work: Path, name: str, rcvbuf: str, *extra: str) -> Receiver:
     stats_file = work / f"{name}-stats.json"
     log = work / f"{name}.log"
     cmd = [
@@ -203,40 +288,32 @@ def start_tracepipe(work: Path, name: str, rcvbuf: str) -> Receiver:
         "--stats-file",
         str(stats_file),
         "--status-interval",
-        "0.2s",
+        "0.5s",
         "--rotate",
         "1h",
         "--rotate-size",
         "8G",
+        *extra,
     ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     with open(log, "wb") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=handle, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=handle, stdin=subprocess.DEVNULL, env=env)
     while not stats_file.exists():
         if proc.poll() is not None:
             raise SystemExit(log.read_text())
         time.sleep(0.05)
-    port = int(json.loads(stats_file.read_text())["listen"][0].rsplit(":", 1)[1])
-    return Receiver(name, proc, port, log, stats_file)
+    receiver = Receiver(name, proc, 0, log, stats_file)
+    receiver.port = int(receiver.stats()["listen"][0].rsplit(":", 1)[1])
+    return receiver
 
 
-def start_nfcapd(work: Path) -> Receiver:
+def start_nfcapd(work: Path, buffer: int) -> Receiver:
     port = probes.free_udp_port()
     out = work / "nfcapd"
     out.mkdir()
     log = work / "nfcapd.log"
-    cmd = [
-        tool_path("nfcapd"),
-        "-b",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-w",
-        str(out),
-        "-t",
-        "3600",
-        "-B",
-        "33554432",
-    ]
+    cmd = [tool_path("nfcapd"), "-b", "127.0.0.1", "-p", str(port), "-w", str(out), "-t", "3600"]
+    cmd += ["-B", str(buffer)]
     with open(log, "wb") as handle:
         proc = subprocess.Popen(cmd, stdout=handle, stderr=handle, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
@@ -254,47 +331,83 @@ def socket_buffer(port: int) -> int:
     return int(found.group(1)) if found else -1
 
 
+def rmem_max() -> int:
+    return int(Path("/proc/sys/net/core/rmem_max").read_text())
+
+
 def bench_receivers(
-    work: Path, datagrams: list[bytes], rates: list[int]
-) -> tuple[list[dict], dict[str, int]]:
-    """All receivers run at once (idle ones cost nothing); each rate step is replayed to each in turn, so that
-    a noisy neighbour on a shared machine hurts them alike."""
-    receivers = [
-        start_tracepipe(work, "tracepipe", "32M"),
-        start_tracepipe(work, "tracepipe-8M", "4M"),
-        start_nfcapd(work),
-    ]
-    buffers = {r.name: socket_buffer(r.port) for r in receivers}
-    time.sleep(3)  # imports of the committer processes are done
+    work: Path, sender: Path, replay: Path, count: int, rates: list[int], receivers: list[Receiver]
+) -> list[dict]:
+    """Each rate step is replayed to each receiver in turn (all run at once; idle ones cost nothing), so that a
+    noisy neighbour on a shared machine hurts them alike."""
     rows = []
-    try:
-        for rate in rates:
-            for receiver in receivers:
-                before, drops_before = receiver.spooled(), udp_drops(receiver.port)
-                sent, achieved = send(datagrams, ("127.0.0.1", receiver.port), rate)
-                after = settle(receiver.port, receiver.spooled)
-                drops = udp_drops(receiver.port) - drops_before
-                got = sent - drops if before is None or after is None else after - before
-                rows.append(
-                    {
-                        "receiver": receiver.name,
-                        "rate": rate,
-                        "achieved": achieved,
-                        "sent": sent,
-                        "received": got,
-                        "lost": sent - got,
-                        "kernel_drops": drops,
-                    }
-                )
-                print(
-                    f"  {receiver.name:<13} {rate:>7}/s (sent at {achieved:>7.0f}/s): lost {sent - got:>6}, "
-                    f"kernel drops {drops:>6}",
-                    flush=True,
-                )
-    finally:
+    for rate in rates:
         for receiver in receivers:
-            receiver.stop()
-    return rows, buffers
+            before, drops_before = receiver.spooled(), udp_drops(receiver.port)
+            cpu_before, load = receiver.cpu(), os.getloadavg()[0]
+            sent, achieved = send(sender, replay, receiver.port, rate)
+            after = settle(receiver.port, receiver.spooled)
+            cpu = receiver.cpu() - cpu_before
+            drops = udp_drops(receiver.port) - drops_before
+            got = sent - drops if before is None or after is None else after - before
+            rows.append(
+                {
+                    "receiver": receiver.name,
+                    "rate": rate,
+                    "achieved": achieved,
+                    "sent": sent,
+                    "received": got,
+                    "kept_percent": 100.0 * got / max(sent, 1),
+                    "kernel_drops": drops,
+                    "cpu_s": cpu,
+                    "cpu_us_per_datagram": cpu / max(got, 1) * 1e6,
+                    "load1": load,
+                }
+            )
+            print(
+                f"  {receiver.name:<22} {rate:>7}/s (sent at {achieved:>7.0f}/s): kept {got:>7} of {sent} "
+                f"({100.0 * got / max(sent, 1):6.2f}%), kernel drops {drops:>6}, CPU {cpu:5.2f} s, load {load:.1f}",
+                flush=True,
+            )
+    return rows
+
+
+def bench_sustained(work: Path, sender: Path, replay: Path, count: int, rate: int, rounds: int) -> dict:
+    """The committer under the receive loop: `rounds` replays back to back at `rate` into a collector that
+    rotates every second, and the time until every received datagram is decoded and committed to the lake."""
+    receiver = start_tracepipe(work, "sustained", "32M", "--rotate", "1s")
+    try:
+        drops_before = udp_drops(receiver.port)
+        started = time.time()
+        sent = 0
+        for _ in range(rounds):
+            sent += send(sender, replay, receiver.port, rate)[0]
+        send_s = time.time() - started
+        spooled = settle(receiver.port, receiver.spooled) or 0
+        deadline = time.monotonic() + 1800
+        committer: dict = {}
+        while time.monotonic() < deadline:
+            committer = receiver.stats().get("committer", {})
+            if committer.get("datagrams", 0) >= spooled:
+                break
+            time.sleep(0.2)
+        drops = udp_drops(receiver.port) - drops_before
+    finally:
+        receiver.stop(kill=False)
+    flows = int(committer.get("flows", 0))
+    wall = max(float(committer.get("last_commit_at", time.time())) - started, 1e-9)
+    return {
+        "rate": rate,
+        "sent": sent,
+        "send_s": send_s,
+        "spooled": spooled,
+        "kernel_drops": drops,
+        "committed_datagrams": int(committer.get("datagrams", 0)),
+        "flows": flows,
+        "seconds_to_last_commit": wall,
+        "flows_per_s": flows / wall,
+        "datagrams_per_s": int(committer.get("datagrams", 0)) / wall,
+    }
 
 
 def bench_receive_cpu(work: Path, datagrams: list[bytes], count: int = 40_000) -> dict:
@@ -323,7 +436,7 @@ def bench_receive_cpu(work: Path, datagrams: list[bytes], count: int = 40_000) -
 
 
 def bench_commit(work: Path, datagrams: list[bytes]) -> dict:
-    """Decode + commit rate of the committer on one spool segment holding `datagrams`."""
+    """Decode + commit rate of the committer on one spool segment holding `datagrams` (nothing else running)."""
     spool = work / "commit-spool"
     spool.mkdir()
     writer = sp.SegmentWriter(spool, 1)
@@ -342,81 +455,125 @@ def bench_commit(work: Path, datagrams: list[bytes]) -> dict:
         writer.append(block, len(part))
     writer.close()
     lake = Lake(work / "commit-lake")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     commit_pending(lake, spool, keep=False)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     flows = int(lake.manifest().column("rows")[0].as_py())
-    return {"datagrams": len(datagrams), "flows": flows, "seconds": elapsed, "flows_per_s": flows / elapsed}
+    return {
+        "datagrams": len(datagrams),
+        "flows": flows,
+        "seconds": elapsed,
+        "cpu_s": cpu,
+        "flows_per_s": flows / elapsed,
+        "flows_per_cpu_s": flows / max(cpu, 1e-9),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--count", type=int, default=100_000, help="datagrams per rate step")
+    parser.add_argument("--count", type=int, default=104_800, help="datagrams per rate step")
     parser.add_argument(
         "--rates", default=",".join(map(str, DEFAULT_RATES)), help="datagrams/s, comma-separated"
     )
     parser.add_argument("--flows", type=int, default=2000, help="conversations in the traffic capture")
     parser.add_argument(
-        "--commit-count", type=int, default=20_000, help="datagrams for the decode+commit step"
+        "--commit-count", type=int, default=20_000, help="datagrams for the offline decode+commit step"
+    )
+    parser.add_argument(
+        "--sustained-rate", type=int, default=100_000, help="datagrams/s of the committer-under-load step"
+    )
+    parser.add_argument(
+        "--sustained-rounds", type=int, default=3, help="replays of --count datagrams in that step (0: skip)"
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON at the end")
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
     work = Path(tempfile.mkdtemp(prefix="tracepipe-bench-collector-"))
+    nfcapd_request = 32 << 20
+    same = min(nfcapd_request, rmem_max())  # what nfcapd's SO_RCVBUF gets; tracepipe forces the same
     try:
+        sender = build_sender(work)
         real = softflowd_datagrams(work, args.flows)
         datagrams = replicate(real, args.count)
+        replay = write_datagrams(work / "replay.bin", datagrams)
         records = sum(struct.unpack(">H", d[2:4])[0] for d in datagrams)
         print(
             f"{len(real)} real softflowd v9 datagrams (avg {np.mean([len(d) for d in real]):.0f} bytes), "
-            f"replayed as {len(datagrams)} per step ({records} records incl. templates)",
+            f"replayed as {len(datagrams)} per step ({records} records incl. templates) by a C sendmmsg sender",
             flush=True,
         )
-        load_before = os.getloadavg()[0]
-        rows, buffers = bench_receivers(work, datagrams, rates)
+        load_before = os.getloadavg()
+        receivers = [
+            start_tracepipe(work, "tracepipe", "32M"),
+            start_tracepipe(work, "tracepipe-same-buffer", str(same)),
+            start_nfcapd(work, nfcapd_request),
+        ]
+        buffers = {r.name: socket_buffer(r.port) for r in receivers}
+        time.sleep(3)  # imports of the committer processes are done
+        try:
+            rows = bench_receivers(work, sender, replay, args.count, rates, receivers)
+        finally:
+            for receiver in receivers:
+                receiver.stop()
+        load_after = os.getloadavg()
+        sustained = (
+            bench_sustained(work, sender, replay, args.count, args.sustained_rate, args.sustained_rounds)
+            if args.sustained_rounds
+            else None
+        )
         commit = bench_commit(work, datagrams[: args.commit_count])
         cpu = bench_receive_cpu(work, datagrams)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    names = ["tracepipe", "tracepipe-8M", "nfcapd"]
+    names = [r.name for r in receivers]
     print()
     print(
-        f"load average (1 min) before / after the replay: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average (1/5/15 min) before "
+        f"{'/'.join(f'{x:.1f}' for x in load_before)}, after {'/'.join(f'{x:.1f}' for x in load_after)} "
         f"on {os.cpu_count()} CPUs"
     )
     print(
-        f"{args.count} datagrams per step; kernel receive buffers: "
+        f"{args.count} datagrams per step; kernel receive buffers granted: "
         + ", ".join(f"{n} {buffers[n] / 2**20:.0f} MiB" for n in names)
     )
-    print(f"{'target/s':>9} | " + " | ".join(f"{n + ' sent/s':>19} {'lost':>6}" for n in names))
+    print(f"{'target/s':>9} | " + " | ".join(f"{n[:22]:>22} {'kept':>8} {'µs CPU':>6}" for n in names))
+    print(f"{'':>9} | " + " | ".join(f"{'sent/s':>22} {'':>8} {'/dgram':>6}" for n in names))
     for rate in rates:
         cells = []
         for name in names:
             row = next(r for r in rows if r["receiver"] == name and r["rate"] == rate)
-            cells.append(f"{row['achieved']:>19.0f} {row['lost']:>6}")
+            cells.append(
+                f"{row['achieved']:>22.0f} {row['kept_percent']:>7.2f}% {row['cpu_us_per_datagram']:>6.1f}"
+            )
         print(f"{rate:>9} | " + " | ".join(cells))
-    totals = {n: sum(r["lost"] for r in rows if r["receiver"] == n) for n in names}
-    print(f"{'total':>9} | " + " | ".join(f"{'':>19} {totals[n]:>6}" for n in names))
-    best: dict[str, dict] = {}
     for name in names:
-        best[name] = {"rate": 0, "achieved": 0.0}
+        best = {"rate": 0, "achieved": 0.0}
         for rate in rates:  # the highest step below which every step was lossless
             row = next(r for r in rows if r["receiver"] == name and r["rate"] == rate)
-            if row["lost"] or row["kernel_drops"]:
+            if row["received"] < row["sent"] or row["kernel_drops"]:
                 break
-            best[name] = {"rate": rate, "achieved": row["achieved"]}
+            best = {"rate": rate, "achieved": row["achieved"]}
         print(
-            f"highest rate with zero loss (all steps up to it lossless): {name:<13} target "
-            f"{best[name]['rate']:>7}/s, sent at {best[name]['achieved']:>7.0f}/s"
+            f"highest rate with zero loss (all steps up to it lossless): {name:<22} target "
+            f"{best['rate']:>7}/s, sent at {best['achieved']:>7.0f}/s"
+        )
+    if sustained:
+        print(
+            f"committer under the receive loop: {sustained['sent']} datagrams sent at {sustained['rate']}/s "
+            f"({sustained['spooled']} spooled, {sustained['kernel_drops']} kernel drops, rotating every 1 s) -> "
+            f"{sustained['flows']} flows in the lake {sustained['seconds_to_last_commit']:.1f} s after the first "
+            f"datagram: sustained {sustained['flows_per_s']:,.0f} flows/s ({sustained['datagrams_per_s']:,.0f} "
+            f"datagrams/s)"
         )
     print(
-        f"committer: {commit['datagrams']} datagrams -> {commit['flows']} flows decoded and committed in "
-        f"{commit['seconds']:.1f} s ({commit['flows_per_s']:,.0f} flows/s)"
+        f"committer alone: {commit['datagrams']} datagrams -> {commit['flows']} flows decoded and committed in "
+        f"{commit['seconds']:.1f} s ({commit['flows_per_s']:,.0f} flows/s, {commit['flows_per_cpu_s']:,.0f} "
+        "per CPU second)"
     )
     print(
-        f"receive loop: {cpu['cpu_us_per_datagram']:.1f} µs CPU per datagram (recvmmsg + spool write, "
+        f"receive loop: {cpu['cpu_us_per_datagram']:.2f} µs CPU per datagram (recvmmsg + spool write, "
         f"{cpu['datagrams']} datagrams drained), i.e. ~{1e6 / cpu['cpu_us_per_datagram']:,.0f} datagrams/s "
         f"on one free core"
     )
@@ -425,8 +582,10 @@ def main() -> None:
             json.dumps(
                 {
                     "steps": rows,
-                    "zero_loss_max": best,
                     "buffers": buffers,
+                    "load_before": load_before,
+                    "load_after": load_after,
+                    "sustained": sustained,
                     "commit": commit,
                     "receive_cpu": cpu,
                 },
