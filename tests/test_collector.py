@@ -640,6 +640,52 @@ def test_allow_drops_and_names_senders_outside_the_allowed_networks(tmp_path):
     assert "accepting datagrams from any sender" not in log
 
 
+def test_reuseport_collectors_share_a_port_and_each_exporter_stays_with_one(tmp_path):
+    """Scaling across cores: two collectors with --reuseport (each its own spool, one lake) on one port. The
+    kernel spreads 16 exporters over them by sender hash (all 16 on one side: 2 in 65,536), every datagram of an
+    exporter reaches the same collector (its templates stay in one decoder), and every flow lands once."""
+    lake = tmp_path / "lake"
+    first = start_collector(tmp_path, lake, "--reuseport", "--spool", str(tmp_path / "spool-1"), name="first")
+    try:
+        port = first.ports["4"]
+        second = start_collector(
+            tmp_path,
+            lake,
+            "--reuseport",
+            "--spool",
+            str(tmp_path / "spool-2"),
+            listen=(f"127.0.0.1:{port}",),
+            name="second",
+        )
+        try:
+            expected: Counter = Counter()
+            for exporter in range(16):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.bind((f"127.0.0.{exporter + 2}", 0))
+                    for seq in (0, 1, 2):  # v9 with the template first: decodable only where seq 0 went
+                        flows = [(f"10.{exporter}.{seq}.1", 1000 + seq)]
+                        sock.sendto(v9_datagram(seq, flows, template=seq == 0), ("127.0.0.1", port))
+                        expected.update(flows)
+            time.sleep(0.3)
+            assert stop_collector(second) == 0, second.stderr.read_text()
+            second_stats = second.stats()
+        finally:
+            if second.proc.poll() is None:
+                second.proc.kill()
+                second.proc.wait()
+        assert stop_collector(first) == 0, first.stderr.read_text()
+        first_stats = first.stats()
+    finally:
+        if first.proc.poll() is None:
+            first.proc.kill()
+            first.proc.wait()
+    one, two = first_stats["exporters"], second_stats["exporters"]
+    assert one and two and not set(one) & set(two)
+    assert set(one) | set(two) == {f"127.0.0.{e + 2}" for e in range(16)}
+    assert set(one.values()) | set(two.values()) == {3}
+    assert flow_keys(lake_flows(lake)) == expected
+
+
 def test_allow_list_matches_ipv4_ipv6_and_mapped_addresses():
     allow = AllowList(["10.0.0.0/8", "2001:db8::/32"])
     raw = [

@@ -124,6 +124,9 @@ class CollectorConfig:
     stats_file: Path | None = None
     keep_segments: bool = False  # move committed segments to <spool>/done/ instead of deleting them
     limits: Limits = DEFAULT_LIMITS  # bounds of the decoder state (what senders control)
+    reuseport: bool = (
+        False  # SO_REUSEPORT: several collectors (each its own --spool) share the --listen ports
+    )
 
     @property
     def spool_dir(self) -> Path:
@@ -133,15 +136,21 @@ class CollectorConfig:
 # ---- sockets ----------------------------------------------------------------------------------------------------
 
 
-def open_socket(spec: ListenSpec, rcvbuf: int) -> tuple[socket.socket, int]:
+def open_socket(spec: ListenSpec, rcvbuf: int, reuseport: bool = False) -> tuple[socket.socket, int]:
     """Bind one UDP socket with a receive buffer of `rcvbuf` bytes if the kernel allows; returns (socket,
-    granted bytes). SO_RCVBUFFORCE (root / CAP_NET_ADMIN) goes past net.core.rmem_max; else SO_RCVBUF, capped."""
+    granted bytes). SO_RCVBUFFORCE (root / CAP_NET_ADMIN) goes past net.core.rmem_max; else SO_RCVBUF, capped.
+
+    `reuseport`: SO_REUSEPORT, so that more collectors of the same user bind the same port; the kernel hands each
+    datagram to one of them by a hash of its sender address and port, so an exporter's datagrams (its templates
+    and sequence numbers) all go to one collector while the exporters spread over them (and over the cores)."""
     if not 0 < rcvbuf <= MAX_RCVBUF:
         raise UsageError(f"--rcvbuf {rcvbuf} is out of range; the kernel takes 1 byte to 1G")
     sock = socket.socket(spec.family, socket.SOCK_DGRAM)
     try:
         if spec.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
         except OSError:
@@ -151,7 +160,8 @@ def open_socket(spec: ListenSpec, rcvbuf: int) -> tuple[socket.socket, int]:
         sock.close()
         raise EnvironmentProblem(
             f"cannot listen on {spec}: {exc.strerror}. Is another collector (nfcapd?) "
-            f"bound to it, or is the address not on this host?"
+            f"bound to it, or is the address not on this host? (Several tracepipe collectors share a port "
+            f"when each is started with --reuseport and its own --spool.)"
         ) from exc
     sock.setblocking(False)
     granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel reports double
@@ -682,7 +692,7 @@ class Collector:
     def _open_sockets(self) -> None:
         limit = rmem_max()
         for spec in self.config.listen:
-            sock, granted = open_socket(spec, self.config.rcvbuf)
+            sock, granted = open_socket(spec, self.config.rcvbuf, self.config.reuseport)
             self.sockets.append(sock)
             self.granted.append(granted)
             self.receivers.append(BatchReceiver(sock))
