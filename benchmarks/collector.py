@@ -1,15 +1,18 @@
-"""How fast can `tracepipe collect` receive without loss, next to nfcapd (issue 5, Must 4)?
+"""How fast can `tracepipe collect` receive without loss, next to nfcapd (issue 18 item 5, issue 17)?
 
 Makes real NetFlow v9 export datagrams once (the real softflowd over a traffic capture built with scapy),
-replicates them to --count datagrams with consecutive sequence numbers, and replays them to 127.0.0.1 at
-increasing rates, a bounded number per step, with sendmmsg(2) from a separate process. Each receiver gets the
-same replay: `tracepipe collect` (default options: 32 MB receive buffer, 5 min rotation) and `nfcapd -B 33554432`.
-Loss per step = datagrams the receiver's socket dropped (the `drops` column of /proc/net/udp) and, for tracepipe,
-also sent minus spooled. Prints a table and the highest rate with zero loss for each; then the committer's decode
-and commit rate for one step's worth of datagrams.
+replicates them to --count datagrams with consecutive sequence numbers, and replays them to 127.0.0.1 at a ladder
+of rates with a tiny C sendmmsg(2) sender that it compiles with gcc into a temporary directory at run time. Each
+rate step goes to each receiver in turn: `tracepipe collect` (default 32 MB buffer), `tracepipe collect` with the
+buffer nfcapd gets (SO_RCVBUF is capped by net.core.rmem_max; tracepipe forces its own as root), and
+`nfcapd -B 33554432`. Kept = spooled datagrams for tracepipe (checked against the socket's kernel drop counter), sent
+minus the kernel drops for nfcapd; CPU = user + system seconds of the receiver's processes during the step, per
+datagram kept. Then: the committer's sustained rate while the receive loop runs (replays back to back into a
+collector rotating every second, until everything is in the lake), the committer's rate on its own, and the receive
+loop's CPU per datagram. The load average is printed: the machine may be shared.
 
-    python benchmarks/collector.py                  # 100 k datagrams per step, rates 25 k .. 300 k/s
-    python benchmarks/collector.py --count 20000 --rates 50000,100000
+    python benchmarks/collector.py                 # 104 800 datagrams per step, 100 k .. 800 k/s
+    python benchmarks/collector.py --count 30000 --rates 100000,200000 --sustained-rounds 1
 """
 
 from __future__ import annotations
@@ -210,9 +213,10 @@ def udp_drops(port: int) -> int:
     return udp_socket(port)[1]
 
 
-def settle(port: int, read, quiet: float = 0.6, timeout: float = 120.0) -> int | None:
+def settle(port: int, read, quiet: float = 1.2, timeout: float = 120.0) -> int | None:
     """Wait until the receiver has taken everything from its socket (receive queue empty) and `read()` (its
-    own count, if any) stopped changing for `quiet` seconds; returns that count."""
+    own count, if any) stopped changing for `quiet` seconds (more than two of tracepipe's 0.5 s status writes);
+    returns that count."""
     deadline = time.monotonic() + timeout
     last, since = read(), time.monotonic()
     while time.monotonic() < deadline:
