@@ -91,7 +91,8 @@ def replicate(datagrams: list[bytes], count: int) -> list[bytes]:
 
 SENDER_C = r"""
 /* Paced sendmmsg(2) replay of a file of datagrams (u32 little-endian length + bytes each) to 127.0.0.1:PORT.
-   Usage: sender FILE PORT RATE [CHUNK]; prints "sent elapsed_s" on stdout. */
+   Usage: sender FILE PORT RATE [CHUNK [EXPORTERS]]; EXPORTERS source sockets (ports) take the chunks in turn.
+   Prints "sent elapsed_s" on stdout. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -128,19 +129,25 @@ int main(int argc, char **argv) {
         iov[i].iov_base = blob + pos + 4; iov[i].iov_len = len; pos += 4 + len;
         msgs[i].msg_hdr.msg_iov = &iov[i]; msgs[i].msg_hdr.msg_iovlen = 1;
     }
-    int sock = socket(AF_INET, SOCK_DGRAM, 0);
-    int sndbuf = 4 << 20;
-    setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
     struct sockaddr_in dest = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
     dest.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(sock, (struct sockaddr *)&dest, sizeof dest)) return 4;
     double rate = atof(argv[3]);
     unsigned chunk = argc > 4 ? (unsigned)atoi(argv[4]) : 32;
+    int exporters = argc > 5 ? atoi(argv[5]) : 1;
+    if (exporters < 1 || exporters > 1024) return 2;
+    int socks[1024];
+    for (int i = 0; i < exporters; i++) {
+        int sndbuf = 4 << 20;
+        socks[i] = socket(AF_INET, SOCK_DGRAM, 0);
+        setsockopt(socks[i], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+        if (connect(socks[i], (struct sockaddr *)&dest, sizeof dest)) return 4;
+    }
+    unsigned turn = 0;
     size_t sent = 0;
     double start = now();
     while (sent < n) {
         unsigned k = n - sent < chunk ? (unsigned)(n - sent) : chunk;
-        int done = sendmmsg(sock, msgs + sent, k, 0);
+        int done = sendmmsg(socks[turn++ % exporters], msgs + sent, k, 0);
         if (done <= 0) continue; /* ENOBUFS on a full queue: retry */
         sent += done;
         double due = start + sent / rate;
@@ -181,10 +188,14 @@ def write_datagrams(path: Path, datagrams: list[bytes]) -> Path:
     return path
 
 
-def send(sender: Path, replay: Path, port: int, rate: float) -> tuple[int, float]:
-    """Replay every datagram of `replay` to 127.0.0.1:`port` at `rate` datagrams/s; (sent, achieved rate)."""
+def send(sender: Path, replay: Path, port: int, rate: float, exporters: int = 1) -> tuple[int, float]:
+    """Replay every datagram of `replay` to 127.0.0.1:`port` at `rate` datagrams/s, from `exporters` source
+    ports taking chunks of 32 in turn; (sent, achieved rate)."""
     out = subprocess.run(
-        [str(sender), str(replay), str(port), str(rate)], capture_output=True, text=True, check=True
+        [str(sender), str(replay), str(port), str(rate), "32", str(exporters)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     sent, elapsed = out.stdout.split()
     return int(sent), int(sent) / float(elapsed)
@@ -247,68 +258,59 @@ def process_tree_cpu(pid: int) -> float:
 
 
 class Receiver:
-    """One receiver under test, listening on 127.0.0.1; `spooled()` is None where only kernel drops count."""
+    """One receiver under test (one or more processes sharing a port on 127.0.0.1); `spooled()` is None where only
+    kernel drops count."""
 
-    def __init__(
-        self, name: str, proc: subprocess.Popen, port: int, log: Path, stats_file: Path | None = None
-    ):
-        self.name, self.proc, self.port, self.log, self.stats_file = name, proc, port, log, stats_file
+    def __init__(self, name: str, procs: list[subprocess.Popen], port: int, stats_files: list[Path]):
+        self.name, self.procs, self.port, self.stats_files = name, procs, port, stats_files
 
-    def stats(self) -> dict:
-        assert self.stats_file is not None
+    @staticmethod
+    def read_stats(path: Path) -> dict:
         for _ in range(50):  # replaced atomically, but it may be between two writes of a very busy collector
             try:
-                return json.loads(self.stats_file.read_text())
+                return json.loads(path.read_text())
             except (OSError, ValueError):
                 time.sleep(0.02)
-        raise RuntimeError(f"cannot read {self.stats_file}")
+        raise RuntimeError(f"cannot read {path}")
+
+    def stats(self) -> list[dict]:
+        return [self.read_stats(path) for path in self.stats_files]
 
     def spooled(self) -> int | None:
-        return None if self.stats_file is None else self.stats()["datagrams"]
+        return sum(s["datagrams"] for s in self.stats()) if self.stats_files else None
 
     def cpu(self) -> float:
-        return process_tree_cpu(self.proc.pid)
+        return sum(process_tree_cpu(proc.pid) for proc in self.procs)
 
     def stop(self, kill: bool = True) -> None:
         # tracepipe: SIGKILL, its spool is thrown away with the work directory (this measures the receive path)
-        self.proc.send_signal(signal.SIGKILL if self.stats_file and kill else signal.SIGTERM)
-        self.proc.wait(timeout=600)
+        for proc in self.procs:
+            proc.send_signal(signal.SIGKILL if self.stats_files and kill else signal.SIGTERM)
+        for proc in self.procs:
+            proc.wait(timeout=600)
 
 
-def start_tracepipe(work: Path, name: str, rcvbuf: str, *extra: str) -> Receiver:
-    stats_file = work / f"{name}-stats.json"
-    log = work / f"{name}.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "tracepipe.cli",
-        "collect",
-        "--listen",
-        "127.0.0.1:0",
-        "--rcvbuf",
-        rcvbuf,
-        "--lake",
-        str(work / f"{name}-lake"),
-        "--stats-file",
-        str(stats_file),
-        "--status-interval",
-        "0.5s",
-        "--rotate",
-        "1h",
-        "--rotate-size",
-        "8G",
-        *extra,
-    ]
+def start_tracepipe(work: Path, name: str, rcvbuf: str, *extra: str, instances: int = 1) -> Receiver:
+    """`instances` collectors on one port (with --reuseport when more than one), each its own spool and lake."""
+    procs, stats_files, port = [], [], 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    with open(log, "wb") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=handle, stdin=subprocess.DEVNULL, env=env)
-    while not stats_file.exists():
-        if proc.poll() is not None:
-            raise SystemExit(log.read_text())
-        time.sleep(0.05)
-    receiver = Receiver(name, proc, 0, log, stats_file)
-    receiver.port = int(receiver.stats()["listen"][0].rsplit(":", 1)[1])
-    return receiver
+    for i in range(instances):
+        stats_file = work / f"{name}-{i}-stats.json"
+        cmd = [sys.executable, "-m", "tracepipe.cli", "collect", "--listen", f"127.0.0.1:{port}"]
+        cmd += ["--rcvbuf", rcvbuf, "--lake", str(work / f"{name}-{i}-lake"), "--stats-file", str(stats_file)]
+        cmd += ["--status-interval", "0.5s", "--rotate", "1h", "--rotate-size", "8G", *extra]
+        cmd += ["--reuseport"] if instances > 1 else []
+        log = work / f"{name}-{i}.log"
+        with open(log, "wb") as handle:
+            proc = subprocess.Popen(cmd, stdout=handle, stderr=handle, stdin=subprocess.DEVNULL, env=env)
+        while not stats_file.exists():
+            if proc.poll() is not None:
+                raise SystemExit(log.read_text())
+            time.sleep(0.05)
+        procs.append(proc)
+        stats_files.append(stats_file)
+        port = int(Receiver.read_stats(stats_file)["listen"][0].rsplit(":", 1)[1])
+    return Receiver(name, procs, port, stats_files)
 
 
 def start_nfcapd(work: Path, buffer: int) -> Receiver:
@@ -325,7 +327,7 @@ def start_nfcapd(work: Path, buffer: int) -> Receiver:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(log.read_text())
         time.sleep(0.05)
-    return Receiver("nfcapd", proc, port, log)
+    return Receiver("nfcapd", [proc], port, [])
 
 
 def socket_buffer(port: int) -> int:
@@ -340,7 +342,7 @@ def rmem_max() -> int:
 
 
 def bench_receivers(
-    work: Path, sender: Path, replay: Path, count: int, rates: list[int], receivers: list[Receiver]
+    sender: Path, replay: Path, rates: list[int], receivers: list[Receiver], exporters: int
 ) -> list[dict]:
     """Each rate step is replayed to each receiver in turn (all run at once; idle ones cost nothing), so that a
     noisy neighbour on a shared machine hurts them alike."""
@@ -349,7 +351,7 @@ def bench_receivers(
         for receiver in receivers:
             before, drops_before = receiver.spooled(), udp_drops(receiver.port)
             cpu_before, load = receiver.cpu(), os.getloadavg()[0]
-            sent, achieved = send(sender, replay, receiver.port, rate)
+            sent, achieved = send(sender, replay, receiver.port, rate, exporters)
             after = settle(receiver.port, receiver.spooled)
             cpu = receiver.cpu() - cpu_before
             drops = udp_drops(receiver.port) - drops_before
@@ -391,7 +393,7 @@ def bench_sustained(work: Path, sender: Path, replay: Path, count: int, rate: in
         deadline = time.monotonic() + 1800
         committer: dict = {}
         while time.monotonic() < deadline:
-            committer = receiver.stats().get("committer", {})
+            committer = receiver.stats()[0].get("committer", {})
             if committer.get("datagrams", 0) >= spooled:
                 break
             time.sleep(0.2)
@@ -491,6 +493,15 @@ def main() -> None:
     parser.add_argument(
         "--sustained-rounds", type=int, default=3, help="replays of --count datagrams in that step (0: skip)"
     )
+    parser.add_argument(
+        "--exporters", type=int, default=1, help="source ports the sender spreads the replay over (exporters)"
+    )
+    parser.add_argument(
+        "--reuseport",
+        type=int,
+        default=0,
+        help="also measure N tracepipe collectors sharing the port (--reuseport); useful with --exporters > 1",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON at the end")
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
@@ -505,7 +516,8 @@ def main() -> None:
         records = sum(struct.unpack(">H", d[2:4])[0] for d in datagrams)
         print(
             f"{len(real)} real softflowd v9 datagrams (avg {np.mean([len(d) for d in real]):.0f} bytes), "
-            f"replayed as {len(datagrams)} per step ({records} records incl. templates) by a C sendmmsg sender",
+            f"replayed as {len(datagrams)} per step ({records} records incl. templates) by a C sendmmsg sender "
+            f"from {args.exporters} source port(s)",
             flush=True,
         )
         load_before = os.getloadavg()
@@ -514,10 +526,17 @@ def main() -> None:
             start_tracepipe(work, "tracepipe-same-buffer", str(same)),
             start_nfcapd(work, nfcapd_request),
         ]
+        if args.reuseport > 1:
+            receivers.insert(
+                1,
+                start_tracepipe(
+                    work, f"tracepipe-reuseport-x{args.reuseport}", "32M", instances=args.reuseport
+                ),
+            )
         buffers = {r.name: socket_buffer(r.port) for r in receivers}
         time.sleep(3)  # imports of the committer processes are done
         try:
-            rows = bench_receivers(work, sender, replay, args.count, rates, receivers)
+            rows = bench_receivers(sender, replay, rates, receivers, args.exporters)
         finally:
             for receiver in receivers:
                 receiver.stop()
