@@ -1,8 +1,9 @@
 """`tracepipe collect`: a NetFlow v1/v5/v9/IPFIX collector that spools first and decodes later.
 
 In: UDP datagrams on one or more `--listen` sockets (IPv4 and IPv6). The receive loop does nothing but
-`recvmmsg` (through libc; batches of up to 1024 datagrams), drop senders outside `--allow`, and append the batch
-to the current spool segment (tracepipe/spool.py) with one write(). A separate committer process decodes each
+`recvmmsg` (through libc; batches of up to 1023 datagrams), drop senders outside `--allow`, and append the batch
+to the current spool segment (tracepipe/spool.py) with one writev() straight from the receive slots; no Python
+runs per datagram. Several collectors share a port with `--reuseport`. A separate committer process decodes each
 closed segment with the same decoder as `tracepipe ingest netflow` and commits it to the lake, keyed by the
 segment's content hash, then persists the decoder state (templates, sequence numbers) next to the spool.
 
