@@ -175,9 +175,10 @@ def _writev_all(fd: int, iov: np.ndarray) -> None:
 class SegmentWriter:
     """Appends blocks to `seg-<serial>.open`; `close()` makes it an immutable `.spool` segment.
 
-    Writes go straight to the kernel (os.write, no user-space buffer): a datagram is in the page cache, and so
+    Writes go straight to the kernel (write or writev, no user-space buffer): a datagram is in the page cache, and so
     survives a kill -9 of the collector, as soon as the receive batch that returned it is appended.
-    `sync()` (fdatasync) protects against power loss; the collector calls it from a helper thread every second.
+    `sync()` (fdatasync) protects against power loss; the collector calls it, and `close()` of rotated segments,
+    from a helper thread (every second), never from its receive loop.
     """
 
     def __init__(self, spool: Path, serial: int) -> None:
