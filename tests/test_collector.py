@@ -686,6 +686,32 @@ def test_reuseport_collectors_share_a_port_and_each_exporter_stays_with_one(tmp_
     assert flow_keys(lake_flows(lake)) == expected
 
 
+def test_every_thread_of_the_committer_yields_the_cpu_to_the_receive_loop(tmp_path):
+    """Regression: only the committer's main thread was niced; the thread pools that numpy/Arrow/polars start at
+    import stayed at the collector's priority and competed with the receive loop for the CPU."""
+
+    def niceness(pid: int) -> list[int]:
+        return [
+            int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+            for task in Path(f"/proc/{pid}/task").iterdir()
+        ]
+
+    with collector(tmp_path, tmp_path / "lake") as run:
+        deadline = time.monotonic() + 30
+        committer = None
+        while committer is None and time.monotonic() < deadline:
+            for task in Path(f"/proc/{run.proc.pid}/task").iterdir():
+                children = (task / "children").read_text().split()
+                committer = int(children[0]) if children else committer
+            time.sleep(0.1)
+        assert committer is not None
+        time.sleep(1.5)  # its imports are done (the pools exist)
+        threads = niceness(committer)
+        mine = niceness(run.proc.pid)[0]
+        assert stop_collector(run) == 0, run.stderr.read_text()
+    assert len(threads) > 1 and set(threads) == {min(mine + 10, 19)}
+
+
 def test_allow_list_matches_ipv4_ipv6_and_mapped_addresses():
     allow = AllowList(["10.0.0.0/8", "2001:db8::/32"])
     raw = [

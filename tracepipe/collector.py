@@ -68,6 +68,7 @@ COALESCE_BELOW = 64
 COALESCE_BYTES_PER_S = 2e9
 DECODE_CHUNK = 20_000  # datagrams per decode_datagrams call in the committer (bounds its memory)
 COMMITTER_STATS = "committer.json"
+COMMITTER_NICE = 10  # the committer's niceness above the collector's
 FAILED_DIR = sp.FAILED_DIR
 LOCK_FILE = ".collector.lock"
 COMMIT_LOCK_FILE = ".committer.lock"
@@ -564,6 +565,17 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
+def _lower_priority(increment: int) -> None:
+    """Nice every thread of this process by `increment`: on a busy host the receive loop wins the CPU (a late
+    commit loses nothing, a late recv can). Linux nices threads one by one, and the pools that numpy, Arrow and
+    polars start at import would otherwise stay at the collector's priority and compete with its receive loop."""
+    with contextlib.suppress(OSError):
+        niceness = os.nice(increment)
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, int(task), niceness)
+
+
 def committer_main(
     spool: str, lake_root: str, keep: bool, parent: int, level: int, limits: Limits = DEFAULT_LIMITS
 ) -> int:
@@ -573,10 +585,7 @@ def committer_main(
     from tracepipe.lake import Lake
 
     _die_with_parent(parent)
-    with contextlib.suppress(OSError):
-        os.nice(
-            10
-        )  # on a busy host the receive loop wins the CPU: a late commit loses nothing, a late recv can
+    _lower_priority(COMMITTER_NICE)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the collector decides when we stop (drain first)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=level, format="%(asctime)s tracepipe collect: %(message)s")
