@@ -262,8 +262,11 @@ class Receiver:
     """One receiver under test (one or more processes sharing a port on 127.0.0.1); `spooled()` is None where only
     kernel drops count."""
 
-    def __init__(self, name: str, procs: list[subprocess.Popen], port: int, stats_files: list[Path]):
+    def __init__(
+        self, name: str, procs: list[subprocess.Popen], port: int, stats_files: list[Path], dirs: list[Path]
+    ):
         self.name, self.procs, self.port, self.stats_files = name, procs, port, stats_files
+        self.dirs = dirs  # removed at stop: gigabytes of dirty spool pages would stall the next measurement
 
     @staticmethod
     def read_stats(path: Path) -> dict:
@@ -289,6 +292,8 @@ class Receiver:
             proc.send_signal(signal.SIGKILL if self.stats_files and kill else signal.SIGTERM)
         for proc in self.procs:
             proc.wait(timeout=600)
+        for path in self.dirs:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def start_tracepipe(work: Path, name: str, rcvbuf: str, *extra: str, instances: int = 1) -> Receiver:
@@ -311,7 +316,7 @@ def start_tracepipe(work: Path, name: str, rcvbuf: str, *extra: str, instances: 
         procs.append(proc)
         stats_files.append(stats_file)
         port = int(Receiver.read_stats(stats_file)["listen"][0].rsplit(":", 1)[1])
-    return Receiver(name, procs, port, stats_files)
+    return Receiver(name, procs, port, stats_files, [work / f"{name}-{i}-lake" for i in range(instances)])
 
 
 def start_nfcapd(work: Path, buffer: int) -> Receiver:
@@ -328,7 +333,7 @@ def start_nfcapd(work: Path, buffer: int) -> Receiver:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(log.read_text())
         time.sleep(0.05)
-    return Receiver("nfcapd", [proc], port, [])
+    return Receiver("nfcapd", [proc], port, [], [out])
 
 
 def socket_buffer(port: int) -> int:
