@@ -12,6 +12,7 @@ Plus: flows attributed to VMs as they land, a second signal, torn tails and a fu
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -39,6 +40,7 @@ from support import probes
 from tracepipe import spool as sp
 from tracepipe.collector import (
     AllowList,
+    block_records,
     commit_pending,
     make_block,
     open_socket,
@@ -472,33 +474,82 @@ def test_recovery_cuts_a_torn_tail_block_and_counts_it(tmp_path):
     assert lake.manifest().num_rows == 1
 
 
-def test_a_failed_spool_write_leaves_no_torn_block_behind(tmp_path):
-    """Disk full in the middle of a block (here: RLIMIT_FSIZE in a child process): the partial block is cut off
-    again, so the blocks written before and after the failure stay readable."""
-    script = f"""
-import resource, socket, numpy as np
+SPOOL_WRITE_SCRIPT = """
+import resource, socket, sys, numpy as np
 from pathlib import Path
 from tracepipe import spool as sp
-from tracepipe.collector import make_block
-writer = sp.SegmentWriter(Path({str(tmp_path)!r}), 1)
+from tracepipe.collector import block_records, make_block
+writer = sp.SegmentWriter(Path(sys.argv[1]), 1)
 addr = np.zeros((1, 16), np.uint8)
-block = lambda n: make_block(1, socket.AF_INET, addr, np.array([5], np.uint16), [memoryview(b"d" * n)])
-writer.append(block(1000), 1)
-resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))
+keep = []
+
+def append(n, count=1):
+    if sys.argv[2] == "append":
+        writer.append(make_block(1, socket.AF_INET, addr, np.array([5], np.uint16), [memoryview(b"d" * n)]), 1)
+        return
+    # as the receive loop does: payloads stay where recvmmsg put them, (address, length) rows; more rows than
+    # IOV_MAX make more than one writev(2)
+    size = n // count
+    data = np.full(size * count, ord("d"), np.uint8)
+    keep.append(data)
+    payloads = np.empty((count, 2), np.uint64)
+    payloads[:, 0] = data.ctypes.data + np.arange(count, dtype=np.uint64) * size
+    payloads[:, 1] = size
+    records = block_records(1, socket.AF_INET, np.zeros((count, 16), np.uint8), np.full(count, 5), payloads[:, 1])
+    writer.append_gather(sp.block_head(records, size * count), payloads, count)
+
+append(1000)
+resource.setrlimit(resource.RLIMIT_FSIZE, (writer.bytes + 90_000, writer.bytes + 90_000))
 try:
-    writer.append(block(1000), 1)
+    append(100_000, 2000)  # 64 kB of record headers, then 1023 payloads fit, the rest not
 except OSError as exc:
     print("failed", exc.errno)
-writer.append(block(100), 1)
+append(100)
 print(writer.bytes, writer.datagrams)
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("method", ["append", "append_gather"])
+def test_a_failed_spool_write_leaves_no_torn_block_behind(tmp_path, method):
+    """Disk full in the middle of a block (here: RLIMIT_FSIZE in a child process): the partial block is cut off
+    again, so the blocks written before and after the failure stay readable. `append_gather` is the receive
+    loop's path (writev straight from the receive buffer); its block is larger than one writev takes."""
+    out = subprocess.run(
+        [sys.executable, "-c", SPOOL_WRITE_SCRIPT, str(tmp_path), method],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split()
-    assert lines[0] == "failed"
+    assert lines[0] == "failed" and int(lines[1]) == errno.EFBIG
     size = (tmp_path / "seg-000000001.open").stat().st_size
     assert int(lines[2]) == size and int(lines[3]) == 2
     assert sp.valid_length((tmp_path / "seg-000000001.open").read_bytes()) == (size, 2)
+
+
+def test_a_gathered_block_is_byte_for_byte_the_encoded_one(tmp_path):
+    """The receive loop writes blocks with writev from its slots; a reader must see exactly what encode_block
+    makes of the same datagrams, also past IOV_MAX datagrams in one block (several writev calls)."""
+    rng = np.random.default_rng(5)
+    count = sp.IOV_MAX * 2 + 7
+    lengths = rng.integers(1, 3000, count).astype(np.uint64)
+    slot = 4096
+    buffer = rng.integers(0, 256, count * slot, dtype=np.uint8)
+    payloads = np.empty((count, 2), np.uint64)
+    payloads[:, 0] = buffer.ctypes.data + np.arange(count, dtype=np.uint64) * slot
+    payloads[:, 1] = lengths
+    addr16 = rng.integers(0, 256, (count, 16), dtype=np.uint8)
+    ports = rng.integers(0, 65536, count).astype(np.uint16)
+    records = block_records(7, socket.AF_INET6, addr16, ports, lengths)
+    writer = sp.SegmentWriter(tmp_path, 1)
+    writer.append_gather(sp.block_head(records, int(lengths.sum())), payloads, count)
+    path = writer.close()
+    datagrams = [buffer[i * slot : i * slot + int(n)].tobytes() for i, n in enumerate(lengths)]
+    expected = make_block(7, socket.AF_INET6, addr16, ports, [memoryview(d) for d in datagrams])
+    assert path is not None and path.read_bytes() == expected
+    (block,) = sp.read_blocks(path)
+    assert block.records["length"].tolist() == lengths.tolist()
 
 
 # ---- 3. garbage mixed with good datagrams ---------------------------------------------------------------------
@@ -587,6 +638,78 @@ def test_allow_drops_and_names_senders_outside_the_allowed_networks(tmp_path):
     log = run.stderr.read_text()
     assert "1 sequence gaps" in log and "dropped senders: 127.0.0.1=35" in log
     assert "accepting datagrams from any sender" not in log
+
+
+def test_reuseport_collectors_share_a_port_and_each_exporter_stays_with_one(tmp_path):
+    """Scaling across cores: two collectors with --reuseport (each its own spool, one lake) on one port. The
+    kernel spreads 16 exporters over them by sender hash (all 16 on one side: 2 in 65,536), every datagram of an
+    exporter reaches the same collector (its templates stay in one decoder), and every flow lands once."""
+    lake = tmp_path / "lake"
+    first = start_collector(tmp_path, lake, "--reuseport", "--spool", str(tmp_path / "spool-1"), name="first")
+    try:
+        port = first.ports["4"]
+        second = start_collector(
+            tmp_path,
+            lake,
+            "--reuseport",
+            "--spool",
+            str(tmp_path / "spool-2"),
+            listen=(f"127.0.0.1:{port}",),
+            name="second",
+        )
+        try:
+            expected: Counter = Counter()
+            for exporter in range(16):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.bind((f"127.0.0.{exporter + 2}", 0))
+                    for seq in (0, 1, 2):  # v9 with the template first: decodable only where seq 0 went
+                        flows = [(f"10.{exporter}.{seq}.1", 1000 + seq)]
+                        sock.sendto(v9_datagram(seq, flows, template=seq == 0), ("127.0.0.1", port))
+                        expected.update(flows)
+            time.sleep(0.3)
+            assert stop_collector(second) == 0, second.stderr.read_text()
+            second_stats = second.stats()
+        finally:
+            if second.proc.poll() is None:
+                second.proc.kill()
+                second.proc.wait()
+        assert stop_collector(first) == 0, first.stderr.read_text()
+        first_stats = first.stats()
+    finally:
+        if first.proc.poll() is None:
+            first.proc.kill()
+            first.proc.wait()
+    one, two = first_stats["exporters"], second_stats["exporters"]
+    assert one and two and not set(one) & set(two)
+    assert set(one) | set(two) == {f"127.0.0.{e + 2}" for e in range(16)}
+    assert set(one.values()) | set(two.values()) == {3}
+    assert flow_keys(lake_flows(lake)) == expected
+
+
+def test_every_thread_of_the_committer_yields_the_cpu_to_the_receive_loop(tmp_path):
+    """Regression: only the committer's main thread was niced; the thread pools that numpy/Arrow/polars start at
+    import stayed at the collector's priority and competed with the receive loop for the CPU."""
+
+    def niceness(pid: int) -> list[int]:
+        return [
+            int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+            for task in Path(f"/proc/{pid}/task").iterdir()
+        ]
+
+    with collector(tmp_path, tmp_path / "lake") as run:
+        deadline = time.monotonic() + 30
+        committer = None
+        while committer is None and time.monotonic() < deadline:
+            for task in Path(f"/proc/{run.proc.pid}/task").iterdir():
+                children = (task / "children").read_text().split()
+                committer = int(children[0]) if children else committer
+            time.sleep(0.1)
+        assert committer is not None
+        time.sleep(1.5)  # its imports are done (the pools exist)
+        threads = niceness(committer)
+        mine = niceness(run.proc.pid)[0]
+        assert stop_collector(run) == 0, run.stderr.read_text()
+    assert len(threads) > 1 and set(threads) == {min(mine + 10, 19)}
 
 
 def test_allow_list_matches_ipv4_ipv6_and_mapped_addresses():

@@ -993,6 +993,14 @@ def collect_command(
             "Names and defaults: README, Limits.",
         ),
     ] = [],  # noqa: B006
+    reuseport: Annotated[
+        bool,
+        typer.Option(
+            "--reuseport",
+            help="Share the --listen ports with other collectors started so (each with its own --spool): "
+            "the kernel spreads the exporters over them, one CPU each.",
+        ),
+    ] = False,
 ) -> None:
     """Receive NetFlow v1/v5/v9 and IPFIX over UDP, spool the datagrams, and commit them to the lake.
 
@@ -1001,6 +1009,8 @@ def collect_command(
     Example: tracepipe collect --listen 0.0.0.0:2055 --listen [::]:4739 --allow 10.0.0.0/8 --lake /srv/lake --rotate 5m
 
     Example: tracepipe collect --listen 0.0.0.0:4739 --limit exporters=8192 --limit templates_total=32768
+
+    Example: tracepipe collect --listen 0.0.0.0:2055 --reuseport --spool /srv/spool/2 --lake /srv/lake
     """
     import logging
 
@@ -1025,6 +1035,7 @@ def collect_command(
         stats_file=stats_file,
         keep_segments=keep_segments,
         limits=DEFAULT_LIMITS.override(limit),
+        reuseport=reuseport,
     )
     raise typer.Exit(run_collector(config))
 

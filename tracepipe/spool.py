@@ -16,6 +16,9 @@ the committer) -> deleted, or moved to `done/` with --keep-segments, once its ma
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import ipaddress
 import json
 import os
@@ -24,6 +27,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -102,18 +106,79 @@ def read_state_file(
     return saved, ""
 
 
+def block_head(records: np.ndarray, payload_bytes: int) -> bytes:
+    """The start of a block: header + record headers; the `payload_bytes` of payloads follow it."""
+    heads = records.tobytes()
+    return BLOCK_HEADER.pack(BLOCK_MAGIC, len(records), payload_bytes, zlib.crc32(heads)) + heads
+
+
 def encode_block(records: np.ndarray, payload: bytes) -> bytes:
     """One block: header + record headers + payloads. `records` is a RECORD array."""
-    heads = records.tobytes()
-    return BLOCK_HEADER.pack(BLOCK_MAGIC, len(records), len(payload), zlib.crc32(heads)) + heads + payload
+    return block_head(records, len(payload)) + payload
+
+
+def libc_function(name: str, argtypes: list[Any], restype: Any) -> Any:
+    """libc's `name` through ctypes with errno kept, or None where it is missing or the struct layouts that the
+    callers build with numpy (64-bit Linux) do not hold."""
+    if ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        function = getattr(libc, name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = argtypes
+    function.restype = restype
+    return function
+
+
+def _iov_max() -> int:
+    try:
+        value = os.sysconf("SC_IOV_MAX")
+    except (OSError, ValueError):
+        return 1024
+    return value if value > 0 else 1024
+
+
+# writev(2), to write a block straight from the receive buffers (no copy, no Python object per datagram); where
+# ctypes cannot call it, append_gather gathers the payloads in Python instead
+_WRITEV = libc_function("writev", [ctypes.c_int, ctypes.c_void_p, ctypes.c_int], ctypes.c_ssize_t)
+IOV_MAX = _iov_max()
+
+
+def _writev_all(fd: int, iov: np.ndarray) -> None:
+    """Write every (address, length) of the (n, 2) uint64 `iov` to `fd`, IOV_MAX entries per writev(2); a short
+    write (disk full) continues where it stopped until the kernel returns an error. Mutates `iov`."""
+    assert _WRITEV is not None
+    pos, n = 0, len(iov)
+    while pos < n:
+        chunk = iov[pos : pos + IOV_MAX]
+        done = _WRITEV(fd, chunk.ctypes.data, len(chunk))
+        if done < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            raise OSError(err, os.strerror(err))
+        ends = np.cumsum(chunk[:, 1], dtype=np.uint64)
+        if done >= int(ends[-1]):
+            pos += len(chunk)
+            continue
+        if done == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        full = int(np.searchsorted(ends, done, side="right"))  # entries written whole
+        part = done - (int(ends[full - 1]) if full else 0)
+        chunk[full, 0] += np.uint64(part)
+        chunk[full, 1] -= np.uint64(part)
+        pos += full
 
 
 class SegmentWriter:
     """Appends blocks to `seg-<serial>.open`; `close()` makes it an immutable `.spool` segment.
 
-    Writes go straight to the kernel (os.write, no user-space buffer): a datagram is in the page cache, and so
+    Writes go straight to the kernel (write or writev, no user-space buffer): a datagram is in the page cache, and so
     survives a kill -9 of the collector, as soon as the receive batch that returned it is appended.
-    `sync()` (fdatasync) protects against power loss; the collector calls it from a helper thread every second.
+    `sync()` (fdatasync) protects against power loss; the collector calls it, and `close()` of rotated segments,
+    from a helper thread (every second), never from its receive loop.
     """
 
     def __init__(self, spool: Path, serial: int) -> None:
@@ -135,6 +200,31 @@ class SegmentWriter:
                 os.ftruncate(self.fd, self.bytes)
             raise
         self.bytes += len(block)
+        self.datagrams += count
+
+    def append_gather(self, head: bytes, payloads: np.ndarray, count: int) -> None:
+        """Append one block whose payloads are still in memory at the (address, length) rows of the (n, 2)
+        uint64 `payloads` (the receive buffer): one writev(2) of `head` + payloads for up to IOV_MAX - 1
+        datagrams, without copying them into a bytes object first. All or nothing, like `append`. The caller
+        keeps the memory behind `payloads` alive and unchanged during the call."""
+        head_array = np.frombuffer(head, np.uint8)
+        iov = np.empty((len(payloads) + 1, 2), np.uint64)
+        iov[0] = (head_array.ctypes.data, len(head))
+        iov[1:] = payloads
+        size = int(iov[:, 1].sum())
+        try:
+            if _WRITEV is not None:
+                _writev_all(self.fd, iov)
+            else:
+                gathered = b"".join(ctypes.string_at(int(a), int(n)) for a, n in iov[1:].tolist())
+                view = memoryview(head + gathered)
+                while view:
+                    view = view[os.write(self.fd, view) :]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.bytes)
+            raise
+        self.bytes += size
         self.datagrams += count
 
     def sync(self) -> None:
