@@ -96,7 +96,6 @@ MPLS_ROLES = tuple(f"mpls{i + 1}" for i in range(10))
 TEXT_ROLES = {"if_name", "if_description"}  # octet strings of any length
 DIRECTIONS = ("ingress", "egress")  # IE 61 codes (RFC 5102)
 END_REASONS = ("0", "idleTimeout", "activeTimeout", "endOfFlowDetected", "forcedEnd", "lackOfResources")
-IF_NAMES_MAX = 65536  # interface names kept, all exporters together: a flood of options data stays bounded
 IF_NAME_CHARS = 128
 ADDRESS_ROLES = {"src_addr4", "dst_addr4", "src_addr6", "dst_addr6"}
 VARIABLE_LENGTH = 65535
@@ -600,7 +599,11 @@ class DecoderState:
             except ValueError:
                 bad += 1
                 continue
-            if isinstance(v, str) and exporter in state.domains and len(state.if_names) < IF_NAMES_MAX:
+            if (
+                isinstance(v, str)
+                and exporter in state.domains
+                and len(state.if_names) < limits.exporters * 16
+            ):
                 state.if_names[(exporter, domain, ifindex)] = v[:IF_NAME_CHARS]
         for k, v in entries("pending"):
             try:
@@ -1547,12 +1550,13 @@ def _read_options_data(
 def _keep_interface_names(
     state: DecoderState, tpl: Template, body: bytes | memoryview, exporter: str, domain: int
 ) -> None:
-    """Interface names of an options record set into the state (bounded by IF_NAMES_MAX)."""
+    """Interface names of an options record set into the state (bounded like the sampler tables: 16 a
+    known exporter on average, limits.exporters * 16 in all)."""
     if exporter not in state.domains:  # evicted meanwhile: no state for it (bounded)
         return
     for ifindex, name in _interface_names(tpl, bytes(body)):
         key = (exporter, domain, ifindex)
-        if key in state.if_names or len(state.if_names) < IF_NAMES_MAX:
+        if key in state.if_names or len(state.if_names) < state.limits.exporters * 16:
             state.if_names[key] = name
 
 
