@@ -1854,7 +1854,7 @@ def _decode_group(
         values, index = _looked_up(
             batch, batch.samplers, _uint(arr, "sampler_id", roles), exporter_ids, c[_CTX_DOMAIN]
         )
-        known = np.array([-1 if v is None else v for v in values], dtype=np.int64)[index]
+        known = np.array([*values, -1], dtype=np.int64)[index]  # index -1: the appended -1, unknown
         sampling = np.where(known > 0, known, sampling)
     columns = {
         "ts_start": pa.array(start_ms * 1000, type=TS),
@@ -1926,13 +1926,26 @@ def _looked_up(
     exporter_ids: np.ndarray,
     domains: np.ndarray,
 ) -> tuple[list[Any], np.ndarray]:
-    """Per record, what an exporter's options table (sampler intervals, interface names) says of `ids`: the
-    values of the distinct (exporter, domain, id) keys (None where unknown), and each record's index into them.
-    One dictionary look-up per distinct key, not per record."""
-    keys = np.stack([exporter_ids.astype(np.int64), domains.astype(np.int64), ids.astype(np.int64)], axis=1)
-    uniq, index = np.unique(keys, axis=0, return_inverse=True)
-    values = [table.get((batch.exporters[int(e)], int(d), int(i))) for e, d, i in uniq]
-    return values, index.reshape(-1)
+    """Per record, what its exporter's options table (sampler intervals, interface names) says of `ids`: the
+    known values and each record's index into them, -1 where unknown. One binary search per record over the few
+    ids an (exporter, domain) named, in numpy; a batch has few exporters and domains."""
+    pair = (exporter_ids.astype(np.int64) << 32) | (domains.astype(np.int64) & 0xFFFFFFFF)
+    single = bool((pair == pair[0]).all()) if len(pair) else True
+    values: list[Any] = []
+    index = np.full(len(ids), -1, dtype=np.int64)
+    ids = ids.astype(np.int64)
+    for p in [int(pair[0])] if single and len(pair) else np.unique(pair).tolist():
+        exporter, domain = batch.exporters[p >> 32], p & 0xFFFFFFFF
+        known = sorted((i, v) for (e, d, i), v in table.items() if e == exporter and d == domain)
+        if not known:
+            continue
+        keys = np.array([i for i, _ in known], dtype=np.int64)
+        sel = slice(None) if single else pair == p
+        mine = ids[sel]
+        at = np.minimum(np.searchsorted(keys, mine), len(keys) - 1)
+        index[sel] = np.where(keys[at] == mine, at + len(values), -1)
+        values.extend(v for _, v in known)
+    return values, index
 
 
 _DIRECTION_TEXT = pa.array([*DIRECTIONS, *(str(code) for code in range(len(DIRECTIONS), 256))])
@@ -1968,7 +1981,10 @@ def _router_columns(
         for column, ifindex in (("input_if_name", input_if), ("output_if_name", output_if)):
             if ifindex is not None:
                 names, index = _looked_up(batch, batch.if_names, ifindex, exporter_ids, domains)
-                out[column] = pa.array(names, pa.string()).take(pa.array(index))
+                out[column] = pa.DictionaryArray.from_arrays(
+                    pa.array(np.maximum(index, 0).astype(np.int32), mask=index < 0),
+                    pa.array(names, pa.string()),
+                )
     return out
 
 
