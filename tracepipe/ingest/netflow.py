@@ -1851,9 +1851,7 @@ def _decode_group(
     if in_record is not None:
         sampling = np.where(in_record > 0, np.minimum(in_record, 2**31 - 1), sampling)
     if "sampler_id" in roles and batch.samplers:  # issue 16: the interval of the record's own sampler
-        values, index = _looked_up(
-            batch, batch.samplers, _uint(arr, "sampler_id", roles), exporter_ids, c[_CTX_DOMAIN]
-        )
+        values, index = _looked_up(batch, batch.samplers, _uint(arr, "sampler_id", roles), c)
         known = np.array([*values, -1], dtype=np.int64)[index]  # index -1: the appended -1, unknown
         sampling = np.where(known > 0, known, sampling)
     columns = {
@@ -1876,7 +1874,7 @@ def _decode_group(
             pa.array(np.zeros(total, dtype=np.int32)), pa.array([batch.source], pa.string())
         ),
         **tunnel,
-        **_router_columns(batch, arr, roles, input_if, output_if, exporter_ids, c),
+        **_router_columns(batch, arr, roles, input_if, output_if, c),
     }
     # times a lake partition cannot hold (before 1970, after 2100: garbage or a lying exporter) are rejects
     sane = (start_ms >= 0) & (start_ms < MAX_TIME_MS) & (end_ms >= 0) & (end_ms < MAX_TIME_MS)
@@ -1920,30 +1918,32 @@ def _decode_group(
 
 
 def _looked_up(
-    batch: _Batch,
-    table: dict[tuple[str, int, int], Any],
-    ids: np.ndarray,
-    exporter_ids: np.ndarray,
-    domains: np.ndarray,
+    batch: _Batch, table: dict[tuple[str, int, int], Any], ids: np.ndarray, c: _PerRecord
 ) -> tuple[list[Any], np.ndarray]:
     """Per record, what its exporter's options table (sampler intervals, interface names) says of `ids`: the
-    known values and each record's index into them, -1 where unknown. One binary search per record over the few
-    ids an (exporter, domain) named, in numpy; a batch has few exporters and domains."""
-    pair = (exporter_ids.astype(np.int64) << 32) | (domains.astype(np.int64) & 0xFFFFFFFF)
-    single = bool((pair == pair[0]).all()) if len(pair) else True
+    known values and each record's index into them, -1 where unknown. The (exporter, domain) pairs are taken
+    from the context rows (one per data set, few), then one vectorised search per pair over the ids it named."""
+    rows = c.rows[:, [_CTX_EXPORTER, _CTX_DOMAIN]]
+    pairs = rows[:1] if (rows == rows[:1]).all() else np.unique(rows, axis=0)  # one exporter: the usual
     values: list[Any] = []
-    index = np.full(len(ids), -1, dtype=np.int64)
-    ids = ids.astype(np.int64)
-    for p in [int(pair[0])] if single and len(pair) else np.unique(pair).tolist():
-        exporter, domain = batch.exporters[p >> 32], p & 0xFFFFFFFF
+    index = np.full(len(ids), -1, dtype=np.int32)
+    for exporter_id, domain in pairs.tolist():
+        exporter = batch.exporters[exporter_id]
         known = sorted((i, v) for (e, d, i), v in table.items() if e == exporter and d == domain)
         if not known:
             continue
-        keys = np.array([i for i, _ in known], dtype=np.int64)
-        sel = slice(None) if single else pair == p
-        mine = ids[sel]
-        at = np.minimum(np.searchsorted(keys, mine), len(keys) - 1)
-        index[sel] = np.where(keys[at] == mine, at + len(values), -1)
+        keys = np.array([i for i, _ in known], dtype=np.int64)  # ifindex: up to 2**32 - 1
+        if len(pairs) == 1:
+            sel, mine = slice(None), ids
+        else:
+            sel = (c[_CTX_EXPORTER] == exporter_id) & (c[_CTX_DOMAIN] == domain)
+            mine = ids[sel]
+        if len(keys) == 1:
+            found = np.where(mine == keys[0], len(values), -1)
+        else:
+            at = np.minimum(np.searchsorted(keys, mine), len(keys) - 1)
+            found = np.where(keys[at] == mine, at + len(values), -1)
+        index[sel] = found
         values.extend(v for _, v in known)
     return values, index
 
@@ -1958,14 +1958,15 @@ def _router_columns(
     roles: dict[str, int],
     input_if: np.ndarray | None,
     output_if: np.ndarray | None,
-    exporter_ids: np.ndarray,
     c: _PerRecord,
 ) -> dict[str, pa.Array]:
     """schema.ROUTER_COLUMNS the template carries (issue 16); absent ones stay null."""
     out: dict[str, pa.Array] = {}
     for role, names in (("flow_direction", _DIRECTION_TEXT), ("flow_end_reason", _END_REASON_TEXT)):
-        code = _uint(arr, role, roles)
-        if code is not None:  # a code past 255 is not one of the element's: null
+        if roles.get(role) == 1:  # the element's own size: every code has its text
+            out[role] = pa.DictionaryArray.from_arrays(pa.array(arr[role].astype(np.int32)), names)
+        elif role in roles:  # reduced-size or padded: a code past 255 is not one of the element's: null
+            code = _uint(arr, role, roles)
             out[role] = pa.DictionaryArray.from_arrays(
                 pa.array(np.minimum(code, 255).astype(np.int32), mask=code > 255), names
             )
@@ -1977,14 +1978,12 @@ def _router_columns(
     if stack:
         out["mpls_labels"] = _mpls_text(np.stack(stack, axis=1))
     if batch.if_names:
-        domains = c[_CTX_DOMAIN]
         for column, ifindex in (("input_if_name", input_if), ("output_if_name", output_if)):
             if ifindex is not None:
-                names, index = _looked_up(batch, batch.if_names, ifindex, exporter_ids, domains)
-                out[column] = pa.DictionaryArray.from_arrays(
-                    pa.array(np.maximum(index, 0).astype(np.int32), mask=index < 0),
-                    pa.array(names, pa.string()),
-                )
+                names, index = _looked_up(batch, batch.if_names, ifindex, c)
+                unknown = index < 0
+                indices = pa.array(np.maximum(index, 0), mask=unknown) if unknown.any() else pa.array(index)
+                out[column] = pa.DictionaryArray.from_arrays(indices, pa.array(names, pa.string()))
     return out
 
 
