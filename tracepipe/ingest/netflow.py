@@ -54,6 +54,8 @@ FIELDS: dict[int, tuple[str, str]] = {
     50: ("samplerRandomInterval", "sampling"),  # v9 FLOW_SAMPLER_RANDOM_INTERVAL (options)
     60: ("ipVersion", "ip_version"),
     85: ("octetTotalCount", "bytes_total"),
+    231: ("initiatorOctets", "bytes_initiator"),  # Cisco ASA NSEL: the initiator's bytes, its only volume
+    298: ("initiatorPackets", "packets_initiator"),
     86: ("packetTotalCount", "packets_total"),
     139: ("icmpTypeCodeIPv6", "icmp"),
     176: ("icmpTypeIPv4", "icmp_type"),
@@ -1790,9 +1792,15 @@ def _decode_group(
     packets = _uint(arr, "packets", roles)
     if packets is None:
         packets = _uint(arr, "packets_total", roles)
+    if packets is None:
+        packets = _uint(arr, "packets_initiator", roles)
     nbytes = _uint(arr, "bytes", roles)
     if nbytes is None:
         nbytes = _uint(arr, "bytes_total", roles)
+    if (
+        nbytes is None
+    ):  # a firewall's flow events (NSEL): the initiator -> responder direction, as this row is
+        nbytes = _uint(arr, "bytes_initiator", roles)
     src_port = _uint(arr, "src_port", roles, np.int32)
     dst_port = _uint(arr, "dst_port", roles, np.int32)
     proto = _uint(arr, "proto", roles, np.int16)
@@ -1814,7 +1822,10 @@ def _decode_group(
             icmp_type = _uint(arr, "icmp_type", roles, np.int32)
             icmp_code = _uint(arr, "icmp_code", roles, np.int32)
             icmp = (0 if icmp_type is None else icmp_type * 256) + (0 if icmp_code is None else icmp_code)
-        if icmp is not None:
+            # separate type and code fields say it all, echo reply (0/0) included: what the ports hold then is
+            # not type/code (Cisco ASA puts the ICMP identifier in the source port), nfdump prints 0 too
+            dst_port = np.where(is_icmp, icmp, dst_port)
+        elif icmp is not None:
             dst_port = np.where(is_icmp & (icmp != 0), icmp, dst_port)
     tcp_flags = _uint(arr, "tcp_flags", roles, np.int16)
     input_if = _uint(arr, "input_if", roles, np.int32)
