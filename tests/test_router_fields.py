@@ -275,3 +275,20 @@ def test_any_interface_table_bytes_decode_without_a_crash(records, lengths, vers
         message = ipfix_message(ipfix_options_template(300, [(10, 4)], options), flowset(300, records))
     _, state = decode([message])
     assert all(isinstance(v, str) and len(v) <= netflow.IF_NAME_CHARS for v in state.if_names.values())
+
+
+def test_an_ifindex_no_column_can_hold_is_kept_apart_without_a_crash():
+    """Regression (found by fuzzing the committed captures): an interface table whose ifindex field is 8 bytes of
+    0xff made the look-up build an int64 array of 2**64 - 1 (OverflowError, the whole batch lost). Such an id
+    names no record's interface; the other names still apply."""
+    records = b"\xff" * 8 + b"big0" + struct.pack(">Q", 5) + b"et-5"
+    message = ipfix_message(
+        ipfix_options_template(310, [(10, 8)], [(82, 4)]),
+        flowset(310, records),
+        flowset(2, template_record(311, [(8, 4), (12, 4), (10, 4), (14, 4), (150, 4), (151, 4)])),
+        flowset(311, struct.pack(">IIIIII", 0x0A000001, 0x0A000002, 5, 0xFFFFFFFF, SECS, SECS)),
+    )
+    result, state = decode([message])
+    assert result.rejects.num_rows == 0
+    assert [(r["input_if_name"], r["output_if_name"]) for r in result.flows.to_pylist()] == [("et-5", None)]
+    assert state.if_names[(EXPORTER, 0, 2**64 - 1)] == "big0"

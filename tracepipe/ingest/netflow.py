@@ -1940,7 +1940,10 @@ def _looked_up(
     index = np.full(len(ids), -1, dtype=np.int32)
     for exporter_id, domain in pairs.tolist():
         exporter = batch.exporters[exporter_id]
-        known = sorted((i, v) for (e, d, i), v in table.items() if e == exporter and d == domain)
+        # ids are as long as the exporter made the field: ids no record column can hold never match
+        known = sorted(
+            (i, v) for (e, d, i), v in table.items() if e == exporter and d == domain and 0 <= i < 2**63
+        )
         if not known:
             continue
         keys = np.array([i for i, _ in known], dtype=np.int64)  # ifindex: up to 2**32 - 1
