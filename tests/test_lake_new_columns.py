@@ -149,3 +149,47 @@ def test_old_flows_lake_takes_tunnelled_flows(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     rows = [(r["src_addr"], r["tunnel_src_addr"], r["tunnel_proto"]) for r in json.loads(run.stdout)]
     assert rows == [("10.0.0.1", None, None), ("10.9.8.7", "fc00::1", 4)]
+
+
+def test_old_flows_lake_takes_router_columns(tmp_path: Path) -> None:
+    """Issue 16 adds flows.flow_direction ... output_if_name (schema.ROUTER_COLUMNS) after the tunnel columns. A
+    flows table written as main wrote it before (tunnel columns, no router columns) reads them as null, takes
+    flows that carry them, and SQL sees both generations."""
+    from tracepipe.lake import ingest_table
+    from tracepipe.schema import FLOWS, ROUTER_COLUMNS
+
+    old_schema = pa.schema([f for f in FLOWS if f.name not in ROUTER_COLUMNS])
+    row = {
+        "ts_start": pa.scalar(1_710_230_400_000_000, pa.timestamp("us", tz="UTC")).as_py(),
+        "ts_end": pa.scalar(1_710_230_401_000_000, pa.timestamp("us", tz="UTC")).as_py(),
+        "src_addr": "10.0.0.1",
+        "dst_addr": "10.0.0.2",
+        "proto": 6,
+    }
+    old = pa.Table.from_pylist([row], schema=old_schema)
+    days = pc.strftime(old.column("ts_start"), format="%Y-%m-%d")
+    write_deltalake(str(tmp_path / "lake" / "flows"), old.append_column("date", days), partition_by=["date"])
+    routed = {
+        **row,
+        "src_addr": "10.0.29.46",
+        "flow_direction": "egress",
+        "mpls_labels": "20005-0-0 524250-0-1",
+    }
+    routed |= {"ingress_vrf": 1610612736, "input_if_name": "TenGigE0_6_0_2", "flow_end_reason": "idleTimeout"}
+    ingest_table(
+        Lake(tmp_path / "lake"), "flows", "new", "hash-new", [pa.Table.from_pylist([routed], schema=FLOWS)]
+    )
+    run = run_tracepipe(
+        "sql",
+        "SELECT src_addr, flow_direction, mpls_labels, ingress_vrf, input_if_name FROM flows ORDER BY src_addr",
+        "--format",
+        "json",
+        "--lake",
+        str(tmp_path / "lake"),
+    )
+    assert run.returncode == 0, run.stderr
+    rows = [tuple(r.values()) for r in json.loads(run.stdout)]
+    assert rows == [
+        ("10.0.0.1", None, None, None, None),
+        ("10.0.29.46", "egress", "20005-0-0 524250-0-1", 1610612736, "TenGigE0_6_0_2"),
+    ]

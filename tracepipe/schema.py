@@ -47,11 +47,34 @@ FLOWS = pa.schema(
         pa.field("tunnel_src_addr", pa.string()),
         pa.field("tunnel_dst_addr", pa.string()),
         pa.field("tunnel_proto", pa.int16()),
+        # what routers say about a flow beyond its 5-tuple (issue 16); null where the exporter did not say
+        pa.field("flow_direction", pa.string()),  # IE 61: "ingress" / "egress" (another code: its number)
+        pa.field(
+            "flow_end_reason", pa.string()
+        ),  # IE 136: idleTimeout, activeTimeout, endOfFlowDetected, ...
+        # IE 70-79, top first, as nfdump prints mpls1..mpls10: "label-exp-S" each, space-separated
+        pa.field("mpls_labels", pa.string()),
+        pa.field("ingress_vrf", pa.int64()),  # IE 234 ingressVRFID
+        pa.field("egress_vrf", pa.int64()),  # IE 235 egressVRFID
+        pa.field(
+            "input_if_name", pa.string()
+        ),  # IE 82 (else 83) of input_if, from the exporter's options data
+        pa.field("output_if_name", pa.string()),
     ]
 )
 
 # columns only tunnelled flows fill (issue 16); readers of other sources leave them null
 TUNNEL_COLUMNS = ("tunnel_src_addr", "tunnel_dst_addr", "tunnel_proto")
+# columns only router exports (NetFlow v9 / IPFIX) fill (issue 16); other readers leave them null
+ROUTER_COLUMNS = (
+    "flow_direction",
+    "flow_end_reason",
+    "mpls_labels",
+    "ingress_vrf",
+    "egress_vrf",
+    "input_if_name",
+    "output_if_name",
+)
 
 # One row per lifecycle event, whatever the cloud. `action` is normalised (see VM_ACTIONS); the cloud's own
 # event name stays in `event_type`. `addrs` lists every address the VM holds according to this event (Nova

@@ -54,6 +54,8 @@ FIELDS: dict[int, tuple[str, str]] = {
     50: ("samplerRandomInterval", "sampling"),  # v9 FLOW_SAMPLER_RANDOM_INTERVAL (options)
     60: ("ipVersion", "ip_version"),
     85: ("octetTotalCount", "bytes_total"),
+    231: ("initiatorOctets", "bytes_initiator"),  # Cisco ASA NSEL: the initiator's bytes, its only volume
+    298: ("initiatorPackets", "packets_initiator"),
     86: ("packetTotalCount", "packets_total"),
     139: ("icmpTypeCodeIPv6", "icmp"),
     176: ("icmpTypeIPv4", "icmp_type"),
@@ -82,7 +84,21 @@ FIELDS: dict[int, tuple[str, str]] = {
     315: ("dataLinkFrameSection", "frame"),
     inner_headers.SECTION_SLOT_BASE + 313: ("ipHeaderPacketSection (variable length)", "ip_header_slot"),
     inner_headers.SECTION_SLOT_BASE + 315: ("dataLinkFrameSection (variable length)", "frame_slot"),
+    # issue 16: what routers say about a flow beyond its 5-tuple (schema.ROUTER_COLUMNS)
+    61: ("flowDirection", "flow_direction"),  # 0 ingress, 1 egress
+    136: ("flowEndReason", "flow_end_reason"),  # RFC 5102: 1 idle timeout .. 5 lack of resources
+    # mplsTopLabelStackSection, mplsLabelStackSection2..10: 3 bytes each, label (20 bits) exp (3) bottom (1)
+    **{70 + i: (f"mplsLabelStackSection{i + 1}", f"mpls{i + 1}") for i in range(10)},
+    234: ("ingressVRFID", "ingress_vrf"),
+    235: ("egressVRFID", "egress_vrf"),
+    82: ("interfaceName", "if_name"),  # options data: the name of ifindex IE 10/14 (read by _interface_names)
+    83: ("interfaceDescription", "if_description"),
 }
+MPLS_ROLES = tuple(f"mpls{i + 1}" for i in range(10))
+TEXT_ROLES = {"if_name", "if_description"}  # octet strings of any length
+DIRECTIONS = ("ingress", "egress")  # IE 61 codes (RFC 5102)
+END_REASONS = ("0", "idleTimeout", "activeTimeout", "endOfFlowDetected", "forcedEnd", "lackOfResources")
+IF_NAME_CHARS = 128
 ADDRESS_ROLES = {"src_addr4", "dst_addr4", "src_addr6", "dst_addr6"}
 VARIABLE_LENGTH = 65535
 ENTERPRISE_BIT = 0x8000
@@ -221,6 +237,7 @@ def _layout(fields: list[tuple[int, int, int]]) -> tuple[np.dtype, dict[str, int
                 length == usable
                 or (usable is None and length <= 8)
                 or role in inner_headers.SECTION_ROLES  # packet bytes: any length (issue 16)
+                or role in TEXT_ROLES
             ):  # else: not what the id promises, skipped
                 roles[role] = length
                 names.append(role)
@@ -342,6 +359,8 @@ class DecoderState:
         self.sys_init_ms: dict[tuple[str, int], int] = {}
         # (exporter, domain, sampler id) -> interval, from sampler tables in options data (issue 16)
         self.samplers: dict[tuple[str, int, int], int] = {}
+        # (exporter, domain, ifindex) -> interface name, from interface tables in options data (issue 16)
+        self.if_names: dict[tuple[str, int, int], str] = {}
         # (exporter, version, domain, template id) -> [(flowset body, ctx values, offset)]
         self.pending: dict[tuple[str, int, int, int], list[tuple[bytes, tuple, int]]] = {}
         self.pending_count = 0
@@ -466,8 +485,9 @@ class DecoderState:
             if not any(d == domain for _, d in domains):
                 self.sampling.pop((exporter, domain), None)
                 self.sys_init_ms.pop((exporter, domain), None)
-                for sampler in [k for k in self.samplers if k[:2] == (exporter, domain)]:
-                    del self.samplers[sampler]
+                for table in (self.samplers, self.if_names):
+                    for k in [k for k in table if k[:2] == (exporter, domain)]:
+                        del table[k]
 
     def forget_exporter(self, exporter: str) -> None:
         for version, domain in self.domains.get(exporter, _Standing()):
@@ -492,6 +512,7 @@ class DecoderState:
                 "sampling": {key(k): v for k, v in self.sampling.items()},
                 "sys_init_ms": {key(k): v for k, v in self.sys_init_ms.items()},
                 "samplers": {key(k): v for k, v in self.samplers.items()},
+                "if_names": {key(k): v for k, v in self.if_names.items()},
                 "pending": {
                     key(k): [[base64.b64encode(b).decode(), list(c), o] for b, c, o in v]
                     for k, v in self.pending.items()
@@ -574,6 +595,18 @@ class DecoderState:
             if isinstance(v, int) and 0 < v < 2**31 and exporter in state.domains:
                 if len(state.samplers) < limits.exporters * 16:
                     state.samplers[(exporter, domain, sampler)] = v
+        for k, v in entries("if_names"):
+            try:
+                exporter, domain, ifindex = key(k, 2)
+            except ValueError:
+                bad += 1
+                continue
+            if (
+                isinstance(v, str)
+                and exporter in state.domains
+                and len(state.if_names) < limits.exporters * 16
+            ):
+                state.if_names[(exporter, domain, ifindex)] = v[:IF_NAME_CHARS]
         for k, v in entries("pending"):
             try:
                 pkey = key(k, 3)
@@ -661,6 +694,10 @@ class Walked:
     ctx: np.ndarray
     exporters: list[str]
     source: str
+    # the decoder state's tables that columns look values up in, for this batch's exporters (issue 16):
+    # (exporter, domain, sampler id) -> interval, (exporter, domain, ifindex) -> interface name
+    samplers: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    if_names: dict[tuple[str, int, int], str] = field(default_factory=dict)
 
     @property
     def records(self) -> int:
@@ -692,6 +729,8 @@ class _Batch:
         self.replay: list[tuple] = []  # (template, exporter, domain, data that waited for it)
         # variable-length template id -> (template, [(record bytes, bounds, ctx)]): rewritten in one go (issue 16)
         self.variable: dict[int, tuple[Template, list]] = {}
+        self.samplers: dict[tuple[str, int, int], int] = {}  # lookups for the columns (see Walked)
+        self.if_names: dict[tuple[str, int, int], str] = {}
 
     def walked(self) -> Walked:
         if self.variable:  # variable-length records -> their templates' fixed projections, grouped as usual
@@ -702,7 +741,12 @@ class _Batch:
         ]
         self._ctx_to_block()
         ctx = np.concatenate(self.ctx_blocks) if self.ctx_blocks else np.zeros((0, 8), np.int64)
-        return Walked(groups, ctx, self.exporters, self.source)
+        mine = self.exporter_index
+        samplers = (
+            {k: v for k, v in self.state.samplers.items() if k[0] in mine} if self.state.samplers else {}
+        )
+        names = {k: v for k, v in self.state.if_names.items() if k[0] in mine} if self.state.if_names else {}
+        return Walked(groups, ctx, self.exporters, self.source, samplers, names)
 
     def stat(self, exporter: str) -> dict[str, Any]:
         s = self.stats.get(exporter)
@@ -1472,6 +1516,8 @@ def _read_options_data(
     batch: _Batch, tpl: Template, body: bytes | memoryview, exporter: str, domain: int
 ) -> int:
     """Options records are few: read sampling interval and boot time per record in Python. Returns how many."""
+    if any(f[0] in (82, 83) and not f[2] for f in tpl.fields):  # an interface table (issue 16)
+        _keep_interface_names(batch.state, tpl, body, exporter, domain)
     if tpl.record_len == 0 or tpl.dtype is None:
         return 0
     count = len(body) // tpl.record_len
@@ -1501,6 +1547,57 @@ def _read_options_data(
             if 0 < value < 2**50:  # a unix time in ms (anything larger is garbage)
                 state.sys_init_ms[(exporter, domain)] = value
     return count
+
+
+def _keep_interface_names(
+    state: DecoderState, tpl: Template, body: bytes | memoryview, exporter: str, domain: int
+) -> None:
+    """Interface names of an options record set into the state (bounded like the sampler tables: 16 a
+    known exporter on average, limits.exporters * 16 in all)."""
+    if exporter not in state.domains:  # evicted meanwhile: no state for it (bounded)
+        return
+    for ifindex, name in _interface_names(tpl, bytes(body)):
+        key = (exporter, domain, ifindex)
+        if key in state.if_names or len(state.if_names) < state.limits.exporters * 16:
+            state.if_names[key] = name
+
+
+def _interface_names(tpl: Template, raw: bytes) -> list[tuple[int, str]]:
+    """(ifindex, name) of each options record naming an interface: IE 82 interfaceName, else IE 83
+    interfaceDescription, of the ifindex in IE 10 ingressInterface / 14 egressInterface (in v9 also the scope
+    type 2 "Interface", RFC 3954 §6.1). Fixed or variable length (RFC 7011 §7); one Python step per field, as
+    options records are few (an interface table is sent every few minutes)."""
+    out: list[tuple[int, str]] = []
+    pos, end = 0, len(raw)
+    while end - pos >= max(tpl.min_record_len, 1):  # less is padding
+        ifindex, names = None, {}
+        for i, (field_id, length, pen) in enumerate(tpl.fields):
+            if length == VARIABLE_LENGTH:
+                if pos >= end:
+                    return out
+                length, pos = raw[pos], pos + 1
+                if length == 255:  # long form, two more bytes of length
+                    length, pos = int.from_bytes(raw[pos : pos + 2], "big"), pos + 2
+            if pos + length > end:
+                return out
+            value, pos = raw[pos : pos + length], pos + length
+            v9_scope = tpl.version == 9 and i < tpl.scope_count
+            if pen or not length:
+                continue
+            if (field_id == 2 if v9_scope else field_id in (10, 14)) and ifindex is None:
+                ifindex = int.from_bytes(value, "big")
+            elif not v9_scope and field_id in (82, 83):
+                names.setdefault(field_id, value)
+        name = _name_text(names.get(82, b"")) or _name_text(names.get(83, b""))
+        if ifindex is not None and name:
+            out.append((ifindex, name))
+    return out
+
+
+def _name_text(value: bytes) -> str:
+    """An exporter's octet string as text: up to the first NUL (v9 pads names with them), UTF-8 (bad bytes
+    replaced), at most IF_NAME_CHARS characters. Printed through the one printer, which escapes controls."""
+    return value.split(b"\0", 1)[0].decode("utf-8", "replace").strip()[:IF_NAME_CHARS]
 
 
 def _scalar(value: Any) -> int:
@@ -1606,6 +1703,7 @@ def _decode_walked(batch: _Batch, walked: Walked) -> pa.Table:
     if not walked.groups:
         return FLOWS_TEXT_DICTIONARY.empty_table()
     exporters = pa.array(walked.exporters, pa.string())
+    batch.samplers, batch.if_names = walked.samplers, walked.if_names
     tables = []
     for tpl, records, counts, ctx_ids in walked.groups:
         table = _decode_group(batch, tpl, records, counts, ctx_ids, walked.ctx, exporters)
@@ -1694,9 +1792,15 @@ def _decode_group(
     packets = _uint(arr, "packets", roles)
     if packets is None:
         packets = _uint(arr, "packets_total", roles)
+    if packets is None:
+        packets = _uint(arr, "packets_initiator", roles)
     nbytes = _uint(arr, "bytes", roles)
     if nbytes is None:
         nbytes = _uint(arr, "bytes_total", roles)
+    if (
+        nbytes is None
+    ):  # a firewall's flow events (NSEL): the initiator -> responder direction, as this row is
+        nbytes = _uint(arr, "bytes_initiator", roles)
     src_port = _uint(arr, "src_port", roles, np.int32)
     dst_port = _uint(arr, "dst_port", roles, np.int32)
     proto = _uint(arr, "proto", roles, np.int16)
@@ -1718,7 +1822,10 @@ def _decode_group(
             icmp_type = _uint(arr, "icmp_type", roles, np.int32)
             icmp_code = _uint(arr, "icmp_code", roles, np.int32)
             icmp = (0 if icmp_type is None else icmp_type * 256) + (0 if icmp_code is None else icmp_code)
-        if icmp is not None:
+            # separate type and code fields say it all, echo reply (0/0) included: what the ports hold then is
+            # not type/code (Cisco ASA puts the ICMP identifier in the source port), nfdump prints 0 too
+            dst_port = np.where(is_icmp, icmp, dst_port)
+        elif icmp is not None:
             dst_port = np.where(is_icmp & (icmp != 0), icmp, dst_port)
     tcp_flags = _uint(arr, "tcp_flags", roles, np.int16)
     input_if = _uint(arr, "input_if", roles, np.int32)
@@ -1754,10 +1861,10 @@ def _decode_group(
     in_record = _uint(arr, "sampling", roles)  # issue 16: some routers put the interval in each data record
     if in_record is not None:
         sampling = np.where(in_record > 0, np.minimum(in_record, 2**31 - 1), sampling)
-    if "sampler_id" in roles and batch.state.samplers:  # issue 16: the interval of the record's own sampler
-        sampling = _sampler_intervals(
-            batch, _uint(arr, "sampler_id", roles), exporter_ids, c[_CTX_DOMAIN], sampling
-        )
+    if "sampler_id" in roles and batch.samplers:  # issue 16: the interval of the record's own sampler
+        values, index = _looked_up(batch, batch.samplers, _uint(arr, "sampler_id", roles), c)
+        known = np.array([*values, -1], dtype=np.int64)[index]  # index -1: the appended -1, unknown
+        sampling = np.where(known > 0, known, sampling)
     columns = {
         "ts_start": pa.array(start_ms * 1000, type=TS),
         "ts_end": pa.array(end_ms * 1000, type=TS),
@@ -1778,6 +1885,7 @@ def _decode_group(
             pa.array(np.zeros(total, dtype=np.int32)), pa.array([batch.source], pa.string())
         ),
         **tunnel,
+        **_router_columns(batch, arr, roles, input_if, output_if, c),
     }
     # times a lake partition cannot hold (before 1970, after 2100: garbage or a lying exporter) are rejects
     sane = (start_ms >= 0) & (start_ms < MAX_TIME_MS) & (end_ms >= 0) & (end_ms < MAX_TIME_MS)
@@ -1820,17 +1928,90 @@ def _decode_group(
     return table if all_sane else table.filter(pa.array(sane))
 
 
-def _sampler_intervals(
-    batch: _Batch, sampler: np.ndarray, exporter_ids: np.ndarray, domains: np.ndarray, fallback: np.ndarray
-) -> np.ndarray:
-    """Per record, the interval its sampler id has in the exporter's sampler table; else `fallback`."""
-    keys = np.stack([exporter_ids.astype(np.int64), domains.astype(np.int64), sampler], axis=1)
-    uniq, index = np.unique(keys, axis=0, return_inverse=True)
-    table = batch.state.samplers
-    known = np.array(
-        [table.get((batch.exporters[int(e)], int(d), int(s)), -1) for e, d, s in uniq], dtype=np.int64
-    )[index.reshape(-1)]
-    return np.where(known > 0, known, fallback)
+def _looked_up(
+    batch: _Batch, table: dict[tuple[str, int, int], Any], ids: np.ndarray, c: _PerRecord
+) -> tuple[list[Any], np.ndarray]:
+    """Per record, what its exporter's options table (sampler intervals, interface names) says of `ids`: the
+    known values and each record's index into them, -1 where unknown. The (exporter, domain) pairs are taken
+    from the context rows (one per data set, few), then one vectorised search per pair over the ids it named."""
+    rows = c.rows[:, [_CTX_EXPORTER, _CTX_DOMAIN]]
+    pairs = rows[:1] if (rows == rows[:1]).all() else np.unique(rows, axis=0)  # one exporter: the usual
+    values: list[Any] = []
+    index = np.full(len(ids), -1, dtype=np.int32)
+    for exporter_id, domain in pairs.tolist():
+        exporter = batch.exporters[exporter_id]
+        # ids are as long as the exporter made the field: ids no record column can hold never match
+        known = sorted(
+            (i, v) for (e, d, i), v in table.items() if e == exporter and d == domain and 0 <= i < 2**63
+        )
+        if not known:
+            continue
+        keys = np.array([i for i, _ in known], dtype=np.int64)  # ifindex: up to 2**32 - 1
+        if len(pairs) == 1:
+            sel, mine = slice(None), ids
+        else:
+            sel = (c[_CTX_EXPORTER] == exporter_id) & (c[_CTX_DOMAIN] == domain)
+            mine = ids[sel]
+        if len(keys) == 1:
+            found = np.where(mine == keys[0], len(values), -1)
+        else:
+            at = np.minimum(np.searchsorted(keys, mine), len(keys) - 1)
+            found = np.where(keys[at] == mine, at + len(values), -1)
+        index[sel] = found
+        values.extend(v for _, v in known)
+    return values, index
+
+
+_DIRECTION_TEXT = pa.array([*DIRECTIONS, *(str(code) for code in range(len(DIRECTIONS), 256))])
+_END_REASON_TEXT = pa.array([*END_REASONS, *(str(code) for code in range(len(END_REASONS), 256))])
+
+
+def _router_columns(
+    batch: _Batch,
+    arr: np.ndarray,
+    roles: dict[str, int],
+    input_if: np.ndarray | None,
+    output_if: np.ndarray | None,
+    c: _PerRecord,
+) -> dict[str, pa.Array]:
+    """schema.ROUTER_COLUMNS the template carries (issue 16); absent ones stay null."""
+    out: dict[str, pa.Array] = {}
+    for role, names in (("flow_direction", _DIRECTION_TEXT), ("flow_end_reason", _END_REASON_TEXT)):
+        if roles.get(role) == 1:  # the element's own size: every code has its text
+            out[role] = pa.DictionaryArray.from_arrays(pa.array(arr[role].astype(np.int32)), names)
+        elif role in roles:  # reduced-size or padded: a code past 255 is not one of the element's: null
+            code = _uint(arr, role, roles)
+            out[role] = pa.DictionaryArray.from_arrays(
+                pa.array(np.minimum(code, 255).astype(np.int32), mask=code > 255), names
+            )
+    for role in ("ingress_vrf", "egress_vrf"):
+        vrf = _uint(arr, role, roles)
+        if vrf is not None:
+            out[role] = pa.array(vrf)
+    stack = [_uint(arr, role, roles) for role in MPLS_ROLES if role in roles]
+    if stack:
+        out["mpls_labels"] = _mpls_text(np.stack(stack, axis=1))
+    if batch.if_names:
+        for column, ifindex in (("input_if_name", input_if), ("output_if_name", output_if)):
+            if ifindex is not None:
+                names, index = _looked_up(batch, batch.if_names, ifindex, c)
+                unknown = index < 0
+                indices = pa.array(np.maximum(index, 0), mask=unknown) if unknown.any() else pa.array(index)
+                out[column] = pa.DictionaryArray.from_arrays(indices, pa.array(names, pa.string()))
+    return out
+
+
+def _mpls_text(entries: np.ndarray) -> pa.Array:
+    """Label stack entries (records x stack depth, 24 bits each) as nfdump prints its mpls1..mpls10 columns,
+    "label-exp-S", top first, space-separated, up to the last non-zero entry; null when there is none.
+    Formatted once per distinct stack."""
+    uniq, index = np.unique(entries, axis=0, return_inverse=True)
+    texts = []
+    for row in uniq.tolist():
+        while row and row[-1] == 0:
+            row.pop()
+        texts.append(" ".join(f"{v >> 4}-{(v >> 1) & 7}-{v & 1}" for v in row) or None)
+    return pa.array(texts, pa.string()).take(pa.array(index.reshape(-1)))
 
 
 def _times(tpl: Template, arr: np.ndarray, c: _PerRecord) -> tuple[np.ndarray, np.ndarray]:
