@@ -126,6 +126,7 @@ class DetectContext:
                     "why": why(r),
                 }
             )
+
     spans: SpanBook | None = None  # window-wide spans for periodicity when the flows are one host bucket's
 
     @property
