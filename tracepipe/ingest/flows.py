@@ -200,6 +200,17 @@ def _ingest_files(
     state = DecoderState()  # templates learnt from one file serve the next (a capture split by tcpdump -C)
     given = {Path(p) for p in paths}
     files = [p for p in expand_paths(paths) if p in given or _kind_or_none(p) in (*accept, None)]
+    for folder in sorted(p for p in given if p.is_dir() and not any(f.is_relative_to(p) for f in files)):
+        # a directory with nothing this command reads under it is said so, not passed over in silence
+        summary.files.append(
+            FileResult(
+                str(folder),
+                "directory",
+                "rejected",
+                message=f"is a directory with no {', '.join(accept)} file under it (give the files, or the "
+                "folder that holds them)",
+            )
+        )
     big_captures = [p for p in files if _size(p) >= parallel_min_bytes and _kind_or_none(p) == "pcap"]
     if pool is not None and big_captures:
         pool.start()
