@@ -79,34 +79,68 @@ def normalise_events(events: pa.Table) -> pl.DataFrame:
     # the replay order: time, start/error before end, then the event's identity; exact ties broken by a hash
     # (sorting on every content column costs more than the whole replay). A hash collision can only swap two
     # events of one instant; which events are the same is decided on the content itself, never on the hash.
-    # Sorted and de-duplicated on these few key columns; the whole frame is gathered once, in that order.
-    keys = (
-        frame.select(
-            "ts",
-            phase,
-            "event_id",
-            "vm_id",
-            "event_type",
-            "action",
-            pl.struct(
-                "vm_id", "event_type", "action", "state", pl.col("addrs").list.join(","), "addr", "hypervisor"
+    # Sorted on the integers (ts, phase) first; only the rows sharing both (few) are sorted on the identity
+    # columns, in place: such rows are adjacent, so sorting them apart leaves every other row where it is.
+    order = frame.select("ts", phase).with_row_index("_row").sort(["ts", "_phase"], nulls_last=True)
+    same = pl.col("ts").eq_missing(pl.col("ts").shift(1)) & (pl.col("_phase") == pl.col("_phase").shift(1))
+    same = same.fill_null(False)
+    tied = order.with_row_index("_at").filter(same | same.shift(-1).fill_null(False))
+    rows = order.get_column("_row")
+    ties = None
+    if tied.height:
+        ties = (
+            frame.with_row_index("_row")
+            .gather(tied.get_column("_row"))
+            .select(
+                "_row",
+                "ts",
+                phase,
+                "event_id",
+                "vm_id",
+                "event_type",
+                "action",
+                pl.struct(
+                    "vm_id",
+                    "event_type",
+                    "action",
+                    "state",
+                    pl.col("addrs").list.join(","),
+                    "addr",
+                    "hypervisor",
+                )
+                .hash(18)
+                .alias("_key"),
             )
-            .hash(18)
-            .alias("_key"),
+            .sort(["ts", "_phase", "event_id", "vm_id", "event_type", "action", "_key"], nulls_last=True)
+            .select("_row", "ts", "_key", tied.get_column("_at"))  # in the replay order, as `_at`
         )
-        .with_row_index("_row")
-        .sort(["ts", "_phase", "event_id", "vm_id", "event_type", "action", "_key"], nulls_last=True)
-    )
-    # at-least-once delivery: the same message id twice is one event; so is identical content (compared
-    # exactly, among the few rows whose time and key repeat)
-    keys = keys.filter(pl.col("event_id").is_null() | pl.col("event_id").is_first_distinct())
-    maybe = keys.filter(pl.struct("ts", "_key").is_duplicated()).get_column("_row")
-    if len(maybe):
-        content = pl.struct([c if c != "addrs" else pl.col("addrs").list.join(",") for c in _CONTENT])
-        suspects = frame.with_row_index("_row").gather(maybe)  # in the replay order, as `keys`
-        repeats = suspects.filter(~content.is_first_distinct()).get_column("_row")
-        keys = keys.filter(~pl.col("_row").is_in(repeats.implode()))
-    return frame.gather(keys.get_column("_row")).with_columns(keys.get_column("_phase"))
+        rows = rows.scatter(ties.get_column("_at"), ties.get_column("_row"))
+    # at-least-once delivery: the same message id twice is one event (the first in the replay order); so is
+    # identical content. Both are decided on the values, among the few rows whose hash repeats.
+    dropped: list[pl.Series] = []
+    hashes = frame.select(pl.when(pl.col("event_id").is_not_null()).then(pl.col("event_id").hash(18)))
+    hashes = hashes.to_series().gather(rows)
+    seen = hashes.drop_nulls().sort()
+    repeated = seen.filter(seen == seen.shift(1))
+    if len(repeated):
+        at = hashes.is_in(repeated.implode()).arg_true()
+        ids = frame.get_column("event_id").gather(rows.gather(at))
+        dropped.append(at.filter(~ids.is_first_distinct()))
+    if ties is not None:
+        if dropped:
+            ties = ties.filter(~pl.col("_at").is_in(dropped[0].cast(ties.schema["_at"]).implode()))
+        maybe = ties.filter(pl.struct("ts", "_key").is_duplicated())
+        if maybe.height:
+            content = pl.struct([c if c != "addrs" else pl.col("addrs").list.join(",") for c in _CONTENT])
+            suspects = frame.gather(maybe.get_column("_row")).with_columns(maybe.get_column("_at"))
+            dropped.append(suspects.filter(~content.is_first_distinct()).get_column("_at"))
+    keep = pl.repeat(True, frame.height, eager=True)
+    for at in dropped:
+        keep = keep.scatter(at, False)
+    phases = order.get_column("_phase").filter(keep)
+    if rows.equals(pl.int_range(frame.height, eager=True, dtype=rows.dtype)):
+        return frame.filter(keep).with_columns(phases)  # already in the replay order: no gather
+    return frame.rechunk().gather(rows.filter(keep)).with_columns(phases)
 
 
 # ---- the vectorised replay ------------------------------------------------------------------------------------
