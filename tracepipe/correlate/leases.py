@@ -165,9 +165,10 @@ def _encode(text: pa.Array) -> tuple[pl.Series, pl.Series]:
     return pl.Series(rank).gather(indices), names.cast(pl.String)
 
 
-def _encode_events(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series, pl.Series]:
-    """vm_id, addr and the addrs lists as codes -> (frame, VM id texts, address texts)."""
+def _encode_events(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series, pl.Series, pl.Series]:
+    """vm_id, hypervisor, addr and the addrs lists as codes -> (frame, VM id, hypervisor and address texts)."""
     vm_codes, vm_names = _encode(frame.get_column("vm_id").to_arrow())
+    hyp_codes, hyp_names = _encode(frame.get_column("hypervisor").to_arrow())
     lists = frame.get_column("addrs").to_arrow()
     flat = pc.list_flatten(lists)
     single = frame.get_column("addr").to_arrow()
@@ -180,15 +181,16 @@ def _encode_events(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series, pl.Ser
     )
     frame = frame.with_columns(
         vm_codes.alias("vm_id"),
+        hyp_codes.alias("hypervisor"),
         codes.slice(0, len(single)).alias("addr"),
         pl.Series("addrs", listed),
     )
-    return frame, vm_names, addr_names
+    return frame, vm_names, hyp_names, addr_names
 
 
-def _decode(frame: pl.DataFrame, names: pl.Series, *columns: str) -> pl.DataFrame:
-    """Columns of codes back to their texts."""
-    return frame.with_columns(names.gather(frame.get_column(c)).alias(c) for c in columns)
+def _decode(frame: pl.DataFrame, names: dict[str, pl.Series], *columns: str) -> pl.DataFrame:
+    """Columns of codes back to their texts (names: column -> texts)."""
+    return frame.with_columns(names[c].gather(frame.get_column(c)).alias(c) for c in columns)
 
 
 # Every step below is a polars expression over all events at once (window functions over vm_id, addr or floating
@@ -215,58 +217,59 @@ def _per_vm(ev: pl.DataFrame, aggregate: pl.Expr, name: str) -> pl.Series:
 def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Per-event VM context (gone?, applicable?, hypervisor then), the VMs' final facts, and the hypervisor
     moves (live migration, unshelve elsewhere) that split leases. Sorted by (vm_id, seq); only fast
-    aggregations and fills over the whole frame (per-group expressions are evaluated group by group)."""
-    floating = pl.col("act").is_in(list(_FLOATING_ACTIONS))
-    is_delete = pl.col("act").is_in(list(_DELETES)) & ~pl.col("passive") & ~floating
-    # only the columns the VM's story needs: every sort and filter below copies what the frame holds (the
-    # address lists are taken from `frame` by seq where they are needed)
+    aggregations and fills over the whole frame (per-group expressions are evaluated group by group).
+    The VM's story is told on integers and flags: a text column (names, state) is read from `frame` (whose row
+    number is seq) only at the few rows that decide a VM's fact."""
+    act = pl.col("act")
+    floating = act.is_in(list(_FLOATING_ACTIONS))
     ev = (
-        frame.select("vm_id", "seq", "ts", "act", "passive", "state", "hypervisor", *_IDENTITY)
+        frame.select(
+            "vm_id",
+            "seq",
+            "ts",
+            "passive",
+            "hypervisor",  # a code (_encode_events)
+            floating.alias("_floating"),
+            (act.is_in(list(_DELETES)) & ~pl.col("passive") & ~floating).alias("_delete"),
+            act.is_in([*_DELETES, "detach"]).alias("_delete_or_detach"),
+            (act == "port_update").alias("_port_update"),
+            (act == "restore").alias("_restore"),
+            (act == "soft_delete").alias("_soft_delete"),
+            (act == "purge").alias("_purge_act"),
+            (act == "create").alias("_create"),
+            act.is_in(list(_DEFAULT_STATUS)).alias("_default"),
+            (pl.col("state").is_not_null() & (pl.col("state") != "unknown")).alias("_state"),
+            act.is_in(["port_update", "fip_associate"]).not_().alias("_own"),
+            *[pl.col(n).is_not_null().alias(f"_has_{n}") for n in _IDENTITY],
+        )
         .filter(pl.col("vm_id").is_not_null())
         .sort("vm_id", "seq")
     )
-    # VMs numbered in this order: group-bys on an integer, per-VM values broadcast by gather (_vm is dense
-    # from 0, in order), row positions for look-ups
-    ev = ev.with_columns(
-        (pl.col("vm_id") != pl.col("vm_id").shift(1))
-        .fill_null(True)
-        .cast(pl.Int64)
-        .cum_sum()
-        .sub(1)
-        .set_sorted()  # group-bys on a sorted key cut the frame into slices instead of hashing
-        .alias("_vm"),
-        pl.int_range(pl.len(), dtype=pl.Int64).alias("_pos"),
-    )
-    ev = ev.with_columns(_per_vm(ev, pl.when(is_delete).then(pl.col("seq")).min(), "gone_seq"))
+    # VM codes are dense and sorted (_encode): a group-by on the sorted key cuts the frame into slices
+    ev = ev.with_columns(pl.col("vm_id").set_sorted().alias("_vm"))
+    ev = ev.with_columns(_per_vm(ev, pl.when("_delete").then(pl.col("seq")).min(), "gone_seq"))
     alive = pl.col("gone_seq").is_null() | (pl.col("seq") < pl.col("gone_seq"))
     # events that move the VM's state: an .end (or phase-less) event of a VM not deleted yet, other than a
     # floating-IP event, a delete or a detach (handled on their own)
-    applicable = ~pl.col("passive") & ~floating & ~pl.col("act").is_in([*_DELETES, "detach"]) & alive
+    applicable = ~pl.col("passive") & ~pl.col("_floating") & ~pl.col("_delete_or_detach") & alive
     ev = ev.with_columns(applicable.alias("applicable"))
     gone_row = pl.col("seq") == pl.col("gone_seq")
-    status = (
-        pl.when(gone_row)
-        .then(pl.when(pl.col("act") == "purge").then(pl.lit("purged")).otherwise(pl.lit("deleted")))
-        .when(~pl.col("applicable"))
-        .then(None)
-        .when(pl.col("act") == "soft_delete")
-        .then(pl.lit("soft_deleted"))
-        .when(pl.col("act") == "restore")
-        .then(pl.coalesce("state", pl.lit("active")))
-        .when(pl.col("state").is_not_null() & (pl.col("state") != "unknown"))
-        .then(pl.col("state"))
-        .otherwise(pl.col("act").replace_strict(_DEFAULT_STATUS, default=None, return_dtype=pl.String))
+    # the rows that set the VM's status (its value is worked out at the VM's last such row, below)
+    has_status = gone_row.fill_null(False) | (
+        pl.col("applicable")
+        & (pl.col("_soft_delete") | pl.col("_restore") | pl.col("_state") | pl.col("_default"))
     )
     # hypervisor: an applicable event naming one sets it (a change = a move); start/error events and Neutron
     # port bindings only fill it in while none is known (so only the VM's first such value counts)
-    strong = pl.col("applicable") & (pl.col("act") != "port_update") & pl.col("hypervisor").is_not_null()
-    weak = pl.col("hypervisor").is_not_null() & (
-        (pl.col("passive") & ~floating & (pl.col("act") != "port_update"))
-        | (pl.col("applicable") & (pl.col("act") == "port_update"))
+    known = pl.col("hypervisor").is_not_null()
+    strong = pl.col("applicable") & ~pl.col("_port_update") & known
+    weak = known & (
+        (pl.col("passive") & ~pl.col("_floating") & ~pl.col("_port_update"))
+        | (pl.col("applicable") & pl.col("_port_update"))
     )
     new_vm = pl.col("_vm") != pl.col("_vm").shift(1).fill_null(-1)
     ev = ev.with_columns(
-        status.alias("new_status"),
+        has_status.alias("_has_status"),
         pl.when(strong).then(pl.col("hypervisor")).alias("_strong"),
         pl.when(weak).then(pl.col("hypervisor")).alias("_weak"),
     )
@@ -302,35 +305,34 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
         )
     )
     # soft delete and restore: the quarantine runs from the first soft delete after the last restore
-    restore = pl.col("applicable") & (pl.col("act") == "restore")
+    restore = pl.col("applicable") & pl.col("_restore")
     ev = ev.with_columns(_per_vm(ev, pl.when(restore).then(pl.col("seq")).max(), "_last_restore"))
     soft = (
         pl.col("applicable")
-        & (pl.col("act") == "soft_delete")
+        & pl.col("_soft_delete")
         & (pl.col("_last_restore").is_null() | (pl.col("seq") > pl.col("_last_restore")))
     )
-    own = pl.col("act").is_in(["port_update", "fip_associate"]).not_()
-    # "the latest non-null value" = the value at the last row where it is not null: a max, then a gather
+    # "the latest non-null value" = the value at the last row where it is not null: a max of seq, then a
+    # gather from `frame`
     marks = {
-        **{f"_own_{n}": pl.when(own & pl.col(n).is_not_null()).then(pl.col("_pos")) for n in _IDENTITY},
-        **{f"_any_{n}": pl.when(pl.col(n).is_not_null()).then(pl.col("_pos")) for n in _IDENTITY},
-        "_status": pl.when(pl.col("new_status").is_not_null()).then(pl.col("_pos")),
+        **{f"_own_{n}": pl.when(pl.col("_own") & pl.col(f"_has_{n}")).then(pl.col("seq")) for n in _IDENTITY},
+        **{f"_any_{n}": pl.when(pl.col(f"_has_{n}")).then(pl.col("seq")) for n in _IDENTITY},
+        "_status": pl.when(pl.col("_has_status")).then(pl.col("seq")),
     }
     facts = (
         ev.lazy()
         .with_columns(
             **marks,
-            _gone_act=pl.when(gone_row).then(pl.col("act")),
             _gone_ts=pl.when(gone_row).then(pl.col("ts")),
-            _purge=pl.when((pl.col("act") == "purge") & ~pl.col("passive") & ~alive).then(pl.col("ts")),
+            _purge=pl.when(pl.col("_purge_act") & ~pl.col("passive") & ~alive).then(pl.col("ts")),
             _soft=pl.when(soft).then(pl.col("ts")),
-            _created=pl.when(pl.col("act") == "create").then(pl.col("ts")),
+            _created=pl.when(pl.col("_create")).then(pl.col("ts")),
         )
         .group_by("_vm")
         .agg(
             pl.col("vm_id").first(),
             *[pl.col(m).max() for m in marks],
-            pl.col("_gone_act").max().alias("gone_act"),
+            pl.col("gone_seq").first(),
             pl.col("_gone_ts").max().alias("gone_ts"),
             pl.col("_purge").min().alias("purge_ts"),
             pl.col("_soft").min().alias("soft_deleted_at"),
@@ -341,13 +343,29 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
         )
         .collect()
     )
-    for name in [*_IDENTITY, "new_status"]:
-        column = ev.get_column(name)
-        sources = [f"_own_{name}", f"_any_{name}"] if name in _IDENTITY else ["_status"]
-        at = pl.coalesce(facts.get_column(mark) for mark in sources)  # the VM's own value, else any
-        facts = facts.with_columns(
-            column.gather(facts.select(at).to_series()).alias("status" if name == "new_status" else name)
-        )
+    for name in _IDENTITY:
+        at = pl.coalesce(facts.get_column(f"_own_{name}"), facts.get_column(f"_any_{name}"))  # own, else any
+        facts = facts.with_columns(frame.get_column(name).gather(at).alias(name))
+    # the status set by the VM's last row that sets one
+    at = facts.get_column("_status")
+    deciding = frame.select(pl.col("act").gather(at), pl.col("state").gather(at)).with_columns(
+        (at == facts.get_column("gone_seq")).fill_null(False).alias("_gone")
+    )
+    status = (
+        pl.when(pl.col("_gone"))
+        .then(pl.when(pl.col("act") == "purge").then(pl.lit("purged")).otherwise(pl.lit("deleted")))
+        .when(pl.col("act") == "soft_delete")
+        .then(pl.lit("soft_deleted"))
+        .when(pl.col("act") == "restore")
+        .then(pl.coalesce("state", pl.lit("active")))
+        .when(pl.col("state").is_not_null() & (pl.col("state") != "unknown"))
+        .then(pl.col("state"))
+        .otherwise(pl.col("act").replace_strict(_DEFAULT_STATUS, default=None, return_dtype=pl.String))
+    )
+    facts = facts.with_columns(
+        deciding.select(status).to_series().alias("status"),
+        frame.get_column("act").gather(facts.get_column("gone_seq")).alias("gone_act"),
+    )
     facts = facts.drop(*marks, "_vm")
     reclaim = pl.lit(reclaim_us, pl.Int64)
     soft_end = pl.col("soft_deleted_at") + reclaim
@@ -551,16 +569,18 @@ def _holder_at(leases: pl.DataFrame, rows: pl.DataFrame, addr: str) -> pl.DataFr
     return rows.join(found.select("_row", pl.col("vm_id").alias("holder")), on="_row", how="left")
 
 
-def _replay(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Sorted, de-duplicated events (ts as µs) -> (leases with µs times, VM facts)."""
-    frame, vm_names, addr_names = _encode_events(frame)
+def _replay(
+    frame: pl.DataFrame, reclaim_us: int | None
+) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, pl.Series]]:
+    """Sorted, de-duplicated events (ts as µs) -> (leases with µs times, VM facts, the texts of their codes:
+    vm_id, hypervisor, addr; in the texts' order)."""
+    frame, vm_names, hyp_names, addr_names = _encode_events(frame)
     frame = frame.with_columns(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("seq"),
         (pl.col("_phase") < 2).alias("passive"),
         pl.col("action").fill_null("unknown").alias("act"),
     )
     ev, facts, moves = _vm_frame(frame, reclaim_us)
-    hyp_at = ev.select("vm_id", "seq", "hyp_now").sort("seq")
     port_history, port_addrs = _port_maps(frame)
 
     # claims by VMs: every address an applicable event lists, and the one an attach names
@@ -615,7 +635,12 @@ def _replay(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame, 
         )
 
     def delete_releases(claimed: pl.DataFrame) -> pl.DataFrame:
-        gone = ev.select("vm_id", "seq", "ts", "act", "gone_seq").filter(pl.col("seq") == pl.col("gone_seq"))
+        gone = facts.filter(pl.col("gone_seq").is_not_null()).select(
+            "vm_id",
+            pl.col("gone_seq").alias("seq"),
+            pl.col("gone_ts").alias("ts"),
+            pl.col("gone_act").alias("act"),
+        )
         return gone.join(claimed.select("vm_id", "addr").unique(), on="vm_id").select(
             "addr",
             "seq",
@@ -720,14 +745,31 @@ def _replay(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame, 
         leases = fixed_leases
 
     # the hypervisor then: at the lease's opening event; a move of the VM while it holds the lease splits it
-    leases = leases.with_row_index("_lease").with_columns(pl.col("start_seq").alias("seq")).sort("seq")
-    leases = leases.join_asof(
-        hyp_at.rename({"hyp_now": "hypervisor"}),
-        on="seq",
-        by="vm_id",
-        strategy="backward",
-        check_sortedness=False,
-    ).drop("seq")
+    # (a lease opened by its VM's own event takes that event's value; a floating IP's, the VM's value then)
+    hyp_by_seq = pl.repeat(None, frame.height, dtype=_CODE, eager=True).scatter(
+        ev.get_column("seq"), ev.get_column("hyp_now")
+    )
+    start = leases.get_column("start_seq")
+    own_event = (frame.get_column("vm_id").gather(start) == leases.get_column("vm_id")).fill_null(False)
+    leases = leases.with_row_index("_lease").with_columns(
+        pl.when(own_event).then(hyp_by_seq.gather(start)).alias("hypervisor")
+    )
+    if not own_event.all():
+        other = (
+            leases.filter(~own_event)
+            .drop("hypervisor")
+            .with_columns(pl.col("start_seq").alias("seq"))
+            .sort("seq")
+            .join_asof(
+                ev.select("vm_id", "seq", pl.col("hyp_now").alias("hypervisor")).sort("seq"),
+                on="seq",
+                by="vm_id",
+                strategy="backward",
+                check_sortedness=False,
+            )
+            .drop("seq")
+        )
+        leases = pl.concat([leases.filter(own_event), other.select(leases.columns)])
     cuts = (
         leases.select("_lease", "vm_id", "start_seq", "end_seq")
         .join(moves, on="vm_id")
@@ -781,7 +823,14 @@ def _replay(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame, 
     leases = leases.drop("_lease").filter(
         pl.col("valid_to").is_null() | (pl.col("valid_to") > pl.col("valid_from"))
     )
-    return _decode(_decode(leases, addr_names, "addr"), vm_names, "vm_id"), _decode(facts, vm_names, "vm_id")
+    if len(extra):  # the holders' codes after the VMs' own: renumbered in the texts' order again
+        rank = pl.Series(np.empty(len(vm_names), np.int64)).scatter(
+            vm_names.arg_sort(), pl.int_range(len(vm_names), eager=True, dtype=pl.Int64)
+        )
+        leases = leases.with_columns(rank.gather(leases.get_column("vm_id")).alias("vm_id"))
+        facts = facts.with_columns(rank.gather(facts.get_column("vm_id")).alias("vm_id"))
+        vm_names = vm_names.sort()
+    return leases, facts, {"vm_id": vm_names, "hypervisor": hyp_names, "addr": addr_names}
 
 
 def _us_to_ts(*names: str) -> list[pl.Expr]:
@@ -797,7 +846,7 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
         return VM_LEASES.empty_table(), VMS.empty_table()
     frame = frame.with_columns(pl.col("ts").dt.epoch("us"))
     reclaim_us = None if reclaim_interval is None else reclaim_interval // dt.timedelta(microseconds=1)
-    leases, facts = _replay(frame, reclaim_us)
+    leases, facts, names = _replay(frame, reclaim_us)
     vm_cols = facts.select(
         "vm_id",
         "vm_name",
@@ -846,6 +895,9 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
     # address of no known VM: "port:<id>", "fixed:<addr>") get a row of their own, facts unknown
     lease_only = lease_frame.select("vm_id").unique().join(vm_frame.select("vm_id"), on="vm_id", how="anti")
     vm_frame = pl.concat([vm_frame, lease_only], how="diagonal").sort("vm_id")
+    # sorted on the codes (= on the texts), then the texts
+    lease_frame = _decode(lease_frame, names, "addr", "vm_id", "hypervisor")
+    vm_frame = _decode(vm_frame, names, "vm_id", "hypervisor")
     return lease_frame.to_arrow().cast(VM_LEASES), vm_frame.to_arrow().cast(VMS)
 
 
