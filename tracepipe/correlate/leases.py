@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,12 +64,11 @@ _IDENTITY = ("vm_name", "project", "user", "cloud", "image")
 _CONTENT = [f.name for f in VM_EVENTS if f.name not in ("source", "line")]
 
 
-def normalise_events(events: pa.Table) -> pl.DataFrame:
-    """Drop duplicate deliveries and sort into the replay order (independent of the input order)."""
-    frame = pl.from_arrow(events.select([f.name for f in VM_EVENTS]))
-    assert isinstance(frame, pl.DataFrame)
-    if frame.height == 0:
-        return frame.with_columns(pl.lit(None, pl.Int32).alias("_phase"))
+def _replay_order(events: pa.Table) -> tuple[pl.Series, pl.Series]:
+    """The replay order of the events, duplicate deliveries left out: (row positions in `events`, in that
+    order; the phase of each: 0 .start, 1 .error, 2 .end or no phase)."""
+    head = pl.from_arrow(events.select(["ts", "event_type", "event_id"]))
+    assert isinstance(head, pl.DataFrame)
     phase = (
         pl.when(pl.col("event_type").str.ends_with(".start"))
         .then(0)
@@ -82,17 +82,16 @@ def normalise_events(events: pa.Table) -> pl.DataFrame:
     # events of one instant; which events are the same is decided on the content itself, never on the hash.
     # Sorted on the integers (ts, phase) first; only the rows sharing both (few) are sorted on the identity
     # columns, in place: such rows are adjacent, so sorting them apart leaves every other row where it is.
-    order = frame.select("ts", phase).with_row_index("_row").sort(["ts", "_phase"], nulls_last=True)
+    order = head.select("ts", phase).with_row_index("_row").sort(["ts", "_phase"], nulls_last=True)
     same = pl.col("ts").eq_missing(pl.col("ts").shift(1)) & (pl.col("_phase") == pl.col("_phase").shift(1))
     same = same.fill_null(False)
     tied = order.with_row_index("_at").filter(same | same.shift(-1).fill_null(False))
     rows = order.get_column("_row")
     ties = None
     if tied.height:
+        sub = _frame_of(events, tied.get_column("_row")).with_columns(tied.get_column("_row"))
         ties = (
-            frame.with_row_index("_row")
-            .gather(tied.get_column("_row"))
-            .select(
+            sub.select(
                 "_row",
                 "ts",
                 phase,
@@ -119,13 +118,13 @@ def normalise_events(events: pa.Table) -> pl.DataFrame:
     # at-least-once delivery: the same message id twice is one event (the first in the replay order); so is
     # identical content. Both are decided on the values, among the few rows whose hash repeats.
     dropped: list[pl.Series] = []
-    hashes = frame.select(pl.when(pl.col("event_id").is_not_null()).then(pl.col("event_id").hash(18)))
+    hashes = head.select(pl.when(pl.col("event_id").is_not_null()).then(pl.col("event_id").hash(18)))
     hashes = hashes.to_series().gather(rows)
     seen = hashes.drop_nulls().sort()
     repeated = seen.filter(seen == seen.shift(1))
     if len(repeated):
         at = hashes.is_in(repeated.implode()).arg_true()
-        ids = frame.get_column("event_id").gather(rows.gather(at))
+        ids = head.get_column("event_id").gather(rows.gather(at))
         dropped.append(at.filter(~ids.is_first_distinct()))
     if ties is not None:
         if dropped:
@@ -133,15 +132,38 @@ def normalise_events(events: pa.Table) -> pl.DataFrame:
         maybe = ties.filter(pl.struct("ts", "_key").is_duplicated())
         if maybe.height:
             content = pl.struct([c if c != "addrs" else pl.col("addrs").list.join(",") for c in _CONTENT])
-            suspects = frame.gather(maybe.get_column("_row")).with_columns(maybe.get_column("_at"))
+            suspects = _frame_of(events, maybe.get_column("_row")).with_columns(maybe.get_column("_at"))
             dropped.append(suspects.filter(~content.is_first_distinct()).get_column("_at"))
-    keep = pl.repeat(True, frame.height, eager=True)
+    keep = pl.repeat(True, head.height, eager=True)
     for at in dropped:
         keep = keep.scatter(at, False)
-    phases = order.get_column("_phase").filter(keep)
-    if rows.equals(pl.int_range(frame.height, eager=True, dtype=rows.dtype)):
-        return frame.filter(keep).with_columns(phases)  # already in the replay order: no gather
-    return frame.rechunk().gather(rows.filter(keep)).with_columns(phases)
+    return rows.filter(keep), order.get_column("_phase").filter(keep)
+
+
+def _frame_of(events: pa.Table, rows: pl.Series) -> pl.DataFrame:
+    """The events at these row positions, as a polars frame."""
+    frame = pl.from_arrow(events.take(rows.to_arrow()))
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def _in_order(frame: pl.DataFrame, rows: pl.Series) -> pl.DataFrame:
+    """frame's rows at `rows`: a filter when they are in ascending order (events read in time order: no
+    gather of every column), else a gather."""
+    if rows.len() and (rows.diff().drop_nulls() > 0).all():
+        mask = pl.repeat(False, frame.height, eager=True).scatter(rows, True)
+        return frame.filter(mask)
+    return frame.rechunk().gather(rows)
+
+
+def normalise_events(events: pa.Table) -> pl.DataFrame:
+    """Drop duplicate deliveries and sort into the replay order (independent of the input order)."""
+    frame = pl.from_arrow(events.select([f.name for f in VM_EVENTS]))
+    assert isinstance(frame, pl.DataFrame)
+    if frame.height == 0:
+        return frame.with_columns(pl.lit(None, pl.Int32).alias("_phase"))
+    rows, phases = _replay_order(events.select([f.name for f in VM_EVENTS]))
+    return _in_order(frame, rows).with_columns(phases)
 
 
 # ---- the vectorised replay ------------------------------------------------------------------------------------
@@ -165,13 +187,14 @@ def _encode(text: pa.Array) -> tuple[pl.Series, pl.Series]:
     return pl.Series(rank).gather(indices), names.cast(pl.String)
 
 
-def _encode_events(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series, pl.Series, pl.Series]:
-    """vm_id, hypervisor, addr and the addrs lists as codes -> (frame, VM id, hypervisor and address texts)."""
-    vm_codes, vm_names = _encode(frame.get_column("vm_id").to_arrow())
-    hyp_codes, hyp_names = _encode(frame.get_column("hypervisor").to_arrow())
-    lists = frame.get_column("addrs").to_arrow()
+def _encode_events(events: pa.Table) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
+    """vm_id, hypervisor, addr and the addrs lists of the events as codes, in the events' order ->
+    (frame of codes, texts per column). Read from Arrow: the text columns never become polars strings."""
+    vm_codes, vm_names = _encode(events.column("vm_id").combine_chunks())
+    hyp_codes, hyp_names = _encode(events.column("hypervisor").combine_chunks())
+    lists = events.column("addrs").combine_chunks()
     flat = pc.list_flatten(lists)
-    single = frame.get_column("addr").to_arrow()
+    single = events.column("addr").combine_chunks()
     codes, addr_names = _encode(pa.concat_arrays([single, flat.cast(single.type)]))
     lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
     offsets = np.zeros(len(lengths) + 1, np.int64)
@@ -179,13 +202,29 @@ def _encode_events(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series, pl.Ser
     listed = pa.LargeListArray.from_arrays(
         pa.array(offsets), codes.slice(len(single)).to_arrow(), mask=lists.is_null()
     )
-    frame = frame.with_columns(
-        vm_codes.alias("vm_id"),
-        hyp_codes.alias("hypervisor"),
-        codes.slice(0, len(single)).alias("addr"),
-        pl.Series("addrs", listed),
+    frame = pl.DataFrame(
+        [
+            vm_codes.alias("vm_id"),
+            hyp_codes.alias("hypervisor"),
+            codes.slice(0, len(single)).alias("addr"),
+            pl.Series("addrs", listed),
+        ]
     )
-    return frame, vm_names, hyp_names, addr_names
+    return frame, {"vm_id": vm_names, "hypervisor": hyp_names, "addr": addr_names}
+
+
+def _events_in_order(
+    events: pa.Table, rows: pl.Series, phases: pl.Series
+) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
+    """What the replay reads of the events, in the replay order (`rows`): ts as µs, codes for VM ids,
+    hypervisors and addresses (with their texts), the few other columns it compares, and for each identity
+    column (vm_name, project, ...) whether the event names it (their texts are read at the end, _texts)."""
+    codes, names = _encode_events(events)
+    narrow = pl.from_arrow(events.select(["ts", "action", "state", "addr_kind", "port_id", "resource_id"]))
+    assert isinstance(narrow, pl.DataFrame)
+    present = pl.DataFrame([pl.Series(f"_has_{n}", pc.is_valid(events.column(n))) for n in _IDENTITY])
+    frame = _in_order(pl.concat([narrow, codes, present], how="horizontal"), rows)
+    return frame.with_columns(phases, pl.col("ts").dt.epoch("us")), names
 
 
 def _decode(frame: pl.DataFrame, names: dict[str, pl.Series], *columns: str) -> pl.DataFrame:
@@ -214,7 +253,9 @@ def _per_vm(ev: pl.DataFrame, aggregate: pl.Expr, name: str) -> pl.Series:
     return values.get_column(name).gather(ev.get_column("_vm"))
 
 
-def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+def _vm_frame(
+    frame: pl.DataFrame, reclaim_us: int | None, texts: Callable[[str, pl.Series], pl.Series]
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Per-event VM context (gone?, applicable?, hypervisor then), the VMs' final facts, and the hypervisor
     moves (live migration, unshelve elsewhere) that split leases. Sorted by (vm_id, seq); only fast
     aggregations and fills over the whole frame (per-group expressions are evaluated group by group).
@@ -240,7 +281,7 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
             act.is_in(list(_DEFAULT_STATUS)).alias("_default"),
             (pl.col("state").is_not_null() & (pl.col("state") != "unknown")).alias("_state"),
             act.is_in(["port_update", "fip_associate"]).not_().alias("_own"),
-            *[pl.col(n).is_not_null().alias(f"_has_{n}") for n in _IDENTITY],
+            *[f"_has_{n}" for n in _IDENTITY],
         )
         .filter(pl.col("vm_id").is_not_null())
         .sort("vm_id", "seq")
@@ -345,7 +386,7 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
     )
     for name in _IDENTITY:
         at = pl.coalesce(facts.get_column(f"_own_{name}"), facts.get_column(f"_any_{name}"))  # own, else any
-        facts = facts.with_columns(frame.get_column(name).gather(at).alias(name))
+        facts = facts.with_columns(texts(name, at).alias(name))
     # the status set by the VM's last row that sets one
     at = facts.get_column("_status")
     deciding = frame.select(pl.col("act").gather(at), pl.col("state").gather(at)).with_columns(
@@ -570,17 +611,20 @@ def _holder_at(leases: pl.DataFrame, rows: pl.DataFrame, addr: str) -> pl.DataFr
 
 
 def _replay(
-    frame: pl.DataFrame, reclaim_us: int | None
+    frame: pl.DataFrame,
+    reclaim_us: int | None,
+    names: dict[str, pl.Series],
+    texts: Callable[[str, pl.Series], pl.Series],
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, pl.Series]]:
-    """Sorted, de-duplicated events (ts as µs) -> (leases with µs times, VM facts, the texts of their codes:
-    vm_id, hypervisor, addr; in the texts' order)."""
-    frame, vm_names, hyp_names, addr_names = _encode_events(frame)
+    """Sorted, de-duplicated events (_events_in_order) -> (leases with µs times, VM facts, the texts of their
+    codes: vm_id, hypervisor, addr; in the texts' order). texts(column, seq): a text column at those events."""
+    vm_names, addr_names = names["vm_id"], names["addr"]
     frame = frame.with_columns(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("seq"),
         (pl.col("_phase") < 2).alias("passive"),
         pl.col("action").fill_null("unknown").alias("act"),
     )
-    ev, facts, moves = _vm_frame(frame, reclaim_us)
+    ev, facts, moves = _vm_frame(frame, reclaim_us, texts)
     port_history, port_addrs = _port_maps(frame)
 
     # claims by VMs: every address an applicable event lists, and the one an attach names
@@ -830,7 +874,7 @@ def _replay(
         leases = leases.with_columns(rank.gather(leases.get_column("vm_id")).alias("vm_id"))
         facts = facts.with_columns(rank.gather(facts.get_column("vm_id")).alias("vm_id"))
         vm_names = vm_names.sort()
-    return leases, facts, {"vm_id": vm_names, "hypervisor": hyp_names, "addr": addr_names}
+    return leases, facts, {**names, "vm_id": vm_names}
 
 
 def _us_to_ts(*names: str) -> list[pl.Expr]:
@@ -841,12 +885,19 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
     """Whole event history -> (vm_leases, vms) tables in schema.VM_LEASES / schema.VMS, sorted.
 
     Vectorised (polars window functions over the sorted events, see _replay): > 1 M events/s on one core."""
-    frame = normalise_events(events)
-    if frame.height == 0:
+    events = events.select([f.name for f in VM_EVENTS])
+    if events.num_rows == 0:
         return VM_LEASES.empty_table(), VMS.empty_table()
-    frame = frame.with_columns(pl.col("ts").dt.epoch("us"))
+    rows, phases = _replay_order(events)
+    frame, names = _events_in_order(events, rows, phases)
+
+    def texts(column: str, seq: pl.Series) -> pl.Series:
+        taken = pl.from_arrow(events.column(column).take(rows.gather(seq).to_arrow()))
+        assert isinstance(taken, pl.Series)
+        return taken
+
     reclaim_us = None if reclaim_interval is None else reclaim_interval // dt.timedelta(microseconds=1)
-    leases, facts, names = _replay(frame, reclaim_us)
+    leases, facts, names = _replay(frame, reclaim_us, names, texts)
     vm_cols = facts.select(
         "vm_id",
         "vm_name",
