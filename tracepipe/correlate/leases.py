@@ -246,7 +246,9 @@ def _ffill_within(value: pl.Expr, key: str = "vm_id") -> pl.Expr:
     return pl.when(source == pl.col(key)).then(value.forward_fill())
 
 
-def _reduce(ev: pl.DataFrame, starts: np.ndarray, column: str, where: pl.Expr | None, how: str) -> pl.Series:
+def _reduce(
+    ev: pl.DataFrame, starts: np.ndarray, column: str | pl.Expr, where: pl.Expr | None, how: str
+) -> pl.Series:
     """One value per VM: the min or max of an integer column over its events where `where` holds (null when
     it holds nowhere), for a frame sorted by VM whose VMs start at `starts`. numpy's reduceat over the VMs'
     slices: a group-by of 250 k groups, or a polars when/then per value, costs several times more."""
@@ -256,11 +258,19 @@ def _reduce(ev: pl.DataFrame, starts: np.ndarray, column: str, where: pl.Expr | 
         ufunc, sentinel = np.maximum, np.iinfo(np.int64).min
     if not len(starts):
         return pl.Series(dtype=pl.Int64)
-    values = np.arange(ev.height, dtype=np.int64) if column == "_row" else ev.get_column(column).to_numpy()
+    if isinstance(column, pl.Expr):
+        values = ev.select(column.cast(pl.Int64).fill_null(sentinel)).to_series().to_numpy()
+    elif column == "_row":
+        values = np.arange(ev.height, dtype=np.int64)
+    else:  # (a null, e.g. a time a planted file left out, counts as none)
+        values = ev.get_column(column).fill_null(sentinel).to_numpy()
     if where is not None:
         values = np.where(ev.select(where.fill_null(False)).to_series().to_numpy(), values, sentinel)
     out = pl.Series(ufunc.reduceat(values, starts))
     return out.set(out == sentinel, None)  # type: ignore[arg-type]
+
+
+_OWN = 1 << 40  # more than any seq
 
 
 def _per_vm(ev: pl.DataFrame, starts: np.ndarray, where: pl.Expr, how: str, name: str) -> pl.Series:
@@ -376,17 +386,17 @@ def _vm_frame(
         & (pl.col("_last_restore").is_null() | (pl.col("seq") > pl.col("_last_restore")))
     )
     # "the latest non-null value" = the value at the last row where it is not null: a max of seq, then a
-    # gather from `frame`
+    # gather from `frame`; the VM's own events first (a max of seq + _OWN on those, one pass for both)
+    own_first = pl.col("seq") + pl.when(pl.col("_own")).then(_OWN).otherwise(0)
     marks = {
-        **{f"_own_{n}": pl.col("_own") & pl.col(f"_has_{n}") for n in _IDENTITY},
-        **{f"_any_{n}": pl.col(f"_has_{n}") for n in _IDENTITY},
-        "_status": pl.col("_has_status"),
+        **{f"_at_{n}": (own_first, pl.col(f"_has_{n}")) for n in _IDENTITY},
+        "_status": (pl.col("seq"), pl.col("_has_status")),
     }
     firsts, lasts = pl.Series(starts), pl.Series(ends)
     facts = pl.DataFrame(
         [
             ev.get_column("vm_id").gather(firsts),
-            *[_reduce(ev, starts, "seq", mark, "max").alias(m) for m, mark in marks.items()],
+            *[_reduce(ev, starts, value, where, "max").alias(m) for m, (value, where) in marks.items()],
             ev.get_column("gone_seq").gather(firsts),
             _reduce(ev, starts, "ts", gone_row, "max").alias("gone_ts"),
             _reduce(ev, starts, "ts", pl.col("_purge_act") & ~pl.col("passive") & ~alive, "min").alias(
@@ -400,8 +410,7 @@ def _vm_frame(
         ]
     )
     for name in _IDENTITY:
-        at = pl.coalesce(facts.get_column(f"_own_{name}"), facts.get_column(f"_any_{name}"))  # own, else any
-        facts = facts.with_columns(texts(name, at).alias(name))
+        facts = facts.with_columns(texts(name, facts.get_column(f"_at_{name}") % _OWN).alias(name))
     # the status set by the VM's last row that sets one
     at = facts.get_column("_status")
     deciding = frame.select(pl.col("act").gather(at), pl.col("state").gather(at)).with_columns(
@@ -694,13 +703,23 @@ def _replay(
             pl.lit("detach").alias("reason")
         )
 
+    # a VM's delete ends what it holds; so does every later purge (a floating IP can be pointed at a deleted
+    # VM, by its port: the purge ends that lease too, as the event-by-event replay does)
+    purged_later = ev.filter(pl.col("_purge_act") & ~pl.col("passive") & (pl.col("seq") > pl.col("gone_seq")))
+    deletes = pl.concat(
+        [
+            facts.filter(pl.col("gone_seq").is_not_null()).select(
+                "vm_id",
+                pl.col("gone_seq").alias("seq"),
+                pl.col("gone_ts").alias("ts"),
+                pl.col("gone_act").alias("act"),
+            ),
+            purged_later.select("vm_id", "seq", "ts", pl.lit("purge").alias("act")),
+        ]
+    )
+
     def delete_releases(claimed: pl.DataFrame) -> pl.DataFrame:
-        gone = facts.filter(pl.col("gone_seq").is_not_null()).select(
-            "vm_id",
-            pl.col("gone_seq").alias("seq"),
-            pl.col("gone_ts").alias("ts"),
-            pl.col("gone_act").alias("act"),
-        )
+        gone = deletes
         return gone.join(claimed.select("vm_id", "addr").unique(), on="vm_id").select(
             "addr",
             "seq",
@@ -738,10 +757,11 @@ def _replay(
         .then(pl.lit("port:") + pl.col("port_id"))
         .otherwise(pl.lit("fixed:") + addr_names.gather(associate.get_column("fixed")).fill_null("None"))
     ).to_series()
-    extra = unknown.unique(maintain_order=True).filter(
-        ~unknown.unique(maintain_order=True).is_in(vm_names.implode())
-    )
+    extra = unknown.head(0)
     if associate.height:  # (a look-up among every VM id: only when floating IPs are associated)
+        extra = unknown.unique(maintain_order=True).filter(
+            ~unknown.unique(maintain_order=True).is_in(vm_names.implode())
+        )
         named = pl.DataFrame(
             {"_name": vm_names, "_code": pl.int_range(len(vm_names), eager=True, dtype=_CODE)}
         )
