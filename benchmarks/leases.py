@@ -15,6 +15,8 @@ checked against the Nova parser on a sample of VMs written as notifications.
 
     python benchmarks/leases.py                      # a year: 8,760 hours, ~3 M VMs, ~10 M events
     python benchmarks/leases.py --hours 720 --keep --lake /tmp/lease-lake
+    git show 2d97cad:tracepipe/correlate/leases.py > /tmp/leases_old.py
+    python benchmarks/leases.py --hours 720 --compare /tmp/leases_old.py   # + the build before/after, interleaved
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import copy
 import datetime as dt
 import heapq
+import importlib.util
 import json
 import resource
 import shutil
@@ -228,6 +231,30 @@ def next_hour(plan: dict[str, np.ndarray], ids: np.ndarray, hours: int, per_hour
     return pa.concat_tables([new_rows, old_rows]).sort_by("ts")
 
 
+def compare_builds(path: Path, events: pa.Table, rounds: int = 2) -> None:
+    """The build of another leases.py and this one, alternately on the same events: on a loaded machine a ratio
+    measured interleaved means more than two figures measured at different times."""
+    spec = importlib.util.spec_from_file_location("leases_compared", path)
+    assert spec is not None and spec.loader is not None
+    other = importlib.util.module_from_spec(spec)
+    sys.modules["leases_compared"] = other
+    spec.loader.exec_module(other)
+    cpu: dict[str, list[float]] = {"compared": [], "this": []}
+    for _ in range(rounds):
+        outputs = []
+        for label, build in (("compared", other.build_leases), ("this", build_leases)):
+            start = time.process_time()
+            outputs.append(build(events, RECLAIM))
+            cpu[label].append(time.process_time() - start)
+        same = all(a.equals(b) for a, b in zip(*outputs, strict=True))
+        print(f"  compared build gives {'the same' if same else 'DIFFERENT'} leases and VMs")
+    per_m = {label: min(v) / events.num_rows * 1e6 for label, v in cpu.items()}
+    print(
+        f"build_leases interleaved, best of {rounds}: {path} {per_m['compared']:.2f} CPU s per M events, this "
+        f"{per_m['this']:.2f} ({per_m['compared'] / per_m['this']:.2f}x)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -237,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probes", type=int, default=1000)
     parser.add_argument("--lake", type=Path, default=None)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="another version of tracepipe/correlate/leases.py: its build_leases and this one run alternately "
+        "on the same events (outputs checked equal), CPU seconds per million events of each",
+    )
     args = parser.parse_args(argv)
     rng = np.random.default_rng(18)
     root = args.lake or Path(tempfile.mkdtemp(prefix="tracepipe-leases-"))
@@ -291,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({events.num_rows / build_s / 1e6:.2f} M events/s wall, {events.num_rows / build_cpu / 1e6:.2f} M "
             f"per CPU s; goal >= 1 M events/s)"
         )
+        if args.compare:
+            compare_builds(args.compare, events)
         cpu, t = time.process_time(), time.perf_counter()
         built = correlate(lake, reclaim_interval=RECLAIM, full=True)
         full_s, full_cpu = time.perf_counter() - t, time.process_time() - cpu

@@ -732,3 +732,19 @@ def test_hourly_updates_touching_settled_rows_give_the_full_build(tmp_path):
         ("10.0.0.1", "c", "active"),
         ("10.0.0.2", "b", "deleted"),
     ]
+
+
+def test_purge_ends_a_floating_ip_pointed_at_a_deleted_vm():
+    """Regression (found by the oracle comparison): a floating IP associated by a port that turns out to be a
+    deleted VM's gives that VM a lease; the VM's later purge must end it, as the event-by-event replay does.
+    The vectorised build ended leases only at a VM's first delete, so this lease stayed open forever."""
+    history = [
+        (0, "a", 0, "10.0.0.1", "h1", "f1", "p1"),  # create.end of a with 10.0.0.1
+        (0, "a", 5, "10.0.0.1", "h1", "f1", "p1"),  # delete.end
+        (0, "a", 14, "10.0.0.1", "h1", "f1", "p1"),  # floating IP associated through port p1
+        (0, "a", 17, "10.0.0.1", "h1", "f1", "p1"),  # port p1 bound to a
+        (1, "a", 13, "10.0.0.1", "h1", "f1", "p1"),  # purge of a, a minute later
+    ]
+    leases, _ = build_leases(_events([_random_event(*h) for h in history]))
+    floating = [r for r in leases.to_pylist() if r["addr_kind"] == "floating"]
+    assert [(r["vm_id"], r["valid_to"], r["end_reason"]) for r in floating] == [("a", utc(0, 1), "purge")]
