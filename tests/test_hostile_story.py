@@ -223,7 +223,7 @@ def run_story(tmp: Path, text: dict[str, Any]) -> None:
     assert users
 
 
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=1, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(vm=names, project=names, user=names, one=hostile_text, ssh=syslog_users, intel=names)
 @example(**WORST)
 def test_hostile_names_flow_through_every_command(tmp_path_factory, vm, project, user, one, ssh, intel):
