@@ -449,7 +449,8 @@ def test_incremental_updates_in_any_order_give_the_full_build(tmp_path_factory, 
     for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         batch = shuffled.slice(lo, hi - lo)
         ingest_table(lake, "vm_events", f"batch{i}", hash_bytes(f"{i}{order}".encode()), [batch])
-        modes.append(refresh_leases(lake, SEVEN_DAYS if i == 0 else None).mode)
+        update = refresh_leases(lake, SEVEN_DAYS if i == 0 else None)
+        modes.append(update.mode if update.mode != "full" or i == 0 else f"full: {update.reason}")
     assert modes[0] == "full"
     leases, vms = build_leases(events, SEVEN_DAYS)
     expected_leases = leases.sort_by([("addr", "ascending"), ("valid_from", "ascending")]).to_pylist()
@@ -478,7 +479,8 @@ def test_in_order_batches_update_incrementally(tmp_path):
     modes = []
     for i in range(events.num_rows):
         ingest_table(lake, "vm_events", f"hour{i}", hash_bytes(f"hour{i}".encode()), [events.slice(i, 1)])
-        modes.append(refresh_leases(lake, SEVEN_DAYS if i == 0 else None).mode)
+        update = refresh_leases(lake, SEVEN_DAYS if i == 0 else None)
+        modes.append(update.mode if update.mode != "full" or i == 0 else f"full: {update.reason}")
     assert modes == ["full"] + ["incremental"] * (events.num_rows - 1)
     leases, vms = build_leases(events, SEVEN_DAYS)
     expected = leases.sort_by([("addr", "ascending"), ("valid_from", "ascending")]).to_pylist()
@@ -699,10 +701,12 @@ def test_lease_index_agrees_with_an_asof_join_on_big_and_wide_indexes(leases_per
     assert sum(v is not None for v in expected) > queries // 10  # the probes do hit leases
 
 
-def test_hourly_updates_touching_settled_rows_give_the_full_build(tmp_path):
+@pytest.mark.parametrize("lake_name", ["lake", "my lake [1]*?x"], ids=["plain", "glob-chars"])
+def test_hourly_updates_touching_settled_rows_give_the_full_build(tmp_path, lake_name):
     """The hourly update reads of the settled files (closed leases of deleted VMs) only the rows of the
     addresses it touches, and everything when a VM of the new events is already settled (a purge after the
-    delete): both in order, both incremental, both equal to a full build."""
+    delete): both in order, both incremental, both equal to a full build. In a lake whose path holds glob
+    characters too: the files read are the log's, never a pattern's matches."""
     from tracepipe.correlate.leases import _is_settled_file, refresh_leases
     from tracepipe.lake import Lake, hash_bytes, ingest_table
 
@@ -716,11 +720,12 @@ def test_hourly_updates_touching_settled_rows_give_the_full_build(tmp_path):
         [{"ts": utc(1, 10), "vm_id": "c", "vm_name": "c", "action": "create", "addrs": ["10.0.0.1"]}],
         [{"ts": utc(1, 20), "vm_id": "b", "action": "delete", "addrs": []}],
     ]
-    lake = Lake(tmp_path / "lake")
+    lake = Lake(tmp_path / lake_name)
     modes, settled = [], []
     for i, rows_ in enumerate(batches):
         ingest_table(lake, "vm_events", f"b{i}", hash_bytes(f"b{i}".encode()), [_events(rows_)])
-        modes.append(refresh_leases(lake, SEVEN_DAYS if i == 0 else None).mode)
+        update = refresh_leases(lake, SEVEN_DAYS if i == 0 else None)
+        modes.append(update.mode if update.mode != "full" or i == 0 else f"full: {update.reason}")
         settled.append(sum(_is_settled_file(e, "vm_leases") for e in lake.entries("vm_leases")))
     assert modes == ["full"] + ["incremental"] * 4
     assert settled[1] == 1  # a's closed lease went to a settled file, read by address from then on

@@ -922,16 +922,13 @@ class Lake:
         """The table's current files that commits after `version` added with new rows: a file that
         compaction made only from files already there at `version` is not new (its rows were). None when the
         log entries after `version` are gone (then everything counts as new)."""
-        log = self.root / name / "_delta_log"
         latest = self.version(name)
         if latest is None:
             return None
         added: set[str] = set()
         for v in range(version + 1, latest + 1):
-            path = log / f"{v:020d}.json"
-            try:
-                actions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            except (OSError, ValueError):
+            actions = self._log_actions(name, v)
+            if actions is None:
                 return None
             adds = [a["add"]["path"] for a in actions if "add" in a]
             removes = {a["remove"]["path"] for a in actions if "remove" in a}
@@ -981,15 +978,30 @@ class Lake:
     def commit_infos(self, name: str, limit: int = 1) -> list[dict[str, Any]]:
         """What was recorded with the latest `limit` commits of a table (Lake.commit's `info`, plus its
         "version"), newest first; [] when the table does not exist."""
-        table = self.table(name)
-        if table is None:
+        latest = self.version(name)
+        if latest is None:
             return []
+        # read from the log's own commit files, not DeltaTable.history(): delta-rs 1.x lists the log as an
+        # object-store URL, and a lake path holding `[`, `*` or `?` gave an empty history (so leases were
+        # rebuilt in full every hour and recorded facts were lost)
         out = []
-        for entry in table.history(limit):
-            info = json.loads(entry.get("tracepipe") or "{}")
-            info["version"] = entry.get("version")
+        for version in range(latest, max(-1, latest - limit), -1):
+            actions = self._log_actions(name, version)
+            if actions is None:  # that commit's file is gone (log retention): nothing older either
+                break
+            commit = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
+            info = json.loads(commit.get("tracepipe") or "{}")
+            info["version"] = version
             out.append(info)
         return out
+
+    def _log_actions(self, name: str, version: int) -> list[dict[str, Any]] | None:
+        """The actions of commit `version` of a table (its _delta_log JSON lines); None when unreadable."""
+        path = self.root / name / "_delta_log" / f"{version:020d}.json"
+        try:
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            return None
 
     def rewrite(
         self,

@@ -1421,7 +1421,9 @@ def _index(
         if not positions or (condition is not None and where is not None and not where[1]):
             continue
         position = {str(entries[i].path): i for i in positions}
-        scan = pl.scan_parquet(list(position), hive_partitioning=False, include_file_paths="_path")
+        scan = pl.scan_parquet(
+            list(position), hive_partitioning=False, glob=False, include_file_paths="_path"
+        )
         if condition is not None:
             scan = scan.filter(condition)
         frames.append(
@@ -1500,7 +1502,7 @@ def _scan_events(lake: Any, days: list[str], vms: set[str]) -> pl.DataFrame:
     # files written before a column was added to schema.py lack it: read as nulls (missing_columns)
     schema = pl.from_arrow(VM_EVENTS.empty_table()).schema  # type: ignore[union-attr]
     frame = (
-        pl.scan_parquet(paths, hive_partitioning=False, schema=schema, missing_columns="insert")
+        pl.scan_parquet(paths, hive_partitioning=False, glob=False, schema=schema, missing_columns="insert")
         .filter(pl.col("vm_id").is_in(list(vms)))
         .collect()
     )
