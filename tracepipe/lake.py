@@ -59,6 +59,7 @@ COMPACT_MIN_FILES = 16
 # How long files removed by a rewrite stay on disk (readers that opened the lake before, time travel).
 RETAIN_REMOVED = dt.timedelta(days=7)
 CHECKPOINT_INTERVAL = 100
+STATS_COLUMNS = "delta.dataSkippingNumIndexedCols"
 TABLE_CONFIG = {
     # a reader replays at most 99 JSON commits after the last checkpoint
     "delta.checkpointInterval": str(CHECKPOINT_INTERVAL),
@@ -68,6 +69,10 @@ TABLE_CONFIG = {
     # tombstones in checkpoints (every open reads them); vacuum uses its own retention (RETAIN_REMOVED) over the
     # whole directory, so a day of them is enough
     "delta.deletedFileRetentionDuration": "interval 1 days",
+    # readers see the statistics of every column (file_stats writes them all), not Delta's default first 32:
+    # flows has more, and the null counts of the later ones tell files apart (query.scan_sql: which files have
+    # every column; query.has_vm_keys: which flow files carry vm keys). Set on older tables by _evolve
+    STATS_COLUMNS: "-1",
 }
 # Why no Delta application transaction ids for idempotence: delta-rs 1.6 keeps every (appId, version) in every
 # checkpoint forever (setTransactionRetentionDuration is not applied), so one id per source made opening a table
@@ -784,16 +789,21 @@ class Lake:
         """Add to the table's log schema the columns schema.py declares and it lacks (a lake written before
         they existed: vm_events.image), as nullable columns, in one metadata commit: Delta readers (Spark,
         delta-rs) then see them, null in the older files. Those files are not rewritten; tracepipe's own
-        readers fill the missing columns (conform, query.scan_sql)."""
+        readers fill the missing columns (conform, query.scan_sql). A table made before STATS_COLUMNS was in
+        TABLE_CONFIG gets it here too (its files' statistics are in the log already)."""
         for _attempt in range(3):
             have = set(table.schema().to_arrow().names)  # type: ignore[attr-defined]
             missing = [f for f in table_schema(_dataset(name)) if f.name not in have]
-            if not missing:
+            stats = table.metadata().configuration.get(STATS_COLUMNS) == TABLE_CONFIG[STATS_COLUMNS]
+            if not missing and stats:
                 return table
             try:
-                # nullable whatever schema.py says: the rows already there have no value
-                added = DeltaSchema.from_arrow(pa.schema([f.with_nullable(True) for f in missing]))
-                table.alter.add_columns(list(added.fields))
+                if missing:
+                    # nullable whatever schema.py says: the rows already there have no value
+                    added = DeltaSchema.from_arrow(pa.schema([f.with_nullable(True) for f in missing]))
+                    table.alter.add_columns(list(added.fields))
+                if not stats:  # a table created before every column's statistics were read (TABLE_CONFIG)
+                    table.alter.set_table_properties({STATS_COLUMNS: TABLE_CONFIG[STATS_COLUMNS]})
             except DeltaError:  # another writer added them at the same moment: look again
                 pass
             self._tables.pop(name, None)

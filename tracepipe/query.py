@@ -159,6 +159,32 @@ def flow_halves(lake: Lake, entries: list[FileEntry] | None = None) -> tuple[lis
     return done, todo
 
 
+def has_vm_keys(entry: FileEntry) -> bool:
+    """A flow file attributed with vm keys: by the log's null counts, each end has a key wherever it has a
+    VM (attribution writes both from one lease, so the rows agree too). Files written before the key columns
+    existed have no statistics for them: False, flows_attributed joins those on the text vm_id."""
+    return all(
+        entry.null_counts.get(f"{end}_vm_key") is not None
+        and entry.null_counts.get(f"{end}_vm_key") == entry.null_counts.get(f"{end}_vm")
+        for end in ("src", "dst")
+    )
+
+
+def flow_parts(
+    lake: Lake, entries: list[FileEntry] | None = None
+) -> tuple[list[Path], list[Path], list[Path]]:
+    """flow_halves with the attributed files split in two: (keyed, other attributed, never attributed).
+    Keyed files, whose src_vm_key/dst_vm_key flows_attributed joins to vms.vm_key, only when the lease builder
+    wrote vms last (vms_complete: every VM has its key there); else every attributed file is joined on text."""
+    entries = lake.entries("flows") if entries is None else entries
+    done, todo = flow_halves(lake, entries)
+    if not vms_complete(lake):
+        return [], done, todo
+    by_path = {e.path: e for e in entries}
+    keyed = [p for p in done if has_vm_keys(by_path[p])]
+    return keyed, [p for p in done if not has_vm_keys(by_path[p])], todo
+
+
 def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB session whose views read the lake's Parquet files as they are now.
 
@@ -182,12 +208,13 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
         entries = flow_entries if name == "flows" else lake.entries(name)
         files += [e.path for e in entries]
         con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {scan_sql(name, entries)}')
-    done, todo = flow_halves(lake, flow_entries)
+    keyed, done, todo = flow_parts(lake, flow_entries)
     by_path = {e.path: e for e in flow_entries}  # the log's entries: scan_sql reads no footer for them
+    con.execute(f"CREATE OR REPLACE VIEW _flows_keyed AS {scan_sql('flows', [by_path[p] for p in keyed])}")
     con.execute(f"CREATE OR REPLACE VIEW _flows_done AS {scan_sql('flows', [by_path[p] for p in done])}")
     con.execute(f"CREATE OR REPLACE VIEW _flows_todo AS {scan_sql('flows', [by_path[p] for p in todo])}")
     con.execute(sql_text("views"))
-    if not vms_complete(lake):
+    if not vm_info_plain(lake):
         con.execute(sql_text("vm_info_from_leases"))  # leases not written by the builder: see that file
     if read_only:
         # Defence in depth under the statement check: the session reads the lake (and its spill directory)
@@ -216,6 +243,14 @@ def vms_complete(lake: Lake) -> bool:
     VM of vm_leases and _vm_info is a plain read of vms (sql/views.sql); else the views add the VMs found only
     in vm_leases (sql/vm_info_from_leases.sql). Both engines ask this."""
     return bool(next(iter(lake.commit_infos("vm_leases")), {}).get(VMS_COMPLETE))
+
+
+def vm_info_plain(lake: Lake) -> bool:
+    """True when _vm_info is the plain read of vms (sql/views.sql): the lease builder wrote vm_leases last
+    (vms_complete) and every vms row has its vm_key (the log's null counts: no file opened); else
+    sql/vm_info_from_leases.sql. Both engines ask this."""
+    entries = lake.entries("vms")
+    return vms_complete(lake) and all(e.null_counts.get("vm_key") == 0 for e in entries)
 
 
 def check_files(lake: Lake) -> None:

@@ -60,6 +60,11 @@ FLOWS = pa.schema(
             "input_if_name", pa.string()
         ),  # IE 82 (else 83) of input_if, from the exporter's options data
         pa.field("output_if_name", pa.string()),
+        # issue 18: the vms.vm_key of src_vm/dst_vm, written with them at attribution, so that flows_attributed
+        # joins vms on integers (correlate/vm_keys.py). Null where src_vm/dst_vm is null, and in files
+        # attributed before the column existed (the view then joins on src_vm/dst_vm)
+        pa.field("src_vm_key", pa.int64()),
+        pa.field("dst_vm_key", pa.int64()),
     ]
 )
 
@@ -178,6 +183,9 @@ VMS = pa.schema(
         pa.field("quarantine_until", TS),
         pa.field("last_event_at", TS),
         pa.field("image", pa.string()),  # the image it runs now (or last ran): the latest event naming one
+        # issue 18: a dense integer per VM, assigned once and kept forever (correlate/vm_keys.py); flow files
+        # carry it as src_vm_key/dst_vm_key. Null in rows written before the column existed
+        pa.field("vm_key", pa.int64()),
     ]
 )
 

@@ -373,6 +373,7 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
             "quarantine_until": _timestamps([vm.quarantine_until for vm in vms]),
             "last_event_at": _timestamps([vm.last_event_at for vm in vms]),
             "image": [vm.image for vm in vms],
+            "vm_key": [None] * len(vms),  # assigned when the lease writer commits vms (correlate/vm_keys.py)
         },
         schema=VMS,
     )

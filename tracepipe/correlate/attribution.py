@@ -48,13 +48,22 @@ def attribute_table(
     flows: pa.Table | pa.RecordBatch, index: LeaseIndex, when: dt.datetime | None = None
 ) -> pa.Table | pa.RecordBatch:
     """`flows` with src_vm / dst_vm set from the lease index and attributed_at = `when` (default now); every
-    other column untouched."""
-    src = index.lookup(flows.column("src_addr"), flows.column("ts_start")).column("vm_id").combine_chunks()
-    dst = index.lookup(flows.column("dst_addr"), flows.column("ts_start")).column("vm_id").combine_chunks()
+    other column untouched. An index built with vm keys (lease_index(..., vm_keys=True)) also sets
+    src_vm_key / dst_vm_key, the VMs' vms.vm_key that flows_attributed joins on (null where vms has none)."""
+    wanted = ["vm_id", "vm_key"] if "vm_key" in index.leases.column_names else ["vm_id"]
+    src = index.lookup(flows.column("src_addr"), flows.column("ts_start"), wanted)
+    dst = index.lookup(flows.column("dst_addr"), flows.column("ts_start"), wanted)
     stamp = pa.array([when or dt.datetime.now(dt.UTC)], pa.timestamp("us", tz="UTC")).take(
         pa.array(np.zeros(len(flows), np.int32))
     )
-    columns = {"src_vm": src, "dst_vm": dst, "attributed_at": stamp}
+    columns = {
+        "src_vm": src.column("vm_id").combine_chunks(),
+        "dst_vm": dst.column("vm_id").combine_chunks(),
+        "attributed_at": stamp,
+    }
+    if "vm_key" in wanted:
+        columns["src_vm_key"] = src.column("vm_key").combine_chunks()
+        columns["dst_vm_key"] = dst.column("vm_key").combine_chunks()
     for name, values in columns.items():
         if name in flows.schema.names:
             flows = flows.set_column(flows.schema.names.index(name), name, values)
@@ -88,7 +97,7 @@ def attribute_flows(
     if not lake.files("flows", days_list):
         return summary
     leases_version = lake.version("vm_leases")  # read before the leases: never newer than what is applied
-    index = lease_index(lake)
+    index = lease_index(lake, vm_keys=True)
     summary["leases"] = len(index)
     when = dt.datetime.now(dt.UTC)
 

@@ -116,7 +116,7 @@ class LeaseIndex:
         """`columns` of the lease valid for each (address, time), one row per input; nulls where none."""
         rows = self.rows(addresses, times)
         if self.leases.num_rows == 0:
-            return pa.table({c: pa.nulls(len(rows), VM_LEASES.field(c).type) for c in columns})
+            return pa.table({c: pa.nulls(len(rows), self.leases.schema.field(c).type) for c in columns})
         return self.leases.select(list(columns)).take(rows)
 
 
@@ -146,6 +146,12 @@ def read_leases(
     return dataset.to_table(columns=wanted, filter=where).cast(schema)
 
 
-def lease_index(lake: Any, addresses: Iterable[str] | None = None) -> LeaseIndex:
-    """The lake's vm_leases (or the rows of some addresses) as a LeaseIndex."""
-    return LeaseIndex(read_leases(lake, addresses, ["addr", "vm_id", "valid_from", "valid_to"]))
+def lease_index(lake: Any, addresses: Iterable[str] | None = None, vm_keys: bool = False) -> LeaseIndex:
+    """The lake's vm_leases (or the rows of some addresses) as a LeaseIndex; with `vm_keys`, each lease also
+    carries its VM's vms.vm_key (lookup(..., ["vm_id", "vm_key"]): what attribution writes into flow files)."""
+    leases = read_leases(lake, addresses, ["addr", "vm_id", "valid_from", "valid_to"])
+    if vm_keys:
+        from tracepipe.correlate.vm_keys import keys_of
+
+        leases = leases.append_column("vm_key", keys_of(lake, leases.column("vm_id")))
+    return LeaseIndex(leases)

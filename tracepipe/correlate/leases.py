@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tracepipe.correlate import VMS_COMPLETE
+from tracepipe.correlate.vm_keys import keyed_vms
 from tracepipe.fsutil import write_atomic
 from tracepipe.lake import conform
 from tracepipe.schema import VM_EVENTS, VM_LEASES, VMS
@@ -1003,7 +1004,7 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
     # sorted on the codes (= on the texts), then the texts
     lease_frame = _decode(lease_frame, names, "addr", "vm_id", "hypervisor")
     vm_frame = _decode(vm_frame, names, "vm_id", "hypervisor")
-    return lease_frame.to_arrow().cast(VM_LEASES), vm_frame.to_arrow().cast(VMS)
+    return lease_frame.to_arrow().cast(VM_LEASES), conform(vm_frame.to_arrow(), VMS)  # vm_key: vm_keys.py
 
 
 # ---- the lake edge -------------------------------------------------------------------------------------------
@@ -1157,6 +1158,7 @@ def write_derived(lake: Any, name: str, table: pa.Table, info: dict[str, Any]) -
     """Replace the whole of vm_leases or vms by `table`, in the layout of FILE_ROWS, in one commit."""
     """Replace the whole of vm_leases or vms by `table`, in the layout of FILE_ROWS, in one commit."""
     with lake.lock(name):
+        table = keyed_vms(lake, table, lake.entries(name)) if name == "vms" else table
         lake.replace_files(name, lake.entries(name), _chunks(table, name), info, ROW_GROUP_ROWS)
 
 
@@ -1382,6 +1384,7 @@ def _update_files(
         leases.select("addr", "vm_id", "valid_from", "valid_to").to_arrow(),
         _partition_days(lake),
     )
+    new_vms = keyed_vms(lake, new_vms, [vm_entries[i] for i in vm_files])
     lake.replace_files("vms", [vm_entries[i] for i in vm_files], _chunks(new_vms, "vms"), {}, ROW_GROUP_ROWS)
     lake.replace_files(
         "vm_leases",

@@ -45,9 +45,10 @@ BASE_CONF = {
     "spark.ui.showConsoleProgress": "false",
     "spark.sql.adaptive.enabled": "true",
 }
-# Relations views.sql expects besides the datasets: flow files already attributed (src_vm/dst_vm final) and
-# files that never were (attributed at query time by the range join).
-FLOW_HALVES = ("_flows_done", "_flows_todo")
+# Relations views.sql expects besides the datasets: flow files attributed with vm keys (joined to vms on
+# vm_key), other attributed files (src_vm/dst_vm final, joined on vm_id) and files that never were (attributed
+# at query time by the range join).
+FLOW_HALVES = ("_flows_keyed", "_flows_done", "_flows_todo")
 
 
 # ---- pyspark, Java ----------------------------------------------------------------------------------------
@@ -289,12 +290,13 @@ def read_dataset(spark: SparkSession, lake: Lake | str, name: str) -> DataFrame:
     return read_files(spark, name, f"{lake_uri(lake)}/{name}", table_files(lake, name))
 
 
-def _flow_halves(lake: Lake) -> tuple[list[str], list[str]]:
-    """Flow files whose rows were attributed when written (see tracepipe.query.flow_halves) and the others."""
-    from tracepipe.query import flow_halves
+def _flow_halves(lake: Lake) -> tuple[list[str], list[str], list[str]]:
+    """Flow files attributed with vm keys, the other attributed ones, and those never attributed (see
+    tracepipe.query.flow_parts)."""
+    from tracepipe.query import flow_parts
 
-    done, todo = flow_halves(lake)
-    return [str(p) for p in done], [str(p) for p in todo]
+    keyed, done, todo = flow_parts(lake)
+    return [str(p) for p in keyed], [str(p) for p in done], [str(p) for p in todo]
 
 
 # ---- macros: one DuckDB definition, evaluated by DuckDB inside Spark's Arrow UDFs --------------------------
@@ -426,17 +428,18 @@ class SparkEngine:
         import sqlglot
         from sqlglot import exp
 
-        from tracepipe.query import sql_text, vms_complete
+        from tracepipe.query import sql_text, vm_info_plain
 
         # one version of every table for the whole session (see query.connect)
         source: Lake | str = self.uri if "://" in self.uri else self.lake.snapshot()
         for name in DATASETS:
             read_dataset(self.spark, source, name).createOrReplaceTempView(name)
         if isinstance(source, str):
-            done, todo = [], None  # object stores: every flow attributed at query time
+            keyed, done, todo = [], [], None  # object stores: every flow attributed at query time
         else:
-            done, todo = _flow_halves(source)
+            keyed, done, todo = _flow_halves(source)
         base = f"{self.uri}/flows"
+        read_files(self.spark, "flows", base, keyed).createOrReplaceTempView("_flows_keyed")
         read_files(self.spark, "flows", base, done).createOrReplaceTempView("_flows_done")
         todo_frame = (
             self.spark.table("flows") if todo is None else read_files(self.spark, "flows", base, todo)
@@ -445,10 +448,10 @@ class SparkEngine:
         self.macros: set[str] = set()
         views_sql = sql_text("views")
         self.table_macros = {**parse_table_macros(sql_text("macros")), **parse_table_macros(views_sql)}
-        # as query.connect (see query.vms_complete); in place of views.sql's own _vm_info, since a Spark view
+        # as query.connect (see query.vm_info_plain); in place of views.sql's own _vm_info, since a Spark view
         # binds the views it reads when it is created
         replacing = {}
-        if isinstance(source, str) or not vms_complete(source):
+        if isinstance(source, str) or not vm_info_plain(source):
             replacing = {
                 s.this.name: s for s in sqlglot.parse(sql_text("vm_info_from_leases"), read="duckdb")
             }
