@@ -4,8 +4,9 @@ Generates FLOWS flows over a month (numpy/pyarrow) and LEASES leases (hundreds o
 addresses reused several times a month), lands them through the lake API, then prints in one run:
   * with --asof: the query-time ASOF join over never-attributed flows (flows_attributed, both ends, by project),
   * the time to attribute every flow file (attribution.attribute_flows),
-  * the same flows_attributed query once the files carry src_vm/dst_vm, against a plain scan of the same
-    flow columns (group by src_vm, dst_vm),
+  * the same flows_attributed query once the files carry src_vm/dst_vm (and their vms.vm_key), against a plain
+    scan of the same flow columns (group by src_vm, dst_vm), and both without grouping: wall and CPU seconds
+    (the process's, DuckDB's threads included), interleaved, best of three,
   * peak RSS of the process (DuckDB runs in-process, so it is included).
 
     python benchmarks/correlate.py                 # 20 M flows, 100 k leases, March 2024

@@ -121,6 +121,25 @@ def test_a_key_flows_carry_is_never_handed_out_again(tmp_path):
     assert _keys(lake)["c"] == 3  # not 2: b's flows carry 2
 
 
+def test_a_planted_huge_key_does_not_stop_lease_updates(tmp_path):
+    """A flow file (or vms row) planted with a key near the int64 limit must not make the next key overflow:
+    the lease update would then fail on every run (correlation blinded). Keys above MAX_KEY are ignored."""
+    from tracepipe.correlate.vm_keys import MAX_KEY
+
+    lake = Lake(tmp_path / "lake")
+    _land_events(lake, "h0", [_create(0, 0, "a", "10.0.0.1")], SEVEN_DAYS)
+    planted = _flows([("10.0.0.1", "192.0.2.1", utc(0, 30))])
+    planted = planted.append_column("src_vm_key", pa.array([2**63 - 1], pa.int64()))
+    ingest_table(lake, "flows", "planted", hash_bytes(b"planted"), [planted])
+    assert lake.entries("flows")[0].maxs["src_vm_key"] == 2**63 - 1
+    assert _land_events(lake, "h1", [_create(1, 0, "b", "10.0.0.2")]) == "incremental"
+    assert _keys(lake) == {"a": 1, "b": 2}
+    keyed = assign_vm_keys(
+        pa.table({"vm_id": ["x", "y"]}), pa.table({"vm_id": ["x"], "vm_key": pa.array([MAX_KEY + 1])}), 5
+    )
+    assert keyed.column("vm_key").to_pylist() == [5, 6]
+
+
 @pytest.mark.parametrize(
     "ids",
     [

@@ -346,7 +346,7 @@ def _attribution(lake: Any) -> Any:
     try:
         from tracepipe.correlate.attribution import attribute_table, lease_index
 
-        index = lease_index(lake)
+        index = lease_index(lake, vm_keys=True)  # and the VMs' keys, for flows_attributed's integer join
     except Exception as exc:  # attribution is an optimisation; never a reason not to commit
         log.warning("flows land unattributed (joined to VMs at query time): cannot index vm_leases: %s", exc)
         return None

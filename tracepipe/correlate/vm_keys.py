@@ -23,6 +23,9 @@ from tracepipe.lake import conform
 from tracepipe.schema import VMS
 
 FIRST_KEY = 1
+# keys above this are none of ours (a planted file): ignored, so that the counter never overflows int64 and a
+# lease update never fails on them (a year at CERN is ~3 M VMs: 2**40 lasts)
+MAX_KEY = 2**40
 _KEYS = pa.schema([VMS.field("vm_id"), VMS.field("vm_key")])
 
 
@@ -33,6 +36,9 @@ def assign_vm_keys(vms: pa.Table, known: pa.Table, next_key: int) -> pa.Table:
     frame = pl.from_arrow(conform(vms, VMS).select(["vm_id", "created_at", "vm_key"]))
     given = pl.from_arrow(conform(known, _KEYS))
     assert isinstance(frame, pl.DataFrame) and isinstance(given, pl.DataFrame)
+    plausible = pl.when(pl.col("vm_key").is_between(FIRST_KEY, MAX_KEY)).then(pl.col("vm_key"))
+    frame = frame.with_columns(plausible.alias("vm_key"))
+    given = given.with_columns(plausible.alias("vm_key"))
     # one key per VM: of a VM listed twice (only a planted file), its smallest key
     seen_known = given.get_column("vm_key").max()
     given = given.drop_nulls("vm_key").group_by("vm_id").agg(pl.col("vm_key").min().alias("_known"))
@@ -69,7 +75,7 @@ def _max_key(entries: list[Any], columns: tuple[str, ...]) -> int:
         int(value)
         for entry in entries
         for column in columns
-        if isinstance(value := entry.maxs.get(column), int | float)
+        if isinstance(value := entry.maxs.get(column), int | float) and FIRST_KEY <= value <= MAX_KEY
     ]
     return max(found, default=FIRST_KEY - 1)
 
