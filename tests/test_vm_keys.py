@@ -254,6 +254,14 @@ def test_flow_files_without_keys_still_attribute_through_the_view(tmp_path):
     attribute_flows(lake, ["2024-03-13"])
     keyed, done, todo = flow_parts(lake)
     assert (len(keyed), len(done), todo) == (1, 1, [])
+    # the old table's first write gave readers every column's statistics (Delta's default stops at 32; the
+    # key columns are the 33rd and 34th): without them no file could be told keyed
+    from deltalake import DeltaTable
+
+    from tracepipe.lake import STATS_COLUMNS
+
+    assert DeltaTable(str(root / "flows")).metadata().configuration[STATS_COLUMNS] == "-1"
+    assert FLOWS.names.index("dst_vm_key") >= 32
     expected_new = [("10.0.0.1", "10.0.0.2", "a", "a", "pa", "b", "b", "pb")]
     assert _attributed(lake) == expected_old + expected_new
     # re-attribution (what `tracepipe attribute` and `leases rebuild` do) writes the keys into the old day
