@@ -261,6 +261,25 @@ def file_stats(meta: pq.FileMetaData) -> str:
     )
 
 
+def _parquet_options(dataset: Dataset) -> dict[str, Any]:
+    """How every lake file is encoded (measured on 1 M softflowd flow rows, issue 17): zstd (level 1, pyarrow's
+    default; -1..-7 cost 20-65% more bytes for <10% less CPU); text dictionary-encoded; integer and timestamp
+    columns DELTA_BINARY_PACKED (a standard Parquet encoding that DuckDB, polars, pyarrow and Spark read: 11%
+    smaller files and ~15% less CPU than plain + zstd); 64 k rows per write batch instead of 1 024 (statistics
+    and encoders run per batch: ~20% less CPU, same bytes). Min/max statistics stay on every column."""
+    fields = list(dataset.schema)
+    return {
+        "compression": "zstd",
+        "use_dictionary": [f.name for f in fields if pa.types.is_string(f.type)],
+        "column_encoding": {
+            f.name: "DELTA_BINARY_PACKED"
+            for f in fields
+            if pa.types.is_integer(f.type) or pa.types.is_timestamp(f.type)
+        },
+        "write_batch_size": 64 * 1024,
+    }
+
+
 class PartFile:
     """One Parquet file of a dataset being written: rows buffered up to a row group, each row group sorted by
     the dataset's sort key (min/max statistics let readers skip), text dictionary-encoded in memory and stored
@@ -306,14 +325,12 @@ class PartFile:
             table = pa.Table.from_arrays(columns, schema=schema)
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            text = [f.name for f in self.dataset.schema if pa.types.is_string(f.type)]
             # store_schema=False: every reader sees the text columns as the plain strings schema.py declares
             self._writer = pq.ParquetWriter(
                 self.tmp,
                 _writer_schema(self.dataset.schema),
-                compression="zstd",
                 store_schema=False,
-                use_dictionary=text,
+                **_parquet_options(self.dataset),
             )
         self._writer.write_table(table, row_group_size=self.row_group_rows)
         self.rows += table.num_rows
