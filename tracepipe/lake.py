@@ -320,7 +320,8 @@ class PartFile:
             schema, columns = table.schema, table.columns
             del table
             for i, column in enumerate(columns):
-                columns[i] = column.take(order)
+                if column.null_count < len(column):  # a column of nulls only is the same in any order
+                    columns[i] = column.take(order)
                 del column
             table = pa.Table.from_arrays(columns, schema=schema)
         if self._writer is None:
