@@ -1436,9 +1436,13 @@ class IngestWriter:
                 lake.compact(name, touched or None, wait=False, tiered=True)
             if days:
                 # the day before the newest one this source wrote is closed (a collector has moved on): merge
-                # what is small there into one file, once, so that a past day is a file or two, not ~20 tiers
+                # what is small there into one file, once, so that a past day is a file or two, not ~20 tiers.
+                # Not when the day holds only this source's files (a one-shot ingest across midnight, one file
+                # per decode worker): merging them would write the same rows twice, right after writing them.
                 closed = (dt.date.fromisoformat(days[-1]) - dt.timedelta(days=1)).isoformat()
-                lake.compact(self.dataset.name, [closed], min_files=2, wait=False)
+                ours = {a.path for a in adds}
+                if any(e.relative not in ours for e in lake.entries(self.dataset.name, [closed])):
+                    lake.compact(self.dataset.name, [closed], min_files=2, wait=False)
         except LakeError:  # compaction is housekeeping: the rows are committed, a later run merges
             pass
         return self.result
