@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import shutil
@@ -404,6 +405,9 @@ def main() -> None:
             size = args.build_only.stat().st_size
             print(json.dumps({"pcap": str(args.build_only), "records": records, "bytes": size}))
             return
+        # tracepipe's modules as bytecode, as `pip install` leaves them: with PYTHONDONTWRITEBYTECODE set (some
+        # CI and container images set it) every process would compile them again (~0.1 s of CPU each)
+        compileall.compile_dir(str(REPO / "tracepipe"), quiet=1)
         load = os.getloadavg()
         print(f"{os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
         results = [
