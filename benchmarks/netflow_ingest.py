@@ -9,8 +9,10 @@
      hashing and attribution included; `--jobs` defaults to the number of cores),
    - `nfdump -r FILE -q -N -o 'fmt:%tsr,%ter,%pr,%sa,%da,%sp,%dp,%pkt,%byt,%flg' > /dev/null` (its fastest
      text form: raw times),
+   - `tracepipe ingest netflow FILE.csv` on the same records as `nfdump -r -o csv` wrote them (written once,
+     not timed; `--no-csv` leaves it out: 350 bytes a record),
    and prints records/s (wall clock; CPU seconds of the whole process tree next to it), the peak RSS of the
-   whole process tree (sampled every 20 ms: tracepipe's workers included) and the ratio tracepipe / nfdump.
+   whole process tree (sampled every 20 ms: tracepipe's workers included) and the ratios tracepipe / nfdump.
 
     python benchmarks/netflow_ingest.py                         # 1 M, 3 M, 10 M records
     python benchmarks/netflow_ingest.py --sizes 300000 --rounds 1   # quick, while developing
@@ -20,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import shutil
@@ -291,6 +294,18 @@ def replay_to_nfcapd(pcap: Path, workdir: Path) -> Path:
     return files[0]
 
 
+def write_nfdump_csv(nfcapd_file: Path, out: Path) -> Path:
+    """The records of `nfcapd_file` as `nfdump -o csv` prints them (UTC), the input of tracepipe's CSV reader."""
+    with open(out, "wb") as handle:
+        subprocess.run(
+            [tool_path("nfdump"), "-r", str(nfcapd_file), "-o", "csv"],
+            stdout=handle,
+            env=dict(os.environ, TZ="UTC"),
+            check=True,
+        )
+    return out
+
+
 def measure_nfdump(nfcapd_file: Path) -> dict:
     cmd = [tool_path("nfdump"), "-r", str(nfcapd_file), "-q", "-N", "-o", NFDUMP_FORMAT]
     env = dict(os.environ, TZ="UTC")
@@ -313,27 +328,49 @@ def _rate(m: dict) -> str:
     )
 
 
-def bench_size(datagram: bytes, size: int, workdir: Path, rounds: int, jobs: int | None) -> dict:
+def bench_size(
+    datagram: bytes, size: int, workdir: Path, rounds: int, jobs: int | None, csv: bool = True
+) -> dict:
     pcap = workdir / f"v9-{size}.pcap"
     records = build_capture(datagram, size, pcap)
     nffile = replay_to_nfcapd(pcap, workdir)
-    runs: dict[str, list[dict]] = {"tracepipe": [], "nfdump": []}
-    for _ in range(rounds):  # interleaved: both see the same machine load
+    csv_file = write_nfdump_csv(nffile, workdir / f"v9-{size}.csv") if csv else None
+    runs: dict[str, list[dict]] = {"tracepipe": [], "nfdump": [], **({"tracepipe_csv": []} if csv else {})}
+    for _ in range(rounds):  # interleaved: all see the same machine load
         runs["tracepipe"].append(measure_tracepipe(pcap, workdir / "lake", jobs))
         runs["nfdump"].append(measure_nfdump(nffile))
+        if csv_file is not None:
+            runs["tracepipe_csv"].append(measure_tracepipe(csv_file, workdir / "lake", jobs))
     best = {name: min(r, key=lambda m: m["seconds"]) for name, r in runs.items()}
-    tp, nf = best["tracepipe"], best["nfdump"]
-    ratio = (tp["records"] / tp["seconds"]) / (nf["records"] / nf["seconds"])
-    cpu_ratio = (tp["records"] / tp["cpu_seconds"]) / (nf["records"] / nf["cpu_seconds"])
+    nf = best["nfdump"]
+
+    def ratios(tp: dict) -> tuple[float, float]:
+        return (
+            (tp["records"] / tp["seconds"]) / (nf["records"] / nf["seconds"]),
+            (tp["records"] / tp["cpu_seconds"]) / (nf["records"] / nf["cpu_seconds"]),
+        )
+
+    tp = best["tracepipe"]
+    ratio, cpu_ratio = ratios(tp)
     print(f"{records:>10,} records ({pcap.stat().st_size / 1e6:.0f} MB pcap), best of {rounds}:")
     print(f"  tracepipe ingest netflow (pcap -> Parquet)  {_rate(tp)}")
     print(f"  nfdump -r FILE -o fmt:%tsr,... > /dev/null  {_rate(nf)}")
     if nf["records"] != records or tp["records"] != records:
         print(f"  (records seen: tracepipe {tp['records']:,}, nfdump {nf['records']:,} of {records:,})")
     print(f"  ratio tracepipe / nfdump: {ratio:.2f}x wall, {cpu_ratio:.2f}x per CPU second")
+    result = {"records": records, "best": best, "runs": runs, "ratio": ratio, "cpu_ratio": cpu_ratio}
+    if csv_file is not None:
+        tc = best["tracepipe_csv"]
+        result["csv_ratio"], result["csv_cpu_ratio"] = ratios(tc)
+        print(f"  tracepipe ingest netflow (nfdump CSV, {csv_file.stat().st_size / 1e6:.0f} MB)  {_rate(tc)}")
+        print(
+            f"  ratio tracepipe CSV / nfdump: {result['csv_ratio']:.2f}x wall, "
+            f"{result['csv_cpu_ratio']:.2f}x per CPU second"
+        )
+        csv_file.unlink()
     pcap.unlink()
     nffile.unlink()
-    return {"records": records, "best": best, "runs": runs, "ratio": ratio, "cpu_ratio": cpu_ratio}
+    return result
 
 
 def main() -> None:
@@ -351,6 +388,9 @@ def main() -> None:
     parser.add_argument(
         "--jobs", type=int, help="tracepipe --jobs (default: tracepipe's, the number of cores)"
     )
+    parser.add_argument(
+        "--no-csv", action="store_true", help="leave out tracepipe reading the records as nfdump CSV"
+    )
     parser.add_argument("--build-only", type=Path, help="only write the synthetic capture to this path")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
     args = parser.parse_args()
@@ -365,9 +405,15 @@ def main() -> None:
             size = args.build_only.stat().st_size
             print(json.dumps({"pcap": str(args.build_only), "records": records, "bytes": size}))
             return
+        # tracepipe's modules as bytecode, as `pip install` leaves them: with PYTHONDONTWRITEBYTECODE set (some
+        # CI and container images set it) every process would compile them again (~0.1 s of CPU each)
+        compileall.compile_dir(str(REPO / "tracepipe"), quiet=1)
         load = os.getloadavg()
         print(f"{os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
-        results = [bench_size(datagram, size, workdir, args.rounds, args.jobs) for size in args.sizes]
+        results = [
+            bench_size(datagram, size, workdir, args.rounds, args.jobs, csv=not args.no_csv)
+            for size in args.sizes
+        ]
         print(json.dumps({"load_average": load, "sizes": results}))
     finally:
         if not args.keep:

@@ -132,3 +132,23 @@ def test_batches_go_round_robin_and_answers_come_back_numbered(captures, tmp_pat
     assert rows == sum(w.records for w in walked) > 0
     assert len(adds) == 2  # one file per worker for the one day of this capture
     assert np.all([(tmp_path / "flows" / a.path).exists() for a in adds])
+
+
+def test_a_decode_worker_does_not_load_pandas():
+    """Issue 17: pyarrow imported pandas (~0.3-0.45 s of CPU) on a worker's first array conversion; the worker's
+    entry point keeps it out, and Arrow conversions and Parquet writing work without it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tracepipe.ingest.decode_worker import _NoPandas\n"
+        "sys.meta_path.insert(0, _NoPandas())\n"
+        "import io, pyarrow as pa, pyarrow.parquet as pq\n"
+        "import tracepipe.ingest.decode_pool\n"
+        "table = pa.table({'a': pa.array(['10.0.0.1', None]), 'n': pa.array([1, 2])})\n"
+        "pq.write_table(table, io.BytesIO())\n"
+        "print('pandas' in sys.modules, table.column('a').null_count)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "1"]

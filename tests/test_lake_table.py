@@ -229,6 +229,28 @@ def test_a_closed_day_is_merged_when_the_next_day_gets_rows(tmp_path):
     assert len(lake.files("flows", ["2024-03-12"])) == 1 and _count(lake) == 18
 
 
+def test_a_one_shot_ingest_across_midnight_is_not_rewritten_at_once(tmp_path):
+    """Issue 17: a capture spanning two days, decoded by two workers, left two files of its own in the first
+    (closed) day; the closed-day merge then rewrote them right after they were written. Files of this source
+    alone stay as written; with another source's small file there, the day is merged as before."""
+    from tracepipe.lake import DayParts
+    from tracepipe.schema import DATASETS
+
+    lake = Lake(tmp_path / "lake")
+    with lake.ingest("flows", source="capture", content_hash="0f" * 32) as writer:
+        writer.write(pa.concat_tables([_flows(3, DAY, 1), _flows(2, DAY + dt.timedelta(days=1), 2)]))
+        worker = DayParts(lake.root, DATASETS["flows"], writer.key)  # what a second decode worker writes
+        worker.write(pa.concat_tables([_flows(4, DAY, 3), _flows(1, DAY + dt.timedelta(days=1), 4)]))
+        writer.adopt(worker.close(), 5)
+        writer.commit()
+    assert len(lake.files("flows", ["2024-03-12"])) == 2 and _count(lake) == 10
+    assert [i.get("operation") for i in lake.commit_infos("flows", limit=5)].count("compact") == 0
+
+    ingest_table(lake, "flows", "earlier", "0e" * 32, [_flows(2, DAY + dt.timedelta(hours=3), 5)])
+    ingest_table(lake, "flows", "next", "0c" * 32, [_flows(2, DAY + dt.timedelta(days=1, hours=2), 6)])
+    assert len(lake.files("flows", ["2024-03-12"])) == 1 and _count(lake) == 14
+
+
 def test_a_source_killed_before_its_manifest_row_is_not_merged_until_recognised(tmp_path):
     """Regression for the idempotence key: the rows of a run killed between its commit and its manifest row
     are found again by their file names, so compaction must not rename them before the rerun has seen them."""

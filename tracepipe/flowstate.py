@@ -9,7 +9,10 @@ inputs of the same traffic give the same verdict.
 
 from __future__ import annotations
 
-import polars as pl
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # polars only when a detector asks for the rule: the flow readers import this module, and
+    import polars as pl  # `ingest netflow` should not pay polars' ~0.15-0.3 s import (issue 17)
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 TCP = 6
@@ -82,6 +85,8 @@ ARGUS_TCP_STATE_FLAGS = {
 def failed_attempt(flags: pl.Expr | None = None, proto: pl.Expr | None = None) -> pl.Expr:
     """True for a TCP flow row whose side saw SYN or RST but never ACK: the handshake did not complete.
     The one definition detectors use (defaults: the FLOWS columns `tcp_flags` and `proto`)."""
+    import polars as pl
+
     flags = (pl.col("tcp_flags") if flags is None else flags).fill_null(0).cast(pl.Int32)
     proto = pl.col("proto") if proto is None else proto
     return (proto == TCP) & ((flags & ACK) == 0) & ((flags & (SYN | RST)) != 0)

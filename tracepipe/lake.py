@@ -266,6 +266,25 @@ def file_stats(meta: pq.FileMetaData) -> str:
     )
 
 
+def _parquet_options(dataset: Dataset) -> dict[str, Any]:
+    """How every lake file is encoded (measured on 1 M softflowd flow rows, issue 17): zstd (level 1, pyarrow's
+    default; -1..-7 cost 20-65% more bytes for <10% less CPU); text dictionary-encoded; integer and timestamp
+    columns DELTA_BINARY_PACKED (a standard Parquet encoding that DuckDB, polars, pyarrow and Spark read: 11%
+    smaller files and ~15% less CPU than plain + zstd); 64 k rows per write batch instead of 1 024 (statistics
+    and encoders run per batch: ~20% less CPU, same bytes). Min/max statistics stay on every column."""
+    fields = list(dataset.schema)
+    return {
+        "compression": "zstd",
+        "use_dictionary": [f.name for f in fields if pa.types.is_string(f.type)],
+        "column_encoding": {
+            f.name: "DELTA_BINARY_PACKED"
+            for f in fields
+            if pa.types.is_integer(f.type) or pa.types.is_timestamp(f.type)
+        },
+        "write_batch_size": 64 * 1024,
+    }
+
+
 class PartFile:
     """One Parquet file of a dataset being written: rows buffered up to a row group, each row group sorted by
     the dataset's sort key (min/max statistics let readers skip), text dictionary-encoded in memory and stored
@@ -306,19 +325,18 @@ class PartFile:
             schema, columns = table.schema, table.columns
             del table
             for i, column in enumerate(columns):
-                columns[i] = column.take(order)
+                if column.null_count < len(column):  # a column of nulls only is the same in any order
+                    columns[i] = column.take(order)
                 del column
             table = pa.Table.from_arrays(columns, schema=schema)
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            text = [f.name for f in self.dataset.schema if pa.types.is_string(f.type)]
             # store_schema=False: every reader sees the text columns as the plain strings schema.py declares
             self._writer = pq.ParquetWriter(
                 self.tmp,
                 _writer_schema(self.dataset.schema),
-                compression="zstd",
                 store_schema=False,
-                use_dictionary=text,
+                **_parquet_options(self.dataset),
             )
         self._writer.write_table(table, row_group_size=self.row_group_rows)
         self.rows += table.num_rows
@@ -1428,9 +1446,13 @@ class IngestWriter:
                 lake.compact(name, touched or None, wait=False, tiered=True)
             if days:
                 # the day before the newest one this source wrote is closed (a collector has moved on): merge
-                # what is small there into one file, once, so that a past day is a file or two, not ~20 tiers
+                # what is small there into one file, once, so that a past day is a file or two, not ~20 tiers.
+                # Not when the day holds only this source's files (a one-shot ingest across midnight, one file
+                # per decode worker): merging them would write the same rows twice, right after writing them.
                 closed = (dt.date.fromisoformat(days[-1]) - dt.timedelta(days=1)).isoformat()
-                lake.compact(self.dataset.name, [closed], min_files=2, wait=False)
+                ours = {a.path for a in adds}
+                if any(e.relative not in ours for e in lake.entries(self.dataset.name, [closed])):
+                    lake.compact(self.dataset.name, [closed], min_files=2, wait=False)
         except LakeError:  # compaction is housekeeping: the rows are committed, a later run merges
             pass
         return self.result

@@ -118,7 +118,14 @@ class DecodePool:
         for _ in range(self.jobs):
             to_child_r, to_child_w = os.pipe()
             from_child_r, from_child_w = os.pipe()
-            cmd = [sys.executable, "-m", __name__, str(self.root), str(to_child_r), str(from_child_w)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "tracepipe.ingest.decode_worker",
+                str(self.root),
+                str(to_child_r),
+                str(from_child_w),
+            ]
             try:
                 proc = subprocess.Popen(
                     cmd, pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL
@@ -227,11 +234,3 @@ class DecodePool:
                 "--debug to see where."
             )
         return reply
-
-
-if __name__ == "__main__":  # a worker: python -m tracepipe.ingest.decode_pool LAKE_ROOT READ_FD WRITE_FD
-    _worker(
-        Connection(int(sys.argv[2]), writable=False),
-        Connection(int(sys.argv[3]), readable=False),
-        sys.argv[1],
-    )

@@ -1,0 +1,32 @@
+"""Entry point of one decode worker process: `python -m tracepipe.ingest.decode_worker LAKE_ROOT READ_FD WRITE_FD`.
+
+Started by decode_pool.DecodePool (a fresh interpreter: delta-rs is not fork-safe). Before anything imports
+pyarrow it keeps pandas out: a worker converts numpy to Arrow and writes Parquet, nothing more, yet pyarrow
+imports pandas on its first conversion of any array (its pandas shim looks at every input), which cost each
+worker ~0.3-0.45 s of CPU at start-up (issue 17).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+class _NoPandas:
+    """Import finder that refuses pandas: pyarrow's shim then takes pandas as not installed."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError("a decode worker does not load pandas", name=name)
+
+
+def main(argv: list[str]) -> None:
+    sys.meta_path.insert(0, _NoPandas())
+    from multiprocessing.connection import Connection
+
+    from tracepipe.ingest.decode_pool import _worker
+
+    _worker(Connection(int(argv[1]), writable=False), Connection(int(argv[2]), readable=False), argv[0])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
