@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import ingest_in_process, run_tracepipe
+from conftest import decode_export, ingest_in_process, run_tracepipe
 from support import probes
 
 from tracepipe.ingest.netflow import DecoderState, decode_datagrams
@@ -73,15 +73,8 @@ def decoded(tmp_path_factory) -> dict[str, tuple[list[dict], list[dict]]]:
     out = {}
     for case in CASES:
         datagrams = payloads(case)
-        n = len(datagrams)
-        ours = decode_datagrams(
-            datagrams, [probes.LOOPBACK_V4] * n, np.zeros(n, np.int64), None, case, DecoderState()
-        )
-        assert ours.rejects.num_rows == 0, ours.rejects.to_pylist()
-        port = probes.free_udp_port()
-        with probes.nfcapd_receiving(port, base / case) as nfcapd:
-            probes.replay_udp(datagrams, (probes.LOOPBACK_V4, port))
-        out[case] = (ours.flows.to_pylist(), probes.nfdump_records(nfcapd.out_dir).to_pylist())
+        nfcapd = probes.nfcapd_of(datagrams, base / case)
+        out[case] = (decode_export(datagrams, case), probes.nfdump_records(nfcapd).to_pylist())
     return out
 
 
