@@ -68,12 +68,13 @@ def srv6_segments(slot: np.ndarray, basic_list: bool) -> pa.Array:
     space-separated; null where the element is empty or not a list of IPv6 addresses. IE 497 is the SRH's list
     as it is on the wire; IE 496 is an RFC 6313 basicList whose element must be IE 494 srhSegmentIPv6 (or 27,
     sourceIPv6Address, 16 bytes) - anything else is not read. Formatted once per distinct list."""
-    rows = np.ascontiguousarray(slot).view(f"S{slot.shape[1]}").ravel()  # trailing NULs go: padding
-    encoded = pc.dictionary_encode(pa.array(rows, pa.binary()))
+    width = slot.shape[1]
+    rows = np.ascontiguousarray(slot).view(f"S{width}").ravel()
+    encoded = pc.dictionary_encode(pa.array(rows, pa.binary(width)))  # fixed width: keeps every byte
     texts = []
     for value in encoded.dictionary.to_pylist():
-        size = int.from_bytes(value[:2].ljust(2, b"\0"), "big")
-        texts.append(_segment_text(value[2 : 2 + size].ljust(size, b"\0"), basic_list))
+        size = int.from_bytes(value[:2], "big")
+        texts.append(_segment_text(value[2 : 2 + size], basic_list))
     return pa.DictionaryArray.from_arrays(encoded.indices, pa.array(texts, pa.string()))
 
 
