@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import decode_export, ingest_in_process, run_tracepipe
-from support import probes
+from conftest import decode_and_nfdump, ingest_in_process, run_tracepipe
 
 from tracepipe.ingest.netflow import DecoderState, decode_datagrams
 
@@ -69,13 +68,7 @@ def ms(value) -> int:
 @pytest.fixture(scope="module")
 def decoded(tmp_path_factory) -> dict[str, tuple[list[dict], list[dict]]]:
     """case -> (our decode, nfdump's records for the same datagrams via a real nfcapd)."""
-    base = tmp_path_factory.mktemp("vendors")
-    out = {}
-    for case in CASES:
-        datagrams = payloads(case)
-        nfcapd = probes.nfcapd_of(datagrams, base / case)
-        out[case] = (decode_export(datagrams, case), probes.nfdump_records(nfcapd).to_pylist())
-    return out
+    return decode_and_nfdump({case: payloads(case) for case in CASES}, tmp_path_factory.mktemp("vendors"))
 
 
 @pytest.mark.parametrize("case", list(CASES))

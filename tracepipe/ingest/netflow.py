@@ -1219,6 +1219,8 @@ def _walk_sets(
     ctx_key: tuple | None = None
     while pos + 4 <= end:
         set_id, set_len = _SET.unpack_from(payload, pos)
+        if set_len == 0 and not any(bytes(payload[pos:end])):
+            break  # zero fill to the end: Palo Alto PAN-OS 8.1 and Cisco ACI pad datagrams to a fixed size
         if set_len < 4 or pos + set_len > end:
             # a zero or lying length: the rest of the datagram cannot be delimited
             batch.reject(
