@@ -186,3 +186,5 @@ def test_public_address_and_time_lead_to_the_inside_host(tmp_path):
     assert len(ask(f"SELECT inside_addr FROM nat_inside('10.143.52.29', {at})")) == 9
     late = "TIMESTAMPTZ '2025-06-04 16:00:00+00'"
     assert ask(f"SELECT inside_addr FROM nat_inside('10.143.52.29', {late}, 35303)") == []
+    wider = f"SELECT inside_addr FROM nat_inside('10.143.52.29', {late}, within := INTERVAL 1 HOUR)"
+    assert ("172.16.100.198",) in ask(wider) and len(ask(wider)) == 9
