@@ -20,6 +20,7 @@ Errata (nfdump's output against the lake's, each pinned by a test):
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -268,3 +269,37 @@ def test_zero_fill_is_padding_but_a_lying_length_is_still_rejected():
     )
     assert result.rejects.column("reason").to_pylist() == ["bad flowset length"]
     assert result.flows.num_rows == 1  # the flowset before it still lands
+
+
+def test_a_folder_of_all_these_exports_lands_without_rejects(tmp_path):
+    """As a new user runs it: every case as its own capture (pcap, Ethernet, UDP to 2055, one exporter address
+    each) in one folder, one command: exit 0, no reject, every flow nfdump sees lands. Except ipt_netflow: its
+    datagram also carries data sets of templates 259 and 262 that the exporter sent before the capture began (only
+    260 is in it); nfdump drops them silently, tracepipe reports each as a `no template` reject (exit 3)."""
+    from conftest import run_tracepipe
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import wrpcap
+
+    folder, late = tmp_path / "exports", tmp_path / "late"
+    folder.mkdir()
+    late.mkdir()
+    for number, case in enumerate(CASES, start=1):
+        frames = [
+            Ether() / IP(src=f"192.0.2.{number}", dst="192.0.2.254") / UDP(sport=50000, dport=2055) / p
+            for p in payloads(case)
+        ]
+        wrpcap(str((late if case == "ipt-netflow" else folder) / f"{case}.pcap"), frames)
+
+    def ingest(path: Path, lake: Path) -> tuple[int, dict]:
+        proc = run_tracepipe("ingest", "netflow", str(path), "--lake", str(lake), "--format", "json")
+        return proc.returncode, json.loads(proc.stdout)
+
+    code, summary = ingest(folder, tmp_path / "lake")
+    assert code == 0, summary
+    assert summary["totals"]["rejects"] == 0 and summary["totals"]["files"] == len(CASES) - 1
+    assert summary["totals"]["flows"] == 227 - 12
+    code, summary = ingest(late, tmp_path / "lake-late")
+    assert code == 3
+    assert (summary["totals"]["flows"], summary["totals"]["rejects"]) == (12, 6)
+    assert [e["no_template"] for e in summary["exporters"].values()] == [6]
