@@ -1472,11 +1472,8 @@ def _read_templates(
                 pen = _U32.unpack_from(payload, pos)[0]
                 pos += 4
                 field_id &= ~ENTERPRISE_BIT
-            if version == 9 and length == VARIABLE_LENGTH:
-                batch.reject(
-                    offset, exporter, "bad template", f"template {tid}: v9 has no variable-length fields"
-                )
-                return
+            # RFC 3954 has no variable length, but H3C NetStream v9 sends its VRF name (IE 236) as 65535 and
+            # encodes the records as IPFIX does (RFC 7011 §7), which nfdump and Logstash read: so does this
             fields.append((field_id, length, pen))
         if n_fields > state.limits.fields_per_template:
             continue
