@@ -2050,62 +2050,8 @@ def _router_columns(
                 unknown = index < 0
                 indices = pa.array(np.maximum(index, 0), mask=unknown) if unknown.any() else pa.array(index)
                 out[column] = pa.DictionaryArray.from_arrays(indices, pa.array(names, pa.string()))
-    if _EXTRA_ROLES.intersection(roles):  # issue 16: NAT, firewall events, SRv6 (decided per template)
-        out.update(_extra_columns(arr, roles))
-    return out
-
-
-_EXTRA_ROLES = frozenset(
-    (
-        *("nat_src_addr4", "nat_dst_addr4", "nat_src_addr6", "nat_dst_addr6", "nat_src_port", "nat_dst_port"),
-        *("nat_event", "fw_event", "fw_ext_event"),
-        *("srv6_active_addr6", "srv6_basic_list", "srv6_list", "srv6_basic_list_slot", "srv6_list_slot"),
-    )
-)
-
-
-def _extra_columns(arr: np.ndarray, roles: dict[str, int]) -> dict[str, pa.Array]:
-    """schema.ROUTER_EXTRA_COLUMNS the template carries: post-NAT addresses and ports, NAT and firewall events
-    (Cisco ASA NSEL, NEL loggers), SRv6 active segment and segment list."""
-    out: dict[str, pa.Array] = {}
-    for end in ("nat_src", "nat_dst"):
-        v4, v6 = f"{end}_addr4", f"{end}_addr6"
-        if v4 in roles and v6 in roles:  # both families in one template: the non-zero IPv4 one, else IPv6
-            out[f"{end}_addr"] = pc.if_else(
-                pa.array(arr[v4] == 0),
-                _ipv6_text(arr[v6]).cast(pa.string()),
-                _ipv4_text(arr[v4]).cast(pa.string()),
-            )
-        elif v4 in roles:
-            out[f"{end}_addr"] = _ipv4_text(arr[v4])
-        elif v6 in roles:
-            out[f"{end}_addr"] = _ipv6_text(arr[v6])
-    for role in ("nat_src_port", "nat_dst_port", "fw_ext_event"):
-        value = _uint(arr, role, roles, np.int32)
-        if value is not None:
-            out[role] = pa.array(value)
-    for role, names in (
-        ("nat_event", router_fields.NAT_EVENT_TEXT),
-        ("fw_event", router_fields.FIREWALL_EVENT_TEXT),
-    ):
-        if role in roles:
-            out[role] = router_fields.event_text(_uint(arr, role, roles), names)
-    if "srv6_active_addr6" in roles:
-        out["srv6_active_segment"] = _ipv6_text(arr["srv6_active_addr6"])
-    for role, basic in (
-        ("srv6_list_slot", False),
-        ("srv6_list", False),
-        ("srv6_basic_list_slot", True),
-        ("srv6_basic_list", True),
-    ):
-        if role in roles and "srv6_segments" not in out:
-            raw = np.frombuffer(arr[role].tobytes(), np.uint8).reshape(len(arr), roles[role])
-            if not role.endswith("_slot"):  # a fixed length: every record's element is that long
-                size = np.full((len(arr), 1), roles[role], np.uint16)
-                raw = np.concatenate(
-                    [(size >> 8).astype(np.uint8), (size & 0xFF).astype(np.uint8), raw], axis=1
-                )
-            out["srv6_segments"] = router_fields.srv6_segments(raw, basic)
+    if router_fields.ROLES.intersection(roles):  # issue 16: NAT, firewall events, SRv6 (decided per template)
+        out.update(router_fields.columns(arr, roles, _uint, _ipv4_text, _ipv6_text))
     return out
 
 

@@ -1,7 +1,9 @@
 """What firewall/NAT routers and SRv6 routers add to a flow record (issue 16): NAT translations, firewall and NAT
-events, SRv6 segment lists. In: the numpy columns of one template's records (netflow._decode_group reads the
-bytes); out: Arrow columns of schema.FLOWS. Each function runs once per template that carries the element, so
-a template without them costs nothing; text is formatted once per distinct value.
+events, SRv6 segment lists. In: the structured numpy array of one template's records and its roles (netflow.py
+maps field ids to roles in its FIELDS table and reads the bytes); out: Arrow columns of schema.FLOWS
+(ROUTER_EXTRA_COLUMNS but the VRF names, which netflow.py looks up in its options tables). `columns` runs once per
+template that carries one of ROLES, so a template without them costs nothing; text is formatted once per
+distinct value.
 
 Wire facts: RFC 8158 / IANA IPFIX registry (natEvent 230, firewallEvent 233, postNAT* 225-228, 281-282), Cisco
 ASA NSEL (v9 ids 40001-40005, 33002 NF_F_FW_EXT_EVENT), RFC 9487 (SRv6: 495 srhActiveSegmentIPv6,
@@ -11,6 +13,7 @@ ASA NSEL (v9 ids 40001-40005, 33002 NF_F_FW_EXT_EVENT), RFC 9487 (SRv6: 495 srhA
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -90,3 +93,62 @@ def _segment_text(raw: bytes, basic_list: bool) -> str | None:
     if count == 0:
         return None
     return " ".join(str(ipaddress.IPv6Address(raw[i * 16 : i * 16 + 16])) for i in range(count))
+
+
+# the decoder roles (netflow.FIELDS) this module reads
+ROLES = frozenset(
+    (
+        *("nat_src_addr4", "nat_dst_addr4", "nat_src_addr6", "nat_dst_addr6", "nat_src_port", "nat_dst_port"),
+        *("nat_event", "fw_event", "fw_ext_event"),
+        *("srv6_active_addr6", "srv6_basic_list", "srv6_list", "srv6_basic_list_slot", "srv6_list_slot"),
+    )
+)
+
+
+def columns(
+    arr: np.ndarray,
+    roles: dict[str, int],
+    uint: Callable[..., np.ndarray | None],
+    ipv4_text: Callable[[np.ndarray], pa.Array],
+    ipv6_text: Callable[[np.ndarray], pa.Array],
+) -> dict[str, pa.Array]:
+    """The columns the template carries: post-NAT addresses and ports, NAT and firewall events (Cisco ASA NSEL,
+    NEL loggers, PAN-OS, Mikrotik), SRv6 active segment and segment list. `uint`, `ipv4_text` and `ipv6_text` are
+    the decoder's own readers (any wire length -> integers; addresses -> dictionary-encoded text)."""
+    out: dict[str, pa.Array] = {}
+    for end in ("nat_src", "nat_dst"):
+        v4, v6 = f"{end}_addr4", f"{end}_addr6"
+        if v4 in roles and v6 in roles:  # both families in one template: the non-zero IPv4 one, else IPv6
+            out[f"{end}_addr"] = pc.if_else(
+                pa.array(arr[v4] == 0),
+                ipv6_text(arr[v6]).cast(pa.string()),
+                ipv4_text(arr[v4]).cast(pa.string()),
+            )
+        elif v4 in roles:
+            out[f"{end}_addr"] = ipv4_text(arr[v4])
+        elif v6 in roles:
+            out[f"{end}_addr"] = ipv6_text(arr[v6])
+    for role in ("nat_src_port", "nat_dst_port", "fw_ext_event"):
+        value = uint(arr, role, roles, np.int32)
+        if value is not None:
+            out[role] = pa.array(value)
+    for role, names in (("nat_event", NAT_EVENT_TEXT), ("fw_event", FIREWALL_EVENT_TEXT)):
+        if role in roles:
+            out[role] = event_text(uint(arr, role, roles), names)
+    if "srv6_active_addr6" in roles:
+        out["srv6_active_segment"] = ipv6_text(arr["srv6_active_addr6"])
+    for role, basic in (
+        ("srv6_list_slot", False),
+        ("srv6_list", False),
+        ("srv6_basic_list_slot", True),
+        ("srv6_basic_list", True),
+    ):
+        if role in roles and "srv6_segments" not in out:
+            raw = np.frombuffer(arr[role].tobytes(), np.uint8).reshape(len(arr), roles[role])
+            if not role.endswith("_slot"):  # a fixed length: every record's element is that long
+                size = np.full((len(arr), 1), roles[role], np.uint16)
+                raw = np.concatenate(
+                    [(size >> 8).astype(np.uint8), (size & 0xFF).astype(np.uint8), raw], axis=1
+                )
+            out["srv6_segments"] = srv6_segments(raw, basic)
+    return out
