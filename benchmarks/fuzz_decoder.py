@@ -1,4 +1,5 @@
-"""Fuzz the NetFlow/IPFIX decoder: real softflowd datagrams (v1, v5, v9, IPFIX; IPv4 and IPv6 flows), mutated,
+"""Fuzz the NetFlow/IPFIX decoder: real softflowd datagrams (v1, v5, v9, IPFIX; IPv4 and IPv6 flows) and the
+committed router exports (NSEL, NAT, MPLS, SRv6, options tables), mutated,
 cut, spliced and mixed with random bytes, fed in small batches through one long-lived DecoderState (also
 round-tripped through JSON). Prints how many cases raised (must be 0) and the first few tracebacks.
 
@@ -41,6 +42,25 @@ def real_datagrams(workdir: Path) -> list[bytes]:
             capture.wait_for_packets(result.datagrams)
         for batch in iter_udp_batches(path):
             out += [bytes(p) for p in batch.payloads]
+    return out
+
+
+def router_datagrams() -> list[bytes]:
+    """The committed router exports (tests/data/routers: NSEL, NAT events, MPLS, SRv6, sampler and interface
+    tables, ...) and hand-built SRv6 segment lists and VRF tables (tests/test_router_srv6_vrf.py), so that the
+    mutations reach every element the router columns read (issue 16)."""
+    import test_router_srv6_vrf as built
+
+    routers = REPO / "tests" / "data" / "routers"
+    out = [p.read_bytes() for p in sorted((routers / "logstash").glob("*.dat"))]
+    for capture in sorted((routers / "akvorado").glob("*.pcap")):
+        for batch in iter_udp_batches(capture):
+            out += [bytes(p) for p in batch.payloads]
+    segments = b"".join(built.a6(s) for s in built.SEGMENTS)
+    out.append(
+        built.srv6_message([(built.a6(built.SEGMENTS[1]), segments, built.basic_list(built.SEGMENTS))])
+    )
+    out.append(built.vrf_datagram({0x60000002: b"CUSTOMER-A"}, [(0x60000002, 0x60000000)]))
     return out
 
 
@@ -113,14 +133,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tracepipe-fuzz-") as tmp:
-        corpus = real_datagrams(Path(tmp))
+        softflowd = real_datagrams(Path(tmp))
+    routers = router_datagrams()
+    corpus = softflowd + routers
     start = time.perf_counter()
     raised, tracebacks = run(args.cases, args.seed, corpus)
     seconds = time.perf_counter() - start
     for text in tracebacks:
         print(text)
     print(
-        f"{args.cases} cases from {len(corpus)} real softflowd datagrams in {seconds:.1f} s: {raised} raised"
+        f"{args.cases} cases from {len(softflowd)} real softflowd datagrams and {len(routers)} router export"
+        f" datagrams in {seconds:.1f} s: {raised} raised"
     )
     raise SystemExit(1 if raised else 0)
 

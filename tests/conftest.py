@@ -166,6 +166,28 @@ def ingest_syslog(lake: Any, paths: list[Path], **options: Any) -> tuple[Any, An
     return report, done
 
 
+def decode_export(datagrams: list[bytes], source: str, exporter: str = probes.LOOPBACK_V4) -> list[dict]:
+    """The rows decode_datagrams makes of one exporter's datagrams in one batch, asserting no rejects."""
+    import numpy as np
+
+    from tracepipe.ingest.netflow import DecoderState, decode_datagrams
+
+    n = len(datagrams)
+    decoded = decode_datagrams(datagrams, [exporter] * n, np.zeros(n, np.int64), None, source, DecoderState())
+    assert decoded.rejects.num_rows == 0, decoded.rejects.to_pylist()
+    return decoded.flows.to_pylist()
+
+
+def decode_and_nfdump(cases: dict[str, list[bytes]], base: Path) -> dict[str, tuple[list[dict], list[dict]]]:
+    """case -> (our rows of the case's export datagrams, no rejects; nfdump's rows of the same datagrams sent in
+    order to a real nfcapd on 127.0.0.1), the two sides every router-vendor test compares."""
+    out = {}
+    for case, datagrams in cases.items():
+        nfcapd = probes.nfcapd_of(datagrams, base / case)
+        out[case] = (decode_export(datagrams, case), probes.nfdump_records(nfcapd).to_pylist())
+    return out
+
+
 def ingest_in_process(paths: list[Path], lake: Path) -> pa.Table:
     """The library call behind `tracepipe ingest netflow` (no interpreter start-up): land `paths`, assert that
     everything landed, return the lake's flows as lake_flows() does."""

@@ -193,3 +193,52 @@ def test_old_flows_lake_takes_router_columns(tmp_path: Path) -> None:
         ("10.0.0.1", None, None, None, None),
         ("10.0.29.46", "egress", "20005-0-0 524250-0-1", 1610612736, "TenGigE0_6_0_2"),
     ]
+
+
+def test_old_flows_lake_takes_nat_firewall_vrf_srv6_columns(tmp_path: Path) -> None:
+    """Issue 16 (second part) adds schema.ROUTER_EXTRA_COLUMNS (nat_*, fw_*, VRF names, SRv6) after the router
+    columns. A flows table written before them reads them as null, takes a NAT'd flow, and the nat_inside macro
+    finds the inside host of the new row only."""
+    from tracepipe.lake import ingest_table
+    from tracepipe.schema import FLOWS, ROUTER_EXTRA_COLUMNS
+
+    old_schema = pa.schema([f for f in FLOWS if f.name not in ROUTER_EXTRA_COLUMNS])
+    row = {
+        "ts_start": pa.scalar(1_710_230_400_000_000, pa.timestamp("us", tz="UTC")).as_py(),
+        "ts_end": pa.scalar(1_710_230_401_000_000, pa.timestamp("us", tz="UTC")).as_py(),
+        "src_addr": "10.0.0.1",
+        "dst_addr": "192.0.2.80",
+        "proto": 6,
+    }
+    old = pa.Table.from_pylist([row], schema=old_schema)
+    days = pc.strftime(old.column("ts_start"), format="%Y-%m-%d")
+    write_deltalake(str(tmp_path / "lake" / "flows"), old.append_column("date", days), partition_by=["date"])
+    natted = {**row, "src_addr": "10.0.0.2", "src_port": 40000, "nat_src_addr": "198.51.100.7"}
+    natted |= {"nat_src_port": 51234, "fw_event": "CREATE", "ingress_vrf_name": "blue"}
+    ingest_table(
+        Lake(tmp_path / "lake"), "flows", "new", "hash-new", [pa.Table.from_pylist([natted], schema=FLOWS)]
+    )
+    run = run_tracepipe(
+        "sql",
+        "SELECT src_addr, nat_src_addr, nat_src_port, fw_event, ingress_vrf_name, srv6_segments FROM flows"
+        " ORDER BY src_addr",
+        "--format",
+        "json",
+        "--lake",
+        str(tmp_path / "lake"),
+    )
+    assert run.returncode == 0, run.stderr
+    assert [tuple(r.values()) for r in json.loads(run.stdout)] == [
+        ("10.0.0.1", None, None, None, None, None),
+        ("10.0.0.2", "198.51.100.7", 51234, "CREATE", "blue", None),
+    ]
+    pivot = run_tracepipe(
+        "sql",
+        "SELECT inside_addr, inside_port FROM nat_inside('198.51.100.7', TIMESTAMPTZ '2024-03-12 08:02:00+00', 51234)",
+        "--format",
+        "json",
+        "--lake",
+        str(tmp_path / "lake"),
+    )
+    assert pivot.returncode == 0, pivot.stderr
+    assert [tuple(r.values()) for r in json.loads(pivot.stdout)] == [("10.0.0.2", 40000)]

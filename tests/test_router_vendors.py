@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import ingest_in_process, run_tracepipe
-from support import probes
+from conftest import decode_and_nfdump, ingest_in_process, run_tracepipe
 
 from tracepipe.ingest.netflow import DecoderState, decode_datagrams
 
@@ -69,20 +68,7 @@ def ms(value) -> int:
 @pytest.fixture(scope="module")
 def decoded(tmp_path_factory) -> dict[str, tuple[list[dict], list[dict]]]:
     """case -> (our decode, nfdump's records for the same datagrams via a real nfcapd)."""
-    base = tmp_path_factory.mktemp("vendors")
-    out = {}
-    for case in CASES:
-        datagrams = payloads(case)
-        n = len(datagrams)
-        ours = decode_datagrams(
-            datagrams, [probes.LOOPBACK_V4] * n, np.zeros(n, np.int64), None, case, DecoderState()
-        )
-        assert ours.rejects.num_rows == 0, ours.rejects.to_pylist()
-        port = probes.free_udp_port()
-        with probes.nfcapd_receiving(port, base / case) as nfcapd:
-            probes.replay_udp(datagrams, (probes.LOOPBACK_V4, port))
-        out[case] = (ours.flows.to_pylist(), probes.nfdump_records(nfcapd.out_dir).to_pylist())
-    return out
+    return decode_and_nfdump({case: payloads(case) for case in CASES}, tmp_path_factory.mktemp("vendors"))
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -255,7 +255,7 @@ def test_flow_files_without_keys_still_attribute_through_the_view(tmp_path):
     keyed, done, todo = flow_parts(lake)
     assert (len(keyed), len(done), todo) == (1, 1, [])
     # the old table's first write gave readers every column's statistics (Delta's default stops at 32; the
-    # key columns are the 33rd and 34th): without them no file could be told keyed
+    # key columns come after the 32nd): without them no file could be told keyed
     from deltalake import DeltaTable
 
     from tracepipe.lake import STATS_COLUMNS

@@ -60,6 +60,21 @@ FLOWS = pa.schema(
             "input_if_name", pa.string()
         ),  # IE 82 (else 83) of input_if, from the exporter's options data
         pa.field("output_if_name", pa.string()),
+        # issue 16, firewall/NAT routers and SRv6 (ROUTER_EXTRA_COLUMNS); null where the exporter did not say.
+        # A NAT'd flow's post-NAT source is the public address a CSIRT reports (README: the nat_inside macro)
+        pa.field("nat_src_addr", pa.string()),  # IE 225 / 281 (Cisco NSEL v9: 40001)
+        pa.field("nat_dst_addr", pa.string()),  # IE 226 / 282 (40002)
+        pa.field("nat_src_port", pa.int32()),  # IE 227 (40003)
+        pa.field("nat_dst_port", pa.int32()),  # IE 228 (40004)
+        pa.field("nat_event", pa.string()),  # IE 230 natEvent: IANA name ("NAT44 session create", ...)
+        pa.field(
+            "fw_event", pa.string()
+        ),  # IE 233 firewallEvent (40005): CREATE, DELETE, DENIED, ALERT, UPDATE
+        pa.field("fw_ext_event", pa.int32()),  # Cisco NSEL 33002 extended event code (reason, e.g. 2025)
+        pa.field("ingress_vrf_name", pa.string()),  # options data: IE 236 VRFname of ingress_vrf
+        pa.field("egress_vrf_name", pa.string()),
+        pa.field("srv6_active_segment", pa.string()),  # IE 495 srhActiveSegmentIPv6
+        pa.field("srv6_segments", pa.string()),  # IE 497 (or 496): the SRH's segment list, space-separated
         # issue 18: the vms.vm_key of src_vm/dst_vm, written with them at attribution, so that flows_attributed
         # joins vms on integers (correlate/vm_keys.py). Null where src_vm/dst_vm is null, and in files
         # attributed before the column existed (the view then joins on src_vm/dst_vm)
@@ -79,6 +94,20 @@ ROUTER_COLUMNS = (
     "egress_vrf",
     "input_if_name",
     "output_if_name",
+)
+# filled by firewall/NAT routers (Cisco ASA NSEL, NEL loggers) and SRv6 routers (issue 16); others leave them null
+ROUTER_EXTRA_COLUMNS = (
+    "nat_src_addr",
+    "nat_dst_addr",
+    "nat_src_port",
+    "nat_dst_port",
+    "nat_event",
+    "fw_event",
+    "fw_ext_event",
+    "ingress_vrf_name",
+    "egress_vrf_name",
+    "srv6_active_segment",
+    "srv6_segments",
 )
 
 # One row per lifecycle event, whatever the cloud. `action` is normalised (see VM_ACTIONS); the cloud's own

@@ -346,6 +346,15 @@ def nfdump_csv(
     return out_csv
 
 
+def nfcapd_of(datagrams: Sequence[bytes], out_dir: Path | str) -> Path:
+    """The directory where a real nfcapd on 127.0.0.1 wrote the given export datagrams (sent in order), for
+    nfdump to print what it made of them."""
+    port = free_udp_port()
+    with nfcapd_receiving(port, out_dir) as nfcapd:
+        replay_udp(datagrams, (LOOPBACK_V4, port))
+    return nfcapd.out_dir
+
+
 def export_payloads(capture: Path | str) -> list[bytes]:
     """The UDP payloads (export datagrams) of a capture, in order, whatever its link type (scapy reads it)."""
     from scapy.layers.inet import UDP

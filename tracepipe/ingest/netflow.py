@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tracepipe.ingest import inner_headers
+from tracepipe.ingest import inner_headers, router_fields
 from tracepipe.limits import DEFAULT, Limits
 from tracepipe.schema import FLOWS, REJECTS, TS
 
@@ -93,13 +93,51 @@ FIELDS: dict[int, tuple[str, str]] = {
     235: ("egressVRFID", "egress_vrf"),
     82: ("interfaceName", "if_name"),  # options data: the name of ifindex IE 10/14 (read by _interface_names)
     83: ("interfaceDescription", "if_description"),
+    # issue 16: NAT translations and firewall events (schema.ROUTER_EXTRA_COLUMNS, read by router_fields.py)
+    225: ("postNATSourceIPv4Address", "nat_src_addr4"),
+    226: ("postNATDestinationIPv4Address", "nat_dst_addr4"),
+    281: ("postNATSourceIPv6Address", "nat_src_addr6"),
+    282: ("postNATDestinationIPv6Address", "nat_dst_addr6"),
+    227: ("postNAPTSourceTransportPort", "nat_src_port"),
+    228: ("postNAPTDestinationTransportPort", "nat_dst_port"),
+    230: ("natEvent", "nat_event"),
+    233: ("firewallEvent", "fw_event"),
+    # Cisco ASA NSEL's own v9 ids (older ASA software; in IPFIX an id >= 32768 is an enterprise field instead)
+    40001: ("NF_F_XLATE_SRC_ADDR_IPV4", "nat_src_addr4"),
+    40002: ("NF_F_XLATE_DST_ADDR_IPV4", "nat_dst_addr4"),
+    40003: ("NF_F_XLATE_SRC_PORT", "nat_src_port"),
+    40004: ("NF_F_XLATE_DST_PORT", "nat_dst_port"),
+    40005: ("NF_F_FW_EVENT", "fw_event"),
+    33002: ("NF_F_FW_EXT_EVENT", "fw_ext_event"),  # Cisco's reason code of the event (2025: FIN, ...)
+    # SRv6 (RFC 9487): the active segment and the segment list (any length: kept as a slot, like IE 313/315)
+    495: ("srhActiveSegmentIPv6", "srv6_active_addr6"),
+    496: ("srhSegmentIPv6BasicList", "srv6_basic_list"),
+    497: ("srhSegmentIPv6ListSection", "srv6_list"),
+    inner_headers.SECTION_SLOT_BASE + 496: (
+        "srhSegmentIPv6BasicList (variable length)",
+        "srv6_basic_list_slot",
+    ),
+    inner_headers.SECTION_SLOT_BASE + 497: ("srhSegmentIPv6ListSection (variable length)", "srv6_list_slot"),
+    236: ("VRFname", "vrf_name"),  # options data: the name of VRF id IE 234 (read by _interface_names)
 }
 MPLS_ROLES = tuple(f"mpls{i + 1}" for i in range(10))
-TEXT_ROLES = {"if_name", "if_description"}  # octet strings of any length
+# octet strings of any length
+TEXT_ROLES = {
+    *("if_name", "if_description", "vrf_name"),
+    *("srv6_basic_list", "srv6_list", "srv6_basic_list_slot", "srv6_list_slot"),
+}
 DIRECTIONS = ("ingress", "egress")  # IE 61 codes (RFC 5102)
 END_REASONS = ("0", "idleTimeout", "activeTimeout", "endOfFlowDetected", "forcedEnd", "lackOfResources")
 IF_NAME_CHARS = 128
+VRF_NAME_KEY = 1 << 32  # the names table keys a VRF's name by VRF_NAME_KEY + VRF id (ifindex < 2**32)
 ADDRESS_ROLES = {"src_addr4", "dst_addr4", "src_addr6", "dst_addr6"}
+# roles whose wire length must be an address's: 4 or 16 bytes, else the field is skipped
+ADDRESS_LENGTHS = {
+    **{f"{end}_addr4": 4 for end in ("src", "dst", "nat_src", "nat_dst")},
+    **{f"{end}_addr6": 16 for end in ("src", "dst", "nat_src", "nat_dst", "srv6_active")},
+}
+# variable-length elements kept as length-prefixed slots (issue 16): packet sections, SRv6 segment lists
+SLOTTED_IDS = (313, 315, 496, 497)
 VARIABLE_LENGTH = 65535
 ENTERPRISE_BIT = 0x8000
 NTP_UNIX_OFFSET_S = 2_208_988_800  # seconds from 1900-01-01 to 1970-01-01
@@ -198,9 +236,10 @@ def _projected_fields(fields: list[tuple[int, int, int]]) -> list[tuple[int, int
 
 
 def _section_slot(f: tuple[int, int, int]) -> tuple[int, int, int]:
-    """A variable-length packet section (IE 313/315) as its fixed, length-prefixed slot (issue 16)."""
+    """A variable-length packet section (IE 313/315) or SRv6 segment list (496/497) as its fixed,
+    length-prefixed slot (issue 16)."""
     field_id, length, pen = f
-    if length == VARIABLE_LENGTH and not pen and field_id in (313, 315):
+    if length == VARIABLE_LENGTH and not pen and field_id in SLOTTED_IDS:
         return (inner_headers.SECTION_SLOT_BASE + field_id, inner_headers.SECTION_SLOT_BYTES, 0)
     return f
 
@@ -232,7 +271,7 @@ def _layout(fields: list[tuple[int, int, int]]) -> tuple[np.dtype, dict[str, int
         info = FIELDS.get(field_id) if not pen else None
         if info is not None and info[1] not in roles and length > 0:
             role = info[1]
-            usable = {"src_addr4": 4, "dst_addr4": 4, "src_addr6": 16, "dst_addr6": 16}.get(role)
+            usable = ADDRESS_LENGTHS.get(role)
             if (
                 length == usable
                 or (usable is None and length <= 8)
@@ -359,7 +398,8 @@ class DecoderState:
         self.sys_init_ms: dict[tuple[str, int], int] = {}
         # (exporter, domain, sampler id) -> interval, from sampler tables in options data (issue 16)
         self.samplers: dict[tuple[str, int, int], int] = {}
-        # (exporter, domain, ifindex) -> interface name, from interface tables in options data (issue 16)
+        # (exporter, domain, ifindex) -> interface name, from interface tables in options data, and
+        # (exporter, domain, VRF_NAME_KEY + VRF id) -> VRF name, from VRF tables (issue 16)
         self.if_names: dict[tuple[str, int, int], str] = {}
         # (exporter, version, domain, template id) -> [(flowset body, ctx values, offset)]
         self.pending: dict[tuple[str, int, int, int], list[tuple[bytes, tuple, int]]] = {}
@@ -526,11 +566,12 @@ class DecoderState:
         planted or grown elsewhere cannot make this state larger). Entries that do not parse are dropped and
         counted in `limits_hit["decoder_state_entries"]`; text that is no JSON object raises ValueError."""
 
-        def key(k: str, ints: int) -> tuple:
+        def key(k: str, ints: int, last_bound: int = 2**32) -> tuple:
             parts = k.split("|")
             head = "|".join(parts[: len(parts) - ints])  # exporter text never holds "|", but be safe
             tail = tuple(int(x) for x in parts[len(parts) - ints :])
-            if len(tail) != ints or any(not 0 <= x < 2**32 for x in tail):
+            bounds = [2**32] * (ints - 1) + [last_bound]
+            if len(tail) != ints or any(not 0 <= x < b for x, b in zip(tail, bounds, strict=False)):
                 raise ValueError(f"bad key {k[:100]!r}")
             return (head, *tail)
 
@@ -597,7 +638,7 @@ class DecoderState:
                     state.samplers[(exporter, domain, sampler)] = v
         for k, v in entries("if_names"):
             try:
-                exporter, domain, ifindex = key(k, 2)
+                exporter, domain, ifindex = key(k, 2, 2 * VRF_NAME_KEY)  # VRF names too
             except ValueError:
                 bad += 1
                 continue
@@ -1178,6 +1219,8 @@ def _walk_sets(
     ctx_key: tuple | None = None
     while pos + 4 <= end:
         set_id, set_len = _SET.unpack_from(payload, pos)
+        if set_len == 0 and not any(bytes(payload[pos:end])):
+            break  # zero fill to the end: Palo Alto PAN-OS 8.1 and Cisco ACI pad datagrams to a fixed size
         if set_len < 4 or pos + set_len > end:
             # a zero or lying length: the rest of the datagram cannot be delimited
             batch.reject(
@@ -1429,11 +1472,8 @@ def _read_templates(
                 pen = _U32.unpack_from(payload, pos)[0]
                 pos += 4
                 field_id &= ~ENTERPRISE_BIT
-            if version == 9 and length == VARIABLE_LENGTH:
-                batch.reject(
-                    offset, exporter, "bad template", f"template {tid}: v9 has no variable-length fields"
-                )
-                return
+            # RFC 3954 has no variable length, but H3C NetStream v9 sends its VRF name (IE 236) as 65535 and
+            # encodes the records as IPFIX does (RFC 7011 §7), which nfdump and Logstash read: so does this
             fields.append((field_id, length, pen))
         if n_fields > state.limits.fields_per_template:
             continue
@@ -1516,7 +1556,7 @@ def _read_options_data(
     batch: _Batch, tpl: Template, body: bytes | memoryview, exporter: str, domain: int
 ) -> int:
     """Options records are few: read sampling interval and boot time per record in Python. Returns how many."""
-    if any(f[0] in (82, 83) and not f[2] for f in tpl.fields):  # an interface table (issue 16)
+    if any(f[0] in (82, 83, 236) and not f[2] for f in tpl.fields):  # an interface or VRF table (issue 16)
         _keep_interface_names(batch.state, tpl, body, exporter, domain)
     if tpl.record_len == 0 or tpl.dtype is None:
         return 0
@@ -1570,7 +1610,7 @@ def _interface_names(tpl: Template, raw: bytes) -> list[tuple[int, str]]:
     out: list[tuple[int, str]] = []
     pos, end = 0, len(raw)
     while end - pos >= max(tpl.min_record_len, 1):  # less is padding
-        ifindex, names = None, {}
+        ifindex, vrf, names = None, None, {}
         for i, (field_id, length, pen) in enumerate(tpl.fields):
             if length == VARIABLE_LENGTH:
                 if pos >= end:
@@ -1586,8 +1626,12 @@ def _interface_names(tpl: Template, raw: bytes) -> list[tuple[int, str]]:
                 continue
             if (field_id == 2 if v9_scope else field_id in (10, 14)) and ifindex is None:
                 ifindex = int.from_bytes(value, "big")
-            elif not v9_scope and field_id in (82, 83):
+            elif not v9_scope and field_id == 234 and vrf is None and length <= 4:
+                vrf = int.from_bytes(value, "big")
+            elif not v9_scope and field_id in (82, 83, 236):
                 names.setdefault(field_id, value)
+        if vrf is not None and 236 in names:  # a VRF table row (IOS XR: scope system, 234 + 236)
+            ifindex, names = VRF_NAME_KEY + vrf, {82: names[236]}
         name = _name_text(names.get(82, b"")) or _name_text(names.get(83, b""))
         if ifindex is not None and name:
             out.append((ifindex, name))
@@ -1998,6 +2042,16 @@ def _router_columns(
                 unknown = index < 0
                 indices = pa.array(np.maximum(index, 0), mask=unknown) if unknown.any() else pa.array(index)
                 out[column] = pa.DictionaryArray.from_arrays(indices, pa.array(names, pa.string()))
+    if batch.if_names:  # VRF names share the names table, keyed VRF_NAME_KEY + VRF id
+        for column, vrf_column in (("ingress_vrf_name", "ingress_vrf"), ("egress_vrf_name", "egress_vrf")):
+            if vrf_column in out:
+                vrf = out[vrf_column].to_numpy() + VRF_NAME_KEY
+                names, index = _looked_up(batch, batch.if_names, vrf, c)
+                unknown = index < 0
+                indices = pa.array(np.maximum(index, 0), mask=unknown) if unknown.any() else pa.array(index)
+                out[column] = pa.DictionaryArray.from_arrays(indices, pa.array(names, pa.string()))
+    if router_fields.ROLES.intersection(roles):  # issue 16: NAT, firewall events, SRv6 (decided per template)
+        out.update(router_fields.columns(arr, roles, _uint, _ipv4_text, _ipv6_text))
     return out
 
 

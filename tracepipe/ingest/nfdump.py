@@ -28,7 +28,7 @@ from tracepipe.errors import EnvironmentProblem, InputError
 from tracepipe.ingest.delimited import address_text, line_rejects, read_block, rejects_table
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, too_long_rejects
-from tracepipe.schema import FLOWS, ROUTER_COLUMNS, TS, TUNNEL_COLUMNS
+from tracepipe.schema import FLOWS, ROUTER_COLUMNS, ROUTER_EXTRA_COLUMNS, TS, TUNNEL_COLUMNS
 from tracepipe.tools import tool_path
 
 # nfdump 1.7.1 src/lib/output_util.c protoList: what ProtoString() prints for protocol numbers 0..137; any other
@@ -268,7 +268,10 @@ def _flows_from_columns(
             "uid": pa.nulls(n, pa.string()),
             "conn_state": pa.nulls(n, pa.string()),
             "history": pa.nulls(n, pa.string()),
-            **{name: pa.nulls(n, FLOWS.field(name).type) for name in (*TUNNEL_COLUMNS, *ROUTER_COLUMNS)},
+            **{
+                name: pa.nulls(n, FLOWS.field(name).type)
+                for name in (*TUNNEL_COLUMNS, *ROUTER_COLUMNS, *ROUTER_EXTRA_COLUMNS)
+            },
         }
     )
     return table, valid, reason, detail

@@ -61,3 +61,20 @@ WHERE l.addr = addr_text
   AND l.valid_from <= CAST(at_time AS TIMESTAMPTZ)
   AND (l.valid_to IS NULL OR CAST(at_time AS TIMESTAMPTZ) < l.valid_to)
 ORDER BY l.valid_from;
+
+-- nat_inside('198.51.100.7', TIMESTAMPTZ '2024-03-12 07:30:00+00', 51234): who was behind a public (post-NAT)
+-- source address and port at a time - what a CSIRT report names for a NAT'd host. Read from the translations
+-- firewall/NAT routers export (flows.nat_src_addr/nat_src_port: Cisco ASA NSEL, NEL loggers), each with the inside
+-- address and port and the VM that held the inside address then, nearest translation first. public_port NULL:
+-- any port; within: how far the time may lie outside a translation's [ts_start, ts_end] (a NAT event carries
+-- one time, reports are rounded; default 5 minutes).
+CREATE OR REPLACE MACRO nat_inside(public_addr, at_time, public_port := NULL, within := INTERVAL 5 MINUTE) AS TABLE
+SELECT f.src_addr AS inside_addr, f.src_port AS inside_port, f.nat_src_addr, f.nat_src_port,
+       f.dst_addr, f.dst_port, f.proto, f.ts_start, f.ts_end, f.nat_event, f.fw_event, f.exporter,
+       f.src_vm, f.src_vm_name, f.src_project, f.src_user
+FROM flows_attributed f
+WHERE f.nat_src_addr = public_addr
+  AND (public_port IS NULL OR f.nat_src_port = public_port)
+  AND f.ts_start <= CAST(at_time AS TIMESTAMPTZ) + within
+  AND f.ts_end >= CAST(at_time AS TIMESTAMPTZ) - within
+ORDER BY abs(epoch(f.ts_start) - epoch(CAST(at_time AS TIMESTAMPTZ))), f.ts_start, f.src_addr, f.src_port;
