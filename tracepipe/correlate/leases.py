@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -1153,11 +1156,10 @@ def _chunks(table: pa.Table, name: str) -> list[pa.Table]:
     return out
 
 
-def write_derived(lake: Any, name: str, table: pa.Table, info: dict[str, Any]) -> None:
-    """Replace the whole of vm_leases or vms by `table`, in the layout of FILE_ROWS, in one commit."""
-    """Replace the whole of vm_leases or vms by `table`, in the layout of FILE_ROWS, in one commit."""
+def write_derived(lake: Any, name: str, table: pa.Table, info: dict[str, Any]) -> int:
+    """Replace the whole of vm_leases or vms by `table`, in the layout of FILE_ROWS, in one commit; its version."""
     with lake.lock(name):
-        lake.replace_files(name, lake.entries(name), _chunks(table, name), info, ROW_GROUP_ROWS)
+        return lake.replace_files(name, lake.entries(name), _chunks(table, name), info, ROW_GROUP_ROWS)
 
 
 def rebuild_leases(lake: Any, reclaim_interval: dt.timedelta | None = None) -> set[str]:
@@ -1184,12 +1186,13 @@ def _full(lake: Any, reclaim_interval: dt.timedelta | None, reason: str = "") ->
     # commit is redone by the next (events newer than the leases), one killed after it re-attributes the days
     # that no attribution with these leases rewrote yet (attribution.days_left_to_attribute)
     write_derived(lake, "vms", vms, {})
-    write_derived(
+    version = write_derived(
         lake,
         "vm_leases",
         leases,
         {"vm_events_version": events_version, "days": sorted(days), VMS_COMPLETE: True},
     )
+    _save_state(lake, version, _full_state(events, leases, vms))
     return LeaseUpdate(
         "full", days, events.num_rows, reason=reason, seconds=round(time.perf_counter() - started, 3)
     )
@@ -1209,7 +1212,7 @@ def refresh_leases(
         return _full(lake, reclaim_interval, reason)
     if built["vm_events_version"] == version:
         return LeaseUpdate()
-    return _incremental(lake, built["vm_events_version"], version)
+    return _incremental(lake, built["vm_events_version"], version, built["version"])
 
 
 def _new_event_files(lake: Any, since: int) -> list[Any] | None:
@@ -1223,17 +1226,21 @@ def _addr_set(events: pl.DataFrame) -> pl.Series:
     ).unique()
 
 
-def _incremental(lake: Any, since: int, version: int | None) -> LeaseUpdate:
+def _incremental(lake: Any, since: int, version: int | None, built: int) -> LeaseUpdate:
     """Recompute only the leases of the addresses the new events touch, from the time each was last free.
 
-        For each touched address A, b(A) is where its run of back-to-back leases covering the earliest new event
-        starts (or that time, when A was free then): before b(A) nobody held A, so its leases from b(A) on follow
-        from the events after b(A) that name A, and the whole history of every VM involved (status, moves,
-        deletes). Those are read from the day partitions they fall in, replayed with build_leases (the same code
-        as a full rebuild, with A's claims before b(A) taken out), and replace A's leases from b(A) on and the
-        involved VMs' rows. Neutron floating-IP and port events (keyed by ids that reach further back) are rare
-        next to instance events: with them, the update is a full rebuild. (Nova events carry port ids too; a port's
-    history matters only to those Neutron events, so Nova events update incrementally.)"""
+    For each touched address A, b(A) is where its run of back-to-back leases covering the earliest new event
+    starts (or that time, when A was free then): before b(A) nobody held A, so its leases from b(A) on follow
+    from the events after b(A) that name A, and the whole history of every VM involved (status, moves,
+    deletes). Those are replayed with build_leases (the same code as a full rebuild, with A's claims before
+    b(A) taken out), and replace A's leases from b(A) on and the involved VMs' rows. What the update needs of
+    the past comes from the rows that can still change (the "hot" files) and the saved state of the last build
+    (_State: live VMs' events, known VM ids, each address's last run), so its reads do not grow with the
+    history; the settled files are read only for a VM of the new events that is already settled (rare: read
+    as before) or a run of leases that reaches into them. Neutron floating-IP and port events (keyed by ids
+    that reach further back) are rare next to instance events: with them, the update is a full rebuild.
+    (Nova events carry port ids too; a port's history matters only to those Neutron events, so Nova events
+    update incrementally.)"""
     started = time.perf_counter()
     files = _new_event_files(lake, since)
     if files is None:
@@ -1253,66 +1260,90 @@ def _incremental(lake: Any, since: int, version: int | None) -> LeaseUpdate:
     )
     if new.select(neutron.any()).item():
         return _full(lake, None, "Neutron floating-IP or port events")
+    state = _load_state(lake, built)
+    if state is None:
+        return _full(lake, None, "no saved state of the last build (first update after an upgrade)")
     reclaim = load_reclaim_interval(lake)
+    update, reason = None, "events older than what the lake holds for their addresses or VMs"
     with lake.lock("vm_leases"), lake.lock("vms"):
-        lease_entries = lake.entries("vm_leases")
-        vm_entries = lake.entries("vms")
-        t0 = new.get_column("ts").min()
-        vms0 = new.get_column("vm_id").drop_nulls().unique()
-        lease_columns = ["addr", "vm_id", "valid_from", "valid_to"]
-        vm_columns = ["vm_id", "created_at", "last_event_at"]
-        # Settled files (closed leases of deleted VMs) hold most of the history and no row of a VM that is not
-        # deleted: of them only the rows of the touched addresses are read, and of settled vms the rows of the
-        # VMs involved. A new event of a VM already settled (rare) reads everything, as before.
-        if len(_index(lake, vm_entries, vm_columns, "vms", ("vm_id", vms0.to_list()), settled_only=True)):
-            index = _index(lake, lease_entries, lease_columns)
-            vm_index = _index(lake, vm_entries, vm_columns)
-            addrs = pl.concat(
-                [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
-            ).unique()
+        if lake.version("vm_leases") != built:  # another update committed since we looked: start over in full
+            reason = "leases changed during the update"
         else:
-            index = _index(lake, lease_entries, lease_columns, "vm_leases", ("addr", []))
-            addrs = pl.concat(
-                [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
-            ).unique()
-            settled = _index(lake, lease_entries, lease_columns, "vm_leases", ("addr", addrs.to_list()), True)
-            index = pl.concat([index, settled])
-            vm_index = None
-        starts = _free_since(index, addrs, t0)
-        # the VMs whose events can move a touched address after b(A): those of the new events, and every VM
-        # that held it since (a claim that opened no lease, by a deleted VM or at the instant another VM
-        # took the address, changes nothing)
-        holders = index.join(starts, on="addr").filter(pl.col("valid_from") >= pl.col("free_from"))
-        involved_vms = set(vms0.to_list()) | set(holders.get_column("vm_id").to_list())
-        if vm_index is None:
-            vm_index = _index(lake, vm_entries, vm_columns, "vms", ("vm_id", sorted(involved_vms)))
-        # in order = later than anything stored about these addresses and VMs: then no claim that opened no
-        # lease before can open one now. A batch that reaches back before that is replayed in full instead
-        latest = [
-            holders.get_column("valid_from").max(),
-            vm_index.filter(pl.col("vm_id").is_in(list(involved_vms))).get_column("last_event_at").max(),
-        ]
-        if any(t is not None and t >= t0 for t in latest):
-            out_of_order = True
-        else:
-            out_of_order = False
-            update = _update_files(
-                lake,
-                new,
-                addrs,
-                starts,
-                involved_vms,
-                vm_index,
-                index,
-                reclaim,
-                version,
-                lease_entries,
-                vm_entries,
-            )
-    if out_of_order:  # after the locks are released: the full rebuild takes them itself
-        return _full(lake, None, "events older than what the lake holds for their addresses or VMs")
+            update = _update_under_locks(lake, new, state, reclaim, version)
+    if update is None:  # after the locks are released: the full rebuild takes them itself
+        return _full(lake, None, reason)
     update.seconds = round(time.perf_counter() - started, 3)
     return update
+
+
+def _update_under_locks(
+    lake: Any, new: pl.DataFrame, state: _State, reclaim: dt.timedelta | None, version: int | None
+) -> LeaseUpdate | None:
+    """_incremental's reads, replay and commits (the caller holds the vm_leases and vms locks); None when the
+    new events reach back before what the lake holds for their addresses or VMs (then a full rebuild)."""
+    lease_entries = lake.entries("vm_leases")
+    vm_entries = lake.entries("vms")
+    t0 = new.get_column("ts").min()
+    vms0 = new.get_column("vm_id").drop_nulls().unique()
+    lease_columns = ["addr", "vm_id", "valid_from", "valid_to"]
+    vm_columns = ["vm_id", "created_at", "last_event_at"]
+    live = state.live_ids()
+    unseen = vms0.filter(~vms0.is_in(live.implode()))
+    brand_new = set(unseen.filter(~_is_known(state, unseen)).to_list())
+    # a VM of the new events that is neither live nor new is settled (a purge after the delete): then every
+    # lease and VM row is read, as before this state existed
+    maybe_settled = [v for v in unseen.to_list() if v not in brand_new]
+    if maybe_settled and len(
+        _index(lake, vm_entries, vm_columns, "vms", ("vm_id", maybe_settled), settled_only=True)
+    ):
+        index = _index(lake, lease_entries, lease_columns)
+        vm_index = _index(lake, vm_entries, vm_columns)
+        addrs = pl.concat(
+            [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
+        ).unique()
+    else:
+        index = _index(lake, lease_entries, lease_columns, "vm_leases", ("addr", []))  # the hot files
+        addrs = pl.concat(
+            [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
+        ).unique()
+        # of the settled past, b(A) needs only A's last run of back-to-back leases (the state has it); the
+        # rows of it in settled files (a lease superseded or moved back to back) are read from those files
+        runs = state.runs.filter(pl.col("addr").is_in(addrs.implode()))
+        settled_runs = runs.join(index, on=["addr", "valid_from", "vm_id"], how="anti")
+        if settled_runs.height:
+            index = pl.concat([index, _settled_run_rows(lake, lease_entries, lease_columns, settled_runs)])
+        vm_index = None
+    starts = _free_since(index, addrs, t0)
+    # the VMs whose events can move a touched address after b(A): those of the new events, and every VM
+    # that held it since (a claim that opened no lease, by a deleted VM or at the instant another VM
+    # took the address, changes nothing)
+    holders = index.join(starts, on="addr").filter(pl.col("valid_from") >= pl.col("free_from"))
+    involved_vms = set(vms0.to_list()) | set(holders.get_column("vm_id").to_list())
+    if vm_index is None:  # the hot files, and of the settled ones the rows of involved VMs not live (rare)
+        settled_ids = sorted(involved_vms - set(live.to_list()) - brand_new)
+        vm_index = _index(lake, vm_entries, vm_columns, "vms", ("vm_id", settled_ids))
+    # in order = later than anything stored about these addresses and VMs: then no claim that opened no
+    # lease before can open one now. A batch that reaches back before that is replayed in full instead
+    latest = [
+        holders.get_column("valid_from").max(),
+        vm_index.filter(pl.col("vm_id").is_in(list(involved_vms))).get_column("last_event_at").max(),
+    ]
+    if any(t is not None and t >= t0 for t in latest):
+        return None
+    return _update_files(
+        lake,
+        new,
+        addrs,
+        starts,
+        involved_vms,
+        vm_index,
+        index,
+        reclaim,
+        version,
+        lease_entries,
+        vm_entries,
+        state,
+    )
 
 
 def _update_files(
@@ -1327,9 +1358,11 @@ def _update_files(
     version: int | None,
     lease_entries: list[Any],
     vm_entries: list[Any],
+    state: _State,
 ) -> LeaseUpdate:
-    """The incremental update's replay and commits (the caller holds the vm_leases and vms locks)."""
-    events = _history(lake, new, involved_vms, vm_index)
+    """The incremental update's replay and commits (the caller holds the vm_leases and vms locks), then the
+    state of this build (_State) for the next update."""
+    events = _history(lake, new, involved_vms, vm_index, state.live)
     leases, vms = build_leases(_strip_before(events, starts).to_arrow(), reclaim)
     leases = pl.from_arrow(leases)
     vms = pl.from_arrow(vms)
@@ -1383,13 +1416,14 @@ def _update_files(
         _partition_days(lake),
     )
     lake.replace_files("vms", [vm_entries[i] for i in vm_files], _chunks(new_vms, "vms"), {}, ROW_GROUP_ROWS)
-    lake.replace_files(
+    built = lake.replace_files(
         "vm_leases",
         [lease_entries[i] for i in lease_files],
         _chunks(new_leases, "vm_leases"),
         {"vm_events_version": version, "days": sorted(days), "incremental": True, VMS_COMPLETE: True},
         ROW_GROUP_ROWS,
     )
+    _save_state(lake, built, _next_state(state, events, involved_vms, vms, leases, addrs, starts))
     return LeaseUpdate("incremental", days, events.height, new.height, starts.height, vms.height)
 
 
@@ -1400,13 +1434,16 @@ def _index(
     name: str | None = None,
     where: tuple[str, list[str]] | None = None,
     settled_only: bool = False,
+    skip: set[int] | None = None,
 ) -> pl.DataFrame:
     """Some columns of the files of a derived table, with the file's position in `entries`. With `where`
     (column, values): of the settled files (_is_settled_file) only the rows whose column is one of the values
     (and with `settled_only`, nothing of the other files): what the hourly update needs of the settled past,
-    without reading it all."""
+    without reading it all. Files at the positions in `skip` are not read."""
     whole, filtered = [], []
     for i, e in enumerate(entries):
+        if skip and i in skip:
+            continue
         settled = where is not None and name is not None and _is_settled_file(e, name)
         if settled:
             filtered.append(i)
@@ -1483,15 +1520,20 @@ def _days(start: dt.datetime, end: dt.datetime) -> set[str]:
     return out
 
 
-def _history(lake: Any, new: pl.DataFrame, vms: set[str], vm_index: pl.DataFrame) -> pl.DataFrame:
-    """The events an incremental update replays: the new ones, and every stored event of each VM involved,
-    read from the day partitions it can be in (a day before its creation to its last event)."""
+def _history(
+    lake: Any, new: pl.DataFrame, vms: set[str], vm_index: pl.DataFrame, live: pl.DataFrame
+) -> pl.DataFrame:
+    """The events an incremental update replays: the new ones, and every stored event of each VM involved:
+    a live VM's from the saved state, a settled one's (rare) read from the day partitions it can be in (a day
+    before its creation to its last event)."""
+    stored = live.filter(pl.col("vm_id").is_in(list(vms)))
+    vms = vms - set(stored.get_column("vm_id").unique().to_list())
     days: set[str] = set()
     spans = vm_index.filter(pl.col("vm_id").is_in(list(vms)))
     for first, end in spans.select("created_at", "last_event_at").iter_rows():
         if first is not None:  # per involved VM (a few hundred an hour), not per event
             days |= _days(first - dt.timedelta(days=1), end or first)
-    return pl.concat([new, _scan_events(lake, sorted(days), vms)])
+    return pl.concat([new, stored, _scan_events(lake, sorted(days), vms)])
 
 
 def _scan_events(lake: Any, days: list[str], vms: set[str]) -> pl.DataFrame:
@@ -1568,3 +1610,180 @@ def _read_files(entries: list[Any], positions: list[int], schema: pa.Schema) -> 
     frame = pl.from_arrow(pa.concat_tables(tables) if tables else schema.empty_table())
     assert isinstance(frame, pl.DataFrame)
     return frame
+
+
+def _settled_run_rows(lake: Any, entries: list[Any], columns: list[str], rows: pl.DataFrame) -> pl.DataFrame:
+    """`rows` (lease keys of settled files) with the columns of _index, read from the settled files whose
+    valid_from range holds one of them (settled files are cut by valid_from: few)."""
+    lows = rows.get_column("valid_from").min()
+    highs = rows.get_column("valid_from").max()
+    slack = dt.timedelta(milliseconds=1)  # (statistics may be kept at a coarser precision)
+    skip = {
+        i
+        for i, e in enumerate(entries)
+        if _is_settled_file(e, "vm_leases")
+        and isinstance(e.mins.get("valid_from"), dt.datetime)
+        and isinstance(e.maxs.get("valid_from"), dt.datetime)
+        and (e.maxs["valid_from"] + slack < lows or e.mins["valid_from"] - slack > highs)
+    }
+    found = _index(
+        lake,
+        entries,
+        columns,
+        "vm_leases",
+        ("addr", rows.get_column("addr").unique().to_list()),
+        settled_only=True,
+        skip=skip,
+    )
+    return found.join(
+        rows.select("addr", "valid_from", "vm_id"), on=["addr", "valid_from", "vm_id"], how="semi"
+    )
+
+
+# ---- the hourly update's state -------------------------------------------------------------------------------
+# What the incremental update needs of the past, kept beside the derived tables so that its reads do not grow
+# with the history. A cache: derivable from vm_leases, vms and vm_events, valid only for the vm_leases version it
+# is named after; missing, stale or unreadable, the update rebuilds in full (which writes it again).
+#   live.parquet  every stored event of the VMs whose vms row can still change (not settled): an involved VM's
+#                 replay reads them here, not from every day partition of its life (months for some);
+#   known.npy     sorted 64-bit hashes of every vm_id in vms: whether a VM of the new events is new (no stored
+#                 history), live, or settled (rare: then read as before);
+#   runs.parquet  each address's last run of back-to-back leases (addr, vm_id, valid_from, valid_to): all that
+#                 b(A) (_free_since) needs of the settled past.
+STATE_DIR = "_settings/lease_state"
+_HASH_SEED = 18
+_RUN_COLUMNS = ["addr", "vm_id", "valid_from", "valid_to"]
+
+
+@dataclass
+class _State:
+    live: pl.DataFrame  # rows of schema.VM_EVENTS
+    known: np.ndarray  # sorted uint64
+    runs: pl.DataFrame  # _RUN_COLUMNS
+
+    def live_ids(self) -> pl.Series:
+        return self.live.get_column("vm_id").unique()
+
+
+def _id_hashes(ids: pl.Series) -> np.ndarray:
+    return ids.cast(pl.String).hash(_HASH_SEED).to_numpy()
+
+
+def _is_known(state: _State, ids: pl.Series) -> pl.Series:
+    """Whether each id may have a vms row (a hash collision says yes: the caller then reads, never skips)."""
+    hashes = _id_hashes(ids)
+    if not len(state.known):
+        return pl.Series(np.zeros(len(hashes), bool))
+    at = np.minimum(np.searchsorted(state.known, hashes), len(state.known) - 1)
+    return pl.Series(state.known[at] == hashes)
+
+
+def _last_runs(leases: pl.DataFrame) -> pl.DataFrame:
+    """Each address's last run of back-to-back leases (a run starts where the address's previous lease ended
+    before this one began, as in _free_since)."""
+    frame = leases.select(_RUN_COLUMNS).sort("addr", "valid_from")
+    same = pl.col("addr") == pl.col("addr").shift(1)
+    begins = (~same | (pl.col("valid_to").shift(1) < pl.col("valid_from"))).fill_null(True)
+    frame = frame.with_columns(begins.cast(pl.Int64).cum_sum().alias("_run"))
+    last = frame.group_by("addr").agg(pl.col("_run").max().alias("_last"))
+    return frame.join(last, on="addr").filter(pl.col("_run") == pl.col("_last")).select(_RUN_COLUMNS)
+
+
+def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
+    frame = pl.from_arrow(vms.select(["vm_id", "status", "deleted_at"]))
+    runs = pl.from_arrow(leases.select(_RUN_COLUMNS))
+    assert isinstance(frame, pl.DataFrame) and isinstance(runs, pl.DataFrame)
+    hot = frame.filter(~_settled("vms")).get_column("vm_id")
+    live = pl.from_arrow(conform(events.filter(pc.is_in(events.column("vm_id"), hot.to_arrow())), VM_EVENTS))
+    assert isinstance(live, pl.DataFrame)
+    return _State(live, np.sort(_id_hashes(frame.get_column("vm_id"))), _last_runs(runs))
+
+
+def _next_state(
+    state: _State,
+    events: pl.DataFrame,
+    involved: set[str],
+    vms: pl.DataFrame,
+    leases: pl.DataFrame,
+    addrs: pl.Series,
+    starts: pl.DataFrame,
+) -> _State:
+    """The state after an incremental update: `events` every event of the involved VMs (stored and new),
+    `vms` their new rows, `leases` the touched addresses' leases from b(A) on (starts: addr, free_from)."""
+    hot = vms.filter(~_settled("vms")).get_column("vm_id")
+    live = pl.concat(
+        [
+            state.live.filter(~pl.col("vm_id").is_in(list(involved))),
+            events.filter(pl.col("vm_id").is_in(hot.implode())).select(state.live.columns),
+        ]
+    )
+    hashes = np.unique(_id_hashes(vms.get_column("vm_id")))
+    at = np.searchsorted(state.known, hashes)
+    fresh = (at >= len(state.known)) | (state.known[np.minimum(at, max(len(state.known) - 1, 0))] != hashes)
+    known = np.insert(state.known, at[fresh], hashes[fresh]) if len(state.known) else hashes
+    touched = pl.col("addr").is_in(addrs.implode())
+    before = (
+        state.runs.filter(touched)
+        .join(starts.select("addr", "free_from"), on="addr")
+        .filter(pl.col("valid_from") < pl.col("free_from"))
+        .select(_RUN_COLUMNS)
+    )
+    recomputed = _last_runs(pl.concat([before, leases.select(_RUN_COLUMNS).cast(before.schema)]))  # type: ignore[arg-type]
+    return _State(live, known, pl.concat([state.runs.filter(~touched), recomputed]))
+
+
+def _state_schemas() -> tuple[pl.Schema, pl.Schema]:
+    events = pl.from_arrow(VM_EVENTS.empty_table())
+    leases = pl.from_arrow(VM_LEASES.empty_table().select(_RUN_COLUMNS))
+    assert isinstance(events, pl.DataFrame) and isinstance(leases, pl.DataFrame)
+    return events.schema, leases.schema
+
+
+def _save_state(lake: Any, version: int, state: _State) -> None:
+    """The state of vm_leases `version`, written whole into a new directory renamed into place (readers see
+    all of it or none); older states are removed. Failing to write it costs the next update a full rebuild."""
+    root = lake.root / STATE_DIR
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        state.live.write_parquet(work / "live.parquet", compression="zstd")
+        np.save(work / "known.npy", state.known.astype(np.uint64), allow_pickle=False)
+        state.runs.write_parquet(work / "runs.parquet", compression="zstd")
+        meta = {"vm_leases_version": version, "polars": pl.__version__}  # (hashes are polars' own)
+        (work / "meta.json").write_text(json.dumps(meta))
+        final = root / str(version)
+        shutil.rmtree(final, ignore_errors=True)
+        work.rename(final)
+        for old in root.iterdir():
+            if old.name.isdigit() and int(old.name) < version:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        return
+
+
+def _load_state(lake: Any, version: int) -> _State | None:
+    """The saved state of vm_leases `version`, or None (missing, of another build or polars, or not what this
+    code writes: whoever can write the lake can plant files here, and the update then rebuilds in full)."""
+    directory = lake.root / STATE_DIR / str(version)
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        if meta.get("vm_leases_version") != version or meta.get("polars") != pl.__version__:
+            return None
+        # (through pyarrow: polars would read a lake path holding `[`, `*` or `?` as a pattern)
+        live = pl.from_arrow(pq.read_table(directory / "live.parquet"))
+        known = np.load(directory / "known.npy", allow_pickle=False)
+        runs = pl.from_arrow(pq.read_table(directory / "runs.parquet"))
+    except Exception:  # (any damage of a cache: unreadable, truncated, not Parquet)
+        return None
+    events_schema, runs_schema = _state_schemas()
+    if not isinstance(live, pl.DataFrame) or not isinstance(runs, pl.DataFrame):
+        return None
+    if live.schema != events_schema or runs.schema != runs_schema:
+        return None
+    if (
+        known.dtype != np.uint64
+        or known.ndim != 1
+        or (len(known) > 1 and bool(np.any(known[1:] < known[:-1])))
+    ):
+        return None
+    return _State(live, known, runs)
