@@ -1308,7 +1308,10 @@ def _update_under_locks(
         ).unique()
         # of the settled past, b(A) needs only A's last run of back-to-back leases (the state has it); the
         # rows of it in settled files (a lease superseded or moved back to back) are read from those files
+        # (only a run still covering t0 matters: A held then, by an open lease or one ending at t0 or later)
         runs = state.runs.filter(pl.col("addr").is_in(addrs.implode()))
+        t0_us = pl.lit(t0).cast(pl.Datetime("us", "UTC"))
+        runs = runs.filter((pl.col("valid_to").is_null() | (pl.col("valid_to") >= t0_us)).any().over("addr"))
         settled_runs = runs.join(index, on=["addr", "valid_from", "vm_id"], how="anti")
         if settled_runs.height:
             index = pl.concat([index, _settled_run_rows(lake, lease_entries, lease_columns, settled_runs)])
