@@ -65,6 +65,18 @@ _FLOATING_ACTIONS = frozenset({"fip_associate", "fip_disassociate", "fip_delete"
 # facts of a VM that the latest event naming them decides (image: a rebuild changes it)
 _IDENTITY = ("vm_name", "project", "user", "cloud", "image")
 _CONTENT = [f.name for f in VM_EVENTS if f.name not in ("source", "line")]
+# the actions the replay tells apart, as small integers (column `_act`; any other action is -1): one pass over
+# the text, then integer comparisons instead of a string comparison per question
+_ACTION_CODE = {
+    a: i
+    for i, a in enumerate(
+        sorted({*_DEFAULT_STATUS, *_FLOATING_ACTIONS, "attach", "detach", "port_update", "unknown"})
+    )
+}
+
+
+def _act_in(*actions: str) -> pl.Expr:
+    return pl.col("_act").is_in([_ACTION_CODE[a] for a in actions])
 
 
 def _replay_order(events: pa.Table) -> tuple[pl.Series, pl.Series]:
@@ -262,13 +274,31 @@ def _reduce(
     if not len(starts):
         return pl.Series(dtype=pl.Int64)
     if isinstance(column, pl.Expr):
-        values = ev.select(column.cast(pl.Int64).fill_null(sentinel)).to_series().to_numpy()
+        value = column
     elif column == "_row":
-        values = np.arange(ev.height, dtype=np.int64)
-    else:  # (a null, e.g. a time a planted file left out, counts as none)
-        values = ev.get_column(column).fill_null(sentinel).to_numpy()
+        value = pl.int_range(pl.len(), dtype=pl.Int64)
+    else:
+        value = pl.col(column)
+    # (a null, e.g. a time a planted file left out, counts as none); the mask applied in polars: a boolean
+    # column to numpy costs more than the whole when/then
+    value = value.cast(pl.Int64).fill_null(sentinel)
     if where is not None:
-        values = np.where(ev.select(where.fill_null(False)).to_series().to_numpy(), values, sentinel)
+        value = pl.when(where.fill_null(False)).then(value).otherwise(pl.lit(sentinel, pl.Int64))
+    values = ev.select(value).to_series().to_numpy()
+    out = pl.Series(ufunc.reduceat(values, starts))
+    return out.set(out == sentinel, None)  # type: ignore[arg-type]
+
+
+def _reduce_np(values: np.ndarray, where: np.ndarray | None, starts: np.ndarray, how: str) -> pl.Series:
+    """_reduce on numpy arrays: `values` with nulls already the sentinel of `how` (int64 max for min, min
+    for max), `where` a boolean mask or None."""
+    ufunc, sentinel = (
+        (np.minimum, np.iinfo(np.int64).max) if how == "min" else (np.maximum, np.iinfo(np.int64).min)
+    )
+    if not len(starts):
+        return pl.Series(dtype=pl.Int64)
+    if where is not None:
+        values = np.where(where, values, sentinel)
     out = pl.Series(ufunc.reduceat(values, starts))
     return out.set(out == sentinel, None)  # type: ignore[arg-type]
 
@@ -289,8 +319,7 @@ def _vm_frame(
     aggregations and fills over the whole frame (per-group expressions are evaluated group by group).
     The VM's story is told on integers and flags: a text column (names, state) is read from `frame` (whose row
     number is seq) only at the few rows that decide a VM's fact."""
-    act = pl.col("act")
-    floating = act.is_in(list(_FLOATING_ACTIONS))
+    floating = _act_in(*_FLOATING_ACTIONS)
     ev = (
         frame.select(
             "vm_id",
@@ -299,23 +328,24 @@ def _vm_frame(
             "passive",
             "hypervisor",  # a code (_encode_events)
             floating.alias("_floating"),
-            (act.is_in(list(_DELETES)) & ~pl.col("passive") & ~floating).alias("_delete"),
-            act.is_in([*_DELETES, "detach"]).alias("_delete_or_detach"),
-            (act == "port_update").alias("_port_update"),
-            (act == "restore").alias("_restore"),
-            (act == "soft_delete").alias("_soft_delete"),
-            (act == "purge").alias("_purge_act"),
-            (act == "create").alias("_create"),
-            act.is_in(list(_DEFAULT_STATUS)).alias("_default"),
+            (_act_in(*_DELETES) & ~pl.col("passive") & ~floating).alias("_delete"),
+            _act_in(*_DELETES, "detach").alias("_delete_or_detach"),
+            _act_in("port_update").alias("_port_update"),
+            _act_in("restore").alias("_restore"),
+            _act_in("soft_delete").alias("_soft_delete"),
+            _act_in("purge").alias("_purge_act"),
+            _act_in("create").alias("_create"),
+            _act_in(*_DEFAULT_STATUS).alias("_default"),
             (pl.col("state").is_not_null() & (pl.col("state") != "unknown")).alias("_state"),
-            act.is_in(["port_update", "fip_associate"]).not_().alias("_own"),
+            _act_in("port_update", "fip_associate").not_().alias("_own"),
             *[f"_has_{n}" for n in _IDENTITY],
         )
         .filter(pl.col("vm_id").is_not_null())
         .sort("vm_id", maintain_order=True)  # frame is in seq order: a stable sort on one key
     )
-    # VM codes are dense from 0 and sorted (_encode): _vm is the VM's position among the VMs
-    ev = ev.with_columns(pl.col("vm_id").alias("_vm"))
+    # VM codes are dense from 0 and sorted (_encode): _vm is the VM's position among the VMs. (One chunk per
+    # column: every step below then reads contiguous memory, and to numpy without a copy.)
+    ev = ev.with_columns(pl.col("vm_id").alias("_vm")).rechunk()
     vms = ev.get_column("_vm").to_numpy()
     starts = np.flatnonzero(np.r_[True, vms[1:] != vms[:-1]]) if len(vms) else np.zeros(0, np.int64)
     ends = np.append(starts[1:], len(vms)) - 1 if len(starts) else starts
@@ -365,6 +395,7 @@ def _vm_frame(
         .with_columns(pl.coalesce("_strong_last", "_weak_now").alias("hyp_now"))
         .with_columns(pl.when(~new_vm).then(pl.col("hyp_now").shift(1)).alias("_hyp_before"))
         .collect()
+        .rechunk()  # (the lazy engine returns columns in many chunks)
     )
     moves = (
         ev.select("vm_id", "seq", "ts", "_strong", "_hyp_before")
@@ -389,29 +420,42 @@ def _vm_frame(
         & (pl.col("_last_restore").is_null() | (pl.col("seq") > pl.col("_last_restore")))
     )
     # "the latest non-null value" = the value at the last row where it is not null: a max of seq, then a
-    # gather from `frame`; the VM's own events first (a max of seq + _OWN on those, one pass for both)
-    own_first = pl.col("seq") + pl.when(pl.col("_own")).then(_OWN).otherwise(0)
-    marks = {
-        **{f"_at_{n}": (own_first, pl.col(f"_has_{n}")) for n in _IDENTITY},
-        "_status": (pl.col("seq"), pl.col("_has_status")),
-    }
+    # gather from `frame`; the VM's own events first (a max of seq + _OWN on those, one pass for both).
+    # The masks in one select, every reduction in numpy on them (a polars select per value costs 10x more)
+    masks = ev.select(
+        [
+            pl.col(c).fill_null(False)
+            for c in ("_own", "_has_status", "_create", *[f"_has_{n}" for n in _IDENTITY])
+        ]
+        + [
+            gone_row.fill_null(False).alias("_gone_row"),
+            (pl.col("_purge_act") & ~pl.col("passive") & ~alive).fill_null(False).alias("_purged"),
+            soft.fill_null(False).alias("_soft"),
+        ]
+    )
+    mask = {c: masks.get_column(c).to_numpy() for c in masks.columns}
+    seq = ev.get_column("seq").to_numpy()
+    ts = ev.get_column("ts")
+    ts_low = ts.fill_null(np.iinfo(np.int64).max).to_numpy()  # (a null time counts as none)
+    ts_high = ts.fill_null(np.iinfo(np.int64).min).to_numpy()
+    own_first = seq + np.where(mask["_own"], _OWN, 0)
     firsts, lasts = pl.Series(starts), pl.Series(ends)
     facts = pl.DataFrame(
         [
             ev.get_column("vm_id").gather(firsts),
-            *[_reduce(ev, starts, value, where, "max").alias(m) for m, (value, where) in marks.items()],
+            *[_reduce_np(own_first, mask[f"_has_{n}"], starts, "max").alias(f"_at_{n}") for n in _IDENTITY],
+            _reduce_np(seq, mask["_has_status"], starts, "max").alias("_status"),
             ev.get_column("gone_seq").gather(firsts),
-            _reduce(ev, starts, "ts", gone_row, "max").alias("gone_ts"),
-            _reduce(ev, starts, "ts", pl.col("_purge_act") & ~pl.col("passive") & ~alive, "min").alias(
-                "purge_ts"
-            ),
-            _reduce(ev, starts, "ts", soft, "min").alias("soft_deleted_at"),
+            _reduce_np(ts_high, mask["_gone_row"], starts, "max").alias("gone_ts"),
+            _reduce_np(ts_low, mask["_purged"], starts, "min").alias("purge_ts"),
+            _reduce_np(ts_low, mask["_soft"], starts, "min").alias("soft_deleted_at"),
             ev.get_column("hyp_now").gather(lasts).alias("hypervisor"),
-            _reduce(ev, starts, "ts", pl.col("_create"), "min").alias("created"),
-            _reduce(ev, starts, "ts", None, "min").alias("first_seen"),
-            _reduce(ev, starts, "ts", None, "max").alias("last_event_at"),
+            _reduce_np(ts_low, mask["_create"], starts, "min").alias("created"),
+            _reduce_np(ts_low, None, starts, "min").alias("first_seen"),
+            _reduce_np(ts_high, None, starts, "max").alias("last_event_at"),
         ]
     )
+    marks = [*[f"_at_{n}" for n in _IDENTITY], "_status"]
     for name in _IDENTITY:
         facts = facts.with_columns(texts(name, facts.get_column(f"_at_{name}") % _OWN).alias(name))
     # the status set by the VM's last row that sets one
@@ -462,7 +506,7 @@ def _vm_frame(
 
 def _port_maps(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Ports: (port_id, ts, vm_id) of every non-floating event naming both, and port_id -> fixed addresses."""
-    named = frame.filter(pl.col("port_id").is_not_null())
+    named = frame.select("port_id", "act", "ts", "vm_id", "addrs").filter(pl.col("port_id").is_not_null())
     named = named.filter(~pl.col("act").str.starts_with("fip_"))  # (on the few rows naming a port)
     history = (
         named.filter(pl.col("vm_id").is_not_null())
@@ -662,6 +706,10 @@ def _replay(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("seq"),
         (pl.col("_phase") < 2).alias("passive"),
         pl.col("action").fill_null("unknown").alias("act"),
+        pl.col("action")
+        .fill_null("unknown")
+        .replace_strict(_ACTION_CODE, default=-1, return_dtype=pl.Int8)
+        .alias("_act"),
     )
     ev, facts, moves = _vm_frame(frame, reclaim_us, texts)
     port_history, port_addrs = _port_maps(frame)
@@ -687,7 +735,7 @@ def _replay(
 
     # detaches: the address named; else what the VM held that Nova's full list no longer has (fixed only);
     # else the port's addresses (Neutron port.delete / unbind), for the VM bound to the port then
-    detaches = frame.filter((pl.col("act") == "detach") & ~pl.col("passive")).with_row_index("_row")
+    detaches = frame.filter(_act_in("detach") & ~pl.col("passive")).with_row_index("_row")
     detaches = _port_vm(detaches, port_history).with_columns(pl.coalesce("vm_id", "port_vm").alias("need_vm"))
 
     def detach_releases(claimed: pl.DataFrame) -> pl.DataFrame:
@@ -749,8 +797,8 @@ def _replay(
     # floating IPs, keyed by their id (or address): an associate points the address at the VM owning the
     # port then, else the VM holding the fixed address then; disassociate and delete (id only) end it
     fips = frame.filter(
-        pl.col("act").is_in(list(_FLOATING_ACTIONS))
-        & (~pl.col("passive") | (pl.col("act") == "fip_delete"))
+        _act_in(*_FLOATING_ACTIONS)
+        & (~pl.col("passive") | _act_in("fip_delete"))
         & (pl.col("resource_id").is_not_null() | pl.col("addr").is_not_null())
     )
     fips = (
