@@ -504,9 +504,15 @@ def _vm_frame(
     return ev, facts, moves
 
 
+def _few(frame: pl.DataFrame, where: pl.Expr) -> pl.DataFrame:
+    """frame.filter(where) for a condition few rows meet: the mask is worked out alone, then only those rows
+    are gathered (a filter walks every column of every event)."""
+    return frame.gather(frame.select(where.fill_null(False)).to_series().arg_true())
+
+
 def _port_maps(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Ports: (port_id, ts, vm_id) of every non-floating event naming both, and port_id -> fixed addresses."""
-    named = frame.select("port_id", "act", "ts", "vm_id", "addrs").filter(pl.col("port_id").is_not_null())
+    named = _few(frame.select("port_id", "act", "ts", "vm_id", "addrs"), pl.col("port_id").is_not_null())
     named = named.filter(~pl.col("act").str.starts_with("fip_"))  # (on the few rows naming a port)
     history = (
         named.filter(pl.col("vm_id").is_not_null())
@@ -535,22 +541,28 @@ def _port_vm(rows: pl.DataFrame, history: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-_CLAIM = {
-    "addr": _CODE,
-    "seq": pl.Int64,
-    "ts": pl.Int64,
-    "vm_id": _CODE,
-    "kind": pl.String,
-    "reason": pl.String,
-}
-_RELEASE = {
-    "addr": _CODE,
-    "seq": pl.Int64,
-    "ts": pl.Int64,
-    "need_vm": _CODE,
-    "need_kind": pl.String,
-    "reason": pl.String,
-}
+# why a lease ended, and an address's kind (fixed, floating, or what an event calls it), as polars Enums:
+# _resolve's sort and fills then move small integers, not text
+_REASON = pl.Enum(
+    sorted(
+        {"superseded", "fip_reassociate", "detach", "migrate", "fip_disassociate", "fip_delete", *_DELETES}
+    )
+)
+
+
+def _claim_schema(kind: pl.Enum) -> dict[str, Any]:
+    return {"addr": _CODE, "seq": pl.Int64, "ts": pl.Int64, "vm_id": _CODE, "kind": kind, "reason": _REASON}
+
+
+def _release_schema(kind: pl.Enum) -> dict[str, Any]:
+    return {
+        "addr": _CODE,
+        "seq": pl.Int64,
+        "ts": pl.Int64,
+        "need_vm": _CODE,
+        "need_kind": kind,
+        "reason": _REASON,
+    }
 
 
 def _frame(rows: list[pl.DataFrame], schema: dict[str, Any]) -> pl.DataFrame:
@@ -580,7 +592,7 @@ def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
                 "kind",
                 "reason",
                 pl.lit(None, _CODE).alias("need_vm"),
-                pl.lit(None, pl.String).alias("need_kind"),
+                pl.lit(None, releases.schema["need_kind"]).alias("need_kind"),
             ),
             releases.select(
                 "addr",
@@ -588,7 +600,7 @@ def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
                 pl.lit(0, pl.Int8).alias("sub"),
                 "ts",
                 pl.lit(None, _CODE).alias("vm_id"),
-                pl.lit(None, pl.String).alias("kind"),
+                pl.lit(None, claims.schema["kind"]).alias("kind"),
                 "reason",
                 "need_vm",
                 "need_kind",
@@ -731,11 +743,15 @@ def _replay(
         ],
         how="diagonal_relaxed",
     ).with_columns(pl.lit("superseded").alias("reason"))
-    fixed_claims = _frame([fixed_claims], _CLAIM)
+    # (the kinds events name, and the two the replay does)
+    kind = pl.Enum(
+        sorted({"fixed", "floating", *frame.get_column("addr_kind").drop_nulls().unique().to_list()})
+    )
+    fixed_claims = _frame([fixed_claims], _claim_schema(kind))
 
     # detaches: the address named; else what the VM held that Nova's full list no longer has (fixed only);
     # else the port's addresses (Neutron port.delete / unbind), for the VM bound to the port then
-    detaches = frame.filter(_act_in("detach") & ~pl.col("passive")).with_row_index("_row")
+    detaches = _few(frame, _act_in("detach") & ~pl.col("passive")).with_row_index("_row")
     detaches = _port_vm(detaches, port_history).with_columns(pl.coalesce("vm_id", "port_vm").alias("need_vm"))
 
     def detach_releases(claimed: pl.DataFrame) -> pl.DataFrame:
@@ -791,15 +807,18 @@ def _replay(
             pl.col("act").alias("reason"),
         )
 
-    base_releases = _frame([detach_releases(fixed_claims), delete_releases(fixed_claims)], _RELEASE)
+    base_releases = _frame(
+        [detach_releases(fixed_claims), delete_releases(fixed_claims)], _release_schema(kind)
+    )
     fixed_leases = _resolve(fixed_claims, base_releases)
 
     # floating IPs, keyed by their id (or address): an associate points the address at the VM owning the
     # port then, else the VM holding the fixed address then; disassociate and delete (id only) end it
-    fips = frame.filter(
+    fips = _few(
+        frame,
         _act_in(*_FLOATING_ACTIONS)
         & (~pl.col("passive") | _act_in("fip_delete"))
-        & (pl.col("resource_id").is_not_null() | pl.col("addr").is_not_null())
+        & (pl.col("resource_id").is_not_null() | pl.col("addr").is_not_null()),
     )
     fips = (
         fips.with_columns(
@@ -854,7 +873,7 @@ def _replay(
                 pl.lit("fip_reassociate").alias("reason"),
             )
         ],
-        _CLAIM,
+        _claim_schema(kind),
     )
     moved_away = associate.filter(
         pl.col("previous").is_not_null() & (pl.col("previous") != pl.col("address"))
@@ -887,7 +906,9 @@ def _replay(
     )
     if floating_claims.height or moved_away.height or ended.height:
         claims = pl.concat([fixed_claims, floating_claims])
-        releases = _frame([detach_releases(claims), delete_releases(claims), moved_away, ended], _RELEASE)
+        releases = _frame(
+            [detach_releases(claims), delete_releases(claims), moved_away, ended], _release_schema(kind)
+        )
         leases = _resolve(claims, releases)
     else:  # no floating IP: the same claims and releases as the fixed leases' (half the replay, saved)
         leases = fixed_leases
@@ -962,7 +983,7 @@ def _replay(
                 .otherwise(pl.col("end_seq"))
                 .alias("end_seq"),
                 pl.when(pl.col("next_ts").is_not_null())
-                .then(pl.lit("migrate"))
+                .then(pl.lit("migrate", _REASON))
                 .otherwise(pl.col("end_reason"))
                 .alias("end_reason"),
             )
@@ -1022,10 +1043,10 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
             "user",
             "hypervisor",
             "cloud",
-            pl.col("kind").alias("addr_kind"),
+            pl.col("kind").cast(pl.String).alias("addr_kind"),
             "valid_from",
             "valid_to",
-            "end_reason",
+            pl.col("end_reason").cast(pl.String),
             "vm_status",
             "quarantine_until",
         )
