@@ -900,3 +900,71 @@ def test_a_damaged_lease_state_means_a_full_rebuild(tmp_path, damage):
     leases, vms = build_leases(_events(first + then), SEVEN_DAYS)
     assert _lake_tables(lake) == (leases.to_pylist(), vms.to_pylist())
     assert [p.name for p in (lake.root / STATE_DIR).iterdir()] == [str(lake.version("vm_leases"))]
+
+
+def test_hourly_updates_keep_settled_files_few_and_rewrite_little(tmp_path):
+    """The update rewrote the newest settled file until it was full (up to FILE_ROWS rows read and written
+    every hour, whatever the hour brought). Now settled rows go to a small file of their own once the newest
+    holds SMALL_ROWS, and the files not full yet are merged once there are MERGE_FILES of them: here nine
+    hours each settling more than SMALL_ROWS VMs add one small file an hour, then merge them; every update is
+    incremental and the lake equals the full build."""
+    from tracepipe.correlate.leases import (
+        FILE_ROWS,
+        MERGE_FILES,
+        SMALL_ROWS,
+        _is_settled_file,
+        refresh_leases,
+    )
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    per_hour, hours = SMALL_ROWS + 100, MERGE_FILES + 1
+    n = per_hour * hours
+    ts_type = VM_EVENTS.field("ts").type
+    start = int(utc(0, 0).timestamp() * 1e6)
+
+    def batch(ids: range, offset_us: int, action: str, with_addr: bool) -> pa.Table:
+        count = len(ids)
+        return pa.table(
+            {
+                "ts": pa.array([start + offset_us + i for i in range(count)], pa.int64()).cast(ts_type),
+                "cloud": ["test"] * count,
+                "vm_id": [f"vm-{i:06d}" for i in ids],
+                "vm_name": [f"vm-{i:06d}" for i in ids],
+                "action": [action] * count,
+                "addrs": [[f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"] if with_addr else [] for i in ids],
+            }
+        ).cast(
+            pa.schema([VM_EVENTS.field(c) for c in ("ts", "cloud", "vm_id", "vm_name", "action", "addrs")])
+        )
+
+    def full(table: pa.Table) -> pa.Table:
+        return pa.table(
+            [
+                table[f.name] if f.name in table.column_names else pa.nulls(len(table), f.type)
+                for f in VM_EVENTS
+            ],
+            schema=VM_EVENTS,
+        )
+
+    lake = Lake(tmp_path / "lake")
+    batches = [full(batch(range(n), 0, "create", True))]
+    batches += [
+        full(batch(range(h * per_hour, (h + 1) * per_hour), (h + 1) * 3_600_000_000, "delete", False))
+        for h in range(hours)
+    ]
+    modes, settled_files, rewritten = [], [], []
+    for i, events in enumerate(batches):
+        ingest_table(lake, "vm_events", f"h{i}", hash_bytes(f"h{i}".encode()), [events])
+        before = {e.relative for e in lake.entries("vm_leases")}
+        modes.append(refresh_leases(lake, SEVEN_DAYS if i == 0 else None).mode)
+        entries = lake.entries("vm_leases")
+        settled = [e for e in entries if _is_settled_file(e, "vm_leases")]
+        settled_files.append(len(settled))
+        rewritten.append(sum(e.rows for e in settled if e.relative not in before))
+    assert modes == ["full"] + ["incremental"] * hours
+    assert settled_files == [0, *range(1, MERGE_FILES + 1), 1 + (hours * per_hour > FILE_ROWS)]
+    # each hour writes its own settled rows only; the merge hour all of them
+    assert rewritten[:-1] == [0] + [per_hour] * MERGE_FILES and rewritten[-1] == hours * per_hour
+    leases, vms = build_leases(pa.concat_tables(batches), SEVEN_DAYS)
+    expected = leases.sort_by([("addr", "ascending"), ("valid_from", "ascending")]).to_pylist()
+    assert _lake_tables(lake) == (expected, vms.to_pylist())

@@ -1151,6 +1151,8 @@ def changed_days(
 #   * files are cut by time (valid_from / deleted_at) in FILE_ROWS, and each is sorted by its key (addr /
 #     vm_id) in small row groups, so that one address or VM is one row group of each file (min/max statistics).
 FILE_ROWS = 32_768
+SMALL_ROWS = 4_096  # a settled file the hourly update still adds rows to (see _files_of)
+MERGE_FILES = 8  # settled files not full: merged once there are this many
 ROW_GROUP_ROWS = 8_192
 _TIME_OF = {"vm_leases": "valid_from", "vms": "created_at"}
 _SETTLED_TIME = {"vm_leases": "valid_from", "vms": "deleted_at"}
@@ -1658,8 +1660,10 @@ def _files_of(
     replaced: pl.DataFrame | None, index: pl.DataFrame, involved: pl.Series, entries: list[Any], name: str
 ) -> list[int]:
     """Positions of the files holding rows to replace or rows of involved VMs, plus the newest file of rows
-    that can change and the newest settled file while it is not full (new rows go there, so that hourly
-    updates do not add files)."""
+    that can change, and of the settled files not full yet: the newest while it is small (new settled rows go
+    there; else they start a file of their own), or all of them once there are MERGE_FILES (merged into full
+    files). So an hourly update rewrites at most SMALL_ROWS settled rows, a merge every few days FILE_ROWS,
+    and files stay few."""
     files = set(index.filter(pl.col("vm_id").is_in(involved.implode())).get_column("_file").to_list())
     if replaced is not None:
         files |= set(replaced.get_column("_file").to_list())
@@ -1668,11 +1672,14 @@ def _files_of(
         candidates = [
             i
             for i, e in enumerate(entries)
-            if is_open[i] == want_open and (want_open or e.mins.get(_STATUS[name]) == "deleted")
+            if is_open[i] == want_open
+            and (want_open or (e.mins.get(_STATUS[name]) == "deleted" and e.rows < FILE_ROWS))
         ]
-        if candidates:
+        if not want_open and len(candidates) >= MERGE_FILES:
+            files.update(candidates)
+        elif candidates:
             newest = max(candidates, key=lambda i: str(entries[i].maxs.get(column) or ""))
-            if want_open or entries[newest].rows < FILE_ROWS:
+            if want_open or entries[newest].rows < SMALL_ROWS:
                 files.add(newest)
     return sorted(files)
 
