@@ -1297,6 +1297,12 @@ def _addr_set(events: pl.DataFrame) -> pl.Series:
     ).unique()
 
 
+def _touched(new: pl.DataFrame, index: pl.DataFrame, vms: pl.Series) -> pl.Series:
+    """The addresses an update recomputes: those the new events name, and those their VMs held."""
+    held = index.filter(pl.col("vm_id").is_in(vms.implode())).get_column("addr")
+    return pl.concat([_addr_set(new), held]).unique()
+
+
 def _incremental(lake: Any, since: int, version: int | None, built: int) -> LeaseUpdate:
     """Recompute only the leases of the addresses the new events touch, from the time each was last free.
 
@@ -1369,14 +1375,10 @@ def _update_under_locks(
     ):
         index = _index(lake, lease_entries, lease_columns)
         vm_index = _index(lake, vm_entries, vm_columns)
-        addrs = pl.concat(
-            [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
-        ).unique()
+        addrs = _touched(new, index, vms0)
     else:
         index = _index(lake, lease_entries, lease_columns, "vm_leases", ("addr", []))  # the hot files
-        addrs = pl.concat(
-            [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
-        ).unique()
+        addrs = _touched(new, index, vms0)
         # of the settled past, b(A) needs only A's last run of back-to-back leases (the state has it); the
         # rows of it in settled files (a lease superseded or moved back to back) are read from those files
         # (only a run still covering t0 matters: A held then, by an open lease or one ending at t0 or later)
