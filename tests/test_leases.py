@@ -770,7 +770,9 @@ def test_hourly_update_reads_no_day_of_the_past_nor_any_settled_file(tmp_path):
     last build: with every past day partition and every settled file unreadable, the update of the next day
     (a months-old VM deleted, its address and a settled VM's taken by new VMs) is incremental and gives the
     full build's leases and VMs."""
-    from tracepipe.correlate.leases import _is_settled_file, refresh_leases
+    import numpy as np
+
+    from tracepipe.correlate.leases import STATE_DIR, _is_settled_file, refresh_leases
     from tracepipe.lake import Lake, hash_bytes, ingest_table
 
     past = [
@@ -807,11 +809,17 @@ def test_hourly_update_reads_no_day_of_the_past_nor_any_settled_file(tmp_path):
     # newest file of deleted VMs, which it reads to append to while it is not full)
     assert len(unreadable) == 3 + 2
     saved = _damage(unreadable)
+    (state,) = (lake.root / STATE_DIR).iterdir()
+    known = (state / "known.npy").stat().st_ino
     ingest_table(lake, "vm_events", "hour", hash_bytes(b"hour"), [_events(hour)])
     update = refresh_leases(lake)
     for path, content in saved.items():
         path.write_bytes(content)
     assert (update.mode, update.reason) == ("incremental", "")
+    # the ids of every VM ever seen are not rewritten by an update: the new ones go to recent.npy
+    (state,) = (lake.root / STATE_DIR).iterdir()
+    assert (state / "known.npy").stat().st_ino == known
+    assert len(np.load(state / "recent.npy")) == 2  # new, n2
     leases, vms = build_leases(_events(past + hour), SEVEN_DAYS)
     expected = leases.sort_by([("addr", "ascending"), ("valid_from", "ascending")]).to_pylist()
     assert _lake_tables(lake) == (expected, vms.to_pylist())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -1728,7 +1729,9 @@ def _settled_run_rows(lake: Any, entries: list[Any], columns: list[str], rows: p
 #   live.parquet  every stored event of the VMs whose vms row can still change (not settled): an involved VM's
 #                 replay reads them here, not from every day partition of its life (months for some);
 #   known.npy     sorted 64-bit hashes of every vm_id in vms: whether a VM of the new events is new (no stored
-#                 history), live, or settled (rare: then read as before);
+#   recent.npy    history), live, or settled (rare: then read as before). The ids an update adds go to the small
+#                 recent.npy; known.npy is hard-linked from the last state, rewritten only when recent.npy is
+#                 merged in (at a sixteenth of it): an update writes a few kB of ids, not every id ever seen;
 #   runs.parquet  each address's last run of back-to-back leases (addr, vm_id, valid_from, valid_to): all that
 #                 b(A) (_free_since) needs of the settled past.
 STATE_DIR = "_settings/lease_state"
@@ -1741,6 +1744,8 @@ class _State:
     live: pl.DataFrame  # rows of schema.VM_EVENTS
     known: np.ndarray  # sorted uint64
     runs: pl.DataFrame  # _RUN_COLUMNS
+    recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # sorted uint64
+    known_file: Path | None = None  # where `known` was read from (linked into the next state unchanged)
 
     def live_ids(self) -> pl.Series:
         return self.live.get_column("vm_id").unique()
@@ -1750,13 +1755,17 @@ def _id_hashes(ids: pl.Series) -> np.ndarray:
     return ids.cast(pl.String).hash(_HASH_SEED).to_numpy()
 
 
+def _member(sorted_hashes: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    if not len(sorted_hashes):
+        return np.zeros(len(hashes), bool)
+    at = np.minimum(np.searchsorted(sorted_hashes, hashes), len(sorted_hashes) - 1)
+    return sorted_hashes[at] == hashes
+
+
 def _is_known(state: _State, ids: pl.Series) -> pl.Series:
     """Whether each id may have a vms row (a hash collision says yes: the caller then reads, never skips)."""
     hashes = _id_hashes(ids)
-    if not len(state.known):
-        return pl.Series(np.zeros(len(hashes), bool))
-    at = np.minimum(np.searchsorted(state.known, hashes), len(state.known) - 1)
-    return pl.Series(state.known[at] == hashes)
+    return pl.Series(_member(state.known, hashes) | _member(state.recent, hashes))
 
 
 def _last_runs(leases: pl.DataFrame) -> pl.DataFrame:
@@ -1799,9 +1808,10 @@ def _next_state(
         ]
     )
     hashes = np.unique(_id_hashes(vms.get_column("vm_id")))
-    at = np.searchsorted(state.known, hashes)
-    fresh = (at >= len(state.known)) | (state.known[np.minimum(at, max(len(state.known) - 1, 0))] != hashes)
-    known = np.insert(state.known, at[fresh], hashes[fresh]) if len(state.known) else hashes
+    fresh = hashes[~(_member(state.known, hashes) | _member(state.recent, hashes))]
+    known, recent, known_file = state.known, np.union1d(state.recent, fresh), state.known_file
+    if len(recent) > max(len(known) // 16, 1 << 16):
+        known, recent, known_file = np.union1d(known, recent), recent[:0], None
     touched = pl.col("addr").is_in(addrs.implode())
     before = (
         state.runs.filter(touched)
@@ -1810,7 +1820,7 @@ def _next_state(
         .select(_RUN_COLUMNS)
     )
     recomputed = _last_runs(pl.concat([before, leases.select(_RUN_COLUMNS).cast(before.schema)]))  # type: ignore[arg-type]
-    return _State(live, known, pl.concat([state.runs.filter(~touched), recomputed]))
+    return _State(live, known, pl.concat([state.runs.filter(~touched), recomputed]), recent, known_file)
 
 
 def _state_schemas() -> tuple[pl.Schema, pl.Schema]:
@@ -1828,7 +1838,13 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
         root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         state.live.write_parquet(work / "live.parquet", compression="zstd")
-        np.save(work / "known.npy", state.known.astype(np.uint64), allow_pickle=False)
+        try:  # (the big file unchanged since the last state: the same inode)
+            if state.known_file is None:
+                raise OSError
+            os.link(state.known_file, work / "known.npy")
+        except OSError:
+            np.save(work / "known.npy", state.known.astype(np.uint64), allow_pickle=False)
+        np.save(work / "recent.npy", state.recent.astype(np.uint64), allow_pickle=False)
         state.runs.write_parquet(work / "runs.parquet", compression="zstd")
         meta = {"vm_leases_version": version, "polars": pl.__version__}  # (hashes are polars' own)
         (work / "meta.json").write_text(json.dumps(meta))
@@ -1853,6 +1869,7 @@ def _load_state(lake: Any, version: int) -> _State | None:
         # (through pyarrow: polars would read a lake path holding `[`, `*` or `?` as a pattern)
         live = pl.from_arrow(pq.read_table(directory / "live.parquet"))
         known = np.load(directory / "known.npy", allow_pickle=False)
+        recent = np.load(directory / "recent.npy", allow_pickle=False)
         runs = pl.from_arrow(pq.read_table(directory / "runs.parquet"))
     except Exception:  # (any damage of a cache: unreadable, truncated, not Parquet)
         return None
@@ -1861,10 +1878,11 @@ def _load_state(lake: Any, version: int) -> _State | None:
         return None
     if live.schema != events_schema or runs.schema != runs_schema:
         return None
-    if (
-        known.dtype != np.uint64
-        or known.ndim != 1
-        or (len(known) > 1 and bool(np.any(known[1:] < known[:-1])))
-    ):
-        return None
-    return _State(live, known, runs)
+    for hashes in (known, recent):
+        if (
+            hashes.dtype != np.uint64
+            or hashes.ndim != 1
+            or (len(hashes) > 1 and bool(np.any(hashes[1:] < hashes[:-1])))
+        ):
+            return None
+    return _State(live, known, runs, recent, directory / "known.npy")
