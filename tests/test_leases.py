@@ -755,3 +755,226 @@ def test_purge_ends_a_floating_ip_pointed_at_a_deleted_vm():
     leases, _ = build_leases(_events([_random_event(*h) for h in history]))
     floating = [r for r in leases.to_pylist() if r["addr_kind"] == "floating"]
     assert [(r["vm_id"], r["valid_to"], r["end_reason"]) for r in floating] == [("a", utc(0, 1), "purge")]
+
+
+def _damage(paths: list[Path]) -> dict[Path, bytes]:
+    """Overwrite files with bytes no reader accepts; their contents, to put back."""
+    saved = {p: p.read_bytes() for p in paths}
+    for p in paths:
+        p.write_bytes(b"not parquet")
+    return saved
+
+
+def test_hourly_update_reads_no_day_of_the_past_nor_any_settled_file(tmp_path):
+    """Issue 18 item 2: the update read the events of each VM involved from every day partition of its life
+    (a VM alive for months: months of partitions) and the vm_id / addr columns of every settled file (growing
+    with the history). Now a live VM's events and each address's last run come from the state saved by the
+    last build: with every past day partition and every settled file unreadable, the update of the next day
+    (a months-old VM deleted, its address and a settled VM's taken by new VMs) is incremental and gives the
+    full build's leases and VMs."""
+    import numpy as np
+
+    from tracepipe.correlate.leases import STATE_DIR, _is_settled_file, refresh_leases
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    past = [
+        {"ts": utc(1, 0, day=1), "vm_id": "old", "vm_name": "old", "action": "create", "addrs": ["10.0.0.1"]},
+        {
+            "ts": utc(2, 0, day=1),
+            "vm_id": "gone",
+            "vm_name": "gone",
+            "action": "create",
+            "addrs": ["10.0.0.2"],
+        },
+        {"ts": utc(3, 0, day=2), "vm_id": "gone", "action": "delete", "addrs": []},
+        {"ts": utc(3, 30, day=2), "vm_id": "gone", "action": "purge", "addrs": []},
+        {"ts": utc(4, 0, day=3), "vm_id": "old", "action": "power_off", "addrs": ["10.0.0.1"]},
+    ]
+    hour = [
+        {"ts": utc(5, 0, day=20), "vm_id": "old", "action": "delete", "addrs": []},
+        {
+            "ts": utc(5, 10, day=20),
+            "vm_id": "new",
+            "vm_name": "new",
+            "action": "create",
+            "addrs": ["10.0.0.1"],
+        },
+        {"ts": utc(5, 20, day=20), "vm_id": "n2", "vm_name": "n2", "action": "create", "addrs": ["10.0.0.2"]},
+    ]
+    lake = Lake(tmp_path / "lake")
+    ingest_table(lake, "vm_events", "past", hash_bytes(b"past"), [_events(past)])
+    assert refresh_leases(lake, SEVEN_DAYS).mode == "full"
+    unreadable = lake.files("vm_events") + [
+        e.path for name in ("vm_leases", "vms") for e in lake.entries(name) if _is_settled_file(e, name)
+    ]
+    # three days of events; gone's lease and VM row (purged: a file the update never adds rows to, unlike the
+    # newest file of deleted VMs, which it reads to append to while it is not full)
+    assert len(unreadable) == 3 + 2
+    saved = _damage(unreadable)
+    (state,) = (lake.root / STATE_DIR).iterdir()
+    known = (state / "known.npy").stat().st_ino
+    ingest_table(lake, "vm_events", "hour", hash_bytes(b"hour"), [_events(hour)])
+    update = refresh_leases(lake)
+    for path, content in saved.items():
+        path.write_bytes(content)
+    assert (update.mode, update.reason) == ("incremental", "")
+    # the ids of every VM ever seen are not rewritten by an update: the new ones go to recent.npy
+    (state,) = (lake.root / STATE_DIR).iterdir()
+    assert (state / "known.npy").stat().st_ino == known
+    assert len(np.load(state / "recent.npy")) == 2  # new, n2
+    leases, vms = build_leases(_events(past + hour), SEVEN_DAYS)
+    expected = leases.sort_by([("addr", "ascending"), ("valid_from", "ascending")]).to_pylist()
+    assert _lake_tables(lake) == (expected, vms.to_pylist())
+    assert [(r["addr"], r["vm_id"], r["vm_status"]) for r in expected] == [
+        ("10.0.0.1", "old", "deleted"),
+        ("10.0.0.1", "new", "active"),
+        ("10.0.0.2", "gone", "purged"),
+        ("10.0.0.2", "n2", "active"),
+    ]
+
+
+def test_hourly_update_follows_a_run_of_leases_into_the_settled_files(tmp_path):
+    """An address handed over back to back (the holder deleted at the instant another VM took it, then a move of
+    the new holder) is one run of leases reaching into a settled file: b(A) is where the run starts, the
+    settled holder's row is read from its file, and the update still equals the full build."""
+    from tracepipe.correlate.leases import refresh_leases
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    batches = [
+        [
+            {"ts": utc(1, 0), "vm_id": "x", "vm_name": "x", "action": "create", "addrs": ["10.0.0.1"]},
+            {"ts": utc(2, 0), "vm_id": "x", "action": "delete", "addrs": []},
+            {"ts": utc(2, 0), "vm_id": "y", "vm_name": "y", "action": "create", "addrs": ["10.0.0.1"]},
+            {
+                "ts": utc(3, 0),
+                "vm_id": "y",
+                "action": "migrate",
+                "addrs": ["10.0.0.1"],
+                "hypervisor": "h2",
+            },
+        ],
+        [{"ts": utc(4, 0), "vm_id": "y", "action": "reboot", "addrs": ["10.0.0.1"], "hypervisor": "h3"}],
+        [{"ts": utc(5, 0), "vm_id": "y", "action": "delete", "addrs": []}],
+        [{"ts": utc(6, 0), "vm_id": "z", "vm_name": "z", "action": "create", "addrs": ["10.0.0.1"]}],
+    ]
+    lake = Lake(tmp_path / "lake")
+    modes = []
+    for i, rows_ in enumerate(batches):
+        ingest_table(lake, "vm_events", f"b{i}", hash_bytes(f"b{i}".encode()), [_events(rows_)])
+        update = refresh_leases(lake, SEVEN_DAYS if i == 0 else None)
+        modes.append(update.mode if update.mode != "full" or i == 0 else f"full: {update.reason}")
+    assert modes == ["full"] + ["incremental"] * 3
+    leases, vms = build_leases(_events([r for b in batches for r in b]), SEVEN_DAYS)
+    expected = leases.sort_by([("addr", "ascending"), ("valid_from", "ascending")]).to_pylist()
+    assert _lake_tables(lake) == (expected, vms.to_pylist())
+    assert [(r["vm_id"], r["hypervisor"], r["end_reason"]) for r in expected] == [
+        ("x", "h1", "delete"),
+        ("y", "h1", "migrate"),
+        ("y", "h2", "migrate"),
+        ("y", "h3", "delete"),
+        ("z", "h1", None),
+    ]
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "other polars", "unsorted hashes"])
+def test_a_damaged_lease_state_means_a_full_rebuild(tmp_path, damage):
+    """The saved state is a cache that whoever writes the lake can plant or break: anything but what the last
+    build wrote makes the update a full rebuild (never a crash, never wrong leases)."""
+    import json
+
+    import numpy as np
+
+    from tracepipe.correlate.leases import STATE_DIR, refresh_leases
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    lake = Lake(tmp_path / "lake")
+    first = [{"ts": utc(1, 0), "vm_id": "a", "vm_name": "a", "action": "create", "addrs": ["10.0.0.1"]}]
+    then = [{"ts": utc(2, 0), "vm_id": "a", "action": "delete", "addrs": []}]
+    ingest_table(lake, "vm_events", "1", hash_bytes(b"1"), [_events(first)])
+    refresh_leases(lake, SEVEN_DAYS)
+    (state,) = (lake.root / STATE_DIR).iterdir()
+    if damage == "missing":
+        for f in state.iterdir():
+            f.unlink()
+        state.rmdir()
+    elif damage == "garbage":
+        (state / "live.parquet").write_bytes(b"\x00" * 100)
+    elif damage == "other polars":
+        meta = json.loads((state / "meta.json").read_text())
+        (state / "meta.json").write_text(json.dumps({**meta, "polars": "0.0.1"}))
+    else:
+        np.save(state / "known.npy", np.array([3, 1, 2], np.uint64))
+    ingest_table(lake, "vm_events", "2", hash_bytes(b"2"), [_events(then)])
+    update = refresh_leases(lake)
+    assert update.mode == "full" and update.reason.startswith("no saved state")
+    leases, vms = build_leases(_events(first + then), SEVEN_DAYS)
+    assert _lake_tables(lake) == (leases.to_pylist(), vms.to_pylist())
+    assert [p.name for p in (lake.root / STATE_DIR).iterdir()] == [str(lake.version("vm_leases"))]
+
+
+def test_hourly_updates_keep_settled_files_few_and_rewrite_little(tmp_path):
+    """The update rewrote the newest settled file until it was full (up to FILE_ROWS rows read and written
+    every hour, whatever the hour brought). Now settled rows go to a small file of their own once the newest
+    holds SMALL_ROWS, and the files not full yet are merged once there are MERGE_FILES of them: here nine
+    hours each settling more than SMALL_ROWS VMs add one small file an hour, then merge them; every update is
+    incremental and the lake equals the full build."""
+    from tracepipe.correlate.leases import (
+        FILE_ROWS,
+        MERGE_FILES,
+        SMALL_ROWS,
+        _is_settled_file,
+        refresh_leases,
+    )
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    per_hour, hours = SMALL_ROWS + 100, MERGE_FILES + 1
+    n = per_hour * hours
+    ts_type = VM_EVENTS.field("ts").type
+    start = int(utc(0, 0).timestamp() * 1e6)
+
+    def batch(ids: range, offset_us: int, action: str, with_addr: bool) -> pa.Table:
+        count = len(ids)
+        return pa.table(
+            {
+                "ts": pa.array([start + offset_us + i for i in range(count)], pa.int64()).cast(ts_type),
+                "cloud": ["test"] * count,
+                "vm_id": [f"vm-{i:06d}" for i in ids],
+                "vm_name": [f"vm-{i:06d}" for i in ids],
+                "action": [action] * count,
+                "addrs": [[f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"] if with_addr else [] for i in ids],
+            }
+        ).cast(
+            pa.schema([VM_EVENTS.field(c) for c in ("ts", "cloud", "vm_id", "vm_name", "action", "addrs")])
+        )
+
+    def full(table: pa.Table) -> pa.Table:
+        return pa.table(
+            [
+                table[f.name] if f.name in table.column_names else pa.nulls(len(table), f.type)
+                for f in VM_EVENTS
+            ],
+            schema=VM_EVENTS,
+        )
+
+    lake = Lake(tmp_path / "lake")
+    batches = [full(batch(range(n), 0, "create", True))]
+    batches += [
+        full(batch(range(h * per_hour, (h + 1) * per_hour), (h + 1) * 3_600_000_000, "delete", False))
+        for h in range(hours)
+    ]
+    modes, settled_files, rewritten = [], [], []
+    for i, events in enumerate(batches):
+        ingest_table(lake, "vm_events", f"h{i}", hash_bytes(f"h{i}".encode()), [events])
+        before = {e.relative for e in lake.entries("vm_leases")}
+        modes.append(refresh_leases(lake, SEVEN_DAYS if i == 0 else None).mode)
+        entries = lake.entries("vm_leases")
+        settled = [e for e in entries if _is_settled_file(e, "vm_leases")]
+        settled_files.append(len(settled))
+        rewritten.append(sum(e.rows for e in settled if e.relative not in before))
+    assert modes == ["full"] + ["incremental"] * hours
+    assert settled_files == [0, *range(1, MERGE_FILES + 1), 1 + (hours * per_hour > FILE_ROWS)]
+    # each hour writes its own settled rows only; the merge hour all of them
+    assert rewritten[:-1] == [0] + [per_hour] * MERGE_FILES and rewritten[-1] == hours * per_hour
+    leases, vms = build_leases(pa.concat_tables(batches), SEVEN_DAYS)
+    expected = leases.sort_by([("addr", "ascending"), ("valid_from", "ascending")]).to_pylist()
+    assert _lake_tables(lake) == (expected, vms.to_pylist())

@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,6 +67,18 @@ _FLOATING_ACTIONS = frozenset({"fip_associate", "fip_disassociate", "fip_delete"
 # facts of a VM that the latest event naming them decides (image: a rebuild changes it)
 _IDENTITY = ("vm_name", "project", "user", "cloud", "image")
 _CONTENT = [f.name for f in VM_EVENTS if f.name not in ("source", "line")]
+# the actions the replay tells apart, as small integers (column `_act`; any other action is -1): one pass over
+# the text, then integer comparisons instead of a string comparison per question
+_ACTION_CODE = {
+    a: i
+    for i, a in enumerate(
+        sorted({*_DEFAULT_STATUS, *_FLOATING_ACTIONS, "attach", "detach", "port_update", "unknown"})
+    )
+}
+
+
+def _act_in(*actions: str) -> pl.Expr:
+    return pl.col("_act").is_in([_ACTION_CODE[a] for a in actions])
 
 
 def _replay_order(events: pa.Table) -> tuple[pl.Series, pl.Series]:
@@ -260,13 +276,31 @@ def _reduce(
     if not len(starts):
         return pl.Series(dtype=pl.Int64)
     if isinstance(column, pl.Expr):
-        values = ev.select(column.cast(pl.Int64).fill_null(sentinel)).to_series().to_numpy()
+        value = column
     elif column == "_row":
-        values = np.arange(ev.height, dtype=np.int64)
-    else:  # (a null, e.g. a time a planted file left out, counts as none)
-        values = ev.get_column(column).fill_null(sentinel).to_numpy()
+        value = pl.int_range(pl.len(), dtype=pl.Int64)
+    else:
+        value = pl.col(column)
+    # (a null, e.g. a time a planted file left out, counts as none); the mask applied in polars: a boolean
+    # column to numpy costs more than the whole when/then
+    value = value.cast(pl.Int64).fill_null(sentinel)
     if where is not None:
-        values = np.where(ev.select(where.fill_null(False)).to_series().to_numpy(), values, sentinel)
+        value = pl.when(where.fill_null(False)).then(value).otherwise(pl.lit(sentinel, pl.Int64))
+    values = ev.select(value).to_series().to_numpy()
+    out = pl.Series(ufunc.reduceat(values, starts))
+    return out.set(out == sentinel, None)  # type: ignore[arg-type]
+
+
+def _reduce_np(values: np.ndarray, where: np.ndarray | None, starts: np.ndarray, how: str) -> pl.Series:
+    """_reduce on numpy arrays: `values` with nulls already the sentinel of `how` (int64 max for min, min
+    for max), `where` a boolean mask or None."""
+    ufunc, sentinel = (
+        (np.minimum, np.iinfo(np.int64).max) if how == "min" else (np.maximum, np.iinfo(np.int64).min)
+    )
+    if not len(starts):
+        return pl.Series(dtype=pl.Int64)
+    if where is not None:
+        values = np.where(where, values, sentinel)
     out = pl.Series(ufunc.reduceat(values, starts))
     return out.set(out == sentinel, None)  # type: ignore[arg-type]
 
@@ -287,8 +321,7 @@ def _vm_frame(
     aggregations and fills over the whole frame (per-group expressions are evaluated group by group).
     The VM's story is told on integers and flags: a text column (names, state) is read from `frame` (whose row
     number is seq) only at the few rows that decide a VM's fact."""
-    act = pl.col("act")
-    floating = act.is_in(list(_FLOATING_ACTIONS))
+    floating = _act_in(*_FLOATING_ACTIONS)
     ev = (
         frame.select(
             "vm_id",
@@ -297,23 +330,24 @@ def _vm_frame(
             "passive",
             "hypervisor",  # a code (_encode_events)
             floating.alias("_floating"),
-            (act.is_in(list(_DELETES)) & ~pl.col("passive") & ~floating).alias("_delete"),
-            act.is_in([*_DELETES, "detach"]).alias("_delete_or_detach"),
-            (act == "port_update").alias("_port_update"),
-            (act == "restore").alias("_restore"),
-            (act == "soft_delete").alias("_soft_delete"),
-            (act == "purge").alias("_purge_act"),
-            (act == "create").alias("_create"),
-            act.is_in(list(_DEFAULT_STATUS)).alias("_default"),
+            (_act_in(*_DELETES) & ~pl.col("passive") & ~floating).alias("_delete"),
+            _act_in(*_DELETES, "detach").alias("_delete_or_detach"),
+            _act_in("port_update").alias("_port_update"),
+            _act_in("restore").alias("_restore"),
+            _act_in("soft_delete").alias("_soft_delete"),
+            _act_in("purge").alias("_purge_act"),
+            _act_in("create").alias("_create"),
+            _act_in(*_DEFAULT_STATUS).alias("_default"),
             (pl.col("state").is_not_null() & (pl.col("state") != "unknown")).alias("_state"),
-            act.is_in(["port_update", "fip_associate"]).not_().alias("_own"),
+            _act_in("port_update", "fip_associate").not_().alias("_own"),
             *[f"_has_{n}" for n in _IDENTITY],
         )
         .filter(pl.col("vm_id").is_not_null())
         .sort("vm_id", maintain_order=True)  # frame is in seq order: a stable sort on one key
     )
-    # VM codes are dense from 0 and sorted (_encode): _vm is the VM's position among the VMs
-    ev = ev.with_columns(pl.col("vm_id").alias("_vm"))
+    # VM codes are dense from 0 and sorted (_encode): _vm is the VM's position among the VMs. (One chunk per
+    # column: every step below then reads contiguous memory, and to numpy without a copy.)
+    ev = ev.with_columns(pl.col("vm_id").alias("_vm")).rechunk()
     vms = ev.get_column("_vm").to_numpy()
     starts = np.flatnonzero(np.r_[True, vms[1:] != vms[:-1]]) if len(vms) else np.zeros(0, np.int64)
     ends = np.append(starts[1:], len(vms)) - 1 if len(starts) else starts
@@ -363,6 +397,7 @@ def _vm_frame(
         .with_columns(pl.coalesce("_strong_last", "_weak_now").alias("hyp_now"))
         .with_columns(pl.when(~new_vm).then(pl.col("hyp_now").shift(1)).alias("_hyp_before"))
         .collect()
+        .rechunk()  # (the lazy engine returns columns in many chunks)
     )
     moves = (
         ev.select("vm_id", "seq", "ts", "_strong", "_hyp_before")
@@ -387,29 +422,42 @@ def _vm_frame(
         & (pl.col("_last_restore").is_null() | (pl.col("seq") > pl.col("_last_restore")))
     )
     # "the latest non-null value" = the value at the last row where it is not null: a max of seq, then a
-    # gather from `frame`; the VM's own events first (a max of seq + _OWN on those, one pass for both)
-    own_first = pl.col("seq") + pl.when(pl.col("_own")).then(_OWN).otherwise(0)
-    marks = {
-        **{f"_at_{n}": (own_first, pl.col(f"_has_{n}")) for n in _IDENTITY},
-        "_status": (pl.col("seq"), pl.col("_has_status")),
-    }
+    # gather from `frame`; the VM's own events first (a max of seq + _OWN on those, one pass for both).
+    # The masks in one select, every reduction in numpy on them (a polars select per value costs 10x more)
+    masks = ev.select(
+        [
+            pl.col(c).fill_null(False)
+            for c in ("_own", "_has_status", "_create", *[f"_has_{n}" for n in _IDENTITY])
+        ]
+        + [
+            gone_row.fill_null(False).alias("_gone_row"),
+            (pl.col("_purge_act") & ~pl.col("passive") & ~alive).fill_null(False).alias("_purged"),
+            soft.fill_null(False).alias("_soft"),
+        ]
+    )
+    mask = {c: masks.get_column(c).to_numpy() for c in masks.columns}
+    seq = ev.get_column("seq").to_numpy()
+    ts = ev.get_column("ts")
+    ts_low = ts.fill_null(np.iinfo(np.int64).max).to_numpy()  # (a null time counts as none)
+    ts_high = ts.fill_null(np.iinfo(np.int64).min).to_numpy()
+    own_first = seq + np.where(mask["_own"], _OWN, 0)
     firsts, lasts = pl.Series(starts), pl.Series(ends)
     facts = pl.DataFrame(
         [
             ev.get_column("vm_id").gather(firsts),
-            *[_reduce(ev, starts, value, where, "max").alias(m) for m, (value, where) in marks.items()],
+            *[_reduce_np(own_first, mask[f"_has_{n}"], starts, "max").alias(f"_at_{n}") for n in _IDENTITY],
+            _reduce_np(seq, mask["_has_status"], starts, "max").alias("_status"),
             ev.get_column("gone_seq").gather(firsts),
-            _reduce(ev, starts, "ts", gone_row, "max").alias("gone_ts"),
-            _reduce(ev, starts, "ts", pl.col("_purge_act") & ~pl.col("passive") & ~alive, "min").alias(
-                "purge_ts"
-            ),
-            _reduce(ev, starts, "ts", soft, "min").alias("soft_deleted_at"),
+            _reduce_np(ts_high, mask["_gone_row"], starts, "max").alias("gone_ts"),
+            _reduce_np(ts_low, mask["_purged"], starts, "min").alias("purge_ts"),
+            _reduce_np(ts_low, mask["_soft"], starts, "min").alias("soft_deleted_at"),
             ev.get_column("hyp_now").gather(lasts).alias("hypervisor"),
-            _reduce(ev, starts, "ts", pl.col("_create"), "min").alias("created"),
-            _reduce(ev, starts, "ts", None, "min").alias("first_seen"),
-            _reduce(ev, starts, "ts", None, "max").alias("last_event_at"),
+            _reduce_np(ts_low, mask["_create"], starts, "min").alias("created"),
+            _reduce_np(ts_low, None, starts, "min").alias("first_seen"),
+            _reduce_np(ts_high, None, starts, "max").alias("last_event_at"),
         ]
     )
+    marks = [*[f"_at_{n}" for n in _IDENTITY], "_status"]
     for name in _IDENTITY:
         facts = facts.with_columns(texts(name, facts.get_column(f"_at_{name}") % _OWN).alias(name))
     # the status set by the VM's last row that sets one
@@ -458,9 +506,15 @@ def _vm_frame(
     return ev, facts, moves
 
 
+def _few(frame: pl.DataFrame, where: pl.Expr) -> pl.DataFrame:
+    """frame.filter(where) for a condition few rows meet: the mask is worked out alone, then only those rows
+    are gathered (a filter walks every column of every event)."""
+    return frame.gather(frame.select(where.fill_null(False)).to_series().arg_true())
+
+
 def _port_maps(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Ports: (port_id, ts, vm_id) of every non-floating event naming both, and port_id -> fixed addresses."""
-    named = frame.filter(pl.col("port_id").is_not_null())
+    named = _few(frame.select("port_id", "act", "ts", "vm_id", "addrs"), pl.col("port_id").is_not_null())
     named = named.filter(~pl.col("act").str.starts_with("fip_"))  # (on the few rows naming a port)
     history = (
         named.filter(pl.col("vm_id").is_not_null())
@@ -489,22 +543,28 @@ def _port_vm(rows: pl.DataFrame, history: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-_CLAIM = {
-    "addr": _CODE,
-    "seq": pl.Int64,
-    "ts": pl.Int64,
-    "vm_id": _CODE,
-    "kind": pl.String,
-    "reason": pl.String,
-}
-_RELEASE = {
-    "addr": _CODE,
-    "seq": pl.Int64,
-    "ts": pl.Int64,
-    "need_vm": _CODE,
-    "need_kind": pl.String,
-    "reason": pl.String,
-}
+# why a lease ended, and an address's kind (fixed, floating, or what an event calls it), as polars Enums:
+# _resolve's sort and fills then move small integers, not text
+_REASON = pl.Enum(
+    sorted(
+        {"superseded", "fip_reassociate", "detach", "migrate", "fip_disassociate", "fip_delete", *_DELETES}
+    )
+)
+
+
+def _claim_schema(kind: pl.Enum) -> dict[str, Any]:
+    return {"addr": _CODE, "seq": pl.Int64, "ts": pl.Int64, "vm_id": _CODE, "kind": kind, "reason": _REASON}
+
+
+def _release_schema(kind: pl.Enum) -> dict[str, Any]:
+    return {
+        "addr": _CODE,
+        "seq": pl.Int64,
+        "ts": pl.Int64,
+        "need_vm": _CODE,
+        "need_kind": kind,
+        "reason": _REASON,
+    }
 
 
 def _frame(rows: list[pl.DataFrame], schema: dict[str, Any]) -> pl.DataFrame:
@@ -534,7 +594,7 @@ def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
                 "kind",
                 "reason",
                 pl.lit(None, _CODE).alias("need_vm"),
-                pl.lit(None, pl.String).alias("need_kind"),
+                pl.lit(None, releases.schema["need_kind"]).alias("need_kind"),
             ),
             releases.select(
                 "addr",
@@ -542,7 +602,7 @@ def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
                 pl.lit(0, pl.Int8).alias("sub"),
                 "ts",
                 pl.lit(None, _CODE).alias("vm_id"),
-                pl.lit(None, pl.String).alias("kind"),
+                pl.lit(None, claims.schema["kind"]).alias("kind"),
                 "reason",
                 "need_vm",
                 "need_kind",
@@ -660,6 +720,10 @@ def _replay(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("seq"),
         (pl.col("_phase") < 2).alias("passive"),
         pl.col("action").fill_null("unknown").alias("act"),
+        pl.col("action")
+        .fill_null("unknown")
+        .replace_strict(_ACTION_CODE, default=-1, return_dtype=pl.Int8)
+        .alias("_act"),
     )
     ev, facts, moves = _vm_frame(frame, reclaim_us, texts)
     port_history, port_addrs = _port_maps(frame)
@@ -681,11 +745,15 @@ def _replay(
         ],
         how="diagonal_relaxed",
     ).with_columns(pl.lit("superseded").alias("reason"))
-    fixed_claims = _frame([fixed_claims], _CLAIM)
+    # (the kinds events name, and the two the replay does)
+    kind = pl.Enum(
+        sorted({"fixed", "floating", *frame.get_column("addr_kind").drop_nulls().unique().to_list()})
+    )
+    fixed_claims = _frame([fixed_claims], _claim_schema(kind))
 
     # detaches: the address named; else what the VM held that Nova's full list no longer has (fixed only);
     # else the port's addresses (Neutron port.delete / unbind), for the VM bound to the port then
-    detaches = frame.filter((pl.col("act") == "detach") & ~pl.col("passive")).with_row_index("_row")
+    detaches = _few(frame, _act_in("detach") & ~pl.col("passive")).with_row_index("_row")
     detaches = _port_vm(detaches, port_history).with_columns(pl.coalesce("vm_id", "port_vm").alias("need_vm"))
 
     def detach_releases(claimed: pl.DataFrame) -> pl.DataFrame:
@@ -741,15 +809,18 @@ def _replay(
             pl.col("act").alias("reason"),
         )
 
-    base_releases = _frame([detach_releases(fixed_claims), delete_releases(fixed_claims)], _RELEASE)
+    base_releases = _frame(
+        [detach_releases(fixed_claims), delete_releases(fixed_claims)], _release_schema(kind)
+    )
     fixed_leases = _resolve(fixed_claims, base_releases)
 
     # floating IPs, keyed by their id (or address): an associate points the address at the VM owning the
     # port then, else the VM holding the fixed address then; disassociate and delete (id only) end it
-    fips = frame.filter(
-        pl.col("act").is_in(list(_FLOATING_ACTIONS))
-        & (~pl.col("passive") | (pl.col("act") == "fip_delete"))
-        & (pl.col("resource_id").is_not_null() | pl.col("addr").is_not_null())
+    fips = _few(
+        frame,
+        _act_in(*_FLOATING_ACTIONS)
+        & (~pl.col("passive") | _act_in("fip_delete"))
+        & (pl.col("resource_id").is_not_null() | pl.col("addr").is_not_null()),
     )
     fips = (
         fips.with_columns(
@@ -804,7 +875,7 @@ def _replay(
                 pl.lit("fip_reassociate").alias("reason"),
             )
         ],
-        _CLAIM,
+        _claim_schema(kind),
     )
     moved_away = associate.filter(
         pl.col("previous").is_not_null() & (pl.col("previous") != pl.col("address"))
@@ -837,7 +908,9 @@ def _replay(
     )
     if floating_claims.height or moved_away.height or ended.height:
         claims = pl.concat([fixed_claims, floating_claims])
-        releases = _frame([detach_releases(claims), delete_releases(claims), moved_away, ended], _RELEASE)
+        releases = _frame(
+            [detach_releases(claims), delete_releases(claims), moved_away, ended], _release_schema(kind)
+        )
         leases = _resolve(claims, releases)
     else:  # no floating IP: the same claims and releases as the fixed leases' (half the replay, saved)
         leases = fixed_leases
@@ -912,7 +985,7 @@ def _replay(
                 .otherwise(pl.col("end_seq"))
                 .alias("end_seq"),
                 pl.when(pl.col("next_ts").is_not_null())
-                .then(pl.lit("migrate"))
+                .then(pl.lit("migrate", _REASON))
                 .otherwise(pl.col("end_reason"))
                 .alias("end_reason"),
             )
@@ -938,8 +1011,9 @@ def _us_to_ts(*names: str) -> list[pl.Expr]:
 def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None) -> tuple[pa.Table, pa.Table]:
     """Whole event history -> (vm_leases, vms) tables in schema.VM_LEASES / schema.VMS, sorted.
 
-    Vectorised (polars and numpy over integer codes of the sorted events, see _replay): about 0.6 M events per
-    CPU second (README, "Leases under CERN-like churn"; the issue's goal is 1 M)."""
+    Vectorised (polars and numpy over integer codes of the sorted events, see _replay): about 0.65 M events per
+    CPU second, 1.5 CPU s per million events (README, "Leases under CERN-like churn"; the issue's goal is 1 M
+    events per second of wall time, with polars' threads)."""
     events = events.select([f.name for f in VM_EVENTS])
     if events.num_rows == 0:
         return VM_LEASES.empty_table(), VMS.empty_table()
@@ -972,10 +1046,10 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
             "user",
             "hypervisor",
             "cloud",
-            pl.col("kind").alias("addr_kind"),
+            pl.col("kind").cast(pl.String).alias("addr_kind"),
             "valid_from",
             "valid_to",
-            "end_reason",
+            pl.col("end_reason").cast(pl.String),
             "vm_status",
             "quarantine_until",
         )
@@ -1080,6 +1154,8 @@ def changed_days(
 #   * files are cut by time (valid_from / deleted_at) in FILE_ROWS, and each is sorted by its key (addr /
 #     vm_id) in small row groups, so that one address or VM is one row group of each file (min/max statistics).
 FILE_ROWS = 32_768
+SMALL_ROWS = 4_096  # a settled file the hourly update still adds rows to (see _files_of)
+MERGE_FILES = 8  # settled files not full: merged once there are this many
 ROW_GROUP_ROWS = 8_192
 _TIME_OF = {"vm_leases": "valid_from", "vms": "created_at"}
 _SETTLED_TIME = {"vm_leases": "valid_from", "vms": "deleted_at"}
@@ -1154,12 +1230,11 @@ def _chunks(table: pa.Table, name: str) -> list[pa.Table]:
     return out
 
 
-def write_derived(lake: Any, name: str, table: pa.Table, info: dict[str, Any]) -> None:
-    """Replace the whole of vm_leases or vms by `table`, in the layout of FILE_ROWS, in one commit."""
-    """Replace the whole of vm_leases or vms by `table`, in the layout of FILE_ROWS, in one commit."""
+def write_derived(lake: Any, name: str, table: pa.Table, info: dict[str, Any]) -> int:
+    """Replace the whole of vm_leases or vms by `table`, in the layout of FILE_ROWS, in one commit; its version."""
     with lake.lock(name):
         table = keyed_vms(lake, table, lake.entries(name)) if name == "vms" else table
-        lake.replace_files(name, lake.entries(name), _chunks(table, name), info, ROW_GROUP_ROWS)
+        return lake.replace_files(name, lake.entries(name), _chunks(table, name), info, ROW_GROUP_ROWS)
 
 
 def rebuild_leases(lake: Any, reclaim_interval: dt.timedelta | None = None) -> set[str]:
@@ -1186,12 +1261,13 @@ def _full(lake: Any, reclaim_interval: dt.timedelta | None, reason: str = "") ->
     # commit is redone by the next (events newer than the leases), one killed after it re-attributes the days
     # that no attribution with these leases rewrote yet (attribution.days_left_to_attribute)
     write_derived(lake, "vms", vms, {})
-    write_derived(
+    version = write_derived(
         lake,
         "vm_leases",
         leases,
         {"vm_events_version": events_version, "days": sorted(days), VMS_COMPLETE: True},
     )
+    _save_state(lake, version, _full_state(events, leases, vms))
     return LeaseUpdate(
         "full", days, events.num_rows, reason=reason, seconds=round(time.perf_counter() - started, 3)
     )
@@ -1211,7 +1287,7 @@ def refresh_leases(
         return _full(lake, reclaim_interval, reason)
     if built["vm_events_version"] == version:
         return LeaseUpdate()
-    return _incremental(lake, built["vm_events_version"], version)
+    return _incremental(lake, built["vm_events_version"], version, built["version"])
 
 
 def _new_event_files(lake: Any, since: int) -> list[Any] | None:
@@ -1225,17 +1301,27 @@ def _addr_set(events: pl.DataFrame) -> pl.Series:
     ).unique()
 
 
-def _incremental(lake: Any, since: int, version: int | None) -> LeaseUpdate:
+def _touched(new: pl.DataFrame, index: pl.DataFrame, vms: pl.Series) -> pl.Series:
+    """The addresses an update recomputes: those the new events name, and those their VMs held."""
+    held = index.filter(pl.col("vm_id").is_in(vms.implode())).get_column("addr")
+    return pl.concat([_addr_set(new), held]).unique()
+
+
+def _incremental(lake: Any, since: int, version: int | None, built: int) -> LeaseUpdate:
     """Recompute only the leases of the addresses the new events touch, from the time each was last free.
 
-        For each touched address A, b(A) is where its run of back-to-back leases covering the earliest new event
-        starts (or that time, when A was free then): before b(A) nobody held A, so its leases from b(A) on follow
-        from the events after b(A) that name A, and the whole history of every VM involved (status, moves,
-        deletes). Those are read from the day partitions they fall in, replayed with build_leases (the same code
-        as a full rebuild, with A's claims before b(A) taken out), and replace A's leases from b(A) on and the
-        involved VMs' rows. Neutron floating-IP and port events (keyed by ids that reach further back) are rare
-        next to instance events: with them, the update is a full rebuild. (Nova events carry port ids too; a port's
-    history matters only to those Neutron events, so Nova events update incrementally.)"""
+    For each touched address A, b(A) is where its run of back-to-back leases covering the earliest new event
+    starts (or that time, when A was free then): before b(A) nobody held A, so its leases from b(A) on follow
+    from the events after b(A) that name A, and the whole history of every VM involved (status, moves,
+    deletes). Those are replayed with build_leases (the same code as a full rebuild, with A's claims before
+    b(A) taken out), and replace A's leases from b(A) on and the involved VMs' rows. What the update needs of
+    the past comes from the rows that can still change (the "hot" files) and the saved state of the last build
+    (_State: live VMs' events, known VM ids, each address's last run), so its reads do not grow with the
+    history; the settled files are read only for a VM of the new events that is already settled (rare: read
+    as before) or a run of leases that reaches into them. Neutron floating-IP and port events (keyed by ids
+    that reach further back) are rare next to instance events: with them, the update is a full rebuild.
+    (Nova events carry port ids too; a port's history matters only to those Neutron events, so Nova events
+    update incrementally.)"""
     started = time.perf_counter()
     files = _new_event_files(lake, since)
     if files is None:
@@ -1255,66 +1341,89 @@ def _incremental(lake: Any, since: int, version: int | None) -> LeaseUpdate:
     )
     if new.select(neutron.any()).item():
         return _full(lake, None, "Neutron floating-IP or port events")
+    state = _load_state(lake, built)
+    if state is None:
+        return _full(lake, None, "no saved state of the last build (first update after an upgrade)")
     reclaim = load_reclaim_interval(lake)
+    update, reason = None, "events older than what the lake holds for their addresses or VMs"
     with lake.lock("vm_leases"), lake.lock("vms"):
-        lease_entries = lake.entries("vm_leases")
-        vm_entries = lake.entries("vms")
-        t0 = new.get_column("ts").min()
-        vms0 = new.get_column("vm_id").drop_nulls().unique()
-        lease_columns = ["addr", "vm_id", "valid_from", "valid_to"]
-        vm_columns = ["vm_id", "created_at", "last_event_at"]
-        # Settled files (closed leases of deleted VMs) hold most of the history and no row of a VM that is not
-        # deleted: of them only the rows of the touched addresses are read, and of settled vms the rows of the
-        # VMs involved. A new event of a VM already settled (rare) reads everything, as before.
-        if len(_index(lake, vm_entries, vm_columns, "vms", ("vm_id", vms0.to_list()), settled_only=True)):
-            index = _index(lake, lease_entries, lease_columns)
-            vm_index = _index(lake, vm_entries, vm_columns)
-            addrs = pl.concat(
-                [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
-            ).unique()
+        if lake.version("vm_leases") != built:  # another update committed since we looked: start over in full
+            reason = "leases changed during the update"
         else:
-            index = _index(lake, lease_entries, lease_columns, "vm_leases", ("addr", []))
-            addrs = pl.concat(
-                [_addr_set(new), index.filter(pl.col("vm_id").is_in(vms0.implode())).get_column("addr")]
-            ).unique()
-            settled = _index(lake, lease_entries, lease_columns, "vm_leases", ("addr", addrs.to_list()), True)
-            index = pl.concat([index, settled])
-            vm_index = None
-        starts = _free_since(index, addrs, t0)
-        # the VMs whose events can move a touched address after b(A): those of the new events, and every VM
-        # that held it since (a claim that opened no lease, by a deleted VM or at the instant another VM
-        # took the address, changes nothing)
-        holders = index.join(starts, on="addr").filter(pl.col("valid_from") >= pl.col("free_from"))
-        involved_vms = set(vms0.to_list()) | set(holders.get_column("vm_id").to_list())
-        if vm_index is None:
-            vm_index = _index(lake, vm_entries, vm_columns, "vms", ("vm_id", sorted(involved_vms)))
-        # in order = later than anything stored about these addresses and VMs: then no claim that opened no
-        # lease before can open one now. A batch that reaches back before that is replayed in full instead
-        latest = [
-            holders.get_column("valid_from").max(),
-            vm_index.filter(pl.col("vm_id").is_in(list(involved_vms))).get_column("last_event_at").max(),
-        ]
-        if any(t is not None and t >= t0 for t in latest):
-            out_of_order = True
-        else:
-            out_of_order = False
-            update = _update_files(
-                lake,
-                new,
-                addrs,
-                starts,
-                involved_vms,
-                vm_index,
-                index,
-                reclaim,
-                version,
-                lease_entries,
-                vm_entries,
-            )
-    if out_of_order:  # after the locks are released: the full rebuild takes them itself
-        return _full(lake, None, "events older than what the lake holds for their addresses or VMs")
+            update = _update_under_locks(lake, new, state, reclaim, version)
+    if update is None:  # after the locks are released: the full rebuild takes them itself
+        return _full(lake, None, reason)
     update.seconds = round(time.perf_counter() - started, 3)
     return update
+
+
+def _update_under_locks(
+    lake: Any, new: pl.DataFrame, state: _State, reclaim: dt.timedelta | None, version: int | None
+) -> LeaseUpdate | None:
+    """_incremental's reads, replay and commits (the caller holds the vm_leases and vms locks); None when the
+    new events reach back before what the lake holds for their addresses or VMs (then a full rebuild)."""
+    lease_entries = lake.entries("vm_leases")
+    vm_entries = lake.entries("vms")
+    t0 = new.get_column("ts").min()
+    vms0 = new.get_column("vm_id").drop_nulls().unique()
+    lease_columns = ["addr", "vm_id", "valid_from", "valid_to"]
+    vm_columns = ["vm_id", "created_at", "last_event_at"]
+    live = state.live_ids()
+    unseen = vms0.filter(~vms0.is_in(live.implode()))
+    brand_new = set(unseen.filter(~_is_known(state, unseen)).to_list())
+    # a VM of the new events that is neither live nor new is settled (a purge after the delete): then every
+    # lease and VM row is read, as before this state existed
+    maybe_settled = [v for v in unseen.to_list() if v not in brand_new]
+    if maybe_settled and len(
+        _index(lake, vm_entries, vm_columns, "vms", ("vm_id", maybe_settled), settled_only=True)
+    ):
+        index = _index(lake, lease_entries, lease_columns)
+        vm_index = _index(lake, vm_entries, vm_columns)
+        addrs = _touched(new, index, vms0)
+    else:
+        index = _index(lake, lease_entries, lease_columns, "vm_leases", ("addr", []))  # the hot files
+        addrs = _touched(new, index, vms0)
+        # of the settled past, b(A) needs only A's last run of back-to-back leases (the state has it); the
+        # rows of it in settled files (a lease superseded or moved back to back) are read from those files
+        # (only a run still covering t0 matters: A held then, by an open lease or one ending at t0 or later)
+        runs = state.runs.filter(pl.col("addr").is_in(addrs.implode()))
+        t0_us = pl.lit(t0).cast(pl.Datetime("us", "UTC"))
+        runs = runs.filter((pl.col("valid_to").is_null() | (pl.col("valid_to") >= t0_us)).any().over("addr"))
+        settled_runs = runs.join(index, on=["addr", "valid_from", "vm_id"], how="anti")
+        if settled_runs.height:
+            index = pl.concat([index, _settled_run_rows(lake, lease_entries, lease_columns, settled_runs)])
+        vm_index = None
+    starts = _free_since(index, addrs, t0)
+    # the VMs whose events can move a touched address after b(A): those of the new events, and every VM
+    # that held it since (a claim that opened no lease, by a deleted VM or at the instant another VM
+    # took the address, changes nothing)
+    holders = index.join(starts, on="addr").filter(pl.col("valid_from") >= pl.col("free_from"))
+    involved_vms = set(vms0.to_list()) | set(holders.get_column("vm_id").to_list())
+    if vm_index is None:  # the hot files, and of the settled ones the rows of involved VMs not live (rare)
+        settled_ids = sorted(involved_vms - set(live.to_list()) - brand_new)
+        vm_index = _index(lake, vm_entries, vm_columns, "vms", ("vm_id", settled_ids))
+    # in order = later than anything stored about these addresses and VMs: then no claim that opened no
+    # lease before can open one now. A batch that reaches back before that is replayed in full instead
+    latest = [
+        holders.get_column("valid_from").max(),
+        vm_index.filter(pl.col("vm_id").is_in(list(involved_vms))).get_column("last_event_at").max(),
+    ]
+    if any(t is not None and t >= t0 for t in latest):
+        return None
+    return _update_files(
+        lake,
+        new,
+        addrs,
+        starts,
+        involved_vms,
+        vm_index,
+        index,
+        reclaim,
+        version,
+        lease_entries,
+        vm_entries,
+        state,
+    )
 
 
 def _update_files(
@@ -1329,9 +1438,11 @@ def _update_files(
     version: int | None,
     lease_entries: list[Any],
     vm_entries: list[Any],
+    state: _State,
 ) -> LeaseUpdate:
-    """The incremental update's replay and commits (the caller holds the vm_leases and vms locks)."""
-    events = _history(lake, new, involved_vms, vm_index)
+    """The incremental update's replay and commits (the caller holds the vm_leases and vms locks), then the
+    state of this build (_State) for the next update."""
+    events = _history(lake, new, involved_vms, vm_index, state.live)
     leases, vms = build_leases(_strip_before(events, starts).to_arrow(), reclaim)
     leases = pl.from_arrow(leases)
     vms = pl.from_arrow(vms)
@@ -1386,13 +1497,14 @@ def _update_files(
     )
     new_vms = keyed_vms(lake, new_vms, [vm_entries[i] for i in vm_files])
     lake.replace_files("vms", [vm_entries[i] for i in vm_files], _chunks(new_vms, "vms"), {}, ROW_GROUP_ROWS)
-    lake.replace_files(
+    built = lake.replace_files(
         "vm_leases",
         [lease_entries[i] for i in lease_files],
         _chunks(new_leases, "vm_leases"),
         {"vm_events_version": version, "days": sorted(days), "incremental": True, VMS_COMPLETE: True},
         ROW_GROUP_ROWS,
     )
+    _save_state(lake, built, _next_state(state, events, involved_vms, vms, leases, addrs, starts))
     return LeaseUpdate("incremental", days, events.height, new.height, starts.height, vms.height)
 
 
@@ -1403,13 +1515,16 @@ def _index(
     name: str | None = None,
     where: tuple[str, list[str]] | None = None,
     settled_only: bool = False,
+    skip: set[int] | None = None,
 ) -> pl.DataFrame:
     """Some columns of the files of a derived table, with the file's position in `entries`. With `where`
     (column, values): of the settled files (_is_settled_file) only the rows whose column is one of the values
     (and with `settled_only`, nothing of the other files): what the hourly update needs of the settled past,
-    without reading it all."""
+    without reading it all. Files at the positions in `skip` are not read."""
     whole, filtered = [], []
     for i, e in enumerate(entries):
+        if skip and i in skip:
+            continue
         settled = where is not None and name is not None and _is_settled_file(e, name)
         if settled:
             filtered.append(i)
@@ -1486,15 +1601,20 @@ def _days(start: dt.datetime, end: dt.datetime) -> set[str]:
     return out
 
 
-def _history(lake: Any, new: pl.DataFrame, vms: set[str], vm_index: pl.DataFrame) -> pl.DataFrame:
-    """The events an incremental update replays: the new ones, and every stored event of each VM involved,
-    read from the day partitions it can be in (a day before its creation to its last event)."""
+def _history(
+    lake: Any, new: pl.DataFrame, vms: set[str], vm_index: pl.DataFrame, live: pl.DataFrame
+) -> pl.DataFrame:
+    """The events an incremental update replays: the new ones, and every stored event of each VM involved:
+    a live VM's from the saved state, a settled one's (rare) read from the day partitions it can be in (a day
+    before its creation to its last event)."""
+    stored = live.filter(pl.col("vm_id").is_in(list(vms)))
+    vms = vms - set(stored.get_column("vm_id").unique().to_list())
     days: set[str] = set()
     spans = vm_index.filter(pl.col("vm_id").is_in(list(vms)))
     for first, end in spans.select("created_at", "last_event_at").iter_rows():
         if first is not None:  # per involved VM (a few hundred an hour), not per event
             days |= _days(first - dt.timedelta(days=1), end or first)
-    return pl.concat([new, _scan_events(lake, sorted(days), vms)])
+    return pl.concat([new, stored, _scan_events(lake, sorted(days), vms)])
 
 
 def _scan_events(lake: Any, days: list[str], vms: set[str]) -> pl.DataFrame:
@@ -1547,8 +1667,10 @@ def _files_of(
     replaced: pl.DataFrame | None, index: pl.DataFrame, involved: pl.Series, entries: list[Any], name: str
 ) -> list[int]:
     """Positions of the files holding rows to replace or rows of involved VMs, plus the newest file of rows
-    that can change and the newest settled file while it is not full (new rows go there, so that hourly
-    updates do not add files)."""
+    that can change, and of the settled files not full yet: the newest while it is small (new settled rows go
+    there; else they start a file of their own), or all of them once there are MERGE_FILES (merged into full
+    files). So an hourly update rewrites at most SMALL_ROWS settled rows, a merge every few days FILE_ROWS,
+    and files stay few."""
     files = set(index.filter(pl.col("vm_id").is_in(involved.implode())).get_column("_file").to_list())
     if replaced is not None:
         files |= set(replaced.get_column("_file").to_list())
@@ -1557,11 +1679,14 @@ def _files_of(
         candidates = [
             i
             for i, e in enumerate(entries)
-            if is_open[i] == want_open and (want_open or e.mins.get(_STATUS[name]) == "deleted")
+            if is_open[i] == want_open
+            and (want_open or (e.mins.get(_STATUS[name]) == "deleted" and e.rows < FILE_ROWS))
         ]
-        if candidates:
+        if not want_open and len(candidates) >= MERGE_FILES:
+            files.update(candidates)
+        elif candidates:
             newest = max(candidates, key=lambda i: str(entries[i].maxs.get(column) or ""))
-            if want_open or entries[newest].rows < FILE_ROWS:
+            if want_open or entries[newest].rows < SMALL_ROWS:
                 files.add(newest)
     return sorted(files)
 
@@ -1571,3 +1696,197 @@ def _read_files(entries: list[Any], positions: list[int], schema: pa.Schema) -> 
     frame = pl.from_arrow(pa.concat_tables(tables) if tables else schema.empty_table())
     assert isinstance(frame, pl.DataFrame)
     return frame
+
+
+def _settled_run_rows(lake: Any, entries: list[Any], columns: list[str], rows: pl.DataFrame) -> pl.DataFrame:
+    """`rows` (lease keys of settled files) with the columns of _index, read from the settled files whose
+    valid_from range holds one of them (settled files are cut by valid_from: few)."""
+    lows = rows.get_column("valid_from").min()
+    highs = rows.get_column("valid_from").max()
+    slack = dt.timedelta(milliseconds=1)  # (statistics may be kept at a coarser precision)
+    skip = {
+        i
+        for i, e in enumerate(entries)
+        if _is_settled_file(e, "vm_leases")
+        and isinstance(e.mins.get("valid_from"), dt.datetime)
+        and isinstance(e.maxs.get("valid_from"), dt.datetime)
+        and (e.maxs["valid_from"] + slack < lows or e.mins["valid_from"] - slack > highs)
+    }
+    found = _index(
+        lake,
+        entries,
+        columns,
+        "vm_leases",
+        ("addr", rows.get_column("addr").unique().to_list()),
+        settled_only=True,
+        skip=skip,
+    )
+    return found.join(
+        rows.select("addr", "valid_from", "vm_id"), on=["addr", "valid_from", "vm_id"], how="semi"
+    )
+
+
+# ---- the hourly update's state -------------------------------------------------------------------------------
+# What the incremental update needs of the past, kept beside the derived tables so that its reads do not grow
+# with the history. A cache: derivable from vm_leases, vms and vm_events, valid only for the vm_leases version it
+# is named after; missing, stale or unreadable, the update rebuilds in full (which writes it again).
+#   live.parquet  every stored event of the VMs whose vms row can still change (not settled): an involved VM's
+#                 replay reads them here, not from every day partition of its life (months for some);
+#   known.npy     sorted 64-bit hashes of every vm_id in vms: whether a VM of the new events is new (no stored
+#   recent.npy    history), live, or settled (rare: then read as before). The ids an update adds go to the small
+#                 recent.npy; known.npy is hard-linked from the last state, rewritten only when recent.npy is
+#                 merged in (at a sixteenth of it): an update writes a few kB of ids, not every id ever seen;
+#   runs.parquet  each address's last run of back-to-back leases (addr, vm_id, valid_from, valid_to): all that
+#                 b(A) (_free_since) needs of the settled past.
+STATE_DIR = "_settings/lease_state"
+_HASH_SEED = 18
+_RUN_COLUMNS = ["addr", "vm_id", "valid_from", "valid_to"]
+
+
+@dataclass
+class _State:
+    live: pl.DataFrame  # rows of schema.VM_EVENTS
+    known: np.ndarray  # sorted uint64
+    runs: pl.DataFrame  # _RUN_COLUMNS
+    recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # sorted uint64
+    known_file: Path | None = None  # where `known` was read from (linked into the next state unchanged)
+
+    def live_ids(self) -> pl.Series:
+        return self.live.get_column("vm_id").unique()
+
+
+def _id_hashes(ids: pl.Series) -> np.ndarray:
+    return ids.cast(pl.String).hash(_HASH_SEED).to_numpy()
+
+
+def _member(sorted_hashes: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    if not len(sorted_hashes):
+        return np.zeros(len(hashes), bool)
+    at = np.minimum(np.searchsorted(sorted_hashes, hashes), len(sorted_hashes) - 1)
+    return sorted_hashes[at] == hashes
+
+
+def _is_known(state: _State, ids: pl.Series) -> pl.Series:
+    """Whether each id may have a vms row (a hash collision says yes: the caller then reads, never skips)."""
+    hashes = _id_hashes(ids)
+    return pl.Series(_member(state.known, hashes) | _member(state.recent, hashes))
+
+
+def _last_runs(leases: pl.DataFrame) -> pl.DataFrame:
+    """Each address's last run of back-to-back leases (a run starts where the address's previous lease ended
+    before this one began, as in _free_since)."""
+    frame = leases.select(_RUN_COLUMNS).sort("addr", "valid_from")
+    same = pl.col("addr") == pl.col("addr").shift(1)
+    begins = (~same | (pl.col("valid_to").shift(1) < pl.col("valid_from"))).fill_null(True)
+    frame = frame.with_columns(begins.cast(pl.Int64).cum_sum().alias("_run"))
+    last = frame.group_by("addr").agg(pl.col("_run").max().alias("_last"))
+    return frame.join(last, on="addr").filter(pl.col("_run") == pl.col("_last")).select(_RUN_COLUMNS)
+
+
+def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
+    frame = pl.from_arrow(vms.select(["vm_id", "status", "deleted_at"]))
+    runs = pl.from_arrow(leases.select(_RUN_COLUMNS))
+    assert isinstance(frame, pl.DataFrame) and isinstance(runs, pl.DataFrame)
+    hot = frame.filter(~_settled("vms")).get_column("vm_id")
+    live = pl.from_arrow(conform(events.filter(pc.is_in(events.column("vm_id"), hot.to_arrow())), VM_EVENTS))
+    assert isinstance(live, pl.DataFrame)
+    return _State(live, np.sort(_id_hashes(frame.get_column("vm_id"))), _last_runs(runs))
+
+
+def _next_state(
+    state: _State,
+    events: pl.DataFrame,
+    involved: set[str],
+    vms: pl.DataFrame,
+    leases: pl.DataFrame,
+    addrs: pl.Series,
+    starts: pl.DataFrame,
+) -> _State:
+    """The state after an incremental update: `events` every event of the involved VMs (stored and new),
+    `vms` their new rows, `leases` the touched addresses' leases from b(A) on (starts: addr, free_from)."""
+    hot = vms.filter(~_settled("vms")).get_column("vm_id")
+    live = pl.concat(
+        [
+            state.live.filter(~pl.col("vm_id").is_in(list(involved))),
+            events.filter(pl.col("vm_id").is_in(hot.implode())).select(state.live.columns),
+        ]
+    )
+    hashes = np.unique(_id_hashes(vms.get_column("vm_id")))
+    fresh = hashes[~(_member(state.known, hashes) | _member(state.recent, hashes))]
+    known, recent, known_file = state.known, np.union1d(state.recent, fresh), state.known_file
+    if len(recent) > max(len(known) // 16, 1 << 16):
+        known, recent, known_file = np.union1d(known, recent), recent[:0], None
+    touched = pl.col("addr").is_in(addrs.implode())
+    before = (
+        state.runs.filter(touched)
+        .join(starts.select("addr", "free_from"), on="addr")
+        .filter(pl.col("valid_from") < pl.col("free_from"))
+        .select(_RUN_COLUMNS)
+    )
+    recomputed = _last_runs(pl.concat([before, leases.select(_RUN_COLUMNS).cast(before.schema)]))  # type: ignore[arg-type]
+    return _State(live, known, pl.concat([state.runs.filter(~touched), recomputed]), recent, known_file)
+
+
+def _state_schemas() -> tuple[pl.Schema, pl.Schema]:
+    events = pl.from_arrow(VM_EVENTS.empty_table())
+    leases = pl.from_arrow(VM_LEASES.empty_table().select(_RUN_COLUMNS))
+    assert isinstance(events, pl.DataFrame) and isinstance(leases, pl.DataFrame)
+    return events.schema, leases.schema
+
+
+def _save_state(lake: Any, version: int, state: _State) -> None:
+    """The state of vm_leases `version`, written whole into a new directory renamed into place (readers see
+    all of it or none); older states are removed. Failing to write it costs the next update a full rebuild."""
+    root = lake.root / STATE_DIR
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        state.live.write_parquet(work / "live.parquet", compression="zstd")
+        try:  # (the big file unchanged since the last state: the same inode)
+            if state.known_file is None:
+                raise OSError
+            os.link(state.known_file, work / "known.npy")
+        except OSError:
+            np.save(work / "known.npy", state.known.astype(np.uint64), allow_pickle=False)
+        np.save(work / "recent.npy", state.recent.astype(np.uint64), allow_pickle=False)
+        state.runs.write_parquet(work / "runs.parquet", compression="zstd")
+        meta = {"vm_leases_version": version, "polars": pl.__version__}  # (hashes are polars' own)
+        (work / "meta.json").write_text(json.dumps(meta))
+        final = root / str(version)
+        shutil.rmtree(final, ignore_errors=True)
+        work.rename(final)
+        for old in root.iterdir():
+            if old.name.isdigit() and int(old.name) < version:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        return
+
+
+def _load_state(lake: Any, version: int) -> _State | None:
+    """The saved state of vm_leases `version`, or None (missing, of another build or polars, or not what this
+    code writes: whoever can write the lake can plant files here, and the update then rebuilds in full)."""
+    directory = lake.root / STATE_DIR / str(version)
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        if meta.get("vm_leases_version") != version or meta.get("polars") != pl.__version__:
+            return None
+        # (through pyarrow: polars would read a lake path holding `[`, `*` or `?` as a pattern)
+        live = pl.from_arrow(pq.read_table(directory / "live.parquet"))
+        known = np.load(directory / "known.npy", allow_pickle=False)
+        recent = np.load(directory / "recent.npy", allow_pickle=False)
+        runs = pl.from_arrow(pq.read_table(directory / "runs.parquet"))
+    except Exception:  # (any damage of a cache: unreadable, truncated, not Parquet)
+        return None
+    events_schema, runs_schema = _state_schemas()
+    if not isinstance(live, pl.DataFrame) or not isinstance(runs, pl.DataFrame):
+        return None
+    if live.schema != events_schema or runs.schema != runs_schema:
+        return None
+    for hashes in (known, recent):
+        if (
+            hashes.dtype != np.uint64
+            or hashes.ndim != 1
+            or (len(hashes) > 1 and bool(np.any(hashes[1:] < hashes[:-1])))
+        ):
+            return None
+    return _State(live, known, runs, recent, directory / "known.npy")
