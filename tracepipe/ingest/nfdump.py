@@ -3,8 +3,9 @@
 - `read_nfdump_csv(path)`: the text of `nfdump -o csv` (nfdump 1.7.1: optional header line `ts,te,td,sa,...`,
   one 48-field line per flow, a `Summary` trailer unless `-q`). Times there are local time of the machine that
   ran nfdump, whole seconds only; pass `tz=` if it was not UTC (run `TZ=UTC nfdump ...` to be safe).
-- `read_nfcapd(path)`: nfcapd files (or a directory of them) through the nfdump binary's `fmt:` output, which
-  keeps milliseconds.
+- `iter_nfcapd(path)`: nfcapd files natively (tracepipe.ingest.nffile) when they are nfdump 1.7 layout 2, else
+  (or for a directory) through the nfdump binary's `fmt:` output, which keeps milliseconds; `read_nfcapd` is
+  that nfdump path alone (the tests' oracle).
 Both map nfdump's text conventions back to numbers: protocol names (nfdump's own table), flag strings
 ("...AP.SF"), ICMP "type.code" -> type*256+code in dst_port.
 """
@@ -17,6 +18,7 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tracepipe.errors import EnvironmentProblem, InputError
+from tracepipe.ingest import nffile
 from tracepipe.ingest.delimited import address_text, line_rejects, read_block, rejects_table
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, too_long_rejects
@@ -478,18 +481,55 @@ def nfcapd_exporters(path: Path | str, timeout: float = 120.0) -> dict[str, dict
     return out
 
 
-def iter_nfcapd(
-    path: Path | str, timeout: float = 3600.0, block_size: int = 1 << 24
-) -> Iterator[tuple[pa.Table, pa.Table]]:
-    """One nfcapd file (or a directory tree of them: `nfdump -R`) through the installed nfdump, streamed:
-    batches of (flows in schema.FLOWS, rejects), ~`block_size` bytes of nfdump's text each, so memory stays
-    flat however big the archive. Times in ms (`fmt:` output, TZ=UTC), `-N` plain numbers, `-6` full IPv6.
+@dataclass
+class NfcapdRead:
+    """How iter_nfcapd read one file: `reader` "native" (tracepipe.ingest.nffile) or "nfdump" (the installed
+    binary, the fallback), `fallback` why the native reader did not take it, `exporters` what the file says of
+    its exporters ({address: {"sysid", "sampling"}}, as nfcapd_exporters; native reads only)."""
 
-    A file nfdump cannot read (corrupt, truncated) gives one reject with nfdump's message; what it printed
-    before that landed. A missing nfdump binary raises EnvironmentProblem."""
+    reader: str = ""
+    fallback: str = ""
+    exporters: dict[str, dict[str, object]] = field(default_factory=dict)
+
+
+def iter_nfcapd(
+    path: Path | str,
+    timeout: float = 3600.0,
+    block_size: int = 1 << 24,
+    read: NfcapdRead | None = None,
+    native: bool = True,
+    batch_rows: int = 1 << 19,
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """One nfcapd file (or a directory tree of them), streamed: batches of (flows in schema.FLOWS, rejects).
+
+    nfdump 1.7 layout-2 files are read natively (nffile.iter_nffile: ~`batch_rows` records a batch, rejects
+    name the block's file offset); anything else (layout 1, encryption, LZO without python-lzo, nfdump 1.6
+    blocks, a directory) goes through the installed nfdump, and `read` (if given) says which and why, so that
+    the fallback is reported, never silent. `native=False` forces the nfdump path."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist")
+    read = NfcapdRead() if read is None else read
+    if path.is_dir():
+        problem: str | None = "a directory (read with nfdump -R)"
+    else:
+        problem = nffile.native_problem(path) if native else "native reader turned off"
+    if problem is None:
+        read.reader = "native"
+        exporters = nffile.Exporters()
+        yield from nffile.iter_nffile(path, str(path), exporters, batch_rows)
+        read.exporters = exporters.out
+        return
+    read.reader, read.fallback = "nfdump", problem
+    yield from _iter_nfcapd_nfdump(path, timeout, block_size)
+
+
+def _iter_nfcapd_nfdump(path: Path, timeout: float, block_size: int) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """The nfdump-subprocess path: `nfdump -r|-R PATH -o fmt:...` streamed through the text reader, ~`block_size`
+    bytes of nfdump's text a batch. Times in ms (`fmt:` output, TZ=UTC), `-N` plain numbers, `-6` full IPv6.
+
+    A file nfdump cannot read (corrupt, truncated) gives one reject with nfdump's message; what it printed
+    before that landed. A missing nfdump binary raises EnvironmentProblem."""
     cmd = [
         tool_path("nfdump"),
         "-R" if path.is_dir() else "-r",
@@ -530,9 +570,12 @@ def iter_nfcapd(
 
 
 def read_nfcapd(path: Path | str, timeout: float = 300.0) -> tuple[pa.Table, pa.Table]:
-    """iter_nfcapd collected into one (flows in schema.FLOWS, rejects): nfcapd file or directory, ms precision.
-    Raises EnvironmentProblem when nfdump fails on it as a whole (the tests' oracle wants to know)."""
-    flows, rejects = _collect(iter_nfcapd(path, timeout))
+    """The nfdump-subprocess path collected into one (flows in schema.FLOWS, rejects): nfcapd file or directory,
+    ms precision. The tests' oracle: raises EnvironmentProblem when nfdump fails on it as a whole."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist")
+    flows, rejects = _collect(_iter_nfcapd_nfdump(path, timeout, 1 << 24))
     failed = pc.equal(rejects.column("reason"), "nfdump could not read the file")
     if rejects.num_rows and pc.any(failed).as_py():
         detail = rejects.filter(failed).column("detail")[0].as_py()
