@@ -261,48 +261,70 @@ def _run_length(buf: np.ndarray, start: int, layout: _Layout, most: int) -> int:
     return done
 
 
+_NUMERIC = {
+    "first": np.uint64,
+    "last": np.uint64,
+    "packets": np.uint64,
+    "bytes": np.uint64,
+    "src_port": np.uint16,
+    "dst_port": np.uint16,
+    "proto": np.uint8,
+    "tcp_flags": np.uint8,
+    "input_if": np.uint32,
+    "output_if": np.uint32,
+    "src4": np.uint32,
+    "dst4": np.uint32,
+    "router4": np.uint32,
+}
+
+
 @dataclass
 class _Columns:
-    """Per-record arrays of the records read so far (one batch)."""
+    """The runs of records read so far (one batch): structured views into their blocks, made columns at once."""
 
-    parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    runs: list[tuple[np.ndarray, _Layout, int]] = field(
+        default_factory=list
+    )  # (records, layout, block offset)
     rows: int = 0
 
-    def add(self, arr: np.ndarray, layout: _Layout, offsets: np.ndarray) -> None:
-        n = len(arr)
-        zeros64 = np.zeros(n, np.uint64)
-        for name, default in (
-            ("first", zeros64),
-            ("last", zeros64),
-            ("packets", zeros64),
-            ("bytes", zeros64),
-            ("src_port", np.zeros(n, np.uint16)),
-            ("dst_port", np.zeros(n, np.uint16)),
-            ("proto", np.zeros(n, np.uint8)),
-            ("tcp_flags", np.zeros(n, np.uint8)),
-            ("input_if", np.zeros(n, np.uint32)),
-            ("output_if", np.zeros(n, np.uint32)),
-        ):
-            self.parts.setdefault(name, []).append(arr[name] if name in layout.roles else default)
-        for end in ("src", "dst", "router"):
-            v4 = f"{end}4"
-            v6 = f"{end}6"
-            self.parts.setdefault(v4, []).append(arr[v4] if v4 in layout.roles else np.zeros(n, np.uint32))
-            if v6 in layout.roles:
-                halves = np.frombuffer(arr[v6].tobytes(), "<u8").reshape(-1, 2).astype(">u8")
-                value = halves.view("V16").reshape(-1)
-                use6 = np.ones(n, bool)
-            else:
-                value = np.zeros(n, "V16")
-                use6 = np.zeros(n, bool)
-            self.parts.setdefault(v6, []).append(value)
-            self.parts.setdefault(f"{end}_is6", []).append(use6)
-        self.parts.setdefault("offset", []).append(offsets)
-        self.rows += n
+    def add(self, arr: np.ndarray, layout: _Layout, block_offset: int) -> None:
+        self.runs.append((arr, layout, block_offset))
+        self.rows += len(arr)
+
+    def drop_since(self, rows: int) -> None:
+        """Forget the records after the first `rows` (a block found lying after it was read)."""
+        kept, total = [], 0
+        for arr, layout, offset in self.runs:
+            if total >= rows:
+                break
+            kept.append((arr[: rows - total], layout, offset))
+            total += len(kept[-1][0])
+        self.runs, self.rows = kept, total
 
     def take(self) -> dict[str, np.ndarray]:
-        out = {name: np.concatenate(arrays) for name, arrays in self.parts.items()}
-        self.parts, self.rows = {}, 0
+        """One array per field: each run copied once into place, fields a layout lacks left 0 (nfdump's cleared
+        record); the V16 IPv6 columns only when some run has them."""
+        runs, total = self.runs, self.rows
+        self.runs, self.rows = [], 0
+        bounds = np.cumsum([0] + [len(arr) for arr, _, _ in runs])
+        out: dict[str, np.ndarray] = {}
+        for name, dtype in _NUMERIC.items():
+            column = np.zeros(total, dtype)
+            for (arr, layout, _), a, b in zip(runs, bounds[:-1], bounds[1:], strict=True):
+                if name in layout.roles:
+                    column[a:b] = arr[name]
+            out[name] = column
+        for end in ("src", "dst", "router"):
+            name = f"{end}6"
+            is6 = np.zeros(total, bool)
+            column = np.zeros(total if any(name in r[1].roles for r in runs) else 0, "V16")
+            for (arr, layout, _), a, b in zip(runs, bounds[:-1], bounds[1:], strict=True):
+                if name in layout.roles:  # two host-order uint64 halves -> 16 bytes in network order
+                    halves = np.frombuffer(arr[name].tobytes(), "<u8").reshape(-1, 2).astype(">u8")
+                    column[a:b] = halves.view("V16").reshape(-1)
+                    is6[a:b] = True
+            out[name], out[f"{end}_is6"] = column, is6
+        out["offset"] = np.repeat([offset for _, _, offset in runs], np.diff(bounds)).astype(np.int64)
         return out
 
 
@@ -340,7 +362,7 @@ def _flows(cols: dict[str, np.ndarray], source: str) -> tuple[pa.Table, pa.Table
                     rows.append((int(cols["offset"][i]), reason, f"{name}={int(values[i])}"))
                     break
         rejects = rejects_table(rows, source)
-        cols = {name: values[valid] for name, values in cols.items()}
+        cols = {name: values[valid] if len(values) else values for name, values in cols.items()}
         n = int(valid.sum())
     src = _address(cols["src4"], cols["src6"], cols["src_is6"])
     dst = _address(cols["dst4"], cols["dst6"], cols["dst_is6"])
@@ -492,7 +514,7 @@ def _walk_block(
             most = min(records - done, (limit - at) // size)
             run = _run_length(buf, at, layout, most)
             arr = np.frombuffer(buf, layout.dtype, count=run, offset=at)
-            columns.add(arr, layout, np.full(run, block_offset, np.int64))
+            columns.add(arr, layout, block_offset)
             at += run * size
             done += run
             continue
@@ -586,22 +608,9 @@ def _read_block(
     before = columns.rows
     used, rejects = _walk_block(plain, limit, records, offset, number, columns, exporters, layouts)
     if compression == LZ4_COMPRESSED and not _lz4_holds(data, used):
-        _drop_since(columns, before)
+        columns.drop_since(before)
         return [(offset, "nfcapd block sizes lie", f"block {number}: records run past its LZ4 data")]
     return rejects
-
-
-def _drop_since(columns: _Columns, rows: int) -> None:
-    """Forget the records added after the first `rows` (a block found lying after it was read)."""
-    for name, arrays in columns.parts.items():
-        kept, total = [], 0
-        for array in arrays:
-            if total >= rows:
-                break
-            kept.append(array[: rows - total])
-            total += len(kept[-1])
-        columns.parts[name] = kept
-    columns.rows = rows
 
 
 def _emit(
