@@ -11,6 +11,7 @@ against the nfdump-subprocess path it replaced.
    - nfdump: `nfdump -r FILE -q -N -o 'fmt:%tsr,%ter,%pr,%sa,%da,%sp,%dp,%pkt,%byt,%flg' > /dev/null`,
    - old path: the same file through `nfdump -o fmt:` and tracepipe's text reader into a lake
      (tracepipe.ingest.nfdump.iter_nfcapd(native=False)), what `ingest netflow` did before issue 17,
+   - the native reader alone: nffile.iter_nffile into Arrow batches, no lake (interpreter start included),
    and prints records/s, CPU seconds, peak RSS and the ratios native / nfdump and native / old path.
 
     python benchmarks/nfcapd_ingest.py                          # 1 M and 3 M records
@@ -56,6 +57,21 @@ with lake.ingest("flows", source=path, content_hash=hash_file(path)) as writer:
 """
 
 
+READER_ALONE = """
+import sys
+from tracepipe.ingest.nffile import iter_nffile
+print(sum(flows.num_rows for flows, _ in iter_nffile(sys.argv[1], batch_rows=1 << 19)))
+"""
+
+
+def measure_reader(path: Path, workdir: Path) -> dict:
+    out = workdir / "reader.txt"
+    with open(out, "wb") as handle:
+        result = _run_measured([sys.executable, "-c", READER_ALONE, str(path)], stdout=handle, env=ENV)
+    result["records"] = int(out.read_text().split()[-1])
+    return result
+
+
 def measure_native(path: Path, workdir: Path) -> dict:
     lake, out = workdir / "lake-native", workdir / "native.json"
     shutil.rmtree(lake, ignore_errors=True)
@@ -96,7 +112,12 @@ def _line(label: str, m: dict) -> str:
 
 
 def bench(path: Path, label: str, workdir: Path, rounds: int) -> dict:
-    measures = {"native": measure_native, "nfdump": measure_nfdump, "old path": measure_old_path}
+    measures = {
+        "native": measure_native,
+        "nfdump": measure_nfdump,
+        "old path": measure_old_path,
+        "reader": measure_reader,
+    }
     runs: dict[str, list[dict]] = {name: [] for name in measures}
     for _ in range(rounds):  # interleaved: all see the same machine load
         for name, measure in measures.items():
@@ -113,10 +134,13 @@ def bench(path: Path, label: str, workdir: Path, rounds: int) -> dict:
     print(_line(f"tracepipe ingest netflow (native: {native['reader']})", native))
     print(_line("nfdump -r FILE -o fmt:%tsr,... > /dev/null", nfdump))
     print(_line("old path: nfdump -o fmt: | text reader -> lake", old))
+    print(_line("native reader alone (Arrow batches, no lake)", best["reader"]))
     print(
         f"  native / nfdump: {ratio(native, nfdump, 'seconds'):.2f}x wall, "
         f"{ratio(native, nfdump, 'cpu_seconds'):.2f}x per CPU second;  native / old path: "
-        f"{ratio(native, old, 'seconds'):.2f}x wall, {ratio(native, old, 'cpu_seconds'):.2f}x per CPU second"
+        f"{ratio(native, old, 'seconds'):.2f}x wall, {ratio(native, old, 'cpu_seconds'):.2f}x per CPU second;  "
+        f"reader alone / nfdump: {ratio(best['reader'], nfdump, 'seconds'):.2f}x wall, "
+        f"{ratio(best['reader'], nfdump, 'cpu_seconds'):.2f}x per CPU second"
     )
     if len({native["records"], nfdump["records"], old["records"]}) != 1:
         print(
@@ -129,6 +153,7 @@ def bench(path: Path, label: str, workdir: Path, rounds: int) -> dict:
         "ratio_wall": ratio(native, nfdump, "seconds"),
         "ratio_cpu": ratio(native, nfdump, "cpu_seconds"),
         "ratio_old_wall": ratio(native, old, "seconds"),
+        "ratio_reader_cpu": ratio(best["reader"], nfdump, "cpu_seconds"),
     }
 
 
