@@ -461,8 +461,10 @@ def _walk_block(
     columns: _Columns,
     exporters: Exporters,
     layouts: dict[bytes, _Layout],
+    copy: bool = False,
 ) -> tuple[int, list[tuple[int, str, str]]]:
-    """Read the records of one uncompressed block into `columns`. Returns (bytes used, rejects)."""
+    """Read the records of one uncompressed block into `columns` (views into `data`, or copies of the records
+    if `copy`: an LZ4 block comes in a 5 MiB buffer, mostly unused). Returns (bytes used, rejects)."""
     buf = np.frombuffer(data, np.uint8, count=min(limit, len(data)))
     limit = len(buf)
     at = 0
@@ -514,7 +516,7 @@ def _walk_block(
             most = min(records - done, (limit - at) // size)
             run = _run_length(buf, at, layout, most)
             arr = np.frombuffer(buf, layout.dtype, count=run, offset=at)
-            columns.add(arr, layout, block_offset)
+            columns.add(arr.copy() if copy else arr, layout, block_offset)
             at += run * size
             done += run
             continue
@@ -606,7 +608,8 @@ def _read_block(
     if plain is None:
         return [(offset, "corrupt nfcapd block", f"block {number}: {problem}")]
     before = columns.rows
-    used, rejects = _walk_block(plain, limit, records, offset, number, columns, exporters, layouts)
+    lz4 = compression == LZ4_COMPRESSED
+    used, rejects = _walk_block(plain, limit, records, offset, number, columns, exporters, layouts, lz4)
     if compression == LZ4_COMPRESSED and not _lz4_holds(data, used):
         columns.drop_since(before)
         return [(offset, "nfcapd block sizes lie", f"block {number}: records run past its LZ4 data")]
