@@ -140,7 +140,9 @@ def test_a_file_of_several_exporters(softflowd_export, tmp_path):
 
 def test_router_exports_replayed_through_nfcapd(tmp_path):
     """The router captures of tests/data/routers (IPFIX with MPLS, MAC, SRv6, NSEL-like elements...) through a
-    real nfcapd: elements the reader does not use are stepped over exactly as nfdump does."""
+    real nfcapd: elements the reader does not use are stepped over exactly as nfdump does; the samplers nfcapd
+    stored are those `nfdump -E` lists (regression: its 1.7.1 "Sampler: ... packet space" lines were not read)."""
+    sampling = {}
     for case in ROUTER_CASES:
         capture = combined_capture(case, tmp_path)
         port = probes.free_udp_port()
@@ -149,6 +151,10 @@ def test_router_exports_replayed_through_nfcapd(tmp_path):
         for path in nfcapd.files:
             if read_nfcapd(path)[0].num_rows:
                 assert_same_as_nfdump(path)
+            exporters = nffile.read_nffile(path)[2].out
+            assert exporters == nfcapd_exporters(path)
+            sampling[case] = exporters["127.0.0.1"]["sampling"]
+    assert sampling["v9-sampled"] == [30000] and sampling["v9-multi-sampling"] == [2000]
 
 
 def test_an_nfsen_tree_is_read_natively(softflowd_export, tmp_path):

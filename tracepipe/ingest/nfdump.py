@@ -441,7 +441,9 @@ def read_nfdump_csv(path: Path | str, tz: str = "UTC") -> tuple[pa.Table, pa.Tab
 # byte order of the machine that wrote them (nffile.h); nfdump reads both orders.
 NFCAPD_MAGIC = (b"\x0c\xa5\x01\x00", b"\x0c\xa5\x02\x00", b"\xa5\x0c\x00\x01", b"\xa5\x0c\x00\x02")
 _EXPORTER_RE = re.compile(r"SysID:\s*(\d+),\s*IP:\s*(\S+),")
-_SAMPLER_RE = re.compile(r"Sampler for Exporter SysID:\s*(\d+),.*?interval:\s*(\d+)", re.I)
+# nfdump 1.7.1 PrintExporters: each exporter's samplers on the lines after it, "Sampler: ... packet interval: P,
+# packet space: S" (1 in (P + S) / P packets)
+_SAMPLER_RE = re.compile(r"Sampler:.*?packet interval:\s*(\d+),\s*packet space:\s*(\d+)")
 
 
 NO_FLOWS = "No matching flows"  # what nfdump prints (stdout, even with -q) when a file yields no record
@@ -460,7 +462,8 @@ def _nfdump_env() -> dict[str, str]:
 
 def nfcapd_exporters(path: Path | str, timeout: float = 120.0) -> dict[str, dict[str, object]]:
     """What `nfdump -E FILE` keeps of the exporters of an nfcapd file: {address: {"sysid", "sampling"}},
-    sampling = the packet interval of its samplers ([] when it announced none: volumes are as exported)."""
+    sampling = the intervals of its samplers ([] when it announced none: volumes are as exported); the native
+    reader (nffile.Exporters) finds the same from the file's exporter and sampler records."""
     proc = subprocess.run(
         [tool_path("nfdump"), "-E", str(path)],
         capture_output=True,
@@ -469,15 +472,19 @@ def nfcapd_exporters(path: Path | str, timeout: float = 120.0) -> dict[str, dict
         stdin=subprocess.DEVNULL,
     )
     text = proc.stdout.decode("latin-1")
-    by_sysid: dict[str, str] = {}
     out: dict[str, dict[str, object]] = {}
-    for sysid, address in _EXPORTER_RE.findall(text):
-        by_sysid[sysid] = address
-        out.setdefault(address, {"sysid": int(sysid), "sampling": []})
-    for sysid, interval in _SAMPLER_RE.findall(text):
-        address = by_sysid.get(sysid)
-        if address is not None and int(interval) not in out[address]["sampling"]:  # type: ignore[operator]
-            out[address]["sampling"].append(int(interval))  # type: ignore[union-attr]
+    address = None
+    for line in text.splitlines():  # in order: a sampler belongs to the exporter printed before it
+        exporter = _EXPORTER_RE.search(line)
+        if exporter is not None:
+            sysid, address = exporter.groups()
+            out.setdefault(address, {"sysid": int(sysid), "sampling": []})
+            continue
+        sampler = _SAMPLER_RE.search(line)
+        if sampler is not None and address is not None and int(sampler.group(1)):
+            interval = (int(sampler.group(1)) + int(sampler.group(2))) // int(sampler.group(1))
+            if interval not in out[address]["sampling"]:  # type: ignore[operator]
+                out[address]["sampling"].append(interval)  # type: ignore[union-attr]
     return out
 
 
