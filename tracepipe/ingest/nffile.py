@@ -109,10 +109,8 @@ class _Layout:
     size: int
     check: np.ndarray  # byte positions that must be equal for a record to share this layout
     expect: np.ndarray  # ... and their values
-    dtype: np.dtype
-    roles: frozenset[str]
-    v6: bool
-    router6: bool
+    dtype: np.dtype  # the fields we read, at their offsets in the record; itemsize = the record size
+    roles: frozenset[str]  # the names in dtype: a field a layout lacks reads as 0 (nfdump's cleared record)
 
 
 def read_header(head: bytes) -> np.void | None:
@@ -234,8 +232,6 @@ def _element_layout(buf: np.ndarray, start: int, size: int) -> tuple[_Layout | N
             buf[start + positions].copy(),
             dtype,
             frozenset(names),
-            "src6" in seen,
-            "router6" in seen,
         ),
         "",
     )
