@@ -293,3 +293,26 @@ def test_mutated_real_files_never_raise(three_blocks, tmp_path):
         path.write_bytes(bytes(data))
         flows, rejects, _ = nffile.read_nffile(path)
         assert flows.num_rows + rejects.num_rows > 0
+
+
+def test_byte_counts_land_up_to_18_digits_as_the_text_path_reads_them(three_blocks, tmp_path):
+    """A 12 GB flow lands (regression, see test_nfdump_csv); 10**19 bytes is rejected as on the text path."""
+    header, blocks, appendix = split(three_blocks)
+    data = bytearray(blocks[0])
+    at = nffile.BLOCK_HEADER.itemsize
+    while int.from_bytes(data[at : at + 2], "little") != nffile.V3_RECORD:  # first flow record
+        at += int.from_bytes(data[at + 2 : at + 4], "little")
+    element = at + nffile.V3_HEADER_BYTES
+    while int.from_bytes(data[element : element + 2], "little") != 1:  # EXgenericFlow
+        element += int.from_bytes(data[element + 2 : element + 4], "little")
+    for value, lands in ((12_345_678_901, True), (10**19, False)):
+        data[element + 4 + 32 : element + 4 + 40] = value.to_bytes(8, "little")  # inBytes
+        path = tmp_path / "nfcapd.big"
+        path.write_bytes(join(header, [bytes(data), *blocks[1:]], appendix))
+        flows, rejects, _ = nffile.read_nffile(path)
+        assert (value in flows.column("bytes").to_pylist()) is lands
+        if lands:
+            assert rejects.num_rows == 0 and rows(flows) == rows(read_nfcapd(path)[0])
+        else:
+            assert rejects.to_pylist()[0]["reason"] == "bad byte count"
+            assert flows.num_rows == read_nfcapd(three_blocks)[0].num_rows - 1

@@ -76,7 +76,7 @@ _FMT_COLUMNS = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg",
 _TCP_FLAG_BITS = (128, 64, 32, 16, 8, 4, 2, 1)  # C E U A P R S F, the order FlagsString() prints them
 _FLAGS_RE = r"^[C.][E.][U.][A.][P.][R.][S.][F.]$"
 _TIME_RE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{3})?$"
-_UINT_RE = r"^\d{1,10}$"
+_UINT_RE = r"^\d{1,18}$"  # any count below 10**18 (a 10 GB flow has 11 digits); int64 holds it
 
 
 def looks_like_nfdump_csv(head: bytes) -> bool:
