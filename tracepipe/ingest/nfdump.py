@@ -356,7 +356,13 @@ def _iter_flows(
             if pc.any(bad).as_py():
                 parts.append(_rejects(line_numbers.filter(bad), detail.filter(bad), reason.filter(bad), name))
             flows = flows.filter(valid)
-            flows = pa.Table.from_arrays([flows.column(f.name) for f in FLOWS], schema=FLOWS)
+            flows = pa.Table.from_arrays(  # FLOWS columns this reader does not fill (added later) stay null
+                [
+                    flows.column(f.name) if f.name in flows.column_names else pa.nulls(flows.num_rows, f.type)
+                    for f in FLOWS
+                ],
+                schema=FLOWS,
+            )
         rejects = pa.concat_tables(parts).sort_by("line") if parts else empty_rejects()
         yield flows, rejects
 
