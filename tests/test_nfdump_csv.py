@@ -120,6 +120,20 @@ def test_malformed_lines_are_rejected_with_their_line_numbers(nfcapd_dir, tmp_pa
     ]
 
 
+def test_counts_of_more_than_ten_digits_land(nfcapd_dir, tmp_path):
+    """Regression: counts were read with at most 10 digits, so a flow of 10 GB or more was rejected as "bad byte
+    count" (the native nfcapd reader lands it; both read up to 18 digits)."""
+    lines = probes.nfdump_csv(nfcapd_dir, tmp_path / "good.csv").read_text().splitlines()
+    fields = lines[1].split(",")
+    fields[12] = "12345678901"  # ibyt: 12.3 GB
+    lines[1] = ",".join(fields)
+    big = tmp_path / "big.csv"
+    big.write_text("\n".join(lines) + "\n")
+    flows, rejects = read_nfdump_csv(big)
+    assert rejects.num_rows == 0
+    assert 12345678901 in flows.column("bytes").to_pylist()
+
+
 def test_local_time_of_nfdump_is_read_back_with_tz(nfcapd_dir, tmp_path):
     """nfdump prints local time; a CSV made in Europe/Berlin read with tz='Europe/Berlin' gives UTC instants."""
     utc, _ = read_nfdump_csv(probes.nfdump_csv(nfcapd_dir, tmp_path / "utc.csv"))

@@ -147,7 +147,8 @@ def ingest_netflow_command(
     ] = None,
 ) -> None:
     """Land NetFlow v1/v5/v7/v9 and IPFIX records from captures (tcpdump -w, any UDP port), nfdump CSV, and
-    nfcapd files or whole nfsen/nfcapd directory trees (read through the installed nfdump, file by file).
+    nfcapd files or whole nfsen/nfcapd directory trees, file by file (nfdump 1.7 files natively; others, such as
+    nfdump 1.6 or LZO files, through the installed nfdump: the result says which).
 
     The kind of each file is told by its first bytes. Files already in the lake (same content) are skipped.
     Exit codes: 0 all landed; 3 partial: some input was rejected (see the rejects dataset), the rest landed;

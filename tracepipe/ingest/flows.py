@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
@@ -30,6 +31,7 @@ from tracepipe.ingest.netflow import (
     walk_datagrams,
 )
 from tracepipe.ingest.nfdump import (
+    NfcapdRead,
     iter_nfcapd,
     iter_nfdump_csv,
     looks_like_nfcapd,
@@ -74,6 +76,7 @@ class FileResult:
     rejects: int = 0
     datagrams: int = 0
     message: str = ""
+    reader: str = ""  # nfcapd files: "native", or "nfdump" (the fallback; message says why)
 
 
 @dataclass
@@ -113,6 +116,7 @@ class IngestSummary:
                 "datagrams": self.datagrams,
                 "flows": self.flows,
                 "rejects": self.rejects,
+                "nfdump_fallbacks": sum(f.reader == "nfdump" for f in self.files),
             },
             "exporters": self.exporters,
             "days": sorted(self.days),
@@ -299,9 +303,13 @@ def _ingest_one(
             if progress and size > done:
                 progress(size - done)
         elif kind in READERS:
-            labels = _read_text_kind(lake, path, kind, source, content_hash, writer, stats)
+            read = NfcapdRead()
+            labels = _read_text_kind(lake, path, kind, source, content_hash, writer, stats, read)
             if labels:
                 result.message = f"{labels} labels kept in flow_labels (for evaluation only)"
+            result.reader = read.reader
+            if read.reader == "nfdump":  # counted in the totals and said, never silent
+                result.message = f"read through nfdump: {read.fallback}"
             if progress:
                 progress(size)
         else:
@@ -345,6 +353,7 @@ def _read_text_kind(
     content_hash: str,
     writer,
     stats: dict[str, dict[str, Any]],
+    read: NfcapdRead | None = None,
 ) -> int:
     """Stream one file of a READERS kind into `writer`; ground-truth labels (argus Label) go to their own
     dataset, flow_labels, which detectors never read (committed before the flows: a rerun after a kill in
@@ -353,7 +362,8 @@ def _read_text_kind(
     keep_labels = not lake.already_ingested("flow_labels", content_hash)
     with contextlib.ExitStack() as stack:
         label_writer = None
-        for batch in READERS[kind](path):  # streamed: ~16 MB of text at a time
+        batches = iter_nfcapd(path, read=read) if kind == "nfcapd" else READERS[kind](path)
+        for batch in batches:  # streamed: ~16 MB of text (or ~0.5 M nfcapd records) at a time
             flows, rejects = _with_source(batch[0], source), _with_source(batch[1], source)
             writer.write(flows)
             writer.reject(rejects)
@@ -374,7 +384,8 @@ def _read_text_kind(
                     entry = stats.setdefault(exporter or kind, {"flows": 0, "versions": [kind]})
                     entry["rejects"] = entry.get("rejects", 0) + n
         if kind == "nfcapd":  # the sampler list nfdump keeps in the file, per exporter (one interval: known)
-            for exporter, info in nfcapd_exporters(path).items():
+            native = read is not None and read.reader == "native"
+            for exporter, info in (read.exporters if native else nfcapd_exporters(path)).items():
                 samplers = info["sampling"]
                 if isinstance(samplers, list) and len(samplers) == 1:
                     stats.setdefault(exporter, {"flows": 0, "versions": [kind]})["sampling"] = samplers[0]
@@ -459,7 +470,12 @@ def _land_pcap_parallel(
 
 
 def _with_source(flows: pa.Table, source: str) -> pa.Table:
-    column = pa.array([source] * flows.num_rows, pa.string())
+    if "source" in flows.column_names and pa.types.is_dictionary(flows.schema.field("source").type):
+        # readers that hand over dictionary text (nfcapd): one value, not one string per row
+        indices = pa.array(np.zeros(flows.num_rows, np.int32))
+        column = pa.DictionaryArray.from_arrays(indices, pa.array([source], pa.string()))
+    else:
+        column = pa.array([source] * flows.num_rows, pa.string())
     if "source" in flows.column_names:
         return flows.set_column(flows.column_names.index("source"), "source", column)
     return flows.append_column("source", column)

@@ -3,8 +3,9 @@
 - `read_nfdump_csv(path)`: the text of `nfdump -o csv` (nfdump 1.7.1: optional header line `ts,te,td,sa,...`,
   one 48-field line per flow, a `Summary` trailer unless `-q`). Times there are local time of the machine that
   ran nfdump, whole seconds only; pass `tz=` if it was not UTC (run `TZ=UTC nfdump ...` to be safe).
-- `read_nfcapd(path)`: nfcapd files (or a directory of them) through the nfdump binary's `fmt:` output, which
-  keeps milliseconds.
+- `iter_nfcapd(path)`: nfcapd files natively (tracepipe.ingest.nffile) when they are nfdump 1.7 layout 2, else
+  (or for a directory) through the nfdump binary's `fmt:` output, which keeps milliseconds; `read_nfcapd` is
+  that nfdump path alone (the tests' oracle).
 Both map nfdump's text conventions back to numbers: protocol names (nfdump's own table), flag strings
 ("...AP.SF"), ICMP "type.code" -> type*256+code in dst_port.
 """
@@ -17,6 +18,7 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tracepipe.errors import EnvironmentProblem, InputError
+from tracepipe.ingest import nffile
 from tracepipe.ingest.delimited import address_text, line_rejects, read_block, rejects_table
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, too_long_rejects
@@ -73,7 +76,7 @@ _FMT_COLUMNS = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg",
 _TCP_FLAG_BITS = (128, 64, 32, 16, 8, 4, 2, 1)  # C E U A P R S F, the order FlagsString() prints them
 _FLAGS_RE = r"^[C.][E.][U.][A.][P.][R.][S.][F.]$"
 _TIME_RE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{3})?$"
-_UINT_RE = r"^\d{1,10}$"
+_UINT_RE = r"^\d{1,18}$"  # any count below 10**18 (a 10 GB flow has 11 digits); int64 holds it
 
 
 def looks_like_nfdump_csv(head: bytes) -> bool:
@@ -356,7 +359,13 @@ def _iter_flows(
             if pc.any(bad).as_py():
                 parts.append(_rejects(line_numbers.filter(bad), detail.filter(bad), reason.filter(bad), name))
             flows = flows.filter(valid)
-            flows = pa.Table.from_arrays([flows.column(f.name) for f in FLOWS], schema=FLOWS)
+            flows = pa.Table.from_arrays(  # FLOWS columns this reader does not fill (added later) stay null
+                [
+                    flows.column(f.name) if f.name in flows.column_names else pa.nulls(flows.num_rows, f.type)
+                    for f in FLOWS
+                ],
+                schema=FLOWS,
+            )
         rejects = pa.concat_tables(parts).sort_by("line") if parts else empty_rejects()
         yield flows, rejects
 
@@ -441,7 +450,9 @@ def read_nfdump_csv(path: Path | str, tz: str = "UTC") -> tuple[pa.Table, pa.Tab
 # byte order of the machine that wrote them (nffile.h); nfdump reads both orders.
 NFCAPD_MAGIC = (b"\x0c\xa5\x01\x00", b"\x0c\xa5\x02\x00", b"\xa5\x0c\x00\x01", b"\xa5\x0c\x00\x02")
 _EXPORTER_RE = re.compile(r"SysID:\s*(\d+),\s*IP:\s*(\S+),")
-_SAMPLER_RE = re.compile(r"Sampler for Exporter SysID:\s*(\d+),.*?interval:\s*(\d+)", re.I)
+# nfdump 1.7.1 PrintExporters: each exporter's samplers on the lines after it, "Sampler: ... packet interval: P,
+# packet space: S" (1 in (P + S) / P packets)
+_SAMPLER_RE = re.compile(r"Sampler:.*?packet interval:\s*(\d+),\s*packet space:\s*(\d+)")
 
 
 NO_FLOWS = "No matching flows"  # what nfdump prints (stdout, even with -q) when a file yields no record
@@ -460,7 +471,8 @@ def _nfdump_env() -> dict[str, str]:
 
 def nfcapd_exporters(path: Path | str, timeout: float = 120.0) -> dict[str, dict[str, object]]:
     """What `nfdump -E FILE` keeps of the exporters of an nfcapd file: {address: {"sysid", "sampling"}},
-    sampling = the packet interval of its samplers ([] when it announced none: volumes are as exported)."""
+    sampling = the intervals of its samplers ([] when it announced none: volumes are as exported); the native
+    reader (nffile.Exporters) finds the same from the file's exporter and sampler records."""
     proc = subprocess.run(
         [tool_path("nfdump"), "-E", str(path)],
         capture_output=True,
@@ -469,30 +481,71 @@ def nfcapd_exporters(path: Path | str, timeout: float = 120.0) -> dict[str, dict
         stdin=subprocess.DEVNULL,
     )
     text = proc.stdout.decode("latin-1")
-    by_sysid: dict[str, str] = {}
     out: dict[str, dict[str, object]] = {}
-    for sysid, address in _EXPORTER_RE.findall(text):
-        by_sysid[sysid] = address
-        out.setdefault(address, {"sysid": int(sysid), "sampling": []})
-    for sysid, interval in _SAMPLER_RE.findall(text):
-        address = by_sysid.get(sysid)
-        if address is not None and int(interval) not in out[address]["sampling"]:  # type: ignore[operator]
-            out[address]["sampling"].append(int(interval))  # type: ignore[union-attr]
+    address = None
+    for line in text.splitlines():  # in order: a sampler belongs to the exporter printed before it
+        exporter = _EXPORTER_RE.search(line)
+        if exporter is not None:
+            sysid, address = exporter.groups()
+            out.setdefault(address, {"sysid": int(sysid), "sampling": []})
+            continue
+        sampler = _SAMPLER_RE.search(line)
+        if sampler is not None and address is not None and int(sampler.group(1)):
+            interval = (int(sampler.group(1)) + int(sampler.group(2))) // int(sampler.group(1))
+            if interval not in out[address]["sampling"]:  # type: ignore[operator]
+                out[address]["sampling"].append(interval)  # type: ignore[union-attr]
     return out
 
 
-def iter_nfcapd(
-    path: Path | str, timeout: float = 3600.0, block_size: int = 1 << 24
-) -> Iterator[tuple[pa.Table, pa.Table]]:
-    """One nfcapd file (or a directory tree of them: `nfdump -R`) through the installed nfdump, streamed:
-    batches of (flows in schema.FLOWS, rejects), ~`block_size` bytes of nfdump's text each, so memory stays
-    flat however big the archive. Times in ms (`fmt:` output, TZ=UTC), `-N` plain numbers, `-6` full IPv6.
+@dataclass
+class NfcapdRead:
+    """How iter_nfcapd read one file: `reader` "native" (tracepipe.ingest.nffile) or "nfdump" (the installed
+    binary, the fallback), `fallback` why the native reader did not take it, `exporters` what the file says of
+    its exporters ({address: {"sysid", "sampling"}}, as nfcapd_exporters; native reads only)."""
 
-    A file nfdump cannot read (corrupt, truncated) gives one reject with nfdump's message; what it printed
-    before that landed. A missing nfdump binary raises EnvironmentProblem."""
+    reader: str = ""
+    fallback: str = ""
+    exporters: dict[str, dict[str, object]] = field(default_factory=dict)
+
+
+def iter_nfcapd(
+    path: Path | str,
+    timeout: float = 3600.0,
+    block_size: int = 1 << 24,
+    read: NfcapdRead | None = None,
+    native: bool = True,
+    batch_rows: int = 1 << 19,
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """One nfcapd file (or a directory tree of them), streamed: batches of (flows in schema.FLOWS, rejects).
+
+    nfdump 1.7 layout-2 files are read natively (nffile.iter_nffile: ~`batch_rows` records a batch, rejects
+    name the block's file offset); anything else (layout 1, encryption, LZO without python-lzo, nfdump 1.6
+    blocks, a directory) goes through the installed nfdump, and `read` (if given) says which and why, so that
+    the fallback is reported, never silent. `native=False` forces the nfdump path."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist")
+    read = NfcapdRead() if read is None else read
+    if path.is_dir():
+        problem: str | None = "a directory (read with nfdump -R)"
+    else:
+        problem = nffile.native_problem(path) if native else "native reader turned off"
+    if problem is None:
+        read.reader = "native"
+        exporters = nffile.Exporters()
+        yield from nffile.iter_nffile(path, str(path), exporters, batch_rows)
+        read.exporters = exporters.out
+        return
+    read.reader, read.fallback = "nfdump", problem
+    yield from _iter_nfcapd_nfdump(path, timeout, block_size)
+
+
+def _iter_nfcapd_nfdump(path: Path, timeout: float, block_size: int) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """The nfdump-subprocess path: `nfdump -r|-R PATH -o fmt:...` streamed through the text reader, ~`block_size`
+    bytes of nfdump's text a batch. Times in ms (`fmt:` output, TZ=UTC), `-N` plain numbers, `-6` full IPv6.
+
+    A file nfdump cannot read (corrupt, truncated) gives one reject with nfdump's message; what it printed
+    before that landed. A missing nfdump binary raises EnvironmentProblem."""
     cmd = [
         tool_path("nfdump"),
         "-R" if path.is_dir() else "-r",
@@ -533,9 +586,12 @@ def iter_nfcapd(
 
 
 def read_nfcapd(path: Path | str, timeout: float = 300.0) -> tuple[pa.Table, pa.Table]:
-    """iter_nfcapd collected into one (flows in schema.FLOWS, rejects): nfcapd file or directory, ms precision.
-    Raises EnvironmentProblem when nfdump fails on it as a whole (the tests' oracle wants to know)."""
-    flows, rejects = _collect(iter_nfcapd(path, timeout))
+    """The nfdump-subprocess path collected into one (flows in schema.FLOWS, rejects): nfcapd file or directory,
+    ms precision. The tests' oracle: raises EnvironmentProblem when nfdump fails on it as a whole."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist")
+    flows, rejects = _collect(_iter_nfcapd_nfdump(path, timeout, 1 << 24))
     failed = pc.equal(rejects.column("reason"), "nfdump could not read the file")
     if rejects.num_rows and pc.any(failed).as_py():
         detail = rejects.filter(failed).column("detail")[0].as_py()
