@@ -320,6 +320,28 @@ def test_table_macro_expands_with_bound_parameters():
     )
 
 
+def test_table_macro_parameters_with_defaults_take_them_when_left_out():
+    """DuckDB macros may give parameters defaults (views.sql's nat_inside): sqlglot cannot parse that header, so
+    the Spark engine could not start at all once such a macro existed (test_install caught it)."""
+    macros = parse_table_macros(
+        "CREATE OR REPLACE MACRO near(a, t, p := NULL, w := INTERVAL 5 MINUTE) AS TABLE "
+        "SELECT addr FROM flows WHERE addr = a AND (p IS NULL OR port = p) AND ts <= t + w"
+    )
+    assert macros["near"].params == ("a", "t", "p", "w")
+    (left_out,) = to_spark("SELECT * FROM near('x', $at) n", macros)
+    assert "(NULL IS NULL OR `port` = NULL)" in left_out and "INTERVAL '5' MINUTE" in left_out
+    (positional,) = to_spark("SELECT * FROM near('x', $at, 22) n", macros)
+    assert "`port` = 22" in positional and "INTERVAL '5' MINUTE" in positional
+    (named,) = to_spark("SELECT * FROM near('x', $at, w := INTERVAL 1 HOUR) n", macros)
+    assert "INTERVAL '1' HOUR" in named and "`port` = NULL" in named
+    with pytest.raises(EngineUnsupported, match="takes 2 arguments and optionally p"):
+        to_spark("SELECT * FROM near('x') n", macros)
+    # the bundled scripts parse, nat_inside among their table macros
+    from tracepipe.query import sql_text
+
+    assert "nat_inside" in parse_table_macros(sql_text("views"))
+
+
 def test_epoch_functions_keep_duckdb_meaning():
     (out,) = to_spark("SELECT epoch_us(ts_start), epoch(ts_start) FROM flows")
     assert out == "SELECT UNIX_MICROS(`ts_start`), UNIX_MICROS(`ts_start`) / 1e6 FROM `flows`"

@@ -80,15 +80,14 @@ def _name(node: exp.Expression) -> str:
 def lake_relations() -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
     """(view names a user may read, table macros, scalar macros): the lake's datasets, the public views of
     sql/views.sql, and the macros of sql/macros.sql and views.sql. Underscore names are tracepipe's own."""
-    import sqlglot
 
-    from tracepipe.engines.dialect import parse_table_macros
+    from tracepipe.engines.dialect import parse_bundled, parse_table_macros
     from tracepipe.engines.spark import scalar_macro_names
     from tracepipe.query import sql_text
     from tracepipe.schema import DATASETS
 
     views = set(DATASETS)
-    for statement in sqlglot.parse(sql_text("views"), read="duckdb"):
+    for statement in parse_bundled(sql_text("views")):
         if isinstance(statement, exp.Create) and str(statement.args.get("kind", "")).upper() == "VIEW":
             views.add(statement.this.name)
     tables = {**parse_table_macros(sql_text("macros")), **parse_table_macros(sql_text("views"))}

@@ -13,6 +13,7 @@ DuckDB macro itself on each batch (see spark.py), so their definition exists onc
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -39,6 +40,49 @@ class TableMacro:
     name: str
     params: tuple[str, ...]
     body: exp.Expression  # the macro's SELECT, parameters still as bare column references
+    defaults: tuple[tuple[str, exp.Expression], ...] = ()  # DuckDB's `name := value` parameters, in order
+
+
+_MACRO_HEADER = re.compile(
+    r"(CREATE\s+(?:OR\s+REPLACE\s+)?MACRO\s+\w+\s*)\(([^()]*(?:\([^()]*\)[^()]*)*)\)", re.I
+)
+
+
+def plain_macro_headers(sql_text: str) -> tuple[str, dict[str, dict[str, str]]]:
+    """DuckDB macros may give parameters defaults (`f(a, b := NULL)`), which sqlglot does not parse: the script
+    with plain parameter lists, and each macro's defaults as SQL text (macro name -> parameter -> default)."""
+    defaults: dict[str, dict[str, str]] = {}
+
+    def plain(match: re.Match[str]) -> str:
+        name = match.group(1).split()[-1].lower()
+        params = []
+        for part in _split_params(match.group(2)):
+            param, sep, default = part.partition(":=")
+            params.append(param.strip())
+            if sep:
+                defaults.setdefault(name, {})[param.strip()] = default.strip()
+        return f"{match.group(1)}({', '.join(params)})"
+
+    return _MACRO_HEADER.sub(plain, sql_text), defaults
+
+
+def _split_params(text: str) -> list[str]:
+    """A parameter list split on its top-level commas (a default may hold a call with commas)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p for p in parts if p.strip()]
+
+
+def parse_bundled(sql_text: str) -> list[exp.Expression]:
+    """The statements of one of tracepipe's own SQL scripts (macro defaults made plain first)."""
+    _require_sqlglot()
+    return [s for s in sqlglot.parse(plain_macro_headers(sql_text)[0], read="duckdb") if s is not None]
 
 
 def _require_sqlglot() -> None:
@@ -52,7 +96,8 @@ def parse_table_macros(sql_text: str) -> dict[str, TableMacro]:
     """`CREATE [OR REPLACE] MACRO name(a, b) AS TABLE SELECT ...` statements of a DuckDB script."""
     _require_sqlglot()
     macros: dict[str, TableMacro] = {}
-    for statement in sqlglot.parse(sql_text, read="duckdb"):
+    defaults = plain_macro_headers(sql_text)[1]
+    for statement in parse_bundled(sql_text):
         if not isinstance(statement, exp.Create) or str(statement.args.get("kind", "")).upper() != "MACRO":
             continue
         if not isinstance(statement.expression, exp.Query):
@@ -60,7 +105,9 @@ def parse_table_macros(sql_text: str) -> dict[str, TableMacro]:
         signature = statement.this
         name = (signature.this.name if isinstance(signature.this, exp.Expression) else signature.name).lower()
         params = tuple(p.name for p in signature.expressions)
-        macros[name] = TableMacro(name, params, statement.expression)
+        given = defaults.get(name, {})
+        fill = tuple((p, sqlglot.parse_one(given[p], read="duckdb")) for p in params if p in given)
+        macros[name] = TableMacro(name, params, statement.expression, fill)
     return macros
 
 
@@ -72,9 +119,25 @@ def _expand_table_macro(table: exp.Table, macros: Mapping[str, TableMacro]) -> e
     if macro is None:
         return None
     args = list(call.expressions) if isinstance(call, exp.Anonymous) else list(call.args.values())
-    if len(args) != len(macro.params):
-        raise EngineUnsupported(f"{macro.name} takes {len(macro.params)} arguments, got {len(args)}")
-    binding = dict(zip(macro.params, args, strict=True))
+    named = {}
+    while (
+        args
+        and isinstance(args[-1], exp.PropertyEQ)
+        and isinstance(args[-1].this, exp.Identifier | exp.Column)
+    ):
+        given = args.pop()  # DuckDB's f(a, b, within := x)
+        named[given.this.name] = given.expression
+    optional = dict(macro.defaults)
+    required = [p for p in macro.params if p not in optional]
+    if len(args) < len(required) or len(args) > len(macro.params) or set(named) - set(optional):
+        raise EngineUnsupported(
+            f"{macro.name} takes {len(required)} arguments"
+            + (f" and optionally {', '.join(f'{p} := ...' for p in optional)}" if optional else "")
+            + f", got {len(args) + len(named)}"
+        )
+    binding = dict(zip(macro.params, args, strict=False))
+    for param, default in macro.defaults:
+        binding.setdefault(param, named.get(param, default))
 
     def substitute(node: exp.Expression) -> exp.Expression:
         if isinstance(node, exp.Column) and not node.table and node.name in binding:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from tracepipe.engines import BatchFn, duckdb_arrow
-from tracepipe.engines.dialect import EngineUnsupported, parse_table_macros, to_spark
+from tracepipe.engines.dialect import EngineUnsupported, parse_bundled, parse_table_macros, to_spark
 from tracepipe.errors import EnvironmentProblem, UsageError
 from tracepipe.lake import Lake
 from tracepipe.schema import DATASETS
@@ -327,13 +327,12 @@ _DUCK_TO_ARROW = {
 @functools.cache
 def scalar_macro_names() -> frozenset[str]:
     """Public scalar macros of sql/macros.sql (table macros are expanded by dialect.py instead)."""
-    import sqlglot
     from sqlglot import exp
 
     from tracepipe.query import sql_text
 
     names = set()
-    for statement in sqlglot.parse(sql_text("macros"), read="duckdb"):
+    for statement in parse_bundled(sql_text("macros")):
         if not isinstance(statement, exp.Create) or isinstance(statement.expression, exp.Query):
             continue
         signature = statement.this
@@ -455,7 +454,7 @@ class SparkEngine:
             replacing = {
                 s.this.name: s for s in sqlglot.parse(sql_text("vm_info_from_leases"), read="duckdb")
             }
-        for statement in sqlglot.parse(views_sql, read="duckdb"):
+        for statement in parse_bundled(views_sql):
             if isinstance(statement, exp.Create) and str(statement.args.get("kind", "")).upper() == "VIEW":
                 self._create_view(replacing.get(statement.this.name, statement))
 
