@@ -25,10 +25,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tracepipe.errors import EnvironmentProblem, InputError
-from tracepipe.ingest.delimited import address_text, line_rejects, read_block, rejects_table
+from tracepipe.ingest.delimited import (
+    address_text,
+    as_flows,
+    line_rejects,
+    read_block,
+    rejects_table,
+)
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, too_long_rejects
-from tracepipe.schema import FLOWS, ROUTER_COLUMNS, TS, TUNNEL_COLUMNS
+from tracepipe.schema import FLOWS, TS
 from tracepipe.tools import tool_path
 
 # nfdump 1.7.1 src/lib/output_util.c protoList: what ProtoString() prints for protocol numbers 0..137; any other
@@ -244,7 +250,7 @@ def _flows_from_columns(
         detail = pc.if_else(
             bad, pc.take(bad_detail, pc.if_else(bad, positions, 0)), pa.scalar(None, pa.string())
         )
-    table = pa.table(
+    table = pa.table(  # the FLOWS columns nfdump's text has; as_flows adds the others as nulls
         {
             "ts_start": ts_start,
             "ts_end": ts_end,
@@ -260,15 +266,7 @@ def _flows_from_columns(
             "exporter": exporter,
             "input_if": input_if,
             "output_if": output_if,
-            "sampling_interval": pa.nulls(n, pa.int32()),
             "source": pa.array([source] * n, pa.string()),
-            "src_vm": pa.nulls(n, pa.string()),
-            "dst_vm": pa.nulls(n, pa.string()),
-            "attributed_at": pa.nulls(n, FLOWS.field("attributed_at").type),
-            "uid": pa.nulls(n, pa.string()),
-            "conn_state": pa.nulls(n, pa.string()),
-            "history": pa.nulls(n, pa.string()),
-            **{name: pa.nulls(n, FLOWS.field(name).type) for name in (*TUNNEL_COLUMNS, *ROUTER_COLUMNS)},
         }
     )
     return table, valid, reason, detail
@@ -352,8 +350,7 @@ def _iter_flows(
             bad = pc.and_(pc.invert(valid), pc.invert(blank))
             if pc.any(bad).as_py():
                 parts.append(_rejects(line_numbers.filter(bad), detail.filter(bad), reason.filter(bad), name))
-            flows = flows.filter(valid)
-            flows = pa.Table.from_arrays([flows.column(f.name) for f in FLOWS], schema=FLOWS)
+            flows = as_flows(flows.filter(valid))
         rejects = pa.concat_tables(parts).sort_by("line") if parts else empty_rejects()
         yield flows, rejects
 
