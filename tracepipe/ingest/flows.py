@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
@@ -459,7 +460,9 @@ def _land_pcap_parallel(
 
 
 def _with_source(flows: pa.Table, source: str) -> pa.Table:
-    column = pa.array([source] * flows.num_rows, pa.string())
+    # one value for every row: dictionary-encoded, the form the lake writer takes text in (no list of n strings)
+    indices = pa.array(np.zeros(flows.num_rows, np.int32))
+    column = pa.DictionaryArray.from_arrays(indices, pa.array([source], pa.string()))
     if "source" in flows.column_names:
         return flows.set_column(flows.column_names.index("source"), "source", column)
     return flows.append_column("source", column)

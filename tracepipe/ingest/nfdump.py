@@ -27,11 +27,11 @@ import pyarrow.compute as pc
 from tracepipe.errors import EnvironmentProblem, InputError
 from tracepipe.ingest.delimited import (
     address_text,
-    as_flows,
     line_rejects,
     read_block,
     rejects_table,
 )
+from tracepipe.lake import conform
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, too_long_rejects
 from tracepipe.schema import FLOWS, TS
@@ -204,9 +204,9 @@ def _flows_from_columns(
     checks.append(("bad start time", ok))
     ts_end, ok = _per_unique(_timestamps, fields["te"], tz)
     checks.append(("bad end time", ok))
-    src, src_version, ok = _addresses(fields["sa"])
+    src, src_version, ok = _addresses(fields["sa"], dictionary=True)
     checks.append(("bad source address", ok))
-    dst, _, ok = _addresses(fields["da"])
+    dst, _, ok = _addresses(fields["da"], dictionary=True)
     checks.append(("bad destination address", ok))
     src_port, ok = _per_unique(_uint, fields["sp"], pa.int32())
     checks.append(("bad source port", ok))
@@ -220,7 +220,7 @@ def _flows_from_columns(
     checks.append(("bad byte count", ok))
     flags, ok = _per_unique(tcp_flags_from_text, fields["flg"])
     checks.append(("bad tcp flags", ok))
-    exporter, _, ok = _addresses(fields["ra"])
+    exporter, _, ok = _addresses(fields["ra"], dictionary=True)
     checks.append(("bad exporter address", ok))
     input_if, ok = _per_unique(_uint, fields["in"], pa.int32())
     checks.append(("bad input interface", ok))
@@ -250,7 +250,7 @@ def _flows_from_columns(
         detail = pc.if_else(
             bad, pc.take(bad_detail, pc.if_else(bad, positions, 0)), pa.scalar(None, pa.string())
         )
-    table = pa.table(  # the FLOWS columns nfdump's text has; as_flows adds the others as nulls
+    table = pa.table(  # the FLOWS columns nfdump's text has; conform adds the others as nulls
         {
             "ts_start": ts_start,
             "ts_end": ts_end,
@@ -266,7 +266,7 @@ def _flows_from_columns(
             "exporter": exporter,
             "input_if": input_if,
             "output_if": output_if,
-            "source": pa.array([source] * n, pa.string()),
+            "source": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([source])),
         }
     )
     return table, valid, reason, detail
@@ -296,16 +296,14 @@ def _iter_rows(
     """Stream a delimited text as (the columns we use, all as text; their 1-based line numbers; the lines of
     another width as (line number, text); the lines over limits.line_bytes as (line number, length)), one
     block of ~`block_size` bytes at a time (delimited.read_block)."""
-    lines_before = 0
     for index, block in enumerate(_chunks(source, block_size)):
         chunk = block.data
         skip = skip_rows if index == 0 else 0
         if not chunk:  # only the rest of an over-long last line
             yield pa.table({}), pa.array([], pa.int64()), [], block.too_long
             continue
-        table, numbers, invalid = read_block(chunk, lines_before + 1, delimiter, columns, _NEEDED, skip)
+        table, numbers, invalid = read_block(chunk, block.first_line, delimiter, columns, _NEEDED, skip)
         yield table, numbers, invalid, block.too_long
-        lines_before += chunk.count(b"\n") + (0 if chunk.endswith(b"\n") else 1)
 
 
 def _iter_flows(
@@ -350,7 +348,7 @@ def _iter_flows(
             bad = pc.and_(pc.invert(valid), pc.invert(blank))
             if pc.any(bad).as_py():
                 parts.append(_rejects(line_numbers.filter(bad), detail.filter(bad), reason.filter(bad), name))
-            flows = as_flows(flows.filter(valid))
+            flows = conform(flows.filter(valid), FLOWS, text_as_dictionary=True)
         rejects = pa.concat_tables(parts).sort_by("line") if parts else empty_rejects()
         yield flows, rejects
 
@@ -392,7 +390,7 @@ def _iter_csv(
 def _collect(batches: Iterator[tuple[pa.Table, pa.Table]]) -> tuple[pa.Table, pa.Table]:
     flows, rejects = [FLOWS.empty_table()], [empty_rejects()]
     for batch_flows, batch_rejects in batches:
-        flows.append(batch_flows)
+        flows.append(conform(batch_flows, FLOWS))  # the batches' text is dictionary-encoded
         rejects.append(batch_rejects)
     return pa.concat_tables(flows), pa.concat_tables(rejects)
 
