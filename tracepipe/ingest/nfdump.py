@@ -119,11 +119,19 @@ def _trim(column: pa.Array) -> pa.Array:
     return pc.utf8_trim_whitespace(column)
 
 
-def _uint(column: pa.Array, target: pa.DataType) -> tuple[pa.Array, pa.Array]:
-    """Decimal text -> integers; returns (values with 0 where invalid, valid mask)."""
-    text = _trim(column)
-    ok = pc.fill_null(pc.match_substring_regex(text, _UINT_RE), False)
-    values = pc.cast(pc.if_else(ok, text, "0"), pa.int64())
+def _uint(column: pa.Array | pa.ChunkedArray, target: pa.DataType) -> tuple[pa.Array, pa.Array]:
+    """Decimal text -> integers; returns (values with 0 where invalid, valid mask). Runs on every row: when all
+    are 1-10 ASCII digits (what nfdump prints) that is one check and one cast of the column (cheaper than
+    hashing it to convert the distinct values); else each row is trimmed and matched as before."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    plain = pc.and_(pc.ascii_is_decimal(column), pc.less_equal(pc.binary_length(column), 10))
+    if len(column) and pc.all(plain).as_py():  # the same rows as _UINT_RE after trimming: all of them
+        ok, values = plain, pc.cast(column, pa.int64())
+    else:
+        text = _trim(column)
+        ok = pc.fill_null(pc.match_substring_regex(text, _UINT_RE), False)
+        values = pc.cast(pc.if_else(ok, text, "0"), pa.int64())
     if target != pa.int64():
         limit = 2**31 - 1 if target == pa.int32() else 2**15 - 1
         ok = pc.and_(ok, pc.less_equal(values, limit))
@@ -157,13 +165,21 @@ def proto_from_text(column: pa.Array) -> tuple[pa.Array, pa.Array]:
 
 def dst_port_from_text(column: pa.Array) -> tuple[pa.Array, pa.Array]:
     """`%dp` text -> int32: a port, or ICMP "type.code" folded into type*256+code as NetFlow carries it."""
+    port, port_ok = _uint(column, pa.int64())
+    if pc.all(port_ok).as_py():  # no ICMP "type.code" among them: ports only, one cast of the column
+        ok = pc.less_equal(port, 65535)
+        return pc.cast(pc.if_else(ok, port, 0), pa.int32()), ok
+    return _per_unique(_port_or_icmp, column)
+
+
+def _port_or_icmp(column: pa.Array) -> tuple[pa.Array, pa.Array]:
+    port, port_ok = _uint(column, pa.int64())
     text = _trim(column)
     icmp = pc.fill_null(pc.match_substring_regex(text, r"^\d{1,3}\.\d{1,3}$"), False)
     parts = pc.split_pattern(pc.if_else(icmp, text, "0.0"), ".")
     icmp_type, type_ok = _uint(pc.list_element(parts, 0), pa.int64())
     icmp_code, code_ok = _uint(pc.list_element(parts, 1), pa.int64())
     folded = pc.add(pc.multiply(icmp_type, 256), icmp_code)
-    port, port_ok = _uint(text, pa.int64())
     values = pc.if_else(icmp, folded, port)
     ok = pc.or_(pc.and_(icmp, pc.and_(type_ok, code_ok)), pc.and_(pc.invert(icmp), port_ok))
     ok = pc.and_(ok, pc.less_equal(values, 65535))
@@ -208,23 +224,23 @@ def _flows_from_columns(
     checks.append(("bad source address", ok))
     dst, _, ok = _addresses(fields["da"], dictionary=True)
     checks.append(("bad destination address", ok))
-    src_port, ok = _per_unique(_uint, fields["sp"], pa.int32())
+    src_port, ok = _uint(fields["sp"], pa.int32())
     checks.append(("bad source port", ok))
-    dst_port, ok = _per_unique(dst_port_from_text, fields["dp"])
+    dst_port, ok = dst_port_from_text(fields["dp"])
     checks.append(("bad destination port", ok))
     proto, ok = _per_unique(proto_from_text, fields["pr"])
     checks.append(("bad protocol", ok))
-    packets, ok = _per_unique(_uint, fields["ipkt"], pa.int64())
+    packets, ok = _uint(fields["ipkt"], pa.int64())
     checks.append(("bad packet count", ok))
-    octets, ok = _per_unique(_uint, fields["ibyt"], pa.int64())
+    octets, ok = _uint(fields["ibyt"], pa.int64())
     checks.append(("bad byte count", ok))
     flags, ok = _per_unique(tcp_flags_from_text, fields["flg"])
     checks.append(("bad tcp flags", ok))
     exporter, _, ok = _addresses(fields["ra"], dictionary=True)
     checks.append(("bad exporter address", ok))
-    input_if, ok = _per_unique(_uint, fields["in"], pa.int32())
+    input_if, ok = _uint(fields["in"], pa.int32())
     checks.append(("bad input interface", ok))
-    output_if, ok = _per_unique(_uint, fields["out"], pa.int32())
+    output_if, ok = _uint(fields["out"], pa.int32())
     checks.append(("bad output interface", ok))
 
     n = len(ts_start)
