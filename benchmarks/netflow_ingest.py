@@ -10,7 +10,8 @@
    - `nfdump -r FILE -q -N -o 'fmt:%tsr,%ter,%pr,%sa,%da,%sp,%dp,%pkt,%byt,%flg' > /dev/null` (its fastest
      text form: raw times),
    - `tracepipe ingest netflow FILE.csv` on the same records as `nfdump -r -o csv` wrote them (written once,
-     not timed; `--no-csv` leaves it out: 350 bytes a record),
+     not timed; `--no-csv` leaves it out: 350 bytes a record), and next to it the floor of reading that text:
+     pyarrow.csv alone tokenising the 13 columns tracepipe uses (all cores, nothing converted or written),
    and prints records/s (wall clock; CPU seconds of the whole process tree next to it), the peak RSS of the
    whole process tree (sampled every 20 ms: tracepipe's workers included) and the ratios tracepipe / nfdump.
 
@@ -306,6 +307,29 @@ def write_nfdump_csv(nfcapd_file: Path, out: Path) -> Path:
     return out
 
 
+# The floor of any reader of nfdump CSV: pyarrow.csv alone tokenising the same file into the 13 columns tracepipe
+# uses, as text, on all cores, and nothing else (no conversion, no lake). Python + pyarrow start-up included.
+CSV_FLOOR = """
+import json, sys, pyarrow as pa, pyarrow.csv as c
+CSV_COLUMNS, _NEEDED = json.loads(sys.argv[2])
+reader = c.open_csv(sys.argv[1],
+    read_options=c.ReadOptions(column_names=list(CSV_COLUMNS), skip_rows=1, block_size=1 << 21),
+    parse_options=c.ParseOptions(quote_char=False, invalid_row_handler=lambda row: "skip"),
+    convert_options=c.ConvertOptions(include_columns=list(_NEEDED), strings_can_be_null=False,
+                                     column_types={name: pa.string() for name in _NEEDED}))
+print(sum(batch.num_rows for batch in reader))
+"""
+
+
+def measure_csv_floor(csv_file: Path) -> dict:
+    from tracepipe.ingest.nfdump import _NEEDED, CSV_COLUMNS
+
+    columns = json.dumps([CSV_COLUMNS, _NEEDED])
+    result = _run_measured([sys.executable, "-c", CSV_FLOOR, str(csv_file), columns])
+    result["records"] = sum(1 for _ in open(csv_file, "rb")) - 4  # header and the 3 lines of the Summary
+    return result
+
+
 def measure_nfdump(nfcapd_file: Path) -> dict:
     cmd = [tool_path("nfdump"), "-r", str(nfcapd_file), "-q", "-N", "-o", NFDUMP_FORMAT]
     env = dict(os.environ, TZ="UTC")
@@ -335,12 +359,17 @@ def bench_size(
     records = build_capture(datagram, size, pcap)
     nffile = replay_to_nfcapd(pcap, workdir)
     csv_file = write_nfdump_csv(nffile, workdir / f"v9-{size}.csv") if csv else None
-    runs: dict[str, list[dict]] = {"tracepipe": [], "nfdump": [], **({"tracepipe_csv": []} if csv else {})}
+    runs: dict[str, list[dict]] = {
+        "tracepipe": [],
+        "nfdump": [],
+        **({"tracepipe_csv": [], "csv_floor": []} if csv else {}),
+    }
     for _ in range(rounds):  # interleaved: all see the same machine load
         runs["tracepipe"].append(measure_tracepipe(pcap, workdir / "lake", jobs))
         runs["nfdump"].append(measure_nfdump(nffile))
         if csv_file is not None:
             runs["tracepipe_csv"].append(measure_tracepipe(csv_file, workdir / "lake", jobs))
+            runs["csv_floor"].append(measure_csv_floor(csv_file))
     best = {name: min(r, key=lambda m: m["seconds"]) for name, r in runs.items()}
     nf = best["nfdump"]
 
@@ -367,6 +396,15 @@ def bench_size(
             f"  ratio tracepipe CSV / nfdump: {result['csv_ratio']:.2f}x wall, "
             f"{result['csv_cpu_ratio']:.2f}x per CPU second"
         )
+        floor = best["csv_floor"]
+        result["floor_ratio"], result["floor_cpu_ratio"] = ratios(floor)
+        print(f"  floor: pyarrow.csv alone, 13 columns as text   {_rate(floor)}")
+        print(
+            f"  ratio floor / nfdump: {result['floor_ratio']:.2f}x wall, {result['floor_cpu_ratio']:.2f}x per CPU "
+            f"second; tracepipe CSV takes {tc['cpu_seconds'] / floor['cpu_seconds']:.1f}x the floor's CPU"
+        )
+        if tc["exit"] not in (0, 3) or tc["records"] != records:
+            print(f"  (tracepipe CSV exit {tc['exit']}, landed {tc['records']:,} of {records:,} records)")
         csv_file.unlink()
     pcap.unlink()
     nffile.unlink()

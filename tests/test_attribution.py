@@ -370,3 +370,36 @@ def test_a_failed_attribution_is_exit_code_5_the_flows_stay_and_rebuild_repairs(
     again = Lake(lake.root)
     assert all(e.null_counts.get("attributed_at") == 0 for e in again.entries("flows"))
     assert again.read("vm_leases").num_rows > 0
+
+
+def test_an_ingest_into_a_lake_without_leases_never_imports_polars(tmp_path):
+    """Issue 17: `ingest netflow` paid polars' import (0.2-0.35 s) in the attribution step even when the lake had
+    no lifecycle events. The real CLI, in a fresh interpreter: the flows land, correlation reports the empty
+    lease update, and polars was never loaded."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parent.parent / "sample_data" / "netflow" / "nfdump-v9.csv"
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['tracepipe', 'ingest', 'netflow', {str(sample)!r}, '--lake', {str(tmp_path / 'lake')!r},"
+        " '--format', 'json']\n"
+        "try:\n    runpy.run_module('tracepipe.cli', run_name='__main__')\n"
+        "except SystemExit as exit:\n    code = exit.code\n"
+        "print('POLARS', 'polars' in sys.modules, code, file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "POLARS False 0" in proc.stderr, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["totals"]["flows"] > 0
+    assert summary["correlation"]["leases"]["mode"] == "none"
+
+
+def test_the_empty_lease_update_is_what_leases_py_reports():
+    """attribution.NO_LEASE_UPDATE is written out (to keep leases.py and polars unloaded); it must stay equal to
+    what a LeaseUpdate with nothing done reports."""
+    from tracepipe.correlate.attribution import NO_LEASE_UPDATE
+    from tracepipe.correlate.leases import LeaseUpdate
+
+    assert LeaseUpdate().to_dict() == NO_LEASE_UPDATE

@@ -482,3 +482,24 @@ def test_escaped_lone_surrogates_are_read_not_rejected():
     assert json_loads(doc.encode()) == json_loads(doc)
     with pytest.raises(json.JSONDecodeError):
         json_loads('{"a": "\\udcff", }')  # still not JSON: still an error
+
+
+@pytest.mark.parametrize("line_bytes", [64, 65])
+def test_a_line_one_byte_over_the_limit_is_found_wherever_it_sits(line_bytes):
+    """Regression for the block pre-check that skips the byte-by-byte scan when every window of line_bytes/2
+    bytes holds a newline: a line of line_bytes + 1 bytes is still emptied and listed at any offset in a block
+    of short lines, and a line of exactly line_bytes is kept."""
+    import io
+
+    from tracepipe.limits import iter_line_blocks
+
+    limits = Limits(line_bytes=line_bytes)
+    for offset in range(line_bytes):
+        short = [b"y" * (offset % 7)] * (offset + 3)
+        lines = [*short, b"a" * line_bytes, b"b" * (line_bytes + 1), *short]
+        data = b"".join(line + b"\n" for line in lines)
+        blocks = list(iter_line_blocks(io.BytesIO(data), 4 * line_bytes + 7, limits))
+        kept = b"".join(b.data for b in blocks).split(b"\n")[:-1]
+        long_at = len(short) + 2
+        assert [t for b in blocks for t in b.too_long] == [(long_at, line_bytes + 1)], offset
+        assert kept == [*short, b"a" * line_bytes, b"", *short], offset

@@ -267,3 +267,66 @@ def test_concatenated_nfdump_outputs_read_as_one(nfcapd_dir, tmp_path):
     flows, rejects = parse_nfdump_csv(one + one + b"\n" + one, "three")
     assert rejects.num_rows == 0, rejects.to_pylist()[:3]
     assert flows.num_rows == 3 * flows_one.num_rows
+
+
+def test_fast_parallel_read_and_its_serial_fallback_give_the_same_line_numbers():
+    """read_block parses a pure-ASCII block on all cores when its only invalid lines are its last ones
+    (nfdump's Summary trailer); a junk line inside, the trailer's text repeated inside, or a non-ASCII byte send
+    it to the serial reader. Every path must number rows and invalid lines as the file does."""
+    from tracepipe.ingest.delimited import read_block
+    from tracepipe.ingest.nfdump import _NEEDED
+
+    header, *body = _sample_csv_lines(40)
+    body = [line for line in body if line.strip()][:30]
+    trailer = [b"Summary", b"flows,bytes,packets,avg_bps,avg_pps,avg_bpp", b"1,2,3,4,5,6"]
+
+    def numbered(lines: list[bytes], first_line: int = 7) -> tuple[list[int], list[tuple[int, str]], list]:
+        table, numbers, invalid = read_block(
+            b"\n".join(lines) + b"\n", first_line, ",", CSV_COLUMNS, _NEEDED, 1
+        )
+        return numbers.to_pylist(), invalid, table.column("sa").to_pylist()
+
+    # fast path: header skipped, rows on lines 8.., the trailer's three lines after them
+    numbers, invalid, _ = numbered([header, *body, *trailer])
+    assert numbers == list(range(8, 8 + len(body)))
+    assert invalid == [(8 + len(body) + i, t.decode()) for i, t in enumerate(trailer)]
+
+    # fallback: junk inside, and the trailer's first line repeated inside (its text matches a last line)
+    for junk in (b"junk,line", b"Summary"):
+        lines = [header, *body[:10], junk, *body[10:], *trailer]
+        numbers, invalid, _ = numbered(lines)
+        assert numbers == [*range(8, 18), *range(19, 19 + len(body) - 10)], junk
+        assert invalid[0] == (18, junk.decode())
+        assert [n for n, _ in invalid[1:]] == [19 + len(body) - 10 + i for i in range(3)]
+
+    # fallback: a Latin-1 byte in one address is read as that character (then rejected by the address check)
+    damaged = body[4].split(b",")
+    damaged[3] = b"10.0.0.\xe9"
+    lines = [header, *body[:4], b",".join(damaged), *body[5:], *trailer]
+    numbers, invalid, addresses = numbered(lines)
+    assert numbers == list(range(8, 8 + len(body)))
+    assert addresses[4] == "10.0.0.é"
+    assert [n for n, _ in invalid] == [8 + len(body) + i for i in range(3)]
+
+
+def test_numbers_read_by_one_cast_or_row_by_row_checks_agree():
+    """_uint casts a whole column at once when every row is 1-10 ASCII digits, and otherwise trims and matches
+    each row (then " 80" is a port, "+5", "-1", "٣", "" and 11 digits are not). Both paths give the same values
+    for the same text, and a port column without ICMP takes the cast while one with "3.1" still folds it."""
+    from tracepipe.ingest.nfdump import _uint, dst_port_from_text
+
+    plain = ["0", "80", "65535", "0000000007", "4294967295"]
+    values, ok = _uint(pa.array(plain), pa.int64())
+    assert values.to_pylist() == [0, 80, 65535, 7, 4294967295] and all(ok.to_pylist())
+    mixed = [*plain, " 80", "+5", "-1", "٣", "", "00000000001", "8O"]
+    values, ok = _uint(pa.array(mixed), pa.int64())
+    assert values.to_pylist() == [0, 80, 65535, 7, 4294967295, 80, 0, 0, 0, 0, 0, 0]
+    assert ok.to_pylist() == [True] * 6 + [False] * 6
+    narrow, ok = _uint(pa.chunked_array([["32767", "32768"], ["1"]]), pa.int16())
+    assert narrow.to_pylist() == [32767, 0, 1] and ok.to_pylist() == [True, False, True]
+
+    ports, ok = dst_port_from_text(pa.array(["443", "65536", "53"]))
+    assert ports.to_pylist() == [443, 0, 53] and ok.to_pylist() == [True, False, True]
+    ports, ok = dst_port_from_text(pa.array(["443", "3.1", "0.0", "65536", "x"]))
+    assert ports.to_pylist() == [443, 3 * 256 + 1, 0, 0, 0]
+    assert ok.to_pylist() == [True, True, True, False, False]

@@ -177,7 +177,7 @@ def iter_line_blocks(
         if len(carry) > max_line:
             carry, skipping = b"", len(carry)
         too_long: list[tuple[int, int]] = []
-        if len(block) > max_line:
+        if len(block) > max_line and _may_hold_long_line(block, max_line):
             block, too_long = _drop_long_lines(block, first_line, max_line)
         yield LineBlock(first_line, block, too_long)
         first_line += block.count(b"\n")
@@ -185,6 +185,13 @@ def iter_line_blocks(
         yield LineBlock(first_line, b"", [(first_line, skipping)])
     elif carry:
         yield LineBlock(first_line, carry, [])
+
+
+def _may_hold_long_line(block: bytes, max_line: int) -> bool:
+    """False when every window of max_line // 2 bytes holds a newline: then no line is longer than max_line.
+    A few dozen `find`s per block instead of a scan of every byte (the common case: short lines)."""
+    step = max(max_line // 2, 1)
+    return any(block.find(b"\n", start, start + step) < 0 for start in range(0, len(block), step))
 
 
 def _drop_long_lines(block: bytes, first_line: int, max_line: int) -> tuple[bytes, list[tuple[int, int]]]:

@@ -20,14 +20,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 
 from tracepipe.correlate.lease_at import LeaseIndex, lease_index, read_leases
-from tracepipe.correlate.leases import LeaseUpdate, refresh_leases
 from tracepipe.errors import EXIT_ATTRIBUTION, EXIT_OK, AttributionError, LakeError, TracepipeError
 from tracepipe.lake import Lake, conform
 from tracepipe.schema import VM_LOGS
+
+# What correlate reports when the lake has no lifecycle events: LeaseUpdate().to_dict() (tests/test_attribution.py
+# holds them equal), written out so that an ingest into a lake without leases never imports leases.py and
+# polars (0.2-0.35 s of every such run; issue 17).
+NO_LEASE_UPDATE: dict[str, Any] = {
+    "mode": "none",
+    "days": [],
+    "events": 0,
+    "new_events": 0,
+    "addresses": 0,
+    "vms": 0,
+    "reason": "",
+    "seconds": 0.0,
+}
 
 __all__ = [
     "AttributionResult",
@@ -128,6 +140,8 @@ def attribute_logs(logs: pa.Table, leases: pa.Table) -> pa.Table:
         return logs.set_column(
             logs.schema.get_field_index("vm_id"), "vm_id", pa.nulls(logs.num_rows, pa.string())
         )
+    import polars as pl  # here: the flow paths of attribution need no polars
+
     by_addr = LeaseIndex(leases).lookup(logs.column("sender_addr"), logs.column("ts")).column("vm_id")
     frame = pl.from_arrow(logs).with_row_index("_row").with_columns(pl.Series("_by_addr", by_addr))
     lease = pl.from_arrow(leases.select(["vm_id", "vm_name", "valid_from", "valid_to"]))
@@ -239,11 +253,13 @@ def correlate(
     reports what landed; environment errors (TracepipeError) keep their own code."""
     result = CorrelationResult()
     try:
-        update: LeaseUpdate = (
-            refresh_leases(lake, reclaim_interval, full=full) if lake.files("vm_events") else LeaseUpdate()
-        )
-        result.leases = update.to_dict()
-        changed = update.days | days_left_to_attribute(lake)
+        result.leases, updated_days = dict(NO_LEASE_UPDATE, days=[]), set()
+        if lake.files("vm_events"):
+            from tracepipe.correlate.leases import refresh_leases  # imports polars
+
+            update = refresh_leases(lake, reclaim_interval, full=full)
+            result.leases, updated_days = update.to_dict(), update.days
+        changed = updated_days | days_left_to_attribute(lake)
         flow_days = (changed | set(days)) & set(lake.days("flows"))
         if flow_days and lake.files("vm_leases"):
             result.flows = attribute_flows(lake, flow_days)

@@ -14,11 +14,11 @@ nulls where nobody held the address): numpy searches over a sorted (address, sta
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -26,11 +26,15 @@ from tracepipe.schema import VM_LEASES
 
 _NEVER = np.iinfo(np.int64).max  # valid_to of a lease still held
 _CACHE_KEYS = 1 << 18  # more leases than this (2 MiB of keys) and queries are searched in sorted order
-Column = pa.Array | pa.ChunkedArray | pl.Series
+if TYPE_CHECKING:  # polars is imported by who uses it: `ingest netflow` into a lake without leases never does
+    import polars as pl
+
+    Column = pa.Array | pa.ChunkedArray | pl.Series
 
 
 def _arrow(column: Column) -> pa.Array:
-    if isinstance(column, pl.Series):
+    polars = sys.modules.get("polars")  # a polars Series exists only once polars is imported
+    if polars is not None and isinstance(column, polars.Series):
         column = column.to_arrow()
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()

@@ -28,19 +28,69 @@ def read_block(
     then sits on line first + skip + j + #(invalid lines with at most j valid rows before them). No quoting:
     the formats read here have none. Decoded as Latin-1, so that a damaged byte only spoils its own field
     (rejected by the field checks) and never stops the reader."""
+    # Fast path (the common case): pure ASCII text is read as UTF-8 (the same characters as
+    # Latin-1, without the Python-level transcoding pyarrow does for other encodings) and parsed on all cores.
+    # Threads do not know the line numbers of invalid rows; that costs nothing when the only invalid lines are
+    # the block's last ones (nfdump's Summary trailer): then every row's line follows from its position.
+    # Anything else (a malformed line inside, non-ASCII bytes, CR line ends) is read serially, as before.
+    ascii_only = chunk.isascii() and b"\r" not in chunk
+    if ascii_only:
+        invalid_text: list[str] = []
+        table = _read_csv(chunk, columns, include, skip_rows, delimiter, "utf8", True, invalid_text)
+        tail = _last_lines(chunk, len(invalid_text))
+        if tail is not None and sorted(tail) == sorted(invalid_text):
+            numbers = first_line + skip_rows + np.arange(table.num_rows, dtype=np.int64)
+            last = first_line + skip_rows + table.num_rows
+            return table, pa.array(numbers), list(zip(range(last, last + len(tail)), tail, strict=True))
     invalid: list[tuple[int, str]] = []
+    table = _read_csv(
+        chunk, columns, include, skip_rows, delimiter, "utf8" if ascii_only else "latin-1", False, invalid
+    )
+    bad = np.array([number for number, _ in invalid if number > 0], dtype=np.int64)
+    valid_before = bad - (skip_rows + 1) - np.arange(len(bad), dtype=np.int64)
+    rows = np.arange(table.num_rows, dtype=np.int64)
+    numbers = first_line + skip_rows + rows + np.searchsorted(valid_before, rows, side="right")
+    return table, pa.array(numbers), [(first_line - 1 + n, text) for n, text in invalid]
+
+
+def _last_lines(chunk: bytes, count: int) -> list[str] | None:
+    """The last `count` lines of `chunk` (ASCII, whole lines), or None when it has fewer."""
+    if count == 0:
+        return []
+    body = chunk[:-1] if chunk.endswith(b"\n") else chunk
+    lines = body.rsplit(b"\n", count)
+    if len(lines) <= count:
+        return None
+    return [line.decode("ascii") for line in lines[1:]]
+
+
+def _read_csv(
+    chunk: bytes,
+    columns: list[str] | tuple[str, ...],
+    include: list[str] | tuple[str, ...],
+    skip_rows: int,
+    delimiter: str,
+    encoding: str,
+    threads: bool,
+    invalid: list,
+) -> pa.Table:
+    """pyarrow's CSV reader over one chunk; invalid rows are appended to `invalid` as (line number, text)
+    when reading serially, as text alone with threads (which do not know line numbers)."""
 
     def on_invalid(row) -> str:
-        invalid.append((row.number if row.number is not None else -1, row.text))
+        if threads:
+            invalid.append(row.text)
+        else:
+            invalid.append((row.number if row.number is not None else -1, row.text))
         return "skip"
 
-    table = pacsv.read_csv(
+    return pacsv.read_csv(
         pa.py_buffer(chunk),
         read_options=pacsv.ReadOptions(
             column_names=list(columns),
             skip_rows=skip_rows,
-            use_threads=False,
-            encoding="latin-1",
+            use_threads=threads,
+            encoding=encoding,
             block_size=2 * DEFAULT_LIMITS.line_bytes + 2,  # a row must fit a block: any line within limits
         ),
         parse_options=pacsv.ParseOptions(
@@ -57,22 +107,23 @@ def read_block(
             strings_can_be_null=False,
         ),
     )
-    bad = np.array([number for number, _ in invalid if number > 0], dtype=np.int64)
-    valid_before = bad - (skip_rows + 1) - np.arange(len(bad), dtype=np.int64)
-    rows = np.arange(table.num_rows, dtype=np.int64)
-    numbers = first_line + skip_rows + rows + np.searchsorted(valid_before, rows, side="right")
-    return table, pa.array(numbers), [(first_line - 1 + n, text) for n, text in invalid]
 
 
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 CANONICAL_IPV4_RE = rf"^{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}$"  # already what str(IPv4Address) prints
 
 
-def address_text(column: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
+def address_text(
+    column: pa.Array | pa.ChunkedArray, dictionary: bool = False
+) -> tuple[pa.Array, pa.Array, pa.Array]:
     """Address text -> (canonical text, ip_version int8, valid mask). Canonical IPv4 text is recognised by a
-    vectorised regex; `ipaddress` runs only on the other distinct values (IPv6, leading zeros, garbage)."""
-    text = pc.utf8_trim_whitespace(column)
-    unique = pc.unique(text)
+    vectorised regex; `ipaddress` runs only on the other distinct values (IPv6, leading zeros, garbage).
+    The rows are hashed once (dictionary_encode); everything else runs on the distinct values. `dictionary`:
+    the text comes back dictionary<int32, string> (null where invalid), the form the lake writer takes."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    encoded = pc.dictionary_encode(column)
+    unique = pc.utf8_trim_whitespace(encoded.dictionary)
     ipv4 = pc.fill_null(pc.match_substring_regex(unique, CANONICAL_IPV4_RE), False)
     canonical = pc.if_else(ipv4, unique, pa.scalar(None, pa.string()))
     versions = pc.if_else(ipv4, pa.scalar(4, pa.int8()), pa.scalar(None, pa.int8()))
@@ -94,9 +145,14 @@ def address_text(column: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
         index = pa.array(slot, mask=slot < 0)
         canonical = pc.coalesce(canonical, pc.take(pa.array(found_text, pa.string()), index))
         versions = pc.coalesce(versions, pc.take(pa.array(found_version, pa.int8()), index))
-    position = pc.index_in(text, value_set=unique)
-    values = pc.take(canonical, position)
-    return values, pc.take(versions, position), pc.is_valid(values)
+    position = encoded.indices
+    valid = pc.fill_null(pc.take(pc.is_valid(canonical), position), False)  # a null row has a null index
+    if dictionary:  # an invalid row's index is null, so that is_valid() holds on the dictionary array too
+        indices = pc.if_else(valid, position, pa.scalar(None, position.type)).cast(pa.int32())
+        values = pa.DictionaryArray.from_arrays(indices, pc.fill_null(canonical, ""))
+    else:
+        values = pc.take(canonical, position)
+    return values, pc.take(versions, position), valid
 
 
 def first_failure(

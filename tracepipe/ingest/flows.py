@@ -470,12 +470,9 @@ def _land_pcap_parallel(
 
 
 def _with_source(flows: pa.Table, source: str) -> pa.Table:
-    if "source" in flows.column_names and pa.types.is_dictionary(flows.schema.field("source").type):
-        # readers that hand over dictionary text (nfcapd): one value, not one string per row
-        indices = pa.array(np.zeros(flows.num_rows, np.int32))
-        column = pa.DictionaryArray.from_arrays(indices, pa.array([source], pa.string()))
-    else:
-        column = pa.array([source] * flows.num_rows, pa.string())
+    # one value for every row: dictionary-encoded, the form the lake writer takes text in (no list of n strings)
+    indices = pa.array(np.zeros(flows.num_rows, np.int32))
+    column = pa.DictionaryArray.from_arrays(indices, pa.array([source], pa.string()))
     if "source" in flows.column_names:
         return flows.set_column(flows.column_names.index("source"), "source", column)
     return flows.append_column("source", column)

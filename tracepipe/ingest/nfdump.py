@@ -29,9 +29,10 @@ import pyarrow.compute as pc
 from tracepipe.errors import EnvironmentProblem, InputError
 from tracepipe.ingest import nffile
 from tracepipe.ingest.delimited import address_text, line_rejects, read_block, rejects_table
+from tracepipe.lake import conform
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, too_long_rejects
-from tracepipe.schema import FLOWS, ROUTER_COLUMNS, ROUTER_EXTRA_COLUMNS, TS, TUNNEL_COLUMNS
+from tracepipe.schema import FLOWS, TS
 from tracepipe.tools import tool_path
 
 # nfdump 1.7.1 src/lib/output_util.c protoList: what ProtoString() prints for protocol numbers 0..137; any other
@@ -116,11 +117,19 @@ def _trim(column: pa.Array) -> pa.Array:
     return pc.utf8_trim_whitespace(column)
 
 
-def _uint(column: pa.Array, target: pa.DataType) -> tuple[pa.Array, pa.Array]:
-    """Decimal text -> integers; returns (values with 0 where invalid, valid mask)."""
-    text = _trim(column)
-    ok = pc.fill_null(pc.match_substring_regex(text, _UINT_RE), False)
-    values = pc.cast(pc.if_else(ok, text, "0"), pa.int64())
+def _uint(column: pa.Array | pa.ChunkedArray, target: pa.DataType) -> tuple[pa.Array, pa.Array]:
+    """Decimal text -> integers; returns (values with 0 where invalid, valid mask). Runs on every row: when all
+    are 1-10 ASCII digits (what nfdump prints) that is one check and one cast of the column (cheaper than
+    hashing it to convert the distinct values); else each row is trimmed and matched as before."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    plain = pc.and_(pc.ascii_is_decimal(column), pc.less_equal(pc.binary_length(column), 10))
+    if len(column) and pc.all(plain).as_py():  # the same rows as _UINT_RE after trimming: all of them
+        ok, values = plain, pc.cast(column, pa.int64())
+    else:
+        text = _trim(column)
+        ok = pc.fill_null(pc.match_substring_regex(text, _UINT_RE), False)
+        values = pc.cast(pc.if_else(ok, text, "0"), pa.int64())
     if target != pa.int64():
         limit = 2**31 - 1 if target == pa.int32() else 2**15 - 1
         ok = pc.and_(ok, pc.less_equal(values, limit))
@@ -154,13 +163,21 @@ def proto_from_text(column: pa.Array) -> tuple[pa.Array, pa.Array]:
 
 def dst_port_from_text(column: pa.Array) -> tuple[pa.Array, pa.Array]:
     """`%dp` text -> int32: a port, or ICMP "type.code" folded into type*256+code as NetFlow carries it."""
+    port, port_ok = _uint(column, pa.int64())
+    if pc.all(port_ok).as_py():  # no ICMP "type.code" among them: ports only, one cast of the column
+        ok = pc.less_equal(port, 65535)
+        return pc.cast(pc.if_else(ok, port, 0), pa.int32()), ok
+    return _per_unique(_port_or_icmp, column)
+
+
+def _port_or_icmp(column: pa.Array) -> tuple[pa.Array, pa.Array]:
+    port, port_ok = _uint(column, pa.int64())
     text = _trim(column)
     icmp = pc.fill_null(pc.match_substring_regex(text, r"^\d{1,3}\.\d{1,3}$"), False)
     parts = pc.split_pattern(pc.if_else(icmp, text, "0.0"), ".")
     icmp_type, type_ok = _uint(pc.list_element(parts, 0), pa.int64())
     icmp_code, code_ok = _uint(pc.list_element(parts, 1), pa.int64())
     folded = pc.add(pc.multiply(icmp_type, 256), icmp_code)
-    port, port_ok = _uint(text, pa.int64())
     values = pc.if_else(icmp, folded, port)
     ok = pc.or_(pc.and_(icmp, pc.and_(type_ok, code_ok)), pc.and_(pc.invert(icmp), port_ok))
     ok = pc.and_(ok, pc.less_equal(values, 65535))
@@ -201,27 +218,27 @@ def _flows_from_columns(
     checks.append(("bad start time", ok))
     ts_end, ok = _per_unique(_timestamps, fields["te"], tz)
     checks.append(("bad end time", ok))
-    src, src_version, ok = _addresses(fields["sa"])
+    src, src_version, ok = _addresses(fields["sa"], dictionary=True)
     checks.append(("bad source address", ok))
-    dst, _, ok = _addresses(fields["da"])
+    dst, _, ok = _addresses(fields["da"], dictionary=True)
     checks.append(("bad destination address", ok))
-    src_port, ok = _per_unique(_uint, fields["sp"], pa.int32())
+    src_port, ok = _uint(fields["sp"], pa.int32())
     checks.append(("bad source port", ok))
-    dst_port, ok = _per_unique(dst_port_from_text, fields["dp"])
+    dst_port, ok = dst_port_from_text(fields["dp"])
     checks.append(("bad destination port", ok))
     proto, ok = _per_unique(proto_from_text, fields["pr"])
     checks.append(("bad protocol", ok))
-    packets, ok = _per_unique(_uint, fields["ipkt"], pa.int64())
+    packets, ok = _uint(fields["ipkt"], pa.int64())
     checks.append(("bad packet count", ok))
-    octets, ok = _per_unique(_uint, fields["ibyt"], pa.int64())
+    octets, ok = _uint(fields["ibyt"], pa.int64())
     checks.append(("bad byte count", ok))
     flags, ok = _per_unique(tcp_flags_from_text, fields["flg"])
     checks.append(("bad tcp flags", ok))
-    exporter, _, ok = _addresses(fields["ra"])
+    exporter, _, ok = _addresses(fields["ra"], dictionary=True)
     checks.append(("bad exporter address", ok))
-    input_if, ok = _per_unique(_uint, fields["in"], pa.int32())
+    input_if, ok = _uint(fields["in"], pa.int32())
     checks.append(("bad input interface", ok))
-    output_if, ok = _per_unique(_uint, fields["out"], pa.int32())
+    output_if, ok = _uint(fields["out"], pa.int32())
     checks.append(("bad output interface", ok))
 
     n = len(ts_start)
@@ -247,7 +264,7 @@ def _flows_from_columns(
         detail = pc.if_else(
             bad, pc.take(bad_detail, pc.if_else(bad, positions, 0)), pa.scalar(None, pa.string())
         )
-    table = pa.table(
+    table = pa.table(  # the FLOWS columns nfdump's text has; conform adds the others as nulls
         {
             "ts_start": ts_start,
             "ts_end": ts_end,
@@ -263,18 +280,7 @@ def _flows_from_columns(
             "exporter": exporter,
             "input_if": input_if,
             "output_if": output_if,
-            "sampling_interval": pa.nulls(n, pa.int32()),
-            "source": pa.array([source] * n, pa.string()),
-            "src_vm": pa.nulls(n, pa.string()),
-            "dst_vm": pa.nulls(n, pa.string()),
-            "attributed_at": pa.nulls(n, FLOWS.field("attributed_at").type),
-            "uid": pa.nulls(n, pa.string()),
-            "conn_state": pa.nulls(n, pa.string()),
-            "history": pa.nulls(n, pa.string()),
-            **{
-                name: pa.nulls(n, FLOWS.field(name).type)
-                for name in (*TUNNEL_COLUMNS, *ROUTER_COLUMNS, *ROUTER_EXTRA_COLUMNS)
-            },
+            "source": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([source])),
         }
     )
     return table, valid, reason, detail
@@ -304,16 +310,14 @@ def _iter_rows(
     """Stream a delimited text as (the columns we use, all as text; their 1-based line numbers; the lines of
     another width as (line number, text); the lines over limits.line_bytes as (line number, length)), one
     block of ~`block_size` bytes at a time (delimited.read_block)."""
-    lines_before = 0
     for index, block in enumerate(_chunks(source, block_size)):
         chunk = block.data
         skip = skip_rows if index == 0 else 0
         if not chunk:  # only the rest of an over-long last line
             yield pa.table({}), pa.array([], pa.int64()), [], block.too_long
             continue
-        table, numbers, invalid = read_block(chunk, lines_before + 1, delimiter, columns, _NEEDED, skip)
+        table, numbers, invalid = read_block(chunk, block.first_line, delimiter, columns, _NEEDED, skip)
         yield table, numbers, invalid, block.too_long
-        lines_before += chunk.count(b"\n") + (0 if chunk.endswith(b"\n") else 1)
 
 
 def _iter_flows(
@@ -358,14 +362,7 @@ def _iter_flows(
             bad = pc.and_(pc.invert(valid), pc.invert(blank))
             if pc.any(bad).as_py():
                 parts.append(_rejects(line_numbers.filter(bad), detail.filter(bad), reason.filter(bad), name))
-            flows = flows.filter(valid)
-            flows = pa.Table.from_arrays(  # FLOWS columns this reader does not fill (added later) stay null
-                [
-                    flows.column(f.name) if f.name in flows.column_names else pa.nulls(flows.num_rows, f.type)
-                    for f in FLOWS
-                ],
-                schema=FLOWS,
-            )
+            flows = conform(flows.filter(valid), FLOWS, text_as_dictionary=True)
         rejects = pa.concat_tables(parts).sort_by("line") if parts else empty_rejects()
         yield flows, rejects
 
@@ -407,7 +404,7 @@ def _iter_csv(
 def _collect(batches: Iterator[tuple[pa.Table, pa.Table]]) -> tuple[pa.Table, pa.Table]:
     flows, rejects = [FLOWS.empty_table()], [empty_rejects()]
     for batch_flows, batch_rejects in batches:
-        flows.append(batch_flows)
+        flows.append(conform(batch_flows, FLOWS))  # the batches' text is dictionary-encoded
         rejects.append(batch_rejects)
     return pa.concat_tables(flows), pa.concat_tables(rejects)
 
