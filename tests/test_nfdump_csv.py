@@ -310,15 +310,17 @@ def test_fast_parallel_read_and_its_serial_fallback_give_the_same_line_numbers()
 
 
 def test_numbers_read_by_one_cast_or_row_by_row_checks_agree():
-    """_uint casts a whole column at once when every row is 1-10 ASCII digits, and otherwise trims and matches
-    each row (then " 80" is a port, "+5", "-1", "٣", "" and 11 digits are not). Both paths give the same values
+    """_uint casts a whole column at once when every row is 1-18 ASCII digits, and otherwise trims and matches
+    each row (then " 80" is a port, "+5", "-1", "٣", "" and 19 digits are not). Both paths give the same values
     for the same text, and a port column without ICMP takes the cast while one with "3.1" still folds it."""
     from tracepipe.ingest.nfdump import _uint, dst_port_from_text
 
     plain = ["0", "80", "65535", "0000000007", "4294967295"]
     values, ok = _uint(pa.array(plain), pa.int64())
     assert values.to_pylist() == [0, 80, 65535, 7, 4294967295] and all(ok.to_pylist())
-    mixed = [*plain, " 80", "+5", "-1", "٣", "", "00000000001", "8O"]
+    values, ok = _uint(pa.array([*plain, "999999999999999999"]), pa.int64())  # 18 digits: still one cast
+    assert values.to_pylist()[-1] == 10**18 - 1 and all(ok.to_pylist())
+    mixed = [*plain, " 80", "+5", "-1", "٣", "", "0" * 18 + "1", "8O"]
     values, ok = _uint(pa.array(mixed), pa.int64())
     assert values.to_pylist() == [0, 80, 65535, 7, 4294967295, 80, 0, 0, 0, 0, 0, 0]
     assert ok.to_pylist() == [True] * 6 + [False] * 6

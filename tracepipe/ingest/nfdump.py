@@ -119,11 +119,11 @@ def _trim(column: pa.Array) -> pa.Array:
 
 def _uint(column: pa.Array | pa.ChunkedArray, target: pa.DataType) -> tuple[pa.Array, pa.Array]:
     """Decimal text -> integers; returns (values with 0 where invalid, valid mask). Runs on every row: when all
-    are 1-10 ASCII digits (what nfdump prints) that is one check and one cast of the column (cheaper than
+    are 1-18 ASCII digits (what nfdump prints; _UINT_RE) that is one check and one cast of the column (cheaper than
     hashing it to convert the distinct values); else each row is trimmed and matched as before."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    plain = pc.and_(pc.ascii_is_decimal(column), pc.less_equal(pc.binary_length(column), 10))
+    plain = pc.and_(pc.ascii_is_decimal(column), pc.less_equal(pc.binary_length(column), 18))
     if len(column) and pc.all(plain).as_py():  # the same rows as _UINT_RE after trimming: all of them
         ok, values = plain, pc.cast(column, pa.int64())
     else:
