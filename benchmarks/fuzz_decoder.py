@@ -61,6 +61,7 @@ def router_datagrams() -> list[bytes]:
         built.srv6_message([(built.a6(built.SEGMENTS[1]), segments, built.basic_list(built.SEGMENTS))])
     )
     out.append(built.vrf_datagram({0x60000002: b"CUSTOMER-A"}, [(0x60000002, 0x60000000)]))
+    out.append(built.rd_message([bytes.fromhex("0000fde800000064"), bytes.fromhex("0001c00002010007")]))
     return out
 
 

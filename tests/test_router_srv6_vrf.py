@@ -186,3 +186,47 @@ def test_flows_without_the_elements_leave_the_columns_null():
         None,
     )
     assert np.all(np.array([row["nat_src_addr"], row["fw_event"]], dtype=object) == None)  # noqa: E711
+
+
+def rd_message(rds: list[bytes]) -> bytes:
+    """IPFIX template 410: IPv4 addresses, protocol, times and IE 90 mplsVpnRouteDistinguisher (8 bytes)."""
+    fields = [(8, 4), (12, 4), (4, 1), (150, 4), (151, 4), (90, 8)]
+    body = b"".join(
+        ipaddress.IPv4Address("10.1.0.1").packed
+        + ipaddress.IPv4Address("10.2.0.1").packed
+        + struct.pack(">BII", 6, SECS, SECS)
+        + rd
+        for rd in rds
+    )
+    return ipfix_message(flowset(2, template_record(410, fields)), flowset(410, body))
+
+
+def test_route_distinguishers_as_routers_print_them():
+    """RFC 4364 §4.2, bytes written out: type 0 = 0000 | AS 65000 (fde8) | 100 (00000064) -> 65000:100; type 1 =
+    0001 | 192.0.2.1 (c0000201) | 7 (0007) -> 192.0.2.1:7; type 2 = 0002 | AS 4200000000 (fa56ea00) | 42 (002a)
+    -> 4200000000:42; all zero (no VPN) -> null; an unknown type 5 keeps its value; the largest values of each
+    part do not wrap."""
+    rds = [
+        bytes.fromhex("0000fde800000064"),
+        bytes.fromhex("0001c00002010007"),
+        bytes.fromhex("0002fa56ea00002a"),
+        bytes(8),
+        bytes.fromhex("0005000000000102"),
+        bytes.fromhex("0000ffffffffffff"),
+        bytes.fromhex("0001ffffffffffff"),
+    ]
+    result, _ = decode([rd_message(rds)])
+    assert result.rejects.num_rows == 0, result.rejects.to_pylist()
+    assert result.flows.column("mpls_vpn_rd").to_pylist() == [
+        "65000:100",
+        "192.0.2.1:7",
+        "4200000000:42",
+        None,
+        "type-5:258",
+        "65535:4294967295",
+        "255.255.255.255:65535",
+    ]
+    # a template without IE 90 leaves the column null
+    section = b"".join(a6(s) for s in SEGMENTS)
+    plain, _ = decode([srv6_message([(a6(SEGMENTS[1]), section, basic_list(SEGMENTS))])])
+    assert plain.flows.column("mpls_vpn_rd").to_pylist() == [None]

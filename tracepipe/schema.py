@@ -75,6 +75,7 @@ FLOWS = pa.schema(
         pa.field("egress_vrf_name", pa.string()),
         pa.field("srv6_active_segment", pa.string()),  # IE 495 srhActiveSegmentIPv6
         pa.field("srv6_segments", pa.string()),  # IE 497 (or 496): the SRH's segment list, space-separated
+        pa.field("mpls_vpn_rd", pa.string()),  # IE 90 mplsVpnRouteDistinguisher (RFC 4364 text: 65000:100)
         # issue 18: the vms.vm_key of src_vm/dst_vm, written with them at attribution, so that flows_attributed
         # joins vms on integers (correlate/vm_keys.py). Null where src_vm/dst_vm is null, and in files
         # attributed before the column existed (the view then joins on src_vm/dst_vm)
@@ -108,6 +109,7 @@ ROUTER_EXTRA_COLUMNS = (
     "egress_vrf_name",
     "srv6_active_segment",
     "srv6_segments",
+    "mpls_vpn_rd",
 )
 
 # One row per lifecycle event, whatever the cloud. `action` is normalised (see VM_ACTIONS); the cloud's own

@@ -89,6 +89,7 @@ FIELDS: dict[int, tuple[str, str]] = {
     136: ("flowEndReason", "flow_end_reason"),  # RFC 5102: 1 idle timeout .. 5 lack of resources
     # mplsTopLabelStackSection, mplsLabelStackSection2..10: 3 bytes each, label (20 bits) exp (3) bottom (1)
     **{70 + i: (f"mplsLabelStackSection{i + 1}", f"mpls{i + 1}") for i in range(10)},
+    90: ("mplsVpnRouteDistinguisher", "mpls_vpn_rd"),  # 8 bytes, RFC 4364 §4.2 (read by router_fields.py)
     234: ("ingressVRFID", "ingress_vrf"),
     235: ("egressVRFID", "egress_vrf"),
     82: ("interfaceName", "if_name"),  # options data: the name of ifindex IE 10/14 (read by _interface_names)
