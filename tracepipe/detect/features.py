@@ -13,6 +13,7 @@ import datetime as dt
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -23,6 +24,9 @@ from tracepipe.flowstate import failed_attempt
 from tracepipe.lake import Lake
 from tracepipe.schema import FLOWS
 from tracepipe.units import parse_network
+
+if TYPE_CHECKING:
+    from tracepipe.detect.buckets import Spill
 
 # TCP flag bits (RFC 793), as the cumulative OR NetFlow exports in tcp_flags.
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
@@ -487,11 +491,13 @@ def compute_features(
     history_start: dt.datetime | None = None,
     night: tuple[int, int] = (22, 6),
     buckets: int | None = None,
+    spill: Spill | None = None,
 ) -> pl.DataFrame:
     """Features of every (host, window) with ts in [since, until), collected with the streaming engine, sorted
     by host and window. `history_start` (<= since) widens the read so that new destinations are judged against
     the host's past; only the windows inside [since, until) are returned. More flows than one host bucket takes
-    (or `buckets` > 1) are computed bucket by bucket, in bounded memory (detect/buckets.py): the same rows."""
+    (or `buckets` > 1) are computed bucket by bucket, in bounded memory (detect/buckets.py): the same rows.
+    `spill`: host buckets already spilled (a sweep shares its rules' spill) covering the read."""
     from tracepipe.detect.buckets import features
 
-    return features(lake, since, until, local_networks, window_s, history_start, night, buckets)
+    return features(lake, since, until, local_networks, window_s, history_start, night, buckets, spill)
