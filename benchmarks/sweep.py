@@ -30,6 +30,15 @@ START = dt.datetime(2026, 3, 12, tzinfo=dt.UTC)
 CHUNK_FLOWS = 5_000_000  # flows generated (and held) at a time: the generator's own memory stays ~1.5 GB
 
 
+# Every generated VM pushes metrics to 10.10.0.5:2003 (Graphite) in short alike sessions; the chunks of a big day
+# overlay the same hosts, so at 5*10^7 flows each VM pushes 132 times an hour and the brute-force detector names all
+# 1,000 of them (24,000 alerts whose evidence then dominates the sweep). A site allowlists its metrics collector.
+METRICS_ALLOWLIST = (
+    '\n[[allowlist.entries]]\nreason = "the cloud\'s metrics collector (Graphite), every VM pushes to it"\n'
+    'cidrs = ["10.10.0.5/32"]\ndetectors = ["brute_force"]\nports = [2003]\n'
+)
+
+
 def generate(lake_dir: Path, flows: int, hosts: int, seed: int) -> dict:
     """A day of `hosts` VMs: the planted story of tests/support/stories.generate, then more days' worth of the
     same hosts' ordinary traffic (other seeds) appended in chunks until `flows` rows."""
@@ -79,6 +88,7 @@ def generate(lake_dir: Path, flows: int, hosts: int, seed: int) -> dict:
         'reason = "the data movers\' daily transfers (tests/support/stories.py generate)"\n'
         'prefixes = ["192.0.2.50/32"]\n'
     )
+    pipeline += METRICS_ALLOWLIST
     (lake_dir / "bench.toml").write_text(pipeline)
     return {"flows": total, "generate_s": time.perf_counter() - t0}
 
