@@ -30,6 +30,15 @@ START = dt.datetime(2026, 3, 12, tzinfo=dt.UTC)
 CHUNK_FLOWS = 5_000_000  # flows generated (and held) at a time: the generator's own memory stays ~1.5 GB
 
 
+# Every generated VM pushes metrics to 10.10.0.5:2003 (Graphite) in short alike sessions; the chunks of a big day
+# overlay the same hosts, so at 5*10^7 flows each VM pushes 132 times an hour and the brute-force detector names all
+# 1,000 of them (24,000 alerts whose evidence then dominates the sweep). A site allowlists its metrics collector.
+METRICS_ALLOWLIST = (
+    '\n[[allowlist.entries]]\nreason = "the cloud\'s metrics collector (Graphite), every VM pushes to it"\n'
+    'cidrs = ["10.10.0.5/32"]\ndetectors = ["brute_force"]\nports = [2003]\n'
+)
+
+
 def generate(lake_dir: Path, flows: int, hosts: int, seed: int) -> dict:
     """A day of `hosts` VMs: the planted story of tests/support/stories.generate, then more days' worth of the
     same hosts' ordinary traffic (other seeds) appended in chunks until `flows` rows."""
@@ -79,6 +88,7 @@ def generate(lake_dir: Path, flows: int, hosts: int, seed: int) -> dict:
         'reason = "the data movers\' daily transfers (tests/support/stories.py generate)"\n'
         'prefixes = ["192.0.2.50/32"]\n'
     )
+    pipeline += METRICS_ALLOWLIST
     (lake_dir / "bench.toml").write_text(pipeline)
     return {"flows": total, "generate_s": time.perf_counter() - t0}
 
@@ -171,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{flows:,} flows: sweep {row['sweep_s']:.0f} s wall = {flows / row['sweep_s']:,.0f} flows/s, "
             f"{row['sweep_cpu_s']:.0f} s CPU = {flows / row['sweep_cpu_s']:,.0f} flows per CPU-second, "
             f"peak RSS {row['sweep_rss_mb']:,.0f} MB; model fit {row['fit_s']:.0f} s wall, "
-            f"{row['fit_cpu_s']:.0f} s CPU, peak RSS {row['fit_rss_mb']:,.0f} MB; "
+            f"{row['fit_cpu_s']:.0f} s CPU = {flows / row['fit_cpu_s']:,.0f} flows per CPU-second, "
+            f"peak RSS {row['fit_rss_mb']:,.0f} MB; "
             f"{row['alerts']} alerts {row['by_detector']}",
             flush=True,
         )
@@ -187,14 +198,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other jobs share the machine)")
     print(
         f"{'flows':>12} {'sweep s':>8} {'flows/s':>10} {'CPU s':>7} {'flows/CPU-s':>12} {'sweep RSS':>10} "
-        f"{'fit s':>6} {'fit CPU s':>9} {'fit RSS':>8}"
+        f"{'fit s':>6} {'fit CPU s':>9} {'flows/CPU-s':>12} {'fit RSS':>8}"
     )
     for r in rows:
         print(
             f"{r['flows']:>12,} {r['sweep_s']:>8.0f} {r['flows'] / r['sweep_s']:>10,.0f} {r['sweep_cpu_s']:>7.0f} "
             f"{r['flows'] / r['sweep_cpu_s']:>12,.0f} {r['sweep_rss_mb']:>7,.0f} MB {r['fit_s']:>6.0f} "
-            f"{r['fit_cpu_s']:>9.0f} {r['fit_rss_mb']:>5,.0f} MB"
+            f"{r['fit_cpu_s']:>9.0f} {r['flows'] / r['fit_cpu_s']:>12,.0f} {r['fit_rss_mb']:>5,.0f} MB"
         )
+    goal = 2 * 1024  # MiB: issue #18's bound on peak RSS, and its 500 k flows per CPU-second
+    worst = max(max(r["sweep_rss_mb"], r["fit_rss_mb"]) for r in rows)
+    slowest = min(r["flows"] / r["sweep_cpu_s"] for r in rows)
+    print(
+        f"goal (issue #18): peak RSS <= {goal:,} MiB: {'met' if worst <= goal else 'NOT met'} (worst {worst:,.0f}); "
+        f">= 500,000 flows per CPU-second in the sweep: {'met' if slowest >= 5e5 else 'NOT met'} "
+        f"(slowest {slowest:,.0f})"
+    )
     return 0
 
 

@@ -52,8 +52,11 @@ def test_generated_day_same_alerts_in_buckets(day, count):
     lake, story, config = day
     since, until = story.last_day
     whole = run_sweep(lake, config, since, until, write=False, buckets=1)
-    split = run_sweep(lake, config, since, until, write=False, buckets=count)
+    stages: list[str] = []
+    split = run_sweep(lake, config, since, until, write=False, buckets=count, on_stage=stages.append)
     assert "spill" in split.timings and "spill" not in whole.timings  # it really ran in buckets
+    # one spill serves the rules and the anomaly features (it covers the model's history too)
+    assert stages.count("spill") == 1 and "anomaly" in stages
     found = set(whole.alerts.column("detector").to_pylist())
     assert RULES | {"anomaly"} <= found
     assert _alerts(split) == _alerts(whole)

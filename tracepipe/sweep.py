@@ -211,50 +211,83 @@ def known_alert_ids(lake: Lake, ids: list[str]) -> set[str]:
 
 
 def anomaly_stage(
-    ctx: det.DetectContext, rule_hosts: set[str], notes: list[str], buckets: int | None = None
+    ctx: det.DetectContext,
+    rule_hosts: set[str],
+    notes: list[str],
+    buckets: int | None = None,
+    spill: bucketed.Spill | None = None,
+    loaded: tuple[Any, Any] | None = None,
 ) -> pl.DataFrame:
-    """Score the sweep's (host, window)s with the persisted model; no model -> a note, not a failure."""
+    """Score the sweep's (host, window)s with the persisted model (`loaded`, else read here); no model -> a
+    note, not a failure. `spill`: the sweep's host buckets (shared with the rules), covering the history."""
     from tracepipe.detect import model
 
     cfg = ctx.config.model
-    loaded = model.load_for_sweep(ctx.lake, cfg.path, notes)
+    loaded = loaded or model.load_for_sweep(ctx.lake, cfg.path, notes)
     if loaded is None:
         return det._empty()
     forest, info = loaded
-    history = ctx.since - dt.timedelta(seconds=float(ctx.config.window.baseline))
     features = compute_features(
         ctx.lake,
         ctx.since,
         ctx.until,
         ctx.config.pipeline.local_networks,
         info.window_seconds,
-        history_start=history,
+        history_start=anomaly_history(ctx),
         night=ctx.night,
         buckets=buckets,
+        spill=spill,
     )
     scored = model.score(features, forest, info, cfg.top_features)
     return model.anomaly_candidates(scored, cfg.min_score, cfg.max_alerts, info.window_seconds, rule_hosts)
 
 
+def anomaly_history(ctx: det.DetectContext) -> dt.datetime:
+    """Where the anomaly features' read starts: the baseline before the sweep (new destinations)."""
+    return ctx.since - dt.timedelta(seconds=float(ctx.config.window.baseline))
+
+
+def spill_local(
+    ctx: det.DetectContext,
+    names: list[str],
+    history: dt.datetime | None,
+    buckets: int | None,
+    stack: ExitStack,
+    stage: Callable[[str, Callable[[], Any]], Any],
+) -> bucketed.Spill | None:
+    """ONE spill for the sweep on this machine: the flows the per-host rules `names` read and, when the model
+    scores (`history` set), the anomaly features' [history, until); None when they fit one host bucket. The
+    hosts: the rules' local addresses (leases included) and the features' own (local_networks only)."""
+    ranges = [bucketed.sweep_range(ctx, names)]
+    hosts = set(ctx.local)
+    if history is not None:
+        ranges.append((utc(history), ctx.until))
+        hosts |= set(
+            bucketed.feature_hosts(ctx.lake, utc(history), ctx.until, ctx.config.pipeline.local_networks)
+        )
+    ranges = [(start, end) for start, end in ranges if start < end]
+    if not ranges:
+        return None
+    start, end = min(s for s, _ in ranges), max(e for _, e in ranges)
+    buckets = buckets or bucketed.bucket_count(count_rows(ctx.lake, start, end))
+    if buckets <= 1:
+        return None
+    spill = bucketed.spill_flows(ctx.lake, start, end, sorted(hosts), buckets)
+    return stage("spill", lambda: stack.enter_context(spill))
+
+
 def detect_local(
     ctx: det.DetectContext,
     names: list[str],
-    buckets: int | None,
+    spill: bucketed.Spill | None,
     stage: Callable[[str, Callable[[], Any]], Any],
 ) -> pl.DataFrame:
-    """The rule detectors `names` on this machine: over the lake's window when it fits one host bucket, else
-    bucket by bucket from a spill (detect/buckets.py), in bounded memory and with the same candidates."""
-    start, end = bucketed.sweep_range(ctx, names)
-    buckets = buckets or bucketed.bucket_count(count_rows(ctx.lake, start, end))
-    if buckets <= 1:
+    """The rule detectors `names` on this machine: over the lake's window when it fits one host bucket (no
+    spill), else bucket by bucket from the spill (detect/buckets.py), in bounded memory, same candidates."""
+    if spill is None:
         frames = [stage(name, lambda name=name: det.DETECTORS[name](ctx)) for name in names]
         return pl.concat(frames) if frames else det._empty()
-    with ExitStack() as stack:
-        spill = stage(
-            "spill",
-            lambda: stack.enter_context(bucketed.spill_flows(ctx.lake, start, end, ctx.local, buckets)),
-        )
-        return bucketed.detect(ctx, names, spill, stage)
+    return bucketed.detect(ctx, names, spill, stage)
 
 
 def write_reports(lake: Lake, config: PipelineConfig, result: SweepResult) -> dict[str, Path]:
@@ -388,11 +421,21 @@ def run_sweep(
     else:
         ctx = stage("prepare", lambda: det.prepare_context(lake, config, since, until, intel))
         enabled = [name for name in det.DETECTORS if getattr(config.detectors, name).enabled]
-        candidates = detect_local(ctx, enabled, buckets, stage)
+        loaded = None
         if config.model.enabled:
-            rule_hosts = set(candidates.get_column("addr").to_list())
-            anomalies = stage("anomaly", lambda: anomaly_stage(ctx, rule_hosts, result.notes, buckets))
-            candidates = pl.concat([candidates, anomalies])
+            from tracepipe.detect.model import load_for_sweep
+
+            loaded = load_for_sweep(lake, config.model.path, result.notes)
+        history = anomaly_history(ctx) if loaded is not None else None
+        with ExitStack() as stack:
+            spill = spill_local(ctx, enabled, history, buckets, stack, stage)
+            candidates = detect_local(ctx, enabled, spill, stage)
+            if loaded is not None:
+                rule_hosts = set(candidates.get_column("addr").to_list())
+                anomalies = stage(
+                    "anomaly", lambda: anomaly_stage(ctx, rule_hosts, result.notes, buckets, spill, loaded)
+                )
+                candidates = pl.concat([candidates, anomalies])
     alerts, stats = stage("finalize", lambda: det.finalize(candidates, ctx, config.pipeline.name))
     result.allowlisted = stats["allowlisted"]
     result.suppressed = stats.get("suppressed", [])

@@ -16,7 +16,7 @@ import datetime as dt
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TypeVar
@@ -38,7 +38,7 @@ from tracepipe.detect.features import (
     window_days,
     with_flow_facts,
 )
-from tracepipe.lake import Lake, conform
+from tracepipe.lake import TEXT_DICTIONARY, Lake, conform
 from tracepipe.schema import FLOWS
 
 # ~3 M flows per bucket keep each bucket's detectors and features under ~1 GB here (README, "Detection quality
@@ -52,7 +52,7 @@ WINDOW_WIDE = ("beacon",)
 BUCKET = "_bucket"
 # Provenance columns no detector or feature reads (evidence rows come from the lake itself): not spilled.
 NOT_SPILLED = ("source", "src_vm", "dst_vm")
-SPILL_BATCH_ROWS = 1_000_000  # rows read (and held) at a time: the lake's row group size
+SPILL_BATCH_ROWS = 262_144  # rows read (and held) at a time
 T = TypeVar("T")
 Timer = Callable[[str, Callable[[], T]], T]
 
@@ -96,44 +96,66 @@ def assign(hosts: list[str], buckets: int) -> pl.DataFrame:
 def spill_flows(
     lake: Lake, start: dt.datetime, end: dt.datetime, hosts: list[str], buckets: int
 ) -> Iterator[Spill]:
-    """One pass over the lake's flows of [start, end), one row group at a time (pyarrow pulls the next only
+    """One pass over the lake's flows of [start, end), SPILL_BATCH_ROWS at a time (pyarrow pulls the next only
     when asked: polars' own sinks read ahead and held ~1.2 GB here whatever the settings): each flow with a local
-    end goes to the bucket of each of its local ends, in lake order. Removed on exit."""
+    end goes to the bucket of each of its local ends, in lake order. Addresses stay dictionary-encoded as the
+    lake stores them: a bucket is looked up once per distinct address, and a bucket's rows are indices into the
+    batch's dictionaries, not copies of the text. Removed on exit."""
     owners = assign(hosts, buckets)
     root = Path(tempfile.mkdtemp(prefix="tracepipe-buckets-"))
     keys, values = owners.get_column("addr"), owners.get_column(BUCKET)
     schema = pa.schema([f for f in FLOWS if f.name not in NOT_SPILLED])
+    text = [f.name for f in schema if pa.types.is_string(f.type)]
+    # written as plain strings (store_schema=False): every reader sees the types schema.py declares
+    stored = pa.schema(
+        [pa.field(f.name, TEXT_DICTIONARY, f.nullable) if f.name in text else f for f in schema]
+    )
     since, until = utc(start), utc(end)
     writers: dict[int, pq.ParquetWriter] = {}
 
-    def owner(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-        found = pl.Series(column).replace_strict(keys, values, default=None, return_dtype=pl.Int32)
-        return found.fill_null(-1).to_numpy()
+    def owner(column: pa.ChunkedArray) -> np.ndarray:
+        """Each row's bucket (-1: not a local host), looked up on the dictionary's values only."""
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        found = pl.Series(column.dictionary.cast(pa.string())).replace_strict(
+            keys, values, default=None, return_dtype=pl.Int32
+        )
+        lookup = np.append(found.fill_null(-1).to_numpy(), np.int32(-1))  # the last: a null address
+        return lookup[pc.fill_null(column.indices, len(column.dictionary)).to_numpy()]
 
     try:
         for entry in lake.entries("flows", window_days(since, until)) if until > since else []:
-            source = pq.ParquetFile(entry.path)
+            source = pq.ParquetFile(entry.path, read_dictionary=text)
             columns = [name for name in schema.names if name in source.schema_arrow.names]
             for batch in source.iter_batches(batch_size=SPILL_BATCH_ROWS, columns=columns):
-                table = conform(pa.Table.from_batches([batch]), schema)
+                table = conform(pa.Table.from_batches([batch]), schema, text_as_dictionary=True)
                 ts = table.column("ts_start")
                 inside = pc.fill_null(pc.and_(pc.greater_equal(ts, since), pc.less(ts, until)), False)
                 if not pc.all(inside).as_py():  # (a copy only when some rows fall outside)
                     table = table.filter(inside)
                 src, dst = owner(table.column("src_addr")), owner(table.column("dst_addr"))
-                for bucket in range(buckets):
-                    rows = np.flatnonzero((src == bucket) | (dst == bucket))
-                    if not len(rows):
-                        continue
+                # (row, bucket) for each local end (a flow between two hosts of one bucket once), grouped by
+                # bucket and kept in lake order within it: one take, then a slice per bucket
+                rows = np.concatenate([np.flatnonzero(src >= 0), np.flatnonzero((dst >= 0) & (dst != src))])
+                of = np.concatenate([src[src >= 0], dst[(dst >= 0) & (dst != src)]])
+                order = np.lexsort((rows, of))
+                rows, of = rows[order], of[order]
+                taken = table.take(rows)
+                bounds = np.searchsorted(of, np.arange(buckets + 1))
+                for bucket in np.flatnonzero(np.diff(bounds)).tolist():
                     if bucket not in writers:
                         writers[bucket] = pq.ParquetWriter(
                             root / f"{bucket}.parquet",
-                            schema,
+                            stored,
                             compression="none",
                             use_dictionary=["src_addr", "dst_addr", "exporter"],
-                            write_statistics=False,
+                            # min/max of ts_start only: a reader of a part of the spilled range (the
+                            # rules' day of a sweep that also spilled the model's history) skips the rest
+                            write_statistics=["ts_start"],
+                            store_schema=False,
                         )
-                    writers[bucket].write_table(table.take(rows))
+                    lo, hi = int(bounds[bucket]), int(bounds[bucket + 1])
+                    writers[bucket].write_table(taken.slice(lo, hi - lo))
+                del taken, table
         for writer in writers.values():
             writer.close()
         writers.clear()
@@ -209,6 +231,11 @@ def sweep_range(ctx: det.DetectContext, names: list[str]) -> tuple[dt.datetime, 
     return min(s for s, _ in spans), max(e for _, e in spans)
 
 
+def feature_hosts(lake: Lake, start: dt.datetime, until: dt.datetime, local_networks: list[str]) -> list[str]:
+    """The hosts features are computed for over [start, until): the local addresses among its flows."""
+    return local_addresses(scan_flows(lake, start, until), local_networks)
+
+
 def features(
     lake: Lake,
     since: dt.datetime,
@@ -218,26 +245,37 @@ def features(
     history_start: dt.datetime | None,
     night: tuple[int, int],
     buckets: int | None = None,
+    spill: Spill | None = None,
 ) -> pl.DataFrame:
-    """features.compute_features, bucket by bucket when the range holds more flows than one bucket takes:
-    the same rows (per (host, window), sorted by host and window)."""
+    """features.compute_features, bucket by bucket when the range holds more flows than one bucket takes (or
+    from `spill`, a sweep's, which must cover the range and every local host): the same rows (per (host,
+    window), sorted by host and window)."""
     start = utc(history_start) if history_start is not None else utc(since)
     flows = scan_flows(lake, start, until)
-    buckets = buckets or bucket_count(count_rows(lake, start, until))
-    local = local_addresses(flows, local_networks)
+    if spill is None:
+        buckets = buckets or bucket_count(count_rows(lake, start, until))
+    local = feature_hosts(lake, start, until, local_networks)
     history = start if history_start is not None else None
-    if buckets <= 1:
+    if spill is None and buckets <= 1:
         parts = [_features_of(flows, local, window_s, history, night, None)]
     else:
         recording = SpanBook(recording=True)
         host_features(with_flow_facts(flows, local, night), window_s, history_start=history, spans=recording)
         given = recording.collected().given
-        parts = []
-        with spill_flows(lake, start, until, local, buckets) as spill:
-            for bucket in range(buckets):
-                found = _features_of(
-                    spill.source(bucket), local, window_s, history, night, SpanBook(given=given)
+        with ExitStack() as stack:
+            if spill is None:
+                spill = stack.enter_context(spill_flows(lake, start, until, local, buckets))
+            elif start < spill.start or utc(until) > spill.end or not set(local) <= set(spill.owners["addr"]):
+                raise RuntimeError(
+                    f"the spill holds {spill.start} to {spill.end}, features need {start} to {until} and their "
+                    "hosts: spill what both read (sweep.spill_local)"
                 )
+            parts = []
+            for bucket in range(spill.buckets):
+                rows = spill.source(bucket).filter(
+                    (pl.col("ts_start") >= start) & (pl.col("ts_start") < utc(until))
+                )
+                found = _features_of(rows, local, window_s, history, night, SpanBook(given=given))
                 parts.append(found.filter(pl.col("host").is_in(spill.hosts(bucket).implode())))
     return (
         pl.concat(parts)
