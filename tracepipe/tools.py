@@ -15,7 +15,7 @@ from tracepipe.errors import EnvironmentProblem
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 # Debian package of each program whose package is not named like the program
-_PACKAGE = {"nfcapd": "nfdump", "java": "default-jre-headless"}
+_PACKAGE = {"nfcapd": "nfdump", "pmacctd": "pmacct", "java": "default-jre-headless"}
 
 
 def find_tool(name: str) -> str | None:

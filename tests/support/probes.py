@@ -1,4 +1,4 @@
-"""Run the real NetFlow tools on the loopback interface: softflowd, fprobe, nfcapd/nfdump, tcpdump.
+"""Run the real NetFlow tools on the loopback interface: softflowd, fprobe, pmacctd, nfcapd/nfdump, tcpdump.
 
 Test scaffolding (not in the package), used by the tests, the benchmarks and the sample_data scripts to make *real* export traffic and to read what
 the reference collector (nfdump 1.7.1) makes of it. Every process gets a timeout and is always stopped in a
@@ -126,6 +126,16 @@ def _wait_for_text(log: Path, pattern: str, proc: subprocess.Popen, timeout: flo
                 f"{what} not ready after {timeout:.0f} s (waiting for {pattern!r}):\n{text}"
             )
         time.sleep(0.02)
+
+
+def _run_to_end(cmd: list[str], what: str, timeout: float) -> tuple[int, str]:
+    """Run a tool that exits by itself (a probe replaying a pcap): (exit code, stdout + stderr); a tool still
+    running after `timeout` is killed and reported."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:  # run() has killed it
+        raise EnvironmentProblem(f"{what} did not finish within {timeout:.0f} s: {' '.join(cmd)}") from exc
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 def udp_receive_queue(port: int, host: str = LOOPBACK_V4) -> int | None:
@@ -426,22 +436,64 @@ def softflowd_export(
         for name, seconds in (timeouts or {}).items():
             cmd += ["-t", f"{name}={seconds}"]
         cmd += list(extra_args)
-        try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-            )
-        except subprocess.TimeoutExpired as exc:  # run() has killed it
-            raise EnvironmentProblem(
-                f"softflowd did not finish within {timeout:.0f} s: {' '.join(cmd)}"
-            ) from exc
-    output = proc.stdout + proc.stderr
+        returncode, output = _run_to_end(cmd, "softflowd", timeout)
     match = re.search(r"Flows exported: (\d+) \((\d+) records\) in (\d+) packets \((\d+) failures\)", output)
-    if proc.returncode != 0 or match is None:
-        raise EnvironmentProblem(f"softflowd failed (exit {proc.returncode}): {' '.join(cmd)}\n{output}")
+    if returncode != 0 or match is None:
+        raise EnvironmentProblem(f"softflowd failed (exit {returncode}): {' '.join(cmd)}\n{output}")
     flows, records, datagrams, failures = (int(g) for g in match.groups())
     if failures:
         raise EnvironmentProblem(f"softflowd reported {failures} send failures:\n{output}")
     return SoftflowdResult(datagrams=datagrams, flows=flows, records=records, output=output)
+
+
+# ---- pmacctd (pmacct's nfprobe plugin) ------------------------------------------------------------------------
+
+
+def pmacctd_export(
+    traffic_pcap: Path | str,
+    version: int,
+    timeout: float = 60.0,
+) -> list[bytes]:
+    """Replay `traffic_pcap` through the real pmacctd (pmacct 1.7.7, plugin nfprobe) exporting NetFlow `version`
+    (5, 9 or 10 = IPFIX) to a UDP socket of ours on 127.0.0.1; returns the export datagrams in the order sent.
+
+    pmacctd facts (1.7.7): with `pcap_savefile` it sleeps 2 s (plugins start), reads the file, and at its end
+    flushes the nfprobe cache and exits (`pcap_savefile_wait: false`), so every flow is exported once it is gone.
+    Its default v9/IPFIX template (no `aggregate`): flowStart/EndMilliseconds, octets, packets (8 bytes each),
+    ipVersion, interfaces, flowDirection, addresses, ports, tos, TCP flags, protocol. Timeouts of 1 s: flows
+    idle that long within the file end there, as a live probe would end them.
+    """
+    if version not in (5, 9, 10):
+        raise ValueError(f"pmacctd's nfprobe exports NetFlow v5, v9 or 10 (IPFIX), not {version}")
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
+        tempfile.TemporaryDirectory(prefix="tracepipe-pmacctd-") as tmp,
+    ):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024 * 1024)
+        sock.bind((LOOPBACK_V4, 0))
+        port = sock.getsockname()[1]
+        config = Path(tmp) / "pmacctd.conf"
+        config.write_text(
+            "daemonize: false\n"
+            f"pcap_savefile: {Path(traffic_pcap).resolve()}\n"
+            "pcap_savefile_wait: false\n"
+            "plugins: nfprobe\n"
+            f"nfprobe_receiver: {_host_port(LOOPBACK_V4, port)}\n"
+            f"nfprobe_version: {version}\n"
+            "nfprobe_timeouts: tcp=1:tcp.rst=1:tcp.fin=1:udp=1:icmp=1:general=1:maxlife=1:expint=1\n"
+        )
+        cmd = [tool_path("pmacctd"), "-f", str(config)]
+        returncode, output = _run_to_end(cmd, "pmacctd", timeout)
+        if returncode != 0 or "Exporting flows to" not in output:
+            raise EnvironmentProblem(f"pmacctd failed (exit {returncode}):\n{config.read_text()}\n{output}")
+        # pmacctd has exited: everything it sent over loopback is in our socket's queue already
+        sock.setblocking(False)
+        datagrams = []
+        while True:
+            try:
+                datagrams.append(sock.recv(65535))
+            except BlockingIOError:
+                return datagrams
 
 
 # ---- fprobe ---------------------------------------------------------------------------------------------------
