@@ -21,11 +21,15 @@ Errata (each pinned by a test that fails the day it no longer holds):
 - P3 (pmacctd): nfprobe (softflowd 0.9.7's code) keeps one first/last time per bidirectional conversation, and both
   of its records (A->B, B->A) carry them: a reply's record starts with the request. nfdump and the lake read the
   same; the traffic check compares times per conversation.
+- P4 (pmacctd): only one record of an IPv4 conversation carries its ToS byte, the one from the higher address; the
+  other has 0 although its packets were marked too, and IPv6 records carry traffic class 0 (v5, v9 and IPFIX
+  alike). nfdump's `stos` and the lake's `tos` read the same bytes.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from conftest import decode_and_nfdump
@@ -44,6 +48,15 @@ KEY = ("src_addr", "dst_addr", "src_port", "dst_port", "proto")
 ICMP = (1, 58)
 
 
+def exports_of(traffic_pcap: Path) -> dict[str, list[bytes]]:
+    """case -> pmacctd's datagrams for each version, the three pmacctd runs at once (each idles 2 s at start)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(VERSIONS)) as pool:
+        runs = {case: pool.submit(probes.pmacctd_export, traffic_pcap, v) for case, v in VERSIONS.items()}
+        return {case: run.result() for case, run in runs.items()}
+
+
 def ms(ts) -> int:
     return int(ts.timestamp() * 1000)
 
@@ -51,7 +64,7 @@ def ms(ts) -> int:
 @pytest.fixture(scope="module")
 def exports(traffic_pcaps) -> dict[str, list[bytes]]:
     """case -> pmacctd's export datagrams of the IPv4 + IPv6 traffic capture."""
-    return {case: probes.pmacctd_export(traffic_pcaps["ipv6"], v) for case, v in VERSIONS.items()}
+    return exports_of(traffic_pcaps["ipv6"])
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +185,66 @@ def test_flow_direction_and_interfaces_as_pmacctd_exports_them(decoded):
     for case in ("v9", "ipfix"):
         ours, _ = decoded[case]
         assert {(r["input_if"], r["output_if"], r["flow_direction"]) for r in ours} == {(0, 0, "ingress")}
+
+
+# ---- ipClassOfService (IE 5; the tos byte of v5) -----------------------------------------------------------------
+DSCP_EF = 0xB8  # expedited forwarding (46) << 2
+
+
+def _marked_traffic(path: Path) -> dict[tuple, int]:
+    """A small capture whose UDP flows from port 5060 carry ToS / traffic class 0xb8 (the others 0); returns
+    5-tuple -> its ToS byte. Frames from probes.render_frame with the byte set and the IPv4 checksum redone."""
+    from support.probes import FlowSpec, _checksum, conversation_packets, render_frame, write_pcap
+
+    specs = [
+        FlowSpec("udp", "10.0.0.5", "192.0.2.10", 5060, 5060, start=0.0, packets=3),
+        FlowSpec("udp", "2001:db8:0:1::5", "2001:db8:ffff::10", 5060, 5060, start=0.1, packets=2),
+        FlowSpec("udp", "10.0.0.6", "192.0.2.53", 40001, 53, start=0.2, packets=1),
+        FlowSpec("tcp", "2001:db8:0:1::6", "2001:db8:ffff::20", 40002, 443, start=0.3, packets=1),
+    ]
+    frames, tos = [], {}
+    for spec in specs:
+        mark = DSCP_EF if spec.sport == 5060 else 0
+        for packet in conversation_packets(spec, probes.DEFAULT_T0):
+            frame = bytearray(render_frame(spec, packet))
+            if ":" in spec.src:  # IPv6: version (4 bits), traffic class (8), flow label (20)
+                frame[14] = 0x60 | mark >> 4
+                frame[15] = (mark & 0x0F) << 4 | (frame[15] & 0x0F)
+            else:
+                frame[15] = mark
+                frame[24:26] = b"\0\0"
+                frame[24:26] = _checksum(bytes(frame[14:34])).to_bytes(2, "big")
+            frames.append((packet.time, bytes(frame)))
+            a, b = (spec.src, spec.dst) if packet.forward else (spec.dst, spec.src)
+            ports = (spec.sport, spec.dport) if packet.forward else (spec.dport, spec.sport)
+            tos[(a, b, *ports, 6 if spec.kind == "tcp" else 17)] = mark
+    write_pcap(path, sorted(frames, key=lambda item: item[0]))
+    return tos
+
+
+def test_tos_as_the_traffic_had_it_and_as_nfdump_prints_it(tmp_path):
+    """Issue 16: pmacctd's templates carry ipClassOfService (IE 5), v5 its tos byte; the lake's `tos` holds what
+    was exported, the same as nfdump's `stos`, and that is the packets' ToS where pmacctd exports it (P4)."""
+    import csv
+    from ipaddress import ip_address
+
+    from conftest import decode_export
+
+    want = _marked_traffic(tmp_path / "marked.pcap")
+    for (case, version), datagrams in zip(
+        VERSIONS.items(), exports_of(tmp_path / "marked.pcap").values(), strict=True
+    ):
+        ours = decode_export(datagrams, case)
+        got = {tuple(r[k] for k in KEY): r["tos"] for r in ours}
+        # P4: pmacctd exports the ToS only in the record from the higher IPv4 address, 0 elsewhere
+        expected = {
+            k: v if ":" not in k[0] and ip_address(k[0]) > ip_address(k[1]) else 0
+            for k, v in want.items()
+            if version != 5 or ":" not in k[0]
+        }
+        assert got == expected and DSCP_EF in got.values(), case
+        nfcapd = probes.nfcapd_of(datagrams, tmp_path / f"nfcapd-{case}")
+        with open(probes.nfdump_csv(nfcapd, tmp_path / f"{case}.csv")) as handle:
+            printed = [row for row in csv.DictReader(handle) if row.get("sa") and row.get("stos")]
+        assert sorted(int(row["stos"]) for row in printed) == sorted(r["tos"] for r in ours), case
+    assert DSCP_EF in want.values() and 0 in want.values()

@@ -76,6 +76,8 @@ FLOWS = pa.schema(
         pa.field("srv6_active_segment", pa.string()),  # IE 495 srhActiveSegmentIPv6
         pa.field("srv6_segments", pa.string()),  # IE 497 (or 496): the SRH's segment list, space-separated
         pa.field("mpls_vpn_rd", pa.string()),  # IE 90 mplsVpnRouteDistinguisher (RFC 4364 text: 65000:100)
+        # IE 5 ipClassOfService (v1/v5/v7: the record's tos byte): DSCP << 2 | ECN. Null where not exported
+        pa.field("tos", pa.int16()),
         # issue 18: the vms.vm_key of src_vm/dst_vm, written with them at attribution, so that flows_attributed
         # joins vms on integers (correlate/vm_keys.py). Null where src_vm/dst_vm is null, and in files
         # attributed before the column existed (the view then joins on src_vm/dst_vm)

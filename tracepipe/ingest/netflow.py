@@ -53,6 +53,7 @@ FIELDS: dict[int, tuple[str, str]] = {
     34: ("samplingInterval", "sampling"),  # v9 SAMPLING_INTERVAL (options)
     50: ("samplerRandomInterval", "sampling"),  # v9 FLOW_SAMPLER_RANDOM_INTERVAL (options)
     60: ("ipVersion", "ip_version"),
+    5: ("ipClassOfService", "tos"),  # the IPv4 ToS / IPv6 traffic class byte
     85: ("octetTotalCount", "bytes_total"),
     231: ("initiatorOctets", "bytes_initiator"),  # Cisco ASA NSEL: the initiator's bytes, its only volume
     298: ("initiatorPackets", "packets_initiator"),
@@ -159,9 +160,9 @@ _V157_COMMON = [
     ("dst_port", 34, ">u2"),
 ]
 FIXED_LAYOUTS: dict[int, tuple[int, int, list[tuple[str, int, str]]]] = {
-    1: (16, 48, [*_V157_COMMON, ("proto", 38, "u1"), ("tcp_flags", 40, "u1")]),
-    5: (24, 48, [*_V157_COMMON, ("tcp_flags", 37, "u1"), ("proto", 38, "u1")]),
-    7: (24, 52, [*_V157_COMMON, ("tcp_flags", 37, "u1"), ("proto", 38, "u1")]),
+    1: (16, 48, [*_V157_COMMON, ("proto", 38, "u1"), ("tos", 39, "u1"), ("tcp_flags", 40, "u1")]),
+    5: (24, 48, [*_V157_COMMON, ("tcp_flags", 37, "u1"), ("proto", 38, "u1"), ("tos", 39, "u1")]),
+    7: (24, 52, [*_V157_COMMON, ("tcp_flags", 37, "u1"), ("proto", 38, "u1"), ("tos", 39, "u1")]),
 }
 
 
@@ -2033,6 +2034,9 @@ def _router_columns(
         vrf = _uint(arr, role, roles)
         if vrf is not None:
             out[role] = pa.array(vrf)
+    tos = _uint(arr, "tos", roles)
+    if tos is not None:  # a byte; a wider (padded) field that is not one is clipped like any other counter
+        out["tos"] = pa.array(np.minimum(tos, 255).astype(np.int16))
     stack = [_uint(arr, role, roles) for role in MPLS_ROLES if role in roles]
     if stack:
         out["mpls_labels"] = _mpls_text(np.stack(stack, axis=1))
