@@ -143,9 +143,10 @@ class DecodePool:
         """Start a source: each worker opens day files named after `key` (lake.source_key)."""
         self.start()
         self._sent = 0
-        # each worker buffers a row group per day: 1/jobs of the usual size keeps the sum of them (memory) as
-        # with one process
-        row_group_rows = max(ROW_GROUP_ROWS // self.jobs, 100_000)
+        # each worker buffers a row group per day and sorts it column by column (a copy): 1/(2 jobs) of the usual
+        # size keeps all processes together under 1 GiB (3 M records, --jobs 2: 1,049 -> 864 MiB measured with
+        # the 11 issue-16 router columns; CPU the same or lower, fewer page faults)
+        row_group_rows = max(ROW_GROUP_ROWS // (2 * self.jobs), 100_000)
         for worker in range(self.jobs):
             self._send(worker, ("begin", key, row_group_rows))
 
