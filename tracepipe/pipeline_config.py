@@ -82,6 +82,10 @@ class OutputSection:
     html: bool = True  # the HTML report (if tracepipe.report is installed); JSON is always written
     title: str = ""
     max_evidence_rows: int = 20
+    # evidence (flow rows, top peers and ports) for at most this many alerts per run, the highest scores first:
+    # an alert flood (tens of thousands, e.g. planted by a tenant) must not make the sweep's memory and time grow
+    # with it; the other alerts keep every other field and say why their evidence is missing
+    max_evidence_alerts: int = 1000
 
 
 @dataclass(frozen=True)

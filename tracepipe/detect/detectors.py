@@ -1144,6 +1144,42 @@ def evidence_rows(lake: Lake, alerts: pl.DataFrame, limit: int, top: int = 5) ->
     return out
 
 
+def _bounded_evidence(ctx: DetectContext, alerts: pl.DataFrame) -> tuple[dict[int, dict], dict | None]:
+    """evidence_rows for at most output.max_evidence_alerts alerts, the highest scores first (ties in a total
+    order, so every engine picks the same); the evidence of the others says why it is missing (None: nothing
+    was left out)."""
+    cap = max(ctx.config.output.max_evidence_alerts, 0)
+    if alerts.height <= cap:
+        return evidence_rows(ctx.lake, alerts, ctx.config.output.max_evidence_rows), None
+    chosen = (
+        alerts.with_row_index("_index")
+        .with_columns(_score=pl.col("score").fill_nan(None))
+        .sort(
+            ["_score", "detector", "addr", "peer", "port", "window_start"],
+            descending=[True, False, False, False, False, False],
+            nulls_last=True,
+        )
+        .head(cap)
+        .get_column("_index")
+        .sort()
+    )
+    picked = evidence_rows(ctx.lake, alerts[chosen], ctx.config.output.max_evidence_rows)
+    evidence = {
+        int(i): {"flows": [], "top_peers": [], "top_ports": []} for i in chosen
+    }  # chosen, none matched
+    evidence.update({int(chosen[i]): found for i, found in picked.items()})
+    missing = {
+        "flows": [],
+        "top_peers": [],
+        "top_ports": [],
+        "not_collected": (
+            f"alert flood: {alerts.height} alerts in this run; evidence is kept for the {cap} highest scores "
+            "(output.max_evidence_alerts)"
+        ),
+    }
+    return evidence, missing
+
+
 def finalize(
     candidates: pl.DataFrame, ctx: DetectContext, pipeline: str, created_at: dt.datetime | None = None
 ) -> tuple[pa.Table, dict[str, int]]:
@@ -1164,7 +1200,7 @@ def finalize(
             )
         attributed = attributed.filter(~by_project)
         allowed += int(by_project.sum())
-    evidence = evidence_rows(ctx.lake, attributed, ctx.config.output.max_evidence_rows)
+    evidence, flood = _bounded_evidence(ctx, attributed)
     rows = []
     for index, row in enumerate(attributed.to_dicts()):
         rows.append(
@@ -1184,7 +1220,7 @@ def finalize(
                 "evidence": json.dumps(
                     {
                         "port": row["port"],
-                        **evidence.get(index, {"flows": [], "top_peers": [], "top_ports": []}),
+                        **evidence.get(index, flood or {"flows": [], "top_peers": [], "top_ports": []}),
                     },
                     default=str,
                 ),
