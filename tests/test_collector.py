@@ -705,8 +705,15 @@ def test_every_thread_of_the_committer_yields_the_cpu_to_the_receive_loop(tmp_pa
                 committer = int(children[0]) if children else committer
             time.sleep(0.1)
         assert committer is not None
-        time.sleep(1.5)  # its imports are done (the pools exist)
-        threads = niceness(committer)
+        # its imports are done (the pools exist): wait for its thread count to settle (a fixed 1.5 s failed on a
+        # loaded machine once imports became lazier)
+        threads, settled_since = niceness(committer), time.monotonic()
+        while time.monotonic() < deadline and (len(threads) < 2 or time.monotonic() - settled_since < 1.5):
+            time.sleep(0.1)
+            now = niceness(committer)
+            if len(now) != len(threads):
+                settled_since = time.monotonic()
+            threads = now
         mine = niceness(run.proc.pid)[0]
         assert stop_collector(run) == 0, run.stderr.read_text()
     assert len(threads) > 1 and set(threads) == {min(mine + 10, 19)}
