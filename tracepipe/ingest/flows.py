@@ -445,7 +445,7 @@ def _land_nfcapd_parallel(
     fatal = None
     pool.begin(writer.key)
     try:
-        for blocks in nffile.iter_ranges(path, source):
+        for blocks in nffile.iter_ranges(path, source, parts=2 * pool.jobs):
             if isinstance(blocks, pa.Table):  # the file ends in a block that cannot be delimited
                 fatal = _with_source(blocks, source)
                 continue

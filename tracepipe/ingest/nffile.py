@@ -65,6 +65,7 @@ COMPRESSION_NAMES = {0: "none", 1: "lzo", 2: "bz2", 3: "lz4"}
 DATA_BLOCK_TYPE_3 = 3  # V3 records
 DATA_BLOCK_TYPE_4 = 4  # array records: nfdump skips them when it prints flows
 MAX_BLOCK_BYTES = 5 * 1048576  # nfdump's BUFFSIZE: no block is larger, compressed or not (the bomb cap)
+RANGE_RECORDS = 1 << 18  # records a decode worker reads at a time (iter_ranges): ~30 MB in its memory
 
 V3_RECORD = 11
 EXPORTER_INFO = 7
@@ -659,31 +660,37 @@ def iter_nffile(
             yield from _emit(columns, [], source)
 
 
-def iter_ranges(path: Path | str, source: str, records: int = 1 << 18) -> Iterator[BlockRange | pa.Table]:
-    """The blocks of one nfcapd file (check native_problem first) in ranges of ~`records` records, found from
-    the block headers alone, for decode workers to read (read_range): no record bytes pass between processes.
-    A file or block that cannot be delimited ends the ranges with its rejects (a table), as in iter_nffile."""
+def iter_ranges(
+    path: Path | str, source: str, parts: int = 4, records: int = RANGE_RECORDS
+) -> Iterator[BlockRange | pa.Table]:
+    """The blocks of one nfcapd file (check native_problem first) in ranges for decode workers (read_range),
+    found from the block headers alone (a read and a seek per block, all walked first): no record bytes pass
+    between processes. A range holds ~`records` records, fewer in a smaller file, so that it still splits into
+    about `parts` ranges (whole blocks: at least one each). A file or block that cannot be delimited ends the
+    ranges with its rejects (a table), as in iter_nffile."""
     with open(path, "rb") as handle:
         opened = _open(handle, source)
         if isinstance(opened, pa.Table):
             yield opened
             return
         compression, blocks = opened
-        spans: list[Span] = []
-        count = 0
-        for span in _spans(handle, blocks):
-            if not isinstance(span, Span):
-                if spans:
-                    yield BlockRange(str(path), source, compression, tuple(spans))
-                yield rejects_table([span], source)
-                return
-            spans.append(span)
-            count += span.records
-            if count >= records:
-                yield BlockRange(str(path), source, compression, tuple(spans))
-                spans, count = [], 0
-        if spans:
-            yield BlockRange(str(path), source, compression, tuple(spans))
+        spans = list(_spans(handle, blocks))
+    fatal = spans.pop() if spans and not isinstance(spans[-1], Span) else None
+    total = sum(span.records for span in spans if isinstance(span, Span))
+    target = max(1, min(records, -(-total // max(parts, 1))))
+    taken: list[Span] = []
+    count = 0
+    for span in spans:
+        assert isinstance(span, Span)
+        taken.append(span)
+        count += span.records
+        if count >= target:
+            yield BlockRange(str(path), source, compression, tuple(taken))
+            taken, count = [], 0
+    if taken:
+        yield BlockRange(str(path), source, compression, tuple(taken))
+    if fatal is not None:
+        yield rejects_table([fatal], source)
 
 
 def read_range(blocks: BlockRange) -> tuple[pa.Table, RangeRead]:
