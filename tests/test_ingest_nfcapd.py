@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
+import signal
 import struct
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,9 @@ from conftest import lake_flows, multiset_diff, run_tracepipe
 from support import probes
 from test_nffile import block, join, nfdump_rewrite, split
 
+from tracepipe.errors import LakeError
 from tracepipe.ingest import nffile
+from tracepipe.ingest.decode_pool import DecodePool
 from tracepipe.ingest.flows import ingest_flow_files, sniff_kind
 from tracepipe.ingest.nfdump import iter_nfcapd, read_nfcapd, read_nfdump_csv
 from tracepipe.lake import Lake
@@ -223,3 +229,53 @@ def test_jobs_2_a_damaged_block_is_a_reject_in_its_place_the_others_land(how, se
     assert not multiset_diff(one_flows, two_flows, (*KEY, "ts_start", "ts_end", "source"))
     assert two["exit_code"] == one["exit_code"] == 3
     assert two["exporters"] == one["exporters"] and two["files"] == one["files"]
+
+
+def test_jobs_2_a_worker_that_dies_leaves_nothing_and_a_rerun_lands_once(several_blocks, tmp_path):
+    lake_dir = tmp_path / "lake"
+    (lake_dir / "flows").mkdir(parents=True)
+    ranges = [r for r in nffile.iter_ranges(several_blocks, str(several_blocks), parts=4)]
+    with DecodePool(2, lake_dir) as pool:
+        pool.begin("k" * 16)
+        os.kill(pool._procs[0].pid, signal.SIGKILL)
+        pool._procs[0].wait()
+        with pytest.raises(LakeError, match=r"decode worker 0 died.*--jobs 1"):
+            for blocks in ranges * 2:
+                pool.submit_nfcapd(blocks)
+            pool.finish()
+        pool.abort()
+    assert not list(lake_dir.rglob("*.parquet*"))  # the live worker deleted what it wrote
+    summary = ingest_flow_files(Lake(lake_dir), [several_blocks], jobs=2, parallel_min_bytes=0)
+    assert summary.flows == read_nfcapd(several_blocks)[0].num_rows == lake_flows(lake_dir).num_rows
+
+
+def test_jobs_2_ingest_killed_midway_shows_nothing_half_written_and_a_rerun_lands_once(
+    several_blocks, tmp_path
+):
+    """SIGKILL of `ingest netflow --jobs 2` while its workers write: the lake shows none of the file's rows (or,
+    if the commit came first, all of them), no temp file stays once the workers see their parent gone, and
+    the rerun lands the file exactly once."""
+    header, blocks, appendix = split(several_blocks)
+    path = tmp_path / "nfcapd.big"  # ~500 k records: each worker writes row groups before the end
+    path.write_bytes(join(header, blocks * 200, appendix))
+    expected = nffile.read_nffile(path)[0].num_rows
+    lake_dir = tmp_path / "lake"
+    code = (
+        "import sys; from pathlib import Path; from tracepipe.lake import Lake; "
+        "from tracepipe.ingest.flows import ingest_flow_files; "
+        "ingest_flow_files(Lake(sys.argv[1]), [Path(sys.argv[2])], jobs=2, parallel_min_bytes=0)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(lake_dir), str(path)])
+    deadline = time.monotonic() + 120
+    while not list(lake_dir.rglob("*.tmp")) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child.kill()
+    child.wait()
+    while list(lake_dir.rglob("*.tmp")) and time.monotonic() < deadline:  # the workers abort on EOF
+        time.sleep(0.1)
+    assert not list(lake_dir.rglob("*.tmp"))
+    visible = lake_flows(lake_dir).num_rows if (lake_dir / "flows" / "_delta_log").exists() else 0
+    assert visible in (0, expected)
+    for _ in range(2):  # the rerun lands it (or skips it, landed), the next one skips it: never twice
+        ingest_flow_files(Lake(lake_dir), [path], jobs=2, parallel_min_bytes=0)
+        assert lake_flows(lake_dir).num_rows == expected
