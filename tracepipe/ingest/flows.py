@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
 from tracepipe.fsutil import input_problem
+from tracepipe.ingest import nffile
 from tracepipe.ingest.argus import iter_argus, looks_like_argus
 from tracepipe.ingest.decode_pool import DecodePool, default_jobs
 from tracepipe.ingest.netflow import (
@@ -186,7 +187,8 @@ def ingest_flow_files(
     ARGUS_KINDS); a file of another known kind is not read, and its result names the command that reads it.
 
     `jobs` (default: the cores available): captures of `parallel_min_bytes` or more are walked here, in input
-    order with one decoder state, and turned into columns and Parquet by `jobs` worker processes."""
+    order with one decoder state, and turned into columns and Parquet by `jobs` worker processes; nfcapd
+    files of that size (read natively) are split into ranges of blocks that the workers read themselves."""
     jobs = default_jobs() if jobs is None else jobs
     with DecodePool(jobs, lake.root) as pool:
         return _ingest_files(lake, paths, progress, accept, pool if jobs > 1 else None, parallel_min_bytes)
@@ -215,7 +217,9 @@ def _ingest_files(
                 "folder that holds them)",
             )
         )
-    big_captures = [p for p in files if _size(p) >= parallel_min_bytes and _kind_or_none(p) == "pcap"]
+    big_captures = [
+        p for p in files if _size(p) >= parallel_min_bytes and _kind_or_none(p) in ("pcap", "nfcapd")
+    ]
     if pool is not None and big_captures:
         pool.start()
     for path in files:
@@ -302,6 +306,12 @@ def _ingest_one(
             _land_leftover(writer, state, source, stats)
             if progress and size > done:
                 progress(size - done)
+        elif kind == "nfcapd" and pool is not None and nffile.native_problem(path) is None:
+            read = NfcapdRead()
+            _land_nfcapd_parallel(writer, pool, path, source, stats, read)
+            result.reader = read.reader
+            if progress:
+                progress(size)
         elif kind in READERS:
             read = NfcapdRead()
             labels = _read_text_kind(lake, path, kind, source, content_hash, writer, stats, read)
@@ -374,27 +384,83 @@ def _read_text_kind(
                     )
                 label_writer.write(_with_source(batch[2], source))
                 labelled += batch[2].num_rows
-            for exporter, n in _value_counts(flows.column("exporter")).items():
-                entry = stats.setdefault(exporter or kind, {"flows": 0, "versions": [kind]})
-                entry["flows"] += n
-            rejected = rejects.column("exporter") if "exporter" in rejects.column_names else None
-            counts = _value_counts(rejected) if rejected is not None else {None: rejects.num_rows}
-            for exporter, n in counts.items():
-                if n:
-                    entry = stats.setdefault(exporter or kind, {"flows": 0, "versions": [kind]})
-                    entry["rejects"] = entry.get("rejects", 0) + n
-        if kind == "nfcapd":  # the sampler list nfdump keeps in the file, per exporter (one interval: known)
-            native = read is not None and read.reader == "native"
-            for exporter, info in (read.exporters if native else nfcapd_exporters(path)).items():
-                samplers = info["sampling"]
-                if isinstance(samplers, list) and len(samplers) == 1:
-                    stats.setdefault(exporter, {"flows": 0, "versions": [kind]})["sampling"] = samplers[0]
+            _count(stats, kind, _value_counts(flows.column("exporter")), rejects)
+        if kind == "nfcapd":
+            _nfcapd_sampling(stats, path, read)
         if kind in ZEEK_KINDS + ARGUS_KINDS:  # sensors that see every packet they are given: unsampled
             for entry in stats.values():
                 entry.setdefault("sampling", 1)
         if label_writer is not None:
             label_writer.commit({"kind": kind, "labels": labelled})
     return labelled
+
+
+def _count(
+    stats: dict[str, dict[str, Any]], kind: str, flows: dict[str | None, int], rejects: pa.Table
+) -> None:
+    """Flows and rejects of a batch per exporter (rows without one under the kind's name)."""
+    for exporter, n in flows.items():
+        entry = stats.setdefault(exporter or kind, {"flows": 0, "versions": [kind]})
+        entry["flows"] += n
+    rejected = rejects.column("exporter") if "exporter" in rejects.column_names else None
+    counts = _value_counts(rejected) if rejected is not None else {None: rejects.num_rows}
+    for exporter, n in counts.items():
+        if n:
+            entry = stats.setdefault(exporter or kind, {"flows": 0, "versions": [kind]})
+            entry["rejects"] = entry.get("rejects", 0) + n
+
+
+def _nfcapd_sampling(stats: dict[str, dict[str, Any]], path: Path, read: NfcapdRead | None) -> None:
+    """The sampler list nfdump keeps in the file, per exporter (one interval: known)."""
+    native = read is not None and read.reader == "native"
+    for exporter, info in (read.exporters if native else nfcapd_exporters(path)).items():
+        samplers = info["sampling"]
+        if isinstance(samplers, list) and len(samplers) == 1:
+            stats.setdefault(exporter, {"flows": 0, "versions": ["nfcapd"]})["sampling"] = samplers[0]
+
+
+def _land_nfcapd_parallel(
+    writer: IngestWriter, pool: DecodePool, path: Path, source: str, stats: dict[str, Any], read: NfcapdRead
+) -> None:
+    """One nfcapd file through the worker pool: its block headers walked here, ranges of blocks read,
+    decoded and written by the workers (no record bytes through pipes); rejects, counters and the exporter
+    and sampler records (in file order) land here in input order, the workers' files in the writer's commit."""
+    exporters = nffile.Exporters()
+    answers: dict[int, nffile.RangeRead] = {}
+    landed = 0
+
+    def land(new: list[tuple[int, nffile.RangeRead]]) -> None:
+        nonlocal landed
+        answers.update(new)
+        while landed in answers:
+            found = answers.pop(landed)
+            exporters.apply(found.infos)
+            if found.implausible is not None:
+                writer.reject(found.implausible)
+            rejects = _with_source(found.rejects, source)
+            writer.reject(rejects)
+            _count(stats, "nfcapd", found.flows_by_exporter, rejects)
+            landed += 1
+
+    fatal = None
+    pool.begin(writer.key)
+    try:
+        for blocks in nffile.iter_ranges(path, source, parts=2 * pool.jobs):
+            if isinstance(blocks, pa.Table):  # the file ends in a block that cannot be delimited
+                fatal = _with_source(blocks, source)
+                continue
+            land(pool.submit_nfcapd(blocks))
+        last, adds, rows = pool.finish()
+        land(last)
+    except BaseException:
+        pool.abort()
+        raise
+    if fatal is not None:
+        writer.reject(fatal)
+        _count(stats, "nfcapd", {}, fatal)
+    writer.adopt(adds, rows)
+    read.reader, read.exporters = "native", exporters.out
+    _nfcapd_sampling(stats, path, read)
 
 
 def _size(path: Path) -> int:
