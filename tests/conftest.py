@@ -75,6 +75,25 @@ class ExportCase:
     exporter: str
 
 
+def _no_neighbour_lookup(l2: Any, l3: Any) -> str:
+    raise AssertionError(
+        f"a test built {l2.__class__.__name__}/{l3.__class__.__name__} without a destination MAC: scapy would ask "
+        "the network (ARP or neighbour discovery, off loopback) for one; give it dst=support.probes.LAN_MAC"
+    )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _frames_never_resolve_macs_on_the_network() -> None:
+    """Tests send traffic to loopback only: an Ethernet frame built without a destination MAC makes scapy send
+    ARP/ND on the default interface (and wait 2 s for an answer), so any such frame fails the test instead."""
+    from scapy.config import conf
+    from scapy.layers import inet, inet6
+
+    assert inet and inet6  # imported for what they register: IPv4 and IPv6 MAC resolvers
+
+    conf.neighbor.resolve = _no_neighbour_lookup
+
+
 @pytest.fixture(scope="session")
 def traffic_pcaps(tmp_path_factory) -> dict[str, Path]:
     """Deterministic traffic captures: IPv4 only, IPv4 + IPv6 mixed, and a small IPv4 one (one v1 datagram)."""

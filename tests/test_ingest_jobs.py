@@ -14,6 +14,7 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap, wrpcap
+from support.probes import LAN_MAC
 
 from tracepipe.errors import LakeError
 from tracepipe.ingest.decode_pool import DecodePool
@@ -42,12 +43,20 @@ def captures(softflowd_export, tmp_path_factory) -> list:
         (9, bytes(first[UDP].payload)[:30]),
         (12, b"\x00\x0a" + b"\xff" * 40),
     ):
-        frame = Ether() / IP(src=first[IP].src, dst=first[IP].dst) / UDP(sport=first[UDP].sport, dport=2055)
+        frame = (
+            Ether(dst=LAN_MAC)
+            / IP(src=first[IP].src, dst=first[IP].dst)
+            / UDP(sport=first[UDP].sport, dport=2055)
+        )
         hostile.insert(at, frame / payload)
     # a data datagram whose header clock says 2099: its flows are rejects "time outside plausible window"
     future = next(bytes(p[UDP].payload) for p in packets[1:] if len(p[UDP].payload) > 200)
     future = future[:8] + struct.pack(">I", 4_080_000_000) + future[12:]
-    frame = Ether() / IP(src=first[IP].src, dst=first[IP].dst) / UDP(sport=first[UDP].sport, dport=2055)
+    frame = (
+        Ether(dst=LAN_MAC)
+        / IP(src=first[IP].src, dst=first[IP].dst)
+        / UDP(sport=first[UDP].sport, dport=2055)
+    )
     hostile.append(frame / future)
     wrpcap(str(base / "v9-hostile.pcap"), hostile)
     paths = [exports[5].export_pcap, base / "v9-part1.pcap", base / "v9-part2.pcap", exports[10].export_pcap]

@@ -17,6 +17,7 @@ from scapy.contrib.mpls import MPLS
 from scapy.layers.inet import GRE, ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrSegmentRouting
 from scapy.layers.l2 import Dot1Q, Ether
+from support.probes import LAN_MAC
 from test_netflow_decode import EXPORTER, decode, flowset, ipfix_message, template_record
 
 from tracepipe.ingest.inner_headers import decode_sections
@@ -52,7 +53,7 @@ IP_CASES = {
 }
 FRAME_CASES = {
     "vlan + mpls + ipv4-in-ipv4": (
-        Ether()
+        Ether(dst=LAN_MAC)
         / Dot1Q(vlan=7)
         / MPLS(label=100, s=0)
         / MPLS(label=200, s=1)
@@ -61,7 +62,11 @@ FRAME_CASES = {
         ("10.9.8.7", "192.0.2.1", 17, 2222, 1111, "198.51.100.1", "198.51.100.2", 4),
     ),
     "mpls pseudowire with control word": (
-        Ether(type=0x8847) / MPLS(label=300012, s=1) / b"\0\0\0\0" / Ether() / INNER_TCP6,
+        Ether(dst=LAN_MAC, type=0x8847)
+        / MPLS(label=300012, s=1)
+        / b"\0\0\0\0"
+        / Ether(dst=LAN_MAC)
+        / INNER_TCP6,
         ("2001:db8::7", "2001:db8::1", 6, 40000, 445, None, None, None),
     ),
 }
@@ -135,7 +140,7 @@ def test_a_later_fragment_has_no_ports():
 
 
 def test_a_section_that_is_not_ip_is_a_counted_reject_and_the_rest_lands():
-    good = bytes(Ether() / INNER_UDP)
+    good = bytes(Ether(dst=LAN_MAC) / INNER_UDP)
     junk = b"\x00" * 12 + b"\x88\x47" + b"\xff" * 40  # an MPLS stack that never ends within the bytes
     result, _ = decode(_ipfix_records((315, 65535), [good, junk, b"", good]))
     assert result.flows.num_rows == 2

@@ -13,6 +13,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import Dot1Q, Ether
 from support import probes
+from support.probes import LAN_MAC
 
 from tracepipe.ingest.netflow import DecoderState, decode_datagrams
 from tracepipe.ingest.pcap import iter_udp_batches
@@ -136,19 +137,22 @@ def test_real_cooked_capture_on_any(traffic_pcaps, tmp_path, link_type):
 
 # ---- re-framed real datagrams ---------------------------------------------------------------------------------
 FRAMINGS = {
-    "ethernet": (1, lambda p: bytes(Ether() / udp4(p))),
-    "ethernet+vlan": (1, lambda p: bytes(Ether() / Dot1Q(vlan=42) / udp4(p))),
-    "ethernet+qinq": (1, lambda p: bytes(Ether() / Dot1Q(vlan=1, type=0x8100) / Dot1Q(vlan=2) / udp4(p))),
+    "ethernet": (1, lambda p: bytes(Ether(dst=LAN_MAC) / udp4(p))),
+    "ethernet+vlan": (1, lambda p: bytes(Ether(dst=LAN_MAC) / Dot1Q(vlan=42) / udp4(p))),
+    "ethernet+qinq": (
+        1,
+        lambda p: bytes(Ether(dst=LAN_MAC) / Dot1Q(vlan=1, type=0x8100) / Dot1Q(vlan=2) / udp4(p)),
+    ),
     "raw ip (101)": (101, lambda p: bytes(udp4(p))),
     "raw ip (12)": (12, lambda p: bytes(udp4(p))),
     "raw ip (14)": (14, lambda p: bytes(udp4(p))),
     "bsd loopback (0)": (0, lambda p: struct.pack("<I", 2) + bytes(udp4(p))),
     "openbsd loop (108)": (108, lambda p: struct.pack(">I", 2) + bytes(udp4(p))),
-    "ipv6": (1, lambda p: bytes(Ether() / udp6(p))),
+    "ipv6": (1, lambda p: bytes(Ether(dst=LAN_MAC) / udp6(p))),
     "ipv6 ext headers": (
         1,
         lambda p: bytes(
-            Ether()
+            Ether(dst=LAN_MAC)
             / IPv6(src="2001:db8::10", dst="::1")
             / IPv6ExtHdrHopByHop()
             / IPv6ExtHdrDestOpt()
@@ -184,7 +188,7 @@ def test_every_framing_and_container(datagrams, tmp_path, framing, container):
 
 
 def test_small_batches_stream_the_file(datagrams, tmp_path):
-    frames = [bytes(Ether() / udp4(p)) for p in datagrams] * 50
+    frames = [bytes(Ether(dst=LAN_MAC) / udp4(p)) for p in datagrams] * 50
     write_pcap(tmp_path / "big.pcap", frames, 1)
     got = read_all(tmp_path / "big.pcap", batch_datagrams=7)
     assert got["batches"] >= len(frames) // 7
@@ -193,13 +197,19 @@ def test_small_batches_stream_the_file(datagrams, tmp_path):
 
 # ---- what is not a UDP datagram -------------------------------------------------------------------------------
 def test_non_udp_fragments_and_short_snaplen_are_rejected_with_their_offsets(datagrams, tmp_path):
-    good = bytes(Ether() / udp4(datagrams[0]))
+    good = bytes(Ether(dst=LAN_MAC) / udp4(datagrams[0]))
     frames = [
         good,
-        bytes(Ether() / IP(src="192.0.2.10", dst="127.0.0.1") / TCP(sport=1, dport=2)),
-        bytes(Ether() / IP(src="192.0.2.10", dst="127.0.0.1", flags="MF") / UDP() / (b"x" * 40)),
-        bytes(Ether() / IPv6(src="2001:db8::1", dst="::1") / IPv6ExtHdrFragment(m=1) / UDP() / (b"y" * 40)),
-        bytes(Ether(type=0x0806) / (b"\0" * 28)),  # ARP
+        bytes(Ether(dst=LAN_MAC) / IP(src="192.0.2.10", dst="127.0.0.1") / TCP(sport=1, dport=2)),
+        bytes(Ether(dst=LAN_MAC) / IP(src="192.0.2.10", dst="127.0.0.1", flags="MF") / UDP() / (b"x" * 40)),
+        bytes(
+            Ether(dst=LAN_MAC)
+            / IPv6(src="2001:db8::1", dst="::1")
+            / IPv6ExtHdrFragment(m=1)
+            / UDP()
+            / (b"y" * 40)
+        ),
+        bytes(Ether(dst=LAN_MAC, type=0x0806) / (b"\0" * 28)),  # ARP
         good[:30],  # IPv4 header cut by the capture
         good,
     ]
@@ -217,7 +227,7 @@ def test_non_udp_fragments_and_short_snaplen_are_rejected_with_their_offsets(dat
 
 
 def test_snap_length_shorter_than_the_datagram(datagrams, tmp_path):
-    frames = [bytes(Ether() / udp4(p)) for p in datagrams]
+    frames = [bytes(Ether(dst=LAN_MAC) / udp4(p)) for p in datagrams]
     offsets = write_pcap(tmp_path / "snap.pcap", frames, 1, snaplen=200)
     got = read_all(tmp_path / "snap.pcap")
     big = [i for i, p in enumerate(datagrams) if len(p) + 42 > 200]
@@ -235,7 +245,7 @@ def test_unknown_link_type(datagrams, tmp_path):
 
 @pytest.mark.parametrize("container", ["pcap", "pcapng"])
 def test_truncated_file_keeps_everything_before_the_cut(datagrams, tmp_path, container):
-    frames = [bytes(Ether() / udp4(p)) for p in datagrams]
+    frames = [bytes(Ether(dst=LAN_MAC) / udp4(p)) for p in datagrams]
     path = tmp_path / "cut.cap"
     offsets = (write_pcap if container == "pcap" else write_pcapng)(path, frames, 1)
     data = path.read_bytes()
@@ -246,7 +256,7 @@ def test_truncated_file_keeps_everything_before_the_cut(datagrams, tmp_path, con
 
 
 def test_cut_inside_a_record_header(datagrams, tmp_path):
-    frames = [bytes(Ether() / udp4(p)) for p in datagrams]
+    frames = [bytes(Ether(dst=LAN_MAC) / udp4(p)) for p in datagrams]
     offsets = write_pcap(tmp_path / "cut.pcap", frames, 1)
     data = (tmp_path / "cut.pcap").read_bytes()
     (tmp_path / "cut.pcap").write_bytes(data[: offsets[-1] + 5])

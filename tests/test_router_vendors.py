@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import decode_and_nfdump, ingest_in_process, run_tracepipe
+from support.probes import LAN_MAC
 
 from tracepipe.ingest.netflow import DecoderState, decode_datagrams
 
@@ -194,7 +195,7 @@ def _capture(case: str, folder: Path) -> Path:
 
     path = folder / f"{case}.pcap"
     frames = [
-        Ether() / IP(src="192.0.2.9", dst="192.0.2.1") / UDP(sport=50000, dport=2055) / p
+        Ether(dst=LAN_MAC) / IP(src="192.0.2.9", dst="192.0.2.1") / UDP(sport=50000, dport=2055) / p
         for p in payloads(case)
     ]
     wrpcap(str(path), frames)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from conftest import decode_and_nfdump, decode_export
+from support.probes import LAN_MAC
 from test_router_vendors import KEY, ms
 
 DATA = Path(__file__).parent / "data" / "routers" / "logstash"
@@ -352,7 +353,10 @@ def test_a_folder_of_all_these_exports_lands_without_rejects(tmp_path, decoded):
     late.mkdir()
     for number, case in enumerate(CASES, start=1):
         frames = [
-            Ether() / IP(src=f"192.0.2.{number}", dst="192.0.2.254") / UDP(sport=50000, dport=2055) / p
+            Ether(dst=LAN_MAC)
+            / IP(src=f"192.0.2.{number}", dst="192.0.2.254")
+            / UDP(sport=50000, dport=2055)
+            / p
             for p in payloads(case)
         ]
         wrpcap(str((late if case == "ipt-netflow" else folder) / f"{case}.pcap"), frames)

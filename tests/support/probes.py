@@ -43,6 +43,9 @@ from tracepipe.tools import tool_path
 LOOPBACK_V4 = "127.0.0.1"
 LOOPBACK_V6 = "::1"
 _LOOPBACKS = (LOOPBACK_V4, LOOPBACK_V6)
+# the destination MAC of every Ethernet frame a test builds (00:00:5e:00:53:xx: documentation, RFC 7042): without
+# one, scapy asks the network (ARP, neighbour discovery) for the MAC of the frame's IP destination
+LAN_MAC = "00:00:5e:00:53:01"
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------------
