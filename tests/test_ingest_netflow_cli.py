@@ -17,6 +17,7 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap, wrpcap
+from support.probes import LAN_MAC
 
 from tests.conftest import run_tracepipe
 from tracepipe.lake import Lake
@@ -90,7 +91,7 @@ def test_table_output_names_exporters_and_unknown_sampling(exports, tmp_path):
 def test_partial_input_lands_the_rest_and_exits_3(exports, tmp_path):
     packets = list(rdpcap(str(exports[9].export_pcap)))
     junk = (
-        Ether()
+        Ether(dst=LAN_MAC)
         / IP(src="127.0.0.1", dst="127.0.0.1")
         / UDP(sport=1, dport=2055)
         / (b"\x00\x63" + b"junk" * 10)
