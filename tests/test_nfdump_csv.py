@@ -332,3 +332,64 @@ def test_numbers_read_by_one_cast_or_row_by_row_checks_agree():
     ports, ok = dst_port_from_text(pa.array(["443", "3.1", "0.0", "65536", "x"]))
     assert ports.to_pylist() == [443, 3 * 256 + 1, 0, 0, 0]
     assert ok.to_pylist() == [True, True, True, False, False]
+
+
+@pytest.mark.parametrize("block_bytes", [202, 250, 400, 1000])
+def test_file_blocks_cut_lines_as_the_stream_reader_does(tmp_path, block_bytes):
+    """delimited.iter_file_blocks (files read at offsets, one copy) gives the same lines, the same first line
+    numbers and the same over-long lines as limits.iter_line_blocks, whatever the line lengths (within the
+    limit, just over it, longer than a window; last line with or without its newline)."""
+    import random
+
+    from tracepipe.ingest.delimited import iter_file_blocks
+    from tracepipe.limits import Limits, iter_line_blocks
+
+    limits = Limits(line_bytes=100)
+    rng = random.Random(block_bytes)
+    for trial in range(300):
+        lengths = [
+            rng.choice([0, 1, 5, 50, 99, 100, 101, 150, 250, 500, 1000]) for _ in range(rng.randint(0, 12))
+        ]
+        text = b"\n".join(b"x" * n for n in lengths) + rng.choice([b"", b"\n"])
+        path = tmp_path / f"{trial}.txt"
+        path.write_bytes(text)
+        with open(path, "rb") as handle:
+            expected = list(iter_line_blocks(handle, block_bytes, limits))
+        got = list(iter_file_blocks(str(path), block_bytes, limits))
+        assert b"".join(b.data for b in got) == b"".join(b.data for b in expected), lengths
+        assert [t for b in got for t in b.too_long] == [t for b in expected for t in b.too_long], lengths
+        line = 1
+        for block in got:
+            assert block.first_line == line
+            line += block.data.count(b"\n")
+
+
+def test_a_malformed_line_deep_in_a_big_file_keeps_its_line_number(tmp_path):
+    """Regression for the file reader's fast paths: ~40 MB of nfdump CSV (3 blocks of 16 MB) read from disk,
+    with a junk line, a bad address and an over-long line in the middle of the second block. The blocks around
+    them stay on the fast (parallel) path, the damaged block falls back to the serial reader; every line number
+    is the file's, and everything else lands."""
+    from tracepipe.limits import DEFAULT as LIMITS
+
+    header, *body = _sample_csv_lines(200)
+    body = [line for line in body if line.strip()]
+    data = [header]
+    n = 40_000_000 // (len(body[0]) + 1)
+    data += [body[i % len(body)] for i in range(n)]
+    middle = len(data) * 3 // 5  # inside the second 16 MB block
+    fields = body[0].split(b",")
+    fields[3] = b"10.1.2.300"
+    data[middle : middle + 1] = [
+        b"junk,line",
+        data[middle],
+        b",".join(fields),
+        b"x" * (LIMITS.line_bytes + 5),
+    ]
+    data += [b"Summary", b"flows,bytes,packets,avg_bps,avg_pps,avg_bpp", b"1,2,3,4,5,6"]
+    path = tmp_path / "big.csv"
+    path.write_bytes(b"\n".join(data) + b"\n")
+    flows, rejects = read_nfdump_csv(path)
+    assert flows.num_rows == n
+    assert rejects.column("line").to_pylist() == [middle + 1, middle + 3, middle + 4]
+    assert rejects.column("reason").to_pylist()[:2] == ["expected 48 fields", "bad source address"]
+    assert rejects.column("detail").to_pylist()[1] == "sa=10.1.2.300"

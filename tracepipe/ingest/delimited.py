@@ -4,6 +4,8 @@ another width. Shared by the text flow readers (nfdump CSV and fmt: output, Zeek
 from __future__ import annotations
 
 import ipaddress
+import os
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +13,57 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
+from tracepipe.limits import Limits, LineBlock, _drop_long_lines, _may_hold_long_line
+
+
+def iter_file_blocks(
+    path: str, block_bytes: int = 1 << 24, limits: Limits = DEFAULT_LIMITS
+) -> Iterator[LineBlock]:
+    """limits.iter_line_blocks for a regular file, with one copy of each byte instead of three: a window of
+    `block_bytes` is read at its offset (os.pread) and cut after its last newline; the next window starts
+    there. Lines longer than limits.line_bytes are emptied and listed, and never held whole in memory."""
+    max_line = limits.line_bytes
+    block_bytes = max(block_bytes, 2 * max_line + 2)  # a window always holds a whole line within limits
+    with open(path, "rb") as handle:
+        fd = handle.fileno()
+        position, line = 0, 1
+        while True:
+            window = os.pread(fd, block_bytes, position)
+            if not window:
+                return
+            at_end = len(window) < block_bytes
+            cut = window.rfind(b"\n")
+            if cut < 0 and not at_end:  # one line longer than the window: read through to its end
+                length = len(window)
+                while True:
+                    more = os.pread(fd, block_bytes, position + length)
+                    newline = more.find(b"\n")
+                    length += newline if newline >= 0 else len(more)
+                    if newline >= 0 or len(more) < block_bytes:
+                        break
+                yield LineBlock(line, b"\n" if newline >= 0 else b"", [(line, length)])
+                if newline < 0:
+                    return
+                position, line = position + length + 1, line + 1
+                continue
+            tail = b""
+            if at_end and not window.endswith(b"\n"):  # the last line has no newline
+                cut = len(window) - 1
+                if len(window) - window.rfind(b"\n") - 1 > max_line:
+                    tail, window = window, window[: window.rfind(b"\n") + 1]
+                    cut = len(window) - 1
+            block = window if cut == len(window) - 1 else window[: cut + 1]
+            too_long: list[tuple[int, int]] = []
+            if len(block) > max_line and _may_hold_long_line(block, max_line):
+                block, too_long = _drop_long_lines(block, line, max_line)
+            if block:
+                yield LineBlock(line, block, too_long)
+            line += block.count(b"\n")
+            if tail:
+                yield LineBlock(line, b"", [(line, len(tail) - len(window))])
+            if at_end:
+                return
+            position += cut + 1
 
 
 def read_block(
@@ -109,6 +162,19 @@ def _read_csv(
     )
 
 
+def dictionary_encode(column: pa.Array | pa.ChunkedArray) -> pa.DictionaryArray:
+    """One dictionary array of a (chunked) text column: the chunks are hashed as they are and only their
+    int32 indices joined (combining the text first would copy every string once more)."""
+    encoded = pc.dictionary_encode(column)
+    if isinstance(encoded, pa.Array):
+        return encoded
+    if encoded.num_chunks == 0:
+        return pc.dictionary_encode(pa.array([], column.type))
+    # the chunks of a chunked dictionary_encode share one dictionary (its hash table spans the chunks)
+    indices = pa.concat_arrays([chunk.indices for chunk in encoded.chunks])
+    return pa.DictionaryArray.from_arrays(indices, encoded.chunk(encoded.num_chunks - 1).dictionary)
+
+
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 CANONICAL_IPV4_RE = rf"^{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}$"  # already what str(IPv4Address) prints
 
@@ -120,9 +186,7 @@ def address_text(
     vectorised regex; `ipaddress` runs only on the other distinct values (IPv6, leading zeros, garbage).
     The rows are hashed once (dictionary_encode); everything else runs on the distinct values. `dictionary`:
     the text comes back dictionary<int32, string> (null where invalid), the form the lake writer takes."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    encoded = pc.dictionary_encode(column)
+    encoded = dictionary_encode(column)
     unique = pc.utf8_trim_whitespace(encoded.dictionary)
     ipv4 = pc.fill_null(pc.match_substring_regex(unique, CANONICAL_IPV4_RE), False)
     canonical = pc.if_else(ipv4, unique, pa.scalar(None, pa.string()))
@@ -146,6 +210,9 @@ def address_text(
         canonical = pc.coalesce(canonical, pc.take(pa.array(found_text, pa.string()), index))
         versions = pc.coalesce(versions, pc.take(pa.array(found_version, pa.int8()), index))
     position = encoded.indices
+    if dictionary and position.null_count == 0 and canonical.null_count == 0:  # all valid: nothing per row
+        values = pa.DictionaryArray.from_arrays(position, canonical)
+        return values, pc.take(versions, position), pa.array(np.ones(len(position), dtype=bool))
     valid = pc.fill_null(pc.take(pc.is_valid(canonical), position), False)  # a null row has a null index
     if dictionary:  # an invalid row's index is null, so that is_valid() holds on the dictionary array too
         indices = pc.if_else(valid, position, pa.scalar(None, position.type)).cast(pa.int32())

@@ -28,7 +28,14 @@ import pyarrow.compute as pc
 
 from tracepipe.errors import EnvironmentProblem, InputError
 from tracepipe.ingest import nffile
-from tracepipe.ingest.delimited import address_text, line_rejects, read_block, rejects_table
+from tracepipe.ingest.delimited import (
+    address_text,
+    dictionary_encode,
+    iter_file_blocks,
+    line_rejects,
+    read_block,
+    rejects_table,
+)
 from tracepipe.lake import conform
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, too_long_rejects
@@ -108,8 +115,10 @@ def looks_like_nfdump_csv(head: bytes) -> bool:
 def _per_unique(convert, column: pa.Array, *args) -> tuple[pa.Array, pa.Array]:
     """Run a text conversion on the distinct values only and spread the result back (nfdump output repeats
     itself a lot: times in seconds, flag strings, protocols, ports)."""
-    encoded = pc.dictionary_encode(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column)
+    encoded = dictionary_encode(column)
     values, ok = convert(encoded.dictionary, *args)
+    if encoded.null_count == 0 and ok.null_count == 0 and pc.all(ok).as_py():  # the common case: all good
+        return pc.take(values, encoded.indices), pa.array(np.ones(len(encoded), dtype=bool))
     return pc.take(values, encoded.indices), pc.fill_null(pc.take(ok, encoded.indices), False)
 
 
@@ -121,8 +130,6 @@ def _uint(column: pa.Array | pa.ChunkedArray, target: pa.DataType) -> tuple[pa.A
     """Decimal text -> integers; returns (values with 0 where invalid, valid mask). Runs on every row: when all
     are 1-18 ASCII digits (what nfdump prints; _UINT_RE) that is one check and one cast of the column (cheaper than
     hashing it to convert the distinct values); else each row is trimmed and matched as before."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
     plain = pc.and_(pc.ascii_is_decimal(column), pc.less_equal(pc.binary_length(column), 18))
     if len(column) and pc.all(plain).as_py():  # the same rows as _UINT_RE after trimming: all of them
         ok, values = plain, pc.cast(column, pa.int64())
@@ -293,11 +300,12 @@ _CHECKED_FIELDS = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "fl
 def _chunks(source: bytes | str | BinaryIO, block_size: int) -> Iterator[LineBlock]:
     """Whole lines, about `block_size` bytes at a time, from bytes, a file path or an open binary stream (a
     pipe from nfdump): memory stays flat; lines longer than limits.line_bytes are emptied (and listed)."""
-    if not isinstance(source, bytes | str):
-        yield from iter_line_blocks(source, block_size)
+    if isinstance(source, str):  # a file: read at offsets, one copy of each byte
+        yield from iter_file_blocks(source, block_size)
         return
-    with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as handle:
-        yield from iter_line_blocks(handle, block_size)
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    yield from iter_line_blocks(source, block_size)
 
 
 def _iter_rows(
@@ -354,20 +362,37 @@ def _iter_flows(
         flows = FLOWS.empty_table()
         if table.num_rows:
             fields = {field: table.column(field) for field in _NEEDED}
-            blank = pc.and_(pc.equal(_trim(fields["ts"]), ""), pc.equal(_trim(fields["sa"]), ""))
-            blank = pc.or_(
-                blank, pc.and_(pc.equal(fields["ts"], "ts"), pc.equal(fields["sa"], "sa"))
-            )  # header
             flows, valid, reason, detail = _flows_from_columns(fields, name, tz)
-            bad = pc.and_(pc.invert(valid), pc.invert(blank))
-            if pc.any(bad).as_py():
-                parts.append(_rejects(line_numbers.filter(bad), detail.filter(bad), reason.filter(bad), name))
-            flows = conform(flows.filter(valid), FLOWS, text_as_dictionary=True)
+            if not pc.all(valid).as_py():  # blank and header lines among the invalid rows are not rejects
+                invalid = pc.invert(valid)
+                ts, sa = fields["ts"].filter(invalid), fields["sa"].filter(invalid)
+                blank = pc.and_(pc.equal(_trim(ts), ""), pc.equal(_trim(sa), ""))
+                blank = pc.or_(blank, pc.and_(pc.equal(ts, "ts"), pc.equal(sa, "sa")))  # header
+                shown = pc.invert(blank)
+                numbers, details, reasons = (
+                    c.filter(invalid).filter(shown) for c in (line_numbers, detail, reason)
+                )
+                if len(numbers):
+                    parts.append(_rejects(numbers, details, reasons, name))
+                flows = flows.filter(valid)
+            flows = conform(_with_null_text(flows), FLOWS, text_as_dictionary=True)
         rejects = pa.concat_tables(parts).sort_by("line") if parts else empty_rejects()
         yield flows, rejects
 
 
 _rejects = rejects_table
+_NULL_TEXT_DICTIONARY = pa.array([], pa.string())
+
+
+def _with_null_text(flows: pa.Table) -> pa.Table:
+    """The FLOWS text columns nfdump's text lacks, as all-null dictionary columns (what conform would make
+    of them by hashing n nulls per column: ~25 columns of every batch)."""
+    n = flows.num_rows
+    missing = [f.name for f in FLOWS if pa.types.is_string(f.type) and f.name not in flows.column_names]
+    nulls = pa.DictionaryArray.from_arrays(pa.nulls(n, pa.int32()), _NULL_TEXT_DICTIONARY)
+    for name in missing:
+        flows = flows.append_column(name, nulls)
+    return flows
 
 
 def empty_rejects() -> pa.Table:
