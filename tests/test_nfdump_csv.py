@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import replace
 
 import duckdb
 import pyarrow as pa
@@ -393,3 +394,77 @@ def test_a_malformed_line_deep_in_a_big_file_keeps_its_line_number(tmp_path):
     assert rejects.column("line").to_pylist() == [middle + 1, middle + 3, middle + 4]
     assert rejects.column("reason").to_pylist()[:2] == ["expected 48 fields", "bad source address"]
     assert rejects.column("detail").to_pylist()[1] == "sa=10.1.2.300"
+
+
+def test_workers_land_what_one_process_lands(tmp_path):
+    """`ingest netflow FILE.csv --jobs 2`: decode workers read byte ranges of the file (cut at line ends) and
+    write the Parquet; the lake must hold the same flows, and the same rejects on the same line numbers, as
+    one process reading it. The file: three nfdump outputs concatenated (a Summary trailer and a header in
+    the middle), a junk line, a bad address, a blank and an over-long line, over 16 ranges."""
+    import duckdb
+
+    from tracepipe.ingest.flows import ingest_flow_files
+    from tracepipe.ingest.nfdump import nfdump_csv_ranges
+    from tracepipe.lake import Lake
+    from tracepipe.query import scan_sql
+
+    text, bad_lines = _concatenated_csv()
+    path = tmp_path / "nfdump.csv"
+    path.write_bytes(text)
+
+    def land(jobs: int) -> tuple[list, list]:
+        lake = Lake(tmp_path / f"lake-{jobs}")
+        summary = ingest_flow_files(lake, [path], jobs=jobs, parallel_min_bytes=1)
+        assert summary.files[0].status == "landed"
+        with duckdb.connect() as con:
+            rows = con.sql(
+                f"select src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, ts_start, exporter "
+                f"from ({scan_sql('flows', lake.files('flows'))}) order by all"
+            ).fetchall()
+            rejects = con.sql(
+                f"select line, reason, detail from ({scan_sql('rejects', lake.files('rejects'))}) order by line"
+            ).fetchall()
+        return rows, rejects
+
+    assert len(nfdump_csv_ranges(path, "s")) >= 5  # the workers get several ranges
+    one_rows, one_rejects = land(1)
+    assert len(one_rows) == 10 * 200
+    assert [line for line, _, _ in one_rejects] == bad_lines
+    assert land(2) == (one_rows, one_rejects)
+
+
+def _concatenated_csv() -> tuple[bytes, list[int]]:
+    from tracepipe.limits import DEFAULT as LIMITS
+
+    header, *body = _sample_csv_lines(200)
+    body = [line for line in body if line.strip()][:200]
+    trailer = [b"Summary", b"flows,bytes,packets,avg_bps,avg_pps,avg_bpp", b"1,2,3,4,5,6"]
+    fields = body[0].split(b",")
+    fields[3] = b"10.1.2.300"
+    data = [header, *body * 3, b"junk,line", *body, b",".join(fields), b"", b"x" * (LIMITS.line_bytes + 5)]
+    data += [*body, *trailer, header, *body * 2, *trailer, *body * 3, *trailer]
+    bad = [1 + 3 * len(body) + 1, 1 + 4 * len(body) + 2, 1 + 4 * len(body) + 4]
+    return b"\n".join(data) + b"\n", bad
+
+
+@pytest.mark.parametrize("inside", range(0, 4))
+def test_a_range_that_starts_inside_a_summary_trailer(tmp_path, inside):
+    """Ranges are cut at any line end, also inside nfdump's 3-line Summary trailer: the trailer lines at the
+    head of the next range are dropped as the serial reader drops them, and line numbers run on."""
+    from tracepipe.ingest.nfdump import RangeLanding, nfdump_csv_ranges
+
+    text, bad_lines = _concatenated_csv()
+    path = tmp_path / "nfdump.csv"
+    path.write_bytes(text)
+    at = text.index(b"\nSummary\n") + 1
+    for _ in range(inside):
+        at = text.index(b"\n", at) + 1
+    whole = nfdump_csv_ranges(path, "s")[0]
+    ranges = [replace(whole, end=at), replace(whole, start=at, end=len(text), skip_rows=0)]
+    landing, rejects, flows = RangeLanding(), [], 0
+    for part in (r.decode() for r in ranges):
+        flows += part.flows.num_rows
+        rejects += landing.land(part.rejects, part.stats).column("line").to_pylist()
+    assert flows == 10 * 200
+    assert rejects == bad_lines
+    assert read_nfdump_csv(path)[1].column("line").to_pylist() == bad_lines

@@ -17,18 +17,28 @@ from tracepipe.limits import Limits, LineBlock, _drop_long_lines, _may_hold_long
 
 
 def iter_file_blocks(
-    path: str, block_bytes: int = 1 << 24, limits: Limits = DEFAULT_LIMITS
+    path: str,
+    block_bytes: int = 1 << 24,
+    limits: Limits = DEFAULT_LIMITS,
+    start: int = 0,
+    end: int | None = None,
 ) -> Iterator[LineBlock]:
     """limits.iter_line_blocks for a regular file, with one copy of each byte instead of three: a window of
     `block_bytes` is read at its offset (os.pread) and cut after its last newline; the next window starts
-    there. Lines longer than limits.line_bytes are emptied and listed, and never held whole in memory."""
+    there. Lines longer than limits.line_bytes are emptied and listed, and never held whole in memory.
+    `start`/`end`: only the bytes in between (a range from file_ranges, cut at line ends); line 1 is the
+    range's first line."""
     max_line = limits.line_bytes
     block_bytes = max(block_bytes, 2 * max_line + 2)  # a window always holds a whole line within limits
     with open(path, "rb") as handle:
         fd = handle.fileno()
-        position, line = 0, 1
+        position, line = start, 1
+
+        def pread(size: int, offset: int) -> bytes:
+            return os.pread(fd, size if end is None else max(0, min(size, end - offset)), offset)
+
         while True:
-            window = os.pread(fd, block_bytes, position)
+            window = pread(block_bytes, position)
             if not window:
                 return
             at_end = len(window) < block_bytes
@@ -36,7 +46,7 @@ def iter_file_blocks(
             if cut < 0 and not at_end:  # one line longer than the window: read through to its end
                 length = len(window)
                 while True:
-                    more = os.pread(fd, block_bytes, position + length)
+                    more = pread(block_bytes, position + length)
                     newline = more.find(b"\n")
                     length += newline if newline >= 0 else len(more)
                     if newline >= 0 or len(more) < block_bytes:
@@ -64,6 +74,27 @@ def iter_file_blocks(
             if at_end:
                 return
             position += cut + 1
+
+
+def file_ranges(path: str, range_bytes: int) -> list[tuple[int, int]]:
+    """(start, end) byte ranges of about `range_bytes` that cover the file, each cut after a newline (or at
+    its end), so that each can be read alone (iter_file_blocks). Reads only near the cuts."""
+    ranges: list[tuple[int, int]] = []
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        position = 0
+        while position < size:
+            cut = min(position + max(range_bytes, 1), size)
+            while cut < size:  # on to the next newline (through a long line, 64 KiB at a time)
+                piece = os.pread(handle.fileno(), 1 << 16, cut)
+                newline = piece.find(b"\n")
+                if newline >= 0:
+                    cut += newline + 1
+                    break
+                cut = size if not piece else cut + len(piece)
+            ranges.append((position, cut))
+            position = cut
+    return ranges
 
 
 def read_block(

@@ -31,12 +31,15 @@ from tracepipe.ingest.netflow import (
     walk_datagrams,
 )
 from tracepipe.ingest.nfdump import (
+    CsvRange,
     NfcapdRead,
+    RangeLanding,
     iter_nfcapd,
     iter_nfdump_csv,
     looks_like_nfcapd,
     looks_like_nfdump_csv,
     nfcapd_exporters,
+    nfdump_csv_ranges,
 )
 from tracepipe.ingest.pcap import PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
 from tracepipe.ingest.zeek import GZIP_MAGIC, iter_conn_log, sniff_zeek, zeek_kind
@@ -65,6 +68,7 @@ COMMAND_OF_KIND = {
 BATCH_DATAGRAMS = 4096  # ~5 MB of export datagrams per decode step: memory stays flat, overhead negligible
 # captures from this size on are decoded by worker processes when jobs > 1 (spawning them costs ~1 s)
 PARALLEL_MIN_BYTES = 64 << 20
+PARALLEL_KINDS = ("pcap", "nfdump-csv")
 
 
 @dataclass
@@ -215,7 +219,7 @@ def _ingest_files(
                 "folder that holds them)",
             )
         )
-    big_captures = [p for p in files if _size(p) >= parallel_min_bytes and _kind_or_none(p) == "pcap"]
+    big_captures = [p for p in files if _size(p) >= parallel_min_bytes and _kind_or_none(p) in PARALLEL_KINDS]
     if pool is not None and big_captures:
         pool.start()
     for path in files:
@@ -302,6 +306,10 @@ def _ingest_one(
             _land_leftover(writer, state, source, stats)
             if progress and size > done:
                 progress(size - done)
+        elif kind == "nfdump-csv" and pool is not None and (ranges := nfdump_csv_ranges(path, source)):
+            _land_csv_parallel(writer, pool, ranges, source, stats)
+            if progress:
+                progress(size)
         elif kind in READERS:
             read = NfcapdRead()
             labels = _read_text_kind(lake, path, kind, source, content_hash, writer, stats, read)
@@ -374,15 +382,7 @@ def _read_text_kind(
                     )
                 label_writer.write(_with_source(batch[2], source))
                 labelled += batch[2].num_rows
-            for exporter, n in _value_counts(flows.column("exporter")).items():
-                entry = stats.setdefault(exporter or kind, {"flows": 0, "versions": [kind]})
-                entry["flows"] += n
-            rejected = rejects.column("exporter") if "exporter" in rejects.column_names else None
-            counts = _value_counts(rejected) if rejected is not None else {None: rejects.num_rows}
-            for exporter, n in counts.items():
-                if n:
-                    entry = stats.setdefault(exporter or kind, {"flows": 0, "versions": [kind]})
-                    entry["rejects"] = entry.get("rejects", 0) + n
+            _count_text_batch(stats, kind, _value_counts(flows.column("exporter")), rejects)
         if kind == "nfcapd":  # the sampler list nfdump keeps in the file, per exporter (one interval: known)
             native = read is not None and read.reader == "native"
             for exporter, info in (read.exporters if native else nfcapd_exporters(path)).items():
@@ -395,6 +395,67 @@ def _read_text_kind(
         if label_writer is not None:
             label_writer.commit({"kind": kind, "labels": labelled})
     return labelled
+
+
+def _count_text_batch(
+    stats: dict[str, dict[str, Any]], kind: str, flows: dict[str | None, int], rejects: pa.Table
+) -> None:
+    """Per-exporter counters of one batch of a text kind: `flows` {exporter: rows landed}, and its rejects."""
+    for exporter, n in flows.items():
+        entry = stats.setdefault(exporter or kind, {"flows": 0, "versions": [kind]})
+        entry["flows"] += n
+    rejected = rejects.column("exporter") if "exporter" in rejects.column_names else None
+    counts = _value_counts(rejected) if rejected is not None else {None: rejects.num_rows}
+    for exporter, n in counts.items():
+        if n:
+            entry = stats.setdefault(exporter or kind, {"flows": 0, "versions": [kind]})
+            entry["rejects"] = entry.get("rejects", 0) + n
+
+
+def _land_csv_parallel(
+    writer: IngestWriter,
+    pool: DecodePool,
+    ranges: list[CsvRange],
+    source: str,
+    stats: dict[str, Any],
+) -> None:
+    """One nfdump CSV file through the worker pool: byte ranges cut at line ends are read, parsed and written
+    as Parquet by the workers; rejects land here in file order with the file's line numbers."""
+    lines = RangeLanding()
+
+    def land(_: int, part: Any) -> None:
+        rejects = _with_source(lines.land(part.rejects, part.stats), source)
+        writer.reject(rejects)
+        _count_text_batch(stats, "nfdump-csv", {e: c["flows"] for e, c in part.stats.items()}, rejects)
+
+    _through_pool(writer, pool, iter(ranges), land)
+
+
+def _through_pool(
+    writer: IngestWriter, pool: DecodePool, jobs: Iterator[Any], land: Callable[[int, Any], None]
+) -> None:
+    """Send `jobs` to the pool for one source and call land(number, answer) in job order as answers come
+    back; the workers' files join the writer's commit. On any error the workers drop what they wrote."""
+    answers: dict[int, Any] = {}
+    landed = 0  # jobs landed so far, in order
+
+    def arrived(new: list[tuple[int, Any]]) -> None:
+        nonlocal landed
+        answers.update(new)
+        while landed in answers:
+            land(landed, answers.pop(landed))
+            landed += 1
+
+    pool.begin(writer.key)
+    try:
+        for job in jobs:
+            arrived(pool.submit(job))
+        last, adds, rows = pool.finish()
+        arrived(last)
+    except BaseException:
+        pool.abort()
+        raise
+    writer.adopt(adds, rows)
 
 
 def _size(path: Path) -> int:
@@ -431,41 +492,30 @@ def _land_pcap_parallel(
     waiting: dict[
         int, tuple[pa.Table, Decoded]
     ] = {}  # batch number -> (capture rejects, what the walk found)
-    answers: dict[int, Decoded] = {}
-    landed = 0  # batches landed so far, in order
     datagrams = 0
     done = 0
 
-    def land(new: list[tuple[int, Decoded]]) -> None:
-        nonlocal landed
-        answers.update(new)
-        while landed in answers:
-            capture_rejects, walk = waiting.pop(landed)
-            columns = answers.pop(landed)
-            writer.reject(capture_rejects)
-            for part in (walk, columns):
-                writer.reject(part.rejects)
-                merge_stats(stats, part.stats)
-            landed += 1
+    def land(number: int, columns: Decoded) -> None:
+        capture_rejects, walk = waiting.pop(number)
+        writer.reject(capture_rejects)
+        for part in (walk, columns):
+            writer.reject(part.rejects)
+            merge_stats(stats, part.stats)
 
-    pool.begin(writer.key)
-    try:
+    def walked_batches() -> Iterator[Any]:
+        nonlocal datagrams, done
         for number, batch in enumerate(iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS)):
             walked, walk = walk_datagrams(
                 batch.payloads, batch.exporters, batch.ts_us, batch.offsets, source, state
             )
             waiting[number] = (batch.rejects, walk)
             datagrams += len(batch.payloads)
-            land(pool.submit(walked))
+            yield walked
             if progress and batch.bytes_read > done:
                 progress(batch.bytes_read - done)
                 done = batch.bytes_read
-        last, adds, rows = pool.finish()
-        land(last)
-    except BaseException:
-        pool.abort()
-        raise
-    writer.adopt(adds, rows)
+
+    _through_pool(writer, pool, walked_batches(), land)
     return datagrams
 
 

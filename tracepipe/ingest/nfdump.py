@@ -31,6 +31,7 @@ from tracepipe.ingest import nffile
 from tracepipe.ingest.delimited import (
     address_text,
     dictionary_encode,
+    file_ranges,
     iter_file_blocks,
     line_rejects,
     read_block,
@@ -297,11 +298,19 @@ _NEEDED = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg", "ra"
 _CHECKED_FIELDS = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg", "ra", "in", "out")
 
 
-def _chunks(source: bytes | str | BinaryIO, block_size: int) -> Iterator[LineBlock]:
-    """Whole lines, about `block_size` bytes at a time, from bytes, a file path or an open binary stream (a
-    pipe from nfdump): memory stays flat; lines longer than limits.line_bytes are emptied (and listed)."""
+Source = bytes | str | tuple[str, int, int] | BinaryIO  # text, a file, a file's byte range, a pipe
+
+
+def _chunks(source: Source, block_size: int) -> Iterator[LineBlock]:
+    """Whole lines, about `block_size` bytes at a time, from bytes, a file path, a (path, start, end) range of
+    one, or an open binary stream (a pipe from nfdump): memory stays flat; lines longer than
+    limits.line_bytes are emptied (and listed)."""
     if isinstance(source, str):  # a file: read at offsets, one copy of each byte
         yield from iter_file_blocks(source, block_size)
+        return
+    if isinstance(source, tuple):
+        path, start, end = source
+        yield from iter_file_blocks(path, block_size, start=start, end=end)
         return
     if isinstance(source, bytes):
         source = io.BytesIO(source)
@@ -309,17 +318,20 @@ def _chunks(source: bytes | str | BinaryIO, block_size: int) -> Iterator[LineBlo
 
 
 def _iter_rows(
-    source: bytes | str | BinaryIO,
+    source: Source,
     delimiter: str,
     columns: tuple[str, ...],
     skip_rows: int,
     block_size: int = 1 << 24,
+    counters: dict[str, int] | None = None,
 ) -> Iterator[tuple[pa.Table, pa.Array, list[tuple[int, str]], list[tuple[int, int]]]]:
     """Stream a delimited text as (the columns we use, all as text; their 1-based line numbers; the lines of
     another width as (line number, text); the lines over limits.line_bytes as (line number, length)), one
     block of ~`block_size` bytes at a time (delimited.read_block)."""
     for index, block in enumerate(_chunks(source, block_size)):
         chunk = block.data
+        if counters is not None:
+            counters["lines"] = block.first_line - 1 + chunk.count(b"\n")
         skip = skip_rows if index == 0 else 0
         if not chunk:  # only the rest of an over-long last line
             yield pa.table({}), pa.array([], pa.int64()), [], block.too_long
@@ -329,7 +341,7 @@ def _iter_rows(
 
 
 def _iter_flows(
-    source: bytes | str | BinaryIO,
+    source: Source,
     delimiter: str,
     columns: tuple[str, ...],
     skip_rows: int,
@@ -337,13 +349,16 @@ def _iter_flows(
     tz: str,
     trailer: str | None,
     block_size: int = 1 << 24,
+    counters: dict[str, int] | None = None,
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Batches of (FLOWS, rejects). Not data, and not rejected: blank lines, nfdump's summary trailer (the
     `trailer` line, the names line that follows and its values line) and repeated header lines, so that
-    several nfdump outputs concatenated into one file read as one."""
+    several nfdump outputs concatenated into one file read as one. `counters` (if given) gets "lines" (the
+    lines read so far) and "trailer_left" (trailer lines still due when the input ends: a range that ends
+    inside a trailer tells the next one)."""
     summary_lines_left = 0
     for table, line_numbers, invalid, too_long in _iter_rows(
-        source, delimiter, columns, skip_rows, block_size
+        source, delimiter, columns, skip_rows, block_size, counters
     ):
         parts: list[pa.Table] = []
         kept = []
@@ -377,6 +392,8 @@ def _iter_flows(
                 flows = flows.filter(valid)
             flows = conform(_with_null_text(flows), FLOWS, text_as_dictionary=True)
         rejects = pa.concat_tables(parts).sort_by("line") if parts else empty_rejects()
+        if counters is not None:
+            counters["trailer_left"] = summary_lines_left
         yield flows, rejects
 
 
@@ -424,6 +441,102 @@ def _iter_csv(
         yield FLOWS.empty_table(), _rejects(pa.array([1]), pa.array([header]), pa.array([reason]), name)
         return
     yield from _iter_flows(source, ",", columns, skip, name, tz, trailer="Summary", block_size=block_size)
+
+
+# ---- nfdump CSV in decode workers (decode_pool): byte ranges cut at line ends, landed in file order ---------------
+RANGE_COUNTERS = (
+    "\x00csv range"  # the key of a range's own counters in its stats (never an exporter's address)
+)
+
+
+@dataclass(frozen=True)
+class RangeDecoded:
+    flows: pa.Table
+    rejects: pa.Table  # line numbers counted from the range's first line
+    stats: dict[
+        str, dict[str, int]
+    ]  # {exporter: {"flows": n}}, and RANGE_COUNTERS: {"lines", "trailer_left"}
+
+
+@dataclass(frozen=True)
+class CsvRange:
+    """One byte range of an nfdump CSV file, cut at line ends (delimited.file_ranges): what a decode worker
+    turns into flows (decode_pool calls decode()). Plain values, pickled cheaply; the worker reads the bytes."""
+
+    path: str
+    start: int
+    end: int
+    columns: tuple[str, ...]
+    skip_rows: int  # the header line: only in the first range
+    source: str
+    tz: str = "UTC"
+
+    def decode(self) -> RangeDecoded:
+        counters = {"lines": 0, "trailer_left": 0}
+        batches = list(
+            _iter_flows(
+                (self.path, self.start, self.end),
+                ",",
+                self.columns,
+                self.skip_rows,
+                self.source,
+                self.tz,
+                trailer="Summary",
+                block_size=self.end - self.start + 1,  # one batch
+                counters=counters,
+            )
+        )
+        flows = pa.concat_tables([f for f, _ in batches]) if batches else FLOWS.empty_table()
+        rejects = pa.concat_tables([r for _, r in batches]) if batches else empty_rejects()
+        stats: dict[str, dict[str, int]] = {RANGE_COUNTERS: counters}
+        for item in pc.value_counts(
+            flows.column("exporter").combine_chunks().dictionary_decode()
+        ).to_pylist():
+            stats[item["values"] or ""] = {"flows": item["counts"]}
+        return RangeDecoded(flows, rejects, stats)
+
+
+def nfdump_csv_ranges(
+    path: Path | str, source: str, tz: str = "UTC", range_bytes: int = 1 << 24
+) -> list[CsvRange]:
+    """The ranges of a `nfdump -o csv` file for decode workers, or [] when its first line is not nfdump's
+    layout (iter_nfdump_csv then reads it and says why). At most `range_bytes` each (a worker holds two), and
+    at least 16 of them (64 KiB or more) so that the workers finish together."""
+    with open(path, "rb") as handle:
+        first_line = handle.readline(DEFAULT_LIMITS.line_bytes + 1)
+        size = os.fstat(handle.fileno()).st_size
+    columns, skip, missing = _csv_layout(first_line)
+    if missing or not first_line.strip():
+        return []
+    range_bytes = min(range_bytes, max(size // 16, 1 << 16))
+    return [
+        CsvRange(str(path), start, end, columns, skip if start == 0 else 0, source, tz)
+        for start, end in file_ranges(str(path), range_bytes)
+    ]
+
+
+@dataclass
+class RangeLanding:
+    """Lands ranges' rejects in file order: line numbers shifted by the lines before the range; the trailer
+    lines a range ended inside are dropped from the head of the next one (where the serial reader drops them)."""
+
+    lines: int = 0
+    trailer_left: int = 0
+
+    def land(self, rejects: pa.Table, stats: dict[str, dict[str, int]]) -> pa.Table:
+        counters = stats.pop(RANGE_COUNTERS, {"lines": 0, "trailer_left": 0})
+        if self.trailer_left and rejects.num_rows:
+            width = pc.match_substring(rejects.column("reason"), "fields")
+            first = np.flatnonzero(np.asarray(pc.fill_null(width, False), dtype=bool))[: self.trailer_left]
+            keep = np.ones(rejects.num_rows, dtype=bool)
+            keep[first] = False
+            rejects = rejects.filter(pa.array(keep))
+        if rejects.num_rows:
+            line = pc.add(rejects.column("line"), self.lines)
+            rejects = rejects.set_column(rejects.column_names.index("line"), "line", line)
+        self.lines += counters["lines"]
+        self.trailer_left = counters["trailer_left"]
+        return rejects
 
 
 def _collect(batches: Iterator[tuple[pa.Table, pa.Table]]) -> tuple[pa.Table, pa.Table]:
