@@ -461,7 +461,7 @@ def test_a_range_that_starts_inside_a_summary_trailer(tmp_path, inside):
         at = text.index(b"\n", at) + 1
     whole = nfdump_csv_ranges(path, "s")[0]
     ranges = [replace(whole, end=at), replace(whole, start=at, end=len(text), skip_rows=0)]
-    landing, rejects, flows = RangeLanding(), [], 0
+    landing, rejects, flows = RangeLanding(whole.columns), [], 0
     for part in (r.decode() for r in ranges):
         flows += part.flows.num_rows
         rejects += landing.land(part.rejects, part.stats).column("line").to_pylist()

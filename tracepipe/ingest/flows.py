@@ -421,7 +421,7 @@ def _land_csv_parallel(
 ) -> None:
     """One nfdump CSV file through the worker pool: byte ranges cut at line ends are read, parsed and written
     as Parquet by the workers; rejects land here in file order with the file's line numbers."""
-    lines = RangeLanding()
+    lines = RangeLanding(ranges[0].columns)
 
     def land(_: int, part: Any) -> None:
         rejects = _with_source(lines.land(part.rejects, part.stats), source)

@@ -373,7 +373,7 @@ def _iter_flows(
             elif stripped and stripped != NO_FLOWS:
                 kept.append((number, text))
         if kept:
-            parts.append(line_rejects(kept, f"expected {len(columns)} fields", name))
+            parts.append(line_rejects(kept, _width_reason(columns), name))
         flows = FLOWS.empty_table()
         if table.num_rows:
             fields = {field: table.column(field) for field in _NEEDED}
@@ -398,6 +398,13 @@ def _iter_flows(
 
 
 _rejects = rejects_table
+
+
+def _width_reason(columns: tuple[str, ...]) -> str:
+    """The reject reason of a line with another number of fields than `columns`."""
+    return f"expected {len(columns)} fields"
+
+
 _NULL_TEXT_DICTIONARY = pa.array([], pa.string())
 
 
@@ -520,13 +527,14 @@ class RangeLanding:
     """Lands ranges' rejects in file order: line numbers shifted by the lines before the range; the trailer
     lines a range ended inside are dropped from the head of the next one (where the serial reader drops them)."""
 
+    columns: tuple[str, ...] = CSV_COLUMNS  # the file's (CsvRange.columns)
     lines: int = 0
     trailer_left: int = 0
 
     def land(self, rejects: pa.Table, stats: dict[str, dict[str, int]]) -> pa.Table:
         counters = stats.pop(RANGE_COUNTERS, {"lines": 0, "trailer_left": 0})
         if self.trailer_left and rejects.num_rows:
-            width = pc.match_substring(rejects.column("reason"), "fields")
+            width = pc.equal(rejects.column("reason"), _width_reason(self.columns))
             first = np.flatnonzero(np.asarray(pc.fill_null(width, False), dtype=bool))[: self.trailer_left]
             keep = np.ones(rejects.num_rows, dtype=bool)
             keep[first] = False
