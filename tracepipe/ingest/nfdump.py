@@ -327,7 +327,8 @@ def _iter_rows(
 ) -> Iterator[tuple[pa.Table, pa.Array, list[tuple[int, str]], list[tuple[int, int]]]]:
     """Stream a delimited text as (the columns we use, all as text; their 1-based line numbers; the lines of
     another width as (line number, text); the lines over limits.line_bytes as (line number, length)), one
-    block of ~`block_size` bytes at a time (delimited.read_block)."""
+    block of ~`block_size` bytes at a time (delimited.read_block). With `counters` (a decode worker's range,
+    CsvRange) each block is read on one thread: the worker processes already share the cores."""
     for index, block in enumerate(_chunks(source, block_size)):
         chunk = block.data
         if counters is not None:
@@ -336,7 +337,9 @@ def _iter_rows(
         if not chunk:  # only the rest of an over-long last line
             yield pa.table({}), pa.array([], pa.int64()), [], block.too_long
             continue
-        table, numbers, invalid = read_block(chunk, block.first_line, delimiter, columns, _NEEDED, skip)
+        table, numbers, invalid = read_block(
+            chunk, block.first_line, delimiter, columns, _NEEDED, skip, threads=counters is None
+        )
         yield table, numbers, invalid, block.too_long
 
 
