@@ -22,12 +22,13 @@ def iter_file_blocks(
     limits: Limits = DEFAULT_LIMITS,
     start: int = 0,
     end: int | None = None,
+    counters: dict[str, int] | None = None,
 ) -> Iterator[LineBlock]:
     """limits.iter_line_blocks for a regular file, with one copy of each byte instead of three: a window of
     `block_bytes` is read at its offset (os.pread) and cut after its last newline; the next window starts
     there. Lines longer than limits.line_bytes are emptied and listed, and never held whole in memory.
     `start`/`end`: only the bytes in between (a range from file_ranges, cut at line ends); line 1 is the
-    range's first line."""
+    range's first line. `counters` (if given) gets "lines": the newlines read so far."""
     max_line = limits.line_bytes
     block_bytes = max(block_bytes, 2 * max_line + 2)  # a window always holds a whole line within limits
     with open(path, "rb") as handle:
@@ -55,6 +56,8 @@ def iter_file_blocks(
                 if newline < 0:
                     return
                 position, line = position + length + 1, line + 1
+                if counters is not None:
+                    counters["lines"] = line - 1
                 continue
             tail = b""
             if at_end and not window.endswith(b"\n"):  # the last line has no newline
@@ -69,6 +72,8 @@ def iter_file_blocks(
             if block:
                 yield LineBlock(line, block, too_long)
             line += block.count(b"\n")
+            if counters is not None:
+                counters["lines"] = line - 1
             if tail:
                 yield LineBlock(line, b"", [(line, len(tail) - len(window))])
             if at_end:

@@ -301,7 +301,7 @@ _CHECKED_FIELDS = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "fl
 Source = bytes | str | tuple[str, int, int] | BinaryIO  # text, a file, a file's byte range, a pipe
 
 
-def _chunks(source: Source, block_size: int) -> Iterator[LineBlock]:
+def _chunks(source: Source, block_size: int, counters: dict[str, int] | None = None) -> Iterator[LineBlock]:
     """Whole lines, about `block_size` bytes at a time, from bytes, a file path, a (path, start, end) range of
     one, or an open binary stream (a pipe from nfdump): memory stays flat; lines longer than
     limits.line_bytes are emptied (and listed)."""
@@ -310,7 +310,7 @@ def _chunks(source: Source, block_size: int) -> Iterator[LineBlock]:
         return
     if isinstance(source, tuple):
         path, start, end = source
-        yield from iter_file_blocks(path, block_size, start=start, end=end)
+        yield from iter_file_blocks(path, block_size, start=start, end=end, counters=counters)
         return
     if isinstance(source, bytes):
         source = io.BytesIO(source)
@@ -329,10 +329,8 @@ def _iter_rows(
     another width as (line number, text); the lines over limits.line_bytes as (line number, length)), one
     block of ~`block_size` bytes at a time (delimited.read_block). With `counters` (a decode worker's range,
     CsvRange) each block is read on one thread: the worker processes already share the cores."""
-    for index, block in enumerate(_chunks(source, block_size)):
+    for index, block in enumerate(_chunks(source, block_size, counters)):
         chunk = block.data
-        if counters is not None:
-            counters["lines"] = block.first_line - 1 + chunk.count(b"\n")
         skip = skip_rows if index == 0 else 0
         if not chunk:  # only the rest of an over-long last line
             yield pa.table({}), pa.array([], pa.int64()), [], block.too_long
