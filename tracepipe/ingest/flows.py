@@ -68,7 +68,10 @@ COMMAND_OF_KIND = {
 BATCH_DATAGRAMS = 4096  # ~5 MB of export datagrams per decode step: memory stays flat, overhead negligible
 # captures from this size on are decoded by worker processes when jobs > 1 (spawning them costs ~1 s)
 PARALLEL_MIN_BYTES = 64 << 20
-PARALLEL_KINDS = ("pcap", "nfdump-csv")
+# kinds the workers decode, and how many times that size a file of the kind must be: nfdump CSV spends ~8x the
+# bytes of a capture on a record, and 64 MB of it (~180 k records, ~0.7 s of work) do not repay the workers'
+# start-up; 256 MB (~0.7 M records) should, with a free core (benchmarks/netflow_ingest.py prints both)
+PARALLEL_KINDS = {"pcap": 1, "nfdump-csv": 4}
 
 
 @dataclass
@@ -190,7 +193,8 @@ def ingest_flow_files(
     ARGUS_KINDS); a file of another known kind is not read, and its result names the command that reads it.
 
     `jobs` (default: the cores available): captures of `parallel_min_bytes` or more are walked here, in input
-    order with one decoder state, and turned into columns and Parquet by `jobs` worker processes."""
+    order with one decoder state, and turned into columns and Parquet by `jobs` worker processes; nfdump CSV
+    files of 4x that size go to the workers as byte ranges."""
     jobs = default_jobs() if jobs is None else jobs
     with DecodePool(jobs, lake.root) as pool:
         return _ingest_files(lake, paths, progress, accept, pool if jobs > 1 else None, parallel_min_bytes)
@@ -219,7 +223,7 @@ def _ingest_files(
                 "folder that holds them)",
             )
         )
-    big_captures = [p for p in files if _size(p) >= parallel_min_bytes and _kind_or_none(p) in PARALLEL_KINDS]
+    big_captures = [p for p in files if _parallel(p, _kind_or_none(p), parallel_min_bytes)]
     if pool is not None and big_captures:
         pool.start()
     for path in files:
@@ -238,7 +242,11 @@ def _ingest_files(
             )
             continue
         try:
-            parallel = pool if pool is not None and _size(path) >= parallel_min_bytes else None
+            parallel = (
+                pool
+                if pool is not None and _parallel(path, _kind_or_none(path), parallel_min_bytes)
+                else None
+            )
             result = _ingest_one(lake, path, state, summary, progress, accept, parallel)
         except OSError as exc:  # the lake side: a directory or temp file that cannot be written
             raise LakeError(
@@ -456,6 +464,11 @@ def _through_pool(
         pool.abort()
         raise
     writer.adopt(adds, rows)
+
+
+def _parallel(path: Path, kind: str | None, parallel_min_bytes: int) -> bool:
+    """True when the decode workers take this file (PARALLEL_KINDS)."""
+    return kind in PARALLEL_KINDS and _size(path) >= parallel_min_bytes * PARALLEL_KINDS[kind]
 
 
 def _size(path: Path) -> int:
