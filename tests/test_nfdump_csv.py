@@ -468,3 +468,35 @@ def test_a_range_that_starts_inside_a_summary_trailer(tmp_path, inside):
     assert flows == 10 * 200
     assert rejects == bad_lines
     assert read_nfdump_csv(path)[1].column("line").to_pylist() == bad_lines
+
+
+def test_a_range_that_is_one_huge_line_is_never_held_whole(tmp_path):
+    """Hostile input: 160 MB without a newline in the middle of an nfdump CSV. file_ranges puts it in one range
+    (ranges are cut at line ends); the worker's read of that range goes through it in bounded windows (peak well
+    under the line's size), rejects it as over-long on its own line number, and the lines around it land."""
+    import tracemalloc
+
+    from tracepipe.ingest.nfdump import RangeLanding, nfdump_csv_ranges
+
+    header, *body = _sample_csv_lines(20)
+    body = [line for line in body if line.strip()][:10]
+    path = tmp_path / "huge-line.csv"
+    with open(path, "wb") as out:
+        out.write(b"\n".join([header, *body]) + b"\n")
+        for _ in range(160):
+            out.write(b"x" * (1 << 20))
+        out.write(b"\n" + b"\n".join(body) + b"\n")
+    ranges = nfdump_csv_ranges(path, "s")
+    landing, lines, flows = RangeLanding(ranges[0].columns), [], 0
+    tracemalloc.start()
+    try:
+        for job in ranges:
+            part = job.decode()
+            flows += part.flows.num_rows
+            lines += landing.land(part.rejects, part.stats).column("line").to_pylist()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert flows == 2 * len(body)
+    assert lines == [2 + len(body)]
+    assert peak < 80 << 20, peak  # two 32 MB windows at most (the one read, the one in use), not the line

@@ -45,12 +45,13 @@ def iter_file_blocks(
             at_end = len(window) < block_bytes
             cut = window.rfind(b"\n")
             if cut < 0 and not at_end:  # one line longer than the window: read through to its end
-                length = len(window)
+                length, window = len(window), b""  # (the window is let go: only one piece is held)
+                step = min(block_bytes, 1 << 20)
                 while True:
-                    more = pread(block_bytes, position + length)
+                    more = pread(step, position + length)
                     newline = more.find(b"\n")
                     length += newline if newline >= 0 else len(more)
-                    if newline >= 0 or len(more) < block_bytes:
+                    if newline >= 0 or len(more) < step:
                         break
                 yield LineBlock(line, b"\n" if newline >= 0 else b"", [(line, length)])
                 if newline < 0:

@@ -490,7 +490,9 @@ class CsvRange:
                 self.source,
                 self.tz,
                 trailer="Summary",
-                block_size=self.end - self.start + 1,  # one batch
+                # one batch for a range of file_ranges' size; a range that is one huge line (no newline for
+                # hundreds of MB) is read through in windows of 32 MB, never held whole
+                block_size=min(self.end - self.start + 1, 1 << 25),
                 counters=counters,
             )
         )
