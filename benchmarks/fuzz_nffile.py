@@ -1,7 +1,9 @@
 """Fuzz the native nfcapd reader (tracepipe.ingest.nffile): real nfcapd files (real softflowd v5, v9 with IPv6
 flows and IPFIX -> a real nfcapd on 127.0.0.1; the same records uncompressed, LZ4 and BZ2 as `nfdump -y/-j` writes
 them) with flipped bytes, lengths and counts set to extremes, cuts, insertions, splices and random bytes behind a
-valid header. Prints how many cases raised (must be 0), the slowest case, and the first few tracebacks.
+valid header. Each case is read as one process reads it (read_nffile) and as decode workers do (iter_ranges,
+then read_range per range of blocks); both must give the same number of flows and rejects. Prints how many cases
+raised or differed (must be 0), the slowest case, and the first few tracebacks.
 
     python benchmarks/fuzz_nffile.py [--cases 5000] [--seed 1]
 """
@@ -84,6 +86,18 @@ def mutate(rng: random.Random, corpus: list[bytes]) -> bytes:
     return bytes(data)
 
 
+def by_ranges(path: Path) -> tuple[int, int]:
+    """(flows, rejects) of a file read as `ingest netflow --jobs N` reads it, in this process."""
+    flows = rejects = 0
+    for blocks in nffile.iter_ranges(path, str(path), parts=4):
+        if isinstance(blocks, nffile.BlockRange):
+            table, found = nffile.read_range(blocks)
+            flows, rejects = flows + table.num_rows, rejects + found.rejects.num_rows
+        else:
+            rejects += blocks.num_rows
+    return flows, rejects
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -92,7 +106,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    raised, tracebacks, slowest = 0, [], 0.0
+    raised, differed, tracebacks, slowest = 0, 0, [], 0.0
     with tempfile.TemporaryDirectory(prefix="tracepipe-fuzz-nffile-") as tmp:
         corpus = real_files(Path(tmp))
         path = Path(tmp) / "nfcapd.fuzz"
@@ -101,7 +115,11 @@ def main() -> None:
             path.write_bytes(mutate(rng, corpus))
             began = time.perf_counter()
             try:
-                nffile.read_nffile(path)
+                flows, rejects, _ = nffile.read_nffile(path)
+                if (flows.num_rows, rejects.num_rows) != by_ranges(path):
+                    differed += 1
+                    if len(tracebacks) < 3:
+                        tracebacks.append(f"differs: {(flows.num_rows, rejects.num_rows)} {by_ranges(path)}")
             except Exception:
                 raised += 1
                 if len(tracebacks) < 3:
@@ -112,9 +130,9 @@ def main() -> None:
         print(text)
     print(
         f"{args.cases} cases from {len(corpus)} real nfcapd files in {seconds:.1f} s (slowest {slowest:.2f} s): "
-        f"{raised} raised"
+        f"{raised} raised, {differed} read differently by ranges (decode workers)"
     )
-    raise SystemExit(1 if raised else 0)
+    raise SystemExit(1 if raised or differed else 0)
 
 
 if __name__ == "__main__":

@@ -140,8 +140,9 @@ def ingest_netflow_command(
             "--jobs",
             "-j",
             min=1,
-            help="Worker processes turning large captures into Parquet (default: the number of cores). "
-            "Templates and sequence numbers are still read in input order, in one process.",
+            help="Worker processes turning large captures and nfcapd files into Parquet (default: the number "
+            "of cores). Templates and sequence numbers are still read in input order, in one process; an nfcapd "
+            "file's blocks are read by the workers themselves.",
             show_default=False,
         ),
     ] = None,

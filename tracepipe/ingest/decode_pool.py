@@ -22,6 +22,7 @@ from deltalake.transaction import AddAction
 
 from tracepipe.errors import LakeError
 from tracepipe.ingest.netflow import Decoded, Walked, decode_walked
+from tracepipe.ingest.nffile import BlockRange, read_range
 from tracepipe.lake import ROW_GROUP_ROWS
 
 IN_FLIGHT = 2  # batches queued per worker: one being decoded, one waiting (memory: ~2 x 5 MB of records)
@@ -74,6 +75,12 @@ def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
                     )
                     rejects = pa.concat_tables([rejects, same])
                 outbox.send(("done", rejects, decoded.stats))
+            elif op == "nfcapd_range":  # nfcapd blocks, read here from the file (nffile.read_range)
+                assert parts is not None, "range before begin"
+                flows, found = read_range(message[1])
+                flows, found.implausible = split_implausible(flows, DATASETS["flows"])
+                rows += parts.write(flows)
+                outbox.send(("nfcapd_done", found))
             elif op == "close":
                 adds = parts.close() if parts is not None else []
                 parts = None
@@ -154,11 +161,19 @@ class DecodePool:
     def submit(self, walked: Walked) -> list[tuple[int, Decoded]]:
         """Queue batch number `self._sent`; returns the (batch number, Decoded) answers that came in meanwhile
         (not necessarily in order: the caller lands them in order)."""
+        return self._queue(("batch", walked))
+
+    def submit_nfcapd(self, blocks: BlockRange) -> list[tuple[int, Any]]:
+        """Queue a range of nfcapd blocks as batch number `self._sent` (the worker reads them from the file);
+        answers are (batch number, nffile.RangeRead), as for submit."""
+        return self._queue(("nfcapd_range", blocks))
+
+    def _queue(self, message: tuple[Any, ...]) -> list[tuple[int, Any]]:
         worker = self._sent % self.jobs
         answers = []
         while len(self._queued[worker]) >= IN_FLIGHT:
             answers.append(self._answer(worker))
-        self._send(worker, ("batch", walked))
+        self._send(worker, message)
         self._queued[worker].append(self._sent)
         self._sent += 1
         return answers
@@ -217,9 +232,11 @@ class DecodePool:
             "or check memory (dmesg) and free space of the lake"
         )
 
-    def _answer(self, worker: int) -> tuple[int, Decoded]:
+    def _answer(self, worker: int) -> tuple[int, Any]:
         reply = self._receive(worker)
         seq = self._queued[worker].pop(0)
+        if reply[0] == "nfcapd_done":
+            return seq, reply[1]
         if reply[0] != "done":
             raise LakeError(f"decode worker {worker}: unexpected answer {reply[0]!r}")
         _, rejects, stats = reply

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
 from tracepipe.fsutil import input_problem
+from tracepipe.ingest import nffile
 from tracepipe.ingest.argus import iter_argus, looks_like_argus
 from tracepipe.ingest.decode_pool import DecodePool, default_jobs
 from tracepipe.ingest.netflow import (
@@ -71,7 +72,7 @@ PARALLEL_MIN_BYTES = 64 << 20
 # kinds the workers decode, and how many times that size a file of the kind must be: nfdump CSV spends ~8x the
 # bytes of a capture on a record, and 64 MB of it (~180 k records, ~0.7 s of work) do not repay the workers'
 # start-up; 256 MB (~0.7 M records) should, with a free core (benchmarks/netflow_ingest.py prints both)
-PARALLEL_KINDS = {"pcap": 1, "nfdump-csv": 4}
+PARALLEL_KINDS = {"pcap": 1, "nfcapd": 1, "nfdump-csv": 4}
 
 
 @dataclass
@@ -193,8 +194,9 @@ def ingest_flow_files(
     ARGUS_KINDS); a file of another known kind is not read, and its result names the command that reads it.
 
     `jobs` (default: the cores available): captures of `parallel_min_bytes` or more are walked here, in input
-    order with one decoder state, and turned into columns and Parquet by `jobs` worker processes; nfdump CSV
-    files of 4x that size go to the workers as byte ranges."""
+    order with one decoder state, and turned into columns and Parquet by `jobs` worker processes; nfcapd
+    files of that size (read natively) are split into ranges of blocks that the workers read themselves, and
+    nfdump CSV files of 4x that size into byte ranges cut at line ends."""
     jobs = default_jobs() if jobs is None else jobs
     with DecodePool(jobs, lake.root) as pool:
         return _ingest_files(lake, paths, progress, accept, pool if jobs > 1 else None, parallel_min_bytes)
@@ -314,6 +316,12 @@ def _ingest_one(
             _land_leftover(writer, state, source, stats)
             if progress and size > done:
                 progress(size - done)
+        elif kind == "nfcapd" and pool is not None and nffile.native_problem(path) is None:
+            read = NfcapdRead()
+            _land_nfcapd_parallel(writer, pool, path, source, stats, read)
+            result.reader = read.reader
+            if progress:
+                progress(size)
         elif kind == "nfdump-csv" and pool is not None and (ranges := nfdump_csv_ranges(path, source)):
             _land_csv_parallel(writer, pool, ranges, source, stats)
             if progress:
@@ -390,13 +398,9 @@ def _read_text_kind(
                     )
                 label_writer.write(_with_source(batch[2], source))
                 labelled += batch[2].num_rows
-            _count_text_batch(stats, kind, _value_counts(flows.column("exporter")), rejects)
-        if kind == "nfcapd":  # the sampler list nfdump keeps in the file, per exporter (one interval: known)
-            native = read is not None and read.reader == "native"
-            for exporter, info in (read.exporters if native else nfcapd_exporters(path)).items():
-                samplers = info["sampling"]
-                if isinstance(samplers, list) and len(samplers) == 1:
-                    stats.setdefault(exporter, {"flows": 0, "versions": [kind]})["sampling"] = samplers[0]
+            _count(stats, kind, _value_counts(flows.column("exporter")), rejects)
+        if kind == "nfcapd":
+            _nfcapd_sampling(stats, path, read)
         if kind in ZEEK_KINDS + ARGUS_KINDS:  # sensors that see every packet they are given: unsampled
             for entry in stats.values():
                 entry.setdefault("sampling", 1)
@@ -405,10 +409,10 @@ def _read_text_kind(
     return labelled
 
 
-def _count_text_batch(
+def _count(
     stats: dict[str, dict[str, Any]], kind: str, flows: dict[str | None, int], rejects: pa.Table
 ) -> None:
-    """Per-exporter counters of one batch of a text kind: `flows` {exporter: rows landed}, and its rejects."""
+    """Flows and rejects of a batch per exporter (rows without one under the kind's name)."""
     for exporter, n in flows.items():
         entry = stats.setdefault(exporter or kind, {"flows": 0, "versions": [kind]})
         entry["flows"] += n
@@ -434,16 +438,22 @@ def _land_csv_parallel(
     def land(_: int, part: Any) -> None:
         rejects = _with_source(lines.land(part.rejects, part.stats), source)
         writer.reject(rejects)
-        _count_text_batch(stats, "nfdump-csv", {e: c["flows"] for e, c in part.stats.items()}, rejects)
+        _count(stats, "nfdump-csv", {e: c["flows"] for e, c in part.stats.items()}, rejects)
 
     _through_pool(writer, pool, iter(ranges), land)
 
 
 def _through_pool(
-    writer: IngestWriter, pool: DecodePool, jobs: Iterator[Any], land: Callable[[int, Any], None]
+    writer: IngestWriter,
+    pool: DecodePool,
+    jobs: Iterator[Any],
+    land: Callable[[int, Any], None],
+    submit: Callable[[Any], list[tuple[int, Any]]] | None = None,
 ) -> None:
-    """Send `jobs` to the pool for one source and call land(number, answer) in job order as answers come
-    back; the workers' files join the writer's commit. On any error the workers drop what they wrote."""
+    """Send `jobs` to the pool for one source (`submit`: pool.submit, or another of its queues) and call
+    land(number, answer) in job order as answers come back; the workers' files join the writer's commit. On
+    any error the workers drop what they wrote."""
+    submit = pool.submit if submit is None else submit
     answers: dict[int, Any] = {}
     landed = 0  # jobs landed so far, in order
 
@@ -457,7 +467,7 @@ def _through_pool(
     pool.begin(writer.key)
     try:
         for job in jobs:
-            arrived(pool.submit(job))
+            arrived(submit(job))
         last, adds, rows = pool.finish()
         arrived(last)
     except BaseException:
@@ -469,6 +479,47 @@ def _through_pool(
 def _parallel(path: Path, kind: str | None, parallel_min_bytes: int) -> bool:
     """True when the decode workers take this file (PARALLEL_KINDS)."""
     return kind in PARALLEL_KINDS and _size(path) >= parallel_min_bytes * PARALLEL_KINDS[kind]
+
+
+def _nfcapd_sampling(stats: dict[str, dict[str, Any]], path: Path, read: NfcapdRead | None) -> None:
+    """The sampler list nfdump keeps in the file, per exporter (one interval: known)."""
+    native = read is not None and read.reader == "native"
+    for exporter, info in (read.exporters if native else nfcapd_exporters(path)).items():
+        samplers = info["sampling"]
+        if isinstance(samplers, list) and len(samplers) == 1:
+            stats.setdefault(exporter, {"flows": 0, "versions": ["nfcapd"]})["sampling"] = samplers[0]
+
+
+def _land_nfcapd_parallel(
+    writer: IngestWriter, pool: DecodePool, path: Path, source: str, stats: dict[str, Any], read: NfcapdRead
+) -> None:
+    """One nfcapd file through the worker pool: its block headers walked here, ranges of blocks read,
+    decoded and written by the workers (no record bytes through pipes); rejects, counters and the exporter
+    and sampler records (in file order) land here in input order, the workers' files in the writer's commit."""
+    exporters = nffile.Exporters()
+    fatal: list[pa.Table] = []
+
+    def land(_: int, found: nffile.RangeRead) -> None:
+        exporters.apply(found.infos)
+        if found.implausible is not None:
+            writer.reject(found.implausible)
+        rejects = _with_source(found.rejects, source)
+        writer.reject(rejects)
+        _count(stats, "nfcapd", found.flows_by_exporter, rejects)
+
+    def ranges() -> Iterator[Any]:
+        for blocks in nffile.iter_ranges(path, source, parts=2 * pool.jobs):
+            if isinstance(blocks, pa.Table):  # the file ends in a block that cannot be delimited
+                fatal.append(_with_source(blocks, source))
+                continue
+            yield blocks
+
+    _through_pool(writer, pool, ranges(), land, pool.submit_nfcapd)
+    for rejects in fatal:
+        writer.reject(rejects)
+        _count(stats, "nfcapd", {}, rejects)
+    read.reader, read.exporters = "native", exporters.out
+    _nfcapd_sampling(stats, path, read)
 
 
 def _size(path: Path) -> int:

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import bz2
 import ipaddress
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -63,6 +65,7 @@ COMPRESSION_NAMES = {0: "none", 1: "lzo", 2: "bz2", 3: "lz4"}
 DATA_BLOCK_TYPE_3 = 3  # V3 records
 DATA_BLOCK_TYPE_4 = 4  # array records: nfdump skips them when it prints flows
 MAX_BLOCK_BYTES = 5 * 1048576  # nfdump's BUFFSIZE: no block is larger, compressed or not (the bomb cap)
+RANGE_RECORDS = 1 << 18  # records a decode worker reads at a time (iter_ranges): ~30 MB in its memory
 
 V3_RECORD = 11
 EXPORTER_INFO = 7
@@ -102,6 +105,16 @@ class Exporters:
 
     by_sysid: dict[int, str] = field(default_factory=dict)
     out: dict[str, dict[str, object]] = field(default_factory=dict)
+
+    def apply(self, infos: list[tuple[int, bytes]]) -> None:
+        """Exporter and sampler records (type, bytes), in file order: a sampler names its exporter by the sysid
+        an earlier exporter record gave it, so blocks read apart (decode workers) are applied here in order."""
+        for kind, raw in infos:
+            if kind == EXPORTER_INFO:
+                _exporter_record(raw, self)
+            else:
+                _sampler_record(raw, self)
+        infos.clear()
 
 
 @dataclass
@@ -455,12 +468,13 @@ def _walk_block(
     block_offset: int,
     number: int,
     columns: _Columns,
-    exporters: Exporters,
+    infos: list[tuple[int, bytes]],
     layouts: dict[bytes, _Layout],
     copy: bool = False,
 ) -> tuple[int, list[tuple[int, str, str]]]:
     """Read the records of one uncompressed block into `columns` (views into `data`, or copies of the records
-    if `copy`: an LZ4 block comes in a 5 MiB buffer, mostly unused). Returns (bytes used, rejects)."""
+    if `copy`: an LZ4 block comes in a 5 MiB buffer, mostly unused) and its exporter and sampler records into
+    `infos` (Exporters.apply). Returns (bytes used, rejects)."""
     buf = np.frombuffer(data, np.uint8, count=min(limit, len(data)))
     limit = len(buf)
     at = 0
@@ -516,15 +530,101 @@ def _walk_block(
             at += run * size
             done += run
             continue
-        raw = bytes(buf[at : at + size])
-        if kind == EXPORTER_INFO:
-            _exporter_record(raw, exporters)
-        elif kind == SAMPLER_INFO:
-            _sampler_record(raw, exporters)
+        if kind in (EXPORTER_INFO, SAMPLER_INFO):
+            infos.append((kind, bytes(buf[at : at + size])))
         # other types (exporter stats, nbar, interface/vrf names, legacy): no flows; nfdump skips them too
         at += size
         done += 1
     return at, rejects
+
+
+class Span(NamedTuple):
+    """One data block whose header holds and whose data is all in the file."""
+
+    number: int
+    offset: int  # file offset of the block header (where rejects say the problem was)
+    size: int  # bytes of (compressed) data after the header
+    records: int
+    kind: int
+
+
+@dataclass(frozen=True)
+class BlockRange:
+    """Consecutive blocks of one nfcapd file (iter_ranges): what a decode worker reads with read_range."""
+
+    path: str
+    source: str
+    compression: int
+    spans: tuple[Span, ...]
+
+
+@dataclass
+class RangeRead:
+    """What read_range found besides the flows: rejects (block offsets), the exporter and sampler records in
+    file order (Exporters.apply), flows per exporter (counted before the lake's time-window check), and the
+    rows that check turned into rejects (filled in by the worker that writes the flows)."""
+
+    rejects: pa.Table
+    infos: list[tuple[int, bytes]]
+    flows_by_exporter: dict[str | None, int]
+    implausible: pa.Table | None = None
+
+
+def _open(handle: BinaryIO, source: str) -> tuple[int, int] | pa.Table:
+    """(compression, number of blocks) from the file header, or the reject of a file too short for one."""
+    header = read_header(handle.read(FILE_HEADER.itemsize))
+    if header is None:
+        return rejects_table([(0, "truncated nfcapd file", "shorter than its 40-byte header")], source)
+    return int(header["compression"]), int(header["num_blocks"])
+
+
+def _spans(handle: BinaryIO, blocks: int) -> Iterator[Span | tuple[int, str, str]]:
+    """The data blocks from their headers only (a read and a seek each). A block that cannot be delimited
+    (header cut short, sizes that lie, data past the end of the file) ends the walk with its reject (offset,
+    reason, detail): nothing after it can be found."""
+    file_size = os.fstat(handle.fileno()).st_size
+    offset = FILE_HEADER.itemsize
+    for number in range(blocks):
+        handle.seek(offset)
+        raw = handle.read(BLOCK_HEADER.itemsize)
+        if len(raw) < BLOCK_HEADER.itemsize:
+            what = (
+                f"ends after {number} of {blocks} blocks" if not raw else f"block {number}: header cut short"
+            )
+            yield (offset, "truncated nfcapd file", what)
+            return
+        block = np.frombuffer(raw, BLOCK_HEADER, count=1)[0]
+        size, records, kind = int(block["size"]), int(block["records"]), int(block["type"])
+        have = min(size, file_size - offset - BLOCK_HEADER.itemsize)
+        if not (0 < size <= MAX_BLOCK_BYTES and records) or have <= 0:
+            yield (offset, "nfcapd block sizes lie", f"block {number}: {records} records in {size} bytes")
+            return
+        if have < size:
+            yield (offset, "truncated nfcapd file", f"block {number}: {have} of {size} bytes")
+            return
+        yield Span(number, offset, size, records, kind)
+        offset += BLOCK_HEADER.itemsize + size
+
+
+def _read_span(
+    fd: int,
+    span: Span,
+    compression: int,
+    columns: _Columns,
+    infos: list[tuple[int, bytes]],
+    layouts: dict[bytes, _Layout],
+) -> list[tuple[int, str, str]]:
+    """One block's records into `columns` (read at its offset: blocks are independent); its rejects."""
+    if span.kind == DATA_BLOCK_TYPE_4:  # array records: nfdump skips them too
+        return []
+    if span.kind != DATA_BLOCK_TYPE_3:
+        return [(span.offset, "unknown nfcapd block type", f"block {span.number}: type {span.kind}")]
+    data = os.pread(fd, span.size, span.offset + BLOCK_HEADER.itemsize)
+    if len(data) < span.size:  # the file shrank after its blocks were walked
+        return [
+            (span.offset, "truncated nfcapd file", f"block {span.number}: {len(data)} of {span.size} bytes")
+        ]
+    return _read_block(data, compression, span.records, span.offset, span.number, columns, infos, layouts)
 
 
 def iter_nffile(
@@ -540,54 +640,81 @@ def iter_nffile(
     source = str(path) if source is None else source
     exporters = Exporters() if exporters is None else exporters
     columns = _Columns()
+    infos: list[tuple[int, bytes]] = []
     layouts: dict[bytes, _Layout] = {}
     with open(path, "rb") as handle:
-        header = read_header(handle.read(FILE_HEADER.itemsize))
-        if header is None:
-            yield (
-                FLOWS_TEXT_DICTIONARY.empty_table(),
-                rejects_table([(0, "truncated nfcapd file", "shorter than its 40-byte header")], source),
-            )
+        opened = _open(handle, source)
+        if isinstance(opened, pa.Table):
+            yield FLOWS_TEXT_DICTIONARY.empty_table(), opened
             return
-        compression = int(header["compression"])
-        blocks = int(header["num_blocks"])
-        offset = FILE_HEADER.itemsize
-        for number in range(blocks):
-            rejects: list[tuple[int, str, str]] = []
-            fatal = True  # unless the block's header holds: then the next block is found after it
-            raw = handle.read(BLOCK_HEADER.itemsize)
-            if len(raw) < BLOCK_HEADER.itemsize:
-                what = (
-                    f"ends after {number} of {blocks} blocks"
-                    if not raw
-                    else f"block {number}: header cut short"
-                )
-                rejects.append((offset, "truncated nfcapd file", what))
-            else:
-                block = np.frombuffer(raw, BLOCK_HEADER, count=1)[0]
-                size, records, kind = int(block["size"]), int(block["records"]), int(block["type"])
-                data = handle.read(size) if 0 < size <= MAX_BLOCK_BYTES and records else b""
-                if not data:
-                    what = f"block {number}: {records} records in {size} bytes"
-                    rejects.append((offset, "nfcapd block sizes lie", what))
-                elif len(data) < size:
-                    what = f"block {number}: {len(data)} of {size} bytes"
-                    rejects.append((offset, "truncated nfcapd file", what))
-                else:
-                    fatal = False
-                    if kind == DATA_BLOCK_TYPE_3:
-                        rejects = _read_block(
-                            data, compression, records, offset, number, columns, exporters, layouts
-                        )
-                    elif kind != DATA_BLOCK_TYPE_4:  # type 4 (array records): nfdump skips them too
-                        rejects.append((offset, "unknown nfcapd block type", f"block {number}: type {kind}"))
-                    offset += BLOCK_HEADER.itemsize + size
-            if fatal or rejects or columns.rows >= batch_rows:
-                yield from _emit(columns, rejects, source)
-            if fatal:  # a block that cannot be delimited: nothing after it can be found
+        compression, blocks = opened
+        for span in _spans(handle, blocks):
+            if not isinstance(span, Span):
+                yield from _emit(columns, [span], source)
                 return
+            rejects = _read_span(handle.fileno(), span, compression, columns, infos, layouts)
+            exporters.apply(infos)
+            if rejects or columns.rows >= batch_rows:
+                yield from _emit(columns, rejects, source)
         if columns.rows:
             yield from _emit(columns, [], source)
+
+
+def iter_ranges(
+    path: Path | str, source: str, parts: int = 4, records: int = RANGE_RECORDS
+) -> Iterator[BlockRange | pa.Table]:
+    """The blocks of one nfcapd file (check native_problem first) in ranges for decode workers (read_range),
+    found from the block headers alone (a read and a seek per block, all walked first): no record bytes pass
+    between processes. A range holds ~`records` records, fewer in a smaller file, so that it still splits into
+    about `parts` ranges (whole blocks: at least one each). A file or block that cannot be delimited ends the
+    ranges with its rejects (a table), as in iter_nffile."""
+    with open(path, "rb") as handle:
+        opened = _open(handle, source)
+        if isinstance(opened, pa.Table):
+            yield opened
+            return
+        compression, blocks = opened
+        spans = list(_spans(handle, blocks))
+    fatal = spans.pop() if spans and not isinstance(spans[-1], Span) else None
+    total = sum(span.records for span in spans if isinstance(span, Span))
+    target = max(1, min(records, -(-total // max(parts, 1))))
+    taken: list[Span] = []
+    count = 0
+    for span in spans:
+        assert isinstance(span, Span)
+        taken.append(span)
+        count += span.records
+        if count >= target:
+            yield BlockRange(str(path), source, compression, tuple(taken))
+            taken, count = [], 0
+    if taken:
+        yield BlockRange(str(path), source, compression, tuple(taken))
+    if fatal is not None:
+        yield rejects_table([fatal], source)
+
+
+def read_range(blocks: BlockRange) -> tuple[pa.Table, RangeRead]:
+    """The flows of a range of blocks (source column set) and what else was found (RangeRead): the same rows
+    and rejects iter_nffile gives for those blocks."""
+    columns = _Columns()
+    infos: list[tuple[int, bytes]] = []
+    layouts: dict[bytes, _Layout] = {}
+    rejects: list[tuple[int, str, str]] = []
+    fd = os.open(blocks.path, os.O_RDONLY)
+    try:
+        for span in blocks.spans:
+            rejects += _read_span(fd, span, blocks.compression, columns, infos, layouts)
+    finally:
+        os.close(fd)
+    flows, row_rejects = FLOWS_TEXT_DICTIONARY.empty_table(), _empty_rejects()
+    if columns.rows:
+        flows, row_rejects = _flows(columns.take(), blocks.source)
+    n = flows.num_rows
+    source = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([blocks.source]))
+    flows = flows.set_column(flows.schema.get_field_index("source"), "source", source)
+    counts = {v["values"]: v["counts"] for v in flows.column("exporter").value_counts().to_pylist()}
+    found = pa.concat_tables([rejects_table(rejects, blocks.source), row_rejects])
+    return flows, RangeRead(found, infos, counts)
 
 
 def _read_block(
@@ -597,7 +724,7 @@ def _read_block(
     offset: int,
     number: int,
     columns: _Columns,
-    exporters: Exporters,
+    infos: list[tuple[int, bytes]],
     layouts: dict[bytes, _Layout],
 ) -> list[tuple[int, str, str]]:
     plain, limit, problem = _decompress(compression, data)
@@ -605,7 +732,7 @@ def _read_block(
         return [(offset, "corrupt nfcapd block", f"block {number}: {problem}")]
     before = columns.rows
     lz4 = compression == LZ4_COMPRESSED
-    used, rejects = _walk_block(plain, limit, records, offset, number, columns, exporters, layouts, lz4)
+    used, rejects = _walk_block(plain, limit, records, offset, number, columns, infos, layouts, lz4)
     if compression == LZ4_COMPRESSED and not _lz4_holds(data, used):
         columns.drop_since(before)
         return [(offset, "nfcapd block sizes lie", f"block {number}: records run past its LZ4 data")]
