@@ -10,7 +10,8 @@
    - `nfdump -r FILE -q -N -o 'fmt:%tsr,%ter,%pr,%sa,%da,%sp,%dp,%pkt,%byt,%flg' > /dev/null` (its fastest
      text form: raw times),
    - `tracepipe ingest netflow FILE.csv` on the same records as `nfdump -r -o csv` wrote them (written once,
-     not timed; `--no-csv` leaves it out: 350 bytes a record), and next to it the floor of reading that text:
+     not timed; `--no-csv` leaves it out: 350 bytes a record), with the default `--jobs` and with `--jobs 1`
+     (whether the decode workers pay on this machine), and next to it the floor of reading that text:
      pyarrow.csv alone tokenising the 13 columns tracepipe uses (all cores, nothing converted or written),
    and prints records/s (wall clock; CPU seconds of the whole process tree next to it), the peak RSS of the
    whole process tree (sampled every 20 ms: tracepipe's workers included) and the ratios tracepipe / nfdump.
@@ -362,13 +363,14 @@ def bench_size(
     runs: dict[str, list[dict]] = {
         "tracepipe": [],
         "nfdump": [],
-        **({"tracepipe_csv": [], "csv_floor": []} if csv else {}),
+        **({"tracepipe_csv": [], "tracepipe_csv_jobs1": [], "csv_floor": []} if csv else {}),
     }
     for _ in range(rounds):  # interleaved: all see the same machine load
         runs["tracepipe"].append(measure_tracepipe(pcap, workdir / "lake", jobs))
         runs["nfdump"].append(measure_nfdump(nffile))
         if csv_file is not None:
             runs["tracepipe_csv"].append(measure_tracepipe(csv_file, workdir / "lake", jobs))
+            runs["tracepipe_csv_jobs1"].append(measure_tracepipe(csv_file, workdir / "lake", 1))
             runs["csv_floor"].append(measure_csv_floor(csv_file))
     best = {name: min(r, key=lambda m: m["seconds"]) for name, r in runs.items()}
     nf = best["nfdump"]
@@ -396,6 +398,9 @@ def bench_size(
             f"  ratio tracepipe CSV / nfdump: {result['csv_ratio']:.2f}x wall, "
             f"{result['csv_cpu_ratio']:.2f}x per CPU second"
         )
+        one = best["tracepipe_csv_jobs1"]
+        print(f"  the same, --jobs 1 (one process)              {_rate(one)}")
+        print(f"  ratio --jobs 1 / nfdump: {ratios(one)[0]:.2f}x wall, {ratios(one)[1]:.2f}x per CPU second")
         floor = best["csv_floor"]
         result["floor_ratio"], result["floor_cpu_ratio"] = ratios(floor)
         print(f"  floor: pyarrow.csv alone, 13 columns as text   {_rate(floor)}")

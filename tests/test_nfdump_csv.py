@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import replace
 
 import duckdb
 import pyarrow as pa
@@ -332,3 +333,170 @@ def test_numbers_read_by_one_cast_or_row_by_row_checks_agree():
     ports, ok = dst_port_from_text(pa.array(["443", "3.1", "0.0", "65536", "x"]))
     assert ports.to_pylist() == [443, 3 * 256 + 1, 0, 0, 0]
     assert ok.to_pylist() == [True, True, True, False, False]
+
+
+@pytest.mark.parametrize("block_bytes", [202, 250, 400, 1000])
+def test_file_blocks_cut_lines_as_the_stream_reader_does(tmp_path, block_bytes):
+    """delimited.iter_file_blocks (files read at offsets, one copy) gives the same lines, the same first line
+    numbers and the same over-long lines as limits.iter_line_blocks, whatever the line lengths (within the
+    limit, just over it, longer than a window; last line with or without its newline)."""
+    import random
+
+    from tracepipe.ingest.delimited import iter_file_blocks
+    from tracepipe.limits import Limits, iter_line_blocks
+
+    limits = Limits(line_bytes=100)
+    rng = random.Random(block_bytes)
+    for trial in range(300):
+        lengths = [
+            rng.choice([0, 1, 5, 50, 99, 100, 101, 150, 250, 500, 1000]) for _ in range(rng.randint(0, 12))
+        ]
+        text = b"\n".join(b"x" * n for n in lengths) + rng.choice([b"", b"\n"])
+        path = tmp_path / f"{trial}.txt"
+        path.write_bytes(text)
+        with open(path, "rb") as handle:
+            expected = list(iter_line_blocks(handle, block_bytes, limits))
+        got = list(iter_file_blocks(str(path), block_bytes, limits))
+        assert b"".join(b.data for b in got) == b"".join(b.data for b in expected), lengths
+        assert [t for b in got for t in b.too_long] == [t for b in expected for t in b.too_long], lengths
+        line = 1
+        for block in got:
+            assert block.first_line == line
+            line += block.data.count(b"\n")
+
+
+def test_a_malformed_line_deep_in_a_big_file_keeps_its_line_number(tmp_path):
+    """Regression for the file reader's fast paths: ~40 MB of nfdump CSV (3 blocks of 16 MB) read from disk,
+    with a junk line, a bad address and an over-long line in the middle of the second block. The blocks around
+    them stay on the fast (parallel) path, the damaged block falls back to the serial reader; every line number
+    is the file's, and everything else lands."""
+    from tracepipe.limits import DEFAULT as LIMITS
+
+    header, *body = _sample_csv_lines(200)
+    body = [line for line in body if line.strip()]
+    data = [header]
+    n = 40_000_000 // (len(body[0]) + 1)
+    data += [body[i % len(body)] for i in range(n)]
+    middle = len(data) * 3 // 5  # inside the second 16 MB block
+    fields = body[0].split(b",")
+    fields[3] = b"10.1.2.300"
+    data[middle : middle + 1] = [
+        b"junk,line",
+        data[middle],
+        b",".join(fields),
+        b"x" * (LIMITS.line_bytes + 5),
+    ]
+    data += [b"Summary", b"flows,bytes,packets,avg_bps,avg_pps,avg_bpp", b"1,2,3,4,5,6"]
+    path = tmp_path / "big.csv"
+    path.write_bytes(b"\n".join(data) + b"\n")
+    flows, rejects = read_nfdump_csv(path)
+    assert flows.num_rows == n
+    assert rejects.column("line").to_pylist() == [middle + 1, middle + 3, middle + 4]
+    assert rejects.column("reason").to_pylist()[:2] == ["expected 48 fields", "bad source address"]
+    assert rejects.column("detail").to_pylist()[1] == "sa=10.1.2.300"
+
+
+def test_workers_land_what_one_process_lands(tmp_path):
+    """`ingest netflow FILE.csv --jobs 2`: decode workers read byte ranges of the file (cut at line ends) and
+    write the Parquet; the lake must hold the same flows, and the same rejects on the same line numbers, as
+    one process reading it. The file: three nfdump outputs concatenated (a Summary trailer and a header in
+    the middle), a junk line, a bad address, a blank and an over-long line, over 16 ranges."""
+    import duckdb
+
+    from tracepipe.ingest.flows import ingest_flow_files
+    from tracepipe.ingest.nfdump import nfdump_csv_ranges
+    from tracepipe.lake import Lake
+    from tracepipe.query import scan_sql
+
+    text, bad_lines = _concatenated_csv()
+    path = tmp_path / "nfdump.csv"
+    path.write_bytes(text)
+
+    def land(jobs: int) -> tuple[list, list]:
+        lake = Lake(tmp_path / f"lake-{jobs}")
+        summary = ingest_flow_files(lake, [path], jobs=jobs, parallel_min_bytes=1)
+        assert summary.files[0].status == "landed"
+        with duckdb.connect() as con:
+            rows = con.sql(
+                f"select src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, ts_start, exporter "
+                f"from ({scan_sql('flows', lake.files('flows'))}) order by all"
+            ).fetchall()
+            rejects = con.sql(
+                f"select line, reason, detail from ({scan_sql('rejects', lake.files('rejects'))}) order by line"
+            ).fetchall()
+        return rows, rejects
+
+    assert len(nfdump_csv_ranges(path, "s")) >= 5  # the workers get several ranges
+    one_rows, one_rejects = land(1)
+    assert len(one_rows) == 10 * 200
+    assert [line for line, _, _ in one_rejects] == bad_lines
+    assert land(2) == (one_rows, one_rejects)
+
+
+def _concatenated_csv() -> tuple[bytes, list[int]]:
+    from tracepipe.limits import DEFAULT as LIMITS
+
+    header, *body = _sample_csv_lines(200)
+    body = [line for line in body if line.strip()][:200]
+    trailer = [b"Summary", b"flows,bytes,packets,avg_bps,avg_pps,avg_bpp", b"1,2,3,4,5,6"]
+    fields = body[0].split(b",")
+    fields[3] = b"10.1.2.300"
+    data = [header, *body * 3, b"junk,line", *body, b",".join(fields), b"", b"x" * (LIMITS.line_bytes + 5)]
+    data += [*body, *trailer, header, *body * 2, *trailer, *body * 3, *trailer]
+    bad = [1 + 3 * len(body) + 1, 1 + 4 * len(body) + 2, 1 + 4 * len(body) + 4]
+    return b"\n".join(data) + b"\n", bad
+
+
+@pytest.mark.parametrize("inside", range(0, 4))
+def test_a_range_that_starts_inside_a_summary_trailer(tmp_path, inside):
+    """Ranges are cut at any line end, also inside nfdump's 3-line Summary trailer: the trailer lines at the
+    head of the next range are dropped as the serial reader drops them, and line numbers run on."""
+    from tracepipe.ingest.nfdump import RangeLanding, nfdump_csv_ranges
+
+    text, bad_lines = _concatenated_csv()
+    path = tmp_path / "nfdump.csv"
+    path.write_bytes(text)
+    at = text.index(b"\nSummary\n") + 1
+    for _ in range(inside):
+        at = text.index(b"\n", at) + 1
+    whole = nfdump_csv_ranges(path, "s")[0]
+    ranges = [replace(whole, end=at), replace(whole, start=at, end=len(text), skip_rows=0)]
+    landing, rejects, flows = RangeLanding(whole.columns), [], 0
+    for part in (r.decode() for r in ranges):
+        flows += part.flows.num_rows
+        rejects += landing.land(part.rejects, part.stats).column("line").to_pylist()
+    assert flows == 10 * 200
+    assert rejects == bad_lines
+    assert read_nfdump_csv(path)[1].column("line").to_pylist() == bad_lines
+
+
+def test_a_range_that_is_one_huge_line_is_never_held_whole(tmp_path):
+    """Hostile input: 160 MB without a newline in the middle of an nfdump CSV. file_ranges puts it in one range
+    (ranges are cut at line ends); the worker's read of that range goes through it in bounded windows (peak well
+    under the line's size), rejects it as over-long on its own line number, and the lines around it land."""
+    import tracemalloc
+
+    from tracepipe.ingest.nfdump import RangeLanding, nfdump_csv_ranges
+
+    header, *body = _sample_csv_lines(20)
+    body = [line for line in body if line.strip()][:10]
+    path = tmp_path / "huge-line.csv"
+    with open(path, "wb") as out:
+        out.write(b"\n".join([header, *body]) + b"\n")
+        for _ in range(160):
+            out.write(b"x" * (1 << 20))
+        out.write(b"\n" + b"\n".join(body) + b"\n")
+    ranges = nfdump_csv_ranges(path, "s")
+    landing, lines, flows = RangeLanding(ranges[0].columns), [], 0
+    tracemalloc.start()
+    try:
+        for job in ranges:
+            part = job.decode()
+            flows += part.flows.num_rows
+            lines += landing.land(part.rejects, part.stats).column("line").to_pylist()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert flows == 2 * len(body)
+    assert lines == [2 + len(body)]
+    assert peak < 80 << 20, peak  # two 32 MB windows at most (the one read, the one in use), not the line

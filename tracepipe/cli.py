@@ -140,9 +140,10 @@ def ingest_netflow_command(
             "--jobs",
             "-j",
             min=1,
-            help="Worker processes turning large captures and nfcapd files into Parquet (default: the number "
-            "of cores). Templates and sequence numbers are still read in input order, in one process; an nfcapd "
-            "file's blocks are read by the workers themselves.",
+            help="Worker processes turning large captures, nfcapd files and nfdump CSV files (256 MB or more) "
+            "into Parquet (default: the number of cores). Templates and sequence numbers are still read in input "
+            "order, in one process; an nfcapd file's blocks and a CSV file's line ranges are read by the workers "
+            "themselves.",
             show_default=False,
         ),
     ] = None,

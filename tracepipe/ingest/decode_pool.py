@@ -56,7 +56,8 @@ def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
             if op == "begin":
                 parts, rows = DayParts(Path(root), DATASETS["flows"], message[1], message[2]), 0
             elif op == "batch":
-                decoded = decode_walked(message[1])
+                job = message[1]  # a Walked batch, or a job that decodes itself (nfdump.CsvRange)
+                decoded = job.decode() if hasattr(job, "decode") else decode_walked(job)
                 assert parts is not None, "batch before begin"
                 flows, implausible = split_implausible(decoded.flows, DATASETS["flows"])
                 rows += parts.write(flows)

@@ -4,6 +4,8 @@ another width. Shared by the text flow readers (nfdump CSV and fmt: output, Zeek
 from __future__ import annotations
 
 import ipaddress
+import os
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +13,94 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
+from tracepipe.limits import Limits, LineBlock, _drop_long_lines, _may_hold_long_line
+
+
+def iter_file_blocks(
+    path: str,
+    block_bytes: int = 1 << 24,
+    limits: Limits = DEFAULT_LIMITS,
+    start: int = 0,
+    end: int | None = None,
+    counters: dict[str, int] | None = None,
+) -> Iterator[LineBlock]:
+    """limits.iter_line_blocks for a regular file, with one copy of each byte instead of three: a window of
+    `block_bytes` is read at its offset (os.pread) and cut after its last newline; the next window starts
+    there. Lines longer than limits.line_bytes are emptied and listed, and never held whole in memory.
+    `start`/`end`: only the bytes in between (a range from file_ranges, cut at line ends); line 1 is the
+    range's first line. `counters` (if given) gets "lines": the newlines read so far."""
+    max_line = limits.line_bytes
+    block_bytes = max(block_bytes, 2 * max_line + 2)  # a window always holds a whole line within limits
+    with open(path, "rb") as handle:
+        fd = handle.fileno()
+        position, line = start, 1
+
+        def pread(size: int, offset: int) -> bytes:
+            return os.pread(fd, size if end is None else max(0, min(size, end - offset)), offset)
+
+        while True:
+            window = pread(block_bytes, position)
+            if not window:
+                return
+            at_end = len(window) < block_bytes
+            cut = window.rfind(b"\n")
+            if cut < 0 and not at_end:  # one line longer than the window: read through to its end
+                length, window = len(window), b""  # (the window is let go: only one piece is held)
+                step = min(block_bytes, 1 << 20)
+                while True:
+                    more = pread(step, position + length)
+                    newline = more.find(b"\n")
+                    length += newline if newline >= 0 else len(more)
+                    if newline >= 0 or len(more) < step:
+                        break
+                yield LineBlock(line, b"\n" if newline >= 0 else b"", [(line, length)])
+                if newline < 0:
+                    return
+                position, line = position + length + 1, line + 1
+                if counters is not None:
+                    counters["lines"] = line - 1
+                continue
+            tail = b""
+            if at_end and not window.endswith(b"\n"):  # the last line has no newline
+                cut = len(window) - 1
+                if len(window) - window.rfind(b"\n") - 1 > max_line:
+                    tail, window = window, window[: window.rfind(b"\n") + 1]
+                    cut = len(window) - 1
+            block = window if cut == len(window) - 1 else window[: cut + 1]
+            too_long: list[tuple[int, int]] = []
+            if len(block) > max_line and _may_hold_long_line(block, max_line):
+                block, too_long = _drop_long_lines(block, line, max_line)
+            if block:
+                yield LineBlock(line, block, too_long)
+            line += block.count(b"\n")
+            if counters is not None:
+                counters["lines"] = line - 1
+            if tail:
+                yield LineBlock(line, b"", [(line, len(tail) - len(window))])
+            if at_end:
+                return
+            position += cut + 1
+
+
+def file_ranges(path: str, range_bytes: int) -> list[tuple[int, int]]:
+    """(start, end) byte ranges of about `range_bytes` that cover the file, each cut after a newline (or at
+    its end), so that each can be read alone (iter_file_blocks). Reads only near the cuts."""
+    ranges: list[tuple[int, int]] = []
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        position = 0
+        while position < size:
+            cut = min(position + max(range_bytes, 1), size)
+            while cut < size:  # on to the next newline (through a long line, 64 KiB at a time)
+                piece = os.pread(handle.fileno(), 1 << 16, cut)
+                newline = piece.find(b"\n")
+                if newline >= 0:
+                    cut += newline + 1
+                    break
+                cut = size if not piece else cut + len(piece)
+            ranges.append((position, cut))
+            position = cut
+    return ranges
 
 
 def read_block(
@@ -20,9 +110,11 @@ def read_block(
     columns: list[str] | tuple[str, ...],
     include: list[str] | tuple[str, ...],
     skip_rows: int = 0,
+    threads: bool = True,
 ) -> tuple[pa.Table, pa.Array, list[tuple[int, str]]]:
     """`chunk` (whole lines; its first line is line `first_line` of the file) -> (the `include` columns as
-    text, their line numbers, the lines of another width as (line number, text)).
+    text, their line numbers, the lines of another width as (line number, text)). `threads=False`: one
+    thread (in a decode worker, where the processes already share the cores: ~20% less CPU than threads).
 
     pyarrow's CSV reader parses the chunk serially, so its invalid-row handler knows line numbers; valid row j
     then sits on line first + skip + j + #(invalid lines with at most j valid rows before them). No quoting:
@@ -34,7 +126,7 @@ def read_block(
     # the block's last ones (nfdump's Summary trailer): then every row's line follows from its position.
     # Anything else (a malformed line inside, non-ASCII bytes, CR line ends) is read serially, as before.
     ascii_only = chunk.isascii() and b"\r" not in chunk
-    if ascii_only:
+    if ascii_only and threads:
         invalid_text: list[str] = []
         table = _read_csv(chunk, columns, include, skip_rows, delimiter, "utf8", True, invalid_text)
         tail = _last_lines(chunk, len(invalid_text))
@@ -109,6 +201,19 @@ def _read_csv(
     )
 
 
+def dictionary_encode(column: pa.Array | pa.ChunkedArray) -> pa.DictionaryArray:
+    """One dictionary array of a (chunked) text column: the chunks are hashed as they are and only their
+    int32 indices joined (combining the text first would copy every string once more)."""
+    encoded = pc.dictionary_encode(column)
+    if isinstance(encoded, pa.Array):
+        return encoded
+    if encoded.num_chunks == 0:
+        return pc.dictionary_encode(pa.array([], column.type))
+    # the chunks of a chunked dictionary_encode share one dictionary (its hash table spans the chunks)
+    indices = pa.concat_arrays([chunk.indices for chunk in encoded.chunks])
+    return pa.DictionaryArray.from_arrays(indices, encoded.chunk(encoded.num_chunks - 1).dictionary)
+
+
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 CANONICAL_IPV4_RE = rf"^{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}$"  # already what str(IPv4Address) prints
 
@@ -120,9 +225,7 @@ def address_text(
     vectorised regex; `ipaddress` runs only on the other distinct values (IPv6, leading zeros, garbage).
     The rows are hashed once (dictionary_encode); everything else runs on the distinct values. `dictionary`:
     the text comes back dictionary<int32, string> (null where invalid), the form the lake writer takes."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    encoded = pc.dictionary_encode(column)
+    encoded = dictionary_encode(column)
     unique = pc.utf8_trim_whitespace(encoded.dictionary)
     ipv4 = pc.fill_null(pc.match_substring_regex(unique, CANONICAL_IPV4_RE), False)
     canonical = pc.if_else(ipv4, unique, pa.scalar(None, pa.string()))
@@ -146,6 +249,9 @@ def address_text(
         canonical = pc.coalesce(canonical, pc.take(pa.array(found_text, pa.string()), index))
         versions = pc.coalesce(versions, pc.take(pa.array(found_version, pa.int8()), index))
     position = encoded.indices
+    if dictionary and position.null_count == 0 and canonical.null_count == 0:  # all valid: nothing per row
+        values = pa.DictionaryArray.from_arrays(position, canonical)
+        return values, pc.take(versions, position), pa.array(np.ones(len(position), dtype=bool))
     valid = pc.fill_null(pc.take(pc.is_valid(canonical), position), False)  # a null row has a null index
     if dictionary:  # an invalid row's index is null, so that is_valid() holds on the dictionary array too
         indices = pc.if_else(valid, position, pa.scalar(None, position.type)).cast(pa.int32())

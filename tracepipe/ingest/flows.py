@@ -32,12 +32,15 @@ from tracepipe.ingest.netflow import (
     walk_datagrams,
 )
 from tracepipe.ingest.nfdump import (
+    CsvRange,
     NfcapdRead,
+    RangeLanding,
     iter_nfcapd,
     iter_nfdump_csv,
     looks_like_nfcapd,
     looks_like_nfdump_csv,
     nfcapd_exporters,
+    nfdump_csv_ranges,
 )
 from tracepipe.ingest.pcap import PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
 from tracepipe.ingest.zeek import GZIP_MAGIC, iter_conn_log, sniff_zeek, zeek_kind
@@ -66,6 +69,10 @@ COMMAND_OF_KIND = {
 BATCH_DATAGRAMS = 4096  # ~5 MB of export datagrams per decode step: memory stays flat, overhead negligible
 # captures from this size on are decoded by worker processes when jobs > 1 (spawning them costs ~1 s)
 PARALLEL_MIN_BYTES = 64 << 20
+# kinds the workers decode, and how many times that size a file of the kind must be: nfdump CSV spends ~8x the
+# bytes of a capture on a record, and 64 MB of it (~180 k records, ~0.7 s of work) do not repay the workers'
+# start-up; 256 MB (~0.7 M records) should, with a free core (benchmarks/netflow_ingest.py prints both)
+PARALLEL_KINDS = {"pcap": 1, "nfcapd": 1, "nfdump-csv": 4}
 
 
 @dataclass
@@ -188,7 +195,8 @@ def ingest_flow_files(
 
     `jobs` (default: the cores available): captures of `parallel_min_bytes` or more are walked here, in input
     order with one decoder state, and turned into columns and Parquet by `jobs` worker processes; nfcapd
-    files of that size (read natively) are split into ranges of blocks that the workers read themselves."""
+    files of that size (read natively) are split into ranges of blocks that the workers read themselves, and
+    nfdump CSV files of 4x that size into byte ranges cut at line ends."""
     jobs = default_jobs() if jobs is None else jobs
     with DecodePool(jobs, lake.root) as pool:
         return _ingest_files(lake, paths, progress, accept, pool if jobs > 1 else None, parallel_min_bytes)
@@ -217,9 +225,7 @@ def _ingest_files(
                 "folder that holds them)",
             )
         )
-    big_captures = [
-        p for p in files if _size(p) >= parallel_min_bytes and _kind_or_none(p) in ("pcap", "nfcapd")
-    ]
+    big_captures = [p for p in files if _parallel(p, _kind_or_none(p), parallel_min_bytes)]
     if pool is not None and big_captures:
         pool.start()
     for path in files:
@@ -238,7 +244,11 @@ def _ingest_files(
             )
             continue
         try:
-            parallel = pool if pool is not None and _size(path) >= parallel_min_bytes else None
+            parallel = (
+                pool
+                if pool is not None and _parallel(path, _kind_or_none(path), parallel_min_bytes)
+                else None
+            )
             result = _ingest_one(lake, path, state, summary, progress, accept, parallel)
         except OSError as exc:  # the lake side: a directory or temp file that cannot be written
             raise LakeError(
@@ -310,6 +320,10 @@ def _ingest_one(
             read = NfcapdRead()
             _land_nfcapd_parallel(writer, pool, path, source, stats, read)
             result.reader = read.reader
+            if progress:
+                progress(size)
+        elif kind == "nfdump-csv" and pool is not None and (ranges := nfdump_csv_ranges(path, source)):
+            _land_csv_parallel(writer, pool, ranges, source, stats)
             if progress:
                 progress(size)
         elif kind in READERS:
@@ -410,6 +424,63 @@ def _count(
             entry["rejects"] = entry.get("rejects", 0) + n
 
 
+def _land_csv_parallel(
+    writer: IngestWriter,
+    pool: DecodePool,
+    ranges: list[CsvRange],
+    source: str,
+    stats: dict[str, Any],
+) -> None:
+    """One nfdump CSV file through the worker pool: byte ranges cut at line ends are read, parsed and written
+    as Parquet by the workers; rejects land here in file order with the file's line numbers."""
+    lines = RangeLanding(ranges[0].columns)
+
+    def land(_: int, part: Any) -> None:
+        rejects = _with_source(lines.land(part.rejects, part.stats), source)
+        writer.reject(rejects)
+        _count(stats, "nfdump-csv", {e: c["flows"] for e, c in part.stats.items()}, rejects)
+
+    _through_pool(writer, pool, iter(ranges), land)
+
+
+def _through_pool(
+    writer: IngestWriter,
+    pool: DecodePool,
+    jobs: Iterator[Any],
+    land: Callable[[int, Any], None],
+    submit: Callable[[Any], list[tuple[int, Any]]] | None = None,
+) -> None:
+    """Send `jobs` to the pool for one source (`submit`: pool.submit, or another of its queues) and call
+    land(number, answer) in job order as answers come back; the workers' files join the writer's commit. On
+    any error the workers drop what they wrote."""
+    submit = pool.submit if submit is None else submit
+    answers: dict[int, Any] = {}
+    landed = 0  # jobs landed so far, in order
+
+    def arrived(new: list[tuple[int, Any]]) -> None:
+        nonlocal landed
+        answers.update(new)
+        while landed in answers:
+            land(landed, answers.pop(landed))
+            landed += 1
+
+    pool.begin(writer.key)
+    try:
+        for job in jobs:
+            arrived(submit(job))
+        last, adds, rows = pool.finish()
+        arrived(last)
+    except BaseException:
+        pool.abort()
+        raise
+    writer.adopt(adds, rows)
+
+
+def _parallel(path: Path, kind: str | None, parallel_min_bytes: int) -> bool:
+    """True when the decode workers take this file (PARALLEL_KINDS)."""
+    return kind in PARALLEL_KINDS and _size(path) >= parallel_min_bytes * PARALLEL_KINDS[kind]
+
+
 def _nfcapd_sampling(stats: dict[str, dict[str, Any]], path: Path, read: NfcapdRead | None) -> None:
     """The sampler list nfdump keeps in the file, per exporter (one interval: known)."""
     native = read is not None and read.reader == "native"
@@ -426,39 +497,27 @@ def _land_nfcapd_parallel(
     decoded and written by the workers (no record bytes through pipes); rejects, counters and the exporter
     and sampler records (in file order) land here in input order, the workers' files in the writer's commit."""
     exporters = nffile.Exporters()
-    answers: dict[int, nffile.RangeRead] = {}
-    landed = 0
+    fatal: list[pa.Table] = []
 
-    def land(new: list[tuple[int, nffile.RangeRead]]) -> None:
-        nonlocal landed
-        answers.update(new)
-        while landed in answers:
-            found = answers.pop(landed)
-            exporters.apply(found.infos)
-            if found.implausible is not None:
-                writer.reject(found.implausible)
-            rejects = _with_source(found.rejects, source)
-            writer.reject(rejects)
-            _count(stats, "nfcapd", found.flows_by_exporter, rejects)
-            landed += 1
+    def land(_: int, found: nffile.RangeRead) -> None:
+        exporters.apply(found.infos)
+        if found.implausible is not None:
+            writer.reject(found.implausible)
+        rejects = _with_source(found.rejects, source)
+        writer.reject(rejects)
+        _count(stats, "nfcapd", found.flows_by_exporter, rejects)
 
-    fatal = None
-    pool.begin(writer.key)
-    try:
+    def ranges() -> Iterator[Any]:
         for blocks in nffile.iter_ranges(path, source, parts=2 * pool.jobs):
             if isinstance(blocks, pa.Table):  # the file ends in a block that cannot be delimited
-                fatal = _with_source(blocks, source)
+                fatal.append(_with_source(blocks, source))
                 continue
-            land(pool.submit_nfcapd(blocks))
-        last, adds, rows = pool.finish()
-        land(last)
-    except BaseException:
-        pool.abort()
-        raise
-    if fatal is not None:
-        writer.reject(fatal)
-        _count(stats, "nfcapd", {}, fatal)
-    writer.adopt(adds, rows)
+            yield blocks
+
+    _through_pool(writer, pool, ranges(), land, pool.submit_nfcapd)
+    for rejects in fatal:
+        writer.reject(rejects)
+        _count(stats, "nfcapd", {}, rejects)
     read.reader, read.exporters = "native", exporters.out
     _nfcapd_sampling(stats, path, read)
 
@@ -497,41 +556,30 @@ def _land_pcap_parallel(
     waiting: dict[
         int, tuple[pa.Table, Decoded]
     ] = {}  # batch number -> (capture rejects, what the walk found)
-    answers: dict[int, Decoded] = {}
-    landed = 0  # batches landed so far, in order
     datagrams = 0
     done = 0
 
-    def land(new: list[tuple[int, Decoded]]) -> None:
-        nonlocal landed
-        answers.update(new)
-        while landed in answers:
-            capture_rejects, walk = waiting.pop(landed)
-            columns = answers.pop(landed)
-            writer.reject(capture_rejects)
-            for part in (walk, columns):
-                writer.reject(part.rejects)
-                merge_stats(stats, part.stats)
-            landed += 1
+    def land(number: int, columns: Decoded) -> None:
+        capture_rejects, walk = waiting.pop(number)
+        writer.reject(capture_rejects)
+        for part in (walk, columns):
+            writer.reject(part.rejects)
+            merge_stats(stats, part.stats)
 
-    pool.begin(writer.key)
-    try:
+    def walked_batches() -> Iterator[Any]:
+        nonlocal datagrams, done
         for number, batch in enumerate(iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS)):
             walked, walk = walk_datagrams(
                 batch.payloads, batch.exporters, batch.ts_us, batch.offsets, source, state
             )
             waiting[number] = (batch.rejects, walk)
             datagrams += len(batch.payloads)
-            land(pool.submit(walked))
+            yield walked
             if progress and batch.bytes_read > done:
                 progress(batch.bytes_read - done)
                 done = batch.bytes_read
-        last, adds, rows = pool.finish()
-        land(last)
-    except BaseException:
-        pool.abort()
-        raise
-    writer.adopt(adds, rows)
+
+    _through_pool(writer, pool, walked_batches(), land)
     return datagrams
 
 

@@ -28,7 +28,15 @@ import pyarrow.compute as pc
 
 from tracepipe.errors import EnvironmentProblem, InputError
 from tracepipe.ingest import nffile
-from tracepipe.ingest.delimited import address_text, line_rejects, read_block, rejects_table
+from tracepipe.ingest.delimited import (
+    address_text,
+    dictionary_encode,
+    file_ranges,
+    iter_file_blocks,
+    line_rejects,
+    read_block,
+    rejects_table,
+)
 from tracepipe.lake import conform
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, too_long_rejects
@@ -108,8 +116,10 @@ def looks_like_nfdump_csv(head: bytes) -> bool:
 def _per_unique(convert, column: pa.Array, *args) -> tuple[pa.Array, pa.Array]:
     """Run a text conversion on the distinct values only and spread the result back (nfdump output repeats
     itself a lot: times in seconds, flag strings, protocols, ports)."""
-    encoded = pc.dictionary_encode(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column)
+    encoded = dictionary_encode(column)
     values, ok = convert(encoded.dictionary, *args)
+    if encoded.null_count == 0 and ok.null_count == 0 and pc.all(ok).as_py():  # the common case: all good
+        return pc.take(values, encoded.indices), pa.array(np.ones(len(encoded), dtype=bool))
     return pc.take(values, encoded.indices), pc.fill_null(pc.take(ok, encoded.indices), False)
 
 
@@ -121,8 +131,6 @@ def _uint(column: pa.Array | pa.ChunkedArray, target: pa.DataType) -> tuple[pa.A
     """Decimal text -> integers; returns (values with 0 where invalid, valid mask). Runs on every row: when all
     are 1-18 ASCII digits (what nfdump prints; _UINT_RE) that is one check and one cast of the column (cheaper than
     hashing it to convert the distinct values); else each row is trimmed and matched as before."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
     plain = pc.and_(pc.ascii_is_decimal(column), pc.less_equal(pc.binary_length(column), 18))
     if len(column) and pc.all(plain).as_py():  # the same rows as _UINT_RE after trimming: all of them
         ok, values = plain, pc.cast(column, pa.int64())
@@ -290,38 +298,51 @@ _NEEDED = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg", "ra"
 _CHECKED_FIELDS = ("ts", "te", "sa", "da", "sp", "dp", "pr", "ipkt", "ibyt", "flg", "ra", "in", "out")
 
 
-def _chunks(source: bytes | str | BinaryIO, block_size: int) -> Iterator[LineBlock]:
-    """Whole lines, about `block_size` bytes at a time, from bytes, a file path or an open binary stream (a
-    pipe from nfdump): memory stays flat; lines longer than limits.line_bytes are emptied (and listed)."""
-    if not isinstance(source, bytes | str):
-        yield from iter_line_blocks(source, block_size)
+Source = bytes | str | tuple[str, int, int] | BinaryIO  # text, a file, a file's byte range, a pipe
+
+
+def _chunks(source: Source, block_size: int, counters: dict[str, int] | None = None) -> Iterator[LineBlock]:
+    """Whole lines, about `block_size` bytes at a time, from bytes, a file path, a (path, start, end) range of
+    one, or an open binary stream (a pipe from nfdump): memory stays flat; lines longer than
+    limits.line_bytes are emptied (and listed)."""
+    if isinstance(source, str):  # a file: read at offsets, one copy of each byte
+        yield from iter_file_blocks(source, block_size)
         return
-    with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as handle:
-        yield from iter_line_blocks(handle, block_size)
+    if isinstance(source, tuple):
+        path, start, end = source
+        yield from iter_file_blocks(path, block_size, start=start, end=end, counters=counters)
+        return
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    yield from iter_line_blocks(source, block_size)
 
 
 def _iter_rows(
-    source: bytes | str | BinaryIO,
+    source: Source,
     delimiter: str,
     columns: tuple[str, ...],
     skip_rows: int,
     block_size: int = 1 << 24,
+    counters: dict[str, int] | None = None,
 ) -> Iterator[tuple[pa.Table, pa.Array, list[tuple[int, str]], list[tuple[int, int]]]]:
     """Stream a delimited text as (the columns we use, all as text; their 1-based line numbers; the lines of
     another width as (line number, text); the lines over limits.line_bytes as (line number, length)), one
-    block of ~`block_size` bytes at a time (delimited.read_block)."""
-    for index, block in enumerate(_chunks(source, block_size)):
+    block of ~`block_size` bytes at a time (delimited.read_block). With `counters` (a decode worker's range,
+    CsvRange) each block is read on one thread: the worker processes already share the cores."""
+    for index, block in enumerate(_chunks(source, block_size, counters)):
         chunk = block.data
         skip = skip_rows if index == 0 else 0
         if not chunk:  # only the rest of an over-long last line
             yield pa.table({}), pa.array([], pa.int64()), [], block.too_long
             continue
-        table, numbers, invalid = read_block(chunk, block.first_line, delimiter, columns, _NEEDED, skip)
+        table, numbers, invalid = read_block(
+            chunk, block.first_line, delimiter, columns, _NEEDED, skip, threads=counters is None
+        )
         yield table, numbers, invalid, block.too_long
 
 
 def _iter_flows(
-    source: bytes | str | BinaryIO,
+    source: Source,
     delimiter: str,
     columns: tuple[str, ...],
     skip_rows: int,
@@ -329,13 +350,16 @@ def _iter_flows(
     tz: str,
     trailer: str | None,
     block_size: int = 1 << 24,
+    counters: dict[str, int] | None = None,
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Batches of (FLOWS, rejects). Not data, and not rejected: blank lines, nfdump's summary trailer (the
     `trailer` line, the names line that follows and its values line) and repeated header lines, so that
-    several nfdump outputs concatenated into one file read as one."""
+    several nfdump outputs concatenated into one file read as one. `counters` (if given) gets "lines" (the
+    lines read so far) and "trailer_left" (trailer lines still due when the input ends: a range that ends
+    inside a trailer tells the next one)."""
     summary_lines_left = 0
     for table, line_numbers, invalid, too_long in _iter_rows(
-        source, delimiter, columns, skip_rows, block_size
+        source, delimiter, columns, skip_rows, block_size, counters
     ):
         parts: list[pa.Table] = []
         kept = []
@@ -350,24 +374,50 @@ def _iter_flows(
             elif stripped and stripped != NO_FLOWS:
                 kept.append((number, text))
         if kept:
-            parts.append(line_rejects(kept, f"expected {len(columns)} fields", name))
+            parts.append(line_rejects(kept, _width_reason(columns), name))
         flows = FLOWS.empty_table()
         if table.num_rows:
             fields = {field: table.column(field) for field in _NEEDED}
-            blank = pc.and_(pc.equal(_trim(fields["ts"]), ""), pc.equal(_trim(fields["sa"]), ""))
-            blank = pc.or_(
-                blank, pc.and_(pc.equal(fields["ts"], "ts"), pc.equal(fields["sa"], "sa"))
-            )  # header
             flows, valid, reason, detail = _flows_from_columns(fields, name, tz)
-            bad = pc.and_(pc.invert(valid), pc.invert(blank))
-            if pc.any(bad).as_py():
-                parts.append(_rejects(line_numbers.filter(bad), detail.filter(bad), reason.filter(bad), name))
-            flows = conform(flows.filter(valid), FLOWS, text_as_dictionary=True)
+            if not pc.all(valid).as_py():  # blank and header lines among the invalid rows are not rejects
+                invalid = pc.invert(valid)
+                ts, sa = fields["ts"].filter(invalid), fields["sa"].filter(invalid)
+                blank = pc.and_(pc.equal(_trim(ts), ""), pc.equal(_trim(sa), ""))
+                blank = pc.or_(blank, pc.and_(pc.equal(ts, "ts"), pc.equal(sa, "sa")))  # header
+                shown = pc.invert(blank)
+                numbers, details, reasons = (
+                    c.filter(invalid).filter(shown) for c in (line_numbers, detail, reason)
+                )
+                if len(numbers):
+                    parts.append(_rejects(numbers, details, reasons, name))
+                flows = flows.filter(valid)
+            flows = conform(_with_null_text(flows), FLOWS, text_as_dictionary=True)
         rejects = pa.concat_tables(parts).sort_by("line") if parts else empty_rejects()
+        if counters is not None:
+            counters["trailer_left"] = summary_lines_left
         yield flows, rejects
 
 
 _rejects = rejects_table
+
+
+def _width_reason(columns: tuple[str, ...]) -> str:
+    """The reject reason of a line with another number of fields than `columns`."""
+    return f"expected {len(columns)} fields"
+
+
+_NULL_TEXT_DICTIONARY = pa.array([], pa.string())
+
+
+def _with_null_text(flows: pa.Table) -> pa.Table:
+    """The FLOWS text columns nfdump's text lacks, as all-null dictionary columns (what conform would make
+    of them by hashing n nulls per column: ~25 columns of every batch)."""
+    n = flows.num_rows
+    missing = [f.name for f in FLOWS if pa.types.is_string(f.type) and f.name not in flows.column_names]
+    nulls = pa.DictionaryArray.from_arrays(pa.nulls(n, pa.int32()), _NULL_TEXT_DICTIONARY)
+    for name in missing:
+        flows = flows.append_column(name, nulls)
+    return flows
 
 
 def empty_rejects() -> pa.Table:
@@ -399,6 +449,105 @@ def _iter_csv(
         yield FLOWS.empty_table(), _rejects(pa.array([1]), pa.array([header]), pa.array([reason]), name)
         return
     yield from _iter_flows(source, ",", columns, skip, name, tz, trailer="Summary", block_size=block_size)
+
+
+# ---- nfdump CSV in decode workers (decode_pool): byte ranges cut at line ends, landed in file order ---------------
+RANGE_COUNTERS = (
+    "\x00csv range"  # the key of a range's own counters in its stats (never an exporter's address)
+)
+
+
+@dataclass(frozen=True)
+class RangeDecoded:
+    flows: pa.Table
+    rejects: pa.Table  # line numbers counted from the range's first line
+    stats: dict[
+        str, dict[str, int]
+    ]  # {exporter: {"flows": n}}, and RANGE_COUNTERS: {"lines", "trailer_left"}
+
+
+@dataclass(frozen=True)
+class CsvRange:
+    """One byte range of an nfdump CSV file, cut at line ends (delimited.file_ranges): what a decode worker
+    turns into flows (decode_pool calls decode()). Plain values, pickled cheaply; the worker reads the bytes."""
+
+    path: str
+    start: int
+    end: int
+    columns: tuple[str, ...]
+    skip_rows: int  # the header line: only in the first range
+    source: str
+    tz: str = "UTC"
+
+    def decode(self) -> RangeDecoded:
+        counters = {"lines": 0, "trailer_left": 0}
+        batches = list(
+            _iter_flows(
+                (self.path, self.start, self.end),
+                ",",
+                self.columns,
+                self.skip_rows,
+                self.source,
+                self.tz,
+                trailer="Summary",
+                # one batch for a range of file_ranges' size; a range that is one huge line (no newline for
+                # hundreds of MB) is read through in windows of 32 MB, never held whole
+                block_size=min(self.end - self.start + 1, 1 << 25),
+                counters=counters,
+            )
+        )
+        flows = pa.concat_tables([f for f, _ in batches]) if batches else FLOWS.empty_table()
+        rejects = pa.concat_tables([r for _, r in batches]) if batches else empty_rejects()
+        stats: dict[str, dict[str, int]] = {RANGE_COUNTERS: counters}
+        for item in pc.value_counts(
+            flows.column("exporter").combine_chunks().dictionary_decode()
+        ).to_pylist():
+            stats[item["values"] or ""] = {"flows": item["counts"]}
+        return RangeDecoded(flows, rejects, stats)
+
+
+def nfdump_csv_ranges(
+    path: Path | str, source: str, tz: str = "UTC", range_bytes: int = 1 << 24
+) -> list[CsvRange]:
+    """The ranges of a `nfdump -o csv` file for decode workers, or [] when its first line is not nfdump's
+    layout (iter_nfdump_csv then reads it and says why). At most `range_bytes` each (a worker holds two), and
+    at least 16 of them (64 KiB or more) so that the workers finish together."""
+    with open(path, "rb") as handle:
+        first_line = handle.readline(DEFAULT_LIMITS.line_bytes + 1)
+        size = os.fstat(handle.fileno()).st_size
+    columns, skip, missing = _csv_layout(first_line)
+    if missing or not first_line.strip():
+        return []
+    range_bytes = min(range_bytes, max(size // 16, 1 << 16))
+    return [
+        CsvRange(str(path), start, end, columns, skip if start == 0 else 0, source, tz)
+        for start, end in file_ranges(str(path), range_bytes)
+    ]
+
+
+@dataclass
+class RangeLanding:
+    """Lands ranges' rejects in file order: line numbers shifted by the lines before the range; the trailer
+    lines a range ended inside are dropped from the head of the next one (where the serial reader drops them)."""
+
+    columns: tuple[str, ...] = CSV_COLUMNS  # the file's (CsvRange.columns)
+    lines: int = 0
+    trailer_left: int = 0
+
+    def land(self, rejects: pa.Table, stats: dict[str, dict[str, int]]) -> pa.Table:
+        counters = stats.pop(RANGE_COUNTERS, {"lines": 0, "trailer_left": 0})
+        if self.trailer_left and rejects.num_rows:
+            width = pc.equal(rejects.column("reason"), _width_reason(self.columns))
+            first = np.flatnonzero(np.asarray(pc.fill_null(width, False), dtype=bool))[: self.trailer_left]
+            keep = np.ones(rejects.num_rows, dtype=bool)
+            keep[first] = False
+            rejects = rejects.filter(pa.array(keep))
+        if rejects.num_rows:
+            line = pc.add(rejects.column("line"), self.lines)
+            rejects = rejects.set_column(rejects.column_names.index("line"), "line", line)
+        self.lines += counters["lines"]
+        self.trailer_left = counters["trailer_left"]
+        return rejects
 
 
 def _collect(batches: Iterator[tuple[pa.Table, pa.Table]]) -> tuple[pa.Table, pa.Table]:
