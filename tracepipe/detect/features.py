@@ -26,7 +26,7 @@ from tracepipe.schema import FLOWS
 from tracepipe.units import parse_network
 
 if TYPE_CHECKING:
-    from tracepipe.detect.buckets import Spill
+    from tracepipe.detect.buckets import Spill, Timer
 
 # TCP flag bits (RFC 793), as the cumulative OR NetFlow exports in tcp_flags.
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
@@ -492,12 +492,16 @@ def compute_features(
     night: tuple[int, int] = (22, 6),
     buckets: int | None = None,
     spill: Spill | None = None,
+    timed: Timer | None = None,
 ) -> pl.DataFrame:
     """Features of every (host, window) with ts in [since, until), collected with the streaming engine, sorted
     by host and window. `history_start` (<= since) widens the read so that new destinations are judged against
     the host's past; only the windows inside [since, until) are returned. More flows than one host bucket takes
     (or `buckets` > 1) are computed bucket by bucket, in bounded memory (detect/buckets.py): the same rows.
-    `spill`: host buckets already spilled (a sweep shares its rules' spill) covering the read."""
-    from tracepipe.detect.buckets import features
+    `spill`: host buckets already spilled (a sweep shares its rules' spill) covering the read. `timed(stage, fn)`:
+    a sweep's stage timer."""
+    from tracepipe.detect.buckets import features, no_timer
 
-    return features(lake, since, until, local_networks, window_s, history_start, night, buckets, spill)
+    return features(
+        lake, since, until, local_networks, window_s, history_start, night, buckets, spill, timed or no_timer
+    )
