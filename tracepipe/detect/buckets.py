@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -67,6 +67,11 @@ SPILLED = (
     "tcp_flags",
 )
 SPILL_BATCH_ROWS = 262_144  # rows read (and held) at a time
+# A bucket of at most this many rows is read into memory ONCE (~64 bytes a row: ~0.5 GB) and every detector and
+# the features work on that frame, their per-flow facts computed once; a bigger one (the bucket of a host that
+# is one end of very many flows, such as the cloud's DNS resolver) is streamed from the spill by each of them,
+# as before: memory follows this bound, not the heaviest host.
+IN_MEMORY_ROWS = 8_000_000
 T = TypeVar("T")
 Timer = Callable[[str, Callable[[], T]], T]
 
@@ -89,6 +94,14 @@ class Spill:
     start: dt.datetime
     end: dt.datetime
     schema: pl.Schema
+    rows: dict[int, int] = field(default_factory=dict)  # rows spilled per bucket
+
+    def frame(self, bucket: int) -> pl.DataFrame | None:
+        """The bucket's flows in memory when they are at most IN_MEMORY_ROWS (read once for all who need
+        them), else None: stream them from source()."""
+        if self.rows.get(bucket, 0) > IN_MEMORY_ROWS:
+            return None
+        return self.source(bucket).collect()
 
     def source(self, bucket: int) -> pl.LazyFrame:
         path = self.root / f"{bucket}.parquet"
@@ -126,6 +139,7 @@ def spill_flows(
     )
     since, until = utc(start), utc(end)
     writers: dict[int, pq.ParquetWriter] = {}
+    written: dict[int, int] = {}
 
     def owner(column: pa.ChunkedArray) -> np.ndarray:
         """Each row's bucket (-1: not a local host), looked up on the dictionary's values only."""
@@ -169,13 +183,20 @@ def spill_flows(
                         )
                     lo, hi = int(bounds[bucket]), int(bounds[bucket + 1])
                     writers[bucket].write_table(taken.slice(lo, hi - lo))
+                    written[bucket] = written.get(bucket, 0) + hi - lo
                 del taken, table
         for writer in writers.values():
             writer.close()
         writers.clear()
         pa.default_memory_pool().release_unused()  # the buckets' polars scans come next: give back the batches
         yield Spill(
-            root, owners, buckets, since, until, pl.Schema(pl.from_arrow(schema.empty_table()).schema)
+            root,
+            owners,
+            buckets,
+            since,
+            until,
+            pl.Schema(pl.from_arrow(schema.empty_table()).schema),
+            written,
         )
     finally:
         for writer in writers.values():
@@ -184,21 +205,39 @@ def spill_flows(
 
 
 class BucketContext(det.DetectContext):
-    """A DetectContext over one bucket's spilled flows (time filter, facts and windows: DetectContext's)."""
+    """A DetectContext over one bucket's spilled flows (time filter, facts and windows: DetectContext's).
+    `facts`: the bucket's flows with their facts (with_flow_facts over the context's local hosts), in memory,
+    shared by every detector of the bucket; None: each detector streams them from the spill."""
 
-    def __init__(self, base: det.DetectContext, spill: Spill, bucket: int, spans: SpanBook) -> None:
+    def __init__(
+        self,
+        base: det.DetectContext,
+        spill: Spill,
+        bucket: int,
+        spans: SpanBook,
+        facts: pl.DataFrame | None = None,
+    ) -> None:
         # every field of the base (lists such as its timings are shared, not copied), its spans swapped
         shared = {f.name: getattr(base, f.name) for f in fields(base) if f.init and f.name != "spans"}
         super().__init__(**shared, spans=spans)
-        self._spill, self._source = spill, spill.source(bucket)
+        self._spill, self._source, self._facts = spill, spill.source(bucket), facts
+        self._hosts = spill.hosts(bucket)
 
-    def scan(self, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
+    def _check(self, start: dt.datetime, end: dt.datetime) -> pl.Expr:
         if utc(start) < self._spill.start or utc(end) > self._spill.end:
             raise RuntimeError(
                 f"a detector read flows from {start} to {end}, outside the spilled {self._spill.start} to "
                 f"{self._spill.end}: widen sweep_range() in detect/buckets.py (or list it in CROSS_HOST)"
             )
-        return self._source.filter((pl.col("ts_start") >= start) & (pl.col("ts_start") < end))
+        return (pl.col("ts_start") >= start) & (pl.col("ts_start") < end)
+
+    def scan(self, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
+        return self._source.filter(self._check(start, end))
+
+    def facts(self, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
+        if self._facts is None:
+            return with_flow_facts(self.scan(start, end), self.local, self.night, owned=self._hosts)
+        return self._facts.lazy().filter(self._check(start, end))
 
 
 def no_timer(name: str, fn: Callable[[], T]) -> T:
@@ -227,14 +266,28 @@ def detect(ctx: det.DetectContext, names: list[str], spill: Spill, timed: Timer 
     for bucket in range(spill.buckets):
         hosts = spill.hosts(bucket)
         owned = set(hosts.to_list())
+        # the bucket read once, its facts computed once, for all its detectors (when it fits in memory)
+        facts = timed(
+            "bucket read", lambda bucket=bucket: _in_memory_facts(spill, bucket, ctx.local, ctx.night)
+        )
         for name in per_host:
-            context = BucketContext(ctx, spill, bucket, SpanBook(given=given.get(name, [])))
+            context = BucketContext(ctx, spill, bucket, SpanBook(given=given.get(name, [])), facts)
             before = len(log) if log is not None else 0
             found = timed(name, lambda name=name, context=context: det.DETECTORS[name](context))
             frames.append(found.filter(pl.col("addr").is_in(hosts.implode())))
             if log is not None:
                 log[before:] = [row for row in log[before:] if row.get("addr") in owned]
     return pl.concat(frames) if frames else det._empty()
+
+
+def _in_memory_facts(
+    spill: Spill, bucket: int, local: list[str], night: tuple[int, int]
+) -> pl.DataFrame | None:
+    """The bucket's flows with their facts (with_flow_facts), in memory; None when the bucket is too big."""
+    frame = spill.frame(bucket)
+    if frame is None:
+        return None
+    return with_flow_facts(frame.lazy(), local, night, owned=spill.hosts(bucket)).collect()
 
 
 def sweep_range(ctx: det.DetectContext, names: list[str]) -> tuple[dt.datetime, dt.datetime]:
@@ -287,13 +340,16 @@ def features(
                 )
             parts = []
             for bucket in range(spill.buckets):
-                rows = spill.source(bucket).filter(
-                    (pl.col("ts_start") >= start) & (pl.col("ts_start") < utc(until))
+                within = (pl.col("ts_start") >= start) & (pl.col("ts_start") < utc(until))
+                # in memory (read once, facts computed once for all the features' parts) when it fits
+                frame = timed(
+                    "bucket read", lambda bucket=bucket: _in_memory_facts(spill, bucket, local, night)
                 )
+                rows = spill.source(bucket).filter(within) if frame is None else frame.lazy().filter(within)
                 found = timed(
                     "features",
-                    lambda rows=rows: _features_of(
-                        rows, local, window_s, history, night, SpanBook(given=given)
+                    lambda rows=rows, bucket=bucket: _features_of(
+                        rows, local, window_s, history, night, SpanBook(given=given), spill.hosts(bucket)
                     ),
                 )
                 parts.append(found.filter(pl.col("host").is_in(spill.hosts(bucket).implode())))
@@ -311,8 +367,10 @@ def _features_of(
     history: dt.datetime | None,
     night: tuple[int, int],
     spans: SpanBook | None,
+    owned: pl.Series | None = None,
 ) -> pl.DataFrame:
-    facts = with_flow_facts(flows, local, night)
+    # a frame that already has its facts (an in-memory bucket's) keeps them
+    facts = flows if "src_local" in flows.collect_schema() else with_flow_facts(flows, local, night, owned)
     return host_features(facts, window_s, history_start=history, sequential=True, spans=spans).collect(
         engine="streaming"
     )
