@@ -266,12 +266,8 @@ def spill_local(
     scores (`history` set), the anomaly features' [history, until); None when they fit one host bucket. The
     hosts: the rules' local addresses (leases included) and the features' own (local_networks only)."""
     ranges = [bucketed.sweep_range(ctx, names)]
-    hosts = set(ctx.local)
     if history is not None:
         ranges.append((utc(history), ctx.until))
-        hosts |= set(
-            bucketed.feature_hosts(ctx.lake, utc(history), ctx.until, ctx.config.pipeline.local_networks)
-        )
     ranges = [(start, end) for start, end in ranges if start < end]
     if not ranges:
         return None
@@ -279,8 +275,21 @@ def spill_local(
     buckets = buckets or bucketed.bucket_count(count_rows(ctx.lake, start, end))
     if buckets <= 1:
         return None
-    spill = bucketed.spill_flows(ctx.lake, start, end, sorted(hosts), buckets)
-    return stage("spill", lambda: stack.enter_context(spill))
+
+    def spill() -> bucketed.Spill:
+        hosts = set(ctx.local)
+        known: dict[tuple[dt.datetime, dt.datetime], list[str]] = {}
+        if history is not None:
+            networks = ctx.config.pipeline.local_networks
+            known[utc(history), ctx.until] = bucketed.feature_hosts(
+                ctx.lake, utc(history), ctx.until, networks
+            )
+            hosts |= set(known[utc(history), ctx.until])
+        made = stack.enter_context(bucketed.spill_flows(ctx.lake, start, end, sorted(hosts), buckets))
+        made.feature_hosts.update(known)  # the features look their hosts up here instead of scanning again
+        return made
+
+    return stage("spill", spill)
 
 
 def detect_local(

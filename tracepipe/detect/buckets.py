@@ -95,6 +95,8 @@ class Spill:
     end: dt.datetime
     schema: pl.Schema
     rows: dict[int, int] = field(default_factory=dict)  # rows spilled per bucket
+    # the features' hosts (feature_hosts) over a (start, until), when whoever spilled already looked them up
+    feature_hosts: dict[tuple[dt.datetime, dt.datetime], list[str]] = field(default_factory=dict)
 
     def frame(self, bucket: int) -> pl.DataFrame | None:
         """The bucket's flows in memory when they are at most IN_MEMORY_ROWS (read once for all who need
@@ -322,7 +324,9 @@ def features(
     flows = scan_flows(lake, start, until)
     if spill is None:
         buckets = buckets or bucket_count(count_rows(lake, start, until))
-    local = timed("features hosts", lambda: feature_hosts(lake, start, until, local_networks))
+    local = (spill.feature_hosts.get((start, utc(until))) if spill is not None else None) or timed(
+        "features hosts", lambda: feature_hosts(lake, start, until, local_networks)
+    )
     history = start if history_start is not None else None
     if spill is None and buckets <= 1:
         parts = [timed("features", lambda: _features_of(flows, local, window_s, history, night, None))]

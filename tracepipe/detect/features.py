@@ -182,7 +182,7 @@ def with_flow_facts(
     holds the flows of its hosts' peers in other buckets, whose aggregations it would compute and drop."""
     flags = pl.col("tcp_flags").fill_null(0).cast(pl.Int32)
     is_tcp = pl.col("proto") == 6
-    hour = pl.col("ts_start").dt.hour()
+    hour = pl.col("ts_start").dt.epoch("s") // 3600 % 24  # UTC (as ts_start is): 3x cheaper than dt.hour()
     start, end = night
     is_night = (hour >= start) | (hour < end) if start > end else (hour >= start) & (hour < end)
     unreach = pl.lit(False)
@@ -397,6 +397,15 @@ def host_features(
     # group's rows first (~35 MB per million flows of a host bucket, measured). Distinct counts under a
     # condition are counted from the distinct (host, window, value) triples instead (distinct_count).
     outbound = flows.filter(pl.col("src_owned"))
+    # the distinct (host, window, destination) of initiator flows, with the first contact in each: both the
+    # distinct destinations and the first contact of each (host, destination) come from it, one pass not two
+    contacts = (
+        outbound.filter(initiator)
+        .group_by(pl.col("src_addr").alias("host"), "window_start", "dst_addr")
+        .agg(first=pl.col("ts_start").min())
+    )
+    if sequential:
+        contacts = contacts.collect(engine="streaming").lazy()
     out = (
         outbound.group_by(pl.col("src_addr").alias("host"), "window_start")
         .agg(
@@ -414,7 +423,10 @@ def host_features(
             ),
             long_flows=(pl.col("duration") >= LONG_FLOW_SECONDS).sum(),
         )
-        .join(distinct_count(outbound.filter(initiator), "dst_addr", "distinct_dst"), **_on_host_window)
+        .join(
+            contacts.group_by("host", "window_start").agg(pl.len().cast(pl.UInt32).alias("distinct_dst")),
+            **_on_host_window,
+        )
         .join(distinct_count(outbound.filter(initiator), "dst_port", "distinct_dst_ports"), **_on_host_window)
     )
     inbound = (
@@ -428,9 +440,8 @@ def host_features(
         )
     )
     first_seen = (
-        flows.filter(pl.col("src_owned") & initiator)
-        .group_by(pl.col("src_addr").alias("host"), "dst_addr")
-        .agg(first=pl.col("ts_start").min())
+        contacts.group_by("host", "dst_addr")
+        .agg(pl.col("first").min())
         .with_columns(window_start=bucket_expr("first", window_s))
     )
     if history_start is not None:
