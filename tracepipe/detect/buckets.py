@@ -5,8 +5,11 @@ with a local end to the bucket of each local end (hash of the address; a flow be
 buckets goes to both) in a temporary directory ($TMPDIR: a disk, not a RAM-backed tmpfs); then the SAME detector and feature code runs on each bucket's
 flows in turn. What a rule finds for a host depends only on the flows with that host at one end, so a bucket
 keeps the candidates whose `addr` it owns, and the union is what one unbucketed run finds: peak memory follows
-the largest bucket, not the day. Two facts span hosts: exfiltration's peer median (that detector runs once over
-the whole window; it holds only per (host, window) sums) and periodicity's data span (recorded over the whole
+the largest bucket, not the day. A bucket of at most IN_MEMORY_ROWS is read ONCE into memory and every detector
+and the features take that frame (facts computed once, per-host aggregations on the rows of the bucket's own
+hosts only); a bigger one (the bucket of a host at one end of very many flows) is streamed from the spill by
+each of them, so memory stays bounded whatever that host's share. Two facts span hosts: exfiltration's peer
+median (that detector runs once over the whole window; it holds only per (host, window) sums) and periodicity's data span (recorded over the whole
 window first, then given to every bucket: features.SpanBook). Spark (engines/spark_sweep.py) splits the same way.
 """
 
@@ -95,13 +98,14 @@ class Spill:
     end: dt.datetime
     schema: pl.Schema
     rows: dict[int, int] = field(default_factory=dict)  # rows spilled per bucket
+    in_memory_rows: int = IN_MEMORY_ROWS  # a bucket of more rows is streamed by each reader, never held
     # the features' hosts (feature_hosts) over a (start, until), when whoever spilled already looked them up
     feature_hosts: dict[tuple[dt.datetime, dt.datetime], list[str]] = field(default_factory=dict)
 
     def frame(self, bucket: int) -> pl.DataFrame | None:
         """The bucket's flows in memory when they are at most IN_MEMORY_ROWS (read once for all who need
         them), else None: stream them from source()."""
-        if self.rows.get(bucket, 0) > IN_MEMORY_ROWS:
+        if self.rows.get(bucket, 0) > self.in_memory_rows:
             return None
         return self.source(bucket).collect()
 
