@@ -399,15 +399,6 @@ def host_features(
     # group's rows first (~35 MB per million flows of a host bucket, measured). Distinct counts under a
     # condition are counted from the distinct (host, window, value) triples instead (distinct_count).
     outbound = flows.filter(pl.col("src_owned"))
-    # the distinct (host, window, destination) of initiator flows, with the first contact in each: both the
-    # distinct destinations and the first contact of each (host, destination) come from it, one pass not two
-    contacts = (
-        outbound.filter(initiator)
-        .group_by(pl.col("src_addr").alias("host"), "window_start", "dst_addr")
-        .agg(first=pl.col("ts_start").min())
-    )
-    if sequential:
-        contacts = contacts.collect(engine="streaming").lazy()
     out = (
         outbound.group_by(pl.col("src_addr").alias("host"), "window_start")
         .agg(
@@ -425,10 +416,7 @@ def host_features(
             ),
             long_flows=(pl.col("duration") >= LONG_FLOW_SECONDS).sum(),
         )
-        .join(
-            contacts.group_by("host", "window_start").agg(pl.len().cast(pl.UInt32).alias("distinct_dst")),
-            **_on_host_window,
-        )
+        .join(distinct_count(outbound.filter(initiator), "dst_addr", "distinct_dst"), **_on_host_window)
         .join(distinct_count(outbound.filter(initiator), "dst_port", "distinct_dst_ports"), **_on_host_window)
     )
     inbound = (
@@ -442,8 +430,9 @@ def host_features(
         )
     )
     first_seen = (
-        contacts.group_by("host", "dst_addr")
-        .agg(pl.col("first").min())
+        outbound.filter(initiator)
+        .group_by(pl.col("src_addr").alias("host"), "dst_addr")
+        .agg(first=pl.col("ts_start").min())
         .with_columns(window_start=bucket_expr("first", window_s))
     )
     if history_start is not None:
