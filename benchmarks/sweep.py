@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -127,7 +128,16 @@ def measure(lake_dir: Path) -> dict:
         [*cli, "model", "fit", "--since", since, "--until", until, "--pipeline", pipeline, *common]
     )
     _, out, sweep = child([*cli, "sweep", pipeline, "--since", since, "--until", until, *common])
-    return {"fit": fit, "sweep": sweep, "summary": json.loads(out)}
+    summary = json.loads(out)
+    return {"fit": fit, "sweep": sweep, "summary": summary, "alerts_digest": alerts_digest(summary)}
+
+
+def alerts_digest(summary: dict) -> str:
+    """A hash of every alert of the sweep's JSON report, all fields but created_at, in alert_id order: two
+    versions of the code found the same alerts when the digests agree."""
+    report = json.loads(Path(summary["reports"]["json"]).read_text())
+    alerts = sorted(({k: v for k, v in a.items() if k != "created_at"} for a in report["alerts"]), key=str)
+    return hashlib.sha256(json.dumps(alerts, default=str, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
             "alerts": summary["alerts"],
             "by_detector": summary["new_by_detector"],
             "timings": summary["timings_s"],
+            "cpu_timings": summary.get("cpu_timings_s", {}),
             "load": os.getloadavg()[0],
+            "alerts_digest": m["alerts_digest"],
         }
         rows.append(row)
         print(
@@ -183,18 +195,19 @@ def main(argv: list[str] | None = None) -> int:
             f"peak RSS {row['sweep_rss_mb']:,.0f} MB; model fit {row['fit_s']:.0f} s wall, "
             f"{row['fit_cpu_s']:.0f} s CPU = {flows / row['fit_cpu_s']:,.0f} flows per CPU-second, "
             f"peak RSS {row['fit_rss_mb']:,.0f} MB; "
-            f"{row['alerts']} alerts {row['by_detector']}",
+            f"{row['alerts']} alerts {row['by_detector']} (digest {row['alerts_digest']})",
             flush=True,
         )
-        total = sum(v for k, v in row["timings"].items())
-        print(
-            "  sweep time per stage: "
-            + ", ".join(
-                f"{k} {v:.1f} s ({100 * v / max(total, 1e-9):.0f}%)"
-                for k, v in sorted(row["timings"].items(), key=lambda kv: -kv[1])
-                if v >= 0.05
+        for label, key in (("CPU", "cpu_timings"), ("wall", "timings")):
+            total = sum(row[key].values())
+            print(
+                f"  sweep {label} time per stage: "
+                + ", ".join(
+                    f"{k} {v:.1f} s ({100 * v / max(total, 1e-9):.0f}%)"
+                    for k, v in sorted(row[key].items(), key=lambda kv: -kv[1])
+                    if v >= 0.05
+                )
             )
-        )
     print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other jobs share the machine)")
     print(
         f"{'flows':>12} {'sweep s':>8} {'flows/s':>10} {'CPU s':>7} {'flows/CPU-s':>12} {'sweep RSS':>10} "

@@ -15,6 +15,7 @@ from support import stories as gen
 
 from tracepipe.demo import PIPELINE, run_demo
 from tracepipe.detect import buckets, model
+from tracepipe.detect import detectors as det
 from tracepipe.detect.features import compute_features, periodicity
 from tracepipe.lake import Lake
 from tracepipe.pipeline_config import load_pipeline
@@ -149,3 +150,28 @@ def test_periodicity_without_recorded_spans_fails_loudly():
     rows = pl.from_arrow(FLOWS.empty_table()).lazy()
     with pytest.raises(RuntimeError, match="WINDOW_WIDE"):
         periodicity(rows, 3600, 2, spans=buckets.SpanBook()).collect()
+
+
+@pytest.mark.parametrize("in_memory_rows", [0, 10**9])
+def test_buckets_read_once_in_memory_or_streamed_give_the_same_candidates_and_features(day, in_memory_rows):
+    """A bucket read into memory once (its facts shared by every detector and the features) and one that
+    each of them streams from the spill (a bucket over IN_MEMORY_ROWS: the DNS resolver's) find exactly what
+    the unbucketed run finds; each bucket's per-host aggregations keep only the hosts it owns."""
+    lake, story, config = day
+    since, until = story.last_day
+    ctx = det.prepare_context(lake, config, since, until, lake.read("intel"))
+    names = sorted(RULES - set(buckets.CROSS_HOST))
+    whole = pl.concat([det.DETECTORS[name](ctx) for name in names])
+    assert set(whole.get_column("detector").to_list()) == set(names)  # every per-host kind is planted
+    history = since - dt.timedelta(days=1)
+    hosts = set(ctx.local) | set(buckets.feature_hosts(lake, history, until, gen.LOCAL_NETWORKS))
+    with buckets.spill_flows(lake, history, until, sorted(hosts), 3) as spill:
+        spill = dataclasses.replace(spill, in_memory_rows=in_memory_rows)
+        assert min(spill.rows.values()) > 0 and len(spill.rows) == 3
+        split = buckets.detect(ctx, names, spill)
+        features = buckets.features(
+            lake, since, until, gen.LOCAL_NETWORKS, 3600.0, history, ctx.night, spill=spill
+        )
+    assert sorted(split.rows()) == sorted(whole.rows())
+    alone = compute_features(lake, since, until, gen.LOCAL_NETWORKS, history_start=history, buckets=1)
+    assert alone.height > 100 and features.equals(alone)

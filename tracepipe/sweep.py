@@ -65,7 +65,9 @@ class SweepResult:
     ingest: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     report_paths: dict[str, Path] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage
+    # CPU seconds per stage (every thread of the process: polars' too): on a shared machine wall time is noise
+    cpu_timings: dict[str, float] = field(default_factory=dict)
     lake_version: str = ""  # the table versions the sweep read (maintenance.version_token)
 
     @property
@@ -102,6 +104,7 @@ class SweepResult:
             "notes": self.notes,
             "reports": {k: str(v) for k, v in self.report_paths.items()},
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "cpu_timings_s": {k: round(v, 3) for k, v in self.cpu_timings.items()},
             "top": [
                 {
                     "detector": r["detector"],
@@ -217,9 +220,11 @@ def anomaly_stage(
     buckets: int | None = None,
     spill: bucketed.Spill | None = None,
     loaded: tuple[Any, Any] | None = None,
+    timed: bucketed.Timer | None = None,
 ) -> pl.DataFrame:
     """Score the sweep's (host, window)s with the persisted model (`loaded`, else read here); no model -> a
-    note, not a failure. `spill`: the sweep's host buckets (shared with the rules), covering the history."""
+    note, not a failure. `spill`: the sweep's host buckets (shared with the rules), covering the history.
+    `timed(stage, fn)`: the sweep's stage timer (features hosts, features spans, features, anomaly)."""
     from tracepipe.detect import model
 
     cfg = ctx.config.model
@@ -237,8 +242,10 @@ def anomaly_stage(
         night=ctx.night,
         buckets=buckets,
         spill=spill,
+        timed=timed,
     )
-    scored = model.score(features, forest, info, cfg.top_features)
+    timed = timed or bucketed.no_timer
+    scored = timed("anomaly", lambda: model.score(features, forest, info, cfg.top_features))
     return model.anomaly_candidates(scored, cfg.min_score, cfg.max_alerts, info.window_seconds, rule_hosts)
 
 
@@ -259,12 +266,8 @@ def spill_local(
     scores (`history` set), the anomaly features' [history, until); None when they fit one host bucket. The
     hosts: the rules' local addresses (leases included) and the features' own (local_networks only)."""
     ranges = [bucketed.sweep_range(ctx, names)]
-    hosts = set(ctx.local)
     if history is not None:
         ranges.append((utc(history), ctx.until))
-        hosts |= set(
-            bucketed.feature_hosts(ctx.lake, utc(history), ctx.until, ctx.config.pipeline.local_networks)
-        )
     ranges = [(start, end) for start, end in ranges if start < end]
     if not ranges:
         return None
@@ -272,8 +275,21 @@ def spill_local(
     buckets = buckets or bucketed.bucket_count(count_rows(ctx.lake, start, end))
     if buckets <= 1:
         return None
-    spill = bucketed.spill_flows(ctx.lake, start, end, sorted(hosts), buckets)
-    return stage("spill", lambda: stack.enter_context(spill))
+
+    def spill() -> bucketed.Spill:
+        hosts = set(ctx.local)
+        known: dict[tuple[dt.datetime, dt.datetime], list[str]] = {}
+        if history is not None:
+            networks = ctx.config.pipeline.local_networks
+            known[utc(history), ctx.until] = bucketed.feature_hosts(
+                ctx.lake, utc(history), ctx.until, networks
+            )
+            hosts |= set(known[utc(history), ctx.until])
+        made = stack.enter_context(bucketed.spill_flows(ctx.lake, start, end, sorted(hosts), buckets))
+        made.feature_hosts.update(known)  # the features look their hosts up here instead of scanning again
+        return made
+
+    return stage("spill", spill)
 
 
 def detect_local(
@@ -360,12 +376,12 @@ def run_sweep(
     config = pipeline_path if isinstance(pipeline_path, PipelineConfig) else load_pipeline(pipeline_path)
     since, until = sweep_window(config, since, until, now)
     result = SweepResult(config.pipeline.name, since, until)
-    timings = result.timings
+    timings, cpu_timings = result.timings, result.cpu_timings
 
     def stage(name: str, fn: Callable[[], Any]) -> Any:
         if on_stage:
             on_stage(name)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         try:
             return fn()
         except Exception as exc:
@@ -380,6 +396,7 @@ def run_sweep(
             ) from exc
         finally:
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+            cpu_timings[name] = cpu_timings.get(name, 0.0) + time.process_time() - cpu0
 
     result.ingest, partial = stage("ingest", lambda: ingest_inputs(lake, config))
     # Everything below reads one snapshot: the table versions after ingest, recorded in the result and the
@@ -432,9 +449,8 @@ def run_sweep(
             candidates = detect_local(ctx, enabled, spill, stage)
             if loaded is not None:
                 rule_hosts = set(candidates.get_column("addr").to_list())
-                anomalies = stage(
-                    "anomaly", lambda: anomaly_stage(ctx, rule_hosts, result.notes, buckets, spill, loaded)
-                )
+                # the features' steps are timed as stages of their own (nested stages would count twice)
+                anomalies = anomaly_stage(ctx, rule_hosts, result.notes, buckets, spill, loaded, stage)
                 candidates = pl.concat([candidates, anomalies])
     alerts, stats = stage("finalize", lambda: det.finalize(candidates, ctx, config.pipeline.name))
     result.allowlisted = stats["allowlisted"]

@@ -5,8 +5,11 @@ with a local end to the bucket of each local end (hash of the address; a flow be
 buckets goes to both) in a temporary directory ($TMPDIR: a disk, not a RAM-backed tmpfs); then the SAME detector and feature code runs on each bucket's
 flows in turn. What a rule finds for a host depends only on the flows with that host at one end, so a bucket
 keeps the candidates whose `addr` it owns, and the union is what one unbucketed run finds: peak memory follows
-the largest bucket, not the day. Two facts span hosts: exfiltration's peer median (that detector runs once over
-the whole window; it holds only per (host, window) sums) and periodicity's data span (recorded over the whole
+the largest bucket, not the day. A bucket of at most IN_MEMORY_ROWS is read ONCE into memory and every detector
+and the features take that frame (facts computed once, per-host aggregations on the rows of the bucket's own
+hosts only); a bigger one (the bucket of a host at one end of very many flows) is streamed from the spill by
+each of them, so memory stays bounded whatever that host's share. Two facts span hosts: exfiltration's peer
+median (that detector runs once over the whole window; it holds only per (host, window) sums) and periodicity's data span (recorded over the whole
 window first, then given to every bucket: features.SpanBook). Spark (engines/spark_sweep.py) splits the same way.
 """
 
@@ -17,7 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -50,9 +53,28 @@ CROSS_HOST = ("exfiltration",)  # compares hosts with each other: runs over the 
 # recorded before the buckets run; one that is missing here fails loudly (SpanBook has nothing to give)
 WINDOW_WIDE = ("beacon",)
 BUCKET = "_bucket"
-# Provenance columns no detector or feature reads (evidence rows come from the lake itself): not spilled.
-NOT_SPILLED = ("source", "src_vm", "dst_vm")
+# The only FLOWS columns the detectors and features read (evidence rows come from the lake itself): the spill
+# copies these and no other. FLOWS has ~50 columns (router, NAT, tunnel fields, provenance), mostly null for a
+# cloud's exporters: copying them all cost the spill 7.6 s of CPU at 10^7 flows, these only 2.8 s. A detector
+# that reads another column fails on a bucket (polars: column not found) in tests/test_buckets.py: add it here.
+SPILLED = (
+    "ts_start",
+    "ts_end",
+    "src_addr",
+    "dst_addr",
+    "src_port",
+    "dst_port",
+    "proto",
+    "packets",
+    "bytes",
+    "tcp_flags",
+)
 SPILL_BATCH_ROWS = 262_144  # rows read (and held) at a time
+# A bucket of at most this many rows is read into memory ONCE (~64 bytes a row: ~0.5 GB) and every detector and
+# the features work on that frame, their per-flow facts computed once; a bigger one (the bucket of a host that
+# is one end of very many flows, such as the cloud's DNS resolver) is streamed from the spill by each of them,
+# as before: memory follows this bound, not the heaviest host.
+IN_MEMORY_ROWS = 8_000_000
 T = TypeVar("T")
 Timer = Callable[[str, Callable[[], T]], T]
 
@@ -75,6 +97,17 @@ class Spill:
     start: dt.datetime
     end: dt.datetime
     schema: pl.Schema
+    rows: dict[int, int] = field(default_factory=dict)  # rows spilled per bucket
+    in_memory_rows: int = IN_MEMORY_ROWS  # a bucket of more rows is streamed by each reader, never held
+    # the features' hosts (feature_hosts) over a (start, until), when whoever spilled already looked them up
+    feature_hosts: dict[tuple[dt.datetime, dt.datetime], list[str]] = field(default_factory=dict)
+
+    def frame(self, bucket: int) -> pl.DataFrame | None:
+        """The bucket's flows in memory when they are at most IN_MEMORY_ROWS (read once for all who need
+        them), else None: stream them from source()."""
+        if self.rows.get(bucket, 0) > self.in_memory_rows:
+            return None
+        return self.source(bucket).collect()
 
     def source(self, bucket: int) -> pl.LazyFrame:
         path = self.root / f"{bucket}.parquet"
@@ -104,7 +137,7 @@ def spill_flows(
     owners = assign(hosts, buckets)
     root = Path(tempfile.mkdtemp(prefix="tracepipe-buckets-"))
     keys, values = owners.get_column("addr"), owners.get_column(BUCKET)
-    schema = pa.schema([f for f in FLOWS if f.name not in NOT_SPILLED])
+    schema = pa.schema([FLOWS.field(name) for name in SPILLED])
     text = [f.name for f in schema if pa.types.is_string(f.type)]
     # written as plain strings (store_schema=False): every reader sees the types schema.py declares
     stored = pa.schema(
@@ -112,6 +145,7 @@ def spill_flows(
     )
     since, until = utc(start), utc(end)
     writers: dict[int, pq.ParquetWriter] = {}
+    written: dict[int, int] = {}
 
     def owner(column: pa.ChunkedArray) -> np.ndarray:
         """Each row's bucket (-1: not a local host), looked up on the dictionary's values only."""
@@ -147,7 +181,7 @@ def spill_flows(
                             root / f"{bucket}.parquet",
                             stored,
                             compression="none",
-                            use_dictionary=["src_addr", "dst_addr", "exporter"],
+                            use_dictionary=["src_addr", "dst_addr"],
                             # min/max of ts_start only: a reader of a part of the spilled range (the
                             # rules' day of a sweep that also spilled the model's history) skips the rest
                             write_statistics=["ts_start"],
@@ -155,13 +189,20 @@ def spill_flows(
                         )
                     lo, hi = int(bounds[bucket]), int(bounds[bucket + 1])
                     writers[bucket].write_table(taken.slice(lo, hi - lo))
+                    written[bucket] = written.get(bucket, 0) + hi - lo
                 del taken, table
         for writer in writers.values():
             writer.close()
         writers.clear()
         pa.default_memory_pool().release_unused()  # the buckets' polars scans come next: give back the batches
         yield Spill(
-            root, owners, buckets, since, until, pl.Schema(pl.from_arrow(schema.empty_table()).schema)
+            root,
+            owners,
+            buckets,
+            since,
+            until,
+            pl.Schema(pl.from_arrow(schema.empty_table()).schema),
+            written,
         )
     finally:
         for writer in writers.values():
@@ -170,28 +211,46 @@ def spill_flows(
 
 
 class BucketContext(det.DetectContext):
-    """A DetectContext over one bucket's spilled flows (time filter, facts and windows: DetectContext's)."""
+    """A DetectContext over one bucket's spilled flows (time filter, facts and windows: DetectContext's).
+    `facts`: the bucket's flows with their facts (with_flow_facts over the context's local hosts), in memory,
+    shared by every detector of the bucket; None: each detector streams them from the spill."""
 
-    def __init__(self, base: det.DetectContext, spill: Spill, bucket: int, spans: SpanBook) -> None:
+    def __init__(
+        self,
+        base: det.DetectContext,
+        spill: Spill,
+        bucket: int,
+        spans: SpanBook,
+        facts: pl.DataFrame | None = None,
+    ) -> None:
         # every field of the base (lists such as its timings are shared, not copied), its spans swapped
         shared = {f.name: getattr(base, f.name) for f in fields(base) if f.init and f.name != "spans"}
         super().__init__(**shared, spans=spans)
-        self._spill, self._source = spill, spill.source(bucket)
+        self._spill, self._source, self._facts = spill, spill.source(bucket), facts
+        self._hosts = spill.hosts(bucket)
 
-    def scan(self, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
+    def _check(self, start: dt.datetime, end: dt.datetime) -> pl.Expr:
         if utc(start) < self._spill.start or utc(end) > self._spill.end:
             raise RuntimeError(
                 f"a detector read flows from {start} to {end}, outside the spilled {self._spill.start} to "
                 f"{self._spill.end}: widen sweep_range() in detect/buckets.py (or list it in CROSS_HOST)"
             )
-        return self._source.filter((pl.col("ts_start") >= start) & (pl.col("ts_start") < end))
+        return (pl.col("ts_start") >= start) & (pl.col("ts_start") < end)
+
+    def scan(self, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
+        return self._source.filter(self._check(start, end))
+
+    def facts(self, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
+        if self._facts is None:
+            return with_flow_facts(self.scan(start, end), self.local, self.night, owned=self._hosts)
+        return self._facts.lazy().filter(self._check(start, end))
 
 
-def _timer(name: str, fn: Callable[[], T]) -> T:
+def no_timer(name: str, fn: Callable[[], T]) -> T:
     return fn()
 
 
-def detect(ctx: det.DetectContext, names: list[str], spill: Spill, timed: Timer = _timer) -> pl.DataFrame:
+def detect(ctx: det.DetectContext, names: list[str], spill: Spill, timed: Timer = no_timer) -> pl.DataFrame:
     """The candidates of the rule detectors `names`, run bucket by bucket (cross-host ones over the window).
     `timed(stage, fn)` runs and times each step (a detector's time is summed over its buckets)."""
     frames = [timed(name, lambda name=name: det.DETECTORS[name](ctx)) for name in names if name in CROSS_HOST]
@@ -213,14 +272,28 @@ def detect(ctx: det.DetectContext, names: list[str], spill: Spill, timed: Timer 
     for bucket in range(spill.buckets):
         hosts = spill.hosts(bucket)
         owned = set(hosts.to_list())
+        # the bucket read once, its facts computed once, for all its detectors (when it fits in memory)
+        facts = timed(
+            "bucket read", lambda bucket=bucket: _in_memory_facts(spill, bucket, ctx.local, ctx.night)
+        )
         for name in per_host:
-            context = BucketContext(ctx, spill, bucket, SpanBook(given=given.get(name, [])))
+            context = BucketContext(ctx, spill, bucket, SpanBook(given=given.get(name, [])), facts)
             before = len(log) if log is not None else 0
             found = timed(name, lambda name=name, context=context: det.DETECTORS[name](context))
             frames.append(found.filter(pl.col("addr").is_in(hosts.implode())))
             if log is not None:
                 log[before:] = [row for row in log[before:] if row.get("addr") in owned]
     return pl.concat(frames) if frames else det._empty()
+
+
+def _in_memory_facts(
+    spill: Spill, bucket: int, local: list[str], night: tuple[int, int]
+) -> pl.DataFrame | None:
+    """The bucket's flows with their facts (with_flow_facts), in memory; None when the bucket is too big."""
+    frame = spill.frame(bucket)
+    if frame is None:
+        return None
+    return with_flow_facts(frame.lazy(), local, night, owned=spill.hosts(bucket)).collect()
 
 
 def sweep_range(ctx: det.DetectContext, names: list[str]) -> tuple[dt.datetime, dt.datetime]:
@@ -246,22 +319,25 @@ def features(
     night: tuple[int, int],
     buckets: int | None = None,
     spill: Spill | None = None,
+    timed: Timer = no_timer,
 ) -> pl.DataFrame:
     """features.compute_features, bucket by bucket when the range holds more flows than one bucket takes (or
     from `spill`, a sweep's, which must cover the range and every local host): the same rows (per (host,
-    window), sorted by host and window)."""
+    window), sorted by host and window). `timed(stage, fn)` times the steps (features spans, features)."""
     start = utc(history_start) if history_start is not None else utc(since)
     flows = scan_flows(lake, start, until)
     if spill is None:
         buckets = buckets or bucket_count(count_rows(lake, start, until))
-    local = feature_hosts(lake, start, until, local_networks)
+    local = (spill.feature_hosts.get((start, utc(until))) if spill is not None else None) or timed(
+        "features hosts", lambda: feature_hosts(lake, start, until, local_networks)
+    )
     history = start if history_start is not None else None
     if spill is None and buckets <= 1:
-        parts = [_features_of(flows, local, window_s, history, night, None)]
+        parts = [timed("features", lambda: _features_of(flows, local, window_s, history, night, None))]
     else:
         recording = SpanBook(recording=True)
         host_features(with_flow_facts(flows, local, night), window_s, history_start=history, spans=recording)
-        given = recording.collected().given
+        given = timed("features spans", lambda: recording.collected().given)
         with ExitStack() as stack:
             if spill is None:
                 spill = stack.enter_context(spill_flows(lake, start, until, local, buckets))
@@ -272,10 +348,18 @@ def features(
                 )
             parts = []
             for bucket in range(spill.buckets):
-                rows = spill.source(bucket).filter(
-                    (pl.col("ts_start") >= start) & (pl.col("ts_start") < utc(until))
+                within = (pl.col("ts_start") >= start) & (pl.col("ts_start") < utc(until))
+                # in memory (read once, facts computed once for all the features' parts) when it fits
+                frame = timed(
+                    "bucket read", lambda bucket=bucket: _in_memory_facts(spill, bucket, local, night)
                 )
-                found = _features_of(rows, local, window_s, history, night, SpanBook(given=given))
+                rows = spill.source(bucket).filter(within) if frame is None else frame.lazy().filter(within)
+                found = timed(
+                    "features",
+                    lambda rows=rows, bucket=bucket: _features_of(
+                        rows, local, window_s, history, night, SpanBook(given=given), spill.hosts(bucket)
+                    ),
+                )
                 parts.append(found.filter(pl.col("host").is_in(spill.hosts(bucket).implode())))
     return (
         pl.concat(parts)
@@ -291,8 +375,10 @@ def _features_of(
     history: dt.datetime | None,
     night: tuple[int, int],
     spans: SpanBook | None,
+    owned: pl.Series | None = None,
 ) -> pl.DataFrame:
-    facts = with_flow_facts(flows, local, night)
+    # a frame that already has its facts (an in-memory bucket's) keeps them
+    facts = flows if "src_local" in flows.collect_schema() else with_flow_facts(flows, local, night, owned)
     return host_features(facts, window_s, history_start=history, sequential=True, spans=spans).collect(
         engine="streaming"
     )

@@ -142,11 +142,15 @@ class DetectContext:
         """Flows of the whole windows overlapping the sweep, with the shared facts and `window_start`."""
         start, end = self.span(window_s)
         start, end = since or start, until or end
-        facts = with_flow_facts(self.scan(start, end), self.local, self.night)
+        facts = self.facts(start, end)
         step = int(window_s) * 1_000_000
         return facts.with_columns(
             window_start=((pl.col("ts_start").dt.epoch("us") // step) * step).cast(pl.Datetime("us", "UTC")),
         )
+
+    def facts(self, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
+        """scan() with the shared per-flow facts (features.with_flow_facts over the local hosts)."""
+        return with_flow_facts(self.scan(start, end), self.local, self.night)
 
     def scan(self, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
         """The flows with start <= ts_start < end: the lake's here; one host bucket's, or a Spark partition's,
@@ -223,7 +227,7 @@ def _fan_out(
     `spread` values (destinations, or ports), mostly failed: the shape of both scans. UDP has no handshake: an
     unanswered UDP probe cannot be told from an answered one here, so it counts as failed."""
     flows = ctx.flows(c.window).filter(
-        pl.col("src_local") & ~pl.col("response") & pl.col("proto").is_in([6, 17])
+        pl.col("src_owned") & ~pl.col("response") & pl.col("proto").is_in([6, 17])
     )
     found = (
         flows.group_by("src_addr", fixed, "window_start")
@@ -348,7 +352,7 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
     if c.outbound:
         outbound = ["src_addr", "dst_port", "window_start"]
         frames.append(
-            enough(flows.filter(pl.col("src_local")), outbound)
+            enough(flows.filter(pl.col("src_owned")), outbound)
             .group_by(outbound)
             .agg(
                 targets=pl.col("dst_addr").n_unique(),
@@ -364,7 +368,7 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
     if c.inbound:
         inbound = ["src_addr", "dst_addr", "dst_port", "window_start"]
         frames.append(
-            enough(flows.filter(~pl.col("src_local")), inbound)
+            enough(flows.filter(~pl.col("src_local") & pl.col("dst_owned")), inbound)
             .group_by(inbound)
             .agg(**shape)
             .with_columns(
@@ -447,7 +451,7 @@ def beacon(ctx: DetectContext) -> pl.DataFrame:
     """Connections from a local host to one destination at regular intervals with regular sizes (RITA-like)."""
     c = ctx.config.detectors.beacon
     flows = ctx.flows(c.window).filter(
-        pl.col("src_local") & ~pl.col("response") & ~pl.col("dst_port").is_in(c.ignore_ports)
+        pl.col("src_owned") & ~pl.col("response") & ~pl.col("dst_port").is_in(c.ignore_ports)
     )
     if c.external_only:
         flows = flows.filter(~pl.col("dst_local"))
@@ -776,7 +780,7 @@ def mining(ctx: DetectContext) -> pl.DataFrame:
     c = ctx.config.detectors.mining
     flows = (
         ctx.flows(c.window)
-        .filter(pl.col("src_local") & ~pl.col("dst_local") & (pl.col("proto") == 6) & ~pl.col("response"))
+        .filter(pl.col("src_owned") & ~pl.col("dst_local") & (pl.col("proto") == 6) & ~pl.col("response"))
         .with_columns(
             # Off the pool ports only ONE connection counts (its pieces share the source port): many short
             # connections to one place over hours are a beacon's shape, not a miner's session.
@@ -860,8 +864,8 @@ def intel_match(ctx: DetectContext) -> pl.DataFrame:
     base = ctx.flows(c.window)
     flows = pl.concat(
         [
-            base.filter(pl.col("src_local")).with_columns(addr=pl.col("src_addr"), peer=pl.col("dst_addr")),
-            base.filter(pl.col("dst_local")).with_columns(addr=pl.col("dst_addr"), peer=pl.col("src_addr")),
+            base.filter(pl.col("src_owned")).with_columns(addr=pl.col("src_addr"), peer=pl.col("dst_addr")),
+            base.filter(pl.col("dst_owned")).with_columns(addr=pl.col("dst_addr"), peer=pl.col("src_addr")),
         ]
     )
     peers = flows.select("peer").unique().collect(engine="streaming").get_column("peer").to_arrow()
