@@ -496,12 +496,16 @@ class CsvRange:
                 counters=counters,
             )
         )
-        flows = pa.concat_tables([f for f, _ in batches]) if batches else FLOWS.empty_table()
+        # a batch without flows is FLOWS.empty_table() (plain text columns, not the dictionaries of the others):
+        # left out, or a range of only junk, blank or header lines cannot be joined and counted
+        found = [f for f, _ in batches if f.num_rows]
+        flows = pa.concat_tables(found) if found else FLOWS.empty_table()
         rejects = pa.concat_tables([r for _, r in batches]) if batches else empty_rejects()
         stats: dict[str, dict[str, int]] = {RANGE_COUNTERS: counters}
-        for item in pc.value_counts(
-            flows.column("exporter").combine_chunks().dictionary_decode()
-        ).to_pylist():
+        exporter = flows.column("exporter").combine_chunks()
+        if pa.types.is_dictionary(exporter.type):
+            exporter = exporter.dictionary_decode()
+        for item in pc.value_counts(exporter).to_pylist():
             stats[item["values"] or ""] = {"flows": item["counts"]}
         return RangeDecoded(flows, rejects, stats)
 
