@@ -92,3 +92,21 @@ def test_workers_land_a_csv_whose_middle_ranges_hold_only_junk(tmp_path):
     assert len(one[0]) == 2 * len(body) and len(one[1]) == len(junk)
     assert one[1][0][0] == 2 + len(body)
     assert land(2) == one
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_an_nfdump_csv_that_is_its_header_without_a_newline_lands_nothing_not_an_internal_error(
+    tmp_path, jobs
+):
+    """Bug (older than the workers): a file that is nfdump's CSV header alone without its newline (an output
+    cut off right after it) made pyarrow raise "Could not skip initial 1 rows" and `ingest netflow` stopped
+    with an internal error (exit 4) and a traceback hint, instead of reading a file with no flows."""
+    header, body = _csv_header_and_body(1)
+    path = tmp_path / "cut.csv"
+    path.write_bytes(header)
+    flows, rejects = read_nfdump_csv(path)
+    assert (flows.num_rows, rejects.num_rows) == (0, 0)
+    summary = ingest_flow_files(Lake(tmp_path / "lake"), [path], jobs=jobs, parallel_min_bytes=1)
+    assert summary.files[0].flows == 0 and summary.files[0].rejects == 0
+    path.write_bytes(header + b"\n" + body[0])  # one flow, no final newline: read as before
+    assert read_nfdump_csv(path)[0].num_rows == 1

@@ -125,6 +125,8 @@ def read_block(
     # Threads do not know the line numbers of invalid rows; that costs nothing when the only invalid lines are
     # the block's last ones (nfdump's Summary trailer): then every row's line follows from its position.
     # Anything else (a malformed line inside, non-ASCII bytes, CR line ends) is read serially, as before.
+    if skip_rows and not chunk.endswith(b"\n") and chunk.count(b"\n") < skip_rows:
+        chunk += b"\n"  # pyarrow cannot skip a header that is the last line and lacks its newline: it raises
     ascii_only = chunk.isascii() and b"\r" not in chunk
     if ascii_only and threads:
         invalid_text: list[str] = []
