@@ -5,11 +5,17 @@ reproduces the defect first (it failed before its fix)."""
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import duckdb
 import pytest
+from conftest import lake_flows
 
 from tracepipe.ingest.flows import ingest_flow_files
 from tracepipe.ingest.nfdump import RangeLanding, nfdump_csv_ranges, read_nfdump_csv
@@ -110,3 +116,52 @@ def test_an_nfdump_csv_that_is_its_header_without_a_newline_lands_nothing_not_an
     assert summary.files[0].flows == 0 and summary.files[0].rejects == 0
     path.write_bytes(header + b"\n" + body[0])  # one flow, no final newline: read as before
     assert read_nfdump_csv(path)[0].num_rows == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_a_service_stop_of_an_ingest_with_workers_leaves_no_temp_file_and_no_process(tmp_path, sig):
+    """Bug: Ctrl-C in a terminal (SIGINT to the whole process group) or `systemctl stop` (SIGTERM to the whole
+    cgroup) during `ingest netflow --jobs 2` killed the decode workers by the signal itself, before the parent
+    could tell them to delete their files: their *.parquet.tmp stayed in the lake's day folders for good. The
+    workers now leave the signal to the parent (abort) or notice it gone (end-of-file): no temp file stays,
+    no worker lives on, nothing half-written is visible, and the rerun lands the file once."""
+    header, body = _csv_header_and_body(10_000)
+    blob = b"\n".join(body) + b"\n"
+    path = tmp_path / "big.csv"
+    with open(path, "wb") as out:
+        out.write(header + b"\n")
+        for _ in range((24 << 20) // len(blob)):
+            out.write(blob)
+    lake_dir = tmp_path / "lake"
+    code = (
+        "import sys; from pathlib import Path; from tracepipe.lake import Lake; "
+        "from tracepipe.ingest.flows import ingest_flow_files; "
+        "ingest_flow_files(Lake(sys.argv[1]), [Path(sys.argv[2])], jobs=2, parallel_min_bytes=1)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(lake_dir), str(path)], start_new_session=True, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while not list(lake_dir.rglob("*.tmp")) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert child.poll() is None, "the ingest ended before its workers wrote: make the file bigger"
+    os.killpg(child.pid, sig)  # what the terminal (or systemd) does: the parent and its workers
+    child.communicate(timeout=60)
+    while time.monotonic() < deadline and (list(lake_dir.rglob("*.tmp")) or _group_alive(child.pid)):
+        time.sleep(0.1)
+    assert not list(lake_dir.rglob("*.tmp"))
+    assert not _group_alive(child.pid)
+    visible = lake_flows(lake_dir).num_rows if (lake_dir / "flows" / "_delta_log").exists() else 0
+    expected = read_nfdump_csv(path)[0].num_rows
+    assert visible in (0, expected)
+    for _ in range(2):  # the rerun lands it (or skips it), the next skips it: never twice
+        ingest_flow_files(Lake(lake_dir), [path], jobs=2, parallel_min_bytes=1)
+        assert lake_flows(lake_dir).num_rows == expected
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -8,6 +8,7 @@ worker ~0.3-0.45 s of CPU at start-up (issue 17).
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
@@ -20,6 +21,11 @@ class _NoPandas:
 
 
 def main(argv: list[str]) -> None:
+    # Ctrl-C (the terminal signals the whole process group) and a service stop (SIGTERM to the whole cgroup)
+    # are for the parent: it tells the workers to delete what they wrote ("abort"), and a worker whose parent
+    # is gone does so at end-of-file on its inbox. Dying of the signal left the *.parquet.tmp files behind.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.meta_path.insert(0, _NoPandas())
     from multiprocessing.connection import Connection
 
