@@ -165,3 +165,32 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.parametrize(
+    "trailer",
+    [
+        # a trailer line again right after the first (serial: starts over, the junk after it is a reject)
+        [b"Summary", b"Summary", b"a,b", b"1,2", b"junk"],
+        # blank lines inside the trailer: ranges of two lines fall between its lines
+        [b"Summary", b"", b"flows,bytes,packets", b"", b"1,2,3", b"junk"],
+        [b"Summary", b"No matching flows", b"a,b", b"1,2", b"junk"],
+    ],
+)
+def test_csv_rejects_after_a_trailer_cut_by_ranges_are_those_of_one_process(tmp_path, trailer):
+    """Bug: RangeLanding dropped the first `trailer_left` rejects of the next range whatever they were, and
+    forgot the trailer lines still due when that range was too short to hold them: with the cut right after a
+    "Summary" followed by another, a real reject ("junk") was lost; with a range between two lines of the
+    trailer, a trailer line became a reject. Every split into up to three ranges at line ends must give the
+    rejects (lines, reasons) and flows of one process."""
+    header, body = _csv_header_and_body(2)
+    path = tmp_path / "trailer.csv"
+    path.write_bytes(b"\n".join([header, body[0], *trailer, body[1]]) + b"\n")
+    serial_flows, serial_rejects = read_nfdump_csv(path)
+    want = serial_flows.num_rows, serial_rejects.select(["line", "reason"]).to_pylist()
+    assert want[0] == 2 and want[1][-1] == {"line": 2 + len(trailer), "reason": "expected 48 fields"}
+    text = path.read_bytes()
+    line_ends = [i + 1 for i, byte in enumerate(text[:-1]) if byte == ord("\n")]
+    for count in (1, 2, 3):
+        for cuts in itertools.combinations(line_ends, count):
+            assert _ranges_read(path, list(cuts)) == want, cuts

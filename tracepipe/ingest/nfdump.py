@@ -367,6 +367,8 @@ def _iter_flows(
             parts.append(too_long_rejects(name, too_long))
         for number, text in invalid:
             stripped = text.strip()
+            if counters is not None and stripped and counters["head"] < _HEAD_FULL:
+                counters["head"] = _head_add(counters["head"], stripped, trailer)
             if trailer is not None and stripped == trailer:
                 summary_lines_left = 2
             elif summary_lines_left and stripped:
@@ -399,6 +401,17 @@ def _iter_flows(
 
 
 _rejects = rejects_table
+
+
+# A range's head: its first two non-blank lines of another width, as base-4 digits (1 a reject, 2 nfdump's "No
+# matching flows", 3 the trailer line), so that RangeLanding can replay them against the trailer lines the range
+# before ended inside (the worker read them as if none were due). 4 or more: two digits, full.
+_HEAD_FULL = 4
+
+
+def _head_add(head: int, stripped: str, trailer: str | None) -> int:
+    kind = 3 if stripped == trailer else 2 if stripped == NO_FLOWS else 1
+    return head + kind * (4 if head else 1)
 
 
 def _width_reason(columns: tuple[str, ...]) -> str:
@@ -480,7 +493,7 @@ class CsvRange:
     tz: str = "UTC"
 
     def decode(self) -> RangeDecoded:
-        counters = {"lines": 0, "trailer_left": 0}
+        counters = {"lines": 0, "trailer_left": 0, "head": 0}
         batches = list(
             _iter_flows(
                 (self.path, self.start, self.end),
@@ -539,10 +552,20 @@ class RangeLanding:
     trailer_left: int = 0
 
     def land(self, rejects: pa.Table, stats: dict[str, dict[str, int]]) -> pa.Table:
-        counters = stats.pop(RANGE_COUNTERS, {"lines": 0, "trailer_left": 0})
-        if self.trailer_left and rejects.num_rows:
+        counters = stats.pop(RANGE_COUNTERS, {"lines": 0, "trailer_left": 0, "head": 0})
+        # replay the range's head as the serial reader reads it with the trailer lines still due: each non-blank
+        # line of another width is one of them (a reject to drop, if the worker made it one), until a trailer
+        # line of the range's own starts over (from there the worker's reading holds)
+        due, drop, head, own = self.trailer_left, 0, counters.get("head", 0), False
+        while due and head:
+            kind, head = head % 4, head // 4
+            if kind == 3:
+                own = True
+                break
+            due, drop = due - 1, drop + (kind == 1)
+        if drop and rejects.num_rows:
             width = pc.equal(rejects.column("reason"), _width_reason(self.columns))
-            first = np.flatnonzero(np.asarray(pc.fill_null(width, False), dtype=bool))[: self.trailer_left]
+            first = np.flatnonzero(np.asarray(pc.fill_null(width, False), dtype=bool))[:drop]
             keep = np.ones(rejects.num_rows, dtype=bool)
             keep[first] = False
             rejects = rejects.filter(pa.array(keep))
@@ -550,7 +573,8 @@ class RangeLanding:
             line = pc.add(rejects.column("line"), self.lines)
             rejects = rejects.set_column(rejects.column_names.index("line"), "line", line)
         self.lines += counters["lines"]
-        self.trailer_left = counters["trailer_left"]
+        # a range too short to hold the trailer lines due passes the rest on
+        self.trailer_left = counters["trailer_left"] if own or not due else due
         return rejects
 
 
