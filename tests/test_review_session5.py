@@ -232,3 +232,21 @@ def test_nfcapd_ranges_of_a_file_of_tiny_blocks_are_walked_in_bounded_memory(tmp
     assert peak < 4 << 20, peak  # ~1 MB of one range in flight (was ~10 MB for the spans of this file alone)
     assert numbers == list(range(n)) and tables == 1
     assert largest == nffile.RANGE_BLOCKS
+
+
+def test_csv_workers_count_per_exporter_as_one_process_with_rows_outside_the_time_window(tmp_path):
+    """Bug: with --jobs, the rows a CSV worker found outside the plausible time window (a router without NTP
+    says 1980) were also counted as rejects of the exporter line "nfdump-csv" of the summary, which one process
+    counts in the totals only: `ingest netflow --format json` differed with the number of jobs."""
+    header, body = _csv_header_and_body(30)
+    stale = [line.replace(b"2024-", b"1980-") for line in body[:5]]
+    path = tmp_path / "stale-clock.csv"
+    path.write_bytes(b"\n".join([header, *body, *stale, b"junk"]) + b"\n")
+    one, two = (
+        ingest_flow_files(Lake(tmp_path / f"lake-{jobs}"), [path], jobs=jobs, parallel_min_bytes=1).to_dict()
+        for jobs in (1, 2)
+    )
+    assert one["totals"]["flows"] == 30 and one["totals"]["rejects"] == 6
+    assert one["exporters"]["nfdump-csv"]["rejects"] == 1  # the junk line
+    assert two["exporters"] == one["exporters"]
+    assert two["totals"] == one["totals"] and two["exit_code"] == one["exit_code"] == 3

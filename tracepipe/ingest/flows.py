@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
 from tracepipe.fsutil import input_problem
@@ -438,7 +439,10 @@ def _land_csv_parallel(
     def land(_: int, part: Any) -> None:
         rejects = _with_source(lines.land(part.rejects, part.stats), source)
         writer.reject(rejects)
-        _count(stats, "nfdump-csv", {e: c["flows"] for e, c in part.stats.items()}, rejects)
+        # per exporter, the parser's rejects only (each has its line), as for one process: the rows the worker
+        # found outside the plausible time window (no line) count in the totals, as IngestWriter counts them
+        parsed = rejects.filter(pc.is_valid(rejects.column("line")))
+        _count(stats, "nfdump-csv", {e: c["flows"] for e, c in part.stats.items()}, parsed)
 
     _through_pool(writer, pool, iter(ranges), land)
 
