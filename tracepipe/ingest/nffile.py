@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bz2
 import ipaddress
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -671,19 +672,29 @@ def iter_ranges(
     between processes. A range holds ~`records` records, fewer in a smaller file, so that it still splits into
     about `parts` ranges (whole blocks: at least one each). A file or block that cannot be delimited ends the
     ranges with its rejects (a table), as in iter_nffile."""
-    # The block headers are walked twice (the records in all, then the ranges) and never all held: a file of
-    # tiny blocks (13 bytes each: 5 M blocks in 64 MB) held ~160 bytes per block here and in the ranges sent.
+    # The block headers are walked once and never all held: a file of tiny blocks (13 bytes each: 5 M blocks
+    # in 64 MB) held ~160 bytes per block here and in the ranges sent. The first blocks wait until it is known
+    # whether the file is big enough for ranges of `records` (it is as soon as they hold `parts` such ranges).
     with open(path, "rb") as handle:
         opened = _open(handle, source)
         if isinstance(opened, pa.Table):
             yield opened
             return
         compression, blocks = opened
-        total = sum(span.records for span in _spans(handle, blocks) if isinstance(span, Span))
-        target = max(1, min(records, -(-total // max(parts, 1))))
+        walk = _spans(handle, blocks)
+        head: list[Span | tuple[int, str, str]] = []
+        total = 0
+        for span in walk:
+            head.append(span)
+            if not isinstance(span, Span):
+                break
+            total += span.records
+            if total >= parts * records or len(head) >= parts * RANGE_BLOCKS:
+                break
+        target = records if total >= parts * records else max(1, min(records, -(-total // max(parts, 1))))
         taken: list[Span] = []
         count = 0
-        for span in _spans(handle, blocks):
+        for span in itertools.chain(head, walk):
             if not isinstance(span, Span):  # the walk ends here: the blocks before it, then its reject
                 if taken:
                     yield BlockRange(str(path), source, compression, tuple(taken))
