@@ -152,3 +152,67 @@ def test_a_decode_worker_does_not_load_pandas():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "1"]
+
+
+def test_record_bytes_stay_in_the_capture_and_decode_the_same(captures, tmp_path):
+    """Issue 17: the walking process used to join every record's bytes, pickle them and push them through a
+    pipe, which cost more CPU than the workers' decoding of them. Walked with the capture's payload offsets,
+    a batch carries only where its records are (FileBodies); decode_walked reads them from the file and
+    gives exactly the flows of the batch that carried its bytes."""
+    import dataclasses
+    import pickle
+
+    from tracepipe.ingest.netflow import decode_walked
+
+    # the steady state of an exporter: data-only datagrams (one data set of a known template each), built in
+    # the layout of the template real softflowd sent in part 1, after its own datagrams
+    learnt = DecoderState()
+    first = next(iter_udp_batches(captures[1]))
+    walk_datagrams(first.payloads, first.exporters, first.ts_us, first.offsets, "x", learnt)
+    (exporter, _, domain, tid), tpl = next(
+        (k, t) for k, t in learnt.templates.items() if k[1] == 9 and not t.options and t.record_len
+    )
+    packets = rdpcap(str(captures[1]))
+    frame = packets[0]
+    rng = np.random.default_rng(7)
+    for n in range(40):
+        records = rng.integers(0, 256, 20 * tpl.record_len, np.uint8).tobytes()
+        header = struct.pack(">HHIIII", 9, 20, 1_000 + n, 1_700_000_000 + n, 1_000 + n, domain)
+        body = struct.pack(">HH", tid, 4 + len(records)) + records
+        packets.append(
+            Ether()
+            / IP(src=exporter, dst=frame[IP].dst)
+            / UDP(sport=frame[UDP].sport, dport=2055)
+            / (header + body)
+        )
+    path = tmp_path / "steady.pcap"
+    wrpcap(str(path), packets)
+    by_file, by_bytes = DecoderState(), DecoderState()
+    *_, batch = iter_udp_batches(path, batch_datagrams=len(packets) - 20)  # the last 20 data-only datagrams
+    for state in (by_file, by_bytes):
+        for b in iter_udp_batches(path, batch_datagrams=len(packets) - 20):
+            if b is not batch:
+                walk_datagrams(b.payloads, b.exporters, b.ts_us, b.offsets, "x", state)
+    assert (batch.payload_at >= 0).all() and len(batch.payloads) == 20
+    plain, _ = walk_datagrams(batch.payloads, batch.exporters, batch.ts_us, batch.offsets, "x", by_bytes)
+    walked, _ = walk_datagrams(
+        batch.payloads,
+        batch.exporters,
+        batch.ts_us,
+        batch.offsets,
+        "x",
+        by_file,
+        file=str(path),
+        payload_at=batch.payload_at,
+    )
+    assert walked.file == str(path) and plain.file is None
+    assert walked.records == plain.records > 0
+    record_bytes = sum(len(records) for _, records, _, _ in plain.groups)
+    assert len(pickle.dumps(walked)) < len(pickle.dumps(plain)) - record_bytes // 2
+    flows = decode_walked(pickle.loads(pickle.dumps(walked))).flows
+    assert flows.equals(decode_walked(plain).flows)
+    # a capture cut short after it was walked is an error of the environment, never wrong rows
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(path.read_bytes()[: int(batch.payload_at.max())])
+    with pytest.raises(OSError, match="shorter than when it was read"):
+        decode_walked(dataclasses.replace(walked, file=str(cut)))
