@@ -451,15 +451,8 @@ def _land_pcap_parallel(
     pool.begin(writer.key)
     try:
         for number, batch in enumerate(iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS)):
-            walked, walk = walk_datagrams(  # the workers read the records from the capture themselves
-                batch.payloads,
-                batch.exporters,
-                batch.ts_us,
-                batch.offsets,
-                source,
-                state,
-                file=str(path),
-                payload_at=batch.payload_at,
+            walked, walk = walk_datagrams(
+                batch.payloads, batch.exporters, batch.ts_us, batch.offsets, source, state
             )
             waiting[number] = (batch.rejects, walk)
             datagrams += len(batch.payloads)

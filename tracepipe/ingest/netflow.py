@@ -17,11 +17,10 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
-import os
 import struct
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -728,30 +727,13 @@ _SET = struct.Struct(">HH")
 _U32 = struct.Struct(">I")
 
 
-FILE_SPAN_MAX = (
-    64 << 20
-)  # a batch's records are left in the capture file only if they lie within this many bytes
-
-
-@dataclass
-class FileBodies:
-    """Data sets of one template still in the capture file: the file offset and byte length of each (records
-    only, headers stepped over). A decode worker reads them itself (one pread of the batch's span), so the
-    record bytes never go through the walking process's join, pickle and pipe (issue 17: that hand-over cost
-    more CPU than decoding them)."""
-
-    at: np.ndarray  # int64
-    length: np.ndarray  # int64
-
-
 @dataclass
 class Walked:
     """Data records of one batch, grouped by template: what turning them into columns needs, no more (plain
-    bytes and arrays: pickled cheaply to a worker process). Per group: the template, its records joined (or,
-    when walked with `file`, a list of record bytes and FileBodies to read from that file, in order), the
+    bytes and arrays: pickled cheaply to a worker process). Per group: the template, its records joined, the
     records of each data set and the ctx row of each data set; ctx: one row per context (see _CTX_*)."""
 
-    groups: list[tuple[Template, bytes | list[bytes | FileBodies], np.ndarray, np.ndarray]]
+    groups: list[tuple[Template, bytes, np.ndarray, np.ndarray]]
     ctx: np.ndarray
     exporters: list[str]
     source: str
@@ -759,64 +741,10 @@ class Walked:
     # (exporter, domain, sampler id) -> interval, (exporter, domain, ifindex) -> interface name
     samplers: dict[tuple[str, int, int], int] = field(default_factory=dict)
     if_names: dict[tuple[str, int, int], str] = field(default_factory=dict)
-    file: str | None = None  # the capture that FileBodies point into
 
     @property
     def records(self) -> int:
         return sum(int(counts.sum()) for _, _, counts, _ in self.groups)
-
-
-def _joined(bodies: list) -> bytes | list[bytes | FileBodies]:
-    """A group's record bytes as one bytes object; with FileBodies among them, runs of bytes joined between."""
-    if not any(isinstance(b, FileBodies) for b in bodies):
-        return b"".join(bodies)
-    out: list[bytes | FileBodies] = []
-    run: list = []
-    for body in bodies:
-        if isinstance(body, FileBodies):
-            if run:
-                out.append(b"".join(run))
-                run = []
-            out.append(body)
-        else:
-            run.append(body)
-    if run:
-        out.append(b"".join(run))
-    return out
-
-
-def _read_file_bodies(walked: Walked) -> Walked:
-    """Walked with every group's records as bytes: FileBodies read from walked.file, with one pread of the
-    span they cover. A capture that is shorter now than when it was walked (rewritten meanwhile) raises."""
-    refs = [b for _, records, _, _ in walked.groups if isinstance(records, list) for b in records]
-    refs = [b for b in refs if isinstance(b, FileBodies) and len(b.at)]
-    if not refs:
-        data, low = b"", 0
-    else:
-        low = min(int(b.at.min()) for b in refs)
-        high = max(int((b.at + b.length).max()) for b in refs)
-        fd = os.open(walked.file, os.O_RDONLY)  # type: ignore[arg-type]
-        try:
-            data = os.pread(fd, high - low, low)
-        finally:
-            os.close(fd)
-        if len(data) != high - low:
-            raise OSError(f"{walked.file} is shorter than when it was read (changed during the ingest?)")
-    view = memoryview(data)
-    groups = []
-    for tpl, records, counts, ctx_ids in walked.groups:
-        if isinstance(records, list):
-            parts: list = []
-            for body in records:
-                if isinstance(body, FileBodies):
-                    starts = (body.at - low).tolist()
-                    ends = (body.at - low + body.length).tolist()
-                    parts.extend([view[a:e] for a, e in zip(starts, ends, strict=True)])
-                else:
-                    parts.append(body)
-            records = b"".join(parts)
-        groups.append((tpl, records, counts, ctx_ids))
-    return replace(walked, groups=groups, file=None)
 
 
 def _int_array(items: list) -> np.ndarray:
@@ -846,14 +774,12 @@ class _Batch:
         self.variable: dict[int, tuple[Template, list]] = {}
         self.samplers: dict[tuple[str, int, int], int] = {}  # lookups for the columns (see Walked)
         self.if_names: dict[tuple[str, int, int], str] = {}
-        self.payload_at: np.ndarray | None = None  # file offset of each payload (-1: unknown), see FileBodies
-        self.file: str | None = None
 
     def walked(self) -> Walked:
         if self.variable:  # variable-length records -> their templates' fixed projections, grouped as usual
             _project_variable(self)
         groups = [
-            (tpl, _joined(bodies), _int_array(counts), _int_array(ctx_ids))
+            (tpl, b"".join(bodies), _int_array(counts), _int_array(ctx_ids))
             for tpl, bodies, counts, ctx_ids in self.groups.values()
         ]
         self._ctx_to_block()
@@ -863,8 +789,7 @@ class _Batch:
             {k: v for k, v in self.state.samplers.items() if k[0] in mine} if self.state.samplers else {}
         )
         names = {k: v for k, v in self.state.if_names.items() if k[0] in mine} if self.state.if_names else {}
-        file = self.file if any(isinstance(g[1], list) for g in groups) else None
-        return Walked(groups, ctx, self.exporters, self.source, samplers, names, file)
+        return Walked(groups, ctx, self.exporters, self.source, samplers, names)
 
     def stat(self, exporter: str) -> dict[str, Any]:
         s = self.stats.get(exporter)
@@ -954,22 +879,12 @@ def walk_datagrams(
     offsets: np.ndarray | None,
     source: str,
     state: DecoderState,
-    file: str | None = None,
-    payload_at: np.ndarray | None = None,
 ) -> tuple[Walked, Decoded]:
     """The stateful half of decode_datagrams: headers, templates, sequences, options, data waiting for
     templates. Returns the data records grouped by template (`Walked`: plain bytes and arrays, cheap to send
     to another process, where `decode_walked` turns them into columns) and what the walk itself found
-    (flows empty; rejects and per-exporter counters). decode_datagrams == walk + decode_walked, merged.
-
-    `file` and `payload_at` (each payload's offset in that file, -1 unknown; pcap.UdpBatch.payload_at): the
-    records of datagrams on the fast path stay in the file (FileBodies), read by decode_walked."""
-    batch = _Batch(state, source)
-    if file is not None and payload_at is not None and len(payload_at) == len(payloads):
-        known = payload_at[payload_at >= 0]
-        if len(known) and int(known.max()) - int(known.min()) <= FILE_SPAN_MAX:
-            batch.payload_at, batch.file = payload_at, file
-    batch = _walk_batch(payloads, exporters, arrival_us, offsets, source, state, batch)
+    (flows empty; rejects and per-exporter counters). decode_datagrams == walk + decode_walked, merged."""
+    batch = _walk_batch(payloads, exporters, arrival_us, offsets, source, state)
     empty = FLOWS_TEXT_DICTIONARY.empty_table()
     return batch.walked(), Decoded(empty, _rejects_table(batch.rejects, source), batch.stats)
 
@@ -977,8 +892,6 @@ def walk_datagrams(
 def decode_walked(walked: Walked) -> Decoded:
     """The stateless half of decode_datagrams: records grouped by template -> flows (text columns
     dictionary-encoded), with the rejects and counters found on the way (times out of range, no addresses)."""
-    if walked.file is not None:
-        walked = _read_file_bodies(walked)
     batch = _Batch(None, walked.source)  # type: ignore[arg-type]  # columns need no decoder state
     batch.exporters = list(walked.exporters)
     flows = _decode_walked(batch, walked)
@@ -992,9 +905,8 @@ def _walk_batch(
     offsets: np.ndarray | None,
     source: str,
     state: DecoderState,
-    batch: _Batch | None = None,
 ) -> _Batch:
-    batch = _Batch(state, source) if batch is None else batch
+    batch = _Batch(state, source)
     n = len(payloads)
     if n:
         state.now_ms = max(state.now_ms, int(np.max(arrival_us)) // 1000)
@@ -1187,14 +1099,9 @@ def _fast_key(
     rows[:, _CTX_INIT] = state.sys_init_ms.get((exporter, domain), -1)
     rows[:, _CTX_SAMPLING] = state.sampling.get((exporter, domain), -1)
     hdr, record_len = 24 if version == 9 else 20, tpl.record_len
-    at = batch.payload_at[idx] if batch.payload_at is not None else None
-    if at is not None and bool((at >= 0).all()):  # left in the file for the worker: no bytes copied here
-        bodies: list = [FileBodies(at + hdr, counts * record_len)]
-    else:
-        bodies = [
-            payloads[d][hdr : hdr + c * record_len]
-            for d, c in zip(idx.tolist(), counts.tolist(), strict=True)
-        ]
+    bodies = [
+        payloads[d][hdr : hdr + c * record_len] for d, c in zip(idx.tolist(), counts.tolist(), strict=True)
+    ]
     batch.add_data(tpl, bodies, counts, batch.add_ctx_block(rows))
 
 

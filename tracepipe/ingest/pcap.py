@@ -53,9 +53,6 @@ class UdpBatch:
     dst_ports: np.ndarray  # int32
     rejects: pa.Table  # offset, reason, detail (schema.REJECTS columns)
     bytes_read: int = 0  # how far into the file this batch reaches (for progress bars)
-    # int64 file offset of each payload's first byte, -1 where not known (packets off the vectorised path):
-    # decode workers read record bytes from the file there instead of receiving them through a pipe
-    payload_at: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 REJECT_SCHEMA = pa.schema([REJECTS.field("offset"), REJECTS.field("reason"), REJECTS.field("detail")])
@@ -69,7 +66,6 @@ class _Collector:
     offsets: list = field(default_factory=list)
     ports: list = field(default_factory=list)
     rejects: list = field(default_factory=list)
-    payload_at: list = field(default_factory=list)
     nbytes: int = 0
 
     def flush(self, bytes_read: int) -> UdpBatch:
@@ -86,7 +82,6 @@ class _Collector:
             np.array(self.ports, dtype=np.int32),
             rejects,
             bytes_read,
-            np.array(self.payload_at, dtype=np.int64),
         )
         self.__init__()  # type: ignore[misc]
         return batch
@@ -294,7 +289,6 @@ def _packets(
                 col.exporters.extend([texts[i] for i in inverse.tolist()])
                 col.ts.extend(ts_us.tolist())
                 col.offsets.extend((pos + base).tolist())
-                col.payload_at.extend((ip + 28 + base).tolist())
                 col.ports.extend(((data[ip + 22].astype(np.int64) << 8) | data[ip + 23]).tolist())
                 col.nbytes += int(udp_len.sum())
                 return
@@ -505,6 +499,5 @@ class _LinkDecoder:
         col.exporters.append(exporter)
         col.ts.append(ts_us)
         col.offsets.append(offset)
-        col.payload_at.append(-1)
         col.ports.append(dst_port)
         col.nbytes += udp_len
