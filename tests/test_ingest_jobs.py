@@ -161,3 +161,32 @@ def test_a_decode_worker_does_not_load_pandas():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "1"]
+
+
+def test_a_slow_worker_does_not_hold_up_the_others(captures, tmp_path):
+    """Issue 17 profile: batch k went to worker k % jobs, so the walker waited on a worker busy writing a row
+    group while the other ran dry. Batches now go to the least busy worker: with worker 0 stopped outright,
+    every batch still gets decoded (by worker 1), and worker 0's share is answered once it runs again."""
+    import threading
+
+    state = DecoderState()
+    walked = [
+        walk_datagrams(b.payloads, b.exporters, b.ts_us, b.offsets, "x", state)[0]
+        for b in iter_udp_batches(captures[2], batch_datagrams=1)
+    ]
+    assert len(walked) >= 10
+    with DecodePool(2, tmp_path) as pool:
+        pool.begin("k" * 16)
+        os.kill(pool._procs[0].pid, signal.SIGSTOP)
+        try:
+            answers: list = []
+            feeding = threading.Thread(target=lambda: [answers.extend(pool.submit(w)) for w in walked])
+            feeding.start()
+            feeding.join(timeout=60)
+            assert not feeding.is_alive(), "the walker waited on the stopped worker"
+            assert len(pool._queued[0]) <= 3  # IN_FLIGHT: what the stopped worker holds is bounded
+        finally:
+            os.kill(pool._procs[0].pid, signal.SIGCONT)
+        last, _, rows = pool.finish()
+    assert sorted(n for n, _ in [*answers, *last]) == list(range(len(walked)))
+    assert rows == sum(w.records for w in walked) > 0
