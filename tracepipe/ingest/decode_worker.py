@@ -10,17 +10,11 @@ from __future__ import annotations
 
 import sys
 
-
-class _NoPandas:
-    """Import finder that refuses pandas: pyarrow's shim then takes pandas as not installed."""
-
-    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
-        if name == "pandas" or name.startswith("pandas."):
-            raise ModuleNotFoundError("a decode worker does not load pandas", name=name)
+from tracepipe.nopandas import refuse_pandas
 
 
 def main(argv: list[str]) -> None:
-    sys.meta_path.insert(0, _NoPandas())
+    refuse_pandas()
     from multiprocessing.connection import Connection
 
     from tracepipe.ingest.decode_pool import _worker
