@@ -217,7 +217,9 @@ def _run_measured(cmd: list[str], stdout=subprocess.DEVNULL, env=None) -> dict:
     whole process tree in MiB (sampled), and exit code of one command."""
     peak = [0]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, env=env)
+    # cwd: `python -m tracepipe.cli` imports tracepipe from the current directory before PYTHONPATH, so a run
+    # started from another checkout would time that checkout's code
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, env=env, cwd=REPO)
     done = threading.Event()
 
     own_cmdline = Path("/proc/self/cmdline").read_bytes()

@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 
 from tracepipe.errors import EXIT_FAILED, TracepipeError
 from tracepipe.lake import DEFAULT_LAKE, Lake
+from tracepipe.nopandas import refuse_pandas
 from tracepipe.printer import Printer
 
 # click's exception base (typer >= 0.22 vendors click as typer._click): found from a public subclass
@@ -160,6 +161,7 @@ def ingest_netflow_command(
 
     Example: tracepipe ingest netflow /var/captures/netflow-*.pcap --lake /srv/lake --jobs 2
     """
+    refuse_pandas()  # before anything imports pyarrow's conversions: see tracepipe/nopandas.py
     from tracepipe.ingest.flows import NETFLOW_KINDS
 
     _ingest_flows(ctx.obj, paths, lake, output, NETFLOW_KINDS, "ingest netflow", jobs)
@@ -188,6 +190,7 @@ def ingest_zeek_command(
 
     Example: tracepipe ingest zeek /opt/zeek/logs/2024-03-12/conn.*.log.gz --lake /srv/lake
     """
+    refuse_pandas()  # before anything imports pyarrow's conversions: see tracepipe/nopandas.py
     from tracepipe.ingest.flows import ZEEK_KINDS
 
     _ingest_flows(ctx.obj, paths, lake, output, ZEEK_KINDS, "ingest zeek")
@@ -215,6 +218,7 @@ def ingest_argus_command(
 
     Example: tracepipe ingest argus capture20110810.binetflow --lake /srv/lake
     """
+    refuse_pandas()  # before anything imports pyarrow's conversions: see tracepipe/nopandas.py
     from tracepipe.ingest.flows import ARGUS_KINDS
 
     _ingest_flows(ctx.obj, paths, lake, output, ARGUS_KINDS, "ingest argus")

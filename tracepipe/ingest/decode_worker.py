@@ -11,13 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 
-
-class _NoPandas:
-    """Import finder that refuses pandas: pyarrow's shim then takes pandas as not installed."""
-
-    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
-        if name == "pandas" or name.startswith("pandas."):
-            raise ModuleNotFoundError("a decode worker does not load pandas", name=name)
+from tracepipe.nopandas import refuse_pandas
 
 
 def main(argv: list[str]) -> None:
@@ -26,7 +20,7 @@ def main(argv: list[str]) -> None:
     # is gone does so at end-of-file on its inbox. Dying of the signal left the *.parquet.tmp files behind.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.meta_path.insert(0, _NoPandas())
+    refuse_pandas()
     from multiprocessing.connection import Connection
 
     from tracepipe.ingest.decode_pool import _worker
