@@ -251,7 +251,7 @@ def anomaly_stage(
         )
     )
     timed = timed or bucketed.no_timer
-    scored = timed("anomaly", lambda: model.score(features, forest, info, cfg.top_features))
+    scored = timed("anomaly", lambda: model.score(features, forest, info, cfg.top_features, cfg.min_score))
     return model.anomaly_candidates(scored, cfg.min_score, cfg.max_alerts, info.window_seconds, rule_hosts)
 
 
