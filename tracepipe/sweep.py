@@ -280,7 +280,11 @@ def feature_job(
 
 def anomaly_history(ctx: det.DetectContext) -> dt.datetime:
     """Where the anomaly features' read starts: the baseline before the sweep (new destinations)."""
-    return ctx.since - dt.timedelta(seconds=float(ctx.config.window.baseline))
+    return history_start(ctx.config, ctx.since)
+
+
+def history_start(config: PipelineConfig, since: dt.datetime) -> dt.datetime:
+    return utc(since) - dt.timedelta(seconds=float(config.window.baseline))
 
 
 def spill_local(
@@ -310,9 +314,9 @@ def spill_local(
         known: dict[tuple[dt.datetime, dt.datetime], list[str]] = {}
         if history is not None:
             networks = ctx.config.pipeline.local_networks
-            known[utc(history), ctx.until] = bucketed.feature_hosts(
-                ctx.lake, utc(history), ctx.until, networks
-            )
+            known[utc(history), ctx.until] = ctx.feature_hosts.get(
+                (utc(history), ctx.until)
+            ) or bucketed.feature_hosts(ctx.lake, utc(history), ctx.until, networks)
             hosts |= set(known[utc(history), ctx.until])
         made = stack.enter_context(bucketed.spill_flows(ctx.lake, start, end, sorted(hosts), buckets))
         made.feature_hosts.update(known)  # the features look their hosts up here instead of scanning again
@@ -467,13 +471,20 @@ def run_sweep(
             ),
         )
     else:
-        ctx = stage("prepare", lambda: det.prepare_context(lake, config, since, until, intel))
         enabled = [name for name in det.DETECTORS if getattr(config.detectors, name).enabled]
         loaded = None
         if config.model.enabled:
             from tracepipe.detect.model import load_for_sweep
 
             loaded = load_for_sweep(lake, config.model.path, result.notes)
+        # the model's features' hosts are looked up with the rules' local addresses (one scan of the lake)
+        features_from = history_start(config, since)
+        ctx = stage(
+            "prepare",
+            lambda: det.prepare_context(
+                lake, config, since, until, intel, (features_from, until) if loaded is not None else None
+            ),
+        )
         history = anomaly_history(ctx) if loaded is not None else None
         with ExitStack() as stack:
             spill = spill_local(ctx, enabled, history, buckets, stack, stage)

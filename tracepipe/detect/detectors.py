@@ -27,7 +27,7 @@ from tracepipe.detect.features import (
     ceil_time,
     floor_time,
     in_networks,
-    local_addresses,
+    local_addresses_in,
     periodicity,
     scan_flows,
     utc,
@@ -128,6 +128,8 @@ class DetectContext:
             )
 
     spans: SpanBook | None = None  # window-wide spans for periodicity when the flows are one host bucket's
+    # the model's features' hosts over a (start, until), when prepare_context looked them up (features.py)
+    feature_hosts: dict[tuple[dt.datetime, dt.datetime], list[str]] = field(default_factory=dict)
 
     @property
     def night(self) -> tuple[int, int]:
@@ -159,12 +161,23 @@ class DetectContext:
 
 
 def prepare_context(
-    lake: Lake, config: PipelineConfig, since: dt.datetime, until: dt.datetime, intel: pa.Table | None = None
+    lake: Lake,
+    config: PipelineConfig,
+    since: dt.datetime,
+    until: dt.datetime,
+    intel: pa.Table | None = None,
+    feature_range: tuple[dt.datetime, dt.datetime] | None = None,
 ) -> DetectContext:
+    """The context of a sweep's detectors. `feature_range`: the model's features' hosts over that range are
+    looked up in the same scan (ctx.feature_hosts)."""
     ctx = DetectContext(lake, config, utc(since), utc(until), intel=intel)
     widest = max(_window_of(config, name) for name in DETECTORS)
     start, end = ctx.span(widest)
-    local = set(local_addresses(scan_flows(lake, start, end), config.pipeline.local_networks))
+    ranges = [(start, end)] + ([(utc(feature_range[0]), utc(feature_range[1]))] if feature_range else [])
+    found = local_addresses_in(lake, ranges, config.pipeline.local_networks)
+    if feature_range:
+        ctx.feature_hosts[ranges[1]] = found[1]
+    local = set(found[0])
     # Addresses a VM ever held (floating IPs outside local_networks too) are local as well.
     if lake.files("vm_leases"):
         local |= set(lake.read("vm_leases", columns=["addr"]).column("addr").to_pylist())

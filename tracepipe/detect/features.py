@@ -229,6 +229,30 @@ def with_local_facts(
     )
 
 
+def local_addresses_in(
+    lake: Lake, ranges: list[tuple[dt.datetime, dt.datetime]], local_networks: list[str]
+) -> list[list[str]]:
+    """local_addresses of the lake's flows over each of `ranges`, from ONE scan of their span: an address
+    counts for a range when one of its flows starts inside it (a sweep's rules and its model's features ask
+    over two overlapping ranges)."""
+    start, end = min(utc(a) for a, _ in ranges), max(utc(b) for _, b in ranges)
+    flows = scan_flows(lake, start, end)
+    ends = pl.concat(
+        [flows.select(pl.col(side).alias("addr"), "ts_start") for side in ("src_addr", "dst_addr")]
+    )
+    inside = [
+        ((pl.col("ts_start") >= utc(a)) & (pl.col("ts_start") < utc(b))).any().alias(f"in_{i}")
+        for i, (a, b) in enumerate(ranges)
+    ]
+    seen = ends.group_by("addr").agg(inside).collect(engine="streaming")
+    local = in_networks(seen.get_column("addr").to_arrow(), local_networks)
+    addrs = seen.get_column("addr").to_list()
+    return [
+        [a for a, m, i in zip(addrs, local, seen.get_column(f"in_{n}").to_list(), strict=True) if m and i]
+        for n in range(len(ranges))
+    ]
+
+
 def local_addresses(flows: pl.LazyFrame, local_networks: list[str]) -> list[str]:
     """The distinct local addresses (either end) among the flows."""
     uniques = (
