@@ -457,18 +457,9 @@ def host_features(
             initiated=initiator.sum(),
             initiated_at_night=(initiator & pl.col("night")).sum(),
         )
+        .join(distinct_count(outbound.filter(initiator), "dst_addr", "distinct_dst"), **_on_host_window)
         .join(distinct_count(outbound.filter(initiator), "dst_port", "distinct_dst_ports"), **_on_host_window)
     )
-    # the distinct (host, window, destination) triples with their first start serve both the distinct
-    # destinations and the first time each destination was seen (one group-by of the flows, not two)
-    triples = (
-        outbound.filter(initiator)
-        .group_by(pl.col("src_addr").alias("host"), "window_start", "dst_addr")
-        .agg(first=pl.col("ts_start").min())
-    )
-    if sequential:
-        triples = triples.collect(engine="streaming").lazy()
-    distinct_dst = triples.group_by("host", "window_start").agg(distinct_dst=pl.len().cast(pl.UInt32))
     inbound = (
         flows.filter(pl.col("dst_owned"))
         .group_by(pl.col("dst_addr").alias("host"), "window_start")
@@ -480,8 +471,9 @@ def host_features(
         )
     )
     first_seen = (
-        triples.group_by("host", "dst_addr")
-        .agg(first=pl.col("first").min())
+        outbound.filter(initiator)
+        .group_by(pl.col("src_addr").alias("host"), "dst_addr")
+        .agg(first=pl.col("ts_start").min())
         .with_columns(window_start=bucket_expr("first", window_s))
     )
     if history_start is not None:
@@ -500,9 +492,8 @@ def host_features(
     )
     # Night-time share is a property of the host's day (an hourly window is all night or all day).
     if sequential:
-        out, distinct_dst, inbound, new_dsts, beacons = (
-            part.collect(engine="streaming").lazy()
-            for part in (out, distinct_dst, inbound, new_dsts, beacons)
+        out, inbound, new_dsts, beacons = (
+            part.collect(engine="streaming").lazy() for part in (out, inbound, new_dsts, beacons)
         )
     # the share of the initiated flows of the host's day started at night: the exact ratio of the day's counts
     # (what a mean over the flows gives), from the per-window sums
@@ -513,8 +504,7 @@ def host_features(
         .filter(pl.col("night_share").is_not_null())
     )
     joined = (
-        out.join(distinct_dst, **_on_host_window)
-        .join(inbound, on=["host", "window_start"], how="full", coalesce=True)
+        out.join(inbound, on=["host", "window_start"], how="full", coalesce=True)
         .join(new_dsts, on=["host", "window_start"], how="left")
         .with_columns(day=bucket_expr("window_start", 86400.0))
         .join(beacons, on=["host", "day"], how="left")
