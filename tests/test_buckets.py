@@ -16,7 +16,13 @@ from support import stories as gen
 from tracepipe.demo import PIPELINE, run_demo
 from tracepipe.detect import buckets, model
 from tracepipe.detect import detectors as det
-from tracepipe.detect.features import compute_features, periodicity
+from tracepipe.detect.features import (
+    compute_features,
+    local_addresses,
+    local_addresses_in,
+    periodicity,
+    scan_flows,
+)
 from tracepipe.lake import Lake
 from tracepipe.pipeline_config import load_pipeline
 from tracepipe.schema import FLOWS
@@ -175,3 +181,26 @@ def test_buckets_read_once_in_memory_or_streamed_give_the_same_candidates_and_fe
     assert sorted(split.rows()) == sorted(whole.rows())
     alone = compute_features(lake, since, until, gen.LOCAL_NETWORKS, history_start=history, buckets=1)
     assert alone.height > 100 and features.equals(alone)
+
+
+def test_local_addresses_of_two_ranges_from_one_scan_equal_two_scans(day):
+    """prepare_context looks up the rules' local addresses and the model's features' hosts in one scan (each
+    range its own): the same addresses as a scan of each range alone, for nested, overlapping and empty
+    ranges."""
+    lake, story, config = day
+    since, until = story.last_day
+    networks = config.pipeline.local_networks
+    hour = dt.timedelta(hours=1)
+    ranges = [
+        (since, until),
+        (story.start, until),
+        (since + 3 * hour, since + 4 * hour),
+        (since - 30 * hour, since - 29 * hour),
+        (until + hour, until + 2 * hour),
+    ]
+    found = local_addresses_in(lake, ranges, networks)
+    alone = [local_addresses(scan_flows(lake, a, b), networks) for a, b in ranges]
+    assert [sorted(f) for f in found] == [sorted(a) for a in alone]
+    assert len(alone[1]) > len(alone[2]) > 0 and alone[4] == []
+    ctx = det.prepare_context(lake, config, since, until, None, (story.start, until))
+    assert sorted(ctx.feature_hosts[story.start, until]) == sorted(alone[1])

@@ -75,6 +75,25 @@ def test_score_ranks_the_odd_host_and_explains_it(fitted):
     assert by_host.get_column("host").to_list().index(scanner) < 10
 
 
+def test_score_explains_only_from_the_sweeps_min_score_and_the_same_text(fitted):
+    """A sweep explains only the rows that can become alerts (score >= min_score): building one JSON per
+    (host, window) was a third of the anomaly stage. Those rows' scores and explanations are unchanged."""
+    _, lake, story, path, info = fitted
+    since, until = story.last_day
+    features = model.compute_features(lake, since, until, info.local_networks, info.window_seconds)
+    forest, _ = model.load(path)
+    every = model.score(features, forest, info)
+    cut = float(every.get_column("anomaly_score").quantile(0.9))
+    some = model.score(features, forest, info, explain_from=cut)
+    assert some.drop("explanation").equals(every.drop("explanation"))
+    above = pl.col("anomaly_score") >= cut
+    assert some.filter(above).get_column("explanation").to_list() == (
+        every.filter(above).get_column("explanation").to_list()
+    )
+    assert 0 < some.filter(above).height < some.height
+    assert some.filter(~above).get_column("explanation").null_count() == some.filter(~above).height
+
+
 def test_sweep_raises_anomaly_alerts(fitted):
     root, lake, story, _, _ = fitted
     pipeline = root / "m.toml"

@@ -221,10 +221,12 @@ def anomaly_stage(
     spill: bucketed.Spill | None = None,
     loaded: tuple[Any, Any] | None = None,
     timed: bucketed.Timer | None = None,
+    features: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Score the sweep's (host, window)s with the persisted model (`loaded`, else read here); no model -> a
     note, not a failure. `spill`: the sweep's host buckets (shared with the rules), covering the history.
-    `timed(stage, fn)`: the sweep's stage timer (features hosts, features spans, features, anomaly)."""
+    `timed(stage, fn)`: the sweep's stage timer (features hosts, features spans, features, anomaly).
+    `features`: already computed (with the rules, from the same bucket reads: feature_job)."""
     from tracepipe.detect import model
 
     cfg = ctx.config.model
@@ -232,26 +234,57 @@ def anomaly_stage(
     if loaded is None:
         return det._empty()
     forest, info = loaded
-    features = compute_features(
+    features = (
+        features
+        if features is not None
+        else compute_features(
+            ctx.lake,
+            ctx.since,
+            ctx.until,
+            ctx.config.pipeline.local_networks,
+            info.window_seconds,
+            history_start=anomaly_history(ctx),
+            night=ctx.night,
+            buckets=buckets,
+            spill=spill,
+            timed=timed,
+        )
+    )
+    timed = timed or bucketed.no_timer
+    scored = timed("anomaly", lambda: model.score(features, forest, info, cfg.top_features, cfg.min_score))
+    return model.anomaly_candidates(scored, cfg.min_score, cfg.max_alerts, info.window_seconds, rule_hosts)
+
+
+def feature_job(
+    ctx: det.DetectContext,
+    spill: bucketed.Spill | None,
+    loaded: tuple[Any, Any] | None,
+    stage: Callable[[str, Callable[[], Any]], Any],
+) -> bucketed.FeatureJob | None:
+    """The anomaly features over the sweep's spill, to be computed bucket by bucket along with the rules (one
+    read of each bucket for both); None without a model or a spill."""
+    if loaded is None or spill is None:
+        return None
+    return bucketed.feature_job(
         ctx.lake,
         ctx.since,
         ctx.until,
         ctx.config.pipeline.local_networks,
-        info.window_seconds,
-        history_start=anomaly_history(ctx),
-        night=ctx.night,
-        buckets=buckets,
-        spill=spill,
-        timed=timed,
+        loaded[1].window_seconds,
+        anomaly_history(ctx),
+        ctx.night,
+        spill,
+        stage,
     )
-    timed = timed or bucketed.no_timer
-    scored = timed("anomaly", lambda: model.score(features, forest, info, cfg.top_features))
-    return model.anomaly_candidates(scored, cfg.min_score, cfg.max_alerts, info.window_seconds, rule_hosts)
 
 
 def anomaly_history(ctx: det.DetectContext) -> dt.datetime:
     """Where the anomaly features' read starts: the baseline before the sweep (new destinations)."""
-    return ctx.since - dt.timedelta(seconds=float(ctx.config.window.baseline))
+    return history_start(ctx.config, ctx.since)
+
+
+def history_start(config: PipelineConfig, since: dt.datetime) -> dt.datetime:
+    return utc(since) - dt.timedelta(seconds=float(config.window.baseline))
 
 
 def spill_local(
@@ -281,9 +314,9 @@ def spill_local(
         known: dict[tuple[dt.datetime, dt.datetime], list[str]] = {}
         if history is not None:
             networks = ctx.config.pipeline.local_networks
-            known[utc(history), ctx.until] = bucketed.feature_hosts(
-                ctx.lake, utc(history), ctx.until, networks
-            )
+            known[utc(history), ctx.until] = ctx.feature_hosts.get(
+                (utc(history), ctx.until)
+            ) or bucketed.feature_hosts(ctx.lake, utc(history), ctx.until, networks)
             hosts |= set(known[utc(history), ctx.until])
         made = stack.enter_context(bucketed.spill_flows(ctx.lake, start, end, sorted(hosts), buckets))
         made.feature_hosts.update(known)  # the features look their hosts up here instead of scanning again
@@ -297,13 +330,15 @@ def detect_local(
     names: list[str],
     spill: bucketed.Spill | None,
     stage: Callable[[str, Callable[[], Any]], Any],
+    also: bucketed.FeatureJob | None = None,
 ) -> pl.DataFrame:
     """The rule detectors `names` on this machine: over the lake's window when it fits one host bucket (no
-    spill), else bucket by bucket from the spill (detect/buckets.py), in bounded memory, same candidates."""
+    spill), else bucket by bucket from the spill (detect/buckets.py), in bounded memory, same candidates.
+    `also`: the model's features, computed from the same bucket reads."""
     if spill is None:
         frames = [stage(name, lambda name=name: det.DETECTORS[name](ctx)) for name in names]
         return pl.concat(frames) if frames else det._empty()
-    return bucketed.detect(ctx, names, spill, stage)
+    return bucketed.detect(ctx, names, spill, stage, also)
 
 
 def write_reports(lake: Lake, config: PipelineConfig, result: SweepResult) -> dict[str, Path]:
@@ -436,21 +471,32 @@ def run_sweep(
             ),
         )
     else:
-        ctx = stage("prepare", lambda: det.prepare_context(lake, config, since, until, intel))
         enabled = [name for name in det.DETECTORS if getattr(config.detectors, name).enabled]
         loaded = None
         if config.model.enabled:
             from tracepipe.detect.model import load_for_sweep
 
             loaded = load_for_sweep(lake, config.model.path, result.notes)
+        # the model's features' hosts are looked up with the rules' local addresses (one scan of the lake)
+        features_from = history_start(config, since)
+        ctx = stage(
+            "prepare",
+            lambda: det.prepare_context(
+                lake, config, since, until, intel, (features_from, until) if loaded is not None else None
+            ),
+        )
         history = anomaly_history(ctx) if loaded is not None else None
         with ExitStack() as stack:
             spill = spill_local(ctx, enabled, history, buckets, stack, stage)
-            candidates = detect_local(ctx, enabled, spill, stage)
+            job = feature_job(ctx, spill, loaded, stage)
+            candidates = detect_local(ctx, enabled, spill, stage, job)
             if loaded is not None:
                 rule_hosts = set(candidates.get_column("addr").to_list())
                 # the features' steps are timed as stages of their own (nested stages would count twice)
-                anomalies = anomaly_stage(ctx, rule_hosts, result.notes, buckets, spill, loaded, stage)
+                features = job.result() if job is not None else None
+                anomalies = anomaly_stage(
+                    ctx, rule_hosts, result.notes, buckets, spill, loaded, stage, features
+                )
                 candidates = pl.concat([candidates, anomalies])
     alerts, stats = stage("finalize", lambda: det.finalize(candidates, ctx, config.pipeline.name))
     result.allowlisted = stats["allowlisted"]

@@ -40,6 +40,7 @@ from tracepipe.detect.features import (
     utc,
     window_days,
     with_flow_facts,
+    with_local_facts,
 )
 from tracepipe.lake import TEXT_DICTIONARY, Lake, conform
 from tracepipe.schema import FLOWS
@@ -250,9 +251,17 @@ def no_timer(name: str, fn: Callable[[], T]) -> T:
     return fn()
 
 
-def detect(ctx: det.DetectContext, names: list[str], spill: Spill, timed: Timer = no_timer) -> pl.DataFrame:
+def detect(
+    ctx: det.DetectContext,
+    names: list[str],
+    spill: Spill,
+    timed: Timer = no_timer,
+    also: FeatureJob | None = None,
+) -> pl.DataFrame:
     """The candidates of the rule detectors `names`, run bucket by bucket (cross-host ones over the window).
-    `timed(stage, fn)` runs and times each step (a detector's time is summed over its buckets)."""
+    `timed(stage, fn)` runs and times each step (a detector's time is summed over its buckets). `also`: the
+    model's features, computed bucket by bucket from the same in-memory read (FeatureJob.result() after)."""
+    also_add = also.also(ctx.local) if also is not None else None
     frames = [timed(name, lambda name=name: det.DETECTORS[name](ctx)) for name in names if name in CROSS_HOST]
     per_host = [name for name in names if name not in CROSS_HOST]
     # periodicity's spans over the whole window, per detector that calls it (each bucket then makes the same
@@ -283,6 +292,9 @@ def detect(ctx: det.DetectContext, names: list[str], spill: Spill, timed: Timer 
             frames.append(found.filter(pl.col("addr").is_in(hosts.implode())))
             if log is not None:
                 log[before:] = [row for row in log[before:] if row.get("addr") in owned]
+        if also_add is not None:
+            also_add(bucket, facts)
+        del facts
     return pl.concat(frames) if frames else det._empty()
 
 
@@ -309,6 +321,81 @@ def feature_hosts(lake: Lake, start: dt.datetime, until: dt.datetime, local_netw
     return local_addresses(scan_flows(lake, start, until), local_networks)
 
 
+@dataclass
+class FeatureJob:
+    """The model's features over a spill, one bucket at a time: `add` takes each bucket's flows (its in-memory
+    facts over `local`, or None: streamed from the spill), `result` gives features.compute_features' rows. A
+    sweep hands it to the rules' bucket loop (detect(also=...)), so that a bucket is read into memory and its
+    facts computed once for both."""
+
+    spill: Spill
+    local: list[str]
+    since: dt.datetime
+    start: dt.datetime
+    until: dt.datetime
+    window_s: float
+    history: dt.datetime | None
+    night: tuple[int, int]
+    given: list[pl.DataFrame]
+    timed: Timer
+    parts: list[pl.DataFrame] = field(default_factory=list)
+
+    def add(self, bucket: int, facts: pl.DataFrame | None) -> None:
+        within = (pl.col("ts_start") >= self.start) & (pl.col("ts_start") < self.until)
+        rows = self.spill.source(bucket).filter(within) if facts is None else facts.lazy().filter(within)
+        hosts = self.spill.hosts(bucket)
+        found = self.timed(
+            "features",
+            lambda: _features_of(
+                rows, self.local, self.window_s, self.history, self.night, SpanBook(given=self.given), hosts
+            ),
+        )
+        self.parts.append(found.filter(pl.col("host").is_in(hosts.implode())))
+
+    def also(self, local: list[str]) -> Callable[[int, pl.DataFrame | None], None]:
+        """`add` for a loop whose in-memory facts are over other local hosts (the rules'): facts of ours."""
+
+        def add(bucket: int, facts: pl.DataFrame | None) -> None:
+            if facts is not None and local != self.local:
+                facts = with_local_facts(facts.lazy(), self.local, self.spill.hosts(bucket)).collect()
+            self.add(bucket, facts)
+
+        return add
+
+    def result(self) -> pl.DataFrame:
+        return _features_result(self.parts, self.since, self.window_s)
+
+
+def feature_job(
+    lake: Lake,
+    since: dt.datetime,
+    until: dt.datetime,
+    local_networks: list[str],
+    window_s: float,
+    history_start: dt.datetime | None,
+    night: tuple[int, int],
+    spill: Spill,
+    timed: Timer = no_timer,
+) -> FeatureJob:
+    """A FeatureJob over `spill`, which must cover the range and every local host; the window-wide spans of
+    periodicity are recorded here (over the lake, before any bucket)."""
+    start = utc(history_start) if history_start is not None else utc(since)
+    local = spill.feature_hosts.get((start, utc(until))) or timed(
+        "features hosts", lambda: feature_hosts(lake, start, until, local_networks)
+    )
+    if start < spill.start or utc(until) > spill.end or not set(local) <= set(spill.owners["addr"]):
+        raise RuntimeError(
+            f"the spill holds {spill.start} to {spill.end}, features need {start} to {until} and their "
+            "hosts: spill what both read (sweep.spill_local)"
+        )
+    history = start if history_start is not None else None
+    recording = SpanBook(recording=True)
+    flows = with_flow_facts(scan_flows(lake, start, until), local, night)
+    host_features(flows, window_s, history_start=history, spans=recording)
+    given = timed("features spans", lambda: recording.collected().given)
+    return FeatureJob(spill, local, utc(since), start, utc(until), window_s, history, night, given, timed)
+
+
 def features(
     lake: Lake,
     since: dt.datetime,
@@ -325,42 +412,30 @@ def features(
     from `spill`, a sweep's, which must cover the range and every local host): the same rows (per (host,
     window), sorted by host and window). `timed(stage, fn)` times the steps (features spans, features)."""
     start = utc(history_start) if history_start is not None else utc(since)
-    flows = scan_flows(lake, start, until)
     if spill is None:
         buckets = buckets or bucket_count(count_rows(lake, start, until))
-    local = (spill.feature_hosts.get((start, utc(until))) if spill is not None else None) or timed(
-        "features hosts", lambda: feature_hosts(lake, start, until, local_networks)
-    )
-    history = start if history_start is not None else None
-    if spill is None and buckets <= 1:
-        parts = [timed("features", lambda: _features_of(flows, local, window_s, history, night, None))]
-    else:
-        recording = SpanBook(recording=True)
-        host_features(with_flow_facts(flows, local, night), window_s, history_start=history, spans=recording)
-        given = timed("features spans", lambda: recording.collected().given)
-        with ExitStack() as stack:
-            if spill is None:
-                spill = stack.enter_context(spill_flows(lake, start, until, local, buckets))
-            elif start < spill.start or utc(until) > spill.end or not set(local) <= set(spill.owners["addr"]):
-                raise RuntimeError(
-                    f"the spill holds {spill.start} to {spill.end}, features need {start} to {until} and their "
-                    "hosts: spill what both read (sweep.spill_local)"
-                )
-            parts = []
-            for bucket in range(spill.buckets):
-                within = (pl.col("ts_start") >= start) & (pl.col("ts_start") < utc(until))
-                # in memory (read once, facts computed once for all the features' parts) when it fits
-                frame = timed(
-                    "bucket read", lambda bucket=bucket: _in_memory_facts(spill, bucket, local, night)
-                )
-                rows = spill.source(bucket).filter(within) if frame is None else frame.lazy().filter(within)
-                found = timed(
-                    "features",
-                    lambda rows=rows, bucket=bucket: _features_of(
-                        rows, local, window_s, history, night, SpanBook(given=given), spill.hosts(bucket)
-                    ),
-                )
-                parts.append(found.filter(pl.col("host").is_in(spill.hosts(bucket).implode())))
+        if buckets <= 1:
+            local = timed("features hosts", lambda: feature_hosts(lake, start, until, local_networks))
+            history = start if history_start is not None else None
+            flows = scan_flows(lake, start, until)
+            part = timed("features", lambda: _features_of(flows, local, window_s, history, night, None))
+            return _features_result([part], since, window_s)
+    with ExitStack() as stack:
+        if spill is None:
+            local = timed("features hosts", lambda: feature_hosts(lake, start, until, local_networks))
+            spill = stack.enter_context(spill_flows(lake, start, until, local, buckets or 1))
+            spill.feature_hosts[start, utc(until)] = local
+        job = feature_job(lake, since, until, local_networks, window_s, history_start, night, spill, timed)
+        for bucket in range(spill.buckets):
+            # in memory (read once, facts computed once for all the features' parts) when it fits
+            job.add(
+                bucket,
+                timed("bucket read", lambda bucket=bucket: _in_memory_facts(spill, bucket, job.local, night)),
+            )
+        return job.result()
+
+
+def _features_result(parts: list[pl.DataFrame], since: dt.datetime, window_s: float) -> pl.DataFrame:
     return (
         pl.concat(parts)
         .filter(pl.col("window_start") >= floor_time(since, window_s))

@@ -27,7 +27,7 @@ from tracepipe.detect.features import (
     ceil_time,
     floor_time,
     in_networks,
-    local_addresses,
+    local_addresses_in,
     periodicity,
     scan_flows,
     utc,
@@ -128,6 +128,8 @@ class DetectContext:
             )
 
     spans: SpanBook | None = None  # window-wide spans for periodicity when the flows are one host bucket's
+    # the model's features' hosts over a (start, until), when prepare_context looked them up (features.py)
+    feature_hosts: dict[tuple[dt.datetime, dt.datetime], list[str]] = field(default_factory=dict)
 
     @property
     def night(self) -> tuple[int, int]:
@@ -159,12 +161,23 @@ class DetectContext:
 
 
 def prepare_context(
-    lake: Lake, config: PipelineConfig, since: dt.datetime, until: dt.datetime, intel: pa.Table | None = None
+    lake: Lake,
+    config: PipelineConfig,
+    since: dt.datetime,
+    until: dt.datetime,
+    intel: pa.Table | None = None,
+    feature_range: tuple[dt.datetime, dt.datetime] | None = None,
 ) -> DetectContext:
+    """The context of a sweep's detectors. `feature_range`: the model's features' hosts over that range are
+    looked up in the same scan (ctx.feature_hosts)."""
     ctx = DetectContext(lake, config, utc(since), utc(until), intel=intel)
     widest = max(_window_of(config, name) for name in DETECTORS)
     start, end = ctx.span(widest)
-    local = set(local_addresses(scan_flows(lake, start, end), config.pipeline.local_networks))
+    ranges = [(start, end)] + ([(utc(feature_range[0]), utc(feature_range[1]))] if feature_range else [])
+    found = local_addresses_in(lake, ranges, config.pipeline.local_networks)
+    if feature_range:
+        ctx.feature_hosts[ranges[1]] = found[1]
+    local = set(found[0])
     # Addresses a VM ever held (floating IPs outside local_networks too) are local as well.
     if lake.files("vm_leases"):
         local |= set(lake.read("vm_leases", columns=["addr"]).column("addr").to_pylist())
@@ -551,7 +564,9 @@ def exfiltration(ctx: DetectContext) -> pl.DataFrame:
     outbound = ctx.flows(c.window, baseline_start, ctx.span(c.window)[1]).filter(
         pl.col("src_local") & ~pl.col("dst_local")
     )
-    science = science_destinations(ctx, outbound)
+    # the science peers among every destination of the range (a superset of the outbound ones, which is all
+    # the join below matches): the plain scan of one column costs half of the outbound flows' with their facts
+    science = science_destinations(ctx, ctx.scan(baseline_start, ctx.span(c.window)[1]))
     is_science = (
         pl.col("science").is_not_null()
         & (
@@ -660,8 +675,18 @@ def exfiltration(ctx: DetectContext) -> pl.DataFrame:
         return _empty()
     # the biggest receivers of each suspicious host-window, for the reason line
     keys = found.select("src_addr", "window_start")
+    # only the found hosts' flows of the found windows: the lake's files are sorted by src_addr and ts_start,
+    # so these bounds skip most row groups before the semi join
     top = (
-        tagged.filter(~pl.col("is_science"))
+        tagged.filter(
+            pl.col("src_addr").is_in(keys.get_column("src_addr").unique().implode())
+            & (pl.col("ts_start") >= keys.get_column("window_start").min())
+            & (
+                pl.col("ts_start")
+                < keys.get_column("window_start").max() + dt.timedelta(seconds=int(c.window))
+            )
+        )
+        .filter(~pl.col("is_science"))
         .join(keys.lazy(), on=["src_addr", "window_start"], how="semi")
         .group_by("src_addr", "window_start", "dst_addr")
         .agg(to_peer=pl.col("bytes").sum())
@@ -1078,7 +1103,7 @@ def alert_id(
 def evidence_rows(lake: Lake, alerts: pl.DataFrame, limit: int, top: int = 5) -> dict[int, dict]:
     """Evidence per alert (row index -> {"flows", "top_peers", "top_ports", "matched_flows"}): up to `limit`
     flow rows between addr and peer (or on the alert's port) in its window, biggest first, and the peers and
-    ports of ALL those flows ranked by flow count. One lazy scan for all alerts."""
+    ports of ALL those flows ranked by flow count. One scan for all alerts."""
     if alerts.is_empty() or limit <= 0:
         return {}
     start, end = alerts.get_column("window_start").min(), alerts.get_column("window_end").max()
@@ -1107,6 +1132,10 @@ def evidence_rows(lake: Lake, alerts: pl.DataFrame, limit: int, top: int = 5) ->
             | (pl.col("dst_port") == pl.col("port"))
             | (pl.col("src_port") == pl.col("port"))
         )
+        # read from the lake once for the four results below (four scans of the window's flows were most
+        # of finalize); the sort of the evidence flows below holds these rows anyway
+        .collect(engine="streaming")
+        .lazy()
     )
     # total orders (ties broken by time, addresses, ports): the same candidates give the same evidence on
     # every engine and in every row order

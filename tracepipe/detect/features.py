@@ -188,21 +188,35 @@ def with_flow_facts(
     unreach = pl.lit(False)
     for proto, icmp_type in ICMP_UNREACH:
         unreach = unreach | ((pl.col("proto") == proto) & (pl.col("dst_port") // 256 == icmp_type))
+    return with_local_facts(
+        flows.with_columns(
+            duration=(pl.col("ts_end") - pl.col("ts_start")).dt.total_milliseconds() / 1000.0,
+            # An attempt that never completed, defined once for NetFlow, Zeek and argus rows (tracepipe.flowstate)
+            failed=failed_attempt(),
+            syn_only=is_tcp & ((flags & 0x3F) == SYN),
+            # The server side of a conversation: a well-known (or registered, below the ephemeral range 32768+)
+            # source port talking to a higher ephemeral port. NetFlow is one-way, so this tells replies apart.
+            response=pl.col("proto").is_in([6, 17])
+            & (
+                ((pl.col("src_port") < 1024) & (pl.col("dst_port") >= 1024))
+                | ((pl.col("src_port") < 32768) & (pl.col("dst_port") >= 32768))
+            ),
+            icmp_unreach=unreach,
+            night=is_night,
+        ),
+        local_addrs,
+        owned,
+    )
+
+
+def with_local_facts(
+    flows: pl.LazyFrame, local_addrs: list[str], owned: pl.Series | None = None
+) -> pl.LazyFrame:
+    """The facts of with_flow_facts that depend on who is local (src_local, dst_local, src_owned, dst_owned),
+    set or replaced: flows whose other facts are computed once serve callers with other local hosts (the rules
+    count leased addresses as local, the model's features only local_networks)."""
     locals_series = pl.Series(local_addrs, dtype=pl.String)
     return flows.with_columns(
-        duration=(pl.col("ts_end") - pl.col("ts_start")).dt.total_milliseconds() / 1000.0,
-        # An attempt that never completed, defined once for NetFlow, Zeek and argus rows (tracepipe.flowstate)
-        failed=failed_attempt(),
-        syn_only=is_tcp & ((flags & 0x3F) == SYN),
-        # The server side of a conversation: a well-known (or registered, below the ephemeral range 32768+)
-        # source port talking to a higher ephemeral port. NetFlow is one-way, so this tells replies apart.
-        response=pl.col("proto").is_in([6, 17])
-        & (
-            ((pl.col("src_port") < 1024) & (pl.col("dst_port") >= 1024))
-            | ((pl.col("src_port") < 32768) & (pl.col("dst_port") >= 32768))
-        ),
-        icmp_unreach=unreach,
-        night=is_night,
         src_local=pl.col("src_addr").is_in(locals_series.implode()),
         dst_local=pl.col("dst_addr").is_in(locals_series.implode()),
     ).with_columns(
@@ -213,6 +227,30 @@ def with_flow_facts(
         if owned is None
         else pl.col("dst_local") & pl.col("dst_addr").is_in(owned.implode()),
     )
+
+
+def local_addresses_in(
+    lake: Lake, ranges: list[tuple[dt.datetime, dt.datetime]], local_networks: list[str]
+) -> list[list[str]]:
+    """local_addresses of the lake's flows over each of `ranges`, from ONE scan of their span: an address
+    counts for a range when one of its flows starts inside it (a sweep's rules and its model's features ask
+    over two overlapping ranges)."""
+    start, end = min(utc(a) for a, _ in ranges), max(utc(b) for _, b in ranges)
+    flows = scan_flows(lake, start, end)
+    ends = pl.concat(
+        [flows.select(pl.col(side).alias("addr"), "ts_start") for side in ("src_addr", "dst_addr")]
+    )
+    inside = [
+        ((pl.col("ts_start") >= utc(a)) & (pl.col("ts_start") < utc(b))).any().alias(f"in_{i}")
+        for i, (a, b) in enumerate(ranges)
+    ]
+    seen = ends.group_by("addr").agg(inside).collect(engine="streaming")
+    local = in_networks(seen.get_column("addr").to_arrow(), local_networks)
+    addrs = seen.get_column("addr").to_list()
+    return [
+        [a for a, m, i in zip(addrs, local, seen.get_column(f"in_{n}").to_list(), strict=True) if m and i]
+        for n in range(len(ranges))
+    ]
 
 
 def local_addresses(flows: pl.LazyFrame, local_networks: list[str]) -> list[str]:
@@ -415,6 +453,9 @@ def host_features(
                 milliseconds.sum() / milliseconds.count() / 1000.0
             ),
             long_flows=(pl.col("duration") >= LONG_FLOW_SECONDS).sum(),
+            # the night share's parts, summed per day below (no group-by of its own over the flows)
+            initiated=initiator.sum(),
+            initiated_at_night=(initiator & pl.col("night")).sum(),
         )
         .join(distinct_count(outbound.filter(initiator), "dst_addr", "distinct_dst"), **_on_host_window)
         .join(distinct_count(outbound.filter(initiator), "dst_port", "distinct_dst_ports"), **_on_host_window)
@@ -450,15 +491,18 @@ def host_features(
         .agg(periodicity=pl.col("score").max())
     )
     # Night-time share is a property of the host's day (an hourly window is all night or all day).
-    nights = (
-        flows.filter(pl.col("src_owned") & initiator)
-        .group_by(pl.col("src_addr").alias("host"), bucket_expr("ts_start", 86400.0).alias("day"))
-        .agg(night_share=pl.col("night").mean())
-    )
     if sequential:
-        out, inbound, new_dsts, beacons, nights = (
-            part.collect(engine="streaming").lazy() for part in (out, inbound, new_dsts, beacons, nights)
+        out, inbound, new_dsts, beacons = (
+            part.collect(engine="streaming").lazy() for part in (out, inbound, new_dsts, beacons)
         )
+    # the share of the initiated flows of the host's day started at night: the exact ratio of the day's counts
+    # (what a mean over the flows gives), from the per-window sums
+    initiated = pl.col("initiated").sum()
+    nights = (
+        out.group_by("host", bucket_expr("window_start", 86400.0).alias("day"))
+        .agg(night_share=pl.when(initiated > 0).then(pl.col("initiated_at_night").sum() / initiated))
+        .filter(pl.col("night_share").is_not_null())
+    )
     joined = (
         out.join(inbound, on=["host", "window_start"], how="full", coalesce=True)
         .join(new_dsts, on=["host", "window_start"], how="left")

@@ -125,12 +125,14 @@ def _model_input(
     percentile of its baseline windows; the global median for hosts the baseline lacks): a data mover's big
     hour is ordinary, a web server's is not. Returns (model input, outside-range distance, host median)."""
     glob = np.asarray(info.medians)
-    low, med, high = (np.tile(glob, (len(hosts), 1)) for _ in range(3))
-    for host in np.unique(hosts):
+    # per distinct host, then spread to its rows (a mask over every row per host was hosts x rows)
+    uniques, row_host = np.unique(hosts, return_inverse=True)
+    low, med, high = (np.tile(glob, (len(uniques), 1)) for _ in range(3))
+    for i, host in enumerate(uniques.tolist()):
         key = str(host)
         if key in info.host_medians:
-            rows = hosts == host
-            low[rows], med[rows], high[rows] = info.host_low[key], info.host_medians[key], info.host_high[key]
+            low[i], med[i], high[i] = info.host_low[key], info.host_medians[key], info.host_high[key]
+    low, med, high = low[row_host], med[row_host], high[row_host]
     outside = np.maximum(x - high, 0) - np.maximum(low - x, 0)
     return np.hstack([x, outside]), outside, med
 
@@ -239,10 +241,15 @@ def _read_sidecar(path: Path) -> ModelInfo:
 
 
 def score(
-    features: pl.DataFrame, forest: Forest | IsolationForest, info: ModelInfo, top_features: int = 3
+    features: pl.DataFrame,
+    forest: Forest | IsolationForest,
+    info: ModelInfo,
+    top_features: int = 3,
+    explain_from: float | None = None,
 ) -> pl.DataFrame:
     """Features -> the same rows plus anomaly_score (0..1) and explanation (JSON list of the features that
-    stand out most: name, value, baseline median, robust z), highest score first."""
+    stand out most: name, value, baseline median, robust z), highest score first. `explain_from`: explain only
+    the rows scoring at least this (a sweep's min_score: the others never become alerts), null elsewhere."""
     if features.is_empty():
         return features.with_columns(
             anomaly_score=pl.lit(None, pl.Float64), explanation=pl.lit(None, pl.String)
@@ -257,8 +264,11 @@ def score(
     raw = features.select([pl.col(f).cast(pl.Float64) for f in FEATURES]).to_numpy()
     is_log = np.array([f in LOG_FEATURES for f in FEATURES])
     base = np.where(is_log, np.expm1(reference), reference)
+    explained = anomaly >= explain_from if explain_from is not None else np.ones(len(order), dtype=bool)
     explanations = [
-        json.dumps(
+        None
+        if not explained[i]
+        else json.dumps(
             [
                 {
                     "feature": FEATURES[j],
@@ -271,9 +281,9 @@ def score(
         )
         for i in range(len(order))
     ]
-    return features.with_columns(anomaly_score=pl.Series(anomaly), explanation=pl.Series(explanations)).sort(
-        "anomaly_score", descending=True
-    )
+    return features.with_columns(
+        anomaly_score=pl.Series(anomaly), explanation=pl.Series(explanations, dtype=pl.String)
+    ).sort("anomaly_score", descending=True)
 
 
 def fit_lake(
