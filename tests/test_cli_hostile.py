@@ -298,6 +298,26 @@ def test_a_pipeline_file_that_is_a_fifo_is_named_and_never_blocks(hostile_lake, 
         assert result.returncode == 2 and "is not a regular file (FIFO)" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("command", ["netflow", "zeek", "argus"])
+def test_a_flow_input_that_is_a_fifo_is_named_and_never_blocks(tmp_path, command):
+    """Regression (fuzz_cli, session 5): the check for files big enough for the decode workers sniffed every
+    given path's kind before the per-file checks, so `ingest zeek FIFO` opened the FIFO and waited for a writer
+    for ever. A FIFO is a reject from os.stat, never opened; the regular file beside it lands."""
+    import os
+
+    fifo = tmp_path / "a-fifo"
+    os.mkfifo(fifo)
+    args = ["ingest", command, str(fifo), "--lake", str(tmp_path / "lake"), "--format", "json"]
+    result = subprocess.run(
+        [sys.executable, "-m", "tracepipe.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    summary = json.loads(result.stdout)
+    assert result.returncode == 4 and [f["status"] for f in summary["files"]] == ["not a file"], result.stdout
+
+
 @pytest.mark.parametrize(("kind", "args"), NOT_LAKES, ids=[f"{k}-{a[0]}" for k, a in NOT_LAKES])
 def test_read_commands_refuse_a_directory_that_is_no_lake(hostile_lake, tmp_path, kind, args):
     where = {

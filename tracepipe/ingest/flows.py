@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,9 +158,14 @@ def sniff_kind(path: Path) -> str:
 
 
 def _kind_or_none(path: Path) -> str | None:
+    """The file's kind, or None when it is not a regular file or cannot be read (the caller reports it)."""
     try:
+        if not stat.S_ISREG(
+            path.stat().st_mode
+        ):  # a FIFO or a device is never opened: it could block for ever
+            return None
         return sniff_kind(path)
-    except OSError:  # unreadable: the caller reports it
+    except OSError:
         return None
 
 
