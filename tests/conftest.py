@@ -238,6 +238,16 @@ def lake_flows(lake: Path) -> pa.Table:
         return fetch()
 
 
+def lake_rows(lake: Path, dataset: str, columns: str, order: str = "all") -> list[tuple]:
+    """`columns` of every row of a dataset, from the files the log lists, sorted (`order by {order}`)."""
+    from tracepipe.lake import Lake
+    from tracepipe.query import scan_sql
+
+    with duckdb.connect() as con:
+        files = Lake(lake).files(dataset)
+        return con.sql(f"select {columns} from ({scan_sql(dataset, files)}) order by {order}").fetchall()
+
+
 def with_ms_columns(table: pa.Table) -> pa.Table:
     """Add ts_start_ms/ts_end_ms (epoch ms, truncated like nfdump prints them) to a FLOWS-shaped table."""
 

@@ -11,7 +11,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from conftest import FLOW_KEY_AND_COUNTERS, lake_flows, multiset_diff, run_tracepipe
+from conftest import FLOW_KEY_AND_COUNTERS, lake_flows, lake_rows, multiset_diff, run_tracepipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import probes
@@ -401,12 +401,10 @@ def test_workers_land_what_one_process_lands(tmp_path):
     write the Parquet; the lake must hold the same flows, and the same rejects on the same line numbers, as
     one process reading it. The file: three nfdump outputs concatenated (a Summary trailer and a header in
     the middle), a junk line, a bad address, a blank and an over-long line, over 16 ranges."""
-    import duckdb
 
     from tracepipe.ingest.flows import ingest_flow_files
     from tracepipe.ingest.nfdump import nfdump_csv_ranges
     from tracepipe.lake import Lake
-    from tracepipe.query import scan_sql
 
     text, bad_lines = _concatenated_csv()
     path = tmp_path / "nfdump.csv"
@@ -416,15 +414,9 @@ def test_workers_land_what_one_process_lands(tmp_path):
         lake = Lake(tmp_path / f"lake-{jobs}")
         summary = ingest_flow_files(lake, [path], jobs=jobs, parallel_min_bytes=1)
         assert summary.files[0].status == "landed"
-        with duckdb.connect() as con:
-            rows = con.sql(
-                f"select src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, ts_start, exporter "
-                f"from ({scan_sql('flows', lake.files('flows'))}) order by all"
-            ).fetchall()
-            rejects = con.sql(
-                f"select line, reason, detail from ({scan_sql('rejects', lake.files('rejects'))}) order by line"
-            ).fetchall()
-        return rows, rejects
+        flow_columns = "src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, ts_start, exporter"
+        rows = lake_rows(lake.root, "flows", flow_columns)
+        return rows, lake_rows(lake.root, "rejects", "line, reason, detail", "line")
 
     assert len(nfdump_csv_ranges(path, "s")) >= 5  # the workers get several ranges
     one_rows, one_rejects = land(1)

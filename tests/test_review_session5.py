@@ -13,14 +13,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import duckdb
 import pytest
-from conftest import lake_flows
+from conftest import lake_flows, lake_rows
 
 from tracepipe.ingest.flows import ingest_flow_files
 from tracepipe.ingest.nfdump import RangeLanding, nfdump_csv_ranges, read_nfdump_csv
 from tracepipe.lake import Lake
-from tracepipe.query import scan_sql
 
 SAMPLE_CSV = Path(__file__).resolve().parent.parent / "sample_data" / "netflow" / "nfdump-v9.csv"
 
@@ -31,15 +29,10 @@ def _csv_header_and_body(n: int = 20) -> tuple[bytes, list[bytes]]:
 
 
 def _lake_rows(lake: Lake) -> tuple[list, list]:
-    with duckdb.connect() as con:
-        flows = con.sql(
-            f"select src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, ts_start, exporter "
-            f"from ({scan_sql('flows', lake.files('flows'))}) order by all"
-        ).fetchall()
-        rejects = con.sql(
-            f"select line, reason from ({scan_sql('rejects', lake.files('rejects'))}) order by line"
-        ).fetchall()
-    return flows, rejects
+    flow_columns = "src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, ts_start, exporter"
+    return lake_rows(lake.root, "flows", flow_columns), lake_rows(
+        lake.root, "rejects", "line, reason", "line"
+    )
 
 
 def _ranges_read(path: Path, cuts: list[int]) -> tuple[int, list]:
