@@ -127,12 +127,17 @@ def test_a_worker_that_dies_is_an_error_that_says_what_to_do(captures, tmp_path)
     assert not list((tmp_path / "lake").rglob("*.parquet"))  # the live worker deleted what it wrote
 
 
-def test_batches_go_round_robin_and_answers_come_back_numbered(captures, tmp_path):
+def _walked_batches(capture: Path, batch_datagrams: int) -> list:
+    """The capture's datagrams walked into batches of `batch_datagrams`, as the ingest hands them to the pool."""
     state = DecoderState()
-    walked = [
+    return [
         walk_datagrams(b.payloads, b.exporters, b.ts_us, b.offsets, "x", state)[0]
-        for b in iter_udp_batches(captures[2], batch_datagrams=4)
+        for b in iter_udp_batches(capture, batch_datagrams=batch_datagrams)
     ]
+
+
+def test_every_batch_is_decoded_and_its_answer_comes_back_numbered(captures, tmp_path):
+    walked = _walked_batches(captures[2], batch_datagrams=4)
     assert len(walked) >= 5
     with DecodePool(2, tmp_path) as pool:
         pool.begin("k" * 16)
@@ -201,11 +206,7 @@ def test_a_slow_worker_does_not_hold_up_the_others(captures, tmp_path):
     every batch still gets decoded (by worker 1), and worker 0's share is answered once it runs again."""
     import threading
 
-    state = DecoderState()
-    walked = [
-        walk_datagrams(b.payloads, b.exporters, b.ts_us, b.offsets, "x", state)[0]
-        for b in iter_udp_batches(captures[2], batch_datagrams=1)
-    ]
+    walked = _walked_batches(captures[2], batch_datagrams=1)
     assert len(walked) >= 10
     with DecodePool(2, tmp_path) as pool:
         pool.begin("k" * 16)
