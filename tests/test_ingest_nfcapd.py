@@ -253,8 +253,10 @@ def test_jobs_2_ingest_killed_midway_shows_nothing_half_written_and_a_rerun_land
     several_blocks, tmp_path
 ):
     """SIGKILL of `ingest netflow --jobs 2` while its workers write: the lake shows none of the file's rows (or,
-    if the commit came first, all of them), no temp file stays once the workers see their parent gone, and
-    the rerun lands the file exactly once."""
+    if the commit came first, all of them), no temp file of a worker stays once the workers see their parent
+    gone, and the rerun lands the file exactly once. The killed process cannot remove a temp file of its own (the
+    manifest's, if the kill came at its write): readers never see it, and `vacuum` deletes it once it is an hour
+    old."""
     header, blocks, appendix = split(several_blocks)
     path = tmp_path / "nfcapd.big"  # ~500 k records: each worker writes row groups before the end
     path.write_bytes(join(header, blocks * 200, appendix))
@@ -267,15 +269,24 @@ def test_jobs_2_ingest_killed_midway_shows_nothing_half_written_and_a_rerun_land
     )
     child = subprocess.Popen([sys.executable, "-c", code, str(lake_dir), str(path)])
     deadline = time.monotonic() + 120
-    while not list(lake_dir.rglob("*.tmp")) and child.poll() is None and time.monotonic() < deadline:
+    workers_write = lake_dir / "flows"  # with --jobs 2 only the workers write flow files
+    while not list(workers_write.rglob("*.tmp")) and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     child.kill()
     child.wait()
-    while list(lake_dir.rglob("*.tmp")) and time.monotonic() < deadline:  # the workers abort on EOF
+    while list(workers_write.rglob("*.tmp")) and time.monotonic() < deadline:  # the workers abort on EOF
         time.sleep(0.1)
-    assert not list(lake_dir.rglob("*.tmp"))
+    assert not list(workers_write.rglob("*.tmp"))
+    assert {p.parent.name for p in lake_dir.rglob("*.tmp")} <= {"_ingest"}
     visible = lake_flows(lake_dir).num_rows if (lake_dir / "flows" / "_delta_log").exists() else 0
     assert visible in (0, expected)
     for _ in range(2):  # the rerun lands it (or skips it, landed), the next one skips it: never twice
         ingest_flow_files(Lake(lake_dir), [path], jobs=2, parallel_min_bytes=0)
         assert lake_flows(lake_dir).num_rows == expected
+    hour_ago = time.time() - 3700
+    orphans = list(lake_dir.rglob("*.tmp"))
+    for orphan in orphans:
+        os.utime(orphan, (hour_ago, hour_ago))
+    assert Lake(lake_dir).vacuum(dt.timedelta(hours=1)).get("_ingest", 0) >= len(orphans)
+    assert not list(lake_dir.rglob("*.tmp"))
+    assert lake_flows(lake_dir).num_rows == expected

@@ -73,10 +73,16 @@ def test_killed_run_leftovers_are_replaced_not_doubled(tmp_path):
     assert lake.read("flows").num_rows == 5
     con = query.connect(lake)
     assert con.execute("select count(*) from flows").fetchone()[0] == 5
+    manifest_stray = lake.root / "_ingest" / "part-stray.parquet.tmp"  # an unpartitioned table's own
+    manifest_stray.write_bytes(b"PAR1 half")
+    young = lake.root / "_ingest" / "part-young.parquet.tmp"  # a writer may still be finishing it
+    young.write_bytes(b"PAR1 half")
     old = time.time() - 3 * 86400
-    os.utime(stray, (old, old))
+    for path in (stray, manifest_stray):
+        os.utime(path, (old, old))
     lake.vacuum(dt.timedelta(days=1))
-    assert not stray.exists()
+    assert not stray.exists() and not manifest_stray.exists()
+    assert young.exists()
     assert lake.read("flows").num_rows == 5
 
 
