@@ -223,3 +223,72 @@ def test_a_slow_worker_does_not_hold_up_the_others(captures, tmp_path):
         last, _, rows = pool.finish()
     assert sorted(n for n, _ in [*answers, *last]) == list(range(len(walked)))
     assert rows == sum(w.records for w in walked) > 0
+
+
+def _open_by(path_part: str) -> list[int]:
+    """Pids of the processes that hold a file whose path contains `path_part` open (Linux /proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(path_part in os.readlink(fd) for fd in (proc / "fd").iterdir()):
+                pids.append(int(proc.name))
+        except OSError:  # gone, or not ours
+            continue
+    return pids
+
+
+def test_a_hung_worker_is_killed_and_its_files_removed_then_the_rerun_lands_once(softflowd_export, tmp_path):
+    """Session 5 defect: a decode worker that hung was killed (after 30 s, at stop) and its *.parquet.tmp files
+    stayed in the lake, removed only by a vacuum an hour later (and a worker stopped mid-batch hung the ingest
+    for ever). A real worker is stopped (SIGSTOP) while it writes a row group: the ingest fails within the hang
+    timeout with the lake's exit code, no temp or uncommitted file stays, and the rerun lands the source once."""
+    import threading
+
+    from tracepipe.errors import EXIT_FAILED
+
+    export = softflowd_export(5, "ipv4")
+    raw = Path(export.export_pcap).read_bytes()
+    # the real export's datagrams again and again: ~600 k flows, so that each worker writes a row group (250 k
+    # rows with 2 jobs) to a temp file well before its last batch
+    repeats = -(-600_000 // export.expected.num_rows)
+    big = tmp_path / "big.pcap"
+    big.write_bytes(raw[:24] + raw[24:] * repeats)
+    lake = Lake(tmp_path / "lake")
+    failed: list[BaseException] = []
+
+    def ingest() -> None:
+        try:
+            ingest_flow_files(lake, [big], jobs=2, parallel_min_bytes=0, hang_seconds=3)
+        except BaseException as exc:  # handed to the test thread
+            failed.append(exc)
+
+    running = threading.Thread(target=ingest)
+    running.start()
+    stopped: list[int] = []
+    while running.is_alive() and not stopped:
+        tmp = next((p for p in (tmp_path / "lake" / "flows").rglob("*.parquet.tmp")), None)
+        if tmp is not None:
+            stopped = [p for p in _open_by(tmp.name) if p != os.getpid()]
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)  # hangs for real: no batch taken, no answer
+    running.join(timeout=120)
+    assert stopped, "no worker was caught writing a temp file"
+    assert not running.is_alive(), "the ingest waited for ever on the hung worker"
+    assert len(failed) == 1 and isinstance(failed[0], LakeError), failed
+    assert failed[0].exit_code == EXIT_FAILED
+    assert "did not answer within 3 s and was killed" in str(failed[0]) and "Rerun" in str(failed[0])
+    for pid in stopped:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    left = [p.name for p in (tmp_path / "lake" / "flows").rglob("part-*")]
+    assert left == []  # neither the killed worker's temp files nor the other's closed parts
+    assert lake.read("flows", columns=["bytes"]).num_rows == 0
+
+    again = ingest_flow_files(Lake(tmp_path / "lake"), [big], jobs=2, parallel_min_bytes=0)
+    assert [f.status for f in again.files] == ["landed"]
+    assert (
+        Lake(tmp_path / "lake").read("flows", columns=["bytes"]).num_rows
+        == repeats * export.expected.num_rows
+    )
+    assert [f.status for f in ingest_flow_files(lake, [big], jobs=2).files] == ["skipped"]

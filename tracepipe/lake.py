@@ -1477,11 +1477,16 @@ class DayParts:
     up to a row group. Used by IngestWriter, and by worker processes that write a share of a source's rows
     (their closed parts are then committed by the IngestWriter that adopts them)."""
 
-    def __init__(self, root: Path, dataset: Dataset, key: str, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+    def __init__(
+        self, root: Path, dataset: Dataset, key: str, row_group_rows: int = ROW_GROUP_ROWS, tag: str = ""
+    ) -> None:
         self.root = root
         self.dataset = dataset
         self.key = key
         self.row_group_rows = row_group_rows
+        # the first hex digits of every file's random part (a decode worker's: the parent that kills a hung
+        # worker removes part-<key>-<tag>* itself)
+        self.tag = tag
         self._parts: dict[str, PartFile] = {}
 
     def write(self, table: pa.Table) -> int:
@@ -1504,7 +1509,7 @@ class DayParts:
         key = day or ""
         part = self._parts.get(key)
         if part is None:
-            stem = f"part-{self.key}-{uuid.uuid4().hex[:8]}"
+            stem = f"part-{self.key}-{(self.tag + uuid.uuid4().hex)[:8]}"
             part = PartFile(self.root / self.dataset.name, self.dataset, day, stem, self.row_group_rows)
             self._parts[key] = part
         return part

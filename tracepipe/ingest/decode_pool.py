@@ -14,12 +14,15 @@ memory stays bounded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import secrets
 import subprocess
 import sys
 import threading
 import traceback
+from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,11 @@ from tracepipe.lake import ROW_GROUP_ROWS
 
 IN_FLIGHT = 3  # batches queued per worker: one being decoded, two waiting (memory: ~3 x 7 MB of records): a
 # worker writing a row group (~0.1-0.2 s) must not run its queue dry before the walker can refill it
+HANG_SECONDS = (
+    120.0  # a worker that neither takes a batch nor answers for this long is hung, and killed: a batch
+)
+# is bounded (~7 MB of records, an nfcapd range of RANGE_RECORDS, a CSV range of 16 MB: seconds even on a loaded
+# machine, a row group write included), so this is far beyond any real batch
 
 
 def default_jobs() -> int:
@@ -74,8 +82,8 @@ def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
         message = messages.get()
         op = message[0]
         try:
-            if op == "begin":
-                parts, rows = DayParts(Path(root), DATASETS["flows"], message[1], message[2]), 0
+            if op == "begin":  # key, row group rows, and the tag that starts this worker's file names
+                parts, rows = DayParts(Path(root), DATASETS["flows"], message[1], message[2], message[3]), 0
             elif op == "batch":
                 job = message[1]  # a Walked batch, or a job that decodes itself (nfdump.CsvRange)
                 decoded = job.decode() if hasattr(job, "decode") else decode_walked(job)
@@ -134,11 +142,17 @@ def _widen(fd: int) -> None:
 
 
 class DecodePool:
-    """`jobs` spawned workers writing into the lake at `root`. Use as a context manager (workers stop at exit)."""
+    """`jobs` spawned workers writing into the lake at `root`. Use as a context manager (workers stop at exit).
+    A worker that does not take a message or answer within `hang_seconds` is killed (the call raises LakeError);
+    abort() then removes the files it left: its temp files and its closed but uncommitted parts."""
 
-    def __init__(self, jobs: int, root: Path) -> None:
+    def __init__(self, jobs: int, root: Path, hang_seconds: float = HANG_SECONDS) -> None:
         self.jobs = max(1, jobs)
         self.root = root
+        self.hang_seconds = hang_seconds
+        self._key = ""  # the current source's (begin)
+        self._tags: list[str] = []  # per worker: the hex its file names start with, for this source
+        self._hung: set[int] = set()  # workers killed for not answering
         self._conns: list[tuple[Connection, Connection]] = []  # per worker: (from it, to it)
         self._procs: list[subprocess.Popen] = []
         self._queued: list[list[int]] = []  # per worker: sequence numbers of batches sent, not answered
@@ -191,8 +205,14 @@ class DecodePool:
         # size keeps all processes together under 1 GiB (3 M records, --jobs 2: 1,049 -> 864 MiB measured with
         # the 11 issue-16 router columns; CPU the same or lower, fewer page faults)
         row_group_rows = max(ROW_GROUP_ROWS // (2 * self.jobs), 100_000)
+        self._key = key
+        self._tags = []
+        while len(self._tags) < self.jobs:  # distinct, and random: another run's files never match
+            tag = secrets.token_hex(2)
+            if tag not in self._tags:
+                self._tags.append(tag)
         for worker in range(self.jobs):
-            self._send(worker, ("begin", key, row_group_rows))
+            self._send(worker, ("begin", key, row_group_rows, self._tags[worker]))
 
     def submit(self, walked: Walked) -> list[tuple[int, Decoded]]:
         """Queue batch number `self._sent` with the least busy worker; returns the (batch number, Decoded)
@@ -207,7 +227,11 @@ class DecodePool:
     def _queue(self, message: tuple[Any, ...]) -> list[tuple[int, Any]]:
         answers = []
         while min(len(q) for q in self._queued) >= IN_FLIGHT:  # all full: take what any worker has done
-            ready = wait([self._conns[w][0] for w in range(self.jobs)])
+            ready = wait([self._conns[w][0] for w in range(self.jobs)], timeout=self.hang_seconds)
+            if not ready:  # none of them answered: all are hung (or the machine is)
+                for worker in range(self.jobs):
+                    self._kill(worker)
+                raise self._died(0, None)
             answers.extend(self._answer(w) for w in range(self.jobs) if self._conns[w][0] in ready)
         # fewest queued first, ties in turn from the last one used (round robin when all keep pace)
         worker = min(range(self.jobs), key=lambda w: (len(self._queued[w]), (w - self._sent) % self.jobs))
@@ -233,13 +257,23 @@ class DecodePool:
 
     def abort(self) -> None:
         """Drop the current source: workers delete the files they wrote for it and stop (answers still on
-        their way are dropped with them; a next source starts new workers)."""
+        their way are dropped with them; a next source starts new workers). The files of a worker that was
+        killed (hung, or died) are removed here, and so are parts a worker had already closed: nothing of this
+        source is committed yet, so no file named with its key and a worker's tag is in the lake."""
         for _, to_worker in self._conns:
             try:
                 to_worker.send(("abort",))
             except OSError:
                 pass
         self.stop()
+        if self._key and self._tags:
+            flows = self.root / "flows"
+            for tag in self._tags:
+                for path in flows.glob(
+                    f"*/part-{self._key}-{tag}*"
+                ):  # day folders; .parquet and .parquet.tmp
+                    path.unlink(missing_ok=True)
+        self._key, self._tags = "", []
 
     def stop(self) -> None:
         for _, to_worker in self._conns:
@@ -250,21 +284,49 @@ class DecodePool:
             to_worker.close()
         for proc in self._procs:
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=self.hang_seconds)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
         for from_worker, _ in self._conns:
             from_worker.close()
         self._conns, self._procs, self._queued = [], [], []
+        self._hung = set()
+
+    @contextlib.contextmanager
+    def _watch(self, worker: int) -> Iterator[None]:
+        """Kill `worker` if the send or receive inside does not return within hang_seconds: a stopped worker
+        does not read its pipe (a batch is larger than the pipe) and never answers. The blocked call then
+        fails (EPIPE, end of file) and raises _died."""
+        timer = threading.Timer(self.hang_seconds, self._kill, args=(worker,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _kill(self, worker: int) -> None:
+        self._hung.add(worker)
+        proc = self._procs[worker]
+        proc.kill()  # SIGKILL: a stopped process dies too
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)  # dead before abort() removes its files (unless stuck in the kernel)
 
     def _send(self, worker: int, message: tuple[Any, ...]) -> None:
         try:
-            self._conns[worker][1].send(message)
+            with self._watch(worker):
+                self._conns[worker][1].send(message)
         except OSError as exc:
             raise self._died(worker, exc) from exc
 
-    def _died(self, worker: int, exc: BaseException) -> LakeError:
+    def _died(self, worker: int, exc: BaseException | None) -> LakeError:
+        if worker in self._hung:
+            return LakeError(
+                f"decode worker {worker} did not answer within {self.hang_seconds:.0f} s and was killed; the files "
+                "it wrote are removed and nothing of this source landed. Rerun the same command (it lands the "
+                "source once); if it hangs again, rerun with --jobs 1 and check the lake's storage (dmesg)"
+            )
         return LakeError(
             f"decode worker {worker} died ({exc or 'no answer'}); rerun with --jobs 1 to decode in one process, "
             "or check memory (dmesg) and free space of the lake"
@@ -282,7 +344,8 @@ class DecodePool:
 
     def _receive(self, worker: int) -> tuple[Any, ...]:
         try:
-            reply = self._conns[worker][0].recv()
+            with self._watch(worker):
+                reply = self._conns[worker][0].recv()
         except (EOFError, OSError) as exc:
             raise self._died(worker, exc) from exc
         if reply[0] == "error":

@@ -24,7 +24,7 @@ from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
 from tracepipe.fsutil import input_problem
 from tracepipe.ingest import nffile
 from tracepipe.ingest.argus import iter_argus, looks_like_argus
-from tracepipe.ingest.decode_pool import DecodePool, default_jobs
+from tracepipe.ingest.decode_pool import HANG_SECONDS, DecodePool, default_jobs
 from tracepipe.ingest.netflow import (
     Decoded,
     DecoderState,
@@ -195,6 +195,7 @@ def ingest_flow_files(
     accept: tuple[str, ...] = NETFLOW_KINDS,
     jobs: int | None = None,
     parallel_min_bytes: int = PARALLEL_MIN_BYTES,
+    hang_seconds: float = HANG_SECONDS,
 ) -> IngestSummary:
     """Land every file in `paths` (directories: the files under them) in the lake's flows dataset; never
     raises for bad input (see rejects). `accept`: the kinds this command takes (NETFLOW_KINDS, ZEEK_KINDS,
@@ -203,9 +204,10 @@ def ingest_flow_files(
     `jobs` (default: the cores available): captures of `parallel_min_bytes` or more are walked here, in input
     order with one decoder state, and turned into columns and Parquet by `jobs` worker processes; nfcapd
     files of that size (read natively) are split into ranges of blocks that the workers read themselves, and
-    nfdump CSV files of 4x that size into byte ranges cut at line ends."""
+    nfdump CSV files of 4x that size into byte ranges cut at line ends. A worker silent for `hang_seconds` is
+    killed, its files removed, and LakeError raised (decode_pool.DecodePool)."""
     jobs = default_jobs() if jobs is None else jobs
-    with DecodePool(jobs, lake.root) as pool:
+    with DecodePool(jobs, lake.root, hang_seconds) as pool:
         return _ingest_files(lake, paths, progress, accept, pool if jobs > 1 else None, parallel_min_bytes)
 
 
