@@ -141,17 +141,48 @@ class VerticalScan:
     min_failed_share: float = 0.5
 
 
+# Authentication services by their registered ports: ssh, rdp, vnc, ftp, telnet, smtp submission (587, 465),
+# pop3 (110, 995), imap (143, 993), mysql, postgres, mssql, ldap (389, 636), smb, winrm (5985, 5986)
+LOGIN_PORTS = (
+    22,
+    3389,
+    5900,
+    21,
+    23,
+    587,
+    465,
+    110,
+    995,
+    143,
+    993,
+    3306,
+    5432,
+    1433,
+    389,
+    636,
+    445,
+    5985,
+    5986,
+)
+
+
 @dataclass(frozen=True)
 class BruteForce:
     enabled: bool = True
     window: Duration = 3600  # type: ignore[assignment]
-    # Known login ports raise the score; they are not required (the same attack on port 2222 is found).
-    ports: list[int] = field(default_factory=lambda: [22, 3389, 5900, 21, 23])
+    # Known login ports raise the score; they are not required (the same attack on port 2222 is found). On them
+    # a steady rhythm never clears a host (a login tool with a fixed delay is steady too).
+    ports: list[int] = field(default_factory=lambda: list(LOGIN_PORTS))
     min_attempts: int = 60  # connections from one source to the port in a window (outbound: over all targets)
     min_attempts_per_target: float = 10.0  # tells a brute force (many tries per host) from a scan (one each)
     max_bytes_per_attempt: int = 10000  # bytes of one attempt: logins are small (bigger sessions never count)
     max_duration: Duration = 30  # type: ignore[assignment]  # seconds of one attempt: logins are short
     max_size_spread: float = 0.5  # MAD/median of the attempts' bytes: a tool repeats one exchange
+    # Off `ports`, connections to each target at a steady period (MAD/median of the intervals at most
+    # push_max_period_spread) of push_min_period or more are a periodic push (metrics, logs), not an attack:
+    # listed as suppressed. Login tools fire as fast as the server answers (seconds, or bursts in parallel).
+    push_min_period: Duration = 5  # type: ignore[assignment]
+    push_max_period_spread: float = 0.1
     inbound: bool = True
     outbound: bool = True
 

@@ -35,7 +35,7 @@ from tracepipe.detect.features import (
 )
 from tracepipe.intel import match_addresses
 from tracepipe.lake import Lake
-from tracepipe.pipeline_config import HorizontalScan, PipelineConfig, VerticalScan
+from tracepipe.pipeline_config import BruteForce, HorizontalScan, PipelineConfig, VerticalScan
 from tracepipe.schema import ALERTS
 
 # The columns every detector returns (a candidate alert, before attribution). `reason` may hold "{who}",
@@ -304,7 +304,9 @@ def vertical_scan(ctx: DetectContext) -> pl.DataFrame:
     )
 
 
-SERVICE_NAMES = {22: "SSH", 3389: "RDP", 5900: "VNC", 21: "FTP", 23: "telnet"}
+SERVICE_NAMES = {22: "SSH", 3389: "RDP", 5900: "VNC", 21: "FTP", 23: "telnet", 587: "SMTP", 465: "SMTP"}
+SERVICE_NAMES |= {110: "POP3", 995: "POP3", 143: "IMAP", 993: "IMAP", 3306: "MySQL", 5432: "PostgreSQL"}
+SERVICE_NAMES |= {1433: "MSSQL", 389: "LDAP", 636: "LDAP", 445: "SMB", 5985: "WinRM", 5986: "WinRM"}
 KNOWN_PORT_BONUS = 0.1  # a behaviour on its service's own port is a little more certain; never required
 
 
@@ -325,7 +327,8 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
     reported, not required: a login refused after the handshake is, in a flow record, any closed session.
     Outbound: one local source against one or more targets (a campaign spreads its tries), counted per
     (source, port). Inbound: one outside source against one local host, per (source, victim, port).
-    Known login ports (SSH, RDP, ...) raise the score; they are not required."""
+    Known login ports (SSH, RDP, ...) raise the score; they are not required. Off them, connections at a steady
+    period to every target are a periodic push (metrics, logs), not an attack: listed as suppressed."""
     c = ctx.config.detectors.brute_force
     flags = pl.col("tcp_flags").fill_null(0).cast(pl.Int32)
     flows = ctx.flows(c.window).filter(
@@ -428,6 +431,25 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
         )
     )
     frame = _with_window_end(found, c.window).collect(engine="streaming")
+    pushes = _periodic_pushes(flows, frame, c)
+    if not pushes.is_empty():
+        ctx.suppress(
+            pushes,
+            "brute_force",
+            lambda r: (
+                f"{r['attempts']} short connections of {r['addr'] if r['direction'] == 'outbound' else r['peer']} "
+                f"to port {r['port']} in {fmt_duration(c.window)}, to each target every "
+                f"{fmt_duration(r['period'])} (intervals within {fmt_share(r['period_spread'])}), "
+                f"~{fmt_bytes(r['median_bytes'])} each, not a login port: a periodic push (metrics, logs), "
+                "not a login attack"
+            ),
+        )
+        frame = frame.join(  # peer is null for an outbound group of several targets
+            pushes.select(frame.columns),
+            on=["direction", "addr", "peer", "port", "window_start"],
+            how="anti",
+            nulls_equal=True,
+        )
 
     def reason(r: dict) -> str:
         service = SERVICE_NAMES.get(r["port"], f"port {r['port']}")
@@ -458,6 +480,54 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
         "direction",
     )
     return _finish(frame, "brute_force", reason, lambda r: {k: r[k] for k in keys})
+
+
+def _periodic_pushes(flows: pl.LazyFrame, found: pl.DataFrame, c: BruteForce) -> pl.DataFrame:
+    """The brute-force groups of `found` off the login ports whose connections to each of their targets come
+    at a steady period: a host pushing metrics or logs to a collector (pushgateway 9091, Graphite 2003,
+    InfluxDB 8086, Fluentd 24224) every N seconds, which a SOC analyst tells from a login tool by its rhythm; a
+    tool fires as fast as the server answers, or in parallel bursts. With `period` (median interval, worst
+    target) and `period_spread` (MAD/median of the intervals, worst target). Reads only these groups' flows."""
+    off = found.filter(~pl.col("known_port"))
+    if off.is_empty():
+        return off.with_columns(period=pl.lit(0.0), period_spread=pl.lit(0.0))
+    # the initiator of every group: the local source (outbound) or the outside one (inbound)
+    initiator = pl.when(pl.col("direction") == "outbound").then(pl.col("addr")).otherwise(pl.col("peer"))
+    keys = off.select(src_addr=initiator, dst_port="dst_port", window_start="window_start").unique()
+    pair = ["src_addr", "dst_addr", "dst_port", "window_start"]
+    interval = pl.col("ts_start").sort().diff().dt.total_microseconds().drop_nulls().cast(pl.Float64) / 1e6
+    rhythm = (
+        flows.join(keys.lazy(), on=["src_addr", "dst_port", "window_start"], how="semi")
+        .group_by(pair)
+        .agg(n=pl.len(), period=interval.median(), period_spread=_spread(interval))
+        .with_columns(
+            steady=(pl.col("n") >= 3)
+            & (pl.col("period") >= float(c.push_min_period))
+            & (pl.col("period_spread") <= c.push_max_period_spread)
+        )
+        .collect()
+    )
+    per_source = rhythm.group_by(["src_addr", "dst_port", "window_start"]).agg(
+        steady=pl.col("steady").all(),
+        period=pl.col("period").max(),
+        period_spread=pl.col("period_spread").max(),
+    )
+    outbound = off.filter(pl.col("direction") == "outbound").join(
+        per_source,
+        left_on=["addr", "dst_port", "window_start"],
+        right_on=["src_addr", "dst_port", "window_start"],
+    )
+    inbound = off.filter(pl.col("direction") == "inbound").join(
+        rhythm.drop("n"),
+        left_on=["peer", "addr", "dst_port", "window_start"],
+        right_on=["src_addr", "dst_addr", "dst_port", "window_start"],
+    )
+    columns = [*off.columns, "period", "period_spread"]
+    return (
+        pl.concat([outbound.select([*columns, "steady"]), inbound.select([*columns, "steady"])])
+        .filter(pl.col("steady"))
+        .drop("steady")
+    )
 
 
 def beacon(ctx: DetectContext) -> pl.DataFrame:
