@@ -168,6 +168,12 @@ def _group_alive(pgid: int) -> bool:
         # blank lines inside the trailer: ranges of two lines fall between its lines
         [b"Summary", b"", b"flows,bytes,packets", b"", b"1,2,3", b"junk"],
         [b"Summary", b"No matching flows", b"a,b", b"1,2", b"junk"],
+        # a 48-field flow line right after "Summary", inside the trailer, and right after it (session 5 report:
+        # landed as a flow with workers where one process skipped it); FLOW stands for the line
+        [b"Summary", b"FLOW", b"flows,bytes,packets,avg_bps,avg_pps,avg_bpp", b"1,2,3,4,5,6", b"junk"],
+        [b"Summary", b"flows,bytes,packets,avg_bps,avg_pps,avg_bpp", b"FLOW", b"1,2,3,4,5,6", b"junk"],
+        [b"Summary", b"flows,bytes,packets,avg_bps,avg_pps,avg_bpp", b"1,2,3,4,5,6", b"FLOW", b"junk"],
+        [b"Summary", b"FLOW", b"", b"FLOW", b"a,b", b"1,2", b"junk"],
     ],
 )
 def test_csv_rejects_after_a_trailer_cut_by_ranges_are_those_of_one_process(tmp_path, trailer):
@@ -176,12 +182,15 @@ def test_csv_rejects_after_a_trailer_cut_by_ranges_are_those_of_one_process(tmp_
     "Summary" followed by another, a real reject ("junk") was lost; with a range between two lines of the
     trailer, a trailer line became a reject. Every split into up to three ranges at line ends must give the
     rejects (lines, reasons) and flows of one process."""
-    header, body = _csv_header_and_body(2)
+    header, body = _csv_header_and_body(4)
+    flow_lines = iter(body[2:])
+    trailer = [next(flow_lines) if line == b"FLOW" else line for line in trailer]
     path = tmp_path / "trailer.csv"
     path.write_bytes(b"\n".join([header, body[0], *trailer, body[1]]) + b"\n")
     serial_flows, serial_rejects = read_nfdump_csv(path)
     want = serial_flows.num_rows, serial_rejects.select(["line", "reason"]).to_pylist()
-    assert want[0] == 2 and want[1][-1] == {"line": 2 + len(trailer), "reason": "expected 48 fields"}
+    assert want[0] == 2 + sum(line in body for line in trailer)  # a flow line inside a trailer is a flow
+    assert want[1][-1] == {"line": 2 + len(trailer), "reason": "expected 48 fields"}
     text = path.read_bytes()
     line_ends = [i + 1 for i, byte in enumerate(text[:-1]) if byte == ord("\n")]
     for count in (1, 2, 3):
@@ -243,3 +252,55 @@ def test_csv_workers_count_per_exporter_as_one_process_with_rows_outside_the_tim
     assert one["exporters"]["nfdump-csv"]["rejects"] == 1  # the junk line
     assert two["exporters"] == one["exporters"]
     assert two["totals"] == one["totals"] and two["exit_code"] == one["exit_code"] == 3
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        # a 48-field flow line right after "Summary" (the trailer's names and values lines follow it), right after
+        # the whole trailer, and between its lines; a range cut falls before and after each line of it
+        ["Summary", "FLOW", "flows,bytes,packets,avg_bps,avg_pps,avg_bpp", "1,2,3,4,5,6", "junk"],
+        ["Summary", "flows,bytes,packets,avg_bps,avg_pps,avg_bpp", "1,2,3,4,5,6", "FLOW", "junk"],
+        ["Summary", "flows,bytes,packets,avg_bps,avg_pps,avg_bpp", "FLOW", "1,2,3,4,5,6", "junk"],
+        ["Summary", "FLOW", "junk", "more junk"],
+    ],
+)
+def test_a_flow_line_after_a_summary_trailer_at_a_worker_range_cut_lands_as_one_process_lands_it(
+    tmp_path, after
+):
+    """Session 5 defect report: a 48-field line right after an nfdump CSV "Summary" trailer at a range cut
+    landed as a flow with `--jobs` where one process skipped it. The real pool (ingest_flow_files, jobs 2) over a
+    file whose 64 KiB worker ranges are cut at every line of such a trailer, one trailer per cut: the lake holds
+    the flows and the rejects (line numbers included) that one process lands."""
+    header, body = _csv_header_and_body(20)
+    block = [body[5] if t == "FLOW" else t.encode() for t in after]
+    lines = [header] + [body[i % len(body)] for i in range(2_400)]  # ~800 kB: ranges of 64 KiB
+    path = tmp_path / "trailers.csv"
+
+    def cuts() -> list[int]:
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        return [r.start for r in nfdump_csv_ranges(path, "s")][1:]
+
+    for i in itertools.count():  # a trailer at each cut in turn, the cut falling before, inside or after it
+        at = cuts()
+        if i >= len(at):
+            break
+        text = path.read_bytes()
+        line = text.count(b"\n", 0, at[i]) + 1  # the first line of range i + 1
+        offset = i % (len(block) + 2)
+        lines[line - offset : line - offset] = block
+
+    def land(jobs: int) -> tuple[list, list]:
+        lake = Lake(tmp_path / f"lake-{jobs}")
+        summary = ingest_flow_files(lake, [path], jobs=jobs, parallel_min_bytes=1)
+        assert summary.files[0].status == "landed"
+        return _lake_rows(lake)
+
+    text = path.read_bytes()
+    at = cuts()
+    trailers = [i + 1 for i in range(len(text)) if text.startswith(b"\nSummary\n", i)]
+    near = [min(abs(cut - t) for t in trailers) for cut in at]
+    assert len(at) >= 10 and len(trailers) == len(at) and max(near) < 2_000, near
+    one_flows, one_rejects = land(1)
+    assert land(2) == (one_flows, one_rejects)
+    assert len(one_flows) == text.count(b"\n") - 1 - text.count(b"\nSummary\n") * (len(after) - 1)
