@@ -307,6 +307,8 @@ class DecodePool:
             timer.cancel()
 
     def _kill(self, worker: int) -> None:
+        if worker >= len(self._procs):  # the timer fired as the pool stopped: nothing left to kill
+            return
         self._hung.add(worker)
         proc = self._procs[worker]
         proc.kill()  # SIGKILL: a stopped process dies too
