@@ -44,7 +44,7 @@ from deltalake.transaction import (
 
 from tracepipe import fsutil
 from tracepipe.errors import LakeError
-from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset
+from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset, null_column
 from tracepipe.units import time_window
 
 DEFAULT_LAKE = "./lake"
@@ -121,7 +121,7 @@ def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False
         if fld.name in table.column_names:
             column = table.column(fld.name)
         else:
-            column = pa.nulls(table.num_rows, type=fld.type)
+            column = null_column(table.num_rows, fld.type)
         if text_as_dictionary and pa.types.is_string(fld.type):
             column = _text_dictionary(column)
             fld = pa.field(fld.name, column.type, fld.nullable)
@@ -319,7 +319,7 @@ def _combined(tables: list[pa.Table]) -> pa.Table:
     for i in range(tables[0].num_columns):
         chunks = [t.column(i) for t in tables]
         if all(c.null_count == len(c) for c in chunks):
-            columns.append(pa.nulls(rows, chunks[0].type))
+            columns.append(null_column(rows, chunks[0].type))
         else:
             columns.append(
                 pa.chunked_array([a for c in chunks for a in c.chunks], chunks[0].type).combine_chunks()
