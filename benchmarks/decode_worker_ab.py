@@ -29,14 +29,12 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import tracepipe
 assert tracepipe.__file__.startswith(sys.argv[1]), tracepipe.__file__
-from tracepipe.ingest import decode_worker, nffile
+from tracepipe.ingest import nffile
 from tracepipe.ingest.flows import BATCH_DATAGRAMS, sniff_kind
 from tracepipe.ingest.netflow import DecoderState, decode_walked, walk_datagrams
 from tracepipe.ingest.pcap import iter_udp_batches
 from tracepipe.lake import DayParts, ROW_GROUP_ROWS, split_implausible
 from tracepipe.schema import DATASETS
-if hasattr(decode_worker, "keep_freed_memory"):  # as decode_worker.main does, where it exists
-    decode_worker.keep_freed_memory()
 path = Path(sys.argv[2])
 pcap = sniff_kind(path) == "pcap"
 if pcap:

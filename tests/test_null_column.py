@@ -1,12 +1,10 @@
-"""schema.null_column (issue 17: null columns of the decode workers' tables without fresh zeroed memory) and
-decode_worker.keep_freed_memory (glibc keeps freed memory between batches)."""
+"""schema.null_column (issue 17: null columns of the decode workers' tables without fresh zeroed memory)."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pytest
 
-from tracepipe.ingest.decode_worker import keep_freed_memory
 from tracepipe.schema import null_column
 
 
@@ -26,7 +24,3 @@ def test_null_columns_of_any_length_are_all_null_and_share_one_buffer(type_: pa.
 def test_a_null_column_longer_than_the_kept_ones_is_made_for_the_call() -> None:
     column = null_column((1 << 21) + 1, pa.int16())
     assert len(column) == (1 << 21) + 1 and column.null_count == len(column)
-
-
-def test_glibc_keeps_freed_memory_in_a_decode_worker() -> None:
-    assert keep_freed_memory()  # Linux/glibc: the parameters are taken
