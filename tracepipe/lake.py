@@ -44,7 +44,7 @@ from deltalake.transaction import (
 
 from tracepipe import fsutil
 from tracepipe.errors import LakeError
-from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset
+from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset, null_column
 from tracepipe.units import time_window
 
 DEFAULT_LAKE = "./lake"
@@ -121,7 +121,7 @@ def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False
         if fld.name in table.column_names:
             column = table.column(fld.name)
         else:
-            column = pa.nulls(table.num_rows, type=fld.type)
+            column = null_column(table.num_rows, fld.type)
         if text_as_dictionary and pa.types.is_string(fld.type):
             column = _text_dictionary(column)
             fld = pa.field(fld.name, column.type, fld.nullable)
@@ -164,7 +164,8 @@ def sort_indices(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
     """Row order by `keys` ascending, nulls last (as Table.sort_by). Text keys are ranked through their
     distinct values and the ranks of all keys packed into one int64 when they fit (else numpy lexsort):
     Arrow's multi-key sort on a text column is ~10x slower, and every flows row group is sorted by
-    (src_addr, ts_start)."""
+    (src_addr, ts_start). Stable, as every path here: rows with equal keys keep their input order (readers
+    depend on the key order only; the order of ties was quicksort's before issue 17)."""
     ranks: list[np.ndarray] = []  # per key, an integer >= 0 per row, nulls largest
     for name in keys:
         column = table.column(name).combine_chunks()
@@ -196,8 +197,22 @@ def sort_indices(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
         packed = np.zeros(table.num_rows, dtype=np.int64)
         for rank, width in zip(ranks, bits, strict=True):
             packed = (packed << width) | rank
-        return pa.array(np.argsort(packed))
+        if len(ranks) > 1 and bits[0] <= 32:
+            return pa.array(_grouped_argsort(packed, ranks[0], bits[0]))
+        return pa.array(np.argsort(packed, kind="stable"))
     return pa.array(np.lexsort(ranks[::-1]))
+
+
+def _grouped_argsort(packed: np.ndarray, first: np.ndarray, width: int) -> np.ndarray:
+    """np.argsort(packed, kind="stable") where `first` (< 2**width, width <= 32) is packed's top key: rows are
+    grouped by it first with numpy's radix sort (stable argsort of 16-bit integers, one pass per 16 bits), then
+    timsort orders the packed keys, which are then in runs of groups already in order: 3.6x faster than
+    quicksort on a row group of flows sorted by (src_addr, ts_start) (issue 17: 9.6 ms instead of 34 ms for
+    491 k rows of 65 k addresses), and no slower than plain timsort when a group is the whole row group."""
+    order = np.argsort(first.astype(np.uint16), kind="stable")  # the low 16 bits (all when width <= 16)
+    if width > 16:
+        order = order[np.argsort((first[order] >> 16).astype(np.uint16), kind="stable")]
+    return order[np.argsort(packed[order], kind="stable")]
 
 
 def _dataset(name: str) -> Dataset:
@@ -293,6 +308,35 @@ def _parquet_options(dataset: Dataset) -> dict[str, Any]:
     }
 
 
+def _combined(tables: list[pa.Table]) -> pa.Table:
+    """The tables (one schema) as one table of one chunk per column. A column null in every table is made
+    once instead of copied (flows: 26 of 47 columns are null for a plain NetFlow exporter; their concatenation
+    was ~a third of the row group's concatenation cost, issue 17)."""
+    if len(tables) == 1:
+        return tables[0].combine_chunks()
+    rows = sum(t.num_rows for t in tables)
+    columns = []
+    for i in range(tables[0].num_columns):
+        chunks = [t.column(i) for t in tables]
+        if all(c.null_count == len(c) for c in chunks):
+            columns.append(null_column(rows, chunks[0].type))
+        else:
+            columns.append(
+                pa.chunked_array([a for c in chunks for a in c.chunks], chunks[0].type).combine_chunks()
+            )
+    return pa.Table.from_arrays(columns, schema=tables[0].schema)
+
+
+def _same_in_any_order(column: pa.ChunkedArray) -> bool:
+    """Whether a row group's column needs no reordering: nulls only, or one text value and no null (the
+    exporter and source of a single-exporter file). Cheap checks; other columns are simply taken."""
+    if column.null_count == len(column):
+        return True
+    if column.null_count == 0 and pa.types.is_dictionary(column.type) and column.num_chunks == 1:
+        return len(column.chunk(0).dictionary) == 1
+    return False
+
+
 class PartFile:
     """One Parquet file of a dataset being written: rows buffered up to a row group, each row group sorted by
     the dataset's sort key (min/max statistics let readers skip), text dictionary-encoded in memory and stored
@@ -324,7 +368,7 @@ class PartFile:
     def _flush(self) -> None:
         if not self._pending:
             return
-        table = pa.concat_tables(self._pending).combine_chunks()  # one dictionary per text column
+        table = _combined(self._pending)  # one dictionary per text column
         self._pending, self._pending_rows = [], 0
         if self.dataset.sort_by:
             order = sort_indices(table, self.dataset.sort_by)
@@ -333,7 +377,7 @@ class PartFile:
             schema, columns = table.schema, table.columns
             del table
             for i, column in enumerate(columns):
-                if column.null_count < len(column):  # a column of nulls only is the same in any order
+                if not _same_in_any_order(column):
                     columns[i] = column.take(order)
                 del column
             table = pa.Table.from_arrays(columns, schema=schema)

@@ -349,3 +349,20 @@ DATASETS: dict[str, Dataset] = {
         Dataset("rejects", REJECTS, "ingested_at", ()),
     )
 }
+
+
+_NULL_ROWS_CACHED = 1 << 21  # per type: at most 2 M rows (16 MB for 8-byte types) kept for the process
+_NULLS: dict[pa.DataType, pa.Array] = {}
+
+
+def null_column(length: int, type: pa.DataType) -> pa.Array:
+    """A column of `length` nulls of `type`, sliced from one kept per type (zero-copy). A flows table of a
+    plain NetFlow exporter has 26 such columns of 47; pa.nulls zero-filled fresh memory for each, every batch:
+    ~0.6 ms per column of 272 k rows in a decode worker, 0.07 us of CPU per record (issue 17)."""
+    if length > _NULL_ROWS_CACHED:
+        return pa.nulls(length, type)
+    column = _NULLS.get(type)
+    if column is None or len(column) < length:
+        rows = min(max(length, 2 * len(column) if column is not None else 0, 1 << 18), _NULL_ROWS_CACHED)
+        column = _NULLS[type] = pa.nulls(rows, type)
+    return column.slice(0, length)

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from tracepipe.ingest import inner_headers, router_fields
 from tracepipe.limits import DEFAULT, Limits
-from tracepipe.schema import FLOWS, REJECTS, TS
+from tracepipe.schema import FLOWS, REJECTS, TS, null_column
 
 # ---- field ids: the one table. id -> (IANA / RFC 3954 name, role in the decoder) ----------------------------
 # Roles name what a field becomes: a FLOWS column, a time ingredient, or an options value. Fields not listed
@@ -1966,7 +1966,7 @@ def _decode_group(
     for f in FLOWS_TEXT_DICTIONARY:
         array = columns.get(f.name)
         if array is None:
-            array = pa.nulls(total, f.type)
+            array = null_column(total, f.type)
         elif f.type == TEXT_DICTIONARY:
             array = _text(array)
         arrays.append(array)

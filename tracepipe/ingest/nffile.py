@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tracepipe.ingest.netflow import FLOWS_TEXT_DICTIONARY, _ipv4_text, _ipv6_text, _text
-from tracepipe.schema import REJECTS
+from tracepipe.schema import REJECTS, null_column
 
 try:  # LZO-compressed files (nfcapd -z) are read natively only if python-lzo is installed
     import lzo  # type: ignore[import-not-found]
@@ -398,7 +398,7 @@ def _flows(cols: dict[str, np.ndarray], source: str) -> tuple[pa.Table, pa.Table
         "input_if": pa.array(cols["input_if"].astype(np.int32)),
         "output_if": pa.array(cols["output_if"].astype(np.int32)),
     }
-    arrays = [columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in FLOWS_TEXT_DICTIONARY]
+    arrays = [columns[f.name] if f.name in columns else null_column(n, f.type) for f in FLOWS_TEXT_DICTIONARY]
     return pa.Table.from_arrays(arrays, schema=FLOWS_TEXT_DICTIONARY), rejects
 
 
