@@ -59,8 +59,9 @@ def _drain(inbox: Connection, messages: queue.SimpleQueue) -> None:
 
 
 def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
-    """One worker: ("begin", key) opens a source's day files, ("batch", walked) decodes and writes a batch,
-    ("close",) finishes the files, ("abort",) deletes them, ("stop",) ends. Errors go back as text."""
+    """One worker: ("begin", key or None, rows) opens a source's day files, ("batch", walked) decodes and writes
+    a batch, ("close", key) finishes the files under their final names (lake.DayParts: the source's key, which
+    may be known only then), ("abort",) deletes them, ("stop",) ends. Errors go back as text."""
     import pyarrow as pa
 
     from tracepipe.lake import DayParts, split_implausible
@@ -103,7 +104,7 @@ def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
                 rows += parts.write(flows)
                 outbox.send(("nfcapd_done", found))
             elif op == "close":
-                adds = parts.close() if parts is not None else []
+                adds = parts.close(message[1]) if parts is not None else []
                 parts = None
                 outbox.send(("closed", adds, rows))
             elif op in ("abort", "stop"):
@@ -183,8 +184,9 @@ class DecodePool:
             self._procs.append(proc)
             self._queued.append([])
 
-    def begin(self, key: str) -> None:
-        """Start a source: each worker opens day files named after `key` (lake.source_key)."""
+    def begin(self, key: str | None) -> None:
+        """Start a source: each worker opens day files named after `key` (lake.source_key), or under
+        provisional names when the key is still being computed (finish gives it)."""
         self.start()
         self._sent = 0
         # each worker buffers a row group per day and sorts it column by column (a copy): 1/(2 jobs) of the usual
@@ -216,13 +218,14 @@ class DecodePool:
         self._sent += 1
         return answers
 
-    def finish(self) -> tuple[list[tuple[int, Decoded]], list[AddAction], int]:
-        """All answers still due, then every worker's closed day files and the rows in them."""
+    def finish(self, key: str | None = None) -> tuple[list[tuple[int, Decoded]], list[AddAction], int]:
+        """All answers still due, then every worker's day files closed under the source's `key` (None: the
+        one given to begin) and the rows in them."""
         answers = [self._answer(w) for w in range(self.jobs) for _ in range(len(self._queued[w]))]
         adds: list[AddAction] = []
         rows = 0
         for worker in range(self.jobs):
-            self._send(worker, ("close",))
+            self._send(worker, ("close", key))
         for worker in range(self.jobs):
             reply = self._receive(worker)
             if reply[0] != "closed":
