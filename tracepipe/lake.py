@@ -42,12 +42,11 @@ from deltalake.transaction import (
     create_table_with_add_actions,
 )
 
-from tracepipe import fsutil
+from tracepipe import DEFAULT_LAKE, fsutil
 from tracepipe.errors import LakeError
 from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset
 from tracepipe.units import time_window
 
-DEFAULT_LAKE = "./lake"
 MANIFEST_DIR = "_ingest"
 LOCK_DIR = "_locks"
 DAMAGED_DIR = "_damaged"  # files `repair` took out of the lake (unreadable, replaced), kept as evidence

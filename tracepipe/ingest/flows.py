@@ -28,7 +28,7 @@ from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
 from tracepipe.fsutil import input_problem
 from tracepipe.ingest import nffile
 from tracepipe.ingest.argus import iter_argus, looks_like_argus
-from tracepipe.ingest.decode_pool import DecodePool, default_jobs
+from tracepipe.ingest.decode_pool import PARALLEL_MIN_BYTES, DecodePool, default_jobs
 from tracepipe.ingest.netflow import (
     Decoded,
     DecoderState,
@@ -73,8 +73,6 @@ COMMAND_OF_KIND = {
     **dict.fromkeys(ARGUS_KINDS, "tracepipe ingest argus"),
 }
 BATCH_DATAGRAMS = 4096  # ~5 MB of export datagrams per decode step: memory stays flat, overhead negligible
-# captures from this size on are decoded by worker processes when jobs > 1 (spawning them costs ~1 s)
-PARALLEL_MIN_BYTES = 64 << 20
 # kinds the workers decode, and how many times that size a file of the kind must be: nfdump CSV spends ~8x the
 # bytes of a capture on a record, and 64 MB of it (~180 k records, ~0.7 s of work) do not repay the workers'
 # start-up; 256 MB (~0.7 M records) should, with a free core (benchmarks/netflow_ingest.py prints both)
@@ -241,6 +239,7 @@ def ingest_flow_files(
     accept: tuple[str, ...] = NETFLOW_KINDS,
     jobs: int | None = None,
     parallel_min_bytes: int = PARALLEL_MIN_BYTES,
+    pool: DecodePool | None = None,
 ) -> IngestSummary:
     """Land every file in `paths` (directories: the files under them) in the lake's flows dataset; never
     raises for bad input (see rejects). `accept`: the kinds this command takes (NETFLOW_KINDS, ZEEK_KINDS,
@@ -249,10 +248,15 @@ def ingest_flow_files(
     `jobs` (default: the cores available): captures of `parallel_min_bytes` or more are walked here, in input
     order with one decoder state, and turned into columns and Parquet by `jobs` worker processes; nfcapd
     files of that size (read natively) are split into ranges of blocks that the workers read themselves, and
-    nfdump CSV files of 4x that size into byte ranges cut at line ends."""
+    nfdump CSV files of 4x that size into byte ranges cut at line ends. `pool`: the caller's (decode_pool.
+    start_early: workers started before the caller's imports), with its jobs; the caller stops it."""
+    if pool is not None:
+        return _ingest_files(
+            lake, paths, progress, accept, pool if pool.jobs > 1 else None, parallel_min_bytes
+        )
     jobs = default_jobs() if jobs is None else jobs
-    with DecodePool(jobs, lake.root) as pool:
-        return _ingest_files(lake, paths, progress, accept, pool if jobs > 1 else None, parallel_min_bytes)
+    with DecodePool(jobs, lake.root) as own:
+        return _ingest_files(lake, paths, progress, accept, own if jobs > 1 else None, parallel_min_bytes)
 
 
 def _ingest_files(
