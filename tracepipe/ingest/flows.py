@@ -285,6 +285,7 @@ def _ingest_files(
     big_captures = [p for p in files if _parallel(p, _kind_or_none(p), parallel_min_bytes)]
     if pool is not None and big_captures:
         pool.start()
+        pool.expect(len(big_captures))
     for path in files:
         path = Path(path)
         problem = input_problem(path, "give the capture files in it, e.g. DIR/*.pcap")
