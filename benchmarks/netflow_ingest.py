@@ -240,12 +240,15 @@ def timeline_text(samples: list[tuple[float, dict[int, int]]], names: dict[int, 
     for t, ticks in samples:
         for pid, cpu in ticks.items():
             step = min(steps - 1, int(t / step_s))
-            alive.setdefault(pid, np.zeros(steps, bool))[step] = True
             busy.setdefault(pid, np.zeros(steps))
-            if pid in last:
-                busy[pid][step] += (cpu - last[pid][1]) / hz
-            else:
-                busy[pid][step] += cpu / hz  # ticks before the first sample (a process younger than 20 ms)
+            alive.setdefault(pid, np.zeros(steps, bool))
+            if pid in last:  # the CPU since the previous sample, spread over the steps in between
+                first = min(step, int(last[pid][0] / step_s) + 1)  # the step after the previous sample's
+                busy[pid][first : step + 1] += (cpu - last[pid][1]) / hz / (step - first + 1)
+            else:  # ticks before the first sample (a process younger than 20 ms)
+                first = step
+                busy[pid][step] += cpu / hz
+            alive[pid][first : step + 1] = True
             last[pid] = (t, cpu)
     lines = [f"  timeline, one column per {step_s:.2f} s (█ = one core busy the whole step):"]
     total = np.zeros(steps)
