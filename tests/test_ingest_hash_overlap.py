@@ -6,17 +6,23 @@ under a new path: it is found while decoding, and what was written for it is dro
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import os
 import re
 import shutil
 import struct
+import time
 
 import pytest
 from scapy.layers.inet import UDP
 from scapy.utils import rdpcap, wrpcap
 
+from tracepipe.ingest.decode_pool import DecodePool
 from tracepipe.ingest.flows import ingest_flow_files
-from tracepipe.lake import Lake
+from tracepipe.ingest.netflow import DecoderState, walk_datagrams
+from tracepipe.ingest.pcap import iter_udp_batches
+from tracepipe.lake import Lake, source_key
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +109,46 @@ def test_a_skipped_copy_leaves_the_decoder_state_as_hashing_first_does(split_cap
     (copied, data), exporters = results[0]
     assert copied[0] == "skipped" and data[1] == 0 and data[2] > 0
     assert exporters["127.0.0.1"]["no_template"] > 0
+
+
+def test_a_crash_between_the_workers_close_and_the_commit_leaves_invisible_files_and_the_rerun_lands_once(
+    split_capture, tmp_path
+):
+    """The workers have renamed their files to part-<sha256>-<random>.parquet, then the process dies before
+    the commit: no commit lists them (readers never see them), the rerun does not take them for a landed
+    source (it looks in the table's log, not the directory) and lands the file once; vacuum deletes them."""
+    capture = split_capture[1]
+    digest = hashlib.sha256(capture.read_bytes()).hexdigest()
+    lake_dir = tmp_path / "lake"
+    state = DecoderState()
+    for b in iter_udp_batches(split_capture[0]):  # its templates, as the run that died had learnt them
+        walk_datagrams(b.payloads, b.exporters, b.ts_us, b.offsets, "part1", state)
+    walked = [
+        walk_datagrams(b.payloads, b.exporters, b.ts_us, b.offsets, str(capture.absolute()), state)[0]
+        for b in iter_udp_batches(capture, batch_datagrams=4)
+    ]
+    with DecodePool(2, lake_dir) as pool:
+        pool.begin(None)  # the hash still being computed
+        for batch in walked:
+            pool.submit(batch)
+        _, adds, rows = pool.finish(source_key(digest))  # ... and then the process dies: no commit
+    orphans = sorted(lake_dir.rglob("*.parquet"))
+    assert rows > 0 and len(orphans) == len(adds) >= 1
+    assert all(re.fullmatch(rf"part-{digest}-[0-9a-f]{{8}}\.parquet", p.name) for p in orphans)
+    Lake(lake_dir).ingest("flows", "other", "0" * 64).commit()  # the table exists, without them
+    assert not Lake(lake_dir).entries("flows") and not Lake(lake_dir).already_ingested("flows", digest)
+    for _ in range(2):  # the rerun lands it once, the next one skips it
+        ingest_flow_files(Lake(lake_dir), list(split_capture[:2]), jobs=2, parallel_min_bytes=0)
+    lake = Lake(lake_dir)
+    landed = [r for r in lake.manifest().to_pylist() if r["content_hash"] == digest]
+    assert len(landed) == 1 and landed[0]["rows"] == rows
+    listed = {e.path for e in lake.entries("flows")}
+    assert not listed & set(orphans)
+    hour_ago = time.time() - 3700
+    for orphan in orphans:
+        os.utime(orphan, (hour_ago, hour_ago))
+    assert lake.vacuum(dt.timedelta(hours=1))["flows"] >= len(orphans)
+    assert not any(p.exists() for p in orphans)
+    assert Lake(lake_dir).read("flows").num_rows == sum(
+        r["rows"] for r in Lake(lake_dir).manifest().to_pylist()
+    )
