@@ -14,11 +14,15 @@
      (whether the decode workers pay on this machine), and next to it the floor of reading that text:
      pyarrow.csv alone tokenising the 13 columns tracepipe uses (all cores, nothing converted or written),
    and prints records/s (wall clock; CPU seconds of the whole process tree next to it), the peak RSS of the
-   whole process tree (sampled every 20 ms: tracepipe's workers included) and the ratios tracepipe / nfdump.
+   whole process tree (sampled every 20 ms: tracepipe's workers included) and the ratios tracepipe / nfdump,
+   then one line per size (ratios and peak RSS: is memory flat from 1 M to 10 M?). `--timeline` adds, for the
+   best tracepipe run of each size, how busy each process (main, worker 0, worker 1) was over time: where a
+   core waits on another (the serial part of `--jobs 2`).
 
     python benchmarks/netflow_ingest.py                         # 1 M, 3 M, 10 M records
     python benchmarks/netflow_ingest.py --sizes 300000 --rounds 1   # quick, while developing
     python benchmarks/netflow_ingest.py --build-only OUT.pcap --sizes 300000   # just the capture
+    python benchmarks/netflow_ingest.py --no-csv --timeline      # pcap only, with per-process timelines
 """
 
 from __future__ import annotations
@@ -189,10 +193,11 @@ def _records_in(datagram: bytes) -> int:
 NFDUMP_FORMAT = "fmt:%tsr,%ter,%pr,%sa,%da,%sp,%dp,%pkt,%byt,%flg"  # raw times: nfdump's fastest text output
 
 
-def _tree_rss_kib(root: int) -> int:
-    """RSS of a process and all its descendants (KiB), from /proc."""
+def _tree(root: int) -> dict[int, tuple[int, int]]:
+    """{pid: (RSS KiB, CPU ticks user + sys)} of a process and all its descendants, from /proc."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
+    stat: dict[int, tuple[int, int]] = {}
+    page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -203,19 +208,82 @@ def _tree_rss_kib(root: int) -> int:
             continue
         pid = int(entry)
         children.setdefault(int(fields[1]), []).append(pid)
-        rss[pid] = int(fields[21]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
-    total, todo = 0, [root]
+        stat[pid] = (int(fields[21]) * page_kib, int(fields[11]) + int(fields[12]))
+    out, todo = {}, [root]
     while todo:
         pid = todo.pop()
-        total += rss.get(pid, 0)
+        if pid in stat:
+            out[pid] = stat[pid]
         todo.extend(children.get(pid, []))
-    return total
+    return out
 
 
-def _run_measured(cmd: list[str], stdout=subprocess.DEVNULL, env=None) -> dict:
+def _tree_rss_kib(root: int) -> int:
+    """RSS of a process and all its descendants (KiB)."""
+    return sum(rss for rss, _ in _tree(root).values())
+
+
+TIMELINE_COLUMNS = 80  # columns of the printed timeline (a step is the wall time / 80, at least 20 ms)
+_LEVELS = " ▁▂▃▄▅▆▇█"
+
+
+def timeline_text(samples: list[tuple[float, dict[int, int]]], names: dict[int, str], wall: float) -> str:
+    """Per process, how busy it was in each step (wall / TIMELINE_COLUMNS) of the run (█ one core the whole step, blank idle,
+    · not running), from CPU ticks sampled every 20 ms; then the cores in use together, and the idle time of
+    the second core (what a serial part costs on 2 cores)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    step_s = max(0.02, wall / TIMELINE_COLUMNS)
+    steps = max(1, int(np.ceil(wall / step_s)))
+    busy: dict[int, np.ndarray] = {}
+    alive: dict[int, np.ndarray] = {}
+    last: dict[int, tuple[float, int]] = {}
+    for t, ticks in samples:
+        for pid, cpu in ticks.items():
+            step = min(steps - 1, int(t / step_s))
+            busy.setdefault(pid, np.zeros(steps))
+            alive.setdefault(pid, np.zeros(steps, bool))
+            if pid in last:  # the CPU since the previous sample, spread over the steps in between
+                first = min(step, int(last[pid][0] / step_s) + 1)  # the step after the previous sample's
+                busy[pid][first : step + 1] += (cpu - last[pid][1]) / hz / (step - first + 1)
+            else:  # ticks before the first sample (a process younger than 20 ms)
+                first = step
+                busy[pid][step] += cpu / hz
+            alive[pid][first : step + 1] = True
+            last[pid] = (t, cpu)
+    lines = [f"  timeline, one column per {step_s:.2f} s (█ = one core busy the whole step):"]
+    total = np.zeros(steps)
+    for pid in sorted(busy, key=lambda p: (names.get(p, "z"), p)):
+        share = np.clip(busy[pid] / step_s, 0, 1)
+        total += busy[pid] / step_s
+        bar = "".join(_LEVELS[int(s * 8 + 0.5)] if a else "·" for s, a in zip(share, alive[pid], strict=True))
+        lines.append(f"  {names.get(pid, str(pid))[:10]:10s} |{bar}| {busy[pid].sum():5.2f} s CPU")
+    cores = os.cpu_count() or 1
+    bar = "".join(str(min(9, int(c + 0.5))) for c in total)
+    lines.append(f"  {'cores':10s} |{bar}|")
+    idle = float(np.clip(cores - total, 0, None).sum() * step_s)
+    lines.append(f"  idle core-seconds over the run: {idle:.2f} of {cores * wall:.2f} ({cores} cores)")
+    return "\n".join(lines)
+
+
+def _process_name(pid: int, root: int) -> str:
+    if pid == root:
+        return "main"
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return str(pid)
+    if any(b"decode_worker" in a for a in argv):
+        return f"worker {pid}"
+    return f"{Path(argv[0].decode(errors='replace')).name} {pid}"
+
+
+def _run_measured(cmd: list[str], stdout=subprocess.DEVNULL, env=None, timeline: bool = False) -> dict:
     """Wall seconds, CPU seconds (user + sys of the process and every child it waited for), peak RSS of the
-    whole process tree in MiB (sampled), and exit code of one command."""
+    whole process tree in MiB (sampled), and exit code of one command; `timeline`: also the text of a
+    per-process busy/idle timeline (timeline_text)."""
     peak = [0]
+    samples: list[tuple[float, dict[int, int]]] = []
+    names: dict[int, str] = {}
     start = time.perf_counter()
     # cwd: `python -m tracepipe.cli` imports tracepipe from the current directory before PYTHONPATH, so a run
     # started from another checkout would time that checkout's code
@@ -231,7 +299,12 @@ def _run_measured(cmd: list[str], stdout=subprocess.DEVNULL, env=None) -> dict:
             except OSError:
                 started = False
             if started:
-                peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
+                tree = _tree(proc.pid)
+                peak[0] = max(peak[0], sum(rss for rss, _ in tree.values()))
+                if timeline:
+                    samples.append((time.perf_counter() - start, {p: c for p, (_, c) in tree.items()}))
+                    for pid in tree.keys() - names.keys():
+                        names[pid] = _process_name(pid, proc.pid)
             done.wait(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -243,20 +316,25 @@ def _run_measured(cmd: list[str], stdout=subprocess.DEVNULL, env=None) -> dict:
     code = os.waitstatus_to_exitcode(status)
     if code not in (0, 3):
         sys.stderr.write(proc.stderr.read().decode(errors="replace") if proc.stderr else "")
-    return {
+    result = {
         "seconds": wall,
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "peak_rss_mib": peak[0] // 1024,  # the whole tree (ru_maxrss is one process's, and can be the fork's)
         "exit": code,
     }
+    if timeline:
+        workers = sorted(p for p, n in names.items() if n.startswith("worker"))
+        names.update({p: f"worker {i}" for i, p in enumerate(workers)})
+        result["timeline"] = timeline_text(samples, names, wall)
+    return result
 
 
-def measure_tracepipe(pcap: Path, lake: Path, jobs: int | None = None) -> dict:
+def measure_tracepipe(pcap: Path, lake: Path, jobs: int | None = None, timeline: bool = False) -> dict:
     shutil.rmtree(lake, ignore_errors=True)
     cmd = [sys.executable, "-m", "tracepipe.cli", "ingest", "netflow", str(pcap), "--lake", str(lake)]
     cmd += ["--format", "json", *(["--jobs", str(jobs)] if jobs else [])]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    result = _run_measured(cmd, stdout=subprocess.PIPE, env=env)
+    result = _run_measured(cmd, stdout=subprocess.PIPE, env=env, timeline=timeline)
     import pyarrow.parquet as pq
 
     result["records"] = sum(
@@ -356,7 +434,13 @@ def _rate(m: dict) -> str:
 
 
 def bench_size(
-    datagram: bytes, size: int, workdir: Path, rounds: int, jobs: int | None, csv: bool = True
+    datagram: bytes,
+    size: int,
+    workdir: Path,
+    rounds: int,
+    jobs: int | None,
+    csv: bool = True,
+    timeline: bool = False,
 ) -> dict:
     pcap = workdir / f"v9-{size}.pcap"
     records = build_capture(datagram, size, pcap)
@@ -368,7 +452,7 @@ def bench_size(
         **({"tracepipe_csv": [], "tracepipe_csv_jobs1": [], "csv_floor": []} if csv else {}),
     }
     for _ in range(rounds):  # interleaved: all see the same machine load
-        runs["tracepipe"].append(measure_tracepipe(pcap, workdir / "lake", jobs))
+        runs["tracepipe"].append(measure_tracepipe(pcap, workdir / "lake", jobs, timeline))
         runs["nfdump"].append(measure_nfdump(nffile))
         if csv_file is not None:
             runs["tracepipe_csv"].append(measure_tracepipe(csv_file, workdir / "lake", jobs))
@@ -391,6 +475,10 @@ def bench_size(
     if nf["records"] != records or tp["records"] != records:
         print(f"  (records seen: tracepipe {tp['records']:,}, nfdump {nf['records']:,} of {records:,})")
     print(f"  ratio tracepipe / nfdump: {ratio:.2f}x wall, {cpu_ratio:.2f}x per CPU second")
+    if "timeline" in tp:
+        print(tp.pop("timeline"))
+        for run in runs["tracepipe"]:
+            run.pop("timeline", None)
     result = {"records": records, "best": best, "runs": runs, "ratio": ratio, "cpu_ratio": cpu_ratio}
     if csv_file is not None:
         tc = best["tracepipe_csv"]
@@ -436,6 +524,9 @@ def main() -> None:
     parser.add_argument(
         "--no-csv", action="store_true", help="leave out tracepipe reading the records as nfdump CSV"
     )
+    parser.add_argument(
+        "--timeline", action="store_true", help="print how busy each tracepipe process was over time"
+    )
     parser.add_argument("--build-only", type=Path, help="only write the synthetic capture to this path")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
     args = parser.parse_args()
@@ -456,9 +547,19 @@ def main() -> None:
         load = os.getloadavg()
         print(f"{os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
         results = [
-            bench_size(datagram, size, workdir, args.rounds, args.jobs, csv=not args.no_csv)
+            bench_size(datagram, size, workdir, args.rounds, args.jobs, not args.no_csv, args.timeline)
             for size in args.sizes
         ]
+        print(f"summary, best of {args.rounds} (load average at the start {load[0]:.1f}):")
+        for r in results:
+            tp, nf = r["best"]["tracepipe"], r["best"]["nfdump"]
+            print(
+                f"  {r['records']:>10,} records  tracepipe / nfdump {r['ratio']:.2f}x wall, {r['cpu_ratio']:.2f}x "
+                f"per CPU second  tracepipe {tp['seconds']:.2f} s, {tp['cpu_seconds']:.2f} s CPU, peak RSS "
+                f"{tp['peak_rss_mib']} MiB (all processes)  nfdump {nf['seconds']:.2f} s"
+            )
+        rss = [r["best"]["tracepipe"]["peak_rss_mib"] for r in results]
+        print(f"  peak RSS from the smallest to the biggest size: {rss[0]} -> {rss[-1]} MiB")
         print(json.dumps({"load_average": load, "sizes": results}))
     finally:
         if not args.keep:

@@ -21,6 +21,7 @@ the cores) and in one process, against nfdump reading the same file, and against
 
     python benchmarks/nfcapd_ingest.py                          # 1 M, 3 M and 10 M records (~4 GB of disk)
     python benchmarks/nfcapd_ingest.py --sizes 200000 --rounds 1  # quick, while developing
+    python benchmarks/nfcapd_ingest.py --timeline                  # and how busy each process was over time
 """
 
 from __future__ import annotations
@@ -87,13 +88,13 @@ def measure_reader(path: Path, workdir: Path) -> dict:
     return result
 
 
-def measure_native(path: Path, workdir: Path, jobs: int | None = None) -> dict:
+def measure_native(path: Path, workdir: Path, jobs: int | None = None, timeline: bool = False) -> dict:
     lake, out = workdir / "lake-native", workdir / "native.json"
     shutil.rmtree(lake, ignore_errors=True)
     cmd = [sys.executable, "-m", "tracepipe.cli", "ingest", "netflow", str(path), "--lake", str(lake)]
     cmd += ["--jobs", str(jobs)] if jobs else []
     with open(out, "wb") as handle:
-        result = _run_measured([*cmd, "--format", "json"], stdout=handle, env=ENV)
+        result = _run_measured([*cmd, "--format", "json"], stdout=handle, env=ENV, timeline=timeline)
     summary = json.loads(out.read_text())
     result["records"] = summary["totals"]["flows"]
     result["reader"] = summary["files"][0].get("reader", "")
@@ -157,9 +158,9 @@ def compose(base: Path, records: int, out: Path) -> Path:
     return out
 
 
-def bench(path: Path, label: str, workdir: Path, rounds: int, old_path: bool) -> dict:
+def bench(path: Path, label: str, workdir: Path, rounds: int, old_path: bool, timeline: bool = False) -> dict:
     measures = {
-        "native": measure_native,
+        "native": lambda path, workdir: measure_native(path, workdir, timeline=timeline),
         "one process": lambda path, workdir: measure_native(path, workdir, jobs=1),
         "nfdump": measure_nfdump,
         "reader": measure_reader,
@@ -197,6 +198,10 @@ def bench(path: Path, label: str, workdir: Path, rounds: int, old_path: bool) ->
             else ""
         )
     )
+    if "timeline" in native:  # where a core waited on another (--jobs 2)
+        print(native["timeline"])
+    for run in runs["native"]:
+        run.pop("timeline", None)
     counts = {name: m["records"] for name, m in best.items() if name != "reader"}
     if len(set(counts.values())) != 1:
         print(f"  (records differ: {counts})")
@@ -231,6 +236,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per file; the best counts")
     parser.add_argument("--lz4", action="store_true", help="also the same file LZ4-compressed (nfdump -y)")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
+    parser.add_argument(
+        "--timeline", action="store_true", help="print how busy each process of the best native run was"
+    )
     args = parser.parse_args()
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="tracepipe-nfcapd-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +260,9 @@ def main() -> None:
         results = []
         for size in sizes:
             path = base if size == sizes[0] else compose(base, size, workdir / f"nfcapd-{size}")
-            results.append(bench(path, "uncompressed", workdir, args.rounds, size <= args.old_max))
+            results.append(
+                bench(path, "uncompressed", workdir, args.rounds, size <= args.old_max, args.timeline)
+            )
             if args.lz4:
                 lz4 = workdir / f"nfcapd-{size}.lz4"
                 subprocess.run([tool_path("nfdump"), "-r", str(path), "-y", "-w", str(lz4)], check=True)

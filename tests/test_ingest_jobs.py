@@ -292,3 +292,28 @@ def test_a_hung_worker_is_killed_and_its_files_removed_then_the_rerun_lands_once
         == repeats * export.expected.num_rows
     )
     assert [f.status for f in ingest_flow_files(lake, [big], jobs=2).files] == ["skipped"]
+
+
+@pytest.mark.parametrize("key", ["ab" * 32, None])
+def test_abort_removes_the_workers_temp_files_never_a_finished_file_of_the_same_key(key, tmp_path):
+    """The parent removes what a killed worker left by name pattern: only temp files. A finished file of the
+    same key whose random part happens to start with a worker's tag (another writer of the same content may
+    have committed it) stays."""
+    lake_dir = tmp_path / "lake"
+    day = lake_dir / "flows" / "date=2024-03-12"
+    day.mkdir(parents=True)
+    with DecodePool(2, lake_dir) as pool:
+        pool.begin(key)
+        tag = pool._tags[0]
+        committed = day / f"part-{'ab' * 32}-{tag}beef.parquet"
+        committed.write_bytes(b"PAR1")
+        left = [day / f"part-{tag}-{'0' * 32}.parquet.tmp"]  # provisional: the key was being computed
+        if key is not None:
+            left.append(day / f"part-{key}-{tag}f00d.parquet.tmp")
+        for path in left:
+            path.write_bytes(b"PAR1 half")
+        os.kill(pool._procs[0].pid, signal.SIGKILL)
+        pool._procs[0].wait()
+        pool.abort()
+    assert committed.exists()
+    assert not [p for p in left if p.exists()]

@@ -10,15 +10,19 @@ from __future__ import annotations
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
+from tracepipe import DEFAULT_LAKE
 from tracepipe.errors import EXIT_FAILED, TracepipeError
-from tracepipe.lake import DEFAULT_LAKE, Lake
 from tracepipe.nopandas import refuse_pandas
 from tracepipe.printer import Printer
+
+if TYPE_CHECKING:
+    from tracepipe.ingest.decode_pool import DecodePool
+    from tracepipe.lake import Lake
 
 # click's exception base (typer >= 0.22 vendors click as typer._click): found from a public subclass
 ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -107,6 +111,9 @@ FormatOption = Annotated[OutputFormat, typer.Option("--format", help="table for 
 
 
 def open_lake(path: Path | None) -> Lake:
+    # imported here, not at the top: `ingest netflow` starts its decode workers before loading it
+    from tracepipe.lake import Lake
+
     return Lake(path if path is not None else Path(DEFAULT_LAKE))
 
 
@@ -162,9 +169,12 @@ def ingest_netflow_command(
     Example: tracepipe ingest netflow /var/captures/netflow-*.pcap --lake /srv/lake --jobs 2
     """
     refuse_pandas()  # before anything imports pyarrow's conversions: see tracepipe/nopandas.py
-    from tracepipe.ingest.flows import NETFLOW_KINDS
+    from tracepipe.ingest.decode_pool import start_early
 
-    _ingest_flows(ctx.obj, paths, lake, output, NETFLOW_KINDS, "ingest netflow", jobs)
+    with start_early(jobs, lake, paths) as pool:  # the workers start up while this process imports the rest
+        from tracepipe.ingest.flows import NETFLOW_KINDS
+
+        _ingest_flows(ctx.obj, paths, lake, output, NETFLOW_KINDS, "ingest netflow", jobs, pool)
 
 
 @ingest_app.command("zeek")
@@ -232,6 +242,7 @@ def _ingest_flows(
     accept: tuple[str, ...],
     title: str,
     jobs: int | None = None,
+    pool: DecodePool | None = None,
 ) -> None:
     """The common body of the flow ingest commands: land, attribute, print the summary, exit."""
     from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
@@ -244,7 +255,12 @@ def _ingest_flows(
     with p.progress(BarColumn(), DownloadColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task(title, total=total)
         summary = ingest_flow_files(
-            open_lake(lake), paths, progress=lambda n: bar.advance(task, n), accept=accept, jobs=jobs
+            open_lake(lake),
+            paths,
+            progress=lambda n: bar.advance(task, n),
+            accept=accept,
+            jobs=jobs,
+            pool=pool,
         )
         bar.update(task, description="attribute flows to VMs")
         correlation = correlate(open_lake(lake), days=summary.days)
@@ -572,6 +588,7 @@ def sql_command(
     """
     from tracepipe import engines
     from tracepipe import query as q
+    from tracepipe.lake import Lake
     from tracepipe.maintenance import parse_as_of
 
     p: Printer = ctx.obj

@@ -42,12 +42,11 @@ from deltalake.transaction import (
     create_table_with_add_actions,
 )
 
-from tracepipe import fsutil
+from tracepipe import DEFAULT_LAKE, fsutil
 from tracepipe.errors import LakeError
 from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset, null_column
 from tracepipe.units import time_window
 
-DEFAULT_LAKE = "./lake"
 MANIFEST_DIR = "_ingest"
 LOCK_DIR = "_locks"
 DAMAGED_DIR = "_damaged"  # files `repair` took out of the lake (unreadable, replaced), kept as evidence
@@ -341,7 +340,8 @@ class PartFile:
     """One Parquet file of a dataset being written: rows buffered up to a row group, each row group sorted by
     the dataset's sort key (min/max statistics let readers skip), text dictionary-encoded in memory and stored
     as plain strings. `close()` fsyncs and renames the temp file and returns the Delta add action; until the
-    commit that names it, the file is not part of the lake."""
+    commit that names it, the file is not part of the lake. `name(stem)` before `close()` gives the file
+    another final name (the temp file keeps the first one): a source's content hash, known only at the end."""
 
     def __init__(
         self, root: Path, dataset: Dataset, day: str | None, stem: str, row_group_rows: int = ROW_GROUP_ROWS
@@ -349,13 +349,18 @@ class PartFile:
         self.dataset = dataset
         self.day = day
         self.row_group_rows = row_group_rows
-        self.relative = (f"{PARTITION}={day}/" if day is not None else "") + f"{stem}.parquet"
-        self.path = root / self.relative
+        self.root = root
+        self.name(stem)
         self.tmp = self.path.with_name(self.path.name + fsutil.TMP_SUFFIX)
         self.rows = 0
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._writer: pq.ParquetWriter | None = None
+
+    def name(self, stem: str) -> None:
+        """The file's final name (<stem>.parquet in its day's folder), taken at close()."""
+        self.relative = (f"{PARTITION}={self.day}/" if self.day is not None else "") + f"{stem}.parquet"
+        self.path = self.root / self.relative
 
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
@@ -473,6 +478,7 @@ class Lake:
         self._evolved: set[str] = set()  # tables whose log schema was checked against schema.py
         # (manifest version, {(dataset, content_hash)}, {source_key}, manifest files already read)
         self._manifest_cache: tuple[int, set[tuple[str, str]], set[str], set[str]] | None = None
+        self._manifest_sources: set[tuple[str, str]] = set()  # (dataset, source) of the rows read into it
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (Spark ships closures that hold a Lake): open tables are per process, reopened there."""
@@ -788,7 +794,7 @@ class Lake:
         version = self.commit(
             MANIFEST_DIR, [action] if action else [], info={"source": source, "content_hash": content_hash}
         )
-        self._remember(dataset, content_hash, version, part.relative)
+        self._remember(dataset, content_hash, version, part.relative, source)
 
     def _manifest_keys(self) -> set[tuple[str, str]]:
         """(dataset, content_hash) of every manifest row; read once per manifest version (a long-running
@@ -803,16 +809,26 @@ class Lake:
             for entry in self.entries(MANIFEST_DIR):
                 if entry.relative in seen:
                     continue
-                rows = pq.read_table(entry.path, columns=["dataset", "content_hash"])
-                hashes = rows.column("content_hash").to_pylist()
-                keys.update(zip(rows.column("dataset").to_pylist(), hashes, strict=True))
+                rows = pq.read_table(entry.path, columns=["dataset", "content_hash", "source"])
+                hashes, datasets = rows.column("content_hash").to_pylist(), rows.column("dataset").to_pylist()
+                keys.update(zip(datasets, hashes, strict=True))
+                self._manifest_sources.update(zip(datasets, rows.column("source").to_pylist(), strict=True))
                 confirmed.update(source_key(h) for h in hashes)
                 seen.add(entry.relative)
             self._manifest_cache = (version, keys, confirmed, seen)
         return self._manifest_cache[1]
 
-    def _remember(self, dataset: str, content_hash: str, version: int, relative: str | None = None) -> None:
+    def has_source(self, dataset: str, source: str) -> bool:
+        """Whether a manifest row of `dataset` names `source` (a path): a hint that its content may be there
+        already, nothing more (the content hash decides: already_ingested)."""
+        self._manifest_keys()
+        return (dataset, source) in self._manifest_sources
+
+    def _remember(
+        self, dataset: str, content_hash: str, version: int, relative: str | None = None, source: str = ""
+    ) -> None:
         """Our own manifest commit: the cache follows without reading the manifest again."""
+        self._manifest_sources.add((dataset, source))
         if self._manifest_cache is not None and self._manifest_cache[0] == version - 1:
             _old, keys, confirmed, seen = self._manifest_cache
             keys.add((dataset, content_hash))
@@ -971,8 +987,9 @@ class Lake:
                 self._held.discard(name)
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def ingest(self, dataset: str, source: str, content_hash: str) -> IngestWriter:
-        """Open a writer for one source. Use as a context manager; call `commit()` at the end."""
+    def ingest(self, dataset: str, source: str, content_hash: str | None) -> IngestWriter:
+        """Open a writer for one source. Use as a context manager; call `commit()` at the end (content_hash
+        None: give it with `identify()` before)."""
         return IngestWriter(self, _dataset(dataset), source, content_hash)
 
     def replace_dataset(self, name: str, table: pa.Table, info: dict[str, Any] | None = None) -> Path:
@@ -1396,23 +1413,27 @@ def split_implausible(table: pa.Table, dataset: Dataset) -> tuple[pa.Table, pa.T
 class IngestWriter:
     """Streams tables of one source into per-day files (part-<content hash>-<random>.parquet), then commits its
     rejects, its rows (all days in one Delta commit) and its manifest row. Memory stays flat: rows are buffered
-    per day up to ROW_GROUP_ROWS, then written as one sorted row group."""
+    per day up to ROW_GROUP_ROWS, then written as one sorted row group.
+
+    `content_hash` None: it is computed while the rows are written (a big file: hashing overlaps decoding);
+    `identify()` gives it before `commit()`, which needs it. The caller checks Lake.already_ingested with it
+    before committing, so a source still lands once."""
 
     def __init__(
         self,
         lake: Lake,
         dataset: Dataset,
         source: str,
-        content_hash: str,
+        content_hash: str | None,
         row_group_rows: int = ROW_GROUP_ROWS,
     ) -> None:
         self.lake = lake
         self.dataset = dataset
         self.source = source
-        self.content_hash = content_hash
-        self.key = source_key(content_hash)
+        self.content_hash = content_hash or ""
+        self.key = source_key(content_hash) if content_hash else None
         self.row_group_rows = row_group_rows
-        self.result = IngestResult(dataset.name, source, content_hash)
+        self.result = IngestResult(dataset.name, source, self.content_hash)
         self._parts = DayParts(lake.root, dataset, self.key, row_group_rows)
         self._adopted: list[AddAction] = []  # parts written by worker processes (DayParts there)
         self._rejects: list[pa.Table] = []
@@ -1433,6 +1454,11 @@ class IngestWriter:
 
     def _part(self, day: str | None) -> PartFile:
         return self._parts._part(day)
+
+    def identify(self, content_hash: str) -> None:
+        """The source's content hash, when it was not known at the start."""
+        self.content_hash = self.result.content_hash = content_hash
+        self.key = source_key(content_hash)
 
     def adopt(self, adds: list[AddAction], rows: int) -> None:
         """Parts of this source written elsewhere (a worker process's DayParts, closed): committed with the rest."""
@@ -1459,8 +1485,10 @@ class IngestWriter:
         """Finish the files, then commit: rejects, the rows (the commit that makes the source count as
         ingested), the manifest row; then compact the days touched if they crossed the threshold."""
         lake = self.lake
+        if self.key is None:
+            raise LakeError(f"{self.source}: commit before its content hash was known (a bug)")
         try:
-            adds = [*self._parts.close(), *self._adopted]
+            adds = [*self._parts.close(self.key), *self._adopted]
             info = {"source": self.source, "content_hash": self.content_hash, "rows": self.result.rows}
             # rejects first, then the rows (the commit that makes the source count as landed), then the
             # manifest row; a rerun after a kill in between finds what landed by its file names
@@ -1519,10 +1547,22 @@ class IngestWriter:
 class DayParts:
     """The files one source writes into a dataset: one PartFile per UTC day of `partition_ts`, each buffering
     up to a row group. Used by IngestWriter, and by worker processes that write a share of a source's rows
-    (their closed parts are then committed by the IngestWriter that adopts them)."""
+    (their closed parts are then committed by the IngestWriter that adopts them).
+
+    Files are named part-<key>-<random>.parquet (_SOURCE_FILE). `key` None: the source's content hash is still
+    being computed (decoding overlaps hashing); the temp files get a provisional name and close(key) the final
+    one. Either way a file carries its source's key before any commit can list it, so the crash-recovery of
+    Lake.already_ingested (files of the source in the table, no manifest row) holds. `tag` (a decode worker's,
+    hex): the start of every random part, and of the provisional names (part-<tag>-<random>), so that the parent
+    that kills a hung worker can remove its temp files itself."""
 
     def __init__(
-        self, root: Path, dataset: Dataset, key: str, row_group_rows: int = ROW_GROUP_ROWS, tag: str = ""
+        self,
+        root: Path,
+        dataset: Dataset,
+        key: str | None,
+        row_group_rows: int = ROW_GROUP_ROWS,
+        tag: str = "",
     ) -> None:
         self.root = root
         self.dataset = dataset
@@ -1553,13 +1593,22 @@ class DayParts:
         key = day or ""
         part = self._parts.get(key)
         if part is None:
-            stem = f"part-{self.key}-{(self.tag + uuid.uuid4().hex)[:8]}"
+            if self.key:
+                stem = f"part-{self.key}-{(self.tag + uuid.uuid4().hex)[:8]}"
+            else:  # provisional: no key yet, and a name that _SOURCE_FILE never takes for a source's file
+                stem = f"part-{self.tag}-{uuid.uuid4().hex}" if self.tag else f"part-{uuid.uuid4().hex}"
             part = PartFile(self.root / self.dataset.name, self.dataset, day, stem, self.row_group_rows)
             self._parts[key] = part
         return part
 
-    def close(self) -> list[AddAction]:
-        """Finish every file (fsync, rename); the add actions of those that hold rows."""
+    def close(self, key: str | None = None) -> list[AddAction]:
+        """Finish every file (fsync, rename to part-<key>-<random>.parquet, `key` if given: the source's, once
+        known); the add actions of those that hold rows."""
+        key = key or self.key
+        if key is None:
+            raise LakeError("a source's files were closed before its content hash was known (a bug)")
+        for part in self._parts.values():
+            part.name(f"part-{key}-{(self.tag + uuid.uuid4().hex)[:8]}")
         return [a for a in (p.close() for p in self._parts.values()) if a is not None]
 
     def abort(self) -> None:

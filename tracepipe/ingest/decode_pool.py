@@ -9,7 +9,8 @@ columns, handed back in input order; per source the closed day files of every wo
 (IngestWriter.adopt) in one Delta commit with the rest. Each batch goes to the worker with the fewest batches
 queued (round robin among equals), so that one busy sorting and writing a row group does not leave the other
 idle; workers are fresh interpreters (delta-rs is not fork-safe) and hold at most IN_FLIGHT batches each, so
-memory stays bounded.
+memory stays bounded. This module imports nothing heavy (numpy, pyarrow, deltalake load in the workers and where
+batches are made), so that a command can start the workers before its own imports (start_early).
 """
 
 from __future__ import annotations
@@ -18,21 +19,26 @@ import contextlib
 import os
 import queue
 import secrets
+import stat
 import subprocess
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
-
-from deltalake.transaction import AddAction
+from typing import TYPE_CHECKING, Any
 
 from tracepipe.errors import LakeError
-from tracepipe.ingest.netflow import Decoded, Walked, decode_walked
-from tracepipe.ingest.nffile import BlockRange, read_range
-from tracepipe.lake import ROW_GROUP_ROWS
+
+if TYPE_CHECKING:
+    from deltalake.transaction import AddAction
+
+    from tracepipe.ingest.netflow import Decoded, Walked
+    from tracepipe.ingest.nffile import BlockRange
+
+# files from this size on are decoded by the workers when jobs > 1 (starting them costs ~0.3 s of CPU each)
+PARALLEL_MIN_BYTES = 64 << 20
 
 IN_FLIGHT = 3  # batches queued per worker: one being decoded, two waiting (memory: ~3 x 7 MB of records): a
 # worker writing a row group (~0.1-0.2 s) must not run its queue dry before the walker can refill it
@@ -67,10 +73,13 @@ def _drain(inbox: Connection, messages: queue.SimpleQueue) -> None:
 
 
 def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
-    """One worker: ("begin", key) opens a source's day files, ("batch", walked) decodes and writes a batch,
-    ("close",) finishes the files, ("abort",) deletes them, ("stop",) ends. Errors go back as text."""
+    """One worker: ("begin", key or None, rows) opens a source's day files, ("batch", walked) decodes and writes
+    a batch, ("close", key) finishes the files under their final names (lake.DayParts: the source's key, which
+    may be known only then), ("abort",) deletes them, ("stop",) ends. Errors go back as text."""
     import pyarrow as pa
 
+    from tracepipe.ingest.netflow import decode_walked
+    from tracepipe.ingest.nffile import read_range
     from tracepipe.lake import DayParts, split_implausible
     from tracepipe.schema import DATASETS
 
@@ -111,7 +120,7 @@ def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
                 rows += parts.write(flows)
                 outbox.send(("nfcapd_done", found))
             elif op == "close":
-                adds = parts.close() if parts is not None else []
+                adds = parts.close(message[1]) if parts is not None else []
                 parts = None
                 outbox.send(("closed", adds, rows))
             elif op in ("abort", "stop"):
@@ -141,6 +150,26 @@ def _widen(fd: int) -> None:
         pass
 
 
+def start_early(jobs: int | None, root: Path, paths: Iterable[Path]) -> DecodePool:
+    """A pool for `ingest netflow`, its workers already started when a file given by name is big enough for
+    them (PARALLEL_MIN_BYTES, told from os.stat alone; directories are not walked for it): their start-up
+    (interpreter, numpy, pyarrow: ~0.3 s each) then runs beside the command's own imports (~0.35 s) instead of
+    after them (profiled for issue 17: one core idle meanwhile). Otherwise not started: ingest starts it
+    when a file needs it. Use as a context manager."""
+    pool = DecodePool(default_jobs() if jobs is None else jobs, root)
+    if pool.jobs > 1 and any(_big_file(Path(p)) for p in paths):
+        pool.start()
+    return pool
+
+
+def _big_file(path: Path) -> bool:
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size >= PARALLEL_MIN_BYTES
+
+
 class DecodePool:
     """`jobs` spawned workers writing into the lake at `root`. Use as a context manager (workers stop at exit).
     A worker that does not take a message or answer within `hang_seconds` is killed (the call raises LakeError);
@@ -150,13 +179,16 @@ class DecodePool:
         self.jobs = max(1, jobs)
         self.root = root
         self.hang_seconds = hang_seconds
-        self._key = ""  # the current source's (begin)
+        self._key: str | None = None  # the current source's (begin; None while it is being hashed)
+        self._closed: list[str] = []  # files closed by workers in a finish() not yet returned to the caller
         self._tags: list[str] = []  # per worker: the hex its file names start with, for this source
         self._hung: set[int] = set()  # workers killed for not answering
         self._conns: list[tuple[Connection, Connection]] = []  # per worker: (from it, to it)
         self._procs: list[subprocess.Popen] = []
         self._queued: list[list[int]] = []  # per worker: sequence numbers of batches sent, not answered
         self._sent = 0
+        self._sources_left: int | None = None  # expect(): sources still to come; at 0 the workers end
+        self._released = False  # told to end (release): a next start() spawns new ones
 
     def __enter__(self) -> DecodePool:
         return self
@@ -166,8 +198,10 @@ class DecodePool:
 
     def start(self) -> None:
         """Start the workers (their start-up, ~0.5 s each, then overlaps with hashing the first file)."""
-        if self._procs:
+        if self._procs and not self._released:
             return
+        if self._released:
+            self.stop()
         # a fresh interpreter per worker (no fork: delta-rs is not fork-safe), started as a module so that the
         # caller's __main__ is never re-imported (multiprocessing's spawn would, and needs a __main__ guard)
         package_root = str(Path(__file__).resolve().parents[2])
@@ -197,8 +231,11 @@ class DecodePool:
             self._procs.append(proc)
             self._queued.append([])
 
-    def begin(self, key: str) -> None:
-        """Start a source: each worker opens day files named after `key` (lake.source_key)."""
+    def begin(self, key: str | None) -> None:
+        """Start a source: each worker opens day files named after `key` (lake.source_key), or under
+        provisional names when the key is still being computed (finish gives it)."""
+        from tracepipe.lake import ROW_GROUP_ROWS
+
         self.start()
         self._sent = 0
         # each worker buffers a row group per day and sorts it column by column (a copy): 1/(2 jobs) of the usual
@@ -240,19 +277,42 @@ class DecodePool:
         self._sent += 1
         return answers
 
-    def finish(self) -> tuple[list[tuple[int, Decoded]], list[AddAction], int]:
-        """All answers still due, then every worker's closed day files and the rows in them."""
+    def expect(self, sources: int) -> None:
+        """`sources` sources will go through the pool: after the last one's finish() the workers are told to
+        end at once (release), so that their exit (~0.1 s of interpreter teardown each) runs while the caller
+        commits, not after it (profiled for issue 17: the tail of a run)."""
+        self._sources_left = sources
+
+    def release(self) -> None:
+        """Tell the workers to end, without waiting for them (stop() does); a later start() spawns new ones."""
+        for _, to_worker in self._conns:
+            try:
+                to_worker.send(("stop",))
+            except OSError:
+                pass
+            to_worker.close()
+        self._released = True
+
+    def finish(self, key: str | None = None) -> tuple[list[tuple[int, Decoded]], list[AddAction], int]:
+        """All answers still due, then every worker's day files closed under the source's `key` (None: the
+        one given to begin) and the rows in them."""
         answers = [self._answer(w) for w in range(self.jobs) for _ in range(len(self._queued[w]))]
         adds: list[AddAction] = []
         rows = 0
         for worker in range(self.jobs):
-            self._send(worker, ("close",))
+            self._send(worker, ("close", key))
         for worker in range(self.jobs):
             reply = self._receive(worker)
             if reply[0] != "closed":
                 raise LakeError(f"decode worker {worker}: unexpected answer {reply[0]!r}")
             adds.extend(reply[1])
+            self._closed.extend(add.path for add in reply[1])  # abort() removes them if another fails
             rows += reply[2]
+        self._closed = []  # the caller owns them now (IngestWriter.adopt: its abort removes them)
+        if self._sources_left is not None:
+            self._sources_left -= 1
+            if self._sources_left <= 0:
+                self.release()
         return answers, adds, rows
 
     def abort(self) -> None:
@@ -266,14 +326,18 @@ class DecodePool:
             except OSError:
                 pass
         self.stop()
-        if self._key and self._tags:
-            flows = self.root / "flows"
-            for tag in self._tags:
-                for path in flows.glob(
-                    f"*/part-{self._key}-{tag}*"
-                ):  # day folders; .parquet and .parquet.tmp
+        # what a killed worker could not delete: its temp files, under the provisional names of a source whose
+        # key was still being computed (part-<tag>-<random>) or under the key's (part-<key>-<tag>...); only
+        # temp files, never a finished name, which another writer of the same key may have committed
+        flows = self.root / "flows"
+        for tag in self._tags:
+            patterns = [f"*/part-{tag}-*.tmp"] + ([f"*/part-{self._key}-{tag}*.tmp"] if self._key else [])
+            for pattern in patterns:
+                for path in flows.glob(pattern):  # the day folders
                     path.unlink(missing_ok=True)
-        self._key, self._tags = "", []
+        for relative in self._closed:  # closed by a worker in a finish() that failed for another
+            (flows / relative).unlink(missing_ok=True)
+        self._key, self._tags, self._closed = None, [], []
 
     def stop(self) -> None:
         for _, to_worker in self._conns:
@@ -292,6 +356,7 @@ class DecodePool:
             from_worker.close()
         self._conns, self._procs, self._queued = [], [], []
         self._hung = set()
+        self._released = False
 
     @contextlib.contextmanager
     def _watch(self, worker: int) -> Iterator[None]:
@@ -335,6 +400,8 @@ class DecodePool:
         )
 
     def _answer(self, worker: int) -> tuple[int, Any]:
+        from tracepipe.ingest.netflow import Decoded
+
         reply = self._receive(worker)
         seq = self._queued[worker].pop(0)
         if reply[0] == "nfcapd_done":

@@ -3,14 +3,18 @@ nfsen/nfcapd directory trees), Zeek conn.log (TSV/JSON, gzip'ed or not) and argu
 
 One file is one source: it is hashed, skipped if the manifest already holds it, otherwise streamed batch by
 batch through its reader into one lake writer, with its rejects and per-exporter counters in the manifest.
-The kind of a file is told by its first bytes, not its name; a directory stands for the files under it.
+A file big enough for the decode workers is hashed by a thread while it decodes, and skipped as soon as its
+hash is found in the lake (always before anything is committed). The kind of a file is told by its first
+bytes, not its name; a directory stands for the files under it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +28,7 @@ from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
 from tracepipe.fsutil import input_problem
 from tracepipe.ingest import nffile
 from tracepipe.ingest.argus import iter_argus, looks_like_argus
-from tracepipe.ingest.decode_pool import HANG_SECONDS, DecodePool, default_jobs
+from tracepipe.ingest.decode_pool import HANG_SECONDS, PARALLEL_MIN_BYTES, DecodePool, default_jobs
 from tracepipe.ingest.netflow import (
     Decoded,
     DecoderState,
@@ -69,12 +73,52 @@ COMMAND_OF_KIND = {
     **dict.fromkeys(ARGUS_KINDS, "tracepipe ingest argus"),
 }
 BATCH_DATAGRAMS = 4096  # ~5 MB of export datagrams per decode step: memory stays flat, overhead negligible
-# captures from this size on are decoded by worker processes when jobs > 1 (spawning them costs ~1 s)
-PARALLEL_MIN_BYTES = 64 << 20
 # kinds the workers decode, and how many times that size a file of the kind must be: nfdump CSV spends ~8x the
 # bytes of a capture on a record, and 64 MB of it (~180 k records, ~0.7 s of work) do not repay the workers'
 # start-up; 256 MB (~0.7 M records) should, with a free core (benchmarks/netflow_ingest.py prints both)
 PARALLEL_KINDS = {"pcap": 1, "nfcapd": 1, "nfdump-csv": 4}
+
+
+class ContentHash:
+    """A file's sha256 (lake.hash_file, the identity of a source), computed by a thread while the file decodes:
+    hashlib and file reads release the GIL, so it runs beside the walk and the workers (it was serial before
+    them: ~0.6 s per GB in which one core waited; profiled for issue 17)."""
+
+    def __init__(self, path: Path) -> None:
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path,), name="content-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            self._digest = hash_file(path)
+        except BaseException as exc:  # raised in the caller's thread by result()
+            self._error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
+
+
+class AlreadyIngested(Exception):
+    """The content hash, found while the file decoded, is in the lake already: what was written is dropped."""
+
+
+def _identify(writer: IngestWriter, hashing: ContentHash | None) -> None:
+    """Give the writer its source's content hash once computed; AlreadyIngested when the lake holds it. Checked
+    before any commit, so a source lands once whether it was hashed first or beside its decoding."""
+    if hashing is None or writer.key is not None:
+        return
+    writer.identify(hashing.result())
+    if writer.lake.already_ingested(writer.dataset.name, writer.content_hash):
+        raise AlreadyIngested
 
 
 @dataclass
@@ -196,6 +240,7 @@ def ingest_flow_files(
     jobs: int | None = None,
     parallel_min_bytes: int = PARALLEL_MIN_BYTES,
     hang_seconds: float = HANG_SECONDS,
+    pool: DecodePool | None = None,
 ) -> IngestSummary:
     """Land every file in `paths` (directories: the files under them) in the lake's flows dataset; never
     raises for bad input (see rejects). `accept`: the kinds this command takes (NETFLOW_KINDS, ZEEK_KINDS,
@@ -205,10 +250,16 @@ def ingest_flow_files(
     order with one decoder state, and turned into columns and Parquet by `jobs` worker processes; nfcapd
     files of that size (read natively) are split into ranges of blocks that the workers read themselves, and
     nfdump CSV files of 4x that size into byte ranges cut at line ends. A worker silent for `hang_seconds` is
-    killed, its files removed, and LakeError raised (decode_pool.DecodePool)."""
+    killed, its files removed, and LakeError raised (decode_pool.DecodePool). `pool`: the caller's (decode_pool.
+    start_early: workers started before the caller's imports; its own hang_seconds), with its jobs; the caller
+    stops it."""
+    if pool is not None:
+        return _ingest_files(
+            lake, paths, progress, accept, pool if pool.jobs > 1 else None, parallel_min_bytes
+        )
     jobs = default_jobs() if jobs is None else jobs
-    with DecodePool(jobs, lake.root, hang_seconds) as pool:
-        return _ingest_files(lake, paths, progress, accept, pool if jobs > 1 else None, parallel_min_bytes)
+    with DecodePool(jobs, lake.root, hang_seconds) as own:
+        return _ingest_files(lake, paths, progress, accept, own if jobs > 1 else None, parallel_min_bytes)
 
 
 def _ingest_files(
@@ -237,6 +288,7 @@ def _ingest_files(
     big_captures = [p for p in files if _parallel(p, _kind_or_none(p), parallel_min_bytes)]
     if pool is not None and big_captures:
         pool.start()
+        pool.expect(len(big_captures))
     for path in files:
         path = Path(path)
         problem = input_problem(path, "give the capture files in it, e.g. DIR/*.pcap")
@@ -286,18 +338,57 @@ def _ingest_one(
         if progress:
             progress(size)
         return result
-    content_hash = hash_file(path)
-    if lake.already_ingested("flows", content_hash):
-        result.status = "skipped"
-        result.message = "already in the lake (same content hash)"
-        if progress:
-            progress(size)
-        return result
     source = str(path.absolute())  # evidence: an investigator must find the file again, whatever the cwd was
+    hashing: ContentHash | None = None
+    if pool is not None and not lake.has_source("flows", source):
+        # a big new file: its hash is computed while it decodes (_identify checks it before the commit)
+        hashing, content_hash = ContentHash(path), None
+    else:  # a small file, or a path landed before (a rerun, most likely a skip): hash first, decode if new
+        content_hash = hash_file(path)
+        if lake.already_ingested("flows", content_hash):
+            return _skipped(result, progress, size)
+    # a skipped file leaves the decoder state as it found it (templates, sequence numbers): as if never read
+    before = copy.deepcopy(state) if hashing is not None and kind == "pcap" else None
+    try:
+        return _land_one(
+            lake, path, kind, source, content_hash, hashing, state, summary, progress, accept, pool
+        )
+    except AlreadyIngested:
+        if before is not None:
+            state.__dict__.update(before.__dict__)
+        return _skipped(result, progress, size)
+
+
+def _skipped(result: FileResult, progress: Progress | None, size: int) -> FileResult:
+    result.status = "skipped"
+    result.message = "already in the lake (same content hash)"
+    if progress:
+        progress(size)
+    return result
+
+
+def _land_one(
+    lake: Lake,
+    path: Path,
+    kind: str,
+    source: str,
+    content_hash: str | None,
+    hashing: ContentHash | None,
+    state: DecoderState,
+    summary: IngestSummary,
+    progress: Progress | None,
+    accept: tuple[str, ...],
+    pool: DecodePool | None,
+) -> FileResult:
+    """_ingest_one's landing of a file not (known to be) in the lake: content_hash None while `hashing`."""
+    size = path.stat().st_size
+    result = FileResult(str(path), kind, "landed")
     stats: dict[str, dict[str, Any]] = {}
     with lake.ingest("flows", source=source, content_hash=content_hash) as writer:
         if kind == "pcap" and pool is not None:
-            result.datagrams = _land_pcap_parallel(writer, pool, path, source, state, stats, progress)
+            result.datagrams = _land_pcap_parallel(
+                writer, pool, path, source, state, stats, progress, hashing
+            )
             _land_leftover(writer, state, source, stats)
             if progress:
                 progress(size)
@@ -327,17 +418,18 @@ def _ingest_one(
                 progress(size - done)
         elif kind == "nfcapd" and pool is not None and nffile.native_problem(path) is None:
             read = NfcapdRead()
-            _land_nfcapd_parallel(writer, pool, path, source, stats, read)
+            _land_nfcapd_parallel(writer, pool, path, source, stats, read, hashing)
             result.reader = read.reader
             if progress:
                 progress(size)
         elif kind == "nfdump-csv" and pool is not None and (ranges := nfdump_csv_ranges(path, source)):
-            _land_csv_parallel(writer, pool, ranges, source, stats)
+            _land_csv_parallel(writer, pool, ranges, source, stats, hashing)
             if progress:
                 progress(size)
         elif kind in READERS:
+            _identify(writer, hashing)  # the labels' own check needs it first
             read = NfcapdRead()
-            labels = _read_text_kind(lake, path, kind, source, content_hash, writer, stats, read)
+            labels = _read_text_kind(lake, path, kind, source, writer.content_hash, writer, stats, read)
             if labels:
                 result.message = f"{labels} labels kept in flow_labels (for evaluation only)"
             result.reader = read.reader
@@ -364,6 +456,7 @@ def _ingest_one(
             )
             if progress:
                 progress(size)
+        _identify(writer, hashing)
         ingested = writer.commit({"kind": kind, "datagrams": result.datagrams, "exporters": stats})
     result.flows = ingested.rows
     result.rejects = ingested.rejects
@@ -439,6 +532,7 @@ def _land_csv_parallel(
     ranges: list[CsvRange],
     source: str,
     stats: dict[str, Any],
+    hashing: ContentHash | None = None,
 ) -> None:
     """One nfdump CSV file through the worker pool: byte ranges cut at line ends are read, parsed and written
     as Parquet by the workers; rejects land here in file order with the file's line numbers."""
@@ -452,7 +546,7 @@ def _land_csv_parallel(
         parsed = rejects.filter(pc.is_valid(rejects.column("line")))
         _count(stats, "nfdump-csv", {e: c["flows"] for e, c in part.stats.items()}, parsed)
 
-    _through_pool(writer, pool, iter(ranges), land)
+    _through_pool(writer, pool, iter(ranges), land, hashing=hashing)
 
 
 def _through_pool(
@@ -461,10 +555,13 @@ def _through_pool(
     jobs: Iterator[Any],
     land: Callable[[int, Any], None],
     submit: Callable[[Any], list[tuple[int, Any]]] | None = None,
+    hashing: ContentHash | None = None,
 ) -> None:
     """Send `jobs` to the pool for one source (`submit`: pool.submit, or another of its queues) and call
     land(number, answer) in job order as answers come back; the workers' files join the writer's commit. On
-    any error the workers drop what they wrote."""
+    any error the workers drop what they wrote. `hashing`: the source's content hash, still being computed;
+    the workers name their files after it when they close them, and AlreadyIngested stops the source as
+    soon as it is known to be in the lake."""
     submit = pool.submit if submit is None else submit
     answers: dict[int, Any] = {}
     landed = 0  # jobs landed so far, in order
@@ -480,7 +577,10 @@ def _through_pool(
     try:
         for job in jobs:
             arrived(submit(job))
-        last, adds, rows = pool.finish()
+            if hashing is not None and hashing.done():
+                _identify(writer, hashing)
+        _identify(writer, hashing)
+        last, adds, rows = pool.finish(writer.key)
         arrived(last)
     except BaseException:
         pool.abort()
@@ -503,7 +603,13 @@ def _nfcapd_sampling(stats: dict[str, dict[str, Any]], path: Path, read: NfcapdR
 
 
 def _land_nfcapd_parallel(
-    writer: IngestWriter, pool: DecodePool, path: Path, source: str, stats: dict[str, Any], read: NfcapdRead
+    writer: IngestWriter,
+    pool: DecodePool,
+    path: Path,
+    source: str,
+    stats: dict[str, Any],
+    read: NfcapdRead,
+    hashing: ContentHash | None = None,
 ) -> None:
     """One nfcapd file through the worker pool: its block headers walked here, ranges of blocks read,
     decoded and written by the workers (no record bytes through pipes); rejects, counters and the exporter
@@ -526,7 +632,7 @@ def _land_nfcapd_parallel(
                 continue
             yield blocks
 
-    _through_pool(writer, pool, ranges(), land, pool.submit_nfcapd)
+    _through_pool(writer, pool, ranges(), land, pool.submit_nfcapd, hashing)
     for rejects in fatal:
         writer.reject(rejects)
         _count(stats, "nfcapd", {}, rejects)
@@ -561,6 +667,7 @@ def _land_pcap_parallel(
     state: DecoderState,
     stats: dict[str, Any],
     progress: Progress | None,
+    hashing: ContentHash | None = None,
 ) -> int:
     """One capture through the worker pool: walked here in input order (one decoder state), columns and
     Parquet in the workers; rejects and counters land in input order, the workers' files in the writer's
@@ -591,7 +698,7 @@ def _land_pcap_parallel(
                 progress(batch.bytes_read - done)
                 done = batch.bytes_read
 
-    _through_pool(writer, pool, walked_batches(), land)
+    _through_pool(writer, pool, walked_batches(), land, hashing=hashing)
     return datagrams
 
 

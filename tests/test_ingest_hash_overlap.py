@@ -1,0 +1,154 @@
+"""`ingest netflow --jobs N`: a big file's content hash is computed by a thread while the workers decode it
+(issue 17: it was a serial ~0.6 s per GB before the first batch). The source's identity and its guarantees stay
+as they were: the manifest holds the sha256 of the file's bytes, its files are named after it before any commit
+lists them (crash recovery finds them by name), and content already in the lake is never landed twice, even
+under a new path: it is found while decoding, and what was written for it is dropped."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import re
+import shutil
+import struct
+import time
+
+import pytest
+from scapy.layers.inet import UDP
+from scapy.utils import rdpcap, wrpcap
+
+from tracepipe.ingest.decode_pool import DecodePool
+from tracepipe.ingest.flows import ingest_flow_files
+from tracepipe.ingest.netflow import DecoderState, walk_datagrams
+from tracepipe.ingest.pcap import iter_udp_batches
+from tracepipe.lake import Lake, source_key
+
+
+@pytest.fixture(scope="module")
+def split_capture(softflowd_export, tmp_path_factory) -> tuple:
+    """A real softflowd v9 export split in two files: its templates in the first, most data in the second."""
+    base = tmp_path_factory.mktemp("overlap")
+    packets = rdpcap(str(softflowd_export(9, "ipv6").export_pcap))
+    wrpcap(str(base / "part1.pcap"), packets[:3])
+    wrpcap(str(base / "part2.pcap"), packets[3:])
+    # the data datagrams only: templates (flowset id 0) and options templates (1) left out
+    wrpcap(str(base / "data-only.pcap"), [p for p in packets[3:] if not _has_template(bytes(p[UDP].payload))])
+    return base / "part1.pcap", base / "part2.pcap", base / "data-only.pcap"
+
+
+def _has_template(datagram: bytes) -> bool:
+    at = 20  # v9 header, RFC 3954 section 5.1
+    while at + 4 <= len(datagram):
+        flowset_id, length = struct.unpack_from(">HH", datagram, at)
+        if flowset_id < 256:
+            return True
+        at += max(length, 4)
+    return False
+
+
+def _files(lake_dir) -> set[str]:
+    return {str(p.relative_to(lake_dir)) for p in lake_dir.rglob("*") if p.is_file()}
+
+
+def test_files_are_named_after_the_sha256_of_their_source_when_hashed_beside_decoding(
+    split_capture, tmp_path
+):
+    lake = Lake(tmp_path / "lake")
+    summary = ingest_flow_files(lake, list(split_capture[:2]), jobs=2, parallel_min_bytes=0)
+    assert [f.status for f in summary.files] == ["landed", "landed"]
+    manifest = {r["source"]: r for r in lake.manifest().to_pylist() if r["dataset"] == "flows"}
+    for path in split_capture[:2]:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()  # the identity old manifests hold
+        row = manifest[str(path.absolute())]
+        assert row["content_hash"] == digest
+        flow_files = [f for f in row["files"] if f.startswith("flows/")]
+        assert flow_files and all(
+            re.search(rf"/part-{digest}-[0-9a-f]{{8}}\.parquet$", f) for f in flow_files
+        )
+    listed = {f"flows/{e.relative}" for e in lake.entries("flows")}
+    assert listed == {f for r in manifest.values() for f in r["files"] if f.startswith("flows/")}
+    assert not [f for f in _files(tmp_path / "lake") if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_content_already_landed_under_a_new_path_is_skipped_and_leaves_nothing(split_capture, tmp_path, jobs):
+    """The copy is decoded by the workers until its hash is known (jobs 2), then dropped: the same result as
+    hashing first (jobs 1), the decoder state included (the copy's templates are not learnt: the second file's
+    data waits for them in both cases)."""
+    part1 = split_capture[0]
+    lake_dir = tmp_path / "lake"
+    ingest_flow_files(Lake(lake_dir), [part1], jobs=jobs, parallel_min_bytes=0)
+    before = _files(lake_dir)
+    rows = Lake(lake_dir).read("flows").num_rows
+    copy = tmp_path / "copy-of-part1.pcap"
+    shutil.copy(part1, copy)
+    summary = ingest_flow_files(Lake(lake_dir), [copy], jobs=jobs, parallel_min_bytes=0)
+    assert [(f.status, f.flows) for f in summary.files] == [("skipped", 0)]
+    assert summary.exit_code == 0
+    assert Lake(lake_dir).read("flows").num_rows == rows
+    assert {
+        f for f in _files(lake_dir) - before if not f.startswith(("flows/_delta_log", "_ingest/"))
+    } == set()
+
+
+def test_a_skipped_copy_leaves_the_decoder_state_as_hashing_first_does(split_capture, tmp_path):
+    """The copy's templates, walked before its hash was known, are forgotten: the data after it waits for
+    them and is rejected "no template", as when the copy was never read."""
+    part1, _, data_only = split_capture
+    results = []
+    for jobs in (1, 2):
+        lake_dir = tmp_path / f"lake{jobs}"
+        ingest_flow_files(Lake(lake_dir), [part1], jobs=jobs, parallel_min_bytes=0)
+        copy = tmp_path / f"copy{jobs}.pcap"
+        shutil.copy(part1, copy)
+        summary = ingest_flow_files(Lake(lake_dir), [copy, data_only], jobs=jobs, parallel_min_bytes=0)
+        files = [(f.status, f.flows, f.rejects) for f in summary.files]
+        results.append((files, summary.exporters))
+    assert results[0] == results[1]
+    (copied, data), exporters = results[0]
+    assert copied[0] == "skipped" and data[1] == 0 and data[2] > 0
+    assert exporters["127.0.0.1"]["no_template"] > 0
+
+
+def test_a_crash_between_the_workers_close_and_the_commit_leaves_invisible_files_and_the_rerun_lands_once(
+    split_capture, tmp_path
+):
+    """The workers have renamed their files to part-<sha256>-<random>.parquet, then the process dies before
+    the commit: no commit lists them (readers never see them), the rerun does not take them for a landed
+    source (it looks in the table's log, not the directory) and lands the file once; vacuum deletes them."""
+    capture = split_capture[1]
+    digest = hashlib.sha256(capture.read_bytes()).hexdigest()
+    lake_dir = tmp_path / "lake"
+    state = DecoderState()
+    for b in iter_udp_batches(split_capture[0]):  # its templates, as the run that died had learnt them
+        walk_datagrams(b.payloads, b.exporters, b.ts_us, b.offsets, "part1", state)
+    walked = [
+        walk_datagrams(b.payloads, b.exporters, b.ts_us, b.offsets, str(capture.absolute()), state)[0]
+        for b in iter_udp_batches(capture, batch_datagrams=4)
+    ]
+    with DecodePool(2, lake_dir) as pool:
+        pool.begin(None)  # the hash still being computed
+        for batch in walked:
+            pool.submit(batch)
+        _, adds, rows = pool.finish(source_key(digest))  # ... and then the process dies: no commit
+    orphans = sorted(lake_dir.rglob("*.parquet"))
+    assert rows > 0 and len(orphans) == len(adds) >= 1
+    assert all(re.fullmatch(rf"part-{digest}-[0-9a-f]{{8}}\.parquet", p.name) for p in orphans)
+    Lake(lake_dir).ingest("flows", "other", "0" * 64).commit()  # the table exists, without them
+    assert not Lake(lake_dir).entries("flows") and not Lake(lake_dir).already_ingested("flows", digest)
+    for _ in range(2):  # the rerun lands it once, the next one skips it
+        ingest_flow_files(Lake(lake_dir), list(split_capture[:2]), jobs=2, parallel_min_bytes=0)
+    lake = Lake(lake_dir)
+    landed = [r for r in lake.manifest().to_pylist() if r["content_hash"] == digest]
+    assert len(landed) == 1 and landed[0]["rows"] == rows
+    listed = {e.path for e in lake.entries("flows")}
+    assert not listed & set(orphans)
+    hour_ago = time.time() - 3700
+    for orphan in orphans:
+        os.utime(orphan, (hour_ago, hour_ago))
+    assert lake.vacuum(dt.timedelta(hours=1))["flows"] >= len(orphans)
+    assert not any(p.exists() for p in orphans)
+    assert Lake(lake_dir).read("flows").num_rows == sum(
+        r["rows"] for r in Lake(lake_dir).manifest().to_pylist()
+    )
