@@ -41,6 +41,7 @@ from tracepipe.detect.features import (
     window_days,
     with_flow_facts,
     with_local_facts,
+    with_periodicity,
 )
 from tracepipe.lake import TEXT_DICTIONARY, Lake, conform
 from tracepipe.schema import FLOWS
@@ -264,20 +265,12 @@ def detect(
     also_add = also.also(ctx.local) if also is not None else None
     frames = [timed(name, lambda name=name: det.DETECTORS[name](ctx)) for name in names if name in CROSS_HOST]
     per_host = [name for name in names if name not in CROSS_HOST]
-    # periodicity's spans over the whole window, per detector that calls it (each bucket then makes the same
-    # calls): the recording run skips everything but those spans
-    given: dict[str, list[pl.DataFrame]] = {}
+    # periodicity's window-wide spans (features.SpanBook): each bucket's run of a WINDOW_WIDE detector keeps its
+    # pairs' stats and spans and finds nothing; one run after the buckets scores them all (no pass of its own)
+    deferred: dict[str, dict] = {name: {} for name in per_host if name in WINDOW_WIDE}
     # what detectors record on the context besides their candidates (a list of rows with an `addr`, e.g.
     # suppressed candidates): like the candidates, kept from the bucket that owns the address only
     log = getattr(ctx, "suppressed", None)
-    for name in per_host:
-        if name in WINDOW_WIDE:
-            book = SpanBook(recording=True)
-            before = len(log) if log is not None else 0
-            timed(name, lambda name=name, book=book: det.DETECTORS[name](replace(ctx, spans=book)))
-            if log is not None:
-                del log[before:]  # the recording run finds nothing: it only records spans
-            given[name] = timed(name, book.collected).given
     for bucket in range(spill.buckets):
         hosts = spill.hosts(bucket)
         owned = set(hosts.to_list())
@@ -286,15 +279,23 @@ def detect(
             "bucket read", lambda bucket=bucket: _in_memory_facts(spill, bucket, ctx.local, ctx.night)
         )
         for name in per_host:
-            context = BucketContext(ctx, spill, bucket, SpanBook(given=given.get(name, [])), facts)
+            # a detector not in WINDOW_WIDE that calls periodicity fails loudly (its book has nothing to give)
+            book = SpanBook(deferred=deferred[name]) if name in deferred else SpanBook()
+            context = BucketContext(ctx, spill, bucket, book, facts)
             before = len(log) if log is not None else 0
             found = timed(name, lambda name=name, context=context: det.DETECTORS[name](context))
-            frames.append(found.filter(pl.col("addr").is_in(hosts.implode())))
+            if name not in deferred:
+                frames.append(found.filter(pl.col("addr").is_in(hosts.implode())))
             if log is not None:
-                log[before:] = [row for row in log[before:] if row.get("addr") in owned]
+                log[before:] = [
+                    row for row in log[before:] if row.get("addr") in owned and name not in deferred
+                ]
         if also_add is not None:
             also_add(bucket, facts)
         del facts
+    for name, parts in deferred.items():
+        book = SpanBook(deferred=parts, final=True)
+        frames.append(timed(name, lambda name=name, book=book: det.DETECTORS[name](replace(ctx, spans=book))))
     return pl.concat(frames) if frames else det._empty()
 
 
@@ -336,9 +337,10 @@ class FeatureJob:
     window_s: float
     history: dt.datetime | None
     night: tuple[int, int]
-    given: list[pl.DataFrame]
     timed: Timer
     parts: list[pl.DataFrame] = field(default_factory=list)
+    # periodicity's stats and spans per bucket (features.SpanBook, deferred), scored once in result()
+    periodicity: dict = field(default_factory=dict)
 
     def add(self, bucket: int, facts: pl.DataFrame | None) -> None:
         within = (pl.col("ts_start") >= self.start) & (pl.col("ts_start") < self.until)
@@ -347,7 +349,13 @@ class FeatureJob:
         found = self.timed(
             "features",
             lambda: _features_of(
-                rows, self.local, self.window_s, self.history, self.night, SpanBook(given=self.given), hosts
+                rows,
+                self.local,
+                self.window_s,
+                self.history,
+                self.night,
+                SpanBook(deferred=self.periodicity),
+                hosts,
             ),
         )
         self.parts.append(found.filter(pl.col("host").is_in(hosts.implode())))
@@ -363,7 +371,14 @@ class FeatureJob:
         return add
 
     def result(self) -> pl.DataFrame:
-        return _features_result(self.parts, self.since, self.window_s)
+        found = _features_result(self.parts, self.since, self.window_s)
+        # the pairs of every bucket scored against the window-wide spans: the stage features spans was
+        # before this, a pass over the window's flows of its own
+        scored = self.timed(
+            "features",
+            lambda: with_periodicity(found, SpanBook(deferred=self.periodicity, final=True)),
+        )
+        return scored.sort("host", "window_start")
 
 
 def feature_job(
@@ -377,8 +392,7 @@ def feature_job(
     spill: Spill,
     timed: Timer = no_timer,
 ) -> FeatureJob:
-    """A FeatureJob over `spill`, which must cover the range and every local host; the window-wide spans of
-    periodicity are recorded here (over the lake, before any bucket)."""
+    """A FeatureJob over `spill`, which must cover the range and every local host."""
     start = utc(history_start) if history_start is not None else utc(since)
     local = spill.feature_hosts.get((start, utc(until))) or timed(
         "features hosts", lambda: feature_hosts(lake, start, until, local_networks)
@@ -389,11 +403,7 @@ def feature_job(
             "hosts: spill what both read (sweep.spill_local)"
         )
     history = start if history_start is not None else None
-    recording = SpanBook(recording=True)
-    flows = with_flow_facts(scan_flows(lake, start, until), local, night)
-    host_features(flows, window_s, history_start=history, spans=recording)
-    given = timed("features spans", lambda: recording.collected().given)
-    return FeatureJob(spill, local, utc(since), start, utc(until), window_s, history, night, given, timed)
+    return FeatureJob(spill, local, utc(since), start, utc(until), window_s, history, night, timed)
 
 
 def features(

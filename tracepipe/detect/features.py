@@ -55,6 +55,7 @@ FEATURES = (
 # Counts and volumes are heavy-tailed: the model sees log1p of these.
 LOG_FEATURES = frozenset(FEATURES) - {"failed_share", "night_share", "new_dst_share", "periodicity"}
 LONG_FLOW_SECONDS = 600.0
+FEATURE_PERIOD_S = 86400.0  # the periodicity feature is judged per day of the host (its window, below)
 
 
 # ---- time --------------------------------------------------------------------------------------------------
@@ -271,14 +272,22 @@ def local_addresses(flows: pl.LazyFrame, local_networks: list[str]) -> list[str]
 @dataclass
 class SpanBook:
     """periodicity's coverage compares a pair's active time with the span of the data its window holds, over
-    ALL the flows it is asked about: a window-wide fact that one host bucket cannot see. A recording book
-    keeps each periodicity call's (window_start, lo, hi) plan over the whole window (and skips the rest of the
-    call); `given` (the plans collected, in call order) is then handed to every bucket's run."""
+    ALL the flows it is asked about: a window-wide fact that one host bucket cannot see. Two ways to get it:
+    - deferred (what the local engine does, detect/buckets.py): each bucket's periodicity call keeps its pairs'
+      stats and its own (window_start, lo, hi) spans in `deferred` (by call order) and scores nothing; once
+      every bucket ran, a `final` book scores the stats of all buckets against the spans combined (the min of
+      the los, the max of the his: exactly the window-wide span, as every flow's source is owned by one
+      bucket). No pass over the window's flows of its own;
+    - recorded: a recording book keeps each call's span plan over the whole window (and skips the rest of
+      the call); `given` (the plans collected, in call order) is then handed to every bucket's run."""
 
     recording: bool = False
     plans: list[pl.LazyFrame] = field(default_factory=list)
     given: list[pl.DataFrame] = field(default_factory=list)
     calls: int = 0
+    # call -> (each bucket's pair stats, each bucket's spans); shared by the books of one detector's buckets
+    deferred: dict[int, tuple[list[pl.DataFrame], list[pl.DataFrame]]] | None = None
+    final: bool = False  # score the deferred stats (the run after the buckets)
 
     def collected(self) -> SpanBook:
         """The recorded plans, run (streaming: a few rows per window), as a book to give to the buckets."""
@@ -294,6 +303,32 @@ class SpanBook:
         frame = self.given[self.calls]
         self.calls += 1
         return frame.lazy()
+
+    def scored(self, call: int) -> pl.LazyFrame | None:
+        """The deferred call's pairs of every bucket, scored against the spans of all (None: no bucket ran)."""
+        stats, spans = (self.deferred or {}).get(call, ([], []))
+        if not stats:
+            return None
+        window = pl.concat(spans).group_by("window_start").agg(pl.col("lo").min(), pl.col("hi").max())
+        return _score(pl.concat(stats).lazy(), window.lazy())
+
+    def defer(self, stats: pl.LazyFrame, observed: pl.LazyFrame) -> pl.LazyFrame:
+        """periodicity's result for this call: empty while buckets run (their stats and spans kept), the
+        scores of every bucket's pairs in the final run."""
+        assert self.deferred is not None
+        parts = self.deferred.setdefault(self.calls, ([], []))
+        self.calls += 1
+        if self.final:
+            scored = self.scored(self.calls - 1)
+            return (
+                scored
+                if scored is not None
+                else pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
+            )
+        found, seen = pl.collect_all([stats, observed])  # one plan: the flows' common part computed once
+        parts[0].append(found)
+        parts[1].append(seen)
+        return pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
 
 
 def _bowley(col: pl.Expr) -> pl.Expr:
@@ -364,6 +399,8 @@ def periodicity(
     )
     observed = flows.group_by("window_start").agg(lo=pl.col("ts_start").min(), hi=pl.col("ts_start").max())
     if spans is not None:
+        if spans.deferred is not None:
+            return spans.defer(stats, observed)
         if spans.recording:  # only the window-wide spans are wanted now: skip the costly part
             spans.plans.append(observed)
             return pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
@@ -485,10 +522,8 @@ def host_features(
     # periodicity towards the outside only, DNS/NTP aside: inside the cloud periodic traffic is by design
     # (metrics, backups), and leaving it out keeps this, the costliest feature, cheap.
     outward = pl.col("src_owned") & initiator & ~pl.col("dst_local") & ~pl.col("dst_port").is_in([53, 123])
-    beacons = (
-        periodicity(flows.filter(outward), 86400.0, min_beacon_connections, spans=spans)
-        .group_by(pl.col("src_addr").alias("host"), pl.col("window_start").alias("day"))
-        .agg(periodicity=pl.col("score").max())
+    beacons = host_periodicity(
+        periodicity(flows.filter(outward), FEATURE_PERIOD_S, min_beacon_connections, spans=spans)
     )
     # Night-time share is a property of the host's day (an hourly window is all night or all day).
     if sequential:
@@ -539,6 +574,30 @@ def host_features(
         mean_duration=pl.col("mean_duration").fill_null(0.0),
         periodicity=pl.col("periodicity").fill_null(0.0),
     ).select("host", "window_start", *FEATURES)
+
+
+def host_periodicity(scored: pl.LazyFrame) -> pl.LazyFrame:
+    """The periodicity feature of each (host, day): its most regular outward pair's score."""
+    return scored.group_by(pl.col("src_addr").alias("host"), pl.col("window_start").alias("day")).agg(
+        periodicity=pl.col("score").max()
+    )
+
+
+def with_periodicity(features: pl.DataFrame, book: SpanBook) -> pl.DataFrame:
+    """`features` (host_features' rows, its periodicity deferred to `book`: every bucket ran) with the
+    periodicity feature scored from the book: what host_features joins in."""
+    scored = book.scored(0)  # host_features calls periodicity once
+    if scored is None:
+        return features
+    return (
+        features.lazy()
+        .drop("periodicity")
+        .with_columns(day=bucket_expr("window_start", FEATURE_PERIOD_S))
+        .join(host_periodicity(scored), on=["host", "day"], how="left")
+        .with_columns(pl.col("periodicity").fill_null(0.0))
+        .select("host", "window_start", *FEATURES)
+        .collect()
+    )
 
 
 def compute_features(
