@@ -35,6 +35,7 @@ from tracepipe.detect.features import (
     SpanBook,
     floor_time,
     host_features,
+    in_networks,
     local_addresses,
     scan_flows,
     utc,
@@ -81,6 +82,10 @@ T = TypeVar("T")
 Timer = Callable[[str, Callable[[], T]], T]
 
 
+def _us(ts: dt.datetime) -> int:
+    return int(utc(ts).timestamp()) * 1_000_000 + utc(ts).microsecond
+
+
 def bucket_count(rows: int, rows_per_bucket: int = ROWS_PER_BUCKET) -> int:
     return max(1, -(-rows // max(1, rows_per_bucket)))
 
@@ -103,6 +108,8 @@ class Spill:
     in_memory_rows: int = IN_MEMORY_ROWS  # a bucket of more rows is streamed by each reader, never held
     # the features' hosts (feature_hosts) over a (start, until), when whoever spilled already looked them up
     feature_hosts: dict[tuple[dt.datetime, dt.datetime], list[str]] = field(default_factory=dict)
+    # spilled with FindHosts: the in-network addresses seen in each of its ranges
+    found: list[list[str]] = field(default_factory=list)
 
     def frame(self, bucket: int) -> pl.DataFrame | None:
         """The bucket's flows in memory when they are at most IN_MEMORY_ROWS (read once for all who need
@@ -127,16 +134,33 @@ def assign(hosts: list[str], buckets: int) -> pl.DataFrame:
     return pl.DataFrame({"addr": addrs, BUCKET: (addrs.hash(seed=18) % buckets).cast(pl.Int32)})
 
 
+@dataclass(frozen=True)
+class FindHosts:
+    """The hosts a spill finds as it reads (instead of a list looked up by a scan of its own before it): each
+    address in `networks` or in `leased`. It records the in-network addresses with a flow starting in each of
+    `ranges` (features.local_addresses_in's answer, in Spill.found) and buckets the rest of the hosts alike."""
+
+    networks: list[str]
+    leased: frozenset[str]
+    ranges: list[tuple[dt.datetime, dt.datetime]]
+
+
 @contextmanager
 def spill_flows(
-    lake: Lake, start: dt.datetime, end: dt.datetime, hosts: list[str], buckets: int
+    lake: Lake,
+    start: dt.datetime,
+    end: dt.datetime,
+    hosts: list[str],
+    buckets: int,
+    find: FindHosts | None = None,
 ) -> Iterator[Spill]:
     """One pass over the lake's flows of [start, end), SPILL_BATCH_ROWS at a time (pyarrow pulls the next only
     when asked: polars' own sinks read ahead and held ~1.2 GB here whatever the settings): each flow with a local
     end goes to the bucket of each of its local ends, in lake order. Addresses stay dictionary-encoded as the
     lake stores them: a bucket is looked up once per distinct address, and a bucket's rows are indices into the
-    batch's dictionaries, not copies of the text. Removed on exit."""
-    owners = assign(hosts, buckets)
+    batch's dictionaries, not copies of the text. `find`: the hosts are found as the flows are read (`hosts`
+    is then ignored; the Spill's owners and found say who they were). Removed on exit."""
+    owners = assign(hosts if find is None else [], buckets)
     root = Path(tempfile.mkdtemp(prefix="tracepipe-buckets-"))
     keys, values = owners.get_column("addr"), owners.get_column(BUCKET)
     schema = pa.schema([FLOWS.field(name) for name in SPILLED])
@@ -149,14 +173,42 @@ def spill_flows(
     writers: dict[int, pq.ParquetWriter] = {}
     written: dict[int, int] = {}
 
-    def owner(column: pa.ChunkedArray) -> np.ndarray:
+    # find: every distinct address read so far, whether it is in `networks` (classified once), and per range
+    # the in-network ones seen there
+    known = pl.DataFrame(schema={"addr": pl.String, "net": pl.Boolean})
+    leased = pl.Series(sorted(find.leased) if find else [], dtype=pl.String)
+    seen: list[list[pl.Series]] = [[] for _ in find.ranges] if find else []
+    bounds_us = [(_us(a), _us(b)) for a, b in find.ranges] if find else []
+
+    def owner(column: pa.ChunkedArray, ts: np.ndarray) -> np.ndarray:
         """Each row's bucket (-1: not a local host), looked up on the dictionary's values only."""
+        nonlocal known
         column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        found = pl.Series(column.dictionary.cast(pa.string())).replace_strict(
-            keys, values, default=None, return_dtype=pl.Int32
-        )
+        names = pl.Series(column.dictionary.cast(pa.string()))
+        rows = pc.fill_null(column.indices, len(column.dictionary)).to_numpy()
+        if find is None:
+            found = names.replace_strict(keys, values, default=None, return_dtype=pl.Int32)
+        else:
+            fresh = names.filter(~names.is_in(known.get_column("addr").implode()) & names.is_not_null())
+            if len(fresh):
+                net = in_networks(fresh.to_arrow(), find.networks)
+                known = pl.concat([known, pl.DataFrame({"addr": fresh, "net": net})])
+            net = names.replace_strict(known.get_column("addr"), known.get_column("net"), default=False)
+            # the bucket of every host: the hash assign() gives it
+            found = (
+                pl.when(net | names.is_in(leased.implode()))
+                .then(names.hash(seed=18) % buckets)
+                .cast(pl.Int32)
+                .alias("b")
+            )
+            found = names.to_frame("addr").select(found).to_series()
+            net_np = np.append(net.fill_null(False).to_numpy(), False)
+            for (lo, hi), into in zip(bounds_us, seen, strict=True):
+                used = np.zeros(len(net_np), dtype=bool)
+                used[rows[(ts >= lo) & (ts < hi)]] = True
+                into.append(names.filter(pl.Series(used[:-1] & net_np[:-1])))
         lookup = np.append(found.fill_null(-1).to_numpy(), np.int32(-1))  # the last: a null address
-        return lookup[pc.fill_null(column.indices, len(column.dictionary)).to_numpy()]
+        return lookup[rows]
 
     try:
         for entry in lake.entries("flows", window_days(since, until)) if until > since else []:
@@ -168,7 +220,8 @@ def spill_flows(
                 inside = pc.fill_null(pc.and_(pc.greater_equal(ts, since), pc.less(ts, until)), False)
                 if not pc.all(inside).as_py():  # (a copy only when some rows fall outside)
                     table = table.filter(inside)
-                src, dst = owner(table.column("src_addr")), owner(table.column("dst_addr"))
+                starts = table.column("ts_start").combine_chunks().cast(pa.int64()).to_numpy()
+                src, dst = owner(table.column("src_addr"), starts), owner(table.column("dst_addr"), starts)
                 # (row, bucket) for each local end (a flow between two hosts of one bucket once), grouped by
                 # bucket and kept in lake order within it: one take, then a slice per bucket
                 rows = np.concatenate([np.flatnonzero(src >= 0), np.flatnonzero((dst >= 0) & (dst != src))])
@@ -197,6 +250,10 @@ def spill_flows(
             writer.close()
         writers.clear()
         pa.default_memory_pool().release_unused()  # the buckets' polars scans come next: give back the batches
+        found: list[list[str]] = []
+        if find is not None:
+            found = [sorted(pl.concat(parts).unique().to_list()) if parts else [] for parts in seen]
+            owners = assign(sorted(set().union(find.leased, *found)), buckets)
         yield Spill(
             root,
             owners,
@@ -205,6 +262,7 @@ def spill_flows(
             until,
             pl.Schema(pl.from_arrow(schema.empty_table()).schema),
             written,
+            found=found,
         )
     finally:
         for writer in writers.values():

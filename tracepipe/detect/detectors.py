@@ -171,17 +171,38 @@ def prepare_context(
     """The context of a sweep's detectors. `feature_range`: the model's features' hosts over that range are
     looked up in the same scan (ctx.feature_hosts)."""
     ctx = DetectContext(lake, config, utc(since), utc(until), intel=intel)
-    widest = max(_window_of(config, name) for name in DETECTORS)
-    start, end = ctx.span(widest)
-    ranges = [(start, end)] + ([(utc(feature_range[0]), utc(feature_range[1]))] if feature_range else [])
-    found = local_addresses_in(lake, ranges, config.pipeline.local_networks)
+    ranges = local_ranges(ctx, feature_range)
+    return with_local(ctx, local_addresses_in(lake, ranges, config.pipeline.local_networks), feature_range)
+
+
+def local_ranges(
+    ctx: DetectContext, feature_range: tuple[dt.datetime, dt.datetime] | None = None
+) -> list[tuple[dt.datetime, dt.datetime]]:
+    """Where the local addresses are looked up: the whole windows of the widest detector around the sweep,
+    then the model's features' range (when given)."""
+    widest = max(_window_of(ctx.config, name) for name in DETECTORS)
+    extra = [(utc(feature_range[0]), utc(feature_range[1]))] if feature_range else []
+    return [ctx.span(widest), *extra]
+
+
+def leased_addresses(lake: Lake) -> set[str]:
+    """Addresses a VM ever held (floating IPs outside local_networks too): local as well."""
+    if not lake.files("vm_leases"):
+        return set()
+    return {a for a in lake.read("vm_leases", columns=["addr"]).column("addr").to_pylist() if a}
+
+
+def with_local(
+    ctx: DetectContext,
+    found: list[list[str]],
+    feature_range: tuple[dt.datetime, dt.datetime] | None,
+    leased: set[str] | frozenset[str] | None = None,
+) -> DetectContext:
+    """ctx with its local hosts from `found` (features.local_addresses_in over local_ranges) and the leases
+    (`leased`: leased_addresses, when already read)."""
     if feature_range:
-        ctx.feature_hosts[ranges[1]] = found[1]
-    local = set(found[0])
-    # Addresses a VM ever held (floating IPs outside local_networks too) are local as well.
-    if lake.files("vm_leases"):
-        local |= set(lake.read("vm_leases", columns=["addr"]).column("addr").to_pylist())
-    ctx.local = sorted(a for a in local if a)
+        ctx.feature_hosts[utc(feature_range[0]), utc(feature_range[1])] = found[1]
+    ctx.local = sorted(set(found[0]) | (leased_addresses(ctx.lake) if leased is None else leased))
     return ctx
 
 
