@@ -230,3 +230,24 @@ def test_a_spill_that_finds_its_hosts_equals_a_scan_then_a_listed_spill(day):
             assert floating in found.owners.get_column("addr").to_list()
             for bucket in range(3):
                 assert found.source(bucket).collect().equals(listed.source(bucket).collect())
+
+
+@pytest.mark.parametrize(
+    "beacon",
+    [
+        {"ignore_ports": [53], "min_connections": 12},  # stats shared with the features', split by port
+        {"window": 43200},  # half-day windows: the beacon detector computes its own, bucket by bucket
+    ],
+)
+def test_beacon_sharing_the_features_periodicity_or_not_finds_what_one_run_finds(day, beacon):
+    """When the beacon detector's pairs are a part of the model's periodicity pairs, each bucket computes
+    their stats once for both (FeatureJob.share_beacon); otherwise the detector runs on each bucket. Either
+    way the alerts are those of one unbucketed run."""
+    lake, story, config = day
+    since, until = story.last_day
+    rules = dataclasses.replace(config.detectors.beacon, **beacon)
+    config = dataclasses.replace(config, detectors=dataclasses.replace(config.detectors, beacon=rules))
+    whole = run_sweep(lake, config, since, until, write=False, buckets=1)
+    split = run_sweep(lake, config, since, until, write=False, buckets=3)
+    assert "beacon" in whole.alerts.column("detector").to_pylist()
+    assert _alerts(split) == _alerts(whole)

@@ -32,11 +32,16 @@ import pyarrow.parquet as pq
 
 from tracepipe.detect import detectors as det
 from tracepipe.detect.features import (
+    FEATURE_PERIOD_IGNORED_PORTS,
+    FEATURE_PERIOD_MIN_CONNECTIONS,
+    FEATURE_PERIOD_S,
     SpanBook,
     floor_time,
     host_features,
     in_networks,
     local_addresses,
+    observed_spans,
+    periodicity_stats,
     scan_flows,
     utc,
     window_days,
@@ -45,6 +50,7 @@ from tracepipe.detect.features import (
     with_periodicity,
 )
 from tracepipe.lake import TEXT_DICTIONARY, Lake, conform
+from tracepipe.pipeline_config import Beacon
 from tracepipe.schema import FLOWS
 
 # ~3 M flows per bucket keep each bucket's detectors and features under ~1 GB here (README, "Detection quality
@@ -326,6 +332,11 @@ def detect(
     # periodicity's window-wide spans (features.SpanBook): each bucket's run of a WINDOW_WIDE detector keeps its
     # pairs' stats and spans and finds nothing; one run after the buckets scores them all (no pass of its own)
     deferred: dict[str, dict] = {name: {} for name in per_host if name in WINDOW_WIDE}
+    # the beacon detector's stats computed with the model's features' (FeatureJob.share_beacon): no bucket run
+    shared = also.share_beacon(ctx) if also is not None and "beacon" in deferred else None
+    if shared is not None:
+        deferred["beacon"] = shared
+        per_host = [name for name in per_host if name != "beacon"]
     # what detectors record on the context besides their candidates (a list of rows with an `addr`, e.g.
     # suppressed candidates): like the candidates, kept from the bucket that owns the address only
     log = getattr(ctx, "suppressed", None)
@@ -399,30 +410,80 @@ class FeatureJob:
     parts: list[pl.DataFrame] = field(default_factory=list)
     # periodicity's stats and spans per bucket (features.SpanBook, deferred), scored once in result()
     periodicity: dict = field(default_factory=dict)
+    # the beacon detector's periodicity stats and spans per bucket, computed with the features' (share_beacon)
+    # for its one run after the buckets; None: the detector runs on each bucket itself
+    beacon: dict | None = None
+    beacon_rules: tuple[Beacon, tuple[dt.datetime, dt.datetime]] | None = None
 
     def add(self, bucket: int, facts: pl.DataFrame | None) -> None:
         within = (pl.col("ts_start") >= self.start) & (pl.col("ts_start") < self.until)
         rows = self.spill.source(bucket).filter(within) if facts is None else facts.lazy().filter(within)
         hosts = self.spill.hosts(bucket)
+        book = SpanBook(deferred=self.periodicity, provided=self.beacon is not None)
         found = self.timed(
             "features",
-            lambda: _features_of(
-                rows,
-                self.local,
-                self.window_s,
-                self.history,
-                self.night,
-                SpanBook(deferred=self.periodicity),
-                hosts,
-            ),
+            lambda: _features_of(rows, self.local, self.window_s, self.history, self.night, book, hosts),
         )
         self.parts.append(found.filter(pl.col("host").is_in(hosts.implode())))
+        if self.beacon is not None:
+            self.timed("beacon", lambda: self._periodicity(rows, hosts))
+
+    def share_beacon(self, ctx: det.DetectContext) -> dict | None:
+        """When the beacon detector's pairs are a part of the features' periodicity pairs (a day window,
+        outside destinations only, at least as many connections, the same local hosts, its days inside the
+        features' range), the stats of both are computed once per bucket (each pair's stats depend on its own
+        flows only): the dict its final run scores (SpanBook(deferred=..., final=True)); else None."""
+        c = ctx.config.detectors.beacon
+        start, end = ctx.span(c.window)
+        if not (
+            float(c.window) == FEATURE_PERIOD_S
+            and c.min_connections >= FEATURE_PERIOD_MIN_CONNECTIONS
+            and c.external_only
+            and set(ctx.local) == set(self.local)
+            and self.start <= start
+            and end <= self.until
+        ):
+            return None
+        self.beacon, self.beacon_rules = {}, (c, (start, end))
+        return self.beacon
+
+    def _periodicity(self, rows: pl.LazyFrame, hosts: pl.Series) -> None:
+        """One bucket's periodicity stats over its outside-bound connections, once, split into the features'
+        (DNS and NTP aside) and the beacon detector's (its ports aside, its days, its minimum), each with the
+        data spans of its own flows."""
+        assert self.beacon is not None and self.beacon_rules is not None
+        c, (start, end) = self.beacon_rules
+        facts = (
+            rows
+            if "src_local" in rows.collect_schema()
+            else with_flow_facts(rows, self.local, self.night, hosts)
+        )
+        outside = facts.filter(pl.col("src_owned") & ~pl.col("response") & ~pl.col("dst_local"))
+        ours = ~pl.col("dst_port").is_in(FEATURE_PERIOD_IGNORED_PORTS)
+        theirs = ~pl.col("dst_port").is_in(c.ignore_ports)
+        in_days = (pl.col("ts_start") >= start) & (pl.col("ts_start") < end)
+        stats, _ = periodicity_stats(outside, FEATURE_PERIOD_S, FEATURE_PERIOD_MIN_CONNECTIONS)
+        stats, spans, beacon_spans = pl.collect_all(
+            [
+                stats,
+                observed_spans(outside.filter(ours), FEATURE_PERIOD_S),
+                observed_spans(outside.filter(theirs & in_days), FEATURE_PERIOD_S),
+            ],
+            engine="streaming",
+        )
+        features = self.periodicity.setdefault(0, ([], []))  # host_features' one periodicity call
+        features[0].append(stats.filter(ours))
+        features[1].append(spans)
+        beacon = self.beacon.setdefault(0, ([], []))  # the beacon detector's one call
+        in_window = (pl.col("window_start") >= start) & (pl.col("window_start") < end)
+        beacon[0].append(stats.filter(theirs & in_window & (pl.col("connections") >= c.min_connections)))
+        beacon[1].append(beacon_spans)
 
     def also(self, local: list[str]) -> Callable[[int, pl.DataFrame | None], None]:
         """`add` for a loop whose in-memory facts are over other local hosts (the rules'): facts of ours."""
 
         def add(bucket: int, facts: pl.DataFrame | None) -> None:
-            if facts is not None and local != self.local:
+            if facts is not None and set(local) != set(self.local):
                 facts = with_local_facts(facts.lazy(), self.local, self.spill.hosts(bucket)).collect()
             self.add(bucket, facts)
 

@@ -56,6 +56,9 @@ FEATURES = (
 LOG_FEATURES = frozenset(FEATURES) - {"failed_share", "night_share", "new_dst_share", "periodicity"}
 LONG_FLOW_SECONDS = 600.0
 FEATURE_PERIOD_S = 86400.0  # the periodicity feature is judged per day of the host (its window, below)
+FEATURE_PERIOD_MIN_CONNECTIONS = 10  # a pair's connections in a day for its periodicity to count
+# DNS and NTP are periodic by nature: left out of the periodicity feature
+FEATURE_PERIOD_IGNORED_PORTS = (53, 123)
 
 
 # ---- time --------------------------------------------------------------------------------------------------
@@ -288,6 +291,9 @@ class SpanBook:
     # call -> (each bucket's pair stats, each bucket's spans); shared by the books of one detector's buckets
     deferred: dict[int, tuple[list[pl.DataFrame], list[pl.DataFrame]]] | None = None
     final: bool = False  # score the deferred stats (the run after the buckets)
+    # the caller puts each bucket's stats and spans in `deferred` itself (computed once for the features and
+    # the beacon detector: detect/buckets.py); a bucket's periodicity call then computes nothing
+    provided: bool = False
 
     def collected(self) -> SpanBook:
         """The recorded plans, run (streaming: a few rows per window), as a book to give to the buckets."""
@@ -325,6 +331,8 @@ class SpanBook:
                 if scored is not None
                 else pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
             )
+        if self.provided:
+            return pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
         found, seen = pl.collect_all([stats, observed])  # one plan: the flows' common part computed once
         parts[0].append(found)
         parts[1].append(seen)
@@ -358,6 +366,25 @@ def periodicity(
     `spans`: the data span of each window over ALL the flows of the window, when `flows` is one host bucket's
     (detect/buckets.py); None: observed from `flows`.
     """
+    stats, observed = periodicity_stats(flows, window_s, min_connections, pair)
+    if spans is not None:
+        if spans.deferred is not None:
+            return spans.defer(stats, observed)
+        if spans.recording:  # only the window-wide spans are wanted now: skip the costly part
+            spans.plans.append(observed)
+            return pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
+        observed = spans.next_given()
+    return _score(stats, observed)
+
+
+def periodicity_stats(
+    flows: pl.LazyFrame,
+    window_s: float,
+    min_connections: int,
+    pair: tuple[str, ...] = ("src_addr", "dst_addr", "dst_port", "proto"),
+) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """periodicity's two parts: each pair's stats per window (what depends on the pair's flows only) and the
+    window's data span (observed_spans); _score joins them."""
     flows = flows.with_columns(window_start=bucket_expr("ts_start", window_s))
     keys = [*pair, "window_start"]
     counts = (
@@ -397,15 +424,14 @@ def periodicity(
         )
         .filter(pl.col("connections") >= min_connections)
     )
-    observed = flows.group_by("window_start").agg(lo=pl.col("ts_start").min(), hi=pl.col("ts_start").max())
-    if spans is not None:
-        if spans.deferred is not None:
-            return spans.defer(stats, observed)
-        if spans.recording:  # only the window-wide spans are wanted now: skip the costly part
-            spans.plans.append(observed)
-            return pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
-        observed = spans.next_given()
-    return _score(stats, observed)
+    return stats, observed_spans(flows, window_s)
+
+
+def observed_spans(flows: pl.LazyFrame, window_s: float) -> pl.LazyFrame:
+    """(window_start, lo, hi): the first and last flow start of each window, what periodicity's coverage is
+    judged against."""
+    flows = flows.with_columns(window_start=bucket_expr("ts_start", window_s))
+    return flows.group_by("window_start").agg(lo=pl.col("ts_start").min(), hi=pl.col("ts_start").max())
 
 
 def _score(stats: pl.LazyFrame, observed: pl.LazyFrame) -> pl.LazyFrame:
@@ -453,7 +479,7 @@ def host_features(
     window_s: float,
     history_start: dt.datetime | None = None,
     warmup_s: float = 86400.0,
-    min_beacon_connections: int = 10,
+    min_beacon_connections: int = FEATURE_PERIOD_MIN_CONNECTIONS,
     sequential: bool = False,
     spans: SpanBook | None = None,
 ) -> pl.LazyFrame:
@@ -521,7 +547,12 @@ def host_features(
     new_dsts = first_seen.group_by("host", "window_start").agg(new_dsts=pl.len())
     # periodicity towards the outside only, DNS/NTP aside: inside the cloud periodic traffic is by design
     # (metrics, backups), and leaving it out keeps this, the costliest feature, cheap.
-    outward = pl.col("src_owned") & initiator & ~pl.col("dst_local") & ~pl.col("dst_port").is_in([53, 123])
+    outward = (
+        pl.col("src_owned")
+        & initiator
+        & ~pl.col("dst_local")
+        & ~pl.col("dst_port").is_in(FEATURE_PERIOD_IGNORED_PORTS)
+    )
     beacons = host_periodicity(
         periodicity(flows.filter(outward), FEATURE_PERIOD_S, min_beacon_connections, spans=spans)
     )
