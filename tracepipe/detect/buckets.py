@@ -327,7 +327,17 @@ def detect(
     `timed(stage, fn)` runs and times each step (a detector's time is summed over its buckets). `also`: the
     model's features, computed bucket by bucket from the same in-memory read (FeatureJob.result() after)."""
     also_add = also.also(ctx.local) if also is not None else None
-    frames = [timed(name, lambda name=name: det.DETECTORS[name](ctx)) for name in names if name in CROSS_HOST]
+    # exfiltration's per (host, window) sums from the buckets when the spill holds its range (each host's
+    # outbound flows are all in its bucket), then its cross-host part once over them: no pass of its own
+    sums: list[pl.DataFrame] | None = None
+    low, high = det.exfiltration_range(ctx)
+    if "exfiltration" in names and spill.start <= low and high <= spill.end:
+        sums = []
+    frames = [
+        timed(name, lambda name=name: det.DETECTORS[name](ctx))
+        for name in names
+        if name in CROSS_HOST and not (name == "exfiltration" and sums is not None)
+    ]
     per_host = [name for name in names if name not in CROSS_HOST]
     # periodicity's window-wide spans (features.SpanBook): each bucket's run of a WINDOW_WIDE detector keeps its
     # pairs' stats and spans and finds nothing; one run after the buckets scores them all (no pass of its own)
@@ -359,9 +369,16 @@ def detect(
                 log[before:] = [
                     row for row in log[before:] if row.get("addr") in owned and name not in deferred
                 ]
+        if sums is not None:
+            context = BucketContext(ctx, spill, bucket, SpanBook(), facts)
+            found = timed("exfiltration", lambda context=context: det.exfiltration_volumes(context))
+            sums.append(found.filter(pl.col("src_addr").is_in(hosts.implode())))
         if also_add is not None:
             also_add(bucket, facts)
         del facts
+    if sums is not None:
+        every = pl.concat(sums)
+        frames.append(timed("exfiltration", lambda: det.exfiltration(ctx, every=every)))
     for name, parts in deferred.items():
         book = SpanBook(deferred=parts, final=True)
         frames.append(timed(name, lambda name=name, book=book: det.DETECTORS[name](replace(ctx, spans=book))))
