@@ -9,8 +9,10 @@ the largest bucket, not the day. A bucket of at most IN_MEMORY_ROWS is read ONCE
 and the features take that frame (facts computed once, per-host aggregations on the rows of the bucket's own
 hosts only); a bigger one (the bucket of a host at one end of very many flows) is streamed from the spill by
 each of them, so memory stays bounded whatever that host's share. Two facts span hosts: exfiltration's peer
-median (that detector runs once over the whole window; it holds only per (host, window) sums) and periodicity's data span (recorded over the whole
-window first, then given to every bucket: features.SpanBook). Spark (engines/spark_sweep.py) splits the same way.
+median (its per (host, window) sums are gathered bucket by bucket, then it runs once over them) and periodicity's
+data span (each bucket keeps its pairs' stats and its own spans; they are scored together after the last bucket:
+features.SpanBook). The spill finds the local hosts as it reads (FindHosts). Spark (engines/spark_sweep.py)
+splits the same way.
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ from tracepipe.schema import FLOWS
 # and speed"); a day of 10^8 flows is then 34 buckets. A host that is one end of very many flows (the cloud's
 # DNS resolver) makes its bucket bigger than the others: its share of the day, whatever the bucket count.
 ROWS_PER_BUCKET = 3_000_000
-CROSS_HOST = ("exfiltration",)  # compares hosts with each other: runs over the whole window
-# per-host detectors that call features.periodicity (passing spans=ctx.spans): their window-wide spans are
-# recorded before the buckets run; one that is missing here fails loudly (SpanBook has nothing to give)
+CROSS_HOST = ("exfiltration",)  # compares hosts with each other: runs over the whole window (or its sums)
+# per-host detectors that call features.periodicity (passing spans=ctx.spans): their pairs are scored after the
+# last bucket against the window-wide spans; one that is missing here fails loudly (SpanBook has nothing to give)
 WINDOW_WIDE = ("beacon",)
 BUCKET = "_bucket"
 # The only FLOWS columns the detectors and features read (evidence rows come from the lake itself): the spill
