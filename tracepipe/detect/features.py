@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -275,18 +275,13 @@ def local_addresses(flows: pl.LazyFrame, local_networks: list[str]) -> list[str]
 @dataclass
 class SpanBook:
     """periodicity's coverage compares a pair's active time with the span of the data its window holds, over
-    ALL the flows it is asked about: a window-wide fact that one host bucket cannot see. Two ways to get it:
-    - deferred (what the local engine does, detect/buckets.py): each bucket's periodicity call keeps its pairs'
-      stats and its own (window_start, lo, hi) spans in `deferred` (by call order) and scores nothing; once
-      every bucket ran, a `final` book scores the stats of all buckets against the spans combined (the min of
-      the los, the max of the his: exactly the window-wide span, as every flow's source is owned by one
-      bucket). No pass over the window's flows of its own;
-    - recorded: a recording book keeps each call's span plan over the whole window (and skips the rest of
-      the call); `given` (the plans collected, in call order) is then handed to every bucket's run."""
+    ALL the flows it is asked about: a window-wide fact that one host bucket cannot see. So each bucket's
+    periodicity call keeps its pairs' stats and its own (window_start, lo, hi) spans in `deferred` (by call
+    order) and scores nothing; once every bucket ran, a `final` book scores the stats of all buckets against
+    the spans combined (the min of the los, the max of the his: exactly the window-wide span, as every flow's
+    source is owned by one bucket, detect/buckets.py). No pass over the window's flows of its own. A book
+    without `deferred` fails loudly: a detector that calls periodicity must be listed in WINDOW_WIDE."""
 
-    recording: bool = False
-    plans: list[pl.LazyFrame] = field(default_factory=list)
-    given: list[pl.DataFrame] = field(default_factory=list)
     calls: int = 0
     # call -> (each bucket's pair stats, each bucket's spans); shared by the books of one detector's buckets
     deferred: dict[int, tuple[list[pl.DataFrame], list[pl.DataFrame]]] | None = None
@@ -294,21 +289,6 @@ class SpanBook:
     # the caller puts each bucket's stats and spans in `deferred` itself (computed once for the features and
     # the beacon detector: detect/buckets.py); a bucket's periodicity call then computes nothing
     provided: bool = False
-
-    def collected(self) -> SpanBook:
-        """The recorded plans, run (streaming: a few rows per window), as a book to give to the buckets."""
-        return SpanBook(given=[plan.collect(engine="streaming") for plan in self.plans])
-
-    def next_given(self) -> pl.LazyFrame:
-        """The spans of the next call (a bucket makes the same calls, in the same order, as the recording)."""
-        if self.calls >= len(self.given):
-            raise RuntimeError(
-                "periodicity was called on one host bucket without the window-wide spans recorded for it: "
-                "list the detector in WINDOW_WIDE (detect/buckets.py)"
-            )
-        frame = self.given[self.calls]
-        self.calls += 1
-        return frame.lazy()
 
     def scored(self, call: int) -> pl.LazyFrame | None:
         """The deferred call's pairs of every bucket, scored against the spans of all (None: no bucket ran)."""
@@ -333,7 +313,8 @@ class SpanBook:
             )
         if self.provided:
             return pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
-        found, seen = pl.collect_all([stats, observed])  # one plan: the flows' common part computed once
+        # one plan (the flows' common part computed once), streaming: a bucket too big to hold is streamed
+        found, seen = pl.collect_all([stats, observed], engine="streaming")
         parts[0].append(found)
         parts[1].append(seen)
         return pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
@@ -368,12 +349,12 @@ def periodicity(
     """
     stats, observed = periodicity_stats(flows, window_s, min_connections, pair)
     if spans is not None:
-        if spans.deferred is not None:
-            return spans.defer(stats, observed)
-        if spans.recording:  # only the window-wide spans are wanted now: skip the costly part
-            spans.plans.append(observed)
-            return pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
-        observed = spans.next_given()
+        if spans.deferred is None:
+            raise RuntimeError(
+                "periodicity was called on one host bucket without a book for the window-wide spans: "
+                "list the detector in WINDOW_WIDE (detect/buckets.py)"
+            )
+        return spans.defer(stats, observed)
     return _score(stats, observed)
 
 
