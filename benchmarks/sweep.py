@@ -211,13 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other jobs share the machine)")
     print(
         f"{'flows':>12} {'sweep s':>8} {'flows/s':>10} {'CPU s':>7} {'flows/CPU-s':>12} {'sweep RSS':>10} "
-        f"{'fit s':>6} {'fit CPU s':>9} {'flows/CPU-s':>12} {'fit RSS':>8}"
+        f"{'fit s':>6} {'fit CPU s':>9} {'flows/CPU-s':>12} {'fit RSS':>8}  alerts digest"
     )
     for r in rows:
         print(
             f"{r['flows']:>12,} {r['sweep_s']:>8.0f} {r['flows'] / r['sweep_s']:>10,.0f} {r['sweep_cpu_s']:>7.0f} "
             f"{r['flows'] / r['sweep_cpu_s']:>12,.0f} {r['sweep_rss_mb']:>7,.0f} MB {r['fit_s']:>6.0f} "
-            f"{r['fit_cpu_s']:>9.0f} {r['flows'] / r['fit_cpu_s']:>12,.0f} {r['fit_rss_mb']:>5,.0f} MB"
+            f"{r['fit_cpu_s']:>9.0f} {r['flows'] / r['fit_cpu_s']:>12,.0f} {r['fit_rss_mb']:>5,.0f} MB  "
+            f"{r['alerts_digest']}"
         )
     goal = 2 * 1024  # MiB: issue #18's bound on peak RSS, and its 500 k flows per CPU-second
     worst = max(max(r["sweep_rss_mb"], r["fit_rss_mb"]) for r in rows)

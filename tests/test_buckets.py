@@ -18,6 +18,7 @@ from tracepipe.detect import buckets, model
 from tracepipe.detect import detectors as det
 from tracepipe.detect.features import (
     compute_features,
+    in_networks,
     local_addresses,
     local_addresses_in,
     periodicity,
@@ -204,3 +205,49 @@ def test_local_addresses_of_two_ranges_from_one_scan_equal_two_scans(day):
     assert len(alone[1]) > len(alone[2]) > 0 and alone[4] == []
     ctx = det.prepare_context(lake, config, since, until, None, (story.start, until))
     assert sorted(ctx.feature_hosts[story.start, until]) == sorted(alone[1])
+
+
+def test_a_spill_that_finds_its_hosts_equals_a_scan_then_a_listed_spill(day):
+    """The sweep's spill finds the local hosts as it reads (no scan of the window before it): the in-network
+    addresses of each range are local_addresses_in's, and the owners and every bucket's rows, in order, are
+    those of the spill given the hosts that scan and the leases name."""
+    lake, story, config = day
+    since, until = story.last_day
+    networks = config.pipeline.local_networks
+    hour = dt.timedelta(hours=1)
+    ranges = [(since, until), (story.start, until), (since + 3 * hour, since + 4 * hour)]
+    # the leases, and an outside address as a floating IP outside local_networks would be
+    outside = scan_flows(lake, since, until).select("dst_addr").unique().collect().get_column("dst_addr")
+    floating = next(a for a in sorted(outside.to_list()) if not in_networks([a], networks)[0])
+    leased = det.leased_addresses(lake) | {floating}
+    find = buckets.FindHosts(networks, frozenset(leased), ranges)
+    expected = local_addresses_in(lake, ranges, networks)
+    hosts = sorted(leased.union(*expected))
+    with buckets.spill_flows(lake, story.start, until, [], 3, find) as found:
+        with buckets.spill_flows(lake, story.start, until, hosts, 3) as listed:
+            assert found.found == [sorted(e) for e in expected] and len(expected[2]) > 0
+            assert found.owners.equals(listed.owners) and found.rows == listed.rows
+            assert floating in found.owners.get_column("addr").to_list()
+            for bucket in range(3):
+                assert found.source(bucket).collect().equals(listed.source(bucket).collect())
+
+
+@pytest.mark.parametrize(
+    "beacon",
+    [
+        {"ignore_ports": [53], "min_connections": 12},  # stats shared with the features', split by port
+        {"window": 43200},  # half-day windows: the beacon detector computes its own, bucket by bucket
+    ],
+)
+def test_beacon_sharing_the_features_periodicity_or_not_finds_what_one_run_finds(day, beacon):
+    """When the beacon detector's pairs are a part of the model's periodicity pairs, each bucket computes
+    their stats once for both (FeatureJob.share_beacon); otherwise the detector runs on each bucket. Either
+    way the alerts are those of one unbucketed run."""
+    lake, story, config = day
+    since, until = story.last_day
+    rules = dataclasses.replace(config.detectors.beacon, **beacon)
+    config = dataclasses.replace(config, detectors=dataclasses.replace(config.detectors, beacon=rules))
+    whole = run_sweep(lake, config, since, until, write=False, buckets=1)
+    split = run_sweep(lake, config, since, until, write=False, buckets=3)
+    assert "beacon" in whole.alerts.column("detector").to_pylist()
+    assert _alerts(split) == _alerts(whole)

@@ -9,8 +9,10 @@ the largest bucket, not the day. A bucket of at most IN_MEMORY_ROWS is read ONCE
 and the features take that frame (facts computed once, per-host aggregations on the rows of the bucket's own
 hosts only); a bigger one (the bucket of a host at one end of very many flows) is streamed from the spill by
 each of them, so memory stays bounded whatever that host's share. Two facts span hosts: exfiltration's peer
-median (that detector runs once over the whole window; it holds only per (host, window) sums) and periodicity's data span (recorded over the whole
-window first, then given to every bucket: features.SpanBook). Spark (engines/spark_sweep.py) splits the same way.
+median (its per (host, window) sums are gathered bucket by bucket, then it runs once over them) and periodicity's
+data span (each bucket keeps its pairs' stats and its own spans; they are scored together after the last bucket:
+features.SpanBook). The spill finds the local hosts as it reads (FindHosts). Spark (engines/spark_sweep.py)
+splits the same way.
 """
 
 from __future__ import annotations
@@ -32,26 +34,34 @@ import pyarrow.parquet as pq
 
 from tracepipe.detect import detectors as det
 from tracepipe.detect.features import (
+    FEATURE_PERIOD_IGNORED_PORTS,
+    FEATURE_PERIOD_MIN_CONNECTIONS,
+    FEATURE_PERIOD_S,
     SpanBook,
     floor_time,
     host_features,
+    in_networks,
     local_addresses,
+    observed_spans,
+    periodicity_stats,
     scan_flows,
     utc,
     window_days,
     with_flow_facts,
     with_local_facts,
+    with_periodicity,
 )
 from tracepipe.lake import TEXT_DICTIONARY, Lake, conform
+from tracepipe.pipeline_config import Beacon
 from tracepipe.schema import FLOWS
 
 # ~3 M flows per bucket keep each bucket's detectors and features under ~1 GB here (README, "Detection quality
 # and speed"); a day of 10^8 flows is then 34 buckets. A host that is one end of very many flows (the cloud's
 # DNS resolver) makes its bucket bigger than the others: its share of the day, whatever the bucket count.
 ROWS_PER_BUCKET = 3_000_000
-CROSS_HOST = ("exfiltration",)  # compares hosts with each other: runs over the whole window
-# per-host detectors that call features.periodicity (passing spans=ctx.spans): their window-wide spans are
-# recorded before the buckets run; one that is missing here fails loudly (SpanBook has nothing to give)
+CROSS_HOST = ("exfiltration",)  # compares hosts with each other: runs over the whole window (or its sums)
+# per-host detectors that call features.periodicity (passing spans=ctx.spans): their pairs are scored after the
+# last bucket against the window-wide spans; one that is missing here fails loudly (SpanBook has nothing to give)
 WINDOW_WIDE = ("beacon",)
 BUCKET = "_bucket"
 # The only FLOWS columns the detectors and features read (evidence rows come from the lake itself): the spill
@@ -80,6 +90,10 @@ T = TypeVar("T")
 Timer = Callable[[str, Callable[[], T]], T]
 
 
+def _us(ts: dt.datetime) -> int:
+    return int(utc(ts).timestamp()) * 1_000_000 + utc(ts).microsecond
+
+
 def bucket_count(rows: int, rows_per_bucket: int = ROWS_PER_BUCKET) -> int:
     return max(1, -(-rows // max(1, rows_per_bucket)))
 
@@ -102,6 +116,8 @@ class Spill:
     in_memory_rows: int = IN_MEMORY_ROWS  # a bucket of more rows is streamed by each reader, never held
     # the features' hosts (feature_hosts) over a (start, until), when whoever spilled already looked them up
     feature_hosts: dict[tuple[dt.datetime, dt.datetime], list[str]] = field(default_factory=dict)
+    # spilled with FindHosts: the in-network addresses seen in each of its ranges
+    found: list[list[str]] = field(default_factory=list)
 
     def frame(self, bucket: int) -> pl.DataFrame | None:
         """The bucket's flows in memory when they are at most IN_MEMORY_ROWS (read once for all who need
@@ -126,16 +142,33 @@ def assign(hosts: list[str], buckets: int) -> pl.DataFrame:
     return pl.DataFrame({"addr": addrs, BUCKET: (addrs.hash(seed=18) % buckets).cast(pl.Int32)})
 
 
+@dataclass(frozen=True)
+class FindHosts:
+    """The hosts a spill finds as it reads (instead of a list looked up by a scan of its own before it): each
+    address in `networks` or in `leased`. It records the in-network addresses with a flow starting in each of
+    `ranges` (features.local_addresses_in's answer, in Spill.found) and buckets the rest of the hosts alike."""
+
+    networks: list[str]
+    leased: frozenset[str]
+    ranges: list[tuple[dt.datetime, dt.datetime]]
+
+
 @contextmanager
 def spill_flows(
-    lake: Lake, start: dt.datetime, end: dt.datetime, hosts: list[str], buckets: int
+    lake: Lake,
+    start: dt.datetime,
+    end: dt.datetime,
+    hosts: list[str],
+    buckets: int,
+    find: FindHosts | None = None,
 ) -> Iterator[Spill]:
     """One pass over the lake's flows of [start, end), SPILL_BATCH_ROWS at a time (pyarrow pulls the next only
     when asked: polars' own sinks read ahead and held ~1.2 GB here whatever the settings): each flow with a local
     end goes to the bucket of each of its local ends, in lake order. Addresses stay dictionary-encoded as the
     lake stores them: a bucket is looked up once per distinct address, and a bucket's rows are indices into the
-    batch's dictionaries, not copies of the text. Removed on exit."""
-    owners = assign(hosts, buckets)
+    batch's dictionaries, not copies of the text. `find`: the hosts are found as the flows are read (`hosts`
+    is then ignored; the Spill's owners and found say who they were). Removed on exit."""
+    owners = assign(hosts if find is None else [], buckets)
     root = Path(tempfile.mkdtemp(prefix="tracepipe-buckets-"))
     keys, values = owners.get_column("addr"), owners.get_column(BUCKET)
     schema = pa.schema([FLOWS.field(name) for name in SPILLED])
@@ -148,14 +181,42 @@ def spill_flows(
     writers: dict[int, pq.ParquetWriter] = {}
     written: dict[int, int] = {}
 
-    def owner(column: pa.ChunkedArray) -> np.ndarray:
+    # find: every distinct address read so far, whether it is in `networks` (classified once), and per range
+    # the in-network ones seen there
+    known = pl.DataFrame(schema={"addr": pl.String, "net": pl.Boolean})
+    leased = pl.Series(sorted(find.leased) if find else [], dtype=pl.String)
+    seen: list[list[pl.Series]] = [[] for _ in find.ranges] if find else []
+    bounds_us = [(_us(a), _us(b)) for a, b in find.ranges] if find else []
+
+    def owner(column: pa.ChunkedArray, ts: np.ndarray) -> np.ndarray:
         """Each row's bucket (-1: not a local host), looked up on the dictionary's values only."""
+        nonlocal known
         column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        found = pl.Series(column.dictionary.cast(pa.string())).replace_strict(
-            keys, values, default=None, return_dtype=pl.Int32
-        )
+        names = pl.Series(column.dictionary.cast(pa.string()))
+        rows = pc.fill_null(column.indices, len(column.dictionary)).to_numpy()
+        if find is None:
+            found = names.replace_strict(keys, values, default=None, return_dtype=pl.Int32)
+        else:
+            fresh = names.filter(~names.is_in(known.get_column("addr").implode()) & names.is_not_null())
+            if len(fresh):
+                net = in_networks(fresh.to_arrow(), find.networks)
+                known = pl.concat([known, pl.DataFrame({"addr": fresh, "net": net})])
+            net = names.replace_strict(known.get_column("addr"), known.get_column("net"), default=False)
+            # the bucket of every host: the hash assign() gives it
+            found = (
+                pl.when(net | names.is_in(leased.implode()))
+                .then(names.hash(seed=18) % buckets)
+                .cast(pl.Int32)
+                .alias("b")
+            )
+            found = names.to_frame("addr").select(found).to_series()
+            net_np = np.append(net.fill_null(False).to_numpy(), False)
+            for (lo, hi), into in zip(bounds_us, seen, strict=True):
+                used = np.zeros(len(net_np), dtype=bool)
+                used[rows[(ts >= lo) & (ts < hi)]] = True
+                into.append(names.filter(pl.Series(used[:-1] & net_np[:-1])))
         lookup = np.append(found.fill_null(-1).to_numpy(), np.int32(-1))  # the last: a null address
-        return lookup[pc.fill_null(column.indices, len(column.dictionary)).to_numpy()]
+        return lookup[rows]
 
     try:
         for entry in lake.entries("flows", window_days(since, until)) if until > since else []:
@@ -167,7 +228,8 @@ def spill_flows(
                 inside = pc.fill_null(pc.and_(pc.greater_equal(ts, since), pc.less(ts, until)), False)
                 if not pc.all(inside).as_py():  # (a copy only when some rows fall outside)
                     table = table.filter(inside)
-                src, dst = owner(table.column("src_addr")), owner(table.column("dst_addr"))
+                starts = table.column("ts_start").combine_chunks().cast(pa.int64()).to_numpy()
+                src, dst = owner(table.column("src_addr"), starts), owner(table.column("dst_addr"), starts)
                 # (row, bucket) for each local end (a flow between two hosts of one bucket once), grouped by
                 # bucket and kept in lake order within it: one take, then a slice per bucket
                 rows = np.concatenate([np.flatnonzero(src >= 0), np.flatnonzero((dst >= 0) & (dst != src))])
@@ -196,6 +258,10 @@ def spill_flows(
             writer.close()
         writers.clear()
         pa.default_memory_pool().release_unused()  # the buckets' polars scans come next: give back the batches
+        found: list[list[str]] = []
+        if find is not None:
+            found = [sorted(pl.concat(parts).unique().to_list()) if parts else [] for parts in seen]
+            owners = assign(sorted(set().union(find.leased, *found)), buckets)
         yield Spill(
             root,
             owners,
@@ -204,6 +270,7 @@ def spill_flows(
             until,
             pl.Schema(pl.from_arrow(schema.empty_table()).schema),
             written,
+            found=found,
         )
     finally:
         for writer in writers.values():
@@ -262,22 +329,29 @@ def detect(
     `timed(stage, fn)` runs and times each step (a detector's time is summed over its buckets). `also`: the
     model's features, computed bucket by bucket from the same in-memory read (FeatureJob.result() after)."""
     also_add = also.also(ctx.local) if also is not None else None
-    frames = [timed(name, lambda name=name: det.DETECTORS[name](ctx)) for name in names if name in CROSS_HOST]
+    # exfiltration's per (host, window) sums from the buckets when the spill holds its range (each host's
+    # outbound flows are all in its bucket), then its cross-host part once over them: no pass of its own
+    sums: list[pl.DataFrame] | None = None
+    low, high = det.exfiltration_range(ctx)
+    if "exfiltration" in names and spill.start <= low and high <= spill.end:
+        sums = []
+    frames = [
+        timed(name, lambda name=name: det.DETECTORS[name](ctx))
+        for name in names
+        if name in CROSS_HOST and not (name == "exfiltration" and sums is not None)
+    ]
     per_host = [name for name in names if name not in CROSS_HOST]
-    # periodicity's spans over the whole window, per detector that calls it (each bucket then makes the same
-    # calls): the recording run skips everything but those spans
-    given: dict[str, list[pl.DataFrame]] = {}
+    # periodicity's window-wide spans (features.SpanBook): each bucket's run of a WINDOW_WIDE detector keeps its
+    # pairs' stats and spans and finds nothing; one run after the buckets scores them all (no pass of its own)
+    deferred: dict[str, dict] = {name: {} for name in per_host if name in WINDOW_WIDE}
+    # the beacon detector's stats computed with the model's features' (FeatureJob.share_beacon): no bucket run
+    shared = also.share_beacon(ctx) if also is not None and "beacon" in deferred else None
+    if shared is not None:
+        deferred["beacon"] = shared
+        per_host = [name for name in per_host if name != "beacon"]
     # what detectors record on the context besides their candidates (a list of rows with an `addr`, e.g.
     # suppressed candidates): like the candidates, kept from the bucket that owns the address only
     log = getattr(ctx, "suppressed", None)
-    for name in per_host:
-        if name in WINDOW_WIDE:
-            book = SpanBook(recording=True)
-            before = len(log) if log is not None else 0
-            timed(name, lambda name=name, book=book: det.DETECTORS[name](replace(ctx, spans=book)))
-            if log is not None:
-                del log[before:]  # the recording run finds nothing: it only records spans
-            given[name] = timed(name, book.collected).given
     for bucket in range(spill.buckets):
         hosts = spill.hosts(bucket)
         owned = set(hosts.to_list())
@@ -286,15 +360,30 @@ def detect(
             "bucket read", lambda bucket=bucket: _in_memory_facts(spill, bucket, ctx.local, ctx.night)
         )
         for name in per_host:
-            context = BucketContext(ctx, spill, bucket, SpanBook(given=given.get(name, [])), facts)
+            # a detector not in WINDOW_WIDE that calls periodicity fails loudly (its book has nothing to give)
+            book = SpanBook(deferred=deferred[name]) if name in deferred else SpanBook()
+            context = BucketContext(ctx, spill, bucket, book, facts)
             before = len(log) if log is not None else 0
             found = timed(name, lambda name=name, context=context: det.DETECTORS[name](context))
-            frames.append(found.filter(pl.col("addr").is_in(hosts.implode())))
+            if name not in deferred:
+                frames.append(found.filter(pl.col("addr").is_in(hosts.implode())))
             if log is not None:
-                log[before:] = [row for row in log[before:] if row.get("addr") in owned]
+                log[before:] = [
+                    row for row in log[before:] if row.get("addr") in owned and name not in deferred
+                ]
+        if sums is not None:
+            context = BucketContext(ctx, spill, bucket, SpanBook(), facts)
+            found = timed("exfiltration", lambda context=context: det.exfiltration_volumes(context))
+            sums.append(found.filter(pl.col("src_addr").is_in(hosts.implode())))
         if also_add is not None:
             also_add(bucket, facts)
         del facts
+    if sums is not None:
+        every = pl.concat(sums)
+        frames.append(timed("exfiltration", lambda: det.exfiltration(ctx, every=every)))
+    for name, parts in deferred.items():
+        book = SpanBook(deferred=parts, final=True)
+        frames.append(timed(name, lambda name=name, book=book: det.DETECTORS[name](replace(ctx, spans=book))))
     return pl.concat(frames) if frames else det._empty()
 
 
@@ -336,34 +425,98 @@ class FeatureJob:
     window_s: float
     history: dt.datetime | None
     night: tuple[int, int]
-    given: list[pl.DataFrame]
     timed: Timer
     parts: list[pl.DataFrame] = field(default_factory=list)
+    # periodicity's stats and spans per bucket (features.SpanBook, deferred), scored once in result()
+    periodicity: dict = field(default_factory=dict)
+    # the beacon detector's periodicity stats and spans per bucket, computed with the features' (share_beacon)
+    # for its one run after the buckets; None: the detector runs on each bucket itself
+    beacon: dict | None = None
+    beacon_rules: tuple[Beacon, tuple[dt.datetime, dt.datetime]] | None = None
 
     def add(self, bucket: int, facts: pl.DataFrame | None) -> None:
         within = (pl.col("ts_start") >= self.start) & (pl.col("ts_start") < self.until)
         rows = self.spill.source(bucket).filter(within) if facts is None else facts.lazy().filter(within)
         hosts = self.spill.hosts(bucket)
+        book = SpanBook(deferred=self.periodicity, provided=self.beacon is not None)
         found = self.timed(
             "features",
-            lambda: _features_of(
-                rows, self.local, self.window_s, self.history, self.night, SpanBook(given=self.given), hosts
-            ),
+            lambda: _features_of(rows, self.local, self.window_s, self.history, self.night, book, hosts),
         )
         self.parts.append(found.filter(pl.col("host").is_in(hosts.implode())))
+        if self.beacon is not None:
+            self.timed("beacon", lambda: self._periodicity(rows, hosts))
+
+    def share_beacon(self, ctx: det.DetectContext) -> dict | None:
+        """When the beacon detector's pairs are a part of the features' periodicity pairs (a day window,
+        outside destinations only, at least as many connections, the same local hosts, its days inside the
+        features' range), the stats of both are computed once per bucket (each pair's stats depend on its own
+        flows only): the dict its final run scores (SpanBook(deferred=..., final=True)); else None."""
+        c = ctx.config.detectors.beacon
+        start, end = ctx.span(c.window)
+        if not (
+            float(c.window) == FEATURE_PERIOD_S
+            and c.min_connections >= FEATURE_PERIOD_MIN_CONNECTIONS
+            and c.external_only
+            and set(ctx.local) == set(self.local)
+            and self.start <= start
+            and end <= self.until
+        ):
+            return None
+        self.beacon, self.beacon_rules = {}, (c, (start, end))
+        return self.beacon
+
+    def _periodicity(self, rows: pl.LazyFrame, hosts: pl.Series) -> None:
+        """One bucket's periodicity stats over its outside-bound connections, once, split into the features'
+        (DNS and NTP aside) and the beacon detector's (its ports aside, its days, its minimum), each with the
+        data spans of its own flows."""
+        assert self.beacon is not None and self.beacon_rules is not None
+        c, (start, end) = self.beacon_rules
+        facts = (
+            rows
+            if "src_local" in rows.collect_schema()
+            else with_flow_facts(rows, self.local, self.night, hosts)
+        )
+        outside = facts.filter(pl.col("src_owned") & ~pl.col("response") & ~pl.col("dst_local"))
+        ours = ~pl.col("dst_port").is_in(FEATURE_PERIOD_IGNORED_PORTS)
+        theirs = ~pl.col("dst_port").is_in(c.ignore_ports)
+        in_days = (pl.col("ts_start") >= start) & (pl.col("ts_start") < end)
+        stats, _ = periodicity_stats(outside, FEATURE_PERIOD_S, FEATURE_PERIOD_MIN_CONNECTIONS)
+        stats, spans, beacon_spans = pl.collect_all(
+            [
+                stats,
+                observed_spans(outside.filter(ours), FEATURE_PERIOD_S),
+                observed_spans(outside.filter(theirs & in_days), FEATURE_PERIOD_S),
+            ],
+            engine="streaming",
+        )
+        features = self.periodicity.setdefault(0, ([], []))  # host_features' one periodicity call
+        features[0].append(stats.filter(ours))
+        features[1].append(spans)
+        beacon = self.beacon.setdefault(0, ([], []))  # the beacon detector's one call
+        in_window = (pl.col("window_start") >= start) & (pl.col("window_start") < end)
+        beacon[0].append(stats.filter(theirs & in_window & (pl.col("connections") >= c.min_connections)))
+        beacon[1].append(beacon_spans)
 
     def also(self, local: list[str]) -> Callable[[int, pl.DataFrame | None], None]:
         """`add` for a loop whose in-memory facts are over other local hosts (the rules'): facts of ours."""
 
         def add(bucket: int, facts: pl.DataFrame | None) -> None:
-            if facts is not None and local != self.local:
+            if facts is not None and set(local) != set(self.local):
                 facts = with_local_facts(facts.lazy(), self.local, self.spill.hosts(bucket)).collect()
             self.add(bucket, facts)
 
         return add
 
     def result(self) -> pl.DataFrame:
-        return _features_result(self.parts, self.since, self.window_s)
+        found = _features_result(self.parts, self.since, self.window_s)
+        # the pairs of every bucket scored against the window-wide spans: the stage features spans was
+        # before this, a pass over the window's flows of its own
+        scored = self.timed(
+            "features",
+            lambda: with_periodicity(found, SpanBook(deferred=self.periodicity, final=True)),
+        )
+        return scored.sort("host", "window_start")
 
 
 def feature_job(
@@ -377,8 +530,7 @@ def feature_job(
     spill: Spill,
     timed: Timer = no_timer,
 ) -> FeatureJob:
-    """A FeatureJob over `spill`, which must cover the range and every local host; the window-wide spans of
-    periodicity are recorded here (over the lake, before any bucket)."""
+    """A FeatureJob over `spill`, which must cover the range and every local host."""
     start = utc(history_start) if history_start is not None else utc(since)
     local = spill.feature_hosts.get((start, utc(until))) or timed(
         "features hosts", lambda: feature_hosts(lake, start, until, local_networks)
@@ -389,11 +541,7 @@ def feature_job(
             "hosts: spill what both read (sweep.spill_local)"
         )
     history = start if history_start is not None else None
-    recording = SpanBook(recording=True)
-    flows = with_flow_facts(scan_flows(lake, start, until), local, night)
-    host_features(flows, window_s, history_start=history, spans=recording)
-    given = timed("features spans", lambda: recording.collected().given)
-    return FeatureJob(spill, local, utc(since), start, utc(until), window_s, history, night, given, timed)
+    return FeatureJob(spill, local, utc(since), start, utc(until), window_s, history, night, timed)
 
 
 def features(

@@ -171,17 +171,38 @@ def prepare_context(
     """The context of a sweep's detectors. `feature_range`: the model's features' hosts over that range are
     looked up in the same scan (ctx.feature_hosts)."""
     ctx = DetectContext(lake, config, utc(since), utc(until), intel=intel)
-    widest = max(_window_of(config, name) for name in DETECTORS)
-    start, end = ctx.span(widest)
-    ranges = [(start, end)] + ([(utc(feature_range[0]), utc(feature_range[1]))] if feature_range else [])
-    found = local_addresses_in(lake, ranges, config.pipeline.local_networks)
+    ranges = local_ranges(ctx, feature_range)
+    return with_local(ctx, local_addresses_in(lake, ranges, config.pipeline.local_networks), feature_range)
+
+
+def local_ranges(
+    ctx: DetectContext, feature_range: tuple[dt.datetime, dt.datetime] | None = None
+) -> list[tuple[dt.datetime, dt.datetime]]:
+    """Where the local addresses are looked up: the whole windows of the widest detector around the sweep,
+    then the model's features' range (when given)."""
+    widest = max(_window_of(ctx.config, name) for name in DETECTORS)
+    extra = [(utc(feature_range[0]), utc(feature_range[1]))] if feature_range else []
+    return [ctx.span(widest), *extra]
+
+
+def leased_addresses(lake: Lake) -> set[str]:
+    """Addresses a VM ever held (floating IPs outside local_networks too): local as well."""
+    if not lake.files("vm_leases"):
+        return set()
+    return {a for a in lake.read("vm_leases", columns=["addr"]).column("addr").to_pylist() if a}
+
+
+def with_local(
+    ctx: DetectContext,
+    found: list[list[str]],
+    feature_range: tuple[dt.datetime, dt.datetime] | None,
+    leased: set[str] | frozenset[str] | None = None,
+) -> DetectContext:
+    """ctx with its local hosts from `found` (features.local_addresses_in over local_ranges) and the leases
+    (`leased`: leased_addresses, when already read)."""
     if feature_range:
-        ctx.feature_hosts[ranges[1]] = found[1]
-    local = set(found[0])
-    # Addresses a VM ever held (floating IPs outside local_networks too) are local as well.
-    if lake.files("vm_leases"):
-        local |= set(lake.read("vm_leases", columns=["addr"]).column("addr").to_pylist())
-    ctx.local = sorted(a for a in local if a)
+        ctx.feature_hosts[utc(feature_range[0]), utc(feature_range[1])] = found[1]
+    ctx.local = sorted(set(found[0]) | (leased_addresses(ctx.lake) if leased is None else leased))
     return ctx
 
 
@@ -622,21 +643,26 @@ def _leases_of(
 MIN_PROJECT_HOSTS = 3
 
 
-def exfiltration(ctx: DetectContext) -> pl.DataFrame:
-    """Outbound volume to unknown outside addresses far above the VM's own history AND its peers' in that
-    window. Volume to declared science peers (LHCONE/LHCOPN sites, a lab's storage) is science, not counted;
-    a window that only crossed the line thanks to it is listed as suppressed with the peer's reason. Peers
-    are the VM's project (all hosts when the project has none active); a VM with no history of its own is
-    judged against its project's history, not flagged for being new."""
+def exfiltration_range(ctx: DetectContext) -> tuple[dt.datetime, dt.datetime]:
+    """The flows exfiltration reads: its baseline before the sweep's windows, then those windows."""
+    start, end = ctx.span(ctx.config.detectors.exfiltration.window)
+    return start - dt.timedelta(seconds=float(ctx.config.window.baseline)), end
+
+
+def exfiltration_volumes(ctx: DetectContext) -> pl.DataFrame:
+    """exfiltration's per (host, window) sums over one host bucket's flows (a BucketContext's, whose hosts
+    are the owned ones): the rows of the whole window's for these hosts, for exfiltration(ctx, every=...)."""
     c = ctx.config.detectors.exfiltration
-    start = ctx.span(c.window)[0]
-    baseline_start = start - dt.timedelta(seconds=float(ctx.config.window.baseline))
-    outbound = ctx.flows(c.window, baseline_start, ctx.span(c.window)[1]).filter(
-        pl.col("src_local") & ~pl.col("dst_local")
+    outbound = ctx.flows(c.window, *exfiltration_range(ctx)).filter(
+        pl.col("src_owned") & ~pl.col("dst_local")
     )
-    # the science peers among every destination of the range (a superset of the outbound ones, which is all
-    # the join below matches): the plain scan of one column costs half of the outbound flows' with their facts
-    science = science_destinations(ctx, ctx.scan(baseline_start, ctx.span(c.window)[1]))
+    return _volumes(_science_tagged(ctx, outbound, outbound)).collect(engine="streaming")
+
+
+def _science_tagged(ctx: DetectContext, outbound: pl.LazyFrame, destinations: pl.LazyFrame) -> pl.LazyFrame:
+    """The outbound flows with the science peer their destination is (science, science_reason, is_science),
+    looked up among the destinations of `destinations` (the outbound flows' or a superset)."""
+    science = science_destinations(ctx, destinations)
     is_science = (
         pl.col("science").is_not_null()
         & (
@@ -645,12 +671,14 @@ def exfiltration(ctx: DetectContext) -> pl.DataFrame:
         )
     ).fill_null(False)
     if science.is_empty():  # nothing declared (or nothing of it seen): no join over every outbound flow
-        tagged = outbound.with_columns(
+        return outbound.with_columns(
             science=pl.lit(None, pl.String), science_reason=pl.lit(None, pl.String), is_science=pl.lit(False)
         )
-    else:
-        tagged = outbound.join(science.lazy(), on="dst_addr", how="left").with_columns(is_science=is_science)
-    volumes = tagged.group_by("src_addr", "window_start").agg(
+    return outbound.join(science.lazy(), on="dst_addr", how="left").with_columns(is_science=is_science)
+
+
+def _volumes(tagged: pl.LazyFrame) -> pl.LazyFrame:
+    return tagged.group_by("src_addr", "window_start").agg(
         bytes_out=pl.col("bytes").filter(~pl.col("is_science")).sum(),
         science_bytes=pl.col("bytes").filter(pl.col("is_science")).sum(),
         science=pl.col("science").filter(pl.col("is_science")).first(),
@@ -658,7 +686,24 @@ def exfiltration(ctx: DetectContext) -> pl.DataFrame:
         first_ts=pl.col("ts_start").min(),
         flows=pl.len(),
     )
-    every = volumes.collect(engine="streaming")
+
+
+def exfiltration(ctx: DetectContext, every: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Outbound volume to unknown outside addresses far above the VM's own history AND its peers' in that
+    window. Volume to declared science peers (LHCONE/LHCOPN sites, a lab's storage) is science, not counted;
+    a window that only crossed the line thanks to it is listed as suppressed with the peer's reason. Peers
+    are the VM's project (all hosts when the project has none active); a VM with no history of its own is
+    judged against its project's history, not flagged for being new. `every`: the per (host, window) sums,
+    when already gathered bucket by bucket (exfiltration_volumes)."""
+    c = ctx.config.detectors.exfiltration
+    start, end = ctx.span(c.window)
+    baseline_start = exfiltration_range(ctx)[0]
+    outbound = ctx.flows(c.window, baseline_start, end).filter(pl.col("src_local") & ~pl.col("dst_local"))
+    if every is None:
+        # the science peers among every destination of the range (a superset of the outbound ones, which is
+        # all the join matches): the plain scan of one column costs half of the outbound flows' with facts
+        tagged = _science_tagged(ctx, outbound, ctx.scan(baseline_start, end))
+        every = _volumes(tagged).collect(engine="streaming")
     current = every.filter(pl.col("window_start") >= start)
     if current.is_empty():
         return _empty()
@@ -747,15 +792,13 @@ def exfiltration(ctx: DetectContext) -> pl.DataFrame:
     keys = found.select("src_addr", "window_start")
     # only the found hosts' flows of the found windows: the lake's files are sorted by src_addr and ts_start,
     # so these bounds skip most row groups before the semi join
+    theirs = outbound.filter(
+        pl.col("src_addr").is_in(keys.get_column("src_addr").unique().implode())
+        & (pl.col("ts_start") >= keys.get_column("window_start").min())
+        & (pl.col("ts_start") < keys.get_column("window_start").max() + dt.timedelta(seconds=int(c.window)))
+    )
     top = (
-        tagged.filter(
-            pl.col("src_addr").is_in(keys.get_column("src_addr").unique().implode())
-            & (pl.col("ts_start") >= keys.get_column("window_start").min())
-            & (
-                pl.col("ts_start")
-                < keys.get_column("window_start").max() + dt.timedelta(seconds=int(c.window))
-            )
-        )
+        _science_tagged(ctx, theirs, theirs)
         .filter(~pl.col("is_science"))
         .join(keys.lazy(), on=["src_addr", "window_start"], how="semi")
         .group_by("src_addr", "window_start", "dst_addr")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,6 +55,10 @@ FEATURES = (
 # Counts and volumes are heavy-tailed: the model sees log1p of these.
 LOG_FEATURES = frozenset(FEATURES) - {"failed_share", "night_share", "new_dst_share", "periodicity"}
 LONG_FLOW_SECONDS = 600.0
+FEATURE_PERIOD_S = 86400.0  # the periodicity feature is judged per day of the host (its window, below)
+FEATURE_PERIOD_MIN_CONNECTIONS = 10  # a pair's connections in a day for its periodicity to count
+# DNS and NTP are periodic by nature: left out of the periodicity feature
+FEATURE_PERIOD_IGNORED_PORTS = (53, 123)
 
 
 # ---- time --------------------------------------------------------------------------------------------------
@@ -271,29 +275,49 @@ def local_addresses(flows: pl.LazyFrame, local_networks: list[str]) -> list[str]
 @dataclass
 class SpanBook:
     """periodicity's coverage compares a pair's active time with the span of the data its window holds, over
-    ALL the flows it is asked about: a window-wide fact that one host bucket cannot see. A recording book
-    keeps each periodicity call's (window_start, lo, hi) plan over the whole window (and skips the rest of the
-    call); `given` (the plans collected, in call order) is then handed to every bucket's run."""
+    ALL the flows it is asked about: a window-wide fact that one host bucket cannot see. So each bucket's
+    periodicity call keeps its pairs' stats and its own (window_start, lo, hi) spans in `deferred` (by call
+    order) and scores nothing; once every bucket ran, a `final` book scores the stats of all buckets against
+    the spans combined (the min of the los, the max of the his: exactly the window-wide span, as every flow's
+    source is owned by one bucket, detect/buckets.py). No pass over the window's flows of its own. A book
+    without `deferred` fails loudly: a detector that calls periodicity must be listed in WINDOW_WIDE."""
 
-    recording: bool = False
-    plans: list[pl.LazyFrame] = field(default_factory=list)
-    given: list[pl.DataFrame] = field(default_factory=list)
     calls: int = 0
+    # call -> (each bucket's pair stats, each bucket's spans); shared by the books of one detector's buckets
+    deferred: dict[int, tuple[list[pl.DataFrame], list[pl.DataFrame]]] | None = None
+    final: bool = False  # score the deferred stats (the run after the buckets)
+    # the caller puts each bucket's stats and spans in `deferred` itself (computed once for the features and
+    # the beacon detector: detect/buckets.py); a bucket's periodicity call then computes nothing
+    provided: bool = False
 
-    def collected(self) -> SpanBook:
-        """The recorded plans, run (streaming: a few rows per window), as a book to give to the buckets."""
-        return SpanBook(given=[plan.collect(engine="streaming") for plan in self.plans])
+    def scored(self, call: int) -> pl.LazyFrame | None:
+        """The deferred call's pairs of every bucket, scored against the spans of all (None: no bucket ran)."""
+        stats, spans = (self.deferred or {}).get(call, ([], []))
+        if not stats:
+            return None
+        window = pl.concat(spans).group_by("window_start").agg(pl.col("lo").min(), pl.col("hi").max())
+        return _score(pl.concat(stats).lazy(), window.lazy())
 
-    def next_given(self) -> pl.LazyFrame:
-        """The spans of the next call (a bucket makes the same calls, in the same order, as the recording)."""
-        if self.calls >= len(self.given):
-            raise RuntimeError(
-                "periodicity was called on one host bucket without the window-wide spans recorded for it: "
-                "list the detector in WINDOW_WIDE (detect/buckets.py)"
-            )
-        frame = self.given[self.calls]
+    def defer(self, stats: pl.LazyFrame, observed: pl.LazyFrame) -> pl.LazyFrame:
+        """periodicity's result for this call: empty while buckets run (their stats and spans kept), the
+        scores of every bucket's pairs in the final run."""
+        assert self.deferred is not None
+        parts = self.deferred.setdefault(self.calls, ([], []))
         self.calls += 1
-        return frame.lazy()
+        if self.final:
+            scored = self.scored(self.calls - 1)
+            return (
+                scored
+                if scored is not None
+                else pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
+            )
+        if self.provided:
+            return pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
+        # one plan (the flows' common part computed once), streaming: a bucket too big to hold is streamed
+        found, seen = pl.collect_all([stats, observed], engine="streaming")
+        parts[0].append(found)
+        parts[1].append(seen)
+        return pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
 
 
 def _bowley(col: pl.Expr) -> pl.Expr:
@@ -323,6 +347,25 @@ def periodicity(
     `spans`: the data span of each window over ALL the flows of the window, when `flows` is one host bucket's
     (detect/buckets.py); None: observed from `flows`.
     """
+    stats, observed = periodicity_stats(flows, window_s, min_connections, pair)
+    if spans is not None:
+        if spans.deferred is None:
+            raise RuntimeError(
+                "periodicity was called on one host bucket without a book for the window-wide spans: "
+                "list the detector in WINDOW_WIDE (detect/buckets.py)"
+            )
+        return spans.defer(stats, observed)
+    return _score(stats, observed)
+
+
+def periodicity_stats(
+    flows: pl.LazyFrame,
+    window_s: float,
+    min_connections: int,
+    pair: tuple[str, ...] = ("src_addr", "dst_addr", "dst_port", "proto"),
+) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """periodicity's two parts: each pair's stats per window (what depends on the pair's flows only) and the
+    window's data span (observed_spans); _score joins them."""
     flows = flows.with_columns(window_start=bucket_expr("ts_start", window_s))
     keys = [*pair, "window_start"]
     counts = (
@@ -362,13 +405,14 @@ def periodicity(
         )
         .filter(pl.col("connections") >= min_connections)
     )
-    observed = flows.group_by("window_start").agg(lo=pl.col("ts_start").min(), hi=pl.col("ts_start").max())
-    if spans is not None:
-        if spans.recording:  # only the window-wide spans are wanted now: skip the costly part
-            spans.plans.append(observed)
-            return pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
-        observed = spans.next_given()
-    return _score(stats, observed)
+    return stats, observed_spans(flows, window_s)
+
+
+def observed_spans(flows: pl.LazyFrame, window_s: float) -> pl.LazyFrame:
+    """(window_start, lo, hi): the first and last flow start of each window, what periodicity's coverage is
+    judged against."""
+    flows = flows.with_columns(window_start=bucket_expr("ts_start", window_s))
+    return flows.group_by("window_start").agg(lo=pl.col("ts_start").min(), hi=pl.col("ts_start").max())
 
 
 def _score(stats: pl.LazyFrame, observed: pl.LazyFrame) -> pl.LazyFrame:
@@ -416,7 +460,7 @@ def host_features(
     window_s: float,
     history_start: dt.datetime | None = None,
     warmup_s: float = 86400.0,
-    min_beacon_connections: int = 10,
+    min_beacon_connections: int = FEATURE_PERIOD_MIN_CONNECTIONS,
     sequential: bool = False,
     spans: SpanBook | None = None,
 ) -> pl.LazyFrame:
@@ -484,11 +528,14 @@ def host_features(
     new_dsts = first_seen.group_by("host", "window_start").agg(new_dsts=pl.len())
     # periodicity towards the outside only, DNS/NTP aside: inside the cloud periodic traffic is by design
     # (metrics, backups), and leaving it out keeps this, the costliest feature, cheap.
-    outward = pl.col("src_owned") & initiator & ~pl.col("dst_local") & ~pl.col("dst_port").is_in([53, 123])
-    beacons = (
-        periodicity(flows.filter(outward), 86400.0, min_beacon_connections, spans=spans)
-        .group_by(pl.col("src_addr").alias("host"), pl.col("window_start").alias("day"))
-        .agg(periodicity=pl.col("score").max())
+    outward = (
+        pl.col("src_owned")
+        & initiator
+        & ~pl.col("dst_local")
+        & ~pl.col("dst_port").is_in(FEATURE_PERIOD_IGNORED_PORTS)
+    )
+    beacons = host_periodicity(
+        periodicity(flows.filter(outward), FEATURE_PERIOD_S, min_beacon_connections, spans=spans)
     )
     # Night-time share is a property of the host's day (an hourly window is all night or all day).
     if sequential:
@@ -539,6 +586,30 @@ def host_features(
         mean_duration=pl.col("mean_duration").fill_null(0.0),
         periodicity=pl.col("periodicity").fill_null(0.0),
     ).select("host", "window_start", *FEATURES)
+
+
+def host_periodicity(scored: pl.LazyFrame) -> pl.LazyFrame:
+    """The periodicity feature of each (host, day): its most regular outward pair's score."""
+    return scored.group_by(pl.col("src_addr").alias("host"), pl.col("window_start").alias("day")).agg(
+        periodicity=pl.col("score").max()
+    )
+
+
+def with_periodicity(features: pl.DataFrame, book: SpanBook) -> pl.DataFrame:
+    """`features` (host_features' rows, its periodicity deferred to `book`: every bucket ran) with the
+    periodicity feature scored from the book: what host_features joins in."""
+    scored = book.scored(0)  # host_features calls periodicity once
+    if scored is None:
+        return features
+    return (
+        features.lazy()
+        .drop("periodicity")
+        .with_columns(day=bucket_expr("window_start", FEATURE_PERIOD_S))
+        .join(host_periodicity(scored), on=["host", "day"], how="left")
+        .with_columns(pl.col("periodicity").fill_null(0.0))
+        .select("host", "window_start", *FEATURES)
+        .collect()
+    )
 
 
 def compute_features(
