@@ -196,6 +196,26 @@ def run_tracepipe(*args: str, timeout: float = 120.0, cwd: Path | None = None) -
     )
 
 
+def run_in_process(*args: str) -> subprocess.CompletedProcess:
+    """The CLI's own entry point (the typer app, through the group that turns errors into one line and their
+    exit code) run in this process: exit code, stdout and stderr as run_tracepipe gives them, without an
+    interpreter start-up per call (1-3 s on a loaded CI machine). For tests about what a command answers or
+    refuses; a test about the process itself (a hang bounded by a timeout, signals, stdin, the installed
+    script) uses run_tracepipe, and benchmarks/fuzz_cli.py (test_fuzz_cli) runs every command as a process."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from tracepipe.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        # the group catches every error itself; what escapes it is shown as the interpreter would show it
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["tracepipe", *args], result.exit_code, result.stdout, stderr)
+
+
 def ingest_vm(lake: Any, paths: list[Path], reclaim_interval: Any = None, **options: Any) -> tuple[Any, Any]:
     """What `tracepipe ingest vm` does in-process: land the sources, then correlate (leases, attribution).
     Returns (ingest report, correlation result); the correlation must not have failed."""
