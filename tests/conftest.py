@@ -209,11 +209,12 @@ def run_in_process(*args: str) -> subprocess.CompletedProcess:
     from tracepipe.cli import app
 
     result = CliRunner().invoke(app, list(args))
-    stderr = result.stderr
+    # decoded strictly, as run_tracepipe's text mode does: output that is no UTF-8 fails the test here too
+    stdout, stderr = result.stdout_bytes.decode(), result.stderr_bytes.decode()
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         # the group catches every error itself; what escapes it is shown as the interpreter would show it
         stderr += "".join(traceback.format_exception(result.exception))
-    return subprocess.CompletedProcess(["tracepipe", *args], result.exit_code, result.stdout, stderr)
+    return subprocess.CompletedProcess(["tracepipe", *args], result.exit_code, stdout, stderr)
 
 
 def ingest_vm(lake: Any, paths: list[Path], reclaim_interval: Any = None, **options: Any) -> tuple[Any, Any]:
