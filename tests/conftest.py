@@ -7,8 +7,11 @@ and built on first use: a test that needs the v9 export over IPv6 pays only for 
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from support import probes
+
+REPO = Path(__file__).resolve().parents[1]
 
 # softflowd exports compared with nfdump: (version, traffic, exporter transport)
 #   traffic "ipv4": IPv4 flows only; "ipv6": IPv4 and IPv6 flows mixed (v5 cannot carry IPv6), > 16 datagrams
@@ -139,6 +144,35 @@ def softflowd_export(traffic_pcaps, tmp_path_factory) -> Callable[[int, str, str
     return export
 
 
+def run_demo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`tracepipe <args>` as a user runs it after installing: a subprocess in `cwd`, output piped, an
+    80-column setting that piped output must ignore, no TRACEPIPE_LAKE from the caller's environment."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80"}
+    env.pop("TRACEPIPE_LAKE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "tracepipe.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, float, Path]:
+    """`tracepipe demo --format json` run once for the session, in an empty directory: (its JSON, seconds
+    taken, the directory; the lake is demo-lake/ in it). Its users only read it: test_demo's checks and the
+    suggested commands, and the CLI fuzz cases (each on a copy of the lake)."""
+    work = tmp_path_factory.mktemp("demo")
+    started = time.monotonic()
+    run = run_demo("demo", "--format", "json", cwd=work)
+    elapsed = time.monotonic() - started
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads(run.stdout), elapsed, work
+
+
 def empty_lake(path: Path):
     """A lake with nothing in it yet (one empty table): readers refuse a directory holding none of the lake's
     tables ("not a tracepipe lake"), so a test whose readers may run before the first commit starts here."""
@@ -160,6 +194,27 @@ def run_tracepipe(*args: str, timeout: float = 120.0, cwd: Path | None = None) -
         stdin=subprocess.DEVNULL,
         cwd=cwd,
     )
+
+
+def run_in_process(*args: str) -> subprocess.CompletedProcess:
+    """The CLI's own entry point (the typer app, through the group that turns errors into one line and their
+    exit code) run in this process: exit code, stdout and stderr as run_tracepipe gives them, without an
+    interpreter start-up per call (1-3 s on a loaded CI machine). For tests about what a command answers or
+    refuses; a test about the process itself (a hang bounded by a timeout, signals, stdin, the installed
+    script) uses run_tracepipe, and benchmarks/fuzz_cli.py (test_fuzz_cli) runs every command as a process."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from tracepipe.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    # decoded strictly, as run_tracepipe's text mode does: output that is no UTF-8 fails the test here too
+    stdout, stderr = result.stdout_bytes.decode(), result.stderr_bytes.decode()
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        # the group catches every error itself; what escapes it is shown as the interpreter would show it
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["tracepipe", *args], result.exit_code, stdout, stderr)
 
 
 def ingest_vm(lake: Any, paths: list[Path], reclaim_interval: Any = None, **options: Any) -> tuple[Any, Any]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tests.conftest import run_tracepipe
+from tests.conftest import run_in_process, run_tracepipe
 from tracepipe.lake import Lake, ingest_table
 from tracepipe.printer import clean
 from tracepipe.schema import FLOWS
@@ -40,9 +40,11 @@ DAY = "2025-06-17"
 PIPELINE = Path(__file__).resolve().parents[1] / "tracepipe" / "pipelines" / "nightly.toml"
 
 
-def cli(*args: str, input_bytes: bytes | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, input_bytes: bytes | None = None, process: bool = False) -> subprocess.CompletedProcess:
+    """A command's exit code and output: in this process (run_in_process) unless it reads stdin or `process`
+    is asked for (a FIFO that could block for ever: a subprocess has a timeout)."""
     if input_bytes is None:
-        return run_tracepipe(*args)
+        return run_tracepipe(*args) if process else run_in_process(*args)
     return subprocess.run(
         [sys.executable, "-m", "tracepipe.cli", *args], input=input_bytes, capture_output=True, timeout=120
     )
@@ -279,7 +281,7 @@ def test_a_lake_that_is_no_directory_is_named_not_an_internal_error(tmp_path, ki
     elif kind == "under-a-file":
         (tmp_path / "f").write_text("x")
         lake = tmp_path / "f" / "lake"
-    result = cli(*args, "--lake", str(lake))
+    result = cli(*args, "--lake", str(lake), process=kind == "fifo")
     assert result.returncode == 4, result.stderr
     assert "internal error" not in result.stderr and f"--lake {lake}" in result.stderr, result.stderr
     assert "a lake is a directory" in result.stderr
@@ -294,7 +296,7 @@ def test_a_pipeline_file_that_is_a_fifo_is_named_and_never_blocks(hostile_lake, 
     for args in (["model", "fit", "--since", DAY, "--until", "2025-06-18"], ["sweep", str(fifo)]):
         if args[0] == "model":
             args += ["--pipeline", str(fifo)]
-        result = cli(*args, "--lake", str(hostile_lake))
+        result = cli(*args, "--lake", str(hostile_lake), process=True)
         assert result.returncode == 2 and "is not a regular file (FIFO)" in result.stderr, result.stderr
 
 
@@ -485,7 +487,7 @@ def test_demo_lake_may_be_a_symlink(tmp_path):
     link = tmp_path / "link"
     link.symlink_to(real)
     for _ in range(2):  # the second run empties the demo's directory through the link
-        result = cli("demo", "--lake", str(link), "--format", "json")
+        result = cli("demo", "--lake", str(link), "--format", "json", process=True)
         assert result.returncode == 0, result.stderr
     assert link.is_symlink() and (real / "flows" / "_delta_log").is_dir()
 
@@ -503,7 +505,16 @@ def test_no_write_replaces_a_device_or_fifo(hostile_lake, tmp_path):
     fifo = tmp_path / "listener"
     os.mkfifo(fifo)
     result = cli(
-        "sql", "SELECT 1", "--format", "csv", "--output", str(fifo), "--force", "--lake", str(hostile_lake)
+        "sql",
+        "SELECT 1",
+        "--format",
+        "csv",
+        "--output",
+        str(fifo),
+        "--force",
+        "--lake",
+        str(hostile_lake),
+        process=True,
     )
     assert result.returncode == 2 and "is not a regular file (a FIFO)" in result.stderr, result.stderr
     with pytest.raises(UsageError, match="never replaces a device"):

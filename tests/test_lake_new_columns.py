@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pytest
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 
-from tests.conftest import ingest_vm, run_tracepipe
+from tests.conftest import ingest_vm, run_in_process
 from tracepipe.correlate.leases import build_leases
 from tracepipe.ingest.cloud import parse_openstack
 from tracepipe.lake import Lake
@@ -45,7 +45,7 @@ def _old_lake(root: Path) -> None:
 
 
 def _who(lake: Path, addr: str, at: str) -> dict:
-    run = run_tracepipe("who", addr, "--at", at, "--format", "json", "--lake", str(lake))
+    run = run_in_process("who", addr, "--at", at, "--format", "json", "--lake", str(lake))
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout)
 
@@ -61,7 +61,7 @@ def old_lake(tmp_path: Path) -> Path:
 def test_old_lake_reads_before_any_write(old_lake: Path) -> None:
     (lease,) = _who(old_lake, "192.168.1.3", "2024-03-12T08:30:00Z")["leases"]
     assert (lease["vm_id"], lease["vm_name"], lease["image"]) == (WEB02, "web-02", None)
-    timeline = run_tracepipe("timeline", WEB01, "--format", "json", "--lake", str(old_lake))
+    timeline = run_in_process("timeline", WEB01, "--format", "json", "--lake", str(old_lake))
     assert timeline.returncode == 0, timeline.stderr
     answer = json.loads(timeline.stdout)
     assert (
@@ -101,12 +101,12 @@ def test_old_lake_takes_new_events_and_answers_for_both(old_lake: Path, tmp_path
     (lease,) = _who(old_lake, "192.168.1.3", "2024-03-12T07:30:00Z")["leases"]  # web-01: landed before images
     assert (lease["vm_id"], lease["image"]) == (WEB01, None)
     timeline = json.loads(
-        run_tracepipe("timeline", WEB02, "--format", "json", "--lake", str(old_lake)).stdout
+        run_in_process("timeline", WEB02, "--format", "json", "--lake", str(old_lake)).stdout
     )
     assert [e["image"] for e in timeline["events"]][-1] == "img-rebuilt"
     assert None in {e["image"] for e in timeline["events"]}  # its events from the older files
     # a full rebuild reads both generations of files too, and Delta readers see the column
-    run = run_tracepipe("leases", "rebuild", "--lake", str(old_lake))
+    run = run_in_process("leases", "rebuild", "--lake", str(old_lake))
     assert run.returncode == 0, run.stderr
     (lease,) = _who(old_lake, "192.168.1.3", "2024-03-12T09:30:00Z")["leases"]
     assert lease["image"] == "img-rebuilt"
@@ -116,7 +116,7 @@ def test_old_lake_takes_new_events_and_answers_for_both(old_lake: Path, tmp_path
 
 def test_upgrade_adds_the_columns_without_rewriting(old_lake: Path) -> None:
     files = sorted(DeltaTable(str(old_lake / "vm_events")).file_uris())
-    run = run_tracepipe("upgrade", "--lake", str(old_lake))
+    run = run_in_process("upgrade", "--lake", str(old_lake))
     assert run.returncode == 0, run.stderr
     table = DeltaTable(str(old_lake / "vm_events"))
     assert "image" in table.schema().to_arrow().names and sorted(table.file_uris()) == files
@@ -147,7 +147,7 @@ def test_old_flows_lake_takes_tunnelled_flows(tmp_path: Path) -> None:
     tunnelled = {**row, "src_addr": "10.9.8.7", "dst_port": 1111, "tunnel_src_addr": "fc00::1"}
     tunnelled |= {"tunnel_dst_addr": "fc00::2", "tunnel_proto": 4}
     ingest_table(lake, "flows", "new", "hash-new", [pa.Table.from_pylist([tunnelled], schema=FLOWS)])
-    run = run_tracepipe(
+    run = run_in_process(
         "sql",
         "SELECT src_addr, tunnel_src_addr, tunnel_proto FROM flows ORDER BY src_addr",
         "--format",
@@ -188,7 +188,7 @@ def test_old_flows_lake_takes_router_columns(tmp_path: Path) -> None:
     ingest_table(
         Lake(tmp_path / "lake"), "flows", "new", "hash-new", [pa.Table.from_pylist([routed], schema=FLOWS)]
     )
-    run = run_tracepipe(
+    run = run_in_process(
         "sql",
         "SELECT src_addr, flow_direction, mpls_labels, ingress_vrf, input_if_name FROM flows ORDER BY src_addr",
         "--format",
@@ -227,7 +227,7 @@ def test_old_flows_lake_takes_nat_firewall_vrf_srv6_columns(tmp_path: Path) -> N
     ingest_table(
         Lake(tmp_path / "lake"), "flows", "new", "hash-new", [pa.Table.from_pylist([natted], schema=FLOWS)]
     )
-    run = run_tracepipe(
+    run = run_in_process(
         "sql",
         "SELECT src_addr, nat_src_addr, nat_src_port, fw_event, ingress_vrf_name, srv6_segments FROM flows"
         " ORDER BY src_addr",
@@ -241,7 +241,7 @@ def test_old_flows_lake_takes_nat_firewall_vrf_srv6_columns(tmp_path: Path) -> N
         ("10.0.0.1", None, None, None, None, None),
         ("10.0.0.2", "198.51.100.7", 51234, "CREATE", "blue", None),
     ]
-    pivot = run_tracepipe(
+    pivot = run_in_process(
         "sql",
         "SELECT inside_addr, inside_port FROM nat_inside('198.51.100.7', TIMESTAMPTZ '2024-03-12 08:02:00+00', 51234)",
         "--format",

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import run_tracepipe
+from tests.conftest import run_in_process
 from tracepipe import query
 from tracepipe.lake import COMPACT_MIN_FILES, Lake, ingest_table
 from tracepipe.schema import FLOWS, VM_EVENTS
@@ -69,7 +69,7 @@ def test_compact_command_keeps_every_row_and_readers_of_old_snapshots(tmp_path):
         ingest_table(lake, "flows", f"b{i}", f"{i:064x}", [_flows(5, DAY + dt.timedelta(hours=i), i)])
     before = query.connect(lake)  # a reader that opened the lake before the compaction
     expected = before.execute("SELECT sum(bytes), count(*) FROM flows").fetchone()
-    result = run_tracepipe("compact", "--lake", str(lake.root), "--format", "json")
+    result = run_in_process("compact", "--lake", str(lake.root), "--format", "json")
     assert result.returncode == 0, result.stderr
     done = json.loads(result.stdout)["datasets"]["flows"]
     assert (done["days"], done["files_removed"], done["files_added"], done["rows"]) == (1, 6, 1, 30)
@@ -94,7 +94,7 @@ def test_expire_removes_old_days_says_what_went_and_keeps_lifecycle(tmp_path):
     )
     ingest_table(lake, "vm_events", "ev", "03" * 32, [events])
     now = recent + dt.timedelta(days=1)
-    result = run_tracepipe(
+    result = run_in_process(
         "expire", "--older-than", "400d", "--lake", str(lake.root), "--format", "json", "--no-vacuum"
     )
     assert result.returncode == 0, result.stderr
@@ -127,7 +127,7 @@ def test_sql_as_of_a_version_or_a_time_sees_the_lake_as_it_was(tmp_path):
     ingest_table(lake, "flows", "second", "0b" * 32, [_flows(6, DAY, 1)])
 
     def count(*extra: str) -> int:
-        result = run_tracepipe(
+        result = run_in_process(
             "sql", "SELECT count(*) AS n FROM flows", "--format", "json", "--lake", str(lake.root), *extra
         )
         assert result.returncode == 0, result.stderr
@@ -136,7 +136,7 @@ def test_sql_as_of_a_version_or_a_time_sees_the_lake_as_it_was(tmp_path):
     assert count() == 10
     assert count("--as-of", token) == 4
     assert count("--as-of", between.isoformat()) == 4
-    bad = run_tracepipe("sql", "SELECT 1", "--as-of", "flows=x", "--lake", str(lake.root))
+    bad = run_in_process("sql", "SELECT 1", "--as-of", "flows=x", "--lake", str(lake.root))
     assert bad.returncode == 2 and "lake version" in bad.stderr
 
 
@@ -164,16 +164,16 @@ def test_upgrade_puts_an_old_lake_under_logs_in_place(tmp_path):
     (day_dir / "part-upgraded-0badc0ffee.parquet").write_bytes(
         (day_dir / "part-0123456789abcdef.parquet").read_bytes()
     )
-    refused = run_tracepipe("sql", "SELECT count(*) FROM flows", "--lake", str(root))
+    refused = run_in_process("sql", "SELECT count(*) FROM flows", "--lake", str(root))
     assert refused.returncode == 4 and "tracepipe upgrade" in refused.stderr
-    result = run_tracepipe("upgrade", "--lake", str(root), "--format", "json")
+    result = run_in_process("upgrade", "--lake", str(root), "--format", "json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["converted"] == {"_ingest": 1, "flows": 1}
     lake = Lake(root)
     assert _count(lake) == 8
     assert [p.name for p in day_dir.glob("*.parquet")] == [lake.files("flows")[0].name]  # originals gone
     assert lake.already_ingested("flows", "cd" * 32)
-    again = run_tracepipe("upgrade", "--lake", str(root), "--format", "json")
+    again = run_in_process("upgrade", "--lake", str(root), "--format", "json")
     assert again.returncode == 0 and json.loads(again.stdout)["converted"] == {}
 
 

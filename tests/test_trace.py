@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from support import ssc
 
-from tests.conftest import ingest_vm, run_tracepipe
+from tests.conftest import ingest_vm, run_in_process, run_tracepipe
 from tests.test_report import _chromium
 from tracepipe.lake import Lake, hash_bytes, ingest_table
 from tracepipe.respond.observations import read_observations
@@ -138,7 +138,7 @@ def test_story_package_files_and_privacy(story_trace: tuple[dict, Path, str]) ->
     assert "jupyter-07" in html and "apatel" in html and "<script" not in html.lower()
     # with --include-spread other VMs that talked to the same outside peers are named
     ticket = pkg.parent / "ticket.csv"
-    run = run_tracepipe("trace", str(ticket), "--include-spread", "--format", "json", "--lake", lake)
+    run = run_in_process("trace", str(ticket), "--include-spread", "--format", "json", "--lake", lake)
     spread = {vm["vm_name"]: vm["spread"] for vm in json.loads(run.stdout)["vms"]}
     assert run.returncode == 0 and any(spread.values())
 
@@ -174,39 +174,39 @@ def test_story_names_each_vms_image(story_trace: tuple[dict, Path, str], tmp_pat
     # the OpenNebula render node (42.xml: DISK IMAGE_ID 17, IMAGE alma9-render)
     ticket = tmp_path / "render.csv"
     ticket.write_text("address,time\n10.40.0.12,2025-06-17T09:00:00Z\n")
-    run = run_tracepipe("trace", str(ticket), "--format", "json", "--lake", lake)
+    run = run_in_process("trace", str(ticket), "--format", "json", "--lake", lake)
     assert run.returncode == 0, run.stderr[-2000:]
     (holder,) = json.loads(run.stdout)["observations"][0]["holders"]
     assert (holder["vm_name"], holder["cloud"], holder["image"]) == ("render-node-2", "opennebula", "17")
-    table = run_tracepipe("trace", str(ticket), "--lake", lake)
+    table = run_in_process("trace", str(ticket), "--lake", lake)
     assert "project hpc-lab · image 17 · one-kvm-3 · opennebula" in table.stdout
     # who: the deleted jupyter-07 (table and JSON) and the render node
-    who = run_tracepipe(
+    who = run_in_process(
         "who", "10.20.1.31", "--at", "2025-06-17T08:05:00Z", "--format", "json", "--lake", lake
     )
     assert who.returncode == 0 and json.loads(who.stdout)["leases"][0]["image"] == NOVA_IMAGE
-    who = run_tracepipe("who", "10.20.1.31", "--at", "2025-06-17T08:05:00Z", "--lake", lake)
+    who = run_in_process("who", "10.20.1.31", "--at", "2025-06-17T08:05:00Z", "--lake", lake)
     assert f"  image       {NOVA_IMAGE}" in who.stdout
-    who = run_tracepipe(
+    who = run_in_process(
         "who", "10.40.0.12", "--at", "2025-06-17T09:00:00Z", "--format", "json", "--lake", lake
     )
     assert json.loads(who.stdout)["leases"][0]["image"] == "17"
-    timeline = run_tracepipe("timeline", "render-node-2", "--format", "json", "--lake", lake)
+    timeline = run_in_process("timeline", "render-node-2", "--format", "json", "--lake", lake)
     answer = json.loads(timeline.stdout)
     assert answer["vm"]["image"] == "17" and {e["image"] for e in answer["events"]} == {"17"}
-    assert "image 17" in run_tracepipe("timeline", "render-node-2", "--lake", lake).stdout
+    assert "image 17" in run_in_process("timeline", "render-node-2", "--lake", lake).stdout
 
 
 def test_out_refused_when_it_exists_or_is_in_the_lake(story_trace: tuple[dict, Path, str]) -> None:
     _, pkg, lake = story_trace
     ticket = pkg.parent / "ticket.csv"
     before = (pkg / "trace.json").stat().st_mtime_ns
-    run = run_tracepipe("trace", str(ticket), "--out", str(pkg), "--lake", lake)
+    run = run_in_process("trace", str(ticket), "--out", str(pkg), "--lake", lake)
     assert run.returncode == 2 and "--force" in run.stderr
     assert (pkg / "trace.json").stat().st_mtime_ns == before
-    run = run_tracepipe("trace", str(ticket), "--out", str(Path(lake) / "pkg"), "--lake", lake)
+    run = run_in_process("trace", str(ticket), "--out", str(Path(lake) / "pkg"), "--lake", lake)
     assert run.returncode == 2 and "lake" in run.stderr and not (Path(lake) / "pkg").exists()
-    run = run_tracepipe("trace", str(ticket), "--out", str(pkg), "--force", "--lake", lake)
+    run = run_in_process("trace", str(ticket), "--out", str(pkg), "--force", "--lake", lake)
     assert run.returncode == 0 and (pkg / "trace.json").stat().st_mtime_ns != before
     assert not list(pkg.parent.glob(".pkg.*"))  # no staging folder left behind
 
@@ -217,7 +217,7 @@ def test_bad_observation_lines_are_rejects(story_lake: Path, tmp_path: Path) -> 
         "address,port,time\n10.20.1.26,,2025-06-17T08:45:00Z\nnot-an-ip,,2025-06-17T08:00Z\n"
         "10.20.1.26,99999,2025-06-17T08:00Z\n10.20.1.26,,\n"
     )
-    run = run_tracepipe("trace", str(ticket), "--format", "json", "--lake", str(story_lake))
+    run = run_in_process("trace", str(ticket), "--format", "json", "--lake", str(story_lake))
     result = json.loads(run.stdout)
     assert run.returncode == 3 and result["summary"]["observations"] == 1
     assert [(r["ref"], r["reason"]) for r in result["rejects"]] == [
@@ -333,7 +333,7 @@ def test_hostile_vm_names_are_escaped(tmp_path: Path) -> None:
     ingest_table(lake, "flows", "evil", hash_bytes(b"evil"), [pa.Table.from_pylist([flow], schema=FLOWS)])
     ticket = tmp_path / "t.csv"
     ticket.write_text("address,time\n10.0.0.5,2025-01-02T03:05:00Z\n")
-    run = run_tracepipe("trace", str(ticket), "--out", str(tmp_path / "pkg"), "--lake", str(lake.root))
+    run = run_in_process("trace", str(ticket), "--out", str(tmp_path / "pkg"), "--lake", str(lake.root))
     assert run.returncode == 0, run.stderr
     assert (
         "\x1b" not in run.stdout and "\\x1b[31mred" in run.stdout
@@ -357,7 +357,7 @@ def test_misp_export_loads_in_pymisp_and_round_trips(
 
     _, pkg, lake = story_trace
     out = tmp_path / "event.json"
-    run = run_tracepipe(
+    run = run_in_process(
         "export", "misp", str(pkg), "--tlp", "green", "--distribution", "1", "--out", str(out), "--lake", lake
     )
     assert run.returncode == 0, run.stderr
@@ -373,13 +373,13 @@ def test_misp_export_loads_in_pymisp_and_round_trips(
     assert not [v for _, v in values if v.startswith(("10.20.", "2001:db8:20:", "198.51.100.20"))]
     assert "scan" in run.stderr  # the 1,500 scan victims are said to be left out, not shared
     # asked for: the traced VMs' own addresses as ip-src, not for IDS
-    run = run_tracepipe("export", "misp", str(pkg), "--include-local", "--out", str(out), "--lake", lake)
+    run = run_in_process("export", "misp", str(pkg), "--include-local", "--out", str(out), "--lake", lake)
     local = [a for a in json.loads(out.read_text())["Event"]["Attribute"] if a["type"] == "ip-src"]
     assert run.returncode == 0 and {a["value"] for a in local} >= {"10.20.1.31", "10.20.1.26"}
     assert all(a["to_ids"] is False for a in local)
     # round trip: the event imports back as intel
     intel_lake = tmp_path / "intel-lake"
-    run = run_tracepipe("intel", "import", str(out), "--output", "json", "--lake", str(intel_lake))
+    run = run_in_process("intel", "import", str(out), "--output", "json", "--lake", str(intel_lake))
     imported = json.loads(run.stdout)
     assert run.returncode == 0 and imported["format"] == "misp-json"
     assert imported["rows"] == len(json.loads(out.read_text())["Event"]["Attribute"])
@@ -394,7 +394,7 @@ def test_stix_bundle_is_valid_and_imports(story_trace: tuple[dict, Path, str], t
 
     _, pkg, lake = story_trace
     out = tmp_path / "bundle.json"
-    run = run_tracepipe("export", "stix", str(pkg), "--tlp", "amber", "--out", str(out), "--lake", lake)
+    run = run_in_process("export", "stix", str(pkg), "--tlp", "amber", "--out", str(out), "--lake", lake)
     assert run.returncode == 0, run.stderr
     bundle = stix2.parse(out.read_text(), allow_custom=False)
     kinds = [o.type for o in bundle.objects]
@@ -403,7 +403,7 @@ def test_stix_bundle_is_valid_and_imports(story_trace: tuple[dict, Path, str], t
     assert report.is_valid, [str(e) for r in report.results for e in r.errors]
     patterns = [o.pattern for o in bundle.objects if o.type == "indicator"]
     assert any("192.0.2.77" in p and "dst_port = 443" in p for p in patterns)
-    run = run_tracepipe("intel", "import", str(out), "--output", "json", "--lake", str(tmp_path / "intel"))
+    run = run_in_process("intel", "import", str(out), "--output", "json", "--lake", str(tmp_path / "intel"))
     imported = json.loads(run.stdout)
     assert run.returncode == 0 and imported["format"] == "stix" and imported["rows"] == len(patterns)
     con_rows = Lake(tmp_path / "intel").read("intel").column("indicator").to_pylist()

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import run_tracepipe
+from tests.conftest import run_in_process, run_tracepipe
 from tracepipe import query
 from tracepipe.correlate.attribution import attribute_flows
 from tracepipe.lake import Lake, ingest_table
@@ -100,7 +100,7 @@ def test_who_before_during_after_each_change(story_lake, addr, hhmm, vm_id):
 
 
 def test_who_tells_the_deleted_vm_and_its_quarantine(story_lake):
-    result = run_tracepipe(
+    result = run_in_process(
         "who",
         "192.168.1.3",
         "--at",
@@ -132,19 +132,19 @@ def test_who_tells_the_deleted_vm_and_its_quarantine(story_lake):
     flows = answer["flows"]  # 07:35 .. 07:55: the soft-deleted and the restored flow
     assert (flows["flows"], flows["bytes"], flows["flows_out"], flows["flows_in"]) == (2, 11000, 2, 0)
     assert flows["top_peers"][0] == {"peer": "203.0.113.10", "flows": 1, "bytes": 6000}
-    table = run_tracepipe("who", "192.168.1.3", "--at", "1710229500", "--lake", str(story_lake))
+    table = run_in_process("who", "192.168.1.3", "--at", "1710229500", "--lake", str(story_lake))
     assert "web-01" in table.stdout and "image kept until 2024-03-19 08:00 UTC" in table.stdout
     assert "2024-03-12 07:00:40 UTC -> 2024-03-12 08:00:03 UTC (delete)" in table.stdout
 
 
 def test_who_nobody_names_the_neighbours(story_lake):
-    result = run_tracepipe(
+    result = run_in_process(
         "who", "192.168.1.3", "--at", "2024-03-12T09:05:00+01:00", "--lake", str(story_lake)
     )
     assert result.returncode == 0, result.stderr
     assert "nobody held 192.168.1.3 at 2024-03-12 08:05:00 UTC" in result.stdout
     assert "before: web-01" in result.stdout and "after: web-02" in result.stdout
-    as_json = run_tracepipe(
+    as_json = run_in_process(
         "who", "192.168.1.99", "--at", "2024-03-12T07:30:00Z", "--format", "json", "--lake", str(story_lake)
     )
     assert as_json.returncode == 0, as_json.stderr
@@ -160,7 +160,7 @@ def test_who_timeline_and_attribute_without_a_lake_fail_with_4(tmp_path):
 
 
 def test_attribute_reports_what_it_did(story_lake):
-    result = run_tracepipe("attribute", "--format", "json", "--lake", str(story_lake))
+    result = run_in_process("attribute", "--format", "json", "--lake", str(story_lake))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     # the story's eight flows; web-01/web-02 as sources five times, batch-07 once as destination, web-01 once
@@ -170,7 +170,7 @@ def test_attribute_reports_what_it_did(story_lake):
         2,
         0,
     )
-    nothing = run_tracepipe("attribute", "--day", "2023-01-01", "--lake", str(story_lake))
+    nothing = run_in_process("attribute", "--day", "2023-01-01", "--lake", str(story_lake))
     assert nothing.returncode == 0 and nothing.stdout.startswith("0 flows in 0 files"), nothing.stdout
 
 
@@ -207,7 +207,7 @@ def test_late_lifecycle_events_end_up_in_the_flow_files(story_lake):
 )
 def test_injection_attempts_are_harmless(story_lake, args):
     before = {p: p.read_bytes() for p in story_lake.rglob("*.parquet")}
-    result = run_tracepipe(*args, "--lake", str(story_lake))
+    result = run_in_process(*args, "--lake", str(story_lake))
     assert result.returncode == 2, result.stdout + result.stderr
     assert "does not parse" in result.stderr or "no VM with id or name" in result.stderr
     assert {p: p.read_bytes() for p in story_lake.rglob("*.parquet")} == before
@@ -231,7 +231,7 @@ def test_timeline_of_a_deleted_vm(story_lake):
     (hour,) = answer.flows_per_hour
     assert (hour["hour"].hour, hour["flows_out"], hour["flows_in"]) == (7, 4, 1)
     assert query.timeline(Lake(story_lake), BATCH07).flows_per_hour[0]["flows_in"] == 1
-    result = run_tracepipe("timeline", "web-02", "--format", "json", "--lake", str(story_lake))
+    result = run_in_process("timeline", "web-02", "--format", "json", "--lake", str(story_lake))
     assert result.returncode == 0, result.stderr
     web02 = json.loads(result.stdout)
     assert web02["vm_id"] == WEB02 and web02["vm"]["user"] == "bob" and web02["exit_code"] == 0
