@@ -42,11 +42,10 @@ PARALLEL_MIN_BYTES = 64 << 20
 
 IN_FLIGHT = 3  # batches queued per worker: one being decoded, two waiting (memory: ~3 x 7 MB of records): a
 # worker writing a row group (~0.1-0.2 s) must not run its queue dry before the walker can refill it
-HANG_SECONDS = (
-    120.0  # a worker that neither takes a batch nor answers for this long is hung, and killed: a batch
-)
-# is bounded (~7 MB of records, an nfcapd range of RANGE_RECORDS, a CSV range of 16 MB: seconds even on a loaded
-# machine, a row group write included), so this is far beyond any real batch
+# a worker that neither takes a batch nor answers for this long is hung, and killed: a batch is bounded (~7 MB of
+# records, an nfcapd range of RANGE_RECORDS, a CSV range of 16 MB: seconds even on a loaded machine, a row group
+# write included), so this is far beyond any real batch
+HANG_SECONDS = 120.0
 
 
 def default_jobs() -> int:
