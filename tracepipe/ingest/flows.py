@@ -458,6 +458,8 @@ def _land_one(
                 progress(size)
         _identify(writer, hashing)
         ingested = writer.commit({"kind": kind, "datagrams": result.datagrams, "exporters": stats})
+    if ingested.skipped:  # another command landed the same content while this one decoded it
+        raise AlreadyIngested
     result.flows = ingested.rows
     result.rejects = ingested.rejects
     if result.status == "landed" and result.flows == 0:
