@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 from conftest import lake_rows
 
 from tracepipe.ingest.flows import ingest_flow_files
@@ -81,3 +82,37 @@ def test_a_copy_landed_by_another_command_during_decoding_is_reported_skipped(tm
     once = tmp_path / "once"
     ingest_flow_files(Lake(once), [pcap], jobs=1)
     assert lake_rows(lake_dir, "flows", FLOW_COLUMNS) == lake_rows(once, "flows", FLOW_COLUMNS)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_file_appended_while_it_is_read_is_refused_and_lands_once_when_complete(tmp_path, jobs):
+    """A capture still being written (appended while ingest reads it) used to land: rows of bytes its content
+    hash did not cover (hash and decoding read the file at different times, beside each other with --jobs), so
+    the rerun of the complete file landed them a second time under its new hash. Now it is refused (nothing
+    committed, exit 3) and lands once when complete."""
+    original = (SAMPLE / "softflowd-v9.pcap").read_bytes()
+    capture = tmp_path / "growing.pcap"
+    capture.write_bytes(original)
+    appended = []
+
+    def writer_appends(_n: int) -> None:  # the capture's writer, while ingest reads it
+        if not appended:
+            with open(capture, "ab") as handle:
+                handle.write(original[24:])  # more records (the pcap header is 24 bytes)
+            appended.append(True)
+
+    lake_dir = tmp_path / "lake"
+    summary = ingest_flow_files(
+        Lake(lake_dir), [capture], progress=writer_appends, jobs=jobs, parallel_min_bytes=0
+    )
+    assert appended
+    assert [(f.status, f.flows) for f in summary.files] == [("rejected", 0)]
+    assert "changed while it was read" in summary.files[0].message
+    assert summary.exit_code == 4  # nothing usable
+    assert Lake(lake_dir).read("flows").num_rows == 0
+    assert {f for f in _data_files(lake_dir) if f.startswith("flows/")} == set()
+
+    rerun = ingest_flow_files(Lake(lake_dir), [capture], jobs=jobs, parallel_min_bytes=0)
+    assert [f.status for f in rerun.files] == ["landed"]
+    manifest = [r for r in Lake(lake_dir).manifest().to_pylist() if r["dataset"] == "flows"]
+    assert [r["content_hash"] for r in manifest] == [hash_file(capture)]
