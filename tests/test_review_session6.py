@@ -3,7 +3,10 @@ row-group sort, brute_force push suppression). Each test reproduces its defect f
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,35 @@ def test_a_file_appended_while_it_is_read_is_refused_and_lands_once_when_complet
     assert [f.status for f in rerun.files] == ["landed"]
     manifest = [r for r in Lake(lake_dir).manifest().to_pylist() if r["dataset"] == "flows"]
     assert [r["content_hash"] for r in manifest] == [hash_file(capture)]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("push_min_period", "0"),
+        ("push_min_period", "-5"),
+        ("push_min_period", "nan"),
+        ("push_max_period_spread", "-0.1"),
+        ("push_max_period_spread", "nan"),
+        ("push_max_period_spread", "1e9"),
+    ],
+)
+def test_brute_force_push_settings_out_of_range_are_a_usage_error(tmp_path, key, value):
+    """push_min_period 0 (any regular login tool off the listed ports suppressed) and push_max_period_spread
+    above 1 (every rhythm 'steady': all off-port brute force suppressed) were accepted; now exit 2 naming the
+    key and its line."""
+    template = Path(__file__).resolve().parent.parent / "tracepipe" / "pipelines" / "nightly.toml"
+    text = template.read_text()
+    line = next(x for x in text.splitlines() if x.startswith(f"{key} ="))
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace(line, f"{key} = {value}"))
+    run = subprocess.run(
+        [sys.executable, "-m", "tracepipe.cli", "sweep", str(bad), "--lake", str(tmp_path / "lake")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert key in run.stdout + run.stderr
+    assert "line " in run.stderr and "Fix the pipeline file" in run.stderr
