@@ -1488,37 +1488,13 @@ class IngestWriter:
         if self.key is None:
             raise LakeError(f"{self.source}: commit before its content hash was known (a bug)")
         try:
-            adds = [*self._parts.close(self.key), *self._adopted]
-            info = {"source": self.source, "content_hash": self.content_hash, "rows": self.result.rows}
-            # rejects first, then the rows (the commit that makes the source count as landed), then the
-            # manifest row; a rerun after a kill in between finds what landed by its file names
-            if self._rejects and not lake._source_entries("rejects", self.content_hash):
-                part = PartFile(
-                    lake.root / "rejects",
-                    DATASETS["rejects"],
-                    self.ingested_at.strftime("%Y-%m-%d"),
-                    f"part-{self.key}-{uuid.uuid4().hex[:8]}",
-                )
-                part.write(pa.concat_tables(self._rejects))
-                action = part.close()
-                lake.commit("rejects", [action] if action else [], info=info)
-                self.result.files.append(f"rejects/{part.relative}")
-            self.result.version = lake.commit(self.dataset.name, adds, info=info)
-            self.result.files[:0] = [f"{self.dataset.name}/{a.path}" for a in adds]
-            self.result.stats = stats or {}
-            lake._write_manifest_row(
-                self.dataset.name,
-                self.content_hash,
-                self.source,
-                self.result.rows,
-                self.result.rejects,
-                self.result.files,
-                self.result.stats,
-                self.ingested_at,
-            )
+            with lake.lock(f"ingest-{self.dataset.name}"):
+                adds = self._commit_locked(stats)
         except OSError as exc:
             self.abort()
             raise LakeError(f"cannot commit {self.source} to {lake.root}: {exc}") from exc
+        if adds is None:
+            return self.result
         self._committed = True
         days = sorted({a.partition_values[PARTITION] for a in adds if a.partition_values.get(PARTITION)})
         try:
@@ -1536,6 +1512,49 @@ class IngestWriter:
         except LakeError:  # compaction is housekeeping: the rows are committed, a later run merges
             pass
         return self.result
+
+    def _commit_locked(self, stats: dict[str, Any] | None) -> list[AddAction] | None:
+        """commit()'s commits, under the dataset's ingest lock: two commands landing the same content at once
+        (the same file given to both, or under two paths) both pass their first already_ingested check while
+        they decode; it is made again here, where no other ingest of the dataset commits in between, and the
+        later one drops its files (result.skipped, None returned) instead of landing the rows twice."""
+        lake = self.lake
+        lake.refresh(MANIFEST_DIR)
+        lake.refresh(self.dataset.name)
+        if lake.already_ingested(self.dataset.name, self.content_hash):
+            self.abort()
+            self._committed = True
+            self.result.skipped = True
+            return None
+        adds = [*self._parts.close(self.key), *self._adopted]
+        info = {"source": self.source, "content_hash": self.content_hash, "rows": self.result.rows}
+        # rejects first, then the rows (the commit that makes the source count as landed), then the
+        # manifest row; a rerun after a kill in between finds what landed by its file names
+        if self._rejects and not lake._source_entries("rejects", self.content_hash):
+            part = PartFile(
+                lake.root / "rejects",
+                DATASETS["rejects"],
+                self.ingested_at.strftime("%Y-%m-%d"),
+                f"part-{self.key}-{uuid.uuid4().hex[:8]}",
+            )
+            part.write(pa.concat_tables(self._rejects))
+            action = part.close()
+            lake.commit("rejects", [action] if action else [], info=info)
+            self.result.files.append(f"rejects/{part.relative}")
+        self.result.version = lake.commit(self.dataset.name, adds, info=info)
+        self.result.files[:0] = [f"{self.dataset.name}/{a.path}" for a in adds]
+        self.result.stats = stats or {}
+        lake._write_manifest_row(
+            self.dataset.name,
+            self.content_hash,
+            self.source,
+            self.result.rows,
+            self.result.rejects,
+            self.result.files,
+            self.result.stats,
+            self.ingested_at,
+        )
+        return adds
 
     def abort(self) -> None:
         self._parts.abort()

@@ -310,6 +310,10 @@ RANGES: dict[str, Range] = {
     "min_attempts": Range(1),
     "min_connections": Range(2),  # a period needs two connections
     "max_bytes_per_packet": Range(1),
+    # brute_force push suppression: a zero period would clear any login tool off the listed ports whose
+    # intervals are regular, and a spread above 1 (MAD above the median) calls anything steady
+    "push_min_period": Range(0, above=True),
+    "push_max_period_spread": Range(0, 1),
 }
 ANY_NUMBER = Range(0)
 

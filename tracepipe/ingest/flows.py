@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import re
 import stat
 import threading
@@ -111,12 +112,39 @@ class AlreadyIngested(Exception):
     """The content hash, found while the file decoded, is in the lake already: what was written is dropped."""
 
 
+class InputChanged(Exception):
+    """The file changed (appended, truncated, rewritten) while it was hashed and decoded: the hash and the rows
+    may be of different bytes, so nothing of it is committed."""
+
+
+def _file_identity(info: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file's bytes do: size, mtime and ctime (ctime cannot be set back by its writer)."""
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+def _unchanged(path: Path, seen: os.stat_result) -> None:
+    """InputChanged unless `path` is still the file `seen` before it was hashed: a capture still being written
+    (tcpdump, nfcapd's current file) would otherwise land rows of bytes its content hash does not cover, and
+    land them again under the complete file's hash."""
+    try:
+        now = path.stat()
+    except OSError as exc:
+        raise InputChanged(f"it went away while it was read ({exc.strerror})") from exc
+    if _file_identity(now) != _file_identity(seen):
+        raise InputChanged(f"it changed while it was read ({seen.st_size:,} -> {now.st_size:,} bytes)")
+
+
 def _identify(writer: IngestWriter, hashing: ContentHash | None) -> None:
     """Give the writer its source's content hash once computed; AlreadyIngested when the lake holds it. Checked
-    before any commit, so a source lands once whether it was hashed first or beside its decoding."""
+    before any commit, so a source lands once whether it was hashed first or beside its decoding. A read error
+    of the hash thread is the input's (InputChanged), not the lake's."""
     if hashing is None or writer.key is not None:
         return
-    writer.identify(hashing.result())
+    try:
+        digest = hashing.result()
+    except OSError as exc:
+        raise InputChanged(f"it could not be read to its end ({exc.strerror or exc})") from exc
+    writer.identify(digest)
     if writer.lake.already_ingested(writer.dataset.name, writer.content_hash):
         raise AlreadyIngested
 
@@ -329,7 +357,8 @@ def _ingest_one(
     accept: tuple[str, ...],
     pool: DecodePool | None = None,
 ) -> FileResult:
-    size = path.stat().st_size
+    seen = path.stat()  # before any read: _unchanged compares it before the commit
+    size = seen.st_size
     kind = sniff_kind(path)
     result = FileResult(str(path), kind, "landed")
     if kind not in accept and kind in COMMAND_OF_KIND:  # read by another command: say which, land nothing
@@ -351,12 +380,21 @@ def _ingest_one(
     before = copy.deepcopy(state) if hashing is not None and kind == "pcap" else None
     try:
         return _land_one(
-            lake, path, kind, source, content_hash, hashing, state, summary, progress, accept, pool
+            lake, path, kind, source, content_hash, hashing, state, summary, progress, accept, pool, seen
         )
     except AlreadyIngested:
         if before is not None:
             state.__dict__.update(before.__dict__)
         return _skipped(result, progress, size)
+    except InputChanged as exc:
+        if before is not None:
+            state.__dict__.update(before.__dict__)
+        result.status = "rejected"
+        result.message = (
+            f"{exc}: nothing of it landed (its content hash and its rows must be of the same bytes). Ingest it "
+            "again once it is complete (a capture or nfcapd file still being written: its rotated copy)"
+        )
+        return result
 
 
 def _skipped(result: FileResult, progress: Progress | None, size: int) -> FileResult:
@@ -379,8 +417,10 @@ def _land_one(
     progress: Progress | None,
     accept: tuple[str, ...],
     pool: DecodePool | None,
+    seen: os.stat_result,
 ) -> FileResult:
-    """_ingest_one's landing of a file not (known to be) in the lake: content_hash None while `hashing`."""
+    """_ingest_one's landing of a file not (known to be) in the lake: content_hash None while `hashing`;
+    `seen`: its stat before it was hashed (InputChanged if it changed since)."""
     size = path.stat().st_size
     result = FileResult(str(path), kind, "landed")
     stats: dict[str, dict[str, Any]] = {}
@@ -457,7 +497,10 @@ def _land_one(
             if progress:
                 progress(size)
         _identify(writer, hashing)
+        _unchanged(path, seen)  # after the hash and every read of the file, before anything is committed
         ingested = writer.commit({"kind": kind, "datagrams": result.datagrams, "exporters": stats})
+    if ingested.skipped:  # another command landed the same content while this one decoded it
+        raise AlreadyIngested
     result.flows = ingested.rows
     result.rejects = ingested.rejects
     if result.status == "landed" and result.flows == 0:
