@@ -339,12 +339,8 @@ class DecodePool:
         self._key, self._tags, self._closed = None, [], []
 
     def stop(self) -> None:
-        for _, to_worker in self._conns:
-            try:
-                to_worker.send(("stop",))
-            except OSError:
-                pass
-            to_worker.close()
+        """Tell the workers to end (release: a second time does nothing) and wait for them."""
+        self.release()
         for proc in self._procs:
             try:
                 proc.wait(timeout=self.hang_seconds)
