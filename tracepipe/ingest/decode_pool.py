@@ -284,13 +284,18 @@ class DecodePool:
 
     def release(self) -> None:
         """Tell the workers to end, without waiting for them (stop() does); a later start() spawns new ones."""
+        self._tell_all(("stop",))
         for _, to_worker in self._conns:
-            try:
-                to_worker.send(("stop",))
-            except OSError:
-                pass
             to_worker.close()
         self._released = True
+
+    def _tell_all(self, message: tuple[Any, ...]) -> None:
+        """Send `message` to every worker that still reads (one that died or was told to end is skipped)."""
+        for _, to_worker in self._conns:
+            try:
+                to_worker.send(message)
+            except OSError:
+                pass
 
     def finish(self, key: str | None = None) -> tuple[list[tuple[int, Decoded]], list[AddAction], int]:
         """All answers still due, then every worker's day files closed under the source's `key` (None: the
@@ -319,11 +324,7 @@ class DecodePool:
         their way are dropped with them; a next source starts new workers). The files of a worker that was
         killed (hung, or died) are removed here, and so are parts a worker had already closed: nothing of this
         source is committed yet, so no file named with its key and a worker's tag is in the lake."""
-        for _, to_worker in self._conns:
-            try:
-                to_worker.send(("abort",))
-            except OSError:
-                pass
+        self._tell_all(("abort",))
         self.stop()
         # what a killed worker could not delete: its temp files, under the provisional names of a source whose
         # key was still being computed (part-<tag>-<random>) or under the key's (part-<key>-<tag>...); only
