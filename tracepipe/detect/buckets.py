@@ -180,6 +180,7 @@ def spill_flows(
     since, until = utc(start), utc(end)
     writers: dict[int, pq.ParquetWriter] = {}
     written: dict[int, int] = {}
+    key_type = np.int16 if buckets <= np.iinfo(np.int16).max else np.int32
 
     # find: every distinct address read so far, whether it is in `networks` (classified once), and per range
     # the in-network ones seen there
@@ -231,11 +232,14 @@ def spill_flows(
                 starts = table.column("ts_start").combine_chunks().cast(pa.int64()).to_numpy()
                 src, dst = owner(table.column("src_addr"), starts), owner(table.column("dst_addr"), starts)
                 # (row, bucket) for each local end (a flow between two hosts of one bucket once), grouped by
-                # bucket and kept in lake order within it: one take, then a slice per bucket
-                rows = np.concatenate([np.flatnonzero(src >= 0), np.flatnonzero((dst >= 0) & (dst != src))])
-                of = np.concatenate([src[src >= 0], dst[(dst >= 0) & (dst != src)]])
-                order = np.lexsort((rows, of))
-                rows, of = rows[order], of[order]
+                # bucket and kept in lake order within it: one take, then a slice per bucket. The ends are
+                # listed in row order (src, dst of row 0, then of row 1...), so a stable sort by bucket alone
+                # keeps lake order (numpy sorts 16-bit keys by radix: 3x cheaper than lexsort by (bucket, row))
+                ends = np.stack([src, np.where(dst != src, dst, -1)], axis=1).ravel()
+                kept = np.flatnonzero(ends >= 0)
+                of = ends[kept]
+                order = np.argsort(of.astype(key_type), kind="stable")
+                rows, of = (kept >> 1)[order], of[order]
                 taken = table.take(rows)
                 bounds = np.searchsorted(of, np.arange(buckets + 1))
                 for bucket in np.flatnonzero(np.diff(bounds)).tolist():
