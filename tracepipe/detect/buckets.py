@@ -294,10 +294,16 @@ class BucketContext(det.DetectContext):
         bucket: int,
         spans: SpanBook,
         facts: pl.DataFrame | None = None,
+        shared: dict | None = None,
     ) -> None:
-        # every field of the base (lists such as its timings are shared, not copied), its spans swapped
-        shared = {f.name: getattr(base, f.name) for f in fields(base) if f.init and f.name != "spans"}
-        super().__init__(**shared, spans=spans)
+        # every field of the base (lists such as its timings are shared, not copied), its spans swapped and
+        # its `shared` results the bucket's own (one dict for all the detectors of one bucket)
+        kept = {
+            f.name: getattr(base, f.name)
+            for f in fields(base)
+            if f.init and f.name not in ("spans", "shared")
+        }
+        super().__init__(**kept, spans=spans, shared={} if shared is None else shared)
         self._spill, self._source, self._facts = spill, spill.source(bucket), facts
         self._hosts = spill.hosts(bucket)
 
@@ -363,10 +369,11 @@ def detect(
         facts = timed(
             "bucket read", lambda bucket=bucket: _in_memory_facts(spill, bucket, ctx.local, ctx.night)
         )
+        shared: dict = {}  # what detectors of this bucket compute alike (DetectContext.shared)
         for name in per_host:
             # a detector not in WINDOW_WIDE that calls periodicity fails loudly (its book has nothing to give)
             book = SpanBook(deferred=deferred[name]) if name in deferred else SpanBook()
-            context = BucketContext(ctx, spill, bucket, book, facts)
+            context = BucketContext(ctx, spill, bucket, book, facts, shared)
             before = len(log) if log is not None else 0
             found = timed(name, lambda name=name, context=context: det.DETECTORS[name](context))
             if name not in deferred:
@@ -381,7 +388,7 @@ def detect(
             sums.append(found.filter(pl.col("src_addr").is_in(hosts.implode())))
         if also_add is not None:
             also_add(bucket, facts)
-        del facts
+        del facts, shared
     if sums is not None:
         every = pl.concat(sums)
         frames.append(timed("exfiltration", lambda: det.exfiltration(ctx, every=every)))

@@ -112,6 +112,9 @@ class DetectContext:
     timings: dict[str, float] = field(default_factory=dict)
     # what a detector or an allowlist kept out of the alerts, and why (the report lists it)
     suppressed: list[dict] = field(default_factory=list)
+    # what two detectors of one run compute alike from the same flows (both scans' per-destination counts),
+    # computed by the first that asks: one per host bucket (a BucketContext has its own), keyed by what it is
+    shared: dict[tuple, pl.DataFrame] = field(default_factory=dict, repr=False)
 
     def suppress(self, frame: pl.DataFrame, detector: str, why: Callable[[dict], str]) -> None:
         """Record candidates a detector judged benign for a declared or measured reason."""
@@ -248,6 +251,33 @@ def _finish(
 
 
 # ---- the detectors -----------------------------------------------------------------------------------------
+def _fan_out_counts(ctx: DetectContext, window_s: float) -> pl.DataFrame:
+    """Per (src_addr, dst_addr, dst_port, window) of the local hosts' outgoing TCP and UDP (replies aside):
+    flows, tcp, failed, first_ts, and the proto and row number of the first of those flows. Both scans'
+    groups are unions of these rows (a horizontal scan's per port, a vertical scan's per destination), so
+    they are counted from the flows once for both (ctx.shared) and the scans group this smaller table."""
+    key = ("fan_out", float(window_s))
+    if key not in ctx.shared:
+        flows = (
+            ctx.flows(window_s)
+            .filter(pl.col("src_owned") & ~pl.col("response") & pl.col("proto").is_in([6, 17]))
+            .with_row_index("_row")
+        )
+        ctx.shared[key] = (
+            flows.group_by("src_addr", "dst_addr", "dst_port", "window_start")
+            .agg(
+                flows=pl.len(),
+                tcp=(pl.col("proto") == 6).sum(),
+                failed=pl.col("failed").sum(),
+                first_ts=pl.col("ts_start").min(),
+                _row=pl.col("_row").min(),
+                proto=pl.col("proto").first(),  # (within a group the rows keep their order)
+            )
+            .collect(engine="streaming")
+        )
+    return ctx.shared[key]
+
+
 def _fan_out(
     ctx: DetectContext,
     c: HorizontalScan | VerticalScan,
@@ -259,18 +289,20 @@ def _fan_out(
 ) -> pl.DataFrame:
     """Local hosts that, per window, sent to one `fixed` value (a port, or a destination) from many distinct
     `spread` values (destinations, or ports), mostly failed: the shape of both scans. UDP has no handshake: an
-    unanswered UDP probe cannot be told from an answered one here, so it counts as failed."""
-    flows = ctx.flows(c.window).filter(
-        pl.col("src_owned") & ~pl.col("response") & pl.col("proto").is_in([6, 17])
-    )
+    unanswered UDP probe cannot be told from an answered one here, so it counts as failed. `extra`: more
+    aggregations over _fan_out_counts' rows of a group."""
     found = (
-        flows.group_by("src_addr", fixed, "window_start")
+        _fan_out_counts(ctx, c.window)
+        .lazy()
+        .group_by("src_addr", fixed, "window_start")
         .agg(
-            pl.col(spread).n_unique().alias(count),
-            flows=pl.len(),
-            tcp=(pl.col("proto") == 6).sum(),
+            # one row per distinct (fixed, spread) value pair: the distinct spread values, a null one included
+            # (as n_unique counts it)
+            pl.len().alias(count),
+            flows=pl.col("flows").sum(),
+            tcp=pl.col("tcp").sum(),
             failed=pl.col("failed").sum(),
-            first_ts=pl.col("ts_start").min(),
+            first_ts=pl.col("first_ts").min(),
             **extra,
         )
         .filter(pl.col(count) >= minimum)
@@ -287,7 +319,7 @@ def horizontal_scan(ctx: DetectContext) -> pl.DataFrame:
     """One local host, one port, many destinations, mostly unanswered."""
     c = ctx.config.detectors.horizontal_scan
     frame = _fan_out(
-        ctx, c, "dst_port", "dst_addr", "hosts", c.min_hosts, proto=pl.col("proto").first()
+        ctx, c, "dst_port", "dst_addr", "hosts", c.min_hosts, proto=pl.col("proto").sort_by("_row").first()
     ).with_columns(port=pl.col("dst_port"))
     return _finish(
         frame,
