@@ -180,6 +180,7 @@ def spill_flows(
     since, until = utc(start), utc(end)
     writers: dict[int, pq.ParquetWriter] = {}
     written: dict[int, int] = {}
+    key_type = np.int16 if buckets <= np.iinfo(np.int16).max else np.int32
 
     # find: every distinct address read so far, whether it is in `networks` (classified once), and per range
     # the in-network ones seen there
@@ -231,11 +232,14 @@ def spill_flows(
                 starts = table.column("ts_start").combine_chunks().cast(pa.int64()).to_numpy()
                 src, dst = owner(table.column("src_addr"), starts), owner(table.column("dst_addr"), starts)
                 # (row, bucket) for each local end (a flow between two hosts of one bucket once), grouped by
-                # bucket and kept in lake order within it: one take, then a slice per bucket
-                rows = np.concatenate([np.flatnonzero(src >= 0), np.flatnonzero((dst >= 0) & (dst != src))])
-                of = np.concatenate([src[src >= 0], dst[(dst >= 0) & (dst != src)]])
-                order = np.lexsort((rows, of))
-                rows, of = rows[order], of[order]
+                # bucket and kept in lake order within it: one take, then a slice per bucket. The ends are
+                # listed in row order (src, dst of row 0, then of row 1...), so a stable sort by bucket alone
+                # keeps lake order (numpy sorts 16-bit keys by radix: 3x cheaper than lexsort by (bucket, row))
+                ends = np.stack([src, np.where(dst != src, dst, -1)], axis=1).ravel()
+                kept = np.flatnonzero(ends >= 0)
+                of = ends[kept]
+                order = np.argsort(of.astype(key_type), kind="stable")
+                rows, of = (kept >> 1)[order], of[order]
                 taken = table.take(rows)
                 bounds = np.searchsorted(of, np.arange(buckets + 1))
                 for bucket in np.flatnonzero(np.diff(bounds)).tolist():
@@ -290,10 +294,16 @@ class BucketContext(det.DetectContext):
         bucket: int,
         spans: SpanBook,
         facts: pl.DataFrame | None = None,
+        shared: dict | None = None,
     ) -> None:
-        # every field of the base (lists such as its timings are shared, not copied), its spans swapped
-        shared = {f.name: getattr(base, f.name) for f in fields(base) if f.init and f.name != "spans"}
-        super().__init__(**shared, spans=spans)
+        # every field of the base (lists such as its timings are shared, not copied), its spans swapped and
+        # its `shared` results the bucket's own (one dict for all the detectors of one bucket)
+        kept = {
+            f.name: getattr(base, f.name)
+            for f in fields(base)
+            if f.init and f.name not in ("spans", "shared")
+        }
+        super().__init__(**kept, spans=spans, shared={} if shared is None else shared)
         self._spill, self._source, self._facts = spill, spill.source(bucket), facts
         self._hosts = spill.hosts(bucket)
 
@@ -359,10 +369,11 @@ def detect(
         facts = timed(
             "bucket read", lambda bucket=bucket: _in_memory_facts(spill, bucket, ctx.local, ctx.night)
         )
+        shared: dict = {}  # what detectors of this bucket compute alike (DetectContext.shared)
         for name in per_host:
             # a detector not in WINDOW_WIDE that calls periodicity fails loudly (its book has nothing to give)
             book = SpanBook(deferred=deferred[name]) if name in deferred else SpanBook()
-            context = BucketContext(ctx, spill, bucket, book, facts)
+            context = BucketContext(ctx, spill, bucket, book, facts, shared)
             before = len(log) if log is not None else 0
             found = timed(name, lambda name=name, context=context: det.DETECTORS[name](context))
             if name not in deferred:
@@ -377,7 +388,7 @@ def detect(
             sums.append(found.filter(pl.col("src_addr").is_in(hosts.implode())))
         if also_add is not None:
             also_add(bucket, facts)
-        del facts
+        del facts, shared
     if sums is not None:
         every = pl.concat(sums)
         frames.append(timed("exfiltration", lambda: det.exfiltration(ctx, every=every)))
