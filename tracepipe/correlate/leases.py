@@ -26,7 +26,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,11 +254,6 @@ def _events_in_order(
     return frame.with_columns(phases, pl.col("ts").dt.epoch("us")), names
 
 
-def _decode(frame: pl.DataFrame, names: dict[str, pl.Series], *columns: str) -> pl.DataFrame:
-    """Columns of codes back to their texts (names: column -> texts)."""
-    return frame.with_columns(names[c].gather(frame.get_column(c)).alias(c) for c in columns)
-
-
 # Every step below is a polars expression over all events at once (window functions over vm_id, addr or floating
 # IP key); nothing loops per event. `seq` is an event's position in the replay order: within one instant it
 # decides what happened first, exactly as replaying the events one by one in that order would.
@@ -324,37 +318,49 @@ def _per_vm(ev: pl.DataFrame, starts: np.ndarray, where: pl.Expr, how: str, name
     return _reduce(ev, starts, "seq", where, how).gather(ev.get_column("_vm")).alias(name)
 
 
-def _vm_frame(
-    frame: pl.DataFrame, reclaim_us: int | None, texts: Callable[[str, pl.Series], pl.Series]
-) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+def _in_vm_order(frame: pl.DataFrame) -> pl.DataFrame:
+    """The rows of a frame in seq order (seq = row number) whose vm_id is not null, sorted by (vm_id, seq).
+    Both are small non-negative integers: packed into one Int64, whose sorted values carry the row numbers in
+    their low bits (a sort of one column, then one gather, instead of a stable sort of every column)."""
+    bits = max(frame.height, 1).bit_length()
+    top = frame.get_column("vm_id").max()
+    if top is None or int(top).bit_length() + bits > 62:  # (only ~2^31 events or more)
+        return frame.filter(pl.col("vm_id").is_not_null()).sort("vm_id", maintain_order=True)
+    packed = frame.select((pl.col("vm_id").cast(pl.Int64) * (1 << bits) + pl.col("seq")).drop_nulls().sort())
+    return frame.gather(packed.to_series() % (1 << bits))
+
+
+def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Per-event VM context (gone?, applicable?, hypervisor then), the VMs' final facts, and the hypervisor
     moves (live migration, unshelve elsewhere) that split leases. Sorted by (vm_id, seq); only fast
     aggregations and fills over the whole frame (per-group expressions are evaluated group by group).
     The VM's story is told on integers and flags: a text column (names, state) is read from `frame` (whose row
-    number is seq) only at the few rows that decide a VM's fact."""
+    number is seq) only at the few rows that decide a VM's fact; the identity columns (_at_vm_name, ...) are the
+    seq of the event that decides each (null: none names it)."""
     floating = _act_in(*_FLOATING_ACTIONS)
-    ev = (
-        frame.select(
-            "vm_id",
-            "seq",
-            "ts",
-            "passive",
-            "hypervisor",  # a code (_encode_events)
-            floating.alias("_floating"),
-            (_act_in(*_DELETES) & ~pl.col("passive") & ~floating).alias("_delete"),
-            _act_in(*_DELETES, "detach").alias("_delete_or_detach"),
-            _act_in("port_update").alias("_port_update"),
-            _act_in("restore").alias("_restore"),
-            _act_in("soft_delete").alias("_soft_delete"),
-            _act_in("purge").alias("_purge_act"),
-            _act_in("create").alias("_create"),
-            _act_in(*_DEFAULT_STATUS).alias("_default"),
-            (pl.col("state").is_not_null() & (pl.col("state") != "unknown")).alias("_state"),
-            _act_in("port_update", "fip_associate").not_().alias("_own"),
-            *[f"_has_{n}" for n in _IDENTITY],
-        )
-        .filter(pl.col("vm_id").is_not_null())
-        .sort("vm_id", maintain_order=True)  # frame is in seq order: a stable sort on one key
+    base = frame.select(
+        "vm_id",
+        "seq",
+        "ts",
+        "passive",
+        "hypervisor",  # a code (_encode_events)
+        "_act",
+        (pl.col("state").is_not_null() & (pl.col("state") != "unknown")).alias("_state"),
+        *[f"_has_{n}" for n in _IDENTITY],
+    )
+    # the events by VM, each VM's in seq order: gathered once, on the few narrow columns above (the flags
+    # below are then worked out on the gathered integers)
+    ev = _in_vm_order(base).with_columns(
+        floating.alias("_floating"),
+        (_act_in(*_DELETES) & ~pl.col("passive") & ~floating).alias("_delete"),
+        _act_in(*_DELETES, "detach").alias("_delete_or_detach"),
+        _act_in("port_update").alias("_port_update"),
+        _act_in("restore").alias("_restore"),
+        _act_in("soft_delete").alias("_soft_delete"),
+        _act_in("purge").alias("_purge_act"),
+        _act_in("create").alias("_create"),
+        _act_in(*_DEFAULT_STATUS).alias("_default"),
+        _act_in("port_update", "fip_associate").not_().alias("_own"),
     )
     # VM codes are dense from 0 and sorted (_encode): _vm is the VM's position among the VMs. (One chunk per
     # column: every step below then reads contiguous memory, and to numpy without a copy.)
@@ -463,9 +469,9 @@ def _vm_frame(
             _reduce_np(ts_high, None, starts, "max").alias("last_event_at"),
         ]
     )
-    marks = [*[f"_at_{n}" for n in _IDENTITY], "_status"]
-    for name in _IDENTITY:
-        facts = facts.with_columns(texts(name, facts.get_column(f"_at_{name}") % _OWN).alias(name))
+    # the identity columns stay positions (seq) of the deciding events: build_leases reads their texts once,
+    # in Arrow, into the output tables (text in polars frames would be joined, sorted and cast again)
+    facts = facts.with_columns(pl.col(f"_at_{n}") % _OWN for n in _IDENTITY)
     # the status set by the VM's last row that sets one
     at = facts.get_column("_status")
     deciding = frame.select(pl.col("act").gather(at), pl.col("state").gather(at)).with_columns(
@@ -486,7 +492,7 @@ def _vm_frame(
         deciding.select(status).to_series().alias("status"),
         frame.get_column("act").gather(facts.get_column("gone_seq")).alias("gone_act"),
     )
-    facts = facts.drop(*marks)
+    facts = facts.drop("_status")
     reclaim = pl.lit(reclaim_us, pl.Int64)
     soft_end = pl.col("soft_deleted_at") + reclaim
     facts = facts.with_columns(
@@ -744,10 +750,9 @@ def _replay(
     frame: pl.DataFrame,
     reclaim_us: int | None,
     names: dict[str, pl.Series],
-    texts: Callable[[str, pl.Series], pl.Series],
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, pl.Series]]:
     """Sorted, de-duplicated events (_events_in_order) -> (leases with µs times, VM facts, the texts of their
-    codes: vm_id, hypervisor, addr; in the texts' order). texts(column, seq): a text column at those events."""
+    codes: vm_id, hypervisor, addr; in the texts' order)."""
     vm_names, addr_names = names["vm_id"], names["addr"]
     frame = frame.with_columns(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("seq"),
@@ -758,15 +763,15 @@ def _replay(
         .replace_strict(_ACTION_CODE, default=-1, return_dtype=pl.Int8)
         .alias("_act"),
     )
-    ev, facts, moves = _vm_frame(frame, reclaim_us, texts)
+    ev, facts, moves = _vm_frame(frame, reclaim_us)
     port_history, port_addrs = _port_maps(frame)
 
     # claims by VMs: every address an applicable event lists, and the one an attach names
     applicable = ev.select("seq").filter(ev.get_column("applicable")).get_column("seq").sort()
     listed = (
-        frame.select(
-            "seq", "ts", "vm_id", pl.col("addr_kind").fill_null("fixed").alias("kind"), "addrs", "addr", "act"
-        ).gather(applicable)  # frame's row number is seq
+        frame.select("seq", "ts", "vm_id", pl.col("addr_kind").alias("kind"), "addrs", "addr", "act")
+        .gather(applicable)  # frame's row number is seq
+        .with_columns(pl.col("kind").fill_null("fixed"))
     )
     fixed_claims = pl.concat(
         [
@@ -1037,10 +1042,6 @@ def _replay(
     return leases, facts, {**names, "vm_id": vm_names}
 
 
-def _us_to_ts(*names: str) -> list[pl.Expr]:
-    return [pl.col(n).cast(pl.Datetime("us", "UTC")) for n in names]
-
-
 def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None) -> tuple[pa.Table, pa.Table]:
     """Whole event history -> (vm_leases, vms) tables in schema.VM_LEASES / schema.VMS, sorted.
 
@@ -1052,66 +1053,65 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
         return VM_LEASES.empty_table(), VMS.empty_table()
     rows, phases = _replay_order(events)
     frame, names = _events_in_order(events, rows, phases)
-
-    def texts(column: str, seq: pl.Series) -> pl.Series:
-        taken = pl.from_arrow(events.column(column).take(rows.gather(seq).to_arrow()))
-        assert isinstance(taken, pl.Series)
-        return taken
-
     reclaim_us = None if reclaim_interval is None else reclaim_interval // dt.timedelta(microseconds=1)
-    leases, facts, names = _replay(frame, reclaim_us, names, texts)
-    vm_cols = facts.select(
-        "vm_id",
-        "vm_name",
-        "project",
-        "user",
-        "cloud",
-        pl.col("status").fill_null("unknown").alias("vm_status"),  # as vms says it
-        "quarantine_until",
-    )
-    lease_frame = (
-        leases.join(vm_cols, on="vm_id", how="left")
-        .select(
-            "addr",
-            "vm_id",
-            "vm_name",
-            "project",
-            "user",
-            "hypervisor",
-            "cloud",
-            pl.col("kind").cast(pl.String).alias("addr_kind"),
-            "valid_from",
-            "valid_to",
-            pl.col("end_reason").cast(pl.String),
-            "vm_status",
-            "quarantine_until",
-        )
-        .with_columns(_us_to_ts("valid_from", "valid_to", "quarantine_until"))
-        .sort(_LEASE_KEY)
-    )
-    vm_frame = facts.select(
-        "vm_id",
-        "cloud",
-        "vm_name",
-        "project",
-        "user",
-        "hypervisor",
-        pl.col("status").fill_null("unknown"),
-        "created_at",
-        "deleted_at",
-        "quarantine_until",
-        "last_event_at",
-        "image",
-    ).with_columns(_us_to_ts("created_at", "deleted_at", "quarantine_until", "last_event_at"))
+    leases, facts, names = _replay(frame, reclaim_us, names)
     # every VM that holds a lease has a vms row, so that "what is this VM now" is a plain read of vms
     # (sql/views.sql, _vm_info): the holders no event names (a floating IP associated with a port or fixed
     # address of no known VM: "port:<id>", "fixed:<addr>") get a row of their own, facts unknown
-    lease_only = lease_frame.select("vm_id").unique().join(vm_frame.select("vm_id"), on="vm_id", how="anti")
-    vm_frame = pl.concat([vm_frame, lease_only], how="diagonal").sort("vm_id")
-    # sorted on the codes (= on the texts), then the texts
-    lease_frame = _decode(lease_frame, names, "addr", "vm_id", "hypervisor")
-    vm_frame = _decode(vm_frame, names, "vm_id", "hypervisor")
-    return lease_frame.to_arrow().cast(VM_LEASES), conform(vm_frame.to_arrow(), VMS)  # vm_key: vm_keys.py
+    facts = facts.with_columns(pl.col("status").fill_null("unknown"))
+    lease_only = leases.select("vm_id").unique().join(facts.select("vm_id"), on="vm_id", how="anti")
+    facts = pl.concat([facts, lease_only], how="diagonal").sort("vm_id")
+    # sorted on the codes (= on the texts); a lease's VM row found by a binary search, its columns read in Arrow
+    leases = leases.sort(_LEASE_KEY)
+    at_vm = pa.array(facts.get_column("vm_id").search_sorted(leases.get_column("vm_id")).to_numpy())
+    vms = _vms_table(events, rows, facts, names)
+    text = {n: _arrow_text(names[n]) for n in ("addr", "vm_id", "hypervisor")}
+    columns = {
+        "addr": text["addr"].take(leases.get_column("addr").to_arrow()),
+        "vm_id": text["vm_id"].take(leases.get_column("vm_id").to_arrow()),
+        **{c: vms.column(c).take(at_vm) for c in ("vm_name", "project", "user")},
+        "hypervisor": text["hypervisor"].take(leases.get_column("hypervisor").to_arrow()),
+        "cloud": vms.column("cloud").take(at_vm),
+        "addr_kind": _arrow_text(leases.get_column("kind").cast(pl.String)),
+        **{c: _arrow_time(leases.get_column(c)) for c in ("valid_from", "valid_to")},
+        "end_reason": _arrow_text(leases.get_column("end_reason").cast(pl.String)),
+        "vm_status": vms.column("status").take(at_vm),
+        "quarantine_until": vms.column("quarantine_until").take(at_vm),
+    }
+    return pa.table(columns, schema=VM_LEASES), vms  # vm_key: vm_keys.py
+
+
+def _arrow_text(series: pl.Series) -> pa.Array:
+    return series.to_arrow().cast(pa.string())
+
+
+def _arrow_time(series: pl.Series) -> pa.Array:
+    """µs since the epoch -> timestamp[us, UTC] (a view of the same buffer)."""
+    return series.to_arrow().cast(pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+
+
+def _vms_table(
+    events: pa.Table, rows: pl.Series, facts: pl.DataFrame, names: dict[str, pl.Series]
+) -> pa.Table:
+    """The VM facts (sorted by vm_id code) as schema.VMS; the identity texts taken from the events' own
+    columns at the deciding events (facts' _at_<column>: positions in the replay order, `rows` maps them to
+    the events' rows)."""
+    columns: dict[str, pa.Array] = {}
+    for name in VMS.names:
+        if name == "vm_id":
+            columns[name] = _arrow_text(names["vm_id"]).take(facts.get_column("vm_id").to_arrow())
+        elif name == "hypervisor":
+            columns[name] = _arrow_text(names["hypervisor"]).take(facts.get_column("hypervisor").to_arrow())
+        elif name in _IDENTITY:
+            at = facts.get_column(f"_at_{name}")
+            columns[name] = events.column(name).take(rows.gather(at).to_arrow()).combine_chunks()
+        elif name == "status":
+            columns[name] = _arrow_text(facts.get_column("status"))
+        elif name == "vm_key":
+            columns[name] = pa.nulls(facts.height, pa.int64())
+        else:
+            columns[name] = _arrow_time(facts.get_column(name))
+    return pa.table(columns, schema=VMS)
 
 
 # ---- the lake edge -------------------------------------------------------------------------------------------
