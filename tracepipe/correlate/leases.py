@@ -83,8 +83,11 @@ def _act_in(*actions: str) -> pl.Expr:
 def _replay_order(events: pa.Table) -> tuple[pl.Series, pl.Series]:
     """The replay order of the events, duplicate deliveries left out: (row positions in `events`, in that
     order; the phase of each: 0 .start, 1 .error, 2 .end or no phase)."""
+    # (one chunk per column: polars' eager operations rechunk every column of a frame in several chunks, a
+    # table read from many files, on every call, and this frame is read a dozen times)
     head = pl.from_arrow(events.select(["ts", "event_type", "event_id"]))
     assert isinstance(head, pl.DataFrame)
+    head = head.rechunk()
     phase = (
         pl.when(pl.col("event_type").str.ends_with(".start"))
         .then(0)
@@ -250,7 +253,7 @@ def _events_in_order(
     narrow = pl.from_arrow(events.select(["ts", "action", "state", "addr_kind", "port_id", "resource_id"]))
     assert isinstance(narrow, pl.DataFrame)
     present = pl.DataFrame([pl.Series(f"_has_{n}", pc.is_valid(events.column(n))) for n in _IDENTITY])
-    frame = _in_order(pl.concat([narrow, codes, present], how="horizontal"), rows)
+    frame = _in_order(pl.concat([narrow, codes, present], how="horizontal"), rows).rechunk()  # (see head)
     return frame.with_columns(phases, pl.col("ts").dt.epoch("us")), names
 
 
@@ -583,7 +586,7 @@ def _frame(rows: list[pl.DataFrame], schema: dict[str, Any]) -> pl.DataFrame:
     return pl.concat(
         [r.select([pl.col(k).cast(v) for k, v in schema.items()]) for r in rows]
         or [pl.DataFrame(schema=schema)]
-    )
+    ).rechunk()  # (polars' eager operations rechunk a frame in chunks on every call: once here)
 
 
 def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
@@ -620,7 +623,7 @@ def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
                 "need_kind",
             ),
         ]
-    )
+    ).rechunk()
     rows = rows.sort(_packed_order(rows)) if rows.height else rows
     claim = pl.col("sub") == 1
     rows = rows.with_columns(
@@ -665,7 +668,7 @@ def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
         if first_release.height
         else pl.lit(None, first_release.schema[name]).alias(name)
         for name in ("rel_seq", "rel_ts", "rel_reason")
-    )
+    ).rechunk()
     same_addr = pl.col("addr") == pl.col("addr").shift(1)
     next_same = pl.col("addr") == pl.col("addr").shift(-1)
     segments = segments.with_columns(
@@ -680,7 +683,7 @@ def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
         pl.when(next_same).then(pl.col("start_seq").shift(-1)).alias("next_seq"),
         pl.when(next_same).then(pl.col("start_ts").shift(-1)).alias("next_ts"),
         pl.when(next_same).then(pl.col("claim_reason").shift(-1)).alias("next_reason"),
-    )
+    ).rechunk()  # (a shift returns two chunks)
     opening = segments.filter(pl.col("lease") != pl.col("lease").shift(1).fill_null(-1))
     closing = segments.filter(pl.col("lease") != pl.col("lease").shift(-1).fill_null(-1))
     released = pl.col("rel_seq").is_not_null()
@@ -697,7 +700,7 @@ def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
             ),
         ],
         how="horizontal",
-    )
+    ).rechunk()
 
 
 def _packed_order(rows: pl.DataFrame) -> pl.Expr | list[str]:
@@ -834,7 +837,7 @@ def _replay(
             ),
             purged_later.select("vm_id", "seq", "ts", pl.lit("purge").alias("act")),
         ]
-    )
+    ).rechunk()
 
     def delete_releases(claimed: pl.DataFrame) -> pl.DataFrame:
         gone = deletes
