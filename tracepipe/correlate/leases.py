@@ -62,6 +62,7 @@ _DEFAULT_STATUS = {
     "purge": "purged",
 }
 _GONE = ("deleted", "purged")
+_DELETES = ("delete", "force_delete", "purge")
 _FLOATING_ACTIONS = frozenset({"fip_associate", "fip_disassociate", "fip_delete"})
 # facts of a VM that the latest event naming them decides (image: a rebuild changes it)
 _IDENTITY = ("vm_name", "project", "user", "cloud", "image")
@@ -78,6 +79,32 @@ _ACTION_CODE = {
 
 def _act_in(*actions: str) -> pl.Expr:
     return pl.col("_act").is_in([_ACTION_CODE[a] for a in actions])
+
+
+# flags of an event's action that the replay asks about (_vm_frame; _own is negated there, _delete narrowed)
+_ACTION_FLAGS = {
+    "_floating": _FLOATING_ACTIONS,
+    "_delete": _DELETES,
+    "_delete_or_detach": (*_DELETES, "detach"),
+    "_port_update": ("port_update",),
+    "_restore": ("restore",),
+    "_soft_delete": ("soft_delete",),
+    "_purge_act": ("purge",),
+    "_create": ("create",),
+    "_default": tuple(_DEFAULT_STATUS),
+    "_own": ("port_update", "fip_associate"),
+}
+
+
+def _action_flags(act: pl.Series) -> list[pl.Series]:
+    """The _ACTION_FLAGS of each event from its action code (-1: any other action): one look-up of a bit set
+    per event, then a bit test per flag (an is_in per flag costs several times more)."""
+    table = np.zeros(len(_ACTION_CODE) + 1, np.uint16)
+    for bit, actions in enumerate(_ACTION_FLAGS.values()):
+        for action in actions:
+            table[_ACTION_CODE[action] + 1] |= 1 << bit
+    bits = table[act.to_numpy().astype(np.int16) + 1]
+    return [pl.Series(name, (bits & (1 << bit)) != 0) for bit, name in enumerate(_ACTION_FLAGS)]
 
 
 def _replay_order(events: pa.Table) -> tuple[pl.Series, pl.Series]:
@@ -261,7 +288,6 @@ def _events_in_order(
 # IP key); nothing loops per event. `seq` is an event's position in the replay order: within one instant it
 # decides what happened first, exactly as replaying the events one by one in that order would.
 
-_DELETES = ("delete", "force_delete", "purge")
 _LEASE_KEY = ["addr", "valid_from", "vm_id"]
 
 
@@ -340,7 +366,6 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
     The VM's story is told on integers and flags: a text column (names, state) is read from `frame` (whose row
     number is seq) only at the few rows that decide a VM's fact; the identity columns (_at_vm_name, ...) are the
     seq of the event that decides each (null: none names it)."""
-    floating = _act_in(*_FLOATING_ACTIONS)
     base = frame.select(
         "vm_id",
         "seq",
@@ -353,17 +378,10 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
     )
     # the events by VM, each VM's in seq order: gathered once, on the few narrow columns above (the flags
     # below are then worked out on the gathered integers)
-    ev = _in_vm_order(base).with_columns(
-        floating.alias("_floating"),
-        (_act_in(*_DELETES) & ~pl.col("passive") & ~floating).alias("_delete"),
-        _act_in(*_DELETES, "detach").alias("_delete_or_detach"),
-        _act_in("port_update").alias("_port_update"),
-        _act_in("restore").alias("_restore"),
-        _act_in("soft_delete").alias("_soft_delete"),
-        _act_in("purge").alias("_purge_act"),
-        _act_in("create").alias("_create"),
-        _act_in(*_DEFAULT_STATUS).alias("_default"),
-        _act_in("port_update", "fip_associate").not_().alias("_own"),
+    ev = _in_vm_order(base)
+    ev = ev.with_columns(_action_flags(ev.get_column("_act"))).with_columns(
+        (pl.col("_delete") & ~pl.col("passive") & ~pl.col("_floating")).alias("_delete"),
+        pl.col("_own").not_(),
     )
     # VM codes are dense from 0 and sorted (_encode): _vm is the VM's position among the VMs. (One chunk per
     # column: every step below then reads contiguous memory, and to numpy without a copy.)
@@ -457,10 +475,17 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
     ts_high = ts.fill_null(np.iinfo(np.int64).min).to_numpy()
     own_first = seq + np.where(mask["_own"], _OWN, 0)
     firsts, lasts = pl.Series(starts), pl.Series(ends)
+    # (events that name one identity column mostly name them all: a reduction per distinct mask)
+    identity: dict[str, pl.Series] = {}
+    for n in _IDENTITY:
+        same = next((o for o in identity if np.array_equal(mask[f"_has_{o}"], mask[f"_has_{n}"])), None)
+        identity[n] = (
+            identity[same] if same else _reduce_np(own_first, mask[f"_has_{n}"], starts, "max")
+        ).alias(f"_at_{n}")
     facts = pl.DataFrame(
         [
             ev.get_column("vm_id").gather(firsts),
-            *[_reduce_np(own_first, mask[f"_has_{n}"], starts, "max").alias(f"_at_{n}") for n in _IDENTITY],
+            *identity.values(),
             _reduce_np(seq, mask["_has_status"], starts, "max").alias("_status"),
             ev.get_column("gone_seq").gather(firsts),
             _reduce_np(ts_high, mask["_gone_row"], starts, "max").alias("gone_ts"),
@@ -735,6 +760,8 @@ def _held(claims: pl.DataFrame) -> pl.DataFrame:
 def _holder_at(leases: pl.DataFrame, rows: pl.DataFrame, addr: str) -> pl.DataFrame:
     """rows (_row, seq, <addr>) + column holder: the VM holding the address when event `seq` was replayed
     (a lease opened by an earlier event and not ended by an event before this one)."""
+    if rows.height == 0:
+        return rows.with_columns(pl.lit(None, leases.schema["vm_id"]).alias("holder"))
     keyed = (
         rows.filter(pl.col(addr).is_not_null()).select("_row", "seq", pl.col(addr).alias("addr")).sort("seq")
     )
