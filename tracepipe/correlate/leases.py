@@ -239,7 +239,8 @@ def _encode(text: pa.Array) -> tuple[pl.Series, pl.Series]:
     rank[order] = np.arange(len(order), dtype=np.int64)
     indices = encoded.indices
     # (the look-up in numpy: a polars gather of a million codes costs twice as much)
-    codes = rank[indices.fill_null(0).to_numpy(zero_copy_only=False)]
+    at = indices.fill_null(0).to_numpy(zero_copy_only=False)
+    codes = rank[at] if len(rank) else np.zeros(len(at), np.int64)  # (no text at all: every code null)
     names = pl.from_arrow(encoded.dictionary.take(order))
     assert isinstance(names, pl.Series)
     return pl.Series(codes).set(pl.Series(indices.is_null()), None), names.cast(pl.String)
