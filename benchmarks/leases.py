@@ -378,8 +378,12 @@ def run(args: argparse.Namespace, hours: int) -> dict[str, float]:
             f"({events.num_rows / build_s / 1e6:.2f} M events/s wall, {events.num_rows / build_cpu / 1e6:.2f} M "
             f"per CPU s; goal >= 1 M events/s)"
         )
+        if args.compare:
+            print("interleaved on the generated events (one chunk):")
+            compare_builds(args.compare, events)
         # the events as the repair (`leases rebuild`) replays them: read back from the lake's day files (a
-        # table in as many chunks as files, where the generated one is one chunk)
+        # table in as many chunks as files, where the generated one is one chunk); one copy held at a time
+        del events
         landed = lake.read("vm_events")
         cpu, t = time.process_time(), time.perf_counter()
         build_leases(landed, RECLAIM)
@@ -390,10 +394,9 @@ def run(args: argparse.Namespace, hours: int) -> dict[str, float]:
             f"wall, {landed.num_rows / landed_cpu / 1e6:.2f} M per CPU s)"
         )
         if args.compare:
-            print("interleaved on the generated events (one chunk):")
-            compare_builds(args.compare, events)
             print("interleaved on the events read from the lake:")
             compare_builds(args.compare, landed)
+        del landed
         cpu, t = time.process_time(), time.perf_counter()
         built = correlate(lake, reclaim_interval=RECLAIM, full=True)
         full_s, full_cpu = time.perf_counter() - t, time.process_time() - cpu

@@ -1087,9 +1087,9 @@ def _replay(
 def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None) -> tuple[pa.Table, pa.Table]:
     """Whole event history -> (vm_leases, vms) tables in schema.VM_LEASES / schema.VMS, sorted.
 
-    Vectorised (polars and numpy over integer codes of the sorted events, see _replay): about 0.8 M events per
-    CPU second, 1.25 CPU s per million events (README, "Leases under CERN-like churn"; the issue's goal is 1 M
-    events per second of wall time, with polars' threads)."""
+    Vectorised (polars and numpy over integer codes of the sorted events, see _replay): 0.9-1.0 CPU s per
+    million events on this machine (README, "Leases under CERN-like churn"; the issue's goal is 1 M events per
+    second of wall time, with polars' threads)."""
     events = events.select([f.name for f in VM_EVENTS])
     if events.num_rows == 0:
         return VM_LEASES.empty_table(), VMS.empty_table()
