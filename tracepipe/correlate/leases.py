@@ -26,7 +26,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +62,7 @@ _DEFAULT_STATUS = {
     "purge": "purged",
 }
 _GONE = ("deleted", "purged")
+_DELETES = ("delete", "force_delete", "purge")
 _FLOATING_ACTIONS = frozenset({"fip_associate", "fip_disassociate", "fip_delete"})
 # facts of a VM that the latest event naming them decides (image: a rebuild changes it)
 _IDENTITY = ("vm_name", "project", "user", "cloud", "image")
@@ -81,11 +81,40 @@ def _act_in(*actions: str) -> pl.Expr:
     return pl.col("_act").is_in([_ACTION_CODE[a] for a in actions])
 
 
+# flags of an event's action that the replay asks about (_vm_frame; _own is negated there, _delete narrowed)
+_ACTION_FLAGS = {
+    "_floating": _FLOATING_ACTIONS,
+    "_delete": _DELETES,
+    "_delete_or_detach": (*_DELETES, "detach"),
+    "_port_update": ("port_update",),
+    "_restore": ("restore",),
+    "_soft_delete": ("soft_delete",),
+    "_purge_act": ("purge",),
+    "_create": ("create",),
+    "_default": tuple(_DEFAULT_STATUS),
+    "_own": ("port_update", "fip_associate"),
+}
+
+
+def _action_flags(act: pl.Series) -> list[pl.Series]:
+    """The _ACTION_FLAGS of each event from its action code (-1: any other action): one look-up of a bit set
+    per event, then a bit test per flag (an is_in per flag costs several times more)."""
+    table = np.zeros(len(_ACTION_CODE) + 1, np.uint16)
+    for bit, actions in enumerate(_ACTION_FLAGS.values()):
+        for action in actions:
+            table[_ACTION_CODE[action] + 1] |= 1 << bit
+    bits = table[act.to_numpy().astype(np.int16) + 1]
+    return [pl.Series(name, (bits & (1 << bit)) != 0) for bit, name in enumerate(_ACTION_FLAGS)]
+
+
 def _replay_order(events: pa.Table) -> tuple[pl.Series, pl.Series]:
     """The replay order of the events, duplicate deliveries left out: (row positions in `events`, in that
     order; the phase of each: 0 .start, 1 .error, 2 .end or no phase)."""
+    # (one chunk per column: polars' eager operations rechunk every column of a frame in several chunks, a
+    # table read from many files, on every call, and this frame is read a dozen times)
     head = pl.from_arrow(events.select(["ts", "event_type", "event_id"]))
     assert isinstance(head, pl.DataFrame)
+    head = head.rechunk()
     phase = (
         pl.when(pl.col("event_type").str.ends_with(".start"))
         .then(0)
@@ -208,11 +237,13 @@ def _encode(text: pa.Array) -> tuple[pl.Series, pl.Series]:
     order = pc.array_sort_indices(encoded.dictionary).to_numpy()
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order), dtype=np.int64)
-    indices = pl.from_arrow(encoded.indices)
-    assert isinstance(indices, pl.Series)
+    indices = encoded.indices
+    # (the look-up in numpy: a polars gather of a million codes costs twice as much)
+    at = indices.fill_null(0).to_numpy(zero_copy_only=False)
+    codes = rank[at] if len(rank) else np.zeros(len(at), np.int64)  # (no text at all: every code null)
     names = pl.from_arrow(encoded.dictionary.take(order))
     assert isinstance(names, pl.Series)
-    return pl.Series(rank).gather(indices), names.cast(pl.String)
+    return pl.Series(codes).set(pl.Series(indices.is_null()), None), names.cast(pl.String)
 
 
 def _encode_events(events: pa.Table) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
@@ -248,23 +279,26 @@ def _events_in_order(
     hypervisors and addresses (with their texts), the few other columns it compares, and for each identity
     column (vm_name, project, ...) whether the event names it (their texts are read at the end, _texts)."""
     codes, names = _encode_events(events)
-    narrow = pl.from_arrow(events.select(["ts", "action", "state", "addr_kind", "port_id", "resource_id"]))
-    assert isinstance(narrow, pl.DataFrame)
+    # (a column with no value at all, as port ids and kinds in Nova's instance events, is made null in polars:
+    # converting a million nulls of Arrow text costs as much as text)
+    columns = ["ts", "action", "state", "addr_kind", "port_id", "resource_id"]
+    narrow = pl.DataFrame(
+        [
+            pl.repeat(None, events.num_rows, dtype=pl.String, eager=True).alias(n)
+            if events.column(n).null_count == events.num_rows and n != "ts"
+            else pl.Series(n, events.column(n))
+            for n in columns
+        ]
+    )
     present = pl.DataFrame([pl.Series(f"_has_{n}", pc.is_valid(events.column(n))) for n in _IDENTITY])
-    frame = _in_order(pl.concat([narrow, codes, present], how="horizontal"), rows)
+    frame = _in_order(pl.concat([narrow, codes, present], how="horizontal"), rows).rechunk()  # (see head)
     return frame.with_columns(phases, pl.col("ts").dt.epoch("us")), names
-
-
-def _decode(frame: pl.DataFrame, names: dict[str, pl.Series], *columns: str) -> pl.DataFrame:
-    """Columns of codes back to their texts (names: column -> texts)."""
-    return frame.with_columns(names[c].gather(frame.get_column(c)).alias(c) for c in columns)
 
 
 # Every step below is a polars expression over all events at once (window functions over vm_id, addr or floating
 # IP key); nothing loops per event. `seq` is an event's position in the replay order: within one instant it
 # decides what happened first, exactly as replaying the events one by one in that order would.
 
-_DELETES = ("delete", "force_delete", "purge")
 _LEASE_KEY = ["addr", "valid_from", "vm_id"]
 
 
@@ -324,37 +358,41 @@ def _per_vm(ev: pl.DataFrame, starts: np.ndarray, where: pl.Expr, how: str, name
     return _reduce(ev, starts, "seq", where, how).gather(ev.get_column("_vm")).alias(name)
 
 
-def _vm_frame(
-    frame: pl.DataFrame, reclaim_us: int | None, texts: Callable[[str, pl.Series], pl.Series]
-) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+def _in_vm_order(frame: pl.DataFrame) -> pl.DataFrame:
+    """The rows of a frame in seq order (seq = row number) whose vm_id is not null, sorted by (vm_id, seq).
+    Both are small non-negative integers: packed into one Int64, whose sorted values carry the row numbers in
+    their low bits (a sort of one column, then one gather, instead of a stable sort of every column)."""
+    bits = max(frame.height, 1).bit_length()
+    top = frame.get_column("vm_id").max()
+    if top is None or int(top).bit_length() + bits > 62:  # (only ~2^31 events or more)
+        return frame.filter(pl.col("vm_id").is_not_null()).sort("vm_id", maintain_order=True)
+    packed = frame.select((pl.col("vm_id").cast(pl.Int64) * (1 << bits) + pl.col("seq")).drop_nulls().sort())
+    return frame.gather(packed.to_series() % (1 << bits))
+
+
+def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Per-event VM context (gone?, applicable?, hypervisor then), the VMs' final facts, and the hypervisor
     moves (live migration, unshelve elsewhere) that split leases. Sorted by (vm_id, seq); only fast
     aggregations and fills over the whole frame (per-group expressions are evaluated group by group).
     The VM's story is told on integers and flags: a text column (names, state) is read from `frame` (whose row
-    number is seq) only at the few rows that decide a VM's fact."""
-    floating = _act_in(*_FLOATING_ACTIONS)
-    ev = (
-        frame.select(
-            "vm_id",
-            "seq",
-            "ts",
-            "passive",
-            "hypervisor",  # a code (_encode_events)
-            floating.alias("_floating"),
-            (_act_in(*_DELETES) & ~pl.col("passive") & ~floating).alias("_delete"),
-            _act_in(*_DELETES, "detach").alias("_delete_or_detach"),
-            _act_in("port_update").alias("_port_update"),
-            _act_in("restore").alias("_restore"),
-            _act_in("soft_delete").alias("_soft_delete"),
-            _act_in("purge").alias("_purge_act"),
-            _act_in("create").alias("_create"),
-            _act_in(*_DEFAULT_STATUS).alias("_default"),
-            (pl.col("state").is_not_null() & (pl.col("state") != "unknown")).alias("_state"),
-            _act_in("port_update", "fip_associate").not_().alias("_own"),
-            *[f"_has_{n}" for n in _IDENTITY],
-        )
-        .filter(pl.col("vm_id").is_not_null())
-        .sort("vm_id", maintain_order=True)  # frame is in seq order: a stable sort on one key
+    number is seq) only at the few rows that decide a VM's fact; the identity columns (_at_vm_name, ...) are the
+    seq of the event that decides each (null: none names it)."""
+    base = frame.select(
+        "vm_id",
+        "seq",
+        "ts",
+        "passive",
+        "hypervisor",  # a code (_encode_events)
+        "_act",
+        (pl.col("state").is_not_null() & (pl.col("state") != "unknown")).alias("_state"),
+        *[f"_has_{n}" for n in _IDENTITY],
+    )
+    # the events by VM, each VM's in seq order: gathered once, on the few narrow columns above (the flags
+    # below are then worked out on the gathered integers)
+    ev = _in_vm_order(base)
+    ev = ev.with_columns(_action_flags(ev.get_column("_act"))).with_columns(
+        (pl.col("_delete") & ~pl.col("passive") & ~pl.col("_floating")).alias("_delete"),
+        pl.col("_own").not_(),
     )
     # VM codes are dense from 0 and sorted (_encode): _vm is the VM's position among the VMs. (One chunk per
     # column: every step below then reads contiguous memory, and to numpy without a copy.)
@@ -448,10 +486,17 @@ def _vm_frame(
     ts_high = ts.fill_null(np.iinfo(np.int64).min).to_numpy()
     own_first = seq + np.where(mask["_own"], _OWN, 0)
     firsts, lasts = pl.Series(starts), pl.Series(ends)
+    # (events that name one identity column mostly name them all: a reduction per distinct mask)
+    identity: dict[str, pl.Series] = {}
+    for n in _IDENTITY:
+        same = next((o for o in identity if np.array_equal(mask[f"_has_{o}"], mask[f"_has_{n}"])), None)
+        identity[n] = (
+            identity[same] if same else _reduce_np(own_first, mask[f"_has_{n}"], starts, "max")
+        ).alias(f"_at_{n}")
     facts = pl.DataFrame(
         [
             ev.get_column("vm_id").gather(firsts),
-            *[_reduce_np(own_first, mask[f"_has_{n}"], starts, "max").alias(f"_at_{n}") for n in _IDENTITY],
+            *identity.values(),
             _reduce_np(seq, mask["_has_status"], starts, "max").alias("_status"),
             ev.get_column("gone_seq").gather(firsts),
             _reduce_np(ts_high, mask["_gone_row"], starts, "max").alias("gone_ts"),
@@ -463,14 +508,13 @@ def _vm_frame(
             _reduce_np(ts_high, None, starts, "max").alias("last_event_at"),
         ]
     )
-    marks = [*[f"_at_{n}" for n in _IDENTITY], "_status"]
-    for name in _IDENTITY:
-        facts = facts.with_columns(texts(name, facts.get_column(f"_at_{name}") % _OWN).alias(name))
+    # the identity columns stay positions (seq) of the deciding events: build_leases reads their texts once,
+    # in Arrow, into the output tables (text in polars frames would be joined, sorted and cast again)
+    facts = facts.with_columns(pl.col(f"_at_{n}") % _OWN for n in _IDENTITY)
     # the status set by the VM's last row that sets one
     at = facts.get_column("_status")
-    deciding = frame.select(pl.col("act").gather(at), pl.col("state").gather(at)).with_columns(
-        (at == facts.get_column("gone_seq")).fill_null(False).alias("_gone")
-    )
+    deciding = frame.select(pl.col("act").gather(at).fill_null("unknown"), pl.col("state").gather(at))
+    deciding = deciding.with_columns((at == facts.get_column("gone_seq")).fill_null(False).alias("_gone"))
     status = (
         pl.when(pl.col("_gone"))
         .then(pl.when(pl.col("act") == "purge").then(pl.lit("purged")).otherwise(pl.lit("deleted")))
@@ -484,9 +528,10 @@ def _vm_frame(
     )
     facts = facts.with_columns(
         deciding.select(status).to_series().alias("status"),
+        # (null: not gone; a delete's action is never missing)
         frame.get_column("act").gather(facts.get_column("gone_seq")).alias("gone_act"),
     )
-    facts = facts.drop(*marks)
+    facts = facts.drop("_status")
     reclaim = pl.lit(reclaim_us, pl.Int64)
     soft_end = pl.col("soft_deleted_at") + reclaim
     facts = facts.with_columns(
@@ -521,7 +566,7 @@ def _few(frame: pl.DataFrame, where: pl.Expr) -> pl.DataFrame:
 def _port_maps(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Ports: (port_id, ts, vm_id) of every non-floating event naming both, and port_id -> fixed addresses."""
     named = _few(frame.select("port_id", "act", "ts", "vm_id", "addrs"), pl.col("port_id").is_not_null())
-    named = named.filter(~pl.col("act").str.starts_with("fip_"))  # (on the few rows naming a port)
+    named = named.filter(~pl.col("act").fill_null("").str.starts_with("fip_"))  # (on the few naming a port)
     history = (
         named.filter(pl.col("vm_id").is_not_null())
         .select("port_id", "ts", "vm_id")
@@ -577,7 +622,7 @@ def _frame(rows: list[pl.DataFrame], schema: dict[str, Any]) -> pl.DataFrame:
     return pl.concat(
         [r.select([pl.col(k).cast(v) for k, v in schema.items()]) for r in rows]
         or [pl.DataFrame(schema=schema)]
-    )
+    ).rechunk()  # (polars' eager operations rechunk a frame in chunks on every call: once here)
 
 
 def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
@@ -614,7 +659,7 @@ def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
                 "need_kind",
             ),
         ]
-    )
+    ).rechunk()
     rows = rows.sort(_packed_order(rows)) if rows.height else rows
     claim = pl.col("sub") == 1
     rows = rows.with_columns(
@@ -659,7 +704,7 @@ def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
         if first_release.height
         else pl.lit(None, first_release.schema[name]).alias(name)
         for name in ("rel_seq", "rel_ts", "rel_reason")
-    )
+    ).rechunk()
     same_addr = pl.col("addr") == pl.col("addr").shift(1)
     next_same = pl.col("addr") == pl.col("addr").shift(-1)
     segments = segments.with_columns(
@@ -674,7 +719,7 @@ def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
         pl.when(next_same).then(pl.col("start_seq").shift(-1)).alias("next_seq"),
         pl.when(next_same).then(pl.col("start_ts").shift(-1)).alias("next_ts"),
         pl.when(next_same).then(pl.col("claim_reason").shift(-1)).alias("next_reason"),
-    )
+    ).rechunk()  # (a shift returns two chunks)
     opening = segments.filter(pl.col("lease") != pl.col("lease").shift(1).fill_null(-1))
     closing = segments.filter(pl.col("lease") != pl.col("lease").shift(-1).fill_null(-1))
     released = pl.col("rel_seq").is_not_null()
@@ -691,7 +736,7 @@ def _resolve(claims: pl.DataFrame, releases: pl.DataFrame) -> pl.DataFrame:
             ),
         ],
         how="horizontal",
-    )
+    ).rechunk()
 
 
 def _packed_order(rows: pl.DataFrame) -> pl.Expr | list[str]:
@@ -726,6 +771,8 @@ def _held(claims: pl.DataFrame) -> pl.DataFrame:
 def _holder_at(leases: pl.DataFrame, rows: pl.DataFrame, addr: str) -> pl.DataFrame:
     """rows (_row, seq, <addr>) + column holder: the VM holding the address when event `seq` was replayed
     (a lease opened by an earlier event and not ended by an event before this one)."""
+    if rows.height == 0:
+        return rows.with_columns(pl.lit(None, leases.schema["vm_id"]).alias("holder"))
     keyed = (
         rows.filter(pl.col(addr).is_not_null()).select("_row", "seq", pl.col(addr).alias("addr")).sort("seq")
     )
@@ -744,29 +791,29 @@ def _replay(
     frame: pl.DataFrame,
     reclaim_us: int | None,
     names: dict[str, pl.Series],
-    texts: Callable[[str, pl.Series], pl.Series],
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, pl.Series]]:
     """Sorted, de-duplicated events (_events_in_order) -> (leases with µs times, VM facts, the texts of their
-    codes: vm_id, hypervisor, addr; in the texts' order). texts(column, seq): a text column at those events."""
+    codes: vm_id, hypervisor, addr; in the texts' order)."""
     vm_names, addr_names = names["vm_id"], names["addr"]
     frame = frame.with_columns(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("seq"),
         (pl.col("_phase") < 2).alias("passive"),
-        pl.col("action").fill_null("unknown").alias("act"),
-        pl.col("action")
-        .fill_null("unknown")
-        .replace_strict(_ACTION_CODE, default=-1, return_dtype=pl.Int8)
+        # (a missing action is "unknown": filled where `act` is read, on the few rows read, not on every event)
+        pl.col("action").alias("act"),
+        pl.when(pl.col("action").is_null())
+        .then(pl.lit(_ACTION_CODE["unknown"], pl.Int8))
+        .otherwise(pl.col("action").replace_strict(_ACTION_CODE, default=-1, return_dtype=pl.Int8))
         .alias("_act"),
     )
-    ev, facts, moves = _vm_frame(frame, reclaim_us, texts)
+    ev, facts, moves = _vm_frame(frame, reclaim_us)
     port_history, port_addrs = _port_maps(frame)
 
     # claims by VMs: every address an applicable event lists, and the one an attach names
     applicable = ev.select("seq").filter(ev.get_column("applicable")).get_column("seq").sort()
     listed = (
-        frame.select(
-            "seq", "ts", "vm_id", pl.col("addr_kind").fill_null("fixed").alias("kind"), "addrs", "addr", "act"
-        ).gather(applicable)  # frame's row number is seq
+        frame.select("seq", "ts", "vm_id", pl.col("addr_kind").alias("kind"), "addrs", "addr", "act")
+        .gather(applicable)  # frame's row number is seq
+        .with_columns(pl.col("kind").fill_null("fixed"))
     )
     fixed_claims = pl.concat(
         [
@@ -829,7 +876,7 @@ def _replay(
             ),
             purged_later.select("vm_id", "seq", "ts", pl.lit("purge").alias("act")),
         ]
-    )
+    ).rechunk()
 
     def delete_releases(claimed: pl.DataFrame) -> pl.DataFrame:
         gone = deletes
@@ -1037,81 +1084,76 @@ def _replay(
     return leases, facts, {**names, "vm_id": vm_names}
 
 
-def _us_to_ts(*names: str) -> list[pl.Expr]:
-    return [pl.col(n).cast(pl.Datetime("us", "UTC")) for n in names]
-
-
 def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None) -> tuple[pa.Table, pa.Table]:
     """Whole event history -> (vm_leases, vms) tables in schema.VM_LEASES / schema.VMS, sorted.
 
-    Vectorised (polars and numpy over integer codes of the sorted events, see _replay): about 0.8 M events per
-    CPU second, 1.25 CPU s per million events (README, "Leases under CERN-like churn"; the issue's goal is 1 M
-    events per second of wall time, with polars' threads)."""
+    Vectorised (polars and numpy over integer codes of the sorted events, see _replay): 0.9-1.0 CPU s per
+    million events on this machine (README, "Leases under CERN-like churn"; the issue's goal is 1 M events per
+    second of wall time, with polars' threads)."""
     events = events.select([f.name for f in VM_EVENTS])
     if events.num_rows == 0:
         return VM_LEASES.empty_table(), VMS.empty_table()
     rows, phases = _replay_order(events)
     frame, names = _events_in_order(events, rows, phases)
-
-    def texts(column: str, seq: pl.Series) -> pl.Series:
-        taken = pl.from_arrow(events.column(column).take(rows.gather(seq).to_arrow()))
-        assert isinstance(taken, pl.Series)
-        return taken
-
     reclaim_us = None if reclaim_interval is None else reclaim_interval // dt.timedelta(microseconds=1)
-    leases, facts, names = _replay(frame, reclaim_us, names, texts)
-    vm_cols = facts.select(
-        "vm_id",
-        "vm_name",
-        "project",
-        "user",
-        "cloud",
-        pl.col("status").fill_null("unknown").alias("vm_status"),  # as vms says it
-        "quarantine_until",
-    )
-    lease_frame = (
-        leases.join(vm_cols, on="vm_id", how="left")
-        .select(
-            "addr",
-            "vm_id",
-            "vm_name",
-            "project",
-            "user",
-            "hypervisor",
-            "cloud",
-            pl.col("kind").cast(pl.String).alias("addr_kind"),
-            "valid_from",
-            "valid_to",
-            pl.col("end_reason").cast(pl.String),
-            "vm_status",
-            "quarantine_until",
-        )
-        .with_columns(_us_to_ts("valid_from", "valid_to", "quarantine_until"))
-        .sort(_LEASE_KEY)
-    )
-    vm_frame = facts.select(
-        "vm_id",
-        "cloud",
-        "vm_name",
-        "project",
-        "user",
-        "hypervisor",
-        pl.col("status").fill_null("unknown"),
-        "created_at",
-        "deleted_at",
-        "quarantine_until",
-        "last_event_at",
-        "image",
-    ).with_columns(_us_to_ts("created_at", "deleted_at", "quarantine_until", "last_event_at"))
+    leases, facts, names = _replay(frame, reclaim_us, names)
     # every VM that holds a lease has a vms row, so that "what is this VM now" is a plain read of vms
     # (sql/views.sql, _vm_info): the holders no event names (a floating IP associated with a port or fixed
     # address of no known VM: "port:<id>", "fixed:<addr>") get a row of their own, facts unknown
-    lease_only = lease_frame.select("vm_id").unique().join(vm_frame.select("vm_id"), on="vm_id", how="anti")
-    vm_frame = pl.concat([vm_frame, lease_only], how="diagonal").sort("vm_id")
-    # sorted on the codes (= on the texts), then the texts
-    lease_frame = _decode(lease_frame, names, "addr", "vm_id", "hypervisor")
-    vm_frame = _decode(vm_frame, names, "vm_id", "hypervisor")
-    return lease_frame.to_arrow().cast(VM_LEASES), conform(vm_frame.to_arrow(), VMS)  # vm_key: vm_keys.py
+    facts = facts.with_columns(pl.col("status").fill_null("unknown"))
+    lease_only = leases.select("vm_id").unique().join(facts.select("vm_id"), on="vm_id", how="anti")
+    facts = pl.concat([facts, lease_only], how="diagonal").sort("vm_id")
+    # sorted on the codes (= on the texts); a lease's VM row found by a binary search, its columns read in Arrow
+    leases = leases.sort(_LEASE_KEY)
+    at_vm = pa.array(facts.get_column("vm_id").search_sorted(leases.get_column("vm_id")).to_numpy())
+    vms = _vms_table(events, rows, facts, names)
+    text = {n: _arrow_text(names[n]) for n in ("addr", "vm_id", "hypervisor")}
+    columns = {
+        "addr": text["addr"].take(leases.get_column("addr").to_arrow()),
+        "vm_id": text["vm_id"].take(leases.get_column("vm_id").to_arrow()),
+        **{c: vms.column(c).take(at_vm) for c in ("vm_name", "project", "user")},
+        "hypervisor": text["hypervisor"].take(leases.get_column("hypervisor").to_arrow()),
+        "cloud": vms.column("cloud").take(at_vm),
+        "addr_kind": _arrow_text(leases.get_column("kind").cast(pl.String)),
+        **{c: _arrow_time(leases.get_column(c)) for c in ("valid_from", "valid_to")},
+        "end_reason": _arrow_text(leases.get_column("end_reason").cast(pl.String)),
+        "vm_status": vms.column("status").take(at_vm),
+        "quarantine_until": vms.column("quarantine_until").take(at_vm),
+    }
+    return pa.table(columns, schema=VM_LEASES), vms  # vm_key: vm_keys.py
+
+
+def _arrow_text(series: pl.Series) -> pa.Array:
+    return series.to_arrow().cast(pa.string())
+
+
+def _arrow_time(series: pl.Series) -> pa.Array:
+    """µs since the epoch -> timestamp[us, UTC] (a view of the same buffer)."""
+    return series.to_arrow().cast(pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+
+
+def _vms_table(
+    events: pa.Table, rows: pl.Series, facts: pl.DataFrame, names: dict[str, pl.Series]
+) -> pa.Table:
+    """The VM facts (sorted by vm_id code) as schema.VMS; the identity texts taken from the events' own
+    columns at the deciding events (facts' _at_<column>: positions in the replay order, `rows` maps them to
+    the events' rows)."""
+    columns: dict[str, pa.Array] = {}
+    for name in VMS.names:
+        if name == "vm_id":
+            columns[name] = _arrow_text(names["vm_id"]).take(facts.get_column("vm_id").to_arrow())
+        elif name == "hypervisor":
+            columns[name] = _arrow_text(names["hypervisor"]).take(facts.get_column("hypervisor").to_arrow())
+        elif name in _IDENTITY:
+            at = facts.get_column(f"_at_{name}")
+            columns[name] = events.column(name).take(rows.gather(at).to_arrow()).combine_chunks()
+        elif name == "status":
+            columns[name] = _arrow_text(facts.get_column("status"))
+        elif name == "vm_key":
+            columns[name] = pa.nulls(facts.height, pa.int64())
+        else:
+            columns[name] = _arrow_time(facts.get_column(name))
+    return pa.table(columns, schema=VMS)
 
 
 # ---- the lake edge -------------------------------------------------------------------------------------------
