@@ -48,6 +48,12 @@ IN_FLIGHT = 3  # batches queued per worker: one being decoded, two waiting (memo
 HANG_SECONDS = 120.0
 
 
+class InputChanged(Exception):
+    """The file changed (appended, truncated, rewritten) while it was hashed and decoded: the hash and the rows
+    may be of different bytes, so nothing of it is committed. Raised by the walking process (flows), and by a
+    worker that finds the records it was sent to read no longer in the file (netflow.FileRecords)."""
+
+
 def default_jobs() -> int:
     """The cores this process may run on."""
     try:
@@ -111,7 +117,9 @@ def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
                         schema=rejects.schema,
                     )
                     rejects = pa.concat_tables([rejects, same])
-                outbox.send(("done", rejects, decoded.stats))
+                # no rejects (the usual answer): None, not an empty table (its schema pickles to ~2 KB and
+                # costs the walking process ~1 ms to read back, per batch)
+                outbox.send(("done", rejects if rejects.num_rows else None, decoded.stats))
             elif op == "nfcapd_range":  # nfcapd blocks, read here from the file (nffile.read_range)
                 assert parts is not None, "range before begin"
                 flows, found = read_range(message[1])
@@ -128,6 +136,11 @@ def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
                     parts = None
                 if op == "stop":
                     return
+        except InputChanged as exc:  # the input, not a bug: the parent refuses the source with this text
+            outbox.send(("changed", str(exc)))
+            if parts is not None:
+                parts.abort()
+                parts = None
         except Exception:  # a bug or the environment (disk full): the parent raises it, with this text
             outbox.send(("error", traceback.format_exc(limit=8)))
             if parts is not None:
@@ -396,6 +409,8 @@ class DecodePool:
         )
 
     def _answer(self, worker: int) -> tuple[int, Any]:
+        import pyarrow as pa
+
         from tracepipe.ingest.netflow import Decoded
 
         reply = self._receive(worker)
@@ -405,7 +420,8 @@ class DecodePool:
         if reply[0] != "done":
             raise LakeError(f"decode worker {worker}: unexpected answer {reply[0]!r}")
         _, rejects, stats = reply
-        return seq, Decoded(rejects.schema.empty_table(), rejects, stats)
+        empty = pa.table({})  # the flows are in the worker's files; no rejects: nothing to land
+        return seq, Decoded(empty, empty if rejects is None else rejects, stats)
 
     def _receive(self, worker: int) -> tuple[Any, ...]:
         try:
@@ -413,6 +429,8 @@ class DecodePool:
                 reply = self._conns[worker][0].recv()
         except (EOFError, OSError) as exc:
             raise self._died(worker, exc) from exc
+        if reply[0] == "changed":
+            raise InputChanged(reply[1])
         if reply[0] == "error":
             raise LakeError(
                 f"decode worker {worker} failed: {reply[1].strip().splitlines()[-1]}. Rerun with --jobs 1 "

@@ -29,10 +29,17 @@ from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
 from tracepipe.fsutil import input_problem
 from tracepipe.ingest import nffile
 from tracepipe.ingest.argus import iter_argus, looks_like_argus
-from tracepipe.ingest.decode_pool import HANG_SECONDS, PARALLEL_MIN_BYTES, DecodePool, default_jobs
+from tracepipe.ingest.decode_pool import (
+    HANG_SECONDS,
+    PARALLEL_MIN_BYTES,
+    DecodePool,
+    InputChanged,
+    default_jobs,
+)
 from tracepipe.ingest.netflow import (
     Decoded,
     DecoderState,
+    InFile,
     decode_datagrams,
     flush_pending,
     merge_stats,
@@ -110,11 +117,6 @@ class ContentHash:
 
 class AlreadyIngested(Exception):
     """The content hash, found while the file decoded, is in the lake already: what was written is dropped."""
-
-
-class InputChanged(Exception):
-    """The file changed (appended, truncated, rewritten) while it was hashed and decoded: the hash and the rows
-    may be of different bytes, so nothing of it is committed."""
 
 
 def _file_identity(info: os.stat_result) -> tuple[int, ...]:
@@ -731,8 +733,10 @@ def _land_pcap_parallel(
     def walked_batches() -> Iterator[Any]:
         nonlocal datagrams, done
         for number, batch in enumerate(iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS)):
+            # the records stay in the file: the worker reads them there (offsets, not bytes, through the pipe)
+            in_file = InFile(str(path.absolute()), batch.payload_offsets, batch.heads)
             walked, walk = walk_datagrams(
-                batch.payloads, batch.exporters, batch.ts_us, batch.offsets, source, state
+                batch.payloads, batch.exporters, batch.ts_us, batch.offsets, source, state, in_file
             )
             waiting[number] = (batch.rejects, walk)
             datagrams += len(batch.payloads)
