@@ -9,6 +9,8 @@ import os
 import pickle
 import signal
 import struct
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +23,10 @@ from support.probes import LAN_MAC
 
 from tracepipe.errors import LakeError
 from tracepipe.ingest.decode_pool import DecodePool, InputChanged
-from tracepipe.ingest.flows import ingest_flow_files
+from tracepipe.ingest.flows import ContentHash, ingest_flow_files
 from tracepipe.ingest.netflow import DecoderState, FileRecords, InFile, decode_walked, walk_datagrams
 from tracepipe.ingest.pcap import iter_udp_batches
-from tracepipe.lake import Lake
+from tracepipe.lake import HashStopped, Lake
 from tracepipe.schema import FLOWS
 
 COLUMNS = ["ts_start", "ts_end", "src_addr", "dst_addr", "src_port", "dst_port", "proto", "packets", "bytes"]
@@ -456,3 +458,67 @@ def test_runs_of_equal_record_lengths_are_walked_as_one_record_at_a_time_would(t
         ] == [bytes(p) for p in batch.payloads]
     assert got == [bytes(p[UDP].payload) for p in packets]
     assert offsets == sorted(offsets) and len(set(offsets)) == len(packets)
+
+
+def test_a_deadline_outliving_a_restart_never_kills_the_new_workers(tmp_path):
+    """Regression: a threading.Timer per pool message could fire after the pool restarted and kill the new
+    worker of the same index. One watchdog per pool now knows which generation of workers each deadline is
+    for; a deadline of the current generation still kills (the hang guard), one of an older never does."""
+    with DecodePool(2, tmp_path, hang_seconds=0.4) as pool:
+        pool.start()
+        old = pool._generation
+        stuck = pool._watch(0)  # a send to worker 0 that never returns
+        stuck.__enter__()
+        pool.stop()
+        pool.start()  # new workers, same indices
+        with pool._watchdog.watch(old, 1):  # an old deadline registered late, for worker 1 this time
+            time.sleep(1.2)
+        stuck.__exit__(None, None, None)
+        assert pool._generation == old + 1
+        assert [p.poll() for p in pool._procs] == [None, None] and not pool._hung
+        for _ in range(200):  # no thread per message: one watchdog, whatever the traffic
+            with pool._watch(0):
+                pass
+        threads = [t.name for t in threading.enumerate()]
+        assert threads.count("decode-pool-watchdog") == 1 and not [t for t in threads if "Timer" in t]
+        with pool._watch(1):  # the current generation's deadline: worker 1 is killed
+            time.sleep(1.2)
+        assert pool._procs[1].poll() is not None and pool._procs[0].poll() is None and pool._hung == {1}
+    assert "decode-pool-watchdog" not in [t.name for t in threading.enumerate()]  # ended with the pool
+
+
+@pytest.mark.parametrize("order", ["landed-then-skipped", "aborted-then-landed"])
+def test_the_workers_end_after_the_last_expected_source_however_it_ended(captures, tmp_path, order):
+    """Regression: expect() was counted down by finish() only, so a last source skipped (its path already in
+    the lake) or an earlier one aborted (its content found in the lake while it decoded) left the workers
+    waiting until the pool's exit, beside the caller's commit and attribution."""
+    lake = Lake(tmp_path / "lake")
+    ingest_flow_files(lake, [captures[0], captures[3]], jobs=1)
+    copy = tmp_path / "copy.pcap"
+    copy.write_bytes(captures[3].read_bytes())  # same content, new path: hashed beside decoding, then aborted
+    paths = [captures[2], captures[0]] if order == "landed-then-skipped" else [copy, captures[2]]
+    with DecodePool(2, lake.root) as pool:
+        summary = ingest_flow_files(lake, paths, pool=pool, parallel_min_bytes=0)
+        assert [f.status for f in summary.files] == (
+            ["landed", "skipped"] if order == "landed-then-skipped" else ["skipped", "landed"]
+        )
+        assert pool._procs
+        deadline = time.monotonic() + 20
+        while any(p.poll() is None for p in pool._procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p.poll() for p in pool._procs] == [0, 0]  # ended by themselves, before the pool's exit
+
+
+def test_an_abandoned_content_hash_stops_reading(tmp_path):
+    """The SHA-256 thread beside decoding read an aborted input to its end; cancel() stops it within a chunk."""
+    big = tmp_path / "sparse.pcap"
+    with open(big, "wb") as handle:
+        handle.truncate(64 << 30)  # 64 GiB of holes: minutes to hash
+    hashing = ContentHash(big)
+    time.sleep(0.2)
+    started = time.monotonic()
+    hashing.cancel()
+    hashing._thread.join(10)
+    assert hashing.done() and time.monotonic() - started < 2
+    with pytest.raises(HashStopped):
+        hashing.result()

@@ -95,14 +95,20 @@ class ContentHash:
     def __init__(self, path: Path) -> None:
         self._digest: str | None = None
         self._error: BaseException | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(path,), name="content-hash", daemon=True)
         self._thread.start()
 
     def _run(self, path: Path) -> None:
         try:
-            self._digest = hash_file(path)
+            self._digest = hash_file(path, stop=self._stop)
         except BaseException as exc:  # raised in the caller's thread by result()
             self._error = exc
+
+    def cancel(self) -> None:
+        """Stop reading (the source was aborted, skipped or refused): the thread ends within one chunk,
+        instead of reading the rest of a file nobody will use, beside the next file's decoding."""
+        self._stop.set()
 
     def done(self) -> bool:
         return not self._thread.is_alive()
@@ -315,39 +321,52 @@ def _ingest_files(
                 "folder that holds them)",
             )
         )
-    big_captures = [p for p in files if _parallel(p, _kind_or_none(p), parallel_min_bytes)]
+    big_captures = {Path(p) for p in files if _parallel(p, _kind_or_none(p), parallel_min_bytes)}
     if pool is not None and big_captures:
         pool.start()
         pool.expect(len(big_captures))
     for path in files:
         path = Path(path)
-        problem = input_problem(path, "give the capture files in it, e.g. DIR/*.pcap")
-        if problem is not None:  # told from os.stat: a FIFO is never opened (that would block)
-            status = "missing" if problem.startswith("no such") else "not a file"
-            summary.files.append(FileResult(str(path), status, status, message=problem))
-            continue
         try:
-            with open(path, "rb"):
-                pass
-        except OSError as exc:  # unreadable (permissions): this file fails, the others go on
             summary.files.append(
-                FileResult(str(path), "unknown", "missing", message=f"cannot read: {exc.strerror}")
+                _ingest_path(lake, path, state, summary, progress, accept, pool, parallel_min_bytes)
             )
-            continue
-        try:
-            parallel = (
-                pool
-                if pool is not None and _parallel(path, _kind_or_none(path), parallel_min_bytes)
-                else None
-            )
-            result = _ingest_one(lake, path, state, summary, progress, accept, parallel)
-        except OSError as exc:  # the lake side: a directory or temp file that cannot be written
-            raise LakeError(
-                f"cannot write flows of {path} into {lake.root}: {exc}. Check that the lake is writable and has "
-                "free space."
-            ) from exc
-        summary.files.append(result)
+        finally:
+            if pool is not None and path in big_captures:  # landed, skipped or aborted: one less to come
+                pool.source_over()
     return summary
+
+
+def _ingest_path(
+    lake: Lake,
+    path: Path,
+    state: DecoderState,
+    summary: IngestSummary,
+    progress: Progress | None,
+    accept: tuple[str, ...],
+    pool: DecodePool | None,
+    parallel_min_bytes: int,
+) -> FileResult:
+    """One file of _ingest_files: its result, whatever became of it."""
+    problem = input_problem(path, "give the capture files in it, e.g. DIR/*.pcap")
+    if problem is not None:  # told from os.stat: a FIFO is never opened (that would block)
+        status = "missing" if problem.startswith("no such") else "not a file"
+        return FileResult(str(path), status, status, message=problem)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:  # unreadable (permissions): this file fails, the others go on
+        return FileResult(str(path), "unknown", "missing", message=f"cannot read: {exc.strerror}")
+    try:
+        parallel = (
+            pool if pool is not None and _parallel(path, _kind_or_none(path), parallel_min_bytes) else None
+        )
+        return _ingest_one(lake, path, state, summary, progress, accept, parallel)
+    except OSError as exc:  # the lake side: a directory or temp file that cannot be written
+        raise LakeError(
+            f"cannot write flows of {path} into {lake.root}: {exc}. Check that the lake is writable and has "
+            "free space."
+        ) from exc
 
 
 def _ingest_one(
@@ -397,6 +416,9 @@ def _ingest_one(
             "again once it is complete (a capture or nfcapd file still being written: its rotated copy)"
         )
         return result
+    finally:
+        if hashing is not None:  # landed, skipped, refused or failed: the hash thread reads no further
+            hashing.cancel()
 
 
 def _skipped(result: FileResult, progress: Progress | None, size: int) -> FileResult:
