@@ -327,46 +327,18 @@ def _ingest_files(
         pool.expect(len(big_captures))
     for path in files:
         path = Path(path)
+        parallel = pool if pool is not None and path in big_captures else None
         try:
-            summary.files.append(
-                _ingest_path(lake, path, state, summary, progress, accept, pool, parallel_min_bytes)
-            )
+            summary.files.append(_ingest_one(lake, path, state, summary, progress, accept, parallel))
+        except OSError as exc:  # the lake side: a directory or temp file that cannot be written
+            raise LakeError(
+                f"cannot write flows of {path} into {lake.root}: {exc}. Check that the lake is writable and has "
+                "free space."
+            ) from exc
         finally:
-            if pool is not None and path in big_captures:  # landed, skipped or aborted: one less to come
-                pool.source_over()
+            if parallel is not None:  # landed, skipped or aborted: one less to come (DecodePool.expect)
+                parallel.source_over()
     return summary
-
-
-def _ingest_path(
-    lake: Lake,
-    path: Path,
-    state: DecoderState,
-    summary: IngestSummary,
-    progress: Progress | None,
-    accept: tuple[str, ...],
-    pool: DecodePool | None,
-    parallel_min_bytes: int,
-) -> FileResult:
-    """One file of _ingest_files: its result, whatever became of it."""
-    problem = input_problem(path, "give the capture files in it, e.g. DIR/*.pcap")
-    if problem is not None:  # told from os.stat: a FIFO is never opened (that would block)
-        status = "missing" if problem.startswith("no such") else "not a file"
-        return FileResult(str(path), status, status, message=problem)
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:  # unreadable (permissions): this file fails, the others go on
-        return FileResult(str(path), "unknown", "missing", message=f"cannot read: {exc.strerror}")
-    try:
-        parallel = (
-            pool if pool is not None and _parallel(path, _kind_or_none(path), parallel_min_bytes) else None
-        )
-        return _ingest_one(lake, path, state, summary, progress, accept, parallel)
-    except OSError as exc:  # the lake side: a directory or temp file that cannot be written
-        raise LakeError(
-            f"cannot write flows of {path} into {lake.root}: {exc}. Check that the lake is writable and has "
-            "free space."
-        ) from exc
 
 
 def _ingest_one(
@@ -378,6 +350,15 @@ def _ingest_one(
     accept: tuple[str, ...],
     pool: DecodePool | None = None,
 ) -> FileResult:
+    problem = input_problem(path, "give the capture files in it, e.g. DIR/*.pcap")
+    if problem is not None:  # told from os.stat: a FIFO is never opened (that would block)
+        status = "missing" if problem.startswith("no such") else "not a file"
+        return FileResult(str(path), status, status, message=problem)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:  # unreadable (permissions): this file fails, the others go on
+        return FileResult(str(path), "unknown", "missing", message=f"cannot read: {exc.strerror}")
     seen = path.stat()  # before any read: _unchanged compares it before the commit
     size = seen.st_size
     kind = sniff_kind(path)
