@@ -166,14 +166,16 @@ class _Reader:
             return True
         if self.eof:
             return False
-        rest = self.buf[self.pos :]
+        # the unread rest (part of a record) is read again from the file with the next chunk, rather than
+        # copied in front of it: `rest + chunk` copied every 8 MB chunk once more (profiled for issue 17)
+        have = len(self.buf) - self.pos
         self.base += self.pos
         self.pos = 0
-        chunk = self.handle.read(max(CHUNK, n))
-        if not chunk:
+        self.handle.seek(self.base)
+        self.buf = self.handle.read(max(CHUNK, n))
+        if len(self.buf) <= have:
             self.eof = True
-        self.buf = rest + chunk
-        return self.pos + n <= len(self.buf)
+        return n <= len(self.buf)
 
     def skip(self, n: int) -> bool:
         """Step over n bytes from `pos` without reading them into memory (a record too large to keep);
