@@ -450,6 +450,7 @@ def _land_one(
                     source,
                     state,
                     text_as_dictionary=True,
+                    in_file=InFile(str(path.absolute()), batch.payload_offsets, batch.heads),
                 )
                 writer.reject(decoded.rejects)
                 writer.write(decoded.flows)  # after: rows outside the time window are rejects of their own

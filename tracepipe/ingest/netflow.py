@@ -948,6 +948,7 @@ def decode_datagrams(
     source: str,
     state: DecoderState,
     text_as_dictionary: bool = False,
+    in_file: InFile | None = None,
 ) -> Decoded:
     """Decode a batch of export datagrams (any mix of versions and exporters) into flows and rejects.
 
@@ -955,9 +956,11 @@ def decode_datagrams(
     place (templates learnt, sequence numbers, options values, data waiting for templates).
     `text_as_dictionary`: leave the text columns (addresses, exporter, source) dictionary-encoded, as
     Lake writers take them fastest; by default they are plain strings exactly as schema.FLOWS declares.
+    `in_file`: where the payloads are in their input file (walk_datagrams); the fast path's records are then
+    read from it in one go instead of sliced datagram by datagram (InputChanged if the file no longer has them).
     """
-    batch = _walk_batch(payloads, exporters, arrival_us, offsets, source, state)
-    flows = _decode_walked(batch, batch.walked())
+    batch = _walk_batch(payloads, exporters, arrival_us, offsets, source, state, in_file)
+    flows = _decode_walked(batch, _records_read(batch.walked()))
     if not text_as_dictionary:
         flows = flows.cast(FLOWS)
     return Decoded(flows, _rejects_table(batch.rejects, source), batch.stats)
@@ -989,14 +992,19 @@ def decode_walked(walked: Walked) -> Decoded:
     InputChanged when records to be read from the input file (FileRecords) are no longer there."""
     batch = _Batch(None, walked.source)  # type: ignore[arg-type]  # columns need no decoder state
     batch.exporters = list(walked.exporters)
-    if any(isinstance(records, FileRecords) for _, records, _, _ in walked.groups):
-        groups = [
-            (tpl, records.read(tpl.record_len) if isinstance(records, FileRecords) else records, counts, ctx)
-            for tpl, records, counts, ctx in walked.groups
-        ]
-        walked = dataclasses.replace(walked, groups=groups)
-    flows = _decode_walked(batch, walked)
+    flows = _decode_walked(batch, _records_read(walked))
     return Decoded(flows, _rejects_table(batch.rejects, walked.source), batch.stats)
+
+
+def _records_read(walked: Walked) -> Walked:
+    """`walked` with the records of its FileRecords groups read from the file (the others as they are)."""
+    if not any(isinstance(records, FileRecords) for _, records, _, _ in walked.groups):
+        return walked
+    groups = [
+        (tpl, records.read(tpl.record_len) if isinstance(records, FileRecords) else records, counts, ctx)
+        for tpl, records, counts, ctx in walked.groups
+    ]
+    return dataclasses.replace(walked, groups=groups)
 
 
 def _walk_batch(

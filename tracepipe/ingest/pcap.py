@@ -52,7 +52,7 @@ class Payloads(Sequence):
     saves a slice object per datagram (profiled for issue 17)."""
 
     def __init__(self, buffers: list[bytes], which: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
-        self._buffers = buffers
+        self._views = [memoryview(b) for b in buffers]
         self._which, self._starts, self._ends = which.tolist(), starts.tolist(), ends.tolist()
         self.sizes = ends - starts  # int64, one per payload
 
@@ -68,7 +68,7 @@ class Payloads(Sequence):
     def __getitem__(self, i: int | slice) -> memoryview | list[memoryview]:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return memoryview(self._buffers[self._which[i]])[self._starts[i] : self._ends[i]]
+        return self._views[self._which[i]][self._starts[i] : self._ends[i]]
 
 
 @dataclass
