@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import struct
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +22,12 @@ from scapy.utils import rdpcap, wrpcap
 from support.probes import LAN_MAC
 
 from tracepipe.errors import LakeError
-from tracepipe.ingest.decode_pool import DecodePool
-from tracepipe.ingest.flows import ingest_flow_files
-from tracepipe.ingest.netflow import DecoderState, walk_datagrams
+from tracepipe.ingest.decode_pool import DecodePool, InputChanged
+from tracepipe.ingest.flows import ContentHash, ingest_flow_files
+from tracepipe.ingest.netflow import DecoderState, FileRecords, InFile, decode_walked, walk_datagrams
 from tracepipe.ingest.pcap import iter_udp_batches
-from tracepipe.lake import Lake
+from tracepipe.lake import HashStopped, Lake
+from tracepipe.schema import FLOWS
 
 COLUMNS = ["ts_start", "ts_end", "src_addr", "dst_addr", "src_port", "dst_port", "proto", "packets", "bytes"]
 COLUMNS += ["tcp_flags", "ip_version", "exporter", "input_if", "output_if", "sampling_interval", "source"]
@@ -61,8 +65,37 @@ def captures(softflowd_export, tmp_path_factory) -> list:
     )
     hostile.append(frame / future)
     wrpcap(str(base / "v9-hostile.pcap"), hostile)
+    wrpcap(str(base / "v9-data-sets.pcap"), _one_set_a_datagram(packets))
     paths = [exports[5].export_pcap, base / "v9-part1.pcap", base / "v9-part2.pcap", exports[10].export_pcap]
-    return [*paths, base / "v9-hostile.pcap"]
+    return [*paths, base / "v9-hostile.pcap", base / "v9-data-sets.pcap"]
+
+
+def _one_set_a_datagram(packets: list) -> list:
+    """softflowd's v9 datagrams re-cut so that each holds one flowset (templates first, then one data set a
+    datagram, sequence numbers in a row): what a busy exporter sends, and what the walker's fast path takes."""
+    out = []
+    sets = []
+    for packet in packets:
+        payload = bytes(packet[UDP].payload)
+        pos = 20
+        while pos + 4 <= len(payload):
+            set_id, length = struct.unpack_from(">HH", payload, pos)
+            if length < 4:
+                break
+            sets.append((set_id, payload[:20], payload[pos : pos + length]))
+            pos += length
+    sets.sort(key=lambda s: s[0] >= 256)  # templates first (stable: data in export order)
+    for seq, (_, header, body) in enumerate(sets):
+        _, _, uptime, secs, _, source_id = struct.unpack(">HHIIII", header)
+        datagram = struct.pack(">HHIIII", 9, 1, uptime, secs, seq, source_id) + body
+        first = packets[0]
+        out.append(
+            Ether(dst=LAN_MAC)
+            / IP(src=first[IP].src, dst=first[IP].dst)
+            / UDP(sport=9, dport=2055)
+            / datagram
+        )
+    return out
 
 
 def landed(lake_dir, paths: list, jobs: int) -> tuple:
@@ -317,3 +350,175 @@ def test_abort_removes_the_workers_temp_files_never_a_finished_file_of_the_same_
         pool.abort()
     assert committed.exists()
     assert not [p for p in left if p.exists()]
+
+
+def _walk(capture: Path, in_file: bool) -> list:
+    """(Walked, walk's Decoded) per batch of 8 datagrams; `in_file`: the fast path's records left in the file."""
+    state = DecoderState()
+    out = []
+    for b in iter_udp_batches(capture, batch_datagrams=8):
+        where = InFile(str(capture), b.payload_offsets, b.heads) if in_file else None
+        out.append(walk_datagrams(b.payloads, b.exporters, b.ts_us, b.offsets, "x", state, where))
+    return out
+
+
+def _rows(table: pa.Table) -> list:
+    return sorted(map(repr, table.cast(FLOWS).to_pylist()))
+
+
+@pytest.mark.parametrize("which", range(6))
+def test_records_read_from_the_file_decode_as_the_records_sent_as_bytes(captures, which):
+    """Issue 17: a capture's records go to the workers as file offsets (netflow.FileRecords). Every capture,
+    the hostile one included (junk, a truncated datagram, a bad IPFIX length, a date in 2099), decodes to the
+    same flows, rejects and counters as when the record bytes were sent, from much less pickled."""
+    capture = captures[which]
+    as_bytes, as_offsets = _walk(capture, False), _walk(capture, True)
+    # v9/IPFIX data datagrams of a known template take the fast path, whose records stay in the file; v5 and
+    # the datagrams of the full walk travel as bytes (softflowd sends templates in each datagram: re-cut)
+    if which == 5:
+        assert any(isinstance(r, FileRecords) for w, _ in as_offsets for _, r, _, _ in w.groups)
+    for (sent, walk_sent), (offsets, walk_offsets) in zip(as_bytes, as_offsets, strict=True):
+        assert walk_offsets.rejects.equals(walk_sent.rejects) and walk_offsets.stats == walk_sent.stats
+        want, got = (
+            decode_walked(pickle.loads(pickle.dumps(sent))),
+            decode_walked(pickle.loads(pickle.dumps(offsets))),
+        )
+        assert _rows(got.flows) == _rows(want.flows)
+        assert got.rejects.equals(want.rejects) and got.stats == want.stats
+    if which == 5:  # the record bytes left in the file are not pickled (16 bytes a datagram instead)
+        in_file = [r for w, _ in as_offsets for _, r, _, _ in w.groups if isinstance(r, FileRecords)]
+        left = sum(int(r.lengths[r.starts >= 0].sum()) for r in in_file)
+        sent_bytes = sum(len(pickle.dumps(w)) for w, _ in as_bytes)
+        assert left > 10_000
+        assert sum(len(pickle.dumps(w)) for w, _ in as_offsets) < sent_bytes - left / 2
+
+
+def test_a_capture_cut_short_after_its_walk_is_refused_and_never_read_outside(captures, tmp_path):
+    """A capture truncated between its walk and a worker's read (an attacker, or tcpdump still writing): the
+    worker answers that the input changed, the source is refused (InputChanged), nothing is left in the lake;
+    spans that point outside the file or the inline bytes are refused the same way, never read."""
+    capture = tmp_path / "v9.pcap"
+    capture.write_bytes(captures[5].read_bytes())
+    walked = [w for w, _ in _walk(capture, True)]
+    with open(capture, "r+b") as handle:
+        handle.truncate(capture.stat().st_size // 2)
+    with pytest.raises(InputChanged, match="it ends at byte"):
+        for w in walked:
+            decode_walked(w)
+    (tmp_path / "lake").mkdir()
+    with DecodePool(2, tmp_path / "lake") as pool:
+        pool.begin("k" * 16)
+        with pytest.raises(InputChanged, match="it ends at byte"):
+            for w in walked:
+                pool.submit(w)
+            pool.finish()
+        pool.abort()
+    assert not [p for p in (tmp_path / "lake").rglob("*") if p.is_file()]
+    size = capture.stat().st_size
+    for starts, lengths, inline in (
+        ([size - 10], [30], b""),  # past the end of the file
+        ([-1], [60], b"x" * 30),  # past the end of the inline bytes
+        ([0], [31], b""),  # not whole records
+    ):
+        spans = FileRecords(str(capture), np.array(starts), np.array(lengths), inline)
+        with pytest.raises(InputChanged):
+            spans.read(30)
+    assert bytes(FileRecords(str(capture), np.array([4, -1]), np.array([2, 2]), b"ab").read(2)) == (
+        capture.read_bytes()[4:6] + b"ab"
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_runs_of_equal_record_lengths_are_walked_as_one_record_at_a_time_would(tmp_path, seed):
+    """pcap records of one length in a row are found with numpy (pcap._same_length_run): whatever the mix of
+    lengths, runs longer and shorter than its window, the payloads and offsets are those scapy reads."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    while len(frames) < 400:
+        size = int(rng.choice([24, 40, 41, 1400]))
+        frames += [size] * int(rng.choice([1, 2, 3, 63, 64, 65, 300]))
+    packets = [
+        Ether(dst=LAN_MAC)
+        / IP(src="192.0.2.7", dst="192.0.2.1")
+        / UDP(sport=9, dport=2055)
+        / (bytes([i % 251]) * n)
+        for i, n in enumerate(frames)
+    ]
+    wrpcap(str(tmp_path / "runs.pcap"), packets)
+    got, offsets = [], []
+    for batch in iter_udp_batches(tmp_path / "runs.pcap", batch_datagrams=100):
+        got += [bytes(p) for p in batch.payloads]
+        offsets += batch.offsets.tolist()
+        assert batch.heads == b"".join(
+            bytes(p[:24]).ljust(24, b"\0") if len(p) >= 24 else bytes(24) for p in batch.payloads
+        )
+        data = (tmp_path / "runs.pcap").read_bytes()
+        assert [
+            data[a : a + len(p)] for a, p in zip(batch.payload_offsets.tolist(), batch.payloads, strict=True)
+        ] == [bytes(p) for p in batch.payloads]
+    assert got == [bytes(p[UDP].payload) for p in packets]
+    assert offsets == sorted(offsets) and len(set(offsets)) == len(packets)
+
+
+def test_a_deadline_outliving_a_restart_never_kills_the_new_workers(tmp_path):
+    """Regression: a threading.Timer per pool message could fire after the pool restarted and kill the new
+    worker of the same index. One watchdog per pool now knows which generation of workers each deadline is
+    for; a deadline of the current generation still kills (the hang guard), one of an older never does."""
+    with DecodePool(2, tmp_path, hang_seconds=0.4) as pool:
+        pool.start()
+        old = pool._generation
+        stuck = pool._watch(0)  # a send to worker 0 that never returns
+        stuck.__enter__()
+        pool.stop()
+        pool.start()  # new workers, same indices
+        with pool._watchdog.watch(old, 1):  # an old deadline registered late, for worker 1 this time
+            time.sleep(1.2)
+        stuck.__exit__(None, None, None)
+        assert pool._generation == old + 1
+        assert [p.poll() for p in pool._procs] == [None, None] and not pool._hung
+        for _ in range(200):  # no thread per message: one watchdog, whatever the traffic
+            with pool._watch(0):
+                pass
+        threads = [t.name for t in threading.enumerate()]
+        assert threads.count("decode-pool-watchdog") == 1 and not [t for t in threads if "Timer" in t]
+        with pool._watch(1):  # the current generation's deadline: worker 1 is killed
+            time.sleep(1.2)
+        assert pool._procs[1].poll() is not None and pool._procs[0].poll() is None and pool._hung == {1}
+    assert "decode-pool-watchdog" not in [t.name for t in threading.enumerate()]  # ended with the pool
+
+
+@pytest.mark.parametrize("order", ["landed-then-skipped", "aborted-then-landed"])
+def test_the_workers_end_after_the_last_expected_source_however_it_ended(captures, tmp_path, order):
+    """Regression: expect() was counted down by finish() only, so a last source skipped (its path already in
+    the lake) or an earlier one aborted (its content found in the lake while it decoded) left the workers
+    waiting until the pool's exit, beside the caller's commit and attribution."""
+    lake = Lake(tmp_path / "lake")
+    ingest_flow_files(lake, [captures[0], captures[3]], jobs=1)
+    copy = tmp_path / "copy.pcap"
+    copy.write_bytes(captures[3].read_bytes())  # same content, new path: hashed beside decoding, then aborted
+    paths = [captures[2], captures[0]] if order == "landed-then-skipped" else [copy, captures[2]]
+    with DecodePool(2, lake.root) as pool:
+        summary = ingest_flow_files(lake, paths, pool=pool, parallel_min_bytes=0)
+        assert [f.status for f in summary.files] == (
+            ["landed", "skipped"] if order == "landed-then-skipped" else ["skipped", "landed"]
+        )
+        assert pool._procs
+        deadline = time.monotonic() + 20
+        while any(p.poll() is None for p in pool._procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p.poll() for p in pool._procs] == [0, 0]  # ended by themselves, before the pool's exit
+
+
+def test_an_abandoned_content_hash_stops_reading(tmp_path):
+    """The SHA-256 thread beside decoding read an aborted input to its end; cancel() stops it within a chunk."""
+    big = tmp_path / "sparse.pcap"
+    with open(big, "wb") as handle:
+        handle.truncate(64 << 30)  # 64 GiB of holes: minutes to hash
+    hashing = ContentHash(big)
+    time.sleep(0.2)
+    started = time.monotonic()
+    hashing.cancel()
+    hashing._thread.join(10)
+    assert hashing.done() and time.monotonic() - started < 2
+    with pytest.raises(HashStopped):
+        hashing.result()

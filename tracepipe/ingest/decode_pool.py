@@ -23,8 +23,9 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,12 @@ IN_FLIGHT = 3  # batches queued per worker: one being decoded, two waiting (memo
 # records, an nfcapd range of RANGE_RECORDS, a CSV range of 16 MB: seconds even on a loaded machine, a row group
 # write included), so this is far beyond any real batch
 HANG_SECONDS = 120.0
+
+
+class InputChanged(Exception):
+    """The file changed (appended, truncated, rewritten) while it was hashed and decoded: the hash and the rows
+    may be of different bytes, so nothing of it is committed. Raised by the walking process (flows), and by a
+    worker that finds the records it was sent to read no longer in the file (netflow.FileRecords)."""
 
 
 def default_jobs() -> int:
@@ -111,7 +118,9 @@ def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
                         schema=rejects.schema,
                     )
                     rejects = pa.concat_tables([rejects, same])
-                outbox.send(("done", rejects, decoded.stats))
+                # no rejects (the usual answer): None, not an empty table (its schema pickles to ~2 KB and
+                # costs the walking process ~1 ms to read back, per batch)
+                outbox.send(("done", rejects if rejects.num_rows else None, decoded.stats))
             elif op == "nfcapd_range":  # nfcapd blocks, read here from the file (nffile.read_range)
                 assert parts is not None, "range before begin"
                 flows, found = read_range(message[1])
@@ -128,6 +137,11 @@ def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
                     parts = None
                 if op == "stop":
                     return
+        except InputChanged as exc:  # the input, not a bug: the parent refuses the source with this text
+            outbox.send(("changed", str(exc)))
+            if parts is not None:
+                parts.abort()
+                parts = None
         except Exception:  # a bug or the environment (disk full): the parent raises it, with this text
             outbox.send(("error", traceback.format_exc(limit=8)))
             if parts is not None:
@@ -169,6 +183,64 @@ def _big_file(path: Path) -> bool:
     return stat.S_ISREG(info.st_mode) and info.st_size >= PARALLEL_MIN_BYTES
 
 
+class _Watchdog:
+    """One thread per pool holding the deadlines of the sends and receives in progress, each for one worker of
+    one generation (DecodePool.start makes a new generation): an expired deadline calls kill(generation,
+    worker), which kills only a worker of that same generation (a Timer per message, as before, started a
+    thread per batch, and one firing across a restart could kill the new worker of the same index)."""
+
+    def __init__(self, seconds: float, kill: Callable[[int, int], None]) -> None:
+        self.seconds = seconds
+        self._kill = kill
+        self._changed = threading.Condition()
+        self._deadlines: dict[int, tuple[float, int, int]] = {}  # token -> (deadline, generation, worker)
+        self._next = 0
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    @contextlib.contextmanager
+    def watch(self, generation: int, worker: int) -> Iterator[None]:
+        with self._changed:
+            token, self._next = self._next, self._next + 1
+            self._deadlines[token] = (time.monotonic() + self.seconds, generation, worker)
+            if self._thread is None or not self._thread.is_alive():
+                self._closing = False
+                self._thread = threading.Thread(target=self._run, name="decode-pool-watchdog", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._deadlines.pop(token, None)
+
+    def close(self) -> None:
+        """End the thread (the pool stopped; a later watch() starts it again)."""
+        with self._changed:
+            self._closing = True
+            self._deadlines.clear()
+            self._changed.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while True:
+                    if self._closing:
+                        return
+                    now = time.monotonic()
+                    due = [t for t, (deadline, _, _) in self._deadlines.items() if deadline <= now]
+                    if due:
+                        expired = [self._deadlines.pop(t)[1:] for t in due]
+                        break
+                    soonest = min((d for d, _, _ in self._deadlines.values()), default=None)
+                    self._changed.wait(None if soonest is None else soonest - now)
+            for generation, worker in expired:  # outside the lock: a kill waits for the process to die
+                self._kill(generation, worker)
+
+
 class DecodePool:
     """`jobs` spawned workers writing into the lake at `root`. Use as a context manager (workers stop at exit).
     A worker that does not take a message or answer within `hang_seconds` is killed (the call raises LakeError);
@@ -187,7 +259,11 @@ class DecodePool:
         self._queued: list[list[int]] = []  # per worker: sequence numbers of batches sent, not answered
         self._sent = 0
         self._sources_left: int | None = None  # expect(): sources still to come; at 0 the workers end
+        self._counted = False  # the current source was counted down by finish() (source_over)
         self._released = False  # told to end (release): a next start() spawns new ones
+        self._generation = 0  # of the workers in _procs: start() makes a new one (the watchdog's kills)
+        self._lock = threading.Lock()  # a kill and a restart never interleave
+        self._watchdog = _Watchdog(hang_seconds, self._kill)
 
     def __enter__(self) -> DecodePool:
         return self
@@ -203,6 +279,8 @@ class DecodePool:
             self.stop()
         # a fresh interpreter per worker (no fork: delta-rs is not fork-safe), started as a module so that the
         # caller's __main__ is never re-imported (multiprocessing's spawn would, and needs a __main__ guard)
+        with self._lock:
+            self._generation += 1
         package_root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
         for _ in range(self.jobs):
@@ -266,7 +344,7 @@ class DecodePool:
             ready = wait([self._conns[w][0] for w in range(self.jobs)], timeout=self.hang_seconds)
             if not ready:  # none of them answered: all are hung (or the machine is)
                 for worker in range(self.jobs):
-                    self._kill(worker)
+                    self._kill(self._generation, worker)
                 raise self._died(0, None)
             answers.extend(self._answer(w) for w in range(self.jobs) if self._conns[w][0] in ready)
         # fewest queued first, ties in turn from the last one used (round robin when all keep pace)
@@ -279,8 +357,25 @@ class DecodePool:
     def expect(self, sources: int) -> None:
         """`sources` sources will go through the pool: after the last one's finish() the workers are told to
         end at once (release), so that their exit (~0.1 s of interpreter teardown each) runs while the caller
-        commits, not after it (profiled for issue 17: the tail of a run)."""
+        commits, not after it (profiled for issue 17: the tail of a run). The caller calls source_over() after
+        each of them, whether it landed, was skipped or aborted."""
         self._sources_left = sources
+        self._counted = False
+
+    def source_over(self) -> None:
+        """One of the expected sources is done with, however it ended: counted down here unless its finish()
+        did; after the last, the workers are told to end (a skipped or aborted last source left them waiting
+        for the pool's exit before)."""
+        if self._counted:
+            self._counted = False
+        else:
+            self._count_down()
+
+    def _count_down(self) -> None:
+        if self._sources_left is not None:
+            self._sources_left -= 1
+            if self._sources_left <= 0:
+                self.release()
 
     def release(self) -> None:
         """Tell the workers to end, without waiting for them (stop() does); a later start() spawns new ones."""
@@ -313,10 +408,9 @@ class DecodePool:
             self._closed.extend(add.path for add in reply[1])  # abort() removes them if another fails
             rows += reply[2]
         self._closed = []  # the caller owns them now (IngestWriter.adopt: its abort removes them)
-        if self._sources_left is not None:
-            self._sources_left -= 1
-            if self._sources_left <= 0:
-                self.release()
+        if self._sources_left is not None:  # before the caller's commit (see expect)
+            self._counted = True
+            self._count_down()
         return answers, adds, rows
 
     def abort(self) -> None:
@@ -350,29 +444,27 @@ class DecodePool:
                 proc.wait()
         for from_worker, _ in self._conns:
             from_worker.close()
-        self._conns, self._procs, self._queued = [], [], []
+        with self._lock:
+            self._conns, self._procs, self._queued = [], [], []
+        self._watchdog.close()
         self._hung = set()
         self._released = False
 
-    @contextlib.contextmanager
-    def _watch(self, worker: int) -> Iterator[None]:
+    def _watch(self, worker: int) -> contextlib.AbstractContextManager[None]:
         """Kill `worker` if the send or receive inside does not return within hang_seconds: a stopped worker
-        does not read its pipe (a batch is larger than the pipe) and never answers. The blocked call then
-        fails (EPIPE, end of file) and raises _died."""
-        timer = threading.Timer(self.hang_seconds, self._kill, args=(worker,))
-        timer.daemon = True
-        timer.start()
-        try:
-            yield
-        finally:
-            timer.cancel()
+        does not read its pipe and never answers. The blocked call then fails (EPIPE, end of file) and raises
+        _died."""
+        return self._watchdog.watch(self._generation, worker)
 
-    def _kill(self, worker: int) -> None:
-        if worker >= len(self._procs):  # the timer fired as the pool stopped: nothing left to kill
-            return
-        self._hung.add(worker)
-        proc = self._procs[worker]
-        proc.kill()  # SIGKILL: a stopped process dies too
+    def _kill(self, generation: int, worker: int) -> None:
+        """Kill `worker` of `generation`: never one of a later generation (its deadline outlived a restart),
+        nor any once the pool stopped."""
+        with self._lock:
+            if generation != self._generation or worker >= len(self._procs):
+                return
+            self._hung.add(worker)
+            proc = self._procs[worker]
+            proc.kill()  # SIGKILL: a stopped process dies too
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)  # dead before abort() removes its files (unless stuck in the kernel)
 
@@ -396,6 +488,8 @@ class DecodePool:
         )
 
     def _answer(self, worker: int) -> tuple[int, Any]:
+        import pyarrow as pa
+
         from tracepipe.ingest.netflow import Decoded
 
         reply = self._receive(worker)
@@ -405,7 +499,8 @@ class DecodePool:
         if reply[0] != "done":
             raise LakeError(f"decode worker {worker}: unexpected answer {reply[0]!r}")
         _, rejects, stats = reply
-        return seq, Decoded(rejects.schema.empty_table(), rejects, stats)
+        empty = pa.table({})  # the flows are in the worker's files; no rejects: nothing to land
+        return seq, Decoded(empty, empty if rejects is None else rejects, stats)
 
     def _receive(self, worker: int) -> tuple[Any, ...]:
         try:
@@ -413,6 +508,8 @@ class DecodePool:
                 reply = self._conns[worker][0].recv()
         except (EOFError, OSError) as exc:
             raise self._died(worker, exc) from exc
+        if reply[0] == "changed":
+            raise InputChanged(reply[1])
         if reply[0] == "error":
             raise LakeError(
                 f"decode worker {worker} failed: {reply[1].strip().splitlines()[-1]}. Rerun with --jobs 1 "

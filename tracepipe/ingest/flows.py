@@ -29,10 +29,17 @@ from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
 from tracepipe.fsutil import input_problem
 from tracepipe.ingest import nffile
 from tracepipe.ingest.argus import iter_argus, looks_like_argus
-from tracepipe.ingest.decode_pool import HANG_SECONDS, PARALLEL_MIN_BYTES, DecodePool, default_jobs
+from tracepipe.ingest.decode_pool import (
+    HANG_SECONDS,
+    PARALLEL_MIN_BYTES,
+    DecodePool,
+    InputChanged,
+    default_jobs,
+)
 from tracepipe.ingest.netflow import (
     Decoded,
     DecoderState,
+    InFile,
     decode_datagrams,
     flush_pending,
     merge_stats,
@@ -88,14 +95,20 @@ class ContentHash:
     def __init__(self, path: Path) -> None:
         self._digest: str | None = None
         self._error: BaseException | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(path,), name="content-hash", daemon=True)
         self._thread.start()
 
     def _run(self, path: Path) -> None:
         try:
-            self._digest = hash_file(path)
+            self._digest = hash_file(path, stop=self._stop)
         except BaseException as exc:  # raised in the caller's thread by result()
             self._error = exc
+
+    def cancel(self) -> None:
+        """Stop reading (the source was aborted, skipped or refused): the thread ends within one chunk,
+        instead of reading the rest of a file nobody will use, beside the next file's decoding."""
+        self._stop.set()
 
     def done(self) -> bool:
         return not self._thread.is_alive()
@@ -110,11 +123,6 @@ class ContentHash:
 
 class AlreadyIngested(Exception):
     """The content hash, found while the file decoded, is in the lake already: what was written is dropped."""
-
-
-class InputChanged(Exception):
-    """The file changed (appended, truncated, rewritten) while it was hashed and decoded: the hash and the rows
-    may be of different bytes, so nothing of it is committed."""
 
 
 def _file_identity(info: os.stat_result) -> tuple[int, ...]:
@@ -313,38 +321,23 @@ def _ingest_files(
                 "folder that holds them)",
             )
         )
-    big_captures = [p for p in files if _parallel(p, _kind_or_none(p), parallel_min_bytes)]
+    big_captures = {Path(p) for p in files if _parallel(p, _kind_or_none(p), parallel_min_bytes)}
     if pool is not None and big_captures:
         pool.start()
         pool.expect(len(big_captures))
     for path in files:
         path = Path(path)
-        problem = input_problem(path, "give the capture files in it, e.g. DIR/*.pcap")
-        if problem is not None:  # told from os.stat: a FIFO is never opened (that would block)
-            status = "missing" if problem.startswith("no such") else "not a file"
-            summary.files.append(FileResult(str(path), status, status, message=problem))
-            continue
+        parallel = pool if pool is not None and path in big_captures else None
         try:
-            with open(path, "rb"):
-                pass
-        except OSError as exc:  # unreadable (permissions): this file fails, the others go on
-            summary.files.append(
-                FileResult(str(path), "unknown", "missing", message=f"cannot read: {exc.strerror}")
-            )
-            continue
-        try:
-            parallel = (
-                pool
-                if pool is not None and _parallel(path, _kind_or_none(path), parallel_min_bytes)
-                else None
-            )
-            result = _ingest_one(lake, path, state, summary, progress, accept, parallel)
+            summary.files.append(_ingest_one(lake, path, state, summary, progress, accept, parallel))
         except OSError as exc:  # the lake side: a directory or temp file that cannot be written
             raise LakeError(
                 f"cannot write flows of {path} into {lake.root}: {exc}. Check that the lake is writable and has "
                 "free space."
             ) from exc
-        summary.files.append(result)
+        finally:
+            if parallel is not None:  # landed, skipped or aborted: one less to come (DecodePool.expect)
+                parallel.source_over()
     return summary
 
 
@@ -357,6 +350,15 @@ def _ingest_one(
     accept: tuple[str, ...],
     pool: DecodePool | None = None,
 ) -> FileResult:
+    problem = input_problem(path, "give the capture files in it, e.g. DIR/*.pcap")
+    if problem is not None:  # told from os.stat: a FIFO is never opened (that would block)
+        status = "missing" if problem.startswith("no such") else "not a file"
+        return FileResult(str(path), status, status, message=problem)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:  # unreadable (permissions): this file fails, the others go on
+        return FileResult(str(path), "unknown", "missing", message=f"cannot read: {exc.strerror}")
     seen = path.stat()  # before any read: _unchanged compares it before the commit
     size = seen.st_size
     kind = sniff_kind(path)
@@ -395,6 +397,9 @@ def _ingest_one(
             "again once it is complete (a capture or nfcapd file still being written: its rotated copy)"
         )
         return result
+    finally:
+        if hashing is not None:  # landed, skipped, refused or failed: the hash thread reads no further
+            hashing.cancel()
 
 
 def _skipped(result: FileResult, progress: Progress | None, size: int) -> FileResult:
@@ -445,6 +450,7 @@ def _land_one(
                     source,
                     state,
                     text_as_dictionary=True,
+                    in_file=InFile(str(path.absolute()), batch.payload_offsets, batch.heads),
                 )
                 writer.reject(decoded.rejects)
                 writer.write(decoded.flows)  # after: rows outside the time window are rejects of their own
@@ -731,8 +737,10 @@ def _land_pcap_parallel(
     def walked_batches() -> Iterator[Any]:
         nonlocal datagrams, done
         for number, batch in enumerate(iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS)):
+            # the records stay in the file: the worker reads them there (offsets, not bytes, through the pipe)
+            in_file = InFile(str(path.absolute()), batch.payload_offsets, batch.heads)
             walked, walk = walk_datagrams(
-                batch.payloads, batch.exporters, batch.ts_us, batch.offsets, source, state
+                batch.payloads, batch.exporters, batch.ts_us, batch.offsets, source, state, in_file
             )
             waiting[number] = (batch.rejects, walk)
             datagrams += len(batch.payloads)

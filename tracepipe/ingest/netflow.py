@@ -15,19 +15,22 @@ buffer and read with one structured big-endian numpy dtype. walk_datagrams (stat
 from __future__ import annotations
 
 import base64
+import dataclasses
 import ipaddress
 import json
+import os
 import struct
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from tracepipe.ingest import inner_headers, router_fields
+from tracepipe.ingest.decode_pool import InputChanged
 from tracepipe.limits import DEFAULT, Limits
 from tracepipe.schema import FLOWS, REJECTS, TS, null_column
 
@@ -728,12 +731,78 @@ _U32 = struct.Struct(">I")
 
 
 @dataclass
+class InFile:
+    """Where a batch's payloads lie in their input file (a capture: pcap.UdpBatch.payload_offsets). Given to
+    walk_datagrams, it lets the records of the fast path travel to a decode worker as file offsets, which the
+    worker reads itself (FileRecords), instead of as bytes copied through a pipe (issue 17: pickling and pipe
+    writes were a quarter of the walking process's CPU)."""
+
+    path: str
+    starts: np.ndarray  # int64 file offset of each payload's first byte
+    heads: bytes = b""  # the first 24 bytes of each payload (pcap.UdpBatch.heads), b"" if not at hand
+
+
+class _FileSpans(NamedTuple):
+    """Records of the fast path as (file offset, length) spans of InFile.path, in order."""
+
+    starts: np.ndarray
+    lengths: np.ndarray
+
+
+@dataclass
+class FileRecords:
+    """A group's records as spans, in order: start >= 0 is an offset in the file `path`, start < 0 the offset
+    -1 - start in `inline` (records the walker holds in memory: those of the full walk, data that waited for
+    its template, projections of variable-length records). Lengths are whole records. read() gives the bytes."""
+
+    path: str
+    starts: np.ndarray
+    lengths: np.ndarray
+    inline: bytes
+
+    def read(self, record_len: int) -> np.ndarray:
+        """The records, joined (a uint8 array, one pread of the file range the spans cover and one numpy
+        gather). InputChanged when the file no longer holds that range (truncated, gone): it changed since it
+        was walked. Nothing is read outside the range, whatever the spans say."""
+        in_file = self.starts >= 0
+        file_starts = self.starts[in_file]
+        low = int(file_starts.min()) if len(file_starts) else 0
+        high = int((file_starts + self.lengths[in_file]).max()) if len(file_starts) else 0
+        region = b""
+        if high > low:
+            try:
+                with open(self.path, "rb") as handle:
+                    region = os.pread(handle.fileno(), high - low, low)
+            except OSError as exc:
+                raise InputChanged(f"it could not be read again ({exc.strerror or exc})") from exc
+            if len(region) < high - low:
+                raise InputChanged(f"it ends at byte {low + len(region):,}, before {high:,} read before")
+        buf = np.frombuffer(region + self.inline if self.inline else region, np.uint8)
+        counts = self.lengths // record_len
+        total = int(counts.sum())
+        if not total:
+            return np.zeros(0, np.uint8)
+        # the start of every record in buf: its span's start + record_len x its rank in the span
+        first = np.where(in_file, self.starts - low, len(region) - 1 - self.starts)
+        rank = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+        at = np.repeat(first, counts) + rank * record_len
+        # a guard against a bug: whatever the spans say, nothing is read outside what was read from the file
+        if (self.lengths % record_len).any() or int(at.min()) < 0 or int(at.max()) + record_len > len(buf):
+            raise InputChanged("its records are not where they were walked")
+        rows = np.lib.stride_tricks.as_strided(
+            buf, shape=(len(buf) - record_len + 1, record_len), strides=(1, 1), writeable=False
+        )
+        return rows[at].reshape(-1)
+
+
+@dataclass
 class Walked:
     """Data records of one batch, grouped by template: what turning them into columns needs, no more (plain
-    bytes and arrays: pickled cheaply to a worker process). Per group: the template, its records joined, the
-    records of each data set and the ctx row of each data set; ctx: one row per context (see _CTX_*)."""
+    bytes and arrays: pickled cheaply to a worker process). Per group: the template, its records joined (or
+    where they are in the input file: FileRecords), the records of each data set and the ctx row of each data
+    set; ctx: one row per context (see _CTX_*)."""
 
-    groups: list[tuple[Template, bytes, np.ndarray, np.ndarray]]
+    groups: list[tuple[Template, bytes | FileRecords, np.ndarray, np.ndarray]]
     ctx: np.ndarray
     exporters: list[str]
     source: str
@@ -757,9 +826,10 @@ def _int_array(items: list) -> np.ndarray:
 class _Batch:
     """Working memory of one decode_datagrams call."""
 
-    def __init__(self, state: DecoderState, source: str) -> None:
+    def __init__(self, state: DecoderState, source: str, in_file: InFile | None = None) -> None:
         self.state = state
         self.source = source
+        self.in_file = in_file  # the fast path's records stay in the file (walk_datagrams)
         self.exporters: list[str] = []
         self.exporter_index: dict[str, int] = {}
         self.ctx: list[tuple] = []  # ctx rows not yet in a block
@@ -779,7 +849,7 @@ class _Batch:
         if self.variable:  # variable-length records -> their templates' fixed projections, grouped as usual
             _project_variable(self)
         groups = [
-            (tpl, b"".join(bodies), _int_array(counts), _int_array(ctx_ids))
+            (tpl, self._records(bodies), _int_array(counts), _int_array(ctx_ids))
             for tpl, bodies, counts, ctx_ids in self.groups.values()
         ]
         self._ctx_to_block()
@@ -790,6 +860,23 @@ class _Batch:
         )
         names = {k: v for k, v in self.state.if_names.items() if k[0] in mine} if self.state.if_names else {}
         return Walked(groups, ctx, self.exporters, self.source, samplers, names)
+
+    def _records(self, bodies: list) -> bytes | FileRecords:
+        """A group's bodies joined, or as FileRecords when some of them are spans of the input file."""
+        if self.in_file is None or not any(isinstance(b, _FileSpans) for b in bodies):
+            return b"".join(bodies)
+        starts, lengths, inline = [], [], []
+        held = 0
+        for body in bodies:  # one item per fast-path run, or per data set of the full walk: not per record
+            if isinstance(body, _FileSpans):
+                starts.append(body.starts)
+                lengths.append(body.lengths)
+            else:
+                starts.append(-1 - held)
+                lengths.append(len(body))
+                inline.append(body)
+                held += len(body)
+        return FileRecords(self.in_file.path, _int_array(starts), _int_array(lengths), b"".join(inline))
 
     def stat(self, exporter: str) -> dict[str, Any]:
         s = self.stats.get(exporter)
@@ -838,13 +925,17 @@ class _Batch:
             self.ctx = []
 
     def add_data(
-        self, tpl: Template, body: bytes | memoryview | list, count: int | np.ndarray, ctx: int | np.ndarray
+        self,
+        tpl: Template,
+        body: bytes | memoryview | list | _FileSpans,
+        count: int | np.ndarray,
+        ctx: int | np.ndarray,
     ) -> None:
         """Records of `tpl`: one data set (count records, ctx index) or many (a list of bodies, arrays)."""
         group = self.groups.get(id(tpl))
         if group is None:
             group = self.groups[id(tpl)] = (tpl, [], [], [])
-        (group[1].extend if isinstance(body, list) else group[1].append)(body)
+        (group[1].extend if isinstance(body, list) else group[1].append)(body)  # _FileSpans: one item
         group[2].append(count)
         group[3].append(ctx)
 
@@ -857,6 +948,7 @@ def decode_datagrams(
     source: str,
     state: DecoderState,
     text_as_dictionary: bool = False,
+    in_file: InFile | None = None,
 ) -> Decoded:
     """Decode a batch of export datagrams (any mix of versions and exporters) into flows and rejects.
 
@@ -864,9 +956,11 @@ def decode_datagrams(
     place (templates learnt, sequence numbers, options values, data waiting for templates).
     `text_as_dictionary`: leave the text columns (addresses, exporter, source) dictionary-encoded, as
     Lake writers take them fastest; by default they are plain strings exactly as schema.FLOWS declares.
+    `in_file`: where the payloads are in their input file (walk_datagrams); the fast path's records are then
+    read from it in one go instead of sliced datagram by datagram (InputChanged if the file no longer has them).
     """
-    batch = _walk_batch(payloads, exporters, arrival_us, offsets, source, state)
-    flows = _decode_walked(batch, batch.walked())
+    batch = _walk_batch(payloads, exporters, arrival_us, offsets, source, state, in_file)
+    flows = _decode_walked(batch, _records_read(batch.walked()))
     if not text_as_dictionary:
         flows = flows.cast(FLOWS)
     return Decoded(flows, _rejects_table(batch.rejects, source), batch.stats)
@@ -879,23 +973,38 @@ def walk_datagrams(
     offsets: np.ndarray | None,
     source: str,
     state: DecoderState,
+    in_file: InFile | None = None,
 ) -> tuple[Walked, Decoded]:
     """The stateful half of decode_datagrams: headers, templates, sequences, options, data waiting for
     templates. Returns the data records grouped by template (`Walked`: plain bytes and arrays, cheap to send
     to another process, where `decode_walked` turns them into columns) and what the walk itself found
-    (flows empty; rejects and per-exporter counters). decode_datagrams == walk + decode_walked, merged."""
-    batch = _walk_batch(payloads, exporters, arrival_us, offsets, source, state)
+    (flows empty; rejects and per-exporter counters). decode_datagrams == walk + decode_walked, merged.
+    `in_file`: where the payloads are in their input file; the fast path's records then travel as offsets
+    in it (FileRecords), read by decode_walked, which must be able to open that file."""
+    batch = _walk_batch(payloads, exporters, arrival_us, offsets, source, state, in_file)
     empty = FLOWS_TEXT_DICTIONARY.empty_table()
     return batch.walked(), Decoded(empty, _rejects_table(batch.rejects, source), batch.stats)
 
 
 def decode_walked(walked: Walked) -> Decoded:
     """The stateless half of decode_datagrams: records grouped by template -> flows (text columns
-    dictionary-encoded), with the rejects and counters found on the way (times out of range, no addresses)."""
+    dictionary-encoded), with the rejects and counters found on the way (times out of range, no addresses).
+    InputChanged when records to be read from the input file (FileRecords) are no longer there."""
     batch = _Batch(None, walked.source)  # type: ignore[arg-type]  # columns need no decoder state
     batch.exporters = list(walked.exporters)
-    flows = _decode_walked(batch, walked)
+    flows = _decode_walked(batch, _records_read(walked))
     return Decoded(flows, _rejects_table(batch.rejects, walked.source), batch.stats)
+
+
+def _records_read(walked: Walked) -> Walked:
+    """`walked` with the records of its FileRecords groups read from the file (the others as they are)."""
+    if not any(isinstance(records, FileRecords) for _, records, _, _ in walked.groups):
+        return walked
+    groups = [
+        (tpl, records.read(tpl.record_len) if isinstance(records, FileRecords) else records, counts, ctx)
+        for tpl, records, counts, ctx in walked.groups
+    ]
+    return dataclasses.replace(walked, groups=groups)
 
 
 def _walk_batch(
@@ -905,8 +1014,9 @@ def _walk_batch(
     offsets: np.ndarray | None,
     source: str,
     state: DecoderState,
+    in_file: InFile | None = None,
 ) -> _Batch:
-    batch = _Batch(state, source)
+    batch = _Batch(state, source, in_file)
     n = len(payloads)
     if n:
         state.now_ms = max(state.now_ms, int(np.max(arrival_us)) // 1000)
@@ -915,7 +1025,7 @@ def _walk_batch(
     # every exporter), taken in runs, with numpy over the headers of the whole run (no Python per datagram but
     # one slice of its records). Whatever else (templates, options, several sets, v1/v5/v7, junk) takes the
     # full walk, one datagram at a time, in input order: it may change templates, options values or bounds.
-    heads = _FastHeads(payloads, exporters)
+    heads = _FastHeads(payloads, exporters, in_file.heads if in_file is not None else None)
     i = 0
     while i < n:
         if heads.candidate[i]:
@@ -965,10 +1075,15 @@ _PAD = bytes(24)
 class _FastHeads:
     """Headers of a batch's datagrams as columns; which ones may take the fast path (one data set, v9/IPFIX)."""
 
-    def __init__(self, payloads: Sequence[bytes | memoryview], exporters: Sequence[str]) -> None:
+    def __init__(
+        self, payloads: Sequence[bytes | memoryview], exporters: Sequence[str], raw: bytes | None = None
+    ) -> None:
+        """`raw`: the first 24 bytes of each payload (zeros for a shorter one), when the reader has them."""
         n = len(payloads)
-        self.sizes = np.fromiter(map(len, payloads), np.int64, n)
-        raw = b"".join([p[:24] if len(p) >= 24 else _PAD for p in payloads])
+        sizes = getattr(payloads, "sizes", None)  # pcap.Payloads knows them without a slice each
+        self.sizes = sizes if sizes is not None else np.fromiter(map(len, payloads), np.int64, n)
+        if raw is None or len(raw) != 24 * n:
+            raw = b"".join([p[:24] if len(p) >= 24 else _PAD for p in payloads])
         heads = np.frombuffer(raw, _HEAD, n)
         version = heads["version"]
         # v9: version, count, sysUptime, unix_secs, sequence, source id, (set id, set length)
@@ -1099,6 +1214,10 @@ def _fast_key(
     rows[:, _CTX_INIT] = state.sys_init_ms.get((exporter, domain), -1)
     rows[:, _CTX_SAMPLING] = state.sampling.get((exporter, domain), -1)
     hdr, record_len = 24 if version == 9 else 20, tpl.record_len
+    if batch.in_file is not None:  # where the records are in the file: no slice per datagram, no copy
+        spans = _FileSpans(batch.in_file.starts[idx] + hdr, counts * record_len)
+        batch.add_data(tpl, spans, counts, batch.add_ctx_block(rows))
+        return
     bodies = [
         payloads[d][hdr : hdr + c * record_len] for d, c in zip(idx.tolist(), counts.tolist(), strict=True)
     ]

@@ -11,10 +11,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, overload
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +25,8 @@ from tracepipe.schema import REJECTS
 
 CHUNK = 8 << 20  # bytes read at a time
 BATCH_BYTES = 24 << 20  # a batch is also cut when its payloads reach this many bytes
+HEAD_BYTES = 24  # bytes of each payload's start copied into UdpBatch.heads (netflow._FastHeads reads them)
+_NO_HEAD = bytes(HEAD_BYTES)
 PCAPNG_BLOCK_OVERHEAD = 4096  # a pcapng block may hold this much beside its packet (headers, options)
 
 PCAP_MAGIC = {  # magic as read little-endian -> (struct byte order, ticks per µs divisor is ns?)
@@ -44,15 +46,46 @@ IPV6_FRAGMENT, IPV6_AUTH = 44, 51
 UDP = 17
 
 
+class Payloads(Sequence):
+    """A batch's UDP payloads: views of the capture's read buffers, each made only when asked for. The walker's
+    fast path reads none of them (headers from UdpBatch.heads, records from the file: netflow.InFile), which
+    saves a slice object per datagram (profiled for issue 17)."""
+
+    def __init__(self, buffers: list[bytes], which: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
+        self._views = [memoryview(b) for b in buffers]
+        self._which, self._starts, self._ends = which.tolist(), starts.tolist(), ends.tolist()
+        self.sizes = ends - starts  # int64, one per payload
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    @overload
+    def __getitem__(self, i: int) -> memoryview: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[memoryview]: ...
+
+    def __getitem__(self, i: int | slice) -> memoryview | list[memoryview]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self._views[self._which[i]][self._starts[i] : self._ends[i]]
+
+
 @dataclass
 class UdpBatch:
-    payloads: list[bytes | memoryview]
+    payloads: Sequence[bytes | memoryview]
     exporters: list[str]  # source address of the datagram, canonical text
     ts_us: np.ndarray  # int64 capture time, µs since the epoch
     offsets: np.ndarray  # int64 byte offset of the packet record in the file
     dst_ports: np.ndarray  # int32
     rejects: pa.Table  # offset, reason, detail (schema.REJECTS columns)
     bytes_read: int = 0  # how far into the file this batch reaches (for progress bars)
+    # int64 byte offset in the file of each payload's first byte: a decode worker reads record bytes from the
+    # file itself (netflow.InFile) instead of receiving them through a pipe (issue 17)
+    payload_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # the first HEAD_BYTES of each payload (zeros for a shorter one), one after another: the walker's fast path
+    # reads them as columns (gathered here with numpy instead of one slice per datagram)
+    heads: bytes = b""
 
 
 REJECT_SCHEMA = pa.schema([REJECTS.field("offset"), REJECTS.field("reason"), REJECTS.field("detail")])
@@ -60,12 +93,18 @@ REJECT_SCHEMA = pa.schema([REJECTS.field("offset"), REJECTS.field("reason"), REJ
 
 @dataclass
 class _Collector:
-    payloads: list = field(default_factory=list)
+    buffers: list = field(default_factory=list)  # read buffers the payloads are in
+    which: list = field(default_factory=list)  # per payload: its buffer's index (ints, int64 arrays)
+    starts: list = field(default_factory=list)  # per payload: where it starts and ends in its buffer
+    ends: list = field(default_factory=list)
+    count: int = 0  # payloads
     exporters: list = field(default_factory=list)
     ts: list = field(default_factory=list)
     offsets: list = field(default_factory=list)
     ports: list = field(default_factory=list)
     rejects: list = field(default_factory=list)
+    payload_offsets: list = field(default_factory=list)  # ints, and int64 arrays of the vectorised path
+    heads: list = field(default_factory=list)  # bytes: HEAD_BYTES per payload
     nbytes: int = 0
 
     def flush(self, bytes_read: int) -> UdpBatch:
@@ -75,16 +114,41 @@ class _Collector:
         else:
             rejects = REJECT_SCHEMA.empty_table()
         batch = UdpBatch(
-            self.payloads,
+            Payloads(self.buffers, _int64s(self.which), _int64s(self.starts), _int64s(self.ends)),
             self.exporters,
             np.array(self.ts, dtype=np.int64),
             np.array(self.offsets, dtype=np.int64),
             np.array(self.ports, dtype=np.int32),
             rejects,
             bytes_read,
+            _int64s(self.payload_offsets),
+            b"".join(self.heads),
         )
         self.__init__()  # type: ignore[misc]
         return batch
+
+    def buffer(self, buf: bytes) -> int:
+        """The index of read buffer `buf` among this batch's."""
+        if not self.buffers or self.buffers[-1] is not buf:
+            self.buffers.append(buf)
+        return len(self.buffers) - 1
+
+
+def _int64s(items: list) -> np.ndarray:
+    """ints and int64 arrays, in order, as one int64 array."""
+    if not items:
+        return np.zeros(0, np.int64)
+    if all(isinstance(x, int) for x in items):
+        return np.array(items, dtype=np.int64)
+    return np.concatenate([np.asarray(x, np.int64).reshape(-1) for x in items])
+
+
+def _heads(data: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> bytes:
+    """The first HEAD_BYTES of each payload (starts, sizes: in `data`), zeros for one shorter than that."""
+    index = np.minimum(starts[:, None] + np.arange(HEAD_BYTES), len(data) - 1)
+    rows = data[index]
+    rows[sizes < HEAD_BYTES] = 0
+    return rows.tobytes()
 
 
 class _Reader:
@@ -102,14 +166,16 @@ class _Reader:
             return True
         if self.eof:
             return False
-        rest = self.buf[self.pos :]
+        # the unread rest (part of a record) is read again from the file with the next chunk, rather than
+        # copied in front of it: `rest + chunk` copied every 8 MB chunk once more (profiled for issue 17)
+        have = len(self.buf) - self.pos
         self.base += self.pos
         self.pos = 0
-        chunk = self.handle.read(max(CHUNK, n))
-        if not chunk:
+        self.handle.seek(self.base)
+        self.buf = self.handle.read(max(CHUNK, n))
+        if len(self.buf) <= have:
             self.eof = True
-        self.buf = rest + chunk
-        return self.pos + n <= len(self.buf)
+        return n <= len(self.buf)
 
     def skip(self, n: int) -> bool:
         """Step over n bytes from `pos` without reading them into memory (a record too large to keep);
@@ -171,10 +237,12 @@ def _read_pcap(reader: _Reader, batch_datagrams: int, limits: Limits) -> Iterato
     decode = _LinkDecoder()
     divisor = 1000 if nanos else 1
     while True:
-        # every complete record in the buffer: the walk over record lengths is the only per-packet Python
+        # every complete record in the buffer: the walk over record lengths (a record's length says where the
+        # next one starts) is the only per-packet Python, except over runs of records of one length
         buf, pos, end = reader.buf, reader.pos, len(reader.buf)
-        records: list[int] = []
+        found: list = []  # record positions: ints, and arrays of runs
         oversized = 0
+        last = -1
         while pos + 16 <= end:
             caplen = caplen_at(buf, pos + 8)[0]
             if caplen > max_record:  # never read into memory: stepped over below if the file holds it
@@ -182,16 +250,25 @@ def _read_pcap(reader: _Reader, batch_datagrams: int, limits: Limits) -> Iterato
                 break
             if pos + 16 + caplen > end:
                 break
-            records.append(pos)
+            # the second record of this length in a row: a run (an exporter's full datagrams)
+            if caplen == last:
+                run = _same_length_run(buf, pos, end, caplen, order == ">")
+                found.append(run)
+                pos += len(run) * (16 + caplen)
+                last = -1
+                continue
+            found.append(pos)
             pos += 16 + caplen
+            last = caplen
+        records = _int64s(found)
         done = 0
         while done < len(records):
-            room = max(1, batch_datagrams - len(col.payloads))
+            room = max(1, batch_datagrams - col.count)
             part = records[done : done + room]
             done += len(part)
             _packets(col, decode, buf, reader.base, part, linktype, order == ">", divisor)
-            if len(col.payloads) >= batch_datagrams or col.nbytes >= BATCH_BYTES:
-                yield col.flush(reader.base + (part[-1] if done < len(records) else pos))
+            if col.count >= batch_datagrams or col.nbytes >= BATCH_BYTES:
+                yield col.flush(reader.base + (int(part[-1]) if done < len(records) else pos))
         reader.pos = pos
         if oversized:
             offset = reader.offset
@@ -242,6 +319,29 @@ _FAST_LINKS = {
 }
 
 
+RUN_WINDOW = 64  # records checked at once ahead of a run of one record length (then 4x more each time)
+
+
+def _same_length_run(buf: bytes, pos: int, end: int, caplen: int, big: bool) -> np.ndarray:
+    """Positions of the complete records from `pos` (whose length is caplen, complete) on that all have that
+    length, one after another: checked with numpy in growing windows (a capture of full export datagrams is
+    mostly such runs), so a mix of lengths costs one window of RUN_WINDOW per run, never more."""
+    data = np.frombuffer(buf, np.uint8)
+    stride = 16 + caplen
+    runs = []
+    window = RUN_WINDOW
+    while True:
+        ahead = min(window, (end - pos) // stride)  # records of that length that would fit in the buffer
+        at = pos + stride * np.arange(ahead, dtype=np.int64)
+        differs = np.flatnonzero(_u32(data, at + 8, big) != caplen)
+        same = int(differs[0]) if len(differs) else ahead
+        runs.append(at[:same])
+        pos += same * stride
+        if same < ahead or ahead < window:
+            return np.concatenate(runs)
+        window *= 4
+
+
 def _u32(data: np.ndarray, at: np.ndarray, big: bool) -> np.ndarray:
     b = [data[at + i].astype(np.int64) for i in range(4)]
     if big:
@@ -254,7 +354,7 @@ def _packets(
     decode: _LinkDecoder,
     buf: bytes,
     base: int,
-    records: list[int],
+    records: np.ndarray,
     linktype: int,
     big: bool,
     divisor: int,
@@ -279,10 +379,12 @@ def _packets(
             udp_len = (data[ip + 24].astype(np.int64) << 8) | data[ip + 25]
             ok &= (udp_len >= 8) & (link_len + 20 + udp_len <= caplen)
             if ok.all():
-                starts = (ip + 28).tolist()
-                ends = (ip + 20 + udp_len).tolist()
-                view = memoryview(buf)
-                col.payloads.extend([view[a:b] for a, b in zip(starts, ends, strict=True)])
+                col.which.append(np.full(len(pos), col.buffer(buf), np.int64))
+                col.starts.append(ip + 28)
+                col.ends.append(ip + 20 + udp_len)
+                col.count += len(pos)
+                col.payload_offsets.append(ip + 28 + base)
+                col.heads.append(_heads(data, ip + 28, udp_len - 8))
                 sources = _u32(data, ip + 12, True)
                 uniq, inverse = np.unique(sources, return_inverse=True)
                 texts = [decode.ipv4_text(int(u)) for u in uniq]
@@ -292,8 +394,8 @@ def _packets(
                 col.ports.extend(((data[ip + 22].astype(np.int64) << 8) | data[ip + 23]).tolist())
                 col.nbytes += int(udp_len.sum())
                 return
-    for record, length, ts in zip(records, caplen.tolist(), ts_us.tolist(), strict=True):
-        decode.packet(col, buf, record + 16, length, linktype, base + record, ts)
+    for record, length, ts in zip(records.tolist(), caplen.tolist(), ts_us.tolist(), strict=True):
+        decode.packet(col, buf, record + 16, length, linktype, base + record, ts, base)
 
 
 def _read_pcapng(reader: _Reader, batch_datagrams: int, limits: Limits) -> Iterator[UdpBatch]:
@@ -357,7 +459,7 @@ def _read_pcapng(reader: _Reader, batch_datagrams: int, limits: Limits) -> Itera
             linktype, ticks = interfaces[iface]
             ts = (hi << 32) | lo
             ts_us = ts * 1_000_000 // ticks if ticks != 1_000_000 else ts
-            decode.packet(col, buf, data, caplen, linktype, offset, ts_us)
+            decode.packet(col, buf, data, caplen, linktype, offset, ts_us, reader.base)
         elif block_type == 3:  # simple packet block: interface 0, no time
             if not interfaces:
                 col.rejects.append(
@@ -366,8 +468,8 @@ def _read_pcapng(reader: _Reader, batch_datagrams: int, limits: Limits) -> Itera
                 continue
             origlen = struct.unpack_from(order + "I", buf, body)[0]
             caplen = min(origlen, end - body - 4)
-            decode.packet(col, buf, body + 4, caplen, interfaces[0][0], offset, 0)
-        if len(col.payloads) >= batch_datagrams or col.nbytes >= BATCH_BYTES:
+            decode.packet(col, buf, body + 4, caplen, interfaces[0][0], offset, 0, reader.base)
+        if col.count >= batch_datagrams or col.nbytes >= BATCH_BYTES:
             yield col.flush(reader.offset)
     yield col.flush(reader.offset)
 
@@ -404,8 +506,17 @@ class _LinkDecoder:
         return text
 
     def packet(
-        self, col: _Collector, buf: bytes, start: int, caplen: int, linktype: int, offset: int, ts_us: int
+        self,
+        col: _Collector,
+        buf: bytes,
+        start: int,
+        caplen: int,
+        linktype: int,
+        offset: int,
+        ts_us: int,
+        base: int,
     ) -> None:
+        """One packet at buf[start:start+caplen] (`offset`: of its record in the file, `base`: of buf[0])."""
         end = start + caplen
         pos = start
         if linktype == LINK_ETHERNET:
@@ -494,8 +605,12 @@ class _LinkDecoder:
         exporter = self.addr_text.get(src)
         if exporter is None:
             exporter = self.addr_text[src] = str(ipaddress.ip_address(bytes(src)))
-        payload = memoryview(buf)[pos + 8 : pos + udp_len]
-        col.payloads.append(payload)
+        col.which.append(col.buffer(buf))
+        col.starts.append(pos + 8)
+        col.ends.append(pos + udp_len)
+        col.count += 1
+        col.payload_offsets.append(base + pos + 8)
+        col.heads.append(buf[pos + 8 : pos + 8 + HEAD_BYTES] if udp_len - 8 >= HEAD_BYTES else _NO_HEAD)
         col.exporters.append(exporter)
         col.ts.append(ts_us)
         col.offsets.append(offset)
