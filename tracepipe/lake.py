@@ -43,6 +43,7 @@ from deltalake.transaction import (
 )
 
 from tracepipe import DEFAULT_LAKE, fsutil
+from tracepipe.address_text import ipv4_text, ipv4_text_sorted
 from tracepipe.errors import LakeError
 from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset, null_column
 from tracepipe.units import time_window
@@ -113,7 +114,9 @@ def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False
     """Reorder, add missing nullable columns as nulls, and cast to the declared schema.
 
     text_as_dictionary: string columns become dictionary<int32, string> (the in-memory form the writer
-    sorts and writes fast); Parquet files store them as plain strings all the same."""
+    sorts and writes fast); Parquet files store them as plain strings all the same. A string column given as
+    uint32 holds IPv4 addresses (netflow.decode_walked `ipv4_as_integers`): formatted as dotted quads, or
+    kept as integers with text_as_dictionary, for PartFile to format once per row group."""
     columns = []
     fields = []
     for fld in schema:
@@ -121,7 +124,11 @@ def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False
             column = table.column(fld.name)
         else:
             column = null_column(table.num_rows, fld.type)
-        if text_as_dictionary and pa.types.is_string(fld.type):
+        if pa.types.is_string(fld.type) and pa.types.is_uint32(column.type):
+            if not text_as_dictionary:
+                column = _ipv4_text(column).cast(fld.type)
+            fld = pa.field(fld.name, column.type, fld.nullable)
+        elif text_as_dictionary and pa.types.is_string(fld.type):
             column = _text_dictionary(column)
             fld = pa.field(fld.name, column.type, fld.nullable)
         elif column.type != fld.type:
@@ -132,6 +139,12 @@ def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False
 
 
 TEXT_DICTIONARY = pa.dictionary(pa.int32(), pa.string())
+
+
+def _ipv4_text(column: pa.ChunkedArray | pa.Array, in_text_order: bool = False) -> pa.Array:
+    """IPv4 addresses held as uint32 -> dotted quads, dictionary-encoded (in text order if asked)."""
+    values = column.to_numpy() if isinstance(column, pa.Array) else column.combine_chunks().to_numpy()
+    return ipv4_text_sorted(values) if in_text_order else ipv4_text(values)
 
 
 def _text_dictionary(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
@@ -179,12 +192,13 @@ def _day_name(day_number: int) -> str:
     return (dt.date(1970, 1, 1) + dt.timedelta(days=int(day_number))).isoformat()
 
 
-def sort_indices(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
+def sort_indices(table: pa.Table, keys: tuple[str, ...], ranked: frozenset[str] = frozenset()) -> pa.Array:
     """Row order by `keys` ascending, nulls last (as Table.sort_by). Text keys are ranked through their
     distinct values and the ranks of all keys packed into one int64 when they fit (else numpy lexsort):
     Arrow's multi-key sort on a text column is ~10x slower, and every flows row group is sorted by
     (src_addr, ts_start). Stable, as every path here: rows with equal keys keep their input order (readers
-    depend on the key order only; the order of ties was quicksort's before issue 17)."""
+    depend on the key order only; the order of ties was quicksort's before issue 17). `ranked`: dictionary
+    columns whose dictionary is distinct values in ascending order already (address_text.ipv4_text_sorted)."""
     ranks: list[np.ndarray] = []  # per key, an integer >= 0 per row, nulls largest
     for name in keys:
         column = table.column(name).combine_chunks()
@@ -194,7 +208,10 @@ def sort_indices(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
             or pa.types.is_large_string(column.type)
         ):
             encoded = column if pa.types.is_dictionary(column.type) else pc.dictionary_encode(column)
-            dense = pc.rank(encoded.dictionary, sort_keys="ascending", tiebreaker="dense").to_numpy()
+            if name in ranked and pa.types.is_dictionary(column.type):
+                dense = np.arange(1, len(encoded.dictionary) + 1)
+            else:
+                dense = pc.rank(encoded.dictionary, sort_keys="ascending", tiebreaker="dense").to_numpy()
             lookup = np.append(
                 dense.astype(np.int64) - 1, len(dense)
             )  # equal strings share a rank; nulls last
@@ -355,13 +372,16 @@ def _combined(tables: list[pa.Table]) -> pa.Table:
     columns = []
     for i in range(tables[0].num_columns):
         chunks = [t.column(i) for t in tables]
+        if any(c.type != chunks[0].type for c in chunks):  # IPv4 addresses as integers and as text: text
+            chunks = [pa.chunked_array([_ipv4_text(c)]) if pa.types.is_uint32(c.type) else c for c in chunks]
         if all(c.null_count == len(c) for c in chunks):
             columns.append(null_column(rows, chunks[0].type))
         else:
             columns.append(
                 pa.chunked_array([a for c in chunks for a in c.chunks], chunks[0].type).combine_chunks()
             )
-    return pa.Table.from_arrays(columns, schema=tables[0].schema)
+    fields = [pa.field(f.name, c.type, f.nullable) for f, c in zip(tables[0].schema, columns, strict=True)]
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=tables[0].schema.metadata))
 
 
 def _same_in_any_order(column: pa.ChunkedArray) -> bool:
@@ -422,8 +442,18 @@ class PartFile:
             return
         table = _combined(self._pending)  # one dictionary per text column
         self._pending, self._pending_rows = [], 0
+        # IPv4 addresses kept as integers (conform): each distinct one formatted once for the row group, the
+        # sort keys' in text order, so that their dictionary index is their rank (sort_indices `ranked`)
+        ranked = set()
+        for fld in self.dataset.schema:
+            if pa.types.is_string(fld.type) and pa.types.is_uint32(table.column(fld.name).type):
+                in_order = fld.name in self.dataset.sort_by
+                i = table.schema.get_field_index(fld.name)
+                table = table.set_column(i, fld.name, _ipv4_text(table.column(i), in_order))
+                if in_order:
+                    ranked.add(fld.name)
         if self.dataset.sort_by:
-            order = sort_indices(table, self.dataset.sort_by)
+            order = sort_indices(table, self.dataset.sort_by, frozenset(ranked))
             # column by column, each unsorted column freed once its sorted copy exists: the peak is the row
             # group plus one column, not two row groups
             schema, columns = table.schema, table.columns

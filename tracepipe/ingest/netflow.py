@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tracepipe.address_text import ipv4_text
 from tracepipe.ingest import inner_headers, router_fields
 from tracepipe.limits import DEFAULT, Limits
 from tracepipe.schema import FLOWS, REJECTS, TS, null_column
@@ -889,12 +890,16 @@ def walk_datagrams(
     return batch.walked(), Decoded(empty, _rejects_table(batch.rejects, source), batch.stats)
 
 
-def decode_walked(walked: Walked) -> Decoded:
+def decode_walked(walked: Walked, ipv4_as_integers: bool = False) -> Decoded:
     """The stateless half of decode_datagrams: records grouped by template -> flows (text columns
-    dictionary-encoded), with the rejects and counters found on the way (times out of range, no addresses)."""
+    dictionary-encoded), with the rejects and counters found on the way (times out of range, no addresses).
+
+    `ipv4_as_integers`: src_addr and dst_addr of IPv4-only templates stay uint32 (host order) instead of text,
+    for a lake writer (lake.PartFile, DayParts) to format once per row group instead of once per batch (issue
+    17); mixed with text they are formatted here, so a table has one type per column."""
     batch = _Batch(None, walked.source)  # type: ignore[arg-type]  # columns need no decoder state
     batch.exporters = list(walked.exporters)
-    flows = _decode_walked(batch, walked)
+    flows = _decode_walked(batch, walked, ipv4_as_integers)
     return Decoded(flows, _rejects_table(batch.rejects, walked.source), batch.stats)
 
 
@@ -1744,20 +1749,34 @@ def _track_sequence(
 
 
 # ---- columns ------------------------------------------------------------------------------------------------
-def _decode_walked(batch: _Batch, walked: Walked) -> pa.Table:
-    """All groups' records as one table with FLOWS_TEXT_DICTIONARY types (rejects and flow counts into batch)."""
+def _decode_walked(batch: _Batch, walked: Walked, ipv4_as_integers: bool = False) -> pa.Table:
+    """All groups' records as one table with FLOWS_TEXT_DICTIONARY types (rejects and flow counts into batch);
+    `ipv4_as_integers`: see decode_walked."""
     if not walked.groups:
         return FLOWS_TEXT_DICTIONARY.empty_table()
     exporters = pa.array(walked.exporters, pa.string())
     batch.samplers, batch.if_names = walked.samplers, walked.if_names
     tables = []
     for tpl, records, counts, ctx_ids in walked.groups:
-        table = _decode_group(batch, tpl, records, counts, ctx_ids, walked.ctx, exporters)
+        table = _decode_group(batch, tpl, records, counts, ctx_ids, walked.ctx, exporters, ipv4_as_integers)
         if table is not None and table.num_rows:
             tables.append(table)
     if not tables:
         return FLOWS_TEXT_DICTIONARY.empty_table()
+    if any(t.schema != tables[0].schema for t in tables):  # integers and text: all text
+        tables = [_addresses_as_text(t) for t in tables]
     return pa.concat_tables(tables)
+
+
+def _addresses_as_text(table: pa.Table) -> pa.Table:
+    """A table of FLOWS_TEXT_DICTIONARY columns, IPv4 addresses kept as integers (decode_walked) formatted."""
+    if table.schema == FLOWS_TEXT_DICTIONARY:
+        return table
+    columns = [
+        ipv4_text(column.to_numpy()) if pa.types.is_uint32(column.type) else column
+        for column in table.columns
+    ]
+    return pa.Table.from_arrays(columns, schema=FLOWS_TEXT_DICTIONARY)
 
 
 def _uint(arr: np.ndarray, role: str, roles: dict[str, int], dtype: type = np.int64) -> np.ndarray | None:
@@ -1803,6 +1822,7 @@ def _decode_group(
     ctx_ids: np.ndarray,
     ctx: np.ndarray,
     exporters: pa.Array,
+    ipv4_as_integers: bool = False,
 ) -> pa.Table | None:
     roles = tpl.roles
     total = int(counts.sum())
@@ -1825,6 +1845,10 @@ def _decode_group(
         src = _address_text_mixed(arr, use6)
         dst = _address_text_mixed(arr, use6, "dst")
         version_col = np.where(use6, 6, 4).astype(np.int8)
+    elif has4 and ipv4_as_integers and section is None:  # formatted by the lake writer, once per row group
+        src = pa.array(arr["src_addr4"].astype(np.uint32))
+        dst = pa.array(arr["dst_addr4"].astype(np.uint32))
+        version_col = np.full(total, 4, dtype=np.int8)
     elif has4:
         src, dst = _ipv4_text(arr["src_addr4"]), _ipv4_text(arr["dst_addr4"])
         version_col = np.full(total, 4, dtype=np.int8)
@@ -1963,14 +1987,16 @@ def _decode_group(
     for exporter_idx in np.flatnonzero(per_exporter):
         batch.stat(batch.exporters[int(exporter_idx)])["flows"] += int(per_exporter[exporter_idx])
     arrays = []
+    fields = []
     for f in FLOWS_TEXT_DICTIONARY:
         array = columns.get(f.name)
         if array is None:
             array = null_column(total, f.type)
-        elif f.type == TEXT_DICTIONARY:
+        elif f.type == TEXT_DICTIONARY and not pa.types.is_uint32(array.type):
             array = _text(array)
         arrays.append(array)
-    table = pa.Table.from_arrays(arrays, schema=FLOWS_TEXT_DICTIONARY)
+        fields.append(f if array.type == f.type else pa.field(f.name, array.type, f.nullable))
+    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
     return table if all_sane else table.filter(pa.array(sane))
 
 
@@ -2150,26 +2176,7 @@ def _text(array: pa.Array) -> pa.Array:
     return pc.dictionary_encode(array.cast(pa.string()))
 
 
-_HALF_QUADS: list[pa.Array] = []  # "a.b" for every 16-bit value, built on first use
-
-
-def _ipv4_text(values: np.ndarray) -> pa.Array:
-    """Dotted quads, built once per distinct address then taken per record: each address is two 16-bit halves
-    looked up in a table of the 65 536 "a.b" texts and joined (4x cheaper than formatting four octets)."""
-    encoded = pc.dictionary_encode(pa.array(values.astype(np.uint32)))
-    uniq = encoded.dictionary.to_numpy(zero_copy_only=False).astype(np.uint32)
-    if not _HALF_QUADS:
-        half = np.arange(1 << 16, dtype=np.uint32)
-        _HALF_QUADS.append(
-            pc.binary_join_element_wise(
-                pc.cast(pa.array(half >> 8), pa.string()), pc.cast(pa.array(half & 0xFF), pa.string()), "."
-            )
-        )
-    halves = _HALF_QUADS[0]
-    text = pc.binary_join_element_wise(
-        halves.take(pa.array(uniq >> 16)), halves.take(pa.array(uniq & 0xFFFF)), "."
-    )
-    return pa.DictionaryArray.from_arrays(encoded.indices, text)
+_ipv4_text = ipv4_text  # dotted quads, each distinct address formatted once (address_text)
 
 
 def _ipv6_text(values: np.ndarray) -> pa.Array:

@@ -341,18 +341,22 @@ class _Columns:
         return out
 
 
-def _address(v4: np.ndarray, v6: np.ndarray, is6: np.ndarray) -> pa.Array:
-    """Canonical address text (dictionary), each distinct address formatted once (netflow's helpers)."""
+def _address(v4: np.ndarray, v6: np.ndarray, is6: np.ndarray, ipv4_as_integers: bool = False) -> pa.Array:
+    """Canonical address text (dictionary), each distinct address formatted once (netflow's helpers); IPv4
+    only and `ipv4_as_integers`: uint32, for the lake writer to format (netflow.decode_walked)."""
     if not is6.any():
-        return _ipv4_text(v4)
+        return pa.array(v4.astype(np.uint32)) if ipv4_as_integers else _ipv4_text(v4)
     if is6.all():
         return _ipv6_text(v6)
     text = pc.if_else(pa.array(is6), _ipv6_text(v6).cast(pa.string()), _ipv4_text(v4).cast(pa.string()))
     return _text(text)
 
 
-def _flows(cols: dict[str, np.ndarray], source: str) -> tuple[pa.Table, pa.Table]:
-    """Record arrays -> (FLOWS_TEXT_DICTIONARY table, rejects of rows nfdump's text would not parse)."""
+def _flows(
+    cols: dict[str, np.ndarray], source: str, ipv4_as_integers: bool = False
+) -> tuple[pa.Table, pa.Table]:
+    """Record arrays -> (FLOWS_TEXT_DICTIONARY table, rejects of rows nfdump's text would not parse); with
+    `ipv4_as_integers`, src_addr and dst_addr of IPv4-only rows as uint32 (netflow.decode_walked)."""
     n = len(cols["first"])
     checks = [
         ("bad start time", "ts", cols["first"], cols["first"] < MAX_TIME_TEXT_MS),
@@ -377,8 +381,8 @@ def _flows(cols: dict[str, np.ndarray], source: str) -> tuple[pa.Table, pa.Table
         rejects = rejects_table(rows, source)
         cols = {name: values[valid] if len(values) else values for name, values in cols.items()}
         n = int(valid.sum())
-    src = _address(cols["src4"], cols["src6"], cols["src_is6"])
-    dst = _address(cols["dst4"], cols["dst6"], cols["dst_is6"])
+    src = _address(cols["src4"], cols["src6"], cols["src_is6"], ipv4_as_integers)
+    dst = _address(cols["dst4"], cols["dst6"], cols["dst_is6"], ipv4_as_integers)
     router = _address(cols["router4"], cols["router6"], cols["router_is6"])
     proto = cols["proto"].astype(np.int16)
     flags = np.where(proto == 6, cols["tcp_flags"], 0).astype(np.int16)  # nfdump prints flags of TCP only
@@ -399,7 +403,10 @@ def _flows(cols: dict[str, np.ndarray], source: str) -> tuple[pa.Table, pa.Table
         "output_if": pa.array(cols["output_if"].astype(np.int32)),
     }
     arrays = [columns[f.name] if f.name in columns else null_column(n, f.type) for f in FLOWS_TEXT_DICTIONARY]
-    return pa.Table.from_arrays(arrays, schema=FLOWS_TEXT_DICTIONARY), rejects
+    schema = pa.schema(
+        [pa.field(f.name, a.type, f.nullable) for f, a in zip(FLOWS_TEXT_DICTIONARY, arrays, strict=True)]
+    )
+    return pa.Table.from_arrays(arrays, schema=schema), rejects
 
 
 _REJECT_FIELDS = ("offset", "reason", "detail", "source")
@@ -710,9 +717,9 @@ def iter_ranges(
             yield BlockRange(str(path), source, compression, tuple(taken))
 
 
-def read_range(blocks: BlockRange) -> tuple[pa.Table, RangeRead]:
+def read_range(blocks: BlockRange, ipv4_as_integers: bool = False) -> tuple[pa.Table, RangeRead]:
     """The flows of a range of blocks (source column set) and what else was found (RangeRead): the same rows
-    and rejects iter_nffile gives for those blocks."""
+    and rejects iter_nffile gives for those blocks. `ipv4_as_integers`: as netflow.decode_walked's."""
     columns = _Columns()
     infos: list[tuple[int, bytes]] = []
     layouts: dict[bytes, _Layout] = {}
@@ -725,7 +732,7 @@ def read_range(blocks: BlockRange) -> tuple[pa.Table, RangeRead]:
         os.close(fd)
     flows, row_rejects = FLOWS_TEXT_DICTIONARY.empty_table(), _empty_rejects()
     if columns.rows:
-        flows, row_rejects = _flows(columns.take(), blocks.source)
+        flows, row_rejects = _flows(columns.take(), blocks.source, ipv4_as_integers)
     n = flows.num_rows
     source = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([blocks.source]))
     flows = flows.set_column(flows.schema.get_field_index("source"), "source", source)
