@@ -43,7 +43,7 @@ from deltalake.transaction import (
 )
 
 from tracepipe import DEFAULT_LAKE, fsutil
-from tracepipe.address_text import ipv4_text, ipv4_text_sorted
+from tracepipe.address_text import address_text, is_integers, one_type
 from tracepipe.errors import LakeError
 from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset, null_column
 from tracepipe.units import time_window
@@ -115,8 +115,8 @@ def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False
 
     text_as_dictionary: string columns become dictionary<int32, string> (the in-memory form the writer
     sorts and writes fast); Parquet files store them as plain strings all the same. A string column given as
-    uint32 holds IPv4 addresses (netflow.decode_walked `ipv4_as_integers`): formatted as dotted quads, or
-    kept as integers with text_as_dictionary, for PartFile to format once per row group."""
+    integers holds addresses (address_text.is_integers; netflow.decode_walked `ipv4_as_integers`): formatted,
+    or kept as integers with text_as_dictionary, for PartFile to format once per row group."""
     columns = []
     fields = []
     for fld in schema:
@@ -124,9 +124,9 @@ def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False
             column = table.column(fld.name)
         else:
             column = null_column(table.num_rows, fld.type)
-        if pa.types.is_string(fld.type) and pa.types.is_uint32(column.type):
+        if pa.types.is_string(fld.type) and is_integers(column.type):
             if not text_as_dictionary:
-                column = _ipv4_text(column).cast(fld.type)
+                column = address_text(column)[0].cast(fld.type)
             fld = pa.field(fld.name, column.type, fld.nullable)
         elif text_as_dictionary and pa.types.is_string(fld.type):
             column = _text_dictionary(column)
@@ -139,12 +139,6 @@ def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False
 
 
 TEXT_DICTIONARY = pa.dictionary(pa.int32(), pa.string())
-
-
-def _ipv4_text(column: pa.ChunkedArray | pa.Array, in_text_order: bool = False) -> pa.Array:
-    """IPv4 addresses held as uint32 -> dotted quads, dictionary-encoded (in text order if asked)."""
-    values = column.to_numpy() if isinstance(column, pa.Array) else column.combine_chunks().to_numpy()
-    return ipv4_text_sorted(values) if in_text_order else ipv4_text(values)
 
 
 def _text_dictionary(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
@@ -373,8 +367,7 @@ def _combined(tables: list[pa.Table], taken: bool = False) -> pa.Table:
     columns = []
     for i in range(tables[0].num_columns):
         chunks = [t.column(i) for t in tables]
-        if any(c.type != chunks[0].type for c in chunks):  # IPv4 addresses as integers and as text: text
-            chunks = [pa.chunked_array([_ipv4_text(c)]) if pa.types.is_uint32(c.type) else c for c in chunks]
+        chunks = one_type(chunks)  # addresses as integers of both families, or as integers and as text
         if all(c.null_count == len(c) for c in chunks):
             columns.append(null_column(rows, chunks[0].type))
             continue
@@ -444,14 +437,14 @@ class PartFile:
             return
         table = _combined(self._pending, taken=bool(self.dataset.sort_by))  # one dictionary per text column
         self._pending, self._pending_rows = [], 0
-        # IPv4 addresses kept as integers (conform): each distinct one formatted once for the row group, the
-        # sort keys' in text order, so that their dictionary index is their rank (sort_indices `ranked`)
+        # addresses kept as integers (conform): each distinct one formatted once for the row group, the sort
+        # keys' in text order where they can be, so that their dictionary index is their rank (sort_indices)
         ranked = set()
         for fld in self.dataset.schema:
-            if pa.types.is_string(fld.type) and pa.types.is_uint32(table.column(fld.name).type):
-                in_order = fld.name in self.dataset.sort_by
+            if pa.types.is_string(fld.type) and is_integers(table.column(fld.name).type):
                 i = table.schema.get_field_index(fld.name)
-                table = table.set_column(i, fld.name, _ipv4_text(table.column(i), in_order))
+                text, in_order = address_text(table.column(i), fld.name in self.dataset.sort_by)
+                table = table.set_column(i, fld.name, text)
                 if in_order:
                     ranked.add(fld.name)
         if self.dataset.sort_by:

@@ -15,7 +15,6 @@ buffer and read with one structured big-endian numpy dtype. walk_datagrams (stat
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import struct
 from collections import Counter, OrderedDict
@@ -27,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tracepipe.address_text import ipv4_text
+from tracepipe.address_text import addresses, ipv4_text, ipv6_text, is_integers, one_type
 from tracepipe.ingest import inner_headers, router_fields
 from tracepipe.limits import DEFAULT, Limits
 from tracepipe.schema import FLOWS, REJECTS, TS, null_column
@@ -894,9 +893,10 @@ def decode_walked(walked: Walked, ipv4_as_integers: bool = False) -> Decoded:
     """The stateless half of decode_datagrams: records grouped by template -> flows (text columns
     dictionary-encoded), with the rejects and counters found on the way (times out of range, no addresses).
 
-    `ipv4_as_integers`: src_addr and dst_addr of IPv4-only templates stay uint32 (host order) instead of text,
-    for a lake writer (lake.PartFile, DayParts) to format once per row group instead of once per batch (issue
-    17); mixed with text they are formatted here, so a table has one type per column."""
+    `ipv4_as_integers`: src_addr and dst_addr of templates of one address family stay integers instead of
+    text, for a lake writer (lake.PartFile, DayParts) to format once per row group instead of once per batch
+    (issue 17): uint32 when the batch is all IPv4, else address_text.ADDRESSES; templates carrying both
+    families or a packet section give text, and then the batch's addresses are all text."""
     batch = _Batch(None, walked.source)  # type: ignore[arg-type]  # columns need no decoder state
     batch.exporters = list(walked.exporters)
     flows = _decode_walked(batch, walked, ipv4_as_integers)
@@ -1763,20 +1763,13 @@ def _decode_walked(batch: _Batch, walked: Walked, ipv4_as_integers: bool = False
             tables.append(table)
     if not tables:
         return FLOWS_TEXT_DICTIONARY.empty_table()
-    if any(t.schema != tables[0].schema for t in tables):  # integers and text: all text
-        tables = [_addresses_as_text(t) for t in tables]
+    if any(t.schema != tables[0].schema for t in tables):  # addresses as integers of both families, text
+        columns = [one_type([t.column(i) for t in tables]) for i in range(tables[0].num_columns)]
+        tables = [
+            pa.Table.from_arrays([c[j] for c in columns], names=tables[0].column_names)
+            for j in range(len(tables))
+        ]
     return pa.concat_tables(tables)
-
-
-def _addresses_as_text(table: pa.Table) -> pa.Table:
-    """A table of FLOWS_TEXT_DICTIONARY columns, IPv4 addresses kept as integers (decode_walked) formatted."""
-    if table.schema == FLOWS_TEXT_DICTIONARY:
-        return table
-    columns = [
-        ipv4_text(column.to_numpy()) if pa.types.is_uint32(column.type) else column
-        for column in table.columns
-    ]
-    return pa.Table.from_arrays(columns, schema=FLOWS_TEXT_DICTIONARY)
 
 
 def _uint(arr: np.ndarray, role: str, roles: dict[str, int], dtype: type = np.int64) -> np.ndarray | None:
@@ -1852,6 +1845,11 @@ def _decode_group(
     elif has4:
         src, dst = _ipv4_text(arr["src_addr4"]), _ipv4_text(arr["dst_addr4"])
         version_col = np.full(total, 4, dtype=np.int8)
+    elif has6 and ipv4_as_integers and section is None:  # likewise (decode_walked)
+        none, every = np.zeros(0, np.uint32), np.ones(total, bool)
+        src = addresses(none, arr["src_addr6"], every)
+        dst = addresses(none, arr["dst_addr6"], every)
+        version_col = np.full(total, 6, dtype=np.int8)
     elif has6:
         src, dst = _ipv6_text(arr["src_addr6"]), _ipv6_text(arr["dst_addr6"])
         version_col = np.full(total, 6, dtype=np.int8)
@@ -1992,7 +1990,7 @@ def _decode_group(
         array = columns.get(f.name)
         if array is None:
             array = null_column(total, f.type)
-        elif f.type == TEXT_DICTIONARY and not pa.types.is_uint32(array.type):
+        elif f.type == TEXT_DICTIONARY and not is_integers(array.type):
             array = _text(array)
         arrays.append(array)
         fields.append(f if array.type == f.type else pa.field(f.name, array.type, f.nullable))
@@ -2179,13 +2177,7 @@ def _text(array: pa.Array) -> pa.Array:
 _ipv4_text = ipv4_text  # dotted quads, each distinct address formatted once (address_text)
 
 
-def _ipv6_text(values: np.ndarray) -> pa.Array:
-    raw = pa.array(
-        np.frombuffer(values.tobytes(), dtype=np.uint8).reshape(-1, 16).view("S16").ravel(), pa.binary(16)
-    )
-    encoded = pc.dictionary_encode(raw)
-    text = pa.array([str(ipaddress.IPv6Address(b)) for b in encoded.dictionary.to_pylist()], pa.string())
-    return pa.DictionaryArray.from_arrays(encoded.indices, text)
+_ipv6_text = ipv6_text  # canonical IPv6 text, `ipaddress` once per distinct address (address_text)
 
 
 def _address_text_mixed(arr: np.ndarray, use6: np.ndarray, end: str = "src") -> pa.Array:

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tracepipe.address_text import addresses
 from tracepipe.ingest.netflow import FLOWS_TEXT_DICTIONARY, _ipv4_text, _ipv6_text, _text
 from tracepipe.schema import REJECTS, null_column
 
@@ -342,10 +343,12 @@ class _Columns:
 
 
 def _address(v4: np.ndarray, v6: np.ndarray, is6: np.ndarray, ipv4_as_integers: bool = False) -> pa.Array:
-    """Canonical address text (dictionary), each distinct address formatted once (netflow's helpers); IPv4
-    only and `ipv4_as_integers`: uint32, for the lake writer to format (netflow.decode_walked)."""
+    """Canonical address text (dictionary), each distinct address formatted once (netflow's helpers); with
+    `ipv4_as_integers`, integers for the lake writer to format (netflow.decode_walked)."""
+    if ipv4_as_integers:  # IPv6 too, when there are: address_text.ADDRESSES
+        return pa.array(v4.astype(np.uint32)) if not is6.any() else addresses(v4, v6, is6)
     if not is6.any():
-        return pa.array(v4.astype(np.uint32)) if ipv4_as_integers else _ipv4_text(v4)
+        return _ipv4_text(v4)
     if is6.all():
         return _ipv6_text(v6)
     text = pc.if_else(pa.array(is6), _ipv6_text(v6).cast(pa.string()), _ipv4_text(v4).cast(pa.string()))
@@ -356,7 +359,7 @@ def _flows(
     cols: dict[str, np.ndarray], source: str, ipv4_as_integers: bool = False
 ) -> tuple[pa.Table, pa.Table]:
     """Record arrays -> (FLOWS_TEXT_DICTIONARY table, rejects of rows nfdump's text would not parse); with
-    `ipv4_as_integers`, src_addr and dst_addr of IPv4-only rows as uint32 (netflow.decode_walked)."""
+    `ipv4_as_integers`, src_addr and dst_addr as integers (netflow.decode_walked)."""
     n = len(cols["first"])
     checks = [
         ("bad start time", "ts", cols["first"], cols["first"] < MAX_TIME_TEXT_MS),
