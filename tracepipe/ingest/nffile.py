@@ -321,13 +321,13 @@ class _Columns:
         runs, total = self.runs, self.rows
         self.runs, self.rows = [], 0
         bounds = np.cumsum([0] + [len(arr) for arr, _, _ in runs])
-        out: dict[str, np.ndarray] = {}
-        for name, dtype in _NUMERIC.items():
-            column = np.zeros(total, dtype)
-            for (arr, layout, _), a, b in zip(runs, bounds[:-1], bounds[1:], strict=True):
+        out: dict[str, np.ndarray] = {name: np.zeros(total, dtype) for name, dtype in _NUMERIC.items()}
+        # run by run, every field of a run while its block is in the CPU's cache: field by field over all runs
+        # read every block from memory once per field (issue 17: 0.13 us a record, 12% of a decode worker)
+        for (arr, layout, _), a, b in zip(runs, bounds[:-1], bounds[1:], strict=True):
+            for name in _NUMERIC:
                 if name in layout.roles:
-                    column[a:b] = arr[name]
-            out[name] = column
+                    out[name][a:b] = arr[name]
         for end in ("src", "dst", "router"):
             name = f"{end}6"
             is6 = np.zeros(total, bool)
