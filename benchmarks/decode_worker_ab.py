@@ -9,6 +9,9 @@ fresh interpreters, and the bytes of the files written (a site keeps years of th
 benchmarks/netflow_ingest.py (`--keep DIR`), nfcapd files from benchmarks/nfcapd_ingest.py.
 
     python benchmarks/decode_worker_ab.py --baseline /path/to/main FILE.pcap|nfcapd.FILE [--rounds 5]
+
+`--ipv4-integers`: this checkout decodes with decode_walked / nffile.read_range(job, ipv4_as_integers=True)
+(IPv4 addresses formatted by the writer once per row group), as a worker does once decode_pool passes it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# runs inside a fresh interpreter with one checkout first on sys.path: TREE INPUT
+# runs inside a fresh interpreter with one checkout first on sys.path: TREE INPUT INTEGERS(0/1)
 _MEASURE = """
 import json, resource, shutil, sys, tempfile
 from pathlib import Path
@@ -48,7 +51,8 @@ usage = resource.getrusage(resource.RUSAGE_SELF)
 parts = DayParts(root, DATASETS["flows"], "0" * 16, max(ROW_GROUP_ROWS // 4, 100_000))  # as with --jobs 2
 rows = 0
 for job in jobs:
-    flows = decode_walked(job).flows if pcap else nffile.read_range(job)[0]
+    integers = {"ipv4_as_integers": True} if sys.argv[3] == "1" else {}
+    flows = decode_walked(job, **integers).flows if pcap else nffile.read_range(job, **integers)[0]
     rows += parts.write(split_implausible(flows, DATASETS["flows"])[0])
 size = sum(add.size for add in parts.close())
 after = resource.getrusage(resource.RUSAGE_SELF)
@@ -58,9 +62,12 @@ print(json.dumps({"records": rows, "cpu_s": cpu, "bytes": size}))
 """
 
 
-def measure(tree: Path, path: Path) -> dict:
+def measure(tree: Path, path: Path, integers: bool = False) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(tree), str(path)], check=True, capture_output=True, text=True
+        [sys.executable, "-c", _MEASURE, str(tree), str(path), "1" if integers else "0"],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout)
 
@@ -72,12 +79,17 @@ def main() -> None:
     parser.add_argument("input", type=Path, help="a pcap of NetFlow/IPFIX datagrams or an nfcapd file")
     parser.add_argument("--baseline", type=Path, required=True, help="checkout to compare with (e.g. main)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--ipv4-integers",
+        action="store_true",
+        help="this checkout: decode_walked(..., ipv4_as_integers=True)",
+    )
     args = parser.parse_args()
     trees = {"baseline": args.baseline.resolve(), "this": REPO}
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     for _ in range(args.rounds):
         for name, tree in trees.items():
-            runs[name].append(measure(tree, args.input))
+            runs[name].append(measure(tree, args.input, args.ipv4_integers and name == "this"))
     for name, results in runs.items():
         records = results[0]["records"]
         per = [r["cpu_s"] / records * 1e6 for r in results]

@@ -1,7 +1,9 @@
 """Fuzz the NetFlow/IPFIX decoder: real softflowd datagrams (v1, v5, v9, IPFIX; IPv4 and IPv6 flows) and the
 committed router exports (NSEL, NAT, MPLS, SRv6, options tables), mutated,
 cut, spliced and mixed with random bytes, fed in small batches through one long-lived DecoderState (also
-round-tripped through JSON). Prints how many cases raised (must be 0) and the first few tracebacks.
+round-tripped through JSON); half the batches walked and decoded twice, addresses as text and as integers
+(decode_walked `ipv4_as_integers`), which must give the same flows. Prints how many cases raised (must be 0)
+and the first few tracebacks.
 
     python benchmarks/fuzz_decoder.py [--cases 100000] [--seed 1]
 """
@@ -23,8 +25,16 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # tracepipe from this checkout;
 
 from support import probes  # noqa: E402
 
-from tracepipe.ingest.netflow import DecoderState, decode_datagrams, flush_pending  # noqa: E402
+from tracepipe.ingest.netflow import (  # noqa: E402
+    DecoderState,
+    decode_datagrams,
+    decode_walked,
+    flush_pending,
+    walk_datagrams,
+)
 from tracepipe.ingest.pcap import iter_udp_batches  # noqa: E402
+from tracepipe.lake import conform  # noqa: E402
+from tracepipe.schema import FLOWS  # noqa: E402
 
 
 def real_datagrams(workdir: Path) -> list[bytes]:
@@ -104,15 +114,22 @@ def run(cases: int, seed: int, corpus: list[bytes], batch: int = 8) -> tuple[int
         payloads = [mutate(rng, corpus) if rng.random() < 0.9 else rng.choice(corpus) for _ in range(n)]
         exporters = [rng.choice(["127.0.0.1", "::1", "192.0.2.1"]) for _ in range(n)]
         try:
-            decode_datagrams(
-                payloads,
-                exporters,
-                np.zeros(n, np.int64),
-                np.arange(n, dtype=np.int64),
-                "fuzz",
-                state,
-                text_as_dictionary=rng.random() < 0.5,
-            )
+            if rng.random() < 0.5:
+                decode_datagrams(
+                    payloads,
+                    exporters,
+                    np.zeros(n, np.int64),
+                    np.arange(n, dtype=np.int64),
+                    "fuzz",
+                    state,
+                    text_as_dictionary=rng.random() < 0.5,
+                )
+            else:  # walk + decode_walked, addresses as text and as integers (issue 17): the same flows
+                args = (payloads, exporters, np.zeros(n, np.int64), np.arange(n, dtype=np.int64), "fuzz")
+                walked = walk_datagrams(*args, state)[0]
+                text = conform(decode_walked(walked).flows, FLOWS)
+                integers = conform(decode_walked(walked, ipv4_as_integers=True).flows, FLOWS)
+                assert integers.equals(text), "addresses as integers decode to other flows than as text"
             if rng.random() < 0.02:
                 state = DecoderState.from_json(state.to_json())
             if rng.random() < 0.01:

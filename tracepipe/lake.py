@@ -44,6 +44,7 @@ from deltalake.transaction import (
 )
 
 from tracepipe import DEFAULT_LAKE, fsutil
+from tracepipe.address_text import address_text, is_integers, one_type
 from tracepipe.errors import LakeError
 from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset, null_column
 from tracepipe.units import time_window
@@ -121,7 +122,9 @@ def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False
     """Reorder, add missing nullable columns as nulls, and cast to the declared schema.
 
     text_as_dictionary: string columns become dictionary<int32, string> (the in-memory form the writer
-    sorts and writes fast); Parquet files store them as plain strings all the same."""
+    sorts and writes fast); Parquet files store them as plain strings all the same. A string column given as
+    integers holds addresses (address_text.is_integers; netflow.decode_walked `ipv4_as_integers`): formatted,
+    or kept as integers with text_as_dictionary, for PartFile to format once per row group."""
     columns = []
     fields = []
     for fld in schema:
@@ -129,7 +132,11 @@ def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False
             column = table.column(fld.name)
         else:
             column = null_column(table.num_rows, fld.type)
-        if text_as_dictionary and pa.types.is_string(fld.type):
+        if pa.types.is_string(fld.type) and is_integers(column.type):
+            if not text_as_dictionary:
+                column = address_text(column)[0].cast(fld.type)
+            fld = pa.field(fld.name, column.type, fld.nullable)
+        elif text_as_dictionary and pa.types.is_string(fld.type):
             column = _text_dictionary(column)
             fld = pa.field(fld.name, column.type, fld.nullable)
         elif column.type != fld.type:
@@ -150,11 +157,31 @@ def _text_dictionary(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa
     return pc.dictionary_encode(column.cast(pa.string()))
 
 
-def _writer_schema(schema: pa.Schema) -> pa.Schema:
-    return pa.schema(
-        [pa.field(f.name, TEXT_DICTIONARY, f.nullable) if pa.types.is_string(f.type) else f for f in schema],
-        metadata=schema.metadata,
-    )
+def _writer_schema(schema: pa.Schema, first: pa.Table | None = None) -> pa.Schema:
+    """The in-memory types a file's row groups are written from: text dictionary-encoded, but for text columns
+    null in the whole `first` row group, which stay plain strings: pyarrow writes a null string column ~23%
+    cheaper than a null dictionary one, and the bytes are the same (issue 17: 15 of flows' 26 null columns)."""
+    fields = []
+    for f in schema:
+        if pa.types.is_string(f.type):
+            null = first is not None and first.column(f.name).null_count == first.num_rows
+            f = pa.field(f.name, f.type if null else TEXT_DICTIONARY, f.nullable)
+        fields.append(f)
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+def _as_written(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A row group in the writer's types (_writer_schema): text columns the writer keeps plain."""
+    if table.schema == schema:
+        return table
+    columns = []
+    for column, f in zip(table.columns, schema, strict=True):
+        if column.type != f.type:
+            column = (
+                null_column(len(column), f.type) if column.null_count == len(column) else column.cast(f.type)
+            )
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _day_numbers(column: pa.ChunkedArray) -> np.ndarray:
@@ -167,12 +194,13 @@ def _day_name(day_number: int) -> str:
     return (dt.date(1970, 1, 1) + dt.timedelta(days=int(day_number))).isoformat()
 
 
-def sort_indices(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
+def sort_indices(table: pa.Table, keys: tuple[str, ...], ranked: frozenset[str] = frozenset()) -> pa.Array:
     """Row order by `keys` ascending, nulls last (as Table.sort_by). Text keys are ranked through their
     distinct values and the ranks of all keys packed into one int64 when they fit (else numpy lexsort):
     Arrow's multi-key sort on a text column is ~10x slower, and every flows row group is sorted by
     (src_addr, ts_start). Stable, as every path here: rows with equal keys keep their input order (readers
-    depend on the key order only; the order of ties was quicksort's before issue 17)."""
+    depend on the key order only; the order of ties was quicksort's before issue 17). `ranked`: dictionary
+    columns whose dictionary is distinct values in ascending order already (address_text.ipv4_text_sorted)."""
     ranks: list[np.ndarray] = []  # per key, an integer >= 0 per row, nulls largest
     for name in keys:
         column = table.column(name).combine_chunks()
@@ -182,7 +210,10 @@ def sort_indices(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
             or pa.types.is_large_string(column.type)
         ):
             encoded = column if pa.types.is_dictionary(column.type) else pc.dictionary_encode(column)
-            dense = pc.rank(encoded.dictionary, sort_keys="ascending", tiebreaker="dense").to_numpy()
+            if name in ranked and pa.types.is_dictionary(column.type):
+                dense = np.arange(1, len(encoded.dictionary) + 1)
+            else:
+                dense = pc.rank(encoded.dictionary, sort_keys="ascending", tiebreaker="dense").to_numpy()
             lookup = np.append(
                 dense.astype(np.int64) - 1, len(dense)
             )  # equal strings share a rank; nulls last
@@ -295,15 +326,23 @@ def file_stats(meta: pq.FileMetaData) -> str:
 PLAIN_TEXT = frozenset({"src_addr", "dst_addr"})
 
 
-def _parquet_options(dataset: Dataset) -> dict[str, Any]:
+def _parquet_options(dataset: Dataset, first: pa.Table | None = None) -> dict[str, Any]:
     """How every lake file is encoded (measured on 1 M softflowd flow rows, issue 17): zstd (level 1, pyarrow's
     default; -1..-7 cost 20-65% more bytes for <10% less CPU); text dictionary-encoded but for PLAIN_TEXT;
     integer and timestamp columns DELTA_BINARY_PACKED (a standard Parquet encoding that DuckDB, polars, pyarrow
     and Spark read: 11% smaller files and ~15% less CPU than plain + zstd); 64 k rows per write batch instead
     of 1 024 (statistics and encoders run per batch: ~20% less CPU, same bytes). Min/max statistics stay on
-    every column (4 MB pages, 256 k batches, no page index, no statistics on the counters: all within 2%)."""
+    every column (4 MB pages, 256 k batches, no page index, no statistics on the counters: all within 2%).
+
+    `first`: the file's first row group, given when a source's files are written (DayParts: a source's format
+    fixes which columns it fills). Columns null in all of it are stored uncompressed (a null column's pages are
+    a few bytes of levels, which zstd only makes bigger: ~20% less CPU for them, files ~0.06% smaller), and
+    integer columns holding one value in all of it PLAIN (~35% less CPU than DELTA_BINARY_PACKED for them, zstd
+    shrinks either to the same bytes). Measured on a 246 k-row flows row group of softflowd (26 null columns,
+    5 constant integer ones): write_table 7% less CPU, 3.3 kB smaller (issue 17). Should a later row group fill
+    such a column, it is stored less compactly until compaction or attribution rewrites the file."""
     fields = list(dataset.schema)
-    return {
+    options: dict[str, Any] = {
         "compression": "zstd",
         "use_dictionary": [f.name for f in fields if pa.types.is_string(f.type) and f.name not in PLAIN_TEXT],
         "column_encoding": {
@@ -313,25 +352,39 @@ def _parquet_options(dataset: Dataset) -> dict[str, Any]:
         },
         "write_batch_size": 64 * 1024,
     }
+    if first is not None and first.num_rows:
+        null = {f.name for f in fields if first.column(f.name).null_count == first.num_rows}
+        options["compression"] = {f.name: "none" if f.name in null else "zstd" for f in fields}
+        for f in fields:
+            if pa.types.is_integer(f.type) and f.name not in null:
+                column = first.column(f.name)
+                low_high = pc.min_max(column)
+                if column.null_count == 0 and low_high["min"] == low_high["max"]:
+                    options["column_encoding"][f.name] = "PLAIN"
+    return options
 
 
-def _combined(tables: list[pa.Table]) -> pa.Table:
+def _combined(tables: list[pa.Table], taken: bool = False) -> pa.Table:
     """The tables (one schema) as one table of one chunk per column. A column null in every table is made
     once instead of copied (flows: 26 of 47 columns are null for a plain NetFlow exporter; their concatenation
-    was ~a third of the row group's concatenation cost, issue 17)."""
-    if len(tables) == 1:
-        return tables[0].combine_chunks()
+    was ~a third of the row group's concatenation cost, issue 17). `taken`: every column will be taken in
+    a new order (sorted), so columns of fixed-width values stay in their chunks: Arrow takes from chunks
+    without joining them first, and the join was a copy of the row group for nothing (issue 17: ~30% less
+    CPU for joining and taking them); dictionary columns are joined all the same (one dictionary each)."""
     rows = sum(t.num_rows for t in tables)
     columns = []
     for i in range(tables[0].num_columns):
         chunks = [t.column(i) for t in tables]
+        chunks = one_type(chunks)  # addresses as integers of both families, or as integers and as text
         if all(c.null_count == len(c) for c in chunks):
             columns.append(null_column(rows, chunks[0].type))
-        else:
-            columns.append(
-                pa.chunked_array([a for c in chunks for a in c.chunks], chunks[0].type).combine_chunks()
-            )
-    return pa.Table.from_arrays(columns, schema=tables[0].schema)
+            continue
+        column = pa.chunked_array([a for c in chunks for a in c.chunks], chunks[0].type)
+        if not taken or pa.types.is_dictionary(column.type) or column.num_chunks == 1:
+            column = column.combine_chunks()
+        columns.append(column)
+    fields = [pa.field(f.name, c.type, f.nullable) for f, c in zip(tables[0].schema, columns, strict=True)]
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=tables[0].schema.metadata))
 
 
 def _same_in_any_order(column: pa.ChunkedArray) -> bool:
@@ -352,9 +405,17 @@ class PartFile:
     another final name (the temp file keeps the first one): a source's content hash, known only at the end."""
 
     def __init__(
-        self, root: Path, dataset: Dataset, day: str | None, stem: str, row_group_rows: int = ROW_GROUP_ROWS
+        self,
+        root: Path,
+        dataset: Dataset,
+        day: str | None,
+        stem: str,
+        row_group_rows: int = ROW_GROUP_ROWS,
+        layout_from_first: bool = False,
     ) -> None:
         self.dataset = dataset
+        # encode columns after what the first row group holds (_parquet_options `first`): a source's files
+        self.layout_from_first = layout_from_first
         self.day = day
         self.row_group_rows = row_group_rows
         self.root = root
@@ -364,6 +425,7 @@ class PartFile:
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
 
     def name(self, stem: str) -> None:
         """The file's final name (<stem>.parquet in its day's folder), taken at close()."""
@@ -381,10 +443,20 @@ class PartFile:
     def _flush(self) -> None:
         if not self._pending:
             return
-        table = _combined(self._pending)  # one dictionary per text column
+        table = _combined(self._pending, taken=bool(self.dataset.sort_by))  # one dictionary per text column
         self._pending, self._pending_rows = [], 0
+        # addresses kept as integers (conform): each distinct one formatted once for the row group, the sort
+        # keys' in text order where they can be, so that their dictionary index is their rank (sort_indices)
+        ranked = set()
+        for fld in self.dataset.schema:
+            if pa.types.is_string(fld.type) and is_integers(table.column(fld.name).type):
+                i = table.schema.get_field_index(fld.name)
+                text, in_order = address_text(table.column(i), fld.name in self.dataset.sort_by)
+                table = table.set_column(i, fld.name, text)
+                if in_order:
+                    ranked.add(fld.name)
         if self.dataset.sort_by:
-            order = sort_indices(table, self.dataset.sort_by)
+            order = sort_indices(table, self.dataset.sort_by, frozenset(ranked))
             # column by column, each unsorted column freed once its sorted copy exists: the peak is the row
             # group plus one column, not two row groups
             schema, columns = table.schema, table.columns
@@ -396,14 +468,15 @@ class PartFile:
             table = pa.Table.from_arrays(columns, schema=schema)
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._schema = _writer_schema(self.dataset.schema, table)
             # store_schema=False: every reader sees the text columns as the plain strings schema.py declares
             self._writer = pq.ParquetWriter(
                 self.tmp,
-                _writer_schema(self.dataset.schema),
+                self._schema,
                 store_schema=False,
-                **_parquet_options(self.dataset),
+                **_parquet_options(self.dataset, table if self.layout_from_first else None),
             )
-        self._writer.write_table(table, row_group_size=self.row_group_rows)
+        self._writer.write_table(_as_written(table, self._schema), row_group_size=self.row_group_rows)
         self.rows += table.num_rows
 
     def close(self) -> AddAction | None:
@@ -1641,7 +1714,14 @@ class DayParts:
                 stem = f"part-{self.key}-{(self.tag + uuid.uuid4().hex)[:8]}"
             else:  # provisional: no key yet, and a name that _SOURCE_FILE never takes for a source's file
                 stem = f"part-{self.tag}-{uuid.uuid4().hex}" if self.tag else f"part-{uuid.uuid4().hex}"
-            part = PartFile(self.root / self.dataset.name, self.dataset, day, stem, self.row_group_rows)
+            part = PartFile(
+                self.root / self.dataset.name,
+                self.dataset,
+                day,
+                stem,
+                self.row_group_rows,
+                layout_from_first=True,
+            )
             self._parts[key] = part
         return part
 

@@ -101,7 +101,9 @@ def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
                 parts, rows = DayParts(Path(root), DATASETS["flows"], message[1], message[2], message[3]), 0
             elif op == "batch":
                 job = message[1]  # a Walked batch, or a job that decodes itself (nfdump.CsvRange)
-                decoded = job.decode() if hasattr(job, "decode") else decode_walked(job)
+                decoded = (
+                    job.decode() if hasattr(job, "decode") else decode_walked(job, ipv4_as_integers=True)
+                )
                 assert parts is not None, "batch before begin"
                 flows, implausible = split_implausible(decoded.flows, DATASETS["flows"])
                 rows += parts.write(flows)
@@ -123,7 +125,7 @@ def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
                 outbox.send(("done", rejects if rejects.num_rows else None, decoded.stats))
             elif op == "nfcapd_range":  # nfcapd blocks, read here from the file (nffile.read_range)
                 assert parts is not None, "range before begin"
-                flows, found = read_range(message[1])
+                flows, found = read_range(message[1], ipv4_as_integers=True)
                 flows, found.implausible = split_implausible(flows, DATASETS["flows"])
                 rows += parts.write(flows)
                 outbox.send(("nfcapd_done", found))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import ipaddress
 import json
 import os
 import struct
@@ -29,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tracepipe.address_text import addresses, ipv4_text, ipv6_text, is_integers, one_type
 from tracepipe.ingest import inner_headers, router_fields
 from tracepipe.ingest.decode_pool import InputChanged
 from tracepipe.limits import DEFAULT, Limits
@@ -986,13 +986,18 @@ def walk_datagrams(
     return batch.walked(), Decoded(empty, _rejects_table(batch.rejects, source), batch.stats)
 
 
-def decode_walked(walked: Walked) -> Decoded:
+def decode_walked(walked: Walked, ipv4_as_integers: bool = False) -> Decoded:
     """The stateless half of decode_datagrams: records grouped by template -> flows (text columns
     dictionary-encoded), with the rejects and counters found on the way (times out of range, no addresses).
-    InputChanged when records to be read from the input file (FileRecords) are no longer there."""
+
+    `ipv4_as_integers`: src_addr and dst_addr of templates of one address family stay integers instead of
+    text, for a lake writer (lake.PartFile, DayParts) to format once per row group instead of once per batch
+    (issue 17): uint32 when the batch is all IPv4, else address_text.ADDRESSES; templates carrying both
+    families or a packet section give text, and then the batch's addresses are all text. InputChanged when
+    records to be read from the input file (FileRecords) are no longer there."""
     batch = _Batch(None, walked.source)  # type: ignore[arg-type]  # columns need no decoder state
     batch.exporters = list(walked.exporters)
-    flows = _decode_walked(batch, _records_read(walked))
+    flows = _decode_walked(batch, _records_read(walked), ipv4_as_integers)
     return Decoded(flows, _rejects_table(batch.rejects, walked.source), batch.stats)
 
 
@@ -1863,19 +1868,26 @@ def _track_sequence(
 
 
 # ---- columns ------------------------------------------------------------------------------------------------
-def _decode_walked(batch: _Batch, walked: Walked) -> pa.Table:
-    """All groups' records as one table with FLOWS_TEXT_DICTIONARY types (rejects and flow counts into batch)."""
+def _decode_walked(batch: _Batch, walked: Walked, ipv4_as_integers: bool = False) -> pa.Table:
+    """All groups' records as one table with FLOWS_TEXT_DICTIONARY types (rejects and flow counts into batch);
+    `ipv4_as_integers`: see decode_walked."""
     if not walked.groups:
         return FLOWS_TEXT_DICTIONARY.empty_table()
     exporters = pa.array(walked.exporters, pa.string())
     batch.samplers, batch.if_names = walked.samplers, walked.if_names
     tables = []
     for tpl, records, counts, ctx_ids in walked.groups:
-        table = _decode_group(batch, tpl, records, counts, ctx_ids, walked.ctx, exporters)
+        table = _decode_group(batch, tpl, records, counts, ctx_ids, walked.ctx, exporters, ipv4_as_integers)
         if table is not None and table.num_rows:
             tables.append(table)
     if not tables:
         return FLOWS_TEXT_DICTIONARY.empty_table()
+    if any(t.schema != tables[0].schema for t in tables):  # addresses as integers of both families, text
+        columns = [one_type([t.column(i) for t in tables]) for i in range(tables[0].num_columns)]
+        tables = [
+            pa.Table.from_arrays([c[j] for c in columns], names=tables[0].column_names)
+            for j in range(len(tables))
+        ]
     return pa.concat_tables(tables)
 
 
@@ -1922,6 +1934,7 @@ def _decode_group(
     ctx_ids: np.ndarray,
     ctx: np.ndarray,
     exporters: pa.Array,
+    ipv4_as_integers: bool = False,
 ) -> pa.Table | None:
     roles = tpl.roles
     total = int(counts.sum())
@@ -1944,9 +1957,18 @@ def _decode_group(
         src = _address_text_mixed(arr, use6)
         dst = _address_text_mixed(arr, use6, "dst")
         version_col = np.where(use6, 6, 4).astype(np.int8)
+    elif has4 and ipv4_as_integers and section is None:  # formatted by the lake writer, once per row group
+        src = pa.array(arr["src_addr4"].astype(np.uint32))
+        dst = pa.array(arr["dst_addr4"].astype(np.uint32))
+        version_col = np.full(total, 4, dtype=np.int8)
     elif has4:
         src, dst = _ipv4_text(arr["src_addr4"]), _ipv4_text(arr["dst_addr4"])
         version_col = np.full(total, 4, dtype=np.int8)
+    elif has6 and ipv4_as_integers and section is None:  # likewise (decode_walked)
+        none, every = np.zeros(0, np.uint32), np.ones(total, bool)
+        src = addresses(none, arr["src_addr6"], every)
+        dst = addresses(none, arr["dst_addr6"], every)
+        version_col = np.full(total, 6, dtype=np.int8)
     elif has6:
         src, dst = _ipv6_text(arr["src_addr6"]), _ipv6_text(arr["dst_addr6"])
         version_col = np.full(total, 6, dtype=np.int8)
@@ -2082,14 +2104,16 @@ def _decode_group(
     for exporter_idx in np.flatnonzero(per_exporter):
         batch.stat(batch.exporters[int(exporter_idx)])["flows"] += int(per_exporter[exporter_idx])
     arrays = []
+    fields = []
     for f in FLOWS_TEXT_DICTIONARY:
         array = columns.get(f.name)
         if array is None:
             array = null_column(total, f.type)
-        elif f.type == TEXT_DICTIONARY:
+        elif f.type == TEXT_DICTIONARY and not is_integers(array.type):
             array = _text(array)
         arrays.append(array)
-    table = pa.Table.from_arrays(arrays, schema=FLOWS_TEXT_DICTIONARY)
+        fields.append(f if array.type == f.type else pa.field(f.name, array.type, f.nullable))
+    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
     return table if all_sane else table.filter(pa.array(sane))
 
 
@@ -2269,35 +2293,10 @@ def _text(array: pa.Array) -> pa.Array:
     return pc.dictionary_encode(array.cast(pa.string()))
 
 
-_HALF_QUADS: list[pa.Array] = []  # "a.b" for every 16-bit value, built on first use
+_ipv4_text = ipv4_text  # dotted quads, each distinct address formatted once (address_text)
 
 
-def _ipv4_text(values: np.ndarray) -> pa.Array:
-    """Dotted quads, built once per distinct address then taken per record: each address is two 16-bit halves
-    looked up in a table of the 65 536 "a.b" texts and joined (4x cheaper than formatting four octets)."""
-    encoded = pc.dictionary_encode(pa.array(values.astype(np.uint32)))
-    uniq = encoded.dictionary.to_numpy(zero_copy_only=False).astype(np.uint32)
-    if not _HALF_QUADS:
-        half = np.arange(1 << 16, dtype=np.uint32)
-        _HALF_QUADS.append(
-            pc.binary_join_element_wise(
-                pc.cast(pa.array(half >> 8), pa.string()), pc.cast(pa.array(half & 0xFF), pa.string()), "."
-            )
-        )
-    halves = _HALF_QUADS[0]
-    text = pc.binary_join_element_wise(
-        halves.take(pa.array(uniq >> 16)), halves.take(pa.array(uniq & 0xFFFF)), "."
-    )
-    return pa.DictionaryArray.from_arrays(encoded.indices, text)
-
-
-def _ipv6_text(values: np.ndarray) -> pa.Array:
-    raw = pa.array(
-        np.frombuffer(values.tobytes(), dtype=np.uint8).reshape(-1, 16).view("S16").ravel(), pa.binary(16)
-    )
-    encoded = pc.dictionary_encode(raw)
-    text = pa.array([str(ipaddress.IPv6Address(b)) for b in encoded.dictionary.to_pylist()], pa.string())
-    return pa.DictionaryArray.from_arrays(encoded.indices, text)
+_ipv6_text = ipv6_text  # canonical IPv6 text, `ipaddress` once per distinct address (address_text)
 
 
 def _address_text_mixed(arr: np.ndarray, use6: np.ndarray, end: str = "src") -> pa.Array:

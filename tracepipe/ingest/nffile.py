@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tracepipe.address_text import addresses
 from tracepipe.ingest.netflow import FLOWS_TEXT_DICTIONARY, _ipv4_text, _ipv6_text, _text
 from tracepipe.schema import REJECTS, null_column
 
@@ -320,13 +321,13 @@ class _Columns:
         runs, total = self.runs, self.rows
         self.runs, self.rows = [], 0
         bounds = np.cumsum([0] + [len(arr) for arr, _, _ in runs])
-        out: dict[str, np.ndarray] = {}
-        for name, dtype in _NUMERIC.items():
-            column = np.zeros(total, dtype)
-            for (arr, layout, _), a, b in zip(runs, bounds[:-1], bounds[1:], strict=True):
+        out: dict[str, np.ndarray] = {name: np.zeros(total, dtype) for name, dtype in _NUMERIC.items()}
+        # run by run, every field of a run while its block is in the CPU's cache: field by field over all runs
+        # read every block from memory once per field (issue 17: 0.13 us a record, 12% of a decode worker)
+        for (arr, layout, _), a, b in zip(runs, bounds[:-1], bounds[1:], strict=True):
+            for name in _NUMERIC:
                 if name in layout.roles:
-                    column[a:b] = arr[name]
-            out[name] = column
+                    out[name][a:b] = arr[name]
         for end in ("src", "dst", "router"):
             name = f"{end}6"
             is6 = np.zeros(total, bool)
@@ -341,8 +342,11 @@ class _Columns:
         return out
 
 
-def _address(v4: np.ndarray, v6: np.ndarray, is6: np.ndarray) -> pa.Array:
-    """Canonical address text (dictionary), each distinct address formatted once (netflow's helpers)."""
+def _address(v4: np.ndarray, v6: np.ndarray, is6: np.ndarray, ipv4_as_integers: bool = False) -> pa.Array:
+    """Canonical address text (dictionary), each distinct address formatted once (netflow's helpers); with
+    `ipv4_as_integers`, integers for the lake writer to format (netflow.decode_walked)."""
+    if ipv4_as_integers:  # IPv6 too, when there are: address_text.ADDRESSES
+        return pa.array(v4.astype(np.uint32)) if not is6.any() else addresses(v4, v6, is6)
     if not is6.any():
         return _ipv4_text(v4)
     if is6.all():
@@ -351,8 +355,11 @@ def _address(v4: np.ndarray, v6: np.ndarray, is6: np.ndarray) -> pa.Array:
     return _text(text)
 
 
-def _flows(cols: dict[str, np.ndarray], source: str) -> tuple[pa.Table, pa.Table]:
-    """Record arrays -> (FLOWS_TEXT_DICTIONARY table, rejects of rows nfdump's text would not parse)."""
+def _flows(
+    cols: dict[str, np.ndarray], source: str, ipv4_as_integers: bool = False
+) -> tuple[pa.Table, pa.Table]:
+    """Record arrays -> (FLOWS_TEXT_DICTIONARY table, rejects of rows nfdump's text would not parse); with
+    `ipv4_as_integers`, src_addr and dst_addr as integers (netflow.decode_walked)."""
     n = len(cols["first"])
     checks = [
         ("bad start time", "ts", cols["first"], cols["first"] < MAX_TIME_TEXT_MS),
@@ -377,8 +384,8 @@ def _flows(cols: dict[str, np.ndarray], source: str) -> tuple[pa.Table, pa.Table
         rejects = rejects_table(rows, source)
         cols = {name: values[valid] if len(values) else values for name, values in cols.items()}
         n = int(valid.sum())
-    src = _address(cols["src4"], cols["src6"], cols["src_is6"])
-    dst = _address(cols["dst4"], cols["dst6"], cols["dst_is6"])
+    src = _address(cols["src4"], cols["src6"], cols["src_is6"], ipv4_as_integers)
+    dst = _address(cols["dst4"], cols["dst6"], cols["dst_is6"], ipv4_as_integers)
     router = _address(cols["router4"], cols["router6"], cols["router_is6"])
     proto = cols["proto"].astype(np.int16)
     flags = np.where(proto == 6, cols["tcp_flags"], 0).astype(np.int16)  # nfdump prints flags of TCP only
@@ -399,7 +406,10 @@ def _flows(cols: dict[str, np.ndarray], source: str) -> tuple[pa.Table, pa.Table
         "output_if": pa.array(cols["output_if"].astype(np.int32)),
     }
     arrays = [columns[f.name] if f.name in columns else null_column(n, f.type) for f in FLOWS_TEXT_DICTIONARY]
-    return pa.Table.from_arrays(arrays, schema=FLOWS_TEXT_DICTIONARY), rejects
+    schema = pa.schema(
+        [pa.field(f.name, a.type, f.nullable) for f, a in zip(FLOWS_TEXT_DICTIONARY, arrays, strict=True)]
+    )
+    return pa.Table.from_arrays(arrays, schema=schema), rejects
 
 
 _REJECT_FIELDS = ("offset", "reason", "detail", "source")
@@ -710,9 +720,9 @@ def iter_ranges(
             yield BlockRange(str(path), source, compression, tuple(taken))
 
 
-def read_range(blocks: BlockRange) -> tuple[pa.Table, RangeRead]:
+def read_range(blocks: BlockRange, ipv4_as_integers: bool = False) -> tuple[pa.Table, RangeRead]:
     """The flows of a range of blocks (source column set) and what else was found (RangeRead): the same rows
-    and rejects iter_nffile gives for those blocks."""
+    and rejects iter_nffile gives for those blocks. `ipv4_as_integers`: as netflow.decode_walked's."""
     columns = _Columns()
     infos: list[tuple[int, bytes]] = []
     layouts: dict[bytes, _Layout] = {}
@@ -725,7 +735,7 @@ def read_range(blocks: BlockRange) -> tuple[pa.Table, RangeRead]:
         os.close(fd)
     flows, row_rejects = FLOWS_TEXT_DICTIONARY.empty_table(), _empty_rejects()
     if columns.rows:
-        flows, row_rejects = _flows(columns.take(), blocks.source)
+        flows, row_rejects = _flows(columns.take(), blocks.source, ipv4_as_integers)
     n = flows.num_rows
     source = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([blocks.source]))
     flows = flows.set_column(flows.schema.get_field_index("source"), "source", source)
