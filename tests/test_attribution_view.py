@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import write_deltalake
+from support.flow_tables import flows_of
 
 from tracepipe.correlate.attribution import attribute_flows
 from tracepipe.correlate.lease_at import lease_at, read_leases
@@ -54,22 +55,6 @@ def _create(hour: float, vm: str, addr: str, project: str, user: str) -> dict:
     }
 
 
-def _flows(rows: list[tuple[str, str, dt.datetime]]) -> pa.Table:
-    ts = pa.array([t for _, _, t in rows], pa.timestamp("us", tz="UTC"))
-    n = len(rows)
-    return pa.table(
-        {
-            "ts_start": ts,
-            "ts_end": ts,
-            "src_addr": pa.array([s for s, _, _ in rows]),
-            "dst_addr": pa.array([d for _, d, _ in rows]),
-            "proto": pa.array([6] * n, pa.int16()),
-            "packets": pa.array([1] * n, pa.int64()),
-            "bytes": pa.array([100] * n, pa.int64()),
-        }
-    )
-
-
 def _unkeyed_file(root: Path, flows: pa.Table, src_vm: list, dst_vm: list) -> None:
     """A flow file as tracepipe wrote it before the key columns existed: attributed (src_vm/dst_vm and
     attributed_at set), no src_vm_key/dst_vm_key in the file nor in the table's log."""
@@ -96,7 +81,7 @@ def _lake(tmp_path: Path) -> Lake:
     root = tmp_path / "lake"
     _unkeyed_file(
         root,
-        _flows([("10.0.0.1", "10.0.0.2", at(0, 1)), ("10.0.0.2", "192.0.2.9", at(0, 2))]),
+        flows_of([("10.0.0.1", "10.0.0.2", at(0, 1)), ("10.0.0.2", "192.0.2.9", at(0, 2))]),
         ["a", "b"],
         ["b", None],
     )
@@ -118,7 +103,7 @@ def _lake(tmp_path: Path) -> Lake:
         ("10.0.0.4", "10.0.0.1", at(1, 4)),  # the address after d was deleted: nobody's
         ("203.0.113.5", "198.51.100.7", at(1, 5)),  # neither end
     ]
-    ingest_table(lake, "flows", "keyed", hash_bytes(b"keyed"), [_flows(keyed_day)])
+    ingest_table(lake, "flows", "keyed", hash_bytes(b"keyed"), [flows_of(keyed_day)])
     attribute_flows(lake, [at(1, 0).strftime("%Y-%m-%d")])
     # a's owner changes after its flows were attributed (OpenNebula chown: the next event names the new ones)
     _events(
@@ -127,7 +112,7 @@ def _lake(tmp_path: Path) -> Lake:
         [{"ts": at(2, 0.5), "vm_id": "a", "action": "chown", "addrs": [], "project": "pz", "user": "zed"}],
     )
     todo_day = [("10.0.0.2", "10.0.0.1", at(2, 1)), ("10.0.0.4", "10.0.0.2", at(2, 1))]
-    ingest_table(lake, "flows", "todo", hash_bytes(b"todo"), [_flows(todo_day)])
+    ingest_table(lake, "flows", "todo", hash_bytes(b"todo"), [flows_of(todo_day)])
     return lake
 
 

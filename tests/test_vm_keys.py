@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from deltalake import write_deltalake
+from support.flow_tables import flows_of
 
 from tracepipe.correlate.attribution import attribute_flows
 from tracepipe.correlate.leases import refresh_leases
@@ -46,23 +47,6 @@ def _land_events(lake: Lake, name: str, rows: list[dict], reclaim: dt.timedelta 
 def _keys(lake: Lake) -> dict[str, int]:
     vms = lake.read("vms", columns=["vm_id", "vm_key"])
     return dict(zip(vms.column("vm_id").to_pylist(), vms.column("vm_key").to_pylist(), strict=True))
-
-
-def _flows(pairs: list[tuple[str, str, dt.datetime]]) -> pa.Table:
-    """One flow per (src, dst, ts)."""
-    n = len(pairs)
-    ts = pa.array([t for _, _, t in pairs], pa.timestamp("us", tz="UTC"))
-    return pa.table(
-        {
-            "ts_start": ts,
-            "ts_end": ts,
-            "src_addr": pa.array([s for s, _, _ in pairs]),
-            "dst_addr": pa.array([d for _, d, _ in pairs]),
-            "proto": pa.array([6] * n, pa.int16()),
-            "packets": pa.array([1] * n, pa.int64()),
-            "bytes": pa.array([100] * n, pa.int64()),
-        }
-    )
 
 
 def _attributed(lake: Lake) -> list[tuple]:
@@ -106,7 +90,7 @@ def test_a_key_flows_carry_is_never_handed_out_again(tmp_path):
     flow files; the next new VM must not get that key, or those flows would name it."""
     lake = Lake(tmp_path / "lake")
     _land_events(lake, "h0", [_create(0, 0, "a", "10.0.0.1"), _create(0, 5, "b", "10.0.0.2")], SEVEN_DAYS)
-    ingest_table(lake, "flows", "f", hash_bytes(b"f"), [_flows([("10.0.0.2", "10.0.0.1", utc(0, 30))])])
+    ingest_table(lake, "flows", "f", hash_bytes(b"f"), [flows_of([("10.0.0.2", "10.0.0.1", utc(0, 30))])])
     attribute_flows(lake)
     assert lake.read("flows", columns=["src_vm_key", "dst_vm_key"]).to_pylist() == [
         {"src_vm_key": 2, "dst_vm_key": 1}
@@ -128,7 +112,7 @@ def test_a_planted_huge_key_does_not_stop_lease_updates(tmp_path):
 
     lake = Lake(tmp_path / "lake")
     _land_events(lake, "h0", [_create(0, 0, "a", "10.0.0.1")], SEVEN_DAYS)
-    planted = _flows([("10.0.0.1", "192.0.2.1", utc(0, 30))])
+    planted = flows_of([("10.0.0.1", "192.0.2.1", utc(0, 30))])
     planted = planted.append_column("src_vm_key", pa.array([2**63 - 1], pa.int64()))
     ingest_table(lake, "flows", "planted", hash_bytes(b"planted"), [planted])
     assert lake.entries("flows")[0].maxs["src_vm_key"] == 2**63 - 1
@@ -169,7 +153,7 @@ def test_vm_ids_and_names_a_tenant_chooses_never_share_a_key(tmp_path, ids):
     assert sorted(keys) == sorted(ids)
     assert sorted(keys.values()) == list(range(1, len(ids) + 1))
     pairs = [(addr, addrs[(i + 1) % len(addrs)], utc(1, i)) for i, addr in enumerate(addrs)]
-    ingest_table(lake, "flows", "f", hash_bytes(b"f"), [_flows(pairs)])
+    ingest_table(lake, "flows", "f", hash_bytes(b"f"), [flows_of(pairs)])
     attribute_flows(lake)
     keyed, done, todo = flow_parts(lake)
     assert (len(keyed), done, todo) == (1, [], [])  # the integer join answers
@@ -235,7 +219,7 @@ def test_flow_files_without_keys_still_attribute_through_the_view(tmp_path):
         _create(0, 5, "b", "10.0.0.2", project="pb"),
     ]
     _land_events(lake, "h0", rows, SEVEN_DAYS)
-    old_day = _flows([("10.0.0.1", "10.0.0.2", utc(1)), ("10.0.0.2", "192.0.2.9", utc(2))])
+    old_day = flows_of([("10.0.0.1", "10.0.0.2", utc(1)), ("10.0.0.2", "192.0.2.9", utc(2))])
     stamp = pa.array([utc(3)] * 2, pa.timestamp("us", tz="UTC"))
     old_day = old_day.append_column("src_vm", pa.array(["a", "b"])).append_column(
         "dst_vm", pa.array(["b", None])
@@ -250,7 +234,7 @@ def test_flow_files_without_keys_still_attribute_through_the_view(tmp_path):
     assert _attributed(lake) == expected_old
     # a new day lands and is attributed with keys; the old day stays as it was
     next_day = [("10.0.0.1", "10.0.0.2", utc(1) + dt.timedelta(days=1))]
-    ingest_table(lake, "flows", "new", hash_bytes(b"new"), [_flows(next_day)])
+    ingest_table(lake, "flows", "new", hash_bytes(b"new"), [flows_of(next_day)])
     attribute_flows(lake, ["2024-03-13"])
     keyed, done, todo = flow_parts(lake)
     assert (len(keyed), len(done), todo) == (1, 1, [])
@@ -285,7 +269,7 @@ def test_vms_without_keys_attribute_through_the_text_join(tmp_path):
     with lake.lock("vms"):
         lake.replace_files("vms", entries, [old], {})
     assert set(_keys(lake).values()) == {None}
-    ingest_table(lake, "flows", "f", hash_bytes(b"f"), [_flows([("10.0.0.1", "192.0.2.1", utc(1))])])
+    ingest_table(lake, "flows", "f", hash_bytes(b"f"), [flows_of([("10.0.0.1", "192.0.2.1", utc(1))])])
     attribute_flows(lake)
     assert flow_parts(lake)[0] == []  # a VM without its key: not a keyed file
     assert _attributed(lake) == [("10.0.0.1", "192.0.2.1", "a", "a", "pa", None, None, None)]
