@@ -120,9 +120,11 @@ def _worker(inbox: Connection, outbox: Connection, root: str) -> None:
                         schema=rejects.schema,
                     )
                     rejects = pa.concat_tables([rejects, same])
-                # no rejects (the usual answer): None, not an empty table (its schema pickles to ~2 KB and
-                # costs the walking process ~1 ms to read back, per batch)
-                outbox.send(("done", rejects if rejects.num_rows else None, decoded.stats))
+                # no rejects of a NetFlow batch (the usual answer): None, not an empty table (its schema pickles
+                # to ~2 KB and costs the walking process ~1 ms to read back, per batch). A job that decodes itself
+                # (nfdump.CsvRange) answers its table whatever it holds: its landing reads its columns (line).
+                empty = not rejects.num_rows and not hasattr(job, "decode")
+                outbox.send(("done", None if empty else rejects, decoded.stats))
             elif op == "nfcapd_range":  # nfcapd blocks, read here from the file (nffile.read_range)
                 assert parts is not None, "range before begin"
                 flows, found = read_range(message[1], ipv4_as_integers=True)
