@@ -492,3 +492,118 @@ def test_a_range_that_is_one_huge_line_is_never_held_whole(tmp_path):
     assert flows == 2 * len(body)
     assert lines == [2 + len(body)]
     assert peak < 80 << 20, peak  # two 32 MB windows at most (the one read, the one in use), not the line
+
+
+def _hostile_lines() -> dict[str, tuple[bytes, list[str] | None]]:
+    """Lines an attacker (or a damaged disk) puts among nfdump's: each with the reasons its line(s) must be
+    rejected with ([] when the line lands as nfdump's own line would, None for a blank line: neither)."""
+    from tracepipe.limits import DEFAULT as LIMITS
+
+    good = next(line for line in _sample_csv_lines(20)[1:] if line.strip())
+    f = good.split(b",")
+
+    def with_field(index: int, value: bytes) -> bytes:
+        return b",".join([*f[:index], value, *f[index + 1 :]])
+
+    width = f"expected {len(CSV_COLUMNS)} fields"
+    return {
+        "nul-in-time": (good[:25] + b"\x00" + good[25:], ["bad end time"]),
+        "nul-in-address": (with_field(3, b"10.0.0.1\x00"), ["bad source address"]),
+        "nul-only": (b"\x00" * 100, [width]),
+        "quote-opening-the-line": (b'"' + good, ["bad start time"]),
+        "quoted-address": (with_field(3, b'"10.0.0.1"'), ["bad source address"]),
+        "quote-never-closed": (with_field(4, b'"10.0.0.1'), ["bad destination address"]),
+        "latin-1-address": (with_field(3, b"10.0.0.\xe9"), ["bad source address"]),
+        "non-utf-8-port": (with_field(5, b"\xc3\x28"), ["bad source port"]),
+        "non-utf-8-unused-field": (with_field(20, b"\xff\xfe"), []),  # nfdump's smk: not read, lands
+        # a lone CR: one line still (line numbers after it are grep's, in one process and in the workers)
+        "cr-inside-a-field": (with_field(3, b"10.0.\r0.1"), ["bad source address"]),
+        "cr-in-unused-field": (with_field(20, b"\r"), []),
+        "crlf": (good + b"\r", []),
+        "49-fields": (good + b",x", [width]),
+        "47-fields": (good.rsplit(b",", 1)[0], [width]),
+        "one-field": (b"x", [width]),
+        "blank": (b"", None),
+        "blank-crlf": (b"\r", None),
+        "spaces-only": (b"   ", None),
+        "48-empty-fields": (b"," * 47, ["bad start time"]),  # was dropped as if blank: no flow, no reject
+        "48-fields-time-and-address-empty": (with_field(0, b"").replace(f[3], b"", 1), ["bad start time"]),
+        "over-long": (b"9," * (LIMITS.line_bytes // 2 + 8), ["limit line_bytes"]),
+        "over-long-no-comma": (b"9" * (LIMITS.line_bytes + 8), ["limit line_bytes"]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_hostile_lines()))
+def test_hostile_lines_are_rejects_with_their_line_and_the_rest_lands(tmp_path, name):
+    """Each hostile line in the middle of a file: rejected on its own line number(s) with its reason (or landed,
+    where nfdump would print it so), never raising, every other line landing; the same through the decode
+    workers' byte ranges (CsvRange, what a worker runs) as through the serial reader. Regression: a line of 48
+    fields whose time and source address were empty (",,,,...") was dropped as if it were blank."""
+    from tracepipe.ingest.nfdump import RangeLanding, nfdump_csv_ranges
+
+    line, reasons = _hostile_lines()[name]
+    landed = 2 * 10 + (1 if reasons == [] else 0)
+    reasons = reasons or []
+    header, *body = _sample_csv_lines(20)
+    body = [row for row in body if row.strip()][:10]
+    data = [
+        header,
+        *body,
+        line,
+        *body,
+        b"Summary",
+        b"flows,bytes,packets,avg_bps,avg_pps,avg_bpp",
+        b"1,2,3,4,5,6",
+    ]
+    path = tmp_path / "hostile.csv"
+    path.write_bytes(b"\n".join(data) + b"\n")
+    flows, rejects = read_nfdump_csv(path)
+    assert flows.num_rows == landed
+    assert rejects.column("reason").to_pylist() == reasons
+    assert rejects.column("line").to_pylist() == list(range(12, 12 + len(reasons)))
+
+    # cut after the line before the hostile one, and after the hostile one: three ranges
+    text = path.read_bytes()
+    before = len(b"\n".join(data[:11])) + 1
+    after = before + len(line) + 1
+    whole = nfdump_csv_ranges(path, "s")[0]
+    ranges = [
+        replace(whole, end=before),
+        replace(whole, start=before, end=after, skip_rows=0),
+        replace(whole, start=after, end=len(text), skip_rows=0),
+    ]
+    landing, lines, found, parts = RangeLanding(whole.columns), [], [], 0
+    for part in (job.decode() for job in ranges):
+        parts += part.flows.num_rows
+        got = landing.land(part.rejects, part.stats)
+        lines += got.column("line").to_pylist()
+        found += got.column("reason").to_pylist()
+    assert (parts, lines, found) == (landed, rejects.column("line").to_pylist(), reasons)
+
+
+def test_hostile_lines_through_the_decode_workers(tmp_path):
+    """All the hostile lines in one file, ingested with two decode workers and with one process: the same
+    flows and the same rejects (line, reason) in the lake, and the command says partial (exit 3)."""
+    from tracepipe.ingest.flows import ingest_flow_files
+    from tracepipe.lake import Lake
+
+    header, *body = _sample_csv_lines(20)
+    body = [row for row in body if row.strip()][:10]
+    data, expected = [header], []
+    for line, reasons in _hostile_lines().values():
+        data += [*body, line]
+        expected += [(len(data) + i, reason) for i, reason in enumerate(reasons or [])]
+    data += body
+    path = tmp_path / "hostile.csv"
+    path.write_bytes(b"\n".join(data) + b"\n")
+
+    def land(jobs: int) -> tuple[list, list, int]:
+        lake = Lake(tmp_path / f"lake-{jobs}")
+        summary = ingest_flow_files(lake, [path], jobs=jobs, parallel_min_bytes=1)
+        flows = lake_rows(lake.root, "flows", "src_addr, dst_addr, src_port, dst_port, ts_start, bytes")
+        return flows, lake_rows(lake.root, "rejects", "line, reason", "line"), summary.exit_code
+
+    one = land(1)
+    assert [tuple(row) for row in one[1]] == expected
+    assert one[2] == 3
+    assert land(2) == one

@@ -324,21 +324,24 @@ def _iter_rows(
     skip_rows: int,
     block_size: int = 1 << 24,
     counters: dict[str, int] | None = None,
-) -> Iterator[tuple[pa.Table, pa.Array, list[tuple[int, str]], list[tuple[int, int]]]]:
+) -> Iterator[tuple[pa.Table, pa.Array, list[tuple[int, str]], LineBlock]]:
     """Stream a delimited text as (the columns we use, all as text; their 1-based line numbers; the lines of
-    another width as (line number, text); the lines over limits.line_bytes as (line number, length)), one
-    block of ~`block_size` bytes at a time (delimited.read_block). With `counters` (a decode worker's range,
-    CsvRange) each block is read on one thread: the worker processes already share the cores."""
+    another width as (line number, text); the block they came from, whose `too_long` lists the lines over
+    limits.line_bytes as (line number, length)), one block of ~`block_size` bytes at a time
+    (delimited.read_block). With `counters` (a decode worker's range, CsvRange) each block is read on one
+    thread: the worker processes already share the cores."""
     for index, block in enumerate(_chunks(source, block_size, counters)):
+        if b"\r" in block.data:  # rare: nfdump ends lines with \n only
+            block = LineBlock(block.first_line, _LONE_CR.sub(b"\x00", block.data), block.too_long)
         chunk = block.data
         skip = skip_rows if index == 0 else 0
         if not chunk:  # only the rest of an over-long last line
-            yield pa.table({}), pa.array([], pa.int64()), [], block.too_long
+            yield pa.table({}), pa.array([], pa.int64()), [], block
             continue
         table, numbers, invalid = read_block(
             chunk, block.first_line, delimiter, columns, _NEEDED, skip, threads=counters is None
         )
-        yield table, numbers, invalid, block.too_long
+        yield table, numbers, invalid, block
 
 
 def _iter_flows(
@@ -358,13 +361,13 @@ def _iter_flows(
     lines read so far) and "trailer_left" (trailer lines still due when the input ends: a range that ends
     inside a trailer tells the next one)."""
     summary_lines_left = 0
-    for table, line_numbers, invalid, too_long in _iter_rows(
+    for table, line_numbers, invalid, block in _iter_rows(
         source, delimiter, columns, skip_rows, block_size, counters
     ):
         parts: list[pa.Table] = []
         kept = []
-        if too_long:  # emptied by the reader: blank here, a reject there
-            parts.append(too_long_rejects(name, too_long))
+        if block.too_long:  # emptied by the reader: blank here, a reject there
+            parts.append(too_long_rejects(name, block.too_long))
         for number, text in invalid:
             stripped = text.strip()
             if counters is not None and stripped and counters["head"] < _HEAD_FULL:
@@ -384,11 +387,12 @@ def _iter_flows(
             if not pc.all(valid).as_py():  # blank and header lines among the invalid rows are not rejects
                 invalid = pc.invert(valid)
                 ts, sa = fields["ts"].filter(invalid), fields["sa"].filter(invalid)
-                blank = pc.and_(pc.equal(_trim(ts), ""), pc.equal(_trim(sa), ""))
-                blank = pc.or_(blank, pc.and_(pc.equal(ts, "ts"), pc.equal(sa, "sa")))  # header
-                shown = pc.invert(blank)
+                numbers = line_numbers.filter(invalid)
+                header = pc.and_(pc.equal(ts, "ts"), pc.equal(sa, "sa"))
+                empty = pc.and_(pc.equal(_trim(ts), ""), pc.equal(_trim(sa), ""))
+                shown = pc.invert(pc.or_(header, _blank_lines(block, numbers, empty)))
                 numbers, details, reasons = (
-                    c.filter(invalid).filter(shown) for c in (line_numbers, detail, reason)
+                    c.filter(shown) for c in (numbers, detail.filter(invalid), reason.filter(invalid))
                 )
                 if len(numbers):
                     parts.append(_rejects(numbers, details, reasons, name))
@@ -401,6 +405,30 @@ def _iter_flows(
 
 
 _rejects = rejects_table
+# pyarrow's CSV reader ends a line at \r\n, \r or \n. A lone \r is made a NUL byte (no field holds one) before it
+# reads a block: the line stays one line, a reject if a field we read holds it, and every line number after it
+# is the one `grep -n` and `sed` show (and the same in the decode workers, whose ranges count \n only).
+_LONE_CR = re.compile(rb"\r(?!\n)")
+
+
+def _blank_lines(block: LineBlock, numbers: pa.Array, empty: pa.Array) -> pa.Array:
+    """Which rows whose time and source address are `empty` come from empty lines (pyarrow makes a row of empty
+    fields of an empty line, and the reader empties over-long ones): those are not rejects. A line of empty
+    fields (",,,...") is one, and was dropped unseen before this looked at the line's length."""
+    if not pc.any(empty).as_py():
+        return empty
+    data = np.frombuffer(block.data, np.uint8)
+    ends = np.flatnonzero(data == 10)
+    if not block.data.endswith(b"\n"):
+        ends = np.append(ends, len(data))
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    length = ends - starts
+    length -= (length > 0) & (data[np.maximum(ends - 1, 0)] == 13)  # \r\n ends the line too
+    index = numbers.to_numpy(zero_copy_only=False) - block.first_line
+    inside = (index >= 0) & (index < len(length))
+    blank = np.zeros(len(index), dtype=bool)
+    blank[inside] = length[index[inside]] == 0
+    return pa.array(blank & np.asarray(empty, dtype=bool))
 
 
 # A range's head: its first two non-blank lines of another width, as base-4 digits (1 a reject, 2 nfdump's "No
