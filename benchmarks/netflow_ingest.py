@@ -23,6 +23,7 @@
     python benchmarks/netflow_ingest.py --sizes 300000 --rounds 1   # quick, while developing
     python benchmarks/netflow_ingest.py --build-only OUT.pcap --sizes 300000   # just the capture
     python benchmarks/netflow_ingest.py --no-csv --timeline      # pcap only, with per-process timelines
+    python benchmarks/netflow_ingest.py --sizes 1000000 --csv-floors   # and every candidate floor of the CSV
 """
 
 from __future__ import annotations
@@ -441,6 +442,7 @@ def bench_size(
     jobs: int | None,
     csv: bool = True,
     timeline: bool = False,
+    csv_floors: bool = False,
 ) -> dict:
     pcap = workdir / f"v9-{size}.pcap"
     records = build_capture(datagram, size, pcap)
@@ -458,6 +460,11 @@ def bench_size(
             runs["tracepipe_csv"].append(measure_tracepipe(csv_file, workdir / "lake", jobs))
             runs["tracepipe_csv_jobs1"].append(measure_tracepipe(csv_file, workdir / "lake", 1))
             runs["csv_floor"].append(measure_csv_floor(csv_file))
+            if csv_floors:  # every candidate floor of benchmarks/csv_floors.py, in the same rounds
+                import csv_floors as floors
+
+                for name in floors.FLOORS:
+                    runs.setdefault(f"floor: {name}", []).append(floors.measure_floor(name, csv_file))
     best = {name: min(r, key=lambda m: m["seconds"]) for name, r in runs.items()}
     nf = best["nfdump"]
 
@@ -498,6 +505,13 @@ def bench_size(
             f"  ratio floor / nfdump: {result['floor_ratio']:.2f}x wall, {result['floor_cpu_ratio']:.2f}x per CPU "
             f"second; tracepipe CSV takes {tc['cpu_seconds'] / floor['cpu_seconds']:.1f}x the floor's CPU"
         )
+        for name in (n for n in best if n.startswith("floor: ")):
+            found = best[name]
+            found["records"] = floor["records"]
+            print(
+                f"  {name[7:]:46s} {found['seconds']:6.2f} s wall, {found['cpu_seconds']:6.2f} s CPU: "
+                f"{ratios(found)[0]:.2f}x nfdump wall, {ratios(found)[1]:.2f}x per CPU second"
+            )
         if tc["exit"] not in (0, 3) or tc["records"] != records:
             print(f"  (tracepipe CSV exit {tc['exit']}, landed {tc['records']:,} of {records:,} records)")
         csv_file.unlink()
@@ -525,6 +539,12 @@ def main() -> None:
         "--no-csv", action="store_true", help="leave out tracepipe reading the records as nfdump CSV"
     )
     parser.add_argument(
+        "--csv-floors",
+        action="store_true",
+        help="also every candidate floor of reading the CSV (benchmarks/csv_floors.py: pyarrow typed, polars, "
+        "DuckDB, numpy, the reader on one thread, SHA-256)",
+    )
+    parser.add_argument(
         "--timeline", action="store_true", help="print how busy each tracepipe process was over time"
     )
     parser.add_argument("--build-only", type=Path, help="only write the synthetic capture to this path")
@@ -547,7 +567,16 @@ def main() -> None:
         load = os.getloadavg()
         print(f"{os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
         results = [
-            bench_size(datagram, size, workdir, args.rounds, args.jobs, not args.no_csv, args.timeline)
+            bench_size(
+                datagram,
+                size,
+                workdir,
+                args.rounds,
+                args.jobs,
+                not args.no_csv,
+                args.timeline,
+                args.csv_floors,
+            )
             for size in args.sizes
         ]
         print(f"summary, best of {args.rounds} (load average at the start {load[0]:.1f}):")
