@@ -9,7 +9,7 @@ with the others and with nfdump, best of `--rounds` by CPU; wall clock and CPU s
   - numpy: separator positions only (one pass for commas and newlines, 48 fields a line checked), 16 MB blocks,
   - numpy: every field parsed as well (benchmarks/csv_numpy_parser.py, a prototype), 16 MB blocks, one thread,
   - tracepipe's reader, one thread: nfdump.CsvRange.decode over the file's ranges (what a decode worker does),
-  - the fixed parts of an ingest: SHA-256 of the file (lake.hash_file, the manifest's identity) and a whole
+  - the fixed parts of an ingest: SHA-256 of the file (as lake.hash_file, the manifest's identity) and a whole
     `tracepipe ingest netflow` of a one-record CSV (start-up, lake, commit).
 
     python benchmarks/csv_floors.py                          # makes a 1 M-record nfdump CSV (real softflowd + nfcapd)
@@ -109,9 +109,12 @@ from tracepipe.ingest.nfdump import nfdump_csv_ranges
 print(sum(job.decode().flows.num_rows for job in nfdump_csv_ranges(path, "s")))
 """
 _SHA256 = """
-from pathlib import Path
-from tracepipe.lake import hash_file
-print(hash_file(Path(path))[:12])
+import hashlib  # what lake.hash_file does (4 MB reads), without tracepipe's imports
+digest = hashlib.sha256()
+with open(path, "rb") as handle:
+    while block := handle.read(1 << 22):
+        digest.update(block)
+print(digest.hexdigest()[:12])
 """
 FLOORS = {
     "pyarrow.csv, 13 columns as text (all cores)": "TYPED = False\n" + _PYARROW,
