@@ -40,7 +40,7 @@ from tracepipe.ingest.netflow import (
     Decoded,
     DecoderState,
     InFile,
-    decode_datagrams,
+    decode_walked,
     flush_pending,
     merge_stats,
     walk_datagrams,
@@ -442,19 +442,18 @@ def _land_one(
             for batch in iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS):
                 if batch.rejects.num_rows:
                     writer.reject(batch.rejects)
-                decoded = decode_datagrams(
-                    batch.payloads,
-                    batch.exporters,
-                    batch.ts_us,
-                    batch.offsets,
-                    source,
-                    state,
-                    text_as_dictionary=True,
-                    in_file=InFile(str(path.absolute()), batch.payload_offsets, batch.heads),
+                # walked and decoded as a decode worker does (decode_datagrams == the two, merged), with the
+                # addresses kept as integers: the writer formats each distinct one once per row group instead
+                # of once per batch (issue 17: this path, taken below the workers' size, still did the latter)
+                in_file = InFile(str(path.absolute()), batch.payload_offsets, batch.heads)
+                walked, walk = walk_datagrams(
+                    batch.payloads, batch.exporters, batch.ts_us, batch.offsets, source, state, in_file
                 )
-                writer.reject(decoded.rejects)
-                writer.write(decoded.flows)  # after: rows outside the time window are rejects of their own
-                merge_stats(stats, decoded.stats)
+                columns = decode_walked(walked, ipv4_as_integers=True)
+                for part in (walk, columns):
+                    writer.reject(part.rejects)
+                    merge_stats(stats, part.stats)
+                writer.write(columns.flows)  # after: rows outside the time window are rejects of their own
                 result.datagrams += len(batch.payloads)
                 if progress and batch.bytes_read > done:
                     progress(batch.bytes_read - done)
