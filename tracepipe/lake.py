@@ -397,6 +397,35 @@ def _same_in_any_order(column: pa.ChunkedArray) -> bool:
     return False
 
 
+class RowGroupWriter:
+    """One thread that sorts and writes row groups (PartFile._write_group) while the caller decodes the next rows:
+    Arrow's sort, take, encoding and compression and numpy's argsort release the GIL, so a single process
+    uses its second core (issue 17: an ingest below the decode workers' size wrote each row group, ~60% of its
+    work, while its decoding waited). At most one row group in flight for all the files sharing it: memory
+    grows by one row group, not one per day. An error of the thread is raised by the next submit() or wait()."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="row-groups")
+        self._last: Any = None
+
+    def submit(self, write: Callable[..., None], *args: Any) -> None:
+        self.wait()
+        self._last = self._pool.submit(write, *args)
+
+    def wait(self) -> None:
+        last, self._last = self._last, None
+        if last is not None:
+            last.result()
+
+    def shutdown(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 class PartFile:
     """One Parquet file of a dataset being written: rows buffered up to a row group, each row group sorted by
     the dataset's sort key (min/max statistics let readers skip), text dictionary-encoded in memory and stored
@@ -412,8 +441,10 @@ class PartFile:
         stem: str,
         row_group_rows: int = ROW_GROUP_ROWS,
         layout_from_first: bool = False,
+        behind: RowGroupWriter | None = None,
     ) -> None:
         self.dataset = dataset
+        self.behind = behind  # the thread that sorts and writes row groups, if any (else the caller's)
         # encode columns after what the first row group holds (_parquet_options `first`): a source's files
         self.layout_from_first = layout_from_first
         self.day = day
@@ -443,8 +474,16 @@ class PartFile:
     def _flush(self) -> None:
         if not self._pending:
             return
-        table = _combined(self._pending, taken=bool(self.dataset.sort_by))  # one dictionary per text column
-        self._pending, self._pending_rows = [], 0
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        if self.behind is not None:
+            self.behind.submit(self._write_group, pending)
+        else:
+            self._write_group(pending)
+
+    def _write_group(self, pending: list[pa.Table]) -> None:
+        """Sort `pending` into one row group and write it (in the RowGroupWriter's thread when there is one)."""
+        table = _combined(pending, taken=bool(self.dataset.sort_by))  # one dictionary per text column
+        del pending
         # addresses kept as integers (conform): each distinct one formatted once for the row group, the sort
         # keys' in text order where they can be, so that their dictionary index is their rank (sort_indices)
         ranked = set()
@@ -482,6 +521,8 @@ class PartFile:
     def close(self) -> AddAction | None:
         """Finish the file; None when no row was written (no file)."""
         self._flush()
+        if self.behind is not None:
+            self.behind.wait()  # its last row group written (or its error raised here)
         if self._writer is None:
             return None
         with fsutil.replacing(self.path, tmp=self.tmp):  # fsync, rename over, fsync the directory
@@ -499,6 +540,9 @@ class PartFile:
         )
 
     def abort(self) -> None:
+        if self.behind is not None:
+            with contextlib.suppress(Exception):  # its error is moot: the file goes
+                self.behind.wait()
         if self._writer is not None:
             with contextlib.suppress(Exception):  # a half-written temp file we are about to delete
                 self._writer.close()
@@ -1083,10 +1127,18 @@ class Lake:
                 self._held.discard(name)
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def ingest(self, dataset: str, source: str, content_hash: str | None) -> IngestWriter:
+    def ingest(
+        self,
+        dataset: str,
+        source: str,
+        content_hash: str | None,
+        row_group_rows: int = ROW_GROUP_ROWS,
+        background: bool = False,
+    ) -> IngestWriter:
         """Open a writer for one source. Use as a context manager; call `commit()` at the end (content_hash
-        None: give it with `identify()` before)."""
-        return IngestWriter(self, _dataset(dataset), source, content_hash)
+        None: give it with `identify()` before). `background`: row groups are sorted and written by a thread
+        while the caller goes on (RowGroupWriter)."""
+        return IngestWriter(self, _dataset(dataset), source, content_hash, row_group_rows, background)
 
     def replace_dataset(self, name: str, table: pa.Table, info: dict[str, Any] | None = None) -> Path:
         """Replace an unpartitioned derived dataset (vm_leases, vms, intel) with `table`, in one commit
@@ -1522,6 +1574,7 @@ class IngestWriter:
         source: str,
         content_hash: str | None,
         row_group_rows: int = ROW_GROUP_ROWS,
+        background: bool = False,
     ) -> None:
         self.lake = lake
         self.dataset = dataset
@@ -1530,7 +1583,7 @@ class IngestWriter:
         self.key = source_key(content_hash) if content_hash else None
         self.row_group_rows = row_group_rows
         self.result = IngestResult(dataset.name, source, self.content_hash)
-        self._parts = DayParts(lake.root, dataset, self.key, row_group_rows)
+        self._parts = DayParts(lake.root, dataset, self.key, row_group_rows, background=background)
         self._adopted: list[AddAction] = []  # parts written by worker processes (DayParts there)
         self._rejects: list[pa.Table] = []
         self._committed = False
@@ -1680,11 +1733,15 @@ class DayParts:
         key: str | None,
         row_group_rows: int = ROW_GROUP_ROWS,
         tag: str = "",
+        background: bool = False,
     ) -> None:
         self.root = root
         self.dataset = dataset
         self.key = key
         self.row_group_rows = row_group_rows
+        # background: row groups sorted and written by a thread (RowGroupWriter), for a process that has a
+        # core to spare; not in the decode workers, which keep every core busy already
+        self.behind = RowGroupWriter() if background else None
         # the first hex digits of every file's random part (a decode worker's: the parent that kills a hung
         # worker removes part-<key>-<tag>* itself)
         self.tag = tag
@@ -1721,6 +1778,7 @@ class DayParts:
                 stem,
                 self.row_group_rows,
                 layout_from_first=True,
+                behind=self.behind,
             )
             self._parts[key] = part
         return part
@@ -1731,14 +1789,26 @@ class DayParts:
         key = key or self.key
         if key is None:
             raise LakeError("a source's files were closed before its content hash was known (a bug)")
+        if self.behind is not None:
+            self.behind.wait()  # no row group in flight while the files are renamed
         for part in self._parts.values():
             part.name(f"part-{key}-{(self.tag + uuid.uuid4().hex)[:8]}")
-        return [a for a in (p.close() for p in self._parts.values()) if a is not None]
+        try:
+            return [a for a in (p.close() for p in self._parts.values()) if a is not None]
+        finally:
+            self._stop_behind()
 
     def abort(self) -> None:
         for part in self._parts.values():
             part.abort()
         self._parts.clear()
+        self._stop_behind()
+
+    def _stop_behind(self) -> None:
+        if self.behind is not None:
+            behind, self.behind = self.behind, None
+            with contextlib.suppress(Exception):  # raised to the caller by close() or moot in abort()
+                behind.shutdown()
 
 
 def ingest_table(

@@ -58,7 +58,7 @@ from tracepipe.ingest.nfdump import (
 )
 from tracepipe.ingest.pcap import PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
 from tracepipe.ingest.zeek import GZIP_MAGIC, iter_conn_log, sniff_zeek, zeek_kind
-from tracepipe.lake import IngestWriter, Lake, hash_file
+from tracepipe.lake import ROW_GROUP_ROWS, IngestWriter, Lake, hash_file
 
 Progress = Callable[[int], None]  # called with the number of input bytes just consumed
 Batches = Iterator[tuple[pa.Table, ...]]  # (flows, rejects) or (flows, rejects, flow_labels)
@@ -429,7 +429,10 @@ def _land_one(
     size = path.stat().st_size
     result = FileResult(str(path), kind, "landed")
     stats: dict[str, dict[str, Any]] = {}
-    with lake.ingest("flows", source=source, content_hash=content_hash) as writer:
+    # decoded here (no workers): row groups are sorted and written by a thread meanwhile, a quarter of the usual
+    # size (as in a decode worker) so that all but the last overlap the decoding (issue 17: 1 M records)
+    behind = {"row_group_rows": ROW_GROUP_ROWS // 4, "background": True} if pool is None else {}
+    with lake.ingest("flows", source=source, content_hash=content_hash, **behind) as writer:
         if kind == "pcap" and pool is not None:
             result.datagrams = _land_pcap_parallel(
                 writer, pool, path, source, state, stats, progress, hashing
