@@ -1374,16 +1374,25 @@ class Lake:
         if _dataset(name).partition_ts is None:
             days = None
 
-        confirmed = self._confirmed()
+        confirmed: set[str] | None = None  # read only when some day has enough small files to merge: the
+        # manifest just written by this ingest is not read back for nothing (issue 17: the commit tail)
 
         def mergeable(entry: FileEntry) -> bool:
             # a source's file whose manifest row is not there yet (its run may have been killed in between)
             # keeps its name until the rerun finds it: see already_ingested
+            nonlocal confirmed
             match = _SOURCE_FILE.match(Path(entry.relative).name)
-            return match is None or match.group(1) in confirmed
+            if match is None:
+                return True
+            if confirmed is None:
+                confirmed = self._confirmed()
+            return match.group(1) in confirmed
 
         def small(entries: list[FileEntry]) -> list[FileEntry]:
-            chosen = [e for e in entries if 0 <= e.rows < ROW_GROUP_ROWS and mergeable(e)]
+            sized = [e for e in entries if 0 <= e.rows < ROW_GROUP_ROWS]
+            if len(sized) < max(min_files, 2):
+                return []
+            chosen = [e for e in sized if mergeable(e)]
             if tiered:
                 tiers: dict[int, list[FileEntry]] = {}
                 for entry in chosen:
