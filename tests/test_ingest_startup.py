@@ -31,6 +31,7 @@ def test_the_cli_and_the_decode_pool_import_nothing_heavy():
     workers could only be spawned after it."""
     assert _loaded_by("tracepipe.cli") == []
     assert _loaded_by("tracepipe.ingest.decode_pool") == []
+    assert _loaded_by("tracepipe.__main__") == []  # the entry point, which spawns the workers first
 
 
 def test_workers_start_early_only_for_a_big_regular_file_given_by_name(tmp_path):
