@@ -35,7 +35,7 @@ def _land(batches: list[pa.Table], root: Path, background: bool) -> list[tuple[s
     for flows in batches:
         parts.write(split_implausible(flows, DATASETS["flows"])[0])
     if background:
-        assert threading.active_count() == threads + 1  # one thread for all the days' files
+        assert threading.active_count() == threads + 2  # two threads for all the days' files
     adds = parts.close()
     assert parts.behind is None  # stopped with the files
     out = []
@@ -57,18 +57,28 @@ def test_row_groups_written_by_the_thread_are_those_the_caller_writes(tmp_path: 
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_an_error_in_the_thread_is_raised_to_the_caller() -> None:
+def test_an_error_in_either_thread_is_raised_to_the_caller() -> None:
     behind = RowGroupWriter()
+    written: list[int] = []
 
-    def disk_full() -> None:
+    def disk_full(_: object) -> None:
         raise OSError(28, "No space left on device")
 
-    behind.submit(disk_full)
+    def bad_row(_: object) -> None:
+        raise ValueError("a row group that cannot be sorted")
+
+    behind.submit(lambda n: n, disk_full, 1)  # the write fails
+    behind.submit(lambda n: n, written.append, 2)  # its sorting stage learns it, before writing
     with pytest.raises(OSError, match="No space left"):
-        behind.submit(lambda: None)  # the next row group learns it first
-    behind.submit(disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        behind.shutdown()
+        behind.wait()
+    assert written == []  # nothing written after a failed write
+    behind.submit(bad_row, written.append, 3)
+    with pytest.raises(ValueError, match="cannot be sorted"):
+        behind.submit(lambda n: n, written.append, 4)  # the next row group learns it first
+    for n in range(5, 9):
+        behind.submit(lambda n: n * 10, written.append, n)
+    behind.shutdown()
+    assert written == [50, 60, 70, 80]  # in the order given
 
 
 def test_abort_waits_for_the_row_group_in_flight_and_leaves_no_file(tmp_path: Path) -> None:

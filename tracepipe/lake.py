@@ -398,32 +398,54 @@ def _same_in_any_order(column: pa.ChunkedArray) -> bool:
 
 
 class RowGroupWriter:
-    """One thread that sorts and writes row groups (PartFile._write_group) while the caller decodes the next rows:
-    Arrow's sort, take, encoding and compression and numpy's argsort release the GIL, so a single process
-    uses its second core (issue 17: an ingest below the decode workers' size wrote each row group, ~60% of its
-    work, while its decoding waited). At most one row group in flight for all the files sharing it: memory
-    grows by one row group, not one per day. An error of the thread is raised by the next submit() or wait()."""
+    """Two threads that sort (PartFile._sorted_group) and write (PartFile._write_group) row groups while the
+    caller decodes the next rows: Arrow's sort, take, encoding and compression and numpy's argsort release the
+    GIL, so a single process uses its second core (issue 17: an ingest below the decode workers' size sorted and
+    wrote each row group, ~65% of its work, while its decoding waited; one thread for both was then the longest
+    of the two). Row groups go through both in the order given: at most one being sorted and one being written
+    for all the files sharing it, so memory grows by two row groups, not two per day. An error of either thread
+    is raised by the next submit() or wait()."""
 
     def __init__(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="row-groups")
-        self._last: Any = None
+        self._sorting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="row-groups-sort")
+        self._writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="row-groups-write")
+        self._sorted: Any = None  # the last sorting stage (a future)
+        self._written: Any = None  # the last write (a future); set by the sorting thread
 
-    def submit(self, write: Callable[..., None], *args: Any) -> None:
-        self.wait()
-        self._last = self._pool.submit(write, *args)
-
-    def wait(self) -> None:
-        last, self._last = self._last, None
+    def submit(self, sort: Callable[[Any], Any], write: Callable[[Any], None], pending: Any) -> None:
+        """sort(pending) in the first thread, then write(its result) in the second, after what came before."""
+        last, self._sorted = self._sorted, None
         if last is not None:
             last.result()
+        self._sorted = self._sorting.submit(self._stage, sort, write, pending)
+
+    def _stage(self, sort: Callable[[Any], Any], write: Callable[[Any], None], pending: Any) -> None:
+        table = sort(pending)
+        del pending
+        last, self._written = self._written, None
+        if last is not None:  # one write at a time, in order (and its error raised here, then to the caller)
+            last.result()
+        self._written = self._writing.submit(write, table)
+
+    def wait(self) -> None:
+        """Until every row group given is written; raises the first error of either thread."""
+        last, self._sorted = self._sorted, None
+        try:
+            if last is not None:
+                last.result()
+        finally:
+            written, self._written = self._written, None
+            if written is not None:
+                written.result()
 
     def shutdown(self) -> None:
         try:
             self.wait()
         finally:
-            self._pool.shutdown(wait=True)
+            self._sorting.shutdown(wait=True)
+            self._writing.shutdown(wait=True)
 
 
 class PartFile:
@@ -476,12 +498,13 @@ class PartFile:
             return
         pending, self._pending, self._pending_rows = self._pending, [], 0
         if self.behind is not None:
-            self.behind.submit(self._write_group, pending)
+            self.behind.submit(self._sorted_group, self._write_group, pending)
         else:
-            self._write_group(pending)
+            self._write_group(self._sorted_group(pending))
 
-    def _write_group(self, pending: list[pa.Table]) -> None:
-        """Sort `pending` into one row group and write it (in the RowGroupWriter's thread when there is one)."""
+    def _sorted_group(self, pending: list[pa.Table]) -> pa.Table:
+        """`pending` as one row group: addresses as text, sorted by the dataset's key (in the RowGroupWriter's
+        first thread when there is one)."""
         table = _combined(pending, taken=bool(self.dataset.sort_by))  # one dictionary per text column
         del pending
         # addresses kept as integers (conform): each distinct one formatted once for the row group, the sort
@@ -505,6 +528,10 @@ class PartFile:
                     columns[i] = column.take(order)
                 del column
             table = pa.Table.from_arrays(columns, schema=schema)
+        return table
+
+    def _write_group(self, table: pa.Table) -> None:
+        """Write one sorted row group (in the RowGroupWriter's second thread when there is one)."""
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._schema = _writer_schema(self.dataset.schema, table)
