@@ -31,6 +31,7 @@ def test_the_cli_and_the_decode_pool_import_nothing_heavy():
     workers could only be spawned after it."""
     assert _loaded_by("tracepipe.cli") == []
     assert _loaded_by("tracepipe.ingest.decode_pool") == []
+    assert _loaded_by("tracepipe.__main__") == []  # the entry point, which spawns the workers first
 
 
 def test_workers_start_early_only_for_a_big_regular_file_given_by_name(tmp_path):
@@ -60,3 +61,75 @@ def test_after_the_last_file_the_workers_are_told_to_end_before_the_commit(softf
             proc.wait(timeout=30)  # they end by themselves, nobody else tells them
         assert [p.returncode for p in procs] == [0, 0]
     assert Lake(tmp_path / "lake").read("flows").num_rows == summary.flows
+
+
+def test_the_entry_point_reads_only_an_ingest_netflow_command_line(tmp_path, monkeypatch):
+    """prestart's reading of sys.argv: (jobs, lake, paths) of `ingest netflow`, anything else refused (then the
+    command starts its workers itself, as before)."""
+    read = decode_pool._netflow_command_line
+    monkeypatch.setenv("TRACEPIPE_LAKE", str(tmp_path / "env-lake"))
+    assert read(["ingest", "netflow", "a.pcap", "b"]) == (
+        decode_pool.default_jobs(),
+        tmp_path / "env-lake",
+        [Path("a.pcap"), Path("b")],
+    )
+    line = ["--debug", "ingest", "netflow", "--lake", "L", "-j", "3", "x", "--format=json", "--", "-y"]
+    assert read(line) == (3, Path("L"), [Path("x"), Path("-y")])
+    assert read(["ingest", "netflow", "--jobs=2", "--lake=M", "-j4", "x"])[:2] == (4, Path("M"))
+    refused = [
+        ["ingest", "vm", "x"],
+        ["sql", "ingest", "netflow"],
+        ["ingest", "netflow", "--help"],
+        ["ingest", "netflow", "--jobs"],
+        ["ingest", "netflow", "--jobs", "two", "x"],
+        ["ingest", "netflow", "--unknown", "x"],
+        [],
+    ]
+    for argv in refused:
+        try:
+            read(argv)
+        except ValueError:
+            continue
+        raise AssertionError(argv)
+
+
+def test_a_prestarted_pool_is_taken_only_by_the_same_jobs_and_lake(tmp_path, monkeypatch):
+    big = tmp_path / "big.pcap"
+    with open(big, "wb") as handle:
+        handle.truncate(PARALLEL_MIN_BYTES)
+    lake = tmp_path / "lake"
+    monkeypatch.setattr(decode_pool, "_prestarted", None)
+    decode_pool.prestart(["ingest", "netflow", str(big), "--lake", str(lake), "--jobs", "2"])
+    early = decode_pool._prestarted
+    assert early is not None and len(early._procs) == 2
+    with start_early(2, lake, [big]) as pool:
+        assert pool is early and decode_pool._prestarted is None  # taken, not started again
+    decode_pool.prestart(["ingest", "netflow", str(big), "--lake", str(lake), "--jobs", "2"])
+    early = decode_pool._prestarted
+    assert early is not None
+    procs = list(early._procs)
+    with start_early(2, tmp_path / "other-lake", [big]) as pool:  # the command read another lake
+        assert pool is not early and pool.root == tmp_path / "other-lake" and len(pool._procs) == 2
+        assert all(p.poll() is not None for p in procs)  # the prestarted workers were stopped
+    decode_pool.prestart(["ingest", "netflow", str(tmp_path / "missing.pcap"), "--lake", str(lake)])
+    assert decode_pool._prestarted is None  # nothing big given by name: nothing started
+
+
+def test_ingest_netflow_through_the_entry_point_with_prestarted_workers(softflowd_export, tmp_path):
+    """End to end, `python -m tracepipe.cli` as a user runs it: a big file given by name starts the workers in
+    the entry point; the rows land as with `--jobs 1` (a small real capture padded past the size threshold
+    with a second, sparse file that is refused: the workers are started, used for nothing, and stopped)."""
+    capture = softflowd_export(9, "ipv4").export_pcap
+    big = tmp_path / "zeros.bin"
+    with open(big, "wb") as handle:
+        handle.truncate(PARALLEL_MIN_BYTES)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    results = []
+    for jobs, lake in (("2", tmp_path / "two"), ("1", tmp_path / "one")):
+        command = [sys.executable, "-m", "tracepipe.cli", "ingest", "netflow", str(capture), str(big)]
+        command += ["--lake", str(lake), "--jobs", jobs, "--format", "json"]
+        out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 3, out.stderr  # landed, one file refused
+        results.append(Lake(lake).read("flows").drop(["source"]).sort_by("ts_start"))
+    assert results[0].num_rows > 0
+    assert results[0].equals(results[1])

@@ -8,6 +8,14 @@ or the environment is wrong (lake unwritable, binary missing).
 from __future__ import annotations
 
 import sys
+
+# `python -m tracepipe.cli`: through the entry point, which starts decode workers before typer loads
+if __name__ == "__main__":
+    from tracepipe.__main__ import main as _entry_point
+
+    _entry_point()
+    sys.exit(0)  # not reached: the app exits with its code
+
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any

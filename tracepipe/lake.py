@@ -397,6 +397,57 @@ def _same_in_any_order(column: pa.ChunkedArray) -> bool:
     return False
 
 
+class RowGroupWriter:
+    """Two threads that sort (PartFile._sorted_group) and write (PartFile._write_group) row groups while the
+    caller decodes the next rows: Arrow's sort, take, encoding and compression and numpy's argsort release the
+    GIL, so a single process uses its second core (issue 17: an ingest below the decode workers' size sorted and
+    wrote each row group, ~65% of its work, while its decoding waited; one thread for both was then the longest
+    of the two). Row groups go through both in the order given: at most one being sorted and one being written
+    for all the files sharing it, so memory grows by two row groups, not two per day. An error of either thread
+    is raised by the next submit() or wait()."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._sorting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="row-groups-sort")
+        self._writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="row-groups-write")
+        self._sorted: Any = None  # the last sorting stage (a future)
+        self._written: Any = None  # the last write (a future); set by the sorting thread
+
+    def submit(self, sort: Callable[[Any], Any], write: Callable[[Any], None], pending: Any) -> None:
+        """sort(pending) in the first thread, then write(its result) in the second, after what came before."""
+        last, self._sorted = self._sorted, None
+        if last is not None:
+            last.result()
+        self._sorted = self._sorting.submit(self._stage, sort, write, pending)
+
+    def _stage(self, sort: Callable[[Any], Any], write: Callable[[Any], None], pending: Any) -> None:
+        table = sort(pending)
+        del pending
+        last, self._written = self._written, None
+        if last is not None:  # one write at a time, in order (and its error raised here, then to the caller)
+            last.result()
+        self._written = self._writing.submit(write, table)
+
+    def wait(self) -> None:
+        """Until every row group given is written; raises the first error of either thread."""
+        last, self._sorted = self._sorted, None
+        try:
+            if last is not None:
+                last.result()
+        finally:
+            written, self._written = self._written, None
+            if written is not None:
+                written.result()
+
+    def shutdown(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._sorting.shutdown(wait=True)
+            self._writing.shutdown(wait=True)
+
+
 class PartFile:
     """One Parquet file of a dataset being written: rows buffered up to a row group, each row group sorted by
     the dataset's sort key (min/max statistics let readers skip), text dictionary-encoded in memory and stored
@@ -412,8 +463,10 @@ class PartFile:
         stem: str,
         row_group_rows: int = ROW_GROUP_ROWS,
         layout_from_first: bool = False,
+        behind: RowGroupWriter | None = None,
     ) -> None:
         self.dataset = dataset
+        self.behind = behind  # the thread that sorts and writes row groups, if any (else the caller's)
         # encode columns after what the first row group holds (_parquet_options `first`): a source's files
         self.layout_from_first = layout_from_first
         self.day = day
@@ -443,8 +496,17 @@ class PartFile:
     def _flush(self) -> None:
         if not self._pending:
             return
-        table = _combined(self._pending, taken=bool(self.dataset.sort_by))  # one dictionary per text column
-        self._pending, self._pending_rows = [], 0
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        if self.behind is not None:
+            self.behind.submit(self._sorted_group, self._write_group, pending)
+        else:
+            self._write_group(self._sorted_group(pending))
+
+    def _sorted_group(self, pending: list[pa.Table]) -> pa.Table:
+        """`pending` as one row group: addresses as text, sorted by the dataset's key (in the RowGroupWriter's
+        first thread when there is one)."""
+        table = _combined(pending, taken=bool(self.dataset.sort_by))  # one dictionary per text column
+        del pending
         # addresses kept as integers (conform): each distinct one formatted once for the row group, the sort
         # keys' in text order where they can be, so that their dictionary index is their rank (sort_indices)
         ranked = set()
@@ -466,6 +528,10 @@ class PartFile:
                     columns[i] = column.take(order)
                 del column
             table = pa.Table.from_arrays(columns, schema=schema)
+        return table
+
+    def _write_group(self, table: pa.Table) -> None:
+        """Write one sorted row group (in the RowGroupWriter's second thread when there is one)."""
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._schema = _writer_schema(self.dataset.schema, table)
@@ -482,6 +548,8 @@ class PartFile:
     def close(self) -> AddAction | None:
         """Finish the file; None when no row was written (no file)."""
         self._flush()
+        if self.behind is not None:
+            self.behind.wait()  # its last row group written (or its error raised here)
         if self._writer is None:
             return None
         with fsutil.replacing(self.path, tmp=self.tmp):  # fsync, rename over, fsync the directory
@@ -499,6 +567,9 @@ class PartFile:
         )
 
     def abort(self) -> None:
+        if self.behind is not None:
+            with contextlib.suppress(Exception):  # its error is moot: the file goes
+                self.behind.wait()
         if self._writer is not None:
             with contextlib.suppress(Exception):  # a half-written temp file we are about to delete
                 self._writer.close()
@@ -1083,10 +1154,18 @@ class Lake:
                 self._held.discard(name)
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def ingest(self, dataset: str, source: str, content_hash: str | None) -> IngestWriter:
+    def ingest(
+        self,
+        dataset: str,
+        source: str,
+        content_hash: str | None,
+        row_group_rows: int = ROW_GROUP_ROWS,
+        background: bool = False,
+    ) -> IngestWriter:
         """Open a writer for one source. Use as a context manager; call `commit()` at the end (content_hash
-        None: give it with `identify()` before)."""
-        return IngestWriter(self, _dataset(dataset), source, content_hash)
+        None: give it with `identify()` before). `background`: row groups are sorted and written by a thread
+        while the caller goes on (RowGroupWriter)."""
+        return IngestWriter(self, _dataset(dataset), source, content_hash, row_group_rows, background)
 
     def replace_dataset(self, name: str, table: pa.Table, info: dict[str, Any] | None = None) -> Path:
         """Replace an unpartitioned derived dataset (vm_leases, vms, intel) with `table`, in one commit
@@ -1322,16 +1401,25 @@ class Lake:
         if _dataset(name).partition_ts is None:
             days = None
 
-        confirmed = self._confirmed()
+        confirmed: set[str] | None = None  # read only when some day has enough small files to merge: the
+        # manifest just written by this ingest is not read back for nothing (issue 17: the commit tail)
 
         def mergeable(entry: FileEntry) -> bool:
             # a source's file whose manifest row is not there yet (its run may have been killed in between)
             # keeps its name until the rerun finds it: see already_ingested
+            nonlocal confirmed
             match = _SOURCE_FILE.match(Path(entry.relative).name)
-            return match is None or match.group(1) in confirmed
+            if match is None:
+                return True
+            if confirmed is None:
+                confirmed = self._confirmed()
+            return match.group(1) in confirmed
 
         def small(entries: list[FileEntry]) -> list[FileEntry]:
-            chosen = [e for e in entries if 0 <= e.rows < ROW_GROUP_ROWS and mergeable(e)]
+            sized = [e for e in entries if 0 <= e.rows < ROW_GROUP_ROWS]
+            if len(sized) < max(min_files, 2):
+                return []
+            chosen = [e for e in sized if mergeable(e)]
             if tiered:
                 tiers: dict[int, list[FileEntry]] = {}
                 for entry in chosen:
@@ -1522,6 +1610,7 @@ class IngestWriter:
         source: str,
         content_hash: str | None,
         row_group_rows: int = ROW_GROUP_ROWS,
+        background: bool = False,
     ) -> None:
         self.lake = lake
         self.dataset = dataset
@@ -1530,7 +1619,7 @@ class IngestWriter:
         self.key = source_key(content_hash) if content_hash else None
         self.row_group_rows = row_group_rows
         self.result = IngestResult(dataset.name, source, self.content_hash)
-        self._parts = DayParts(lake.root, dataset, self.key, row_group_rows)
+        self._parts = DayParts(lake.root, dataset, self.key, row_group_rows, background=background)
         self._adopted: list[AddAction] = []  # parts written by worker processes (DayParts there)
         self._rejects: list[pa.Table] = []
         self._committed = False
@@ -1680,11 +1769,15 @@ class DayParts:
         key: str | None,
         row_group_rows: int = ROW_GROUP_ROWS,
         tag: str = "",
+        background: bool = False,
     ) -> None:
         self.root = root
         self.dataset = dataset
         self.key = key
         self.row_group_rows = row_group_rows
+        # background: row groups sorted and written by a thread (RowGroupWriter), for a process that has a
+        # core to spare; not in the decode workers, which keep every core busy already
+        self.behind = RowGroupWriter() if background else None
         # the first hex digits of every file's random part (a decode worker's: the parent that kills a hung
         # worker removes part-<key>-<tag>* itself)
         self.tag = tag
@@ -1721,6 +1814,7 @@ class DayParts:
                 stem,
                 self.row_group_rows,
                 layout_from_first=True,
+                behind=self.behind,
             )
             self._parts[key] = part
         return part
@@ -1731,14 +1825,26 @@ class DayParts:
         key = key or self.key
         if key is None:
             raise LakeError("a source's files were closed before its content hash was known (a bug)")
+        if self.behind is not None:
+            self.behind.wait()  # no row group in flight while the files are renamed
         for part in self._parts.values():
             part.name(f"part-{key}-{(self.tag + uuid.uuid4().hex)[:8]}")
-        return [a for a in (p.close() for p in self._parts.values()) if a is not None]
+        try:
+            return [a for a in (p.close() for p in self._parts.values()) if a is not None]
+        finally:
+            self._stop_behind()
 
     def abort(self) -> None:
         for part in self._parts.values():
             part.abort()
         self._parts.clear()
+        self._stop_behind()
+
+    def _stop_behind(self) -> None:
+        if self.behind is not None:
+            behind, self.behind = self.behind, None
+            with contextlib.suppress(Exception):  # raised to the caller by close() or moot in abort()
+                behind.shutdown()
 
 
 def ingest_table(

@@ -171,12 +171,75 @@ def start_early(jobs: int | None, root: Path, paths: Iterable[Path]) -> DecodePo
     """A pool for `ingest netflow`, its workers already started when a file given by name is big enough for
     them (PARALLEL_MIN_BYTES, told from os.stat alone; directories are not walked for it): their start-up
     (interpreter, numpy, pyarrow: ~0.3 s each) then runs beside the command's own imports (~0.35 s) instead of
-    after them (profiled for issue 17: one core idle meanwhile). Otherwise not started: ingest starts it
-    when a file needs it. Use as a context manager."""
+    after them (profiled for issue 17: one core idle meanwhile). The pool prestart() started for this
+    process's command line is taken when it has the same jobs and lake (else stopped: nothing was sent to it).
+    Otherwise not started: ingest starts it when a file needs it. Use as a context manager."""
+    global _prestarted
+    early, _prestarted = _prestarted, None
     pool = DecodePool(default_jobs() if jobs is None else jobs, root)
+    if early is not None:
+        if (early.jobs, early.root) == (pool.jobs, pool.root):
+            return early
+        early.stop()
     if pool.jobs > 1 and any(_big_file(Path(p)) for p in paths):
         pool.start()
     return pool
+
+
+_prestarted: DecodePool | None = None  # prestart()'s pool, until start_early() takes it
+
+
+def prestart(argv: list[str]) -> None:
+    """Start the decode workers for an `ingest netflow` command line (`argv`: sys.argv[1:]) before the CLI
+    loads typer, rich and pydantic (~0.2 s of one core, the other idle: profiled for issue 17); the command's
+    start_early() then takes them. Read conservatively: anything not understood (another command, an unknown
+    option, --help) starts nothing, and the command starts its workers as before. Never raises."""
+    global _prestarted
+    try:
+        jobs, root, paths = _netflow_command_line(argv)
+    except ValueError:
+        return
+    if _prestarted is None and jobs > 1 and any(_big_file(p) for p in paths):
+        _prestarted = DecodePool(jobs, root)
+        try:
+            _prestarted.start()
+        except OSError:  # out of processes or descriptors: the command reports it when it starts them itself
+            _prestarted.stop()
+            _prestarted = None
+
+
+def _netflow_command_line(argv: list[str]) -> tuple[int, Path, list[Path]]:
+    """(jobs, lake, paths) of `[--debug] ingest netflow [options] PATH...`; ValueError for anything else."""
+    from tracepipe import DEFAULT_LAKE
+
+    args = list(argv)
+    while args[:1] == ["--debug"]:
+        args.pop(0)
+    if args[:2] != ["ingest", "netflow"]:
+        raise ValueError("not ingest netflow")
+    values = {"--jobs": "", "--lake": os.environ.get("TRACEPIPE_LAKE", DEFAULT_LAKE), "--format": ""}
+    paths: list[Path] = []
+    rest = iter(args[2:])
+    for arg in rest:
+        name, equals, value = arg.partition("=")
+        if arg.startswith("-j") and arg[2:].isdigit():  # -j4
+            name, equals, value = "--jobs", "=", arg[2:]
+        name = "--jobs" if name == "-j" else name  # one option (click: the last one given wins)
+        if arg == "--":
+            paths.extend(Path(a) for a in rest)
+        elif name in values and equals:
+            values[name] = value
+        elif name in values:
+            given = next(rest, None)
+            if given is None:  # typer refuses it too
+                raise ValueError(f"{arg} without a value")
+            values[name] = given
+        elif arg.startswith("-"):  # --help, or an option this reader does not know
+            raise ValueError(arg)
+        else:
+            paths.append(Path(arg))
+    jobs = int(values["--jobs"]) if values["--jobs"] else default_jobs()  # ValueError: typer refuses it too
+    return jobs, Path(values["--lake"]), paths
 
 
 def _big_file(path: Path) -> bool:

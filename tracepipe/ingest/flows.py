@@ -40,7 +40,7 @@ from tracepipe.ingest.netflow import (
     Decoded,
     DecoderState,
     InFile,
-    decode_datagrams,
+    decode_walked,
     flush_pending,
     merge_stats,
     walk_datagrams,
@@ -58,7 +58,7 @@ from tracepipe.ingest.nfdump import (
 )
 from tracepipe.ingest.pcap import PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
 from tracepipe.ingest.zeek import GZIP_MAGIC, iter_conn_log, sniff_zeek, zeek_kind
-from tracepipe.lake import IngestWriter, Lake, hash_file
+from tracepipe.lake import ROW_GROUP_ROWS, IngestWriter, Lake, hash_file
 
 Progress = Callable[[int], None]  # called with the number of input bytes just consumed
 Batches = Iterator[tuple[pa.Table, ...]]  # (flows, rejects) or (flows, rejects, flow_labels)
@@ -429,7 +429,10 @@ def _land_one(
     size = path.stat().st_size
     result = FileResult(str(path), kind, "landed")
     stats: dict[str, dict[str, Any]] = {}
-    with lake.ingest("flows", source=source, content_hash=content_hash) as writer:
+    # decoded here (no workers): row groups are sorted and written by a thread meanwhile, a quarter of the usual
+    # size (as in a decode worker) so that all but the last overlap the decoding (issue 17: 1 M records)
+    behind = {"row_group_rows": ROW_GROUP_ROWS // 4, "background": True} if pool is None else {}
+    with lake.ingest("flows", source=source, content_hash=content_hash, **behind) as writer:
         if kind == "pcap" and pool is not None:
             result.datagrams = _land_pcap_parallel(
                 writer, pool, path, source, state, stats, progress, hashing
@@ -442,19 +445,18 @@ def _land_one(
             for batch in iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS):
                 if batch.rejects.num_rows:
                     writer.reject(batch.rejects)
-                decoded = decode_datagrams(
-                    batch.payloads,
-                    batch.exporters,
-                    batch.ts_us,
-                    batch.offsets,
-                    source,
-                    state,
-                    text_as_dictionary=True,
-                    in_file=InFile(str(path.absolute()), batch.payload_offsets, batch.heads),
+                # walked and decoded as a decode worker does (decode_datagrams == the two, merged), with the
+                # addresses kept as integers: the writer formats each distinct one once per row group instead
+                # of once per batch (issue 17: this path, taken below the workers' size, still did the latter)
+                in_file = InFile(str(path.absolute()), batch.payload_offsets, batch.heads)
+                walked, walk = walk_datagrams(
+                    batch.payloads, batch.exporters, batch.ts_us, batch.offsets, source, state, in_file
                 )
-                writer.reject(decoded.rejects)
-                writer.write(decoded.flows)  # after: rows outside the time window are rejects of their own
-                merge_stats(stats, decoded.stats)
+                columns = decode_walked(walked, ipv4_as_integers=True)
+                for part in (walk, columns):
+                    writer.reject(part.rejects)
+                    merge_stats(stats, part.stats)
+                writer.write(columns.flows)  # after: rows outside the time window are rejects of their own
                 result.datagrams += len(batch.payloads)
                 if progress and batch.bytes_read > done:
                     progress(batch.bytes_read - done)
