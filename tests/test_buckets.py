@@ -159,6 +159,37 @@ def test_periodicity_without_recorded_spans_fails_loudly():
         periodicity(rows, 3600, 2, spans=buckets.SpanBook()).collect()
 
 
+@pytest.mark.parametrize("book", [{"final": True}, {"provided": True}])
+def test_periodicity_with_a_book_that_answers_for_it_reads_no_flow(book):
+    """Regression (b0d9dab): periodicity_stats collects its pairs when called, so a sweep's final beacon run
+    (its book scores the buckets' stats) grouped the lake's whole window, and each bucket's features sharing
+    beacon's stats (their book is filled by the caller) grouped theirs, for nothing (~6 s CPU at 5*10^7
+    flows). Flows that fail when read (a strict cast of 1,000 bytes to UInt8) must not be read."""
+    start = dt.datetime(2026, 3, 12, tzinfo=dt.UTC)
+    schema = pl.from_arrow(FLOWS.empty_table()).schema
+    flows = pl.DataFrame(
+        {
+            "ts_start": [start + dt.timedelta(minutes=5 * i) for i in range(12)],
+            "src_addr": ["10.0.0.1"] * 12,
+            "dst_addr": ["198.51.100.7"] * 12,
+            "src_port": list(range(40000, 40012)),
+            "dst_port": [443] * 12,
+            "proto": [6] * 12,
+            "bytes": [1000] * 12,
+        },
+        schema={
+            k: schema[k]
+            for k in ("ts_start", "src_addr", "dst_addr", "src_port", "dst_port", "proto", "bytes")
+        },
+    ).lazy()
+    assert periodicity(flows, 3600, 10).collect().height == 1  # read, the pair is scored
+    trap = flows.filter(pl.col("bytes").cast(pl.UInt8, strict=True) > 0)
+    with pytest.raises(pl.exceptions.InvalidOperationError):
+        periodicity(trap, 3600, 10).collect()
+    answered = periodicity(trap, 3600, 10, spans=buckets.SpanBook(deferred={}, **book)).collect()
+    assert answered.is_empty() and "score" in answered.columns
+
+
 @pytest.mark.parametrize("in_memory_rows", [0, 10**9])
 def test_buckets_read_once_in_memory_or_streamed_give_the_same_candidates_and_features(day, in_memory_rows):
     """A bucket read into memory once (its facts shared by every detector and the features) and one that
