@@ -305,7 +305,8 @@ def test_a_streamed_bucket_has_its_facts_computed_once_for_rules_and_features(da
         job = buckets.feature_job(lake, since, until, gen.LOCAL_NETWORKS, 3600.0, history, ctx.night, spill)
         assert set(job.local) != set(ctx.local)  # the features swap in their own local hosts
         split = buckets.detect(ctx, names, spill, also=job)
-        written = pl.read_parquet(spill.root / "facts.parquet")  # the last bucket's
+        assert [p.name for p in spill.root.glob("*.facts.parquet")] == ["2.facts.parquet"]  # the last's only
+        written = pl.read_parquet(spill.root / "2.facts.parquet")
         features = job.result()
     assert sorted(split.rows()) == sorted(whole.rows())
     assert alone.height > 100 and features.equals(alone)

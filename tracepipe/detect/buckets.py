@@ -140,8 +140,11 @@ class Spill:
         file beside the spill by a streaming sink, and scanned from there: each of its readers (every detector
         and the features) then streams facts already computed. Computing them (four lookups of the addresses
         among the local hosts) is what each reader paid again: ~17 s CPU of a 5*10^7-flow sweep whose DNS
-        resolver's bucket holds 35.5 M rows. The file replaces the previous one of this spill."""
-        path = self.root / "facts.parquet"
+        resolver's bucket holds 35.5 M rows. The previous bucket's file is removed (unlinked, never overwritten in
+        place: a reader may still map it), so the disk holds one at a time."""
+        for old in self.root.glob("*.facts.parquet"):
+            old.unlink()
+        path = self.root / f"{bucket}.facts.parquet"
         with_flow_facts(self.source(bucket), local, night, owned=self.hosts(bucket)).sink_parquet(
             path, compression="uncompressed", engine="streaming"
         )
