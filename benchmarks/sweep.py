@@ -9,7 +9,8 @@ day, each in a fresh child process of this (small) one: wall time, CPU time, flo
     python benchmarks/sweep.py --flows 1e7 --reuse               # sweep the lakes of a previous run again
 
 The lakes live under --dir (default /tmp/tracepipe-bench-sweep, ~1.6 GB per 10^8 flows) and are kept for
---reuse; a sweep's spill (in $TMPDIR, ~11 GB per 10^8 flows, removed at its end) needs room as well.
+--reuse; a sweep's spill (in $TMPDIR, ~11 GB per 10^8 flows, removed at its end, plus ~2 GB for the facts of
+the DNS resolver's bucket) needs room as well.
 """
 
 from __future__ import annotations

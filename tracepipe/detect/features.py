@@ -347,15 +347,20 @@ def periodicity(
     `spans`: the data span of each window over ALL the flows of the window, when `flows` is one host bucket's
     (detect/buckets.py); None: observed from `flows`.
     """
-    stats, observed = periodicity_stats(flows, window_s, min_connections, pair)
-    if spans is not None:
-        if spans.deferred is None:
-            raise RuntimeError(
-                "periodicity was called on one host bucket without a book for the window-wide spans: "
-                "list the detector in WINDOW_WIDE (detect/buckets.py)"
-            )
-        return spans.defer(stats, observed)
-    return _score(stats, observed)
+    if spans is None:
+        return _score(*periodicity_stats(flows, window_s, min_connections, pair))
+    if spans.deferred is None:
+        raise RuntimeError(
+            "periodicity was called on one host bucket without a book for the window-wide spans: "
+            "list the detector in WINDOW_WIDE (detect/buckets.py)"
+        )
+    if spans.final or spans.provided:
+        # the book answers from the buckets' stats (final) or its caller fills it (provided): these flows are
+        # not read. periodicity_stats collects its pairs when called, so it only gets an empty frame of their
+        # schema here (it had a sweep's final beacon run group the whole window's flows of the lake, and each
+        # bucket's features group theirs, for nothing: ~10 s CPU at 5*10^7 flows)
+        flows = pl.LazyFrame(schema=flows.collect_schema())
+    return spans.defer(*periodicity_stats(flows, window_s, min_connections, pair))
 
 
 def periodicity_stats(
