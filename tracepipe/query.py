@@ -25,7 +25,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tracepipe.correlate import VMS_COMPLETE
+from tracepipe.correlate import LOST_KEYS, MAX_LOST_KEYS, VMS_COMPLETE
 from tracepipe.errors import EXIT_OK, LakeError, TracepipeError, UsageError
 from tracepipe.lake import FileEntry, Lake
 from tracepipe.schema import DATASETS
@@ -210,10 +210,21 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
         con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {scan_sql(name, entries)}')
     keyed, done, todo = flow_parts(lake, flow_entries)
     by_path = {e.path: e for e in flow_entries}  # the log's entries: scan_sql reads no footer for them
+    lost = lost_vm_keys(lake) if keyed else None
+    facts = [p for p in keyed if has_vm_facts(by_path[p])] if lost is not None else []
+    keyed = [p for p in keyed if p not in set(facts)]
+    con.execute(f"CREATE OR REPLACE VIEW _flows_facts AS {scan_sql('flows', [by_path[p] for p in facts])}")
     con.execute(f"CREATE OR REPLACE VIEW _flows_keyed AS {scan_sql('flows', [by_path[p] for p in keyed])}")
     con.execute(f"CREATE OR REPLACE VIEW _flows_done AS {scan_sql('flows', [by_path[p] for p in done])}")
     con.execute(f"CREATE OR REPLACE VIEW _flows_todo AS {scan_sql('flows', [by_path[p] for p in todo])}")
+    status = VmStatus([e.path for e in lake.entries("vms")])
+    con.create_function(
+        "vm_status", status, ["BIGINT"], "VARCHAR", type="arrow", null_handling="special", side_effects=False
+    )
     con.execute(sql_text("views"))
+    if lost:
+        ranges = " UNION ALL ".join(f"SELECT range AS vm_key FROM range({a}, {b + 1})" for a, b in lost)
+        con.execute(f"CREATE OR REPLACE VIEW _vm_lost_keys AS {ranges}")
     if not vm_info_plain(lake):
         con.execute(sql_text("vm_info_from_leases"))  # leases not written by the builder: see that file
     if read_only:
@@ -236,6 +247,80 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
+
+
+def has_vm_facts(entry: FileEntry) -> bool:
+    """A flow file whose every row was attributed with its VMs' facts (vm_facts_at set: attribution copied them
+    from vms), by the log's null count; files attributed before the columns existed, or compacted from such
+    files, have nulls (or no statistics) there: flows_attributed joins those to vms."""
+    return entry.rows > 0 and entry.null_counts.get("vm_facts_at") == 0
+
+
+def lost_vm_keys(lake: Lake) -> list[tuple[int, int]] | None:
+    """The key ranges below the vm_key counter that no vms row holds, as the lease writer recorded them with its
+    last vms commit (correlate/vm_keys.py LOST_KEYS); None when the last vms commit did not record them (written
+    by an older tracepipe, a compaction or a repair, or too many): then flows_attributed joins every file to vms,
+    as stored facts cannot tell which keys vms lost."""
+    ranges = next(iter(lake.commit_infos("vms")), {}).get(LOST_KEYS)
+    if not isinstance(ranges, list):
+        return None
+    try:
+        out = [(int(a), int(b)) for a, b in ranges]
+    except (TypeError, ValueError):
+        return None  # not what the writer records (a hand-edited log): do not trust it
+    if sum(b - a + 1 for a, b in out) > MAX_LOST_KEYS or any(a < 1 or b < a for a, b in out):
+        return None
+    return out
+
+
+class VmStatus:
+    """vm_status(vm_key) for DuckDB (an Arrow function): each key's vms.status now, null where vms has no such
+    key. Built on the first call from the vms files of the session's snapshot (keys sorted once; a call is a
+    numpy search per 2,048 keys), so a query that does not read a status never pays for it: DuckDB drops
+    unused function calls, where a LEFT join to vms it keeps (issue 18 item 4)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.keys: Any = None
+        self.codes: Any = None
+        self.statuses: pa.Array | None = None
+
+    def _build(self) -> None:
+        import numpy as np
+        import pyarrow.compute as pc
+
+        from tracepipe.lake import conform
+        from tracepipe.schema import VMS
+
+        schema = pa.schema([VMS.field("vm_key"), VMS.field("status")])
+        tables = [
+            conform(
+                pq.read_table(p, columns=[c for c in schema.names if c in pq.read_schema(p).names]), schema
+            )
+            for p in self.paths
+        ]
+        table = pa.concat_tables(tables) if tables else schema.empty_table()
+        table = table.filter(pc.is_valid(table.column("vm_key")))
+        encoded = table.column("status").combine_chunks().dictionary_encode()
+        keys = table.column("vm_key").to_numpy()
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        self.codes = pc.fill_null(encoded.indices, -1).to_numpy()[order]
+        self.statuses = encoded.dictionary
+
+    def __call__(self, keys: pa.Array) -> pa.Array:
+        import numpy as np
+        import pyarrow.compute as pc
+
+        if self.statuses is None:
+            self._build()
+        assert self.statuses is not None
+        if len(self.keys) == 0:
+            return pa.nulls(len(keys), pa.string())
+        wanted = pc.fill_null(keys, -1).to_numpy(zero_copy_only=False)
+        at = np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)
+        codes = np.where(self.keys[at] == wanted, self.codes[at], -1)
+        return self.statuses.take(pa.array(codes, mask=codes < 0))
 
 
 def vms_complete(lake: Lake) -> bool:
