@@ -214,6 +214,10 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
     facts = [p for p in keyed if has_vm_facts(by_path[p])] if lost is not None else []
     keyed = [p for p in keyed if p not in set(facts)]
     con.execute(f"CREATE OR REPLACE VIEW _flows_facts AS {scan_sql('flows', [by_path[p] for p in facts])}")
+    # the vms files that hold a VM whose identity changed (the log's null counts; the lease writer keeps those
+    # VMs in files of their own): what flows_attributed's overlay reads, not every VM
+    changed = [e for e in lake.entries("vms") if e.null_counts.get("identity_changed_at") != e.rows]
+    con.execute(f"CREATE OR REPLACE VIEW _vms_changed AS {scan_sql('vms', changed)}")
     con.execute(f"CREATE OR REPLACE VIEW _flows_keyed AS {scan_sql('flows', [by_path[p] for p in keyed])}")
     con.execute(f"CREATE OR REPLACE VIEW _flows_done AS {scan_sql('flows', [by_path[p] for p in done])}")
     con.execute(f"CREATE OR REPLACE VIEW _flows_todo AS {scan_sql('flows', [by_path[p] for p in todo])}")
@@ -275,14 +279,15 @@ def lost_vm_keys(lake: Lake) -> list[tuple[int, int]] | None:
 
 class VmStatus:
     """vm_status(vm_key) for DuckDB (an Arrow function): each key's vms.status now, null where vms has no such
-    key. Built on the first call from the vms files of the session's snapshot (keys sorted once; a call is a
-    numpy search per 2,048 keys), so a query that does not read a status never pays for it: DuckDB drops
-    unused function calls, where a LEFT join to vms it keeps (issue 18 item 4)."""
+    key. Built on the first call from the vms files of the session's snapshot (an array indexed by key, as
+    vm_keys are dense; else the keys sorted once and searched), so a query that reads no status never pays for
+    it: DuckDB drops unused function calls, where it keeps a LEFT join to vms (issue 18 item 4)."""
 
     def __init__(self, paths: list[Path]) -> None:
         self.paths = paths
         self.keys: Any = None
         self.codes: Any = None
+        self.dense: Any = None
         self.statuses: pa.Array | None = None
 
     def _build(self) -> None:
@@ -303,10 +308,16 @@ class VmStatus:
         table = table.filter(pc.is_valid(table.column("vm_key")))
         encoded = table.column("status").combine_chunks().dictionary_encode()
         keys = table.column("vm_key").to_numpy()
+        codes = pc.fill_null(encoded.indices, -1).to_numpy().astype(np.int32)
+        self.statuses = encoded.dictionary
+        if len(keys) and 0 <= keys.min() and keys.max() < 2 * len(keys) + 1024:
+            # vm_keys are dense (a counter): the key is the index of an array of codes
+            self.dense = np.full(int(keys.max()) + 1, -1, np.int32)
+            self.dense[keys[::-1]] = codes[::-1]  # a key listed twice (a planted file): its first row
+            return
         order = np.argsort(keys, kind="stable")
         self.keys = keys[order]
-        self.codes = pc.fill_null(encoded.indices, -1).to_numpy()[order]
-        self.statuses = encoded.dictionary
+        self.codes = codes[order]
 
     def __call__(self, keys: pa.Array) -> pa.Array:
         import numpy as np
@@ -315,11 +326,17 @@ class VmStatus:
         if self.statuses is None:
             self._build()
         assert self.statuses is not None
-        if len(self.keys) == 0:
+        if keys.null_count == len(keys):  # flows from addresses nobody held: most of a border's traffic
             return pa.nulls(len(keys), pa.string())
         wanted = pc.fill_null(keys, -1).to_numpy(zero_copy_only=False)
-        at = np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)
-        codes = np.where(self.keys[at] == wanted, self.codes[at], -1)
+        if self.dense is not None:
+            inside = (wanted >= 0) & (wanted < len(self.dense))
+            codes = np.where(inside, self.dense[np.where(inside, wanted, 0)], -1)
+        elif len(self.keys) == 0:
+            return pa.nulls(len(keys), pa.string())
+        else:
+            at = np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)
+            codes = np.where(self.keys[at] == wanted, self.codes[at], -1)
         return self.statuses.take(pa.array(codes, mask=codes < 0))
 
 

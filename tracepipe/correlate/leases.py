@@ -1297,8 +1297,13 @@ def _chunks(table: pa.Table, name: str) -> list[pa.Table]:
     parts = [
         (p, _SETTLED_TIME[name]) for p in frame.filter(settled).partition_by(status, maintain_order=True)
     ]
+    parts.append((frame.filter(~settled), _TIME_OF[name]))
+    if name == "vms":
+        # VMs whose identity changed apart too: flows_attributed reads only their files (query.connect)
+        changed = pl.col("identity_changed_at").is_not_null()
+        parts = [(p.filter(c), by) for p, by in parts for c in (~changed, changed)]
     out = []
-    for part, by in [*parts, (frame.filter(~settled), _TIME_OF[name])]:
+    for part, by in parts:
         part = part.sort(by, nulls_last=True)
         for i in range(0, part.height, FILE_ROWS):
             out.append(part.slice(i, FILE_ROWS).sort(_KEY_OF[name]).to_arrow().cast(table.schema))

@@ -444,6 +444,7 @@ class SparkEngine:
             self.spark.table("flows") if todo is None else read_files(self.spark, "flows", base, todo)
         )
         todo_frame.createOrReplaceTempView("_flows_todo")
+        self.spark.table("vms").createOrReplaceTempView("_vms_changed")  # all of vms: views.sql filters it
         self.macros: set[str] = set()
         views_sql = sql_text("views")
         self.table_macros = {**parse_table_macros(sql_text("macros")), **parse_table_macros(views_sql)}

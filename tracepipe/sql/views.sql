@@ -1,4 +1,5 @@
 -- Views over the base relations that query.connect() creates from the lake (flows, vm_leases, vms, ...,
+-- _vms_changed = the vms files holding VMs whose identity changed,
 -- and the four parts of flows: _flows_facts = files attributed with vm keys and the VMs' facts (see
 -- flows_attributed), _flows_keyed = files attributed with vm keys (src_vm_key/dst_vm_key, see
 -- tracepipe/correlate/vm_keys.py) only, _flows_done = other attributed files (older ones, attributed before keys
@@ -61,7 +62,7 @@ LEFT JOIN _vm_info d ON f.dst_vm_key = d.vm_key;
 CREATE OR REPLACE VIEW _vm_lost_keys AS SELECT CAST(NULL AS BIGINT) AS vm_key WHERE false;
 
 CREATE OR REPLACE VIEW _vm_overlay AS
-SELECT vm_key, vm_name, project, "user", hypervisor, image FROM vms WHERE identity_changed_at IS NOT NULL
+SELECT vm_key, vm_name, project, "user", hypervisor, image FROM _vms_changed WHERE identity_changed_at IS NOT NULL
 UNION ALL BY NAME
 SELECT vm_key FROM _vm_lost_keys;
 
