@@ -323,3 +323,17 @@ def test_a_rename_a_rebuild_and_a_migration_after_attribution_show_what_the_vm_i
     )
     older = [r for r in rows if r[0] >= at(1, 12)]  # the file without fact columns: joined, same answers
     assert [r[5:11] for r in older] == [now[(r[3], None)][5:11] for r in older]
+
+
+def test_an_update_that_rewrites_one_vms_file_keeps_the_other_vms_facts(tmp_path):
+    """Regression: the VMs whose identity changed live in vms files of their own; an incremental lease update
+    that rewrites another file (f is powered off) once recorded every key it did not rewrite as lost, which gave the
+    changed VMs no facts and their flows twice (the overlay then held their keys twice)."""
+    lake = _identity_lake(tmp_path)
+    _events(lake, "stop", [{"ts": at(2, 4), "vm_id": "f", "action": "power_off", "addrs": []}])
+    assert lake.commit_infos("vms")[0]["lost_vm_keys"] == []
+    rows = _now_rows(lake, "flows_attributed")
+    assert len(rows) == lake.read("flows", columns=["ts_start"]).num_rows == 10
+    by_src = {r[3]: r for r in rows if r[0] < at(1, 12) and r[4] is None}
+    assert by_src["b"][5] == "b-renamed" and by_src["e"][8] == "h2"
+    assert by_src["f"][10] == "stopped"

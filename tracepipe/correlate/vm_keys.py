@@ -38,6 +38,7 @@ FIRST_KEY = 1
 MAX_KEY = 2**40
 _KEYS = pa.schema([VMS.field("vm_id"), VMS.field("vm_key")])
 # what keyed_vms reads back from the rows it replaces
+_KEY_ONLY = pa.schema([VMS.field("vm_key")])
 _PREVIOUS = pa.schema([VMS.field(n) for n in ("vm_id", "vm_key", *VM_FACTS, "identity_changed_at")])
 
 
@@ -151,11 +152,22 @@ def lost_keys(vms: pa.Table, below: int) -> list[list[int]] | None:
     return [[int(bounds[i]) + 1, int(bounds[i + 1]) - 1] for i in gaps]
 
 
-def lost_keys_info(lake: Any, vms: pa.Table) -> dict[str, Any]:
-    """The vms commit info for `vms` (keyed_vms' rows) replacing the lake's: LOST_KEYS below the counter."""
-    top = vms.column("vm_key").to_numpy(zero_copy_only=False) if vms.num_rows else np.zeros(0)
-    below = max([next_vm_key(lake), *(int(np.nanmax(top)) + 1 for _ in [0] if len(top))])
-    return {LOST_KEYS: lost_keys(vms, below)}
+def lost_keys_info(lake: Any, vms: pa.Table, kept: list[Any] = ()) -> dict[str, Any]:
+    """The vms commit info for a commit that writes `vms` (keyed_vms' rows) and keeps the vms files `kept`
+    (an incremental update rewrites a few): LOST_KEYS below the counter, over the rows of both."""
+    held = [vms.select(["vm_key"])]
+    held += [conform(pq.read_table(e.path, columns=_present(e.path, _KEY_ONLY)), _KEY_ONLY) for e in kept]
+    keys = pa.concat_tables(held).column("vm_key")
+    top = _max_of(keys)
+    below = max(next_vm_key(lake), top + 1 if top is not None else FIRST_KEY)
+    return {LOST_KEYS: lost_keys(pa.table({"vm_key": keys}), below)}
+
+
+def _max_of(column: pa.ChunkedArray) -> int | None:
+    import pyarrow.compute as pc
+
+    value = pc.max(column).as_py()
+    return None if value is None else int(value)
 
 
 def _sorted_keys(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
