@@ -91,19 +91,19 @@ def attribute_table(
 
 
 def used_facts(rows: pa.Array, facts: pa.Table) -> dict[str, pa.Array]:
-    """Each of `facts` (dictionary columns over vms' rows, one row per lease: vm_keys.vms_of) at `rows` (a lease
-    row per flow, null: none), as dictionary arrays whose dictionary holds only the values these flows use:
-    the flow file then stores a dictionary of a day's VMs, not of every VM. Strings are copied and hashed
-    once per distinct lease of the batch, never per flow, whatever the number of VMs."""
+    """Each of `facts` (dictionary columns, one row per lease: vm_keys.vms_of) at `rows` (a lease row per
+    flow, null: none), as dictionary arrays whose dictionary holds only the values these flows use: the flow
+    file then stores a dictionary of a day's VMs, not of every VM. Hashes integers only, once per distinct
+    lease of the batch; strings are copied once per distinct value."""
     per_flow = pc.dictionary_encode(rows)  # distinct leases of the batch, and which one each flow has
     used = per_flow.dictionary
     out = {}
     for name in facts.column_names:
         column = facts.column(name)
         column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        values = pc.dictionary_encode(column.dictionary.take(column.indices.take(used)))
-        indices = values.indices.take(per_flow.indices).cast(pa.int32())
-        out[name] = pa.DictionaryArray.from_arrays(indices, values.dictionary)
+        codes = pc.dictionary_encode(column.indices.take(used))  # the distinct values these leases have
+        indices = codes.indices.take(per_flow.indices).cast(pa.int32())
+        out[name] = pa.DictionaryArray.from_arrays(indices, column.dictionary.take(codes.dictionary))
     return out
 
 
