@@ -116,11 +116,22 @@ def _lake(tmp_path: Path) -> Lake:
     return lake
 
 
+# both forms of flows_attributed: the VM facts stored in flow files (whatever the number of VMs), and the join
+# to every VM (query.STORED_FACTS_FROM_VMS decides between them by the size of vms)
+FORMS = (0, 10**12)
+
+
 def _view(lake: Lake) -> list[tuple]:
-    with contextlib.closing(connect(lake)) as con:
-        return con.execute(
-            f"SELECT {', '.join(COLUMNS)} FROM flows_attributed ORDER BY ts_start, src_addr, dst_addr"
-        ).fetchall()
+    answers = []
+    for form in FORMS:
+        with contextlib.closing(connect(lake, stored_facts_from=form)) as con:
+            answers.append(
+                con.execute(
+                    f"SELECT {', '.join(COLUMNS)} FROM flows_attributed ORDER BY ts_start, src_addr, dst_addr"
+                ).fetchall()
+            )
+    assert answers[0] == answers[1]
+    return answers[0]
 
 
 def _plain(lake: Lake) -> list[tuple]:
@@ -266,11 +277,17 @@ def _identity_lake(tmp_path: Path) -> Lake:
 
 
 def _now_rows(lake: Lake, sql_from: str) -> list[tuple]:
-    with contextlib.closing(connect(lake)) as con:
-        return con.execute(
-            f"SELECT ts_start, src_addr, dst_addr, src_vm, dst_vm, {', '.join(NOW)} FROM {sql_from} "
-            "ORDER BY ts_start, src_addr, dst_addr"
-        ).fetchall()
+    answers = []
+    for form in FORMS:
+        with contextlib.closing(connect(lake, stored_facts_from=form)) as con:
+            answers.append(
+                con.execute(
+                    f"SELECT ts_start, src_addr, dst_addr, src_vm, dst_vm, {', '.join(NOW)} FROM {sql_from} "
+                    "ORDER BY ts_start, src_addr, dst_addr"
+                ).fetchall()
+            )
+    assert answers[0] == answers[1]
+    return answers[0]
 
 
 def test_a_rename_a_rebuild_and_a_migration_after_attribution_show_what_the_vm_is_now(tmp_path):
@@ -289,7 +306,7 @@ def test_a_rename_a_rebuild_and_a_migration_after_attribution_show_what_the_vm_i
         "img-1",
         "h1",
     )
-    with contextlib.closing(connect(lake)) as con:
+    with contextlib.closing(connect(lake, stored_facts_from=0)) as con:
         facts_rows, joined_rows = con.execute(
             "SELECT (SELECT count(*) FROM _flows_facts), (SELECT count(*) FROM _flows_to_join)"
         ).fetchone()
