@@ -121,17 +121,20 @@ def _lake(tmp_path: Path) -> Lake:
 FORMS = (0, 10**12)
 
 
-def _view(lake: Lake) -> list[tuple]:
+def _both_forms(lake: Lake, sql: str) -> list[tuple]:
+    """`sql`'s rows, the same from both forms of flows_attributed (FORMS)."""
     answers = []
     for form in FORMS:
         with contextlib.closing(connect(lake, stored_facts_from=form)) as con:
-            answers.append(
-                con.execute(
-                    f"SELECT {', '.join(COLUMNS)} FROM flows_attributed ORDER BY ts_start, src_addr, dst_addr"
-                ).fetchall()
-            )
+            answers.append(con.execute(sql).fetchall())
     assert answers[0] == answers[1]
     return answers[0]
+
+
+def _view(lake: Lake) -> list[tuple]:
+    return _both_forms(
+        lake, f"SELECT {', '.join(COLUMNS)} FROM flows_attributed ORDER BY ts_start, src_addr, dst_addr"
+    )
 
 
 def _plain(lake: Lake) -> list[tuple]:
@@ -277,17 +280,11 @@ def _identity_lake(tmp_path: Path) -> Lake:
 
 
 def _now_rows(lake: Lake, sql_from: str) -> list[tuple]:
-    answers = []
-    for form in FORMS:
-        with contextlib.closing(connect(lake, stored_facts_from=form)) as con:
-            answers.append(
-                con.execute(
-                    f"SELECT ts_start, src_addr, dst_addr, src_vm, dst_vm, {', '.join(NOW)} FROM {sql_from} "
-                    "ORDER BY ts_start, src_addr, dst_addr"
-                ).fetchall()
-            )
-    assert answers[0] == answers[1]
-    return answers[0]
+    return _both_forms(
+        lake,
+        f"SELECT ts_start, src_addr, dst_addr, src_vm, dst_vm, {', '.join(NOW)} FROM {sql_from} "
+        "ORDER BY ts_start, src_addr, dst_addr",
+    )
 
 
 def test_a_rename_a_rebuild_and_a_migration_after_attribution_show_what_the_vm_is_now(tmp_path):
