@@ -14,7 +14,7 @@ import pytest
 from tracepipe import query
 from tracepipe.correlate.attribution import attribute_flows
 from tracepipe.lake import Lake, ingest_table
-from tracepipe.schema import FLOWS, VM_LEASES, VMS
+from tracepipe.schema import FLOWS, VM_FACTS, VM_LEASES, VMS
 
 DAY1 = dt.datetime(2024, 3, 12, tzinfo=dt.UTC)
 DAY2 = dt.datetime(2024, 3, 13, tzinfo=dt.UTC)
@@ -204,9 +204,10 @@ def test_rewrite_keeps_rows_order_sort_and_is_idempotent(lake):
     attribute_flows(lake)
     [path] = [p for p in lake.files("flows") if p.parent == path.parent]  # the day's new file
     first = pq.read_table(path)
-    assert first.drop(["src_vm", "dst_vm", "attributed_at"]).equals(
-        original.drop(["src_vm", "dst_vm", "attributed_at"])
-    )
+    # what attribution sets: each end's VM (and its facts, issue 18 item 4) and when
+    written = ["src_vm", "dst_vm", "attributed_at", "vm_facts_at"]
+    written += [f"{end}_{fact}" for end in ("src", "dst") for fact in VM_FACTS]
+    assert first.drop(written).equals(original.drop(written))
     keys = list(zip(first["src_addr"].to_pylist(), first["ts_start"].to_pylist(), strict=True))
     assert keys == sorted(keys)  # the lake's sort order (src_addr, ts_start) survives
     assert (
@@ -217,7 +218,8 @@ def test_rewrite_keeps_rows_order_sort_and_is_idempotent(lake):
     assert path in done and not todo
     attribute_flows(lake)
     [again] = [p for p in lake.files("flows") if p.parent == path.parent]
-    assert pq.read_table(again).drop(["attributed_at"]).equals(first.drop(["attributed_at"]))
+    stamps = ["attributed_at", "vm_facts_at"]
+    assert pq.read_table(again).drop(stamps).equals(first.drop(stamps))
     assert not list(path.parent.glob("*.tmp"))
 
 

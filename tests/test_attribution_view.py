@@ -116,11 +116,25 @@ def _lake(tmp_path: Path) -> Lake:
     return lake
 
 
+# both forms of flows_attributed: the VM facts stored in flow files (whatever the number of VMs), and the join
+# to every VM (query.STORED_FACTS_FROM_VMS decides between them by the size of vms)
+FORMS = (0, 10**12)
+
+
+def _both_forms(lake: Lake, sql: str) -> list[tuple]:
+    """`sql`'s rows, the same from both forms of flows_attributed (FORMS)."""
+    answers = []
+    for form in FORMS:
+        with contextlib.closing(connect(lake, stored_facts_from=form)) as con:
+            answers.append(con.execute(sql).fetchall())
+    assert answers[0] == answers[1]
+    return answers[0]
+
+
 def _view(lake: Lake) -> list[tuple]:
-    with contextlib.closing(connect(lake)) as con:
-        return con.execute(
-            f"SELECT {', '.join(COLUMNS)} FROM flows_attributed ORDER BY ts_start, src_addr, dst_addr"
-        ).fetchall()
+    return _both_forms(
+        lake, f"SELECT {', '.join(COLUMNS)} FROM flows_attributed ORDER BY ts_start, src_addr, dst_addr"
+    )
 
 
 def _plain(lake: Lake) -> list[tuple]:
@@ -207,3 +221,133 @@ def test_a_key_whose_vms_row_was_lost_keeps_its_flows(tmp_path):
     assert len(rows) == lake.read("flows", columns=["ts_start"]).num_rows == 9
     lost = [r for r in rows if r[1:3] == ("198.51.100.7", "10.0.0.2")]
     assert lost == [(at(1, 1.5), "198.51.100.7", "10.0.0.2", None, "b", *NOBODY, *NOBODY)]
+
+
+# ---- issue 18 item 4: facts stored in the flow files at attribution, overridden for VMs that changed since ----
+IDENTITY = ("vm_name", "project", "user", "hypervisor", "image")
+NOW = [f"{end}_{name}" for end in ("src", "dst") for name in (*IDENTITY, "vm_status")]
+
+
+def _identity_lake(tmp_path: Path) -> Lake:
+    """Four VMs created on day 0, their flows of day 1 attributed (with their facts), then on day 2: b renamed,
+    c rebuilt from another image, e live-migrated to another hypervisor; f unchanged. A second file of day 1's
+    flows is written the way tracepipe wrote them before the fact columns existed (keys, no facts)."""
+    lake = Lake(tmp_path / "lake")
+    vms = {"b": "10.0.0.2", "c": "10.0.0.3", "e": "10.0.0.5", "f": "10.0.0.6"}
+    _events(
+        lake,
+        "create",
+        [
+            {**_create(0.1 * i, vm, addr, f"p{vm}", f"u{vm}"), "image": "img-1"}
+            for i, (vm, addr) in enumerate(vms.items())
+        ],
+    )
+    day = [(addr, "192.0.2.9", at(1, 1 + i)) for i, addr in enumerate(vms.values())]
+    day += [("192.0.2.9", "10.0.0.6", at(1, 6)), ("10.0.0.2", "10.0.0.3", at(1, 7))]
+    ingest_table(lake, "flows", "day1", hash_bytes(b"day1"), [flows_of(day)])
+    attribute_flows(lake, [at(1, 0).strftime("%Y-%m-%d")])
+    # the same flows an hour later, as an older tracepipe attributed them: vm keys, no facts columns at all
+    stored = lake.read("flows").filter(pc.equal(lake.read("flows").column("dst_addr"), "192.0.2.9"))
+    old = pa.schema([f for f in FLOWS if f.name != "vm_facts_at" and not f.name.endswith(IDENTITY)])
+    moved = stored.set_column(
+        0, "ts_start", pc.add(stored.column("ts_start"), pa.scalar(dt.timedelta(hours=12)))
+    )
+    moved = moved.select(old.names).cast(old)
+    write_deltalake(
+        str(lake.root / "flows"),
+        moved.append_column("date", pc.strftime(moved.column("ts_start"), format="%Y-%m-%d")),
+        partition_by=["date"],
+        mode="append",
+        schema_mode="merge",  # the log keeps the table's columns; the file lacks the facts
+    )
+    _events(
+        lake,
+        "changes",
+        [
+            {"ts": at(2, 1), "vm_id": "b", "action": "update", "addrs": [], "vm_name": "b-renamed"},
+            {"ts": at(2, 2), "vm_id": "c", "action": "rebuild", "addrs": [], "image": "img-2"},
+            {
+                "ts": at(2, 3),
+                "vm_id": "e",
+                "action": "migrate",
+                "event_type": "instance.live_migration_post.end",
+                "addrs": [],
+                "hypervisor": "h2",
+            },
+        ],
+    )
+    return lake
+
+
+def _now_rows(lake: Lake, sql_from: str) -> list[tuple]:
+    return _both_forms(
+        lake,
+        f"SELECT ts_start, src_addr, dst_addr, src_vm, dst_vm, {', '.join(NOW)} FROM {sql_from} "
+        "ORDER BY ts_start, src_addr, dst_addr",
+    )
+
+
+def test_a_rename_a_rebuild_and_a_migration_after_attribution_show_what_the_vm_is_now(tmp_path):
+    lake = _identity_lake(tmp_path)
+    vms = {r["vm_id"]: r for r in lake.read("vms").to_pylist()}
+    assert (vms["b"]["vm_name"], vms["c"]["image"], vms["e"]["hypervisor"]) == ("b-renamed", "img-2", "h2")
+    # the lease writer marks exactly the VMs whose identity changed after their first vms row
+    assert {v for v, r in vms.items() if r["identity_changed_at"] is not None} == {"b", "c", "e"}
+    # the attributed file stored what the VMs were then; the view says what they are now
+    stored = lake.read(
+        "flows", columns=["src_vm", "src_vm_name", "src_image", "src_hypervisor", "vm_facts_at"]
+    )
+    then = {r["src_vm"]: r for r in stored.to_pylist() if r["vm_facts_at"] is not None}
+    assert (then["b"]["src_vm_name"], then["c"]["src_image"], then["e"]["src_hypervisor"]) == (
+        "b-name",
+        "img-1",
+        "h1",
+    )
+    with contextlib.closing(connect(lake, stored_facts_from=0)) as con:
+        facts_rows, joined_rows = con.execute(
+            "SELECT (SELECT count(*) FROM _flows_facts), (SELECT count(*) FROM _flows_to_join)"
+        ).fetchone()
+    assert (facts_rows, joined_rows) == (6, 4)  # both forms of the view answer here
+    plain = """(SELECT f.ts_start, f.src_addr, f.dst_addr, f.src_vm, f.dst_vm,
+        s.vm_name AS src_vm_name, s.project AS src_project, s."user" AS src_user, s.hypervisor AS src_hypervisor,
+        s.image AS src_image, s.status AS src_vm_status, d.vm_name AS dst_vm_name, d.project AS dst_project,
+        d."user" AS dst_user, d.hypervisor AS dst_hypervisor, d.image AS dst_image, d.status AS dst_vm_status
+        FROM flows f LEFT JOIN vms s ON f.src_vm = s.vm_id LEFT JOIN vms d ON f.dst_vm = d.vm_id)"""
+    rows = _now_rows(lake, "flows_attributed")
+    assert rows == _now_rows(lake, plain)
+    now = {(r[3], r[4]): r for r in rows if r[0] < at(1, 12)}  # the file with stored facts
+    assert now[("b", None)][5:11] == ("b-renamed", "pb", "ub", "h1", "img-1", "active")
+    assert now[("c", None)][5:11] == ("c-name", "pc", "uc", "h1", "img-2", "active")
+    assert now[("e", None)][5:11] == ("e-name", "pe", "ue", "h2", "img-1", "active")
+    assert now[("f", None)][5:11] == ("f-name", "pf", "uf", "h1", "img-1", "active")
+    assert now[(None, "f")][11:] == ("f-name", "pf", "uf", "h1", "img-1", "active")
+    assert now[("b", "c")][5:] == (
+        "b-renamed",
+        "pb",
+        "ub",
+        "h1",
+        "img-1",
+        "active",
+        "c-name",
+        "pc",
+        "uc",
+        "h1",
+        "img-2",
+        "active",
+    )
+    older = [r for r in rows if r[0] >= at(1, 12)]  # the file without fact columns: joined, same answers
+    assert [r[5:11] for r in older] == [now[(r[3], None)][5:11] for r in older]
+
+
+def test_an_update_that_rewrites_one_vms_file_keeps_the_other_vms_facts(tmp_path):
+    """Regression: the VMs whose identity changed live in vms files of their own; an incremental lease update
+    that rewrites another file (f is powered off) once recorded every key it did not rewrite as lost, which gave the
+    changed VMs no facts and their flows twice (the overlay then held their keys twice)."""
+    lake = _identity_lake(tmp_path)
+    _events(lake, "stop", [{"ts": at(2, 4), "vm_id": "f", "action": "power_off", "addrs": []}])
+    assert lake.commit_infos("vms")[0]["lost_vm_keys"] == []
+    rows = _now_rows(lake, "flows_attributed")
+    assert len(rows) == lake.read("flows", columns=["ts_start"]).num_rows == 10
+    by_src = {r[3]: r for r in rows if r[0] < at(1, 12) and r[4] is None}
+    assert by_src["b"][5] == "b-renamed" and by_src["e"][8] == "h2"
+    assert by_src["f"][10] == "stopped"

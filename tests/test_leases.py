@@ -418,6 +418,9 @@ def _lake_tables(lake) -> tuple[list[dict], list[dict]]:
     vms = lake.read("vms").sort_by([("vm_id", "ascending")])
     # vm_key depends on the order VMs reached the lake, not on the events (tests/test_vm_keys.py)
     vms = vms.set_column(vms.schema.get_field_index("vm_key"), "vm_key", pa.nulls(vms.num_rows, pa.int64()))
+    # so does identity_changed_at: when an update saw a VM's identity change (tests/test_attribution_view.py)
+    column = vms.schema.get_field_index("identity_changed_at")
+    vms = vms.set_column(column, "identity_changed_at", pa.nulls(vms.num_rows, vms.schema.field(column).type))
     return leases.to_pylist(), vms.to_pylist()
 
 

@@ -25,7 +25,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tracepipe.correlate import VMS_COMPLETE
+from tracepipe.correlate import LOST_KEYS, MAX_LOST_KEYS, VMS_COMPLETE
 from tracepipe.errors import EXIT_OK, LakeError, TracepipeError, UsageError
 from tracepipe.lake import FileEntry, Lake
 from tracepipe.schema import DATASETS
@@ -185,12 +185,24 @@ def flow_parts(
     return keyed, [p for p in done if not has_vm_keys(by_path[p])], todo
 
 
-def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> duckdb.DuckDBPyConnection:
+# flows_attributed reads the VM facts stored in flow files (and their overlay) only from this many vms rows on:
+# below, the join to every VM costs less (benchmarks/correlate.py: 100 k VMs 2.25x a plain scan by the join,
+# 3.10x by stored facts; 3 M VMs 6.44x and 2.67x). Both forms give the same rows.
+STORED_FACTS_FROM_VMS = 1_000_000
+
+
+def connect(
+    lake: Lake,
+    read_only: bool = True,
+    threads: int | None = None,
+    stored_facts_from: int = STORED_FACTS_FROM_VMS,
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB session whose views read the lake's Parquet files as they are now.
 
     Views: flows, vm_events, vm_leases, vms, vm_logs, intel, alerts, rejects, flows_attributed; macros from
     sql/macros.sql and who_had from sql/views.sql. With read_only (the default) the session may read only the
-    lake directory and its settings are locked; run user SQL through `run_read_only`.
+    lake directory and its settings are locked; run user SQL through `run_read_only`. `stored_facts_from`: the
+    number of vms rows from which flows_attributed reads the VM facts stored in flow files (same rows).
     """
     lake.require(allow_empty=True)
     con = duckdb.connect(":memory:")
@@ -210,10 +222,30 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
         con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {scan_sql(name, entries)}')
     keyed, done, todo = flow_parts(lake, flow_entries)
     by_path = {e.path: e for e in flow_entries}  # the log's entries: scan_sql reads no footer for them
+    many = sum(e.rows for e in lake.entries("vms")) >= stored_facts_from
+    lost = lost_vm_keys(lake) if keyed and many else None
+    facts = [p for p in keyed if has_vm_facts(by_path[p])] if lost is not None else []
+    keyed = [p for p in keyed if p not in set(facts)]
+    con.execute(f"CREATE OR REPLACE VIEW _flows_facts AS {scan_sql('flows', [by_path[p] for p in facts])}")
+    # the vms files that hold a VM whose identity changed (the log's null counts; the lease writer keeps those
+    # VMs in files of their own): what flows_attributed's overlay reads, not every VM
+    changed = [e for e in lake.entries("vms") if e.null_counts.get("identity_changed_at") != e.rows]
+    con.execute(f"CREATE OR REPLACE VIEW _vms_changed AS {scan_sql('vms', changed)}")
     con.execute(f"CREATE OR REPLACE VIEW _flows_keyed AS {scan_sql('flows', [by_path[p] for p in keyed])}")
     con.execute(f"CREATE OR REPLACE VIEW _flows_done AS {scan_sql('flows', [by_path[p] for p in done])}")
     con.execute(f"CREATE OR REPLACE VIEW _flows_todo AS {scan_sql('flows', [by_path[p] for p in todo])}")
+    status = VmStatus([e.path for e in lake.entries("vms")])
+    con.create_function(
+        "vm_status", status, ["BIGINT"], "VARCHAR", type="arrow", null_handling="special", side_effects=False
+    )
     con.execute(sql_text("views"))
+    if lost:
+        ranges = " UNION ALL ".join(f"SELECT range AS vm_key FROM range({a}, {b + 1})" for a, b in lost)
+        con.execute(f"CREATE OR REPLACE VIEW _vm_lost_keys AS {ranges}")
+    if facts and not (keyed or done or todo):
+        # every file carries its VMs' facts (the usual lake once attributed): without the joined half, which
+        # DuckDB plans and runs even when it reads no file (a scan of vms per join: 0.2x a flows scan at 3 M VMs)
+        con.execute("CREATE OR REPLACE VIEW flows_attributed AS SELECT * FROM _flows_facts_now")
     if not vm_info_plain(lake):
         con.execute(sql_text("vm_info_from_leases"))  # leases not written by the builder: see that file
     if read_only:
@@ -236,6 +268,93 @@ def connect(lake: Lake, read_only: bool = True, threads: int | None = None) -> d
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
+
+
+def has_vm_facts(entry: FileEntry) -> bool:
+    """A flow file whose every row was attributed with its VMs' facts (vm_facts_at set: attribution copied them
+    from vms), by the log's null count; files attributed before the columns existed, or compacted from such
+    files, have nulls (or no statistics) there: flows_attributed joins those to vms."""
+    return entry.rows > 0 and entry.null_counts.get("vm_facts_at") == 0
+
+
+def lost_vm_keys(lake: Lake) -> list[tuple[int, int]] | None:
+    """The key ranges below the vm_key counter that no vms row holds, as the lease writer recorded them with its
+    last vms commit (correlate/vm_keys.py LOST_KEYS); None when the last vms commit did not record them (written
+    by an older tracepipe, a compaction or a repair, or too many): then flows_attributed joins every file to vms,
+    as stored facts cannot tell which keys vms lost."""
+    ranges = next(iter(lake.commit_infos("vms")), {}).get(LOST_KEYS)
+    if not isinstance(ranges, list):
+        return None
+    try:
+        out = [(int(a), int(b)) for a, b in ranges]
+    except (TypeError, ValueError):
+        return None  # not what the writer records (a hand-edited log): do not trust it
+    if sum(b - a + 1 for a, b in out) > MAX_LOST_KEYS or any(a < 1 or b < a for a, b in out):
+        return None
+    return out
+
+
+class VmStatus:
+    """vm_status(vm_key) for DuckDB (an Arrow function): each key's vms.status now, null where vms has no such
+    key. Built on the first call from the vms files of the session's snapshot (an array indexed by key, as
+    vm_keys are dense; else the keys sorted once and searched), so a query that reads no status never pays for
+    it: DuckDB drops unused function calls, where it keeps a LEFT join to vms (issue 18 item 4)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.keys: Any = None
+        self.codes: Any = None
+        self.dense: Any = None
+        self.statuses: pa.Array | None = None
+
+    def _build(self) -> None:
+        import numpy as np
+        import pyarrow.compute as pc
+
+        from tracepipe.lake import conform
+        from tracepipe.schema import VMS
+
+        schema = pa.schema([VMS.field("vm_key"), VMS.field("status")])
+        tables = [
+            conform(
+                pq.read_table(p, columns=[c for c in schema.names if c in pq.read_schema(p).names]), schema
+            )
+            for p in self.paths
+        ]
+        table = pa.concat_tables(tables) if tables else schema.empty_table()
+        table = table.filter(pc.is_valid(table.column("vm_key")))
+        encoded = table.column("status").combine_chunks().dictionary_encode()
+        keys = table.column("vm_key").to_numpy()
+        codes = pc.fill_null(encoded.indices, -1).to_numpy().astype(np.int32)
+        self.statuses = encoded.dictionary
+        if len(keys) and 0 <= keys.min() and keys.max() < 2 * len(keys) + 1024:
+            # vm_keys are dense (a counter): the key is the index of an array of codes
+            self.dense = np.full(int(keys.max()) + 1, -1, np.int32)
+            self.dense[keys[::-1]] = codes[::-1]  # a key listed twice (a planted file): its first row
+            return
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        self.codes = codes[order]
+
+    def __call__(self, keys: pa.Array) -> pa.Array:
+        import numpy as np
+        import pyarrow.compute as pc
+
+        if self.statuses is None:
+            self._build()
+        assert self.statuses is not None
+        if keys.null_count == len(keys):  # flows from addresses nobody held: most of a border's traffic
+            return pa.nulls(len(keys), pa.string())
+        wanted = pc.fill_null(keys, -1).to_numpy(zero_copy_only=False)
+        if self.dense is not None:
+            inside = (wanted >= 0) & (wanted < len(self.dense))
+            codes = np.where(inside, self.dense[np.where(inside, wanted, 0)], -1)
+        elif len(self.keys) == 0:
+            return pa.nulls(len(keys), pa.string())
+        else:
+            at = np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)
+            codes = np.where(self.keys[at] == wanted, self.codes[at], -1)
+        return self.statuses.take(pa.array(codes, mask=codes < 0))
 
 
 def vms_complete(lake: Lake) -> bool:

@@ -13,6 +13,10 @@ import pyarrow as pa
 
 TS = pa.timestamp("us", tz="UTC")
 
+# The VM identity facts attribution copies into flow files (FLOWS src_<fact>/dst_<fact>) from vms: what names
+# a VM; its status, deletion and quarantine change for every VM and are always read from vms
+VM_FACTS = ("vm_name", "project", "user", "hypervisor", "image")
+
 FLOWS = pa.schema(
     [
         pa.field("ts_start", TS, nullable=False),
@@ -83,6 +87,12 @@ FLOWS = pa.schema(
         # attributed before the column existed (the view then joins on src_vm/dst_vm)
         pa.field("src_vm_key", pa.int64()),
         pa.field("dst_vm_key", pa.int64()),
+        # issue 18 item 4: each end's VM identity as vms held it when the file was attributed (vm_facts_at set),
+        # so that flows_attributed need not join 3 M vms rows per end on every query. What a VM is NOW is
+        # flows_attributed's: it overrides these from vms for the VMs whose identity changed since
+        # (vms.identity_changed_at); read them there, not here. Null in files attributed before they existed
+        *(pa.field(f"{end}_{fact}", pa.string()) for end in ("src", "dst") for fact in VM_FACTS),
+        pa.field("vm_facts_at", TS),  # when the facts above were copied from vms; null: not stored, joined
     ]
 )
 
@@ -219,6 +229,10 @@ VMS = pa.schema(
         # issue 18: a dense integer per VM, assigned once and kept forever (correlate/vm_keys.py); flow files
         # carry it as src_vm_key/dst_vm_key. Null in rows written before the column existed
         pa.field("vm_key", pa.int64()),
+        # issue 18 item 4: when one of VM_FACTS of this VM first changed after its first vms row (a chown, a
+        # rename, a rebuild's image, a migration's hypervisor); null = never. flows_attributed takes those VMs'
+        # facts from here instead of what flow files stored at attribution (correlate/vm_keys.py sets it)
+        pa.field("identity_changed_at", TS),
     ]
 )
 

@@ -374,6 +374,7 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
             "last_event_at": _timestamps([vm.last_event_at for vm in vms]),
             "image": [vm.image for vm in vms],
             "vm_key": [None] * len(vms),  # assigned when the lease writer commits vms (correlate/vm_keys.py)
+            "identity_changed_at": _timestamps([None] * len(vms)),  # so is this one
         },
         schema=VMS,
     )

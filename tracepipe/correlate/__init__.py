@@ -13,3 +13,9 @@ the collector's committer, a sweep) then calls `correlate.attribution.attribute_
 # way gets sql/vm_info_from_leases.sql, which also takes VMs from vm_leases. Here, not in leases.py: query.py
 # reads it without importing polars.
 VMS_COMPLETE = "vms_hold_every_lease_vm"
+# recorded with each vms commit that the lease writer makes (correlate/vm_keys.py): the vm_key ranges
+# [[first, last], ...] below the counter that no vms row holds, so that flows_attributed gives flows carrying such
+# a key no facts, as a join to vms would (query.lost_vm_keys). More than MAX_LOST_KEYS keys (only a damaged or
+# planted lake) and the commit records none: every flow file is then joined to vms.
+LOST_KEYS = "lost_vm_keys"
+MAX_LOST_KEYS = 100_000

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from tracepipe.correlate.lease_at import LeaseIndex, lease_index, read_leases
+from tracepipe.correlate.lease_at import FACT_PREFIX, LeaseIndex, lease_index, read_leases
 from tracepipe.errors import EXIT_ATTRIBUTION, EXIT_OK, AttributionError, LakeError, TracepipeError
 from tracepipe.lake import Lake, conform
 from tracepipe.schema import VM_LOGS
@@ -61,27 +62,49 @@ def attribute_table(
 ) -> pa.Table | pa.RecordBatch:
     """`flows` with src_vm / dst_vm set from the lease index and attributed_at = `when` (default now); every
     other column untouched. An index built with vm keys (lease_index(..., vm_keys=True)) also sets
-    src_vm_key / dst_vm_key, the VMs' vms.vm_key that flows_attributed joins on (null where vms has none)."""
+    src_vm_key / dst_vm_key, the VMs' vms.vm_key that flows_attributed joins on (null where vms has none), and
+    each end's identity facts as vms holds them now (src_vm_name, src_project, ... : schema.VM_FACTS) with
+    vm_facts_at = `when`: flows_attributed reads them instead of joining every VM (issue 18 item 4)."""
     wanted = ["vm_id", "vm_key"] if "vm_key" in index.leases.column_names else ["vm_id"]
-    src = index.lookup(flows.column("src_addr"), flows.column("ts_start"), wanted)
-    dst = index.lookup(flows.column("dst_addr"), flows.column("ts_start"), wanted)
+    facts = [c for c in index.leases.column_names if c.startswith(FACT_PREFIX)]
     stamp = pa.array([when or dt.datetime.now(dt.UTC)], pa.timestamp("us", tz="UTC")).take(
         pa.array(np.zeros(len(flows), np.int32))
     )
-    columns = {
-        "src_vm": src.column("vm_id").combine_chunks(),
-        "dst_vm": dst.column("vm_id").combine_chunks(),
-        "attributed_at": stamp,
-    }
-    if "vm_key" in wanted:
-        columns["src_vm_key"] = src.column("vm_key").combine_chunks()
-        columns["dst_vm_key"] = dst.column("vm_key").combine_chunks()
+    columns: dict[str, pa.Array] = {"attributed_at": stamp}
+    for end in ("src", "dst"):
+        rows = index.rows(flows.column(f"{end}_addr"), flows.column("ts_start"))
+        found = index.leases.select(wanted).take(rows)
+        columns[f"{end}_vm"] = found.column("vm_id").combine_chunks()
+        if "vm_key" in wanted:
+            columns[f"{end}_vm_key"] = found.column("vm_key").combine_chunks()
+        if facts:
+            for name, values in used_facts(rows, index.leases.select(facts)).items():
+                columns[f"{end}_{name.removeprefix(FACT_PREFIX)}"] = values
+    if facts:
+        columns["vm_facts_at"] = stamp
     for name, values in columns.items():
         if name in flows.schema.names:
             flows = flows.set_column(flows.schema.names.index(name), name, values)
         else:
             flows = flows.append_column(name, values)
     return flows
+
+
+def used_facts(rows: pa.Array, facts: pa.Table) -> dict[str, pa.Array]:
+    """Each of `facts` (dictionary columns, one row per lease: vm_keys.vms_of) at `rows` (a lease row per
+    flow, null: none), as dictionary arrays whose dictionary holds only the values these flows use: the flow
+    file then stores a dictionary of a day's VMs, not of every VM. Hashes integers only, once per distinct
+    lease of the batch; strings are copied once per distinct value."""
+    per_flow = pc.dictionary_encode(rows)  # distinct leases of the batch, and which one each flow has
+    used = per_flow.dictionary
+    out = {}
+    for name in facts.column_names:
+        column = facts.column(name)
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        codes = pc.dictionary_encode(column.indices.take(used))  # the distinct values these leases have
+        indices = codes.indices.take(per_flow.indices).cast(pa.int32())
+        out[name] = pa.DictionaryArray.from_arrays(indices, column.dictionary.take(codes.dictionary))
+    return out
 
 
 def attribute_flows(

@@ -25,6 +25,8 @@ import pyarrow.compute as pc
 from tracepipe.schema import VM_LEASES
 
 _NEVER = np.iinfo(np.int64).max  # valid_to of a lease still held
+# LeaseIndex columns holding each lease's VM's identity facts, schema.VM_FACTS (lease_index(..., vm_keys=True))
+FACT_PREFIX = "fact_"
 _CACHE_KEYS = 1 << 18  # more leases than this (2 MiB of keys) and queries are searched in sorted order
 if TYPE_CHECKING:  # polars is imported by who uses it: `ingest netflow` into a lake without leases never does
     import polars as pl
@@ -152,10 +154,15 @@ def read_leases(
 
 def lease_index(lake: Any, addresses: Iterable[str] | None = None, vm_keys: bool = False) -> LeaseIndex:
     """The lake's vm_leases (or the rows of some addresses) as a LeaseIndex; with `vm_keys`, each lease also
-    carries its VM's vms.vm_key (lookup(..., ["vm_id", "vm_key"]): what attribution writes into flow files)."""
+    carries its VM's vms.vm_key and identity facts (vm_key, fact_<name> for schema.VM_FACTS: what attribution
+    writes into flow files, attribution.attribute_table)."""
     leases = read_leases(lake, addresses, ["addr", "vm_id", "valid_from", "valid_to"])
     if vm_keys:
-        from tracepipe.correlate.vm_keys import keys_of
+        from tracepipe.correlate.vm_keys import vms_of
+        from tracepipe.schema import VM_FACTS
 
-        leases = leases.append_column("vm_key", keys_of(lake, leases.column("vm_id")))
+        of_vm = vms_of(lake, leases.column("vm_id"), ["vm_key", *VM_FACTS])
+        for name in of_vm.column_names:
+            column = name if name == "vm_key" else FACT_PREFIX + name
+            leases = leases.append_column(column, of_vm.column(name))
     return LeaseIndex(leases)

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tracepipe.correlate import VMS_COMPLETE
-from tracepipe.correlate.vm_keys import keyed_vms
+from tracepipe.correlate.vm_keys import keyed_vms, lost_keys_info
 from tracepipe.fsutil import write_atomic
 from tracepipe.lake import conform
 from tracepipe.schema import VM_EVENTS, VM_LEASES, VMS
@@ -1149,8 +1149,8 @@ def _vms_table(
             columns[name] = events.column(name).take(rows.gather(at).to_arrow()).combine_chunks()
         elif name == "status":
             columns[name] = _arrow_text(facts.get_column("status"))
-        elif name == "vm_key":
-            columns[name] = pa.nulls(facts.height, pa.int64())
+        elif name in ("vm_key", "identity_changed_at"):  # set when written: vm_keys.keyed_vms
+            columns[name] = pa.nulls(facts.height, VMS.field(name).type)
         else:
             columns[name] = _arrow_time(facts.get_column(name))
     return pa.table(columns, schema=VMS)
@@ -1297,8 +1297,13 @@ def _chunks(table: pa.Table, name: str) -> list[pa.Table]:
     parts = [
         (p, _SETTLED_TIME[name]) for p in frame.filter(settled).partition_by(status, maintain_order=True)
     ]
+    parts.append((frame.filter(~settled), _TIME_OF[name]))
+    if name == "vms":
+        # VMs whose identity changed apart too: flows_attributed reads only their files (query.connect)
+        changed = pl.col("identity_changed_at").is_not_null()
+        parts = [(p.filter(c), by) for p, by in parts for c in (~changed, changed)]
     out = []
-    for part, by in [*parts, (frame.filter(~settled), _TIME_OF[name])]:
+    for part, by in parts:
         part = part.sort(by, nulls_last=True)
         for i in range(0, part.height, FILE_ROWS):
             out.append(part.slice(i, FILE_ROWS).sort(_KEY_OF[name]).to_arrow().cast(table.schema))
@@ -1308,7 +1313,9 @@ def _chunks(table: pa.Table, name: str) -> list[pa.Table]:
 def write_derived(lake: Any, name: str, table: pa.Table, info: dict[str, Any]) -> int:
     """Replace the whole of vm_leases or vms by `table`, in the layout of FILE_ROWS, in one commit; its version."""
     with lake.lock(name):
-        table = keyed_vms(lake, table, lake.entries(name)) if name == "vms" else table
+        if name == "vms":
+            table = keyed_vms(lake, table, lake.entries(name))
+            info = {**info, **lost_keys_info(lake, table)}
         return lake.replace_files(name, lake.entries(name), _chunks(table, name), info, ROW_GROUP_ROWS)
 
 
@@ -1571,7 +1578,13 @@ def _update_files(
         _partition_days(lake),
     )
     new_vms = keyed_vms(lake, new_vms, [vm_entries[i] for i in vm_files])
-    lake.replace_files("vms", [vm_entries[i] for i in vm_files], _chunks(new_vms, "vms"), {}, ROW_GROUP_ROWS)
+    lake.replace_files(
+        "vms",
+        [vm_entries[i] for i in vm_files],
+        _chunks(new_vms, "vms"),
+        lost_keys_info(lake, new_vms, [e for i, e in enumerate(vm_entries) if i not in set(vm_files)]),
+        ROW_GROUP_ROWS,
+    )
     built = lake.replace_files(
         "vm_leases",
         [lease_entries[i] for i in lease_files],

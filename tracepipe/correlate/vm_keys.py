@@ -9,24 +9,37 @@ and sql/views.sql joins vms on it. That is only right if a key always means the 
     out again, even if the VM's row was lost); new VMs are numbered in (created_at, vm_id) order;
   * keys come from that counter, never from a VM's id or name: whatever ids or names a tenant chooses, two VMs
     never share a key. Should a planted vms file give two VMs one key, the first (created_at, vm_id) keeps it.
+
+Attribution also copies each VM's identity (schema.VM_FACTS) into the flow files (issue 18 item 4), and the same
+commit of vms rows keeps what flows_attributed needs to say what a VM is NOW:
+  * identity_changed_at: set (once, kept) when one of a VM's VM_FACTS differs from its previous vms row;
+    flows_attributed takes those VMs' facts from vms instead of from the flow files;
+  * the commit records the keys below the counter that no vms row holds (LOST_KEYS: a row lost to a repair, a
+    planted duplicate renumbered): flows carrying them get no facts, as a LEFT join to vms would give.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tracepipe.correlate import LOST_KEYS, MAX_LOST_KEYS
 from tracepipe.lake import conform
-from tracepipe.schema import VMS
+from tracepipe.schema import VM_FACTS, VMS
 
 FIRST_KEY = 1
 # keys above this are none of ours (a planted file): ignored, so that the counter never overflows int64 and a
 # lease update never fails on them (a year at CERN is ~3 M VMs: 2**40 lasts)
 MAX_KEY = 2**40
 _KEYS = pa.schema([VMS.field("vm_id"), VMS.field("vm_key")])
+# what keyed_vms reads back from the rows it replaces
+_KEY_ONLY = pa.schema([VMS.field("vm_key")])
+_PREVIOUS = pa.schema([VMS.field(n) for n in ("vm_id", "vm_key", *VM_FACTS, "identity_changed_at")])
 
 
 def assign_vm_keys(vms: pa.Table, known: pa.Table, next_key: int) -> pa.Table:
@@ -91,26 +104,111 @@ def next_vm_key(lake: Any) -> int:
 def keyed_vms(lake: Any, vms: pa.Table, replaced: list[Any]) -> pa.Table:
     """`vms` with vm_key set, for the commit that replaces the vms files `replaced` by these rows (the lease
     writer calls it under the vms lock): each VM keeps the key those files gave it, new VMs get new ones."""
-    known = [conform(pq.read_table(e.path, columns=_present(e.path)), _KEYS) for e in replaced]
-    known_table = pa.concat_tables(known) if known else _KEYS.empty_table()
-    return assign_vm_keys(vms, known_table, next_vm_key(lake))
+    known = [conform(pq.read_table(e.path, columns=_present(e.path, _PREVIOUS)), _PREVIOUS) for e in replaced]
+    previous = pa.concat_tables(known) if known else _PREVIOUS.empty_table()
+    keyed = assign_vm_keys(vms, previous.select(_KEYS.names), next_vm_key(lake))
+    return with_identity_changes(keyed, previous)
+
+
+def with_identity_changes(vms: pa.Table, previous: pa.Table, now: dt.datetime | None = None) -> pa.Table:
+    """`vms` (schema.VMS) with identity_changed_at: the previous row's when it had one, else `now` where one of
+    VM_FACTS differs from the VM's `previous` row (null-safe: a fact learnt later counts as a change, since flows
+    attributed before may hold the null), else null (a new VM, or nothing changed)."""
+    stamp = now or dt.datetime.now(dt.UTC)
+    old = pl.from_arrow(conform(previous, _PREVIOUS).drop(["vm_key"]))
+    new = pl.from_arrow(conform(vms, VMS).select(["vm_id", *VM_FACTS]))
+    assert isinstance(old, pl.DataFrame) and isinstance(new, pl.DataFrame)
+    old = old.unique("vm_id", keep="first", maintain_order=True).rename(
+        lambda c: c if c == "vm_id" else f"_old_{c}"
+    )
+    old = old.with_columns(pl.lit(True).alias("_old_seen"))
+    joined = new.join(old, on="vm_id", how="left", maintain_order="left")
+    seen = pl.col("_old_seen").fill_null(False)
+    differs = pl.any_horizontal([pl.col(f).ne_missing(pl.col(f"_old_{f}")) for f in VM_FACTS])
+    changed = (
+        pl.when(pl.col("_old_identity_changed_at").is_not_null())
+        .then(pl.col("_old_identity_changed_at"))
+        .when(seen & differs)
+        .then(pl.lit(stamp, pl.Datetime("us", "UTC")))
+        .otherwise(None)
+    )
+    values = joined.select(changed.alias("identity_changed_at")).to_series().to_arrow()
+    table = conform(vms, VMS)
+    column = table.schema.get_field_index("identity_changed_at")
+    return table.set_column(
+        column, VMS.field("identity_changed_at"), values.cast(VMS.field("identity_changed_at").type)
+    )
+
+
+def lost_keys(vms: pa.Table, below: int) -> list[list[int]] | None:
+    """Ranges [first, last] of the keys from FIRST_KEY up to `below` (exclusive) that no row of `vms` holds:
+    keys that flow files may carry for a VM vms no longer has. None when there are more than MAX_LOST_KEYS."""
+    keys = _sorted_keys(vms.column("vm_key"))
+    keys = keys[(keys >= FIRST_KEY) & (keys < below)]
+    bounds = np.concatenate([[FIRST_KEY - 1], keys, [below]])
+    gaps = np.flatnonzero(np.diff(bounds) > 1)
+    if int((np.diff(bounds)[gaps] - 1).sum()) > MAX_LOST_KEYS:
+        return None
+    return [[int(bounds[i]) + 1, int(bounds[i + 1]) - 1] for i in gaps]
+
+
+def lost_keys_info(lake: Any, vms: pa.Table, kept: list[Any] = ()) -> dict[str, Any]:
+    """The vms commit info for a commit that writes `vms` (keyed_vms' rows) and keeps the vms files `kept`
+    (an incremental update rewrites a few): LOST_KEYS below the counter, over the rows of both."""
+    held = [vms.select(["vm_key"])]
+    held += [conform(pq.read_table(e.path, columns=_present(e.path, _KEY_ONLY)), _KEY_ONLY) for e in kept]
+    keys = pa.concat_tables(held).column("vm_key")
+    top = _max_of(keys)
+    below = max(next_vm_key(lake), top + 1 if top is not None else FIRST_KEY)
+    return {LOST_KEYS: lost_keys(pa.table({"vm_key": keys}), below)}
+
+
+def _max_of(column: pa.ChunkedArray) -> int | None:
+    import pyarrow.compute as pc
+
+    value = pc.max(column).as_py()
+    return None if value is None else int(value)
+
+
+def _sorted_keys(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """The distinct non-null values of an integer column, sorted, as int64."""
+    import pyarrow.compute as pc
+
+    return np.unique(np.asarray(pc.drop_null(column).to_numpy(), np.int64))
 
 
 def keys_of(lake: Any, vm_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
     """The vm_key of each of `vm_ids` (null where vms has no key for it: a VM only vm_leases names, or vms
     written before keys existed, until the lease writer commits vms again)."""
+    return vms_of(lake, vm_ids, ["vm_key"]).column("vm_key").combine_chunks()
+
+
+def vms_of(lake: Any, vm_ids: pa.Array | pa.ChunkedArray, columns: list[str]) -> pa.Table:
+    """`columns` of vms for each of `vm_ids` (one row each, nulls where vms has no row). Text columns come
+    dictionary-encoded over vms' distinct values: taking rows of them per flow moves 4-byte indices."""
     import pyarrow.compute as pc
 
-    entries = lake.entries("vms")
-    tables = [conform(pq.read_table(e.path, columns=_present(e.path)), _KEYS) for e in entries]
-    known = pa.concat_tables(tables) if tables else _KEYS.empty_table()
+    schema = pa.schema([VMS.field("vm_id"), *(VMS.field(c) for c in columns)])
+    tables = [
+        conform(pq.read_table(e.path, columns=_present(e.path, schema)), schema) for e in lake.entries("vms")
+    ]
+    known = pa.concat_tables(tables) if tables else schema.empty_table()
     if isinstance(vm_ids, pa.ChunkedArray):
         vm_ids = vm_ids.combine_chunks()
     rows = pc.index_in(vm_ids, value_set=known.column("vm_id").combine_chunks())
-    return known.column("vm_key").combine_chunks().take(rows)
+    out = {}
+    for name in columns:
+        column = known.column(name).combine_chunks()
+        if pa.types.is_string(column.type):
+            # hashed once per VM here, so that attribution hashes integers per batch, not strings
+            encoded = column.dictionary_encode()
+            out[name] = pa.DictionaryArray.from_arrays(encoded.indices.take(rows), encoded.dictionary)
+        else:
+            out[name] = column.take(rows)
+    return pa.table(out)
 
 
-def _present(path: Any) -> list[str]:
-    """vm_id, and vm_key when the file has it (files written before the column existed do not)."""
+def _present(path: Any, schema: pa.Schema = _KEYS) -> list[str]:
+    """The columns of `schema` the file has (files written before a column existed do not)."""
     names = pq.read_schema(path).names
-    return [c for c in _KEYS.names if c in names]
+    return [c for c in schema.names if c in names]

@@ -444,6 +444,7 @@ class SparkEngine:
             self.spark.table("flows") if todo is None else read_files(self.spark, "flows", base, todo)
         )
         todo_frame.createOrReplaceTempView("_flows_todo")
+        self.spark.table("vms").createOrReplaceTempView("_vms_changed")  # all of vms: views.sql filters it
         self.macros: set[str] = set()
         views_sql = sql_text("views")
         self.table_macros = {**parse_table_macros(sql_text("macros")), **parse_table_macros(views_sql)}
@@ -454,6 +455,13 @@ class SparkEngine:
             replacing = {
                 s.this.name: s for s in sqlglot.parse(sql_text("vm_info_from_leases"), read="duckdb")
             }
+        # flows_attributed's stored-facts half (views.sql _flows_facts_now) reads DuckDB's vm_status function:
+        # on Spark the files with stored facts are read with the other keyed ones (flow_parts puts them in
+        # _flows_keyed) and joined to vms, the same rows
+        replacing["_flows_facts_now"] = sqlglot.parse_one(
+            "CREATE OR REPLACE VIEW _flows_facts_now AS SELECT * FROM _flows_joined WHERE false",
+            read="duckdb",
+        )
         for statement in parse_bundled(views_sql):
             if isinstance(statement, exp.Create) and str(statement.args.get("kind", "")).upper() == "VIEW":
                 self._create_view(replacing.get(statement.this.name, statement))

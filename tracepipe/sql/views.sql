@@ -1,7 +1,9 @@
 -- Views over the base relations that query.connect() creates from the lake (flows, vm_leases, vms, ...,
--- and the three parts of flows: _flows_keyed = files attributed with vm keys (src_vm_key/dst_vm_key, see
--- tracepipe/correlate/vm_keys.py), _flows_done = other attributed files (older ones, attributed before keys
--- existed or from vms without keys), _flows_todo = files never attributed).
+-- _vms_changed = the vms files holding VMs whose identity changed,
+-- and the four parts of flows: _flows_facts = files attributed with vm keys and the VMs' facts (see
+-- flows_attributed), _flows_keyed = files attributed with vm keys (src_vm_key/dst_vm_key, see
+-- tracepipe/correlate/vm_keys.py) only, _flows_done = other attributed files (older ones, attributed before keys
+-- existed or from vms without keys), _flows_todo = files never attributed), and the function vm_status(key).
 
 -- What each VM is now: a plain read of vms. The lease builder (tracepipe/correlate/leases.py) writes a vms row
 -- with its vm_key for every VM that holds a lease; for a lake whose leases were written some other way, or whose
@@ -32,19 +34,58 @@ FROM _flows_resolved f
 LEFT JOIN _vm_info s ON f.src_vm = s.vm_id
 LEFT JOIN _vm_info d ON f.dst_vm = d.vm_id;
 
--- Both ends of every flow with the VM whose lease was valid at ts_start. What the VM is (name, project, owner,
--- status) comes from _vm_info, never from the flow files: an OpenNebula chown moves a VM to another owner and
--- group, and status changes. Joined on the integer vm_key (correlate/vm_keys.py: one VM per key, every
--- _vm_info row has one): a hash join on 3 M integers per end, not on 3 M text ids (issue 18).
-CREATE OR REPLACE VIEW flows_attributed AS
-SELECT f.*,
+-- Both ends of every flow with the VM whose lease was valid at ts_start, and what that VM is NOW (name, project,
+-- owner, hypervisor, status, image): an OpenNebula chown moves a VM to another owner and group, status changes.
+-- Two forms, same rows (tests/test_attribution_view.py holds them to the plain definition):
+
+-- Files attributed without stored facts (and the rows resolved or rekeyed above) join _vm_info on the integer
+-- vm_key (correlate/vm_keys.py: one VM per key, every _vm_info row has one): a hash join on every VM per end.
+CREATE OR REPLACE VIEW _flows_to_join AS
+SELECT * FROM _flows_keyed UNION ALL BY NAME SELECT * FROM _flows_rekeyed;
+
+CREATE OR REPLACE VIEW _flows_joined AS
+SELECT f.* EXCLUDE (src_vm_name, src_project, src_user, src_hypervisor, src_image, dst_vm_name, dst_project, dst_user, dst_hypervisor, dst_image),
        s.vm_name AS src_vm_name, s.project AS src_project, s."user" AS src_user,
        s.hypervisor AS src_hypervisor, s.status AS src_vm_status, s.image AS src_image,
        d.vm_name AS dst_vm_name, d.project AS dst_project, d."user" AS dst_user,
        d.hypervisor AS dst_hypervisor, d.status AS dst_vm_status, d.image AS dst_image
-FROM (SELECT * FROM _flows_keyed UNION ALL BY NAME SELECT * FROM _flows_rekeyed) f
+FROM _flows_to_join f
 LEFT JOIN _vm_info s ON f.src_vm_key = s.vm_key
 LEFT JOIN _vm_info d ON f.dst_vm_key = d.vm_key;
+
+-- Files attributed with the VMs' facts (_flows_facts, issue 18 item 4): joining every VM per end on every query
+-- cost 4 plain scans at 3 M VMs, so attribution copied each VM's identity from vms into the file, and only the
+-- VMs whose identity changed since their first vms row (vms.identity_changed_at: a chown, a rename, a rebuild,
+-- a migration) are looked up, in a small overlay; keys vms no longer holds (_vm_lost_keys, from the last vms
+-- commit) get no facts, as the join gives. Status changes for every VM (each deletion), so it is never stored:
+-- vm_status(key) reads it from vms (query.connect), and DuckDB drops the call when a query does not use it.
+CREATE OR REPLACE VIEW _vm_lost_keys AS SELECT CAST(NULL AS BIGINT) AS vm_key WHERE false;
+
+CREATE OR REPLACE VIEW _vm_overlay AS
+SELECT vm_key, vm_name, project, "user", hypervisor, image FROM _vms_changed WHERE identity_changed_at IS NOT NULL
+UNION ALL BY NAME
+SELECT vm_key FROM _vm_lost_keys;
+
+CREATE OR REPLACE VIEW _flows_facts_now AS
+SELECT f.* EXCLUDE (src_vm_name, src_project, src_user, src_hypervisor, src_image, dst_vm_name, dst_project, dst_user, dst_hypervisor, dst_image),
+       CASE WHEN s.vm_key IS NULL THEN f.src_vm_name ELSE s.vm_name END AS src_vm_name,
+       CASE WHEN s.vm_key IS NULL THEN f.src_project ELSE s.project END AS src_project,
+       CASE WHEN s.vm_key IS NULL THEN f.src_user ELSE s."user" END AS src_user,
+       CASE WHEN s.vm_key IS NULL THEN f.src_hypervisor ELSE s.hypervisor END AS src_hypervisor,
+       vm_status(f.src_vm_key) AS src_vm_status,
+       CASE WHEN s.vm_key IS NULL THEN f.src_image ELSE s.image END AS src_image,
+       CASE WHEN d.vm_key IS NULL THEN f.dst_vm_name ELSE d.vm_name END AS dst_vm_name,
+       CASE WHEN d.vm_key IS NULL THEN f.dst_project ELSE d.project END AS dst_project,
+       CASE WHEN d.vm_key IS NULL THEN f.dst_user ELSE d."user" END AS dst_user,
+       CASE WHEN d.vm_key IS NULL THEN f.dst_hypervisor ELSE d.hypervisor END AS dst_hypervisor,
+       vm_status(f.dst_vm_key) AS dst_vm_status,
+       CASE WHEN d.vm_key IS NULL THEN f.dst_image ELSE d.image END AS dst_image
+FROM _flows_facts f
+LEFT JOIN _vm_overlay s ON f.src_vm_key = s.vm_key
+LEFT JOIN _vm_overlay d ON f.dst_vm_key = d.vm_key;
+
+CREATE OR REPLACE VIEW flows_attributed AS
+SELECT * FROM _flows_facts_now UNION ALL BY NAME SELECT * FROM _flows_joined;
 
 -- who_had('10.0.0.5', TIMESTAMPTZ '2024-03-12 07:30:00+00'): the lease(s) valid then (same half-open intervals
 -- as lease_at; more than one row only if a planted file made leases overlap), with what the VM is now (image:
