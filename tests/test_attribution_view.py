@@ -351,3 +351,113 @@ def test_an_update_that_rewrites_one_vms_file_keeps_the_other_vms_facts(tmp_path
     by_src = {r[3]: r for r in rows if r[0] < at(1, 12) and r[4] is None}
     assert by_src["b"][5] == "b-renamed" and by_src["e"][8] == "h2"
     assert by_src["f"][10] == "stopped"
+
+
+# ---- the review of session 8: what a hand-edited vms log or a concurrent first call must not do ----
+def _rewrite_vms(lake: Lake, info: dict) -> None:
+    """vms as it is, committed again with `info` as that commit's record (a hand-edited or planted log)."""
+    with lake.lock("vms"):
+        lake.replace_files("vms", lake.entries("vms"), [lake.read("vms")], info)
+
+
+def test_a_hostile_lost_keys_record_falls_back_to_the_join(tmp_path):
+    """The lost keys a vms commit records steer which flows keep their stored facts. A record that is not
+    what the writer writes (Infinity, floats, booleans, keys beyond BIGINT or the key space, not pairs) used to
+    crash connect (OverflowError) or every query (a BinderException on range()): it is not trusted, and
+    flows_attributed joins every file to vms, with the same rows."""
+    from tracepipe.correlate import LOST_KEYS
+    from tracepipe.query import lost_vm_keys
+
+    lake = _lake(tmp_path)
+    expected = _plain(lake)
+    for hostile in (
+        [[1, float("inf")]],
+        [[2**70, 2**70]],
+        [[True, True]],
+        [[1.0, 2.0]],
+        [[3, 2]],
+        [[0, 1]],
+        [[1, 2, 3]],
+        ["1-2"],
+        {"a": 1},
+    ):
+        _rewrite_vms(lake, {LOST_KEYS: hostile})
+        assert lost_vm_keys(lake) is None, hostile
+        assert _view(lake) == expected, hostile
+
+
+def test_a_commit_record_that_is_not_an_object_reads_as_none(tmp_path):
+    """commitInfo.tracepipe is a JSON object in a string when tracepipe wrote it; a log edited to hold a
+    number, a list or broken JSON there made Lake.commit_infos raise in every connect."""
+    import json
+
+    lake = _lake(tmp_path)
+    expected = _plain(lake)
+    _rewrite_vms(lake, {})
+    log = sorted((lake.root / "vms" / "_delta_log").glob("*.json"))[-1]
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    for planted in (5, "[]", "5", "{not json", ["x"]):
+        for action in lines:
+            if "commitInfo" in action:
+                action["commitInfo"]["tracepipe"] = planted
+        log.write_text("\n".join(json.dumps(a) for a in lines) + "\n")
+        info = lake.commit_infos("vms")[0]
+        assert set(info) == {"version"}, planted
+        assert _view(lake) == expected, planted
+
+
+def test_thousands_of_scattered_lost_keys_give_the_same_rows(tmp_path):
+    """A repair can scatter the lost keys (vms files are cut by deletion time): 20,000 one-key ranges are read
+    once per session, and the view's rows are still its plain definition's."""
+    from tracepipe.correlate import LOST_KEYS
+
+    lake = _lake(tmp_path)
+    expected = _plain(lake)
+    _rewrite_vms(lake, {LOST_KEYS: [[k, k] for k in range(10_000, 50_000, 2)]})
+    assert _view(lake) == expected
+
+
+def test_vm_status_answers_the_same_from_threads_racing_its_first_call(tmp_path):
+    """DuckDB calls the Arrow function from several threads at once; the first calls used to see the status
+    dictionary before the key array was filled (nulls, or a TypeError). A null key has no VM even where a
+    planted vms row holds the key -1 (the old sentinel)."""
+    import threading
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from tracepipe.query import VmStatus
+
+    n = 400_000
+    keys = np.arange(1, n + 1, dtype=np.int64)
+    statuses = np.where(keys % 3 == 0, "deleted", "active")
+    path = tmp_path / "vms.parquet"
+    pq.write_table(pa.table({"vm_key": keys, "status": statuses}), path)
+    probe = pa.array([*np.r_[keys[::-7], [0, n + 5]].tolist(), None], pa.int64())
+    expected = [("deleted" if k % 3 == 0 else "active") if k and k <= n else None for k in probe.to_pylist()]
+    for _ in range(5):
+        status = VmStatus([path])
+        start = threading.Barrier(6)
+        answers: list = [None] * 6
+
+        def ask(
+            i: int, status: VmStatus = status, start: threading.Barrier = start, answers: list = answers
+        ) -> None:
+            start.wait()
+            answers[i] = status(probe).to_pylist()
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(a == expected for a in answers)
+    planted = tmp_path / "planted.parquet"
+    pq.write_table(
+        pa.table({"vm_key": pa.array([-1, 5], pa.int64()), "status": ["hijacked", "active"]}), planted
+    )
+    assert VmStatus([planted])(pa.array([None, 5, -1], pa.int64())).to_pylist() == [
+        None,
+        "active",
+        "hijacked",
+    ]

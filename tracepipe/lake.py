@@ -506,7 +506,7 @@ class PartFile:
         """`pending` as one row group: addresses as text, sorted by the dataset's key (in the RowGroupWriter's
         first thread when there is one)."""
         table = _combined(pending, taken=bool(self.dataset.sort_by))  # one dictionary per text column
-        del pending
+        pending.clear()  # the callers' references to the list keep its batches alive through the sort otherwise
         # addresses kept as integers (conform): each distinct one formatted once for the row group, the sort
         # keys' in text order where they can be, so that their dictionary index is their rank (sort_indices)
         ranked = set()
@@ -1261,8 +1261,12 @@ class Lake:
             actions = self._log_actions(name, version)
             if actions is None:  # that commit's file is gone (log retention): nothing older either
                 break
-            commit = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
-            info = json.loads(commit.get("tracepipe") or "{}")
+            commit = next((a["commitInfo"] for a in actions if isinstance(a, dict) and "commitInfo" in a), {})
+            try:  # written by tracepipe as a JSON object in a string; anything else (a hand-edited log): none
+                info = json.loads(commit.get("tracepipe") or "{}") if isinstance(commit, dict) else {}
+            except (TypeError, ValueError):
+                info = {}
+            info = info if isinstance(info, dict) else {}
             info["version"] = version
             out.append(info)
         return out

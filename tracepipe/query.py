@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -240,8 +241,14 @@ def connect(
     )
     con.execute(sql_text("views"))
     if lost:
-        ranges = " UNION ALL ".join(f"SELECT range AS vm_key FROM range({a}, {b + 1})" for a, b in lost)
-        con.execute(f"CREATE OR REPLACE VIEW _vm_lost_keys AS {ranges}")
+        # at most MAX_LOST_KEYS keys, in as many ranges: made once per session (a view of one range() per
+        # range made every query bind thousands of unions after a repair had scattered the lost keys)
+        con.execute(
+            "CREATE TEMP TABLE _vm_lost_key_table AS SELECT unnest(range(r.a, r.b + 1)) AS vm_key "
+            "FROM (SELECT unnest(CAST($1 AS BIGINT[])) AS a, unnest(CAST($2 AS BIGINT[])) AS b) r",
+            [[a for a, _ in lost], [b for _, b in lost]],
+        )
+        con.execute("CREATE OR REPLACE VIEW _vm_lost_keys AS SELECT vm_key FROM _vm_lost_key_table")
     if facts and not (keyed or done or todo):
         # every file carries its VMs' facts (the usual lake once attributed): without the joined half, which
         # DuckDB plans and runs even when it reads no file (a scan of vms per join: 0.2x a flows scan at 3 M VMs)
@@ -282,14 +289,22 @@ def lost_vm_keys(lake: Lake) -> list[tuple[int, int]] | None:
     last vms commit (correlate/vm_keys.py LOST_KEYS); None when the last vms commit did not record them (written
     by an older tracepipe, a compaction or a repair, or too many): then flows_attributed joins every file to vms,
     as stored facts cannot tell which keys vms lost."""
+    from tracepipe.correlate.vm_keys import FIRST_KEY, MAX_KEY
+
     ranges = next(iter(lake.commit_infos("vms")), {}).get(LOST_KEYS)
     if not isinstance(ranges, list):
         return None
-    try:
-        out = [(int(a), int(b)) for a, b in ranges]
-    except (TypeError, ValueError):
-        return None  # not what the writer records (a hand-edited log): do not trust it
-    if sum(b - a + 1 for a, b in out) > MAX_LOST_KEYS or any(a < 1 or b < a for a, b in out):
+    out = []
+    for pair in ranges:
+        # what the writer records: pairs of integers inside the key space; anything else (a hand-edited log:
+        # floats, Infinity, booleans, keys beyond BIGINT) is not trusted
+        if not (isinstance(pair, list) and len(pair) == 2 and all(type(k) is int for k in pair)):
+            return None
+        a, b = pair
+        if not FIRST_KEY <= a <= b <= MAX_KEY:
+            return None
+        out.append((a, b))
+    if sum(b - a + 1 for a, b in out) > MAX_LOST_KEYS:
         return None
     return out
 
@@ -306,6 +321,20 @@ class VmStatus:
         self.codes: Any = None
         self.dense: Any = None
         self.statuses: pa.Array | None = None
+        # DuckDB calls the function from several threads at once: one builds, the others wait for it
+        self._building = threading.Lock()
+
+    def _ready(self) -> pa.Array:
+        """The status dictionary, once every look-up structure is in place (built once, under the lock:
+        `statuses` is published last, so a thread that sees it also sees `dense` or `keys`/`codes`)."""
+        statuses = self.statuses
+        if statuses is None:
+            with self._building:
+                if self.statuses is None:
+                    self._build()
+                statuses = self.statuses
+        assert statuses is not None
+        return statuses
 
     def _build(self) -> None:
         import numpy as np
@@ -326,26 +355,27 @@ class VmStatus:
         encoded = table.column("status").combine_chunks().dictionary_encode()
         keys = table.column("vm_key").to_numpy()
         codes = pc.fill_null(encoded.indices, -1).to_numpy().astype(np.int32)
-        self.statuses = encoded.dictionary
         if len(keys) and 0 <= keys.min() and keys.max() < 2 * len(keys) + 1024:
             # vm_keys are dense (a counter): the key is the index of an array of codes
-            self.dense = np.full(int(keys.max()) + 1, -1, np.int32)
-            self.dense[keys[::-1]] = codes[::-1]  # a key listed twice (a planted file): its first row
-            return
-        order = np.argsort(keys, kind="stable")
-        self.keys = keys[order]
-        self.codes = codes[order]
+            dense = np.full(int(keys.max()) + 1, -1, np.int32)
+            dense[keys[::-1]] = codes[::-1]  # a key listed twice (a planted file): its first row
+            self.dense = dense
+        else:
+            order = np.argsort(keys, kind="stable")
+            self.keys = keys[order]
+            self.codes = codes[order]
+        self.statuses = encoded.dictionary  # last: see _ready
 
     def __call__(self, keys: pa.Array) -> pa.Array:
         import numpy as np
         import pyarrow.compute as pc
 
-        if self.statuses is None:
-            self._build()
-        assert self.statuses is not None
+        statuses = self._ready()
         if keys.null_count == len(keys):  # flows from addresses nobody held: most of a border's traffic
             return pa.nulls(len(keys), pa.string())
-        wanted = pc.fill_null(keys, -1).to_numpy(zero_copy_only=False)
+        # a null key has no VM, whatever key a (planted) vms row holds: masked, not looked up as a sentinel
+        missing = keys.is_null().to_numpy(zero_copy_only=False)
+        wanted = pc.fill_null(keys, 0).to_numpy(zero_copy_only=False)
         if self.dense is not None:
             inside = (wanted >= 0) & (wanted < len(self.dense))
             codes = np.where(inside, self.dense[np.where(inside, wanted, 0)], -1)
@@ -354,7 +384,7 @@ class VmStatus:
         else:
             at = np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)
             codes = np.where(self.keys[at] == wanted, self.codes[at], -1)
-        return self.statuses.take(pa.array(codes, mask=codes < 0))
+        return statuses.take(pa.array(codes, mask=(codes < 0) | missing))
 
 
 def vms_complete(lake: Lake) -> bool:
