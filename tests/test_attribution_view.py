@@ -461,3 +461,27 @@ def test_vm_status_answers_the_same_from_threads_racing_its_first_call(tmp_path)
         "active",
         "hijacked",
     ]
+
+
+def test_an_hourly_update_records_the_lost_keys_a_full_count_gives_without_reading_kept_files(tmp_path):
+    """An incremental update records the keys no vms row holds from the previous record and the files it
+    rewrites (the files it keeps are never opened: tests/test_leases.py damages them); the record must be
+    what counting every vms row gives, and a key lost before stays lost."""
+    from tracepipe.correlate.vm_keys import lost_keys, next_vm_key, recorded_lost_keys
+
+    lake = _lake(tmp_path)
+    vms = lake.read("vms")
+    write_derived(lake, "vms", vms.filter(pc.not_equal(vms.column("vm_id"), "b")), {})
+    (b_key,) = vms.filter(pc.equal(vms.column("vm_id"), "b")).column("vm_key").to_pylist()
+    assert (b_key, b_key) in recorded_lost_keys(lake)
+    for n, (vm, action) in enumerate([("a", "power_off"), ("c", "power_on"), ("a", "power_on")]):
+        table = pa.Table.from_pylist(
+            [{"ts": at(3, n), "vm_id": vm, "action": action, "addrs": [], "cloud": "opennebula"}],
+            schema=VM_EVENTS,
+        )
+        ingest_table(lake, "vm_events", f"hour-{n}", hash_bytes(f"hour-{n}".encode()), [table])
+        assert refresh_leases(lake, dt.timedelta(days=7)).mode == "incremental"
+        counted = lost_keys(lake.read("vms", columns=["vm_key"]), next_vm_key(lake))
+        assert recorded_lost_keys(lake) == [tuple(r) for r in counted]
+        assert (b_key, b_key) in recorded_lost_keys(lake)
+    assert _view(lake) == _plain(lake)

@@ -73,8 +73,8 @@ def test_a_copy_landed_by_another_command_during_decoding_is_reported_skipped(tm
     other = Lake(lake_dir)
     original_ingest = lake.ingest
 
-    def ingest_then_other_lands(dataset: str, source: str, content_hash: str | None):
-        writer = original_ingest(dataset, source, content_hash)
+    def ingest_then_other_lands(dataset: str, source: str, content_hash: str | None, **options):
+        writer = original_ingest(dataset, source, content_hash, **options)
         ingest_flow_files(other, [pcap], jobs=1)
         return writer
 

@@ -26,7 +26,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tracepipe.correlate import LOST_KEYS, MAX_LOST_KEYS, VMS_COMPLETE
+from tracepipe.correlate import VMS_COMPLETE
 from tracepipe.errors import EXIT_OK, LakeError, TracepipeError, UsageError
 from tracepipe.lake import FileEntry, Lake
 from tracepipe.schema import DATASETS
@@ -286,27 +286,12 @@ def has_vm_facts(entry: FileEntry) -> bool:
 
 def lost_vm_keys(lake: Lake) -> list[tuple[int, int]] | None:
     """The key ranges below the vm_key counter that no vms row holds, as the lease writer recorded them with its
-    last vms commit (correlate/vm_keys.py LOST_KEYS); None when the last vms commit did not record them (written
-    by an older tracepipe, a compaction or a repair, or too many): then flows_attributed joins every file to vms,
-    as stored facts cannot tell which keys vms lost."""
-    from tracepipe.correlate.vm_keys import FIRST_KEY, MAX_KEY
+    last vms commit (correlate/vm_keys.py recorded_lost_keys); None when it did not record them or the record
+    is not trusted: then flows_attributed joins every file to vms, as stored facts cannot tell which keys vms
+    lost."""
+    from tracepipe.correlate.vm_keys import recorded_lost_keys
 
-    ranges = next(iter(lake.commit_infos("vms")), {}).get(LOST_KEYS)
-    if not isinstance(ranges, list):
-        return None
-    out = []
-    for pair in ranges:
-        # what the writer records: pairs of integers inside the key space; anything else (a hand-edited log:
-        # floats, Infinity, booleans, keys beyond BIGINT) is not trusted
-        if not (isinstance(pair, list) and len(pair) == 2 and all(type(k) is int for k in pair)):
-            return None
-        a, b = pair
-        if not FIRST_KEY <= a <= b <= MAX_KEY:
-            return None
-        out.append((a, b))
-    if sum(b - a + 1 for a, b in out) > MAX_LOST_KEYS:
-        return None
-    return out
+    return recorded_lost_keys(lake)
 
 
 class VmStatus:

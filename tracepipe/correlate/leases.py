@@ -1582,7 +1582,7 @@ def _update_files(
         "vms",
         [vm_entries[i] for i in vm_files],
         _chunks(new_vms, "vms"),
-        lost_keys_info(lake, new_vms, [e for i, e in enumerate(vm_entries) if i not in set(vm_files)]),
+        lost_keys_info(lake, new_vms, [vm_entries[i] for i in vm_files]),
         ROW_GROUP_ROWS,
     )
     built = lake.replace_files(

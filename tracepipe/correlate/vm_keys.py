@@ -152,15 +152,62 @@ def lost_keys(vms: pa.Table, below: int) -> list[list[int]] | None:
     return [[int(bounds[i]) + 1, int(bounds[i + 1]) - 1] for i in gaps]
 
 
-def lost_keys_info(lake: Any, vms: pa.Table, kept: list[Any] = ()) -> dict[str, Any]:
-    """The vms commit info for a commit that writes `vms` (keyed_vms' rows) and keeps the vms files `kept`
-    (an incremental update rewrites a few): LOST_KEYS below the counter, over the rows of both."""
-    held = [vms.select(["vm_key"])]
-    held += [conform(pq.read_table(e.path, columns=_present(e.path, _KEY_ONLY)), _KEY_ONLY) for e in kept]
-    keys = pa.concat_tables(held).column("vm_key")
+def lost_keys_info(lake: Any, vms: pa.Table, removed: list[Any] | None = None) -> dict[str, Any]:
+    """The vms commit info for a commit that writes `vms` (keyed_vms' rows): LOST_KEYS below the counter.
+    `removed`: the vms files an incremental update rewrites (None: the commit replaces every file). The files
+    it keeps are never opened (an hourly update reads no settled file, whatever the history): the keys they
+    hold are those below the previous commit's largest key that its record did not call lost, less the ones
+    the rewritten files held; without a trustworthy previous record the commit records none (None), and
+    flows_attributed joins every file to vms until a full build records them again."""
+    keys = vms.column("vm_key")
     top = _max_of(keys)
     below = max(next_vm_key(lake), top + 1 if top is not None else FIRST_KEY)
-    return {LOST_KEYS: lost_keys(pa.table({"vm_key": keys}), below)}
+    if removed is None:
+        return {LOST_KEYS: lost_keys(pa.table({"vm_key": keys}), below)}
+    before = recorded_lost_keys(lake)
+    if before is None:
+        return {LOST_KEYS: None}
+    old_top = _max_key(lake.entries("vms"), ("vm_key",))  # of the files before this commit (log statistics)
+    gone = [conform(pq.read_table(e.path, columns=_present(e.path, _KEY_ONLY)), _KEY_ONLY) for e in removed]
+    # not held by a kept file: lost before, held by a rewritten file, or above every key before
+    candidates = np.unique(
+        np.concatenate(
+            [
+                *(np.arange(a, b + 1, dtype=np.int64) for a, b in before),
+                *(_sorted_keys(t.column("vm_key")) for t in gone),
+                np.arange(old_top + 1, below, dtype=np.int64),
+            ]
+        )
+    )
+    lost = np.setdiff1d(candidates[(candidates >= FIRST_KEY) & (candidates < below)], _sorted_keys(keys))
+    if len(lost) > MAX_LOST_KEYS:
+        return {LOST_KEYS: None}
+    if not len(lost):
+        return {LOST_KEYS: []}
+    starts = np.flatnonzero(np.diff(lost, prepend=lost[:1] - 2) != 1)
+    ends = np.r_[starts[1:], len(lost)] - 1
+    return {LOST_KEYS: [[int(lost[a]), int(lost[b])] for a, b in zip(starts, ends, strict=True)]}
+
+
+def recorded_lost_keys(lake: Any) -> list[tuple[int, int]] | None:
+    """The key ranges below the vm_key counter that no vms row holds, as the lease writer recorded them with the
+    last vms commit (LOST_KEYS); None when that commit did not record them (written by an older tracepipe, a
+    compaction or a repair, or too many) or recorded something the writer never writes (a hand-edited log:
+    floats, Infinity, booleans, keys outside the key space): not trusted."""
+    ranges = next(iter(lake.commit_infos("vms")), {}).get(LOST_KEYS)
+    if not isinstance(ranges, list):
+        return None
+    out = []
+    for pair in ranges:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(type(k) is int for k in pair)):
+            return None
+        a, b = pair
+        if not FIRST_KEY <= a <= b <= MAX_KEY:
+            return None
+        out.append((a, b))
+    if sum(b - a + 1 for a, b in out) > MAX_LOST_KEYS:
+        return None
+    return out
 
 
 def _max_of(column: pa.ChunkedArray) -> int | None:
