@@ -365,16 +365,21 @@ def run(args: argparse.Namespace, hours: int) -> dict[str, float]:
         land_year(lake, events)
         print(f"landed the history in {len(lake.files('vm_events'))} files ({time.perf_counter() - t:.1f} s)")
         # the build alone (in memory: what `leases rebuild` replays), then the command's whole work
-        cpu, t = time.process_time(), time.perf_counter()
-        build_leases(events, RECLAIM)
-        build_cpu, build_s = time.process_time() - cpu, time.perf_counter() - t
+        # best of 3, as the other benchmarks: one build on this machine moves +-25% from run to run
+        tries = []
+        for _ in range(3):
+            cpu, t = time.process_time(), time.perf_counter()
+            build_leases(events, RECLAIM)
+            tries.append((time.perf_counter() - t, time.process_time() - cpu))
+        build_s, build_cpu = min(w for w, _ in tries), min(c for _, c in tries)
         figures.update(
             events=events.num_rows,
             build_wall=events.num_rows / build_s / 1e6,
             build_cpu=events.num_rows / build_cpu / 1e6,
         )
         print(
-            f"build_leases alone: {events.num_rows:,} events in {build_s:.1f} s wall, {build_cpu:.1f} s CPU "
+            f"build_leases alone, best of 3 ({', '.join(f'{w:.2f}' for w, _ in tries)} s): "
+            f"{events.num_rows:,} events in {build_s:.1f} s wall, {build_cpu:.1f} s CPU "
             f"({events.num_rows / build_s / 1e6:.2f} M events/s wall, {events.num_rows / build_cpu / 1e6:.2f} M "
             f"per CPU s; goal >= 1 M events/s)"
         )
