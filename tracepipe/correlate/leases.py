@@ -26,12 +26,14 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+import polars.selectors as cs
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -246,11 +248,9 @@ def _encode(text: pa.Array) -> tuple[pl.Series, pl.Series]:
     return pl.Series(codes).set(pl.Series(indices.is_null()), None), names.cast(pl.String)
 
 
-def _encode_events(events: pa.Table) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
-    """vm_id, hypervisor, addr and the addrs lists of the events as codes, in the events' order ->
-    (frame of codes, texts per column). Read from Arrow: the text columns never become polars strings."""
-    vm_codes, vm_names = _encode(events.column("vm_id").combine_chunks())
-    hyp_codes, hyp_names = _encode(events.column("hypervisor").combine_chunks())
+def _encode_addrs(events: pa.Table) -> tuple[pl.Series, pl.Series, pl.Series]:
+    """The addr column and the addrs lists of the events as codes of one text set -> (addr codes, addrs as
+    lists of codes, the distinct addresses sorted)."""
     lists = events.column("addrs").combine_chunks()
     flat = pc.list_flatten(lists)
     single = events.column("addr").combine_chunks()
@@ -261,38 +261,54 @@ def _encode_events(events: pa.Table) -> tuple[pl.DataFrame, dict[str, pl.Series]
     listed = pa.LargeListArray.from_arrays(
         pa.array(offsets), codes.slice(len(single)).to_arrow(), mask=lists.is_null()
     )
-    frame = pl.DataFrame(
-        [
-            vm_codes.alias("vm_id"),
-            hyp_codes.alias("hypervisor"),
-            codes.slice(0, len(single)).alias("addr"),
-            pl.Series("addrs", listed),
-        ]
-    )
-    return frame, {"vm_id": vm_names, "hypervisor": hyp_names, "addr": addr_names}
+    return codes.slice(0, len(single)).alias("addr"), pl.Series("addrs", listed), addr_names
 
 
-def _events_in_order(
-    events: pa.Table, rows: pl.Series, phases: pl.Series
-) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
-    """What the replay reads of the events, in the replay order (`rows`): ts as µs, codes for VM ids,
-    hypervisors and addresses (with their texts), the few other columns it compares, and for each identity
-    column (vm_name, project, ...) whether the event names it (their texts are read at the end, _texts)."""
-    codes, names = _encode_events(events)
+def _plain_columns(events: pa.Table) -> pl.DataFrame:
+    """The few other columns the replay compares, and for each identity column (vm_name, project, ...)
+    whether the event names it (their texts are read at the end, _output_tables), in the events' order."""
     # (a column with no value at all, as port ids and kinds in Nova's instance events, is made null in polars:
     # converting a million nulls of Arrow text costs as much as text)
     columns = ["ts", "action", "state", "addr_kind", "port_id", "resource_id"]
-    narrow = pl.DataFrame(
+    narrow = [
+        pl.repeat(None, events.num_rows, dtype=pl.String, eager=True).alias(n)
+        if events.column(n).null_count == events.num_rows and n != "ts"
+        else pl.Series(n, events.column(n))
+        for n in columns
+    ]
+    present = [pl.Series(f"_has_{n}", pc.is_valid(events.column(n))) for n in _IDENTITY]
+    return pl.DataFrame([*narrow, *present])
+
+
+def _ordered_events(
+    events: pa.Table, pool: ThreadPoolExecutor
+) -> tuple[pl.DataFrame, dict[str, pl.Series], pl.Series]:
+    """What the replay reads of the events, in the replay order: ts as µs, codes for VM ids, hypervisors and
+    addresses (with their texts), the few other columns it compares, the _has_<identity> flags and _phase ->
+    (that frame, texts per code column, the events' row positions in that order).
+    The encodings and conversions do not depend on the order: they run in `pool` (Arrow and polars release
+    the GIL) while this thread works out the order (_replay_order)."""
+    vm_id = pool.submit(_encode, events.column("vm_id").combine_chunks())
+    hypervisor = pool.submit(_encode, events.column("hypervisor").combine_chunks())
+    addrs = pool.submit(_encode_addrs, events)
+    plain = pool.submit(_plain_columns, events)
+    rows, phases = _replay_order(events)
+    (vm_codes, vm_names), (hyp_codes, hyp_names) = vm_id.result(), hypervisor.result()
+    addr_codes, listed, addr_names = addrs.result()
+    plain_columns = plain.result()
+    unordered = pl.DataFrame(
         [
-            pl.repeat(None, events.num_rows, dtype=pl.String, eager=True).alias(n)
-            if events.column(n).null_count == events.num_rows and n != "ts"
-            else pl.Series(n, events.column(n))
-            for n in columns
+            *plain_columns.select(~cs.starts_with("_has_")),
+            vm_codes.alias("vm_id"),
+            hyp_codes.alias("hypervisor"),
+            addr_codes,
+            listed,
+            *plain_columns.select(cs.starts_with("_has_")),
         ]
     )
-    present = pl.DataFrame([pl.Series(f"_has_{n}", pc.is_valid(events.column(n))) for n in _IDENTITY])
-    frame = _in_order(pl.concat([narrow, codes, present], how="horizontal"), rows).rechunk()  # (see head)
-    return frame.with_columns(phases, pl.col("ts").dt.epoch("us")), names
+    frame = _in_order(unordered, rows).rechunk()  # (see _replay_order's head)
+    frame = frame.with_columns(phases, pl.col("ts").dt.epoch("us"))
+    return frame, {"vm_id": vm_names, "hypervisor": hyp_names, "addr": addr_names}, rows
 
 
 # Every step below is a polars expression over all events at once (window functions over vm_id, addr or floating
@@ -382,7 +398,7 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
         "seq",
         "ts",
         "passive",
-        "hypervisor",  # a code (_encode_events)
+        "hypervisor",  # a code (_encode)
         "_act",
         (pl.col("state").is_not_null() & (pl.col("state") != "unknown")).alias("_state"),
         *[f"_has_{n}" for n in _IDENTITY],
@@ -792,7 +808,7 @@ def _replay(
     reclaim_us: int | None,
     names: dict[str, pl.Series],
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, pl.Series]]:
-    """Sorted, de-duplicated events (_events_in_order) -> (leases with µs times, VM facts, the texts of their
+    """Sorted, de-duplicated events (_ordered_events) -> (leases with µs times, VM facts, the texts of their
     codes: vm_id, hypervisor, addr; in the texts' order)."""
     vm_names, addr_names = names["vm_id"], names["addr"]
     frame = frame.with_columns(
@@ -1093,34 +1109,77 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
     events = events.select([f.name for f in VM_EVENTS])
     if events.num_rows == 0:
         return VM_LEASES.empty_table(), VMS.empty_table()
-    rows, phases = _replay_order(events)
-    frame, names = _events_in_order(events, rows, phases)
     reclaim_us = None if reclaim_interval is None else reclaim_interval // dt.timedelta(microseconds=1)
-    leases, facts, names = _replay(frame, reclaim_us, names)
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="build-leases") as pool:
+        frame, names, rows = _ordered_events(events, pool)
+        leases, facts, names = _replay(frame, reclaim_us, names)
+        return _output_tables(events, rows, leases, facts, names, pool)
+
+
+def _output_tables(
+    events: pa.Table,
+    rows: pl.Series,
+    leases: pl.DataFrame,
+    facts: pl.DataFrame,
+    names: dict[str, pl.Series],
+    pool: ThreadPoolExecutor,
+) -> tuple[pa.Table, pa.Table]:
+    """_replay's leases and facts (codes, µs) -> the vm_leases and vms tables."""
     # every VM that holds a lease has a vms row, so that "what is this VM now" is a plain read of vms
     # (sql/views.sql, _vm_info): the holders no event names (a floating IP associated with a port or fixed
     # address of no known VM: "port:<id>", "fixed:<addr>") get a row of their own, facts unknown
     facts = facts.with_columns(pl.col("status").fill_null("unknown"))
     lease_only = leases.select("vm_id").unique().join(facts.select("vm_id"), on="vm_id", how="anti")
     facts = pl.concat([facts, lease_only], how="diagonal").sort("vm_id")
-    # sorted on the codes (= on the texts); a lease's VM row found by a binary search, its columns read in Arrow
+    # sorted on the codes (= on the texts); a lease's VM row found by a binary search. Every text column is one
+    # take (from the texts of the codes, or from the events' own column at the deciding events: facts'
+    # _at_<column> are positions in the replay order, `rows` maps them to the events' rows); the takes of both
+    # tables run at once in `pool` (Arrow releases the GIL)
     leases = leases.sort(_LEASE_KEY)
-    at_vm = pa.array(facts.get_column("vm_id").search_sorted(leases.get_column("vm_id")).to_numpy())
-    vms = _vms_table(events, rows, facts, names)
+    at_vm = facts.get_column("vm_id").search_sorted(leases.get_column("vm_id"))
     text = {n: _arrow_text(names[n]) for n in ("addr", "vm_id", "hypervisor")}
-    columns = {
-        "addr": text["addr"].take(leases.get_column("addr").to_arrow()),
-        "vm_id": text["vm_id"].take(leases.get_column("vm_id").to_arrow()),
-        **{c: vms.column(c).take(at_vm) for c in ("vm_name", "project", "user")},
-        "hypervisor": text["hypervisor"].take(leases.get_column("hypervisor").to_arrow()),
-        "cloud": vms.column("cloud").take(at_vm),
+    vm_columns: dict[str, Any] = {
+        "vm_id": pool.submit(_take, text["vm_id"], facts.get_column("vm_id")),
+        "hypervisor": pool.submit(_take, text["hypervisor"], facts.get_column("hypervisor")),
+    }
+    lease_columns: dict[str, Any] = {
+        "addr": pool.submit(_take, text["addr"], leases.get_column("addr")),
+        "vm_id": pool.submit(_take, text["vm_id"], leases.get_column("vm_id")),
+        "hypervisor": pool.submit(_take, text["hypervisor"], leases.get_column("hypervisor")),
+    }
+    for name in _IDENTITY:
+        at_event = rows.gather(facts.get_column(f"_at_{name}"))
+        vm_columns[name] = pool.submit(_take, events.column(name), at_event)
+        if name in VM_LEASES.names:
+            lease_columns[name] = pool.submit(_take, events.column(name), at_event.gather(at_vm))
+    status = _arrow_text(facts.get_column("status"))
+    quarantine_until = _arrow_time(facts.get_column("quarantine_until"))
+    vm_columns |= {"status": status, "quarantine_until": quarantine_until}
+    lease_columns |= {
         "addr_kind": _arrow_text(leases.get_column("kind").cast(pl.String)),
         **{c: _arrow_time(leases.get_column(c)) for c in ("valid_from", "valid_to")},
         "end_reason": _arrow_text(leases.get_column("end_reason").cast(pl.String)),
-        "vm_status": vms.column("status").take(at_vm),
-        "quarantine_until": vms.column("quarantine_until").take(at_vm),
+        "vm_status": pool.submit(_take, status, at_vm),
+        "quarantine_until": pool.submit(_take, quarantine_until, at_vm),
     }
-    return pa.table(columns, schema=VM_LEASES), vms  # vm_key: vm_keys.py
+    for name in VMS.names:
+        if name in ("vm_key", "identity_changed_at"):  # set when written: vm_keys.keyed_vms
+            vm_columns[name] = pa.nulls(facts.height, VMS.field(name).type)
+        elif name not in vm_columns:
+            vm_columns[name] = _arrow_time(facts.get_column(name))
+    vms = pa.table({n: _result(vm_columns[n]) for n in VMS.names}, schema=VMS)
+    leases_table = pa.table({n: _result(lease_columns[n]) for n in VM_LEASES.names}, schema=VM_LEASES)
+    return leases_table, vms  # vm_key: vm_keys.py
+
+
+def _take(values: pa.Array | pa.ChunkedArray, at: pl.Series) -> pa.Array:
+    """values at the positions `at` (a null position gives null), as one array."""
+    taken = values.take(at.to_arrow())
+    return taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
+
+
+def _result(column: Any) -> pa.Array:
+    return column.result() if isinstance(column, Future) else column
 
 
 def _arrow_text(series: pl.Series) -> pa.Array:
@@ -1130,30 +1189,6 @@ def _arrow_text(series: pl.Series) -> pa.Array:
 def _arrow_time(series: pl.Series) -> pa.Array:
     """µs since the epoch -> timestamp[us, UTC] (a view of the same buffer)."""
     return series.to_arrow().cast(pa.int64()).cast(pa.timestamp("us", tz="UTC"))
-
-
-def _vms_table(
-    events: pa.Table, rows: pl.Series, facts: pl.DataFrame, names: dict[str, pl.Series]
-) -> pa.Table:
-    """The VM facts (sorted by vm_id code) as schema.VMS; the identity texts taken from the events' own
-    columns at the deciding events (facts' _at_<column>: positions in the replay order, `rows` maps them to
-    the events' rows)."""
-    columns: dict[str, pa.Array] = {}
-    for name in VMS.names:
-        if name == "vm_id":
-            columns[name] = _arrow_text(names["vm_id"]).take(facts.get_column("vm_id").to_arrow())
-        elif name == "hypervisor":
-            columns[name] = _arrow_text(names["hypervisor"]).take(facts.get_column("hypervisor").to_arrow())
-        elif name in _IDENTITY:
-            at = facts.get_column(f"_at_{name}")
-            columns[name] = events.column(name).take(rows.gather(at).to_arrow()).combine_chunks()
-        elif name == "status":
-            columns[name] = _arrow_text(facts.get_column("status"))
-        elif name in ("vm_key", "identity_changed_at"):  # set when written: vm_keys.keyed_vms
-            columns[name] = pa.nulls(facts.height, VMS.field(name).type)
-        else:
-            columns[name] = _arrow_time(facts.get_column(name))
-    return pa.table(columns, schema=VMS)
 
 
 # ---- the lake edge -------------------------------------------------------------------------------------------
