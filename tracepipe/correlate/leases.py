@@ -1129,44 +1129,47 @@ def _output_tables(
     # (sql/views.sql, _vm_info): the holders no event names (a floating IP associated with a port or fixed
     # address of no known VM: "port:<id>", "fixed:<addr>") get a row of their own, facts unknown
     facts = facts.with_columns(pl.col("status").fill_null("unknown"))
-    lease_only = leases.select("vm_id").unique().join(facts.select("vm_id"), on="vm_id", how="anti")
-    facts = pl.concat([facts, lease_only], how="diagonal").sort("vm_id")
-    # sorted on the codes (= on the texts); a lease's VM row found by a binary search. Every text column is one
-    # take (from the texts of the codes, or from the events' own column at the deciding events: facts'
-    # _at_<column> are positions in the replay order, `rows` maps them to the events' rows); the takes of both
-    # tables run at once in `pool` (Arrow releases the GIL)
+    if facts.height < len(names["vm_id"]):  # (else every VM code has its row: facts' are distinct and sorted)
+        lease_only = leases.select("vm_id").unique().join(facts.select("vm_id"), on="vm_id", how="anti")
+        facts = pl.concat([facts, lease_only], how="diagonal").sort("vm_id")
+    # sorted on the codes (= on the texts); a lease's VM row found by a binary search (its code, when every
+    # code has a row). Every text column is one take (from the texts of the codes, or from the events' own
+    # column at the deciding events: facts' _at_<column> are positions in the replay order, `rows` maps them to
+    # the events' rows), a lease's VM facts one from the vms column; all in `pool` (Arrow releases the GIL)
     leases = leases.sort(_LEASE_KEY)
-    at_vm = facts.get_column("vm_id").search_sorted(leases.get_column("vm_id"))
+    if facts.height == len(names["vm_id"]):
+        at_vm = leases.get_column("vm_id")
+    else:
+        at_vm = facts.get_column("vm_id").search_sorted(leases.get_column("vm_id"))
     text = {n: _arrow_text(names[n]) for n in ("addr", "vm_id", "hypervisor")}
     vm_columns: dict[str, Any] = {
         "vm_id": pool.submit(_take, text["vm_id"], facts.get_column("vm_id")),
         "hypervisor": pool.submit(_take, text["hypervisor"], facts.get_column("hypervisor")),
     }
-    lease_columns: dict[str, Any] = {
-        "addr": pool.submit(_take, text["addr"], leases.get_column("addr")),
-        "vm_id": pool.submit(_take, text["vm_id"], leases.get_column("vm_id")),
-        "hypervisor": pool.submit(_take, text["hypervisor"], leases.get_column("hypervisor")),
-    }
     for name in _IDENTITY:
-        at_event = rows.gather(facts.get_column(f"_at_{name}"))
-        vm_columns[name] = pool.submit(_take, events.column(name), at_event)
-        if name in VM_LEASES.names:
-            lease_columns[name] = pool.submit(_take, events.column(name), at_event.gather(at_vm))
-    status = _arrow_text(facts.get_column("status"))
-    quarantine_until = _arrow_time(facts.get_column("quarantine_until"))
-    vm_columns |= {"status": status, "quarantine_until": quarantine_until}
-    lease_columns |= {
-        "addr_kind": _arrow_text(leases.get_column("kind").cast(pl.String)),
-        **{c: _arrow_time(leases.get_column(c)) for c in ("valid_from", "valid_to")},
-        "end_reason": _arrow_text(leases.get_column("end_reason").cast(pl.String)),
-        "vm_status": pool.submit(_take, status, at_vm),
-        "quarantine_until": pool.submit(_take, quarantine_until, at_vm),
-    }
+        column = events.column(name)
+        if column.null_count == len(column):  # (as image in Nova's instance events)
+            vm_columns[name] = pa.nulls(facts.height, column.type)
+        else:
+            vm_columns[name] = pool.submit(_take, column, rows.gather(facts.get_column(f"_at_{name}")))
+    vm_columns["status"] = _arrow_text(facts.get_column("status"))
     for name in VMS.names:
         if name in ("vm_key", "identity_changed_at"):  # set when written: vm_keys.keyed_vms
             vm_columns[name] = pa.nulls(facts.height, VMS.field(name).type)
         elif name not in vm_columns:
             vm_columns[name] = _arrow_time(facts.get_column(name))
+    lease_columns: dict[str, Any] = {
+        "addr": pool.submit(_take, text["addr"], leases.get_column("addr")),
+        "vm_id": pool.submit(_take, text["vm_id"], leases.get_column("vm_id")),
+        "hypervisor": pool.submit(_take, text["hypervisor"], leases.get_column("hypervisor")),
+        "addr_kind": _enum_text(leases.get_column("kind")),
+        **{c: _arrow_time(leases.get_column(c)) for c in ("valid_from", "valid_to")},
+        "end_reason": _enum_text(leases.get_column("end_reason")),
+    }
+    of_vm = {"vm_name": "vm_name", "project": "project", "user": "user", "cloud": "cloud"}
+    of_vm |= {"vm_status": "status", "quarantine_until": "quarantine_until"}
+    for name, vm_name in of_vm.items():  # (after the vms columns' tasks: a task waits only on earlier ones)
+        lease_columns[name] = pool.submit(_take_of, vm_columns[vm_name], at_vm)
     vms = pa.table({n: _result(vm_columns[n]) for n in VMS.names}, schema=VMS)
     leases_table = pa.table({n: _result(lease_columns[n]) for n in VM_LEASES.names}, schema=VM_LEASES)
     return leases_table, vms  # vm_key: vm_keys.py
@@ -1178,8 +1181,18 @@ def _take(values: pa.Array | pa.ChunkedArray, at: pl.Series) -> pa.Array:
     return taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
 
 
-def _result(column: Any) -> pa.Array:
+def _take_of(values: Future[pa.Array] | pa.Array, at: pl.Series) -> pa.Array:
+    return _take(_result(values), at)
+
+
+def _result(column: Future[pa.Array] | pa.Array) -> pa.Array:
     return column.result() if isinstance(column, Future) else column
+
+
+def _enum_text(series: pl.Series) -> pa.Array:
+    """An Enum column as text: its few categories taken by its codes (no cast of every value)."""
+    assert isinstance(series.dtype, pl.Enum)
+    return _take(_arrow_text(series.dtype.categories), series.to_physical())
 
 
 def _arrow_text(series: pl.Series) -> pa.Array:
