@@ -386,13 +386,12 @@ def _in_vm_order(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.gather(packed.to_series() % (1 << bits))
 
 
-def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """Per-event VM context (gone?, applicable?, hypervisor then), the VMs' final facts, and the hypervisor
-    moves (live migration, unshelve elsewhere) that split leases. Sorted by (vm_id, seq); only fast
-    aggregations and fills over the whole frame (per-group expressions are evaluated group by group).
-    The VM's story is told on integers and flags: a text column (names, state) is read from `frame` (whose row
-    number is seq) only at the few rows that decide a VM's fact; the identity columns (_at_vm_name, ...) are the
-    seq of the event that decides each (null: none names it)."""
+def _vm_events(frame: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
+    """Per-event VM context: the events with a VM, sorted by (vm_id, seq), with their action flags, the seq of
+    the VM's delete (gone_seq) and whether each moves the VM's state (applicable); and where each VM's events
+    start and end in that order. Only fast aggregations and fills over the whole frame (per-group expressions
+    are evaluated group by group). The VM's story is told on integers and flags: a text column (names, state)
+    is read from `frame` (whose row number is seq) only at the few rows that decide a VM's fact."""
     base = frame.select(
         "vm_id",
         "seq",
@@ -422,12 +421,12 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
     # floating-IP event, a delete or a detach (handled on their own)
     applicable = ~pl.col("passive") & ~pl.col("_floating") & ~pl.col("_delete_or_detach") & alive
     ev = ev.with_columns(applicable.alias("applicable"))
-    gone_row = pl.col("seq") == pl.col("gone_seq")
-    # the rows that set the VM's status (its value is worked out at the VM's last such row, below)
-    has_status = gone_row.fill_null(False) | (
-        pl.col("applicable")
-        & (pl.col("_soft_delete") | pl.col("_restore") | pl.col("_state") | pl.col("_default"))
-    )
+    return ev, starts, ends
+
+
+def _vm_hypervisors(ev: pl.DataFrame, starts: np.ndarray) -> tuple[pl.Series, pl.DataFrame]:
+    """The VM's hypervisor after each of its events (hyp_now, in _vm_events' order), and the hypervisor moves
+    (live migration, unshelve elsewhere) that split leases."""
     # hypervisor: an applicable event naming one sets it (a change = a move); start/error events and Neutron
     # port bindings only fill it in while none is known (so only the VM's first such value counts)
     known = pl.col("hypervisor").is_not_null()
@@ -437,8 +436,11 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
         | (pl.col("applicable") & pl.col("_port_update"))
     )
     new_vm = pl.col("_vm") != pl.col("_vm").shift(1).fill_null(-1)
-    ev = ev.with_columns(
-        has_status.alias("_has_status"),
+    ev = ev.select(
+        "_vm",
+        "seq",
+        "ts",
+        "vm_id",
         pl.when(strong).then(pl.col("hypervisor")).alias("_strong"),
         pl.when(weak).then(pl.col("hypervisor")).alias("_weak"),
     )
@@ -473,6 +475,22 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
             pl.col("_strong").alias("hyp"),
         )
     )
+    return ev.get_column("hyp_now"), moves
+
+
+def _vm_facts(
+    frame: pl.DataFrame, ev: pl.DataFrame, starts: np.ndarray, reclaim_us: int | None
+) -> pl.DataFrame:
+    """The VMs' final facts but the hypervisor (_vm_hypervisors), from _vm_events: sorted by vm_id; the identity
+    columns (_at_vm_name, ...) are the seq of the event that decides each (null: none names it)."""
+    alive = pl.col("gone_seq").is_null() | (pl.col("seq") < pl.col("gone_seq"))
+    gone_row = pl.col("seq") == pl.col("gone_seq")
+    # the rows that set the VM's status (its value is worked out at the VM's last such row, below)
+    has_status = gone_row.fill_null(False) | (
+        pl.col("applicable")
+        & (pl.col("_soft_delete") | pl.col("_restore") | pl.col("_state") | pl.col("_default"))
+    )
+    ev = ev.with_columns(has_status.alias("_has_status"))
     # soft delete and restore: the quarantine runs from the first soft delete after the last restore
     restore = pl.col("applicable") & pl.col("_restore")
     ev = ev.with_columns(_per_vm(ev, starts, restore, "max", "_last_restore"))
@@ -501,7 +519,7 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
     ts_low = ts.fill_null(np.iinfo(np.int64).max).to_numpy()  # (a null time counts as none)
     ts_high = ts.fill_null(np.iinfo(np.int64).min).to_numpy()
     own_first = seq + np.where(mask["_own"], _OWN, 0)
-    firsts, lasts = pl.Series(starts), pl.Series(ends)
+    firsts = pl.Series(starts)
     # (events that name one identity column mostly name them all: a reduction per distinct mask)
     identity: dict[str, pl.Series] = {}
     for n in _IDENTITY:
@@ -518,7 +536,6 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
             _reduce_np(ts_high, mask["_gone_row"], starts, "max").alias("gone_ts"),
             _reduce_np(ts_low, mask["_purged"], starts, "min").alias("purge_ts"),
             _reduce_np(ts_low, mask["_soft"], starts, "min").alias("soft_deleted_at"),
-            ev.get_column("hyp_now").gather(lasts).alias("hypervisor"),
             _reduce_np(ts_low, mask["_create"], starts, "min").alias("created"),
             _reduce_np(ts_low, None, starts, "min").alias("first_seen"),
             _reduce_np(ts_high, None, starts, "max").alias("last_event_at"),
@@ -570,7 +587,7 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
         .alias("quarantine_until"),
         pl.coalesce("created", "first_seen").alias("created_at"),
     )
-    return ev, facts, moves
+    return facts
 
 
 def _few(frame: pl.DataFrame, where: pl.Expr) -> pl.DataFrame:
@@ -807,6 +824,7 @@ def _replay(
     frame: pl.DataFrame,
     reclaim_us: int | None,
     names: dict[str, pl.Series],
+    pool: ThreadPoolExecutor,
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, pl.Series]]:
     """Sorted, de-duplicated events (_ordered_events) -> (leases with µs times, VM facts, the texts of their
     codes: vm_id, hypervisor, addr; in the texts' order)."""
@@ -821,7 +839,11 @@ def _replay(
         .otherwise(pl.col("action").replace_strict(_ACTION_CODE, default=-1, return_dtype=pl.Int8))
         .alias("_act"),
     )
-    ev, facts, moves = _vm_frame(frame, reclaim_us)
+    ev, starts, ends = _vm_events(frame)
+    # the VMs' hypervisors and their other facts are not needed before the leases are resolved: worked out in
+    # `pool` meanwhile (polars and numpy release the GIL)
+    hypervisors = pool.submit(_vm_hypervisors, ev, starts)
+    vm_facts = pool.submit(_vm_facts, frame, ev, starts, reclaim_us)
     port_history, port_addrs = _port_maps(frame)
 
     # claims by VMs: every address an applicable event lists, and the one an attach names
@@ -881,14 +903,14 @@ def _replay(
 
     # a VM's delete ends what it holds; so does every later purge (a floating IP can be pointed at a deleted
     # VM, by its port: the purge ends that lease too, as the event-by-event replay does)
+    gone = ev.select("vm_id", pl.col("gone_seq").alias("seq")).gather(pl.Series(starts))
+    gone = gone.filter(pl.col("seq").is_not_null())
     purged_later = ev.filter(pl.col("_purge_act") & ~pl.col("passive") & (pl.col("seq") > pl.col("gone_seq")))
     deletes = pl.concat(
         [
-            facts.filter(pl.col("gone_seq").is_not_null()).select(
-                "vm_id",
-                pl.col("gone_seq").alias("seq"),
-                pl.col("gone_ts").alias("ts"),
-                pl.col("gone_act").alias("act"),
+            gone.with_columns(
+                frame.get_column("ts").gather(gone.get_column("seq")),
+                frame.get_column("act").gather(gone.get_column("seq")),
             ),
             purged_later.select("vm_id", "seq", "ts", pl.lit("purge").alias("act")),
         ]
@@ -1013,9 +1035,8 @@ def _replay(
 
     # the hypervisor then: at the lease's opening event; a move of the VM while it holds the lease splits it
     # (a lease opened by its VM's own event takes that event's value; a floating IP's, the VM's value then)
-    hyp_by_seq = pl.repeat(None, frame.height, dtype=_CODE, eager=True).scatter(
-        ev.get_column("seq"), ev.get_column("hyp_now")
-    )
+    hyp_now, moves = hypervisors.result()
+    hyp_by_seq = pl.repeat(None, frame.height, dtype=_CODE, eager=True).scatter(ev.get_column("seq"), hyp_now)
     start = leases.get_column("start_seq")
     own_event = (frame.get_column("vm_id").gather(start) == leases.get_column("vm_id")).fill_null(False)
     leases = leases.with_row_index("_lease").with_columns(
@@ -1028,7 +1049,7 @@ def _replay(
             .with_columns(pl.col("start_seq").alias("seq"))
             .sort("seq")
             .join_asof(
-                ev.select("vm_id", "seq", pl.col("hyp_now").alias("hypervisor")).sort("seq"),
+                ev.select("vm_id", "seq", hyp_now.alias("hypervisor")).sort("seq"),
                 on="seq",
                 by="vm_id",
                 strategy="backward",
@@ -1090,6 +1111,7 @@ def _replay(
     leases = leases.drop("_lease").filter(
         pl.col("valid_to").is_null() | (pl.col("valid_to") > pl.col("valid_from"))
     )
+    facts = vm_facts.result().with_columns(hyp_now.gather(pl.Series(ends)).alias("hypervisor"))
     if len(extra):  # the holders' codes after the VMs' own: renumbered in the texts' order again
         rank = pl.Series(np.empty(len(vm_names), np.int64)).scatter(
             vm_names.arg_sort(), pl.int_range(len(vm_names), eager=True, dtype=pl.Int64)
@@ -1110,9 +1132,9 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
     if events.num_rows == 0:
         return VM_LEASES.empty_table(), VMS.empty_table()
     reclaim_us = None if reclaim_interval is None else reclaim_interval // dt.timedelta(microseconds=1)
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="build-leases") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="build-leases") as pool:
         frame, names, rows = _ordered_events(events, pool)
-        leases, facts, names = _replay(frame, reclaim_us, names)
+        leases, facts, names = _replay(frame, reclaim_us, names, pool)
         return _output_tables(events, rows, leases, facts, names, pool)
 
 
