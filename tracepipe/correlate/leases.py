@@ -286,16 +286,14 @@ def _ordered_events(
     """What the replay reads of the events, in the replay order: ts as µs, codes for VM ids, hypervisors and
     addresses (with their texts), the few other columns it compares, the _has_<identity> flags and _phase ->
     (that frame, texts per code column, the events' row positions in that order).
-    The encodings and conversions do not depend on the order: they run in `pool` (Arrow and polars release
-    the GIL) while this thread works out the order (_replay_order)."""
+    The encodings and conversions do not depend on the order: the largest run in `pool` (Arrow releases the
+    GIL) while this thread works out the order (_replay_order) and the others."""
     vm_id = pool.submit(_encode, events.column("vm_id").combine_chunks())
-    hypervisor = pool.submit(_encode, events.column("hypervisor").combine_chunks())
     addrs = pool.submit(_encode_addrs, events)
-    plain = pool.submit(_plain_columns, events)
     rows, phases = _replay_order(events)
-    (vm_codes, vm_names), (hyp_codes, hyp_names) = vm_id.result(), hypervisor.result()
-    addr_codes, listed, addr_names = addrs.result()
-    plain_columns = plain.result()
+    hyp_codes, hyp_names = _encode(events.column("hypervisor").combine_chunks())
+    plain_columns = _plain_columns(events)
+    (vm_codes, vm_names), (addr_codes, listed, addr_names) = vm_id.result(), addrs.result()
     unordered = pl.DataFrame(
         [
             *plain_columns.select(~cs.starts_with("_has_")),
@@ -1157,23 +1155,23 @@ def _output_tables(
     # sorted on the codes (= on the texts); a lease's VM row found by a binary search (its code, when every
     # code has a row). Every text column is one take (from the texts of the codes, or from the events' own
     # column at the deciding events: facts' _at_<column> are positions in the replay order, `rows` maps them to
-    # the events' rows), a lease's VM facts one from the vms column; all in `pool` (Arrow releases the GIL)
-    leases = leases.sort(_LEASE_KEY)
-    if facts.height == len(names["vm_id"]):
-        at_vm = leases.get_column("vm_id")
-    else:
-        at_vm = facts.get_column("vm_id").search_sorted(leases.get_column("vm_id"))
-    text = {n: _arrow_text(names[n]) for n in ("addr", "vm_id", "hypervisor")}
-    vm_columns: dict[str, Any] = {
-        "vm_id": pool.submit(_take, text["vm_id"], facts.get_column("vm_id")),
-        "hypervisor": pool.submit(_take, text["hypervisor"], facts.get_column("hypervisor")),
-    }
+    # the events' rows), a lease's VM facts one from the vms column. The takes from the events (1 M rows, at
+    # scattered positions: the slowest) run in `pool` meanwhile (Arrow releases the GIL)
+    vm_columns: dict[str, Any] = {}
     for name in _IDENTITY:
         column = events.column(name)
         if column.null_count == len(column):  # (as image in Nova's instance events)
             vm_columns[name] = pa.nulls(facts.height, column.type)
         else:
             vm_columns[name] = pool.submit(_take, column, rows.gather(facts.get_column(f"_at_{name}")))
+    leases = leases.sort(_LEASE_KEY)
+    if facts.height == len(names["vm_id"]):
+        at_vm = leases.get_column("vm_id")
+    else:
+        at_vm = facts.get_column("vm_id").search_sorted(leases.get_column("vm_id"))
+    text = {n: _arrow_text(names[n]) for n in ("addr", "vm_id", "hypervisor")}
+    vm_columns["vm_id"] = _take(text["vm_id"], facts.get_column("vm_id"))
+    vm_columns["hypervisor"] = _take(text["hypervisor"], facts.get_column("hypervisor"))
     vm_columns["status"] = _arrow_text(facts.get_column("status"))
     for name in VMS.names:
         if name in ("vm_key", "identity_changed_at"):  # set when written: vm_keys.keyed_vms
@@ -1181,17 +1179,17 @@ def _output_tables(
         elif name not in vm_columns:
             vm_columns[name] = _arrow_time(facts.get_column(name))
     lease_columns: dict[str, Any] = {
-        "addr": pool.submit(_take, text["addr"], leases.get_column("addr")),
-        "vm_id": pool.submit(_take, text["vm_id"], leases.get_column("vm_id")),
-        "hypervisor": pool.submit(_take, text["hypervisor"], leases.get_column("hypervisor")),
+        "addr": _take(text["addr"], leases.get_column("addr")),
+        "vm_id": _take(text["vm_id"], leases.get_column("vm_id")),
+        "hypervisor": _take(text["hypervisor"], leases.get_column("hypervisor")),
         "addr_kind": _enum_text(leases.get_column("kind")),
         **{c: _arrow_time(leases.get_column(c)) for c in ("valid_from", "valid_to")},
         "end_reason": _enum_text(leases.get_column("end_reason")),
     }
-    of_vm = {"vm_name": "vm_name", "project": "project", "user": "user", "cloud": "cloud"}
-    of_vm |= {"vm_status": "status", "quarantine_until": "quarantine_until"}
-    for name, vm_name in of_vm.items():  # (after the vms columns' tasks: a task waits only on earlier ones)
-        lease_columns[name] = pool.submit(_take_of, vm_columns[vm_name], at_vm)
+    of_vm = {"vm_status": "status", "quarantine_until": "quarantine_until"}
+    of_vm |= {"vm_name": "vm_name", "project": "project", "user": "user", "cloud": "cloud"}  # (from `pool`)
+    for name, vm_name in of_vm.items():
+        lease_columns[name] = _take(_result(vm_columns[vm_name]), at_vm)
     vms = pa.table({n: _result(vm_columns[n]) for n in VMS.names}, schema=VMS)
     leases_table = pa.table({n: _result(lease_columns[n]) for n in VM_LEASES.names}, schema=VM_LEASES)
     return leases_table, vms  # vm_key: vm_keys.py
@@ -1201,10 +1199,6 @@ def _take(values: pa.Array | pa.ChunkedArray, at: pl.Series) -> pa.Array:
     """values at the positions `at` (a null position gives null), as one array."""
     taken = values.take(at.to_arrow())
     return taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
-
-
-def _take_of(values: Future[pa.Array] | pa.Array, at: pl.Series) -> pa.Array:
-    return _take(_result(values), at)
 
 
 def _result(column: Future[pa.Array] | pa.Array) -> pa.Array:
