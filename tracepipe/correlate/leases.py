@@ -98,15 +98,24 @@ _ACTION_FLAGS = {
 }
 
 
-def _action_flags(act: pl.Series) -> list[pl.Series]:
-    """The _ACTION_FLAGS of each event from its action code (-1: any other action): one look-up of a bit set
-    per event, then a bit test per flag (an is_in per flag costs several times more)."""
+def _action_bits(act: pl.Series) -> np.ndarray:
+    """The _ACTION_FLAGS of each event from its action code (-1: any other action) as a bit set (bit i: the
+    i-th flag): one look-up per event (an is_in per flag costs several times more)."""
     table = np.zeros(len(_ACTION_CODE) + 1, np.uint16)
     for bit, actions in enumerate(_ACTION_FLAGS.values()):
         for action in actions:
             table[_ACTION_CODE[action] + 1] |= 1 << bit
-    bits = table[act.to_numpy().astype(np.int16) + 1]
-    return [pl.Series(name, (bits & (1 << bit)) != 0) for bit, name in enumerate(_ACTION_FLAGS)]
+    return table[act.to_numpy().astype(np.int16) + 1]
+
+
+def _action_flag(bits: np.ndarray, name: str) -> np.ndarray:
+    return (bits & (1 << list(_ACTION_FLAGS).index(name))) != 0
+
+
+def _action_flags(act: pl.Series) -> list[pl.Series]:
+    """The _ACTION_FLAGS of each event from its action code, a boolean column each."""
+    bits = _action_bits(act)
+    return [pl.Series(name, _action_flag(bits, name)) for name in _ACTION_FLAGS]
 
 
 def _replay_order(events: pa.Table) -> tuple[pl.Series, pl.Series]:
@@ -588,6 +597,60 @@ def _vm_facts(
     return facts
 
 
+def _vm_side(
+    frame: pl.DataFrame, reclaim_us: int | None
+) -> tuple[pl.DataFrame, pl.Series, pl.DataFrame, pl.DataFrame]:
+    """The events by VM (vm_id, seq) with the VM's hypervisor after each (hyp_now), the VMs' facts, and the
+    hypervisor moves (_vm_events, _vm_hypervisors, _vm_facts)."""
+    ev, starts, ends = _vm_events(frame)
+    hyp_now, moves = _vm_hypervisors(ev, starts)
+    facts = _vm_facts(frame, ev, starts, reclaim_us)
+    facts = facts.with_columns(hyp_now.gather(pl.Series(ends)).alias("hypervisor"))
+    return ev.select("vm_id", "seq"), hyp_now, facts, moves
+
+
+def _deletes(frame: pl.DataFrame, vms: int) -> tuple[pl.Series, pl.DataFrame]:
+    """What the claims and releases need of _vm_events, read in seq order (frame's row number): the seq of the
+    events that move their VM's state (`applicable`, ascending), and the VMs' deletes, each (vm_id, seq, ts,
+    act), by VM: a VM's first delete (its gone_seq), then every later purge of it (by seq)."""
+    seq = np.arange(frame.height)
+    vm = frame.get_column("vm_id").fill_null(-1).to_numpy()
+    passive = frame.get_column("passive").to_numpy()
+    bits = _action_bits(frame.get_column("_act"))
+    delete = _action_flag(bits, "_delete") & ~passive & ~_action_flag(bits, "_floating") & (vm >= 0)
+    # the VM's first delete: the least seq of its deletes (as a VM code is its position among the VMs)
+    never = np.iinfo(np.int64).max
+    gone = np.full(vms + 1, never)  # (+1: the events of no VM, at -1, are never gone)
+    np.minimum.at(gone, vm[delete], seq[delete])
+    gone_seq = gone[vm]
+    applicable = (
+        ~passive
+        & ~_action_flag(bits, "_floating")
+        & ~_action_flag(bits, "_delete_or_detach")
+        & (seq < gone_seq)
+        & (vm >= 0)
+    )
+    purged = _action_flag(bits, "_purge_act") & ~passive & (vm >= 0) & (seq > gone_seq) & (gone_seq != never)
+    purged_at = np.flatnonzero(purged)
+    purged_at = purged_at[np.lexsort((purged_at, vm[purged_at]))]
+    gone_vms = np.flatnonzero(gone[:vms] != never)
+    gone_at = pl.Series(gone[gone_vms])
+    deletes = pl.concat(
+        [
+            pl.DataFrame(
+                [
+                    pl.Series("vm_id", gone_vms, dtype=_CODE),
+                    gone_at.alias("seq"),
+                    frame.get_column("ts").gather(gone_at),
+                    frame.get_column("act").gather(gone_at),
+                ]
+            ),
+            frame.select("vm_id", "seq", "ts", pl.lit("purge").alias("act")).gather(pl.Series(purged_at)),
+        ]
+    ).rechunk()
+    return pl.Series("seq", np.flatnonzero(applicable), dtype=pl.Int64), deletes
+
+
 def _few(frame: pl.DataFrame, where: pl.Expr) -> pl.DataFrame:
     """frame.filter(where) for a condition few rows meet: the mask is worked out alone, then only those rows
     are gathered (a filter walks every column of every event)."""
@@ -837,15 +900,13 @@ def _replay(
         .otherwise(pl.col("action").replace_strict(_ACTION_CODE, default=-1, return_dtype=pl.Int8))
         .alias("_act"),
     )
-    ev, starts, ends = _vm_events(frame)
-    # the VMs' hypervisors and their other facts are not needed before the leases are resolved: worked out in
-    # `pool` meanwhile (polars and numpy release the GIL)
-    hypervisors = pool.submit(_vm_hypervisors, ev, starts)
-    vm_facts = pool.submit(_vm_facts, frame, ev, starts, reclaim_us)
+    # the events by VM (their hypervisors, the VMs' facts) are not needed before the leases are resolved: worked
+    # out in `pool` meanwhile (polars and numpy release the GIL); what the claims need is read in seq order
+    vm_side = pool.submit(_vm_side, frame, reclaim_us)
+    applicable, deletes = _deletes(frame, len(vm_names))
     port_history, port_addrs = _port_maps(frame)
 
     # claims by VMs: every address an applicable event lists, and the one an attach names
-    applicable = ev.select("seq").filter(ev.get_column("applicable")).get_column("seq").sort()
     listed = (
         frame.select("seq", "ts", "vm_id", pl.col("addr_kind").alias("kind"), "addrs", "addr", "act")
         .gather(applicable)  # frame's row number is seq
@@ -899,21 +960,7 @@ def _replay(
             pl.lit("detach").alias("reason")
         )
 
-    # a VM's delete ends what it holds; so does every later purge (a floating IP can be pointed at a deleted
-    # VM, by its port: the purge ends that lease too, as the event-by-event replay does)
-    gone = ev.select("vm_id", pl.col("gone_seq").alias("seq")).gather(pl.Series(starts))
-    gone = gone.filter(pl.col("seq").is_not_null())
-    purged_later = ev.filter(pl.col("_purge_act") & ~pl.col("passive") & (pl.col("seq") > pl.col("gone_seq")))
-    deletes = pl.concat(
-        [
-            gone.with_columns(
-                frame.get_column("ts").gather(gone.get_column("seq")),
-                frame.get_column("act").gather(gone.get_column("seq")),
-            ),
-            purged_later.select("vm_id", "seq", "ts", pl.lit("purge").alias("act")),
-        ]
-    ).rechunk()
-
+    # a VM's delete ends what it holds; so does every later purge (_deletes)
     def delete_releases(claimed: pl.DataFrame) -> pl.DataFrame:
         gone = deletes
         return gone.join(_held(claimed), on="vm_id").select(
@@ -1033,7 +1080,7 @@ def _replay(
 
     # the hypervisor then: at the lease's opening event; a move of the VM while it holds the lease splits it
     # (a lease opened by its VM's own event takes that event's value; a floating IP's, the VM's value then)
-    hyp_now, moves = hypervisors.result()
+    ev, hyp_now, facts, moves = vm_side.result()
     hyp_by_seq = pl.repeat(None, frame.height, dtype=_CODE, eager=True).scatter(ev.get_column("seq"), hyp_now)
     start = leases.get_column("start_seq")
     own_event = (frame.get_column("vm_id").gather(start) == leases.get_column("vm_id")).fill_null(False)
@@ -1109,7 +1156,6 @@ def _replay(
     leases = leases.drop("_lease").filter(
         pl.col("valid_to").is_null() | (pl.col("valid_to") > pl.col("valid_from"))
     )
-    facts = vm_facts.result().with_columns(hyp_now.gather(pl.Series(ends)).alias("hypervisor"))
     if len(extra):  # the holders' codes after the VMs' own: renumbered in the texts' order again
         rank = pl.Series(np.empty(len(vm_names), np.int64)).scatter(
             vm_names.arg_sort(), pl.int_range(len(vm_names), eager=True, dtype=pl.Int64)
