@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import polars.selectors as cs
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -274,8 +273,8 @@ def _encode_addrs(events: pa.Table) -> tuple[pl.Series, pl.Series, pl.Series]:
 
 
 def _plain_columns(events: pa.Table) -> pl.DataFrame:
-    """The few other columns the replay compares, and for each identity column (vm_name, project, ...)
-    whether the event names it (their texts are read at the end, _output_tables), in the events' order."""
+    """The few other columns the replay compares, and which identity columns (vm_name, project, ...) the event
+    names (_has; their texts are read at the end, _output_tables), in the events' order."""
     # (a column with no value at all, as port ids and kinds in Nova's instance events, is made null in polars:
     # converting a million nulls of Arrow text costs as much as text)
     columns = ["ts", "action", "state", "addr_kind", "port_id", "resource_id"]
@@ -285,7 +284,11 @@ def _plain_columns(events: pa.Table) -> pl.DataFrame:
         else pl.Series(n, events.column(n))
         for n in columns
     ]
-    present = [pl.Series(f"_has_{n}", pc.is_valid(events.column(n))) for n in _IDENTITY]
+    # (bit i: the event names _IDENTITY[i]; one small integer gathered and read instead of five booleans)
+    present = np.zeros(events.num_rows, np.uint8)
+    for bit, name in enumerate(_IDENTITY):
+        present |= pc.is_valid(events.column(name)).to_numpy(zero_copy_only=False).astype(np.uint8) << bit
+    present = [pl.Series("_has", present)]
     return pl.DataFrame([*narrow, *present])
 
 
@@ -293,7 +296,7 @@ def _ordered_events(
     events: pa.Table, pool: ThreadPoolExecutor
 ) -> tuple[pl.DataFrame, dict[str, pl.Series], pl.Series]:
     """What the replay reads of the events, in the replay order: ts as µs, codes for VM ids, hypervisors and
-    addresses (with their texts), the few other columns it compares, the _has_<identity> flags and _phase ->
+    addresses (with their texts), the few other columns it compares, the _has bits (_plain_columns), _phase ->
     (that frame, texts per code column, the events' row positions in that order).
     The encodings and conversions do not depend on the order: the largest run in `pool` (Arrow releases the
     GIL) while this thread works out the order (_replay_order) and the others."""
@@ -305,12 +308,12 @@ def _ordered_events(
     (vm_codes, vm_names), (addr_codes, listed, addr_names) = vm_id.result(), addrs.result()
     unordered = pl.DataFrame(
         [
-            *plain_columns.select(~cs.starts_with("_has_")),
+            *plain_columns.drop("_has"),
             vm_codes.alias("vm_id"),
             hyp_codes.alias("hypervisor"),
             addr_codes,
             listed,
-            *plain_columns.select(cs.starts_with("_has_")),
+            plain_columns.get_column("_has"),
         ]
     )
     frame = _in_order(unordered, rows).rechunk()  # (see _replay_order's head)
@@ -390,15 +393,23 @@ def _in_vm_order(frame: pl.DataFrame) -> pl.DataFrame:
     if top is None or int(top).bit_length() + bits > 62:  # (only ~2^31 events or more)
         return frame.filter(pl.col("vm_id").is_not_null()).sort("vm_id", maintain_order=True)
     packed = frame.select((pl.col("vm_id").cast(pl.Int64) * (1 << bits) + pl.col("seq")).drop_nulls().sort())
-    return frame.gather(packed.to_series() % (1 << bits))
+    packed = packed.to_series()
+    seq = packed % (1 << bits)  # (vm_id and seq are the key's own bits: not gathered)
+    ordered = frame.drop("vm_id", "seq").gather(seq)
+    return ordered.with_columns(
+        (packed // (1 << bits)).cast(frame.schema["vm_id"]).alias("vm_id"), seq.alias("seq")
+    )
 
 
-def _vm_events(frame: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
+def _vm_events(
+    frame: pl.DataFrame, gone_seq: np.ndarray, applicable: np.ndarray
+) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
     """Per-event VM context: the events with a VM, sorted by (vm_id, seq), with their action flags, the seq of
     the VM's delete (gone_seq) and whether each moves the VM's state (applicable); and where each VM's events
     start and end in that order. Only fast aggregations and fills over the whole frame (per-group expressions
     are evaluated group by group). The VM's story is told on integers and flags: a text column (names, state)
-    is read from `frame` (whose row number is seq) only at the few rows that decide a VM's fact."""
+    is read from `frame` (whose row number is seq) only at the few rows that decide a VM's fact. gone_seq and
+    applicable: per event in seq order, from _deletes."""
     base = frame.select(
         "vm_id",
         "seq",
@@ -407,7 +418,7 @@ def _vm_events(frame: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray, np.ndarra
         "hypervisor",  # a code (_encode)
         "_act",
         (pl.col("state").is_not_null() & (pl.col("state") != "unknown")).alias("_state"),
-        *[f"_has_{n}" for n in _IDENTITY],
+        "_has",
     )
     # the events by VM, each VM's in seq order: gathered once, on the few narrow columns above (the flags
     # below are then worked out on the gathered integers)
@@ -422,12 +433,9 @@ def _vm_events(frame: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray, np.ndarra
     vms = ev.get_column("_vm").to_numpy()
     starts = np.flatnonzero(np.r_[True, vms[1:] != vms[:-1]]) if len(vms) else np.zeros(0, np.int64)
     ends = np.append(starts[1:], len(vms)) - 1 if len(starts) else starts
-    ev = ev.with_columns(_per_vm(ev, starts, pl.col("_delete"), "min", "gone_seq"))
-    alive = pl.col("gone_seq").is_null() | (pl.col("seq") < pl.col("gone_seq"))
-    # events that move the VM's state: an .end (or phase-less) event of a VM not deleted yet, other than a
-    # floating-IP event, a delete or a detach (handled on their own)
-    applicable = ~pl.col("passive") & ~pl.col("_floating") & ~pl.col("_delete_or_detach") & alive
-    ev = ev.with_columns(applicable.alias("applicable"))
+    seq = ev.get_column("seq").to_numpy()
+    gone = pl.Series("gone_seq", gone_seq[seq])
+    ev = ev.with_columns(gone.set(gone == _NEVER, None), pl.Series("applicable", applicable[seq]))  # type: ignore[arg-type]
     return ev, starts, ends
 
 
@@ -510,10 +518,7 @@ def _vm_facts(
     # gather from `frame`; the VM's own events first (a max of seq + _OWN on those, one pass for both).
     # The masks in one select, every reduction in numpy on them (a polars select per value costs 10x more)
     masks = ev.select(
-        [
-            pl.col(c).fill_null(False)
-            for c in ("_own", "_has_status", "_create", *[f"_has_{n}" for n in _IDENTITY])
-        ]
+        [pl.col(c).fill_null(False) for c in ("_own", "_has_status", "_create")]
         + [
             gone_row.fill_null(False).alias("_gone_row"),
             (pl.col("_purge_act") & ~pl.col("passive") & ~alive).fill_null(False).alias("_purged"),
@@ -521,6 +526,8 @@ def _vm_facts(
         ]
     )
     mask = {c: masks.get_column(c).to_numpy() for c in masks.columns}
+    has = ev.get_column("_has").to_numpy()
+    mask |= {f"_has_{n}": (has & (1 << bit)) != 0 for bit, n in enumerate(_IDENTITY)}
     seq = ev.get_column("seq").to_numpy()
     ts = ev.get_column("ts")
     ts_low = ts.fill_null(np.iinfo(np.int64).max).to_numpy()  # (a null time counts as none)
@@ -597,29 +604,34 @@ def _vm_facts(
     return facts
 
 
+_NEVER = np.iinfo(np.int64).max  # gone_seq of a VM not deleted
+
+
 def _vm_side(
-    frame: pl.DataFrame, reclaim_us: int | None
+    frame: pl.DataFrame, gone_seq: np.ndarray, applicable: np.ndarray, reclaim_us: int | None
 ) -> tuple[pl.DataFrame, pl.Series, pl.DataFrame, pl.DataFrame]:
     """The events by VM (vm_id, seq) with the VM's hypervisor after each (hyp_now), the VMs' facts, and the
     hypervisor moves (_vm_events, _vm_hypervisors, _vm_facts)."""
-    ev, starts, ends = _vm_events(frame)
+    ev, starts, ends = _vm_events(frame, gone_seq, applicable)
     hyp_now, moves = _vm_hypervisors(ev, starts)
     facts = _vm_facts(frame, ev, starts, reclaim_us)
     facts = facts.with_columns(hyp_now.gather(pl.Series(ends)).alias("hypervisor"))
     return ev.select("vm_id", "seq"), hyp_now, facts, moves
 
 
-def _deletes(frame: pl.DataFrame, vms: int) -> tuple[pl.Series, pl.DataFrame]:
-    """What the claims and releases need of _vm_events, read in seq order (frame's row number): the seq of the
-    events that move their VM's state (`applicable`, ascending), and the VMs' deletes, each (vm_id, seq, ts,
-    act), by VM: a VM's first delete (its gone_seq), then every later purge of it (by seq)."""
+def _deletes(frame: pl.DataFrame, vms: int) -> tuple[np.ndarray, np.ndarray, pl.DataFrame]:
+    """The VM context the claims and releases need, read in seq order (frame's row number): per event, the
+    seq of its VM's first delete (gone_seq; _NEVER: none) and whether it moves its VM's state (applicable:
+    an .end or phase-less event of a VM not deleted yet, other than a floating-IP event, a delete or a detach,
+    handled on their own); and the VMs' deletes, each (vm_id, seq, ts, act), by VM: a VM's first delete, then
+    every later purge of it (by seq)."""
     seq = np.arange(frame.height)
     vm = frame.get_column("vm_id").fill_null(-1).to_numpy()
     passive = frame.get_column("passive").to_numpy()
     bits = _action_bits(frame.get_column("_act"))
     delete = _action_flag(bits, "_delete") & ~passive & ~_action_flag(bits, "_floating") & (vm >= 0)
     # the VM's first delete: the least seq of its deletes (as a VM code is its position among the VMs)
-    never = np.iinfo(np.int64).max
+    never = _NEVER
     gone = np.full(vms + 1, never)  # (+1: the events of no VM, at -1, are never gone)
     np.minimum.at(gone, vm[delete], seq[delete])
     gone_seq = gone[vm]
@@ -648,7 +660,7 @@ def _deletes(frame: pl.DataFrame, vms: int) -> tuple[pl.Series, pl.DataFrame]:
             frame.select("vm_id", "seq", "ts", pl.lit("purge").alias("act")).gather(pl.Series(purged_at)),
         ]
     ).rechunk()
-    return pl.Series("seq", np.flatnonzero(applicable), dtype=pl.Int64), deletes
+    return gone_seq, applicable, deletes
 
 
 def _few(frame: pl.DataFrame, where: pl.Expr) -> pl.DataFrame:
@@ -902,8 +914,9 @@ def _replay(
     )
     # the events by VM (their hypervisors, the VMs' facts) are not needed before the leases are resolved: worked
     # out in `pool` meanwhile (polars and numpy release the GIL); what the claims need is read in seq order
-    vm_side = pool.submit(_vm_side, frame, reclaim_us)
-    applicable, deletes = _deletes(frame, len(vm_names))
+    gone_seq, applicable_events, deletes = _deletes(frame, len(vm_names))
+    vm_side = pool.submit(_vm_side, frame, gone_seq, applicable_events, reclaim_us)
+    applicable = pl.Series("seq", np.flatnonzero(applicable_events), dtype=pl.Int64)
     port_history, port_addrs = _port_maps(frame)
 
     # claims by VMs: every address an applicable event lists, and the one an attach names
