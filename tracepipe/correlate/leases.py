@@ -272,6 +272,17 @@ def _encode_addrs(events: pa.Table) -> tuple[pl.Series, pl.Series, pl.Series]:
     return codes.slice(0, len(single)).alias("addr"), pl.Series("addrs", listed), addr_names
 
 
+def _action_codes(action: pa.ChunkedArray) -> pl.Series:
+    """The _ACTION_CODE of each event's action (missing: "unknown"; any other action: -1), looked up once per
+    distinct action."""
+    encoded = pc.dictionary_encode(action.combine_chunks())
+    distinct = pl.Series(encoded.dictionary).cast(pl.String)
+    table = distinct.replace_strict(_ACTION_CODE, default=-1, return_dtype=pl.Int8).to_numpy()
+    table = np.append(table, np.int8(_ACTION_CODE["unknown"]))  # (the code of a missing action, last)
+    at = encoded.indices.fill_null(len(distinct)).to_numpy(zero_copy_only=False)
+    return pl.Series("_act", table[at])
+
+
 def _plain_columns(events: pa.Table) -> pl.DataFrame:
     """The few other columns the replay compares, and which identity columns (vm_name, project, ...) the event
     names (_has; their texts are read at the end, _output_tables), in the events' order."""
@@ -302,6 +313,7 @@ def _ordered_events(
     GIL) while this thread works out the order (_replay_order) and the others."""
     vm_id = pool.submit(_encode, events.column("vm_id").combine_chunks())
     addrs = pool.submit(_encode_addrs, events)
+    action = pool.submit(_action_codes, events.column("action"))
     rows, phases = _replay_order(events)
     hyp_codes, hyp_names = _encode(events.column("hypervisor").combine_chunks())
     plain_columns = _plain_columns(events)
@@ -314,6 +326,7 @@ def _ordered_events(
             addr_codes,
             listed,
             plain_columns.get_column("_has"),
+            action.result(),
         ]
     )
     frame = _in_order(unordered, rows).rechunk()  # (see _replay_order's head)
@@ -494,7 +507,7 @@ def _vm_hypervisors(ev: pl.DataFrame, starts: np.ndarray) -> tuple[pl.Series, pl
 
 
 def _vm_facts(
-    frame: pl.DataFrame, ev: pl.DataFrame, starts: np.ndarray, reclaim_us: int | None
+    frame: pl.DataFrame, ev: pl.DataFrame, starts: np.ndarray, ends: np.ndarray, reclaim_us: int | None
 ) -> pl.DataFrame:
     """The VMs' final facts but the hypervisor (_vm_hypervisors), from _vm_events: sorted by vm_id; the identity
     columns (_at_vm_name, ...) are the seq of the event that decides each (null: none names it)."""
@@ -551,8 +564,12 @@ def _vm_facts(
             _reduce_np(ts_low, mask["_purged"], starts, "min").alias("purge_ts"),
             _reduce_np(ts_low, mask["_soft"], starts, "min").alias("soft_deleted_at"),
             _reduce_np(ts_low, mask["_create"], starts, "min").alias("created"),
-            _reduce_np(ts_low, None, starts, "min").alias("first_seen"),
-            _reduce_np(ts_high, None, starts, "max").alias("last_event_at"),
+            # (the replay order is the time order, a missing time last: a VM's first event is its earliest, and
+            # its last its latest unless a time is missing)
+            ts.gather(firsts).alias("first_seen"),
+            ts.gather(pl.Series(ends)).alias("last_event_at")
+            if not ts.null_count()
+            else _reduce_np(ts_high, None, starts, "max").alias("last_event_at"),
         ]
     )
     # the identity columns stay positions (seq) of the deciding events: build_leases reads their texts once,
@@ -614,7 +631,7 @@ def _vm_side(
     hypervisor moves (_vm_events, _vm_hypervisors, _vm_facts)."""
     ev, starts, ends = _vm_events(frame, gone_seq, applicable)
     hyp_now, moves = _vm_hypervisors(ev, starts)
-    facts = _vm_facts(frame, ev, starts, reclaim_us)
+    facts = _vm_facts(frame, ev, starts, ends, reclaim_us)
     facts = facts.with_columns(hyp_now.gather(pl.Series(ends)).alias("hypervisor"))
     return ev.select("vm_id", "seq"), hyp_now, facts, moves
 
@@ -864,14 +881,16 @@ def _packed_order(rows: pl.DataFrame) -> pl.Expr | list[str]:
 
 
 def _held(claims: pl.DataFrame) -> pl.DataFrame:
-    """The distinct (vm_id, addr) pairs of claims (null VMs left out: they join nothing). Both are codes: one
-    integer key per pair de-duplicates ten times faster than a unique on two columns."""
+    """The distinct (vm_id, addr) pairs of claims (null VMs left out: they join nothing), sorted. Both are codes:
+    one integer key per pair de-duplicates ten times faster than a unique on two columns."""
     pairs = claims.select("vm_id", "addr").drop_nulls()
     if pairs.height == 0:
         return pairs
     width = int(pairs.get_column("addr").max()) + 1  # type: ignore[arg-type]
-    keys = pairs.select(pl.col("vm_id") * width + pl.col("addr")).to_series().unique()
-    return pl.DataFrame([(keys // width).alias("vm_id"), (keys % width).alias("addr")])
+    keys = pairs.select(pl.col("vm_id") * width + pl.col("addr")).to_series().unique().sort()
+    return pl.DataFrame(
+        [(keys // width).alias("vm_id"), (keys % width).alias("addr")]
+    )  # (by VM, then address)
 
 
 def _holder_at(leases: pl.DataFrame, rows: pl.DataFrame, addr: str) -> pl.DataFrame:
@@ -905,12 +924,9 @@ def _replay(
     frame = frame.with_columns(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("seq"),
         (pl.col("_phase") < 2).alias("passive"),
-        # (a missing action is "unknown": filled where `act` is read, on the few rows read, not on every event)
+        # (a missing action is "unknown": filled where `act` is read, on the few rows read, not on every event;
+        # its code `_act` is _ordered_events')
         pl.col("action").alias("act"),
-        pl.when(pl.col("action").is_null())
-        .then(pl.lit(_ACTION_CODE["unknown"], pl.Int8))
-        .otherwise(pl.col("action").replace_strict(_ACTION_CODE, default=-1, return_dtype=pl.Int8))
-        .alias("_act"),
     )
     # the events by VM (their hypervisors, the VMs' facts) are not needed before the leases are resolved: worked
     # out in `pool` meanwhile (polars and numpy release the GIL); what the claims need is read in seq order
@@ -975,14 +991,26 @@ def _replay(
 
     # a VM's delete ends what it holds; so does every later purge (_deletes)
     def delete_releases(claimed: pl.DataFrame) -> pl.DataFrame:
-        gone = deletes
-        return gone.join(_held(claimed), on="vm_id").select(
-            "addr",
-            "seq",
-            "ts",
-            pl.col("vm_id").alias("need_vm"),
-            pl.lit(None, pl.String).alias("need_kind"),
-            pl.col("act").alias("reason"),
+        # (a join of each delete with its VM's pairs, found by binary search: the pairs are sorted by VM)
+        held = _held(claimed)
+        vms = held.get_column("vm_id").to_numpy()
+        gone = deletes.get_column("vm_id").to_numpy()
+        first, count = np.searchsorted(vms, gone), np.searchsorted(vms, gone, "right")
+        count -= first
+        of_delete = np.repeat(np.arange(len(gone)), count)
+        pair = np.arange(len(of_delete)) - np.repeat(np.cumsum(count) - count - first, count)
+        return pl.concat(
+            [
+                held.select("addr").gather(pl.Series(pair)),
+                deletes.gather(pl.Series(of_delete)).select(
+                    "seq",
+                    "ts",
+                    pl.col("vm_id").alias("need_vm"),
+                    pl.lit(None, pl.String).alias("need_kind"),
+                    pl.col("act").alias("reason"),
+                ),
+            ],
+            how="horizontal",
         )
 
     base_releases = _frame(
