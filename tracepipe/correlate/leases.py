@@ -626,14 +626,15 @@ _NEVER = np.iinfo(np.int64).max  # gone_seq of a VM not deleted
 
 def _vm_side(
     frame: pl.DataFrame, gone_seq: np.ndarray, applicable: np.ndarray, reclaim_us: int | None
-) -> tuple[pl.DataFrame, pl.Series, pl.DataFrame, pl.DataFrame]:
-    """The events by VM (vm_id, seq) with the VM's hypervisor after each (hyp_now), the VMs' facts, and the
-    hypervisor moves (_vm_events, _vm_hypervisors, _vm_facts)."""
+) -> tuple[pl.DataFrame, pl.Series, pl.Series, pl.DataFrame, pl.DataFrame]:
+    """The events by VM (vm_id, seq) with the VM's hypervisor after each (hyp_now; the same by seq), the VMs'
+    facts, and the hypervisor moves (_vm_events, _vm_hypervisors, _vm_facts)."""
     ev, starts, ends = _vm_events(frame, gone_seq, applicable)
     hyp_now, moves = _vm_hypervisors(ev, starts)
     facts = _vm_facts(frame, ev, starts, ends, reclaim_us)
     facts = facts.with_columns(hyp_now.gather(pl.Series(ends)).alias("hypervisor"))
-    return ev.select("vm_id", "seq"), hyp_now, facts, moves
+    hyp_by_seq = pl.repeat(None, frame.height, dtype=_CODE, eager=True).scatter(ev.get_column("seq"), hyp_now)
+    return ev.select("vm_id", "seq"), hyp_now, hyp_by_seq, facts, moves
 
 
 def _deletes(frame: pl.DataFrame, vms: int) -> tuple[np.ndarray, np.ndarray, pl.DataFrame]:
@@ -1121,8 +1122,7 @@ def _replay(
 
     # the hypervisor then: at the lease's opening event; a move of the VM while it holds the lease splits it
     # (a lease opened by its VM's own event takes that event's value; a floating IP's, the VM's value then)
-    ev, hyp_now, facts, moves = vm_side.result()
-    hyp_by_seq = pl.repeat(None, frame.height, dtype=_CODE, eager=True).scatter(ev.get_column("seq"), hyp_now)
+    ev, hyp_now, hyp_by_seq, facts, moves = vm_side.result()
     start = leases.get_column("start_seq")
     own_event = (frame.get_column("vm_id").gather(start) == leases.get_column("vm_id")).fill_null(False)
     leases = leases.with_row_index("_lease").with_columns(
@@ -1243,7 +1243,8 @@ def _output_tables(
     # code has a row). Every text column is one take (from the texts of the codes, or from the events' own
     # column at the deciding events: facts' _at_<column> are positions in the replay order, `rows` maps them to
     # the events' rows), a lease's VM facts one from the vms column. The takes from the events (1 M rows, at
-    # scattered positions: the slowest) run in `pool` meanwhile (Arrow releases the GIL)
+    # scattered positions: the slowest), then the leases' VM ids and hypervisors, run in `pool` meanwhile
+    # (Arrow releases the GIL)
     vm_columns: dict[str, Any] = {}
     for name in _IDENTITY:
         column = events.column(name)
@@ -1267,8 +1268,8 @@ def _output_tables(
             vm_columns[name] = _arrow_time(facts.get_column(name))
     lease_columns: dict[str, Any] = {
         "addr": _take(text["addr"], leases.get_column("addr")),
-        "vm_id": _take(text["vm_id"], leases.get_column("vm_id")),
-        "hypervisor": _take(text["hypervisor"], leases.get_column("hypervisor")),
+        "vm_id": pool.submit(_take, text["vm_id"], leases.get_column("vm_id")),
+        "hypervisor": pool.submit(_take, text["hypervisor"], leases.get_column("hypervisor")),
         "addr_kind": _enum_text(leases.get_column("kind")),
         **{c: _arrow_time(leases.get_column(c)) for c in ("valid_from", "valid_to")},
         "end_reason": _enum_text(leases.get_column("end_reason")),
