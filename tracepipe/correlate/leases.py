@@ -309,15 +309,16 @@ def _ordered_events(
     """What the replay reads of the events, in the replay order: ts as µs, codes for VM ids, hypervisors and
     addresses (with their texts), the few other columns it compares, the _has bits (_plain_columns), _phase ->
     (that frame, texts per code column, the events' row positions in that order).
-    The encodings and conversions do not depend on the order: the largest run in `pool` (Arrow releases the
-    GIL) while this thread works out the order (_replay_order) and the others."""
+    The encodings and conversions do not depend on the order: they run in `pool` (Arrow releases the GIL)
+    while this thread works out the order (_replay_order) and converts the plain columns."""
     vm_id = pool.submit(_encode, events.column("vm_id").combine_chunks())
     addrs = pool.submit(_encode_addrs, events)
     action = pool.submit(_action_codes, events.column("action"))
+    hypervisor = pool.submit(_encode, events.column("hypervisor").combine_chunks())
     rows, phases = _replay_order(events)
-    hyp_codes, hyp_names = _encode(events.column("hypervisor").combine_chunks())
     plain_columns = _plain_columns(events)
     (vm_codes, vm_names), (addr_codes, listed, addr_names) = vm_id.result(), addrs.result()
+    hyp_codes, hyp_names = hypervisor.result()
     unordered = pl.DataFrame(
         [
             *plain_columns.drop("_has"),
@@ -415,14 +416,14 @@ def _in_vm_order(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _vm_events(
-    frame: pl.DataFrame, gone_seq: np.ndarray, applicable: np.ndarray
+    frame: pl.DataFrame, context: Future[tuple[np.ndarray, np.ndarray]]
 ) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
     """Per-event VM context: the events with a VM, sorted by (vm_id, seq), with their action flags, the seq of
     the VM's delete (gone_seq) and whether each moves the VM's state (applicable); and where each VM's events
     start and end in that order. Only fast aggregations and fills over the whole frame (per-group expressions
     are evaluated group by group). The VM's story is told on integers and flags: a text column (names, state)
-    is read from `frame` (whose row number is seq) only at the few rows that decide a VM's fact. gone_seq and
-    applicable: per event in seq order, from _deletes."""
+    is read from `frame` (whose row number is seq) only at the few rows that decide a VM's fact. `context`:
+    gone_seq and applicable per event in seq order (_deletes, worked out meanwhile by the caller)."""
     base = frame.select(
         "vm_id",
         "seq",
@@ -447,6 +448,7 @@ def _vm_events(
     starts = np.flatnonzero(np.r_[True, vms[1:] != vms[:-1]]) if len(vms) else np.zeros(0, np.int64)
     ends = np.append(starts[1:], len(vms)) - 1 if len(starts) else starts
     seq = ev.get_column("seq").to_numpy()
+    gone_seq, applicable = context.result()
     gone = pl.Series("gone_seq", gone_seq[seq])
     ev = ev.with_columns(gone.set(gone == _NEVER, None), pl.Series("applicable", applicable[seq]))  # type: ignore[arg-type]
     return ev, starts, ends
@@ -625,11 +627,11 @@ _NEVER = np.iinfo(np.int64).max  # gone_seq of a VM not deleted
 
 
 def _vm_side(
-    frame: pl.DataFrame, gone_seq: np.ndarray, applicable: np.ndarray, reclaim_us: int | None
+    frame: pl.DataFrame, context: Future[tuple[np.ndarray, np.ndarray]], reclaim_us: int | None
 ) -> tuple[pl.DataFrame, pl.Series, pl.Series, pl.DataFrame, pl.DataFrame]:
     """The events by VM (vm_id, seq) with the VM's hypervisor after each (hyp_now; the same by seq), the VMs'
     facts, and the hypervisor moves (_vm_events, _vm_hypervisors, _vm_facts)."""
-    ev, starts, ends = _vm_events(frame, gone_seq, applicable)
+    ev, starts, ends = _vm_events(frame, context)
     hyp_now, moves = _vm_hypervisors(ev, starts)
     facts = _vm_facts(frame, ev, starts, ends, reclaim_us)
     facts = facts.with_columns(hyp_now.gather(pl.Series(ends)).alias("hypervisor"))
@@ -931,8 +933,16 @@ def _replay(
     )
     # the events by VM (their hypervisors, the VMs' facts) are not needed before the leases are resolved: worked
     # out in `pool` meanwhile (polars and numpy release the GIL); what the claims need is read in seq order
-    gone_seq, applicable_events, deletes = _deletes(frame, len(vm_names))
-    vm_side = pool.submit(_vm_side, frame, gone_seq, applicable_events, reclaim_us)
+    context: Future[tuple[np.ndarray, np.ndarray]] = Future()
+    vm_side = pool.submit(
+        _vm_side, frame, context, reclaim_us
+    )  # (sorts the events by VM, then reads context)
+    try:
+        gone_seq, applicable_events, deletes = _deletes(frame, len(vm_names))
+    except BaseException as error:  # (else the pool's task would wait for it for ever)
+        context.set_exception(error)
+        raise
+    context.set_result((gone_seq, applicable_events))
     applicable = pl.Series("seq", np.flatnonzero(applicable_events), dtype=pl.Int64)
     port_history, port_addrs = _port_maps(frame)
 
