@@ -253,7 +253,10 @@ def _encode(text: pa.Array) -> tuple[pl.Series, pl.Series]:
     codes = rank[at] if len(rank) else np.zeros(len(at), np.int64)  # (no text at all: every code null)
     names = pl.from_arrow(encoded.dictionary.take(order))
     assert isinstance(names, pl.Series)
-    return pl.Series(codes).set(pl.Series(indices.is_null()), None), names.cast(pl.String)
+    codes = pl.Series(codes)
+    if indices.null_count:
+        codes = codes.set(pl.Series(indices.is_null()), None)
+    return codes, names.cast(pl.String)
 
 
 def _encode_addrs(events: pa.Table) -> tuple[pl.Series, pl.Series, pl.Series]:
