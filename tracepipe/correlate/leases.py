@@ -1227,9 +1227,10 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
     does not depend on this thread's chain (order -> claims and releases -> leases) runs in a pool of one worker
     meanwhile: the encodings of VM ids and addresses, the VM side of the replay (events by VM, hypervisors,
     facts) and the takes of the output texts (Arrow, numpy and polars release the GIL). A month of CERN-like
-    churn (1.01 M events; README, "Leases under CERN-like churn"), interleaved with the one-thread version,
-    best of 5 at load ~1: 0.89 s wall (1.14 M events/s; the issue's goal: >= 1 M), 1.41 CPU s; it was 1.32 s
-    wall, 1.64 CPU s. With the other core busy the pool saves no wall time and costs ~5-10% more CPU."""
+    churn (1.01 M events; README, "Leases under CERN-like churn"), interleaved with the version before (one
+    thread and polars' own), best of 3-5 at load 0.7-1.1: 0.78-0.89 s wall (1.14-1.31 M events/s; the issue's
+    goal: >= 1 M), 1.25-1.41 CPU s; it was 1.26-1.32 s wall, 1.46-1.64 CPU s. With the other core busy the pool
+    saves no wall time and costs ~5-10% more CPU."""
     events = events.select([f.name for f in VM_EVENTS])
     if events.num_rows == 0:
         return VM_LEASES.empty_table(), VMS.empty_table()
