@@ -82,7 +82,8 @@ def _act_in(*actions: str) -> pl.Expr:
     return pl.col("_act").is_in([_ACTION_CODE[a] for a in actions])
 
 
-# flags of an event's action that the replay asks about (_vm_frame; _own is negated there, _delete narrowed)
+# flags of an event's action that the replay asks about (_vm_events, _deletes; _own is negated in _vm_events,
+# _delete narrowed in _deletes)
 _ACTION_FLAGS = {
     "_floating": _FLOATING_ACTIONS,
     "_delete": _DELETES,
@@ -394,6 +395,7 @@ def _reduce_np(values: np.ndarray, where: np.ndarray | None, starts: np.ndarray,
 
 
 _OWN = 1 << 40  # more than any seq
+_NEVER = np.iinfo(np.int64).max  # gone_seq (_deletes) of a VM not deleted
 
 
 def _per_vm(ev: pl.DataFrame, starts: np.ndarray, where: pl.Expr, how: str, name: str) -> pl.Series:
@@ -440,10 +442,7 @@ def _vm_events(
     # the events by VM, each VM's in seq order: gathered once, on the few narrow columns above (the flags
     # below are then worked out on the gathered integers)
     ev = _in_vm_order(base)
-    ev = ev.with_columns(_action_flags(ev.get_column("_act"))).with_columns(
-        (pl.col("_delete") & ~pl.col("passive") & ~pl.col("_floating")).alias("_delete"),
-        pl.col("_own").not_(),
-    )
+    ev = ev.with_columns(_action_flags(ev.get_column("_act"))).with_columns(pl.col("_own").not_())
     # VM codes are dense from 0 and sorted (_encode): _vm is the VM's position among the VMs. (One chunk per
     # column: every step below then reads contiguous memory, and to numpy without a copy.)
     ev = ev.with_columns(pl.col("vm_id").alias("_vm")).rechunk()
@@ -453,7 +452,8 @@ def _vm_events(
     seq = ev.get_column("seq").to_numpy()
     gone_seq, applicable = context.result()
     gone = pl.Series("gone_seq", gone_seq[seq])
-    ev = ev.with_columns(gone.set(gone == _NEVER, None), pl.Series("applicable", applicable[seq]))  # type: ignore[arg-type]
+    gone = gone.set(gone == _NEVER, None)  # type: ignore[arg-type]
+    ev = ev.with_columns(gone, pl.Series("applicable", applicable[seq]))
     return ev, starts, ends
 
 
@@ -626,9 +626,6 @@ def _vm_facts(
     return facts
 
 
-_NEVER = np.iinfo(np.int64).max  # gone_seq of a VM not deleted
-
-
 def _vm_side(
     frame: pl.DataFrame, context: Future[tuple[np.ndarray, np.ndarray]], reclaim_us: int | None
 ) -> tuple[pl.DataFrame, pl.Series, pl.Series, pl.DataFrame, pl.DataFrame]:
@@ -654,8 +651,7 @@ def _deletes(frame: pl.DataFrame, vms: int) -> tuple[np.ndarray, np.ndarray, pl.
     bits = _action_bits(frame.get_column("_act"))
     delete = _action_flag(bits, "_delete") & ~passive & ~_action_flag(bits, "_floating") & (vm >= 0)
     # the VM's first delete: the least seq of its deletes (as a VM code is its position among the VMs)
-    never = _NEVER
-    gone = np.full(vms + 1, never)  # (+1: the events of no VM, at -1, are never gone)
+    gone = np.full(vms + 1, _NEVER)  # (+1: the events of no VM, at -1, are never gone)
     np.minimum.at(gone, vm[delete], seq[delete])
     gone_seq = gone[vm]
     applicable = (
@@ -665,10 +661,10 @@ def _deletes(frame: pl.DataFrame, vms: int) -> tuple[np.ndarray, np.ndarray, pl.
         & (seq < gone_seq)
         & (vm >= 0)
     )
-    purged = _action_flag(bits, "_purge_act") & ~passive & (vm >= 0) & (seq > gone_seq) & (gone_seq != never)
+    purged = _action_flag(bits, "_purge_act") & ~passive & (vm >= 0) & (seq > gone_seq) & (gone_seq != _NEVER)
     purged_at = np.flatnonzero(purged)
     purged_at = purged_at[np.lexsort((purged_at, vm[purged_at]))]
-    gone_vms = np.flatnonzero(gone[:vms] != never)
+    gone_vms = np.flatnonzero(gone[:vms] != _NEVER)
     gone_at = pl.Series(gone[gone_vms])
     deletes = pl.concat(
         [
@@ -894,9 +890,8 @@ def _held(claims: pl.DataFrame) -> pl.DataFrame:
         return pairs
     width = int(pairs.get_column("addr").max()) + 1  # type: ignore[arg-type]
     keys = pairs.select(pl.col("vm_id") * width + pl.col("addr")).to_series().unique().sort()
-    return pl.DataFrame(
-        [(keys // width).alias("vm_id"), (keys % width).alias("addr")]
-    )  # (by VM, then address)
+    # (sorted keys: by VM, then address)
+    return pl.DataFrame([(keys // width).alias("vm_id"), (keys % width).alias("addr")])
 
 
 def _holder_at(leases: pl.DataFrame, rows: pl.DataFrame, addr: str) -> pl.DataFrame:
@@ -936,10 +931,9 @@ def _replay(
     )
     # the events by VM (their hypervisors, the VMs' facts) are not needed before the leases are resolved: worked
     # out in `pool` meanwhile (polars and numpy release the GIL); what the claims need is read in seq order
+    # (_vm_side sorts the events by VM, then waits for `context`: gone_seq and applicable, from _deletes)
     context: Future[tuple[np.ndarray, np.ndarray]] = Future()
-    vm_side = pool.submit(
-        _vm_side, frame, context, reclaim_us
-    )  # (sorts the events by VM, then reads context)
+    vm_side = pool.submit(_vm_side, frame, context, reclaim_us)
     try:
         gone_seq, applicable_events, deletes = _deletes(frame, len(vm_names))
     except BaseException as error:  # (else the pool's task would wait for it for ever)
