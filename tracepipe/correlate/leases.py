@@ -313,16 +313,15 @@ def _ordered_events(
     """What the replay reads of the events, in the replay order: ts as µs, codes for VM ids, hypervisors and
     addresses (with their texts), the few other columns it compares, the _has bits (_plain_columns), _phase ->
     (that frame, texts per code column, the events' row positions in that order).
-    The encodings and conversions do not depend on the order: they run in `pool` (Arrow releases the GIL)
-    while this thread works out the order (_replay_order) and converts the plain columns."""
+    The encodings and conversions do not depend on the order: the largest run in `pool` (Arrow releases the
+    GIL) while this thread works out the order (_replay_order) and the others."""
     vm_id = pool.submit(_encode, events.column("vm_id").combine_chunks())
     addrs = pool.submit(_encode_addrs, events)
     action = pool.submit(_action_codes, events.column("action"))
-    hypervisor = pool.submit(_encode, events.column("hypervisor").combine_chunks())
     rows, phases = _replay_order(events)
     plain_columns = _plain_columns(events)
+    hyp_codes, hyp_names = _encode(events.column("hypervisor").combine_chunks())
     (vm_codes, vm_names), (addr_codes, listed, addr_names) = vm_id.result(), addrs.result()
-    hyp_codes, hyp_names = hypervisor.result()
     unordered = pl.DataFrame(
         [
             *plain_columns.drop("_has"),
@@ -477,14 +476,11 @@ def _vm_hypervisors(ev: pl.DataFrame, starts: np.ndarray) -> tuple[pl.Series, pl
         pl.when(strong).then(pl.col("hypervisor")).alias("_strong"),
         pl.when(weak).then(pl.col("hypervisor")).alias("_weak"),
     )
-    weak = pl.col("_weak").is_not_null()
+    # the VM's first weak row (the least row position: a VM's rows are in seq order), its seq and value
+    first_weak = _reduce(ev, starts, "_row", pl.col("_weak").is_not_null(), "min")
     ev = ev.with_columns(
-        _per_vm(ev, starts, weak, "min", "_weak_seq"),
-        # (the VM's first weak value: at its first weak row, found as the least row position)
-        ev.get_column("_weak")
-        .gather(_reduce(ev, starts, "_row", weak, "min"))
-        .gather(ev.get_column("_vm"))
-        .alias("_weak_first_value"),
+        ev.get_column(c).gather(first_weak).gather(ev.get_column("_vm")).alias(name)
+        for c, name in (("seq", "_weak_seq"), ("_weak", "_weak_first_value"))
     )
     # eager steps: the lazy engine returned every column of ev in many chunks, and rechunking them all cost
     # more than these columns
