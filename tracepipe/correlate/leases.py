@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,8 @@ def _act_in(*actions: str) -> pl.Expr:
     return pl.col("_act").is_in([_ACTION_CODE[a] for a in actions])
 
 
-# flags of an event's action that the replay asks about (_vm_frame; _own is negated there, _delete narrowed)
+# flags of an event's action that the replay asks about (_vm_events, _deletes; _own is negated in _vm_events,
+# _delete narrowed in _deletes)
 _ACTION_FLAGS = {
     "_floating": _FLOATING_ACTIONS,
     "_delete": _DELETES,
@@ -96,15 +98,24 @@ _ACTION_FLAGS = {
 }
 
 
-def _action_flags(act: pl.Series) -> list[pl.Series]:
-    """The _ACTION_FLAGS of each event from its action code (-1: any other action): one look-up of a bit set
-    per event, then a bit test per flag (an is_in per flag costs several times more)."""
+def _action_bits(act: pl.Series) -> np.ndarray:
+    """The _ACTION_FLAGS of each event from its action code (-1: any other action) as a bit set (bit i: the
+    i-th flag): one look-up per event (an is_in per flag costs several times more)."""
     table = np.zeros(len(_ACTION_CODE) + 1, np.uint16)
     for bit, actions in enumerate(_ACTION_FLAGS.values()):
         for action in actions:
             table[_ACTION_CODE[action] + 1] |= 1 << bit
-    bits = table[act.to_numpy().astype(np.int16) + 1]
-    return [pl.Series(name, (bits & (1 << bit)) != 0) for bit, name in enumerate(_ACTION_FLAGS)]
+    return table[act.to_numpy().astype(np.int16) + 1]
+
+
+def _action_flag(bits: np.ndarray, name: str) -> np.ndarray:
+    return (bits & (1 << list(_ACTION_FLAGS).index(name))) != 0
+
+
+def _action_flags(act: pl.Series) -> list[pl.Series]:
+    """The _ACTION_FLAGS of each event from its action code, a boolean column each."""
+    bits = _action_bits(act)
+    return [pl.Series(name, _action_flag(bits, name)) for name in _ACTION_FLAGS]
 
 
 def _replay_order(events: pa.Table) -> tuple[pl.Series, pl.Series]:
@@ -243,14 +254,15 @@ def _encode(text: pa.Array) -> tuple[pl.Series, pl.Series]:
     codes = rank[at] if len(rank) else np.zeros(len(at), np.int64)  # (no text at all: every code null)
     names = pl.from_arrow(encoded.dictionary.take(order))
     assert isinstance(names, pl.Series)
-    return pl.Series(codes).set(pl.Series(indices.is_null()), None), names.cast(pl.String)
+    codes = pl.Series(codes)
+    if indices.null_count:
+        codes = codes.set(pl.Series(indices.is_null()), None)
+    return codes, names.cast(pl.String)
 
 
-def _encode_events(events: pa.Table) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
-    """vm_id, hypervisor, addr and the addrs lists of the events as codes, in the events' order ->
-    (frame of codes, texts per column). Read from Arrow: the text columns never become polars strings."""
-    vm_codes, vm_names = _encode(events.column("vm_id").combine_chunks())
-    hyp_codes, hyp_names = _encode(events.column("hypervisor").combine_chunks())
+def _encode_addrs(events: pa.Table) -> tuple[pl.Series, pl.Series, pl.Series]:
+    """The addr column and the addrs lists of the events as codes of one text set -> (addr codes, addrs as
+    lists of codes, the distinct addresses sorted)."""
     lists = events.column("addrs").combine_chunks()
     flat = pc.list_flatten(lists)
     single = events.column("addr").combine_chunks()
@@ -261,38 +273,69 @@ def _encode_events(events: pa.Table) -> tuple[pl.DataFrame, dict[str, pl.Series]
     listed = pa.LargeListArray.from_arrays(
         pa.array(offsets), codes.slice(len(single)).to_arrow(), mask=lists.is_null()
     )
-    frame = pl.DataFrame(
-        [
-            vm_codes.alias("vm_id"),
-            hyp_codes.alias("hypervisor"),
-            codes.slice(0, len(single)).alias("addr"),
-            pl.Series("addrs", listed),
-        ]
-    )
-    return frame, {"vm_id": vm_names, "hypervisor": hyp_names, "addr": addr_names}
+    return codes.slice(0, len(single)).alias("addr"), pl.Series("addrs", listed), addr_names
 
 
-def _events_in_order(
-    events: pa.Table, rows: pl.Series, phases: pl.Series
-) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
-    """What the replay reads of the events, in the replay order (`rows`): ts as µs, codes for VM ids,
-    hypervisors and addresses (with their texts), the few other columns it compares, and for each identity
-    column (vm_name, project, ...) whether the event names it (their texts are read at the end, _texts)."""
-    codes, names = _encode_events(events)
+def _action_codes(action: pa.ChunkedArray) -> pl.Series:
+    """The _ACTION_CODE of each event's action (missing: "unknown"; any other action: -1), looked up once per
+    distinct action."""
+    encoded = pc.dictionary_encode(action.combine_chunks())
+    distinct = pl.Series(encoded.dictionary).cast(pl.String)
+    table = distinct.replace_strict(_ACTION_CODE, default=-1, return_dtype=pl.Int8).to_numpy()
+    table = np.append(table, np.int8(_ACTION_CODE["unknown"]))  # (the code of a missing action, last)
+    at = encoded.indices.fill_null(len(distinct)).to_numpy(zero_copy_only=False)
+    return pl.Series("_act", table[at])
+
+
+def _plain_columns(events: pa.Table) -> pl.DataFrame:
+    """The few other columns the replay compares, and which identity columns (vm_name, project, ...) the event
+    names (_has; their texts are read at the end, _output_tables), in the events' order."""
     # (a column with no value at all, as port ids and kinds in Nova's instance events, is made null in polars:
     # converting a million nulls of Arrow text costs as much as text)
     columns = ["ts", "action", "state", "addr_kind", "port_id", "resource_id"]
-    narrow = pl.DataFrame(
+    narrow = [
+        pl.repeat(None, events.num_rows, dtype=pl.String, eager=True).alias(n)
+        if events.column(n).null_count == events.num_rows and n != "ts"
+        else pl.Series(n, events.column(n))
+        for n in columns
+    ]
+    # (bit i: the event names _IDENTITY[i]; one small integer gathered and read instead of five booleans)
+    present = np.zeros(events.num_rows, np.uint8)
+    for bit, name in enumerate(_IDENTITY):
+        present |= pc.is_valid(events.column(name)).to_numpy(zero_copy_only=False).astype(np.uint8) << bit
+    present = [pl.Series("_has", present)]
+    return pl.DataFrame([*narrow, *present])
+
+
+def _ordered_events(
+    events: pa.Table, pool: ThreadPoolExecutor
+) -> tuple[pl.DataFrame, dict[str, pl.Series], pl.Series]:
+    """What the replay reads of the events, in the replay order: ts as µs, codes for VM ids, hypervisors and
+    addresses (with their texts), the few other columns it compares, the _has bits (_plain_columns), _phase ->
+    (that frame, texts per code column, the events' row positions in that order).
+    The encodings and conversions do not depend on the order: the largest run in `pool` (Arrow releases the
+    GIL) while this thread works out the order (_replay_order) and the others."""
+    vm_id = pool.submit(_encode, events.column("vm_id").combine_chunks())
+    addrs = pool.submit(_encode_addrs, events)
+    action = pool.submit(_action_codes, events.column("action"))
+    rows, phases = _replay_order(events)
+    plain_columns = _plain_columns(events)
+    hyp_codes, hyp_names = _encode(events.column("hypervisor").combine_chunks())
+    (vm_codes, vm_names), (addr_codes, listed, addr_names) = vm_id.result(), addrs.result()
+    unordered = pl.DataFrame(
         [
-            pl.repeat(None, events.num_rows, dtype=pl.String, eager=True).alias(n)
-            if events.column(n).null_count == events.num_rows and n != "ts"
-            else pl.Series(n, events.column(n))
-            for n in columns
+            *plain_columns.drop("_has"),
+            vm_codes.alias("vm_id"),
+            hyp_codes.alias("hypervisor"),
+            addr_codes,
+            listed,
+            plain_columns.get_column("_has"),
+            action.result(),
         ]
     )
-    present = pl.DataFrame([pl.Series(f"_has_{n}", pc.is_valid(events.column(n))) for n in _IDENTITY])
-    frame = _in_order(pl.concat([narrow, codes, present], how="horizontal"), rows).rechunk()  # (see head)
-    return frame.with_columns(phases, pl.col("ts").dt.epoch("us")), names
+    frame = _in_order(unordered, rows).rechunk()  # (see _replay_order's head)
+    frame = frame.with_columns(phases, pl.col("ts").dt.epoch("us"))
+    return frame, {"vm_id": vm_names, "hypervisor": hyp_names, "addr": addr_names}, rows
 
 
 # Every step below is a polars expression over all events at once (window functions over vm_id, addr or floating
@@ -351,6 +394,7 @@ def _reduce_np(values: np.ndarray, where: np.ndarray | None, starts: np.ndarray,
 
 
 _OWN = 1 << 40  # more than any seq
+_NEVER = np.iinfo(np.int64).max  # gone_seq (_deletes) of a VM not deleted
 
 
 def _per_vm(ev: pl.DataFrame, starts: np.ndarray, where: pl.Expr, how: str, name: str) -> pl.Series:
@@ -367,51 +411,54 @@ def _in_vm_order(frame: pl.DataFrame) -> pl.DataFrame:
     if top is None or int(top).bit_length() + bits > 62:  # (only ~2^31 events or more)
         return frame.filter(pl.col("vm_id").is_not_null()).sort("vm_id", maintain_order=True)
     packed = frame.select((pl.col("vm_id").cast(pl.Int64) * (1 << bits) + pl.col("seq")).drop_nulls().sort())
-    return frame.gather(packed.to_series() % (1 << bits))
+    packed = packed.to_series()
+    seq = packed % (1 << bits)  # (vm_id and seq are the key's own bits: not gathered)
+    ordered = frame.drop("vm_id", "seq").gather(seq)
+    return ordered.with_columns(
+        (packed // (1 << bits)).cast(frame.schema["vm_id"]).alias("vm_id"), seq.alias("seq")
+    )
 
 
-def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """Per-event VM context (gone?, applicable?, hypervisor then), the VMs' final facts, and the hypervisor
-    moves (live migration, unshelve elsewhere) that split leases. Sorted by (vm_id, seq); only fast
-    aggregations and fills over the whole frame (per-group expressions are evaluated group by group).
-    The VM's story is told on integers and flags: a text column (names, state) is read from `frame` (whose row
-    number is seq) only at the few rows that decide a VM's fact; the identity columns (_at_vm_name, ...) are the
-    seq of the event that decides each (null: none names it)."""
+def _vm_events(
+    frame: pl.DataFrame, context: Future[tuple[np.ndarray, np.ndarray]]
+) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
+    """Per-event VM context: the events with a VM, sorted by (vm_id, seq), with their action flags, the seq of
+    the VM's delete (gone_seq) and whether each moves the VM's state (applicable); and where each VM's events
+    start and end in that order. Only fast aggregations and fills over the whole frame (per-group expressions
+    are evaluated group by group). The VM's story is told on integers and flags: a text column (names, state)
+    is read from `frame` (whose row number is seq) only at the few rows that decide a VM's fact. `context`:
+    gone_seq and applicable per event in seq order (_deletes, worked out meanwhile by the caller)."""
     base = frame.select(
         "vm_id",
         "seq",
         "ts",
         "passive",
-        "hypervisor",  # a code (_encode_events)
+        "hypervisor",  # a code (_encode)
         "_act",
         (pl.col("state").is_not_null() & (pl.col("state") != "unknown")).alias("_state"),
-        *[f"_has_{n}" for n in _IDENTITY],
+        "_has",
     )
     # the events by VM, each VM's in seq order: gathered once, on the few narrow columns above (the flags
     # below are then worked out on the gathered integers)
     ev = _in_vm_order(base)
-    ev = ev.with_columns(_action_flags(ev.get_column("_act"))).with_columns(
-        (pl.col("_delete") & ~pl.col("passive") & ~pl.col("_floating")).alias("_delete"),
-        pl.col("_own").not_(),
-    )
+    ev = ev.with_columns(_action_flags(ev.get_column("_act"))).with_columns(pl.col("_own").not_())
     # VM codes are dense from 0 and sorted (_encode): _vm is the VM's position among the VMs. (One chunk per
     # column: every step below then reads contiguous memory, and to numpy without a copy.)
     ev = ev.with_columns(pl.col("vm_id").alias("_vm")).rechunk()
     vms = ev.get_column("_vm").to_numpy()
     starts = np.flatnonzero(np.r_[True, vms[1:] != vms[:-1]]) if len(vms) else np.zeros(0, np.int64)
     ends = np.append(starts[1:], len(vms)) - 1 if len(starts) else starts
-    ev = ev.with_columns(_per_vm(ev, starts, pl.col("_delete"), "min", "gone_seq"))
-    alive = pl.col("gone_seq").is_null() | (pl.col("seq") < pl.col("gone_seq"))
-    # events that move the VM's state: an .end (or phase-less) event of a VM not deleted yet, other than a
-    # floating-IP event, a delete or a detach (handled on their own)
-    applicable = ~pl.col("passive") & ~pl.col("_floating") & ~pl.col("_delete_or_detach") & alive
-    ev = ev.with_columns(applicable.alias("applicable"))
-    gone_row = pl.col("seq") == pl.col("gone_seq")
-    # the rows that set the VM's status (its value is worked out at the VM's last such row, below)
-    has_status = gone_row.fill_null(False) | (
-        pl.col("applicable")
-        & (pl.col("_soft_delete") | pl.col("_restore") | pl.col("_state") | pl.col("_default"))
-    )
+    seq = ev.get_column("seq").to_numpy()
+    gone_seq, applicable = context.result()
+    gone = pl.Series("gone_seq", gone_seq[seq])
+    gone = gone.set(gone == _NEVER, None)  # type: ignore[arg-type]
+    ev = ev.with_columns(gone, pl.Series("applicable", applicable[seq]))
+    return ev, starts, ends
+
+
+def _vm_hypervisors(ev: pl.DataFrame, starts: np.ndarray) -> tuple[pl.Series, pl.DataFrame]:
+    """The VM's hypervisor after each of its events (hyp_now, in _vm_events' order), and the hypervisor moves
+    (live migration, unshelve elsewhere) that split leases."""
     # hypervisor: an applicable event naming one sets it (a change = a move); start/error events and Neutron
     # port bindings only fill it in while none is known (so only the VM's first such value counts)
     known = pl.col("hypervisor").is_not_null()
@@ -421,19 +468,19 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
         | (pl.col("applicable") & pl.col("_port_update"))
     )
     new_vm = pl.col("_vm") != pl.col("_vm").shift(1).fill_null(-1)
-    ev = ev.with_columns(
-        has_status.alias("_has_status"),
+    ev = ev.select(
+        "_vm",
+        "seq",
+        "ts",
+        "vm_id",
         pl.when(strong).then(pl.col("hypervisor")).alias("_strong"),
         pl.when(weak).then(pl.col("hypervisor")).alias("_weak"),
     )
-    weak = pl.col("_weak").is_not_null()
+    # the VM's first weak row (the least row position: a VM's rows are in seq order), its seq and value
+    first_weak = _reduce(ev, starts, "_row", pl.col("_weak").is_not_null(), "min")
     ev = ev.with_columns(
-        _per_vm(ev, starts, weak, "min", "_weak_seq"),
-        # (the VM's first weak value: at its first weak row, found as the least row position)
-        ev.get_column("_weak")
-        .gather(_reduce(ev, starts, "_row", weak, "min"))
-        .gather(ev.get_column("_vm"))
-        .alias("_weak_first_value"),
+        ev.get_column(c).gather(first_weak).gather(ev.get_column("_vm")).alias(name)
+        for c, name in (("seq", "_weak_seq"), ("_weak", "_weak_first_value"))
     )
     # eager steps: the lazy engine returned every column of ev in many chunks, and rechunking them all cost
     # more than these columns
@@ -457,6 +504,22 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
             pl.col("_strong").alias("hyp"),
         )
     )
+    return ev.get_column("hyp_now"), moves
+
+
+def _vm_facts(
+    frame: pl.DataFrame, ev: pl.DataFrame, starts: np.ndarray, ends: np.ndarray, reclaim_us: int | None
+) -> pl.DataFrame:
+    """The VMs' final facts but the hypervisor (_vm_hypervisors), from _vm_events: sorted by vm_id; the identity
+    columns (_at_vm_name, ...) are the seq of the event that decides each (null: none names it)."""
+    alive = pl.col("gone_seq").is_null() | (pl.col("seq") < pl.col("gone_seq"))
+    gone_row = pl.col("seq") == pl.col("gone_seq")
+    # the rows that set the VM's status (its value is worked out at the VM's last such row, below)
+    has_status = gone_row.fill_null(False) | (
+        pl.col("applicable")
+        & (pl.col("_soft_delete") | pl.col("_restore") | pl.col("_state") | pl.col("_default"))
+    )
+    ev = ev.with_columns(has_status.alias("_has_status"))
     # soft delete and restore: the quarantine runs from the first soft delete after the last restore
     restore = pl.col("applicable") & pl.col("_restore")
     ev = ev.with_columns(_per_vm(ev, starts, restore, "max", "_last_restore"))
@@ -469,10 +532,7 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
     # gather from `frame`; the VM's own events first (a max of seq + _OWN on those, one pass for both).
     # The masks in one select, every reduction in numpy on them (a polars select per value costs 10x more)
     masks = ev.select(
-        [
-            pl.col(c).fill_null(False)
-            for c in ("_own", "_has_status", "_create", *[f"_has_{n}" for n in _IDENTITY])
-        ]
+        [pl.col(c).fill_null(False) for c in ("_own", "_has_status", "_create")]
         + [
             gone_row.fill_null(False).alias("_gone_row"),
             (pl.col("_purge_act") & ~pl.col("passive") & ~alive).fill_null(False).alias("_purged"),
@@ -480,12 +540,14 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
         ]
     )
     mask = {c: masks.get_column(c).to_numpy() for c in masks.columns}
+    has = ev.get_column("_has").to_numpy()
+    mask |= {f"_has_{n}": (has & (1 << bit)) != 0 for bit, n in enumerate(_IDENTITY)}
     seq = ev.get_column("seq").to_numpy()
     ts = ev.get_column("ts")
     ts_low = ts.fill_null(np.iinfo(np.int64).max).to_numpy()  # (a null time counts as none)
     ts_high = ts.fill_null(np.iinfo(np.int64).min).to_numpy()
     own_first = seq + np.where(mask["_own"], _OWN, 0)
-    firsts, lasts = pl.Series(starts), pl.Series(ends)
+    firsts = pl.Series(starts)
     # (events that name one identity column mostly name them all: a reduction per distinct mask)
     identity: dict[str, pl.Series] = {}
     for n in _IDENTITY:
@@ -502,10 +564,13 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
             _reduce_np(ts_high, mask["_gone_row"], starts, "max").alias("gone_ts"),
             _reduce_np(ts_low, mask["_purged"], starts, "min").alias("purge_ts"),
             _reduce_np(ts_low, mask["_soft"], starts, "min").alias("soft_deleted_at"),
-            ev.get_column("hyp_now").gather(lasts).alias("hypervisor"),
             _reduce_np(ts_low, mask["_create"], starts, "min").alias("created"),
-            _reduce_np(ts_low, None, starts, "min").alias("first_seen"),
-            _reduce_np(ts_high, None, starts, "max").alias("last_event_at"),
+            # (the replay order is the time order, a missing time last: a VM's first event is its earliest, and
+            # its last its latest unless a time is missing)
+            ts.gather(firsts).alias("first_seen"),
+            ts.gather(pl.Series(ends)).alias("last_event_at")
+            if not ts.null_count()
+            else _reduce_np(ts_high, None, starts, "max").alias("last_event_at"),
         ]
     )
     # the identity columns stay positions (seq) of the deciding events: build_leases reads their texts once,
@@ -554,7 +619,63 @@ def _vm_frame(frame: pl.DataFrame, reclaim_us: int | None) -> tuple[pl.DataFrame
         .alias("quarantine_until"),
         pl.coalesce("created", "first_seen").alias("created_at"),
     )
-    return ev, facts, moves
+    return facts
+
+
+def _vm_side(
+    frame: pl.DataFrame, context: Future[tuple[np.ndarray, np.ndarray]], reclaim_us: int | None
+) -> tuple[pl.DataFrame, pl.Series, pl.Series, pl.DataFrame, pl.DataFrame]:
+    """The events by VM (vm_id, seq) with the VM's hypervisor after each (hyp_now; the same by seq), the VMs'
+    facts, and the hypervisor moves (_vm_events, _vm_hypervisors, _vm_facts)."""
+    ev, starts, ends = _vm_events(frame, context)
+    hyp_now, moves = _vm_hypervisors(ev, starts)
+    facts = _vm_facts(frame, ev, starts, ends, reclaim_us)
+    facts = facts.with_columns(hyp_now.gather(pl.Series(ends)).alias("hypervisor"))
+    hyp_by_seq = pl.repeat(None, frame.height, dtype=_CODE, eager=True).scatter(ev.get_column("seq"), hyp_now)
+    return ev.select("vm_id", "seq"), hyp_now, hyp_by_seq, facts, moves
+
+
+def _deletes(frame: pl.DataFrame, vms: int) -> tuple[np.ndarray, np.ndarray, pl.DataFrame]:
+    """The VM context the claims and releases need, read in seq order (frame's row number): per event, the
+    seq of its VM's first delete (gone_seq; _NEVER: none) and whether it moves its VM's state (applicable:
+    an .end or phase-less event of a VM not deleted yet, other than a floating-IP event, a delete or a detach,
+    handled on their own); and the VMs' deletes, each (vm_id, seq, ts, act), by VM: a VM's first delete, then
+    every later purge of it (by seq)."""
+    seq = np.arange(frame.height)
+    vm = frame.get_column("vm_id").fill_null(-1).to_numpy()
+    passive = frame.get_column("passive").to_numpy()
+    bits = _action_bits(frame.get_column("_act"))
+    delete = _action_flag(bits, "_delete") & ~passive & ~_action_flag(bits, "_floating") & (vm >= 0)
+    # the VM's first delete: the least seq of its deletes (as a VM code is its position among the VMs)
+    gone = np.full(vms + 1, _NEVER)  # (+1: the events of no VM, at -1, are never gone)
+    np.minimum.at(gone, vm[delete], seq[delete])
+    gone_seq = gone[vm]
+    applicable = (
+        ~passive
+        & ~_action_flag(bits, "_floating")
+        & ~_action_flag(bits, "_delete_or_detach")
+        & (seq < gone_seq)
+        & (vm >= 0)
+    )
+    purged = _action_flag(bits, "_purge_act") & ~passive & (vm >= 0) & (seq > gone_seq) & (gone_seq != _NEVER)
+    purged_at = np.flatnonzero(purged)
+    purged_at = purged_at[np.lexsort((purged_at, vm[purged_at]))]
+    gone_vms = np.flatnonzero(gone[:vms] != _NEVER)
+    gone_at = pl.Series(gone[gone_vms])
+    deletes = pl.concat(
+        [
+            pl.DataFrame(
+                [
+                    pl.Series("vm_id", gone_vms, dtype=_CODE),
+                    gone_at.alias("seq"),
+                    frame.get_column("ts").gather(gone_at),
+                    frame.get_column("act").gather(gone_at),
+                ]
+            ),
+            frame.select("vm_id", "seq", "ts", pl.lit("purge").alias("act")).gather(pl.Series(purged_at)),
+        ]
+    ).rechunk()
+    return gone_seq, applicable, deletes
 
 
 def _few(frame: pl.DataFrame, where: pl.Expr) -> pl.DataFrame:
@@ -758,13 +879,14 @@ def _packed_order(rows: pl.DataFrame) -> pl.Expr | list[str]:
 
 
 def _held(claims: pl.DataFrame) -> pl.DataFrame:
-    """The distinct (vm_id, addr) pairs of claims (null VMs left out: they join nothing). Both are codes: one
-    integer key per pair de-duplicates ten times faster than a unique on two columns."""
+    """The distinct (vm_id, addr) pairs of claims (null VMs left out: they join nothing), sorted. Both are codes:
+    one integer key per pair de-duplicates ten times faster than a unique on two columns."""
     pairs = claims.select("vm_id", "addr").drop_nulls()
     if pairs.height == 0:
         return pairs
     width = int(pairs.get_column("addr").max()) + 1  # type: ignore[arg-type]
-    keys = pairs.select(pl.col("vm_id") * width + pl.col("addr")).to_series().unique()
+    keys = pairs.select(pl.col("vm_id") * width + pl.col("addr")).to_series().unique().sort()
+    # (sorted keys: by VM, then address)
     return pl.DataFrame([(keys // width).alias("vm_id"), (keys % width).alias("addr")])
 
 
@@ -791,25 +913,33 @@ def _replay(
     frame: pl.DataFrame,
     reclaim_us: int | None,
     names: dict[str, pl.Series],
+    pool: ThreadPoolExecutor,
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, pl.Series]]:
-    """Sorted, de-duplicated events (_events_in_order) -> (leases with µs times, VM facts, the texts of their
+    """Sorted, de-duplicated events (_ordered_events) -> (leases with µs times, VM facts, the texts of their
     codes: vm_id, hypervisor, addr; in the texts' order)."""
     vm_names, addr_names = names["vm_id"], names["addr"]
     frame = frame.with_columns(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("seq"),
         (pl.col("_phase") < 2).alias("passive"),
-        # (a missing action is "unknown": filled where `act` is read, on the few rows read, not on every event)
+        # (a missing action is "unknown": filled where `act` is read, on the few rows read, not on every event;
+        # its code `_act` is _ordered_events')
         pl.col("action").alias("act"),
-        pl.when(pl.col("action").is_null())
-        .then(pl.lit(_ACTION_CODE["unknown"], pl.Int8))
-        .otherwise(pl.col("action").replace_strict(_ACTION_CODE, default=-1, return_dtype=pl.Int8))
-        .alias("_act"),
     )
-    ev, facts, moves = _vm_frame(frame, reclaim_us)
+    # the events by VM (their hypervisors, the VMs' facts) are not needed before the leases are resolved: worked
+    # out in `pool` meanwhile (polars and numpy release the GIL); what the claims need is read in seq order
+    # (_vm_side sorts the events by VM, then waits for `context`: gone_seq and applicable, from _deletes)
+    context: Future[tuple[np.ndarray, np.ndarray]] = Future()
+    vm_side = pool.submit(_vm_side, frame, context, reclaim_us)
+    try:
+        gone_seq, applicable_events, deletes = _deletes(frame, len(vm_names))
+    except BaseException as error:  # (else the pool's task would wait for it for ever)
+        context.set_exception(error)
+        raise
+    context.set_result((gone_seq, applicable_events))
+    applicable = pl.Series("seq", np.flatnonzero(applicable_events), dtype=pl.Int64)
     port_history, port_addrs = _port_maps(frame)
 
     # claims by VMs: every address an applicable event lists, and the one an attach names
-    applicable = ev.select("seq").filter(ev.get_column("applicable")).get_column("seq").sort()
     listed = (
         frame.select("seq", "ts", "vm_id", pl.col("addr_kind").alias("kind"), "addrs", "addr", "act")
         .gather(applicable)  # frame's row number is seq
@@ -863,30 +993,28 @@ def _replay(
             pl.lit("detach").alias("reason")
         )
 
-    # a VM's delete ends what it holds; so does every later purge (a floating IP can be pointed at a deleted
-    # VM, by its port: the purge ends that lease too, as the event-by-event replay does)
-    purged_later = ev.filter(pl.col("_purge_act") & ~pl.col("passive") & (pl.col("seq") > pl.col("gone_seq")))
-    deletes = pl.concat(
-        [
-            facts.filter(pl.col("gone_seq").is_not_null()).select(
-                "vm_id",
-                pl.col("gone_seq").alias("seq"),
-                pl.col("gone_ts").alias("ts"),
-                pl.col("gone_act").alias("act"),
-            ),
-            purged_later.select("vm_id", "seq", "ts", pl.lit("purge").alias("act")),
-        ]
-    ).rechunk()
-
+    # a VM's delete ends what it holds; so does every later purge (_deletes)
     def delete_releases(claimed: pl.DataFrame) -> pl.DataFrame:
-        gone = deletes
-        return gone.join(_held(claimed), on="vm_id").select(
-            "addr",
-            "seq",
-            "ts",
-            pl.col("vm_id").alias("need_vm"),
-            pl.lit(None, pl.String).alias("need_kind"),
-            pl.col("act").alias("reason"),
+        # (a join of each delete with its VM's pairs, found by binary search: the pairs are sorted by VM)
+        held = _held(claimed)
+        vms = held.get_column("vm_id").to_numpy()
+        gone = deletes.get_column("vm_id").to_numpy()
+        first, count = np.searchsorted(vms, gone), np.searchsorted(vms, gone, "right")
+        count -= first
+        of_delete = np.repeat(np.arange(len(gone)), count)
+        pair = np.arange(len(of_delete)) - np.repeat(np.cumsum(count) - count - first, count)
+        return pl.concat(
+            [
+                held.select("addr").gather(pl.Series(pair)),
+                deletes.gather(pl.Series(of_delete)).select(
+                    "seq",
+                    "ts",
+                    pl.col("vm_id").alias("need_vm"),
+                    pl.lit(None, pl.String).alias("need_kind"),
+                    pl.col("act").alias("reason"),
+                ),
+            ],
+            how="horizontal",
         )
 
     base_releases = _frame(
@@ -997,9 +1125,7 @@ def _replay(
 
     # the hypervisor then: at the lease's opening event; a move of the VM while it holds the lease splits it
     # (a lease opened by its VM's own event takes that event's value; a floating IP's, the VM's value then)
-    hyp_by_seq = pl.repeat(None, frame.height, dtype=_CODE, eager=True).scatter(
-        ev.get_column("seq"), ev.get_column("hyp_now")
-    )
+    ev, hyp_now, hyp_by_seq, facts, moves = vm_side.result()
     start = leases.get_column("start_seq")
     own_event = (frame.get_column("vm_id").gather(start) == leases.get_column("vm_id")).fill_null(False)
     leases = leases.with_row_index("_lease").with_columns(
@@ -1012,7 +1138,7 @@ def _replay(
             .with_columns(pl.col("start_seq").alias("seq"))
             .sort("seq")
             .join_asof(
-                ev.select("vm_id", "seq", pl.col("hyp_now").alias("hypervisor")).sort("seq"),
+                ev.select("vm_id", "seq", hyp_now.alias("hypervisor")).sort("seq"),
                 on="seq",
                 by="vm_id",
                 strategy="backward",
@@ -1087,40 +1213,98 @@ def _replay(
 def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None) -> tuple[pa.Table, pa.Table]:
     """Whole event history -> (vm_leases, vms) tables in schema.VM_LEASES / schema.VMS, sorted.
 
-    Vectorised (polars and numpy over integer codes of the sorted events, see _replay): 0.9-1.0 CPU s per
-    million events on this machine (README, "Leases under CERN-like churn"; the issue's goal is 1 M events per
-    second of wall time, with polars' threads)."""
+    Vectorised (polars and numpy over integer codes of the sorted events, see _replay), on two threads: what
+    does not depend on this thread's chain (order -> claims and releases -> leases) runs in a pool of one worker
+    meanwhile: the encodings of VM ids and addresses, the VM side of the replay (events by VM, hypervisors,
+    facts) and the takes of the output texts (Arrow, numpy and polars release the GIL). A month of CERN-like
+    churn (1.01 M events; README, "Leases under CERN-like churn"), interleaved with the version before (one
+    thread and polars' own), best of 3-5 at load 0.7-1.1: 0.78-0.89 s wall (1.14-1.31 M events/s; the issue's
+    goal: >= 1 M), 1.25-1.41 CPU s; it was 1.26-1.32 s wall, 1.46-1.64 CPU s. With the other core busy the pool
+    saves no wall time and costs ~5-10% more CPU."""
     events = events.select([f.name for f in VM_EVENTS])
     if events.num_rows == 0:
         return VM_LEASES.empty_table(), VMS.empty_table()
-    rows, phases = _replay_order(events)
-    frame, names = _events_in_order(events, rows, phases)
     reclaim_us = None if reclaim_interval is None else reclaim_interval // dt.timedelta(microseconds=1)
-    leases, facts, names = _replay(frame, reclaim_us, names)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="build-leases") as pool:
+        frame, names, rows = _ordered_events(events, pool)
+        leases, facts, names = _replay(frame, reclaim_us, names, pool)
+        return _output_tables(events, rows, leases, facts, names, pool)
+
+
+def _output_tables(
+    events: pa.Table,
+    rows: pl.Series,
+    leases: pl.DataFrame,
+    facts: pl.DataFrame,
+    names: dict[str, pl.Series],
+    pool: ThreadPoolExecutor,
+) -> tuple[pa.Table, pa.Table]:
+    """_replay's leases and facts (codes, µs) -> the vm_leases and vms tables."""
     # every VM that holds a lease has a vms row, so that "what is this VM now" is a plain read of vms
     # (sql/views.sql, _vm_info): the holders no event names (a floating IP associated with a port or fixed
     # address of no known VM: "port:<id>", "fixed:<addr>") get a row of their own, facts unknown
     facts = facts.with_columns(pl.col("status").fill_null("unknown"))
-    lease_only = leases.select("vm_id").unique().join(facts.select("vm_id"), on="vm_id", how="anti")
-    facts = pl.concat([facts, lease_only], how="diagonal").sort("vm_id")
-    # sorted on the codes (= on the texts); a lease's VM row found by a binary search, its columns read in Arrow
+    if facts.height < len(names["vm_id"]):  # (else every VM code has its row: facts' are distinct and sorted)
+        lease_only = leases.select("vm_id").unique().join(facts.select("vm_id"), on="vm_id", how="anti")
+        facts = pl.concat([facts, lease_only], how="diagonal").sort("vm_id")
+    # sorted on the codes (= on the texts); a lease's VM row found by a binary search (its code, when every
+    # code has a row). Every text column is one take (from the texts of the codes, or from the events' own
+    # column at the deciding events: facts' _at_<column> are positions in the replay order, `rows` maps them to
+    # the events' rows), a lease's VM facts one from the vms column. The takes from the events (1 M rows, at
+    # scattered positions: the slowest), then the leases' VM ids and hypervisors, run in `pool` meanwhile
+    # (Arrow releases the GIL)
+    vm_columns: dict[str, Any] = {}
+    for name in _IDENTITY:
+        column = events.column(name)
+        if column.null_count == len(column):  # (as image in Nova's instance events)
+            vm_columns[name] = pa.nulls(facts.height, column.type)
+        else:
+            vm_columns[name] = pool.submit(_take, column, rows.gather(facts.get_column(f"_at_{name}")))
     leases = leases.sort(_LEASE_KEY)
-    at_vm = pa.array(facts.get_column("vm_id").search_sorted(leases.get_column("vm_id")).to_numpy())
-    vms = _vms_table(events, rows, facts, names)
+    if facts.height == len(names["vm_id"]):
+        at_vm = leases.get_column("vm_id")
+    else:
+        at_vm = facts.get_column("vm_id").search_sorted(leases.get_column("vm_id"))
     text = {n: _arrow_text(names[n]) for n in ("addr", "vm_id", "hypervisor")}
-    columns = {
-        "addr": text["addr"].take(leases.get_column("addr").to_arrow()),
-        "vm_id": text["vm_id"].take(leases.get_column("vm_id").to_arrow()),
-        **{c: vms.column(c).take(at_vm) for c in ("vm_name", "project", "user")},
-        "hypervisor": text["hypervisor"].take(leases.get_column("hypervisor").to_arrow()),
-        "cloud": vms.column("cloud").take(at_vm),
-        "addr_kind": _arrow_text(leases.get_column("kind").cast(pl.String)),
+    vm_columns["vm_id"] = _take(text["vm_id"], facts.get_column("vm_id"))
+    vm_columns["hypervisor"] = _take(text["hypervisor"], facts.get_column("hypervisor"))
+    vm_columns["status"] = _arrow_text(facts.get_column("status"))
+    for name in VMS.names:
+        if name in ("vm_key", "identity_changed_at"):  # set when written: vm_keys.keyed_vms
+            vm_columns[name] = pa.nulls(facts.height, VMS.field(name).type)
+        elif name not in vm_columns:
+            vm_columns[name] = _arrow_time(facts.get_column(name))
+    lease_columns: dict[str, Any] = {
+        "addr": _take(text["addr"], leases.get_column("addr")),
+        "vm_id": pool.submit(_take, text["vm_id"], leases.get_column("vm_id")),
+        "hypervisor": pool.submit(_take, text["hypervisor"], leases.get_column("hypervisor")),
+        "addr_kind": _enum_text(leases.get_column("kind")),
         **{c: _arrow_time(leases.get_column(c)) for c in ("valid_from", "valid_to")},
-        "end_reason": _arrow_text(leases.get_column("end_reason").cast(pl.String)),
-        "vm_status": vms.column("status").take(at_vm),
-        "quarantine_until": vms.column("quarantine_until").take(at_vm),
+        "end_reason": _enum_text(leases.get_column("end_reason")),
     }
-    return pa.table(columns, schema=VM_LEASES), vms  # vm_key: vm_keys.py
+    of_vm = {"vm_status": "status", "quarantine_until": "quarantine_until"}
+    of_vm |= {"vm_name": "vm_name", "project": "project", "user": "user", "cloud": "cloud"}  # (from `pool`)
+    for name, vm_name in of_vm.items():
+        lease_columns[name] = _take(_result(vm_columns[vm_name]), at_vm)
+    vms = pa.table({n: _result(vm_columns[n]) for n in VMS.names}, schema=VMS)
+    leases_table = pa.table({n: _result(lease_columns[n]) for n in VM_LEASES.names}, schema=VM_LEASES)
+    return leases_table, vms  # vm_key: vm_keys.py
+
+
+def _take(values: pa.Array | pa.ChunkedArray, at: pl.Series) -> pa.Array:
+    """values at the positions `at` (a null position gives null), as one array."""
+    taken = values.take(at.to_arrow())
+    return taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
+
+
+def _result(column: Future[pa.Array] | pa.Array) -> pa.Array:
+    return column.result() if isinstance(column, Future) else column
+
+
+def _enum_text(series: pl.Series) -> pa.Array:
+    """An Enum column as text: its few categories taken by its codes (no cast of every value)."""
+    assert isinstance(series.dtype, pl.Enum)
+    return _take(_arrow_text(series.dtype.categories), series.to_physical())
 
 
 def _arrow_text(series: pl.Series) -> pa.Array:
@@ -1130,30 +1314,6 @@ def _arrow_text(series: pl.Series) -> pa.Array:
 def _arrow_time(series: pl.Series) -> pa.Array:
     """µs since the epoch -> timestamp[us, UTC] (a view of the same buffer)."""
     return series.to_arrow().cast(pa.int64()).cast(pa.timestamp("us", tz="UTC"))
-
-
-def _vms_table(
-    events: pa.Table, rows: pl.Series, facts: pl.DataFrame, names: dict[str, pl.Series]
-) -> pa.Table:
-    """The VM facts (sorted by vm_id code) as schema.VMS; the identity texts taken from the events' own
-    columns at the deciding events (facts' _at_<column>: positions in the replay order, `rows` maps them to
-    the events' rows)."""
-    columns: dict[str, pa.Array] = {}
-    for name in VMS.names:
-        if name == "vm_id":
-            columns[name] = _arrow_text(names["vm_id"]).take(facts.get_column("vm_id").to_arrow())
-        elif name == "hypervisor":
-            columns[name] = _arrow_text(names["hypervisor"]).take(facts.get_column("hypervisor").to_arrow())
-        elif name in _IDENTITY:
-            at = facts.get_column(f"_at_{name}")
-            columns[name] = events.column(name).take(rows.gather(at).to_arrow()).combine_chunks()
-        elif name == "status":
-            columns[name] = _arrow_text(facts.get_column("status"))
-        elif name in ("vm_key", "identity_changed_at"):  # set when written: vm_keys.keyed_vms
-            columns[name] = pa.nulls(facts.height, VMS.field(name).type)
-        else:
-            columns[name] = _arrow_time(facts.get_column(name))
-    return pa.table(columns, schema=VMS)
 
 
 # ---- the lake edge -------------------------------------------------------------------------------------------
