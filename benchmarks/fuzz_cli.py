@@ -231,11 +231,24 @@ def _params(command: str) -> list[tuple[str, str, str]]:
     position = 0
     for p in node.params:
         if p.param_type_name == "argument":
-            out.append((f"#{position}", p.name, str(p.type_descriptor.annotation)))
+            out.append((f"#{position}", p.name, _annotation(p)))
             position += 1
         else:
-            out.append((p.opts[0], p.name, str(p.type_descriptor.annotation)))
+            out.append((p.opts[0], p.name, _annotation(p)))
     return out
+
+
+def _annotation(param: Any) -> str:
+    """What a parameter takes, as text naming its Python type ("int", "Path", "bool", ...): typer 0.29 and
+    later keep the annotation on the parameter (type_descriptor); before, only its click parameter type says
+    (typer's own copy of click's types: read by name)."""
+    descriptor = getattr(param, "type_descriptor", None)
+    if descriptor is not None:
+        return str(descriptor.annotation)
+    if getattr(param, "is_flag", False):
+        return "bool"
+    name = str(getattr(param.type, "name", "text"))
+    return {"path": "Path", "integer": "int", "integer range": "int", "boolean": "bool"}.get(name, name)
 
 
 def _values_for(name: str, annotation: str, files: dict[str, Path]) -> list[tuple[str, str]]:
