@@ -25,7 +25,8 @@ MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_TREES = 10_000
 MAX_NODES = 20_000_000  # all trees together (200 trees of 256 samples: ~100,000)
 MAX_FEATURES = 10_000
-ROW_CHUNK = 4096  # rows scored at once: bounds the (rows, trees) node matrix to ~6 MiB for 200 trees
+ROW_CHUNK = 1024  # rows scored at once: the (rows, trees) node arrays, ~1.6 MiB for 200 trees, stay in cache
+# (4096 rows, ~6 MiB: 0.8 s CPU to score 24,000 rows here, 1024 rows: 0.5-0.65 s; same scores)
 
 # name -> (dtype, number of dimensions); shapes are checked against each other in _check
 ARRAYS: dict[str, tuple[np.dtype, int]] = {
@@ -168,19 +169,31 @@ class Forest:
         depths = np.zeros(len(x))
         feature = np.maximum(self.feature, 0)
         trees = len(roots)
+        # The walk below is the sweep's anomaly stage (~1.5 s CPU at 10^7 flows): its steps are one gather each
+        # where they were several. Both children of a node side by side (a step: children[2 * node + right]),
+        # whether each node is internal (one lookup, no compare), and each walking pair's row offset into the
+        # flattened matrix kept beside it (no division per step); NaN handled only in a chunk that has one.
+        children = np.stack([self.children_left, self.children_right], axis=1).reshape(-1)
+        internal = self.children_left != -1
         for start in range(0, len(x), ROW_CHUNK):
             rows = x[start : start + ROW_CHUNK].astype(np.float64)
+            flat = rows.reshape(-1)
+            nan = bool(np.isnan(flat).any())
             # every (row, tree) walks down from its root; only the pairs still at an internal node are
             # stepped (most reach a leaf well before the deepest does): the same leaves, less work
-            node = np.broadcast_to(roots, (len(rows), trees)).reshape(-1).copy()
-            walking = np.flatnonzero(self.children_left[node] != -1)
+            node = np.tile(roots, len(rows))  # (row, tree) in row order
+            walking = np.flatnonzero(internal[node])
+            base = walking // trees * self.n_features
             while walking.size:
                 at = node[walking]
-                value = rows[walking // trees, feature[at]]
-                left = np.where(np.isnan(value), self.missing_go_to_left[at], value <= self.threshold[at])
-                step = np.where(left, self.children_left[at], self.children_right[at])
+                value = flat[base + feature[at]]
+                right = ~(value <= self.threshold[at])
+                if nan:
+                    right = np.where(np.isnan(value), ~self.missing_go_to_left[at], right)
+                step = children[2 * at + right]
                 node[walking] = step
-                walking = walking[self.children_left[step] != -1]
+                going = internal[step]
+                walking, base = walking[going], base[going]
             leaf_lengths = path[node.reshape(len(rows), trees)]
             chunk = np.zeros(len(rows))
             for tree in range(leaf_lengths.shape[1]):  # tree by tree, the order sklearn adds them in
