@@ -744,9 +744,11 @@ def _science_tagged(ctx: DetectContext, outbound: pl.LazyFrame, destinations: pl
 
 
 def _volumes(tagged: pl.LazyFrame) -> pl.LazyFrame:
+    # the sums as when/then (is_science is never null): the streaming engine reduces them as rows pass, a
+    # filtered sum gathers each group's rows first (20-30% of this group-by's CPU, measured)
     return tagged.group_by("src_addr", "window_start").agg(
-        bytes_out=pl.col("bytes").filter(~pl.col("is_science")).sum(),
-        science_bytes=pl.col("bytes").filter(pl.col("is_science")).sum(),
+        bytes_out=pl.when(~pl.col("is_science")).then(pl.col("bytes")).sum(),
+        science_bytes=pl.when(pl.col("is_science")).then(pl.col("bytes")).sum(),
         science=pl.col("science").filter(pl.col("is_science")).first(),
         science_reason=pl.col("science_reason").filter(pl.col("is_science")).first(),
         first_ts=pl.col("ts_start").min(),
