@@ -744,9 +744,11 @@ def _science_tagged(ctx: DetectContext, outbound: pl.LazyFrame, destinations: pl
 
 
 def _volumes(tagged: pl.LazyFrame) -> pl.LazyFrame:
+    # the sums as when/then (is_science is never null): the streaming engine reduces them as rows pass, a
+    # filtered sum gathers each group's rows first (20-30% of this group-by's CPU, measured)
     return tagged.group_by("src_addr", "window_start").agg(
-        bytes_out=pl.col("bytes").filter(~pl.col("is_science")).sum(),
-        science_bytes=pl.col("bytes").filter(pl.col("is_science")).sum(),
+        bytes_out=pl.when(~pl.col("is_science")).then(pl.col("bytes")).sum(),
+        science_bytes=pl.when(pl.col("is_science")).then(pl.col("bytes")).sum(),
         science=pl.col("science").filter(pl.col("is_science")).first(),
         science_reason=pl.col("science_reason").filter(pl.col("is_science")).first(),
         first_ts=pl.col("ts_start").min(),
@@ -858,10 +860,20 @@ def exfiltration(ctx: DetectContext, every: pl.DataFrame | None = None) -> pl.Da
     keys = found.select("src_addr", "window_start")
     # only the found hosts' flows of the found windows: the lake's files are sorted by src_addr and ts_start,
     # so these bounds skip most row groups before the semi join
-    theirs = outbound.filter(
-        pl.col("src_addr").is_in(keys.get_column("src_addr").unique().implode())
-        & (pl.col("ts_start") >= keys.get_column("window_start").min())
-        & (pl.col("ts_start") < keys.get_column("window_start").max() + dt.timedelta(seconds=int(c.window)))
+    # read ONCE (the columns below): the science peers among their destinations and the receivers are both
+    # taken from them. Each was a scan of the lake of its own (~0.25 s CPU at 10^7 flows, measured)
+    theirs = (
+        outbound.filter(
+            pl.col("src_addr").is_in(keys.get_column("src_addr").unique().implode())
+            & (pl.col("ts_start") >= keys.get_column("window_start").min())
+            & (
+                pl.col("ts_start")
+                < keys.get_column("window_start").max() + dt.timedelta(seconds=int(c.window))
+            )
+        )
+        .select("src_addr", "dst_addr", "dst_port", "window_start", "bytes")
+        .collect(engine="streaming")
+        .lazy()
     )
     top = (
         _science_tagged(ctx, theirs, theirs)

@@ -320,15 +320,16 @@ class SpanBook:
         return pl.DataFrame(schema=_score(stats, observed).collect_schema()).lazy()
 
 
-def _bowley(col: pl.Expr) -> pl.Expr:
-    """Bowley (quartile) skewness in [-1, 1]; 0 for a symmetric distribution. 0 when the quartiles coincide."""
-    q1, q2, q3 = col.quantile(0.25), col.quantile(0.5), col.quantile(0.75)
+def _bowley_of(q1: pl.Expr, q2: pl.Expr, q3: pl.Expr) -> pl.Expr:
+    """Bowley (quartile) skewness in [-1, 1] from the quartiles (aggregated already: _quartiles); 0 for a
+    symmetric distribution. 0 when the quartiles coincide."""
     spread = q3 - q1
     return pl.when(spread > 0).then((q3 + q1 - 2 * q2) / spread).otherwise(0.0)
 
 
-def _mad(col: pl.Expr) -> pl.Expr:
-    return (col - col.median()).abs().median()
+def _quartiles(col: pl.Expr, name: str) -> dict[str, pl.Expr]:
+    """The quartiles of `col` as plain aggregations `_{name}_q1..3`, for _bowley_of after the group-by."""
+    return {f"_{name}_q{i}": col.quantile(q) for i, q in ((1, 0.25), (2, 0.5), (3, 0.75))}
 
 
 def periodicity(
@@ -400,20 +401,47 @@ def periodicity_stats(
         interval=pl.when(same_pair).then(pl.col("ts_start").dt.epoch("ms").diff().cast(pl.Float64) / 1000.0),
         size=pl.col("bytes").cast(pl.Float64),
     )
+    # The group-by below takes plain aggregations only (medians, quantiles of a column): an expression over
+    # a group's aggregate inside it (a MAD's deviations from the median, a skew's quartile arithmetic) made
+    # polars evaluate it group by group, ~35% of the group-by's cost (measured). So the deviations from the
+    # pair's medians are columns computed before it, and the skews are computed from the quartiles after it:
+    # the same operations on the same values, the same results (and interval_mad no longer varies from run to
+    # run: polars 2.1 gave a different value for a few pairs in about one collect in six, measured)
+    candidates = candidates.with_columns(
+        _interval_dev=(pl.col("interval") - pl.col("interval").median().over("_pair")).abs(),
+        _size_dev=(pl.col("size") - pl.col("size").median().over("_pair")).abs(),
+    )
     ts, size = pl.col("interval").drop_nulls(), pl.col("size")
     stats = (
         candidates.group_by("_pair")
         .agg(
             connections=pl.len(),
             interval_median=ts.median(),
-            interval_mad=_mad(ts),
-            interval_skew=_bowley(ts),
+            interval_mad=pl.col("_interval_dev").drop_nulls().median(),
+            **_quartiles(ts, "interval"),
             bytes_median=size.median(),
-            bytes_mad=_mad(size),
-            bytes_skew=_bowley(size),
+            bytes_mad=pl.col("_size_dev").median(),
+            **_quartiles(size, "bytes"),
             first_ts=pl.col("ts_start").min(),
             last_ts=pl.col("ts_start").max(),
             bytes=pl.col("bytes").sum(),
+        )
+        .with_columns(
+            interval_skew=_bowley_of(*(pl.col(f"_interval_q{i}") for i in (1, 2, 3))),
+            bytes_skew=_bowley_of(*(pl.col(f"_bytes_q{i}") for i in (1, 2, 3))),
+        )
+        .select(
+            "_pair",
+            "connections",
+            "interval_median",
+            "interval_mad",
+            "interval_skew",
+            "bytes_median",
+            "bytes_mad",
+            "bytes_skew",
+            "first_ts",
+            "last_ts",
+            "bytes",
         )
         .filter(pl.col("connections") >= min_connections)
         .join(pairs, on="_pair")
@@ -495,6 +523,20 @@ def host_features(
     # group's rows first (~35 MB per million flows of a host bucket, measured). Distinct counts under a
     # condition are counted from the distinct (host, window, value) triples instead (distinct_count).
     outbound = flows.filter(pl.col("src_owned"))
+    # the distinct (host, window, destination) triples of the initiated flows, each with its first start,
+    # grouped from the flows ONCE: distinct_dst counts them per (host, window), and new_dst_share's first
+    # contact of a (host, destination) is the min over its windows. Both grouped the flows by their address
+    # text on their own before (the costliest part of the features after the inbound one, measured)
+    destinations = (
+        outbound.filter(initiator)
+        .group_by(pl.col("src_addr").alias("host"), "window_start", "dst_addr")
+        .agg(first=pl.col("ts_start").min())
+    )
+    if sequential:
+        destinations = destinations.collect(engine="streaming").lazy()
+    distinct_dst = destinations.group_by("host", "window_start").agg(
+        pl.len().cast(pl.UInt32).alias("distinct_dst")
+    )
     out = (
         outbound.group_by(pl.col("src_addr").alias("host"), "window_start")
         .agg(
@@ -515,7 +557,7 @@ def host_features(
             initiated=initiator.sum(),
             initiated_at_night=(initiator & pl.col("night")).sum(),
         )
-        .join(distinct_count(outbound.filter(initiator), "dst_addr", "distinct_dst"), **_on_host_window)
+        .join(distinct_dst, **_on_host_window)
         .join(distinct_count(outbound.filter(initiator), "dst_port", "distinct_dst_ports"), **_on_host_window)
     )
     inbound = (
@@ -529,9 +571,8 @@ def host_features(
         )
     )
     first_seen = (
-        outbound.filter(initiator)
-        .group_by(pl.col("src_addr").alias("host"), "dst_addr")
-        .agg(first=pl.col("ts_start").min())
+        destinations.group_by("host", "dst_addr")
+        .agg(first=pl.col("first").min())
         .with_columns(window_start=bucket_expr("first", window_s))
     )
     if history_start is not None:
