@@ -623,20 +623,16 @@ def _vm_facts(
 
 
 def _vm_side(
-    frame: pl.DataFrame,
-    context: Future[tuple[np.ndarray, np.ndarray]],
-    reclaim_us: int | None,
-    pool: ThreadPoolExecutor,
-) -> tuple[pl.DataFrame, pl.Series, pl.Series, Future[pl.DataFrame], pl.Series, pl.DataFrame]:
+    frame: pl.DataFrame, context: Future[tuple[np.ndarray, np.ndarray]], reclaim_us: int | None
+) -> tuple[pl.DataFrame, pl.Series, pl.Series, pl.DataFrame, pl.DataFrame]:
     """The events by VM (vm_id, seq) with the VM's hypervisor after each (hyp_now; the same by seq), the VMs'
-    facts (worked out by `pool`'s other worker meanwhile: a future, without the hypervisor), each VM's last
-    hyp_now (its hypervisor), and the hypervisor moves (_vm_events, _vm_hypervisors, _vm_facts)."""
+    facts, and the hypervisor moves (_vm_events, _vm_hypervisors, _vm_facts)."""
     ev, starts, ends = _vm_events(frame, context)
-    facts = pool.submit(_vm_facts, frame, ev, starts, ends, reclaim_us)
     hyp_now, moves = _vm_hypervisors(ev, starts)
+    facts = _vm_facts(frame, ev, starts, ends, reclaim_us)
+    facts = facts.with_columns(hyp_now.gather(pl.Series(ends)).alias("hypervisor"))
     hyp_by_seq = pl.repeat(None, frame.height, dtype=_CODE, eager=True).scatter(ev.get_column("seq"), hyp_now)
-    last_hyp = hyp_now.gather(pl.Series(ends)).alias("hypervisor")
-    return ev.select("vm_id", "seq"), hyp_now, hyp_by_seq, facts, last_hyp, moves
+    return ev.select("vm_id", "seq"), hyp_now, hyp_by_seq, facts, moves
 
 
 def _deletes(frame: pl.DataFrame, vms: int) -> tuple[np.ndarray, np.ndarray, pl.DataFrame]:
@@ -933,7 +929,7 @@ def _replay(
     # out in `pool` meanwhile (polars and numpy release the GIL); what the claims need is read in seq order
     # (_vm_side sorts the events by VM, then waits for `context`: gone_seq and applicable, from _deletes)
     context: Future[tuple[np.ndarray, np.ndarray]] = Future()
-    vm_side = pool.submit(_vm_side, frame, context, reclaim_us, pool)
+    vm_side = pool.submit(_vm_side, frame, context, reclaim_us)
     try:
         gone_seq, applicable_events, deletes = _deletes(frame, len(vm_names))
     except BaseException as error:  # (else the pool's task would wait for it for ever)
@@ -1129,7 +1125,7 @@ def _replay(
 
     # the hypervisor then: at the lease's opening event; a move of the VM while it holds the lease splits it
     # (a lease opened by its VM's own event takes that event's value; a floating IP's, the VM's value then)
-    ev, hyp_now, hyp_by_seq, vm_facts, last_hyp, moves = vm_side.result()
+    ev, hyp_now, hyp_by_seq, facts, moves = vm_side.result()
     start = leases.get_column("start_seq")
     own_event = (frame.get_column("vm_id").gather(start) == leases.get_column("vm_id")).fill_null(False)
     leases = leases.with_row_index("_lease").with_columns(
@@ -1204,7 +1200,6 @@ def _replay(
     leases = leases.drop("_lease").filter(
         pl.col("valid_to").is_null() | (pl.col("valid_to") > pl.col("valid_from"))
     )
-    facts = vm_facts.result().with_columns(last_hyp)
     if len(extra):  # the holders' codes after the VMs' own: renumbered in the texts' order again
         rank = pl.Series(np.empty(len(vm_names), np.int64)).scatter(
             vm_names.arg_sort(), pl.int_range(len(vm_names), eager=True, dtype=pl.Int64)
@@ -1218,12 +1213,10 @@ def _replay(
 def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None) -> tuple[pa.Table, pa.Table]:
     """Whole event history -> (vm_leases, vms) tables in schema.VM_LEASES / schema.VMS, sorted.
 
-    Vectorised (polars and numpy over integer codes of the sorted events, see _replay), on both cores: what
-    does not depend on this thread's chain (order -> claims and releases -> leases) runs in a pool of two
-    workers meanwhile: the encodings of VM ids and of addresses (one each), the VM side of the replay (events by
-    VM, then hypervisors in one worker and facts in the other) and the takes of the output texts (Arrow, numpy
-    and polars release the GIL). Two workers, not one: the VM side alone took longer than this thread's claims
-    and resolve, which then waited for it (py-spy, session 10: 0.51 s against 0.30 s a build). A month of CERN-like
+    Vectorised (polars and numpy over integer codes of the sorted events, see _replay), on two threads: what
+    does not depend on this thread's chain (order -> claims and releases -> leases) runs in a pool of one worker
+    meanwhile: the encodings of VM ids and addresses, the VM side of the replay (events by VM, hypervisors,
+    facts) and the takes of the output texts (Arrow, numpy and polars release the GIL). A month of CERN-like
     churn (1.01 M events; README, "Leases under CERN-like churn"), interleaved with the version before (one
     thread and polars' own), best of 3-5 at load 0.7-1.1: 0.78-0.89 s wall (1.14-1.31 M events/s; the issue's
     goal: >= 1 M), 1.25-1.41 CPU s; it was 1.26-1.32 s wall, 1.46-1.64 CPU s. With the other core busy the pool
@@ -1232,7 +1225,7 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
     if events.num_rows == 0:
         return VM_LEASES.empty_table(), VMS.empty_table()
     reclaim_us = None if reclaim_interval is None else reclaim_interval // dt.timedelta(microseconds=1)
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="build-leases") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="build-leases") as pool:
         frame, names, rows = _ordered_events(events, pool)
         leases, facts, names = _replay(frame, reclaim_us, names, pool)
         return _output_tables(events, rows, leases, facts, names, pool)
