@@ -1134,6 +1134,8 @@ def sweep_command(
 
     Example: tracepipe sweep site/nightly.toml --since 2025-06-17T00:00 --until 2025-06-18T00:00 --lake /srv/lake
     """
+    if engine != "spark":  # the local engine never uses pandas (its import: ~0.25 s CPU of every sweep)
+        refuse_pandas()
     from tracepipe.engines import parse_conf
     from tracepipe.sweep import run_sweep
     from tracepipe.units import parse_time

@@ -4,8 +4,8 @@ tracepipe never uses pandas, yet pyarrow imports it on its first conversion of a
 pandas shim looks at every input): ~0.3-0.45 s of CPU at the start of every ingest process and decode worker.
 `refuse_pandas()` installs an import finder that refuses it, so pyarrow (and polars, DuckDB, deltalake, which
 look for it the same way) take pandas as not installed. Only for processes whose whole work is known: the decode
-workers and the flow ingest commands. Not for `sql`, the sweep or the Spark engine, where a user's query or
-PySpark may want pandas.
+workers, the flow ingest commands and the sweep on the local engine. Not for `sql` or the Spark engine, where a
+user's query or PySpark may want pandas.
 """
 
 from __future__ import annotations
