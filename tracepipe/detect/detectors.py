@@ -1078,6 +1078,8 @@ def intel_match(ctx: DetectContext) -> pl.DataFrame:
     matches = match_addresses(peers, ctx.intel)
     if matches.is_empty():
         return _empty()
+    # (the addresses' type: a host bucket's are Categorical, detect/buckets.py)
+    matches = matches.with_columns(pl.col("addr").cast(flows.collect_schema()["peer"]))
     found = (
         flows.join(matches.lazy().rename({"addr": "peer"}), on="peer", how="inner")
         .group_by("addr", "peer", "window_start")
