@@ -25,7 +25,7 @@ from tracepipe.detect.features import (
     scan_flows,
 )
 from tracepipe.lake import Lake
-from tracepipe.pipeline_config import load_pipeline
+from tracepipe.pipeline_config import SciencePeer, load_pipeline
 from tracepipe.schema import FLOWS
 from tracepipe.sweep import run_sweep
 
@@ -68,6 +68,22 @@ def test_generated_day_same_alerts_in_buckets(day, count):
     found = set(whole.alerts.column("detector").to_pylist())
     assert RULES | {"anomaly"} <= found
     assert _alerts(split) == _alerts(whole)
+
+
+def test_science_peers_same_alerts_in_buckets(day):
+    """With a declared science peer (the generated data movers' partner site), exfiltration's per-bucket sums
+    look each bucket's destinations up among the peer's prefixes: the same alerts and suppressions as one run."""
+    lake, story, config = day
+    since, until = story.last_day
+    peer = SciencePeer(name="partner site", reason="the data movers' transfers", prefixes=["192.0.2.50/32"])
+    config = dataclasses.replace(config, science_peers=[peer])
+    whole = run_sweep(lake, config, since, until, write=False, buckets=1)
+    split = run_sweep(lake, config, since, until, write=False, buckets=3)
+    assert "spill" in split.timings
+    science = [s for s in whole.suppressed if "partner site" in s["why"]]
+    assert science  # the peer mattered: movers' volume went to it
+    assert _alerts(split) == _alerts(whole)
+    assert sorted(map(str, split.suppressed)) == sorted(map(str, whole.suppressed))
 
 
 def test_demo_story_same_alerts_in_buckets(tmp_path):

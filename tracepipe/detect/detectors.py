@@ -664,7 +664,9 @@ def science_destinations(ctx: DetectContext, flows: pl.LazyFrame) -> pl.DataFram
 
     peers, _ = active(list(ctx.config.science_peers), ctx.until)
     schema = {
-        "dst_addr": pl.String,
+        "dst_addr": flows.collect_schema()[
+            "dst_addr"
+        ],  # (a host bucket's are Categorical, detect/buckets.py)
         "science": pl.String,
         "science_reason": pl.String,
         "science_ports": pl.List(pl.Int64),
