@@ -4,7 +4,7 @@ with numpy straight into the lake, then `tracepipe model fit` and `tracepipe swe
 day, each in a fresh child process of this (small) one: wall time, CPU time, flows/s and the child's peak RSS
 (ru_maxrss from wait4), one row per size, so that growth with flows/day is visible.
 
-    python benchmarks/sweep.py                                   # 10^7 and 5*10^7 flows (~25 min here)
+    python benchmarks/sweep.py                                   # 10^7 and 5*10^7 flows (~6 min here)
     python benchmarks/sweep.py --flows 1e7 --flows 5e7 --flows 1e8
     python benchmarks/sweep.py --flows 1e7 --reuse               # sweep the lakes of a previous run again
 
