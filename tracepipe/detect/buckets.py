@@ -516,13 +516,11 @@ class FeatureJob:
         book = SpanBook(deferred=self.periodicity, provided=self.beacon is not None)
         found = self.timed(
             "features",
-            lambda: _features_of(
-                rows, self.local, self.window_s, self.history, self.night, book, self.spill.hosts(bucket)
-            ),
+            lambda: _features_of(rows, self.local, self.window_s, self.history, self.night, book, hosts),
         )
         self.parts.append(as_text(found).filter(pl.col("host").is_in(hosts.implode())))
         if self.beacon is not None:
-            self.timed("beacon", lambda: self._periodicity(rows, self.spill.hosts(bucket)))
+            self.timed("beacon", lambda: self._periodicity(rows, hosts))
 
     def share_beacon(self, ctx: det.DetectContext) -> dict | None:
         """When the beacon detector's pairs are a part of the features' periodicity pairs (a day window,
@@ -543,7 +541,7 @@ class FeatureJob:
         self.beacon, self.beacon_rules = {}, (c, (start, end))
         return self.beacon
 
-    def _periodicity(self, rows: pl.LazyFrame, owned: pl.Series) -> None:
+    def _periodicity(self, rows: pl.LazyFrame, hosts: pl.Series) -> None:
         """One bucket's periodicity stats over its outside-bound connections, once, split into the features'
         (DNS and NTP aside) and the beacon detector's (its ports aside, its days, its minimum), each with the
         data spans of its own flows."""
@@ -552,7 +550,7 @@ class FeatureJob:
         facts = (
             rows
             if "src_local" in rows.collect_schema()
-            else with_flow_facts(rows, self.local, self.night, owned)
+            else with_flow_facts(rows, self.local, self.night, hosts)
         )
         outside = facts.filter(pl.col("src_owned") & ~pl.col("response") & ~pl.col("dst_local"))
         ours = ~pl.col("dst_port").is_in(FEATURE_PERIOD_IGNORED_PORTS)

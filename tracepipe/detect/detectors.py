@@ -663,10 +663,9 @@ def science_destinations(ctx: DetectContext, flows: pl.LazyFrame) -> pl.DataFram
     from tracepipe.pipeline_config import active
 
     peers, _ = active(list(ctx.config.science_peers), ctx.until)
+    addr_type = flows.collect_schema()["dst_addr"]  # (a host bucket's are Categorical, detect/buckets.py)
     schema = {
-        "dst_addr": flows.collect_schema()[
-            "dst_addr"
-        ],  # (a host bucket's are Categorical, detect/buckets.py)
+        "dst_addr": addr_type,
         "science": pl.String,
         "science_reason": pl.String,
         "science_ports": pl.List(pl.Int64),

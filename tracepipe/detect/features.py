@@ -232,17 +232,17 @@ def with_local_facts(
     set or replaced: flows whose other facts are computed once serve callers with other local hosts (the rules
     count leased addresses as local, the model's features only local_networks)."""
     locals_series = pl.Series(local_addrs, dtype=pl.String)
-
-    def owns(end: str) -> pl.Expr:
-        local, addr = pl.col(f"{end}_local"), pl.col(f"{end}_addr")
-        if owned is None:
-            return local
-        return local & addr.is_in(owned.implode())
-
     return flows.with_columns(
         src_local=pl.col("src_addr").is_in(locals_series.implode()),
         dst_local=pl.col("dst_addr").is_in(locals_series.implode()),
-    ).with_columns(src_owned=owns("src"), dst_owned=owns("dst"))
+    ).with_columns(
+        src_owned=pl.col("src_local")
+        if owned is None
+        else pl.col("src_local") & pl.col("src_addr").is_in(owned.implode()),
+        dst_owned=pl.col("dst_local")
+        if owned is None
+        else pl.col("dst_local") & pl.col("dst_addr").is_in(owned.implode()),
+    )
 
 
 def local_addresses_in(
