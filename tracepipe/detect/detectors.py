@@ -456,7 +456,8 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
             .group_by(outbound)
             .agg(
                 targets=pl.col("dst_addr").n_unique(),
-                top_target=pl.col("dst_addr").mode().first(),
+                # the most tried target, ties to the lowest address: the same in every engine, bucket and dtype
+                top_target=pl.col("dst_addr").mode().sort().first(),
                 **shape,
             )
             .with_columns(
