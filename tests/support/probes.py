@@ -277,6 +277,10 @@ class NfcapdRun:
         return sum(int(n) for n in found) if found else None
 
 
+NFCAPD_INTERVAL = 86_400  # nfcapd's -t: one file a UTC day
+NFCAPD_ROTATION_GUARD = 180.0  # seconds before midnight UTC in which a run waits for it to pass
+
+
 @contextlib.contextmanager
 def nfcapd_receiving(
     port: int, out_dir: Path | str, host: str = LOOPBACK_V4, settle: float = 0.2, timeout: float = 15.0
@@ -291,7 +295,13 @@ def nfcapd_receiving(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir.parent / f"{out_dir.name}.nfcapd.log"
-    # -t 3600: no rotation during a test; -B: room for a burst of export datagrams
+    # nfcapd rotates its file at every multiple of -t seconds of the epoch clock, whenever it started (-t 3600:
+    # at each UTC hour, which split a test's export into two files when a run crossed it). -t 86400 rotates at
+    # midnight UTC only, and a run that would start within NFCAPD_ROTATION_GUARD seconds of it waits past it:
+    # one file per run, whatever the time of day. -B: room for a burst of export datagrams.
+    to_midnight = NFCAPD_INTERVAL - time.time() % NFCAPD_INTERVAL
+    if to_midnight < NFCAPD_ROTATION_GUARD:
+        time.sleep(to_midnight + 1.0)
     cmd = [
         tool_path("nfcapd"),
         "-b",
@@ -301,7 +311,7 @@ def nfcapd_receiving(
         "-w",
         str(out_dir),
         "-t",
-        "3600",
+        str(NFCAPD_INTERVAL),
         "-B",
         "33554432",
     ]
