@@ -164,6 +164,55 @@ def test_spill_sends_each_flow_to_the_bucket_of_each_local_end(tmp_path):
     assert not Path(spill.root).exists()  # removed on exit
 
 
+def test_spilled_addresses_read_back_as_the_lake_has_them(tmp_path, monkeypatch):
+    """The spill stores each batch's addresses as its lake file's dictionary indices (tagged as polars'
+    Categorical, buckets.POLARS_CATEGORICAL); polars must map them through each page's dictionary, not take them
+    for its own category codes. Three lake files whose dictionaries order the same addresses differently, read
+    in batches of 5 rows, after polars' global categories already hold those addresses in yet another order:
+    every bucket holds exactly its hosts' rows, addresses as the lake has them."""
+    lake = Lake(tmp_path / "lake")
+    t0 = dt.datetime(2026, 3, 12, 1, tzinfo=dt.UTC)
+    hosts = [f"10.20.{i // 7}.{i % 7 + 1}" for i in range(30)]
+    outside = [f"203.0.113.{i}" for i in range(1, 12)]
+    # global categories: every address already has a code, in reverse order of the files' first appearance
+    pl.Series([*reversed(outside), *reversed(hosts)], dtype=pl.Categorical)
+    rows = []
+    for part, order in enumerate((hosts, list(reversed(hosts)), hosts[1::2] + hosts[::2])):
+        pairs = [(src, outside[i % len(outside)]) for i, src in enumerate(order)]
+        pairs += [(outside[(i * 3) % len(outside)], dst) for i, dst in enumerate(order[:12])]
+        n = len(pairs)
+        table = pa.table(
+            {
+                "ts_start": pa.array(
+                    [t0 + dt.timedelta(minutes=part, seconds=i) for i in range(n)], pa.timestamp("us", "UTC")
+                ),
+                "ts_end": pa.array(
+                    [t0 + dt.timedelta(minutes=part, seconds=i + 1) for i in range(n)],
+                    pa.timestamp("us", "UTC"),
+                ),
+                "src_addr": [p[0] for p in pairs],
+                "dst_addr": [p[1] for p in pairs],
+                "src_port": [1000 * part + i for i in range(n)],
+                "dst_port": [443] * n,
+                "proto": pa.array([6] * n, pa.int16()),
+                "packets": [1] * n,
+                "bytes": [100] * n,
+            }
+        )
+        lake.append("flows", table, key=f"spill-{part}")
+        rows += [(s, d, p) for (s, d), p in zip(pairs, table.column("src_port").to_pylist(), strict=True)]
+    monkeypatch.setattr(buckets, "SPILL_BATCH_ROWS", 5)
+    owners = buckets.assign(hosts, 3)
+    of = dict(zip(owners["addr"].to_list(), owners[buckets.BUCKET].to_list(), strict=True))
+    with buckets.spill_flows(lake, t0, t0 + dt.timedelta(hours=1), hosts, 3) as spill:
+        for bucket in range(3):
+            frame = spill.source(bucket).collect()
+            assert frame.schema["src_addr"] == pl.Categorical
+            got = sorted(frame.select(pl.col("src_addr", "dst_addr").cast(pl.String), "src_port").iter_rows())
+            want = sorted(r for r in rows if of.get(r[0]) == bucket or of.get(r[1]) == bucket)
+            assert got == want and len(want) > 10
+
+
 def test_bucket_count_follows_flows():
     assert buckets.bucket_count(0) == 1
     assert buckets.bucket_count(buckets.ROWS_PER_BUCKET) == 1
