@@ -91,7 +91,10 @@ def address_text(index: np.ndarray) -> pa.Array:
     value = index + 1
     third, fourth = value // 256, value % 256
     text = np.char.add(np.char.add("10.64.", third.astype(str)), np.char.add(".", fourth.astype(str)))
-    return pa.array(text)
+    # one Array (pyarrow >= 26 converts a numpy text array of more than ~1.4 M values into a ChunkedArray,
+    # which ListArray.from_arrays refuses)
+    converted = pa.array(text)
+    return converted.combine_chunks() if isinstance(converted, pa.ChunkedArray) else converted
 
 
 def vm_ids(n: int, offset: int = 0) -> np.ndarray:
