@@ -63,6 +63,34 @@ def test_ingest_commits_once_per_source_and_compacts_by_itself(tmp_path):
     assert again.skipped and _count(lake) == 10 * COMPACT_MIN_FILES
 
 
+def test_file_entries_are_read_from_the_log_once_per_version_and_follow_other_writers(tmp_path, monkeypatch):
+    """entries() (asked ~20 times by an hourly lease update) reads the log's add actions once per table
+    version; a commit by this object or by another process's Lake moves the version and is seen at once."""
+    from deltalake import DeltaTable
+
+    ingest_table(Lake(tmp_path / "lake"), "flows", "a", f"{1:064x}", [_flows(10, DAY, 1)])
+    reader = Lake(tmp_path / "lake")
+    reads = []
+    original = DeltaTable.get_add_actions
+    monkeypatch.setattr(
+        DeltaTable, "get_add_actions", lambda self, **kw: reads.append(1) or original(self, **kw)
+    )
+    first = reader.entries("flows")
+    assert reader.entries("flows") == first and reader.files("flows", ["2024-03-12"]) == [
+        e.path for e in first
+    ]
+    assert reader.entries("flows", ["2024-03-13"]) == [] and len(reads) == 1
+    other = Lake(tmp_path / "lake")  # another writer (its own handle on the table)
+    ingest_table(other, "flows", "b", f"{2:064x}", [_flows(10, DAY + dt.timedelta(days=1), 2)])
+    later = reader.entries("flows")
+    assert len(later) == 2 and [e.day for e in later] == ["2024-03-12", "2024-03-13"]
+    assert [e.day for e in reader.entries("flows", ["2024-03-13"])] == ["2024-03-13"]
+    # the source of a file is found from its name, in the version that holds it
+    assert reader.already_ingested("flows", f"{2:064x}") and not reader.already_ingested("flows", f"{3:064x}")
+    ingest_table(reader, "flows", "c", f"{3:064x}", [_flows(10, DAY, 3)])
+    assert len(reader.entries("flows")) == 3 and reader.already_ingested("flows", f"{3:064x}")
+
+
 def test_compact_command_keeps_every_row_and_readers_of_old_snapshots(tmp_path):
     lake = Lake(tmp_path / "lake")
     for i in range(6):

@@ -631,6 +631,11 @@ class Lake:
         # (manifest version, {(dataset, content_hash)}, {source_key}, manifest files already read)
         self._manifest_cache: tuple[int, set[tuple[str, str]], set[str], set[str]] | None = None
         self._manifest_sources: set[tuple[str, str]] = set()  # (dataset, source) of the rows read into it
+        # {table: (its open DeltaTable, version, every file entry, {source key: entries}, day-partitioned)}: what
+        # entries() built from the log, until the table moves to another version (an hourly update asks ~20 times)
+        self._entries_cache: dict[
+            str, tuple[DeltaTable, int, list[FileEntry], dict[str, list[FileEntry]], bool]
+        ] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (Spark ships closures that hold a Lake): open tables are per process, reopened there."""
@@ -832,17 +837,39 @@ class Lake:
         return out
 
     def entries(self, name: str, days: Iterable[str] | None = None) -> list[FileEntry]:
-        """The data files of a table from its log (no directory listing), optionally of some days only."""
+        """The data files of a table from its log (no directory listing), optionally of some days only. Built
+        once per table version (the log's add actions of every file: what costs as the table grows)."""
+        everything, _, partitioned = self._all_entries(name)
+        if days is None or not partitioned:
+            return list(everything)
+        wanted = set(days)
+        return [e for e in everything if e.day in wanted]
+
+    def _all_entries(self, name: str) -> tuple[list[FileEntry], dict[str, list[FileEntry]], bool]:
+        """Every file entry of the table's current version, sorted by path, those of each source key (files
+        named part-<content hash>-<random>.parquet), and whether the table is day-partitioned; cached until the
+        version changes."""
         table = self.table(name)
         if table is None:
-            return []
+            return [], {}, False
+        version = table.version()
+        cached = self._entries_cache.get(name)
+        if cached is not None and cached[0] is table and cached[1] == version:
+            return cached[2], cached[3], cached[4]
+        out, partitioned = self._read_entries(name, table)
+        by_source: dict[str, list[FileEntry]] = {}
+        for entry in out:  # per file, once per version
+            match = _SOURCE_FILE.match(Path(entry.relative).name)
+            if match is not None:
+                by_source.setdefault(match.group(1), []).append(entry)
+        self._entries_cache[name] = (table, version, out, by_source, partitioned)
+        return out, by_source, partitioned
+
+    def _read_entries(self, name: str, table: DeltaTable) -> tuple[list[FileEntry], bool]:
         actions = pa.table(table.get_add_actions(flatten=True))
         if actions.num_rows == 0:
-            return []
+            return [], False
         partitioned = f"partition.{PARTITION}" in actions.column_names
-        if days is not None and partitioned:
-            wanted = pa.array(sorted(set(days)), pa.string())
-            actions = actions.filter(pc.is_in(actions.column(f"partition.{PARTITION}"), wanted))
         paths = actions.column("path").to_pylist()
         day_list = (
             actions.column(f"partition.{PARTITION}").to_pylist() if partitioned else [None] * len(paths)
@@ -875,7 +902,7 @@ class Lake:
             )
             for i, (rel, day, n, size) in enumerate(zip(paths, day_list, rows, sizes, strict=True))
         ]
-        return sorted(out, key=lambda e: e.relative)
+        return sorted(out, key=lambda e: e.relative), partitioned
 
     def files(self, name: str, days: Iterable[str] | None = None) -> list[Path]:
         """Absolute paths of the table's current data files (from the log), sorted."""
@@ -921,13 +948,7 @@ class Lake:
 
     def _source_entries(self, name: str, content_hash: str) -> list[FileEntry]:
         """The table's files that one source's commit added (named part-<content hash>-<random>.parquet)."""
-        key = source_key(content_hash)
-        out = []
-        for entry in self.entries(name):
-            match = _SOURCE_FILE.match(Path(entry.relative).name)
-            if match is not None and match.group(1) == key:
-                out.append(entry)
-        return out
+        return list(self._all_entries(name)[1].get(source_key(content_hash), []))
 
     def _confirmed(self) -> set[str]:
         """The keys of every source in the manifest: their files may be merged by compaction."""
