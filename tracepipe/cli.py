@@ -443,9 +443,10 @@ def ingest_vm_command(
 
     p: Printer = ctx.obj
     interval = parse_duration(reclaim_interval) if reclaim_interval else None
+    target = open_lake(lake)  # one Lake for both steps: tables opened and their file lists read once
     with p.status("ingest vm") as status:
         report = ingest_vm_files(
-            open_lake(lake),
+            target,
             paths,
             fmt=input_format.value,
             cloud=cloud,
@@ -453,7 +454,7 @@ def ingest_vm_command(
             progress=lambda step: status(f"ingest vm: {step}"),
         )
         status("ingest vm: updating leases, re-attributing the days they change")
-        correlation = correlate(open_lake(lake), reclaim_interval=interval)
+        correlation = correlate(target, reclaim_interval=interval)
     _print_vm_report(p, report, correlation, output, "vm lifecycle sources", lake)
 
 
@@ -501,9 +502,10 @@ def ingest_syslog_command(
     from tracepipe.units import parse_addr
 
     p: Printer = ctx.obj
+    target = open_lake(lake)  # as in ingest vm
     with p.status("ingest syslog") as status:
         report = ingest_syslog_files(
-            open_lake(lake),
+            target,
             paths,
             year=year,
             sender_addr=parse_addr(sender_addr) if sender_addr is not None else None,
@@ -511,7 +513,7 @@ def ingest_syslog_command(
             progress=lambda step: status(f"ingest syslog: {step}"),
         )
         status("ingest syslog: attributing lines to VMs")
-        correlation = correlate(open_lake(lake), log_days=report.touched_days)
+        correlation = correlate(target, log_days=report.touched_days)
     _print_vm_report(p, report, correlation, output, "syslog sources", lake)
 
 
