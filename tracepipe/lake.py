@@ -837,8 +837,14 @@ class Lake:
         return out
 
     def entries(self, name: str, days: Iterable[str] | None = None) -> list[FileEntry]:
-        """The data files of a table from its log (no directory listing), optionally of some days only. Built
-        once per table version (the log's add actions of every file: what costs as the table grows)."""
+        """The data files of a table from its log (no directory listing), optionally of some days only. The
+        whole list is built once per table version (an entry per file: what costs as the table grows); some
+        days of a version not listed whole yet are built alone (a collector's commit asks for its days only)."""
+        if days is not None:
+            table = self.table(name)
+            cached = self._entries_cache.get(name)
+            if table is None or cached is None or cached[0] is not table or cached[1] != table.version():
+                return [] if table is None else self._read_entries(name, table, days)[0]
         everything, _, partitioned = self._all_entries(name)
         if days is None or not partitioned:
             return list(everything)
@@ -865,11 +871,16 @@ class Lake:
         self._entries_cache[name] = (table, version, out, by_source, partitioned)
         return out, by_source, partitioned
 
-    def _read_entries(self, name: str, table: DeltaTable) -> tuple[list[FileEntry], bool]:
+    def _read_entries(
+        self, name: str, table: DeltaTable, days: Iterable[str] | None = None
+    ) -> tuple[list[FileEntry], bool]:
         actions = pa.table(table.get_add_actions(flatten=True))
         if actions.num_rows == 0:
             return [], False
         partitioned = f"partition.{PARTITION}" in actions.column_names
+        if days is not None and partitioned:
+            wanted = pa.array(sorted(set(days)), pa.string())
+            actions = actions.filter(pc.is_in(actions.column(f"partition.{PARTITION}"), wanted))
         paths = actions.column("path").to_pylist()
         day_list = (
             actions.column(f"partition.{PARTITION}").to_pylist() if partitioned else [None] * len(paths)
