@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The suite runs on every core (pyproject addopts: pytest-xdist). Tests are handed out in collection order, so the
 # longest go first: started last, one of them keeps a worker busy alone at the end while the other cores idle
-# (xdist's --dist loadscope would sort modules by their number of tests instead, the chaos test last). (Measured 2026-12-01, seconds on a 2-core machine, run alone: the chaos
-# test 66, the CLI fuzz sample 52, the hostile story 42, Spark's modules ~30-60 each.)
+# (xdist's --dist loadscope would sort modules by their number of tests instead, the chaos test last). Measured
+# 2026-12-01, seconds on a 2-core machine in one process: the chaos test 66, the CLI fuzz sample 52, the hostile
+# story 42, Spark's modules ~30-60 each.
 LONGEST_FIRST = (
     "test_lake_concurrency.py",
     "test_fuzz_cli.py",

@@ -809,8 +809,10 @@ class Lake:
         """Forget cached snapshots so that the next read sees the latest commits."""
         if name is None:
             self._tables.clear()
+            self._entries_cache.clear()
         else:
             self._tables.pop(name, None)
+            self._entries_cache.pop(name, None)
 
     def snapshot(self) -> Lake:
         """This lake pinned at the versions its tables have now, for reads that must agree with each other
