@@ -844,9 +844,10 @@ class Lake:
         days of a version not listed whole yet are built alone (a collector's commit asks for its days only)."""
         if days is not None:
             table = self.table(name)
-            cached = self._entries_cache.get(name)
-            if table is None or cached is None or cached[0] is not table or cached[1] != table.version():
-                return [] if table is None else self._read_entries(name, table, days)[0]
+            if table is None:
+                return []
+            if self._cached_entries(name, table) is None:
+                return self._read_entries(name, table, days)[0]
         everything, _, partitioned = self._all_entries(name)
         if days is None or not partitioned:
             return list(everything)
@@ -860,18 +861,26 @@ class Lake:
         table = self.table(name)
         if table is None:
             return [], {}, False
-        version = table.version()
-        cached = self._entries_cache.get(name)
-        if cached is not None and cached[0] is table and cached[1] == version:
-            return cached[2], cached[3], cached[4]
+        cached = self._cached_entries(name, table)
+        if cached is not None:
+            return cached
         out, partitioned = self._read_entries(name, table)
         by_source: dict[str, list[FileEntry]] = {}
         for entry in out:  # per file, once per version
             match = _SOURCE_FILE.match(Path(entry.relative).name)
             if match is not None:
                 by_source.setdefault(match.group(1), []).append(entry)
-        self._entries_cache[name] = (table, version, out, by_source, partitioned)
+        self._entries_cache[name] = (table, table.version(), out, by_source, partitioned)
         return out, by_source, partitioned
+
+    def _cached_entries(
+        self, name: str, table: DeltaTable
+    ) -> tuple[list[FileEntry], dict[str, list[FileEntry]], bool] | None:
+        """What _all_entries built for this open table at its current version, if it did."""
+        cached = self._entries_cache.get(name)
+        if cached is None or cached[0] is not table or cached[1] != table.version():
+            return None
+        return cached[2], cached[3], cached[4]
 
     def _read_entries(
         self, name: str, table: DeltaTable, days: Iterable[str] | None = None
