@@ -95,6 +95,39 @@ def test_file_entries_are_read_from_the_log_once_per_version_and_follow_other_wr
     assert len(reader.entries("flows")) == 3 and reader.already_ingested("flows", f"{3:064x}")
 
 
+def test_a_source_is_looked_up_without_listing_the_table_and_entries_read_their_stats_on_demand(tmp_path):
+    """Every new source asks whether its files are in the table (a run killed before its manifest row): a Lake
+    that has not listed the table's version builds the entries of those files only. The per-column statistics
+    of an entry are read from the log when asked for, the same values as a full listing's, and an entry
+    pickles as plain data."""
+    import pickle
+
+    writer = Lake(tmp_path / "lake")
+    for i in range(3):
+        ingest_table(
+            writer, "flows", f"s{i}", f"{i + 1:064x}", [_flows(10 + i, DAY + dt.timedelta(days=i), i)]
+        )
+    fresh = Lake(tmp_path / "lake")
+    found = fresh._source_entries("flows", f"{2:064x}")
+    assert fresh._cached_entries("flows", fresh.table("flows")) is None  # nothing else was listed
+    assert [e.rows for e in found] == [11] and found[0].relative.startswith(
+        "date=2024-03-13/part-" + f"{2:064x}"
+    )
+    assert fresh._source_entries("flows", f"{9:064x}") == []
+    listed = {e.relative: e for e in Lake(tmp_path / "lake").entries("flows")}
+    assert found == [listed[found[0].relative]]
+    entry = listed[found[0].relative]
+    assert entry.null_counts["src_addr"] == 0 and entry.null_counts.get("no such column") is None
+    assert entry.mins["bytes"] <= entry.maxs["bytes"] and "bytes" in entry.maxs
+    assert dict(entry.maxs) == {name: entry.maxs[name] for name in entry.maxs}
+    again = pickle.loads(pickle.dumps(entry))
+    assert again == entry and type(again.null_counts) is dict
+    # once the whole version is listed, the lookup answers from that listing
+    assert fresh.entries("flows") and fresh._source_entries("flows", f"{3:064x}") == [
+        e for e in fresh.entries("flows") if f"part-{3:064x}-" in e.relative
+    ]
+
+
 def test_compact_command_keeps_every_row_and_readers_of_old_snapshots(tmp_path):
     lake = Lake(tmp_path / "lake")
     for i in range(6):

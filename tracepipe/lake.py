@@ -24,7 +24,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -605,9 +605,59 @@ class FileEntry:
     day: str | None
     rows: int
     size: int
-    null_counts: dict[str, int | None]
-    mins: dict[str, Any] = field(default_factory=dict)  # per-column statistics from the log
-    maxs: dict[str, Any] = field(default_factory=dict)
+    null_counts: Mapping[str, int | None]
+    mins: Mapping[str, Any] = field(default_factory=dict)  # per-column statistics from the log
+    maxs: Mapping[str, Any] = field(default_factory=dict)
+
+
+class _StatColumns:
+    """One kind of per-column statistics (null counts, minimums or maximums) of a listing's files, as the log's
+    add actions hold them: a column becomes Python values the first time any file's statistic of it is asked
+    for. A listing builds an entry per file, and building every statistic of every file (~60 columns x 3 kinds
+    for vm_events) was most of what a listing cost as a table grew; callers read one or two columns."""
+
+    __slots__ = ("_arrays", "_values")
+
+    def __init__(self, actions: pa.Table, prefix: str) -> None:
+        self._arrays = {
+            c.removeprefix(prefix): actions.column(c) for c in actions.column_names if c.startswith(prefix)
+        }
+        self._values: dict[str, list[Any]] = {}
+
+    def column(self, name: str) -> list[Any]:
+        """Every file's statistic of column `name` (KeyError: the log has none for it)."""
+        values = self._values.get(name)
+        if values is None:
+            values = self._values[name] = self._arrays[name].to_pylist()
+        return values
+
+    def names(self) -> list[str]:
+        return list(self._arrays)
+
+
+class _FileStats(Mapping[str, Any]):
+    """One file's statistics of one kind, read-only, as a dict of column -> value (see _StatColumns)."""
+
+    __slots__ = ("_columns", "_row")
+
+    def __init__(self, columns: _StatColumns, row: int) -> None:
+        self._columns = columns
+        self._row = row
+
+    def __getitem__(self, name: str) -> Any:
+        return self._columns.column(name)[self._row]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._columns.names())
+
+    def __len__(self) -> int:
+        return len(self._columns.names())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled as the plain dict it stands for, not the whole listing
+        return (dict, (dict(self),))
 
 
 class Lake:
@@ -883,8 +933,10 @@ class Lake:
         return cached[2], cached[3], cached[4]
 
     def _read_entries(
-        self, name: str, table: DeltaTable, days: Iterable[str] | None = None
+        self, name: str, table: DeltaTable, days: Iterable[str] | None = None, source: str | None = None
     ) -> tuple[list[FileEntry], bool]:
+        """The table's file entries from its log: all of them, or those of some days, or (`source`, a source
+        key) those one source's commit added."""
         actions = pa.table(table.get_add_actions(flatten=True))
         if actions.num_rows == 0:
             return [], False
@@ -892,24 +944,16 @@ class Lake:
         if days is not None and partitioned:
             wanted = pa.array(sorted(set(days)), pa.string())
             actions = actions.filter(pc.is_in(actions.column(f"partition.{PARTITION}"), wanted))
+        if source is not None:  # the file names _SOURCE_FILE matches for this key (hex: nothing to escape)
+            named = f"(^|/)part-{source}-[0-9a-f]{{8}}\\.parquet$"
+            actions = actions.filter(pc.match_substring_regex(actions.column("path"), named))
         paths = actions.column("path").to_pylist()
         day_list = (
             actions.column(f"partition.{PARTITION}").to_pylist() if partitioned else [None] * len(paths)
         )
         rows = actions.column("num_records").to_pylist()
         sizes = actions.column("size_bytes").to_pylist()
-        null_columns = [c for c in actions.column_names if c.startswith("null_count.")]
-        nulls = {c.removeprefix("null_count."): actions.column(c).to_pylist() for c in null_columns}
-        lows = {
-            c.removeprefix("min."): actions.column(c).to_pylist()
-            for c in actions.column_names
-            if c.startswith("min.")
-        }
-        highs = {
-            c.removeprefix("max."): actions.column(c).to_pylist()
-            for c in actions.column_names
-            if c.startswith("max.")
-        }
+        nulls, lows, highs = (_StatColumns(actions, p) for p in ("null_count.", "min.", "max."))
         base = self.root / name
         out = [
             FileEntry(
@@ -918,9 +962,9 @@ class Lake:
                 day,
                 n if n is not None else -1,
                 size,
-                {column: values[i] for column, values in nulls.items()},
-                {column: values[i] for column, values in lows.items()},
-                {column: values[i] for column, values in highs.items()},
+                _FileStats(nulls, i),
+                _FileStats(lows, i),
+                _FileStats(highs, i),
             )
             for i, (rel, day, n, size) in enumerate(zip(paths, day_list, rows, sizes, strict=True))
         ]
@@ -969,8 +1013,17 @@ class Lake:
         return True
 
     def _source_entries(self, name: str, content_hash: str) -> list[FileEntry]:
-        """The table's files that one source's commit added (named part-<content hash>-<random>.parquet)."""
-        return list(self._all_entries(name)[1].get(source_key(content_hash), []))
+        """The table's files that one source's commit added (named part-<content hash>-<random>.parquet): from
+        the version's listing when it was built, else only those files' entries (every new source asks, and
+        building every file's entry for it grew with the table)."""
+        table = self.table(name)
+        if table is None:
+            return []
+        key = source_key(content_hash)
+        cached = self._cached_entries(name, table)
+        if cached is not None:
+            return list(cached[1].get(key, []))
+        return self._read_entries(name, table, source=key)[0]
 
     def _confirmed(self) -> set[str]:
         """The keys of every source in the manifest: their files may be merged by compaction."""
