@@ -883,7 +883,51 @@ def test_hourly_update_follows_a_run_of_leases_into_the_settled_files(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("damage", ["missing", "garbage", "other polars", "unsorted hashes"])
+def test_an_update_binding_a_port_that_earlier_events_read_gives_the_full_build(tmp_path):
+    """A floating IP associated with a port no VM's event had bound yet is held by the first VM ever bound to
+    it (the full build reads the port's whole history). The Nova boot that binds the port later changes who
+    held the floating IP from the association on, before anything the incremental update recomputes: it
+    kept `port:p1` while a repair said b. Such an update is a full rebuild; a boot on another port stays
+    incremental. Both end with the full build's tables."""
+    from tracepipe.correlate.leases import refresh_leases
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    batches = [
+        [
+            {"ts": utc(0, 0), "vm_id": "a", "action": "create", "addrs": ["10.0.0.1"], "port_id": "p0"},
+            {
+                "ts": utc(0, 10),
+                "event_type": "floatingip.update.end",
+                "action": "fip_associate",
+                "vm_id": None,
+                "resource_id": "f1",
+                "addr": "172.16.0.1",
+                "addr_kind": "floating",
+                "addrs": ["10.0.0.9"],
+                "port_id": "p1",
+                "hypervisor": None,
+            },
+        ],
+        [{"ts": utc(1, 0), "vm_id": "b", "action": "create", "addrs": ["10.0.0.2"], "port_id": "p1"}],
+        [{"ts": utc(2, 0), "vm_id": "c", "action": "create", "addrs": ["10.0.0.3"], "port_id": "p7"}],
+    ]
+    lake = Lake(tmp_path / "lake")
+    updates = []
+    for i, batch in enumerate(batches):
+        ingest_table(lake, "vm_events", f"b{i}", hash_bytes(f"port-{i}".encode()), [_events(batch)])
+        updates.append(refresh_leases(lake, SEVEN_DAYS if i == 0 else None))
+        leases, vms = build_leases(_events([r for b in batches[: i + 1] for r in b]), SEVEN_DAYS)
+        expected = leases.sort_by([("addr", "ascending"), ("valid_from", "ascending")]).to_pylist()
+        assert _lake_tables(lake) == (expected, vms.to_pylist())
+    assert [u.mode for u in updates] == ["full", "full", "incremental"]
+    assert updates[1].reason == "a port that earlier floating-IP or detach-by-port events read"
+    held = {(r["addr"], r["vm_id"]) for r in lake.read("vm_leases").to_pylist()}
+    assert ("172.16.0.1", "b") in held and ("172.16.0.1", "port:p1") not in held
+
+
+@pytest.mark.parametrize(
+    "damage", ["missing", "garbage", "other polars", "unsorted hashes", "saved before port hashes"]
+)
 def test_a_damaged_lease_state_means_a_full_rebuild(tmp_path, damage):
     """The saved state is a cache that whoever writes the lake can plant or break: anything but what the last
     build wrote makes the update a full rebuild (never a crash, never wrong leases)."""
@@ -909,6 +953,8 @@ def test_a_damaged_lease_state_means_a_full_rebuild(tmp_path, damage):
     elif damage == "other polars":
         meta = json.loads((state / "meta.json").read_text())
         (state / "meta.json").write_text(json.dumps({**meta, "polars": "0.0.1"}))
+    elif damage == "saved before port hashes":
+        (state / "ports.npy").unlink()
     else:
         np.save(state / "known.npy", np.array([3, 1, 2], np.uint64))
     ingest_table(lake, "vm_events", "2", hash_bytes(b"2"), [_events(then)])

@@ -1562,8 +1562,11 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     history; the settled files are read only for a VM of the new events that is already settled (rare: read
     as before) or a run of leases that reaches into them. Neutron floating-IP and port events (keyed by ids
     that reach further back) are rare next to instance events: with them, the update is a full rebuild.
-    (Nova events carry port ids too; a port's history matters only to those Neutron events, so Nova events
-    update incrementally.)"""
+    (Nova events carry port ids too. A port's history matters to the events _port_dependent names, which
+    make the update a full rebuild when they arrive; a later event naming the port of such a stored event, say
+    the Nova boot that binds a port a floating IP was associated with before, can change what that event did
+    at its own time, before b(A): the state keeps those ports' hashes, and such an update is a full rebuild
+    too. Other Nova events update incrementally.)"""
     started = time.perf_counter()
     files = _new_event_files(lake, since)
     if files is None:
@@ -1583,9 +1586,14 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     )
     if new.select(neutron.any()).item():
         return _full(lake, None, "Neutron floating-IP or port events")
+    if new.select(_port_dependent().any()).item():
+        return _full(lake, None, "an event read from its port's history (floating IP or detach by port)")
     state = _load_state(lake, built)
     if state is None:
         return _full(lake, None, "no saved state of the last build (first update after an upgrade)")
+    ports = new.get_column("port_id").drop_nulls().unique()
+    if len(ports) and _member(state.ports, _id_hashes(ports)).any():
+        return _full(lake, None, "a port that earlier floating-IP or detach-by-port events read")
     reclaim = load_reclaim_interval(lake)
     update, reason = None, "events older than what the lake holds for their addresses or VMs"
     with lake.lock("vm_leases"), lake.lock("vms"):
@@ -1998,6 +2006,9 @@ class _State:
     runs: pl.DataFrame  # _RUN_COLUMNS
     recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # sorted uint64
     known_file: Path | None = None  # where `known` was read from (linked into the next state unchanged)
+    # sorted uint64 hashes of the ports that stored events read a port's history for (_port_dependent)
+    ports: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    ports_file: Path | None = None  # where `ports` was read from (linked into the next state unchanged)
 
     def live_ids(self) -> pl.Series:
         return self.live.get_column("vm_id").unique()
@@ -2038,7 +2049,32 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
     hot = frame.filter(~_settled("vms")).get_column("vm_id")
     live = pl.from_arrow(conform(events.filter(pc.is_in(events.column("vm_id"), hot.to_arrow())), VM_EVENTS))
     assert isinstance(live, pl.DataFrame)
-    return _State(live, np.sort(_id_hashes(frame.get_column("vm_id"))), _last_runs(runs))
+    # (the few detaches and floating-IP associations first: a year of events is ~12 M rows)
+    few = events.filter(pc.is_in(events.column("action"), pa.array(["detach", "fip_associate"])))
+    head = pl.from_arrow(few.select(["action", "vm_id", "addr", "addrs", "port_id"]))
+    assert isinstance(head, pl.DataFrame)
+    ports = head.filter(_port_dependent()).get_column("port_id").unique()
+    return _State(
+        live,
+        np.sort(_id_hashes(frame.get_column("vm_id"))),
+        _last_runs(runs),
+        ports=np.sort(_id_hashes(ports)),
+    )
+
+
+def _port_dependent() -> pl.Expr:
+    """Events whose effect is read from their port's history (_port_maps), at any time of it: a floating IP
+    associated with a port by no VM's own event (its holder is the VM bound to the port then, or the first one
+    ever bound: _port_vm), and a detach by port (it releases every address any event listed with the port). An
+    event that binds such a port to a VM or lists addresses with it can change what those events did earlier,
+    before the addresses the update recomputes: the update is then a full rebuild."""
+    detach_by_port = (
+        (pl.col("action") == "detach")
+        & pl.col("addr").is_null()
+        & (pl.col("addrs").is_null() | pl.col("vm_id").is_null())
+    )
+    floating = (pl.col("action") == "fip_associate") & pl.col("vm_id").is_null()
+    return pl.col("port_id").is_not_null() & (detach_by_port | floating)
 
 
 def _next_state(
@@ -2072,7 +2108,8 @@ def _next_state(
         .select(_RUN_COLUMNS)
     )
     recomputed = _last_runs(pl.concat([before, leases.select(_RUN_COLUMNS).cast(before.schema)]))  # type: ignore[arg-type]
-    return _State(live, known, pl.concat([state.runs.filter(~touched), recomputed]), recent, known_file)
+    runs = pl.concat([state.runs.filter(~touched), recomputed])
+    return _State(live, known, runs, recent, known_file, state.ports, state.ports_file)
 
 
 def _state_schemas() -> tuple[pl.Schema, pl.Schema]:
@@ -2097,6 +2134,12 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
         except OSError:
             np.save(work / "known.npy", state.known.astype(np.uint64), allow_pickle=False)
         np.save(work / "recent.npy", state.recent.astype(np.uint64), allow_pickle=False)
+        try:
+            if state.ports_file is None:
+                raise OSError
+            os.link(state.ports_file, work / "ports.npy")
+        except OSError:
+            np.save(work / "ports.npy", state.ports.astype(np.uint64), allow_pickle=False)
         state.runs.write_parquet(work / "runs.parquet", compression="zstd")
         meta = {"vm_leases_version": version, "polars": pl.__version__}  # (hashes are polars' own)
         (work / "meta.json").write_text(json.dumps(meta))
@@ -2122,6 +2165,9 @@ def _load_state(lake: Any, version: int) -> _State | None:
         live = pl.from_arrow(pq.read_table(directory / "live.parquet"))
         known = np.load(directory / "known.npy", allow_pickle=False)
         recent = np.load(directory / "recent.npy", allow_pickle=False)
+        ports = np.load(
+            directory / "ports.npy", allow_pickle=False
+        )  # (a state saved before it: rebuilt in full)
         runs = pl.from_arrow(pq.read_table(directory / "runs.parquet"))
     except Exception:  # (any damage of a cache: unreadable, truncated, not Parquet)
         return None
@@ -2130,11 +2176,11 @@ def _load_state(lake: Any, version: int) -> _State | None:
         return None
     if live.schema != events_schema or runs.schema != runs_schema:
         return None
-    for hashes in (known, recent):
+    for hashes in (known, recent, ports):
         if (
             hashes.dtype != np.uint64
             or hashes.ndim != 1
             or (len(hashes) > 1 and bool(np.any(hashes[1:] < hashes[:-1])))
         ):
             return None
-    return _State(live, known, runs, recent, directory / "known.npy")
+    return _State(live, known, runs, recent, directory / "known.npy", ports, directory / "ports.npy")
