@@ -2065,16 +2065,16 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
 def _port_dependent() -> pl.Expr:
     """Events whose effect is read from their port's history (_port_maps), at any time of it: a floating IP
     associated with a port by no VM's own event (its holder is the VM bound to the port then, or the first one
-    ever bound: _port_vm), and a detach by port (it releases every address any event listed with the port). An
+    ever bound: _port_vm), a detach naming no VM (the port's VM then) and a detach by port (it releases every
+    address any event listed with the port). An
     event that binds such a port to a VM or lists addresses with it can change what those events did earlier,
     before the addresses the update recomputes: the update is then a full rebuild."""
-    detach_by_port = (
-        (pl.col("action") == "detach")
-        & pl.col("addr").is_null()
-        & (pl.col("addrs").is_null() | pl.col("vm_id").is_null())
-    )
+    # a detach names its VM, else the port's (at the time, or the first ever bound); one naming neither an
+    # address nor Nova's list releases the port's addresses
+    by_port = pl.col("vm_id").is_null() | (pl.col("addr").is_null() & pl.col("addrs").is_null())
+    detach = (pl.col("action") == "detach") & by_port
     floating = (pl.col("action") == "fip_associate") & pl.col("vm_id").is_null()
-    return pl.col("port_id").is_not_null() & (detach_by_port | floating)
+    return pl.col("port_id").is_not_null() & (detach | floating)
 
 
 def _next_state(
