@@ -466,6 +466,124 @@ def test_incremental_updates_in_any_order_give_the_full_build(tmp_path_factory, 
     assert _lake_tables(lake) == (expected_leases, vms.to_pylist())
 
 
+def _neutron_row(history_item: tuple, with_vm: bool) -> dict:
+    """_random_event, with a floating IP's association naming its port's VM (Neutron's port_details) and its
+    delete naming the address when `with_vm`."""
+    row = _random_event(*history_item)
+    if with_vm and row["action"] == "fip_associate":
+        row["vm_id"] = history_item[1]
+    if with_vm and row["action"] == "fip_delete":
+        row["addr"] = {"f1": "172.16.0.1", "f2": "172.16.0.2"}[history_item[5]]
+    return row
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    history=st.lists(
+        st.tuples(
+            st.integers(0, 3000),
+            st.sampled_from(["a", "b", "c", "d"]),
+            st.sampled_from([0, 3, 5, 9, 10, 11, 14, 15, 16, 17, 18]),  # Nova and Neutron actions
+            st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+            st.sampled_from(["h1", "h2"]),
+            st.sampled_from(["f1", "f2"]),
+            st.sampled_from(["p1", "p2"]),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    cuts=st.lists(st.integers(1, 29), max_size=6),
+    data=st.data(),
+)
+def test_neutron_events_in_any_order_give_the_full_build(tmp_path_factory, history, cuts, data):
+    """Floating IPs and ports of Neutron among Nova's events, landing in batches in time order or shuffled:
+    the updates (those that can replay a batch without its floating IPs' and ports' history incrementally, the
+    others in full) end with exactly the leases and VMs of one full build."""
+    from tracepipe.correlate.leases import refresh_leases
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    events = _events([_neutron_row(h[:7], h[7]) for h in history])
+    if data.draw(st.booleans()):  # in time order, as hourly batches come: most updates then incremental
+        order = sorted(range(events.num_rows), key=lambda i: history[i][0])
+    else:
+        order = data.draw(st.permutations(range(events.num_rows)))
+    shuffled = events.take(pa.array(order, pa.int64()))
+    bounds = sorted({c for c in cuts if c < shuffled.num_rows} | {0, shuffled.num_rows})
+    lake = Lake(tmp_path_factory.mktemp("lake"))
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        batch = shuffled.slice(lo, hi - lo)
+        ingest_table(lake, "vm_events", f"batch{i}", hash_bytes(f"n{i}{order}".encode()), [batch])
+        refresh_leases(lake, SEVEN_DAYS if i == 0 else None)
+    leases, vms = build_leases(events, SEVEN_DAYS)
+    expected_leases = leases.sort_by([("addr", "ascending"), ("valid_from", "ascending")]).to_pylist()
+    assert _lake_tables(lake) == (expected_leases, vms.to_pylist())
+
+
+def test_hourly_neutron_events_update_incrementally(tmp_path):
+    """What a site that feeds Neutron's notifications lands every hour: ports created for new VMs (port_update
+    naming the VM), floating IPs associated with a VM's port (port_details name the VM), disassociated and
+    deleted (no VM), a port deleted with its VM. Every update after the first is incremental, and the lake
+    equals the full build after each."""
+    from tracepipe.correlate.leases import refresh_leases
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    def fip(
+        minute: int, action: str, vm: str | None, fixed: str | None = None, port: str | None = None
+    ) -> dict:
+        return {
+            "ts": utc(0, 0) + dt.timedelta(minutes=minute),
+            "event_type": "floatingip.delete.end" if action == "fip_delete" else "floatingip.update.end",
+            "action": action,
+            "vm_id": vm,
+            "resource_id": "fip-1",
+            "addr": "172.16.0.1",
+            "addr_kind": "floating",
+            "addrs": [fixed] if fixed else None,
+            "port_id": port,
+            "hypervisor": None,
+        }
+
+    def vm_row(minute: int, vm: str, action: str, addrs: list[str] | None, port: str | None = None) -> dict:
+        return {
+            "ts": utc(0, 0) + dt.timedelta(minutes=minute),
+            "event_type": "port.create.end" if action == "port_update" else f"instance.{action}.end",
+            "action": action,
+            "vm_id": vm,
+            "addrs": addrs,
+            "port_id": port,
+        }
+
+    hours = [
+        [vm_row(0, "a", "port_update", ["10.0.0.1"], "pa"), vm_row(1, "a", "create", ["10.0.0.1"], "pa")],
+        [vm_row(60, "b", "port_update", ["10.0.0.2"], "pb"), vm_row(61, "b", "create", ["10.0.0.2"], "pb")],
+        [fip(120, "fip_associate", "a", "10.0.0.1", "pa")],
+        [fip(180, "fip_disassociate", None), fip(181, "fip_associate", "b", "10.0.0.2", "pb")],
+        [
+            vm_row(240, "b", "delete", []),
+            {**vm_row(241, "b", "detach", None, "pb"), "event_type": "port.delete.end"},
+        ],
+        [fip(300, "fip_associate", "a", "10.0.0.1", "pa"), vm_row(301, "c", "create", ["10.0.0.2"], "pc")],
+        [fip(360, "fip_disassociate", None), fip(361, "fip_delete", None)],
+    ]
+    lake = Lake(tmp_path / "lake")
+    modes = []
+    for i, hour in enumerate(hours):
+        ingest_table(lake, "vm_events", f"h{i}", hash_bytes(f"neutron-{i}".encode()), [_events(hour)])
+        update = refresh_leases(lake, SEVEN_DAYS if i == 0 else None)
+        modes.append(update.mode if update.mode != "full" or i == 0 else f"full: {update.reason}")
+        leases, vms = build_leases(_events([r for h in hours[: i + 1] for r in h]), SEVEN_DAYS)
+        expected = leases.sort_by([("addr", "ascending"), ("valid_from", "ascending")]).to_pylist()
+        assert _lake_tables(lake) == (expected, vms.to_pylist()), i
+    assert modes == ["full"] + ["incremental"] * (len(hours) - 1)
+    floating = [
+        (r["vm_id"], r["valid_from"].hour, r["valid_to"] and r["valid_to"].hour)
+        for r in lake.read("vm_leases").to_pylist()
+        if r["addr"] == "172.16.0.1"
+    ]
+    assert sorted(floating) == [("a", 2, 3), ("a", 5, 6), ("b", 3, 4)]
+
+
 def test_in_order_batches_update_incrementally(tmp_path):
     """The hourly case: each batch later than the last; every update after the first is incremental."""
     from tracepipe.correlate.leases import refresh_leases

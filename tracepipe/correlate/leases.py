@@ -1560,13 +1560,21 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     the past comes from the rows that can still change (the "hot" files) and the saved state of the last build
     (_State: live VMs' events, known VM ids, each address's last run), so its reads do not grow with the
     history; the settled files are read only for a VM of the new events that is already settled (rare: read
-    as before) or a run of leases that reaches into them. Neutron floating-IP and port events (keyed by ids
-    that reach further back) are rare next to instance events: with them, the update is a full rebuild.
-    (Nova events carry port ids too. A port's history matters to the events _port_dependent names, which
-    make the update a full rebuild when they arrive; a later event naming the port of such a stored event, say
-    the Nova boot that binds a port a floating IP was associated with before, can change what that event did
-    at its own time, before b(A): the state keeps those ports' hashes, and such an update is a full rebuild
-    too. Other Nova events update incrementally.)"""
+    as before) or a run of leases that reaches into them.
+
+    Neutron's events update incrementally where the replay needs no history beyond the VMs involved: a port
+    created or updated for a VM (its own event), a floating IP associated with a port whose VM the event names
+    (Neutron's port_details), disassociated or deleted with its address named; a VM's port deleted or unbound
+    when the VM's own events list every fixed address it has with that port (_ports_told_by_their_vms).
+    A floating IP's key must name one address, the one its earlier events named, and be later than them
+    (_floating_in_order: the replay takes each event's address from the event, a change of address would
+    release the previous one); a disassociation or delete (no VM's own event, so in no VM's history) since
+    b(A) of a touched address sends the update to a full rebuild (the state keeps the last one per address).
+    Events read from their port's history at any time (_port_dependent: an association with a port that names
+    no VM, a detach naming no VM) are rebuilt in full, and so is a later event naming the port of such a stored
+    event, or of a stored detach by port: it can change what that event did at its own time, before b(A) (the
+    boot that binds a port a floating IP was associated with before; the state keeps those ports' hashes).
+    Other Neutron events (a port of no VM, a floating IP without its address) are rebuilt in full."""
     started = time.perf_counter()
     files = _new_event_files(lake, since)
     if files is None:
@@ -1579,21 +1587,25 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     assert isinstance(new, pl.DataFrame)
     if new.height == 0:
         return LeaseUpdate("incremental", seconds=round(time.perf_counter() - started, 3))
+    if new.select((_port_dependent() & pl.col("vm_id").is_null()).any()).item():
+        return _full(lake, None, "an event read from its port's history (floating IP or detach by port)")
+    fip = pl.col("action").is_in(list(_FLOATING_ACTIONS))
     neutron = (
-        pl.col("action").is_in(["fip_associate", "fip_disassociate", "fip_delete", "port_update"])
+        ((pl.col("action") == "port_update") & pl.col("vm_id").is_null())
+        | (fip & pl.col("addr").is_null())
+        | (pl.col("resource_id").is_not_null() & ~fip)
         | ((pl.col("action") == "detach") & pl.col("vm_id").is_null())
-        | pl.col("resource_id").is_not_null()
     )
     if new.select(neutron.any()).item():
-        return _full(lake, None, "Neutron floating-IP or port events")
-    if new.select(_port_dependent().any()).item():
-        return _full(lake, None, "an event read from its port's history (floating IP or detach by port)")
+        return _full(lake, None, "Neutron events that name no VM or no floating address")
     state = _load_state(lake, built)
     if state is None:
         return _full(lake, None, "no saved state of the last build (first update after an upgrade)")
     ports = new.get_column("port_id").drop_nulls().unique()
     if len(ports) and _member(state.ports, _id_hashes(ports)).any():
         return _full(lake, None, "a port that earlier floating-IP or detach-by-port events read")
+    if not _floating_in_order(new, state):
+        return _full(lake, None, "a floating IP's events out of order, or naming another address than before")
     reclaim = load_reclaim_interval(lake)
     update, reason = None, "events older than what the lake holds for their addresses or VMs"
     with lake.lock("vm_leases"), lake.lock("vms"):
@@ -1644,6 +1656,12 @@ def _update_under_locks(
             index = pl.concat([index, _settled_run_rows(lake, lease_entries, lease_columns, settled_runs)])
         vm_index = None
     starts = _free_since(index, addrs, t0)
+    if state.vmless.height:
+        # a floating-IP event of no VM's own (a disassociation, a delete) since b(A) is in no VM's history: the
+        # replay would not see it (the state keeps when the last one named each address)
+        since = starts.join(state.vmless, on="addr").filter(pl.col("ts") >= pl.col("free_from"))
+        if since.height:
+            return None
     # the VMs whose events can move a touched address after b(A): those of the new events, and every VM
     # that held it since (a claim that opened no lease, by a deleted VM or at the instant another VM
     # took the address, changes nothing)
@@ -1693,6 +1711,8 @@ def _update_files(
     """The incremental update's replay and commits (the caller holds the vm_leases and vms locks), then the
     state of this build (_State) for the next update."""
     events = _history(lake, new, involved_vms, vm_index, state.live)
+    if not _ports_told_by_their_vms(new, events):
+        return None
     leases, vms = build_leases(_strip_before(events, starts).to_arrow(), reclaim)
     leases = pl.from_arrow(leases)
     vms = pl.from_arrow(vms)
@@ -1997,6 +2017,108 @@ def _settled_run_rows(lake: Any, entries: list[Any], columns: list[str], rows: p
 STATE_DIR = "_settings/lease_state"
 _HASH_SEED = 18
 _RUN_COLUMNS = ["addr", "vm_id", "valid_from", "valid_to"]
+_FIPS_SCHEMA = {"key": pl.String, "addr": pl.String, "ts": pl.Datetime("us", "UTC"), "multi": pl.Boolean}
+_VMLESS_SCHEMA = {"addr": pl.String, "ts": pl.Datetime("us", "UTC")}
+
+
+def _ports_told_by_their_vms(new: pl.DataFrame, events: pl.DataFrame) -> bool:
+    """Whether each new detach by port (a VM's port deleted or unbound: it releases what the VM holds of every
+    address any event ever listed with the port) releases the same addresses in the replay as in a full build:
+    so when every fixed address the VM's events name is listed with that port by the VM's own events (the
+    replay has the VM's whole history, not other VMs' events naming the port): a VM with addresses on other
+    ports is rebuilt in full. (Floating addresses are never listed with a port by Nova or Neutron, only
+    associated with one: a planted event that lists one would be missed here.)"""
+    detaches = (
+        new.filter(_port_dependent() & pl.col("vm_id").is_not_null()).select("vm_id", "port_id").unique()
+    )
+    if not detaches.height:
+        return True
+    mine = events.join(detaches.select("vm_id").unique(), on="vm_id").filter(
+        ~pl.col("action").is_in(list(_FLOATING_ACTIONS))
+    )
+    named = pl.concat(
+        [
+            mine.select("vm_id", pl.col("addrs").alias("a")).explode("a"),
+            mine.select("vm_id", pl.col("addr").alias("a")),
+        ]
+    ).drop_nulls("a")
+    paired = (
+        mine.join(detaches, on=["vm_id", "port_id"])
+        .select("vm_id", "port_id", pl.col("addrs").alias("a"))
+        .explode("a")
+        .drop_nulls("a")
+    )
+    needed = detaches.join(named, on="vm_id").unique()
+    return not needed.join(paired, on=["vm_id", "port_id", "a"], how="anti").height
+
+
+def _fip_facts(events: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Of the floating-IP events among `events`: per key (the floating IP's id, else its address, as the replay
+    keys them) the address it names (null: none yet), whether it ever named two, and the time of its last
+    event; and per address, the time of the last such event that is no VM's own (a disassociation, a delete,
+    an association without the port's VM), counted for every address its key ever named."""
+    fips = events.filter(pl.col("action").is_in(list(_FLOATING_ACTIONS))).select(
+        pl.coalesce("resource_id", "addr").alias("key"),
+        "addr",
+        pl.col("ts").cast(pl.Datetime("us", "UTC")),
+        "vm_id",
+    )
+    fips = fips.filter(pl.col("key").is_not_null())
+    keys = fips.group_by("key").agg(
+        pl.col("addr").drop_nulls().first().alias("addr"),
+        pl.col("ts").max(),
+        (pl.col("addr").drop_nulls().n_unique() > 1).alias("multi"),
+    )
+    named = fips.filter(pl.col("addr").is_not_null()).select("key", "addr").unique()
+    vmless = (
+        fips.filter(pl.col("vm_id").is_null())
+        .select("key", "ts")
+        .join(named, on="key")
+        .group_by("addr")
+        .agg(pl.col("ts").max())
+    )
+    return keys.select(list(_FIPS_SCHEMA)).cast(_FIPS_SCHEMA), vmless.select(list(_VMLESS_SCHEMA)).cast(
+        _VMLESS_SCHEMA
+    )
+
+
+def _merge_fip_facts(
+    state: tuple[pl.DataFrame, pl.DataFrame], more: tuple[pl.DataFrame, pl.DataFrame]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    keys = (
+        pl.concat([state[0], more[0]])
+        .group_by("key")
+        .agg(
+            pl.col("addr").drop_nulls().first(),
+            pl.col("ts").max(),
+            (pl.col("multi").any() | (pl.col("addr").drop_nulls().n_unique() > 1)).alias("multi"),
+        )
+    )
+    vmless = pl.concat([state[1], more[1]]).group_by("addr").agg(pl.col("ts").max())
+    return keys.select(list(_FIPS_SCHEMA)), vmless.select(list(_VMLESS_SCHEMA))
+
+
+def _floating_in_order(new: pl.DataFrame, state: _State) -> bool:
+    """Whether the new floating-IP events can be replayed without their keys' earlier events: each key names
+    one address, the one its earlier events named (the replay takes an event's address from its own `addr`; a
+    change of address would release the previous one, which only the key's history knows), and every
+    earlier event of the key is older than the new ones."""
+    keys, _ = _fip_facts(new)
+    if not keys.height:
+        return True
+    if keys.get_column("multi").any():
+        return False
+    t0 = new.get_column("ts").min()
+    old = keys.join(state.fips, on="key", suffix="_old")
+    return not old.filter(
+        pl.col("multi_old")
+        | (pl.col("ts_old") >= pl.lit(t0).cast(pl.Datetime("us", "UTC")))
+        | (
+            pl.col("addr_old").is_not_null()
+            & pl.col("addr").is_not_null()
+            & (pl.col("addr_old") != pl.col("addr"))
+        )
+    ).height
 
 
 @dataclass
@@ -2009,6 +2131,9 @@ class _State:
     # sorted uint64 hashes of the ports that stored events read a port's history for (_port_dependent)
     ports: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     ports_file: Path | None = None  # where `ports` was read from (linked into the next state unchanged)
+    # floating IPs (_fip_facts): per key its address and last event; per address the last event of no VM's own
+    fips: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_FIPS_SCHEMA))
+    vmless: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_VMLESS_SCHEMA))
 
     def live_ids(self) -> pl.Series:
         return self.live.get_column("vm_id").unique()
@@ -2054,11 +2179,20 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
     head = pl.from_arrow(few.select(["action", "vm_id", "addr", "addrs", "port_id"]))
     assert isinstance(head, pl.DataFrame)
     ports = head.filter(_port_dependent()).get_column("port_id").unique()
+    floating = pl.from_arrow(
+        events.filter(pc.is_in(events.column("action"), pa.array(sorted(_FLOATING_ACTIONS)))).select(
+            ["action", "resource_id", "addr", "ts", "vm_id"]
+        )
+    )
+    assert isinstance(floating, pl.DataFrame)
+    fips, vmless = _fip_facts(floating)
     return _State(
         live,
         np.sort(_id_hashes(frame.get_column("vm_id"))),
         _last_runs(runs),
         ports=np.sort(_id_hashes(ports)),
+        fips=fips,
+        vmless=vmless,
     )
 
 
@@ -2109,7 +2243,13 @@ def _next_state(
     )
     recomputed = _last_runs(pl.concat([before, leases.select(_RUN_COLUMNS).cast(before.schema)]))  # type: ignore[arg-type]
     runs = pl.concat([state.runs.filter(~touched), recomputed])
-    return _State(live, known, runs, recent, known_file, state.ports, state.ports_file)
+    fips, vmless = _merge_fip_facts((state.fips, state.vmless), _fip_facts(events))
+    ports, ports_file = state.ports, state.ports_file
+    dependent = events.filter(_port_dependent()).get_column("port_id").unique()
+    fresh_ports = _id_hashes(dependent) if len(dependent) else np.zeros(0, np.uint64)
+    if len(fresh_ports) and not _member(ports, fresh_ports).all():  # (else the same file, linked)
+        ports, ports_file = np.union1d(ports, fresh_ports), None
+    return _State(live, known, runs, recent, known_file, ports, ports_file, fips, vmless)
 
 
 def _state_schemas() -> tuple[pl.Schema, pl.Schema]:
@@ -2141,6 +2281,8 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
         except OSError:
             np.save(work / "ports.npy", state.ports.astype(np.uint64), allow_pickle=False)
         state.runs.write_parquet(work / "runs.parquet", compression="zstd")
+        state.fips.write_parquet(work / "fips.parquet", compression="zstd")
+        state.vmless.write_parquet(work / "vmless.parquet", compression="zstd")
         meta = {"vm_leases_version": version, "polars": pl.__version__}  # (hashes are polars' own)
         (work / "meta.json").write_text(json.dumps(meta))
         final = root / str(version)
@@ -2169,12 +2311,17 @@ def _load_state(lake: Any, version: int) -> _State | None:
             directory / "ports.npy", allow_pickle=False
         )  # (a state saved before it: rebuilt in full)
         runs = pl.from_arrow(pq.read_table(directory / "runs.parquet"))
+        fips = pl.from_arrow(pq.read_table(directory / "fips.parquet"))
+        vmless = pl.from_arrow(pq.read_table(directory / "vmless.parquet"))
     except Exception:  # (any damage of a cache: unreadable, truncated, not Parquet)
         return None
     events_schema, runs_schema = _state_schemas()
-    if not isinstance(live, pl.DataFrame) or not isinstance(runs, pl.DataFrame):
+    frames = (live, runs, fips, vmless)
+    if not all(isinstance(f, pl.DataFrame) for f in frames):
         return None
-    if live.schema != events_schema or runs.schema != runs_schema:
+    assert isinstance(fips, pl.DataFrame) and isinstance(vmless, pl.DataFrame)
+    schemas = (events_schema, runs_schema, pl.Schema(_FIPS_SCHEMA), pl.Schema(_VMLESS_SCHEMA))
+    if any(f.schema != want for f, want in zip(frames, schemas, strict=True)):
         return None
     for hashes in (known, recent, ports):
         if (
@@ -2183,4 +2330,6 @@ def _load_state(lake: Any, version: int) -> _State | None:
             or (len(hashes) > 1 and bool(np.any(hashes[1:] < hashes[:-1])))
         ):
             return None
-    return _State(live, known, runs, recent, directory / "known.npy", ports, directory / "ports.npy")
+    return _State(
+        live, known, runs, recent, directory / "known.npy", ports, directory / "ports.npy", fips, vmless
+    )
