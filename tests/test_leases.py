@@ -424,6 +424,29 @@ def _lake_tables(lake) -> tuple[list[dict], list[dict]]:
     return leases.to_pylist(), vms.to_pylist()
 
 
+def _full_tables(events: pa.Table) -> tuple[list[dict], list[dict]]:
+    """One full build of `events`, as _lake_tables reads a lake."""
+    leases, vms = build_leases(events, SEVEN_DAYS)
+    return leases.sort_by([("addr", "ascending"), ("valid_from", "ascending")]).to_pylist(), vms.to_pylist()
+
+
+def _update_in_batches(lake, batches: list[pa.Table], name: str, check_each: bool = False) -> list[str]:
+    """Land each batch as a source of its own and update the leases after it (the first with the reclaim
+    interval): the updates' modes, "full: <reason>" for a full rebuild after the first. `check_each`: after
+    every update the lake holds the full build of the batches landed so far."""
+    from tracepipe.correlate.leases import refresh_leases
+    from tracepipe.lake import hash_bytes, ingest_table
+
+    modes = []
+    for i, batch in enumerate(batches):
+        ingest_table(lake, "vm_events", f"{name}{i}", hash_bytes(f"{name}-{i}".encode()), [batch])
+        update = refresh_leases(lake, SEVEN_DAYS if i == 0 else None)
+        modes.append(update.mode if update.mode != "full" or i == 0 else f"full: {update.reason}")
+        if check_each:
+            assert _lake_tables(lake) == _full_tables(pa.concat_tables(batches[: i + 1])), i
+    return modes
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     history=st.lists(
@@ -525,8 +548,7 @@ def test_hourly_neutron_events_update_incrementally(tmp_path):
     naming the VM), floating IPs associated with a VM's port (port_details name the VM), disassociated and
     deleted (no VM), a port deleted with its VM. Every update after the first is incremental, and the lake
     equals the full build after each."""
-    from tracepipe.correlate.leases import refresh_leases
-    from tracepipe.lake import Lake, hash_bytes, ingest_table
+    from tracepipe.lake import Lake
 
     def fip(
         minute: int, action: str, vm: str | None, fixed: str | None = None, port: str | None = None
@@ -567,14 +589,7 @@ def test_hourly_neutron_events_update_incrementally(tmp_path):
         [fip(360, "fip_disassociate", None), fip(361, "fip_delete", None)],
     ]
     lake = Lake(tmp_path / "lake")
-    modes = []
-    for i, hour in enumerate(hours):
-        ingest_table(lake, "vm_events", f"h{i}", hash_bytes(f"neutron-{i}".encode()), [_events(hour)])
-        update = refresh_leases(lake, SEVEN_DAYS if i == 0 else None)
-        modes.append(update.mode if update.mode != "full" or i == 0 else f"full: {update.reason}")
-        leases, vms = build_leases(_events([r for h in hours[: i + 1] for r in h]), SEVEN_DAYS)
-        expected = leases.sort_by([("addr", "ascending"), ("valid_from", "ascending")]).to_pylist()
-        assert _lake_tables(lake) == (expected, vms.to_pylist()), i
+    modes = _update_in_batches(lake, [_events(hour) for hour in hours], "neutron", check_each=True)
     assert modes == ["full"] + ["incremental"] * (len(hours) - 1)
     floating = [
         (r["vm_id"], r["valid_from"].hour, r["valid_to"] and r["valid_to"].hour)
@@ -1007,8 +1022,7 @@ def test_an_update_binding_a_port_that_earlier_events_read_gives_the_full_build(
     held the floating IP from the association on, before anything the incremental update recomputes: it
     kept `port:p1` while a repair said b. Such an update is a full rebuild; a boot on another port stays
     incremental. Both end with the full build's tables."""
-    from tracepipe.correlate.leases import refresh_leases
-    from tracepipe.lake import Lake, hash_bytes, ingest_table
+    from tracepipe.lake import Lake
 
     batches = [
         [
@@ -1030,15 +1044,12 @@ def test_an_update_binding_a_port_that_earlier_events_read_gives_the_full_build(
         [{"ts": utc(2, 0), "vm_id": "c", "action": "create", "addrs": ["10.0.0.3"], "port_id": "p7"}],
     ]
     lake = Lake(tmp_path / "lake")
-    updates = []
-    for i, batch in enumerate(batches):
-        ingest_table(lake, "vm_events", f"b{i}", hash_bytes(f"port-{i}".encode()), [_events(batch)])
-        updates.append(refresh_leases(lake, SEVEN_DAYS if i == 0 else None))
-        leases, vms = build_leases(_events([r for b in batches[: i + 1] for r in b]), SEVEN_DAYS)
-        expected = leases.sort_by([("addr", "ascending"), ("valid_from", "ascending")]).to_pylist()
-        assert _lake_tables(lake) == (expected, vms.to_pylist())
-    assert [u.mode for u in updates] == ["full", "full", "incremental"]
-    assert updates[1].reason == "a port that earlier floating-IP or detach-by-port events read"
+    modes = _update_in_batches(lake, [_events(batch) for batch in batches], "port", check_each=True)
+    assert modes == [
+        "full",
+        "full: a port that earlier floating-IP or detach-by-port events read",
+        "incremental",
+    ]
     held = {(r["addr"], r["vm_id"]) for r in lake.read("vm_leases").to_pylist()}
     assert ("172.16.0.1", "b") in held and ("172.16.0.1", "port:p1") not in held
 
