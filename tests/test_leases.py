@@ -489,13 +489,15 @@ def test_incremental_updates_in_any_order_give_the_full_build(tmp_path_factory, 
     assert _lake_tables(lake) == (expected_leases, vms.to_pylist())
 
 
-def _neutron_row(history_item: tuple, with_vm: bool) -> dict:
-    """_random_event, with a floating IP's association naming its port's VM (Neutron's port_details) and its
-    delete naming the address when `with_vm`."""
+def _neutron_row(history_item: tuple, variant: int) -> dict:
+    """_random_event; variant 1: a floating IP's association names its port's VM (Neutron's port_details),
+    variant 2: it names no port (its holder: the fixed address's); with either, its delete names the address."""
     row = _random_event(*history_item)
-    if with_vm and row["action"] == "fip_associate":
+    if variant == 1 and row["action"] == "fip_associate":
         row["vm_id"] = history_item[1]
-    if with_vm and row["action"] == "fip_delete":
+    if variant == 2 and row["action"] == "fip_associate":
+        row["port_id"] = None
+    if variant and row["action"] == "fip_delete":
         row["addr"] = {"f1": "172.16.0.1", "f2": "172.16.0.2"}[history_item[5]]
     return row
 
@@ -511,7 +513,7 @@ def _neutron_row(history_item: tuple, with_vm: bool) -> dict:
             st.sampled_from(["h1", "h2"]),
             st.sampled_from(["f1", "f2"]),
             st.sampled_from(["p1", "p2"]),
-            st.booleans(),
+            st.integers(0, 2),
         ),
         min_size=1,
         max_size=30,

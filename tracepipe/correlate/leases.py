@@ -2200,9 +2200,9 @@ def _port_dependent() -> pl.Expr:
     """Events whose effect is read from their port's history (_port_maps), at any time of it: a floating IP
     associated with a port by no VM's own event (its holder is the VM bound to the port then, or the first one
     ever bound: _port_vm), a detach naming no VM (the port's VM then) and a detach by port (it releases every
-    address any event listed with the port). An
-    event that binds such a port to a VM or lists addresses with it can change what those events did earlier,
-    before the addresses the update recomputes: the update is then a full rebuild."""
+    address any event listed with the port). An event that binds such a port to a VM or lists addresses with
+    it can change what those events did earlier, before the addresses the update recomputes: the update is
+    then a full rebuild."""
     # a detach names its VM, else the port's (at the time, or the first ever bound); one naming neither an
     # address nor Nova's list releases the port's addresses
     by_port = pl.col("vm_id").is_null() | (pl.col("addr").is_null() & pl.col("addrs").is_null())
@@ -2307,9 +2307,8 @@ def _load_state(lake: Any, version: int) -> _State | None:
         live = pl.from_arrow(pq.read_table(directory / "live.parquet"))
         known = np.load(directory / "known.npy", allow_pickle=False)
         recent = np.load(directory / "recent.npy", allow_pickle=False)
-        ports = np.load(
-            directory / "ports.npy", allow_pickle=False
-        )  # (a state saved before it: rebuilt in full)
+        # (a state saved before ports.npy existed: the update rebuilds in full once)
+        ports = np.load(directory / "ports.npy", allow_pickle=False)
         runs = pl.from_arrow(pq.read_table(directory / "runs.parquet"))
         fips = pl.from_arrow(pq.read_table(directory / "fips.parquet"))
         vmless = pl.from_arrow(pq.read_table(directory / "vmless.parquet"))
