@@ -548,8 +548,8 @@ def test_neutron_events_in_any_order_give_the_full_build(tmp_path_factory, histo
 def test_hourly_neutron_events_update_incrementally(tmp_path):
     """What a site that feeds Neutron's notifications lands every hour: ports created for new VMs (port_update
     naming the VM), floating IPs associated with a VM's port (port_details name the VM), disassociated and
-    deleted (no VM), a port deleted with its VM. Every update after the first is incremental, and the lake
-    equals the full build after each."""
+    deleted (no VM), a port deleted with its VM. Every update after the first is incremental but the last,
+    which names the deleted VM's port again (a full rebuild), and the lake equals the full build after each."""
     from tracepipe.lake import Lake
 
     def fip(
@@ -589,10 +589,13 @@ def test_hourly_neutron_events_update_incrementally(tmp_path):
         ],
         [fip(300, "fip_associate", "a", "10.0.0.1", "pa"), vm_row(301, "c", "create", ["10.0.0.2"], "pc")],
         [fip(360, "fip_disassociate", None), fip(361, "fip_delete", None)],
+        # b's port again (a port re-used): what the detach by port at 241 released could change
+        [vm_row(420, "d", "port_update", ["10.0.0.4"], "pb")],
     ]
     lake = Lake(tmp_path / "lake")
     modes = _update_in_batches(lake, [_events(hour) for hour in hours], "neutron", check_each=True)
-    assert modes == ["full"] + ["incremental"] * (len(hours) - 1)
+    reread = "full: a port that earlier floating-IP or detach-by-port events read"
+    assert modes == ["full"] + ["incremental"] * (len(hours) - 2) + [reread]
     floating = [
         (r["vm_id"], r["valid_from"].hour, r["valid_to"] and r["valid_to"].hour)
         for r in lake.read("vm_leases").to_pylist()

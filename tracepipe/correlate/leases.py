@@ -1601,8 +1601,8 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     state = _load_state(lake, built)
     if state is None:
         return _full(lake, None, "no saved state of the last build (first update after an upgrade)")
-    ports = new.get_column("port_id").drop_nulls().unique()
-    if len(ports) and _member(state.ports, _id_hashes(ports)).any():
+    ports = _id_hashes(new.get_column("port_id").drop_nulls().unique())
+    if (_member(state.ports, ports) | _member(state.ports_recent, ports)).any():
         return _full(lake, None, "a port that earlier floating-IP or detach-by-port events read")
     if not _floating_in_order(new, state):
         return _full(lake, None, "a floating IP's events out of order, or naming another address than before")
@@ -2131,6 +2131,7 @@ class _State:
     # sorted uint64 hashes of the ports that stored events read a port's history for (_port_dependent)
     ports: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     ports_file: Path | None = None  # where `ports` was read from (linked into the next state unchanged)
+    ports_recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # added since: sorted
     # floating IPs (_fip_facts): per key its address and last event; per address the last event of no VM's own
     fips: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_FIPS_SCHEMA))
     vmless: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_VMLESS_SCHEMA))
@@ -2230,10 +2231,7 @@ def _next_state(
         ]
     )
     hashes = np.unique(_id_hashes(vms.get_column("vm_id")))
-    fresh = hashes[~(_member(state.known, hashes) | _member(state.recent, hashes))]
-    known, recent, known_file = state.known, np.union1d(state.recent, fresh), state.known_file
-    if len(recent) > max(len(known) // 16, 1 << 16):
-        known, recent, known_file = np.union1d(known, recent), recent[:0], None
+    known, recent, known_file = _grown(state.known, state.recent, state.known_file, hashes)
     touched = pl.col("addr").is_in(addrs.implode())
     before = (
         state.runs.filter(touched)
@@ -2244,12 +2242,23 @@ def _next_state(
     recomputed = _last_runs(pl.concat([before, leases.select(_RUN_COLUMNS).cast(before.schema)]))  # type: ignore[arg-type]
     runs = pl.concat([state.runs.filter(~touched), recomputed])
     fips, vmless = _merge_fip_facts((state.fips, state.vmless), _fip_facts(events))
-    ports, ports_file = state.ports, state.ports_file
-    dependent = events.filter(_port_dependent()).get_column("port_id").unique()
-    fresh_ports = _id_hashes(dependent) if len(dependent) else np.zeros(0, np.uint64)
-    if len(fresh_ports) and not _member(ports, fresh_ports).all():  # (else the same file, linked)
-        ports, ports_file = np.union1d(ports, fresh_ports), None
-    return _State(live, known, runs, recent, known_file, ports, ports_file, fips, vmless)
+    dependent = np.unique(_id_hashes(events.filter(_port_dependent()).get_column("port_id").unique()))
+    ports, ports_recent, ports_file = _grown(state.ports, state.ports_recent, state.ports_file, dependent)
+    return _State(live, known, runs, recent, known_file, ports, ports_file, ports_recent, fips, vmless)
+
+
+def _grown(
+    big: np.ndarray, recent: np.ndarray, big_file: Path | None, hashes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, Path | None]:
+    """A set of hashes that only grows (every VM id known, the ports stored events read the history of), kept
+    as a big sorted array, linked into the next state unchanged, and a small one of those added since: each
+    update writes the small one; it is folded into the big one once it holds a sixteenth of it. -> (big,
+    recent, the big one's file: None once it changed)."""
+    fresh = hashes[~(_member(big, hashes) | _member(recent, hashes))]
+    recent = np.union1d(recent, fresh)
+    if len(recent) > max(len(big) // 16, 1 << 16):
+        return np.union1d(big, recent), recent[:0], None
+    return big, recent, big_file
 
 
 def _state_schemas() -> tuple[pl.Schema, pl.Schema]:
@@ -2267,19 +2276,10 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
         root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         state.live.write_parquet(work / "live.parquet", compression="zstd")
-        try:  # (the big file unchanged since the last state: the same inode)
-            if state.known_file is None:
-                raise OSError
-            os.link(state.known_file, work / "known.npy")
-        except OSError:
-            np.save(work / "known.npy", state.known.astype(np.uint64), allow_pickle=False)
+        _save_hashes(work / "known.npy", state.known, state.known_file)
         np.save(work / "recent.npy", state.recent.astype(np.uint64), allow_pickle=False)
-        try:
-            if state.ports_file is None:
-                raise OSError
-            os.link(state.ports_file, work / "ports.npy")
-        except OSError:
-            np.save(work / "ports.npy", state.ports.astype(np.uint64), allow_pickle=False)
+        _save_hashes(work / "ports.npy", state.ports, state.ports_file)
+        np.save(work / "ports_recent.npy", state.ports_recent.astype(np.uint64), allow_pickle=False)
         state.runs.write_parquet(work / "runs.parquet", compression="zstd")
         state.fips.write_parquet(work / "fips.parquet", compression="zstd")
         state.vmless.write_parquet(work / "vmless.parquet", compression="zstd")
@@ -2293,6 +2293,16 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
                 shutil.rmtree(old, ignore_errors=True)
     except OSError:
         return
+
+
+def _save_hashes(path: Path, hashes: np.ndarray, linked: Path | None) -> None:
+    """A big hash array of the state: the file it was read from, linked (the same inode), when unchanged."""
+    try:
+        if linked is None:
+            raise OSError
+        os.link(linked, path)
+    except OSError:
+        np.save(path, hashes.astype(np.uint64), allow_pickle=False)
 
 
 def _load_state(lake: Any, version: int) -> _State | None:
@@ -2309,6 +2319,7 @@ def _load_state(lake: Any, version: int) -> _State | None:
         recent = np.load(directory / "recent.npy", allow_pickle=False)
         # (a state saved before ports.npy existed: the update rebuilds in full once)
         ports = np.load(directory / "ports.npy", allow_pickle=False)
+        ports_recent = np.load(directory / "ports_recent.npy", allow_pickle=False)
         runs = pl.from_arrow(pq.read_table(directory / "runs.parquet"))
         fips = pl.from_arrow(pq.read_table(directory / "fips.parquet"))
         vmless = pl.from_arrow(pq.read_table(directory / "vmless.parquet"))
@@ -2322,7 +2333,7 @@ def _load_state(lake: Any, version: int) -> _State | None:
     schemas = (events_schema, runs_schema, pl.Schema(_FIPS_SCHEMA), pl.Schema(_VMLESS_SCHEMA))
     if any(f.schema != want for f, want in zip(frames, schemas, strict=True)):
         return None
-    for hashes in (known, recent, ports):
+    for hashes in (known, recent, ports, ports_recent):
         if (
             hashes.dtype != np.uint64
             or hashes.ndim != 1
@@ -2330,5 +2341,14 @@ def _load_state(lake: Any, version: int) -> _State | None:
         ):
             return None
     return _State(
-        live, known, runs, recent, directory / "known.npy", ports, directory / "ports.npy", fips, vmless
+        live,
+        known,
+        runs,
+        recent,
+        directory / "known.npy",
+        ports,
+        directory / "ports.npy",
+        ports_recent,
+        fips,
+        vmless,
     )
