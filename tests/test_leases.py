@@ -596,6 +596,12 @@ def test_hourly_neutron_events_update_incrementally(tmp_path):
     modes = _update_in_batches(lake, [_events(hour) for hour in hours], "neutron", check_each=True)
     reread = "full: a port that earlier floating-IP or detach-by-port events read"
     assert modes == ["full"] + ["incremental"] * (len(hours) - 2) + [reread]
+    # the state holds the floating IPs that exist: a deleted one leaves a hash of its key only
+    from tracepipe.correlate.leases import _load_state
+
+    state = _load_state(lake, lake.version("vm_leases"))
+    assert state is not None and state.fips.height == 0
+    assert len(state.fips_gone) + len(state.fips_gone_recent) == 1
     floating = [
         (r["vm_id"], r["valid_from"].hour, r["valid_to"] and r["valid_to"].hour)
         for r in lake.read("vm_leases").to_pylist()

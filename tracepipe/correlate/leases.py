@@ -2017,7 +2017,13 @@ def _settled_run_rows(lake: Any, entries: list[Any], columns: list[str], rows: p
 STATE_DIR = "_settings/lease_state"
 _HASH_SEED = 18
 _RUN_COLUMNS = ["addr", "vm_id", "valid_from", "valid_to"]
-_FIPS_SCHEMA = {"key": pl.String, "addr": pl.String, "ts": pl.Datetime("us", "UTC"), "multi": pl.Boolean}
+_FIPS_SCHEMA = {
+    "key": pl.String,
+    "addr": pl.String,
+    "ts": pl.Datetime("us", "UTC"),
+    "multi": pl.Boolean,
+    "gone": pl.Boolean,  # a delete named the key: it leaves the state for the `fips_gone` hashes
+}
 _VMLESS_SCHEMA = {"addr": pl.String, "ts": pl.Datetime("us", "UTC")}
 
 
@@ -2062,12 +2068,14 @@ def _fip_facts(events: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         "addr",
         pl.col("ts").cast(pl.Datetime("us", "UTC")),
         "vm_id",
+        "action",
     )
     fips = fips.filter(pl.col("key").is_not_null())
     keys = fips.group_by("key").agg(
         pl.col("addr").drop_nulls().first().alias("addr"),
         pl.col("ts").max(),
         (pl.col("addr").drop_nulls().n_unique() > 1).alias("multi"),
+        (pl.col("action") == "fip_delete").any().alias("gone"),
     )
     named = fips.filter(pl.col("addr").is_not_null()).select("key", "addr").unique()
     vmless = (
@@ -2092,6 +2100,7 @@ def _merge_fip_facts(
             pl.col("addr").drop_nulls().first(),
             pl.col("ts").max(),
             (pl.col("multi").any() | (pl.col("addr").drop_nulls().n_unique() > 1)).alias("multi"),
+            pl.col("gone").any(),
         )
     )
     vmless = pl.concat([state[1], more[1]]).group_by("addr").agg(pl.col("ts").max())
@@ -2102,12 +2111,16 @@ def _floating_in_order(new: pl.DataFrame, state: _State) -> bool:
     """Whether the new floating-IP events can be replayed without their keys' earlier events: each key names
     one address, the one its earlier events named (the replay takes an event's address from its own `addr`; a
     change of address would release the previous one, which only the key's history knows), and every
-    earlier event of the key is older than the new ones."""
+    earlier event of the key is older than the new ones; a key deleted before (the state keeps its hash only)
+    is replayed in full."""
     keys, _ = _fip_facts(new)
     if not keys.height:
         return True
     if keys.get_column("multi").any():
         return False
+    gone = _id_hashes(keys.get_column("key"))
+    if (_member(state.fips_gone, gone) | _member(state.fips_gone_recent, gone)).any():
+        return False  # a key deleted before (its history left the state)
     t0 = new.get_column("ts").min()
     old = keys.join(state.fips, on="key", suffix="_old")
     return not old.filter(
@@ -2135,6 +2148,10 @@ class _State:
     # floating IPs (_fip_facts): per key its address and last event; per address the last event of no VM's own
     fips: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_FIPS_SCHEMA))
     vmless: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_VMLESS_SCHEMA))
+    # hashes of the floating-IP keys deleted (their rows left `fips`: it holds the floating IPs that exist)
+    fips_gone: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    fips_gone_file: Path | None = None
+    fips_gone_recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
 
     def live_ids(self) -> pl.Series:
         return self.live.get_column("vm_id").unique()
@@ -2187,13 +2204,15 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
     )
     assert isinstance(floating, pl.DataFrame)
     fips, vmless = _fip_facts(floating)
+    gone = fips.filter(pl.col("gone"))
     return _State(
         live,
         np.sort(_id_hashes(frame.get_column("vm_id"))),
         _last_runs(runs),
         ports=np.sort(_id_hashes(ports)),
-        fips=fips,
+        fips=fips.filter(~pl.col("gone")),
         vmless=vmless,
+        fips_gone=np.unique(_id_hashes(gone.get_column("key"))),
     )
 
 
@@ -2244,7 +2263,23 @@ def _next_state(
     fips, vmless = _merge_fip_facts((state.fips, state.vmless), _fip_facts(events))
     dependent = np.unique(_id_hashes(events.filter(_port_dependent()).get_column("port_id").unique()))
     ports, ports_recent, ports_file = _grown(state.ports, state.ports_recent, state.ports_file, dependent)
-    return _State(live, known, runs, recent, known_file, ports, ports_file, ports_recent, fips, vmless)
+    gone = np.unique(_id_hashes(fips.filter(pl.col("gone")).get_column("key")))
+    fips_gone = _grown(state.fips_gone, state.fips_gone_recent, state.fips_gone_file, gone)
+    return _State(
+        live,
+        known,
+        runs,
+        recent,
+        known_file,
+        ports,
+        ports_file,
+        ports_recent,
+        fips.filter(~pl.col("gone")),
+        vmless,
+        fips_gone[0],
+        fips_gone[2],
+        fips_gone[1],
+    )
 
 
 def _grown(
@@ -2280,6 +2315,8 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
         np.save(work / "recent.npy", state.recent.astype(np.uint64), allow_pickle=False)
         _save_hashes(work / "ports.npy", state.ports, state.ports_file)
         np.save(work / "ports_recent.npy", state.ports_recent.astype(np.uint64), allow_pickle=False)
+        _save_hashes(work / "fips_gone.npy", state.fips_gone, state.fips_gone_file)
+        np.save(work / "fips_gone_recent.npy", state.fips_gone_recent.astype(np.uint64), allow_pickle=False)
         state.runs.write_parquet(work / "runs.parquet", compression="zstd")
         state.fips.write_parquet(work / "fips.parquet", compression="zstd")
         state.vmless.write_parquet(work / "vmless.parquet", compression="zstd")
@@ -2320,6 +2357,8 @@ def _load_state(lake: Any, version: int) -> _State | None:
         # (a state saved before ports.npy existed: the update rebuilds in full once)
         ports = np.load(directory / "ports.npy", allow_pickle=False)
         ports_recent = np.load(directory / "ports_recent.npy", allow_pickle=False)
+        fips_gone = np.load(directory / "fips_gone.npy", allow_pickle=False)
+        fips_gone_recent = np.load(directory / "fips_gone_recent.npy", allow_pickle=False)
         runs = pl.from_arrow(pq.read_table(directory / "runs.parquet"))
         fips = pl.from_arrow(pq.read_table(directory / "fips.parquet"))
         vmless = pl.from_arrow(pq.read_table(directory / "vmless.parquet"))
@@ -2333,7 +2372,7 @@ def _load_state(lake: Any, version: int) -> _State | None:
     schemas = (events_schema, runs_schema, pl.Schema(_FIPS_SCHEMA), pl.Schema(_VMLESS_SCHEMA))
     if any(f.schema != want for f, want in zip(frames, schemas, strict=True)):
         return None
-    for hashes in (known, recent, ports, ports_recent):
+    for hashes in (known, recent, ports, ports_recent, fips_gone, fips_gone_recent):
         if (
             hashes.dtype != np.uint64
             or hashes.ndim != 1
@@ -2351,4 +2390,7 @@ def _load_state(lake: Any, version: int) -> _State | None:
         ports_recent,
         fips,
         vmless,
+        fips_gone,
+        directory / "fips_gone.npy",
+        fips_gone_recent,
     )
