@@ -2264,21 +2264,23 @@ def _next_state(
     dependent = np.unique(_id_hashes(events.filter(_port_dependent()).get_column("port_id").unique()))
     ports, ports_recent, ports_file = _grown(state.ports, state.ports_recent, state.ports_file, dependent)
     gone = np.unique(_id_hashes(fips.filter(pl.col("gone")).get_column("key")))
-    fips_gone = _grown(state.fips_gone, state.fips_gone_recent, state.fips_gone_file, gone)
+    fips_gone, fips_gone_recent, fips_gone_file = _grown(
+        state.fips_gone, state.fips_gone_recent, state.fips_gone_file, gone
+    )
     return _State(
-        live,
-        known,
-        runs,
-        recent,
-        known_file,
-        ports,
-        ports_file,
-        ports_recent,
-        fips.filter(~pl.col("gone")),
-        vmless,
-        fips_gone[0],
-        fips_gone[2],
-        fips_gone[1],
+        live=live,
+        known=known,
+        runs=runs,
+        recent=recent,
+        known_file=known_file,
+        ports=ports,
+        ports_file=ports_file,
+        ports_recent=ports_recent,
+        fips=fips.filter(~pl.col("gone")),
+        vmless=vmless,
+        fips_gone=fips_gone,
+        fips_gone_file=fips_gone_file,
+        fips_gone_recent=fips_gone_recent,
     )
 
 
@@ -2380,17 +2382,17 @@ def _load_state(lake: Any, version: int) -> _State | None:
         ):
             return None
     return _State(
-        live,
-        known,
-        runs,
-        recent,
-        directory / "known.npy",
-        ports,
-        directory / "ports.npy",
-        ports_recent,
-        fips,
-        vmless,
-        fips_gone,
-        directory / "fips_gone.npy",
-        fips_gone_recent,
+        live=live,
+        known=known,
+        runs=runs,
+        recent=recent,
+        known_file=directory / "known.npy",
+        ports=ports,
+        ports_file=directory / "ports.npy",
+        ports_recent=ports_recent,
+        fips=fips,
+        vmless=vmless,
+        fips_gone=fips_gone,
+        fips_gone_file=directory / "fips_gone.npy",
+        fips_gone_recent=fips_gone_recent,
     )
