@@ -1562,19 +1562,20 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     history; the settled files are read only for a VM of the new events that is already settled (rare: read
     as before) or a run of leases that reaches into them.
 
-    Neutron's events update incrementally where the replay needs no history beyond the VMs involved: a port
-    created or updated for a VM (its own event), a floating IP associated with a port whose VM the event names
-    (Neutron's port_details), disassociated or deleted with its address named; a VM's port deleted or unbound
-    when the VM's own events list every fixed address it has with that port (_ports_told_by_their_vms).
-    A floating IP's key must name one address, the one its earlier events named, and be later than them
-    (_floating_in_order: the replay takes each event's address from the event, a change of address would
-    release the previous one); a disassociation or delete (no VM's own event, so in no VM's history) since
-    b(A) of a touched address sends the update to a full rebuild (the state keeps the last one per address).
-    Events read from their port's history at any time (_port_dependent: an association with a port that names
-    no VM, a detach naming no VM) are rebuilt in full, and so is a later event naming the port of such a stored
-    event, or of a stored detach by port: it can change what that event did at its own time, before b(A) (the
-    boot that binds a port a floating IP was associated with before; the state keeps those ports' hashes).
-    Other Neutron events (a port of no VM, a floating IP without its address) are rebuilt in full."""
+    Neutron's events update incrementally: ports created or updated for a VM (its own events), a floating IP
+    associated (naming the port's VM, or only the port and fixed address as Neutron without port_details does),
+    disassociated or deleted (naming its address, or only its id: the address is the state's, filled in by
+    _with_floating_addresses). Floating-IP events of no VM's own are in no VM's history: the state keeps those
+    an update can replay again (_kept_floating) and they join the replay from b(A) on; an association's fixed
+    address is replayed with it (the holder then may hold the floating IP), and every live VM bound to a port
+    a new association names is involved (the port's VM then holds it). A floating IP's key must name one
+    address, the one its earlier events named, and be later than them (_floating_in_order). A VM's port deleted
+    or unbound updates incrementally when the VM's own events list every fixed address it has with that port
+    (_ports_told_by_their_vms). Rebuilt in full (_port_guard): a detach naming no VM, an event naming a port a
+    stored detach by port or an association with an unbound port read (what those did at their own time, before
+    b(A), can change: the boot that binds a port a floating IP was associated with before), an association with
+    a port a deleted VM was bound to, and a binding older than a stored association that read its port. Other
+    Neutron events (a port of no VM, a floating IP whose address nothing names) are rebuilt in full."""
     started = time.perf_counter()
     files = _new_event_files(lake, since)
     if files is None:
@@ -1587,8 +1588,10 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     assert isinstance(new, pl.DataFrame)
     if new.height == 0:
         return LeaseUpdate("incremental", seconds=round(time.perf_counter() - started, 3))
-    if new.select((_port_dependent() & pl.col("vm_id").is_null()).any()).item():
-        return _full(lake, None, "an event read from its port's history (floating IP or detach by port)")
+    state = _load_state(lake, built)
+    if state is None:
+        return _full(lake, None, "no saved state of the last build (first update after an upgrade)")
+    new = _with_floating_addresses(new, state.fips)
     fip = pl.col("action").is_in(list(_FLOATING_ACTIONS))
     neutron = (
         ((pl.col("action") == "port_update") & pl.col("vm_id").is_null())
@@ -1598,12 +1601,9 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     )
     if new.select(neutron.any()).item():
         return _full(lake, None, "Neutron events that name no VM or no floating address")
-    state = _load_state(lake, built)
-    if state is None:
-        return _full(lake, None, "no saved state of the last build (first update after an upgrade)")
-    ports = _id_hashes(new.get_column("port_id").drop_nulls().unique())
-    if (_member(state.ports, ports) | _member(state.ports_recent, ports)).any():
-        return _full(lake, None, "a port that earlier floating-IP or detach-by-port events read")
+    reason = _port_guard(new, state)
+    if reason is not None:
+        return _full(lake, None, reason)
     if not _floating_in_order(new, state):
         return _full(lake, None, "a floating IP's events out of order, or naming another address than before")
     reclaim = load_reclaim_interval(lake)
@@ -1645,28 +1645,43 @@ def _update_under_locks(
     else:
         index = _index(lake, lease_entries, lease_columns, "vm_leases", ("addr", []))  # the hot files
         addrs = _touched(new, index, vms0)
-        # of the settled past, b(A) needs only A's last run of back-to-back leases (the state has it); the
-        # rows of it in settled files (a lease superseded or moved back to back) are read from those files
-        # (only a run still covering t0 matters: A held then, by an open lease or one ending at t0 or later)
-        runs = state.runs.filter(pl.col("addr").is_in(addrs.implode()))
-        t0_us = pl.lit(t0).cast(pl.Datetime("us", "UTC"))
-        runs = runs.filter((pl.col("valid_to").is_null() | (pl.col("valid_to") >= t0_us)).any().over("addr"))
-        settled_runs = runs.join(index, on=["addr", "valid_from", "vm_id"], how="anti")
-        if settled_runs.height:
-            index = pl.concat([index, _settled_run_rows(lake, lease_entries, lease_columns, settled_runs)])
+        index = _with_settled_runs(lake, state, index, lease_entries, addrs, t0)
         vm_index = None
     starts = _free_since(index, addrs, t0)
-    if state.vmless.height:
-        # a floating-IP event of no VM's own (a disassociation, a delete) since b(A) is in no VM's history: the
-        # replay would not see it (the state keeps when the last one named each address)
-        since = starts.join(state.vmless, on="addr").filter(pl.col("ts") >= pl.col("free_from"))
-        if since.height:
-            return None
+    # the floating-IP events of no VM's own since b(A) (in no VM's history: the state keeps them); the fixed
+    # address an association names is replayed too (its holder then may hold the floating IP): from before
+    # the association, else the update is a full rebuild
+    stored = (
+        state.floating.join(starts, on="addr").filter(pl.col("ts") >= pl.col("free_from")).drop("free_from")
+    )
+    fixed = stored.filter(pl.col("action") == "fip_associate").select(pl.col("addrs").explode()).to_series()
+    more = fixed.drop_nulls().unique().filter(~fixed.drop_nulls().unique().is_in(addrs.implode()))
+    if more.len():
+        addrs = pl.concat([addrs, more])
+        if vm_index is None:
+            index = _with_settled_runs(lake, state, index, lease_entries, more, t0)
+        starts = _free_since(index, addrs, t0)
+    reread = (
+        stored.filter(pl.col("action") == "fip_associate")
+        .select("ts", pl.col("addrs").alias("addr"))
+        .explode("addr")
+        .join(starts, on="addr")
+        .filter(pl.col("ts") < pl.col("free_from"))
+    )
+    if reread.height:
+        return None
     # the VMs whose events can move a touched address after b(A): those of the new events, and every VM
     # that held it since (a claim that opened no lease, by a deleted VM or at the instant another VM
     # took the address, changes nothing)
     holders = index.join(starts, on="addr").filter(pl.col("valid_from") >= pl.col("free_from"))
     involved_vms = set(vms0.to_list()) | set(holders.get_column("vm_id").to_list())
+    # a new association with a port (no VM named): every live VM bound to the port, whose events say which
+    # one held it then (_port_guard sent one a deleted VM was bound to to a full rebuild)
+    read = new.filter(_port_read()).get_column("port_id").unique()
+    if read.len():
+        involved_vms |= set(
+            _bindings(state.live).filter(pl.col("port_id").is_in(read.implode())).get_column("vm_id")
+        )
     if vm_index is None:  # the hot files, and of the settled ones the rows of involved VMs not live (rare)
         settled_ids = sorted(involved_vms - set(live.to_list()) - brand_new)
         vm_index = _index(lake, vm_entries, vm_columns, "vms", ("vm_id", settled_ids))
@@ -1681,6 +1696,7 @@ def _update_under_locks(
     return _update_files(
         lake,
         new,
+        stored,
         addrs,
         starts,
         involved_vms,
@@ -1697,6 +1713,7 @@ def _update_under_locks(
 def _update_files(
     lake: Any,
     new: pl.DataFrame,
+    stored: pl.DataFrame,
     addrs: pl.Series,
     starts: pl.DataFrame,
     involved_vms: set[str],
@@ -1710,7 +1727,7 @@ def _update_files(
 ) -> LeaseUpdate:
     """The incremental update's replay and commits (the caller holds the vm_leases and vms locks), then the
     state of this build (_State) for the next update."""
-    events = _history(lake, new, involved_vms, vm_index, state.live)
+    events = pl.concat([_history(lake, new, involved_vms, vm_index, state.live), stored.select(new.columns)])
     if not _ports_told_by_their_vms(new, events):
         return None
     leases, vms = build_leases(_strip_before(events, starts).to_arrow(), reclaim)
@@ -1780,7 +1797,7 @@ def _update_files(
         {"vm_events_version": version, "days": sorted(days), "incremental": True, VMS_COMPLETE: True},
         ROW_GROUP_ROWS,
     )
-    _save_state(lake, built, _next_state(state, events, involved_vms, vms, leases, addrs, starts))
+    _save_state(lake, built, _next_state(state, new, events, involved_vms, vms, leases, addrs, starts))
     return LeaseUpdate("incremental", days, events.height, new.height, starts.height, vms.height)
 
 
@@ -1833,6 +1850,24 @@ def _index(
         return pl.DataFrame(schema={**schema, "_file": pl.Int32})
     return pl.concat(frames).with_columns(
         pl.col(c).cast(pl.Datetime("us", "UTC")) for c in columns if "valid" in c or c.endswith("_at")
+    )
+
+
+def _with_settled_runs(
+    lake: Any, state: _State, index: pl.DataFrame, entries: list[Any], addrs: pl.Series, t0: dt.datetime
+) -> pl.DataFrame:
+    """index (the hot files' leases) with the rows of the addresses' last runs that are in settled files. Of
+    the settled past, b(A) needs only A's last run of back-to-back leases (the state has it); the rows of it
+    in settled files (a lease superseded or moved back to back) are read from those files (only a run still
+    covering t0 matters: A held then, by an open lease or one ending at t0 or later)."""
+    runs = state.runs.filter(pl.col("addr").is_in(addrs.implode()))
+    t0_us = pl.lit(t0).cast(pl.Datetime("us", "UTC"))
+    runs = runs.filter((pl.col("valid_to").is_null() | (pl.col("valid_to") >= t0_us)).any().over("addr"))
+    settled_runs = runs.join(index, on=["addr", "valid_from", "vm_id"], how="anti")
+    if not settled_runs.height:
+        return index
+    return pl.concat(
+        [index, _settled_run_rows(lake, entries, ["addr", "vm_id", "valid_from", "valid_to"], settled_runs)]
     )
 
 
@@ -2024,7 +2059,7 @@ _FIPS_SCHEMA = {
     "multi": pl.Boolean,
     "gone": pl.Boolean,  # a delete named the key: it leaves the state for the `fips_gone` hashes
 }
-_VMLESS_SCHEMA = {"addr": pl.String, "ts": pl.Datetime("us", "UTC")}
+_PORT_READS_SCHEMA = {"port_id": pl.String, "ts": pl.Datetime("us", "UTC"), "vm_id": pl.String}
 
 
 def _ports_told_by_their_vms(new: pl.DataFrame, events: pl.DataFrame) -> bool:
@@ -2058,43 +2093,32 @@ def _ports_told_by_their_vms(new: pl.DataFrame, events: pl.DataFrame) -> bool:
     return not needed.join(paired, on=["vm_id", "port_id", "a"], how="anti").height
 
 
-def _fip_facts(events: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _fip_facts(events: pl.DataFrame) -> pl.DataFrame:
     """Of the floating-IP events among `events`: per key (the floating IP's id, else its address, as the replay
-    keys them) the address it names (null: none yet), whether it ever named two, and the time of its last
-    event; and per address, the time of the last such event that is no VM's own (a disassociation, a delete,
-    an association without the port's VM), counted for every address its key ever named."""
+    keys them) the address it names (null: none yet), whether it ever named two, the time of its last event,
+    and whether a delete named it."""
     fips = events.filter(pl.col("action").is_in(list(_FLOATING_ACTIONS))).select(
         pl.coalesce("resource_id", "addr").alias("key"),
         "addr",
         pl.col("ts").cast(pl.Datetime("us", "UTC")),
-        "vm_id",
         "action",
     )
-    fips = fips.filter(pl.col("key").is_not_null())
-    keys = fips.group_by("key").agg(
-        pl.col("addr").drop_nulls().first().alias("addr"),
-        pl.col("ts").max(),
-        (pl.col("addr").drop_nulls().n_unique() > 1).alias("multi"),
-        (pl.col("action") == "fip_delete").any().alias("gone"),
-    )
-    named = fips.filter(pl.col("addr").is_not_null()).select("key", "addr").unique()
-    vmless = (
-        fips.filter(pl.col("vm_id").is_null())
-        .select("key", "ts")
-        .join(named, on="key")
-        .group_by("addr")
-        .agg(pl.col("ts").max())
-    )
-    return keys.select(list(_FIPS_SCHEMA)).cast(_FIPS_SCHEMA), vmless.select(list(_VMLESS_SCHEMA)).cast(
-        _VMLESS_SCHEMA
-    )
-
-
-def _merge_fip_facts(
-    state: tuple[pl.DataFrame, pl.DataFrame], more: tuple[pl.DataFrame, pl.DataFrame]
-) -> tuple[pl.DataFrame, pl.DataFrame]:
     keys = (
-        pl.concat([state[0], more[0]])
+        fips.filter(pl.col("key").is_not_null())
+        .group_by("key")
+        .agg(
+            pl.col("addr").drop_nulls().first().alias("addr"),
+            pl.col("ts").max(),
+            (pl.col("addr").drop_nulls().n_unique() > 1).alias("multi"),
+            (pl.col("action") == "fip_delete").any().alias("gone"),
+        )
+    )
+    return keys.select(list(_FIPS_SCHEMA)).cast(_FIPS_SCHEMA)
+
+
+def _merge_fip_facts(state: pl.DataFrame, more: pl.DataFrame) -> pl.DataFrame:
+    keys = (
+        pl.concat([state, more])
         .group_by("key")
         .agg(
             pl.col("addr").drop_nulls().first(),
@@ -2103,8 +2127,139 @@ def _merge_fip_facts(
             pl.col("gone").any(),
         )
     )
-    vmless = pl.concat([state[1], more[1]]).group_by("addr").agg(pl.col("ts").max())
-    return keys.select(list(_FIPS_SCHEMA)), vmless.select(list(_VMLESS_SCHEMA))
+    return keys.select(list(_FIPS_SCHEMA))
+
+
+def _with_floating_addresses(events: pl.DataFrame, fips: pl.DataFrame) -> pl.DataFrame:
+    """events with the address of each floating-IP event that names only its key (Neutron's
+    floatingip.delete.start carries the id alone) filled in: the one address the key names, in `fips` (the
+    state's floating IPs) or in the key's other events here. The full build's replay takes that address from
+    the key's earlier events; filled in, the event releases the same address, and the update knows what it
+    touches. A key naming two addresses (or none) is left as it is."""
+    fip = pl.col("action").is_in(list(_FLOATING_ACTIONS))
+    if not events.select((fip & pl.col("addr").is_null() & pl.col("resource_id").is_not_null()).any()).item():
+        return events
+    named = pl.concat(
+        [
+            fips.filter(pl.col("addr").is_not_null()).select(
+                pl.col("key").alias("resource_id"), "addr", "multi"
+            ),
+            events.filter(fip & pl.col("addr").is_not_null() & pl.col("resource_id").is_not_null()).select(
+                "resource_id", "addr", pl.lit(False).alias("multi")
+            ),
+        ]
+    )
+    one = (
+        named.group_by("resource_id")
+        .agg(pl.col("addr").first().alias("_one"), (pl.col("multi").any() | (pl.col("addr").n_unique() > 1)))
+        .filter(~pl.col("multi"))
+        .drop("multi")
+    )
+    return (
+        events.join(one, on="resource_id", how="left", maintain_order="left")
+        .with_columns(pl.when(fip).then(pl.coalesce("addr", "_one")).otherwise(pl.col("addr")).alias("addr"))
+        .drop("_one")
+    )
+
+
+def _vmless_floating(events: pl.DataFrame) -> pl.DataFrame:
+    """The floating-IP events of no VM's own (an association naming a port or fixed address, a disassociation,
+    a delete): in no VM's history, so the state keeps them (_State.floating)."""
+    return events.filter(pl.col("action").is_in(list(_FLOATING_ACTIONS)) & pl.col("vm_id").is_null())
+
+
+def _kept_floating(floating: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
+    """The vm-less floating-IP events an update can replay again: those of an address at or after the start of
+    its last run of back-to-back leases (an in-order update replays an address from b(A) on, which is that
+    start or later); the others never are. Bounded like the runs."""
+    start = runs.group_by("addr").agg(pl.col("valid_from").min().alias("_run"))
+    return (
+        floating.join(start, on="addr")
+        .filter(pl.col("ts") >= pl.col("_run"))
+        .drop("_run")
+        .unique(maintain_order=True)
+    )
+
+
+def _port_read() -> pl.Expr:
+    """A floating IP associated with a port by no VM's own event: its holder is read from the port's history
+    (the VM bound to it then, else the first ever bound: _port_vm)."""
+    return (pl.col("action") == "fip_associate") & pl.col("vm_id").is_null() & pl.col("port_id").is_not_null()
+
+
+def _detach_by_port() -> pl.Expr:
+    """A detach naming no VM (the port's VM then), or naming neither an address nor Nova's list (it releases
+    every address any event listed with the port, at any time)."""
+    by_port = pl.col("vm_id").is_null() | (pl.col("addr").is_null() & pl.col("addrs").is_null())
+    return pl.col("port_id").is_not_null() & (pl.col("action") == "detach") & by_port
+
+
+def _bindings(events: pl.DataFrame) -> pl.DataFrame:
+    """(port_id, ts, vm_id) of the events that bind a port to a VM, as _port_maps reads them."""
+    return events.filter(
+        pl.col("port_id").is_not_null()
+        & pl.col("vm_id").is_not_null()
+        & ~pl.col("action").fill_null("").str.starts_with("fip_")
+    ).select("port_id", pl.col("ts").cast(pl.Datetime("us", "UTC")), "vm_id")
+
+
+def _port_reads(reads: pl.DataFrame, bindings: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series]:
+    """Vm-less associations with a port (`reads`: port_id, ts) against the ports' bindings -> (per port the
+    latest time a binding event can matter to them, `ts`: the association's own when a binding at or before it
+    decides the holder, else the first binding's; and the VM of that binding; the ports bound by nothing yet).
+    A later binding changes none of them; an earlier one, or the first one of an unbound port, can."""
+    reads = reads.select("port_id", pl.col("ts").cast(pl.Datetime("us", "UTC"))).drop_nulls()
+    empty = pl.DataFrame(schema=_PORT_READS_SCHEMA)
+    if not reads.height:
+        return empty, pl.Series("port_id", [], pl.String)
+    bindings = bindings.sort("port_id", "ts", "vm_id")
+    at = reads.sort("ts").join_asof(
+        bindings.sort("ts"), on="ts", by="port_id", strategy="backward", check_sortedness=False
+    )
+    first = bindings.group_by("port_id").agg(
+        pl.col("ts").first().alias("_first"), pl.col("vm_id").first().alias("_first_vm")
+    )
+    resolved = at.join(first, on="port_id", how="left").select(
+        "port_id",
+        pl.when(pl.col("vm_id").is_not_null()).then(pl.col("ts")).otherwise(pl.col("_first")).alias("ts"),
+        pl.coalesce("vm_id", "_first_vm").alias("vm_id"),
+    )
+    unbound = resolved.filter(pl.col("ts").is_null()).get_column("port_id").unique()
+    return _merge_port_reads(empty, resolved.filter(pl.col("ts").is_not_null())), unbound
+
+
+def _merge_port_reads(state: pl.DataFrame, more: pl.DataFrame) -> pl.DataFrame:
+    return (
+        pl.concat([state, more.select(list(_PORT_READS_SCHEMA)).cast(_PORT_READS_SCHEMA)])
+        .sort("ts", "vm_id")
+        .group_by("port_id")
+        .agg(pl.col("ts").last(), pl.col("vm_id").last())
+        .select(list(_PORT_READS_SCHEMA))
+    )
+
+
+def _port_guard(new: pl.DataFrame, state: _State) -> str | None:
+    """Why the new events that bind a port or read its history cannot be replayed without that history (the
+    update is then a full rebuild), else None: an event naming a port whose whole history stored events read
+    (a detach by port, an association with a port bound by nothing yet), an association with a port a
+    deleted VM was bound to (its binding is in no live VM's history), or a binding older than a stored
+    association that read the port (it could change the holder then)."""
+    reads = new.filter(_port_read())
+    binds = new.filter(pl.col("port_id").is_not_null() & ~pl.col("action").is_in(list(_FLOATING_ACTIONS)))
+    named = _id_hashes(pl.concat([binds.get_column("port_id"), reads.get_column("port_id")]).unique())
+    if (_member(state.ports, named) | _member(state.ports_recent, named)).any():
+        return "a port that earlier floating-IP or detach-by-port events read"
+    read = _id_hashes(reads.get_column("port_id").unique())
+    if (_member(state.ports_gone, read) | _member(state.ports_gone_recent, read)).any():
+        return "a floating IP associated with a port a deleted VM was bound to"
+    late = (
+        binds.select("port_id", pl.col("ts").cast(pl.Datetime("us", "UTC")))
+        .join(state.port_reads, on="port_id", suffix="_read")
+        .filter(pl.col("ts") <= pl.col("ts_read"))
+    )
+    if late.height:
+        return "a port event older than a floating-IP association that read the port's history"
+    return None
 
 
 def _floating_in_order(new: pl.DataFrame, state: _State) -> bool:
@@ -2113,7 +2268,7 @@ def _floating_in_order(new: pl.DataFrame, state: _State) -> bool:
     change of address would release the previous one, which only the key's history knows), and every
     earlier event of the key is older than the new ones; a key deleted before (the state keeps its hash only)
     is replayed in full."""
-    keys, _ = _fip_facts(new)
+    keys = _fip_facts(new)
     if not keys.height:
         return True
     if keys.get_column("multi").any():
@@ -2145,9 +2300,16 @@ class _State:
     ports: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     ports_file: Path | None = None  # where `ports` was read from (linked into the next state unchanged)
     ports_recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # added since: sorted
-    # floating IPs (_fip_facts): per key its address and last event; per address the last event of no VM's own
+    # floating IPs (_fip_facts): per key its address and last event
     fips: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_FIPS_SCHEMA))
-    vmless: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_VMLESS_SCHEMA))
+    # the floating-IP events of no VM's own that an update can replay again (_kept_floating): schema.VM_EVENTS
+    floating: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_state_schemas()[0]))
+    # per port that vm-less associations read: until when a binding event can change them (_port_reads)
+    port_reads: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_PORT_READS_SCHEMA))
+    # sorted uint64 hashes of the ports that VMs no longer live were bound to (their bindings left the state)
+    ports_gone: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    ports_gone_file: Path | None = None
+    ports_gone_recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     # hashes of the floating-IP keys deleted (their rows left `fips`: it holds the floating IPs that exist)
     fips_gone: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     fips_gone_file: Path | None = None
@@ -2192,47 +2354,51 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
     hot = frame.filter(~_settled("vms")).get_column("vm_id")
     live = pl.from_arrow(conform(events.filter(pc.is_in(events.column("vm_id"), hot.to_arrow())), VM_EVENTS))
     assert isinstance(live, pl.DataFrame)
-    # (the few detaches and floating-IP associations first: a year of events is ~12 M rows)
-    few = events.filter(pc.is_in(events.column("action"), pa.array(["detach", "fip_associate"])))
-    head = pl.from_arrow(few.select(["action", "vm_id", "addr", "addrs", "port_id"]))
-    assert isinstance(head, pl.DataFrame)
-    ports = head.filter(_port_dependent()).get_column("port_id").unique()
-    floating = pl.from_arrow(
-        events.filter(pc.is_in(events.column("action"), pa.array(sorted(_FLOATING_ACTIONS)))).select(
-            ["action", "resource_id", "addr", "ts", "vm_id"]
+    # (the few events naming a port, and the floating-IP events: a year of events is ~12 M rows)
+    ported = pl.from_arrow(
+        events.filter(pc.is_valid(events.column("port_id"))).select(
+            ["action", "vm_id", "addr", "addrs", "port_id", "ts"]
         )
     )
-    assert isinstance(floating, pl.DataFrame)
-    fips, vmless = _fip_facts(floating)
+    floating = pl.from_arrow(
+        conform(
+            events.filter(pc.is_in(events.column("action"), pa.array(sorted(_FLOATING_ACTIONS)))), VM_EVENTS
+        )
+    )
+    assert isinstance(ported, pl.DataFrame) and isinstance(floating, pl.DataFrame)
+    fips = _fip_facts(floating)
+    bindings = _bindings(ported)
+    reads, unbound = _port_reads(ported.filter(_port_read()), bindings)
+    # a port whose VM is no longer live: its bindings left the state; those it was read for, with them
+    ended = reads.filter(~pl.col("vm_id").is_in(hot.implode()))
+    dependent = pl.concat(
+        [ported.filter(_detach_by_port()).get_column("port_id"), unbound, ended.get_column("port_id")]
+    )
+    gone_ports = bindings.filter(~pl.col("vm_id").is_in(hot.implode())).get_column("port_id").unique()
+    last = _last_runs(runs)
     gone = fips.filter(pl.col("gone"))
     return _State(
-        live,
-        np.sort(_id_hashes(frame.get_column("vm_id"))),
-        _last_runs(runs),
-        ports=np.sort(_id_hashes(ports)),
+        live=live,
+        known=np.sort(_id_hashes(frame.get_column("vm_id"))),
+        runs=last,
+        ports=np.unique(_id_hashes(dependent)),
         fips=fips.filter(~pl.col("gone")),
-        vmless=vmless,
+        floating=_kept_floating(_with_floating_addresses(_vmless_floating(floating), fips), last),
+        port_reads=reads.filter(pl.col("vm_id").is_in(hot.implode())),
+        ports_gone=np.unique(_id_hashes(gone_ports)),
         fips_gone=np.unique(_id_hashes(gone.get_column("key"))),
     )
 
 
 def _port_dependent() -> pl.Expr:
     """Events whose effect is read from their port's history (_port_maps), at any time of it: a floating IP
-    associated with a port by no VM's own event (its holder is the VM bound to the port then, or the first one
-    ever bound: _port_vm), a detach naming no VM (the port's VM then) and a detach by port (it releases every
-    address any event listed with the port). An event that binds such a port to a VM or lists addresses with
-    it can change what those events did earlier, before the addresses the update recomputes: the update is
-    then a full rebuild."""
-    # a detach names its VM, else the port's (at the time, or the first ever bound); one naming neither an
-    # address nor Nova's list releases the port's addresses
-    by_port = pl.col("vm_id").is_null() | (pl.col("addr").is_null() & pl.col("addrs").is_null())
-    detach = (pl.col("action") == "detach") & by_port
-    floating = (pl.col("action") == "fip_associate") & pl.col("vm_id").is_null()
-    return pl.col("port_id").is_not_null() & (detach | floating)
+    associated with a port by no VM's own event (_port_read) and a detach by port (_detach_by_port)."""
+    return _port_read() | _detach_by_port()
 
 
 def _next_state(
     state: _State,
+    new: pl.DataFrame,
     events: pl.DataFrame,
     involved: set[str],
     vms: pl.DataFrame,
@@ -2240,8 +2406,10 @@ def _next_state(
     addrs: pl.Series,
     starts: pl.DataFrame,
 ) -> _State:
-    """The state after an incremental update: `events` every event of the involved VMs (stored and new),
-    `vms` their new rows, `leases` the touched addresses' leases from b(A) on (starts: addr, free_from)."""
+    """The state after an incremental update: `new` the update's events (floating addresses filled in),
+    `events` every event it replayed (those of the involved VMs, stored and new, and the stored vm-less
+    floating-IP events), `vms` the involved VMs' new rows, `leases` the touched addresses' leases from b(A) on
+    (starts: addr, free_from)."""
     hot = vms.filter(~_settled("vms")).get_column("vm_id")
     live = pl.concat(
         [
@@ -2260,9 +2428,27 @@ def _next_state(
     )
     recomputed = _last_runs(pl.concat([before, leases.select(_RUN_COLUMNS).cast(before.schema)]))  # type: ignore[arg-type]
     runs = pl.concat([state.runs.filter(~touched), recomputed])
-    fips, vmless = _merge_fip_facts((state.fips, state.vmless), _fip_facts(events))
-    dependent = np.unique(_id_hashes(events.filter(_port_dependent()).get_column("port_id").unique()))
-    ports, ports_recent, ports_file = _grown(state.ports, state.ports_recent, state.ports_file, dependent)
+    fips = _merge_fip_facts(state.fips, _fip_facts(events))
+    floating = _kept_floating(
+        pl.concat([state.floating, _vmless_floating(new).select(state.floating.columns)]), runs
+    )
+    # the ports read (their bindings are in `events`: every live VM bound to them is involved, _port_guard),
+    # and those whose VM is no longer live (a binding of theirs from now on is a full rebuild)
+    gone_vms = list(involved - set(hot.to_list()))
+    bindings = _bindings(events)
+    reads, unbound = _port_reads(new.filter(_port_read()), bindings)
+    reads = _merge_port_reads(state.port_reads, reads)
+    ended = reads.filter(pl.col("vm_id").is_in(gone_vms))
+    dependent = pl.concat(
+        [new.filter(_detach_by_port()).get_column("port_id"), unbound, ended.get_column("port_id")]
+    )
+    ports, ports_recent, ports_file = _grown(
+        state.ports, state.ports_recent, state.ports_file, np.unique(_id_hashes(dependent))
+    )
+    gone_ports = np.unique(_id_hashes(bindings.filter(pl.col("vm_id").is_in(gone_vms)).get_column("port_id")))
+    ports_gone, ports_gone_recent, ports_gone_file = _grown(
+        state.ports_gone, state.ports_gone_recent, state.ports_gone_file, gone_ports
+    )
     gone = np.unique(_id_hashes(fips.filter(pl.col("gone")).get_column("key")))
     fips_gone, fips_gone_recent, fips_gone_file = _grown(
         state.fips_gone, state.fips_gone_recent, state.fips_gone_file, gone
@@ -2277,7 +2463,11 @@ def _next_state(
         ports_file=ports_file,
         ports_recent=ports_recent,
         fips=fips.filter(~pl.col("gone")),
-        vmless=vmless,
+        floating=floating,
+        port_reads=reads.filter(~pl.col("vm_id").is_in(gone_vms)),
+        ports_gone=ports_gone,
+        ports_gone_file=ports_gone_file,
+        ports_gone_recent=ports_gone_recent,
         fips_gone=fips_gone,
         fips_gone_file=fips_gone_file,
         fips_gone_recent=fips_gone_recent,
@@ -2321,7 +2511,10 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
         np.save(work / "fips_gone_recent.npy", state.fips_gone_recent.astype(np.uint64), allow_pickle=False)
         state.runs.write_parquet(work / "runs.parquet", compression="zstd")
         state.fips.write_parquet(work / "fips.parquet", compression="zstd")
-        state.vmless.write_parquet(work / "vmless.parquet", compression="zstd")
+        state.floating.write_parquet(work / "floating.parquet", compression="zstd")
+        state.port_reads.write_parquet(work / "port_reads.parquet", compression="zstd")
+        _save_hashes(work / "ports_gone.npy", state.ports_gone, state.ports_gone_file)
+        np.save(work / "ports_gone_recent.npy", state.ports_gone_recent.astype(np.uint64), allow_pickle=False)
         meta = {"vm_leases_version": version, "polars": pl.__version__}  # (hashes are polars' own)
         (work / "meta.json").write_text(json.dumps(meta))
         final = root / str(version)
@@ -2363,18 +2556,39 @@ def _load_state(lake: Any, version: int) -> _State | None:
         fips_gone_recent = np.load(directory / "fips_gone_recent.npy", allow_pickle=False)
         runs = pl.from_arrow(pq.read_table(directory / "runs.parquet"))
         fips = pl.from_arrow(pq.read_table(directory / "fips.parquet"))
-        vmless = pl.from_arrow(pq.read_table(directory / "vmless.parquet"))
+        # (a state saved before the vm-less floating-IP events and port reads were kept: a full rebuild once)
+        floating = pl.from_arrow(pq.read_table(directory / "floating.parquet"))
+        port_reads = pl.from_arrow(pq.read_table(directory / "port_reads.parquet"))
+        ports_gone = np.load(directory / "ports_gone.npy", allow_pickle=False)
+        ports_gone_recent = np.load(directory / "ports_gone_recent.npy", allow_pickle=False)
     except Exception:  # (any damage of a cache: unreadable, truncated, not Parquet)
         return None
     events_schema, runs_schema = _state_schemas()
-    frames = (live, runs, fips, vmless)
+    frames = (live, runs, fips, floating, port_reads)
     if not all(isinstance(f, pl.DataFrame) for f in frames):
         return None
-    assert isinstance(fips, pl.DataFrame) and isinstance(vmless, pl.DataFrame)
-    schemas = (events_schema, runs_schema, pl.Schema(_FIPS_SCHEMA), pl.Schema(_VMLESS_SCHEMA))
+    assert isinstance(fips, pl.DataFrame) and isinstance(floating, pl.DataFrame)
+    assert isinstance(port_reads, pl.DataFrame)
+    schemas = (
+        events_schema,
+        runs_schema,
+        pl.Schema(_FIPS_SCHEMA),
+        events_schema,
+        pl.Schema(_PORT_READS_SCHEMA),
+    )
     if any(f.schema != want for f, want in zip(frames, schemas, strict=True)):
         return None
-    for hashes in (known, recent, ports, ports_recent, fips_gone, fips_gone_recent):
+    hash_sets = (
+        known,
+        recent,
+        ports,
+        ports_recent,
+        fips_gone,
+        fips_gone_recent,
+        ports_gone,
+        ports_gone_recent,
+    )
+    for hashes in hash_sets:
         if (
             hashes.dtype != np.uint64
             or hashes.ndim != 1
@@ -2391,7 +2605,11 @@ def _load_state(lake: Any, version: int) -> _State | None:
         ports_file=directory / "ports.npy",
         ports_recent=ports_recent,
         fips=fips,
-        vmless=vmless,
+        floating=floating,
+        port_reads=port_reads,
+        ports_gone=ports_gone,
+        ports_gone_file=directory / "ports_gone.npy",
+        ports_gone_recent=ports_gone_recent,
         fips_gone=fips_gone,
         fips_gone_file=directory / "fips_gone.npy",
         fips_gone_recent=fips_gone_recent,
