@@ -491,8 +491,11 @@ def test_incremental_updates_in_any_order_give_the_full_build(tmp_path_factory, 
 
 def _neutron_row(history_item: tuple, variant: int) -> dict:
     """_random_event; variant 1: a floating IP's association names its port's VM (Neutron's port_details),
-    variant 2: it names no port (its holder: the fixed address's); with either, its delete names the address."""
+    variant 2: it names no port (its holder: the fixed address's); with either, its delete names the address;
+    variant 3: a port event is a router's or DHCP server's (no VM, no addresses: neutron.py)."""
     row = _random_event(*history_item)
+    if variant == 3 and row["action"] == "port_update":
+        row.update(vm_id=None, addrs=None, image=None)
     if variant == 1 and row["action"] == "fip_associate":
         row["vm_id"] = history_item[1]
     if variant == 2 and row["action"] == "fip_associate":
@@ -513,7 +516,7 @@ def _neutron_row(history_item: tuple, variant: int) -> dict:
             st.sampled_from(["h1", "h2"]),
             st.sampled_from(["f1", "f2"]),
             st.sampled_from(["p1", "p2"]),
-            st.integers(0, 2),
+            st.integers(0, 3),
         ),
         min_size=1,
         max_size=30,
@@ -695,6 +698,57 @@ def test_a_port_binding_older_than_an_association_that_read_it_gives_the_full_bu
     ]
     held = {(r["addr"], r["vm_id"]) for r in lake.read("vm_leases").to_pylist()}
     assert ("172.16.0.1", "b") in held and ("172.16.0.1", "a") not in held
+
+
+def _port(
+    minute: int, vm: str | None, port: str, addrs: list[str] | None, action: str = "port_update"
+) -> dict:
+    """A Neutron port event: created or updated (naming its VM when a compute:* port), or deleted."""
+    kind = "delete" if action == "detach" else "update"
+    row = (
+        _nova(minute, vm, action, addrs, port)
+        if vm
+        else {**_nova(minute, "", action, addrs, port), "vm_id": None}
+    )
+    return {**row, "event_type": f"port.{kind}.end"}
+
+
+def test_ports_of_vms_with_two_nics_and_of_routers_update_incrementally(tmp_path):
+    """A VM with two ports (Nova's events then name none) whose ports Neutron tells: deleting one port releases
+    what the VM holds of that port's addresses, incrementally (the VM's other address is listed with another
+    port by its own events). A router's port (no VM, no addresses) does nothing in the replay: incremental.
+    A VM's port deleted while the VM holds an address another VM listed with that port (the port moved between
+    them) is a full rebuild: only that VM's events know the listing. The lake equals the full build after each."""
+    from tracepipe.lake import Lake
+
+    batches = [
+        [
+            _nova(0, "a", "create", ["10.0.0.1", "10.0.1.1"]),
+            _port(1, "a", "pa", ["10.0.0.1"]),
+            _port(2, "a", "pb", ["10.0.1.1"]),
+        ],
+        [_port(60, None, "router-1", None)],
+        [_port(120, "a", "pa", None, "detach")],
+        [_port(180, "c", "pc", ["10.0.3.1"]), _nova(181, "c", "create", ["10.0.3.1"])],
+        [_nova(240, "d", "create", ["10.0.3.1", "10.0.4.1"]), _port(241, "d", "pc", ["10.0.4.1"])],
+        [_port(300, "d", "pc", None, "detach")],
+    ]
+    lake = Lake(tmp_path / "lake")
+    modes = _update_in_batches(lake, [_events(batch) for batch in batches], "nics", check_each=True)
+    assert modes == [
+        "full",
+        "incremental",
+        "incremental",
+        "incremental",
+        "incremental",
+        "full: a VM's port detached holding an address another VM listed with that port",
+    ]
+    held = {
+        (r["addr"], r["vm_id"], r["valid_to"] and r["valid_to"].hour)
+        for r in lake.read("vm_leases").to_pylist()
+    }
+    assert ("10.0.0.1", "a", 2) in held and ("10.0.1.1", "a", None) in held
+    assert ("10.0.3.1", "d", 5) in held and ("10.0.4.1", "d", 5) in held
 
 
 def test_in_order_batches_update_incrementally(tmp_path):

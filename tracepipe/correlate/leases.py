@@ -1570,12 +1570,14 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     address is replayed with it (the holder then may hold the floating IP), and every live VM bound to a port
     a new association names is involved (the port's VM then holds it). A floating IP's key must name one
     address, the one its earlier events named, and be later than them (_floating_in_order). A VM's port deleted
-    or unbound updates incrementally when the VM's own events list every fixed address it has with that port
-    (_ports_told_by_their_vms). Rebuilt in full (_port_guard): a detach naming no VM, an event naming a port a
-    stored detach by port or an association with an unbound port read (what those did at their own time, before
-    b(A), can change: the boot that binds a port a floating IP was associated with before), an association with
-    a port a deleted VM was bound to, and a binding older than a stored association that read its port. Other
-    Neutron events (a port of no VM, a floating IP whose address nothing names) are rebuilt in full."""
+    or unbound updates incrementally when the VM's own events list with that port every address of the VM that
+    any event lists with it (_ports_told_by_their_vms); a port of no VM that lists nothing (a router's, a DHCP
+    server's) changes nothing. Rebuilt in full (_port_guard and the reasons _update_under_locks returns): a
+    detach naming no VM, an event naming a port a stored detach by port or an association with an unbound port
+    read (what those did at their own time, before b(A), can change: the boot that binds a port a floating IP
+    was associated with before), an association with a port a deleted VM was bound to, a binding older than a
+    stored association that read its port, a port of no VM listing addresses, a floating IP whose address
+    nothing names."""
     started = time.perf_counter()
     files = _new_event_files(lake, since)
     if files is None:
@@ -1594,10 +1596,10 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     new = _with_floating_addresses(new, state.fips)
     fip = pl.col("action").is_in(list(_FLOATING_ACTIONS))
     neutron = (
-        ((pl.col("action") == "port_update") & pl.col("vm_id").is_null())
-        | (fip & pl.col("addr").is_null())
+        (fip & pl.col("addr").is_null())
         | (pl.col("resource_id").is_not_null() & ~fip)
         | ((pl.col("action") == "detach") & pl.col("vm_id").is_null())
+        | _vmless_port_event()
     )
     if new.select(neutron.any()).item():
         return _full(lake, None, "Neutron events that name no VM or no floating address")
@@ -1607,23 +1609,22 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     if not _floating_in_order(new, state):
         return _full(lake, None, "a floating IP's events out of order, or naming another address than before")
     reclaim = load_reclaim_interval(lake)
-    update, reason = None, "events older than what the lake holds for their addresses or VMs"
+    update: LeaseUpdate | str = "leases changed during the update"
     with lake.lock("vm_leases"), lake.lock("vms"):
-        if lake.version("vm_leases") != built:  # another update committed since we looked: start over in full
-            reason = "leases changed during the update"
-        else:
+        if lake.version("vm_leases") == built:  # (else another update committed since we looked: in full)
             update = _update_under_locks(lake, new, state, reclaim, version)
-    if update is None:  # after the locks are released: the full rebuild takes them itself
-        return _full(lake, None, reason)
+    if isinstance(update, str):  # after the locks are released: the full rebuild takes them itself
+        return _full(lake, None, update)
     update.seconds = round(time.perf_counter() - started, 3)
     return update
 
 
 def _update_under_locks(
     lake: Any, new: pl.DataFrame, state: _State, reclaim: dt.timedelta | None, version: int | None
-) -> LeaseUpdate | None:
-    """_incremental's reads, replay and commits (the caller holds the vm_leases and vms locks); None when the
-    new events reach back before what the lake holds for their addresses or VMs (then a full rebuild)."""
+) -> LeaseUpdate | str:
+    """_incremental's reads, replay and commits (the caller holds the vm_leases and vms locks); or why the
+    update cannot replay only what the new events touch (the new events reach back before what the lake holds
+    for their addresses or VMs, ...): then a full rebuild."""
     lease_entries = lake.entries("vm_leases")
     vm_entries = lake.entries("vms")
     t0 = new.get_column("ts").min()
@@ -1669,7 +1670,7 @@ def _update_under_locks(
         .filter(pl.col("ts") < pl.col("free_from"))
     )
     if reread.height:
-        return None
+        return "a floating IP associated with a fixed address the update replays from after the association"
     # the VMs whose events can move a touched address after b(A): those of the new events, and every VM
     # that held it since (a claim that opened no lease, by a deleted VM or at the instant another VM
     # took the address, changes nothing)
@@ -1692,7 +1693,7 @@ def _update_under_locks(
         vm_index.filter(pl.col("vm_id").is_in(list(involved_vms))).get_column("last_event_at").max(),
     ]
     if any(t is not None and t >= t0 for t in latest):
-        return None
+        return "events older than what the lake holds for their addresses or VMs"
     return _update_files(
         lake,
         new,
@@ -1724,12 +1725,12 @@ def _update_files(
     lease_entries: list[Any],
     vm_entries: list[Any],
     state: _State,
-) -> LeaseUpdate:
+) -> LeaseUpdate | str:
     """The incremental update's replay and commits (the caller holds the vm_leases and vms locks), then the
-    state of this build (_State) for the next update."""
+    state of this build (_State) for the next update; or why it cannot (_update_under_locks)."""
     events = pl.concat([_history(lake, new, involved_vms, vm_index, state.live), stored.select(new.columns)])
-    if not _ports_told_by_their_vms(new, events):
-        return None
+    if not _ports_told_by_their_vms(new, events, state):
+        return "a VM's port detached holding an address another VM listed with that port"
     leases, vms = build_leases(_strip_before(events, starts).to_arrow(), reclaim)
     leases = pl.from_arrow(leases)
     vms = pl.from_arrow(vms)
@@ -2062,15 +2063,19 @@ _FIPS_SCHEMA = {
 _PORT_READS_SCHEMA = {"port_id": pl.String, "ts": pl.Datetime("us", "UTC"), "vm_id": pl.String}
 
 
-def _ports_told_by_their_vms(new: pl.DataFrame, events: pl.DataFrame) -> bool:
+def _ports_told_by_their_vms(new: pl.DataFrame, events: pl.DataFrame, state: _State) -> bool:
     """Whether each new detach by port (a VM's port deleted or unbound: it releases what the VM holds of every
-    address any event ever listed with the port) releases the same addresses in the replay as in a full build:
-    so when every fixed address the VM's events name is listed with that port by the VM's own events (the
-    replay has the VM's whole history, not other VMs' events naming the port): a VM with addresses on other
-    ports is rebuilt in full. (Floating addresses are never listed with a port by Nova or Neutron, only
-    associated with one: a planted event that lists one would be missed here.)"""
+    address any event ever listed with the port) releases the same addresses in the replay, and in any later
+    one that replays it with its VM, as in a full build: so when every address the VM's events name that any
+    event lists with the port is listed with it by the VM's own events (a replay has the VM's whole history,
+    not other VMs' events naming the port). The listings the update sees are the replay's and the live VMs'
+    (state.live); for a port a VM no longer live was bound to (its listings left the state), every address
+    the VM's events name must be listed with the port by its own. A VM with addresses on other ports is then
+    incremental; one holding an address that another VM listed with the port is rebuilt in full. (Floating
+    addresses are never listed with a port by Nova or Neutron, only associated with one: a planted event that
+    lists one would be missed here.)"""
     detaches = (
-        new.filter(_port_dependent() & pl.col("vm_id").is_not_null()).select("vm_id", "port_id").unique()
+        new.filter(_detach_by_port() & pl.col("vm_id").is_not_null()).select("vm_id", "port_id").unique()
     )
     if not detaches.height:
         return True
@@ -2089,7 +2094,26 @@ def _ports_told_by_their_vms(new: pl.DataFrame, events: pl.DataFrame) -> bool:
         .explode("a")
         .drop_nulls("a")
     )
-    needed = detaches.join(named, on="vm_id").unique()
+    ports = detaches.get_column("port_id").unique()
+    hashes = _id_hashes(ports)
+    strict = ports.filter(
+        pl.Series(_member(state.ports_gone, hashes) | _member(state.ports_gone_recent, hashes))
+    )
+    listed = (
+        pl.concat([events.select(state.live.columns), state.live])
+        .filter(pl.col("port_id").is_in(ports.implode()) & ~pl.col("action").is_in(list(_FLOATING_ACTIONS)))
+        .select("port_id", pl.col("addrs").alias("a"))
+        .explode("a")
+        .drop_nulls("a")
+        .unique()
+        .with_columns(pl.lit(True).alias("_listed"))
+    )
+    needed = (
+        detaches.join(named, on="vm_id")
+        .unique()
+        .join(listed, on=["port_id", "a"], how="left")
+        .filter(pl.col("_listed").fill_null(False) | pl.col("port_id").is_in(strict.implode()))
+    )
     return not needed.join(paired, on=["vm_id", "port_id", "a"], how="anti").height
 
 
@@ -2192,6 +2216,16 @@ def _detach_by_port() -> pl.Expr:
     every address any event listed with the port, at any time)."""
     by_port = pl.col("vm_id").is_null() | (pl.col("addr").is_null() & pl.col("addrs").is_null())
     return pl.col("port_id").is_not_null() & (pl.col("action") == "detach") & by_port
+
+
+def _vmless_port_event() -> pl.Expr:
+    """An event naming a port and addresses but no VM, other than a floating IP's: what it lists with the port
+    is in no VM's history (such an event is a full rebuild, and so is a later one naming the port). A port of
+    no VM that lists nothing (Neutron's router and DHCP ports: neutron.py keeps their addresses out) does
+    nothing in the replay: it updates incrementally."""
+    floating = pl.col("action").is_in(list(_FLOATING_ACTIONS))
+    lists = pl.col("addrs").is_not_null() | pl.col("addr").is_not_null()
+    return pl.col("port_id").is_not_null() & pl.col("vm_id").is_null() & ~floating & lists
 
 
 def _bindings(events: pl.DataFrame) -> pl.DataFrame:
@@ -2372,7 +2406,11 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
     # a port whose VM is no longer live: its bindings left the state; those it was read for, with them
     ended = reads.filter(~pl.col("vm_id").is_in(hot.implode()))
     dependent = pl.concat(
-        [ported.filter(_detach_by_port()).get_column("port_id"), unbound, ended.get_column("port_id")]
+        [
+            ported.filter(_detach_by_port() | _vmless_port_event()).get_column("port_id"),
+            unbound,
+            ended.get_column("port_id"),
+        ]
     )
     gone_ports = bindings.filter(~pl.col("vm_id").is_in(hot.implode())).get_column("port_id").unique()
     last = _last_runs(runs)
