@@ -694,7 +694,7 @@ def test_a_port_binding_older_than_an_association_that_read_it_gives_the_full_bu
         "incremental",
         "full: a port event older than a floating-IP association that read the port's history",
         "incremental",
-        "full: a floating IP associated with a port a deleted VM was bound to",
+        "full: a floating IP associated with, or a detach naming no VM of, a port a deleted VM was bound to",
     ]
     held = {(r["addr"], r["vm_id"]) for r in lake.read("vm_leases").to_pylist()}
     assert ("172.16.0.1", "b") in held and ("172.16.0.1", "a") not in held
@@ -749,6 +749,37 @@ def test_ports_of_vms_with_two_nics_and_of_routers_update_incrementally(tmp_path
     }
     assert ("10.0.0.1", "a", 2) in held and ("10.0.1.1", "a", None) in held
     assert ("10.0.3.1", "d", 5) in held and ("10.0.4.1", "d", 5) in held
+
+
+def test_a_port_unbound_by_an_event_naming_no_vm_updates_incrementally(tmp_path):
+    """A user detaches an interface: Neutron's port.update clears the port's device (no VM named). It
+    releases what the port's VM then held of the port's addresses: the update reads that VM from the live
+    VMs' bindings, keeps the event in its state (no VM's history has it) and replays it when an address it
+    released is recomputed. Every hour after the first is incremental and the lake equals the full build."""
+    from tracepipe.correlate.leases import _load_state
+    from tracepipe.lake import Lake
+
+    hours = [
+        [
+            _nova(0, "a", "create", ["10.0.0.1", "10.0.1.1"]),
+            _port(1, "a", "pa", ["10.0.0.1"]),
+            _port(2, "a", "pb", ["10.0.1.1"]),
+        ],
+        [_port(60, None, "pa", None, "detach")],
+        [_nova(120, "a", "exists", ["10.0.1.1"])],
+        [_nova(180, "b", "create", ["10.0.0.1"]), _port(181, "b", "pc", ["10.0.0.1"])],
+        [_nova(240, "a", "delete", [])],
+    ]
+    lake = Lake(tmp_path / "lake")
+    modes = _update_in_batches(lake, [_events(hour) for hour in hours], "unbind", check_each=True)
+    assert modes == ["full"] + ["incremental"] * (len(hours) - 1)
+    held = {
+        (r["addr"], r["vm_id"], r["valid_to"] and r["valid_to"].hour)
+        for r in lake.read("vm_leases").to_pylist()
+    }
+    assert ("10.0.0.1", "a", 1) in held and ("10.0.0.1", "b", None) in held and ("10.0.1.1", "a", 4) in held
+    state = _load_state(lake, lake.version("vm_leases"))
+    assert state is not None and state.detaches.height == 0  # (10.0.0.1's last run starts after it)
 
 
 def test_in_order_batches_update_incrementally(tmp_path):

@@ -1570,14 +1570,15 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     address is replayed with it (the holder then may hold the floating IP), and every live VM bound to a port
     a new association names is involved (the port's VM then holds it). A floating IP's key must name one
     address, the one its earlier events named, and be later than them (_floating_in_order). A VM's port deleted
-    or unbound updates incrementally when the VM's own events list with that port every address of the VM that
-    any event lists with it (_ports_told_by_their_vms); a port of no VM that lists nothing (a router's, a DHCP
-    server's) changes nothing. Rebuilt in full (_port_guard and the reasons _update_under_locks returns): a
-    detach naming no VM, an event naming a port a stored detach by port or an association with an unbound port
-    read (what those did at their own time, before b(A), can change: the boot that binds a port a floating IP
-    was associated with before), an association with a port a deleted VM was bound to, a binding older than a
-    stored association that read its port, a port of no VM listing addresses, a floating IP whose address
-    nothing names."""
+    or unbound (by an event naming the VM, or none: the port's VM then, read like an association's, and the
+    event kept like the floating-IP events, _released_by_detaches) updates incrementally when that VM's own
+    events list with the port every address of the VM that any event lists with it (_ports_told_by_their_vms);
+    a port of no VM that lists nothing (a router's, a DHCP server's) changes nothing. Rebuilt in full
+    (_port_guard and the reasons _update_under_locks returns): an event naming a port a stored detach by port
+    or an association with an unbound port read (what those did at their own time, before b(A), can change:
+    the boot that binds a port a floating IP was associated with before), an association or a detach naming no
+    VM with a port a deleted VM was bound to, a binding older than a stored association that read its port, a
+    port of no VM listing addresses, a floating IP whose address nothing names."""
     started = time.perf_counter()
     files = _new_event_files(lake, since)
     if files is None:
@@ -1598,7 +1599,7 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     neutron = (
         (fip & pl.col("addr").is_null())
         | (pl.col("resource_id").is_not_null() & ~fip)
-        | ((pl.col("action") == "detach") & pl.col("vm_id").is_null())
+        | ((pl.col("action") == "detach") & pl.col("vm_id").is_null() & pl.col("port_id").is_null())
         | _vmless_port_event()
     )
     if new.select(neutron.any()).item():
@@ -1633,6 +1634,15 @@ def _update_under_locks(
     vm_columns = ["vm_id", "created_at", "last_event_at"]
     live = state.live_ids()
     unseen = vms0.filter(~vms0.is_in(live.implode()))
+    # a new association with a port, or a detach, naming no VM: every live VM bound to the port, whose events
+    # say which one the port's was then (_port_guard sent one a deleted VM was bound to to a full rebuild); a
+    # detach's release what they hold (`unbound_from`: their addresses are recomputed)
+    binders = _bindings(state.live)
+    read = new.filter(_port_read() | _vmless_detach()).get_column("port_id").unique()
+    read_by = binders.filter(pl.col("port_id").is_in(read.implode())).get_column("vm_id").unique()
+    detached = new.filter(_vmless_detach()).get_column("port_id").unique()
+    unbound_from = pl.concat([binders, _bindings(new)]).filter(pl.col("port_id").is_in(detached.implode()))
+    unbound_from = unbound_from.get_column("vm_id").unique()
     brand_new = set(unseen.filter(~_is_known(state, unseen)).to_list())
     # a VM of the new events that is neither live nor new is settled (a purge after the delete): then every
     # lease and VM row is read, as before this state existed
@@ -1642,10 +1652,10 @@ def _update_under_locks(
     ):
         index = _index(lake, lease_entries, lease_columns)
         vm_index = _index(lake, vm_entries, vm_columns)
-        addrs = _touched(new, index, vms0)
+        addrs = _touched(new, index, pl.concat([vms0, unbound_from]))
     else:
         index = _index(lake, lease_entries, lease_columns, "vm_leases", ("addr", []))  # the hot files
-        addrs = _touched(new, index, vms0)
+        addrs = _touched(new, index, pl.concat([vms0, unbound_from]))
         index = _with_settled_runs(lake, state, index, lease_entries, addrs, t0)
         vm_index = None
     starts = _free_since(index, addrs, t0)
@@ -1662,6 +1672,15 @@ def _update_under_locks(
         if vm_index is None:
             index = _with_settled_runs(lake, state, index, lease_entries, more, t0)
         starts = _free_since(index, addrs, t0)
+    stored = pl.concat(
+        [
+            stored,
+            state.detaches.join(starts, left_on="_released", right_on="addr")
+            .filter(pl.col("ts") >= pl.col("free_from"))
+            .select(stored.columns)
+            .unique(maintain_order=True),
+        ]
+    )
     reread = (
         stored.filter(pl.col("action") == "fip_associate")
         .select("ts", pl.col("addrs").alias("addr"))
@@ -1678,11 +1697,7 @@ def _update_under_locks(
     involved_vms = set(vms0.to_list()) | set(holders.get_column("vm_id").to_list())
     # a new association with a port (no VM named): every live VM bound to the port, whose events say which
     # one held it then (_port_guard sent one a deleted VM was bound to to a full rebuild)
-    read = new.filter(_port_read()).get_column("port_id").unique()
-    if read.len():
-        involved_vms |= set(
-            _bindings(state.live).filter(pl.col("port_id").is_in(read.implode())).get_column("vm_id")
-        )
+    involved_vms |= set(read_by.to_list())
     if vm_index is None:  # the hot files, and of the settled ones the rows of involved VMs not live (rare)
         settled_ids = sorted(involved_vms - set(live.to_list()) - brand_new)
         vm_index = _index(lake, vm_entries, vm_columns, "vms", ("vm_id", settled_ids))
@@ -2074,11 +2089,16 @@ def _ports_told_by_their_vms(new: pl.DataFrame, events: pl.DataFrame, state: _St
     incremental; one holding an address that another VM listed with the port is rebuilt in full. (Floating
     addresses are never listed with a port by Nova or Neutron, only associated with one: a planted event that
     lists one would be missed here.)"""
-    detaches = (
-        new.filter(_detach_by_port() & pl.col("vm_id").is_not_null()).select("vm_id", "port_id").unique()
-    )
+    detaches = new.filter(_detach_by_port())
     if not detaches.height:
         return True
+    # (a detach naming no VM: the port's VM then, from the bindings of every live VM bound to it, involved)
+    holder = _port_holder(detaches, _bindings(events))
+    detaches = (
+        detaches.select(pl.coalesce(pl.col("vm_id"), holder).alias("vm_id"), "port_id")
+        .drop_nulls("vm_id")
+        .unique()
+    )
     mine = events.join(detaches.select("vm_id").unique(), on="vm_id").filter(
         ~pl.col("action").is_in(list(_FLOATING_ACTIONS))
     )
@@ -2205,6 +2225,17 @@ def _kept_floating(floating: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def _kept_detaches(detaches: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
+    """_kept_floating for the vm-less detaches, by each one's released address."""
+    start = runs.group_by("addr").agg(pl.col("valid_from").min().alias("_run"))
+    return (
+        detaches.join(start, left_on="_released", right_on="addr")
+        .filter(pl.col("ts") >= pl.col("_run"))
+        .drop("_run")
+        .unique(maintain_order=True)
+    )
+
+
 def _port_read() -> pl.Expr:
     """A floating IP associated with a port by no VM's own event: its holder is read from the port's history
     (the VM bound to it then, else the first ever bound: _port_vm)."""
@@ -2226,6 +2257,49 @@ def _vmless_port_event() -> pl.Expr:
     floating = pl.col("action").is_in(list(_FLOATING_ACTIONS))
     lists = pl.col("addrs").is_not_null() | pl.col("addr").is_not_null()
     return pl.col("port_id").is_not_null() & pl.col("vm_id").is_null() & ~floating & lists
+
+
+def _vmless_detach() -> pl.Expr:
+    """A port deleted or unbound by an event naming no VM (Neutron's port.update with its device cleared): it
+    releases what the port's VM then holds of the addresses listed with the port."""
+    return (pl.col("action") == "detach") & pl.col("vm_id").is_null() & pl.col("port_id").is_not_null()
+
+
+def _port_holder(rows: pl.DataFrame, bindings: pl.DataFrame) -> pl.Series:
+    """For rows (port_id, ts), in their order: the VM bound to the port then, else the first ever bound
+    (null: none), as _port_vm."""
+    keyed = rows.select("port_id", pl.col("ts").cast(pl.Datetime("us", "UTC"))).with_row_index("_r")
+    bindings = bindings.sort("port_id", "ts", "vm_id")
+    at = keyed.sort("ts").join_asof(
+        bindings.sort("ts"), on="ts", by="port_id", strategy="backward", check_sortedness=False
+    )
+    first = bindings.group_by("port_id").agg(pl.col("vm_id").first().alias("_first"))
+    return (
+        at.join(first, on="port_id", how="left")
+        .sort("_r")
+        .select(pl.coalesce("vm_id", "_first").alias("vm_id"))
+        .to_series()
+    )
+
+
+def _released_by_detaches(
+    detaches: pl.DataFrame, bindings: pl.DataFrame, leases: pl.DataFrame
+) -> pl.DataFrame:
+    """The vm-less detaches (schema.VM_EVENTS rows), one row per address each released (`_released`: a lease
+    of the port's VM then that the detach ended, in `leases`); those that released nothing are left out (a
+    later replay could only release what it did, as the port's VM is then involved: see _update_under_locks)."""
+    if not detaches.height:
+        return detaches.with_columns(pl.lit(None, pl.String).alias("_released")).head(0)
+    need = detaches.with_columns(
+        _port_holder(detaches, bindings).alias("_need"),
+        pl.col("ts").cast(pl.Datetime("us", "UTC")).alias("_ts"),
+    )
+    ended = leases.filter(pl.col("end_reason") == "detach").select(
+        pl.col("vm_id").alias("_need"),
+        pl.col("valid_to").cast(pl.Datetime("us", "UTC")).alias("_ts"),
+        pl.col("addr").alias("_released"),
+    )
+    return need.join(ended, on=["_need", "_ts"]).drop("_need", "_ts")
 
 
 def _bindings(events: pl.DataFrame) -> pl.DataFrame:
@@ -2278,14 +2352,14 @@ def _port_guard(new: pl.DataFrame, state: _State) -> str | None:
     (a detach by port, an association with a port bound by nothing yet), an association with a port a
     deleted VM was bound to (its binding is in no live VM's history), or a binding older than a stored
     association that read the port (it could change the holder then)."""
-    reads = new.filter(_port_read())
+    reads = new.filter(_port_read() | _vmless_detach())
     binds = new.filter(pl.col("port_id").is_not_null() & ~pl.col("action").is_in(list(_FLOATING_ACTIONS)))
     named = _id_hashes(pl.concat([binds.get_column("port_id"), reads.get_column("port_id")]).unique())
     if (_member(state.ports, named) | _member(state.ports_recent, named)).any():
         return "a port that earlier floating-IP or detach-by-port events read"
     read = _id_hashes(reads.get_column("port_id").unique())
     if (_member(state.ports_gone, read) | _member(state.ports_gone_recent, read)).any():
-        return "a floating IP associated with a port a deleted VM was bound to"
+        return "a floating IP associated with, or a detach naming no VM of, a port a deleted VM was bound to"
     late = (
         binds.select("port_id", pl.col("ts").cast(pl.Datetime("us", "UTC")))
         .join(state.port_reads, on="port_id", suffix="_read")
@@ -2338,6 +2412,11 @@ class _State:
     fips: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_FIPS_SCHEMA))
     # the floating-IP events of no VM's own that an update can replay again (_kept_floating): schema.VM_EVENTS
     floating: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_state_schemas()[0]))
+    # the detaches naming no VM that an update can replay again, one row per address each released
+    # (_released_by_detaches; kept like `floating`, by the released address's last run)
+    detaches: pl.DataFrame = field(
+        default_factory=lambda: pl.DataFrame(schema={**_state_schemas()[0], "_released": pl.String})
+    )
     # per port that vm-less associations read: until when a binding event can change them (_port_reads)
     port_reads: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_PORT_READS_SCHEMA))
     # sorted uint64 hashes of the ports that VMs no longer live were bound to (their bindings left the state)
@@ -2399,9 +2478,30 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
             events.filter(pc.is_in(events.column("action"), pa.array(sorted(_FLOATING_ACTIONS)))), VM_EVENTS
         )
     )
+    vmless_detaches = pl.from_arrow(
+        conform(
+            events.filter(
+                pc.and_(
+                    pc.equal(events.column("action"), "detach"),
+                    pc.and_(pc.is_null(events.column("vm_id")), pc.is_valid(events.column("port_id"))),
+                )
+            ),
+            VM_EVENTS,
+        )
+    )
     assert isinstance(ported, pl.DataFrame) and isinstance(floating, pl.DataFrame)
     fips = _fip_facts(floating)
     bindings = _bindings(ported)
+    assert isinstance(vmless_detaches, pl.DataFrame)
+    # (the leases a detach ended, read only when a detach named no VM)
+    closed = (
+        leases.filter(pc.equal(leases.column("end_reason"), "detach"))
+        if vmless_detaches.height
+        else leases[:0]
+    )
+    closed = pl.from_arrow(closed.select(["addr", "vm_id", "valid_to", "end_reason"]))
+    assert isinstance(closed, pl.DataFrame)
+    released = _released_by_detaches(vmless_detaches, bindings, closed)
     reads, unbound = _port_reads(ported.filter(_port_read()), bindings)
     # a port whose VM is no longer live: its bindings left the state; those it was read for, with them
     ended = reads.filter(~pl.col("vm_id").is_in(hot.implode()))
@@ -2422,6 +2522,7 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
         ports=np.unique(_id_hashes(dependent)),
         fips=fips.filter(~pl.col("gone")),
         floating=_kept_floating(_with_floating_addresses(_vmless_floating(floating), fips), last),
+        detaches=_kept_detaches(released, last),
         port_reads=reads.filter(pl.col("vm_id").is_in(hot.implode())),
         ports_gone=np.unique(_id_hashes(gone_ports)),
         fips_gone=np.unique(_id_hashes(gone.get_column("key"))),
@@ -2470,6 +2571,10 @@ def _next_state(
     floating = _kept_floating(
         pl.concat([state.floating, _vmless_floating(new).select(state.floating.columns)]), runs
     )
+    released = _released_by_detaches(
+        new.filter(_vmless_detach()).select(state.floating.columns), _bindings(events), leases
+    )
+    detaches = _kept_detaches(pl.concat([state.detaches, released.select(state.detaches.columns)]), runs)
     # the ports read (their bindings are in `events`: every live VM bound to them is involved, _port_guard),
     # and those whose VM is no longer live (a binding of theirs from now on is a full rebuild)
     gone_vms = list(involved - set(hot.to_list()))
@@ -2502,6 +2607,7 @@ def _next_state(
         ports_recent=ports_recent,
         fips=fips.filter(~pl.col("gone")),
         floating=floating,
+        detaches=detaches,
         port_reads=reads.filter(~pl.col("vm_id").is_in(gone_vms)),
         ports_gone=ports_gone,
         ports_gone_file=ports_gone_file,
@@ -2550,6 +2656,7 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
         state.runs.write_parquet(work / "runs.parquet", compression="zstd")
         state.fips.write_parquet(work / "fips.parquet", compression="zstd")
         state.floating.write_parquet(work / "floating.parquet", compression="zstd")
+        state.detaches.write_parquet(work / "detaches.parquet", compression="zstd")
         state.port_reads.write_parquet(work / "port_reads.parquet", compression="zstd")
         _save_hashes(work / "ports_gone.npy", state.ports_gone, state.ports_gone_file)
         np.save(work / "ports_gone_recent.npy", state.ports_gone_recent.astype(np.uint64), allow_pickle=False)
@@ -2596,23 +2703,25 @@ def _load_state(lake: Any, version: int) -> _State | None:
         fips = pl.from_arrow(pq.read_table(directory / "fips.parquet"))
         # (a state saved before the vm-less floating-IP events and port reads were kept: a full rebuild once)
         floating = pl.from_arrow(pq.read_table(directory / "floating.parquet"))
+        detaches = pl.from_arrow(pq.read_table(directory / "detaches.parquet"))
         port_reads = pl.from_arrow(pq.read_table(directory / "port_reads.parquet"))
         ports_gone = np.load(directory / "ports_gone.npy", allow_pickle=False)
         ports_gone_recent = np.load(directory / "ports_gone_recent.npy", allow_pickle=False)
     except Exception:  # (any damage of a cache: unreadable, truncated, not Parquet)
         return None
     events_schema, runs_schema = _state_schemas()
-    frames = (live, runs, fips, floating, port_reads)
+    frames = (live, runs, fips, floating, port_reads, detaches)
     if not all(isinstance(f, pl.DataFrame) for f in frames):
         return None
     assert isinstance(fips, pl.DataFrame) and isinstance(floating, pl.DataFrame)
-    assert isinstance(port_reads, pl.DataFrame)
+    assert isinstance(port_reads, pl.DataFrame) and isinstance(detaches, pl.DataFrame)
     schemas = (
         events_schema,
         runs_schema,
         pl.Schema(_FIPS_SCHEMA),
         events_schema,
         pl.Schema(_PORT_READS_SCHEMA),
+        pl.Schema({**events_schema, "_released": pl.String}),
     )
     if any(f.schema != want for f, want in zip(frames, schemas, strict=True)):
         return None
@@ -2644,6 +2753,7 @@ def _load_state(lake: Any, version: int) -> _State | None:
         ports_recent=ports_recent,
         fips=fips,
         floating=floating,
+        detaches=detaches,
         port_reads=port_reads,
         ports_gone=ports_gone,
         ports_gone_file=directory / "ports_gone.npy",
