@@ -1566,7 +1566,7 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     associated (naming the port's VM, or only the port and fixed address as Neutron without port_details does),
     disassociated or deleted (naming its address, or only its id: the address is the state's, filled in by
     _with_floating_addresses). Floating-IP events of no VM's own are in no VM's history: the state keeps those
-    an update can replay again (_kept_floating) and they join the replay from b(A) on; an association's fixed
+    an update can replay again (_kept) and they join the replay from b(A) on; an association's fixed
     address is replayed with it (the holder then may hold the floating IP), and every live VM bound to a port
     a new association names is involved (the port's VM then holds it). A floating IP's key must name one
     address, the one its earlier events named, and be later than them (_floating_in_order). A VM's port deleted
@@ -1666,7 +1666,8 @@ def _update_under_locks(
         state.floating.join(starts, on="addr").filter(pl.col("ts") >= pl.col("free_from")).drop("free_from")
     )
     fixed = stored.filter(pl.col("action") == "fip_associate").select(pl.col("addrs").explode()).to_series()
-    more = fixed.drop_nulls().unique().filter(~fixed.drop_nulls().unique().is_in(addrs.implode()))
+    fixed = fixed.drop_nulls().unique()
+    more = fixed.filter(~fixed.is_in(addrs.implode()))
     if more.len():
         addrs = pl.concat([addrs, more])
         if vm_index is None:
@@ -2212,24 +2213,14 @@ def _vmless_floating(events: pl.DataFrame) -> pl.DataFrame:
     return events.filter(pl.col("action").is_in(list(_FLOATING_ACTIONS)) & pl.col("vm_id").is_null())
 
 
-def _kept_floating(floating: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
-    """The vm-less floating-IP events an update can replay again: those of an address at or after the start of
-    its last run of back-to-back leases (an in-order update replays an address from b(A) on, which is that
-    start or later); the others never are. Bounded like the runs."""
+def _kept(events: pl.DataFrame, runs: pl.DataFrame, addr: str = "addr") -> pl.DataFrame:
+    """The events of no VM's own that an update can replay again: those at or after the start of the last
+    run of back-to-back leases of their address (`addr`: the floating address; for a detach, each address it
+    released). An in-order update replays an address from b(A) on, which is that start or later; the others
+    never are. Bounded like the runs."""
     start = runs.group_by("addr").agg(pl.col("valid_from").min().alias("_run"))
     return (
-        floating.join(start, on="addr")
-        .filter(pl.col("ts") >= pl.col("_run"))
-        .drop("_run")
-        .unique(maintain_order=True)
-    )
-
-
-def _kept_detaches(detaches: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
-    """_kept_floating for the vm-less detaches, by each one's released address."""
-    start = runs.group_by("addr").agg(pl.col("valid_from").min().alias("_run"))
-    return (
-        detaches.join(start, left_on="_released", right_on="addr")
+        events.join(start, left_on=addr, right_on="addr")
         .filter(pl.col("ts") >= pl.col("_run"))
         .drop("_run")
         .unique(maintain_order=True)
@@ -2265,21 +2256,28 @@ def _vmless_detach() -> pl.Expr:
     return (pl.col("action") == "detach") & pl.col("vm_id").is_null() & pl.col("port_id").is_not_null()
 
 
-def _port_holder(rows: pl.DataFrame, bindings: pl.DataFrame) -> pl.Series:
-    """For rows (port_id, ts), in their order: the VM bound to the port then, else the first ever bound
-    (null: none), as _port_vm."""
+def _port_bound(rows: pl.DataFrame, bindings: pl.DataFrame) -> pl.DataFrame:
+    """For rows (port_id, ts), in their order: (ts, the VM bound to the port then: `at_vm`, its first binding
+    ever: `first_ts`, `first_vm`), as _port_vm reads them (its holder: at_vm, else first_vm)."""
     keyed = rows.select("port_id", pl.col("ts").cast(pl.Datetime("us", "UTC"))).with_row_index("_r")
     bindings = bindings.sort("port_id", "ts", "vm_id")
     at = keyed.sort("ts").join_asof(
-        bindings.sort("ts"), on="ts", by="port_id", strategy="backward", check_sortedness=False
+        bindings.sort("ts").rename({"vm_id": "at_vm"}),
+        on="ts",
+        by="port_id",
+        strategy="backward",
+        check_sortedness=False,
     )
-    first = bindings.group_by("port_id").agg(pl.col("vm_id").first().alias("_first"))
-    return (
-        at.join(first, on="port_id", how="left")
-        .sort("_r")
-        .select(pl.coalesce("vm_id", "_first").alias("vm_id"))
-        .to_series()
+    first = bindings.group_by("port_id").agg(
+        pl.col("ts").first().alias("first_ts"), pl.col("vm_id").first().alias("first_vm")
     )
+    return at.join(first, on="port_id", how="left").sort("_r").drop("_r")
+
+
+def _port_holder(rows: pl.DataFrame, bindings: pl.DataFrame) -> pl.Series:
+    """For rows (port_id, ts), in their order: the VM bound to the port then, else the first ever bound
+    (null: none), as _port_vm."""
+    return _port_bound(rows, bindings).select(pl.coalesce("at_vm", "first_vm").alias("vm_id")).to_series()
 
 
 def _released_by_detaches(
@@ -2320,17 +2318,10 @@ def _port_reads(reads: pl.DataFrame, bindings: pl.DataFrame) -> tuple[pl.DataFra
     empty = pl.DataFrame(schema=_PORT_READS_SCHEMA)
     if not reads.height:
         return empty, pl.Series("port_id", [], pl.String)
-    bindings = bindings.sort("port_id", "ts", "vm_id")
-    at = reads.sort("ts").join_asof(
-        bindings.sort("ts"), on="ts", by="port_id", strategy="backward", check_sortedness=False
-    )
-    first = bindings.group_by("port_id").agg(
-        pl.col("ts").first().alias("_first"), pl.col("vm_id").first().alias("_first_vm")
-    )
-    resolved = at.join(first, on="port_id", how="left").select(
+    resolved = _port_bound(reads, bindings).select(
         "port_id",
-        pl.when(pl.col("vm_id").is_not_null()).then(pl.col("ts")).otherwise(pl.col("_first")).alias("ts"),
-        pl.coalesce("vm_id", "_first_vm").alias("vm_id"),
+        pl.when(pl.col("at_vm").is_not_null()).then(pl.col("ts")).otherwise(pl.col("first_ts")).alias("ts"),
+        pl.coalesce("at_vm", "first_vm").alias("vm_id"),
     )
     unbound = resolved.filter(pl.col("ts").is_null()).get_column("port_id").unique()
     return _merge_port_reads(empty, resolved.filter(pl.col("ts").is_not_null())), unbound
@@ -2410,7 +2401,7 @@ class _State:
     ports_recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # added since: sorted
     # floating IPs (_fip_facts): per key its address and last event
     fips: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_FIPS_SCHEMA))
-    # the floating-IP events of no VM's own that an update can replay again (_kept_floating): schema.VM_EVENTS
+    # the floating-IP events of no VM's own that an update can replay again (_kept): schema.VM_EVENTS
     floating: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_state_schemas()[0]))
     # the detaches naming no VM that an update can replay again, one row per address each released
     # (_released_by_detaches; kept like `floating`, by the released address's last run)
@@ -2521,8 +2512,8 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
         runs=last,
         ports=np.unique(_id_hashes(dependent)),
         fips=fips.filter(~pl.col("gone")),
-        floating=_kept_floating(_with_floating_addresses(_vmless_floating(floating), fips), last),
-        detaches=_kept_detaches(released, last),
+        floating=_kept(_with_floating_addresses(_vmless_floating(floating), fips), last),
+        detaches=_kept(released, last, "_released"),
         port_reads=reads.filter(pl.col("vm_id").is_in(hot.implode())),
         ports_gone=np.unique(_id_hashes(gone_ports)),
         fips_gone=np.unique(_id_hashes(gone.get_column("key"))),
@@ -2568,13 +2559,11 @@ def _next_state(
     recomputed = _last_runs(pl.concat([before, leases.select(_RUN_COLUMNS).cast(before.schema)]))  # type: ignore[arg-type]
     runs = pl.concat([state.runs.filter(~touched), recomputed])
     fips = _merge_fip_facts(state.fips, _fip_facts(events))
-    floating = _kept_floating(
-        pl.concat([state.floating, _vmless_floating(new).select(state.floating.columns)]), runs
-    )
+    floating = _kept(pl.concat([state.floating, _vmless_floating(new).select(state.floating.columns)]), runs)
     released = _released_by_detaches(
         new.filter(_vmless_detach()).select(state.floating.columns), _bindings(events), leases
     )
-    detaches = _kept_detaches(pl.concat([state.detaches, released.select(state.detaches.columns)]), runs)
+    detaches = _kept(pl.concat([state.detaches, released.select(state.detaches.columns)]), runs, "_released")
     # the ports read (their bindings are in `events`: every live VM bound to them is involved, _port_guard),
     # and those whose VM is no longer live (a binding of theirs from now on is a full rebuild)
     gone_vms = list(involved - set(hot.to_list()))
