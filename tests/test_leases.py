@@ -1431,3 +1431,28 @@ def test_full_build_equals_incremental_updates_on_a_generated_history(tmp_path, 
     # the repair over the same lake gives the same tables again
     assert refresh_leases(lake, full=True).mode == "full"
     assert _lake_tables(lake) == (expected, vms.to_pylist())
+
+
+def test_row_takes_and_encodings_of_tables_in_many_chunks_equal_those_of_one_chunk() -> None:
+    """A year of events is one table of many chunks (one per day file): the row take of the tied events and
+    the codes of VM ids read them chunk by chunk, and must give what one concatenated chunk gives."""
+    import numpy as np
+
+    from tracepipe.correlate.leases import _encode, _take_rows
+
+    names = pa.array([f"vm-{i % 7}" if i % 5 else None for i in range(40)], pa.string())
+    table = pa.Table.from_batches(
+        [
+            pa.record_batch({"vm_id": names.slice(s, 10), "n": pa.array(range(s, s + 10))})
+            for s in range(0, 40, 10)
+        ]
+    )
+    assert table.column("vm_id").num_chunks == 4
+    rows = np.array([39, 0, 12, 12, 25, 9, 10])
+    assert _take_rows(table, rows).to_pydict() == table.combine_chunks().take(pa.array(rows)).to_pydict()
+    assert _take_rows(table, np.array([], np.int64)).num_rows == 0
+    codes, texts = _encode(table.column("vm_id"))
+    one_codes, one_texts = _encode(names)
+    assert codes.to_list() == one_codes.to_list() and texts.to_list() == one_texts.to_list()
+    assert texts.to_list() == sorted({n for n in names.to_pylist() if n is not None})
+    assert [None if c is None else texts[c] for c in codes.to_list()] == names.to_pylist()
