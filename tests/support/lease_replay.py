@@ -58,7 +58,6 @@ class _Replay:
         self,
         reclaim_us: int | None,
         ports: dict[str, list[tuple[int, str]]],
-        port_addrs: dict[str, set[str]],
     ) -> None:
         self.reclaim = reclaim_us
         self.vms: dict[str, _Vm] = {}
@@ -66,7 +65,7 @@ class _Replay:
         self.open_by_addr: dict[str, int] = {}  # addr -> index of its open lease
         self.fips: dict[str, str] = {}  # floating IP key (id or address) -> floating address
         self.ports = ports
-        self.port_addrs = port_addrs
+        self.port_addrs: dict[tuple[str, str | None], set[str]] = {}  # (port, VM or None) -> listed so far
 
     # ---- leases ----
     def open(self, addr: str, vm_id: str, kind: str, ts: int, hypervisor: str | None) -> None:
@@ -114,6 +113,13 @@ class _Replay:
 
     # ---- events ----
     def apply(self, e: dict[str, Any]) -> None:
+        # what an event lists with a port counts for the detaches by port from it on (of its VM, or of any VM
+        # when it names none)
+        if e["port_id"] and e["addrs"] and not (e["action"] or "").startswith("fip_"):
+            self.port_addrs.setdefault((e["port_id"], e["vm_id"]), set()).update(e["addrs"])
+        self._apply(e)
+
+    def _apply(self, e: dict[str, Any]) -> None:
         ts: int = e["ts"]
         action: str = e["action"] or "unknown"
         phase = e["_phase"]
@@ -206,8 +212,11 @@ class _Replay:
             # Nova sends the full list after the detach: whatever fixed address is missing went away
             targets = {a for a in vm.open if self.leases[self.open_by_addr[a]]["addr_kind"] == "fixed"}
             targets -= set(e["addrs"])
-        elif e["port_id"] and self.port_addrs.get(e["port_id"]):
-            targets = set(self.port_addrs[e["port_id"]])  # Neutron port.delete: only the port id
+        elif e["port_id"]:
+            # Neutron port.delete: only the port id; what the port's VM (or no VM) listed with it before
+            targets = self.port_addrs.get((e["port_id"], vm_id), set()) | self.port_addrs.get(
+                (e["port_id"], None), set()
+            )
         else:
             targets = set()
         for addr in sorted(targets):
@@ -250,20 +259,16 @@ class _Replay:
         self.open(address, vm_id, "floating", ts, hypervisor)
 
 
-def _port_maps(frame: pl.DataFrame) -> tuple[dict[str, list[tuple[int, str]]], dict[str, set[str]]]:
-    """port id -> [(ts, vm id)] sorted, and port id -> fixed addresses, from every event naming both."""
+def _port_maps(frame: pl.DataFrame) -> dict[str, list[tuple[int, str]]]:
+    """port id -> [(ts, vm id)] sorted, from every event naming both."""
     ports: dict[str, list[tuple[int, str]]] = {}
-    port_addrs: dict[str, set[str]] = {}
     named = frame.filter(pl.col("port_id").is_not_null() & ~pl.col("action").str.starts_with("fip_"))
-    for row in named.select("ts", "port_id", "vm_id", "addrs").iter_rows():
-        ts, port_id, vm_id, addrs = row
+    for ts, port_id, vm_id in named.select("ts", "port_id", "vm_id").iter_rows():
         if vm_id:
             ports.setdefault(port_id, []).append((ts, vm_id))
-        if addrs:
-            port_addrs.setdefault(port_id, set()).update(addrs)
     for history in ports.values():
         history.sort()
-    return ports, port_addrs
+    return ports
 
 
 def _set_identities(vms: dict[str, _Vm], frame: pl.DataFrame) -> None:
@@ -308,7 +313,7 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
     if frame.height:
         frame = frame.with_columns(pl.col("ts").dt.epoch("us"))
     reclaim_us = None if reclaim_interval is None else reclaim_interval // dt.timedelta(microseconds=1)
-    replay = _Replay(reclaim_us, *_port_maps(frame)) if frame.height else _Replay(reclaim_us, {}, {})
+    replay = _Replay(reclaim_us, _port_maps(frame) if frame.height else {})
     columns = [
         "ts",
         "_phase",

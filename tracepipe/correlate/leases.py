@@ -735,16 +735,19 @@ def _few(frame: pl.DataFrame, where: pl.Expr) -> pl.DataFrame:
 
 
 def _port_maps(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Ports: (port_id, ts, vm_id) of every non-floating event naming both, and port_id -> fixed addresses."""
-    named = _few(frame.select("port_id", "act", "ts", "vm_id", "addrs"), pl.col("port_id").is_not_null())
+    """Ports: (port_id, ts, vm_id) of every non-floating event naming both, and what the events list with a
+    port: (port_id, vm_id, seq, addr), the event's VM (null: none) and place in the replay order."""
+    named = _few(
+        frame.select("port_id", "act", "ts", "vm_id", "addrs", "seq"), pl.col("port_id").is_not_null()
+    )
     named = named.filter(~pl.col("act").fill_null("").str.starts_with("fip_"))  # (on the few naming a port)
     history = (
         named.filter(pl.col("vm_id").is_not_null())
         .select("port_id", "ts", "vm_id")
         .sort("port_id", "ts", "vm_id")
     )
-    addrs = named.select("port_id", pl.col("addrs").alias("addr")).explode("addr").drop_nulls().unique()
-    return history, addrs
+    listed = named.select("port_id", "vm_id", "seq", pl.col("addrs").alias("addr")).explode("addr")
+    return history, listed.drop_nulls("addr")
 
 
 def _port_vm(rows: pl.DataFrame, history: pl.DataFrame) -> pl.DataFrame:
@@ -987,7 +990,7 @@ def _replay(
         raise
     context.set_result((gone_seq, applicable_events))
     applicable = pl.Series("seq", np.flatnonzero(applicable_events), dtype=pl.Int64)
-    port_history, port_addrs = _port_maps(frame)
+    port_history, port_listed = _port_maps(frame)
 
     # claims by VMs: every address an applicable event lists, and the one an attach names
     listed = (
@@ -1012,7 +1015,9 @@ def _replay(
     fixed_claims = _frame([fixed_claims], _claim_schema(kind))
 
     # detaches: the address named; else what the VM held that Nova's full list no longer has (fixed only);
-    # else the port's addresses (Neutron port.delete / unbind), for the VM bound to the port then
+    # else the port's addresses (Neutron port.delete / unbind), for the VM bound to the port then: those its
+    # events (or events naming no VM, the detach itself among them) listed with the port up to the detach. A later event on the port (bound
+    # to another VM, or again) changes nothing the detach did: an incremental update need not replay it
     detaches = _few(frame, _act_in("detach") & ~pl.col("passive")).with_row_index("_row")
     detaches = _port_vm(detaches, port_history).with_columns(pl.coalesce("vm_id", "port_vm").alias("need_vm"))
 
@@ -1036,8 +1041,16 @@ def _replay(
                 pl.col("addr").is_null() & (pl.col("addrs").is_null() | pl.col("vm_id").is_null())
             )
             .select("seq", "ts", "need_vm", "port_id")
-            .join(port_addrs, on="port_id")
+            .join(port_listed.rename({"seq": "listed_seq", "vm_id": "listed_by"}), on="port_id")
+            .filter(
+                (pl.col("listed_seq") <= pl.col("seq"))
+                & (
+                    pl.col("listed_by").is_null()
+                    | (pl.col("listed_by") == pl.col("need_vm")).fill_null(False)
+                )
+            )
             .select("addr", "seq", "ts", "need_vm", pl.lit(None, pl.String).alias("need_kind"))
+            .unique()
         )
         return pl.concat([named, by_list, by_port], how="diagonal_relaxed").with_columns(
             pl.lit("detach").alias("reason")
@@ -1593,10 +1606,11 @@ def _addr_set(events: pl.DataFrame) -> pl.Series:
     ).unique()
 
 
-def _touched(new: pl.DataFrame, index: pl.DataFrame, vms: pl.Series) -> pl.Series:
-    """The addresses an update recomputes: those the new events name, and those their VMs held."""
+def _touched(new: pl.DataFrame, index: pl.DataFrame, vms: pl.Series, first: pl.DataFrame) -> pl.Series:
+    """The addresses an update recomputes: those the new events name, those their VMs held, and the floating
+    addresses of the associations with a port bound for the first time (_first_bound)."""
     held = index.filter(pl.col("vm_id").is_in(vms.implode())).get_column("addr")
-    return pl.concat([_addr_set(new), held]).unique()
+    return pl.concat([_addr_set(new), held, first.get_column("addr")]).unique()
 
 
 def _incremental(lake: Any, since: int, version: int | None, built: int) -> LeaseUpdate:
@@ -1621,14 +1635,16 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     a new association names is involved (the port's VM then holds it). A floating IP's key must name one
     address, the one its earlier events named, and be later than them (_floating_in_order). A VM's port deleted
     or unbound (by an event naming the VM, or none: the port's VM then, read like an association's, and the
-    event kept like the floating-IP events, _released_by_detaches) updates incrementally when that VM's own
-    events list with the port every address of the VM that any event lists with it (_ports_told_by_their_vms);
-    a port of no VM that lists nothing (a router's, a DHCP server's) changes nothing. Rebuilt in full
-    (_port_guard and the reasons _update_under_locks returns): an event naming a port a stored detach by port
-    or an association with an unbound port read (what those did at their own time, before b(A), can change:
-    the boot that binds a port a floating IP was associated with before), an association or a detach naming no
-    VM with a port a deleted VM was bound to, a binding older than a stored association that read its port, a
-    port of no VM listing addresses, a floating IP whose address nothing names."""
+    event kept like the floating-IP events, _released_by_detaches) releases what that VM's own events listed
+    with the port before it, all in its history: incremental, and so is any later event on the port (a port
+    re-bound to another VM). A port of no VM that lists nothing (a router's, a DHCP server's) changes nothing.
+    The first binding of a port a floating IP was associated with before (its holder since then is that VM)
+    replays the floating address from before the association, which the state keeps (_first_bound). Rebuilt
+    in full (_port_guard and the reasons _update_under_locks returns): an event naming a port that an event
+    naming no VM listed addresses with; the first binding of a port after an association the state no longer
+    keeps; an association or a detach naming no VM with a port a deleted VM was bound to, unless a live VM
+    bound it since; an event on a port older than a stored association or detach that read it; a floating IP
+    whose address nothing names, or that names another address than before."""
     started = time.perf_counter()
     files = _new_event_files(lake, since)
     if files is None:
@@ -1694,6 +1710,9 @@ def _update_under_locks(
     unbound_from = pl.concat([binders, _bindings(new)]).filter(pl.col("port_id").is_in(detached.implode()))
     unbound_from = unbound_from.get_column("vm_id").unique()
     brand_new = set(unseen.filter(~_is_known(state, unseen)).to_list())
+    first = _first_bound(new, state, binders)
+    if isinstance(first, str):
+        return first
     # a VM of the new events that is neither live nor new is settled (a purge after the delete): then every
     # lease and VM row is read, as before this state existed
     maybe_settled = [v for v in unseen.to_list() if v not in brand_new]
@@ -1702,13 +1721,15 @@ def _update_under_locks(
     ):
         index = _index(lake, lease_entries, lease_columns)
         vm_index = _index(lake, vm_entries, vm_columns)
-        addrs = _touched(new, index, pl.concat([vms0, unbound_from]))
+        addrs = _touched(new, index, pl.concat([vms0, unbound_from]), first)
     else:
         index = _index(lake, lease_entries, lease_columns, "vm_leases", ("addr", []))  # the hot files
-        addrs = _touched(new, index, pl.concat([vms0, unbound_from]))
+        addrs = _touched(new, index, pl.concat([vms0, unbound_from]), first)
         index = _with_settled_runs(lake, state, index, lease_entries, addrs, t0)
         vm_index = None
     starts = _free_since(index, addrs, t0)
+    if first.join(starts, on="addr").filter(pl.col("ts") < pl.col("free_from")).height:
+        return "a port bound for the first time after a floating-IP association the update cannot replay"
     # the floating-IP events of no VM's own since b(A) (in no VM's history: the state keeps them); the fixed
     # address an association names is replayed too (its holder then may hold the floating IP): from before
     # the association, else the update is a full rebuild
@@ -1732,8 +1753,13 @@ def _update_under_locks(
             .unique(maintain_order=True),
         ]
     )
+    # (an association with a port a live VM was bound to by then: the holder is the port's VM, whatever the
+    # fixed address did; its binding is in the replay, as that VM holds the floating IP)
+    associations = stored.filter(pl.col("action") == "fip_associate")
+    by_port = _port_bound(associations, pl.concat([binders, _bindings(new)]))
+    by_port = by_port.select(pl.coalesce("at_vm", "first_vm").is_not_null()).to_series()
     reread = (
-        stored.filter(pl.col("action") == "fip_associate")
+        associations.filter(~by_port)
         .select("ts", pl.col("addrs").alias("addr"))
         .explode("addr")
         .join(starts, on="addr")
@@ -1774,6 +1800,7 @@ def _update_under_locks(
         lease_entries,
         vm_entries,
         state,
+        ("port:" + first.get_column("port_id").unique()).to_list(),
     )
 
 
@@ -1791,12 +1818,13 @@ def _update_files(
     lease_entries: list[Any],
     vm_entries: list[Any],
     state: _State,
+    unbound_holders: list[str],
 ) -> LeaseUpdate | str:
     """The incremental update's replay and commits (the caller holds the vm_leases and vms locks), then the
-    state of this build (_State) for the next update; or why it cannot (_update_under_locks)."""
+    state of this build (_State) for the next update; or why it cannot (_update_under_locks).
+    `unbound_holders`: the "port:<id>" holders of ports bound for the first time (_first_bound), whose every
+    lease the replay recomputes: their vms rows go unless the replay gives them one again."""
     events = pl.concat([_history(lake, new, involved_vms, vm_index, state.live), stored.select(new.columns)])
-    if not _ports_told_by_their_vms(new, events, state):
-        return "a VM's port detached holding an address another VM listed with that port"
     leases, vms = build_leases(_strip_before(events, starts).to_arrow(), reclaim)
     leases = pl.from_arrow(leases)
     vms = pl.from_arrow(vms)
@@ -1806,6 +1834,7 @@ def _update_files(
     # the lease rows replaced: those of the touched addresses from b(A) on
     replaced = index.join(starts, on="addr").filter(pl.col("valid_from") >= pl.col("free_from"))
     lease_files = _files_of(replaced, index, involved, lease_entries, "vm_leases")
+    involved = pl.concat([involved, pl.Series("vm_id", unbound_holders, pl.String)]).unique()
     vm_files = _files_of(None, vm_index, involved, vm_entries, "vms")
     kept = _read_files(lease_entries, lease_files, VM_LEASES).join(
         replaced.select("addr", "valid_from", "vm_id"), on=["addr", "valid_from", "vm_id"], how="anti"
@@ -1918,6 +1947,24 @@ def _index(
     return pl.concat(frames).with_columns(
         pl.col(c).cast(pl.Datetime("us", "UTC")) for c in columns if "valid" in c or c.endswith("_at")
     )
+
+
+def _first_bound(new: pl.DataFrame, state: _State, binders: pl.DataFrame) -> pl.DataFrame | str:
+    """The stored associations naming no VM (state.floating) with a port the new events bind for the first
+    time (no live or deleted VM was bound to it): the full build's holder of the floating IP from then on is
+    that port's first VM, so their floating addresses are replayed from before them (_update_under_locks);
+    or why the update cannot (an association no longer kept: its address's run ended since)."""
+    bound = _bindings(new).get_column("port_id").unique()
+    hashes = _id_hashes(bound)
+    candidates = bound.filter(
+        pl.Series(_member(state.unbound, hashes) | _member(state.unbound_recent, hashes))
+        & pl.Series(_gone_since(state, hashes) == np.iinfo(np.int64).min)
+    )
+    firsts = candidates.filter(~candidates.is_in(binders.get_column("port_id").implode()))
+    kept = state.floating.filter(_port_read() & pl.col("port_id").is_in(firsts.implode()))
+    if firsts.filter(~firsts.is_in(kept.get_column("port_id").implode())).len():
+        return "a port bound for the first time after a floating-IP association the update cannot replay"
+    return kept.select("addr", pl.col("ts").cast(pl.Datetime("us", "UTC")), "port_id")
 
 
 def _with_settled_runs(
@@ -2129,65 +2176,6 @@ _FIPS_SCHEMA = {
 _PORT_READS_SCHEMA = {"port_id": pl.String, "ts": pl.Datetime("us", "UTC"), "vm_id": pl.String}
 
 
-def _ports_told_by_their_vms(new: pl.DataFrame, events: pl.DataFrame, state: _State) -> bool:
-    """Whether each new detach by port (a VM's port deleted or unbound: it releases what the VM holds of every
-    address any event ever listed with the port) releases the same addresses in the replay, and in any later
-    one that replays it with its VM, as in a full build: so when every address the VM's events name that any
-    event lists with the port is listed with it by the VM's own events (a replay has the VM's whole history,
-    not other VMs' events naming the port). The listings the update sees are the replay's and the live VMs'
-    (state.live); for a port a VM no longer live was bound to (its listings left the state), every address
-    the VM's events name must be listed with the port by its own. A VM with addresses on other ports is then
-    incremental; one holding an address that another VM listed with the port is rebuilt in full. (Floating
-    addresses are never listed with a port by Nova or Neutron, only associated with one: a planted event that
-    lists one would be missed here.)"""
-    detaches = new.filter(_detach_by_port())
-    if not detaches.height:
-        return True
-    # (a detach naming no VM: the port's VM then, from the bindings of every live VM bound to it, involved)
-    holder = _port_holder(detaches, _bindings(events))
-    detaches = (
-        detaches.select(pl.coalesce(pl.col("vm_id"), holder).alias("vm_id"), "port_id")
-        .drop_nulls("vm_id")
-        .unique()
-    )
-    mine = events.join(detaches.select("vm_id").unique(), on="vm_id").filter(
-        ~pl.col("action").is_in(list(_FLOATING_ACTIONS))
-    )
-    named = pl.concat(
-        [
-            mine.select("vm_id", pl.col("addrs").alias("a")).explode("a"),
-            mine.select("vm_id", pl.col("addr").alias("a")),
-        ]
-    ).drop_nulls("a")
-    paired = (
-        mine.join(detaches, on=["vm_id", "port_id"])
-        .select("vm_id", "port_id", pl.col("addrs").alias("a"))
-        .explode("a")
-        .drop_nulls("a")
-    )
-    ports = detaches.get_column("port_id").unique()
-    hashes = _id_hashes(ports)
-    strict = ports.filter(
-        pl.Series(_member(state.ports_gone, hashes) | _member(state.ports_gone_recent, hashes))
-    )
-    listed = (
-        pl.concat([events.select(state.live.columns), state.live])
-        .filter(pl.col("port_id").is_in(ports.implode()) & ~pl.col("action").is_in(list(_FLOATING_ACTIONS)))
-        .select("port_id", pl.col("addrs").alias("a"))
-        .explode("a")
-        .drop_nulls("a")
-        .unique()
-        .with_columns(pl.lit(True).alias("_listed"))
-    )
-    needed = (
-        detaches.join(named, on="vm_id")
-        .unique()
-        .join(listed, on=["port_id", "a"], how="left")
-        .filter(pl.col("_listed").fill_null(False) | pl.col("port_id").is_in(strict.implode()))
-    )
-    return not needed.join(paired, on=["vm_id", "port_id", "a"], how="anti").height
-
-
 def _fip_facts(events: pl.DataFrame) -> pl.DataFrame:
     """Of the floating-IP events among `events`: per key (the floating IP's id, else its address, as the replay
     keys them) the address it names (null: none yet), whether it ever named two, the time of its last event,
@@ -2283,13 +2271,6 @@ def _port_read() -> pl.Expr:
     return (pl.col("action") == "fip_associate") & pl.col("vm_id").is_null() & pl.col("port_id").is_not_null()
 
 
-def _detach_by_port() -> pl.Expr:
-    """A detach naming no VM (the port's VM then), or naming neither an address nor Nova's list (it releases
-    every address any event listed with the port, at any time)."""
-    by_port = pl.col("vm_id").is_null() | (pl.col("addr").is_null() & pl.col("addrs").is_null())
-    return pl.col("port_id").is_not_null() & (pl.col("action") == "detach") & by_port
-
-
 def _vmless_port_event() -> pl.Expr:
     """An event naming a port and addresses but no VM, other than a floating IP's: what it lists with the port
     is in no VM's history (such an event is a full rebuild, and so is a later one naming the port). A port of
@@ -2302,7 +2283,7 @@ def _vmless_port_event() -> pl.Expr:
 
 def _vmless_detach() -> pl.Expr:
     """A port deleted or unbound by an event naming no VM (Neutron's port.update with its device cleared): it
-    releases what the port's VM then holds of the addresses listed with the port."""
+    releases what the port's VM then holds of the addresses its events listed with the port before."""
     return (pl.col("action") == "detach") & pl.col("vm_id").is_null() & pl.col("port_id").is_not_null()
 
 
@@ -2360,10 +2341,11 @@ def _bindings(events: pl.DataFrame) -> pl.DataFrame:
 
 
 def _port_reads(reads: pl.DataFrame, bindings: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series]:
-    """Vm-less associations with a port (`reads`: port_id, ts) against the ports' bindings -> (per port the
-    latest time a binding event can matter to them, `ts`: the association's own when a binding at or before it
-    decides the holder, else the first binding's; and the VM of that binding; the ports bound by nothing yet).
-    A later binding changes none of them; an earlier one, or the first one of an unbound port, can."""
+    """Associations and detaches naming a port and no VM (`reads`: port_id, ts) against the ports' bindings ->
+    (per port the latest time a binding event can matter to them, `ts`: the read's own when a binding at or
+    before it decides the port's VM, else the first binding's; and the VM of that binding; the ports bound by
+    nothing yet). A later event on the port changes none of them (a detach releases what its VM listed with the
+    port before it); an earlier one, or the first binding of an unbound port, can."""
     reads = reads.select("port_id", pl.col("ts").cast(pl.Datetime("us", "UTC"))).drop_nulls()
     empty = pl.DataFrame(schema=_PORT_READS_SCHEMA)
     if not reads.height:
@@ -2389,25 +2371,44 @@ def _merge_port_reads(state: pl.DataFrame, more: pl.DataFrame) -> pl.DataFrame:
 
 def _port_guard(new: pl.DataFrame, state: _State) -> str | None:
     """Why the new events that bind a port or read its history cannot be replayed without that history (the
-    update is then a full rebuild), else None: an event naming a port whose whole history stored events read
-    (a detach by port, an association with a port bound by nothing yet), an association with a port a
-    deleted VM was bound to (its binding is in no live VM's history), or a binding older than a stored
-    association that read the port (it could change the holder then)."""
+    update is then a full rebuild), else None: an event naming a port that an event naming no VM listed
+    addresses with (what a detach by port releases can be that listing, in no VM's history); an association
+    or a detach naming no VM with a port a deleted VM was bound to, unless a live VM bound it since (the
+    deleted VM's binding is in no live VM's history); an event on a port older than a stored association or
+    detach naming no VM that read the port (it could change the VM bound to it then, or what it listed)."""
     reads = new.filter(_port_read() | _vmless_detach())
     binds = new.filter(pl.col("port_id").is_not_null() & ~pl.col("action").is_in(list(_FLOATING_ACTIONS)))
     named = _id_hashes(pl.concat([binds.get_column("port_id"), reads.get_column("port_id")]).unique())
     if (_member(state.ports, named) | _member(state.ports_recent, named)).any():
-        return "a port that earlier floating-IP or detach-by-port events read"
-    read = _id_hashes(reads.get_column("port_id").unique())
-    if (_member(state.ports_gone, read) | _member(state.ports_gone_recent, read)).any():
-        return "a floating IP associated with, or a detach naming no VM of, a port a deleted VM was bound to"
+        return "a port that an event naming no VM listed addresses with"
+    # a read of a port a VM no longer live was bound to: its VM then is a live VM's only when one bound it
+    # after that VM's last binding (the replay has the live VMs' bindings, not the others')
+    gone = reads.select("port_id", pl.col("ts").dt.epoch("us").alias("_t")).with_columns(
+        pl.Series("_gone", _gone_since(state, _id_hashes(reads.get_column("port_id"))))
+    )
+    gone = gone.filter(pl.col("_gone") > np.iinfo(np.int64).min).with_row_index("_r")
+    if gone.height:
+        live = pl.concat([_bindings(state.live), _bindings(new)]).select(
+            "port_id", pl.col("ts").dt.epoch("us").alias("_b")
+        )
+        rebound = gone.join(live, on="port_id").filter(
+            (pl.col("_b") > pl.col("_gone")) & (pl.col("_b") <= pl.col("_t"))
+        )
+        if rebound.get_column("_r").n_unique() < gone.height:
+            return (
+                "a floating IP associated with, or a detach naming no VM of, a port a deleted VM was bound to"
+            )
     late = (
         binds.select("port_id", pl.col("ts").cast(pl.Datetime("us", "UTC")))
         .join(state.port_reads, on="port_id", suffix="_read")
         .filter(pl.col("ts") <= pl.col("ts_read"))
     )
     if late.height:
-        return "a port event older than a floating-IP association that read the port's history"
+        return "an event on a port older than an association or a detach naming no VM that read it"
+    if state.reads_gone_until is not None:
+        hashes = _id_hashes(binds.filter(pl.col("ts") <= state.reads_gone_until).get_column("port_id"))
+        if (_member(state.ports_gone, hashes) | _member(state.ports_gone_recent, hashes)).any():
+            return "an event on a port older than an association or a detach naming no VM that read it"
     return None
 
 
@@ -2445,10 +2446,16 @@ class _State:
     runs: pl.DataFrame  # _RUN_COLUMNS
     recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # sorted uint64
     known_file: Path | None = None  # where `known` was read from (linked into the next state unchanged)
-    # sorted uint64 hashes of the ports that stored events read a port's history for (_port_dependent)
+    # sorted uint64 hashes of the ports an event naming no VM listed addresses with: what a detach by port
+    # releases can be that listing, which no VM's history holds (_port_guard)
     ports: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     ports_file: Path | None = None  # where `ports` was read from (linked into the next state unchanged)
     ports_recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # added since: sorted
+    # sorted uint64 hashes of the ports a floating IP was associated with (by an event naming no VM) before any
+    # VM was bound to them: the first binding decides who held it since (_first_bound)
+    unbound: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    unbound_file: Path | None = None
+    unbound_recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     # floating IPs (_fip_facts): per key its address and last event
     fips: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_FIPS_SCHEMA))
     # the floating-IP events of no VM's own that an update can replay again (_kept): schema.VM_EVENTS
@@ -2458,16 +2465,23 @@ class _State:
     detaches: pl.DataFrame = field(
         default_factory=lambda: pl.DataFrame(schema={**_state_schemas()[0], "_released": pl.String})
     )
-    # per port that vm-less associations read: until when a binding event can change them (_port_reads)
+    # per port that vm-less associations and detaches read: until when an event on it can change them
     port_reads: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_PORT_READS_SCHEMA))
-    # sorted uint64 hashes of the ports that VMs no longer live were bound to (their bindings left the state)
+    # sorted uint64 hashes of the ports that VMs no longer live were bound to (their bindings left the state),
+    # and beside each (`_ts`, int64 µs) the latest of those bindings: a later binding by a live VM decides
+    # the port's VM from then on (_port_guard)
     ports_gone: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     ports_gone_file: Path | None = None
     ports_gone_recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    ports_gone_ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    ports_gone_recent_ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     # hashes of the floating-IP keys deleted (their rows left `fips`: it holds the floating IPs that exist)
     fips_gone: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     fips_gone_file: Path | None = None
     fips_gone_recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    # the latest `port_reads` time of the rows left out since their VM is no longer live (their ports are in
+    # ports_gone): an event on such a port up to then is a full rebuild (one time instead of a row per port)
+    reads_gone_until: dt.datetime | None = None
 
     def live_ids(self) -> pl.Series:
         return self.live.get_column("vm_id").unique()
@@ -2482,6 +2496,55 @@ def _member(sorted_hashes: np.ndarray, hashes: np.ndarray) -> np.ndarray:
         return np.zeros(len(hashes), bool)
     at = np.minimum(np.searchsorted(sorted_hashes, hashes), len(sorted_hashes) - 1)
     return sorted_hashes[at] == hashes
+
+
+def _timed(sorted_hashes: np.ndarray, times: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """The time beside each of `hashes` in (sorted_hashes, times); the smallest int64 where it is not one."""
+    found = np.full(len(hashes), np.iinfo(np.int64).min, np.int64)
+    if len(sorted_hashes):
+        at = np.minimum(np.searchsorted(sorted_hashes, hashes), len(sorted_hashes) - 1)
+        hit = sorted_hashes[at] == hashes
+        found[hit] = times[at[hit]]
+    return found
+
+
+def _gone_since(state: _State, hashes: np.ndarray) -> np.ndarray:
+    """Of each port hash: the latest binding by a VM no longer live (int64 µs; the smallest int64: none)."""
+    return np.maximum(
+        _timed(state.ports_gone, state.ports_gone_ts, hashes),
+        _timed(state.ports_gone_recent, state.ports_gone_recent_ts, hashes),
+    )
+
+
+def _latest_per_hash(hashes: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct hashes, the largest time of each)."""
+    order = np.lexsort((times, hashes))
+    hashes, times = hashes[order], times[order]
+    last = np.ones(len(hashes), bool)
+    last[:-1] = hashes[1:] != hashes[:-1]
+    return hashes[last], times[last]
+
+
+def _grown_timed(state: _State, hashes: np.ndarray, times: np.ndarray) -> dict[str, Any]:
+    """_grown for ports_gone and their times: an entry later than the one stored goes to the recent arrays,
+    folded into the big ones (whose files are then written anew) at a sixteenth of them."""
+    hashes, times = _latest_per_hash(hashes, times.astype(np.int64))
+    later = times > _gone_since(state, hashes)
+    recent, recent_ts = _latest_per_hash(
+        np.concatenate([state.ports_gone_recent, hashes[later]]),
+        np.concatenate([state.ports_gone_recent_ts, times[later]]),
+    )
+    big, big_ts, big_file = state.ports_gone, state.ports_gone_ts, state.ports_gone_file
+    if len(recent) > max(len(big) // 16, 1 << 16):
+        big, big_ts = _latest_per_hash(np.concatenate([big, recent]), np.concatenate([big_ts, recent_ts]))
+        recent, recent_ts, big_file = recent[:0], recent_ts[:0], None
+    return {
+        "ports_gone": big,
+        "ports_gone_ts": big_ts,
+        "ports_gone_file": big_file,
+        "ports_gone_recent": recent,
+        "ports_gone_recent_ts": recent_ts,
+    }
 
 
 def _is_known(state: _State, ids: pl.Series) -> pl.Series:
@@ -2543,37 +2606,30 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
     closed = pl.from_arrow(closed.select(["addr", "vm_id", "valid_to", "end_reason"]))
     assert isinstance(closed, pl.DataFrame)
     released = _released_by_detaches(vmless_detaches, bindings, closed)
-    reads, unbound = _port_reads(ported.filter(_port_read()), bindings)
-    # a port whose VM is no longer live: its bindings left the state; those it was read for, with them
-    ended = reads.filter(~pl.col("vm_id").is_in(hot.implode()))
-    dependent = pl.concat(
-        [
-            ported.filter(_detach_by_port() | _vmless_port_event()).get_column("port_id"),
-            unbound,
-            ended.get_column("port_id"),
-        ]
-    )
-    gone_ports = bindings.filter(~pl.col("vm_id").is_in(hot.implode())).get_column("port_id").unique()
+    reads, unbound = _port_reads(ported.filter(_port_read() | _vmless_detach()), bindings)
+    unbound = unbound.filter(unbound.is_in(ported.filter(_port_read()).get_column("port_id").implode()))
+    live_reads = pl.col("vm_id").is_in(hot.implode())
+    gone_ports = bindings.filter(~pl.col("vm_id").is_in(hot.implode()))
     last = _last_runs(runs)
     gone = fips.filter(pl.col("gone"))
     return _State(
         live=live,
         known=np.sort(_id_hashes(frame.get_column("vm_id"))),
         runs=last,
-        ports=np.unique(_id_hashes(dependent)),
+        ports=np.unique(_id_hashes(ported.filter(_vmless_port_event()).get_column("port_id"))),
+        unbound=np.unique(_id_hashes(unbound)),
         fips=fips.filter(~pl.col("gone")),
         floating=_kept(_with_floating_addresses(_vmless_floating(floating), fips), last),
         detaches=_kept(released, last, "_released"),
-        port_reads=reads.filter(pl.col("vm_id").is_in(hot.implode())),
-        ports_gone=np.unique(_id_hashes(gone_ports)),
+        port_reads=reads.filter(live_reads),
+        reads_gone_until=reads.filter(~live_reads).get_column("ts").max(),  # type: ignore[arg-type]
+        **_grown_timed(
+            _State(live=live.head(0), known=np.zeros(0, np.uint64), runs=last.head(0)),
+            _id_hashes(gone_ports.get_column("port_id")),
+            gone_ports.get_column("ts").dt.epoch("us").to_numpy(),
+        ),
         fips_gone=np.unique(_id_hashes(gone.get_column("key"))),
     )
-
-
-def _port_dependent() -> pl.Expr:
-    """Events whose effect is read from their port's history (_port_maps), at any time of it: a floating IP
-    associated with a port by no VM's own event (_port_read) and a detach by port (_detach_by_port)."""
-    return _port_read() | _detach_by_port()
 
 
 def _next_state(
@@ -2614,22 +2670,22 @@ def _next_state(
         new.filter(_vmless_detach()).select(state.floating.columns), _bindings(events), leases
     )
     detaches = _kept(pl.concat([state.detaches, released.select(state.detaches.columns)]), runs, "_released")
-    # the ports read (their bindings are in `events`: every live VM bound to them is involved, _port_guard),
-    # and those whose VM is no longer live (a binding of theirs from now on is a full rebuild)
+    # the ports read (their bindings are in `events`: every live VM bound to them is involved, _port_guard);
+    # those bound by nothing yet: any event naming them from now on is a full rebuild
     gone_vms = list(involved - set(hot.to_list()))
     bindings = _bindings(events)
-    reads, unbound = _port_reads(new.filter(_port_read()), bindings)
+    # (the stored associations replayed too: one with a port bound for the first time now reads it now)
+    reads, unbound = _port_reads(events.filter(_port_read() | _vmless_detach()), bindings)
     reads = _merge_port_reads(state.port_reads, reads)
-    ended = reads.filter(pl.col("vm_id").is_in(gone_vms))
-    dependent = pl.concat(
-        [new.filter(_detach_by_port()).get_column("port_id"), unbound, ended.get_column("port_id")]
+    unbound = unbound.filter(unbound.is_in(new.filter(_port_read()).get_column("port_id").implode()))
+    unbound, unbound_recent, unbound_file = _grown(
+        state.unbound, state.unbound_recent, state.unbound_file, np.unique(_id_hashes(unbound))
     )
-    ports, ports_recent, ports_file = _grown(
-        state.ports, state.ports_recent, state.ports_file, np.unique(_id_hashes(dependent))
-    )
-    gone_ports = np.unique(_id_hashes(bindings.filter(pl.col("vm_id").is_in(gone_vms)).get_column("port_id")))
-    ports_gone, ports_gone_recent, ports_gone_file = _grown(
-        state.ports_gone, state.ports_gone_recent, state.ports_gone_file, gone_ports
+    gone_ports = bindings.filter(pl.col("vm_id").is_in(gone_vms))
+    gone_ports = _grown_timed(
+        state,
+        _id_hashes(gone_ports.get_column("port_id")),
+        gone_ports.get_column("ts").dt.epoch("us").to_numpy(),
     )
     gone = np.unique(_id_hashes(fips.filter(pl.col("gone")).get_column("key")))
     fips_gone, fips_gone_recent, fips_gone_file = _grown(
@@ -2641,16 +2697,25 @@ def _next_state(
         runs=runs,
         recent=recent,
         known_file=known_file,
-        ports=ports,
-        ports_file=ports_file,
-        ports_recent=ports_recent,
+        ports=state.ports,
+        ports_file=state.ports_file,
+        ports_recent=state.ports_recent,
+        unbound=unbound,
+        unbound_file=unbound_file,
+        unbound_recent=unbound_recent,
         fips=fips.filter(~pl.col("gone")),
         floating=floating,
         detaches=detaches,
         port_reads=reads.filter(~pl.col("vm_id").is_in(gone_vms)),
-        ports_gone=ports_gone,
-        ports_gone_file=ports_gone_file,
-        ports_gone_recent=ports_gone_recent,
+        reads_gone_until=max(
+            (
+                t
+                for t in (state.reads_gone_until, reads.filter(pl.col("vm_id").is_in(gone_vms))["ts"].max())
+                if t
+            ),
+            default=None,
+        ),
+        **gone_ports,
         fips_gone=fips_gone,
         fips_gone_file=fips_gone_file,
         fips_gone_recent=fips_gone_recent,
@@ -2690,6 +2755,8 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
         np.save(work / "recent.npy", state.recent.astype(np.uint64), allow_pickle=False)
         _save_hashes(work / "ports.npy", state.ports, state.ports_file)
         np.save(work / "ports_recent.npy", state.ports_recent.astype(np.uint64), allow_pickle=False)
+        _save_hashes(work / "unbound.npy", state.unbound, state.unbound_file)
+        np.save(work / "unbound_recent.npy", state.unbound_recent.astype(np.uint64), allow_pickle=False)
         _save_hashes(work / "fips_gone.npy", state.fips_gone, state.fips_gone_file)
         np.save(work / "fips_gone_recent.npy", state.fips_gone_recent.astype(np.uint64), allow_pickle=False)
         state.runs.write_parquet(work / "runs.parquet", compression="zstd")
@@ -2699,7 +2766,12 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
         state.port_reads.write_parquet(work / "port_reads.parquet", compression="zstd")
         _save_hashes(work / "ports_gone.npy", state.ports_gone, state.ports_gone_file)
         np.save(work / "ports_gone_recent.npy", state.ports_gone_recent.astype(np.uint64), allow_pickle=False)
+        gone_ts = state.ports_gone_file and state.ports_gone_file.with_name("ports_gone_ts.npy")
+        _save_hashes(work / "ports_gone_ts.npy", state.ports_gone_ts.view(np.uint64), gone_ts)
+        np.save(work / "ports_gone_recent_ts.npy", state.ports_gone_recent_ts, allow_pickle=False)
         meta = {"vm_leases_version": version, "polars": pl.__version__}  # (hashes are polars' own)
+        if state.reads_gone_until is not None:
+            meta["reads_gone_until"] = state.reads_gone_until.isoformat()
         (work / "meta.json").write_text(json.dumps(meta))
         final = root / str(version)
         shutil.rmtree(final, ignore_errors=True)
@@ -2736,6 +2808,8 @@ def _load_state(lake: Any, version: int) -> _State | None:
         # (a state saved before ports.npy existed: the update rebuilds in full once)
         ports = np.load(directory / "ports.npy", allow_pickle=False)
         ports_recent = np.load(directory / "ports_recent.npy", allow_pickle=False)
+        unbound = np.load(directory / "unbound.npy", allow_pickle=False)
+        unbound_recent = np.load(directory / "unbound_recent.npy", allow_pickle=False)
         fips_gone = np.load(directory / "fips_gone.npy", allow_pickle=False)
         fips_gone_recent = np.load(directory / "fips_gone_recent.npy", allow_pickle=False)
         runs = pl.from_arrow(pq.read_table(directory / "runs.parquet"))
@@ -2746,6 +2820,12 @@ def _load_state(lake: Any, version: int) -> _State | None:
         port_reads = pl.from_arrow(pq.read_table(directory / "port_reads.parquet"))
         ports_gone = np.load(directory / "ports_gone.npy", allow_pickle=False)
         ports_gone_recent = np.load(directory / "ports_gone_recent.npy", allow_pickle=False)
+        ports_gone_ts = np.load(directory / "ports_gone_ts.npy", allow_pickle=False)
+        ports_gone_recent_ts = np.load(directory / "ports_gone_recent_ts.npy", allow_pickle=False)
+        gone_until = meta.get("reads_gone_until")
+        reads_gone_until = None if gone_until is None else dt.datetime.fromisoformat(gone_until)
+        if reads_gone_until is not None and reads_gone_until.utcoffset() != dt.timedelta(0):
+            return None
     except Exception:  # (any damage of a cache: unreadable, truncated, not Parquet)
         return None
     events_schema, runs_schema = _state_schemas()
@@ -2769,6 +2849,8 @@ def _load_state(lake: Any, version: int) -> _State | None:
         recent,
         ports,
         ports_recent,
+        unbound,
+        unbound_recent,
         fips_gone,
         fips_gone_recent,
         ports_gone,
@@ -2781,6 +2863,10 @@ def _load_state(lake: Any, version: int) -> _State | None:
             or (len(hashes) > 1 and bool(np.any(hashes[1:] < hashes[:-1])))
         ):
             return None
+    if ports_gone_ts.dtype != np.uint64 or ports_gone_recent_ts.dtype != np.int64:
+        return None
+    if ports_gone_ts.shape != ports_gone.shape or ports_gone_recent_ts.shape != ports_gone_recent.shape:
+        return None
     return _State(
         live=live,
         known=known,
@@ -2790,6 +2876,9 @@ def _load_state(lake: Any, version: int) -> _State | None:
         ports=ports,
         ports_file=directory / "ports.npy",
         ports_recent=ports_recent,
+        unbound=unbound,
+        unbound_file=directory / "unbound.npy",
+        unbound_recent=unbound_recent,
         fips=fips,
         floating=floating,
         detaches=detaches,
@@ -2797,7 +2886,10 @@ def _load_state(lake: Any, version: int) -> _State | None:
         ports_gone=ports_gone,
         ports_gone_file=directory / "ports_gone.npy",
         ports_gone_recent=ports_gone_recent,
+        ports_gone_ts=ports_gone_ts.view(np.int64),
+        ports_gone_recent_ts=ports_gone_recent_ts,
         fips_gone=fips_gone,
         fips_gone_file=directory / "fips_gone.npy",
         fips_gone_recent=fips_gone_recent,
+        reads_gone_until=reads_gone_until,
     )
