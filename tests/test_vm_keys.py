@@ -275,3 +275,33 @@ def test_vms_without_keys_attribute_through_the_text_join(tmp_path):
     assert _attributed(lake) == [("10.0.0.1", "192.0.2.1", "a", "a", "pa", None, None, None)]
     _land_events(lake, "h1", [_create(2, 0, "b", "10.0.0.2", project="pb")])
     assert _keys(lake) == {"a": 1, "b": 2}
+
+
+def test_new_keys_follow_creation_then_vm_id_order_on_ties_and_missing_times():
+    """The (created_at, vm_id) order that numbers new VMs, worked out on the times and then on the ids of the
+    rows of one instant only, is polars' sort on both columns (many ties, missing times last); and the
+    integer de-duplication that replaced np.unique gives what np.unique gives."""
+    import numpy as np
+    import polars as pl
+
+    from tracepipe.correlate.vm_keys import _by_creation, sorted_unique
+
+    rng = np.random.default_rng(7)
+    frame = pl.DataFrame(
+        {
+            "vm_id": [f"vm-{i}" for i in rng.permutation(3000)],
+            "created_at": pl.Series(rng.integers(0, 40, 3000)).cast(pl.Datetime("us", "UTC")),
+            "vm_key": pl.Series([None] * 3000, dtype=pl.Int64),
+        }
+    ).with_columns(
+        pl.when(pl.col("vm_id").str.ends_with("3"))
+        .then(None)
+        .otherwise(pl.col("created_at"))
+        .alias("created_at")
+    )
+    assert _by_creation(frame).equals(frame.sort("created_at", "vm_id", nulls_last=True))
+    assert _by_creation(frame.head(0)).height == 0
+    values = rng.integers(-50, 50, 5000)
+    assert np.array_equal(sorted_unique(values), np.unique(values))
+    assert np.array_equal(sorted_unique(values.astype(np.uint64)), np.unique(values.astype(np.uint64)))
+    assert len(sorted_unique(np.zeros(0, np.int64))) == 0
