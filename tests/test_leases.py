@@ -789,8 +789,8 @@ def test_a_port_detached_then_used_by_another_vm_updates_incrementally(tmp_path)
     another VM, associates a floating IP with it (Neutron names the port only), detaches it again and deletes
     it. Each detach releases what the port's VM then had listed with the port before it, so no later event on
     the port changes what an earlier detach did; the association reads the port's VM from the live VM that
-    bound it after the deleted one. Every hour after the first is incremental (all but two were full rebuilds,
-    ~57 s at a year of CERN churn, before) and the lake equals the full build after each."""
+    bound it after the deleted one. Every hour after the first is incremental (all but two were full rebuilds
+    before: ~33 s at a year of CERN churn) and the lake equals the full build after each."""
     from tracepipe.lake import Lake
 
     hours = [
@@ -1237,7 +1237,7 @@ def test_a_port_bound_after_a_floating_ip_was_associated_with_it_updates_increme
     """A floating IP associated with a port no VM was bound to yet (a user pre-creates a port, gives it a
     floating IP, then boots a VM on it) is held by the first VM ever bound to the port: the boot changes who
     held the floating IP from the association on. The update replays the floating address from before the
-    association, which the state keeps: incremental (it was a full rebuild, ~57 s at a year of CERN churn,
+    association, which the state keeps: incremental (it was a full rebuild, ~33 s at a year of CERN churn,
     and so was every later event naming the port, Nova's hourly instance.exists among them). When the
     association is no longer kept (the address was re-associated after a gap since), the boot is a full
     rebuild. Every update ends with the full build's tables."""
