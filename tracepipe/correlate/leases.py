@@ -1949,6 +1949,17 @@ def _index(
     )
 
 
+def _lost_unbound_reads(before: pl.DataFrame, kept: pl.DataFrame, bound: pl.Series) -> pl.Series:
+    """The ports of the associations naming no VM with a port nothing is bound to (`bound`: the ports with a
+    binding) that are in `before` but leave the state (not in `kept`: their address's last run moved on).
+    The port's first binding would change the lease such an association opened, which no update can replay
+    any more: any event naming the port is a full rebuild from then on (state.ports)."""
+    key = ["ts", "port_id", "addr", "resource_id"]
+    reads = before.filter(_port_read() & ~pl.col("port_id").is_in(bound.implode())).select(key)
+    lost = reads.join(kept.filter(_port_read()).select(key), on=key, how="anti", nulls_equal=True)
+    return lost.get_column("port_id").unique()
+
+
 def _first_bound(new: pl.DataFrame, state: _State, binders: pl.DataFrame) -> pl.DataFrame | str:
     """The stored associations naming no VM (state.floating) with a port the new events bind for the first
     time (no live or deleted VM was bound to it): the full build's holder of the floating IP from then on is
@@ -2380,7 +2391,10 @@ def _port_guard(new: pl.DataFrame, state: _State) -> str | None:
     binds = new.filter(pl.col("port_id").is_not_null() & ~pl.col("action").is_in(list(_FLOATING_ACTIONS)))
     named = _id_hashes(pl.concat([binds.get_column("port_id"), reads.get_column("port_id")]).unique())
     if (_member(state.ports, named) | _member(state.ports_recent, named)).any():
-        return "a port that an event naming no VM listed addresses with"
+        return (
+            "a port that an event naming no VM listed addresses with, or that a floating IP was associated with"
+            " before any VM was bound to it and the update can no longer replay"
+        )
     # a read of a port a VM no longer live was bound to: its VM then is a live VM's only when one bound it
     # after that VM's last binding (the replay has the live VMs' bindings, not the others')
     gone = reads.select("port_id", pl.col("ts").dt.epoch("us").alias("_t")).with_columns(
@@ -2446,8 +2460,9 @@ class _State:
     runs: pl.DataFrame  # _RUN_COLUMNS
     recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # sorted uint64
     known_file: Path | None = None  # where `known` was read from (linked into the next state unchanged)
-    # sorted uint64 hashes of the ports an event naming no VM listed addresses with: what a detach by port
-    # releases can be that listing, which no VM's history holds (_port_guard)
+    # sorted uint64 hashes of the ports an event naming no VM listed addresses with (what a detach by port
+    # releases can be that listing, which no VM's history holds), and of the ports still bound by nothing whose
+    # association left `floating` (_lost_unbound_reads): any event naming them is a full rebuild (_port_guard)
     ports: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     ports_file: Path | None = None  # where `ports` was read from (linked into the next state unchanged)
     ports_recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # added since: sorted
@@ -2612,14 +2627,18 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
     gone_ports = bindings.filter(~pl.col("vm_id").is_in(hot.implode()))
     last = _last_runs(runs)
     gone = fips.filter(pl.col("gone"))
+    vmless_floating = _with_floating_addresses(_vmless_floating(floating), fips)
+    kept = _kept(vmless_floating, last)
+    lost = _lost_unbound_reads(vmless_floating, kept, bindings.get_column("port_id"))
+    ports = pl.concat([ported.filter(_vmless_port_event()).get_column("port_id"), lost])
     return _State(
         live=live,
         known=np.sort(_id_hashes(frame.get_column("vm_id"))),
         runs=last,
-        ports=sorted_unique(_id_hashes(ported.filter(_vmless_port_event()).get_column("port_id"))),
+        ports=sorted_unique(_id_hashes(ports)),
         unbound=sorted_unique(_id_hashes(unbound)),
         fips=fips.filter(~pl.col("gone")),
-        floating=_kept(_with_floating_addresses(_vmless_floating(floating), fips), last),
+        floating=kept,
         detaches=_kept(released, last, "_released"),
         port_reads=reads.filter(live_reads),
         reads_gone_until=reads.filter(~live_reads).get_column("ts").max(),  # type: ignore[arg-type]
@@ -2665,7 +2684,8 @@ def _next_state(
     recomputed = _last_runs(pl.concat([before, leases.select(_RUN_COLUMNS).cast(before.schema)]))  # type: ignore[arg-type]
     runs = pl.concat([state.runs.filter(~touched), recomputed])
     fips = _merge_fip_facts(state.fips, _fip_facts(events))
-    floating = _kept(pl.concat([state.floating, _vmless_floating(new).select(state.floating.columns)]), runs)
+    vmless_floating = pl.concat([state.floating, _vmless_floating(new).select(state.floating.columns)])
+    floating = _kept(vmless_floating, runs)
     released = _released_by_detaches(
         new.filter(_vmless_detach()).select(state.floating.columns), _bindings(events), leases
     )
@@ -2680,6 +2700,13 @@ def _next_state(
     unbound = unbound.filter(unbound.is_in(new.filter(_port_read()).get_column("port_id").implode()))
     unbound, unbound_recent, unbound_file = _grown(
         state.unbound, state.unbound_recent, state.unbound_file, sorted_unique(_id_hashes(unbound))
+    )
+    lost = _lost_unbound_reads(
+        vmless_floating, floating, pl.concat([_bindings(state.live), bindings]).get_column("port_id")
+    )
+    lost = lost.filter(pl.Series(_gone_since(state, _id_hashes(lost)) == np.iinfo(np.int64).min))
+    ports, ports_recent, ports_file = _grown(
+        state.ports, state.ports_recent, state.ports_file, sorted_unique(_id_hashes(lost))
     )
     gone_ports = bindings.filter(pl.col("vm_id").is_in(gone_vms))
     gone_ports = _grown_timed(
@@ -2697,9 +2724,9 @@ def _next_state(
         runs=runs,
         recent=recent,
         known_file=known_file,
-        ports=state.ports,
-        ports_file=state.ports_file,
-        ports_recent=state.ports_recent,
+        ports=ports,
+        ports_file=ports_file,
+        ports_recent=ports_recent,
         unbound=unbound,
         unbound_file=unbound_file,
         unbound_recent=unbound_recent,
