@@ -1291,6 +1291,31 @@ def test_a_port_bound_after_an_association_the_state_dropped_gives_the_full_buil
     assert {("172.16.0.1", "d"), ("172.16.0.2", "d"), ("172.16.0.1", "a")} <= held
 
 
+def test_a_claim_taken_back_at_the_same_instant_leaves_one_lease_whatever_the_update_replays(tmp_path):
+    """Two VMs claim one address at the same instant, and the one that held it takes it back in that instant:
+    the other VM's lease lasts no time and is gone, and the holder's two leases meeting there are one. The
+    other VM holds nothing of the address, so an incremental update does not replay its event: before, the
+    full build split the holder's lease at that instant and the update did not (found by the random
+    histories). Both now give one lease."""
+    from tracepipe.lake import Lake
+
+    batches = [
+        [
+            _nova(0, "a", "create", ["10.0.0.1"]),
+            _nova(0, "d", "create", ["10.0.0.1"]),
+            _nova(278, "c", "create", ["10.0.0.1"]),
+            _nova(1381, "a", "create", ["10.0.0.1"]),
+            _nova(1381, "c", "create", ["10.0.0.1"]),
+        ],
+        [_nova(1793, "c", "create", ["10.0.0.1"]), _nova(2897, "d", "create", ["10.0.0.1"])],
+    ]
+    lake = Lake(tmp_path / "lake")
+    modes = _update_in_batches(lake, [_events(batch) for batch in batches], "tie", check_each=True)
+    assert modes == ["full", "incremental"]
+    held = [(r["vm_id"], r["end_reason"]) for r in lake.read("vm_leases").sort_by("valid_from").to_pylist()]
+    assert held == [("d", "superseded"), ("c", "superseded"), ("d", None)]
+
+
 @pytest.mark.parametrize(
     "damage", ["missing", "garbage", "other polars", "unsorted hashes", "saved before port hashes"]
 )

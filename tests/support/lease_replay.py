@@ -338,6 +338,21 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
         if lease["valid_to"] is None or lease["valid_to"] > lease["valid_from"]
     ]
     kept.sort(key=lambda lease: (lease["addr"], lease["valid_from"], lease["vm_id"]))
+    # a VM's lease superseded by another VM's claim that held the address for no time, taken back at once:
+    # one lease (the zero-length one between is gone)
+    joined: list[dict[str, Any]] = []
+    for lease in kept:
+        last = joined[-1] if joined else None
+        if (
+            last is not None
+            and last["end_reason"] == "superseded"
+            and last["valid_to"] == lease["valid_from"]
+            and all(last[k] == lease[k] for k in ("addr", "vm_id", "hypervisor", "addr_kind"))
+        ):
+            last["valid_to"], last["end_reason"] = lease["valid_to"], lease["end_reason"]
+        else:
+            joined.append(lease)
+    kept = joined
     vm_of = [replay.vms.get(lease["vm_id"]) for lease in kept]
 
     def vm_field(name: str) -> list[Any]:

@@ -1260,8 +1260,10 @@ def _replay(
             )
             .drop("piece_ts", "piece_seq", "next_ts", "next_seq")
         )
-    leases = leases.drop("_lease").filter(
-        pl.col("valid_to").is_null() | (pl.col("valid_to") > pl.col("valid_from"))
+    leases = _rejoined(
+        leases.drop("_lease").filter(
+            pl.col("valid_to").is_null() | (pl.col("valid_to") > pl.col("valid_from"))
+        )
     )
     if len(extra):  # the holders' codes after the VMs' own: renumbered in the texts' order again
         rank = pl.Series(np.empty(len(vm_names), np.int64)).scatter(
@@ -1271,6 +1273,54 @@ def _replay(
         facts = facts.with_columns(rank.gather(facts.get_column("vm_id")).alias("vm_id"))
         vm_names = vm_names.sort()
     return leases, facts, {**names, "vm_id": vm_names}
+
+
+def _rejoined(leases: pl.DataFrame) -> pl.DataFrame:
+    """The leases with a VM's two leases of one address that meet end to end, the first "superseded", made one:
+    another VM's claim took the address for no time (at the same instant, and the VM took it back: the
+    zero-length lease between is gone). The split would depend on that other VM's event, which an incremental
+    update does not replay when the other VM holds nothing of the address (it opened no lease)."""
+    ended = leases.filter(pl.col("end_reason") == "superseded").select("addr", "vm_id", "valid_to")
+    if not ended.height:
+        return leases
+    key = ["addr", "vm_id", "hypervisor", "kind"]
+    at = ended.get_column("valid_to").unique().implode()
+    first = leases.with_row_index("_first").filter(pl.col("end_reason") == "superseded")
+    then = leases.with_row_index("_then").filter(pl.col("valid_from").is_in(at))
+    pairs = first.select(*key, pl.col("valid_to").alias("_at"), "_first").join(
+        then.select(*key, pl.col("valid_from").alias("_at"), "_then"), on=[*key, "_at"], nulls_equal=True
+    )
+    if not pairs.height:
+        return leases
+    # chains (superseded, taken back, superseded, taken back): a run of linked rows in (key, time) order
+    # becomes its first row, ending where its last one ends
+    linked = pairs.select(pl.col("_first").alias("_prev"), pl.col("_then").alias("_row"))
+    rows = pl.concat([linked.get_column("_prev"), linked.get_column("_row")]).unique()
+    chain = (
+        leases.with_row_index("_row")
+        .filter(pl.col("_row").is_in(rows.implode()))
+        .join(linked, on="_row", how="left")
+        .sort([*key, "valid_from"], nulls_last=True)
+    )
+    starts = pl.col("_prev").is_null() | (pl.col("_prev") != pl.col("_row").shift(1)).fill_null(True)
+    runs = (
+        chain.with_columns(starts.cum_sum().alias("_run"))
+        .group_by("_run", maintain_order=True)
+        .agg(
+            pl.col("_row").first(),
+            pl.col("valid_to").last(),
+            pl.col("end_reason").last(),
+            pl.col("end_seq").last(),
+        )
+        .drop("_run")
+    )
+    out = leases.with_row_index("_row").filter(~pl.col("_row").is_in(linked.get_column("_row").implode()))
+    out = out.join(runs, on="_row", how="left", suffix="_end", maintain_order="left")
+    ended_runs = pl.col("_row").is_in(runs.get_column("_row").implode())
+    return out.with_columns(
+        pl.when(ended_runs).then(pl.col(f"{c}_end")).otherwise(pl.col(c)).alias(c)
+        for c in ("valid_to", "end_reason", "end_seq")
+    ).select(leases.columns)
 
 
 def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None) -> tuple[pa.Table, pa.Table]:
@@ -1673,6 +1723,8 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     reason = _port_guard(new, state)
     if reason is not None:
         return _full(lake, None, reason)
+    if _claims_before_a_stored_association(new, state):
+        return _full(lake, None, "an address claimed at or before a floating-IP association that names it")
     if not _floating_in_order(new, state):
         return _full(lake, None, "a floating IP's events out of order, or naming another address than before")
     reclaim = load_reclaim_interval(lake)
@@ -2424,6 +2476,27 @@ def _port_guard(new: pl.DataFrame, state: _State) -> str | None:
         if (_member(state.ports_gone, hashes) | _member(state.ports_gone_recent, hashes)).any():
             return "an event on a port older than an association or a detach naming no VM that read it"
     return None
+
+
+def _claims_before_a_stored_association(new: pl.DataFrame, state: _State) -> bool:
+    """Whether a new event lists an address at or before the time of a stored association (state.floating)
+    that names it as its fixed address: the association's holder can be that address's holder then, which the
+    update would not replay (found by the random histories: a VM created at the instant of an association with
+    a port nothing was bound to)."""
+    named = state.floating.filter(pl.col("action") == "fip_associate").select(
+        pl.col("ts").cast(pl.Datetime("us", "UTC")).alias("_assoc"), pl.col("addrs").alias("addr")
+    )
+    named = named.explode("addr").drop_nulls("addr")
+    if not named.height:
+        return False
+    listed = pl.concat(
+        [
+            new.select("ts", pl.col("addrs").alias("addr")).explode("addr"),
+            new.filter(~pl.col("action").is_in(list(_FLOATING_ACTIONS))).select("ts", "addr"),
+        ]
+    ).drop_nulls("addr")
+    listed = listed.with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+    return listed.join(named, on="addr").filter(pl.col("ts") <= pl.col("_assoc")).height > 0
 
 
 def _floating_in_order(new: pl.DataFrame, state: _State) -> bool:
