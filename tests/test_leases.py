@@ -1316,6 +1316,38 @@ def test_a_claim_taken_back_at_the_same_instant_leaves_one_lease_whatever_the_up
     assert held == [("d", "superseded"), ("c", "superseded"), ("d", None)]
 
 
+def test_a_claim_taken_back_at_the_same_instant_by_a_vm_that_moved_then_ends_its_lease_as_a_move(tmp_path):
+    """As above, but the holder took the address back on another hypervisor (it moved at that instant): its
+    two leases stay apart, and the first ends as the move ends it ("migrate"), not "superseded" by the claim
+    that lasted no time. The full build said "superseded" and the update, which does not replay that claim,
+    "migrate" (found by the random histories in time order)."""
+    from tracepipe.lake import Lake
+
+    def on(hypervisor: str, row: dict) -> dict:
+        return {**row, "hypervisor": hypervisor}
+
+    batches = [
+        [
+            on("h1", _nova(0, "c", "create", ["10.0.0.1"])),
+            on("h2", _nova(128, "c", "update", ["10.0.0.1"])),
+            on("h1", _nova(1381, "a", "update", ["10.0.0.1"])),
+            on("h1", _nova(1381, "c", "update", ["10.0.0.1"])),
+        ],
+        [on("h2", _nova(1793, "c", "update", ["10.0.0.2"]))],
+    ]
+    lake = Lake(tmp_path / "lake")
+    modes = _update_in_batches(lake, [_events(batch) for batch in batches], "moved", check_each=True)
+    assert modes == ["full", "incremental"]
+    held = [
+        (r["vm_id"], r["hypervisor"], r["end_reason"])
+        for r in lake.read("vm_leases")
+        .filter(pc.field("addr") == "10.0.0.1")
+        .sort_by("valid_from")
+        .to_pylist()
+    ]
+    assert held == [("c", "h1", "migrate"), ("c", "h2", "migrate"), ("c", "h1", "migrate"), ("c", "h2", None)]
+
+
 @pytest.mark.parametrize(
     "damage", ["missing", "garbage", "other polars", "unsorted hashes", "saved before port hashes"]
 )

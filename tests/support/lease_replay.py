@@ -339,7 +339,7 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
     ]
     kept.sort(key=lambda lease: (lease["addr"], lease["valid_from"], lease["vm_id"]))
     # a VM's lease superseded by another VM's claim that held the address for no time, taken back at once:
-    # one lease (the zero-length one between is gone)
+    # one lease (the zero-length one between is gone), or two split by the VM's move at that instant
     joined: list[dict[str, Any]] = []
     for lease in kept:
         last = joined[-1] if joined else None
@@ -350,8 +350,15 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
             and all(last[k] == lease[k] for k in ("addr", "vm_id", "hypervisor", "addr_kind"))
         ):
             last["valid_to"], last["end_reason"] = lease["valid_to"], lease["end_reason"]
-        else:
-            joined.append(lease)
+            continue
+        if (
+            last is not None
+            and last["end_reason"] == "superseded"
+            and last["valid_to"] == lease["valid_from"]
+            and all(last[k] == lease[k] for k in ("addr", "vm_id", "addr_kind"))
+        ):  # the VM moved at that instant: its lease ends as a move ends it, without the other VM's claim
+            last["end_reason"] = "migrate"
+        joined.append(lease)
     kept = joined
     vm_of = [replay.vms.get(lease["vm_id"]) for lease in kept]
 

@@ -1279,7 +1279,9 @@ def _rejoined(leases: pl.DataFrame) -> pl.DataFrame:
     """The leases with a VM's two leases of one address that meet end to end, the first "superseded", made one:
     another VM's claim took the address for no time (at the same instant, and the VM took it back: the
     zero-length lease between is gone). The split would depend on that other VM's event, which an incremental
-    update does not replay when the other VM holds nothing of the address (it opened no lease)."""
+    update does not replay when the other VM holds nothing of the address (it opened no lease). When the VM
+    moved at that instant (the two leases' hypervisors differ), they stay two, and the first ends "migrate" as
+    the move alone would end it."""
     ended = leases.filter(pl.col("end_reason") == "superseded").select("addr", "vm_id", "valid_to")
     if not ended.height:
         return leases
@@ -1288,8 +1290,21 @@ def _rejoined(leases: pl.DataFrame) -> pl.DataFrame:
     first = leases.with_row_index("_first").filter(pl.col("end_reason") == "superseded")
     then = leases.with_row_index("_then").filter(pl.col("valid_from").is_in(at))
     pairs = first.select(*key, pl.col("valid_to").alias("_at"), "_first").join(
-        then.select(*key, pl.col("valid_from").alias("_at"), "_then"), on=[*key, "_at"], nulls_equal=True
+        then.select(*key, pl.col("valid_from").alias("_at"), "_then"),
+        on=["addr", "vm_id", "kind", "_at"],
+        nulls_equal=True,
     )
+    # the VM moved at that instant (its lease goes on on another hypervisor): without the other VM's claim its
+    # lease would end there as a move does; the two stay apart
+    moved = pairs.filter(pl.col("hypervisor").ne_missing(pl.col("hypervisor_right")))
+    if moved.height:
+        leases = leases.with_columns(
+            pl.when(pl.int_range(pl.len()).is_in(moved.get_column("_first").cast(pl.Int64).implode()))
+            .then(pl.lit("migrate", leases.schema["end_reason"]))
+            .otherwise(pl.col("end_reason"))
+            .alias("end_reason")
+        )
+    pairs = pairs.filter(pl.col("hypervisor").eq_missing(pl.col("hypervisor_right")))
     if not pairs.height:
         return leases
     # chains (superseded, taken back, superseded, taken back): a run of linked rows in (key, time) order
