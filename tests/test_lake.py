@@ -125,3 +125,31 @@ def test_an_append_on_a_snapshot_older_than_a_rewrite_still_commits(tmp_path):
     result = ingest_table(appender, "flows", "src-3", "03" * 32, [_flows(5, start)])
     assert result.rows == 5 and not result.skipped
     assert Lake(root).read("flows").num_rows == 20 and len(Lake(root).files("flows")) == 2
+
+
+def test_parquet_files_read_side_by_side_keep_their_order_and_fill_missing_columns(tmp_path):
+    """read_parquet_files reads files in a pool of threads: the tables come back in the order of the paths,
+    a column a file lacks (written before it existed) is null, and a damaged file raises."""
+    import pyarrow.parquet as pq
+
+    from tracepipe.lake import read_parquet_files
+
+    schema = pa.schema([pa.field("n", pa.int64(), nullable=False), pa.field("note", pa.string())])
+    paths = []
+    for i in range(9):  # enough for the pool; every other file without `note`
+        path = tmp_path / f"f{i}.parquet"
+        columns = {"n": pa.array(range(i * 100, i * 100 + 50 + i), pa.int64())}
+        if i % 2 == 0:
+            columns["note"] = pa.array([f"file {i}"] * (50 + i))
+        pq.write_table(pa.table(columns), path)
+        paths.append(path)
+    tables = read_parquet_files(list(reversed(paths)), schema)
+    assert [t.schema for t in tables] == [schema] * 9
+    assert [t.column("n")[0].as_py() for t in tables] == [i * 100 for i in reversed(range(9))]
+    assert [t.num_rows for t in tables] == [50 + i for i in reversed(range(9))]
+    assert [t.column("note").null_count for t in tables] == [
+        0 if i % 2 == 0 else 50 + i for i in reversed(range(9))
+    ]
+    paths[4].write_bytes(paths[4].read_bytes()[:40])  # truncated
+    with pytest.raises(pa.ArrowInvalid):
+        read_parquet_files(paths, schema)

@@ -175,3 +175,11 @@ def replace_problem(path: Path) -> str | None:
         f"is not a regular file (a {kind}): tracepipe writes a file by replacing it atomically and never "
         "replaces a device, FIFO, socket or directory; give the path of a file"
     )
+
+
+def cores() -> int:
+    """The cores this process may run on (the size of a pool of readers or decoders)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)

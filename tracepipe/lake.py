@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,26 @@ def hash_file(path: Path, chunk: int = 1 << 22, stop: threading.Event | None = N
 
 def hash_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def read_parquet_files(paths: Iterable[Path | str], schema: pa.Schema) -> list[pa.Table]:
+    """Each file's columns of `schema`, conformed to it (a column the file lacks, written before the column
+    existed, is null), in the given order. Files are read side by side in a pool of one thread per core, each
+    read single-threaded: a lake's files are small (one hour or day of a source), so Arrow's threads within one
+    file cost more in hand-offs than they decode (a year of vm_events, 369 files: ~10 s wall on two cores
+    against ~19 s one after the other, the same CPU). A file that cannot be read raises, as pq.read_table does."""
+    paths = list(paths)
+
+    def one(path: Path | str) -> pa.Table:
+        with contextlib.closing(pq.ParquetFile(path)) as file:
+            have = set(file.schema_arrow.names)
+            columns = [c for c in schema.names if c in have]
+            return conform(file.read(columns=columns, use_threads=False), schema)
+
+    if len(paths) < 4:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=fsutil.cores(), thread_name_prefix="lake-read") as pool:
+        return list(pool.map(one, paths))
 
 
 def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False) -> pa.Table:
@@ -1005,7 +1026,7 @@ class Lake:
         paths = self.files(name, days)
         if not paths:
             return wanted.empty_table()
-        return pa.concat_tables([conform(pq.read_table(p, columns=columns), wanted) for p in paths])
+        return pa.concat_tables(read_parquet_files(paths, wanted))
 
     # ---- manifest ----------------------------------------------------------------------------------------
     def already_ingested(self, dataset: str, content_hash: str) -> bool:
@@ -1339,20 +1360,31 @@ class Lake:
         dataset = _dataset(name)
         if dataset.partition_ts is not None or name not in self._held:
             raise LakeError(f"replace_files({name}) needs an unpartitioned table and its lock")
-        parts: list[PartFile] = []
-        adds: list[AddAction] = []
+        tables = list(tables)
+        parts = [
+            PartFile(self.root / name, dataset, None, f"part-{uuid.uuid4().hex}", row_group_rows)
+            for _ in tables
+        ]
+
+        def write(part: PartFile, table: pa.Table) -> AddAction | None:
+            part.write(table)
+            return part.close()
+
+        # the files side by side, one thread per core (Arrow's encoding, compression and writes release the
+        # GIL): a full rebuild writes a hundred files per table
         try:
-            for table in tables:
-                part = PartFile(self.root / name, dataset, None, f"part-{uuid.uuid4().hex}", row_group_rows)
-                parts.append(part)
-                part.write(table)
-                add = part.close()
-                if add is not None:
-                    adds.append(add)
+            if len(parts) > 1:
+                with ThreadPoolExecutor(
+                    min(fsutil.cores(), len(parts)), thread_name_prefix="lake-write"
+                ) as pool:
+                    written = list(pool.map(write, parts, tables))
+            else:
+                written = [write(part, table) for part, table in zip(parts, tables, strict=True)]
         except BaseException:
             for part in parts:
                 part.abort()
             raise
+        adds = [add for add in written if add is not None]
         rows = sum(p.rows for p in parts)
         return self.commit(
             name,

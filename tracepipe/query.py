@@ -325,16 +325,11 @@ class VmStatus:
         import numpy as np
         import pyarrow.compute as pc
 
-        from tracepipe.lake import conform
+        from tracepipe.lake import read_parquet_files
         from tracepipe.schema import VMS
 
         schema = pa.schema([VMS.field("vm_key"), VMS.field("status")])
-        tables = [
-            conform(
-                pq.read_table(p, columns=[c for c in schema.names if c in pq.read_schema(p).names]), schema
-            )
-            for p in self.paths
-        ]
+        tables = read_parquet_files(self.paths, schema)
         table = pa.concat_tables(tables) if tables else schema.empty_table()
         table = table.filter(pc.is_valid(table.column("vm_key")))
         encoded = table.column("status").combine_chunks().dictionary_encode()

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from tracepipe.correlate import VMS_COMPLETE
 from tracepipe.correlate.vm_keys import keyed_vms, lost_keys_info, sorted_unique
 from tracepipe.fsutil import write_atomic
-from tracepipe.lake import conform
+from tracepipe.lake import conform, read_parquet_files
 from tracepipe.schema import VM_EVENTS, VM_LEASES, VMS
 
 SETTINGS_FILE = "_settings/leases.json"
@@ -1582,8 +1582,10 @@ def _chunks(table: pa.Table, name: str) -> list[pa.Table]:
     settled = _settled(name)
     status = _STATUS[name]
     # settled rows of one status per file (deleted, purged): _is_settled_file knows them from the statistics
+    done = frame.filter(settled)
+    one = done.get_column(status).n_unique() <= 1  # (partition_by copies every column: not for one part)
     parts = [
-        (p, _SETTLED_TIME[name]) for p in frame.filter(settled).partition_by(status, maintain_order=True)
+        (p, _SETTLED_TIME[name]) for p in ([done] if one else done.partition_by(status, maintain_order=True))
     ]
     parts.append((frame.filter(~settled), _TIME_OF[name]))
     if name == "vms":
@@ -1715,7 +1717,7 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     if files is None:
         return _full(lake, None, "event log of the last build expired")
     new = pl.from_arrow(
-        pa.concat_tables([conform(pq.read_table(e.path), VM_EVENTS) for e in files])
+        pa.concat_tables(read_parquet_files([e.path for e in files], VM_EVENTS))
         if files
         else VM_EVENTS.empty_table()
     )
@@ -2195,7 +2197,7 @@ def _files_of(
 
 
 def _read_files(entries: list[Any], positions: list[int], schema: pa.Schema) -> pl.DataFrame:
-    tables = [conform(pq.read_table(entries[i].path), schema) for i in positions]
+    tables = read_parquet_files([entries[i].path for i in positions], schema)
     frame = pl.from_arrow(pa.concat_tables(tables) if tables else schema.empty_table())
     assert isinstance(frame, pl.DataFrame)
     return frame

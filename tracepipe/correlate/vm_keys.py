@@ -26,10 +26,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tracepipe.correlate import LOST_KEYS, MAX_LOST_KEYS
-from tracepipe.lake import conform
+from tracepipe.lake import conform, read_parquet_files
 from tracepipe.schema import VM_FACTS, VMS
 
 FIRST_KEY = 1
@@ -121,7 +120,7 @@ def next_vm_key(lake: Any) -> int:
 def keyed_vms(lake: Any, vms: pa.Table, replaced: list[Any]) -> pa.Table:
     """`vms` with vm_key set, for the commit that replaces the vms files `replaced` by these rows (the lease
     writer calls it under the vms lock): each VM keeps the key those files gave it, new VMs get new ones."""
-    known = [conform(pq.read_table(e.path, columns=_present(e.path, _PREVIOUS)), _PREVIOUS) for e in replaced]
+    known = read_parquet_files([e.path for e in replaced], _PREVIOUS)
     previous = pa.concat_tables(known) if known else _PREVIOUS.empty_table()
     keyed = assign_vm_keys(vms, previous.select(_KEYS.names), next_vm_key(lake))
     return with_identity_changes(keyed, previous)
@@ -185,7 +184,7 @@ def lost_keys_info(lake: Any, vms: pa.Table, removed: list[Any] | None = None) -
     if before is None:
         return {LOST_KEYS: None}
     old_top = _max_key(lake.entries("vms"), ("vm_key",))  # of the files before this commit (log statistics)
-    gone = [conform(pq.read_table(e.path, columns=_present(e.path, _KEY_ONLY)), _KEY_ONLY) for e in removed]
+    gone = read_parquet_files([e.path for e in removed], _KEY_ONLY)
     # not held by a kept file: lost before, held by a rewritten file, or above every key before
     candidates = sorted_unique(
         np.concatenate(
@@ -265,9 +264,7 @@ def vms_of(lake: Any, vm_ids: pa.Array | pa.ChunkedArray, columns: list[str]) ->
     import pyarrow.compute as pc
 
     schema = pa.schema([VMS.field("vm_id"), *(VMS.field(c) for c in columns)])
-    tables = [
-        conform(pq.read_table(e.path, columns=_present(e.path, schema)), schema) for e in lake.entries("vms")
-    ]
+    tables = read_parquet_files([e.path for e in lake.entries("vms")], schema)
     known = pa.concat_tables(tables) if tables else schema.empty_table()
     if isinstance(vm_ids, pa.ChunkedArray):
         vm_ids = vm_ids.combine_chunks()
@@ -282,9 +279,3 @@ def vms_of(lake: Any, vm_ids: pa.Array | pa.ChunkedArray, columns: list[str]) ->
         else:
             out[name] = column.take(rows)
     return pa.table(out)
-
-
-def _present(path: Any, schema: pa.Schema = _KEYS) -> list[str]:
-    """The columns of `schema` the file has (files written before a column existed do not)."""
-    names = pq.read_schema(path).names
-    return [c for c in schema.names if c in names]

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tracepipe.errors import LakeError
+from tracepipe.fsutil import cores
 
 if TYPE_CHECKING:
     from deltalake.transaction import AddAction
@@ -57,10 +58,7 @@ class InputChanged(Exception):
 
 def default_jobs() -> int:
     """The cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    return cores()
 
 
 def _drain(inbox: Connection, messages: queue.SimpleQueue) -> None:
