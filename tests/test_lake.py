@@ -153,3 +153,28 @@ def test_parquet_files_read_side_by_side_keep_their_order_and_fill_missing_colum
     paths[4].write_bytes(paths[4].read_bytes()[:40])  # truncated
     with pytest.raises(pa.ArrowInvalid):
         read_parquet_files(paths, schema)
+
+
+def test_a_replace_of_many_files_that_fails_commits_nothing_and_leaves_no_temp_file(tmp_path):
+    """replace_files writes its files side by side: when one cannot be written (here a table whose VM ids are
+    not text), the error is raised, the table is what it was, and no temp file is left beside its files."""
+    from tracepipe.fsutil import TMP_SUFFIX
+    from tracepipe.schema import VMS
+
+    lake = Lake(tmp_path / "lake")
+    good = pa.table(
+        {f.name: pa.nulls(3, f.type) if f.name != "vm_id" else pa.array(["a", "b", "c"]) for f in VMS},
+        schema=VMS,
+    )
+    with lake.lock("vms"):
+        first = lake.replace_files("vms", [], [good])
+    before = lake.read("vms").to_pylist()
+    bad = pa.table({"vm_id": pa.array([[1]] * 3)})  # a list where text belongs
+    with (
+        lake.lock("vms"),
+        pytest.raises((pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError, ValueError)),
+    ):
+        lake.replace_files("vms", lake.entries("vms"), [good, good, bad, good, good, good])
+    assert lake.version("vms") == first
+    assert lake.read("vms").to_pylist() == before
+    assert not [p for p in (tmp_path / "lake").rglob("*") if p.name.endswith(TMP_SUFFIX)]

@@ -137,8 +137,21 @@ def read_parquet_files(paths: Iterable[Path | str], schema: pa.Schema) -> list[p
 
     if not side_by_side:
         return [one(p) for p in paths]
-    with ThreadPoolExecutor(max_workers=cores, thread_name_prefix="lake-read") as pool:
-        return list(pool.map(one, paths))
+    return _in_threads(one, paths, cores, "lake-read")
+
+
+def _in_threads(
+    work: Callable[..., Any], items: list[Any], threads: int, name: str, *more: list[Any]
+) -> list[Any]:
+    """[work(item, ...) for each item] on `threads` threads, results in the items' order. The first error is
+    raised once the calls already running have returned, and the calls not started yet are cancelled (a pool's
+    `with` block would run every queued call first: a hundred more files to write after a full disk)."""
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+    try:
+        futures = [pool.submit(work, *args) for args in zip(items, *more, strict=True)]
+        return [future.result() for future in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False) -> pa.Table:
@@ -1376,10 +1389,7 @@ class Lake:
         # GIL): a full rebuild writes a hundred files per table
         try:
             if len(parts) > 1:
-                with ThreadPoolExecutor(
-                    min(fsutil.cores(), len(parts)), thread_name_prefix="lake-write"
-                ) as pool:
-                    written = list(pool.map(write, parts, tables))
+                written = _in_threads(write, parts, min(fsutil.cores(), len(parts)), "lake-write", tables)
             else:
                 written = [write(part, table) for part, table in zip(parts, tables, strict=True)]
         except BaseException:
