@@ -1,9 +1,11 @@
 """Leases from the real Nova story (../shared/realdata/nova/notifications.jsonl): exact intervals, end reasons,
 VM status and quarantine; order- and duplicate-independence; one holder per address at any instant."""
 
+import contextlib
 import datetime as dt
 import itertools
 from pathlib import Path
+from unittest import mock
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -1567,3 +1569,144 @@ def test_row_takes_and_encodings_of_tables_in_many_chunks_equal_those_of_one_chu
     assert codes.to_list() == one_codes.to_list() and texts.to_list() == one_texts.to_list()
     assert texts.to_list() == sorted({n for n in names.to_pylist() if n is not None})
     assert [None if c is None else texts[c] for c in codes.to_list()] == names.to_pylist()
+
+
+# ---- the full rebuild in time slices (bounded memory) ---------------------------------------------------------
+_NOVA = [i for i, (a, _) in enumerate(_ACTIONS) if not a.startswith(("fip_", "port_"))]
+
+
+@contextlib.contextmanager
+def _sliced(slice_events: int):
+    """A full rebuild of more than no event replays in slices of whole days of `slice_events` events."""
+    from tracepipe.correlate import leases as module
+
+    with mock.patch.object(module, "FULL_EVENTS", 0), mock.patch.object(module, "SLICE_EVENTS", slice_events):
+        yield
+
+
+def _staged_left(lake) -> list[str]:
+    from tracepipe.correlate.leases import REBUILD_DIR
+
+    parent = lake.root / REBUILD_DIR
+    return sorted(p.name for p in parent.iterdir()) if parent.is_dir() else []
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    history=st.lists(
+        st.tuples(
+            st.integers(0, 6 * 1440),  # minutes: six days, so that the rebuild has slices
+            st.sampled_from(["a", "b", "c", "d"]),
+            st.sampled_from(_NOVA),
+            st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+            st.sampled_from(["h1", "h2"]),
+            st.just("f1"),
+            st.just("p1"),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    slice_events=st.integers(1, 15),
+)
+def test_a_rebuild_in_time_slices_gives_the_build_at_once(tmp_path_factory, history, slice_events):
+    """A full rebuild of more events than it holds at once (FULL_EVENTS) replays them in slices of whole days
+    (the first built, each next applied as an hourly update): the lake then holds exactly what one build of
+    every event gives, nothing is left of the staging, and the next update goes on incrementally from it."""
+    from tracepipe.correlate.leases import _slices, refresh_leases
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    events = _events([_random_event(*h) for h in history])
+    lake = Lake(tmp_path_factory.mktemp("lake"))
+    ingest_table(lake, "vm_events", "history", hash_bytes(repr(history).encode()), [events])
+    with _sliced(slice_events):
+        slices = _slices(lake.entries("vm_events"))
+        update = refresh_leases(lake, SEVEN_DAYS, full=True)
+    assert [e.day for s in slices for e in s] == sorted(e.day for e in lake.entries("vm_events"))
+    assert all(sum(e.rows for e in s) <= slice_events or len({e.day for e in s}) == 1 for s in slices)
+    assert update.mode == "full"
+    assert ("time slices" in update.reason) == (len(slices) > 1), update.reason
+    assert "memory" not in update.reason  # Nova's events: every slice applies as an update
+    assert _lake_tables(lake) == _full_tables(events)
+    assert _staged_left(lake) == []
+    later = _events([_random_event(7 * 1440, "e", 0, "10.0.0.4", "h1", "f1", "p1")])
+    ingest_table(lake, "vm_events", "later", hash_bytes(b"later" + repr(history).encode()), [later])
+    assert refresh_leases(lake).mode == "incremental"
+    assert _lake_tables(lake) == _full_tables(pa.concat_tables([events, later]))
+
+
+@pytest.mark.parametrize("seed", [7, 18])
+def test_a_rebuild_in_time_slices_keeps_every_vm_key_and_falls_back_to_memory_for_neutron(tmp_path, seed):
+    """Over a lake already built (VM keys handed out), the rebuild in slices gives every VM the key it had and
+    records the same lost keys as a rebuild at once; a history whose Neutron events a slice cannot be applied
+    with (a port of no VM listing addresses, ...) is replayed at once in memory, and says so."""
+    from tracepipe.correlate.leases import refresh_leases
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    events, _ = _generated_history(seed, 240)
+    nova = events.filter(pc.is_valid(events["vm_id"]))
+    nova = nova.filter(pc.invert(pc.is_in(nova["action"], pa.array(["port_update", "detach"]))))
+    # on the last day, a port of no VM (a router's) listing an address: no update applies that (_apply)
+    router = _random_event(int(2.5 * 1440), "a", 17, "10.0.0.9", "h1", "f1", "p9")
+    router.update(vm_id=None, image=None)
+    for name, table in (("nova", nova), ("all", pa.concat_tables([events, _events([router])]))):
+        lake = Lake(tmp_path / name)
+        ingest_table(lake, "vm_events", name, hash_bytes(f"{seed}{name}".encode()), [table])
+        assert refresh_leases(lake, SEVEN_DAYS).mode == "full"
+        keys = dict(zip(*lake.read("vms", columns=["vm_id", "vm_key"]).to_pydict().values(), strict=True))
+        lost = lake.commit_infos("vms")[0].get("lost_keys")
+        with _sliced(40):
+            update = refresh_leases(lake, full=True)
+        assert _lake_tables(lake) == _full_tables(table)
+        after = dict(zip(*lake.read("vms", columns=["vm_id", "vm_key"]).to_pydict().values(), strict=True))
+        assert after == keys and lake.commit_infos("vms")[0].get("lost_keys") == lost
+        assert _staged_left(lake) == []
+        if name == "nova":
+            assert "time slices" in update.reason and "memory" not in update.reason, update.reason
+        else:
+            assert "replayed at once in memory: " in update.reason, update.reason
+
+
+def test_a_rebuild_in_slices_that_fails_leaves_the_lake_as_it_was_and_no_staging(tmp_path):
+    """A slice that fails (a full disk, a bug): the error is raised, the lake's leases and VMs are those before,
+    and the staging is removed; a staging left by a rebuild killed a day ago goes with the next rebuild."""
+    import os
+    import time
+
+    from tracepipe.correlate import leases as module
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    events, _ = _generated_history(7, 240)
+    events = events.filter(pc.is_valid(events["vm_id"]))
+    lake = Lake(tmp_path / "lake")
+    ingest_table(lake, "vm_events", "h", hash_bytes(b"h"), [events])
+    module.refresh_leases(lake, SEVEN_DAYS)
+    before = (_lake_tables(lake), lake.version("vm_leases"), lake.version("vms"))
+    killed = lake.root / module.REBUILD_DIR / "build-killed"
+    (killed / "vm_leases").mkdir(parents=True)
+    os.utime(killed, (time.time() - 2 * 86_400,) * 2)
+    with _sliced(40), mock.patch.object(module, "_apply", side_effect=OSError("No space left on device")):
+        with pytest.raises(OSError, match="No space"):
+            module.refresh_leases(lake, full=True)
+    assert (_lake_tables(lake), lake.version("vm_leases"), lake.version("vms")) == before
+    assert _staged_left(lake) == []
+
+
+def test_a_settled_vm_created_after_its_delete_is_replayed_from_its_delete(tmp_path):
+    """A VM force-deleted, then named by a create days later (a replay of notifications): its vms row says
+    created after the delete, and an update that involves it must read its history from the delete, not from a
+    day before that create, or the later create opens a lease that one full build never opens."""
+    from tracepipe.lake import Lake
+
+    history = [
+        (0, "a", 4, "10.0.0.1", "h1", "f1", "p1"),  # detach by list
+        (263, "a", 7, "10.0.0.1", "h1", "f1", "p1"),  # force_delete
+        (312, "a", 12, "10.0.0.1", "h1", "f1", "p1"),  # exists
+        (2594, "a", 7, "10.0.0.1", "h1", "f1", "p1"),  # force_delete
+        (5087, "a", 0, "10.0.0.1", "h1", "f1", "p1"),  # create, three days later
+        (8639, "a", 0, "10.0.0.1", "h1", "f1", "p1"),  # create, two more days later
+    ]
+    events = _events([_random_event(*h) for h in history])
+    batches = [events.slice(0, 3), events.slice(3, 1), events.slice(4, 1), events.slice(5, 1)]
+    modes = _update_in_batches(Lake(tmp_path / "lake"), batches, "late-create", check_each=True)
+    assert modes == ["full", "incremental", "incremental", "incremental"]
+    assert _full_tables(events)[0] == []  # (a deleted VM's create opens no lease)

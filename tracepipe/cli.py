@@ -796,6 +796,9 @@ def leases_rebuild_command(
     """Rebuild vm_leases and vms from every lifecycle event in the lake (vectorised; ingest updates them
     incrementally by itself), then re-attribute the flows and VM log lines of the days that changed. A repair:
     use it after a failed update (exit code 5) or to check an incremental lake against a full build.
+    Up to 4 M events are replayed at once, in memory (~0.85 KB an event); a longer history in time slices of
+    whole days (1 M events each, applied as the hourly update applies new events), so that memory stays
+    bounded whatever the years kept. Readers see the old leases until the new ones are committed.
 
     Exit codes: 0 done; 4 no lake at --lake or it cannot be written; 5 the rebuild or attribution failed.
 
@@ -815,7 +818,8 @@ def leases_rebuild_command(
     else:
         p.line(
             f"{result.lease_rows} leases, {result.vms} VMs from {result.leases.get('events', 0)} events in "
-            f"{result.leases.get('seconds', 0)} s; re-attributed: {', '.join(result.days) or 'nothing'}"
+            f"{result.leases.get('seconds', 0)} s ({result.leases.get('reason') or 'full'}); re-attributed: "
+            f"{', '.join(result.days) or 'nothing'}"
         )
     if result.error:
         p.error(result.error)

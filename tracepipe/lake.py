@@ -1405,6 +1405,49 @@ class Lake:
             info={"operation": "update", "rows": rows, **(info or {})},
         )
 
+    def adopt_files(
+        self, name: str, removed: list[FileEntry], paths: list[Path], info: dict[str, Any] | None = None
+    ) -> int:
+        """One commit of an unpartitioned derived dataset that removes `removed` and adds the finished files
+        `paths`, written for this dataset by PartFile elsewhere in the lake (a staged rebuild): moved into the
+        table's folder under new names (copied where they cannot be moved), listed with the statistics their
+        footers hold. Until the commit they are in no table version, as any part file. The caller holds the
+        table's lock. Returns the version."""
+        dataset = _dataset(name)
+        if dataset.partition_ts is not None or name not in self._held:
+            raise LakeError(f"adopt_files({name}) needs an unpartitioned table and its lock")
+        directory = self.dataset_dir(name)
+        directory.mkdir(parents=True, exist_ok=True)
+        adds: list[AddAction] = []
+        rows = 0
+        try:
+            for source in paths:
+                relative = f"part-{uuid.uuid4().hex}.parquet"
+                target = directory / relative
+                try:
+                    os.replace(source, target)
+                except OSError:  # (another filesystem)
+                    with fsutil.replacing(target) as tmp:
+                        tmp.write_bytes(Path(source).read_bytes())
+                meta = pq.read_metadata(target)
+                rows += meta.num_rows
+                adds.append(
+                    AddAction(
+                        relative, target.stat().st_size, {}, int(time.time() * 1000), True, file_stats(meta)
+                    )
+                )
+            fsutil.fsync_dir(directory)
+        except BaseException:
+            for add in adds:
+                (directory / add.path).unlink(missing_ok=True)
+            raise
+        return self.commit(
+            name,
+            adds,
+            [_remove(e.relative, None, e.size) for e in removed],
+            info={"operation": "update", "rows": rows, **(info or {})},
+        )
+
     def commit_infos(self, name: str, limit: int = 1) -> list[dict[str, Any]]:
         """What was recorded with the latest `limit` commits of a table (Lake.commit's `info`, plus its
         "version"), newest first; [] when the table does not exist."""
