@@ -1630,16 +1630,12 @@ def _full(lake: Any, reclaim_interval: dt.timedelta | None, reason: str = "") ->
         save_reclaim_interval(lake, reclaim_interval)
     else:
         reclaim_interval = load_reclaim_interval(lake)
-    try:
-        old = lake.read("vm_leases", columns=["addr", "vm_id", "valid_from", "valid_to"])
-    except Exception:  # the repair of a lease table that cannot be read: every day may change
-        old = None
     events_version = lake.version("vm_events")  # read before the events: never newer than what is built
     slices = _slices(lake.entries("vm_events"))
     if len(slices) > 1:
         staged = _in_slices(lake, reclaim_interval, slices)
         if not isinstance(staged, str):
-            days = _adopt(lake, staged, events_version, old)
+            days = _adopt(lake, staged, events_version)
             rows = sum(e.rows for part in slices for e in part)
             note = f"replayed in {len(slices)} time slices of whole days"
             return LeaseUpdate(
@@ -1651,6 +1647,7 @@ def _full(lake: Any, reclaim_interval: dt.timedelta | None, reason: str = "") ->
             )
         note = f"replayed at once in memory: {staged}"  # (a slice the update cannot apply, see _apply)
         reason = f"{reason}; {note}" if reason else note
+    old = _old_leases(lake)
     events = lake.read("vm_events")
     leases, vms = build_leases(events, reclaim_interval)
     days = set(_partition_days(lake)) if old is None else changed_days(old, leases, _partition_days(lake))
@@ -1668,6 +1665,15 @@ def _full(lake: Any, reclaim_interval: dt.timedelta | None, reason: str = "") ->
     return LeaseUpdate(
         "full", days, events.num_rows, reason=reason, seconds=round(time.perf_counter() - started, 3)
     )
+
+
+def _old_leases(lake: Any) -> pa.Table | None:
+    """What changed_days compares a full rebuild's leases with: the lake's, None when they cannot be read (the
+    repair of a lease table that cannot be read: every day may change)."""
+    try:
+        return lake.read("vm_leases", columns=["addr", "vm_id", "valid_from", "valid_to"])
+    except Exception:
+        return None
 
 
 def _slices(entries: list[Any]) -> list[list[Any]]:
@@ -1730,14 +1736,16 @@ def _in_slices(lake: Any, reclaim: dt.timedelta | None, slices: list[list[Any]])
         raise
 
 
-def _adopt(lake: Any, stage: Any, events_version: int | None, old: pa.Table | None) -> set[str]:
+def _adopt(lake: Any, stage: Any, events_version: int | None) -> set[str]:
     """Commit the staging lake's vms rows and vm_leases files (moved, not copied) to the lake, as a full
     rebuild would write them, and its update state; remove the staging. The days whose attribution may change."""
     try:
         staged = stage.entries("vm_leases")
         days = set(_partition_days(lake))
+        old = _old_leases(lake)  # (read now, not held through the slices)
         if old is not None:
             days = changed_days(old, stage.read("vm_leases", columns=old.column_names), days)
+            del old
         # the VMs' keys and identity changes as the lake's own rows give them (the staging's are its own)
         vms = stage.read("vms")
         for name in ("vm_key", "identity_changed_at"):
