@@ -4,7 +4,9 @@ Generates HOURS hours of Nova lifecycle history (350 VMs created per hour by def
 reused as soon as they are free; 1 in 10 VMs soft-deleted before its delete; lifetimes from minutes to
 months; create.start/.end, soft_delete.end, delete.start/.end as Nova sends them), lands it in a lake one day
 per source, then prints in one run:
-  * the full build (`tracepipe leases rebuild`: every event replayed, vectorised) and its events/s,
+  * the full build: build_leases alone (in memory, best of 3) and its events/s, then `tracepipe leases rebuild`
+    as a user runs it, in a process of its own: wall, CPU and its own peak RSS (beyond 4 M events it replays
+    the history in time slices, so that its memory stays bounded),
   * the next hours (UPDATES of them, ~1,000 notifications each, written as real Nova versioned notifications
     in the oslo envelope, from the samples in ../shared/realdata) through `ingest vm` + correlate, one after
     the other into the year-old lake, each next to the same hour into a new empty lake (goal: <= 3x and <= 2 s;

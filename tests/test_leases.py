@@ -1710,3 +1710,20 @@ def test_a_settled_vm_created_after_its_delete_is_replayed_from_its_delete(tmp_p
     modes = _update_in_batches(Lake(tmp_path / "lake"), batches, "late-create", check_each=True)
     assert modes == ["full", "incremental", "incremental", "incremental"]
     assert _full_tables(events)[0] == []  # (a deleted VM's create opens no lease)
+
+
+def test_a_rebuild_that_cannot_stage_its_slices_replays_at_once_and_says_why(tmp_path):
+    """Where the staging lake cannot link the lake's events (a filesystem without symbolic links), the rebuild
+    replays every event at once, as before slices existed, and its reason says why."""
+    from tracepipe.correlate import leases as module
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    events, _ = _generated_history(18, 240)
+    events = events.filter(pc.is_valid(events["vm_id"]))
+    lake = Lake(tmp_path / "lake")
+    ingest_table(lake, "vm_events", "h", hash_bytes(b"h"), [events])
+    with _sliced(40), mock.patch.object(module.os, "symlink", side_effect=OSError("Operation not permitted")):
+        update = module.refresh_leases(lake, SEVEN_DAYS, full=True)
+    assert "replayed at once in memory: no staging lake beside it: Operation not permitted" in update.reason
+    assert _lake_tables(lake) == _full_tables(events)
+    assert _staged_left(lake) == []

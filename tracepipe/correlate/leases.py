@@ -1714,7 +1714,11 @@ def _in_slices(lake: Any, reclaim: dt.timedelta | None, slices: list[list[Any]])
     root = Path(tempfile.mkdtemp(prefix="build-", dir=parent))
     try:
         events_dir = lake.dataset_dir("vm_events")
-        os.symlink(events_dir.resolve(), root / events_dir.name, target_is_directory=True)
+        try:
+            os.symlink(events_dir.resolve(), root / events_dir.name, target_is_directory=True)
+        except OSError as exc:  # (a filesystem without symbolic links)
+            shutil.rmtree(root, ignore_errors=True)
+            return f"no staging lake beside it: {exc}"
         stage = Lake(root)
         if reclaim is not None:
             save_reclaim_interval(stage, reclaim)
