@@ -1577,10 +1577,10 @@ _NOVA = [i for i, (a, _) in enumerate(_ACTIONS) if not a.startswith(("fip_", "po
 
 @contextlib.contextmanager
 def _sliced(slice_events: int):
-    """A full rebuild of more than no event replays in slices of whole days of `slice_events` events."""
+    """A full rebuild of more than one event replays in slices of whole days of `slice_events` events."""
     from tracepipe.correlate import leases as module
 
-    with mock.patch.object(module, "FULL_EVENTS", 0), mock.patch.object(module, "SLICE_EVENTS", slice_events):
+    with mock.patch.object(module, "FULL_EVENTS", 1), mock.patch.object(module, "SLICE_EVENTS", slice_events):
         yield
 
 
@@ -1619,7 +1619,7 @@ def test_a_rebuild_in_time_slices_gives_the_build_at_once(tmp_path_factory, hist
     lake = Lake(tmp_path_factory.mktemp("lake"))
     ingest_table(lake, "vm_events", "history", hash_bytes(repr(history).encode()), [events])
     with _sliced(slice_events):
-        slices = _slices(lake.entries("vm_events"))
+        slices = _slices(lake.entries("vm_events"), 1)
         update = refresh_leases(lake, SEVEN_DAYS, full=True)
     assert [e.day for s in slices for e in s] == sorted(e.day for e in lake.entries("vm_events"))
     assert all(sum(e.rows for e in s) <= slice_events or len({e.day for e in s}) == 1 for s in slices)
@@ -1727,3 +1727,29 @@ def test_a_rebuild_that_cannot_stage_its_slices_replays_at_once_and_says_why(tmp
     assert "replayed at once in memory: no staging lake beside it: Operation not permitted" in update.reason
     assert _lake_tables(lake) == _full_tables(events)
     assert _staged_left(lake) == []
+
+
+def test_leases_rebuild_at_once_chooses_between_slices_and_memory(tmp_path):
+    """`tracepipe leases rebuild --at-once N`: a history of more than N events is replayed in time slices,
+    `--at-once 0` replays it all at once; both give the same tables, and the reason says which ran."""
+    import json
+
+    from conftest import run_in_process
+
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    events, _ = _generated_history(7, 240)
+    events = events.filter(pc.is_valid(events["vm_id"]))
+    lake = Lake(tmp_path / "lake")
+    ingest_table(lake, "vm_events", "h", hash_bytes(b"h"), [events])
+    tables = []
+    for at_once, says in (("100", "time slices"), ("0", "asked")):
+        run = run_in_process(
+            "leases", "rebuild", "--lake", str(lake.root), "--at-once", at_once, "--format", "json"
+        )
+        assert run.returncode == 0, run.stderr
+        reason = json.loads(run.stdout)["leases"]["reason"]
+        assert (says in reason) and ("memory" not in reason), reason
+        tables.append(_lake_tables(Lake(lake.root)))
+    assert tables[0] == tables[1]
+    assert run_in_process("leases", "rebuild", "--lake", str(lake.root), "--at-once", "-1").returncode == 2

@@ -790,19 +790,30 @@ app.add_typer(leases_app, name="leases")
 @leases_app.command("rebuild")
 def leases_rebuild_command(
     ctx: typer.Context,
+    at_once: Annotated[
+        int | None,
+        typer.Option(
+            "--at-once",
+            min=0,
+            help="Replay at most this many events at once, in memory (~0.85 KB each); a longer history is "
+            "replayed in time slices of whole days. 0: all at once. Default: as many as a quarter of this "
+            "machine's memory holds.",
+        ),
+    ] = None,
     output: FormatOption = OutputFormat.table,
     lake: LakeOption = Path(DEFAULT_LAKE),
 ) -> None:
     """Rebuild vm_leases and vms from every lifecycle event in the lake (vectorised; ingest updates them
     incrementally by itself), then re-attribute the flows and VM log lines of the days that changed. A repair:
     use it after a failed update (exit code 5) or to check an incremental lake against a full build.
-    Up to 4 M events are replayed at once, in memory (~0.85 KB an event); a longer history in time slices of
-    whole days (1 M events each, applied as the hourly update applies new events), so that memory stays
-    bounded whatever the years kept. Readers see the old leases until the new ones are committed.
+    Up to --at-once events are replayed at once, in memory (~0.85 KB an event); a longer history in time
+    slices of whole days (1 M events each, applied as the hourly update applies new events), so that memory
+    stays bounded whatever the years kept (slower: ~0.1 M events/s). Readers see the old leases until the new
+    ones are committed.
 
     Exit codes: 0 done; 4 no lake at --lake or it cannot be written; 5 the rebuild or attribution failed.
 
-    Example: tracepipe leases rebuild --lake /srv/lake
+    Example: tracepipe leases rebuild --lake /srv/lake --at-once 4000000
     """
     from tracepipe.correlate.attribution import correlate
     from tracepipe.errors import LakeError
@@ -812,7 +823,7 @@ def leases_rebuild_command(
     if not path.root.is_dir():
         raise LakeError(f"no lake at {path.root}; pass --lake or set TRACEPIPE_LAKE")
     with p.err.status("rebuilding leases"):
-        result = correlate(path, full=True)
+        result = correlate(path, full=True, at_once=at_once)
     if output == OutputFormat.json:
         p.json(result.to_dict())
     else:

@@ -1615,23 +1615,36 @@ def rebuild_leases(lake: Any, reclaim_interval: dt.timedelta | None = None) -> s
     return _full(lake, reclaim_interval).days
 
 
-# A full rebuild replays every event. Up to FULL_EVENTS of them, all at once in memory (~0.85 KB per event at
-# peak, measured on a year of CERN-like churn: 10.2 GiB for 12.5 M events); beyond, in time slices of whole days
-# of at most SLICE_EVENTS events (_in_slices): the first built like that, each next one applied to it as the
-# hourly update applies new events, so that memory stays bounded by a slice and the live VMs whatever the history.
-FULL_EVENTS = 4_000_000
+# A full rebuild replays every event: all at once in memory (~0.85 KB per event at peak, measured on a year of
+# CERN-like churn: 10.2 GiB for 12.5 M events) up to `at_once` events, by default FULL_EVENTS, else as many as a
+# quarter of the machine's memory holds at EVENT_BYTES each; a longer history in time slices of whole days of at
+# most SLICE_EVENTS events (_in_slices): the first built like that, each next one applied to it as the hourly
+# update applies new events, so that memory stays bounded by a slice and the live VMs whatever the history.
+FULL_EVENTS: int | None = None
+EVENT_BYTES = 1024
 SLICE_EVENTS = 1_000_000
 REBUILD_DIR = "_settings/lease_rebuild"
 
 
-def _full(lake: Any, reclaim_interval: dt.timedelta | None, reason: str = "") -> LeaseUpdate:
+def at_once_events() -> int:
+    """How many events a full rebuild replays at once, in memory, by default (see FULL_EVENTS)."""
+    if FULL_EVENTS is not None:
+        return FULL_EVENTS
+    from tracepipe.fsutil import memory_bytes
+
+    return max(SLICE_EVENTS, memory_bytes() // 4 // EVENT_BYTES)
+
+
+def _full(
+    lake: Any, reclaim_interval: dt.timedelta | None, reason: str = "", at_once: int | None = None
+) -> LeaseUpdate:
     started = time.perf_counter()
     if reclaim_interval is not None:
         save_reclaim_interval(lake, reclaim_interval)
     else:
         reclaim_interval = load_reclaim_interval(lake)
     events_version = lake.version("vm_events")  # read before the events: never newer than what is built
-    slices = _slices(lake.entries("vm_events"))
+    slices = _slices(lake.entries("vm_events"), at_once_events() if at_once is None else at_once)
     if len(slices) > 1:
         staged = _in_slices(lake, reclaim_interval, slices)
         if not isinstance(staged, str):
@@ -1676,11 +1689,13 @@ def _old_leases(lake: Any) -> pa.Table | None:
         return None
 
 
-def _slices(entries: list[Any]) -> list[list[Any]]:
-    """The vm_events files of a full rebuild in time slices: one when they hold at most FULL_EVENTS events,
-    else whole days in date order, at most SLICE_EVENTS events a slice (a bigger day alone)."""
-    if sum(e.rows for e in entries) <= FULL_EVENTS:
+def _slices(entries: list[Any], at_once: int) -> list[list[Any]]:
+    """The vm_events files of a full rebuild in time slices: one when they hold at most `at_once` events (0: no
+    limit), else whole days in date order, at most SLICE_EVENTS (and `at_once`) events a slice (a bigger day
+    alone)."""
+    if at_once <= 0 or sum(e.rows for e in entries) <= at_once:
         return [entries]
+    most = min(SLICE_EVENTS, at_once)
     by_day: dict[str, list[Any]] = {}
     for entry in entries:  # per file, not per event
         by_day.setdefault(entry.day or "", []).append(entry)
@@ -1688,7 +1703,7 @@ def _slices(entries: list[Any]) -> list[list[Any]]:
     rows = 0
     for day in sorted(by_day):
         size = sum(e.rows for e in by_day[day])
-        if out and rows + size <= SLICE_EVENTS:
+        if out and rows + size <= most:
             out[-1].extend(by_day[day])
             rows += size
         else:
@@ -1775,17 +1790,18 @@ def _adopt(lake: Any, stage: Any, events_version: int | None) -> set[str]:
 
 
 def refresh_leases(
-    lake: Any, reclaim_interval: dt.timedelta | None = None, full: bool = False
+    lake: Any, reclaim_interval: dt.timedelta | None = None, full: bool = False, at_once: int | None = None
 ) -> LeaseUpdate:
     """Bring vm_leases and vms up to the events in the lake: incrementally when they were built before
     (only the addresses and VMs that the events landed since touch), else (or with `full`, or a changed
-    reclaim interval) a full rebuild. Nothing to do when no event landed since the last build."""
+    reclaim interval) a full rebuild, replaying at most `at_once` events at once (None: at_once_events(); 0: all
+    of them). Nothing to do when no event landed since the last build."""
     built = next(iter(lake.commit_infos("vm_leases")), {})
     version = lake.version("vm_events")
     changed_interval = reclaim_interval is not None and reclaim_interval != load_reclaim_interval(lake)
     if full or changed_interval or "vm_events_version" not in built:
         reason = "asked" if full else "reclaim interval" if changed_interval else "no leases built yet"
-        return _full(lake, reclaim_interval, reason)
+        return _full(lake, reclaim_interval, reason, at_once)
     if built["vm_events_version"] == version:
         return LeaseUpdate()
     return _incremental(lake, built["vm_events_version"], version, built["version"])
