@@ -186,9 +186,21 @@ def cores() -> int:
 
 
 def memory_bytes() -> int:
-    """The memory this process may use: the machine's, or its cgroup's limit when lower (a container)."""
+    """The memory this process may use: the machine's, or its cgroup's limit when lower (a container, a systemd
+    slice: cgroup v2's memory.max of this process's group, else cgroup v1's limit)."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit in (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")):
+    limits = [Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")]
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, group = line.split(":", 2)
+            group = group.strip().lstrip("/")
+            if controllers == "":
+                limits.append(Path("/sys/fs/cgroup") / group / "memory.max")
+            elif "memory" in controllers.split(","):
+                limits.append(Path("/sys/fs/cgroup/memory") / group / "memory.limit_in_bytes")
+    except (OSError, ValueError):  # (not Linux, or a line of another form)
+        pass
+    for limit in limits:
         try:
             text = limit.read_text().strip()
         except OSError:
