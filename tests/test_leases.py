@@ -1643,13 +1643,16 @@ def test_a_rebuild_in_time_slices_keeps_every_vm_key_and_falls_back_to_memory_fo
         assert refresh_leases(lake, SEVEN_DAYS).mode == "full"
         keys = dict(zip(*lake.read("vms", columns=["vm_id", "vm_key"]).to_pydict().values(), strict=True))
         lost = lake.commit_infos("vms")[0].get("lost_keys")
-        update = refresh_leases(lake, full=True, at_once=40)
+        steps: list[str] = []
+        update = refresh_leases(lake, full=True, at_once=40, progress=steps.append)
         assert _lake_tables(lake) == _full_tables(table)
         after = dict(zip(*lake.read("vms", columns=["vm_id", "vm_key"]).to_pydict().values(), strict=True))
         assert after == keys and lake.commit_infos("vms")[0].get("lost_keys") == lost
         assert _staged_left(lake) == []
         if name == "nova":
             assert "time slices" in update.reason and "memory" not in update.reason, update.reason
+            n = int(update.reason.split("replayed in ")[1].split()[0])
+            assert n > 1 and steps == [f"time slice {i} of {n}" for i in range(1, n + 1)]
         else:
             assert "replayed at once in memory: " in update.reason, update.reason
 

@@ -822,8 +822,10 @@ def leases_rebuild_command(
     path = open_lake(lake)
     if not path.root.is_dir():
         raise LakeError(f"no lake at {path.root}; pass --lake or set TRACEPIPE_LAKE")
-    with p.err.status("rebuilding leases"):
-        result = correlate(path, full=True, at_once=at_once)
+    with p.status("rebuilding leases") as status:
+        result = correlate(
+            path, full=True, at_once=at_once, progress=lambda step: status(f"rebuilding leases: {step}")
+        )
     if output == OutputFormat.json:
         p.json(result.to_dict())
     else:

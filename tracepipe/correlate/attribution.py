@@ -270,6 +270,7 @@ def correlate(
     reclaim_interval: dt.timedelta | None = None,
     full: bool = False,
     at_once: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> CorrelationResult:
     """After ingest: update the leases from the events landed since they were built, then attribute the flows
     of `days` and the VM log lines of `log_days` (what ingest touched) and of every day whose leases changed.
@@ -281,7 +282,7 @@ def correlate(
         if lake.files("vm_events"):
             from tracepipe.correlate.leases import refresh_leases  # imports polars
 
-            update = refresh_leases(lake, reclaim_interval, full=full, at_once=at_once)
+            update = refresh_leases(lake, reclaim_interval, full=full, at_once=at_once, progress=progress)
             result.leases, updated_days = update.to_dict(), update.days
         changed = updated_days | days_left_to_attribute(lake)
         flow_days = (changed | set(days)) & set(lake.days("flows"))

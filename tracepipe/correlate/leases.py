@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1637,7 +1638,11 @@ def at_once_events() -> int:
 
 
 def _full(
-    lake: Any, reclaim_interval: dt.timedelta | None, reason: str = "", at_once: int | None = None
+    lake: Any,
+    reclaim_interval: dt.timedelta | None,
+    reason: str = "",
+    at_once: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> LeaseUpdate:
     started = time.perf_counter()
     if reclaim_interval is not None:
@@ -1647,7 +1652,7 @@ def _full(
     events_version = lake.version("vm_events")  # read before the events: never newer than what is built
     slices = _slices(lake.entries("vm_events"), at_once_events() if at_once is None else at_once)
     if len(slices) > 1:
-        staged = _in_slices(lake, reclaim_interval, slices)
+        staged = _in_slices(lake, reclaim_interval, slices, progress)
         if not isinstance(staged, str):
             days = _adopt(lake, staged, events_version)
             rows = sum(e.rows for part in slices for e in part)
@@ -1713,7 +1718,12 @@ def _slices(entries: list[Any], at_once: int) -> list[list[Any]]:
     return out
 
 
-def _in_slices(lake: Any, reclaim: dt.timedelta | None, slices: list[list[Any]]) -> Any:
+def _in_slices(
+    lake: Any,
+    reclaim: dt.timedelta | None,
+    slices: list[list[Any]],
+    progress: Callable[[str], None] | None = None,
+) -> Any:
     """vm_leases, vms and the update state built from the events of `slices` (in time order), in a staging lake
     beside the real one (REBUILD_DIR; its vm_events is the lake's, linked): the first slice by build_leases, each
     next by _apply, as the hourly update applies new events. Returns the staging Lake; or why a slice cannot be
@@ -1738,13 +1748,16 @@ def _in_slices(lake: Any, reclaim: dt.timedelta | None, slices: list[list[Any]])
         stage = Lake(root)
         if reclaim is not None:
             save_reclaim_interval(stage, reclaim)
+        say = progress or (lambda _step: None)
+        say(f"time slice 1 of {len(slices)}")
         events = pa.concat_tables(read_parquet_files([e.path for e in slices[0]], VM_EVENTS))
         leases, vms = build_leases(events, reclaim)
         write_derived(stage, "vms", vms, {})
         version = write_derived(stage, "vm_leases", leases, {"vm_events_version": -1, VMS_COMPLETE: True})
         _save_state(stage, version, _full_state(events, leases, vms))
         del events, leases, vms
-        for part in slices[1:]:
+        for i, part in enumerate(slices[1:], 2):
+            say(f"time slice {i} of {len(slices)}")
             update = _apply(stage, _read_events([e.path for e in part]), -1, version)
             if isinstance(update, str):
                 shutil.rmtree(root, ignore_errors=True)
@@ -1791,18 +1804,22 @@ def _adopt(lake: Any, stage: Any, events_version: int | None) -> set[str]:
 
 
 def refresh_leases(
-    lake: Any, reclaim_interval: dt.timedelta | None = None, full: bool = False, at_once: int | None = None
+    lake: Any,
+    reclaim_interval: dt.timedelta | None = None,
+    full: bool = False,
+    at_once: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> LeaseUpdate:
     """Bring vm_leases and vms up to the events in the lake: incrementally when they were built before
     (only the addresses and VMs that the events landed since touch), else (or with `full`, or a changed
     reclaim interval) a full rebuild, replaying at most `at_once` events at once (None: at_once_events(); 0: all
-    of them). Nothing to do when no event landed since the last build."""
+    of them; `progress` is told each time slice). Nothing to do when no event landed since the last build."""
     built = next(iter(lake.commit_infos("vm_leases")), {})
     version = lake.version("vm_events")
     changed_interval = reclaim_interval is not None and reclaim_interval != load_reclaim_interval(lake)
     if full or changed_interval or "vm_events_version" not in built:
         reason = "asked" if full else "reclaim interval" if changed_interval else "no leases built yet"
-        return _full(lake, reclaim_interval, reason, at_once)
+        return _full(lake, reclaim_interval, reason, at_once, progress)
     if built["vm_events_version"] == version:
         return LeaseUpdate()
     return _incremental(lake, built["vm_events_version"], version, built["version"])
