@@ -1747,3 +1747,32 @@ def test_leases_rebuild_at_once_chooses_between_slices_and_memory(tmp_path):
         tables.append(_lake_tables(Lake(lake.root)))
     assert tables[0] == tables[1]
     assert run_in_process("leases", "rebuild", "--lake", str(lake.root), "--at-once", "-1").returncode == 2
+
+
+def test_folders_of_the_lease_state_planted_as_links_out_of_the_lake_remove_nothing_there(tmp_path):
+    """Whoever can write the lake may replace the folders where the rebuild stages its slices and where the
+    update keeps its state by links to anywhere: the rebuild then replays at once (and says why), no state is
+    saved there, and nothing out of the lake is removed, however old."""
+    import os
+    import time
+
+    from tracepipe.correlate import leases as module
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    events, _ = _generated_history(7, 240)
+    events = events.filter(pc.is_valid(events["vm_id"]))
+    lake = Lake(tmp_path / "lake")
+    ingest_table(lake, "vm_events", "h", hash_bytes(b"h"), [events])
+    elsewhere = tmp_path / "elsewhere"
+    for name in ("build-precious", "1"):
+        (elsewhere / name).mkdir(parents=True)
+        (elsewhere / name / "keep.txt").write_text("not the lake's")
+        os.utime(elsewhere / name, (time.time() - 9 * 86_400,) * 2)
+    (lake.root / "_settings").mkdir(parents=True, exist_ok=True)
+    (lake.root / module.REBUILD_DIR).symlink_to(elsewhere, target_is_directory=True)
+    (lake.root / module.STATE_DIR).symlink_to(elsewhere, target_is_directory=True)
+    update = module.refresh_leases(lake, SEVEN_DAYS, full=True, at_once=40)
+    assert "replayed at once in memory: " in update.reason and "leads out of the lake" in update.reason
+    assert _lake_tables(lake) == _full_tables(events)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["1", "build-precious"]
+    assert all((elsewhere / n / "keep.txt").read_text() == "not the lake's" for n in ("1", "build-precious"))

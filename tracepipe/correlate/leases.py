@@ -1733,10 +1733,12 @@ def _in_slices(
 
     parent = lake.root / REBUILD_DIR
     parent.mkdir(parents=True, exist_ok=True)
+    if not _in_lake(lake, parent):  # (a link planted in the lake: nothing is written or removed out there)
+        return f"{parent} leads out of the lake"
     for stale in parent.iterdir():  # a rebuild killed before it ended (a day old: none still runs)
-        with_age = time.time() - stale.lstat().st_mtime
-        if with_age > 86_400:
-            shutil.rmtree(stale, ignore_errors=True)
+        if stale.name.startswith("build-") and not stale.is_symlink() and stale.is_dir():
+            if time.time() - stale.lstat().st_mtime > 86_400:
+                shutil.rmtree(stale, ignore_errors=True)
     root = Path(tempfile.mkdtemp(prefix="build-", dir=parent))
     try:
         events_dir = lake.dataset_dir("vm_events")
@@ -1767,6 +1769,15 @@ def _in_slices(
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
+
+
+def _in_lake(lake: Any, path: Path) -> bool:
+    """Whether `path`, links followed, is inside the lake's directory (a folder the lake keeps its own files in
+    may have been replaced by a link to anywhere by whoever can write the lake: never remove files there)."""
+    try:
+        return path.resolve().is_relative_to(lake.root.resolve())
+    except OSError:
+        return False
 
 
 def _adopt(lake: Any, stage: Any, events_version: int | None) -> set[str]:
@@ -3047,6 +3058,8 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
     root = lake.root / STATE_DIR
     try:
         root.mkdir(parents=True, exist_ok=True)
+        if not _in_lake(lake, root):  # (old states are removed there: never out of the lake)
+            return
         work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         state.live.write_parquet(work / "live.parquet", compression="zstd")
         _save_hashes(work / "known.npy", state.known, state.known_file)
