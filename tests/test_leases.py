@@ -1774,5 +1774,34 @@ def test_folders_of_the_lease_state_planted_as_links_out_of_the_lake_remove_noth
     update = module.refresh_leases(lake, SEVEN_DAYS, full=True, at_once=40)
     assert "replayed at once in memory: " in update.reason and "leads out of the lake" in update.reason
     assert _lake_tables(lake) == _full_tables(events)
+    assert module.remove_stale_rebuilds(lake, dt.timedelta(hours=1)) == 0  # (what `tracepipe vacuum` runs)
     assert sorted(p.name for p in elsewhere.iterdir()) == ["1", "build-precious"]
     assert all((elsewhere / n / "keep.txt").read_text() == "not the lake's" for n in ("1", "build-precious"))
+
+
+def test_vacuum_removes_the_staging_of_a_rebuild_killed_long_ago_and_nothing_younger(tmp_path):
+    """`tracepipe vacuum`: the staging folder of a lease rebuild killed more than --retain (at least a day) ago
+    goes; a younger one (a rebuild that may still run) and the lake's tables stay."""
+    import json
+    import os
+    import time
+
+    from conftest import run_in_process
+
+    from tracepipe.correlate import leases as module
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    events, _ = _generated_history(7, 240)
+    lake = Lake(tmp_path / "lake")
+    ingest_table(lake, "vm_events", "h", hash_bytes(b"h"), [events])
+    module.refresh_leases(lake, SEVEN_DAYS)
+    before = _lake_tables(lake)
+    staging = lake.root / module.REBUILD_DIR
+    for name, age_days in (("build-killed", 3), ("build-running", 0)):
+        (staging / name / "vm_leases").mkdir(parents=True)
+        os.utime(staging / name, (time.time() - age_days * 86_400,) * 2)
+    run = run_in_process("vacuum", "--retain", "2d", "--lake", str(lake.root), "--format", "json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["lease_rebuilds_removed"] == 1
+    assert _staged_left(lake) == ["build-running"]
+    assert _lake_tables(Lake(lake.root)) == before

@@ -928,7 +928,8 @@ def vacuum_command(
     lake: LakeOption = Path(DEFAULT_LAKE),
 ) -> None:
     """Delete files that no table version within --retain lists (merged by compaction, expired, rewritten by
-    attribution, or left by a killed writer). Time travel (sql --as-of) reaches back as far as --retain.
+    attribution, or left by a killed writer), and the staging of lease rebuilds killed before they ended (older
+    than --retain, at least a day). Time travel (sql --as-of) reaches back as far as --retain.
 
     Example: tracepipe vacuum --retain 30d --lake /srv/lake
     """
@@ -942,6 +943,8 @@ def vacuum_command(
     else:
         for name, deleted in result["deleted"].items():
             p.line(f"{name}: {deleted} files deleted")
+        if result["lease_rebuilds_removed"]:
+            p.line(f"staging of killed lease rebuilds: {result['lease_rebuilds_removed']} removed")
     raise typer.Exit(result["exit_code"])
 
 

@@ -83,10 +83,18 @@ def expire_lake(
 
 
 def vacuum_lake(lake: Lake, retain: dt.timedelta = RETAIN_REMOVED) -> dict[str, Any]:
-    """Delete files no table version within `retain` lists (at least one hour: writers finish files first)."""
+    """Delete files no table version within `retain` lists (at least one hour: writers finish files first), and
+    the staging folders of lease rebuilds killed before they ended (untouched for `retain`, at least a day)."""
+    deleted = lake.vacuum(retain)
+    stale = 0
+    if (lake.root / "_settings").is_dir():
+        from tracepipe.correlate.leases import remove_stale_rebuilds  # imports polars
+
+        stale = remove_stale_rebuilds(lake, max(retain, dt.timedelta(days=1)))
     return {
         "retain_hours": retain.total_seconds() / 3600,
-        "deleted": lake.vacuum(retain),
+        "deleted": deleted,
+        "lease_rebuilds_removed": stale,
         "exit_code": EXIT_OK,
     }
 

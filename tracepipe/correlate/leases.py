@@ -1735,10 +1735,7 @@ def _in_slices(
     parent.mkdir(parents=True, exist_ok=True)
     if not _in_lake(lake, parent):  # (a link planted in the lake: nothing is written or removed out there)
         return f"{parent} leads out of the lake"
-    for stale in parent.iterdir():  # a rebuild killed before it ended (a day old: none still runs)
-        if stale.name.startswith("build-") and not stale.is_symlink() and stale.is_dir():
-            if time.time() - stale.lstat().st_mtime > 86_400:
-                shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_rebuilds(lake, dt.timedelta(days=1))
     root = Path(tempfile.mkdtemp(prefix="build-", dir=parent))
     try:
         events_dir = lake.dataset_dir("vm_events")
@@ -1769,6 +1766,21 @@ def _in_slices(
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
+
+
+def remove_stale_rebuilds(lake: Any, older_than: dt.timedelta) -> int:
+    """Remove the staging folders of rebuilds killed before they ended (untouched for `older_than`: none still
+    runs; `tracepipe vacuum` and each rebuild call it), only real `build-*` folders inside the lake. Their count."""
+    parent = lake.root / REBUILD_DIR
+    if not parent.is_dir() or not _in_lake(lake, parent):
+        return 0
+    removed = 0
+    for stale in parent.iterdir():
+        if stale.name.startswith("build-") and not stale.is_symlink() and stale.is_dir():
+            if time.time() - stale.lstat().st_mtime > older_than.total_seconds():
+                shutil.rmtree(stale, ignore_errors=True)
+                removed += 1
+    return removed
 
 
 def _in_lake(lake: Any, path: Path) -> bool:
