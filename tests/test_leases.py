@@ -370,6 +370,25 @@ def _random_event(minute: int, vm: str, which: int, addr: str, hyp: str, fip: st
     return row
 
 
+def _nova_histories(max_size: int) -> st.SearchStrategy:
+    """Random histories of Nova's actions (every one an update can replay incrementally) by four VMs on three
+    addresses over six days: histories span day partitions, and a VM deleted early is settled long before its
+    later events (what the update must read back from the day partitions, _history)."""
+    return st.lists(
+        st.tuples(
+            st.integers(0, 6 * 1440),  # minutes
+            st.sampled_from(["a", "b", "c", "d"]),
+            st.sampled_from([i for i, (a, _) in enumerate(_ACTIONS) if not a.startswith(("fip_", "port_"))]),
+            st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+            st.sampled_from(["h1", "h2"]),
+            st.just("f1"),
+            st.just("p1"),
+        ),
+        min_size=1,
+        max_size=max_size,
+    )
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(
@@ -450,19 +469,7 @@ def _update_in_batches(lake, batches: list[pa.Table], name: str, check_each: boo
 
 @settings(max_examples=25, deadline=None)
 @given(
-    history=st.lists(
-        st.tuples(
-            st.integers(0, 3000),  # minutes: two days, so histories span day partitions
-            st.sampled_from(["a", "b", "c", "d"]),
-            st.sampled_from([0, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13]),  # Nova actions: incremental
-            st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
-            st.sampled_from(["h1", "h2"]),
-            st.just("f1"),
-            st.just("p1"),
-        ),
-        min_size=1,
-        max_size=30,
-    ),
+    history=_nova_histories(30),
     cuts=st.lists(st.integers(1, 29), max_size=4),
     data=st.data(),
 )
@@ -1571,9 +1578,6 @@ def test_row_takes_and_encodings_of_tables_in_many_chunks_equal_those_of_one_chu
 
 
 # ---- the full rebuild in time slices (bounded memory) ---------------------------------------------------------
-_NOVA = [i for i, (a, _) in enumerate(_ACTIONS) if not a.startswith(("fip_", "port_"))]
-
-
 def _staged_left(lake) -> list[str]:
     from tracepipe.correlate.leases import REBUILD_DIR
 
@@ -1583,19 +1587,7 @@ def _staged_left(lake) -> list[str]:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    history=st.lists(
-        st.tuples(
-            st.integers(0, 6 * 1440),  # minutes: six days, so that the rebuild has slices
-            st.sampled_from(["a", "b", "c", "d"]),
-            st.sampled_from(_NOVA),
-            st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
-            st.sampled_from(["h1", "h2"]),
-            st.just("f1"),
-            st.just("p1"),
-        ),
-        min_size=1,
-        max_size=40,
-    ),
+    history=_nova_histories(40),
     slice_events=st.integers(1, 15),
 )
 def test_a_rebuild_in_time_slices_gives_the_build_at_once(tmp_path_factory, history, slice_events):

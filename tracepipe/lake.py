@@ -1419,6 +1419,7 @@ class Lake:
         directory = self.dataset_dir(name)
         directory.mkdir(parents=True, exist_ok=True)
         adds: list[AddAction] = []
+        moved: list[Path] = []
         rows = 0
         try:
             for source in paths:
@@ -1429,6 +1430,7 @@ class Lake:
                 except OSError:  # (another filesystem)
                     with fsutil.replacing(target) as tmp:
                         tmp.write_bytes(Path(source).read_bytes())
+                moved.append(target)
                 meta = pq.read_metadata(target)
                 rows += meta.num_rows
                 adds.append(
@@ -1437,9 +1439,9 @@ class Lake:
                     )
                 )
             fsutil.fsync_dir(directory)
-        except BaseException:
-            for add in adds:
-                (directory / add.path).unlink(missing_ok=True)
+        except BaseException:  # (every file moved so far, the one whose footer failed too)
+            for target in moved:
+                target.unlink(missing_ok=True)
             raise
         return self.commit(
             name,
