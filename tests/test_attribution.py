@@ -277,10 +277,16 @@ def test_empty_lake_attributes_nothing(tmp_path):
     assert summary["files"] == 0 and summary["rows"] == 0
 
 
-def test_lease_index_agrees_with_the_query_time_asof_join(tmp_path):
+@pytest.mark.parametrize("with_vms", [False, True])
+def test_lease_index_agrees_with_the_query_time_asof_join(tmp_path, monkeypatch, with_vms):
     """Random non-overlapping leases on a few reused addresses (v4 and v6), flows at random times including
-    exact lease boundaries: the vectorised index and DuckDB's ASOF join give the same VM for every end."""
+    exact lease boundaries: the vectorised index and DuckDB's ASOF join give the same VM for every end. With a
+    vms row for every lease's VM, attribution writes each end's VM as a code over vms' ids (lease_at.CODED_VM),
+    found by the polars join that big lakes take (vm_keys._rows_in, its threshold lowered to these sizes)."""
     import random
+
+    from tracepipe.correlate import vm_keys
+    from tracepipe.correlate.lease_at import CODED_VM, lease_index
 
     rng = random.Random(11)
     addrs = [f"10.1.0.{i}" for i in range(1, 9)] + [f"2001:db8::{i:x}" for i in range(1, 5)]
@@ -301,6 +307,13 @@ def test_lease_index_agrees_with_the_query_time_asof_join(tmp_path):
     rows = [(ts, rng.choice(addrs), rng.choice([*addrs, "198.51.100.1"]), None, None) for ts in times]
     lake = Lake(tmp_path / "lake")
     lake.replace_dataset("vm_leases", pa.Table.from_pylist(leases, schema=VM_LEASES))
+    if with_vms:  # in an order of their own, and one VM no lease names
+        ids = [*[lease["vm_id"] for lease in leases][::-1], "vm-none"]
+        lake.replace_dataset(
+            "vms", pa.Table.from_pylist([{"vm_id": i, "vm_name": f"n-{i}"} for i in ids], VMS)
+        )
+        monkeypatch.setattr(vm_keys, "_JOIN_ROWS", 1)
+    assert (CODED_VM in lease_index(lake, vm_keys=True).leases.column_names) == with_vms
     ingest_table(lake, "flows", "random", "flows-random-asof", [flows_table(rows)])
     sql = "SELECT source, src_vm, dst_vm FROM flows_attributed ORDER BY source"
     by_asof = query.connect(lake).sql(sql).fetchall()
@@ -308,6 +321,15 @@ def test_lease_index_agrees_with_the_query_time_asof_join(tmp_path):
     con = query.connect(lake)
     assert con.sql("SELECT count(*) FROM _flows_todo").fetchall() == [(0,)]
     assert con.sql(sql).fetchall() == by_asof
+    stored = lake.read("flows").sort_by("source")
+    assert (
+        list(zip(*(stored.column(c).to_pylist() for c in ("source", "src_vm", "dst_vm")), strict=True))
+        == by_asof
+    )
+    if with_vms:
+        assert stored.column("src_vm_name").to_pylist() == [
+            v and f"n-{v}" for v in stored.column("src_vm").to_pylist()
+        ]
     assert sum(1 for r in by_asof if r[1]) > 100  # the comparison is not between two empty answers
 
 

@@ -305,3 +305,36 @@ def test_new_keys_follow_creation_then_vm_id_order_on_ties_and_missing_times():
     assert np.array_equal(sorted_unique(values), np.unique(values))
     assert np.array_equal(sorted_unique(values.astype(np.uint64)), np.unique(values.astype(np.uint64)))
     assert len(sorted_unique(np.zeros(0, np.int64))) == 0
+
+
+def test_rows_in_by_a_join_agrees_with_index_in():
+    """vm_keys._rows_in finds each VM's vms row by a polars join when both sides are big: the same rows as
+    pc.index_in, also for ids vms lacks, nulls, and a vms that holds an id twice (then: its first row)."""
+    import numpy as np
+
+    from tracepipe.correlate import vm_keys
+
+    rng = np.random.default_rng(7)
+    known = pa.array([f"vm-{i}" for i in rng.permutation(300_000)])
+    values = pa.array([f"vm-{i}" if i % 11 else None for i in rng.integers(0, 330_000, 300_000)])
+    assert len(values) >= vm_keys._JOIN_ROWS
+    for value_set in (known, pa.concat_arrays([known, known.slice(5, 20)])):
+        got = vm_keys._rows_in(values, value_set)
+        assert got.equals(pc.index_in(values, value_set=value_set).cast(pa.int32()))
+        assert 0 < got.null_count < len(values)
+
+
+def test_coded_text_holds_the_values_at_the_rows():
+    """vm_keys._coded: text at rows as a dictionary array, over the distinct values when they are few, over
+    the column itself when they are mostly distinct (VM names: no hashing)."""
+    from tracepipe.correlate import vm_keys
+
+    rows = pa.array([3, None, 0, 18, 2, 19], pa.int32())
+    few = pa.array(["a", "b", "a", None] * 5)
+    many = pa.array([f"vm-{i}" for i in range(18)] + [None, "vm-0"])
+    for column, size in ((few, 2), (many, 20)):
+        coded = vm_keys._coded(column, rows)
+        assert coded.to_pylist() == column.take(rows).to_pylist()
+        assert len(coded.dictionary) == size
+        # a null value is a null index, never a null in the dictionary (Parquet cannot write that)
+        assert coded.indices.null_count == coded.null_count == column.take(rows).null_count > 1

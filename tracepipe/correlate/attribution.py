@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tracepipe.correlate.lease_at import FACT_PREFIX, LeaseIndex, lease_index, read_leases
+from tracepipe.correlate.lease_at import CODED_VM, FACT_PREFIX, LeaseIndex, lease_index, read_leases
 from tracepipe.errors import EXIT_ATTRIBUTION, EXIT_OK, AttributionError, LakeError, TracepipeError
 from tracepipe.lake import Lake, conform
 from tracepipe.schema import VM_LOGS
@@ -65,21 +65,26 @@ def attribute_table(
     src_vm_key / dst_vm_key, the VMs' vms.vm_key that flows_attributed joins on (null where vms has none), and
     each end's identity facts as vms holds them now (src_vm_name, src_project, ... : schema.VM_FACTS) with
     vm_facts_at = `when`: flows_attributed reads them instead of joining every VM (issue 18 item 4)."""
-    wanted = ["vm_id", "vm_key"] if "vm_key" in index.leases.column_names else ["vm_id"]
-    facts = [c for c in index.leases.column_names if c.startswith(FACT_PREFIX)]
+    names = index.leases.column_names
+    # each end's column -> the index's: taken per flow, or (dictionary columns) through used_facts
+    coded = {"vm": CODED_VM} if CODED_VM in names else {}
+    coded |= {c.removeprefix(FACT_PREFIX): c for c in names if c.startswith(FACT_PREFIX)}
+    taken = {"vm": "vm_id"} if "vm" not in coded else {}
+    taken |= {"vm_key": "vm_key"} if "vm_key" in names else {}
     stamp = pa.array([when or dt.datetime.now(dt.UTC)], pa.timestamp("us", tz="UTC")).take(
         pa.array(np.zeros(len(flows), np.int32))
     )
     columns: dict[str, pa.Array] = {"attributed_at": stamp}
     for end in ("src", "dst"):
         rows = index.rows(flows.column(f"{end}_addr"), flows.column("ts_start"))
-        found = index.leases.select(wanted).take(rows)
-        columns[f"{end}_vm"] = found.column("vm_id").combine_chunks()
-        if "vm_key" in wanted:
-            columns[f"{end}_vm_key"] = found.column("vm_key").combine_chunks()
-        if facts:
-            for name, values in used_facts(rows, index.leases.select(facts)).items():
-                columns[f"{end}_{name.removeprefix(FACT_PREFIX)}"] = values
+        found = index.leases.select(list(taken.values())).take(rows)
+        for name, column in taken.items():
+            columns[f"{end}_{name}"] = found.column(column).combine_chunks()
+        if coded:
+            values = used_facts(rows, index.leases.select(list(coded.values())))
+            for name, column in coded.items():
+                columns[f"{end}_{name}"] = values[column]
+    facts = [c for c in names if c.startswith(FACT_PREFIX)]
     if facts:
         columns["vm_facts_at"] = stamp
     for name, values in columns.items():

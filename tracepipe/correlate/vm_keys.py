@@ -260,22 +260,50 @@ def keys_of(lake: Any, vm_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 def vms_of(lake: Any, vm_ids: pa.Array | pa.ChunkedArray, columns: list[str]) -> pa.Table:
     """`columns` of vms for each of `vm_ids` (one row each, nulls where vms has no row). Text columns come
-    dictionary-encoded over vms' distinct values: taking rows of them per flow moves 4-byte indices."""
-    import pyarrow.compute as pc
-
-    schema = pa.schema([VMS.field("vm_id"), *(VMS.field(c) for c in columns)])
+    dictionary-encoded over vms' values: taking rows of them per flow moves 4-byte indices. "vm_id" may be
+    one of `columns`: each id as a dictionary code over vms' ids (null where vms has no row)."""
+    schema = pa.schema([VMS.field("vm_id"), *(VMS.field(c) for c in columns if c != "vm_id")])
     tables = read_parquet_files([e.path for e in lake.entries("vms")], schema)
     known = pa.concat_tables(tables) if tables else schema.empty_table()
-    if isinstance(vm_ids, pa.ChunkedArray):
-        vm_ids = vm_ids.combine_chunks()
-    rows = pc.index_in(vm_ids, value_set=known.column("vm_id").combine_chunks())
+    rows = _rows_in(vm_ids, known.column("vm_id"))
     out = {}
     for name in columns:
         column = known.column(name).combine_chunks()
-        if pa.types.is_string(column.type):
-            # hashed once per VM here, so that attribution hashes integers per batch, not strings
-            encoded = column.dictionary_encode()
-            out[name] = pa.DictionaryArray.from_arrays(encoded.indices.take(rows), encoded.dictionary)
-        else:
-            out[name] = column.take(rows)
+        out[name] = _coded(column, rows) if pa.types.is_string(column.type) else column.take(rows)
     return pa.table(out)
+
+
+def _rows_in(values: pa.Array | pa.ChunkedArray, known: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The row of `known` holding each of `values` (int32; its first when it holds one twice; null where none):
+    pc.index_in, by a polars join when both sides are big (3 M VM ids each: 0.8 s instead of 1.7 s)."""
+    import pyarrow.compute as pc
+
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(known, pa.ChunkedArray):
+        known = known.combine_chunks()
+    if min(len(values), len(known)) >= _JOIN_ROWS:
+        left = pl.DataFrame({"v": pl.Series(values)})
+        right = pl.DataFrame({"v": pl.Series(known)}).with_row_index("_row")
+        joined = left.join(right, on="v", how="left", maintain_order="left")
+        if joined.height == len(values):  # (else `known` holds one of them twice: index_in's first)
+            return joined.get_column("_row").to_arrow().cast(pa.int32())
+    return pc.index_in(values, value_set=known).cast(pa.int32())
+
+
+_JOIN_ROWS = 262_144
+
+
+def _coded(column: pa.Array, rows: pa.Array) -> pa.DictionaryArray:
+    """Text `column` at `rows`, as a dictionary array: over its distinct values (hashed once), or over the
+    column itself when its values are mostly distinct (VM ids and names: hashing 3 M of them costs ~1 s and
+    saves nothing; a dictionary may hold a value twice)."""
+    import pyarrow.compute as pc
+
+    sample = column.slice(0, _JOIN_ROWS)
+    if len(sample) and len(pc.unique(sample)) * 2 > len(sample):
+        if column.null_count:  # a null is a null index (Parquet refuses a null referenced in a dictionary)
+            rows = pc.if_else(column.is_valid().take(rows), rows, pa.scalar(None, pa.int32()))
+        return pa.DictionaryArray.from_arrays(rows, column)
+    encoded = column.dictionary_encode()
+    return pa.DictionaryArray.from_arrays(encoded.indices.take(rows), encoded.dictionary)
