@@ -333,6 +333,124 @@ def test_lease_index_agrees_with_the_query_time_asof_join(tmp_path, monkeypatch,
     assert sum(1 for r in by_asof if r[1]) > 100  # the comparison is not between two empty answers
 
 
+def _lease_history(rng, addrs: list[str], start: dt.datetime, days: int) -> list[dict]:
+    """Non-overlapping leases of `addrs` over `days` days from `start`: hours to days long, some still held,
+    some ending or starting exactly at a UTC midnight."""
+    leases = []
+    for addr in addrs:
+        clock = start + dt.timedelta(hours=rng.uniform(0, 12))
+        while clock < start + dt.timedelta(days=days):
+            begin = clock + dt.timedelta(hours=rng.choice([0, 0, rng.uniform(0, 30)]))
+            if rng.random() < 0.2:  # from a midnight
+                begin = dt.datetime.combine(begin.date(), dt.time(), dt.UTC) + dt.timedelta(days=1)
+            end = begin + dt.timedelta(hours=rng.uniform(1, 60))
+            if rng.random() < 0.2:  # to a midnight
+                end = dt.datetime.combine(end.date(), dt.time(), dt.UTC) + dt.timedelta(days=1)
+            open_ = rng.random() < 0.05
+            leases.append(
+                {
+                    "addr": addr,
+                    "vm_id": f"vm-{len(leases)}",
+                    "valid_from": begin,
+                    "valid_to": None if open_ else end,
+                }
+            )
+            if open_:
+                break
+            clock = end
+    return leases
+
+
+def _reference(leases: list[dict], flows: pa.Table) -> list[tuple]:
+    """Each flow's (src VM, dst VM) by a LeaseIndex over every lease of the history."""
+    from tracepipe.correlate.lease_at import lease_at
+
+    table = pa.Table.from_pylist(leases, schema=VM_LEASES)
+    ends = [
+        lease_at(table, flows.column(f"{e}_addr"), flows.column("ts_start")).column("vm_id")
+        for e in ("src", "dst")
+    ]
+    return list(zip(*(e.to_pylist() for e in ends), strict=True))
+
+
+def test_attribution_indexes_only_the_leases_of_its_days_with_the_same_answers(tmp_path):
+    """Leases over three weeks, flows on two days (at random times, at midnights, at lease boundaries):
+    attribute_flows indexes only the leases that overlap those days, and gives every flow the VM an index of
+    the whole history gives."""
+    import random
+
+    rng = random.Random(23)
+    addrs = [f"10.2.0.{i}" for i in range(1, 25)] + [f"2001:db8::{i:x}" for i in range(1, 9)]
+    leases = _lease_history(rng, addrs, DAY1 - dt.timedelta(days=10), 21)
+    lake = Lake(tmp_path / "lake")
+    lake.replace_dataset("vm_leases", pa.Table.from_pylist(leases, schema=VM_LEASES))
+    bounds = [
+        t
+        for lease in leases
+        for t in (lease["valid_from"], lease["valid_to"])
+        if t and DAY1 <= t < DAY2 + dt.timedelta(days=1)
+    ]
+    times = [at(DAY1, rng.uniform(0, 47.99)) for _ in range(600)] + bounds + [DAY1, DAY2]
+    rows = [(t, rng.choice(addrs), rng.choice([*addrs, "198.51.100.7"]), None, None) for t in times]
+    ingest_table(lake, "flows", "two-days", "flows-two-days", [flows_table(rows)])
+    summary = attribute_flows(lake)
+    assert summary["days"] == ["2024-03-12", "2024-03-13"]
+    overlapping = [
+        lease
+        for lease in leases
+        if lease["valid_from"] < DAY2 + dt.timedelta(days=1)
+        and (lease["valid_to"] is None or lease["valid_to"] > DAY1)
+    ]
+    assert summary["leases"] == len(overlapping) < len(leases) / 3
+    stored = lake.read("flows").sort_by("source")
+    got = list(zip(stored.column("src_vm").to_pylist(), stored.column("dst_vm").to_pylist(), strict=True))
+    assert got == _reference(leases, stored)
+    assert sum(1 for src, _ in got if src) > 300  # not two empty answers
+
+
+def test_an_attributor_indexes_again_only_for_new_days_or_changed_leases(tmp_path):
+    """The collector's committer keeps one Attributor: flows of the days it indexed reuse its index; flows of
+    another day widen its days and index again; a change of vm_leases (refresh) indexes again. Every answer is
+    the whole history's."""
+    import random
+
+    from tracepipe.correlate.attribution import Attributor
+
+    rng = random.Random(5)
+    addrs = [f"10.3.0.{i}" for i in range(1, 17)]
+    leases = _lease_history(rng, addrs, DAY1 - dt.timedelta(days=5), 12)
+    lake = Lake(tmp_path / "lake")
+    lake.replace_dataset("vm_leases", pa.Table.from_pylist(leases, schema=VM_LEASES))
+    attributor = Attributor(lake)
+    attributor.refresh()
+
+    def batch(day: dt.datetime) -> pa.Table:
+        rows = [
+            (at(day, rng.uniform(0, 23.99)), rng.choice(addrs), rng.choice(addrs), None, None)
+            for _ in range(200)
+        ]
+        return flows_table(rows)
+
+    def check(flows: pa.Table, builds: int, leases_now: list[dict]) -> None:
+        out = attributor(flows)
+        assert attributor.builds == builds
+        assert list(zip(out.column("src_vm").to_pylist(), out.column("dst_vm").to_pylist(), strict=True)) == (
+            _reference(leases_now, flows)
+        )
+
+    check(batch(DAY1), 1, leases)
+    check(batch(DAY1), 1, leases)
+    first = len(attributor.index)
+    check(batch(DAY1 + dt.timedelta(days=3)), 2, leases)
+    assert attributor.span == (DAY1, DAY1 + dt.timedelta(days=4)) and len(attributor.index) > first
+    attributor.refresh()
+    check(batch(DAY1 + dt.timedelta(days=1)), 2, leases)
+    moved = [dict(lease, vm_id=f"{lease['vm_id']}-b") for lease in leases]  # every lease given to another VM
+    lake.replace_dataset("vm_leases", pa.Table.from_pylist(moved, schema=VM_LEASES))
+    attributor.refresh()
+    check(batch(DAY1 + dt.timedelta(days=2)), 3, moved)
+
+
 def test_attribute_command(lake):
     import subprocess
     import sys

@@ -338,3 +338,46 @@ def test_coded_text_holds_the_values_at_the_rows():
         assert len(coded.dictionary) == size
         # a null value is a null index, never a null in the dictionary (Parquet cannot write that)
         assert coded.indices.null_count == coded.null_count == column.take(rows).null_count > 1
+
+
+def test_vms_of_since_reads_the_vms_alive_since_and_every_file_when_one_is_missing(tmp_path, monkeypatch):
+    """vms in files cut by deleted_at (FILE_ROWS lowered): with `since`, vms_of reads first the files whose
+    statistics allow a VM alive since then, and gives the same rows as a read of every file, also for a VM
+    deleted long before (a lease outliving its VM's deletion: then it reads every file)."""
+    from tracepipe.correlate import leases as lease_module
+    from tracepipe.correlate import vm_keys
+    from tracepipe.correlate.leases import write_derived
+
+    monkeypatch.setattr(lease_module, "FILE_ROWS", 4)
+    rows = [
+        {
+            "vm_id": f"vm-{i:02d}",
+            "vm_name": f"name-{i}",
+            "project": f"p{i % 3}",
+            "status": "deleted" if i < 16 else "active",
+            "created_at": utc(0),
+            "deleted_at": utc(i // 4 + 1) if i < 16 else None,
+        }
+        for i in range(24)
+    ]
+    lake = Lake(tmp_path / "lake")
+    write_derived(lake, "vms", pa.Table.from_pylist(rows, schema=VMS), {})
+    since = utc(4)  # files of VMs deleted at 01:00-03:00 are not read first
+    assert (
+        [vm_keys._alive_since(e, since) for e in lake.entries("vms")].count(False)
+        == 3
+        == len(lake.entries("vms")) - 3
+    )
+    columns = ["vm_id", "vm_key", "vm_name", "project"]
+    read: list[int] = []
+    real = vm_keys.read_parquet_files
+    monkeypatch.setattr(
+        vm_keys, "read_parquet_files", lambda paths, schema: read.append(len(paths)) or real(paths, schema)
+    )
+    for ids, files in ((["vm-20", "vm-13", None, "vm-12"], [3]), (["vm-20", "vm-02"], [3, 6])):
+        read.clear()
+        got = vm_keys.vms_of(lake, pa.array(ids, pa.string()), columns, since)
+        assert read == files
+        want = vm_keys.vms_of(lake, pa.array(ids, pa.string()), columns)
+        assert [got.column(c).to_pylist() for c in columns] == [want.column(c).to_pylist() for c in columns]
+        assert got.column("vm_name").to_pylist() == [i and f"name-{int(i[3:])}" for i in ids]

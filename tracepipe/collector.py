@@ -339,18 +339,40 @@ def _save_state(spool: Path, state: Any, segment: str) -> None:
 
 def _attribution(lake: Any) -> Any:
     """flows -> flows with src_vm/dst_vm/attributed_at when the lake has vm_leases, to attribute flows before
-    they land (as `ingest netflow` does right after landing); None otherwise or when that fails: the flows land
-    anyway and are joined to VMs at query time."""
+    they land (as `ingest netflow` does right after landing); None otherwise. One Attributor per lake serves
+    every segment: it indexes the leases of the days the flows fall on, again only when vm_leases or vms changed
+    or flows fall outside those days (not every lease of the lake's history for every segment). A failure lets
+    the flows land unattributed (joined to VMs at query time): attribution is an optimisation, never a reason
+    not to commit."""
     if not lake.files("vm_leases"):
+        _ATTRIBUTORS.pop(lake.root, None)
         return None
     try:
-        from tracepipe.correlate.attribution import attribute_table, lease_index
+        from tracepipe.correlate.attribution import Attributor
 
-        index = lease_index(lake, vm_keys=True)  # and the VMs' keys, for flows_attributed's integer join
-    except Exception as exc:  # attribution is an optimisation; never a reason not to commit
-        log.warning("flows land unattributed (joined to VMs at query time): cannot index vm_leases: %s", exc)
+        attributor = _ATTRIBUTORS.get(lake.root)
+        if attributor is None:
+            attributor = _ATTRIBUTORS.setdefault(lake.root, Attributor(lake))
+        attributor.lake = lake
+        attributor.refresh()
+    except Exception as exc:
+        log.warning("flows land unattributed (joined to VMs at query time): cannot read vm_leases: %s", exc)
         return None
-    return lambda flows: attribute_table(flows, index)
+
+    def attribute(flows: Any) -> Any:
+        try:
+            return attributor(flows)
+        except Exception as exc:
+            log.warning(
+                "flows land unattributed (joined to VMs at query time): cannot index vm_leases: %s", exc
+            )
+            _ATTRIBUTORS.pop(lake.root, None)
+            return flows
+
+    return attribute
+
+
+_ATTRIBUTORS: dict[Path, Any] = {}  # lake root -> its correlate.attribution.Attributor (see _attribution)
 
 
 @dataclass

@@ -14,6 +14,7 @@ nulls where nobody held the address): numpy searches over a sorted (address, sta
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -138,9 +139,19 @@ def lease_at(
 
 
 def read_leases(
-    lake: Any, addresses: Iterable[str] | None = None, columns: Sequence[str] | None = None
+    lake: Any,
+    addresses: Iterable[str] | None = None,
+    columns: Sequence[str] | None = None,
+    during: tuple[dt.datetime, dt.datetime] | None = None,
 ) -> pa.Table:
-    """vm_leases of the lake (only the rows of `addresses`, skipping row groups by their addr statistics)."""
+    """vm_leases of the lake: only the rows of `addresses`, and only the leases that overlap `during` = [lo, hi)
+    (valid_from < hi, still held or valid_to > lo), skipping files and row groups by their statistics (files
+    are cut by valid_from; settled ones hold closed leases).
+
+    Within `during`, the leases that overlap it give every answer the whole table gives: leases never
+    overlap (build_leases), so one that ended by lo is never the last lease of its address started at or
+    before a time in [lo, hi) while holding it. (Rows planted to overlap: the module docstring's rule among
+    the leases that overlap `during`.)"""
     wanted = list(columns) if columns is not None else VM_LEASES.names
     paths = [str(p) for p in lake.files("vm_leases")]
     schema = pa.schema([VM_LEASES.field(c) for c in wanted])
@@ -152,19 +163,31 @@ def read_leases(
     where = None
     if addresses is not None:
         where = pc.field("addr").isin(pa.array(sorted(set(addresses)), pa.string()))
+    if during is not None:
+        lo, hi = (pa.scalar(t, pa.timestamp("us", tz="UTC")) for t in during)
+        overlap = (pc.field("valid_from") < hi) & (
+            pc.field("valid_to").is_null() | (pc.field("valid_to") > lo)
+        )
+        where = overlap if where is None else where & overlap
     return dataset.to_table(columns=wanted, filter=where).cast(schema)
 
 
-def lease_index(lake: Any, addresses: Iterable[str] | None = None, vm_keys: bool = False) -> LeaseIndex:
-    """The lake's vm_leases (or the rows of some addresses) as a LeaseIndex; with `vm_keys`, each lease also
-    carries its VM's vms.vm_key and identity facts (vm_key, fact_<name> for schema.VM_FACTS: what attribution
-    writes into flow files, attribution.attribute_table)."""
-    leases = read_leases(lake, addresses, ["addr", "vm_id", "valid_from", "valid_to"])
+def lease_index(
+    lake: Any,
+    addresses: Iterable[str] | None = None,
+    vm_keys: bool = False,
+    during: tuple[dt.datetime, dt.datetime] | None = None,
+) -> LeaseIndex:
+    """The lake's vm_leases (or the rows of some addresses, or the leases that overlap `during`: read_leases)
+    as a LeaseIndex; with `vm_keys`, each lease also carries its VM's vms.vm_key and identity facts (vm_key,
+    fact_<name> for schema.VM_FACTS: what attribution writes into flow files, attribution.attribute_table)."""
+    leases = read_leases(lake, addresses, ["addr", "vm_id", "valid_from", "valid_to"], during)
     if vm_keys:
         from tracepipe.correlate.vm_keys import vms_of
         from tracepipe.schema import VM_FACTS
 
-        of_vm = vms_of(lake, leases.column("vm_id"), ["vm_id", "vm_key", *VM_FACTS])
+        since = None if during is None else during[0]
+        of_vm = vms_of(lake, leases.column("vm_id"), ["vm_id", "vm_key", *VM_FACTS], since)
         for name in of_vm.column_names:
             if name == "vm_id":
                 if of_vm.column(name).null_count == leases.column(name).null_count:

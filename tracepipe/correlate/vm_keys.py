@@ -258,19 +258,45 @@ def keys_of(lake: Any, vm_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
     return vms_of(lake, vm_ids, ["vm_key"]).column("vm_key").combine_chunks()
 
 
-def vms_of(lake: Any, vm_ids: pa.Array | pa.ChunkedArray, columns: list[str]) -> pa.Table:
+def vms_of(
+    lake: Any, vm_ids: pa.Array | pa.ChunkedArray, columns: list[str], since: dt.datetime | None = None
+) -> pa.Table:
     """`columns` of vms for each of `vm_ids` (one row each, nulls where vms has no row). Text columns come
     dictionary-encoded over vms' values: taking rows of them per flow moves 4-byte indices. "vm_id" may be
-    one of `columns`: each id as a dictionary code over vms' ids (null where vms has no row)."""
+    one of `columns`: each id as a dictionary code over vms' ids (null where vms has no row).
+
+    `since`: the VMs are those of leases that overlap a time from `since` on, so first only the vms files
+    whose statistics allow a VM not deleted (nor in quarantine) before it are read: the VMs alive and deleted
+    since, not every VM of the lake's history (files of deleted VMs are cut by deleted_at). Should one of
+    `vm_ids` not be there (a lease outliving its VM's deletion), every file is read."""
     schema = pa.schema([VMS.field("vm_id"), *(VMS.field(c) for c in columns if c != "vm_id")])
-    tables = read_parquet_files([e.path for e in lake.entries("vms")], schema)
-    known = pa.concat_tables(tables) if tables else schema.empty_table()
+    entries = lake.entries("vms")
+    first = entries if since is None else [e for e in entries if _alive_since(e, since)]
+    known = _read_vms(first, schema)
     rows = _rows_in(vm_ids, known.column("vm_id"))
+    if len(first) < len(entries) and rows.null_count > vm_ids.null_count:
+        known = _read_vms(entries, schema)
+        rows = _rows_in(vm_ids, known.column("vm_id"))
     out = {}
     for name in columns:
         column = known.column(name).combine_chunks()
         out[name] = _coded(column, rows) if pa.types.is_string(column.type) else column.take(rows)
     return pa.table(out)
+
+
+def _read_vms(entries: list[Any], schema: pa.Schema) -> pa.Table:
+    tables = read_parquet_files([e.path for e in entries], schema)
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _alive_since(entry: Any, since: dt.datetime) -> bool:
+    """Whether a vms file may hold a VM not deleted, or still in quarantine, at `since` (by its statistics;
+    without them: yes)."""
+    deleted = entry.maxs.get("deleted_at")
+    if entry.null_counts.get("deleted_at") != 0 or deleted is None:
+        return True
+    quarantine = entry.maxs.get("quarantine_until")
+    return bool(deleted >= since or (quarantine is not None and quarantine >= since))
 
 
 def _rows_in(values: pa.Array | pa.ChunkedArray, known: pa.Array | pa.ChunkedArray) -> pa.Array:
