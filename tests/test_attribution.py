@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -449,6 +450,25 @@ def test_an_attributor_indexes_again_only_for_new_days_or_changed_leases(tmp_pat
     lake.replace_dataset("vm_leases", pa.Table.from_pylist(moved, schema=VM_LEASES))
     attributor.refresh()
     check(batch(DAY1 + dt.timedelta(days=2)), 3, moved)
+    # a lake made again at the same path, at the same versions
+    version = lake.version("vm_leases")
+    shutil.rmtree(lake.root)
+    lake = Lake(lake.root)
+    for table in (moved, leases):
+        lake.replace_dataset("vm_leases", pa.Table.from_pylist(table, schema=VM_LEASES))
+    assert lake.version("vm_leases") == version
+    attributor.lake = lake
+    attributor.refresh()
+    check(batch(DAY1 + dt.timedelta(days=2)), 4, leases)
+    # the collector's: its days follow the flows, never wider than two days
+    attributor = Attributor(lake, widest=dt.timedelta(days=2))
+    check(batch(DAY1), 1, leases)
+    check(batch(DAY2), 2, leases)
+    assert attributor.span == (DAY1, DAY2 + dt.timedelta(days=1))
+    check(batch(DAY2 + dt.timedelta(days=1)), 3, leases)
+    assert attributor.span == (DAY2 + dt.timedelta(days=1), DAY2 + dt.timedelta(days=2))
+    check(batch(DAY1 - dt.timedelta(days=4)), 4, leases)  # an exporter's clock days behind
+    assert attributor.span == (DAY1 - dt.timedelta(days=4), DAY1 - dt.timedelta(days=3))
 
 
 def test_attribute_command(lake):

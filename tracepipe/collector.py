@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import datetime as dt
 import errno
 import fcntl
 import ipaddress
@@ -352,7 +353,7 @@ def _attribution(lake: Any) -> Any:
 
         attributor = _ATTRIBUTORS.get(lake.root)
         if attributor is None:
-            attributor = _ATTRIBUTORS.setdefault(lake.root, Attributor(lake))
+            attributor = _ATTRIBUTORS.setdefault(lake.root, Attributor(lake, widest=dt.timedelta(days=2)))
         attributor.lake = lake
         attributor.refresh()
     except Exception as exc:

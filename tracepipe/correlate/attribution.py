@@ -123,13 +123,22 @@ class Attributor:
     attributes, not every lease of the lake's history (a year of CERN churn: 3 M leases and VMs, ~5 s to
     index on every run, growing with the years). The days are given up front (`days`) or taken from the
     batches; a batch outside them widens them, and the index is built again. `refresh()` drops the index when
-    vm_leases or vms changed: the collector's committer keeps one Attributor across its segments."""
+    vm_leases or vms changed: the collector's committer keeps one Attributor across its segments, with
+    `widest` (2 days), so that its days follow the flows instead of growing from the day it started: a batch
+    that would widen them beyond that replaces them by its own."""
 
-    def __init__(self, lake: Lake, when: dt.datetime | None = None, days: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        lake: Lake,
+        when: dt.datetime | None = None,
+        days: Iterable[str] = (),
+        widest: dt.timedelta | None = None,
+    ) -> None:
         self.lake = lake
         self.when = when
+        self.widest = widest
         self.index: LeaseIndex | None = None
-        self.versions: tuple[int | None, int | None] | None = None
+        self.versions: tuple[Any, ...] | None = None
         self.span: tuple[dt.datetime, dt.datetime] | None = None
         self.builds = 0
         days = sorted(days)
@@ -138,16 +147,20 @@ class Attributor:
             self.span = (first, last + _DAY)
 
     def refresh(self) -> None:
-        versions = (self.lake.version("vm_leases"), self.lake.version("vms"))
+        # the versions, and a file of each (named at random): a lake made again at the same path starts over
+        # at the same versions
+        versions = tuple(
+            (self.lake.version(name), next((e.relative for e in self.lake.entries(name)), None))
+            for name in ("vm_leases", "vms")
+        )
         if versions != self.versions:
             self.index, self.versions = None, versions
 
     def __call__(self, flows: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
         span = _days_of(flows.column("ts_start"))
         if span is not None and (self.span is None or span[0] < self.span[0] or span[1] > self.span[1]):
-            self.span = (
-                span if self.span is None else (min(span[0], self.span[0]), max(span[1], self.span[1]))
-            )
+            both = span if self.span is None else (min(span[0], self.span[0]), max(span[1], self.span[1]))
+            self.span = both if self.widest is None or both[1] - both[0] <= self.widest else span
             self.index = None
         if self.index is None:
             self.index = lease_index(self.lake, vm_keys=True, during=self.span or (_EPOCH, _EPOCH))
