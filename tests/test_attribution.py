@@ -460,15 +460,31 @@ def test_an_attributor_indexes_again_only_for_new_days_or_changed_leases(tmp_pat
     attributor.lake = lake
     attributor.refresh()
     check(batch(DAY1 + dt.timedelta(days=2)), 4, leases)
-    # the collector's: its days follow the flows, never wider than two days
+    # the collector's: one segment after the other, its days follow the flows, never wider than two days
     attributor = Attributor(lake, widest=dt.timedelta(days=2))
-    check(batch(DAY1), 1, leases)
-    check(batch(DAY2), 2, leases)
+
+    def segment(day: dt.datetime, builds: int) -> None:
+        attributor.refresh()
+        check(batch(day), builds, leases)
+        assert not attributor.whole
+
+    segment(DAY1, 1)
+    segment(DAY1, 1)
+    segment(DAY2, 2)
     assert attributor.span == (DAY1, DAY2 + dt.timedelta(days=1))
-    check(batch(DAY2 + dt.timedelta(days=1)), 3, leases)
+    segment(DAY2 + dt.timedelta(days=1), 3)
     assert attributor.span == (DAY2 + dt.timedelta(days=1), DAY2 + dt.timedelta(days=2))
-    check(batch(DAY1 - dt.timedelta(days=4)), 4, leases)  # an exporter's clock days behind
+    segment(DAY1 - dt.timedelta(days=4), 4)  # an exporter's clock days behind
     assert attributor.span == (DAY1 - dt.timedelta(days=4), DAY1 - dt.timedelta(days=3))
+    # flows jumping around the calendar within one segment: two indexes of days, then every lease, once
+    check(batch(DAY1 + dt.timedelta(days=5)), 5, leases)
+    assert not attributor.whole
+    check(batch(DAY1 - dt.timedelta(days=2)), 6, leases)
+    assert attributor.whole and len(attributor.index) == len(leases)
+    for day in (7, -5, 1, 6):
+        check(batch(DAY1 + dt.timedelta(days=day)), 6, leases)
+    attributor.refresh()  # unchanged leases: the whole index serves the next segments too
+    check(batch(DAY1 + dt.timedelta(days=3)), 6, leases)
 
 
 def test_attribute_command(lake):

@@ -125,7 +125,11 @@ class Attributor:
     batches; a batch outside them widens them, and the index is built again. `refresh()` drops the index when
     vm_leases or vms changed: the collector's committer keeps one Attributor across its segments, with
     `widest` (2 days), so that its days follow the flows instead of growing from the day it started: a batch
-    that would widen them beyond that replaces them by its own."""
+    that would widen them beyond that replaces them by its own.
+
+    Flows whose times jump around the calendar (an exporter's clock, or datagrams forged to make the committer
+    index again and again) cost at most _REBUILDS indexes of days between two refreshes (a collector segment):
+    then every lease is indexed once, as before days were, until the leases change."""
 
     def __init__(
         self,
@@ -140,7 +144,9 @@ class Attributor:
         self.index: LeaseIndex | None = None
         self.versions: tuple[Any, ...] | None = None
         self.span: tuple[dt.datetime, dt.datetime] | None = None
+        self.whole = False  # every lease indexed (see the class docstring)
         self.builds = 0
+        self.rebuilt = 0  # indexes built since the last refresh()
         days = sorted(days)
         if days:
             first, last = (dt.datetime.fromisoformat(d).replace(tzinfo=dt.UTC) for d in (days[0], days[-1]))
@@ -154,18 +160,28 @@ class Attributor:
             for name in ("vm_leases", "vms")
         )
         if versions != self.versions:
-            self.index, self.versions = None, versions
+            self.index, self.versions, self.whole = None, versions, False
+        self.rebuilt = 0
 
     def __call__(self, flows: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
         span = _days_of(flows.column("ts_start"))
-        if span is not None and (self.span is None or span[0] < self.span[0] or span[1] > self.span[1]):
+        outside = span is not None and (self.span is None or span[0] < self.span[0] or span[1] > self.span[1])
+        if outside and not self.whole:
+            assert span is not None
+            if self.index is not None and self.rebuilt >= _REBUILDS:
+                self.whole = True
             both = span if self.span is None else (min(span[0], self.span[0]), max(span[1], self.span[1]))
             self.span = both if self.widest is None or both[1] - both[0] <= self.widest else span
             self.index = None
         if self.index is None:
-            self.index = lease_index(self.lake, vm_keys=True, during=self.span or (_EPOCH, _EPOCH))
+            during = None if self.whole else (self.span or (_EPOCH, _EPOCH))
+            self.index = lease_index(self.lake, vm_keys=True, during=during)
             self.builds += 1
+            self.rebuilt += 1
         return attribute_table(flows, self.index, self.when)
+
+
+_REBUILDS = 2  # indexes of days an Attributor builds between two refreshes before it indexes every lease
 
 
 def _days_of(ts: pa.Array | pa.ChunkedArray) -> tuple[dt.datetime, dt.datetime] | None:
