@@ -485,6 +485,17 @@ def test_an_attributor_indexes_again_only_for_new_days_or_changed_leases(tmp_pat
         check(batch(DAY1 + dt.timedelta(days=day)), 6, leases)
     attributor.refresh()  # unchanged leases: the whole index serves the next segments too
     check(batch(DAY1 + dt.timedelta(days=3)), 6, leases)
+    # a segment with one flow days old widens its days to them; once the leases change, the days follow the
+    # flows again (not the wide days of before)
+    wide = pa.concat_tables([batch(DAY1 + dt.timedelta(days=6)), batch(DAY1)])
+    lake.replace_dataset("vm_leases", pa.Table.from_pylist(moved, schema=VM_LEASES))
+    attributor.refresh()
+    check(wide, 7, moved)
+    assert attributor.span == (DAY1, DAY1 + dt.timedelta(days=7)) and not attributor.whole
+    lake.replace_dataset("vm_leases", pa.Table.from_pylist(leases, schema=VM_LEASES))
+    attributor.refresh()
+    check(batch(DAY1 + dt.timedelta(days=6)), 8, leases)
+    assert attributor.span == (DAY1 + dt.timedelta(days=6), DAY1 + dt.timedelta(days=7))
 
 
 def test_attribute_command(lake):

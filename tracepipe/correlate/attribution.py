@@ -161,6 +161,8 @@ class Attributor:
         )
         if versions != self.versions:
             self.index, self.versions, self.whole = None, versions, False
+            if self.widest is not None:  # (days that followed the flows: from the next flows on, again)
+                self.span = None
         self.rebuilt = 0
 
     def __call__(self, flows: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
