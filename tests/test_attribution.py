@@ -592,3 +592,42 @@ def test_the_empty_lease_update_is_what_leases_py_reports():
     from tracepipe.correlate.leases import LeaseUpdate
 
     assert LeaseUpdate().to_dict() == NO_LEASE_UPDATE
+
+
+def test_planted_days_and_times_do_not_stop_attribution(tmp_path):
+    """A day in the log that is no date (a planted partition) and flow times at the ends of what a timestamp
+    holds (year 1, year 294,247: a planted file) leave attribution working, with the answers of an index of
+    every lease; a vms file whose statistics are of another type is read rather than skipped."""
+    import random
+    from types import SimpleNamespace
+
+    from tracepipe.correlate import vm_keys
+    from tracepipe.correlate.attribution import Attributor
+
+    rng = random.Random(3)
+    addrs = [f"10.4.0.{i}" for i in range(1, 9)]
+    leases = _lease_history(rng, addrs, DAY1 - dt.timedelta(days=2), 5)
+    lake = Lake(tmp_path / "lake")
+    lake.replace_dataset("vm_leases", pa.Table.from_pylist(leases, schema=VM_LEASES))
+    attributor = Attributor(lake, days=["date-planted", "2024-03-12", ""])
+    assert attributor.span == (DAY1, DAY2)
+    rows = [
+        (at(DAY1, rng.uniform(0, 23)), rng.choice(addrs), rng.choice(addrs), None, None) for _ in range(50)
+    ]
+    flows = flows_table(rows)
+    ends = pa.array([-(2**63) + 1, 2**63 - 1, 0], pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+    extreme = flows.slice(0, 3).set_column(
+        flows.schema.get_field_index("ts_start"), flows.schema.field("ts_start"), ends
+    )
+    for batch in (flows, extreme, pa.concat_tables([flows, extreme])):
+        out = attributor(batch)
+        got = list(zip(out.column("src_vm").to_pylist(), out.column("dst_vm").to_pylist(), strict=True))
+        assert got == _reference(leases, batch)
+    assert sum(1 for src, _ in got if src) > 20
+    since = DAY1
+    odd = SimpleNamespace(null_counts={"deleted_at": 0}, maxs={"deleted_at": "2020-01-01"})
+    assert vm_keys._alive_since(odd, since)
+    odd.maxs = {"deleted_at": DAY1 - dt.timedelta(days=9), "quarantine_until": 7}
+    assert vm_keys._alive_since(odd, since)
+    odd.maxs = {"deleted_at": DAY1 - dt.timedelta(days=9)}
+    assert not vm_keys._alive_since(odd, since)

@@ -147,10 +147,10 @@ class Attributor:
         self.whole = False  # every lease indexed (see the class docstring)
         self.builds = 0
         self.rebuilt = 0  # indexes built since the last refresh()
-        days = sorted(days)
-        if days:
-            first, last = (dt.datetime.fromisoformat(d).replace(tzinfo=dt.UTC) for d in (days[0], days[-1]))
-            self.span = (first, last + _DAY)
+        # (the days of a lake's log; one that is no date, a planted partition, is left to the batches' guard)
+        starts = sorted(filter(None, map(_day_start, days)))
+        if starts:
+            self.span = (starts[0], starts[-1] + _DAY)
 
     def refresh(self) -> None:
         # the versions, and a file of each (named at random): a lake made again at the same path starts over
@@ -186,14 +186,27 @@ class Attributor:
 _REBUILDS = 2  # indexes of days an Attributor builds between two refreshes before it indexes every lease
 
 
+def _day_start(day: str) -> dt.datetime | None:
+    try:
+        return dt.datetime.combine(dt.date.fromisoformat(day), dt.time(), dt.UTC)
+    except (TypeError, ValueError):
+        return None
+
+
+_DAY_US = 86_400_000_000
+_FIRST_US = -62_135_596_800_000_000 + _DAY_US  # 0001-01-02 (the days are whole days as Python dates)
+_LAST_US = 253_402_214_400_000_000 - _DAY_US  # 9999-12-30: the day after it is still a datetime
+
+
 def _days_of(ts: pa.Array | pa.ChunkedArray) -> tuple[dt.datetime, dt.datetime] | None:
-    """[first day, day after the last) of timestamps, as UTC midnights; None without any."""
-    bounds = pc.min_max(ts)
+    """[first day, day after the last) of timestamps, as UTC midnights; None without any. In integers, clamped
+    to the days Python has: a planted file's time of year 294,247 must not stop attribution."""
+    bounds = pc.min_max(ts.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()))
     low, high = bounds["min"].as_py(), bounds["max"].as_py()
     if low is None or high is None:
         return None
-    first = dt.datetime.combine(low.astimezone(dt.UTC).date(), dt.time(), dt.UTC)
-    return first, dt.datetime.combine(high.astimezone(dt.UTC).date(), dt.time(), dt.UTC) + _DAY
+    first, last = (min(max(v // _DAY_US * _DAY_US, _FIRST_US), _LAST_US) for v in (low, high))
+    return _EPOCH + dt.timedelta(microseconds=first), _EPOCH + dt.timedelta(microseconds=last + _DAY_US)
 
 
 def attribute_flows(

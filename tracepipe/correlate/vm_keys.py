@@ -292,10 +292,11 @@ def _read_vms(entries: list[Any], schema: pa.Schema) -> pa.Table:
 def _alive_since(entry: Any, since: dt.datetime) -> bool:
     """Whether a vms file may hold a VM not deleted, or still in quarantine, at `since` (by its statistics;
     without them: yes)."""
-    deleted = entry.maxs.get("deleted_at")
-    if entry.null_counts.get("deleted_at") != 0 or deleted is None:
+    deleted, quarantine = entry.maxs.get("deleted_at"), entry.maxs.get("quarantine_until")
+    if entry.null_counts.get("deleted_at") != 0 or not isinstance(deleted, dt.datetime):
+        return True  # (statistics of another type, as a planted log entry could give: read the file)
+    if quarantine is not None and not isinstance(quarantine, dt.datetime):
         return True
-    quarantine = entry.maxs.get("quarantine_until")
     return bool(deleted >= since or (quarantine is not None and quarantine >= since))
 
 
