@@ -358,3 +358,35 @@ def test_a_handle_older_than_the_log_retention_reopens(tmp_path):
     ingest_table(old, "flows", "late", "1b" * 32, [_flows(3, DAY, 9)])
     assert old.read("flows").num_rows == 2 + 10 + 3
     assert _count(Lake(tmp_path / "lake")) == 15
+
+
+def test_every_table_has_a_checkpoint_at_most_checkpoint_interval_commits_old(tmp_path):
+    """Every open replays the log after the last checkpoint: a new table asks Delta for one every
+    CHECKPOINT_INTERVAL commits, and one made with Delta's default of 100 (a lake of before) gets them from
+    Lake.commit, without a commit of its own (a new version of vm_leases would mean a full lease rebuild)."""
+    from deltalake import DeltaTable
+
+    from tracepipe.lake import CHECKPOINT_INTERVAL, TABLE_CONFIG
+
+    assert CHECKPOINT_INTERVAL < 100
+    for made_before in (False, True):
+        root = tmp_path / f"lake-{made_before}"
+        lake = Lake(root)
+        ingest_table(lake, "flows", "first", f"{1:064x}", [_flows(2, DAY)])
+        table = DeltaTable(str(root / "flows"))
+        interval = table.metadata().configuration["delta.checkpointInterval"]
+        assert interval == TABLE_CONFIG["delta.checkpointInterval"]
+        if made_before:
+            table.alter.set_table_properties({"delta.checkpointInterval": "100"})
+        lake = Lake(root)
+        start = DeltaTable(str(root / "flows")).version()
+        for i in range(2, 2 * CHECKPOINT_INTERVAL + 3):  # (a day each: no compaction)
+            ingest_table(lake, "flows", f"e{i}", f"{i:064x}", [_flows(2, DAY + dt.timedelta(days=i), i)])
+        version = DeltaTable(str(root / "flows")).version()
+        assert version > start + 2 * CHECKPOINT_INTERVAL
+        log = root / "flows" / "_delta_log"
+        last = json.loads((log / "_last_checkpoint").read_text())["version"]
+        assert version - last < CHECKPOINT_INTERVAL, (made_before, version, last)
+        checkpoints = sorted(int(p.name.split(".")[0]) for p in log.glob("*.checkpoint.parquet"))
+        assert len(checkpoints) >= 2 and all((v + 1) % CHECKPOINT_INTERVAL == 0 for v in checkpoints), checkpoints
+        assert _count(Lake(root)) == 2 * (2 * CHECKPOINT_INTERVAL + 2)
