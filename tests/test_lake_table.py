@@ -388,5 +388,7 @@ def test_every_table_has_a_checkpoint_at_most_checkpoint_interval_commits_old(tm
         last = json.loads((log / "_last_checkpoint").read_text())["version"]
         assert version - last < CHECKPOINT_INTERVAL, (made_before, version, last)
         checkpoints = sorted(int(p.name.split(".")[0]) for p in log.glob("*.checkpoint.parquet"))
-        assert len(checkpoints) >= 2 and all((v + 1) % CHECKPOINT_INTERVAL == 0 for v in checkpoints), checkpoints
+        assert len(checkpoints) >= 2 and all((v + 1) % CHECKPOINT_INTERVAL == 0 for v in checkpoints), (
+            checkpoints
+        )
         assert _count(Lake(root)) == 2 * (2 * CHECKPOINT_INTERVAL + 2)

@@ -1396,6 +1396,43 @@ def test_a_damaged_lease_state_means_a_full_rebuild(tmp_path, damage):
     assert [p.name for p in (lake.root / STATE_DIR).iterdir()] == [str(lake.version("vm_leases"))]
 
 
+def test_the_state_maps_its_big_hash_files_and_checks_them_when_not_its_own(tmp_path):
+    """The hourly update maps known.npy (every VM id ever seen: 24 MB a year of CERN churn) instead of reading
+    it, and trusts its order only when it is the file the state's save wrote: a copy of the lake (new inodes)
+    or a file written over it is read and checked once, and an update goes on incrementally when it is in
+    order."""
+    import shutil
+
+    import numpy as np
+
+    from tracepipe.correlate.leases import STATE_DIR, _load_state, refresh_leases
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    lake = Lake(tmp_path / "lake")
+    rows = [
+        {"ts": utc(1, i), "vm_id": f"v{i}", "vm_name": f"v{i}", "action": "create", "addrs": [f"10.0.0.{i}"]}
+        for i in range(1, 6)
+    ]
+    ingest_table(lake, "vm_events", "1", hash_bytes(b"1"), [_events(rows)])
+    refresh_leases(lake, SEVEN_DAYS)
+    state = _load_state(lake, lake.version("vm_leases"))
+    assert state is not None and isinstance(state.known, np.memmap) and len(state.known) == 5
+    copy = Lake(tmp_path / "copy")
+    shutil.copytree(lake.root, copy.root)
+    (saved,) = (copy.root / STATE_DIR).iterdir()
+    known = np.load(saved / "known.npy")
+    (saved / "known.npy").unlink()
+    np.save(saved / "known.npy", known)  # the same hashes in a file of its own
+    assert _load_state(copy, copy.version("vm_leases")) is not None
+    np.save(saved / "known.npy", known[::-1].copy())  # out of order: not what the save wrote
+    assert _load_state(copy, copy.version("vm_leases")) is None
+    later = [{"ts": utc(2, 0), "vm_id": "v1", "action": "delete", "addrs": []}]
+    ingest_table(lake, "vm_events", "2", hash_bytes(b"2"), [_events(later)])
+    assert refresh_leases(lake).mode == "incremental"
+    leases, vms = build_leases(_events(rows + later), SEVEN_DAYS)
+    assert _lake_tables(lake) == (leases.to_pylist(), vms.to_pylist())
+
+
 def test_hourly_updates_keep_settled_files_few_and_rewrite_little(tmp_path):
     """The update rewrote the newest settled file until it was full (up to FILE_ROWS rows read and written
     every hour, whatever the hour brought). Now settled rows go to a small file of their own once the newest
