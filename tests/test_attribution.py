@@ -409,6 +409,91 @@ def test_attribution_indexes_only_the_leases_of_its_days_with_the_same_answers(t
     assert sum(1 for src, _ in got if src) > 300  # not two empty answers
 
 
+def test_log_lines_are_reattributed_from_the_leases_of_their_days_with_the_same_answers(
+    tmp_path, monkeypatch
+):
+    """VM log lines on two days of three weeks of leases, by sender address and by hostname (names shared by
+    VMs at other times, a short name, VMs of two leases): reattribute_logs reads only the leases that overlap
+    those days and gives every line the VM attribute_logs gives over every lease of the history; a planted
+    line far outside its day widens the leases read, never a wrong answer."""
+    import random
+
+    from tracepipe.correlate import attribution
+    from tracepipe.correlate.attribution import attribute_logs, reattribute_logs
+    from tracepipe.schema import VM_LOGS
+
+    rng = random.Random(29)
+    addrs = [f"10.3.0.{i}" for i in range(1, 25)] + [f"2001:db8::{i:x}" for i in range(1, 9)]
+    leases = _lease_history(rng, addrs, DAY1 - dt.timedelta(days=10), 21)
+    for lease in leases:  # a VM of two leases now and then; names that several VMs have over time
+        lease["vm_name"] = f"host-{rng.randrange(12)}"
+        if rng.random() < 0.3:
+            lease["vm_id"] = leases[max(0, leases.index(lease) - 1)]["vm_id"]
+    lake = Lake(tmp_path / "lake")
+    lake.replace_dataset("vm_leases", pa.Table.from_pylist(leases, schema=VM_LEASES))
+    times = [at(DAY1, rng.uniform(0, 47.99)) for _ in range(500)] + [DAY1, DAY2]
+    for lease in leases:
+        times += [
+            t
+            for t in (lease["valid_from"], lease["valid_to"])
+            if t and DAY1 <= t < DAY1 + dt.timedelta(days=2)
+        ]
+    rows = []
+    for i, t in enumerate(times):
+        by_addr = rng.random() < 0.5
+        name = f"host-{rng.randrange(14)}" + rng.choice(["", ".cern.ch"])
+        rows.append(
+            {
+                "ts": t,
+                "sender_addr": rng.choice(addrs) if by_addr else None,
+                "hostname": name,
+                "message": "x",
+                "source": "logs",
+                "line": i,
+            }
+        )
+    logs = pa.Table.from_pylist(rows, schema=VM_LOGS)
+    ingest_table(lake, "vm_logs", "two-days", "logs-two-days", [logs])
+    read = []
+    real = attribution.read_leases
+
+    def counted(*args, **kwargs):
+        table = real(*args, **kwargs)
+        read.append(table.num_rows)
+        return table
+
+    monkeypatch.setattr(attribution, "read_leases", counted)
+    files, attributed = reattribute_logs(lake, ["2024-03-12", "2024-03-13"])
+    assert files == 2 and len(read) == 1 and read[0] < len(leases) / 3
+    every = pa.Table.from_pylist(leases, schema=VM_LEASES)
+    stored = lake.read("vm_logs").sort_by("line")
+    want = attribute_logs(stored, every).column("vm_id").to_pylist()
+    assert stored.column("vm_id").to_pylist() == want
+    assert attributed == sum(1 for v in want if v) and sum(1 for v in want if v) > 150
+    # lines of other times in a day's files (planted): the leases read widen to them, the answers stay those
+    # of every lease; after _REBUILDS reads, every lease is read
+    outside = [
+        {**rows[0], "ts": DAY1 + dt.timedelta(days=9, hours=h), "sender_addr": a, "line": 10_000 + j}
+        for j, (h, a) in enumerate((rng.uniform(0, 24), rng.choice(addrs)) for _ in range(40))
+    ]
+    ends = pa.array([-(2**63) + 1, 2**63 - 1], pa.int64()).cast(VM_LOGS.field("ts").type)
+    extreme = logs.slice(0, 2).set_column(0, VM_LOGS.field("ts"), ends)
+    batches = [logs.slice(0, 50), pa.Table.from_pylist(outside, schema=VM_LOGS), extreme, logs.slice(50, 50)]
+    out = []
+
+    def rewrite(name, days, again, info=None):
+        out.extend(again(b) for t in batches for b in t.to_batches())
+        return {"files_removed": 1}
+
+    monkeypatch.setattr(lake, "rewrite", rewrite)
+    read.clear()
+    reattribute_logs(lake, ["2024-03-12"])
+    assert len(read) == 3 and read[0] < read[1] < read[2] == len(leases)
+    for batch, done in zip(batches, out, strict=True):
+        assert done.column("vm_id").to_pylist() == attribute_logs(batch, every).column("vm_id").to_pylist()
+    assert sum(1 for v in out[1].column("vm_id").to_pylist() if v) > 5
+
+
 def test_an_attributor_indexes_again_only_for_new_days_or_changed_leases(tmp_path):
     """The collector's committer keeps one Attributor: flows of the days it indexed reuse its index; flows of
     another day widen its days and index again; a change of vm_leases (refresh) indexes again. Every answer is

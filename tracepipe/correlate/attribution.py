@@ -260,7 +260,8 @@ def attribute_flows(
 def attribute_logs(logs: pa.Table, leases: pa.Table) -> pa.Table:
     """(Re)set vm_id of VM log lines: the VM whose lease held `sender_addr` at the line's time (lease_at);
     lines without a sender address go by hostname (or its first label) = vm_name among the VMs holding a
-    lease then, when exactly one does; else null."""
+    lease then, when exactly one does; else null. Every answer at a time comes from the leases that hold
+    then: any `leases` that include those give the same (reattribute_logs reads those of the days only)."""
     if logs.num_rows == 0 or leases.num_rows == 0:
         return logs.set_column(
             logs.schema.get_field_index("vm_id"), "vm_id", pa.nulls(logs.num_rows, pa.string())
@@ -271,15 +272,11 @@ def attribute_logs(logs: pa.Table, leases: pa.Table) -> pa.Table:
     frame = pl.from_arrow(logs).with_row_index("_row").with_columns(pl.Series("_by_addr", by_addr))
     lease = pl.from_arrow(leases.select(["vm_id", "vm_name", "valid_from", "valid_to"]))
     assert isinstance(frame, pl.DataFrame) and isinstance(lease, pl.DataFrame)
-    # by name: a VM's span from its first lease to its last (its name may move to another VM after)
-    spans = (
-        lease.filter(pl.col("vm_name").is_not_null())
-        .group_by("vm_name", "vm_id")
-        .agg(
-            pl.col("valid_from").min(),
-            pl.col("valid_to").max(),
-            pl.col("valid_to").is_null().any().alias("_open"),
-        )
+    # by name: the VMs of that name holding a lease (any address) at the line's time. (Until session 20 a VM's
+    # span from its first lease to its last: a VM between two leases days apart matched too, which made an
+    # answer depend on leases far from the line, and every re-attribution read every lease of the history.)
+    spans = lease.filter(pl.col("vm_name").is_not_null()).select(
+        "vm_name", "vm_id", "valid_from", "valid_to", pl.col("valid_to").is_null().alias("_open")
     )
     named = frame.filter(pl.col("sender_addr").is_null() & pl.col("hostname").is_not_null()).select(
         "_row", "ts", pl.col("hostname").str.split(".").list.first().alias("_short"), "hostname"
@@ -316,12 +313,32 @@ def reattribute_logs(lake: Lake, days: Iterable[str]) -> tuple[int, int]:
     days = sorted(set(days))
     if not days or not lake.files("vm_logs", days):
         return 0, 0
-    leases = read_leases(lake, columns=["addr", "vm_id", "vm_name", "valid_from", "valid_to"])
+    columns = ["addr", "vm_id", "vm_name", "valid_from", "valid_to"]
+    # the leases that overlap the days' lines (read_leases `during`), not every lease of the history; a batch
+    # of lines outside them (a planted file) widens them, up to _REBUILDS times, then every lease is read
+    starts = sorted(filter(None, map(_day_start, days)))
+    held: dict[str, Any] = {
+        "span": (starts[0], starts[-1] + _DAY) if starts else None,
+        "leases": None,
+        "reads": 0,
+    }
     attributed = 0
+
+    def leases_for(logs: pa.Table) -> pa.Table:
+        span, now = _days_of(logs.column("ts")), held["span"]
+        if span is not None and (now is None or span[0] < now[0] or span[1] > now[1]):
+            held["span"] = span if now is None else (min(span[0], now[0]), max(span[1], now[1]))
+            held["leases"] = None
+        if held["leases"] is None:
+            whole = held["reads"] >= _REBUILDS or held["span"] is None
+            held["leases"] = read_leases(lake, columns=columns, during=None if whole else held["span"])
+            held["reads"] += 1
+        return held["leases"]
 
     def again(batch: pa.RecordBatch) -> pa.Table:
         nonlocal attributed
-        table = attribute_logs(conform(pa.Table.from_batches([batch]), VM_LOGS), leases)
+        logs = conform(pa.Table.from_batches([batch]), VM_LOGS)
+        table = attribute_logs(logs, leases_for(logs) if logs.num_rows else pa.table({}))
         attributed += table.num_rows - table.column("vm_id").null_count
         return table
 
