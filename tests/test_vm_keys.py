@@ -340,10 +340,10 @@ def test_coded_text_holds_the_values_at_the_rows():
         assert coded.indices.null_count == coded.null_count == column.take(rows).null_count > 1
 
 
-def test_vms_of_since_reads_the_vms_alive_since_and_every_file_when_one_is_missing(tmp_path, monkeypatch):
+def test_vms_of_since_reads_the_vms_alive_since_and_the_rows_of_one_missing(tmp_path, monkeypatch):
     """vms in files cut by deleted_at (FILE_ROWS lowered): with `since`, vms_of reads first the files whose
     statistics allow a VM alive since then, and gives the same rows as a read of every file, also for a VM
-    deleted long before (a lease outliving its VM's deletion: then it reads every file)."""
+    deleted long before (a lease outliving its VM's deletion: then its rows alone from the other files)."""
     from tracepipe.correlate import leases as lease_module
     from tracepipe.correlate import vm_keys
     from tracepipe.correlate.leases import write_derived
@@ -374,10 +374,17 @@ def test_vms_of_since_reads_the_vms_alive_since_and_every_file_when_one_is_missi
     monkeypatch.setattr(
         vm_keys, "read_parquet_files", lambda paths, schema: read.append(len(paths)) or real(paths, schema)
     )
-    for ids, files in ((["vm-20", "vm-13", None, "vm-12"], [3]), (["vm-20", "vm-02"], [3, 6])):
+    for ids in (
+        ["vm-20", "vm-13", None, "vm-12"],
+        ["vm-20", "vm-02"],
+        ["vm-05", None, "vm-02", "vm-99", "vm-05", "vm-21", "vm-10"],
+    ):
         read.clear()
         got = vm_keys.vms_of(lake, pa.array(ids, pa.string()), columns, since)
-        assert read == files
+        # the files alive since; a VM deleted before: only its rows from the others (a filtered scan)
+        assert read == [3]
         want = vm_keys.vms_of(lake, pa.array(ids, pa.string()), columns)
+        assert read == [3, 6]
         assert [got.column(c).to_pylist() for c in columns] == [want.column(c).to_pylist() for c in columns]
-        assert got.column("vm_name").to_pylist() == [i and f"name-{int(i[3:])}" for i in ids]
+        names = [(i and i != "vm-99" and f"name-{int(i[3:])}") or None for i in ids]
+        assert got.column("vm_name").to_pylist() == names
