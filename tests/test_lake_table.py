@@ -392,3 +392,28 @@ def test_every_table_has_a_checkpoint_at_most_checkpoint_interval_commits_old(tm
             checkpoints
         )
         assert _count(Lake(root)) == 2 * (2 * CHECKPOINT_INTERVAL + 2)
+
+
+def test_a_new_run_asks_the_manifest_for_one_source_without_reading_it_all(tmp_path, monkeypatch):
+    """A run that ingests one source (`ingest vm` every hour) learns whether it landed before from the
+    manifest's statistics and two Arrow columns, not by reading every source ever ingested into Python: the
+    answer is the same for sources in compacted manifest files, in files of their own, and of another
+    dataset."""
+    lake = Lake(tmp_path / "lake")
+    hashes = [f"{i * 7919:064x}" for i in range(40)]
+    for i, h in enumerate(hashes):
+        ingest_table(lake, "flows", f"b{i}", h, [_flows(2, DAY + dt.timedelta(days=i % 3), i)])
+    assert lake.compact("_ingest", min_files=2)["files_removed"] > 0  # most rows in merged files
+    ingest_table(lake, "flows", "late", "ab" * 32, [_flows(2, DAY, 77)])  # and one in a file of its own
+    fresh = Lake(tmp_path / "lake")
+    monkeypatch.setattr(fresh, "_manifest_keys", lambda: pytest.fail("read the whole manifest"))
+    by_files: list[str] = []  # (the killed-run check: the table's files named after the source)
+    real = fresh._source_entries
+    monkeypatch.setattr(fresh, "_source_entries", lambda name, h: by_files.append(h) or real(name, h))
+    for h in [*hashes, "ab" * 32]:
+        assert fresh.already_ingested("flows", h)
+        assert not fresh.already_ingested("vm_events", h)  # (another dataset: no files of it either)
+    assert by_files == [*hashes, "ab" * 32]  # only for vm_events: the manifest answered for flows
+    assert not fresh.already_ingested("flows", "cd" * 32)
+    assert not fresh.already_ingested("flows", hashes[5][:-1] + "f")  # (inside a merged file's range)
+    assert fresh._manifest_cache is None
