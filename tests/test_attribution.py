@@ -478,7 +478,14 @@ def test_log_lines_are_reattributed_from_the_leases_of_their_days_with_the_same_
     ]
     ends = pa.array([-(2**63) + 1, 2**63 - 1], pa.int64()).cast(VM_LOGS.field("ts").type)
     extreme = logs.slice(0, 2).set_column(0, VM_LOGS.field("ts"), ends)
-    batches = [logs.slice(0, 50), pa.Table.from_pylist(outside, schema=VM_LOGS), extreme, logs.slice(50, 50)]
+    later = [{**row, "ts": row["ts"] + dt.timedelta(days=20)} for row in outside]
+    batches = [
+        logs.slice(0, 50),
+        pa.Table.from_pylist(outside, schema=VM_LOGS),
+        extreme,
+        logs.slice(50, 50),
+        pa.Table.from_pylist(later, schema=VM_LOGS),  # after every lease was read: nothing read again
+    ]
     out = []
 
     def rewrite(name, days, again, info=None):
@@ -694,7 +701,7 @@ def test_planted_days_and_times_do_not_stop_attribution(tmp_path):
     leases = _lease_history(rng, addrs, DAY1 - dt.timedelta(days=2), 5)
     lake = Lake(tmp_path / "lake")
     lake.replace_dataset("vm_leases", pa.Table.from_pylist(leases, schema=VM_LEASES))
-    attributor = Attributor(lake, days=["date-planted", "2024-03-12", ""])
+    attributor = Attributor(lake, days=["date-planted", "2024-03-12", "", "9999-12-31"])
     assert attributor.span == (DAY1, DAY2)
     rows = [
         (at(DAY1, rng.uniform(0, 23)), rng.choice(addrs), rng.choice(addrs), None, None) for _ in range(50)

@@ -417,3 +417,21 @@ def test_a_new_run_asks_the_manifest_for_one_source_without_reading_it_all(tmp_p
     assert not fresh.already_ingested("flows", "cd" * 32)
     assert not fresh.already_ingested("flows", hashes[5][:-1] + "f")  # (inside a merged file's range)
     assert fresh._manifest_cache is None
+    opened: list[str] = []
+    real_read = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda path, **kw: opened.append(path) or real_read(path, **kw))
+    for h in hashes[:10]:
+        assert fresh.already_ingested("flows", h)
+    assert len(opened) == 0  # each merged file read once in the run, not once per source asked
+    # a checkpoint never fails a commit that landed, whatever the table's property says
+    from types import SimpleNamespace
+
+    made: list[int] = []
+    for interval in ("²", "9" * 5000, None, "20", "7"):
+        table = SimpleNamespace(
+            metadata=lambda i=interval: SimpleNamespace(configuration={"delta.checkpointInterval": i}),
+            version=lambda: 19,
+            create_checkpoint=lambda: made.append(1),
+        )
+        Lake._checkpoint(table)
+    assert len(made) == 4  # all but "20", whose own hook wrote it at version 19

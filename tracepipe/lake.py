@@ -738,6 +738,9 @@ class Lake:
         # (manifest version, {(dataset, content_hash)}, {source_key}, manifest files already read)
         self._manifest_cache: tuple[int, set[tuple[str, str]], set[str], set[str]] | None = None
         self._manifest_sources: set[tuple[str, str]] = set()  # (dataset, source) of the rows read into it
+        self._manifest_columns: dict[
+            str, pa.Table
+        ] = {}  # (dataset, content_hash) per manifest file: _manifest_has
         # {table: (its open DeltaTable, version, every file entry, {source key: entries}, day-partitioned)}: what
         # entries() built from the log, until the table moves to another version (an hourly update asks ~20 times)
         self._entries_cache: dict[
@@ -1078,19 +1081,28 @@ class Lake:
         yet), the others' two columns compared in Arrow. A run that ingests one source (`ingest vm` every
         hour) then reads no row into Python sets; reading every row was 50 ms a year of hourly sources, and
         grew with the sources ever ingested (a collector's segments: ~100,000 a year)."""
-        for entry in self.entries(MANIFEST_DIR):
-            low, high = entry.mins.get("content_hash"), entry.maxs.get("content_hash")
-            # (a statistic cut short is a prefix of the value: below the minimum, or above the maximum without
-            # starting with it, is outside either way)
-            if isinstance(low, str) and isinstance(high, str):
-                if content_hash < low or (content_hash > high and not content_hash.startswith(high)):
-                    continue
-            rows = pq.read_table(entry.path, columns=["dataset", "content_hash"])
-            same = pc.and_(
-                pc.equal(rows.column("content_hash"), content_hash), pc.equal(rows.column("dataset"), dataset)
-            )
-            if pc.any(same).as_py():
-                return True
+        columns = self._manifest_columns
+        try:
+            for entry in self.entries(MANIFEST_DIR):
+                low, high = entry.mins.get("content_hash"), entry.maxs.get("content_hash")
+                # (a statistic cut short is a prefix of the value: below the minimum, or above the maximum
+                # without starting with it, is outside either way)
+                if isinstance(low, str) and isinstance(high, str):
+                    if content_hash < low or (content_hash > high and not content_hash.startswith(high)):
+                        continue
+                if entry.relative not in columns:  # (a file is read once per run: a backfill asks per source)
+                    columns[entry.relative] = pq.read_table(entry.path, columns=["dataset", "content_hash"])
+                rows = columns[entry.relative]
+                same = pc.and_(
+                    pc.equal(rows.column("content_hash"), content_hash),
+                    pc.equal(rows.column("dataset"), dataset),
+                )
+                if pc.any(same).as_py():
+                    return True
+        except (
+            pa.ArrowException
+        ):  # (a planted file of other types: the whole manifest, read as Python values)
+            return (dataset, content_hash) in self._manifest_keys()
         return False
 
     def _source_entries(self, name: str, content_hash: str) -> list[FileEntry]:
@@ -1313,13 +1325,18 @@ class Lake:
         """A checkpoint at the table's version when its own interval (a table made before CHECKPOINT_INTERVAL
         was lowered, or by another writer) gave it none: changing the table's property would be a commit of
         its own, and a new version of vm_leases means a full lease rebuild (leases._load_state)."""
-        configured = table.metadata().configuration.get("delta.checkpointInterval", "100")
-        if configured.isdigit() and int(configured) > 0 and (table.version() + 1) % int(configured) == 0:
-            return  # the commit's own post-commit hook wrote it
-        try:
+        try:  # (never fails the commit, which has landed: only opens get slower; the next interval tries again)
+            configured = str(table.metadata().configuration.get("delta.checkpointInterval") or "100")
+            every = (
+                int(configured)
+                if configured.isascii() and configured.isdigit() and len(configured) < 10
+                else 0
+            )
+            if every > 0 and (table.version() + 1) % every == 0:
+                return  # the commit's own post-commit hook wrote it
             table.create_checkpoint()
-        except (DeltaError, OSError):
-            pass  # (a full disk, a concurrent cleanup): only opens get slower; the next interval tries again
+        except Exception:  # (a full disk, a concurrent cleanup, a planted property)
+            pass
 
     @contextlib.contextmanager
     def lock(self, name: str, wait: bool = True) -> Iterator[bool]:

@@ -187,10 +187,15 @@ _REBUILDS = 2  # indexes of days an Attributor builds between two refreshes befo
 
 
 def _day_start(day: str) -> dt.datetime | None:
+    """Midnight UTC of a day of the lake's log; None for one that is no date, or whose next day Python has not
+    (9999-12-31: a planted partition or line), which is left to the batches' guard (_days_of clamps)."""
     try:
-        return dt.datetime.combine(dt.date.fromisoformat(day), dt.time(), dt.UTC)
+        date = dt.date.fromisoformat(day)
     except (TypeError, ValueError):
         return None
+    if date >= dt.date.max:
+        return None
+    return dt.datetime.combine(date, dt.time(), dt.UTC)
 
 
 _DAY_US = 86_400_000_000
@@ -321,17 +326,21 @@ def reattribute_logs(lake: Lake, days: Iterable[str]) -> tuple[int, int]:
         "span": (starts[0], starts[-1] + _DAY) if starts else None,
         "leases": None,
         "reads": 0,
+        "whole": False,  # every lease read: nothing widens any more
     }
     attributed = 0
 
     def leases_for(logs: pa.Table) -> pa.Table:
         span, now = _days_of(logs.column("ts")), held["span"]
-        if span is not None and (now is None or span[0] < now[0] or span[1] > now[1]):
+        outside = span is not None and (now is None or span[0] < now[0] or span[1] > now[1])
+        if outside and not held["whole"]:
             held["span"] = span if now is None else (min(span[0], now[0]), max(span[1], now[1]))
             held["leases"] = None
         if held["leases"] is None:
-            whole = held["reads"] >= _REBUILDS or held["span"] is None
-            held["leases"] = read_leases(lake, columns=columns, during=None if whole else held["span"])
+            held["whole"] = held["reads"] >= _REBUILDS or held["span"] is None
+            held["leases"] = read_leases(
+                lake, columns=columns, during=None if held["whole"] else held["span"]
+            )
             held["reads"] += 1
         return held["leases"]
 

@@ -3127,11 +3127,8 @@ def _stamp(path: Path) -> list[int]:
     return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def _mapped(path: Path) -> np.ndarray:
-    """A saved .npy array mapped read-only (a file shorter than its header says raises, as np.load does). On a
-    year's known.npy (24 MB) and 1,000 lookups: 1-3 ms in the page cache against 7-50 ms to read it whole; out
-    of it, ~30 ms either way with the kernel's read-ahead (200 ms without: MADV_RANDOM is no gain here)."""
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+def _ascending(hashes: np.ndarray) -> bool:
+    return len(hashes) < 2 or not bool(np.any(hashes[1:] < hashes[:-1]))
 
 
 def _load_state(lake: Any, version: int) -> _State | None:
@@ -3144,16 +3141,16 @@ def _load_state(lake: Any, version: int) -> _State | None:
             return None
         # (through pyarrow: polars would read a lake path holding `[`, `*` or `?` as a pattern)
         live = pl.from_arrow(pq.read_table(directory / "live.parquet"))
-        # the big hash arrays mapped, not read: an update looks up a few thousand hashes (a page each at most),
-        # where reading known.npy whole cost every hour 24 MB a year of CERN churn (3 M VMs), 10-40 ms
-        known = _mapped(directory / "known.npy")
+        # (read whole, not mapped: mapped, a year's known.npy cost 1-3 ms instead of 7-50 ms, but a file
+        # truncated under a mapping by whoever can write the lake kills the reader with SIGBUS; a read raises)
+        known = np.load(directory / "known.npy", allow_pickle=False)
         recent = np.load(directory / "recent.npy", allow_pickle=False)
         # (a state saved before ports.npy existed: the update rebuilds in full once)
-        ports = _mapped(directory / "ports.npy")
+        ports = np.load(directory / "ports.npy", allow_pickle=False)
         ports_recent = np.load(directory / "ports_recent.npy", allow_pickle=False)
-        unbound = _mapped(directory / "unbound.npy")
+        unbound = np.load(directory / "unbound.npy", allow_pickle=False)
         unbound_recent = np.load(directory / "unbound_recent.npy", allow_pickle=False)
-        fips_gone = _mapped(directory / "fips_gone.npy")
+        fips_gone = np.load(directory / "fips_gone.npy", allow_pickle=False)
         fips_gone_recent = np.load(directory / "fips_gone_recent.npy", allow_pickle=False)
         runs = pl.from_arrow(pq.read_table(directory / "runs.parquet"))
         fips = pl.from_arrow(pq.read_table(directory / "fips.parquet"))
@@ -3161,9 +3158,9 @@ def _load_state(lake: Any, version: int) -> _State | None:
         floating = pl.from_arrow(pq.read_table(directory / "floating.parquet"))
         detaches = pl.from_arrow(pq.read_table(directory / "detaches.parquet"))
         port_reads = pl.from_arrow(pq.read_table(directory / "port_reads.parquet"))
-        ports_gone = _mapped(directory / "ports_gone.npy")
+        ports_gone = np.load(directory / "ports_gone.npy", allow_pickle=False)
         ports_gone_recent = np.load(directory / "ports_gone_recent.npy", allow_pickle=False)
-        ports_gone_ts = _mapped(directory / "ports_gone_ts.npy")
+        ports_gone_ts = np.load(directory / "ports_gone_ts.npy", allow_pickle=False)
         ports_gone_recent_ts = np.load(directory / "ports_gone_recent_ts.npy", allow_pickle=False)
         gone_until = meta.get("reads_gone_until")
         reads_gone_until = None if gone_until is None else dt.datetime.fromisoformat(gone_until)
@@ -3187,9 +3184,9 @@ def _load_state(lake: Any, version: int) -> _State | None:
     )
     if any(f.schema != want for f, want in zip(frames, schemas, strict=True)):
         return None
-    # every array of hashes: uint64, one dimension, in order. A big one (every VM id ever seen) is read whole to
-    # check its order only when it is not the file the state's save wrote (_stamp): else every update would
-    # read all of them
+    # every array of hashes: uint64, one dimension, in order. The order of a big one (every VM id ever seen) is
+    # checked only when it is not the file the state's save wrote (_stamp), which the save checked (_grown
+    # keeps it sorted); a copy of the lake, or a file written over it, is checked
     stamps = meta.get("stamps") if isinstance(meta.get("stamps"), dict) else {}
     big_sets = dict(zip(_BIG_HASHES, (known, ports, unbound, fips_gone, ports_gone), strict=True))
     small_sets = (recent, ports_recent, unbound_recent, fips_gone_recent, ports_gone_recent)
@@ -3200,7 +3197,7 @@ def _load_state(lake: Any, version: int) -> _State | None:
             saved = bool(name) and stamps.get(name) == _stamp(directory / name)
         except OSError:
             return None
-        if not saved and len(hashes) > 1 and bool(np.any(hashes[1:] < hashes[:-1])):
+        if not saved and not _ascending(hashes):
             return None
     if ports_gone_ts.dtype != np.uint64 or ports_gone_recent_ts.dtype != np.int64:
         return None
