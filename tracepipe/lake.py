@@ -738,9 +738,8 @@ class Lake:
         # (manifest version, {(dataset, content_hash)}, {source_key}, manifest files already read)
         self._manifest_cache: tuple[int, set[tuple[str, str]], set[str], set[str]] | None = None
         self._manifest_sources: set[tuple[str, str]] = set()  # (dataset, source) of the rows read into it
-        self._manifest_columns: dict[
-            str, pa.Table
-        ] = {}  # (dataset, content_hash) per manifest file: _manifest_has
+        # (dataset, content_hash) of each manifest file read by _manifest_has
+        self._manifest_columns: dict[str, pa.Table] = {}
         # {table: (its open DeltaTable, version, every file entry, {source key: entries}, day-partitioned)}: what
         # entries() built from the log, until the table moves to another version (an hourly update asks ~20 times)
         self._entries_cache: dict[
@@ -1099,9 +1098,8 @@ class Lake:
                 )
                 if pc.any(same).as_py():
                     return True
-        except (
-            pa.ArrowException
-        ):  # (a planted file of other types: the whole manifest, read as Python values)
+        except pa.ArrowException:
+            # (a planted file of other types: the whole manifest, read as Python values)
             return (dataset, content_hash) in self._manifest_keys()
         return False
 
