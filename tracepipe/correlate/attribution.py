@@ -143,14 +143,10 @@ class Attributor:
         self.widest = widest
         self.index: LeaseIndex | None = None
         self.versions: tuple[Any, ...] | None = None
-        self.span: tuple[dt.datetime, dt.datetime] | None = None
+        self.span: tuple[dt.datetime, dt.datetime] | None = _span_of_days(days)
         self.whole = False  # every lease indexed (see the class docstring)
         self.builds = 0
         self.rebuilt = 0  # indexes built since the last refresh()
-        # (the days of a lake's log; one that is no date, a planted partition, is left to the batches' guard)
-        starts = sorted(filter(None, map(_day_start, days)))
-        if starts:
-            self.span = (starts[0], starts[-1] + _DAY)
 
     def refresh(self) -> None:
         # the versions, and a file of each (named at random): a lake made again at the same path starts over
@@ -172,7 +168,7 @@ class Attributor:
             assert span is not None
             if self.index is not None and self.rebuilt >= _REBUILDS:
                 self.whole = True
-            both = span if self.span is None else (min(span[0], self.span[0]), max(span[1], self.span[1]))
+            both = _hull(span, self.span)
             self.span = both if self.widest is None or both[1] - both[0] <= self.widest else span
             self.index = None
         if self.index is None:
@@ -184,6 +180,20 @@ class Attributor:
 
 
 _REBUILDS = 2  # indexes of days an Attributor builds between two refreshes before it indexes every lease
+
+
+Span = tuple[dt.datetime, dt.datetime]
+
+
+def _span_of_days(days: Iterable[str]) -> Span | None:
+    """[first day, day after the last) of days of a lake's log, as UTC midnights; a day that is no date (a
+    planted partition) is left to the batches' guard (_days_of). None without any."""
+    starts = sorted(filter(None, map(_day_start, days)))
+    return (starts[0], starts[-1] + _DAY) if starts else None
+
+
+def _hull(span: Span, other: Span | None) -> Span:
+    return span if other is None else (min(span[0], other[0]), max(span[1], other[1]))
 
 
 def _day_start(day: str) -> dt.datetime | None:
@@ -321,9 +331,8 @@ def reattribute_logs(lake: Lake, days: Iterable[str]) -> tuple[int, int]:
     columns = ["addr", "vm_id", "vm_name", "valid_from", "valid_to"]
     # the leases that overlap the days' lines (read_leases `during`), not every lease of the history; a batch
     # of lines outside them (a planted file) widens them, up to _REBUILDS times, then every lease is read
-    starts = sorted(filter(None, map(_day_start, days)))
     held: dict[str, Any] = {
-        "span": (starts[0], starts[-1] + _DAY) if starts else None,
+        "span": _span_of_days(days),
         "leases": None,
         "reads": 0,
         "whole": False,  # every lease read: nothing widens any more
@@ -334,7 +343,7 @@ def reattribute_logs(lake: Lake, days: Iterable[str]) -> tuple[int, int]:
         span, now = _days_of(logs.column("ts")), held["span"]
         outside = span is not None and (now is None or span[0] < now[0] or span[1] > now[1])
         if outside and not held["whole"]:
-            held["span"] = span if now is None else (min(span[0], now[0]), max(span[1], now[1]))
+            held["span"] = _hull(span, now)
             held["leases"] = None
         if held["leases"] is None:
             held["whole"] = held["reads"] >= _REBUILDS or held["span"] is None
