@@ -598,3 +598,70 @@ def test_brute_force_names_the_same_most_tried_target_whatever_the_row_order(tmp
         found = det.run_detectors(ctx, ["brute_force"])
         reasons = found.filter(pl.col("detector") == "brute_force").get_column("reason").to_list()
         assert len(reasons) == 1 and "2 hosts (most: 203.0.113.20)" in reasons[0]
+
+
+ALICE = "198.18.10.5"  # a second declared science peer, of a lower name than LHCONE
+TWO_SCIENCE = (
+    SCIENCE
+    + '[[science_peers]]\nname = "ALICE-SE"\nreason = "ALICE storage"\nprefixes = ["198.18.10.0/24"]\n'
+)
+
+
+def _scan_with_a_tcp_and_udp_first(src: str, t0: dt.datetime, reverse: bool) -> pa.Table:
+    """A horizontal scan of port 161 from `src`: 120 destinations over UDP, the first one tried over UDP and
+    TCP (a failed SYN) at the same microsecond; `reverse`: the rows in the other order."""
+    n = 120
+    dst = [f"203.0.113.{i + 1}" for i in range(n)]
+    rows = {
+        "ts_start": [t0] * 2 + [t0 + dt.timedelta(seconds=i + 1) for i in range(1, n)],
+        "dst_addr": [dst[0], dst[0], *dst[1:]],
+        "proto": [6, 17] + [17] * (n - 1),
+    }
+    order = list(range(len(rows["proto"])))[:: -1 if reverse else 1]
+    ts = [rows["ts_start"][i] for i in order]
+    k = len(order)
+    return pa.table(
+        {
+            "ts_start": pa.array(ts, pa.timestamp("us", "UTC")),
+            "ts_end": pa.array([t + dt.timedelta(milliseconds=5) for t in ts], pa.timestamp("us", "UTC")),
+            "src_addr": [src] * k,
+            "dst_addr": [rows["dst_addr"][i] for i in order],
+            "src_port": [33000 + i for i in order],
+            "dst_port": [161] * k,
+            "proto": pa.array([rows["proto"][i] for i in order], pa.int16()),
+            "packets": [1] * k,
+            "bytes": [60] * k,
+            "tcp_flags": pa.array([0x02 if rows["proto"][i] == 6 else 0 for i in order], pa.int16()),
+            "ip_version": pa.array([4] * k, pa.int8()),
+        }
+    )
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_ties_are_broken_by_value_whatever_the_row_order(tmp_path, reverse):
+    """What a detector names from one of several rows (the biggest peer, the science peer, the first probe's
+    protocol) is picked by value, never by row position: a Spark host bucket's rows come in shuffle order,
+    so a pick by position can differ from the default engine's (and the sweep's engines must agree row for
+    row). Two peers of equal volume name the lowest address; two science peers the lowest name; a TCP and a
+    UDP probe at the same microsecond the TCP one."""
+    lake, story = build_lake(tmp_path, seed=11)
+    day, _ = story.last_day
+    science_host, other_host, scanner = sorted(story.ordinary())[:3]
+    at = day + dt.timedelta(hours=16, minutes=5)
+    sessions = [
+        (science_host, LAB, at, 1094, 3 * 10**9),
+        (science_host, ALICE, at, 1094, 3 * 10**9),
+        (other_host, "198.51.100.99", at, 1094, 3 * 10**9),
+        (other_host, "198.51.100.7", at, 1094, 3 * 10**9),
+    ]
+    append_flows(lake, "ties", sessions[::-1] if reverse else sessions)
+    lake.append("flows", _scan_with_a_tcp_and_udp_first(scanner, at, reverse), key="scan")
+    ctx = det.prepare_context(lake, parse_pipeline(PIPELINE + TWO_SCIENCE), *story.last_day)
+    alerts, stats = det.finalize(det.run_detectors(ctx), ctx, "test")
+    found = {(a["detector"], a["addr"]): a for a in alerts.to_pylist()}
+    assert found[("exfiltration", other_host)]["peer"] == "198.51.100.7"
+    assert "3.0 GB to 198.51.100.7" in found[("exfiltration", other_host)]["reason"]
+    why = [s["why"] for s in stats["suppressed"] if s["addr"] == science_host]
+    assert len(why) == 1 and "declared science peer ALICE-SE (ALICE storage)" in why[0], why
+    scan = found[("horizontal_scan", scanner)]["reason"]
+    assert "120 distinct hosts on port 161 in" in scan and "/udp" not in scan, scan

@@ -416,10 +416,24 @@ def test_sweep_alerts_equal_duckdb_row_for_row(sweep_lake, spark):
         "anomaly",
     } <= detectors
     expected_rows, got_rows = expected.sort_by("alert_id").to_pylist(), got.sort_by("alert_id").to_pylist()
-    assert (
-        got_rows == expected_rows
-    )  # evidence included: finalize breaks every tie (bytes, time, addresses, ports)
+    # evidence included: finalize breaks every tie (bytes, time, addresses, ports); on a difference the
+    # message names the alert and the fields that differ (a whole-row repr is cut before them)
+    assert got_rows == expected_rows, _row_differences(got_rows, expected_rows)
     assert set(timings) >= {"local", "spans", "rules", "exfiltration", "anomaly"}
+
+
+def _row_differences(got: list[dict], expected: list[dict]) -> str:
+    ids = lambda rows: {r["alert_id"]: r for r in rows}  # noqa: E731
+    g, e = ids(got), ids(expected)
+    lines = [f"only on spark: {g[i]}" for i in sorted(g.keys() - e.keys())]
+    lines += [f"only on duckdb: {e[i]}" for i in sorted(e.keys() - g.keys())]
+    for i in sorted(g.keys() & e.keys()):
+        for field in e[i]:
+            if g[i][field] != e[i][field]:
+                lines.append(
+                    f"{e[i]['detector']} {e[i]['addr']} {field}: spark {g[i][field]!r} != duckdb {e[i][field]!r}"
+                )
+    return "\n".join(lines)
 
 
 # ---- the CLI ----------------------------------------------------------------------------------------------

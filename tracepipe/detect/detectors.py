@@ -253,15 +253,14 @@ def _finish(
 # ---- the detectors -----------------------------------------------------------------------------------------
 def _fan_out_counts(ctx: DetectContext, window_s: float) -> pl.DataFrame:
     """Per (src_addr, dst_addr, dst_port, window) of the local hosts' outgoing TCP and UDP (replies aside):
-    flows, tcp, failed, first_ts, and the proto and row number of the first of those flows. Both scans'
+    flows, tcp, failed, first_ts, and the proto of the first of those flows (earliest start, then lowest
+    proto: a value, not a row position, so that every engine and row order picks the same). Both scans'
     groups are unions of these rows (a horizontal scan's per port, a vertical scan's per destination), so
     they are counted from the flows once for both (ctx.shared) and the scans group this smaller table."""
     key = ("fan_out", float(window_s))
     if key not in ctx.shared:
-        flows = (
-            ctx.flows(window_s)
-            .filter(pl.col("src_owned") & ~pl.col("response") & pl.col("proto").is_in([6, 17]))
-            .with_row_index("_row")
+        flows = ctx.flows(window_s).filter(
+            pl.col("src_owned") & ~pl.col("response") & pl.col("proto").is_in([6, 17])
         )
         ctx.shared[key] = (
             flows.group_by("src_addr", "dst_addr", "dst_port", "window_start")
@@ -270,8 +269,7 @@ def _fan_out_counts(ctx: DetectContext, window_s: float) -> pl.DataFrame:
                 tcp=(pl.col("proto") == 6).sum(),
                 failed=pl.col("failed").sum(),
                 first_ts=pl.col("ts_start").min(),
-                _row=pl.col("_row").min(),
-                proto=pl.col("proto").first(),  # (within a group the rows keep their order)
+                proto=pl.col("proto").sort_by("ts_start", "proto").first(),
             )
             .collect(engine="streaming")
         )
@@ -319,7 +317,13 @@ def horizontal_scan(ctx: DetectContext) -> pl.DataFrame:
     """One local host, one port, many destinations, mostly unanswered."""
     c = ctx.config.detectors.horizontal_scan
     frame = _fan_out(
-        ctx, c, "dst_port", "dst_addr", "hosts", c.min_hosts, proto=pl.col("proto").sort_by("_row").first()
+        ctx,
+        c,
+        "dst_port",
+        "dst_addr",
+        "hosts",
+        c.min_hosts,
+        proto=pl.col("proto").sort_by("first_ts", "proto").first(),
     ).with_columns(port=pl.col("dst_port"))
     return _finish(
         frame,
@@ -751,8 +755,15 @@ def _volumes(tagged: pl.LazyFrame) -> pl.LazyFrame:
     return tagged.group_by("src_addr", "window_start").agg(
         bytes_out=pl.when(~pl.col("is_science")).then(pl.col("bytes")).sum(),
         science_bytes=pl.when(pl.col("is_science")).then(pl.col("bytes")).sum(),
-        science=pl.col("science").filter(pl.col("is_science")).first(),
-        science_reason=pl.col("science_reason").filter(pl.col("is_science")).first(),
+        # the science peer of the lowest name (and its reason), not the first row's: the same on every engine
+        science=pl.col("science").filter(pl.col("is_science")).min(),
+        science_reason=pl.col("science_reason")
+        .filter(pl.col("is_science"))
+        .sort_by(
+            pl.col("science").filter(pl.col("is_science")),
+            pl.col("science_reason").filter(pl.col("is_science")),
+        )
+        .first(),
         first_ts=pl.col("ts_start").min(),
         flows=pl.len(),
     )
@@ -873,9 +884,13 @@ def exfiltration(ctx: DetectContext, every: pl.DataFrame | None = None) -> pl.Da
         .join(keys.lazy(), on=["src_addr", "window_start"], how="semi")
         .group_by("src_addr", "window_start", "dst_addr")
         .agg(to_peer=pl.col("bytes").sum())
-        .sort("to_peer", descending=True)
         .group_by("src_addr", "window_start")
-        .agg(peer=pl.col("dst_addr").first(), to_peer=pl.col("to_peer").first(), peers=pl.len())
+        .agg(
+            # the biggest peer, a tie to the lowest address: a value, whatever order the rows come in
+            peer=pl.col("dst_addr").sort_by("to_peer", "dst_addr", descending=[True, False]).first(),
+            to_peer=pl.col("to_peer").max(),
+            peers=pl.len(),
+        )
         .collect(engine="streaming")
     )
     found = found.join(top, on=["src_addr", "window_start"], how="left").with_columns(
