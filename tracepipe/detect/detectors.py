@@ -752,20 +752,34 @@ def _science_tagged(ctx: DetectContext, outbound: pl.LazyFrame, destinations: pl
 def _volumes(tagged: pl.LazyFrame) -> pl.LazyFrame:
     # the sums as when/then (is_science is never null): the streaming engine reduces them as rows pass, a
     # filtered sum gathers each group's rows first (20-30% of this group-by's CPU, measured)
-    return tagged.group_by("src_addr", "window_start").agg(
-        bytes_out=pl.when(~pl.col("is_science")).then(pl.col("bytes")).sum(),
-        science_bytes=pl.when(pl.col("is_science")).then(pl.col("bytes")).sum(),
-        # the science peer of the lowest name (and its reason), not the first row's: the same on every engine
-        science=pl.col("science").filter(pl.col("is_science")).min(),
-        science_reason=pl.col("science_reason")
-        .filter(pl.col("is_science"))
-        .sort_by(
-            pl.col("science").filter(pl.col("is_science")),
-            pl.col("science_reason").filter(pl.col("is_science")),
+    # The science peer named is the lowest (name, reason), not the first row's, so that every engine and row
+    # order names the same: one min over "name NUL reason" (a sort_by inside the group-by cost 3x this
+    # group-by's time, measured on 10^7 rows), split after it.
+    named = pl.concat_str([pl.col("science"), pl.lit("\x00"), pl.col("science_reason")])
+    return (
+        tagged.group_by("src_addr", "window_start")
+        .agg(
+            bytes_out=pl.when(~pl.col("is_science")).then(pl.col("bytes")).sum(),
+            science_bytes=pl.when(pl.col("is_science")).then(pl.col("bytes")).sum(),
+            _science=pl.when(pl.col("is_science")).then(named).min(),
+            first_ts=pl.col("ts_start").min(),
+            flows=pl.len(),
         )
-        .first(),
-        first_ts=pl.col("ts_start").min(),
-        flows=pl.len(),
+        .with_columns(_parts=pl.col("_science").str.splitn("\x00", 2))
+        .with_columns(
+            science=pl.col("_parts").struct.field("field_0"),
+            science_reason=pl.col("_parts").struct.field("field_1"),
+        )
+        .select(
+            "src_addr",
+            "window_start",
+            "bytes_out",
+            "science_bytes",
+            "science",
+            "science_reason",
+            "first_ts",
+            "flows",
+        )
     )
 
 
