@@ -1396,6 +1396,21 @@ def test_a_damaged_lease_state_means_a_full_rebuild(tmp_path, damage):
     assert [p.name for p in (lake.root / STATE_DIR).iterdir()] == [str(lake.version("vm_leases"))]
 
 
+def _five_vms_built(tmp_path) -> tuple:
+    """A lake of five VMs created, its leases built (and the state saved): (lake, the events' rows)."""
+    from tracepipe.correlate.leases import refresh_leases
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    lake = Lake(tmp_path / "lake")
+    rows = [
+        {"ts": utc(1, i), "vm_id": f"v{i}", "vm_name": f"v{i}", "action": "create", "addrs": [f"10.0.0.{i}"]}
+        for i in range(1, 6)
+    ]
+    ingest_table(lake, "vm_events", "1", hash_bytes(b"1"), [_events(rows)])
+    refresh_leases(lake, SEVEN_DAYS)
+    return lake, rows
+
+
 def test_the_state_checks_the_order_of_its_big_hash_files_only_when_not_its_own(tmp_path, monkeypatch):
     """The hourly update trusts the order of known.npy (every VM id ever seen: 24 MB a year of CERN churn) when
     it is the file the state's save wrote, and checks it otherwise: a copy of the lake (new inodes), or a file
@@ -1408,13 +1423,7 @@ def test_the_state_checks_the_order_of_its_big_hash_files_only_when_not_its_own(
     from tracepipe.correlate.leases import STATE_DIR, _load_state, refresh_leases
     from tracepipe.lake import Lake, hash_bytes, ingest_table
 
-    lake = Lake(tmp_path / "lake")
-    rows = [
-        {"ts": utc(1, i), "vm_id": f"v{i}", "vm_name": f"v{i}", "action": "create", "addrs": [f"10.0.0.{i}"]}
-        for i in range(1, 6)
-    ]
-    ingest_table(lake, "vm_events", "1", hash_bytes(b"1"), [_events(rows)])
-    refresh_leases(lake, SEVEN_DAYS)
+    lake, rows = _five_vms_built(tmp_path)
     checked: list[int] = []
     real = lease_module._ascending
     monkeypatch.setattr(
@@ -1422,10 +1431,12 @@ def test_the_state_checks_the_order_of_its_big_hash_files_only_when_not_its_own(
     )
     state = _load_state(lake, lake.version("vm_leases"))
     assert state is not None and len(state.known) == 5 and 5 not in checked  # its own file: not checked
+    assert isinstance(state.known, lease_module._HashFile)  # (and looked up by page)
     copy = Lake(tmp_path / "copy")
     shutil.copytree(lake.root, copy.root)
     checked.clear()
-    assert _load_state(copy, copy.version("vm_leases")) is not None and 5 in checked  # a copy: checked
+    copied = _load_state(copy, copy.version("vm_leases"))
+    assert copied is not None and 5 in checked and isinstance(copied.known, np.ndarray)  # a copy: checked
     (saved,) = (copy.root / STATE_DIR).iterdir()
     known = np.load(saved / "known.npy")
     (saved / "known.npy").unlink()
@@ -1841,3 +1852,91 @@ def test_vacuum_removes_the_staging_of_a_rebuild_killed_long_ago_and_nothing_you
     assert json.loads(run.stdout)["lease_rebuilds_removed"] == 1
     assert _staged_left(lake) == ["build-running"]
     assert _lake_tables(Lake(lake.root)) == before
+
+
+def test_a_big_hash_set_is_looked_up_by_page_with_the_answers_of_the_whole_array(tmp_path, monkeypatch):
+    """known.npy (every VM id ever seen: 24 MB a year of CERN churn) is no longer read whole by each hourly
+    update: a lookup reads the pages (512 hashes) its hashes fall in, found in an index of every 512th hash
+    written beside it, and answers what the whole array answers: sizes around a page, hashes at page edges,
+    the ends of uint64, absent ones between. A file cut under the update raises StateChanged; a file or index
+    not as saved is refused (then read whole)."""
+    import os
+
+    import numpy as np
+
+    from tracepipe.correlate import leases as lease_module
+    from tracepipe.correlate.leases import _PAGE, StateChanged, _HashFile, _index_path, _save_hashes
+
+    rng = np.random.default_rng(5)
+    read: list[int] = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: read.append(n) or real_pread(fd, n, at))
+    for size in (1, _PAGE - 1, _PAGE, _PAGE + 1, 3 * _PAGE, 100_000):
+        hashes = np.unique(rng.integers(1, 2**64 - 1, size, dtype=np.uint64))
+        path = tmp_path / f"known-{size}.npy"
+        _save_hashes(path, hashes, None, paged=True)
+        paged = _HashFile.open(path)
+        assert paged is not None and len(paged) == len(hashes)
+        edges = hashes[:: _PAGE // 2]
+        asked = np.concatenate(
+            [
+                edges,
+                hashes[_PAGE - 1 :: _PAGE],
+                edges + np.uint64(1),
+                edges - np.uint64(1),
+                rng.choice(hashes, 50),
+                rng.integers(0, 2**64 - 1, 50, dtype=np.uint64),
+                np.array([0, 2**64 - 1], np.uint64),
+            ]
+        )
+        read.clear()
+        assert (lease_module._member(paged, asked) == np.isin(asked, hashes)).all(), size
+        assert sum(read) <= len(np.unique(asked)) * _PAGE * 8
+    read.clear()
+    loads: list = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    assert lease_module._member(paged, hashes[[7, 50_000, -1]]).all()
+    assert read and not loads  # (read by page: the file is never loaded)
+    monkeypatch.setattr(np, "load", real_load)
+    assert sum(read) <= 3 * _PAGE * 8 < hashes.nbytes // 50  # three pages (12 kB), not the 800 kB file
+    for first_of_a_page in (_PAGE, 2 * _PAGE, 100 * _PAGE):  # each alone: no other lookup reads its page
+        assert lease_module._member(paged, hashes[[first_of_a_page]]).all()
+        assert not lease_module._member(paged, hashes[[first_of_a_page]] - np.uint64(1)).any()
+    assert (paged.whole() == hashes).all()
+    os.truncate(path, os.path.getsize(path) - 8)  # cut under the update
+    with pytest.raises(StateChanged):
+        paged.member(hashes[-3:])
+    assert _HashFile.open(path) is None  # its size is no longer its header's
+    _save_hashes(path, hashes, None, paged=True)
+    np.save(_index_path(path), hashes[::_PAGE][::-1].copy())  # an index out of order
+    assert _HashFile.open(path) is None
+    np.save(_index_path(path), hashes[:: 2 * _PAGE].copy())  # of another length
+    assert _HashFile.open(path) is None
+
+
+def test_a_state_file_cut_under_the_update_makes_it_a_full_rebuild(tmp_path, monkeypatch):
+    """known.npy truncated after the update opened the state (whoever can write the lake): the lookup reads
+    short, and the update rebuilds in full from the events instead of failing or answering from half a file."""
+    import os
+
+    from tracepipe.correlate import leases as lease_module
+    from tracepipe.correlate.leases import STATE_DIR, refresh_leases
+    from tracepipe.lake import hash_bytes, ingest_table
+
+    lake, rows = _five_vms_built(tmp_path)
+    real = lease_module._load_state
+
+    def cut_after_open(lake_, version):
+        state = real(lake_, version)
+        (saved,) = (lake_.root / STATE_DIR).iterdir()
+        os.truncate(saved / "known.npy", 64)
+        return state
+
+    monkeypatch.setattr(lease_module, "_load_state", cut_after_open)
+    later = [{"ts": utc(2, 0), "vm_id": "v9", "vm_name": "v9", "action": "create", "addrs": ["10.0.0.9"]}]
+    ingest_table(lake, "vm_events", "2", hash_bytes(b"2"), [_events(later)])
+    update = refresh_leases(lake)
+    assert update.mode == "full" and "known.npy" in update.reason
+    leases, vms = build_leases(_events(rows + later), SEVEN_DAYS)
+    assert _lake_tables(lake) == (leases.to_pylist(), vms.to_pylist())

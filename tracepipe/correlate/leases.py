@@ -1905,7 +1905,10 @@ def _incremental(lake: Any, since: int, version: int | None, built: int) -> Leas
     new = _read_events([e.path for e in files])
     if new.height == 0:
         return LeaseUpdate("incremental", seconds=round(time.perf_counter() - started, 3))
-    update = _apply(lake, new, version, built)
+    try:
+        update = _apply(lake, new, version, built)
+    except StateChanged as exc:  # (the state's files changed under the update: rebuild from the events)
+        update = str(exc)
     if isinstance(update, str):  # after the locks are released: the full rebuild takes them itself
         return _full(lake, None, update)
     update.seconds = round(time.perf_counter() - started, 3)
@@ -2745,19 +2748,19 @@ def _floating_in_order(new: pl.DataFrame, state: _State) -> bool:
 @dataclass
 class _State:
     live: pl.DataFrame  # rows of schema.VM_EVENTS
-    known: np.ndarray  # sorted uint64
+    known: np.ndarray | _HashFile  # sorted uint64
     runs: pl.DataFrame  # _RUN_COLUMNS
     recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # sorted uint64
     known_file: Path | None = None  # where `known` was read from (linked into the next state unchanged)
     # sorted uint64 hashes of the ports an event naming no VM listed addresses with (what a detach by port
     # releases can be that listing, which no VM's history holds), and of the ports still bound by nothing whose
     # association left `floating` (_lost_unbound_reads): any event naming them is a full rebuild (_port_guard)
-    ports: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    ports: np.ndarray | _HashFile = field(default_factory=lambda: np.zeros(0, np.uint64))
     ports_file: Path | None = None  # where `ports` was read from (linked into the next state unchanged)
     ports_recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # added since: sorted
     # sorted uint64 hashes of the ports a floating IP was associated with (by an event naming no VM) before any
     # VM was bound to them: the first binding decides who held it since (_first_bound)
-    unbound: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    unbound: np.ndarray | _HashFile = field(default_factory=lambda: np.zeros(0, np.uint64))
     unbound_file: Path | None = None
     unbound_recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     # floating IPs (_fip_facts): per key its address and last event
@@ -2780,7 +2783,7 @@ class _State:
     ports_gone_ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     ports_gone_recent_ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     # hashes of the floating-IP keys deleted (their rows left `fips`: it holds the floating IPs that exist)
-    fips_gone: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    fips_gone: np.ndarray | _HashFile = field(default_factory=lambda: np.zeros(0, np.uint64))
     fips_gone_file: Path | None = None
     fips_gone_recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     # the latest `port_reads` time of the rows left out since their VM is no longer live (their ports are in
@@ -2795,7 +2798,9 @@ def _id_hashes(ids: pl.Series) -> np.ndarray:
     return ids.cast(pl.String).hash(_HASH_SEED).to_numpy()
 
 
-def _member(sorted_hashes: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+def _member(sorted_hashes: np.ndarray | _HashFile, hashes: np.ndarray) -> np.ndarray:
+    if isinstance(sorted_hashes, _HashFile):
+        return sorted_hashes.member(hashes)
     if not len(sorted_hashes):
         return np.zeros(len(hashes), bool)
     at = np.minimum(np.searchsorted(sorted_hashes, hashes), len(sorted_hashes) - 1)
@@ -3044,8 +3049,8 @@ def _union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _grown(
-    big: np.ndarray, recent: np.ndarray, big_file: Path | None, hashes: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, Path | None]:
+    big: np.ndarray | _HashFile, recent: np.ndarray, big_file: Path | None, hashes: np.ndarray
+) -> tuple[np.ndarray | _HashFile, np.ndarray, Path | None]:
     """A set of hashes that only grows (every VM id known, the ports stored events read the history of), kept
     as a big sorted array, linked into the next state unchanged, and a small one of those added since: each
     update writes the small one; it is folded into the big one once it holds a sixteenth of it. -> (big,
@@ -3053,7 +3058,7 @@ def _grown(
     fresh = hashes[~(_member(big, hashes) | _member(recent, hashes))]
     recent = _union(recent, fresh)
     if len(recent) > max(len(big) // 16, 1 << 16):
-        return _union(big, recent), recent[:0], None
+        return _union(big.whole() if isinstance(big, _HashFile) else big, recent), recent[:0], None
     return big, recent, big_file
 
 
@@ -3074,13 +3079,13 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
             return
         work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         state.live.write_parquet(work / "live.parquet", compression="zstd")
-        _save_hashes(work / "known.npy", state.known, state.known_file)
+        _save_hashes(work / "known.npy", state.known, state.known_file, paged=True)
         np.save(work / "recent.npy", state.recent.astype(np.uint64), allow_pickle=False)
-        _save_hashes(work / "ports.npy", state.ports, state.ports_file)
+        _save_hashes(work / "ports.npy", state.ports, state.ports_file, paged=True)
         np.save(work / "ports_recent.npy", state.ports_recent.astype(np.uint64), allow_pickle=False)
-        _save_hashes(work / "unbound.npy", state.unbound, state.unbound_file)
+        _save_hashes(work / "unbound.npy", state.unbound, state.unbound_file, paged=True)
         np.save(work / "unbound_recent.npy", state.unbound_recent.astype(np.uint64), allow_pickle=False)
-        _save_hashes(work / "fips_gone.npy", state.fips_gone, state.fips_gone_file)
+        _save_hashes(work / "fips_gone.npy", state.fips_gone, state.fips_gone_file, paged=True)
         np.save(work / "fips_gone_recent.npy", state.fips_gone_recent.astype(np.uint64), allow_pickle=False)
         state.runs.write_parquet(work / "runs.parquet", compression="zstd")
         state.fips.write_parquet(work / "fips.parquet", compression="zstd")
@@ -3093,7 +3098,7 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
         _save_hashes(work / "ports_gone_ts.npy", state.ports_gone_ts.view(np.uint64), gone_ts)
         np.save(work / "ports_gone_recent_ts.npy", state.ports_gone_recent_ts, allow_pickle=False)
         meta = {"vm_leases_version": version, "polars": pl.__version__}  # (hashes are polars' own)
-        meta["stamps"] = {name: _stamp(work / name) for name in _BIG_HASHES}
+        meta["stamps"] = {name: _stamp(work / name) for name in (*_BIG_HASHES, *_INDEXES)}
         if state.reads_gone_until is not None:
             meta["reads_gone_until"] = state.reads_gone_until.isoformat()
         (work / "meta.json").write_text(json.dumps(meta))
@@ -3107,17 +3112,128 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
         return
 
 
-def _save_hashes(path: Path, hashes: np.ndarray, linked: Path | None) -> None:
-    """A big hash array of the state: the file it was read from, linked (the same inode), when unchanged."""
+def _save_hashes(
+    path: Path, hashes: np.ndarray | _HashFile, linked: Path | None, paged: bool = False
+) -> None:
+    """A big hash array of the state: the file it was read from, linked (the same inode), when unchanged;
+    `paged`: and its index of pages (_HashFile), linked beside it or written from the array."""
     try:
         if linked is None:
             raise OSError
         os.link(linked, path)
     except OSError:
-        np.save(path, hashes.astype(np.uint64), allow_pickle=False)
+        hashes = hashes.whole() if isinstance(hashes, _HashFile) else hashes.astype(np.uint64)
+        np.save(path, hashes, allow_pickle=False)
+        linked = None
+    if not paged:
+        return
+    index = _index_path(path)
+    try:
+        if linked is None:
+            raise OSError
+        os.link(_index_path(linked), index)
+    except OSError:
+        if isinstance(hashes, _HashFile):
+            hashes = hashes.whole()
+        np.save(index, np.ascontiguousarray(hashes[::_PAGE]).astype(np.uint64), allow_pickle=False)
 
 
 _BIG_HASHES = ("known.npy", "ports.npy", "unbound.npy", "fips_gone.npy", "ports_gone.npy")
+# the big sets an update only looks up (and grows): read by page (_HashFile), each with an index beside it
+_PAGED = ("known.npy", "ports.npy", "unbound.npy", "fips_gone.npy")
+_PAGE = 512  # hashes a page (4 KiB): what a lookup of one hash reads
+
+
+def _index_path(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".npy") + ".index.npy")
+
+
+_INDEXES = tuple(_index_path(Path(name)).name for name in _PAGED)
+
+
+class StateChanged(OSError):
+    """A file of the saved state is no longer what its save wrote (cut or replaced under the update)."""
+
+
+class _HashFile:
+    """A big sorted hash array of a saved state, looked up by reading only the pages the looked-up hashes fall
+    in (os.pread), found in its index of every _PAGE-th hash (`<name>.index.npy`, 1/512 of its size). An hourly
+    update looks up ~1,000 ids against known.npy (every VM id ever seen: 3 M, 24 MB, after a year of CERN
+    churn): reading it whole cost 3-55 ms an hour and grew with every year kept; this reads ~1,000 pages, the
+    same whatever the history. Used only for files the state's own save wrote (their stamps in meta.json): the
+    order is the save's. `whole` reads it all, to grow it (a sixteenth of it added) or to write it anew."""
+
+    def __init__(self, path: Path, offset: int, size: int, index: np.ndarray) -> None:
+        self.path, self.offset, self.size, self.index = path, offset, size, index
+
+    @classmethod
+    def open(cls, path: Path) -> _HashFile | None:
+        """The file and its index, checked for what can be checked without reading it (its header, its size,
+        the index's type, length and order); None: read it whole instead."""
+        try:
+            with open(path, "rb") as handle:
+                major, _minor = np.lib.format.read_magic(handle)
+                if major == 1:
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+                offset = handle.tell()
+                size = os.fstat(handle.fileno()).st_size
+            index = np.load(_index_path(path), allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        if dtype != np.uint64 or fortran or len(shape) != 1 or size != offset + 8 * shape[0]:
+            return None
+        pages = -(-shape[0] // _PAGE)
+        if index.dtype != np.uint64 or index.shape != (pages,) or not _ascending(index):
+            return None
+        return cls(path, offset, shape[0], index)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def member(self, hashes: np.ndarray) -> np.ndarray:
+        """Which of `hashes` the file holds: a page per hash at most, runs of pages in one read each."""
+        if not self.size or not len(hashes):
+            return np.zeros(len(hashes), bool)
+        pages = sorted_unique(np.maximum(np.searchsorted(self.index, hashes, side="right") - 1, 0))
+        starts = np.flatnonzero(np.diff(pages, prepend=pages[0] - 2) != 1)  # runs of consecutive pages
+        ends = np.append(starts[1:], len(pages))
+        chunks = []
+        with open(self.path, "rb") as handle:
+            for first, last in zip(pages[starts].tolist(), pages[ends - 1].tolist(), strict=True):
+                count = min((last + 1) * _PAGE, self.size) - first * _PAGE
+                chunk = os.pread(handle.fileno(), 8 * count, self.offset + 8 * first * _PAGE)
+                if len(chunk) != 8 * count:  # (cut under the update)
+                    raise StateChanged(f"{self.path}: {len(chunk)} of {8 * count} bytes read")
+                chunks.append(chunk)
+        # the pages in file order are a sorted part of it, holding every hash it has of those looked up
+        return _member(np.frombuffer(b"".join(chunks), np.uint64), hashes)
+
+    def whole(self) -> np.ndarray:
+        try:
+            hashes = np.load(self.path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise StateChanged(f"{self.path}: {exc}") from exc
+        if hashes.dtype != np.uint64 or hashes.shape != (self.size,):
+            raise StateChanged(f"{self.path}: not the {self.size} hashes the state saved")
+        return hashes
+
+
+def _open_big(directory: Path, name: str, stamps: dict[str, Any]) -> np.ndarray | _HashFile:
+    """A big hash set of a saved state: paged (_HashFile) when it and its index are the files the state's
+    save wrote, else read whole (and then checked like every array of the state)."""
+    path = directory / name
+    if name in _PAGED:
+        index = _index_path(path)
+        try:
+            own = stamps.get(name) == _stamp(path) and stamps.get(index.name) == _stamp(index)
+        except OSError:
+            own = False
+        paged = _HashFile.open(path) if own else None
+        if paged is not None:
+            return paged
+    return np.load(path, allow_pickle=False)
 
 
 def _stamp(path: Path) -> list[int]:
@@ -3139,18 +3255,19 @@ def _load_state(lake: Any, version: int) -> _State | None:
         meta = json.loads((directory / "meta.json").read_text())
         if meta.get("vm_leases_version") != version or meta.get("polars") != pl.__version__:
             return None
+        stamps = meta.get("stamps") if isinstance(meta.get("stamps"), dict) else {}
         # (through pyarrow: polars would read a lake path holding `[`, `*` or `?` as a pattern)
         live = pl.from_arrow(pq.read_table(directory / "live.parquet"))
-        # (read whole, not mapped: mapped, a year's known.npy cost 1-3 ms instead of 7-50 ms, but a file
-        # truncated under a mapping by whoever can write the lake kills the reader with SIGBUS; a read raises)
-        known = np.load(directory / "known.npy", allow_pickle=False)
+        # (the big sets by page, read with os.pread (_HashFile), not mapped: a file truncated under a mapping
+        # by whoever can write the lake kills the reader with SIGBUS; a read returns short, StateChanged)
+        known = _open_big(directory, "known.npy", stamps)
         recent = np.load(directory / "recent.npy", allow_pickle=False)
         # (a state saved before ports.npy existed: the update rebuilds in full once)
-        ports = np.load(directory / "ports.npy", allow_pickle=False)
+        ports = _open_big(directory, "ports.npy", stamps)
         ports_recent = np.load(directory / "ports_recent.npy", allow_pickle=False)
-        unbound = np.load(directory / "unbound.npy", allow_pickle=False)
+        unbound = _open_big(directory, "unbound.npy", stamps)
         unbound_recent = np.load(directory / "unbound_recent.npy", allow_pickle=False)
-        fips_gone = np.load(directory / "fips_gone.npy", allow_pickle=False)
+        fips_gone = _open_big(directory, "fips_gone.npy", stamps)
         fips_gone_recent = np.load(directory / "fips_gone_recent.npy", allow_pickle=False)
         runs = pl.from_arrow(pq.read_table(directory / "runs.parquet"))
         fips = pl.from_arrow(pq.read_table(directory / "fips.parquet"))
@@ -3187,10 +3304,11 @@ def _load_state(lake: Any, version: int) -> _State | None:
     # every array of hashes: uint64, one dimension, in order. The order of a big one (every VM id ever seen) is
     # checked only when it is not the file the state's save wrote (_stamp), which the save checked (_grown
     # keeps it sorted); a copy of the lake, or a file written over it, is checked
-    stamps = meta.get("stamps") if isinstance(meta.get("stamps"), dict) else {}
     big_sets = dict(zip(_BIG_HASHES, (known, ports, unbound, fips_gone, ports_gone), strict=True))
     small_sets = (recent, ports_recent, unbound_recent, fips_gone_recent, ports_gone_recent)
     for name, hashes in (*big_sets.items(), *(("", h) for h in small_sets)):
+        if isinstance(hashes, _HashFile):  # (checked by _HashFile.open; its order is its own save's)
+            continue
         if hashes.dtype != np.uint64 or hashes.ndim != 1:
             return None
         try:
