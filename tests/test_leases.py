@@ -1913,6 +1913,12 @@ def test_a_big_hash_set_is_looked_up_by_page_with_the_answers_of_the_whole_array
     assert _HashFile.open(path) is None
     np.save(_index_path(path), hashes[:: 2 * _PAGE].copy())  # of another length
     assert _HashFile.open(path) is None
+    # a file read whole (a copy of the lake: not the save's own) gets an index of its own at the next save,
+    # never the one beside it (which the copy may have brought in any state)
+    np.save(_index_path(path), hashes[1::_PAGE].copy())  # valid in form, wrong in content
+    _save_hashes(tmp_path / "next.npy", hashes, path, paged=True)
+    assert (np.load(tmp_path / "next.index.npy") == hashes[::_PAGE]).all()
+    assert (lease_module._member(_HashFile.open(tmp_path / "next.npy"), hashes[::_PAGE]) == True).all()  # noqa: E712
 
 
 def test_a_state_file_cut_under_the_update_makes_it_a_full_rebuild(tmp_path, monkeypatch):

@@ -3128,14 +3128,15 @@ def _save_hashes(
     if not paged:
         return
     index = _index_path(path)
-    try:
-        if linked is None:
-            raise OSError
-        os.link(_index_path(linked), index)
-    except OSError:
-        if isinstance(hashes, _HashFile):
+    if isinstance(hashes, _HashFile) and linked is not None:
+        try:  # (the index _HashFile.open took with the file: never one beside a file read whole, e.g. a copy's)
+            os.link(_index_path(linked), index)
+            return
+        except OSError:
             hashes = hashes.whole()
-        np.save(index, np.ascontiguousarray(hashes[::_PAGE]).astype(np.uint64), allow_pickle=False)
+    if isinstance(hashes, _HashFile):
+        hashes = hashes.whole()
+    np.save(index, np.ascontiguousarray(hashes[::_PAGE]).astype(np.uint64), allow_pickle=False)
 
 
 _BIG_HASHES = ("known.npy", "ports.npy", "unbound.npy", "fips_gone.npy", "ports_gone.npy")
