@@ -1632,6 +1632,49 @@ def test_row_takes_and_encodings_of_tables_in_many_chunks_equal_those_of_one_chu
     assert [None if c is None else texts[c] for c in codes.to_list()] == names.to_pylist()
 
 
+def test_text_read_as_dictionaries_gives_the_codes_and_texts_of_plain_text(tmp_path) -> None:
+    """A full rebuild reads the repetitive event columns as dictionaries (read_event_files): each file's own,
+    a file without the column (written before it existed) as nulls, one of another type as its text. Codes,
+    polars text and takes of such a column equal those of the same text read plainly, also when a dictionary
+    names a value twice or holds a null (a planted file: two codes for one hypervisor would be a migration)."""
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from tracepipe.correlate.leases import _encode, _polars_text, _take
+    from tracepipe.lake import TEXT_DICTIONARY, read_parquet_files
+
+    schema = pa.schema([pa.field("n", pa.int64()), pa.field("hyp", pa.string())])
+    pq.write_table(pa.table({"n": [1, 2, 3], "hyp": ["h2", None, "h1"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"n": [4, 5]}), tmp_path / "b.parquet")  # (no hyp column)
+    pq.write_table(pa.table({"n": [6, 7, 8], "hyp": [7, 7, None]}), tmp_path / "c.parquet")  # (integers)
+    pq.write_table(pa.table({"n": [9, 10], "hyp": ["h3", "h1"]}), tmp_path / "d.parquet")
+    paths = [tmp_path / f"{x}.parquet" for x in "abcd"]
+    coded = pa.concat_tables(read_parquet_files(paths, schema, dictionary=["hyp", "absent"]))
+    plain = pa.concat_tables(read_parquet_files(paths, schema))
+    assert coded.schema.field("hyp").type == TEXT_DICTIONARY and coded.schema.field("n").type == pa.int64()
+    text = ["h2", None, "h1", None, None, "7", "7", None, "h3", "h1"]
+    assert plain.column("hyp").to_pylist() == text and coded.column("hyp").to_pylist() == text
+    dictionaries = {id(c.dictionary) for c in coded.column("hyp").chunks}
+    # (each file's dictionary apart, and one dictionary for all, as read_event_files unifies them)
+    for column in (coded.column("hyp"), coded.unify_dictionaries().column("hyp")):
+        codes, texts = _encode(column)
+        want_codes, want_texts = _encode(plain.column("hyp"))
+        assert (codes.to_list(), texts.to_list()) == (want_codes.to_list(), want_texts.to_list())
+        assert _polars_text(column).to_list() == text and _polars_text(column).dtype == pl.String
+        at = pl.Series([9, 0, None, 5])
+        assert _take(column, at).type == pa.string()
+        assert _take(column, at).to_pylist() == ["h1", "h2", None, "7"]
+    assert len(dictionaries) > 1
+    # a dictionary naming h1 twice and a null, as a hand-made Parquet dictionary page may
+    planted = pa.DictionaryArray.from_arrays(
+        pa.array([0, 1, 2, 1, None, 3], pa.int32()), pa.array(["h1", "h2", "h1", None])
+    )
+    codes, texts = _encode(pa.chunked_array([planted]))
+    assert texts.to_list() == ["h1", "h2"]
+    assert codes.to_list() == [0, 1, 0, 1, None, None]
+    assert _encode(planted.cast(pa.string()))[0].to_list() == codes.to_list()
+
+
 # ---- the full rebuild in time slices (bounded memory) ---------------------------------------------------------
 def _staged_left(lake) -> list[str]:
     from tracepipe.correlate.leases import REBUILD_DIR

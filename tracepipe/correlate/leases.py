@@ -124,9 +124,7 @@ def _replay_order(events: pa.Table) -> tuple[pl.Series, pl.Series]:
     order; the phase of each: 0 .start, 1 .error, 2 .end or no phase)."""
     # (one chunk per column: polars' eager operations rechunk every column of a frame in several chunks, a
     # table read from many files, on every call, and this frame is read a dozen times)
-    head = pl.from_arrow(events.select(["ts", "event_type", "event_id"]))
-    assert isinstance(head, pl.DataFrame)
-    head = head.rechunk()
+    head = _to_polars(events.select(["ts", "event_type", "event_id"])).rechunk()
     phase = (
         pl.when(pl.col("event_type").str.ends_with(".start"))
         .then(0)
@@ -211,9 +209,58 @@ def _packed_time_order(order: pl.DataFrame) -> pl.Expr | list[str]:
 
 def _frame_of(events: pa.Table, rows: pl.Series) -> pl.DataFrame:
     """The events at these row positions (a few), as a polars frame."""
-    frame = pl.from_arrow(_take_rows(events, rows.cast(pl.Int64).to_numpy()))
-    assert isinstance(frame, pl.DataFrame)
-    return frame
+    return _to_polars(_take_rows(events, rows.cast(pl.Int64).to_numpy()))
+
+
+# A full rebuild reads the whole event history (a year at CERN: 12.5 M rows) with its repetitive text columns as
+# dictionaries (read_parquet_files' `dictionary`): the replay reads them as codes (_dictionary_encode,
+# _action_codes) or as polars text made from the few values (_to_polars), and the output tables take their texts
+# (_take). Reading them as a string per row was two thirds of the read's CPU and a third of its memory.
+EVENT_DICTIONARY = (
+    "cloud",
+    "project",
+    "user",
+    "hypervisor",
+    "event_type",
+    "action",
+    "state",
+    "addr_kind",
+    "source",
+)
+
+
+def read_event_files(paths: list[Path]) -> pa.Table:
+    """vm_events files as one table for a full build: EVENT_DICTIONARY columns dictionary-encoded, one
+    dictionary per column over all files."""
+    if not paths:
+        return VM_EVENTS.empty_table()
+    return pa.concat_tables(read_parquet_files(paths, VM_EVENTS, EVENT_DICTIONARY)).unify_dictionaries()
+
+
+def _polars_text(column: pa.ChunkedArray | pa.Array) -> pl.Series:
+    """A text column as polars String: a dictionary column by a gather of its few values by its indices (no
+    Categorical: the replay compares, sorts and concatenates these as text)."""
+    if not pa.types.is_dictionary(column.type):
+        return pl.Series(column)
+    whole = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column  # (one dictionary)
+    values = pl.Series(whole.dictionary.cast(pa.string()))
+    return values.gather(pl.Series(whole.indices))
+
+
+def _to_polars(table: pa.Table) -> pl.DataFrame:
+    """pl.from_arrow, dictionary text columns as String (_polars_text)."""
+    if not any(pa.types.is_dictionary(t) for t in table.schema.types):
+        frame = pl.from_arrow(table)
+        assert isinstance(frame, pl.DataFrame)
+        return frame
+    return pl.DataFrame(
+        [
+            _polars_text(table.column(i)).alias(name)
+            if pa.types.is_dictionary(table.schema.types[i])
+            else pl.Series(name, table.column(i))
+            for i, name in enumerate(table.column_names)
+        ]
+    )
 
 
 def _take_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
@@ -251,8 +298,7 @@ def _in_order(frame: pl.DataFrame, rows: pl.Series) -> pl.DataFrame:
 
 def normalise_events(events: pa.Table) -> pl.DataFrame:
     """Drop duplicate deliveries and sort into the replay order (independent of the input order)."""
-    frame = pl.from_arrow(events.select([f.name for f in VM_EVENTS]))
-    assert isinstance(frame, pl.DataFrame)
+    frame = _to_polars(events.select([f.name for f in VM_EVENTS]))
     if frame.height == 0:
         return frame.with_columns(pl.lit(None, pl.Int32).alias("_phase"))
     rows, phases = _replay_order(events.select([f.name for f in VM_EVENTS]))
@@ -290,6 +336,13 @@ def _dictionary_encode(text: pa.Array | pa.ChunkedArray) -> pa.DictionaryArray:
     """Arrow's dictionary encoding as one array. A column of many chunks (one per file) is encoded chunk by
     chunk with one hash table, which gives every chunk the same dictionary: its indices are then put together
     instead of first concatenating the text (a year of VM ids: ~0.5 s and a copy of every byte)."""
+    if pa.types.is_dictionary(text.type):  # (read so: read_event_files)
+        whole = text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
+        values = whole.dictionary
+        if values.null_count == 0 and pc.count_distinct(values).as_py() == len(values):
+            return whole
+        # (a value twice in a file's dictionary, or a null one: a planted file)
+        text = whole.cast(pa.string())
     if isinstance(text, pa.Array):
         return pc.dictionary_encode(text)
     encoded = pc.dictionary_encode(text)
@@ -347,7 +400,7 @@ def _plain_columns(events: pa.Table) -> pl.DataFrame:
     narrow = [
         pl.repeat(None, events.num_rows, dtype=pl.String, eager=True).alias(n)
         if events.column(n).null_count == events.num_rows and n != "ts"
-        else pl.Series(n, events.column(n))
+        else _polars_text(events.column(n)).alias(n)
         for n in columns
     ]
     # (bit i: the event names _IDENTITY[i]; one small integer gathered and read instead of five booleans)
@@ -1423,7 +1476,8 @@ def _output_tables(
 def _take(values: pa.Array | pa.ChunkedArray, at: pl.Series) -> pa.Array:
     """values at the positions `at` (a null position gives null), as one array."""
     taken = values.take(at.to_arrow())
-    return taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
+    taken = taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
+    return taken.cast(taken.type.value_type) if pa.types.is_dictionary(taken.type) else taken
 
 
 def _result(column: Future[pa.Array] | pa.Array) -> pa.Array:
@@ -1667,7 +1721,7 @@ def _full(
         note = f"replayed at once in memory: {staged}"  # (a slice the update cannot apply, see _apply)
         reason = f"{reason}; {note}" if reason else note
     old = _old_leases(lake)
-    events = lake.read("vm_events")
+    events = read_event_files(lake.files("vm_events"))
     leases, vms = build_leases(events, reclaim_interval)
     days = set(_partition_days(lake)) if old is None else changed_days(old, leases, _partition_days(lake))
     # vm_leases last, recording what it was built from and the days it changed: a run killed before that
@@ -1749,7 +1803,7 @@ def _in_slices(
             save_reclaim_interval(stage, reclaim)
         say = progress or (lambda _step: None)
         say(f"time slice 1 of {len(slices)}")
-        events = pa.concat_tables(read_parquet_files([e.path for e in slices[0]], VM_EVENTS))
+        events = read_event_files([e.path for e in slices[0]])
         leases, vms = build_leases(events, reclaim)
         write_derived(stage, "vms", vms, {})
         version = write_derived(stage, "vm_leases", leases, {"vm_events_version": -1, VMS_COMPLETE: True})
@@ -2881,9 +2935,11 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
     live = pl.from_arrow(conform(events.filter(pc.is_in(events.column("vm_id"), hot.to_arrow())), VM_EVENTS))
     assert isinstance(live, pl.DataFrame)
     # (the few events naming a port, and the floating-IP events: a year of events is ~12 M rows)
+    port_columns = ["action", "vm_id", "addr", "addrs", "port_id", "ts"]
     ported = pl.from_arrow(
-        events.filter(pc.is_valid(events.column("port_id"))).select(
-            ["action", "vm_id", "addr", "addrs", "port_id", "ts"]
+        conform(
+            events.filter(pc.is_valid(events.column("port_id"))).select(port_columns),
+            pa.schema([VM_EVENTS.field(c) for c in port_columns]),
         )
     )
     floating = pl.from_arrow(
