@@ -1964,6 +1964,77 @@ def test_a_big_hash_set_is_looked_up_by_page_with_the_answers_of_the_whole_array
     assert (lease_module._member(_HashFile.open(tmp_path / "next.npy"), hashes[::_PAGE]) == True).all()  # noqa: E712
 
 
+def test_ports_gone_and_their_times_are_read_by_page_with_the_answers_of_the_whole_arrays(
+    tmp_path, monkeypatch
+):
+    """ports_gone (the ports of VMs no longer live, with the time of each one's last binding: a Neutron site
+    adds ~3 M a year) is read by page like known.npy, its times by the same pages: _gone_since answers what
+    the whole arrays answer, through a save that links the files and a load that pages them again; a copy of
+    the lake, or a times file of another length, is read whole and checked (refused when it does not fit)."""
+    import dataclasses
+    import os
+    import shutil
+
+    import numpy as np
+
+    from tracepipe.correlate import leases as lease_module
+    from tracepipe.correlate.leases import STATE_DIR, StateChanged, _HashFile, _load_state, _save_state
+    from tracepipe.lake import Lake
+
+    lake, _rows = _five_vms_built(tmp_path)
+    version = lake.version("vm_leases")
+    state = _load_state(lake, version)
+    assert state is not None
+    rng = np.random.default_rng(9)
+    hashes = np.unique(rng.integers(1, 2**64 - 1, 5_000, dtype=np.uint64))
+    times = rng.integers(0, 2**50, len(hashes), dtype=np.int64)
+    recent = np.sort(rng.choice(hashes, 40, replace=False))  # (some later again in the recent ones)
+    recent_ts = times[np.searchsorted(hashes, recent)] + 5
+    whole = dataclasses.replace(
+        state,
+        ports_gone=hashes,
+        ports_gone_ts=times,
+        ports_gone_file=None,
+        ports_gone_recent=recent,
+        ports_gone_recent_ts=recent_ts,
+    )
+    asked = np.concatenate(
+        [hashes[::7], hashes[::500] + np.uint64(1), rng.integers(0, 2**64 - 1, 300, dtype=np.uint64)]
+    )
+    want = lease_module._gone_since(whole, asked)
+    assert (want > np.iinfo(np.int64).min).sum() > 700  # (most of those asked are there)
+    _save_state(lake, version, whole)
+    read: list[int] = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: read.append(n) or real_pread(fd, n, at))
+    for _ in range(2):  # the state the save wrote, then the one saved from it (files linked, not written)
+        loaded = _load_state(lake, version)
+        assert loaded is not None
+        assert isinstance(loaded.ports_gone, _HashFile) and isinstance(loaded.ports_gone_ts, _HashFile)
+        read.clear()
+        assert (lease_module._gone_since(loaded, asked[:3]) == want[:3]).all()
+        assert 0 < sum(read) <= 2 * 3 * lease_module._PAGE * 8  # three pages of each file, not 80 kB
+        assert (lease_module._gone_since(loaded, asked) == want).all()
+        _save_state(lake, version, loaded)
+    (saved,) = (lake.root / STATE_DIR).iterdir()
+    assert os.stat(saved / "ports_gone_ts.npy").st_nlink == 1  # (the previous state's removed: one link left)
+    copy = Lake(tmp_path / "copy")
+    shutil.copytree(lake.root, copy.root)
+    copied = _load_state(copy, version)
+    assert copied is not None and isinstance(copied.ports_gone_ts, np.ndarray)  # a copy: read whole, checked
+    assert (lease_module._gone_since(copied, asked) == want).all()
+    (copied_dir,) = (copy.root / STATE_DIR).iterdir()
+    np.save(copied_dir / "ports_gone_ts.npy", times[:-1].view(np.uint64))  # one time short
+    assert _load_state(copy, version) is None
+    loaded = _load_state(lake, version)
+    assert loaded is not None and isinstance(loaded.ports_gone_ts, _HashFile)
+    assert loaded.ports_gone.beside(saved / "ports_gone_ts.npy") is not None
+    assert loaded.ports_gone.beside(saved / "known.npy") is None  # (of another length)
+    os.truncate(saved / "ports_gone_ts.npy", os.path.getsize(saved / "ports_gone_ts.npy") - 8)  # cut
+    with pytest.raises(StateChanged):
+        lease_module._gone_since(loaded, hashes[-2:])
+
+
 def test_a_state_file_cut_under_the_update_makes_it_a_full_rebuild(tmp_path, monkeypatch):
     """known.npy truncated after the update opened the state (whoever can write the lake): the lookup reads
     short, and the update rebuilds in full from the events instead of failing or answering from half a file."""

@@ -2831,10 +2831,11 @@ class _State:
     # sorted uint64 hashes of the ports that VMs no longer live were bound to (their bindings left the state),
     # and beside each (`_ts`, int64 µs) the latest of those bindings: a later binding by a live VM decides
     # the port's VM from then on (_port_guard)
-    ports_gone: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    # (read by page like `known`: a Neutron site adds a port a VM, 3 M a year; the times then by the same pages)
+    ports_gone: np.ndarray | _HashFile = field(default_factory=lambda: np.zeros(0, np.uint64))
     ports_gone_file: Path | None = None
     ports_gone_recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
-    ports_gone_ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    ports_gone_ts: np.ndarray | _HashFile = field(default_factory=lambda: np.zeros(0, np.int64))
     ports_gone_recent_ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     # hashes of the floating-IP keys deleted (their rows left `fips`: it holds the floating IPs that exist)
     fips_gone: np.ndarray | _HashFile = field(default_factory=lambda: np.zeros(0, np.uint64))
@@ -2873,8 +2874,14 @@ def _timed(sorted_hashes: np.ndarray, times: np.ndarray, hashes: np.ndarray) -> 
 
 def _gone_since(state: _State, hashes: np.ndarray) -> np.ndarray:
     """Of each port hash: the latest binding by a VM no longer live (int64 µs; the smallest int64: none)."""
+    if isinstance(state.ports_gone, _HashFile):
+        assert isinstance(state.ports_gone_ts, _HashFile)
+        big = state.ports_gone.timed(state.ports_gone_ts, hashes)
+    else:
+        assert isinstance(state.ports_gone_ts, np.ndarray)
+        big = _timed(state.ports_gone, state.ports_gone_ts, hashes)
     return np.maximum(
-        _timed(state.ports_gone, state.ports_gone_ts, hashes),
+        big,
         _timed(state.ports_gone_recent, state.ports_gone_recent_ts, hashes),
     )
 
@@ -2899,7 +2906,9 @@ def _grown_timed(state: _State, hashes: np.ndarray, times: np.ndarray) -> dict[s
     )
     big, big_ts, big_file = state.ports_gone, state.ports_gone_ts, state.ports_gone_file
     if len(recent) > max(len(big) // 16, 1 << 16):
-        big, big_ts = _latest_per_hash(np.concatenate([big, recent]), np.concatenate([big_ts, recent_ts]))
+        big, big_ts = _latest_per_hash(
+            np.concatenate([_whole(big), recent]), np.concatenate([_whole(big_ts).view(np.int64), recent_ts])
+        )
         recent, recent_ts, big_file = recent[:0], recent_ts[:0], None
     return {
         "ports_gone": big,
@@ -3148,13 +3157,16 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
         state.floating.write_parquet(work / "floating.parquet", compression="zstd")
         state.detaches.write_parquet(work / "detaches.parquet", compression="zstd")
         state.port_reads.write_parquet(work / "port_reads.parquet", compression="zstd")
-        _save_hashes(work / "ports_gone.npy", state.ports_gone, state.ports_gone_file)
+        _save_hashes(work / "ports_gone.npy", state.ports_gone, state.ports_gone_file, paged=True)
         np.save(work / "ports_gone_recent.npy", state.ports_gone_recent.astype(np.uint64), allow_pickle=False)
-        gone_ts = state.ports_gone_file and state.ports_gone_file.with_name("ports_gone_ts.npy")
-        _save_hashes(work / "ports_gone_ts.npy", state.ports_gone_ts.view(np.uint64), gone_ts)
+        gone_ts = state.ports_gone_file and state.ports_gone_file.with_name(_GONE_TIMES)
+        times = state.ports_gone_ts
+        _save_hashes(
+            work / _GONE_TIMES, times if isinstance(times, _HashFile) else times.view(np.uint64), gone_ts
+        )
         np.save(work / "ports_gone_recent_ts.npy", state.ports_gone_recent_ts, allow_pickle=False)
         meta = {"vm_leases_version": version, "polars": pl.__version__}  # (hashes are polars' own)
-        meta["stamps"] = {name: _stamp(work / name) for name in (*_BIG_HASHES, *_INDEXES)}
+        meta["stamps"] = {name: _stamp(work / name) for name in (*_BIG_HASHES, *_INDEXES, _GONE_TIMES)}
         if state.reads_gone_until is not None:
             meta["reads_gone_until"] = state.reads_gone_until.isoformat()
         (work / "meta.json").write_text(json.dumps(meta))
@@ -3197,7 +3209,8 @@ def _save_hashes(
 
 _BIG_HASHES = ("known.npy", "ports.npy", "unbound.npy", "fips_gone.npy", "ports_gone.npy")
 # the big sets an update only looks up (and grows): read by page (_HashFile), each with an index beside it
-_PAGED = ("known.npy", "ports.npy", "unbound.npy", "fips_gone.npy")
+_PAGED = ("known.npy", "ports.npy", "unbound.npy", "fips_gone.npy", "ports_gone.npy")
+_GONE_TIMES = "ports_gone_ts.npy"  # (beside ports_gone.npy, its times: read by the same pages, no index)
 _PAGE = 512  # hashes a page (4 KiB): what a lookup of one hash reads
 
 
@@ -3227,45 +3240,62 @@ class _HashFile:
     def open(cls, path: Path) -> _HashFile | None:
         """The file and its index, checked for what can be checked without reading it (its header, its size,
         the index's type, length and order); None: read it whole instead."""
+        found = _array_file(path)
         try:
-            with open(path, "rb") as handle:
-                major, _minor = np.lib.format.read_magic(handle)
-                if major == 1:
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
-                else:
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
-                offset = handle.tell()
-                size = os.fstat(handle.fileno()).st_size
             index = np.load(_index_path(path), allow_pickle=False)
         except (OSError, ValueError):
             return None
-        if dtype != np.uint64 or fortran or len(shape) != 1 or size != offset + 8 * shape[0]:
+        if found is None:
             return None
-        pages = -(-shape[0] // _PAGE)
+        pages = -(-found[1] // _PAGE)
         if index.dtype != np.uint64 or index.shape != (pages,) or not _ascending(index):
             return None
-        return cls(path, offset, shape[0], index)
+        return cls(path, *found, index)
+
+    def beside(self, path: Path) -> _HashFile | None:
+        """The file of as many uint64 values beside it (ports_gone's times), read by the same pages: no index."""
+        found = _array_file(path)
+        if found is None or found[1] != self.size:
+            return None
+        return _HashFile(path, *found, self.index[:0])
 
     def __len__(self) -> int:
         return self.size
 
-    def member(self, hashes: np.ndarray) -> np.ndarray:
-        """Which of `hashes` the file holds: a page per hash at most, runs of pages in one read each."""
-        if not self.size or not len(hashes):
-            return np.zeros(len(hashes), bool)
+    def _spans(self, hashes: np.ndarray) -> list[tuple[int, int]]:
+        """(first position, count) of the runs of pages the hashes fall in: a page per hash at most."""
         pages = sorted_unique(np.maximum(np.searchsorted(self.index, hashes, side="right") - 1, 0))
         starts = np.flatnonzero(np.diff(pages, prepend=pages[0] - 2) != 1)  # runs of consecutive pages
         ends = np.append(starts[1:], len(pages))
+        return [
+            (first * _PAGE, min((last + 1) * _PAGE, self.size) - first * _PAGE)
+            for first, last in zip(pages[starts].tolist(), pages[ends - 1].tolist(), strict=True)
+        ]
+
+    def _read(self, spans: list[tuple[int, int]]) -> np.ndarray:
+        """The values at those spans, in file order, one read each."""
         chunks = []
         with open(self.path, "rb") as handle:
-            for first, last in zip(pages[starts].tolist(), pages[ends - 1].tolist(), strict=True):
-                count = min((last + 1) * _PAGE, self.size) - first * _PAGE
-                chunk = os.pread(handle.fileno(), 8 * count, self.offset + 8 * first * _PAGE)
+            for first, count in spans:
+                chunk = os.pread(handle.fileno(), 8 * count, self.offset + 8 * first)
                 if len(chunk) != 8 * count:  # (cut under the update)
                     raise StateChanged(f"{self.path}: {len(chunk)} of {8 * count} bytes read")
                 chunks.append(chunk)
+        return np.frombuffer(b"".join(chunks), np.uint64)
+
+    def member(self, hashes: np.ndarray) -> np.ndarray:
+        """Which of `hashes` the file holds, from the pages they fall in."""
+        if not self.size or not len(hashes):
+            return np.zeros(len(hashes), bool)
         # the pages in file order are a sorted part of it, holding every hash it has of those looked up
-        return _member(np.frombuffer(b"".join(chunks), np.uint64), hashes)
+        return _member(self._read(self._spans(hashes)), hashes)
+
+    def timed(self, times: _HashFile, hashes: np.ndarray) -> np.ndarray:
+        """_timed over this file and `times` (its beside()): the same pages of both."""
+        if not self.size or not len(hashes):
+            return _timed(np.zeros(0, np.uint64), np.zeros(0, np.int64), hashes)
+        spans = self._spans(hashes)
+        return _timed(self._read(spans), times._read(spans).view(np.int64), hashes)
 
     def whole(self) -> np.ndarray:
         try:
@@ -3275,6 +3305,43 @@ class _HashFile:
         if hashes.dtype != np.uint64 or hashes.shape != (self.size,):
             raise StateChanged(f"{self.path}: not the {self.size} hashes the state saved")
         return hashes
+
+
+def _array_file(path: Path) -> tuple[int, int] | None:
+    """(data offset, length) of a .npy file of one dimension of uint64 whose size is that, from its header."""
+    try:
+        with open(path, "rb") as handle:
+            major, _minor = np.lib.format.read_magic(handle)
+            if major == 1:
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            offset = handle.tell()
+            size = os.fstat(handle.fileno()).st_size
+    except (OSError, ValueError):
+        return None
+    if dtype != np.uint64 or fortran or len(shape) != 1 or size != offset + 8 * shape[0]:
+        return None
+    return offset, shape[0]
+
+
+def _whole(values: np.ndarray | _HashFile) -> np.ndarray:
+    return values.whole() if isinstance(values, _HashFile) else values
+
+
+def _gone_times(directory: Path, gone: np.ndarray | _HashFile, stamps: dict[str, Any]) -> tuple[Any, Any]:
+    """ports_gone and its times: both by page when the times file is the save's own too, else both whole."""
+    path = directory / _GONE_TIMES
+    if isinstance(gone, _HashFile):
+        try:
+            own = stamps.get(_GONE_TIMES) == _stamp(path)
+        except OSError:
+            own = False
+        times = gone.beside(path) if own else None
+        if times is not None:
+            return gone, times
+        gone = gone.whole()
+    return gone, np.load(path, allow_pickle=False)
 
 
 def _open_big(directory: Path, name: str, stamps: dict[str, Any]) -> np.ndarray | _HashFile:
@@ -3332,9 +3399,10 @@ def _load_state(lake: Any, version: int) -> _State | None:
         floating = pl.from_arrow(pq.read_table(directory / "floating.parquet"))
         detaches = pl.from_arrow(pq.read_table(directory / "detaches.parquet"))
         port_reads = pl.from_arrow(pq.read_table(directory / "port_reads.parquet"))
-        ports_gone = np.load(directory / "ports_gone.npy", allow_pickle=False)
+        ports_gone, ports_gone_ts = _gone_times(
+            directory, _open_big(directory, "ports_gone.npy", stamps), stamps
+        )
         ports_gone_recent = np.load(directory / "ports_gone_recent.npy", allow_pickle=False)
-        ports_gone_ts = np.load(directory / "ports_gone_ts.npy", allow_pickle=False)
         ports_gone_recent_ts = np.load(directory / "ports_gone_recent_ts.npy", allow_pickle=False)
         gone_until = meta.get("reads_gone_until")
         reads_gone_until = None if gone_until is None else dt.datetime.fromisoformat(gone_until)
@@ -3374,10 +3442,12 @@ def _load_state(lake: Any, version: int) -> _State | None:
             return None
         if not saved and not _ascending(hashes):
             return None
-    if ports_gone_ts.dtype != np.uint64 or ports_gone_recent_ts.dtype != np.int64:
+    if ports_gone_recent_ts.dtype != np.int64 or ports_gone_recent_ts.shape != ports_gone_recent.shape:
         return None
-    if ports_gone_ts.shape != ports_gone.shape or ports_gone_recent_ts.shape != ports_gone_recent.shape:
-        return None
+    if isinstance(ports_gone_ts, np.ndarray):  # (else beside() checked it: as many uint64 as ports_gone)
+        if ports_gone_ts.dtype != np.uint64 or ports_gone_ts.shape != (len(ports_gone),):
+            return None
+        ports_gone_ts = ports_gone_ts.view(np.int64)
     return _State(
         live=live,
         known=known,
@@ -3397,7 +3467,7 @@ def _load_state(lake: Any, version: int) -> _State | None:
         ports_gone=ports_gone,
         ports_gone_file=directory / "ports_gone.npy",
         ports_gone_recent=ports_gone_recent,
-        ports_gone_ts=ports_gone_ts.view(np.int64),
+        ports_gone_ts=ports_gone_ts,
         ports_gone_recent_ts=ports_gone_recent_ts,
         fips_gone=fips_gone,
         fips_gone_file=directory / "fips_gone.npy",
