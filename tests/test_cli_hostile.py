@@ -521,3 +521,28 @@ def test_no_write_replaces_a_device_or_fifo(hostile_lake, tmp_path):
         write_atomic(fifo, "stats")
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["sql", "select range as n, repeat('x', 40) as pad from range(200000)", "--format", "json"],
+        ["sql", "select range as n, repeat('x', 40) as pad from range(200000)"],
+        ["who", ADDR, "--at", f"{DAY}T02:00:00Z", "--format", "json"],
+    ],
+    ids=["sql-json", "sql-table", "who-json"],
+)
+def test_a_reader_that_closes_the_pipe_early_stops_the_command_quietly_with_141(hostile_lake, args):
+    """`tracepipe sql ... | head`: the reader goes away before the output is written. The command stops as any
+    Unix tool killed by SIGPIPE does, 141 and nothing on stderr; not "internal error" (4), nor rich's exit 1,
+    which a sweep's caller reads as "alerts found"."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tracepipe.cli", *args, "--lake", str(hostile_lake)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # (before the child writes: its first write fails, whatever the pipe's buffer)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""

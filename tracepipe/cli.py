@@ -18,13 +18,13 @@ if __name__ == "__main__":
 
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from typer.core import TyperGroup
 
 from tracepipe import DEFAULT_LAKE
-from tracepipe.errors import EXIT_FAILED, TracepipeError
+from tracepipe.errors import EXIT_FAILED, EXIT_PIPE, TracepipeError
 from tracepipe.nopandas import refuse_pandas
 from tracepipe.printer import Printer
 
@@ -65,6 +65,8 @@ class _Tracepipe(TyperGroup):
             return super().invoke(ctx)
         except (typer.TyperException, typer.Exit, typer.Abort):
             raise
+        except BrokenPipeError:  # (typer would exit 1: "alerts found" to a sweep's caller)
+            _closed_pipe()
         except TracepipeError as exc:
             printer = ctx.obj if isinstance(ctx.obj, Printer) else Printer()
             if printer.debug:
@@ -77,6 +79,20 @@ class _Tracepipe(TyperGroup):
                 printer.err.print_exception()
             printer.error(f"{exc!r} (rerun with --debug for the traceback)", label="internal error:")
             ctx.exit(EXIT_FAILED)
+
+
+def _closed_pipe() -> NoReturn:
+    """The reader of stdout went away (`tracepipe sql ... | head`): stop quietly with EXIT_PIPE, as any Unix
+    tool killed by SIGPIPE, not "internal error"; stdout is pointed at /dev/null first, so that the flush at
+    exit does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(EXIT_PIPE)
 
 
 def _usage_error(exc: Any) -> None:

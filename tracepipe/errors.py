@@ -8,6 +8,7 @@ EXIT_USAGE = 2  # click's own usage errors, and arguments that do not parse
 EXIT_PARTIAL = 3  # some input was rejected, the rest landed
 EXIT_FAILED = 4  # nothing landed, or the environment is wrong
 EXIT_ATTRIBUTION = 5  # the input landed, but the leases or the attribution to VMs failed
+EXIT_PIPE = 141  # whoever read the output closed it early (`| head`): 128 + SIGPIPE, as any Unix tool
 
 
 def combined_exit(ingest: int, correlation: int) -> int:

@@ -50,12 +50,20 @@ def _escape(match: re.Match[str]) -> str:
 Part = str | tuple[str, str]  # plain text, or (text, rich style)
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader went away (`| head`): rich would exit 1 here, which is "alerts found" to a sweep's caller;
+        the CLI's main stops with EXIT_PIPE instead (cli._closed_pipe)."""
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def make_console(*, stderr: bool = False) -> Console:
     """A Console on stdout (or stderr): the terminal's width there, else one very long soft-wrapped line per
     line printed. Markup, emoji codes and highlighting are off: text is shown as it is."""
     stream = sys.stderr if stderr else sys.stdout
     terminal = stream.isatty()
-    return Console(
+    return _Console(
         file=stream,
         width=None if terminal else PIPE_WIDTH,
         soft_wrap=not terminal,
