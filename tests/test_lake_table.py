@@ -394,6 +394,58 @@ def test_every_table_has_a_checkpoint_at_most_checkpoint_interval_commits_old(tm
         assert _count(Lake(root)) == 2 * (2 * CHECKPOINT_INTERVAL + 2)
 
 
+def test_a_source_is_looked_up_in_one_row_group_of_a_big_merged_manifest_file(tmp_path, monkeypatch):
+    """A manifest of many sources (a collector commits ~100,000 a year): merged files are sorted by (dataset,
+    content_hash) in row groups of MANIFEST_GROUP_ROWS, and a lookup reads only the group whose statistics
+    hold the hash (~0.5 MB), not the file; the answer is the one the whole file gives, for hashes present,
+    absent between two present, and of the other dataset."""
+    import random
+
+    from tracepipe.lake import MANIFEST, MANIFEST_DIR, MANIFEST_GROUP_ROWS, PartFile
+    from tracepipe.schema import INGEST_MANIFEST
+
+    rng = random.Random(3)
+    rows = 3 * MANIFEST_GROUP_ROWS + 77
+    hashes = sorted({f"{rng.getrandbits(256):064x}" for _ in range(rows)})
+    datasets = ["flows" if i % 3 else "vm_events" for i in range(len(hashes))]
+    table = pa.table(
+        {
+            "content_hash": hashes,
+            "dataset": datasets,
+            "source": [f"s{i}" for i in range(len(hashes))],
+            "rows": [1] * len(hashes),
+            "rejects": [0] * len(hashes),
+            "files": [[]] * len(hashes),
+            "ingested_at": [dt.datetime(2025, 1, 1, tzinfo=dt.UTC)] * len(hashes),
+            "stats": ["{}"] * len(hashes),
+        },
+        schema=INGEST_MANIFEST,
+    )
+    lake = Lake(tmp_path / "lake")
+    part = PartFile(lake.root / MANIFEST_DIR, MANIFEST, None, "part-merged")
+    part.write(table.take(pa.array(rng.sample(range(len(hashes)), len(hashes)))))  # (in any order)
+    action = part.close()
+    assert action is not None
+    lake.commit(MANIFEST_DIR, [action])
+    assert pq.read_metadata(part.path).num_row_groups == 4
+    fresh = Lake(tmp_path / "lake")
+    monkeypatch.setattr(fresh, "_manifest_keys", lambda: pytest.fail("read the whole manifest"))
+    opened: list[int] = []
+    real_group = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_group", lambda self, i, **kw: opened.append(i) or real_group(self, i, **kw)
+    )
+    for i in rng.sample(range(len(hashes)), 60):
+        opened.clear()
+        other = "vm_events" if datasets[i] == "flows" else "flows"
+        assert fresh._manifest_has(datasets[i], hashes[i])
+        assert not fresh._manifest_has(other, hashes[i])
+        between = hashes[i][:-1] + ("0" if hashes[i][-1] != "0" else "1")
+        assert fresh._manifest_has(datasets[i], between) == (between in set(hashes))
+        assert len(opened) <= 2  # (one group; two where datasets meet inside one)
+    assert not fresh._manifest_has("flows", "0" * 64) and not fresh._manifest_has("flows", "f" * 64)
+
+
 def test_a_new_run_asks_the_manifest_for_one_source_without_reading_it_all(tmp_path, monkeypatch):
     """A run that ingests one source (`ingest vm` every hour) learns whether it landed before from the
     manifest's statistics and two Arrow columns, not by reading every source ever ingested into Python: the
@@ -417,12 +469,14 @@ def test_a_new_run_asks_the_manifest_for_one_source_without_reading_it_all(tmp_p
     assert not fresh.already_ingested("flows", "cd" * 32)
     assert not fresh.already_ingested("flows", hashes[5][:-1] + "f")  # (inside a merged file's range)
     assert fresh._manifest_cache is None
-    opened: list[str] = []
-    real_read = pq.read_table
-    monkeypatch.setattr(pq, "read_table", lambda path, **kw: opened.append(path) or real_read(path, **kw))
+    opened: list[int] = []
+    real_group = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_group", lambda self, i, **kw: opened.append(i) or real_group(self, i, **kw)
+    )
     for h in hashes[:10]:
         assert fresh.already_ingested("flows", h)
-    assert len(opened) == 0  # each merged file read once in the run, not once per source asked
+    assert len(opened) == 0  # each merged file's groups read once in the run, not once per source asked
     # a checkpoint never fails a commit that landed, whatever the table's property says
     from types import SimpleNamespace
 

@@ -95,7 +95,10 @@ def source_key(content_hash: str) -> str:
 # an append that a concurrent rewrite made conflict is committed again on the latest version, up to this often
 APPEND_CONFLICT_RETRIES = 20
 UPGRADED = "part-upgraded-"  # prefix of the conformed copies `upgrade` writes before its commit
-MANIFEST = Dataset(MANIFEST_DIR, INGEST_MANIFEST, None, ("dataset", "content_hash"))
+# (row groups of MANIFEST_GROUP_ROWS: a lookup of one source reads one group of each merged file, ~0.5 MB, not
+# the file: a collector commits ~100,000 sources a year, a manifest of 10 years 1 M rows; _manifest_has)
+MANIFEST_GROUP_ROWS = 8_192
+MANIFEST = Dataset(MANIFEST_DIR, INGEST_MANIFEST, None, ("dataset", "content_hash"), MANIFEST_GROUP_ROWS)
 
 
 def default_lake_path() -> Path:
@@ -618,7 +621,8 @@ class PartFile:
             options["use_dictionary"] = [c for c in options["use_dictionary"] if c not in plain]
             # store_schema=False: every reader sees the text columns as the plain strings schema.py declares
             self._writer = pq.ParquetWriter(self.tmp, self._schema, store_schema=False, **options)
-        self._writer.write_table(_as_written(table, self._schema), row_group_size=self.row_group_rows)
+        group = min(self.row_group_rows, self.dataset.group_rows or self.row_group_rows)
+        self._writer.write_table(_as_written(table, self._schema), row_group_size=group)
         self.rows += table.num_rows
 
     def close(self) -> AddAction | None:
@@ -651,6 +655,19 @@ class PartFile:
                 self._writer.close()
             self._writer = None
         self.tmp.unlink(missing_ok=True)
+
+
+def _may_hold(low: Any, high: Any, value: str) -> bool:
+    """Whether text statistics [low, high] may hold `value` (missing or of another type: they may). A statistic
+    cut short is a prefix of the value: below the minimum, or above the maximum without starting with it, is
+    outside either way."""
+    if isinstance(low, bytes) and isinstance(
+        high, bytes
+    ):  # (a group's statistics of a file without its type)
+        low, high = low.decode("utf-8", "replace"), high.decode("utf-8", "replace")
+    if not (isinstance(low, str) and isinstance(high, str)):
+        return True
+    return not (value < low or (value > high and not value.startswith(high)))
 
 
 def _remove(relative: str, day: str | None, size: int | None, data_change: bool = True) -> RemoveAction:
@@ -758,7 +775,8 @@ class Lake:
         self._manifest_cache: tuple[int, set[tuple[str, str]], set[str], set[str]] | None = None
         self._manifest_sources: set[tuple[str, str]] = set()  # (dataset, source) of the rows read into it
         # (dataset, content_hash) of each manifest file read by _manifest_has
-        self._manifest_columns: dict[str, pa.Table] = {}
+        self._manifest_columns: dict[tuple[str, int], pa.Table] = {}  # (file, row group): its two columns
+        self._manifest_footers: dict[str, pq.FileMetaData] = {}
         # {table: (its open DeltaTable, version, every file entry, {source key: entries}, day-partitioned)}: what
         # entries() built from the log, until the table moves to another version (an hourly update asks ~20 times)
         self._entries_cache: dict[
@@ -1096,29 +1114,39 @@ class Lake:
     def _manifest_has(self, dataset: str, content_hash: str) -> bool:
         """Whether a manifest row names (dataset, content_hash), without reading the manifest into Python: a
         file whose statistics exclude the hash is skipped (the one-row file of each source not compacted
-        yet), the others' two columns compared in Arrow. A run that ingests one source (`ingest vm` every
-        hour) then reads no row into Python sets; reading every row was 50 ms a year of hourly sources, and
-        grew with the sources ever ingested (a collector's segments: ~100,000 a year)."""
+        yet), and of the others only the row groups whose statistics hold it are read, their two columns
+        compared in Arrow. Merged files are sorted by (dataset, content_hash) in groups of MANIFEST_GROUP_ROWS:
+        a lookup reads one group a file, whatever the sources ever ingested (reading whole files was 50 ms a
+        year of hourly sources, and grew with them: a collector's segments are ~100,000 a year)."""
         columns = self._manifest_columns
         try:
             for entry in self.entries(MANIFEST_DIR):
-                low, high = entry.mins.get("content_hash"), entry.maxs.get("content_hash")
-                # (a statistic cut short is a prefix of the value: below the minimum, or above the maximum
-                # without starting with it, is outside either way)
-                if isinstance(low, str) and isinstance(high, str):
-                    if content_hash < low or (content_hash > high and not content_hash.startswith(high)):
-                        continue
-                if entry.relative not in columns:  # (a file is read once per run: a backfill asks per source)
-                    columns[entry.relative] = pq.read_table(entry.path, columns=["dataset", "content_hash"])
-                rows = columns[entry.relative]
-                same = pc.and_(
-                    pc.equal(rows.column("content_hash"), content_hash),
-                    pc.equal(rows.column("dataset"), dataset),
-                )
-                if pc.any(same).as_py():
-                    return True
-        except pa.ArrowException:
-            # (a planted file of other types: the whole manifest, read as Python values)
+                if not _may_hold(
+                    entry.mins.get("content_hash"), entry.maxs.get("content_hash"), content_hash
+                ):
+                    continue
+                footer = self._manifest_footers.get(entry.relative)
+                if footer is None:  # (footers and groups read once per run: a backfill asks per source)
+                    footer = self._manifest_footers[entry.relative] = pq.read_metadata(entry.path)
+                at = footer.schema.to_arrow_schema().get_field_index("content_hash")
+                for group in range(footer.num_row_groups):
+                    stats = footer.row_group(group).column(at).statistics if at >= 0 else None
+                    if stats is not None and stats.has_min_max:
+                        if not _may_hold(stats.min, stats.max, content_hash):
+                            continue
+                    key = (entry.relative, group)
+                    if key not in columns:
+                        with contextlib.closing(pq.ParquetFile(entry.path, metadata=footer)) as file:
+                            columns[key] = file.read_row_group(group, columns=["dataset", "content_hash"])
+                    rows = columns[key]
+                    same = pc.and_(
+                        pc.equal(rows.column("content_hash"), content_hash),
+                        pc.equal(rows.column("dataset"), dataset),
+                    )
+                    if pc.any(same).as_py():
+                        return True
+        except (pa.ArrowException, OSError, KeyError):
+            # (a planted file of other types or columns: the whole manifest, read as Python values)
             return (dataset, content_hash) in self._manifest_keys()
         return False
 

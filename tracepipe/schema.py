@@ -347,6 +347,9 @@ class Dataset:
     schema: pa.Schema
     partition_ts: str | None  # column whose UTC day names the partition; None = unpartitioned
     sort_by: tuple[str, ...] = ()
+    # rows a Parquet row group of its files holds when fewer than the sorted unit (lake.PartFile): the ingest
+    # manifest, looked up by content hash, keeps small groups whose statistics name a narrow range of hashes
+    group_rows: int | None = None
 
 
 DATASETS: dict[str, Dataset] = {
