@@ -2035,6 +2035,39 @@ def test_ports_gone_and_their_times_are_read_by_page_with_the_answers_of_the_who
         lease_module._gone_since(loaded, hashes[-2:])
 
 
+def test_an_update_reads_a_settled_vms_events_from_the_day_before_its_first_fact_to_its_last_event(tmp_path):
+    """_history: the stored events of an involved VM that is no longer live are read from the day partitions
+    from the day before the first of its created_at / deleted_at / last_event_at (a .start notification just
+    before midnight, a replay whose create comes after the delete) to its last event, and no other day's."""
+    import polars as pl
+
+    from tracepipe.correlate.leases import _history
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    lake = Lake(tmp_path / "lake")
+    rows = [
+        {"ts": utc(23, 59, day=9), "vm_id": "x", "action": "create", "event_type": "instance.create.start"},
+        {"ts": utc(0, 1, day=10), "vm_id": "x", "action": "create", "addrs": ["10.0.0.1"]},
+        {"ts": utc(9, 0, day=13), "vm_id": "x", "action": "delete", "addrs": []},
+        {"ts": utc(9, 0, day=8), "vm_id": "x", "action": "update"},  # (two days before: not read)
+        {"ts": utc(9, 0, day=14), "vm_id": "x", "action": "update"},  # (after its last event: not read)
+        {"ts": utc(9, 0, day=11), "vm_id": "y", "action": "create", "addrs": ["10.0.0.2"]},  # (another VM)
+    ]
+    for i, row in enumerate(rows):
+        ingest_table(lake, "vm_events", f"r{i}", hash_bytes(repr(row).encode()), [_events([row])])
+    index = pl.DataFrame(
+        {"vm_id": ["x"], "created_at": [utc(0, 1, day=10)], "deleted_at": [utc(9, 0, day=13)]}
+    ).with_columns(pl.col("deleted_at").alias("last_event_at"))
+    new = pl.from_arrow(_events([]))
+    live = pl.from_arrow(_events([]))
+    got = _history(lake, new, pl.Series("vm_id", ["x", "gone-without-row"]), index, live)
+    assert sorted(got.get_column("ts").to_list()) == [
+        utc(23, 59, day=9),
+        utc(0, 1, day=10),
+        utc(9, 0, day=13),
+    ]
+
+
 def test_a_state_file_cut_under_the_update_makes_it_a_full_rebuild(tmp_path, monkeypatch):
     """known.npy truncated after the update opened the state (whoever can write the lake): the lookup reads
     short, and the update rebuilds in full from the events instead of failing or answering from half a file."""
