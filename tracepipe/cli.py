@@ -811,7 +811,7 @@ def leases_rebuild_command(
         typer.Option(
             "--at-once",
             min=0,
-            help="Replay at most this many events at once, in memory (~0.85 KB each); a longer history is "
+            help="Replay at most this many events at once, in memory (~0.6 KB each); a longer history is "
             "replayed in time slices of whole days. 0: all at once. Default: as many as a quarter of this "
             "machine's memory holds.",
         ),
@@ -822,9 +822,9 @@ def leases_rebuild_command(
     """Rebuild vm_leases and vms from every lifecycle event in the lake (vectorised; ingest updates them
     incrementally by itself), then re-attribute the flows and VM log lines of the days that changed. A repair:
     use it after a failed update (exit code 5) or to check an incremental lake against a full build.
-    Up to --at-once events are replayed at once, in memory (~0.85 KB an event); a longer history in time
+    Up to --at-once events are replayed at once, in memory (~0.6 KB an event); a longer history in time
     slices of whole days (1 M events each, applied as the hourly update applies new events), so that memory
-    stays bounded whatever the years kept (slower: ~0.1 M events/s). Readers see the old leases until the new
+    stays bounded whatever the years kept (slower: ~0.3 M events/s). Readers see the old leases until the new
     ones are committed.
 
     Exit codes: 0 done; 4 no lake at --lake or it cannot be written; 5 the rebuild or attribution failed.

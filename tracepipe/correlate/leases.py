@@ -1671,14 +1671,15 @@ def rebuild_leases(lake: Any, reclaim_interval: dt.timedelta | None = None) -> s
     return _full(lake, reclaim_interval).days
 
 
-# A full rebuild replays every event: all at once in memory (~0.85 KB per event at peak, measured on a year of
-# CERN-like churn: 10.2 GiB for 12.5 M events) up to `at_once` events, by default FULL_EVENTS, else as many as a
-# quarter of the machine's memory holds at EVENT_BYTES each; a longer history in time slices of whole days
+# A full rebuild replays every event: all at once in memory (~0.6 KB per event at peak, measured on a year of
+# CERN-like churn, session 22: 7.7-7.9 GB for 12.55 M events, 3.7 GB for the first 6.17 M; it was 0.85 KB before
+# the dictionary read and the jemalloc pool) up to `at_once` events, by default FULL_EVENTS, else as many as a
+# quarter of the machine's memory holds at EVENT_BYTES each (a quarter more than measured); a longer history in time slices of whole days
 # (_slices, _in_slices): the first, of up to `at_once` events, built like that, each next one, of at most
 # SLICE_EVENTS, applied to it as the hourly update applies new events, so that memory stays bounded by `at_once`
 # whatever the history.
 FULL_EVENTS: int | None = None
-EVENT_BYTES = 1024
+EVENT_BYTES = 768
 SLICE_EVENTS = 1_000_000
 REBUILD_DIR = "_settings/lease_rebuild"
 
@@ -1783,7 +1784,7 @@ def _old_leases(lake: Any) -> pa.Table | None:
 def _slices(entries: list[Any], at_once: int) -> list[list[Any]]:
     """The vm_events files of a full rebuild in time slices: one when they hold at most `at_once` events (0: no
     limit), else whole days in date order: the first slice up to `at_once` events (built at once, ~1 µs an
-    event), each next up to SLICE_EVENTS and `at_once` (applied as an update, ~9 µs an event and more memory
+    event), each next up to SLICE_EVENTS and `at_once` (applied as an update, ~4 µs an event and more memory
     per event); a day bigger than that alone."""
     if at_once <= 0 or sum(e.rows for e in entries) <= at_once:
         return [entries]
