@@ -446,6 +446,48 @@ def test_a_source_is_looked_up_in_one_row_group_of_a_big_merged_manifest_file(tm
     assert not fresh._manifest_has("flows", "0" * 64) and not fresh._manifest_has("flows", "f" * 64)
 
 
+@pytest.mark.parametrize("planted", ["struct_first", "stats_not_utf8"])
+def test_a_planted_manifest_file_never_hides_a_source_it_names(tmp_path, planted):
+    """Review of session 22: the row-group lookup finds content_hash by its Parquet leaf (a struct of two
+    leaves before it shifted the Arrow position to another column's statistics), and statistics it cannot
+    read (not UTF-8) mean "may hold": the answer is the whole manifest's, never "not ingested" (a duplicate)."""
+    from deltalake.transaction import AddAction
+
+    from tracepipe.lake import MANIFEST_DIR, file_stats
+
+    target = "ab" * 32
+    lake = Lake(tmp_path / "lake")
+    lake._write_manifest_row("flows", "cd" * 32, "legit", 1, 0, [], {})
+    hashes = (
+        pa.array([target.encode(), b"\xff\xfe"], pa.binary()).view(pa.string())
+        if planted == "stats_not_utf8"
+        else pa.array([target, "ef" * 32])
+    )
+    columns = {
+        "content_hash": hashes,
+        "dataset": ["flows", "flows"],
+        "source": ["s", "t"],
+        "rows": [1, 1],
+        "rejects": [0, 0],
+        "files": pa.array([[], []], pa.list_(pa.string())),
+        "ingested_at": pa.array([dt.datetime(2025, 1, 1)] * 2, pa.timestamp("us", tz="UTC")),
+        "stats": ["{}", "{}"],
+    }
+    if planted == "struct_first":
+        columns = {"x": pa.array([{"a": "zz", "b": "zz"}] * 2), **columns}
+    relative = "part-planted.parquet"
+    path = lake.root / MANIFEST_DIR / relative
+    pq.write_table(pa.table(columns), path)
+    stats = (
+        json.dumps({"numRecords": 2}) if planted == "stats_not_utf8" else file_stats(pq.read_metadata(path))
+    )
+    lake.commit(
+        MANIFEST_DIR, [AddAction(relative, path.stat().st_size, {}, int(time.time() * 1000), True, stats)]
+    )
+    assert Lake(tmp_path / "lake")._manifest_has("flows", target)
+    assert Lake(tmp_path / "lake").already_ingested("flows", target)
+
+
 def test_a_new_run_asks_the_manifest_for_one_source_without_reading_it_all(tmp_path, monkeypatch):
     """A run that ingests one source (`ingest vm` every hour) learns whether it landed before from the
     manifest's statistics and two Arrow columns, not by reading every source ever ingested into Python: the

@@ -1675,6 +1675,54 @@ def test_text_read_as_dictionaries_gives_the_codes_and_texts_of_plain_text(tmp_p
     assert _encode(planted.cast(pa.string()))[0].to_list() == codes.to_list()
 
 
+def test_planted_event_files_read_as_dictionaries_give_what_their_plain_read_gives(tmp_path) -> None:
+    """Review of session 22: a hand-made file whose dictionary page names a value twice (Arrow keeps one and
+    leaves indices past its end: the values of another file's dictionary, silently, once unified), addresses
+    stored as integers (a plain read formats them), a struct where text is declared (no leaf to read as a
+    dictionary). read_event_files gives the values the plain read gives, and the same leases."""
+    import pyarrow.parquet as pq
+
+    from tracepipe.address_text import ADDRESSES
+    from tracepipe.correlate.leases import read_event_files
+    from tracepipe.lake import read_parquet_files
+    from tracepipe.schema import VM_EVENTS
+
+    rows = [
+        {"ts": utc(1, 0), "vm_id": "a", "action": "create", "addrs": ["10.0.0.1"], "hypervisor": "h1"},
+        {"ts": utc(2, 0), "vm_id": "a", "action": "update", "addrs": ["10.0.0.1"], "hypervisor": "h2"},
+        {"ts": utc(3, 0), "vm_id": "a", "action": "update", "addrs": ["10.0.0.1"], "hypervisor": "h2"},
+        {"ts": utc(4, 0), "vm_id": "a", "action": "update", "addrs": ["10.0.0.1"], "hypervisor": "h1"},
+    ]
+    dup = tmp_path / "dup.parquet"
+    pq.write_table(_events(rows), dup, compression="NONE", write_statistics=False, store_schema=False)
+    data = dup.read_bytes()
+    page = b"\x02\x00\x00\x00h1\x02\x00\x00\x00h2"
+    assert data.count(page) == 1
+    dup.write_bytes(data.replace(page, b"\x02\x00\x00\x00h1\x02\x00\x00\x00h1"))  # the page names h1 twice
+    other = tmp_path / "other.parquet"
+    later = [{"ts": utc(5, 0), "vm_id": "b", "action": "create", "addrs": ["10.0.0.2"], "hypervisor": "h3"}]
+    pq.write_table(_events(later).append_column("h4", pa.array(["x"])), other)
+    ints = tmp_path / "ints.parquet"  # (project as integers, cloud as the lake's address struct: not text)
+    odd = _events([{"ts": utc(6, 0), "vm_id": "c", "action": "create", "addrs": ["10.0.0.3"]}])
+    odd = odd.set_column(odd.schema.get_field_index("project"), "project", pa.array([7], pa.uint32()))
+    address = pa.StructArray.from_arrays(
+        [pa.array([9], pa.uint32()), pa.nulls(1, pa.binary(16))], fields=list(ADDRESSES)
+    )
+    odd = odd.set_column(odd.schema.get_field_index("cloud"), "cloud", address)
+    pq.write_table(odd, ints)
+    paths = [dup, other, ints]
+    plain = pa.concat_tables(read_parquet_files(paths, VM_EVENTS))
+    coded = read_event_files(paths)
+    for name in ("hypervisor", "project", "cloud", "action"):
+        assert coded.column(name).to_pylist() == plain.column(name).to_pylist(), name
+    assert plain.column("hypervisor").to_pylist()[:4] == ["h1", "h1", "h1", "h1"]  # (what the page says)
+    assert (
+        plain.column("project").to_pylist()[-1] == "0.0.0.7"
+        and plain.column("cloud").to_pylist()[-1] == "0.0.0.9"
+    )
+    assert build_leases(coded, SEVEN_DAYS) == build_leases(plain, SEVEN_DAYS)
+
+
 # ---- the full rebuild in time slices (bounded memory) ---------------------------------------------------------
 def _staged_left(lake) -> list[str]:
     from tracepipe.correlate.leases import REBUILD_DIR

@@ -150,17 +150,47 @@ def read_parquet_files(
         with contextlib.closing(pq.ParquetFile(path)) as file:
             have = set(file.schema_arrow.names)
             columns = [c for c in schema.names if c in have]
-            as_dictionary = [c for c in coded if c in have]  # (Arrow refuses to be asked for one it lacks)
+            # (only text leaves: Arrow refuses to be asked for a column the file lacks, or a struct)
+            text = _text_leaves(file.metadata.schema)
+            as_dictionary = [c for c in coded if c in text]
             if not as_dictionary:
                 return conform(file.read(columns=columns, use_threads=not side_by_side), schema)
         with contextlib.closing(
             pq.ParquetFile(path, metadata=file.metadata, read_dictionary=as_dictionary)
         ) as file:  # (the footer read once)
-            return conform(file.read(columns=columns, use_threads=not side_by_side), schema)
+            table = file.read(columns=columns, use_threads=not side_by_side)
+        if not all(_valid_dictionary(table.column(c)) for c in as_dictionary if c in table.column_names):
+            # (a dictionary page naming a value twice, as a hand-made file may: Arrow keeps one and leaves
+            # the indices past its end. Read as strings, the values are right)
+            with contextlib.closing(pq.ParquetFile(path, metadata=file.metadata)) as plain:
+                table = plain.read(columns=columns, use_threads=not side_by_side)
+        return conform(table, schema)
 
     if not side_by_side:
         return [one(p) for p in paths]
     return _in_threads(one, paths, cores, "lake-read")
+
+
+def _text_leaves(parquet_schema: pq.ParquetSchema) -> set[str]:
+    """Top-level columns stored as one BYTE_ARRAY leaf of their own name: those read_dictionary can take."""
+    out = set()
+    for i in range(len(parquet_schema)):
+        column = parquet_schema.column(i)
+        if column.path == column.name and column.physical_type == "BYTE_ARRAY":
+            out.add(column.name)
+    return out
+
+
+def _valid_dictionary(column: pa.ChunkedArray) -> bool:
+    """Every index of a dictionary column points into its dictionary."""
+    if not pa.types.is_dictionary(column.type):
+        return True
+    try:
+        for chunk in column.chunks:
+            chunk.validate(full=True)
+    except pa.ArrowException:
+        return False
+    return True
 
 
 def _in_threads(
@@ -199,6 +229,8 @@ def conform(table: pa.Table, schema: pa.Schema, text_as_dictionary: bool = False
             column = _text_dictionary(column)
             fld = pa.field(fld.name, column.type, fld.nullable)
         elif fld.type == TEXT_DICTIONARY and column.type != fld.type:  # (read_parquet_files' `dictionary`)
+            if is_integers(column.type):  # (addresses stored as integers: their text, as a plain read gives)
+                column = address_text(column)[0].cast(pa.string())
             column = _text_dictionary(column)
         elif column.type != fld.type:
             column = column.cast(fld.type)
@@ -655,6 +687,17 @@ class PartFile:
                 self._writer.close()
             self._writer = None
         self.tmp.unlink(missing_ok=True)
+
+
+def _group_may_hold(column: pq.ColumnChunkMetaData, value: str) -> bool:
+    """Whether a row group's statistics of a text column may hold `value` (none, or unreadable: they may)."""
+    try:
+        stats = column.statistics
+        if stats is None or not stats.has_min_max:
+            return True
+        return _may_hold(stats.min, stats.max, value)
+    except (ValueError, pa.ArrowException):  # (statistics that are not UTF-8, of a planted file)
+        return True
 
 
 def _may_hold(low: Any, high: Any, value: str) -> bool:
@@ -1128,12 +1171,11 @@ class Lake:
                 footer = self._manifest_footers.get(entry.relative)
                 if footer is None:  # (footers and groups read once per run: a backfill asks per source)
                     footer = self._manifest_footers[entry.relative] = pq.read_metadata(entry.path)
-                at = footer.schema.to_arrow_schema().get_field_index("content_hash")
+                leaves = [footer.schema.column(i).path for i in range(len(footer.schema))]
+                at = leaves.index("content_hash") if "content_hash" in leaves else -1
                 for group in range(footer.num_row_groups):
-                    stats = footer.row_group(group).column(at).statistics if at >= 0 else None
-                    if stats is not None and stats.has_min_max:
-                        if not _may_hold(stats.min, stats.max, content_hash):
-                            continue
+                    if at >= 0 and not _group_may_hold(footer.row_group(group).column(at), content_hash):
+                        continue
                     key = (entry.relative, group)
                     if key not in columns:
                         with contextlib.closing(pq.ParquetFile(entry.path, metadata=footer)) as file:
