@@ -85,3 +85,28 @@ def test_every_command_help_has_an_example() -> None:
     for command in commands:
         result = CliRunner().invoke(app, [*command, "--help"])
         assert result.exit_code == 0 and "Example:" in result.stdout, command
+
+
+def test_a_broken_pipe_is_a_quiet_141_only_when_stdout_is_the_pipe_that_broke(monkeypatch):
+    """Review of session 22: BrokenPipeError from any pipe or socket a command uses (a Spark gateway, a
+    subprocess) is an error like any other; only stdout's reader going away (`| head`) is the quiet 141."""
+    import os
+    import sys
+
+    from tracepipe import cli as cli_module
+
+    read_end, write_end = os.pipe()
+
+    class Stdout:
+        def fileno(self) -> int:
+            return write_end
+
+    monkeypatch.setattr(sys, "__stdout__", Stdout())
+    try:
+        assert not cli_module._stdout_gone()  # (its reader is there)
+        os.close(read_end)
+        assert cli_module._stdout_gone()
+    finally:
+        os.close(write_end)
+    monkeypatch.setattr(sys, "__stdout__", None)
+    assert not cli_module._stdout_gone()  # (no stdout at all: not a closed pipe)

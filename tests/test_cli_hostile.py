@@ -523,11 +523,14 @@ def test_no_write_replaces_a_device_or_fifo(hostile_lake, tmp_path):
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
 
 
+BIG_QUERY = "select range as n, repeat('x', 40) as pad from range(200000)"
+
+
 @pytest.mark.parametrize(
     "args",
     [
-        ["sql", "select range as n, repeat('x', 40) as pad from range(200000)", "--format", "json"],
-        ["sql", "select range as n, repeat('x', 40) as pad from range(200000)"],
+        ["sql", BIG_QUERY, "--format", "json"],
+        ["sql", BIG_QUERY],
         ["who", ADDR, "--at", f"{DAY}T02:00:00Z", "--format", "json"],
     ],
     ids=["sql-json", "sql-table", "who-json"],
@@ -543,6 +546,36 @@ def test_a_reader_that_closes_the_pipe_early_stops_the_command_quietly_with_141(
     )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # (before the child writes: its first write fails, whatever the pipe's buffer)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""
+
+
+@pytest.mark.parametrize("output", ["json", "csv", "table"])
+def test_a_reader_that_goes_away_in_the_middle_of_a_big_write_stops_it_with_141(hostile_lake, output):
+    """Review of session 22: the reader takes the first bytes and goes (`| head -c 10`) while one big write is
+    under way. The write returns short; Python's text stream dropped the rest and the command ended 0 as if
+    all was read. Every write is whole now: the rest fails, 141."""
+    rows = ["--max-rows", "5000"] if output == "table" else []  # (a table shows 1,000 rows by default)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tracepipe.cli",
+            "sql",
+            BIG_QUERY,
+            *rows,
+            "--format",
+            output,
+            "--lake",
+            str(hostile_lake),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert len(proc.stdout.read(10)) == 10
+    proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert err == ""

@@ -65,8 +65,6 @@ class _Tracepipe(TyperGroup):
             return super().invoke(ctx)
         except (typer.TyperException, typer.Exit, typer.Abort):
             raise
-        except BrokenPipeError:  # (typer would exit 1: "alerts found" to a sweep's caller)
-            _closed_pipe()
         except TracepipeError as exc:
             printer = ctx.obj if isinstance(ctx.obj, Printer) else Printer()
             if printer.debug:
@@ -74,11 +72,26 @@ class _Tracepipe(TyperGroup):
             printer.error(str(exc))
             ctx.exit(exc.exit_code)
         except Exception as exc:
+            if isinstance(exc, BrokenPipeError) and _stdout_gone():  # (typer would exit 1: "alerts found")
+                _closed_pipe()
             printer = ctx.obj if isinstance(ctx.obj, Printer) else Printer()
             if printer.debug:
                 printer.err.print_exception()
             printer.error(f"{exc!r} (rerun with --debug for the traceback)", label="internal error:")
             ctx.exit(EXIT_FAILED)
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader went away (poll: POLLERR), rather than some other pipe or socket
+    the command used (that one is an error like any other)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.__stdout__.fileno(), select.POLLOUT)  # type: ignore[union-attr]
+        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _closed_pipe() -> NoReturn:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -50,6 +51,40 @@ def _escape(match: re.Match[str]) -> str:
 Part = str | tuple[str, str]  # plain text, or (text, rich style)
 
 
+class _Stdout:
+    """sys.stdout for the printer, every write whole: Python's text stream drops what a write to a pipe did
+    not take (a reader that goes away in the middle of a big write: the write returns short, the rest is lost
+    and the command ends 0); here the rest is written again, and that write fails with BrokenPipeError (the
+    CLI then stops with 141). Where stdout is no file (a test's capture), plain writes."""
+
+    encoding = "utf-8"
+
+    def write(self, text: str) -> int:
+        stream = sys.stdout
+        try:
+            fd = stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            return stream.write(text)
+        stream.flush()  # (whatever was written through sys.stdout itself goes first)
+        data = memoryview(
+            text.encode(
+                getattr(stream, "encoding", None) or "utf-8", getattr(stream, "errors", None) or "strict"
+            )
+        )
+        while len(data):
+            data = data[os.write(fd, data) :]
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+
 class _Console(Console):
     def on_broken_pipe(self) -> None:
         """The reader went away (`| head`): rich would exit 1 here, which is "alerts found" to a sweep's caller;
@@ -64,7 +99,7 @@ def make_console(*, stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     terminal = stream.isatty()
     return _Console(
-        file=stream,
+        file=stream if stderr else _Stdout(),  # type: ignore[arg-type]
         width=None if terminal else PIPE_WIDTH,
         soft_wrap=not terminal,
         markup=False,
@@ -145,8 +180,8 @@ class Printer:
 
     def json(self, obj: Any) -> None:
         """`--format json`: plain JSON on stdout (times as ISO text)."""
-        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-        sys.stdout.flush()
+        self.out.file.write(json.dumps(obj, indent=2, default=str) + "\n")
+        self.out.file.flush()
 
     def table(
         self,
