@@ -151,7 +151,7 @@ def read_parquet_files(
             have = set(file.schema_arrow.names)
             columns = [c for c in schema.names if c in have]
             # (only text leaves: Arrow refuses to be asked for a column the file lacks, or a struct)
-            text = _text_leaves(file.metadata.schema)
+            text = _text_leaves(file.metadata.schema) if coded else set()
             as_dictionary = [c for c in coded if c in text]
             if not as_dictionary:
                 return conform(file.read(columns=columns, use_threads=not side_by_side), schema)
@@ -689,24 +689,28 @@ class PartFile:
         self.tmp.unlink(missing_ok=True)
 
 
-def _group_may_hold(column: pq.ColumnChunkMetaData, value: str) -> bool:
-    """Whether a row group's statistics of a text column may hold `value` (none, or unreadable: they may)."""
-    try:
-        stats = column.statistics
-        if stats is None or not stats.has_min_max:
-            return True
-        return _may_hold(stats.min, stats.max, value)
-    except (ValueError, pa.ArrowException):  # (statistics that are not UTF-8, of a planted file)
-        return True
+def _group_bounds(footer: pq.FileMetaData, column: str = "content_hash") -> list[tuple[Any, Any]]:
+    """(min, max) of `column` in each row group, found by its Parquet leaf (not the Arrow field's position,
+    which a struct before it shifts); (None, None) where there are none or they cannot be read (statistics
+    that are not UTF-8, of a planted file): _may_hold then says they may hold anything."""
+    leaves = [footer.schema.column(i).path for i in range(len(footer.schema))]
+    at = leaves.index(column) if column in leaves else -1
+    bounds: list[tuple[Any, Any]] = []
+    for group in range(footer.num_row_groups):
+        try:
+            stats = footer.row_group(group).column(at).statistics if at >= 0 else None
+            known = stats is not None and stats.has_min_max
+            bounds.append((stats.min, stats.max) if known else (None, None))  # type: ignore[union-attr]
+        except (ValueError, pa.ArrowException):
+            bounds.append((None, None))
+    return bounds
 
 
 def _may_hold(low: Any, high: Any, value: str) -> bool:
     """Whether text statistics [low, high] may hold `value` (missing or of another type: they may). A statistic
     cut short is a prefix of the value: below the minimum, or above the maximum without starting with it, is
     outside either way."""
-    if isinstance(low, bytes) and isinstance(
-        high, bytes
-    ):  # (a group's statistics of a file without its type)
+    if isinstance(low, bytes) and isinstance(high, bytes):  # (statistics of a file without its text type)
         low, high = low.decode("utf-8", "replace"), high.decode("utf-8", "replace")
     if not (isinstance(low, str) and isinstance(high, str)):
         return True
@@ -819,7 +823,8 @@ class Lake:
         self._manifest_sources: set[tuple[str, str]] = set()  # (dataset, source) of the rows read into it
         # (dataset, content_hash) of each manifest file read by _manifest_has
         self._manifest_columns: dict[tuple[str, int], pa.Table] = {}  # (file, row group): its two columns
-        self._manifest_footers: dict[str, pq.FileMetaData] = {}
+        # (file: its footer and the content_hash statistics of each row group, _group_bounds)
+        self._manifest_footers: dict[str, tuple[pq.FileMetaData, list[tuple[Any, Any]]]] = {}
         # {table: (its open DeltaTable, version, every file entry, {source key: entries}, day-partitioned)}: what
         # entries() built from the log, until the table moves to another version (an hourly update asks ~20 times)
         self._entries_cache: dict[
@@ -1168,13 +1173,13 @@ class Lake:
                     entry.mins.get("content_hash"), entry.maxs.get("content_hash"), content_hash
                 ):
                     continue
-                footer = self._manifest_footers.get(entry.relative)
-                if footer is None:  # (footers and groups read once per run: a backfill asks per source)
-                    footer = self._manifest_footers[entry.relative] = pq.read_metadata(entry.path)
-                leaves = [footer.schema.column(i).path for i in range(len(footer.schema))]
-                at = leaves.index("content_hash") if "content_hash" in leaves else -1
-                for group in range(footer.num_row_groups):
-                    if at >= 0 and not _group_may_hold(footer.row_group(group).column(at), content_hash):
+                known = self._manifest_footers.get(entry.relative)
+                if known is None:  # (footers and groups read once per run: a backfill asks per source)
+                    footer = pq.read_metadata(entry.path)
+                    known = self._manifest_footers[entry.relative] = (footer, _group_bounds(footer))
+                footer, bounds = known
+                for group, (low, high) in enumerate(bounds):
+                    if not _may_hold(low, high, content_hash):
                         continue
                     key = (entry.relative, group)
                     if key not in columns:

@@ -1674,7 +1674,8 @@ def rebuild_leases(lake: Any, reclaim_interval: dt.timedelta | None = None) -> s
 # A full rebuild replays every event: all at once in memory (~0.6 KB per event at peak, measured on a year of
 # CERN-like churn, session 22: 7.7-7.9 GB for 12.55 M events, 3.7 GB for the first 6.17 M; it was 0.85 KB before
 # the dictionary read and the jemalloc pool) up to `at_once` events, by default FULL_EVENTS, else as many as a
-# quarter of the machine's memory holds at EVENT_BYTES each (a quarter more than measured); a longer history in time slices of whole days
+# quarter of the machine's memory holds at EVENT_BYTES each (a quarter more than measured); a longer history
+# in time slices of whole days
 # (_slices, _in_slices): the first, of up to `at_once` events, built like that, each next one, of at most
 # SLICE_EVENTS, applied to it as the hourly update applies new events, so that memory stays bounded by `at_once`
 # whatever the history.
@@ -1698,7 +1699,9 @@ def _arrow_jemalloc() -> Iterator[None]:
     """Arrow's jemalloc pool as the default for a full rebuild, when pyarrow has it. Its default here (mimalloc)
     kept ~1.5 GB more at the peak of a year's rebuild at once (9.2-9.5 GB against 7.7, measured twice each,
     alternated) and took 4.9-5.9 s longer (34.7 / 39.1 s against 28.8 / 34.2 s): the read of 366 day files in
-    threads and the replay's many short-lived arrays. Buffers keep the pool they came from: restored after."""
+    threads and the replay's many short-lived arrays. Buffers keep the pool they came from: restored after.
+    The switch is process-wide: another thread (the collector's receive loop beside its committer's rebuild)
+    allocates from jemalloc meanwhile, which changes nothing but where its memory comes from."""
     try:
         pool = pa.jemalloc_memory_pool()
     except (NotImplementedError, pa.ArrowException):
