@@ -65,8 +65,11 @@ def write_pcap(
     return offsets
 
 
-def write_pcapng(path: Path, frames: list[bytes], linktype: int, tsresol: int = 9) -> list[int]:
-    """A pcapng file: section header, one interface (ticks 10^-tsresol s), one enhanced packet block each."""
+def write_pcapng(
+    path: Path, frames: list[bytes], linktype: int, tsresol: int = 9, ticks_at: dict[int, int] | None = None
+) -> list[int]:
+    """A pcapng file: section header, one interface (ticks 10^-tsresol s), one enhanced packet block each
+    (`ticks_at`: frame number -> the 64-bit time its block says instead)."""
 
     def block(kind: int, body: bytes) -> bytes:
         body += b"\0" * (-len(body) % 4)
@@ -78,6 +81,7 @@ def write_pcapng(path: Path, frames: list[bytes], linktype: int, tsresol: int = 
     offsets = []
     for i, frame in enumerate(frames):
         ticks = (T0_US + i * 1000) * 10**tsresol // 1_000_000
+        ticks = (ticks_at or {}).get(i, ticks)
         offsets.append(len(out))
         out += block(
             6, struct.pack("<IIIII", 0, ticks >> 32, ticks & 0xFFFFFFFF, len(frame), len(frame)) + frame
@@ -253,6 +257,17 @@ def test_truncated_file_keeps_everything_before_the_cut(datagrams, tmp_path, con
     got = read_all(path)
     assert got["payloads"] == datagrams[:-1]
     assert [(r["offset"], r["reason"]) for r in got["rejects"]] == [(offsets[-1], "truncated pcap record")]
+
+
+@pytest.mark.parametrize("tsresol, ticks", [(6, 0xFFFFFFFF << 32), (9, (1 << 64) - 1), (6, 4_102_444_800_000_000)])
+def test_a_pcapng_time_past_2100_is_a_reject_and_the_packets_around_it_land(datagrams, tmp_path, tsresol, ticks):
+    # a planted 64-bit time used to overflow the int64 arrival times (internal error, nothing of the file landed)
+    frames = [bytes(Ether(dst=LAN_MAC) / udp4(p)) for p in datagrams[:3]]
+    offsets = write_pcapng(tmp_path / "t.pcapng", frames, 1, tsresol=tsresol, ticks_at={1: ticks})
+    got = read_all(tmp_path / "t.pcapng")
+    assert got["payloads"] == [datagrams[0], datagrams[2]]
+    assert got["ts"] == [T0_US, T0_US + 2000]
+    assert [(r["offset"], r["reason"]) for r in got["rejects"]] == [(offsets[1], "bad capture time")]
 
 
 def test_cut_inside_a_record_header(datagrams, tmp_path):

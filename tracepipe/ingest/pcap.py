@@ -459,6 +459,9 @@ def _read_pcapng(reader: _Reader, batch_datagrams: int, limits: Limits) -> Itera
             linktype, ticks = interfaces[iface]
             ts = (hi << 32) | lo
             ts_us = ts * 1_000_000 // ticks if ticks != 1_000_000 else ts
+            if ts_us >= MAX_CAPTURE_US:  # (64 bits of ticks: past int64 µs, or a time no capture was made at)
+                col.rejects.append((offset, "bad capture time", f"packet block timestamp {ts} ticks"))
+                continue
             decode.packet(col, buf, data, caplen, linktype, offset, ts_us, reader.base)
         elif block_type == 3:  # simple packet block: interface 0, no time
             if not interfaces:
@@ -487,6 +490,9 @@ def _tsresol(buf: bytes, pos: int, end: int, order: str) -> int:
     return 1_000_000
 
 
+# pcapng's 64-bit packet times past this (2100-01-01) are garbage: a planted one would overflow the int64
+# arrival times or move the decoder's clock (idle exporters' eviction) far ahead
+MAX_CAPTURE_US = 4_102_444_800_000_000
 _ETHER_VLAN = {0x8100, 0x88A8, 0x9100}
 _U16 = struct.Struct(">H")
 _UDP = struct.Struct(">HHH")
