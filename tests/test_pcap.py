@@ -259,8 +259,12 @@ def test_truncated_file_keeps_everything_before_the_cut(datagrams, tmp_path, con
     assert [(r["offset"], r["reason"]) for r in got["rejects"]] == [(offsets[-1], "truncated pcap record")]
 
 
-@pytest.mark.parametrize("tsresol, ticks", [(6, 0xFFFFFFFF << 32), (9, (1 << 64) - 1), (6, 4_102_444_800_000_000)])
-def test_a_pcapng_time_past_2100_is_a_reject_and_the_packets_around_it_land(datagrams, tmp_path, tsresol, ticks):
+@pytest.mark.parametrize(
+    "tsresol, ticks", [(6, 0xFFFFFFFF << 32), (9, (1 << 64) - 1), (6, 4_102_444_800_000_000)]
+)
+def test_a_pcapng_time_past_2100_is_a_reject_and_the_packets_around_it_land(
+    datagrams, tmp_path, tsresol, ticks
+):
     # a planted 64-bit time used to overflow the int64 arrival times (internal error, nothing of the file landed)
     frames = [bytes(Ether(dst=LAN_MAC) / udp4(p)) for p in datagrams[:3]]
     offsets = write_pcapng(tmp_path / "t.pcapng", frames, 1, tsresol=tsresol, ticks_at={1: ticks})
