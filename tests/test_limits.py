@@ -503,3 +503,102 @@ def test_a_line_one_byte_over_the_limit_is_found_wherever_it_sits(line_bytes):
         long_at = len(short) + 2
         assert [t for b in blocks for t in b.too_long] == [(long_at, line_bytes + 1)], offset
         assert kept == [*short, b"a" * line_bytes, b"", *short], offset
+
+
+# ---- one exporter's templates (hostile-input review, session 23) ---------------------------------------------
+
+
+def _ipfix(*sets: bytes, seq: int = 0, domain: int = 0) -> bytes:
+    body = b"".join(sets)
+    return struct.pack(">HHIII", 10, 16 + len(body), 1710237600, seq, domain) + body
+
+
+def _set(set_id: int, body: bytes) -> bytes:
+    return struct.pack(">HH", set_id, 4 + len(body)) + body
+
+
+def _template(tid: int, fields: list[tuple[int, int]]) -> bytes:
+    return struct.pack(">HH", tid, len(fields)) + b"".join(struct.pack(">HH", *f) for f in fields)
+
+
+LEGIT_FIELDS = [(8, 4), (12, 4), (7, 2), (11, 2), (4, 1), (2, 4), (1, 4), (152, 8), (153, 8)]
+
+
+def _legit(seq: int, template: bool, flows: int = 3) -> bytes:
+    records = b"".join(
+        struct.pack(
+            ">4s4sHHBIIQQ",
+            bytes([10, 0, 0, 5]),
+            bytes([198, 51, 100, k + 1]),
+            1000 + k,
+            443,
+            6,
+            1,
+            60,
+            1710237600_000,
+            1710237601_000,
+        )
+        for k in range(flows)
+    )
+    sets = [_set(2, _template(256, LEGIT_FIELDS))] if template else []
+    return _ipfix(*sets, _set(256, records), seq=seq)
+
+
+@pytest.mark.parametrize("junk_has_addresses", [False, True])
+def test_one_exporters_template_flood_evicts_its_own_templates_not_another_exporters(junk_has_addresses):
+    """One sender, one domain: 256 templates of 1,024 fields (the whole default template_fields_total), each with
+    a record. Before: the records made every template "live" (even records of no address, all rejected), the
+    legit exporter's older template was evicted and its next flows were "no template" rejects."""
+    state = DecoderState()
+    assert (
+        decode_datagrams([_legit(0, True)], [LEGIT], np.array([ARRIVAL_US]), None, "t", state).flows.num_rows
+        == 3
+    )
+    attacker_ip, payloads = "203.0.113.66", []
+    for t in range(256):
+        fields = [(8, 4), (12, 4)] if junk_has_addresses else []
+        fields += [(100 + k % 300, 1) for k in range(1024 - len(fields))]
+        payloads.append(
+            _ipfix(_set(2, _template(256 + t, fields)), _set(256 + t, bytes(range(256)) * 4), domain=1)
+        )
+    n = len(payloads)
+    flood = decode_datagrams(payloads, [attacker_ip] * n, np.full(n, ARRIVAL_US), None, "t", state)
+    assert state.fields_total <= DEFAULT.template_fields_total
+    assert state.exporter_fields[attacker_ip] <= DEFAULT.template_fields_per_exporter
+    assert flood.stats[attacker_ip]["limits_hit"].get("template_fields_per_exporter", 0) > 0
+    assert (LEGIT, 10, 0, 256) in state.templates
+    after = decode_datagrams([_legit(3, False)], [LEGIT], np.array([ARRIVAL_US]), None, "t", state)
+    assert after.flows.num_rows == 3 and after.rejects.num_rows == 0
+    if not junk_has_addresses:  # records that can give no flow are rejected at once and keep nothing live
+        assert set(flood.rejects.column("reason").to_pylist()) == {"no addresses"}
+        assert not any(k[0] == attacker_ip for k in state.all_templates.live)
+    # the per-exporter share survives a save and load
+    again = DecoderState.from_json(state.to_json())
+    assert again.exporter_fields == state.exporter_fields and (LEGIT, 10, 0, 256) in again.templates
+
+
+def test_one_byte_section_records_are_rejected_before_they_take_a_slot_each():
+    """A template whose only field is a variable-length dataLinkFrameSection (IE 315), records of an empty
+    section: one byte each on the wire. Each used to become a 256-byte slot before being found to hold no
+    address: ~17 MB of memory per 64 KB datagram (a 6.5 MB file ran a 4 GB process out of memory). The legit
+    exporter's flows around them land."""
+    import tracemalloc
+
+    records = 65_000
+    bomb = _ipfix(_set(2, _template(400, [(315, 65535)])), _set(400, bytes(records)), domain=1)
+    payloads = [_legit(0, True)] + [bomb] * 20 + [_legit(3, False)]
+    exporters = [LEGIT] + ["203.0.113.66"] * 20 + [LEGIT]
+    tracemalloc.start()
+    try:
+        result = decode_datagrams(
+            payloads, exporters, np.full(len(payloads), ARRIVAL_US), None, "t", DecoderState()
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.flows.num_rows == 6
+    assert (
+        result.rejects.column("detail").to_pylist()
+        == [f"{records} records: packet section shorter than an IP header"] * 20
+    )
+    assert peak < 64 << 20, peak  # 20 x 65,000 slots of 256 bytes were 333 MB

@@ -39,6 +39,8 @@ class Limits:
     templates_total: int = 16384  # templates of all exporters together
     fields_per_template: int = 1024  # fields in one template
     template_fields_total: int = 262_144  # fields of all templates together (what their memory grows with)
+    # fields of one exporter's templates: a quarter of the total, so that one exporter filling it evicts its own
+    template_fields_per_exporter: int = 65_536
     template_record_bytes: int = 65515  # one record: more cannot fit a 65535-byte datagram with its headers
     pending_flowsets: int = 20_000  # data sets waiting for their template
     pending_bytes: int = 16 << 20  # ... and their bytes

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import struct
+from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -418,6 +419,8 @@ class DecoderState:
         self.domain_options: dict[tuple[str, int, int], _Standing] = {}  # -> options template ids
         self.all_templates = _Standing()  # (exporter, version, domain, template id)
         self.fields_total = 0  # fields of all templates kept (what their memory grows with)
+        self.exporter_templates: dict[str, _Standing] = {}  # exporter -> its template keys
+        self.exporter_fields: Counter[str] = Counter()  # exporter -> fields of its templates kept
         self.now_ms = 0  # latest arrival seen
         self.limits_hit: Counter[str] = Counter()  # since this state was made, per limit name
 
@@ -480,27 +483,50 @@ class DecoderState:
                 evicted.append("templates_total")
         old = self.templates.get(key)
         self.fields_total -= len(old.fields) if old is not None else 0
-        while self.fields_total + len(tpl.fields) > lim.template_fields_total and len(self.all_templates):
-            victim = self.all_templates.victim()
-            if victim == key:  # itself the oldest: make it the newest, give up the next
-                self.all_templates.touch(key)
-                if len(self.all_templates) == 1:
-                    break
-                continue
-            self.forget_template(victim)
-            evicted.append("template_fields_total")
+        self.exporter_fields[exporter] -= len(old.fields) if old is not None else 0
+        own = self.exporter_templates.setdefault(exporter, _Standing())
+        # first within the exporter's own share (so that one exporter's flood evicts its own templates, not
+        # other exporters'), then within the total
+        for standings, used, cap, name in (
+            (
+                own,
+                lambda: self.exporter_fields[exporter],
+                lim.template_fields_per_exporter,
+                "template_fields_per_exporter",
+            ),
+            (
+                self.all_templates,
+                lambda: self.fields_total,
+                lim.template_fields_total,
+                "template_fields_total",
+            ),
+        ):
+            while used() + len(tpl.fields) > cap and len(standings):
+                victim = standings.victim()
+                if victim == key:  # itself the oldest: make it the newest, give up the next
+                    standings.touch(key)
+                    if len(standings) == 1:
+                        break
+                    continue
+                self.forget_template(victim)
+                evicted.append(name)
         standing.touch(tid)
         self.all_templates.touch(key)
+        own.touch(key)
         self.domains[exporter].touch((version, domain))
         self.exporters.touch(exporter)
         self.templates[key] = tpl
         self.fields_total += len(tpl.fields)
+        self.exporter_fields[exporter] += len(tpl.fields)
         return evicted, None
 
     def used(self, key: tuple[str, int, int, int]) -> None:
         """A template carried flow data (or options values): it and its exporter become live, most recent."""
         exporter, version, domain, tid = key
         self.all_templates.touch(key, live=True)
+        own = self.exporter_templates.get(exporter)
+        if own is not None and key in own:
+            own.touch(key, live=True)
         standing = self.domain_templates.get(key[:3]) or self.domain_options.get(key[:3])
         if standing is not None:
             standing.touch(tid, live=True)
@@ -513,6 +539,14 @@ class DecoderState:
         old = self.templates.pop(key, None)
         self.fields_total -= len(old.fields) if old is not None else 0
         self.all_templates.discard(key)
+        own = self.exporter_templates.get(key[0])
+        if own is not None:
+            own.discard(key)
+            if old is not None:
+                self.exporter_fields[key[0]] -= len(old.fields)
+            if not own:
+                del self.exporter_templates[key[0]]
+                self.exporter_fields.pop(key[0], None)
         for standings in (self.domain_templates, self.domain_options):
             standing = standings.get(key[:3])
             if standing is not None:
@@ -1164,6 +1198,8 @@ def _fast_template(
     tpl = state.templates.get((exporter, version, domain, set_id))
     if tpl is None or tpl.options or tpl.variable_fields or tpl.enterprise_fields or not tpl.record_len:
         return None
+    if _addressed(tpl) is not True:  # records that give no flow: the full walk rejects them
+        return None
     track = state.sequences.get((exporter, version, domain))
     if track is None or track.expected is None or (version == 10 and not track.locked):
         return None  # the first datagrams of a sequence go the full way (they set `expected`)
@@ -1384,8 +1420,8 @@ def _walk_sets(
         if values != ctx_key:
             ctx = batch.add_ctx(exporter, values)
             ctx_key = values
-        count = _add_template_data(batch, tpl, payload[body_start:body_end], ctx, exporter, offset)
-        if count:
+        count, flows = _add_template_data(batch, tpl, payload[body_start:body_end], ctx, exporter, offset)
+        if flows:  # (records that can give no flow do not keep a template: a flood of them is not "live")
             state.used(key)
         if records is not None:
             records += count
@@ -1396,26 +1432,65 @@ def _walk_sets(
 
 def _add_template_data(
     batch: _Batch, tpl: Template, body: bytes | memoryview, ctx: int, exporter: str, offset: int | None
-) -> int:
+) -> tuple[int, int]:
+    """Queue a data set's records for decoding: (records in the set, records queued: those that can give a
+    flow). A template whose records hold no address (no address fields, no IP or frame section) gives none:
+    its records are rejected here, before they take any memory."""
     stats = batch.stat(exporter)
+    addressed = _addressed(tpl)
     if tpl.variable_fields:
         raw = bytes(body)
         bounds = _variable_bounds(tpl, raw)
         if bounds is None:
             batch.reject(offset, exporter, "bad variable-length record", f"{len(body)} bytes")
-            return 0
-        count = len(bounds[0])
+            return 0, 0
+        starts, at, size = bounds
+        count = len(starts)
         sections = sum(_section_slot(f) != f for f in tpl.fields)  # kept, not skipped (issue 16)
         stats["variable_fields_skipped"] += count * (tpl.variable_fields - sections)
         stats["enterprise_fields_skipped"] += count * tpl.enterprise_fields
-        if count:
-            batch.variable.setdefault(id(tpl), (tpl, []))[1].append((raw, bounds, ctx))
-        return count
+        if count and addressed is not True:
+            # addresses only in IP/frame sections: a record whose sections are all shorter than an IP header
+            # has none. Dropped here: such records take one byte on the wire and a 256-byte slot once projected
+            room = (size[:, addressed] >= MIN_IP_SECTION).any(axis=1) if addressed else np.zeros(count, bool)
+            short = count - int(np.count_nonzero(room))
+            if short:
+                why = (
+                    f"{short} records: packet section shorter than an IP header"
+                    if addressed
+                    else f"template without address fields: {short} records"
+                )
+                batch.reject(offset, exporter, "no addresses", why)
+                starts, at, size = starts[room], at[room], size[room]
+        if len(starts):
+            batch.variable.setdefault(id(tpl), (tpl, []))[1].append((raw, (starts, at, size), ctx))
+        return count, len(starts)
     count = len(body) // tpl.record_len  # the remainder is padding (RFC 3954 §5.3, RFC 7011 §3.3.1)
+    if count and not addressed:
+        batch.reject(offset, exporter, "no addresses", f"template without address fields: {count} records")
+        return count, 0
     if count:
         stats["enterprise_fields_skipped"] += count * tpl.enterprise_fields
         batch.add_data(tpl, body[: count * tpl.record_len], count, ctx)
-    return count
+    return count, count
+
+
+# the shortest IP header (IPv4, no options): a packet section shorter than that holds no address
+MIN_IP_SECTION = 20
+_SECTION_ROLES = ("ip_header", "frame", "ip_header_slot", "frame_slot")
+
+
+def _addressed(tpl: Template) -> bool | list[int]:
+    """True when a template's records carry both addresses in fields; else the positions, among its variable-length
+    fields, of the IP and frame sections the addresses can be read from (issue 16); [] when there is none: its
+    records give no flow."""
+    roles = tpl.roles if not tpl.variable_fields else _projection(tpl).roles
+    if ("src_addr4" in roles and "dst_addr4" in roles) or ("src_addr6" in roles and "dst_addr6" in roles):
+        return True
+    if any(roles.get(r, 0) >= MIN_IP_SECTION for r in _SECTION_ROLES[:2]):  # a fixed-length section
+        return True
+    variable = [f for f in tpl.fields if f[1] == VARIABLE_LENGTH]
+    return [k for k, f in enumerate(variable) if _section_slot(f) != f and f[0] in (313, 315)]
 
 
 _PROJECTIONS: dict[int, Template] = {}
@@ -1442,16 +1517,18 @@ def _variable_layout(tpl: Template) -> tuple[list[int], int, list[bool]]:
     return runs[:-1], runs[-1], keep
 
 
-def _variable_bounds(tpl: Template, raw: bytes) -> tuple[list[int], list[int], list[int]] | None:
-    """Where each record starts, and each variable-length field's data offset and length (RFC 7011 §7), or None
-    if a length runs past the set. The boundaries depend on each record's length bytes, so this is one Python
-    step per record and variable field; the bytes are gathered later, for all records of the batch at once."""
+def _variable_bounds(tpl: Template, raw: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Where each record starts (n,), and each variable-length field's data offset and length (n, fields)
+    (RFC 7011 §7), or None if a length runs past the set. The boundaries depend on each record's length bytes,
+    so this is one Python step per record and variable field (into int64 arrays: 8 bytes an entry, where a list
+    of ints took 36, for records that can be one byte each); the bytes are gathered later, for all records of
+    the batch at once."""
     gaps, tail, keep = _variable_layout(tpl)
     end = len(raw)
     min_len = max(sum(gaps) + tail + len(keep), 1)
-    starts: list[int] = []
-    var_at: list[int] = []
-    var_len: list[int] = []
+    starts = array("q")
+    var_at = array("q")
+    var_len = array("q")
     pos = 0
     while end - pos >= min_len:
         starts.append(pos)
@@ -1472,7 +1549,12 @@ def _variable_bounds(tpl: Template, raw: bytes) -> tuple[list[int], list[int], l
         pos += tail
         if pos > end:
             return None
-    return starts, var_at, var_len
+    n, fields = len(starts), len(gaps)
+    return (
+        np.frombuffer(starts, np.int64) if n else np.zeros(0, np.int64),
+        (np.frombuffer(var_at, np.int64) if n else np.zeros(0, np.int64)).reshape(n, fields),
+        (np.frombuffer(var_len, np.int64) if n else np.zeros(0, np.int64)).reshape(n, fields),
+    )
 
 
 def _project_variable(batch: _Batch) -> None:
@@ -1485,15 +1567,9 @@ def _project_variable(batch: _Batch) -> None:
         shift = np.cumsum([0] + [len(raw) for raw in raws[:-1]])
         counts = [len(bounds[0]) for _, bounds, _ in parts]
         count = sum(counts)
-        starts = np.concatenate(
-            [np.asarray(b[0], dtype=np.int64) + off for (_, b, _), off in zip(parts, shift, strict=True)]
-        )
-        at = np.concatenate(
-            [np.asarray(b[1], dtype=np.int64) + off for (_, b, _), off in zip(parts, shift, strict=True)]
-        ).reshape(count, len(gaps))
-        size = np.concatenate([np.asarray(b[2], dtype=np.int64) for _, b, _ in parts]).reshape(
-            count, len(gaps)
-        )
+        starts = np.concatenate([b[0] + off for (_, b, _), off in zip(parts, shift, strict=True)])
+        at = np.concatenate([b[1] + off for (_, b, _), off in zip(parts, shift, strict=True)])
+        size = np.concatenate([b[2] for _, b, _ in parts])
         buf = np.frombuffer(b"".join(raws), dtype=np.uint8)
         last = len(buf) - 1
         pieces = []
