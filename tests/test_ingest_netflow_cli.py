@@ -113,6 +113,17 @@ def test_partial_input_lands_the_rest_and_exits_3(exports, tmp_path):
     assert query(lake, "select count(*) from FLOWS") == [(exports[9].expected.num_rows,)]
 
 
+def test_captures_and_an_nfdump_csv_of_one_exporter_in_one_command(tmp_path):
+    # the bundled folder: softflowd v9 and IPFIX captures and nfdump's CSV of the same exporter. The summary's
+    # versions (numbers from captures, "nfdump-csv" from the CSV) used to be sorted together: internal error,
+    # exit 4 after the flows had landed, and the attribution step never ran
+    code, summary = ingest(tmp_path / "lake", ROOT / "sample_data" / "netflow")
+    assert code == 0, summary
+    assert [f["status"] for f in summary["files"]] == ["landed"] * 3
+    assert summary["exporters"]["127.0.0.1"]["versions"] == [9, 10, "nfdump-csv"]
+    assert summary["totals"]["flows"] == query(tmp_path / "lake", "SELECT count(*) FROM FLOWS")[0][0] > 0
+
+
 def test_nothing_usable_exits_4(tmp_path):
     (tmp_path / "notes.txt").write_text("this is not a capture\n")
     lake = tmp_path / "lake"

@@ -737,8 +737,8 @@ def merge_stats(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]
     for exporter, stats in part.items():
         acc = total.setdefault(exporter, _new_stats())
         for k, v in stats.items():
-            if k == "versions":
-                acc[k] = sorted(set(acc[k]) | set(v))
+            if k == "versions":  # (numbers from captures, kinds such as "nfcapd" from files: numbers first)
+                acc[k] = sorted(set(acc[k]) | set(v), key=lambda x: (isinstance(x, str), x))
             elif k == "limits_hit":
                 for name, n in v.items():
                     acc[k][name] = acc[k].get(name, 0) + n
