@@ -140,6 +140,21 @@ def test_ingest_syslog_into_lake_and_cli_exit_partial(tmp_path):
     )
     assert run.returncode == 3, run.stderr
     assert '"rejects": 1' in run.stdout
+    assert "dated in" not in run.stderr  # --year given
+    # without --year the year taken from the file's modification time is said (README's story once landed
+    # 2025's evidence in the year of the clone, silently)
+    copy = auth.parent / "copy.log"
+    copy.write_bytes(
+        auth.read_bytes() + b"Mar 13 09:00:00 web-01 sshd[1]: Accepted password for a from 1.2.3.4\n"
+    )
+    os.utime(copy, (dt.datetime(2023, 3, 14, tzinfo=dt.UTC).timestamp(),) * 2)
+    guessed = subprocess.run(
+        [sys.executable, "-m", "tracepipe.cli", "ingest", "syslog", str(copy), "--lake", str(lake.root)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "dated in 2023, the year of each file's modification time" in " ".join(guessed.stderr.split())
     bad = subprocess.run(
         [
             sys.executable,

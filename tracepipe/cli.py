@@ -543,6 +543,12 @@ def ingest_syslog_command(
         )
         status("ingest syslog: attributing lines to VMs")
         correlation = correlate(target, log_days=report.touched_days)
+    assumed = sorted({r.stats["mtime_year"] for r in report.results if r.rows and "mtime_year" in r.stats})
+    if assumed:
+        p.warning(
+            f"lines without a year (RFC 3164, rsyslog's default) were dated in {', '.join(map(str, assumed))}, "
+            "the year of each file's modification time; give --year if that is wrong"
+        )
     _print_vm_report(p, report, correlation, output, "syslog sources", lake)
 
 

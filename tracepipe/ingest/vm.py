@@ -323,7 +323,10 @@ def ingest_syslog_files(
                 )
                 writer.write(logs)
                 writer.reject(rejects)
-            result = writer.commit({"lines": writer.result.rows})
+            # (lines without a year took the file's modification time's: said, so that a wrong one is seen)
+            result = writer.commit(
+                {"lines": writer.result.rows, **({} if year else {"mtime_year": mtime.year})}
+            )
         report.results.append(result)
     report.touched_days = _days_of(report.results, "vm_logs")
     return report
