@@ -298,3 +298,44 @@ def test_ingest_syslog_with_invalid_pri_exits_partial_and_keeps_the_line(tmp_pat
     assert (report.rows, report.rejects, report.exit_code) == (1, 1, EXIT_PARTIAL)
     stored = Lake(tmp_path / "lake").read("rejects").to_pylist()
     assert [(r["dataset"], r["line"], r["reason"][:11]) for r in stored] == [("vm_logs", 1, "invalid PRI")]
+
+
+def test_a_user_name_cannot_forge_the_source_address():
+    # sshd logs the name the client sent, spaces and all (`ssh 'x from 192.0.2.66 port 1'@web-01`), then the real
+    # address: the address is the last "from A port P" of the line. The lazy patterns took the first one
+    lines = [
+        "Failed password for invalid user x from 192.0.2.66 port 1 from 203.0.113.5 port 44441 ssh2",
+        "Failed password for x from 192.0.2.66 port 1 ssh2: junk from 203.0.113.5 port 44442 ssh2",
+        "Invalid user y from 192.0.2.77 port 1 from 203.0.113.5 port 5555",
+        "Connection closed by invalid user z 192.0.2.88 port 1 203.0.113.5 port 5556 [preauth]",
+        "error: maximum authentication attempts exceeded for invalid user q from 192.0.2.1 port 2 "
+        "from 203.0.113.5 port 50002 ssh2 [preauth]",
+        "pam_unix(sshd:auth): authentication failure; logname= uid=0 euid=0 tty=ssh ruser= rhost=203.0.113.5  "
+        "user=a rhost=192.0.2.3",
+        # and the real forms still read as before
+        "Accepted publickey for bob from 203.0.113.5 port 50000 ssh2: RSA SHA256:abcdEFGH/x+y",
+        "Failed publickey for root from 203.0.113.5 port 50001 ssh2: ED25519 SHA256:zz",
+        "Disconnected from authenticating user root 203.0.113.5 port 50004 [preauth]",
+        "Invalid user admin from 203.0.113.5 port 50005",
+    ]
+    text = "".join(f"2024-03-12T07:43:{i:02d}Z web-01 sshd[{3000 + i}]: {m}\n" for i, m in enumerate(lines))
+    logs, rejects = parse_syslog(text, "auth.log")
+    assert rejects.num_rows == 0
+    rows = logs.select(["auth_event", "auth_user", "auth_src_addr"]).to_pylist()
+    assert [r["auth_src_addr"] for r in rows] == ["203.0.113.5"] * len(lines)
+    assert [r["auth_user"] for r in rows] == [
+        "x from 192.0.2.66 port 1",
+        "x from 192.0.2.66 port 1 ssh2: junk",
+        "y from 192.0.2.77 port 1",
+        "z 192.0.2.88 port 1",
+        "q from 192.0.2.1 port 2",
+        "a rhost=192.0.2.3",
+        "bob",
+        "root",
+        "root",
+        "admin",
+    ]
+    assert [r["auth_event"] for r in rows] == [
+        "failed", "failed", "invalid_user", "preauth_closed", "failed", "failed",
+        "accepted", "failed", "preauth_closed", "invalid_user",
+    ]  # fmt: skip

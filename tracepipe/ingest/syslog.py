@@ -40,24 +40,31 @@ ISO_FILE = _PRI + r"(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d
 TAG = r"^(?P<app>[^:\[\s]+)(?:\[(?P<pid>\d+)\])?: ?"  # RFC 3164 TAG: sshd[1234]:
 _FIELDS = ("pri", "ts", "host", "app", "pid")
 
-# sshd messages (OpenSSH auth.c / auth2.c / sshd-session), first match wins
+# sshd messages (OpenSSH auth.c / auth2.c / sshd-session), first match wins. The user name is what the client
+# sent (spaces and all: `ssh 'x from 192.0.2.66 port 1'@host`), and sshd writes the real address after it: the
+# user is matched greedily and the address is the LAST "from A port P" of the line, anchored at its end (what
+# sshd appends: " ssh2", ": <key type> <fingerprint>", " [preauth]"); PAM's rhost comes before its user=
+_TAIL = r"(?: ssh\d)?(?::? [^ ].*?)?(?: \[preauth\])?$"
 SSHD_PATTERNS: list[tuple[str, str]] = [
-    ("failed", r"^Failed (?P<method>\S+) for (?:invalid user )?(?P<user>.*?) from (?P<addr>\S+) port \d+"),
-    ("accepted", r"^Accepted (?P<method>\S+) for (?P<user>\S+) from (?P<addr>\S+) port \d+"),
-    ("invalid_user", r"^Invalid user (?P<user>.*?) from (?P<addr>\S+)"),
     (
         "failed",
-        r"^error: maximum authentication attempts exceeded for (?:invalid user )?(?P<user>\S+) "
-        r"from (?P<addr>\S+) port \d+",
+        r"^Failed (?P<method>\S+) for (?:invalid user )?(?P<user>.*) from (?P<addr>\S+) port \d+" + _TAIL,
+    ),
+    ("accepted", r"^Accepted (?P<method>\S+) for (?P<user>.*) from (?P<addr>\S+) port \d+" + _TAIL),
+    ("invalid_user", r"^Invalid user (?P<user>.*) from (?P<addr>\S+)(?: port \d+)?" + _TAIL),
+    (
+        "failed",
+        r"^error: maximum authentication attempts exceeded for (?:invalid user )?(?P<user>.*) "
+        r"from (?P<addr>\S+) port \d+" + _TAIL,
     ),
     (
         "preauth_closed",
         r"^(?:Connection closed by|Disconnected from) (?:authenticating|invalid) user "
-        r"(?P<user>\S+) (?P<addr>\S+) port \d+",
+        r"(?P<user>.*) (?P<addr>\S+) port \d+" + _TAIL,
     ),
     (
         "failed",
-        r"pam_unix\(sshd:auth\): authentication failure;.*rhost=(?P<addr>\S+)(?:\s+user=(?P<user>\S+))?",
+        r"pam_unix\(sshd:auth\): authentication failure;.*? rhost=(?P<addr>\S+)(?:\s+user=(?P<user>.*))?$",
     ),
 ]
 
