@@ -5,6 +5,8 @@ import json
 import zoneinfo
 from pathlib import Path
 
+import pytest
+
 from tracepipe.correlate.leases import build_leases
 from tracepipe.ingest.cloud import detect_format, parse_cloud_text
 
@@ -149,3 +151,23 @@ def test_optional_image_column_and_the_latest_wins():
         '{"ts": "2024-03-12T07:00:00Z", "vm_id": 7, "action": "create", "image": 42}', "x", fmt="jsonl"
     )
     assert jsonl.column("image").to_pylist() == ["42"]  # numbers as text, like OpenNebula's image ids
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_names_holding_unicode_line_separators_stay_one_record(fmt):
+    # Python's csv writer leaves U+2028 or RS unquoted; str.splitlines() cut such a row in two rejects
+    names = ["db\u2028primary", "web\x1e02", "ok-03", "x\x85y"]
+    if fmt == "csv":
+        text = "ts,action,vm_id,vm_name,addr\n" + "".join(
+            f"2024-03-12T07:0{i}:00Z,create,vm-{i},{name},10.0.0.{i + 1}\n" for i, name in enumerate(names)
+        )
+    else:
+        text = "".join(
+            json.dumps({"ts": f"2024-03-12T07:0{i}:00Z", "action": "create", "vm_id": f"vm-{i}", "vm_name": n,
+                        "addr": f"10.0.0.{i + 1}"}, ensure_ascii=False) + "\n"
+            for i, n in enumerate(names)
+        )  # fmt: skip
+    events, rejects = parse_cloud_text(text, f"inventory.{fmt}", fmt=fmt)
+    assert rejects.num_rows == 0, rejects.to_pylist()
+    assert events.column("vm_name").to_pylist() == names
+    assert events.column("line").to_pylist() == ([2, 3, 4, 5] if fmt == "csv" else [1, 2, 3, 4])

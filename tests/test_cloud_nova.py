@@ -291,3 +291,25 @@ def test_image_from_versioned_and_legacy_payloads_and_a_rebuild_changes_it():
     assert rejects.column("reason").to_pylist() == ["wrong JSON type"]
     _, vms = build_leases(pa.concat_tables([create, rebuild]))
     assert vms.column("image").to_pylist() == ["a2459075-d96c-40d5-893e-577ff92e721c"]  # the latest
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])  # (JSON escapes the C0 ones)
+def test_a_vm_name_holding_a_unicode_line_separator_is_one_record(separator):
+    # valid inside a JSON string (ensure_ascii=False and `jq -c` write it raw); str.splitlines() cut the line
+    # there: the VM's create became two "malformed JSON" rejects and `who` answered "nobody held"
+    def rename(message: dict) -> None:
+        _data(message)["display_name"] = f"web{separator}01"
+
+    renamed = _story_message()
+    rename(renamed)
+    text = (
+        json.dumps(renamed, ensure_ascii=False)
+        + "\r\n"
+        + json.dumps(_story_message(2), ensure_ascii=False)
+        + "\n"
+    )
+    assert separator in text
+    events, rejects = parse_cloud_text(text, "n.jsonl", fmt="nova")
+    assert rejects.num_rows == 0, rejects.to_pylist()
+    assert events.column("line").to_pylist() == [1, 2]
+    assert events.column("vm_name").to_pylist()[0] == f"web{separator}01"

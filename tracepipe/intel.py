@@ -27,7 +27,7 @@ from tracepipe.detect.features import ipv4_to_int
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.fsutil import input_problem
 from tracepipe.lake import Lake, hash_file, ingest_table
-from tracepipe.limits import LINE_TOO_LONG, json_loads, read_text_bounded, too_long_detail
+from tracepipe.limits import LINE_TOO_LONG, json_loads, read_text_bounded, text_lines, too_long_detail
 from tracepipe.schema import INTEL, REJECTS
 from tracepipe.units import in_time_window, to_utc
 
@@ -101,7 +101,7 @@ def _reject(line: int | None, reason: str, detail: str, offset: int | None = Non
 
 def parse_list(text: str) -> tuple[list[dict], list[dict], int]:
     rows, rejects = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text_lines(text), start=1):
         value = line.split("#", 1)[0].strip()
         if not value:
             continue

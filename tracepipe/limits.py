@@ -144,6 +144,16 @@ class LineBlock:
     too_long: list[tuple[int, int]]
 
 
+def text_lines(text: str) -> list[str]:
+    """A text's lines as files end them: at LF (a CR before it dropped). Not str.splitlines(), which also ends
+    a line at U+2028/2029, NEL, VT, FF and FS/GS/RS: characters valid inside a JSON string (a VM name, `jq -c`
+    and ensure_ascii=False write them raw) or a CSV cell, which then cut one record in two rejects."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def iter_line_blocks(
     handle: BinaryIO, block_bytes: int = 32 << 20, limits: Limits = DEFAULT
 ) -> Iterator[LineBlock]:

@@ -32,6 +32,7 @@ from tracepipe.ingest.cloud.common import (
     json_loads,
     text_field,
 )
+from tracepipe.limits import text_lines
 from tracepipe.schema import VM_ACTIONS, VM_STATES
 
 COLUMNS = (
@@ -76,7 +77,7 @@ def _read_rows(text: str, fmt: str, rejects: RejectColumns) -> tuple[list[dict[s
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
     header: list[str] | None = None
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text_lines(text), start=1):
         if not line.strip():
             continue
         if fmt != "csv":

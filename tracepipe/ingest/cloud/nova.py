@@ -24,6 +24,7 @@ from tracepipe.ingest.cloud.common import (
     object_field,
     text_field,
 )
+from tracepipe.limits import text_lines
 
 CLOUD = "openstack"
 
@@ -113,7 +114,7 @@ def iter_messages(text: str, source: str, rejects: RejectColumns) -> Iterator[tu
             else:
                 yield 1, message
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text_lines(text), start=1):
         if not line.strip():
             continue
         try:

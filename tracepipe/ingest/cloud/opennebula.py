@@ -19,6 +19,7 @@ from pathlib import PurePath
 import pyarrow as pa
 
 from tracepipe.ingest.cloud.common import BadRecord, EventColumns, RejectColumns
+from tracepipe.limits import text_lines
 from tracepipe.units import in_time_window
 
 CLOUD = "opennebula"
@@ -202,7 +203,7 @@ def parse_opennebula(
         )
 
     if log_text is not None:
-        for number, line in enumerate(log_text.splitlines(), start=1):
+        for number, line in enumerate(text_lines(log_text), start=1):
             if not line.strip():
                 continue
             match = _LINE.match(line)
