@@ -134,6 +134,16 @@ def test_nothing_usable_exits_4(tmp_path):
         ("missing", "missing"),
     ]
     assert query(lake, 'select reason, "offset" from REJECTS') == [("not a pcap", 0)]
+    # a rerun says it again (it was "skipped, already in the lake" and exit 0), its reject is not recorded twice
+    code, summary = ingest(lake, tmp_path / "notes.txt")
+    assert code == 4 and [f["status"] for f in summary["files"]] == ["rejected"]
+    assert query(lake, 'select reason, "offset" from REJECTS') == [("not a pcap", 0)]
+    # an empty file rejected once does not make every later empty file "already in the lake"
+    (tmp_path / "empty.pcap").write_bytes(b"")
+    (tmp_path / "empty2.pcap").write_bytes(b"")
+    assert ingest(lake, tmp_path / "empty.pcap")[0] == 4
+    code, summary = ingest(lake, tmp_path / "empty2.pcap")
+    assert code == 4 and [f["status"] for f in summary["files"]] == ["rejected"]
 
 
 def test_help_documents_exit_codes_and_an_example():
