@@ -339,3 +339,39 @@ def test_a_user_name_cannot_forge_the_source_address():
         "failed", "failed", "invalid_user", "preauth_closed", "failed", "failed",
         "accepted", "failed", "preauth_closed", "invalid_user",
     ]  # fmt: skip
+
+
+def test_a_log_that_grew_lands_only_its_new_lines_and_a_rotated_one_lands_whole(tmp_path):
+    # `tracepipe ingest syslog /var/log/remote/` from cron every hour: each run landed every earlier line of a
+    # growing auth.log again (and its rejects): failed-login counts doubled
+    lake = Lake(tmp_path / "lake")
+    log = tmp_path / "auth.log"
+    first = [
+        f"Mar 12 07:{m:02d}:00 web-01 sshd[{m}]: Failed password for root from 203.0.113.5 port {m} ssh2"
+        for m in range(10)
+    ]
+    log.write_text("\n".join([*first[:5], "no syslog shape", *first[5:]]) + "\n")
+
+    def rows() -> list[tuple]:
+        got = duckdb.sql(
+            f"SELECT line, message FROM ({scan_sql('vm_logs', lake.files('vm_logs'))}) ORDER BY line"
+        ).fetchall()
+        return [(line, message.split("port ")[1]) for line, message in got]
+
+    def rejects() -> list[int]:
+        return sorted(r["line"] for r in lake.read("rejects", ["line"]).to_pylist())
+
+    report, _ = ingest_syslog(lake, [log], year=2024)
+    assert (report.rows, report.rejects, report.duplicates) == (10, 1, 0)
+    with open(log, "a") as handle:
+        handle.write(
+            "Mar 12 08:00:00 web-01 sshd[99]: Failed password for root from 203.0.113.5 port 99 ssh2\n"
+        )
+        handle.write("junk again\n")
+    report, _ = ingest_syslog(lake, [log], year=2024)
+    assert (report.rows, report.rejects, report.duplicates) == (1, 1, 10)
+    assert len(rows()) == 11 and len(set(rows())) == 11 and rejects() == [6, 13]
+    # rotated: another file under the same path, its first lines at other times: all of it lands
+    log.write_text("Mar 13 00:00:01 web-01 sshd[1]: Failed password for root from 203.0.113.5 port 7 ssh2\n")
+    report, _ = ingest_syslog(lake, [log], year=2024)
+    assert (report.rows, report.duplicates) == (1, 0) and len(rows()) == 12

@@ -287,6 +287,62 @@ def _line_blocks(path: Path, block_bytes: int = SYSLOG_BLOCK_BYTES) -> Iterator[
         raise InputError(f"cannot read {path}: {exc}") from exc
 
 
+class _KnownLines:
+    """The lines of one source path already in vm_logs, by (line number, time): a log that grew since it was
+    ingested (`tracepipe ingest syslog /var/log/remote/` from cron every hour) lands only its new lines; every
+    earlier line landed again on each run before. A file rotated or rewritten under the same path has other
+    times at its line numbers: it lands whole. Only the days the lines fall on are read (not the history):
+    the line and ts of this source's rows."""
+
+    def __init__(self, lake: Lake, source: str) -> None:
+        self.lake, self.source = lake, source
+        self.read_days: set[str] = set()
+        self.keys = pl.DataFrame(schema={"line": pl.Int64, "ts": pl.Datetime("us", "UTC")})
+        self.duplicates = 0
+        self.old_lines = 0  # the last line number found in the lake already
+
+    def new(self, logs: pa.Table) -> pa.Table:
+        """The rows of `logs` not in the lake yet."""
+        if not logs.num_rows:
+            return logs
+        days = {d.isoformat() for d in pc.unique(logs.column("ts").cast(pa.date32())).to_pylist() if d}
+        paths = [str(p) for p in self.lake.files("vm_logs", sorted(days - self.read_days))]
+        self.read_days |= days
+        if paths:
+            stored = (
+                pl.scan_parquet(paths, hive_partitioning=False, glob=False)
+                .filter(pl.col("source") == self.source)
+                .select(pl.col("line").cast(pl.Int64), pl.col("ts").cast(pl.Datetime("us", "UTC")))
+                .collect()
+            )
+            self.keys = pl.concat([self.keys, stored]).unique()
+        if not self.keys.height:
+            return logs
+        frame = pl.from_arrow(logs.select(["line", "ts"]))
+        assert isinstance(frame, pl.DataFrame)
+        frame = frame.select(pl.col("line").cast(pl.Int64), pl.col("ts").cast(pl.Datetime("us", "UTC")))
+        known = frame.join(
+            self.keys.with_columns(pl.lit(True).alias("_known")),
+            on=["line", "ts"],
+            how="left",
+            maintain_order="left",
+        ).get_column("_known")
+        fresh = known.is_null()
+        kept = int(fresh.sum())
+        self.duplicates += logs.num_rows - kept
+        if kept < logs.num_rows:
+            last = frame.get_column("line").filter(~fresh).max()
+            self.old_lines = max(self.old_lines, int(last))  # type: ignore[arg-type]
+        return logs if kept == logs.num_rows else logs.filter(fresh.to_arrow())
+
+    def new_rejects(self, rejects: pa.Table) -> pa.Table:
+        """The rejects of lines after the ones the lake holds already (up to the last line found there, the file
+        was the one ingested before: its rejects were recorded then)."""
+        if not self.old_lines or not rejects.num_rows:
+            return rejects
+        return rejects.filter(pc.greater(rejects.column("line"), self.old_lines))
+
+
 def ingest_syslog_files(
     lake: Lake,
     paths: Iterable[Path],
@@ -307,11 +363,10 @@ def ingest_syslog_files(
             continue
         mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
         source = str(path.absolute())
+        known = _KnownLines(lake, source)
         with lake.ingest("vm_logs", source, content_hash) as writer:
             # in blocks of whole lines: memory stays bounded on big files, line numbers stay exact
             for block in _line_blocks(path):
-                if block.too_long:
-                    writer.reject(too_long_rejects(source, block.too_long))
                 logs, rejects = parse_syslog(
                     block.data.decode("utf-8", errors="replace"),
                     source,
@@ -321,12 +376,14 @@ def ingest_syslog_files(
                     sender_addr=sender_addr,
                     first_line=block.first_line,
                 )
-                writer.write(logs)
-                writer.reject(rejects)
+                writer.write(known.new(logs))
+                if block.too_long:
+                    writer.reject(known.new_rejects(too_long_rejects(source, block.too_long)))
+                writer.reject(known.new_rejects(rejects))
             # (lines without a year took the file's modification time's: said, so that a wrong one is seen)
-            result = writer.commit(
-                {"lines": writer.result.rows, **({} if year else {"mtime_year": mtime.year})}
-            )
+            stats = {"lines": writer.result.rows, "duplicates": known.duplicates}
+            result = writer.commit({**stats, **({} if year else {"mtime_year": mtime.year})})
+        report.duplicates += known.duplicates
         report.results.append(result)
     report.touched_days = _days_of(report.results, "vm_logs")
     return report
