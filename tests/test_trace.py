@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -369,6 +370,19 @@ def test_misp_export_loads_in_pymisp_and_round_trips(
     assert ("ip-dst|port", "192.0.2.77|443") in values and ("ip-dst|port", "192.0.2.77|443") in values
     cc = values[("ip-dst|port", "192.0.2.77|443")]
     assert cc.to_ids is True and cc.first_seen.year == 2025 and len(cc.sightings) == 1
+    # observations 7 and 8 match the same flows (the beacon, seen from each end): each counts once. They
+    # were summed: comment "seen in 160 flows", sighting and STIX "(320 flows)"
+    parquet = str(pkg / "evidence-flows.parquet")
+    ((rows, flows),) = duckdb.sql(
+        f"SELECT (SELECT count(*) FROM read_parquet('{parquet}') WHERE '192.0.2.77' IN (src_addr, dst_addr)), "
+        f"(SELECT count(*) FROM (SELECT DISTINCT * EXCLUDE (obs, observed_is_src) FROM read_parquet('{parquet}') "
+        "WHERE '192.0.2.77' IN (src_addr, dst_addr)))"
+    ).fetchall()
+    assert rows == 2 * flows > 0
+    assert (
+        cc.comment.endswith(f"seen in {flows} flows")
+        and cc.sightings[0].source == f"tracepipe ({flows} flows)"
+    )
     assert not [v for t, v in values if t.startswith("ip-src")]
     assert not [v for _, v in values if v.startswith(("10.20.", "2001:db8:20:", "198.51.100.20"))]
     assert "scan" in run.stderr  # the 1,500 scan victims are said to be left out, not shared

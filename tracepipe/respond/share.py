@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -57,6 +58,8 @@ class Indicator:
     count: int = 0
     comment: str = ""
     local: bool = False
+    # the evidence flows behind `count` (ids of distinct flows): a flow two observations matched counts once
+    flows: set[int] = field(default_factory=set, repr=False, compare=False)
 
 
 @dataclass
@@ -100,7 +103,13 @@ def _merge(found: dict[tuple, Indicator], item: Indicator) -> None:
     if old is None:
         found[key] = item
         return
-    old.count += item.count
+    if old.flows or item.flows:
+        old.flows |= item.flows
+        old.count = len(old.flows)
+        why, seen, _ = old.comment.partition("; seen in ")
+        old.comment = f"{why}; seen in {old.count} flows" if seen else old.comment
+    else:
+        old.count += item.count
     old.first_seen = (
         min(t for t in (old.first_seen, item.first_seen) if t)
         if (old.first_seen or item.first_seen)
@@ -167,31 +176,40 @@ def _evidence_groups(evidence: pa.Table) -> dict[tuple[int, str], dict[str, Any]
     is_src = evidence.column("observed_is_src")
     remote = pc.if_else(is_src, evidence.column("dst_addr"), evidence.column("src_addr"))
     remote_cloud = pc.if_else(is_src, evidence.column("dst_in_cloud"), evidence.column("src_in_cloud"))
-    table = pa.table(
+    # one id per flow (its columns, not the observation's): two observations may match the same flows
+    flow = evidence.drop_columns([c for c in ("obs", "observed_is_src") if c in evidence.column_names])
+    flow = flow.select([f.name for f in flow.schema if not pa.types.is_nested(f.type)])
+    ids = pl.from_arrow(flow).hash_rows(seed=0)  # type: ignore[union-attr]
+    table = pl.DataFrame(
         {
-            "obs": evidence.column("obs"),
-            "remote": remote,
-            "remote_cloud": remote_cloud,
-            "ts": evidence.column("ts_start"),
+            "obs": pl.Series(evidence.column("obs")),
+            "remote": pl.Series(remote),
+            "remote_cloud": pl.Series(remote_cloud),
+            "ts": pl.Series(evidence.column("ts_start")),
+            "flow": ids,
         }
     )
     out: dict[tuple[int, str], dict[str, Any]] = {}
-    grouped = table.group_by(["obs", "remote"]).aggregate(
-        [("ts", "min"), ("ts", "max"), ("ts", "count"), ("remote_cloud", "max")]
-    )
-    for row in grouped.to_pylist():
+    aggregates = [
+        pl.col("ts").min().alias("first"),
+        pl.col("ts").max().alias("last"),
+        pl.col("flow").unique().alias("flows"),
+    ]
+    grouped = table.group_by("obs", "remote").agg(*aggregates, pl.col("remote_cloud").max())
+    for row in grouped.iter_rows(named=True):
         out[(row["obs"], row["remote"])] = {
-            "first": row["ts_min"],
-            "last": row["ts_max"],
-            "count": row["ts_count"],
-            "peer_in_cloud": bool(row["remote_cloud_max"]),
+            "first": row["first"],
+            "last": row["last"],
+            "count": len(row["flows"]),
+            "flows": set(row["flows"]),
+            "peer_in_cloud": bool(row["remote_cloud"]),
         }
-    local = table.group_by(["obs"]).aggregate([("ts", "min"), ("ts", "max"), ("ts", "count")])
-    for row in local.to_pylist():
+    for row in table.group_by("obs").agg(*aggregates).iter_rows(named=True):
         out[(row["obs"], "__local__")] = {
-            "first": row["ts_min"],
-            "last": row["ts_max"],
-            "count": row["ts_count"],
+            "first": row["first"],
+            "last": row["last"],
+            "count": len(row["flows"]),
+            "flows": set(row["flows"]),
         }
     return out
 
@@ -209,6 +227,7 @@ def _from_rows(
         count=stats.get("count", 0),
         comment=f"{why}; seen in {stats.get('count', 0)} flows" if stats else why,
         local=local,
+        flows=set(stats.get("flows", ())),
     )
 
 
