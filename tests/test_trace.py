@@ -432,6 +432,8 @@ def test_push_refusals(story_trace: tuple[dict, Path, str]) -> None:
 
     env = {k: v for k, v in os.environ.items() if k != "MISP_KEY"}
 
+    out = pkg.parent / "refused.misp.json"
+
     def push(url: str, key: str | None) -> subprocess.CompletedProcess:
         extra = {"MISP_KEY": key} if key else {}
         return subprocess.run(
@@ -444,6 +446,8 @@ def test_push_refusals(story_trace: tuple[dict, Path, str]) -> None:
                 str(pkg),
                 "--push",
                 url,
+                "--out",
+                str(out),
                 "--lake",
                 lake,
             ],
@@ -460,6 +464,7 @@ def test_push_refusals(story_trace: tuple[dict, Path, str]) -> None:
     assert run.returncode == 2 and "in clear" in run.stderr and "secret" not in run.stderr
     run = push("ftp://127.0.0.1/", "secret")
     assert run.returncode == 2
+    assert not out.exists()  # refused before anything is written (the file was written, then exit 2)
 
 
 class _MispStandIn:

@@ -349,9 +349,10 @@ def misp_event(
     }
 
 
-def push_misp(event: dict[str, Any], url: str, verify_tls: bool = True) -> str:
-    """Send the event to a MISP instance with PyMISP; the API key comes from $MISP_KEY. Plain http is
-    refused except to this machine (127.0.0.0/8, ::1, localhost): the key would cross the network in clear."""
+def push_key(url: str) -> str:
+    """The API key for a push to `url`, or UsageError when the push cannot be made as asked: checked before
+    anything is written (a refused push wrote its --out file, then exited 2). Plain http is refused except to
+    this machine (127.0.0.0/8, ::1, localhost): the key would cross the network in clear."""
     key = os.environ.get(MISP_KEY_ENV, "").strip()
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -363,6 +364,12 @@ def push_misp(event: dict[str, Any], url: str, verify_tls: bool = True) -> str:
         raise UsageError(f"--push {url}: plain http would send the API key in clear; use https")
     if not key:
         raise UsageError(f"--push needs the MISP API key in ${MISP_KEY_ENV} (never on the command line)")
+    return key
+
+
+def push_misp(event: dict[str, Any], url: str, verify_tls: bool = True) -> str:
+    """Send the event to a MISP instance with PyMISP; the API key comes from $MISP_KEY (push_key)."""
+    key = push_key(url)
     try:
         from pymisp import MISPEvent, PyMISP
     except ImportError as exc:
@@ -513,6 +520,8 @@ def export(
         raise UsageError(f"unknown export format {fmt!r}: misp or stix")
     if push and fmt != "misp":
         raise UsageError("--push sends MISP events only: use `tracepipe export misp ... --push URL`")
+    if push:
+        push_key(push)
     source = Path(source)
     notes: list[str] = []
     if source.is_dir() or source.name == "trace.json":
