@@ -153,3 +153,33 @@ def test_hostile_neutron_fields_reject_their_line_and_addresses_are_canonical():
         (8, "bad timestamp"),
         (9, "notification without timestamp"),
     ]
+
+
+def test_a_port_of_another_project_naming_a_vm_does_not_give_it_the_address():
+    # Neutron lets any tenant create a port with device_owner "compute:nova" and any device_id: such a port of
+    # project "evil" named another project's VM, and `who` pinned the port's address on that VM
+    nova = json.loads((DATA / "nova" / "instance-update.json").read_text())
+    vm = nova["payload"]["nova_object.data"]["uuid"]
+    project = nova["payload"]["nova_object.data"]["tenant_id"]
+    nova["timestamp"] = "2012-11-18 01:00:00.000000"
+    port = json.loads((DATA / "neutron" / "port.create.end.json").read_text())
+
+    def port_event(port_id: str, tenant: str, addr: str) -> dict:
+        event = json.loads(json.dumps(port))
+        event.update(message_id=f"m-{port_id}", _context_tenant_id=tenant)
+        event["payload"]["port"].update(
+            id=port_id, tenant_id=tenant, device_id=vm, fixed_ips=[{"subnet_id": "s", "ip_address": addr}]
+        )
+        return event
+
+    messages = [
+        nova,
+        port_event("p-own", project, "172.16.59.20"),
+        port_event("p-evil", "evil", "172.16.59.66"),
+    ]
+    events, rejects = parse_cloud_text("\n".join(json.dumps(m) for m in messages), "mixed.jsonl")
+    assert rejects.num_rows == 0 and events.column("vm_id").to_pylist() == [vm] * 3
+    leases, _ = build_leases(events)
+    got = {(r["addr"], r["vm_id"]) for r in leases.to_pylist()}
+    assert ("172.16.59.20", vm) in got  # its own project's port: the VM's address
+    assert not [r for r in got if r[0] == "172.16.59.66"]  # the other project's: nobody's

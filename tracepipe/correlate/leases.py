@@ -1393,6 +1393,35 @@ def _rejoined(leases: pl.DataFrame) -> pl.DataFrame:
     ).select(leases.columns)
 
 
+def _without_foreign_bindings(events: pa.Table) -> pa.Table:
+    """The events with the VM taken off Neutron port events of another project than the VM's: Neutron lets any
+    tenant create a port with device_owner "compute:nova" and any device_id, so such a port named another
+    project's VM and its address was pinned on that VM (`who` named the victim), and its delete ended the
+    victim's real lease. Nova creates and attaches a VM's ports in the VM's project; a port event whose project
+    is none of those the VM's own (instance.*) events carry is kept as a port of no VM. A VM with no instance
+    event (Neutron only) keeps its ports as before."""
+    kinds = events.column("event_type").unique()
+    if pa.types.is_dictionary(kinds.type):
+        kinds = kinds.dictionary_decode()
+    if not pc.any(pc.fill_null(pc.starts_with(kinds, "port."), False)).as_py():
+        return events
+    head = _to_polars(events.select(["event_type", "vm_id", "project"])).with_row_index("_row")
+    named = pl.col("vm_id").is_not_null() & pl.col("project").is_not_null()
+    homes = head.filter(named & pl.col("event_type").str.starts_with("instance.")).select("vm_id", "project")
+    ports = head.filter(named & pl.col("event_type").str.starts_with("port."))
+    ports = ports.join(homes.select("vm_id").unique(), on="vm_id", how="semi")  # VMs whose project is known
+    foreign = ports.join(homes.unique(), on=["vm_id", "project"], how="anti").get_column("_row")
+    if not foreign.len():
+        return events
+    mask = np.zeros(events.num_rows, bool)
+    mask[foreign.to_numpy()] = True
+    column = events.column("vm_id")
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    kept = pc.if_else(pa.array(mask), pa.scalar(None, column.type), column)
+    return events.set_column(events.schema.get_field_index("vm_id"), events.schema.field("vm_id"), kept)
+
+
 def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None) -> tuple[pa.Table, pa.Table]:
     """Whole event history -> (vm_leases, vms) tables in schema.VM_LEASES / schema.VMS, sorted.
 
@@ -1407,6 +1436,7 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
     events = events.select([f.name for f in VM_EVENTS])
     if events.num_rows == 0:
         return VM_LEASES.empty_table(), VMS.empty_table()
+    events = _without_foreign_bindings(events)
     reclaim_us = None if reclaim_interval is None else reclaim_interval // dt.timedelta(microseconds=1)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="build-leases") as pool:
         frame, names, rows = _ordered_events(events, pool)
