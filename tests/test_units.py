@@ -99,6 +99,21 @@ def test_parse_time_date_addr():
     assert parse_addr(" 2001:DB8:0::1 ") == "2001:db8::1" and parse_addr("10.0.0.5") == "10.0.0.5"
     with pytest.raises(UsageError, match="not an IP address"):
         parse_addr("10.0.0.0/8")
+    # `who 2001:db8:20:1::13%eth0` and `who ::ffff:10.20.1.31` answered "nobody held" for addresses a VM held:
+    # a zone names the writer's interface, a v4-mapped address is the IPv4 one flows carry
+    assert (
+        parse_addr("2001:db8:20:1::13%eth0") == "2001:db8:20:1::13" and parse_addr("fe80::1%2") == "fe80::1"
+    )
+    assert parse_addr("::ffff:10.20.1.31") == parse_addr("::FFFF:a14:11f") == "10.20.1.31"
+    assert (
+        parse_addr("::") == "::" and parse_addr("::10.20.1.31") == "::a14:11f"
+    )  # (v4-compatible: not mapped)
+    import polars as pl
+
+    from tracepipe.units import canonical_addresses
+
+    got = canonical_addresses(pl.Series(["::ffff:10.1.9.1", "2001:DB8::1%3", "x", None]))
+    assert got.to_list() == ["10.1.9.1", "2001:db8::1", None, None]  # (Nova's ip_addresses, as ingested)
 
 
 @pytest.mark.parametrize(

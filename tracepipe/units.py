@@ -160,10 +160,24 @@ def parse_date(text: str) -> dt.date:
         raise UsageError(f"date {text!r} does not parse: give YYYY-MM-DD, e.g. 2024-03-12") from None
 
 
+def canonical_addr(text: str) -> str:
+    """One IPv4/IPv6 address -> the canonical text the lake stores (2001:db8::1, 10.1.2.3); ValueError else.
+    An IPv4-mapped IPv6 address (::ffff:10.1.9.1, as a dual-stack API or a user may write one) is its IPv4
+    address, the one flows carry; an IPv6 zone (fe80::1%eth0, 2001:db8::13%eth0) names an interface of the
+    machine that wrote it, not part of the address: dropped."""
+    ip = ipaddress.ip_address(text.strip())
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if ip.scope_id is not None:
+            return str(ipaddress.IPv6Address(int(ip)))
+    return str(ip)
+
+
 def parse_addr(text: str) -> str:
-    """One IPv4/IPv6 address -> its canonical text (as the lake stores it: 2001:db8::1); UsageError else."""
+    """One IPv4/IPv6 address -> its canonical text (canonical_addr); UsageError else."""
     try:
-        return str(ipaddress.ip_address(text.strip()))
+        return canonical_addr(text)
     except ValueError:
         raise UsageError(
             f"address {text!r} does not parse (not an IP address): give one IPv4 or IPv6 address, e.g. 10.0.0.5"
@@ -178,7 +192,7 @@ def canonical_addresses(values: Any) -> Any:
     mapping: dict[str, str] = {}
     for text in values.drop_nulls().unique().to_list():
         try:
-            mapping[text] = str(ipaddress.ip_address(text))
+            mapping[text] = canonical_addr(text)
         except ValueError:
             continue
     return values.replace_strict(mapping, default=None, return_dtype=pl.String)

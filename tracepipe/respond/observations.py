@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from tracepipe.errors import InputError, UsageError
 from tracepipe.intel import ADDRESS_TYPES, DOMAIN_TYPES
 from tracepipe.lake import Lake
 from tracepipe.schema import ALERTS, TS
-from tracepipe.units import to_utc
+from tracepipe.units import canonical_addr, to_utc
 
 FORMATS = ("auto", "csv", "json", "misp", "alerts")
 MAX_OBSERVATIONS = 100_000  # a ticket lists tens to thousands; more is not a ticket (the rest is rejected)
@@ -67,7 +66,7 @@ def _address(text: Any) -> str | None:
     if text is None:
         return None
     try:
-        return str(ipaddress.ip_address(str(text).strip()))
+        return canonical_addr(str(text))
     except ValueError:
         return None
 
