@@ -417,7 +417,8 @@ def _print_vm_report(
     if report.rejects:
         p.note(
             (f"{report.rejects} input lines rejected", "yellow"),
-            f' (the rest landed); list them: tracepipe sql "SELECT * FROM rejects" --lake {lake}',
+            " (the rest landed)" if report.rows else " (nothing landed)",
+            f'; list them: tracepipe sql "SELECT * FROM rejects" --lake {lake}',
         )
     if correlation.error:
         p.error(correlation.error)
@@ -1534,6 +1535,10 @@ def trace_command(
         p.json(result.to_dict())
     else:
         _print_trace(p, result)
+    if not result.observations and not result.rejects:
+        p.error(
+            f"{source} holds no observation (one address and time per line, or a MISP event, STIX bundle)"
+        )
     raise typer.Exit(result.exit_code)
 
 
