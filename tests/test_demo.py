@@ -196,3 +196,20 @@ def test_next_commands_name_the_program_as_invoked(argv0, program):
 
     assert program_name(argv0) == program
     assert shlex.split(f"{program_name(argv0)} who 10.0.0.1")[0] == shlex.split(program)[0]
+
+
+def test_export_of_the_demos_alert_ids_counts_the_indicators_it_holds(demo: tuple[dict, float, Path]) -> None:
+    """The title said "tracepipe alerts (8 indicators)" for an event of 3: the local addresses left out counted."""
+    from tracepipe.lake import Lake
+
+    _, _, work = demo
+    lake = work / "demo-lake"
+    ids = Lake(lake).read("alerts", ["alert_id"]).column("alert_id").to_pylist()
+    (work / "alert-ids.txt").write_text("\n".join(ids) + "\n")
+    out = work / "alerts.misp.json"
+    run = run_demo("export", "misp", "alert-ids.txt", "--out", str(out), "--lake", str(lake), cwd=work)
+    assert run.returncode == 0, run.stderr[-2000:]
+    event = json.loads(out.read_text())["Event"]
+    shared = len(event["Attribute"])
+    assert shared > 0 and event["info"] == f"tracepipe alerts ({shared} indicators)"
+    assert "local VM addresses left out" in run.stderr

@@ -532,12 +532,13 @@ def export(
         if lake is None:
             raise UsageError("an alert id list needs the lake (--lake)")
         indicators, meta = indicators_from_alerts(lake, source)
-        title = info or f"tracepipe alerts ({len(indicators)} indicators)"
+        title = info or "tracepipe alerts ({} indicators)"  # (counted once the local ones are left out)
         if meta.get("missing_alerts"):
             notes.append(
                 f"{len(meta['missing_alerts'])} alert ids not in the lake: {', '.join(meta['missing_alerts'][:5])}"
             )
     kept, left_out = select(indicators, include_local)
+    title = title.replace("({} indicators)", f"({len(kept)} indicators)") if not info else title
     if left_out:
         notes.append(f"{left_out} local VM addresses left out (--include-local to share them)")
     if fmt == "misp":
