@@ -153,3 +153,22 @@ def test_parse_network():
     for bad in ("10.0.0.0/33", "lan", ""):
         with pytest.raises(UsageError, match="not an address or CIDR"):
             parse_network(bad)
+
+
+def test_a_soft_deleted_vm_is_restorable_only_while_its_quarantine_lasts():
+    # `who` said "soft-deleted, restorable; image kept until ... (reclaimed since)" once the quarantine was over
+    from tracepipe.query import vm_now
+
+    deleted = dt.datetime(2025, 6, 17, 9, 45, tzinfo=dt.UTC)
+    until = deleted + dt.timedelta(days=7)
+    during, after = until - dt.timedelta(days=1), until + dt.timedelta(days=1)
+    assert vm_now("soft_deleted", deleted, until, during) == (
+        "soft-deleted 2025-06-17 09:45 UTC, restorable; image quarantined until 2025-06-24 09:45 UTC"
+    )
+    assert vm_now("soft_deleted", deleted, until, after) == (
+        "soft-deleted 2025-06-17 09:45 UTC, image kept until 2025-06-24 09:45 UTC (reclaimed since)"
+    )
+    assert (
+        vm_now("soft_deleted", deleted, None, after)
+        == "soft-deleted 2025-06-17 09:45 UTC (quarantined, restorable)"
+    )

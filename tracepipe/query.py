@@ -523,7 +523,9 @@ def vm_now(
             if quarantine_until > now
             else f"image kept until {until} (reclaimed since)"
         )
-        text += (", restorable; " if status == "soft_deleted" else ", ") + kept
+        # (restorable only while its quarantine lasts: past it, the cloud reclaimed it)
+        restorable = status == "soft_deleted" and quarantine_until > now
+        text += (", restorable; " if restorable else ", ") + kept
     elif status == "soft_deleted":
         text += " (quarantined, restorable)"
     return text
