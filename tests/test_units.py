@@ -36,6 +36,9 @@ DURATIONS = [
     ("7d", 7 * 86400),
     ("1w", 604800),
     (" 2 h ", 7200),
+    ("1h30m", 5400),  # compound, as Go and systemd write them (`who --window 1h30m` was refused)
+    ("2d 12h", 216000),
+    ("1m30s500ms", 90.5),
 ]
 
 
@@ -50,7 +53,7 @@ def test_pipeline_files_accept_the_same_durations(text, seconds):
     assert config.window.last == seconds and config.detectors.beacon.window == seconds
 
 
-@pytest.mark.parametrize("text", ["soon", "1y", "-5m", "5 minutes", "", "m"])
+@pytest.mark.parametrize("text", ["soon", "1y", "-5m", "5 minutes", "", "m", "1h30", "1h-30m", "h30m"])
 def test_parse_duration_refuses(text):
     with pytest.raises(UsageError, match="duration"):
         parse_duration(text)

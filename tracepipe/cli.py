@@ -24,7 +24,7 @@ import typer
 from typer.core import TyperGroup
 
 from tracepipe import DEFAULT_LAKE
-from tracepipe.errors import EXIT_FAILED, EXIT_PIPE, TracepipeError
+from tracepipe.errors import EXIT_FAILED, EXIT_PIPE, TracepipeError, UsageError
 from tracepipe.nopandas import refuse_pandas
 from tracepipe.printer import Printer
 
@@ -37,7 +37,8 @@ ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Cl
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 done; 1 new alerts found (sweep); 2 usage error; "
-    "3 partial: some input rejected, the rest landed; 4 failed: nothing landed or environment wrong."
+    "3 partial: some input rejected, the rest landed; 4 failed: nothing landed or environment wrong; "
+    "5 landed, but attributing it to VMs failed; 141 the reader of the output went away (| head)."
 )
 
 
@@ -627,7 +628,7 @@ def sql_command(
     """Run read-only DuckDB SQL over the lake (or the same SQL on Spark with --engine spark).
 
     Views: flows, flows_attributed, vm_events, vm_leases, vms, vm_logs, intel, alerts, rejects. Macros:
-    who_had(addr, ts), cidr_contains(cidr, addr), ip_to_num(addr), ip_between(addr, lo, hi).
+    who_had(addr, ts), cidr_contains(cidr, addr), ip_to_num(addr), ip_family(addr), ip_between(addr, lo, hi).
     Only queries run (SELECT, WITH, DESCRIBE, SUMMARIZE, EXPLAIN): COPY, CREATE, INSERT, DELETE, ATTACH, SET
     ... are refused with exit code 2, and so is an --output inside the lake directory (symlinks followed), an
     --output file that exists (unless --force), or --format table with --output.
@@ -640,7 +641,16 @@ def sql_command(
     from tracepipe.maintenance import parse_as_of
 
     p: Printer = ctx.obj
-    snapshot = Lake(lake, as_of=parse_as_of(as_of)) if as_of else open_lake(lake)
+    when = parse_as_of(as_of) if as_of else None
+    if isinstance(when, dict):  # a lake version: each table's must exist (else a raw error of the log reader)
+        now = open_lake(lake).versions()
+        later = {name: v for name, v in when.items() if name not in now or v > now[name]}
+        if later:
+            raise UsageError(
+                f"--as-of: {', '.join(f'{n}={v}' for n, v in later.items())} is later than the lake "
+                f"({', '.join(f'{n}={now[n]}' if n in now else f'{n}: no table' for n in later)})"
+            )
+    snapshot = Lake(lake, as_of=when) if when is not None else open_lake(lake)
     q.check_output(fmt.value, output, snapshot.root, force)  # before the query runs: it may take a while
     if shell:
         q.shell(

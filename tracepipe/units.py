@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d|w)?", re.IGNORECASE)
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d|w)", re.IGNORECASE)
+_DURATION_PARTS = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)\s*(?:ms|s|m|h|d|w)\s*){2,}", re.IGNORECASE)
 _DURATION_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}  # binary: 32M is 32 MiB, as the kernel counts
@@ -64,13 +66,18 @@ def parse_duration(value: str | float, *, positive: bool = False) -> dt.timedelt
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise UsageError(f"duration {value!r} does not parse: give a number and a unit, e.g. 30m, 1h, 2d")
     if isinstance(value, str):
-        match = _DURATION.fullmatch(value.strip())
-        if not match:
+        text = value.strip()
+        match = _DURATION.fullmatch(text)
+        parts = [] if match else _DURATION_PART.findall(text)
+        if not match and not (parts and _DURATION_PARTS.fullmatch(text)):
             raise UsageError(
-                f"duration {value!r} does not parse: it is not a duration like 90s, 30m, 1h or 2d "
+                f"duration {value!r} does not parse: it is not a duration like 90s, 30m, 1h, 1h30m or 2d "
                 "(units ms, s, m, h, d, w; a bare number is seconds)"
             )
-        seconds = float(match.group(1)) * _DURATION_SECONDS[(match.group(2) or "s").lower()]
+        if match:
+            seconds = float(match.group(1)) * _DURATION_SECONDS[(match.group(2) or "s").lower()]
+        else:  # 1h30m, 2d 12h: each part with its unit
+            seconds = sum(float(n) * _DURATION_SECONDS[unit.lower()] for n, unit in parts)
     else:
         seconds = float(value)
     if not math.isfinite(seconds) or seconds > MAX_DURATION.total_seconds():
