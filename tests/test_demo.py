@@ -213,3 +213,14 @@ def test_export_of_the_demos_alert_ids_counts_the_indicators_it_holds(demo: tupl
     shared = len(event["Attribute"])
     assert shared > 0 and event["info"] == f"tracepipe alerts ({shared} indicators)"
     assert "local VM addresses left out" in run.stderr
+
+
+def test_sql_as_of_a_version_later_than_the_lake_is_a_usage_error(demo: tuple[dict, float, Path]) -> None:
+    # it was the log reader's raw "LogSegment end version ..." and exit 4
+    _, _, work = demo
+    run = run_demo("sql", "SELECT 1", "--as-of", "flows=99999", "--lake", "demo-lake", cwd=work)
+    assert run.returncode == 2 and "flows=99999 is later than the lake (flows=" in " ".join(
+        run.stderr.split()
+    )
+    run = run_demo("sql", "SELECT count(*) FROM flows", "--as-of", "flows=1", "--lake", "demo-lake", cwd=work)
+    assert run.returncode == 0, run.stderr
