@@ -577,3 +577,14 @@ def test_push_sends_the_exported_event_to_misp(
     else:
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout)["pushed_to"] == f"{misp.url} (event 4242)"
+
+
+def test_table_output_names_the_contacting_vms(story_trace: tuple[dict, Path, str], tmp_path: Path) -> None:
+    # the README shows "contacted by VMs: <id> (web-05)"; the output gave the id alone
+    _, pkg, lake = story_trace
+    ticket = pkg.parent / "c2.csv"
+    ticket.write_text("address,port,peer,time\n192.0.2.77,443,,2025-06-17T07:00:00Z\n")
+    run = run_tracepipe("trace", str(ticket), "--out", str(tmp_path / "pkg"), "--lake", lake)
+    assert run.returncode == 0, run.stderr[-2000:]
+    line = next(x for x in run.stdout.splitlines() if "contacted by VMs" in x)
+    assert line.strip().endswith("(web-05)"), line

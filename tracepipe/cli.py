@@ -1553,6 +1553,7 @@ def trace_command(
 
 
 def _print_trace(p: Printer, result: Any) -> None:
+    names = {vm.get("vm_id"): vm.get("vm_name") for vm in result.vms}
     for answer in result.observations:
         where = f"{answer['address']}" + (f" port {answer['port']}" if answer["port"] is not None else "")
         where += f" peer {answer['peer']}" if answer["peer"] else ""
@@ -1568,7 +1569,8 @@ def _print_trace(p: Printer, result: Any) -> None:
                 f"image {h['image'] or '?'} · {h['hypervisor'] or '?'} · {h['cloud'] or '?'} · now: {h['now']}",
             )
         if answer["contacts"]:
-            p.line(f"      contacted by VMs: {', '.join(answer['contacts'])}")
+            contacts = [f"{c} ({names[c]})" if names.get(c) else c for c in answer["contacts"]]
+            p.line(f"      contacted by VMs: {', '.join(contacts)}")
         p.line(f"      {answer['matching_flows']} matching flows")
         for note in answer["ambiguities"]:
             p.line("      ", ("note:", "yellow"), f" {note}")
