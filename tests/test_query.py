@@ -463,8 +463,9 @@ def test_duckdb_sql_holds_against_the_spark_attacks(small_lake, statement):
 def test_shell_runs_queries_and_refuses_writes(small_lake):
     shown: list[object] = []
     lines = iter(
-        ["SELECT count(*) AS n", "FROM flows;", "DELETE FROM flows;", "SELECT 2 AS b;", ".quit", "SELECT 3;"]
-    )
+        ["SELECT count(*) AS n", "FROM flows;", "DELETE FROM flows;", "SELECT 2 AS b;", "SELECT 5; SELECT 6;",
+         ".quit", "SELECT 3;"]
+    )  # fmt: skip
 
     def read_line(prompt: str) -> str:
         return next(lines)
@@ -475,9 +476,13 @@ def test_shell_runs_queries_and_refuses_writes(small_lake):
     assert shown[0] == [(4,)]
     assert isinstance(shown[1], UsageError) and "DELETE" in str(shown[1])
     assert shown[2] == [(2,)]
-    assert len(shown) == 3  # .quit ended the session
+    assert shown[3:] == [[(5,)], [(6,)]]  # a line of two queries: both shown
+    assert len(shown) == 5  # .quit ended the session
     result = run_cli("sql", "--shell", "--lake", str(small_lake), stdin="SELECT 40 + 2 AS answer;\n")
     assert result.returncode == 0 and "42" in result.stdout
+    # outside the shell one query at a time: the first one's rows were silently dropped
+    result = run_cli("sql", "SELECT 1 AS a; SELECT 2 AS b", "--lake", str(small_lake))
+    assert result.returncode == 2 and "2 statements given" in " ".join(result.stderr.split())
 
 
 @pytest.mark.parametrize(

@@ -481,11 +481,17 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[duckdb.Sta
 def run_read_only(
     con: duckdb.DuckDBPyConnection, sql: str, root: Path | None = None
 ) -> duckdb.DuckDBPyRelation | None:
-    """Run every statement of `sql` after check_read_only; the relation of the last one (None if it returns
-    no rows). Errors of DuckDB (unknown column, ...) become UsageError with DuckDB's message, or LakeError
-    when a file of the lake at `root` does not read. Rows are computed when fetched: use fetch_rows or
-    export_result, which do the same."""
+    """Run the one query of `sql` after check_read_only; its relation (None if it returns no rows). Several
+    statements are refused: only the last one's rows would be shown, the others' silently dropped. Errors of
+    DuckDB (unknown column, ...) become UsageError with DuckDB's message, or LakeError when a file of the lake
+    at `root` does not read. Rows are computed when fetched: use fetch_rows or export_result, which do the
+    same."""
     statements = check_read_only(con, sql)
+    if len(statements) > 1:
+        raise UsageError(
+            f"{len(statements)} statements given: one query at a time (only the last one's rows would be "
+            "shown); run them one by one, or use --shell"
+        )
     relation = None
     with reading(root if root is not None else Path("/nonexistent-lake"), user_sql=True):
         for statement in statements:
@@ -889,7 +895,8 @@ def shell(lake: Lake, show: Any, read_line: Any = input) -> None:
                 # show() fetches the rows: a query that fails only then (error('x'), a bad CAST) is shown
                 # like one that fails at once, and the session goes on
                 with reading(lake.root, user_sql=True):
-                    show(run_read_only(con, text, lake.root))
+                    for statement in check_read_only(con, text):  # (a line of several: each result shown)
+                        show(run_read_only(con, statement.query, lake.root))
             except TracepipeError as exc:
                 show(exc)
     finally:
