@@ -515,6 +515,8 @@ def _hostile_lines() -> dict[str, tuple[bytes, list[str] | None]]:
         "quote-never-closed": (with_field(4, b'"10.0.0.1'), ["bad destination address"]),
         "latin-1-address": (with_field(3, b"10.0.0.\xe9"), ["bad source address"]),
         "non-utf-8-port": (with_field(5, b"\xc3\x28"), ["bad source port"]),
+        "source-port-past-65535": (with_field(5, b"99999999"), ["bad source port"]),  # (it landed)
+        "destination-port-past-65535": (with_field(6, b"65536"), ["bad destination port"]),
         "non-utf-8-unused-field": (with_field(20, b"\xff\xfe"), []),  # nfdump's smk: not read, lands
         # a lone CR: one line still (line numbers after it are grep's, in one process and in the workers)
         "cr-inside-a-field": (with_field(3, b"10.0.\r0.1"), ["bad source address"]),

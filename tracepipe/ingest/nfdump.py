@@ -231,6 +231,7 @@ def _flows_from_columns(
     dst, _, ok = _addresses(fields["da"], dictionary=True)
     checks.append(("bad destination address", ok))
     src_port, ok = _uint(fields["sp"], pa.int32())
+    ok = pc.and_(ok, pc.less_equal(src_port, 65535))  # (99999999 fits an int32: it is no port)
     checks.append(("bad source port", ok))
     dst_port, ok = dst_port_from_text(fields["dp"])
     checks.append(("bad destination port", ok))
