@@ -300,45 +300,54 @@ def test_ingest_syslog_with_invalid_pri_exits_partial_and_keeps_the_line(tmp_pat
     assert [(r["dataset"], r["line"], r["reason"][:11]) for r in stored] == [("vm_logs", 1, "invalid PRI")]
 
 
-def test_a_user_name_cannot_forge_the_source_address():
-    # sshd logs the name the client sent, spaces and all (`ssh 'x from 192.0.2.66 port 1'@web-01`), then the real
-    # address: the address is the last "from A port P" of the line. The lazy patterns took the first one
-    lines = [
+def test_a_user_name_or_a_key_id_cannot_forge_the_source_address():
+    # sshd logs the name the client sent, spaces and all (`ssh 'x from 192.0.2.66 port 1'@web-01`), and a
+    # certificate's key ID after the address: both the client's. The lazy patterns took the first "from A port P"
+    # (the user's); the last one is a key ID's. A line with two is read with no address and no user: the attempt
+    # counts, never against an address the client chose
+    forged = [
         "Failed password for invalid user x from 192.0.2.66 port 1 from 203.0.113.5 port 44441 ssh2",
         "Failed password for x from 192.0.2.66 port 1 ssh2: junk from 203.0.113.5 port 44442 ssh2",
         "Invalid user y from 192.0.2.77 port 1 from 203.0.113.5 port 5555",
         "Connection closed by invalid user z 192.0.2.88 port 1 203.0.113.5 port 5556 [preauth]",
         "error: maximum authentication attempts exceeded for invalid user q from 192.0.2.1 port 2 "
         "from 203.0.113.5 port 50002 ssh2 [preauth]",
+        "Failed publickey for root from 203.0.113.5 port 4444 ssh2: ED25519-CERT SHA256:abc ID x from 192.0.2.66 "
+        "port 1 (serial 0) CA ED25519 SHA256:def",
+        "Accepted publickey for root from 203.0.113.5 port 4445 ssh2: RSA-CERT SHA256:abc ID k from 192.0.2.66 "
+        "port 1 ssh2: RSA SHA256:x (serial 7) CA RSA SHA256:def",
+    ]
+    real = [
         "pam_unix(sshd:auth): authentication failure; logname= uid=0 euid=0 tty=ssh ruser= rhost=203.0.113.5  "
         "user=a rhost=192.0.2.3",
-        # and the real forms still read as before
         "Accepted publickey for bob from 203.0.113.5 port 50000 ssh2: RSA SHA256:abcdEFGH/x+y",
-        "Failed publickey for root from 203.0.113.5 port 50001 ssh2: ED25519 SHA256:zz",
+        "Failed publickey for root from 203.0.113.5 port 50001 ssh2: ED25519-CERT SHA256:zz ID web ops (serial 3) "
+        "CA ED25519 SHA256:ca",
         "Disconnected from authenticating user root 203.0.113.5 port 50004 [preauth]",
         "Invalid user admin from 203.0.113.5 port 50005",
+        "Failed password for invalid user a b c from 2001:db8::5 port 50006 ssh2",
+        "pam_unix(sshd:auth): authentication failure; logname= uid=0 euid=0 tty=ssh ruser= rhost=203.0.113.5  "
+        "user=root ",
     ]
+    lines = forged + real
     text = "".join(f"2024-03-12T07:43:{i:02d}Z web-01 sshd[{3000 + i}]: {m}\n" for i, m in enumerate(lines))
     logs, rejects = parse_syslog(text, "auth.log")
     assert rejects.num_rows == 0
     rows = logs.select(["auth_event", "auth_user", "auth_src_addr"]).to_pylist()
-    assert [r["auth_src_addr"] for r in rows] == ["203.0.113.5"] * len(lines)
-    assert [r["auth_user"] for r in rows] == [
-        "x from 192.0.2.66 port 1",
-        "x from 192.0.2.66 port 1 ssh2: junk",
-        "y from 192.0.2.77 port 1",
-        "z 192.0.2.88 port 1",
-        "q from 192.0.2.1 port 2",
-        "a rhost=192.0.2.3",
-        "bob",
-        "root",
-        "root",
-        "admin",
-    ]
     assert [r["auth_event"] for r in rows] == [
-        "failed", "failed", "invalid_user", "preauth_closed", "failed", "failed",
-        "accepted", "failed", "preauth_closed", "invalid_user",
+        "failed", "failed", "invalid_user", "preauth_closed", "failed", "failed", "accepted",
+        "failed", "accepted", "failed", "preauth_closed", "invalid_user", "failed", "failed",
     ]  # fmt: skip
+    assert [(r["auth_user"], r["auth_src_addr"]) for r in rows[: len(forged)]] == [(None, None)] * len(forged)
+    assert [(r["auth_user"], r["auth_src_addr"]) for r in rows[len(forged) :]] == [
+        ("a rhost=192.0.2.3", "203.0.113.5"),
+        ("bob", "203.0.113.5"),
+        ("root", "203.0.113.5"),
+        ("root", "203.0.113.5"),
+        ("admin", "203.0.113.5"),
+        ("a b c", "2001:db8::5"),
+        ("root", "203.0.113.5"),
+    ]
 
 
 def test_a_log_that_grew_lands_only_its_new_lines_and_a_rotated_one_lands_whole(tmp_path):

@@ -41,9 +41,10 @@ TAG = r"^(?P<app>[^:\[\s]+)(?:\[(?P<pid>\d+)\])?: ?"  # RFC 3164 TAG: sshd[1234]
 _FIELDS = ("pri", "ts", "host", "app", "pid")
 
 # sshd messages (OpenSSH auth.c / auth2.c / sshd-session), first match wins. The user name is what the client
-# sent (spaces and all: `ssh 'x from 192.0.2.66 port 1'@host`), and sshd writes the real address after it: the
-# user is matched greedily and the address is the LAST "from A port P" of the line, anchored at its end (what
-# sshd appends: " ssh2", ": <key type> <fingerprint>", " [preauth]"); PAM's rhost comes before its user=
+# sent (spaces and all: `ssh 'x from 192.0.2.66 port 1'@host`), and so is a certificate's key ID, which sshd
+# writes after the address (": ED25519-CERT SHA256:.. ID <key id> (serial N) CA .."): a line holding two
+# "A port P" is read with no user and no address (_sshd_columns), never with one the client chose. PAM's rhost
+# comes before its user=
 _TAIL = r"(?: ssh\d)?(?::? [^ ].*?)?(?: \[preauth\])?$"
 SSHD_PATTERNS: list[tuple[str, str]] = [
     (
@@ -64,7 +65,7 @@ SSHD_PATTERNS: list[tuple[str, str]] = [
     ),
     (
         "failed",
-        r"pam_unix\(sshd:auth\): authentication failure;.*? rhost=(?P<addr>\S+)(?:\s+user=(?P<user>.*))?$",
+        r"pam_unix\(sshd:auth\): authentication failure;.*? rhost=(?P<addr>\S+)(?:\s+user=(?P<user>.*?))?\s*$",
     ),
 ]
 
@@ -205,6 +206,9 @@ def parse_syslog(
     return table, rejects.to_arrow()
 
 
+_AMBIGUOUS = pl.col("message").str.count_matches(r" port \d+") > 1
+
+
 def _sshd_columns() -> list[pl.Expr]:
     """auth_* columns from the `_sshd<i>` structs (one per SSHD_PATTERNS entry, extracted once)."""
     extracted = [pl.col(f"_sshd{i}") for i in range(len(SSHD_PATTERNS))]
@@ -220,6 +224,10 @@ def _sshd_columns() -> list[pl.Expr]:
                 value = pl.when(groups.struct.field("addr").is_not_null()).then(pl.lit("password"))
             else:
                 continue
+            if field in ("user", "addr") and " port " in pattern:
+                # two "A port P" in one line: the client wrote one (its user name, a certificate's key ID, both
+                # its own): which is sshd's cannot be told, so neither is taken (the attempt still counts)
+                value = pl.when(~_AMBIGUOUS).then(value)
             # a pattern's value counts only when that pattern matched (its addr group is set)
             exprs.append(pl.when(groups.struct.field("addr").is_not_null()).then(value))
         return pl.coalesce(exprs)
