@@ -602,3 +602,27 @@ def test_one_byte_section_records_are_rejected_before_they_take_a_slot_each():
         == [f"{records} records: packet section shorter than an IP header"] * 20
     )
     assert peak < 64 << 20, peak  # 20 x 65,000 slots of 256 bytes were 333 MB
+
+
+def test_the_per_exporter_share_stays_counted_when_the_total_evicts_an_exporters_last_template():
+    # review: the total's eviction of the exporter's only template dropped its standing while the new template was
+    # being added; from then on its templates were not counted and it took 40 fields under a cap of 20
+    from tracepipe.ingest.netflow import Template
+
+    limits = Limits(template_fields_total=40, template_fields_per_exporter=20)
+    state = DecoderState(limits)
+    made = iter(range(1000))
+
+    def add(exporter: str, tid: int) -> None:
+        n = next(made)
+        fields = [(8, 4, 0), (12, 4, 0)] + [(1000 + n * 10 + k, 2, 0) for k in range(8)]  # 10 fields
+        state.add_template((exporter, 9, 0, tid), Template.build(fields))
+
+    a, b, c = "192.0.2.1", "192.0.2.2", "192.0.2.3"
+    for exporter, tid in [(a, 256), (b, 256), (b, 257), (c, 256)] + [(a, t) for t in range(257, 270)]:
+        add(exporter, tid)
+        for name in (a, b, c):
+            held = sum(len(t.fields) for k, t in state.templates.items() if k[0] == name)
+            assert state.exporter_fields[name] == held <= limits.template_fields_per_exporter
+            assert {k for k in state.templates if k[0] == name} == set(state.exporter_templates.get(name, ()))
+    assert state.fields_total <= limits.template_fields_total

@@ -512,6 +512,9 @@ class DecoderState:
                 evicted.append(name)
         standing.touch(tid)
         self.all_templates.touch(key)
+        # (the loops may have evicted the exporter's last other template, and forget_template dropped its
+        # standing: this one is the exporter's again)
+        self.exporter_templates[exporter] = own
         own.touch(key)
         self.domains[exporter].touch((version, domain))
         self.exporters.touch(exporter)
