@@ -256,6 +256,10 @@ def test_many_junk_lines_cost_one_python_check_each_not_two_arrow_parses(tmp_pat
     )
     good = to_json_lines(zeek_cut(ZEEK_REPO)).strip()
     junk = ["x", "{not json", "[1, 2]", '{"ts": "x"}', '{"proto": 6}', '{"orig_bytes": 1e400}', "{}{}", "NaN"]
+    junk += [
+        '{"uid": "\\ud800"}',
+        '{"proto": 5, "proto": "tcp"}',
+    ]  # Python read them, Arrow does not (review)
     lines = [good] + [junk[i % len(junk)] for i in range(20_000)] + [good]
     (tmp_path / "conn.json").write_text("\n".join(lines) + "\n")
     flows, rejects, _ = read_conn_log(tmp_path / "conn.json")
