@@ -380,6 +380,13 @@ def test_a_log_that_grew_lands_only_its_new_lines_and_a_rotated_one_lands_whole(
     report, _ = ingest_syslog(lake, [log], year=2024)
     assert (report.rows, report.rejects, report.duplicates) == (1, 1, 10)
     assert len(rows()) == 11 and len(set(rows())) == 11 and rejects() == [6, 13]
+    # grown by a rejected line only: nothing lands, yet the file is recorded (its rerun was read again, exit 3)
+    with open(log, "a") as handle:
+        handle.write("more junk\n")
+    report, _ = ingest_syslog(lake, [log], year=2024)
+    assert (report.rows, report.rejects, report.duplicates) == (0, 2, 11) and report.exit_code == 3
+    report, _ = ingest_syslog(lake, [log], year=2024)
+    assert report.skipped == 1 and report.exit_code == 0
     # rotated: another file under the same path, its first lines at other times: all of it lands
     log.write_text("Mar 13 00:00:01 web-01 sshd[1]: Failed password for root from 203.0.113.5 port 7 ssh2\n")
     report, _ = ingest_syslog(lake, [log], year=2024)

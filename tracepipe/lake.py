@@ -2085,11 +2085,13 @@ class IngestWriter:
             action = part.close()
             lake.commit("rejects", [action] if action else [], info=info)
             self.result.files.append(f"rejects/{part.relative}")
-        if not adds and not self.result.rows and self.result.rejects:
+        if not adds and not self.result.rows and self.result.rejects and not (stats or {}).get("duplicates"):
             # wholly rejected (no capture, no known format, every record bad): its rejects are recorded (once:
             # their file is named after the content), but the source does not count as ingested. A rerun reads
             # it again and says so again (exit 4), instead of "skipped, already in the lake" and exit 0; and
-            # every other file of that content (an empty one) is not taken for landed either
+            # every other file of that content (an empty one) is not taken for landed either. (A source whose
+            # records are all in the lake already, a log that grew by rejected lines, is recorded: its rerun is
+            # skipped)
             self.result.stats = stats or {}
             return adds
         self.result.version = lake.commit(self.dataset.name, adds, info=info)
