@@ -183,3 +183,11 @@ def test_a_port_of_another_project_naming_a_vm_does_not_give_it_the_address():
     got = {(r["addr"], r["vm_id"]) for r in leases.to_pylist()}
     assert ("172.16.59.20", vm) in got  # its own project's port: the VM's address
     assert not [r for r in got if r[0] == "172.16.59.66"]  # the other project's: nobody's
+    # the same with vm_id read as a Parquet dictionary (it raised: the dictionary field kept for the text)
+    index = events.schema.get_field_index("vm_id")
+    coded = events.set_column(
+        index,
+        pa.field("vm_id", pa.dictionary(pa.int32(), pa.string())),
+        events.column("vm_id").dictionary_encode(),
+    )
+    assert {(r["addr"], r["vm_id"]) for r in build_leases(coded)[0].to_pylist()} == got

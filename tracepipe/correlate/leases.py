@@ -1419,7 +1419,7 @@ def _without_foreign_bindings(events: pa.Table) -> pa.Table:
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
     kept = pc.if_else(pa.array(mask), pa.scalar(None, column.type), column)
-    return events.set_column(events.schema.get_field_index("vm_id"), events.schema.field("vm_id"), kept)
+    return events.set_column(events.schema.get_field_index("vm_id"), pa.field("vm_id", kept.type), kept)
 
 
 def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None) -> tuple[pa.Table, pa.Table]:
