@@ -38,10 +38,11 @@ def test_flows_outside_the_plausible_window_are_rejects_and_the_rest_lands(tmp_p
     assert days == ["date=2024-03-12"], days
     files = [str(p) for p in Lake(lake).files("rejects")]
     found = duckdb.sql(
-        f"SELECT reason, detail FROM read_parquet({files!r}) WHERE dataset = 'flows' ORDER BY detail"
+        f"SELECT reason, detail, line FROM read_parquet({files!r}) WHERE dataset = 'flows' ORDER BY detail"
     ).fetchall()
     assert [r[0] for r in found] == ["time outside plausible window"] * 2
     assert found[0][1].startswith("ts_start=1970-03-12") and found[1][1].startswith("ts_start=2099-03-12")
+    assert [r[2] for r in found] == [3, 2]  # with their lines (they had none)
     # the same file again: nothing new, no duplicate
     again = run_tracepipe("ingest", "netflow", str(csv), "--lake", str(lake), "--format", "json")
     assert json.loads(again.stdout)["totals"]["flows"] == 0

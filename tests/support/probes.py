@@ -338,7 +338,7 @@ def nfdump_records(nfcapd_path: Path | str, timeout: float = 120.0) -> pa.Table:
     (ts_start/ts_end UTC with ms, canonical addresses, ICMP type/code folded into dst_port, flags as int)."""
     from tracepipe.ingest.nfdump import read_nfcapd
 
-    table, rejects = read_nfcapd(nfcapd_path, timeout=timeout)
+    table, rejects = read_nfcapd(nfcapd_path, timeout=timeout, window=False)
     if rejects.num_rows:
         raise AssertionError(f"could not parse nfdump's own output: {rejects.to_pylist()[:3]}")
     return table

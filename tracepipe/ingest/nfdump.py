@@ -42,6 +42,7 @@ from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, too_long_rejects
 from tracepipe.schema import FLOWS, TS
 from tracepipe.tools import tool_path
+from tracepipe.units import time_window
 
 # nfdump 1.7.1 src/lib/output_util.c protoList: what ProtoString() prints for protocol numbers 0..137; any other
 # number is printed as a number. "IDPR" is printed for both 35 and 38; we read it back as 35.
@@ -217,7 +218,7 @@ _addresses = address_text
 
 
 def _flows_from_columns(
-    fields: dict[str, pa.Array], source: str, tz: str
+    fields: dict[str, pa.Array], source: str, tz: str, window: bool = True
 ) -> tuple[pa.Table, pa.Array, pa.Array, pa.Array]:
     """Common tail of both readers: text columns -> (FLOWS table of all rows, valid mask, reason per row,
     detail per row: `field=value` of the first field that did not parse)."""
@@ -273,6 +274,27 @@ def _flows_from_columns(
         detail = pc.if_else(
             bad, pc.take(bad_detail, pc.if_else(bad, positions, 0)), pa.scalar(None, pa.string())
         )
+    # a start outside units.time_window is rejected here, with its line (the lake's own check, split_implausible,
+    # has no line to name for a CSV row)
+    earliest, latest = time_window()
+    inside = pc.fill_null(
+        pc.and_(
+            pc.greater_equal(ts_start, pa.scalar(earliest, ts_start.type)),
+            pc.less_equal(ts_start, pa.scalar(latest, ts_start.type)),
+        ),
+        False,
+    )
+    outside = pc.and_(valid, pc.invert(inside))
+    if window and n and pc.any(outside).as_py():
+        valid = pc.and_(valid, inside)
+        reason = pc.if_else(outside, "time outside plausible window", reason)
+        shown = pc.binary_join_element_wise(
+            "ts_start=",
+            pc.cast(ts_start, pa.string()),
+            f" (plausible: {earliest:%Y-%m-%d} .. now + 1 day)",
+            "",
+        )
+        detail = pc.if_else(outside, shown, detail)
     table = pa.table(  # the FLOWS columns nfdump's text has; conform adds the others as nulls
         {
             "ts_start": ts_start,
@@ -355,8 +377,9 @@ def _iter_flows(
     trailer: str | None,
     block_size: int = 1 << 24,
     counters: dict[str, int] | None = None,
+    window: bool = True,
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
-    """Batches of (FLOWS, rejects). Not data, and not rejected: blank lines, nfdump's summary trailer (the
+    """Batches of (FLOWS, rejects) (`window`: starts outside units.time_window are rejects, with their line). Not data, and not rejected: blank lines, nfdump's summary trailer (the
     `trailer` line, the names line that follows and its values line) and repeated header lines, so that
     several nfdump outputs concatenated into one file read as one. `counters` (if given) gets "lines" (the
     lines read so far) and "trailer_left" (trailer lines still due when the input ends: a range that ends
@@ -384,7 +407,7 @@ def _iter_flows(
         flows = FLOWS.empty_table()
         if table.num_rows:
             fields = {field: table.column(field) for field in _NEEDED}
-            flows, valid, reason, detail = _flows_from_columns(fields, name, tz)
+            flows, valid, reason, detail = _flows_from_columns(fields, name, tz, window)
             if not pc.all(valid).as_py():  # blank and header lines among the invalid rows are not rejects
                 invalid = pc.invert(valid)
                 ts, sa = fields["ts"].filter(invalid), fields["sa"].filter(invalid)
@@ -743,7 +766,9 @@ def iter_nfcapd(
     yield from _iter_nfcapd_nfdump(path, timeout, block_size)
 
 
-def _iter_nfcapd_nfdump(path: Path, timeout: float, block_size: int) -> Iterator[tuple[pa.Table, pa.Table]]:
+def _iter_nfcapd_nfdump(
+    path: Path, timeout: float, block_size: int, window: bool = True
+) -> Iterator[tuple[pa.Table, pa.Table]]:
     """The nfdump-subprocess path: `nfdump -r|-R PATH -o fmt:...` streamed through the text reader, ~`block_size`
     bytes of nfdump's text a batch. Times in ms (`fmt:` output, TZ=UTC), `-N` plain numbers, `-6` full IPv6.
 
@@ -765,7 +790,9 @@ def _iter_nfcapd_nfdump(path: Path, timeout: float, block_size: int) -> Iterator
         )
         assert proc.stdout is not None
         try:
-            yield from _iter_flows(proc.stdout, "|", _FMT_COLUMNS, 0, str(path), "UTC", None, block_size)
+            yield from _iter_flows(
+                proc.stdout, "|", _FMT_COLUMNS, 0, str(path), "UTC", None, block_size, window=window
+            )
             proc.stdout.close()
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired as exc:
@@ -788,13 +815,14 @@ def _iter_nfcapd_nfdump(path: Path, timeout: float, block_size: int) -> Iterator
         )
 
 
-def read_nfcapd(path: Path | str, timeout: float = 300.0) -> tuple[pa.Table, pa.Table]:
+def read_nfcapd(path: Path | str, timeout: float = 300.0, window: bool = True) -> tuple[pa.Table, pa.Table]:
     """The nfdump-subprocess path collected into one (flows in schema.FLOWS, rejects): nfcapd file or directory,
-    ms precision. The tests' oracle: raises EnvironmentProblem when nfdump fails on it as a whole."""
+    ms precision. The tests' oracle (with `window` False: every record as nfdump prints it, 1970 included):
+    raises EnvironmentProblem when nfdump fails on it as a whole."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist")
-    flows, rejects = _collect(_iter_nfcapd_nfdump(path, timeout, 1 << 24))
+    flows, rejects = _collect(_iter_nfcapd_nfdump(path, timeout, 1 << 24, window))
     failed = pc.equal(rejects.column("reason"), "nfdump could not read the file")
     if rejects.num_rows and pc.any(failed).as_py():
         detail = rejects.filter(failed).column("detail")[0].as_py()
