@@ -444,6 +444,34 @@ def test_damaged_lake_file_is_named_with_its_repair(hostile_lake, tmp_path):
     assert result.returncode == 0 and json.loads(result.stdout) == [{"n": 1}], result.stderr
 
 
+def test_repair_never_moves_a_file_from_outside_the_lake(hostile_lake, tmp_path):
+    # a planted log entry "../../config/important.conf" (wrong size): repair moved that file into the lake's
+    # _damaged/, i.e. a lake writer could move any file the repairing user owns. Now the entry goes, the file stays
+    srv = tmp_path / "srv"
+    lake = srv / "lake"
+    shutil.copytree(hostile_lake, lake)
+    victim = srv / "config" / "important.conf"
+    victim.parent.mkdir()
+    victim.write_text("not the lake's\n")
+    log = lake / "flows" / "_delta_log"
+    version = max(int(p.stem) for p in log.glob("0*.json")) + 1
+    entry = {"path": "../../config/important.conf", "partitionValues": {"date": DAY}, "size": 1,
+             "modificationTime": 0, "dataChange": True}  # fmt: skip
+    (log / f"{version:020d}.json").write_text(
+        json.dumps({"commitInfo": {"timestamp": 0, "operation": "WRITE"}})
+        + "\n"
+        + json.dumps({"add": entry})
+        + "\n"
+    )
+    result = cli("who", ADDR, "--at", f"{DAY}T02:00Z", "--lake", str(lake))
+    assert result.returncode == 4 and "tracepipe repair" in result.stderr, result.stdout + result.stderr
+    result = cli("repair", "--lake", str(lake), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["outside_entries_removed"] == {"flows": ["../../config/important.conf"]}
+    assert victim.read_text() == "not the lake's\n" and not list((lake / "_damaged").rglob("important.conf"))
+    assert cli("who", ADDR, "--at", f"{DAY}T02:00Z", "--lake", str(lake)).returncode == 0
+
+
 def test_garbage_of_the_logged_size_names_the_file(hostile_lake, tmp_path):
     lake = tmp_path / "lake"
     shutil.copytree(hostile_lake, lake)

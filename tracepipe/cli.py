@@ -1010,14 +1010,20 @@ def repair_command(
     target = open_lake(lake)
     target.require()
     moved = target.repair()
+    outside = target.outside_removed
     if output == OutputFormat.json:
-        p.json({"moved": moved, "exit_code": 0})
+        p.json({"moved": moved, "outside_entries_removed": outside, "exit_code": 0})
         raise typer.Exit(0)
-    if not moved:
+    if not moved and not outside:
         p.line("no damaged file: every file the logs list is there, of its size, and reads as Parquet")
     for name, files in moved.items():
         for relative in files:
             p.line(f"{name}: {relative} moved to {target.root / '_damaged' / name / relative}")
+    for name, files in outside.items():
+        for relative in files:
+            p.line(
+                f"{name}: log entry {relative!r} removed: it names a file outside the table (left where it is)"
+            )
     raise typer.Exit(0)
 
 

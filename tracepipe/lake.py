@@ -717,6 +717,16 @@ def _may_hold(low: Any, high: Any, value: str) -> bool:
     return not (value < low or (value > high and not value.startswith(high)))
 
 
+OUTSIDE = "the log names a path outside the table (a planted entry)"
+
+
+def _inside(path: Path, table_dir: str) -> bool:
+    """Whether a log entry's path stays in its table's directory, by its text (`..` resolved, symlinks not: a
+    table directory moved to another disk and linked back stays the table's)."""
+    normal = os.path.normpath(path)
+    return normal.startswith(table_dir + os.sep)
+
+
 def _remove(relative: str, day: str | None, size: int | None, data_change: bool = True) -> RemoveAction:
     return RemoveAction(
         relative, data_change, int(time.time() * 1000), size, {PARTITION: day} if day is not None else None
@@ -896,7 +906,11 @@ class Lake:
         the log recorded (one stat() each; a 0-byte or replaced file, planted or left by a broken disk);
         with `read_footers` also those whose Parquet footer does not read. Each with the reason."""
         out = []
+        table_dir = os.path.normpath(self.root / name)
         for entry in self.entries(name):
+            if not _inside(entry.path, table_dir):
+                out.append((entry, OUTSIDE))
+                continue
             try:
                 size = entry.path.stat().st_size
             except OSError as exc:
@@ -916,24 +930,34 @@ class Lake:
         `<lake>/_damaged/<table>/` (kept as evidence, never deleted) and one commit per table removes it from the
         log. Their rows are gone from the lake. Returns {dataset: [file moved, ...]}."""
         out: dict[str, list[str]] = {}
+        self.outside_removed: dict[str, list[str]] = {}  # entries of paths outside their table: dropped
         for name in [*DATASETS, MANIFEST_DIR]:
             with self.lock(name):
                 self.refresh(name)
                 bad = self.damaged(name, read_footers=True)
                 if not bad:
                     continue
-                for entry, _reason in bad:
-                    if entry.path.exists():
+                outside = [entry for entry, reason in bad if reason == OUTSIDE]
+                for entry, reason in bad:
+                    if reason != OUTSIDE and entry.path.exists():
                         target = self.root / DAMAGED_DIR / name / entry.relative
                         target.parent.mkdir(parents=True, exist_ok=True)
                         entry.path.replace(target)
+                if outside:
+                    # a planted log entry naming a file outside the table ("../../etc/x"): the entry goes, the
+                    # file is not touched (moving it into the lake would let a lake writer move any file the
+                    # repairing user owns)
+                    removes = [_remove(e.relative, e.day, e.size if e.size >= 0 else None) for e in outside]
+                    self.commit(name, [], removes, {"operation": "repair", "outside_the_table": len(removes)})
                 table = self.table(name)
                 try:
                     table.repair(dry_run=False)  # Delta's FSCK: removes the entries of files not there
                 except DeltaError as exc:
                     raise LakeError(f"cannot commit the repair of {self.root / name}: {exc}") from exc
                 self.refresh(name)
-                out[name] = [entry.relative for entry, _reason in bad]
+                out[name] = [entry.relative for entry, reason in bad if reason != OUTSIDE]
+                if outside:
+                    self.outside_removed.setdefault(name, []).extend(e.relative for e in outside)
         return out
 
     def is_old_layout(self) -> bool:
