@@ -665,3 +665,21 @@ def test_ties_are_broken_by_value_whatever_the_row_order(tmp_path, reverse):
     assert len(why) == 1 and "declared science peer ALICE-SE (ALICE storage)" in why[0], why
     scan = found[("horizontal_scan", scanner)]["reason"]
     assert "120 distinct hosts on port 161 in" in scan and "/udp" not in scan, scan
+
+
+def test_a_forged_huge_byte_count_cannot_wrap_a_hosts_sum_and_hide_its_exfiltration(tmp_path):
+    # hostile review: one forged record of 2^64-1 bytes (the decoder clips it to 2^63-1) beside a real 3 GB
+    # transfer made the host's Int64 sum wrap negative, and its exfiltration alert was gone
+    lake, story = build_lake(tmp_path, seed=11)
+    day, _ = story.last_day
+    host = sorted(story.ordinary())[0]
+    at = day + dt.timedelta(hours=16, minutes=5)
+    append_flows(lake, "real", [(host, "198.51.100.99", at, 443, 3 * 10**9)])
+    f = gen._Flows([])
+    ts = np.array([int((at + dt.timedelta(minutes=1)).timestamp() * 1_000_000)])
+    f.session(np.random.default_rng(1), ts, 1_000_000, f.idx(host), f.idx("203.0.113.99"), 443, 6,
+              np.array([2**63 - 1]), 1)  # fmt: skip
+    lake.append("flows", f.table(), key="forged")
+    ctx = det.prepare_context(lake, parse_pipeline(PIPELINE), *story.last_day)
+    alerts, _ = det.finalize(det.run_detectors(ctx), ctx, "test")
+    assert host in {a["addr"] for a in alerts.to_pylist() if a["detector"] == "exfiltration"}

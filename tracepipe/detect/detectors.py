@@ -29,6 +29,7 @@ from tracepipe.detect.features import (
     in_networks,
     local_addresses_in,
     periodicity,
+    saturating_sum,
     scan_flows,
     utc,
     with_flow_facts,
@@ -759,8 +760,8 @@ def _volumes(tagged: pl.LazyFrame) -> pl.LazyFrame:
     return (
         tagged.group_by("src_addr", "window_start")
         .agg(
-            bytes_out=pl.when(~pl.col("is_science")).then(pl.col("bytes")).sum(),
-            science_bytes=pl.when(pl.col("is_science")).then(pl.col("bytes")).sum(),
+            bytes_out=saturating_sum(pl.when(~pl.col("is_science")).then(pl.col("bytes"))),
+            science_bytes=saturating_sum(pl.when(pl.col("is_science")).then(pl.col("bytes"))),
             _science=pl.when(pl.col("is_science")).then(named).min(),
             first_ts=pl.col("ts_start").min(),
             flows=pl.len(),
@@ -897,7 +898,7 @@ def exfiltration(ctx: DetectContext, every: pl.DataFrame | None = None) -> pl.Da
         .filter(~pl.col("is_science"))
         .join(keys.lazy(), on=["src_addr", "window_start"], how="semi")
         .group_by("src_addr", "window_start", "dst_addr")
-        .agg(to_peer=pl.col("bytes").sum())
+        .agg(to_peer=saturating_sum(pl.col("bytes")))
         .group_by("src_addr", "window_start")
         .agg(
             # the biggest peer, a tie to the lowest address: a value, whatever order the rows come in
@@ -967,7 +968,7 @@ def long_connection(ctx: DetectContext) -> pl.DataFrame:
             first_ts=pl.col("ts_start").min(),
             last_end=pl.col("ts_end").max(),
             pieces=pl.len(),
-            bytes=pl.col("bytes").sum(),
+            bytes=saturating_sum(pl.col("bytes")),
             max_gap=gap.max(),
             src_local=pl.col("src_local").first(),
             response=pl.col("response").first(),
@@ -995,7 +996,7 @@ def long_connection(ctx: DetectContext) -> pl.DataFrame:
             pl.col("first_ts").min(),
             pl.col("span").max(),
             pl.col("pieces").max(),
-            pl.col("bytes").sum(),
+            saturating_sum(pl.col("bytes")),
             pl.col("score").max(),
         )
     )
@@ -1032,8 +1033,8 @@ def mining(ctx: DetectContext) -> pl.DataFrame:
         .agg(
             first_ts=pl.col("ts_start").min(),
             last_end=pl.col("ts_end").max(),
-            packets=pl.col("packets").sum(),
-            bytes=pl.col("bytes").sum(),
+            packets=saturating_sum(pl.col("packets")),
+            bytes=saturating_sum(pl.col("bytes")),
             flows=pl.len(),
             # how alike the flow records' packet sizes are: a miner repeats the same short lines all day
             packet_size_spread=_spread(pl.col("bytes") / pl.col("packets").clip(lower_bound=1)),
@@ -1116,7 +1117,7 @@ def intel_match(ctx: DetectContext) -> pl.DataFrame:
         .group_by("addr", "peer", "window_start")
         .agg(
             flows=pl.len(),
-            bytes=pl.col("bytes").sum(),
+            bytes=saturating_sum(pl.col("bytes")),
             first_ts=pl.col("ts_start").min(),
             ports=pl.col("dst_port").unique().sort().head(5),
             indicator=pl.col("indicator").first(),
@@ -1367,7 +1368,7 @@ def evidence_rows(lake: Lake, alerts: pl.DataFrame, limit: int, top: int = 5) ->
     def ranked(column: str, name: str) -> pl.DataFrame:
         return (
             matched.group_by("_alert", pl.col(column).alias(name))
-            .agg(flows=pl.len(), bytes=pl.col("bytes").sum())
+            .agg(flows=pl.len(), bytes=saturating_sum(pl.col("bytes")))
             .sort(["_alert", "flows", "bytes", name], descending=[False, True, True, False], nulls_last=True)
             .group_by("_alert", maintain_order=True)
             .head(top)

@@ -62,6 +62,17 @@ FEATURE_PERIOD_IGNORED_PORTS = (53, 123)
 
 
 # ---- time --------------------------------------------------------------------------------------------------
+# byte and packet sums saturate instead of wrapping: the counters are the exporters' to set, and one forged
+# record of 2^64-1 bytes (clipped to 2^63-1 by the decoder) made a host's Int64 sum wrap negative: its
+# exfiltration alert was gone (hostile review). Summed in float, then capped at 2^62 (beyond every threshold)
+SUM_CAP = float(2**62)
+
+
+def saturating_sum(expr: pl.Expr) -> pl.Expr:
+    """expr.sum() as Int64 that never wraps: at most SUM_CAP."""
+    return expr.cast(pl.Float64).sum().clip(upper_bound=SUM_CAP).cast(pl.Int64)
+
+
 def utc(ts: dt.datetime) -> dt.datetime:
     return ts.replace(tzinfo=dt.UTC) if ts.tzinfo is None else ts.astimezone(dt.UTC)
 
@@ -403,7 +414,7 @@ def periodicity_stats(
     candidates = (
         flows.join(pairs, on=keys, how="inner")
         .group_by("_pair", "src_port")
-        .agg(pl.col("ts_start").min(), pl.col("bytes").sum())
+        .agg(pl.col("ts_start").min(), saturating_sum(pl.col("bytes")))
     )
     # intervals between a pair's connection starts, computed once per row over the sorted connections, so that
     # the quantiles below aggregate a plain column: the difference with the row before, null where the pair
@@ -436,7 +447,7 @@ def periodicity_stats(
             **_quartiles(size, "bytes"),
             first_ts=pl.col("ts_start").min(),
             last_ts=pl.col("ts_start").max(),
-            bytes=pl.col("bytes").sum(),
+            bytes=saturating_sum(pl.col("bytes")),
         )
         .with_columns(
             interval_skew=_bowley_of(*(pl.col(f"_interval_q{i}") for i in (1, 2, 3))),
@@ -553,9 +564,9 @@ def host_features(
         outbound.group_by(pl.col("src_addr").alias("host"), "window_start")
         .agg(
             flows_out=pl.len(),
-            packets_out=pl.col("packets").sum(),
-            bytes_out=pl.col("bytes").sum(),
-            bytes_out_ext=pl.when(~pl.col("dst_local")).then(pl.col("bytes")).sum(),
+            packets_out=saturating_sum(pl.col("packets")),
+            bytes_out=saturating_sum(pl.col("bytes")),
+            bytes_out_ext=saturating_sum(pl.when(~pl.col("dst_local")).then(pl.col("bytes"))),
             tcp_attempts=(pl.col("proto") == 6).and_(initiator).sum(),
             failed=pl.col("failed").sum(),
             syn_only=pl.col("syn_only").sum(),
@@ -576,7 +587,7 @@ def host_features(
         flows.filter(pl.col("dst_owned"))
         .group_by(pl.col("dst_addr").alias("host"), "window_start")
         .agg(
-            bytes_in=pl.col("bytes").sum(),
+            bytes_in=saturating_sum(pl.col("bytes")),
             flows_in=pl.len(),
             distinct_src_in=pl.col("src_addr").n_unique(),
             icmp_unreach=pl.col("icmp_unreach").sum(),
