@@ -14,7 +14,7 @@ import pytest
 from support import stories as gen
 
 from tests.conftest import run_tracepipe
-from tracepipe.intel import import_intel, match_addresses, parse_intel, sniff_format
+from tracepipe.intel import import_intel, match_addresses, parse_intel, parse_stix, sniff_format
 from tracepipe.lake import Lake
 from tracepipe.pipeline_config import load_pipeline
 from tracepipe.sweep import run_sweep
@@ -287,3 +287,30 @@ def test_cli_misp_json_with_wrong_shapes_is_partial_not_an_internal_error(tmp_pa
     assert proc.returncode == 3, proc.stderr
     assert "internal error" not in proc.stderr
     assert (json.loads(proc.stdout)["rows"], json.loads(proc.stdout)["rejects"]) == (1, 2)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"id": 7},
+        {"description": {"x": 1}},
+        {"name": ["a", "b"]},
+        {"indicator_types": 5},
+        {"labels": [1, "c2"]},
+        {"valid_from": 1710000000},
+        {"valid_from": {"t": 1}},
+        {"pattern": ["[ipv4-addr:value = '198.51.100.7']"]},
+    ],
+)
+def test_a_stix_indicator_of_the_wrong_shape_is_a_reject_or_lands_never_an_internal_error(change):
+    # hostile review: a number, list or object where STIX has a string made `intel import` an internal error and
+    # nothing of the feed landed
+    good = {"type": "indicator", "id": "indicator--1", "pattern": "[ipv4-addr:value = '192.0.2.1']",
+            "valid_from": "2024-03-12T00:00:00Z", "pattern_type": "stix"}  # fmt: skip
+    bundle = {"type": "bundle", "objects": [good, {**good, "id": "indicator--2", **change}]}
+    rows, rejects, _ = parse_stix(json.dumps(bundle))
+    assert "192.0.2.1" in [r["indicator"] for r in rows]  # the good indicator lands
+    assert all(isinstance(r.get("description"), str | None) for r in rows)
+    deep = '{"type": "bundle", "objects": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    rows, rejects, _ = parse_stix(deep)
+    assert rows == [] and rejects  # nested too deep: a reject, not a RecursionError

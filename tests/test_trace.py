@@ -588,3 +588,12 @@ def test_table_output_names_the_contacting_vms(story_trace: tuple[dict, Path, st
     assert run.returncode == 0, run.stderr[-2000:]
     line = next(x for x in run.stdout.splitlines() if "contacted by VMs" in x)
     assert line.strip().endswith("(web-05)"), line
+
+
+def test_a_deeply_nested_observation_file_is_a_reject_not_an_internal_error(tmp_path: Path) -> None:
+    # hostile review: a MISP event from a peer nested 100,000 deep made `trace` exit 4 with a RecursionError
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"Event": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    for fmt in ("misp", "json"):
+        observations = read_observations(deep, fmt)
+        assert observations.table.num_rows == 0 and observations.rejects

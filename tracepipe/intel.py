@@ -277,13 +277,19 @@ _STIX_VALUE = re.compile(
 )
 
 
+def _string(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 def parse_stix(text: str) -> tuple[list[dict], list[dict], int]:
     """A STIX 2.x bundle: every indicator whose pattern compares an address, CIDR or domain (several per
     pattern when OR-ed). Other objects are skipped; an indicator naming no address is a reject."""
     try:
-        doc = json.loads(text)
+        doc = json_loads(text)
     except json.JSONDecodeError as exc:
         return [], [_reject(exc.lineno, "not valid JSON", exc.msg)], 0
+    except ValueError as exc:  # (nested past the JSON depth limit)
+        return [], [_reject(None, "not valid JSON", str(exc)[:200])], 0
     objects = doc.get("objects") if isinstance(doc, dict) else None
     if not isinstance(objects, list):
         return [], [_reject(None, "not a STIX bundle (no objects list)", text[:200])], 0
@@ -292,13 +298,26 @@ def parse_stix(text: str) -> tuple[list[dict], list[dict], int]:
         if not isinstance(obj, dict) or obj.get("type") != "indicator":
             skipped += 1
             continue
+        # every field as the bundle's author wrote it: text where text is due, else none (a number, a list or an
+        # object where STIX has a string made the whole import an internal error)
+        labels = obj.get("indicator_types") or obj.get("labels") or []
+        valid_from = obj.get("valid_from")
+        try:
+            first_seen = to_utc(valid_from) if isinstance(valid_from, str) else None
+        except (ValueError, TypeError, OverflowError):
+            rejects.append(_reject(None, "bad valid_from", str(valid_from)[:200], offset=index))
+            continue
         extra = {
-            "description": obj.get("description") or obj.get("name") or None,
-            "tags": ",".join(obj.get("indicator_types") or obj.get("labels") or []) or None,
-            "event_id": obj.get("id"),
-            "first_seen": to_utc(obj.get("valid_from")),
+            "description": _string(obj.get("description")) or _string(obj.get("name")),
+            "tags": ",".join(t for t in labels if isinstance(t, str)) or None
+            if isinstance(labels, list)
+            else None,
+            "event_id": _string(obj.get("id")),
+            "first_seen": first_seen,
         }
-        found = _STIX_VALUE.findall(str(obj.get("pattern", "")))
+        found = (
+            _STIX_VALUE.findall(str(obj.get("pattern", ""))) if isinstance(obj.get("pattern"), str) else []
+        )
         if not found:
             rejects.append(
                 _reject(

@@ -22,6 +22,7 @@ import pyarrow as pa
 from tracepipe.errors import InputError, UsageError
 from tracepipe.intel import ADDRESS_TYPES, DOMAIN_TYPES
 from tracepipe.lake import Lake
+from tracepipe.limits import json_loads
 from tracepipe.schema import ALERTS, TS
 from tracepipe.units import canonical_addr, to_utc
 
@@ -140,7 +141,7 @@ def _misp_events(doc: Any) -> list[dict[str, Any]] | None:
 
 def parse_json(text: str) -> tuple[list[dict], list[dict], list[dict]]:
     try:
-        doc = json.loads(text)
+        doc = json_loads(text)  # (never a RecursionError: too deep is a JSONDecodeError)
     except json.JSONDecodeError as exc:
         return [], [_reject(f"line {exc.lineno}", "not valid JSON", exc.msg)], []
     if isinstance(doc, dict):
@@ -165,7 +166,7 @@ def parse_misp(text: str) -> tuple[list[dict], list[dict], list[dict]]:
     """Every address attribute of a MISP event is an observation: its first/last seen, else its timestamp,
     else the event's day. `ip-*|port` carries the port. Domains are kept for the export, not traced."""
     try:
-        events = _misp_events(json.loads(text))
+        events = _misp_events(json_loads(text))
     except json.JSONDecodeError as exc:
         return [], [_reject(f"line {exc.lineno}", "not valid JSON", exc.msg)], []
     if events is None:
@@ -209,7 +210,7 @@ def sniff(text: str, path: Path) -> str:
     stripped = text.lstrip()
     if stripped[:1] in ("{", "["):
         try:
-            return "misp" if _misp_events(json.loads(stripped)) is not None else "json"
+            return "misp" if _misp_events(json_loads(stripped)) is not None else "json"
         except json.JSONDecodeError:
             return "json"
     lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
