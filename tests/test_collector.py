@@ -795,3 +795,23 @@ def test_rotate_and_window_accept_the_same_durations(tmp_path, form):
     assert who.returncode == 0, who.stderr
     flows = json.loads(who.stdout)["flows"]
     assert dt.datetime.fromisoformat(flows["from"]) == dt.datetime.fromisoformat(at) - parse_duration(form)
+
+
+def test_the_receive_loops_sender_counters_stay_bounded():
+    # hostile review: one datagram from each of 100,000 addresses grew these counters (and every status line,
+    # and the stats file) without bound
+    from tracepipe.collector import SENDERS_NAMED, ReceiveStats
+
+    stats = ReceiveStats()
+    senders = np.zeros((SENDERS_NAMED + 1000, 16), np.uint8)
+    senders[:, 10:12] = 0xFF
+    senders[:, 12:16] = np.arange(len(senders), dtype=">u4").view(np.uint8).reshape(-1, 4)
+    stats.count(senders[:10], stats._raw_dropped)
+    stats.count(senders, stats._raw_dropped)
+    for one in senders[-5:]:  # (a batch from one sender: the common path)
+        stats.count(np.repeat(one[None], 3, axis=0), stats._raw_dropped)
+    assert len(stats._raw_dropped) == SENDERS_NAMED + 1
+    stats.named()
+    assert sum(stats.dropped.values()) == 10 + len(senders) + 15
+    assert stats.dropped["(other senders)"] == len(senders) - SENDERS_NAMED + 15
+    assert stats.dropped["0.0.0.0"] == 2  # a sender named before the cap keeps its count

@@ -645,6 +645,11 @@ def committer_main(
 # ---- the collector (receive loop) -----------------------------------------------------------------------------
 
 
+# senders counted by name in the receive loop's statistics; the others under one key (not an address: 17 bytes)
+SENDERS_NAMED = DEFAULT_LIMITS.exporters
+OTHER_SENDERS = b"other senders...."
+
+
 @dataclass
 class ReceiveStats:
     datagrams: int = 0
@@ -656,24 +661,31 @@ class ReceiveStats:
     _raw_dropped: dict[bytes, int] = field(default_factory=dict)
 
     def count(self, addr16: np.ndarray, target: dict[bytes, int]) -> None:
+        """Count datagrams per sender: at most DEFAULT_LIMITS.exporters senders by name, the others together
+        (a flood from 100,000 addresses, an IPv6 /64's worth, grew these counters, the status lines and the
+        stats file without bound)."""
         if len(addr16) == 0:
             return
         first = addr16[0].tobytes()
         if (addr16 == addr16[0]).all():  # the common case: a batch from one exporter
-            target[first] = target.get(first, 0) + len(addr16)
+            key = first if first in target or len(target) < SENDERS_NAMED else OTHER_SENDERS
+            target[key] = target.get(key, 0) + len(addr16)
             return
         uniques, counts = np.unique(np.ascontiguousarray(addr16).view("V16").reshape(-1), return_counts=True)
         for raw, n in zip(uniques, counts.tolist(), strict=True):
             key = bytes(raw)
+            key = key if key in target or len(target) < SENDERS_NAMED else OTHER_SENDERS
             target[key] = target.get(key, 0) + n
 
     def named(self) -> None:
         """Turn the raw 16-byte keys into address text (status time only)."""
         for raw, target in ((self._raw, self.per_exporter), (self._raw_dropped, self.dropped)):
-            keys = list(raw)
+            keys = [k for k in raw if k != OTHER_SENDERS]
             texts = sp.addresses_text(np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16)) if keys else []
             target.clear()
             target.update({t: raw[k] for k, t in zip(keys, texts, strict=True)})
+            if OTHER_SENDERS in raw:
+                target["(other senders)"] = raw[OTHER_SENDERS]
 
 
 class Collector:
