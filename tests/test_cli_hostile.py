@@ -607,3 +607,19 @@ def test_a_reader_that_goes_away_in_the_middle_of_a_big_write_stops_it_with_141(
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert err == ""
+
+
+def test_a_table_directory_moved_to_another_disk_and_linked_back_still_reads(hostile_lake, tmp_path):
+    # hostile review: DuckDB checks the resolved path against the session's allowed directories: who and
+    # timeline ended in an internal error (PermissionException) and sql could not read flows
+    lake = tmp_path / "lake"
+    shutil.copytree(hostile_lake, lake)
+    other = tmp_path / "other-disk"
+    other.mkdir()
+    shutil.move(str(lake / "flows"), str(other / "flows"))
+    (lake / "flows").symlink_to(other / "flows")
+    result = cli("who", ADDR, "--at", f"{DAY}T02:00Z", "--lake", str(lake))
+    assert result.returncode == 0, result.stdout + result.stderr
+    before = cli("sql", "SELECT count(*) AS n FROM flows", "--format", "json", "--lake", str(hostile_lake))
+    after = cli("sql", "SELECT count(*) AS n FROM flows", "--format", "json", "--lake", str(lake))
+    assert after.returncode == 0 and json.loads(after.stdout) == json.loads(before.stdout), after.stderr

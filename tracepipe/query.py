@@ -264,7 +264,10 @@ def connect(
         # removed when the session is garbage (who, timeline: right after close) or at exit
         weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)
         con.execute(f"SET temp_directory = {quote_literal(str(spill))}")
-        allowed = "[" + ", ".join(quote_literal(str(p)) for p in (lake.root.resolve(), spill)) + "]"
+        # (a table directory moved to another disk and linked back: DuckDB checks the resolved path, so its
+        # target is allowed too; who and timeline failed with a PermissionException on such a lake)
+        linked = [(lake.root / name).resolve() for name in DATASETS if (lake.root / name).is_symlink()]
+        allowed = "[" + ", ".join(quote_literal(str(p)) for p in (lake.root.resolve(), spill, *linked)) + "]"
         con.execute(f"SET allowed_directories = {allowed}")
         # DuckDB checks the name it is given, here the glob-escaped one (scan_sql) when the lake's path has
         # `*?[`: each such file name is allowed as it is written, not its escaped directory (a sibling directory
