@@ -152,6 +152,8 @@ def run_story(tmp: Path, text: dict[str, Any]) -> None:
     report = next((tmp / "reports").rglob("*.html")).read_text()
     for raw in ("<script>alert", "<img src=x", "<b>render"):
         assert raw not in report, f"report carries {raw!r} unescaped"
+    # nor a bidi override or an escape raw: U+202E in a VM name reversed the rest of its alert's line there
+    assert not re.search("[\x1b\x9b\u202a-\u202e\u2066-\u2069]", report), "report carries a raw control"
     data = json.loads(
         _check(
             run_tracepipe(

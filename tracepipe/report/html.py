@@ -24,6 +24,7 @@ from markupsafe import Markup
 from tracepipe.fsutil import write_atomic
 from tracepipe.lake import Lake
 from tracepipe.maintenance import version_token
+from tracepipe.printer import clean
 from tracepipe.query import scan_sql
 
 TEMPLATES = Path(__file__).resolve().parent
@@ -499,11 +500,21 @@ def template_environment() -> Environment:
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        finalize=_shown,
     )
     env.filters["num"] = _num
     env.filters["bytes"] = _bytes
     env.filters["cell"] = _cell
     return env
+
+
+def _shown(value: Any) -> Any:
+    """Every value a page shows, as the console shows it (printer.clean): control, bidi and invisible format
+    characters from data (a VM or user name with U+202E or ESC) escaped as text (\\u202e), so that a name cannot
+    reverse or hide the rest of an alert's line. HTML the page makes itself (Markup: charts) is left alone."""
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return clean(value)
+    return value
 
 
 def _num(value: Any) -> str:
