@@ -64,13 +64,14 @@ FEATURE_PERIOD_IGNORED_PORTS = (53, 123)
 # ---- time --------------------------------------------------------------------------------------------------
 # byte and packet sums saturate instead of wrapping: the counters are the exporters' to set, and one forged
 # record of 2^64-1 bytes (clipped to 2^63-1 by the decoder) made a host's Int64 sum wrap negative: its
-# exfiltration alert was gone (hostile review). Summed in float, then capped at 2^62 (beyond every threshold)
-SUM_CAP = float(2**62)
+# exfiltration alert was gone (hostile review). Summed exactly in Int128 (whatever the order rows come in: the
+# streaming engine's, a host bucket's), then capped at 2^62 (beyond every threshold)
+SUM_CAP = 2**62
 
 
 def saturating_sum(expr: pl.Expr) -> pl.Expr:
     """expr.sum() as Int64 that never wraps: at most SUM_CAP."""
-    return expr.cast(pl.Float64).sum().clip(upper_bound=SUM_CAP).cast(pl.Int64)
+    return expr.cast(pl.Int128).sum().clip(upper_bound=SUM_CAP).cast(pl.Int64)
 
 
 def utc(ts: dt.datetime) -> dt.datetime:
