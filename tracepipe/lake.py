@@ -1940,6 +1940,27 @@ def _same_columns(path: Path, schema: pa.Schema) -> bool:
     return set(pq.read_schema(path).names) >= set(schema.names)
 
 
+def plausible_times(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """True where a time lies inside units.time_window (1990 .. now + 1 day); false where not, or null."""
+    earliest, latest = time_window()
+    return pc.fill_null(
+        pc.and_(
+            pc.greater_equal(column, pa.scalar(earliest, column.type)),
+            pc.less_equal(column, pa.scalar(latest, column.type)),
+        ),
+        False,
+    )
+
+
+def implausible_detail(column: pa.Array | pa.ChunkedArray, name: str) -> pa.Array:
+    """The reject detail of times outside the window: `name=<time> (plausible: 1990-01-01 .. now + 1 day)`."""
+    earliest, _ = time_window()
+    shown = pc.fill_null(pc.cast(column, pa.string()), "null")
+    return pc.binary_join_element_wise(
+        f"{name}=", shown, f" (plausible: {earliest:%Y-%m-%d} .. now + 1 day)", ""
+    )
+
+
 def split_implausible(table: pa.Table, dataset: Dataset) -> tuple[pa.Table, pa.Table]:
     """(rows kept, rejects): rows whose partition time is missing or outside units.time_window (1990 .. now +
     1 day) become rejects carrying the time they claimed. Whatever a source says (a NetFlow header's clock is
@@ -1950,21 +1971,11 @@ def split_implausible(table: pa.Table, dataset: Dataset) -> tuple[pa.Table, pa.T
     if table.num_rows == 0 or dataset.partition_ts is None:
         return table, empty
     column = table.column(dataset.partition_ts)
-    earliest, latest = time_window()
-    ok = pc.fill_null(
-        pc.and_(
-            pc.greater_equal(column, pa.scalar(earliest, column.type)),
-            pc.less_equal(column, pa.scalar(latest, column.type)),
-        ),
-        False,
-    )
+    ok = plausible_times(column)
     if pc.all(ok).as_py():
         return table, empty
     bad = table.filter(pc.invert(ok))
-    shown = pc.fill_null(pc.cast(bad.column(dataset.partition_ts), pa.string()), "null")
-    detail = pc.binary_join_element_wise(
-        f"{dataset.partition_ts}=", shown, f" (plausible: {earliest:%Y-%m-%d} .. now + 1 day)", ""
-    )
+    detail = implausible_detail(bad.column(dataset.partition_ts), dataset.partition_ts)
     rejects = {
         "reason": pa.array(["time outside plausible window"] * bad.num_rows, pa.string()),
         "detail": detail,

@@ -37,12 +37,11 @@ from tracepipe.ingest.delimited import (
     read_block,
     rejects_table,
 )
-from tracepipe.lake import conform
+from tracepipe.lake import conform, implausible_detail, plausible_times
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, too_long_rejects
 from tracepipe.schema import FLOWS, TS
 from tracepipe.tools import tool_path
-from tracepipe.units import time_window
 
 # nfdump 1.7.1 src/lib/output_util.c protoList: what ProtoString() prints for protocol numbers 0..137; any other
 # number is printed as a number. "IDPR" is printed for both 35 and 38; we read it back as 35.
@@ -276,25 +275,12 @@ def _flows_from_columns(
         )
     # a start outside units.time_window is rejected here, with its line (the lake's own check, split_implausible,
     # has no line to name for a CSV row)
-    earliest, latest = time_window()
-    inside = pc.fill_null(
-        pc.and_(
-            pc.greater_equal(ts_start, pa.scalar(earliest, ts_start.type)),
-            pc.less_equal(ts_start, pa.scalar(latest, ts_start.type)),
-        ),
-        False,
-    )
+    inside = plausible_times(ts_start)
     outside = pc.and_(valid, pc.invert(inside))
     if window and n and pc.any(outside).as_py():
         valid = pc.and_(valid, inside)
         reason = pc.if_else(outside, "time outside plausible window", reason)
-        shown = pc.binary_join_element_wise(
-            "ts_start=",
-            pc.cast(ts_start, pa.string()),
-            f" (plausible: {earliest:%Y-%m-%d} .. now + 1 day)",
-            "",
-        )
-        detail = pc.if_else(outside, shown, detail)
+        detail = pc.if_else(outside, implausible_detail(ts_start, "ts_start"), detail)
     table = pa.table(  # the FLOWS columns nfdump's text has; conform adds the others as nulls
         {
             "ts_start": ts_start,
