@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from conftest import lake_flows, multiset_diff, run_tracepipe
-from support import probes
+from support import probes, slow
 from test_nffile import block, join, nfdump_rewrite, split
 
 from tracepipe.errors import LakeError
@@ -267,11 +267,13 @@ def test_jobs_2_ingest_killed_midway_shows_nothing_half_written_and_a_rerun_land
         "from tracepipe.ingest.flows import ingest_flow_files; "
         "ingest_flow_files(Lake(sys.argv[1]), [Path(sys.argv[2])], jobs=2, parallel_min_bytes=0)"
     )
-    child = subprocess.Popen([sys.executable, "-c", code, str(lake_dir), str(path)])
+    env = slow.env_holding_first_write(tmp_path)  # certainly killed while a worker writes
+    child = subprocess.Popen([sys.executable, "-c", code, str(lake_dir), str(path)], env=env)
     deadline = time.monotonic() + 120
     workers_write = lake_dir / "flows"  # with --jobs 2 only the workers write flow files
     while not list(workers_write.rglob("*.tmp")) and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert child.poll() is None, "the ingest ended before its workers wrote"
     child.kill()
     child.wait()
     while list(workers_write.rglob("*.tmp")) and time.monotonic() < deadline:  # the workers abort on EOF
