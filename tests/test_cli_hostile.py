@@ -623,3 +623,104 @@ def test_a_table_directory_moved_to_another_disk_and_linked_back_still_reads(hos
     before = cli("sql", "SELECT count(*) AS n FROM flows", "--format", "json", "--lake", str(hostile_lake))
     after = cli("sql", "SELECT count(*) AS n FROM flows", "--format", "json", "--lake", str(lake))
     assert after.returncode == 0 and json.loads(after.stdout) == json.loads(before.stdout), after.stderr
+
+
+def _plant_retyped(listed: Path, column: str, text: str | None) -> int:
+    """Replace a listed flow file by one whose `column` holds text (`text` with each row's number in place of
+    {i}), or lacks it (None), padded to the size the log recorded (zeros before the footer, which Parquet
+    readers never look at): only its footer tells. Returns the rows it holds (as many of the file's as fit)."""
+    import struct
+
+    import pyarrow.parquet as pq
+
+    whole = pq.read_table(listed, partitioning=None)
+    size = listed.stat().st_size
+    scratch = listed.with_name("scratch.bin")
+    for rows in (whole.num_rows, 100, 50, 20, 5):
+        table = whole.slice(0, rows)
+        if text is None:
+            table = table.drop_columns([column])
+        else:
+            values = pa.array([text.format(i=i) for i in range(rows)], pa.string())
+            table = table.set_column(table.schema.get_field_index(column), column, values)
+        pq.write_table(
+            table,
+            scratch,
+            compression="zstd",
+            store_schema=False,
+            use_dictionary=False,
+            write_statistics=False,
+        )
+        data = scratch.read_bytes()
+        scratch.unlink()
+        if len(data) <= size:
+            footer_at = len(data) - 8 - struct.unpack("<I", data[-8:-4])[0]
+            listed.write_bytes(data[:footer_at] + b"\0" * (size - len(data)) + data[footer_at:])
+            return rows
+    raise AssertionError("no planted file fits the logged size")
+
+
+def test_a_planted_file_with_numbers_as_text_reads_as_its_table_declares(hostile_lake, tmp_path):
+    """Bug (session-23 known limit): DuckDB binds a scan of many files on the FIRST file's footer and casts
+    the others to it. A file of the log replaced by one whose `bytes` is text turned `flows.bytes` into VARCHAR
+    for every file: `who` stopped with an internal error (sum(VARCHAR)), user queries summing bytes failed.
+    Every scan now reads an empty file of the declared types first (query.schema_anchor)."""
+    lake = tmp_path / "lake"
+    shutil.copytree(hostile_lake, lake)
+    listed = Lake(lake).files("flows")[0]
+    rows = _plant_retyped(listed, "bytes", "{i}")
+    result = cli(
+        "sql",
+        "SELECT typeof(bytes) AS t, CAST(sum(bytes) AS BIGINT) AS s FROM flows GROUP BY 1",
+        "--lake",
+        str(lake),
+        "--format",
+        "json",
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [{"t": "BIGINT", "s": sum(range(rows))}]
+    result = cli("who", ADDR, "--at", f"{DAY}T02:00Z", "--lake", str(lake))
+    assert result.returncode == 0 and "internal error" not in result.stderr, result.stderr
+
+
+def test_a_planted_file_of_another_column_type_is_named_and_repair_takes_it_out(hostile_lake, tmp_path):
+    """Bug (session-23 known limit): a file whose `bytes` holds text that is no number made every query fail
+    with DuckDB's conversion error and the sweep with polars' SchemaError ("internal error"), neither naming
+    the file nor saying what to do; `repair` found nothing (it read footers, not their columns). Now both name
+    the file with the repair advice, repair moves it out with its reason, and the sweep runs again."""
+    lake = tmp_path / "lake"
+    shutil.copytree(hostile_lake, lake)
+    listed = Lake(lake).files("flows")[0]
+    _plant_retyped(listed, "bytes", "lots")
+    result = cli("sql", "SELECT sum(bytes) FROM flows", "--lake", str(lake))
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert listed.name in result.stderr and "tracepipe repair" in result.stderr, result.stderr
+    window = ("--since", f"{DAY}T00:00Z", "--until", f"{DAY}T06:00Z")
+    result = cli("sweep", str(PIPELINE), *window, "--lake", str(lake))
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "internal error" not in result.stderr, result.stderr
+    assert listed.name in result.stderr and "column bytes holds string" in result.stderr, result.stderr
+    repaired = cli("repair", "--lake", str(lake), "--format", "json")
+    assert repaired.returncode == 0, repaired.stderr
+    why = json.loads(repaired.stdout)["why"]["flows"]
+    assert list(why.values()) == ["column bytes holds string, the table declares int64"]
+    assert (lake / "_damaged" / "flows" / next(iter(why))).exists()
+    result = cli("sweep", str(PIPELINE), *window, "--lake", str(lake))
+    assert result.returncode in (0, 1), result.stdout + result.stderr  # no flows left: nothing, or an alert
+    assert cli("repair", "--lake", str(lake)).stdout.startswith("no damaged file")
+
+
+def test_repair_takes_out_a_file_that_lacks_a_column_its_log_names(hostile_lake, tmp_path):
+    """A file lacking a column is legitimate when it was written before the column existed (read as nulls),
+    not when the log's statistics of that very file name the column: then it was replaced."""
+    lake = tmp_path / "lake"
+    shutil.copytree(hostile_lake, lake)
+    listed = Lake(lake).files("flows")[0]
+    _plant_retyped(listed, "dst_port", None)
+    result = cli("sql", "SELECT sum(dst_port) FROM flows", "--lake", str(lake))
+    assert result.returncode == 4 and "tracepipe repair" in result.stderr, result.stdout + result.stderr
+    repaired = cli("repair", "--lake", str(lake), "--format", "json")
+    assert list(json.loads(repaired.stdout)["why"]["flows"].values()) == [
+        "column dst_port is missing, the log's statistics of the file name it"
+    ]
+    assert cli("repair", "--lake", str(lake)).stdout.startswith("no damaged file")

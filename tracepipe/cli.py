@@ -78,7 +78,13 @@ class _Tracepipe(TyperGroup):
             printer = ctx.obj if isinstance(ctx.obj, Printer) else Printer()
             if printer.debug:
                 printer.err.print_exception()
-            printer.error(f"{exc!r} (rerun with --debug for the traceback)", label="internal error:")
+            from tracepipe.query import damage_error
+
+            damage = damage_error(dict.fromkeys(_OPENED), exc)
+            if damage is not None:
+                printer.error(str(damage))
+            else:
+                printer.error(f"{exc!r} (rerun with --debug for the traceback)", label="internal error:")
             ctx.exit(EXIT_FAILED)
 
 
@@ -148,11 +154,18 @@ LakeOption = Annotated[
 FormatOption = Annotated[OutputFormat, typer.Option("--format", help="table for people, json for scripts.")]
 
 
+_OPENED: list[
+    Path
+] = []  # the lakes this command opened (open_lake): where an unexpected error looks for damage
+
+
 def open_lake(path: Path | None) -> Lake:
     # imported here, not at the top: `ingest netflow` starts its decode workers before loading it
     from tracepipe.lake import Lake
 
-    return Lake(path if path is not None else Path(DEFAULT_LAKE))
+    root = path if path is not None else Path(DEFAULT_LAKE)
+    _OPENED.append(root)
+    return Lake(root)
 
 
 @app.callback()
@@ -1000,9 +1013,10 @@ def repair_command(
     output: FormatOption = OutputFormat.table,
     lake: LakeOption = Path(DEFAULT_LAKE),
 ) -> None:
-    """Take damaged files out of the lake: files a table's log lists that are missing, truncated, replaced
-    or not Parquet (every query fails on them) are moved to LAKE/_damaged/ (kept as evidence) and removed
-    from the log in one commit per table. Their rows leave the lake. Safe to run twice.
+    """Take damaged files out of the lake: files a table's log lists that are missing, truncated, replaced,
+    not Parquet, or hold columns of other types than their table's (every query fails on them) are moved to
+    LAKE/_damaged/ (kept as evidence) and removed from the log in one commit per table. Their rows leave the
+    lake. Safe to run twice.
 
     Example: tracepipe repair --lake /srv/lake
     """
@@ -1012,13 +1026,16 @@ def repair_command(
     moved = target.repair()
     outside = target.outside_removed
     if output == OutputFormat.json:
-        p.json({"moved": moved, "outside_entries_removed": outside, "exit_code": 0})
+        p.json(
+            {"moved": moved, "why": target.damage_reasons, "outside_entries_removed": outside, "exit_code": 0}
+        )
         raise typer.Exit(0)
     if not moved and not outside:
         p.line("no damaged file: every file the logs list is there, of its size, and reads as Parquet")
     for name, files in moved.items():
         for relative in files:
-            p.line(f"{name}: {relative} moved to {target.root / '_damaged' / name / relative}")
+            why = target.damage_reasons.get(name, {}).get(relative, "damaged")
+            p.line(f"{name}: {relative} moved to {target.root / '_damaged' / name / relative} ({why})")
     for name, files in outside.items():
         for relative in files:
             p.line(

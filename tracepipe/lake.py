@@ -720,6 +720,43 @@ def _may_hold(low: Any, high: Any, value: str) -> bool:
 OUTSIDE = "the log names a path outside the table (a planted entry)"
 
 
+def _kind(arrow_type: pa.DataType) -> str:
+    """What a column's type is for the lake's readers (which cast within a kind: a file of an older tracepipe
+    with int64 where schema.py now says int32 still reads)."""
+    if pa.types.is_dictionary(arrow_type):
+        return _kind(arrow_type.value_type)
+    if pa.types.is_integer(arrow_type):
+        return "integer"
+    if pa.types.is_floating(arrow_type):
+        return "floating-point"
+    if pa.types.is_timestamp(arrow_type):
+        return "timestamp"
+    if (
+        pa.types.is_string(arrow_type)
+        or pa.types.is_large_string(arrow_type)
+        or pa.types.is_string_view(arrow_type)
+    ):
+        return "text"
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return f"list of {_kind(arrow_type.value_type)}"
+    return str(arrow_type)
+
+
+def columns_unlike(footer: pa.Schema, dataset: Dataset, entry: FileEntry) -> str | None:
+    """Why a file cannot be the one its log entry names, from its footer's columns, or None: a declared column of
+    another kind (text where the table has integers: a planted file, padded to the logged size), or a column the
+    log's statistics of that file name but the file lacks. A column the file lacks and the log does not name is
+    a file written before the column existed (read as nulls)."""
+    have = {f.name: f.type for f in footer}
+    for fld in dataset.schema:
+        if fld.name in have:
+            if _kind(have[fld.name]) != _kind(fld.type):
+                return f"column {fld.name} holds {have[fld.name]}, the table declares {fld.type}"
+        elif entry.null_counts.get(fld.name) is not None:
+            return f"column {fld.name} is missing, the log's statistics of the file name it"
+    return None
+
+
 def _inside(path: Path, table_dir: str) -> bool:
     """Whether a log entry's path stays in its table's directory, by its text (`..` resolved, symlinks not: a
     table directory moved to another disk and linked back stays the table's)."""
@@ -920,9 +957,13 @@ class Lake:
                 out.append((entry, f"{size} bytes, the log says {entry.size}"))
             elif read_footers:
                 try:
-                    pq.read_metadata(entry.path)
+                    footer = pq.read_metadata(entry.path)
+                    unlike = columns_unlike(footer.schema.to_arrow_schema(), _dataset(name), entry)
                 except (OSError, pa.ArrowException) as exc:
                     out.append((entry, f"not a Parquet file ({exc})"))
+                    continue
+                if unlike:
+                    out.append((entry, unlike))
         return out
 
     def repair(self) -> dict[str, list[str]]:
@@ -931,6 +972,7 @@ class Lake:
         log. Their rows are gone from the lake. Returns {dataset: [file moved, ...]}."""
         out: dict[str, list[str]] = {}
         self.outside_removed: dict[str, list[str]] = {}  # entries of paths outside their table: dropped
+        self.damage_reasons: dict[str, dict[str, str]] = {}  # {dataset: {file moved: why}}
         for name in [*DATASETS, MANIFEST_DIR]:
             with self.lock(name):
                 self.refresh(name)
@@ -956,6 +998,7 @@ class Lake:
                     raise LakeError(f"cannot commit the repair of {self.root / name}: {exc}") from exc
                 self.refresh(name)
                 out[name] = [entry.relative for entry, reason in bad if reason != OUTSIDE]
+                self.damage_reasons[name] = {e.relative: reason for e, reason in bad if reason != OUTSIDE}
                 if outside:
                     self.outside_removed.setdefault(name, []).extend(e.relative for e in outside)
         return out

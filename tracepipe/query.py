@@ -8,6 +8,7 @@ not a query: `tracepipe sql` cannot COPY, CREATE, DELETE, ATTACH or change setti
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as dt
 import os
@@ -16,7 +17,7 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 
 from tracepipe.correlate import VMS_COMPLETE
 from tracepipe.errors import EXIT_OK, LakeError, TracepipeError, UsageError
-from tracepipe.lake import FileEntry, Lake
+from tracepipe.lake import MANIFEST_DIR, FileEntry, Lake
 from tracepipe.schema import DATASETS
 from tracepipe.units import parse_addr, parse_duration, parse_time  # noqa: F401 (re-exported)
 
@@ -133,8 +134,54 @@ def _footer_columns(path: Path, names: frozenset[str]) -> frozenset[str]:
         return names
 
 
+_ANCHORS: dict[tuple[str, frozenset[str]], Path] = {}
+_ANCHOR_LOCK = threading.Lock()
+_ANCHOR_DIR: list[Path] = []  # this process's own (mkdtemp, 0700), removed at exit
+
+
+def anchor_dir() -> Path:
+    """The directory of this process's schema anchors (made on first use)."""
+    with _ANCHOR_LOCK:
+        if not _ANCHOR_DIR or not _ANCHOR_DIR[0].is_dir():
+            # (again when a temp cleaner removed it from a service running for weeks: a new private one, never
+            # the old name recreated, which someone else may have taken in the shared temp directory)
+            folder = Path(tempfile.mkdtemp(prefix="tracepipe-schema-")).resolve()
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            _ANCHOR_DIR[:] = [folder]
+            _ANCHORS.clear()
+        return _ANCHOR_DIR[0]
+
+
+def schema_anchor(name: str, missing: frozenset[str] = frozenset()) -> Path:
+    """An empty Parquet file of dataset `name`'s declared columns (but `missing`), written as the lake writes
+    them, in this process's own directory (never the lake's, which a planted file could replace): read first by
+    every scan, it fixes the types DuckDB binds the view to. DuckDB binds read_parquet on the FIRST file and
+    casts the others to it: a file of the log replaced by one whose `bytes` is text turned `flows.bytes` into
+    VARCHAR for the whole lake (`who` stopped with an internal error on sum(VARCHAR)). With the anchor first,
+    such a file is cast (its rows read as declared) or, when it cannot be, fails naming itself (lake_file_error:
+    `tracepipe repair` takes it out)."""
+    key = (name, missing)
+    home = anchor_dir()
+    with _ANCHOR_LOCK:
+        known = _ANCHORS.get(key)
+    if known is not None and known.exists():
+        return known
+    dataset = DATASETS[name]
+    schema = pa.schema([f for f in dataset.schema if f.name not in missing])
+    folder = home / f"{name}-{len(_ANCHORS)}-{threading.get_ident()}"
+    if dataset.partition_ts is not None:  # (hive partitioning wants every file of the scan under a date=)
+        folder = folder / "date=1970-01-01"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "anchor.parquet"
+    pq.write_table(schema.empty_table(), path, store_schema=False)
+    with _ANCHOR_LOCK:
+        _ANCHORS[key] = path
+    return path
+
+
 def _read_sql(name: str, paths: list[Path], missing: set[str]) -> str:
     dataset = DATASETS[name]
+    paths = [schema_anchor(name, frozenset(missing)), *paths]
     files = "[" + ", ".join(quote_literal(glob_literal(str(p))) for p in paths) + "]"
     options = "union_by_name = false"
     if dataset.partition_ts is not None:
@@ -267,12 +314,19 @@ def connect(
         # (a table directory moved to another disk and linked back: DuckDB checks the resolved path, so its
         # target is allowed too; who and timeline failed with a PermissionException on such a lake)
         linked = [(lake.root / name).resolve() for name in DATASETS if (lake.root / name).is_symlink()]
-        allowed = "[" + ", ".join(quote_literal(str(p)) for p in (lake.root.resolve(), spill, *linked)) + "]"
+        anchors = anchor_dir()  # (the schema anchors every scan reads first: _read_sql)
+        allowed = (
+            "["
+            + ", ".join(quote_literal(str(p)) for p in (lake.root.resolve(), spill, anchors, *linked))
+            + "]"
+        )
         con.execute(f"SET allowed_directories = {allowed}")
         # DuckDB checks the name it is given, here the glob-escaped one (scan_sql) when the lake's path has
         # `*?[`: each such file name is allowed as it is written, not its escaped directory (a sibling directory
         # literally named `lake[[]1]` would have become readable, as a name no glob matches is read as is)
-        escaped = [glob_literal(str(p)) for p in files if glob_literal(str(p)) != str(p)]
+        with _ANCHOR_LOCK:
+            anchored = list(_ANCHORS.values())
+        escaped = [glob_literal(str(p)) for p in [*files, *anchored] if glob_literal(str(p)) != str(p)]
         if escaped:
             con.execute(f"SET allowed_paths = [{', '.join(quote_literal(p) for p in escaped)}]")
         con.execute("SET enable_external_access = false")
@@ -395,24 +449,51 @@ def check_files(lake: Lake) -> None:
         raise LakeError(f"damaged lake files: {files}{more}. {repair_advice(lake.root)}")
 
 
+def damage_error(roots: Iterable[Path], exc: Exception) -> LakeError | None:
+    """When a command stopped on an error that is not one of tracepipe's, the damaged files of the lakes it read
+    (Lake.damaged, footers read) as one LakeError that names them and says what to run; None when they are sound
+    (a real internal error). A planted file whose `bytes` is text stopped polars with a SchemaError, a file of
+    garbage pyarrow or DuckDB, none of them naming the file."""
+    found: list[tuple[Path, str]] = []
+    for root in roots:
+        try:
+            lake = Lake(root)
+            for name in [*DATASETS, MANIFEST_DIR]:
+                if (lake.root / name / "_delta_log").is_dir():
+                    found += [
+                        (lake.root, f"{e.path} ({why})") for e, why in lake.damaged(name, read_footers=True)
+                    ]
+        except Exception:  # (a lake that cannot even be listed: the original error stands)
+            continue
+    if not found:
+        return None
+    shown = "; ".join(text for _, text in found[:5]) + (
+        f"; and {len(found) - 5} more" if len(found) > 5 else ""
+    )
+    first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    return LakeError(f"stopped on damaged lake files ({first}): {shown}. {repair_advice(found[0][0])}")
+
+
 def repair_advice(root: Path) -> str:
     return (
-        "A file the table's log lists was truncated, replaced or deleted (a planted file, a broken disk). Copy it "
+        "A file the table's log lists was truncated, replaced or deleted, or holds columns of other types than "
+        "its table's (a planted file, a broken disk). Copy it "
         f"as evidence if you like, then run `tracepipe repair --lake {root}`: it moves such files to "
         f"{root / '_damaged'}/ and removes them from the log (their rows leave the lake)."
     )
 
 
-_QUOTED_PARQUET = re.compile(r"'([^']+\.parquet)'")
+_QUOTED_PARQUET = re.compile(r"'([^']+\.parquet)'|\"([^\"]+\.parquet)\"")  # DuckDB quotes it either way
 
 
 def lake_file_error(exc: Exception, root: Path) -> LakeError | None:
     """A LakeError when DuckDB failed on a file of the lake at `root` (a damaged file of the log's size that
-    check_files cannot see), else None."""
-    if not isinstance(exc, duckdb.IOException | duckdb.InvalidInputException):
+    check_files cannot see, or one whose columns are not of their declared types: schema_anchor), else None."""
+    if not isinstance(exc, duckdb.IOException | duckdb.InvalidInputException | duckdb.ConversionException):
         return None
     lake = Path(root).resolve()
-    for path in _QUOTED_PARQUET.findall(str(exc)):
+    for quoted in _QUOTED_PARQUET.findall(str(exc)):
+        path = quoted[0] or quoted[1]
         if Path(path).resolve().is_relative_to(lake):
             first = str(exc).splitlines()[0]
             return LakeError(f"cannot read lake file {path}: {first}. {repair_advice(Path(root))}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import re
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -42,7 +41,7 @@ from tracepipe.fsutil import write_atomic
 from tracepipe.lake import Lake
 from tracepipe.maintenance import version_token
 from tracepipe.pipeline_config import PipelineConfig, load_pipeline
-from tracepipe.query import check_files, repair_advice
+from tracepipe.query import check_files, damage_error
 from tracepipe.schema import ALERTS
 
 Stage = Callable[[str], None]
@@ -400,9 +399,6 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- the sweep --------------------------------------------------------------------------------------------
-_UNREADABLE_PARQUET = re.compile(r"parquet|footer|magic bytes|out of specification", re.IGNORECASE)
-
-
 def run_sweep(
     lake: Lake,
     pipeline_path: Path | str | PipelineConfig,
@@ -435,15 +431,15 @@ def run_sweep(
         try:
             return fn()
         except Exception as exc:
-            # a listed file of the logged size whose bytes are not Parquet (check_files only stats): polars,
-            # pyarrow and DuckDB say so without naming the file; say what to do instead of "internal error"
-            if isinstance(exc, TracepipeError) or not _UNREADABLE_PARQUET.search(str(exc)):
+            # a listed file of the logged size whose bytes are not Parquet, or whose columns are of other types
+            # (check_files only stats): polars, pyarrow and DuckDB say so without naming the file; name it
+            # and say what to do instead of "internal error"
+            if isinstance(exc, TracepipeError):
                 raise
-            raise LakeError(
-                f"the {name} stage could not read a file of the lake ({str(exc).splitlines()[0][:300]}). "
-                f"`tracepipe repair --lake {lake.root}` reads every file's footer and names the damaged ones. "
-                + repair_advice(lake.root)
-            ) from exc
+            damage = damage_error([lake.root], exc)
+            if damage is None:
+                raise
+            raise LakeError(f"the {name} stage {damage}") from exc
         finally:
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
             cpu_timings[name] = cpu_timings.get(name, 0.0) + time.process_time() - cpu0
