@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -724,3 +725,20 @@ def test_repair_takes_out_a_file_that_lacks_a_column_its_log_names(hostile_lake,
         "column dst_port is missing, the log's statistics of the file name it"
     ]
     assert cli("repair", "--lake", str(lake)).stdout.startswith("no damaged file")
+
+
+def test_a_commit_file_delta_rs_cannot_read_is_named_without_a_backtrace(hostile_lake, tmp_path):
+    """A log entry of the wrong JSON type ("size": "big") planted in a table's commit file: every reader of
+    the table stopped with delta-rs's message followed by its Rust backtrace (`0: <unknown>` ... `clone3`),
+    escaped onto one line, and no word on what to do. Now: one clear error naming the log folder and the way
+    out (a backup: repair cannot rewrite history it cannot read), exit 4."""
+    lake = tmp_path / "lake"
+    shutil.copytree(hostile_lake, lake)
+    commits = sorted((lake / "flows" / "_delta_log").glob("*.json"))
+    planted = next(c for c in commits if '"add"' in c.read_text())
+    text = planted.read_text()
+    planted.write_text(re.sub(r'"size":\s*\d+', '"size": "big"', text, count=1))
+    result = cli("sql", "SELECT count(*) FROM flows", "--lake", str(lake))
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert str(lake / "flows" / "_delta_log") in result.stderr and "backup" in result.stderr, result.stderr
+    assert "<unknown>" not in result.stderr and "\\x0a" not in result.stderr, result.stderr

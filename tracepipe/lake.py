@@ -720,6 +720,13 @@ def _may_hold(low: Any, high: Any, value: str) -> bool:
 OUTSIDE = "the log names a path outside the table (a planted entry)"
 
 
+def delta_text(exc: BaseException) -> str:
+    """A delta-rs error's message without the Rust backtrace it may carry (numbered frames, `<unknown>`, one
+    per line after the message): the first line, at most 500 characters."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:500]
+
+
 def _kind(arrow_type: pa.DataType) -> str:
     """What a column's type is for the lake's readers (which cast within a kind: a file of an older tracepipe
     with int64 where schema.py now says int32 still reads)."""
@@ -916,7 +923,12 @@ class Lake:
         except TableNotFoundError:
             return None
         except DeltaError as exc:
-            raise LakeError(f"cannot read the transaction log of {directory}: {exc}") from exc
+            raise LakeError(
+                f"cannot read the transaction log of {directory}: {delta_text(exc)}. A commit file of "
+                f"{directory / '_delta_log'} holds what delta-rs cannot read (altered or planted by someone who "
+                "can write the lake, or a damaged disk): every reader of this table stops here. Restore that "
+                "folder from a backup; `tracepipe repair` cannot rewrite history it cannot read"
+            ) from exc
 
     def require(self, allow_empty: bool = False) -> None:
         """LakeError unless `root` is a lake: a directory holding at least one of its tables (or a lake of the
@@ -995,7 +1007,9 @@ class Lake:
                 try:
                     table.repair(dry_run=False)  # Delta's FSCK: removes the entries of files not there
                 except DeltaError as exc:
-                    raise LakeError(f"cannot commit the repair of {self.root / name}: {exc}") from exc
+                    raise LakeError(
+                        f"cannot commit the repair of {self.root / name}: {delta_text(exc)}"
+                    ) from exc
                 self.refresh(name)
                 out[name] = [entry.relative for entry, reason in bad if reason != OUTSIDE]
                 self.damage_reasons[name] = {e.relative: reason for e, reason in bad if reason != OUTSIDE}
@@ -1376,7 +1390,7 @@ class Lake:
                 )
             except (CommitFailedError, DeltaError) as exc:  # created at the same moment by another writer
                 if not (directory / "_delta_log").is_dir():
-                    raise LakeError(f"cannot create table {directory}: {exc}") from exc
+                    raise LakeError(f"cannot create table {directory}: {delta_text(exc)}") from exc
             self._tables.pop(name, None)
             table = self.table(name)
             if table is None:
@@ -1475,7 +1489,7 @@ class Lake:
                 self._tables.pop(name, None)
         except (CommitFailedError, DeltaError, OSError) as exc:
             raise LakeError(
-                f"cannot commit to {self.root / name}: {exc}. Check that the lake is writable and has free space."
+                f"cannot commit to {self.root / name}: {delta_text(exc)}. Check that the lake is writable and has free space."
             ) from exc
         return table.version()
 
