@@ -146,10 +146,15 @@ def anchor_dir() -> Path:
             # (again when a temp cleaner removed it from a service running for weeks: a new private one, never
             # the old name recreated, which someone else may have taken in the shared temp directory)
             folder = Path(tempfile.mkdtemp(prefix="tracepipe-schema-")).resolve()
-            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            atexit.register(_remove_anchors, folder, os.getpid())
             _ANCHOR_DIR[:] = [folder]
             _ANCHORS.clear()
         return _ANCHOR_DIR[0]
+
+
+def _remove_anchors(folder: Path, owner: int) -> None:
+    if os.getpid() == owner:  # (a forked child exiting leaves its parent's anchors alone)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def schema_anchor(name: str, missing: frozenset[str] = frozenset()) -> Path:
