@@ -171,3 +171,24 @@ def test_names_holding_unicode_line_separators_stay_one_record(fmt):
     assert rejects.num_rows == 0, rejects.to_pylist()
     assert events.column("vm_name").to_pylist() == names
     assert events.column("line").to_pylist() == ([2, 3, 4, 5] if fmt == "csv" else [1, 2, 3, 4])
+
+
+def test_jsonl_ids_too_large_to_be_exact_are_rejects_not_duplicates():
+    """orjson reads an integer past 2**64 as a float: ids 2**64 and 2**64 + 1 became one text, and the delete
+    was dropped as a duplicate of the create (`who` then named the deleted VM). Such a number is a reject that
+    says to give the id as text; an id given as text is kept exactly."""
+    create = {"ts": "2024-03-12T07:00:00Z", "vm_id": "vm-x", "action": "create", "addr": "10.9.9.1"}
+    delete = {**create, "ts": "2024-03-12T08:00:00Z", "action": "delete"}
+    text = "\n".join(
+        [
+            json.dumps({**create, "event_id": 2**64}),
+            json.dumps({**delete, "event_id": 2**64 + 1}),
+            json.dumps({**create, "event_id": str(2**64)}),
+            json.dumps({**delete, "event_id": str(2**64 + 1)}),
+            json.dumps({**create, "event_id": 2**63}),
+        ]
+    )
+    events, rejects = parse_cloud_text(text, "x.jsonl")
+    assert rejects.to_pydict()["line"] == [1, 2]
+    assert all("too large to be exact" in d for d in rejects.column("detail").to_pylist())
+    assert events.column("action").to_pylist() == ["create", "delete", "create"]

@@ -1570,7 +1570,7 @@ def trace_command(
         _print_trace(p, result)
     if not result.observations and not result.rejects:
         p.error(
-            f"{source} holds no observation (one address and time per line, or a MISP event, STIX bundle)"
+            f"{source} holds no observation (a CSV or JSON list of address and time, a MISP event, or tracepipe alert ids)"
         )
     raise typer.Exit(result.exit_code)
 

@@ -24,7 +24,7 @@ from tracepipe.intel import ADDRESS_TYPES, DOMAIN_TYPES
 from tracepipe.lake import Lake
 from tracepipe.limits import json_loads
 from tracepipe.schema import ALERTS, TS
-from tracepipe.units import canonical_addr, to_utc
+from tracepipe.units import canonical_addr, in_time_window, time_window, to_utc
 
 FORMATS = ("auto", "csv", "json", "misp", "alerts")
 MAX_OBSERVATIONS = 100_000  # a ticket lists tens to thousands; more is not a ticket (the rest is rejected)
@@ -110,6 +110,10 @@ def _record_row(record: dict[str, Any], ref: str) -> dict[str, Any] | str:
     if start is None and end is None:
         return "no time: give time, or start and end (ISO 8601 or epoch seconds)"
     start, end = start or end, end or start
+    if not (in_time_window(start) and in_time_window(end)):
+        # (0001-01-01 or 9999-12-31 overflowed the trace's window arithmetic: an internal error)
+        earliest, latest = time_window()
+        return f"time outside plausible window {earliest:%Y-%m-%d} .. {latest:%Y-%m-%d}"
     if end < start:
         return "end is before start"
     return {"ref": ref, "address": address, "port": port, "peer": peer, "start": start, "end": end}
@@ -119,14 +123,42 @@ def _reject(ref: str, reason: str, detail: Any = "") -> dict[str, Any]:
     return {"ref": ref, "reason": reason, "detail": str(detail)[:300]}
 
 
+class _Kept:
+    """Rows and rejects of a list being read, each kept up to MAX_OBSERVATIONS: a file of millions of lines
+    (64 MiB of them: 1.9 GB and 52 s, all parsed before the cap) is read no further than that."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.rejects: list[dict] = []
+        self.full = False
+
+    def add(self, result: dict[str, Any] | str, ref: str, detail: Any) -> None:
+        if isinstance(result, str):
+            self.rejects.append(_reject(ref, result, detail))
+        else:
+            self.rows.append(result)
+        if len(self.rows) > MAX_OBSERVATIONS or len(self.rejects) >= MAX_OBSERVATIONS:
+            what = "observations" if len(self.rows) > MAX_OBSERVATIONS else "rejects"
+            self.rejects.append(_reject(ref, f"more than {MAX_OBSERVATIONS} {what}: the rest is not read"))
+            self.rows = self.rows[:MAX_OBSERVATIONS]
+            self.full = True
+
+
 def parse_csv(text: str) -> tuple[list[dict], list[dict], list[dict]]:
     reader = csv.DictReader(io.StringIO(text))
-    rows, rejects = [], []
-    for record in reader:
+    kept = _Kept()
+    while not kept.full:  # (each pass consumes a line at least; rejects are capped too)
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # a field over the csv module's limit (128 KiB): that line only
+            # (the line is consumed but not counted in line_num)
+            kept.add("not a CSV line", f"line {reader.line_num + 1}", exc)
+            continue
         ref = f"line {reader.line_num}"
-        result = _record_row(record, ref)
-        (rejects.append(_reject(ref, result, record)) if isinstance(result, str) else rows.append(result))
-    return rows, rejects, []
+        kept.add(_record_row(record, ref), ref, record)
+    return kept.rows, kept.rejects, []
 
 
 def _misp_events(doc: Any) -> list[dict[str, Any]] | None:
@@ -148,18 +180,23 @@ def parse_json(text: str) -> tuple[list[dict], list[dict], list[dict]]:
         doc = doc.get("observations", doc)
     if not isinstance(doc, list):
         return [], [_reject("document", "expected a list of observations or {'observations': [...]}")], []
-    rows, rejects = [], []
+    kept = _Kept()
     for index, record in enumerate(doc, start=1):
         ref = f"item {index}"
-        result = _record_row(record, ref) if isinstance(record, dict) else "item is not an object"
-        (rejects.append(_reject(ref, result, record)) if isinstance(result, str) else rows.append(result))
-    return rows, rejects, []
+        kept.add(
+            _record_row(record, ref) if isinstance(record, dict) else "item is not an object", ref, record
+        )
+        if kept.full:
+            break
+    return kept.rows, kept.rejects, []
 
 
 def _event_range(event: dict[str, Any]) -> tuple[dt.datetime | None, dt.datetime | None]:
     """An event's date (YYYY-MM-DD) covers that whole UTC day."""
     day = to_utc(event.get("date"))
-    return (day, day + dt.timedelta(days=1) - dt.timedelta(microseconds=1)) if day else (None, None)
+    if day is None or not in_time_window(day):  # (9999-12-31 + 1 day overflowed; the attributes' own times
+        return None, None  # still count, and one without any is a reject "no time")
+    return day, day + dt.timedelta(days=1) - dt.timedelta(microseconds=1)
 
 
 def parse_misp(text: str) -> tuple[list[dict], list[dict], list[dict]]:
@@ -171,23 +208,29 @@ def parse_misp(text: str) -> tuple[list[dict], list[dict], list[dict]]:
         return [], [_reject(f"line {exc.lineno}", "not valid JSON", exc.msg)], []
     if events is None:
         return [], [_reject("document", "not a MISP event export (no Event object)")], []
-    rows, rejects, domains = [], [], []
+    kept, domains = _Kept(), []
     index = 0
-    for event in events:
-        attributes = list(event.get("Attribute") or [])
-        for obj in event.get("Object") or []:
+    for number, event in enumerate(events, start=1):
+        attributes = _listed(event.get("Attribute"), f"event {number} Attribute", kept)
+        for obj in _listed(event.get("Object"), f"event {number} Object", kept):
             if isinstance(obj, dict):
-                attributes.extend(obj.get("Attribute") or [])
+                attributes.extend(_listed(obj.get("Attribute"), f"event {number} Object Attribute", kept))
         day_start, day_end = _event_range(event)
         for attr in attributes:
+            if kept.full:
+                break
             index += 1
             ref = f"attribute {index}"
             if not isinstance(attr, dict):
-                rejects.append(_reject(ref, "attribute is not an object", attr))
+                kept.add("attribute is not an object", ref, attr)
                 continue
             kind, value = str(attr.get("type", "")).strip(), str(attr.get("value", "")).strip()
             if kind in DOMAIN_TYPES:
-                domains.append({"value": value.split("|", 1)[0].lower(), "comment": attr.get("comment")})
+                name = hostname(value.split("|", 1)[0])
+                if name is None:
+                    kept.add("not a host name (letters, digits, '-' and '.', 253 at most)", ref, value)
+                elif len(domains) < MAX_OBSERVATIONS:
+                    domains.append({"value": name, "comment": attr.get("comment")})
                 continue
             if kind not in ADDRESS_TYPES:
                 continue  # hashes, urls, ...: not something a flow lake can trace
@@ -201,9 +244,36 @@ def parse_misp(text: str) -> tuple[list[dict], list[dict], list[dict]]:
                 "start": start.isoformat() if start else None,
                 "end": end.isoformat() if end else None,
             }
-            result = _record_row(record, ref)
-            (rejects.append(_reject(ref, result, value)) if isinstance(result, str) else rows.append(result))
-    return rows, rejects, domains
+            kept.add(_record_row(record, ref), ref, value)
+    return kept.rows, kept.rejects, domains
+
+
+def _listed(value: Any, where: str, kept: _Kept) -> list[Any]:
+    """A MISP list field (Attribute, Object) as a list: absent is empty, another JSON type a reject."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, list):
+        return list(value)
+    kept.add("not a list", where, value)
+    return []
+
+
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def hostname(text: str) -> str | None:
+    """A DNS host name as the exports carry it (lower case, internationalised names in their xn-- form), or
+    None: labels of letters, digits and '-', 253 characters at most. A MISP domain with a newline, a quote or a
+    bidi override went into the STIX bundle as it was (invalid there) and into the MISP export."""
+    name = text.strip().lower().removesuffix(".")
+    try:
+        name = name.encode("idna").decode("ascii")  # (IDNA 2003, the stdlib's; an ASCII name is unchanged)
+    except (UnicodeError, ValueError):
+        return None
+    labels = name.split(".")
+    if not name or len(name) > 253 or len(labels) < 2 or not all(_LABEL.fullmatch(x) for x in labels):
+        return None
+    return name
 
 
 def sniff(text: str, path: Path) -> str:
@@ -250,7 +320,9 @@ def read_observations(path: Path | str, fmt: str = "auto", lake: Lake | None = N
     try:
         if path.stat().st_size > MAX_INPUT_BYTES:
             raise InputError(f"{path} is larger than {MAX_INPUT_BYTES >> 20} MiB: split the observation list")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        # utf-8-sig: the byte-order mark that Excel's "CSV UTF-8", PowerShell and Notepad write (it made the
+        # header `\ufeffaddress`: every row rejected; and hid a JSON document from the sniff: nothing at all)
+        text = path.read_text(encoding="utf-8-sig", errors="replace")
     except OSError as exc:
         raise InputError(
             f"cannot read {path}: {exc.strerror}. Give a CSV/JSON observation list, a MISP event or alert ids."
@@ -266,7 +338,7 @@ def read_observations(path: Path | str, fmt: str = "auto", lake: Lake | None = N
         )
     else:
         rows, rejects, domains = {"csv": parse_csv, "json": parse_json, "misp": parse_misp}[fmt](text)
-    if len(rows) > MAX_OBSERVATIONS:
+    if len(rows) > MAX_OBSERVATIONS:  # (alert ids; the parsers stop at the cap themselves)
         rejects.append(_reject(rows[MAX_OBSERVATIONS]["ref"], f"more than {MAX_OBSERVATIONS} observations"))
         rows = rows[:MAX_OBSERVATIONS]
     for number, row in enumerate(rows, start=1):

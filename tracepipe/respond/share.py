@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from tracepipe.errors import EXIT_OK, EnvironmentProblem, InputError, UsageError
 from tracepipe.lake import Lake
+from tracepipe.respond.observations import hostname
 from tracepipe.units import to_utc
 
 TLP_LEVELS = ("clear", "white", "green", "amber", "amber+strict", "red")
@@ -133,6 +134,18 @@ def indicators_from_package(package: Path) -> tuple[list[Indicator], dict[str, A
             f"{package} is not an incident package (trace.json + evidence-flows.parquet): {exc}. "
             "Make one with `tracepipe trace OBSERVATIONS --out DIR`."
         ) from exc
+    try:
+        return _package_indicators(data, evidence)
+    except (KeyError, TypeError, AttributeError, ValueError, pa.ArrowException) as exc:
+        # trace.json of another shape (a list, an observation without its number): not one trace wrote
+        raise InputError(
+            f"{package} is not an incident package as `tracepipe trace` writes it (trace.json or evidence-"
+            f"flows.parquet of another shape: {type(exc).__name__} {str(exc)[:200]}). Make one with `tracepipe "
+            "trace OBSERVATIONS --out DIR`."
+        ) from exc
+
+
+def _package_indicators(data: Any, evidence: pa.Table) -> tuple[list[Indicator], dict[str, Any]]:
     found: dict[tuple, Indicator] = {}
     notes: list[str] = []
     rows = _evidence_groups(evidence)
@@ -161,10 +174,11 @@ def indicators_from_package(package: Path) -> tuple[list[Indicator], dict[str, A
             stats = rows.get((number, "__local__"), {})
             _merge(found, _from_rows(obs["address"], None, stats, "address of the traced VM", local=True))
     for domain in data.get("domains") or []:
-        if domain.get("value"):
-            found[(domain["value"], None, "dst")] = Indicator(
-                domain["value"], "domain", "dst", comment="named by the input event"
-            )
+        name = hostname(
+            str(domain.get("value") or "")
+        )  # (read checks it; a package edited since may not hold)
+        if name is not None:
+            found[(name, None, "dst")] = Indicator(name, "domain", "dst", comment="named by the input event")
     return list(found.values()), {**data, "notes": notes}
 
 
@@ -235,9 +249,10 @@ def indicators_from_alerts(lake: Lake, ids_file: Path) -> tuple[list[Indicator],
     """Indicators of alerts named in a file (one alert id per line): the alert's peer as dst, its address as
     a local src."""
     try:
-        ids = {line.split("#", 1)[0].strip() for line in ids_file.read_text(encoding="utf-8").splitlines()}
+        text = ids_file.read_text(encoding="utf-8-sig", errors="replace")  # (as trace reads the same list)
     except OSError as exc:
         raise InputError(f"cannot read {ids_file}: {exc.strerror}") from exc
+    ids = {line.split("#", 1)[0].strip() for line in text.splitlines()}
     ids.discard("")
     alerts = lake.read("alerts")
     rows = [r for r in alerts.to_pylist() if r["alert_id"] in ids]

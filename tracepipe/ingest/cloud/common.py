@@ -56,6 +56,12 @@ def text_field(record: dict[str, Any], key: str, where: str = "", numbers: bool 
         return None
     if isinstance(value, str):
         return value.strip() or None
+    if numbers and isinstance(value, float) and not abs(value) < 2**53:
+        # orjson reads an integer past 2**64 as a float: two ids 2**64 and 2**64+1 became one text and the
+        # second event (a delete) a duplicate of the first; a float that large names no exact number
+        raise BadRecord(
+            "number too large", f"{where}{key} is {value!r}: too large to be exact, give it as text"
+        )
     if numbers and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     raise BadRecord("wrong JSON type", f"{where}{key} is {_type_name(value)}, not text: {str(value)[:100]}")
