@@ -224,3 +224,54 @@ def test_real_ctu13_binetflow_lands_with_its_labels_apart(tmp_path):
         "147.32.80.9",
         "147.32.87.36",
     }
+
+
+@pytest.mark.parametrize("delimiter", [b"\xe9", b"\x00", b"\r", b"a"])
+def test_a_header_with_an_unusable_delimiter_is_a_reject_and_the_next_file_lands(tmp_path, delimiter):
+    """Session-24 hostile review: a Latin-1 byte, a NUL or a CR after StartTime stopped `ingest argus` with an
+    internal error, and the files after it in the same command were never read."""
+    columns = [
+        "StartTime",
+        "Dur",
+        "Proto",
+        "SrcAddr",
+        "Sport",
+        "Dir",
+        "DstAddr",
+        "Dport",
+        "State",
+        "TotPkts",
+        "TotBytes",
+    ]
+    row = ["1700000000", "1.5", "tcp", "10.0.0.1", "1234", "->", "10.0.0.2", "80", "S_RA", "3", "300"]
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(
+        delimiter.join(c.encode() for c in columns) + b"\n" + delimiter.join(v.encode() for v in row) + b"\n"
+    )
+    good = tmp_path / "good.csv"
+    good.write_text(",".join(columns) + "\n" + ",".join(row) + "\n")
+    lake = tmp_path / "lake"
+    proc = run_tracepipe("ingest", "argus", str(bad), str(good), "--lake", str(lake), "--format", "json")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "internal error" not in proc.stderr
+    files = {Path(f["path"]).name: f for f in json.loads(proc.stdout)["files"]}
+    assert files["good.csv"]["flows"] == 1 and files["bad.csv"]["flows"] == 0
+    rejects = Lake(lake).read("rejects").to_pylist()
+    assert [r["reason"][:28] for r in rejects] == ["unsupported field delimiter "]
+
+
+def test_a_direction_count_above_its_total_is_a_reject_not_a_negative_count():
+    """DstPkts 9 of TotPkts 5 landed as packets=-4 (the source direction's share, total - dst), exit 0."""
+    text = (
+        "StartTime,Dur,Proto,SrcAddr,Sport,Dir,DstAddr,Dport,State,TotPkts,TotBytes,DstPkts,DstBytes\n"
+        "1700000000,1,tcp,10.0.0.1,1,->,10.0.0.2,2,FIN,5,500,9,100\n"
+        "1700000000,1,tcp,10.0.0.1,1,->,10.0.0.2,2,FIN,5,500,2,900\n"
+        "1700000000,1,tcp,10.0.0.1,1,->,10.0.0.2,2,FIN,5,500,2,100\n"
+    )
+    flows, rejects, _ = parse_argus(text.encode(), "x.csv")
+    assert [(r["line"], r["reason"]) for r in rejects.to_pylist()] == [
+        (2, "DstPkts above TotPkts"),
+        (3, "DstBytes above TotBytes"),
+    ]
+    assert flows.num_rows >= 1 and min(flows.column("packets").to_pylist()) >= 0
+    assert min(flows.column("bytes").to_pylist()) >= 0

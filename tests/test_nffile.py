@@ -224,6 +224,24 @@ def hostile(three_blocks: Path, tmp_path: Path, how: str) -> tuple[Path, int]:
         blocks[1] = block(60000, compress(bomb))
         second = nffile.FILE_HEADER.itemsize + len(blocks[0])
         raw = join(header, blocks, appendix)
+    elif how == "bz2 ratio bomb":  # 1 MiB of zeros in ~50 bytes: under 5 MiB, but over the 1024:1 ratio
+        header["compression"] = nffile.BZ2_COMPRESSED
+        blocks = [block(int(np.frombuffer(b[:4], "<u4")[0]), bz2.compress(b[12:])) for b in blocks]
+        blocks[1] = block(60000, bz2.compress(bytes(1 << 20)))
+        second = nffile.FILE_HEADER.itemsize + len(blocks[0])
+        raw = join(header, blocks, appendix)
+    elif how == "more records than an lz4 block holds":  # its count lies; its records do not
+        header["compression"] = nffile.LZ4_COMPRESSED
+        lz4 = lambda b: pa.Codec("lz4_raw").compress(b, asbytes=True)  # noqa: E731
+        blocks = [block(int(np.frombuffer(b[:4], "<u4")[0]), lz4(b[12:])) for b in blocks]
+        # cut in its middle, count kept: the records past its end are read from the tail of pyarrow's 5 MiB
+        # output buffer, which may hold the previous block's records (session 24: the whole block was dropped)
+        blocks[1] = block(records, lz4(data[: len(data) // 2]))
+        second = nffile.FILE_HEADER.itemsize + len(blocks[0])
+        raw = join(header, blocks, appendix)
+    elif how in ("no records announced", "a block over 5 MiB"):  # delimited, so stepped over
+        blocks[1] = block(0, data) if how == "no records announced" else block(records, bytes(6 << 20))
+        raw = join(header, blocks, appendix)
     elif how == "random bytes":
         raw = header.tobytes() + random.Random(7).randbytes(200_000)
         second = nffile.FILE_HEADER.itemsize
@@ -244,6 +262,10 @@ def hostile(three_blocks: Path, tmp_path: Path, how: str) -> tuple[Path, int]:
         "record past the block",
         "lz4 bomb",
         "bz2 bomb",
+        "bz2 ratio bomb",
+        "more records than an lz4 block holds",
+        "no records announced",
+        "a block over 5 MiB",
         "random bytes",
     ],
 )
@@ -261,6 +283,100 @@ def test_hostile_files_are_rejects_where_they_are_and_the_rest_lands(how, three_
         assert flows.num_rows >= 2 * per_block
     if how in ("record size 0", "record past the block", "more records than the block holds"):
         assert flows.num_rows >= 2 * per_block + 1  # the damaged block's records before the damage
+    if how == "more records than an lz4 block holds":  # session 24: LZ4 lost the block's good records
+        half = split(three_blocks)[1][1][nffile.BLOCK_HEADER.itemsize :]
+        half = half[: len(half) // 2]
+        inside = nffile._Columns()
+        nffile._walk_block(half, len(half), per_block * 2, 0, 0, inside, [], {})
+        assert 0 < inside.rows and flows.num_rows == 2 * per_block + inside.rows
+    if how == "bz2 ratio bomb":
+        assert "expands more than 1024 times" in rejects.column("detail")[0].as_py()
+
+
+def _records_block(*records: bytes) -> bytes:
+    return b"".join(records)
+
+
+def test_records_that_are_no_flows_are_stepped_over_in_runs_and_a_costly_block_stops(three_blocks):
+    """Session-24 hostile review: 4-byte records of an unknown type were stepped over one Python step each
+    (a 19 KB file of bz2 blocks kept a core busy past 60 s). A run of one kind and size is now stepped over at
+    once, and a block that would need more steps one by one than its budget (STEPS_PER_BLOCK plus one per byte
+    as stored) is a reject from there on, its records before that point kept."""
+    _, blocks, _ = split(three_blocks)
+    records = int(np.frombuffer(blocks[0][:4], "<u4")[0])
+    flows = blocks[0][nffile.BLOCK_HEADER.itemsize :]
+    unknown = (99).to_bytes(2, "little") + (4).to_bytes(2, "little")
+    alone = nffile._Columns()
+    nffile._walk_block(flows, len(flows), records, 40, 0, alone, [], {})
+    per = alone.rows  # the block's flows (its other records: exporter, sampler)
+    filler = unknown * 500_000  # 2 MB of one kind: stepped over as one run
+    data = flows + filler + flows
+    columns, infos = nffile._Columns(), []
+    used, rejects = nffile._walk_block(
+        data, len(data), 2 * records + 500_000, 40, 0, columns, infos, {}, budget=2 * records + 50
+    )
+    assert not rejects and used == len(data) and columns.rows == 2 * per
+    other = (98).to_bytes(2, "little") + (8).to_bytes(2, "little") + bytes(4)
+    changing = (unknown + other) * 1000  # a kind and size that change at every record: one step each
+    data = flows + changing + flows
+    columns = nffile._Columns()
+    used, rejects = nffile._walk_block(
+        data, len(data), 2 * records + 2000, 40, 0, columns, infos, {}, budget=records + 500
+    )
+    assert columns.rows == per  # the flows before the costly part
+    assert [(r[0], r[1]) for r in rejects] == [(40, "nfcapd block too costly")]
+    assert f"more than {records + 500} records walked one by one" in rejects[0][2]
+
+
+def test_a_flow_layout_of_many_elements_is_not_kept_and_counts_against_the_budget():
+    """4096 V3 records of ~16 k elements each, every one a new layout: each was walked element by element and
+    its layout kept (~580 KB each: 2.4 GB). Layouts with more than LAYOUT_CACHE_CHECKS header bytes are not
+    kept, and the elements walked count against the block's budget."""
+    elements = 300
+    size = nffile.V3_HEADER_BYTES + elements * 4
+    header = bytes([11, 0]) + size.to_bytes(2, "little") + elements.to_bytes(2, "little") + bytes(6)
+    # each record a layout of its own (another unknown element type): walked one by one
+    data = b"".join(
+        header + ((900 + i).to_bytes(2, "little") + (4).to_bytes(2, "little")) * elements for i in range(3)
+    )
+    layouts: dict = {}
+    columns = nffile._Columns()
+    _, rejects = nffile._walk_block(data, len(data), 3, 40, 0, columns, [], layouts)
+    assert not rejects and columns.rows == 3 and not layouts  # read, not kept
+    _, rejects = nffile._walk_block(data, len(data), 3, 40, 0, nffile._Columns(), [], {}, budget=400)
+    assert [r[1] for r in rejects] == ["nfcapd block too costly"]
+
+
+def test_a_file_naming_more_exporters_than_the_limit_keeps_the_first(three_blocks, tmp_path):
+    """200,000 exporter records in a 558 KB file: 1.5 GB and a 70 MB summary (and commit info in the lake's
+    log). The reader keeps limits.exporters of them (the rest counted as ignored), and any per-exporter summary
+    sums the others under "(others)"."""
+    from tracepipe.limits import DEFAULT
+
+    header, blocks, appendix = split(three_blocks)
+    many = DEFAULT.exporters + 500
+
+    def exporter(
+        i: int,
+    ) -> bytes:  # ExporterInfo: type 7, size 32, version, ip (v4 in bytes 16..19), family 2
+        return (
+            (7).to_bytes(2, "little")
+            + (32).to_bytes(2, "little")
+            + bytes(12)
+            + (0x0A000000 + i).to_bytes(4, "little")
+            + bytes(4)
+            + (2).to_bytes(2, "little")
+            + (i % 65536).to_bytes(2, "little")
+            + bytes(4)
+        )
+
+    path = tmp_path / "nfcapd.exporters"
+    path.write_bytes(
+        join(header, [block(many, b"".join(exporter(i) for i in range(many))), *blocks], appendix)
+    )
+    flows, rejects, exporters = nffile.read_nffile(path)
+    assert len(exporters.out) == DEFAULT.exporters and exporters.ignored >= 500  # (and the real ones after)
+    assert flows.num_rows == read_nfcapd(three_blocks)[0].num_rows and rejects.num_rows == 0
 
 
 def test_a_damaged_file_through_the_cli(three_blocks, tmp_path):
@@ -316,3 +432,19 @@ def test_byte_counts_land_up_to_18_digits_as_the_text_path_reads_them(three_bloc
         else:
             assert rejects.to_pylist()[0]["reason"] == "bad byte count"
             assert flows.num_rows == read_nfcapd(three_blocks)[0].num_rows - 1
+
+
+def test_times_outside_the_window_are_rejects_that_name_their_block(three_blocks):
+    """The lake's writer turned such rows into rejects without an offset (an nfcapd flow row has none): the
+    reader now rejects them itself, naming the block, worded as the writer words them."""
+    _, blocks, _ = split(three_blocks)
+    data = blocks[0][nffile.BLOCK_HEADER.itemsize :]
+    columns = nffile._Columns()
+    nffile._walk_block(data, len(data), int(np.frombuffer(blocks[0][:4], "<u4")[0]), 40, 0, columns, [], {})
+    cols = columns.take()
+    cols["first"][0] = 315_532_800_000  # 1980-01-01
+    cols["first"][1] = 253_402_300_000_000  # 9999-12-31
+    flows, rejects = nffile._flows(cols, "x")
+    assert flows.num_rows == len(cols["first"]) - 2
+    assert [(r["offset"], r["reason"]) for r in rejects.to_pylist()] == [(40, nffile.WINDOW_REJECT)] * 2
+    assert rejects.column("detail")[0].as_py().startswith("ts_start=1980-01-01 00:00:00")

@@ -552,21 +552,13 @@ def commit_pending(
     return handled
 
 
-OTHER_EXPORTERS = "(others)"  # per-exporter counters beyond limits.exporters are summed under this name
-
-
 def merge_exporter_totals(
     total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]], limits: Limits = DEFAULT_LIMITS
 ) -> None:
-    """merge_stats into running per-exporter totals that keep at most `limits.exporters` names (a flood from
-    many addresses must not grow the status file): counters of the rest are summed under OTHER_EXPORTERS."""
-    from tracepipe.ingest.netflow import merge_stats
+    """netflow.merge_exporter_totals, imported when first needed (the receive loop never loads the decoder)."""
+    from tracepipe.ingest.netflow import merge_exporter_totals as merge
 
-    for exporter, stats in part.items():
-        if exporter in total or len(total) < limits.exporters:
-            merge_stats(total, {exporter: stats})
-        else:
-            merge_stats(total, {OTHER_EXPORTERS: stats})
+    merge(total, part, limits)
 
 
 def decoder_summary(state: Any) -> dict[str, Any]:

@@ -86,6 +86,14 @@ def _layout(first_line: bytes) -> tuple[str, list[str]]:
     return delimiter, columns
 
 
+def _usable_delimiter(delimiter: str) -> bool:
+    """A field delimiter the CSV reader takes: tab or a printable ASCII character that is no letter, digit or
+    quote (what ra -c gives; Arrow refuses CR, LF and anything past ASCII)."""
+    return delimiter == "\t" or (
+        " " <= delimiter <= "~" and not delimiter.isalnum() and delimiter not in "\"'"
+    )
+
+
 def _micros(text: pa.Array) -> tuple[pa.Array, pa.Array]:
     """StartTime text (epoch seconds, or a UTC date and time) -> int64 µs; (values, valid mask)."""
     epoch = pc.fill_null(pc.match_substring_regex(text, _EPOCH_RE), False)
@@ -199,13 +207,20 @@ def _records(table: pa.Table, lines: pa.Array, source: str) -> tuple[pa.Table, p
     for name in ("TotPkts", "TotBytes", "SrcBytes", "SrcPkts", "DstPkts", "DstBytes"):
         counts[name], ok = _count(text(name))
         checks.append((f"bad {name}", ok, text(name)))
-    checks.append(
-        (
-            "SrcBytes above TotBytes",
-            pc.fill_null(pc.less_equal(counts["SrcBytes"], counts["TotBytes"]), True),
-            text("SrcBytes"),
+    for part, total in (
+        ("SrcBytes", "TotBytes"),
+        ("DstBytes", "TotBytes"),
+        ("SrcPkts", "TotPkts"),
+        ("DstPkts", "TotPkts"),
+    ):
+        # (a part above its total made the other part, total - part, negative: packets=-4 landed)
+        checks.append(
+            (
+                f"{part} above {total}",
+                pc.fill_null(pc.less_equal(counts[part], counts[total]), True),
+                text(part),
+            )
         )
-    )
     checks = [(reason, pc.or_(ok, skipped), values) for reason, ok, values in checks]
     valid, reason, detail = first_failure(checks, n)
     bad = pc.invert(valid)
@@ -316,13 +331,20 @@ def _iter(handle, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.T
         )
     delimiter, columns = _layout(first_line)
     missing = [c for c in REQUIRED if c not in columns]
-    if missing:
+    problem = f"header lacks {', '.join(missing)}" if missing else ""
+    if not _usable_delimiter(delimiter):
+        # (a byte past ASCII, a NUL or a CR after StartTime stopped the run with an internal error, and the files
+        # after it in the same command were never read)
+        problem = (
+            f"unsupported field delimiter {delimiter!r} (ra -c: one ASCII character, not a letter or digit)"
+        )
+    if problem:
         yield (
             FLOWS.empty_table(),
             rejects_table(
                 pa.array([1]),
-                pa.array([first_line.decode("latin-1")]),
-                pa.array([f"header lacks {', '.join(missing)}"]),
+                pa.array([first_line.decode("latin-1")[:200]]),
+                pa.array([problem]),
                 source,
             ),
             FLOW_LABELS.empty_table(),

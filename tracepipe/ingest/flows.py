@@ -42,6 +42,7 @@ from tracepipe.ingest.netflow import (
     InFile,
     decode_walked,
     flush_pending,
+    merge_exporter_totals,
     merge_stats,
     walk_datagrams,
 )
@@ -506,6 +507,10 @@ def _land_one(
                 progress(size)
         _identify(writer, hashing)
         _unchanged(path, seen)  # after the hash and every read of the file, before anything is committed
+        capped: dict[str, dict[str, Any]] = {}
+        merge_exporter_totals(capped, stats)
+        stats.clear()
+        stats.update(capped)
         ingested = writer.commit({"kind": kind, "datagrams": result.datagrams, "exporters": stats})
     if ingested.skipped:  # another command landed the same content while this one decoded it
         raise AlreadyIngested
@@ -518,7 +523,7 @@ def _land_one(
         match = re.search(r"^flows/date=(\d{4}-\d{2}-\d{2})/", rel)
         if match:
             summary.days.add(match.group(1))
-    merge_stats(summary.exporters, stats)
+    merge_exporter_totals(summary.exporters, stats)
     return result
 
 
@@ -666,7 +671,7 @@ def _land_nfcapd_parallel(
     decoded and written by the workers (no record bytes through pipes); rejects, counters and the exporter
     and sampler records (in file order) land here in input order, the workers' files in the writer's commit."""
     exporters = nffile.Exporters()
-    fatal: list[pa.Table] = []
+    fatal: list[pa.Table] = []  # blocks that end the walk or are stepped over (nffile.Skipped)
 
     def land(_: int, found: nffile.RangeRead) -> None:
         exporters.apply(found.infos)
@@ -678,7 +683,7 @@ def _land_nfcapd_parallel(
 
     def ranges() -> Iterator[Any]:
         for blocks in nffile.iter_ranges(path, source, parts=2 * pool.jobs):
-            if isinstance(blocks, pa.Table):  # the file ends in a block that cannot be delimited
+            if isinstance(blocks, pa.Table):  # a block stepped over, or one that ends the walk
                 fatal.append(_with_source(blocks, source))
                 continue
             yield blocks

@@ -752,6 +752,23 @@ def merge_stats(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]
                 acc[k] += v
 
 
+OTHER_EXPORTERS = "(others)"  # per-exporter counters beyond limits.exporters are summed under this name
+
+
+def merge_exporter_totals(
+    total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]], limits: Limits = DEFAULT
+) -> None:
+    """merge_stats into running per-exporter totals that keep at most `limits.exporters` names, the counters of
+    the rest summed under OTHER_EXPORTERS: a flood of addresses (a collector's senders, an nfcapd file naming
+    200,000 exporters) must not grow a status file, a commit's info in the lake's log or a command's summary
+    (70 MB of JSON, 1.5 GB to print)."""
+    for exporter, stats in part.items():
+        if exporter in total or len(total) < limits.exporters:
+            merge_stats(total, {exporter: stats})
+        else:
+            merge_stats(total, {OTHER_EXPORTERS: stats})
+
+
 # ---- the batch decoder --------------------------------------------------------------------------------------
 # ctx: one per (datagram, options state) holding what record times and sampling need:
 # (exporter index, version, domain, boot_ms or export_ms, sys_uptime_ms, export_ms, sys_init_ms, sampling)

@@ -37,7 +37,12 @@ import pyarrow.compute as pc
 
 from tracepipe.address_text import addresses
 from tracepipe.ingest.netflow import FLOWS_TEXT_DICTIONARY, _ipv4_text, _ipv6_text, _text
+from tracepipe.lake import implausible_detail
+from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.schema import REJECTS, null_column
+from tracepipe.units import time_window
+
+WINDOW_REJECT = "time outside plausible window"  # lake.split_implausible's reason
 
 try:  # LZO-compressed files (nfcapd -z) are read natively only if python-lzo is installed
     import lzo  # type: ignore[import-not-found]
@@ -67,6 +72,17 @@ COMPRESSION_NAMES = {0: "none", 1: "lzo", 2: "bz2", 3: "lz4"}
 DATA_BLOCK_TYPE_3 = 3  # V3 records
 DATA_BLOCK_TYPE_4 = 4  # array records: nfdump skips them when it prints flows
 MAX_BLOCK_BYTES = 5 * 1048576  # nfdump's BUFFSIZE: no block is larger, compressed or not (the bomb cap)
+# A block expands at most this many times (flow records compress 5-20x; LZ4's format cannot pass ~255x): a
+# 221-byte bz2 block of zeros expanded to 5 MiB, 1 MB of such blocks to 23 GB of records to walk
+MAX_RATIO = 1024
+# Records a block may make the reader walk one at a time in Python (records that are no flows, a run of flows
+# starting, an element of a new flow layout): at most this plus STEPS_PER_BYTE per byte of the block as stored.
+# Runs of one layout, and of one kind of record that is no flow, are read or stepped over with numpy; a file
+# built of ever-changing tiny records (4-byte records of unknown types, 16 k elements each of 4096 V3 records)
+# kept a core busy for minutes per kilobyte
+STEPS_PER_BLOCK = 4096
+STEPS_PER_BYTE = 1
+LAYOUT_CACHE_CHECKS = 1024  # layouts with more header bytes to compare than this are not kept (memory)
 RANGE_RECORDS = 1 << 18  # records a decode worker reads at a time (iter_ranges): ~30 MB in its memory
 RANGE_BLOCKS = (
     4096  # and at most this many blocks (nfcapd's are ~5 MB: only a planted file of tiny ones has more)
@@ -110,6 +126,7 @@ class Exporters:
 
     by_sysid: dict[int, str] = field(default_factory=dict)
     out: dict[str, dict[str, object]] = field(default_factory=dict)
+    ignored: int = 0  # exporter records past limits.exporters distinct addresses
 
     def apply(self, infos: list[tuple[int, bytes]]) -> None:
         """Exporter and sampler records (type, bytes), in file order: a sampler names its exporter by the sysid
@@ -180,19 +197,23 @@ def _decompress(compression: int, data: bytes) -> tuple[memoryview | bytes | Non
     _lz4_holds."""
     if compression == NOT_COMPRESSED:
         return data, len(data), ""
+    most = min(MAX_BLOCK_BYTES, MAX_RATIO * len(data))
     try:
         if compression == LZ4_COMPRESSED:
-            out = pa.Codec("lz4_raw").decompress(data, decompressed_size=MAX_BLOCK_BYTES)
-            return memoryview(out), MAX_BLOCK_BYTES, ""
+            out = pa.Codec("lz4_raw").decompress(data, decompressed_size=most)
+            return memoryview(out), most, ""
         if compression == BZ2_COMPRESSED:
             decompressor = bz2.BZ2Decompressor()
-            out = decompressor.decompress(data, max_length=MAX_BLOCK_BYTES)
+            out = decompressor.decompress(data, max_length=most)
             if not decompressor.eof:
-                more = not decompressor.needs_input
-                return None, 0, "bz2 block larger than 5 MiB" if more else "bz2 block cut short"
+                if decompressor.needs_input:
+                    return None, 0, "bz2 block cut short"
+                if most < MAX_BLOCK_BYTES:
+                    return None, 0, f"bz2 block expands more than {MAX_RATIO} times (a decompression bomb)"
+                return None, 0, "bz2 block larger than 5 MiB"
             return out, len(out), ""
         if compression == LZO_COMPRESSED and lzo is not None:
-            out = lzo.decompress(data, False, MAX_BLOCK_BYTES)
+            out = lzo.decompress(data, False, most)
             return out, len(out), ""
     except (OSError, ValueError, EOFError) as exc:
         return None, 0, f"{COMPRESSION_NAMES.get(compression, compression)} data corrupt: {exc}"
@@ -361,6 +382,7 @@ def _flows(
     """Record arrays -> (FLOWS_TEXT_DICTIONARY table, rejects of rows nfdump's text would not parse); with
     `ipv4_as_integers`, src_addr and dst_addr as integers (netflow.decode_walked)."""
     n = len(cols["first"])
+    earliest, latest = (int(t.timestamp() * 1000) for t in time_window())
     checks = [
         ("bad start time", "ts", cols["first"], cols["first"] < MAX_TIME_TEXT_MS),
         ("bad end time", "te", cols["last"], cols["last"] < MAX_TIME_TEXT_MS),
@@ -368,6 +390,8 @@ def _flows(
         ("bad byte count", "ibyt", cols["bytes"], cols["bytes"] <= MAX_COUNT),
         ("bad input interface", "in", cols["input_if"], cols["input_if"] <= MAX_INT32),
         ("bad output interface", "out", cols["output_if"], cols["output_if"] <= MAX_INT32),
+        # (here, not in the lake's writer, so that the reject says which block: the writer's has no offset)
+        (WINDOW_REJECT, "ts_start", cols["first"], (cols["first"] >= earliest) & (cols["first"] <= latest)),
     ]
     valid = np.ones(n, bool)
     for _, _, _, ok in checks:
@@ -379,7 +403,11 @@ def _flows(
         for i in bad.tolist():  # bad rows only (rare): named by the first field that fails, as the text path
             for reason, name, values, ok in checks:
                 if not ok[i]:
-                    rows.append((int(cols["offset"][i]), reason, f"{name}={int(values[i])}"))
+                    detail = f"{name}={int(values[i])}"
+                    if reason == WINDOW_REJECT:  # (as the lake's writer words it)
+                        ts = pa.array([int(values[i]) * 1000], pa.timestamp("us", "UTC"))
+                        detail = implausible_detail(ts, name)[0].as_py()
+                    rows.append((int(cols["offset"][i]), reason, detail))
                     break
         rejects = rejects_table(rows, source)
         cols = {name: values[valid] if len(values) else values for name, values in cols.items()}
@@ -447,7 +475,11 @@ def _exporter_record(raw: bytes, exporters: Exporters) -> None:
         address = str(ipaddress.IPv6Address(high << 64 | low))
     else:
         return
-    exporters.by_sysid[sysid] = address
+    if address not in exporters.out and len(exporters.out) >= DEFAULT_LIMITS.exporters:
+        exporters.ignored += 1  # (a file naming 200,000 exporters: their samplers are not kept either)
+        return
+    if len(exporters.by_sysid) < DEFAULT_LIMITS.exporters or sysid in exporters.by_sysid:
+        exporters.by_sysid[sysid] = address
     exporters.out.setdefault(address, {"sysid": sysid, "sampling": []})
 
 
@@ -468,7 +500,7 @@ def _sampler_record(raw: bytes, exporters: Exporters) -> None:
         return
     interval = (packets + space) // packets
     sampling = exporters.out[address]["sampling"]
-    if isinstance(sampling, list) and interval not in sampling:
+    if isinstance(sampling, list) and interval not in sampling and len(sampling) < 16:
         sampling.append(interval)
 
 
@@ -485,16 +517,31 @@ def _walk_block(
     infos: list[tuple[int, bytes]],
     layouts: dict[bytes, _Layout],
     copy: bool = False,
+    budget: int | None = None,
 ) -> tuple[int, list[tuple[int, str, str]]]:
     """Read the records of one uncompressed block into `columns` (views into `data`, or copies of the records
     if `copy`: an LZ4 block comes in a 5 MiB buffer, mostly unused) and its exporter and sampler records into
-    `infos` (Exporters.apply). Returns (bytes used, rejects)."""
+    `infos` (Exporters.apply). `budget`: the steps walked in Python it may take (STEPS_PER_BLOCK, ...); the
+    rest of the block is a reject past it. Returns (bytes used, rejects)."""
     buf = np.frombuffer(data, np.uint8, count=min(limit, len(data)))
     limit = len(buf)
+    budget = STEPS_PER_BLOCK + STEPS_PER_BYTE * limit if budget is None else budget
     at = 0
     done = 0
+    steps = 0
     rejects: list[tuple[int, str, str]] = []
     while done < records:
+        steps += 1
+        if steps > budget:
+            rejects.append(
+                (
+                    block_offset,
+                    "nfcapd block too costly",
+                    f"block {number}: {records - done} of {records} records not read (more than {budget} "
+                    "records walked one by one: records that are no flows, or flows of ever new layouts)",
+                )
+            )
+            break
         if at + 4 > limit:
             rejects.append(
                 (
@@ -527,6 +574,9 @@ def _walk_block(
             key = bytes(buf[at : at + 6])  # type, size, element count: then the element headers are checked
             layout = layouts.get(key)
             if layout is None or layout.size != size or not (buf[at + layout.check] == layout.expect).all():
+                steps += int(buf[at + 4]) | int(buf[at + 5]) << 8  # its elements, walked in Python
+                if steps > budget:
+                    continue  # (the reject above, at the top of the loop)
                 layout, problem = _element_layout(buf, at, size)
                 if layout is None:
                     rejects.append(
@@ -535,7 +585,7 @@ def _walk_block(
                     at += size
                     done += 1
                     continue
-                if len(layouts) < 4096:
+                if len(layouts) < 4096 and len(layout.check) <= LAYOUT_CACHE_CHECKS:
                     layouts[key] = layout
             most = min(records - done, (limit - at) // size)
             run = _run_length(buf, at, layout, most)
@@ -546,10 +596,32 @@ def _walk_block(
             continue
         if kind in (EXPORTER_INFO, SAMPLER_INFO):
             infos.append((kind, bytes(buf[at : at + size])))
-        # other types (exporter stats, nbar, interface/vrf names, legacy): no flows; nfdump skips them too
-        at += size
-        done += 1
+            at += size
+            done += 1
+            continue
+        # other types (exporter stats, nbar, interface/vrf names, legacy): no flows; nfdump skips them too. A
+        # run of them of one type and size is stepped over at once
+        run = _same_headers(buf, at, size, min(records - done, (limit - at) // size))
+        at += run * size
+        done += run
     return at, rejects
+
+
+def _same_headers(buf: np.ndarray, start: int, size: int, most: int) -> int:
+    """How many records from `start` on have the same 4-byte header (type and size) as the one there (at
+    least 1, at most `most`), compared at the record stride in growing chunks (as _run_length)."""
+    done, chunk = 1, 64
+    head = buf[start : start + 4]
+    while done < most:
+        n = min(chunk, most - done)
+        base = start + done * size
+        view = np.lib.stride_tricks.as_strided(buf[base:], shape=(n, 4), strides=(size, 1), writeable=False)
+        same = (view == head).all(axis=1)
+        if not same.all():
+            return done + int(np.argmin(same))
+        done += n
+        chunk *= 4
+    return done
 
 
 class Span(NamedTuple):
@@ -592,10 +664,20 @@ def _open(handle: BinaryIO, source: str) -> tuple[int, int] | pa.Table:
     return int(header["compression"]), int(header["num_blocks"])
 
 
-def _spans(handle: BinaryIO, blocks: int) -> Iterator[Span | tuple[int, str, str]]:
+class Skipped(NamedTuple):
+    """A block stepped over with its reject (its size holds and its data is in the file, but it announces no
+    record, or more than a block may hold): the walk goes on after it."""
+
+    offset: int
+    reason: str
+    detail: str
+
+
+def _spans(handle: BinaryIO, blocks: int) -> Iterator[Span | Skipped | tuple[int, str, str]]:
     """The data blocks from their headers only (a read and a seek each). A block that cannot be delimited
-    (header cut short, sizes that lie, data past the end of the file) ends the walk with its reject (offset,
-    reason, detail): nothing after it can be found."""
+    (header cut short, a size of 0, data past the end of the file) ends the walk with its reject (offset,
+    reason, detail): nothing after it can be found. One that can but cannot be read (no records announced,
+    larger than 5 MiB) is Skipped: the blocks after it land (nfdump 1.7.1 stops there)."""
     file_size = os.fstat(handle.fileno()).st_size
     offset = FILE_HEADER.itemsize
     for number in range(blocks):
@@ -610,13 +692,18 @@ def _spans(handle: BinaryIO, blocks: int) -> Iterator[Span | tuple[int, str, str
         block = np.frombuffer(raw, BLOCK_HEADER, count=1)[0]
         size, records, kind = int(block["size"]), int(block["records"]), int(block["type"])
         have = min(size, file_size - offset - BLOCK_HEADER.itemsize)
-        if not (0 < size <= MAX_BLOCK_BYTES and records) or have <= 0:
+        if size <= 0 or have <= 0:
             yield (offset, "nfcapd block sizes lie", f"block {number}: {records} records in {size} bytes")
             return
         if have < size:
             yield (offset, "truncated nfcapd file", f"block {number}: {have} of {size} bytes")
             return
-        yield Span(number, offset, size, records, kind)
+        if size > MAX_BLOCK_BYTES or not records:
+            yield Skipped(
+                offset, "nfcapd block sizes lie", f"block {number}: {records} records in {size} bytes"
+            )
+        else:
+            yield Span(number, offset, size, records, kind)
         offset += BLOCK_HEADER.itemsize + size
 
 
@@ -663,6 +750,9 @@ def iter_nffile(
             return
         compression, blocks = opened
         for span in _spans(handle, blocks):
+            if isinstance(span, Skipped):
+                yield from _emit(columns, [tuple(span)], source)
+                continue
             if not isinstance(span, Span):
                 yield from _emit(columns, [span], source)
                 return
@@ -692,10 +782,12 @@ def iter_ranges(
             return
         compression, blocks = opened
         walk = _spans(handle, blocks)
-        head: list[Span | tuple[int, str, str]] = []
+        head: list[Span | Skipped | tuple[int, str, str]] = []
         total = 0
         for span in walk:
             head.append(span)
+            if isinstance(span, Skipped):
+                continue
             if not isinstance(span, Span):
                 break
             total += span.records
@@ -705,6 +797,9 @@ def iter_ranges(
         taken: list[Span] = []
         count = 0
         for span in itertools.chain(head, walk):
+            if isinstance(span, Skipped):  # (its reject lands apart: ranges() in ingest/flows.py)
+                yield rejects_table([tuple(span)], source)
+                continue
             if not isinstance(span, Span):  # the walk ends here: the blocks before it, then its reject
                 if taken:
                     yield BlockRange(str(path), source, compression, tuple(taken))
@@ -757,13 +852,35 @@ def _read_block(
     plain, limit, problem = _decompress(compression, data)
     if plain is None:
         return [(offset, "corrupt nfcapd block", f"block {number}: {problem}")]
-    before = columns.rows
+    before, infos_before = columns.rows, len(infos)
     lz4 = compression == LZ4_COMPRESSED
-    used, rejects = _walk_block(plain, limit, records, offset, number, columns, infos, layouts, lz4)
+    budget = STEPS_PER_BLOCK + STEPS_PER_BYTE * len(data)  # (per byte as stored: a bomb buys no more)
+    used, rejects = _walk_block(plain, limit, records, offset, number, columns, infos, layouts, lz4, budget)
     if compression == LZ4_COMPRESSED and not _lz4_holds(data, used):
+        # records announced past the real data (walked in the tail of pyarrow's buffer): walk again up to
+        # where the data really ends, so that the records inside it land (the block's count lies, not them)
         columns.drop_since(before)
-        return [(offset, "nfcapd block sizes lie", f"block {number}: records run past its LZ4 data")]
+        del infos[infos_before:]
+        real = _lz4_length(data, used)
+        used, rejects = _walk_block(
+            plain, real, records, offset, number, columns, infos, layouts, lz4, budget
+        )
     return rejects
+
+
+def _lz4_length(data: bytes, over: int) -> int:
+    """The length an LZ4 block decompresses to, known to be below `over`: the smallest output size it
+    decompresses into (a binary search, ~22 decompressions at most; only for a block whose count lies)."""
+    low, high = 0, over - 1  # decompressing into `high` bytes succeeds (_lz4_holds said so)
+    while low < high:
+        mid = (low + high) // 2
+        try:
+            pa.Codec("lz4_raw").decompress(data, decompressed_size=mid)
+        except OSError:
+            low = mid + 1
+        else:
+            high = mid
+    return low
 
 
 def _emit(
