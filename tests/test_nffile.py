@@ -24,6 +24,7 @@ from test_router_exports import combined_capture
 
 from tracepipe.ingest import nffile
 from tracepipe.ingest.nfdump import NfcapdRead, iter_nfcapd, nfcapd_exporters, read_nfcapd
+from tracepipe.lake import Lake
 from tracepipe.schema import FLOWS
 from tracepipe.tools import tool_path
 
@@ -448,3 +449,18 @@ def test_times_outside_the_window_are_rejects_that_name_their_block(three_blocks
     assert flows.num_rows == len(cols["first"]) - 2
     assert [(r["offset"], r["reason"]) for r in rejects.to_pylist()] == [(40, nffile.WINDOW_REJECT)] * 2
     assert rejects.column("detail")[0].as_py().startswith("ts_start=1980-01-01 00:00:00")
+
+
+def test_a_compression_nobody_knows_is_a_reject_through_nfdump(three_blocks, tmp_path):
+    """The native reader hands a compression it does not know to nfdump, which says "Unable to read appendix
+    block" on stderr and exits 0: the file ended with exit 4 and not one reject saying why."""
+    header, blocks, appendix = split(three_blocks)
+    header["compression"] = 200
+    path = tmp_path / "nfcapd.unknown"
+    path.write_bytes(join(header, blocks, appendix))
+    lake = tmp_path / "lake"
+    proc = run_tracepipe("ingest", "netflow", str(path), "--lake", str(lake), "--format", "json")
+    (result,) = json.loads(proc.stdout)["files"]
+    assert result["reader"] == "nfdump" and result["rejects"] == 1, result
+    (reject,) = Lake(lake).read("rejects").to_pylist()
+    assert reject["reason"] == "nfdump could not read the file" and reject["detail"], reject

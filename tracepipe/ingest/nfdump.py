@@ -669,8 +669,11 @@ _SAMPLER_RE = re.compile(r"Sampler:.*?packet interval:\s*(\d+),\s*packet space:\
 
 NO_FLOWS = "No matching flows"  # what nfdump prints (stdout, even with -q) when a file yields no record
 # nfdump 1.7.1 reports a damaged file on stderr and still exits 0 ("Open file X: appendix offset error",
-# "Short read from file: X", "GetNextFile() error in nfdump.c line 295")
-_NFDUMP_READ_ERROR = re.compile(r"error|short read|corrupt|cannot|failed", re.I)
+# "Short read from file: X", "GetNextFile() error in nfdump.c line 295", "Unable to read appendix block" for
+# a compression it does not know)
+_NFDUMP_READ_ERROR = re.compile(
+    r"error|short read|corrupt|cannot|failed|unable|invalid|not supported|unsupported", re.I
+)
 
 
 def looks_like_nfcapd(head: bytes) -> bool:
