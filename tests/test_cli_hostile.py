@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -742,3 +743,29 @@ def test_a_commit_file_delta_rs_cannot_read_is_named_without_a_backtrace(hostile
     assert result.returncode == 4, result.stdout + result.stderr
     assert str(lake / "flows" / "_delta_log") in result.stderr and "backup" in result.stderr, result.stderr
     assert "<unknown>" not in result.stderr and "\\x0a" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("where", ["lake", "tmpdir"])
+def test_key_value_folders_in_the_lake_path_or_the_temp_dir_do_not_break_the_views(
+    hostile_lake, tmp_path, where
+):
+    """Session-24 review: DuckDB takes every `key=value` folder of a path as a hive partition and refuses a scan
+    whose files differ in them: the schema anchor (query.schema_anchor) under a temp dir had `date=` only, so a
+    lake under /srv/env=prod/... (or a TMPDIR with a `=`) failed every query with "Hive partition mismatch"."""
+    lake = tmp_path / "env=prod" / "lake" if where == "lake" else tmp_path / "lake"
+    shutil.copytree(hostile_lake, lake)
+    env = dict(os.environ)
+    if where == "tmpdir":
+        (tmp_path / "t=1").mkdir()
+        env["TMPDIR"] = str(tmp_path / "t=1")
+    for query in ("SELECT count(*) AS n FROM flows", "SELECT count(*) AS n FROM vms"):
+        result = subprocess.run(
+            [sys.executable, "-m", "tracepipe.cli", "sql", query, "--lake", str(lake), "--format", "json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)[0]["n"] >= 1

@@ -464,3 +464,47 @@ def test_a_compression_nobody_knows_is_a_reject_through_nfdump(three_blocks, tmp
     assert result["reader"] == "nfdump" and result["rejects"] == 1, result
     (reject,) = Lake(lake).read("rejects").to_pylist()
     assert reject["reason"] == "nfdump could not read the file" and reject["detail"], reject
+
+
+def test_blocks_stepped_over_are_one_reject_per_run_and_a_file_of_runs_is_given_up(three_blocks, tmp_path):
+    """Session-24 review: every block announcing no record became a reject of its own, and the walk went on:
+    200,000 empty 13-byte blocks (2.6 MB) took 245 s and 940 MB. A run of such blocks is one reject now, and a
+    file of more than MAX_SKIPPED_RUNS runs is given up from there (reads and rejects stay bounded)."""
+    header, blocks, appendix = split(three_blocks)
+    per_block = read_nfcapd(three_blocks)[0].num_rows // 3
+    empty = block(0, b"\0")
+    path = tmp_path / "nfcapd.runs"
+    path.write_bytes(join(header, [blocks[0], *[empty] * 20_000, blocks[1]], appendix))
+    flows, rejects, _ = nffile.read_nffile(path)
+    assert flows.num_rows == 2 * per_block
+    assert [r["detail"] for r in rejects.to_pylist()] == [
+        "blocks 1..20000: 20000 announce no record or more than 5 MiB"
+    ]
+    ranged = [r for r in nffile.iter_ranges(path, "x", parts=4) if isinstance(r, pa.Table)]
+    assert sum(t.num_rows for t in ranged) == 1
+    many = nffile.MAX_SKIPPED_RUNS + 5
+    path.write_bytes(join(header, [blocks[0], *[empty, blocks[1]] * many], appendix))
+    flows, rejects, _ = nffile.read_nffile(path)
+    assert rejects.num_rows == nffile.MAX_SKIPPED_RUNS + 1
+    assert "the rest of the file is not read" in rejects.column("detail")[-1].as_py()
+    assert flows.num_rows == (1 + nffile.MAX_SKIPPED_RUNS) * per_block
+
+
+def test_a_router_without_ntp_dates_every_row_1970_and_the_rejects_cost_no_python_per_row(three_blocks):
+    """Every row outside the window: the rejects are made per check with Arrow, not per row in Python (7 s per
+    5 MiB block before: benchmarks/fuzz_nffile.py's timing shows it), in file order, each named by the first
+    check it fails and its block."""
+    _, blocks, _ = split(three_blocks)
+    data = blocks[0][nffile.BLOCK_HEADER.itemsize :] * 60  # ~28,000 records
+    records = int(np.frombuffer(blocks[0][:4], "<u4")[0]) * 60
+    columns = nffile._Columns()
+    nffile._walk_block(data, len(data), records, 40, 0, columns, [], {})
+    cols = columns.take()
+    n = len(cols["first"])
+    cols["first"][:] = 1_000  # 1970
+    cols["packets"][5] = 10**19  # one row failing an earlier check: named by that one
+    flows, rejects = nffile._flows(cols, "x")
+    assert flows.num_rows == 0 and rejects.num_rows == n
+    reasons = rejects.column("reason").to_pylist()
+    assert reasons[5] == "bad packet count" and rejects.column("detail")[5].as_py() == f"ipkt={10**19}"
+    assert reasons.count(nffile.WINDOW_REJECT) == n - 1 and set(rejects.column("offset").to_pylist()) == {40}

@@ -703,6 +703,15 @@ def test_a_huge_observation_list_is_read_no_further_than_the_cap(tmp_path: Path)
     assert many.rejects[0]["reason"] == "more than 100 observations: the rest is not read"
     assert junk.table.num_rows == 0 and len(junk.rejects) == 101
     assert junk.rejects[-1]["reason"] == "more than 100 rejects: the rest is not read"
+    misp = tmp_path / "misp.json"  # events after the cap add nothing (each added two rejects)
+    bad_events = [{"Event": {"date": "2025-06-17", "Attribute": "x", "Object": 7}}] * 300
+    misp.write_text(json.dumps(bad_events))
+    obs.MAX_OBSERVATIONS = 100
+    try:
+        capped = read_observations(misp)
+    finally:
+        obs.MAX_OBSERVATIONS = cap
+    assert len(capped.rejects) == 101 and capped.rejects[-1]["reason"].startswith("more than 100 rejects")
 
 
 def test_misp_domains_that_are_no_host_names_are_rejects_never_exported(
@@ -721,10 +730,15 @@ def test_misp_domains_that_are_no_host_names_are_rejects_never_exported(
             {"type": "hostname", "value": "\u202eexe.evil.com"},
             {"type": "domain", "value": "Bücher.Example."},
             {"type": "domain", "value": "c2.example.org"},
+            {"type": "hostname", "value": "_dmarc.my_host.example.org"},
         )
     )
     observations = read_observations(event)
-    assert [d["value"] for d in observations.domains] == ["xn--bcher-kva.example", "c2.example.org"]
+    assert [d["value"] for d in observations.domains] == [
+        "xn--bcher-kva.example",
+        "c2.example.org",
+        "_dmarc.my_host.example.org",  # (underscores are DNS names too: review of session 24)
+    ]
     assert [r["ref"] for r in observations.rejects] == ["attribute 2", "attribute 3"]
     pkg = tmp_path / "pkg"
     run = run_in_process("trace", str(event), "--out", str(pkg), "--lake", str(story_lake))

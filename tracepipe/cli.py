@@ -62,6 +62,7 @@ class _Tracepipe(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: typer.Context) -> Any:
+        _OPENED.clear()  # (one command's lakes: the CLI may run several commands in one process)
         try:
             return super().invoke(ctx)
         except (typer.TyperException, typer.Exit, typer.Abort):
@@ -78,9 +79,12 @@ class _Tracepipe(TyperGroup):
             printer = ctx.obj if isinstance(ctx.obj, Printer) else Printer()
             if printer.debug:
                 printer.err.print_exception()
-            from tracepipe.query import damage_error
+            try:  # (the lake may be why it stopped; this must never replace the error with another)
+                from tracepipe.query import damage_error
 
-            damage = damage_error(dict.fromkeys(_OPENED), exc)
+                damage = damage_error(dict.fromkeys(_OPENED), exc)
+            except Exception:
+                damage = None
             if damage is not None:
                 printer.error(str(damage))
             else:

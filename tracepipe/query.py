@@ -157,25 +157,31 @@ def _remove_anchors(folder: Path, owner: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def schema_anchor(name: str, missing: frozenset[str] = frozenset()) -> Path:
+def schema_anchor(name: str, missing: frozenset[str], like: Path) -> Path | None:
     """An empty Parquet file of dataset `name`'s declared columns (but `missing`), written as the lake writes
     them, in this process's own directory (never the lake's, which a planted file could replace): read first by
     every scan, it fixes the types DuckDB binds the view to. DuckDB binds read_parquet on the FIRST file and
     casts the others to it: a file of the log replaced by one whose `bytes` is text turned `flows.bytes` into
     VARCHAR for the whole lake (`who` stopped with an internal error on sum(VARCHAR)). With the anchor first,
     such a file is cast (its rows read as declared) or, when it cannot be, fails naming itself (lake_file_error:
-    `tracepipe repair` takes it out)."""
-    key = (name, missing)
+    `tracepipe repair` takes it out).
+
+    Its path holds the same `key=value` folders as `like` (a file of the scan): DuckDB takes every such folder
+    of a path as a hive partition (`date=...`, and any in the lake's own path: /srv/env=prod/lake) and refuses a
+    scan whose files differ in them. None (no anchor: DuckDB binds on the first file, as before) when this
+    process's temp directory itself holds a `=`."""
     home = anchor_dir()
+    if "=" in str(home):
+        return None
+    keys = tuple(part for part in Path(like).parts if "=" in part)
+    key = (name, missing, keys)
     with _ANCHOR_LOCK:
         known = _ANCHORS.get(key)
     if known is not None and known.exists():
         return known
     dataset = DATASETS[name]
     schema = pa.schema([f for f in dataset.schema if f.name not in missing])
-    folder = home / f"{name}-{len(_ANCHORS)}-{threading.get_ident()}"
-    if dataset.partition_ts is not None:  # (hive partitioning wants every file of the scan under a date=)
-        folder = folder / "date=1970-01-01"
+    folder = home.joinpath(f"{name}-{len(_ANCHORS)}-{threading.get_ident()}", *keys)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "anchor.parquet"
     pq.write_table(schema.empty_table(), path, store_schema=False)
@@ -186,7 +192,8 @@ def schema_anchor(name: str, missing: frozenset[str] = frozenset()) -> Path:
 
 def _read_sql(name: str, paths: list[Path], missing: set[str]) -> str:
     dataset = DATASETS[name]
-    paths = [schema_anchor(name, frozenset(missing)), *paths]
+    anchor = schema_anchor(name, frozenset(missing), paths[0]) if paths else None
+    paths = [anchor, *paths] if anchor is not None else paths
     files = "[" + ", ".join(quote_literal(glob_literal(str(p))) for p in paths) + "]"
     options = "union_by_name = false"
     if dataset.partition_ts is not None:

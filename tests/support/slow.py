@@ -34,4 +34,5 @@ def env_holding_first_write(tmp_path: Path, seconds: float = 3.0) -> dict[str, s
     folder = tmp_path / "slow-first-write"
     folder.mkdir(exist_ok=True)
     (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(seconds=seconds))
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
+    rest = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []  # ("x:" would add the cwd)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(folder), *rest]))

@@ -133,6 +133,8 @@ class _Kept:
         self.full = False
 
     def add(self, result: dict[str, Any] | str, ref: str, detail: Any) -> None:
+        if self.full:  # (the cap's reject is the last word)
+            return
         if isinstance(result, str):
             self.rejects.append(_reject(ref, result, detail))
         else:
@@ -211,6 +213,8 @@ def parse_misp(text: str) -> tuple[list[dict], list[dict], list[dict]]:
     kept, domains = _Kept(), []
     index = 0
     for number, event in enumerate(events, start=1):
+        if kept.full:
+            break
         attributes = _listed(event.get("Attribute"), f"event {number} Attribute", kept)
         for obj in _listed(event.get("Object"), f"event {number} Object", kept):
             if isinstance(obj, dict):
@@ -258,12 +262,12 @@ def _listed(value: Any, where: str, kept: _Kept) -> list[Any]:
     return []
 
 
-_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")  # (`_` too: _dmarc.example.org, dynamic-DNS C2 names)
 
 
 def hostname(text: str) -> str | None:
     """A DNS host name as the exports carry it (lower case, internationalised names in their xn-- form), or
-    None: labels of letters, digits and '-', 253 characters at most. A MISP domain with a newline, a quote or a
+    None: labels of letters, digits, '-' and '_', 253 characters at most. A MISP domain with a newline, a quote or a
     bidi override went into the STIX bundle as it was (invalid there) and into the MISP export."""
     name = text.strip().lower().removesuffix(".")
     try:
