@@ -391,3 +391,51 @@ def test_a_log_that_grew_lands_only_its_new_lines_and_a_rotated_one_lands_whole(
     log.write_text("Mar 13 00:00:01 web-01 sshd[1]: Failed password for root from 203.0.113.5 port 7 ssh2\n")
     report, _ = ingest_syslog(lake, [log], year=2024)
     assert (report.rows, report.duplicates) == (1, 0) and len(rows()) == 12
+
+
+def test_a_file_across_new_year_read_with_year_goes_on_into_the_next(tmp_path):
+    """Session-24 hostile review: with `--year 2024`, "Jan  1" after "Dec 31" landed in January 2024, eleven
+    months early (and on that time's leases): no single --year dated such a file. --year is now the year of
+    the first line, and a month that falls back 6 or more (Dec -> Jan) starts the next, across blocks too."""
+    from tracepipe.ingest.syslog import YearWraps
+
+    text = "Dec 31 23:59:58 h sshd[1]: a\nJan  1 00:00:01 h sshd[1]: b\nJan  1 00:00:02 h sshd[1]: c\n"
+    logs, _ = parse_syslog(text, "x", wraps=YearWraps(2024))
+    assert [t.year for t in logs.column("ts").to_pylist()] == [2024, 2025, 2025]
+    wraps = YearWraps(2024)
+    first, _ = parse_syslog("Dec 31 23:59:58 h sshd[1]: a\n", "x", wraps=wraps)
+    second, _ = parse_syslog("Jan  1 00:00:01 h sshd[1]: b\n", "x", wraps=wraps, first_line=2)
+    assert (first.column("ts")[0].as_py().year, second.column("ts")[0].as_py().year) == (2024, 2025)
+    path = tmp_path / "auth.log"
+    path.write_text(text)
+    lake = tmp_path / "lake"
+    ingest_syslog(Lake(lake), [path], year=2024, sender_addr="192.0.2.1")  # what `--year 2024` passes
+    years = duckdb.sql(
+        f"SELECT year(ts) FROM ({scan_sql('vm_logs', Lake(lake).entries('vm_logs'))}) ORDER BY line"
+    )
+    assert [r[0] for r in years.fetchall()] == [2024, 2025, 2025]
+
+
+def test_feb_29_is_read_in_the_leap_year_it_names():
+    """A "Feb 29" line read with a 2025 mtime was "bad syslog timestamp": parsed in 2025 (no such day) before
+    the roll back to 2024; and rolled back from 2024 it became 2023-02-28, a day the line never named."""
+    logs, rejects = parse_syslog(
+        "Feb 29 10:00:00 h app: leap\n", "x", year=2025, reference=dt.datetime(2025, 1, 15, tzinfo=dt.UTC)
+    )
+    assert (
+        logs.column("ts").to_pylist() == [dt.datetime(2024, 2, 29, 10, tzinfo=dt.UTC)]
+        and not rejects.num_rows
+    )
+    logs, rejects = parse_syslog(
+        "Feb 29 10:00:00 h app: leap\n", "x", year=2024, reference=dt.datetime(2024, 1, 15, tzinfo=dt.UTC)
+    )
+    assert logs.num_rows == 0 and rejects.column("reason").to_pylist() == ["bad syslog timestamp"]
+
+
+def test_a_pri_of_many_digits_keeps_its_line():
+    """<42949672950> (11 digits) made the line "unknown syslog format" and its sshd failure vanished; any PRI
+    above 191 keeps the line (facility and severity unknown), as the README says."""
+    text = "<42949672950>Mar 12 07:41:02 web-01 sshd[1]: Failed password for root from 198.51.100.9 port 1 ssh2\n"
+    logs, rejects = parse_syslog(text, "x", year=2024)
+    assert logs.column("auth_event").to_pylist() == ["failed"]
+    assert rejects.column("reason").to_pylist()[0].startswith("invalid PRI")

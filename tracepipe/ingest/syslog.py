@@ -20,6 +20,7 @@ address (given, or a hostname that is an IP address, as rsyslog writes %fromhost
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 
 import polars as pl
 import pyarrow as pa
@@ -29,7 +30,7 @@ from tracepipe.units import canonical_addresses, time_window
 
 # Header regexes capture the short fields only and end where the rest begins: the rest is cut off with a
 # regex replace, which is many times faster than capturing `(.*)` (Rust regex captures run the slower engine).
-_PRI = r"^(?:<(?P<pri>\d{1,10})>)?"  # any digits: a PRI above MAX_PRI is read, then marked invalid
+_PRI = r"^(?:<(?P<pri>\d{1,64})>)?"  # any digits: a PRI above MAX_PRI is read, then marked invalid
 MAX_PRI = 191  # RFC 5424 6.2.1 / RFC 3164 4.1.1: facility 23 * 8 + severity 7 (rsyslog's LOG_MAXPRI)
 RFC5424 = (
     _PRI + r"1 (?P<ts>\S+) (?P<host>\S+) (?P<app>\S+) (?P<pid>\S+) (?P<msgid>\S+) "
@@ -78,6 +79,25 @@ def _parse_5424_ts(col: pl.Expr) -> pl.Expr:
     )
 
 
+@dataclass
+class YearWraps:
+    """The year of RFC 3164 lines read in file order when it is given (`--year`: the year of the file's first
+    line): a line whose month lies 6 or more months before the previous line's (Dec -> Jan) starts the next year.
+    Without it, a file across New Year read with `--year 2024` put its January lines in January 2024, eleven
+    months early (and on the leases of that time). Kept across the blocks of one file."""
+
+    year: int
+    month: int | None = None
+
+
+_MONTHS = {
+    m: i
+    for i, m in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
+    )
+}
+
+
 def parse_syslog(
     text: str,
     source: str = "",
@@ -86,12 +106,14 @@ def parse_syslog(
     tz: str = "UTC",
     sender_addr: str | None = None,
     first_line: int = 1,
+    wraps: YearWraps | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Syslog text -> (vm_logs without vm_id, rejects). `year` and `tz` complete RFC 3164 timestamps,
     which carry neither; `reference` (default: now) is the latest plausible time (the file's mtime).
-    `first_line` numbers the lines of a block cut out of a bigger file."""
+    `first_line` numbers the lines of a block cut out of a bigger file. `wraps`: the year as the file goes
+    (YearWraps; `year` is then ignored)."""
     reference = reference or dt.datetime.now(dt.UTC)
-    year = year or reference.year
+    year = wraps.year if wraps is not None else (year or reference.year)
     lines = pl.DataFrame(
         {"raw": pl.Series(text.split("\n"), dtype=pl.String).str.strip_chars_end("\r")}
     ).with_row_index("line", offset=first_line)
@@ -135,15 +157,43 @@ def parse_syslog(
         .otherwise(pl.col("rest"))
         .alias("msg"),
     )
-    local = (
-        (pl.lit(f"{year} ") + pl.col("ts").str.replace_all(r" +", " "))
-        .str.to_datetime("%Y %b %d %H:%M:%S", strict=False)
-        .dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
-        .dt.convert_time_zone("UTC")
-    )
-    # a "Dec 31" line read in January belongs to the previous year
+    if (
+        wraps is not None
+    ):  # the year as the file goes: +1 at each month that falls back 6 or more (Dec -> Jan)
+        month = (
+            pl.when(pl.col("shape") == "3164")
+            .then(pl.col("ts").str.slice(0, 3).replace_strict(_MONTHS, default=None, return_dtype=pl.Int32))
+            .forward_fill()
+        )
+        parsed = parsed.with_columns(month.alias("_month"))
+        before = (
+            pl.col("_month").shift(1).fill_null(wraps.month if wraps.month is not None else pl.col("_month"))
+        )
+        step = ((before - pl.col("_month")) >= 6).fill_null(False).cast(pl.Int32).cum_sum()
+        parsed = parsed.with_columns((pl.lit(year) + step).alias("_year"))
+        if parsed.height:
+            last = parsed.select(pl.col("_year").last(), pl.col("_month").drop_nulls().last()).row(0)
+            wraps.year = int(last[0])
+            wraps.month = wraps.month if last[1] is None else int(last[1])
+        line_year = pl.col("_year")
+    else:
+        line_year = pl.lit(year)
+
+    def local_time(years: pl.Expr) -> pl.Expr:
+        return (
+            (years.cast(pl.String) + pl.lit(" ") + pl.col("ts").str.replace_all(r" +", " "))
+            .str.to_datetime("%Y %b %d %H:%M:%S", strict=False)
+            .dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
+            .dt.convert_time_zone("UTC")
+        )
+
+    # a "Dec 31" line read in January belongs to the previous year; so does "Feb 29" read in 2025 (parsed in
+    # 2024, not clamped to a Feb 28 the line never said: read in the year it names, or rejected)
     limit = pl.lit(reference + dt.timedelta(days=1)).dt.convert_time_zone("UTC")
-    local = pl.when(local > limit).then(local.dt.offset_by("-1y")).otherwise(local)
+    this_year, year_before = local_time(line_year), local_time(line_year - 1)
+    local = pl.when(this_year.is_not_null() & (this_year <= limit)).then(this_year).otherwise(year_before)
+    if wraps is not None:  # (the year is given: a Feb 29 that year has not is no date, not the year before's)
+        local = pl.when(this_year.is_null()).then(None).otherwise(local)
     parsed = parsed.with_columns(
         pl.when(pl.col("shape") == "3164").then(local).otherwise(_parse_5424_ts(pl.col("ts"))).alias("ts_utc")
     )

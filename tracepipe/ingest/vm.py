@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.fsutil import input_problem
 from tracepipe.ingest.cloud import FORMATS, parse_cloud_text
-from tracepipe.ingest.syslog import parse_syslog
+from tracepipe.ingest.syslog import YearWraps, parse_syslog
 from tracepipe.lake import IngestResult, Lake, hash_bytes, hash_file, ingest_table
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, read_text_bounded, too_long_rejects
@@ -364,6 +364,7 @@ def ingest_syslog_files(
         mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
         source = str(path.absolute())
         known = _KnownLines(lake, source)
+        wraps = YearWraps(year) if year is not None else None  # (--year: the first line's; Dec -> Jan: +1)
         with lake.ingest("vm_logs", source, content_hash) as writer:
             # in blocks of whole lines: memory stays bounded on big files, line numbers stay exact
             for block in _line_blocks(path):
@@ -375,6 +376,7 @@ def ingest_syslog_files(
                     tz=tz,
                     sender_addr=sender_addr,
                     first_line=block.first_line,
+                    wraps=wraps,
                 )
                 writer.write(known.new(logs))
                 if block.too_long:
