@@ -299,7 +299,7 @@ def test_out_of_range_numbers_are_rejects_not_overflows():
     text = "\n".join(
         [line % ("1e300", ""), line % ("1.5", ',"duration":1e300'), line % ("1.5", ',"duration":-1')]
     )
-    flows, rejects, _ = parse_conn_log((text + "\n" + line % ("1.5", "") + "\n").encode(), "x")
+    flows, rejects, _ = parse_conn_log((text + "\n" + line % ("1710237600.5", "") + "\n").encode(), "x")
     assert [(r["line"], r["reason"]) for r in rejects.to_pylist()] == [
         (1, "bad time"),
         (2, "bad duration"),
@@ -420,3 +420,17 @@ def test_a_truncated_gzip_lands_what_came_before_the_cut(tmp_path):
     complete, _, _ = parse_conn_log(whole, "x")
     assert 0 < flows.num_rows < complete.num_rows
     assert rejects.column("reason").to_pylist()[-1] == "truncated gzip"
+
+
+def test_a_start_outside_the_window_is_one_reject_with_its_line():
+    """The lake's writer rejected such a connection once per direction (two rows) and named no line."""
+    lines = WRCCDC.read_bytes().split(b"\n")
+    header = [x for x in lines if x.startswith(b"#") and not x.startswith(b"#close")]
+    rows = [x for x in lines if x and not x.startswith(b"#")]
+    old = b"1.0" + rows[0][rows[0].index(b"\t") :]
+    flows, rejects, _ = parse_conn_log(b"\n".join([*header, old, rows[1]]) + b"\n", "x")
+    assert [(r["line"], r["reason"]) for r in rejects.to_pylist()] == [
+        (len(header) + 1, "time outside plausible window")
+    ]
+    assert rejects.column("detail")[0].as_py().startswith("ts_start=1970-01-01 00:00:01")
+    assert flows.num_rows >= 1

@@ -45,6 +45,7 @@ from tracepipe.ingest.delimited import (
     read_block,
     rejects_table,
 )
+from tracepipe.lake import implausible_detail, plausible_times
 from tracepipe.limits import iter_line_blocks, too_long_rejects
 from tracepipe.schema import FLOW_LABELS, FLOWS, TS
 
@@ -246,6 +247,14 @@ def _connections(
         ("negative duration", pc.greater_equal(duration, 0), typed["duration"]),
     ]
     valid, reason, detail = first_failure(checks, n)
+    # a start outside units.time_window is rejected here, once per line (the lake's own check, split_implausible,
+    # named no line and counted a connection twice: one row per direction)
+    starts = pc.cast(typed["ts"], TS)
+    outside = pc.and_(valid, pc.invert(plausible_times(starts)))
+    if n and pc.any(outside).as_py():
+        valid = pc.and_(valid, pc.invert(outside))
+        reason = pc.if_else(outside, "time outside plausible window", reason)
+        detail = pc.if_else(outside, implausible_detail(starts, "ts_start"), detail)
     rejects = rejects_table(
         lines.filter(pc.invert(valid)),
         detail.filter(pc.invert(valid)),
