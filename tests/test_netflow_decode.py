@@ -726,3 +726,45 @@ def test_ipfix_sequence_numbering_rfc_and_softflowd_without_false_gaps(inclusive
     assert (result.stats[EXPORTER]["sequence_gaps"], result.stats[EXPORTER]["lost"]) == (0, 0)
     dropped, _ = decode(messages[:4] + messages[5:])  # the message of 1 record lost
     assert (dropped.stats[EXPORTER]["sequence_gaps"], dropped.stats[EXPORTER]["lost"]) == (1, 1)
+
+
+def test_v5_sequence_numbers_are_followed_per_engine():
+    """Session-24 hostile review: one sender with two v5 engines (engine_id 0 and 1, each numbering its flows
+    from its own start) was followed as one sequence: 1 gap and 997 flows "lost" when none was. nfdump keeps the
+    engines of an exporter apart; so does the decoder now. A real gap in one engine still counts."""
+
+    def v5(seq: int, engine_id: int, src: int) -> bytes:
+        header = struct.pack(">HHIIIIBBH", 5, 1, 100_000, 1_750_000_000, 0, seq, 0, engine_id, 0)
+        record = struct.pack(
+            ">IIIHHIIIIHHBBBBHHBBH",
+            0x0A000000 + src,
+            0x0A000002,
+            0,
+            1,
+            2,
+            3,
+            300,
+            1000,
+            2000,
+            1234,
+            80,
+            0,
+            0x12,
+            6,
+            0,
+            0,
+            0,
+            24,
+            24,
+            0,
+        )
+        return header + record
+
+    order = [(0, 0), (1000, 1), (1, 0), (1001, 1), (2, 0), (1002, 1), (5, 0)]  # engine 0 then skips 3 and 4
+    payloads = [v5(seq, engine, i) for i, (seq, engine) in enumerate(order)]
+    decoded = decode_datagrams(
+        payloads, ["192.0.2.10"] * len(payloads), np.zeros(len(payloads), np.int64), None, "x", DecoderState()
+    )
+    assert decoded.flows.num_rows == len(order)
+    stats = decoded.stats["192.0.2.10"]
+    assert (stats["sequence_gaps"], stats["lost"]) == (1, 2)

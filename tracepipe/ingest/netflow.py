@@ -1334,7 +1334,10 @@ def _walk_fixed(
     sampling = -1
     if version != 1:
         seq = _U32.unpack_from(payload, 16)[0]
-        _track_sequence(batch, exporter, (exporter, version, 0), seq, count)
+        # v5: each engine (type, id: bytes 20-21) of an exporter numbers its flows on its own, as nfdump keeps
+        # them apart: one sequence for all made up losses of 997 between two engines of one sender
+        engine = _U16.unpack_from(payload, 20)[0] if version == 5 else 0
+        _track_sequence(batch, exporter, (exporter, version, engine), seq, count)
         if version == 5:
             interval = _U16.unpack_from(payload, 22)[0] & 0x3FFF  # top 2 bits: sampling mode
             if interval > 0:
