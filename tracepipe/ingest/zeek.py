@@ -433,15 +433,16 @@ def _tsv_segment(
         return FLOWS.empty_table(), line_rejects(kept, layout.problem, source), FLOW_LABELS.empty_table()
     assert layout.fields is not None
     include = [f for f in USED if f in layout.fields] + ([layout.label] if layout.label else [])
-    segment, renumber = _without_blank_lines(segment)
+    compact, renumber = _without_blank_lines(segment)
     try:
-        table, lines, invalid = read_block(segment, 1, layout.separator, layout.fields, include)
+        table, lines, invalid = read_block(compact, 1, layout.separator, layout.fields, include)
         # (line numbers of the compacted segment -> the file's)
         lines = pa.array(renumber[np.asarray(lines, np.int64) - 1] + first_line)
         invalid = [(int(renumber[n - 1]) + first_line, text) for n, text in invalid]
     except pa.ArrowException as exc:  # what pyarrow cannot split at all: every line of it, with the reason
         layout_problem, layout.problem = layout.problem, f"unreadable: {str(exc)[:80]}"
         try:
+            # (the segment as it was, blank lines and all: its line numbers are the file's)
             return _tsv_segment(segment, first_line, layout, source)
         finally:
             layout.problem = layout_problem
