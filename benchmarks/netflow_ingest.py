@@ -374,6 +374,12 @@ def replay_to_nfcapd(pcap: Path, workdir: Path) -> Path:
     files = sorted(p for p in out_dir.glob("nfcapd.*") if ".current." not in p.name)
     if not files:
         raise SystemExit(f"nfcapd wrote no file: {(workdir / 'nfcapd.log').read_text()}")
+    if len(files) > 1:
+        # the replay crossed nfcapd's rotation (-t 3600 rotates at the wall clock's full hour): nfdump merges the
+        # parts into one file (session 24: a 10 M run at 08:59 measured nfdump on the first 5.7 M records only)
+        merged = workdir / f"nfcapd-{pcap.stem}.merged"
+        subprocess.run([tool_path("nfdump"), "-R", str(out_dir), "-w", str(merged)], check=True, timeout=600)
+        return merged
     return files[0]
 
 
