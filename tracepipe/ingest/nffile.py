@@ -278,10 +278,12 @@ def _element_layout(buf: np.ndarray, start: int, size: int) -> tuple[_Layout | N
     )
 
 
-def _run_length(buf: np.ndarray, start: int, layout: _Layout, most: int) -> int:
-    """How many records from `start` on share `layout` (at most `most`): compared at the record stride, in
-    growing chunks so that a short run costs little."""
-    size = layout.size
+def _run_length(
+    buf: np.ndarray, start: int, size: int, most: int, check: np.ndarray, expect: np.ndarray
+) -> int:
+    """How many records of `size` bytes from `start` on hold `expect` at their byte positions `check` (at least
+    1, at most `most`): a run of one flow layout, or of one kind of record that is no flow (_HEADER: its type
+    and size). Compared at the record stride, in growing chunks so that a short run costs little."""
     done = 1
     chunk = 64
     while done < most:
@@ -290,12 +292,15 @@ def _run_length(buf: np.ndarray, start: int, layout: _Layout, most: int) -> int:
         view = np.lib.stride_tricks.as_strided(
             buf[base:], shape=(n, size), strides=(size, 1), writeable=False
         )
-        same = (view[:, layout.check] == layout.expect).all(axis=1)
+        same = (view[:, check] == expect).all(axis=1)
         if not same.all():
             return done + int(np.argmin(same))
         done += n
         chunk *= 4
     return done
+
+
+_HEADER = np.arange(4)  # a record's type and size
 
 
 _NUMERIC = {
@@ -606,7 +611,7 @@ def _walk_block(
                 if len(layouts) < 4096 and len(layout.check) <= LAYOUT_CACHE_CHECKS:
                     layouts[key] = layout
             most = min(records - done, (limit - at) // size)
-            run = _run_length(buf, at, layout, most)
+            run = _run_length(buf, at, size, most, layout.check, layout.expect)
             arr = np.frombuffer(buf, layout.dtype, count=run, offset=at)
             columns.add(arr.copy() if copy else arr, layout, block_offset)
             at += run * size
@@ -619,27 +624,11 @@ def _walk_block(
             continue
         # other types (exporter stats, nbar, interface/vrf names, legacy): no flows; nfdump skips them too. A
         # run of them of one type and size is stepped over at once
-        run = _same_headers(buf, at, size, min(records - done, (limit - at) // size))
+        most = min(records - done, (limit - at) // size)
+        run = _run_length(buf, at, size, most, _HEADER, buf[at : at + 4])
         at += run * size
         done += run
     return at, rejects
-
-
-def _same_headers(buf: np.ndarray, start: int, size: int, most: int) -> int:
-    """How many records from `start` on have the same 4-byte header (type and size) as the one there (at
-    least 1, at most `most`), compared at the record stride in growing chunks (as _run_length)."""
-    done, chunk = 1, 64
-    head = buf[start : start + 4]
-    while done < most:
-        n = min(chunk, most - done)
-        base = start + done * size
-        view = np.lib.stride_tricks.as_strided(buf[base:], shape=(n, 4), strides=(size, 1), writeable=False)
-        same = (view == head).all(axis=1)
-        if not same.all():
-            return done + int(np.argmin(same))
-        done += n
-        chunk *= 4
-    return done
 
 
 class Span(NamedTuple):

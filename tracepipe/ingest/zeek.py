@@ -92,9 +92,6 @@ class _CutGzip:
             have += len(piece)
         return b"".join(parts)
 
-    def readline(self, size: int = -1) -> bytes:
-        return self._file.readline(size)
-
     def close(self) -> None:
         self._file.close()
 
