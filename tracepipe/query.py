@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from tracepipe.correlate import VMS_COMPLETE
 from tracepipe.errors import EXIT_OK, LakeError, TracepipeError, UsageError
-from tracepipe.lake import MANIFEST_DIR, FileEntry, Lake
+from tracepipe.lake import MANIFEST_DIR, PARTITION, FileEntry, Lake
 from tracepipe.schema import DATASETS
 from tracepipe.units import parse_addr, parse_duration, parse_time  # noqa: F401 (re-exported)
 
@@ -134,7 +134,7 @@ def _footer_columns(path: Path, names: frozenset[str]) -> frozenset[str]:
         return names
 
 
-_ANCHORS: dict[tuple[str, frozenset[str]], Path] = {}
+_ANCHORS: dict[tuple[str, frozenset[str], tuple[str, ...]], Path] = {}
 _ANCHOR_LOCK = threading.Lock()
 _ANCHOR_DIR: list[Path] = []  # this process's own (mkdtemp, 0700), removed at exit
 
@@ -173,7 +173,13 @@ def schema_anchor(name: str, missing: frozenset[str], like: Path) -> Path | None
     home = anchor_dir()
     if "=" in str(home):
         return None
-    keys = tuple(part for part in Path(like).parts if "=" in part)
+    # (the day's own value made constant: a service running for years would make an anchor per day otherwise;
+    # `date` is typed by hive_types, any other key keeps its value, and so its inferred type)
+    keys = tuple(
+        f"{PARTITION}=1970-01-01" if part.startswith(f"{PARTITION}=") else part
+        for part in Path(like).parts
+        if "=" in part
+    )
     key = (name, missing, keys)
     with _ANCHOR_LOCK:
         known = _ANCHORS.get(key)
