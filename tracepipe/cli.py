@@ -158,9 +158,8 @@ LakeOption = Annotated[
 FormatOption = Annotated[OutputFormat, typer.Option("--format", help="table for people, json for scripts.")]
 
 
-_OPENED: list[
-    Path
-] = []  # the lakes this command opened (open_lake): where an unexpected error looks for damage
+# the lakes this command opened (open_lake): where an unexpected error looks for damage (query.damage_error)
+_OPENED: list[Path] = []
 
 
 def open_lake(path: Path | None) -> Lake:
