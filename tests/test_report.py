@@ -291,3 +291,24 @@ def test_report_without_alerts_says_so(lake: Lake, tmp_path: Path) -> None:
     assert "No alerts in this window." in html
     assert html.count("<svg") == 1  # the traffic chart only
     assert json.loads(paths["json"].read_text())["summary"]["alerts"] == 0
+
+
+def test_forged_counters_summing_past_2_64_still_give_a_report(tmp_path: Path) -> None:
+    # hostile review: 20 records of ~10^18 bytes (nfdump CSV's cap) or 3 of 2^63-1 (NetFlow's) beside a scan:
+    # DuckDB summed them exactly (HUGEINT) and the chart renderer refused the number: every sweep of that
+    # window ended "internal error" after writing its alerts, no summary and no report. Sums saturate as the
+    # detectors' do
+    flows = _flows()
+    forged = flows.slice(0, 3)
+    forged = forged.set_column(
+        forged.schema.get_field_index("bytes"), "bytes", pa.array([2**63 - 1] * 3, pa.int64())
+    )
+    lake = Lake(tmp_path / "lake")
+    ingest_table(lake, "flows", "test-flows", "h-flows", [flows, forged])
+    paths = render_report(lake, _alerts(), tmp_path / "out", "forged", WINDOW)
+    data = json.loads(paths["json"].read_text())
+    assert paths["html"].read_text().count("<svg") >= 2
+    scan = next(a for a in data["alerts"] if a["alert_id"] == "scan-1")
+    cap = 2**62
+    assert max(p["bytes_out"] for p in scan["top_peers"]) == cap
+    assert max(r["bytes"] for r in scan["timeline"]) == cap

@@ -126,6 +126,9 @@ BAD_PIPELINES = [
     ),
     ('[pipeline]\nname = "x"\n[detectorz]\nfoo = 1\n', 3, "detectorz", "unknown key"),
     ('[model]\nenabled = "yes"\n', 2, "model.enabled", "expected true/false"),
+    # a review: 0.5 was floored to a zero window (ZeroDivisionError, exit 4)
+    ("[detectors.long_connection]\nwindow = 0.5\n", 2, "detectors.long_connection.window", "must be >= 1"),
+    ('[detectors.beacon]\nwindow = "90.5s"\n', 2, "detectors.beacon.window", "no whole number of seconds"),
 ]
 
 
@@ -414,3 +417,22 @@ def test_unwritable_report_dir_is_exit_4_and_alerts_stay(story_lake, tmp_path):
         run_sweep(lake, pipeline, *story.last_day)
     assert info.value.exit_code == EXIT_FAILED
     assert lake.read("alerts").num_rows > 0
+
+
+def test_a_report_that_fails_inside_keeps_the_summary_and_exit_code(story_lake, tmp_path, monkeypatch):
+    # hostile review: the HTML report raised a chart library's ValueError (a sum of forged counters past
+    # 2^64) after the alerts were written: the sweep ended "internal error", exit 4, with no summary. A
+    # report that cannot be made is a note; the JSON report, the alerts and the exit code stand
+    import tracepipe.report
+
+    def broken(*args, **kwargs):
+        raise ValueError("integer 19999999999999999980 as u128")
+
+    monkeypatch.setattr(tracepipe.report, "render_report", broken)
+    lake, story, _ = story_lake
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(pipeline_text(tmp_path / "reports").replace("html = false", "html = true"))
+    result = run_sweep(lake, pipeline, *story.last_day)
+    assert result.exit_code in (EXIT_OK, EXIT_FOUND)
+    assert any("HTML report failed: internal error (ValueError: integer" in n for n in result.notes)
+    assert result.report_paths["json"].is_file()

@@ -602,7 +602,11 @@ def sql_command(
     ] = None,
     file: Annotated[Path | None, typer.Option("-f", "--file", help="Read the SQL from this file.")] = None,
     fmt: Annotated[
-        SqlFormat, typer.Option("--format", help="table, csv, json, or parquet (with --output).")
+        SqlFormat,
+        typer.Option(
+            "--format",
+            help="table, csv (formula-like text cells prefixed with '), json, or parquet (with --output).",
+        ),
     ] = SqlFormat.table,
     output: Annotated[
         Path | None,

@@ -81,6 +81,17 @@ class Limits:
 
 DEFAULT = Limits()
 
+# byte and packet sums saturate instead of wrapping: the counters are the exporters' to set, and one forged
+# record of 2^64-1 bytes (clipped to 2^63-1 by the decoder) made a host's Int64 sum wrap negative: its
+# exfiltration alert was gone; sums past 2^64 ended every sweep report of their window (hostile reviews).
+# 2^62 is beyond every threshold (detect.features.saturating_sum)
+SUM_CAP = 2**62
+
+
+def saturating_sum_sql(expr: str) -> str:
+    """SQL sum(expr) as a BIGINT of at most SUM_CAP (DuckDB sums BIGINT exactly, as HUGEINT)."""
+    return f"CAST(least(sum({expr}), {SUM_CAP}) AS BIGINT)"
+
 
 # ---- JSON ---------------------------------------------------------------------------------------------------
 

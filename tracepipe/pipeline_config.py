@@ -297,7 +297,8 @@ class Range:
 # By key name, wherever the key occurs (every detector's `window`, ...); a number not named here: >= 0.
 RANGES: dict[str, Range] = {
     "last": Range(0, above=True),  # the sweep window
-    "window": Range(0, above=True),  # detector windows: a zero window divides by zero
+    # detector windows, whole seconds: a zero window divides by zero, and 0.5 s was floored to 0 (a review)
+    "window": Range(1),
     "max_gap": Range(0, above=True),
     "night_start_hour": Range(0, 23),
     "night_end_hour": Range(0, 23),
@@ -372,7 +373,10 @@ def _convert(value: Any, tp: Any, where: str, fail) -> Any:
             seconds = parse_duration(value).total_seconds()
         except UsageError as exc:
             fail(where, str(exc))
-        return Duration(_in_range(seconds, where, fail))
+        _in_range(seconds, where, fail)
+        if where.rpartition(".")[2] == "window" and seconds != int(seconds):
+            fail(where, f"{value!r} is no whole number of seconds (windows start on whole seconds)")
+        return Duration(seconds)
     if tp is bool:
         if not isinstance(value, bool):
             fail(where, f"expected {_type_name(tp)}, got {value!r}")

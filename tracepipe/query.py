@@ -898,6 +898,27 @@ def check_output(fmt: str, output: Path | None, lake_root: Path, force: bool = F
         )
 
 
+def spreadsheet_safe(table: pa.Table) -> pa.Table:
+    """`table` for a CSV someone may open in a spreadsheet: text cells starting with = + - @ TAB or CR (a formula
+    to Excel and LibreOffice: a VM name, user or log line is the attacker's to choose) get a leading ' (OWASP's
+    advice), which spreadsheets show as text and hide. Other cells, and every value of JSON or Parquet output,
+    stay exact."""
+    import pyarrow.compute as pc
+
+    for index, name in enumerate(table.column_names):
+        column = table.column(name)
+        if pa.types.is_dictionary(column.type) and pa.types.is_string(column.type.value_type):
+            column = column.cast(pa.string())
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            guarded = pc.if_else(
+                pc.match_substring_regex(column, r"^[=+\-@\t\r]"),
+                pc.binary_join_element_wise("'", column, ""),
+                column,
+            )
+            table = table.set_column(index, name, guarded)
+    return table
+
+
 def export_result(
     relation: duckdb.DuckDBPyRelation, fmt: str, output: Path | None, lake_root: Path, force: bool = False
 ) -> str | None:
@@ -920,7 +941,7 @@ def export_result(
 
         buffer = io.BytesIO()
         try:
-            pacsv.write_csv(table, buffer)
+            pacsv.write_csv(spreadsheet_safe(table), buffer)
         except pa.ArrowException as exc:
             raise UsageError(
                 f"cannot write this result as CSV: {exc}; cast the column to text in the query "

@@ -383,8 +383,14 @@ def write_reports(lake: Lake, config: PipelineConfig, result: SweepResult) -> di
                 lake, result.alerts, out_dir, title, (result.since, result.until), result.suppressed
             )
             paths.update({k if k == "html" else f"report_{k}": Path(v) for k, v in (rendered or {}).items()})
-        except TracepipeError as exc:
-            result.notes.append(f"HTML report failed: {exc}")
+        except Exception as exc:
+            # the alerts are in the lake and the JSON report by now: one chart or look-up the report cannot
+            # make must not take the summary and the exit code with it (a sum past 2^64 of forged counters did)
+            if isinstance(exc, TracepipeError):
+                reason = str(exc)
+            else:
+                reason = damage_error([lake.root], exc) or f"internal error ({type(exc).__name__}: {exc})"
+            result.notes.append(f"HTML report failed: {reason[:2000]}")
     return paths
 
 

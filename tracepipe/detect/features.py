@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from tracepipe.flowstate import failed_attempt
 from tracepipe.lake import Lake
+from tracepipe.limits import SUM_CAP
 from tracepipe.schema import FLOWS
 from tracepipe.units import parse_network
 
@@ -62,11 +63,8 @@ FEATURE_PERIOD_IGNORED_PORTS = (53, 123)
 
 
 # ---- time --------------------------------------------------------------------------------------------------
-# byte and packet sums saturate instead of wrapping: the counters are the exporters' to set, and one forged
-# record of 2^64-1 bytes (clipped to 2^63-1 by the decoder) made a host's Int64 sum wrap negative: its
-# exfiltration alert was gone (hostile review). Summed exactly in Int128 (whatever the order rows come in: the
-# streaming engine's, a host bucket's), then capped at 2^62 (beyond every threshold)
-SUM_CAP = 2**62
+# byte and packet sums saturate instead of wrapping (limits.SUM_CAP): summed exactly in Int128 (whatever the
+# order rows come in: the streaming engine's, a host bucket's), then capped
 
 
 def saturating_sum(expr: pl.Expr) -> pl.Expr:

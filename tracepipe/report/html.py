@@ -23,6 +23,7 @@ from markupsafe import Markup
 
 from tracepipe.fsutil import write_atomic
 from tracepipe.lake import Lake
+from tracepipe.limits import saturating_sum_sql
 from tracepipe.maintenance import version_token
 from tracepipe.printer import clean
 from tracepipe.query import scan_sql
@@ -120,8 +121,8 @@ def _host_flow_facts(
         con.execute(
             f"""SELECT CASE WHEN src_addr = $addr THEN dst_addr ELSE src_addr END AS peer,
                    count(*) AS flows,
-                   sum(CASE WHEN src_addr = $addr THEN bytes ELSE 0 END) AS bytes_out,
-                   sum(CASE WHEN src_addr = $addr THEN 0 ELSE bytes END) AS bytes_in,
+                   {saturating_sum_sql("CASE WHEN src_addr = $addr THEN bytes ELSE 0 END")} AS bytes_out,
+                   {saturating_sum_sql("CASE WHEN src_addr = $addr THEN 0 ELSE bytes END")} AS bytes_in,
                    count(DISTINCT {SERVICE_PORT}) AS ports, min(ts_start) AS first_seen, max(ts_end) AS last_seen
             FROM {src} WHERE {where} GROUP BY 1
             ORDER BY (peer = $peer) DESC, flows DESC, bytes_out DESC LIMIT {TOP_N}""",
@@ -130,7 +131,7 @@ def _host_flow_facts(
     )
     ports = _rows(
         con.execute(
-            f"""SELECT {SERVICE_PORT} AS port, proto, count(*) AS flows, sum(bytes) AS bytes,
+            f"""SELECT {SERVICE_PORT} AS port, proto, count(*) AS flows, {saturating_sum_sql("bytes")} AS bytes,
                    count(DISTINCT CASE WHEN src_addr = $addr THEN dst_addr ELSE src_addr END) AS peers
             FROM {src} WHERE {where} GROUP BY 1, 2 ORDER BY flows DESC, bytes DESC LIMIT {TOP_N}""",
             params,
@@ -148,7 +149,7 @@ def _timeline_rows(
         con.execute(
             f"""SELECT to_timestamp(floor(epoch(ts_start) / {bin_s}) * {bin_s}) AS t,
                    CASE WHEN src_addr = $addr THEN 'outbound' ELSE 'inbound' END AS direction,
-                   count(*) AS flows, sum(bytes) AS bytes
+                   count(*) AS flows, {saturating_sum_sql("bytes")} AS bytes
             FROM {_flows_source(lake)}
             WHERE (src_addr = $addr OR dst_addr = $addr) AND {IN_WINDOW}
             GROUP BY 1, 2 ORDER BY 1""",
@@ -168,7 +169,7 @@ def _traffic_rows(
         con.execute(
             f"""SELECT to_timestamp(floor(epoch(ts_start) / {bin_s}) * {bin_s}) AS t,
                    CASE WHEN ip_version = 6 THEN 'IPv6' ELSE 'IPv4' END AS family,
-                   count(*) AS flows, sum(bytes) AS bytes
+                   count(*) AS flows, {saturating_sum_sql("bytes")} AS bytes
             FROM {_flows_source(lake)} WHERE {IN_WINDOW} GROUP BY 1, 2 ORDER BY 1""",
             {"start": start, "end": end},
         )

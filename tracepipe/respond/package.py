@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from tracepipe.errors import UsageError
 from tracepipe.fsutil import fsync_dir
+from tracepipe.query import spreadsheet_safe
 from tracepipe.respond.trace import TraceResult
 
 MAX_CHARTS = 25
@@ -138,17 +138,7 @@ def _evidence_tables(result: TraceResult) -> tuple[pa.Table, pa.Table]:
         "lake_version", pa.array([result.lake_version] * evidence.num_rows, pa.string())
     )
     csv_table = evidence.select([c for c in CSV_COLUMNS if c in evidence.column_names])
-    # addresses and names are text from outside: a spreadsheet must not run a cell starting with = + - @
-    for index, name in enumerate(csv_table.column_names):
-        column = csv_table.column(name)
-        if pa.types.is_string(column.type):
-            guarded = pc.if_else(
-                pc.match_substring_regex(column, r"^[=+\-@\t\r]"),
-                pc.binary_join_element_wise("'", column, ""),
-                column,
-            )
-            csv_table = csv_table.set_column(index, name, guarded)
-    return csv_table, full
+    return spreadsheet_safe(csv_table), full
 
 
 def write_package(result: TraceResult, out: Path, lake_root: Path, force: bool = False) -> dict[str, Path]:
