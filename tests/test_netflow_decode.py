@@ -474,6 +474,70 @@ def test_fprobe_style_icmp_type_in_source_port():
     assert (row["src_port"], row["dst_port"]) == (0, 3 * 256 + 3)
 
 
+@pytest.mark.parametrize("version", [5, 7])
+def test_v5_and_v7_uptime_that_wrapped_after_the_flow_ended(version):
+    # a review: the late-wrap correction (sysUptime wrapped between a flow's end and its export, more than 100 s
+    # after the end) was v1/v5 only; a v7 record landed 49.7 days late where nfdump dates it right
+    datagram = fixed_datagram(version, [fixed_record(version, 0xFFF0_0000, 0xFFF1_0000)], uptime=5000)
+    result, _ = decode([datagram])
+    row = result.flows.to_pylist()[0]
+    boot = SECS * 1000 + 500 - 5000
+    assert (ms(row["ts_start"]), ms(row["ts_end"])) == (
+        boot + 0xFFF0_0000 - 2**32,
+        boot + 0xFFF1_0000 - 2**32,
+    )
+
+
+@pytest.mark.parametrize(
+    ("sport", "dport", "shown"),
+    [
+        (3, 3, 3 * 256 + 3),  # fprobe: type in the source port, code in the destination port
+        (0x0008, 0, 0x0800),  # Cisco: type/code in the source port, host byte order
+        (0x1234, 0x0800, 0x0800),  # the echo identifier in the source port, type/code where they belong
+        (3, 0x0800, 0x0800),
+        (0, 0x0303, 0x0303),
+    ],
+)
+def test_icmp_type_code_from_the_source_port_only_where_the_destination_holds_none(sport, dport, shown):
+    # a review: a source port holding the ICMP identifier (the sender's to choose) overrode the type/code of the
+    # destination port: 0x1234 made an echo request (8/0) type 18
+    template = flowset(0, template_record(256, SOFTFLOWD_V4))
+    record = pack_values(SOFTFLOWD_V4, softflowd_like_record(_4=1, _7=sport, _11=dport))
+    result, _ = decode([v9_datagram(template, flowset(256, record))])
+    row = result.flows.to_pylist()[0]
+    assert (row["src_port"], row["dst_port"]) == (0, shown)
+
+
+def test_a_v5_headers_sampling_is_not_the_v9_or_ipfix_domain_0s():
+    # a review: the v5 header's interval was kept as (exporter, domain 0) and applied to the unsampled v9
+    # source 0 and IPFIX domain 0 flows of the same address (nfdump keys exporters by version too)
+    state = DecoderState()
+    record = pack_values(SOFTFLOWD_V4, softflowd_like_record())
+    v5 = fixed_datagram(5, [fixed_record(5, UPTIME - 2000, UPTIME - 1000)], sampling=0x4000 | 100)
+    v9 = v9_datagram(flowset(0, template_record(256, SOFTFLOWD_V4)), flowset(256, record))
+    ipfix = ipfix_message(flowset(2, template_record(300, SOFTFLOWD_V4)), flowset(300, record))
+    result, _ = decode([v5, v9, ipfix], state)
+    assert result.flows.column("sampling_interval").to_pylist() == [100, None, None]  # v5, v9, IPFIX
+    assert result.stats[EXPORTER]["sampling"] == 100
+
+
+def test_a_sampler_tables_rows_set_no_interval_for_flows_naming_no_sampler():
+    # a review: every row of a sampler table (id 1: 1/100, id 2: 1/1000) also set the domain's interval, so the
+    # flows of a template naming no sampler got the last row's (1000)
+    options = v9_options_template(257, [(1, 4)], [(48, 1), (49, 1), (50, 4)])
+    rows = struct.pack(">IBBI", 0, 1, 2, 100) + struct.pack(">IBBI", 0, 2, 2, 1000)
+    with_sampler = [*SOFTFLOWD_V4, (48, 1)]
+    templates = flowset(0, template_record(256, SOFTFLOWD_V4) + template_record(258, with_sampler))
+    flows = flowset(256, pack_values(SOFTFLOWD_V4, softflowd_like_record(_8=0x0A000001))) + flowset(
+        258, pack_values(with_sampler, softflowd_like_record(_8=0x0A000002, _48=1)) + b"\0\0\0"
+    )
+    result, _ = decode(
+        [v9_datagram(options, templates), v9_datagram(flowset(257, rows + b"\0\0")), v9_datagram(flows)]
+    )
+    got = {r["src_addr"]: r["sampling_interval"] for r in result.flows.to_pylist()}
+    assert got == {"10.0.0.1": None, "10.0.0.2": 100}
+
+
 # ---- IPFIX by hand --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("time_fields", "values", "start_ms", "end_ms"),

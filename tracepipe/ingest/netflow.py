@@ -1341,9 +1341,9 @@ def _walk_fixed(
         if version == 5:
             interval = _U16.unpack_from(payload, 22)[0] & 0x3FFF  # top 2 bits: sampling mode
             if interval > 0:
-                sampling = interval
-                if exporter in batch.state.domains:  # state only for the exporters kept (bounded)
-                    batch.state.sampling[(exporter, 0)] = interval
+                # every v5 header carries its interval: no state. Kept as (exporter, domain 0) it was applied to
+                # the unsampled v9 source 0 / IPFIX domain 0 flows of the same address (a review)
+                sampling = batch.stat(exporter)["sampling"] = interval
     # v5 boot time: unix_secs + nsecs - sysUptime, in ms (RFC-less, as Cisco documents it)
     boot_ms = secs * 1000 + nsecs // 1_000_000 - uptime
     ctx = batch.add_ctx(exporter, (version, 0, boot_ms, uptime, secs * 1000, -1, sampling))
@@ -1793,18 +1793,23 @@ def _read_options_data(
     state = batch.state
     if exporter not in state.domains:  # evicted meanwhile: no state for it (bounded)
         return count
+    # a row of a sampler table (or of an interface's sampling) gives that sampler's interval, not the domain's:
+    # taken as the domain's, the last row read set the interval of every flow naming no sampler (a review)
+    domain_wide = not any(r in roles for r in ("sampler_id", "input_if", "output_if"))
     for i in range(count):
         rec = arr[i]
         interval = 0
         if "sampling" in roles:
             value = _scalar(rec["sampling"])
             if value > 0:
-                interval = state.sampling[(exporter, domain)] = min(value, 2**31 - 1)
+                interval = min(value, 2**31 - 1)
         if "sampling_packets" in roles:
             packets = _scalar(rec["sampling_packets"])
             space = _scalar(rec["sampling_space"]) if "sampling_space" in roles else 0
             if packets > 0:
-                interval = state.sampling[(exporter, domain)] = min((packets + space) // packets, 2**31 - 1)
+                interval = min((packets + space) // packets, 2**31 - 1)
+        if interval and domain_wide:
+            state.sampling[(exporter, domain)] = interval
         if interval and "sampler_id" in roles and len(state.samplers) < state.limits.exporters * 16:
             state.samplers[(exporter, domain, _scalar(rec["sampler_id"]))] = interval  # a sampler table row
         if "sys_init_ms" in roles:
@@ -2095,14 +2100,16 @@ def _decode_group(
     dst_port = np.zeros(total, np.int32) if dst_port is None else dst_port
     # ICMP type/code travel in dst_port (type*256 + code), as nfdump shows them. Exporters that use the source
     # port: fprobe puts the type there and the code in the destination port; Cisco puts type/code there in
-    # host byte order (nfdump swaps the bytes). Both end up as type*256 + code, source port 0.
+    # host byte order (nfdump swaps the bytes). Both end up as type*256 + code, source port 0. A destination port
+    # that holds type/code already (above 255) is kept whatever the source port holds: an exporter copying the
+    # ICMP identifier there let the sender choose its type (a review: 0x1234 made echo request 8/0 type 18)
     is_icmp = (proto == 1) | (proto == 58) if tpl.version in (9, 10) else (proto == 1)
     if is_icmp.any():
-        in_src = is_icmp & (src_port != 0)
-        split = in_src & (src_port < 256) & (dst_port < 256)
+        split = is_icmp & (src_port != 0) & (src_port < 256) & (dst_port < 256)
+        in_src = split | (is_icmp & (src_port != 0) & (dst_port == 0))
         swapped = ((src_port & 0xFF) << 8) | ((src_port >> 8) & 0xFF)
         dst_port = np.where(split, src_port * 256 + dst_port, np.where(in_src, swapped, dst_port))
-        src_port = np.where(in_src, 0, src_port)
+        src_port = np.where(is_icmp, 0, src_port)  # ICMP has no ports (nfdump shows none either)
         icmp = _uint(arr, "icmp", roles, np.int32)
         if icmp is None and ("icmp_type" in roles or "icmp_code" in roles):
             icmp_type = _uint(arr, "icmp_type", roles, np.int32)
@@ -2326,10 +2333,11 @@ def _times(tpl: Template, arr: np.ndarray, c: _PerRecord) -> tuple[np.ndarray, n
         # a start later than the end means sysUptime wrapped in between (as nfdump reads it)
         start = boot + first - np.where(first > last, WRAP, 0)
         end = boot + last
-        if version in (1, 5):
-            # the counter wrapped after the flow ended but before export (v5: >100 s, Cisco bug CSCei12353)
+        if version in (1, 5, 7):
+            # the counter wrapped after the flow ended but before export (v5/v7: >100 s, Cisco bug CSCei12353; v7
+            # was left out: such flows landed 49.7 days late, a review against nfdump)
             uptime = c[_CTX_UPTIME]
-            margin = 100_000 if version == 5 else 0
+            margin = 0 if version == 1 else 100_000
             late = (last > uptime) & ((last - uptime) > margin)
             start = start - np.where(late, WRAP, 0)
             end = end - np.where(late, WRAP, 0)
