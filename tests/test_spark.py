@@ -19,7 +19,7 @@ from tracepipe.correlate.attribution import attribute_flows
 from tracepipe.detect import detectors as det
 from tracepipe.detect import model
 from tracepipe.engines import open_engine, parse_conf, run_sql
-from tracepipe.engines.allowlist import check_allowed
+from tracepipe.engines.allowlist import check_allowed, check_spark_text
 from tracepipe.engines.dialect import EngineUnsupported, parse_duckdb, parse_table_macros, to_spark
 from tracepipe.engines.spark import SparkEngine, dataset_schema, get_session, read_dataset
 from tracepipe.engines.spark_sweep import sweep_candidates
@@ -225,6 +225,16 @@ SPARK_ATTACKS = [
     ("CREATE TEMPORARY FUNCTION f AS 'x.Y'", "read-only"),
     ("ADD JAR /tmp/evil.jar", "does not parse"),
     ("SELECT 1; DROP VIEW flows", "read-only"),
+    # a review: text sqlglot writes into the Spark SQL unquoted (a type, a keyword, a placeholder) carried a
+    # java_method() call past the tree check; through the engine it loaded a native library
+    (
+        "SELECT CAST(NULL AS \"VOID) AS a, java_method('java.lang.System', 'getProperty', 'user.name') AS b, "
+        "CAST(NULL AS VOID\") FROM vms",
+        "the type",
+    ),
+    ("SELECT EXTRACT(\"hour) x, reflect(1) y FROM (select 1\" FROM ts) FROM vms", "the keyword"),
+    ("SELECT CAST(ts AS DECIMAL(\"10) + reflect(1\")) FROM vms", "the type"),
+    ("SELECT $\"x) reflect(1\" FROM vms", "the parameter name"),
 ]
 
 
@@ -233,6 +243,22 @@ def test_spark_allowlist_refuses_and_names_it(sql, named):
     with pytest.raises(UsageError, match=r"refused|does not parse") as refused:
         check_allowed(parse_duckdb(sql))
     assert named in str(refused.value)
+
+
+def test_the_spark_text_sent_is_checked_again():
+    # whatever the DuckDB tree looked like: the Spark SQL about to run must not call the JVM or read a path
+    for sql in (
+        "SELECT CAST(NULL AS VOID) AS a, reflect('java.lang.System', 'getenv', 'HOME') AS b FROM `vms`",
+        "SELECT java_method('java.lang.System', 'load', '/tmp/x.so') FROM `vms`",
+        "SELECT * FROM text.`/etc/passwd`",
+        "SELECT 1 FROM `vms`; SELECT 2",
+        "SELECT CAST(x AS",
+    ):
+        with pytest.raises(UsageError, match="refused"):
+            check_spark_text(sql)
+    for sql in VIEW_QUERIES[:3]:
+        for spark_sql in to_spark(sql):
+            check_spark_text(spark_sql)
 
 
 def test_spark_allowlist_keeps_what_users_write():
@@ -246,6 +272,9 @@ def test_spark_allowlist_keeps_what_users_write():
         "SELECT h.*, coalesce(v.vm_name, '?') FROM h LEFT JOIN vms v ON v.vm_id = h.src_addr WHERE rn = 1 "
         "UNION ALL SELECT NULL, NULL, 0, 0, NULL",
         "DESCRIBE flows",
+        "SELECT CAST(bytes AS DECIMAL(20, 2)), EXTRACT(hour FROM ts_start), ts_start + INTERVAL 1 HOUR, "
+        "ts_start - INTERVAL '2 days', CAST(src_port AS VARCHAR), CAST(ts_start AS TIMESTAMPTZ), "
+        "CAST(NULL AS INT[]), date_part('dow', ts_start) FROM flows",
     ]
     for sql in [*VIEW_QUERIES, *readme]:
         check_allowed(parse_duckdb(sql))

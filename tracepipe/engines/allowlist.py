@@ -17,6 +17,7 @@ transpiled (dialect.to_spark), so nothing in them can become a Spark hint.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Collection
 
 from tracepipe.errors import UsageError
@@ -70,6 +71,65 @@ ALLOWED_FUNCTION_NAMES = frozenset(
     approx_count_distinct bool_and bool_or every count_star string_agg list quantile_cont quantile_disc
     """.split()
 )
+
+
+# Nodes whose text sqlglot writes into the Spark SQL as it is, unquoted: a keyword (Var: a unit of EXTRACT or
+# INTERVAL, a type parameter) must be one of these words, a type one of sqlglot's own (not "user-defined"). A
+# review: `CAST(NULL AS "VOID) AS a, java_method(...) AS b, CAST(NULL AS VOID")` passed the tree check as one
+# type and reached Spark as three columns, the middle one calling Java (a native library was loaded); so did
+# `EXTRACT("...")`, `DECIMAL("...")` and `$"..."` placeholders (a parameter's name must be a plain name).
+KEYWORDS = frozenset(
+    """
+    year years yr yrs y quarter quarters month months mon mons week weeks w day days d dayofweek dow isodow
+    dayofyear doy doyr hour hours h hr hrs minute minutes m min mins second seconds s sec secs millisecond
+    milliseconds ms msec msecs microsecond microseconds us usec usecs nanosecond nanoseconds ns epoch
+    isoyear yearofweek weekofyear century centuries decade decades millennium millennia timezone
+    timezone_hour timezone_minute all
+    """.split()
+)
+# Spark functions that reach the JVM, and Spark's file-reading table syntax (`text.`/path``): whatever the
+# DuckDB tree looked like, the Spark SQL sent is parsed again and refused if it holds one (check_spark_text)
+JVM_FUNCTIONS = frozenset({"reflect", "java_method", "try_reflect"})
+
+
+def _text_node_problem(node: exp.Expression) -> str | None:
+    """Why a node whose text goes into the Spark SQL unquoted is refused, or None."""
+    if isinstance(node, exp.Var) and node.name.lower() not in KEYWORDS:
+        return f"the keyword {node.name[:40]!r}"
+    if isinstance(node, exp.DataType) and (
+        node.this == exp.DataType.Type.USERDEFINED or node.args.get("kind") is not None
+    ):
+        return f"the type {node.sql('duckdb')[:40]!r}"
+    if isinstance(node, exp.DataTypeParam) and not isinstance(node.this, exp.Literal | exp.DataType):
+        return f"the type parameter {node.sql('duckdb')[:40]!r}"
+    if isinstance(node, exp.Placeholder | exp.Parameter) and not re.fullmatch(
+        r"[A-Za-z0-9_]*", str(node.name or "")
+    ):
+        return f"the parameter name {str(node.name)[:40]!r}"
+    return None
+
+
+def check_spark_text(spark_sql: str) -> None:
+    """The Spark SQL about to run, parsed again as Spark reads it: UsageError if it calls the JVM or names a
+    table by schema or path (file reads), whatever the DuckDB tree that passed check_allowed looked like. A
+    text that Spark's grammar (as sqlglot knows it) cannot read is refused too."""
+    import sqlglot
+
+    refused = UsageError(
+        "tracepipe sql --engine spark refused the statement: its Spark form does not read as the query that was "
+        "checked (a type, keyword or name that carries SQL?)"
+    )
+    try:
+        statements = [s for s in sqlglot.parse(spark_sql, read="spark") if s is not None]
+    except sqlglot.errors.SqlglotError:
+        raise refused from None
+    if len(statements) != 1:
+        raise refused
+    for node in statements[0].walk():
+        if isinstance(node, exp.Func) and _name(node).lower() in JVM_FUNCTIONS:
+            raise refused
+        if isinstance(node, exp.Table) and (node.args.get("db") or node.args.get("catalog")):
+            raise refused
 
 
 def _name(node: exp.Expression) -> str:
@@ -142,6 +202,10 @@ def check_allowed(
                     raise refuse(f"the function {name}()")
             elif type(node).__name__ not in ALLOWED_NODES:
                 raise refuse(f"{type(node).__name__.upper()} ({node.sql('duckdb')[:40]!r})")
+            else:
+                problem = _text_node_problem(node)
+                if problem:
+                    raise refuse(problem)
 
 
 def _check_table(table: exp.Table, names: set[str], table_macros: set[str], refuse) -> None:

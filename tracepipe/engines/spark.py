@@ -488,7 +488,13 @@ class SparkEngine:
             if name not in self.macros:
                 register_macro(self.spark, name, nargs)
                 self.macros.add(name)
-        return to_spark(sql, self.table_macros, columns_of=self._columns, queries_only=True)
+        statements = to_spark(sql, self.table_macros, columns_of=self._columns, queries_only=True)
+        if user:
+            from tracepipe.engines.allowlist import check_spark_text
+
+            for statement in statements:
+                check_spark_text(statement)
+        return statements
 
     # -- Engine
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
