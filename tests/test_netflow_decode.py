@@ -538,6 +538,43 @@ def test_a_sampler_tables_rows_set_no_interval_for_flows_naming_no_sampler():
     assert got == {"10.0.0.1": None, "10.0.0.2": 100}
 
 
+def test_waiting_data_of_a_flood_takes_no_other_exporters_place():
+    # a review: 24,000 empty data sets (two datagrams) of templates that never come took every place of the
+    # waiting data for good; another exporter's data that came before its template was then rejected. Empty
+    # sets wait for nothing; one exporter holds at most a quarter of the places, and when all are taken the
+    # oldest of the one holding the most makes room
+    state = DecoderState()
+    flood = [
+        v9_datagram(*[flowset(256 + i % 60000, b"\x01") for i in range(6000)], source_id=k) for k in range(2)
+    ] + [v9_datagram(*[flowset(256 + i, b"") for i in range(12000)], source_id=3)]
+    share = state.limits.pending_flowsets // 4
+    for sender in ("198.51.100.1", "198.51.100.2", "198.51.100.3", "198.51.100.4"):
+        result, _ = decode(flood, state, sender)
+        assert state.pending_of[sender] == share
+        assert result.stats[sender]["no_template"] == 12000 - share
+    result, _ = decode(flood, state, "198.51.100.5")  # all places taken: the five share them
+    assert state.pending_count == state.limits.pending_flowsets
+    assert max(state.pending_of.values()) - min(state.pending_of.values()) <= 2
+    template = flowset(0, template_record(256, SOFTFLOWD_V4))
+    record = pack_values(SOFTFLOWD_V4, softflowd_like_record())
+    legit = [v9_datagram(flowset(256, record), seq=i + 1) for i in range(3)]
+    legit.append(v9_datagram(template, flowset(256, record), seq=4))
+    result, _ = decode(legit, state)
+    assert result.flows.num_rows == 4 and EXPORTER not in state.pending_of
+    given_up = sum(v["no_template"] for k, v in result.stats.items() if k != EXPORTER)
+    assert given_up == 3  # the flood's oldest gave up their places
+    assert (
+        state.pending_count == sum(state.pending_of.values()) == sum(len(v) for v in state.pending.values())
+    )
+    # an exporter forgotten takes its waiting data with it
+    state.forget_exporter("198.51.100.2")
+    assert "198.51.100.2" not in state.pending_of
+    assert state.pending_count == sum(len(v) for v in state.pending.values())
+    assert state.pending_bytes == sum(len(b) for v in state.pending.values() for b, _, _ in v)
+    again = DecoderState.from_json(state.to_json())
+    assert again.pending_of == state.pending_of and again.pending_count == state.pending_count
+
+
 # ---- IPFIX by hand --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("time_fields", "values", "start_ms", "end_ms"),

@@ -229,12 +229,12 @@ SPARK_ATTACKS = [
     # java_method() call past the tree check; through the engine it loaded a native library
     (
         "SELECT CAST(NULL AS \"VOID) AS a, java_method('java.lang.System', 'getProperty', 'user.name') AS b, "
-        "CAST(NULL AS VOID\") FROM vms",
+        'CAST(NULL AS VOID") FROM vms',
         "the type",
     ),
-    ("SELECT EXTRACT(\"hour) x, reflect(1) y FROM (select 1\" FROM ts) FROM vms", "the keyword"),
-    ("SELECT CAST(ts AS DECIMAL(\"10) + reflect(1\")) FROM vms", "the type"),
-    ("SELECT $\"x) reflect(1\" FROM vms", "the parameter name"),
+    ('SELECT EXTRACT("hour) x, reflect(1) y FROM (select 1" FROM ts) FROM vms', "the keyword"),
+    ('SELECT CAST(ts AS DECIMAL("10) + reflect(1")) FROM vms', "the type"),
+    ('SELECT $"x) reflect(1" FROM vms', "the parameter name"),
 ]
 
 

@@ -411,6 +411,9 @@ class DecoderState:
         self.pending: dict[tuple[str, int, int, int], list[tuple[bytes, tuple, int]]] = {}
         self.pending_count = 0
         self.pending_bytes = 0
+        self.pending_of: Counter[str] = Counter()  # exporter -> its data sets waiting (none: no entry)
+        self.pending_bytes_of: Counter[str] = Counter()
+        self.pending_keys_of: dict[str, dict[tuple[str, int, int, int], None]] = {}  # oldest first
         # bookkeeping of the bounds
         self.exporters = _Standing()  # exporter names
         self.last_seen_ms: dict[str, int] = {}  # arrival of an exporter's latest datagram
@@ -561,6 +564,8 @@ class DecoderState:
             for tid in standings.pop(scope, _Standing()):
                 self.forget_template((*scope, tid))
         self.sequences.pop(scope, None)
+        for key in [k for k in self.pending_keys_of.get(exporter, ()) if k[:3] == scope]:
+            self._unkeep(key)  # an exporter's data no template of it will come for
         domains = self.domains.get(exporter)
         if domains is not None:
             domains.discard((version, domain))
@@ -577,6 +582,75 @@ class DecoderState:
         self.domains.pop(exporter, None)
         self.exporters.discard(exporter)
         self.last_seen_ms.pop(exporter, None)
+        for key in list(self.pending_keys_of.get(exporter, ())):
+            self._unkeep(key)
+
+    # -- data sets waiting for their template --
+    def keep_pending(
+        self, key: tuple[str, int, int, int], entry: tuple[bytes, tuple, int]
+    ) -> tuple[str | None, list[tuple[tuple[str, int, int, int], tuple[bytes, tuple, int]]]]:
+        """Keep a data set (body, context values, offset) until template `key` arrives, within the bounds: one
+        exporter holds at most a quarter of limits.pending_flowsets and pending_bytes (its flood refuses its own
+        newcomers), and when all are taken the oldest of the exporter holding the most makes room. A review
+        found 24,000 empty sets from one sender (two datagrams) took every place for good: another exporter's
+        data that came before its template was then rejected, never kept. Returns (the limit that refused it or
+        None, the [(key, entry)] given up to make room: the caller rejects them)."""
+        exporter, size, lim = key[0], len(entry[0]), self.limits
+        if self.pending_of[exporter] >= max(1, lim.pending_flowsets // 4):
+            return "pending_flowsets", []
+        if self.pending_bytes_of[exporter] + size > lim.pending_bytes // 4:
+            return "pending_bytes", []
+        given_up = []
+        while self.pending and (
+            self.pending_count >= lim.pending_flowsets or self.pending_bytes + size > lim.pending_bytes
+        ):
+            largest = max(self.pending_of, key=self.pending_of.__getitem__)
+            oldest = next(iter(self.pending_keys_of[largest]))
+            given_up.append((oldest, self._unkeep(oldest, 1)[0]))
+        self.pending.setdefault(key, []).append(entry)
+        self.pending_keys_of.setdefault(exporter, {})[key] = None
+        self.pending_count += 1
+        self.pending_bytes += size
+        self.pending_of[exporter] += 1
+        self.pending_bytes_of[exporter] += size
+        return None, given_up
+
+    def _unkeep(
+        self, key: tuple[str, int, int, int], count: int | None = None
+    ) -> list[tuple[bytes, tuple, int]]:
+        """Take the first `count` (None: all) data sets waiting for `key` out of the state."""
+        waiting = self.pending.get(key, [])
+        taken, rest = (waiting, []) if count is None else (waiting[:count], waiting[count:])
+        exporter = key[0]
+        if rest:
+            self.pending[key] = rest
+        else:
+            self.pending.pop(key, None)
+            keys = self.pending_keys_of.get(exporter)
+            if keys is not None:
+                keys.pop(key, None)
+                if not keys:
+                    del self.pending_keys_of[exporter]
+        size = sum(len(body) for body, _, _ in taken)
+        self.pending_count -= len(taken)
+        self.pending_bytes -= size
+        self.pending_of[exporter] -= len(taken)
+        self.pending_bytes_of[exporter] -= size
+        if self.pending_of[exporter] <= 0:
+            del self.pending_of[exporter]
+            self.pending_bytes_of.pop(exporter, None)
+        return taken
+
+    def take_pending(self, key: tuple[str, int, int, int]) -> list[tuple[bytes, tuple, int]]:
+        """Every data set waiting for template `key`, out of the state (its template came)."""
+        return self._unkeep(key) if key in self.pending else []
+
+    def clear_pending(self) -> None:
+        self.pending.clear()
+        self.pending_count = self.pending_bytes = 0
+        self.pending_of.clear()
+        self.pending_bytes_of.clear()
+        self.pending_keys_of.clear()
 
     # -- persistence --
     def to_json(self) -> str:
@@ -695,15 +769,9 @@ class DecoderState:
                 pkey = key(k, 3)
                 for b, c, o in v:
                     body = base64.b64decode(b)
-                    if (
-                        state.pending_count >= limits.pending_flowsets
-                        or state.pending_bytes + len(body) > limits.pending_bytes
-                    ):
-                        state.limits_hit["pending_flowsets"] += 1
-                        continue
-                    state.pending.setdefault(pkey, []).append((body, tuple(int(x) for x in c), int(o)))
-                    state.pending_count += 1
-                    state.pending_bytes += len(body)
+                    refused, given_up = state.keep_pending(pkey, (body, tuple(int(x) for x in c), int(o)))
+                    if refused or given_up:
+                        state.limits_hit[refused or "pending_flowsets"] += 1 + len(given_up)
             except (ValueError, TypeError):
                 bad += 1
         if bad:
@@ -1721,10 +1789,8 @@ def _read_templates(
                 offset, exporter, refused, f"template {tid} (domain {domain}) not kept {what}".strip()
             )
             continue
-        waiting = state.pending.pop(key, None)
+        waiting = state.take_pending(key)
         if waiting:
-            state.pending_count -= len(waiting)
-            state.pending_bytes -= sum(len(body) for body, _, _ in waiting)
             batch.stat(exporter)["waiting_for_template"] -= len(waiting)
             # decoded once the whole datagram is read: options data (sampling, boot time) that came with the
             # template in the same datagram then applies to them too
@@ -1759,21 +1825,28 @@ def _withdraw(state: DecoderState, exporter: str, domain: int, tid: int, options
 def _keep_pending(
     batch: _Batch, key: tuple[str, int, int, int], body: bytes, values: tuple, offset: int | None
 ) -> None:
+    if not body:  # a set of no records: nothing to wait for
+        return
     state = batch.state
     exporter = key[0]
-    full = None
-    if state.pending_count >= state.limits.pending_flowsets:
-        full = "pending_flowsets"
-    elif state.pending_bytes + len(body) > state.limits.pending_bytes:
-        full = "pending_bytes"
+    full, given_up = state.keep_pending(key, (body, values, offset if offset is not None else -1))
+    for old_key, (_, _, old_offset) in given_up:  # other exporters' (or its own) oldest, for room
+        old_exporter = old_key[0]
+        batch.reject(
+            old_offset if old_offset >= 0 else None,
+            old_exporter,
+            "no template",
+            f"template {old_key[3]} (domain {old_key[2]}) not seen before the waiting data was given up",
+        )
+        old_stats = batch.stat(old_exporter)
+        old_stats["no_template"] += 1
+        old_stats["waiting_for_template"] -= 1
+        batch.limit(old_exporter, ["pending_flowsets"])
     if full is not None:
         batch.reject(offset, exporter, "no template", f"template {key[3]} (domain {key[2]}) never seen")
         batch.stat(exporter)["no_template"] += 1
         batch.limit(exporter, [full])
         return
-    state.pending.setdefault(key, []).append((body, values, offset if offset is not None else -1))
-    state.pending_count += 1
-    state.pending_bytes += len(body)
     batch.stat(exporter)["waiting_for_template"] += 1
 
 
@@ -2435,7 +2508,5 @@ def flush_pending(state: DecoderState, source: str) -> pa.Table:
         for key, entries in state.pending.items()
         for body, _, offset in entries
     ]
-    state.pending.clear()
-    state.pending_count = 0
-    state.pending_bytes = 0
+    state.clear_pending()
     return _rejects_table(rows, source)
