@@ -33,6 +33,7 @@ from tracepipe.detect.features import (
     scan_flows,
     utc,
     with_flow_facts,
+    with_response,
 )
 from tracepipe.intel import match_addresses
 from tracepipe.lake import Lake
@@ -143,12 +144,20 @@ class DetectContext:
         return floor_time(self.since, window_s), ceil_time(self.until, window_s)
 
     def flows(
-        self, window_s: float, since: dt.datetime | None = None, until: dt.datetime | None = None
+        self,
+        window_s: float,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        response: bool = False,
     ) -> pl.LazyFrame:
-        """Flows of the whole windows overlapping the sweep, with the shared facts and `window_start`."""
+        """Flows of the whole windows overlapping the sweep, with the shared facts and `window_start`;
+        `response`: and who answered whom in each window (features.with_response; a join, so only for the
+        detectors that ask)."""
         start, end = self.span(window_s)
         start, end = since or start, until or end
         facts = self.facts(start, end)
+        if response:
+            facts = with_response(facts, window_s)
         step = int(window_s) * 1_000_000
         return facts.with_columns(
             window_start=((pl.col("ts_start").dt.epoch("us") // step) * step).cast(pl.Datetime("us", "UTC")),
@@ -260,7 +269,7 @@ def _fan_out_counts(ctx: DetectContext, window_s: float) -> pl.DataFrame:
     they are counted from the flows once for both (ctx.shared) and the scans group this smaller table."""
     key = ("fan_out", float(window_s))
     if key not in ctx.shared:
-        flows = ctx.flows(window_s).filter(
+        flows = ctx.flows(window_s, response=True).filter(
             pl.col("src_owned") & ~pl.col("response") & pl.col("proto").is_in([6, 17])
         )
         ctx.shared[key] = (
@@ -403,7 +412,7 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
     period to every target are a periodic push (metrics, logs), not an attack: listed as suppressed."""
     c = ctx.config.detectors.brute_force
     flags = pl.col("tcp_flags").fill_null(0).cast(pl.Int32)
-    flows = ctx.flows(c.window).filter(
+    flows = ctx.flows(c.window, response=True).filter(
         (pl.col("proto") == 6)
         & ~pl.col("response")
         & (pl.col("src_local") | pl.col("dst_local"))
@@ -626,7 +635,7 @@ def _periodic_pushes(flows: pl.LazyFrame, found: pl.DataFrame, c: BruteForce) ->
 def beacon(ctx: DetectContext) -> pl.DataFrame:
     """Connections from a local host to one destination at regular intervals with regular sizes (RITA-like)."""
     c = ctx.config.detectors.beacon
-    flows = ctx.flows(c.window).filter(
+    flows = ctx.flows(c.window, response=True).filter(
         pl.col("src_owned") & ~pl.col("response") & ~pl.col("dst_port").is_in(c.ignore_ports)
     )
     if c.external_only:
@@ -957,7 +966,7 @@ MIN_PIECE_SECONDS = 60.0  # flows shorter than this cannot be part of a long con
 def long_connection(ctx: DetectContext) -> pl.DataFrame:
     """One 5-tuple seen for hours (exporters split it at their active timeout: the pieces are joined)."""
     c = ctx.config.detectors.long_connection
-    flows = ctx.flows(c.window).filter(
+    flows = ctx.flows(c.window, response=True).filter(
         (pl.col("src_local") | pl.col("dst_local")) & (pl.col("duration") >= MIN_PIECE_SECONDS)
     )
     order = pl.col("ts_start")
@@ -1017,7 +1026,7 @@ def mining(ctx: DetectContext) -> pl.DataFrame:
     port; the known pool ports raise the score and shorten the time it takes to be sure."""
     c = ctx.config.detectors.mining
     flows = (
-        ctx.flows(c.window)
+        ctx.flows(c.window, response=True)
         .filter(pl.col("src_owned") & ~pl.col("dst_local") & (pl.col("proto") == 6) & ~pl.col("response"))
         .with_columns(
             # Off the pool ports only ONE connection counts (its pieces share the source port): many short

@@ -3,7 +3,8 @@
 In: the `flows` dataset (hive-partitioned Parquet; the date partition and `ts_start` filters are pushed down to
 the scan) and the cloud's address space (`local_networks`). A *host* is a local address; a flow whose source is
 local is outbound for it, whose destination is local inbound. Out: one row per (host, window) with the columns
-of FEATURES, plus the shared flow expressions (failed TCP attempt, SYN-only, server response) the detectors use.
+of FEATURES, plus the shared flow expressions (failed TCP attempt, SYN-only; server response: with_response)
+the detectors use.
 Addresses are classified on their unique values only (numpy for IPv4, stdlib ipaddress for IPv6).
 """
 
@@ -210,18 +211,54 @@ def with_flow_facts(
             # An attempt that never completed, defined once for NetFlow, Zeek and argus rows (tracepipe.flowstate)
             failed=failed_attempt(),
             syn_only=is_tcp & ((flags & 0x3F) == SYN),
-            # The server side of a conversation: a well-known (or registered, below the ephemeral range 32768+)
-            # source port talking to a higher ephemeral port. NetFlow is one-way, so this tells replies apart.
-            response=pl.col("proto").is_in([6, 17])
-            & (
-                ((pl.col("src_port") < 1024) & (pl.col("dst_port") >= 1024))
-                | ((pl.col("src_port") < 32768) & (pl.col("dst_port") >= 32768))
-            ),
             icmp_unreach=unreach,
             night=is_night,
         ),
         local_addrs,
         owned,
+    )
+
+
+# one direction of a conversation (NetFlow is one-way): its reverse has these columns swapped
+FIVE_TUPLE = ("src_addr", "dst_addr", "src_port", "dst_port", "proto")
+
+
+def with_response(flows: pl.LazyFrame, period_s: float) -> pl.LazyFrame:
+    """`flows` with `response`: the TCP or UDP record is the answering side of a conversation, judged within
+    each epoch-aligned period of `period_s` (a detector's window: what a window holds decides, whichever
+    engine or host bucket reads it, as the reverse of a flow has the same two ends). Evidence first: the
+    reverse 5-tuple was seen starting earlier in the period. A TCP record with SYN and no ACK opened a
+    connection and never answers one; a record whose reverse was never seen answers nothing. Ports only break
+    a tie (both directions starting at once, as a sensor that writes one row per direction gives them): a
+    well-known (or registered, below the ephemeral range 32768+) source port talking to a higher ephemeral
+    port. Ports alone made any flow from source port 53, 80 or 443 a "response" that the scan, brute-force,
+    beacon and mining detectors never looked at (hostile review: 1,500 SYN probes from port 53, 0 alerts)."""
+    flows = flows.with_columns(_period=bucket_expr("ts_start", period_s))
+    keys = [*FIVE_TUPLE, "_period"]
+    firsts = flows.filter(pl.col("proto").is_in([6, 17])).group_by(keys).agg(_first=pl.col("ts_start").min())
+    reverse = firsts.select(
+        pl.col("dst_addr").alias("src_addr"),
+        pl.col("src_addr").alias("dst_addr"),
+        pl.col("dst_port").alias("src_port"),
+        pl.col("src_port").alias("dst_port"),
+        "proto",
+        "_period",
+        _reverse_first="_first",
+    )
+    verdicts = firsts.join(reverse, on=keys, how="inner", nulls_equal=True).select(
+        *keys,
+        earlier=pl.col("_reverse_first") < pl.col("_first"),
+        tie=pl.col("_reverse_first") == pl.col("_first"),
+    )
+    flags = pl.col("tcp_flags").fill_null(0).cast(pl.Int32)
+    opener = (pl.col("proto") == 6) & ((flags & SYN) != 0) & ((flags & ACK) == 0)
+    by_ports = ((pl.col("src_port") < 1024) & (pl.col("dst_port") >= 1024)) | (
+        (pl.col("src_port") < 32768) & (pl.col("dst_port") >= 32768)
+    )
+    return (
+        flows.join(verdicts, on=keys, how="left", nulls_equal=True)
+        .with_columns(response=(~opener & (pl.col("earlier") | (pl.col("tie") & by_ports))).fill_null(False))
+        .drop("_period", "earlier", "tie")
     )
 
 
@@ -539,7 +576,9 @@ def host_features(
     (only for windows at least `warmup_s` after it; 0 before, when there is no history to compare with).
     """
     bucket = bucket_expr("ts_start", window_s)
-    flows = flows.with_columns(window_start=bucket)
+    # who answered whom, judged per day (the periodicity feature's window: FeatureJob shares these facts with
+    # the beacon detector's day windows, detect/buckets.py)
+    flows = with_response(flows, FEATURE_PERIOD_S).with_columns(window_start=bucket)
     initiator = ~pl.col("response")
     milliseconds = (pl.col("ts_end") - pl.col("ts_start")).dt.total_milliseconds()
     # Every aggregation below is one the streaming engine reduces as rows pass (len, sum, min, max, mean,
