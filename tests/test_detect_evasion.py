@@ -173,6 +173,17 @@ def test_who_answered_whom_is_told_by_evidence_then_flags_then_ports():
     assert judged.get_column("response").to_list() == [False, False, True, False, True, False, True, False]
 
 
+def test_a_beacon_that_reuses_its_source_port_is_still_a_beacon(evasion, found):
+    """features.periodicity_stats collapsed a pair's records by source port (one connection cut by the
+    exporter's active timeout): 288 connections five minutes apart from one bound port were one."""
+    _, _, who = evasion
+    alerts, _ = found
+    beacon = of(alerts, "beacon", who["beacon_fixed_sport"])
+    assert len(beacon) == 1 and beacon[0]["peer"] == "45.77.99.2"
+    features = json.loads(beacon[0]["features"])
+    assert features["connections"] == 288 and 295 <= features["interval_median"] <= 305
+
+
 def test_the_evasions_give_the_same_alerts_in_buckets(evasion):
     """Who answered whom is judged per detector window from the flows of that window, so a host bucket (which
     holds both directions of its hosts' flows) judges as the whole lake does."""
