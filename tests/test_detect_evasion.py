@@ -184,6 +184,20 @@ def test_a_beacon_that_reuses_its_source_port_is_still_a_beacon(evasion, found):
     assert features["connections"] == 288 and 295 <= features["interval_median"] <= 305
 
 
+def test_exfiltration_spread_over_three_windows_of_a_sweep_is_alerted(evasion, found):
+    """The host's third-busiest window of the sweep was the reference of every host, and a reference even
+    when it was itself over min_bytes: 2 GB in each of three hours was 'typical', with a past or without."""
+    _, _, who = evasion
+    alerts, _ = found
+    for host in (who["exfil_3h"], NEWCOMER):
+        exfil = of(alerts, "exfiltration", host)
+        hours = sorted(a["window_start"].hour for a in exfil)
+        assert hours == [10, 11, 12], (host, hours)
+        assert all(a["peer"] == "185.220.101.9" for a in exfil)
+    newcomer = of(alerts, "exfiltration", NEWCOMER)[0]
+    assert "its typical window 50." in newcomer["reason"] and "(no history before)" in newcomer["reason"]
+
+
 def test_the_evasions_give_the_same_alerts_in_buckets(evasion):
     """Who answered whom is judged per detector window from the flows of that window, so a host bucket (which
     holds both directions of its hosts' flows) judges as the whole lake does."""

@@ -847,8 +847,14 @@ def exfiltration(ctx: DetectContext, every: pl.DataFrame | None = None) -> pl.Da
     )
     # Without history the host is compared with itself inside the sweep: its third-busiest window (0 if it
     # has fewer), so a burst over one or two windows stands out while a host that is always busy does not.
+    # Only its windows under min_bytes set that level: else three windows of exfiltration made the third of
+    # them the host's "typical" window and hid all (hostile review: 2 GB in each of 3 hours, 0 alerts).
     typical = current.group_by("src_addr").agg(
-        sweep_ref=pl.col("bytes_out").sort(descending=True).implode().list.get(2, null_on_oob=True)
+        sweep_ref=pl.col("bytes_out")
+        .filter(pl.col("bytes_out") < c.min_bytes)
+        .sort(descending=True)
+        .implode()
+        .list.get(2, null_on_oob=True)
     )
     joined = (
         current.join(own, on="src_addr", how="left")
@@ -862,10 +868,11 @@ def exfiltration(ctx: DetectContext, every: pl.DataFrame | None = None) -> pl.Da
         baseline_windows=pl.col("baseline_windows").fill_null(0),
         host_ref=pl.max_horizontal(
             pl.col("host_ref").fill_null(0.0),
-            pl.col("sweep_ref").fill_null(0).cast(pl.Float64),
-            # a VM new to the lake is judged by what its project's VMs have done, not by having no past
+            # a VM new to the lake is judged by its typical window in this sweep and by what its project's VMs
+            # have done, not by having no past; a VM with a past by its past only (the sweep's level, taken
+            # for every host, hid exfiltration spread over 3 windows or more of one sweep: hostile review)
             pl.when(pl.col("baseline_windows").is_null())
-            .then(pl.col("project_history_ref"))
+            .then(pl.max_horizontal(pl.col("sweep_ref").cast(pl.Float64), pl.col("project_history_ref")))
             .otherwise(None)
             .fill_null(0.0),
         ),
