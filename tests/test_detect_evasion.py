@@ -198,6 +198,18 @@ def test_exfiltration_spread_over_three_windows_of_a_sweep_is_alerted(evasion, f
     assert "its typical window 50." in newcomer["reason"] and "(no history before)" in newcomer["reason"]
 
 
+def test_answered_decoys_on_the_scanned_port_do_not_hide_a_scan(evasion, found):
+    """The failed share was of flows: 1,600 answered connections to one decoy made 1,500 unanswered probes
+    48% failed, under min_failed_share. It is now the share of the destinations never answered."""
+    _, _, who = evasion
+    alerts, _ = found
+    scan = of(alerts, "horizontal_scan", who["scan_diluted"])
+    assert len(scan) == 1 and scan[0]["reason"].endswith(
+        "contacted 1,501 distinct hosts on port 445 in 1 h, 100% failed"
+    )
+    assert json.loads(scan[0]["features"])["failed_share"] == pytest.approx(1500 / 1501)
+
+
 def test_the_evasions_give_the_same_alerts_in_buckets(evasion):
     """Who answered whom is judged per detector window from the flows of that window, so a host bucket (which
     holds both directions of its hosts' flows) judges as the whole lake does."""

@@ -296,9 +296,11 @@ def _fan_out(
     **extra: pl.Expr,
 ) -> pl.DataFrame:
     """Local hosts that, per window, sent to one `fixed` value (a port, or a destination) from many distinct
-    `spread` values (destinations, or ports), mostly failed: the shape of both scans. UDP has no handshake: an
-    unanswered UDP probe cannot be told from an answered one here, so it counts as failed. `extra`: more
-    aggregations over _fan_out_counts' rows of a group."""
+    `spread` values (destinations, or ports), mostly failed: the shape of both scans. The failed share is
+    that of the `spread` values every attempt to which failed, not of the flows: 1,600 answered connections
+    to one decoy hid 1,500 unanswered probes as a 48% failed share (hostile review). UDP has no handshake: an
+    unanswered UDP probe cannot be told from an answered one here, so a value reached over UDP only counts
+    as failed. `extra`: more aggregations over _fan_out_counts' rows of a group."""
     found = (
         _fan_out_counts(ctx, c.window)
         .lazy()
@@ -308,15 +310,13 @@ def _fan_out(
             # (as n_unique counts it)
             pl.len().alias(count),
             flows=pl.col("flows").sum(),
-            tcp=pl.col("tcp").sum(),
-            failed=pl.col("failed").sum(),
+            # the spread values never answered: every TCP attempt to it failed, or none was TCP
+            unanswered=(pl.col("failed") >= pl.col("tcp")).sum(),
             first_ts=pl.col("first_ts").min(),
             **extra,
         )
         .filter(pl.col(count) >= minimum)
-        .with_columns(
-            failed_share=pl.when(pl.col("tcp") > 0).then(pl.col("failed") / pl.col("tcp")).otherwise(1.0)
-        )
+        .with_columns(failed_share=pl.col("unanswered") / pl.col(count))
         .filter(pl.col("failed_share") >= c.min_failed_share)
         .with_columns(score=_ratio_score(pl.col(count).cast(pl.Float64), minimum), addr=pl.col("src_addr"))
     )
