@@ -210,6 +210,27 @@ def test_answered_decoys_on_the_scanned_port_do_not_hide_a_scan(evasion, found):
     assert json.loads(scan[0]["features"])["failed_share"] == pytest.approx(1500 / 1501)
 
 
+def test_hosts_beaconing_to_one_peer_at_different_periods_are_no_shared_service(evasion, found):
+    """shared_services counted the hosts per (peer, port, window), whatever their rhythm: five implants on five
+    timers to one C2 were all suppressed as '5 local hosts keep the same rhythm'."""
+    _, _, who = evasion
+    alerts, suppressed = found
+    beacons = {a["addr"] for a in alerts if a["detector"] == "beacon" and a["peer"] == DIFFERENT_C2}
+    assert beacons == set(who["fleet_different"])
+    assert [s for s in suppressed if s["peer"] == DIFFERENT_C2] == []
+    # the alike fleet to the (not yet listed) peer is still a shared service
+    why = [s["why"] for s in suppressed if s["peer"] == LISTED_C2]
+    assert len(why) == 5 and all(w.startswith("shared periodic service: 5 local hosts") for w in why)
+
+
+def test_a_peer_threat_intel_lists_is_never_a_shared_service(evasion):
+    lake, story, who = evasion
+    alerts, suppressed = detect(lake, story, f"{LISTED_C2}\n")
+    beacons = {a["addr"] for a in alerts if a["detector"] == "beacon" and a["peer"] == LISTED_C2}
+    assert beacons == set(who["fleet_listed"])
+    assert [s for s in suppressed if s["peer"] == LISTED_C2] == []
+
+
 def test_the_evasions_give_the_same_alerts_in_buckets(evasion):
     """Who answered whom is judged per detector window from the flows of that window, so a host bucket (which
     holds both directions of its hosts' flows) judges as the whole lake does."""

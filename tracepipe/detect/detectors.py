@@ -1196,16 +1196,50 @@ def run_detectors(
 
 
 # ---- cross-host rules, allowlists, attribution, evidence, ids ----------------------------------------------
+# Beacons "keep the same rhythm" when their median intervals are within SHARED_RHYTHM_TOLERANCE of each other
+# and their median sizes within SHARED_SIZE_TOLERANCE (relative to the larger): NTP clients of one pool poll
+# alike, five implants on five timers do not.
+SHARED_RHYTHM_TOLERANCE = 0.1
+SHARED_SIZE_TOLERANCE = 0.25
+
+
 def shared_services(candidates: pl.DataFrame, ctx: DetectContext) -> pl.DataFrame:
     """Beacons to a destination that `beacon.shared_service_hosts` or more local hosts keep the same rhythm with
-    are a shared service (NTP pool, update mirror), whatever its port: dropped here and recorded in
-    ctx.suppressed. A cross-host rule, so it runs over every engine's candidates together (a Spark host bucket
-    sees one host)."""
+    (alike median interval and size: SHARED_RHYTHM_TOLERANCE, SHARED_SIZE_TOLERANCE) are a shared service (NTP
+    pool, update mirror), whatever its port: dropped here and recorded in ctx.suppressed. Hosts merely reaching
+    one destination periodically are not alike (five VMs beaconing to one C2 every 5, 7, 10, 15 and 20 min
+    were all suppressed: hostile review), and a destination threat intel lists is never a shared service. A
+    cross-host rule, so it runs over every engine's candidates together (a Spark host bucket sees one host)."""
     limit = ctx.config.detectors.beacon.shared_service_hosts
     if not limit or candidates.is_empty():
         return candidates
-    fleet = pl.col("addr").n_unique().over("peer", "port", "window_start")
-    marked = candidates.with_columns(_fleet=pl.when(pl.col("detector") == "beacon").then(fleet).otherwise(0))
+    group = ["peer", "port", "window_start"]
+    marked = candidates.with_row_index("_row")
+    shape = marked.filter(pl.col("detector") == "beacon").select(
+        "_row",
+        "addr",
+        *group,
+        _interval=pl.col("features").str.json_path_match("$.interval_median").cast(pl.Float64),
+        _size=pl.col("features").str.json_path_match("$.bytes_median").cast(pl.Float64),
+    )
+    if ctx.intel is not None and ctx.intel.num_rows and not shape.is_empty():
+        peers = shape.get_column("peer").drop_nulls().unique().to_arrow()
+        listed = match_addresses(peers, ctx.intel).get_column("addr")
+        shape = shape.filter(~pl.col("peer").is_in(listed.implode()).fill_null(False))
+
+    def alike(column: str, tolerance: float) -> pl.Expr:
+        mine, theirs = pl.col(column), pl.col(f"{column}_other")
+        return (mine - theirs).abs() <= tolerance * pl.max_horizontal(mine, theirs)
+
+    fleets = (
+        shape.join(shape, on=group, how="inner", suffix="_other", nulls_equal=True)
+        .filter(alike("_interval", SHARED_RHYTHM_TOLERANCE) & alike("_size", SHARED_SIZE_TOLERANCE))
+        .group_by("_row")
+        .agg(_fleet=pl.col("addr_other").n_unique())
+    )
+    marked = (
+        marked.join(fleets, on="_row", how="left").with_columns(pl.col("_fleet").fill_null(0)).sort("_row")
+    )
     ctx.suppress(
         marked.filter(pl.col("_fleet") >= limit),
         "beacon",
@@ -1214,7 +1248,7 @@ def shared_services(candidates: pl.DataFrame, ctx: DetectContext) -> pl.DataFram
             f"{r['peer']}:{r['port']} (beacon.shared_service_hosts = {limit})"
         ),
     )
-    return marked.filter(pl.col("_fleet") < limit).drop("_fleet")
+    return marked.filter(pl.col("_fleet") < limit).drop("_fleet", "_row")
 
 
 def apply_allowlist(
