@@ -53,6 +53,7 @@ from tracepipe.detect.features import (
     with_flow_facts,
     with_local_facts,
     with_periodicity,
+    with_response,
 )
 from tracepipe.lake import Lake, conform
 from tracepipe.pipeline_config import Beacon
@@ -600,7 +601,10 @@ class FeatureJob:
             if "src_local" in rows.collect_schema()
             else with_flow_facts(rows, self.local, self.night, hosts)
         )
-        outside = facts.filter(pl.col("src_owned") & ~pl.col("response") & ~pl.col("dst_local"))
+        # who answered whom per day, as the features and the beacon detector (a day window here) judge it
+        outside = with_response(facts, FEATURE_PERIOD_S).filter(
+            pl.col("src_owned") & ~pl.col("response") & ~pl.col("dst_local")
+        )
         ours = ~pl.col("dst_port").is_in(FEATURE_PERIOD_IGNORED_PORTS)
         theirs = ~pl.col("dst_port").is_in(c.ignore_ports)
         in_days = (pl.col("ts_start") >= start) & (pl.col("ts_start") < end)

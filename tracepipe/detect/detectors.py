@@ -33,6 +33,7 @@ from tracepipe.detect.features import (
     scan_flows,
     utc,
     with_flow_facts,
+    with_response,
 )
 from tracepipe.intel import match_addresses
 from tracepipe.lake import Lake
@@ -143,12 +144,20 @@ class DetectContext:
         return floor_time(self.since, window_s), ceil_time(self.until, window_s)
 
     def flows(
-        self, window_s: float, since: dt.datetime | None = None, until: dt.datetime | None = None
+        self,
+        window_s: float,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        response: bool = False,
     ) -> pl.LazyFrame:
-        """Flows of the whole windows overlapping the sweep, with the shared facts and `window_start`."""
+        """Flows of the whole windows overlapping the sweep, with the shared facts and `window_start`;
+        `response`: and who answered whom in each window (features.with_response; a join, so only for the
+        detectors that ask)."""
         start, end = self.span(window_s)
         start, end = since or start, until or end
         facts = self.facts(start, end)
+        if response:
+            facts = with_response(facts, window_s)
         step = int(window_s) * 1_000_000
         return facts.with_columns(
             window_start=((pl.col("ts_start").dt.epoch("us") // step) * step).cast(pl.Datetime("us", "UTC")),
@@ -260,7 +269,7 @@ def _fan_out_counts(ctx: DetectContext, window_s: float) -> pl.DataFrame:
     they are counted from the flows once for both (ctx.shared) and the scans group this smaller table."""
     key = ("fan_out", float(window_s))
     if key not in ctx.shared:
-        flows = ctx.flows(window_s).filter(
+        flows = ctx.flows(window_s, response=True).filter(
             pl.col("src_owned") & ~pl.col("response") & pl.col("proto").is_in([6, 17])
         )
         ctx.shared[key] = (
@@ -287,9 +296,11 @@ def _fan_out(
     **extra: pl.Expr,
 ) -> pl.DataFrame:
     """Local hosts that, per window, sent to one `fixed` value (a port, or a destination) from many distinct
-    `spread` values (destinations, or ports), mostly failed: the shape of both scans. UDP has no handshake: an
-    unanswered UDP probe cannot be told from an answered one here, so it counts as failed. `extra`: more
-    aggregations over _fan_out_counts' rows of a group."""
+    `spread` values (destinations, or ports), mostly failed: the shape of both scans. The failed share is
+    that of the `spread` values every attempt to which failed, not of the flows: 1,600 answered connections
+    to one decoy hid 1,500 unanswered probes as a 48% failed share (hostile review). UDP has no handshake: an
+    unanswered UDP probe cannot be told from an answered one here, so a value reached over UDP only counts
+    as failed. `extra`: more aggregations over _fan_out_counts' rows of a group."""
     found = (
         _fan_out_counts(ctx, c.window)
         .lazy()
@@ -299,15 +310,13 @@ def _fan_out(
             # (as n_unique counts it)
             pl.len().alias(count),
             flows=pl.col("flows").sum(),
-            tcp=pl.col("tcp").sum(),
-            failed=pl.col("failed").sum(),
+            # the spread values never answered: every TCP attempt to it failed, or none was TCP
+            unanswered=(pl.col("failed") >= pl.col("tcp")).sum(),
             first_ts=pl.col("first_ts").min(),
             **extra,
         )
         .filter(pl.col(count) >= minimum)
-        .with_columns(
-            failed_share=pl.when(pl.col("tcp") > 0).then(pl.col("failed") / pl.col("tcp")).otherwise(1.0)
-        )
+        .with_columns(failed_share=pl.col("unanswered") / pl.col(count))
         .filter(pl.col("failed_share") >= c.min_failed_share)
         .with_columns(score=_ratio_score(pl.col(count).cast(pl.Float64), minimum), addr=pl.col("src_addr"))
     )
@@ -403,7 +412,7 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
     period to every target are a periodic push (metrics, logs), not an attack: listed as suppressed."""
     c = ctx.config.detectors.brute_force
     flags = pl.col("tcp_flags").fill_null(0).cast(pl.Int32)
-    flows = ctx.flows(c.window).filter(
+    flows = ctx.flows(c.window, response=True).filter(
         (pl.col("proto") == 6)
         & ~pl.col("response")
         & (pl.col("src_local") | pl.col("dst_local"))
@@ -626,7 +635,7 @@ def _periodic_pushes(flows: pl.LazyFrame, found: pl.DataFrame, c: BruteForce) ->
 def beacon(ctx: DetectContext) -> pl.DataFrame:
     """Connections from a local host to one destination at regular intervals with regular sizes (RITA-like)."""
     c = ctx.config.detectors.beacon
-    flows = ctx.flows(c.window).filter(
+    flows = ctx.flows(c.window, response=True).filter(
         pl.col("src_owned") & ~pl.col("response") & ~pl.col("dst_port").is_in(c.ignore_ports)
     )
     if c.external_only:
@@ -838,8 +847,14 @@ def exfiltration(ctx: DetectContext, every: pl.DataFrame | None = None) -> pl.Da
     )
     # Without history the host is compared with itself inside the sweep: its third-busiest window (0 if it
     # has fewer), so a burst over one or two windows stands out while a host that is always busy does not.
+    # Only its windows under min_bytes set that level: else three windows of exfiltration made the third of
+    # them the host's "typical" window and hid all (hostile review: 2 GB in each of 3 hours, 0 alerts).
     typical = current.group_by("src_addr").agg(
-        sweep_ref=pl.col("bytes_out").sort(descending=True).implode().list.get(2, null_on_oob=True)
+        sweep_ref=pl.col("bytes_out")
+        .filter(pl.col("bytes_out") < c.min_bytes)
+        .sort(descending=True)
+        .implode()
+        .list.get(2, null_on_oob=True)
     )
     joined = (
         current.join(own, on="src_addr", how="left")
@@ -853,10 +868,11 @@ def exfiltration(ctx: DetectContext, every: pl.DataFrame | None = None) -> pl.Da
         baseline_windows=pl.col("baseline_windows").fill_null(0),
         host_ref=pl.max_horizontal(
             pl.col("host_ref").fill_null(0.0),
-            pl.col("sweep_ref").fill_null(0).cast(pl.Float64),
-            # a VM new to the lake is judged by what its project's VMs have done, not by having no past
+            # a VM new to the lake is judged by its typical window in this sweep and by what its project's VMs
+            # have done, not by having no past; a VM with a past by its past only (the sweep's level, taken
+            # for every host, hid exfiltration spread over 3 windows or more of one sweep: hostile review)
             pl.when(pl.col("baseline_windows").is_null())
-            .then(pl.col("project_history_ref"))
+            .then(pl.max_horizontal(pl.col("sweep_ref").cast(pl.Float64), pl.col("project_history_ref")))
             .otherwise(None)
             .fill_null(0.0),
         ),
@@ -957,7 +973,7 @@ MIN_PIECE_SECONDS = 60.0  # flows shorter than this cannot be part of a long con
 def long_connection(ctx: DetectContext) -> pl.DataFrame:
     """One 5-tuple seen for hours (exporters split it at their active timeout: the pieces are joined)."""
     c = ctx.config.detectors.long_connection
-    flows = ctx.flows(c.window).filter(
+    flows = ctx.flows(c.window, response=True).filter(
         (pl.col("src_local") | pl.col("dst_local")) & (pl.col("duration") >= MIN_PIECE_SECONDS)
     )
     order = pl.col("ts_start")
@@ -1017,7 +1033,7 @@ def mining(ctx: DetectContext) -> pl.DataFrame:
     port; the known pool ports raise the score and shorten the time it takes to be sure."""
     c = ctx.config.detectors.mining
     flows = (
-        ctx.flows(c.window)
+        ctx.flows(c.window, response=True)
         .filter(pl.col("src_owned") & ~pl.col("dst_local") & (pl.col("proto") == 6) & ~pl.col("response"))
         .with_columns(
             # Off the pool ports only ONE connection counts (its pieces share the source port): many short
@@ -1180,16 +1196,50 @@ def run_detectors(
 
 
 # ---- cross-host rules, allowlists, attribution, evidence, ids ----------------------------------------------
+# Beacons "keep the same rhythm" when their median intervals are within SHARED_RHYTHM_TOLERANCE of each other
+# and their median sizes within SHARED_SIZE_TOLERANCE (relative to the larger): NTP clients of one pool poll
+# alike, five implants on five timers do not.
+SHARED_RHYTHM_TOLERANCE = 0.1
+SHARED_SIZE_TOLERANCE = 0.25
+
+
 def shared_services(candidates: pl.DataFrame, ctx: DetectContext) -> pl.DataFrame:
     """Beacons to a destination that `beacon.shared_service_hosts` or more local hosts keep the same rhythm with
-    are a shared service (NTP pool, update mirror), whatever its port: dropped here and recorded in
-    ctx.suppressed. A cross-host rule, so it runs over every engine's candidates together (a Spark host bucket
-    sees one host)."""
+    (alike median interval and size: SHARED_RHYTHM_TOLERANCE, SHARED_SIZE_TOLERANCE) are a shared service (NTP
+    pool, update mirror), whatever its port: dropped here and recorded in ctx.suppressed. Hosts merely reaching
+    one destination periodically are not alike (five VMs beaconing to one C2 every 5, 7, 10, 15 and 20 min
+    were all suppressed: hostile review), and a destination threat intel lists is never a shared service. A
+    cross-host rule, so it runs over every engine's candidates together (a Spark host bucket sees one host)."""
     limit = ctx.config.detectors.beacon.shared_service_hosts
     if not limit or candidates.is_empty():
         return candidates
-    fleet = pl.col("addr").n_unique().over("peer", "port", "window_start")
-    marked = candidates.with_columns(_fleet=pl.when(pl.col("detector") == "beacon").then(fleet).otherwise(0))
+    group = ["peer", "port", "window_start"]
+    marked = candidates.with_row_index("_row")
+    shape = marked.filter(pl.col("detector") == "beacon").select(
+        "_row",
+        "addr",
+        *group,
+        _interval=pl.col("features").str.json_path_match("$.interval_median").cast(pl.Float64),
+        _size=pl.col("features").str.json_path_match("$.bytes_median").cast(pl.Float64),
+    )
+    if ctx.intel is not None and ctx.intel.num_rows and not shape.is_empty():
+        peers = shape.get_column("peer").drop_nulls().unique().to_arrow()
+        listed = match_addresses(peers, ctx.intel).get_column("addr")
+        shape = shape.filter(~pl.col("peer").is_in(listed.implode()).fill_null(False))
+
+    def alike(column: str, tolerance: float) -> pl.Expr:
+        mine, theirs = pl.col(column), pl.col(f"{column}_other")
+        return (mine - theirs).abs() <= tolerance * pl.max_horizontal(mine, theirs)
+
+    fleets = (
+        shape.join(shape, on=group, how="inner", suffix="_other", nulls_equal=True)
+        .filter(alike("_interval", SHARED_RHYTHM_TOLERANCE) & alike("_size", SHARED_SIZE_TOLERANCE))
+        .group_by("_row")
+        .agg(_fleet=pl.col("addr_other").n_unique())
+    )
+    marked = (
+        marked.join(fleets, on="_row", how="left").with_columns(pl.col("_fleet").fill_null(0)).sort("_row")
+    )
     ctx.suppress(
         marked.filter(pl.col("_fleet") >= limit),
         "beacon",
@@ -1198,7 +1248,7 @@ def shared_services(candidates: pl.DataFrame, ctx: DetectContext) -> pl.DataFram
             f"{r['peer']}:{r['port']} (beacon.shared_service_hosts = {limit})"
         ),
     )
-    return marked.filter(pl.col("_fleet") < limit).drop("_fleet")
+    return marked.filter(pl.col("_fleet") < limit).drop("_fleet", "_row")
 
 
 def apply_allowlist(

@@ -3,7 +3,8 @@
 In: the `flows` dataset (hive-partitioned Parquet; the date partition and `ts_start` filters are pushed down to
 the scan) and the cloud's address space (`local_networks`). A *host* is a local address; a flow whose source is
 local is outbound for it, whose destination is local inbound. Out: one row per (host, window) with the columns
-of FEATURES, plus the shared flow expressions (failed TCP attempt, SYN-only, server response) the detectors use.
+of FEATURES, plus the shared flow expressions (failed TCP attempt, SYN-only; server response: with_response)
+the detectors use.
 Addresses are classified on their unique values only (numpy for IPv4, stdlib ipaddress for IPv6).
 """
 
@@ -208,18 +209,54 @@ def with_flow_facts(
             # An attempt that never completed, defined once for NetFlow, Zeek and argus rows (tracepipe.flowstate)
             failed=failed_attempt(),
             syn_only=is_tcp & ((flags & 0x3F) == SYN),
-            # The server side of a conversation: a well-known (or registered, below the ephemeral range 32768+)
-            # source port talking to a higher ephemeral port. NetFlow is one-way, so this tells replies apart.
-            response=pl.col("proto").is_in([6, 17])
-            & (
-                ((pl.col("src_port") < 1024) & (pl.col("dst_port") >= 1024))
-                | ((pl.col("src_port") < 32768) & (pl.col("dst_port") >= 32768))
-            ),
             icmp_unreach=unreach,
             night=is_night,
         ),
         local_addrs,
         owned,
+    )
+
+
+# one direction of a conversation (NetFlow is one-way): its reverse has these columns swapped
+FIVE_TUPLE = ("src_addr", "dst_addr", "src_port", "dst_port", "proto")
+
+
+def with_response(flows: pl.LazyFrame, period_s: float) -> pl.LazyFrame:
+    """`flows` with `response`: the TCP or UDP record is the answering side of a conversation, judged within
+    each epoch-aligned period of `period_s` (a detector's window: what a window holds decides, whichever
+    engine or host bucket reads it, as the reverse of a flow has the same two ends). Evidence first: the
+    reverse 5-tuple was seen starting earlier in the period. A TCP record with SYN and no ACK opened a
+    connection and never answers one; a record whose reverse was never seen answers nothing. Ports only break
+    a tie (both directions starting at once, as a sensor that writes one row per direction gives them): a
+    well-known (or registered, below the ephemeral range 32768+) source port talking to a higher ephemeral
+    port. Ports alone made any flow from source port 53, 80 or 443 a "response" that the scan, brute-force,
+    beacon and mining detectors never looked at (hostile review: 1,500 SYN probes from port 53, 0 alerts)."""
+    flows = flows.with_columns(_period=bucket_expr("ts_start", period_s))
+    keys = [*FIVE_TUPLE, "_period"]
+    firsts = flows.filter(pl.col("proto").is_in([6, 17])).group_by(keys).agg(_first=pl.col("ts_start").min())
+    reverse = firsts.select(
+        pl.col("dst_addr").alias("src_addr"),
+        pl.col("src_addr").alias("dst_addr"),
+        pl.col("dst_port").alias("src_port"),
+        pl.col("src_port").alias("dst_port"),
+        "proto",
+        "_period",
+        _reverse_first="_first",
+    )
+    verdicts = firsts.join(reverse, on=keys, how="inner", nulls_equal=True).select(
+        *keys,
+        earlier=pl.col("_reverse_first") < pl.col("_first"),
+        tie=pl.col("_reverse_first") == pl.col("_first"),
+    )
+    flags = pl.col("tcp_flags").fill_null(0).cast(pl.Int32)
+    opener = (pl.col("proto") == 6) & ((flags & SYN) != 0) & ((flags & ACK) == 0)
+    by_ports = ((pl.col("src_port") < 1024) & (pl.col("dst_port") >= 1024)) | (
+        (pl.col("src_port") < 32768) & (pl.col("dst_port") >= 32768)
+    )
+    return (
+        flows.join(verdicts, on=keys, how="left", nulls_equal=True)
+        .with_columns(response=(~opener & (pl.col("earlier") | (pl.col("tie") & by_ports))).fill_null(False))
+        .drop("_period", "earlier", "tie")
     )
 
 
@@ -354,6 +391,27 @@ def _quartiles(col: pl.Expr, name: str) -> dict[str, pl.Expr]:
     return {f"_{name}_q{i}": col.quantile(q) for i, q in ((1, 0.25), (2, 0.5), (3, 0.75))}
 
 
+# Pieces of one connection (an exporter's active timeout cuts it) follow each other closely: a record of
+# unknown flags (UDP, a sensor without them) that starts more than this after the previous record of its
+# source port ended opens a new connection.
+CONNECTION_IDLE_S = 60.0
+
+
+def continued_pieces(group: list[str]) -> pl.Expr:
+    """Per row of a frame sorted by `group` then ts_start: the record continues the connection of the record
+    before it (same `group`, the same source port) rather than opening one. A TCP record whose flags are
+    known opens one when it holds SYN (a later piece of a connection holds none, whatever the gap: an idle SSH
+    session exported every 30 min stays one); other records when they start more than CONNECTION_IDLE_S after
+    the previous record's end. Reads ts_start, ts_end, proto and `_flags` (tcp_flags, null as 0)."""
+    same = pl.lit(True)
+    for column in group:
+        same = same & pl.col(column).eq_missing(pl.col(column).shift(1))
+    known = (pl.col("proto") == 6) & (pl.col("_flags") != 0)
+    idle = (pl.col("ts_start") - pl.col("ts_end").shift(1)).dt.total_microseconds() > CONNECTION_IDLE_S * 1e6
+    opens = pl.when(known).then((pl.col("_flags") & SYN) != 0).otherwise(idle)
+    return (same & ~opens).fill_null(False)
+
+
 def periodicity(
     flows: pl.LazyFrame,
     window_s: float,
@@ -409,10 +467,28 @@ def periodicity_stats(
         .lazy()
     )
     # One connection split by the exporter's active timeout is several flows with the same source port:
-    # collapse them, so that a long session exported every 30 min does not look like a beacon.
+    # collapse them, so that a long session exported every 30 min does not look like a beacon. But one source
+    # port is not one connection: a beacon that reuses its port (bind() before connect()) made 288 connections
+    # five minutes apart one "connection", never a beacon (hostile review). So a source port's records are
+    # cut into connections where one opens (continued_pieces).
+    # (callers that give starts and sizes only, such as a test's metronome, get the idle-gap rule)
+    names = flows.collect_schema().names()
+    flags = pl.col("tcp_flags").fill_null(0).cast(pl.Int32) if "tcp_flags" in names else pl.lit(0, pl.Int32)
     candidates = (
         flows.join(pairs, on=keys, how="inner")
-        .group_by("_pair", "src_port")
+        .select(
+            "_pair",
+            "src_port",
+            "ts_start",
+            "bytes",
+            ts_end=pl.col("ts_end") if "ts_end" in names else pl.col("ts_start"),
+            proto=pl.col("proto") if "proto" in names else pl.lit(None, pl.Int16),
+            _flags=flags,
+        )
+        # a total order, so that every engine and row order cuts the same connections
+        .sort("_pair", "src_port", "ts_start", "ts_end", "_flags", "bytes", nulls_last=True)
+        .with_columns(_connection=continued_pieces(["_pair", "src_port"]).not_().cum_sum())
+        .group_by("_pair", "_connection")
         .agg(pl.col("ts_start").min(), saturating_sum(pl.col("bytes")))
     )
     # intervals between a pair's connection starts, computed once per row over the sorted connections, so that
@@ -537,7 +613,9 @@ def host_features(
     (only for windows at least `warmup_s` after it; 0 before, when there is no history to compare with).
     """
     bucket = bucket_expr("ts_start", window_s)
-    flows = flows.with_columns(window_start=bucket)
+    # who answered whom, judged per day (the periodicity feature's window: FeatureJob shares these facts with
+    # the beacon detector's day windows, detect/buckets.py)
+    flows = with_response(flows, FEATURE_PERIOD_S).with_columns(window_start=bucket)
     initiator = ~pl.col("response")
     milliseconds = (pl.col("ts_end") - pl.col("ts_start")).dt.total_milliseconds()
     # Every aggregation below is one the streaming engine reduces as rows pass (len, sum, min, max, mean,
