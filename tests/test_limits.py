@@ -161,8 +161,8 @@ def test_template_limits_fields_and_record_length_are_rejects_and_the_rest_decod
 
 
 def test_waiting_data_is_bounded_in_bytes():
-    state = DecoderState(Limits(pending_bytes=10_000))
-    # data sets for templates never sent, ~1.4 kB each
+    state = DecoderState(Limits(pending_bytes=40_000))
+    # data sets for templates never sent, ~1.4 kB each: one exporter holds a quarter of the bytes at most
     payloads = [
         struct.pack(">HHIIII", 9, 1, 100_000, 1710237600, i, 1) + struct.pack(">HH", 300, 1404) + bytes(1400)
         for i in range(20)
@@ -226,11 +226,11 @@ def test_a_planted_decoder_state_over_the_limits_loads_within_them(tmp_path):
     assert after == "seg-3.spool"
     assert len(state.exporters) <= 10 and all(len(d) <= 2 for d in state.domains.values())
     assert len(state.templates) <= 10 * 2 * 3 and len(state.sequences) <= 10 * 2
-    assert state.pending_count == DEFAULT.pending_flowsets
+    assert state.pending_count == DEFAULT.pending_flowsets // 4  # one exporter's share
     assert state.limits_hit["exporters"] > 0 and state.limits_hit["templates_per_domain"] > 0
     # 5000 fields, a bad key, a bad field, a bad sequence, a bad sampling key: dropped and counted
     assert state.limits_hit["decoder_state_entries"] == 5
-    assert state.limits_hit["pending_flowsets"] == 100_000 - DEFAULT.pending_flowsets
+    assert state.limits_hit["pending_flowsets"] == 100_000 - DEFAULT.pending_flowsets // 4
     # and it still decodes
     payload = v9_datagram(0, [("10.0.0.1", 1)], template=True)
     result = decode_datagrams([payload], [LEGIT], np.zeros(1, np.int64), None, "t", state)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from tracepipe.ingest.netflow import DecoderState, decode_datagrams, flush_pending
 from tracepipe.ingest.pcap import iter_udp_batches
+from tracepipe.limits import Limits
 from tracepipe.schema import FLOWS
 
 EXPORTER = "192.0.2.7"
@@ -573,6 +574,37 @@ def test_waiting_data_of_a_flood_takes_no_other_exporters_place():
     assert state.pending_bytes == sum(len(b) for v in state.pending.values() for b, _, _ in v)
     again = DecoderState.from_json(state.to_json())
     assert again.pending_of == state.pending_of and again.pending_count == state.pending_count
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        Limits(templates_total=48),
+        Limits(template_fields_total=200, template_fields_per_exporter=60),
+    ],
+    ids=["templates_total", "template_fields_total"],
+)
+def test_a_flood_from_spoofed_senders_evicts_its_own_templates_not_a_routers(limits):
+    # a review: five spoofed sender addresses filling the bound of all exporters together evicted a router's live
+    # template (the least recently used of all): its data was "no template" until its next refresh. The bound
+    # now gives up the templates of the exporter holding the most
+    state = DecoderState(limits)
+    template = flowset(0, template_record(256, SOFTFLOWD_V4))
+    record = pack_values(SOFTFLOWD_V4, softflowd_like_record())
+    result, _ = decode([v9_datagram(template, flowset(256, record), seq=1)], state)
+    assert result.flows.num_rows == 1
+    small = [(8, 4), (12, 4)]
+    flood = [
+        flowset(0, template_record(256 + t, small)) + flowset(256 + t, struct.pack(">II", 0x0B000000 + t, 1))
+        for t in range(30)
+    ]
+    for sender in range(5):
+        hit, _ = decode([v9_datagram(*flood, seq=1)], state, f"198.51.100.{sender + 1}")
+        assert hit.flows.num_rows == 30
+    assert sum(state.limits_hit.values()) > 0  # the bound was reached
+    assert (EXPORTER, 9, 0, 256) in state.templates
+    later, _ = decode([v9_datagram(flowset(256, record), seq=i) for i in range(2, 12)], state)
+    assert later.flows.num_rows == 10 and later.rejects.num_rows == 0
 
 
 # ---- IPFIX by hand --------------------------------------------------------------------------------------------

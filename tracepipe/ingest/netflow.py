@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import heapq
 import json
 import os
 import struct
 from array import array
 from collections import Counter, OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -482,37 +483,33 @@ class DecoderState:
                 self.forget_template((*scope, standing.victim()))
                 evicted.append(name)
             if len(self.all_templates) >= lim.templates_total:
-                self.forget_template(self.all_templates.victim())
+                victim = self._fair_victim(lambda e: len(self.exporter_templates[e]), key)
+                if victim is not None:
+                    self.forget_template(victim)
                 evicted.append("templates_total")
         old = self.templates.get(key)
         self.fields_total -= len(old.fields) if old is not None else 0
         self.exporter_fields[exporter] -= len(old.fields) if old is not None else 0
         own = self.exporter_templates.setdefault(exporter, _Standing())
         # first within the exporter's own share (so that one exporter's flood evicts its own templates, not
-        # other exporters'), then within the total
-        for standings, used, cap, name in (
-            (
-                own,
-                lambda: self.exporter_fields[exporter],
-                lim.template_fields_per_exporter,
-                "template_fields_per_exporter",
-            ),
-            (
-                self.all_templates,
-                lambda: self.fields_total,
-                lim.template_fields_total,
-                "template_fields_total",
-            ),
+        # other exporters'), then within the total: from the exporter holding the most fields
+        while self.exporter_fields[exporter] + len(tpl.fields) > lim.template_fields_per_exporter and len(
+            own
         ):
-            while used() + len(tpl.fields) > cap and len(standings):
-                victim = standings.victim()
-                if victim == key:  # itself the oldest: make it the newest, give up the next
-                    standings.touch(key)
-                    if len(standings) == 1:
-                        break
-                    continue
-                self.forget_template(victim)
-                evicted.append(name)
+            victim = own.victim()
+            if victim == key:  # itself the oldest: make it the newest, give up the next
+                own.touch(key)
+                if len(own) == 1:
+                    break
+                continue
+            self.forget_template(victim)
+            evicted.append("template_fields_per_exporter")
+        while self.fields_total + len(tpl.fields) > lim.template_fields_total:
+            victim = self._fair_victim(self.exporter_fields.__getitem__, key)
+            if victim is None:
+                break
+            self.forget_template(victim)
+            evicted.append("template_fields_total")
         standing.touch(tid)
         self.all_templates.touch(key)
         # (the loops may have evicted the exporter's last other template, and forget_template dropped its
@@ -525,6 +522,23 @@ class DecoderState:
         self.fields_total += len(tpl.fields)
         self.exporter_fields[exporter] += len(tpl.fields)
         return evicted, None
+
+    def _fair_victim(
+        self, share: Callable[[str], int], keep: tuple[str, int, int, int]
+    ) -> tuple[str, int, int, int] | None:
+        """The template to give up when a bound of all exporters together is reached: the least recently used
+        (never-used first) of the exporter holding the most by `share`, never `keep`. A review found five
+        spoofed sender addresses filling the total evicted a router's live template, by least recent use over
+        all exporters: its flows were "no template" until its next refresh. Now a flood evicts its own."""
+        for exporter in heapq.nlargest(2, self.exporter_templates, key=share):
+            standing = self.exporter_templates[exporter]
+            victim = standing.victim()
+            if victim != keep:
+                return victim
+            for victim in standing:  # `keep` is the oldest: the next one
+                if victim != keep:
+                    return victim
+        return None
 
     def used(self, key: tuple[str, int, int, int]) -> None:
         """A template carried flow data (or options values): it and its exporter become live, most recent."""
