@@ -607,6 +607,43 @@ def test_a_flood_from_spoofed_senders_evicts_its_own_templates_not_a_routers(lim
     assert later.flows.num_rows == 10 and later.rejects.num_rows == 0
 
 
+def test_a_senders_flood_of_sampler_rows_and_interface_names_leaves_room_for_others():
+    # a review: one sender's 65,536 sampler-table rows (or interface names) took every place of a global cap of
+    # first come: another exporter's rows were refused, its flows got the wrong interval and no interface names.
+    # Each exporter has a share, and when all places are taken the one holding the most gives up its oldest
+    state = DecoderState(Limits(exporters=4))  # 64 places in all
+    sampler_options = v9_options_template(257, [(1, 4)], [(48, 4), (50, 4)])
+    name_options = v9_options_template(258, [(2, 4)], [(82, 8)])
+    flood = [v9_datagram(sampler_options, name_options, seq=1)]
+    for k in range(3):
+        samplers = b"".join(struct.pack(">III", 0, k * 100 + i, 10) for i in range(100))
+        names = b"".join(struct.pack(">I8s", k * 100 + i, b"junk") for i in range(100))
+        flood.append(v9_datagram(flowset(257, samplers), flowset(258, names), seq=k + 2))
+    decode(flood, state, "198.51.100.9")
+    assert len(state.samplers) == len(state.if_names) == 64
+    with_sampler = [*SOFTFLOWD_V4, (48, 4)]
+    records = pack_values(with_sampler, softflowd_like_record(_48=1, _10=2, _14=3))
+    records += pack_values(with_sampler, softflowd_like_record(_48=2, _10=2, _14=3))
+    rows = struct.pack(">III", 0, 1, 100) + struct.pack(">III", 0, 2, 1000)
+    names = struct.pack(">I8s", 2, b"uplink") + struct.pack(">I8s", 3, b"tenant")
+    legit = [
+        v9_datagram(sampler_options, name_options, flowset(0, template_record(256, with_sampler)), seq=1),
+        v9_datagram(flowset(257, rows), flowset(258, names), seq=2),
+        v9_datagram(flowset(256, records), seq=3),
+    ]
+    result, _ = decode(legit, state)
+    got = result.flows.select(["sampling_interval", "input_if_name", "output_if_name"]).to_pylist()
+    assert got == [
+        {"sampling_interval": 100, "input_if_name": "uplink", "output_if_name": "tenant"},
+        {"sampling_interval": 1000, "input_if_name": "uplink", "output_if_name": "tenant"},
+    ]
+    assert len(state.samplers) == len(state.if_names) == 64
+    again = DecoderState.from_json(state.to_json(), Limits(exporters=4))
+    assert dict(again.samplers) == dict(state.samplers) and dict(again.if_names) == dict(state.if_names)
+    state.forget_exporter("198.51.100.9")
+    assert set(state.samplers.of) == set(state.if_names.of) == {EXPORTER}
+
+
 # ---- IPFIX by hand --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("time_fields", "values", "start_ms", "end_ms"),

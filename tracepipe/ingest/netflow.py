@@ -22,7 +22,7 @@ import os
 import struct
 from array import array
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -386,6 +386,50 @@ class _Standing:
         return None
 
 
+class _PerExporter(dict):
+    """A table of options values keyed (exporter, domain, id) -> value (sampler intervals, interface names):
+    at most `own` entries an exporter and `total` in all; when all are taken, the oldest entry of the exporter
+    holding the most makes room. A review found one sender's 65,536 sampler-table rows took every place (a
+    global cap of first come): another exporter's own rows were refused and its flows got the wrong interval."""
+
+    def __init__(self, own: int, total: int) -> None:
+        super().__init__()
+        self.own, self.total = own, total
+        self.of: dict[str, dict[tuple, None]] = {}  # exporter -> its keys, oldest first
+
+    def put(self, key: tuple, value: Any) -> bool:
+        """Set key to value within the bounds; False when the exporter's own share is full."""
+        if key in self:
+            dict.__setitem__(self, key, value)
+            return True
+        keys = self.of.get(key[0])
+        if keys is not None and len(keys) >= self.own:
+            return False
+        if len(self) >= self.total:
+            largest = max(self.of, key=lambda e: len(self.of[e]))
+            self.drop(next(iter(self.of[largest])))
+            keys = self.of.get(key[0])
+        dict.__setitem__(self, key, value)
+        (keys if keys is not None else self.of.setdefault(key[0], {}))[key] = None
+        return True
+
+    def drop(self, key: tuple) -> None:
+        dict.pop(self, key, None)
+        keys = self.of.get(key[0])
+        if keys is not None:
+            keys.pop(key, None)
+            if not keys:
+                del self.of[key[0]]
+
+    def drop_domain(self, exporter: str, domain: int) -> None:
+        for key in [k for k in self.of.get(exporter, ()) if k[1] == domain]:
+            self.drop(key)
+
+    def of_exporters(self, exporters: Iterable[str]) -> dict[tuple, Any]:
+        """The entries of these exporters (a plain dict)."""
+        return {k: self[k] for e in exporters for k in self.of.get(e, ())}
+
+
 class DecoderState:
     """What a decoder remembers between batches: templates per (exporter, version, domain, template id), the
     next expected sequence number per (exporter, version, domain), sampling interval and boot time per
@@ -404,10 +448,10 @@ class DecoderState:
         self.sampling: dict[tuple[str, int], int] = {}
         self.sys_init_ms: dict[tuple[str, int], int] = {}
         # (exporter, domain, sampler id) -> interval, from sampler tables in options data (issue 16)
-        self.samplers: dict[tuple[str, int, int], int] = {}
+        self.samplers = _PerExporter(256, limits.exporters * 16)
         # (exporter, domain, ifindex) -> interface name, from interface tables in options data, and
         # (exporter, domain, VRF_NAME_KEY + VRF id) -> VRF name, from VRF tables (issue 16)
-        self.if_names: dict[tuple[str, int, int], str] = {}
+        self.if_names = _PerExporter(4096, limits.exporters * 16)
         # (exporter, version, domain, template id) -> [(flowset body, ctx values, offset)]
         self.pending: dict[tuple[str, int, int, int], list[tuple[bytes, tuple, int]]] = {}
         self.pending_count = 0
@@ -586,9 +630,8 @@ class DecoderState:
             if not any(d == domain for _, d in domains):
                 self.sampling.pop((exporter, domain), None)
                 self.sys_init_ms.pop((exporter, domain), None)
-                for table in (self.samplers, self.if_names):
-                    for k in [k for k in table if k[:2] == (exporter, domain)]:
-                        del table[k]
+                self.samplers.drop_domain(exporter, domain)
+                self.if_names.drop_domain(exporter, domain)
 
     def forget_exporter(self, exporter: str) -> None:
         for version, domain in self.domains.get(exporter, _Standing()):
@@ -764,20 +807,15 @@ class DecoderState:
                 bad += 1
                 continue
             if isinstance(v, int) and 0 < v < 2**31 and exporter in state.domains:
-                if len(state.samplers) < limits.exporters * 16:
-                    state.samplers[(exporter, domain, sampler)] = v
+                state.samplers.put((exporter, domain, sampler), v)
         for k, v in entries("if_names"):
             try:
                 exporter, domain, ifindex = key(k, 2, 2 * VRF_NAME_KEY)  # VRF names too
             except ValueError:
                 bad += 1
                 continue
-            if (
-                isinstance(v, str)
-                and exporter in state.domains
-                and len(state.if_names) < limits.exporters * 16
-            ):
-                state.if_names[(exporter, domain, ifindex)] = v[:IF_NAME_CHARS]
+            if isinstance(v, str) and exporter in state.domains:
+                state.if_names.put((exporter, domain, ifindex), v[:IF_NAME_CHARS])
         for k, v in entries("pending"):
             try:
                 pkey = key(k, 3)
@@ -991,10 +1029,8 @@ class _Batch:
         self._ctx_to_block()
         ctx = np.concatenate(self.ctx_blocks) if self.ctx_blocks else np.zeros((0, 8), np.int64)
         mine = self.exporter_index
-        samplers = (
-            {k: v for k, v in self.state.samplers.items() if k[0] in mine} if self.state.samplers else {}
-        )
-        names = {k: v for k, v in self.state.if_names.items() if k[0] in mine} if self.state.if_names else {}
+        samplers = self.state.samplers.of_exporters(mine) if self.state.samplers else {}
+        names = self.state.if_names.of_exporters(mine) if self.state.if_names else {}
         return Walked(groups, ctx, self.exporters, self.source, samplers, names)
 
     def _records(self, bodies: list) -> bytes | FileRecords:
@@ -1897,8 +1933,8 @@ def _read_options_data(
                 interval = min((packets + space) // packets, 2**31 - 1)
         if interval and domain_wide:
             state.sampling[(exporter, domain)] = interval
-        if interval and "sampler_id" in roles and len(state.samplers) < state.limits.exporters * 16:
-            state.samplers[(exporter, domain, _scalar(rec["sampler_id"]))] = interval  # a sampler table row
+        if interval and "sampler_id" in roles:
+            state.samplers.put((exporter, domain, _scalar(rec["sampler_id"])), interval)  # a sampler table row
         if "sys_init_ms" in roles:
             value = _scalar(rec["sys_init_ms"])
             if 0 < value < 2**50:  # a unix time in ms (anything larger is garbage)
@@ -1909,14 +1945,12 @@ def _read_options_data(
 def _keep_interface_names(
     state: DecoderState, tpl: Template, body: bytes | memoryview, exporter: str, domain: int
 ) -> None:
-    """Interface names of an options record set into the state (bounded like the sampler tables: 16 a
-    known exporter on average, limits.exporters * 16 in all)."""
+    """Interface names of an options record set into the state (bounded as _PerExporter says)."""
     if exporter not in state.domains:  # evicted meanwhile: no state for it (bounded)
         return
     for ifindex, name in _interface_names(tpl, bytes(body)):
         key = (exporter, domain, ifindex)
-        if key in state.if_names or len(state.if_names) < state.limits.exporters * 16:
-            state.if_names[key] = name
+        state.if_names.put(key, name)
 
 
 def _interface_names(tpl: Template, raw: bytes) -> list[tuple[int, str]]:
