@@ -314,3 +314,43 @@ def test_a_stix_indicator_of_the_wrong_shape_is_a_reject_or_lands_never_an_inter
     deep = '{"type": "bundle", "objects": ' + "[" * 100_000 + "]" * 100_000 + "}"
     rows, rejects, _ = parse_stix(deep)
     assert rows == [] and rejects  # nested too deep: a reject, not a RecursionError
+
+
+# ---- hostile review of session 25: intel import and matching ----------------------------------------------------
+MISP_HEADER = "uuid,event_id,category,type,value,comment,to_ids,date\n"
+
+
+def test_a_misp_csv_cell_over_the_csv_field_limit_is_one_reject_and_the_rest_lands(tmp_path):
+    # before: one 200 kB comment (under limits.line_bytes) ended the import "internal error: field larger than
+    # field limit", exit 4, nothing landed
+    path = tmp_path / "big.csv"
+    path.write_text(
+        MISP_HEADER
+        + "u0,1,Network activity,ip-dst,198.51.100.1,first,1,20250615\n"
+        + f'u1,1,Network activity,ip-dst,192.0.2.99,"{"A" * 200_000}",1,20250615\n'
+        + "u2,1,Network activity,ip-dst,203.0.113.2,after,1,20250615\n"
+    )
+    lake = Lake(tmp_path / "lake")
+    result = import_intel(lake, path)
+    assert (result.rows, result.rejects, result.exit_code) == (2, 1, 3)
+    assert sorted(lake.read("intel").column("indicator").to_pylist()) == ["198.51.100.1", "203.0.113.2"]
+    assert [(r["line"], r["reason"]) for r in lake.read("rejects").to_pylist()] == [(3, "not a CSV line")]
+
+
+def test_a_stray_quote_in_a_misp_csv_row_is_a_reject_and_does_not_swallow_the_next_rows():
+    # before: the unterminated quote of line 3 made lines 3-4 one row (203.0.113.2 gone, 0 rejects)
+    text = (
+        MISP_HEADER
+        + 'u0,1842,Network activity,ip-dst,198.51.100.1,"harmless first entry",1,20250615\n'
+        + 'u1,9999,Network activity,ip-dst,192.0.2.99,"community note with a stray quote\n'
+        + 'u2,1842,Network activity,ip-dst,203.0.113.2,"real indicator 2",1,20250615\n'
+        + "u3,1842,Network activity,ip-dst\n"  # cut short: no value
+        + 'u4,1842,Network activity,ip-dst,203.0.113.4,"a comment ""quoted"", and a comma",1,20250615\n'
+    )
+    table, rejects, _ = parse_intel(text, "misp-csv", "quote.csv")
+    assert table.column("indicator").to_pylist() == ["198.51.100.1", "203.0.113.2", "203.0.113.4"]
+    assert table.column("description").to_pylist()[2] == 'a comment "quoted", and a comma'
+    assert [(r["line"], r["reason"]) for r in rejects.to_pylist()] == [
+        (3, "quoted cell not closed on its line"),
+        (5, "missing cells (type, value)"),
+    ]

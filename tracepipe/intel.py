@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import io
 import ipaddress
 import json
 import re
@@ -180,22 +179,58 @@ def _attribute_row(attr: dict[str, Any], event: dict[str, Any]) -> dict[str, Any
     return None
 
 
+# the cells of a MISP CSV row without which it says nothing
+REQUIRED_CELLS = ("type", "value")
+
+
+def _csv_cells(line: str) -> list[str]:
+    """One line of a CSV -> its cells; csv.Error for a quoted cell not closed on its line, a stray quote after
+    a closing one, or a cell over the csv module's field limit (128 KiB, below limits.line_bytes)."""
+    return next(csv.reader((line,), strict=True), [])
+
+
 def parse_misp_csv(text: str) -> tuple[list[dict], list[dict], int]:
-    reader = csv.DictReader(io.StringIO(text))
-    missing = {"type", "value"} - set(reader.fieldnames or [])
+    """A MISP CSV export, read line by line: a MISP export quotes every cell on its row, so a quoted cell that
+    runs over a line end is a stray quote, and read as CSV it would swallow the rows after it into one comment
+    (those indicators gone, no reject). Such a line, a line the csv module cannot read and a row lacking a
+    required cell are each one reject with its line number; the lines after them are read as rows again."""
+    lines = text_lines(text)
+    try:
+        header = [cell.strip() for cell in _csv_cells(lines[0])] if lines else []
+    except csv.Error as exc:
+        return [], [_reject(1, "not a MISP CSV export", f"header: {exc}")], 0
+    missing = set(REQUIRED_CELLS) - set(header)
     if missing:
         return [], [_reject(1, "not a MISP CSV export", f"header lacks {', '.join(sorted(missing))}")], 0
+    needed = max(header.index(name) for name in REQUIRED_CELLS) + 1
     rows, rejects, skipped = [], [], 0
-    for record in reader:
-        line = reader.line_num
-        if None in record:  # more cells than the header names
-            rejects.append(_reject(line, "too many columns", str(record.get(None))))
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
             continue
+        try:
+            cells = _csv_cells(line)
+        except csv.Error as exc:
+            reason = "quoted cell not closed on its line" if "end of data" in str(exc) else "not a CSV line"
+            rejects.append(_reject(number, reason, f"{exc}: {line[:200]}"))
+            continue
+        if len(cells) > len(header):
+            rejects.append(_reject(number, "too many columns", str(cells[len(header) :])))
+            continue
+        if len(cells) < needed:
+            rejects.append(
+                _reject(
+                    number,
+                    f"missing cells ({', '.join(REQUIRED_CELLS)})",
+                    f"{len(cells)} cells, the header names {len(header)}: {line[:200]}",
+                )
+            )
+            continue
+        record = dict(zip(header, cells, strict=False))
         result = _attribute_row(record, {})
         if result is None:
             skipped += 1
         elif isinstance(result, str):
-            rejects.append(_reject(line, result, f"{record.get('type')},{record.get('value')}"))
+            rejects.append(_reject(number, result, f"{record.get('type')},{record.get('value')}"))
         else:
             rows.append(result)
     return rows, rejects, skipped
