@@ -354,3 +354,21 @@ def test_a_stray_quote_in_a_misp_csv_row_is_a_reject_and_does_not_swallow_the_ne
         (3, "quoted cell not closed on its line"),
         (5, "missing cells (type, value)"),
     ]
+
+
+def test_auto_format_tells_stix_from_misp_json_by_the_parsed_top_level(tmp_path):
+    # before: '"type": "bundle"' anywhere in the first 2,000 characters made a MISP feed STIX (0 indicators)
+    misp = {"Event": {"id": "90", "info": "community event", "Attribute": [
+        {"type": "bundle", "value": "x", "comment": "odd attribute of an unknown type"},
+        {"type": "ip-dst", "value": "203.0.113.208", "comment": "real C2"}]}}  # fmt: skip
+    text = json.dumps(misp)
+    assert sniff_format(text, Path("feed.json")) == "misp-json"
+    assert sniff_format(json.dumps([misp]), Path("feed.json")) == "misp-json"
+    assert sniff_format(json.dumps({"response": [misp]}), Path("feed.json")) == "misp-json"
+    bundle = {"objects": [], "id": "bundle--1", "type": "bundle"}  # "type" after other keys
+    assert sniff_format(json.dumps(bundle), Path("b.json")) == "stix"
+    assert sniff_format(json.dumps({"type": "bundle", "objects": "x"}), Path("b.json")) == "misp-json"
+    path = tmp_path / "sniff.json"
+    path.write_text(text)
+    result = import_intel(Lake(tmp_path / "lake"), path)
+    assert (result.format, result.rows, result.rejects) == ("misp-json", 1, 0)
