@@ -372,3 +372,31 @@ def test_auto_format_tells_stix_from_misp_json_by_the_parsed_top_level(tmp_path)
     path.write_text(text)
     result = import_intel(Lake(tmp_path / "lake"), path)
     assert (result.format, result.rows, result.rejects) == ("misp-json", 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("given", "indicator", "kind", "net_hi"),
+    [
+        ("::ffff:203.0.113.208", "203.0.113.208", "ip", "203.0.113.208"),
+        ("::FFFF:cb00:71d0", "203.0.113.208", "ip", "203.0.113.208"),
+        ("::ffff:203.0.113.0/120", "203.0.113.0/24", "cidr", "203.0.113.255"),
+        ("::ffff:203.0.113.208/128", "203.0.113.208", "ip", "203.0.113.208"),
+        ("::ffff:10.0.0.0/104", "10.0.0.0/8", "cidr", "10.255.255.255"),
+        ("2001:db8::13%eth0", "2001:db8::13", "ip", "2001:db8::13"),
+        ("2001:db8:bad::%eth0/48", "2001:db8:bad::/48", "cidr", "2001:db8:bad:ffff:ffff:ffff:ffff:ffff"),
+    ],
+)
+def test_ipv4_mapped_and_zoned_indicators_are_stored_as_flows_carry_them(given, indicator, kind, net_hi):
+    # before: ::ffff:203.0.113.208 and ::ffff:203.0.113.0/120 were stored as IPv6 and never matched a flow
+    table, rejects, _ = parse_intel(given + "\n", "list", "m.txt")
+    assert rejects.num_rows == 0
+    row = table.to_pylist()[0]
+    assert (row["indicator"], row["kind"], row["net_hi"]) == (indicator, kind, net_hi)
+    matched = match_addresses(["203.0.113.208", "2001:db8::13", "2001:db8:bad::1", "10.9.9.9"], table)
+    assert set(matched.get_column("indicator")) == {indicator}
+
+
+def test_an_ipv4_mapped_network_is_held_to_the_ipv4_width_limit():
+    table, rejects, _ = parse_intel("::ffff:0.0.0.0/97\n::ffff:10.0.0.0/103\n", "list", "m.txt")
+    assert table.num_rows == 0
+    assert rejects.column("reason").to_pylist() == ["CIDR too wide (shorter than /8 for IPv4)"] * 2

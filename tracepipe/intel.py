@@ -28,7 +28,7 @@ from tracepipe.fsutil import input_problem
 from tracepipe.lake import Lake, hash_file, ingest_table
 from tracepipe.limits import LINE_TOO_LONG, json_loads, read_text_bounded, text_lines, too_long_detail
 from tracepipe.schema import INTEL, REJECTS
-from tracepipe.units import in_time_window, to_utc
+from tracepipe.units import canonical_addr, in_time_window, to_utc
 
 FORMATS = ("auto", "misp-csv", "misp-json", "stix", "list")
 # MISP attribute types that carry an address ("ip-dst|port" carries "addr|port").
@@ -65,12 +65,30 @@ class IntelImport:
         return {**vars(self), "exit_code": self.exit_code}
 
 
+# IPv4-mapped IPv6 (RFC 4291 §2.5.5.2): ::ffff:203.0.113.7 is the IPv4 address flows carry
+IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR as flows would carry its addresses: ::ffff:0:0/96+n is the IPv4 /n (::ffff:203.0.113.0/120 ->
+    203.0.113.0/24) and an IPv6 zone (%eth0, an interface of the machine that wrote it) is dropped, as
+    units.canonical_addr does for one address. ValueError if it is no network."""
+    net = ipaddress.ip_network(value, strict=False)
+    if isinstance(net, ipaddress.IPv6Network):
+        if net.prefixlen >= IPV4_MAPPED.prefixlen and net.subnet_of(IPV4_MAPPED):
+            return ipaddress.IPv4Network((int(net.network_address) & 0xFFFF_FFFF, net.prefixlen - 96))
+        if net.network_address.scope_id is not None:
+            return ipaddress.IPv6Network((int(net.network_address), net.prefixlen))
+    return net
+
+
 def _indicator_row(value: str, **extra: Any) -> dict[str, Any]:
-    """An address or CIDR -> an INTEL row (canonical text). ValueError if it is neither."""
+    """An address or CIDR -> an INTEL row (canonical text, IPv4-mapped addresses as IPv4, zones dropped: what
+    flows carry, or the indicator would never match). ValueError if it is neither."""
     value = value.strip()
     if "/" in value:
-        net = ipaddress.ip_network(value, strict=False)
-        if net.prefixlen < MIN_PREFIX[net.version]:
+        net = _network(value)
+        if net.prefixlen < MIN_PREFIX[net.version]:  # (after mapping: ::ffff:0:0/97 is an IPv4 /1)
             raise TooWide(f"CIDR too wide (shorter than /{MIN_PREFIX[net.version]} for IPv{net.version})")
         if net.num_addresses == 1:
             value, net = str(net.network_address), None
@@ -83,7 +101,7 @@ def _indicator_row(value: str, **extra: Any) -> dict[str, Any]:
                 "ip_version": net.version,
                 **extra,
             }
-    address = ipaddress.ip_address(value)
+    address = ipaddress.ip_address(canonical_addr(value))
     return {
         "indicator": str(address),
         "kind": "ip",
