@@ -87,7 +87,7 @@ def test_misp_csv_rows_rejects_and_skipped_types():
     assert rows[0]["first_seen"] == dt.datetime(2024, 6, 17, 8, 0, tzinfo=dt.UTC)
     assert rows[4]["net_hi"] == "2001:db8:bad:ffff:ffff:ffff:ffff:ffff"
     assert rejects.to_pylist()[0]["line"] == 5 and "not an address" in rejects.to_pylist()[0]["reason"]
-    assert skipped == 1  # the url
+    assert skipped.types == 1  # the url
 
 
 def test_misp_json_event_attributes_and_objects():
@@ -96,7 +96,7 @@ def test_misp_json_event_attributes_and_objects():
     assert table.column("event_id").to_pylist() == ["77", "77"]
     assert table.column("description").to_pylist()[0] == "panel"
     assert rejects.num_rows == 1 and rejects.column("offset").to_pylist() == [2]
-    assert skipped == 1
+    assert skipped.types == 1
     # the REST shape {"response": [{"Event": ...}]} too
     wrapped, _, _ = parse_intel(json.dumps({"response": [MISP_JSON]}), "misp-json", "r.json")
     assert wrapped.num_rows == 2
@@ -400,3 +400,50 @@ def test_an_ipv4_mapped_network_is_held_to_the_ipv4_width_limit():
     table, rejects, _ = parse_intel("::ffff:0.0.0.0/97\n::ffff:10.0.0.0/103\n", "list", "m.txt")
     assert table.num_rows == 0
     assert rejects.column("reason").to_pylist() == ["CIDR too wide (shorter than /8 for IPv4)"] * 2
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_misp_attributes_marked_not_for_detection_or_deleted_are_skipped_and_counted(tmp_path, include):
+    # before: to_ids 0 (context only) and deleted attributes became indicators and alerted
+    csv_text = (
+        MISP_HEADER
+        + 'u1,77,Network activity,ip-dst,203.0.113.208,"partner SSH server - context only",0,20250615\n'
+        + "u2,77,Network activity,ip-dst,203.0.113.9,C2,1,20250615\n"
+        + "u3,77,Network activity,domain,partner.example,context,False,20250615\n"
+        + "u4,77,Network activity,ip-dst,203.0.113.10,no flag,,20250615\n"
+    )
+    event = {"Event": {"id": "78", "info": "test", "Attribute": [
+        {"type": "ip-dst", "value": "203.0.113.208", "to_ids": False, "deleted": True},
+        {"type": "ip-dst", "value": "203.0.113.209", "to_ids": True, "deleted": "1"},
+        {"type": "ip-dst", "value": "203.0.113.210", "to_ids": "0"},
+        {"type": "ip-dst", "value": "203.0.113.211", "to_ids": True, "deleted": False}]}}  # fmt: skip
+    (tmp_path / "toids.csv").write_text(csv_text)
+    (tmp_path / "deleted.json").write_text(json.dumps(event))
+    lake = tmp_path / "lake"
+    extra = ["--include-non-ids"] if include else []
+    runs = {
+        name: run_tracepipe(
+            "intel", "import", str(tmp_path / name), "--lake", str(lake), "-o", "json", *extra
+        )
+        for name in ("toids.csv", "deleted.json")
+    }
+    counts = {n: json.loads(r.stdout) for n, r in runs.items()}
+    counts = {
+        n: (c["rows"], c["skipped_not_ids"], c["skipped_deleted"], c["exit_code"]) for n, c in counts.items()
+    }
+    if include:
+        assert counts == {"toids.csv": (4, 0, 0, 0), "deleted.json": (4, 0, 0, 0)}
+        return
+    assert counts == {"toids.csv": (2, 2, 0, 0), "deleted.json": (1, 1, 2, 0)}
+    assert sorted(Lake(lake).read("intel").column("indicator").to_pylist()) == [
+        "203.0.113.10",
+        "203.0.113.211",
+        "203.0.113.9",
+    ]
+    (tmp_path / "again.csv").write_text(csv_text + "\n")
+    text = run_tracepipe("intel", "import", str(tmp_path / "again.csv"), "--lake", str(lake)).stdout
+    assert ", 2 marked to_ids false and 0 deleted or revoked skipped (--include-non-ids keeps them)" in text
+    revoked = {"type": "bundle", "objects": [{"type": "indicator", "id": "indicator--1", "revoked": True,
+               "pattern": "[ipv4-addr:value = '192.0.2.1']", "valid_from": "2024-03-12T00:00:00Z"}]}  # fmt: skip
+    rows, _, skipped = parse_stix(json.dumps(revoked))
+    assert rows == [] and skipped.deleted == 1

@@ -14,7 +14,9 @@ import datetime as dt
 import ipaddress
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +48,33 @@ class TooWide(ValueError):
 
 
 @dataclass
+class Skipped:
+    """What a feed holds and import leaves out on purpose (counted, not rejects)."""
+
+    # MISP attributes of types that are not addresses or domains (urls, hashes...), STIX non-indicators
+    types: int = 0
+    # MISP attributes marked to_ids false: context (a victim, a partner's server), not something to alert on
+    not_ids: int = 0
+    deleted: int = 0  # MISP attributes marked deleted, STIX indicators revoked: withdrawn by their author
+
+
+class Skip(Enum):
+    """Why _attribute_row leaves an attribute out (a Skipped counter's name)."""
+
+    TYPES = "types"
+    NOT_IDS = "not_ids"
+    DELETED = "deleted"
+
+
+@dataclass
 class IntelImport:
     source: str
     format: str
     rows: int
     rejects: int
-    skipped_types: int  # MISP attributes of types that are not addresses or domains (urls, hashes...)
+    skipped_types: int  # Skipped's counts
+    skipped_not_ids: int
+    skipped_deleted: int
     already_imported: bool
 
     @property
@@ -116,7 +139,7 @@ def _reject(line: int | None, reason: str, detail: str, offset: int | None = Non
     return {"line": line, "offset": offset, "reason": reason, "detail": detail[:500]}
 
 
-def parse_list(text: str) -> tuple[list[dict], list[dict], int]:
+def parse_list(text: str, include_non_ids: bool = False) -> tuple[list[dict], list[dict], Skipped]:
     rows, rejects = [], []
     for number, line in enumerate(text_lines(text), start=1):
         value = line.split("#", 1)[0].strip()
@@ -128,7 +151,7 @@ def parse_list(text: str) -> tuple[list[dict], list[dict], int]:
             rejects.append(_reject(number, str(exc), line))
         except ValueError:
             rejects.append(_reject(number, "not an address or CIDR", line))
-    return rows, rejects, 0
+    return rows, rejects, Skipped()
 
 
 class WrongType(ValueError):
@@ -155,6 +178,22 @@ def _event_text(event: dict[str, Any], key: str) -> str | None:
         return None
 
 
+def _flag(value: Any) -> bool | None:
+    """A MISP flag (to_ids, deleted): JSON true/false, 1/0 or their text as CSV and older exports write them;
+    None when absent or unreadable."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value != 0
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("1", "true", "yes"):
+            return True
+        if text in ("0", "false", "no"):
+            return False
+    return None
+
+
 def _first_seen(attr: dict[str, Any]) -> dt.datetime | None:
     """When the indicator was first seen; None when absent, unparseable or outside 1990..now+1 day."""
     for key in ("first_seen", "timestamp", "date"):
@@ -165,8 +204,11 @@ def _first_seen(attr: dict[str, Any]) -> dt.datetime | None:
     return None
 
 
-def _attribute_row(attr: dict[str, Any], event: dict[str, Any]) -> dict[str, Any] | str | None:
-    """One MISP attribute -> a row, None (a type we do not match on), or a reject reason."""
+def _attribute_row(
+    attr: dict[str, Any], event: dict[str, Any], include_non_ids: bool = False
+) -> dict[str, Any] | str | Skip:
+    """One MISP attribute -> a row, a reject reason, or why it is skipped: a type we do not match on, or (unless
+    include_non_ids) marked deleted or to_ids false: MISP's own word that it is no indicator to detect on."""
     try:
         kind = (_text(attr, "type") or "").strip()
         value = (_text(attr, "value") or "").strip()
@@ -178,6 +220,11 @@ def _attribute_row(attr: dict[str, Any], event: dict[str, Any]) -> dict[str, Any
         }
     except WrongType as exc:
         return f"wrong JSON type: {exc}"
+    if kind in ADDRESS_TYPES | DOMAIN_TYPES and not include_non_ids:
+        if _flag(attr.get("deleted")):
+            return Skip.DELETED
+        if _flag(attr.get("to_ids")) is False:
+            return Skip.NOT_IDS
     if kind in ADDRESS_TYPES:
         if "|" in kind or (kind == "ip" and "|" in value):
             value = value.split("|", 1)[0]
@@ -194,7 +241,7 @@ def _attribute_row(attr: dict[str, Any], event: dict[str, Any]) -> dict[str, Any
         return {"indicator": domain, "kind": "domain", **extra}
     if not kind:
         return "attribute has no type"
-    return None
+    return Skip.TYPES
 
 
 # the cells of a MISP CSV row without which it says nothing
@@ -207,7 +254,7 @@ def _csv_cells(line: str) -> list[str]:
     return next(csv.reader((line,), strict=True), [])
 
 
-def parse_misp_csv(text: str) -> tuple[list[dict], list[dict], int]:
+def parse_misp_csv(text: str, include_non_ids: bool = False) -> tuple[list[dict], list[dict], Skipped]:
     """A MISP CSV export, read line by line: a MISP export quotes every cell on its row, so a quoted cell that
     runs over a line end is a stray quote, and read as CSV it would swallow the rows after it into one comment
     (those indicators gone, no reject). Such a line, a line the csv module cannot read and a row lacking a
@@ -216,12 +263,16 @@ def parse_misp_csv(text: str) -> tuple[list[dict], list[dict], int]:
     try:
         header = [cell.strip() for cell in _csv_cells(lines[0])] if lines else []
     except csv.Error as exc:
-        return [], [_reject(1, "not a MISP CSV export", f"header: {exc}")], 0
+        return [], [_reject(1, "not a MISP CSV export", f"header: {exc}")], Skipped()
     missing = set(REQUIRED_CELLS) - set(header)
     if missing:
-        return [], [_reject(1, "not a MISP CSV export", f"header lacks {', '.join(sorted(missing))}")], 0
+        return (
+            [],
+            [_reject(1, "not a MISP CSV export", f"header lacks {', '.join(sorted(missing))}")],
+            Skipped(),
+        )
     needed = max(header.index(name) for name in REQUIRED_CELLS) + 1
-    rows, rejects, skipped = [], [], 0
+    rows, rejects, skipped = [], [], Skipped()
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -244,14 +295,18 @@ def parse_misp_csv(text: str) -> tuple[list[dict], list[dict], int]:
             )
             continue
         record = dict(zip(header, cells, strict=False))
-        result = _attribute_row(record, {})
-        if result is None:
-            skipped += 1
+        result = _attribute_row(record, {}, include_non_ids)
+        if isinstance(result, Skip):
+            _count(skipped, result)
         elif isinstance(result, str):
             rejects.append(_reject(number, result, f"{record.get('type')},{record.get('value')}"))
         else:
             rows.append(result)
     return rows, rejects, skipped
+
+
+def _count(skipped: Skipped, why: Skip) -> None:
+    setattr(skipped, why.value, getattr(skipped, why.value) + 1)
 
 
 def _events(doc: Any) -> tuple[list[dict[str, Any]], list[str]]:
@@ -293,14 +348,14 @@ def _attributes(event: dict[str, Any], problems: list[str]) -> list[Any]:
     return attributes
 
 
-def parse_misp_json(text: str) -> tuple[list[dict], list[dict], int]:
+def parse_misp_json(text: str, include_non_ids: bool = False) -> tuple[list[dict], list[dict], Skipped]:
     try:
         doc = json_loads(text)
     except json.JSONDecodeError as exc:  # JsonTooDeep too
-        return [], [_reject(exc.lineno, "not valid JSON", exc.msg)], 0
+        return [], [_reject(exc.lineno, "not valid JSON", exc.msg)], Skipped()
     except RecursionError:
-        return [], [_reject(None, "not valid JSON", "nested too deeply")], 0
-    rows, rejects, skipped = [], [], 0
+        return [], [_reject(None, "not valid JSON", "nested too deeply")], Skipped()
+    rows, rejects, skipped = [], [], Skipped()
     index = 0
     events, problems = _events(doc)
     for event in events:
@@ -309,9 +364,9 @@ def parse_misp_json(text: str) -> tuple[list[dict], list[dict], int]:
             if not isinstance(attr, dict):
                 rejects.append(_reject(None, "attribute is not an object", repr(attr), offset=index))
                 continue
-            result = _attribute_row(attr, event)
-            if result is None:
-                skipped += 1
+            result = _attribute_row(attr, event, include_non_ids)
+            if isinstance(result, Skip):
+                _count(skipped, result)
             elif isinstance(result, str):
                 detail = f"attribute {index}: {str(attr.get('type'))[:50]},{str(attr.get('value'))[:200]}"
                 rejects.append(_reject(None, result, detail, offset=index))
@@ -334,22 +389,26 @@ def _string(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def parse_stix(text: str) -> tuple[list[dict], list[dict], int]:
+def parse_stix(text: str, include_non_ids: bool = False) -> tuple[list[dict], list[dict], Skipped]:
     """A STIX 2.x bundle: every indicator whose pattern compares an address, CIDR or domain (several per
-    pattern when OR-ed). Other objects are skipped; an indicator naming no address is a reject."""
+    pattern when OR-ed). Other objects are skipped, and revoked indicators unless include_non_ids; an indicator
+    naming no address is a reject."""
     try:
         doc = json_loads(text)
     except json.JSONDecodeError as exc:
-        return [], [_reject(exc.lineno, "not valid JSON", exc.msg)], 0
+        return [], [_reject(exc.lineno, "not valid JSON", exc.msg)], Skipped()
     except ValueError as exc:  # (nested past the JSON depth limit)
-        return [], [_reject(None, "not valid JSON", str(exc)[:200])], 0
+        return [], [_reject(None, "not valid JSON", str(exc)[:200])], Skipped()
     objects = doc.get("objects") if isinstance(doc, dict) else None
     if not isinstance(objects, list):
-        return [], [_reject(None, "not a STIX bundle (no objects list)", text[:200])], 0
-    rows, rejects, skipped = [], [], 0
+        return [], [_reject(None, "not a STIX bundle (no objects list)", text[:200])], Skipped()
+    rows, rejects, skipped = [], [], Skipped()
     for index, obj in enumerate(objects, start=1):
         if not isinstance(obj, dict) or obj.get("type") != "indicator":
-            skipped += 1
+            skipped.types += 1
+            continue
+        if obj.get("revoked") is True and not include_non_ids:
+            skipped.deleted += 1
             continue
         # every field as the bundle's author wrote it: text where text is due, else none (a number, a list or an
         # object where STIX has a string made the whole import an internal error)
@@ -414,7 +473,7 @@ def sniff_format(text: str, path: Path) -> str:
     return "list"
 
 
-PARSERS = {
+PARSERS: dict[str, Callable[[str, bool], tuple[list[dict], list[dict], Skipped]]] = {
     "list": parse_list,
     "misp-csv": parse_misp_csv,
     "misp-json": parse_misp_json,
@@ -423,10 +482,14 @@ PARSERS = {
 
 
 def parse_intel(
-    text: str, fmt: str, source: str, imported_at: dt.datetime | None = None
-) -> tuple[pa.Table, pa.Table, int]:
-    """Text of one file -> (INTEL rows, REJECTS rows, skipped attribute count). Pure."""
-    rows, rejects, skipped = PARSERS[fmt](text)
+    text: str,
+    fmt: str,
+    source: str,
+    imported_at: dt.datetime | None = None,
+    include_non_ids: bool = False,
+) -> tuple[pa.Table, pa.Table, Skipped]:
+    """Text of one file -> (INTEL rows, REJECTS rows, what was skipped). Pure."""
+    rows, rejects, skipped = PARSERS[fmt](text, include_non_ids)
     imported_at = imported_at or dt.datetime.now(dt.UTC)
     for row in rows:
         row.setdefault("imported_at", imported_at)
@@ -438,8 +501,11 @@ def parse_intel(
     return table, rejected, skipped
 
 
-def import_intel(lake: Lake, path: Path | str, fmt: str = "auto") -> IntelImport:
-    """Land one indicator file in the `intel` dataset (idempotent by content hash)."""
+def import_intel(
+    lake: Lake, path: Path | str, fmt: str = "auto", include_non_ids: bool = False
+) -> IntelImport:
+    """Land one indicator file in the `intel` dataset (idempotent by content hash). MISP attributes marked
+    to_ids false or deleted (STIX: revoked) are counted and left out unless include_non_ids."""
     path = Path(path)
     if fmt not in FORMATS:
         raise UsageError(f"unknown intel format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -455,7 +521,7 @@ def import_intel(lake: Lake, path: Path | str, fmt: str = "auto") -> IntelImport
         ) from exc
     if fmt == "auto":
         fmt = sniff_format(text, path)
-    table, rejects, skipped = parse_intel(text, fmt, str(path))
+    table, rejects, skipped = parse_intel(text, fmt, str(path), include_non_ids=include_non_ids)
     if too_long:
         now = dt.datetime.now(dt.UTC)
         extra = [
@@ -471,9 +537,18 @@ def import_intel(lake: Lake, path: Path | str, fmt: str = "auto") -> IntelImport
         hash_file(path),
         [table],
         [rejects],
-        stats={"format": fmt, "skipped_types": skipped},
+        stats={"format": fmt, **{f"skipped_{name}": count for name, count in vars(skipped).items()}},
     )
-    return IntelImport(str(path), fmt, table.num_rows, rejects.num_rows, skipped, result.skipped)
+    return IntelImport(
+        str(path),
+        fmt,
+        table.num_rows,
+        rejects.num_rows,
+        skipped.types,
+        skipped.not_ids,
+        skipped.deleted,
+        result.skipped,
+    )
 
 
 # ---- matching ----------------------------------------------------------------------------------------------
