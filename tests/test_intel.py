@@ -447,3 +447,50 @@ def test_misp_attributes_marked_not_for_detection_or_deleted_are_skipped_and_cou
                "pattern": "[ipv4-addr:value = '192.0.2.1']", "valid_from": "2024-03-12T00:00:00Z"}]}  # fmt: skip
     rows, _, skipped = parse_stix(json.dumps(revoked))
     assert rows == [] and skipped.deleted == 1
+
+
+def test_a_feed_covering_more_than_a_slash_8_together_is_refused_whole(tmp_path):
+    # before: 223 /8s (each within the /8 limit) landed: every peer matched, 2,509 alerts in the demo window
+    lake = tmp_path / "lake"
+    all8 = tmp_path / "all8.txt"
+    all8.write_text("".join(f"{first}.0.0.0/8\n" for first in range(11, 224) if first != 127))
+    run = run_tracepipe("intel", "import", str(all8), "--lake", str(lake))
+    assert run.returncode == 4 and "more than the 16,777,216 (an IPv4 /8)" in run.stderr
+    assert not Lake(lake).read("intel").num_rows
+    # nested and repeated networks count once: a /8 with networks and addresses inside it fits
+    nested = tmp_path / "nested.txt"
+    nested.write_text("11.0.0.0/8\n11.1.0.0/16\n11.0.0.0/8\n11.2.3.4\n2a00::/16\n2a00:1::/48\n")
+    run = run_tracepipe("intel", "import", str(nested), "--lake", str(lake), "-o", "json")
+    assert run.returncode == 0 and json.loads(run.stdout)["rows"] == 6
+    two = tmp_path / "two.txt"
+    two.write_text("2a00::/16\n2a01::/16\n")
+    run = run_tracepipe("intel", "import", str(two), "--lake", str(lake))
+    assert run.returncode == 4 and "IPv6 addresses together" in run.stderr
+
+
+def test_indicators_overlapping_the_local_networks_are_rejects_unless_allowed(tmp_path):
+    # before: the site's own 10.0.0.0/8 in a feed made every VM-to-VM flow an intel alert (256 in the demo)
+    path = tmp_path / "own.txt"
+    path.write_text("10.0.0.0/9\n192.0.2.7\n10.20.1.19\n172.16.0.0/16\nfd00::/48\n2a00:db8::/32\n")
+    lake = tmp_path / "lake"
+    run = run_tracepipe("intel", "import", str(path), "--lake", str(lake), "-o", "json")
+    assert run.returncode == 3 and json.loads(run.stdout)["rows"] == 2
+    assert sorted(Lake(lake).read("intel").column("indicator").to_pylist()) == ["192.0.2.7", "2a00:db8::/32"]
+    rejects = sorted((r["line"], r["reason"]) for r in Lake(lake).read("rejects").to_pylist())
+    assert rejects == [
+        (1, "overlaps the local network 10.0.0.0/8 (--allow-local imports it)"),
+        (3, "overlaps the local network 10.0.0.0/8 (--allow-local imports it)"),
+        (4, "overlaps the local network 172.16.0.0/12 (--allow-local imports it)"),
+        (5, "overlaps the local network fc00::/7 (--allow-local imports it)"),
+    ]
+    pipeline = tmp_path / "site.toml"
+    pipeline.write_text('[pipeline]\nlocal_networks = ["10.20.0.0/16"]\n')
+    _, rejects, _ = parse_intel(path.read_text(), "list", "own.txt", local_networks=["10.20.0.0/16"])
+    assert rejects.column("line").to_pylist() == [1, 3]
+    other = tmp_path / "lake2"
+    run = run_tracepipe("intel", "import", str(path), "--lake", str(other), "--pipeline", str(pipeline))
+    assert run.returncode == 3, run.stderr
+    run = run_tracepipe(
+        "intel", "import", str(path), "--lake", str(other / "x"), "--allow-local", "-o", "json"
+    )
+    assert run.returncode == 0 and json.loads(run.stdout)["rows"] == 6

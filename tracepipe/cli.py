@@ -1365,6 +1365,19 @@ def intel_import_command(
             "(skipped and counted by default: they would alert).",
         ),
     ] = False,
+    pipeline: Annotated[
+        Path | None,
+        typer.Option(
+            "--pipeline",
+            help="Pipeline file whose local_networks (the site's own address space) no indicator may overlap "
+            "(default: the packaged nightly template).",
+            show_default=False,
+        ),
+    ] = None,
+    allow_local: Annotated[
+        bool,
+        typer.Option("--allow-local", help="Import indicators that overlap the local networks too."),
+    ] = False,
     lake: LakeOption = Path(DEFAULT_LAKE),
     output: Annotated[
         OutputFormat, typer.Option("--output", "-o", help="table or json.")
@@ -1372,7 +1385,9 @@ def intel_import_command(
 ) -> None:
     """Load threat-intel indicators into the lake's `intel` dataset (importing the same file twice adds
     nothing). Bad lines go to the `rejects` dataset with their line number. MISP attributes marked to_ids
-    false or deleted are skipped and counted unless --include-non-ids.
+    false or deleted are skipped and counted unless --include-non-ids. An indicator overlapping the pipeline's
+    local_networks is a reject unless --allow-local; a feed whose networks cover more than an IPv4 /8 (IPv6
+    /16) together is refused whole (exit 4).
 
     Exit codes: 0 all imported; 3 some lines rejected; 4 nothing usable.
 
@@ -1381,7 +1396,12 @@ def intel_import_command(
     from tracepipe.intel import import_intel
 
     p: Printer = ctx.obj
-    result = import_intel(open_lake(lake), path, input_format, include_non_ids=include_non_ids)
+    from tracepipe.pipeline_config import load_pipeline
+
+    local = [] if allow_local else load_pipeline(pipeline).pipeline.local_networks
+    result = import_intel(
+        open_lake(lake), path, input_format, include_non_ids=include_non_ids, local_networks=local
+    )
     if output == OutputFormat.json:
         p.json(result.to_dict())
     elif result.already_imported:

@@ -14,7 +14,7 @@ import datetime as dt
 import ipaddress
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tracepipe.detect.features import ipv4_to_int
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
@@ -30,7 +31,7 @@ from tracepipe.fsutil import input_problem
 from tracepipe.lake import Lake, hash_file, ingest_table
 from tracepipe.limits import LINE_TOO_LONG, json_loads, read_text_bounded, text_lines, too_long_detail
 from tracepipe.schema import INTEL, REJECTS
-from tracepipe.units import canonical_addr, in_time_window, to_utc
+from tracepipe.units import canonical_addr, in_time_window, parse_network, to_utc
 
 FORMATS = ("auto", "misp-csv", "misp-json", "stix", "list")
 # MISP attribute types that carry an address ("ip-dst|port" carries "addr|port").
@@ -41,6 +42,10 @@ DOMAIN_TYPES = {"domain", "hostname", "domain|ip"}
 # (Spamhaus DROP: /10 and longer for IPv4, /19 and longer for IPv6; the RIRs themselves hold /8 and /12), so
 # a prefix shorter than /8 (IPv4) or /16 (IPv6) is a reject ("CIDR too wide"), not an indicator.
 MIN_PREFIX = {4: 8, 6: 16}
+# The most address space one import may cover, over the union of its networks: as much as one network of the
+# widest prefix allowed (an IPv4 /8, an IPv6 /16). Every entry within MIN_PREFIX did not bound a feed: 223 /8s
+# (the whole unicast IPv4 space) made every peer an IOC hit, 2,509 alerts in a demo window instead of 1.
+MAX_COVERED = {4: 1 << 24, 6: 1 << 112}
 
 
 class TooWide(ValueError):
@@ -146,7 +151,7 @@ def parse_list(text: str, include_non_ids: bool = False) -> tuple[list[dict], li
         if not value:
             continue
         try:
-            rows.append(_indicator_row(value))
+            rows.append(_indicator_row(value, _line=number))
         except TooWide as exc:
             rejects.append(_reject(number, str(exc), line))
         except ValueError:
@@ -301,7 +306,7 @@ def parse_misp_csv(text: str, include_non_ids: bool = False) -> tuple[list[dict]
         elif isinstance(result, str):
             rejects.append(_reject(number, result, f"{record.get('type')},{record.get('value')}"))
         else:
-            rows.append(result)
+            rows.append(result | {"_line": number})
     return rows, rejects, skipped
 
 
@@ -371,7 +376,7 @@ def parse_misp_json(text: str, include_non_ids: bool = False) -> tuple[list[dict
                 detail = f"attribute {index}: {str(attr.get('type'))[:50]},{str(attr.get('value'))[:200]}"
                 rejects.append(_reject(None, result, detail, offset=index))
             else:
-                rows.append(result)
+                rows.append(result | {"_offset": index})
     rejects.extend(_reject(None, "unexpected MISP JSON shape", problem) for problem in problems)
     if index == 0 and not rejects:
         rejects.append(_reject(None, "no MISP Event/Attribute found", text[:200]))
@@ -443,9 +448,9 @@ def parse_stix(text: str, include_non_ids: bool = False) -> tuple[list[dict], li
             value = value.replace("\\'", "'").replace("\\\\", "\\")
             try:
                 if kind == "domain-name":
-                    rows.append({"indicator": value.lower(), "kind": "domain", **extra})
+                    rows.append({"indicator": value.lower(), "kind": "domain", "_offset": index, **extra})
                 else:
-                    rows.append(_indicator_row(value, **extra))
+                    rows.append(_indicator_row(value, _offset=index, **extra))
             except ValueError:
                 rejects.append(
                     _reject(None, "indicator value is not an address or CIDR", value, offset=index)
@@ -487,9 +492,13 @@ def parse_intel(
     source: str,
     imported_at: dt.datetime | None = None,
     include_non_ids: bool = False,
+    local_networks: Sequence[str] = (),
 ) -> tuple[pa.Table, pa.Table, Skipped]:
-    """Text of one file -> (INTEL rows, REJECTS rows, what was skipped). Pure."""
+    """Text of one file -> (INTEL rows, REJECTS rows, what was skipped). Pure. An address or network that
+    overlaps one of `local_networks` (the site's own) is a reject: every VM-to-VM flow would be an IOC hit."""
     rows, rejects, skipped = PARSERS[fmt](text, include_non_ids)
+    if local_networks:
+        rows = _outside(rows, [parse_network(n) for n in local_networks], rejects)
     imported_at = imported_at or dt.datetime.now(dt.UTC)
     for row in rows:
         row.setdefault("imported_at", imported_at)
@@ -501,11 +510,64 @@ def parse_intel(
     return table, rejected, skipped
 
 
+def _outside(
+    rows: list[dict[str, Any]],
+    local: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    rejects: list[dict],
+) -> list[dict[str, Any]]:
+    """The rows whose address or network overlaps no local network; the others go to `rejects`."""
+    kept = []
+    for row in rows:
+        net = _network(row["indicator"]) if row["kind"] in ("ip", "cidr") else None
+        inside = next(
+            (n for n in local if net is not None and n.version == net.version and n.overlaps(net)), None
+        )
+        if inside is None:
+            kept.append(row)
+        else:
+            reason = f"overlaps the local network {inside} (--allow-local imports it)"
+            rejects.append(_reject(row.get("_line"), reason, row["indicator"], offset=row.get("_offset")))
+    return kept
+
+
+def covered(table: pa.Table) -> dict[int, int]:
+    """{IP version: how many addresses the table's indicators cover together} (nested and repeated networks
+    counted once)."""
+    out = {}
+    for version in (4, 6):
+        mask = pc.and_(
+            pc.is_in(table.column("kind"), pa.array(["ip", "cidr"])),
+            pc.equal(table.column("ip_version"), version),
+        )
+        texts = table.filter(mask).column("indicator").unique().to_pylist()
+        nets = ipaddress.collapse_addresses(ipaddress.ip_network(t) for t in texts)
+        out[version] = sum(n.num_addresses for n in nets)
+    return out
+
+
+def _check_coverage(table: pa.Table, path: Path) -> None:
+    """InputError when the feed covers more than MAX_COVERED addresses of a version: nothing of it lands."""
+    for version, count in covered(table).items():
+        if count > MAX_COVERED[version]:
+            raise InputError(
+                f"{path}: its networks cover {count:,} IPv{version} addresses together, more than the "
+                f"{MAX_COVERED[version]:,} (an IPv{version} /{MIN_PREFIX[version]}) one intel import may name; "
+                "nothing imported. A feed that lists that much of the internet makes every flow an alert: "
+                "import the narrower lists it is made of."
+            )
+
+
 def import_intel(
-    lake: Lake, path: Path | str, fmt: str = "auto", include_non_ids: bool = False
+    lake: Lake,
+    path: Path | str,
+    fmt: str = "auto",
+    include_non_ids: bool = False,
+    local_networks: Sequence[str] = (),
 ) -> IntelImport:
     """Land one indicator file in the `intel` dataset (idempotent by content hash). MISP attributes marked
-    to_ids false or deleted (STIX: revoked) are counted and left out unless include_non_ids."""
+    to_ids false or deleted (STIX: revoked) are counted and left out unless include_non_ids; indicators that
+    overlap `local_networks` are rejects. InputError (nothing lands) when the feed covers more than
+    MAX_COVERED addresses."""
     path = Path(path)
     if fmt not in FORMATS:
         raise UsageError(f"unknown intel format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -521,7 +583,10 @@ def import_intel(
         ) from exc
     if fmt == "auto":
         fmt = sniff_format(text, path)
-    table, rejects, skipped = parse_intel(text, fmt, str(path), include_non_ids=include_non_ids)
+    table, rejects, skipped = parse_intel(
+        text, fmt, str(path), include_non_ids=include_non_ids, local_networks=local_networks
+    )
+    _check_coverage(table, path)
     if too_long:
         now = dt.datetime.now(dt.UTC)
         extra = [
