@@ -14,7 +14,7 @@ import pytest
 from support import stories as gen
 
 from tests.conftest import run_tracepipe
-from tracepipe.intel import import_intel, match_addresses, parse_intel, parse_stix, sniff_format
+from tracepipe.intel import import_intel, match_addresses, parse_intel, parse_stix, read_intel, sniff_format
 from tracepipe.lake import Lake
 from tracepipe.pipeline_config import load_pipeline
 from tracepipe.sweep import run_sweep
@@ -494,3 +494,40 @@ def test_indicators_overlapping_the_local_networks_are_rejects_unless_allowed(tm
         "intel", "import", str(path), "--lake", str(other / "x"), "--allow-local", "-o", "json"
     )
     assert run.returncode == 0 and json.loads(run.stdout)["rows"] == 6
+
+
+def test_a_feed_imported_again_replaces_its_previous_rows_in_one_commit(tmp_path):
+    # before: 3 imports of a 1,000-line feed (one comment line changed) made 3,004 rows; withdrawn indicators stayed
+    lake = Lake(tmp_path / "lake")
+    feed, other = tmp_path / "feed.txt", tmp_path / "other.txt"
+    other.write_text("198.51.100.1\n")
+    import_intel(lake, other)
+    for day, withdrawn in ((1, False), (2, False), (3, True)):
+        lines = (
+            [f"# day {day}"]
+            + [f"2a00:{n:x}::/48" for n in range(1000)]
+            + ([] if withdrawn else ["192.0.2.9"])
+        )
+        feed.write_text("\n".join(lines) + "\n")
+        version = lake.version("intel")
+        result = import_intel(lake, feed)
+        assert result.rows == 1000 + (not withdrawn) and lake.version("intel") == version + 1
+    table = lake.read("intel")
+    assert table.num_rows == 1001 and "192.0.2.9" not in table.column("indicator").to_pylist()
+    assert sorted(set(table.column("source").to_pylist())) == sorted([str(feed), str(other)])
+    # a new version wholly rejected keeps the feed's rows
+    feed.write_text("not-an-address\n")
+    assert import_intel(lake, feed).exit_code == 4
+    assert lake.read("intel").num_rows == 1001
+
+
+def test_read_intel_keeps_each_sources_latest_import(tmp_path):
+    # lakes written before imports replaced a feed hold every import of it: detection reads the latest
+    old, _, _ = parse_intel("192.0.2.1\n192.0.2.2\n", "list", "feed", dt.datetime(2025, 6, 1, tzinfo=dt.UTC))
+    new, _, _ = parse_intel("192.0.2.2\n", "list", "feed", dt.datetime(2025, 6, 2, tzinfo=dt.UTC))
+    lone, _, _ = parse_intel("192.0.2.3\n", "list", "other", dt.datetime(2025, 5, 1, tzinfo=dt.UTC))
+    lake = Lake(tmp_path / "lake")
+    for table in (old, new, lone):
+        lake.append("intel", table)
+    assert lake.read("intel").num_rows == 4
+    assert sorted(read_intel(lake).column("indicator").to_pylist()) == ["192.0.2.2", "192.0.2.3"]

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from tracepipe.detect.features import ipv4_to_int
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.fsutil import input_problem
-from tracepipe.lake import Lake, hash_file, ingest_table
+from tracepipe.lake import FileEntry, Lake, hash_file, ingest_table, read_parquet_files
 from tracepipe.limits import LINE_TOO_LONG, json_loads, read_text_bounded, text_lines, too_long_detail
 from tracepipe.schema import INTEL, REJECTS
 from tracepipe.units import canonical_addr, in_time_window, parse_network, to_utc
@@ -595,15 +595,16 @@ def import_intel(
             for line, length in too_long
         ]
         rejects = pa.concat_tables([rejects, pa.Table.from_pylist(extra, schema=REJECTS)])
-    result = ingest_table(
-        lake,
-        "intel",
-        str(path),
-        hash_file(path),
-        [table],
-        [rejects],
-        stats={"format": fmt, **{f"skipped_{name}": count for name, count in vars(skipped).items()}},
-    )
+    stats = {"format": fmt, **{f"skipped_{name}": count for name, count in vars(skipped).items()}}
+    with lake.lock("intel"):
+        # a feed's new import replaces its previous rows in the same commit (re-importing a refreshed feed
+        # added every row again, and what the feed withdrew stayed for ever); one wholly rejected keeps them
+        replacing = _previous_rows(lake, str(path)) if table.num_rows or not rejects.num_rows else None
+        result = ingest_table(
+            lake, "intel", str(path), hash_file(path), [table], [rejects], stats=stats, replacing=replacing
+        )
+    if not result.skipped:
+        lake.compact("intel", wait=False)
     return IntelImport(
         str(path),
         fmt,
@@ -698,5 +699,24 @@ def _running_argmax(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def _previous_rows(lake: Lake, source: str) -> tuple[list[FileEntry], pa.Table]:
+    """The intel files holding rows of `source`, and their rows of other sources (to be written again)."""
+    removed, kept = [], []
+    entries = lake.entries("intel")
+    for entry, rows in zip(entries, read_parquet_files([e.path for e in entries], INTEL), strict=True):
+        ours = pc.equal(rows.column("source"), source)
+        if pc.any(ours).as_py():
+            removed.append(entry)
+            kept.append(rows.filter(pc.invert(pc.fill_null(ours, False))))
+    return removed, pa.concat_tables(kept) if kept else INTEL.empty_table()
+
+
 def read_intel(lake: Lake) -> pa.Table:
-    return lake.read("intel")
+    """The `intel` dataset as detection uses it: of each source only its latest import (lakes written before
+    imports replaced a feed's rows hold every import of a feed)."""
+    table = lake.read("intel")
+    if not table.num_rows:
+        return table
+    frame = pl.from_arrow(table)
+    latest = frame.filter(pl.col("imported_at") == pl.col("imported_at").max().over("source"))
+    return latest.to_arrow().cast(table.schema)
