@@ -4,7 +4,9 @@ idempotent imports, matching v4/v6 addresses against IPs and (overlapping) CIDRs
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -531,3 +533,44 @@ def test_read_intel_keeps_each_sources_latest_import(tmp_path):
         lake.append("intel", table)
     assert lake.read("intel").num_rows == 4
     assert sorted(read_intel(lake).column("indicator").to_pylist()) == ["192.0.2.2", "192.0.2.3"]
+
+
+def test_ipv6_cidr_matching_answers_as_ipaddress_does_on_nested_and_overlapping_networks():
+    # before: peers x CIDRs in Python (10k peers x 4k /48s: 13.9 s), answering the first network listed (IPv4:
+    # the widest); now a join per prefix length, the widest
+    rng = random.Random(25)
+    bases = [rng.getrandbits(128) & ~((1 << 96) - 1) | (0x2A << 120) for _ in range(6)]
+    nets = set()
+    for _ in range(300):  # networks nested in and overlapping each other below a few common /32s
+        prefix = rng.choice([16, 24, 32, 33, 40, 47, 48, 56, 63, 64, 65, 96, 112, 127])
+        address = rng.choice(bases) | rng.getrandbits(96)
+        nets.add(ipaddress.IPv6Network((address, prefix), strict=False))
+    nets = sorted(nets, key=lambda n: (n.prefixlen, n))[:250]
+    nets = [n for n in nets if n.prefixlen >= 24] + [ipaddress.IPv6Network("2a00::/16")]
+    rng.shuffle(nets)  # the widest covering network is the answer (as for IPv4), not the first listed
+    text = "".join(f"{n}\n" for n in nets) + "".join(f"{n}\n" for n in nets[:20])  # repeated ones too
+    intel, rejects, _ = parse_intel(text, "list", "feed")
+    assert rejects.num_rows == 0
+    peers = {str(ipaddress.IPv6Address(rng.choice(bases) | rng.getrandbits(rng.choice([8, 40, 70, 96]))))
+             for _ in range(3000)}  # fmt: skip
+    peers |= {str(n.network_address) for n in nets} | {str(n.broadcast_address) for n in nets}
+    peers |= {str(ipaddress.IPv6Address(rng.getrandbits(128))) for _ in range(500)} | {"192.0.2.1", "x"}
+    peers = sorted(peers)
+    matched = match_addresses(peers, intel)
+    got = dict(zip(matched.get_column("addr"), matched.get_column("indicator"), strict=True))
+    single = {str(n.network_address) for n in nets if n.num_addresses == 1}
+    for addr in peers:
+        try:
+            address = ipaddress.ip_address(addr)
+        except ValueError:
+            assert addr not in got
+            continue
+        covering = [n for n in nets if n.version == address.version and address in n]
+        if not covering:
+            assert addr not in got
+        elif addr in single:
+            assert addr in got  # an exact indicator, or a network around it
+        else:
+            widest = min(n.prefixlen for n in covering if n.num_addresses > 1)
+            assert ipaddress.ip_network(got[addr]).prefixlen == widest, addr
+    assert len(got) > 1000

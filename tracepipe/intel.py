@@ -4,7 +4,8 @@ In: a MISP CSV export (uuid,event_id,category,type,value,comment,to_ids,date,...
 with Attribute[] and Object[].Attribute[], a list of them, or {"response": [...]}) or a plain list (one address
 or CIDR per line, `#` comments). Out: rows of schema.INTEL (CIDRs with net_lo/net_hi) plus rejects (line or
 attribute index, reason). Landing goes through the lake's manifest, so importing the same file twice adds nothing.
-Matching (`match_addresses`) works on unique addresses: v4 vectorised with numpy, v6 with stdlib ipaddress.
+Matching (`match_addresses`) works on unique addresses: v4 with numpy's sorted search, v6 with a hash join per
+prefix length.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import datetime as dt
 import ipaddress
 import json
 import re
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -666,27 +668,67 @@ def match_addresses(addrs: list[str] | pa.Array, intel: pa.Table) -> pl.DataFram
             rows = v4.select(info)[which.tolist()]
             found.append(rows.with_columns(addr=pl.Series(arr.filter(pa.array(hit)))))
     v6 = cidrs.filter(pl.col("ip_version") == 6)
-    if not v6.is_empty():
-        nets = [ipaddress.ip_network(t) for t in v6.get_column("indicator").to_list()]
-        hits: list[tuple[str, int]] = []
-        for i in np.flatnonzero(~valid):
-            text = arr[int(i)].as_py()
-            try:
-                address = ipaddress.ip_address(text)
-            except (ValueError, TypeError):
-                continue
-            for j, net in enumerate(nets):
-                if address.version == 6 and address in net:
-                    hits.append((text, j))
-                    break
-        if hits:
-            rows = v6.select(info)[[j for _, j in hits]]
-            found.append(rows.with_columns(addr=pl.Series([t for t, _ in hits], dtype=pl.String)))
+    if not v6.is_empty() and not valid.all():
+        rows6 = _match_v6(arr.filter(pa.array(~valid)), v6.select(info))
+        if rows6 is not None:
+            found.append(rows6)
     if not found:
         return _empty_matches()
     return pl.concat([f.select(list(MATCH_COLUMNS)).cast(MATCH_COLUMNS) for f in found]).unique(
         "addr", keep="first"
     )
+
+
+def _ipv6_halves(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IPv6 address text -> (high 64 bits, low 64 bits, parsed): inet_pton on each distinct value, in C."""
+    packed = bytearray(16 * len(texts))
+    ok = np.zeros(len(texts), dtype=bool)
+    for i, text in enumerate(texts):  # (the distinct peers of a window, parsed once; no per-network work)
+        try:
+            packed[16 * i : 16 * i + 16] = socket.inet_pton(socket.AF_INET6, text)
+            ok[i] = True
+        except (OSError, TypeError, ValueError):
+            continue
+    words = np.frombuffer(bytes(packed), dtype=">u8").reshape(-1, 2).astype(np.uint64)
+    return words[:, 0], words[:, 1], ok
+
+
+def _mask(bits: int) -> tuple[np.uint64, np.uint64]:
+    """The (high, low) 64-bit halves of an IPv6 netmask of `bits` bits."""
+    full = (1 << 128) - 1
+    mask = (full << (128 - bits)) & full
+    return np.uint64(mask >> 64), np.uint64(mask & ((1 << 64) - 1))
+
+
+def _match_v6(addrs: pa.Array, nets: pl.DataFrame) -> pl.DataFrame | None:
+    """IPv6 addresses (unique) against IPv6 CIDR rows (indicator, ...): per prefix length present, the addresses
+    masked to it joined with the networks of that length (hash join on two uint64 halves), shortest prefix
+    first: each address gets its widest covering network, as the IPv4 path does. Cost: addresses x distinct
+    prefix lengths (at most 113), not addresses x networks (10k peers x 4k /48s took 13.9 s one by one)."""
+    texts = addrs.to_pylist()
+    hi, lo, ok = _ipv6_halves(texts)
+    if not ok.any():
+        return None
+    parsed = [ipaddress.IPv6Network(t) for t in nets.get_column("indicator").to_list()]
+    table = nets.with_columns(
+        prefix=pl.Series([n.prefixlen for n in parsed], dtype=pl.Int32),
+        net_hi=pl.Series([int(n.network_address) >> 64 for n in parsed], dtype=pl.UInt64),
+        net_lo=pl.Series([int(n.network_address) & ((1 << 64) - 1) for n in parsed], dtype=pl.UInt64),
+    ).unique(["prefix", "net_hi", "net_lo"], keep="first", maintain_order=True)
+    peers = pl.DataFrame({"addr": pl.Series(texts, dtype=pl.String), "hi": hi, "lo": lo}).filter(
+        pl.Series(ok)
+    )
+    found = []
+    for bits in sorted(table.get_column("prefix").unique().to_list()):
+        mask_hi, mask_lo = _mask(bits)
+        masked = peers.with_columns(net_hi=pl.col("hi") & mask_hi, net_lo=pl.col("lo") & mask_lo)
+        hits = masked.join(table.filter(pl.col("prefix") == bits), on=["net_hi", "net_lo"], how="inner")
+        if not hits.is_empty():
+            found.append(hits.with_columns(prefix=pl.lit(bits, pl.Int32)))
+            peers = peers.filter(~pl.col("addr").is_in(hits.get_column("addr").implode()))
+    if not found:
+        return None
+    return pl.concat(found).drop("hi", "lo", "net_hi", "net_lo", "prefix")
 
 
 def _running_argmax(values: np.ndarray) -> np.ndarray:
