@@ -4,7 +4,9 @@ idempotent imports, matching v4/v6 addresses against IPs and (overlapping) CIDRs
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 from support import stories as gen
 
 from tests.conftest import run_tracepipe
-from tracepipe.intel import import_intel, match_addresses, parse_intel, parse_stix, sniff_format
+from tracepipe.intel import import_intel, match_addresses, parse_intel, parse_stix, read_intel, sniff_format
 from tracepipe.lake import Lake
 from tracepipe.pipeline_config import load_pipeline
 from tracepipe.sweep import run_sweep
@@ -87,7 +89,7 @@ def test_misp_csv_rows_rejects_and_skipped_types():
     assert rows[0]["first_seen"] == dt.datetime(2024, 6, 17, 8, 0, tzinfo=dt.UTC)
     assert rows[4]["net_hi"] == "2001:db8:bad:ffff:ffff:ffff:ffff:ffff"
     assert rejects.to_pylist()[0]["line"] == 5 and "not an address" in rejects.to_pylist()[0]["reason"]
-    assert skipped == 1  # the url
+    assert skipped.types == 1  # the url
 
 
 def test_misp_json_event_attributes_and_objects():
@@ -96,7 +98,7 @@ def test_misp_json_event_attributes_and_objects():
     assert table.column("event_id").to_pylist() == ["77", "77"]
     assert table.column("description").to_pylist()[0] == "panel"
     assert rejects.num_rows == 1 and rejects.column("offset").to_pylist() == [2]
-    assert skipped == 1
+    assert skipped.types == 1
     # the REST shape {"response": [{"Event": ...}]} too
     wrapped, _, _ = parse_intel(json.dumps({"response": [MISP_JSON]}), "misp-json", "r.json")
     assert wrapped.num_rows == 2
@@ -314,3 +316,261 @@ def test_a_stix_indicator_of_the_wrong_shape_is_a_reject_or_lands_never_an_inter
     deep = '{"type": "bundle", "objects": ' + "[" * 100_000 + "]" * 100_000 + "}"
     rows, rejects, _ = parse_stix(deep)
     assert rows == [] and rejects  # nested too deep: a reject, not a RecursionError
+
+
+# ---- hostile review of session 25: intel import and matching ----------------------------------------------------
+MISP_HEADER = "uuid,event_id,category,type,value,comment,to_ids,date\n"
+
+
+def test_a_misp_csv_cell_over_the_csv_field_limit_is_one_reject_and_the_rest_lands(tmp_path):
+    # before: one 200 kB comment (under limits.line_bytes) ended the import "internal error: field larger than
+    # field limit", exit 4, nothing landed
+    path = tmp_path / "big.csv"
+    path.write_text(
+        MISP_HEADER
+        + "u0,1,Network activity,ip-dst,198.51.100.1,first,1,20250615\n"
+        + f'u1,1,Network activity,ip-dst,192.0.2.99,"{"A" * 200_000}",1,20250615\n'
+        + "u2,1,Network activity,ip-dst,203.0.113.2,after,1,20250615\n"
+    )
+    lake = Lake(tmp_path / "lake")
+    result = import_intel(lake, path)
+    assert (result.rows, result.rejects, result.exit_code) == (2, 1, 3)
+    assert sorted(lake.read("intel").column("indicator").to_pylist()) == ["198.51.100.1", "203.0.113.2"]
+    assert [(r["line"], r["reason"]) for r in lake.read("rejects").to_pylist()] == [(3, "not a CSV line")]
+
+
+def test_a_stray_quote_in_a_misp_csv_row_is_a_reject_and_does_not_swallow_the_next_rows():
+    # before: the unterminated quote of line 3 made lines 3-4 one row (203.0.113.2 gone, 0 rejects)
+    text = (
+        MISP_HEADER
+        + 'u0,1842,Network activity,ip-dst,198.51.100.1,"harmless first entry",1,20250615\n'
+        + 'u1,9999,Network activity,ip-dst,192.0.2.99,"community note with a stray quote\n'
+        + 'u2,1842,Network activity,ip-dst,203.0.113.2,"real indicator 2",1,20250615\n'
+        + "u3,1842,Network activity,ip-dst\n"  # cut short: no value
+        + 'u4,1842,Network activity,ip-dst,203.0.113.4,"a comment ""quoted"", and a comma",1,20250615\n'
+    )
+    table, rejects, _ = parse_intel(text, "misp-csv", "quote.csv")
+    assert table.column("indicator").to_pylist() == ["198.51.100.1", "203.0.113.2", "203.0.113.4"]
+    assert table.column("description").to_pylist()[2] == 'a comment "quoted", and a comma'
+    assert [(r["line"], r["reason"]) for r in rejects.to_pylist()] == [
+        (3, "quoted cell not closed on its line"),
+        (5, "missing cells (type, value)"),
+    ]
+
+
+def test_auto_format_tells_stix_from_misp_json_by_the_parsed_top_level(tmp_path):
+    # before: '"type": "bundle"' anywhere in the first 2,000 characters made a MISP feed STIX (0 indicators)
+    misp = {"Event": {"id": "90", "info": "community event", "Attribute": [
+        {"type": "bundle", "value": "x", "comment": "odd attribute of an unknown type"},
+        {"type": "ip-dst", "value": "203.0.113.208", "comment": "real C2"}]}}  # fmt: skip
+    text = json.dumps(misp)
+    assert sniff_format(text, Path("feed.json")) == "misp-json"
+    assert sniff_format(json.dumps([misp]), Path("feed.json")) == "misp-json"
+    assert sniff_format(json.dumps({"response": [misp]}), Path("feed.json")) == "misp-json"
+    bundle = {"objects": [], "id": "bundle--1", "type": "bundle"}  # "type" after other keys
+    assert sniff_format(json.dumps(bundle), Path("b.json")) == "stix"
+    assert sniff_format(json.dumps({"type": "bundle", "objects": "x"}), Path("b.json")) == "misp-json"
+    path = tmp_path / "sniff.json"
+    path.write_text(text)
+    result = import_intel(Lake(tmp_path / "lake"), path)
+    assert (result.format, result.rows, result.rejects) == ("misp-json", 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("given", "indicator", "kind", "net_hi"),
+    [
+        ("::ffff:203.0.113.208", "203.0.113.208", "ip", "203.0.113.208"),
+        ("::FFFF:cb00:71d0", "203.0.113.208", "ip", "203.0.113.208"),
+        ("::ffff:203.0.113.0/120", "203.0.113.0/24", "cidr", "203.0.113.255"),
+        ("::ffff:203.0.113.208/128", "203.0.113.208", "ip", "203.0.113.208"),
+        ("::ffff:10.0.0.0/104", "10.0.0.0/8", "cidr", "10.255.255.255"),
+        ("2001:db8::13%eth0", "2001:db8::13", "ip", "2001:db8::13"),
+        ("2001:db8:bad::%eth0/48", "2001:db8:bad::/48", "cidr", "2001:db8:bad:ffff:ffff:ffff:ffff:ffff"),
+    ],
+)
+def test_ipv4_mapped_and_zoned_indicators_are_stored_as_flows_carry_them(given, indicator, kind, net_hi):
+    # before: ::ffff:203.0.113.208 and ::ffff:203.0.113.0/120 were stored as IPv6 and never matched a flow
+    table, rejects, _ = parse_intel(given + "\n", "list", "m.txt")
+    assert rejects.num_rows == 0
+    row = table.to_pylist()[0]
+    assert (row["indicator"], row["kind"], row["net_hi"]) == (indicator, kind, net_hi)
+    matched = match_addresses(["203.0.113.208", "2001:db8::13", "2001:db8:bad::1", "10.9.9.9"], table)
+    assert set(matched.get_column("indicator")) == {indicator}
+
+
+def test_an_ipv4_mapped_network_is_held_to_the_ipv4_width_limit():
+    table, rejects, _ = parse_intel("::ffff:0.0.0.0/97\n::ffff:10.0.0.0/103\n", "list", "m.txt")
+    assert table.num_rows == 0
+    assert rejects.column("reason").to_pylist() == ["CIDR too wide (shorter than /8 for IPv4)"] * 2
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_misp_attributes_marked_not_for_detection_or_deleted_are_skipped_and_counted(tmp_path, include):
+    # before: to_ids 0 (context only) and deleted attributes became indicators and alerted
+    csv_text = (
+        MISP_HEADER
+        + 'u1,77,Network activity,ip-dst,203.0.113.208,"partner SSH server - context only",0,20250615\n'
+        + "u2,77,Network activity,ip-dst,203.0.113.9,C2,1,20250615\n"
+        + "u3,77,Network activity,domain,partner.example,context,False,20250615\n"
+        + "u4,77,Network activity,ip-dst,203.0.113.10,no flag,,20250615\n"
+    )
+    event = {"Event": {"id": "78", "info": "test", "Attribute": [
+        {"type": "ip-dst", "value": "203.0.113.208", "to_ids": False, "deleted": True},
+        {"type": "ip-dst", "value": "203.0.113.209", "to_ids": True, "deleted": "1"},
+        {"type": "ip-dst", "value": "203.0.113.210", "to_ids": "0"},
+        {"type": "ip-dst", "value": "203.0.113.211", "to_ids": True, "deleted": False}]}}  # fmt: skip
+    (tmp_path / "toids.csv").write_text(csv_text)
+    (tmp_path / "deleted.json").write_text(json.dumps(event))
+    lake = tmp_path / "lake"
+    extra = ["--include-non-ids"] if include else []
+    runs = {
+        name: run_tracepipe(
+            "intel", "import", str(tmp_path / name), "--lake", str(lake), "-o", "json", *extra
+        )
+        for name in ("toids.csv", "deleted.json")
+    }
+    counts = {n: json.loads(r.stdout) for n, r in runs.items()}
+    counts = {
+        n: (c["rows"], c["skipped_not_ids"], c["skipped_deleted"], c["exit_code"]) for n, c in counts.items()
+    }
+    if include:
+        assert counts == {"toids.csv": (4, 0, 0, 0), "deleted.json": (4, 0, 0, 0)}
+        return
+    assert counts == {"toids.csv": (2, 2, 0, 0), "deleted.json": (1, 1, 2, 0)}
+    assert sorted(Lake(lake).read("intel").column("indicator").to_pylist()) == [
+        "203.0.113.10",
+        "203.0.113.211",
+        "203.0.113.9",
+    ]
+    (tmp_path / "again.csv").write_text(csv_text + "\n")
+    text = run_tracepipe("intel", "import", str(tmp_path / "again.csv"), "--lake", str(lake)).stdout
+    assert ", 2 marked to_ids false and 0 deleted or revoked skipped (--include-non-ids keeps them)" in text
+    revoked = {"type": "bundle", "objects": [{"type": "indicator", "id": "indicator--1", "revoked": True,
+               "pattern": "[ipv4-addr:value = '192.0.2.1']", "valid_from": "2024-03-12T00:00:00Z"}]}  # fmt: skip
+    rows, _, skipped = parse_stix(json.dumps(revoked))
+    assert rows == [] and skipped.deleted == 1
+
+
+def test_a_feed_covering_more_than_a_slash_8_together_is_refused_whole(tmp_path):
+    # before: 223 /8s (each within the /8 limit) landed: every peer matched, 2,509 alerts in the demo window
+    lake = tmp_path / "lake"
+    all8 = tmp_path / "all8.txt"
+    all8.write_text("".join(f"{first}.0.0.0/8\n" for first in range(11, 224) if first != 127))
+    run = run_tracepipe("intel", "import", str(all8), "--lake", str(lake))
+    assert run.returncode == 4 and "more than the 16,777,216 (an IPv4 /8)" in run.stderr
+    assert not Lake(lake).read("intel").num_rows
+    # nested and repeated networks count once: a /8 with networks and addresses inside it fits
+    nested = tmp_path / "nested.txt"
+    nested.write_text("11.0.0.0/8\n11.1.0.0/16\n11.0.0.0/8\n11.2.3.4\n2a00::/16\n2a00:1::/48\n")
+    run = run_tracepipe("intel", "import", str(nested), "--lake", str(lake), "-o", "json")
+    assert run.returncode == 0 and json.loads(run.stdout)["rows"] == 6
+    two = tmp_path / "two.txt"
+    two.write_text("2a00::/16\n2a01::/16\n")
+    run = run_tracepipe("intel", "import", str(two), "--lake", str(lake))
+    assert run.returncode == 4 and "IPv6 addresses together" in run.stderr
+
+
+def test_indicators_overlapping_the_local_networks_are_rejects_unless_allowed(tmp_path):
+    # before: the site's own 10.0.0.0/8 in a feed made every VM-to-VM flow an intel alert (256 in the demo)
+    path = tmp_path / "own.txt"
+    path.write_text("10.0.0.0/9\n192.0.2.7\n10.20.1.19\n172.16.0.0/16\nfd00::/48\n2a00:db8::/32\n")
+    lake = tmp_path / "lake"
+    run = run_tracepipe("intel", "import", str(path), "--lake", str(lake), "-o", "json")
+    assert run.returncode == 3 and json.loads(run.stdout)["rows"] == 2
+    assert sorted(Lake(lake).read("intel").column("indicator").to_pylist()) == ["192.0.2.7", "2a00:db8::/32"]
+    rejects = sorted((r["line"], r["reason"]) for r in Lake(lake).read("rejects").to_pylist())
+    assert rejects == [
+        (1, "overlaps the local network 10.0.0.0/8 (--allow-local imports it)"),
+        (3, "overlaps the local network 10.0.0.0/8 (--allow-local imports it)"),
+        (4, "overlaps the local network 172.16.0.0/12 (--allow-local imports it)"),
+        (5, "overlaps the local network fc00::/7 (--allow-local imports it)"),
+    ]
+    pipeline = tmp_path / "site.toml"
+    pipeline.write_text('[pipeline]\nlocal_networks = ["10.20.0.0/16"]\n')
+    _, rejects, _ = parse_intel(path.read_text(), "list", "own.txt", local_networks=["10.20.0.0/16"])
+    assert rejects.column("line").to_pylist() == [1, 3]
+    other = tmp_path / "lake2"
+    run = run_tracepipe("intel", "import", str(path), "--lake", str(other), "--pipeline", str(pipeline))
+    assert run.returncode == 3, run.stderr
+    run = run_tracepipe(
+        "intel", "import", str(path), "--lake", str(other / "x"), "--allow-local", "-o", "json"
+    )
+    assert run.returncode == 0 and json.loads(run.stdout)["rows"] == 6
+
+
+def test_a_feed_imported_again_replaces_its_previous_rows_in_one_commit(tmp_path):
+    # before: 3 imports of a 1,000-line feed (one comment line changed) made 3,004 rows; withdrawn indicators stayed
+    lake = Lake(tmp_path / "lake")
+    feed, other = tmp_path / "feed.txt", tmp_path / "other.txt"
+    other.write_text("198.51.100.1\n")
+    import_intel(lake, other)
+    for day, withdrawn in ((1, False), (2, False), (3, True)):
+        lines = (
+            [f"# day {day}"]
+            + [f"2a00:{n:x}::/48" for n in range(1000)]
+            + ([] if withdrawn else ["192.0.2.9"])
+        )
+        feed.write_text("\n".join(lines) + "\n")
+        version = lake.version("intel")
+        result = import_intel(lake, feed)
+        assert result.rows == 1000 + (not withdrawn) and lake.version("intel") == version + 1
+    table = lake.read("intel")
+    assert table.num_rows == 1001 and "192.0.2.9" not in table.column("indicator").to_pylist()
+    assert sorted(set(table.column("source").to_pylist())) == sorted([str(feed), str(other)])
+    # a new version wholly rejected keeps the feed's rows
+    feed.write_text("not-an-address\n")
+    assert import_intel(lake, feed).exit_code == 4
+    assert lake.read("intel").num_rows == 1001
+
+
+def test_read_intel_keeps_each_sources_latest_import(tmp_path):
+    # lakes written before imports replaced a feed hold every import of it: detection reads the latest
+    old, _, _ = parse_intel("192.0.2.1\n192.0.2.2\n", "list", "feed", dt.datetime(2025, 6, 1, tzinfo=dt.UTC))
+    new, _, _ = parse_intel("192.0.2.2\n", "list", "feed", dt.datetime(2025, 6, 2, tzinfo=dt.UTC))
+    lone, _, _ = parse_intel("192.0.2.3\n", "list", "other", dt.datetime(2025, 5, 1, tzinfo=dt.UTC))
+    lake = Lake(tmp_path / "lake")
+    for table in (old, new, lone):
+        lake.append("intel", table)
+    assert lake.read("intel").num_rows == 4
+    assert sorted(read_intel(lake).column("indicator").to_pylist()) == ["192.0.2.2", "192.0.2.3"]
+
+
+def test_ipv6_cidr_matching_answers_as_ipaddress_does_on_nested_and_overlapping_networks():
+    # before: peers x CIDRs in Python (10k peers x 4k /48s: 13.9 s), answering the first network listed (IPv4:
+    # the widest); now a join per prefix length, the widest
+    rng = random.Random(25)
+    bases = [rng.getrandbits(128) & ~((1 << 96) - 1) | (0x2A << 120) for _ in range(6)]
+    nets = set()
+    for _ in range(300):  # networks nested in and overlapping each other below a few common /32s
+        prefix = rng.choice([16, 24, 32, 33, 40, 47, 48, 56, 63, 64, 65, 96, 112, 127])
+        address = rng.choice(bases) | rng.getrandbits(96)
+        nets.add(ipaddress.IPv6Network((address, prefix), strict=False))
+    nets = sorted(nets, key=lambda n: (n.prefixlen, n))[:250]
+    nets = [n for n in nets if n.prefixlen >= 24] + [ipaddress.IPv6Network("2a00::/16")]
+    rng.shuffle(nets)  # the widest covering network is the answer (as for IPv4), not the first listed
+    text = "".join(f"{n}\n" for n in nets) + "".join(f"{n}\n" for n in nets[:20])  # repeated ones too
+    intel, rejects, _ = parse_intel(text, "list", "feed")
+    assert rejects.num_rows == 0
+    peers = {str(ipaddress.IPv6Address(rng.choice(bases) | rng.getrandbits(rng.choice([8, 40, 70, 96]))))
+             for _ in range(3000)}  # fmt: skip
+    peers |= {str(n.network_address) for n in nets} | {str(n.broadcast_address) for n in nets}
+    peers |= {str(ipaddress.IPv6Address(rng.getrandbits(128))) for _ in range(500)} | {"192.0.2.1", "x"}
+    peers = sorted(peers)
+    matched = match_addresses(peers, intel)
+    got = dict(zip(matched.get_column("addr"), matched.get_column("indicator"), strict=True))
+    single = {str(n.network_address) for n in nets if n.num_addresses == 1}
+    for addr in peers:
+        try:
+            address = ipaddress.ip_address(addr)
+        except ValueError:
+            assert addr not in got
+            continue
+        covering = [n for n in nets if n.version == address.version and address in n]
+        if not covering:
+            assert addr not in got
+        elif addr in single:
+            assert addr in got  # an exact indicator, or a network around it
+        else:
+            widest = min(n.prefixlen for n in covering if n.num_addresses > 1)
+            assert ipaddress.ip_network(got[addr]).prefixlen == widest, addr
+    assert len(got) > 1000

@@ -391,12 +391,27 @@ def test_misp_export_loads_in_pymisp_and_round_trips(
     local = [a for a in json.loads(out.read_text())["Event"]["Attribute"] if a["type"] == "ip-src"]
     assert run.returncode == 0 and {a["value"] for a in local} >= {"10.20.1.31", "10.20.1.26"}
     assert all(a["to_ids"] is False for a in local)
-    # round trip: the event imports back as intel
-    intel_lake = tmp_path / "intel-lake"
-    run = run_in_process("intel", "import", str(out), "--output", "json", "--lake", str(intel_lake))
+    # round trip: the event imports back as intel, its local context (to_ids false) skipped unless asked for
+    attributes = json.loads(out.read_text())["Event"]["Attribute"]
+    run = run_in_process("intel", "import", str(out), "-o", "json", "--lake", str(tmp_path / "ids-only"))
     imported = json.loads(run.stdout)
     assert run.returncode == 0 and imported["format"] == "misp-json"
-    assert imported["rows"] == len(json.loads(out.read_text())["Event"]["Attribute"])
+    assert imported["rows"] == sum(a["to_ids"] is not False for a in attributes)
+    assert imported["skipped_not_ids"] == len(local)
+    intel_lake = tmp_path / "intel-lake"
+    run = run_in_process(
+        "intel",
+        "import",
+        str(out),
+        "-o",
+        "json",
+        "--lake",
+        str(intel_lake),
+        "--include-non-ids",
+        "--allow-local",
+    )
+    imported = json.loads(run.stdout)
+    assert run.returncode == 0 and imported["rows"] == len(attributes)
     # and a MISP event is also an observation list for trace
     observations = read_observations(out)
     assert observations.format == "misp" and observations.table.num_rows == imported["rows"]

@@ -1357,13 +1357,37 @@ def intel_import_command(
     input_format: Annotated[
         str, typer.Option("--format", help="auto, misp-csv, misp-json, stix (STIX 2.x bundle) or list.")
     ] = "auto",
+    include_non_ids: Annotated[
+        bool,
+        typer.Option(
+            "--include-non-ids",
+            help="Keep MISP attributes marked to_ids false (context) or deleted, and revoked STIX indicators "
+            "(skipped and counted by default: they would alert).",
+        ),
+    ] = False,
+    pipeline: Annotated[
+        Path | None,
+        typer.Option(
+            "--pipeline",
+            help="Pipeline file whose local_networks (the site's own address space) no indicator may overlap "
+            "(default: the packaged nightly template).",
+            show_default=False,
+        ),
+    ] = None,
+    allow_local: Annotated[
+        bool,
+        typer.Option("--allow-local", help="Import indicators that overlap the local networks too."),
+    ] = False,
     lake: LakeOption = Path(DEFAULT_LAKE),
     output: Annotated[
         OutputFormat, typer.Option("--output", "-o", help="table or json.")
     ] = OutputFormat.table,
 ) -> None:
     """Load threat-intel indicators into the lake's `intel` dataset (importing the same file twice adds
-    nothing). Bad lines go to the `rejects` dataset with their line number.
+    nothing). Bad lines go to the `rejects` dataset with their line number. MISP attributes marked to_ids
+    false or deleted are skipped and counted unless --include-non-ids. An indicator overlapping the pipeline's
+    local_networks is a reject unless --allow-local; a feed whose networks cover more than an IPv4 /8 (IPv6
+    /16) together is refused whole (exit 4).
 
     Exit codes: 0 all imported; 3 some lines rejected; 4 nothing usable.
 
@@ -1372,15 +1396,26 @@ def intel_import_command(
     from tracepipe.intel import import_intel
 
     p: Printer = ctx.obj
-    result = import_intel(open_lake(lake), path, input_format)
+    from tracepipe.pipeline_config import load_pipeline
+
+    local = [] if allow_local else load_pipeline(pipeline).pipeline.local_networks
+    result = import_intel(
+        open_lake(lake), path, input_format, include_non_ids=include_non_ids, local_networks=local
+    )
     if output == OutputFormat.json:
         p.json(result.to_dict())
     elif result.already_imported:
         p.line(f"{path}: already imported (same content), nothing added")
     else:
+        not_for_detection = (
+            f", {result.skipped_not_ids} marked to_ids false and {result.skipped_deleted} deleted or revoked "
+            "skipped (--include-non-ids keeps them)"
+            if result.skipped_not_ids or result.skipped_deleted
+            else ""
+        )
         p.line(
             f"{path} ({result.format}): {result.rows} indicators, {result.rejects} rejected, "
-            f"{result.skipped_types} attributes of other types skipped"
+            f"{result.skipped_types} attributes of other types skipped{not_for_detection}"
         )
     raise typer.Exit(result.exit_code)
 

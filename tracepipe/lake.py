@@ -2071,6 +2071,7 @@ class IngestWriter:
         self._parts = DayParts(lake.root, dataset, self.key, row_group_rows, background=background)
         self._adopted: list[AddAction] = []  # parts written by worker processes (DayParts there)
         self._rejects: list[pa.Table] = []
+        self._removes: list[RemoveAction] = []
         self._committed = False
         self.ingested_at = dt.datetime.now(dt.UTC)
 
@@ -2088,6 +2089,15 @@ class IngestWriter:
 
     def _part(self, day: str | None) -> PartFile:
         return self._parts._part(day)
+
+    def replace(self, removed: list[FileEntry], kept: pa.Table) -> None:
+        """The source's commit also removes `removed` (files of an unpartitioned table) and writes their `kept`
+        rows again: a feed's new import replaces its previous rows in the same commit. The caller holds the
+        table's lock (it read `removed` under it)."""
+        if self.dataset.partition_ts is not None or self.dataset.name not in self.lake._held:
+            raise LakeError(f"replace() on {self.dataset.name} needs an unpartitioned table and its lock")
+        self._parts.write(kept)
+        self._removes.extend(_remove(e.relative, None, e.size) for e in removed)
 
     def identify(self, content_hash: str) -> None:
         """The source's content hash, when it was not known at the start."""
@@ -2186,7 +2196,7 @@ class IngestWriter:
             # skipped)
             self.result.stats = stats or {}
             return adds
-        self.result.version = lake.commit(self.dataset.name, adds, info=info)
+        self.result.version = lake.commit(self.dataset.name, adds, self._removes, info=info)
         self.result.files[:0] = [f"{self.dataset.name}/{a.path}" for a in adds]
         self.result.stats = stats or {}
         lake._write_manifest_row(
@@ -2313,13 +2323,18 @@ def ingest_table(
     tables: Iterable[pa.Table],
     rejects: Iterable[pa.Table] = (),
     stats: dict[str, Any] | None = None,
+    replacing: tuple[list[FileEntry], pa.Table] | None = None,
 ) -> IngestResult:
-    """Convenience for small sources: skip if already ingested, else write all tables and commit."""
+    """Convenience for small sources: skip if already ingested, else write all tables and commit (with
+    `replacing`: removing those files and writing their rows to keep again in the same commit, see
+    IngestWriter.replace)."""
     if lake.already_ingested(dataset, content_hash):
         return IngestResult(dataset, source, content_hash, skipped=True)
     with lake.ingest(dataset, source, content_hash) as writer:
         for table in tables:
             writer.write(table)
+        if replacing is not None:
+            writer.replace(*replacing)
         for reject in rejects:
             writer.reject(reject)
         return writer.commit(stats)

@@ -38,6 +38,7 @@ from tracepipe.errors import (
     UsageError,
 )
 from tracepipe.fsutil import write_atomic
+from tracepipe.intel import read_intel
 from tracepipe.lake import Lake
 from tracepipe.maintenance import version_token
 from tracepipe.pipeline_config import PipelineConfig, load_pipeline
@@ -469,7 +470,7 @@ def run_sweep(
             result.report_paths = stage("report", lambda: write_reports(lake, config, result))
         return result
 
-    intel = lake.read("intel") if config.detectors.intel.enabled else None
+    intel = read_intel(lake) if config.detectors.intel.enabled else None
     if engine == "spark":
         from tracepipe.engines.spark import sweep_candidates
 
