@@ -1934,7 +1934,9 @@ def _read_options_data(
         if interval and domain_wide:
             state.sampling[(exporter, domain)] = interval
         if interval and "sampler_id" in roles:
-            state.samplers.put((exporter, domain, _scalar(rec["sampler_id"])), interval)  # a sampler table row
+            state.samplers.put(
+                (exporter, domain, _scalar(rec["sampler_id"])), interval
+            )  # a sampler table row
         if "sys_init_ms" in roles:
             value = _scalar(rec["sys_init_ms"])
             if 0 < value < 2**50:  # a unix time in ms (anything larger is garbage)
