@@ -761,6 +761,19 @@ def test_ipfix_template_withdrawal():
     assert flush_pending(state, "x").column("reason").to_pylist() == ["no template"]
 
 
+def test_an_ipfix_withdrawal_withdraws_a_template_of_its_own_set_type_only():
+    # a review: a withdrawal of a data template's id inside an options template set (set 3) removed it
+    layout = [(8, 4), (12, 4), (1, 4)]
+    data = flowset(800, pack_values(layout, {8: 1, 12: 2, 1: 3}))
+    messages = [
+        ipfix_message(flowset(2, template_record(800, layout)), data, seq=0),
+        ipfix_message(flowset(3, struct.pack(">HH", 800, 0)), seq=1),  # not an options template: kept
+        ipfix_message(data, seq=1),
+    ]
+    result, state = decode(messages)
+    assert result.flows.num_rows == 2 and (EXPORTER, 10, 0, 800) in state.templates
+
+
 def test_ipfix_ipv6_template_addresses():
     layout = [(27, 16), (28, 16), (7, 2), (11, 2), (4, 1), (139, 2)]
     src = bytes.fromhex("20010db8000000000000000000000001")

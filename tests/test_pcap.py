@@ -215,6 +215,8 @@ def test_non_udp_fragments_and_short_snaplen_are_rejected_with_their_offsets(dat
         ),
         bytes(Ether(dst=LAN_MAC, type=0x0806) / (b"\0" * 28)),  # ARP
         good[:30],  # IPv4 header cut by the capture
+        # a header length under 20 bytes (a review: the UDP header was read from inside the IP header)
+        good[:14] + bytes([0x44]) + good[15:],
         good,
     ]
     offsets = write_pcap(tmp_path / "mixed.pcap", frames, 1)
@@ -227,6 +229,7 @@ def test_non_udp_fragments_and_short_snaplen_are_rejected_with_their_offsets(dat
         (offsets[3], "ip fragment"),
         (offsets[4], "not UDP"),
         (offsets[5], "truncated packet"),
+        (offsets[6], "bad IPv4 header"),
     ]
 
 

@@ -1869,7 +1869,11 @@ def _withdraw(state: DecoderState, exporter: str, domain: int, tid: int, options
         for template_id in list(standing or ()):
             state.forget_template((exporter, 10, domain, template_id))
     else:
-        state.forget_template((exporter, 10, domain, tid))
+        # a withdrawal in an options template set withdraws an options template only (and a data template set's
+        # a data template): a review withdrew a data template through set 3
+        old = state.templates.get((exporter, 10, domain, tid))
+        if old is not None and old.options == options:
+            state.forget_template((exporter, 10, domain, tid))
 
 
 def _keep_pending(

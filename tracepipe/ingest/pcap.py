@@ -563,6 +563,9 @@ class _LinkDecoder:
                 col.rejects.append((offset, "truncated packet", "IPv4 header cut short"))
                 return
             ihl = (buf[pos] & 0x0F) * 4
+            if ihl < 20 or pos + ihl > end:  # the UDP header would be read from inside the IP header
+                col.rejects.append((offset, "bad IPv4 header", f"header length {ihl} bytes"))
+                return
             if buf[pos + 9] != UDP:
                 col.rejects.append((offset, "not UDP", f"IP protocol {buf[pos + 9]}"))
                 return
