@@ -644,6 +644,36 @@ def test_a_senders_flood_of_sampler_rows_and_interface_names_leaves_room_for_oth
     assert set(state.samplers.of) == set(state.if_names.of) == {EXPORTER}
 
 
+def test_spoofed_senders_filling_the_exporter_table_lock_no_new_exporter_out():
+    # a review: 4,096 datagrams from as many spoofed addresses, each a template and a flow, filled the exporter
+    # table with "live" exporters: every new exporter's templates were refused for an hour. An exporter heard
+    # for less than exporter_settle_s now gives its place; settled ones keep theirs while they are heard
+    template = flowset(0, template_record(256, SOFTFLOWD_V4))
+    record = pack_values(SOFTFLOWD_V4, softflowd_like_record())
+
+    def at(state, seconds, senders):
+        n = len(senders)
+        payloads = [v9_datagram(template, flowset(256, record), seq=1)] * n
+        arrival = np.full(n, (SECS + seconds) * 1_000_000, np.int64)
+        return decode_datagrams(payloads, senders, arrival, None, "t", state)
+
+    spoofed = [f"198.51.100.{i}" for i in range(1, 9)]
+    state = DecoderState(Limits(exporters=8))
+    at(state, 0, spoofed)
+    newcomer = at(state, 10, [EXPORTER])
+    assert newcomer.flows.num_rows == 1 and EXPORTER in state.exporters
+    assert len(state.exporters) == 8
+    # exporters heard over more than exporter_settle_s keep their places: then a newcomer is refused
+    settled = DecoderState(Limits(exporters=8))
+    at(settled, 0, spoofed)
+    at(settled, 700, spoofed)
+    refused = at(settled, 710, [EXPORTER])
+    assert set(refused.stats[EXPORTER]["limits_hit"]) == {"exporters"} and refused.flows.num_rows == 0
+    assert EXPORTER not in settled.exporters
+    again = DecoderState.from_json(settled.to_json(), Limits(exporters=8))
+    assert again.first_seen_ms == settled.first_seen_ms
+
+
 # ---- IPFIX by hand --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("time_fields", "values", "start_ms", "end_ms"),

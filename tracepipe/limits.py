@@ -33,6 +33,8 @@ class Limits:
     # NetFlow v9 / IPFIX decoder state (per collector, or per `ingest netflow` run)
     exporters: int = 4096  # exporters with templates / sequence state
     exporter_idle_s: int = 3600  # an exporter that delivered flows keeps its place unless silent this long
+    # ... once it has been heard over this long; until then a newcomer may take its place when all are taken
+    exporter_settle_s: int = 600
     domains_per_exporter: int = 16  # v9 source ids / IPFIX observation domains per exporter
     templates_per_domain: int = 256  # data templates per (exporter, version, domain)
     options_templates_per_domain: int = 16  # options templates per (exporter, version, domain)

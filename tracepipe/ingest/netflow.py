@@ -462,6 +462,7 @@ class DecoderState:
         # bookkeeping of the bounds
         self.exporters = _Standing()  # exporter names
         self.last_seen_ms: dict[str, int] = {}  # arrival of an exporter's latest datagram
+        self.first_seen_ms: dict[str, int] = {}  # ... and of its first one (kept since)
         self.domains: dict[str, _Standing] = {}  # exporter -> (version, domain)
         self.domain_templates: dict[tuple[str, int, int], _Standing] = {}  # -> data template ids
         self.domain_options: dict[tuple[str, int, int], _Standing] = {}  # -> options template ids
@@ -481,10 +482,13 @@ class DecoderState:
         if domains is None:
             if len(self.exporters) >= self.limits.exporters:
                 victim = self.exporters.victim()
-                if victim in self.exporters.live and (
-                    self.now_ms - self.last_seen_ms.get(victim, 0) < self.limits.exporter_idle_s * 1000
-                ):
-                    return evicted, "exporters"
+                if victim in self.exporters.live and self._recent(victim):
+                    # every place is taken by exporters that delivered flows lately: one heard for less than
+                    # exporter_settle_s gives its place (a review: 4,096 spoofed senders of one datagram each
+                    # locked every new exporter out for an hour); settled ones are never evicted while heard
+                    victim = next((e for e in self.exporters.live if not self._settled(e)), None)
+                    if victim is None:
+                        return evicted, "exporters"
                 self.forget_exporter(victim)
                 evicted.append("exporters")
             domains = self.domains[exporter] = _Standing()
@@ -496,6 +500,14 @@ class DecoderState:
                 evicted.append("domains_per_exporter")
             domains.touch((version, domain))
         return evicted, None
+
+    def _recent(self, exporter: str) -> bool:
+        return self.now_ms - self.last_seen_ms.get(exporter, 0) < self.limits.exporter_idle_s * 1000
+
+    def _settled(self, exporter: str) -> bool:
+        """Heard over at least exporter_settle_s (an exporter of a state saved before this was kept: settled)."""
+        first = self.first_seen_ms.get(exporter, 0)
+        return self.last_seen_ms.get(exporter, 0) - first >= self.limits.exporter_settle_s * 1000
 
     def add_template(self, key: tuple[str, int, int, int], tpl: Template) -> tuple[list[str], str | None]:
         """Store a template (new, refreshed or redefined) within the bounds: (limits evicted for it, the limit
@@ -639,6 +651,7 @@ class DecoderState:
         self.domains.pop(exporter, None)
         self.exporters.discard(exporter)
         self.last_seen_ms.pop(exporter, None)
+        self.first_seen_ms.pop(exporter, None)
         for key in list(self.pending_keys_of.get(exporter, ())):
             self._unkeep(key)
 
@@ -721,6 +734,7 @@ class DecoderState:
                 "live_templates": [key(k) for k in self.all_templates.live],
                 "live_exporters": list(self.exporters.live),
                 "last_seen_ms": self.last_seen_ms,
+                "first_seen_ms": self.first_seen_ms,
                 "sequences": {key(k): s.to_obj() for k, s in self.sequences.items()},
                 "sampling": {key(k): v for k, v in self.sampling.items()},
                 "sys_init_ms": {key(k): v for k, v in self.sys_init_ms.items()},
@@ -766,6 +780,9 @@ class DecoderState:
         for k, v in entries("last_seen_ms"):
             if isinstance(v, int) and len(state.last_seen_ms) < limits.exporters:
                 state.last_seen_ms[k] = v
+        for k, v in entries("first_seen_ms"):
+            if isinstance(v, int) and k in state.last_seen_ms:
+                state.first_seen_ms[k] = v
         state.now_ms = max(state.last_seen_ms.values(), default=0)
         for k, v in entries("templates"):
             try:
@@ -1226,6 +1243,7 @@ def _walk_batch(
         batch.stat(exporter)["datagrams"] += datagrams
         if exporter in state.domains:  # only exporters the state keeps (bounded) are remembered
             state.last_seen_ms[exporter] = state.now_ms
+            state.first_seen_ms.setdefault(exporter, state.now_ms)
     for exporter, s in batch.stats.items():
         sampling = _known_sampling(state, exporter)
         if sampling is not None:
