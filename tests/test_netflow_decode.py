@@ -674,6 +674,29 @@ def test_spoofed_senders_filling_the_exporter_table_lock_no_new_exporter_out():
     assert again.first_seen_ms == settled.first_seen_ms
 
 
+def test_a_flooding_sender_over_the_template_total_gives_up_its_own_without_ranking_all(monkeypatch):
+    # a review: once templates_total was full, each template a flood sent ranked every exporter (heapq.nlargest
+    # over 4,096 of them: 1-2 ms a template). A sender holding its fair share or more gives up its own oldest
+    import tracepipe.ingest.netflow as nf
+
+    ranked = []
+    real = nf.heapq.nlargest
+    monkeypatch.setattr(nf.heapq, "nlargest", lambda *a, **k: ranked.append(1) or real(*a, **k))
+    state = DecoderState(Limits(templates_total=64))
+    small = [(8, 4), (12, 4)]
+    for sender in range(8):  # eight senders of 8 templates each fill the total
+        sets = [flowset(0, template_record(256 + t, small)) for t in range(8)]
+        decode([v9_datagram(*sets)], state, f"198.51.100.{sender + 1}")
+    assert len(state.templates) == 64 and not ranked
+    flood = [flowset(0, template_record(400 + t, small)) for t in range(100)]
+    decode([v9_datagram(*flood)], state, "198.51.100.1")
+    assert not ranked and len(state.templates) == 64
+    assert len(state.exporter_templates["198.51.100.1"]) == 8  # its own went
+    # an exporter under its share that adds one: the one holding the most gives up its oldest
+    decode([v9_datagram(flowset(0, template_record(256, small)))], state, EXPORTER)
+    assert ranked and (EXPORTER, 9, 0, 256) in state.templates
+
+
 # ---- IPFIX by hand --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("time_fields", "values", "start_ms", "end_ms"),
