@@ -28,3 +28,9 @@ def refuse_pandas() -> bool:
     if not any(isinstance(finder, _NoPandas) for finder in sys.meta_path):
         sys.meta_path.insert(0, _NoPandas())
     return True
+
+
+def allow_pandas() -> None:
+    """Undo refuse_pandas (the Spark engine needs pandas for PySpark's Arrow exchange: a process that ran a
+    local command before, such as a test session or a notebook, had it refused)."""
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _NoPandas)]

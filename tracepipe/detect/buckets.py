@@ -199,9 +199,8 @@ class Spill:
         for old in self.root.glob("*.facts.parquet"):
             old.unlink()
         path = self.root / f"{bucket}.facts.parquet"
-        with_flow_facts(self.source(bucket), local, night, owned=self.hosts(bucket)).sink_parquet(
-            path, compression="uncompressed", engine="streaming"
-        )
+        facts = with_flow_facts(self.source(bucket), local, night, owned=self.hosts(bucket))
+        with_response(facts).sink_parquet(path, compression="uncompressed", engine="streaming")
         return pl.scan_parquet(str(path), hive_partitioning=False, glob=False)
 
 
@@ -518,7 +517,8 @@ def _in_memory_facts(
     frame = spill.frame(bucket)
     if frame is None:
         return spill.facts_file(bucket, local, night)
-    return with_flow_facts(frame.lazy(), local, night, owned=spill.hosts(bucket)).collect()
+    facts = with_flow_facts(frame.lazy(), local, night, owned=spill.hosts(bucket))
+    return with_response(facts).collect()  # who answered whom, once for every detector and the features
 
 
 def sweep_range(ctx: det.DetectContext, names: list[str]) -> tuple[dt.datetime, dt.datetime]:

@@ -151,13 +151,13 @@ class DetectContext:
         response: bool = False,
     ) -> pl.LazyFrame:
         """Flows of the whole windows overlapping the sweep, with the shared facts and `window_start`;
-        `response`: and who answered whom in each window (features.with_response; a join, so only for the
-        detectors that ask)."""
+        `response`: and who answered whom (features.with_response, per day; a host bucket's or Spark
+        partition's facts have it already, computed once for all their detectors)."""
         start, end = self.span(window_s)
         start, end = since or start, until or end
         facts = self.facts(start, end)
         if response:
-            facts = with_response(facts, window_s)
+            facts = with_response(facts)
         step = int(window_s) * 1_000_000
         return facts.with_columns(
             window_start=((pl.col("ts_start").dt.epoch("us") // step) * step).cast(pl.Datetime("us", "UTC")),

@@ -164,6 +164,9 @@ def get_session(
     master: str | None = None, conf: Mapping[str, str] | None = None, app_name: str = "tracepipe"
 ) -> SparkSession:
     """A SparkSession (the active one if it exists: Spark allows one per process) with session_conf()."""
+    from tracepipe.nopandas import allow_pandas
+
+    allow_pandas()  # PySpark converts through pandas
     _pyspark()
     master = master or DEFAULT_MASTER
     if _local_cores(master) is not None:

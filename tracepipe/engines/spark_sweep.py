@@ -21,7 +21,14 @@ import polars as pl
 import pyarrow as pa
 
 from tracepipe.detect import detectors as det
-from tracepipe.detect.features import floor_time, host_features, in_networks, utc, with_flow_facts
+from tracepipe.detect.features import (
+    floor_time,
+    host_features,
+    in_networks,
+    utc,
+    with_flow_facts,
+    with_response,
+)
 from tracepipe.engines.spark import get_session, lake_uri, read_dataset, spark_schema, to_arrow
 from tracepipe.lake import Lake, conform
 from tracepipe.pipeline_config import PipelineConfig
@@ -57,7 +64,8 @@ class FramesContext(det.DetectContext):
 
     def __init__(self, base: det.DetectContext, frame: pl.DataFrame) -> None:
         super().__init__(base.lake, base.config, base.since, base.until, list(base.local), base.intel)
-        self._frame = frame
+        # who answered whom, once for the bucket's detectors, judged over its rows as a local host bucket does
+        self._frame = with_response(frame.lazy()).collect() if frame.height else frame
         self.suppressed = base.suppressed  # what a detector suppresses on the driver reaches the report
 
     def scan(self, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
