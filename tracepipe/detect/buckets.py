@@ -517,8 +517,10 @@ def _in_memory_facts(
     frame = spill.frame(bucket)
     if frame is None:
         return spill.facts_file(bucket, local, night)
-    facts = with_flow_facts(frame.lazy(), local, night, owned=spill.hosts(bucket))
-    return with_response(facts).collect()  # who answered whom, once for every detector and the features
+    facts = with_flow_facts(frame.lazy(), local, night, owned=spill.hosts(bucket)).collect()
+    # who answered whom, once for every detector and the features (its window aggregates run at half the CPU
+    # in memory than on polars' default streaming engine)
+    return with_response(facts.lazy()).collect(engine="in-memory")
 
 
 def sweep_range(ctx: det.DetectContext, names: list[str]) -> tuple[dt.datetime, dt.datetime]:

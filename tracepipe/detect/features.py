@@ -234,12 +234,18 @@ def with_response(flows: pl.LazyFrame, period_s: float = FEATURE_PERIOD_S) -> pl
     from port 53, 0 alerts). A flow's two directions are one conversation key (a hash of both (address, port)
     ends in a fixed order, protocol and period) and the first start of each direction a window aggregate over
     it: one grouping of the rows, not a grouping, a self-join and a join back (~5x the whole feature stage)."""
-    if "response" in flows.collect_schema().names():
+    schema = flows.collect_schema()
+    if "response" in schema:
         return flows
-    ends = [
-        pl.col(f"{side}_addr").hash(seed=18) ^ (pl.col(f"{side}_port").cast(pl.UInt64) * 0x9E3779B97F4A7C15)
-        for side in ("src", "dst")
-    ]
+    # an end as one integer: a host bucket's addresses are Categorical (one dictionary for both columns), their
+    # codes exact; text (Spark partitions, the lake) is hashed. Hashing the text of 10^7 rows cost ~8 s
+    ends = []
+    for side in ("src", "dst"):
+        addr, port = pl.col(f"{side}_addr"), pl.col(f"{side}_port").fill_null(0).cast(pl.UInt64)
+        if schema[f"{side}_addr"] == pl.Categorical:
+            ends.append(addr.to_physical().cast(pl.UInt64) * 65536 + port)
+        else:
+            ends.append(addr.hash(seed=18) ^ (port * 0x9E3779B97F4A7C15))
     forward = ends[0] < ends[1]
     conversation = pl.struct(
         lo=pl.min_horizontal(*ends),
@@ -247,20 +253,23 @@ def with_response(flows: pl.LazyFrame, period_s: float = FEATURE_PERIOD_S) -> pl
         proto=pl.col("proto"),
         period=bucket_expr("ts_start", period_s),
     ).hash(seed=19)
-    flows = flows.with_columns(_conversation=conversation, _forward=forward)
-    first = {
-        way: pl.col("ts_start").filter(pl.col("_forward") == way).min().over("_conversation")
-        for way in (True, False)
-    }
-    mine = pl.when(pl.col("_forward")).then(first[True]).otherwise(first[False])
-    other = pl.when(pl.col("_forward")).then(first[False]).otherwise(first[True])
+    # the two first starts as columns of their own, over one grouping (inside when/then each window was
+    # computed twice)
+    flows = flows.with_columns(_conversation=conversation, _forward=forward).with_columns(
+        _first_fwd=pl.when(pl.col("_forward")).then(pl.col("ts_start")).min().over("_conversation"),
+        _first_bwd=pl.when(~pl.col("_forward")).then(pl.col("ts_start")).min().over("_conversation"),
+    )
+    mine = pl.when(pl.col("_forward")).then(pl.col("_first_fwd")).otherwise(pl.col("_first_bwd"))
+    other = pl.when(pl.col("_forward")).then(pl.col("_first_bwd")).otherwise(pl.col("_first_fwd"))
     flags = pl.col("tcp_flags").fill_null(0).cast(pl.Int32)
     opener = (pl.col("proto") == 6) & ((flags & SYN) != 0) & ((flags & ACK) == 0)
     by_ports = ((pl.col("src_port") < 1024) & (pl.col("dst_port") >= 1024)) | (
         (pl.col("src_port") < 32768) & (pl.col("dst_port") >= 32768)
     )
     answers = pl.col("proto").is_in([6, 17]) & ~opener & ((other < mine) | ((other == mine) & by_ports))
-    return flows.with_columns(response=answers.fill_null(False)).drop("_conversation", "_forward")
+    return flows.with_columns(response=answers.fill_null(False)).drop(
+        "_conversation", "_forward", "_first_fwd", "_first_bwd"
+    )
 
 
 def as_text(frame: pl.DataFrame) -> pl.DataFrame:

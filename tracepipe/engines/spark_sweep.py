@@ -65,7 +65,7 @@ class FramesContext(det.DetectContext):
     def __init__(self, base: det.DetectContext, frame: pl.DataFrame) -> None:
         super().__init__(base.lake, base.config, base.since, base.until, list(base.local), base.intel)
         # who answered whom, once for the bucket's detectors, judged over its rows as a local host bucket does
-        self._frame = with_response(frame.lazy()).collect() if frame.height else frame
+        self._frame = with_response(frame.lazy()).collect(engine="in-memory") if frame.height else frame
         self.suppressed = base.suppressed  # what a detector suppresses on the driver reaches the report
 
     def scan(self, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
