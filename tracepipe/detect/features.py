@@ -232,8 +232,9 @@ def with_response(flows: pl.LazyFrame, period_s: float = FEATURE_PERIOD_S) -> pl
     talking to a higher ephemeral port. Ports alone made any flow from source port 53, 80 or 443 a "response"
     that the scan, brute-force, beacon and mining detectors never looked at (hostile review: 1,500 SYN probes
     from port 53, 0 alerts). A flow's two directions are one conversation key (a hash of both (address, port)
-    ends in a fixed order, protocol and period) and the first start of each direction a window aggregate over
-    it: one grouping of the rows, not a grouping, a self-join and a join back (~5x the whole feature stage)."""
+    ends in a fixed order, protocol and period), and one window aggregate over it finds the earliest row: not a
+    grouping, a self-join and a join back per detector window (the sweep at 10^7 flows went from 14 to 121 CPU
+    seconds with those; 19 s now, the answers identical on 2 M benchmark flows)."""
     schema = flows.collect_schema()
     if "response" in schema:
         return flows
@@ -246,29 +247,31 @@ def with_response(flows: pl.LazyFrame, period_s: float = FEATURE_PERIOD_S) -> pl
             ends.append(addr.to_physical().cast(pl.UInt64) * 65536 + port)
         else:
             ends.append(addr.hash(seed=18) ^ (port * 0x9E3779B97F4A7C15))
-    forward = ends[0] < ends[1]
+    flows = flows.with_columns(_src_end=ends[0], _dst_end=ends[1])
+    forward = pl.col("_src_end") < pl.col("_dst_end")
     conversation = pl.struct(
-        lo=pl.min_horizontal(*ends),
-        hi=pl.max_horizontal(*ends),
+        lo=pl.min_horizontal("_src_end", "_dst_end"),
+        hi=pl.max_horizontal("_src_end", "_dst_end"),
         proto=pl.col("proto"),
         period=bucket_expr("ts_start", period_s),
     ).hash(seed=19)
-    # the two first starts as columns of their own, over one grouping (inside when/then each window was
-    # computed twice)
-    flows = flows.with_columns(_conversation=conversation, _forward=forward).with_columns(
-        _first_fwd=pl.when(pl.col("_forward")).then(pl.col("ts_start")).min().over("_conversation"),
-        _first_bwd=pl.when(~pl.col("_forward")).then(pl.col("ts_start")).min().over("_conversation"),
-    )
-    mine = pl.when(pl.col("_forward")).then(pl.col("_first_fwd")).otherwise(pl.col("_first_bwd"))
-    other = pl.when(pl.col("_forward")).then(pl.col("_first_bwd")).otherwise(pl.col("_first_fwd"))
     flags = pl.col("tcp_flags").fill_null(0).cast(pl.Int32)
     opener = (pl.col("proto") == 6) & ((flags & SYN) != 0) & ((flags & ACK) == 0)
     by_ports = ((pl.col("src_port") < 1024) & (pl.col("dst_port") >= 1024)) | (
         (pl.col("src_port") < 32768) & (pl.col("dst_port") >= 32768)
     )
-    answers = pl.col("proto").is_in([6, 17]) & ~opener & ((other < mine) | ((other == mine) & by_ports))
+    # One window aggregate: the conversation's earliest row, its start and, packed below it, whether the ports
+    # call it an answer (so that at a tie the side the ports call the opener comes first) and its direction. A
+    # row answers when that earliest row is of the other direction: the reverse started earlier, or at once
+    # with ports that call this side the answer. Never-answered directions have the earliest row themselves.
+    flows = flows.with_columns(
+        _conversation=conversation,
+        _packed=pl.col("ts_start").dt.epoch("us") * 4 + by_ports.cast(pl.Int64) * 2 + forward.cast(pl.Int64),
+    )
+    earliest = pl.col("_packed").min().over("_conversation")
+    answers = pl.col("proto").is_in([6, 17]) & ~opener & ((earliest % 2) != pl.col("_packed") % 2)
     return flows.with_columns(response=answers.fill_null(False)).drop(
-        "_conversation", "_forward", "_first_fwd", "_first_bwd"
+        "_src_end", "_dst_end", "_conversation", "_packed"
     )
 
 
