@@ -416,7 +416,7 @@ def test_non_utf8_sql_file_and_stdin_and_pipeline(hostile_lake, tmp_path):
 @pytest.mark.parametrize(
     ("toml", "key", "allowed"),
     [
-        ("[detectors.horizontal_scan]\nwindow = 0", "detectors.horizontal_scan.window", "> 0"),
+        ("[detectors.horizontal_scan]\nwindow = 0", "detectors.horizontal_scan.window", ">= 1"),
         ("[detectors.horizontal_scan]\nwindow = -3600", "detectors.horizontal_scan.window", "at least zero"),
         ("[detectors.beacon]\nmin_score = nan", "detectors.beacon.min_score", ">= 0 and <= 1"),
         ("[detectors.exfiltration]\nhost_factor = -1.0", "detectors.exfiltration.host_factor", ">= 0"),
