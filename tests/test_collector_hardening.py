@@ -337,6 +337,11 @@ def test_a_full_spool_disk_recovers_once_the_committer_frees_it(tmp_path):
                 for _ in range(20):
                     sender.sendto(junk, ("127.0.0.1", port))
                 time.sleep(0.01)
+            for _ in range(
+                3000
+            ):  # then tiny batches, which fill the last free bytes when nothing holds a reserve
+                sender.sendto(b"\x00\x05xx", ("127.0.0.1", port))
+                time.sleep(0.001)
             os.kill(committer, signal.SIGCONT)
             seq = 0
 
