@@ -12,6 +12,7 @@ Plus: flows attributed to VMs as they land, a second signal, torn tails and a fu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -48,6 +49,7 @@ from tracepipe.collector import (
 )
 from tracepipe.errors import UsageError
 from tracepipe.lake import Lake
+from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.units import parse_listen, parse_size
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -797,21 +799,30 @@ def test_rotate_and_window_accept_the_same_durations(tmp_path, form):
     assert dt.datetime.fromisoformat(flows["from"]) == dt.datetime.fromisoformat(at) - parse_duration(form)
 
 
-def test_the_receive_loops_sender_counters_stay_bounded():
+@pytest.mark.parametrize("named", [DEFAULT_LIMITS.exporters, 100])
+def test_the_receive_loops_sender_counters_stay_bounded(named):
     # hostile review: one datagram from each of 100,000 addresses grew these counters (and every status line,
-    # and the stats file) without bound
-    from tracepipe.collector import SENDERS_NAMED, ReceiveStats
+    # and the stats file) without bound; and the bound ignored `--limit exporters` (session 25)
+    from tracepipe.collector import ReceiveStats
 
-    stats = ReceiveStats()
-    senders = np.zeros((SENDERS_NAMED + 1000, 16), np.uint8)
+    stats = ReceiveStats(senders_named=named)
+    senders = np.zeros((named + 1000, 16), np.uint8)
     senders[:, 10:12] = 0xFF
     senders[:, 12:16] = np.arange(len(senders), dtype=">u4").view(np.uint8).reshape(-1, 4)
     stats.count(senders[:10], stats._raw_dropped)
     stats.count(senders, stats._raw_dropped)
     for one in senders[-5:]:  # (a batch from one sender: the common path)
         stats.count(np.repeat(one[None], 3, axis=0), stats._raw_dropped)
-    assert len(stats._raw_dropped) == SENDERS_NAMED + 1
+    assert len(stats._raw_dropped) == named + 1
     stats.named()
     assert sum(stats.dropped.values()) == 10 + len(senders) + 15
-    assert stats.dropped["(other senders)"] == len(senders) - SENDERS_NAMED + 15
+    assert stats.dropped["(other senders)"] == len(senders) - named + 15
     assert stats.dropped["0.0.0.0"] == 2  # a sender named before the cap keeps its count
+
+
+def test_the_collector_names_as_many_senders_as_limit_exporters_allows(tmp_path):
+    from tracepipe.collector import Collector, CollectorConfig
+
+    limits = dataclasses.replace(DEFAULT_LIMITS, exporters=7)
+    c = Collector(CollectorConfig(listen=[parse_listen("127.0.0.1:0")], lake=tmp_path, limits=limits))
+    assert c.stats.senders_named == 7

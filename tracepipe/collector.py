@@ -69,6 +69,17 @@ COALESCE_BELOW = 64
 COALESCE_BYTES_PER_S = 2e9
 DECODE_CHUNK = 20_000  # datagrams per decode_datagrams call in the committer (bounds its memory)
 COMMITTER_STATS = "committer.json"
+COMMITTER_STATS_BYTES = 64 << 20  # a committer.json larger than this is not read by the status line
+# An exited committer is restarted after 1 s, then 2, 4 ... up to a minute while it keeps exiting (each start
+# imports pyarrow and the decoder); one that ran for a minute before it exited starts over at 1 s.
+COMMITTER_BACKOFF_MAX_S = 60.0
+# The receive loop leaves this much of the spool's filesystem free (statvfs, checked every second and whenever
+# the room it last saw is used up): at most 64 MiB, at most a tenth of the filesystem, plus twice the saved
+# decoder state. That is the room the committer needs to save the state and remove committed segments, so a
+# flood cannot fill the disk to where nothing can be committed and freed any more.
+SPOOL_RESERVE_BYTES = 64 << 20
+SPOOL_RESERVE_SHARE = 10
+ROOM_CHECK_S = 1.0
 COMMITTER_NICE = 10  # the committer's niceness above the collector's
 FAILED_DIR = sp.FAILED_DIR
 LOCK_FILE = ".collector.lock"
@@ -137,6 +148,8 @@ class CollectorConfig:
     # SO_REUSEPORT: several collectors (each its own --spool) share the --listen ports
     reuseport: bool = False
     coalesce_s: float = COALESCE_S  # pause after a small batch (0: none)
+    # bytes the receive loop leaves free on the spool's filesystem; None: see SPOOL_RESERVE_BYTES
+    spool_reserve: int | None = None
 
     @property
     def spool_dir(self) -> Path:
@@ -321,8 +334,14 @@ def _load_state(spool: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[Any, str 
             limit = "decoder_state_bytes" if "decoder_state_bytes" in problem else "decoder_state_entries"
             state.limits_hit[limit] += 1
         return state, None
+    body = saved.get("state")
     try:
-        state = DecoderState.from_json(saved["state"], limits)
+        if isinstance(body, dict):
+            state = DecoderState.from_json(json.dumps(body), limits)
+        elif isinstance(body, str):  # saved by versions before 2026-12: the state's JSON text as a string
+            state = DecoderState.from_json(body, limits)
+        else:
+            raise ValueError("no decoder state in it")
     except (ValueError, TypeError, KeyError) as exc:
         log.warning("decoder state %s not used (%s); starting without templates", sp.STATE_FILE, exc)
         state = DecoderState(limits)
@@ -334,8 +353,51 @@ def _load_state(spool: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[Any, str 
     return state, after if isinstance(after, str) else None
 
 
-def _save_state(spool: Path, state: Any, segment: str) -> None:
-    sp.write_json_atomic(spool / sp.STATE_FILE, {"after_segment": segment, "state": state.to_json()})
+# Parts of the decoder state left out, in this order, when the saved state would outgrow the limit it is loaded
+# with (limits.decoder_state_bytes): a state refused at load loses every template; without these it loses only
+# interface names, then data waiting for a template, then sampler intervals and sequence numbers.
+STATE_PARTS_TO_SHED = ("if_names", "pending", "samplers", "sequences")
+
+
+def _encode_json(obj: object) -> bytes:
+    """Compact JSON as UTF-8 (an emoji is 4 bytes, not a 12-byte escape pair); with escapes only where the text
+    holds a lone surrogate, which UTF-8 cannot carry."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")
+
+
+def state_file_bytes(state: Any, segment: str, max_bytes: int) -> bytes:
+    """decoder-state.json for `state` after `segment`: the state as one JSON object (not its JSON text encoded
+    as a string again, which made every astral character 14 bytes), at most `max_bytes` so that the next load
+    takes it: over that, the parts of STATE_PARTS_TO_SHED are left out in turn (logged, and counted in
+    limits_hit["decoder_state_bytes"])."""
+    body = json.loads(state.to_json())
+    data = _encode_json({"after_segment": segment, "state": body})
+    shed = []
+    for part in STATE_PARTS_TO_SHED:
+        if len(data) <= max_bytes:
+            break
+        body[part] = {}
+        shed.append(part)
+        data = _encode_json({"after_segment": segment, "state": body})
+    if shed:
+        log.warning(
+            "decoder state saved without %s: with them it would exceed the %d bytes it may have (limit "
+            "decoder_state_bytes)",
+            ", ".join(shed),
+            max_bytes,
+        )
+        state.limits_hit["decoder_state_bytes"] += 1
+    return data
+
+
+def _save_state(spool: Path, state: Any, segment: str, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Persist the decoder state after `segment`, then the segment's name alone in its own small file (what
+    spool.next_serial trusts even when the state file is refused). OSError (disk full) is the caller's."""
+    fsutil.write_atomic(spool / sp.STATE_FILE, state_file_bytes(state, segment, limits.decoder_state_bytes))
+    sp.write_json_atomic(spool / sp.SERIAL_FILE, {"after_segment": segment})
 
 
 def _attribution(lake: Any) -> Any:
@@ -394,12 +456,16 @@ def commit_segment(lake: Any, path: Path, state: Any) -> SegmentResult:
     Already in the manifest: decoded anyway, to bring `state` to where that commit left it, but nothing is
     written. That is what makes a kill between commit and state save harmless.
     """
+    import hashlib
+
     import pyarrow as pa
 
     from tracepipe.ingest.netflow import decode_datagrams
-    from tracepipe.lake import hash_file
 
-    content_hash = hash_file(path)
+    # sha256 of the bytes, as lake.hash_file, but of a regular file only (a FIFO planted under a segment's name
+    # blocked here for ever, a symlink to /dev/zero was hashed for minutes)
+    with os.fdopen(fsutil.open_regular(path), "rb") as handle:
+        content_hash = hashlib.file_digest(handle, "sha256").hexdigest()
     source = str(path.resolve())
     skipped = lake.already_ingested("flows", content_hash)
     per_exporter: dict[str, dict[str, Any]] = {}
@@ -453,9 +519,8 @@ def commit_segment(lake: Any, path: Path, state: Any) -> SegmentResult:
                 pending, count = [], 0
         if pending:
             decode(pending)
-        sidecar = path.with_name(path.name + sp.RECOVERY_SUFFIX)
-        if sidecar.exists():
-            cut = json.loads(sidecar.read_text())
+        cut = sp.read_recovery(path)
+        if cut is not None:
             stats["spool_tail_cut_bytes"] = cut["cut_bytes"]
             rejects += 1
             if writer is not None:
@@ -497,6 +562,21 @@ def _finish_segment(path: Path, keep: bool) -> None:
         fsutil.fsync_dir(path.parent)
 
 
+class SpoolNotWritable(Exception):
+    """The spool took no write after a commit (disk full, read-only): the decoder state, the serial or the
+    segment's removal waits. Nothing is lost: the segment stays in the spool and the next pass, once there is
+    room, decodes it again (skipped in the lake by its hash), saves the state and removes it."""
+
+
+def write_committer_stats(spool: Path, totals: dict[str, Any]) -> None:
+    """committer.json for the status line. Monitoring only: a write that fails (disk full) is logged and
+    otherwise ignored, never a reason to stop committing."""
+    try:
+        sp.write_json_atomic(spool / COMMITTER_STATS, totals, durable=False)
+    except (OSError, UsageError) as exc:
+        log.warning("cannot write %s (%s); the status line lags", COMMITTER_STATS, exc)
+
+
 def commit_pending(
     lake: Any,
     spool: Path,
@@ -505,14 +585,18 @@ def commit_pending(
     limits: Limits = DEFAULT_LIMITS,
 ) -> int:
     """Commit every closed segment of `spool`, oldest first, persisting the decoder state after each.
-    Returns the number of segments handled. Used by the committer process and by tests."""
+    Returns the number of segments handled. Used by the committer process and by tests. Raises LakeError when
+    the lake refuses, SpoolNotWritable when the spool does (both: retry later, nothing is lost)."""
     state, after = _load_state(spool, limits)
     handled = 0
     for path in sp.closed_segments(spool):
-        if after == path.name:  # committed and state saved; killed before it was marked done
-            _finish_segment(path, keep)
-            handled += 1
-            continue
+        try:
+            if after == path.name:  # committed and state saved; killed before it was marked done
+                _finish_segment(path, keep)
+                handled += 1
+                continue
+        except OSError as exc:
+            raise SpoolNotWritable(f"cannot remove the committed {path.name}: {exc}") from exc
         started = time.monotonic()
         try:
             result = commit_segment(lake, path, state)
@@ -522,13 +606,22 @@ def commit_pending(
             log.exception(
                 "cannot decode %s; moved to %s/ for a bug report, continuing", path.name, FAILED_DIR
             )
-            (spool / FAILED_DIR).mkdir(exist_ok=True)
-            fsutil.move_durably(path, spool / FAILED_DIR / path.name)
+            try:
+                (spool / FAILED_DIR).mkdir(exist_ok=True)
+                fsutil.move_durably(path, spool / FAILED_DIR / path.name)
+            except OSError as exc:
+                raise SpoolNotWritable(f"cannot move {path.name} to {FAILED_DIR}/: {exc}") from exc
             state, after = _load_state(spool, limits)
             continue
-        _save_state(spool, state, path.name)
-        after = path.name
-        _finish_segment(path, keep)
+        try:
+            _save_state(spool, state, path.name, limits)
+            after = path.name
+            _finish_segment(path, keep)
+        except OSError as exc:
+            raise SpoolNotWritable(
+                f"{path.name} is in the lake, but the decoder state cannot be saved after it ({exc}); it stays "
+                "in the spool until there is room"
+            ) from exc
         handled += 1
         log.info(
             "committed %s: %d datagrams, %d flows, %d rejects%s in %.1f s",
@@ -548,7 +641,7 @@ def commit_pending(
             totals["decoder"] = decoder_summary(state)
             totals["last_segment"] = path.name
             totals["last_commit_at"] = time.time()
-            sp.write_json_atomic(spool / COMMITTER_STATS, totals, durable=False)
+            write_committer_stats(spool, totals)
     return handled
 
 
@@ -570,6 +663,20 @@ def decoder_summary(state: Any) -> dict[str, Any]:
         "pending_flowsets": state.pending_count,
         "limits_hit": dict(state.limits_hit),
     }
+
+
+def open_lock_file(path: Path) -> int:
+    """A descriptor of the lock file `path`, created if missing and never truncated. A symlink or FIFO planted
+    under its name (whoever writes the lake can) is removed and a file made in its place: opened with mode "w",
+    a symlink to any file made us truncate that file (as root, any file of the host)."""
+    try:
+        return fsutil.open_regular(path, os.O_RDWR | os.O_CREAT)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.EINVAL):  # ELOOP: a symlink; EINVAL: not a regular file
+            raise
+    log.warning("%s was not a regular file (planted?); replacing it", path)
+    path.unlink()
+    return fsutil.open_regular(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -605,11 +712,11 @@ def committer_main(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=level, format="%(asctime)s tracepipe collect: %(message)s")
     spool_dir = Path(spool)
-    lock = open(spool_dir / COMMIT_LOCK_FILE, "w")  # held (locked) for the life of the process
+    lock = open_lock_file(spool_dir / COMMIT_LOCK_FILE)  # held (locked) for the life of the process
     fcntl.flock(lock, fcntl.LOCK_EX)  # a committer of a killed collector may still be finishing
     lake = Lake(lake_root)
     totals: dict[str, Any] = {"started_at": time.time()}
-    sp.write_json_atomic(spool_dir / COMMITTER_STATS, totals, durable=False)
+    write_committer_stats(spool_dir, totals)
     stdin = sys.stdin.fileno()
     finishing = False
 
@@ -623,10 +730,11 @@ def committer_main(
         finishing = finishing or wait(0)
         try:
             commit_pending(lake, spool_dir, keep, totals, limits)
-        except LakeError as exc:
-            log.error("cannot commit to the lake, datagrams stay in the spool, retrying in 10 s: %s", exc)
+        except (LakeError, SpoolNotWritable) as exc:
+            where = "the lake" if isinstance(exc, LakeError) else "the spool"
+            log.error("cannot write %s, datagrams stay in the spool, retrying in 10 s: %s", where, exc)
             if finishing:
-                return 4
+                return EXIT_FAILED
             finishing = wait(10)
             continue
         if finishing:
@@ -637,8 +745,8 @@ def committer_main(
 # ---- the collector (receive loop) -----------------------------------------------------------------------------
 
 
-# senders counted by name in the receive loop's statistics; the others under one key (not an address: 17 bytes)
-SENDERS_NAMED = DEFAULT_LIMITS.exporters
+# senders are counted by name in the receive loop's statistics up to limits.exporters; the others under one key
+# (not an address: 17 bytes)
 OTHER_SENDERS = b"other senders...."
 
 
@@ -649,24 +757,28 @@ class ReceiveStats:
     per_exporter: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)  # sender outside --allow -> datagrams
     spool_errors: int = 0  # datagrams dropped because the spool could not be written (disk full)
+    reserve_drops: int = (
+        0  # datagrams dropped because the spool's filesystem was down to its free-space reserve
+    )
+    senders_named: int = DEFAULT_LIMITS.exporters  # --limit exporters
     _raw: dict[bytes, int] = field(default_factory=dict)
     _raw_dropped: dict[bytes, int] = field(default_factory=dict)
 
     def count(self, addr16: np.ndarray, target: dict[bytes, int]) -> None:
-        """Count datagrams per sender: at most DEFAULT_LIMITS.exporters senders by name, the others together
+        """Count datagrams per sender: at most `senders_named` (limits.exporters) by name, the others together
         (a flood from 100,000 addresses, an IPv6 /64's worth, grew these counters, the status lines and the
         stats file without bound)."""
         if len(addr16) == 0:
             return
         first = addr16[0].tobytes()
         if (addr16 == addr16[0]).all():  # the common case: a batch from one exporter
-            key = first if first in target or len(target) < SENDERS_NAMED else OTHER_SENDERS
+            key = first if first in target or len(target) < self.senders_named else OTHER_SENDERS
             target[key] = target.get(key, 0) + len(addr16)
             return
         uniques, counts = np.unique(np.ascontiguousarray(addr16).view("V16").reshape(-1), return_counts=True)
         for raw, n in zip(uniques, counts.tolist(), strict=True):
             key = bytes(raw)
-            key = key if key in target or len(target) < SENDERS_NAMED else OTHER_SENDERS
+            key = key if key in target or len(target) < self.senders_named else OTHER_SENDERS
             target[key] = target.get(key, 0) + n
 
     def named(self) -> None:
@@ -691,7 +803,7 @@ class Collector:
         self.sockets: list[socket.socket] = []
         self.granted: list[int] = []
         self.receivers: list[BatchReceiver] = []
-        self.stats = ReceiveStats()
+        self.stats = ReceiveStats(senders_named=config.limits.exporters)
         self.writer: sp.SegmentWriter | None = None
         self.serial = 0
         self.committer: subprocess.Popen | None = None
@@ -701,13 +813,20 @@ class Collector:
         self._drops = 0
         self._listening: list[str] = []
         self._last_spool_error = 0.0
+        self._last_reserve_drop = 0.0
+        self._room = 0  # bytes the loop may still spool before it looks at statvfs again
+        self._next_room_check = 0.0
+        self._committer_started = 0.0
+        self._committer_backoff = 0.5  # doubled at the first exit: 1 s
+        self._committer_restart_at: float | None = None
+        self._next_warning: dict[str, float] = {}  # what -> when it may be logged again
         self._to_close: queue.Queue[sp.SegmentWriter | None] = queue.Queue()  # rotated, for the sync thread
 
     # -- setup --
     def _lock_spool(self) -> None:
         try:
             self.spool.mkdir(parents=True, exist_ok=True)
-            handle = open(self.spool / LOCK_FILE, "a+")  # held (locked) while running
+            handle = open_lock_file(self.spool / LOCK_FILE)  # held (locked) while running
         except OSError as exc:
             raise LakeError(
                 f"cannot create the spool {self.spool}: {exc.strerror}; check --spool / --lake"
@@ -722,7 +841,11 @@ class Collector:
 
     def _recover(self) -> None:
         for path in sp.open_segments(self.spool):
-            recovered = sp.recover_open(path)
+            try:
+                recovered = sp.recover_open(path)
+            except OSError as exc:  # swapped for a FIFO or symlink since it was listed: not ours
+                log.warning("spool: ignoring %s: %s", path, exc.strerror)
+                continue
             log.warning(
                 "recovered %s after an unclean stop: %d datagrams kept%s",
                 path.name,
@@ -774,15 +897,53 @@ class Collector:
             json.dumps(self.config.limits.to_dict()),
         ]
         self.committer = subprocess.Popen(cmd, stdin=subprocess.PIPE, close_fds=True)
+        self._committer_started = time.monotonic()
+
+    def _watch_committer(self) -> None:
+        """Restart the committer when it exited, after a pause that doubles while it keeps exiting (a spool it
+        cannot write, a lake it cannot open: 50 restarts in 40 s, each importing pyarrow, helped nobody)."""
+        assert self.committer is not None
+        if self.committer.poll() is None:
+            return
+        now = time.monotonic()
+        if self._committer_restart_at is None:
+            if now - self._committer_started >= COMMITTER_BACKOFF_MAX_S:
+                self._committer_backoff = 1.0
+            else:
+                self._committer_backoff = min(COMMITTER_BACKOFF_MAX_S, self._committer_backoff * 2)
+            self._committer_restart_at = now + self._committer_backoff
+            log.error(
+                "the committer exited (code %s); restarting it in %.0f s",
+                self.committer.returncode,
+                self._committer_backoff,
+            )
+        elif now >= self._committer_restart_at:
+            self._committer_restart_at = None
+            self._start_committer()
 
     def _new_segment(self) -> None:
         # the directory scan once at start; afterwards only this process creates segments
-        self.serial = (
+        serial = (
             self.serial + 1
             if self.serial
             else sp.next_serial(self.spool, self.config.limits.decoder_state_bytes)
         )
-        self.writer = sp.SegmentWriter(self.spool, self.serial)
+        while True:
+            if serial > sp.MAX_SERIAL:
+                raise EnvironmentProblem(
+                    f"the spool {self.spool} holds a segment numbered {serial - 1}, the last one a name can "
+                    "hold; move its segments (and done/, failed/) away once they are committed"
+                )
+            try:
+                self.writer = sp.SegmentWriter(self.spool, serial)
+                break
+            except FileExistsError:  # planted under the next name (a symlink would have been followed)
+                log.warning(
+                    "spool: %s exists already and was not written by this collector; skipping it",
+                    self.spool / f"seg-{serial:09d}{sp.OPEN_SUFFIX}",
+                )
+                serial += 1
+        self.serial = serial
 
     def rotate(self) -> None:
         """Start a new segment; the full one is closed (fsync, rename) by the spool-sync thread, so that the
@@ -827,6 +988,18 @@ class Collector:
                 payload_bytes = int(payloads[:, 1].sum())
                 head = sp.block_head(records, payload_bytes)
                 assert self.writer is not None
+                if not self._spool_has_room(len(head) + payload_bytes):
+                    self.stats.reserve_drops += kept
+                    self._warn_every(
+                        "reserve",
+                        10,
+                        "the spool's filesystem is down to its free-space reserve (%d bytes): datagrams are "
+                        "being dropped (%d so far) until the committer frees segments or there is room",
+                        self._reserve(),
+                        self.stats.reserve_drops,
+                    )
+                    total += count
+                    continue
                 try:
                     self.writer.append_gather(head, payloads, kept)
                 except OSError as exc:  # spool disk full: drop this batch, keep receiving, say so
@@ -850,6 +1023,46 @@ class Collector:
                 break
         return total
 
+    def _reserve(self, fs: os.statvfs_result | None = None) -> int:
+        """Bytes the receive loop leaves free on the spool's filesystem (see SPOOL_RESERVE_BYTES)."""
+        if self.config.spool_reserve is not None:
+            base = self.config.spool_reserve
+        else:
+            with contextlib.suppress(OSError):
+                fs = fs or os.statvfs(self.spool)
+            size = fs.f_blocks * fs.f_frsize if fs is not None else 0
+            base = min(SPOOL_RESERVE_BYTES, size // SPOOL_RESERVE_SHARE)
+        try:
+            state = os.lstat(self.spool / sp.STATE_FILE).st_size
+        except OSError:
+            state = 0
+        return base + 2 * state
+
+    def _spool_has_room(self, size: int) -> bool:
+        """Whether `size` more bytes leave the reserve free; statvfs once a second, or sooner when the room
+        seen last is used up (then once per batch while the disk stays full)."""
+        now = time.monotonic()
+        if self._room < size or now >= self._next_room_check:
+            try:
+                fs = os.statvfs(self.spool)
+            except OSError:
+                return True  # cannot tell: the write will say
+            self._room = fs.f_bavail * fs.f_frsize - self._reserve(fs)
+            self._next_room_check = now + ROOM_CHECK_S
+        if self._room < size:
+            return False
+        self._room -= size
+        return True
+
+    def _warn_every(
+        self, what: str, seconds: float, message: str, *args: Any, exc_info: bool = False
+    ) -> None:
+        """log.warning, at most once per `seconds` for `what`."""
+        now = time.monotonic()
+        if now >= self._next_warning.get(what, 0.0):
+            self._next_warning[what] = now + seconds
+            log.warning(message, *args, exc_info=exc_info)
+
     def _sync_loop(self) -> None:
         """The spool-sync thread: close rotated segments as they come, fdatasync the open one every second.
         Ends at the None that `run` queues when it stops, after closing every segment queued before it."""
@@ -870,20 +1083,18 @@ class Collector:
     def status(self, final: bool = False) -> dict[str, Any]:
         now = time.time()
         self.stats.named()
-        committer: dict[str, Any] = {}
-        with contextlib.suppress(OSError, ValueError):
-            committer = json.loads((self.spool / COMMITTER_STATS).read_text())
+        committer = self._committer_stats()
         open_sockets = [s for s in self.sockets if s.fileno() >= 0]
         if open_sockets:  # after the final drain the sockets are closed: keep the last figures
             self._drops = sum(kernel_drops(open_sockets).values())
             self._listening = [str(ListenSpec(s.family, *s.getsockname()[:2])) for s in open_sockets]
         decoder = committer.get("exporters", {})
-        gaps = sum(int(s.get("sequence_gaps", 0)) for s in decoder.values())
-        backlog = sp.closed_segments(self.spool)
-        backlog_bytes = sum(p.stat().st_size for p in backlog if p.exists())
+        gaps = sum(_count(s.get("sequence_gaps")) for s in decoder.values() if isinstance(s, dict))
+        backlog = sp.segments(self.spool, sp.CLOSED_SUFFIX)  # sizes from the listing: a commit may delete one
+        backlog_bytes = sum(size for _path, size in backlog)
         last = self._last_status or {"t": self.started, "datagrams": 0, "flows": 0}
         elapsed = max(now - last["t"], 1e-9)
-        flows = committer.get("flows", 0)
+        flows = _count(committer.get("flows"))
         report = {
             "time": now,
             "uptime_s": round(now - self.started, 3),
@@ -899,6 +1110,7 @@ class Collector:
             "kernel_drops": self._drops,
             "dropped_senders": dict(self.stats.dropped),
             "spool_write_errors": self.stats.spool_errors,
+            "spool_reserve_drops": self.stats.reserve_drops,
             "spool_backlog_segments": len(backlog),
             "spool_backlog_bytes": backlog_bytes,
             "open_segment_bytes": self.writer.bytes if self.writer else 0,
@@ -908,13 +1120,45 @@ class Collector:
         }
         self._last_status = {"t": now, "datagrams": self.stats.datagrams, "flows": flows}
         if self.config.stats_file is not None:
-            sp.write_json_atomic(self.config.stats_file, report, durable=False)
+            try:
+                sp.write_json_atomic(self.config.stats_file, report, durable=False)
+            except (OSError, UsageError) as exc:
+                self._warn_every("stats", 60, "cannot write --stats-file %s: %s", self.config.stats_file, exc)
         return report
+
+    def _committer_stats(self) -> dict[str, Any]:
+        """committer.json, or {} when it is missing or not what the committer writes (planted, damaged: a
+        warning once a minute). The status line must never fail on it."""
+        saved, problem = sp.read_json_object(self.spool / COMMITTER_STATS, COMMITTER_STATS_BYTES)
+        if saved is not None:
+            exporters = saved.get("exporters", {})
+            if type(saved.get("flows", 0)) is not int or not isinstance(exporters, dict):
+                saved, problem = None, "its flows or exporters are not what the committer writes"
+        if saved is None:
+            if problem:
+                self._warn_every(
+                    "committer.json", 60, "%s not used: %s", self.spool / COMMITTER_STATS, problem
+                )
+            return {}
+        return saved
+
+    def _status_now(self, final: bool = False, log_it: bool = False) -> None:
+        """status() (and its line) from the receive loop: a failure is logged, never raised into the loop."""
+        try:
+            report = self.status(final)
+            if log_it:
+                self.log_status(report)
+        except Exception:
+            self._warn_every("status", 60, "status failed (the loop goes on):", exc_info=True)
 
     def log_status(self, report: dict[str, Any]) -> None:
         dropped = ", ".join(f"{a}={n}" for a, n in sorted(report["dropped_senders"].items())) or "none"
         if report["spool_write_errors"]:
             dropped += f"; {report['spool_write_errors']} datagrams lost: spool not writable"
+        if report["spool_reserve_drops"]:
+            dropped += (
+                f"; {report['spool_reserve_drops']} datagrams lost: spool disk at its free-space reserve"
+            )
         log.info(
             "%.0f datagrams/s, %.0f flows/s, %d exporters, %s sequence gaps, %d kernel drops, dropped "
             "senders: %s, spool backlog %d segments (%.1f MB)",
@@ -946,7 +1190,7 @@ class Collector:
         rotate_s = self.config.rotate_s
         next_rotate = math.floor(time.time() / rotate_s + 1) * rotate_s  # on the clock, like nfcapd
         next_status = time.monotonic() + self.config.status_s
-        self.status()  # the stats file exists (with the bound ports) as soon as we listen
+        self._status_now()  # the stats file exists (with the bound ports) as soon as we listen
         try:
             while not self.stop_requested:
                 received = sum(self._receive_ready(by_fd[fd]) for fd, _event in poller.poll(200))
@@ -959,16 +1203,14 @@ class Collector:
                     while next_rotate <= time.time():
                         next_rotate += rotate_s
                 if time.monotonic() >= next_status:
-                    self.log_status(self.status())
+                    self._status_now(log_it=True)
                     next_status = time.monotonic() + self.config.status_s
-                if self.committer.poll() is not None:
-                    log.error("the committer exited (code %s); restarting it", self.committer.returncode)
-                    self._start_committer()
+                self._watch_committer()
             # stop: take what the kernel already holds, then close the segment and let the committer drain
             for receiver in self.receivers:
                 while self._receive_ready(receiver):
                     pass
-            self.status()  # kernel drop counters, read while the sockets are still open
+            self._status_now()  # kernel drop counters, read while the sockets are still open
             for sock in self.sockets:
                 sock.close()
             self._to_close.put(None)
@@ -976,6 +1218,8 @@ class Collector:
             assert self.writer is not None
             self._close_segment(self.writer)
             self.writer = None
+            if self.committer.poll() is not None:  # exited, waiting for its restart: one more try, to drain
+                self._start_committer()
             self.committer.stdin.close()  # finish what is spooled, then exit
             while self.committer.poll() is None and self.stop_requested < 2:
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -988,7 +1232,7 @@ class Collector:
                 )
                 self.committer.kill()
                 self.committer.wait()
-            self.log_status(self.status(final=True))
+            self._status_now(final=True, log_it=True)
             if self.stop_requested >= 2 and self.committer.returncode != 0:
                 return EXIT_PARTIAL  # stopped before everything was committed; the spool keeps the rest
             return EXIT_OK if self.committer.returncode == 0 else EXIT_FAILED
@@ -1002,6 +1246,11 @@ class Collector:
             if self.committer is not None and self.committer.poll() is None:
                 self.committer.kill()
                 self.committer.wait()
+
+
+def _count(value: Any) -> int:
+    """A counter read from committer.json: a non-negative int, else 0."""
+    return value if type(value) is int and value >= 0 else 0
 
 
 def run_collector(config: CollectorConfig) -> int:

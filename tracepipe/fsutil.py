@@ -10,6 +10,7 @@ or a device such as /dev/null is no input file either; os.stat never blocks and 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -23,6 +24,8 @@ __all__ = [
     "fsync_dir",
     "input_problem",
     "move_durably",
+    "open_regular",
+    "read_regular",
     "replace_problem",
     "replacing",
     "write_atomic",
@@ -117,7 +120,43 @@ _KINDS = (
     (stat.S_ISSOCK, "socket"),
     (stat.S_ISCHR, "character device"),
     (stat.S_ISBLK, "block device"),
+    (stat.S_ISLNK, "symbolic link"),
+    (stat.S_ISDIR, "directory"),
 )
+
+
+def kind(mode: int) -> str:
+    """What a file of st_mode `mode` is, in words ("regular file", "FIFO", "symbolic link", ...)."""
+    if stat.S_ISREG(mode):
+        return "regular file"
+    return next((name for test, name in _KINDS if test(mode)), "special file")
+
+
+def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o640) -> int:
+    """A descriptor of `path` when it is a regular file itself, else OSError. For files in a directory that
+    others can write to (a spool, a lake): O_NOFOLLOW, so a planted symlink (to /dev/zero, to a file to
+    truncate) is refused instead of followed; O_NONBLOCK, so a planted FIFO cannot make the open wait for a
+    writer for ever; then fstat of what was opened (no race between a check and the open)."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    try:
+        st_mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file (a {kind(st_mode)})", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: Path, max_bytes: int) -> bytes:
+    """The bytes of the regular file `path` (see open_regular), or OSError; one larger than `max_bytes` is
+    refused (EFBIG) before it is read."""
+    fd = open_regular(path)
+    with os.fdopen(fd, "rb") as handle:
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
+            raise OSError(errno.EFBIG, f"{size} bytes, more than the limit of {max_bytes}", str(path))
+        return handle.read(max_bytes + 1)[:max_bytes]
 
 
 def input_problem(path: Path, directory_hint: str | None = None) -> str | None:

@@ -21,7 +21,10 @@ import ctypes.util
 import errno
 import ipaddress
 import json
+import logging
 import os
+import re
+import stat
 import struct
 import zlib
 from collections.abc import Iterator
@@ -33,6 +36,8 @@ import numpy as np
 
 from tracepipe import fsutil
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
+
+log = logging.getLogger("tracepipe.collect")
 
 BLOCK_MAGIC = b"TPSB"
 BLOCK_HEADER = struct.Struct("<4sIII")  # magic, datagram count, payload bytes, crc32 of the record headers
@@ -54,56 +59,108 @@ CLOSED_SUFFIX = ".spool"
 DONE_DIR = "done"
 FAILED_DIR = "failed"  # segments the decoder could not handle (a bug): kept for the report
 STATE_FILE = "decoder-state.json"
+SERIAL_FILE = "last-segment.json"  # {"after_segment": name}: the last committed segment, for next_serial
 RECOVERY_SUFFIX = ".recovered.json"  # sidecar: what recovery cut off the segment's torn tail
 
 
-def segment_serial(path: Path) -> int:
-    return int(path.name.split(".")[0].split("-")[1])
+# the only names that are segments: what SegmentWriter writes. Anything else in the spool (a planted seg-x.spool,
+# seg-1-2.open) is ignored and reported once, never parsed as a serial.
+SEGMENT_NAME = re.compile(r"seg-(\d{9})\.(open|spool)")
+MAX_SERIAL = 999_999_999
+SIDECAR_BYTES = 4096  # a recovery sidecar is one small JSON object
+_reported: set[tuple[str, str]] = set()  # (path, why) already logged by this process
+
+
+def _report_once(path: Path, why: str) -> None:
+    if (str(path), why) not in _reported:
+        _reported.add((str(path), why))
+        log.warning("spool: ignoring %s: %s (not written by the collector; remove it)", path, why)
+
+
+def segment_serial(path: Path) -> int | None:
+    """The serial of a segment's name, None when the name is not one the collector writes."""
+    match = SEGMENT_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def segments(directory: Path, suffix: str) -> list[tuple[Path, int]]:
+    """(path, size) of the segments ending in `suffix` in `directory`, by serial: regular files with a segment
+    name only (lstat: a symlink to /dev/zero, a FIFO, a directory is no segment); others are reported once. A
+    file that vanishes while listed (a commit deleting it) is left out."""
+    found: list[tuple[int, Path, int]] = []
+    try:
+        entries = list(directory.glob(f"seg-*{suffix}"))
+    except OSError:
+        return []
+    for path in entries:
+        serial = segment_serial(path)
+        if serial is None:
+            _report_once(path, "not a segment name (seg-<9 digits>.open or .spool)")
+            continue
+        try:
+            info = path.lstat()
+        except OSError:  # gone in between
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            _report_once(path, f"not a regular file (a {fsutil.kind(info.st_mode)})")
+            continue
+        found.append((serial, path, info.st_size))
+    return [(path, size) for _serial, path, size in sorted(found)]
 
 
 def open_segments(spool: Path) -> list[Path]:
-    return sorted(spool.glob(f"seg-*{OPEN_SUFFIX}"), key=segment_serial)
+    return [path for path, _size in segments(spool, OPEN_SUFFIX)]
 
 
 def closed_segments(spool: Path) -> list[Path]:
-    return sorted(spool.glob(f"seg-*{CLOSED_SUFFIX}"), key=segment_serial)
+    return [path for path, _size in segments(spool, CLOSED_SUFFIX)]
 
 
 def next_serial(spool: Path, max_state_bytes: int = DEFAULT_LIMITS.decoder_state_bytes) -> int:
-    """One more than any segment this spool ever had, including the last committed one named in the decoder
-    state (its file may be gone): serials never repeat, so "state is after segment N" stays unambiguous."""
+    """One more than any segment this spool ever had: the segments in it, in done/ and failed/, and the last
+    committed one as the committer recorded it in SERIAL_FILE (small, apart from the decoder state: a state file
+    refused at load does not take it along) or, from older versions, in the decoder state. Serials never
+    repeat, so "state is after segment N" stays unambiguous and a flow's `source` names one segment only."""
     serials = [
-        segment_serial(p) for d in (spool, spool / DONE_DIR, spool / FAILED_DIR) for p in d.glob("seg-*")
+        serial
+        for d in (spool, spool / DONE_DIR, spool / FAILED_DIR)
+        for p in (d.glob("seg-*") if d.is_dir() else [])
+        if (serial := segment_serial(p)) is not None
     ]
-    saved, _ = read_state_file(spool, max_state_bytes)
-    after = saved.get("after_segment") if saved is not None else None
-    if isinstance(after, str):
-        with contextlib.suppress(ValueError, IndexError):
-            serials.append(segment_serial(Path(after)))
+    for saved in (
+        read_json_object(spool / SERIAL_FILE, SIDECAR_BYTES)[0],
+        read_state_file(spool, max_state_bytes)[0],
+    ):
+        after = saved.get("after_segment") if saved is not None else None
+        if isinstance(after, str) and (serial := segment_serial(Path(after))) is not None:
+            serials.append(serial)
     return max(serials, default=0) + 1
+
+
+def read_json_object(path: Path, max_bytes: int) -> tuple[dict | None, str]:
+    """The JSON object in `path`, or (None, why not): missing (""), not a regular file, larger than `max_bytes`
+    (checked before reading: a planted huge file is never parsed), or not a JSON object."""
+    try:
+        data = fsutil.read_regular(path, max_bytes)
+    except FileNotFoundError:
+        return None, ""
+    except OSError as exc:
+        return None, exc.strerror if exc.errno == errno.EFBIG else f"cannot read it: {exc.strerror}"
+    try:
+        saved = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        return None, f"not readable JSON: {str(exc)[:200]}"
+    if not isinstance(saved, dict):
+        return None, "not a JSON object"
+    return saved, ""
 
 
 def read_state_file(
     spool: Path, max_bytes: int = DEFAULT_LIMITS.decoder_state_bytes
 ) -> tuple[dict | None, str]:
-    """The saved decoder state of `spool` as a dict, or (None, why not): missing (""), larger than
-    `max_bytes` (checked before reading: a planted huge file is never parsed), or not a JSON object."""
-    path = spool / STATE_FILE
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return None, ""
-    except OSError as exc:
-        return None, f"cannot read it: {exc.strerror}"
-    if size > max_bytes:
-        return None, f"{size} bytes, more than the limit of {max_bytes} (decoder_state_bytes)"
-    try:
-        saved = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError) as exc:
-        return None, f"not readable JSON: {str(exc)[:200]}"
-    if not isinstance(saved, dict):
-        return None, "not a JSON object"
-    return saved, ""
+    """The saved decoder state of `spool` as a dict, or (None, why not): see read_json_object."""
+    saved, problem = read_json_object(spool / STATE_FILE, max_bytes)
+    return saved, f"{problem} (decoder_state_bytes)" if "more than the limit" in problem else problem
 
 
 def block_head(records: np.ndarray, payload_bytes: int) -> bytes:
@@ -183,7 +240,8 @@ class SegmentWriter:
 
     def __init__(self, spool: Path, serial: int) -> None:
         self.path = spool / f"seg-{serial:09d}{OPEN_SUFFIX}"
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        # O_EXCL: a new file, never one (or a symlink) planted under the name the next segment would take
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
         self.bytes = 0
         self.datagrams = 0
 
@@ -285,8 +343,9 @@ def iter_blocks(data: bytes | memoryview) -> Iterator[Block]:
 
 
 def read_blocks(path: Path) -> Iterator[Block]:
-    """The complete blocks of a segment file, read one at a time (memory: one block)."""
-    with open(path, "rb") as handle:
+    """The complete blocks of a segment file, read one at a time (memory: one block). Only a regular file is
+    read (fsutil.open_regular: a FIFO or symlink planted under a segment's name is an OSError)."""
+    with os.fdopen(fsutil.open_regular(path), "rb") as handle:
         pos = 0
         while len(head := handle.read(BLOCK_HEADER.size)) == BLOCK_HEADER.size:
             magic, count, payload_bytes, _crc = BLOCK_HEADER.unpack(head)
@@ -325,14 +384,14 @@ def recover_open(path: Path) -> Recovery:
 
     The torn tail (if any) is counted in a sidecar JSON that the committer turns into a reject row.
     """
-    data = path.read_bytes()
-    kept, datagrams = valid_length(data)
-    cut = len(data) - kept
-    closed = path.with_suffix(CLOSED_SUFFIX)
-    if datagrams == 0:
-        path.unlink()
-        return Recovery(closed, 0, 0, cut)
-    with open(path, "r+b") as handle:
+    with os.fdopen(fsutil.open_regular(path, os.O_RDWR), "r+b") as handle:
+        data = handle.read()
+        kept, datagrams = valid_length(data)
+        cut = len(data) - kept
+        closed = path.with_suffix(CLOSED_SUFFIX)
+        if datagrams == 0:
+            path.unlink()
+            return Recovery(closed, 0, 0, cut)
         handle.truncate(kept)
         handle.flush()
         os.fsync(handle.fileno())
@@ -343,6 +402,22 @@ def recover_open(path: Path) -> Recovery:
         )
     fsutil.move_durably(path, closed)
     return Recovery(closed, datagrams, kept, cut)
+
+
+def read_recovery(segment: Path) -> dict[str, int] | None:
+    """What recovery cut off `segment` (its sidecar: cut_bytes, kept_bytes, datagrams), or None: no sidecar,
+    or one that is not what recover_open writes (planted or damaged; reported once and treated as absent, so
+    that the segment itself still lands)."""
+    sidecar = segment.with_name(segment.name + RECOVERY_SUFFIX)
+    saved, problem = read_json_object(sidecar, SIDECAR_BYTES)
+    if saved is not None:
+        counts = {name: saved.get(name) for name in ("cut_bytes", "kept_bytes", "datagrams")}
+        if all(type(value) is int and value >= 0 for value in counts.values()):
+            return counts  # type: ignore[return-value]
+        problem = "not the counts that recovery writes"
+    if problem:
+        _report_once(sidecar, problem)
+    return None
 
 
 def addresses_text(addr16: np.ndarray) -> np.ndarray:
