@@ -173,6 +173,40 @@ def test_who_answered_whom_is_told_by_evidence_then_flags_then_ports():
     assert judged.get_column("response").to_list() == [False, False, True, False, True, False, True, False]
 
 
+def _judged(rows, at):
+    from tracepipe.detect.features import with_response
+
+    flows = pl.DataFrame(
+        [(s, d, sp, dp, p, fl, at + dt.timedelta(seconds=sec)) for s, d, sp, dp, p, fl, sec in rows],
+        schema={
+            "src_addr": pl.String,
+            "dst_addr": pl.String,
+            "src_port": pl.Int32,
+            "dst_port": pl.Int32,
+            "proto": pl.Int16,
+            "tcp_flags": pl.Int16,
+            "ts_start": pl.Datetime("us", "UTC"),
+        },
+        orient="row",
+    ).with_row_index("row")
+    return with_response(flows.lazy()).collect().sort("row").get_column("response").to_list()
+
+
+def test_a_connection_opened_before_the_hour_is_judged_by_its_ports_and_null_ports_by_evidence():
+    # a review: judged from the records of its own window, an SSH session opened at 09:58 whose server piece
+    # was exported first in the 10:00 hour made the server the opener (and a window cut elsewhere by another
+    # run mode judged the other way). A TCP piece without SYN continues a connection opened before: the ports
+    # decide. And a TCP/UDP record with null ports was never an answer, whatever its reverse
+    at = dt.datetime(2024, 3, 12, 10, tzinfo=dt.UTC)
+    pieces = [
+        ("10.0.0.5", "198.51.100.7", 22, 51000, 6, 0x08 | ACK, 1679),  # the server's piece, first in the hour
+        ("198.51.100.7", "10.0.0.5", 51000, 22, 6, 0x08 | ACK, 1681),
+    ]
+    assert _judged(pieces, at) == [True, False]
+    nulls = [("10.0.0.1", "10.0.0.2", None, None, 17, 0, 0), ("10.0.0.2", "10.0.0.1", None, None, 17, 0, 1)]
+    assert _judged(nulls, at) == [False, True]
+
+
 def test_a_beacon_that_reuses_its_source_port_is_still_a_beacon(evasion, found):
     """features.periodicity_stats collapsed a pair's records by source port (one connection cut by the
     exporter's active timeout): 288 connections five minutes apart from one bound port were one."""

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from tracepipe.errors import UsageError
-from tracepipe.pipeline_config import parse_pipeline
+from tracepipe.pipeline_config import PipelineError, parse_pipeline
 from tracepipe.units import (
     ListenSpec,
     parse_addr,
@@ -49,8 +49,14 @@ def test_parse_duration(text, seconds):
 
 @pytest.mark.parametrize(("text", "seconds"), DURATIONS)
 def test_pipeline_files_accept_the_same_durations(text, seconds):
-    config = parse_pipeline(f'[window]\nlast = "{text}"\n[detectors.beacon]\nwindow = "{text}"\n')
-    assert config.window.last == seconds and config.detectors.beacon.window == seconds
+    config = parse_pipeline(f'[window]\nlast = "{text}"\n')
+    assert config.window.last == seconds
+    detector = f'[detectors.beacon]\nwindow = "{text}"\n'
+    if seconds >= 1 and seconds == int(seconds):
+        assert parse_pipeline(detector).detectors.beacon.window == seconds
+    else:  # a detector window is whole seconds (a sub-second one was floored to a zero window)
+        with pytest.raises(PipelineError, match=r"detectors\.beacon\.window"):
+            parse_pipeline(detector)
 
 
 @pytest.mark.parametrize("text", ["soon", "1y", "-5m", "5 minutes", "", "m", "1h30", "1h-30m", "h30m"])

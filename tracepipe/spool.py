@@ -65,7 +65,7 @@ RECOVERY_SUFFIX = ".recovered.json"  # sidecar: what recovery cut off the segmen
 
 # the only names that are segments: what SegmentWriter writes. Anything else in the spool (a planted seg-x.spool,
 # seg-1-2.open) is ignored and reported once, never parsed as a serial.
-SEGMENT_NAME = re.compile(r"seg-(\d{9})\.(open|spool)")
+SEGMENT_NAME = re.compile(r"seg-([0-9]{9})\.(open|spool)")  # ASCII digits only (\d takes any script's)
 MAX_SERIAL = 999_999_999
 SIDECAR_BYTES = 4096  # a recovery sidecar is one small JSON object
 _reported: set[tuple[str, str]] = set()  # (path, why) already logged by this process

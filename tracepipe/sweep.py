@@ -27,7 +27,7 @@ import pyarrow as pa
 from tracepipe.detect import buckets as bucketed
 from tracepipe.detect import detectors as det
 from tracepipe.detect.buckets import count_rows
-from tracepipe.detect.features import compute_features, floor_time, local_addresses_in, utc
+from tracepipe.detect.features import RESPONSE_PERIOD_S, compute_features, floor_time, local_addresses_in, utc
 from tracepipe.errors import (
     EXIT_FAILED,
     EXIT_FOUND,
@@ -304,7 +304,9 @@ def spill_local(
     ranges = [bucketed.sweep_range(ctx, names)] + ([feature_range] if feature_range else [])
     ranges = [(start, end) for start, end in ranges if start < end]
     if ranges:
-        start, end = min(s for s, _ in ranges), max(e for _, e in ranges)
+        # from a whole hour: who answered whom is judged per hour over the spill's rows (features.with_response)
+        start = floor_time(min(s for s, _ in ranges), RESPONSE_PERIOD_S)
+        end = max(e for _, e in ranges)
         buckets = buckets or bucketed.bucket_count(count_rows(ctx.lake, start, end))
     if not ranges or buckets <= 1:
         stage("prepare", lambda: _find_local(ctx, feature_range))

@@ -604,7 +604,7 @@ class FeatureJob:
             else with_flow_facts(rows, self.local, self.night, hosts)
         )
         # who answered whom per day, as the features and the beacon detector (a day window here) judge it
-        outside = with_response(facts, FEATURE_PERIOD_S).filter(
+        outside = with_response(facts).filter(
             pl.col("src_owned") & ~pl.col("response") & ~pl.col("dst_local")
         )
         ours = ~pl.col("dst_port").is_in(FEATURE_PERIOD_IGNORED_PORTS)

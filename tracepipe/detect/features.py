@@ -221,20 +221,25 @@ def with_flow_facts(
 FIVE_TUPLE = ("src_addr", "dst_addr", "src_port", "dst_port", "proto")
 
 
-def with_response(flows: pl.LazyFrame, period_s: float = FEATURE_PERIOD_S) -> pl.LazyFrame:
+# who answered whom is judged per UTC hour (with_response): every range a detector, host bucket or Spark
+# partition reads is widened to whole hours for it, so that every engine and run mode sees the same rows
+RESPONSE_PERIOD_S = 3600
+
+
+def with_response(flows: pl.LazyFrame, period_s: float = RESPONSE_PERIOD_S) -> pl.LazyFrame:
     """`flows` with `response`: the TCP or UDP record is the answering side of a conversation, judged within
-    each epoch-aligned period of `period_s` (a day: a host bucket's facts get it once, shared by every detector
-    and the features; the reverse of a flow has the same two ends, so every bucket and engine that holds a host
-    holds both directions). Evidence first: the reverse 5-tuple was seen starting earlier in the period. A TCP
-    record with SYN and no ACK opened a connection and never answers one; a record whose reverse was never seen
-    answers nothing. Ports only break a tie (both directions starting at once, as a sensor that writes one row
-    per direction gives them): a well-known (or registered, below the ephemeral range 32768+) source port
-    talking to a higher ephemeral port. Ports alone made any flow from source port 53, 80 or 443 a "response"
-    that the scan, brute-force, beacon and mining detectors never looked at (hostile review: 1,500 SYN probes
-    from port 53, 0 alerts). A flow's two directions are one conversation key (a hash of both (address, port)
-    ends in a fixed order, protocol and period), and one window aggregate over it finds the earliest row: not a
-    grouping, a self-join and a join back per detector window (the sweep at 10^7 flows went from 14 to 121 CPU
-    seconds with those; 19 s now, the answers identical on 2 M benchmark flows)."""
+    each epoch-aligned period of `period_s` (an hour; callers give whole periods: DetectContext.flows, the
+    spill and Spark ranges are widened to them). Evidence first: the direction of the conversation's earliest
+    record in the period opened it, the other answers, unless that earliest record is a TCP piece without SYN
+    (a connection opened before, cut by the exporter's active timeout): then the ports decide, as they do
+    when both directions start at once (a well-known or registered source port, below the ephemeral range
+    32768+, towards a higher port answers). A TCP record with SYN and no ACK never answers; a direction whose
+    reverse was never seen answers nothing. Ports alone made any flow from source port 53, 80 or 443 a
+    "response" that the scan, brute-force, beacon and mining detectors never looked at (hostile review: 1,500
+    SYN probes from port 53, 0 alerts). A flow's two directions are one conversation key (a hash of both
+    (address, port) ends in a fixed order, protocol and period), and one window aggregate over it finds the
+    earliest record: not a grouping, a self-join and a join back per detector window (the sweep at 10^7 flows
+    went from 14 to 121 CPU seconds with those)."""
     schema = flows.collect_schema()
     if "response" in schema:
         return flows
@@ -255,21 +260,29 @@ def with_response(flows: pl.LazyFrame, period_s: float = FEATURE_PERIOD_S) -> pl
         proto=pl.col("proto"),
         period=bucket_expr("ts_start", period_s),
     ).hash(seed=19)
-    flags = pl.col("tcp_flags").fill_null(0).cast(pl.Int32)
-    opener = (pl.col("proto") == 6) & ((flags & SYN) != 0) & ((flags & ACK) == 0)
-    by_ports = ((pl.col("src_port") < 1024) & (pl.col("dst_port") >= 1024)) | (
-        (pl.col("src_port") < 32768) & (pl.col("dst_port") >= 32768)
-    )
-    # One window aggregate: the conversation's earliest row, its start and, packed below it, whether the ports
-    # call it an answer (so that at a tie the side the ports call the opener comes first) and its direction. A
-    # row answers when that earliest row is of the other direction: the reverse started earlier, or at once
-    # with ports that call this side the answer. Never-answered directions have the earliest row themselves.
+    flags = pl.col("tcp_flags").fill_null(0).cast(pl.Int32) if "tcp_flags" in schema else pl.lit(0, pl.Int32)
+    tcp = pl.col("proto") == 6
+    opener = tcp & ((flags & SYN) != 0) & ((flags & ACK) == 0)
+    continued = (tcp & (flags != 0) & ((flags & SYN) == 0)).fill_null(False)
+    by_ports = (
+        ((pl.col("src_port") < 1024) & (pl.col("dst_port") >= 1024))
+        | ((pl.col("src_port") < 32768) & (pl.col("dst_port") >= 32768))
+    ).fill_null(False)  # a null port left the row out of the aggregate (never an answer)
+    # One window aggregate: the conversation's earliest record, its start packed above whether the ports call
+    # it an answer (at a tie the side the ports call the opener comes first), whether it continues a connection
+    # opened before, and its direction
     flows = flows.with_columns(
         _conversation=conversation,
-        _packed=pl.col("ts_start").dt.epoch("us") * 4 + by_ports.cast(pl.Int64) * 2 + forward.cast(pl.Int64),
+        _packed=pl.col("ts_start").dt.epoch("us") * 8
+        + by_ports.cast(pl.Int64) * 4
+        + continued.cast(pl.Int64) * 2
+        + forward.cast(pl.Int64),
     )
     earliest = pl.col("_packed").min().over("_conversation")
-    answers = pl.col("proto").is_in([6, 17]) & ~opener & ((earliest % 2) != pl.col("_packed") % 2)
+    evidence = (
+        pl.when((earliest // 2) % 2 == 1).then(by_ports).otherwise((earliest % 2) != pl.col("_packed") % 2)
+    )
+    answers = pl.col("proto").is_in([6, 17]) & ~opener & evidence
     return flows.with_columns(response=answers.fill_null(False)).drop(
         "_src_end", "_dst_end", "_conversation", "_packed"
     )
@@ -630,7 +643,7 @@ def host_features(
     bucket = bucket_expr("ts_start", window_s)
     # who answered whom, judged per day (the periodicity feature's window: FeatureJob shares these facts with
     # the beacon detector's day windows, detect/buckets.py)
-    flows = with_response(flows, FEATURE_PERIOD_S).with_columns(window_start=bucket)
+    flows = with_response(flows).with_columns(window_start=bucket)
     initiator = ~pl.col("response")
     milliseconds = (pl.col("ts_end") - pl.col("ts_start")).dt.total_milliseconds()
     # Every aggregation below is one the streaming engine reduces as rows pass (len, sum, min, max, mean,

@@ -22,12 +22,12 @@ import pyarrow as pa
 
 from tracepipe.detect import detectors as det
 from tracepipe.detect.features import (
+    RESPONSE_PERIOD_S,
     floor_time,
     host_features,
     in_networks,
     utc,
     with_flow_facts,
-    with_response,
 )
 from tracepipe.engines.spark import get_session, lake_uri, read_dataset, spark_schema, to_arrow
 from tracepipe.lake import Lake, conform
@@ -64,8 +64,7 @@ class FramesContext(det.DetectContext):
 
     def __init__(self, base: det.DetectContext, frame: pl.DataFrame) -> None:
         super().__init__(base.lake, base.config, base.since, base.until, list(base.local), base.intel)
-        # who answered whom, once for the bucket's detectors, judged over its rows as a local host bucket does
-        self._frame = with_response(frame.lazy()).collect(engine="in-memory") if frame.height else frame
+        self._frame = frame  # (who answered whom: DetectContext.flows, over the whole hours it reads)
         self.suppressed = base.suppressed  # what a detector suppresses on the driver reaches the report
 
     def scan(self, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
@@ -333,7 +332,9 @@ def sweep_candidates(
     frames = []
     if per_host:
         spans = [ctx.span(det._window_of(config, n)) for n in per_host]
-        start, end = min(s for s, _ in spans), max(e for _, e in spans)
+        # from a whole hour, as the local spill: who answered whom is judged per hour (features.with_response)
+        start = floor_time(min(s for s, _ in spans), RESPONSE_PERIOD_S)
+        end = max(e for _, e in spans)
         routed = route(window_flows(spark, lake, start, end), ctx.local, buckets)
         spans = _global_spans(routed, _bucket_detectors(ctx, [n for n in per_host if n in WINDOW_WIDE]))
         lap("spans")
