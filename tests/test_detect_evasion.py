@@ -142,37 +142,6 @@ def test_a_low_source_port_does_not_make_an_attack_a_response(evasion, found):
     assert [(a["peer"], json.loads(a["evidence"])["port"]) for a in beacon] == [("45.77.99.1", 40000)]
 
 
-def test_who_answered_whom_is_told_by_evidence_then_flags_then_ports():
-    from tracepipe.detect.features import with_response  # (new with the fix: the other tests run without)
-
-    at = dt.datetime(2026, 3, 11, 10, tzinfo=dt.UTC)
-    rows = [  # (src, dst, sport, dport, proto, flags, seconds after `at`)
-        ("10.0.0.1", "198.51.100.1", 53, 3389, 6, SYN, 0),  # a SYN with no ACK opens: never an answer
-        ("10.0.0.1", "198.51.100.2", 443, 3389, 6, FULL, 0),  # from 443, answered later: it asked
-        ("198.51.100.2", "10.0.0.1", 3389, 443, 6, FULL, 1),  # the answer
-        ("10.0.0.1", "198.51.100.3", 80, 8443, 6, FULL, 0),  # never answered: answers nothing
-        ("10.0.0.1", "198.51.100.4", 53, 40000, 17, 0, 5),  # both sides at once: the ports decide
-        ("198.51.100.4", "10.0.0.1", 40000, 53, 17, 0, 5),
-        ("198.51.100.5", "10.0.0.1", 443, 40000, 6, SYN | ACK, 1),  # a SYN-ACK answering a SYN seen before
-        ("10.0.0.1", "198.51.100.5", 40000, 443, 6, SYN, 0),
-    ]
-    flows = pl.DataFrame(
-        [(s, d, sp, dp, p, fl, at + dt.timedelta(seconds=sec)) for s, d, sp, dp, p, fl, sec in rows],
-        schema={
-            "src_addr": pl.String,
-            "dst_addr": pl.String,
-            "src_port": pl.Int32,
-            "dst_port": pl.Int32,
-            "proto": pl.Int16,
-            "tcp_flags": pl.Int16,
-            "ts_start": pl.Datetime("us", "UTC"),
-        },
-        orient="row",
-    ).with_row_index("row")
-    judged = with_response(flows.lazy(), 3600.0).collect().sort("row")
-    assert judged.get_column("response").to_list() == [False, False, True, False, True, False, True, False]
-
-
 def _judged(rows, at):
     from tracepipe.detect.features import with_response
 
@@ -190,6 +159,21 @@ def _judged(rows, at):
         orient="row",
     ).with_row_index("row")
     return with_response(flows.lazy()).collect().sort("row").get_column("response").to_list()
+
+
+def test_who_answered_whom_is_told_by_evidence_then_flags_then_ports():
+    at = dt.datetime(2026, 3, 11, 10, tzinfo=dt.UTC)
+    rows = [  # (src, dst, sport, dport, proto, flags, seconds after `at`)
+        ("10.0.0.1", "198.51.100.1", 53, 3389, 6, SYN, 0),  # a SYN with no ACK opens: never an answer
+        ("10.0.0.1", "198.51.100.2", 443, 3389, 6, FULL, 0),  # from 443, answered later: it asked
+        ("198.51.100.2", "10.0.0.1", 3389, 443, 6, FULL, 1),  # the answer
+        ("10.0.0.1", "198.51.100.3", 80, 8443, 6, FULL, 0),  # never answered: answers nothing
+        ("10.0.0.1", "198.51.100.4", 53, 40000, 17, 0, 5),  # both sides at once: the ports decide
+        ("198.51.100.4", "10.0.0.1", 40000, 53, 17, 0, 5),
+        ("198.51.100.5", "10.0.0.1", 443, 40000, 6, SYN | ACK, 1),  # a SYN-ACK answering a SYN seen before
+        ("10.0.0.1", "198.51.100.5", 40000, 443, 6, SYN, 0),
+    ]
+    assert _judged(rows, at) == [False, False, True, False, True, False, True, False]
 
 
 def test_a_connection_opened_before_the_hour_is_judged_by_its_ports_and_null_ports_by_evidence():
