@@ -523,6 +523,24 @@ def test_a_feed_imported_again_replaces_its_previous_rows_in_one_commit(tmp_path
     assert lake.read("intel").num_rows == 1001
 
 
+def test_a_feed_back_to_an_earlier_version_lands_that_version_again(tmp_path):
+    # a review: v1, v2, then v1's bytes again was "already imported" (by content hash) and the lake kept v2's
+    # rows: 198.51.100.9 never alerted again. Unchanged bytes are still skipped
+    lake = Lake(tmp_path / "lake")
+    feed = tmp_path / "feed.txt"
+    versions = ["203.0.113.7\n198.51.100.9\n", "203.0.113.7\n", "203.0.113.7\n198.51.100.9\n"]
+    for text in versions:
+        feed.write_text(text)
+        assert not import_intel(lake, feed).already_imported
+        assert sorted(lake.read("intel").column("indicator").to_pylist()) == sorted(text.split())
+    assert import_intel(lake, feed).already_imported  # the same bytes as the rows held: nothing to do
+    # another path with the same bytes lands too (its own source)
+    copy = tmp_path / "copy.txt"
+    copy.write_text(versions[0])
+    assert not import_intel(lake, copy).already_imported
+    assert lake.read("intel").num_rows == 4
+
+
 def test_read_intel_keeps_each_sources_latest_import(tmp_path):
     # lakes written before imports replaced a feed hold every import of it: detection reads the latest
     old, _, _ = parse_intel("192.0.2.1\n192.0.2.2\n", "list", "feed", dt.datetime(2025, 6, 1, tzinfo=dt.UTC))

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import re
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -601,9 +603,16 @@ def import_intel(
     with lake.lock("intel"):
         # a feed's new import replaces its previous rows in the same commit (re-importing a refreshed feed
         # added every row again, and what the feed withdrew stayed for ever); one wholly rejected keeps them
-        replacing = _previous_rows(lake, str(path)) if table.num_rows or not rejects.num_rows else None
+        removed, kept, held = _previous_rows(lake, str(path))
+        replacing = (removed, kept) if table.num_rows or not rejects.num_rows else None
+        content_hash = hash_file(path)
+        if lake.already_ingested("intel", content_hash) and not _same_indicators(held, table):
+            # these bytes landed before, but the lake's rows of this feed are others': the feed went back to an
+            # earlier version (a review: v1, v2, v1 again kept v2's rows, "already imported"), or another path
+            # with the same bytes landed. Landed again, under a key of its own
+            content_hash = hashlib.sha256(f"{content_hash} {path} {time.time_ns()}".encode()).hexdigest()
         result = ingest_table(
-            lake, "intel", str(path), hash_file(path), [table], [rejects], stats=stats, replacing=replacing
+            lake, "intel", str(path), content_hash, [table], [rejects], stats=stats, replacing=replacing
         )
     if not result.skipped:
         lake.compact("intel", wait=False)
@@ -741,16 +750,35 @@ def _running_argmax(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _previous_rows(lake: Lake, source: str) -> tuple[list[FileEntry], pa.Table]:
-    """The intel files holding rows of `source`, and their rows of other sources (to be written again)."""
-    removed, kept = [], []
+def _previous_rows(lake: Lake, source: str) -> tuple[list[FileEntry], pa.Table, pa.Table]:
+    """The intel files holding rows of `source`, their rows of other sources (to be written again), and the
+    rows of `source` itself."""
+    removed, kept, mine = [], [], []
     entries = lake.entries("intel")
     for entry, rows in zip(entries, read_parquet_files([e.path for e in entries], INTEL), strict=True):
-        ours = pc.equal(rows.column("source"), source)
+        ours = pc.fill_null(pc.equal(rows.column("source"), source), False)
         if pc.any(ours).as_py():
             removed.append(entry)
-            kept.append(rows.filter(pc.invert(pc.fill_null(ours, False))))
-    return removed, pa.concat_tables(kept) if kept else INTEL.empty_table()
+            kept.append(rows.filter(pc.invert(ours)))
+            mine.append(rows.filter(ours))
+    return (
+        removed,
+        pa.concat_tables(kept) if kept else INTEL.empty_table(),
+        pa.concat_tables(mine) if mine else INTEL.empty_table(),
+    )
+
+
+def _same_indicators(held: pa.Table, parsed: pa.Table) -> bool:
+    """Whether the lake's rows of a feed are the indicators just parsed from it (as multisets of indicator and
+    kind)."""
+    if held.num_rows != parsed.num_rows:
+        return False
+    key = ["indicator", "kind"]
+    return (
+        held.select(key)
+        .sort_by([(k, "ascending") for k in key])
+        .equals(parsed.select(key).cast(held.select(key).schema).sort_by([(k, "ascending") for k in key]))
+    )
 
 
 def read_intel(lake: Lake) -> pa.Table:
