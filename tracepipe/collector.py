@@ -370,9 +370,11 @@ def _encode_json(obj: object) -> bytes:
 
 def state_file_bytes(state: Any, segment: str, max_bytes: int) -> bytes:
     """decoder-state.json for `state` after `segment`: the state as one JSON object (not its JSON text encoded
-    as a string again, which made every astral character 14 bytes), at most `max_bytes` so that the next load
-    takes it: over that, the parts of STATE_PARTS_TO_SHED are left out in turn (logged, and counted in
-    limits_hit["decoder_state_bytes"])."""
+    as a string again, which made every astral character 14 bytes), kept within `max_bytes` so that the next
+    load takes it: over that, the parts of STATE_PARTS_TO_SHED are left out in turn (logged, and counted in
+    limits_hit["decoder_state_bytes"]). Templates are never shed: if they alone exceed it (a --limit raising
+    the template bounds past decoder_state_bytes) the file is still written and the error logged, as the next
+    start will not load it."""
     body = json.loads(state.to_json())
     data = _encode_json({"after_segment": segment, "state": body})
     shed = []
@@ -390,6 +392,13 @@ def state_file_bytes(state: Any, segment: str, max_bytes: int) -> bytes:
             max_bytes,
         )
         state.limits_hit["decoder_state_bytes"] += 1
+    if len(data) > max_bytes:
+        log.error(
+            "decoder state is %d bytes with its templates alone, over decoder_state_bytes (%d): the next start "
+            "will not load it; raise --limit decoder_state_bytes or lower the template limits",
+            len(data),
+            max_bytes,
+        )
     return data
 
 
