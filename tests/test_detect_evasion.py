@@ -265,3 +265,37 @@ def test_the_evasions_give_the_same_alerts_in_buckets(evasion):
     assert {"horizontal_scan", "brute_force", "beacon", "exfiltration"} <= {
         a["detector"] for a in rows(whole)
     }
+
+
+@pytest.mark.parametrize("hosts", [6, 600])
+def test_a_large_fleet_on_one_rhythm_is_a_shared_service_without_pairing_every_host(tmp_path, hosts):
+    # a review of the fix: alike beacons were found by pairing every beacon of a (peer, port, window) with every
+    # other, quadratic in a site's VMs on one mirror's cron rhythm (30,000 VMs: 9 * 10^8 pairs). Beyond
+    # SHARED_PAIRS_GROUP beacons they are compared by bins of the tolerances' widths; either way an alike fleet
+    # is a shared service and hosts on other rhythms are not
+    window = dt.datetime(2026, 3, 11, tzinfo=dt.UTC)
+    rows = [
+        {
+            "detector": "beacon",
+            "addr": f"10.{i // 250}.{i % 250}.1",
+            "peer": "198.51.100.80",
+            "port": 443,
+            "window_start": window,
+            "features": json.dumps({"interval_median": 3600.0 + i % 7, "bytes_median": 2000.0}),
+        }
+        for i in range(hosts)
+    ] + [
+        {
+            "detector": "beacon",
+            "addr": "10.99.0.1",
+            "peer": "198.51.100.80",
+            "port": 443,
+            "window_start": window,
+            "features": json.dumps({"interval_median": 300.0, "bytes_median": 900.0}),
+        }
+    ]
+    config = parse_pipeline("[detectors.beacon]\nshared_service_hosts = 5\n")
+    ctx = det.DetectContext(Lake(tmp_path / "lake"), config, window, window + dt.timedelta(days=1))
+    kept = det.shared_services(pl.DataFrame(rows), ctx)
+    assert kept.get_column("addr").to_list() == ["10.99.0.1"]
+    assert len(ctx.suppressed) == hosts

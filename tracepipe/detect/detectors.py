@@ -1206,6 +1206,7 @@ def run_detectors(
 # alike, five implants on five timers do not.
 SHARED_RHYTHM_TOLERANCE = 0.1
 SHARED_SIZE_TOLERANCE = 0.25
+SHARED_PAIRS_GROUP = 512  # beacons of one (peer, port, window) compared pair by pair; more: by bins
 
 
 def shared_services(candidates: pl.DataFrame, ctx: DetectContext) -> pl.DataFrame:
@@ -1236,12 +1237,29 @@ def shared_services(candidates: pl.DataFrame, ctx: DetectContext) -> pl.DataFram
         mine, theirs = pl.col(column), pl.col(f"{column}_other")
         return (mine - theirs).abs() <= tolerance * pl.max_horizontal(mine, theirs)
 
-    fleets = (
-        shape.join(shape, on=group, how="inner", suffix="_other", nulls_equal=True)
+    # each beacon against the others of its group, for groups of up to SHARED_PAIRS_GROUP; a bigger group (a
+    # site's thousands of VMs on one mirror's cron rhythm) would make pairs by the million, so there hosts are
+    # alike when their interval and size fall in the same bins of the tolerances' widths (log scale)
+    sizes = shape.group_by(group, maintain_order=True).agg(_n=pl.len())
+    shape = shape.join(sizes, on=group, how="left", nulls_equal=True)
+    small, large = (
+        shape.filter(pl.col("_n") <= SHARED_PAIRS_GROUP),
+        shape.filter(pl.col("_n") > SHARED_PAIRS_GROUP),
+    )
+    paired = (
+        small.join(small, on=group, how="inner", suffix="_other", nulls_equal=True)
         .filter(alike("_interval", SHARED_RHYTHM_TOLERANCE) & alike("_size", SHARED_SIZE_TOLERANCE))
         .group_by("_row")
         .agg(_fleet=pl.col("addr_other").n_unique())
     )
+    bins = [
+        (pl.col(column).clip(lower_bound=1e-9).log() / math.log1p(tolerance)).floor().alias(f"{column}_bin")
+        for column, tolerance in (("_interval", SHARED_RHYTHM_TOLERANCE), ("_size", SHARED_SIZE_TOLERANCE))
+    ]
+    binned = large.with_columns(bins).select(
+        "_row", _fleet=pl.col("addr").n_unique().over([*group, "_interval_bin", "_size_bin"])
+    )
+    fleets = pl.concat([paired, binned.cast(paired.schema)])
     marked = (
         marked.join(fleets, on="_row", how="left").with_columns(pl.col("_fleet").fill_null(0)).sort("_row")
     )
