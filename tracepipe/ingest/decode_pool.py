@@ -484,7 +484,7 @@ class DecodePool:
         killed (hung, or died) are removed here, and so are parts a worker had already closed: nothing of this
         source is committed yet, so no file named with its key and a worker's tag is in the lake."""
         self._tell_all(("abort",))
-        self.stop()
+        self.stop()  # (takes the names of parts closed in answers still unread)
         # what a killed worker could not delete: its temp files, under the provisional names of a source whose
         # key was still being computed (part-<tag>-<random>) or under the key's (part-<key>-<tag>...); only
         # temp files, never a finished name, which another writer of the same key may have committed
@@ -508,6 +508,14 @@ class DecodePool:
                 proc.kill()
                 proc.wait()
         for from_worker, _ in self._conns:
+            # a worker that closed its parts before the source failed for another (hung, killed) sent their
+            # names in an answer nobody read: taken here so that abort() removes them too (under load the
+            # answer came after the parent gave up, and a closed part stayed in the lake, uncommitted)
+            with contextlib.suppress(EOFError, OSError):
+                while from_worker.poll(0):
+                    reply = from_worker.recv()
+                    if isinstance(reply, tuple) and reply and reply[0] == "closed":
+                        self._closed.extend(add.path for add in reply[1])
             from_worker.close()
         with self._lock:
             self._conns, self._procs, self._queued = [], [], []
