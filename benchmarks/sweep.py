@@ -113,7 +113,14 @@ def child(args: list[str]) -> tuple[int, str, dict]:
     return (
         proc.returncode,
         stdout,
-        {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024},
+        {
+            "wall_s": wall,
+            "cpu_s": usage.ru_utime + usage.ru_stime,
+            "user_s": usage.ru_utime,
+            "sys_s": usage.ru_stime,
+            "minor_faults": usage.ru_minflt,
+            "peak_rss_mb": usage.ru_maxrss / 1024,
+        },
     )
 
 
@@ -178,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             "flows": flows,
             "sweep_s": s["wall_s"],
             "sweep_cpu_s": s["cpu_s"],
+            "sweep_user_s": s["user_s"],
+            "sweep_sys_s": s["sys_s"],
+            "sweep_minor_faults": s["minor_faults"],
             "sweep_rss_mb": s["peak_rss_mb"],
             "fit_s": fit["wall_s"],
             "fit_cpu_s": fit["cpu_s"],
@@ -192,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(
             f"{flows:,} flows: sweep {row['sweep_s']:.0f} s wall = {flows / row['sweep_s']:,.0f} flows/s, "
-            f"{row['sweep_cpu_s']:.0f} s CPU = {flows / row['sweep_cpu_s']:,.0f} flows per CPU-second, "
+            f"{row['sweep_cpu_s']:.0f} s CPU = {flows / row['sweep_cpu_s']:,.0f} flows per CPU-second "
+            f"(user {row['sweep_user_s']:.1f} s, system {row['sweep_sys_s']:.1f} s, "
+            f"{row['sweep_minor_faults']:,} page faults), "
             f"peak RSS {row['sweep_rss_mb']:,.0f} MB; model fit {row['fit_s']:.0f} s wall, "
             f"{row['fit_cpu_s']:.0f} s CPU = {flows / row['fit_cpu_s']:,.0f} flows per CPU-second, "
             f"peak RSS {row['fit_rss_mb']:,.0f} MB; "
