@@ -137,6 +137,23 @@ def test_who_tells_the_deleted_vm_and_its_quarantine(story_lake):
     assert "2024-03-12 07:00:40 UTC -> 2024-03-12 08:00:03 UTC (delete)" in table.stdout
 
 
+def test_who_sums_only_the_flows_of_the_lease_asked_about(story_lake):
+    """web-02 got 192.168.1.3 at 08:10: its ±1 h summary at 08:30 must not count web-01's flows of 07:45 and
+    07:52, nor the 08:05 flow nobody's lease covered (session-26 known limit: the summary was per address)."""
+    answer = query.who(Lake(story_lake), "192.168.1.3", t("08:30"))
+    (lease,) = answer.leases
+    assert lease["vm_id"] == WEB02
+    flows = answer.flows
+    assert flows["from"] == lease["valid_from"] and flows["to"] == t("09:30")
+    assert (flows["flows"], flows["bytes"]) == (1, 8000)
+    # nobody held it at 08:05: the window stays the asked one, every flow of the address in it counts
+    nobody = query.who(Lake(story_lake), "192.168.1.3", t("08:05"), dt.timedelta(minutes=10))
+    assert not nobody.held and (nobody.flows["from"], nobody.flows["to"]) == (t("07:55"), t("08:15"))
+    assert nobody.flows["flows"] == 1
+    table = run_in_process("who", "192.168.1.3", "--at", "2024-03-12T08:30:00Z", "--lake", str(story_lake))
+    assert "while the lease above held it" in table.stdout and "1 flows" in table.stdout
+
+
 def test_who_nobody_names_the_neighbours(story_lake):
     result = run_in_process(
         "who", "192.168.1.3", "--at", "2024-03-12T09:05:00+01:00", "--lake", str(story_lake)

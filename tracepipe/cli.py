@@ -760,7 +760,9 @@ def _print_who(p: Printer, answer: Any) -> None:
         p.line(f"  VM now      {lease['now']}")
     flows = answer.flows
     p.line(
-        f"flows of {answer.addr} {flows['from']:%Y-%m-%d %H:%M} - {flows['to']:%H:%M} UTC: "
+        f"flows of {answer.addr}{' while the lease above held it,' if answer.held else ''} "
+        f"{flows['from']:%Y-%m-%d %H:%M} - "
+        f"{flows['to']:{'%H:%M' if flows['to'].date() == flows['from'].date() else '%Y-%m-%d %H:%M'}} UTC: "
         f"{flows['flows']} flows ({flows['flows_out']} out, {flows['flows_in']} in), {flows['bytes']} bytes, "
         f"{flows['peers']} peers"
     )

@@ -684,6 +684,21 @@ def flow_summary(
     return {"from": start, "to": stop, **summary}
 
 
+def held_span(
+    leases: list[dict[str, Any]], start: dt.datetime, stop: dt.datetime
+) -> tuple[dt.datetime, dt.datetime]:
+    """[start, stop) cut to the time the lease(s) asked about held the address: the flows summed under a VM
+    are its own, not those of whoever held the address before or after it inside the window (a handover
+    within `who`'s ±1 h summed two tenants' traffic under the one asked about). No lease: unchanged (the
+    address's flows then belong to nobody)."""
+    if not leases:
+        return start, stop
+    held_from = min(lease["valid_from"] for lease in leases)
+    ends = [lease["valid_to"] for lease in leases]
+    held_to = None if any(end is None for end in ends) else max(ends)
+    return max(start, held_from), stop if held_to is None else min(stop, held_to)
+
+
 @dataclass
 class WhoAnswer:
     """What `who` found for one address at one time. "Nobody held it" is an answer (held False, exit code 0):
@@ -719,7 +734,8 @@ class WhoAnswer:
 
 def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timedelta(hours=1)) -> WhoAnswer:
     """Who held `addr` at `at`: the lease(s) valid then with what the VM is now, the leases just before and
-    after (useful when nobody held it), and the address's flows in at ± window. All input is bound."""
+    after (useful when nobody held it), and the address's flows in at ± window, cut to the time the lease(s)
+    held it (held_span). All input is bound."""
     addr = parse_addr(addr)
     lake.require()
     with reading(lake.root), contextlib.closing(connect(lake)) as con:
@@ -740,7 +756,7 @@ def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timede
                 {"addr": addr, "at": at},
             )
         )
-        flows = flow_summary(con, addr, at - window, at + window)
+        flows = flow_summary(con, addr, *held_span(leases, at - window, at + window))
     return WhoAnswer(
         addr=addr,
         at=at,
