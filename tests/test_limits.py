@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from test_collector import collector, flow_keys, lake_flows, stop_collector, v9_datagram
 
+from tests.conftest import run_tracepipe
 from tracepipe import spool as sp
 from tracepipe.collector import _load_state
 from tracepipe.errors import UsageError
@@ -485,6 +486,48 @@ def test_escaped_lone_surrogates_are_read_not_rejected():
     assert json_loads(doc.encode()) == json_loads(doc)
     with pytest.raises(json.JSONDecodeError):
         json_loads('{"a": "\\udcff", }')  # still not JSON: still an error
+
+
+def test_a_lone_surrogate_beside_hostile_json_is_a_decode_error_or_a_document(tmp_path):
+    """Hostile review (session 26): with a lone surrogate escape in a VM name, the document went to the stdlib
+    parser and a recursive clean-up: a 5,000-digit number raised ValueError, a list ~900 levels deep
+    RecursionError, and `ingest vm` lost the whole file (exit 4). Now only JSONDecodeError, or the document;
+    an escaped backslash before "u" stays text and a surrogate pair stays its character."""
+    named = '{"name": "\\ud800evil", '
+    with pytest.raises(json.JSONDecodeError):
+        json_loads(named + '"n": 1' + "0" * 5000 + "}")
+    deep = json_loads(named + '"x": ' + "[" * 900 + "]" * 900 + "}")
+    assert deep["name"] == "\ufffdevil" and len(json.dumps(deep["x"])) == 1800
+    with pytest.raises(json.JSONDecodeError):
+        json_loads(named + '"x": ' + "[" * 5000 + "]" * 5000 + "}")
+    assert json_loads('{"a": "\\\\ud800", "b": "\\ud83d\\ude00", "c": "\\udc00\\ud800"}') == {
+        "a": "\\ud800",
+        "b": "\U0001f600",
+        "c": "\ufffd\ufffd",
+    }
+    # the file around such a line lands: one reject, exit 3 (not "internal error", exit 4)
+    good = {
+        "vm_id": "vm-1",
+        "ts": "2025-06-17T08:00:00Z",
+        "action": "create",
+        "vm_name": "ok",
+        "addr": "10.0.0.1",
+    }
+    path = tmp_path / "vms.jsonl"
+    path.write_text(
+        json.dumps(good)
+        + "\n"
+        + named
+        + '"ts": 1'
+        + "0" * 5000
+        + "}\n"
+        + json.dumps(good | {"vm_id": "vm-2", "addr": "10.0.0.2"})
+        + "\n"
+    )
+    result = run_tracepipe("ingest", "vm", str(path), "--output", "json", "--lake", str(tmp_path / "lake"))
+    assert result.returncode == 3, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["rows"], summary["rejects"]) == (2, 1)
 
 
 @pytest.mark.parametrize("line_bytes", [64, 65])

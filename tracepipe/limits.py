@@ -106,42 +106,47 @@ class JsonTooDeep(json.JSONDecodeError):
     those into rejects (with their line and message) does so for this one too."""
 
 
-_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-_SURROGATES = re.compile("[\ud800-\udfff]")
+# a JSON string's escapes, in the order a parser reads them: an escaped backslash (so that the "\\u" of
+# "\\\\ud800" is text, not an escape), a surrogate pair (kept), a lone surrogate (replaced)
+_SURROGATE_ESCAPES = re.compile(
+    r"(\\\\)|(\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2})|\\u[dD][89a-fA-F][0-9a-fA-F]{2}"
+)
 
 
 def json_loads(text: str | bytes) -> Any:
-    """json.loads that never raises RecursionError. orjson stops at JSON_DEPTH levels with a JSONDecodeError;
+    """json.loads that raises nothing but JSONDecodeError for a bad document (never RecursionError, nor the
+    stdlib's ValueError for an integer of over 4,300 digits), so every reader that turns those into rejects
+    (with their line and message) does so for all. orjson stops at JSON_DEPTH levels with a JSONDecodeError;
     the stdlib parser (without orjson) hits the interpreter's recursion limit, turned into JsonTooDeep here.
     No pre-scan of brackets: one inside a string (a VM named "[[[[...") must not make an event a reject.
 
     JSON may escape lone UTF-16 surrogates (`"\\udcff"`); orjson refuses such a document and Arrow cannot hold
-    such text. A tenant who names a VM that way must not make its events vanish: the document is read with the
-    stdlib and every lone surrogate becomes U+FFFD (the rest of the text unchanged)."""
+    such text. A tenant who names a VM that way must not make its events vanish: each lone surrogate escape
+    in the text becomes U+FFFD's and the document is parsed again, by the same parser and with the same
+    limits (a hostile review: with a surrogate in a VM name, the stdlib's parse and a recursive clean-up of
+    the result raised RecursionError at ~500 levels and ValueError for a 5,000-digit number, and the whole
+    file was lost)."""
+    try:
+        return _loads(text)
+    except json.JSONDecodeError:
+        doc = text if isinstance(text, str) else text.decode("utf-8", errors="surrogateescape")
+        repaired = _SURROGATE_ESCAPES.sub(lambda m: m.group(1) or m.group(2) or "\\ufffd", doc)
+        if repaired == doc:
+            raise
+        return _loads(repaired)
+
+
+def _loads(text: str | bytes) -> Any:
     try:
         return _fast_loads(text)
     except RecursionError:
         doc = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
         raise JsonTooDeep(f"nested deeper than {JSON_DEPTH} levels", doc[:100], 0) from None
-    except ValueError:
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:  # the stdlib's integer digit limit; orjson's errors are JSONDecodeErrors
         doc = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
-        if not _LONE_SURROGATE_ESCAPE.search(doc):
-            raise
-        try:
-            obj = json.loads(doc)
-        except RecursionError:
-            raise JsonTooDeep(f"nested deeper than {JSON_DEPTH} levels", doc[:100], 0) from None
-        return _without_surrogates(obj)
-
-
-def _without_surrogates(obj: Any) -> Any:
-    if isinstance(obj, str):
-        return _SURROGATES.sub("\ufffd", obj)
-    if isinstance(obj, dict):
-        return {_without_surrogates(k): _without_surrogates(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_without_surrogates(v) for v in obj]
-    return obj
+        raise json.JSONDecodeError(str(exc), doc[:100], 0) from None
 
 
 # ---- lines ----------------------------------------------------------------------------------------------------
