@@ -2141,3 +2141,80 @@ def test_a_state_file_cut_under_the_update_makes_it_a_full_rebuild(tmp_path, mon
     assert update.mode == "full" and "known.npy" in update.reason
     leases, vms = build_leases(_events(rows + later), SEVEN_DAYS)
     assert _lake_tables(lake) == (leases.to_pylist(), vms.to_pylist())
+
+
+def test_one_message_id_naming_two_vms_is_two_events_in_every_build(tmp_path):
+    """Hostile review (session 26): a message id reused for another VM (a replayed or forged notification, a
+    generic export numbering each VM's events from 1) was one event: the other VM vanished, and when it had no
+    other event its code left a gap that made every later build fail (OutOfBoundsError, exit 5, and every
+    ingest after). Now an id is one event only with its VM: both VMs hold their addresses, incrementally and
+    in a full build alike, and a redelivery (same id, same VM) is still one event."""
+    from tracepipe.lake import Lake
+
+    day1 = _events(
+        [
+            {
+                "ts": utc(8, 0),
+                "vm_id": "zzzz",
+                "vm_name": "z",
+                "action": "create",
+                "event_id": "M",
+                "addrs": ["10.0.0.9"],
+            }
+        ]
+    )
+    day2 = _events(
+        [
+            {
+                "ts": utc(9, 0, day=13),
+                "vm_id": "aaaa",
+                "vm_name": "a",
+                "action": "create",
+                "event_id": "M",
+                "addrs": ["10.0.0.4"],
+            },
+            {
+                "ts": utc(9, 0, day=13),
+                "vm_id": "aaaa",
+                "vm_name": "a",
+                "action": "create",
+                "event_id": "M",
+                "addrs": ["10.0.0.4"],
+            },
+        ]
+    )
+    late = _events(
+        [
+            {
+                "ts": utc(7, 0),
+                "vm_id": "bbbb",
+                "vm_name": "b",
+                "action": "create",
+                "event_id": "N",
+                "addrs": ["10.0.0.5"],
+            }
+        ]
+    )
+    leases, vms = build_leases(pa.concat_tables([day1, day2, late]), SEVEN_DAYS)
+    assert sorted((r["addr"], r["vm_id"]) for r in leases.to_pylist()) == [
+        ("10.0.0.4", "aaaa"),
+        ("10.0.0.5", "bbbb"),
+        ("10.0.0.9", "zzzz"),
+    ]
+    assert vms.num_rows == 3
+    lake = Lake(tmp_path / "lake")
+    _update_in_batches(lake, [day1, day2, late], "reused-id", check_each=True)
+
+
+def test_a_vm_code_left_without_events_is_closed_up():
+    """The replay's VM codes are positions (dense from 0): a VM all of whose events were left out leaves a
+    gap that _dense_vm_codes closes, keeping the order and the other names."""
+    import polars as pl
+
+    from tracepipe.correlate.leases import _dense_vm_codes
+
+    frame = pl.DataFrame({"vm_id": [0, 2, None, 3, 2], "x": [1, 2, 3, 4, 5]})
+    names = pl.Series(["a", "b", "c", "d"])
+    dense, kept = _dense_vm_codes(frame, names)
+    assert dense.get_column("vm_id").to_list() == [0, 1, None, 2, 1] and kept.to_list() == ["a", "c", "d"]
+    assert _dense_vm_codes(dense, kept)[0].equals(dense)

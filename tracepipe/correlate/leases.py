@@ -1,7 +1,7 @@
 """vm_events -> vm_leases + vms: who held which address from when to when, and what became of each VM.
 
-`build_leases` is a pure function of the whole event history: events are de-duplicated (same event_id, or
-identical content) and replayed in a total order (ts, phase, then content), so shuffled or repeated
+`build_leases` is a pure function of the whole event history: events are de-duplicated (same event_id for the
+same VM, or identical content) and replayed in a total order (ts, phase, then content), so shuffled or repeated
 notifications give the same leases. It guarantees that no address has two leases at one instant (valid_to is
 exclusive): an address taken by another VM closes the previous holder's lease (end_reason "superseded").
 
@@ -125,7 +125,7 @@ def _replay_order(events: pa.Table) -> tuple[pl.Series, pl.Series]:
     order; the phase of each: 0 .start, 1 .error, 2 .end or no phase)."""
     # (one chunk per column: polars' eager operations rechunk every column of a frame in several chunks, a
     # table read from many files, on every call, and this frame is read a dozen times)
-    head = _to_polars(events.select(["ts", "event_type", "event_id"])).rechunk()
+    head = _to_polars(events.select(["ts", "event_type", "event_id", "vm_id"])).rechunk()
     phase = (
         pl.when(pl.col("event_type").str.ends_with(".start"))
         .then(0)
@@ -173,16 +173,20 @@ def _replay_order(events: pa.Table) -> tuple[pl.Series, pl.Series]:
             .select("_row", "ts", "_key", tied.get_column("_at"))  # in the replay order, as `_at`
         )
         rows = rows.scatter(ties.get_column("_at"), ties.get_column("_row"))
-    # at-least-once delivery: the same message id twice is one event (the first in the replay order); so is
-    # identical content. Both are decided on the values, among the few rows whose hash repeats.
+    # at-least-once delivery: the same message id twice for the same VM is one event (the first in the replay
+    # order); so is identical content. Both are decided on the values, among the few rows whose hash repeats.
+    # (An id is one event only with its VM: a replayed or forged notification, or a generic export numbering
+    # each VM's events from 1, reusing an id for another VM made that VM's events vanish, and a VM left with
+    # none broke every later build: hostile review, session 26. Ingest keys events alike: event_keys.)
     dropped: list[pl.Series] = []
-    hashes = head.select(pl.when(pl.col("event_id").is_not_null()).then(pl.col("event_id").hash(18)))
+    identity = pl.struct("event_id", "vm_id")
+    hashes = head.select(pl.when(pl.col("event_id").is_not_null()).then(identity.hash(18)))
     hashes = hashes.to_series().gather(rows)
     seen = hashes.drop_nulls().sort()
     repeated = seen.filter(seen == seen.shift(1))
     if len(repeated):
         at = hashes.is_in(repeated.implode()).arg_true()
-        ids = head.get_column("event_id").gather(rows.gather(at))
+        ids = head.select(identity).to_series().gather(rows.gather(at))
         dropped.append(at.filter(~ids.is_first_distinct()))
     if ties is not None:
         if dropped:
@@ -439,8 +443,23 @@ def _ordered_events(
         ]
     )
     frame = _in_order(unordered, rows).rechunk()  # (see _replay_order's head)
+    frame, vm_names = _dense_vm_codes(frame, vm_names)
     frame = frame.with_columns(phases, pl.col("ts").dt.epoch("us"))
     return frame, {"vm_id": vm_names, "hypervisor": hyp_names, "addr": addr_names}, rows
+
+
+def _dense_vm_codes(frame: pl.DataFrame, names: pl.Series) -> tuple[pl.DataFrame, pl.Series]:
+    """The replay takes VM codes as positions among the VMs (_vm_events): dense from 0. _encode gives them so
+    over all events; a VM whose every event was left out as a duplicate (_replay_order) leaves a gap, which is
+    closed here (codes renumbered in the same order, its name dropped). A gap made every later build fail
+    with an out-of-bounds gather (hostile review, session 26)."""
+    codes = frame.get_column("vm_id")
+    present = np.bincount(codes.drop_nulls().to_numpy(), minlength=len(names)) > 0
+    if present.all():
+        return frame, names
+    renumber = pl.Series(np.cumsum(present) - 1)
+    dense = renumber.gather(codes.fill_null(0)).set(codes.is_null(), None)  # type: ignore[arg-type]
+    return frame.with_columns(dense.cast(codes.dtype).alias("vm_id")), names.filter(pl.Series(present))
 
 
 # Every step below is a polars expression over all events at once (window functions over vm_id, addr or floating

@@ -254,8 +254,8 @@ def _drop_known(events: pa.Table, seen: set[str]) -> tuple[pa.Table, int]:
 
 
 def event_keys(events: pa.Table) -> pl.Series:
-    """One key per event for de-duplication across sources: its message id, else its content (what the
-    lease builder de-duplicates on too)."""
+    """One key per event for de-duplication across sources: its message id with its VM, else its content
+    (what the lease builder de-duplicates on too: leases._replay_order)."""
     frame = pl.from_arrow(events.select(["ts", "event_id", "addrs", *_KEY_COLUMNS]))
     assert isinstance(frame, pl.DataFrame)
     content = pl.concat_str(
@@ -268,7 +268,9 @@ def event_keys(events: pa.Table) -> pl.Series:
     )
     keys = frame.select(
         pl.when(pl.col("event_id").is_not_null())
-        .then(pl.lit("id:") + pl.col("event_id"))
+        .then(
+            pl.concat_str(pl.lit("id:"), pl.col("event_id"), pl.lit("\x1f"), pl.col("vm_id").fill_null("~"))
+        )
         .otherwise(pl.lit("content:") + content)
         .alias("key")
     )
