@@ -2163,26 +2163,8 @@ def test_one_message_id_naming_two_vms_is_two_events_in_every_build(tmp_path):
             }
         ]
     )
-    day2 = _events(
-        [
-            {
-                "ts": utc(9, 0, day=13),
-                "vm_id": "aaaa",
-                "vm_name": "a",
-                "action": "create",
-                "event_id": "M",
-                "addrs": ["10.0.0.4"],
-            },
-            {
-                "ts": utc(9, 0, day=13),
-                "vm_id": "aaaa",
-                "vm_name": "a",
-                "action": "create",
-                "event_id": "M",
-                "addrs": ["10.0.0.4"],
-            },
-        ]
-    )
+    reused = {"ts": utc(9, 0, day=13), "vm_id": "aaaa", "vm_name": "a", "action": "create", "event_id": "M"}
+    day2 = _events([reused | {"addrs": ["10.0.0.4"]}] * 2)  # and delivered twice
     late = _events(
         [
             {
