@@ -592,3 +592,66 @@ def test_ipv6_cidr_matching_answers_as_ipaddress_does_on_nested_and_overlapping_
             widest = min(n.prefixlen for n in covering if n.num_addresses > 1)
             assert ipaddress.ip_network(got[addr]).prefixlen == widest, addr
     assert len(got) > 1000
+
+
+@pytest.mark.parametrize("buckets", [None, 3])
+def test_a_host_sweeping_a_listed_network_is_one_alert_per_window(tmp_path, buckets):
+    """Hostile review (session 25 known limit): a host that touched 600 addresses of a listed /22 was 600 intel
+    alerts in one window (65,536 for a /16, each with a reason written in Python). Now one alert per host,
+    indicator and window, naming the lowest address and counting the others; a host that met one listed
+    address is still one alert naming it."""
+    import dataclasses
+
+    from tracepipe.schema import FLOWS
+
+    start = dt.datetime(2025, 6, 17, 8, tzinfo=dt.UTC)
+    rows = [
+        {"src_addr": "10.20.1.5", "dst_addr": f"203.0.{112 + i // 256}.{i % 256}", "dst_port": 445}
+        for i in range(600)
+    ] + [{"src_addr": f"10.20.1.{9 + i}", "dst_addr": "198.51.100.7", "dst_port": 443} for i in range(2)]
+    flows = pa.Table.from_pylist(
+        [
+            {
+                **r,
+                "ts_start": start + dt.timedelta(seconds=i),
+                "ts_end": start + dt.timedelta(seconds=i + 1),
+                "src_port": 40000 + i,
+                "proto": 6,
+                "packets": 2,
+                "bytes": 120,
+                "tcp_flags": 2,
+                "ip_version": 4,
+                "source": "t",
+            }
+            for i, r in enumerate(rows)
+        ],
+        schema=FLOWS,
+    )
+    lake = Lake(tmp_path / "lake")
+    lake.append("flows", flows, key="t")
+    (tmp_path / "feed.txt").write_text("203.0.112.0/22  # bulletproof hosting\n198.51.100.7  # c2\n")
+    assert import_intel(lake, tmp_path / "feed.txt").rows == 2
+    config = load_pipeline(REPO / "pipelines" / "retro-hunt.toml")
+    config = dataclasses.replace(
+        config, output=dataclasses.replace(config.output, report_dir=str(tmp_path / "r"), html=False)
+    )
+    result = run_sweep(lake, config, start, start + dt.timedelta(hours=1), buckets=buckets)
+    alerts = sorted(
+        (a for a in result.new_alerts.to_pylist() if a["detector"] == "intel"), key=lambda a: a["addr"]
+    )
+    assert [(a["addr"], a["peer"]) for a in alerts] == [
+        ("10.20.1.10", "198.51.100.7"),
+        ("10.20.1.5", "203.0.112.0"),
+        ("10.20.1.9", "198.51.100.7"),
+    ]
+    swept = json.loads(alerts[1]["features"])
+    assert (swept["flows"], swept["peers"], swept["indicator"]) == (600, 600, "203.0.112.0/22")
+    assert swept["some_peers"] == [
+        "203.0.112.0",
+        "203.0.112.1",
+        "203.0.112.10",
+        "203.0.112.100",
+        "203.0.112.101",
+    ]
+    assert "and 599 more addresses" in alerts[1]["reason"]
+    assert json.loads(alerts[0]["features"])["peers"] == 1 and "more addresses" not in alerts[0]["reason"]

@@ -1133,15 +1133,21 @@ def intel_match(ctx: DetectContext) -> pl.DataFrame:
         return _empty()
     # (the addresses' type: a host bucket's are Categorical, detect/buckets.py)
     matches = matches.with_columns(pl.col("addr").cast(flows.collect_schema()["peer"]))
+    # One alert per (local host, indicator, window): a host that swept a listed network (a /16 of a bulletproof
+    # host) was one alert per address it touched, 65,536 per window, each with a reason written in Python.
+    # The alert's peer is the lowest of them (the same whatever the engine or row order); the others counted.
+    peer = pl.col("peer").cast(pl.String)
     found = (
         flows.join(matches.lazy().rename({"addr": "peer"}), on="peer", how="inner")
-        .group_by("addr", "peer", "window_start")
+        .group_by("addr", "indicator", "window_start")
         .agg(
             flows=pl.len(),
             bytes=saturating_sum(pl.col("bytes")),
             first_ts=pl.col("ts_start").min(),
+            peer=peer.min(),
+            peers=peer.n_unique(),
+            some_peers=peer.unique().sort().head(5),
             ports=pl.col("dst_port").unique().sort().head(5),
-            indicator=pl.col("indicator").first(),
             description=pl.col("description").first(),
             tags=pl.col("tags").first(),
             event_id=pl.col("event_id").first(),
@@ -1154,8 +1160,9 @@ def intel_match(ctx: DetectContext) -> pl.DataFrame:
     def reason(r: dict) -> str:
         what = f" ({r['description']})" if r["description"] else ""
         event = f", MISP event {r['event_id']}" if r["event_id"] else ""
+        more = f" and {fmt_int(r['peers'] - 1)} more addresses" if r["peers"] > 1 else ""
         return (
-            f"{{who}} exchanged {fmt_int(r['flows'])} flows ({fmt_bytes(r['bytes'])}) with {r['peer']}, "
+            f"{{who}} exchanged {fmt_int(r['flows'])} flows ({fmt_bytes(r['bytes'])}) with {r['peer']}{more}, "
             f"listed in threat intel as {r['indicator']}{what}{event}"
         )
 
@@ -1163,7 +1170,10 @@ def intel_match(ctx: DetectContext) -> pl.DataFrame:
         frame,
         "intel",
         reason,
-        lambda r: {k: r[k] for k in ("flows", "bytes", "ports", "indicator", "tags", "event_id")},
+        lambda r: {
+            k: r[k]
+            for k in ("flows", "bytes", "peers", "some_peers", "ports", "indicator", "tags", "event_id")
+        },
     )
 
 
