@@ -1047,9 +1047,8 @@ def repair_command(
             p.line(f"{name}: {relative} moved to {target.root / '_damaged' / name / relative} ({why})")
     for name, files in outside.items():
         for relative in files:
-            p.line(
-                f"{name}: log entry {relative!r} removed: it names a file outside the table (left where it is)"
-            )
+            why = target.damage_reasons.get(name, {}).get(relative, "outside the table")
+            p.line(f"{name}: log entry {relative!r} removed, the file left where it is ({why})")
     raise typer.Exit(0)
 
 

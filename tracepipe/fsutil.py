@@ -20,14 +20,18 @@ from pathlib import Path
 from tracepipe.errors import UsageError
 
 __all__ = [
+    "beneath",
     "directory_problem",
     "fsync_dir",
     "input_problem",
+    "move_beneath",
     "move_durably",
+    "open_beneath",
     "open_regular",
     "read_regular",
     "replace_problem",
     "replacing",
+    "unlink_beneath",
     "write_atomic",
 ]
 
@@ -146,6 +150,101 @@ def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o640) -> int
         os.close(fd)
         raise
     return fd
+
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _plain(parts: tuple[str, ...] | list[str], path: str) -> None:
+    if any(part in ("", ".", "..") or "/" in part or "\0" in part for part in parts):
+        raise OSError(errno.EINVAL, "not a plain path below the directory", path)
+
+
+@contextlib.contextmanager
+def beneath(root: Path, parts: tuple[str, ...] | list[str]) -> Iterator[int]:
+    """A descriptor of the directory root/parts[0]/... reached one component at a time without following a
+    symbolic link (O_NOFOLLOW at each step, so a link planted anywhere below `root`, or swapped in while this
+    walks, is refused with OSError ELOOP/ENOTDIR instead of leading out of it). `root` itself may be a link
+    (a lake given as /srv/lake -> /data/lake). A ".." or "." component, or one with a "/", is refused."""
+    _plain(parts, "/".join(parts))
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            nxt = os.open(part, _DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def open_beneath(root: Path, relative: str) -> int:
+    """A descriptor of the regular file root/relative reached without a symbolic link anywhere below `root`
+    (see beneath), opened without blocking (a planted FIFO cannot hang the caller): OSError otherwise, whose
+    strerror says what was found instead."""
+    *dirs, name = relative.split("/")
+    try:
+        with beneath(root, dirs) as fd:
+            file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OSError(exc.errno, "reached through a symbolic link", str(root / relative)) from None
+        raise
+    st_mode = os.fstat(file_fd).st_mode
+    if not stat.S_ISREG(st_mode):
+        os.close(file_fd)
+        raise OSError(errno.EINVAL, f"not a regular file (a {kind(st_mode)})", str(root / relative))
+    return file_fd
+
+
+def move_beneath(root: Path, relative: str, target_root: Path, target: str) -> str:
+    """Rename root/relative to target_root/target, both reached without a symbolic link below their roots
+    (see beneath); the target's folders are made one at a time (a link planted among them is refused, never
+    followed) and an existing file there is never replaced (a suffix is added). Returns the target used. A
+    rename moves a link or a FIFO itself, without opening it."""
+    *dirs, name = relative.split("/")
+    *target_dirs, target_name = target.split("/")
+    _plain([name, *target_dirs, target_name], target)
+    with beneath(root, dirs) as source_fd, beneath(target_root, []) as fd:
+        made = os.dup(fd)
+        try:
+            for part in target_dirs:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o750, dir_fd=made)
+                nxt = os.open(part, _DIRECTORY, dir_fd=made)
+                os.close(made)
+                made = nxt
+            chosen, n = target_name, 0
+            while True:
+                try:
+                    os.lstat(chosen, dir_fd=made)
+                except FileNotFoundError:
+                    break
+                n += 1
+                chosen = f"{target_name}.{n}"
+            os.rename(name, chosen, src_dir_fd=source_fd, dst_dir_fd=made)
+        finally:
+            os.close(made)
+    return "/".join([*target_dirs, chosen])
+
+
+def unlink_beneath(root: Path, relative: str) -> bool:
+    """Remove the file root/relative when every directory on the way is a real directory below `root` (no
+    symbolic link: see beneath) and the file itself is not a directory; a link as the last component is
+    removed itself, never what it names. False (nothing removed) when the path leads through a link or does
+    not exist. Tables are vacuumed this way: delta-rs' full vacuum lists a table's folder following links, so a
+    link planted in a partition folder had it delete files anywhere the lake's user may (hostile review)."""
+    *dirs, name = relative.split("/")
+    try:
+        with beneath(root, dirs) as fd:
+            if stat.S_ISDIR(os.lstat(name, dir_fd=fd).st_mode):
+                return False
+            os.unlink(name, dir_fd=fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT, errno.EINVAL):
+            return False
+        raise
+    return True
 
 
 def read_regular(path: Path, max_bytes: int) -> bytes:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
+import stat
 import threading
 import time
 import uuid
@@ -718,6 +720,53 @@ def _may_hold(low: Any, high: Any, value: str) -> bool:
 
 
 OUTSIDE = "the log names a path outside the table (a planted entry)"
+# a listed path that is no regular file reached inside the table without a link (a planted FIFO, or a link to
+# elsewhere): its entry goes, the thing itself is left where it is (opening a FIFO hangs, moving a file through
+# a link moves or overwrites something outside the lake)
+LEFT_IN_PLACE = "left in place"
+
+
+def regular_files(paths: list[Path]) -> list[Path]:
+    """`paths` when each is a regular file (one lstat each, ~4 us), else LakeError naming the first that is
+    not. DuckDB, polars and pyarrow open a listed FIFO and wait for a writer for ever: a FIFO planted under a
+    name the log lists (a planted log entry) hung every query and sweep that read its day. A missing file is
+    left to the reader's own error (query.damage_error names it)."""
+    for path in paths:
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            continue
+        if not stat.S_ISREG(mode):
+            raise LakeError(
+                f"{path} is listed by its table's log but is no regular file (a {fsutil.kind(mode)}: planted by "
+                "someone who can write the lake). Nothing reads it; `tracepipe repair` removes its entry from "
+                "the log and leaves it where it is"
+            )
+    return paths
+
+
+def _log_problem(log: Path, all_entries: bool = False) -> str | None:
+    """What is wrong with a table's _delta_log that delta-rs would wait on for ever, or fail on without saying:
+    a `_last_checkpoint` that is no regular file (a FIFO hung every reader; one lstat per open), and with
+    `all_entries` (after a failed commit) any entry of the log that is no regular file (a FIFO named as the
+    next commit made every commit fail as if the disk were full)."""
+    names = [entry.name for entry in os.scandir(log)] if all_entries else ["_last_checkpoint"]
+    for entry in sorted(names):
+        try:
+            mode = os.lstat(log / entry).st_mode
+        except OSError:
+            continue
+        if not stat.S_ISREG(mode) and not (all_entries and stat.S_ISDIR(mode)):
+            return (
+                f"{log / entry} is no regular file (a {fsutil.kind(mode)}: planted by someone who can write the "
+                f"lake). Remove it (and restore {log} from a backup if commits are missing); `tracepipe repair` "
+                "cannot rewrite a history it cannot read"
+            )
+    return None
+
+
+def _left_in_place(reason: str) -> bool:
+    return reason == OUTSIDE or reason.startswith(LEFT_IN_PLACE)
 
 
 def delta_text(exc: BaseException) -> str:
@@ -907,6 +956,9 @@ class Lake:
                     f"upgrade it in place with: tracepipe upgrade --lake {self.root}"
                 )
             return None
+        planted = _log_problem(directory / "_delta_log")
+        if planted:
+            raise LakeError(planted)
         try:
             if isinstance(self.as_of, dict):
                 version = self.as_of.get(name)
@@ -960,22 +1012,28 @@ class Lake:
             if not _inside(entry.path, table_dir):
                 out.append((entry, OUTSIDE))
                 continue
+            relative = os.path.relpath(os.path.normpath(entry.path), table_dir).replace(os.sep, "/")
             try:
-                size = entry.path.stat().st_size
+                fd = fsutil.open_beneath(Path(table_dir), relative)
             except OSError as exc:
-                out.append((entry, exc.strerror or "cannot be read"))
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EINVAL):
+                    out.append((entry, f"{LEFT_IN_PLACE}: {exc.strerror}"))
+                else:
+                    out.append((entry, exc.strerror or "cannot be read"))
                 continue
-            if size != entry.size:
-                out.append((entry, f"{size} bytes, the log says {entry.size}"))
-            elif read_footers:
-                try:
-                    footer = pq.read_metadata(entry.path)
-                    unlike = columns_unlike(footer.schema.to_arrow_schema(), _dataset(name), entry)
-                except (OSError, pa.ArrowException) as exc:
-                    out.append((entry, f"not a Parquet file ({exc})"))
-                    continue
-                if unlike:
-                    out.append((entry, unlike))
+            with os.fdopen(fd, "rb") as handle:
+                size = os.fstat(fd).st_size
+                if size != entry.size:
+                    out.append((entry, f"{size} bytes, the log says {entry.size}"))
+                elif read_footers:
+                    try:
+                        footer = pq.read_metadata(handle)
+                        unlike = columns_unlike(footer.schema.to_arrow_schema(), _dataset(name), entry)
+                    except (OSError, pa.ArrowException) as exc:
+                        out.append((entry, f"not a Parquet file ({exc})"))
+                        continue
+                    if unlike:
+                        out.append((entry, unlike))
         return out
 
     def repair(self) -> dict[str, list[str]]:
@@ -984,23 +1042,37 @@ class Lake:
         log. Their rows are gone from the lake. Returns {dataset: [file moved, ...]}."""
         out: dict[str, list[str]] = {}
         self.outside_removed: dict[str, list[str]] = {}  # entries of paths outside their table: dropped
-        self.damage_reasons: dict[str, dict[str, str]] = {}  # {dataset: {file moved: why}}
+        self.damage_reasons: dict[str, dict[str, str]] = {}  # {dataset: {file moved or entry removed: why}}
         for name in [*DATASETS, MANIFEST_DIR]:
             with self.lock(name):
                 self.refresh(name)
                 bad = self.damaged(name, read_footers=True)
                 if not bad:
                     continue
-                outside = [entry for entry, reason in bad if reason == OUTSIDE]
-                for entry, reason in bad:
-                    if reason != OUTSIDE and entry.path.exists():
-                        target = self.root / DAMAGED_DIR / name / entry.relative
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        entry.path.replace(target)
+                table_dir = os.path.normpath(self.root / name)
+                for at, (entry, reason) in enumerate(bad):
+                    if _left_in_place(reason):
+                        continue
+                    # moved without following a link on either side: a link planted among _damaged's folders
+                    # made the move write an attacker's file anywhere the repairing user may (~/.ssh); such a
+                    # file is then left where it is, out of the log
+                    relative = os.path.relpath(os.path.normpath(entry.path), table_dir).replace(os.sep, "/")
+                    try:
+                        fsutil.move_beneath(
+                            Path(table_dir), relative, self.root, f"{DAMAGED_DIR}/{name}/{relative}"
+                        )
+                    except FileNotFoundError:
+                        pass
+                    except OSError as exc:
+                        if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EINVAL):
+                            raise
+                        why = f"{DAMAGED_DIR}/ holds a symbolic link or a file on the way there"
+                        bad[at] = (entry, f"{LEFT_IN_PLACE}: {why}")
+                outside = [entry for entry, reason in bad if _left_in_place(reason)]
                 if outside:
-                    # a planted log entry naming a file outside the table ("../../etc/x"): the entry goes, the
-                    # file is not touched (moving it into the lake would let a lake writer move any file the
-                    # repairing user owns)
+                    # a planted log entry naming a file outside the table ("../../etc/x"), or no regular file of
+                    # the table (a FIFO, a link): the entry goes, the file is not touched (moving it into the lake
+                    # would let a lake writer move any file the repairing user owns)
                     removes = [_remove(e.relative, e.day, e.size if e.size >= 0 else None) for e in outside]
                     self.commit(name, [], removes, {"operation": "repair", "outside_the_table": len(removes)})
                 table = self.table(name)
@@ -1011,8 +1083,8 @@ class Lake:
                         f"cannot commit the repair of {self.root / name}: {delta_text(exc)}"
                     ) from exc
                 self.refresh(name)
-                out[name] = [entry.relative for entry, reason in bad if reason != OUTSIDE]
-                self.damage_reasons[name] = {e.relative: reason for e, reason in bad if reason != OUTSIDE}
+                out[name] = [entry.relative for entry, reason in bad if not _left_in_place(reason)]
+                self.damage_reasons[name] = {e.relative: r for e, r in bad}
                 if outside:
                     self.outside_removed.setdefault(name, []).extend(e.relative for e in outside)
         return out
@@ -1196,8 +1268,9 @@ class Lake:
         return sorted(out, key=lambda e: e.relative), partitioned
 
     def files(self, name: str, days: Iterable[str] | None = None) -> list[Path]:
-        """Absolute paths of the table's current data files (from the log), sorted."""
-        return [entry.path for entry in self.entries(name, days)]
+        """Absolute paths of the table's current data files (from the log), sorted; each a regular file
+        (regular_files), as every reader is given them."""
+        return regular_files([entry.path for entry in self.entries(name, days)])
 
     def days(self, name: str) -> list[str]:
         """The UTC days that have data in a day-partitioned table (from the log)."""
@@ -1488,8 +1561,10 @@ class Lake:
                 # after 700); after a checkpoint, a fresh open reads just that checkpoint
                 self._tables.pop(name, None)
         except (CommitFailedError, DeltaError, OSError) as exc:
+            planted = _log_problem(self.root / name / "_delta_log", all_entries=True)
             raise LakeError(
-                f"cannot commit to {self.root / name}: {delta_text(exc)}. Check that the lake is writable and has free space."
+                f"cannot commit to {self.root / name}: {delta_text(exc)}. "
+                + (planted or "Check that the lake is writable and has free space.")
             ) from exc
         return table.version()
 
@@ -1518,7 +1593,19 @@ class Lake:
         directory = self.root / LOCK_DIR
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            handle = open(directory / f"{name}.lock", "a+")
+            # never through a link (_locks or the lock file planted as one: opening it for writing created or
+            # touched the file it names, such as /etc/nologin when run as root), never waiting on a FIFO
+            with fsutil.beneath(self.root, [LOCK_DIR]) as folder:
+                fd = os.open(
+                    f"{name}.lock",
+                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                    0o640,
+                    dir_fd=folder,
+                )
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OSError(errno.EINVAL, "not a regular file", str(directory / f"{name}.lock"))
+            handle = os.fdopen(fd, "r+")
         except OSError as exc:
             raise LakeError(f"cannot take the rewrite lock of {name} in {directory}: {exc}") from exc
         with handle:
@@ -1923,11 +2010,12 @@ class Lake:
                 table = self.table(name)
                 if table is None:
                     continue
-                deleted = table.vacuum(
-                    retention_hours=hours, dry_run=False, enforce_retention_duration=False, full=True
+                # listed by delta-rs, removed here: only files reached without a link (fsutil.unlink_beneath)
+                listed = table.vacuum(
+                    retention_hours=hours, dry_run=True, enforce_retention_duration=False, full=True
                 )
                 table.cleanup_metadata()
-                out[name] = len(deleted)
+                out[name] = sum(fsutil.unlink_beneath(self.root / name, relative) for relative in listed)
         return out
 
     def upgrade(self) -> dict[str, int]:
@@ -1937,9 +2025,15 @@ class Lake:
         added to schema.py since they were written (as the next write to them would). Idempotent. Returns
         {dataset: files}."""
         out: dict[str, int] = {}
+        # A lake whose manifest is a table is of the current layout: a dataset folder without a log there holds
+        # nothing the lake wrote (a folder planted by whoever can write the lake made every upgrade fail), and
+        # a folder that is a link is never walked (its files and .tmp leftovers are not the lake's to remove).
+        old_layout = self.is_old_layout() or not (self.root / MANIFEST_DIR / "_delta_log").is_dir()
         for name in [MANIFEST_DIR, *DATASETS]:
             dataset = _dataset(name)
             directory = self.root / name
+            if not old_layout or directory.is_symlink():
+                continue
             if (directory / "_delta_log").is_dir() or not directory.is_dir():
                 continue
             # what an upgrade killed before its commit left: conformed copies (the originals are still there)

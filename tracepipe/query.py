@@ -27,9 +27,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tracepipe import fsutil
 from tracepipe.correlate import VMS_COMPLETE
 from tracepipe.errors import EXIT_OK, LakeError, TracepipeError, UsageError
-from tracepipe.lake import MANIFEST_DIR, PARTITION, FileEntry, Lake
+from tracepipe.lake import MANIFEST_DIR, PARTITION, FileEntry, Lake, regular_files
 from tracepipe.schema import DATASETS
 from tracepipe.units import parse_addr, parse_duration, parse_time  # noqa: F401 (re-exported)
 
@@ -95,6 +96,7 @@ def scan_sql(name: str, files: list[Path] | list[FileEntry]) -> str:
     NULLs (DuckDB cannot read files of differing columns in one scan without opening every footer)."""
     if not files:
         return empty_relation_sql(name)
+    regular_files([f.path if isinstance(f, FileEntry) else f for f in files])
     complete, older = _split_by_columns(name, files)
     if not older:
         return _read_sql(name, complete, set())
@@ -129,7 +131,10 @@ def _footer_columns(path: Path, names: frozenset[str]) -> frozenset[str]:
     """The columns a file's footer declares; all `names` when the footer does not read (the scan then fails
     on it and says which file: query.lake_file_error)."""
     try:
-        return frozenset(pq.read_schema(path).names)
+        with os.fdopen(
+            fsutil.open_regular(path), "rb"
+        ) as handle:  # (a planted FIFO: refused, never waited on)
+            return frozenset(pq.read_schema(handle).names)
     except (OSError, pa.ArrowException):
         return names
 
