@@ -8,6 +8,7 @@ reader reports, the offending piece is skipped, and the rest of the input is sti
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import re
@@ -165,6 +166,35 @@ def text_lines(text: str) -> list[str]:
     if lines[-1] == "":
         lines.pop()
     return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+@dataclass(frozen=True)
+class CsvLine:
+    """One non-blank line of a CSV text: its 1-based number and its cells, or (`problem` set) why it is not a
+    row on its own, with the csv module's words and the line's start in `detail`."""
+
+    number: int
+    cells: list[str]
+    problem: str = ""
+    detail: str = ""
+
+
+def csv_lines(text: str) -> Iterator[CsvLine]:
+    """The CSV readers of observation lists, MISP CSV exports and generic VM inventories: each non-blank line
+    read on its own, strictly. One line is one row in these formats, so a quoted cell still open at the line's
+    end ("quoted cell not closed on its line"), a stray quote after a closing one or a cell over the csv
+    module's field limit of 128 KiB ("not a CSV line") is that line's problem alone; read as one CSV document,
+    an unclosed quote swallowed every later line into one cell (their records gone, no reject)."""
+    for number, line in enumerate(text_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            cells = next(csv.reader((line,), strict=True), [])
+        except csv.Error as exc:
+            problem = "quoted cell not closed on its line" if "end of data" in str(exc) else "not a CSV line"
+            yield CsvLine(number, [], problem, f"{exc}: {line[:200]}")
+            continue
+        yield CsvLine(number, cells)
 
 
 def iter_line_blocks(

@@ -8,9 +8,7 @@ the rest is traced. Addresses are canonicalised once per unique value (stdlib ip
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -22,7 +20,7 @@ import pyarrow as pa
 from tracepipe.errors import InputError, UsageError
 from tracepipe.intel import ADDRESS_TYPES, DOMAIN_TYPES
 from tracepipe.lake import Lake
-from tracepipe.limits import json_loads
+from tracepipe.limits import csv_lines, json_loads
 from tracepipe.schema import ALERTS, TS
 from tracepipe.units import canonical_addr, in_time_window, time_window, to_utc
 
@@ -147,19 +145,22 @@ class _Kept:
 
 
 def parse_csv(text: str) -> tuple[list[dict], list[dict], list[dict]]:
-    reader = csv.DictReader(io.StringIO(text))
+    """A CSV observation list with a header, read line by line (limits.csv_lines): a line the csv module cannot
+    read alone (an unclosed quote in a comment) is a reject with its line number and the lines after it are
+    read, as for MISP CSV. Cells past the header's are ignored (an unquoted comma in a comment)."""
     kept = _Kept()
-    while not kept.full:  # (each pass consumes a line at least; rejects are capped too)
-        try:
-            record = next(reader)
-        except StopIteration:
+    header: list[str] | None = None
+    for line in csv_lines(text):
+        if kept.full:
             break
-        except csv.Error as exc:  # a field over the csv module's limit (128 KiB): that line only
-            # (the line is consumed but not counted in line_num)
-            kept.add("not a CSV line", f"line {reader.line_num + 1}", exc)
-            continue
-        ref = f"line {reader.line_num}"
-        kept.add(_record_row(record, ref), ref, record)
+        ref = f"line {line.number}"
+        if line.problem:
+            kept.add(line.problem, ref, line.detail)
+        elif header is None:
+            header = line.cells
+        else:
+            record = dict(zip(header, line.cells, strict=False))
+            kept.add(_record_row(record, ref), ref, record)
     return kept.rows, kept.rejects, []
 
 
