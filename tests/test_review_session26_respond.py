@@ -8,11 +8,14 @@ import datetime as dt
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_in_process
 from tracepipe.intel import parse_misp_csv
 from tracepipe.lake import Lake
-from tracepipe.respond.observations import parse_csv, read_observations
+from tracepipe.respond.observations import _event_range, parse_csv, read_observations
 from tracepipe.respond.trace import trace
+from tracepipe.units import to_utc_range
 
 UTC = dt.UTC
 # render-node-2 (OpenNebula): the demo's miner, one flow 06:04:59 -> 09:55 to 203.0.113.50:3333
@@ -73,3 +76,26 @@ def test_observation_lists_and_misp_csv_read_lines_alike() -> None:
         (f"line {n}", w) for n, w in zip((2, 3, 4), reasons, strict=True)
     ]
     assert [(r["line"], r["reason"]) for r in misp_rejects] == list(zip((2, 3, 4), reasons, strict=True))
+
+
+# ---- 5: a date alone is the whole day ----------------------------------------------------------------------------
+
+
+def test_a_date_alone_is_that_whole_day(story_lake: Path, tmp_path: Path) -> None:
+    """Finding 5: "10.20.1.31,2025-06-17" was read as midnight: "no holder", though jupyter-07 held it
+    05:03-10:20 and jupyter-31 from 10:40. It is the whole UTC day, as a MISP event's date is."""
+    result = _trace(story_lake, _ticket(tmp_path, "address,time\n10.20.1.31,2025-06-17\n"))
+    (answer,) = result.observations
+    day = dt.datetime(2025, 6, 17, tzinfo=UTC)
+    assert (answer["start"], answer["end"]) == (day, day + dt.timedelta(days=1, microseconds=-1))
+    assert [h["vm_name"] for h in answer["holders"]] == ["jupyter-07", "jupyter-31"]
+    assert to_utc_range("2025-06-17") == _event_range({"date": "2025-06-17"})
+    assert to_utc_range("2025-06-17T08:00:00Z") == (day + dt.timedelta(hours=8),) * 2
+
+
+@pytest.mark.parametrize("text", ["2025-06-17", "20250617", " 2025-06-17 "])
+def test_date_forms_are_whole_days(text: str) -> None:
+    start, end = to_utc_range(text) or (None, None)
+    assert start == dt.datetime(2025, 6, 17, tzinfo=UTC) and end - start == dt.timedelta(
+        days=1, microseconds=-1
+    )

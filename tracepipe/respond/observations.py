@@ -22,7 +22,7 @@ from tracepipe.intel import ADDRESS_TYPES, DOMAIN_TYPES
 from tracepipe.lake import Lake
 from tracepipe.limits import csv_lines, json_loads
 from tracepipe.schema import ALERTS, TS
-from tracepipe.units import canonical_addr, in_time_window, time_window, to_utc
+from tracepipe.units import canonical_addr, in_time_window, time_window, to_utc, to_utc_range
 
 FORMATS = ("auto", "csv", "json", "misp", "alerts")
 MAX_OBSERVATIONS = 100_000  # a ticket lists tens to thousands; more is not a ticket (the rest is rejected)
@@ -104,10 +104,11 @@ def _record_row(record: dict[str, Any], ref: str) -> dict[str, Any] | str:
     if peer_text is not None and peer is None:
         return "peer is not an IPv4/IPv6 address"
     at = _pick(record, "time")
-    start, end = to_utc(_pick(record, "start") or at), to_utc(_pick(record, "end") or at)
-    if start is None and end is None:
+    # a date alone is its whole day, as a MISP event's date is (_event_range)
+    starts, ends = to_utc_range(_pick(record, "start") or at), to_utc_range(_pick(record, "end") or at)
+    if starts is None and ends is None:
         return "no time: give time, or start and end (ISO 8601 or epoch seconds)"
-    start, end = start or end, end or start
+    start, end = (starts or ends)[0], (ends or starts)[1]  # type: ignore[index]
     if not (in_time_window(start) and in_time_window(end)):
         # (0001-01-01 or 9999-12-31 overflowed the trace's window arithmetic: an internal error)
         earliest, latest = time_window()
@@ -196,10 +197,7 @@ def parse_json(text: str) -> tuple[list[dict], list[dict], list[dict]]:
 
 def _event_range(event: dict[str, Any]) -> tuple[dt.datetime | None, dt.datetime | None]:
     """An event's date (YYYY-MM-DD) covers that whole UTC day."""
-    day = to_utc(event.get("date"))
-    if day is None or not in_time_window(day):  # (9999-12-31 + 1 day overflowed; the attributes' own times
-        return None, None  # still count, and one without any is a reject "no time")
-    return day, day + dt.timedelta(days=1) - dt.timedelta(microseconds=1)
+    return to_utc_range(event.get("date")) or (None, None)
 
 
 def parse_misp(text: str) -> tuple[list[dict], list[dict], list[dict]]:
