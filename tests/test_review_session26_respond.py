@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from tests.conftest import run_in_process
 from tracepipe.intel import parse_misp_csv
-from tracepipe.lake import Lake
+from tracepipe.lake import Lake, hash_bytes, ingest_table
+from tracepipe.limits import MAX_FLOW_DURATION
+from tracepipe.query import connect
 from tracepipe.respond.observations import _event_range, parse_csv, read_observations
+from tracepipe.respond.share import export
 from tracepipe.respond.trace import trace
+from tracepipe.schema import FLOWS, VM_LEASES, VMS
 from tracepipe.units import to_utc_range
 
 UTC = dt.UTC
@@ -30,6 +36,172 @@ def _ticket(tmp_path: Path, text: str, name: str = "ticket.csv") -> Path:
 
 def _trace(lake: Path, ticket: Path, **options: object):  # type: ignore[no-untyped-def]
     return trace(Lake(lake), read_observations(ticket), **options)  # type: ignore[arg-type]
+
+
+# ---- 1: a long-lived connection is seen from inside it -----------------------------------------------------------
+
+
+def test_a_long_lived_flow_is_found_by_an_observation_inside_it(story_lake: Path, tmp_path: Path) -> None:
+    """Finding 1: flows were matched by ts_start within the window, so the miner's one flow 06:05 -> 09:55
+    asked about at 08:30 gave 0 matching flows, no VM and no MISP attribute. A flow reaching into the window
+    matches."""
+    ticket = _ticket(
+        tmp_path,
+        "address,port,peer,time\n203.0.113.50,3333,,2025-06-17T08:30:00Z\n"
+        "10.40.0.12,3333,203.0.113.50,2025-06-17T08:30:00Z\n",
+    )
+    result = _trace(story_lake, ticket)
+    pool, miner = result.observations
+    assert pool["contacts"] == [RENDER_NODE] and pool["matching_flows"] >= 1
+    assert miner["holders"][0]["vm_name"] == "render-node-2" and miner["matching_flows"] >= 1
+    assert miner["first_seen"] < dt.datetime(2025, 6, 17, 6, 5, tzinfo=UTC)  # the flow began 2.5 h before
+    assert miner["last_seen"] > dt.datetime(2025, 6, 17, 9, 54, tzinfo=UTC)
+    assert miner["peers"] == ["203.0.113.50"]
+    assert result.evidence.num_rows == pool["matching_flows"] + miner["matching_flows"]
+    # the package's MISP event shares the pool with its port
+    run = run_in_process("trace", str(ticket), "--out", str(tmp_path / "pkg"), "--lake", str(story_lake))
+    assert run.returncode == 0, run.stderr
+    event = export("misp", tmp_path / "pkg").document["Event"]
+    assert "203.0.113.50|3333" in [a["value"] for a in event["Attribute"] if a["type"] == "ip-dst|port"]
+
+
+def _flow(start: dt.datetime, end: dt.datetime, src: str = "10.0.0.5", dst: str = "203.0.113.9") -> dict:
+    return {
+        "ts_start": start,
+        "ts_end": end,
+        "src_addr": src,
+        "dst_addr": dst,
+        "dst_port": 443,
+        "proto": 6,
+        "bytes": 100,
+        "src_vm": "vm-a",
+        "source": "hand.pcap",
+    }
+
+
+def _small_lake(root: Path, flows: list[dict]) -> Lake:
+    """vm-a holding 10.0.0.5 since 2024-12-01, and `flows`."""
+    lake = Lake(root)
+    since = dt.datetime(2024, 12, 1, tzinfo=UTC)
+    lease = {
+        "addr": "10.0.0.5",
+        "vm_id": "vm-a",
+        "vm_name": "a",
+        "project": "p",
+        "user": "u",
+        "cloud": "c",
+        "addr_kind": "fixed",
+        "valid_from": since,
+        "vm_status": "active",
+    }
+    lake.replace_dataset("vm_leases", pa.Table.from_pylist([lease], schema=VM_LEASES))
+    vm = {"vm_id": "vm-a", "vm_name": "a", "project": "p", "user": "u", "status": "active"}
+    lake.replace_dataset("vms", pa.Table.from_pylist([vm], schema=VMS))
+    ingest_table(lake, "flows", "hand", hash_bytes(b"hand"), [pa.Table.from_pylist(flows, schema=FLOWS)])
+    return lake
+
+
+def test_a_flow_begun_on_an_earlier_day_matches_within_the_bound(tmp_path: Path) -> None:
+    """Finding 1: `date BETWEEN first_day AND last_day` left out every flow begun on an earlier day. Flows
+    are looked for MAX_FLOW_DURATION back (a record lasts no longer than that from its start), no further."""
+    at = dt.datetime(2025, 1, 2, 2, 0, tzinfo=UTC)
+    across_midnight = _flow(dt.datetime(2025, 1, 1, 22, 0, tzinfo=UTC), at + dt.timedelta(hours=1))
+    six_days = _flow(at - dt.timedelta(days=6), at + dt.timedelta(hours=1), dst="203.0.113.10")
+    too_long = _flow(at - MAX_FLOW_DURATION - dt.timedelta(days=2), at, dst="203.0.113.11")
+    lake = _small_lake(tmp_path / "lake", [across_midnight, six_days, too_long])
+    result = trace(
+        lake, read_observations(_ticket(tmp_path, "address,time\n10.0.0.5,2025-01-02T02:00:00Z\n"))
+    )
+    (answer,) = result.observations
+    assert answer["matching_flows"] == 2 and answer["peers"] == ["203.0.113.10", "203.0.113.9"]
+    assert sorted(result.evidence.column("dst_addr").to_pylist()) == ["203.0.113.10", "203.0.113.9"]
+    (vm,) = result.vms
+    assert vm["traffic"]["flows"] == 2
+
+
+# ---- 2: overlapping windows, and many observations ---------------------------------------------------------------
+
+
+def _vm_flows_in(lake: Path, vm_id: str, start: dt.datetime, end: dt.datetime) -> int:
+    """Flows of a VM (either end) that reach into [start, end), counted straight from flows_attributed."""
+    con = connect(Lake(lake))
+    try:
+        ((count,),) = con.execute(
+            "SELECT count(*) FROM flows_attributed WHERE (src_vm = $vm OR dst_vm = $vm) AND ts_start < $end "
+            "AND least(ts_end, ts_start + $bound) >= $start",
+            {"vm": vm_id, "start": start, "end": end, "bound": MAX_FLOW_DURATION},
+        ).fetchall()
+    finally:
+        con.close()
+    return count
+
+
+def test_overlapping_windows_count_each_flow_once(story_lake: Path, tmp_path: Path) -> None:
+    """Finding 2: three observations of 10.20.1.19 a minute apart made web-05's traffic 874 flows instead of
+    292 (the VM's flows joined once per window): in the JSON, the HTML and the console alike."""
+    one = _ticket(tmp_path, "address,time\n10.20.1.19,2025-06-17T07:00:00Z\n", "one.csv")
+    three = _ticket(
+        tmp_path,
+        "address,time\n10.20.1.19,2025-06-17T07:00:00Z\n10.20.1.19,2025-06-17T07:01:00Z\n"
+        "10.20.1.19,2025-06-17T07:02:00Z\n",
+        "three.csv",
+    )
+    single, triple = (_trace(story_lake, t).vms[0] for t in (one, three))
+    assert single["vm_name"] == triple["vm_name"] == "web-05"
+    start, end = dt.datetime(2025, 6, 17, 6, 0, tzinfo=UTC), dt.datetime(2025, 6, 17, 8, 2, tzinfo=UTC)
+    assert triple["traffic"]["flows"] == _vm_flows_in(story_lake, single["vm_id"], start, end)
+    assert sum(c["flows"] for c in triple["connections"]) == triple["traffic"]["flows"]
+    assert single["traffic"]["flows"] <= triple["traffic"]["flows"] < 1.1 * single["traffic"]["flows"]
+
+
+def test_thousands_of_observations_of_one_address_answer_as_one(story_lake: Path, tmp_path: Path) -> None:
+    """Finding 2: 10,000 observations of 10.20.1.31 gave jupyter-07 126,107 flows (the lake holds 1,805 for
+    that address) and kept every (observation, flow) pair, ~70 columns each, before the evidence's LIMIT
+    (7.7 GB "bytes out", an OutOfMemoryException under ulimit). Each observation's answer is still its own:
+    checked against a direct count for a sample."""
+    rng = random.Random(26)
+    base = dt.datetime(2025, 6, 17, 5, 30, tzinfo=UTC)
+    times = [base + dt.timedelta(seconds=rng.randrange(4 * 3600)) for _ in range(2000)]
+    ticket = _ticket(
+        tmp_path, "address,time\n" + "".join(f"10.20.1.31,{t:%Y-%m-%dT%H:%M:%SZ}\n" for t in times)
+    )
+    result = _trace(story_lake, ticket)
+    jupyter = next(vm for vm in result.vms if vm["vm_name"] == "jupyter-07")
+    window = dt.timedelta(hours=1)
+    assert jupyter["traffic"]["flows"] == _vm_flows_in(
+        story_lake, jupyter["vm_id"], min(times) - window, max(times) + window
+    )
+    con = connect(Lake(story_lake))
+    try:
+        for answer in result.observations[:: len(times) // 20]:
+            rows = con.execute(
+                "SELECT ts_start, dst_addr FROM flows_attributed WHERE src_addr = '10.20.1.31' "
+                "AND src_vm = $vm AND ts_start < $end AND ts_end >= $start ORDER BY ts_start",
+                {"vm": jupyter["vm_id"], "start": answer["window_start"], "end": answer["window_end"]},
+            ).fetchall()
+            rows += con.execute(
+                "SELECT ts_start, src_addr FROM flows_attributed WHERE dst_addr = '10.20.1.31' "
+                "AND dst_vm = $vm AND ts_start < $end AND ts_end >= $start",
+                {"vm": jupyter["vm_id"], "start": answer["window_start"], "end": answer["window_end"]},
+            ).fetchall()
+            assert answer["matching_flows"] == len(rows), answer["ref"]
+            assert answer["peers"] == sorted({peer for _, peer in rows})[:50], answer["ref"]
+    finally:
+        con.close()
+    # the evidence: 3,000 rows, of each observation in input order its earliest 500 (and any more flows that
+    # began at the same instant as the 500th)
+    result = _trace(story_lake, ticket, max_evidence=3000, max_evidence_per_obs=500)
+    evidence = result.evidence
+    assert evidence.num_rows == 3000
+    starts: dict[int, list[dt.datetime]] = {}
+    for number, ts in zip(
+        evidence.column("obs").to_pylist(), evidence.column("ts_start").to_pylist(), strict=True
+    ):
+        starts.setdefault(number, []).append(ts)
+    assert sorted(starts) == list(range(1, len(starts) + 1)) and len(starts) >= 6
+    matching = {a["obs"]: a["matching_flows"] for a in result.observations}
+    for number, ts in list(starts.items())[:-1]:
+        assert len(ts) == matching[number] if matching[number] <= 500 else ts[499] == max(ts), number
 
 
 # ---- 3: one strict line-by-line CSV reader -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime as dt
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -89,6 +90,14 @@ DEFAULT = Limits()
 # exfiltration alert was gone; sums past 2^64 ended every sweep report of their window (hostile reviews).
 # 2^62 is beyond every threshold (detect.features.saturating_sum)
 SUM_CAP = 2**62
+
+
+# How long one flow record may last for the questions asked by time (`trace`: which flows reach into a window).
+# Exporters cut a connection into records at their active timeout (routers: 30 min at most, fprobe 5 min); the
+# longest default is softflowd's `maxlife`, 604800 s. The exporter writes ts_end, so a record is taken to last
+# from ts_start to ts_end but no longer than this: a window looks this far back for flows started before it
+# (a long-lived C&C session was invisible to `trace` asked inside it), and no further.
+MAX_FLOW_DURATION = dt.timedelta(days=7)
 
 
 def saturating_sum_sql(expr: str) -> str:
