@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import run_in_process
@@ -271,3 +272,27 @@ def test_date_forms_are_whole_days(text: str) -> None:
     assert start == dt.datetime(2025, 6, 17, tzinfo=UTC) and end - start == dt.timedelta(
         days=1, microseconds=-1
     )
+
+
+# ---- 6: other tenants' identities, keys included -----------------------------------------------------------------
+
+
+def test_other_tenants_keep_address_and_port_only(story_lake: Path, tmp_path: Path) -> None:
+    """Finding 6: the brute-force source's evidence named its victims' VM keys (dst_vm_key 4 and 6: web-03 and
+    db-01 of another project) though their names were blanked. Every column of another tenant's end but its
+    address, port and in_cloud is now empty."""
+    run = run_in_process(
+        "trace",
+        str(_ticket(tmp_path, "address,time\n10.20.1.23,2025-06-17T07:30:00Z\n")),
+        "--out",
+        str(tmp_path / "pkg"),
+        "--lake",
+        str(story_lake),
+    )
+    assert run.returncode == 0, run.stderr
+    evidence = pq.read_table(tmp_path / "pkg" / "evidence-flows.parquet").to_pylist()
+    others = [row for row in evidence if row["dst_in_cloud"] and row["dst_vm"] is None]
+    assert {row["dst_addr"] for row in others} >= {"10.20.1.13", "10.20.1.15"}
+    for row in others:
+        named = {k: v for k, v in row.items() if k.startswith("dst_") and v is not None}
+        assert set(named) <= {"dst_addr", "dst_port", "dst_in_cloud"}, named

@@ -634,7 +634,11 @@ def _spread(con: duckdb.DuckDBPyConnection, scan: dict[str, Any]) -> dict[str, l
     return out
 
 
-_PEER_COLUMNS = ("vm_name", "project", "user", "hypervisor", "vm_status", "image")
+# What an evidence row keeps of an end that is another tenant's VM: where it was (address, port) and that it was
+# the cloud's. Every other column of that end (src_vm, src_vm_key, src_vm_name, src_project, ... and whatever
+# `{end}_` column attribution adds next) is blanked: an allowlist, so a new identity column starts out private
+# (a denylist of names left src_vm_key/dst_vm_key, which `tracepipe sql` turns into the VM, in the package).
+_PEER_KEPT = ("addr", "port", "in_cloud")
 
 
 def _privacy_filter(evidence: pa.Table, found: set[str], include_spread: bool) -> pa.Table:
@@ -652,10 +656,10 @@ def _privacy_filter(evidence: pa.Table, found: set[str], include_spread: bool) -
     for side in ("src", "dst"):
         keep = pc.is_in(evidence.column(f"{side}_vm"), value_set=pa.array(sorted(found), pa.string()))
         keep = pc.fill_null(keep, False)
-        for column in [f"{side}_vm", *(f"{side}_{c}" for c in _PEER_COLUMNS)]:
-            if column in evidence.column_names:
-                index = evidence.column_names.index(column)
-                values = evidence.column(column)
+        kept = {f"{side}_{name}" for name in _PEER_KEPT}
+        for index, column in enumerate(evidence.column_names):
+            if column.startswith(f"{side}_") and column not in kept:
+                values = evidence.column(index)
                 evidence = evidence.set_column(
                     index, column, pc.if_else(keep, values, pa.nulls(len(values), values.type))
                 )
