@@ -7,20 +7,22 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import shutil
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import run_in_process
+from tests.conftest import ingest_syslog, run_in_process
 from tracepipe.intel import parse_misp_csv
 from tracepipe.lake import Lake, hash_bytes, ingest_table
 from tracepipe.limits import MAX_FLOW_DURATION
 from tracepipe.query import connect
 from tracepipe.respond.observations import _event_range, parse_csv, read_observations
 from tracepipe.respond.share import export
-from tracepipe.respond.trace import trace
+from tracepipe.respond.trace import LOG_TEXT_CHARS, MAX_LOG_BYTES, trace
 from tracepipe.schema import FLOWS, VM_LEASES, VMS
 from tracepipe.units import to_utc_range
 
@@ -296,3 +298,41 @@ def test_other_tenants_keep_address_and_port_only(story_lake: Path, tmp_path: Pa
     for row in others:
         named = {k: v for k, v in row.items() if k.startswith("dst_") and v is not None}
         assert set(named) <= {"dst_addr", "dst_port", "dst_in_cloud"}, named
+
+
+# ---- 7: a VM's own log lines -------------------------------------------------------------------------------------
+
+
+def test_a_vms_own_log_lines_do_not_bloat_the_package(story_lake: Path, tmp_path: Path) -> None:
+    """Finding 7: 100 syslog lines of 1 MB written inside web-03 made index.html and trace.json 100 MB each.
+    Each text is cut in the package (its length said), the lines per VM stop at about MAX_LOG_BYTES of text
+    (the rest counted), and the lake keeps every line whole."""
+    lake = tmp_path / "lake"
+    shutil.copytree(story_lake, lake)
+    log = tmp_path / "web-03.log"
+    log.write_text(
+        "".join(f"Jun 17 07:3{i // 60}:{i % 60:02d} web-03 app[1]: {'A' * 200_000}\n" for i in range(40))
+    )
+    ingest_syslog(Lake(lake), [log], year=2025)
+    ticket = _ticket(tmp_path, "address,time\n10.20.1.13,2025-06-17T07:30:00Z\n")
+    run = run_in_process("trace", str(ticket), "--out", str(tmp_path / "pkg"), "--lake", str(lake))
+    assert run.returncode == 0, run.stderr
+    for name in ("index.html", "trace.json"):
+        assert (tmp_path / "pkg" / name).stat().st_size < 1_000_000, name  # (8 MB of log lines went in)
+    (vm,) = (
+        v
+        for v in json.loads((tmp_path / "pkg" / "trace.json").read_text())["vms"]
+        if v["vm_name"] == "web-03"
+    )
+    long = [entry["message"] for entry in vm["logs"] if entry["message"].startswith("AAAA")]
+    assert long and all(m.endswith(f" … {200_000 - LOG_TEXT_CHARS} bytes more") for m in long)
+    assert sum(len(entry["message"]) for entry in vm["logs"]) <= MAX_LOG_BYTES + len(long[0])
+    assert (
+        vm["logs_left_out"] > 0
+        and "more lines in the windows" in (tmp_path / "pkg" / "index.html").read_text()
+    )
+    whole = duckdb.connect().execute(
+        "SELECT max(strlen(message)) FROM read_parquet($files)",
+        {"files": [str(p) for p in (lake / "vm_logs").rglob("*.parquet")]},
+    )
+    assert whole.fetchall() == [(200_000,)]

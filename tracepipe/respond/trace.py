@@ -31,6 +31,8 @@ from tracepipe.respond.observations import Observations
 
 MAX_CONNECTIONS = 500  # per VM, biggest first: the package stays readable; the CSV has every evidence flow
 MAX_LOGS = 200  # VM log lines per VM
+MAX_LOG_BYTES = 64 * 1024  # ... and their text per VM: lines after that are counted, not copied
+LOG_TEXT_CHARS = 2048  # one log field in the package; the lake keeps the whole line (limits.line_bytes)
 MAX_EVIDENCE = 200_000  # matching flow rows kept as evidence, in observation order
 MAX_EVIDENCE_PER_OBS = 50_000  # ... per observation, its earliest: one busy address does not take all
 MAX_LISTED = 50  # peers and ports listed per answer (the lowest)
@@ -206,6 +208,15 @@ FROM flows_attributed f JOIN _vm_spans s
   ON f.dst_vm = s.vm_id AND {_IN_SPAN}
 WHERE {_FLOW_SCAN}
 """
+
+
+def _cut(column: str) -> str:
+    """SQL: a text column of a VM's log line as the package shows it, LOG_TEXT_CHARS at most (the VM writes it:
+    100 lines of 1 MB made a 100 MB page)."""
+    return (
+        f"CASE WHEN length({column}) > {LOG_TEXT_CHARS} THEN left({column}, {LOG_TEXT_CHARS}) || ' … ' || "
+        f"(strlen({column}) - strlen(left({column}, {LOG_TEXT_CHARS}))) || ' bytes more' ELSE {column} END"
+    )
 
 
 @dataclass
@@ -526,16 +537,27 @@ def _vm_facts(
         )
     ):
         timelines.setdefault(row.pop("vm_id"), []).append(row)
+    # the VM's log lines in its windows as the package shows them: each text cut, MAX_LOGS lines and about
+    # MAX_LOG_BYTES of text at most (the rest counted in logs_left_out; the lake keeps every line whole)
     logs: dict[str, list[dict[str, Any]]] = {}
+    logs_total: dict[str, int] = {}
     for row in _rows(
         con.execute(
-            f"""SELECT l.vm_id, l.ts, l.hostname, l.app, l.auth_event, l.auth_user, l.auth_src_addr, l.message,
-                       l.source, l.line
-                FROM vm_logs l SEMI JOIN _vm_windows w ON l.vm_id = w.vm_id AND l.ts >= w.w_start AND l.ts < w.w_end
-                QUALIFY row_number() OVER (PARTITION BY l.vm_id ORDER BY l.ts) <= {MAX_LOGS}
-                ORDER BY l.vm_id, l.ts"""
+            f"""SELECT * EXCLUDE (n, upto) FROM (
+                  SELECT *, row_number() OVER w AS n, count(*) OVER (PARTITION BY vm_id) AS total,
+                         sum(strlen(coalesce(hostname, '')) + strlen(coalesce(app, ''))
+                             + strlen(coalesce(auth_user, '')) + strlen(coalesce(message, ''))) OVER w AS upto
+                  FROM (SELECT l.vm_id, l.ts, {_cut("l.hostname")} AS hostname, {_cut("l.app")} AS app,
+                               l.auth_event, {_cut("l.auth_user")} AS auth_user, l.auth_src_addr,
+                               {_cut("l.message")} AS message, l.source, l.line
+                        FROM vm_logs l SEMI JOIN _vm_spans s
+                          ON l.vm_id = s.vm_id AND l.ts >= s.i_start AND l.ts < s.i_end)
+                  WINDOW w AS (PARTITION BY vm_id ORDER BY ts, line ROWS UNBOUNDED PRECEDING))
+                WHERE n <= {MAX_LOGS} AND (n = 1 OR upto <= {MAX_LOG_BYTES})
+                ORDER BY vm_id, ts, line"""
         )
     ):
+        logs_total[row["vm_id"]] = row.pop("total")
         logs.setdefault(row.pop("vm_id"), []).append(row)
     siblings = _siblings(con)
     spread = _spread(con, scan) if include_spread else {}
@@ -550,6 +572,7 @@ def _vm_facts(
         vm["connections"] = connections.get(vm_id, [])
         vm["timeline"] = timelines.get(vm_id, [])
         vm["logs"] = logs.get(vm_id, [])
+        vm["logs_left_out"] = logs_total.get(vm_id, 0) - len(vm["logs"])
         vm["owner_vms"] = [s for s in siblings.get(vm_id, []) if s.pop("same_user")]
         vm["project_vms"] = siblings.get(vm_id, [])
         for s in vm["owner_vms"] + vm["project_vms"]:
