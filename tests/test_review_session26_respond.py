@@ -253,6 +253,39 @@ def test_observation_lists_and_misp_csv_read_lines_alike() -> None:
     assert [(r["line"], r["reason"]) for r in misp_rejects] == list(zip((2, 3, 4), reasons, strict=True))
 
 
+# ---- 4: --force replaces a package, nothing else -----------------------------------------------------------------
+
+
+def test_force_never_replaces_a_folder_that_is_no_package_nor_follows_a_link(
+    story_lake: Path, tmp_path: Path
+) -> None:
+    """Finding 4: `trace --out shared/ssc-2025-06 --force`, with that name a planted link to victim/, deleted
+    victim/notes/thesis.tex (exit 0): --out was resolved, and with --force any folder was rmtree'd."""
+    ticket = _ticket(tmp_path, "address,time\n10.20.1.19,2025-06-17T07:00:00Z\n")
+    thesis = tmp_path / "victim" / "notes" / "thesis.tex"
+    thesis.parent.mkdir(parents=True)
+    thesis.write_text("precious")
+    (tmp_path / "shared").mkdir()
+    link = tmp_path / "shared" / "ssc-2025-06"
+    link.symlink_to(tmp_path / "victim")
+    lake = str(story_lake)
+    run = run_in_process("trace", str(ticket), "--out", str(link), "--force", "--lake", lake)
+    assert run.returncode == 2 and "symbolic link" in run.stderr
+    assert thesis.read_text() == "precious" and link.is_symlink()
+    # a real folder of other things: refused with --force too
+    run = run_in_process("trace", str(ticket), "--out", str(tmp_path / "victim"), "--force", "--lake", lake)
+    assert run.returncode == 2 and "not a package" in run.stderr and thesis.read_text() == "precious"
+    # a package is replaced, and leaves nothing behind
+    package = tmp_path / "pkg"
+    assert run_in_process("trace", str(ticket), "--out", str(package), "--lake", lake).returncode == 0
+    before = (package / "trace.json").read_text()
+    assert (
+        run_in_process("trace", str(ticket), "--out", str(package), "--force", "--lake", lake).returncode == 0
+    )
+    assert (package / "trace.json").read_text() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg", "shared", "ticket.csv", "victim"]
+
+
 # ---- 5: a date alone is the whole day ----------------------------------------------------------------------------
 
 
