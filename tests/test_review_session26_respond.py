@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -369,3 +370,33 @@ def test_a_vms_own_log_lines_do_not_bloat_the_package(story_lake: Path, tmp_path
         {"files": [str(p) for p in (lake / "vm_logs").rglob("*.parquet")]},
     )
     assert whole.fetchall() == [(200_000,)]
+
+
+# ---- 8: file names that are not UTF-8 ----------------------------------------------------------------------------
+
+
+def test_file_names_that_are_not_utf8_are_escaped_not_an_internal_error(
+    story_lake: Path, tmp_path: Path
+) -> None:
+    """Finding 8: a package traced from "ticket-\\xff.csv" made `export misp` an internal error (uuid5 of
+    the title: UnicodeEncodeError, exit 4); so did `trace --out pkg-\\xff` (pyarrow given the path)."""
+    name = os.fsdecode(b"ticket-\xff.csv")
+    ticket = _ticket(
+        tmp_path, "address,port,peer,time\n10.20.1.19,443,192.0.2.77,2025-06-17T07:00:00Z\n", name
+    )
+    package = tmp_path / "pkg"
+    lake = str(story_lake)
+    assert run_in_process("trace", str(ticket), "--out", str(package), "--lake", lake).returncode == 0
+    run = run_in_process("export", "misp", str(package), "--lake", lake)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["Event"]["info"] == "tracepipe trace of ticket-\\udcff.csv"  # as printed
+    odd = tmp_path / os.fsdecode(b"pkg-\xff")
+    run = run_in_process("trace", str(ticket), "--out", str(odd), "--format", "json", "--lake", lake)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in odd.iterdir()) == [
+        "evidence-flows.csv",
+        "evidence-flows.parquet",
+        "index.html",
+        "trace.json",
+    ]
+    assert json.loads(run.stdout)["source"].endswith("ticket-\\udcff.csv")

@@ -188,8 +188,11 @@ def write_package(result: TraceResult, out: Path, lake_root: Path, force: bool =
         (staging / FILES["json"]).write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
         (staging / FILES["html"]).write_text(render_trace_html(data), encoding="utf-8")
         csv_table, full = _evidence_tables(result)
-        pacsv.write_csv(csv_table, staging / FILES["csv"])
-        pq.write_table(full, staging / FILES["parquet"], compression="zstd")
+        # (file objects, not paths: pyarrow encodes a path as UTF-8, and a name that is not failed)
+        with open(staging / FILES["csv"], "wb") as handle:
+            pacsv.write_csv(csv_table, handle)
+        with open(staging / FILES["parquet"], "wb") as handle:
+            pq.write_table(full, handle, compression="zstd")
         for path in staging.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from tracepipe.errors import EXIT_OK, EnvironmentProblem, InputError, UsageError
 from tracepipe.lake import Lake
+from tracepipe.printer import clean
 from tracepipe.respond.observations import hostname
 from tracepipe.units import to_utc
 
@@ -554,6 +555,9 @@ def export(
             )
     kept, left_out = select(indicators, include_local)
     title = title.replace("({} indicators)", f"({len(kept)} indicators)") if not info else title
+    # text, not bytes: a file name or --info that is not UTF-8 (lone surrogates) shown as visible escapes, as
+    # the printer does (the event's uuid5 of the title failed with UnicodeEncodeError: exit 4)
+    title = clean(title)
     if left_out:
         notes.append(f"{left_out} local VM addresses left out (--include-local to share them)")
     if fmt == "misp":

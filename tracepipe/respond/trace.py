@@ -25,6 +25,7 @@ from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
 from tracepipe.lake import Lake
 from tracepipe.limits import MAX_FLOW_DURATION
 from tracepipe.maintenance import version_token
+from tracepipe.printer import clean
 from tracepipe.query import connect, vm_now
 from tracepipe.report.html import SERVICE_PORT
 from tracepipe.respond.observations import Observations
@@ -260,7 +261,7 @@ class TraceResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "source": self.source,
+            "source": clean(self.source),  # (a file name that is not UTF-8: its bytes as visible escapes)
             "input_format": self.input_format,
             "generated_at": self.generated_at,
             "lake_version": self.lake_version,
@@ -272,7 +273,7 @@ class TraceResult:
             "rejects": self.rejects,
             "domains": self.domains,
             "seconds": round(self.seconds, 3),
-            "package": {kind: str(path) for kind, path in self.package.items()},
+            "package": {kind: clean(path) for kind, path in self.package.items()},
             "exit_code": self.exit_code,
         }
 
