@@ -22,7 +22,7 @@ from tracepipe.lake import Lake, hash_bytes, ingest_table
 from tracepipe.limits import MAX_FLOW_DURATION
 from tracepipe.query import connect
 from tracepipe.respond.observations import _event_range, parse_csv, read_observations
-from tracepipe.respond.share import export
+from tracepipe.respond.share import Indicator, export, stix_bundle
 from tracepipe.respond.trace import LOG_TEXT_CHARS, MAX_LOG_BYTES, trace
 from tracepipe.schema import FLOWS, VM_LEASES, VMS
 from tracepipe.units import to_utc_range
@@ -400,3 +400,23 @@ def test_file_names_that_are_not_utf8_are_escaped_not_an_internal_error(
         "trace.json",
     ]
     assert json.loads(run.stdout)["source"].endswith("ticket-\\udcff.csv")
+
+
+# ---- smaller: one STIX object per id -----------------------------------------------------------------------------
+
+
+def test_an_address_shared_with_and_without_a_port_is_one_stix_object() -> None:
+    """The same address exported with and without a port gave two SCOs of the same id in one bundle."""
+    seen = dt.datetime(2025, 6, 17, 7, tzinfo=UTC)
+    bundle = stix_bundle(
+        [
+            Indicator("192.0.2.77", "ip", "dst", 443, seen, seen, 3),
+            Indicator("192.0.2.77", "ip", "dst", None, seen),
+        ],
+        "test",
+    )
+    ids = [o["id"] for o in bundle["objects"]]
+    assert len(ids) == len(set(ids))
+    (sco,) = (o for o in bundle["objects"] if o["type"] == "ipv4-addr")
+    observed = [o for o in bundle["objects"] if o["type"] == "observed-data"]
+    assert len(observed) == 2 and all(o["object_refs"] == [sco["id"]] for o in observed)

@@ -453,6 +453,7 @@ def stix_bundle(
             "object_marking_refs": marking,
         }
     ]
+    scos: set[str] = set()
     for item in indicators:
         kind, pattern = _pattern(item)
         indicator_id = f"indicator--{uuid.uuid4()}"
@@ -476,7 +477,10 @@ def stix_bundle(
             }
         )
         sco = {"type": kind, "spec_version": "2.1", "id": _sco_id(kind, item.value), "value": item.value}
-        objects.append(sco)
+        # one SCO per id (its value): an address shared with and without a port made two objects of one id
+        if sco["id"] not in scos:
+            scos.add(sco["id"])
+            objects.append(sco)
         observed_id = f"observed-data--{uuid.uuid4()}"
         objects.append(
             {
