@@ -265,6 +265,28 @@ def ingest_syslog(lake: Any, paths: list[Path], **options: Any) -> tuple[Any, An
     return report, done
 
 
+@pytest.fixture(scope="module")
+def story_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A lake of the demo story (tracepipe/demo_story): its VM lifecycle, NetFlow captures and syslog, landed
+    as `tracepipe ingest vm|netflow|syslog` land them. Read it; copy it to change it."""
+    import datetime as dt
+
+    from tracepipe.ingest.flows import ingest_flow_files
+    from tracepipe.ingest.vm import ingest_syslog_files
+    from tracepipe.lake import Lake
+
+    story = Path(__file__).resolve().parents[1] / "tracepipe" / "demo_story"
+    root = tmp_path_factory.mktemp("story") / "lake"
+    lake = Lake(root)
+    # ingest_vm_files lands the sources, correlation builds the leases (as `tracepipe ingest vm` does)
+    ingest_vm(
+        lake, [story / "nova", story / "neutron", story / "opennebula"], reclaim_interval=dt.timedelta(days=1)
+    )
+    assert ingest_flow_files(lake, sorted((story / "netflow").glob("*.pcap"))).exit_code == 0
+    ingest_syslog_files(lake, [story / "syslog"], year=2025)
+    return root
+
+
 def decode_export(datagrams: list[bytes], source: str, exporter: str = probes.LOOPBACK_V4) -> list[dict]:
     """The rows decode_datagrams makes of one exporter's datagrams in one batch, asserting no rejects."""
     import numpy as np

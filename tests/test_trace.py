@@ -18,14 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 from support import ssc
 
-from tests.conftest import ingest_vm, run_in_process, run_tracepipe
+from tests.conftest import run_in_process, run_tracepipe
 from tests.test_report import _chromium
 from tracepipe.lake import Lake, hash_bytes, ingest_table
 from tracepipe.respond.observations import read_observations
 from tracepipe.respond.trace import trace
 from tracepipe.schema import FLOWS, VM_LEASES, VMS
 
-STORY = Path(__file__).resolve().parents[1] / "tracepipe" / "demo_story"
 JUPYTER07 = "09575d72-77d4-46c0-b6e8-1a0e584d7306"
 EVIL = "<script>alert(1)</script>\x1b[31mred"
 
@@ -36,22 +35,6 @@ def iso(text: str) -> str:
 
 
 # ---- the demo story, through the CLI ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def story_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tracepipe.ingest.flows import ingest_flow_files
-    from tracepipe.ingest.vm import ingest_syslog_files
-
-    root = tmp_path_factory.mktemp("story") / "lake"
-    lake = Lake(root)
-    # ingest_vm_files lands the sources, correlation builds the leases (as `tracepipe ingest vm` does)
-    ingest_vm(
-        lake, [STORY / "nova", STORY / "neutron", STORY / "opennebula"], reclaim_interval=dt.timedelta(days=1)
-    )
-    assert ingest_flow_files(lake, sorted((STORY / "netflow").glob("*.pcap"))).exit_code == 0
-    ingest_syslog_files(lake, [STORY / "syslog"], year=2025)
-    return root
 
 
 STORY_OBSERVATIONS = [

@@ -10,7 +10,6 @@ prefix length.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import hashlib
 import ipaddress
@@ -33,7 +32,14 @@ from tracepipe.detect.features import ipv4_to_int
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.fsutil import input_problem
 from tracepipe.lake import FileEntry, Lake, hash_file, ingest_table, read_parquet_files
-from tracepipe.limits import LINE_TOO_LONG, json_loads, read_text_bounded, text_lines, too_long_detail
+from tracepipe.limits import (
+    LINE_TOO_LONG,
+    csv_lines,
+    json_loads,
+    read_text_bounded,
+    text_lines,
+    too_long_detail,
+)
 from tracepipe.schema import INTEL, REJECTS
 from tracepipe.units import canonical_addr, in_time_window, parse_network, to_utc
 
@@ -257,39 +263,34 @@ def _attribute_row(
 REQUIRED_CELLS = ("type", "value")
 
 
-def _csv_cells(line: str) -> list[str]:
-    """One line of a CSV -> its cells; csv.Error for a quoted cell not closed on its line, a stray quote after
-    a closing one, or a cell over the csv module's field limit (128 KiB, below limits.line_bytes)."""
-    return next(csv.reader((line,), strict=True), [])
-
-
 def parse_misp_csv(text: str, include_non_ids: bool = False) -> tuple[list[dict], list[dict], Skipped]:
-    """A MISP CSV export, read line by line: a MISP export quotes every cell on its row, so a quoted cell that
-    runs over a line end is a stray quote, and read as CSV it would swallow the rows after it into one comment
-    (those indicators gone, no reject). Such a line, a line the csv module cannot read and a row lacking a
-    required cell are each one reject with its line number; the lines after them are read as rows again."""
-    lines = text_lines(text)
-    try:
-        header = [cell.strip() for cell in _csv_cells(lines[0])] if lines else []
-    except csv.Error as exc:
-        return [], [_reject(1, "not a MISP CSV export", f"header: {exc}")], Skipped()
+    """A MISP CSV export, read line by line (limits.csv_lines): a MISP export quotes every cell on its row, so a
+    quoted cell that runs over a line end is a stray quote. Such a line, a line the csv module cannot read and a
+    row lacking a required cell are each one reject with its line number; the lines after them are read."""
+    lines = csv_lines(text)
+    first = next(lines, None)
+    if first is not None and first.problem:
+        return [], [_reject(first.number, "not a MISP CSV export", f"header: {first.detail}")], Skipped()
+    header = [cell.strip() for cell in first.cells] if first is not None else []
     missing = set(REQUIRED_CELLS) - set(header)
     if missing:
         return (
             [],
-            [_reject(1, "not a MISP CSV export", f"header lacks {', '.join(sorted(missing))}")],
+            [
+                _reject(
+                    first.number if first else 1,
+                    "not a MISP CSV export",
+                    f"header lacks {', '.join(sorted(missing))}",
+                )
+            ],
             Skipped(),
         )
     needed = max(header.index(name) for name in REQUIRED_CELLS) + 1
     rows, rejects, skipped = [], [], Skipped()
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        try:
-            cells = _csv_cells(line)
-        except csv.Error as exc:
-            reason = "quoted cell not closed on its line" if "end of data" in str(exc) else "not a CSV line"
-            rejects.append(_reject(number, reason, f"{exc}: {line[:200]}"))
+    for line in lines:
+        number, cells = line.number, line.cells
+        if line.problem:
+            rejects.append(_reject(number, line.problem, line.detail))
             continue
         if len(cells) > len(header):
             rejects.append(_reject(number, "too many columns", str(cells[len(header) :])))
@@ -299,7 +300,7 @@ def parse_misp_csv(text: str, include_non_ids: bool = False) -> tuple[list[dict]
                 _reject(
                     number,
                     f"missing cells ({', '.join(REQUIRED_CELLS)})",
-                    f"{len(cells)} cells, the header names {len(header)}: {line[:200]}",
+                    f"{len(cells)} cells, the header names {len(header)}: {','.join(cells)[:200]}",
                 )
             )
             continue

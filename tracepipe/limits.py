@@ -8,7 +8,9 @@ reader reports, the offending piece is skipped, and the rest of the input is sti
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import datetime as dt
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -88,6 +90,14 @@ DEFAULT = Limits()
 # exfiltration alert was gone; sums past 2^64 ended every sweep report of their window (hostile reviews).
 # 2^62 is beyond every threshold (detect.features.saturating_sum)
 SUM_CAP = 2**62
+
+
+# How long one flow record may last for the questions asked by time (`trace`: which flows reach into a window).
+# Exporters cut a connection into records at their active timeout (routers: 30 min at most, fprobe 5 min); the
+# longest default is softflowd's `maxlife`, 604800 s. The exporter writes ts_end, so a record is taken to last
+# from ts_start to ts_end but no longer than this: a window looks this far back for flows started before it
+# (a long-lived C&C session was invisible to `trace` asked inside it), and no further.
+MAX_FLOW_DURATION = dt.timedelta(days=7)
 
 
 def saturating_sum_sql(expr: str) -> str:
@@ -170,6 +180,35 @@ def text_lines(text: str) -> list[str]:
     if lines[-1] == "":
         lines.pop()
     return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+@dataclass(frozen=True)
+class CsvLine:
+    """One non-blank line of a CSV text: its 1-based number and its cells, or (`problem` set) why it is not a
+    row on its own, with the csv module's words and the line's start in `detail`."""
+
+    number: int
+    cells: list[str]
+    problem: str = ""
+    detail: str = ""
+
+
+def csv_lines(text: str) -> Iterator[CsvLine]:
+    """The CSV readers of observation lists, MISP CSV exports and generic VM inventories: each non-blank line
+    read on its own, strictly. One line is one row in these formats, so a quoted cell still open at the line's
+    end ("quoted cell not closed on its line"), a stray quote after a closing one or a cell over the csv
+    module's field limit of 128 KiB ("not a CSV line") is that line's problem alone; read as one CSV document,
+    an unclosed quote swallowed every later line into one cell (their records gone, no reject)."""
+    for number, line in enumerate(text_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            cells = next(csv.reader((line,), strict=True), [])
+        except csv.Error as exc:
+            problem = "quoted cell not closed on its line" if "end of data" in str(exc) else "not a CSV line"
+            yield CsvLine(number, [], problem, f"{exc}: {line[:200]}")
+            continue
+        yield CsvLine(number, cells)
 
 
 def iter_line_blocks(

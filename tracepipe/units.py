@@ -33,6 +33,7 @@ __all__ = [
     "parse_time",
     "time_window",
     "to_utc",
+    "to_utc_range",
 ]
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d|w)?", re.IGNORECASE)
@@ -129,6 +130,22 @@ def to_utc(value: Any, naive_tz: dt.tzinfo = dt.UTC) -> dt.datetime | None:
         return parsed.astimezone(dt.UTC)  # 0001-01-01T00:00+01:00 has no UTC time: OverflowError
     except (ValueError, OverflowError, OSError):
         return None
+
+
+def to_utc_range(value: Any, naive_tz: dt.tzinfo = dt.UTC) -> tuple[dt.datetime, dt.datetime] | None:
+    """A time from data as the span it names, both ends inclusive: a date alone (2025-06-17, 20250617) is that
+    whole UTC day, 00:00 to its last microsecond (an incident ticket's or a MISP event's date: read as
+    midnight, the day's holders were "nobody"); any other time (to_utc) is one instant. None if no time."""
+    if isinstance(value, str):
+        try:
+            day = dt.date.fromisoformat(value.strip())
+        except ValueError:
+            day = None
+        if day is not None:
+            start = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
+            return start, start + (dt.timedelta(days=1) - dt.timedelta(microseconds=1))  # (no 10000-01-01)
+    instant = to_utc(value, naive_tz)
+    return None if instant is None else (instant, instant)
 
 
 def time_window(now: dt.datetime | None = None) -> tuple[dt.datetime, dt.datetime]:

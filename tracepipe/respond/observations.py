@@ -8,9 +8,7 @@ the rest is traced. Addresses are canonicalised once per unique value (stdlib ip
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -22,9 +20,9 @@ import pyarrow as pa
 from tracepipe.errors import InputError, UsageError
 from tracepipe.intel import ADDRESS_TYPES, DOMAIN_TYPES
 from tracepipe.lake import Lake
-from tracepipe.limits import json_loads
+from tracepipe.limits import csv_lines, json_loads
 from tracepipe.schema import ALERTS, TS
-from tracepipe.units import canonical_addr, in_time_window, time_window, to_utc
+from tracepipe.units import canonical_addr, in_time_window, time_window, to_utc, to_utc_range
 
 FORMATS = ("auto", "csv", "json", "misp", "alerts")
 MAX_OBSERVATIONS = 100_000  # a ticket lists tens to thousands; more is not a ticket (the rest is rejected)
@@ -106,10 +104,11 @@ def _record_row(record: dict[str, Any], ref: str) -> dict[str, Any] | str:
     if peer_text is not None and peer is None:
         return "peer is not an IPv4/IPv6 address"
     at = _pick(record, "time")
-    start, end = to_utc(_pick(record, "start") or at), to_utc(_pick(record, "end") or at)
-    if start is None and end is None:
+    # a date alone is its whole day, as a MISP event's date is (_event_range)
+    starts, ends = to_utc_range(_pick(record, "start") or at), to_utc_range(_pick(record, "end") or at)
+    if starts is None and ends is None:
         return "no time: give time, or start and end (ISO 8601 or epoch seconds)"
-    start, end = start or end, end or start
+    start, end = (starts or ends)[0], (ends or starts)[1]  # type: ignore[index]
     if not (in_time_window(start) and in_time_window(end)):
         # (0001-01-01 or 9999-12-31 overflowed the trace's window arithmetic: an internal error)
         earliest, latest = time_window()
@@ -147,19 +146,22 @@ class _Kept:
 
 
 def parse_csv(text: str) -> tuple[list[dict], list[dict], list[dict]]:
-    reader = csv.DictReader(io.StringIO(text))
+    """A CSV observation list with a header, read line by line (limits.csv_lines): a line the csv module cannot
+    read alone (an unclosed quote in a comment) is a reject with its line number and the lines after it are
+    read, as for MISP CSV. Cells past the header's are ignored (an unquoted comma in a comment)."""
     kept = _Kept()
-    while not kept.full:  # (each pass consumes a line at least; rejects are capped too)
-        try:
-            record = next(reader)
-        except StopIteration:
+    header: list[str] | None = None
+    for line in csv_lines(text):
+        if kept.full:
             break
-        except csv.Error as exc:  # a field over the csv module's limit (128 KiB): that line only
-            # (the line is consumed but not counted in line_num)
-            kept.add("not a CSV line", f"line {reader.line_num + 1}", exc)
-            continue
-        ref = f"line {reader.line_num}"
-        kept.add(_record_row(record, ref), ref, record)
+        ref = f"line {line.number}"
+        if line.problem:
+            kept.add(line.problem, ref, line.detail)
+        elif header is None:
+            header = line.cells
+        else:
+            record = dict(zip(header, line.cells, strict=False))
+            kept.add(_record_row(record, ref), ref, record)
     return kept.rows, kept.rejects, []
 
 
@@ -195,10 +197,7 @@ def parse_json(text: str) -> tuple[list[dict], list[dict], list[dict]]:
 
 def _event_range(event: dict[str, Any]) -> tuple[dt.datetime | None, dt.datetime | None]:
     """An event's date (YYYY-MM-DD) covers that whole UTC day."""
-    day = to_utc(event.get("date"))
-    if day is None or not in_time_window(day):  # (9999-12-31 + 1 day overflowed; the attributes' own times
-        return None, None  # still count, and one without any is a reject "no time")
-    return day, day + dt.timedelta(days=1) - dt.timedelta(microseconds=1)
+    return to_utc_range(event.get("date")) or (None, None)
 
 
 def parse_misp(text: str) -> tuple[list[dict], list[dict], list[dict]]:

@@ -6,11 +6,13 @@
   evidence-flows.parquet  the same rows with every flow column, the source file and the lake version
 
 The folder is built beside the target and renamed into place, so a reader never sees half a package; an
-existing folder is replaced only with force, and a folder inside the lake is refused.
+existing package is replaced only with force (a folder holding anything else, or a symbolic link, never), and
+a folder inside the lake is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -55,21 +57,51 @@ FILES = {
 
 
 def check_out_dir(out: Path, lake_root: Path, force: bool) -> Path:
-    """The package folder, resolved; UsageError if it is inside the lake, or exists and holds files (without
-    force), or is not a folder."""
-    target = Path(out).resolve()
+    """The package folder as given (absolute; a symbolic link there is not followed), or UsageError: it
+    overlaps the lake, is a symbolic link, is not a folder, or holds files and force was not given, or holds
+    anything but a package's own files (FILES). force replaces a package, never a folder of other things: with
+    any folder a planted `shared/ssc -> ~/thesis` and --force deleted the thesis."""
+    target = Path(os.path.abspath(out))
+    if target.is_symlink():
+        raise UsageError(
+            f"--out {out} is a symbolic link (to {os.readlink(target)}); give the folder itself: a package is "
+            "written to, and replaced in, a real folder only"
+        )
     lake = Path(lake_root).resolve()
-    if target == lake or target.is_relative_to(lake) or lake.is_relative_to(target):
+    resolved = target.resolve()  # (a parent may be a link: it decides where the lake check looks)
+    if resolved == lake or resolved.is_relative_to(lake) or lake.is_relative_to(resolved):
         raise UsageError(
             f"--out {out} overlaps the lake ({lake}); the package never goes into the lake: choose another folder"
         )
     if target.exists() and not target.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the package")
-    if target.is_dir() and any(target.iterdir()) and not force:
+    entries = list(os.scandir(target)) if target.is_dir() else []
+    if entries and not force:
         raise UsageError(
             f"--out {out} already holds files; give a new folder, or --force to replace that package"
         )
+    foreign = sorted(
+        e.name for e in entries if e.name not in FILES.values() or not e.is_file(follow_symlinks=False)
+    )
+    if foreign:
+        raise UsageError(
+            f"--out {out} holds {len(foreign)} entries that are not a package's ({', '.join(foreign[:5])}): --force "
+            "replaces only a package that `tracepipe trace` wrote; give a new folder"
+        )
     return target
+
+
+def _remove_package(folder: Path) -> None:
+    """Delete a replaced package: its own files, then the folder. Never through a link (a folder swapped for
+    one since the check: the link alone goes), never anything else (a file planted since keeps the folder, by
+    its temporary name)."""
+    if folder.is_symlink() or not folder.is_dir():
+        folder.unlink(missing_ok=True)
+        return
+    for name in FILES.values():
+        (folder / name).unlink(missing_ok=True)  # (a file or a link; a folder by that name stays)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _iso(value: Any) -> Any:
@@ -156,20 +188,23 @@ def write_package(result: TraceResult, out: Path, lake_root: Path, force: bool =
         (staging / FILES["json"]).write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
         (staging / FILES["html"]).write_text(render_trace_html(data), encoding="utf-8")
         csv_table, full = _evidence_tables(result)
-        pacsv.write_csv(csv_table, staging / FILES["csv"])
-        pq.write_table(full, staging / FILES["parquet"], compression="zstd")
+        # (file objects, not paths: pyarrow encodes a path as UTF-8, and a name that is not failed)
+        with open(staging / FILES["csv"], "wb") as handle:
+            pacsv.write_csv(csv_table, handle)
+        with open(staging / FILES["parquet"], "wb") as handle:
+            pq.write_table(full, handle, compression="zstd")
         for path in staging.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         fsync_dir(staging)
         old = None
-        if target.exists():
+        if os.path.lexists(target):
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
         os.replace(staging, target)
         fsync_dir(target.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_package(old)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from tracepipe.errors import EXIT_OK, EnvironmentProblem, InputError, UsageError
 from tracepipe.lake import Lake
+from tracepipe.printer import clean
 from tracepipe.respond.observations import hostname
 from tracepipe.units import to_utc
 
@@ -452,6 +453,7 @@ def stix_bundle(
             "object_marking_refs": marking,
         }
     ]
+    scos: set[str] = set()
     for item in indicators:
         kind, pattern = _pattern(item)
         indicator_id = f"indicator--{uuid.uuid4()}"
@@ -475,7 +477,10 @@ def stix_bundle(
             }
         )
         sco = {"type": kind, "spec_version": "2.1", "id": _sco_id(kind, item.value), "value": item.value}
-        objects.append(sco)
+        # one SCO per id (its value): an address shared with and without a port made two objects of one id
+        if sco["id"] not in scos:
+            scos.add(sco["id"])
+            objects.append(sco)
         observed_id = f"observed-data--{uuid.uuid4()}"
         objects.append(
             {
@@ -554,6 +559,9 @@ def export(
             )
     kept, left_out = select(indicators, include_local)
     title = title.replace("({} indicators)", f"({len(kept)} indicators)") if not info else title
+    # text, not bytes: a file name or --info that is not UTF-8 (lone surrogates) shown as visible escapes, as
+    # the printer does (the event's uuid5 of the title failed with UnicodeEncodeError: exit 4)
+    title = clean(title)
     if left_out:
         notes.append(f"{left_out} local VM addresses left out (--include-local to share them)")
     if fmt == "misp":

@@ -17,7 +17,6 @@ lands. Addresses are stored in canonical text (2001:DB8::0001 -> 2001:db8::1), a
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import json
 from typing import Any
@@ -32,7 +31,7 @@ from tracepipe.ingest.cloud.common import (
     json_loads,
     text_field,
 )
-from tracepipe.limits import text_lines
+from tracepipe.limits import csv_lines, text_lines
 from tracepipe.schema import VM_ACTIONS, VM_STATES
 
 COLUMNS = (
@@ -76,11 +75,10 @@ def _read_rows(text: str, fmt: str, rejects: RejectColumns) -> tuple[list[dict[s
     cells, not JSON) is a reject of its own and the lines after it still land."""
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
-    header: list[str] | None = None
-    for number, line in enumerate(text_lines(text), start=1):
-        if not line.strip():
-            continue
-        if fmt != "csv":
+    if fmt != "csv":
+        for number, line in enumerate(text_lines(text), start=1):
+            if not line.strip():
+                continue
             try:
                 obj = json_loads(line)
             except json.JSONDecodeError as exc:
@@ -91,24 +89,26 @@ def _read_rows(text: str, fmt: str, rejects: RejectColumns) -> tuple[list[dict[s
                 continue
             rows.append({str(k).lower(): v for k, v in obj.items()})
             lines.append(number)
-            continue
-        try:
-            cells = next(csv.reader([line], strict=True))
-        except csv.Error as exc:
-            rejects.add(number, "malformed CSV line", f"{exc}: {line[:200]}")
+        return rows, lines
+    header: list[str] | None = None
+    for line in csv_lines(text):
+        if line.problem:
+            rejects.add(line.number, line.problem, line.detail)
             continue
         if header is None:
-            header = [cell.strip().lstrip("\ufeff").lower() for cell in cells]
+            header = [cell.strip().lstrip("\ufeff").lower() for cell in line.cells]
             missing = [c for c in REQUIRED if c not in header]
             if missing:
-                rejects.add(number, "missing columns", ", ".join(missing))
+                rejects.add(line.number, "missing columns", ", ".join(missing))
                 return [], []
             continue
-        if len(cells) != len(header):
-            rejects.add(number, "wrong number of columns", f"{len(cells)} cells, header has {len(header)}")
+        if len(line.cells) != len(header):
+            rejects.add(
+                line.number, "wrong number of columns", f"{len(line.cells)} cells, header has {len(header)}"
+            )
             continue
-        rows.append(dict(zip(header, cells, strict=True)))
-        lines.append(number)
+        rows.append(dict(zip(header, line.cells, strict=True)))
+        lines.append(line.number)
     return rows, lines
 
 
