@@ -46,9 +46,9 @@ from deltalake.transaction import (
 
 from tracepipe import DEFAULT_LAKE, fsutil
 from tracepipe.address_text import address_text, is_integers, one_type
-from tracepipe.errors import LakeError
+from tracepipe.errors import LakeError, UsageError
 from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset, null_column
-from tracepipe.units import time_window
+from tracepipe.units import time_window, utc_text
 
 MANIFEST_DIR = "_ingest"
 LOCK_DIR = "_locks"
@@ -60,6 +60,9 @@ ROW_GROUP_ROWS = 1_000_000
 COMPACT_MIN_FILES = 16
 # How long files removed by a rewrite stay on disk (readers that opened the lake before, time travel).
 RETAIN_REMOVED = dt.timedelta(days=7)
+# How long a table's log keeps its commits (TABLE_CONFIG's delta.logRetentionDuration): `--as-of` reaches no
+# further back
+LOG_RETENTION = dt.timedelta(days=7)
 # Every open replays the JSON commits after the last checkpoint (~0.3 ms each, measured on a year of VM
 # events: 31 ms to open at 70 commits after it, 10 ms at none), and a checkpoint costs about one open of the
 # table to write: so one every 20 commits. Tables made with Delta's default of 100 get theirs from Lake.commit.
@@ -70,7 +73,7 @@ TABLE_CONFIG = {
     "delta.checkpointInterval": str(CHECKPOINT_INTERVAL),
     # how far back `--as-of` reaches: as far as vacuum keeps removed files (RETAIN_REMOVED); delta-rs lists the
     # log directory on every open, so its entries, 288+ a day per table, are what this bounds
-    "delta.logRetentionDuration": "interval 7 days",
+    "delta.logRetentionDuration": f"interval {LOG_RETENTION.days} days",
     # tombstones in checkpoints (every open reads them); vacuum uses its own retention (RETAIN_REMOVED) over the
     # whole directory, so a day of them is enough
     "delta.deletedFileRetentionDuration": "interval 1 days",
@@ -79,6 +82,8 @@ TABLE_CONFIG = {
     # every column; query.has_vm_keys: which flow files carry vm keys). Set on older tables by _evolve
     STATS_COLUMNS: "-1",
 }
+# a table's commit (00000000000000000042.json) or checkpoint (classic or in parts) in its _delta_log
+_LOG_FILE = re.compile(r"^(\d{20})\.(json|checkpoint(?:\.\d{10}\.\d{10})?\.parquet)$")
 # Why no Delta application transaction ids for idempotence: delta-rs 1.6 keeps every (appId, version) in every
 # checkpoint forever (setTransactionRetentionDuration is not applied), so one id per source made opening a table
 # grow with the number of sources ever ingested. Data files are named part-<first 16 hex of the source's content
@@ -777,6 +782,23 @@ def _remove(relative: str, day: str | None, size: int | None, data_change: bool 
     )
 
 
+def _log_files(log: Path) -> tuple[dict[int, Path], dict[int, Path]] | None:
+    """({version: commit file}, {version: checkpoint file}) of a table's _delta_log, from one listing; None
+    when it cannot be listed."""
+    commits: dict[int, Path] = {}
+    checkpoints: dict[int, Path] = {}
+    try:
+        with os.scandir(log) as found:
+            for item in found:
+                match = _LOG_FILE.match(item.name)
+                if match is not None:
+                    kind = commits if match.group(2) == "json" else checkpoints
+                    kind[int(match.group(1))] = log / item.name
+    except OSError:
+        return None
+    return commits, checkpoints
+
+
 @dataclass
 class IngestResult:
     dataset: str
@@ -912,9 +934,11 @@ class Lake:
                 version = self.as_of.get(name)
                 if version is None or version < 0:
                     return None
+                self._within_log(name, version=version)
                 return DeltaTable(str(directory), version=version)
             table = DeltaTable(str(directory))
             if isinstance(self.as_of, dt.datetime):
+                self._within_log(name, when=self.as_of)
                 try:
                     table.load_as_version(self.as_of)
                 except DeltaError:  # the table did not exist yet at that time
@@ -929,6 +953,58 @@ class Lake:
                 "can write the lake, or a damaged disk): every reader of this table stops here. Restore that "
                 "folder from a backup; `tracepipe repair` cannot rewrite history it cannot read"
             ) from exc
+
+    def oldest_kept(self, name: str) -> tuple[int, dt.datetime] | None:
+        """The oldest version of table `name` that its log can still rebuild, and when it was committed as time
+        travel sees it (delta-rs goes by the commit file's modification time); None without a readable log.
+        Log retention (cleanup_metadata) deletes the commits before a checkpoint older than LOG_RETENTION, so
+        that is version 0 while every commit since is there, else the oldest checkpoint that every later commit
+        follows. One listing of the log folder, which delta-rs lists on every open anyway."""
+        log = self.root / name / "_delta_log"
+        listed = _log_files(log)
+        if not listed or not listed[0]:
+            return None
+        commits, checkpoints = listed
+        ordered = np.unique(np.fromiter(commits, dtype=np.int64, count=len(commits)))
+        gaps = np.flatnonzero(np.diff(ordered) != 1)
+        first = int(ordered[gaps[-1] + 1]) if len(gaps) else int(ordered[0])  # every commit from here on
+        if first == 0:
+            oldest = 0
+        else:  # a checkpoint holds the state at its version: the commits after it must all be there
+            usable = [c for c in checkpoints if c >= first - 1]
+            if not usable:
+                return None  # no version can be rebuilt: the reader's own error says so
+            oldest = min(usable)
+        stamped = log / f"{oldest:020d}.json"
+        if not stamped.exists():
+            stamped = next(log.glob(f"{oldest:020d}.checkpoint*.parquet"), stamped)
+        try:
+            mtime_ns = stamped.stat().st_mtime_ns
+        except OSError:
+            return None
+        # milliseconds, as delta-rs compares them
+        return oldest, dt.datetime.fromtimestamp(mtime_ns // 1_000_000 / 1000, dt.UTC)
+
+    def _within_log(self, name: str, version: int | None = None, when: dt.datetime | None = None) -> None:
+        """UsageError when time travel asks table `name` for a version, or a time, older than its log keeps:
+        delta-rs would answer the version as a table that does not exist (no rows) and the time with the oldest
+        version left, both silently. A time before version 0 of a complete log is before the table existed."""
+        kept = self.oldest_kept(name)
+        if kept is None or kept[0] == 0:
+            return
+        oldest, committed = kept
+        if version is not None and version < oldest:
+            asked = f"{name}={version}"
+        elif when is not None and when < committed:
+            asked = utc_text(when)
+        else:
+            return
+        raise UsageError(
+            f"--as-of {asked}: the log of {name} no longer reaches back that far (its oldest version is "
+            f"{oldest}, committed {utc_text(committed, 'seconds')}): a table's log keeps {LOG_RETENTION.days} "
+            "days of commits for time travel. Export evidence that must outlive that: "
+            "tracepipe sql ... --format parquet --output FILE"
+        )
 
     def require(self, allow_empty: bool = False) -> None:
         """LakeError unless `root` is a lake: a directory holding at least one of its tables (or a lake of the
