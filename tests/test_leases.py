@@ -2200,3 +2200,54 @@ def test_a_vm_code_left_without_events_is_closed_up():
     dense, kept = _dense_vm_codes(frame, names)
     assert dense.get_column("vm_id").to_list() == [0, 1, None, 2, 1] and kept.to_list() == ["a", "c", "d"]
     assert _dense_vm_codes(dense, kept)[0].equals(dense)
+
+
+def test_hourly_ingest_vm_keeps_the_lease_tables_log_and_files_flat(tmp_path):
+    """Hostile review F5, as a site runs it: an `ingest vm` every hour (each updates vm_leases and vms), nothing
+    else, for a month: both tables kept every commit in their logs and every file the updates replaced (40
+    hours: 46 log entries and 84 files on disk, 2 listed). Now the next update lets go what is past the log's
+    retention, and the files those commits removed; every version left reads whole and `who` answers."""
+    import json
+    import os
+    import time
+
+    from conftest import run_in_process
+
+    from tracepipe.lake import CHECKPOINT_INTERVAL, Lake
+
+    root = tmp_path / "lake"
+
+    def hour(i: int) -> None:
+        day, h = 20 + i // 24, i % 24
+        source = tmp_path / f"e{i}.csv"
+        source.write_text(
+            "ts,vm_id,action,vm_name,project,user,addr,state\n"
+            f"2025-06-{day:02d}T{h:02d}:10:00Z,hvm-{i},create,h{i},p,u,10.77.0.{i},active\n"
+            f"2025-06-{day:02d}T{h:02d}:20:00Z,hvm-{i - 1},delete,h{i - 1},p,u,10.77.0.{i - 1},deleted\n"
+        )
+        run = run_in_process("ingest", "vm", str(source), "--format", "csv", "--lake", str(root))
+        assert run.returncode == 0, run.stderr
+
+    hours = CHECKPOINT_INTERVAL + 2
+    for i in range(1, hours + 1):
+        hour(i)
+    for table in ("vm_leases", "vms"):
+        assert len(list((root / table).glob("*.parquet"))) > 2 * CHECKPOINT_INTERVAL  # every one replaced
+    month_ago = time.time() - 30 * 86_400
+    for path in root.rglob("*"):  # (as if all that happened a month ago)
+        os.utime(path, (month_ago, month_ago), follow_symlinks=False)
+    hour(hours + 1)
+    lake = Lake(root)
+    for table in ("vm_leases", "vms"):
+        log = sorted(int(p.name[:20]) for p in (root / table / "_delta_log").glob("*.json"))
+        assert log[0] == lake.oldest_kept(table)[0] and len(log) <= CHECKPOINT_INTERVAL, (table, log)
+        on_disk = {p.name for p in (root / table).glob("*.parquet")}
+        listed = {e.relative for e in lake.entries(table)}
+        assert listed <= on_disk and len(on_disk) <= len(listed) + 2 * len(log), (table, len(on_disk))
+        for version in log:
+            assert Lake(root, as_of={table: version}).damaged(table) == []
+    who = run_in_process(
+        "who", f"10.77.0.{hours + 1}", "--at", "2025-06-21T12:00Z", "--lake", str(root), "--format", "json"
+    )
+    assert who.returncode == 0, who.stderr
+    assert [lease["vm_name"] for lease in json.loads(who.stdout)["leases"]] == [f"h{hours + 1}"]

@@ -9,7 +9,8 @@ its content hash and a manifest row follows its commit, so re-ingesting it is sk
 nor doubled, whatever moment a run was killed at. Rewrites (attribution, compaction, expiry, derived tables)
 remove and add files in one commit under a per-table lock; appends never wait for them.
 Day partitions are compacted once they hold COMPACT_MIN_FILES small files; removed files stay on disk for
-RETAIN_REMOVED (readers that started before a rewrite, and time travel) until `vacuum`.
+RETAIN_REMOVED (readers that started before a rewrite, and time travel) until `vacuum`, or until the commit that
+removed them leaves the log (retire_log, after compaction and each rewrite of a derived table).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import re
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -88,6 +90,10 @@ _LOG_FILE = re.compile(r"^(\d{20})\.(json|checkpoint(?:\.\d{10}\.\d{10})?\.parqu
 # checkpoint forever (setTransactionRetentionDuration is not applied), so one id per source made opening a table
 # grow with the number of sources ever ingested. Data files are named part-<first 16 hex of the source's content
 # hash>-<random>.parquet instead; see Lake.already_ingested and IngestWriter.
+# a data file as tracepipe names them, relative to its table: what Lake.retire_log may delete
+_DATA_FILE = re.compile(r"^(?:date=\d{4}-\d{2}-\d{2}/)?part-[0-9A-Za-z_-]+\.parquet$")
+# a commit of the log larger than this is not read by retire_log (its removed files are left to vacuum)
+LOG_COMMIT_BYTES = 1 << 28
 _SOURCE_FILE = re.compile(r"^part-([0-9a-f]{64})-[0-9a-f]{8}\.parquet$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -797,6 +803,32 @@ def _log_files(log: Path) -> tuple[dict[int, Path], dict[int, Path]] | None:
     except OSError:
         return None
     return commits, checkpoints
+
+
+def _mtime(path: Path) -> float:
+    """A file's modification time (what Delta's log retention and time travel go by); +inf when unreadable."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return float("inf")
+
+
+def _removed_paths(commit: Path) -> set[str]:
+    """The files commit `commit` of a log removed, relative to its table (empty when it does not read)."""
+    try:
+        text = fsutil.read_regular(commit, LOG_COMMIT_BYTES)
+    except OSError:
+        return set()
+    out = set()
+    for line in text.splitlines():
+        try:
+            action = json.loads(line)
+        except ValueError:
+            continue
+        remove = action.get("remove") if isinstance(action, dict) else None
+        if isinstance(remove, dict) and isinstance(remove.get("path"), str):
+            out.add(urllib.parse.unquote(remove["path"]))
+    return out
 
 
 @dataclass
@@ -1645,6 +1677,7 @@ class Lake:
                 [_remove(e.relative, None, e.size) for e in old],
                 info={"operation": "replace", "rows": table.num_rows, **(info or {})},
             )
+            self.retire_log(name)
         return part.path
 
     def files_added_since(self, name: str, version: int) -> list[FileEntry] | None:
@@ -1705,12 +1738,14 @@ class Lake:
             raise
         adds = [add for add in written if add is not None]
         rows = sum(p.rows for p in parts)
-        return self.commit(
+        version = self.commit(
             name,
             adds,
             [_remove(e.relative, None, e.size) for e in removed],
             info={"operation": "update", "rows": rows, **(info or {})},
         )
+        self.retire_log(name)  # (rewritten every hour, never compacted: its log and replaced files)
+        return version
 
     def adopt_files(
         self, name: str, removed: list[FileEntry], paths: list[Path], info: dict[str, Any] | None = None
@@ -1750,12 +1785,14 @@ class Lake:
             for target in moved:
                 target.unlink(missing_ok=True)
             raise
-        return self.commit(
+        version = self.commit(
             name,
             adds,
             [_remove(e.relative, None, e.size) for e in removed],
             info={"operation": "update", "rows": rows, **(info or {})},
         )
+        self.retire_log(name)
+        return version
 
     def commit_infos(self, name: str, limit: int = 1) -> list[dict[str, Any]]:
         """What was recorded with the latest `limit` commits of a table (Lake.commit's `info`, plus its
@@ -1896,6 +1933,44 @@ class Lake:
         return [self.root / f for f in result.files if f.startswith(f"{name}/")]
 
     # ---- maintenance -------------------------------------------------------------------------------------
+    def retire_log(self, name: str) -> int:
+        """After a rewrite, under the table's lock: the commits that log retention lets go (those before the
+        newest checkpoint older than LOG_RETENTION, themselves that old: what delta-rs' cleanup_metadata
+        deletes) leave the log, and the files those commits removed leave the disk with them. No version the
+        log can still rebuild lists such a file (so time travel, which reaches back as far, never misses one),
+        and only files the table's own log names are looked at, each in its table's folder (fsutil.
+        unlink_beneath), never a listing of the folders. So a table rewritten every hour (vm_leases, vms)
+        keeps about LOG_RETENTION of commits and of replaced files, not every one since it was made; the rest
+        is `tracepipe vacuum`'s (orphans of killed writers, files removed less than --retain ago). Never fails
+        the commit before it: what it cannot do, the next call or vacuum does. Returns the files deleted."""
+        if name not in self._held:
+            raise LakeError(f"retire_log({name}) needs the table's lock")
+        table = self.table(name)
+        listing = _log_files(self.root / name / "_delta_log")
+        if table is None or listing is None:
+            return 0
+        commits, checkpoints = listing
+        cutoff = time.time() - LOG_RETENTION.total_seconds()
+        until = max((v for v, path in checkpoints.items() if _mtime(path) <= cutoff), default=-1)
+        expired = [path for v, path in commits.items() if v < until and _mtime(path) <= cutoff]
+        if not expired:
+            return 0
+        deleted = 0
+        try:
+            # (a table another tool made with a longer log retention keeps its commits longer: its files too)
+            configured = table.metadata().configuration.get("delta.logRetentionDuration")
+            if configured == TABLE_CONFIG["delta.logRetentionDuration"]:
+                removed = set().union(*(_removed_paths(path) for path in expired))
+                removed -= {entry.relative for entry in self.entries(name)}
+                directory = self.root / name
+                for relative in sorted(removed):
+                    if _DATA_FILE.match(relative):
+                        deleted += fsutil.unlink_beneath(directory, relative)
+            table.cleanup_metadata()
+        except (DeltaError, OSError):
+            pass
+        return deleted
+
     def compact(
         self,
         name: str,
@@ -1959,11 +2034,11 @@ class Lake:
         )
         if done["days"]:
             with self.lock(name, wait=False) as got:
-                table = self.table(name) if got else None
-                if table is not None:
+                if got:
                     # log entries older than delta.logRetentionDuration (delta-rs lists the log folder on
-                    # every open and commit): deleted here, under the lock, rather than by every commit
-                    table.cleanup_metadata()
+                    # every open and commit), and the files they removed: here, under the lock, rather than
+                    # by every commit
+                    self.retire_log(name)
         return done
 
     def expire(self, name: str, before: dt.date) -> dict[str, Any]:
