@@ -2251,3 +2251,92 @@ def test_hourly_ingest_vm_keeps_the_lease_tables_log_and_files_flat(tmp_path):
     )
     assert who.returncode == 0, who.stderr
     assert [lease["vm_name"] for lease in json.loads(who.stdout)["leases"]] == [f"h{hours + 1}"]
+
+
+def _csv_history(directory: Path) -> list[Path]:
+    """A week of VM lifecycle in the generic CSV format, a file per day (a rebuild's time slices are whole
+    days): each day 6 VMs created, 3 of them deleted later that day, on addresses some earlier VM held."""
+    directory.mkdir()
+    paths = []
+    for day in range(10, 17):
+        lines = ["ts,vm_id,action,vm_name,project,user,addr,state"]
+        for k in range(6):
+            vm, addr = f"vm-{day}-{k}", f"10.50.{k}.{day % 3}"
+            lines.append(f"2025-06-{day}T0{k}:00:00Z,{vm},create,n{day}{k},p,u,{addr},active")
+            if k % 2:
+                lines.append(f"2025-06-{day}T2{k}:00:00Z,{vm},delete,n{day}{k},p,u,{addr},deleted")
+        paths.append(directory / f"events-{day}.csv")
+        paths[-1].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+@pytest.mark.parametrize("at_once", [20, 0], ids=["time slices", "at once"])
+def test_a_rebuild_keeps_the_lease_an_ingest_landed_while_it_ran(tmp_path, at_once):
+    """Hostile review F6: `leases rebuild` read the events' version at its start, and its commit replaced the
+    leases that an `ingest vm` running meanwhile had committed with leases built from the older events: `who`
+    answered nobody for the new VM's address until the next ingest (every delay of 0.5-3 s in t_rebuild_race.sh).
+    Now the rebuild, holding the lease tables' locks for its commit, applies the events that landed since (time
+    slices) or builds again with them (at once): the lake holds the full build of every event in it."""
+    import json
+
+    from conftest import ingest_vm, run_in_process, run_tracepipe
+
+    from tracepipe.correlate.leases import refresh_leases
+    from tracepipe.lake import Lake
+
+    lake = Lake(tmp_path / "lake")
+    ingest_vm(lake, _csv_history(tmp_path / "history"), reclaim_interval=SEVEN_DAYS, fmt="csv")
+    race = tmp_path / "race.csv"
+    race.write_text(
+        "ts,vm_id,action,vm_name,project,user,addr,state\n"
+        "2025-06-16T05:00:00Z,race-vm,create,racer,proj-r,mallory,10.88.0.1,active\n"
+    )
+    steps = []
+
+    def ingest_meanwhile(step: str) -> None:  # a real `ingest vm` in its own process, once, mid-rebuild
+        if not steps:
+            run = run_tracepipe("ingest", "vm", str(race), "--format", "csv", "--lake", str(lake.root))
+            assert run.returncode == 0, run.stderr
+        steps.append(step)
+
+    update = refresh_leases(lake, full=True, at_once=at_once, progress=ingest_meanwhile)
+    assert steps and ("time slice" in steps[0]) == bool(at_once), steps
+    assert "in memory" not in update.reason, update.reason
+    who = run_in_process(
+        "who", "10.88.0.1", "--at", "2025-06-16T06:00Z", "--lake", str(lake.root), "--format", "json"
+    )
+    assert who.returncode == 0, who.stderr
+    assert [lease["vm_name"] for lease in json.loads(who.stdout)["leases"]] == ["racer"]
+    fresh = Lake(lake.root)
+    assert _lake_tables(fresh) == _full_tables(fresh.read("vm_events"))
+    built = fresh.commit_infos("vm_leases")[0]["vm_events_version"]
+    assert built == fresh.version("vm_events")  # the next update has nothing to do
+    assert refresh_leases(fresh).mode == "none"
+
+
+def test_an_update_that_waited_for_a_rebuild_of_its_events_does_not_rebuild_again(tmp_path):
+    """An update that had read the leases' version and their saved state, then waited for the locks while a
+    rebuild committed leases built from its events too, found the leases changed and rebuilt everything again;
+    now it sees that the commit covers its events and has nothing to do."""
+    import shutil
+
+    from conftest import ingest_vm
+
+    from tracepipe.correlate.leases import STATE_DIR, _incremental, refresh_leases
+    from tracepipe.ingest.vm import ingest_vm_files
+    from tracepipe.lake import Lake
+
+    lake = Lake(tmp_path / "lake")
+    paths = _csv_history(tmp_path / "history")
+    ingest_vm(lake, paths[:-1], reclaim_interval=SEVEN_DAYS, fmt="csv")
+    seen = lake.commit_infos("vm_leases")[0]  # what the update read before it waited
+    state = lake.root / STATE_DIR / str(seen["version"])
+    shutil.copytree(state, tmp_path / "state read")
+    ingest_vm_files(lake, paths[-1:], fmt="csv")  # the events it is about
+    version = lake.version("vm_events")
+    assert refresh_leases(Lake(lake.root), full=True).mode == "full"  # the rebuild that held the locks
+    shutil.copytree(tmp_path / "state read", state)  # (the waiting update holds it in memory)
+    update = _incremental(Lake(lake.root), seen["vm_events_version"], version, seen["version"])
+    assert update.mode == "none", update
+    fresh = Lake(lake.root)
+    assert _lake_tables(fresh) == _full_tables(fresh.read("vm_events"))
