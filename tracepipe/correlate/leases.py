@@ -1838,7 +1838,7 @@ def _full_rebuild(
             # events landed during the build, and an update may have committed their leases meanwhile: built
             # again with them, here, instead of committing leases that leave them out (hostile review F6)
             events_version, old = latest, _old_leases(lake)
-            del leases, vms
+            del leases, vms, events  # (memory: one build at a time)
             events = read_event_files(lake.files("vm_events"))
             leases, vms = build_leases(events, reclaim_interval)
         days = set(_partition_days(lake)) if old is None else changed_days(old, leases, _partition_days(lake))
