@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import time
 
 import duckdb
@@ -531,3 +532,177 @@ def test_a_new_run_asks_the_manifest_for_one_source_without_reading_it_all(tmp_p
         )
         Lake._checkpoint(table)
     assert len(made) == 4  # all but "20", whose own hook wrote it at version 19
+
+
+def _backdate_log(table_dir, days: float) -> dict[int, dt.datetime]:
+    """Every commit and checkpoint of a table's log made `days` older, commit v a minute after commit v-1 (Delta
+    time travel and log retention go by these files' modification times). {version: its commit time}."""
+    start = time.time() - days * 86400
+    stamps = {}
+    for path in (table_dir / "_delta_log").iterdir():
+        head = path.name.split(".")[0]
+        if head.isdigit():
+            when = start + int(head) * 60
+            os.utime(path, (when, when))
+            stamps[int(head)] = dt.datetime.fromtimestamp(when, dt.UTC)
+    return stamps
+
+
+def _sql_count(lake: Lake, *extra: str):
+    result = run_in_process(
+        "sql", "SELECT count(*) AS n FROM flows", "--format", "json", "--lake", str(lake.root), *extra
+    )
+    return result.returncode, (json.loads(result.stdout)[0]["n"] if result.returncode == 0 else result.stderr)
+
+
+def test_as_of_older_than_the_log_keeps_is_refused_not_answered_from_another_version(tmp_path):
+    """Hostile review F4: once log retention cleaned up the commits before a checkpoint (cleanup_metadata, as
+    compaction and vacuum run it after 7 days), `--as-of flows=10` read as an empty lake and a time of then as
+    the oldest version left, both exit 0: wrong evidence. Now exit 2 saying the log no longer reaches back."""
+    from deltalake import DeltaTable
+
+    lake = Lake(tmp_path / "lake")
+    for i in range(24):  # a day each: no compaction; a checkpoint at version 19
+        ingest_table(lake, "flows", f"d{i}", f"{i + 1:064x}", [_flows(2, DAY + dt.timedelta(days=i), i)])
+    table_dir = tmp_path / "lake" / "flows"
+    stamps = _backdate_log(table_dir, days=10)
+    kept = {v: _sql_count(lake, "--as-of", f"flows={v}") for v in (10, 19, 20)}
+    assert kept[10] == (0, 2 * 10) and kept[19][1] == 2 * 19  # (version 0 created the table empty)
+    between = (stamps[10] + dt.timedelta(seconds=30)).isoformat()
+    assert _sql_count(lake, "--as-of", between) == (0, 2 * 10)
+
+    DeltaTable(str(table_dir)).cleanup_metadata()  # what log retention does: commits 0..18 go
+    assert not (table_dir / "_delta_log" / f"{10:020d}.json").exists()
+    for asked in ("flows=10", between):
+        code, said = _sql_count(lake, "--as-of", asked)
+        assert code == 2, said
+        assert "no longer reaches back" in said and "oldest version is 19" in said
+    assert _sql_count(lake, "--as-of", "flows=19") == kept[19]
+    assert _sql_count(lake, "--as-of", (stamps[20] + dt.timedelta(seconds=30)).isoformat()) == kept[20]
+    # a time before a table's first commit, its log whole, is before it existed: nothing, as before
+    assert Lake(tmp_path / "lake", as_of=dt.datetime(2020, 1, 1, tzinfo=dt.UTC)).oldest_kept("flows")[0] == 19
+    fresh = Lake(tmp_path / "fresh")
+    ingest_table(fresh, "flows", "one", f"{99:064x}", [_flows(3, DAY)])
+    assert _sql_count(fresh, "--as-of", "2020-01-01T00:00Z") == (0, 0)
+
+
+def test_as_of_a_version_whose_files_vacuum_deleted_says_so_instead_of_advising_repair(tmp_path):
+    """Hostile review F4: after `expire` and a vacuum past --retain, `--as-of` the version before the expire
+    failed (exit 4) with "run `tracepipe repair`", which checks the current version and cannot help. Now exit
+    2 saying the files of that version were vacuumed; a file the current version lists that is gone is still
+    damage (exit 4, repair)."""
+    lake = Lake(tmp_path / "lake")
+    recent = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(days=2)
+    ingest_table(lake, "flows", "old", "01" * 32, [_flows(7, recent - dt.timedelta(days=500))])
+    ingest_table(lake, "flows", "new", "02" * 32, [_flows(3, recent)])
+    token = ",".join(f"{k}={v}" for k, v in sorted(lake.versions().items()))
+    assert _sql_count(lake, "--as-of", token) == (0, 10)
+    expired = run_in_process("expire", "--older-than", "400d", "--no-vacuum", "--lake", str(lake.root))
+    assert expired.returncode == 0, expired.stderr
+    gone = [p for p in (tmp_path / "lake" / "flows").glob("date=*/*.parquet") if p not in lake.files("flows")]
+    assert len(gone) == 1
+    for path in gone:  # what `tracepipe vacuum` does once the removal is older than --retain
+        path.unlink()
+    code, said = _sql_count(lake, "--as-of", token)
+    assert code == 2 and "deleted by `tracepipe vacuum`" in said and "repair" not in said, said
+    assert _sql_count(lake) == (0, 3)
+    # a file the current version lists, gone: damage, whatever version is asked for; repair is the advice
+    now = ",".join(f"{k}={v}" for k, v in sorted(Lake(lake.root).versions().items()))
+    Lake(lake.root).files("flows")[0].unlink()
+    code, said = _sql_count(lake, "--as-of", now)
+    assert code == 4 and "tracepipe repair" in said, said
+
+
+def _removed_by(table_dir, versions) -> set[str]:
+    """The files the commits `versions` of a table's log removed."""
+    out = set()
+    for v in versions:
+        for line in (table_dir / "_delta_log" / f"{v:020d}.json").read_text().splitlines():
+            action = json.loads(line)
+            if "remove" in action:
+                out.add(action["remove"]["path"])
+    return out
+
+
+def test_a_rewritten_derived_table_keeps_a_week_of_log_and_of_replaced_files(tmp_path):
+    """Hostile review F5: vm_leases and vms, replaced by every lease update and never compacted, kept every
+    commit in their log and every file they replaced on disk until someone ran `tracepipe vacuum` (a year of
+    hourly updates: ~8,760 log entries and ~17,500 dead files per table). Now each rewrite lets the log go past
+    LOG_RETENTION, and with those commits the files they removed, and nothing a version the log still
+    rebuilds lists; a removal planted in the log never reaches out of the table's folder."""
+    from tracepipe.lake import CHECKPOINT_INTERVAL
+
+    lake = Lake(tmp_path / "lake")
+    table_dir = tmp_path / "lake" / "vm_leases"
+
+    def replace(i: int) -> None:
+        rows = pa.table(
+            {
+                "addr": [f"10.0.0.{i % 250}"],
+                "vm_id": [f"vm-{i}"],
+                "valid_from": pa.array([DAY], FLOWS.field("ts_start").type),
+            }
+        )
+        lake.replace_dataset("vm_leases", rows)
+
+    for i in range(CHECKPOINT_INTERVAL + 5):  # a checkpoint at version 19
+        replace(i)
+    assert len(list(table_dir.glob("*.parquet"))) == CHECKPOINT_INTERVAL + 5  # every file replaced stays
+    # a commit of the log altered by whoever can write the lake: removals of files out of the table's folder
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    for name in ("part-linked.parquet", "part-up.parquet", "part-victim.parquet"):
+        (victims / name).write_text("not the lake's")
+    (table_dir / "date=2024-01-01").symlink_to(victims, target_is_directory=True)
+    (table_dir / "part-victim.parquet").symlink_to(victims / "part-victim.parquet")
+    planted = [
+        {"remove": {"path": p, "dataChange": True, "deletionTimestamp": 0}}
+        for p in ("date=2024-01-01/part-linked.parquet", "../victims/part-up.parquet", "part-victim.parquet")
+    ]
+    commit = table_dir / "_delta_log" / f"{5:020d}.json"
+    commit.write_text(commit.read_text().rstrip("\n") + "".join("\n" + json.dumps(a) for a in planted))
+
+    _backdate_log(table_dir, days=30)
+    for path in table_dir.glob("*.parquet"):
+        os.utime(path, (time.time() - 30 * 86400,) * 2, follow_symlinks=False)
+    replace(99)  # the next rewrite, a month later
+    versions = sorted(int(p.name[:20]) for p in (table_dir / "_delta_log").glob("*.json"))
+    oldest, _ = lake.oldest_kept("vm_leases")
+    assert versions[0] == oldest == CHECKPOINT_INTERVAL - 1 and versions[-1] == lake.version("vm_leases")
+    on_disk = {p.name for p in table_dir.glob("*.parquet") if not p.is_symlink()}
+    listed = {e.relative for e in lake.entries("vm_leases")}
+    # what is left: the files of the current version and those that commits the log keeps removed
+    assert on_disk == listed | _removed_by(table_dir, versions)
+    assert len(on_disk) == len(versions) + 1 and lake.read("vm_leases")["vm_id"].to_pylist() == ["vm-99"]
+    for version in versions:
+        assert Lake(lake.root, as_of={"vm_leases": version}).damaged("vm_leases") == []
+    assert sorted(p.read_text() for p in victims.iterdir()) == ["not the lake's"] * 3
+    assert (table_dir / "part-victim.parquet").is_symlink()
+
+
+def test_compaction_deletes_the_files_it_merged_once_their_commit_leaves_the_log(tmp_path):
+    """Hostile review F5, for the day-partitioned tables: the log entries that compaction cleans up take the
+    small files they merged off the disk with them (those of a merge still in the log stay, for readers and
+    time travel); every version left reads whole."""
+    lake = Lake(tmp_path / "lake")
+    table_dir = tmp_path / "lake" / "flows"
+    for i in range(COMPACT_MIN_FILES):  # the 16th merges the day
+        ingest_table(lake, "flows", f"a{i}", f"{i + 1:064x}", [_flows(2, DAY + dt.timedelta(hours=i), i)])
+    next_day = DAY + dt.timedelta(days=1)
+    for i in range(COMPACT_MIN_FILES - 1):
+        ingest_table(
+            lake, "flows", f"b{i}", f"{i + 100:064x}", [_flows(2, next_day + dt.timedelta(hours=i), i)]
+        )
+    first_day = table_dir / f"date={DAY.date()}"
+    assert len(list(first_day.glob("*.parquet"))) == COMPACT_MIN_FILES + 1  # merged, and its parts
+    _backdate_log(table_dir, days=30)
+    for path in table_dir.rglob("*.parquet"):
+        os.utime(path, (time.time() - 30 * 86400,) * 2)
+    ingest_table(lake, "flows", "last", f"{999:064x}", [_flows(2, next_day + dt.timedelta(hours=20), 99)])
+    assert [p.name for p in first_day.glob("*.parquet")] == [lake.files("flows", [str(DAY.date())])[0].name]
+    second_day = table_dir / f"date={next_day.date()}"
+    assert len(list(second_day.glob("*.parquet"))) == COMPACT_MIN_FILES + 1  # its merge is still in the log
+    assert _count(Lake(lake.root)) == 2 * (2 * COMPACT_MIN_FILES)
+    oldest, _ = lake.oldest_kept("flows")
+    for version in range(oldest, lake.version("flows") + 1):
+        assert Lake(lake.root, as_of={"flows": version}).damaged("flows") == []

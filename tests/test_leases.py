@@ -2200,3 +2200,143 @@ def test_a_vm_code_left_without_events_is_closed_up():
     dense, kept = _dense_vm_codes(frame, names)
     assert dense.get_column("vm_id").to_list() == [0, 1, None, 2, 1] and kept.to_list() == ["a", "c", "d"]
     assert _dense_vm_codes(dense, kept)[0].equals(dense)
+
+
+def test_hourly_ingest_vm_keeps_the_lease_tables_log_and_files_flat(tmp_path):
+    """Hostile review F5, as a site runs it: an `ingest vm` every hour (each updates vm_leases and vms), nothing
+    else, for a month: both tables kept every commit in their logs and every file the updates replaced (40
+    hours: 46 log entries and 84 files on disk, 2 listed). Now the next update lets go what is past the log's
+    retention, and the files those commits removed; every version left reads whole and `who` answers."""
+    import json
+    import os
+    import time
+
+    from conftest import run_in_process
+
+    from tracepipe.lake import CHECKPOINT_INTERVAL, Lake
+
+    root = tmp_path / "lake"
+
+    def hour(i: int) -> None:
+        day, h = 20 + i // 24, i % 24
+        source = tmp_path / f"e{i}.csv"
+        source.write_text(
+            "ts,vm_id,action,vm_name,project,user,addr,state\n"
+            f"2025-06-{day:02d}T{h:02d}:10:00Z,hvm-{i},create,h{i},p,u,10.77.0.{i},active\n"
+            f"2025-06-{day:02d}T{h:02d}:20:00Z,hvm-{i - 1},delete,h{i - 1},p,u,10.77.0.{i - 1},deleted\n"
+        )
+        run = run_in_process("ingest", "vm", str(source), "--format", "csv", "--lake", str(root))
+        assert run.returncode == 0, run.stderr
+
+    hours = CHECKPOINT_INTERVAL + 2
+    for i in range(1, hours + 1):
+        hour(i)
+    for table in ("vm_leases", "vms"):
+        assert len(list((root / table).glob("*.parquet"))) > 2 * CHECKPOINT_INTERVAL  # every one replaced
+    month_ago = time.time() - 30 * 86_400
+    for path in root.rglob("*"):  # (as if all that happened a month ago)
+        os.utime(path, (month_ago, month_ago), follow_symlinks=False)
+    hour(hours + 1)
+    lake = Lake(root)
+    for table in ("vm_leases", "vms"):
+        log = sorted(int(p.name[:20]) for p in (root / table / "_delta_log").glob("*.json"))
+        assert log[0] == lake.oldest_kept(table)[0] and len(log) <= CHECKPOINT_INTERVAL, (table, log)
+        on_disk = {p.name for p in (root / table).glob("*.parquet")}
+        listed = {e.relative for e in lake.entries(table)}
+        assert listed <= on_disk and len(on_disk) <= len(listed) + 2 * len(log), (table, len(on_disk))
+        for version in log:
+            assert Lake(root, as_of={table: version}).damaged(table) == []
+    who = run_in_process(
+        "who", f"10.77.0.{hours + 1}", "--at", "2025-06-21T12:00Z", "--lake", str(root), "--format", "json"
+    )
+    assert who.returncode == 0, who.stderr
+    assert [lease["vm_name"] for lease in json.loads(who.stdout)["leases"]] == [f"h{hours + 1}"]
+
+
+def _csv_history(directory: Path) -> list[Path]:
+    """A week of VM lifecycle in the generic CSV format, a file per day (a rebuild's time slices are whole
+    days): each day 6 VMs created, 3 of them deleted later that day, on addresses some earlier VM held."""
+    directory.mkdir()
+    paths = []
+    for day in range(10, 17):
+        lines = ["ts,vm_id,action,vm_name,project,user,addr,state"]
+        for k in range(6):
+            vm, addr = f"vm-{day}-{k}", f"10.50.{k}.{day % 3}"
+            lines.append(f"2025-06-{day}T0{k}:00:00Z,{vm},create,n{day}{k},p,u,{addr},active")
+            if k % 2:
+                lines.append(f"2025-06-{day}T2{k}:00:00Z,{vm},delete,n{day}{k},p,u,{addr},deleted")
+        paths.append(directory / f"events-{day}.csv")
+        paths[-1].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+@pytest.mark.parametrize("at_once", [20, 0], ids=["time slices", "at once"])
+def test_a_rebuild_keeps_the_lease_an_ingest_landed_while_it_ran(tmp_path, at_once):
+    """Hostile review F6: `leases rebuild` read the events' version at its start, and its commit replaced the
+    leases that an `ingest vm` running meanwhile had committed with leases built from the older events: `who`
+    answered nobody for the new VM's address until the next ingest (every delay of 0.5-3 s in t_rebuild_race.sh).
+    Now the rebuild, holding the lease tables' locks for its commit, applies the events that landed since (time
+    slices) or builds again with them (at once): the lake holds the full build of every event in it."""
+    import json
+
+    from conftest import ingest_vm, run_in_process, run_tracepipe
+
+    from tracepipe.correlate.leases import refresh_leases
+    from tracepipe.lake import Lake
+
+    lake = Lake(tmp_path / "lake")
+    ingest_vm(lake, _csv_history(tmp_path / "history"), reclaim_interval=SEVEN_DAYS, fmt="csv")
+    race = tmp_path / "race.csv"
+    race.write_text(
+        "ts,vm_id,action,vm_name,project,user,addr,state\n"
+        "2025-06-16T05:00:00Z,race-vm,create,racer,proj-r,mallory,10.88.0.1,active\n"
+    )
+    steps = []
+
+    def ingest_meanwhile(step: str) -> None:  # a real `ingest vm` in its own process, once, mid-rebuild
+        if not steps:
+            run = run_tracepipe("ingest", "vm", str(race), "--format", "csv", "--lake", str(lake.root))
+            assert run.returncode == 0, run.stderr
+        steps.append(step)
+
+    update = refresh_leases(lake, full=True, at_once=at_once, progress=ingest_meanwhile)
+    assert steps and ("time slice" in steps[0]) == bool(at_once), steps
+    assert "in memory" not in update.reason, update.reason
+    who = run_in_process(
+        "who", "10.88.0.1", "--at", "2025-06-16T06:00Z", "--lake", str(lake.root), "--format", "json"
+    )
+    assert who.returncode == 0, who.stderr
+    assert [lease["vm_name"] for lease in json.loads(who.stdout)["leases"]] == ["racer"]
+    fresh = Lake(lake.root)
+    assert _lake_tables(fresh) == _full_tables(fresh.read("vm_events"))
+    built = fresh.commit_infos("vm_leases")[0]["vm_events_version"]
+    assert built == fresh.version("vm_events")  # the next update has nothing to do
+    assert refresh_leases(fresh).mode == "none"
+
+
+def test_an_update_that_waited_for_a_rebuild_of_its_events_does_not_rebuild_again(tmp_path):
+    """An update that had read the leases' version and their saved state, then waited for the locks while a
+    rebuild committed leases built from its events too, found the leases changed and rebuilt everything again;
+    now it sees that the commit covers its events and has nothing to do."""
+    import shutil
+
+    from conftest import ingest_vm
+
+    from tracepipe.correlate.leases import STATE_DIR, _incremental, refresh_leases
+    from tracepipe.ingest.vm import ingest_vm_files
+    from tracepipe.lake import Lake
+
+    lake = Lake(tmp_path / "lake")
+    paths = _csv_history(tmp_path / "history")
+    ingest_vm(lake, paths[:-1], reclaim_interval=SEVEN_DAYS, fmt="csv")
+    seen = lake.commit_infos("vm_leases")[0]  # what the update read before it waited
+    state = lake.root / STATE_DIR / str(seen["version"])
+    shutil.copytree(state, tmp_path / "state read")
+    ingest_vm_files(lake, paths[-1:], fmt="csv")  # the events it is about
+    version = lake.version("vm_events")
+    assert refresh_leases(Lake(lake.root), full=True).mode == "full"  # the rebuild that held the locks
+    shutil.copytree(tmp_path / "state read", state)  # (the waiting update holds it in memory)
+    update = _incremental(Lake(lake.root), seen["vm_events_version"], version, seen["version"])
+    assert update.mode == "none", update
+    fresh = Lake(lake.root)
+    assert _lake_tables(fresh) == _full_tables(fresh.read("vm_events"))

@@ -641,7 +641,8 @@ def sql_command(
         str | None,
         typer.Option(
             "--as-of",
-            help="Read the lake as it was at a time, or at the version a report recorded (flows=812,...).",
+            help="Read the lake as it was at a time, or at the version a report recorded (flows=812,...); "
+            "the log keeps 7 days: older is refused (exit 2).",
         ),
     ] = None,
 ) -> None:

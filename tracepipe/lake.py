@@ -9,7 +9,8 @@ its content hash and a manifest row follows its commit, so re-ingesting it is sk
 nor doubled, whatever moment a run was killed at. Rewrites (attribution, compaction, expiry, derived tables)
 remove and add files in one commit under a per-table lock; appends never wait for them.
 Day partitions are compacted once they hold COMPACT_MIN_FILES small files; removed files stay on disk for
-RETAIN_REMOVED (readers that started before a rewrite, and time travel) until `vacuum`.
+RETAIN_REMOVED (readers that started before a rewrite, and time travel) until `vacuum`, or until the commit that
+removed them leaves the log (retire_log, after compaction and each rewrite of a derived table).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import re
 import stat
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -48,9 +50,9 @@ from deltalake.transaction import (
 
 from tracepipe import DEFAULT_LAKE, fsutil
 from tracepipe.address_text import address_text, is_integers, one_type
-from tracepipe.errors import LakeError
+from tracepipe.errors import LakeError, UsageError
 from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset, null_column
-from tracepipe.units import time_window
+from tracepipe.units import time_window, utc_text
 
 MANIFEST_DIR = "_ingest"
 LOCK_DIR = "_locks"
@@ -62,6 +64,9 @@ ROW_GROUP_ROWS = 1_000_000
 COMPACT_MIN_FILES = 16
 # How long files removed by a rewrite stay on disk (readers that opened the lake before, time travel).
 RETAIN_REMOVED = dt.timedelta(days=7)
+# How long a table's log keeps its commits (TABLE_CONFIG's delta.logRetentionDuration): `--as-of` reaches no
+# further back
+LOG_RETENTION = dt.timedelta(days=7)
 # Every open replays the JSON commits after the last checkpoint (~0.3 ms each, measured on a year of VM
 # events: 31 ms to open at 70 commits after it, 10 ms at none), and a checkpoint costs about one open of the
 # table to write: so one every 20 commits. Tables made with Delta's default of 100 get theirs from Lake.commit.
@@ -72,7 +77,7 @@ TABLE_CONFIG = {
     "delta.checkpointInterval": str(CHECKPOINT_INTERVAL),
     # how far back `--as-of` reaches: as far as vacuum keeps removed files (RETAIN_REMOVED); delta-rs lists the
     # log directory on every open, so its entries, 288+ a day per table, are what this bounds
-    "delta.logRetentionDuration": "interval 7 days",
+    "delta.logRetentionDuration": f"interval {LOG_RETENTION.days} days",
     # tombstones in checkpoints (every open reads them); vacuum uses its own retention (RETAIN_REMOVED) over the
     # whole directory, so a day of them is enough
     "delta.deletedFileRetentionDuration": "interval 1 days",
@@ -81,10 +86,16 @@ TABLE_CONFIG = {
     # every column; query.has_vm_keys: which flow files carry vm keys). Set on older tables by _evolve
     STATS_COLUMNS: "-1",
 }
+# a table's commit (00000000000000000042.json) or checkpoint (classic or in parts) in its _delta_log
+_LOG_FILE = re.compile(r"^(\d{20})\.(json|checkpoint(?:\.\d{10}\.\d{10})?\.parquet)$")
 # Why no Delta application transaction ids for idempotence: delta-rs 1.6 keeps every (appId, version) in every
 # checkpoint forever (setTransactionRetentionDuration is not applied), so one id per source made opening a table
 # grow with the number of sources ever ingested. Data files are named part-<first 16 hex of the source's content
 # hash>-<random>.parquet instead; see Lake.already_ingested and IngestWriter.
+# a data file as tracepipe names them, relative to its table: what Lake.retire_log may delete
+_DATA_FILE = re.compile(r"^(?:date=\d{4}-\d{2}-\d{2}/)?part-[0-9A-Za-z_-]+\.parquet$")
+# a commit of the log larger than this is not read by retire_log (its removed files are left to vacuum)
+LOG_COMMIT_BYTES = 1 << 28
 _SOURCE_FILE = re.compile(r"^part-([0-9a-f]{64})-[0-9a-f]{8}\.parquet$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -826,6 +837,49 @@ def _remove(relative: str, day: str | None, size: int | None, data_change: bool 
     )
 
 
+def _log_files(log: Path) -> tuple[dict[int, Path], dict[int, Path]] | None:
+    """({version: commit file}, {version: checkpoint file}) of a table's _delta_log, from one listing; None
+    when it cannot be listed."""
+    commits: dict[int, Path] = {}
+    checkpoints: dict[int, Path] = {}
+    try:
+        with os.scandir(log) as found:
+            for item in found:
+                match = _LOG_FILE.match(item.name)
+                if match is not None:
+                    kind = commits if match.group(2) == "json" else checkpoints
+                    kind[int(match.group(1))] = log / item.name
+    except OSError:
+        return None
+    return commits, checkpoints
+
+
+def _mtime(path: Path) -> float:
+    """A file's modification time (what Delta's log retention and time travel go by); +inf when unreadable."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return float("inf")
+
+
+def _removed_paths(commit: Path) -> set[str]:
+    """The files commit `commit` of a log removed, relative to its table (empty when it does not read)."""
+    try:
+        text = fsutil.read_regular(commit, LOG_COMMIT_BYTES)
+    except OSError:
+        return set()
+    out = set()
+    for line in text.splitlines():
+        try:
+            action = json.loads(line)
+        except ValueError:
+            continue
+        remove = action.get("remove") if isinstance(action, dict) else None
+        if isinstance(remove, dict) and isinstance(remove.get("path"), str):
+            out.add(urllib.parse.unquote(remove["path"]))
+    return out
+
+
 @dataclass
 class IngestResult:
     dataset: str
@@ -964,9 +1018,11 @@ class Lake:
                 version = self.as_of.get(name)
                 if version is None or version < 0:
                     return None
+                self._within_log(name, version=version)
                 return DeltaTable(str(directory), version=version)
             table = DeltaTable(str(directory))
             if isinstance(self.as_of, dt.datetime):
+                self._within_log(name, when=self.as_of)
                 try:
                     table.load_as_version(self.as_of)
                 except DeltaError:  # the table did not exist yet at that time
@@ -981,6 +1037,58 @@ class Lake:
                 "can write the lake, or a damaged disk): every reader of this table stops here. Restore that "
                 "folder from a backup; `tracepipe repair` cannot rewrite history it cannot read"
             ) from exc
+
+    def oldest_kept(self, name: str) -> tuple[int, dt.datetime] | None:
+        """The oldest version of table `name` that its log can still rebuild, and when it was committed as time
+        travel sees it (delta-rs goes by the commit file's modification time); None without a readable log.
+        Log retention (cleanup_metadata) deletes the commits before a checkpoint older than LOG_RETENTION, so
+        that is version 0 while every commit since is there, else the oldest checkpoint that every later commit
+        follows. One listing of the log folder, which delta-rs lists on every open anyway."""
+        log = self.root / name / "_delta_log"
+        listed = _log_files(log)
+        if not listed or not listed[0]:
+            return None
+        commits, checkpoints = listed
+        ordered = np.unique(np.fromiter(commits, dtype=np.int64, count=len(commits)))
+        gaps = np.flatnonzero(np.diff(ordered) != 1)
+        first = int(ordered[gaps[-1] + 1]) if len(gaps) else int(ordered[0])  # every commit from here on
+        if first == 0:
+            oldest = 0
+        else:  # a checkpoint holds the state at its version: the commits after it must all be there
+            usable = [c for c in checkpoints if c >= first - 1]
+            if not usable:
+                return None  # no version can be rebuilt: the reader's own error says so
+            oldest = min(usable)
+        stamped = log / f"{oldest:020d}.json"
+        if not stamped.exists():
+            stamped = next(log.glob(f"{oldest:020d}.checkpoint*.parquet"), stamped)
+        try:
+            mtime_ns = stamped.stat().st_mtime_ns
+        except OSError:
+            return None
+        # milliseconds, as delta-rs compares them
+        return oldest, dt.datetime.fromtimestamp(mtime_ns // 1_000_000 / 1000, dt.UTC)
+
+    def _within_log(self, name: str, version: int | None = None, when: dt.datetime | None = None) -> None:
+        """UsageError when time travel asks table `name` for a version, or a time, older than its log keeps:
+        delta-rs would answer the version as a table that does not exist (no rows) and the time with the oldest
+        version left, both silently. A time before version 0 of a complete log is before the table existed."""
+        kept = self.oldest_kept(name)
+        if kept is None or kept[0] == 0:
+            return
+        oldest, committed = kept
+        if version is not None and version < oldest:
+            asked = f"{name}={version}"
+        elif when is not None and when < committed:
+            asked = utc_text(when)
+        else:
+            return
+        raise UsageError(
+            f"--as-of {asked}: the log of {name} no longer reaches back that far (its oldest version is "
+            f"{oldest}, committed {utc_text(committed, 'seconds')}): a table's log keeps {LOG_RETENTION.days} "
+            "days of commits for time travel. Export evidence that must outlive that: "
+            "tracepipe sql ... --format parquet --output FILE"
+        )
 
     def require(self, allow_empty: bool = False) -> None:
         """LakeError unless `root` is a lake: a directory holding at least one of its tables (or a lake of the
@@ -1656,6 +1764,7 @@ class Lake:
                 [_remove(e.relative, None, e.size) for e in old],
                 info={"operation": "replace", "rows": table.num_rows, **(info or {})},
             )
+            self.retire_log(name)
         return part.path
 
     def files_added_since(self, name: str, version: int) -> list[FileEntry] | None:
@@ -1716,12 +1825,14 @@ class Lake:
             raise
         adds = [add for add in written if add is not None]
         rows = sum(p.rows for p in parts)
-        return self.commit(
+        version = self.commit(
             name,
             adds,
             [_remove(e.relative, None, e.size) for e in removed],
             info={"operation": "update", "rows": rows, **(info or {})},
         )
+        self.retire_log(name)  # (rewritten every hour, never compacted: its log and replaced files)
+        return version
 
     def adopt_files(
         self, name: str, removed: list[FileEntry], paths: list[Path], info: dict[str, Any] | None = None
@@ -1761,12 +1872,14 @@ class Lake:
             for target in moved:
                 target.unlink(missing_ok=True)
             raise
-        return self.commit(
+        version = self.commit(
             name,
             adds,
             [_remove(e.relative, None, e.size) for e in removed],
             info={"operation": "update", "rows": rows, **(info or {})},
         )
+        self.retire_log(name)
+        return version
 
     def commit_infos(self, name: str, limit: int = 1) -> list[dict[str, Any]]:
         """What was recorded with the latest `limit` commits of a table (Lake.commit's `info`, plus its
@@ -1907,6 +2020,44 @@ class Lake:
         return [self.root / f for f in result.files if f.startswith(f"{name}/")]
 
     # ---- maintenance -------------------------------------------------------------------------------------
+    def retire_log(self, name: str) -> int:
+        """After a rewrite, under the table's lock: the commits that log retention lets go (those before the
+        newest checkpoint older than LOG_RETENTION, themselves that old: what delta-rs' cleanup_metadata
+        deletes) leave the log, and the files those commits removed leave the disk with them. No version the
+        log can still rebuild lists such a file (so time travel, which reaches back as far, never misses one),
+        and only files the table's own log names are looked at, each in its table's folder (fsutil.
+        unlink_beneath), never a listing of the folders. So a table rewritten every hour (vm_leases, vms)
+        keeps about LOG_RETENTION of commits and of replaced files, not every one since it was made; the rest
+        is `tracepipe vacuum`'s (orphans of killed writers, files removed less than --retain ago). Never fails
+        the commit before it: what it cannot do, the next call or vacuum does. Returns the files deleted."""
+        if name not in self._held:
+            raise LakeError(f"retire_log({name}) needs the table's lock")
+        table = self.table(name)
+        listing = _log_files(self.root / name / "_delta_log")
+        if table is None or listing is None:
+            return 0
+        commits, checkpoints = listing
+        cutoff = time.time() - LOG_RETENTION.total_seconds()
+        until = max((v for v, path in checkpoints.items() if _mtime(path) <= cutoff), default=-1)
+        expired = [path for v, path in commits.items() if v < until and _mtime(path) <= cutoff]
+        if not expired:
+            return 0
+        deleted = 0
+        try:
+            # (a table another tool made with a longer log retention keeps its commits longer: its files too)
+            configured = table.metadata().configuration.get("delta.logRetentionDuration")
+            if configured == TABLE_CONFIG["delta.logRetentionDuration"]:
+                removed = set().union(*(_removed_paths(path) for path in expired))
+                removed -= {entry.relative for entry in self.entries(name)}
+                directory = self.root / name
+                for relative in sorted(removed):
+                    if _DATA_FILE.match(relative):
+                        deleted += fsutil.unlink_beneath(directory, relative)
+            table.cleanup_metadata()
+        except (DeltaError, OSError):
+            pass
+        return deleted
+
     def compact(
         self,
         name: str,
@@ -1970,11 +2121,11 @@ class Lake:
         )
         if done["days"]:
             with self.lock(name, wait=False) as got:
-                table = self.table(name) if got else None
-                if table is not None:
+                if got:
                     # log entries older than delta.logRetentionDuration (delta-rs lists the log folder on
-                    # every open and commit): deleted here, under the lock, rather than by every commit
-                    table.cleanup_metadata()
+                    # every open and commit), and the files they removed: here, under the lock, rather than
+                    # by every commit
+                    self.retire_log(name)
         return done
 
     def expire(self, name: str, before: dt.date) -> dict[str, Any]:

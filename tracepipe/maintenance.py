@@ -15,7 +15,7 @@ from typing import Any
 from tracepipe.errors import EXIT_OK, UsageError
 from tracepipe.lake import COMPACT_MIN_FILES, RETAIN_REMOVED, Lake
 from tracepipe.schema import DATASETS
-from tracepipe.units import parse_time
+from tracepipe.units import parse_time, utc_text
 
 # Datasets that age out with `expire`: the observations. Lifecycle history (vm_events, and vm_leases/vms
 # built from it) is kept because any flow still in the lake can point at it, and alerts are kept always.
@@ -144,9 +144,17 @@ def version_token(versions: dict[str, int]) -> str:
     return ",".join(f"{name}={version}" for name, version in sorted(versions.items()))
 
 
+def as_of_text(as_of: dt.datetime | dict[str, int]) -> str:
+    """What `--as-of` was given, as it takes it back: a lake version or a UTC time."""
+    if isinstance(as_of, dict):
+        return version_token(as_of)
+    return utc_text(as_of)
+
+
 __all__ = [
     "COMPACT_MIN_FILES",
     "EXPIRING",
+    "as_of_text",
     "compact_lake",
     "expire_lake",
     "parse_as_of",

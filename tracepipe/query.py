@@ -464,12 +464,42 @@ def vm_info_plain(lake: Lake) -> bool:
 
 def check_files(lake: Lake) -> None:
     """LakeError naming every file the lake's logs list that is missing or not the size the log recorded (a
-    stat each): DuckDB would fail every query on it, or with the first file of a table, every view."""
-    damaged = [(entry, reason) for name in DATASETS for entry, reason in lake.damaged(name)]
+    stat each): DuckDB would fail every query on it, or with the first file of a table, every view. A lake read
+    --as-of a version whose files vacuum deleted since is a UsageError saying so (repair would not help)."""
+    found = [(name, entry, reason) for name in DATASETS for entry, reason in lake.damaged(name)]
+    if found and lake.as_of is not None:
+        vacuumed = _vacuumed(lake, found)
+        if vacuumed:
+            from tracepipe.maintenance import as_of_text
+
+            raise UsageError(
+                f"--as-of {as_of_text(lake.as_of)}: the lake no longer holds that version: {len(vacuumed)} of "
+                "its files were removed by later commits and then deleted by `tracepipe vacuum` (removed longer "
+                f"ago than vacuum's --retain, 7 days by default), e.g. {vacuumed[0].path}. Time travel reaches "
+                "back as far as --retain; export evidence that must outlive it: tracepipe sql ... --format "
+                "parquet --output FILE"
+            )
+    damaged = [(entry, reason) for _name, entry, reason in found]
     if damaged:
         files = "; ".join(f"{entry.path} ({reason})" for entry, reason in damaged[:5])
         more = f" and {len(damaged) - 5} more" if len(damaged) > 5 else ""
         raise LakeError(f"damaged lake files: {files}{more}. {repair_advice(lake.root)}")
+
+
+def _vacuumed(lake: Lake, found: list[tuple[str, FileEntry, str]]) -> list[FileEntry]:
+    """Of the damaged files of a lake read --as-of, those that are missing and that the latest version of their
+    table no longer lists: removed by a later commit, then deleted by vacuum (not damage)."""
+    latest = Lake(lake.root)
+    listed: dict[str, set[str]] = {}
+    out = []
+    for name, entry, _reason in found:
+        if os.path.lexists(entry.path):
+            continue
+        if name not in listed:
+            listed[name] = {e.relative for e in latest.entries(name)}
+        if entry.relative not in listed[name]:
+            out.append(entry)
+    return out
 
 
 def damage_error(roots: Iterable[Path], exc: Exception) -> LakeError | None:

@@ -176,6 +176,11 @@ def parse_time(text: str, naive_tz: dt.tzinfo = dt.UTC) -> dt.datetime:
     return value
 
 
+def utc_text(value: dt.datetime, timespec: str = "auto") -> str:
+    """A time as parse_time reads it back and people read it: ISO 8601 in UTC with `Z`."""
+    return value.astimezone(dt.UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
 def parse_date(text: str) -> dt.date:
     """A UTC day 'YYYY-MM-DD' -> date; UsageError else."""
     try:

@@ -1708,10 +1708,26 @@ def _chunks(table: pa.Table, name: str) -> list[pa.Table]:
 def write_derived(lake: Any, name: str, table: pa.Table, info: dict[str, Any]) -> int:
     """Replace the whole of vm_leases or vms by `table`, in the layout of FILE_ROWS, in one commit; its version."""
     with lake.lock(name):
-        if name == "vms":
-            table = keyed_vms(lake, table, lake.entries(name))
-            info = {**info, **lost_keys_info(lake, table)}
-        return lake.replace_files(name, lake.entries(name), _chunks(table, name), info, ROW_GROUP_ROWS)
+        return _write_derived_locked(lake, name, table, info)
+
+
+def _write_derived_locked(lake: Any, name: str, table: pa.Table, info: dict[str, Any]) -> int:
+    """write_derived for a caller that holds the table's lock."""
+    if name == "vms":
+        table = keyed_vms(lake, table, lake.entries(name))
+        info = {**info, **lost_keys_info(lake, table)}
+    return lake.replace_files(name, lake.entries(name), _chunks(table, name), info, ROW_GROUP_ROWS)
+
+
+def _events_since(lake: Any, version: int | None, read: set[str]) -> tuple[int | None, list[Any] | None]:
+    """vm_events' latest version, and the files holding events that landed after `version` which a rebuild
+    that read the files `read` has not seen (None when the log of `version` is gone: read them all again)."""
+    lake.refresh("vm_events")
+    latest = lake.version("vm_events")  # (before the files: never newer than they are)
+    if version is None:
+        return latest, [e for e in lake.entries("vm_events") if e.relative not in read]
+    added = lake.files_added_since("vm_events", version)
+    return latest, None if added is None else [e for e in added if e.relative not in read]
 
 
 def rebuild_leases(lake: Any, reclaim_interval: dt.timedelta | None = None) -> set[str]:
@@ -1788,37 +1804,55 @@ def _full_rebuild(
     else:
         reclaim_interval = load_reclaim_interval(lake)
     events_version = lake.version("vm_events")  # read before the events: never newer than what is built
-    slices = _slices(lake.entries("vm_events"), at_once_events() if at_once is None else at_once)
+    entries = lake.entries("vm_events")
+    slices = _slices(entries, at_once_events() if at_once is None else at_once)
     if len(slices) > 1:
         staged = _in_slices(lake, reclaim_interval, slices, progress)
         if not isinstance(staged, str):
-            days = _adopt(lake, staged, events_version)
-            rows = sum(e.rows for part in slices for e in part)
+            staged = _adopt(lake, staged, events_version, {e.relative for e in entries})
+        if not isinstance(staged, str):
+            rows = sum(e.rows for part in slices for e in part) + staged.new_events
             note = f"replayed in {len(slices)} time slices of whole days"
             return LeaseUpdate(
                 "full",
-                days,
+                staged.days,
                 rows,
+                new_events=staged.new_events,
                 reason=f"{reason}; {note}" if reason else note,
                 seconds=round(time.perf_counter() - started, 3),
             )
-        note = f"replayed at once in memory: {staged}"  # (a slice the update cannot apply, see _apply)
+        # (a slice the update cannot apply, see _apply; or the events that landed meanwhile)
+        note = f"replayed at once in memory: {staged}"
         reason = f"{reason}; {note}" if reason else note
+        events_version = lake.version("vm_events")  # (what landed during the slices, read with the rest)
+        entries = lake.entries("vm_events")
     old = _old_leases(lake)
-    events = read_event_files(lake.files("vm_events"))
+    if progress is not None:
+        progress("all events at once")
+    events = read_event_files([e.path for e in entries])
     leases, vms = build_leases(events, reclaim_interval)
-    days = set(_partition_days(lake)) if old is None else changed_days(old, leases, _partition_days(lake))
-    # vm_leases last, recording what it was built from and the days it changed: a run killed before that
-    # commit is redone by the next (events newer than the leases), one killed after it re-attributes the days
-    # that no attribution with these leases rewrote yet (attribution.days_left_to_attribute)
-    write_derived(lake, "vms", vms, {})
-    version = write_derived(
-        lake,
-        "vm_leases",
-        leases,
-        {"vm_events_version": events_version, "days": sorted(days), VMS_COMPLETE: True},
-    )
-    _save_state(lake, version, _full_state(events, leases, vms))
+    # the commits under both locks, in the order every update takes them: no update commits in between
+    with lake.lock("vm_leases"), lake.lock("vms"):
+        latest, landed = _events_since(lake, events_version, {e.relative for e in entries})
+        if landed is None or landed:
+            # events landed during the build, and an update may have committed their leases meanwhile: built
+            # again with them, here, instead of committing leases that leave them out (hostile review F6)
+            events_version, old = latest, _old_leases(lake)
+            del leases, vms, events  # (memory: one build at a time)
+            events = read_event_files(lake.files("vm_events"))
+            leases, vms = build_leases(events, reclaim_interval)
+        days = set(_partition_days(lake)) if old is None else changed_days(old, leases, _partition_days(lake))
+        # vm_leases last, recording what it was built from and the days it changed: a run killed before that
+        # commit is redone by the next (events newer than the leases), one killed after it re-attributes the
+        # days that no attribution with these leases rewrote yet (attribution.days_left_to_attribute)
+        _write_derived_locked(lake, "vms", vms, {})
+        version = _write_derived_locked(
+            lake,
+            "vm_leases",
+            leases,
+            {"vm_events_version": events_version, "days": sorted(days), VMS_COMPLETE: True},
+        )
+        _save_state(lake, version, _full_state(events, leases, vms))
     return LeaseUpdate(
         "full", days, events.num_rows, reason=reason, seconds=round(time.perf_counter() - started, 3)
     )
@@ -1930,36 +1964,59 @@ def _in_lake(lake: Any, path: Path) -> bool:
         return False
 
 
-def _adopt(lake: Any, stage: Any, events_version: int | None) -> set[str]:
+@dataclass
+class _Adopted:
+    days: set[str]  # whose attribution may change
+    new_events: int  # events that landed during the slices, applied to the staging before its commit
+
+
+def _adopt(lake: Any, stage: Any, events_version: int | None, read: set[str]) -> _Adopted | str:
     """Commit the staging lake's vms rows and vm_leases files (moved, not copied) to the lake, as a full
-    rebuild would write them, and its update state; remove the staging. The days whose attribution may change."""
+    rebuild would write them, and its update state; remove the staging. Events that landed after
+    `events_version` in files other than `read` (those the slices replayed) are applied to the staging first,
+    under the lake's locks: an update of theirs may have committed leases meanwhile, which the staging's would
+    otherwise roll back until the next update (hostile review F6). Returns the days whose attribution may
+    change, or why those events cannot be applied (then the caller replays everything at once)."""
     try:
-        staged = stage.entries("vm_leases")
-        days = set(_partition_days(lake))
-        old = _old_leases(lake)  # (read now, not held through the slices)
-        if old is not None:
-            days = changed_days(old, stage.read("vm_leases", columns=old.column_names), days)
-            del old
-        # the VMs' keys and identity changes as the lake's own rows give them (the staging's are its own)
-        vms = stage.read("vms")
-        for name in ("vm_key", "identity_changed_at"):
-            column = vms.schema.get_field_index(name)
-            vms = vms.set_column(
-                column, vms.schema.field(name), pa.nulls(vms.num_rows, vms.schema.field(name).type)
-            )
-        write_derived(lake, "vms", vms, {})
-        del vms
-        with lake.lock("vm_leases"):
+        # the commits under both locks, in the order every update takes them: no update commits in between
+        with lake.lock("vm_leases"), lake.lock("vms"):
+            latest, landed = _events_since(lake, events_version, read)
+            if landed is None:
+                return "the event log of the rebuild's start expired"
+            if landed:
+                try:
+                    caught = _apply(
+                        stage, _read_events([e.path for e in landed]), -1, stage.version("vm_leases")
+                    )
+                except StateChanged as exc:
+                    caught = str(exc)
+                if isinstance(caught, str):
+                    return f"events landed during the rebuild: {caught}"
+            staged = stage.entries("vm_leases")
+            days = set(_partition_days(lake))
+            old = _old_leases(lake)
+            if old is not None:
+                days = changed_days(old, stage.read("vm_leases", columns=old.column_names), days)
+                del old
+            # the VMs' keys and identity changes as the lake's own rows give them (the staging's are its own)
+            vms = stage.read("vms")
+            for name in ("vm_key", "identity_changed_at"):
+                column = vms.schema.get_field_index(name)
+                vms = vms.set_column(
+                    column, vms.schema.field(name), pa.nulls(vms.num_rows, vms.schema.field(name).type)
+                )
+            _write_derived_locked(lake, "vms", vms, {})
+            del vms
             version = lake.adopt_files(
                 "vm_leases",
                 lake.entries("vm_leases"),
                 [e.path for e in staged],
-                {"vm_events_version": events_version, "days": sorted(days), VMS_COMPLETE: True},
+                {"vm_events_version": latest, "days": sorted(days), VMS_COMPLETE: True},
             )
-        state = _load_state(stage, stage.version("vm_leases"))
-        if state is not None:  # (else the next update rebuilds in full, as after any lost state)
-            _save_state(lake, version, state)
-        return days
+            state = _load_state(stage, stage.version("vm_leases"))
+            if state is not None:  # (else the next update rebuilds in full, as after any lost state)
+                _save_state(lake, version, state)
+        return _Adopted(days, sum(e.rows for e in landed))
     finally:
         shutil.rmtree(stage.root, ignore_errors=True)
 
@@ -2087,9 +2144,18 @@ def _apply(lake: Any, new: pl.DataFrame, version: int | None, built: int) -> Lea
     reclaim = load_reclaim_interval(lake)
     update: LeaseUpdate | str = "leases changed during the update"
     with lake.lock("vm_leases"), lake.lock("vms"):
-        if lake.version("vm_leases") == built:  # (else another update committed since we looked: in full)
+        if lake.version("vm_leases") == built:
             update = _update_under_locks(lake, new, state, reclaim, version)
+        elif _built_from(lake, version):
+            update = LeaseUpdate()  # another update, or a rebuild, committed these events meanwhile
+        # (else another update committed since we looked, from fewer events: in full)
     return update
+
+
+def _built_from(lake: Any, version: int | None) -> bool:
+    """Whether the latest vm_leases commit was built from vm_events `version` or a later one."""
+    built = next(iter(lake.commit_infos("vm_leases")), {}).get("vm_events_version")
+    return isinstance(built, int) and isinstance(version, int) and built >= version
 
 
 def _update_under_locks(
