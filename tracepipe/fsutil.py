@@ -119,33 +119,6 @@ def move_durably(source: Path, target: Path) -> None:
         fsync_dir(Path(source).parent)
 
 
-def unlink_beneath(directory: Path, relative: str) -> bool:
-    """Delete the regular file `relative` (a/b/name) of `directory`, in a folder someone else can write to (a
-    lake): every folder on the way is opened with O_NOFOLLOW, so a folder replaced by a link to elsewhere
-    stops the walk, and a link or anything but a regular file is left alone. Whether a file was deleted."""
-    *folders, name = relative.split("/")
-    if not name or any(part in ("", ".", "..") for part in [*folders, name]):
-        return False
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for folder in folders:
-            inner = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            os.close(fd)
-            fd = inner
-        if not stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
-            return False
-        os.unlink(name, dir_fd=fd)  # (never follows a link in its last part either)
-        return True
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # a folder on the way is a link
-            return False
-        raise
-    finally:
-        os.close(fd)
-
-
 _KINDS = (
     (stat.S_ISFIFO, "FIFO"),
     (stat.S_ISSOCK, "socket"),
