@@ -655,3 +655,57 @@ def test_a_host_sweeping_a_listed_network_is_one_alert_per_window(tmp_path, buck
     ]
     assert "and 599 more addresses" in alerts[1]["reason"]
     assert json.loads(alerts[0]["features"])["peers"] == 1 and "more addresses" not in alerts[0]["reason"]
+
+
+def test_an_allowlisted_lower_address_hides_nothing_and_a_later_lower_one_is_the_same_alert(tmp_path):
+    """Review of the session-26 grouping: the group's alert was named after its lowest address, so one contact
+    with an allowlisted mirror inside a listed /22 made the allowlist drop the whole group (10 C2 contacts -> 0
+    alerts), and a later flow to a lower address of the network gave the group another alert id (a second
+    alert for the same host, indicator and window on the next sweep). Allowlisted peers are grouped apart, and
+    an intel alert's id is made of its indicator."""
+    import dataclasses
+
+    from tracepipe.schema import FLOWS
+
+    start = dt.datetime(2025, 6, 17, 8, tzinfo=dt.UTC)
+
+    def flows(peers: list[str], at: int) -> pa.Table:
+        return pa.Table.from_pylist(
+            [
+                {
+                    "src_addr": "10.20.1.5",
+                    "dst_addr": peer,
+                    "dst_port": 443,
+                    "ts_start": start + dt.timedelta(seconds=at + i),
+                    "ts_end": start + dt.timedelta(seconds=at + i + 1),
+                    "src_port": 40000 + at + i,
+                    "proto": 6,
+                    "packets": 20,
+                    "bytes": 12000,
+                    "tcp_flags": 27,
+                    "ip_version": 4,
+                    "source": "t",
+                }
+                for i, peer in enumerate(peers)
+            ],
+            schema=FLOWS,
+        )
+
+    lake = Lake(tmp_path / "lake")
+    lake.append("flows", flows(["203.0.112.1"] + [f"203.0.112.{200 + i}" for i in range(10)], 0), key="a")
+    (tmp_path / "feed.txt").write_text("203.0.112.0/22  # bulletproof hosting\n")
+    import_intel(lake, tmp_path / "feed.txt")
+    config = load_pipeline(REPO / "pipelines" / "retro-hunt.toml")
+    config = dataclasses.replace(
+        config,
+        output=dataclasses.replace(config.output, report_dir=str(tmp_path / "r"), html=False),
+        allowlist=dataclasses.replace(config.allowlist, addresses=["203.0.112.1"]),
+    )
+    until = start + dt.timedelta(hours=1)
+    first = [
+        a for a in run_sweep(lake, config, start, until).new_alerts.to_pylist() if a["detector"] == "intel"
+    ]
+    assert [(a["addr"], a["peer"]) for a in first] == [("10.20.1.5", "203.0.112.200")]
+    lake.append("flows", flows(["203.0.112.100"], 100), key="b")  # a late flow to a lower listed address
+    again = run_sweep(lake, config, start, until)
+    assert [a for a in again.new_alerts.to_pylist() if a["detector"] == "intel"] == []

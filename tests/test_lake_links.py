@@ -158,8 +158,8 @@ def test_a_planted_fifo_stops_readers_with_its_name_never_hangs_them(tmp_path):
 def test_lock_files_and_upgrade_never_follow_a_planted_link(tmp_path):
     """The rewrite lock was opened with mode "a+" through a planted link (compact created the file it named:
     /etc/nologin when run as root); `upgrade` walked a dataset folder planted as a link (removing .tmp files
-    there) and failed on a planted folder of a current lake. Now the lock is refused, naming it, and upgrade
-    leaves both alone."""
+    there) and failed on a planted folder of a current lake. Now the link is replaced by a lock file (refusing
+    it stopped every rewrite for good), and upgrade leaves both alone."""
     lake = _lake(tmp_path / "lake")
     (lake.root / "_locks").mkdir(exist_ok=True)
     victim = tmp_path / "etc" / "nologin"
@@ -167,8 +167,8 @@ def test_lock_files_and_upgrade_never_follow_a_planted_link(tmp_path):
     (lake.root / "_locks" / "flows.lock").unlink(missing_ok=True)
     (lake.root / "_locks" / "flows.lock").symlink_to(victim)
     result = run_in_process("compact", "--lake", str(lake.root))
-    assert result.returncode == 4 and "rewrite lock of flows" in result.stderr
-    assert not victim.exists()
+    assert result.returncode == 0, result.stderr  # the planted link holds no lock: replaced by a lock file
+    assert not victim.exists() and not (lake.root / "_locks" / "flows.lock").is_symlink()
     elsewhere = _old_file(tmp_path / "theirs" / "notes.parquet.tmp", "not the lake's")
     (lake.root / "flow_labels").symlink_to(elsewhere.parent)
     _old_file(lake.root / "rejects" / "x.parquet", "planted")

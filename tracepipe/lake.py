@@ -1172,6 +1172,9 @@ class Lake:
                     except FileNotFoundError:
                         pass
                     except OSError as exc:
+                        if exc.errno == errno.EXDEV:  # (a table folder on another disk, linked back)
+                            bad[at] = (entry, f"{LEFT_IN_PLACE}: {DAMAGED_DIR}/ is on another file system")
+                            continue
                         if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EINVAL):
                             raise
                         why = f"{DAMAGED_DIR}/ holds a symbolic link or a file on the way there"
@@ -1703,16 +1706,24 @@ class Lake:
             directory.mkdir(parents=True, exist_ok=True)
             # never through a link (_locks or the lock file planted as one: opening it for writing created or
             # touched the file it names, such as /etc/nologin when run as root), never waiting on a FIFO
+            # A lock entry that is no regular file (a link, a FIFO) holds no lock: it is removed (unlinkat: the
+            # entry itself) and made again, so a planted one cannot stop every rewrite either
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
             with fsutil.beneath(self.root, [LOCK_DIR]) as folder:
-                fd = os.open(
-                    f"{name}.lock",
-                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                    0o640,
-                    dir_fd=folder,
-                )
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise OSError(errno.EINVAL, "not a regular file", str(directory / f"{name}.lock"))
+                try:
+                    fd = os.open(f"{name}.lock", flags, 0o640, dir_fd=folder)
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENXIO):
+                        raise
+                    fd = -1
+                if fd >= 0 and not stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    fd = -1
+                if fd < 0:
+                    if stat.S_ISDIR(os.lstat(f"{name}.lock", dir_fd=folder).st_mode):
+                        raise OSError(errno.EISDIR, "a folder planted as the lock file", f"{name}.lock")
+                    os.unlink(f"{name}.lock", dir_fd=folder)
+                    fd = os.open(f"{name}.lock", flags | os.O_EXCL, 0o640, dir_fd=folder)
             handle = os.fdopen(fd, "r+")
         except OSError as exc:
             raise LakeError(f"cannot take the rewrite lock of {name} in {directory}: {exc}") from exc

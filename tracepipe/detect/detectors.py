@@ -10,6 +10,7 @@ the whole windows that overlap [since, until), so a rerun of the same sweep find
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -1131,15 +1132,21 @@ def intel_match(ctx: DetectContext) -> pl.DataFrame:
     matches = match_addresses(peers, ctx.intel)
     if matches.is_empty():
         return _empty()
-    # (the addresses' type: a host bucket's are Categorical, detect/buckets.py)
-    matches = matches.with_columns(pl.col("addr").cast(flows.collect_schema()["peer"]))
+    # (the addresses' type: a host bucket's are Categorical, detect/buckets.py). A peer the site allowlisted
+    # is grouped apart (its group is the alert the allowlist drops and lists): grouped with the others, an
+    # allowlisted lowest address dropped the whole group, so one contact with an allowed mirror in a listed
+    # range hid every other contact there (review of the session-26 change)
+    allowed = _allowlisted_peers(matches.get_column("addr").to_arrow(), ctx.config, ctx.until)
+    matches = matches.with_columns(
+        pl.col("addr").cast(flows.collect_schema()["peer"]), _allowed=pl.Series(allowed, dtype=pl.Boolean)
+    )
     # One alert per (local host, indicator, window): a host that swept a listed network (a /16 of a bulletproof
     # host) was one alert per address it touched, 65,536 per window, each with a reason written in Python.
     # The alert's peer is the lowest of them (the same whatever the engine or row order); the others counted.
     peer = pl.col("peer").cast(pl.String)
     found = (
         flows.join(matches.lazy().rename({"addr": "peer"}), on="peer", how="inner")
-        .group_by("addr", "indicator", "window_start")
+        .group_by("addr", "indicator", "_allowed", "window_start")
         .agg(
             flows=pl.len(),
             bytes=saturating_sum(pl.col("bytes")),
@@ -1175,6 +1182,23 @@ def intel_match(ctx: DetectContext) -> pl.DataFrame:
             for k in ("flows", "bytes", "peers", "some_peers", "ports", "indicator", "tags", "event_id")
         },
     )
+
+
+def _allowlisted_peers(peers: pa.Array, config: PipelineConfig, now: dt.datetime) -> np.ndarray:
+    """Which intel peers apply_allowlist would drop an intel alert for (as the alert's peer): the allowlist's
+    addresses and CIDRs, and its entries in force at `now` for the intel detector (or all) without ports."""
+    from tracepipe.pipeline_config import active
+
+    allow = config.allowlist
+    mask = np.zeros(len(peers), dtype=bool)
+    nets = allow.addresses + allow.cidrs
+    if nets:
+        mask |= in_networks(peers, nets)
+    for entry in active(list(allow.entries), now)[0]:
+        if entry.ports or (entry.detectors and "intel" not in entry.detectors):
+            continue
+        mask |= in_networks(peers, entry.cidrs)
+    return mask
 
 
 DETECTORS: dict[str, Callable[[DetectContext], pl.DataFrame]] = {
@@ -1389,6 +1413,18 @@ def describe_host(row: dict) -> str:
     return f"{addr} ({', '.join(parts)})"
 
 
+def _identity_peer(row: dict) -> str | None:
+    """The peer an alert's id is made of: its peer, but for an intel alert (one per host, indicator and window,
+    named after the lowest address of the group) the indicator, so that a later flow to a lower address of the
+    same listed network is the same alert, not a new one (review of the session-26 change)."""
+    if row["detector"] == "intel":
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            indicator = json.loads(row["features"]).get("indicator")
+            if isinstance(indicator, str) and indicator:
+                return indicator  # (an address indicator is its own peer: the id it always had)
+    return row["peer"]
+
+
 def alert_id(
     detector: str, addr: str | None, peer: str | None, port: int | None, window_start: dt.datetime
 ) -> str:
@@ -1537,7 +1573,7 @@ def finalize(
         rows.append(
             {
                 "alert_id": alert_id(
-                    row["detector"], row["addr"], row["peer"], row["port"], row["window_start"]
+                    row["detector"], row["addr"], _identity_peer(row), row["port"], row["window_start"]
                 ),
                 "detector": row["detector"],
                 "window_start": row["window_start"],
