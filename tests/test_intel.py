@@ -594,6 +594,26 @@ def test_ipv6_cidr_matching_answers_as_ipaddress_does_on_nested_and_overlapping_
     assert len(got) > 1000
 
 
+def _contacts(rows: list[dict], start: dt.datetime, at: int = 0, **values) -> pa.Table:
+    """Flow rows (src_addr, dst_addr, dst_port each) one second apart from start + `at` seconds."""
+    from tracepipe.schema import FLOWS
+
+    base = {"proto": 6, "packets": 2, "bytes": 120, "tcp_flags": 2, "ip_version": 4, "source": "t"} | values
+    return pa.Table.from_pylist(
+        [
+            {
+                **base,
+                **r,
+                "ts_start": start + dt.timedelta(seconds=at + i),
+                "ts_end": start + dt.timedelta(seconds=at + i + 1),
+                "src_port": 40000 + at + i,
+            }
+            for i, r in enumerate(rows)
+        ],
+        schema=FLOWS,
+    )
+
+
 @pytest.mark.parametrize("buckets", [None, 3])
 def test_a_host_sweeping_a_listed_network_is_one_alert_per_window(tmp_path, buckets):
     """Hostile review (session 25 known limit): a host that touched 600 addresses of a listed /22 was 600 intel
@@ -602,31 +622,12 @@ def test_a_host_sweeping_a_listed_network_is_one_alert_per_window(tmp_path, buck
     address is still one alert naming it."""
     import dataclasses
 
-    from tracepipe.schema import FLOWS
-
     start = dt.datetime(2025, 6, 17, 8, tzinfo=dt.UTC)
     rows = [
         {"src_addr": "10.20.1.5", "dst_addr": f"203.0.{112 + i // 256}.{i % 256}", "dst_port": 445}
         for i in range(600)
     ] + [{"src_addr": f"10.20.1.{9 + i}", "dst_addr": "198.51.100.7", "dst_port": 443} for i in range(2)]
-    flows = pa.Table.from_pylist(
-        [
-            {
-                **r,
-                "ts_start": start + dt.timedelta(seconds=i),
-                "ts_end": start + dt.timedelta(seconds=i + 1),
-                "src_port": 40000 + i,
-                "proto": 6,
-                "packets": 2,
-                "bytes": 120,
-                "tcp_flags": 2,
-                "ip_version": 4,
-                "source": "t",
-            }
-            for i, r in enumerate(rows)
-        ],
-        schema=FLOWS,
-    )
+    flows = _contacts(rows, start)
     lake = Lake(tmp_path / "lake")
     lake.append("flows", flows, key="t")
     (tmp_path / "feed.txt").write_text("203.0.112.0/22  # bulletproof hosting\n198.51.100.7  # c2\n")
@@ -665,31 +666,11 @@ def test_an_allowlisted_lower_address_hides_nothing_and_a_later_lower_one_is_the
     an intel alert's id is made of its indicator."""
     import dataclasses
 
-    from tracepipe.schema import FLOWS
-
     start = dt.datetime(2025, 6, 17, 8, tzinfo=dt.UTC)
 
     def flows(peers: list[str], at: int) -> pa.Table:
-        return pa.Table.from_pylist(
-            [
-                {
-                    "src_addr": "10.20.1.5",
-                    "dst_addr": peer,
-                    "dst_port": 443,
-                    "ts_start": start + dt.timedelta(seconds=at + i),
-                    "ts_end": start + dt.timedelta(seconds=at + i + 1),
-                    "src_port": 40000 + at + i,
-                    "proto": 6,
-                    "packets": 20,
-                    "bytes": 12000,
-                    "tcp_flags": 27,
-                    "ip_version": 4,
-                    "source": "t",
-                }
-                for i, peer in enumerate(peers)
-            ],
-            schema=FLOWS,
-        )
+        rows = [{"src_addr": "10.20.1.5", "dst_addr": peer, "dst_port": 443} for peer in peers]
+        return _contacts(rows, start, at, packets=20, bytes=12000, tcp_flags=27)
 
     lake = Lake(tmp_path / "lake")
     lake.append("flows", flows(["203.0.112.1"] + [f"203.0.112.{200 + i}" for i in range(10)], 0), key="a")
