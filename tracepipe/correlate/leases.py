@@ -2761,6 +2761,20 @@ def _port_reads(reads: pl.DataFrame, bindings: pl.DataFrame) -> tuple[pl.DataFra
     return _merge_port_reads(empty, resolved.filter(pl.col("ts").is_not_null())), unbound
 
 
+def _unbound_detaches(unbound: pl.Series, events: pl.DataFrame) -> pl.DataFrame:
+    """port_reads rows (vm_id null) of the detaches naming no VM among `events` of the ports bound to no VM yet
+    (`unbound`, _port_reads): such a detach releases nothing, but a binding of its port as old as it or older,
+    landing later, is one it releases (at one instant the replay's order can put the detach last): an event on
+    the port up to the detach's time is then a full rebuild (_port_guard). One row a port deleted or unbound
+    while no VM was bound to it (a router's, a DHCP server's, one never used), kept as long as the state."""
+    return (
+        events.filter(_vmless_detach() & pl.col("port_id").is_in(unbound.implode()))
+        .group_by("port_id")
+        .agg(pl.col("ts").cast(pl.Datetime("us", "UTC")).max())
+        .select("port_id", "ts", pl.lit(None, pl.String).alias("vm_id"))
+    )
+
+
 def _merge_port_reads(state: pl.DataFrame, more: pl.DataFrame) -> pl.DataFrame:
     return (
         pl.concat([state, more.select(list(_PORT_READS_SCHEMA)).cast(_PORT_READS_SCHEMA)])
@@ -2892,7 +2906,8 @@ class _State:
     detaches: pl.DataFrame = field(
         default_factory=lambda: pl.DataFrame(schema={**_state_schemas()[0], "_released": pl.String})
     )
-    # per port that vm-less associations and detaches read: until when an event on it can change them
+    # per port that vm-less associations and detaches read: until when an event on it can change them (vm_id
+    # null: a detach that found no VM bound to the port, _unbound_detaches)
     port_reads: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_PORT_READS_SCHEMA))
     # sorted uint64 hashes of the ports that VMs no longer live were bound to (their bindings left the state),
     # and beside each (`_ts`, int64 µs) the latest of those bindings: a later binding by a live VM decides
@@ -3047,6 +3062,7 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
     assert isinstance(closed, pl.DataFrame)
     released = _released_by_detaches(vmless_detaches, bindings, closed)
     reads, unbound = _port_reads(ported.filter(_port_read() | _vmless_detach()), bindings)
+    reads = _merge_port_reads(reads, _unbound_detaches(unbound, ported))
     unbound = unbound.filter(unbound.is_in(ported.filter(_port_read()).get_column("port_id").implode()))
     live_reads = pl.col("vm_id").is_in(hot.implode())
     gone_ports = bindings.filter(~pl.col("vm_id").is_in(hot.implode()))
@@ -3065,7 +3081,7 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
         fips=fips.filter(~pl.col("gone")),
         floating=kept,
         detaches=_kept(released, last, "_released"),
-        port_reads=reads.filter(live_reads),
+        port_reads=reads.filter(live_reads | pl.col("vm_id").is_null()),
         reads_gone_until=reads.filter(~live_reads).get_column("ts").max(),  # type: ignore[arg-type]
         **_grown_timed(
             _State(live=live.head(0), known=np.zeros(0, np.uint64), runs=last.head(0)),
@@ -3121,7 +3137,7 @@ def _next_state(
     bindings = _bindings(events)
     # (the stored associations replayed too: one with a port bound for the first time now reads it now)
     reads, unbound = _port_reads(events.filter(_port_read() | _vmless_detach()), bindings)
-    reads = _merge_port_reads(state.port_reads, reads)
+    reads = _merge_port_reads(state.port_reads, pl.concat([reads, _unbound_detaches(unbound, new)]))
     unbound = unbound.filter(unbound.is_in(new.filter(_port_read()).get_column("port_id").implode()))
     unbound, unbound_recent, unbound_file = _grown(
         state.unbound, state.unbound_recent, state.unbound_file, sorted_unique(_id_hashes(unbound))
@@ -3158,7 +3174,7 @@ def _next_state(
         fips=fips.filter(~pl.col("gone")),
         floating=floating,
         detaches=detaches,
-        port_reads=reads.filter(~pl.col("vm_id").is_in(gone_vms)),
+        port_reads=reads.filter(~pl.col("vm_id").is_in(gone_vms).fill_null(False)),
         reads_gone_until=max(
             (
                 t
