@@ -6,9 +6,13 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
+from conftest import ingest_vm
 
+from tracepipe import query
 from tracepipe.correlate.leases import build_leases
 from tracepipe.ingest.cloud import parse_cloud_text
+from tracepipe.lake import Lake
 
 DATA = Path(__file__).parent / "data" / "cloud"
 ASSOCIATED = dt.datetime(2012, 11, 18, 1, 29, 29, 497899, tzinfo=dt.UTC)
@@ -42,6 +46,17 @@ def test_floating_ip_events_parsed():
     assert rows[3]["vm_id"] == VM and rows[3]["addrs"] == ["172.16.59.10"]
 
 
+def _nova_home(vm: str) -> pa.Table:
+    """A Nova event naming `vm` in the samples' project (it lists no address): a port or floating IP of that
+    project binds a VM only when the VM's own Nova events carry the project (leases._refused_bindings)."""
+    nova = _nova_event("2012-11-18T01:00:00Z", vm, "c97027dd880d4c129ae7a4ba7edade05", [], "some-server")
+    for field in ("ip_addresses", "host", "node"):  # (where the VM runs: the port's binding:host_id says)
+        del nova["payload"]["nova_object.data"][field]
+    events, rejects = parse_cloud_text(json.dumps(nova), "nova.jsonl")
+    assert rejects.num_rows == 0
+    return events
+
+
 def test_floating_lease_through_port_device_id():
     events = parse(
         "neutron/port.create.end.json",
@@ -49,7 +64,7 @@ def test_floating_lease_through_port_device_id():
         "neutron/floatingip.update.end_disassociate.json",
         "neutron/floatingip.delete.start.json",
     )
-    leases, _ = build_leases(events)
+    leases, _ = build_leases(pa.concat_tables([_nova_home(VM), events]))
     rows = {(r["addr"], r["addr_kind"]): r for r in leases.to_pylist()}
     floating = rows[("192.168.5.201", "floating")]
     assert floating["vm_id"] == VM
@@ -109,7 +124,7 @@ def test_port_details_name_the_vm_and_port_unbind_detaches():
     assert rejects.num_rows == 0
     assert events.column("action").to_pylist() == ["fip_associate", "port_update", "detach"]
     assert events.column("vm_id").to_pylist()[0] == "vm-pd"
-    leases, _ = build_leases(events)
+    leases, _ = build_leases(pa.concat_tables([_nova_home("vm-pd"), events]))
     got = {(r["addr"], r["vm_id"], r["valid_to"], r["end_reason"]) for r in leases.to_pylist()}
     unbound = dt.datetime(2012, 11, 18, 2, tzinfo=dt.UTC)
     assert got == {("192.168.5.201", "vm-pd", None, None), ("172.16.59.10", "vm-pd", unbound, "detach")}
@@ -191,3 +206,180 @@ def test_a_port_of_another_project_naming_a_vm_does_not_give_it_the_address():
         events.column("vm_id").dictionary_encode(),
     )
     assert {(r["addr"], r["vm_id"]) for r in build_leases(coded)[0].to_pylist()} == got
+
+
+# --- Neutron's claims against the VMs' own projects (leases._refused_bindings), through the real ingest -------
+
+
+def _nova_event(ts: str, vm: str, project: str, addrs: list[str], name: str) -> dict:
+    """A Nova instance.create.end (the shape of nova/instance-update.json) of `vm` in `project`."""
+    message = json.loads((DATA / "nova" / "instance-update.json").read_text())
+    message.update(event_type="instance.create.end", timestamp=ts, message_id=f"m-{vm}-{ts}")
+    message["payload"]["nova_object.data"].update(
+        uuid=vm,
+        tenant_id=project,
+        display_name=name,
+        user_id=f"user-of-{name}",
+        ip_addresses=[{"nova_object.data": {"address": a, "version": 4}} for a in addrs],
+    )
+    return message
+
+
+def _port_event(ts: str, port_id: str, project: str, vm: str, addrs: list[str]) -> dict:
+    """A Neutron port.create.end (the shape of neutron/port.create.end.json): project, device_id and fixed
+    addresses as any tenant may set them."""
+    message = _sample("port.create.end.json")
+    message.update(timestamp=ts, message_id=f"m-{port_id}", _context_tenant_id=project)
+    message["payload"]["port"].update(
+        id=port_id,
+        tenant_id=project,
+        device_owner="compute:nova",
+        device_id=vm,
+        fixed_ips=[{"subnet_id": "s", "ip_address": a} for a in addrs],
+    )
+    return message
+
+
+def _associate_event(ts: str, fip_id: str, project: str, floating: str, fixed: str, port_id: str, vm=None):
+    """A Neutron floatingip.update.end associating `floating` with a port; with `vm`, the fip-port-details
+    extension's port_details naming the port's device (what the port says, as any tenant set it)."""
+    message = _sample("floatingip.update.end_associate.json")
+    message.update(timestamp=ts, message_id=f"m-{fip_id}-{ts}", _context_tenant_id=project)
+    message["payload"]["floatingip"].update(
+        id=fip_id, tenant_id=project, floating_ip_address=floating, fixed_ip_address=fixed, port_id=port_id
+    )
+    if vm is not None:
+        message["payload"]["floatingip"]["port_details"] = {"device_owner": "compute:nova", "device_id": vm}
+    return message
+
+
+def _landed(tmp_path: Path, batches: list[list[dict]], flows: list[tuple]) -> Lake:
+    """A lake of `flows` (ts, src, dst) and the notifications, each batch a file of its own landed by the real
+    `ingest vm` (the first builds the leases, the next update them incrementally, or rebuild as they must)."""
+    lake = Lake(tmp_path / "lake")
+    rows = [
+        {
+            "ts_start": ts,
+            "ts_end": ts,
+            "src_addr": src,
+            "dst_addr": dst,
+            "packets": 1,
+            "bytes": 60,
+            "source": "t",
+        }
+        for ts, src, dst in flows
+    ]
+    if rows:
+        lake.append("flows", pa.Table.from_pylist(rows), key="flows")
+    for i, batch in enumerate(batches):
+        path = tmp_path / f"batch-{i}.jsonl"
+        path.write_text("".join(json.dumps(m) + "\n" for m in batch))
+        ingest_vm(lake, [path])
+    return lake
+
+
+def _who(lake: Lake, addr: str, at: dt.datetime) -> tuple | None:
+    con = query.connect(lake)
+    return con.execute("SELECT vm_id, project FROM who_had($a, $t)", {"a": addr, "t": at}).fetchone()
+
+
+def _attributed(lake: Lake) -> list[tuple]:
+    con = query.connect(lake)
+    return con.execute(
+        "SELECT src_addr, src_vm, src_project FROM flows_attributed ORDER BY src_addr"
+    ).fetchall()
+
+
+def _as_rebuilt(lake: Lake) -> bool:
+    """The lake's leases (built by its updates, in whatever order its files landed) are those of one full
+    build of its events."""
+    order = [("addr", "ascending"), ("valid_from", "ascending"), ("vm_id", "ascending")]
+    leases, _ = build_leases(lake.read("vm_events"))
+    return lake.read("vm_leases").sort_by(order).to_pylist() == leases.sort_by(order).to_pylist()
+
+
+VICTIM, EVIL_VM = "11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222"
+
+
+@pytest.mark.parametrize("order", ["one file", "neutron first", "nova first"])
+def test_a_floating_ip_on_a_port_naming_another_projects_vm_is_not_that_vms(tmp_path, order):
+    """Review finding F1: tenant evil's VIP port names the victim's VM as its device (device_owner compute:nova,
+    which Neutron lets any tenant set); evil associates its floating IP with that port, and Neutron's
+    port_details repeat the victim's id. The port event was refused, but the association took the VM from
+    port_details unchecked: `who 203.0.113.50` and evil's SSH flow named victim-db (project victim). Now the
+    association's VM is checked as a port's is: its holder is the port's (none), so `port:p-vip`. evil's
+    floating IP on its own VM's port, port_details naming that VM, still names it."""
+    nova = [
+        _nova_event("2025-06-17T08:00:00Z", VICTIM, "victim", ["10.0.0.5"], "victim-db"),
+        _nova_event("2025-06-17T08:01:00Z", EVIL_VM, "evil", ["10.9.0.7"], "evil-vm"),
+    ]
+    neutron = [
+        _port_event("2025-06-17T08:02:00Z", "p-vip", "evil", VICTIM, ["10.9.0.99"]),
+        _associate_event(
+            "2025-06-17T08:03:00Z", "fip-1", "evil", "203.0.113.50", "10.9.0.99", "p-vip", VICTIM
+        ),
+        _port_event("2025-06-17T08:02:30Z", "p-own", "evil", EVIL_VM, ["10.9.0.7"]),
+        _associate_event(
+            "2025-06-17T08:04:00Z", "fip-2", "evil", "203.0.113.51", "10.9.0.7", "p-own", EVIL_VM
+        ),
+    ]
+    batches = {"one file": [nova + neutron], "neutron first": [neutron, nova], "nova first": [nova, neutron]}
+    at = dt.datetime(2025, 6, 17, 9, tzinfo=dt.UTC)
+    flows = [(at, "203.0.113.50", "192.0.2.10"), (at, "203.0.113.51", "192.0.2.10")]
+    lake = _landed(tmp_path, batches[order], flows)
+    assert _who(lake, "203.0.113.50", at) == ("port:p-vip", None)
+    assert _who(lake, "10.9.0.99", at) is None
+    assert _who(lake, "203.0.113.51", at) == (EVIL_VM, "evil")
+    assert _attributed(lake) == [
+        ("203.0.113.50", "port:p-vip", None),
+        ("203.0.113.51", EVIL_VM, "evil"),
+    ]
+    assert _as_rebuilt(lake)
+
+
+@pytest.mark.parametrize("order", ["one file", "neutron later"])
+def test_a_port_naming_a_vm_no_nova_event_named_binds_nothing(tmp_path, order):
+    """Review finding F2: a port of project evil naming device "42" (any text passes Neutron) pinned
+    10.66.0.99, and a floating IP on that port, on OpenNebula's VM 42 (render node of astro-lab, user alice):
+    the project check knew projects from Nova's events only and let a VM with none keep every port naming it.
+    A Neutron port binds only a VM of its own cloud whose Nova events carry the port's project."""
+    one = [(DATA / "opennebula" / name) for name in ("42.log", "42.xml")]
+    neutron = [
+        _port_event("2024-03-12T09:30:00Z", "p-evil", "evil", "42", ["10.66.0.99"]),
+        _associate_event("2024-03-12T09:31:00Z", "fip-evil", "evil", "198.51.100.77", "10.66.0.99", "p-evil"),
+        _port_event("2024-03-12T09:32:00Z", "p-ghost", "evil", "no-such-vm", ["10.66.0.98"]),
+    ]
+    at = dt.datetime(2024, 3, 12, 10, 30, tzinfo=dt.UTC)
+    lake = Lake(tmp_path / "lake")
+    path = tmp_path / "neutron.jsonl"
+    path.write_text("".join(json.dumps(m) + "\n" for m in neutron))
+    if order == "one file":
+        ingest_vm(lake, [*one, path])
+    else:
+        ingest_vm(lake, one)
+        ingest_vm(lake, [path])
+    assert _who(lake, "10.10.0.42", at) == ("42", "astro-lab")  # the VM's own address (its XML) stays its
+    assert _who(lake, "10.66.0.99", at) is None
+    assert _who(lake, "10.66.0.98", at) is None
+    assert _who(lake, "198.51.100.77", at) == ("port:p-evil", None)
+    assert _as_rebuilt(lake)
+
+
+@pytest.mark.parametrize("project", ["web", "other"])
+def test_a_port_landed_before_its_vms_first_nova_event_binds_it_then(tmp_path, project):
+    """A port (project web) naming a VM that no Nova event named yet binds nothing; when the VM's Nova create
+    lands later, in the port's project, the port binds it from the port's own time on (the update is then a
+    full rebuild: the port's event must be judged again); in another project it never does. Either way the
+    lake holds the leases of one build of all the events."""
+    vm = "33333333-3333-3333-3333-333333333333"
+    port = [_port_event("2025-06-17T08:00:00Z", "p-web", "web", vm, ["10.1.0.9"])]
+    nova = [_nova_event("2025-06-17T08:00:20Z", vm, project, ["10.1.0.10"], "web-01")]
+    at = dt.datetime(2025, 6, 17, 8, 0, 10, tzinfo=dt.UTC)
+    lake = _landed(tmp_path, [port], [])
+    assert _who(lake, "10.1.0.9", at) is None
+    path = tmp_path / "nova.jsonl"
+    path.write_text(json.dumps(nova[0]) + "\n")
+    _, done = ingest_vm(lake, [path])
+    assert _who(lake, "10.1.0.9", at) == ((vm, "web") if project == "web" else None)
+    assert done.leases["mode"] == ("full" if project == "web" else "incremental")
+    assert _as_rebuilt(lake)

@@ -1412,33 +1412,97 @@ def _rejoined(leases: pl.DataFrame) -> pl.DataFrame:
     ).select(leases.columns)
 
 
-def _without_foreign_bindings(events: pa.Table) -> pa.Table:
-    """The events with the VM taken off Neutron port events of another project than the VM's: Neutron lets any
-    tenant create a port with device_owner "compute:nova" and any device_id, so such a port named another
-    project's VM and its address was pinned on that VM (`who` named the victim), and its delete ended the
-    victim's real lease. Nova creates and attaches a VM's ports in the VM's project; a port event whose project
-    is none of those the VM's own (instance.*) events carry is kept as a port of no VM. A VM with no instance
-    event (Neutron only) keeps its ports as before."""
+_JUDGED = ["event_type", "vm_id", "project", "cloud"]  # what _refused_bindings reads of an event
+
+
+def _neutron_binding() -> pl.Expr:
+    """A Neutron event naming a VM: a port's (port.*: device_id of a compute:* owner) or a floating IP's
+    association (port_details' device_id). Neutron lets any tenant set a port's device_owner to "compute:nova"
+    and its device_id to any text, and port_details only repeats them: the VM they name is a claim."""
+    neutron = pl.col("event_type").str.starts_with("port.") | pl.col("event_type").str.starts_with(
+        "floatingip."
+    )
+    return neutron.fill_null(False) & pl.col("vm_id").is_not_null()
+
+
+def _homes(events: pl.DataFrame) -> pl.DataFrame:
+    """(vm_id, project, cloud) of every Nova (instance.*) event: the projects a VM of that cloud is in."""
+    nova = pl.col("event_type").str.starts_with("instance.").fill_null(False) & pl.col("vm_id").is_not_null()
+    return events.filter(nova).select("vm_id", "project", "cloud").unique()
+
+
+def _refused_bindings(events: pl.DataFrame, homes: pl.DataFrame | None = None) -> pl.DataFrame:
+    """The Neutron events (_neutron_binding) whose VM is not theirs to name: `_row` (their row in `events`),
+    vm_id, project, cloud, and `port` (a port event, else a floating IP's). A Neutron event binds a VM only when
+    one of that VM's own Nova events, of the same cloud, carries the event's project (a null project is one
+    value): Nova creates and attaches a VM's ports in the VM's project, and a floating IP is associated in its
+    own. So another tenant's port naming your VM, or its floating IP on such a port (port_details), binds
+    nothing; nor does a port naming an OpenNebula or CSV VM, or an id no Nova event named (a VM whose Nova
+    events land later binds then: _apply). `homes`: _homes of the whole history (default: of `events`)."""
+    columns = events.select(_JUDGED).with_row_index("_row")
+    named = columns.filter(_neutron_binding())
+    if not named.height:
+        return named.select("_row", "vm_id", "project", "cloud", port=pl.lit(False))
+    homes = _homes(columns) if homes is None else homes
+    return named.join(homes, on=["vm_id", "project", "cloud"], how="anti", nulls_equal=True).select(
+        "_row", "vm_id", "project", "cloud", port=pl.col("event_type").str.starts_with("port.")
+    )
+
+
+def _binding_hashes(refused: pl.DataFrame) -> np.ndarray:
+    """Sorted distinct hashes of (vm_id, project, cloud): the keys of refused bindings, and of Nova homes."""
+    key = pl.struct(
+        pl.col("vm_id").cast(pl.String), pl.col("project").cast(pl.String), pl.col("cloud").cast(pl.String)
+    )
+    return sorted_unique(refused.select(key.hash(_HASH_SEED)).to_series().to_numpy())
+
+
+def _without_refused(frame: pl.DataFrame, refused: pl.DataFrame) -> pl.DataFrame:
+    """frame (polars) with the refused bindings (_refused_bindings, of this frame) unbound: no VM, and a port
+    event lists nothing, as a router's or DHCP server's port (neutron.py): what a port is not a VM's port of
+    lists no VM's address. A floating IP's association keeps its port and fixed address: its holder is then the
+    port's VM, else the fixed address's (_replay), as without port_details."""
+    if not refused.height:
+        return frame
+    rows = pl.int_range(pl.len(), dtype=pl.Int64)
+    at = rows.is_in(refused.get_column("_row").cast(pl.Int64).implode())
+    port = rows.is_in(refused.filter("port").get_column("_row").cast(pl.Int64).implode())
+    return frame.with_columns(
+        pl.when(at).then(None).otherwise(pl.col("vm_id")).alias("vm_id"),
+        pl.when(port).then(None).otherwise(pl.col("addrs")).alias("addrs"),
+    )
+
+
+def _refused_in(events: pa.Table) -> pl.DataFrame:
+    """_refused_bindings of an Arrow table of events; without a Neutron event type among them (a look at the
+    few distinct types), none, without reading the rest."""
     kinds = events.column("event_type").unique()
     if pa.types.is_dictionary(kinds.type):
         kinds = kinds.dictionary_decode()
-    if not pc.any(pc.fill_null(pc.starts_with(kinds, "port."), False)).as_py():
-        return events
-    head = _to_polars(events.select(["event_type", "vm_id", "project"])).with_row_index("_row")
-    named = pl.col("vm_id").is_not_null() & pl.col("project").is_not_null()
-    homes = head.filter(named & pl.col("event_type").str.starts_with("instance.")).select("vm_id", "project")
-    ports = head.filter(named & pl.col("event_type").str.starts_with("port."))
-    ports = ports.join(homes.select("vm_id").unique(), on="vm_id", how="semi")  # VMs whose project is known
-    foreign = ports.join(homes.unique(), on=["vm_id", "project"], how="anti").get_column("_row")
-    if not foreign.len():
+    neutron = pc.or_(pc.starts_with(kinds, "port."), pc.starts_with(kinds, "floatingip."))
+    if not pc.any(pc.fill_null(neutron, False)).as_py():
+        events = events.slice(0, 0)
+    return _refused_bindings(_to_polars(events.select(_JUDGED)))
+
+
+def _without_foreign_bindings(events: pa.Table, refused: pl.DataFrame | None = None) -> pa.Table:
+    """The events (Arrow) with the refused bindings (`refused`, default _refused_in(events)) unbound, as
+    _without_refused."""
+    if refused is None:
+        refused = _refused_in(events)
+    if not refused.height:
         return events
     mask = np.zeros(events.num_rows, bool)
-    mask[foreign.to_numpy()] = True
-    column = events.column("vm_id")
-    if pa.types.is_dictionary(column.type):
-        column = column.cast(column.type.value_type)
-    kept = pc.if_else(pa.array(mask), pa.scalar(None, column.type), column)
-    return events.set_column(events.schema.get_field_index("vm_id"), pa.field("vm_id", kept.type), kept)
+    mask[refused.get_column("_row").to_numpy()] = True
+    ports = np.zeros(events.num_rows, bool)
+    ports[refused.filter("port").get_column("_row").to_numpy()] = True
+    for name, where in (("vm_id", mask), ("addrs", ports)):
+        column = events.column(name)
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        kept = pc.if_else(pa.array(where), pa.scalar(None, column.type), column)
+        events = events.set_column(events.schema.get_field_index(name), pa.field(name, kept.type), kept)
+    return events
 
 
 def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None) -> tuple[pa.Table, pa.Table]:
@@ -2124,7 +2188,9 @@ def _apply(lake: Any, new: pl.DataFrame, version: int | None, built: int) -> Lea
     state = _load_state(lake, built)
     if state is None:
         return "no saved state of the last build (first update after an upgrade)"
-    new = _with_floating_addresses(new, state.fips)
+    if _member(state.refused, _binding_hashes(_homes(new))).any():
+        return "a VM's Nova event in the project of Neutron events that named the VM before: they bind it now"
+    new = _with_floating_addresses(_judged(lake, new, state), state.fips)
     fip = pl.col("action").is_in(list(_FLOATING_ACTIONS))
     neutron = (
         (fip & pl.col("addr").is_null())
@@ -2156,6 +2222,29 @@ def _built_from(lake: Any, version: int | None) -> bool:
     """Whether the latest vm_leases commit was built from vm_events `version` or a later one."""
     built = next(iter(lake.commit_infos("vm_leases")), {}).get("vm_events_version")
     return isinstance(built, int) and isinstance(version, int) and built >= version
+
+
+def _judged(lake: Any, new: pl.DataFrame, state: _State) -> pl.DataFrame:
+    """The new events as the full build judges them (_refused_bindings), so that the update and its state see
+    the refused bindings as events of no VM: the projects of the VMs their Neutron events name come from the
+    new events, the live VMs' stored ones and, for a VM no longer live, its events in the day partitions
+    (_history). The keys of the refused ones join state.refused (their VM's first Nova event of that project
+    is then a full rebuild, _apply)."""
+    named = new.filter(_neutron_binding()).get_column("vm_id").unique()
+    if not named.len():
+        return new
+    live = state.live.filter(pl.col("vm_id").is_in(named.implode()))
+    context = [new.select(_JUDGED), live.select(_JUDGED)]
+    settled = named.filter(~named.is_in(state.live_ids().implode()))
+    settled = settled.filter(_is_known(state, settled))
+    if settled.len():
+        vm_columns = ["vm_id", "created_at", "deleted_at", "last_event_at"]
+        where = ("vm_id", settled.to_list())
+        index = _index(lake, lake.entries("vms"), vm_columns, "vms", where, settled_only=True)
+        context.append(_history(lake, new.head(0), settled, index, live.head(0)).select(_JUDGED))
+    refused = _refused_bindings(new, _homes(pl.concat(context)))
+    state.refused = _union(state.refused, _binding_hashes(refused))
+    return _without_refused(new, refused)
 
 
 def _update_under_locks(
@@ -2299,6 +2388,7 @@ def _update_files(
     `unbound_holders`: the "port:<id>" holders of ports bound for the first time (_first_bound), whose every
     lease the replay recomputes: their vms rows go unless the replay gives them one again."""
     events = pl.concat([_history(lake, new, involved_vms, vm_index, state.live), stored.select(new.columns)])
+    events = _without_refused(events, _refused_bindings(events))  # (a settled VM's, read as they landed)
     leases, vms = build_leases(_strip_before(events, starts).to_arrow(), reclaim)
     leases = pl.from_arrow(leases)
     vms = pl.from_arrow(vms)
@@ -2846,6 +2936,20 @@ def _port_reads(reads: pl.DataFrame, bindings: pl.DataFrame) -> tuple[pl.DataFra
     return _merge_port_reads(empty, resolved.filter(pl.col("ts").is_not_null())), unbound
 
 
+def _unbound_detaches(unbound: pl.Series, events: pl.DataFrame) -> pl.DataFrame:
+    """port_reads rows (vm_id null) of the detaches naming no VM among `events` of the ports bound to no VM yet
+    (`unbound`, _port_reads): such a detach releases nothing, but a binding of its port as old as it or older,
+    landing later, is one it releases (at one instant the replay's order can put the detach last): an event on
+    the port up to the detach's time is then a full rebuild (_port_guard). One row a port deleted or unbound
+    while no VM was bound to it (a router's, a DHCP server's, one never used), kept as long as the state."""
+    return (
+        events.filter(_vmless_detach() & pl.col("port_id").is_in(unbound.implode()))
+        .group_by("port_id")
+        .agg(pl.col("ts").cast(pl.Datetime("us", "UTC")).max())
+        .select("port_id", "ts", pl.lit(None, pl.String).alias("vm_id"))
+    )
+
+
 def _merge_port_reads(state: pl.DataFrame, more: pl.DataFrame) -> pl.DataFrame:
     return (
         pl.concat([state, more.select(list(_PORT_READS_SCHEMA)).cast(_PORT_READS_SCHEMA)])
@@ -2977,7 +3081,8 @@ class _State:
     detaches: pl.DataFrame = field(
         default_factory=lambda: pl.DataFrame(schema={**_state_schemas()[0], "_released": pl.String})
     )
-    # per port that vm-less associations and detaches read: until when an event on it can change them
+    # per port that vm-less associations and detaches read: until when an event on it can change them (vm_id
+    # null: a detach that found no VM bound to the port, _unbound_detaches)
     port_reads: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_PORT_READS_SCHEMA))
     # sorted uint64 hashes of the ports that VMs no longer live were bound to (their bindings left the state),
     # and beside each (`_ts`, int64 µs) the latest of those bindings: a later binding by a live VM decides
@@ -2995,6 +3100,9 @@ class _State:
     # the latest `port_reads` time of the rows left out since their VM is no longer live (their ports are in
     # ports_gone): an event on such a port up to then is a full rebuild (one time instead of a row per port)
     reads_gone_until: dt.datetime | None = None
+    # sorted uint64 hashes of (vm_id, project, cloud) of the Neutron events that named a VM not theirs
+    # (_refused_bindings): a Nova event that later gives the VM that project makes them bind it (_apply)
+    refused: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
 
     def live_ids(self) -> pl.Series:
         return self.live.get_column("vm_id").unique()
@@ -3088,6 +3196,9 @@ def _last_runs(leases: pl.DataFrame) -> pl.DataFrame:
 
 
 def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
+    # (the events as the build judged them: a refused binding is no VM's event, _refused_bindings)
+    refused = _refused_in(events)
+    events = _without_foreign_bindings(events, refused)
     frame = pl.from_arrow(vms.select(["vm_id", "status", "deleted_at"]))
     runs = pl.from_arrow(leases.select(_RUN_COLUMNS))
     assert isinstance(frame, pl.DataFrame) and isinstance(runs, pl.DataFrame)
@@ -3132,6 +3243,7 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
     assert isinstance(closed, pl.DataFrame)
     released = _released_by_detaches(vmless_detaches, bindings, closed)
     reads, unbound = _port_reads(ported.filter(_port_read() | _vmless_detach()), bindings)
+    reads = _merge_port_reads(reads, _unbound_detaches(unbound, ported))
     unbound = unbound.filter(unbound.is_in(ported.filter(_port_read()).get_column("port_id").implode()))
     live_reads = pl.col("vm_id").is_in(hot.implode())
     gone_ports = bindings.filter(~pl.col("vm_id").is_in(hot.implode()))
@@ -3150,7 +3262,7 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
         fips=fips.filter(~pl.col("gone")),
         floating=kept,
         detaches=_kept(released, last, "_released"),
-        port_reads=reads.filter(live_reads),
+        port_reads=reads.filter(live_reads | pl.col("vm_id").is_null()),
         reads_gone_until=reads.filter(~live_reads).get_column("ts").max(),  # type: ignore[arg-type]
         **_grown_timed(
             _State(live=live.head(0), known=np.zeros(0, np.uint64), runs=last.head(0)),
@@ -3158,6 +3270,7 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
             gone_ports.get_column("ts").dt.epoch("us").to_numpy(),
         ),
         fips_gone=sorted_unique(_id_hashes(gone.get_column("key"))),
+        refused=_binding_hashes(refused),
     )
 
 
@@ -3206,7 +3319,7 @@ def _next_state(
     bindings = _bindings(events)
     # (the stored associations replayed too: one with a port bound for the first time now reads it now)
     reads, unbound = _port_reads(events.filter(_port_read() | _vmless_detach()), bindings)
-    reads = _merge_port_reads(state.port_reads, reads)
+    reads = _merge_port_reads(state.port_reads, pl.concat([reads, _unbound_detaches(unbound, new)]))
     unbound = unbound.filter(unbound.is_in(new.filter(_port_read()).get_column("port_id").implode()))
     unbound, unbound_recent, unbound_file = _grown(
         state.unbound, state.unbound_recent, state.unbound_file, sorted_unique(_id_hashes(unbound))
@@ -3243,7 +3356,7 @@ def _next_state(
         fips=fips.filter(~pl.col("gone")),
         floating=floating,
         detaches=detaches,
-        port_reads=reads.filter(~pl.col("vm_id").is_in(gone_vms)),
+        port_reads=reads.filter(~pl.col("vm_id").is_in(gone_vms).fill_null(False)),
         reads_gone_until=max(
             (
                 t
@@ -3256,6 +3369,7 @@ def _next_state(
         fips_gone=fips_gone,
         fips_gone_file=fips_gone_file,
         fips_gone_recent=fips_gone_recent,
+        refused=state.refused,
     )
 
 
@@ -3303,6 +3417,7 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
         np.save(work / "unbound_recent.npy", state.unbound_recent.astype(np.uint64), allow_pickle=False)
         _save_hashes(work / "fips_gone.npy", state.fips_gone, state.fips_gone_file, paged=True)
         np.save(work / "fips_gone_recent.npy", state.fips_gone_recent.astype(np.uint64), allow_pickle=False)
+        np.save(work / "refused.npy", state.refused.astype(np.uint64), allow_pickle=False)
         state.runs.write_parquet(work / "runs.parquet", compression="zstd")
         state.fips.write_parquet(work / "fips.parquet", compression="zstd")
         state.floating.write_parquet(work / "floating.parquet", compression="zstd")
@@ -3544,6 +3659,8 @@ def _load_state(lake: Any, version: int) -> _State | None:
         unbound_recent = np.load(directory / "unbound_recent.npy", allow_pickle=False)
         fips_gone = _open_big(directory, "fips_gone.npy", stamps)
         fips_gone_recent = np.load(directory / "fips_gone_recent.npy", allow_pickle=False)
+        # (a state saved before refused bindings were kept: a full rebuild once)
+        refused = np.load(directory / "refused.npy", allow_pickle=False)
         runs = pl.from_arrow(pq.read_table(directory / "runs.parquet"))
         fips = pl.from_arrow(pq.read_table(directory / "fips.parquet"))
         # (a state saved before the vm-less floating-IP events and port reads were kept: a full rebuild once)
@@ -3581,7 +3698,7 @@ def _load_state(lake: Any, version: int) -> _State | None:
     # checked only when it is not the file the state's save wrote (_stamp), which the save checked (_grown
     # keeps it sorted); a copy of the lake, or a file written over it, is checked
     big_sets = dict(zip(_BIG_HASHES, (known, ports, unbound, fips_gone, ports_gone), strict=True))
-    small_sets = (recent, ports_recent, unbound_recent, fips_gone_recent, ports_gone_recent)
+    small_sets = (recent, ports_recent, unbound_recent, fips_gone_recent, ports_gone_recent, refused)
     for name, hashes in (*big_sets.items(), *(("", h) for h in small_sets)):
         if isinstance(hashes, _HashFile):  # (checked by _HashFile.open; its order is its own save's)
             continue
@@ -3624,4 +3741,5 @@ def _load_state(lake: Any, version: int) -> _State | None:
         fips_gone_file=directory / "fips_gone.npy",
         fips_gone_recent=fips_gone_recent,
         reads_gone_until=reads_gone_until,
+        refused=refused,
     )

@@ -4,7 +4,9 @@ Floating IP events name no VM: `floatingip.update.end` maps the floating address
 `floatingip.delete.*` carries only the floating IP's id. So these rows keep `addr` = floating address,
 `addrs` = [fixed address], `port_id`, `resource_id` = floating IP id, and leases.py resolves the VM (port's
 device_id, else whoever held the fixed address then). Port events with a `compute:*` owner tie a port and its
-fixed addresses to a VM (`device_id`).
+fixed addresses to a VM (`device_id`). Any tenant can set a port's owner and device_id, and port_details repeat
+them: the VM a row names here is a claim, which leases.py accepts only for a VM whose Nova events carry the
+row's project (_refused_bindings).
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def add_neutron_event(
             row["action"] = "fip_associate"
             row["addrs"] = [fixed]
             row["port_id"] = port_id
-            # Neutron with the fip-port-details extension names the port's owner right here
+            # Neutron with the fip-port-details extension names the port's owner right here (as the port's
+            # tenant set it: leases.py checks it against the VM's project, as a port event's device_id)
             details = object_field(fip, "port_details", where)
             owner = text_field(details, "device_owner", "port_details.") or ""
             device = text_field(details, "device_id", "port_details.")
