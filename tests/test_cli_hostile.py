@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from support.lake_files import plant_retyped
 
 from tests.conftest import run_in_process, run_tracepipe
 from tracepipe.lake import Lake, ingest_table
@@ -645,41 +646,6 @@ def test_a_table_directory_moved_to_another_disk_and_linked_back_still_reads(hos
     assert after.returncode == 0 and json.loads(after.stdout) == json.loads(before.stdout), after.stderr
 
 
-def _plant_retyped(listed: Path, column: str, text: str | None) -> int:
-    """Replace a listed flow file by one whose `column` holds text (`text` with each row's number in place of
-    {i}), or lacks it (None), padded to the size the log recorded (zeros before the footer, which Parquet
-    readers never look at): only its footer tells. Returns the rows it holds (as many of the file's as fit)."""
-    import struct
-
-    import pyarrow.parquet as pq
-
-    whole = pq.read_table(listed, partitioning=None)
-    size = listed.stat().st_size
-    scratch = listed.with_name("scratch.bin")
-    for rows in (whole.num_rows, 100, 50, 20, 5):
-        table = whole.slice(0, rows)
-        if text is None:
-            table = table.drop_columns([column])
-        else:
-            values = pa.array([text.format(i=i) for i in range(rows)], pa.string())
-            table = table.set_column(table.schema.get_field_index(column), column, values)
-        pq.write_table(
-            table,
-            scratch,
-            compression="zstd",
-            store_schema=False,
-            use_dictionary=False,
-            write_statistics=False,
-        )
-        data = scratch.read_bytes()
-        scratch.unlink()
-        if len(data) <= size:
-            footer_at = len(data) - 8 - struct.unpack("<I", data[-8:-4])[0]
-            listed.write_bytes(data[:footer_at] + b"\0" * (size - len(data)) + data[footer_at:])
-            return rows
-    raise AssertionError("no planted file fits the logged size")
-
-
 def test_a_planted_file_with_numbers_as_text_reads_as_its_table_declares(hostile_lake, tmp_path):
     """Bug (session-23 known limit): DuckDB binds a scan of many files on the FIRST file's footer and casts
     the others to it. A file of the log replaced by one whose `bytes` is text turned `flows.bytes` into VARCHAR
@@ -688,7 +654,7 @@ def test_a_planted_file_with_numbers_as_text_reads_as_its_table_declares(hostile
     lake = tmp_path / "lake"
     shutil.copytree(hostile_lake, lake)
     listed = Lake(lake).files("flows")[0]
-    rows = _plant_retyped(listed, "bytes", "{i}")
+    rows = plant_retyped(listed, "bytes", "{i}")
     result = cli(
         "sql",
         "SELECT typeof(bytes) AS t, CAST(sum(bytes) AS BIGINT) AS s FROM flows GROUP BY 1",
@@ -711,7 +677,7 @@ def test_a_planted_file_of_another_column_type_is_named_and_repair_takes_it_out(
     lake = tmp_path / "lake"
     shutil.copytree(hostile_lake, lake)
     listed = Lake(lake).files("flows")[0]
-    _plant_retyped(listed, "bytes", "lots")
+    plant_retyped(listed, "bytes", "lots")
     result = cli("sql", "SELECT sum(bytes) FROM flows", "--lake", str(lake))
     assert result.returncode == 4, result.stdout + result.stderr
     assert listed.name in result.stderr and "tracepipe repair" in result.stderr, result.stderr
@@ -736,7 +702,7 @@ def test_repair_takes_out_a_file_that_lacks_a_column_its_log_names(hostile_lake,
     lake = tmp_path / "lake"
     shutil.copytree(hostile_lake, lake)
     listed = Lake(lake).files("flows")[0]
-    _plant_retyped(listed, "dst_port", None)
+    plant_retyped(listed, "dst_port", None)
     result = cli("sql", "SELECT sum(dst_port) FROM flows", "--lake", str(lake))
     assert result.returncode == 4 and "tracepipe repair" in result.stderr, result.stdout + result.stderr
     repaired = cli("repair", "--lake", str(lake), "--format", "json")
