@@ -171,7 +171,8 @@ def _remove_anchors(folder: Path, owner: int) -> None:
 def schema_anchor(name: str, missing: frozenset[str], like: Path) -> Path | None:
     """An empty Parquet file of dataset `name`'s declared columns (but `missing`), written as the lake writes
     them, in this process's own directory (never the lake's, which a planted file could replace): read first by
-    every scan, it fixes the types DuckDB binds the view to. DuckDB binds read_parquet on the FIRST file and
+    a scan whose chosen first file does not hold the declared types (_bound_on), it fixes the types DuckDB binds
+    the view to. DuckDB binds read_parquet on the FIRST file and
     casts the others to it: a file of the log replaced by one whose `bytes` is text turned `flows.bytes` into
     VARCHAR for the whole lake (`who` stopped with an internal error on sum(VARCHAR)). With the anchor first,
     such a file is cast (its rows read as declared) or, when it cannot be, fails naming itself (lake_file_error:
