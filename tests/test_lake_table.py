@@ -677,7 +677,8 @@ def test_a_rewritten_derived_table_keeps_a_week_of_log_and_of_replaced_files(tmp
     for version in versions:
         assert Lake(lake.root, as_of={"vm_leases": version}).damaged("vm_leases") == []
     assert sorted(p.read_text() for p in victims.iterdir()) == ["not the lake's"] * 3
-    assert not (table_dir / "part-victim.parquet").is_symlink()  # the planted link itself went, not its target
+    # the planted link itself went, not its target
+    assert not (table_dir / "part-victim.parquet").is_symlink()
 
 
 def test_compaction_deletes_the_files_it_merged_once_their_commit_leaves_the_log(tmp_path):
@@ -706,3 +707,27 @@ def test_compaction_deletes_the_files_it_merged_once_their_commit_leaves_the_log
     oldest, _ = lake.oldest_kept("flows")
     for version in range(oldest, lake.version("flows") + 1):
         assert Lake(lake.root, as_of={"flows": version}).damaged("flows") == []
+
+
+def test_a_commit_whose_new_file_was_deleted_before_it_commits_nothing(tmp_path):
+    """Appends take no lock that `vacuum` takes, so a `vacuum --retain` shorter than a long ingest can delete
+    a file written but not yet committed. The commit used to list it anyway: every later read of the table
+    failed on the missing file. Now the commit refuses, nothing lands, and the same write again succeeds."""
+    from tracepipe.errors import LakeError
+    from tracepipe.lake import PartFile
+    from tracepipe.schema import DATASETS
+
+    lake = Lake(tmp_path / "lake")
+    ingest_table(lake, "flows", "first", "h1", [_flows(3, DAY)])
+    before = lake.version("flows")
+    part = PartFile(lake.root / "flows", DATASETS["flows"], "2024-03-12", "part-late")
+    part.write(_flows(2, DAY, seed=1))
+    add = part.close()
+    assert add is not None
+    part.path.unlink()  # vacuum's doing
+    with pytest.raises(LakeError, match="gone or changed since written"):
+        lake.commit("flows", [add])
+    assert lake.version("flows") == before
+    assert _count(lake) == 3
+    ingest_table(lake, "flows", "second", "h2", [_flows(2, DAY, seed=1)])
+    assert _count(lake) == 5

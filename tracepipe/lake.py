@@ -1623,6 +1623,7 @@ class Lake:
         metadata: operation, source, what went). Returns the version."""
         table = self._writable(name)
         dataset = _dataset(name)
+        self._check_adds(name, adds)
         properties = CommitProperties(
             custom_metadata={"tracepipe": json.dumps(info or {}, default=str)},
             max_commit_retries=100,
@@ -1678,6 +1679,29 @@ class Lake:
                 + (planted or "Check that the lake is writable and has free space.")
             ) from exc
         return table.version()
+
+    def _check_adds(self, name: str, adds: list[AddAction]) -> None:
+        """LakeError, before anything is committed, when a file the commit adds is no longer the regular file
+        of the size it was written at (an lstat each). Appends hold no lock that `vacuum` takes: a writer's
+        finished but uncommitted files are protected only by their age, so a `vacuum --retain` shorter than a
+        long ingest could delete them, and the commit would list files that are gone (every later read of the
+        table failing on them)."""
+        gone = []
+        for add in adds:
+            try:
+                info = os.lstat(self.root / name / add.path)
+                whole = stat.S_ISREG(info.st_mode) and info.st_size == add.size
+            except OSError:
+                whole = False
+            if not whole:
+                gone.append(add.path)
+        if gone:
+            raise LakeError(
+                f"cannot commit to {self.root / name}: {len(gone)} of the {len(adds)} files it adds "
+                f"{'is' if len(gone) == 1 else 'are'} gone or changed since written (e.g. {gone[0]}; a "
+                "`tracepipe vacuum --retain` shorter than this write deletes files not yet committed). Nothing "
+                "was committed: run the command again."
+            )
 
     @staticmethod
     def _checkpoint(table: DeltaTable) -> None:
