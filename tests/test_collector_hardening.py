@@ -170,6 +170,36 @@ def test_a_planted_recovery_sidecar_does_not_send_the_segment_to_failed(tmp_path
     assert not (spool / sp.FAILED_DIR).exists()
 
 
+def test_a_sender_dating_flows_on_many_days_lands_what_arrived_on_time_in_few_files(tmp_path):
+    """Session-23 review: each of 3,000 one-flow datagrams dated on another day made one segment 3,000 day files
+    (its commit 22 s, every later query listing them). Now a segment lands flows on the days its datagrams
+    arrived (and the week before: long flows) and on at most `far_days_per_segment` other days; the flows of any
+    other day are rejects, one per day and exporter, saying how many and when. Flows of the days near arrival
+    all land, however many far days come first."""
+    import datetime as dt
+
+    now = int(time.time())
+    far = [v5_datagram(i, [("10.0.0.1", 5000 + i)], unix_secs=1710237600 + i * 86400) for i in range(40)]
+    near = [v5_datagram(100 + i, [("10.0.0.2", 6000 + i)], unix_secs=now - 3600 * i) for i in range(3)]
+    spool = tmp_path / "spool"
+    write_segment(spool, 1, far + near)
+    lake = Lake(tmp_path / "lake")
+    assert commit_pending(lake, spool, keep=False) == 1
+    ports = lake_src_ports(tmp_path / "lake")
+    assert [p for p in ports if p >= 6000] == [6000, 6001, 6002]  # every flow that arrived on time
+    assert len([p for p in ports if p < 6000]) == DEFAULT_LIMITS.far_days_per_segment
+    days = {f.parent.name for f in (tmp_path / "lake" / "flows").glob("date=*/*.parquet")}
+    assert len(days) <= DEFAULT_LIMITS.far_days_per_segment + 2
+    rejects = pq.read_table(sorted((tmp_path / "lake" / "rejects").glob("**/*.parquet"))[0]).to_pylist()
+    far_rejects = [r for r in rejects if r["reason"] == "limit far_days_per_segment"]
+    assert len(far_rejects) == 40 - DEFAULT_LIMITS.far_days_per_segment
+    assert {r["exporter"] for r in far_rejects} == {"192.0.2.9"}
+    first = dt.date(2024, 3, 12)
+    dated = {dt.date.fromisoformat(r["detail"].split(" dated ")[1][:10]) for r in far_rejects}
+    assert dated <= {first + dt.timedelta(days=i) for i in range(40)} and len(dated) == len(far_rejects)
+    assert all(r["detail"].startswith("1 flow dated ") for r in far_rejects)
+
+
 # ---- 3. status() while commits delete segments -----------------------------------------------------------------
 
 

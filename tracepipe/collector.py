@@ -487,6 +487,7 @@ def commit_segment(lake: Any, path: Path, state: Any) -> SegmentResult:
         if writer is not None:
             stack.enter_context(writer)
         pending: list[sp.Block] = []
+        far_days: set[int] = set()  # the days outside the arrival days this segment's flows were kept on
 
         def decode(blocks: list[sp.Block]) -> None:
             nonlocal datagrams, flows, rejects
@@ -511,13 +512,17 @@ def commit_segment(lake: Any, path: Path, state: Any) -> SegmentResult:
                 state,
                 text_as_dictionary=True,  # as `ingest netflow` does: the lake writer takes them fastest
             )
+            kept, far = near_days(
+                decoded.flows, records["arrival_us"], far_days, state.limits.far_days_per_segment
+            )
             datagrams += len(records)
-            flows += decoded.flows.num_rows
-            rejects += decoded.rejects.num_rows
+            flows += kept.num_rows
+            rejects += decoded.rejects.num_rows + far.num_rows
             merge_exporter_totals(per_exporter, decoded.stats, state.limits)
             if writer is not None:
-                writer.write(decoded.flows if attribute is None else attribute(decoded.flows))
+                writer.write(kept if attribute is None else attribute(kept))
                 writer.reject(decoded.rejects)
+                writer.reject(far)
 
         count = 0
         for block in sp.read_blocks(path):
@@ -555,6 +560,65 @@ def commit_segment(lake: Any, path: Path, state: Any) -> SegmentResult:
                 days = {f.split("/")[1].removeprefix("date=") for f in result.files if f.startswith("flows/")}
                 attribute_flows(lake, days)
     return SegmentResult(path.name, content_hash, datagrams, flows, rejects, skipped, stats)
+
+
+DAY_US = 86_400_000_000
+
+
+def near_days(flows: Any, arrival_us: np.ndarray, far: set[int], limit: int) -> tuple[Any, Any]:
+    """(flows kept, rejects) of a decoded chunk of a collector segment. A flow may start up to MAX_FLOW_DURATION
+    and a day before its datagram arrived, and up to a day after (an exporter's clock ahead): those days are
+    near, and a segment lands flows on any of them. Flow times are the exporter's to set, and each day a flow
+    falls on is a file of its own: a sender dating each of 3,000 one-flow datagrams on another day made one
+    segment 3,000 files (its commit 22 s instead of well under one, every later query listing them; session-23
+    review). Beyond the near days a segment keeps `limit` days (`far`, updated: those first taken, then the
+    chunk's days of the most flows; an exporter whose clock is off by weeks still lands), and rejects the flows
+    of any other day, one reject per day and exporter (`limit far_days_per_segment`, how many flows and when).
+    What arrives on time always lands, however many far days a sender makes up."""
+    import pyarrow as pa
+
+    from tracepipe.limits import MAX_FLOW_DURATION
+
+    empty = pa.table({"reason": pa.array([], pa.string())})
+    if flows.num_rows == 0 or len(arrival_us) == 0:
+        return flows, empty
+    day = flows.column("ts_start").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy() // DAY_US
+    back = MAX_FLOW_DURATION // dt.timedelta(days=1) + 1
+    low = int(arrival_us.min()) // DAY_US - back
+    high = int(arrival_us.max()) // DAY_US + 1
+    outside = (day < low) | (day > high)
+    if not outside.any():
+        return flows, empty
+    days, counts = np.unique(day[outside], return_counts=True)
+    for at in np.lexsort((days, -counts)):  # (a few distinct days: one step each, not one per flow)
+        if len(far) >= limit:
+            break
+        far.add(int(days[at]))
+    refused = outside & ~np.isin(day, np.fromiter(far, np.int64, len(far)))
+    if not refused.any():
+        return flows, empty
+    gone = pa.table(
+        {
+            "day": pa.array(day[refused]),
+            "exporter": flows.column("exporter").filter(pa.array(refused)).cast(pa.string()),
+        }
+    )
+    groups = gone.group_by(["day", "exporter"]).aggregate([([], "count_all")]).sort_by("day")
+    details = [
+        f"{n} flow{'' if n == 1 else 's'} dated {dt.date(1970, 1, 1) + dt.timedelta(days=d)}, outside the days their datagrams "
+        f"arrived ({dt.date(1970, 1, 1) + dt.timedelta(days=low)} .. "
+        f"{dt.date(1970, 1, 1) + dt.timedelta(days=high)}), and the segment already lands flows on {limit} "
+        "other days"
+        for d, n in zip(groups.column("day").to_pylist(), groups.column("count_all").to_pylist(), strict=True)
+    ]
+    rejects = pa.table(
+        {
+            "exporter": groups.column("exporter"),
+            "reason": pa.array(["limit far_days_per_segment"] * groups.num_rows, pa.string()),
+            "detail": pa.array(details, pa.string()),
+        }
+    )
+    return flows.filter(pa.array(~refused)), rejects
 
 
 def _finish_segment(path: Path, keep: bool) -> None:

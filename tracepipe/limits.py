@@ -49,6 +49,8 @@ class Limits:
     pending_flowsets: int = 20_000  # data sets waiting for their template
     pending_bytes: int = 16 << 20  # ... and their bytes
     decoder_state_bytes: int = 64 << 20  # decoder-state.json larger than this is not read
+    # days a collector segment's flows may fall on outside the days its datagrams arrived (see collector.near_days)
+    far_days_per_segment: int = 4
     # files
     line_bytes: int = 1 << 20  # one line of syslog, nfdump CSV, Nova/Neutron JSONL, generic CSV/JSONL, intel
     xml_bytes: int = 16 << 20  # an OpenNebula VM XML (`onevm show -x`)
