@@ -256,10 +256,10 @@ def ingest_vm(lake: Any, paths: list[Path], reclaim_interval: Any = None, **opti
 
 def ingest_syslog(lake: Any, paths: list[Path], **options: Any) -> tuple[Any, Any]:
     """What `tracepipe ingest syslog` does in-process: land the lines, then attribute their days."""
-    from tracepipe.correlate.attribution import correlate
+    from tracepipe.correlate.attribution import correlate, log_attributor
     from tracepipe.ingest.vm import ingest_syslog_files
 
-    report = ingest_syslog_files(lake, paths, **options)
+    report = ingest_syslog_files(lake, paths, attribute=log_attributor(lake), **options)
     done = correlate(lake, log_days=report.touched_days)
     assert done.error is None, done.error
     return report, done

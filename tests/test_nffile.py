@@ -508,3 +508,31 @@ def test_a_router_without_ntp_dates_every_row_1970_and_the_rejects_cost_no_pytho
     reasons = rejects.column("reason").to_pylist()
     assert reasons[5] == "bad packet count" and rejects.column("detail")[5].as_py() == f"ipkt={10**19}"
     assert reasons.count(nffile.WINDOW_REJECT) == n - 1 and set(rejects.column("offset").to_pylist()) == {40}
+
+
+def test_blocks_of_one_record_inflating_to_the_cap_are_not_all_held(three_blocks, tmp_path):
+    """Session-27 review: BZ2 blocks each announcing one flow record and inflating to the 5 MiB cap (a random
+    tail keeps them under the 1024:1 ratio) were read as views into their decompressed buffers, kept until the
+    batch was written: 5 MiB per record (a 1 MB file of 150 blocks peaked at 930 MB). The records are copied
+    out now; memory stays that of one block, and every record lands."""
+    import tracemalloc
+
+    header, blocks, appendix = split(three_blocks)
+    data = blocks[0][nffile.BLOCK_HEADER.itemsize :]
+    at = 0
+    while int.from_bytes(data[at : at + 2], "little") != nffile.V3_RECORD:  # the first flow record
+        at += int.from_bytes(data[at + 2 : at + 4], "little")
+    record = data[at : at + int.from_bytes(data[at + 2 : at + 4], "little")]
+    cap = 5 << 20
+    inflated = record + bytes(cap - len(record) - 6000) + random.Random(3).randbytes(6000)
+    header["compression"] = nffile.BZ2_COMPRESSED
+    path = tmp_path / "nfcapd.202403120020"
+    path.write_bytes(join(header, [block(1, bz2.compress(inflated))] * 40, appendix))
+    tracemalloc.start()
+    try:
+        landed = sum(flows.num_rows for flows, _ in nffile.iter_nffile(str(path), batch_rows=1 << 19))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert landed == 40
+    assert peak < 4 * cap, f"{peak / 2**20:.0f} MiB traced at the peak"  # was ~40 blocks x 5 MiB

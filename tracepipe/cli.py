@@ -544,7 +544,7 @@ def ingest_syslog_command(
     Example: tracepipe ingest syslog /var/log/remote/web-01/auth.log --year 2024 --sender-addr 192.168.1.3
     """
     refuse_pandas()  # see ingest vm
-    from tracepipe.correlate.attribution import correlate
+    from tracepipe.correlate.attribution import correlate, log_attributor
     from tracepipe.ingest.vm import ingest_syslog_files
     from tracepipe.units import parse_addr
 
@@ -558,6 +558,7 @@ def ingest_syslog_command(
             sender_addr=parse_addr(sender_addr) if sender_addr is not None else None,
             tz=tz,
             progress=lambda step: status(f"ingest syslog: {step}"),
+            attribute=log_attributor(target),
         )
         status("ingest syslog: attributing lines to VMs")
         correlation = correlate(target, log_days=report.touched_days)

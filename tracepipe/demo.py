@@ -290,9 +290,12 @@ def run_demo(
         }
 
     def syslog() -> dict[str, Any]:
+        from tracepipe.correlate.attribution import log_attributor
         from tracepipe.ingest.vm import ingest_syslog_files
 
-        report = ingest_syslog_files(lake, [story_dir / "syslog"], year=window[0].year)
+        report = ingest_syslog_files(
+            lake, [story_dir / "syslog"], year=window[0].year, attribute=log_attributor(lake)
+        )
         done = _correlated(lake, log_days=report.touched_days)
         return {"lines": report.rows, "rejects": report.rejects, "attributed": done.logs_attributed}
 

@@ -2323,6 +2323,13 @@ def split_implausible(table: pa.Table, dataset: Dataset) -> tuple[pa.Table, pa.T
     return table.filter(ok), pa.table(rejects)
 
 
+# a source's rejects written one by one (beyond: counted per reason, one row each), in row groups of
+# REJECT_GROUP_ROWS: a file of 2-byte junk lines held every reject in memory until its commit (~240 bytes each:
+# 8 M lines of a 16 MB syslog file 2.15 GB, a 173 KB gzip'ed conn.log 1.1 GB; session-27 review)
+MAX_REJECT_ROWS = 1_000_000
+REJECT_GROUP_ROWS = 65_536
+
+
 class IngestWriter:
     """Streams tables of one source into per-day files (part-<content hash>-<random>.parquet), then commits its
     rejects, its rows (all days in one Delta commit) and its manifest row. Memory stays flat: rows are buffered
@@ -2350,7 +2357,9 @@ class IngestWriter:
         self.result = IngestResult(dataset.name, source, self.content_hash)
         self._parts = DayParts(lake.root, dataset, self.key, row_group_rows, background=background)
         self._adopted: list[AddAction] = []  # parts written by worker processes (DayParts there)
-        self._rejects: list[pa.Table] = []
+        self._rejects: PartFile | None = None  # the source's rejects file, written as they come
+        self._reject_rows = 0  # rejects written to it row by row
+        self._beyond: dict[str, dict[str, int]] = {}  # rejects beyond MAX_REJECT_ROWS: per reason, counted
         self._removes: list[RemoveAction] = []
         self._committed = False
         self.ingested_at = dt.datetime.now(dt.UTC)
@@ -2390,9 +2399,24 @@ class IngestWriter:
         self.result.rows += rows
 
     def reject(self, rejects: pa.Table) -> None:
-        """Rows that could not be parsed (schema.REJECTS columns; missing ones are filled in)."""
+        """Rows that could not be parsed (schema.REJECTS columns; missing ones are filled in). Written to the
+        source's rejects file as they come (row groups of REJECT_GROUP_ROWS), the first MAX_REJECT_ROWS of a
+        source row by row, the others counted per reason (one row each at commit, saying how many and where)."""
         if rejects.num_rows == 0:
             return
+        n = rejects.num_rows
+        self.result.rejects += n
+        room = max(MAX_REJECT_ROWS - self._reject_rows, 0)
+        if n > room:
+            self._beyond_cap(rejects.slice(room))
+            rejects = rejects.slice(0, room)
+            n = room
+            if n == 0:
+                return
+        self._reject_rows += n
+        self._reject_file().write(self._reject_columns(rejects))
+
+    def _reject_columns(self, rejects: pa.Table) -> pa.Table:
         n = rejects.num_rows
         if "ingested_at" not in rejects.column_names:
             rejects = rejects.append_column(
@@ -2402,8 +2426,56 @@ class IngestWriter:
             rejects = rejects.append_column("dataset", pa.array([self.dataset.name] * n, pa.string()))
         if "source" not in rejects.column_names:
             rejects = rejects.append_column("source", pa.array([self.source] * n, pa.string()))
-        self._rejects.append(conform(rejects, REJECTS))
-        self.result.rejects += n
+        return conform(rejects, REJECTS)
+
+    def _reject_file(self) -> PartFile:
+        if self._rejects is None:  # named after the source's key at commit (PartFile.name)
+            self._rejects = PartFile(
+                self.lake.root / "rejects",
+                DATASETS["rejects"],
+                self.ingested_at.strftime("%Y-%m-%d"),
+                f"part-pending-{uuid.uuid4().hex}",
+                row_group_rows=REJECT_GROUP_ROWS,
+            )
+        return self._rejects
+
+    def _beyond_cap(self, rejects: pa.Table) -> None:
+        """Count rejects past MAX_REJECT_ROWS per reason, with the first and last line and offset they were at."""
+        have = set(rejects.column_names)
+        aggregates: list[tuple[str, str]] = [("reason", "count")]
+        aggregates += [(c, how) for c in ("line", "offset") if c in have for how in ("min", "max")]
+        grouped = rejects.group_by("reason").aggregate(aggregates).to_pylist()
+        for row in grouped:
+            seen = self._beyond.setdefault(row["reason"], {"count": 0})
+            seen["count"] += row["reason_count"]
+            for c in ("line", "offset"):
+                low, high = row.get(f"{c}_min"), row.get(f"{c}_max")
+                if low is not None:
+                    seen[f"{c}_min"] = min(low, seen.get(f"{c}_min", low))
+                    seen[f"{c}_max"] = max(high, seen.get(f"{c}_max", high))
+
+    def _beyond_rows(self) -> pa.Table:
+        """One reject row per reason counted beyond MAX_REJECT_ROWS: at its first line / offset, how many."""
+        rows = []
+        for reason, seen in sorted(self._beyond.items()):
+            where = "; ".join(
+                f"{c}s {seen[f'{c}_min']}..{seen[f'{c}_max']}"
+                for c in ("line", "offset")
+                if f"{c}_min" in seen
+            )
+            rows.append(
+                {
+                    "reason": reason,
+                    "line": seen.get("line_min"),
+                    "offset": seen.get("offset_min"),
+                    "detail": f"{seen['count']} more rejects of this reason, not listed one by one (the first "
+                    f"{MAX_REJECT_ROWS:,} rejects of a source are){': ' + where if where else ''}",
+                }
+            )
+        schema = pa.schema(
+            [("reason", pa.string()), ("line", pa.int64()), ("offset", pa.int64()), ("detail", pa.string())]
+        )
+        return pa.Table.from_pylist(rows, schema=schema)
 
     def commit(self, stats: dict[str, Any] | None = None) -> IngestResult:
         """Finish the files, then commit: rejects, the rows (the commit that makes the source count as
@@ -2456,14 +2528,13 @@ class IngestWriter:
         info = {"source": self.source, "content_hash": self.content_hash, "rows": self.result.rows}
         # rejects first, then the rows (the commit that makes the source count as landed), then the
         # manifest row; a rerun after a kill in between finds what landed by its file names
-        if self._rejects and not lake._source_entries("rejects", self.content_hash):
-            part = PartFile(
-                lake.root / "rejects",
-                DATASETS["rejects"],
-                self.ingested_at.strftime("%Y-%m-%d"),
-                f"part-{self.key}-{uuid.uuid4().hex[:8]}",
-            )
-            part.write(pa.concat_tables(self._rejects))
+        part, self._rejects = self._rejects, None
+        if part is not None and lake._source_entries("rejects", self.content_hash):
+            part.abort()  # (a run killed after committing them: they are in the lake already)
+        elif part is not None:
+            if self._beyond:
+                part.write(self._reject_columns(self._beyond_rows()))
+            part.name(f"part-{self.key}-{uuid.uuid4().hex[:8]}")
             action = part.close()
             lake.commit("rejects", [action] if action else [], info=info)
             self.result.files.append(f"rejects/{part.relative}")
@@ -2493,6 +2564,9 @@ class IngestWriter:
 
     def abort(self) -> None:
         self._parts.abort()
+        part, self._rejects = self._rejects, None
+        if part is not None:
+            part.abort()
         for add in self._adopted:  # renamed into place by a worker, never committed: not part of the lake
             (self.lake.root / self.dataset.name / add.path).unlink(missing_ok=True)
         self._adopted.clear()

@@ -543,7 +543,7 @@ def _walk_block(
     budget: int | None = None,
 ) -> tuple[int, list[tuple[int, str, str]]]:
     """Read the records of one uncompressed block into `columns` (views into `data`, or copies of the records
-    if `copy`: an LZ4 block comes in a 5 MiB buffer, mostly unused) and its exporter and sampler records into
+    if `copy` (an LZ4 block comes in a 5 MiB buffer, mostly unused) or where they fill less than an eighth of it) and its exporter and sampler records into
     `infos` (Exporters.apply). `budget`: the steps walked in Python it may take (STEPS_PER_BLOCK, ...); the
     rest of the block is a reject past it. Returns (bytes used, rejects)."""
     buf = np.frombuffer(data, np.uint8, count=min(limit, len(data)))
@@ -613,7 +613,11 @@ def _walk_block(
             most = min(records - done, (limit - at) // size)
             run = _run_length(buf, at, size, most, layout.check, layout.expect)
             arr = np.frombuffer(buf, layout.dtype, count=run, offset=at)
-            columns.add(arr.copy() if copy else arr, layout, block_offset)
+            # a view keeps the whole decompressed block alive until the batch is written: copied when the records
+            # are a small part of it (a BZ2 block announcing one record and inflating to the 5 MiB cap kept 5 MiB
+            # per record: a 1 MB file of 150 such blocks peaked at 930 MB; session-27 review)
+            view = not copy and run * size * 8 >= len(data)
+            columns.add(arr if view else arr.copy(), layout, block_offset)
             at += run * size
             done += run
             continue

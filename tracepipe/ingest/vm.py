@@ -352,8 +352,10 @@ def ingest_syslog_files(
     sender_addr: str | None = None,
     tz: str = "UTC",
     progress: Progress | None = None,
+    attribute: Callable[[pa.Table], pa.Table] | None = None,
 ) -> VmIngestReport:
-    """Land syslog files in vm_logs (vm_id null); the caller then attributes the days touched (correlate)."""
+    """Land syslog files in vm_logs; the caller then attributes the days touched (correlate). `attribute`:
+    what sets each line's vm_id as it lands (correlate.attribution.log_attributor; else vm_id null until then)."""
     timezone(tz)
     report = VmIngestReport()
     for path in expand_paths(paths):
@@ -380,7 +382,8 @@ def ingest_syslog_files(
                     first_line=block.first_line,
                     wraps=wraps,
                 )
-                writer.write(known.new(logs))
+                new = known.new(logs)
+                writer.write(attribute(new) if attribute is not None and new.num_rows else new)
                 if block.too_long:
                     writer.reject(known.new_rejects(too_long_rejects(source, block.too_long)))
                 writer.reject(known.new_rejects(rejects))
