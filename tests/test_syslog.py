@@ -461,3 +461,24 @@ def test_lines_land_attributed_so_a_kill_before_their_days_are_rewritten_loses_n
     fresh_sql = f"SELECT count(*), count(vm_id) FROM ({scan_sql('vm_logs', fresh.files('vm_logs'))})"
     expected = duckdb.connect().execute(fresh_sql).fetchall()
     assert landed == expected and landed[0][1] > 0, (landed, expected)
+
+
+def test_a_lease_update_killed_before_it_re_attributed_the_lines_is_finished_by_the_next_run(tmp_path):
+    """The leases committed (their days recorded), the re-attribution of the VM log lines of those days not
+    done (a kill): the next correlation finishes it, as it already did for flows (days_left_to_attribute
+    looked at flow days only, so these lines kept no VM until a `leases rebuild`)."""
+    from tracepipe.correlate.attribution import correlate
+    from tracepipe.correlate.leases import refresh_leases
+    from tracepipe.ingest.vm import ingest_vm_files
+
+    lake = Lake(tmp_path / "lake")
+    ingest_syslog(lake, [FORWARDED], year=2024)  # no leases yet: lines without a VM
+    ingest_vm_files(lake, [DATA / "nova" / "notifications.jsonl"])
+    refresh_leases(lake)  # ... and killed here, before the lines' days were rewritten
+    sql = f"SELECT count(vm_id) FROM ({scan_sql('vm_logs', lake.files('vm_logs'))})"
+    assert duckdb.connect().execute(sql).fetchall() == [(0,)]
+    done = correlate(lake)  # the next run of any ingest command
+    assert done.error is None and done.logs_files == 1
+    sql = f"SELECT count(vm_id) FROM ({scan_sql('vm_logs', lake.files('vm_logs'))})"
+    assert duckdb.connect().execute(sql).fetchall()[0][0] > 0
+    assert correlate(lake).logs_files == 0  # then nothing is left

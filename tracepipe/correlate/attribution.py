@@ -370,29 +370,37 @@ def reattribute_logs(lake: Lake, days: Iterable[str]) -> tuple[int, int]:
     days = sorted(set(days))
     if not days or not lake.files("vm_logs", days):
         return 0, 0
+    leases_version = lake.version("vm_leases")  # read before the leases: never newer than what is applied
     # the leases that overlap the days' lines (read_leases `during`), not every lease of the history
     attribute = LogAttributor(lake, days)
 
     def again(batch: pa.RecordBatch) -> pa.Table:
         return attribute(pa.Table.from_batches([batch]))
 
-    files = lake.rewrite("vm_logs", days, again, info={"operation": "attribute logs"})["files_removed"]
+    info = {"operation": "attribute logs", "leases_version": leases_version}
+    files = lake.rewrite("vm_logs", days, again, info=info)["files_removed"]
     return files, attribute.attributed
 
 
 ATTRIBUTION_HISTORY = 300  # flows commits searched for the re-attribution of the last lease update
 
 
-def days_left_to_attribute(lake: Lake) -> set[str]:
-    """The days that the last lease update changed and that no attribution with those leases has rewritten
-    since (or not within the last ATTRIBUTION_HISTORY flows commits: then again, idempotent): what a run
-    killed between the lease commit and the re-attribution left to do."""
+_ATTRIBUTIONS = {
+    "flows": "attribute",
+    "vm_logs": "attribute logs",
+}  # the rewrite each table's attribution commits
+
+
+def days_left_to_attribute(lake: Lake, name: str = "flows") -> set[str]:
+    """The days of `name` (flows, vm_logs) that the last lease update changed and that no attribution with
+    those leases has rewritten since (or not within the last ATTRIBUTION_HISTORY commits of the table: then
+    again, idempotent): what a run killed between the lease commit and the re-attribution left to do."""
     built = next(iter(lake.commit_infos("vm_leases")), {})
-    days = set(built.get("days", [])) & set(lake.days("flows"))
+    days = set(built.get("days", [])) & set(lake.days(name))
     if not days:
         return days
-    for info in lake.commit_infos("flows", ATTRIBUTION_HISTORY):
-        if info.get("operation") == "attribute" and info.get("leases_version") == built["version"]:
+    for info in lake.commit_infos(name, ATTRIBUTION_HISTORY):
+        if info.get("operation") == _ATTRIBUTIONS[name] and info.get("leases_version") == built["version"]:
             days.discard(info.get("day"))
     return days
 
@@ -437,11 +445,11 @@ def correlate(
 
             update = refresh_leases(lake, reclaim_interval, full=full, at_once=at_once, progress=progress)
             result.leases, updated_days = update.to_dict(), update.days
-        changed = updated_days | days_left_to_attribute(lake)
-        flow_days = (changed | set(days)) & set(lake.days("flows"))
+        flow_days = (updated_days | days_left_to_attribute(lake) | set(days)) & set(lake.days("flows"))
         if flow_days and lake.files("vm_leases"):
             result.flows = attribute_flows(lake, flow_days)
-        logs = (changed | set(log_days)) & set(lake.days("vm_logs"))
+        logs = updated_days | days_left_to_attribute(lake, "vm_logs") | set(log_days)
+        logs &= set(lake.days("vm_logs"))
         if logs:
             result.logs_files, result.logs_attributed = reattribute_logs(lake, logs)
         result.days = sorted(flow_days | logs)
