@@ -537,3 +537,28 @@ def test_blank_and_junk_lines_are_sifted_in_numpy_not_one_python_call_each(monke
     assert set(rejects.column("reason").to_pylist()) == {"expected 21 fields"}
     assert rejects.column("detail")[0].as_py() == junk.decode()
     assert calls == {"line_rejects": 0, "invalid": 0}
+
+
+def test_a_header_before_every_line_is_one_parse_per_layout_not_one_per_line(monkeypatch):
+    """Session-27: a layout header line before every data line made one pyarrow parse and one _connections per
+    line (~10 ms each: 20,000 such pairs took 200 s of CPU). The segments of a block read under the same layout
+    are parsed together; the line numbers stay the file's."""
+    from tracepipe.ingest import zeek
+
+    parses = []
+    real_read_block = zeek.read_block
+    monkeypatch.setattr(zeek, "read_block", lambda *a, **k: parses.append(1) or real_read_block(*a, **k))
+    header, rows = _sample()
+    body = []
+    for i in range(2_000):
+        body += [b"#path\tconn", rows[i % 5]] + ([b"#path\tdns", rows[0], b"junk"] if i % 100 == 0 else [])
+    flows, rejects, _ = parse_conn_log(b"\n".join([*header, *body]) + b"\n", "x")
+    assert len(parses) == 1
+    plain, _, _ = parse_conn_log(b"\n".join([*header, *[rows[i % 5] for i in range(2_000)]]) + b"\n", "x")
+    assert got_rows(flows) == got_rows(plain)
+    dns = [len(header) + 1 + i for i, line in enumerate(body) if line == b"#path\tdns"]
+    assert [(r["line"], r["reason"]) for r in rejects.to_pylist()] == [
+        (n + k, reason)
+        for n in dns
+        for k, reason in ((1, "not a conn log (#path dns)"), (2, "not a conn log (#path dns)"))
+    ]

@@ -22,6 +22,7 @@ column the reader does not use is ignored.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import io
 import json
@@ -370,6 +371,11 @@ class _Layout:
         self.problem: str | None = "no #fields header before this line"
         self.label: str | None = None  # the field holding ground-truth labels, if any
 
+    def key(self) -> tuple:
+        """What decides how a line is read: lines under equal keys are parsed together."""
+        fields = tuple(self.fields) if self.fields is not None else None
+        return (self.separator, self.unset, self.empty, fields, self.label, self.problem)
+
     def header(self, line: str) -> None:
         # (a later #separator is checked as any other header: an empty, two-character, NUL or non-ASCII one
         # reached pyarrow, whose ValueError was an internal error; the lines under it are now rejects)
@@ -414,21 +420,37 @@ def _label_text(column: pa.ChunkedArray, name: str, unset: str, empty: str) -> p
 
 
 def _tsv_segment(
-    segment: bytes, first_line: int, layout: _Layout, source: str
+    segments: list[bytes], first_lines: list[int], layout: _Layout, source: str
 ) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """Data lines under one layout -> (flows, rejects, labels). Blank lines, lines of another width and lines
-    with a lone CR are sifted out in numpy (delimited.sift_lines) before pyarrow sees the rest: each had been a
-    Python callback of pyarrow's reader, and a block of blank lines made it raise "Empty CSV file", after which
-    every line was walked in Python (a 261 KB .gz of 256 MiB of newlines: 20 s of CPU; 63 M junk lines in a
-    2.6 MB .gz: over 10 minutes)."""
+    """Data lines under one layout (the `segments` of a block read under it, each whole lines starting at line
+    `first_lines[i]`) -> (flows, rejects, labels), all segments in one parse: a header line before every data
+    line made one pyarrow parse and one _connections a line (~10 ms: 20,000 such pairs took 200 s of CPU).
+    Blank lines, lines of another width and lines with a lone CR are sifted out in numpy (delimited.sift_lines)
+    before pyarrow sees the rest: each had been a Python callback of pyarrow's reader, and a block of blank lines
+    made it raise "Empty CSV file", after which every line was walked in Python (a 261 KB .gz of 256 MiB of
+    newlines: 20 s of CPU; 63 M junk lines in a 2.6 MB .gz: over 10 minutes)."""
+    segments = [s if s.endswith(b"\n") else s + b"\n" for s in segments]
+    segment = segments[0] if len(segments) == 1 else b"".join(segments)
+    counts = np.array([s.count(b"\n") for s in segments], np.int64)  # (one per header line, not per line)
+    offsets = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    firsts = np.array(first_lines, np.int64)
+
+    def file_line(index: np.ndarray) -> np.ndarray:  # 0-based line of `segment` -> line number in the file
+        which = np.searchsorted(offsets, index, side="right") - 1
+        return firsts[which] + index - offsets[which]
+
+    def sift(delimiter: str, fields: int, refuse: str | None) -> tuple[bytes, np.ndarray, pa.Table]:
+        compact, numbers, rejects = sift_lines(segment, 0, source, delimiter, fields, refuse, b"#")
+        where = np.asarray(rejects.column("line").combine_chunks(), np.int64)
+        rejects = rejects.set_column(1, "line", pa.array(file_line(where), pa.int64()))
+        return compact, file_line(numbers), rejects
+
     if layout.problem is not None:  # every non-blank line of the segment is a reject, with the reason
-        _, _, rejects = sift_lines(segment, first_line, source, "\t", 0, layout.problem, b"#")
+        _, _, rejects = sift("\t", 0, layout.problem)
         return FLOWS.empty_table(), rejects, FLOW_LABELS.empty_table()
     assert layout.fields is not None
     include = [f for f in USED if f in layout.fields] + ([layout.label] if layout.label else [])
-    compact, numbers, rejects = sift_lines(
-        segment, first_line, source, layout.separator, len(layout.fields), comment=b"#"
-    )
+    compact, numbers, rejects = sift(layout.separator, len(layout.fields), None)
     parts = [rejects]
     flows, labels = FLOWS.empty_table(), FLOW_LABELS.empty_table()
     if not compact:
@@ -436,7 +458,7 @@ def _tsv_segment(
     try:
         table, lines, invalid = read_block(compact, 1, layout.separator, layout.fields, include)
     except pa.ArrowException as exc:  # what pyarrow cannot split at all: every line of it, with the reason
-        _, _, rejects = sift_lines(segment, first_line, source, "\t", 0, f"unreadable: {str(exc)[:80]}", b"#")
+        _, _, rejects = sift("\t", 0, f"unreadable: {str(exc)[:80]}")
         return flows, rejects, labels
     # (line numbers of the compacted segment -> the file's; every line has the width now: invalid is empty)
     lines = pa.array(numbers[np.asarray(lines, np.int64) - 1])
@@ -469,22 +491,25 @@ def _iter_tsv(handle: BinaryIO, source: str, block_size: int) -> Iterator[Batch]
         out_flows, out_rejects, out_labels = [], [], []
         if block.too_long:
             out_rejects.append(too_long_rejects(source, block.too_long))
+        # the block's segments (the lines between layout headers) grouped by the layout they are read under
+        groups: dict[tuple, tuple[_Layout, list[bytes], list[int]]] = {}
         position, line = 0, block.first_line
-        for start in _layout_header_starts(data):
+        for start in [*_layout_header_starts(data), len(data)]:
             if start > position:
                 segment = data[position:start]
-                flows, rejects, labels = _tsv_segment(segment, line, layout, source)
-                out_flows.append(flows)
-                out_rejects.append(rejects)
-                out_labels.append(labels)
+                group = groups.setdefault(layout.key(), (copy.copy(layout), [], []))
+                group[1].append(segment)
+                group[2].append(line)
                 line += segment.count(b"\n")
+            if start == len(data):
+                break
             end = data.find(b"\n", start)
             end = len(data) if end < 0 else end + 1
             layout.header(data[start:end].rstrip(b"\r\n").decode("latin-1"))
             position = end
             line += 1
-        if position < len(data):
-            flows, rejects, labels = _tsv_segment(data[position:], line, layout, source)
+        for group_layout, segments, first_lines in groups.values():
+            flows, rejects, labels = _tsv_segment(segments, first_lines, group_layout, source)
             out_flows.append(flows)
             out_rejects.append(rejects)
             out_labels.append(labels)
