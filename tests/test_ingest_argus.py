@@ -275,3 +275,50 @@ def test_a_direction_count_above_its_total_is_a_reject_not_a_negative_count():
     ]
     assert flows.num_rows >= 1 and min(flows.column("packets").to_pylist()) >= 0
     assert min(flows.column("bytes").to_pylist()) >= 0
+
+
+BINETFLOW_HEADER = (
+    "StartTime,Dur,Proto,SrcAddr,Sport,Dir,DstAddr,Dport,State,TotPkts,TotBytes,SrcBytes,Label\n"
+)
+
+
+def _binetflow_row(second: int, src: str = "10.0.0.1", label: str = "benign", duration: str = "1.0") -> str:
+    return f"2024/03/12 10:00:{second:02d}.000000,{duration},tcp,{src},{40000 + second},->,192.0.2.1,22,S_RA,2,120,60,{label}"
+
+
+def test_a_huge_duration_is_a_reject_not_an_overflow(tmp_path):
+    """Session-27 review: Dur=999999999999 put ts_end in year ~33,700 and the commit failed with `internal
+    error: OverflowError('date value out of range')`, exit 4, nothing landed. A duration of 130 years or more
+    (LATEST_SECONDS, Zeek's bound) is a reject naming it; the other lines land."""
+    path = tmp_path / "a.csv"
+    path.write_text(
+        BINETFLOW_HEADER + _binetflow_row(0, duration="999999999999") + "\n" + _binetflow_row(1) + "\n"
+    )
+    lake = tmp_path / "lake"
+    proc = run_tracepipe("ingest", "argus", str(path), "--lake", str(lake))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    rejects = Lake(lake).read("rejects").to_pylist()
+    assert [(r["line"], r["reason"], r["detail"]) for r in rejects] == [(2, "bad duration", "999999999999")]
+    flows = lake_flows(lake)
+    assert flows.num_rows == 2  # line 3, both directions
+    assert set(flows.column("ts_end_ms").to_pylist()) == {1710237602000}
+
+
+def test_a_lone_cr_is_one_reject_not_a_forged_flow():
+    """Session-27 review: pyarrow ended a row at a lone CR while line numbers count LF: one line became two
+    records (a flow from 10.6.6.6 the file holds nowhere as a line) and every later line number was one off."""
+    lines = [
+        _binetflow_row(1),
+        _binetflow_row(2, label="x\r" + _binetflow_row(3, src="10.6.6.6", label="forged")),
+        _binetflow_row(4),
+        "garbage line",
+        _binetflow_row(5),
+    ]
+    flows, rejects, labels = parse_argus((BINETFLOW_HEADER + "\n".join(lines) + "\n").encode(), "a.csv")
+    assert [(r["line"], r["reason"]) for r in rejects.to_pylist()] == [
+        (3, "lone CR (0x0d) inside the line"),
+        (5, "expected 13 fields"),
+    ]
+    assert "10.6.6.6" not in flows.column("src_addr").to_pylist()
+    assert labels.column("line").to_pylist() == [2, 4, 6]
+    assert set(labels.column("label").to_pylist()) == {"benign"}

@@ -41,6 +41,8 @@ from tracepipe.ingest.delimited import (
     line_rejects,
     read_block,
     rejects_table,
+    sift_lines,
+    usable_delimiter,
 )
 from tracepipe.ingest.zeek import LATEST_SECONDS
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
@@ -86,14 +88,6 @@ def _layout(first_line: bytes) -> tuple[str, list[str]]:
     return delimiter, columns
 
 
-def _usable_delimiter(delimiter: str) -> bool:
-    """A field delimiter the CSV reader takes: tab or a printable ASCII character that is no letter, digit or
-    quote (what ra -c gives; Arrow refuses CR, LF and anything past ASCII)."""
-    return delimiter == "\t" or (
-        " " <= delimiter <= "~" and not delimiter.isalnum() and delimiter not in "\"'"
-    )
-
-
 def _micros(text: pa.Array) -> tuple[pa.Array, pa.Array]:
     """StartTime text (epoch seconds, or a UTC date and time) -> int64 µs; (values, valid mask)."""
     epoch = pc.fill_null(pc.match_substring_regex(text, _EPOCH_RE), False)
@@ -122,8 +116,12 @@ def _micros(text: pa.Array) -> tuple[pa.Array, pa.Array]:
 
 
 def _seconds_micros(text: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Dur text -> int64 µs; (values, valid-or-empty mask). A duration of LATEST_SECONDS (130 years) or more is
+    bad, as Zeek's is: Dur=999999999999 put ts_end in year ~33,700, past what Python's datetime holds, and the
+    commit failed with an internal error (nothing of the command landed)."""
     ok = pc.fill_null(pc.match_substring_regex(text, _EPOCH_RE), True)
     seconds = pc.cast(pc.if_else(ok, text, pa.scalar(None, pa.string())), pa.float64())
+    ok = pc.and_(ok, pc.fill_null(pc.less(seconds, LATEST_SECONDS), True))
     return pc.cast(pc.round(pc.multiply(seconds, 1e6)), pa.int64()), ok
 
 
@@ -332,7 +330,7 @@ def _iter(handle, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.T
     delimiter, columns = _layout(first_line)
     missing = [c for c in REQUIRED if c not in columns]
     problem = f"header lacks {', '.join(missing)}" if missing else ""
-    if not _usable_delimiter(delimiter):
+    if not usable_delimiter(delimiter):
         # (a byte past ASCII, a NUL or a CR after StartTime stopped the run with an internal error, and the files
         # after it in the same command were never read)
         problem = (
@@ -360,13 +358,21 @@ def _iter(handle, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.T
         if not block.data.strip():
             yield FLOWS.empty_table(), pa.concat_tables([_empty_rejects(), *parts]), FLOW_LABELS.empty_table()
             continue
-        table, lines, invalid = read_block(block.data, block.first_line + 1, delimiter, columns, include)
-        kept = [(n, t) for n, t in invalid if t.strip()]
-        if kept:
-            parts.append(line_rejects(kept, f"expected {len(columns)} fields", source))
+        # (blank lines, lines of another width and lines with a lone CR, which pyarrow ends a row at, are
+        # rejected or dropped in numpy first: a lone CR made one line two records, forging a flow)
+        compact, numbers, sifted = sift_lines(
+            block.data, block.first_line + 1, source, delimiter, len(columns)
+        )
+        parts.append(sifted)
         flows, rejects, labels = FLOWS.empty_table(), _empty_rejects(), FLOW_LABELS.empty_table()
-        if table.num_rows:
-            flows, rejects, labels, _ = _records(table, lines, source)
+        if compact:
+            table, lines, invalid = read_block(compact, 1, delimiter, columns, include)
+            lines = pa.array(numbers[np.asarray(lines, np.int64) - 1])
+            if invalid:  # (none: every line has the header's width now)
+                kept = [(int(numbers[n - 1]), t) for n, t in invalid]
+                parts.append(line_rejects(kept, f"expected {len(columns)} fields", source))
+            if table.num_rows:
+                flows, rejects, labels, _ = _records(table, lines, source)
         yield flows, pa.concat_tables([_empty_rejects(), *parts, rejects]).sort_by("line"), labels
 
 

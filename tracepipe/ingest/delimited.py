@@ -203,6 +203,140 @@ def _read_csv(
     )
 
 
+def usable_delimiter(delimiter: str) -> bool:
+    """A field delimiter the CSV reader takes: tab or a printable ASCII character that is no letter, digit or
+    quote (what ra -c and Zeek's #separator give; Arrow refuses CR, LF, NUL and anything past ASCII with a
+    ValueError, which was an internal error that stopped the files after it)."""
+    return delimiter == "\t" or (
+        len(delimiter) == 1 and " " <= delimiter <= "~" and not delimiter.isalnum() and delimiter not in "\"'"
+    )
+
+
+_SPACE = np.zeros(256, bool)
+_SPACE[[9, 10, 11, 12, 13, 32]] = True  # what bytes.strip() strips
+_DETAIL_BYTES = 200  # rejects_table keeps 200 characters of a line
+
+
+def sift_lines(
+    segment: bytes,
+    first_line: int,
+    source: str,
+    delimiter: str,
+    fields: int,
+    refuse: str | None = None,
+    comment: bytes = b"",
+) -> tuple[bytes, np.ndarray, pa.Table]:
+    """Whole lines of delimited text (`segment`, its first line is line `first_line` of the file) -> (the lines
+    of `fields` fields joined, ready for read_block; each one's line number in the file; rejects of the other
+    non-blank lines). Blank lines (empty, CR, spaces) and lines starting with `comment` (one byte) are dropped.
+    With `refuse`, every other line is a reject for that reason. All in numpy over the bytes: no Python per
+    line, whatever the lines are.
+
+    A lone CR (no LF after it) makes its line a reject: pyarrow's reader ends a row there while tracepipe (and
+    grep -n, sed) count lines by LF, so one line became two rows (a second flow forged from half a line) and the
+    line numbers after it shifted. Neither Zeek (which escapes control bytes as \\x0d) nor ra writes one."""
+    # (only the span from the first to the last non-blank byte is looked at, a MiB at a time: a gzip'ed file of
+    # blank lines is ~1000:1, and numpy's arrays of one int64 a line for 16 MB of them took 0.9 GB)
+    begin = len(segment) - len(segment.lstrip())
+    begin = segment.rfind(b"\n", 0, begin) + 1
+    line = first_line + segment.count(b"\n", 0, begin)
+    end = len(segment.rstrip())
+    compact, numbers, rejects = [], [], []
+    while begin < end:
+        stop = segment.rfind(b"\n", begin, begin + _SIFT_BYTES) + 1
+        if stop <= begin or end < begin + _SIFT_BYTES:  # (one line past the piece, or the last piece)
+            stop = segment.find(b"\n", begin + _SIFT_BYTES if stop <= begin else end) + 1 or len(segment)
+        piece = segment[begin:stop]
+        kept, kept_numbers, piece_rejects = _sift_piece(
+            piece, line, source, delimiter, fields, refuse, comment
+        )
+        compact.append(kept)
+        numbers.append(kept_numbers)
+        rejects.append(piece_rejects)
+        line += piece.count(b"\n")
+        begin = stop
+    numbers.append(np.zeros(0, np.int64))
+    if len(compact) == 1 and len(compact[0]) == len(segment):
+        return segment, numbers[0], rejects[0]
+    return b"".join(compact), np.concatenate(numbers), pa.concat_tables([_no_rejects(source), *rejects])
+
+
+_SIFT_BYTES = 1 << 20
+
+
+def _no_rejects(source: str) -> pa.Table:
+    return rejects_table(
+        pa.array([], pa.int64()), pa.array([], pa.string()), pa.array([], pa.string()), source
+    )
+
+
+def _sift_piece(
+    segment: bytes,
+    first_line: int,
+    source: str,
+    delimiter: str,
+    fields: int,
+    refuse: str | None,
+    comment: bytes,
+) -> tuple[bytes, np.ndarray, pa.Table]:
+    data = np.frombuffer(segment, np.uint8)
+    newlines = np.flatnonzero(data == 10)
+    starts = np.concatenate(([0], newlines + 1))
+    if starts[-1] == len(data):  # (the segment ends with its newline: no line after it)
+        starts = starts[:-1]
+    stops = np.append(newlines, len(data))[: len(starts)]  # each line's end, its LF excluded
+    solid = np.add.reduceat(~_SPACE[data], starts, dtype=np.int64) > 0
+    if comment:
+        solid &= data[starts] != comment[0]
+    cr = data == 13
+    lone_cr = cr & np.append(data[1:] != 10, True)
+    cut = np.add.reduceat(lone_cr, starts, dtype=np.int64) > 0
+    width = np.add.reduceat(data == ord(delimiter), starts, dtype=np.int64) + 1
+    reason = np.full(len(starts), -1, np.int8)  # -1: kept; 0, 1, 2: the reasons below
+    if refuse is not None:
+        reason[solid] = 2
+    else:
+        reason[solid & (width != fields)] = 1
+        reason[solid & cut] = 0
+    reason[~solid] = -2  # blank: neither kept nor a reject
+    reasons = ["lone CR (0x0d) inside the line", f"expected {fields} fields", refuse or ""]
+    bad = np.flatnonzero(reason >= 0)
+    rejects = _rejects(data, starts[bad], stops[bad], first_line + bad, reasons, reason[bad], source)
+    kept = reason == -1
+    if kept.all():
+        return segment, first_line + np.arange(len(starts), dtype=np.int64), rejects
+    if not kept.any():
+        return b"", np.zeros(0, np.int64), rejects
+    lengths = np.diff(np.append(starts, len(data)))  # each line with its LF
+    return data[np.repeat(kept, lengths)].tobytes(), first_line + np.flatnonzero(kept), rejects
+
+
+def _rejects(
+    data: np.ndarray,
+    starts: np.ndarray,
+    stops: np.ndarray,
+    numbers: np.ndarray,
+    reasons: list[str],
+    which: np.ndarray,
+    source: str,
+) -> pa.Table:
+    """rejects_table of the lines data[starts[i]:stops[i]] (their first 200 bytes, Latin-1), built in numpy."""
+    lengths = np.minimum(stops - starts, _DETAIL_BYTES)
+    lengths -= (lengths > 0) & (data[np.maximum(starts + lengths - 1, 0)] == 13) & (lengths == stops - starts)
+    ends = np.cumsum(lengths)
+    text = data[np.repeat(starts - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)]
+    high = text >= 128  # Latin-1 -> UTF-8: such a byte is two bytes, 0b110000xx 0b10xxxxxx
+    position = np.concatenate(([0], np.cumsum(1 + high.astype(np.int64))))
+    utf8 = np.empty(position[-1], np.uint8)
+    utf8[position[:-1][~high]] = text[~high]
+    utf8[position[:-1][high]] = 0xC0 | (text[high] >> 6)
+    utf8[position[:-1][high] + 1] = 0x80 | (text[high] & 0x3F)
+    offsets = position[np.concatenate(([0], ends))].astype(np.int32)
+    lines = pa.Array.from_buffers(pa.string(), len(starts), [None, pa.py_buffer(offsets), pa.py_buffer(utf8)])
+    reason = pc.take(pa.array(reasons or [""], pa.string()), pa.array(which.astype(np.int64)))
+    return rejects_table(pa.array(numbers, pa.int64()), lines, reason, source)
+
+
 def dictionary_encode(column: pa.Array | pa.ChunkedArray) -> pa.DictionaryArray:
     """One dictionary array of a (chunked) text column: the chunks are hashed as they are and only their
     int32 indices joined (combining the text first would copy every string once more)."""

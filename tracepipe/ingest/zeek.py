@@ -22,6 +22,7 @@ column the reader does not use is ignored.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import io
 import json
@@ -44,6 +45,8 @@ from tracepipe.ingest.delimited import (
     line_rejects,
     read_block,
     rejects_table,
+    sift_lines,
+    usable_delimiter,
 )
 from tracepipe.lake import implausible_detail, plausible_times
 from tracepipe.limits import iter_line_blocks, too_long_rejects
@@ -333,7 +336,24 @@ def _connections(
 
 # ---- TSV ------------------------------------------------------------------------------------------------------
 
-_HEADER_RE = re.compile(rb"^#[^\n]*(?:\n|$)", re.M)
+# the header lines that set how the lines under them are read; other lines starting with # (#open, #close, #types,
+# anything) are comments, dropped with the blank lines
+_LAYOUT_HEADERS = (b"#separator", b"#fields", b"#unset_field", b"#empty_field", b"#path")
+
+
+def _layout_header_starts(data: bytes) -> list[int]:
+    """Where the lines that may be layout headers begin, found in numpy: a block of blank or junk lines costs no
+    Python (a regex looking for ^# at every line start took 10 s a GiB of blank lines)."""
+    raw = np.frombuffer(data, np.uint8)
+    hashes = np.flatnonzero(raw == 35)
+    heads = hashes[(hashes == 0) | (raw[hashes - 1] == 10)]
+    chosen = np.zeros(len(heads), bool)
+    for name in _LAYOUT_HEADERS:
+        same = heads + len(name) <= len(raw)
+        for offset in range(1, len(name)):
+            same &= raw[np.minimum(heads + offset, len(raw) - 1)] == name[offset]
+        chosen |= same
+    return heads[chosen].tolist()
 
 
 def _unescape(value: str) -> str:
@@ -351,12 +371,18 @@ class _Layout:
         self.problem: str | None = "no #fields header before this line"
         self.label: str | None = None  # the field holding ground-truth labels, if any
 
+    def key(self) -> tuple:
+        """What decides how a line is read: lines under equal keys are parsed together."""
+        fields = tuple(self.fields) if self.fields is not None else None
+        return (self.separator, self.unset, self.empty, fields, self.label, self.problem)
+
     def header(self, line: str) -> None:
+        # (a later #separator is checked as any other header: an empty, two-character, NUL or non-ASCII one
+        # reached pyarrow, whose ValueError was an internal error; the lines under it are now rejects)
+        name, _, value = line.partition(self.separator) if self.separator else (line, "", "")
         if line.startswith("#separator"):
             self.separator = _unescape(line[len("#separator") :].strip(" "))
-            return
-        name, _, value = line.partition(self.separator)
-        if name == "#fields":
+        elif name == "#fields":
             fields = value.split(self.separator)
             seen: set[str] = set()
             self.fields = []
@@ -374,7 +400,7 @@ class _Layout:
         else:
             return
         self.problem = None
-        if len(self.separator) != 1 or self.separator in '\r\n"':
+        if not usable_delimiter(self.separator):
             self.problem = f"unsupported #separator {self.separator!r}"
         elif self.path != "conn":
             self.problem = f"not a conn log (#path {self.path[:40]})"
@@ -393,61 +419,52 @@ def _label_text(column: pa.ChunkedArray, name: str, unset: str, empty: str) -> p
     return _unset(text, unset, empty)
 
 
-def _without_blank_lines(segment: bytes) -> tuple[bytes, np.ndarray]:
-    """`segment` without its empty lines (and lines of a lone CR), and for each line kept its 0-based index in
-    `segment`. A blank line was an invalid row of pyarrow's reader: a Python callback and a kept tuple each
-    (16 MB of blank lines, 196 KB gzip'ed: 1.9 GB and minutes); found and dropped here with numpy."""
-    data = np.frombuffer(segment, np.uint8)
-    ends = np.flatnonzero(data == 10)
-    if len(ends) == 0 or len(ends) == len(segment):  # (no newline; or nothing but newlines)
-        lines = len(ends) + (0 if segment.endswith(b"\n") else 1)
-        if len(ends) == len(segment) and segment:
-            return b"", np.zeros(0, np.int64)
-        return segment, np.arange(lines, dtype=np.int64)
-    starts = np.concatenate(([0], ends + 1))
-    stops = np.concatenate((ends, [len(segment)]))
-    if stops[-1] == starts[-1]:  # (the segment ends with its newline: no line after it)
-        starts, stops = starts[:-1], stops[:-1]
-    lengths = stops - starts
-    blank = (lengths == 0) | ((lengths == 1) & (data[np.minimum(starts, len(data) - 1)] == 13))
-    if not blank.any():
-        return segment, np.arange(len(starts), dtype=np.int64)
-    kept = np.flatnonzero(~blank)
-    keep = np.ones(len(data), bool)
-    for_blank = np.flatnonzero(blank)
-    keep[starts[for_blank]] = False  # the newline of an empty line (its only byte), or its CR...
-    lone_cr = for_blank[lengths[for_blank] == 1]
-    keep[np.minimum(starts[lone_cr] + 1, len(data) - 1)] = False  # ... and then its newline
-    return data[keep].tobytes(), kept.astype(np.int64)
-
-
 def _tsv_segment(
-    segment: bytes, first_line: int, layout: _Layout, source: str
+    segments: list[bytes], first_lines: list[int], layout: _Layout, source: str
 ) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Data lines under one layout (the `segments` of a block read under it, each whole lines starting at line
+    `first_lines[i]`) -> (flows, rejects, labels), all segments in one parse: a header line before every data
+    line made one pyarrow parse and one _connections a line (~10 ms: 20,000 such pairs took 200 s of CPU).
+    Blank lines, lines of another width and lines with a lone CR are sifted out in numpy (delimited.sift_lines)
+    before pyarrow sees the rest: each had been a Python callback of pyarrow's reader, and a block of blank lines
+    made it raise "Empty CSV file", after which every line was walked in Python (a 261 KB .gz of 256 MiB of
+    newlines: 20 s of CPU; 63 M junk lines in a 2.6 MB .gz: over 10 minutes)."""
+    segments = [s if s.endswith(b"\n") else s + b"\n" for s in segments]
+    segment = segments[0] if len(segments) == 1 else b"".join(segments)
+    counts = np.array([s.count(b"\n") for s in segments], np.int64)  # (one per header line, not per line)
+    offsets = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    firsts = np.array(first_lines, np.int64)
+
+    def file_line(index: np.ndarray) -> np.ndarray:  # 0-based line of `segment` -> line number in the file
+        which = np.searchsorted(offsets, index, side="right") - 1
+        return firsts[which] + index - offsets[which]
+
+    def sift(delimiter: str, fields: int, refuse: str | None) -> tuple[bytes, np.ndarray, pa.Table]:
+        compact, numbers, rejects = sift_lines(segment, 0, source, delimiter, fields, refuse, b"#")
+        where = np.asarray(rejects.column("line").combine_chunks(), np.int64)
+        rejects = rejects.set_column(1, "line", pa.array(file_line(where), pa.int64()))
+        return compact, file_line(numbers), rejects
+
     if layout.problem is not None:  # every non-blank line of the segment is a reject, with the reason
-        parts = segment.split(b"\n")
-        kept = [(first_line + i, p.decode("latin-1")) for i, p in enumerate(parts) if p.strip()]
-        return FLOWS.empty_table(), line_rejects(kept, layout.problem, source), FLOW_LABELS.empty_table()
+        _, _, rejects = sift("\t", 0, layout.problem)
+        return FLOWS.empty_table(), rejects, FLOW_LABELS.empty_table()
     assert layout.fields is not None
     include = [f for f in USED if f in layout.fields] + ([layout.label] if layout.label else [])
-    compact, renumber = _without_blank_lines(segment)
+    compact, numbers, rejects = sift(layout.separator, len(layout.fields), None)
+    parts = [rejects]
+    flows, labels = FLOWS.empty_table(), FLOW_LABELS.empty_table()
+    if not compact:
+        return flows, rejects, labels
     try:
         table, lines, invalid = read_block(compact, 1, layout.separator, layout.fields, include)
-        # (line numbers of the compacted segment -> the file's)
-        lines = pa.array(renumber[np.asarray(lines, np.int64) - 1] + first_line)
-        invalid = [(int(renumber[n - 1]) + first_line, text) for n, text in invalid]
     except pa.ArrowException as exc:  # what pyarrow cannot split at all: every line of it, with the reason
-        layout_problem, layout.problem = layout.problem, f"unreadable: {str(exc)[:80]}"
-        try:
-            # (the segment as it was, blank lines and all: its line numbers are the file's)
-            return _tsv_segment(segment, first_line, layout, source)
-        finally:
-            layout.problem = layout_problem
-    parts = []
-    kept = [(n, t) for n, t in invalid if t.strip()]
-    if kept:
+        _, _, rejects = sift("\t", 0, f"unreadable: {str(exc)[:80]}")
+        return flows, rejects, labels
+    # (line numbers of the compacted segment -> the file's; every line has the width now: invalid is empty)
+    lines = pa.array(numbers[np.asarray(lines, np.int64) - 1])
+    if invalid:
+        kept = [(int(numbers[n - 1]), t) for n, t in invalid]
         parts.append(line_rejects(kept, f"expected {len(layout.fields)} fields", source))
-    flows, labels = FLOWS.empty_table(), FLOW_LABELS.empty_table()
     if table.num_rows:  # a blank line reads as a row of empty fields: not data, not a reject
         blank = pc.and_(pc.equal(table.column("ts"), ""), pc.equal(table.column("id.orig_h"), ""))
         if pc.any(blank).as_py():
@@ -474,20 +491,25 @@ def _iter_tsv(handle: BinaryIO, source: str, block_size: int) -> Iterator[Batch]
         out_flows, out_rejects, out_labels = [], [], []
         if block.too_long:
             out_rejects.append(too_long_rejects(source, block.too_long))
+        # the block's segments (the lines between layout headers) grouped by the layout they are read under
+        groups: dict[tuple, tuple[_Layout, list[bytes], list[int]]] = {}
         position, line = 0, block.first_line
-        for match in _HEADER_RE.finditer(data):
-            if match.start() > position:
-                segment = data[position : match.start()]
-                flows, rejects, labels = _tsv_segment(segment, line, layout, source)
-                out_flows.append(flows)
-                out_rejects.append(rejects)
-                out_labels.append(labels)
+        for start in [*_layout_header_starts(data), len(data)]:
+            if start > position:
+                segment = data[position:start]
+                group = groups.setdefault(layout.key(), (copy.copy(layout), [], []))
+                group[1].append(segment)
+                group[2].append(line)
                 line += segment.count(b"\n")
-            layout.header(match.group().rstrip(b"\r\n").decode("latin-1"))
-            position = match.end()
+            if start == len(data):
+                break
+            end = data.find(b"\n", start)
+            end = len(data) if end < 0 else end + 1
+            layout.header(data[start:end].rstrip(b"\r\n").decode("latin-1"))
+            position = end
             line += 1
-        if position < len(data):
-            flows, rejects, labels = _tsv_segment(data[position:], line, layout, source)
+        for group_layout, segments, first_lines in groups.values():
+            flows, rejects, labels = _tsv_segment(segments, first_lines, group_layout, source)
             out_flows.append(flows)
             out_rejects.append(rejects)
             out_labels.append(labels)
