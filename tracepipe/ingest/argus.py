@@ -37,6 +37,7 @@ from tracepipe.flowstate import ARGUS_FLAG_LETTERS, ARGUS_TCP_STATE_FLAGS
 from tracepipe.ingest.delimited import (
     address_text,
     as_flows,
+    empty_rejects,
     first_failure,
     line_rejects,
     read_block,
@@ -317,10 +318,6 @@ def _records(table: pa.Table, lines: pa.Array, source: str) -> tuple[pa.Table, p
     return flows, rejects, labels, n_skipped
 
 
-def _empty_rejects() -> pa.Table:
-    return rejects_table(pa.array([], pa.int64()), pa.array([], pa.string()), pa.array([], pa.string()), "")
-
-
 def _iter(handle, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.Table, pa.Table]]:
     first_line = handle.readline(DEFAULT_LIMITS.line_bytes + 1)
     if not looks_like_argus(first_line):
@@ -356,7 +353,7 @@ def _iter(handle, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.T
             else []
         )
         if not block.data.strip():
-            yield FLOWS.empty_table(), pa.concat_tables([_empty_rejects(), *parts]), FLOW_LABELS.empty_table()
+            yield FLOWS.empty_table(), pa.concat_tables([empty_rejects(), *parts]), FLOW_LABELS.empty_table()
             continue
         # (blank lines, lines of another width and lines with a lone CR, which pyarrow ends a row at, are
         # rejected or dropped in numpy first: a lone CR made one line two records, forging a flow)
@@ -364,7 +361,7 @@ def _iter(handle, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.T
             block.data, block.first_line + 1, source, delimiter, len(columns)
         )
         parts.append(sifted)
-        flows, rejects, labels = FLOWS.empty_table(), _empty_rejects(), FLOW_LABELS.empty_table()
+        flows, rejects, labels = FLOWS.empty_table(), empty_rejects(), FLOW_LABELS.empty_table()
         if compact:
             table, lines, invalid = read_block(compact, 1, delimiter, columns, include)
             lines = pa.array(numbers[np.asarray(lines, np.int64) - 1])
@@ -373,7 +370,7 @@ def _iter(handle, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.T
                 parts.append(line_rejects(kept, f"expected {len(columns)} fields", source))
             if table.num_rows:
                 flows, rejects, labels, _ = _records(table, lines, source)
-        yield flows, pa.concat_tables([_empty_rejects(), *parts, rejects]).sort_by("line"), labels
+        yield flows, pa.concat_tables([empty_rejects(), *parts, rejects]).sort_by("line"), labels
 
 
 def iter_argus(path: Path | str, block_size: int = 1 << 24) -> Iterator[tuple[pa.Table, pa.Table, pa.Table]]:
@@ -393,7 +390,7 @@ def parse_argus(data: bytes, source: str, block_size: int = 1 << 24) -> tuple[pa
     batches = list(_iter(io.BytesIO(data), source, block_size))
     return (
         pa.concat_tables([FLOWS.empty_table(), *[b[0] for b in batches]]),
-        pa.concat_tables([_empty_rejects(), *[b[1] for b in batches]]),
+        pa.concat_tables([empty_rejects(), *[b[1] for b in batches]]),
         pa.concat_tables([FLOW_LABELS.empty_table(), *[b[2] for b in batches]]),
     )
 
@@ -403,6 +400,6 @@ def read_argus(path: Path | str) -> tuple[pa.Table, pa.Table, pa.Table]:
     batches = list(iter_argus(path))
     return (
         pa.concat_tables([FLOWS.empty_table(), *[b[0] for b in batches]]),
-        pa.concat_tables([_empty_rejects(), *[b[1] for b in batches]]),
+        pa.concat_tables([empty_rejects(), *[b[1] for b in batches]]),
         pa.concat_tables([FLOW_LABELS.empty_table(), *[b[2] for b in batches]]),
     )

@@ -258,13 +258,14 @@ def sift_lines(
     numbers.append(np.zeros(0, np.int64))
     if len(compact) == 1 and len(compact[0]) == len(segment):
         return segment, numbers[0], rejects[0]
-    return b"".join(compact), np.concatenate(numbers), pa.concat_tables([_no_rejects(source), *rejects])
+    return b"".join(compact), np.concatenate(numbers), pa.concat_tables([empty_rejects(source), *rejects])
 
 
 _SIFT_BYTES = 1 << 20
 
 
-def _no_rejects(source: str) -> pa.Table:
+def empty_rejects(source: str = "") -> pa.Table:
+    """A rejects table of no row (rejects_table's columns)."""
     return rejects_table(
         pa.array([], pa.int64()), pa.array([], pa.string()), pa.array([], pa.string()), source
     )

@@ -31,6 +31,7 @@ from tracepipe.ingest import nffile
 from tracepipe.ingest.delimited import (
     address_text,
     dictionary_encode,
+    empty_rejects,
     file_ranges,
     iter_file_blocks,
     line_rejects,
@@ -469,10 +470,6 @@ def _with_null_text(flows: pa.Table) -> pa.Table:
     for name in missing:
         flows = flows.append_column(name, nulls)
     return flows
-
-
-def empty_rejects() -> pa.Table:
-    return _rejects(pa.array([], pa.int64()), pa.array([], pa.string()), pa.array([], pa.string()), "")
 
 
 # ---- the readers ---------------------------------------------------------------------------------------------

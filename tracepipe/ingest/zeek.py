@@ -41,6 +41,7 @@ from tracepipe.flowstate import ZEEK_HISTORY_FLAGS, ZEEK_STATE_FLAGS
 from tracepipe.ingest.delimited import (
     address_text,
     as_flows,
+    empty_rejects,
     first_failure,
     line_rejects,
     read_block,
@@ -699,10 +700,6 @@ def _iso_micros(text: pa.Array) -> pa.Array:
 
 
 # ---- the readers ----------------------------------------------------------------------------------------------
-
-
-def empty_rejects() -> pa.Table:
-    return rejects_table(pa.array([], pa.int64()), pa.array([], pa.string()), pa.array([], pa.string()), "")
 
 
 def iter_conn_log(path: Path | str, block_size: int = 1 << 24) -> Iterator[Batch]:
