@@ -3205,40 +3205,47 @@ def _compacted(
     if not live.height:
         return _with_extra(live), np.zeros(0, np.uint64)
     ts = pl.col("ts").cast(pl.Datetime("us", "UTC"))
-    frame = _with_extra(live).with_row_index("_r").with_columns(ts.alias("_t"))
-    # pinned: another VM's event (or one of no VM) at the same instant names an address
-    own = frame.select(pl.col("_t").alias("ts"), "vm_id").unique()
-    at = addressed.join(own.select("ts").unique(), on="ts", how="semi")
-    per_ts = at.group_by("ts").agg(
-        pl.col("vm_id").drop_nulls().n_unique().alias("_vms"),
-        pl.col("vm_id").is_null().any().alias("_anyone"),
+    # each VM's events in time order, in the columns the facts need (which identity columns an event names,
+    # not their text: a sort moves every column); `_g` numbers the VMs (the aggregates below per VM: a
+    # group-by on it, gathered back, instead of a window per fact)
+    narrow = [
+        "vm_id",
+        "ts",
+        "event_type",
+        "action",
+        "state",
+        "hypervisor",
+        "port_id",
+        "resource_id",
+        "addr",
+        "addrs",
+        "addr_kind",
+        "event_id",
+        "project",
+        "cloud",
+        "_pinned",
+    ]
+    named = [pl.col(c).is_not_null().alias(f"_has{c}") for c in _IDENTITY]
+    everything = _with_extra(live).with_row_index("_r")
+    frame = everything.select("_r", *narrow, *named).with_columns(ts.alias("_t"))
+    frame = frame.sort("vm_id", "_t", "_r").with_columns(pl.col("vm_id").rle_id().alias("_g"))
+    # a delivery of an event twice (the same content, so the same instant): the replay keeps one, so does the state
+    same = (pl.col("_g") == pl.col("_g").shift(1)) & pl.col("_t").eq_missing(pl.col("_t").shift(1))
+    tie = (same | same.shift(-1)).fill_null(False)
+    ties = frame.filter(tie)
+    if ties.height:
+        content = pl.struct([c if c != "addrs" else pl.col("addrs").list.join(",") for c in _CONTENT])
+        ties = everything.join(ties.select("_r"), on="_r", how="semi").sort("vm_id", "ts", "_r")
+        twice = ties.filter(~content.is_first_distinct()).get_column("_r")
+        frame = frame.filter(~pl.col("_r").is_in(twice.implode()))
+    # pinned: another VM's event (or one of no VM) at the same instant names an address: two entries of
+    # `addressed` at that instant, as the VM's own event there is one (an event naming no address claims
+    # nothing: its pin would not matter)
+    crowded = addressed.filter(pl.col("ts").is_duplicated()).get_column("ts")
+    frame = frame.with_columns(
+        pl.coalesce("_pinned", pl.col("_t").is_in(crowded.implode()).fill_null(False)).alias("_pinned"),
+        tie.alias("_tie"),
     )
-    mine = at.filter(pl.col("vm_id").is_not_null()).with_columns(pl.lit(1).alias("_mine"))
-    crowded = (
-        own.join(per_ts, on="ts", how="left")
-        .join(mine, on=["ts", "vm_id"], how="left")
-        .select(
-            "ts",
-            "vm_id",
-            (pl.col("_anyone") | (pl.col("_vms") - pl.col("_mine").fill_null(0) > 0))
-            .fill_null(False)
-            .alias("_crowded"),
-        )
-    )
-    frame = frame.join(
-        crowded,
-        left_on=["_t", "vm_id"],
-        right_on=["ts", "vm_id"],
-        how="left",
-        maintain_order="left",
-        nulls_equal=True,
-    )
-    frame = frame.with_columns(pl.coalesce("_pinned", pl.col("_crowded").fill_null(False)).alias("_pinned"))
-    frame = frame.drop("_crowded").sort("vm_id", "_t", "_r")
-    # a delivery of an event twice (the same content): the replay keeps one, so does the state
-    content = pl.struct([c if c != "addrs" else pl.col("addrs").list.join(",") for c in _CONTENT])
-    frame = frame.filter(content.is_first_distinct())
-    vm = "vm_id"
     passive = pl.col("event_type").str.ends_with(".start") | pl.col("event_type").str.ends_with(".error")
     passive = passive.fill_null(False)
     act = pl.col("action").fill_null("unknown")
@@ -3249,21 +3256,37 @@ def _compacted(
         act.is_in(["soft_delete", "restore", *_DEFAULT_STATUS])
         | (pl.col("state").is_not_null() & (pl.col("state") != "unknown"))
     )
-    restore_at = pl.col("_t").filter(applicable & (act == "restore")).max().over(vm)
     soft = applicable & (act == "soft_delete")
     strong = applicable & (act != "port_update") & hyp.is_not_null()
     weak = passive & ~act.is_in([*_FLOATING_ACTIONS, "port_update"]) & hyp.is_not_null()
     nova = pl.col("event_type").str.starts_with("instance.").fill_null(False)
     ported = pl.col("port_id").is_not_null()
-    frame = frame.with_columns(pl.col("addrs").list.sort().list.join(",").alias("_listed"))
-
-    def latest(where: pl.Expr, over: str | list[str] = vm) -> pl.Expr:
-        return pl.col("_t") == pl.col("_t").filter(where).max().over(over)
-
-    def earliest(where: pl.Expr, over: str | list[str] = vm) -> pl.Expr:
-        return pl.col("_t") == pl.col("_t").filter(where).min().over(over)
-
-    before = pl.when(strong).then(hyp).forward_fill().shift(1).over(vm)
+    # per VM: the time of the event deciding each fact (the latest or the earliest of those that can)
+    t = pl.col("_t")
+    deciders = {
+        "_first": t.min(),
+        "_last": t.max(),
+        **{f"_{c}": t.filter(pl.col(f"_has{c}") & ~foreign_kind).max() for c in _IDENTITY},
+        "_status": t.filter(status).max(),
+        "_restore": t.filter(applicable & (act == "restore")).max(),
+        "_weak": t.filter(weak).min(),
+    }
+    per_vm = frame.group_by("_g").agg(**deciders).sort("_g")
+    frame = frame.with_columns(per_vm.get_column(c).gather(frame.get_column("_g")) for c in deciders)
+    after_restore = pl.col("_restore").is_null() | (t >= pl.col("_restore"))
+    strictly_after = pl.col("_restore").is_null() | (t > pl.col("_restore"))
+    firsts = (
+        frame.filter(soft)
+        .group_by("_g")
+        .agg(
+            t.filter(after_restore).min().alias("_soft"), t.filter(strictly_after).min().alias("_soft_after")
+        )
+    )
+    frame = frame.join(firsts, on="_g", how="left", maintain_order="left")
+    # the hypervisor before each event: the last one an earlier event of the VM moved it to
+    last_strong = pl.when(strong).then(hyp).forward_fill().shift(1)
+    of_vm = pl.when(strong).then(pl.col("_g")).forward_fill().shift(1) == pl.col("_g")
+    before = pl.when(of_vm).then(last_strong)
     keep = [
         pl.col("_pinned"),
         pl.col("_t").is_null() | pl.col("vm_id").is_null(),
@@ -3271,22 +3294,16 @@ def _compacted(
         # a port (Nova names the port of a VM of one NIC): the VM's binding of it, and what it lists with it
         # (_port_maps), are its first binding with each list of addresses and its last binding
         pl.col("port_id").is_in(shared.implode()),
-        ported & earliest(ported, [vm, "port_id", "_listed"]),
-        ported & latest(ported, [vm, "port_id"]),
+        ported & pl.struct("_g", "port_id", "addrs").is_first_distinct(),
+        ported & pl.struct("_g", "port_id").is_last_distinct(),
         act.is_in(_KEPT_ACTIONS) | pl.col("action").is_null(),
-        pl.len().over(vm, "_t") > 1,  # (events of one instant: their order is the replay's, not ours)
-        (pl.len().over(vm, "event_id") > 1)
-        & pl.col("event_id").is_not_null(),  # (one event id: the first counts)
-        earliest(pl.lit(True)),
-        latest(pl.lit(True)),
-        *(latest(pl.col(c).is_not_null() & ~foreign_kind) for c in _IDENTITY),
-        latest(status),
-        latest(applicable & (act == "restore")),
-        earliest(soft & (restore_at.is_null() | (pl.col("_t") >= restore_at))),
-        earliest(soft & (restore_at.is_null() | (pl.col("_t") > restore_at))),
-        earliest(weak),
+        pl.col("_tie"),  # (events of one instant: their order is the replay's, not ours)
+        pl.col("event_id").is_not_null() & pl.struct("_g", "event_id").is_duplicated(),  # (the first counts)
+        *(t == pl.col(c) for c in deciders),
+        t == pl.col("_soft"),
+        t == pl.col("_soft_after"),
         strong & (before.is_null() | (before != hyp)),
-        nova & earliest(nova, [vm, "project", "cloud"]),
+        nova & pl.struct("_g", "project", "cloud", nova).is_first_distinct(),
     ]
     frame = frame.with_columns(pl.any_horizontal([k.fill_null(False) for k in keep]).alias("_keep"))
     # claims: each address an applicable event lists, held by the VM (of that kind) from before it to after it
@@ -3330,6 +3347,10 @@ def _compacted(
     dropped = frame.filter(~pl.col("_keep"))
     keys = sorted_unique(np.concatenate([_event_keys(dropped), _instant_keys(dropped)]))
     kept = frame.filter("_keep").sort("_r")
+    rows = kept.get_column("_r").cast(pl.Int64).to_numpy()
+    mask = np.zeros(everything.height, bool)
+    mask[rows] = True
+    kept = everything.filter(pl.Series(mask)).with_columns(kept.get_column("_pinned"))
     return kept.select([*live.columns, *(c for c in _LIVE_EXTRA if c not in live.columns)]), keys
 
 
