@@ -2190,6 +2190,9 @@ def _apply(lake: Any, new: pl.DataFrame, version: int | None, built: int) -> Lea
         return "no saved state of the last build (first update after an upgrade)"
     if _member(state.refused, _binding_hashes(_homes(new))).any():
         return "a VM's Nova event in the project of Neutron events that named the VM before: they bind it now"
+    keys = _event_keys(new)
+    if (_member(state.dropped, keys) | _member(state.dropped_recent, keys)).any():
+        return "an event of the id of an event of the VM the saved state left out (_compacted)"
     new = _with_floating_addresses(_judged(lake, new, state), state.fips)
     fip = pl.col("action").is_in(list(_FLOATING_ACTIONS))
     neutron = (
@@ -2387,8 +2390,12 @@ def _update_files(
     state of this build (_State) for the next update; or why it cannot (_update_under_locks).
     `unbound_holders`: the "port:<id>" holders of ports bound for the first time (_first_bound), whose every
     lease the replay recomputes: their vms rows go unless the replay gives them one again."""
-    events = pl.concat([_history(lake, new, involved_vms, vm_index, state.live), stored.select(new.columns)])
+    events = pl.concat(
+        [_history(lake, new, involved_vms, vm_index, state.live), _with_extra(stored.select(new.columns))]
+    )
     events = _without_refused(events, _refused_bindings(events))  # (a settled VM's, read as they landed)
+    if _dropped_instant(events, index, addrs, state, new.get_column("ts").min()):
+        return "an event at the instant of an event the saved state left out (_compacted) of its address's holder"
     leases, vms = build_leases(_strip_before(events, starts).to_arrow(), reclaim)
     leases = pl.from_arrow(leases)
     vms = pl.from_arrow(vms)
@@ -2616,7 +2623,8 @@ def _history(
         .unique()
         .sort()
     )
-    return pl.concat([new, stored, _scan_events(lake, days.dt.strftime("%Y-%m-%d").to_list(), vms)])
+    scanned = _scan_events(lake, days.dt.strftime("%Y-%m-%d").to_list(), vms)
+    return pl.concat([_with_extra(new), _with_extra(stored), _with_extra(scanned)])
 
 
 def _scan_events(lake: Any, days: list[str], vms: pl.Series) -> pl.DataFrame:
@@ -3056,7 +3064,7 @@ def _floating_in_order(new: pl.DataFrame, state: _State) -> bool:
 
 @dataclass
 class _State:
-    live: pl.DataFrame  # rows of schema.VM_EVENTS
+    live: pl.DataFrame  # rows of schema.VM_EVENTS + _LIVE_EXTRA: the live VMs' events _compacted keeps
     known: np.ndarray | _HashFile  # sorted uint64
     runs: pl.DataFrame  # _RUN_COLUMNS
     recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # sorted uint64
@@ -3103,9 +3111,274 @@ class _State:
     # sorted uint64 hashes of (vm_id, project, cloud) of the Neutron events that named a VM not theirs
     # (_refused_bindings): a Nova event that later gives the VM that project makes them bind it (_apply)
     refused: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    # sorted uint64 hashes of (vm_id, event_id) and of (vm_id, ts) of the events _compacted dropped from `live`:
+    # a new event of one of those ids is a full rebuild (the replay keeps the first event of an id, which the
+    # update would lack), and so is another VM's event naming the VM's address at one of those instants
+    # (_dropped_instant). Read by page, like `known`
+    dropped: np.ndarray | _HashFile = field(default_factory=lambda: np.zeros(0, np.uint64))
+    dropped_file: Path | None = None
+    dropped_recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
 
     def live_ids(self) -> pl.Series:
         return self.live.get_column("vm_id").unique()
+
+
+# ---- a live VM's stored events, compacted ---------------------------------------------------------------------
+# The state keeps a live VM's events for the replay of its next ones (_history). A VM that sends millions of
+# notifications that change nothing (a reboot loop: power_off / power_on / reboot listing the same addresses)
+# would make every update read, replay and rewrite them all. So only the events a replay of later events can
+# still depend on are kept (_compacted): an event whose every fact is decided by another kept event (the first
+# and last event, the latest value of each identity column, the last status, the last restore and the first soft
+# delete after it, the first hypervisor and every change of it, one Nova event per project and cloud (the VM's
+# homes, _refused_bindings), every create, delete, port, floating-IP, attach and detach event) and whose every
+# claim is a repeat (the VM held that address, of that kind, from before the event until after it, in the
+# replay's leases) changes nothing in any replay of the history with later events added (an update replays
+# events later than everything stored of its VMs: _update_under_locks; else it is a full rebuild).
+# Two things of other VMs could still make a dropped event count, and are guarded:
+#   * another VM's event at the same instant naming addresses: then the VM's events of that instant are kept
+#     for good (`_pinned`; judged among the events the build or update sees);
+#   * such an event the judging update did not see. It always sees it: one landed before is in the replay (the
+#     address's holders since b(A) are, and a claim at the instant the VM claims again makes the other VM a
+#     holder unless it landed with it), one landing later names an address the VM held then (a full rebuild).
+#     Should that reasoning miss a case, the state keeps a hash of (VM, instant) of every event it dropped, and
+#     an update whose replay holds another VM's event naming an address at such an instant of the address's
+#     holder is a full rebuild (_dropped_instant), which judges with every event and pins them.
+# The state also keeps a hash of (VM, event id) of every event dropped: a later event of that id is a duplicate
+# of the dropped one, which the replay keeps (the first of an id): a full rebuild (_apply). The hashes grow
+# with the events dropped (16 bytes each), read by page like the known VM ids (_HashFile).
+_LIVE_EXTRA = {"_pinned": pl.Boolean}
+# actions an event of which is never dropped (they are few per VM, and each decides something on its own)
+_KEPT_ACTIONS = sorted({"create", *_DELETES, "detach", "attach", "port_update", *_FLOATING_ACTIONS})
+
+
+def _with_extra(events: pl.DataFrame) -> pl.DataFrame:
+    """events (schema.VM_EVENTS) with the _LIVE_EXTRA columns, null where missing (not judged yet)."""
+    missing = [
+        pl.lit(None, kind).alias(name) for name, kind in _LIVE_EXTRA.items() if name not in events.columns
+    ]
+    return events.with_columns(missing) if missing else events
+
+
+_ADDRESSED = ["ts", "vm_id", "addrs", "addr"]
+
+
+def _event_keys(events: pl.DataFrame) -> np.ndarray:
+    """hashes of (vm_id, event_id) of the events with an id (the replay's key of one event, _replay_order)."""
+    keyed = events.filter(pl.col("event_id").is_not_null() & pl.col("vm_id").is_not_null())
+    key = pl.struct(pl.col("vm_id").cast(pl.String), pl.col("event_id").cast(pl.String))
+    return keyed.select(key.hash(_HASH_SEED)).to_series().to_numpy()
+
+
+def _instant_keys(events: pl.DataFrame) -> np.ndarray:
+    """hashes of (vm_id, ts as µs) of the events: the instants _compacted dropped an event of a VM at."""
+    key = pl.struct(pl.col("vm_id").cast(pl.String), pl.col("ts").dt.epoch("us"))
+    return events.select(key.hash(_HASH_SEED)).to_series().to_numpy()
+
+
+def _shared_ports(bindings: pl.DataFrame) -> pl.Series:
+    """The ports of `bindings` (_bindings) that more than one VM was bound to."""
+    per_port = bindings.group_by("port_id").agg(pl.col("vm_id").n_unique().alias("_vms"))
+    return per_port.filter(pl.col("_vms") > 1).get_column("port_id")
+
+
+def _addressed(events: pl.DataFrame) -> pl.DataFrame:
+    """(ts, vm_id) of the events naming an address (a list or one), distinct."""
+    names = (pl.col("addrs").list.len() > 0).fill_null(False) | pl.col("addr").is_not_null()
+    return events.filter(names).select(pl.col("ts").cast(pl.Datetime("us", "UTC")), "vm_id").unique()
+
+
+def _compacted(
+    live: pl.DataFrame,
+    leases: pl.DataFrame,
+    addressed: pl.DataFrame,
+    floating: pl.Series,
+    shared: pl.Series,
+    starts: pl.DataFrame | None = None,
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """The events of live VMs (schema.VM_EVENTS + _LIVE_EXTRA) that the state keeps (see above), with their
+    `_pinned`; and the sorted hashes of the dropped ones (_event_keys and _instant_keys). `leases`: (addr,
+    vm_id, addr_kind, valid_from, valid_to) of the replay that judged them; `addressed`: _addressed of every
+    event it saw; `floating`: the addresses its floating-IP events name; `shared`: the ports another VM was
+    bound to (a VM's binding of a port of its own only: _port_vm). `starts` (an update: addr, free_from): a
+    claim is judged only for those addresses, from free_from on (the update's leases are those); else (a full
+    build) for every address."""
+    if not live.height:
+        return _with_extra(live), np.zeros(0, np.uint64)
+    ts = pl.col("ts").cast(pl.Datetime("us", "UTC"))
+    # each VM's events in time order, in the columns the facts need (which identity columns an event names,
+    # not their text: a sort moves every column); `_g` numbers the VMs (the aggregates below per VM: a
+    # group-by on it, gathered back, instead of a window per fact)
+    narrow = [
+        "vm_id",
+        "ts",
+        "event_type",
+        "action",
+        "state",
+        "hypervisor",
+        "port_id",
+        "resource_id",
+        "addr",
+        "addrs",
+        "addr_kind",
+        "event_id",
+        "project",
+        "cloud",
+        "_pinned",
+    ]
+    named = [pl.col(c).is_not_null().alias(f"_has{c}") for c in _IDENTITY]
+    everything = _with_extra(live).with_row_index("_r")
+    frame = everything.select("_r", *narrow, *named).with_columns(ts.alias("_t"))
+    frame = frame.sort("vm_id", "_t", "_r").with_columns(pl.col("vm_id").rle_id().alias("_g"))
+    # a delivery of an event twice (the same content, so the same instant): the replay keeps one, so does the state
+    same = (pl.col("_g") == pl.col("_g").shift(1)) & pl.col("_t").eq_missing(pl.col("_t").shift(1))
+    tie = (same | same.shift(-1)).fill_null(False)
+    ties = frame.filter(tie)
+    if ties.height:
+        content = pl.struct([c if c != "addrs" else pl.col("addrs").list.join(",") for c in _CONTENT])
+        ties = everything.join(ties.select("_r"), on="_r", how="semi").sort("vm_id", "ts", "_r")
+        twice = ties.filter(~content.is_first_distinct()).get_column("_r")
+        frame = frame.filter(~pl.col("_r").is_in(twice.implode()))
+    # pinned: another VM's event (or one of no VM) at the same instant names an address: two entries of
+    # `addressed` at that instant, as the VM's own event there is one (an event naming no address claims
+    # nothing: its pin would not matter)
+    crowded = addressed.filter(pl.col("ts").is_duplicated()).get_column("ts")
+    frame = frame.with_columns(
+        pl.coalesce("_pinned", pl.col("_t").is_in(crowded.implode()).fill_null(False)).alias("_pinned"),
+        tie.alias("_tie"),
+    )
+    passive = pl.col("event_type").str.ends_with(".start") | pl.col("event_type").str.ends_with(".error")
+    passive = passive.fill_null(False)
+    act = pl.col("action").fill_null("unknown")
+    applicable = ~passive & ~act.is_in([*_FLOATING_ACTIONS, *_DELETES, "detach"])
+    foreign_kind = act.is_in(["port_update", "fip_associate"])  # (the VM's facts prefer its own events)
+    hyp = pl.col("hypervisor")
+    status = applicable & (
+        act.is_in(["soft_delete", "restore", *_DEFAULT_STATUS])
+        | (pl.col("state").is_not_null() & (pl.col("state") != "unknown"))
+    )
+    soft = applicable & (act == "soft_delete")
+    strong = applicable & (act != "port_update") & hyp.is_not_null()
+    weak = passive & ~act.is_in([*_FLOATING_ACTIONS, "port_update"]) & hyp.is_not_null()
+    nova = pl.col("event_type").str.starts_with("instance.").fill_null(False)
+    ported = pl.col("port_id").is_not_null()
+    # per VM: the time of the event deciding each fact (the latest or the earliest of those that can)
+    t = pl.col("_t")
+    deciders = {
+        "_first": t.min(),
+        "_last": t.max(),
+        **{f"_{c}": t.filter(pl.col(f"_has{c}") & ~foreign_kind).max() for c in _IDENTITY},
+        "_status": t.filter(status).max(),
+        "_restore": t.filter(applicable & (act == "restore")).max(),
+        "_weak": t.filter(weak).min(),
+    }
+    per_vm = frame.group_by("_g").agg(**deciders).sort("_g")
+    frame = frame.with_columns(per_vm.get_column(c).gather(frame.get_column("_g")) for c in deciders)
+    after_restore = pl.col("_restore").is_null() | (t >= pl.col("_restore"))
+    strictly_after = pl.col("_restore").is_null() | (t > pl.col("_restore"))
+    firsts = (
+        frame.filter(soft)
+        .group_by("_g")
+        .agg(
+            t.filter(after_restore).min().alias("_soft"), t.filter(strictly_after).min().alias("_soft_after")
+        )
+    )
+    frame = frame.join(firsts, on="_g", how="left", maintain_order="left")
+    # the hypervisor before each event: the last one an earlier event of the VM moved it to
+    last_strong = pl.when(strong).then(hyp).forward_fill().shift(1)
+    of_vm = pl.when(strong).then(pl.col("_g")).forward_fill().shift(1) == pl.col("_g")
+    before = pl.when(of_vm).then(last_strong)
+    keep = [
+        pl.col("_pinned"),
+        pl.col("_t").is_null() | pl.col("vm_id").is_null(),
+        pl.col("resource_id").is_not_null() | pl.col("addr").is_not_null(),
+        # a port (Nova names the port of a VM of one NIC): the VM's binding of it, and what it lists with it
+        # (_port_maps), are its first binding with each list of addresses and its last binding
+        pl.col("port_id").is_in(shared.implode()),
+        ported & pl.struct("_g", "port_id", "addrs").is_first_distinct(),
+        ported & pl.struct("_g", "port_id").is_last_distinct(),
+        act.is_in(_KEPT_ACTIONS) | pl.col("action").is_null(),
+        pl.col("_tie"),  # (events of one instant: their order is the replay's, not ours)
+        pl.col("event_id").is_not_null() & pl.struct("_g", "event_id").is_duplicated(),  # (the first counts)
+        *(t == pl.col(c) for c in deciders),
+        t == pl.col("_soft"),
+        t == pl.col("_soft_after"),
+        strong & (before.is_null() | (before != hyp)),
+        nova & pl.struct("_g", "project", "cloud", nova).is_first_distinct(),
+    ]
+    frame = frame.with_columns(pl.any_horizontal([k.fill_null(False) for k in keep]).alias("_keep"))
+    # claims: each address an applicable event lists, held by the VM (of that kind) from before it to after it
+    claims = (
+        frame.filter(~pl.col("_keep") & applicable)
+        .select(
+            "_r",
+            "vm_id",
+            "_t",
+            pl.col("addr_kind").fill_null("fixed").alias("_kind"),
+            pl.col("addrs").alias("addr"),
+        )
+        .explode("addr")
+        .filter(pl.col("addr").is_not_null())
+    )
+    held = leases.select(
+        "addr",
+        "vm_id",
+        pl.col("addr_kind").fill_null("fixed").alias("_lease_kind"),
+        pl.col("valid_from").cast(pl.Datetime("us", "UTC")).alias("_t"),
+        pl.col("valid_to").cast(pl.Datetime("us", "UTC")).alias("_to"),
+    ).sort("_t")
+    found = claims.sort("_t").join_asof(
+        held,
+        on="_t",
+        by=["vm_id", "addr"],
+        strategy="backward",
+        allow_exact_matches=False,
+        check_sortedness=False,
+    )
+    repeat = (
+        (pl.col("_lease_kind") == pl.col("_kind"))
+        & (pl.col("_to").is_null() | (pl.col("_to") > pl.col("_t")))
+        & ~pl.col("addr").is_in(floating.implode())
+    )
+    if starts is not None:
+        found = found.join(starts.select("addr", "free_from"), on="addr", how="left")
+        repeat = repeat & (pl.col("_t") >= pl.col("free_from"))
+    changed = found.filter(~repeat.fill_null(False)).get_column("_r").unique()
+    frame = frame.with_columns((pl.col("_keep") | pl.col("_r").is_in(changed.implode())).alias("_keep"))
+    dropped = frame.filter(~pl.col("_keep"))
+    keys = sorted_unique(np.concatenate([_event_keys(dropped), _instant_keys(dropped)]))
+    kept = frame.filter("_keep").sort("_r")
+    rows = kept.get_column("_r").cast(pl.Int64).to_numpy()
+    mask = np.zeros(everything.height, bool)
+    mask[rows] = True
+    kept = everything.filter(pl.Series(mask)).with_columns(kept.get_column("_pinned"))
+    return kept.select([*live.columns, *(c for c in _LIVE_EXTRA if c not in live.columns)]), keys
+
+
+def _dropped_instant(
+    events: pl.DataFrame, index: pl.DataFrame, addrs: pl.Series, state: _State, t0: dt.datetime
+) -> bool:
+    """Whether an event of the replay names a touched address at an instant the address's holder then (in
+    `index`, the lease rows) had an event _compacted dropped: that event may have been the holder's claim after
+    this one (the address taken for no time, _rejoined), which the update then lacks. Only the events before
+    the update's first (`t0`) can: the holders' stored events are older (_update_under_locks)."""
+    events = events.filter(pl.col("ts") < pl.lit(t0).cast(pl.Datetime("us", "UTC")))
+    named = pl.concat(
+        [
+            events.select("vm_id", "ts", pl.col("addrs").alias("addr")).explode("addr"),
+            events.select("vm_id", "ts", "addr"),
+        ]
+    ).filter(pl.col("addr").is_in(addrs.implode()))
+    named = named.select(pl.col("vm_id").alias("_by"), pl.col("ts").cast(pl.Datetime("us", "UTC")), "addr")
+    holders = index.select("addr", "vm_id", "valid_from", "valid_to")
+    crossed = named.join(holders, on="addr").filter(
+        (pl.col("_by").is_null() | (pl.col("_by") != pl.col("vm_id")))
+        & (pl.col("valid_from") <= pl.col("ts"))
+        & (pl.col("valid_to").is_null() | (pl.col("valid_to") >= pl.col("ts")))
+    )
+    if not crossed.height:
+        return False
+    keys = _instant_keys(crossed.select("vm_id", "ts").unique())
+    return bool((_member(state.dropped, keys) | _member(state.dropped_recent, keys)).any())
 
 
 def _id_hashes(ids: pl.Series) -> np.ndarray:
@@ -3205,6 +3478,15 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
     hot = frame.filter(~_settled("vms")).get_column("vm_id")
     live = pl.from_arrow(conform(events.filter(pc.is_in(events.column("vm_id"), hot.to_arrow())), VM_EVENTS))
     assert isinstance(live, pl.DataFrame)
+    # (what _compacted judges the live VMs' events by: their leases, and the events of their instants)
+    held = pl.from_arrow(leases.select(["addr", "vm_id", "addr_kind", "valid_from", "valid_to"]))
+    assert isinstance(held, pl.DataFrame)
+    instants = live.get_column("ts").unique().to_arrow()
+    same_time = events.filter(pc.is_in(events.column("ts"), instants.cast(events.schema.field("ts").type)))
+    same_time = pl.from_arrow(
+        conform(same_time.select(_ADDRESSED), pa.schema([VM_EVENTS.field(c) for c in _ADDRESSED]))
+    )
+    assert isinstance(same_time, pl.DataFrame)
     # (the few events naming a port, and the floating-IP events: a year of events is ~12 M rows)
     port_columns = ["action", "vm_id", "addr", "addrs", "port_id", "ts"]
     ported = pl.from_arrow(
@@ -3232,6 +3514,13 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
     assert isinstance(ported, pl.DataFrame) and isinstance(floating, pl.DataFrame)
     fips = _fip_facts(floating)
     bindings = _bindings(ported)
+    compact, dropped = _compacted(
+        live,
+        held.filter(pl.col("vm_id").is_in(hot.implode())),
+        _addressed(same_time),
+        floating.get_column("addr").drop_nulls().unique(),
+        _shared_ports(bindings),
+    )
     assert isinstance(vmless_detaches, pl.DataFrame)
     # (the leases a detach ended, read only when a detach named no VM)
     closed = (
@@ -3254,7 +3543,7 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
     lost = _lost_unbound_reads(vmless_floating, kept, bindings.get_column("port_id"))
     ports = pl.concat([ported.filter(_vmless_port_event()).get_column("port_id"), lost])
     return _State(
-        live=live,
+        live=compact,
         known=np.sort(_id_hashes(frame.get_column("vm_id"))),
         runs=last,
         ports=sorted_unique(_id_hashes(ports)),
@@ -3271,6 +3560,7 @@ def _full_state(events: pa.Table, leases: pa.Table, vms: pa.Table) -> _State:
         ),
         fips_gone=sorted_unique(_id_hashes(gone.get_column("key"))),
         refused=_binding_hashes(refused),
+        dropped=dropped,
     )
 
 
@@ -3289,11 +3579,23 @@ def _next_state(
     floating-IP events), `vms` the involved VMs' new rows, `leases` the touched addresses' leases from b(A) on
     (starts: addr, free_from)."""
     hot = vms.filter(~_settled("vms")).get_column("vm_id")
-    live = pl.concat(
-        [
-            state.live.filter(~pl.col("vm_id").is_in(involved.implode())),
-            events.filter(pl.col("vm_id").is_in(hot.implode())).select(state.live.columns),
-        ]
+    others = state.live.filter(~pl.col("vm_id").is_in(involved.implode()))
+    mine = _with_extra(events).filter(pl.col("vm_id").is_in(hot.implode())).select(state.live.columns)
+    floating_addrs = events.filter(pl.col("action").is_in(list(_FLOATING_ACTIONS))).get_column("addr")
+    # (a port a VM no longer live was bound to is shared: its bindings left the state)
+    ports = mine.get_column("port_id").drop_nulls().unique()
+    gone_bound = ports.filter(pl.Series(_gone_since(state, _id_hashes(ports)) > np.iinfo(np.int64).min))
+    compact, dropped_keys = _compacted(
+        mine,
+        leases,
+        _addressed(pl.concat([events.select(_ADDRESSED), others.select(_ADDRESSED)])),
+        floating_addrs.drop_nulls().unique(),
+        pl.concat([_shared_ports(pl.concat([_bindings(events), _bindings(others)])), gone_bound]),
+        starts,
+    )
+    live = pl.concat([others, compact])
+    dropped, dropped_recent, dropped_file = _grown(
+        state.dropped, state.dropped_recent, state.dropped_file, dropped_keys
     )
     hashes = sorted_unique(_id_hashes(vms.get_column("vm_id")))
     known, recent, known_file = _grown(state.known, state.recent, state.known_file, hashes)
@@ -3370,6 +3672,9 @@ def _next_state(
         fips_gone_file=fips_gone_file,
         fips_gone_recent=fips_gone_recent,
         refused=state.refused,
+        dropped=dropped,
+        dropped_file=dropped_file,
+        dropped_recent=dropped_recent,
     )
 
 
@@ -3418,6 +3723,8 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
         _save_hashes(work / "fips_gone.npy", state.fips_gone, state.fips_gone_file, paged=True)
         np.save(work / "fips_gone_recent.npy", state.fips_gone_recent.astype(np.uint64), allow_pickle=False)
         np.save(work / "refused.npy", state.refused.astype(np.uint64), allow_pickle=False)
+        _save_hashes(work / "dropped.npy", state.dropped, state.dropped_file, paged=True)
+        np.save(work / "dropped_recent.npy", state.dropped_recent.astype(np.uint64), allow_pickle=False)
         state.runs.write_parquet(work / "runs.parquet", compression="zstd")
         state.fips.write_parquet(work / "fips.parquet", compression="zstd")
         state.floating.write_parquet(work / "floating.parquet", compression="zstd")
@@ -3473,9 +3780,9 @@ def _save_hashes(
     np.save(index, np.ascontiguousarray(hashes[::_PAGE]).astype(np.uint64), allow_pickle=False)
 
 
-_BIG_HASHES = ("known.npy", "ports.npy", "unbound.npy", "fips_gone.npy", "ports_gone.npy")
+_BIG_HASHES = ("known.npy", "ports.npy", "unbound.npy", "fips_gone.npy", "ports_gone.npy", "dropped.npy")
 # the big sets an update only looks up (and grows): read by page (_HashFile), each with an index beside it
-_PAGED = ("known.npy", "ports.npy", "unbound.npy", "fips_gone.npy", "ports_gone.npy")
+_PAGED = ("known.npy", "ports.npy", "unbound.npy", "fips_gone.npy", "ports_gone.npy", "dropped.npy")
 _GONE_TIMES = "ports_gone_ts.npy"  # (beside ports_gone.npy, its times: read by the same pages, no index)
 _PAGE = 512  # hashes a page (4 KiB): what a lookup of one hash reads
 
@@ -3661,6 +3968,9 @@ def _load_state(lake: Any, version: int) -> _State | None:
         fips_gone_recent = np.load(directory / "fips_gone_recent.npy", allow_pickle=False)
         # (a state saved before refused bindings were kept: a full rebuild once)
         refused = np.load(directory / "refused.npy", allow_pickle=False)
+        # (a state saved before live VMs' events were compacted: a full rebuild once)
+        dropped = _open_big(directory, "dropped.npy", stamps)
+        dropped_recent = np.load(directory / "dropped_recent.npy", allow_pickle=False)
         runs = pl.from_arrow(pq.read_table(directory / "runs.parquet"))
         fips = pl.from_arrow(pq.read_table(directory / "fips.parquet"))
         # (a state saved before the vm-less floating-IP events and port reads were kept: a full rebuild once)
@@ -3685,7 +3995,7 @@ def _load_state(lake: Any, version: int) -> _State | None:
     assert isinstance(fips, pl.DataFrame) and isinstance(floating, pl.DataFrame)
     assert isinstance(port_reads, pl.DataFrame) and isinstance(detaches, pl.DataFrame)
     schemas = (
-        events_schema,
+        pl.Schema({**events_schema, **_LIVE_EXTRA}),
         runs_schema,
         pl.Schema(_FIPS_SCHEMA),
         events_schema,
@@ -3697,8 +4007,16 @@ def _load_state(lake: Any, version: int) -> _State | None:
     # every array of hashes: uint64, one dimension, in order. The order of a big one (every VM id ever seen) is
     # checked only when it is not the file the state's save wrote (_stamp), which the save checked (_grown
     # keeps it sorted); a copy of the lake, or a file written over it, is checked
-    big_sets = dict(zip(_BIG_HASHES, (known, ports, unbound, fips_gone, ports_gone), strict=True))
-    small_sets = (recent, ports_recent, unbound_recent, fips_gone_recent, ports_gone_recent, refused)
+    big_sets = dict(zip(_BIG_HASHES, (known, ports, unbound, fips_gone, ports_gone, dropped), strict=True))
+    small_sets = (
+        recent,
+        ports_recent,
+        unbound_recent,
+        fips_gone_recent,
+        ports_gone_recent,
+        refused,
+        dropped_recent,
+    )
     for name, hashes in (*big_sets.items(), *(("", h) for h in small_sets)):
         if isinstance(hashes, _HashFile):  # (checked by _HashFile.open; its order is its own save's)
             continue
@@ -3742,4 +4060,7 @@ def _load_state(lake: Any, version: int) -> _State | None:
         fips_gone_recent=fips_gone_recent,
         reads_gone_until=reads_gone_until,
         refused=refused,
+        dropped=dropped,
+        dropped_file=directory / "dropped.npy",
+        dropped_recent=dropped_recent,
     )
