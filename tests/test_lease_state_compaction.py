@@ -55,7 +55,8 @@ def _row(minute: float, **fields) -> dict:
 def _history(seed: int, loops: int, others: int, calm: bool = False) -> list[dict]:
     """Two VMs created at minute 0 and kept alive by a reboot loop of `loops` events each (start and end
     phases; now and then a move to another hypervisor, a rename, a soft delete and restore, a state of its
-    own, an event id sent again), among `others` events of six other VMs on the same five addresses (every
+    own, an address listed as floating, a detach releasing what Nova's list no longer has, an event id sent
+    again), among `others` events of six other VMs on the same five addresses (every
     Nova action, deletes and purges among them), Neutron's ports (bound by their VM, by a port of another
     project naming VM a, which is refused, and deleted by id), floating IPs associated with ports and fixed
     addresses, moved back to back, disassociated and deleted, and events of other VMs at the very instant of
@@ -110,6 +111,10 @@ def _history(seed: int, loops: int, others: int, calm: bool = False) -> list[dic
                 row.update(state="error")
             elif chance < 0.06:
                 row.update(addr_kind="floating")
+            elif chance < 0.07:  # Nova's full list after a detach: the fixed addresses not in it are released
+                row.update(
+                    action="detach", event_type="instance.interface_detach.end", addrs=[], port_id=None
+                )
             rows.append(row)
             if not calm and rng.random() < 0.003:  # the same event id again, later (a replayed notification)
                 again = dict(row, ts=row["ts"] + dt.timedelta(minutes=int(rng.integers(1, 600))))
@@ -278,3 +283,33 @@ def test_a_reboot_loop_leaves_the_state_small_and_the_leases_exact(tmp_path, see
     # the repair gives the same tables, and its state is as small
     assert refresh_leases(lake, full=True).mode == "full"
     assert _lake_tables(lake) == _full_tables(events)
+
+
+def test_a_claim_of_another_kind_keeps_the_claims_after_it(tmp_path):
+    """Regression (found writing this): a VM listing its address once as floating, then as fixed in events
+    that set no status (instance.exists), its last event a .start: the fixed claims after the floating one were
+    left out as repeats, so the kind of the VM's hold stayed floating in the next update's replay, and Nova's
+    list after a detach (it releases fixed addresses) released nothing. A VM whose events list two kinds keeps
+    all its claims."""
+
+    def reboot(minute: int, **more) -> dict:
+        fields = {"action": "reboot", "event_type": "instance.reboot.end", "addrs": ["10.0.0.1"], **more}
+        return _row(minute, vm_id="a", vm_name="a", event_id=f"e{minute}", **fields)
+
+    rows = [reboot(0, action="create", event_type="instance.create.end")]
+    rows += [reboot(m) for m in range(1, 6)] + [reboot(6, addr_kind="floating")]
+    rows += [reboot(m, action="exists", event_type="instance.exists") for m in range(7, 12)]
+    rows += [reboot(12, event_type="instance.reboot.start")]
+    later = [reboot(13, action="detach", event_type="instance.interface_detach.end", addrs=[])]
+    later += [reboot(14), reboot(15)]
+    lake = Lake(tmp_path / "lake")
+    ingest_table(lake, "vm_events", "first", hash_bytes(b"first"), [_table(rows)])
+    assert refresh_leases(lake, SEVEN_DAYS).mode == "full"
+    ingest_table(lake, "vm_events", "later", hash_bytes(b"later"), [_table(later)])
+    assert refresh_leases(lake).mode == "incremental"
+    leases, vms = _lake_tables(lake)
+    assert (leases, vms) == _full_tables(_table(rows + later))
+    assert [(r["valid_to"], r["end_reason"]) for r in leases] == [
+        (T0 + dt.timedelta(minutes=13), "detach"),
+        (None, None),
+    ]

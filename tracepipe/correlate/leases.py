@@ -3271,8 +3271,14 @@ def _compacted(
         "_restore": t.filter(applicable & (act == "restore")).max(),
         "_weak": t.filter(weak).min(),
     }
-    per_vm = frame.group_by("_g").agg(**deciders).sort("_g")
-    frame = frame.with_columns(per_vm.get_column(c).gather(frame.get_column("_g")) for c in deciders)
+    # (a VM whose events list addresses of two kinds: a claim of one sets the kind the next release must name,
+    # so none of its claims is left out)
+    listing = applicable & (pl.col("addrs").list.len() > 0).fill_null(False)
+    kinds = pl.col("addr_kind").fill_null("fixed").filter(listing).n_unique().alias("_kinds")
+    per_vm = frame.group_by("_g").agg(kinds, **deciders).sort("_g")
+    frame = frame.with_columns(
+        per_vm.get_column(c).gather(frame.get_column("_g")) for c in ("_kinds", *deciders)
+    )
     after_restore = pl.col("_restore").is_null() | (t >= pl.col("_restore"))
     strictly_after = pl.col("_restore").is_null() | (t > pl.col("_restore"))
     firsts = (
@@ -3298,6 +3304,7 @@ def _compacted(
         ported & pl.struct("_g", "port_id").is_last_distinct(),
         act.is_in(_KEPT_ACTIONS) | pl.col("action").is_null(),
         pl.col("_tie"),  # (events of one instant: their order is the replay's, not ours)
+        listing & (pl.col("_kinds") > 1),
         pl.col("event_id").is_not_null() & pl.struct("_g", "event_id").is_duplicated(),  # (the first counts)
         *(t == pl.col(c) for c in deciders),
         t == pl.col("_soft"),
