@@ -398,3 +398,56 @@ def test_vms_of_since_reads_the_vms_alive_since_and_the_rows_of_one_missing(tmp_
     read.clear()
     got = vm_keys.vms_of(lake, pa.array(ids, pa.string()), columns, since)
     assert read == [3, 3] and got.column("vm_name").to_pylist() == names
+
+
+def _random_vms(rng, n: int, ids: list[str], keys: bool) -> pa.Table:
+    names = rng.choice(["a", "b", None], n).tolist()
+    created = [None if rng.random() < 0.1 else utc(1, int(m)) for m in rng.integers(0, 5, n)]
+    key = [int(k) if keys and rng.random() < 0.9 else None for k in rng.choice([0, 1, 2, 3, 5, 9, 2**41], n)]
+    changed = [utc(2) if rng.random() < 0.2 else None for _ in range(n)]
+    columns = {
+        "vm_id": ids,
+        "vm_name": names,
+        "created_at": created,
+        "vm_key": key,
+        "identity_changed_at": changed,
+    }
+    columns |= {
+        "project": rng.choice(["p", "q"], n).tolist(),
+        "hypervisor": rng.choice(["h", None], n).tolist(),
+    }
+    return pa.table({f.name: pa.array(columns.get(f.name, [None] * n), f.type) for f in VMS}, schema=VMS)
+
+
+def test_keys_by_position_are_the_general_paths():
+    """keyed_by_position (one join, the rest positional: a full rebuild's 3 M VMs) gives exactly what
+    assign_vm_keys + with_identity_changes give, or declines (None) and leaves it to them: random VMs against
+    random previous rows, with keys out of range, shared, VMs listed twice, new VMs, unordered ids."""
+    import numpy as np
+
+    from tracepipe.correlate.vm_keys import keyed_by_position, with_identity_changes
+
+    rng = np.random.default_rng(11)
+    now = utc(5)
+    taken = declined = 0
+    for _ in range(400):
+        pool = [f"vm-{i:02d}" for i in range(int(rng.integers(1, 30)))]
+        ids = sorted(rng.choice(pool, int(rng.integers(1, len(pool) + 1)), replace=False).tolist())
+        if rng.random() < 0.1:
+            ids = ids[::-1]
+        vms = _random_vms(rng, len(ids), ids, keys=rng.random() < 0.3)
+        old_ids = rng.choice(pool, int(rng.integers(0, len(pool) + 3))).tolist()
+        if rng.random() < 0.7:  # (mostly distinct, as a lake gives them)
+            old_ids = list(dict.fromkeys(old_ids))
+        previous = _random_vms(rng, len(old_ids), old_ids, keys=True)
+        next_key = int(rng.integers(1, 12))
+        fast = keyed_by_position(vms, previous, next_key, now=now)
+        general = with_identity_changes(
+            assign_vm_keys(vms, previous.select(["vm_id", "vm_key"]), next_key), previous, now=now
+        )
+        if fast is None:
+            declined += 1
+            continue
+        taken += 1
+        assert fast.equals(general), (fast.to_pylist(), general.to_pylist())
+    assert taken > 100 and declined > 20, (taken, declined)

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from tracepipe.correlate import VMS_COMPLETE
 from tracepipe.correlate.vm_keys import keyed_vms, lost_keys_info, sorted_unique
 from tracepipe.fsutil import write_atomic
-from tracepipe.lake import conform, read_parquet_files
+from tracepipe.lake import conform, read_parquet_files, sort_indices
 from tracepipe.schema import VM_EVENTS, VM_LEASES, VMS
 
 SETTINGS_FILE = "_settings/leases.json"
@@ -1743,30 +1743,67 @@ class LeaseUpdate:
 
 def _chunks(table: pa.Table, name: str) -> list[pa.Table]:
     """A derived table as files: settled rows apart from those that can change, cut by time in FILE_ROWS,
-    each file sorted by its key (see FILE_ROWS)."""
+    each file sorted by its key (see FILE_ROWS).
+
+    One stable sort on integers, not one text sort per file: the rows in key order first (a full build's
+    tables come so: checked, not sorted again), then stably by (part, the file of the part's time order): each
+    file's rows come out in key order. 95 sorts of 32 k rows on (addr, valid_from) cost 1.8 s of a year's
+    rebuild, this ~0.3 s."""
     if table.num_rows == 0:
         return []
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
-    settled = _settled(name)
-    status = _STATUS[name]
-    # settled rows of one status per file (deleted, purged): _is_settled_file knows them from the statistics
-    done = frame.filter(settled)
-    one = done.get_column(status).n_unique() <= 1  # (partition_by copies every column: not for one part)
-    parts = [
-        (p, _SETTLED_TIME[name]) for p in ([done] if one else done.partition_by(status, maintain_order=True))
-    ]
-    parts.append((frame.filter(~settled), _TIME_OF[name]))
+    key = _KEY_OF[name]
+    rows = np.arange(frame.height)
+    if not _in_key_order(frame, key):  # (ranks of the text, one integer sort: lake.sort_indices)
+        rows = sort_indices(table, tuple(key)).to_numpy()
+        frame = frame[rows]
+    # the part of each row: settled rows of one status per file (deleted, purged: _is_settled_file knows them
+    # from the statistics), then the rows that can change; vms: VMs whose identity changed apart too
+    # (flows_attributed reads only their files, query.connect)
+    settled = frame.select(_settled(name).fill_null(False)).to_series()
+    status = frame.get_column(_STATUS[name]).cast(pl.String)
+    codes = status.rank("dense").fill_null(0).cast(pl.Int64).to_numpy()  # (a settled row has a status)
+    part = np.where(settled.to_numpy(), codes, 0)
     if name == "vms":
-        # VMs whose identity changed apart too: flows_attributed reads only their files (query.connect)
-        changed = pl.col("identity_changed_at").is_not_null()
-        parts = [(p.filter(c), by) for p, by in parts for c in (~changed, changed)]
-    out = []
-    for part, by in parts:
-        part = part.sort(by, nulls_last=True)
-        for i in range(0, part.height, FILE_ROWS):
-            out.append(part.slice(i, FILE_ROWS).sort(_KEY_OF[name]).to_arrow().cast(table.schema))
-    return out
+        part = part * 2 + frame.get_column("identity_changed_at").is_not_null().to_numpy()
+    # the time each part is cut by (nulls last), its rank within the part, the file it gives
+    by = np.where(settled.to_numpy(), 0, 1)
+    when = [
+        frame.get_column(_SETTLED_TIME[name]).dt.epoch("us"),
+        frame.get_column(_TIME_OF[name]).dt.epoch("us"),
+    ]
+    times = np.where(
+        by == 0,
+        when[0].fill_null(np.iinfo(np.int64).max).to_numpy(),
+        when[1].fill_null(np.iinfo(np.int64).max).to_numpy(),
+    )
+    in_time = np.lexsort((times, part))  # (stable: by part, then time)
+    sorted_part = part[in_time]
+    starts = np.flatnonzero(np.r_[True, sorted_part[1:] != sorted_part[:-1]])
+    rank = np.arange(len(in_time)) - np.repeat(starts, np.diff(np.r_[starts, len(in_time)]))
+    file_of = np.empty(len(in_time), np.int64)
+    file_of[in_time] = (sorted_part << 32) | (rank // FILE_ROWS)
+    order = np.argsort(file_of, kind="stable")  # (key order kept within each file)
+    files = file_of[order]
+    bounds = [*np.flatnonzero(files[1:] != files[:-1]) + 1, len(files)]
+    # (polars' gather, then Arrow per file: Arrow's take of a 3 M-row table at scattered rows cost 3.2 s)
+    ordered = frame.drop("_row", strict=False)[order]
+    return [
+        ordered.slice(a, b - a).to_arrow().cast(table.schema)
+        for a, b in zip([0, *bounds[:-1]], bounds, strict=True)
+    ]
+
+
+def _in_key_order(frame: pl.DataFrame, key: list[str]) -> bool:
+    """Whether frame's rows are in ascending order of `key` (no null in it): one pass of comparisons."""
+    if frame.height < 2 or frame.select(pl.any_horizontal(pl.col(key).is_null().any())).item():
+        return frame.height < 2
+    later = pl.lit(False)
+    for column in reversed(key):
+        here, before = pl.col(column), pl.col(column).shift(1)
+        later = (here > before) | ((here == before) & (later | pl.lit(column == key[-1])))
+    return bool(frame.select(later.slice(1).all()).item())
 
 
 def write_derived(lake: Any, name: str, table: pa.Table, info: dict[str, Any]) -> int:

@@ -122,8 +122,71 @@ def keyed_vms(lake: Any, vms: pa.Table, replaced: list[Any]) -> pa.Table:
     writer calls it under the vms lock): each VM keeps the key those files gave it, new VMs get new ones."""
     known = read_parquet_files([e.path for e in replaced], _PREVIOUS)
     previous = pa.concat_tables(known) if known else _PREVIOUS.empty_table()
+    keyed = keyed_by_position(vms, previous, next_vm_key(lake))
+    if keyed is not None:
+        return keyed
     keyed = assign_vm_keys(vms, previous.select(_KEYS.names), next_vm_key(lake))
     return with_identity_changes(keyed, previous)
+
+
+def keyed_by_position(
+    vms: pa.Table, previous: pa.Table, next_key: int, now: dt.datetime | None = None
+) -> pa.Table | None:
+    """assign_vm_keys and with_identity_changes in one join, for the usual case: `vms` one row per VM in vm_id
+    order (as the lease writer gives them), no VM of them listed twice in `previous`, no key two of them would
+    share. Then each VM's previous row is found once (one join on the ids) and the rest is positional; else
+    None (the general path decides, as before). A full rebuild of a year (3.07 M VMs) spent 4.7 s in the three
+    joins and two group-bys on the ids of the general path."""
+    new = pl.from_arrow(conform(vms, VMS).select(["vm_id", "created_at", "vm_key", *VM_FACTS]))
+    old = pl.from_arrow(conform(previous, _PREVIOUS))
+    assert isinstance(new, pl.DataFrame) and isinstance(old, pl.DataFrame)
+    ids = new.get_column("vm_id")
+    if ids.null_count() or not bool((ids.slice(1) > ids.slice(0, len(ids) - 1)).all()):
+        return None  # (not one row per VM in id order)
+    found = (
+        new.select("vm_id")
+        .join(old.select("vm_id").with_row_index("_old"), on="vm_id", how="left", maintain_order="left")
+        .get_column("_old")
+    )
+    if len(found) != len(ids):
+        return None  # (a VM listed twice in `previous`: its smallest key, the general path)
+    plausible = pl.when(pl.col("vm_key").is_between(FIRST_KEY, MAX_KEY)).then(pl.col("vm_key"))
+    old_keys = old.select(plausible).to_series()
+    own = new.select(plausible).to_series()
+    keys = old_keys.gather(found).fill_null(own)  # (a null position gathers null)
+    held = np.sort(keys.drop_nulls().to_numpy())
+    if len(held) > 1 and bool((held[1:] == held[:-1]).any()):
+        return None  # (a key two VMs would share: the general path gives it to the first)
+    seen = [own.max(), old_keys.max()]
+    next_key = max([next_key, *(int(k) + 1 for k in seen if k is not None)])  # type: ignore[call-overload]
+    missing = keys.is_null()
+    if missing.any():
+        fresh = _by_creation(new.with_row_index("_row").filter(missing).select("_row", "vm_id", "created_at"))
+        numbers = pl.Series(range(next_key, next_key + fresh.height), dtype=pl.Int64)
+        keys = keys.cast(pl.Int64).scatter(fresh.get_column("_row"), numbers)
+    # identity_changed_at: the previous row's, else now where a fact differs from it (with_identity_changes)
+    stamp = now or dt.datetime.now(dt.UTC)
+    before = old.select("identity_changed_at", *VM_FACTS)[found]
+    differs = (
+        pl.any_horizontal([new.get_column(f).ne_missing(before.get_column(f)) for f in VM_FACTS])
+        & found.is_not_null()
+    )
+    changed = (
+        pl.select(
+            pl.when(before.get_column("identity_changed_at").is_not_null())
+            .then(before.get_column("identity_changed_at"))
+            .when(differs)
+            .then(pl.lit(stamp, pl.Datetime("us", "UTC")))
+            .otherwise(None)
+        )
+        .to_series()
+        .to_arrow()
+    )
+    table = conform(vms, VMS)
+    for name, values in (("vm_key", keys.to_arrow()), ("identity_changed_at", changed)):
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, VMS.field(name), values.cast(VMS.field(name).type))
+    return table
 
 
 def with_identity_changes(vms: pa.Table, previous: pa.Table, now: dt.datetime | None = None) -> pa.Table:
