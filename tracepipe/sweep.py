@@ -325,7 +325,7 @@ def spill_local(
 
     def spill() -> bucketed.Spill:
         networks = ctx.config.pipeline.local_networks
-        leased = det.leased_addresses(ctx.lake)
+        leased = det.leased_addresses(ctx.lake, det.lease_range(ctx))
         find = bucketed.FindHosts(networks, frozenset(leased), wanted)
         made = stack.enter_context(bucketed.spill_flows(ctx.lake, start, end, [], buckets, find))
         det.with_local(ctx, made.found, feature_range, leased)
