@@ -183,7 +183,8 @@ def lease_files(lake: Any, during: tuple[dt.datetime, dt.datetime] | None = None
         return lake.files("vm_leases")
     from tracepipe.lake import regular_files  # (lease_at alone, on tables, never needs the lake's imports)
 
-    lo, hi = (t.astimezone(dt.UTC) for t in during)
+    # a naive time is UTC, as pyarrow takes it in read_leases' filter
+    lo, hi = (t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t for t in during)
     kept = []
     for entry in lake.entries("vm_leases"):
         first, last = entry.mins.get("valid_from"), entry.maxs.get("valid_to")
