@@ -319,7 +319,8 @@ def test_a_spill_that_finds_its_hosts_equals_a_scan_then_a_listed_spill(day):
     # the leases, and an outside address as a floating IP outside local_networks would be
     outside = scan_flows(lake, since, until).select("dst_addr").unique().collect().get_column("dst_addr")
     floating = next(a for a in sorted(outside.to_list()) if not in_networks([a], networks)[0])
-    leased = det.leased_addresses(lake) | {floating}
+    during = det.lease_range(det.DetectContext(lake, config, since, until))
+    leased = det.leased_addresses(lake, during) | {floating}
     find = buckets.FindHosts(networks, frozenset(leased), ranges)
     expected = local_addresses_in(lake, ranges, networks)
     hosts = sorted(leased.union(*expected))

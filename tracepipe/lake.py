@@ -320,6 +320,12 @@ def _day_name(day_number: int) -> str:
     return (dt.date(1970, 1, 1) + dt.timedelta(days=int(day_number))).isoformat()
 
 
+def partition_days(column: pa.Array | pa.ChunkedArray) -> list[str]:
+    """The day partitions that rows with these values of their table's partition column are written to (the
+    routing of a day-partitioned write): where a reader looks for those rows, and nowhere else."""
+    return [_day_name(day) for day in np.unique(_day_numbers(column))]
+
+
 def sort_indices(table: pa.Table, keys: tuple[str, ...], ranked: frozenset[str] = frozenset()) -> pa.Array:
     """Row order by `keys` ascending, nulls last (as Table.sort_by). Text keys are ranked through their
     distinct values and the ranks of all keys packed into one int64 when they fit (else numpy lexsort):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -146,14 +147,15 @@ def read_leases(
 ) -> pa.Table:
     """vm_leases of the lake: only the rows of `addresses`, and only the leases that overlap `during` = [lo, hi)
     (valid_from < hi, still held or valid_to > lo), skipping files and row groups by their statistics (files
-    are cut by valid_from; settled ones hold closed leases).
+    are cut by valid_from; settled ones hold closed leases). A file whose statistics in the log rule out such
+    a lease is not even opened (lease_files): what `during` costs follows the leases held then, not the history.
 
     Within `during`, the leases that overlap it give every answer the whole table gives: leases never
     overlap (build_leases), so one that ended by lo is never the last lease of its address started at or
     before a time in [lo, hi) while holding it. (Rows planted to overlap: the module docstring's rule among
     the leases that overlap `during`.)"""
     wanted = list(columns) if columns is not None else VM_LEASES.names
-    paths = [str(p) for p in lake.files("vm_leases")]
+    paths = [str(p) for p in lease_files(lake, during)]
     schema = pa.schema([VM_LEASES.field(c) for c in wanted])
     if not paths:
         return schema.empty_table()
@@ -170,6 +172,29 @@ def read_leases(
         )
         where = overlap if where is None else where & overlap
     return dataset.to_table(columns=wanted, filter=where).cast(schema)
+
+
+def lease_files(lake: Any, during: tuple[dt.datetime, dt.datetime] | None = None) -> list[Path]:
+    """The vm_leases files that may hold a lease overlapping `during` = [lo, hi), by the log's statistics (no
+    file opened): not those whose leases all start at or after hi, nor those whose leases all ended by lo.
+    A file without such statistics (or with statistics of another type, as a planted log entry could give)
+    is kept."""
+    if during is None:
+        return lake.files("vm_leases")
+    from tracepipe.lake import regular_files  # (lease_at alone, on tables, never needs the lake's imports)
+
+    # a naive time is UTC, as pyarrow takes it in read_leases' filter
+    lo, hi = (t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t for t in during)
+    kept = []
+    for entry in lake.entries("vm_leases"):
+        first, last = entry.mins.get("valid_from"), entry.maxs.get("valid_to")
+        if isinstance(first, dt.datetime) and first.tzinfo is not None and first >= hi:
+            continue
+        closed = entry.null_counts.get("valid_to") == 0 and entry.rows > 0
+        if closed and isinstance(last, dt.datetime) and last.tzinfo is not None and last <= lo:
+            continue
+        kept.append(entry.path)
+    return regular_files(kept)
 
 
 def lease_index(

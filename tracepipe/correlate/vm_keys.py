@@ -20,7 +20,9 @@ commit of vms rows keeps what flows_attributed needs to say what a VM is NOW:
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -28,7 +30,7 @@ import polars as pl
 import pyarrow as pa
 
 from tracepipe.correlate import LOST_KEYS, MAX_LOST_KEYS
-from tracepipe.lake import conform, read_parquet_files
+from tracepipe.lake import conform, read_parquet_files, regular_files
 from tracepipe.schema import VM_FACTS, VMS
 
 FIRST_KEY = 1
@@ -341,18 +343,11 @@ def vms_of(
     rows = _rows_in(vm_ids, known.column("vm_id"))
     if len(first) < len(entries) and rows.null_count > vm_ids.null_count:
         import pyarrow.compute as pc
-        import pyarrow.dataset as ds  # (imports pandas: only here)
 
         ids = vm_ids.combine_chunks() if isinstance(vm_ids, pa.ChunkedArray) else vm_ids
         missing = pc.unique(pc.filter(ids, pc.and_(rows.is_null(), pc.is_valid(ids))))
         chosen = {id(e) for e in first}
-        rest = [str(e.path) for e in entries if id(e) not in chosen]
-        try:
-            found = ds.dataset(rest, format="parquet", schema=VMS).to_table(
-                columns=schema.names, filter=pc.field("vm_id").isin(missing)
-            )
-        except (pa.ArrowException, ValueError):  # (a planted file of other types: read whole, conformed)
-            found = _read_vms([e for e in entries if id(e) not in chosen], schema)
+        found = _vms_by_id([e for e in entries if id(e) not in chosen], missing, schema)
         if found.num_rows:
             known = pa.concat_tables([known, found.cast(schema)])
             rows = _rows_in(vm_ids, known.column("vm_id"))
@@ -361,6 +356,47 @@ def vms_of(
         column = known.column(name).combine_chunks()
         out[name] = _coded(column, rows) if pa.types.is_string(column.type) else column.take(rows)
     return pa.table(out)
+
+
+def vms_rows(lake: Any, vm_ids: Iterable[str], columns: list[str] | None = None) -> pa.Table:
+    """The vms rows (`columns` of schema.VMS, all by default) of `vm_ids` only, in file order: the files
+    whose vm_id statistics in the log allow one of them, then the row groups whose statistics do (each file
+    is sorted by vm_id in row groups of ROW_GROUP_ROWS). What a report naming a few VMs costs follows those
+    VMs, not the history (reading every VM to look up a few: 3 M VMs, 24 s and 3.2 GiB)."""
+    schema = VMS if columns is None else pa.schema([VMS.field(c) for c in columns])
+    wanted = sorted({i for i in vm_ids if i is not None})
+    if not wanted:
+        return schema.empty_table()
+    entries = [e for e in lake.entries("vms") if _may_hold(e, wanted)]
+    return _vms_by_id(entries, pa.array(wanted, pa.string()), schema)
+
+
+def _may_hold(entry: Any, wanted: list[str]) -> bool:
+    """Whether a vms file may hold one of the sorted ids `wanted`, by its vm_id statistics in the log (without
+    them, or with statistics of another type: yes)."""
+    low, high = entry.mins.get("vm_id"), entry.maxs.get("vm_id")
+    if not isinstance(low, str) or not isinstance(high, str):
+        return True
+    first = bisect.bisect_left(wanted, low)  # the first wanted id from the file's smallest on
+    return first < len(wanted) and wanted[first] <= high
+
+
+def _vms_by_id(entries: list[Any], vm_ids: pa.Array, schema: pa.Schema) -> pa.Table:
+    """The rows of `entries`' files whose vm_id is one of `vm_ids`, skipping row groups by their statistics."""
+    if not entries:
+        return schema.empty_table()
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds  # (imports pandas: only here)
+
+    try:
+        paths = [str(p) for p in regular_files([e.path for e in entries])]
+        found = ds.dataset(paths, format="parquet", schema=VMS).to_table(
+            columns=schema.names, filter=pc.field("vm_id").isin(vm_ids)
+        )
+    except (pa.ArrowException, ValueError):  # (a planted file of other types: read whole, conformed)
+        whole = _read_vms(entries, schema)
+        return whole.filter(pc.is_in(whole.column("vm_id"), value_set=vm_ids))
+    return found.cast(schema)
 
 
 def _read_vms(entries: list[Any], schema: pa.Schema) -> pa.Table:

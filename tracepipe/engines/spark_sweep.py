@@ -322,8 +322,7 @@ def sweep_candidates(
     widest = max(det._window_of(config, name) for name in det.DETECTORS)
     span_start, span_end = ctx.span(widest)
     local = set(local_hosts(window_flows(spark, lake, span_start, span_end), config.pipeline.local_networks))
-    if lake.files("vm_leases"):
-        local |= set(lake.read("vm_leases", columns=["addr"]).column("addr").to_pylist())
+    local |= det.leased_addresses(lake, det.lease_range(ctx))
     ctx.local = sorted(a for a in local if a)
     lap("local")
 

@@ -13,6 +13,7 @@ import datetime as dt
 import functools
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -180,10 +181,13 @@ def _traffic_rows(
     ]
 
 
-def _vm_facts(lake: Lake) -> dict[str, dict[str, Any]]:
+def _vm_facts(lake: Lake, vm_ids: Iterable[str | None]) -> dict[str, dict[str, Any]]:
+    """vms rows of the VMs the alerts name, by vm_id: only theirs are read (correlate.vm_keys.vms_rows)."""
     if not _has(lake, "vms"):
         return {}
-    return {row["vm_id"]: row for row in lake.read("vms").to_pylist()}
+    from tracepipe.correlate.vm_keys import vms_rows
+
+    return {row["vm_id"]: row for row in vms_rows(lake, vm_ids).to_pylist()}
 
 
 def _vm_logs(
@@ -381,7 +385,7 @@ def build_report_data(
     start, end = _utc(window[0]), _utc(window[1])
     span = max((end - start).total_seconds(), 60.0)
     bin_s = max(60, int(span / TIMELINE_BINS) // 60 * 60)
-    vms = _vm_facts(lake)
+    vms = _vm_facts(lake, alerts.column("vm_id").to_pylist() if "vm_id" in alerts.column_names else [])
     has_flows = _has(lake, "flows")
     con = _connect(lake)
     rows = sorted(
