@@ -163,3 +163,26 @@ def test_views_over_stand_ins_bind_as_over_the_files(lake):
     expected = sum(1 for i in range(DAYS * 3) if f"10.0.{i % 200}.{i % 250}" == "10.0.1.1")
     rows = con.execute("SELECT count(*) FROM flows_attributed WHERE src_addr = '10.0.1.1'").fetchone()
     assert rows == (expected,) and expected > 0
+
+
+@pytest.mark.parametrize("hours", [0.5, 23.9, 24 * 5 + 0.2, 24 * (DAYS - 1) + 1])
+def test_who_reads_the_flows_of_its_window_days_alone_and_answers_the_same(many_files, hours):
+    """`who` opens flows with the files of its window's days only (connect flow_days): the flows it sums are
+    those a session over every file finds, windows across midnight and at the table's ends included."""
+    lake = Lake(many_files)
+    at = START + dt.timedelta(hours=hours)
+    window = dt.timedelta(hours=1)
+    day = round(hours / 24)  # the midnight inside the window; its first flow is row 3 * day
+    addr = f"10.0.{3 * day % 200}.{3 * day % 250}"
+    answer = query.who(lake, addr, at, window)
+    full = query.connect(lake)
+    assert answer.flows == query.flow_summary(full, addr, at - window, at + window)
+    assert answer.flows["flows"] == 1
+    days = (query._day(at - window), query._day(at + window))
+    narrow = query.connect(lake, flow_days=days)
+    for other in ("10.0.0.0", "10.0.3.3", "10.0.15.15", addr):
+        assert query.flow_summary(narrow, other, at - window, at + window) == query.flow_summary(
+            full, other, at - window, at + window
+        )
+    listed = narrow.execute('SELECT DISTINCT "date" FROM flows ORDER BY 1').fetchall()
+    assert [row[0] for row in listed] == [d for d in sorted(set(days)) if START.date() <= d]
