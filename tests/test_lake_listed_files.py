@@ -167,7 +167,7 @@ def test_views_over_stand_ins_bind_as_over_the_files(lake):
 
 @pytest.mark.parametrize("hours", [0.5, 23.9, 24 * 5 + 0.2, 24 * (DAYS - 1) + 1])
 def test_who_reads_the_flows_of_its_window_days_alone_and_answers_the_same(many_files, hours):
-    """`who` opens flows with the files of its window's days only (connect flow_days): the flows it sums are
+    """`who` opens flows with the files of its window's days only (connect days): the flows it sums are
     those a session over every file finds, windows across midnight and at the table's ends included."""
     lake = Lake(many_files)
     at = START + dt.timedelta(hours=hours)
@@ -179,7 +179,7 @@ def test_who_reads_the_flows_of_its_window_days_alone_and_answers_the_same(many_
     assert answer.flows == query.flow_summary(full, addr, at - window, at + window)
     assert answer.flows["flows"] == 1
     days = (query._day(at - window), query._day(at + window))
-    narrow = query.connect(lake, flow_days=days)
+    narrow = query.connect(lake, days=days)
     for other in ("10.0.0.0", "10.0.3.3", "10.0.15.15", addr):
         assert query.flow_summary(narrow, other, at - window, at + window) == query.flow_summary(
             full, other, at - window, at + window

@@ -338,7 +338,7 @@ def connect(
     read_only: bool = True,
     threads: int | None = None,
     stored_facts_from: int = STORED_FACTS_FROM_VMS,
-    flow_days: tuple[dt.date, dt.date] | None = None,
+    days: tuple[dt.date, dt.date] | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB session whose views read the lake's Parquet files as they are now.
 
@@ -346,10 +346,10 @@ def connect(
     sql/macros.sql and who_had from sql/views.sql. With read_only (the default) the session may read only the
     lake directory and its settings are locked; run user SQL through `run_read_only`. `stored_facts_from`: the
     number of vms rows from which flows_attributed reads the VM facts stored in flow files (same rows).
-    `flow_days` (first, last): flows and flows_attributed list only the files of those days, for a session that
-    asks about them alone (`who`'s window): its rows of those days are the whole lake's, and binding a query no
-    longer costs a parse of every flow file's path (0.3-0.8 s at 3,000 days). Every listed file is still
-    checked (check_files).
+    `days` (first, last): the views of day-partitioned datasets (flows, flows_attributed, vm_events, alerts, ...)
+    list only the files of those days, for a session that asks about them alone (`who`'s window): its rows of
+    those days are the whole lake's, and neither making the views nor binding a query costs a parse of every
+    file's path (0.3-0.8 s at 3,000 days a table). Every file the logs list is still checked (check_files).
     """
     lake.require(allow_empty=True)
     con = duckdb.connect(":memory:")
@@ -361,14 +361,12 @@ def connect(
     # see two versions (a commit in between: flows_attributed counted rows that flows did not hold)
     lake = lake.snapshot()
     check_files(lake)
-    flow_entries = lake.entries("flows")
-    if flow_days is not None:
-        first, last = (day.isoformat() for day in flow_days)
-        flow_entries = [e for e in flow_entries if e.day is None or first <= e.day <= last]
+    listed = {name: _of_days(lake.entries(name), days) for name in DATASETS}
+    flow_entries = listed["flows"]
     files: list[Path] = []
     scans: dict[str, tuple[str, list[FileEntry]]] = {}  # view -> (dataset, the log's entries of its files)
     for name in DATASETS:
-        entries = flow_entries if name == "flows" else lake.entries(name)
+        entries = listed[name]
         files += [e.path for e in entries]
         scans[name] = (name, entries)
     keyed, done, todo = flow_parts(lake, flow_entries)
@@ -451,6 +449,14 @@ def connect(
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
+
+
+def _of_days(entries: list[FileEntry], days: tuple[dt.date, dt.date] | None) -> list[FileEntry]:
+    """The entries of files of days first..last (all of them when `days` is None or the table has no days)."""
+    if days is None:
+        return entries
+    first, last = (day.isoformat() for day in days)
+    return [e for e in entries if e.day is None or first <= e.day <= last]
 
 
 def _same_files(entries: list[FileEntry], others: list[FileEntry]) -> bool:
@@ -876,7 +882,7 @@ def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timede
     lake.require()
     # (flow_summary reads flows of these days only: "date" BETWEEN the days of at - window and at + window)
     days = (_day(at - window), _day(at + window))
-    with reading(lake.root), contextlib.closing(connect(lake, flow_days=days)) as con:
+    with reading(lake.root), contextlib.closing(connect(lake, days=days)) as con:
         leases = _rows(con.execute("SELECT * FROM who_had($addr, $at)", {"addr": addr, "at": at}))
         for lease in leases:
             lease["now"] = vm_now(lease["vm_status"], lease["deleted_at"], lease["quarantine_until"])
