@@ -100,6 +100,12 @@ _SOURCE_FILE = re.compile(r"^part-([0-9a-f]{64})-[0-9a-f]{8}\.parquet$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+def _file_name(relative: str) -> str:
+    """Path(relative).name of a log entry's path, without making a Path (once per file of every listing)."""
+    name = relative.rpartition("/")[2]
+    return name if name not in ("", ".") else Path(relative).name
+
+
 def source_key(content_hash: str) -> str:
     """The key a source's files are named by: its sha256 content hash (other ids are hashed to one)."""
     return content_hash if _SHA256.match(content_hash) else hash_bytes(content_hash.encode())
@@ -782,6 +788,13 @@ def _log_problem(log: Path, all_entries: bool = False) -> str | None:
     return None
 
 
+def _open_problem(exc: OSError) -> str:
+    """Why a listed file cannot be read, from the OSError of fsutil.open_beneath (or regular_beneath)."""
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EINVAL):
+        return f"{LEFT_IN_PLACE}: {exc.strerror}"
+    return exc.strerror or "cannot be read"
+
+
 def _left_in_place(reason: str) -> bool:
     return reason == OUTSIDE or reason.startswith(LEFT_IN_PLACE)
 
@@ -919,13 +932,29 @@ class _StatColumns:
     for. A listing builds an entry per file, and building every statistic of every file (~60 columns x 3 kinds
     for vm_events) was most of what a listing cost as a table grew; callers read one or two columns."""
 
-    __slots__ = ("_arrays", "_values")
+    __slots__ = ("_arrays", "_files", "_present", "_values")
 
     def __init__(self, actions: pa.Table, prefix: str) -> None:
         self._arrays = {
             c.removeprefix(prefix): actions.column(c) for c in actions.column_names if c.startswith(prefix)
         }
         self._values: dict[str, list[Any]] = {}
+        self._present: dict[tuple[str, ...], list[bool]] = {}
+        self._files = actions.num_rows
+
+    def present(self, names: tuple[str, ...]) -> list[bool]:
+        """For every file, whether it has a (non-null) statistic of each of `names`: computed in columns once
+        per listing (a reader asks it for every file of every table it opens)."""
+        known = self._present.get(names)
+        if known is None:
+            valid: Any = pa.array([True] * self._files)
+            for name in names:
+                if name not in self._arrays:
+                    valid = pa.array([False] * self._files)
+                    break
+                valid = pc.and_(valid, pc.is_valid(self._arrays[name]))
+            known = self._present.setdefault(names, valid.to_pylist())
+        return known
 
     def column(self, name: str) -> list[Any]:
         """Every file's statistic of column `name` (KeyError: the log has none for it)."""
@@ -961,6 +990,21 @@ class _FileStats(Mapping[str, Any]):
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickled as the plain dict it stands for, not the whole listing
         return (dict, (dict(self),))
+
+
+def have_null_counts(entries: list[FileEntry], columns: list[str]) -> list[bool]:
+    """For each entry, whether the log holds its file's null count of every one of `columns` (a file written
+    before a column was added to schema.py has none for it). Taken from the listing's columns of statistics, not
+    file by file."""
+    wanted = tuple(columns)
+    out = []
+    for entry in entries:
+        counts = entry.null_counts
+        if isinstance(counts, _FileStats):
+            out.append(counts._columns.present(wanted)[counts._row])
+        else:
+            out.append(all(counts.get(c) is not None for c in wanted))
+    return out
 
 
 class Lake:
@@ -1119,7 +1163,11 @@ class Lake:
     def damaged(self, name: str, read_footers: bool = False) -> list[tuple[FileEntry, str]]:
         """The files the table's log lists that cannot be what the log says: missing, or of another size than
         the log recorded (one stat() each; a 0-byte or replaced file, planted or left by a broken disk);
-        with `read_footers` also those whose Parquet footer does not read. Each with the reason."""
+        with `read_footers` also those whose Parquet footer does not read. Each with the reason. Without
+        `read_footers` no file is opened: an lstat each (fsutil.regular_beneath finds what open_beneath would),
+        as every reader of the lake runs this."""
+        if not read_footers:
+            return self._listed_problems(name)
         out = []
         table_dir = os.path.normpath(self.root / name)
         for entry in self.entries(name):
@@ -1130,10 +1178,7 @@ class Lake:
             try:
                 fd = fsutil.open_beneath(Path(table_dir), relative)
             except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EINVAL):
-                    out.append((entry, f"{LEFT_IN_PLACE}: {exc.strerror}"))
-                else:
-                    out.append((entry, exc.strerror or "cannot be read"))
+                out.append((entry, _open_problem(exc)))
                 continue
             with os.fdopen(fd, "rb") as handle:
                 size = os.fstat(fd).st_size
@@ -1148,6 +1193,29 @@ class Lake:
                         continue
                     if unlike:
                         out.append((entry, unlike))
+        return out
+
+    def _listed_problems(self, name: str) -> list[tuple[FileEntry, str]]:
+        """damaged(name) without footers, the same reasons in the same order, from one lstat per file."""
+        table_dir = os.path.normpath(self.root / name)
+        entries = self.entries(name)
+        normal = [os.path.normpath(entry.path) for entry in entries]
+        inside = [path.startswith(table_dir + os.sep) for path in normal]  # (as _inside)
+        found = iter(
+            fsutil.regular_beneath(
+                Path(table_dir),
+                [path[len(table_dir) + 1 :] for path, ok in zip(normal, inside, strict=True) if ok],
+            )
+        )
+        out = []
+        for entry, ok in zip(entries, inside, strict=True):
+            result = next(found) if ok else None
+            if result is None:
+                out.append((entry, OUTSIDE))
+            elif isinstance(result, OSError):
+                out.append((entry, _open_problem(result)))
+            elif result.st_size != entry.size:
+                out.append((entry, f"{result.st_size} bytes, the log says {entry.size}"))
         return out
 
     def repair(self) -> dict[str, list[str]]:
@@ -1286,6 +1354,10 @@ class Lake:
             return self
         pinned = Lake(self.root, as_of=self.versions())
         pinned._tables = {name: table for name, table in self._tables.items() if table is not None}
+        # the listings too, both ways (each is kept with the table object and version it was made from, so
+        # neither lake takes the other's listing of another version): a sweep's connect after connect lists
+        # each table once per version, not once per session
+        pinned._entries_cache = self._entries_cache
         return pinned
 
     def version(self, name: str) -> int | None:
@@ -1331,7 +1403,7 @@ class Lake:
         out, partitioned = self._read_entries(name, table)
         by_source: dict[str, list[FileEntry]] = {}
         for entry in out:  # per file, once per version
-            match = _SOURCE_FILE.match(Path(entry.relative).name)
+            match = _SOURCE_FILE.match(_file_name(entry.relative))
             if match is not None:
                 by_source.setdefault(match.group(1), []).append(entry)
         self._entries_cache[name] = (table, table.version(), out, by_source, partitioned)
@@ -2009,7 +2081,7 @@ class Lake:
             for entry in entries:
                 # the file of a source whose manifest row is not there yet (its run may have been killed in
                 # between) is rewritten on its own and keeps its source's name: see already_ingested
-                match = _SOURCE_FILE.match(Path(entry.relative).name)
+                match = _SOURCE_FILE.match(_file_name(entry.relative))
                 own = match is not None and match.group(1) not in confirmed
                 alone = (
                     PartFile(base, dataset, day, f"part-{match.group(1)}-{uuid.uuid4().hex[:8]}")
@@ -2125,7 +2197,7 @@ class Lake:
             # a source's file whose manifest row is not there yet (its run may have been killed in between)
             # keeps its name until the rerun finds it: see already_ingested
             nonlocal confirmed
-            match = _SOURCE_FILE.match(Path(entry.relative).name)
+            match = _SOURCE_FILE.match(_file_name(entry.relative))
             if match is None:
                 return True
             if confirmed is None:
