@@ -48,7 +48,7 @@ from deltalake.transaction import (
     create_table_with_add_actions,
 )
 
-from tracepipe import DEFAULT_LAKE, fsutil
+from tracepipe import DEFAULT_LAKE, bloom, fsutil
 from tracepipe.address_text import address_text, is_integers, one_type
 from tracepipe.errors import LakeError, UsageError
 from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset, null_column
@@ -668,10 +668,10 @@ class PartFile:
             options = _parquet_options(self.dataset, table if self.layout_from_first else None)
             options["use_dictionary"] = [c for c in options["use_dictionary"] if c not in plain]
             if self.dataset.bloom_filters and table.num_rows > 1:  # (a file of one row: its statistics do)
-                # sized for a full group of distinct values, 1% false positives: ~10 kB a group of 8,192
+                # sized for a full group of distinct values, 1% false positives: 16 kB a group of 8,192 (+3% bytes)
                 rows = min(self.row_group_rows, self.dataset.group_rows or self.row_group_rows)
-                bloom = {"ndv": max(min(table.num_rows, rows), 1), "fpp": 0.01}
-                options["bloom_filter_options"] = {c: bloom for c in self.dataset.bloom_filters}
+                sized = {"ndv": max(min(table.num_rows, rows), 1), "fpp": 0.01}
+                options["bloom_filter_options"] = {c: sized for c in self.dataset.bloom_filters}
             # store_schema=False: every reader sees the text columns as the plain strings schema.py declares
             self._writer = pq.ParquetWriter(self.tmp, self._schema, store_schema=False, **options)
         group = min(self.row_group_rows, self.dataset.group_rows or self.row_group_rows)
@@ -725,23 +725,6 @@ def _group_bounds(footer: pq.FileMetaData, column: str = "content_hash") -> list
         except (ValueError, pa.ArrowException):
             bounds.append((None, None))
     return bounds
-
-
-def _bloom_excludes(path: Path, column: str, value: str) -> set[int]:
-    """The row groups of a Parquet file whose Bloom filter on `column` says it holds no `value` (none: a file
-    without filters, or one DuckDB cannot read). DuckDB reads the filters pyarrow writes (pyarrow reads none);
-    imported here, not by every command that imports the lake."""
-    import duckdb
-
-    try:
-        with duckdb.connect() as connection:
-            probe = connection.execute(
-                "SELECT row_group_id FROM parquet_bloom_probe(?, ?, ?) WHERE bloom_filter_excludes",
-                [str(path), column, value],
-            )
-            return {group for (group,) in probe.fetchall()}
-    except duckdb.Error:
-        return set()
 
 
 def _may_hold(low: Any, high: Any, value: str) -> bool:
@@ -1642,8 +1625,7 @@ class Lake:
 
     def _manifest_names(self, dataset: str, source: str) -> bool:
         """has_source's lookup: statistics of `dataset` and `source` per file and row group, then the Bloom
-        filters of the groups left (DuckDB's parquet_bloom_probe; pyarrow writes them, reads none), then the
-        groups' two columns compared in Arrow."""
+        filters of the groups left (tracepipe.bloom), then the groups' two columns compared in Arrow."""
         for entry in self.entries(MANIFEST_DIR):
             if not (
                 _may_hold(entry.mins.get("source"), entry.maxs.get("source"), source)
@@ -1657,9 +1639,10 @@ class Lake:
                 for g, ((low, high), (first, last)) in enumerate(zip(paths, datasets, strict=True))
                 if _may_hold(low, high, source) and _may_hold(first, last, dataset)
             ]
-            if len(groups) > 1:  # (a single group is read at once: the probe would cost as much)
-                excluded = _bloom_excludes(entry.path, "source", source)
-                groups = [g for g in groups if g not in excluded]
+            if not groups:
+                continue
+            with open(entry.path, "rb") as handle:  # (16 kB of filter a group, then its two columns)
+                groups = [g for g in groups if not bloom.excludes(handle, footer, g, "source", source)]
             for group in groups:
                 with contextlib.closing(pq.ParquetFile(entry.path, metadata=footer)) as file:
                     rows = file.read_row_group(group, columns=["dataset", "source"])
