@@ -48,7 +48,7 @@ from deltalake.transaction import (
     create_table_with_add_actions,
 )
 
-from tracepipe import DEFAULT_LAKE, fsutil
+from tracepipe import DEFAULT_LAKE, bloom, fsutil
 from tracepipe.address_text import address_text, is_integers, one_type
 from tracepipe.errors import LakeError, UsageError
 from tracepipe.schema import DATASETS, INGEST_MANIFEST, REJECTS, Dataset, null_column
@@ -117,7 +117,10 @@ UPGRADED = "part-upgraded-"  # prefix of the conformed copies `upgrade` writes b
 # (row groups of MANIFEST_GROUP_ROWS: a lookup of one source reads one group of each merged file, ~0.5 MB, not
 # the file: a collector commits ~100,000 sources a year, a manifest of 10 years 1 M rows; _manifest_has)
 MANIFEST_GROUP_ROWS = 8_192
-MANIFEST = Dataset(MANIFEST_DIR, INGEST_MANIFEST, None, ("dataset", "content_hash"), MANIFEST_GROUP_ROWS)
+# (a Bloom filter on `source`: has_source reads the one group of each merged file that may name a path)
+MANIFEST = Dataset(
+    MANIFEST_DIR, INGEST_MANIFEST, None, ("dataset", "content_hash"), MANIFEST_GROUP_ROWS, ("source",)
+)
 
 
 def default_lake_path() -> Path:
@@ -676,6 +679,11 @@ class PartFile:
             self._schema = _writer_schema(self.dataset.schema, table, plain)
             options = _parquet_options(self.dataset, table if self.layout_from_first else None)
             options["use_dictionary"] = [c for c in options["use_dictionary"] if c not in plain]
+            if self.dataset.bloom_filters and table.num_rows > 1:  # (a file of one row: its statistics do)
+                # sized for a full group of distinct values, 1% false positives: 16 kB a group of 8,192 (+3% bytes)
+                rows = min(self.row_group_rows, self.dataset.group_rows or self.row_group_rows)
+                sized = {"ndv": max(min(table.num_rows, rows), 1), "fpp": 0.01}
+                options["bloom_filter_options"] = {c: sized for c in self.dataset.bloom_filters}
             # store_schema=False: every reader sees the text columns as the plain strings schema.py declares
             self._writer = pq.ParquetWriter(self.tmp, self._schema, store_schema=False, **options)
         group = min(self.row_group_rows, self.dataset.group_rows or self.row_group_rows)
@@ -1028,6 +1036,8 @@ class Lake:
         # (manifest version, {(dataset, content_hash)}, {source_key}, manifest files already read)
         self._manifest_cache: tuple[int, set[tuple[str, str]], set[str], set[str]] | None = None
         self._manifest_sources: set[tuple[str, str]] = set()  # (dataset, source) of the rows read into it
+        self._confirmed_keys: set[str] = set()  # source keys _confirmed found in the manifest (of this run)
+        self._manifest_hashed: dict[str, set[str]] = {}  # (file: its _hashed_keys)
         # (dataset, content_hash) of each manifest file read by _manifest_has
         self._manifest_columns: dict[tuple[str, int], pa.Table] = {}  # (file, row group): its two columns
         # (file: its footer and the content_hash statistics of each row group, _group_bounds)
@@ -1516,11 +1526,7 @@ class Lake:
                     entry.mins.get("content_hash"), entry.maxs.get("content_hash"), content_hash
                 ):
                     continue
-                known = self._manifest_footers.get(entry.relative)
-                if known is None:  # (footers and groups read once per run: a backfill asks per source)
-                    footer = pq.read_metadata(entry.path)
-                    known = self._manifest_footers[entry.relative] = (footer, _group_bounds(footer))
-                footer, bounds = known
+                footer, bounds = self._manifest_footer(entry)
                 for group, (low, high) in enumerate(bounds):
                     if not _may_hold(low, high, content_hash):
                         continue
@@ -1553,10 +1559,78 @@ class Lake:
             return list(cached[1].get(key, []))
         return self._read_entries(name, table, source=key)[0]
 
-    def _confirmed(self) -> set[str]:
-        """The keys of every source in the manifest: their files may be merged by compaction."""
+    def _confirmed(self, keys: Collection[str]) -> set[str]:
+        """Which of `keys` (source keys, as a source's data files are named) have a manifest row: their files may
+        be merged by compaction. Asked like _manifest_has, of the statistics and then of the row groups that may
+        hold them (at most one group a merged file per key), never by reading the manifest: compaction asks after
+        commits for the files of one day, and reading every source ever ingested cost 3 s at 1 M sources. A key
+        not found so may be the hash of a content hash that is no sha256 (source_key): those are looked for in
+        the content_hash column alone (_hashed_keys), only when some file is of a run killed before its
+        manifest row (or of such a source)."""
+        keys = set(keys)
+        found = keys & self._confirmed_keys
+        if found == keys:
+            return found
+        if self._manifest_cache is None:
+            try:
+                found |= self._manifest_holds(keys - found)
+                if found != keys:
+                    found |= (keys - found) & self._hashed_keys()
+                # (a collector's year of keys at most: asked again rather than kept for ever)
+                if len(self._confirmed_keys) > 100_000:
+                    self._confirmed_keys.clear()
+                self._confirmed_keys |= found  # (manifest rows are never deleted: confirmed stays confirmed)
+                return found
+            except (pa.ArrowException, OSError, KeyError):
+                pass  # (a planted file of other types or columns: the whole manifest decides)
         self._manifest_keys()
-        return self._manifest_cache[2] if self._manifest_cache is not None else set()
+        return keys & self._manifest_cache[2] if self._manifest_cache is not None else set()
+
+    def _hashed_keys(self) -> set[str]:
+        """source_key of each manifest content hash that is no sha256 (a caller's own id: its files are named
+        by its hash); each manifest file's content_hash column read once per run, in Arrow."""
+        keys: set[str] = set()
+        for entry in self.entries(MANIFEST_DIR):
+            known = self._manifest_hashed.get(entry.relative)
+            if known is None:
+                hashes = pq.read_table(entry.path, columns=["content_hash"]).column("content_hash")
+                other = hashes.filter(pc.invert(pc.match_substring_regex(hashes, _SHA256.pattern)))
+                known = self._manifest_hashed[entry.relative] = {source_key(h) for h in other.to_pylist()}
+            keys |= known
+        return keys
+
+    def _manifest_footer(self, entry: FileEntry) -> tuple[pq.FileMetaData, list[tuple[Any, Any]]]:
+        """A manifest file's footer and the content_hash statistics of each row group: read once per run (a
+        backfill asks per source)."""
+        known = self._manifest_footers.get(entry.relative)
+        if known is None:
+            footer = pq.read_metadata(entry.path)
+            known = self._manifest_footers[entry.relative] = (footer, _group_bounds(footer))
+        return known
+
+    def _manifest_holds(self, keys: set[str]) -> set[str]:
+        """The `keys` that some manifest row (of any dataset) has as its content hash: the files and row groups
+        whose statistics may hold one of them, their content_hash column compared in Arrow."""
+        found: set[str] = set()
+        for entry in self.entries(MANIFEST_DIR):
+            low, high = entry.mins.get("content_hash"), entry.maxs.get("content_hash")
+            inside = [k for k in keys - found if _may_hold(low, high, k)]
+            if not inside:
+                continue
+            footer, bounds = self._manifest_footer(entry)
+            for group, (low, high) in enumerate(bounds):
+                wanted = [k for k in inside if k not in found and _may_hold(low, high, k)]
+                if not wanted:
+                    continue
+                rows = self._manifest_columns.get((entry.relative, group))
+                if rows is None:  # (not kept: a daily merge asks for a day's sources, in as many groups)
+                    with contextlib.closing(pq.ParquetFile(entry.path, metadata=footer)) as file:
+                        rows = file.read_row_group(group, columns=["content_hash"])
+                hashes = rows.column("content_hash")
+                found.update(hashes.filter(pc.is_in(hashes, pa.array(wanted, pa.string()))).to_pylist())
+            if found == keys:
+                break
+        return found
 
     def _write_manifest_row(
         self,
@@ -1611,9 +1685,52 @@ class Lake:
 
     def has_source(self, dataset: str, source: str) -> bool:
         """Whether a manifest row of `dataset` names `source` (a path): a hint that its content may be there
-        already, nothing more (the content hash decides: already_ingested)."""
-        self._manifest_keys()
-        return (dataset, source) in self._manifest_sources
+        already, nothing more (the content hash decides: already_ingested). Asked without reading the manifest:
+        a file of one source is skipped by its statistics; of a merged file (sorted by content hash, so that
+        its groups' statistics span most paths) only the row groups that its Bloom filters on `source` do not
+        exclude are read (files merged before the filters: every group, until merged again)."""
+        if (dataset, source) in self._manifest_sources:
+            return True
+        if self._manifest_cache is not None:  # (read whole already: what it holds is the answer)
+            self._manifest_keys()
+            return (dataset, source) in self._manifest_sources
+        try:
+            return self._manifest_names(dataset, source)
+        except (pa.ArrowException, OSError, KeyError):
+            # (a planted file of other types or columns: the whole manifest, read as Python values)
+            self._manifest_keys()
+            return (dataset, source) in self._manifest_sources
+
+    def _manifest_names(self, dataset: str, source: str) -> bool:
+        """has_source's lookup: statistics of `dataset` and `source` per file and row group, then the Bloom
+        filters of the groups left (tracepipe.bloom), then the groups' two columns compared in Arrow."""
+        for entry in self.entries(MANIFEST_DIR):
+            if not (
+                _may_hold(entry.mins.get("source"), entry.maxs.get("source"), source)
+                and _may_hold(entry.mins.get("dataset"), entry.maxs.get("dataset"), dataset)
+            ):
+                continue
+            footer, _hashes = self._manifest_footer(entry)
+            paths, datasets = _group_bounds(footer, "source"), _group_bounds(footer, "dataset")
+            groups = [
+                g
+                for g, ((low, high), (first, last)) in enumerate(zip(paths, datasets, strict=True))
+                if _may_hold(low, high, source) and _may_hold(first, last, dataset)
+            ]
+            if not groups:
+                continue
+            with open(entry.path, "rb") as handle:  # (16 kB of filter a group, then its two columns)
+                groups = [g for g in groups if not bloom.excludes(handle, footer, g, "source", source)]
+            for group in groups:
+                with contextlib.closing(pq.ParquetFile(entry.path, metadata=footer)) as file:
+                    rows = file.read_row_group(group, columns=["dataset", "source"])
+                same = pc.and_(
+                    pc.equal(rows.column("source"), source), pc.equal(rows.column("dataset"), dataset)
+                )
+                if pc.any(same).as_py():
+                    self._manifest_sources.add((dataset, source))
+                    return True
+        return False
 
     def _remember(
         self, dataset: str, content_hash: str, version: int, relative: str | None = None, source: str = ""
@@ -2076,7 +2193,8 @@ class Lake:
         parts: list[PartFile] = []
         part: PartFile | None = None
         adds: list[AddAction] = []
-        confirmed = self._confirmed()
+        named = [_SOURCE_FILE.match(Path(e.relative).name) for e in entries]
+        confirmed = self._confirmed({m.group(1) for m in named if m is not None})
         try:
             for entry in entries:
                 # the file of a source whose manifest row is not there yet (its run may have been killed in
@@ -2190,25 +2308,20 @@ class Lake:
         if _dataset(name).partition_ts is None:
             days = None
 
-        confirmed: set[str] | None = None  # read only when some day has enough small files to merge: the
-        # manifest just written by this ingest is not read back for nothing (issue 17: the commit tail)
-
-        def mergeable(entry: FileEntry) -> bool:
+        def mergeable(entries: list[FileEntry]) -> list[FileEntry]:
             # a source's file whose manifest row is not there yet (its run may have been killed in between)
-            # keeps its name until the rerun finds it: see already_ingested
-            nonlocal confirmed
-            match = _SOURCE_FILE.match(_file_name(entry.relative))
-            if match is None:
-                return True
-            if confirmed is None:
-                confirmed = self._confirmed()
-            return match.group(1) in confirmed
+            # keeps its name until the rerun finds it: see already_ingested. Only these files' sources are asked
+            # of the manifest, and only when their day has enough small files to merge: the manifest just
+            # written by this ingest is not read back for nothing (issue 17: the commit tail)
+            named = [(e, _SOURCE_FILE.match(_file_name(e.relative))) for e in entries]
+            confirmed = self._confirmed({m.group(1) for _e, m in named if m is not None})
+            return [e for e, m in named if m is None or m.group(1) in confirmed]
 
         def small(entries: list[FileEntry]) -> list[FileEntry]:
             sized = [e for e in entries if 0 <= e.rows < ROW_GROUP_ROWS]
             if len(sized) < max(min_files, 2):
                 return []
-            chosen = [e for e in sized if mergeable(e)]
+            chosen = mergeable(sized)
             if tiered:
                 tiers: dict[int, list[FileEntry]] = {}
                 for entry in chosen:

@@ -350,6 +350,9 @@ class Dataset:
     # rows a Parquet row group of its files holds when fewer than the sorted unit (lake.PartFile): the ingest
     # manifest, looked up by content hash, keeps small groups whose statistics name a narrow range of hashes
     group_rows: int | None = None
+    # text columns whose row groups carry a Parquet Bloom filter (of their group's rows): looked up by a value
+    # that their statistics cannot narrow (the manifest's `source`, its files being sorted by content hash)
+    bloom_filters: tuple[str, ...] = ()
 
 
 DATASETS: dict[str, Dataset] = {
