@@ -432,7 +432,7 @@ def test_keys_by_position_are_the_general_paths():
     taken = declined = 0
     for _ in range(400):
         pool = [f"vm-{i:02d}" for i in range(int(rng.integers(1, 30)))]
-        ids = sorted(rng.choice(pool, int(rng.integers(1, len(pool) + 1)), replace=False).tolist())
+        ids = sorted(rng.choice(pool, int(rng.integers(0, len(pool) + 1)), replace=False).tolist())
         if rng.random() < 0.1:
             ids = ids[::-1]
         vms = _random_vms(rng, len(ids), ids, keys=rng.random() < 0.3)

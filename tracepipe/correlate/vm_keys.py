@@ -143,7 +143,7 @@ def keyed_by_position(
     old = pl.from_arrow(conform(previous, _PREVIOUS))
     assert isinstance(new, pl.DataFrame) and isinstance(old, pl.DataFrame)
     ids = new.get_column("vm_id")
-    if ids.null_count() or not bool((ids.slice(1) > ids.slice(0, len(ids) - 1)).all()):
+    if not len(ids) or ids.null_count() or not bool((ids.slice(1) > ids.slice(0, len(ids) - 1)).all()):
         return None  # (not one row per VM in id order)
     found = (
         new.select("vm_id")
