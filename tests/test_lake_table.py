@@ -403,25 +403,12 @@ def test_a_source_is_looked_up_in_one_row_group_of_a_big_merged_manifest_file(tm
     import random
 
     from tracepipe.lake import MANIFEST, MANIFEST_DIR, MANIFEST_GROUP_ROWS, PartFile
-    from tracepipe.schema import INGEST_MANIFEST
 
     rng = random.Random(3)
     rows = 3 * MANIFEST_GROUP_ROWS + 77
     hashes = sorted({f"{rng.getrandbits(256):064x}" for _ in range(rows)})
     datasets = ["flows" if i % 3 else "vm_events" for i in range(len(hashes))]
-    table = pa.table(
-        {
-            "content_hash": hashes,
-            "dataset": datasets,
-            "source": [f"s{i}" for i in range(len(hashes))],
-            "rows": [1] * len(hashes),
-            "rejects": [0] * len(hashes),
-            "files": [[]] * len(hashes),
-            "ingested_at": [dt.datetime(2025, 1, 1, tzinfo=dt.UTC)] * len(hashes),
-            "stats": ["{}"] * len(hashes),
-        },
-        schema=INGEST_MANIFEST,
-    )
+    table = _manifest_rows(hashes, datasets, [f"s{i}" for i in range(len(hashes))])
     lake = Lake(tmp_path / "lake")
     part = PartFile(lake.root / MANIFEST_DIR, MANIFEST, None, "part-merged")
     part.write(table.take(pa.array(rng.sample(range(len(hashes)), len(hashes)))))  # (in any order)
@@ -769,23 +756,11 @@ def _merged_manifest(lake: Lake, sources: int, bloom: bool = True) -> tuple[list
     from deltalake.transaction import AddAction
 
     from tracepipe.lake import MANIFEST, MANIFEST_DIR, PartFile, file_stats
-    from tracepipe.schema import INGEST_MANIFEST
 
     rng = random.Random(5)
     hashes = sorted({f"5{rng.getrandbits(252):063x}" for _ in range(sources)})  # (all in "5…")
-    table = pa.table(
-        {
-            "content_hash": hashes,
-            "dataset": ["flows"] * len(hashes),
-            "source": [f"/spool/seg-{i:06d}" for i in rng.sample(range(len(hashes)), len(hashes))],
-            "rows": [1] * len(hashes),
-            "rejects": [0] * len(hashes),
-            "files": [[]] * len(hashes),
-            "ingested_at": [dt.datetime(2025, 1, 1, tzinfo=dt.UTC)] * len(hashes),
-            "stats": ["{}"] * len(hashes),
-        },
-        schema=INGEST_MANIFEST,
-    )
+    sources = [f"/spool/seg-{i:06d}" for i in rng.sample(range(len(hashes)), len(hashes))]
+    table = _manifest_rows(hashes, ["flows"] * len(hashes), sources)
     if bloom:
         part = PartFile(lake.root / MANIFEST_DIR, MANIFEST, None, "part-merged")
         part.write(table)
@@ -927,3 +902,14 @@ def test_bloom_filters_are_read_as_duckdb_reads_them(tmp_path):
                     assert ours == set()
                 elif value in paths:  # never its own group; most others (1% false positives a group)
                     assert paths.index(value) // 8192 not in ours and len(ours) >= footer.num_row_groups - 2
+
+
+def _manifest_rows(hashes: list[str], datasets: list[str], sources: list[str]) -> pa.Table:
+    """Manifest rows of one-row sources ingested on 2025-01-01, one per content hash."""
+    from tracepipe.schema import INGEST_MANIFEST
+
+    n = len(hashes)
+    columns = {"content_hash": hashes, "dataset": datasets, "source": sources, "rows": [1] * n}
+    columns |= {"rejects": [0] * n, "files": [[]] * n, "stats": ["{}"] * n}
+    columns["ingested_at"] = [dt.datetime(2025, 1, 1, tzinfo=dt.UTC)] * n
+    return pa.table({f.name: columns[f.name] for f in INGEST_MANIFEST}, schema=INGEST_MANIFEST)
