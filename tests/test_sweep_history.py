@@ -4,7 +4,8 @@ business reading: the step still answers (it never opened them), and answers wha
 
 Regressions pinned: the local hosts read the address of every lease ever (an hourly sweep over 3 M leased
 addresses: 19 s and 945 MB); the dedupe of a sweep's alerts scanned every alert file of every day; the HTML
-report read every vms row to show the few VMs its alerts name."""
+report read every vms row to show the few VMs its alerts name; finalize's look-up of the candidates' leases opened
+every lease file's footer; the report's flow queries listed every flows file of the lake."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import datetime as dt
 from contextlib import ExitStack
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pytest
 from support import stories as gen
@@ -208,3 +210,82 @@ def test_report_reads_only_the_vms_its_alerts_name(tmp_path, monkeypatch):
     data = build_report_data(lake, alerts, "t", (start, start + dt.timedelta(hours=1)))
     images = {a["who"]["vm_id"]: a["who"]["image"] for a in data["alerts"]}
     assert images == {"vm-006": "image-6", "vm-033": "image-33", None: None}
+
+
+def test_alert_leases_read_only_the_leases_held_at_the_alerts(leased_lake, tmp_path):
+    """The sweep's finalize names the VM that held each candidate's address at its first flow (attribute),
+    and exfiltration the project of each host's flows (_leases_of): both from the leases valid at those times,
+    a deleted VM's included, without opening a lease file of the rest of the history (they read every one)."""
+    lake, outside = leased_lake
+    _plant_garbage(outside)
+    at = SINCE + dt.timedelta(minutes=7)
+    candidates = pl.DataFrame(
+        {"addr": [NOW_LEASED, ONCE_LEASED, LATER_LEASED, None], "first_ts": [at, at, None, at]},
+        schema={"addr": pl.String, "first_ts": pl.Datetime("us", "UTC")},
+    )
+    named = det.attribute(candidates, lake)
+    assert named.get_column("vm_id").to_list() == ["vm-021", None, None, None]
+    assert named.get_column("vm_status").to_list() == ["active", None, None, None]
+    assert det.attribute(candidates.clear(), lake).height == 0
+    ctx = det.DetectContext(lake, _config(tmp_path), SINCE, UNTIL)
+    hosts = candidates.drop_nulls("addr")  # (a flow's src_addr is never null)
+    found = det._leases_of(ctx, hosts, "addr", "first_ts", ("vm_id", "valid_from"))
+    assert found.get_column("vm_id").to_list() == ["vm-021", None, None]
+    assert found.get_column("valid_from").to_list()[0] == SINCE - dt.timedelta(days=3)
+
+
+def test_alert_leases_find_a_deleted_vm_of_the_alerts_time(leased_lake):
+    """A VM deleted since (in quarantine or gone) is still the one that held the address at the alert's time:
+    an alert a year back finds the lease of ONCE_LEASED, closed long before the sweep runs."""
+    lake, _ = leased_lake
+    at = SINCE - dt.timedelta(days=365) + dt.timedelta(days=21, hours=5)
+    candidates = pl.DataFrame({"addr": [ONCE_LEASED], "first_ts": [at]})
+    named = det.attribute(candidates.with_columns(pl.col("first_ts").dt.replace_time_zone("UTC")), lake)
+    assert named.get_column("vm_id").to_list() == ["vm-020"]
+    assert named.get_column("vm_status").to_list() == ["deleted"]
+    naive = det.attribute(candidates, lake)  # a naive time is UTC
+    assert naive.get_column("vm_id").to_list() == ["vm-020"]
+
+
+def test_report_reads_only_the_flows_of_its_window_days(tmp_path):
+    """The HTML report's flow queries (top peers and ports, timelines, traffic) list only the flows files of
+    the days of the window they ask about (they listed every file of the history, each query): the other days'
+    files are neither listed nor opened (here: not even files any more), and the report shows the same rows (a flow of the window's day before the window, or one that began the day
+    before and lasts into it, is not in the window: IN_WINDOW counts flows by their start)."""
+    lake = Lake(tmp_path / "lake")
+    day = dt.datetime(2024, 3, 12, tzinfo=UTC)
+    starts = [day - dt.timedelta(days=d, minutes=1) for d in range(30, 0, -1)]  # 23:59 of 30 days before
+    starts += [day + dt.timedelta(hours=9)] + [day + dt.timedelta(hours=10, minutes=m) for m in (5, 20, 59)]
+    for i, start in enumerate(starts):
+        flows = _table(
+            FLOWS,
+            {
+                "ts_start": [start],
+                "ts_end": [start + dt.timedelta(hours=2)],
+                "src_addr": ["10.10.0.5"],
+                "dst_addr": [OUTSIDE if i % 2 else "203.0.113.10"],
+                "src_port": [40000],
+                "dst_port": [22],
+                "proto": [6],
+                "packets": [3],
+                "bytes": [180 + i],
+                "ip_version": [4],
+                "exporter": ["10.255.0.1"],
+                "source": ["test"],
+            },
+        )
+        lake.append("flows", flows, key=f"flows{i}")
+    lake.refresh()
+    assert len({e.day for e in lake.entries("flows")}) == 31
+    window = (SINCE, UNTIL)
+    alerts = _alerts([SINCE], ["10.10.0.5"])
+    before = build_report_data(lake, alerts, "t", window)
+    for entry in lake.entries("flows"):
+        if entry.day != "2024-03-12":  # not even listed: a reader lstats each file it lists (regular_files)
+            entry.path.unlink()
+            entry.path.mkdir()
+    after = build_report_data(lake, alerts, "t", window)
+    del before["generated_at"], after["generated_at"]
+    assert after == before
+    assert after["summary"]["traffic"]["flows"] == 3
+    assert [p["flows"] for p in after["alerts"][0]["top_peers"]] == [2, 1]

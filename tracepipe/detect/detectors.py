@@ -729,6 +729,23 @@ def science_destinations(ctx: DetectContext, flows: pl.LazyFrame) -> pl.DataFram
     return pl.concat(parts) if parts else pl.DataFrame(schema=schema)
 
 
+def _held_during(times: pl.Series) -> tuple[dt.datetime, dt.datetime]:
+    """The span [first, last + 1 µs) of the times a lease lookup asks about: read_leases(during=) then opens only
+    the lease files that can hold a lease valid at one of them (a deleted VM's included), not the history's.
+    No time at all (no rows, or null times: nobody held an address then): an empty span at the epoch."""
+    known = times.drop_nulls()
+    if known.is_empty():
+        epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+        return epoch, epoch
+    zone = getattr(known.dtype, "time_zone", None)  # a naive time is UTC, as lease_at takes it
+    known = (
+        known.dt.convert_time_zone("UTC") if zone else known.dt.replace_time_zone("UTC")
+    ).dt.cast_time_unit("us")
+    first, last = known.min(), known.max()
+    assert isinstance(first, dt.datetime) and isinstance(last, dt.datetime)
+    return first, last + dt.timedelta(microseconds=1)
+
+
 def _leases_of(
     ctx: DetectContext, frame: pl.DataFrame, addr: str, at: str, columns: tuple[str, ...] = ("project",)
 ) -> pl.DataFrame:
@@ -736,7 +753,8 @@ def _leases_of(
     from tracepipe.correlate.lease_at import lease_at, read_leases
 
     wanted = ["addr", "valid_from", "valid_to", *[c for c in columns if c != "valid_from"]]
-    leases = read_leases(ctx.lake, frame.get_column(addr).unique().to_list(), wanted)
+    during = _held_during(frame.get_column(at))
+    leases = read_leases(ctx.lake, frame.get_column(addr).unique().to_list(), wanted, during)
     found = pl.from_arrow(lease_at(leases, frame.get_column(addr), frame.get_column(at), list(columns)))
     assert isinstance(found, pl.DataFrame)
     return found
@@ -1395,11 +1413,9 @@ def attribute(candidates: pl.DataFrame, lake: Lake) -> pl.DataFrame:
     (host, window), its host may be either end of its flows, and files landed since may not be attributed.)"""
     from tracepipe.correlate.lease_at import lease_at, read_leases
 
-    if candidates.is_empty():
-        leases = read_leases(lake, [], ["addr", "valid_from", "valid_to", *LEASE_COLUMNS])
-    else:
-        addrs = candidates.get_column("addr").drop_nulls().unique().to_list()
-        leases = read_leases(lake, addrs, ["addr", "valid_from", "valid_to", *LEASE_COLUMNS])
+    addrs = candidates.get_column("addr").drop_nulls().unique().to_list()
+    during = _held_during(candidates.get_column("first_ts"))
+    leases = read_leases(lake, addrs, ["addr", "valid_from", "valid_to", *LEASE_COLUMNS], during)
     found = pl.from_arrow(
         lease_at(leases, candidates.get_column("addr"), candidates.get_column("first_ts"), LEASE_COLUMNS)
     )

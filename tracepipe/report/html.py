@@ -86,7 +86,8 @@ def _rows(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
 
 
 def _has(lake: Lake, dataset: str) -> bool:
-    return bool(lake.files(dataset))
+    """Whether the table's log lists a file (each query checks the files it reads: scan_sql)."""
+    return bool(lake.entries(dataset))
 
 
 # the hive `date` partition column lets DuckDB skip the files of other days (flows are partitioned by ts_start)
@@ -101,8 +102,12 @@ def _source(lake: Lake, dataset: str) -> str:
     return f"({scan_sql(dataset, lake.entries(dataset))})"
 
 
-def _flows_source(lake: Lake) -> str:
-    return _source(lake, "flows")
+def _flows_source(lake: Lake, start: dt.datetime, end: dt.datetime) -> str:
+    """The flows files of the UTC days start..end only, those IN_WINDOW's `date` bounds let through: the same
+    rows as every file's, without listing the rest of the history on each query."""
+    first, last = start.astimezone(dt.UTC).date(), end.astimezone(dt.UTC).date()
+    days = [(first + dt.timedelta(days=d)).isoformat() for d in range((last - first).days + 1)]
+    return f"({scan_sql('flows', lake.entries('flows', days))})"
 
 
 def _host_flow_facts(
@@ -114,7 +119,7 @@ def _host_flow_facts(
     end: dt.datetime,
 ) -> dict[str, list[dict[str, Any]]]:
     """Top peers (the alert's own peer first) and service ports of `addr` (either end) between start and end."""
-    src = _flows_source(lake)
+    src = _flows_source(lake, start, end)
     where = f"(src_addr = $addr OR dst_addr = $addr) AND {IN_WINDOW}"
     params = {"addr": addr, "start": start, "end": end}
     # one row per peer, both directions together (softflowd exports each direction as its own flow)
@@ -151,7 +156,7 @@ def _timeline_rows(
             f"""SELECT to_timestamp(floor(epoch(ts_start) / {bin_s}) * {bin_s}) AS t,
                    CASE WHEN src_addr = $addr THEN 'outbound' ELSE 'inbound' END AS direction,
                    count(*) AS flows, {saturating_sum_sql("bytes")} AS bytes
-            FROM {_flows_source(lake)}
+            FROM {_flows_source(lake, start, end)}
             WHERE (src_addr = $addr OR dst_addr = $addr) AND {IN_WINDOW}
             GROUP BY 1, 2 ORDER BY 1""",
             {"addr": addr, "start": start, "end": end},
@@ -171,7 +176,7 @@ def _traffic_rows(
             f"""SELECT to_timestamp(floor(epoch(ts_start) / {bin_s}) * {bin_s}) AS t,
                    CASE WHEN ip_version = 6 THEN 'IPv6' ELSE 'IPv4' END AS family,
                    count(*) AS flows, {saturating_sum_sql("bytes")} AS bytes
-            FROM {_flows_source(lake)} WHERE {IN_WINDOW} GROUP BY 1, 2 ORDER BY 1""",
+            FROM {_flows_source(lake, start, end)} WHERE {IN_WINDOW} GROUP BY 1, 2 ORDER BY 1""",
             {"start": start, "end": end},
         )
     )
