@@ -186,3 +186,39 @@ def test_who_reads_the_flows_of_its_window_days_alone_and_answers_the_same(many_
         )
     listed = narrow.execute('SELECT DISTINCT "date" FROM flows ORDER BY 1').fetchall()
     assert [row[0] for row in listed] == [d for d in sorted(set(days)) if START.date() <= d]
+
+
+def test_a_fifo_planted_as_a_manifest_file_is_an_error_not_a_hang(tmp_path):
+    """Every ingest asks the manifest whether its content landed already (already_ingested) and may ask for its
+    path (has_source): a FIFO under a manifest file's listed name made both wait for a writer for ever
+    (session-28 read). Now an OSError naming it, at once (run in a child with a timeout: a hang fails)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import datetime as dt, os, sys
+        import pyarrow as pa
+        from tracepipe.lake import MANIFEST_DIR, Lake, hash_bytes, ingest_table
+        from tracepipe.schema import VM_EVENTS
+        lake = Lake(sys.argv[1])
+        row = {"ts": dt.datetime(2025, 1, 1, tzinfo=dt.UTC), "cloud": "c", "vm_id": "v", "action": "create"}
+        ingest_table(lake, "vm_events", "s1", hash_bytes(b"s1"), [pa.Table.from_pylist([row], schema=VM_EVENTS)])
+        path = Lake(sys.argv[1]).entries(MANIFEST_DIR)[0].path
+        os.unlink(path)
+        os.mkfifo(path)
+        for ask in (lambda l: l.already_ingested("vm_events", hash_bytes(b"s1")),
+                    lambda l: l.has_source("vm_events", "s1")):
+            try:
+                ask(Lake(sys.argv[1]))
+                print("answered")
+            except OSError as exc:
+                print("refused", exc.filename == str(path), "FIFO" in str(exc))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "lake")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["refused True True", "refused True True"], done.stdout

@@ -778,17 +778,29 @@ def _merged_manifest(lake: Lake, sources: int, bloom: bool = True) -> tuple[list
 
 def _manifest_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int | None]]:
     """(file, row group or None for its footer) of every manifest file read from now on."""
+    import tracepipe.lake as lake_module
+
     reads: list[tuple[str, int | None]] = []
     real_footer, real_group = pq.read_metadata, pq.ParquetFile.read_row_group
-    real_open = pq.ParquetFile.__init__
+    real_open, real_file = pq.ParquetFile.__init__, lake_module._manifest_file
+    handles: list[tuple[object, str]] = []  # (manifest files are read through handles: lake._manifest_file)
+
+    def manifest_file(path):
+        handle = real_file(path)
+        handles.append((handle, str(path)))
+        return handle
+
+    def name_of(where) -> str:
+        return next((name for handle, name in handles if handle is where), str(where))
 
     def footer(where, *args, **kwargs):
-        if "_ingest" in str(where):
-            reads.append((os.path.basename(str(where)), None))
+        name = name_of(where)
+        if "_ingest" in name:
+            reads.append((os.path.basename(name), None))
         return real_footer(where, *args, **kwargs)
 
     def opened(self, source, *args, **kwargs):
-        self._test_path = str(source)
+        self._test_path = name_of(source)
         real_open(self, source, *args, **kwargs)
 
     def group(self, i, *args, **kwargs):
@@ -796,6 +808,7 @@ def _manifest_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int | No
             reads.append((os.path.basename(self._test_path), i))
         return real_group(self, i, *args, **kwargs)
 
+    monkeypatch.setattr(lake_module, "_manifest_file", manifest_file)
     monkeypatch.setattr(pq, "read_metadata", footer)
     monkeypatch.setattr(pq.ParquetFile, "__init__", opened)
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", group)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -720,6 +720,13 @@ class PartFile:
                 self._writer.close()
             self._writer = None
         self.tmp.unlink(missing_ok=True)
+
+
+def _manifest_file(path: Path) -> BinaryIO:
+    """A manifest file to read, opened as a regular file only (fsutil.open_regular: O_NONBLOCK, no link): a FIFO
+    planted under a name the manifest's log lists hung every ingest's already_ingested (a planted log entry,
+    session-28 read), now an OSError naming it."""
+    return os.fdopen(fsutil.open_regular(path), "rb")
 
 
 def _group_bounds(footer: pq.FileMetaData, column: str = "content_hash") -> list[tuple[Any, Any]]:
@@ -1532,7 +1539,10 @@ class Lake:
                         continue
                     key = (entry.relative, group)
                     if key not in columns:
-                        with contextlib.closing(pq.ParquetFile(entry.path, metadata=footer)) as file:
+                        with (
+                            _manifest_file(entry.path) as handle,
+                            contextlib.closing(pq.ParquetFile(handle, metadata=footer)) as file,
+                        ):
                             columns[key] = file.read_row_group(group, columns=["dataset", "content_hash"])
                     rows = columns[key]
                     same = pc.and_(
@@ -1593,7 +1603,8 @@ class Lake:
         for entry in self.entries(MANIFEST_DIR):
             known = self._manifest_hashed.get(entry.relative)
             if known is None:
-                hashes = pq.read_table(entry.path, columns=["content_hash"]).column("content_hash")
+                with _manifest_file(entry.path) as handle:
+                    hashes = pq.read_table(handle, columns=["content_hash"]).column("content_hash")
                 other = hashes.filter(pc.invert(pc.match_substring_regex(hashes, _SHA256.pattern)))
                 known = self._manifest_hashed[entry.relative] = {source_key(h) for h in other.to_pylist()}
             keys |= known
@@ -1604,7 +1615,8 @@ class Lake:
         backfill asks per source)."""
         known = self._manifest_footers.get(entry.relative)
         if known is None:
-            footer = pq.read_metadata(entry.path)
+            with _manifest_file(entry.path) as handle:
+                footer = pq.read_metadata(handle)
             known = self._manifest_footers[entry.relative] = (footer, _group_bounds(footer))
         return known
 
@@ -1624,7 +1636,10 @@ class Lake:
                     continue
                 rows = self._manifest_columns.get((entry.relative, group))
                 if rows is None:  # (not kept: a daily merge asks for a day's sources, in as many groups)
-                    with contextlib.closing(pq.ParquetFile(entry.path, metadata=footer)) as file:
+                    with (
+                        _manifest_file(entry.path) as handle,
+                        contextlib.closing(pq.ParquetFile(handle, metadata=footer)) as file,
+                    ):
                         rows = file.read_row_group(group, columns=["content_hash"])
                 hashes = rows.column("content_hash")
                 found.update(hashes.filter(pc.is_in(hashes, pa.array(wanted, pa.string()))).to_pylist())
@@ -1674,7 +1689,8 @@ class Lake:
             for entry in self.entries(MANIFEST_DIR):
                 if entry.relative in seen:
                     continue
-                rows = pq.read_table(entry.path, columns=["dataset", "content_hash", "source"])
+                with _manifest_file(entry.path) as handle:
+                    rows = pq.read_table(handle, columns=["dataset", "content_hash", "source"])
                 hashes, datasets = rows.column("content_hash").to_pylist(), rows.column("dataset").to_pylist()
                 keys.update(zip(datasets, hashes, strict=True))
                 self._manifest_sources.update(zip(datasets, rows.column("source").to_pylist(), strict=True))
@@ -1719,10 +1735,13 @@ class Lake:
             ]
             if not groups:
                 continue
-            with open(entry.path, "rb") as handle:  # (16 kB of filter a group, then its two columns)
+            with _manifest_file(entry.path) as handle:  # (16 kB of filter a group, then its two columns)
                 groups = [g for g in groups if not bloom.excludes(handle, footer, g, "source", source)]
             for group in groups:
-                with contextlib.closing(pq.ParquetFile(entry.path, metadata=footer)) as file:
+                with (
+                    _manifest_file(entry.path) as handle,
+                    contextlib.closing(pq.ParquetFile(handle, metadata=footer)) as file,
+                ):
                     rows = file.read_row_group(group, columns=["dataset", "source"])
                 same = pc.and_(
                     pc.equal(rows.column("source"), source), pc.equal(rows.column("dataset"), dataset)
