@@ -1,4 +1,5 @@
-"""A lake written before a column was added to schema.py (issue 15: vm_events.image, vms.image) keeps working:
+"""A lake written before a column was added to schema.py (issue 15: vm_events.image, vms.image; session 29:
+vms.first_event_at) keeps working:
 reads before any new write fill the column with nulls, the next append adds it to the table's log schema
 (Delta schema evolution, metadata only) and lands, the incremental lease update reads the older event files
 next to the new ones, and `who` / `timeline` answer for the VMs of both.
@@ -26,7 +27,7 @@ NOVA = Path(__file__).parent / "data" / "cloud" / "nova" / "notifications.jsonl"
 WEB01 = "7311d8a3-c2ce-4f44-bed4-d57b1e2feb89"
 WEB02 = "efba91fc-8034-48b6-b610-a9f7f9270f4e"
 OLD_EVENTS = pa.schema([f for f in VM_EVENTS if f.name != "image"])
-OLD_VMS = pa.schema([f for f in VMS if f.name != "image"])
+OLD_VMS = pa.schema([f for f in VMS if f.name not in ("image", "first_event_at")])
 
 
 def _old_lake(root: Path) -> None:

@@ -224,6 +224,9 @@ VMS = pa.schema(
         pa.field("created_at", TS),
         pa.field("deleted_at", TS),
         pa.field("quarantine_until", TS),
+        # the VM's earliest event (created_at is its first create when it has one): where an update that reads
+        # back a deleted VM's events starts (correlate/leases._history). Null in rows written before it existed
+        pa.field("first_event_at", TS),
         pa.field("last_event_at", TS),
         pa.field("image", pa.string()),  # the image it runs now (or last ran): the latest event naming one
         # issue 18: a dense integer per VM, assigned once and kept forever (correlate/vm_keys.py); flow files

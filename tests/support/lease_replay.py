@@ -398,6 +398,7 @@ def build_leases(events: pa.Table, reclaim_interval: dt.timedelta | None = None)
             ),
             "deleted_at": _timestamps([vm.deleted_at for vm in vms]),
             "quarantine_until": _timestamps([vm.quarantine_until for vm in vms]),
+            "first_event_at": _timestamps([vm.first_seen for vm in vms]),
             "last_event_at": _timestamps([vm.last_event_at for vm in vms]),
             "image": [vm.image for vm in vms],
             "vm_key": [None] * len(vms),  # assigned when the lease writer commits vms (correlate/vm_keys.py)

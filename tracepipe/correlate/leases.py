@@ -694,7 +694,7 @@ def _vm_facts(
             _reduce_np(ts_low, mask["_create"], starts, "min").alias("created"),
             # (the replay order is the time order, a missing time last: a VM's first event is its earliest, and
             # its last its latest unless a time is missing)
-            ts.gather(firsts).alias("first_seen"),
+            ts.gather(firsts).alias("first_event_at"),
             ts.gather(pl.Series(ends)).alias("last_event_at")
             if not ts.null_count()
             else _reduce_np(ts_high, None, starts, "max").alias("last_event_at"),
@@ -744,7 +744,7 @@ def _vm_facts(
         )
         .otherwise(soft_end)  # not deleted (or purged at once): only a soft delete starts a quarantine
         .alias("quarantine_until"),
-        pl.coalesce("created", "first_seen").alias("created_at"),
+        pl.coalesce("created", "first_event_at").alias("created_at"),
     )
     return facts
 
@@ -2288,7 +2288,7 @@ def _judged(lake: Any, new: pl.DataFrame, state: _State) -> pl.DataFrame:
     settled = named.filter(~named.is_in(state.live_ids().implode()))
     settled = settled.filter(_is_known(state, settled))
     if settled.len():
-        vm_columns = ["vm_id", "created_at", "deleted_at", "last_event_at"]
+        vm_columns = ["vm_id", "first_event_at", "created_at", "deleted_at", "last_event_at"]
         where = ("vm_id", settled.to_list())
         index = _index(lake, lake.entries("vms"), vm_columns, "vms", where, settled_only=True)
         context.append(_history(lake, new.head(0), settled, index, live.head(0)).select(_JUDGED))
@@ -2308,7 +2308,7 @@ def _update_under_locks(
     t0 = new.get_column("ts").min()
     vms0 = new.get_column("vm_id").drop_nulls().unique()
     lease_columns = ["addr", "vm_id", "valid_from", "valid_to"]
-    vm_columns = ["vm_id", "created_at", "deleted_at", "last_event_at"]
+    vm_columns = ["vm_id", "first_event_at", "created_at", "deleted_at", "last_event_at"]
     live = state.live_ids()
     unseen = vms0.filter(~vms0.is_in(live.implode()))
     # a new association with a port, or a detach, naming no VM: every live VM bound to the port, whose events
@@ -2538,7 +2538,12 @@ def _index(
         elif not settled_only:
             whole.append(i)
     frames = []
-    # one polars scan per kind (a reader per file costs more than the rows), the file's position from its path
+    both = {**{f.name: f for f in VMS}, **{f.name: f for f in VM_LEASES}}
+    schema = {
+        c: pl.Datetime("us", "UTC") if pa.types.is_timestamp(both[c].type) else pl.String for c in columns
+    }
+    # one polars scan per kind (a reader per file costs more than the rows), the file's position from its path;
+    # a column added to schema.py after a file was written (vms.first_event_at) reads as nulls there
     for positions, condition in (
         (whole, None),
         (filtered, None if where is None else pl.col(where[0]).is_in(where[1])),
@@ -2547,7 +2552,13 @@ def _index(
             continue
         position = {str(entries[i].path): i for i in positions}
         scan = pl.scan_parquet(
-            list(position), hive_partitioning=False, glob=False, include_file_paths="_path"
+            list(position),
+            hive_partitioning=False,
+            glob=False,
+            include_file_paths="_path",
+            schema=schema,
+            missing_columns="insert",
+            extra_columns="ignore",
         )
         if condition is not None:
             scan = scan.filter(condition)
@@ -2557,10 +2568,6 @@ def _index(
             ).collect()
         )
     if not frames:
-        both = {**{f.name: f for f in VMS}, **{f.name: f for f in VM_LEASES}}
-        schema = {
-            c: pl.Datetime("us", "UTC") if pa.types.is_timestamp(both[c].type) else pl.String for c in columns
-        }
         return pl.DataFrame(schema={**schema, "_file": pl.Int32})
     return pl.concat(frames).with_columns(
         pl.col(c).cast(pl.Datetime("us", "UTC")) for c in columns if "valid" in c or c.endswith("_at")
@@ -2656,7 +2663,7 @@ def _history(
     replay of notifications can give, count from the delete, to its last event)."""
     stored = live.filter(pl.col("vm_id").is_in(vms.implode()))
     vms = vms.filter(~vms.is_in(stored.get_column("vm_id").implode()))
-    first = pl.min_horizontal("created_at", "deleted_at", "last_event_at")
+    first = pl.min_horizontal("first_event_at", "created_at", "deleted_at", "last_event_at")
     days = (
         vm_index.filter(pl.col("vm_id").is_in(vms.implode()) & first.is_not_null())
         .select(
