@@ -120,6 +120,10 @@ def test_jobs_land_exactly_what_one_process_lands(captures, tmp_path):
     assert two.exit_code == one.exit_code == 3
     future = [r for r in one_rejects.to_pylist() if r["reason"] == "time outside plausible window"]
     assert future and all("ts_start=2099" in r["detail"] for r in future)
+    # each names its datagram: the packet record appended last to the hostile capture (16-byte record header)
+    hostile = next(p for p in captures if p.name == "v9-hostile.pcap")
+    last = rdpcap(str(hostile))[-1]
+    assert {r["offset"] for r in future} == {hostile.stat().st_size - 16 - len(bytes(last))}
     assert not [r for r in one_rows if r[0].year > 2090]
     key = ["source", "offset", "reason", "detail"]
     assert sorted(two_rejects.select(key).to_pylist(), key=repr) == sorted(

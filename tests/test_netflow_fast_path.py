@@ -157,3 +157,35 @@ def test_interleaved_exporters_domains_refreshes_and_junk_decode_as_one_at_a_tim
     _, fast = same_as_one_at_a_time(payloads, exporters)
     assert fast["192.0.2.1"]["rejects"] == 1
     assert fast["192.0.2.3"]["flows"] > 0  # its data waited for the template at its end, then decoded
+
+
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_records_of_an_implausible_clock_are_rejects_naming_their_datagram(one_at_a_time):
+    """In a run the fast path takes (and one datagram at a time, the full walk), the records of a datagram whose
+    header clock says 2099 or 1985 are rejects "time outside plausible window", one per record, each with the
+    time it claimed and the offset of its datagram; the run's other records land."""
+    stream = v9_stream(list(range(1, 7)))
+    secs = {2: 4_080_000_000, 4: 490_000_000}  # 2099-04-16, 1985-07-12
+    for k, clock in secs.items():
+        stream[k] = stream[k][:8] + clock.to_bytes(4, "big") + stream[k][12:]
+    state = DecoderState()
+    chunks = [[i] for i in range(len(stream))] if one_at_a_time else [list(range(len(stream)))]
+    flows, rejects = 0, []
+    for chunk in chunks:
+        result = decode_datagrams(
+            [stream[i] for i in chunk],
+            ["192.0.2.1"] * len(chunk),
+            np.zeros(len(chunk), np.int64),
+            np.asarray(chunk, np.int64) * 100 + 24,
+            "clock",
+            state,
+        )
+        flows += result.flows.num_rows
+        rejects += result.rejects.to_pylist()
+        assert result.stats["192.0.2.1"]["rejects"] == result.rejects.num_rows
+    counts = [2] + [1 + k % 3 for k in range(1, 6)]  # records per datagram (v9_stream)
+    assert flows == sum(counts) - counts[2] - counts[4]
+    assert [(r["offset"], r["reason"], r["detail"][:14]) for r in rejects] == [
+        *[(224, "time outside plausible window", "ts_start=2099-")] * counts[2],
+        *[(424, "time outside plausible window", "ts_start=1985-")] * counts[4],
+    ]

@@ -35,6 +35,7 @@ from tracepipe.ingest import inner_headers, router_fields
 from tracepipe.ingest.decode_pool import InputChanged
 from tracepipe.limits import DEFAULT, Limits
 from tracepipe.schema import FLOWS, REJECTS, TS, null_column
+from tracepipe.units import time_window
 
 # ---- field ids: the one table. id -> (IANA / RFC 3954 name, role in the decoder) ----------------------------
 # Roles name what a field becomes: a FLOWS column, a time ingredient, or an options value. Fields not listed
@@ -932,11 +933,21 @@ def merge_exporter_totals(
 
 
 # ---- the batch decoder --------------------------------------------------------------------------------------
-# ctx: one per (datagram, options state) holding what record times and sampling need:
-# (exporter index, version, domain, boot_ms or export_ms, sys_uptime_ms, export_ms, sys_init_ms, sampling)
-_CTX_EXPORTER, _CTX_VERSION, _CTX_DOMAIN, _CTX_BOOT, _CTX_UPTIME, _CTX_EXPORT, _CTX_INIT, _CTX_SAMPLING = (
-    range(8)
-)
+# ctx: one per (datagram, options state) holding what record times and sampling need, and where the datagram
+# is (rejects of its records name it): (exporter index, version, domain, boot_ms or export_ms, sys_uptime_ms,
+# export_ms, sys_init_ms, sampling, the datagram's offset in its input or -1)
+(
+    _CTX_EXPORTER,
+    _CTX_VERSION,
+    _CTX_DOMAIN,
+    _CTX_BOOT,
+    _CTX_UPTIME,
+    _CTX_EXPORT,
+    _CTX_INIT,
+    _CTX_SAMPLING,
+    _CTX_OFFSET,
+) = range(9)
+_CTX_WIDTH = 9
 
 _U16 = struct.Struct(">H")
 _HDR_FIXED = struct.Struct(">HHIII")  # version, count, sysUptime, unix_secs, unix_nsecs
@@ -1046,6 +1057,10 @@ class _Batch:
         self.state = state
         self.source = source
         self.in_file = in_file  # the fast path's records stay in the file (walk_datagrams)
+        self.offsets: np.ndarray | None = (
+            None  # each datagram's offset in its input (_walk_batch), for rejects
+        )
+        self.reject_tables: list[pa.Table] = []  # rejects made for many records at once (_implausible)
         self.exporters: list[str] = []
         self.exporter_index: dict[str, int] = {}
         self.ctx: list[tuple] = []  # ctx rows not yet in a block
@@ -1069,7 +1084,7 @@ class _Batch:
             for tpl, bodies, counts, ctx_ids in self.groups.values()
         ]
         self._ctx_to_block()
-        ctx = np.concatenate(self.ctx_blocks) if self.ctx_blocks else np.zeros((0, 8), np.int64)
+        ctx = np.concatenate(self.ctx_blocks) if self.ctx_blocks else np.zeros((0, _CTX_WIDTH), np.int64)
         mine = self.exporter_index
         samplers = self.state.samplers.of_exporters(mine) if self.state.samplers else {}
         names = self.state.if_names.of_exporters(mine) if self.state.if_names else {}
@@ -1121,13 +1136,13 @@ class _Batch:
             self.exporters.append(exporter)
         return idx
 
-    def add_ctx(self, exporter: str, values: tuple) -> int:
-        self.ctx.append((self.exporter_id(exporter), *values))
+    def add_ctx(self, exporter: str, values: tuple, offset: int | None) -> int:
+        self.ctx.append((self.exporter_id(exporter), *values, -1 if offset is None else offset))
         self.ctx_rows += 1
         return self.ctx_rows - 1
 
     def add_ctx_block(self, rows: np.ndarray) -> np.ndarray:
-        """Many ctx rows at once (an (n, 8) int64 array); returns their indices."""
+        """Many ctx rows at once (an (n, _CTX_WIDTH) int64 array); returns their indices."""
         self._ctx_to_block()
         self.ctx_blocks.append(rows)
         self.ctx_rows += len(rows)
@@ -1135,7 +1150,7 @@ class _Batch:
 
     def _ctx_to_block(self) -> None:
         if self.ctx:
-            self.ctx_blocks.append(np.array(self.ctx, dtype=np.int64).reshape(-1, 8))
+            self.ctx_blocks.append(np.array(self.ctx, dtype=np.int64).reshape(-1, _CTX_WIDTH))
             self.ctx = []
 
     def add_data(
@@ -1177,7 +1192,7 @@ def decode_datagrams(
     flows = _decode_walked(batch, _records_read(batch.walked()))
     if not text_as_dictionary:
         flows = flows.cast(FLOWS)
-    return Decoded(flows, _rejects_table(batch.rejects, source), batch.stats)
+    return Decoded(flows, _batch_rejects(batch, source), batch.stats)
 
 
 def walk_datagrams(
@@ -1212,7 +1227,7 @@ def decode_walked(walked: Walked, ipv4_as_integers: bool = False) -> Decoded:
     batch = _Batch(None, walked.source)  # type: ignore[arg-type]  # columns need no decoder state
     batch.exporters = list(walked.exporters)
     flows = _decode_walked(batch, _records_read(walked), ipv4_as_integers)
-    return Decoded(flows, _rejects_table(batch.rejects, walked.source), batch.stats)
+    return Decoded(flows, _batch_rejects(batch, walked.source), batch.stats)
 
 
 def _records_read(walked: Walked) -> Walked:
@@ -1236,6 +1251,7 @@ def _walk_batch(
     in_file: InFile | None = None,
 ) -> _Batch:
     batch = _Batch(state, source, in_file)
+    batch.offsets = None if offsets is None else np.asarray(offsets, np.int64)
     n = len(payloads)
     if n:
         state.now_ms = max(state.now_ms, int(np.max(arrival_us)) // 1000)
@@ -1436,7 +1452,7 @@ def _fast_key(
     if not len(idx):
         return
     export_ms = heads.time[idx] * 1000
-    rows = np.empty((len(idx), 8), np.int64)
+    rows = np.empty((len(idx), _CTX_WIDTH), np.int64)
     rows[:, _CTX_EXPORTER] = batch.exporter_id(exporter)
     rows[:, _CTX_VERSION] = version
     rows[:, _CTX_DOMAIN] = domain
@@ -1445,6 +1461,7 @@ def _fast_key(
     rows[:, _CTX_EXPORT] = export_ms
     rows[:, _CTX_INIT] = state.sys_init_ms.get((exporter, domain), -1)
     rows[:, _CTX_SAMPLING] = state.sampling.get((exporter, domain), -1)
+    rows[:, _CTX_OFFSET] = -1 if batch.offsets is None else batch.offsets[idx]
     hdr, record_len = 24 if version == 9 else 20, tpl.record_len
     if batch.in_file is not None:  # where the records are in the file: no slice per datagram, no copy
         spans = _FileSpans(batch.in_file.starts[idx] + hdr, counts * record_len)
@@ -1512,7 +1529,7 @@ def _walk_fixed(
                 sampling = batch.stat(exporter)["sampling"] = interval
     # v5 boot time: unix_secs + nsecs - sysUptime, in ms (RFC-less, as Cisco documents it)
     boot_ms = secs * 1000 + nsecs // 1_000_000 - uptime
-    ctx = batch.add_ctx(exporter, (version, 0, boot_ms, uptime, secs * 1000, -1, sampling))
+    ctx = batch.add_ctx(exporter, (version, 0, boot_ms, uptime, secs * 1000, -1, sampling), offset)
     if exporter in batch.state.domains:
         batch.state.exporters.touch(exporter, live=True)
     body = payload[header_len : header_len + count * record_len]
@@ -1607,7 +1624,7 @@ def _walk_sets(
             state.used(key)
             continue
         if values != ctx_key:
-            ctx = batch.add_ctx(exporter, values)
+            ctx = batch.add_ctx(exporter, values, offset)
             ctx_key = values
         count, flows = _add_template_data(batch, tpl, payload[body_start:body_end], ctx, exporter, offset)
         if flows:  # (records that can give no flow do not keep a template: a flood of them is not "live")
@@ -1906,7 +1923,7 @@ def _replay_pending(batch: _Batch) -> None:
                 continue
             sys_init = values[5] if values[5] >= 0 else state.sys_init_ms.get((exporter, domain), -1)
             sampling = values[6] if values[6] >= 0 else state.sampling.get((exporter, domain), -1)
-            ctx = batch.add_ctx(exporter, (*values[:5], sys_init, sampling))
+            ctx = batch.add_ctx(exporter, (*values[:5], sys_init, sampling), pending_offset)
             _add_template_data(batch, tpl, body, ctx, exporter, pending_offset)
 
 
@@ -2226,7 +2243,13 @@ def _decode_group(
     if not (has4 or has6) and section is None:
         for cid, count in zip(ctx_ids, counts, strict=True):
             exporter = batch.exporters[int(ctx[cid, _CTX_EXPORTER])]
-            batch.reject(None, exporter, "no addresses", f"template without address fields: {count} records")
+            offset = int(ctx[cid, _CTX_OFFSET])
+            batch.reject(
+                offset if offset >= 0 else None,
+                exporter,
+                "no addresses",
+                f"template without address fields: {count} records",
+            )
         return None
 
     if has4 and has6:
@@ -2359,26 +2382,24 @@ def _decode_group(
     sane = (start_ms >= 0) & (start_ms < MAX_TIME_MS) & (end_ms >= 0) & (end_ms < MAX_TIME_MS)
     all_sane = bool(sane.all())
     if not all_sane:
-        for exporter_idx in np.unique(exporter_ids[~sane]):
-            n = int(np.count_nonzero(~sane & (exporter_ids == exporter_idx)))
-            batch.reject(
-                None,
-                batch.exporters[int(exporter_idx)],
-                "bad time",
-                f"{n} records with a start or end before 1970 or after 2100",
-            )
+        _reject_per_exporter(
+            batch, ~sane, exporter_ids, c, "bad time", "with a start or end before 1970 or after 2100"
+        )
     if kept is not None:  # issue 16: records whose only addresses were in a packet section that is not IP
-        dropped = sane & ~kept
-        for exporter_idx in np.unique(exporter_ids[dropped]):
-            n = int(np.count_nonzero(dropped & (exporter_ids == exporter_idx)))
-            batch.reject(
-                None,
-                batch.exporters[int(exporter_idx)],
-                "no addresses",
-                f"{n} records: packet section not IP",
-            )
+        _reject_per_exporter(batch, sane & ~kept, exporter_ids, c, "no addresses", "packet section not IP")
         sane &= kept
         all_sane = bool(sane.all())
+    # a start outside the plausible window (units.time_window) is a reject naming its time and its datagram, as
+    # the lake writer would make it without the datagram (lake.split_implausible, still there for other inputs)
+    plausible = _plausible_ms(start_ms)
+    if plausible is not None:
+        wrong = sane & ~plausible
+        if wrong.any():
+            batch.reject_tables.append(
+                _implausible(batch, start_ms[wrong], exporter_ids[wrong], c[_CTX_OFFSET][wrong])
+            )
+            sane &= plausible
+            all_sane = False
     per_exporter = np.bincount(
         exporter_ids[sane] if not all_sane else exporter_ids, minlength=len(batch.exporters)
     )
@@ -2585,6 +2606,65 @@ def _address_text_mixed(arr: np.ndarray, use6: np.ndarray, end: str = "src") -> 
     v4 = _ipv4_text(arr[f"{end}_addr4"])
     v6 = _ipv6_text(arr[f"{end}_addr6"])
     return pc.if_else(pa.array(use6), v6.cast(pa.string()), v4.cast(pa.string()))
+
+
+def _reject_per_exporter(
+    batch: _Batch, bad: np.ndarray, exporter_ids: np.ndarray, c: _PerRecord, reason: str, what: str
+) -> None:
+    """One reject per exporter for its records where `bad`: how many, and the offsets of the first and last
+    datagram holding one (the reject's offset is the first's)."""
+    offsets = c[_CTX_OFFSET]
+    for exporter_idx in np.unique(exporter_ids[bad]):
+        mine = bad & (exporter_ids == exporter_idx)
+        at = offsets[mine]
+        at = at[at >= 0]
+        where = "" if not len(at) else f"; datagrams at offsets {int(at.min())}..{int(at.max())}"
+        batch.reject(
+            int(at.min()) if len(at) else None,
+            batch.exporters[int(exporter_idx)],
+            reason,
+            f"{int(np.count_nonzero(mine))} records {what}{where}",
+        )
+
+
+def _plausible_ms(start_ms: np.ndarray) -> np.ndarray | None:
+    """Where a start (ms since 1970) lies in units.time_window; None when every one does (the usual case)."""
+    earliest, latest = time_window()
+    low, high = int(earliest.timestamp() * 1000), int(latest.timestamp() * 1000)
+    if not len(start_ms) or (int(start_ms.min()) >= low and int(start_ms.max()) <= high):
+        return None
+    return (start_ms >= low) & (start_ms <= high)
+
+
+def _implausible(
+    batch: _Batch, start_ms: np.ndarray, exporter_ids: np.ndarray, offsets: np.ndarray
+) -> pa.Table:
+    """One reject per record whose start is outside the plausible window, with its datagram's offset."""
+    from tracepipe.lake import implausible_detail  # (only here: the lake's module is not a decoder's)
+
+    n = len(start_ms)
+    for exporter_idx, count in zip(*np.unique(exporter_ids, return_counts=True), strict=True):
+        batch.stat(batch.exporters[int(exporter_idx)])["rejects"] += int(count)
+    fields = ["offset", "exporter", "reason", "detail", "source"]
+    schema = pa.schema([REJECTS.field(f) for f in fields])
+    exporters = pa.array(batch.exporters, pa.string()).take(pa.array(exporter_ids))
+    starts = pa.array(start_ms * 1000, TS)
+    return pa.table(
+        [
+            pa.array(offsets, mask=offsets < 0).cast(schema.field("offset").type),
+            exporters.cast(schema.field("exporter").type),
+            pa.array(["time outside plausible window"] * n, schema.field("reason").type),
+            implausible_detail(starts, "ts_start").cast(schema.field("detail").type),
+            pa.array([batch.source] * n, schema.field("source").type),
+        ],
+        schema=schema,
+    )
+
+
+def _batch_rejects(batch: _Batch, source: str) -> pa.Table:
+    """The rejects of a decode: those made one by one, then those made for many records at once."""
+    rejects = _rejects_table(batch.rejects, source)
+    return pa.concat_tables([rejects, *batch.reject_tables]) if batch.reject_tables else rejects
 
 
 def _rejects_table(rows: list[tuple[int | None, str, str, str]], source: str) -> pa.Table:
