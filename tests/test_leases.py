@@ -559,6 +559,28 @@ def test_neutron_events_in_any_order_give_the_full_build(tmp_path_factory, histo
     assert _lake_tables(lake) == (expected_leases, vms.to_pylist())
 
 
+def test_a_port_deleted_again_at_the_instant_its_address_is_claimed_anew(tmp_path):
+    """VM a claims 10.0.0.1 and binds port p1 listing it; p1 is deleted (no VM named: the address goes). A later
+    batch deletes p1 again at the instant a claims the address anew: the full build's detach releases it by
+    the port's old listing. The update would replay from that instant, without the listing (_strip_before),
+    and kept the lease open; it now sees that and rebuilds in full (found by Hypothesis in a session's run)."""
+    from tracepipe.lake import Lake
+
+    history = [
+        (0, "a", 0, "10.0.0.1", "h1", "f1", "p1", 0),  # create
+        (0, "a", 17, "10.0.0.1", "h1", "f1", "p1", 0),  # port p1 bound to a, listing the address
+        (0, "a", 18, "10.0.0.1", "h1", "f1", "p1", 0),  # p1 deleted (no VM named)
+        (1, "a", 18, "10.0.0.1", "h1", "f1", "p1", 0),  # p1 deleted again ...
+        (1, "a", 0, "10.0.0.1", "h1", "f1", "p1", 0),  # ... at the instant a claims the address anew
+    ]
+    events = _events([_neutron_row(h[:7], h[7]) for h in history])
+    modes = _update_in_batches(Lake(tmp_path / "lake"), [events.slice(0, 3), events.slice(3)], "again", True)
+    assert modes == [
+        "full",
+        "full: a detach by port whose port listed an address before what the update replays of it",
+    ]
+
+
 def test_hourly_neutron_events_update_incrementally(tmp_path):
     """What a site that feeds Neutron's notifications lands every hour: ports created for new VMs (port_update
     naming the VM), floating IPs associated with a VM's port (port_details name the VM), disassociated and
@@ -2168,8 +2190,9 @@ def test_ports_gone_and_their_times_are_read_by_page_with_the_answers_of_the_who
 
 def test_an_update_reads_a_settled_vms_events_from_the_day_before_its_first_fact_to_its_last_event(tmp_path):
     """_history: the stored events of an involved VM that is no longer live are read from the day partitions
-    from the day before the first of its created_at / deleted_at / last_event_at (a .start notification just
-    before midnight, a replay whose create comes after the delete) to its last event, and no other day's."""
+    from the day before the first of its first_event_at / created_at / deleted_at / last_event_at (a .start
+    notification just before midnight, a replay whose create comes after the delete) to its last event, and no
+    other day's. A vms row written before first_event_at existed (null there) reads as before."""
     import polars as pl
 
     from tracepipe.correlate.leases import _history
@@ -2188,11 +2211,25 @@ def test_an_update_reads_a_settled_vms_events_from_the_day_before_its_first_fact
         ingest_table(lake, "vm_events", f"r{i}", hash_bytes(repr(row).encode()), [_events([row])])
     index = pl.DataFrame(
         {"vm_id": ["x"], "created_at": [utc(0, 1, day=10)], "deleted_at": [utc(9, 0, day=13)]}
-    ).with_columns(pl.col("deleted_at").alias("last_event_at"))
+    ).with_columns(
+        pl.lit(None, pl.Datetime("us", "UTC")).alias("first_event_at"),
+        pl.col("deleted_at").alias("last_event_at"),
+    )
     new = pl.from_arrow(_events([]))
     live = pl.from_arrow(_events([]))
     got = _history(lake, new, pl.Series("vm_id", ["x", "gone-without-row"]), index, live)
     assert sorted(got.get_column("ts").to_list()) == [
+        utc(23, 59, day=9),
+        utc(0, 1, day=10),
+        utc(9, 0, day=13),
+    ]
+    # its first event known (the update on day 8): read from the day before it
+    index = index.with_columns(
+        pl.lit(utc(9, 0, day=8)).cast(pl.Datetime("us", "UTC")).alias("first_event_at")
+    )
+    got = _history(lake, new, pl.Series("vm_id", ["x"]), index, live)
+    assert sorted(got.get_column("ts").to_list()) == [
+        utc(9, 0, day=8),
         utc(23, 59, day=9),
         utc(0, 1, day=10),
         utc(9, 0, day=13),

@@ -2443,6 +2443,8 @@ def _update_files(
     events = _without_refused(events, _refused_bindings(events))  # (a settled VM's, read as they landed)
     if _dropped_instant(events, index, addrs, state, new.get_column("ts").min()):
         return "an event at the instant of an event the saved state left out (_compacted) of its address's holder"
+    if _listed_before_start(events, new, starts):
+        return "a detach by port whose port listed an address before what the update replays of it"
     leases, vms = build_leases(_strip_before(events, starts).to_arrow(), reclaim)
     leases = pl.from_arrow(leases)
     vms = pl.from_arrow(vms)
@@ -2924,6 +2926,46 @@ def _vmless_detach() -> pl.Expr:
     """A port deleted or unbound by an event naming no VM (Neutron's port.update with its device cleared): it
     releases what the port's VM then holds of the addresses its events listed with the port before."""
     return (pl.col("action") == "detach") & pl.col("vm_id").is_null() & pl.col("port_id").is_not_null()
+
+
+def _listed_before_start(events: pl.DataFrame, new: pl.DataFrame, starts: pl.DataFrame) -> bool:
+    """Whether a new detach that releases by port (no address named; no VM or no list: the replay's by-port
+    detaches) names a port whose events listed a touched address A before b(A): _strip_before takes that
+    listing out of the replay, so the detach would not release A from the VM that claims it again after b(A)
+    (the full build does). Rare (a port deleted or unbound again after its address was freed and claimed
+    anew); then the update is a full rebuild."""
+    by_port = (
+        (pl.col("action") == "detach")
+        & pl.col("addr").is_null()
+        & pl.col("port_id").is_not_null()
+        & (pl.col("addrs").is_null() | pl.col("vm_id").is_null())
+    )
+    detaches = new.filter(by_port)
+    if not detaches.height:
+        return False
+    ports = detaches.get_column("port_id").unique()
+    listed = (
+        events.filter(
+            pl.col("port_id").is_in(ports.implode()) & ~pl.col("action").fill_null("").str.starts_with("fip_")
+        )
+        .select("ts", pl.col("addrs").alias("addr"))
+        .explode("addr")
+        .join(starts.select("addr", "free_from"), on="addr")
+        .filter(pl.col("ts") < pl.col("free_from"))
+    )
+    if not listed.height:
+        return False
+    # (only when the replay claims such an address again from b(A) up to the last of these detaches: else the
+    # listing has nothing left to release, as when the port's address was freed before and stays free)
+    last = detaches.get_column("ts").max()
+    claimed = (
+        events.filter(~pl.col("action").fill_null("").str.starts_with("fip_") & (pl.col("ts") <= last))
+        .select("ts", pl.concat_list(pl.col("addrs").fill_null([]), pl.col("addr")).alias("addr"))
+        .explode("addr")
+        .join(listed.select("addr", "free_from").unique(), on="addr")
+        .filter(pl.col("ts") >= pl.col("free_from"))
+    )
+    return bool(claimed.height)
 
 
 def _port_bound(rows: pl.DataFrame, bindings: pl.DataFrame) -> pl.DataFrame:
