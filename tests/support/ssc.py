@@ -96,6 +96,7 @@ def make_cloud(n_vms: int = 5000, n_v4: int = 1600, n_v6: int = 400, days: int =
                 pa.array(status == "active"), pa.nulls(n_vms, ts), pa.array(deleted_at, ts)
             ),
             "quarantine_until": leases["quarantine_until"],
+            "first_event_at": leases["valid_from"],
             "last_event_at": leases["valid_from"],
             "image": pa.array([f"img-{i % 7}" for i in range(n_vms)]),  # vm-00012 runs img-5
             "vm_key": pa.nulls(n_vms, pa.int64()),  # the lease writer assigns them (correlate/vm_keys.py)
