@@ -148,7 +148,7 @@ def test_a_section_that_is_not_ip_is_a_counted_reject_and_the_rest_lands():
     assert result.rejects.column("reason").to_pylist() == ["no addresses", "no addresses"]
     assert result.rejects.column("detail").to_pylist() == [
         "2 records: packet section shorter than an IP header",
-        "1 records: packet section not IP",
+        "1 records in datagrams at offsets 100..100: packet section not IP",  # (the second datagram)
     ]
 
 

@@ -2383,10 +2383,10 @@ def _decode_group(
     all_sane = bool(sane.all())
     if not all_sane:
         _reject_per_exporter(
-            batch, ~sane, exporter_ids, c, "bad time", "with a start or end before 1970 or after 2100"
+            batch, ~sane, exporter_ids, c, "bad time", " with a start or end before 1970 or after 2100"
         )
     if kept is not None:  # issue 16: records whose only addresses were in a packet section that is not IP
-        _reject_per_exporter(batch, sane & ~kept, exporter_ids, c, "no addresses", "packet section not IP")
+        _reject_per_exporter(batch, sane & ~kept, exporter_ids, c, "no addresses", ": packet section not IP")
         sane &= kept
         all_sane = bool(sane.all())
     # a start outside the plausible window (units.time_window) is a reject naming its time and its datagram, as
@@ -2618,12 +2618,12 @@ def _reject_per_exporter(
         mine = bad & (exporter_ids == exporter_idx)
         at = offsets[mine]
         at = at[at >= 0]
-        where = "" if not len(at) else f"; datagrams at offsets {int(at.min())}..{int(at.max())}"
+        where = "" if not len(at) else f" in datagrams at offsets {int(at.min())}..{int(at.max())}"
         batch.reject(
             int(at.min()) if len(at) else None,
             batch.exporters[int(exporter_idx)],
             reason,
-            f"{int(np.count_nonzero(mine))} records {what}{where}",
+            f"{int(np.count_nonzero(mine))} records{where}{what}",
         )
 
 
