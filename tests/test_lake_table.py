@@ -4,6 +4,7 @@ reading the lake without tracepipe (deltalake + DuckDB, polars). Real Parquet, r
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -785,10 +786,11 @@ def _manifest_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int | No
     real_open, real_file = pq.ParquetFile.__init__, lake_module._manifest_file
     handles: list[tuple[object, str]] = []  # (manifest files are read through handles: lake._manifest_file)
 
+    @contextlib.contextmanager
     def manifest_file(path):
-        handle = real_file(path)
-        handles.append((handle, str(path)))
-        return handle
+        with real_file(path) as handle:
+            handles.append((handle, str(path)))
+            yield handle
 
     def name_of(where) -> str:
         return next((name for handle, name in handles if handle is where), str(where))

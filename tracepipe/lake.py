@@ -32,7 +32,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -722,11 +722,11 @@ class PartFile:
         self.tmp.unlink(missing_ok=True)
 
 
-def _manifest_file(path: Path) -> BinaryIO:
+def _manifest_file(path: Path) -> contextlib.AbstractContextManager[Any]:
     """A manifest file to read, opened as a regular file only (fsutil.open_regular: O_NONBLOCK, no link): a FIFO
     planted under a name the manifest's log lists hung every ingest's already_ingested (a planted log entry,
-    session-28 read), now an OSError naming it."""
-    return os.fdopen(fsutil.open_regular(path), "rb")
+    session-28 read), now an OSError naming it. An Arrow file, not a Python one (fsutil.arrow_file)."""
+    return fsutil.arrow_regular(path)
 
 
 def _group_bounds(footer: pq.FileMetaData, column: str = "content_hash") -> list[tuple[Any, Any]]:
@@ -1197,8 +1197,12 @@ class Lake:
             except OSError as exc:
                 out.append((entry, _open_problem(exc)))
                 continue
-            with os.fdopen(fd, "rb") as handle:
+            try:
                 size = os.fstat(fd).st_size
+                handle = fsutil.arrow_file(fd) if read_footers and size == entry.size else None
+            finally:
+                os.close(fd)
+            with handle or contextlib.nullcontext():
                 if size != entry.size:
                     out.append((entry, f"{size} bytes, the log says {entry.size}"))
                 elif read_footers:

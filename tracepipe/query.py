@@ -147,9 +147,7 @@ def _footer_columns(path: Path, names: frozenset[str]) -> frozenset[str]:
     """The columns a file's footer declares; all `names` when the footer does not read (the scan then fails
     on it and says which file: query.lake_file_error)."""
     try:
-        with os.fdopen(
-            fsutil.open_regular(path), "rb"
-        ) as handle:  # (a planted FIFO: refused, never waited on)
+        with fsutil.arrow_regular(path) as handle:  # (a planted FIFO: refused, never waited on)
             return frozenset(pq.read_schema(handle).names)
     except (OSError, pa.ArrowException):
         return names
@@ -262,7 +260,7 @@ def _binds_as_declared(name: str, missing: frozenset[str], path: Path) -> bool:
     it does not read (a FIFO or other non-regular file is refused, never waited on)."""
     expected = _anchor_footer(name, missing)
     try:
-        with os.fdopen(fsutil.open_regular(path), "rb") as handle:
+        with fsutil.arrow_regular(path) as handle:
             found = pq.read_schema(handle)
     except (OSError, pa.ArrowException):
         return False
@@ -279,13 +277,10 @@ def _anchor_footer(name: str, missing: frozenset[str]) -> pa.Schema:
     key = (name, missing)
     known = _ANCHOR_FOOTERS.get(key)
     if known is None:
-        import io
-
         schema = pa.schema([f for f in DATASETS[name].schema if f.name not in missing])
-        buffer = io.BytesIO()
+        buffer = pa.BufferOutputStream()  # (Arrow's own buffer: fsutil.arrow_file says why)
         pq.write_table(schema.empty_table(), buffer, store_schema=False)
-        buffer.seek(0)
-        known = _ANCHOR_FOOTERS.setdefault(key, pq.read_schema(buffer))
+        known = _ANCHOR_FOOTERS.setdefault(key, pq.read_schema(pa.BufferReader(buffer.getvalue())))
     return known
 
 
