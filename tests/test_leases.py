@@ -1799,6 +1799,7 @@ def test_the_lease_index_reads_a_column_older_files_lack_as_nulls(tmp_path):
     incrementally (its saved state predates the column): the update's index of them reads nulls there."""
     import types
 
+    import polars as pl
     import pyarrow.parquet as pq
 
     from tracepipe.correlate.leases import _index
@@ -1810,6 +1811,19 @@ def test_the_lease_index_reads_a_column_older_files_lack_as_nulls(tmp_path):
     entries = [types.SimpleNamespace(path=old), types.SimpleNamespace(path=new)]
     index = _index(None, entries, ["vm_id", "first_event_at", "last_event_at"])
     assert index.sort("vm_id").rows() == [("a", None, utc(0, 0), 0), ("b", utc(0, 0), utc(0, 0), 1)]
+    # a table another tool wrote, its times in ns, ms or another zone: read as the declared times all the same
+    for unit, zone in (("ns", "UTC"), ("ms", "UTC"), ("us", "Europe/Paris")):
+        other = tmp_path / f"other-{unit}.parquet"
+        times = [i for i, f in enumerate(vms.schema) if pa.types.is_timestamp(f.type)]
+        odd = vms
+        for i in times:
+            odd = odd.set_column(i, vms.schema.field(i).name, vms.column(i).cast(pa.timestamp(unit, zone)))
+        pq.write_table(odd.drop_columns(["first_event_at"]), other)
+        got = _index(
+            None, [*entries, types.SimpleNamespace(path=other)], ["vm_id", "first_event_at", "last_event_at"]
+        )
+        assert got.sort("vm_id", "_file").rows()[-1] == ("b", utc(0, 0), utc(0, 0), 1), (unit, zone)
+        assert got.filter(pl.col("_file") == 2).rows() == [("a", None, utc(0, 0), 2)], (unit, zone)
 
 
 # ---- the full rebuild in time slices (bounded memory) ---------------------------------------------------------

@@ -2561,19 +2561,38 @@ def _index(
             schema=schema,
             missing_columns="insert",
             extra_columns="ignore",
+            cast_options=pl.ScanCastOptions(datetime_cast=["nanosecond-downcast", "convert-timezone"]),
         )
         if condition is not None:
             scan = scan.filter(condition)
-        frames.append(
-            scan.select(
+        try:
+            frame = scan.select(
                 *columns, pl.col("_path").replace_strict(position, return_dtype=pl.Int32).alias("_file")
             ).collect()
-        )
+        except pl.exceptions.SchemaError:  # (times of another unit or zone: a table another tool wrote)
+            frame = _conformed_index(entries, positions, columns, condition)
+        frames.append(frame)
     if not frames:
         return pl.DataFrame(schema={**schema, "_file": pl.Int32})
     return pl.concat(frames).with_columns(
         pl.col(c).cast(pl.Datetime("us", "UTC")) for c in columns if "valid" in c or c.endswith("_at")
     )
+
+
+def _conformed_index(
+    entries: list[Any], positions: list[int], columns: list[str], condition: pl.Expr | None
+) -> pl.DataFrame:
+    """_index's rows of files whose columns the typed scan refused (a time in ms, or in another zone: a table
+    another tool wrote), each read and conformed to its declared schema (read_parquet_files) instead."""
+    declared = VMS if all(c in VMS.names for c in columns) else VM_LEASES
+    tables = read_parquet_files([entries[i].path for i in positions], declared)
+    frames = []
+    for i, table in zip(positions, tables, strict=True):
+        frame = pl.from_arrow(table.select(columns))
+        assert isinstance(frame, pl.DataFrame)
+        frame = frame.with_columns(pl.lit(i, pl.Int32).alias("_file"))
+        frames.append(frame if condition is None else frame.filter(condition))
+    return pl.concat(frames)
 
 
 def _lost_unbound_reads(before: pl.DataFrame, kept: pl.DataFrame, bound: pl.Series) -> pl.Series:
