@@ -901,6 +901,34 @@ def test_malformed_datagrams_become_rejects(case):
     state.to_json()  # whatever happened, the state stays serialisable
 
 
+def test_bad_time_rejects_count_each_senders_records_and_name_its_datagrams():
+    """Records beyond 2100 from several senders in one batch: one reject per sender, with how many of its
+    records and the offsets of its first and last datagram holding one (the reject's offset is the first's)."""
+    payload, _ = MALFORMED["time beyond 2100"]  # (a template and one record beyond 2100)
+    senders = ["192.0.2.1", "192.0.2.2", "192.0.2.1", "192.0.2.3", "192.0.2.1"]
+    result = decode_datagrams(
+        [payload] * len(senders),
+        senders,
+        np.zeros(len(senders), np.int64),
+        np.arange(len(senders), dtype=np.int64) * 1000 + 24,
+        "senders",
+        DecoderState(),
+    )
+    assert result.flows.num_rows == 0
+    got = sorted((r["exporter"], r["offset"], r["detail"]) for r in result.rejects.to_pylist())
+    beyond = " with a start or end before 1970 or after 2100"
+    assert got == [
+        ("192.0.2.1", 24, f"3 records in datagrams at offsets 24..4024{beyond}"),
+        ("192.0.2.2", 1024, f"1 records in datagrams at offsets 1024..1024{beyond}"),
+        ("192.0.2.3", 3024, f"1 records in datagrams at offsets 3024..3024{beyond}"),
+    ]
+    assert {e: s["rejects"] for e, s in result.stats.items()} == {
+        "192.0.2.1": 1,
+        "192.0.2.2": 1,
+        "192.0.2.3": 1,
+    }
+
+
 def test_huge_template_id_and_many_fields_are_fine():
     layout = [(8, 4), (12, 4)] + [(1000 + i, 1) for i in range(300)]
     message = ipfix_message(

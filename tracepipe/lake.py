@@ -1202,7 +1202,7 @@ class Lake:
                 handle = fsutil.arrow_file(fd) if read_footers and size == entry.size else None
             finally:
                 os.close(fd)
-            with handle or contextlib.nullcontext():
+            with contextlib.nullcontext() if handle is None else handle:
                 if size != entry.size:
                     out.append((entry, f"{size} bytes, the log says {entry.size}"))
                 elif read_footers:

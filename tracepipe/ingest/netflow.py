@@ -1057,9 +1057,7 @@ class _Batch:
         self.state = state
         self.source = source
         self.in_file = in_file  # the fast path's records stay in the file (walk_datagrams)
-        self.offsets: np.ndarray | None = (
-            None  # each datagram's offset in its input (_walk_batch), for rejects
-        )
+        self.offsets: np.ndarray | None = None  # each datagram's offset in its input (_walk_batch): rejects
         self.reject_tables: list[pa.Table] = []  # rejects made for many records at once (_implausible)
         self.exporters: list[str] = []
         self.exporter_index: dict[str, int] = {}
@@ -2612,18 +2610,23 @@ def _reject_per_exporter(
     batch: _Batch, bad: np.ndarray, exporter_ids: np.ndarray, c: _PerRecord, reason: str, what: str
 ) -> None:
     """One reject per exporter for its records where `bad`: how many, and the offsets of the first and last
-    datagram holding one (the reject's offset is the first's)."""
-    offsets = c[_CTX_OFFSET]
-    for exporter_idx in np.unique(exporter_ids[bad]):
-        mine = bad & (exporter_ids == exporter_idx)
-        at = offsets[mine]
-        at = at[at >= 0]
-        where = "" if not len(at) else f" in datagrams at offsets {int(at.min())}..{int(at.max())}"
+    datagram holding one (the reject's offset is the first's). One sort of the bad records, not a pass over
+    every record per exporter (a capture may hold thousands of senders)."""
+    ids, offsets = exporter_ids[bad], c[_CTX_OFFSET][bad]
+    order = np.argsort(ids, kind="stable")
+    ids, offsets = ids[order], offsets[order]
+    senders, starts, counts = np.unique(ids, return_index=True, return_counts=True)
+    if not len(senders):
+        return
+    known = offsets >= 0
+    firsts = np.minimum.reduceat(np.where(known, offsets, np.iinfo(np.int64).max), starts)
+    lasts = np.maximum.reduceat(np.where(known, offsets, -1), starts)
+    for sender, n, first, last in zip(
+        senders.tolist(), counts.tolist(), firsts.tolist(), lasts.tolist(), strict=True
+    ):
+        where = "" if last < 0 else f" in datagrams at offsets {first}..{last}"
         batch.reject(
-            int(at.min()) if len(at) else None,
-            batch.exporters[int(exporter_idx)],
-            reason,
-            f"{int(np.count_nonzero(mine))} records{where}{what}",
+            None if last < 0 else first, batch.exporters[sender], reason, f"{n} records{where}{what}"
         )
 
 
@@ -2653,9 +2656,9 @@ def _implausible(
         [
             pa.array(offsets, mask=offsets < 0).cast(schema.field("offset").type),
             exporters.cast(schema.field("exporter").type),
-            pa.array(["time outside plausible window"] * n, schema.field("reason").type),
+            pa.repeat(pa.scalar("time outside plausible window", schema.field("reason").type), n),
             implausible_detail(starts, "ts_start").cast(schema.field("detail").type),
-            pa.array([batch.source] * n, schema.field("source").type),
+            pa.repeat(pa.scalar(batch.source, schema.field("source").type), n),
         ],
         schema=schema,
     )
