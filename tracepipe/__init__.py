@@ -15,3 +15,14 @@ DEFAULT_LAKE = "./lake"  # the lake when neither --lake nor TRACEPIPE_LAKE names
 MALLOC_CONF = "dirty_decay_ms:10000,muzzy_decay_ms:10000"
 if "polars" not in _sys.modules:
     _os.environ.setdefault("_RJEM_MALLOC_CONF", MALLOC_CONF)
+
+# Arrow's memory pool: the C library's allocator instead of pyarrow's default (mimalloc in these wheels). mimalloc
+# hands freed pages back to the system within milliseconds (MADV_DONTNEED) from arenas it marks for huge pages, so
+# every row group sorted and written faulted fresh zeroed memory in again: measured on 3 M softflowd records
+# (`ingest netflow`, issue 17) 130-150 huge-page faults and 0.6-1.3 s of system time per run against 7-9 and
+# 0.45-0.55 s, the biggest process's peak RSS 300 -> 230 MB (the sweep: the same within this machine's noise).
+# Read by pyarrow when it loads (so only a process that has not loaded it yet); a user's own setting wins, and the
+# decode workers (fresh interpreters) inherit it. The full lease rebuild still picks jemalloc (leases.py).
+ARROW_POOL = "system"
+if "pyarrow" not in _sys.modules:
+    _os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", ARROW_POOL)
