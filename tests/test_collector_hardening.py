@@ -397,3 +397,90 @@ def test_a_full_spool_disk_recovers_once_the_committer_frees_it(tmp_path):
             proc.kill()
             proc.wait()
     assert "the committer exited" not in log.read_text()
+
+
+def _lake_rejects(lake: Path) -> list[dict]:
+    files = sorted(lake.glob("rejects/**/*.parquet"))
+    return [row for f in files for row in pq.read_table(f).to_pylist()]
+
+
+def _failing_on(marked: set[bytes], monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The decoder, raising on any call that holds one of `marked` (after scribbling a sampling rate into the state,
+    as a bug half-way through a datagram could); returns the list of its call sizes."""
+    from tracepipe.ingest import netflow
+
+    real = netflow.decode_datagrams
+    calls: list[int] = []
+
+    def decode(payloads, exporters, *args, **kwargs):
+        calls.append(len(payloads))
+        if any(p in marked for p in payloads):
+            state = args[3]
+            state.sampling[("203.0.113.66", 77)] = 1000
+            raise IndexError("planted decoder bug")
+        return real(payloads, exporters, *args, **kwargs)
+
+    monkeypatch.setattr(netflow, "decode_datagrams", decode)
+    return calls
+
+
+def test_a_datagram_the_decoder_raises_on_is_set_aside_and_the_rest_of_its_segment_lands(
+    tmp_path, monkeypatch
+):
+    """README Limits (session 25): an exception inside the decoder sent the whole collector segment to failed/,
+    every sender's flows of it lost. Now the segment is decoded again from the saved state in halves: the
+    datagram that raises goes to failed/ (for a bug report) with a reject naming its offset, the others land,
+    and the templates learned before it still decode the data after it."""
+    spool, lake = tmp_path / "spool", tmp_path / "lake"
+    bad = v5_datagram(1, [("10.0.0.66", 1066)])
+    datagrams = [
+        v9_datagram(0, [("10.0.0.1", 1001)], template=True),
+        v5_datagram(0, [("10.0.0.2", 1002)]),
+        bad,
+        v9_datagram(1, [("10.0.0.3", 1003)], template=False),  # needs the template of the first datagram
+        v5_datagram(2, [("10.0.0.4", 1004)]),
+    ]
+    segment = write_segment(spool, 1, datagrams)
+    block = next(sp.read_blocks(segment))
+    bad_offset = block.payload_offset + sum(len(d) for d in datagrams[:2])
+    calls = _failing_on({bad}, monkeypatch)
+    assert commit_pending(Lake(lake), spool, keep=False) == 1
+    assert lake_src_ports(lake) == [1001, 1002, 1003, 1004]
+    errors = [r for r in _lake_rejects(lake) if r["reason"] == "decoder error"]
+    assert len(errors) == 1
+    assert errors[0]["offset"] == bad_offset and errors[0]["source"] == str(segment.resolve())
+    assert "IndexError: planted decoder bug" in errors[0]["detail"] and "failed/seg-" in errors[0]["detail"]
+    kept = list(sp.read_blocks(spool / sp.FAILED_DIR / segment.name))
+    assert [bytes(b.payload) for b in kept] == [bad] and len(kept[0].records) == 1
+    assert not segment.exists()  # committed and removed (keep=False)
+    assert calls[0] == len(datagrams) and len(calls) <= 2 + 2 * 3  # the whole, then halves down to one
+    # the state saved after the segment holds nothing of what the failed attempts scribbled into it
+    saved = (spool / "decoder-state.json").read_text()
+    assert "203.0.113.66" not in saved
+
+
+def test_a_segment_whose_datagrams_all_raise_is_set_aside_in_a_bounded_number_of_attempts(
+    tmp_path, monkeypatch
+):
+    spool, lake = tmp_path / "spool", tmp_path / "lake"
+    good = [v5_datagram(i, [("10.0.0.1", 2000 + i)]) for i in range(3)]
+    bad = [v5_datagram(100 + i, [("10.0.0.66", 3000 + i)]) for i in range(400)]
+    segment = write_segment(spool, 1, good + bad)
+    calls = _failing_on(set(bad), monkeypatch)
+    assert commit_pending(Lake(lake), spool, keep=False) == 1
+    assert lake_src_ports(lake) == [2000, 2001, 2002]
+    errors = [r for r in _lake_rejects(lake) if r["reason"] == "decoder error"]
+    import tracepipe.collector as collector_module
+
+    kept = [bytes(p) for b in sp.read_blocks(spool / sp.FAILED_DIR / segment.name) for p in _payloads(b)]
+    assert kept == bad  # every datagram set aside, in order, none lost
+    assert 1 < len(errors) < len(bad)  # halved while the budget lasted, then pieces set aside whole
+    # attempts: the first pass, the budget, then the halves still waiting (one per halving level)
+    assert len(calls) <= 1 + collector_module.ISOLATE_MAX_ATTEMPTS + int(np.log2(len(good + bad))) + 1
+
+
+def _payloads(block: sp.Block) -> list[memoryview]:
+    ends = np.cumsum(block.records["length"].astype(np.int64))
+    return [
+        block.payload[e - n : e] for e, n in zip(ends.tolist(), block.records["length"].tolist(), strict=True)
+    ]

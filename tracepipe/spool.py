@@ -57,7 +57,8 @@ MAX_BLOCK_DATAGRAMS = 1 << 16
 OPEN_SUFFIX = ".open"
 CLOSED_SUFFIX = ".spool"
 DONE_DIR = "done"
-FAILED_DIR = "failed"  # segments the decoder could not handle (a bug): kept for the report
+FAILED_DIR = "failed"  # what the decoder raised on (a bug), kept for the report: its datagrams (collector.commit_segment),
+# or a whole segment when something outside the decoder failed
 STATE_FILE = "decoder-state.json"
 SERIAL_FILE = "last-segment.json"  # {"after_segment": name}: the last committed segment, for next_serial
 RECOVERY_SUFFIX = ".recovered.json"  # sidecar: what recovery cut off the segment's torn tail
