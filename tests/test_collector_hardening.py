@@ -29,6 +29,7 @@ from tracepipe.collector import (
     COMMITTER_STATS,
     Collector,
     CollectorConfig,
+    SpoolNotWritable,
     _load_state,
     _save_state,
     commit_pending,
@@ -484,3 +485,19 @@ def _payloads(block: sp.Block) -> list[memoryview]:
     return [
         block.payload[e - n : e] for e, n in zip(ends.tolist(), block.records["length"].tolist(), strict=True)
     ]
+
+
+def test_a_spool_that_cannot_keep_the_failing_datagrams_keeps_the_segment_for_later(tmp_path, monkeypatch):
+    """No room for failed/ (here a file planted under its name): nothing is committed, the segment stays in the
+    spool (SpoolNotWritable: the committer retries), and lands once failed/ can be written."""
+    spool, lake = tmp_path / "spool", tmp_path / "lake"
+    bad = v5_datagram(1, [("10.0.0.66", 1066)])
+    segment = write_segment(spool, 1, [v5_datagram(0, [("10.0.0.2", 1002)]), bad])
+    (spool / sp.FAILED_DIR).write_text("planted")
+    _failing_on({bad}, monkeypatch)
+    with pytest.raises(SpoolNotWritable, match="cannot keep the datagrams the decoder failed on"):
+        commit_pending(Lake(lake), spool, keep=False)
+    assert segment.exists() and lake_src_ports(lake) == []
+    (spool / sp.FAILED_DIR).unlink()
+    assert commit_pending(Lake(lake), spool, keep=False) == 1
+    assert lake_src_ports(lake) == [1002]

@@ -524,22 +524,20 @@ class _SetAside:
             tmp.write_bytes(sp.encode_block(records, b"".join(self.payloads)))
 
 
-def _decode_isolating(
-    decode: Callable[[slice], Any], count: int, state: Any, bad: _SetAside
-) -> list[tuple[slice, Any]]:
+def _decode_isolating(decode: Callable[[slice], Any], count: int, state: Any, bad: _SetAside) -> list[Any]:
     """decode(part) over datagrams [0, count), in order, with the decoder state copied before each piece and put
     back when it raises; a piece that raised is decoded again in halves, down to single datagrams, which are
-    noted in `bad` (past ISOLATE_MAX_ATTEMPTS the whole piece is). Returns (part, decoded) of what decoded."""
+    noted in `bad` (past ISOLATE_MAX_ATTEMPTS the whole piece is). Returns what decoded, in input order."""
     import copy
 
-    done: list[tuple[slice, Any]] = []
+    done: list[Any] = []
     todo = [slice(0, count)]
     while todo:
         part = todo.pop()
         saved = copy.deepcopy(state)
         bad.attempts += 1
         try:
-            done.append((part, decode(part)))
+            done.append(decode(part))
             continue
         except LakeError:
             raise
@@ -623,10 +621,10 @@ def commit_segment(lake: Any, path: Path, state: Any, isolate: bool = False) -> 
             if isolate:
                 parts = _decode_isolating(decode_part, len(records), state, bad)
             else:
-                parts = [(slice(0, len(records)), decode_part(slice(0, len(records))))]
-            for part, decoded in parts:
-                kept, far = near_days(
-                    decoded.flows, records["arrival_us"][part], far_days, state.limits.far_days_per_segment
+                parts = [decode_part(slice(0, len(records)))]
+            for decoded in parts:
+                kept, far = near_days(  # (the days near the whole chunk's arrivals, as without isolation)
+                    decoded.flows, records["arrival_us"], far_days, state.limits.far_days_per_segment
                 )
                 flows += kept.num_rows
                 rejects += decoded.rejects.num_rows + far.num_rows
@@ -670,8 +668,16 @@ def commit_segment(lake: Any, path: Path, state: Any, isolate: bool = False) -> 
         stats["datagrams"] = datagrams
         if bad.kept:
             stats["decoder_errors"] = bad.kept
-            if writer is not None:
-                bad.save()  # before the commit: a kill in between redoes the segment, and this file again
+            if (
+                writer is not None
+            ):  # before the commit: a kill in between redoes the segment, and this file again
+                try:
+                    bad.save()
+                except (OSError, UsageError) as exc:
+                    raise SpoolNotWritable(
+                        f"cannot keep the datagrams the decoder failed on in {FAILED_DIR}/{path.name} ({exc}); the "
+                        "segment stays in the spool until there is room"
+                    ) from exc
         if writer is not None:
             result = writer.commit(stats)
             if lake.version("vm_leases") != leases_version:
@@ -807,7 +813,7 @@ def commit_pending(
                 )
                 state, after = _load_state(spool, limits)
                 result = commit_segment(lake, path, state, isolate=True)
-        except LakeError:
+        except (LakeError, SpoolNotWritable):
             raise
         except Exception:  # a bug outside the decoder must not block the spool: the segment aside, keep going
             log.exception(
