@@ -471,13 +471,13 @@ def test_a_segment_whose_datagrams_all_raise_is_set_aside_in_a_bounded_number_of
     assert commit_pending(Lake(lake), spool, keep=False) == 1
     assert lake_src_ports(lake) == [2000, 2001, 2002]
     errors = [r for r in _lake_rejects(lake) if r["reason"] == "decoder error"]
-    import tracepipe.collector as collector_module
+    from tracepipe.ingest import netflow
 
     kept = [bytes(p) for b in sp.read_blocks(spool / sp.FAILED_DIR / segment.name) for p in _payloads(b)]
     assert kept == bad  # every datagram set aside, in order, none lost
     assert 1 < len(errors) < len(bad)  # halved while the budget lasted, then pieces set aside whole
     # attempts: the first pass, the budget, then the halves still waiting (one per halving level)
-    assert len(calls) <= 1 + collector_module.ISOLATE_MAX_ATTEMPTS + int(np.log2(len(good + bad))) + 1
+    assert len(calls) <= 1 + netflow.ISOLATE_MAX_ATTEMPTS + int(np.log2(len(good + bad))) + 1
 
 
 def _payloads(block: sp.Block) -> list[memoryview]:

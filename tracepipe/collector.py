@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -458,61 +458,28 @@ class SegmentResult:
     stats: dict[str, Any]
 
 
-# Decode attempts per segment when the decoder raises (isolate), each after a copy of the decoder state (~0.35 s
-# for a state at its 4,096-exporter limit, milliseconds for a site's few routers): one failing datagram among
-# 20,000 takes ~30; past the budget a piece that raises is set aside whole instead of halved again, so a segment of
-# datagrams that all raise costs about this many attempts, not two per datagram.
-ISOLATE_MAX_ATTEMPTS = 256
-
-
-def _restore(state: Any, saved: Any) -> None:
-    """Put `state` back to the copy `saved` (in place: the committer holds the object)."""
-    state.__dict__.clear()
-    state.__dict__.update(saved.__dict__)
-
-
 class _SetAside:
-    """The datagrams of one segment the decoder raised on: their positions in the current decode call and the
-    exceptions, then (take) their reject rows and record bytes, written to failed/<segment> by save()."""
+    """The datagrams of one segment the decoder raised on (netflow.Isolation): their reject rows (take) and
+    their record bytes, written to failed/<segment> by save()."""
 
     def __init__(self, segment: Path) -> None:
+        from tracepipe.ingest.netflow import Isolation
+
         self.segment = segment
-        self.failures: list[tuple[slice, BaseException]] = []
+        self.isolation = Isolation(passthrough=(LakeError,))
         self.records: list[np.ndarray] = []
         self.payloads: list[bytes] = []
         self.kept = 0  # datagrams set aside so far
-        self.attempts = 0  # decode attempts in isolation so far (ISOLATE_MAX_ATTEMPTS)
 
     def take(self, records: np.ndarray, payloads: list[bytes], exporters: np.ndarray, at: np.ndarray) -> Any:
-        """Reject rows for this call's failures (one per piece: its first datagram's offset), their datagrams
-        kept for save(); the failures are cleared."""
-        import pyarrow as pa
-
-        rows: dict[str, list[Any]] = {"exporter": [], "offset": [], "reason": [], "detail": []}
-        for part, exc in self.failures:
-            n = part.stop - part.start
-            what = f"{type(exc).__name__}: {exc}"[:300]
-            first = (
-                f"datagram of {len(payloads[part.start])} bytes" if n == 1 else f"{n} datagrams from here on"
-            )
-            rows["exporter"].append(str(exporters[part.start]))
-            rows["offset"].append(int(at[part.start]))
-            rows["reason"].append("decoder error")
-            rows["detail"].append(
-                f"{first} not decoded ({what}); set aside in {FAILED_DIR}/{self.segment.name} for a bug report"
-            )
+        """Reject rows for the last decode's failures (one per piece: its first datagram's offset), their
+        datagrams kept for save()."""
+        for part, _exc in self.isolation.failures:
             self.records.append(records[part])
             self.payloads.extend(payloads[part])
-            self.kept += n
-        self.failures = []
-        return pa.table(
-            {
-                "exporter": pa.array(rows["exporter"], pa.string()),
-                "offset": pa.array(rows["offset"], pa.int64()),
-                "reason": pa.array(rows["reason"], pa.string()),
-                "detail": pa.array(rows["detail"], pa.string()),
-            }
-        )
+            self.kept += part.stop - part.start
+        where = f"set aside in {FAILED_DIR}/{self.segment.name} for a bug report"
+        return self.isolation.rejects(exporters, at, [len(p) for p in payloads], where)
 
     def save(self) -> None:
         """failed/<segment>: the set-aside datagrams as one block of the spool's format (written aside, then
@@ -524,34 +491,6 @@ class _SetAside:
             tmp.write_bytes(sp.encode_block(records, b"".join(self.payloads)))
 
 
-def _decode_isolating(decode: Callable[[slice], Any], count: int, state: Any, bad: _SetAside) -> list[Any]:
-    """decode(part) over datagrams [0, count), in order, with the decoder state copied before each piece and put
-    back when it raises; a piece that raised is decoded again in halves, down to single datagrams, which are
-    noted in `bad` (past ISOLATE_MAX_ATTEMPTS the whole piece is). Returns what decoded, in input order."""
-    import copy
-
-    done: list[Any] = []
-    todo = [slice(0, count)]
-    while todo:
-        part = todo.pop()
-        saved = copy.deepcopy(state)
-        bad.attempts += 1
-        try:
-            done.append(decode(part))
-            continue
-        except LakeError:
-            raise
-        except Exception as exc:
-            _restore(state, saved)
-            n = part.stop - part.start
-            if n == 1 or bad.attempts >= ISOLATE_MAX_ATTEMPTS:
-                bad.failures.append((part, exc))
-                continue
-        mid = part.start + n // 2
-        todo += [slice(mid, part.stop), slice(part.start, mid)]  # the first half next: input order kept
-    return done
-
-
 def commit_segment(lake: Any, path: Path, state: Any, isolate: bool = False) -> SegmentResult:
     """Decode one closed spool segment with the NetFlow decoder and commit it to `lake` as one source
     (content hash = the segment's sha256, source = its path). Mutates `state` (templates, sequence numbers).
@@ -561,8 +500,8 @@ def commit_segment(lake: Any, path: Path, state: Any, isolate: bool = False) -> 
 
     `isolate` (commit_pending, after an exception escaped the decoder on this segment with the state it saved
     before it): the decoder's state is copied before each piece of datagrams and put back when the piece
-    raises, which is then decoded again in halves (_decode_isolating), down to the datagrams that raise on their
-    own. Those are set aside (failed/<segment>: the same block format, for a bug report), one reject each with
+    raises, which is then decoded again in halves (netflow.Isolation), down to the datagrams that raise on
+    their own. Those are set aside (failed/<segment>: the same block format, for a bug report), one reject each with
     its offset and the exception, and everything else lands as it would have.
     """
     import hashlib
@@ -619,7 +558,7 @@ def commit_segment(lake: Any, path: Path, state: Any, isolate: bool = False) -> 
                 )
 
             if isolate:
-                parts = _decode_isolating(decode_part, len(records), state, bad)
+                parts = bad.isolation.decode(decode_part, len(records), state)
             else:
                 parts = [decode_part(slice(0, len(records)))]
             for decoded in parts:
@@ -634,7 +573,7 @@ def commit_segment(lake: Any, path: Path, state: Any, isolate: bool = False) -> 
                     writer.reject(decoded.rejects)
                     writer.reject(far)
             datagrams += len(records)
-            if bad.failures:
+            if bad.isolation.failures:
                 set_aside = bad.take(records, payloads, exporters, at)
                 rejects += set_aside.num_rows
                 if writer is not None:
