@@ -526,3 +526,42 @@ def test_an_abandoned_content_hash_stops_reading(tmp_path):
     assert hashing.done() and time.monotonic() - started < 2
     with pytest.raises(HashStopped):
         hashing.result()
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_datagram_the_decoder_raises_on_is_a_reject_and_the_rest_of_the_capture_lands(
+    captures, tmp_path, monkeypatch, jobs
+):
+    """A bug in the decoder (none known; planted here in the walk) made `ingest netflow` fail the whole capture.
+    Now the capture is decoded again from the state before it, piece by piece where the decoder raises: the
+    datagram it raises on is a reject "decoder error" at its packet's offset, and what lands is exactly what the
+    capture without that datagram lands (with and without the decode workers)."""
+    from tracepipe.ingest import flows as flows_module
+
+    capture = captures[-1]  # softflowd v9, one flowset a datagram: templates first, then data
+    packets = rdpcap(str(capture))
+    at = len(packets) // 2
+    bad = bytes(packets[at][UDP].payload)
+    without = tmp_path / "without.pcap"
+    wrpcap(str(without), packets[:at] + packets[at + 1 :])
+    _, expected, _, _ = landed(tmp_path / "expected", [without], jobs)
+    real = flows_module.walk_datagrams
+
+    def walk(payloads, *args, **kwargs):
+        if any(bytes(p) == bad for p in payloads):
+            raise IndexError("planted decoder bug")
+        return real(payloads, *args, **kwargs)
+
+    monkeypatch.setattr(flows_module, "walk_datagrams", walk)
+    summary, rows, rejects, _ = landed(tmp_path / "lake", [capture], jobs)
+    assert [r[:-1] for r in rows] == [r[:-1] for r in expected] and rows
+    errors = [r for r in rejects.to_pylist() if r["reason"] == "decoder error"]
+    offsets = np.concatenate([b.offsets for b in iter_udp_batches(capture)])
+    assert (
+        len(errors) == 1
+        and errors[0]["offset"] == offsets[at]
+        and errors[0]["exporter"] == packets[at][IP].src
+    )
+    assert "IndexError: planted decoder bug" in errors[0]["detail"] and errors[0]["source"] == str(capture)
+    (result,) = summary.files
+    assert result.status == "landed" and "decoder failed on it" in result.message

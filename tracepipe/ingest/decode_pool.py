@@ -50,6 +50,12 @@ IN_FLIGHT = 3  # batches queued per worker: one being decoded, two waiting (memo
 HANG_SECONDS = 120.0
 
 
+class WorkerFailed(LakeError):
+    """A decode worker raised (a bug in turning records into columns, or its environment: disk full). The
+    capture is decoded again in this process (flows._ingest_one), where a decoder bug is isolated to its
+    datagrams and the environment fails as it would have."""
+
+
 class InputChanged(Exception):
     """The file changed (appended, truncated, rewritten) while it was hashed and decoded: the hash and the rows
     may be of different bytes, so nothing of it is committed. Raised by the walking process (flows), and by a
@@ -584,7 +590,7 @@ class DecodePool:
         if reply[0] == "changed":
             raise InputChanged(reply[1])
         if reply[0] == "error":
-            raise LakeError(
+            raise WorkerFailed(
                 f"decode worker {worker} failed: {reply[1].strip().splitlines()[-1]}. Rerun with --jobs 1 "
                 "--debug to see where."
             )

@@ -34,12 +34,14 @@ from tracepipe.ingest.decode_pool import (
     PARALLEL_MIN_BYTES,
     DecodePool,
     InputChanged,
+    WorkerFailed,
     default_jobs,
 )
 from tracepipe.ingest.netflow import (
     Decoded,
     DecoderState,
     InFile,
+    Isolation,
     decode_walked,
     flush_pending,
     merge_exporter_totals,
@@ -57,7 +59,7 @@ from tracepipe.ingest.nfdump import (
     nfcapd_exporters,
     nfdump_csv_ranges,
 )
-from tracepipe.ingest.pcap import PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
+from tracepipe.ingest.pcap import HEAD_BYTES, PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
 from tracepipe.ingest.zeek import GZIP_MAGIC, iter_conn_log, sniff_zeek, zeek_kind
 from tracepipe.lake import ROW_GROUP_ROWS, IngestWriter, Lake, hash_file
 
@@ -379,19 +381,51 @@ def _ingest_one(
         content_hash = hash_file(path)
         if lake.already_ingested("flows", content_hash):
             return _skipped(result, progress, size)
-    # a skipped file leaves the decoder state as it found it (templates, sequence numbers): as if never read
-    before = copy.deepcopy(state) if hashing is not None and kind == "pcap" else None
+    # a skipped file leaves the decoder state as it found it (templates, sequence numbers): as if never read;
+    # and a capture the decoder failed on is decoded again from it
+    before = copy.deepcopy(state) if kind == "pcap" else None
     try:
-        return _land_one(
-            lake, path, kind, source, content_hash, hashing, state, summary, progress, accept, pool, seen
+        try:
+            return _land_one(
+                lake, path, kind, source, content_hash, hashing, state, summary, progress, accept, pool, seen
+            )
+        except (AlreadyIngested, InputChanged, OSError):
+            raise
+        except LakeError as exc:
+            if not isinstance(exc, WorkerFailed) or before is None:
+                raise
+            failure: Exception = exc
+        except Exception as exc:  # a bug in the decoder (none known): below
+            if before is None:
+                raise
+            failure = exc
+        # Decoded again here, from the state before the file, with netflow.Isolation: the datagrams the decoder
+        # raises on are rejects ("decoder error", with their offsets), the rest of the capture lands
+        _put_back(state, before)
+        if hashing is not None:
+            hashing.cancel()
+            hashing, content_hash = None, hash_file(path)
+            if lake.already_ingested("flows", content_hash):
+                return _skipped(result, progress, size)
+        landed = _land_one(
+            lake, path, kind, source, content_hash, None, state, summary, progress, accept, None, seen, True
         )
+        said = str(failure).strip().splitlines()[-1:] or [type(failure).__name__]
+        landed.message = "; ".join(
+            m
+            for m in (
+                landed.message,
+                f"the decoder failed on it ({said[0][:200]}) and decoded it again: the datagrams it fails on "
+                'are rejects ("decoder error"), the rest landed',
+            )
+            if m
+        )
+        return landed
     except AlreadyIngested:
-        if before is not None:
-            state.__dict__.update(before.__dict__)
+        _put_back(state, before)
         return _skipped(result, progress, size)
     except InputChanged as exc:
-        if before is not None:
-            state.__dict__.update(before.__dict__)
+        _put_back(state, before)
         result.status = "rejected"
         result.message = (
             f"{exc}: nothing of it landed (its content hash and its rows must be of the same bytes). Ingest it "
@@ -401,6 +435,13 @@ def _ingest_one(
     finally:
         if hashing is not None:  # landed, skipped, refused or failed: the hash thread reads no further
             hashing.cancel()
+
+
+def _put_back(state: DecoderState, before: DecoderState | None) -> None:
+    """The decoder state as it was before the file (a copy taken then), in place."""
+    if before is not None:
+        state.__dict__.clear()
+        state.__dict__.update(copy.deepcopy(before).__dict__)
 
 
 def _skipped(result: FileResult, progress: Progress | None, size: int) -> FileResult:
@@ -424,9 +465,11 @@ def _land_one(
     accept: tuple[str, ...],
     pool: DecodePool | None,
     seen: os.stat_result,
+    isolate: bool = False,
 ) -> FileResult:
     """_ingest_one's landing of a file not (known to be) in the lake: content_hash None while `hashing`;
-    `seen`: its stat before it was hashed (InputChanged if it changed since)."""
+    `seen`: its stat before it was hashed (InputChanged if it changed since). `isolate` (a capture, after the
+    decoder raised on it): decoded here with netflow.Isolation, datagrams it raises on becoming rejects."""
     size = path.stat().st_size
     result = FileResult(str(path), kind, "landed")
     stats: dict[str, dict[str, Any]] = {}
@@ -443,21 +486,47 @@ def _land_one(
                 progress(size)
         elif kind == "pcap":
             done = 0
+            isolation = Isolation(passthrough=(LakeError, InputChanged, OSError)) if isolate else None
             for batch in iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS):
                 if batch.rejects.num_rows:
                     writer.reject(batch.rejects)
+
                 # walked and decoded as a decode worker does (decode_datagrams == the two, merged), with the
                 # addresses kept as integers: the writer formats each distinct one once per row group instead
                 # of once per batch (issue 17: this path, taken below the workers' size, still did the latter)
-                in_file = InFile(str(path.absolute()), batch.payload_offsets, batch.heads)
-                walked, walk = walk_datagrams(
-                    batch.payloads, batch.exporters, batch.ts_us, batch.offsets, source, state, in_file
-                )
-                columns = decode_walked(walked, ipv4_as_integers=True)
-                for part in (walk, columns):
-                    writer.reject(part.rejects)
-                    merge_stats(stats, part.stats)
-                writer.write(columns.flows)  # after: rows outside the time window are rejects of their own
+                def decode(part: slice, batch: Any = batch) -> tuple[Decoded, Decoded]:
+                    heads = batch.heads[part.start * HEAD_BYTES : part.stop * HEAD_BYTES]
+                    in_file = InFile(str(path.absolute()), batch.payload_offsets[part], heads)
+                    walked, walk = walk_datagrams(
+                        batch.payloads[part],
+                        batch.exporters[part],
+                        batch.ts_us[part],
+                        batch.offsets[part],
+                        source,
+                        state,
+                        in_file,
+                    )
+                    return walk, decode_walked(walked, ipv4_as_integers=True)
+
+                whole = slice(0, len(batch.payloads))
+                pieces = [decode(whole)] if isolation is None else isolation.decode(decode, whole.stop, state)
+                for walk, columns in pieces:
+                    for part in (walk, columns):
+                        writer.reject(part.rejects)
+                        merge_stats(stats, part.stats)
+                    writer.write(
+                        columns.flows
+                    )  # after: rows outside the time window are rejects of their own
+                if isolation is not None and isolation.failures:
+                    writer.reject(
+                        isolation.rejects(
+                            batch.exporters,
+                            batch.offsets,
+                            batch.payloads.sizes.tolist(),
+                            "the rest of the capture landed: please report it as a tracepipe bug (the capture "
+                            "and this offset)",
+                        )
+                    )
                 result.datagrams += len(batch.payloads)
                 if progress and batch.bytes_read > done:
                     progress(batch.bytes_read - done)
