@@ -495,17 +495,19 @@ def _land_one(
                 # addresses kept as integers: the writer formats each distinct one once per row group instead
                 # of once per batch (issue 17: this path, taken below the workers' size, still did the latter)
                 def decode(part: slice, batch: Any = batch) -> tuple[Decoded, Decoded]:
-                    heads = batch.heads[part.start * HEAD_BYTES : part.stop * HEAD_BYTES]
-                    in_file = InFile(str(path.absolute()), batch.payload_offsets[part], heads)
-                    walked, walk = walk_datagrams(
-                        batch.payloads[part],
-                        batch.exporters[part],
-                        batch.ts_us[part],
-                        batch.offsets[part],
-                        source,
-                        state,
-                        in_file,
-                    )
+                    if part.start == 0 and part.stop == len(batch.payloads):  # the batch as read (no copies)
+                        columns = (batch.payloads, batch.exporters, batch.ts_us, batch.offsets)
+                        in_file = InFile(str(path.absolute()), batch.payload_offsets, batch.heads)
+                    else:  # a piece of it (Isolation)
+                        columns = (
+                            batch.payloads[part],
+                            batch.exporters[part],
+                            batch.ts_us[part],
+                            batch.offsets[part],
+                        )
+                        heads = batch.heads[part.start * HEAD_BYTES : part.stop * HEAD_BYTES]
+                        in_file = InFile(str(path.absolute()), batch.payload_offsets[part], heads)
+                    walked, walk = walk_datagrams(*columns, source, state, in_file)
                     return walk, decode_walked(walked, ipv4_as_integers=True)
 
                 whole = slice(0, len(batch.payloads))
