@@ -37,11 +37,6 @@ def test_a_tracepipe_process_gives_arrow_the_c_librarys_allocator() -> None:
 
 @pytest.mark.parametrize("pool", ["mimalloc", "jemalloc"])
 def test_a_users_own_arrow_pool_wins(pool: str) -> None:
-    import pyarrow as pa
-
-    try:
-        getattr(pa, f"{pool}_memory_pool")()
-    except NotImplementedError:
-        pytest.skip(f"this pyarrow has no {pool}")
+    """(pyarrow's Linux wheels carry both pools; the setting names one that exists, or pyarrow ignores it)"""
     assert _probe({"ARROW_DEFAULT_MEMORY_POOL": pool})["pool"] == pool
     assert _probe({"_RJEM_MALLOC_CONF": "dirty_decay_ms:0"})["rjem"] == "dirty_decay_ms:0"

@@ -259,11 +259,17 @@ def test_periodicity_with_a_book_that_answers_for_it_reads_no_flow(book):
     assert answered.is_empty() and "score" in answered.columns
 
 
-@pytest.mark.parametrize("in_memory_rows", [0, 10**9])
-def test_buckets_read_once_in_memory_or_streamed_give_the_same_candidates_and_features(day, in_memory_rows):
+@pytest.mark.parametrize(
+    ("in_memory_rows", "part_rows"),
+    [(0, buckets.RESPONSE_PART_ROWS), (0, 300), (10**9, buckets.RESPONSE_PART_ROWS)],
+)
+def test_buckets_read_once_in_memory_or_streamed_give_the_same_candidates_and_features(
+    day, in_memory_rows, part_rows
+):
     """A bucket read into memory once (its facts shared by every detector and the features) and one that
-    each of them streams from the spill (a bucket over IN_MEMORY_ROWS: the DNS resolver's) find exactly what
-    the unbucketed run finds; each bucket's per-host aggregations keep only the hosts it owns."""
+    each of them streams from the spill (a bucket over IN_MEMORY_ROWS: the DNS resolver's), its facts computed
+    whole or in parts of whole conversations (RESPONSE_PART_ROWS; session 30: the resolver's bucket held ~3 GB),
+    find exactly what the unbucketed run finds; each bucket's per-host aggregations keep only the hosts it owns."""
     lake, story, config = day
     since, until = story.last_day
     ctx = det.prepare_context(lake, config, since, until, lake.read("intel"))
@@ -273,9 +279,14 @@ def test_buckets_read_once_in_memory_or_streamed_give_the_same_candidates_and_fe
     history = since - dt.timedelta(days=1)
     hosts = set(ctx.local) | set(buckets.feature_hosts(lake, history, until, gen.LOCAL_NETWORKS))
     with buckets.spill_flows(lake, history, until, sorted(hosts), 3) as spill:
-        spill = dataclasses.replace(spill, in_memory_rows=in_memory_rows)
+        spill = dataclasses.replace(spill, in_memory_rows=in_memory_rows, response_part_rows=part_rows)
         assert min(spill.rows.values()) > 0 and len(spill.rows) == 3
         split = buckets.detect(ctx, names, spill)
+        parts = sorted(spill.root.glob("*.facts.*.parquet"))  # the last streamed bucket's, if in parts
+        if part_rows < spill.rows[2] and not in_memory_rows:
+            assert len(parts) == -(-spill.rows[2] // part_rows) >= 2
+        else:
+            assert parts == []
         features = buckets.features(
             lake, since, until, gen.LOCAL_NETWORKS, 3600.0, history, ctx.night, spill=spill
         )

@@ -40,6 +40,7 @@ from tracepipe.detect.features import (
     FEATURE_PERIOD_S,
     SpanBook,
     as_text,
+    conversation_part,
     floor_time,
     host_bucket,
     host_features,
@@ -91,6 +92,12 @@ SPILL_WRITE_BATCH_ROWS = 64 * 1024  # rows per Parquet write batch of the spill'
 # is one end of very many flows, such as the cloud's DNS resolver) is streamed from the spill by each of them,
 # as before: memory follows this bound, not the heaviest host.
 IN_MEMORY_ROWS = 8_000_000
+# A bucket over IN_MEMORY_ROWS has its facts computed in parts of about this many rows (Spill.facts_file): who
+# answered whom (features.with_response) is a window aggregate over each conversation, which polars can only
+# compute with all of its input at hand. Over the DNS resolver's whole bucket (35.5 M rows at 5*10^7 flows) it
+# held ~3 GB: a 5*10^7-flow sweep peaked at 4.6 GB (session 30; the aggregate came in session 25, measured at
+# 10^7 only). Each part holds whole conversations (features.conversation_part), so the facts are the same.
+RESPONSE_PART_ROWS = 4_000_000
 T = TypeVar("T")
 Timer = Callable[[str, Callable[[], T]], T]
 # The spill's addresses: dictionary<uint32, string> tagged as polars' own Categorical (the field metadata polars
@@ -168,6 +175,7 @@ class Spill:
     schema: pl.Schema
     rows: dict[int, int] = field(default_factory=dict)  # rows spilled per bucket
     in_memory_rows: int = IN_MEMORY_ROWS  # a bucket of more rows is streamed by each reader, never held
+    response_part_rows: int = RESPONSE_PART_ROWS  # such a bucket's facts are computed in parts of this size
     # the features' hosts (feature_hosts) over a (start, until), when whoever spilled already looked them up
     feature_hosts: dict[tuple[dt.datetime, dt.datetime], list[str]] = field(default_factory=dict)
     # spilled with FindHosts: the in-network addresses seen in each of its ranges
@@ -195,13 +203,29 @@ class Spill:
         and the features) then streams facts already computed. Computing them (four lookups of the addresses
         among the local hosts) is what each reader paid again: ~17 s CPU of a 5*10^7-flow sweep whose DNS
         resolver's bucket holds 35.5 M rows. The previous bucket's file is removed (unlinked, never overwritten in
-        place: a reader may still map it), so the disk holds one at a time."""
-        for old in self.root.glob("*.facts.parquet"):
+        place: a reader may still map it), so the disk holds one at a time. Over response_part_rows, the facts
+        are computed and written in parts that each hold whole conversations (RESPONSE_PART_ROWS), one file each,
+        the parts read in turn from the spill."""
+        for old in self.root.glob("*.facts*.parquet"):
             old.unlink()
-        path = self.root / f"{bucket}.facts.parquet"
-        facts = with_flow_facts(self.source(bucket), local, night, owned=self.hosts(bucket))
-        with_response(facts).sink_parquet(path, compression="uncompressed", engine="streaming")
-        return pl.scan_parquet(str(path), hive_partitioning=False, glob=False)
+        owned = self.hosts(bucket)
+        source = self.source(bucket)
+        parts = max(1, -(-self.rows.get(bucket, 0) // max(self.response_part_rows, 1)))
+        if parts == 1:
+            path = self.root / f"{bucket}.facts.parquet"
+            facts = with_flow_facts(source, local, night, owned=owned)
+            with_response(facts).sink_parquet(path, compression="uncompressed", engine="streaming")
+            return pl.scan_parquet(str(path), hive_partitioning=False, glob=False)
+        part = conversation_part(source.collect_schema(), parts)
+        paths = []
+        for number in range(parts):
+            piece = source.filter(part == number).collect(engine="streaming")  # memory: this part only
+            facts = with_flow_facts(piece.lazy(), local, night, owned=owned)
+            path = self.root / f"{bucket}.facts.{number}.parquet"
+            with_response(facts).collect(engine="in-memory").write_parquet(path, compression="uncompressed")
+            paths.append(str(path))
+            del piece, facts
+        return pl.scan_parquet(paths, hive_partitioning=False, glob=False)
 
 
 def assign(hosts: list[str], buckets: int) -> pl.DataFrame:

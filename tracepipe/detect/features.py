@@ -243,15 +243,7 @@ def with_response(flows: pl.LazyFrame, period_s: float = RESPONSE_PERIOD_S) -> p
     schema = flows.collect_schema()
     if "response" in schema:
         return flows
-    # an end as one integer: a host bucket's addresses are Categorical (one dictionary for both columns), their
-    # codes exact; text (Spark partitions, the lake) is hashed. Hashing the text of 10^7 rows cost ~8 s
-    ends = []
-    for side in ("src", "dst"):
-        addr, port = pl.col(f"{side}_addr"), pl.col(f"{side}_port").fill_null(0).cast(pl.UInt64)
-        if schema[f"{side}_addr"] == pl.Categorical:
-            ends.append(addr.to_physical().cast(pl.UInt64) * 65536 + port)
-        else:
-            ends.append(addr.hash(seed=18) ^ (port * 0x9E3779B97F4A7C15))
+    ends = conversation_ends(schema)
     flows = flows.with_columns(_src_end=ends[0], _dst_end=ends[1])
     forward = pl.col("_src_end") < pl.col("_dst_end")
     conversation = pl.struct(
@@ -289,6 +281,27 @@ def with_response(flows: pl.LazyFrame, period_s: float = RESPONSE_PERIOD_S) -> p
     return flows.with_columns(response=answers.fill_null(False)).drop(
         "_src_end", "_dst_end", "_conversation", "_packed"
     )
+
+
+def conversation_ends(schema: pl.Schema) -> list[pl.Expr]:
+    """A flow's two ends (address and port) as one integer each, for with_response's conversations: a host
+    bucket's addresses are Categorical (one dictionary for both columns), their codes exact; text (Spark
+    partitions, the lake) is hashed. Hashing the text of 10^7 rows cost ~8 s."""
+    ends = []
+    for side in ("src", "dst"):
+        addr, port = pl.col(f"{side}_addr"), pl.col(f"{side}_port").fill_null(0).cast(pl.UInt64)
+        if schema[f"{side}_addr"] == pl.Categorical:
+            ends.append(addr.to_physical().cast(pl.UInt64) * 65536 + port)
+        else:
+            ends.append(addr.hash(seed=18) ^ (port * 0x9E3779B97F4A7C15))
+    return ends
+
+
+def conversation_part(schema: pl.Schema, parts: int) -> pl.Expr:
+    """Which of `parts` parts a flow falls in, the same for both directions of its conversation (with_response
+    judges each conversation on its own): a bucket too big to hold is judged part by part (buckets.Spill)."""
+    src, dst = conversation_ends(schema)
+    return (src ^ dst) % parts
 
 
 def as_text(frame: pl.DataFrame) -> pl.DataFrame:
