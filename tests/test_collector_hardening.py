@@ -488,16 +488,35 @@ def _payloads(block: sp.Block) -> list[memoryview]:
 
 
 def test_a_spool_that_cannot_keep_the_failing_datagrams_keeps_the_segment_for_later(tmp_path, monkeypatch):
-    """No room for failed/ (here a file planted under its name): nothing is committed, the segment stays in the
-    spool (SpoolNotWritable: the committer retries), and lands once failed/ can be written."""
+    """failed/<segment> cannot be written (here a directory of that name is in the way; a full disk likewise):
+    nothing is committed, the segment stays in the spool (SpoolNotWritable: the committer retries), and it
+    lands once the file can be written."""
     spool, lake = tmp_path / "spool", tmp_path / "lake"
     bad = v5_datagram(1, [("10.0.0.66", 1066)])
     segment = write_segment(spool, 1, [v5_datagram(0, [("10.0.0.2", 1002)]), bad])
-    (spool / sp.FAILED_DIR).write_text("planted")
+    (spool / sp.FAILED_DIR / segment.name).mkdir(parents=True)
     _failing_on({bad}, monkeypatch)
     with pytest.raises(SpoolNotWritable, match="cannot keep the datagrams the decoder failed on"):
         commit_pending(Lake(lake), spool, keep=False)
     assert segment.exists() and lake_src_ports(lake) == []
-    (spool / sp.FAILED_DIR).unlink()
+    (spool / sp.FAILED_DIR / segment.name).rmdir()
     assert commit_pending(Lake(lake), spool, keep=False) == 1
     assert lake_src_ports(lake) == [1002]
+
+
+def test_done_and_failed_planted_as_symlinks_are_replaced_not_written_through(tmp_path, monkeypatch):
+    """Whoever can write the lake can write its spool: a symlink planted as done/ or failed/ (to any folder of
+    the host) made the committer move segments, and write the datagrams the decoder failed on, into its target
+    (as the collector's user, root on many sites). Now each is replaced by a directory of its own."""
+    spool, lake, elsewhere = tmp_path / "spool", tmp_path / "lake", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    bad = v5_datagram(1, [("10.0.0.66", 1066)])
+    segment = write_segment(spool, 1, [v5_datagram(0, [("10.0.0.2", 1002)]), bad])
+    (spool / sp.FAILED_DIR).symlink_to(elsewhere)
+    (spool / sp.DONE_DIR).symlink_to(elsewhere)
+    _failing_on({bad}, monkeypatch)
+    assert commit_pending(Lake(lake), spool, keep=True) == 1
+    assert lake_src_ports(lake) == [1002]
+    assert list(elsewhere.iterdir()) == []
+    for name in (sp.FAILED_DIR, sp.DONE_DIR):
+        assert not (spool / name).is_symlink() and (spool / name / segment.name).is_file()

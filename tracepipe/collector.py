@@ -484,8 +484,7 @@ class _SetAside:
     def save(self) -> None:
         """failed/<segment>: the set-aside datagrams as one block of the spool's format (written aside, then
         renamed: never half a file)."""
-        folder = self.segment.parent / FAILED_DIR
-        folder.mkdir(exist_ok=True)
+        folder = sp.own_dir(self.segment.parent / FAILED_DIR)
         records = np.concatenate(self.records)
         with fsutil.replacing(folder / self.segment.name) as tmp:
             tmp.write_bytes(sp.encode_block(records, b"".join(self.payloads)))
@@ -607,9 +606,8 @@ def commit_segment(lake: Any, path: Path, state: Any, isolate: bool = False) -> 
         stats["datagrams"] = datagrams
         if bad.kept:
             stats["decoder_errors"] = bad.kept
-            if (
-                writer is not None
-            ):  # before the commit: a kill in between redoes the segment, and this file again
+            # kept before the commit: a kill in between redoes the segment, and writes this file again
+            if writer is not None:
                 try:
                     bad.save()
                 except (OSError, UsageError) as exc:
@@ -691,8 +689,7 @@ def near_days(flows: Any, arrival_us: np.ndarray, far: set[int], limit: int) -> 
 def _finish_segment(path: Path, keep: bool) -> None:
     sidecar = path.with_name(path.name + sp.RECOVERY_SUFFIX)
     if keep:
-        done = path.parent / sp.DONE_DIR
-        done.mkdir(exist_ok=True)
+        done = sp.own_dir(path.parent / sp.DONE_DIR)
         fsutil.move_durably(path, done / path.name)
         if sidecar.exists():
             fsutil.move_durably(sidecar, done / sidecar.name)
@@ -759,7 +756,7 @@ def commit_pending(
                 "cannot decode %s; moved to %s/ for a bug report, continuing", path.name, FAILED_DIR
             )
             try:
-                (spool / FAILED_DIR).mkdir(exist_ok=True)
+                sp.own_dir(spool / FAILED_DIR)
                 fsutil.move_durably(path, spool / FAILED_DIR / path.name)
             except OSError as exc:
                 raise SpoolNotWritable(f"cannot move {path.name} to {FAILED_DIR}/: {exc}") from exc

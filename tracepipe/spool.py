@@ -78,6 +78,22 @@ def _report_once(path: Path, why: str) -> None:
         log.warning("spool: ignoring %s: %s (not written by the collector; remove it)", path, why)
 
 
+def own_dir(path: Path) -> Path:
+    """The spool's done/ or failed/ folder, made if missing, as a directory of its own: whatever else is under its
+    name (a symlink to any folder of the host, a file; whoever can write the lake can write the spool) is
+    removed and a directory made in its place, with a warning, so that nothing is moved or written through it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        path.mkdir(exist_ok=True)
+        return path
+    if not stat.S_ISDIR(mode):
+        log.warning("%s was not a directory (planted?); replacing it", path)
+        path.unlink()
+        path.mkdir()
+    return path
+
+
 def segment_serial(path: Path) -> int | None:
     """The serial of a segment's name, None when the name is not one the collector writes."""
     match = SEGMENT_NAME.fullmatch(path.name)
