@@ -397,3 +397,34 @@ def test_a_streamed_bucket_has_its_facts_computed_once_for_rules_and_features(da
         differ,
     )  # (names them)
     assert written.height == spill.rows[2] and written["src_owned"].any() and written["dst_owned"].any()
+
+
+def test_a_streamed_buckets_readers_never_cache_its_flows_whole(day, monkeypatch):
+    """Every query over a bucket too big to hold streams it: none reads its flows through a cache (polars, when
+    one plan uses a scan twice, e.g. two aggregates of it joined, materialises that scan whole to feed both).
+    Regression: host_features joined the distinct destination ports of a host (an aggregate of the bucket) to
+    its other outbound aggregates in one plan: the DNS resolver's streamed bucket (58.7 M flows, 10^8 in the
+    day) was cached whole, 1.9 GB for that step; the sweep peaked at 2.27 GB."""
+    lake, story, config = day
+    since, until = story.last_day
+    ctx = det.prepare_context(lake, config, since, until, lake.read("intel"))
+    names = sorted(RULES - set(buckets.CROSS_HOST))
+    history = since - dt.timedelta(days=1)
+    hosts = set(ctx.local) | set(buckets.feature_hosts(lake, history, until, gen.LOCAL_NETWORKS))
+    plans: list[str] = []
+    collect = pl.LazyFrame.collect
+
+    def recording(self, *args, **kwargs):
+        plans.append(self.explain(engine=kwargs.get("engine", "auto")))
+        return collect(self, *args, **kwargs)
+
+    with buckets.spill_flows(lake, history, until, sorted(hosts), 3) as spill:
+        spill = dataclasses.replace(spill, in_memory_rows=0)
+        job = buckets.feature_job(lake, since, until, gen.LOCAL_NETWORKS, 3600.0, history, ctx.night, spill)
+        monkeypatch.setattr(pl.LazyFrame, "collect", recording)
+        buckets.detect(ctx, names, spill, also=job)
+        monkeypatch.undo()
+    scans = [plan for plan in plans if "Parquet SCAN" in plan]
+    assert len(scans) > 20  # the detectors' and the features' queries of each bucket
+    cached = [plan for plan in scans if "CACHE" in plan]
+    assert not cached, cached[0]
