@@ -216,16 +216,43 @@ class Spill:
             facts = with_flow_facts(source, local, night, owned=owned)
             with_response(facts).sink_parquet(path, compression="uncompressed", engine="streaming")
             return pl.scan_parquet(str(path), hive_partitioning=False, glob=False)
-        part = conversation_part(source.collect_schema(), parts)
         paths = []
-        for number in range(parts):
-            piece = source.filter(part == number).collect(engine="streaming")  # memory: this part only
+        for number, piece in enumerate(self._parts(bucket, parts)):  # memory: one part at a time
             facts = with_flow_facts(piece.lazy(), local, night, owned=owned)
             path = self.root / f"{bucket}.facts.{number}.parquet"
             with_response(facts).collect(engine="in-memory").write_parquet(path, compression="uncompressed")
             paths.append(str(path))
             del piece, facts
         return pl.scan_parquet(paths, hive_partitioning=False, glob=False)
+
+    def _parts(self, bucket: int, parts: int) -> Iterator[pl.DataFrame]:
+        """The bucket's flows in `parts` parts of whole conversations (conversation_part), in spill order within
+        each, one at a time: split by ONE streaming pass over the bucket into a file per part (polars'
+        partitioned sink), each read back whole. A filtered read of the whole bucket per part cost 15 reads of
+        the DNS resolver's 58.7 M rows at 10^8 flows: 34 CPU s, against 11 s for the split and 2 s for the
+        reads. A polars without partitioned sinks (before 2.x) reads the bucket once per part."""
+        source = self.source(bucket)
+        part = conversation_part(source.collect_schema(), parts)
+        if not hasattr(pl, "PartitionBy"):
+            for number in range(parts):
+                yield source.filter(part == number).collect(engine="streaming")
+            return
+        base = self.root / f"{bucket}.parts"
+        source.with_columns(_part=part).sink_parquet(
+            pl.PartitionBy(str(base), key="_part", include_key=False),
+            compression="uncompressed",
+            mkdir=True,
+            engine="streaming",
+        )
+        for number in range(parts):
+            folder = base / f"_part={number}"
+            files = sorted(str(path) for path in folder.glob("*.parquet"))
+            piece = (
+                pl.read_parquet(files, hive_partitioning=False) if files else pl.DataFrame(schema=self.schema)
+            )
+            shutil.rmtree(folder, ignore_errors=True)
+            yield piece
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def assign(hosts: list[str], buckets: int) -> pl.DataFrame:
