@@ -40,3 +40,27 @@ def test_a_users_own_arrow_pool_wins(pool: str) -> None:
     """(pyarrow's Linux wheels carry both pools; the setting names one that exists, or pyarrow ignores it)"""
     assert _probe({"ARROW_DEFAULT_MEMORY_POOL": pool})["pool"] == pool
     assert _probe({"_RJEM_MALLOC_CONF": "dirty_decay_ms:0"})["rjem"] == "dirty_decay_ms:0"
+
+
+def test_polars_jemalloc_takes_every_setting_tracepipe_gives_it() -> None:
+    """jemalloc reads _RJEM_MALLOC_CONF when polars loads and reports a pair it does not take on stderr (and
+    goes on with its default): each of tracepipe's settings must be one this polars' jemalloc takes."""
+    import tracepipe
+
+    code = "import tracepipe, polars as pl\nprint(pl.Series(range(10**6)).sum())\n"
+    env = {k: v for k, v in os.environ.items() if k != "_RJEM_MALLOC_CONF"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    for conf, good in ((tracepipe.MALLOC_CONF, True), (tracepipe.MALLOC_CONF + ",narenas:many", False)):
+        run = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**env, "_RJEM_MALLOC_CONF": conf},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert run.stdout.strip() == "499999500000"
+        assert ("<jemalloc>" not in run.stderr) is good, (conf, run.stderr)
+    assert (
+        "muzzy_decay_ms:0" in tracepipe.MALLOC_CONF
+        and f"narenas:{tracepipe._cores()}" in tracepipe.MALLOC_CONF
+    )
