@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tracepipe import fsutil
+
 REPO = Path(__file__).resolve().parent.parent
 PROBE = (
     "import json, os, tracepipe, pyarrow as pa\n"
@@ -61,6 +63,5 @@ def test_polars_jemalloc_takes_every_setting_tracepipe_gives_it() -> None:
         assert run.stdout.strip() == "499999500000"
         assert ("<jemalloc>" not in run.stderr) is good, (conf, run.stderr)
     assert (
-        "muzzy_decay_ms:0" in tracepipe.MALLOC_CONF
-        and f"narenas:{tracepipe._cores()}" in tracepipe.MALLOC_CONF
+        "muzzy_decay_ms:0" in tracepipe.MALLOC_CONF and f"narenas:{fsutil.cores()}" in tracepipe.MALLOC_CONF
     )

@@ -3,6 +3,8 @@
 import os as _os
 import sys as _sys
 
+from tracepipe import fsutil as _fsutil  # (the standard library only: loads neither polars nor pyarrow)
+
 __version__ = "0.1.0"
 DEFAULT_LAKE = "./lake"  # the lake when neither --lake nor TRACEPIPE_LAKE names one (here: the CLI imports it
 # without loading the lake module and its pyarrow, numpy and deltalake)
@@ -17,14 +19,7 @@ DEFAULT_LAKE = "./lake"  # the lake when neither --lake nor TRACEPIPE_LAKE names
 # 2,143-2,334 MiB (4 runs), with this at 1,759-1,859 MiB (3 runs), CPU the same within the machine's noise; the
 # lease rebuild the same (session 31). A user's own setting wins; a process that loaded polars before tracepipe
 # keeps polars' own.
-def _cores() -> int:
-    try:
-        return max(1, len(_os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, _os.cpu_count() or 1)
-
-
-MALLOC_CONF = f"dirty_decay_ms:10000,muzzy_decay_ms:0,narenas:{_cores()}"
+MALLOC_CONF = f"dirty_decay_ms:10000,muzzy_decay_ms:0,narenas:{_fsutil.cores()}"
 if "polars" not in _sys.modules:
     _os.environ.setdefault("_RJEM_MALLOC_CONF", MALLOC_CONF)
 
