@@ -123,23 +123,26 @@ def _action_flags(act: pl.Series) -> list[pl.Series]:
 def _replay_order(events: pa.Table) -> tuple[pl.Series, pl.Series]:
     """The replay order of the events, duplicate deliveries left out: (row positions in `events`, in that
     order; the phase of each: 0 .start, 1 .error, 2 .end or no phase)."""
-    # (one chunk per column: polars' eager operations rechunk every column of a frame in several chunks, a
-    # table read from many files, on every call, and this frame is read a dozen times)
-    head = _to_polars(events.select(["ts", "event_type", "event_id", "vm_id"])).rechunk()
-    phase = (
-        pl.when(pl.col("event_type").str.ends_with(".start"))
-        .then(0)
-        .when(pl.col("event_type").str.ends_with(".error"))
-        .then(1)
-        .otherwise(2)
-        .alias("_phase")
-    )
+    # (only integers for every event: the time, the phase and the hash of the identity, made file by file
+    # (_chunkwise); the texts of event_id and vm_id as polars columns of every event, rechunked, were ~1.8 GB
+    # more at the peak of a year's rebuild and ~1 CPU s)
+    head = pl.DataFrame(
+        [
+            pl.Series("ts", events.column("ts")),
+            # (a null index of a dictionary chunk gives null: no event_type, no phase)
+            _chunkwise(events.column("event_type"), lambda t: t.select(_phase(pl.first())).to_series())
+            .fill_null(2)
+            .alias("_phase"),
+            _identity_hashes(events),
+        ]
+    ).rechunk()
+    phase = _phase(pl.col("event_type")).alias("_phase")
     # the replay order: time, start/error before end, then the event's identity; exact ties broken by a hash
     # (sorting on every content column costs more than the whole replay). A hash collision can only swap two
     # events of one instant; which events are the same is decided on the content itself, never on the hash.
     # Sorted on the integers (ts, phase) first; only the rows sharing both (few) are sorted on the identity
     # columns, in place: such rows are adjacent, so sorting them apart leaves every other row where it is.
-    order = head.select("ts", phase).with_row_index("_row")
+    order = head.select("ts", "_phase").with_row_index("_row")
     order = order.sort(_packed_time_order(order), nulls_last=True)
     same = pl.col("ts").eq_missing(pl.col("ts").shift(1)) & (pl.col("_phase") == pl.col("_phase").shift(1))
     same = same.fill_null(False)
@@ -157,14 +160,11 @@ def _replay_order(events: pa.Table) -> tuple[pl.Series, pl.Series]:
                 "vm_id",
                 "event_type",
                 "action",
+                # (every column of the content: two events of one instant that differ only in a port, as
+                # two floating-IP associations through two ports, came out in the order of the input, and
+                # with them the leases: found by Hypothesis, test_neutron_events_in_any_order_give_the_full_build)
                 pl.struct(
-                    "vm_id",
-                    "event_type",
-                    "action",
-                    "state",
-                    pl.col("addrs").list.join(","),
-                    "addr",
-                    "hypervisor",
+                    [c if c != "addrs" else pl.col("addrs").list.join(",") for c in _CONTENT if c != "ts"]
                 )
                 .hash(18)
                 .alias("_key"),
@@ -179,18 +179,13 @@ def _replay_order(events: pa.Table) -> tuple[pl.Series, pl.Series]:
     # each VM's events from 1, reusing an id for another VM made that VM's events vanish, and a VM left with
     # none broke every later build: hostile review, session 26. Ingest keys events alike: event_keys.)
     dropped: list[pl.Series] = []
-    identity = pl.struct("event_id", "vm_id")
-    # (two column hashes combined: a third of the struct's hash, 0.53 -> 0.17 CPU s on a year of events; equal
-    # hashes are only candidates, decided on the values)
-    paired = pl.col("event_id").hash(18) ^ pl.col("vm_id").hash(7)
-    hashes = head.select(pl.when(pl.col("event_id").is_not_null()).then(paired))
-    hashes = hashes.to_series().gather(rows)
+    hashes = head.get_column("_identity").gather(rows)
     seen = hashes.drop_nulls().sort()
     repeated = seen.filter(seen == seen.shift(1))
     if len(repeated):
         at = hashes.is_in(repeated.implode()).arg_true()
-        ids = head.select(identity).to_series().gather(rows.gather(at))
-        dropped.append(at.filter(~ids.is_first_distinct()))
+        ids = _frame_of(events.select(["event_id", "vm_id"]), rows.gather(at))
+        dropped.append(at.filter(~ids.select(pl.struct("event_id", "vm_id").is_first_distinct()).to_series()))
     if ties is not None:
         if dropped:
             ties = ties.filter(~pl.col("_at").is_in(dropped[0].cast(ties.schema["_at"]).implode()))
@@ -213,6 +208,39 @@ def _packed_time_order(order: pl.DataFrame) -> pl.Expr | list[str]:
     if low is None or (high - low + 2) * 4 >= 2**62:
         return ["ts", "_phase"]
     return pl.when(us.is_null()).then(high - low + 1).otherwise(us - low) * 4 + pl.col("_phase")
+
+
+def _phase(event_type: pl.Expr) -> pl.Expr:
+    """An event's _phase from its event_type: 0 .start, 1 .error, 2 .end or no phase."""
+    ends = event_type.str.ends_with
+    return pl.when(ends(".start")).then(0).when(ends(".error")).then(1).otherwise(2).cast(pl.Int32)
+
+
+def _chunkwise(column: pa.ChunkedArray, make: Callable[[pl.DataFrame], pl.Series]) -> pl.Series:
+    """make(a frame of one text column) over each chunk of `column` (a file's rows), the results put together:
+    the text is a polars column one chunk at a time, never all of it. A dictionary chunk is worked out on its
+    values and gathered by its indices."""
+    parts = [
+        make(pl.DataFrame([_polars_text(chunk.dictionary)])).gather(pl.Series(chunk.indices))
+        if pa.types.is_dictionary(chunk.type)
+        else make(pl.DataFrame([_polars_text(chunk)]))
+        for chunk in column.chunks
+    ]
+    return pl.concat(parts, rechunk=False) if parts else make(pl.DataFrame([pl.Series([], dtype=pl.String)]))
+
+
+def _identity_hashes(events: pa.Table) -> pl.Series:
+    """A hash of each event's (event_id, vm_id), null without an event_id: the candidates of one event
+    delivered twice (decided on the values, _replay_order). Two column hashes combined (a third of a struct's
+    hash: 0.53 -> 0.17 CPU s on a year of events), made batch by batch (a file's rows)."""
+    paired = pl.when(pl.col("e").is_not_null()).then(pl.col("e").hash(18) ^ pl.col("v").hash(7))
+    parts = [
+        pl.DataFrame([_polars_text(b.column(0)).alias("e"), _polars_text(b.column(1)).alias("v")])
+        .select(paired)
+        .to_series()
+        for b in events.select(["event_id", "vm_id"]).to_batches()
+    ]
+    return (pl.concat(parts, rechunk=False) if parts else pl.Series(dtype=pl.UInt64)).alias("_identity")
 
 
 def _frame_of(events: pa.Table, rows: pl.Series) -> pl.DataFrame:
