@@ -256,11 +256,13 @@ def ingest_vm(lake: Any, paths: list[Path], reclaim_interval: Any = None, **opti
 
 def ingest_syslog(lake: Any, paths: list[Path], **options: Any) -> tuple[Any, Any]:
     """What `tracepipe ingest syslog` does in-process: land the lines, then attribute their days."""
-    from tracepipe.correlate.attribution import correlate, log_attributor
+    from tracepipe.correlate.attribution import correlate_landed_logs, log_attributor
     from tracepipe.ingest.vm import ingest_syslog_files
 
-    report = ingest_syslog_files(lake, paths, attribute=log_attributor(lake), **options)
-    done = correlate(lake, log_days=report.touched_days)
+    before = lake.version("vm_leases")
+    attributor = log_attributor(lake)
+    report = ingest_syslog_files(lake, paths, attribute=attributor, **options)
+    done = correlate_landed_logs(lake, report.touched_days, attributor, before)
     assert done.error is None, done.error
     return report, done
 

@@ -544,13 +544,15 @@ def ingest_syslog_command(
     Example: tracepipe ingest syslog /var/log/remote/web-01/auth.log --year 2024 --sender-addr 192.168.1.3
     """
     refuse_pandas()  # see ingest vm
-    from tracepipe.correlate.attribution import correlate, log_attributor
+    from tracepipe.correlate.attribution import correlate_landed_logs, log_attributor
     from tracepipe.ingest.vm import ingest_syslog_files
     from tracepipe.units import parse_addr
 
     p: Printer = ctx.obj
     target = open_lake(lake)  # as in ingest vm
     with p.status("ingest syslog") as status:
+        before = target.version("vm_leases")
+        attributor = log_attributor(target)
         report = ingest_syslog_files(
             target,
             paths,
@@ -558,10 +560,11 @@ def ingest_syslog_command(
             sender_addr=parse_addr(sender_addr) if sender_addr is not None else None,
             tz=tz,
             progress=lambda step: status(f"ingest syslog: {step}"),
-            attribute=log_attributor(target),
+            attribute=attributor,
         )
         status("ingest syslog: attributing lines to VMs")
-        correlation = correlate(target, log_days=report.touched_days)
+        # (lines that landed attributed with the leases of now are not rewritten again: landed_with)
+        correlation = correlate_landed_logs(target, report.touched_days, attributor, before)
     assumed = sorted({r.stats["mtime_year"] for r in report.results if r.rows and "mtime_year" in r.stats})
     if assumed:
         p.warning(

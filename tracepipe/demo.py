@@ -290,13 +290,16 @@ def run_demo(
         }
 
     def syslog() -> dict[str, Any]:
-        from tracepipe.correlate.attribution import log_attributor
+        from tracepipe.correlate.attribution import correlate_landed_logs, log_attributor
+        from tracepipe.errors import AttributionError
         from tracepipe.ingest.vm import ingest_syslog_files
 
-        report = ingest_syslog_files(
-            lake, [story_dir / "syslog"], year=window[0].year, attribute=log_attributor(lake)
-        )
-        done = _correlated(lake, log_days=report.touched_days)
+        before = lake.version("vm_leases")
+        attributor = log_attributor(lake)
+        report = ingest_syslog_files(lake, [story_dir / "syslog"], year=window[0].year, attribute=attributor)
+        done = correlate_landed_logs(lake, report.touched_days, attributor, before)  # (as `ingest syslog`)
+        if done.error:
+            raise AttributionError(done.error)
         return {"lines": report.rows, "rejects": report.rejects, "attributed": done.logs_attributed}
 
     def intel() -> dict[str, Any]:

@@ -335,6 +335,10 @@ class LogAttributor:
         self.reads = 0
         self.whole = False  # every lease read: nothing widens any more
         self.attributed = 0  # lines given a VM
+        # the vm_leases versions the lines were attributed with (read before and after each read of them: a
+        # commit in between shows as two): one, still the table's after correlation's lease update, means the
+        # lines need no re-attribution (correlate's `logs_landed_with`)
+        self.versions: set[int | None] = set()
 
     def _leases_for(self, logs: pa.Table) -> pa.Table:
         span, now = _days_of(logs.column("ts")), self.span
@@ -344,9 +348,11 @@ class LogAttributor:
             self.leases = None
         if self.leases is None:
             self.whole = self.reads >= _REBUILDS or self.span is None
+            self.versions.add(self.lake.version("vm_leases"))
             self.leases = read_leases(
                 self.lake, columns=list(self.COLUMNS), during=None if self.whole else self.span
             )
+            self.versions.add(self.lake.version("vm_leases"))
             self.reads += 1
         return self.leases
 
@@ -362,6 +368,22 @@ def log_attributor(lake: Lake) -> LogAttributor | None:
     collector's flows do), so that a run killed after their commit, before correlate re-attributed their days,
     leaves no line without its VM (a rerun skips the file; session-27 review). None when there are no leases."""
     return LogAttributor(lake) if lake.files("vm_leases") else None
+
+
+# what correlate's `logs_landed_with` takes when the caller cannot say which leases the lines landed with
+UNKNOWN_LEASES = object()
+
+
+def landed_with(lake: Lake, attributor: LogAttributor | None, before: int | None) -> Any:
+    """The vm_leases version the log lines an ingest just landed were attributed with, for correlate's
+    `logs_landed_with`: the attributor's one version (UNKNOWN_LEASES when its reads saw two), or, without an
+    attributor (no lease file then: the lines landed without a VM), `before`, the version read before it was
+    made, when the table is still at it."""
+    if attributor is None:
+        return before if lake.version("vm_leases") == before else UNKNOWN_LEASES
+    if not attributor.versions:  # (no line was attributed: none landed)
+        return before
+    return next(iter(attributor.versions)) if len(attributor.versions) == 1 else UNKNOWN_LEASES
 
 
 def reattribute_logs(lake: Lake, days: Iterable[str]) -> tuple[int, int]:
@@ -432,11 +454,16 @@ def correlate(
     full: bool = False,
     at_once: int | None = None,
     progress: Callable[[str], None] | None = None,
+    logs_landed_with: Any = UNKNOWN_LEASES,
 ) -> CorrelationResult:
     """After ingest: update the leases from the events landed since they were built, then attribute the flows
     of `days` and the VM log lines of `log_days` (what ingest touched) and of every day whose leases changed.
-    Never raises for a failure of its own: the result carries it (exit code 5) so that the caller still
-    reports what landed; environment errors (TracepipeError) keep their own code."""
+    `logs_landed_with`: the vm_leases version the lines of `log_days` were attributed with as they landed
+    (landed_with); when the table is still at that version after the lease update, those days are not
+    rewritten again for them (a file of lines dated on 3,000 days made 3,000 rewrites of one commit each: 230 s
+    and a 405 MB log, session-27 review). Never raises for a failure of its own: the result carries it (exit
+    code 5) so that the caller still reports what landed; environment errors (TracepipeError) keep their own
+    code."""
     result = CorrelationResult()
     try:
         result.leases, updated_days = dict(NO_LEASE_UPDATE, days=[]), set()
@@ -448,7 +475,9 @@ def correlate(
         flow_days = (updated_days | days_left_to_attribute(lake) | set(days)) & set(lake.days("flows"))
         if flow_days and lake.files("vm_leases"):
             result.flows = attribute_flows(lake, flow_days)
-        logs = updated_days | days_left_to_attribute(lake, "vm_logs") | set(log_days)
+        logs = updated_days | days_left_to_attribute(lake, "vm_logs")
+        if logs_landed_with is UNKNOWN_LEASES or logs_landed_with != lake.version("vm_leases"):
+            logs |= set(log_days)
         logs &= set(lake.days("vm_logs"))
         if logs:
             result.logs_files, result.logs_attributed = reattribute_logs(lake, logs)
@@ -466,6 +495,19 @@ def correlate(
             f"attribution failed: {result.error}. What was ingested has landed; finish with "
             f"`tracepipe leases rebuild --lake {lake.root}` (it rebuilds the leases and attributes every day)"
         )
+    return result
+
+
+def correlate_landed_logs(
+    lake: Lake, log_days: Iterable[str], attributor: LogAttributor | None, before: int | None
+) -> CorrelationResult:
+    """correlate() after VM log lines landed attributed by `attributor` (log_attributor; `before`: the vm_leases
+    version read before it was made): their days are rewritten only when the leases changed since (landed_with).
+    When no day was rewritten, `logs_attributed` is the lines the attributor gave a VM as they landed."""
+    log_days = set(log_days)
+    result = correlate(lake, log_days=log_days, logs_landed_with=landed_with(lake, attributor, before))
+    if result.logs_attributed is None and result.error is None and log_days:
+        result.logs_attributed = attributor.attributed if attributor is not None else 0
     return result
 
 
