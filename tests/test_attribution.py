@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -723,3 +724,45 @@ def test_planted_days_and_times_do_not_stop_attribution(tmp_path):
     assert vm_keys._alive_since(odd, since)
     odd.maxs = {"deleted_at": DAY1 - dt.timedelta(days=9)}
     assert not vm_keys._alive_since(odd, since)
+
+
+def test_an_ingest_attributes_what_it_landed_not_every_flow_of_its_days(story_lake, tmp_path):
+    """`ingest netflow` lands flows, then correlation attributes the days it touched: every file of those
+    days was rewritten, so an hourly capture into a day of 10^8 flows rewrote all of them, every hour (the
+    day's ingest cost grew with the day). Now, of a day whose leases did not change, only the files holding
+    unattributed flows are rewritten; the others were attributed with these leases already."""
+    import polars as pl
+
+    from tracepipe.correlate.attribution import correlate
+    from tracepipe.ingest.flows import ingest_flow_files
+
+    root = tmp_path / "lake"
+    shutil.copytree(story_lake, root)
+    lake = Lake(root)
+    first = correlate(lake, days=lake.days("flows"))  # (the story lands its flows unattributed)
+    assert first.error is None and first.flows["rows"] == sum(e.rows for e in lake.entries("flows"))
+    story = (
+        Path(__file__).resolve().parents[1]
+        / "tracepipe"
+        / "demo_story"
+        / "netflow"
+        / "openstack-softflowd-v9.pcap"
+    )
+    again = tmp_path / "again.pcap"
+    data = bytearray(story.read_bytes())
+    data[8:12] = (
+        b"\x01\x00\x00\x00"  # (the header's time zone, which no reader uses: another file, same flows)
+    )
+    again.write_bytes(bytes(data))
+    landed = ingest_flow_files(lake, [again])
+    assert landed.exit_code == 0 and landed.flows > 0
+    done = correlate(lake, days=landed.days)
+    assert done.error is None and done.flows["rows"] == landed.flows  # its flows only, not the days' others
+    # every flow attributed, each copy exactly as its original was
+    flows = pl.from_arrow(lake.read("flows"))
+    assert flows.get_column("attributed_at").null_count() == 0
+    key = ["src_addr", "dst_addr", "src_port", "dst_port", "proto", "ts_start", "bytes", "packets"]
+    copies = flows.group_by(key).agg(
+        pl.len().alias("n"), pl.struct("src_vm", "dst_vm").n_unique().alias("vms")
+    )
+    assert copies.get_column("n").max() >= 2 and copies.get_column("vms").max() == 1

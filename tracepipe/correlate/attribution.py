@@ -224,17 +224,26 @@ def _days_of(ts: pa.Array | pa.ChunkedArray) -> tuple[dt.datetime, dt.datetime] 
     return _EPOCH + dt.timedelta(microseconds=first), _EPOCH + dt.timedelta(microseconds=last + _DAY_US)
 
 
+def unattributed(entries: list[Any]) -> list[Any]:
+    """The files among `entries` that hold a flow never attributed (attributed_at null; unknown without the
+    log's null count): what an ingest landed since the leases last changed."""
+    return [e for e in entries if e.null_counts.get("attributed_at") != 0]
+
+
 def attribute_flows(
     lake: Lake,
     days: Iterable[str] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    new_only: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Set src_vm/dst_vm/attributed_at of the flows of `days` (None = all) from the current vm_leases.
 
     One commit per day through Lake.rewrite (memory: the leases plus one batch). Returns {"days", "files",
     "rows", "src_attributed", "dst_attributed", "leases" (those that overlap the days: Attributor), "seconds"}.
     `progress` is called after each day
-    with (day, days done, days total).
+    with (day, days done, days total). `new_only`: days of which only the files holding unattributed flows are
+    rewritten (unattributed): the days an ingest touched whose leases did not change since their other files
+    were attributed (correlate).
     """
     started = time.perf_counter()
     days_list = sorted(set(days)) if days is not None else None
@@ -259,10 +268,16 @@ def attribute_flows(
         summary["dst_attributed"] += len(batch) - batch.column("dst_vm").null_count
         return batch
 
+    new_only = set(new_only)
+
+    def chosen(entries: list[Any]) -> list[Any]:
+        return unattributed(entries) if entries and entries[0].day in new_only else entries
+
     done = lake.rewrite(
         "flows",
         days_list,
         attributed,
+        select=chosen if new_only else None,
         info={"operation": "attribute", "leases_version": leases_version},
         progress=progress,
     )
@@ -472,9 +487,12 @@ def correlate(
 
             update = refresh_leases(lake, reclaim_interval, full=full, at_once=at_once, progress=progress)
             result.leases, updated_days = update.to_dict(), update.days
-        flow_days = (updated_days | days_left_to_attribute(lake) | set(days)) & set(lake.days("flows"))
+        changed = updated_days | days_left_to_attribute(lake)
+        flow_days = (changed | set(days)) & set(lake.days("flows"))
         if flow_days and lake.files("vm_leases"):
-            result.flows = attribute_flows(lake, flow_days)
+            # of a day whose leases did not change, the files attributed before are so with these leases: only
+            # what ingest landed is attributed (an hourly capture into a day of 10^8 flows rewrote all of them)
+            result.flows = attribute_flows(lake, flow_days, new_only=flow_days - changed)
         logs = updated_days | days_left_to_attribute(lake, "vm_logs")
         if logs_landed_with is UNKNOWN_LEASES or logs_landed_with != lake.version("vm_leases"):
             logs |= set(log_days)
