@@ -107,11 +107,13 @@ def parse_syslog(
     sender_addr: str | None = None,
     first_line: int = 1,
     wraps: YearWraps | None = None,
+    counts: dict[str, int] | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Syslog text -> (vm_logs without vm_id, rejects). `year` and `tz` complete RFC 3164 timestamps,
     which carry neither; `reference` (default: now) is the latest plausible time (the file's mtime).
     `first_line` numbers the lines of a block cut out of a bigger file. `wraps`: the year as the file goes
-    (YearWraps; `year` is then ignored)."""
+    (YearWraps; `year` is then ignored). `counts`: "no_year" is increased by the lines that landed with a year
+    they did not carry (RFC 3164), what a caller warns about when the year was a guess."""
     reference = reference or dt.datetime.now(dt.UTC)
     year = wraps.year if wraps is not None else (year or reference.year)
     lines = pl.DataFrame(
@@ -222,6 +224,8 @@ def parse_syslog(
         )
     )
     good = parsed.filter(pl.col("ts_utc").is_not_null() & in_window)
+    if counts is not None:
+        counts["no_year"] = counts.get("no_year", 0) + int((good.get_column("shape") == "3164").sum())
     pri = pl.when(bad_pri).then(None).otherwise(pri)
     nil = ["-", ""]
     logs = good.select(

@@ -369,6 +369,7 @@ def ingest_syslog_files(
         source = str(path.absolute())
         known = _KnownLines(lake, source)
         wraps = YearWraps(year) if year is not None else None  # (--year: the first line's; Dec -> Jan: +1)
+        counts: dict[str, int] = {}
         with lake.ingest("vm_logs", source, content_hash) as writer:
             # in blocks of whole lines: memory stays bounded on big files, line numbers stay exact
             for block in _line_blocks(path):
@@ -381,15 +382,18 @@ def ingest_syslog_files(
                     sender_addr=sender_addr,
                     first_line=block.first_line,
                     wraps=wraps,
+                    counts=counts,
                 )
                 new = known.new(logs)
                 writer.write(attribute(new) if attribute is not None and new.num_rows else new)
                 if block.too_long:
                     writer.reject(known.new_rejects(too_long_rejects(source, block.too_long)))
                 writer.reject(known.new_rejects(rejects))
-            # (lines without a year took the file's modification time's: said, so that a wrong one is seen)
+            # (lines without a year took the file's modification time's: said, so that a wrong one is seen;
+            # not when every line carried its own, as RFC 5424's do)
             stats = {"lines": writer.result.rows, "duplicates": known.duplicates}
-            result = writer.commit({**stats, **({} if year else {"mtime_year": mtime.year})})
+            guessed = not year and counts.get("no_year", 0) > 0
+            result = writer.commit({**stats, **({"mtime_year": mtime.year} if guessed else {})})
         report.duplicates += known.duplicates
         report.results.append(result)
     report.touched_days = _days_of(report.results, "vm_logs")
