@@ -313,6 +313,77 @@ def test_changed_days_only_where_intervals_differ(story):
     assert changed_days(new, old, None, now=utc(1, 0, day=14)) == {"2024-03-12", "2024-03-13", "2024-03-14"}
 
 
+def _lease_tables(spec: list[tuple[str, str, int, int | None]]) -> pa.Table:
+    """(addr, vm, from, to or None: still held) in minutes after 2024-03-10 00:00 -> a lease table's columns
+    that changed_days reads."""
+    base, minute = dt.datetime(2024, 3, 10, tzinfo=dt.UTC), dt.timedelta(minutes=1)
+    return pa.table(
+        {
+            "addr": [a for a, _, _, _ in spec],
+            "vm_id": [v for _, v, _, _ in spec],
+            "valid_from": pa.array([base + f * minute for _, _, f, _ in spec], pa.timestamp("us", "UTC")),
+            "valid_to": pa.array(
+                [None if t is None else base + t * minute for _, _, _, t in spec],
+                pa.timestamp("us", "UTC"),
+            ),
+        }
+    )
+
+
+@st.composite
+def _lease_table_pairs(draw):
+    """Two lease tables of two addresses over four days (minutes 0-5759; `now` 5760), leases of one address
+    never overlapping: the second made from the first by ending leases elsewhere (earlier, later, never),
+    giving them to another VM, dropping them, or adding new ones in the gaps."""
+    tables = ([], [])
+    for addr in ("10.0.0.1", "10.0.0.2"):
+        cuts = sorted(draw(st.sets(st.integers(0, 5759), max_size=10)))
+        for start, stop in zip(cuts[0::2], [*cuts[1::2], None], strict=False):
+            vm = draw(st.sampled_from("abc"))
+            tables[0].append((addr, vm, start, stop))
+            change = draw(st.sampled_from(["keep", "end", "vm", "drop", "open"]))
+            if change == "keep":
+                tables[1].append((addr, vm, start, stop))
+            elif change == "end":
+                limit = stop if stop is not None else 5760
+                tables[1].append((addr, vm, start, draw(st.integers(start + 1, max(start + 1, limit)))))
+            elif change == "vm":
+                tables[1].append((addr, draw(st.sampled_from("abc")), start, stop))
+            elif change == "open" and stop is not None and stop == cuts[-1]:
+                tables[1].append((addr, vm, start, None))
+            elif change == "open":
+                tables[1].append((addr, vm, start, stop))
+    return tables
+
+
+@settings(max_examples=300, deadline=None)
+@given(_lease_table_pairs())
+def test_changed_days_are_the_days_an_answer_differs(pair):
+    """changed_days against a minute-by-minute comparison of who holds each address: the days of every run of
+    minutes up to `now` where the two tables differ, from its first minute's day to the day it ends (`now`
+    for a run still going), and no other (a VM deleted after months changed every day since its creation, session 32)."""
+
+    def holder(spec, addr, minute):
+        return next(
+            (v for a, v, f, t in spec if a == addr and f <= minute and (t is None or minute < t)), None
+        )
+
+    old, new = pair
+    base, now = dt.date(2024, 3, 10), 5760
+    expected = set()
+    for addr in ("10.0.0.1", "10.0.0.2"):
+        # (up to `now` included: a change from `now` on is one for the flows of its day that land later)
+        differs = [holder(old, addr, m) != holder(new, addr, m) for m in range(now + 1)] + [False]
+        for m in range(now + 1):
+            if differs[m] and (m == 0 or not differs[m - 1]):
+                end = min(now, next(e for e in range(m, now + 2) if not differs[e]))
+                expected.update(base + dt.timedelta(days=d) for d in range(m // 1440, end // 1440 + 1))
+    got = changed_days(
+        _lease_tables(old), _lease_tables(new), None, now=dt.datetime(2024, 3, 14, tzinfo=dt.UTC)
+    )
+    assert got == {d.isoformat() for d in expected}
+
+
 _ACTIONS = [
     ("create", "instance.create.end"),
     ("create", "instance.create.start"),
