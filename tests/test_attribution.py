@@ -766,3 +766,57 @@ def test_an_ingest_attributes_what_it_landed_not_every_flow_of_its_days(story_la
         pl.len().alias("n"), pl.struct("src_vm", "dst_vm").n_unique().alias("vms")
     )
     assert copies.get_column("n").max() >= 2 and copies.get_column("vms").max() == 1
+
+
+def test_days_a_killed_run_left_unattributed_are_carried_by_the_next_lease_commit(tmp_path):
+    """A run killed between its lease commit and the attribution leaves days to attribute (the commit records
+    them, attribution.days_left_to_attribute). The next update's commit used to record only its own days: the
+    left ones were never attributed, their flows kept VMs of older leases. Now the commit carries them."""
+    from tracepipe.correlate.attribution import correlate, days_left_to_attribute
+    from tracepipe.correlate.leases import refresh_leases
+    from tracepipe.lake import hash_bytes
+    from tracepipe.schema import VM_EVENTS
+
+    lake = Lake(tmp_path / "lake")
+
+    def land(name: str, rows: list[dict]) -> None:
+        base = {"cloud": "test", "project": "p", "user": "u", "hypervisor": "h1", "event_type": "x"}
+        table = pa.Table.from_pylist([{**base, **r} for r in rows], schema=VM_EVENTS)
+        ingest_table(lake, "vm_events", name, hash_bytes(name.encode()), [table])
+
+    land(
+        "create",
+        [
+            {"ts": at(DAY1, 0), "vm_id": v, "action": "create", "addrs": [a]}
+            for v, a in (("a", "10.0.0.5"), ("b", "10.0.0.9"))
+        ],
+    )
+    flows = [
+        {"ts_start": at(day, 12), "ts_end": at(day, 12), "src_addr": a, "dst_addr": "192.0.2.1"}
+        for day in (DAY1, DAY2)
+        for a in ("10.0.0.5", "10.0.0.9")
+    ]
+    ingest_table(lake, "flows", "flows", hash_bytes(b"flows"), [pa.Table.from_pylist(flows, schema=FLOWS)])
+    assert correlate(lake, days=["2024-03-12", "2024-03-13"]).error is None
+    # a's late delete (06:00 on day 1): its lease is now over on both days; the run is killed before it attributes
+    land("delete-a", [{"ts": at(DAY1, 6), "vm_id": "a", "action": "delete"}])
+    assert refresh_leases(lake).days == {"2024-03-12", "2024-03-13"}
+    assert days_left_to_attribute(lake) == {"2024-03-12", "2024-03-13"}
+    # the next run: b deleted on day 2 (changes day 2 only), then its correlation
+    land("delete-b", [{"ts": at(DAY2, 18), "vm_id": "b", "action": "delete"}])
+    done = correlate(lake)
+    assert done.error is None and "2024-03-12" in done.days
+    assert set(lake.commit_infos("vm_leases")[0]["days"]) >= {"2024-03-12", "2024-03-13"}
+    assert days_left_to_attribute(lake) == set()
+    got = sorted(
+        zip(
+            *(lake.read("flows").column(c).to_pylist() for c in ("ts_start", "src_addr", "src_vm")),
+            strict=True,
+        )
+    )
+    assert [vm for _, _, vm in got] == [
+        None,
+        "b",
+        None,
+        "b",
+    ]  # a gone since 06:00 on day 1, b until 18:00 on day 2

@@ -1746,6 +1746,16 @@ def _changed_spans(old: pa.Table, new: pa.Table) -> pl.DataFrame:
     )
 
 
+def _left_behind(lake: Any) -> set[str]:
+    """The days the vm_leases commit about to be replaced recorded as changed that no attribution with it has
+    rewritten yet (a run killed between that commit and its attribution): the next commit records them too.
+    Else a later update's commit hid them (attribution.days_left_to_attribute reads the latest commit only) and
+    their flows kept VMs of leases older than both."""
+    from tracepipe.correlate.attribution import days_left_to_attribute
+
+    return days_left_to_attribute(lake, "flows") | days_left_to_attribute(lake, "vm_logs")
+
+
 def _partition_days(lake: Any, datasets: tuple[str, ...] = ("flows", "vm_logs")) -> list[str]:
     """Days that have flow or VM-log partitions: only those can need re-attribution (data landing later is
     attributed when it lands)."""
@@ -2055,6 +2065,7 @@ def _full_rebuild(
         # vm_leases last, recording what it was built from and the days it changed: a run killed before that
         # commit is redone by the next (events newer than the leases), one killed after it re-attributes the
         # days that no attribution with these leases rewrote yet (attribution.days_left_to_attribute)
+        days |= _left_behind(lake)
         _write_derived_locked(lake, "vms", vms, {})
         version = _write_derived_locked(
             lake,
@@ -2215,6 +2226,7 @@ def _adopt(lake: Any, stage: Any, events_version: int | None, read: set[str]) ->
                 vms = vms.set_column(
                     column, vms.schema.field(name), pa.nulls(vms.num_rows, vms.schema.field(name).type)
                 )
+            days |= _left_behind(lake)
             _write_derived_locked(lake, "vms", vms, {})
             del vms
             version = lake.adopt_files(
@@ -2597,6 +2609,7 @@ def _update_files(
         leases.select("addr", "vm_id", "valid_from", "valid_to").to_arrow(),
         _partition_days(lake),
     )
+    days |= _left_behind(lake)
     new_vms = keyed_vms(lake, new_vms, [vm_entries[i] for i in vm_files])
     lake.replace_files(
         "vms",
