@@ -319,8 +319,8 @@ def _lease_tables(spec: list[tuple[str, str, int, int | None]]) -> pa.Table:
     base, minute = dt.datetime(2024, 3, 10, tzinfo=dt.UTC), dt.timedelta(minutes=1)
     return pa.table(
         {
-            "addr": [a for a, _, _, _ in spec],
-            "vm_id": [v for _, v, _, _ in spec],
+            "addr": pa.array([a for a, _, _, _ in spec], pa.string()),
+            "vm_id": pa.array([v for _, v, _, _ in spec], pa.string()),
             "valid_from": pa.array([base + f * minute for _, _, f, _ in spec], pa.timestamp("us", "UTC")),
             "valid_to": pa.array(
                 [None if t is None else base + t * minute for _, _, _, t in spec],
@@ -328,6 +328,16 @@ def _lease_tables(spec: list[tuple[str, str, int, int | None]]) -> pa.Table:
             ),
         }
     )
+
+
+def test_changed_days_leave_out_a_planted_lease_without_a_start():
+    """A lease row without valid_from (only a planted file holds one) holds no time for lease_at: it changes no
+    day, and the day range is not stretched back to year -290,000 (a difference array of ~10^8 days)."""
+    planted = _lease_tables([("10.0.0.1", "a", 0, 60)]).set_column(
+        2, "valid_from", pa.array([None], pa.timestamp("us", "UTC"))
+    )
+    assert changed_days(_lease_tables([]), planted, None) == set()
+    assert changed_days(planted, _lease_tables([("10.0.0.1", "a", 0, 60)]), None) == {"2024-03-10"}
 
 
 @st.composite

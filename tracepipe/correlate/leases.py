@@ -1689,6 +1689,9 @@ def _changed_spans(old: pa.Table, new: pa.Table) -> pl.DataFrame:
     a, b = (pl.from_arrow(t.select(_INTERVAL)) for t in (old, new))
     assert isinstance(a, pl.DataFrame) and isinstance(b, pl.DataFrame)
     b = b.cast(a.schema)  # type: ignore[arg-type]
+    # (a lease without a start holds no time: lease_at never answers it; a planted row must not make the day
+    # range below reach back 290,000 years)
+    a, b = (x.filter(pl.col("valid_from").is_not_null()) for x in (a, b))
     only_a, only_b = (x.join(y, on=_INTERVAL, how="anti", nulls_equal=True) for x, y in ((a, b), (b, a)))
     empty = pl.DataFrame(schema={"valid_from": a.schema["valid_from"], "valid_to": a.schema["valid_to"]})
     if only_a.height + only_b.height == 0:
@@ -1699,7 +1702,7 @@ def _changed_spans(old: pa.Table, new: pa.Table) -> pl.DataFrame:
         return frame.select(
             "addr",
             "vm_id",
-            pl.col("valid_from").dt.epoch("us").fill_null(-end).alias("f"),
+            pl.col("valid_from").dt.epoch("us").alias("f"),
             pl.col("valid_to").dt.epoch("us").fill_null(end).alias("t"),
         )
 
