@@ -23,7 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tracepipe.correlate.lease_at import CODED_VM, FACT_PREFIX, LeaseIndex, lease_index, read_leases
+from tracepipe.correlate.lease_at import (
+    CODED_VM,
+    FACT_PREFIX,
+    LeaseIndex,
+    file_meets_spans,
+    lease_index,
+    read_leases,
+    span_bounds,
+)
 from tracepipe.errors import EXIT_ATTRIBUTION, EXIT_OK, AttributionError, LakeError, TracepipeError
 from tracepipe.lake import Lake, conform
 from tracepipe.schema import VM_LOGS
@@ -235,6 +243,8 @@ def attribute_flows(
     days: Iterable[str] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     new_only: Iterable[str] = (),
+    spans: Any = None,
+    span_days: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Set src_vm/dst_vm/attributed_at of the flows of `days` (None = all) from the current vm_leases.
 
@@ -243,7 +253,9 @@ def attribute_flows(
     `progress` is called after each day
     with (day, days done, days total). `new_only`: days of which only the files holding unattributed flows are
     rewritten (unattributed): the days an ingest touched whose leases did not change since their other files
-    were attributed (correlate).
+    were attributed (correlate). `spans` (a lease update's leases._changed_spans) and `span_days`: days of which
+    only those files and the files holding flows of the spans' times are rewritten (an hourly update that
+    changed the leases of the last hour rewrote every flow of the day).
     """
     started = time.perf_counter()
     days_list = sorted(set(days)) if days is not None else None
@@ -268,16 +280,23 @@ def attribute_flows(
         summary["dst_attributed"] += len(batch) - batch.column("dst_vm").null_count
         return batch
 
-    new_only = set(new_only)
+    new_only, span_days = set(new_only), set(span_days) if spans is not None else set()
+    bounds = span_bounds(spans) if span_days else None
 
     def chosen(entries: list[Any]) -> list[Any]:
-        return unattributed(entries) if entries and entries[0].day in new_only else entries
+        day = entries[0].day if entries else None
+        if day in new_only:
+            return unattributed(entries)
+        if bounds is not None and day in span_days:
+            fresh = {id(e) for e in unattributed(entries)}
+            return [e for e in entries if id(e) in fresh or file_meets_spans(e, "ts_start", bounds)]
+        return entries
 
     done = lake.rewrite(
         "flows",
         days_list,
         attributed,
-        select=chosen if new_only else None,
+        select=chosen if new_only or span_days else None,
         info={"operation": "attribute", "leases_version": leases_version},
         progress=progress,
     )
@@ -433,7 +452,8 @@ def days_left_to_attribute(lake: Lake, name: str = "flows") -> set[str]:
     those leases has rewritten since (or not within the last ATTRIBUTION_HISTORY commits of the table: then
     again, idempotent): what a run killed between the lease commit and the re-attribution left to do."""
     built = next(iter(lake.commit_infos("vm_leases")), {})
-    days = set(built.get("days", [])) & set(lake.days(name))
+    # (an incremental update records the days of each table apart: leases.days_meeting_spans)
+    days = set(built.get(f"{name}_days", built.get("days", []))) & set(lake.days(name))
     if not days:
         return days
     for info in lake.commit_infos(name, ATTRIBUTION_HISTORY):
@@ -481,18 +501,22 @@ def correlate(
     code."""
     result = CorrelationResult()
     try:
-        result.leases, updated_days = dict(NO_LEASE_UPDATE, days=[]), set()
+        result.leases, updated_days, spans = dict(NO_LEASE_UPDATE, days=[]), set(), None
+        left = days_left_to_attribute(lake)  # (before the update: what a killed run left, done whole)
         if lake.files("vm_events"):
             from tracepipe.correlate.leases import refresh_leases  # imports polars
 
             update = refresh_leases(lake, reclaim_interval, full=full, at_once=at_once, progress=progress)
-            result.leases, updated_days = update.to_dict(), update.days
+            result.leases, updated_days, spans = update.to_dict(), update.days, update.spans
         changed = updated_days | days_left_to_attribute(lake)
         flow_days = (changed | set(days)) & set(lake.days("flows"))
         if flow_days and lake.files("vm_leases"):
             # of a day whose leases did not change, the files attributed before are so with these leases: only
-            # what ingest landed is attributed (an hourly capture into a day of 10^8 flows rewrote all of them)
-            result.flows = attribute_flows(lake, flow_days, new_only=flow_days - changed)
+            # what ingest landed is attributed (an hourly capture into a day of 10^8 flows rewrote all of them);
+            # of a day an incremental update changed, what landed and the files of the times it changed
+            result.flows = attribute_flows(
+                lake, flow_days, new_only=flow_days - changed, spans=spans, span_days=updated_days - left
+            )
         logs = updated_days | days_left_to_attribute(lake, "vm_logs")
         if logs_landed_with is UNKNOWN_LEASES or logs_landed_with != lake.version("vm_leases"):
             logs |= set(log_days)

@@ -221,3 +221,49 @@ def lease_index(
             column = name if name == "vm_key" else FACT_PREFIX + name
             leases = leases.append_column(column, of_vm.column(name))
     return LeaseIndex(leases)
+
+
+# ---- the times a lease update changed (leases._changed_spans), and the lake files that hold data of them -------
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def span_bounds(spans: Any) -> tuple[np.ndarray, np.ndarray]:
+    """leases._changed_spans (a polars frame: valid_from, valid_to; null: open) -> their union as sorted,
+    disjoint [start, end) in µs (ends ascending)."""
+    start = spans.get_column("valid_from").dt.epoch("us").to_numpy().astype(np.int64)
+    end = (
+        spans.get_column("valid_to")
+        .dt.epoch("us")
+        .fill_null(np.iinfo(np.int64).max)
+        .to_numpy()
+        .astype(np.int64)
+    )
+    if len(start) == 0:
+        return start, end
+    order = np.argsort(start, kind="stable")
+    start, end = start[order], end[order]
+    reach = np.maximum.accumulate(end)
+    first = np.flatnonzero(np.r_[True, start[1:] > reach[:-1]])  # (each a span that starts after all before)
+    return start[first], np.maximum.reduceat(end, first)
+
+
+def file_meets_spans(entry: Any, column: str, bounds: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Whether a lake file's range of `column` (the log's statistics, kept to the millisecond: its maximum taken
+    1 ms later) meets one of span_bounds' spans; unknown statistics: it may."""
+    low, high = entry.mins.get(column), entry.maxs.get(column)
+    if not isinstance(low, dt.datetime) or not isinstance(high, dt.datetime):
+        return True
+    starts, ends = bounds
+    low_us = (low - _EPOCH) // dt.timedelta(microseconds=1)
+    high_us = (high - _EPOCH) // dt.timedelta(microseconds=1) + 1000
+    at = int(np.searchsorted(ends, low_us, side="right"))
+    return at < len(starts) and bool(starts[at] <= high_us)
+
+
+def days_meeting_spans(lake: Any, name: str, column: str, spans: Any, days: Iterable[str]) -> set[str]:
+    """Of `days`, those on which a file of table `name` holds `column` values within the spans."""
+    bounds = span_bounds(spans)
+    return {
+        e.day for e in lake.entries(name, sorted(set(days))) if e.day and file_meets_spans(e, column, bounds)
+    }

@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tracepipe.correlate import VMS_COMPLETE
+from tracepipe.correlate.lease_at import days_meeting_spans
 from tracepipe.correlate.vm_keys import keyed_vms, lost_keys_info, sorted_unique
 from tracepipe.fsutil import write_atomic
 from tracepipe.lake import conform, read_parquet_files, sort_indices
@@ -1774,7 +1775,13 @@ def changed_days(
     """UTC days on which attribution may differ between two lease tables (only addr/vm/interval matter):
     the days a lease in one and not the other covers (to `now` while still held), among `flow_days` if given.
     Vectorised: a difference array over the days spanned (leases tables hold millions of rows)."""
-    spans = _changed_spans(old, new)
+    return days_of_spans(_changed_spans(old, new), flow_days, now)
+
+
+def days_of_spans(
+    spans: pl.DataFrame, flow_days: list[str] | None, now: dt.datetime | None = None
+) -> set[str]:
+    """The UTC days that _changed_spans' spans cover (to `now` while open), among `flow_days` if given."""
     if spans.height == 0:
         return set()
     now = now or dt.datetime.now(dt.UTC)
@@ -1849,10 +1856,14 @@ class LeaseUpdate:
     vms: int = 0
     reason: str = ""  # why a full rebuild (when incremental was asked)
     seconds: float = 0.0
+    # (an incremental update's _changed_spans: the times whose answers changed, for the attribution of its
+    # days to rewrite only the files that hold flows of those times; None: whole days)
+    spans: pl.DataFrame | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(vars(self))
         out["days"] = sorted(self.days)
+        del out["spans"]
         return out
 
 
@@ -2607,12 +2618,20 @@ def _update_files(
         .to_arrow()
         .cast(VMS)
     )
-    days = changed_days(
+    spans = _changed_spans(
         replaced.select("addr", "vm_id", "valid_from", "valid_to").to_arrow(),
         leases.select("addr", "vm_id", "valid_from", "valid_to").to_arrow(),
-        _partition_days(lake),
     )
-    days |= _left_behind(lake)
+    # the days to attribute again, per table: those holding a file of flows (lines) of the changed times, so
+    # that attribution rewrites only those files (attribute_flows' spans) and each such day gets its commit
+    # (days_left_to_attribute); and the days the commit before left (_left_behind)
+    candidates = days_of_spans(spans, _partition_days(lake))
+    carried = _left_behind(lake)
+    per_table = {
+        name: days_meeting_spans(lake, name, column, spans, candidates & set(lake.days(name))) | carried
+        for name, column in (("flows", "ts_start"), ("vm_logs", "ts"))
+    }
+    days = per_table["flows"] | per_table["vm_logs"]
     new_vms = keyed_vms(lake, new_vms, [vm_entries[i] for i in vm_files])
     lake.replace_files(
         "vms",
@@ -2625,11 +2644,17 @@ def _update_files(
         "vm_leases",
         [lease_entries[i] for i in lease_files],
         _chunks(new_leases, "vm_leases"),
-        {"vm_events_version": version, "days": sorted(days), "incremental": True, VMS_COMPLETE: True},
+        {
+            "vm_events_version": version,
+            "days": sorted(days),
+            **{f"{name}_days": sorted(d) for name, d in per_table.items()},
+            "incremental": True,
+            VMS_COMPLETE: True,
+        },
         ROW_GROUP_ROWS,
     )
     _save_state(lake, built, _next_state(state, new, events, involved_vms, vms, leases, addrs, starts))
-    return LeaseUpdate("incremental", days, events.height, new.height, starts.height, vms.height)
+    return LeaseUpdate("incremental", days, events.height, new.height, starts.height, vms.height, spans=spans)
 
 
 def _index(
