@@ -254,6 +254,7 @@ def file_meets_spans(entry: Any, column: str, bounds: tuple[np.ndarray, np.ndarr
     low, high = entry.mins.get(column), entry.maxs.get(column)
     if not isinstance(low, dt.datetime) or not isinstance(high, dt.datetime):
         return True
+    low, high = (t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC) for t in (low, high))
     starts, ends = bounds
     low_us = (low - _EPOCH) // dt.timedelta(microseconds=1)
     high_us = (high - _EPOCH) // dt.timedelta(microseconds=1) + 1000

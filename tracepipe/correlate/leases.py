@@ -1750,14 +1750,14 @@ def _changed_spans(old: pa.Table, new: pa.Table) -> pl.DataFrame:
     )
 
 
-def _left_behind(lake: Any) -> set[str]:
-    """The days the vm_leases commit about to be replaced recorded as changed that no attribution with it has
-    rewritten yet (a run killed between that commit and its attribution): the next commit records them too.
-    Else a later update's commit hid them (attribution.days_left_to_attribute reads the latest commit only) and
-    their flows kept VMs of leases older than both."""
+def _left_behind(lake: Any) -> dict[str, set[str]]:
+    """Per table (flows, vm_logs), the days the vm_leases commit about to be replaced recorded as changed that no
+    attribution with it has rewritten yet (a run killed between that commit and its attribution): the next
+    commit records them too. Else a later update's commit hid them (attribution.days_left_to_attribute reads
+    the latest commit only) and their flows kept VMs of leases older than both."""
     from tracepipe.correlate.attribution import days_left_to_attribute
 
-    return days_left_to_attribute(lake, "flows") | days_left_to_attribute(lake, "vm_logs")
+    return {name: days_left_to_attribute(lake, name) for name in ("flows", "vm_logs")}
 
 
 def _partition_days(lake: Any, datasets: tuple[str, ...] = ("flows", "vm_logs")) -> list[str]:
@@ -2079,7 +2079,7 @@ def _full_rebuild(
         # vm_leases last, recording what it was built from and the days it changed: a run killed before that
         # commit is redone by the next (events newer than the leases), one killed after it re-attributes the
         # days that no attribution with these leases rewrote yet (attribution.days_left_to_attribute)
-        days |= _left_behind(lake)
+        days |= set().union(*_left_behind(lake).values())
         _write_derived_locked(lake, "vms", vms, {})
         version = _write_derived_locked(
             lake,
@@ -2240,7 +2240,7 @@ def _adopt(lake: Any, stage: Any, events_version: int | None, read: set[str]) ->
                 vms = vms.set_column(
                     column, vms.schema.field(name), pa.nulls(vms.num_rows, vms.schema.field(name).type)
                 )
-            days |= _left_behind(lake)
+            days |= set().union(*_left_behind(lake).values())
             _write_derived_locked(lake, "vms", vms, {})
             del vms
             version = lake.adopt_files(
@@ -2628,7 +2628,7 @@ def _update_files(
     candidates = days_of_spans(spans, _partition_days(lake))
     carried = _left_behind(lake)
     per_table = {
-        name: days_meeting_spans(lake, name, column, spans, candidates & set(lake.days(name))) | carried
+        name: days_meeting_spans(lake, name, column, spans, candidates & set(lake.days(name))) | carried[name]
         for name, column in (("flows", "ts_start"), ("vm_logs", "ts"))
     }
     days = per_table["flows"] | per_table["vm_logs"]
