@@ -884,3 +884,20 @@ def test_an_hourly_lease_update_rewrites_the_files_of_the_times_it_changed(tmp_p
     assert late.error is None and late.leases["mode"] == "incremental"
     assert not late.flows or late.flows["rows"] == 0
     assert days_left_to_attribute(lake) == set()
+
+
+def test_a_narrowed_attribution_is_whole_days_when_the_leases_changed_since_it_was_judged(
+    story_lake, tmp_path
+):
+    """correlate judges which files need attribution against one vm_leases version (`basis`); when another
+    update committed since, the day's commit would say it is attributed with leases whose changes the narrowed
+    rewrite did not look at: whole days instead."""
+    root = tmp_path / "lake"
+    shutil.copytree(story_lake, root)
+    lake = Lake(root)
+    days = lake.days("flows")
+    total = sum(e.rows for e in lake.entries("flows"))
+    assert attribute_flows(lake, days)["rows"] == total  # (the story lands its flows unattributed)
+    current = lake.version("vm_leases")
+    assert attribute_flows(lake, days, new_only=days, basis=current)["rows"] == 0  # nothing unattributed
+    assert attribute_flows(lake, days, new_only=days, basis=current - 1)["rows"] == total

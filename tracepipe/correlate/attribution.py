@@ -245,6 +245,7 @@ def attribute_flows(
     new_only: Iterable[str] = (),
     spans: Any = None,
     span_days: Iterable[str] = (),
+    basis: int | None = None,
 ) -> dict[str, Any]:
     """Set src_vm/dst_vm/attributed_at of the flows of `days` (None = all) from the current vm_leases.
 
@@ -255,7 +256,9 @@ def attribute_flows(
     rewritten (unattributed): the days an ingest touched whose leases did not change since their other files
     were attributed (correlate). `spans` (a lease update's leases._changed_spans) and `span_days`: days of which
     only those files and the files holding flows of the spans' times are rewritten (an hourly update that
-    changed the leases of the last hour rewrote every flow of the day).
+    changed the leases of the last hour rewrote every flow of the day). `basis`: the vm_leases version those
+    narrowings were judged against; when the leases are another by now (a concurrent update), whole days: this
+    run's commits of a day say it is attributed with the leases read here, which a narrowed rewrite may not be.
     """
     started = time.perf_counter()
     days_list = sorted(set(days)) if days is not None else None
@@ -281,6 +284,8 @@ def attribute_flows(
         return batch
 
     new_only, span_days = set(new_only), set(span_days) if spans is not None else set()
+    if basis is not None and leases_version != basis:
+        new_only, span_days = set(), set()
     bounds = span_bounds(spans) if span_days else None
 
     def chosen(entries: list[Any]) -> list[Any]:
@@ -508,6 +513,10 @@ def correlate(
 
             update = refresh_leases(lake, reclaim_interval, full=full, at_once=at_once, progress=progress)
             result.leases, updated_days, spans = update.to_dict(), update.days, update.spans
+            # (the spans narrow only the days of the commit they are the changes of: another update's commit
+            # since brings days of its own, which days_left_to_attribute reads from it)
+            spans = spans if spans is not None and update.spans_version == lake.version("vm_leases") else None
+        basis = lake.version("vm_leases")  # (before what changed is read: the leases it is judged against)
         changed = updated_days | days_left_to_attribute(lake)
         flow_days = (changed | set(days)) & set(lake.days("flows"))
         if flow_days and lake.files("vm_leases"):
@@ -515,7 +524,12 @@ def correlate(
             # what ingest landed is attributed (an hourly capture into a day of 10^8 flows rewrote all of them);
             # of a day an incremental update changed, what landed and the files of the times it changed
             result.flows = attribute_flows(
-                lake, flow_days, new_only=flow_days - changed, spans=spans, span_days=updated_days - left
+                lake,
+                flow_days,
+                new_only=flow_days - changed,
+                spans=spans,
+                span_days=updated_days - left,
+                basis=basis,
             )
         logs = updated_days | days_left_to_attribute(lake, "vm_logs")
         if logs_landed_with is UNKNOWN_LEASES or logs_landed_with != lake.version("vm_leases"):

@@ -1859,11 +1859,12 @@ class LeaseUpdate:
     # (an incremental update's _changed_spans: the times whose answers changed, for the attribution of its
     # days to rewrite only the files that hold flows of those times; None: whole days)
     spans: pl.DataFrame | None = field(default=None, repr=False, compare=False)
+    spans_version: int | None = None  # (the vm_leases version whose commit the spans are the changes of)
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(vars(self))
         out["days"] = sorted(self.days)
-        del out["spans"]
+        del out["spans"], out["spans_version"]
         return out
 
 
@@ -2654,7 +2655,16 @@ def _update_files(
         ROW_GROUP_ROWS,
     )
     _save_state(lake, built, _next_state(state, new, events, involved_vms, vms, leases, addrs, starts))
-    return LeaseUpdate("incremental", days, events.height, new.height, starts.height, vms.height, spans=spans)
+    return LeaseUpdate(
+        "incremental",
+        days,
+        events.height,
+        new.height,
+        starts.height,
+        vms.height,
+        spans=spans,
+        spans_version=built,
+    )
 
 
 def _index(
