@@ -18,10 +18,12 @@ from tests.conftest import run_tracepipe
 from tracepipe import query
 from tracepipe.errors import LakeError
 from tracepipe.lake import FileEntry, Lake, have_null_counts, ingest_table
+from tracepipe.limits import MAX_FLOW_DURATION
 from tracepipe.schema import DATASETS, FLOWS
 
 START = dt.datetime(2024, 3, 1, tzinfo=dt.UTC)
 DAYS = 40
+END_DAY = START.date() + dt.timedelta(days=DAYS)  # (the first day without flows)
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +169,9 @@ def test_views_over_stand_ins_bind_as_over_the_files(lake):
 
 @pytest.mark.parametrize("hours", [0.5, 23.9, 24 * 5 + 0.2, 24 * (DAYS - 1) + 1])
 def test_who_reads_the_flows_of_its_window_days_alone_and_answers_the_same(many_files, hours):
-    """`who` opens flows with the files of its window's days only (connect days): the flows it sums are
-    those a session over every file finds, windows across midnight and at the table's ends included."""
+    """`who` opens flows with the files of its days only (connect days: its window's and the days before it
+    whose flows can reach into it, query.who_days): the flows it sums are those a session over every file
+    finds, windows across midnight and at the table's ends included."""
     lake = Lake(many_files)
     at = START + dt.timedelta(hours=hours)
     window = dt.timedelta(hours=1)
@@ -178,14 +181,18 @@ def test_who_reads_the_flows_of_its_window_days_alone_and_answers_the_same(many_
     full = query.connect(lake)
     assert answer.flows == query.flow_summary(full, addr, at - window, at + window)
     assert answer.flows["flows"] == 1
-    days = (query._day(at - window), query._day(at + window))
+    days = query.who_days(at, window)
+    assert days == (query._day(at - window - MAX_FLOW_DURATION), query._day(at + window))
     narrow = query.connect(lake, days=days)
     for other in ("10.0.0.0", "10.0.3.3", "10.0.15.15", addr):
         assert query.flow_summary(narrow, other, at - window, at + window) == query.flow_summary(
             full, other, at - window, at + window
         )
     listed = narrow.execute('SELECT DISTINCT "date" FROM flows ORDER BY 1').fetchall()
-    assert [row[0] for row in listed] == [d for d in sorted(set(days)) if START.date() <= d]
+    span = range((days[1] - days[0]).days + 1)
+    assert [row[0] for row in listed] == [
+        d for d in (days[0] + dt.timedelta(days=i) for i in span) if START.date() <= d < END_DAY
+    ]
 
 
 def test_a_fifo_planted_as_a_manifest_file_is_an_error_not_a_hang(tmp_path):

@@ -20,7 +20,7 @@ from tests.conftest import ingest_syslog, run_in_process
 from tracepipe.intel import parse_misp_csv
 from tracepipe.lake import Lake, hash_bytes, ingest_table
 from tracepipe.limits import MAX_FLOW_DURATION
-from tracepipe.query import connect
+from tracepipe.query import connect, who
 from tracepipe.respond.observations import _event_range, parse_csv, read_observations
 from tracepipe.respond.share import Indicator, export, stix_bundle
 from tracepipe.respond.trace import LOG_TEXT_CHARS, MAX_LOG_BYTES, trace
@@ -121,6 +121,45 @@ def test_a_flow_begun_on_an_earlier_day_matches_within_the_bound(tmp_path: Path)
     assert sorted(result.evidence.column("dst_addr").to_pylist()) == ["203.0.113.10", "203.0.113.9"]
     (vm,) = result.vms
     assert vm["traffic"]["flows"] == 2
+
+
+def test_who_sums_the_flows_that_reach_into_its_window_as_trace_matches_them(tmp_path: Path) -> None:
+    """Left open by the session-26 review, closed in session 34: `who` summed the flows begun within at ±
+    window, so a session begun before it (softflowd exports a long connection as one record) was missing there
+    while `trace` found it. Both now count the flows that reach into the window (query.FLOW_END), begun at most
+    MAX_FLOW_DURATION before it and, under a lease, not before the lease began (another holder's then)."""
+    at = dt.datetime(2025, 1, 2, 2, 0, tzinfo=UTC)
+    hour, minute = dt.timedelta(hours=1), dt.timedelta(minutes=1)
+    flows = [
+        _flow(at - 3 * hour, at + 10 * minute, dst="203.0.113.20"),  # begun before the window: counted
+        _flow(at - dt.timedelta(days=3), at + 5 * minute, dst="203.0.113.21"),  # three days before: counted
+        _flow(at - MAX_FLOW_DURATION - dt.timedelta(days=1), at, dst="203.0.113.22"),  # counted 7 days only
+        _flow(at - 2 * hour, at - 90 * minute, dst="203.0.113.23"),  # over before the window
+        _flow(at + 10 * minute, at + 11 * minute, dst="203.0.113.24"),  # inside
+        _flow(at + 2 * hour, at + 3 * hour, dst="203.0.113.25"),  # after
+    ]
+    lake = _small_lake(tmp_path / "lake", flows)
+    answer = who(lake, "10.0.0.5", at, hour)
+    counted = ["203.0.113.20", "203.0.113.21", "203.0.113.24"]
+    assert answer.flows["flows"] == 3 and answer.flows["bytes"] == 300
+    assert sorted(p["peer"] for p in answer.flows["top_peers"]) == counted
+    assert answer.flows["begun_from"] == at - hour - MAX_FLOW_DURATION
+    result = trace(
+        lake, read_observations(_ticket(tmp_path, "address,time\n10.0.0.5,2025-01-02T02:00:00Z\n"))
+    )
+    assert result.observations[0]["peers"] == counted  # the same flows as trace's
+    # the lease began a day before: the session begun three days before was its previous holder's
+    leases = lake.read("vm_leases").to_pylist()
+    leases[0]["valid_from"] = at - dt.timedelta(days=1)
+    lake.replace_dataset("vm_leases", pa.Table.from_pylist(leases, schema=VM_LEASES))
+    answer = who(lake, "10.0.0.5", at, hour)
+    assert sorted(p["peer"] for p in answer.flows["top_peers"]) == ["203.0.113.20", "203.0.113.24"]
+    assert answer.flows["begun_from"] == at - dt.timedelta(days=1)
+    run = run_in_process("who", "10.0.0.5", "--at", at.isoformat(), "--lake", str(tmp_path / "lake"))
+    assert run.returncode == 0, run.stderr
+    assert (
+        "reaching into 2025-01-02 01:00 - 03:00 UTC (begun from 2025-01-01 02:00 on): 2 flows" in run.stdout
+    )
 
 
 # ---- 2: overlapping windows, and many observations ---------------------------------------------------------------

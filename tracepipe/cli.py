@@ -710,7 +710,11 @@ def who_command(
     addr: Annotated[str, typer.Argument(help="IPv4 or IPv6 address.", show_default=False)],
     at: Annotated[str, typer.Option("--at", help="ISO 8601 (Z or offset; none = UTC) or epoch seconds.")],
     window: Annotated[
-        str, typer.Option("--window", help="Flow summary over TIME ± this (30m, 1h, 2d).")
+        str,
+        typer.Option(
+            "--window",
+            help="Flow summary over TIME ± this (30m, 1h, 2d): flows that reach into it, begun up to 7 days before.",
+        ),
     ] = "1h",
     output: FormatOption = OutputFormat.table,
     lake: LakeOption = Path(DEFAULT_LAKE),
@@ -765,9 +769,10 @@ def _print_who(p: Printer, answer: Any) -> None:
         p.line(f"  VM now      {lease['now']}")
     flows = answer.flows
     p.line(
-        f"flows of {answer.addr}{' while the lease above held it,' if answer.held else ''} "
+        f"flows of {answer.addr}{' while the lease above held it,' if answer.held else ''} reaching into "
         f"{flows['from']:%Y-%m-%d %H:%M} - "
-        f"{flows['to']:{'%H:%M' if flows['to'].date() == flows['from'].date() else '%Y-%m-%d %H:%M'}} UTC: "
+        f"{flows['to']:{'%H:%M' if flows['to'].date() == flows['from'].date() else '%Y-%m-%d %H:%M'}} UTC "
+        f"(begun from {flows['begun_from']:%Y-%m-%d %H:%M} on): "
         f"{flows['flows']} flows ({flows['flows_out']} out, {flows['flows_in']} in), {flows['bytes']} bytes, "
         f"{flows['peers']} peers"
     )

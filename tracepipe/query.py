@@ -31,6 +31,7 @@ from tracepipe import fsutil
 from tracepipe.correlate import VMS_COMPLETE
 from tracepipe.errors import EXIT_OK, LakeError, TracepipeError, UsageError
 from tracepipe.lake import MANIFEST_DIR, PARTITION, FileEntry, Lake, have_null_counts, regular_files
+from tracepipe.limits import MAX_FLOW_DURATION
 from tracepipe.schema import DATASETS
 from tracepipe.units import parse_addr, parse_duration, parse_time  # noqa: F401 (re-exported)
 
@@ -776,13 +777,18 @@ def vm_now(
     return text
 
 
+# Which flows reach into a window [start, stop): begun before its end, and ended (counted no longer than
+# limits.MAX_FLOW_DURATION after their start) at or after its beginning: a session begun before the window counts
+# (a C&C connection that softflowd exports as one record of hours). `who` and `trace` answer by this one rule.
+FLOW_END = f"least(f.ts_end, f.ts_start + INTERVAL {int(MAX_FLOW_DURATION.total_seconds())} SECOND)"
+
 _FLOW_WINDOW_SQL = """
 WITH w AS (
     SELECT *, CASE WHEN src_addr = $addr THEN dst_addr ELSE src_addr END AS peer,
               src_addr = $addr AS outbound
-    FROM flows
+    FROM flows f
     WHERE (src_addr = $addr OR dst_addr = $addr)
-      AND ts_start >= $start AND ts_start < $stop
+      AND ts_start >= $since AND ts_start < $stop AND ts_end >= $start AND FLOW_END >= $start
       AND "date" BETWEEN $first_day AND $last_day
 )
 SELECT
@@ -800,25 +806,45 @@ SELECT
     (SELECT list({'proto': proto, 'port': dst_port, 'flows': n, 'bytes': b} ORDER BY n DESC, b DESC, dst_port) FROM (
         SELECT proto, dst_port, count(*) AS n, coalesce(sum(bytes), 0) AS b FROM w GROUP BY proto, dst_port
         ORDER BY n DESC, b DESC, dst_port LIMIT $top)) AS top_ports
-"""
+""".replace("FLOW_END", FLOW_END)
+
+
+def flows_since(start: dt.datetime) -> dt.datetime:
+    """The earliest start of a flow that can reach into a window beginning at `start` (FLOW_END)."""
+    return start - MAX_FLOW_DURATION
 
 
 def flow_summary(
-    con: duckdb.DuckDBPyConnection, addr: str, start: dt.datetime, stop: dt.datetime, top: int = 5
+    con: duckdb.DuckDBPyConnection,
+    addr: str,
+    start: dt.datetime,
+    stop: dt.datetime,
+    top: int = 5,
+    since: dt.datetime | None = None,
 ) -> dict[str, Any]:
-    """Flows of `addr` (either end) with start <= ts_start < stop: counts, bytes, top peers and ports."""
+    """Flows of `addr` (either end) that reach into [start, stop) (FLOW_END), begun at or after `since` (the
+    start of the lease asked about: a flow begun before it was another holder's) and at most MAX_FLOW_DURATION
+    before `start`: counts, bytes, top peers and ports. `begun_from` in the answer: the earliest start counted."""
+    since = flows_since(start) if since is None else max(since, flows_since(start))
     params = {
         "addr": addr,
         "start": start,
         "stop": stop,
-        "first_day": _day(start),
+        "since": since,
+        "first_day": _day(since),
         "last_day": _day(stop),
         "top": top,
     }
     summary = _rows(con.execute(_FLOW_WINDOW_SQL, params))[0]
     summary["top_peers"] = summary["top_peers"] or []
     summary["top_ports"] = summary["top_ports"] or []
-    return {"from": start, "to": stop, **summary}
+    return {"from": start, "to": stop, "begun_from": since, **summary}
+
+
+def who_days(at: dt.datetime, window: dt.timedelta) -> tuple[dt.date, dt.date]:
+    """The days of flows `who` reads (connect days): those of at ± window, and of the flows begun before that
+    can reach into it (flows_since)."""
+    return _day(flows_since(at - window)), _day(at + window)
 
 
 def held_span(
@@ -871,12 +897,12 @@ class WhoAnswer:
 
 def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timedelta(hours=1)) -> WhoAnswer:
     """Who held `addr` at `at`: the lease(s) valid then with what the VM is now, the leases just before and
-    after (useful when nobody held it), and the address's flows in at ± window, cut to the time the lease(s)
-    held it (held_span). All input is bound."""
+    after (useful when nobody held it), and the address's flows that reach into at ± window, cut to the time
+    the lease(s) held it (held_span; flows begun since the lease began). All input is bound."""
     addr = parse_addr(addr)
     lake.require()
-    # (flow_summary reads flows of these days only: "date" BETWEEN the days of at - window and at + window)
-    days = (_day(at - window), _day(at + window))
+    # (flow_summary reads flows of these days only: who_days)
+    days = who_days(at, window)
     with reading(lake.root), contextlib.closing(connect(lake, days=days)) as con:
         leases = _rows(con.execute("SELECT * FROM who_had($addr, $at)", {"addr": addr, "at": at}))
         for lease in leases:
@@ -895,7 +921,8 @@ def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timede
                 {"addr": addr, "at": at},
             )
         )
-        flows = flow_summary(con, addr, *held_span(leases, at - window, at + window))
+        held_from = min((lease["valid_from"] for lease in leases), default=None)
+        flows = flow_summary(con, addr, *held_span(leases, at - window, at + window), since=held_from)
     return WhoAnswer(
         addr=addr,
         at=at,

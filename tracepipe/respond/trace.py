@@ -26,7 +26,7 @@ from tracepipe.lake import Lake
 from tracepipe.limits import MAX_FLOW_DURATION
 from tracepipe.maintenance import version_token
 from tracepipe.printer import clean
-from tracepipe.query import connect, vm_now
+from tracepipe.query import FLOW_END, connect, vm_now
 from tracepipe.report.html import SERVICE_PORT
 from tracepipe.respond.observations import Observations
 
@@ -39,10 +39,10 @@ MAX_EVIDENCE_PER_OBS = 50_000  # ... per observation, its earliest: one busy add
 MAX_LISTED = 50  # peers and ports listed per answer (the lowest)
 TIMELINE_BINS = 48
 
-# Which flows reach into a window [w_start, w_end): started before its end, and ended (counted no longer than
-# MAX_FLOW_DURATION after its start) at or after its beginning. FLOW_SCAN bounds every scan of flows_attributed
-# by the whole trace's span: partitions by day, row groups by their statistics.
-_FLOW_END = f"least(f.ts_end, f.ts_start + INTERVAL {int(MAX_FLOW_DURATION.total_seconds())} SECOND)"
+# Which flows reach into a window [w_start, w_end): query.FLOW_END, the rule `who` answers by too. FLOW_SCAN
+# bounds every scan of flows_attributed by the whole trace's span: partitions by day, row groups by their
+# statistics.
+_FLOW_END = FLOW_END
 _FLOW_SCAN = """f."date" BETWEEN $first_day AND $last_day AND f.ts_start >= $flows_from AND f.ts_start < $span_end
   AND f.ts_end >= $span_start"""
 # ... into span `s` of _islands (below), and not into the span before it: each flow once, however many windows
