@@ -31,6 +31,7 @@ from tracepipe.printer import Printer
 if TYPE_CHECKING:
     from tracepipe.ingest.decode_pool import DecodePool
     from tracepipe.lake import Lake
+    from tracepipe.senders import AllowList
 
 # click's exception base (typer >= 0.22 vendors click as typer._click): found from a public subclass
 ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -209,6 +210,16 @@ def ingest_netflow_command(
             show_default=False,
         ),
     ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="Land only the export datagrams a capture holds from senders in this CIDR (repeatable: your "
+            "routers' and probes' prefixes); the others are counted per sender (not_allowed), not decoded. "
+            "Captures only.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Land NetFlow v1/v5/v7/v9 and IPFIX records from captures (tcpdump -w, any UDP port), nfdump CSV, and
     nfcapd files or whole nfsen/nfcapd directory trees, file by file (nfdump 1.7 files natively; others, such as
@@ -221,14 +232,18 @@ def ingest_netflow_command(
     Example: tracepipe ingest netflow /var/captures/netflow-*.pcap /var/nfsen/profiles-data/live --lake /srv/lake
 
     Example: tracepipe ingest netflow /var/captures/netflow-*.pcap --lake /srv/lake --jobs 2
+
+    Example: tracepipe ingest netflow span-port.pcap --allow 192.0.2.0/28 --allow 2001:db8:10::/64
     """
     refuse_pandas()  # before anything imports pyarrow's conversions: see tracepipe/nopandas.py
     from tracepipe.ingest.decode_pool import start_early
+    from tracepipe.senders import AllowList
 
+    senders = AllowList(allow or [])  # (a CIDR that does not parse: exit 2 before any work)
     with start_early(jobs, lake, paths) as pool:  # the workers start up while this process imports the rest
         from tracepipe.ingest.flows import NETFLOW_KINDS
 
-        _ingest_flows(ctx.obj, paths, lake, output, NETFLOW_KINDS, "ingest netflow", jobs, pool)
+        _ingest_flows(ctx.obj, paths, lake, output, NETFLOW_KINDS, "ingest netflow", jobs, pool, senders)
 
 
 @ingest_app.command("zeek")
@@ -297,6 +312,7 @@ def _ingest_flows(
     title: str,
     jobs: int | None = None,
     pool: DecodePool | None = None,
+    allow: AllowList | None = None,
 ) -> None:
     """The common body of the flow ingest commands: land, attribute, print the summary, exit."""
     from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
@@ -315,6 +331,7 @@ def _ingest_flows(
             accept=accept,
             jobs=jobs,
             pool=pool,
+            allow=allow,
         )
         bar.update(task, description="attribute flows to VMs")
         correlation = correlate(open_lake(lake), days=summary.days)

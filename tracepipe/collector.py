@@ -47,7 +47,8 @@ from tracepipe import spool as sp
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EnvironmentProblem, LakeError, UsageError
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import Limits
-from tracepipe.units import ListenSpec, parse_network
+from tracepipe.senders import OTHERS_TEXT, AllowList
+from tracepipe.units import ListenSpec
 
 log = logging.getLogger("tracepipe.collect")
 
@@ -92,44 +93,6 @@ PR_SET_PDEATHSIG = 1
 
 
 # ---- options --------------------------------------------------------------------------------------------------
-
-
-class AllowList:
-    """Sender CIDRs (IPv4 and IPv6) checked on whole batches: addresses as two big-endian uint64 halves of the
-    16-byte form (IPv4 mapped into ::ffff:0:0/96), one mask-and-compare per network."""
-
-    def __init__(self, cidrs: Sequence[str]) -> None:
-        self.cidrs = list(cidrs)
-        self._nets: list[tuple[int, int, int, int]] = []  # (net_hi, net_lo, mask_hi, mask_lo)
-        for cidr in cidrs:
-            try:
-                net = parse_network(cidr)
-            except UsageError as exc:
-                raise UsageError(f"--allow: {exc}") from None
-            if net.version == 4:
-                value = (0xFFFF << 32) | int(net.network_address)
-                prefix = 96 + net.prefixlen
-            else:
-                value, prefix = int(net.network_address), net.prefixlen
-            mask = ((1 << 128) - 1) ^ ((1 << (128 - prefix)) - 1)
-            self._nets.append((value >> 64, value & (2**64 - 1), mask >> 64, mask & (2**64 - 1)))
-
-    @property
-    def accepts_all(self) -> bool:
-        return not self._nets
-
-    def allowed(self, addr16: np.ndarray) -> np.ndarray:
-        """Boolean mask over an (n, 16) uint8 array of sender addresses."""
-        if not self._nets:
-            return np.ones(len(addr16), dtype=bool)
-        halves = np.ascontiguousarray(addr16).view(">u8").reshape(-1, 2)
-        hi, lo = halves[:, 0], halves[:, 1]
-        mask = np.zeros(len(addr16), dtype=bool)
-        for net_hi, net_lo, mask_hi, mask_lo in self._nets:
-            mask |= ((hi & np.uint64(mask_hi)) == np.uint64(net_hi)) & (
-                (lo & np.uint64(mask_lo)) == np.uint64(net_lo)
-            )
-        return mask
 
 
 @dataclass
@@ -947,7 +910,7 @@ class ReceiveStats:
             target.clear()
             target.update({t: raw[k] for k, t in zip(keys, texts, strict=True)})
             if OTHER_SENDERS in raw:
-                target["(other senders)"] = raw[OTHER_SENDERS]
+                target[OTHERS_TEXT] = raw[OTHER_SENDERS]
 
 
 class Collector:

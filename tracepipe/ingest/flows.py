@@ -59,9 +59,11 @@ from tracepipe.ingest.nfdump import (
     nfcapd_exporters,
     nfdump_csv_ranges,
 )
-from tracepipe.ingest.pcap import HEAD_BYTES, PCAP_MAGIC, PCAPNG_SHB, iter_udp_batches
+from tracepipe.ingest.pcap import HEAD_BYTES, PCAP_MAGIC, PCAPNG_SHB, UdpBatch, iter_udp_batches
 from tracepipe.ingest.zeek import GZIP_MAGIC, iter_conn_log, sniff_zeek, zeek_kind
 from tracepipe.lake import ROW_GROUP_ROWS, IngestWriter, Lake, hash_file
+from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
+from tracepipe.senders import OTHERS_TEXT, AllowList
 
 Progress = Callable[[int], None]  # called with the number of input bytes just consumed
 Batches = Iterator[tuple[pa.Table, ...]]  # (flows, rejects) or (flows, rejects, flow_labels)
@@ -170,6 +172,7 @@ class FileResult:
     datagrams: int = 0
     message: str = ""
     reader: str = ""  # nfcapd files: "native", or "nfdump" (the fallback; message says why)
+    not_allowed: dict[str, int] = field(default_factory=dict)  # captures: sender outside --allow -> datagrams
 
 
 @dataclass
@@ -210,6 +213,7 @@ class IngestSummary:
                 "flows": self.flows,
                 "rejects": self.rejects,
                 "nfdump_fallbacks": sum(f.reader == "nfdump" for f in self.files),
+                "not_allowed": sum(sum(f.not_allowed.values()) for f in self.files),
             },
             "exporters": self.exporters,
             "days": sorted(self.days),
@@ -280,6 +284,7 @@ def ingest_flow_files(
     parallel_min_bytes: int = PARALLEL_MIN_BYTES,
     hang_seconds: float = HANG_SECONDS,
     pool: DecodePool | None = None,
+    allow: AllowList | None = None,
 ) -> IngestSummary:
     """Land every file in `paths` (directories: the files under them) in the lake's flows dataset; never
     raises for bad input (see rejects). `accept`: the kinds this command takes (NETFLOW_KINDS, ZEEK_KINDS,
@@ -291,14 +296,17 @@ def ingest_flow_files(
     nfdump CSV files of 4x that size into byte ranges cut at line ends. A worker silent for `hang_seconds` is
     killed, its files removed, and LakeError raised (decode_pool.DecodePool). `pool`: the caller's (decode_pool.
     start_early: workers started before the caller's imports; its own hang_seconds), with its jobs; the caller
-    stops it."""
+    stops it. `allow`: the senders whose datagrams a capture lands (senders.AllowList; the others are counted
+    per sender in the file's `not_allowed`); a file of another kind is then not read (it names no sender)."""
     if pool is not None:
         return _ingest_files(
-            lake, paths, progress, accept, pool if pool.jobs > 1 else None, parallel_min_bytes
+            lake, paths, progress, accept, pool if pool.jobs > 1 else None, parallel_min_bytes, allow
         )
     jobs = default_jobs() if jobs is None else jobs
     with DecodePool(jobs, lake.root, hang_seconds) as own:
-        return _ingest_files(lake, paths, progress, accept, own if jobs > 1 else None, parallel_min_bytes)
+        return _ingest_files(
+            lake, paths, progress, accept, own if jobs > 1 else None, parallel_min_bytes, allow
+        )
 
 
 def _ingest_files(
@@ -308,6 +316,7 @@ def _ingest_files(
     accept: tuple[str, ...],
     pool: DecodePool | None,
     parallel_min_bytes: int,
+    allow: AllowList | None = None,
 ) -> IngestSummary:
     summary = IngestSummary()
     state = DecoderState()  # templates learnt from one file serve the next (a capture split by tcpdump -C)
@@ -332,7 +341,7 @@ def _ingest_files(
         path = Path(path)
         parallel = pool if pool is not None and path in big_captures else None
         try:
-            summary.files.append(_ingest_one(lake, path, state, summary, progress, accept, parallel))
+            summary.files.append(_ingest_one(lake, path, state, summary, progress, accept, parallel, allow))
         except OSError as exc:  # the lake side: a directory or temp file that cannot be written
             raise LakeError(
                 f"cannot write flows of {path} into {lake.root}: {exc}. Check that the lake is writable and has "
@@ -352,6 +361,7 @@ def _ingest_one(
     progress: Progress | None,
     accept: tuple[str, ...],
     pool: DecodePool | None = None,
+    allow: AllowList | None = None,
 ) -> FileResult:
     problem = input_problem(path, "give the capture files in it, e.g. DIR/*.pcap")
     if problem is not None:  # told from os.stat: a FIFO is never opened (that would block)
@@ -372,6 +382,15 @@ def _ingest_one(
         if progress:
             progress(size)
         return result
+    if allow is not None and not allow.accepts_all and kind != "pcap":
+        result.status = "rejected"
+        result.message = (
+            f"--allow takes the datagrams of captures by their sender; a {kind} file names none: ingest it "
+            "without --allow"
+        )
+        if progress:
+            progress(size)
+        return result
     source = str(path.absolute())  # evidence: an investigator must find the file again, whatever the cwd was
     hashing: ContentHash | None = None
     if pool is not None and not lake.has_source("flows", source):
@@ -387,7 +406,19 @@ def _ingest_one(
     try:
         try:
             return _land_one(
-                lake, path, kind, source, content_hash, hashing, state, summary, progress, accept, pool, seen
+                lake,
+                path,
+                kind,
+                source,
+                content_hash,
+                hashing,
+                state,
+                summary,
+                progress,
+                accept,
+                pool,
+                seen,
+                allow=allow,
             )
         except (AlreadyIngested, InputChanged, OSError):
             raise
@@ -408,7 +439,20 @@ def _ingest_one(
             if lake.already_ingested("flows", content_hash):
                 return _skipped(result, progress, size)
         landed = _land_one(
-            lake, path, kind, source, content_hash, None, state, summary, progress, accept, None, seen, True
+            lake,
+            path,
+            kind,
+            source,
+            content_hash,
+            None,
+            state,
+            summary,
+            progress,
+            accept,
+            None,
+            seen,
+            True,
+            allow,
         )
         said = str(failure).strip().splitlines()[-1:] or [type(failure).__name__]
         landed.message = "; ".join(
@@ -466,6 +510,7 @@ def _land_one(
     pool: DecodePool | None,
     seen: os.stat_result,
     isolate: bool = False,
+    allow: AllowList | None = None,
 ) -> FileResult:
     """_ingest_one's landing of a file not (known to be) in the lake: content_hash None while `hashing`;
     `seen`: its stat before it was hashed (InputChanged if it changed since). `isolate` (a capture, after the
@@ -479,7 +524,7 @@ def _land_one(
     with lake.ingest("flows", source=source, content_hash=content_hash, **behind) as writer:
         if kind == "pcap" and pool is not None:
             result.datagrams = _land_pcap_parallel(
-                writer, pool, path, source, state, stats, progress, hashing
+                writer, pool, path, source, state, stats, progress, hashing, allow, result.not_allowed
             )
             _land_leftover(writer, state, source, stats)
             if progress:
@@ -487,7 +532,7 @@ def _land_one(
         elif kind == "pcap":
             done = 0
             isolation = Isolation(passthrough=(LakeError, InputChanged, OSError)) if isolate else None
-            for batch in iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS):
+            for batch in _udp_batches(path, allow, result.not_allowed):
                 if batch.rejects.num_rows:
                     writer.reject(batch.rejects)
 
@@ -576,6 +621,16 @@ def _land_one(
             )
             if progress:
                 progress(size)
+        if result.not_allowed and not result.datagrams:
+            # every datagram of a sender outside --allow (a mistyped prefix, most likely): nothing is committed,
+            # not even the manifest row, so that a run with the right prefixes lands the capture
+            result.status = "rejected"
+            result.message = (
+                f"every datagram of it ({sum(result.not_allowed.values())}) is of senders outside --allow: "
+                f"{', '.join(sorted(result.not_allowed)[:5])}{', ...' if len(result.not_allowed) > 5 else ''}; "
+                "nothing landed"
+            )
+            return result  # (the writer, left without a commit, removes what it wrote)
         _identify(writer, hashing)
         _unchanged(path, seen)  # after the hash and every read of the file, before anything is committed
         capped: dict[str, dict[str, Any]] = {}
@@ -587,6 +642,11 @@ def _land_one(
         raise AlreadyIngested
     result.flows = ingested.rows
     result.rejects = ingested.rejects
+    if result.not_allowed:
+        dropped = sorted(result.not_allowed.items(), key=lambda item: (-item[1], item[0]))
+        listed = ", ".join(f"{name} ({n})" for name, n in dropped[:5]) + (", ..." if len(dropped) > 5 else "")
+        said = f"{sum(result.not_allowed.values())} datagrams of senders outside --allow left out: {listed}"
+        result.message = "; ".join(m for m in (result.message, said) if m)
     if result.status == "landed" and result.flows == 0:
         result.status = "rejected"
         result.message = result.message or "no flow records in this file"
@@ -795,6 +855,8 @@ def _land_pcap_parallel(
     stats: dict[str, Any],
     progress: Progress | None,
     hashing: ContentHash | None = None,
+    allow: AllowList | None = None,
+    not_allowed: dict[str, int] | None = None,
 ) -> int:
     """One capture through the worker pool: walked here in input order (one decoder state), columns and
     Parquet in the workers; rejects and counters land in input order, the workers' files in the writer's
@@ -814,7 +876,7 @@ def _land_pcap_parallel(
 
     def walked_batches() -> Iterator[Any]:
         nonlocal datagrams, done
-        for number, batch in enumerate(iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS)):
+        for number, batch in enumerate(_udp_batches(path, allow, not_allowed)):
             # the records stay in the file: the worker reads them there (offsets, not bytes, through the pipe)
             in_file = InFile(str(path.absolute()), batch.payload_offsets, batch.heads)
             walked, walk = walk_datagrams(
@@ -829,6 +891,32 @@ def _land_pcap_parallel(
 
     _through_pool(writer, pool, walked_batches(), land, hashing=hashing)
     return datagrams
+
+
+def _udp_batches(
+    path: Path, allow: AllowList | None, not_allowed: dict[str, int] | None
+) -> Iterator[UdpBatch]:
+    """The capture's batches of datagrams (pcap.iter_udp_batches), those of senders outside `allow` left out
+    and counted per sender into `not_allowed` (the first `limits.exporters` senders by name, the rest summed
+    under senders.OTHERS_TEXT: a capture of spoofed senders names no more)."""
+    for batch in iter_udp_batches(path, batch_datagrams=BATCH_DATAGRAMS):
+        if allow is None or allow.accepts_all or not len(batch.exporters):
+            yield batch
+            continue
+        senders = pa.array(batch.exporters, pa.string()).dictionary_encode()
+        index = senders.indices.to_numpy()
+        keep = allow.allows_text(senders.dictionary.to_pylist())[index]
+        if keep.all():
+            yield batch
+            continue
+        if not_allowed is not None:
+            dropped = np.bincount(index[~keep], minlength=len(senders.dictionary))
+            for name, count in zip(senders.dictionary.to_pylist(), dropped.tolist(), strict=True):
+                if count:
+                    named = name in not_allowed or len(not_allowed) < DEFAULT_LIMITS.exporters
+                    key = name if named else OTHERS_TEXT
+                    not_allowed[key] = not_allowed.get(key, 0) + count
+        yield batch.subset(keep)
 
 
 def _with_source(flows: pa.Table, source: str) -> pa.Table:

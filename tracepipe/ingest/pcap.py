@@ -59,6 +59,16 @@ class Payloads(Sequence):
     def __len__(self) -> int:
         return len(self._starts)
 
+    def subset(self, rows: np.ndarray) -> Payloads:
+        """The payloads at positions `rows` (views of the same buffers)."""
+        out = Payloads.__new__(Payloads)
+        out._views = self._views
+        out._which, out._starts, out._ends = (
+            [v[i] for i in rows.tolist()] for v in (self._which, self._starts, self._ends)
+        )
+        out.sizes = self.sizes[rows]
+        return out
+
     @overload
     def __getitem__(self, i: int) -> memoryview: ...
 
@@ -86,6 +96,29 @@ class UdpBatch:
     # the first HEAD_BYTES of each payload (zeros for a shorter one), one after another: the walker's fast path
     # reads them as columns (gathered here with numpy instead of one slice per datagram)
     heads: bytes = b""
+
+    def subset(self, keep: np.ndarray) -> UdpBatch:
+        """The datagrams where `keep` (a boolean mask) is true; the capture's rejects stay with the batch."""
+        rows = np.flatnonzero(keep)
+        heads = (
+            np.frombuffer(self.heads, np.uint8).reshape(-1, HEAD_BYTES)[rows].tobytes() if self.heads else b""
+        )
+        payloads = (
+            self.payloads.subset(rows)
+            if isinstance(self.payloads, Payloads)
+            else [self.payloads[i] for i in rows.tolist()]
+        )
+        return UdpBatch(
+            payloads,
+            [self.exporters[i] for i in rows.tolist()],
+            self.ts_us[rows],
+            self.offsets[rows],
+            self.dst_ports[rows],
+            self.rejects,
+            self.bytes_read,
+            self.payload_offsets[rows] if len(self.payload_offsets) else self.payload_offsets,
+            heads,
+        )
 
 
 REJECT_SCHEMA = pa.schema([REJECTS.field("offset"), REJECTS.field("reason"), REJECTS.field("detail")])
