@@ -358,6 +358,40 @@ def test_a_stray_quote_in_a_misp_csv_row_is_a_reject_and_does_not_swallow_the_ne
     ]
 
 
+def test_a_misp_csv_comment_of_several_lines_is_one_row_and_a_stray_quote_still_one_reject():
+    """Closed in session 34 (a README limit since the session-25 review): MISP quotes every cell of its CSV
+    export, and an analyst's comment of several lines was a reject per line, its indicator lost. Now a quoted
+    cell runs over line ends, the row numbered by its first line; a stray quote meets the next row's quoted
+    cells at once and stays that line's reject; a cell still open after limits.SPANNED_LINES lines is one too,
+    and the lines it held are read again as rows."""
+    from tracepipe.limits import SPANNED_LINES
+
+    def row(uuid: str, value: str, comment: str) -> str:
+        return f'"{uuid}","1842","Network activity","ip-dst","{value}","{comment}","1","20250615"\n'
+
+    text = (
+        MISP_HEADER
+        + row("u0", "198.51.100.1", "C2 of the campaign\nseen from 3 sites\n\ncontact: csirt@example.org")
+        + row("u1", "192.0.2.99", "a stray quote")[:-2]  # (its last cell left open)
+        + "\n"
+        + row("u2", "203.0.113.2", 'a ""quoted"" word, and a comma')
+        + '"u3","1842","Network activity","ip-dst","203.0.113.3","never closed\n'
+        + "".join(f"line {i}\n" for i in range(SPANNED_LINES))
+        + row("u4", "203.0.113.4", "after it")
+    )
+    table, rejects, _ = parse_intel(text, "misp-csv", "comments.csv")
+    assert table.column("indicator").to_pylist() == ["198.51.100.1", "203.0.113.2", "203.0.113.4"]
+    assert (
+        table.column("description").to_pylist()[0]
+        == "C2 of the campaign\nseen from 3 sites\n\ncontact: csirt@example.org"
+    )
+    assert table.column("description").to_pylist()[1] == 'a "quoted" word, and a comma'
+    got = [(r["line"], r["reason"]) for r in rejects.to_pylist()]
+    assert got[:2] == [(6, "quoted cell not closed on its line"), (8, "quoted cell not closed on its line")]
+    assert {reason for _, reason in got[2:]} == {"missing cells (type, value)"}  # the 50 lines, read as rows
+    assert len(got) == 2 + SPANNED_LINES
+
+
 def test_auto_format_tells_stix_from_misp_json_by_the_parsed_top_level(tmp_path):
     # before: '"type": "bundle"' anywhere in the first 2,000 characters made a MISP feed STIX (0 indicators)
     misp = {"Event": {"id": "90", "info": "community event", "Attribute": [

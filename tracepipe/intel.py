@@ -264,10 +264,10 @@ REQUIRED_CELLS = ("type", "value")
 
 
 def parse_misp_csv(text: str, include_non_ids: bool = False) -> tuple[list[dict], list[dict], Skipped]:
-    """A MISP CSV export, read line by line (limits.csv_lines): a MISP export quotes every cell on its row, so a
-    quoted cell that runs over a line end is a stray quote. Such a line, a line the csv module cannot read and a
+    """A MISP CSV export, read line by line (limits.csv_lines): a comment of several lines (a quoted cell over
+    line ends) is one row, numbered by its first line; a stray quote, a line the csv module cannot read and a
     row lacking a required cell are each one reject with its line number; the lines after them are read."""
-    lines = csv_lines(text)
+    lines = csv_lines(text, spanning=True)
     first = next(lines, None)
     if first is not None and first.problem:
         return [], [_reject(first.number, "not a MISP CSV export", f"header: {first.detail}")], Skipped()

@@ -195,22 +195,62 @@ class CsvLine:
     detail: str = ""
 
 
-def csv_lines(text: str) -> Iterator[CsvLine]:
+# A quoted cell of a format whose every row quotes its text cells (MISP's CSV export: an analyst's comment
+# of several lines) may run over this many line ends; see csv_lines
+SPANNED_LINES = 50
+
+
+def csv_lines(text: str, spanning: bool = False) -> Iterator[CsvLine]:
     """The CSV readers of observation lists, MISP CSV exports and generic VM inventories: each non-blank line
     read on its own, strictly. One line is one row in these formats, so a quoted cell still open at the line's
     end ("quoted cell not closed on its line"), a stray quote after a closing one or a cell over the csv
     module's field limit of 128 KiB ("not a CSV line") is that line's problem alone; read as one CSV document,
-    an unclosed quote swallowed every later line into one cell (their records gone, no reject)."""
-    for number, line in enumerate(text_lines(text), start=1):
+    an unclosed quote swallowed every later line into one cell (their records gone, no reject).
+
+    `spanning` (MISP CSV): a quoted cell open at a line's end may go on over up to SPANNED_LINES more lines
+    (and `line_bytes` in all), where it closes with the row read whole (numbered by its first line); a stray
+    quote instead meets the next row's quoted cells, which ends the attempt at once (a quote not followed by
+    a comma is an error in strict CSV): that line alone is the reject, and the next is read as before."""
+    lines = text_lines(text)
+    at = 0
+    while at < len(lines):
+        number, line = at + 1, lines[at]
+        at += 1
         if not line.strip():
             continue
         try:
             cells = next(csv.reader((line,), strict=True), [])
         except csv.Error as exc:
-            problem = "quoted cell not closed on its line" if "end of data" in str(exc) else "not a CSV line"
+            unclosed = "end of data" in str(exc)
+            joined = _spanned(lines, at - 1) if spanning and unclosed else None
+            if joined is not None:
+                cells, more = joined
+                at += more
+                yield CsvLine(number, cells)
+                continue
+            problem = "quoted cell not closed on its line" if unclosed else "not a CSV line"
             yield CsvLine(number, [], problem, f"{exc}: {line[:200]}")
             continue
         yield CsvLine(number, cells)
+
+
+def _spanned(lines: list[str], first: int) -> tuple[list[str], int] | None:
+    """The cells of the row that begins at lines[first] with a quoted cell open at its end, read over the next
+    lines until it closes (and how many lines more it took); None when it does not close cleanly within
+    SPANNED_LINES lines and `line_bytes` (csv_lines)."""
+    record = lines[first]
+    for more in range(1, SPANNED_LINES + 1):
+        if first + more >= len(lines):
+            return None
+        record += "\n" + lines[first + more]
+        if len(record) > DEFAULT.line_bytes:
+            return None
+        try:
+            return next(csv.reader((record,), strict=True), []), more
+        except csv.Error as exc:
+            if "end of data" not in str(exc):
+                return None
+    return None
 
 
 def iter_line_blocks(
