@@ -394,6 +394,59 @@ def test_changed_days_are_the_days_an_answer_differs(pair):
     assert got == {d.isoformat() for d in expected}
 
 
+@st.composite
+def _planted_lease_table_pairs(draw):
+    """Two lease tables of two addresses over four days as a planted or hand-edited file can make them:
+    leases overlapping, ending before they start, starting at one instant (another VM), without a start; the
+    second table the first with some rows changed, dropped or added."""
+    minute = st.integers(0, 5759)
+
+    def row(addr):
+        start = draw(st.one_of(minute, st.none()) if draw(st.integers(0, 9)) == 0 else minute)
+        return (addr, draw(st.sampled_from("abc")), start, draw(st.one_of(st.none(), st.integers(0, 5760))))
+
+    old = [row(addr) for addr in ("10.0.0.1", "10.0.0.2") for _ in range(draw(st.integers(0, 5)))]
+    new = [r for r in old if draw(st.integers(0, 3))]  # (dropped: one in four)
+    new = [row(r[0]) if not draw(st.integers(0, 3)) else r for r in new]  # (changed: one in four)
+    new += [row(draw(st.sampled_from(["10.0.0.1", "10.0.0.2"]))) for _ in range(draw(st.integers(0, 2)))]
+    return old, new
+
+
+@settings(max_examples=300, deadline=None)
+@given(_planted_lease_table_pairs())
+def test_changed_days_follow_lease_at_over_planted_rows(pair):
+    """Closed in session 34: a planted lease that ends before it starts (or overlaps another) shadows the lease
+    before it for lease_at (the last lease started at or before t answers, if not ended), and as a plain interval
+    it cancelled a real change out of changed_days' sweep, so a repair's rebuild left those days attributed as
+    the planted file had them; and lease_at took a lease without a start as held since 1970, unlike the SQL
+    views. changed_days against lease_at itself, minute by minute (the days of every run of minutes where the
+    two tables answer differently, as test_changed_days_are_the_days_an_answer_differs)."""
+    from tracepipe.correlate.lease_at import lease_at
+
+    base, now = dt.datetime(2024, 3, 10, tzinfo=dt.UTC), 5760
+    old, new = ([(a, v, 0 if f is None else f, t) for a, v, f, t in spec] for spec in pair)
+    tables = []
+    for spec, drawn in zip((old, new), pair, strict=True):
+        table = _lease_tables(spec)
+        starts = [None if f is None else base + dt.timedelta(minutes=f) for _, _, f, _ in drawn]
+        tables.append(table.set_column(2, "valid_from", pa.array(starts, pa.timestamp("us", "UTC"))))
+    addrs = [a for a in ("10.0.0.1", "10.0.0.2") for _ in range(now + 1)]
+    times = pa.array([base + dt.timedelta(minutes=m) for _ in range(2) for m in range(now + 1)])
+    answers = [lease_at(t, pa.array(addrs), times).column("vm_id").to_pylist() for t in tables]
+    expected = set()
+    for i in range(2):
+        differs = [
+            x != y for x, y in zip(*(a[i * (now + 1) : (i + 1) * (now + 1)] for a in answers), strict=True)
+        ]
+        differs.append(False)
+        for m in range(now + 1):
+            if differs[m] and (m == 0 or not differs[m - 1]):
+                end = min(now, next(e for e in range(m, now + 2) if not differs[e]))
+                expected.update(base.date() + dt.timedelta(days=d) for d in range(m // 1440, end // 1440 + 1))
+    got = changed_days(*tables, None, now=dt.datetime(2024, 3, 14, tzinfo=dt.UTC))
+    assert got == {d.isoformat() for d in expected}
+
+
 _ACTIONS = [
     ("create", "instance.create.end"),
     ("create", "instance.create.start"),

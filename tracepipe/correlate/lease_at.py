@@ -72,6 +72,12 @@ class LeaseIndex:
         addr_id = pc.index_in(_arrow(leases["addr"]), value_set=self.addrs).to_numpy().astype(np.int64)
         valid_from = _micros(leases["valid_from"], fill=0)
         valid_to = _micros(leases["valid_to"], fill=_NEVER)
+        started = pc.is_valid(_arrow(leases["valid_from"])).to_numpy(zero_copy_only=False)
+        if not started.all():
+            # a lease without a start (only a planted or hand-edited row) holds no time, as in the SQL views'
+            # ASOF join; it used to hold its address from 1970 on (its start read as 0)
+            addr_id = np.where(started, addr_id, -2)
+            valid_from = np.where(started, valid_from, valid_from[started].min() if started.any() else 0)
         self.first = int(valid_from.min()) if len(valid_from) else 0
         span = int(valid_from.max()) - self.first + 2 if len(valid_from) else 2
         self.starts: np.ndarray | None = None

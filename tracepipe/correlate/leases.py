@@ -1690,9 +1690,10 @@ def _changed_spans(old: pa.Table, new: pa.Table) -> pl.DataFrame:
     a, b = (pl.from_arrow(t.select(_INTERVAL)) for t in (old, new))
     assert isinstance(a, pl.DataFrame) and isinstance(b, pl.DataFrame)
     b = b.cast(a.schema)  # type: ignore[arg-type]
-    # (a lease without a start holds no time: lease_at never answers it; a planted row must not make the day
-    # range below reach back 290,000 years)
-    a, b = (x.filter(pl.col("valid_from").is_not_null()) for x in (a, b))
+    # each table as the times its leases answer (_answering): rows planted to overlap or to end before they
+    # start shadow the lease before them for lease_at, and as plain intervals cancelled a real change out of
+    # the sweep (its days were never attributed again, not even by a repair's rebuild)
+    a, b = (_answering(x) for x in (a, b))
     only_a, only_b = (x.join(y, on=_INTERVAL, how="anti", nulls_equal=True) for x, y in ((a, b), (b, a)))
     empty = pl.DataFrame(schema={"valid_from": a.schema["valid_from"], "valid_to": a.schema["valid_to"]})
     if only_a.height + only_b.height == 0:
@@ -1748,6 +1749,30 @@ def _changed_spans(old: pa.Table, new: pa.Table) -> pl.DataFrame:
         .cast(kind)
         .alias("valid_to"),
     )
+
+
+def _answering(leases: pl.DataFrame) -> pl.DataFrame:
+    """Leases (addr, vm_id, valid_from, valid_to) cut to the times each answers by lease_at's rule: the last
+    lease of the address started at or before t, if it has not ended; so from its start to its end or the
+    next start of its address, whichever comes first (equal starts: the greater vm_id holds), and none that
+    answers no time. A lease without a start holds none (as in the SQL views' ASOF join); and a planted row
+    must not make the day range of _changed_spans reach back 290,000 years. Built leases never overlap: they
+    come out as they are."""
+    ordered = leases.filter(pl.col("valid_from").is_not_null())
+    if not _in_key_order(
+        ordered, ["addr", "valid_from", "vm_id"]
+    ):  # (a build's leases come so: 0.5 s a 3 M sort)
+        ordered = ordered.sort(
+            ["addr", "valid_from", "vm_id"], maintain_order=True
+        )  # (ties: lease_at's order)
+    following = pl.when(pl.col("addr").shift(-1) == pl.col("addr")).then(pl.col("valid_from").shift(-1))
+    until = (
+        pl.when(following.is_not_null() & (pl.col("valid_to").is_null() | (following < pl.col("valid_to"))))
+        .then(following)
+        .otherwise(pl.col("valid_to"))
+    )
+    ordered = ordered.with_columns(until.alias("valid_to"))
+    return ordered.filter(pl.col("valid_to").is_null() | (pl.col("valid_to") > pl.col("valid_from")))
 
 
 def _left_behind(lake: Any) -> dict[str, set[str]]:
