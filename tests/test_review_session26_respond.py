@@ -459,3 +459,50 @@ def test_an_address_shared_with_and_without_a_port_is_one_stix_object() -> None:
     (sco,) = (o for o in bundle["objects"] if o["type"] == "ipv4-addr")
     observed = [o for o in bundle["objects"] if o["type"] == "observed-data"]
     assert len(observed) == 2 and all(o["object_refs"] == [sco["id"]] for o in observed)
+
+
+def test_json_output_is_written_as_it_is_encoded_never_whole(monkeypatch) -> None:
+    """Left open by the session-26 review, closed in session 34: `--format json` built its whole text before
+    writing it (`trace` of 100,000 observations: ~120 MB of text on top of the answer; peak RSS 1.38 -> 1.05 GB
+    on the demo lake). Now it is written in pieces of ~64 KiB as it is encoded: the same text."""
+    import io
+
+    from tracepipe.printer import Printer
+
+    answer = {
+        "observations": [
+            {"obs": i, "at": dt.datetime(2025, 1, 1, tzinfo=UTC), "x": "y" * 50} for i in range(20_000)
+        ]
+    }
+    out = io.StringIO()
+    writes: list[int] = []
+    real = out.write
+
+    def write(text: str) -> int:
+        writes.append(len(text))
+        return real(text)
+
+    monkeypatch.setattr(out, "write", write)
+    printer = Printer()
+    monkeypatch.setattr(printer.out, "file", out)
+    printer.json(answer)
+    assert out.getvalue() == json.dumps(answer, indent=2, default=str) + "\n"
+    assert len(writes) > 20 and max(writes) < (1 << 16) + 4096
+
+
+def test_a_vms_connections_come_in_one_order_whatever_the_ties(tmp_path: Path) -> None:
+    """An in and an out row of one peer with the same bytes and flows (NTP both ways) came out of `trace` in
+    either order from run to run (and either could be the 500th kept): the package differed between two runs on
+    the same lake. Every key of a connection now orders them."""
+    at = dt.datetime(2025, 1, 2, 2, 0, tzinfo=UTC)
+    flows = [
+        _flow(at, at, src="10.0.0.5", dst="198.51.100.3") | {"dst_port": 123, "proto": 17},
+        _flow(at, at, src="198.51.100.3", dst="10.0.0.5") | {"dst_port": 123, "proto": 17, "src_vm": None},
+        _flow(at, at, src="10.0.0.5", dst="198.51.100.1") | {"dst_port": 123, "proto": 17},
+    ]
+    lake = _small_lake(tmp_path / "lake", flows)
+    ticket = _ticket(tmp_path, "address,time\n10.0.0.5,2025-01-02T02:00:00Z\n")
+    for _ in range(3):
+        (vm,) = trace(lake, read_observations(ticket)).vms
+        got = [(c["peer"], c["direction"]) for c in vm["connections"]]
+        assert got == [("198.51.100.1", "out"), ("198.51.100.3", "in"), ("198.51.100.3", "out")]

@@ -37,6 +37,9 @@ LOG_TEXT_CHARS = 2048  # one log field in the package; the lake keeps the whole 
 MAX_EVIDENCE = 200_000  # matching flow rows kept as evidence, in observation order
 MAX_EVIDENCE_PER_OBS = 50_000  # ... per observation, its earliest: one busy address does not take all
 MAX_LISTED = 50  # peers and ports listed per answer (the lowest)
+# a VM's connections, biggest first, then by every key of the group: the same package from the same lake (an in
+# and an out row of one peer with equal bytes came out in either order, and either could be the 500th kept)
+_CONNECTION_ORDER = "bytes DESC, flows DESC, peer, direction, proto, port NULLS FIRST, peer_in_cloud"
 TIMELINE_BINS = 48
 
 # Which flows reach into a window [w_start, w_end): query.FLOW_END, the rule `who` answers by too. FLOW_SCAN
@@ -519,8 +522,8 @@ def _vm_facts(
                          sum(packets) AS packets, sum(bytes) AS bytes, min(ts_start) AS first_seen,
                          max(ts_start) AS last_seen
                   FROM _vm_flows GROUP BY ALL)
-                QUALIFY row_number() OVER (PARTITION BY vm_id ORDER BY bytes DESC, flows DESC, peer) <= {MAX_CONNECTIONS}
-                ORDER BY vm_id, bytes DESC, flows DESC, peer"""
+                QUALIFY row_number() OVER (PARTITION BY vm_id ORDER BY {_CONNECTION_ORDER}) <= {MAX_CONNECTIONS}
+                ORDER BY vm_id, {_CONNECTION_ORDER}"""
         )
     ):
         connections.setdefault(row.pop("vm_id"), []).append(row)
