@@ -245,6 +245,8 @@ def _spanned(lines: list[str], first: int) -> tuple[list[str], int] | None:
         record += "\n" + lines[first + more]
         if len(record) > DEFAULT.line_bytes:
             return None
+        if '"' not in lines[first + more]:  # (the cell cannot close on it: parsed once per line with a quote)
+            continue
         try:
             return next(csv.reader((record,), strict=True), []), more
         except csv.Error as exc:
