@@ -803,9 +803,9 @@ SELECT
     (SELECT list({'peer': peer, 'flows': n, 'bytes': b} ORDER BY n DESC, b DESC, peer) FROM (
         SELECT peer, count(*) AS n, coalesce(sum(bytes), 0) AS b FROM w GROUP BY peer
         ORDER BY n DESC, b DESC, peer LIMIT $top)) AS top_peers,
-    (SELECT list({'proto': proto, 'port': dst_port, 'flows': n, 'bytes': b} ORDER BY n DESC, b DESC, dst_port) FROM (
+    (SELECT list({'proto': proto, 'port': dst_port, 'flows': n, 'bytes': b} ORDER BY n DESC, b DESC, dst_port, proto) FROM (
         SELECT proto, dst_port, count(*) AS n, coalesce(sum(bytes), 0) AS b FROM w GROUP BY proto, dst_port
-        ORDER BY n DESC, b DESC, dst_port LIMIT $top)) AS top_ports
+        ORDER BY n DESC, b DESC, dst_port, proto LIMIT $top)) AS top_ports
 """.replace("FLOW_END", FLOW_END)
 
 
@@ -995,7 +995,7 @@ def timeline(lake: Lake, vm: str, limit: int = 200) -> Timeline:
         events = _rows(
             con.execute(
                 "SELECT ts, action, state, event_type, addrs, addr, addr_kind, hypervisor, image, source, line "
-                "FROM vm_events WHERE vm_id = $vm ORDER BY ts, event_type LIMIT $limit",
+                "FROM vm_events WHERE vm_id = $vm ORDER BY ts, event_type, action, source, line LIMIT $limit",
                 params,
             )
         )
@@ -1010,7 +1010,7 @@ def timeline(lake: Lake, vm: str, limit: int = 200) -> Timeline:
         logs = _rows(
             con.execute(
                 "SELECT ts, hostname, app, severity, auth_event, auth_user, auth_src_addr, message FROM vm_logs "
-                "WHERE vm_id = $vm ORDER BY ts LIMIT $limit",
+                "WHERE vm_id = $vm ORDER BY ts, source, line LIMIT $limit",
                 params,
             )
         )

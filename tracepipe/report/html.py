@@ -131,7 +131,7 @@ def _host_flow_facts(
                    {saturating_sum_sql("CASE WHEN src_addr = $addr THEN 0 ELSE bytes END")} AS bytes_in,
                    count(DISTINCT {SERVICE_PORT}) AS ports, min(ts_start) AS first_seen, max(ts_end) AS last_seen
             FROM {src} WHERE {where} GROUP BY 1
-            ORDER BY (peer = $peer) DESC, flows DESC, bytes_out DESC LIMIT {TOP_N}""",
+            ORDER BY (peer = $peer) DESC, flows DESC, bytes_out DESC, peer LIMIT {TOP_N}""",
             {**params, "peer": peer or ""},
         )
     )
@@ -139,7 +139,7 @@ def _host_flow_facts(
         con.execute(
             f"""SELECT {SERVICE_PORT} AS port, proto, count(*) AS flows, {saturating_sum_sql("bytes")} AS bytes,
                    count(DISTINCT CASE WHEN src_addr = $addr THEN dst_addr ELSE src_addr END) AS peers
-            FROM {src} WHERE {where} GROUP BY 1, 2 ORDER BY flows DESC, bytes DESC LIMIT {TOP_N}""",
+            FROM {src} WHERE {where} GROUP BY 1, 2 ORDER BY flows DESC, bytes DESC, 1, 2 LIMIT {TOP_N}""",
             params,
         )
     )
@@ -213,7 +213,7 @@ def _vm_logs(
             FROM {_source(lake, "vm_logs")}
             WHERE ts >= $start AND ts < $end
               AND (vm_id = $vm OR auth_src_addr = $addr)
-            ORDER BY (auth_event IS NULL), ts LIMIT {limit}""",
+            ORDER BY (auth_event IS NULL), ts, source, line LIMIT {limit}""",
             {"vm": vm_id or "", "addr": addr or "", "start": start, "end": end},
         )
     )

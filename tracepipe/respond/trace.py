@@ -193,7 +193,8 @@ FROM _question_flows k JOIN (
         GROUP BY o.obs) c USING (obs)
     WHERE o.obs <= $last_obs) o
   ON k.q = o.q AND k.ts_start < o.w_end AND k.flow_end >= o.w_start AND (o.until IS NULL OR k.ts_start <= o.until)
-ORDER BY o.obs, k.ts_start LIMIT $total
+ORDER BY o.obs, k.ts_start, k.ts_end, k.src_addr, k.src_port, k.dst_addr, k.dst_port, k.proto, k.bytes,
+         k.packets, k.exporter, k.source LIMIT $total
 """
 
 
