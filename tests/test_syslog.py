@@ -396,7 +396,8 @@ def test_a_log_that_grew_lands_only_its_new_lines_and_a_rotated_one_lands_whole(
 def test_a_file_across_new_year_read_with_year_goes_on_into_the_next(tmp_path):
     """Session-24 hostile review: with `--year 2024`, "Jan  1" after "Dec 31" landed in January 2024, eleven
     months early (and on that time's leases): no single --year dated such a file. --year is now the year of
-    the first line, and a month that falls back 6 or more (Dec -> Jan) starts the next, across blocks too."""
+    the first line, and a line earlier in the calendar than 30 days before it is in the next, across blocks
+    too."""
     from tracepipe.ingest.syslog import YearWraps
 
     text = "Dec 31 23:59:58 h sshd[1]: a\nJan  1 00:00:01 h sshd[1]: b\nJan  1 00:00:02 h sshd[1]: c\n"
@@ -414,6 +415,46 @@ def test_a_file_across_new_year_read_with_year_goes_on_into_the_next(tmp_path):
         f"SELECT year(ts) FROM ({scan_sql('vm_logs', Lake(lake).entries('vm_logs'))}) ORDER BY line"
     )
     assert [r[0] for r in years.fetchall()] == [2024, 2025, 2025]
+
+
+def test_a_line_planted_with_another_month_moves_no_other_line_of_the_file():
+    """Session-25 review: with --year the year went on by the order of the lines (+1 at each month falling
+    back 6 or more), so one VM writing "Dec 31" into a file shared with others moved every later line a year
+    on (and onto that time's leases, or out of the window). Each line is now dated on its own, in the year
+    from 30 days before the file's first line: the planted line moves only itself."""
+    from tracepipe.ingest.syslog import YearWraps
+
+    text = (
+        "Mar 12 07:41:02 web-01 sshd[1]: a\n"
+        "Mar 12 07:41:01 web-01 sshd[1]: written a second earlier by another thread\n"
+        "Dec 31 23:59:59 evil sshd[6]: planted\n"
+        "Mar 12 07:41:03 web-01 sshd[1]: b\n"
+        "Feb 14 08:00:00 web-01 sshd[1]: a month before the first line\n"
+        "Jan 20 08:00:00 web-01 sshd[1]: past the 30 days: the next January\n"
+    )
+    logs, rejects = parse_syslog(text, "x", wraps=YearWraps(2024))
+    assert not rejects.num_rows
+    assert [t.isoformat() for t in logs.column("ts").to_pylist()] == [
+        "2024-03-12T07:41:02+00:00",
+        "2024-03-12T07:41:01+00:00",
+        "2024-12-31T23:59:59+00:00",
+        "2024-03-12T07:41:03+00:00",
+        "2024-02-14T08:00:00+00:00",
+        "2025-01-20T08:00:00+00:00",
+    ]
+    # in blocks (a big file): the first line of the first block anchors every block
+    wraps = YearWraps(2024)
+    blocks = text.splitlines(keepends=True)
+    years = [
+        parse_syslog(line, "x", wraps=wraps, first_line=i)[0].column("ts")[0].as_py().year
+        for i, line in enumerate(blocks, 1)
+    ]
+    assert years == [2024, 2024, 2024, 2024, 2024, 2025]
+    # a Feb 29 with none in the file's year is no date; with one, it is read there
+    _, rejects = parse_syslog("Mar  1 00:00:00 h a: x\nFeb 29 10:00:00 h a: y\n", "x", wraps=YearWraps(2022))
+    assert rejects.column("reason").to_pylist() == ["bad syslog timestamp"]
+    logs, _ = parse_syslog("Mar  1 00:00:00 h a: x\nFeb 29 10:00:00 h a: y\n", "x", wraps=YearWraps(2024))
+    assert logs.column("ts")[1].as_py() == dt.datetime(2024, 2, 29, 10, tzinfo=dt.UTC)
 
 
 def test_feb_29_is_read_in_the_leap_year_it_names():

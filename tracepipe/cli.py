@@ -535,7 +535,8 @@ def ingest_syslog_command(
     year: Annotated[
         int | None,
         typer.Option(
-            help="Year of RFC 3164 lines (they carry none), 1970-2199; default: the file's modification time.",
+            help="Year of each file's first RFC 3164 line (they carry none; the others are dated within a year "
+            "from 30 days before it), 1970-2199; default: the file's modification time.",
             min=1970,
             max=2199,
         ),

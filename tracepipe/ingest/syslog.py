@@ -81,13 +81,20 @@ def _parse_5424_ts(col: pl.Expr) -> pl.Expr:
 
 @dataclass
 class YearWraps:
-    """The year of RFC 3164 lines read in file order when it is given (`--year`: the year of the file's first
-    line): a line whose month lies 6 or more months before the previous line's (Dec -> Jan) starts the next year.
-    Without it, a file across New Year read with `--year 2024` put its January lines in January 2024, eleven
-    months early (and on the leases of that time). Kept across the blocks of one file."""
+    """The year of RFC 3164 lines when it is given (`--year`: the year of the file's first line). Every line is
+    dated on its own, in the year that begins 30 days before the first line (ANCHOR_SLACK): "Jan  1" after
+    "Dec 31" is the next year, a line a few seconds before the first one (threads of one rsyslog) the same.
+    A file of more than eleven months cannot be dated so (logrotate cuts far sooner). The year used to go on
+    by the order of the lines (+1 at each month falling back 6 or more), so one VM writing a "Dec 31" line
+    into a file shared with others moved every later line of the file a year on (session-25 review). Kept
+    across the blocks of one file: `anchor` is the first line's local time, once read."""
 
     year: int
-    month: int | None = None
+    anchor: dt.datetime | None = None
+
+
+ANCHOR_SLACK = dt.timedelta(days=30)
+YEAR = dt.timedelta(days=366)  # (two candidate years of a line are 365 or 366 days apart: the earlier wins)
 
 
 _MONTHS = {
@@ -159,43 +166,39 @@ def parse_syslog(
         .otherwise(pl.col("rest"))
         .alias("msg"),
     )
-    if (
-        wraps is not None
-    ):  # the year as the file goes: +1 at each month that falls back 6 or more (Dec -> Jan)
-        month = (
-            pl.when(pl.col("shape") == "3164")
-            .then(pl.col("ts").str.slice(0, 3).replace_strict(_MONTHS, default=None, return_dtype=pl.Int32))
-            .forward_fill()
-        )
-        parsed = parsed.with_columns(month.alias("_month"))
-        before = (
-            pl.col("_month").shift(1).fill_null(wraps.month if wraps.month is not None else pl.col("_month"))
-        )
-        step = ((before - pl.col("_month")) >= 6).fill_null(False).cast(pl.Int32).cum_sum()
-        parsed = parsed.with_columns((pl.lit(year) + step).alias("_year"))
-        if parsed.height:
-            last = parsed.select(pl.col("_year").last(), pl.col("_month").drop_nulls().last()).row(0)
-            wraps.year = int(last[0])
-            wraps.month = wraps.month if last[1] is None else int(last[1])
-        line_year = pl.col("_year")
-    else:
-        line_year = pl.lit(year)
 
-    def local_time(years: pl.Expr) -> pl.Expr:
+    def naive_time(years: pl.Expr | int) -> pl.Expr:
         return (
-            (years.cast(pl.String) + pl.lit(" ") + pl.col("ts").str.replace_all(r" +", " "))
-            .str.to_datetime("%Y %b %d %H:%M:%S", strict=False)
-            .dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
-            .dt.convert_time_zone("UTC")
+            pl.lit(years).cast(pl.String) + pl.lit(" ") + pl.col("ts").str.replace_all(r" +", " ")
+        ).str.to_datetime("%Y %b %d %H:%M:%S", strict=False)
+
+    def in_utc(local: pl.Expr) -> pl.Expr:
+        return local.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null").dt.convert_time_zone(
+            "UTC"
         )
 
-    # a "Dec 31" line read in January belongs to the previous year; so does "Feb 29" read in 2025 (parsed in
-    # 2024, not clamped to a Feb 28 the line never said: read in the year it names, or rejected)
-    limit = pl.lit(reference + dt.timedelta(days=1)).dt.convert_time_zone("UTC")
-    this_year, year_before = local_time(line_year), local_time(line_year - 1)
-    local = pl.when(this_year.is_not_null() & (this_year <= limit)).then(this_year).otherwise(year_before)
-    if wraps is not None:  # (the year is given: a Feb 29 that year has not is no date, not the year before's)
-        local = pl.when(this_year.is_null()).then(None).otherwise(local)
+    if wraps is not None:  # (--year) each line on its own, in the year from 30 days before the first line
+        if wraps.anchor is None:
+            first = parsed.filter(pl.col("shape") == "3164").select(naive_time(year).drop_nulls().first())
+            wraps.anchor = first.item() if first.height else None
+        if wraps.anchor is None:  # (no RFC 3164 line read yet, or only a Feb 29 the year has not)
+            local = in_utc(naive_time(year))
+        else:
+            start = wraps.anchor - ANCHOR_SLACK
+            within = pl.lit(start, dtype=pl.Datetime("us")), pl.lit(start + YEAR, dtype=pl.Datetime("us"))
+            # the earliest of the years around it within that year (a Feb 29 without one in it: no date)
+            local = in_utc(
+                pl.coalesce(
+                    pl.when(t.is_between(*within, closed="left")).then(t)
+                    for t in (naive_time(year - 1), naive_time(year), naive_time(year + 1))
+                )
+            )
+    else:
+        # a "Dec 31" line read in January belongs to the previous year; so does "Feb 29" read in 2025 (parsed in
+        # 2024, not clamped to a Feb 28 the line never said: read in the year it names, or rejected)
+        limit = pl.lit(reference + dt.timedelta(days=1)).dt.convert_time_zone("UTC")
+        this_year, year_before = in_utc(naive_time(year)), in_utc(naive_time(year - 1))
+        local = pl.when(this_year.is_not_null() & (this_year <= limit)).then(this_year).otherwise(year_before)
     parsed = parsed.with_columns(
         pl.when(pl.col("shape") == "3164").then(local).otherwise(_parse_5424_ts(pl.col("ts"))).alias("ts_utc")
     )
