@@ -265,13 +265,9 @@ READ_COMMANDS = [
     ["timeline", VM_ID],
     ["sweep", str(PIPELINE), "--since", f"{DAY}T00:00", "--until", f"{DAY}T06:00"],
 ]
-# a sweep may start a lake in an empty directory (its inputs land first; an empty window then says so)
-NOT_LAKES = [
-    (kind, args)
-    for kind in ("empty-dir", "other-dir", "one-table")
-    for args in READ_COMMANDS
-    if not (kind == "empty-dir" and args[0] == "sweep")
-]
+# (a sweep of an empty directory whose pipeline lands nothing is refused too: a lake's mount point not mounted
+# said "no flows", exit 0; a sweep whose inputs land starts the lake, test_sweep)
+NOT_LAKES = [(kind, args) for kind in ("empty-dir", "other-dir", "one-table") for args in READ_COMMANDS]
 
 
 STORY = Path(__file__).resolve().parents[1] / "tracepipe" / "demo_story"
@@ -354,6 +350,35 @@ def test_read_commands_refuse_a_directory_that_is_no_lake(hostile_lake, tmp_path
     assert "nobody held" not in result.stdout
     assert "not a tracepipe lake" in result.stderr or "not a lake" in result.stderr, result.stderr
     assert "internal error" not in result.stderr
+
+
+MAINTENANCE_COMMANDS = [
+    ["attribute"],
+    ["compact"],
+    ["expire", "--older-than", "400d"],
+    ["vacuum"],
+    ["leases", "rebuild"],
+    ["trace", "OBSERVATIONS"],
+]
+
+
+@pytest.mark.parametrize("kind", ["empty-dir", "other-dir"])
+@pytest.mark.parametrize("args", MAINTENANCE_COMMANDS, ids=lambda a: a[0])
+def test_commands_that_rewrite_or_read_a_lake_refuse_a_directory_that_is_no_lake(tmp_path, kind, args):
+    """README walkthrough (session 35): `attribute` and `compact` on a directory holding no lake said "0 flows
+    in 0 files" with exit 0 and left _locks/ there, and `trace` over an empty directory (a lake's mount point
+    not mounted) answered every observation "outside the cloud", exit 0."""
+    where = tmp_path / "lake"
+    where.mkdir()
+    if kind == "other-dir":
+        (where / "notes.txt").write_text("not a lake\n")
+    observations = tmp_path / "ticket.csv"
+    observations.write_text("address,time\n192.0.2.10,2025-06-17T08:00:00Z\n")
+    args = [str(observations) if a == "OBSERVATIONS" else a for a in args]
+    result = cli(*args, "--lake", str(where))
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "not a tracepipe lake" in result.stderr, result.stderr
+    assert sorted(p.name for p in where.iterdir()) == ([] if kind == "empty-dir" else ["notes.txt"])
 
 
 # ---- item 9: usage and data errors, not internal errors ---------------------------------------------------------

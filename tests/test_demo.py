@@ -124,6 +124,22 @@ def test_demo_in_a_lake_path_with_sql_and_glob_characters(tmp_path: Path) -> Non
     ]  # nothing beside it
 
 
+def test_a_story_without_its_captures_is_a_failed_step(tmp_path: Path) -> None:
+    """README walkthrough (session 35): a story folder without netflow/ reported "ok, flows 0" for the NetFlow
+    step (its syslog/ and intel/ missing were "failed"): every missing part is a failed step, exit 3."""
+    import shutil
+
+    story = tmp_path / "story"
+    shutil.copytree(REPO / "sample_data" / "story", story, ignore=shutil.ignore_patterns("netflow"))
+    run = run_demo(
+        "demo", "--lake", str(tmp_path / "lake"), "--story", str(story), "--format", "json", cwd=tmp_path
+    )
+    assert run.returncode == 3, run.stdout[-2000:] + run.stderr[-2000:]
+    steps = {s["name"].split(" (")[0]: s for s in json.loads(run.stdout)["steps"]}
+    assert steps["ingest netflow"]["status"] == "failed" and "netflow" in steps["ingest netflow"]["detail"]
+    assert steps["ingest vm"]["status"] == "ok"
+
+
 def test_demo_refuses_to_wipe_a_directory_it_did_not_make(tmp_path: Path) -> None:
     precious = tmp_path / "lake"
     (precious / "flows").mkdir(parents=True)

@@ -108,6 +108,27 @@ def test_partial_input_is_exit_3(story_lake, tmp_path):
     assert any("rejected" in note for note in result.notes)
 
 
+def test_a_sweep_into_an_empty_directory_lands_its_inputs_and_refuses_when_nothing_landed(tmp_path):
+    """A sweep whose pipeline lands captures starts a lake in an empty directory; one that lands nothing there
+    (a lake's mount point not mounted) is refused, exit 4, where it said "no flows", exit 0 (session 35)."""
+    from tracepipe.errors import LakeError
+
+    capture = REPO / "sample_data" / "story" / "netflow" / "opennebula-softflowd-ipfix.pcap"
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(pipeline_text(tmp_path / "reports", f'[inputs]\nflow_dirs = ["{drop}"]\n'))
+    since = dt.datetime(2025, 6, 17, 6, tzinfo=dt.UTC)
+    window = (since, since + dt.timedelta(hours=1))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "new").mkdir()
+    with pytest.raises(LakeError, match="not a tracepipe lake"):
+        run_sweep(Lake(tmp_path / "empty"), pipeline, *window)
+    shutil.copy(capture, drop)
+    result = run_sweep(Lake(tmp_path / "new"), pipeline, *window)
+    assert result.exit_code == EXIT_OK and result.flows > 0 and (tmp_path / "new" / "flows").is_dir()
+
+
 BAD_PIPELINES = [
     (
         '[pipeline]\nname = "x"\n\n[detectors.beacon]\nmin_scroe = 0.5\n',

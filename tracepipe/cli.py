@@ -163,13 +163,19 @@ FormatOption = Annotated[OutputFormat, typer.Option("--format", help="table for 
 _OPENED: list[Path] = []
 
 
-def open_lake(path: Path | None) -> Lake:
+def open_lake(path: Path | None, existing: bool = False) -> Lake:
+    """The lake at --lake. `existing`: a LakeError (exit 4) unless it holds one of the lake's tables, for the
+    commands that only rewrite a lake (attribute, compact, ...): on an empty directory (a lake's mount point not
+    mounted) or some other one they said "0 flows in 0 files" with exit 0 and left lock files there."""
     # imported here, not at the top: `ingest netflow` starts its decode workers before loading it
     from tracepipe.lake import Lake
 
     root = path if path is not None else Path(DEFAULT_LAKE)
     _OPENED.append(root)
-    return Lake(root)
+    lake = Lake(root)
+    if existing:
+        lake.require()
+    return lake
 
 
 @app.callback()
@@ -865,7 +871,7 @@ def attribute_command(
     with p.progress(BarColumn(), MofNCompleteColumn()) as bar:
         task = bar.add_task("attribute flows", total=None)
         result = attribute_lake(
-            open_lake(lake),
+            open_lake(lake, existing=True),
             days or None,
             progress=lambda _path, done, total: bar.update(task, completed=done, total=total),
         )
@@ -912,12 +918,9 @@ def leases_rebuild_command(
     Example: tracepipe leases rebuild --lake /srv/lake --at-once 4000000
     """
     from tracepipe.correlate.attribution import correlate
-    from tracepipe.errors import LakeError
 
     p: Printer = ctx.obj
-    path = open_lake(lake)
-    if not path.root.is_dir():
-        raise LakeError(f"no lake at {path.root}; pass --lake or set TRACEPIPE_LAKE")
+    path = open_lake(lake, existing=True)
     with p.status("rebuilding leases") as status:
         result = correlate(
             path, full=True, at_once=at_once, progress=lambda step: status(f"rebuilding leases: {step}")
@@ -964,7 +967,7 @@ def compact_command(
 
     p: Printer = ctx.obj
     days = [parse_date(text).isoformat() for text in day or []] or None
-    result = compact_lake(open_lake(lake), dataset or None, days, min_files=min_files)
+    result = compact_lake(open_lake(lake, existing=True), dataset or None, days, min_files=min_files)
     if output == OutputFormat.json:
         p.json(result.to_dict())
     else:
@@ -998,7 +1001,9 @@ def expire_command(
     from tracepipe.units import parse_duration
 
     p: Printer = ctx.obj
-    result = expire_lake(open_lake(lake), parse_duration(older_than, positive=True), vacuum=not no_vacuum)
+    result = expire_lake(
+        open_lake(lake, existing=True), parse_duration(older_than, positive=True), vacuum=not no_vacuum
+    )
     if output == OutputFormat.json:
         p.json(result.to_dict())
     else:
@@ -1033,7 +1038,7 @@ def vacuum_command(
     from tracepipe.units import parse_duration
 
     p: Printer = ctx.obj
-    result = vacuum_lake(open_lake(lake), parse_duration(retain, positive=True))
+    result = vacuum_lake(open_lake(lake, existing=True), parse_duration(retain, positive=True))
     if output == OutputFormat.json:
         p.json(result)
     else:

@@ -280,7 +280,10 @@ def run_demo(
     def netflow() -> dict[str, Any]:
         from tracepipe.ingest.flows import ingest_flow_files
 
-        summary = ingest_flow_files(lake, sorted((story_dir / "netflow").glob("*.pcap")))
+        captures = sorted((story_dir / "netflow").glob("*.pcap"))
+        if not captures:  # (a story without its captures is a failed step, as a missing syslog folder is)
+            raise FileNotFoundError(f"no captures (*.pcap) in {story_dir / 'netflow'}")
+        summary = ingest_flow_files(lake, captures)
         done = _correlated(lake, days=summary.days)
         return {
             "flows": summary.flows,

@@ -467,8 +467,9 @@ def run_sweep(
     result.lake_version = version_token(versions)
     writer, lake = lake, Lake(lake.root, as_of=versions)
     # a directory that is no lake would sweep as "no flows"; a damaged file the log lists fails every reader
-    # (polars without naming it): both are errors that say what to do
-    lake.require(allow_empty=True)
+    # (polars without naming it): both are errors that say what to do. So is a lake still empty once the
+    # pipeline's inputs landed (nothing ever landed: a lake's mount point not mounted said "no flows", exit 0)
+    lake.require()
     check_files(lake)
     result.flows = stage("count", lambda: count_rows(lake, since, until))
     if result.flows == 0:

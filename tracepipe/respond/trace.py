@@ -388,6 +388,8 @@ def trace(
     )
     if obs.num_rows == 0:
         return result
+    lake.require()  # (an empty directory too, which connect takes as a lake before its first ingest: a lake's
+    # mount point not mounted answered every observation "outside the cloud", exit 0)
     con = connect(lake, read_only=False, threads=threads)
     # Joins as written: flows on the left (probed), the small side on the right (hashed). A flows view reads a
     # schema anchor of 0 rows first (query.scan_sql), so DuckDB estimates every flows scan at 0 rows and hashed
