@@ -253,3 +253,46 @@ def test_timeline_of_a_deleted_vm(story_lake):
     web02 = json.loads(result.stdout)
     assert web02["vm_id"] == WEB02 and web02["vm"]["user"] == "bob" and web02["exit_code"] == 0
     assert web02["flows_per_hour"][0]["flows_out"] == 1
+
+
+def test_who_names_the_hypervisor_of_the_lease_and_where_the_vm_is_now(tmp_path):
+    """Cloud review (session 35): who_had gave the VM's hypervisor of now beside a lease of before its live
+    migration ("hypervisor c2" above "lease 07:00 -> 08:02 (migrate)", while vm_leases said c1): the compute
+    node whose logs and disks tell of that time is the lease's; where the VM is now is said beside it."""
+
+    def note(event: str, at: str, host: str, n: int) -> str:
+        data = {
+            "uuid": "vm-a",
+            "display_name": "mover",
+            "tenant_id": "p",
+            "user_id": "u",
+            "host": host,
+            "state": "active",
+            "ip_addresses": [{"nova_object.data": {"address": "10.0.0.5", "port_uuid": "pa"}}],
+        }
+        return json.dumps(
+            {
+                "event_type": event,
+                "timestamp": f"2024-03-12 {at}:00",
+                "message_id": f"m{n}",
+                "payload": {"nova_object.data": data},
+            }
+        )
+
+    notifications = tmp_path / "nova.jsonl"
+    notifications.write_text(
+        note("instance.create.end", "07:00", "c1", 1)
+        + "\n"
+        + note("instance.live_migration_post_dest.end", "08:02", "c2", 2)
+        + "\n"
+    )
+    lake = tmp_path / "lake"
+    assert run_in_process("ingest", "vm", str(notifications), "--lake", str(lake)).returncode == 0
+    before = run_in_process("who", "10.0.0.5", "--at", "2024-03-12T07:30:00Z", "--lake", str(lake))
+    assert before.returncode == 0, before.stderr
+    assert "hypervisor  c1" in before.stdout and "on c2" in before.stdout, before.stdout
+    after = run_in_process(
+        "who", "10.0.0.5", "--at", "2024-03-12T08:30:00Z", "--format", "json", "--lake", str(lake)
+    )
+    (lease,) = json.loads(after.stdout)["leases"]
+    assert (lease["hypervisor"], lease["hypervisor_now"]) == ("c2", "c2")

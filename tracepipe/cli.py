@@ -790,7 +790,8 @@ def _print_who(p: Printer, answer: Any) -> None:
             f"  lease       {lease['valid_from']:%Y-%m-%d %H:%M:%S} UTC -> {until}"
             + (f" ({lease['end_reason']})" if lease["end_reason"] else "")
         )
-        p.line(f"  VM now      {lease['now']}")
+        moved = lease["hypervisor_now"] and lease["hypervisor_now"] != lease["hypervisor"]
+        p.line(f"  VM now      {lease['now']}" + (f", on {lease['hypervisor_now']}" if moved else ""))
     flows = answer.flows
     p.line(
         f"flows of {answer.addr}{' while the lease above held it,' if answer.held else ''} reaching into "

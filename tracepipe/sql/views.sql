@@ -89,14 +89,17 @@ SELECT * FROM _flows_facts_now UNION ALL BY NAME SELECT * FROM _flows_joined;
 
 -- who_had('10.0.0.5', TIMESTAMPTZ '2024-03-12 07:30:00+00'): the lease(s) valid then (same half-open intervals
 -- as lease_at; more than one row only if a planted file made leases overlap), with what the VM is now (image:
--- the one it runs now or last ran; a rebuild since shows in the VM's vm_events).
+-- the one it runs now or last ran; a rebuild since shows in the VM's vm_events), except its hypervisor: the
+-- one it ran on during that lease (a migration ends a lease: the compute node whose logs and disks tell of
+-- that time), the one it is on now beside it (hypervisor_now).
 -- Addresses are compared as canonical text (the lake stores them so; `tracepipe who` canonicalises input).
 CREATE OR REPLACE MACRO who_had(addr_text, at_time) AS TABLE
 SELECT l.addr, l.vm_id, coalesce(v.vm_name, l.vm_name) AS vm_name, coalesce(v.project, l.project) AS project,
-       coalesce(v."user", l."user") AS "user", coalesce(v.hypervisor, l.hypervisor) AS hypervisor, l.cloud,
+       coalesce(v."user", l."user") AS "user", coalesce(l.hypervisor, v.hypervisor) AS hypervisor, l.cloud,
        l.addr_kind, l.valid_from, l.valid_to, l.end_reason,
        coalesce(v.status, l.vm_status) AS vm_status, v.deleted_at,
-       coalesce(v.quarantine_until, l.quarantine_until) AS quarantine_until, v.image
+       coalesce(v.quarantine_until, l.quarantine_until) AS quarantine_until, v.image,
+       v.hypervisor AS hypervisor_now
 FROM vm_leases l LEFT JOIN _vm_info v ON l.vm_id = v.vm_id
 WHERE l.addr = addr_text
   AND l.valid_from <= CAST(at_time AS TIMESTAMPTZ)
