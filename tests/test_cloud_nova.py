@@ -115,6 +115,161 @@ def test_action_names(event_type, action):
     assert nova_action(event_type) == action
 
 
+def _leases_of(*messages: dict, fmt: str = "auto") -> list[tuple]:
+    """(addr, vm_id, hypervisor, valid_from hh:mm, valid_to hh:mm or None, end_reason) of the leases built
+    from these notifications."""
+    from tracepipe.correlate.leases import build_leases
+
+    events, rejects = parse_cloud_text("\n".join(json.dumps(m) for m in messages), "x", fmt=fmt)
+    assert rejects.num_rows == 0, rejects.to_pylist()
+    leases, _ = build_leases(events)
+    return sorted(
+        (
+            r["addr"],
+            r["vm_id"],
+            r["hypervisor"],
+            f"{r['valid_from']:%H:%M}",
+            r["valid_to"] and f"{r['valid_to']:%H:%M}",
+            r["end_reason"],
+        )
+        for r in leases.to_pylist()
+    )
+
+
+def _legacy(event_type: str, at: str, **payload) -> dict:
+    base = {
+        "instance_id": "vm-a",
+        "display_name": "old-style",
+        "tenant_id": "p",
+        "user_id": "u",
+        "host": "c1",
+        "state": "active",
+        "fixed_ips": [
+            {
+                "address": "10.0.0.5",
+                "type": "fixed",
+                "version": 4,
+                "label": "net",
+                "vif_mac": "fa:16:3e:00:00:01",
+                "floating_ips": [],
+                "meta": {},
+            },
+            {
+                "address": "2001:db8::5",
+                "type": "fixed",
+                "version": 6,
+                "label": "net",
+                "vif_mac": "fa:16:3e:00:00:01",
+                "floating_ips": [],
+                "meta": {},
+            },
+        ],
+    }
+    return {
+        "event_type": event_type,
+        "timestamp": f"2024-03-12 {at}:00.000000",
+        "message_id": f"{event_type}-{at}",
+        "publisher_id": "compute.c1",
+        "priority": "INFO",
+        "payload": {**base, **payload},
+    }
+
+
+def test_legacy_unversioned_notifications_give_the_leases_of_versioned_ones():
+    """Cloud review (session 35): Nova with notification_format=unversioned sends `compute.instance.*` with
+    `instance_id` and `fixed_ips`; every one was "notification without instance uuid" and `who` said nobody."""
+    leases = _leases_of(
+        _legacy("compute.instance.create.start", "07:00", state="building", fixed_ips=[]),
+        _legacy("compute.instance.create.end", "07:01"),
+        _legacy("compute.instance.live_migration.post.dest.end", "08:00", host="c2"),
+        _legacy("compute.instance.volume.detach", "08:10", host="c2"),  # (a volume, not an interface)
+        _legacy("compute.instance.delete.end", "09:00", host="c2", state="deleted", fixed_ips=[]),
+    )
+    assert leases == [
+        ("10.0.0.5", "vm-a", "c1", "07:01", "08:00", "migrate"),
+        ("10.0.0.5", "vm-a", "c2", "08:00", "09:00", "delete"),
+        ("2001:db8::5", "vm-a", "c1", "07:01", "08:00", "migrate"),
+        ("2001:db8::5", "vm-a", "c2", "08:00", "09:00", "delete"),
+    ]
+    assert [
+        nova_action(e) for e in ("compute.instance.finish_resize.end", "compute.instance.volume.detach")
+    ] == [
+        "migrate",
+        "unknown",
+    ]
+
+
+def test_a_dual_stack_port_deleted_by_neutron_ends_both_addresses():
+    """Cloud review (session 35): a Nova event named the port of its addresses only when it listed one
+    address, so Neutron's port.delete.end of a dual-stack port (IPv4 and IPv6 on one port) released nothing
+    and `who` named the VM "still held" for both."""
+
+    def create(at: str) -> dict:
+        ips = [{"nova_object.data": {"address": a, "port_uuid": "pa"}} for a in ("10.0.0.5", "2001:db8::5")]
+        data = {
+            "uuid": "vm-a",
+            "tenant_id": "p",
+            "user_id": "u",
+            "host": "c1",
+            "state": "active",
+            "ip_addresses": ips,
+        }
+        return {
+            "event_type": "instance.create.end",
+            "timestamp": f"2024-03-12 {at}:00",
+            "message_id": "m1",
+            "payload": {"nova_object.data": data},
+        }
+
+    port = {
+        "id": "pa",
+        "tenant_id": "p",
+        "device_id": "vm-a",
+        "device_owner": "compute:nova",
+        "fixed_ips": [{"ip_address": "10.0.0.5"}, {"ip_address": "2001:db8::5"}],
+    }
+    delete = {
+        "event_type": "port.delete.end",
+        "timestamp": "2024-03-12 07:30:00",
+        "message_id": "m2",
+        "payload": {"port_id": "pa", "port": port},
+    }
+    assert _leases_of(create("07:00"), delete) == [
+        ("10.0.0.5", "vm-a", "c1", "07:00", "07:30", "detach"),
+        ("2001:db8::5", "vm-a", "c1", "07:00", "07:30", "detach"),
+    ]
+
+
+def test_lines_of_the_oslo_log_notification_driver_are_read():
+    """`[oslo_messaging_notifications] driver = log` writes each notification as JSON after the service's log
+    prefix: every such line was "malformed JSON" (cloud review, session 35)."""
+    message = _legacy("compute.instance.create.end", "07:01")
+    line = (
+        "2024-03-12 07:01:00.123 4242 INFO oslo.messaging.notification.compute.instance.create.end "
+        f"[req-1 - - - - -] {json.dumps(message)}"
+    )
+    assert detect_format("nova.log", line) == "nova"
+    events, rejects = parse_cloud_text(line + "\nnot a notification at all\n", "nova.log")
+    assert events.column("vm_id").to_pylist() == ["vm-a"] and rejects.column("line").to_pylist() == [2]
+
+
+def test_a_file_of_unknown_format_in_a_folder_is_not_read_and_the_others_land(tmp_path):
+    """Cloud review (session 35): a README beside the dumps made `ingest vm DIR` stop with exit 2, nothing
+    landed. It is now named as not read (and not recorded, so a run with --format reads it later); exit 3."""
+    from tests.conftest import run_in_process
+
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps(_legacy("compute.instance.create.end", "07:01")) + "\n")
+    (folder / "README.md").write_text("# where these come from\n")
+    run = run_in_process("ingest", "vm", str(folder), "--output", "json", "--lake", str(tmp_path / "lake"))
+    assert run.returncode == 3, run.stdout + run.stderr
+    out = json.loads(run.stdout)
+    assert out["rows"] == 1 and [n["source"].rsplit("/", 1)[1] for n in out["not_read"]] == ["README.md"]
+    named = run_in_process("ingest", "vm", str(folder / "README.md"), "--lake", str(tmp_path / "lake"))
+    assert named.returncode == 2 and "cannot tell the format" in named.stderr
+
+
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

@@ -454,6 +454,8 @@ def _print_vm_report(
         if correlation.flows:
             summary += f"; flows re-attributed for {', '.join(correlation.flows['days'])}"
         p.line(summary)
+    for source, why in report.not_read:
+        p.note((f"{source}: not read", "yellow"), f": {why}")
     if report.rejects:
         p.note(
             (f"{report.rejects} input lines rejected", "yellow"),

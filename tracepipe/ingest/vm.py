@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.fsutil import input_problem
-from tracepipe.ingest.cloud import FORMATS, parse_cloud_text
+from tracepipe.ingest.cloud import FORMATS, detect_format, parse_cloud_text
 from tracepipe.ingest.syslog import YearWraps, parse_syslog
 from tracepipe.lake import IngestResult, Lake, hash_bytes, hash_file, ingest_table
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
@@ -35,6 +35,9 @@ class VmIngestReport:
     results: list[IngestResult] = field(default_factory=list)
     touched_days: list[str] = field(default_factory=list)  # UTC days of the partitions written
     duplicates: int = 0  # events already in the lake (re-sent, or a file that grew), not written again
+    # files of a folder whose format could not be told (a README, a provenance note beside the dumps): (file,
+    # why), not read and not recorded as ingested, so that a run with --format reads them later
+    not_read: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -50,8 +53,9 @@ class VmIngestReport:
 
     @property
     def exit_code(self) -> int:
-        """3 partial: some lines rejected, the rest landed; 4 failed: every line rejected, nothing landed."""
-        if not self.rejects:
+        """3 partial: some lines rejected (or files of a folder not read), the rest landed; 4 failed: every
+        line rejected, nothing landed."""
+        if not self.rejects and not self.not_read:
             return EXIT_OK
         nothing = self.rows == 0 and self.skipped == 0 and self.duplicates == 0
         return EXIT_FAILED if nothing else EXIT_PARTIAL
@@ -67,6 +71,7 @@ class VmIngestReport:
             "skipped": self.skipped,
             "duplicates": self.duplicates,
             "touched_days": self.touched_days,
+            "not_read": [{"source": source, "why": why} for source, why in self.not_read],
         }
 
 
@@ -168,7 +173,9 @@ def ingest_vm_files(
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     zone = timezone(tz)
+    paths = list(paths)
     files = expand_paths(paths)
+    named = {Path(p) for p in paths}  # (a file named by the user whose format cannot be told stops the run)
     report = VmIngestReport()
     pairs, consumed = _opennebula_pairs(files) if fmt in ("auto", "opennebula") else ([], set())
     partners = dict(pairs)
@@ -199,6 +206,12 @@ def ingest_vm_files(
                 limit_rejects.append(too_long_rejects(str(path), too_long))
         xml_text = _read_xml(partner, str(path), limit_rejects) if partner is not None else None
         file_fmt = "opennebula" if partner is not None else fmt
+        if file_fmt == "auto" and path not in named:
+            try:
+                detect_format(str(path), text[:4096])
+            except UsageError as exc:  # (one file of a folder: the others still land)
+                report.not_read.append((source, str(exc)))
+                continue
         events, rejects = parse_cloud_text(
             text, str(path), fmt=file_fmt, cloud=cloud, tz=zone, xml_text=xml_text
         )

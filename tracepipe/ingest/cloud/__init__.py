@@ -63,6 +63,8 @@ def detect_format(name: str, head: str) -> str:
         return "nova"
     if first.lower().startswith("ts,") or ",action" in first.lower():
         return "csv"
+    if "oslo.messaging.notification." in first and '{"' in first:  # (a service log: driver = log)
+        return "nova"
     raise UsageError(f"cannot tell the format of {name}; pass --format nova|neutron|opennebula|csv|jsonl")
 
 

@@ -1,8 +1,11 @@
 """OpenStack notifications -> schema.VM_EVENTS rows (Nova versioned `instance.*` here; Neutron in neutron.py).
 
-Input: what a notification listener or `[oslo_messaging_notifications] driver = log` dumps: one JSON per line,
-either the oslo messaging envelope (`{"oslo.version": "2.0", "oslo.message": "<JSON string>"}`) or the bare
-message; a JSON array of messages or one pretty-printed message per file (like Nova's doc samples) works too.
+Input: what a notification listener dumps: one JSON per line, either the oslo messaging envelope
+(`{"oslo.version": "2.0", "oslo.message": "<JSON string>"}`) or the bare message, or a service log written by
+`[oslo_messaging_notifications] driver = log` (each line the log's prefix, then the message as JSON); a JSON
+array of messages or one pretty-printed message per file (like Nova's doc samples) works too. Versioned
+(`instance.*`, payload `nova_object.data`) and legacy unversioned (`compute.instance.*`, payload `instance_id`,
+`fixed_ips`) notifications alike.
 Output: (events, rejects). A line that is not JSON, a message without a usable time (or with one outside
 1990..now+1 day), without an instance uuid, or with fields of the wrong JSON type is a reject with its line
 number; an `instance.*` event type we do not know is kept with action "unknown".
@@ -54,6 +57,11 @@ NOVA_ACTIONS = {
     "resize_finish": "migrate",
     "resize_confirm": "update",
     "evacuate": "migrate",
+    # legacy (unversioned) names of the same steps, where they differ (`compute.instance.<name>`)
+    "finish_resize": "migrate",
+    "resize.confirm": "update",
+    "resize.prep": "update",
+    "shutdown": "update",
 }
 
 # Nova vm_state (InstancePayload.state) -> schema.VM_STATES
@@ -75,8 +83,9 @@ NOVA_STATES = {
 
 
 def split_event_type(event_type: str) -> tuple[str, str | None]:
-    """ "instance.power_off.end" -> ("power_off", "end"); "instance.update" -> ("update", None)."""
-    name = event_type.removeprefix("instance.")
+    """ "instance.power_off.end" -> ("power_off", "end"); "instance.update" -> ("update", None); the legacy
+    (unversioned) "compute.instance.power_off.end" alike."""
+    name = event_type.removeprefix("compute.").removeprefix("instance.")
     for phase in ("start", "end", "error"):
         if name.endswith("." + phase):
             return name[: -len(phase) - 1], phase
@@ -120,13 +129,28 @@ def iter_messages(text: str, source: str, rejects: RejectColumns) -> Iterator[tu
         try:
             item = json_loads(line)
         except json.JSONDecodeError as exc:
-            rejects.add(number, "malformed JSON", f"{exc}: {line[:200]}")
-            continue
+            item = _logged(line)
+            if item is None:
+                rejects.add(number, "malformed JSON", f"{exc}: {line[:200]}")
+                continue
         message = _unwrap(item)
         if message is None:
             rejects.add(number, "not a notification", line[:300])
             continue
         yield number, message
+
+
+def _logged(line: str) -> Any:
+    """The message of a line written by oslo.messaging's `log` notification driver: the service's log prefix
+    (time, pid, level, logger `oslo.messaging.notification.<event_type>`, request ids), then the message as
+    JSON. None when no JSON object follows a prefix."""
+    at = line.find('{"')
+    if at <= 0:
+        return None
+    try:
+        return json_loads(line[at:])
+    except json.JSONDecodeError:
+        return None
 
 
 def _unwrap(item: Any) -> dict[str, Any] | None:
@@ -152,20 +176,20 @@ def _payload_data(message: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
-def _ip_payloads(data: dict[str, Any]) -> list[dict[str, Any]]:
-    addresses = data.get("ip_addresses")
+def _ip_payloads(data: dict[str, Any], listed: str | None) -> list[dict[str, Any]]:
+    """The entries of the payload's address list `listed` (versioned ip_addresses, legacy fixed_ips) that hold
+    an address."""
+    addresses = data.get(listed) if listed else None
     if addresses is None:
         return []
     if not isinstance(addresses, list):
-        raise BadRecord("wrong JSON type", "payload ip_addresses is not a list")
+        raise BadRecord("wrong JSON type", f"payload {listed} is not a list")
     out = []
     for item in addresses:
         if not isinstance(item, dict):
-            raise BadRecord("wrong JSON type", "an ip_addresses entry is not an object")
-        inner = (
-            object_field(item, "nova_object.data", "ip_addresses[].") if "nova_object.data" in item else item
-        )
-        if text_field(inner, "address", "ip_addresses[]."):
+            raise BadRecord("wrong JSON type", f"an {listed} entry is not an object")
+        inner = object_field(item, "nova_object.data", f"{listed}[].") if "nova_object.data" in item else item
+        if text_field(inner, "address", f"{listed}[]."):
             out.append(inner)
     return out
 
@@ -189,12 +213,16 @@ def add_nova_event(
     data = _payload_data(message)
     ts = _time(message, data)
     where = "payload."
-    vm_id = text_field(data, "uuid", where)
+    # (legacy, unversioned notifications: `instance_id` and `fixed_ips`, Nova's notification_format=unversioned)
+    vm_id = text_field(data, "uuid", where) or text_field(data, "instance_id", where)
     if vm_id is None:
         raise BadRecord("notification without instance uuid", event_type)
-    ips = _ip_payloads(data)
+    listed = "ip_addresses" if "ip_addresses" in data else "fixed_ips" if "fixed_ips" in data else None
+    ips = _ip_payloads(data, listed)
     addrs = [text_field(ip, "address") for ip in ips]
-    ports = [text_field(ip, "port_uuid", "ip_addresses[].") for ip in ips]
+    # the port of the addresses, when one port holds them all (a dual-stack port: IPv4 and IPv6): a port.delete
+    # then ends them (an event names one port; a VM of several ports names none)
+    ports = {text_field(ip, "port_uuid", f"{listed}[].") for ip in ips}
     action = nova_action(event_type)
     state = text_field(data, "state", where)
     columns.add(
@@ -209,10 +237,10 @@ def add_nova_event(
         action=action,
         state=NOVA_STATES.get(state, "unknown") if state else None,
         # ip_addresses is the instance's full list; a deleted instance reports none.
-        addrs=addrs if "ip_addresses" in data else None,
+        addrs=addrs if listed else None,
         addr=None,
         addr_kind="fixed" if addrs else None,
-        port_id=ports[0] if len(ports) == 1 else None,
+        port_id=ports.pop() if len(ports) == 1 else None,
         event_id=text_field(message, "message_id") or text_field(message, "_unique_id"),
         source=source,
         line=line,
