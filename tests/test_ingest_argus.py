@@ -322,3 +322,45 @@ def test_a_lone_cr_is_one_reject_not_a_forged_flow():
     assert "10.6.6.6" not in flows.column("src_addr").to_pylist()
     assert labels.column("line").to_pylist() == [2, 4, 6]
     assert set(labels.column("label").to_pylist()) == {"benign"}
+
+
+def _by_direction(flows: pa.Table) -> dict[tuple, tuple]:
+    """(src, dst, proto, dst_port) -> (packets, bytes) of each row."""
+    return {
+        (r["src_addr"], r["dst_addr"], r["proto"], r["dst_port"]): (r["packets"], r["bytes"])
+        for r in flows.to_pylist()
+    }
+
+
+def test_variants_of_ra_output_as_ra_prints_them():
+    """Review of argus' variants (session 35), on lines real `ra` 3.0.8 printed for loopback traffic: ICMP's Sport
+    is code << 8 | type (0x010b: time exceeded, code 1; 0x0303: port unreachable) and ICMPv6's code is in Dport
+    (`ra -n`: 1 and 4), where 0x0303 gave dst_port 197379; two outputs of other column orders `cat`-ed together
+    were read with the first header (each direction's bytes swapped); ra's default columns (TotBytes, no
+    SrcBytes) put both directions' bytes on the initiator; an IPX record was a reject."""
+    head = "StartTime,Dur,Proto,SrcAddr,Sport,Dir,DstAddr,Dport,State,TotPkts,TotBytes,SrcBytes,SrcPkts,DstPkts,DstBytes"
+    text = "\n".join(
+        [
+            head,
+            "1796406620.279116,0,icmp,127.0.0.1,0x0303,   ->,127.0.0.2,0x1f4e,URP,1,170,170,1,0,0",
+            "1796406639.062827,0,icmp,127.0.0.1,0x010b,   ->,127.0.0.3,0x0000,TXD,1,50,50,1,0,0",
+            "1796406620.279147,0,ipv6-icmp,::1,1,   ->,::2,4,URP,1,160,160,1,0,0",
+            "1796406620.3,0,ipx/sp,0,0,   ->,0,0,INT,1,60,60,1,0,0",
+            "StartTime,Dur,Proto,SrcAddr,Sport,Dir,DstAddr,Dport,State,TotPkts,TotBytes,DstBytes,SrcBytes",
+            "1796406621.0,1.0,tcp,127.0.0.1,45138,   ->,127.0.0.9,18080,FIN,12,2731,2208,523",
+        ]
+    )
+    flows, rejects, _ = parse_argus((text + "\n").encode(), "cat.csv")
+    assert rejects.num_rows == 0, rejects.to_pylist()
+    got = _by_direction(flows)
+    assert got[("127.0.0.1", "127.0.0.2", 1, 3 * 256 + 3)] == (1, 170)
+    assert got[("127.0.0.1", "127.0.0.3", 1, 11 * 256 + 1)] == (1, 50)
+    assert got[("::1", "::2", 58, 1 * 256 + 4)] == (1, 160)
+    assert got[("127.0.0.1", "127.0.0.9", 6, 18080)][1] == 523
+    assert got[("127.0.0.9", "127.0.0.1", 6, 45138)][1] == 2208
+    assert len(got) == 5  # (the IPX record is not an IP flow: skipped)
+    default = "StartTime,Flgs,Proto,SrcAddr,Sport,Dir,DstAddr,Dport,TotPkts,TotBytes,State\n"
+    default += "1796406621.0, e ,tcp,127.0.0.1,45138,   ->,127.0.0.9,18080,12,2731,FIN\n"
+    flows, rejects, _ = parse_argus(default.encode(), "default.csv")
+    assert rejects.num_rows == 0 and flows.num_rows == 1
+    assert flows.column("bytes").to_pylist() == [None]  # (each direction's bytes unknown: not 2731 one way)

@@ -562,3 +562,73 @@ def test_a_header_before_every_line_is_one_parse_per_layout_not_one_per_line(mon
         for n in dns
         for k, reason in ((1, "not a conn log (#path dns)"), (2, "not a conn log (#path dns)"))
     ]
+
+
+_HEADER = (
+    "#separator \\x09\n#set_separator\t,\n#empty_field\t(empty)\n#unset_field\t-\n#path\t{path}\n"
+    "#fields\t{fields}\n#types\t{types}\n"
+)
+_CONN_FIELDS = (
+    "ts uid id.orig_h id.orig_p id.resp_h id.resp_p proto service duration orig_bytes resp_bytes conn_state "
+    "local_orig local_resp missed_bytes history orig_pkts orig_ip_bytes resp_pkts resp_ip_bytes ip_proto"
+).split()
+
+
+def _tsv(path: str, fields: list[str], rows: list[str]) -> str:
+    return _HEADER.format(
+        path=path, fields="\t".join(fields), types="\t".join(["x"] * len(fields))
+    ) + "".join(row.replace(" ", "\t") + "\n" for row in rows)
+
+
+def test_archive_variants_of_zeek_7_and_its_log_options(tmp_path):
+    """Review of Zeek's variants (session 35): an archive's dns.log in JSON landed as flows (JSON has no #path)
+    and one in TSV made every line a reject, exit 3 on every rerun; Zeek 7.1's `unknown_transport` rows (the
+    protocol number in ip_proto) were rejects; JSON::TS_MILLIS times were "bad time"; Log::default_scope_sep
+    "_" (id_orig_h) made every line a reject; a header-only conn.log (a quiet sensor) failed the run."""
+    day = tmp_path / "logs" / "2024-03-12"
+    day.mkdir(parents=True)
+    conn = [
+        "1710237600.5 C1 10.0.0.5 51234 93.184.216.34 443 tcp ssl 1.5 517 4096 SF T F 0 ShADadFf 10 1049 8 4516 6",
+        "1710237610.0 C2 10.0.0.5 0 198.51.100.7 0 unknown_transport - 12.5 - - OTH T F 0 - 40 5600 38 5320 50",
+    ]
+    (day / "conn.10:00:00-11:00:00.log").write_text(_tsv("conn", _CONN_FIELDS, conn))
+    dns_fields = "ts uid id.orig_h id.orig_p id.resp_h id.resp_p proto trans_id query".split()
+    dns_row = "1710237601.0 C3 10.0.0.5 53000 8.8.8.8 53 udp 7 example.com"
+    with gzip.open(day / "dns.10:00:00-11:00:00.log.gz", "wt") as handle:
+        handle.write(_tsv("dns", dns_fields, [dns_row]))
+    dns_json = {"ts": 1710237601.0, "uid": "C3", "id.orig_h": "10.0.0.5", "id.orig_p": 53000,
+                "id.resp_h": "8.8.8.8", "id.resp_p": 53, "proto": "udp", "query": "example.com"}  # fmt: skip
+    (day / "dns.json.log").write_text(json.dumps(dns_json) + "\n")
+    millis = {"ts": 1591367999305, "uid": "C4", "id_orig_h": "192.168.4.76", "id_orig_p": 36844,
+              "id_resp_h": "192.168.4.1", "id_resp_p": 53, "proto": "udp", "duration": 0.066,
+              "conn_state": "SF", "orig_pkts": 2, "orig_ip_bytes": 118, "resp_pkts": 2,
+              "resp_ip_bytes": 197}  # fmt: skip
+    (day / "conn.json.log").write_text(json.dumps(millis) + "\n")
+    scoped = [f.replace("id.", "id_") for f in _CONN_FIELDS]
+    (day / "conn.scoped.log").write_text(_tsv("conn", scoped, conn[:1]))
+    (day / "conn.quiet.log").write_text(_tsv("conn", _CONN_FIELDS, []))
+    lake = tmp_path / "lake"
+    proc = run_tracepipe("ingest", "zeek", str(tmp_path / "logs"), "--lake", str(lake), "--format", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = {
+        Path(f["path"]).name: (f["status"], f["flows"], f["rejects"])
+        for f in json.loads(proc.stdout)["files"]
+    }
+    assert files == {
+        "conn.10:00:00-11:00:00.log": ("landed", 4, 0),
+        "conn.json.log": ("landed", 2, 0),
+        "conn.scoped.log": ("landed", 2, 0),
+        "conn.quiet.log": ("empty", 0, 0),
+    }
+    flows = {(r["uid"], r["src_addr"]): r for r in lake_flows(lake).to_pylist()}
+    assert flows[("C2", "10.0.0.5")]["proto"] == 50 and flows[("C1", "10.0.0.5")]["proto"] == 6
+    assert str(flows[("C4", "192.168.4.76")]["ts_start"]).startswith("2020-06-05 14:39:59.305")
+    assert ("C3", "10.0.0.5") not in flows
+    # a dns log named on the command line is refused, saying why
+    named = run_tracepipe(
+        "ingest", "zeek", str(day / "dns.json.log"), "--lake", str(lake), "--format", "json"
+    )
+    (refused,) = json.loads(named.stdout)["files"]
+    assert (
+        named.returncode == 4 and refused["status"] == "rejected" and "not a conn log" in refused["message"]
+    )

@@ -17,9 +17,14 @@ SrcPkts, DstPkts, DstBytes. Make such a file with
   each direction are unknown: null, unless dst sent nothing (then src's row has TotPkts).
 - TCP flags from State: `-Z b` gives "<src flags>_<dst flags>" (S_RA: a SYN answered by RST+ACK); argus' own
   states (REQ, ACC, CON, CLO, FIN, RST) map as tracepipe.flowstate says. The State text stays in conn_state.
-- Ports: decimal or hex (`0x0050`). ICMP: argus puts the type in Sport; dst_port = type*256 + code as NetFlow
-  carries it, the code taken from the unreachable State (URP = 3, ...), else 0.
-- Argus management records (`man`) and ARP are not IP flows: skipped, counted in the reader's `skipped`.
+- Ports: decimal or hex (`0x0050`). ICMP: dst_port = type*256 + code as NetFlow carries it; ra prints Sport as
+  code << 8 | type (0x010b), or the type alone, the code then from the unreachable State (URP = 3, ...) for
+  ICMP and from Dport for ICMPv6 (`ra -n`), else 0.
+- Bytes of each direction need SrcBytes or DstBytes beside TotBytes (ra's default columns have neither): without
+  them they are null, not the total put on the initiator.
+- A header line later in the file (outputs of other columns `cat`-ed together) sets the columns of the lines
+  after it.
+- Argus management records (`man`), ARP and IPX are not IP flows: skipped, counted in the reader's `skipped`.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ PROTOCOLS = {
     "ipv6": 41, "rsvp": 46, "gre": 47, "esp": 50, "ah": 51, "ipv6-icmp": 58, "icmp6": 58, "ipv6-": 58,
     "ospf": 89, "pim": 103, "vrrp": 112, "l2tp": 115, "sctp": 132,
 }  # fmt: skip
-NOT_IP = ("man", "arp", "rarp", "llc", "lldp", "stp")
+NOT_IP = ("man", "arp", "rarp", "llc", "lldp", "stp", "ipx/sp", "ipx")
 # ICMP unreachable codes by argus State (ra(1) ICMP states), for dst_port = 3*256 + code
 UNREACHABLE_CODES = {
     "URN": 0, "URH": 1, "URP": 3, "URF": 4, "URS": 5, "URNU": 6, "URHU": 7, "URISO": 8, "URNPRO": 9,
@@ -240,7 +245,7 @@ def _records(table: pa.Table, lines: pa.Array, source: str) -> tuple[pa.Table, p
     src_flags = pc.if_else(is_tcp, src_flags, zero)
     dst_flags = pc.if_else(is_tcp, dst_flags, zero)
     icmp = pc.fill_null(pc.is_in(proto, pa.array([1, 58], pa.int16())), False)
-    code = pc.fill_null(
+    by_state = pc.fill_null(
         pc.take(
             pa.array(list(UNREACHABLE_CODES.values()), pa.int64()),
             pc.index_in(state, pa.array(list(UNREACHABLE_CODES))),
@@ -248,10 +253,23 @@ def _records(table: pa.Table, lines: pa.Array, source: str) -> tuple[pa.Table, p
         0,
     )
     sport, dport = keep(sport), keep(dport)
-    icmp_port = pc.add(pc.multiply(pc.fill_null(sport, 0), 256), code)
+    # ICMP: ra prints Sport as code << 8 | type (0x010b: type 11, code 1; 0x0303: port unreachable); a Sport
+    # under 256 is the type alone, its code then the unreachable State's (IPv4, where Dport is the ICMP id) or
+    # Dport (ICMPv6: `ra -n` prints type 1, code 4 as Sport 1, Dport 4)
+    given = pc.fill_null(sport, 0)
+    both = pc.greater(given, 255)
+    icmp_type = pc.if_else(both, pc.bit_wise_and(given, 255), given)
+    v6_code = pc.if_else(
+        pc.fill_null(pc.and_(pc.equal(proto, 58), pc.less_equal(dport, 255)), False), dport, by_state
+    )
+    code = pc.if_else(both, pc.bit_wise_and(pc.shift_right(given, 8), 255), v6_code)
+    icmp_port = pc.add(pc.multiply(icmp_type, 256), code)
+    # bytes of each direction: SrcBytes and DstBytes, or one of them and TotBytes. ra's default columns give
+    # TotBytes alone: each direction's bytes are then unknown (null), never the total put on the initiator (a
+    # download read as an upload of its size: an exfiltration that never was)
     total_bytes, src_bytes = keep(counts["TotBytes"]), keep(counts["SrcBytes"])
     dst_bytes = pc.coalesce(keep(counts["DstBytes"]), pc.subtract(total_bytes, src_bytes))
-    src_bytes = pc.coalesce(src_bytes, pc.subtract(total_bytes, keep(counts["DstBytes"])), total_bytes)
+    src_bytes = pc.coalesce(src_bytes, pc.subtract(total_bytes, keep(counts["DstBytes"])))
     total_packets = keep(counts["TotPkts"])
     dst_packets = keep(counts["DstPkts"])
     one_way = pc.fill_null(pc.equal(dst_bytes, 0), False)
@@ -318,6 +336,52 @@ def _records(table: pa.Table, lines: pa.Array, source: str) -> tuple[pa.Table, p
     return flows, rejects, labels, n_skipped
 
 
+def _header_problem(delimiter: str, columns: list[str]) -> str:
+    missing = [c for c in REQUIRED if c not in columns]
+    if not usable_delimiter(delimiter):
+        # (a byte past ASCII, a NUL or a CR after StartTime stopped the run with an internal error, and the files
+        # after it in the same command were never read)
+        return (
+            f"unsupported field delimiter {delimiter!r} (ra -c: one ASCII character, not a letter or digit)"
+        )
+    return f"header lacks {', '.join(missing)}" if missing else ""
+
+
+def _header_starts(data: bytes) -> list[int]:
+    """Offsets of the lines of `data` that are ra header lines (files of other columns `cat`-ed after it)."""
+    starts = [0] if data.startswith(b"StartTime") else []
+    at = data.find(b"\nStartTime")
+    while at >= 0:
+        starts.append(at + 1)
+        at = data.find(b"\nStartTime", at + 1)
+    return [i for i in starts if looks_like_argus(data[i : data.find(b"\n", i) + 1 or len(data)])]
+
+
+def _segment(
+    data: bytes, first_line: int, source: str, delimiter: str, columns: list[str], problem: str
+) -> tuple[pa.Table, list[pa.Table], pa.Table]:
+    """Whole data lines read under one header -> (flows, rejects, labels)."""
+    if problem:  # every line under a header that cannot be read is a reject, with the reason
+        _, _, rejects = sift_lines(data, first_line, source, "\t", 0, problem)
+        return FLOWS.empty_table(), [rejects], FLOW_LABELS.empty_table()
+    # (blank lines, lines of another width and lines with a lone CR, which pyarrow ends a row at, are rejected or
+    # dropped in numpy first: a lone CR made one line two records, forging a flow)
+    compact, numbers, sifted = sift_lines(data, first_line, source, delimiter, len(columns))
+    parts = [sifted]
+    flows, labels = FLOWS.empty_table(), FLOW_LABELS.empty_table()
+    if compact:
+        include = [c for c in USED if c in columns]
+        table, lines, invalid = read_block(compact, 1, delimiter, columns, include)
+        lines = pa.array(numbers[np.asarray(lines, np.int64) - 1])
+        if invalid:  # (none: every line has the header's width now)
+            kept = [(int(numbers[n - 1]), t) for n, t in invalid]
+            parts.append(line_rejects(kept, f"expected {len(columns)} fields", source))
+        if table.num_rows:
+            flows, rejects, labels, _ = _records(table, lines, source)
+            parts.append(rejects)
+    return flows, parts, labels
+
+
 def _iter(handle, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.Table, pa.Table]]:
     first_line = handle.readline(DEFAULT_LIMITS.line_bytes + 1)
     if not looks_like_argus(first_line):
@@ -325,15 +389,8 @@ def _iter(handle, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.T
             f"{source} has no ra header line (StartTime,...,SrcAddr,...,DstAddr): run ra with -L0"
         )
     delimiter, columns = _layout(first_line)
-    missing = [c for c in REQUIRED if c not in columns]
-    problem = f"header lacks {', '.join(missing)}" if missing else ""
-    if not usable_delimiter(delimiter):
-        # (a byte past ASCII, a NUL or a CR after StartTime stopped the run with an internal error, and the files
-        # after it in the same command were never read)
-        problem = (
-            f"unsupported field delimiter {delimiter!r} (ra -c: one ASCII character, not a letter or digit)"
-        )
-    if problem:
+    problem = _header_problem(delimiter, columns)
+    if problem:  # (the file's own header: one reject, line 1, and nothing read)
         yield (
             FLOWS.empty_table(),
             rejects_table(
@@ -345,32 +402,41 @@ def _iter(handle, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.T
             FLOW_LABELS.empty_table(),
         )
         return
-    include = [c for c in USED if c in columns]
     for block in iter_line_blocks(handle, block_size):
         parts = (
             [too_long_rejects(source, [(n + 1, size) for n, size in block.too_long])]
             if block.too_long
             else []
         )
-        if not block.data.strip():
+        data = block.data
+        if not data.strip():
             yield FLOWS.empty_table(), pa.concat_tables([empty_rejects(), *parts]), FLOW_LABELS.empty_table()
             continue
-        # (blank lines, lines of another width and lines with a lone CR, which pyarrow ends a row at, are
-        # rejected or dropped in numpy first: a lone CR made one line two records, forging a flow)
-        compact, numbers, sifted = sift_lines(
-            block.data, block.first_line + 1, source, delimiter, len(columns)
+        # the lines under each header: a later header line (files of other columns `cat`-ed together, or ra -L N
+        # repeating its header) sets the columns of the lines after it (read with the first header, two files
+        # whose columns differ in order landed each direction's bytes swapped)
+        out_flows, out_labels = [], []
+        position, line = 0, block.first_line + 1
+        for start in [*_header_starts(data), len(data)]:
+            if start > position:
+                segment = data[position:start]
+                flows, rejects, labels = _segment(segment, line, source, delimiter, columns, problem)
+                out_flows.append(flows)
+                out_labels.append(labels)
+                parts += rejects
+                line += segment.count(b"\n")
+            if start == len(data):
+                break
+            end = data.find(b"\n", start)
+            end = len(data) if end < 0 else end + 1
+            delimiter, columns = _layout(data[start:end])
+            problem = _header_problem(delimiter, columns)
+            position, line = end, line + 1
+        yield (
+            pa.concat_tables([FLOWS.empty_table(), *out_flows]),
+            pa.concat_tables([empty_rejects(), *parts]).sort_by("line"),
+            pa.concat_tables([FLOW_LABELS.empty_table(), *out_labels]),
         )
-        parts.append(sifted)
-        flows, rejects, labels = FLOWS.empty_table(), empty_rejects(), FLOW_LABELS.empty_table()
-        if compact:
-            table, lines, invalid = read_block(compact, 1, delimiter, columns, include)
-            lines = pa.array(numbers[np.asarray(lines, np.int64) - 1])
-            if invalid:  # (none: every line has the header's width now)
-                kept = [(int(numbers[n - 1]), t) for n, t in invalid]
-                parts.append(line_rejects(kept, f"expected {len(columns)} fields", source))
-            if table.num_rows:
-                flows, rejects, labels, _ = _records(table, lines, source)
-        yield flows, pa.concat_tables([empty_rejects(), *parts, rejects]).sort_by("line"), labels
 
 
 def iter_argus(path: Path | str, block_size: int = 1 << 24) -> Iterator[tuple[pa.Table, pa.Table, pa.Table]]:

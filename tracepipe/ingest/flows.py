@@ -60,7 +60,7 @@ from tracepipe.ingest.nfdump import (
     nfdump_csv_ranges,
 )
 from tracepipe.ingest.pcap import HEAD_BYTES, PCAP_MAGIC, PCAPNG_SHB, UdpBatch, iter_udp_batches
-from tracepipe.ingest.zeek import GZIP_MAGIC, iter_conn_log, sniff_zeek, zeek_kind
+from tracepipe.ingest.zeek import GZIP_MAGIC, iter_conn_log, other_log, zeek_head, zeek_kind
 from tracepipe.lake import ROW_GROUP_ROWS, IngestWriter, Lake, hash_file
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.senders import OTHERS_TEXT, AllowList
@@ -80,6 +80,7 @@ READERS: dict[str, Callable[[Path], Batches]] = {
 NETFLOW_KINDS = ("pcap", "nfdump-csv", "nfcapd")
 ZEEK_KINDS = ("zeek-tsv", "zeek-json")
 ARGUS_KINDS = ("argus",)
+RECORD_KINDS = ("nfcapd", "nfdump-csv", *ZEEK_KINDS, *ARGUS_KINDS)  # files of flow records (not datagrams)
 COMMAND_OF_KIND = {
     **dict.fromkeys(NETFLOW_KINDS, "tracepipe ingest netflow"),
     **dict.fromkeys(ZEEK_KINDS, "tracepipe ingest zeek"),
@@ -165,8 +166,8 @@ def _identify(writer: IngestWriter, hashing: ContentHash | None) -> None:
 @dataclass
 class FileResult:
     path: str
-    kind: str  # pcap, nfdump-csv, nfcapd, zeek-tsv, zeek-json, argus, unknown, missing
-    status: str  # landed, skipped (already ingested), rejected (nothing usable), missing
+    kind: str  # pcap, nfdump-csv, nfcapd, zeek-tsv, zeek-json, zeek-other, argus, unknown, missing
+    status: str  # landed, skipped (already ingested), empty (a log of no records), rejected (nothing usable), missing
     flows: int = 0
     rejects: int = 0
     datagrams: int = 0
@@ -197,8 +198,8 @@ class IngestSummary:
     @property
     def exit_code(self) -> int:
         """0 everything landed (or was there already), 3 some input rejected, 4 nothing usable."""
-        usable = [f for f in self.files if f.status in ("landed", "skipped")]
-        if not usable or (self.flows == 0 and not any(f.status == "skipped" for f in self.files)):
+        usable = [f for f in self.files if f.status in ("landed", "skipped", "empty")]
+        if not usable or (self.flows == 0 and not any(f.status in ("skipped", "empty") for f in self.files)):
             return EXIT_FAILED
         if self.rejects or any(f.status in ("missing", "not a file", "rejected") for f in self.files):
             return EXIT_PARTIAL
@@ -222,8 +223,9 @@ class IngestSummary:
 
 
 def sniff_kind(path: Path) -> str:
-    """pcap / nfcapd / zeek-tsv / zeek-json / nfdump-csv / argus / unknown, from the first bytes of the file
-    (a gzip'ed file by its decompressed first bytes: Zeek rotates logs into .gz)."""
+    """pcap / nfcapd / zeek-tsv / zeek-json / zeek-other / nfdump-csv / argus / unknown, from the first bytes of
+    the file (a gzip'ed file by its decompressed first bytes: Zeek rotates logs into .gz). zeek-other: a Zeek log
+    that is not a conn log (dns.log, ...: other_log), which no command reads."""
     with open(path, "rb") as handle:
         head = handle.read(4096)
     if len(head) >= 4:
@@ -233,10 +235,11 @@ def sniff_kind(path: Path) -> str:
     if looks_like_nfcapd(head):
         return "nfcapd"
     if head.startswith(GZIP_MAGIC):
-        return sniff_zeek(path) or "unknown"
+        head = zeek_head(path)
+        return ("zeek-other" if other_log(head) else zeek_kind(head)) or "unknown"
     kind = zeek_kind(head)
     if kind is not None:
-        return kind
+        return "zeek-other" if other_log(head) else kind
     if looks_like_nfdump_csv(head):
         return "nfdump-csv"
     if looks_like_argus(head):
@@ -376,6 +379,12 @@ def _ingest_one(
     size = seen.st_size
     kind = sniff_kind(path)
     result = FileResult(str(path), kind, "landed")
+    if kind == "zeek-other":  # (named on the command line: a folder's are left out, as files of other kinds)
+        result.status = "rejected"
+        result.message = f"{other_log(zeek_head(path))}: tracepipe ingest zeek reads conn logs only"
+        if progress:
+            progress(size)
+        return result
     if kind not in accept and kind in COMMAND_OF_KIND:  # read by another command: say which, land nothing
         result.status = "rejected"
         result.message = f"a {kind} file: run `{COMMAND_OF_KIND[kind]} {path}`"
@@ -648,7 +657,9 @@ def _land_one(
         said = f"{sum(result.not_allowed.values())} datagrams of senders outside --allow left out: {listed}"
         result.message = "; ".join(m for m in (result.message, said) if m)
     if result.status == "landed" and result.flows == 0:
-        result.status = "rejected"
+        # a log or archive file of no records, and nothing in it rejected (a quiet sensor's header-only conn.log,
+        # nfcapd's file of a quiet five minutes) is empty, not bad input: a capture that gave nothing is
+        result.status = "empty" if kind in RECORD_KINDS and result.rejects == 0 else "rejected"
         result.message = result.message or "no flow records in this file"
     for rel in ingested.files:
         match = re.search(r"^flows/date=(\d{4}-\d{2}-\d{2})/", rel)

@@ -57,7 +57,15 @@ GZIP_MAGIC = b"\x1f\x8b"
 REQUIRED = ("ts", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto")
 COUNTS = ("orig_pkts", "orig_ip_bytes", "orig_bytes", "resp_pkts", "resp_ip_bytes", "resp_bytes")
 TEXTS = ("uid", "conn_state", "history")
-USED = (*REQUIRED, "duration", *COUNTS, *TEXTS)
+USED = (*REQUIRED, "duration", *COUNTS, *TEXTS, "ip_proto")
+# Zeek 7.1 logs IP protocols other than TCP, UDP and ICMP as proto `unknown_transport` with the number in the
+# `ip_proto` column (read when the proto text is not one of PROTOCOLS)
+IP_PROTO = "ip_proto"
+# Log::default_scope_sep = "_" writes the connection id as id_orig_h ...: read as id.orig_h
+SCOPED = {f"id_{end}_{part}": f"id.{end}_{part}" for end in ("orig", "resp") for part in ("h", "p")}
+# what only a conn log holds (Zeek logs them always, with defaults): a JSON log whose first record has none of
+# them (dns.log, notice.log, syslog.log also carry id.* and proto) is another log, not read as connections
+CONN_ONLY = ("conn_state", "history", "orig_pkts", "resp_pkts", "missed_bytes", "orig_ip_bytes", "duration")
 LABEL = "label"
 # IoT-23's three label columns joined by spaces into one TSV field (header and rows alike)
 JOINED_LABEL_FIELDS = ["tunnel_parents", "label", "detailed-label"]
@@ -120,18 +128,50 @@ def zeek_kind(head: bytes) -> str | None:
     if head.startswith(b"#separator"):
         return "zeek-tsv"
     first = head.lstrip().split(b"\n", 1)[0]
-    if first.startswith(b"{") and b'"id.orig_h"' in first and b'"ts"' in first:
+    if first.startswith(b"{") and (b'"id.orig_h"' in first or b'"id_orig_h"' in first) and b'"ts"' in first:
         return "zeek-json"
+    return None
+
+
+def other_log(head: bytes) -> str | None:
+    """Why a Zeek log is not a conn log (its `#path`, or a JSON record without conn.log's fields), from its
+    first (decompressed) bytes; None for a conn log, or when the head does not tell."""
+    kind = zeek_kind(head)
+    if kind == "zeek-tsv":
+        separator = _unescape(head.split(b"\n", 1)[0][len(b"#separator") :].strip(b" ").decode("latin-1"))
+        for line in head.split(b"\n")[1:16]:
+            text = line.rstrip(b"\r").decode("latin-1")
+            name, _, value = text.partition(separator) if separator else (text, "", "")
+            if name == "#path":
+                return None if value == "conn" else f"not a conn log (#path {value[:40]})"
+        return None
+    if kind == "zeek-json":
+        try:
+            record = json.loads(head.lstrip().split(b"\n", 1)[0])
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(record, dict):
+            return None
+        path = record.get("_path")
+        if isinstance(path, str) and path != "conn":
+            return f"not a conn log (_path {path[:40]})"
+        if path is None and not any(name in record for name in CONN_ONLY):
+            return "not a conn log (none of conn.log's fields: " + ", ".join(CONN_ONLY[:3]) + ", ...)"
     return None
 
 
 def sniff_zeek(path: Path) -> str | None:
     """zeek_kind of a plain or gzip'ed file; None when it is neither form (or a broken gzip)."""
+    return zeek_kind(zeek_head(path))
+
+
+def zeek_head(path: Path) -> bytes:
+    """The first 4 KiB of a plain or gzip'ed file, decompressed (b"" for a broken gzip)."""
     try:
         with _open(path) as handle:
-            return zeek_kind(handle.read(4096))
+            return handle.read(4096)
     except (OSError, EOFError, gzip.BadGzipFile):
-        return None
+        return b""
 
 
 # ---- text -> typed columns ------------------------------------------------------------------------------------
@@ -180,7 +220,7 @@ def _typed_from_text(table: pa.Table, unset: str, empty: str) -> tuple[dict[str,
     checks.append(("bad time", ok, "ts"))
     typed["duration"], ok = _micros_from_text(text["duration"])
     checks.append(("bad duration", ok, "duration"))
-    for name in ("id.orig_p", "id.resp_p", *COUNTS):
+    for name in ("id.orig_p", "id.resp_p", *COUNTS, IP_PROTO):
         typed[name], ok = _count_from_text(text[name])
         checks.append((f"bad {name}", ok, name))
     return typed, [(reason, ok, text[name]) for reason, ok, name in checks]
@@ -226,6 +266,12 @@ def _connections(
     proto = pc.take(
         pa.array(list(PROTOCOLS.values()), pa.int16()), pc.index_in(proto_text, pa.array(list(PROTOCOLS)))
     )
+    number = typed.get(IP_PROTO)
+    if number is not None and number.null_count < len(number):  # (Zeek 7.1: unknown_transport, ip_proto 50)
+        usable = pc.and_(pc.greater_equal(number, 0), pc.less_equal(number, 255))
+        proto = pc.coalesce(
+            proto, pc.cast(pc.if_else(usable, number, pa.scalar(None, pa.int64())), pa.int16())
+        )
     is_icmp = pc.fill_null(pc.equal(proto, 1), False)
     proto = pc.if_else(pc.and_(is_icmp, pc.equal(version, 6)), pa.scalar(ICMP6, pa.int16()), proto)
     ports_ok = [
@@ -385,6 +431,8 @@ class _Layout:
             self.separator = _unescape(line[len("#separator") :].strip(" "))
         elif name == "#fields":
             fields = value.split(self.separator)
+            if "id.orig_h" not in fields:
+                fields = [SCOPED.get(f, f) for f in fields]
             seen: set[str] = set()
             self.fields = []
             for i, f in enumerate(fields):  # a repeated name (a hostile header) must not shadow a real one
@@ -523,7 +571,7 @@ def _iter_tsv(handle: BinaryIO, source: str, block_size: int) -> Iterator[Batch]
 
 # ---- JSON -----------------------------------------------------------------------------------------------------
 
-_JSON_COUNTS = {name: pa.int64() for name in ("id.orig_p", "id.resp_p", *COUNTS)}
+_JSON_COUNTS = {name: pa.int64() for name in ("id.orig_p", "id.resp_p", *COUNTS, IP_PROTO)}
 
 
 def _json_schema(ts_type: pa.DataType) -> pa.Schema:
@@ -632,6 +680,9 @@ def _iter_json(handle: BinaryIO, source: str, block_size: int) -> Iterator[Batch
     ts_type: pa.DataType | None = None
     for block in iter_line_blocks(handle, block_size):
         data = block.data
+        if b'"id_orig_h":' in data or b'"id_resp_h":' in data:  # (Log::default_scope_sep = "_": same length)
+            for scoped, dotted in SCOPED.items():
+                data = data.replace(f'"{scoped}":'.encode(), f'"{dotted}":'.encode())
         rejects = [too_long_rejects(source, block.too_long)] if block.too_long else []
         raw = np.frombuffer(data, np.uint8)
         ends = np.flatnonzero(raw == 10)
@@ -676,8 +727,10 @@ def _iter_json(handle: BinaryIO, source: str, block_size: int) -> Iterator[Batch
             typed = {name: table.column(name).combine_chunks() for name in table.column_names}
             if ts_type == pa.string():  # JSON::TS_ISO8601: "2024-03-12T10:00:00.123456Z"
                 typed["ts"] = _iso_micros(typed["ts"])
-            else:
-                typed["ts"] = _micros(typed["ts"])
+            else:  # epoch seconds; JSON::TS_MILLIS writes milliseconds (1591367999305: year 52,000 in seconds)
+                seconds = typed["ts"]
+                millis = pc.fill_null(pc.greater_equal(seconds, 1e11), False)
+                typed["ts"] = _micros(pc.if_else(millis, pc.divide(seconds, 1000.0), seconds))
             given = typed["duration"]
             typed["duration"] = _micros(given)
             checks = [("bad duration", pc.or_(pc.is_null(given), pc.is_valid(typed["duration"])), given)]
