@@ -632,3 +632,21 @@ def test_archive_variants_of_zeek_7_and_its_log_options(tmp_path):
     assert (
         named.returncode == 4 and refused["status"] == "rejected" and "not a conn log" in refused["message"]
     )
+
+
+def test_the_archive_leaves_zeeks_live_folder_out(tmp_path):
+    """Review of Zeek's variants (session 35): `ingest zeek /opt/zeek/logs/` (README's cron line) read
+    current/conn.log, still growing: a new source at each run, its earlier lines landed again every time."""
+    logs = tmp_path / "logs"
+    (logs / "2024-03-12").mkdir(parents=True)
+    (logs / "current").mkdir()
+    row = "1710237600.5 C1 10.0.0.5 51234 93.184.216.34 443 tcp ssl 1.5 517 4096 SF T F 0 ShADadFf 10 1049 8 4516 6"
+    (logs / "2024-03-12" / "conn.10:00:00-11:00:00.log").write_text(_tsv("conn", _CONN_FIELDS, [row]))
+    live = logs / "current" / "conn.log"
+    live.write_text(_tsv("conn", _CONN_FIELDS, [row.replace("C1", "C9")]))
+    lake = tmp_path / "lake"
+    proc = run_tracepipe("ingest", "zeek", str(logs), "--lake", str(lake), "--format", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [Path(f["path"]).name for f in json.loads(proc.stdout)["files"]] == ["conn.10:00:00-11:00:00.log"]
+    named = run_tracepipe("ingest", "zeek", str(logs / "current"), "--lake", str(lake), "--format", "json")
+    assert named.returncode == 0 and json.loads(named.stdout)["totals"]["flows"] == 2  # (given by name: read)

@@ -260,10 +260,12 @@ def _kind_or_none(path: Path) -> str | None:
 
 
 def expand_paths(paths: list[Path]) -> list[Path]:
-    """Directories -> the regular files under them (sorted; hidden files and nfcapd's still-open
-    `nfcapd.current.*` left out; ingest_flow_files then skips the ones of a kind the command does not
-    read, such as nfsen's .nfstat files), so that an nfsen tree `profiles-data/live/router1/2024/03/12/` lands file by
-    file: each is its own source, and the next run skips what is already in the lake."""
+    """Directories -> the regular files under them (sorted; hidden files, nfcapd's still-open `nfcapd.current.*`
+    and the files of a `current` folder below the one given, Zeek's live logs, left out; ingest_flow_files then
+    skips the ones of a kind the command does not read, such as nfsen's .nfstat files), so that an nfsen tree
+    `profiles-data/live/router1/2024/03/12/` or Zeek's archive `/opt/zeek/logs/` lands file by file: each is its
+    own source, and the next run skips what is already in the lake. (A file still being written is another
+    source at each run, its lines landed again: Zeek's `current/conn.log` under the archive did so every hour.)"""
     out: list[Path] = []
     for path in paths:
         path = Path(path)
@@ -274,8 +276,13 @@ def expand_paths(paths: list[Path]) -> list[Path]:
             name = child.name
             if name.startswith(".") or name.startswith("nfcapd.current") or not child.is_file():
                 continue
+            if LIVE_FOLDER in child.relative_to(path).parts[:-1]:
+                continue
             out.append(child)
     return out
+
+
+LIVE_FOLDER = "current"  # Zeek's (ZeekControl's) folder of the logs it is writing, beside the dated archive
 
 
 def ingest_flow_files(
