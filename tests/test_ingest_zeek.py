@@ -650,3 +650,21 @@ def test_the_archive_leaves_zeeks_live_folder_out(tmp_path):
     assert [Path(f["path"]).name for f in json.loads(proc.stdout)["files"]] == ["conn.10:00:00-11:00:00.log"]
     named = run_tracepipe("ingest", "zeek", str(logs / "current"), "--lake", str(lake), "--format", "json")
     assert named.returncode == 0 and json.loads(named.stdout)["totals"]["flows"] == 2  # (given by name: read)
+
+
+def test_history_letters_give_the_flags_zeek_says():
+    """Zeek's history (base/protocols/conn/main.zeek): s/S a SYN without ACK, i/I an inconsistent packet (FIN+RST),
+    q/Q a multi-flag packet (SYN+FIN or SYN+RST). `s` read as SYN+ACK, `I` as SYN+RST, `Q` as nothing (review of
+    Zeek's variants, session 35)."""
+    from tracepipe.flowstate import ACK, FIN, RST, SYN
+
+    rows = [
+        f"1710237600.{i} C{i} 10.0.0.{i} 4000{i} 192.0.2.1 80 tcp - 1.0 0 0 OTH T F 0 {history} 1 40 1 40 6"
+        for i, history in enumerate(["Ss", "I", "Q"], 1)
+    ]
+    flows, rejects, _ = parse_conn_log(_tsv("conn", _CONN_FIELDS, rows).encode(), "h.log")
+    assert rejects.num_rows == 0
+    flags = {(r["uid"], r["src_addr"] == "192.0.2.1"): r["tcp_flags"] for r in flows.to_pylist()}
+    assert flags[("C1", False)] == SYN and flags[("C1", True)] == SYN
+    assert flags[("C2", False)] == FIN | RST and flags[("C3", False)] == SYN
+    assert not flags[("C1", True)] & ACK

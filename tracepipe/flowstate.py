@@ -36,8 +36,9 @@ ZEEK_HISTORY_FLAGS = {
     "W": ACK,
     "F": FIN,
     "R": RST,
-    "I": SYN | RST,
-    "s": SYN | ACK,
+    "I": FIN | RST,  # inconsistent packet (Zeek: "e.g. FIN+RST bits set")
+    "Q": SYN,  # multi-flag packet: SYN+FIN or SYN+RST
+    "s": SYN,  # a SYN without the ACK bit (Zeek's history: s/S alike; a responder's SYN is a simultaneous open)
     "h": SYN | ACK,
     "a": ACK,
     "d": ACK | PSH,
@@ -45,7 +46,8 @@ ZEEK_HISTORY_FLAGS = {
     "w": ACK,
     "f": FIN | ACK,
     "r": RST | ACK,
-    "i": SYN | RST | ACK,
+    "i": FIN | RST | ACK,
+    "q": SYN | ACK,
 }
 
 # When Zeek wrote no history (`-`): (originator flags, responder flags) that each conn_state implies.
