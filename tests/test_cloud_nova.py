@@ -468,3 +468,44 @@ def test_a_vm_name_holding_a_unicode_line_separator_is_one_record(separator):
     assert rejects.num_rows == 0, rejects.to_pylist()
     assert events.column("line").to_pylist() == [1, 2]
     assert events.column("vm_name").to_pylist()[0] == f"web{separator}01"
+
+
+def test_the_port_deleted_of_a_vm_of_two_nics_ends_its_own_addresses():
+    """Cloud review (session 35): Nova names no port for a VM of two NICs (one event, two ports), so Neutron's
+    port.delete.end of one of them released nothing; its fixed_ips name the addresses that leave the VM."""
+    ips = [
+        {"nova_object.data": {"address": a, "port_uuid": p}}
+        for a, p in (("10.0.0.5", "pa"), ("10.0.1.5", "pb"), ("2001:db8:1::5", "pb"))
+    ]
+    data = {
+        "uuid": "vm-a",
+        "tenant_id": "p",
+        "user_id": "u",
+        "host": "c1",
+        "state": "active",
+        "ip_addresses": ips,
+    }
+    create = {
+        "event_type": "instance.create.end",
+        "timestamp": "2024-03-12 07:00:00",
+        "message_id": "m1",
+        "payload": {"nova_object.data": data},
+    }
+    port = {
+        "id": "pb",
+        "tenant_id": "p",
+        "device_id": "vm-a",
+        "device_owner": "compute:nova",
+        "fixed_ips": [{"ip_address": "10.0.1.5"}, {"ip_address": "2001:db8:1::5"}],
+    }
+    delete = {
+        "event_type": "port.delete.end",
+        "timestamp": "2024-03-12 07:30:00",
+        "message_id": "m2",
+        "payload": {"port_id": "pb", "port": port},
+    }
+    assert _leases_of(create, delete, delete) == [  # (delivered twice: one event)
+        ("10.0.0.5", "vm-a", "c1", "07:00", None, None),
+        ("10.0.1.5", "vm-a", "c1", "07:00", "07:30", "detach"),
+        ("2001:db8:1::5", "vm-a", "c1", "07:00", "07:30", "detach"),
+    ]

@@ -97,6 +97,17 @@ def add_neutron_event(
         row["hypervisor"] = text_field(port, "binding:host_id", where)
         if ".delete." in event_type or (".update." in event_type and port and not device):
             row["action"] = "detach"  # port deleted, or unbound from its VM: its addresses leave the VM
+            fixed = _port_addrs(port) if ".delete." in event_type and row["vm_id"] else []
+            if fixed:
+                # a VM's port deleted, its addresses named (fixed_ips): each leaves that VM, whatever its other
+                # events said of the port (Nova names a port only when one holds all the VM's addresses: a
+                # VM of two NICs kept the deleted one's address). One detach row an address, its id made its own
+                # (the same message id twice for one VM is one event: leases._replay_order)
+                message_id = row["event_id"]
+                for addr in fixed:
+                    own_id = None if message_id is None else f"{message_id}#{addr}"
+                    columns.add(**{**row, "addr": addr, "addr_kind": "fixed", "event_id": own_id})
+                return
         else:
             row["action"] = "port_update"
             addrs = _port_addrs(port)
