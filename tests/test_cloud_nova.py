@@ -199,42 +199,50 @@ def test_legacy_unversioned_notifications_give_the_leases_of_versioned_ones():
     ]
 
 
+def _created(*addrs_ports: tuple[str, str]) -> dict:
+    """A versioned instance.create.end of vm-a at 07:00 listing these (address, port)."""
+    ips = [{"nova_object.data": {"address": a, "port_uuid": p}} for a, p in addrs_ports]
+    data = {
+        "uuid": "vm-a",
+        "tenant_id": "p",
+        "user_id": "u",
+        "host": "c1",
+        "state": "active",
+        "ip_addresses": ips,
+    }
+    return {
+        "event_type": "instance.create.end",
+        "timestamp": "2024-03-12 07:00:00",
+        "message_id": "m1",
+        "payload": {"nova_object.data": data},
+    }
+
+
+def _port_deleted(port_id: str, *addrs: str) -> dict:
+    """Neutron's port.delete.end of vm-a's port at 07:30, its fixed_ips these addresses."""
+    port = {
+        "id": port_id,
+        "tenant_id": "p",
+        "device_id": "vm-a",
+        "device_owner": "compute:nova",
+        "fixed_ips": [{"ip_address": a} for a in addrs],
+    }
+    return {
+        "event_type": "port.delete.end",
+        "timestamp": "2024-03-12 07:30:00",
+        "message_id": "m2",
+        "payload": {"port_id": port_id, "port": port},
+    }
+
+
 def test_a_dual_stack_port_deleted_by_neutron_ends_both_addresses():
     """Cloud review (session 35): a Nova event named the port of its addresses only when it listed one
     address, so Neutron's port.delete.end of a dual-stack port (IPv4 and IPv6 on one port) released nothing
     and `who` named the VM "still held" for both."""
-
-    def create(at: str) -> dict:
-        ips = [{"nova_object.data": {"address": a, "port_uuid": "pa"}} for a in ("10.0.0.5", "2001:db8::5")]
-        data = {
-            "uuid": "vm-a",
-            "tenant_id": "p",
-            "user_id": "u",
-            "host": "c1",
-            "state": "active",
-            "ip_addresses": ips,
-        }
-        return {
-            "event_type": "instance.create.end",
-            "timestamp": f"2024-03-12 {at}:00",
-            "message_id": "m1",
-            "payload": {"nova_object.data": data},
-        }
-
-    port = {
-        "id": "pa",
-        "tenant_id": "p",
-        "device_id": "vm-a",
-        "device_owner": "compute:nova",
-        "fixed_ips": [{"ip_address": "10.0.0.5"}, {"ip_address": "2001:db8::5"}],
-    }
-    delete = {
-        "event_type": "port.delete.end",
-        "timestamp": "2024-03-12 07:30:00",
-        "message_id": "m2",
-        "payload": {"port_id": "pa", "port": port},
-    }
-    assert _leases_of(create("07:00"), delete) == [
+    created = _created(("10.0.0.5", "pa"), ("2001:db8::5", "pa"))
+    events, _ = parse_cloud_text(json.dumps(created), "x")
+    assert events.column("port_id").to_pylist() == ["pa"]
+    assert _leases_of(created, _port_deleted("pa", "10.0.0.5", "2001:db8::5")) == [
         ("10.0.0.5", "vm-a", "c1", "07:00", "07:30", "detach"),
         ("2001:db8::5", "vm-a", "c1", "07:00", "07:30", "detach"),
     ]
@@ -473,38 +481,9 @@ def test_a_vm_name_holding_a_unicode_line_separator_is_one_record(separator):
 def test_the_port_deleted_of_a_vm_of_two_nics_ends_its_own_addresses():
     """Cloud review (session 35): Nova names no port for a VM of two NICs (one event, two ports), so Neutron's
     port.delete.end of one of them released nothing; its fixed_ips name the addresses that leave the VM."""
-    ips = [
-        {"nova_object.data": {"address": a, "port_uuid": p}}
-        for a, p in (("10.0.0.5", "pa"), ("10.0.1.5", "pb"), ("2001:db8:1::5", "pb"))
-    ]
-    data = {
-        "uuid": "vm-a",
-        "tenant_id": "p",
-        "user_id": "u",
-        "host": "c1",
-        "state": "active",
-        "ip_addresses": ips,
-    }
-    create = {
-        "event_type": "instance.create.end",
-        "timestamp": "2024-03-12 07:00:00",
-        "message_id": "m1",
-        "payload": {"nova_object.data": data},
-    }
-    port = {
-        "id": "pb",
-        "tenant_id": "p",
-        "device_id": "vm-a",
-        "device_owner": "compute:nova",
-        "fixed_ips": [{"ip_address": "10.0.1.5"}, {"ip_address": "2001:db8:1::5"}],
-    }
-    delete = {
-        "event_type": "port.delete.end",
-        "timestamp": "2024-03-12 07:30:00",
-        "message_id": "m2",
-        "payload": {"port_id": "pb", "port": port},
-    }
-    assert _leases_of(create, delete, delete) == [  # (delivered twice: one event)
+    created = _created(("10.0.0.5", "pa"), ("10.0.1.5", "pb"), ("2001:db8:1::5", "pb"))
+    delete = _port_deleted("pb", "10.0.1.5", "2001:db8:1::5")
+    assert _leases_of(created, delete, delete) == [  # (delivered twice: one event)
         ("10.0.0.5", "vm-a", "c1", "07:00", None, None),
         ("10.0.1.5", "vm-a", "c1", "07:00", "07:30", "detach"),
         ("2001:db8:1::5", "vm-a", "c1", "07:00", "07:30", "detach"),
