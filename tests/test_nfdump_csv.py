@@ -609,3 +609,25 @@ def test_hostile_lines_through_the_decode_workers(tmp_path):
     assert [tuple(row) for row in one[1]] == expected
     assert one[2] == 3
     assert land(2) == one
+
+
+def test_quiet_outputs_of_empty_slots_and_flags_of_records_not_tcp(tmp_path):
+    """Review of nfdump's forms (session 35): `nfdump -q -o csv` of a slot of no flows prints only "No matching
+    flows", and a day of such outputs concatenated was "not a pcap, nfdump-csv, nfcapd file" when its first slot
+    was quiet (exit 4, every flow of the day lost); and `-o csv` prints a flags field for every record, so a UDP
+    record's flags byte landed as tcp_flags where nfdump's binary file and `fmt:` give 0."""
+    lines = _sample_csv_lines(6)[1:]  # (-q: no header)
+    fields = lines[0].split(b",")
+    fields[7], fields[8] = b"UDP", b"...AP.SF"  # (pr, flg) of a record not TCP
+    lines[0] = b",".join(fields)
+    day = tmp_path / "day.csv"
+    day.write_bytes(b"No matching flows\n" + b"\n".join(lines) + b"\nNo matching flows\n")
+    quiet = tmp_path / "quiet.csv"
+    quiet.write_bytes(b"No matching flows\n")
+    lake = tmp_path / "lake"
+    proc = run_tracepipe("ingest", "netflow", str(day), str(quiet), "--lake", str(lake), "--format", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    statuses = [(f["kind"], f["status"], f["flows"]) for f in json.loads(proc.stdout)["files"]]
+    assert statuses == [("nfdump-csv", "landed", 6), ("nfdump-csv", "empty", 0)]
+    udp = [r for r in lake_flows(lake).to_pylist() if r["proto"] == 17]
+    assert udp and all(r["tcp_flags"] == 0 for r in udp)

@@ -97,6 +97,17 @@ def looks_like_nfdump_csv(head: bytes) -> bool:
     """
     if head.startswith(CSV_HEADER_PREFIX):
         return True
+    # `nfdump -q -o csv` of a file of no flows prints only "No matching flows" (a quiet slot, often the first
+    # of a day's outputs concatenated): read past such lines
+    lines = head.split(b"\n")
+    said = 0
+    while len(lines) > 1 and lines[0].strip() in (b"", NO_FLOWS.encode()):
+        said += lines.pop(0).strip() != b""
+    if said and (len(lines) == 1 and lines[0].strip() in (b"", NO_FLOWS.encode())):
+        return True  # (nothing else: an empty slot)
+    head = b"\n".join(lines)
+    if head.startswith(CSV_HEADER_PREFIX):
+        return True
     first = head.split(b"\n", 1)[0].rstrip(b"\r")
     if len(first) < 20 or first.count(b",") != len(CSV_COLUMNS) - 1:
         return False
@@ -251,6 +262,9 @@ def _flows_from_columns(
     output_if, ok = _uint(fields["out"], pa.int32())
     checks.append(("bad output interface", ok))
 
+    # TCP flags of TCP records only, as nfdump's binary files and its `fmt:` output give them: its `-o csv` prints
+    # the field of any record (a UDP record's flags byte landed as tcp_flags 27 from the CSV, 0 from the file)
+    flags = pc.if_else(pc.fill_null(pc.equal(proto, 6), True), flags, pa.scalar(0, flags.type))
     n = len(ts_start)
     valid = pa.array(np.ones(n, dtype=bool))
     for _, ok in checks:
