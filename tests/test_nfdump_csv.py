@@ -631,3 +631,34 @@ def test_quiet_outputs_of_empty_slots_and_flags_of_records_not_tcp(tmp_path):
     assert statuses == [("nfdump-csv", "landed", 6), ("nfdump-csv", "empty", 0)]
     udp = [r for r in lake_flows(lake).to_pylist() if r["proto"] == 17]
     assert udp and all(r["tcp_flags"] == 0 for r in udp)
+
+
+def test_ingest_netflow_tz_reads_a_csv_nfdump_wrote_in_local_time(nfcapd_dir, tmp_path):
+    """Review of nfdump's forms (session 35): `ingest netflow` took nfdump CSV times as UTC with no way to say
+    otherwise, so a CSV nfdump wrote in New York landed five hours early. `--tz` reads them as that zone's, in one
+    process and through the decode workers alike."""
+    from tracepipe.ingest.flows import ingest_flow_files
+    from tracepipe.lake import Lake
+
+    utc = lake_flows_of(probes.nfdump_csv(nfcapd_dir, tmp_path / "utc.csv"), tmp_path / "l0")
+    local = probes.nfdump_csv(nfcapd_dir, tmp_path / "ny.csv", tz="America/New_York")
+    proc = run_tracepipe(
+        "ingest", "netflow", str(local), "--tz", "America/New_York", "--lake", str(tmp_path / "l1")
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(lake_flows(tmp_path / "l1").column("ts_start").to_pylist()) == utc
+    workers = ingest_flow_files(
+        Lake(tmp_path / "l2"), [local], jobs=2, parallel_min_bytes=1, tz="America/New_York"
+    )
+    assert (
+        workers.exit_code == 0 and sorted(lake_flows(tmp_path / "l2").column("ts_start").to_pylist()) == utc
+    )
+    naive = run_tracepipe("ingest", "netflow", str(local), "--lake", str(tmp_path / "l3"))
+    assert naive.returncode == 0 and sorted(lake_flows(tmp_path / "l3").column("ts_start").to_pylist()) != utc
+
+
+def lake_flows_of(csv, lake) -> list:
+    """The sorted flow start times a CSV lands (as UTC)."""
+    proc = run_tracepipe("ingest", "netflow", str(csv), "--lake", str(lake))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return sorted(lake_flows(lake).column("ts_start").to_pylist())

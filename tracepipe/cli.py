@@ -226,6 +226,14 @@ def ingest_netflow_command(
             show_default=False,
         ),
     ] = None,
+    tz: Annotated[
+        str,
+        typer.Option(
+            "--tz",
+            help="Time zone of the times in nfdump CSV files: nfdump prints the local time of the machine it runs "
+            "on (`TZ=UTC nfdump ... -o csv` writes UTC). Captures and nfcapd files carry UTC themselves.",
+        ),
+    ] = "UTC",
 ) -> None:
     """Land NetFlow v1/v5/v7/v9 and IPFIX records from captures (tcpdump -w, any UDP port), nfdump CSV, and
     nfcapd files or whole nfsen/nfcapd directory trees, file by file (nfdump 1.7 files natively; others, such as
@@ -240,16 +248,20 @@ def ingest_netflow_command(
     Example: tracepipe ingest netflow /var/captures/netflow-*.pcap --lake /srv/lake --jobs 2
 
     Example: tracepipe ingest netflow span-port.pcap --allow 192.0.2.0/28 --allow 2001:db8:10::/64
+
+    Example: tracepipe ingest netflow nfcapd.202403120800.csv --tz Europe/Zurich
     """
     refuse_pandas()  # before anything imports pyarrow's conversions: see tracepipe/nopandas.py
     from tracepipe.ingest.decode_pool import start_early
+    from tracepipe.ingest.vm import timezone
     from tracepipe.senders import AllowList
 
     senders = AllowList(allow or [])  # (a CIDR that does not parse: exit 2 before any work)
+    timezone(tz)  # (a zone that is not one: exit 2 before any work)
     with start_early(jobs, lake, paths) as pool:  # the workers start up while this process imports the rest
         from tracepipe.ingest.flows import NETFLOW_KINDS
 
-        _ingest_flows(ctx.obj, paths, lake, output, NETFLOW_KINDS, "ingest netflow", jobs, pool, senders)
+        _ingest_flows(ctx.obj, paths, lake, output, NETFLOW_KINDS, "ingest netflow", jobs, pool, senders, tz)
 
 
 @ingest_app.command("zeek")
@@ -319,6 +331,7 @@ def _ingest_flows(
     jobs: int | None = None,
     pool: DecodePool | None = None,
     allow: AllowList | None = None,
+    tz: str = "UTC",
 ) -> None:
     """The common body of the flow ingest commands: land, attribute, print the summary, exit."""
     from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
@@ -338,6 +351,7 @@ def _ingest_flows(
             jobs=jobs,
             pool=pool,
             allow=allow,
+            tz=tz,
         )
         bar.update(task, description="attribute flows to VMs")
         correlation = correlate(open_lake(lake), days=summary.days)

@@ -222,6 +222,7 @@ def _netflow_command_line(argv: list[str]) -> tuple[int, Path, list[Path]]:
     if args[:2] != ["ingest", "netflow"]:
         raise ValueError("not ingest netflow")
     values = {"--jobs": "", "--lake": os.environ.get("TRACEPIPE_LAKE", DEFAULT_LAKE), "--format": ""}
+    values |= {"--tz": "", "--allow": ""}  # (read past: they do not decide whether workers start)
     paths: list[Path] = []
     rest = iter(args[2:])
     for arg in rest:

@@ -295,6 +295,7 @@ def ingest_flow_files(
     hang_seconds: float = HANG_SECONDS,
     pool: DecodePool | None = None,
     allow: AllowList | None = None,
+    tz: str = "UTC",
 ) -> IngestSummary:
     """Land every file in `paths` (directories: the files under them) in the lake's flows dataset; never
     raises for bad input (see rejects). `accept`: the kinds this command takes (NETFLOW_KINDS, ZEEK_KINDS,
@@ -307,15 +308,16 @@ def ingest_flow_files(
     killed, its files removed, and LakeError raised (decode_pool.DecodePool). `pool`: the caller's (decode_pool.
     start_early: workers started before the caller's imports; its own hang_seconds), with its jobs; the caller
     stops it. `allow`: the senders whose datagrams a capture lands (senders.AllowList; the others are counted
-    per sender in the file's `not_allowed`); a file of another kind is then not read (it names no sender)."""
+    per sender in the file's `not_allowed`); a file of another kind is then not read (it names no sender).
+    `tz`: the time zone of nfdump CSV times (nfdump prints the local time of the machine it ran on)."""
     if pool is not None:
         return _ingest_files(
-            lake, paths, progress, accept, pool if pool.jobs > 1 else None, parallel_min_bytes, allow
+            lake, paths, progress, accept, pool if pool.jobs > 1 else None, parallel_min_bytes, allow, tz
         )
     jobs = default_jobs() if jobs is None else jobs
     with DecodePool(jobs, lake.root, hang_seconds) as own:
         return _ingest_files(
-            lake, paths, progress, accept, own if jobs > 1 else None, parallel_min_bytes, allow
+            lake, paths, progress, accept, own if jobs > 1 else None, parallel_min_bytes, allow, tz
         )
 
 
@@ -327,6 +329,7 @@ def _ingest_files(
     pool: DecodePool | None,
     parallel_min_bytes: int,
     allow: AllowList | None = None,
+    tz: str = "UTC",
 ) -> IngestSummary:
     summary = IngestSummary()
     state = DecoderState()  # templates learnt from one file serve the next (a capture split by tcpdump -C)
@@ -351,7 +354,9 @@ def _ingest_files(
         path = Path(path)
         parallel = pool if pool is not None and path in big_captures else None
         try:
-            summary.files.append(_ingest_one(lake, path, state, summary, progress, accept, parallel, allow))
+            summary.files.append(
+                _ingest_one(lake, path, state, summary, progress, accept, parallel, allow, tz)
+            )
         except OSError as exc:  # the lake side: a directory or temp file that cannot be written
             raise LakeError(
                 f"cannot write flows of {path} into {lake.root}: {exc}. Check that the lake is writable and has "
@@ -372,6 +377,7 @@ def _ingest_one(
     accept: tuple[str, ...],
     pool: DecodePool | None = None,
     allow: AllowList | None = None,
+    tz: str = "UTC",
 ) -> FileResult:
     problem = input_problem(path, "give the capture files in it, e.g. DIR/*.pcap")
     if problem is not None:  # told from os.stat: a FIFO is never opened (that would block)
@@ -435,6 +441,7 @@ def _ingest_one(
                 pool,
                 seen,
                 allow=allow,
+                tz=tz,
             )
         except (AlreadyIngested, InputChanged, OSError):
             raise
@@ -469,6 +476,7 @@ def _ingest_one(
             seen,
             True,
             allow,
+            tz,
         )
         said = str(failure).strip().splitlines()[-1:] or [type(failure).__name__]
         landed.message = "; ".join(
@@ -527,6 +535,7 @@ def _land_one(
     seen: os.stat_result,
     isolate: bool = False,
     allow: AllowList | None = None,
+    tz: str = "UTC",
 ) -> FileResult:
     """_ingest_one's landing of a file not (known to be) in the lake: content_hash None while `hashing`;
     `seen`: its stat before it was hashed (InputChanged if it changed since). `isolate` (a capture, after the
@@ -603,14 +612,14 @@ def _land_one(
             result.reader = read.reader
             if progress:
                 progress(size)
-        elif kind == "nfdump-csv" and pool is not None and (ranges := nfdump_csv_ranges(path, source)):
+        elif kind == "nfdump-csv" and pool is not None and (ranges := nfdump_csv_ranges(path, source, tz)):
             _land_csv_parallel(writer, pool, ranges, source, stats, hashing)
             if progress:
                 progress(size)
         elif kind in READERS:
             _identify(writer, hashing)  # the labels' own check needs it first
             read = NfcapdRead()
-            labels = _read_text_kind(lake, path, kind, source, writer.content_hash, writer, stats, read)
+            labels = _read_text_kind(lake, path, kind, source, writer.content_hash, writer, stats, read, tz)
             if labels:
                 result.message = f"{labels} labels kept in flow_labels (for evaluation only)"
             result.reader = read.reader
@@ -685,6 +694,7 @@ def _read_text_kind(
     writer,
     stats: dict[str, dict[str, Any]],
     read: NfcapdRead | None = None,
+    tz: str = "UTC",
 ) -> int:
     """Stream one file of a READERS kind into `writer`; ground-truth labels (argus Label) go to their own
     dataset, flow_labels, which detectors never read (committed before the flows: a rerun after a kill in
@@ -693,7 +703,13 @@ def _read_text_kind(
     keep_labels = not lake.already_ingested("flow_labels", content_hash)
     with contextlib.ExitStack() as stack:
         label_writer = None
-        batches = iter_nfcapd(path, read=read) if kind == "nfcapd" else READERS[kind](path)
+        batches = (
+            iter_nfcapd(path, read=read)
+            if kind == "nfcapd"
+            else iter_nfdump_csv(path, tz)
+            if kind == "nfdump-csv"
+            else READERS[kind](path)
+        )
         for batch in batches:  # streamed: ~16 MB of text (or ~0.5 M nfcapd records) at a time
             flows, rejects = _with_source(batch[0], source), _with_source(batch[1], source)
             writer.write(flows)
