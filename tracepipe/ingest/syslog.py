@@ -97,14 +97,6 @@ ANCHOR_SLACK = dt.timedelta(days=30)
 YEAR = dt.timedelta(days=366)  # (two candidate years of a line are 365 or 366 days apart: the earlier wins)
 
 
-_MONTHS = {
-    m: i
-    for i, m in enumerate(
-        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
-    )
-}
-
-
 def parse_syslog(
     text: str,
     source: str = "",
