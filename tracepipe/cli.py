@@ -253,11 +253,11 @@ def ingest_netflow_command(
     """
     refuse_pandas()  # before anything imports pyarrow's conversions: see tracepipe/nopandas.py
     from tracepipe.ingest.decode_pool import start_early
-    from tracepipe.ingest.vm import timezone
     from tracepipe.senders import AllowList
+    from tracepipe.units import time_zone
 
     senders = AllowList(allow or [])  # (a CIDR that does not parse: exit 2 before any work)
-    timezone(tz)  # (a zone that is not one: exit 2 before any work)
+    time_zone(tz)  # (nor a zone that is not one; ingest.vm's own check would import polars: tests say why)
     with start_early(jobs, lake, paths) as pool:  # the workers start up while this process imports the rest
         from tracepipe.ingest.flows import NETFLOW_KINDS
 

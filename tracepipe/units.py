@@ -18,6 +18,19 @@ from typing import Any
 
 from tracepipe.errors import UsageError
 
+
+def time_zone(name: str) -> dt.tzinfo:
+    """The IANA time zone `name` (UsageError, exit 2, when there is none such)."""
+    import zoneinfo
+
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise UsageError(
+            f"unknown time zone {name!r}; use an IANA name such as UTC or Europe/Berlin"
+        ) from exc
+
+
 __all__ = [
     "EARLIEST_TIME",
     "FUTURE_SLACK",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import zoneinfo
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from tracepipe.ingest.syslog import YearWraps, parse_syslog
 from tracepipe.lake import IngestResult, Lake, hash_bytes, hash_file, ingest_table
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, read_text_bounded, too_long_rejects
+from tracepipe.units import time_zone
 
 Progress = Callable[[str], None]
 
@@ -73,15 +73,6 @@ class VmIngestReport:
             "touched_days": self.touched_days,
             "not_read": [{"source": source, "why": why} for source, why in self.not_read],
         }
-
-
-def timezone(name: str) -> dt.tzinfo:
-    try:
-        return zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-        raise UsageError(
-            f"unknown time zone {name!r}; use an IANA name such as UTC or Europe/Berlin"
-        ) from exc
 
 
 def expand_paths(paths: Iterable[Path]) -> list[Path]:
@@ -172,7 +163,7 @@ def ingest_vm_files(
     """Land lifecycle sources in vm_events; the caller then updates the leases (correlate)."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    zone = timezone(tz)
+    zone = time_zone(tz)
     paths = list(paths)
     files = expand_paths(paths)
     named = {Path(p) for p in paths}  # (a file named by the user whose format cannot be told stops the run)
@@ -369,7 +360,7 @@ def ingest_syslog_files(
 ) -> VmIngestReport:
     """Land syslog files in vm_logs; the caller then attributes the days touched (correlate). `attribute`:
     what sets each line's vm_id as it lands (correlate.attribution.log_attributor; else vm_id null until then)."""
-    timezone(tz)
+    time_zone(tz)
     report = VmIngestReport()
     for path in expand_paths(paths):
         content_hash = hash_file(path)
