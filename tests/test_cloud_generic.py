@@ -193,3 +193,26 @@ def test_jsonl_ids_too_large_to_be_exact_are_rejects_not_duplicates():
     assert rejects.to_pydict()["line"] == [1, 2]
     assert all("too large to be exact" in d for d in rejects.column("detail").to_pylist())
     assert events.column("action").to_pylist() == ["create", "delete", "create"]
+
+
+def test_records_without_an_id_differing_only_in_host_or_owner_are_two_events(tmp_path):
+    """Cloud review (session 35): an event without a message id was the same as a known one on a key that left
+    the hypervisor, VM name, project, owner and image out, so a record differing only there was dropped as a
+    duplicate by `ingest vm` (while the lease builder, comparing every column, keeps both)."""
+    from tracepipe.ingest.vm import ingest_vm_files
+    from tracepipe.lake import Lake
+
+    head = "ts,vm_id,action,state,addrs,hypervisor,user\n"
+    first = tmp_path / "a.csv"
+    first.write_text(head + "2024-03-12T07:00:00Z,vm-1,create,active,10.0.0.5,c1,alice\n")
+    second = tmp_path / "b.csv"
+    second.write_text(
+        head
+        + "2024-03-12T07:00:00Z,vm-1,create,active,10.0.0.5,c2,alice\n"  # another host: another event
+        + "2024-03-12T07:00:00Z,vm-1,create,active,10.0.0.5,c1,alice\n"  # the first one again: known
+    )
+    lake = Lake(tmp_path / "lake")
+    ingest_vm_files(lake, [first])
+    report = ingest_vm_files(lake, [second])
+    assert (report.rows, report.duplicates) == (1, 1)
+    assert sorted(lake.read("vm_events").column("hypervisor").to_pylist()) == ["c1", "c2"]

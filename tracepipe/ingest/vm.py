@@ -239,7 +239,13 @@ def _days_of(results: list[IngestResult], dataset: str) -> list[str]:
     return sorted(days)
 
 
-_KEY_COLUMNS = ("cloud", "vm_id", "event_type", "action", "state", "addr", "port_id", "resource_id")
+# an event without a message id is the same event as another only with the same content: every column the lease
+# builder compares (leases._CONTENT), so that what ingest drops as known the builder would have dropped too (two
+# records differing only in their hypervisor, name, owner or image were one event here: review, session 35)
+_KEY_COLUMNS = (
+    "cloud", "vm_id", "vm_name", "project", "user", "hypervisor", "event_type", "action", "state", "addr",
+    "addr_kind", "port_id", "resource_id", "image",
+)  # fmt: skip
 _KEY_READ = ["ts", "event_id", "addrs", *_KEY_COLUMNS]
 
 
