@@ -364,3 +364,32 @@ def test_variants_of_ra_output_as_ra_prints_them():
     flows, rejects, _ = parse_argus(default.encode(), "default.csv")
     assert rejects.num_rows == 0 and flows.num_rows == 1
     assert flows.column("bytes").to_pylist() == [None]  # (each direction's bytes unknown: not 2731 one way)
+
+
+def test_headers_between_every_line_are_read_in_one_parse_per_header(monkeypatch):
+    """A later header sets the columns of the lines after it (above); a file alternating two headers line by line
+    (hostile, or many small ra outputs `cat`-ed) is read in one parse per distinct header and block, not one per
+    line (Zeek's reader once took ~10 ms a line so), and every line keeps its number."""
+    from tracepipe.ingest import argus
+
+    parses = []
+    real = argus.read_block
+    monkeypatch.setattr(argus, "read_block", lambda *a, **k: parses.append(1) or real(*a, **k))
+    a = "StartTime,Proto,SrcAddr,Sport,DstAddr,Dport,TotPkts,TotBytes,SrcBytes"
+    b = "StartTime,Proto,DstAddr,Dport,SrcAddr,Sport,TotPkts,TotBytes,SrcBytes"
+    lines = [a]
+    for i in range(500):
+        lines += [f"1796406621.{i},udp,10.0.0.1,5000,10.0.0.2,53,1,80,80", b]
+        lines += [f"1796406621.{i},udp,10.0.0.2,53,10.0.0.1,5000,1,80,80", a]
+    lines[-2] = "1796406621.9,udp,not-an-address,53,10.0.0.1,5000,1,80,80"  # (under header b)
+    flows, rejects, _ = parse_argus(("\n".join(lines) + "\n").encode(), "alt.csv")
+    assert len(parses) == 2
+    assert rejects.to_pylist() == [
+        {
+            "source": "alt.csv",
+            "line": len(lines) - 1,
+            "reason": "bad destination address",
+            "detail": "not-an-address",
+        }
+    ]
+    assert flows.num_rows == 999 and set(flows.column("src_addr").to_pylist()) == {"10.0.0.1"}
