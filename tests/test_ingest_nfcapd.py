@@ -135,6 +135,12 @@ def test_a_damaged_nfcapd_file_is_a_reject_the_others_land(softflowd_export, tmp
     files = {Path(f["path"]).name: f for f in json.loads(proc.stdout)["files"]}
     assert files[damaged.name]["rejects"] == 1 and files[damaged.name]["flows"] == 0
     assert files[good.name]["flows"] == softflowd_export(*CASES[0]).expected.num_rows
+    # the table a person reads says why the damaged file gave nothing, and names no exporter "nfcapd" as of
+    # unknown sampling (its reject is counted under the kind's name: nfdump review, session 35)
+    table = run_tracepipe("ingest", "netflow", str(damaged), "--lake", str(tmp_path / "lake2"))
+    text = " ".join(table.stdout.split())
+    assert "1 rejected (the rejects dataset says where and why)" in text, table.stdout
+    assert "sampling interval unknown for nfcapd" not in text
 
 
 def test_nfcapd_is_streamed_in_batches(softflowd_export):

@@ -338,7 +338,7 @@ def _ingest_flows(
 
     from tracepipe.correlate.attribution import correlate
     from tracepipe.errors import combined_exit
-    from tracepipe.ingest.flows import expand_paths, ingest_flow_files
+    from tracepipe.ingest.flows import COMMAND_OF_KIND, expand_paths, ingest_flow_files
 
     total = sum(f.stat().st_size for f in expand_paths(paths) if f.is_file())
     with p.progress(BarColumn(), DownloadColumn(), TimeRemainingColumn()) as bar:
@@ -392,8 +392,11 @@ def _ingest_flows(
         ["exporter", "versions", "datagrams", "flows", "rejects", "sequence gaps", "lost", "sampling"],
         "exporters",
     )
+    # (of exporters: the rejects of an nfcapd or CSV file that names none are counted under its kind's name)
     unknown = [
-        name for name, s in sorted(summary.exporters.items()) if s.get("sampling", "unknown") == "unknown"
+        name
+        for name, s in sorted(summary.exporters.items())
+        if s.get("sampling", "unknown") == "unknown" and name not in COMMAND_OF_KIND
     ]
     if unknown:
         p.line(
