@@ -400,6 +400,65 @@ def test_a_full_spool_disk_recovers_once_the_committer_frees_it(tmp_path):
     assert "the committer exited" not in log.read_text()
 
 
+def test_a_spool_smaller_than_one_rotation_hands_its_segment_to_the_committer(tmp_path):
+    """Collector review (session 35): at the spool's free-space reserve the open segment stayed open until the
+    next rotation (`--rotate 1h` here), so nothing was committed, nothing freed, and every datagram was dropped
+    for the rest of the hour though the lake had room. Now the segment is handed over at once: flows sent after
+    the spool filled land within seconds, the log says when there is room again, and the status says how long
+    the oldest segment has waited."""
+    spool = tmp_path / "spool"
+    lake = tmp_path / "lake"
+    spool.mkdir()
+    stats_file = tmp_path / "stats.json"
+    log = tmp_path / "collect.log"
+    collect = [
+        sys.executable, "-m", "tracepipe.cli", "collect", "--listen", "127.0.0.1:0", "--lake", str(lake),
+        "--spool", str(spool), "--rotate", "1h", "--status-interval", "0.5s", "--stats-file", str(stats_file),
+    ]  # fmt: skip
+    unshare = (
+        ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
+    )
+    shell = f'mount -t tmpfs -o size=4m tmpfs "{spool}" && exec "$@"'
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*unshare, "sh", "-c", shell, "sh", *collect], stdout=out, stderr=out)
+    try:
+        wait_until(lambda: stats_file.exists() and committer_pids(spool), what="the collector")
+        port = int(json.loads(stats_file.read_text())["listen"][0].rsplit(":", 1)[1])
+        stats = lambda: json.loads(stats_file.read_text())  # noqa: E731
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            junk = b"\x00\x05" + b"J" * 60000  # (v5 headers of no record: land nothing, fill the spool)
+            deadline = time.monotonic() + 120
+            while stats().get("spool_reserve_drops", 0) == 0:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"no datagram dropped: {stats()}"
+                for _ in range(20):
+                    sender.sendto(junk, ("127.0.0.1", port))
+                time.sleep(0.01)
+            for _ in range(3000):  # then tiny ones, which fill the last bytes above the reserve
+                sender.sendto(b"\x00\x05xx", ("127.0.0.1", port))
+                time.sleep(0.001)
+            time.sleep(2)  # (the committer's turn: it lands the segments handed over and deletes them)
+            spooled = stats()["datagrams"]
+            # the flows sent now are spooled (the committer drained what was handed over), not dropped
+            for seq in range(50):
+                sender.sendto(v5_datagram(seq, [("10.0.0.1", 2000 + seq)]), ("127.0.0.1", port))
+                time.sleep(0.05)
+            wait_until(
+                lambda: stats()["datagrams"] >= spooled + 50,
+                timeout=60,
+                what="the flows sent after it, spooled",
+            )
+            assert stats()["spool_backlog_oldest_s"] >= 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, log.read_text()
+        assert set(lake_src_ports(lake)) >= {2000 + seq for seq in range(50)}
+        assert "the spool has room again" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _lake_rejects(lake: Path) -> list[dict]:
     files = sorted(lake.glob("rejects/**/*.parquet"))
     return [row for f in files for row in pq.read_table(f).to_pylist()]

@@ -935,6 +935,7 @@ class Collector:
         self._listening: list[str] = []
         self._last_spool_error = 0.0
         self._last_reserve_drop = 0.0
+        self._short_of_room = False  # datagrams were dropped at the spool's reserve, and none spooled since
         self._room = 0  # bytes the loop may still spool before it looks at statvfs again
         self._next_room_check = 0.0
         self._committer_started = 0.0
@@ -1110,6 +1111,11 @@ class Collector:
                 head = sp.block_head(records, payload_bytes)
                 assert self.writer is not None
                 if not self._spool_has_room(len(head) + payload_bytes):
+                    # the open segment is handed to the committer at once, whatever --rotate says: its commit
+                    # frees the spool (a spool smaller than one rotation's traffic dropped every datagram until
+                    # the next rotation, the lake having room: review, session 35)
+                    self.rotate()
+                    self._short_of_room = True
                     self.stats.reserve_drops += kept
                     self._warn_every(
                         "reserve",
@@ -1136,6 +1142,12 @@ class Collector:
                         )
                     total += count
                     continue
+                if self._short_of_room:  # (the drops above said so; now that it is over, say that too)
+                    self._short_of_room = False
+                    log.warning(
+                        "the spool has room again: datagrams are spooled again (%d were dropped so far)",
+                        self.stats.reserve_drops,
+                    )
                 self.stats.count(addr16, self.stats._raw)
                 self.stats.datagrams += kept
                 self.stats.bytes += len(head) + payload_bytes
@@ -1216,6 +1228,15 @@ class Collector:
         last = self._last_status or {"t": self.started, "datagrams": 0, "flows": 0}
         elapsed = max(now - last["t"], 1e-9)
         flows = _count(committer.get("flows"))
+        # (a committer started since counts from 0: the first status read the last run's count as its baseline,
+        # -4986 flows/s after every restart)
+        flows_since = flows - last["flows"] if flows >= last["flows"] else flows
+        # how long the oldest closed segment has waited for the committer: a monitor's sign of one stuck or
+        # behind (the backlog's size alone does not tell a committer busy with one big segment from a dead one)
+        oldest = 0.0
+        if backlog:
+            with contextlib.suppress(OSError):
+                oldest = max(0.0, now - backlog[0][0].stat().st_mtime)
         report = {
             "time": now,
             "uptime_s": round(now - self.started, 3),
@@ -1225,7 +1246,7 @@ class Collector:
             "datagrams": self.stats.datagrams,
             "datagrams_per_s": round((self.stats.datagrams - last["datagrams"]) / elapsed, 1),
             "flows_committed": flows,
-            "flows_per_s": round((flows - last["flows"]) / elapsed, 1),
+            "flows_per_s": round(flows_since / elapsed, 1),
             "exporters": dict(self.stats.per_exporter),
             "sequence_gaps": gaps,
             "kernel_drops": self._drops,
@@ -1234,6 +1255,7 @@ class Collector:
             "spool_reserve_drops": self.stats.reserve_drops,
             "spool_backlog_segments": len(backlog),
             "spool_backlog_bytes": backlog_bytes,
+            "spool_backlog_oldest_s": round(oldest, 1),
             "open_segment_bytes": self.writer.bytes if self.writer else 0,
             "committer": committer,
             "stopping": bool(self.stop_requested),
@@ -1278,11 +1300,12 @@ class Collector:
             dropped += f"; {report['spool_write_errors']} datagrams lost: spool not writable"
         if report["spool_reserve_drops"]:
             dropped += (
-                f"; {report['spool_reserve_drops']} datagrams lost: spool disk at its free-space reserve"
+                f"; {report['spool_reserve_drops']} datagrams lost since the start: spool disk at its free-space "
+                "reserve"
             )
         log.info(
             "%.0f datagrams/s, %.0f flows/s, %d exporters, %s sequence gaps, %d kernel drops, dropped "
-            "senders: %s, spool backlog %d segments (%.1f MB)",
+            "senders: %s, spool backlog %d segments (%.1f MB, the oldest waiting %.0f s)",
             report["datagrams_per_s"],
             report["flows_per_s"],
             len(report["exporters"]),
@@ -1291,6 +1314,7 @@ class Collector:
             dropped,
             report["spool_backlog_segments"],
             report["spool_backlog_bytes"] / 1e6,
+            report["spool_backlog_oldest_s"],
         )
 
     def run(self) -> int:
