@@ -333,11 +333,11 @@ def committer_pids(spool: Path) -> list[int]:
     return pids
 
 
-def test_a_full_spool_disk_recovers_once_the_committer_frees_it(tmp_path):
-    # review: on a full spool filesystem the committer died saving decoder-state.json / committer.json (only
-    # LakeError was caught), the collector restarted it 50 times in 40 s, the committed segment was never
-    # deleted and no later flow was ever committed. Now the receive loop keeps a free-space reserve (drops
-    # counted), and the committer saves the state within it, deletes segments, and the next flows land.
+def _collector_on_a_4_mib_spool(
+    tmp_path: Path, rotate: str
+) -> tuple[Path, Path, Path, Path, subprocess.Popen]:
+    """`tracepipe collect` on 127.0.0.1 (any port) whose spool is a 4 MiB filesystem of its own, in a mount
+    namespace of the collector's -> (spool, lake, stats file, log, process)."""
     spool = tmp_path / "spool"
     lake = tmp_path / "lake"
     spool.mkdir()
@@ -345,15 +345,23 @@ def test_a_full_spool_disk_recovers_once_the_committer_frees_it(tmp_path):
     log = tmp_path / "collect.log"
     collect = [
         sys.executable, "-m", "tracepipe.cli", "collect", "--listen", "127.0.0.1:0", "--lake", str(lake),
-        "--spool", str(spool), "--rotate", "1s", "--status-interval", "0.5s", "--stats-file", str(stats_file),
+        "--spool", str(spool), "--rotate", rotate, "--status-interval", "0.5s", "--stats-file", str(stats_file),
     ]  # fmt: skip
-    # a 4 MiB filesystem of its own for the spool, in a mount namespace of the collector's
     unshare = (
         ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
     )
     shell = f'mount -t tmpfs -o size=4m tmpfs "{spool}" && exec "$@"'
     with open(log, "wb") as out:
         proc = subprocess.Popen([*unshare, "sh", "-c", shell, "sh", *collect], stdout=out, stderr=out)
+    return spool, lake, stats_file, log, proc
+
+
+def test_a_full_spool_disk_recovers_once_the_committer_frees_it(tmp_path):
+    # review: on a full spool filesystem the committer died saving decoder-state.json / committer.json (only
+    # LakeError was caught), the collector restarted it 50 times in 40 s, the committed segment was never
+    # deleted and no later flow was ever committed. Now the receive loop keeps a free-space reserve (drops
+    # counted), and the committer saves the state within it, deletes segments, and the next flows land.
+    spool, lake, stats_file, log, proc = _collector_on_a_4_mib_spool(tmp_path, "1s")
     try:
         wait_until(lambda: stats_file.exists() and committer_pids(spool), what="the collector")
         port = int(json.loads(stats_file.read_text())["listen"][0].rsplit(":", 1)[1])
@@ -406,21 +414,7 @@ def test_a_spool_smaller_than_one_rotation_hands_its_segment_to_the_committer(tm
     for the rest of the hour though the lake had room. Now the segment is handed over at once: flows sent after
     the spool filled land within seconds, the log says when there is room again, and the status says how long
     the oldest segment has waited."""
-    spool = tmp_path / "spool"
-    lake = tmp_path / "lake"
-    spool.mkdir()
-    stats_file = tmp_path / "stats.json"
-    log = tmp_path / "collect.log"
-    collect = [
-        sys.executable, "-m", "tracepipe.cli", "collect", "--listen", "127.0.0.1:0", "--lake", str(lake),
-        "--spool", str(spool), "--rotate", "1h", "--status-interval", "0.5s", "--stats-file", str(stats_file),
-    ]  # fmt: skip
-    unshare = (
-        ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
-    )
-    shell = f'mount -t tmpfs -o size=4m tmpfs "{spool}" && exec "$@"'
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*unshare, "sh", "-c", shell, "sh", *collect], stdout=out, stderr=out)
+    spool, lake, stats_file, log, proc = _collector_on_a_4_mib_spool(tmp_path, "1h")
     try:
         wait_until(lambda: stats_file.exists() and committer_pids(spool), what="the collector")
         port = int(json.loads(stats_file.read_text())["listen"][0].rsplit(":", 1)[1])
