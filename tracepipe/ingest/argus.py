@@ -44,6 +44,8 @@ from tracepipe.ingest.delimited import (
     as_flows,
     empty_rejects,
     first_failure,
+    header_segments,
+    joined_segments,
     line_rejects,
     read_block,
     rejects_table,
@@ -368,18 +370,10 @@ def _segment(
     """Whole data lines read under one header (`segments` of a block, each starting at line `first_lines[i]`)
     -> (flows, rejects, labels), all in one parse: a header line before every data line must not make one
     parse a line (Zeek's reader learnt that at ~10 ms a line)."""
-    segments = [x if x.endswith(b"\n") else x + b"\n" for x in segments]
-    data = segments[0] if len(segments) == 1 else b"".join(segments)
-    counts = np.array([x.count(b"\n") for x in segments], np.int64)
-    offsets = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    firsts = np.array(first_lines, np.int64)
-
-    def file_line(index: np.ndarray) -> np.ndarray:  # 1-based line of `data` -> line number in the file
-        which = np.searchsorted(offsets, index - 1, side="right") - 1
-        return firsts[which] + index - 1 - offsets[which]
+    data, file_line = joined_segments(segments, first_lines)  # (file_line: of a 0-based line of `data`)
 
     def sift(fields: int, refuse: str | None) -> tuple[bytes, np.ndarray, pa.Table]:
-        compact, numbers, rejects = sift_lines(data, 1, source, delimiter if fields else "\t", fields, refuse)
+        compact, numbers, rejects = sift_lines(data, 0, source, delimiter if fields else "\t", fields, refuse)
         where = np.asarray(rejects.column("line").combine_chunks(), np.int64)
         rejects = rejects.set_column(1, "line", pa.array(file_line(where), pa.int64()))
         return compact, file_line(np.asarray(numbers, np.int64)), rejects
@@ -435,30 +429,27 @@ def _iter(handle, source: str, block_size: int) -> Iterator[tuple[pa.Table, pa.T
         if not data.strip():
             yield FLOWS.empty_table(), pa.concat_tables([empty_rejects(), *parts]), FLOW_LABELS.empty_table()
             continue
+
         # the lines under each header: a later header line (files of other columns `cat`-ed together, or ra -L N
         # repeating its header) sets the columns of the lines after it (read with the first header, two files
         # whose columns differ in order landed each direction's bytes swapped)
         # (grouped by header: the segments under equal headers are read in one parse)
-        groups: dict[tuple, tuple[list[bytes], list[int]]] = {}
-        position, line = 0, block.first_line + 1
-        for start in [*_header_starts(data), len(data)]:
-            if start > position:
-                segment = data[position:start]
-                group = groups.setdefault((delimiter, tuple(columns), problem), ([], []))
-                group[0].append(segment)
-                group[1].append(line)
-                line += segment.count(b"\n")
-            if start == len(data):
-                break
-            end = data.find(b"\n", start)
-            end = len(data) if end < 0 else end + 1
-            delimiter, columns = _layout(data[start:end])
+        def read_header(line: bytes) -> None:
+            nonlocal delimiter, columns, problem
+            delimiter, columns = _layout(line)
             problem = _header_problem(delimiter, columns)
-            position, line = end, line + 1
+
+        groups = header_segments(
+            data,
+            block.first_line + 1,
+            _header_starts(data),
+            lambda: ((delimiter, tuple(columns), problem), (delimiter, list(columns), problem)),
+            read_header,
+        )
         out_flows, out_labels = [], []
-        for (layout_delimiter, layout_columns, layout_problem), (segments, first_lines) in groups.items():
+        for (layout_delimiter, layout_columns, layout_problem), segments, first_lines in groups:
             flows, rejects, labels = _segment(
-                segments, first_lines, source, layout_delimiter, list(layout_columns), layout_problem
+                segments, first_lines, source, layout_delimiter, layout_columns, layout_problem
             )
             out_flows.append(flows)
             out_labels.append(labels)

@@ -676,7 +676,9 @@ def _land_one(
         # a log or archive file of no records, and nothing in it rejected (a quiet sensor's header-only conn.log,
         # nfcapd's file of a quiet five minutes) is empty, not bad input: a capture that gave nothing is
         result.status = "empty" if kind in RECORD_KINDS and result.rejects == 0 else "rejected"
-        why = f": {result.rejects} rejected (the rejects dataset says where and why)" if result.rejects else ""
+        why = (
+            f": {result.rejects} rejected (the rejects dataset says where and why)" if result.rejects else ""
+        )
         result.message = result.message or f"no flow records in this file{why}"
     for rel in ingested.files:
         match = re.search(r"^flows/date=(\d{4}-\d{2}-\d{2})/", rel)

@@ -43,6 +43,8 @@ from tracepipe.ingest.delimited import (
     as_flows,
     empty_rejects,
     first_failure,
+    header_segments,
+    joined_segments,
     line_rejects,
     read_block,
     rejects_table,
@@ -478,15 +480,7 @@ def _tsv_segment(
     before pyarrow sees the rest: each had been a Python callback of pyarrow's reader, and a block of blank lines
     made it raise "Empty CSV file", after which every line was walked in Python (a 261 KB .gz of 256 MiB of
     newlines: 20 s of CPU; 63 M junk lines in a 2.6 MB .gz: over 10 minutes)."""
-    segments = [s if s.endswith(b"\n") else s + b"\n" for s in segments]
-    segment = segments[0] if len(segments) == 1 else b"".join(segments)
-    counts = np.array([s.count(b"\n") for s in segments], np.int64)  # (one per header line, not per line)
-    offsets = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    firsts = np.array(first_lines, np.int64)
-
-    def file_line(index: np.ndarray) -> np.ndarray:  # 0-based line of `segment` -> line number in the file
-        which = np.searchsorted(offsets, index, side="right") - 1
-        return firsts[which] + index - offsets[which]
+    segment, file_line = joined_segments(segments, first_lines)  # (file_line: of a 0-based line of `segment`)
 
     def sift(delimiter: str, fields: int, refuse: str | None) -> tuple[bytes, np.ndarray, pa.Table]:
         compact, numbers, rejects = sift_lines(segment, 0, source, delimiter, fields, refuse, b"#")
@@ -541,23 +535,14 @@ def _iter_tsv(handle: BinaryIO, source: str, block_size: int) -> Iterator[Batch]
         if block.too_long:
             out_rejects.append(too_long_rejects(source, block.too_long))
         # the block's segments (the lines between layout headers) grouped by the layout they are read under
-        groups: dict[tuple, tuple[_Layout, list[bytes], list[int]]] = {}
-        position, line = 0, block.first_line
-        for start in [*_layout_header_starts(data), len(data)]:
-            if start > position:
-                segment = data[position:start]
-                group = groups.setdefault(layout.key(), (copy.copy(layout), [], []))
-                group[1].append(segment)
-                group[2].append(line)
-                line += segment.count(b"\n")
-            if start == len(data):
-                break
-            end = data.find(b"\n", start)
-            end = len(data) if end < 0 else end + 1
-            layout.header(data[start:end].rstrip(b"\r\n").decode("latin-1"))
-            position = end
-            line += 1
-        for group_layout, segments, first_lines in groups.values():
+        groups = header_segments(
+            data,
+            block.first_line,
+            _layout_header_starts(data),
+            lambda: (layout.key(), copy.copy(layout)),
+            lambda line: layout.header(line.rstrip(b"\r\n").decode("latin-1")),
+        )
+        for group_layout, segments, first_lines in groups:
             flows, rejects, labels = _tsv_segment(segments, first_lines, group_layout, source)
             out_flows.append(flows)
             out_rejects.append(rejects)
