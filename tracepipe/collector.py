@@ -934,7 +934,7 @@ class Collector:
         self._drops = 0
         self._listening: list[str] = []
         self._last_spool_error = 0.0
-        self._last_reserve_drop = 0.0
+        self._reserve_rotated_at = 0.0  # (monotonic) the last segment handed over at the spool's reserve
         self._short_of_room = False  # datagrams were dropped at the spool's reserve, and none spooled since
         self._room = 0  # bytes the loop may still spool before it looks at statvfs again
         self._next_room_check = 0.0
@@ -1114,7 +1114,11 @@ class Collector:
                     # the open segment is handed to the committer at once, whatever --rotate says: its commit
                     # frees the spool (a spool smaller than one rotation's traffic dropped every datagram until
                     # the next rotation, the lake having room: review, session 35)
-                    self.rotate()
+                    # (at most once a second: a trickle on a disk that stays full must not become a segment, and a
+                    # commit, per datagram)
+                    if time.monotonic() - self._reserve_rotated_at >= 1.0:
+                        self._reserve_rotated_at = time.monotonic()
+                        self.rotate()
                     self._short_of_room = True
                     self.stats.reserve_drops += kept
                     self._warn_every(
