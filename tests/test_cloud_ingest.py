@@ -5,6 +5,7 @@ with file and line number and exit code 3, and flows re-attributed for the days 
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -261,6 +262,7 @@ def odd_paths(tmp_path_factory):
         "dangling": where / "dangling",
     }
     sock.close()
+    shutil.rmtree(where)
 
 
 @pytest.mark.parametrize(

@@ -428,6 +428,56 @@ def test_second_signal_stops_at_once_and_the_next_start_commits_the_rest(tmp_pat
     assert sorted(flow_keys(lake_flows(lake)).values()) == [1] * 200
 
 
+def send_and_wait(run: RunningCollector, sources: list[str]) -> None:
+    """One v5 datagram a source address (port 9), and wait until the collector counts them all received."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for i, address in enumerate(sources):
+            sock.sendto(v5_datagram(i, [(address, 9)]), run.addr("4"))
+    deadline = time.monotonic() + 30
+    while run.stats()["datagrams"] < len(sources) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_segments_spooled_for_one_lake_never_land_in_another(tmp_path):
+    """Before: a restart with another --lake and the same --spool committed the waiting segments into the new
+    lake. Now it is refused (exit 4) until the lake they were spooled for has them; then the spool is free."""
+    first, other, spool = tmp_path / "first", tmp_path / "other", tmp_path / "spool"
+    run = start_collector(tmp_path, first, "--spool", str(spool), "--rotate", "1h")
+    send_and_wait(run, [f"10.4.0.{i}" for i in range(40)])
+    run.proc.kill()  # the segment stays in the spool, open
+    run.proc.wait()
+    refused = subprocess.run(
+        [sys.executable, "-m", "tracepipe.cli", "collect", "--lake", str(other), "--spool", str(spool),
+         "--listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    said = " ".join(refused.stderr.split())
+    assert refused.returncode == 4, said
+    assert f"spooled for the lake {first.resolve()}" in said and f"--lake {first.resolve()}" in said
+    assert not (other / "flows").exists()
+    run = start_collector(tmp_path, first, "--spool", str(spool), "--rotate", "1h")
+    assert stop_collector(run) == 0, run.stderr.read_text()
+    assert sorted(flow_keys(lake_flows(first)).values()) == [1] * 40
+    # nothing waits any more: the spool serves the other lake now
+    run = start_collector(tmp_path, other, "--spool", str(spool), "--rotate", "1h", name="other")
+    send_and_wait(run, ["10.4.1.1"])
+    assert stop_collector(run) == 0, run.stderr.read_text()
+    assert list(flow_keys(lake_flows(other))) == [("10.4.1.1", 9)]
+    assert len(lake_flows(first)) == 40
+
+
+def test_a_lake_moved_with_its_own_spool_still_commits_it(tmp_path):
+    lake = tmp_path / "lake"
+    run = start_collector(tmp_path, lake, "--rotate", "1h")  # the default spool: LAKE/_spool
+    send_and_wait(run, [f"10.5.0.{i}" for i in range(10)])
+    run.proc.kill()
+    run.proc.wait()
+    moved = lake.rename(tmp_path / "moved")
+    run = start_collector(tmp_path, moved, "--rotate", "1h")
+    assert stop_collector(run) == 0, run.stderr.read_text()
+    assert sorted(flow_keys(lake_flows(moved)).values()) == [1] * 10
+
+
 def test_recovery_cuts_a_torn_tail_block_and_counts_it(tmp_path):
     """A kill in the middle of a write leaves half a block: recovery truncates to the last complete block before
     hashing (so the segment has one content), the complete datagrams land, the cut is a reject row."""

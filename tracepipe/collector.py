@@ -961,6 +961,27 @@ class Collector:
             ) from exc
         self._lock_handle = handle
 
+    def _bind_lake(self) -> None:
+        """Refuse to commit into this --lake the segments spooled for another one. The spool names its lake
+        (sp.LAKE_FILE); a restart with another --lake and the same --spool while segments wait would have
+        committed them (another site's, another test lake's flows) into the new lake. A spool under the lake
+        (the default LAKE/_spool) moves with it and is always its own."""
+        lake = self.config.lake.resolve()
+        spool = self.spool.resolve()
+        saved, _why = sp.read_json_object(self.spool / sp.LAKE_FILE, sp.SIDECAR_BYTES)
+        named = saved.get("lake") if saved is not None else None
+        if isinstance(named, str) and named != str(lake) and not spool.is_relative_to(lake):
+            waiting = len(sp.open_segments(self.spool)) + len(sp.closed_segments(self.spool))
+            if waiting:
+                raise EnvironmentProblem(
+                    f"the spool {self.spool} holds {waiting} segment(s) spooled for the lake {named}, not yet "
+                    f"committed: run `tracepipe collect --lake {named} --spool {self.spool}` until they are, or "
+                    f"give the lake {self.config.lake} its own --spool (if {named} was moved to "
+                    f"{self.config.lake}, remove {self.spool / sp.LAKE_FILE})"
+                )
+        if named != str(lake):
+            sp.write_json_atomic(self.spool / sp.LAKE_FILE, {"lake": str(lake)})
+
     def _recover(self) -> None:
         for path in sp.open_segments(self.spool):
             try:
@@ -1323,6 +1344,7 @@ class Collector:
 
     def run(self) -> int:
         self._lock_spool()
+        self._bind_lake()
         self._recover()
         self._open_sockets()
         self._new_segment()

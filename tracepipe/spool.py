@@ -62,6 +62,7 @@ FAILED_DIR = "failed"  # what the decoder raised on (a bug), kept for the report
 STATE_FILE = "decoder-state.json"
 SERIAL_FILE = "last-segment.json"  # {"after_segment": name}: the last committed segment, for next_serial
 RECOVERY_SUFFIX = ".recovered.json"  # sidecar: what recovery cut off the segment's torn tail
+LAKE_FILE = "lake.json"  # {"lake": resolved path}: the lake this spool's segments are committed into
 
 
 # the only names that are segments: what SegmentWriter writes. Anything else in the spool (a planted seg-x.spool,
