@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ __all__ = [
     "move_durably",
     "open_beneath",
     "open_regular",
+    "private_temp_dir",
     "read_regular",
     "replace_problem",
     "replacing",
@@ -451,3 +453,61 @@ def memory_bytes() -> int:
         if text.isdigit():
             total = min(total, int(text))
     return total
+
+
+# ---- private temporary directories ------------------------------------------------------------------------------
+
+# tracepipe-<kind>-<pid>.<start>-XXXXXXXX: the process that made it (its pid and start time, in clock ticks since
+# boot: a pid reused by another process is no match), so a later process can tell a directory left by one that was
+# killed (a cron `timeout`, the OOM killer) from one still in use
+_TEMP_NAME = re.compile(r"tracepipe-[a-z]+-([0-9]{1,10})\.([0-9]{1,20})-[A-Za-z0-9_]+")
+_swept: list[bool] = []
+
+
+def _started(pid: int) -> int | None:
+    """The start time of process `pid` (field 22 of /proc/PID/stat), None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    try:  # (the command name in parentheses may hold spaces and parentheses: fields count after the last ')')
+        return int(text[text.rindex(b")") + 2 :].split()[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def private_temp_dir(kind: str) -> Path:
+    """A new directory of this process's own (mkdtemp: 0700, a name nobody held) in the temp directory, named
+    after this process. The first call of a process also removes the directories that processes of this user
+    since gone left there: a sweep killed while it spilled its buckets left gigabytes in /tmp for good, and every
+    killed query an empty directory. Only directories of this user with such a name whose process is no longer
+    running are removed (lstat: a planted symlink is never followed)."""
+    me = os.getpid()
+    if not _swept:
+        _swept.append(True)
+        with contextlib.suppress(OSError):
+            _remove_left_temp_dirs(Path(tempfile.gettempdir()))
+    started = _started(me)
+    if started is None:  # (no /proc: no name to recognise later)
+        return Path(tempfile.mkdtemp(prefix=f"tracepipe-{kind}-")).resolve()
+    return Path(tempfile.mkdtemp(prefix=f"tracepipe-{kind}-{me}.{started}-")).resolve()
+
+
+def _remove_left_temp_dirs(where: Path) -> None:
+    import shutil
+
+    uid = os.geteuid()
+    with os.scandir(where) as entries:
+        left = [e for e in entries if e.name.startswith("tracepipe-") and _TEMP_NAME.fullmatch(e.name)]
+    for entry in left:
+        match = _TEMP_NAME.fullmatch(entry.name)
+        assert match is not None
+        pid, started = int(match.group(1)), int(match.group(2))
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid or _started(pid) == started:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)

@@ -14,7 +14,6 @@ import datetime as dt
 import os
 import re
 import shutil
-import tempfile
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
@@ -165,7 +164,7 @@ def anchor_dir() -> Path:
         if not _ANCHOR_DIR or not _ANCHOR_DIR[0].is_dir():
             # (again when a temp cleaner removed it from a service running for weeks: a new private one, never
             # the old name recreated, which someone else may have taken in the shared temp directory)
-            folder = Path(tempfile.mkdtemp(prefix="tracepipe-schema-")).resolve()
+            folder = fsutil.private_temp_dir("schema")
             atexit.register(_remove_anchors, folder, os.getpid())
             _ANCHOR_DIR[:] = [folder]
             _ANCHORS.clear()
@@ -420,7 +419,7 @@ def connect(
         # and nothing else, and a query cannot switch that back on. The spill directory is this session's
         # own, new and 0700 (mkdtemp): a fixed name under the shared temp dir could be a symlink someone
         # planted (issue #12), which would have put whatever it points to on the allowed list.
-        spill = Path(tempfile.mkdtemp(prefix="tracepipe-duckdb-")).resolve()
+        spill = fsutil.private_temp_dir("duckdb")
         # removed when the session is garbage (who, timeline: right after close) or at exit
         weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)
         con.execute(f"SET temp_directory = {quote_literal(str(spill))}")

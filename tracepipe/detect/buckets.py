@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields, replace
@@ -33,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tracepipe import fsutil
 from tracepipe.detect import detectors as det
 from tracepipe.detect.features import (
     FEATURE_PERIOD_IGNORED_PORTS,
@@ -288,7 +288,7 @@ def spill_flows(
     batch's dictionaries, not copies of the text. `find`: the hosts are found as the flows are read (`hosts`
     is then ignored; the Spill's owners and found say who they were). Removed on exit."""
     owners = assign(hosts if find is None else [], buckets)
-    root = Path(tempfile.mkdtemp(prefix="tracepipe-buckets-"))
+    root = fsutil.private_temp_dir("buckets")
     keys, values = owners.get_column("addr"), owners.get_column(BUCKET)
     schema = pa.schema([FLOWS.field(name) for name in SPILLED])
     text = [f.name for f in schema if pa.types.is_string(f.type)]
