@@ -206,6 +206,32 @@ def test_ip_to_num_agrees_with_ipaddress(tmp_path):
     ]
 
 
+def test_ip_canonical_agrees_with_what_the_lake_stores(tmp_path):
+    """The SQL macro gives the text units.canonical_addr gives (what every reader lands), for random addresses
+    in every written form, IPv4-mapped ones and RFC 5952's ties; NULL where Python refuses."""
+    from tracepipe.units import canonical_addr
+
+    rng = random.Random(7)
+    forms = []
+    for _ in range(400):
+        groups = [rng.choice([0, 0, 0, 1, 0xFFFF, rng.randrange(65536)]) for _ in range(8)]
+        ip = ipaddress.IPv6Address(b"".join(g.to_bytes(2, "big") for g in groups))
+        forms += [ip.exploded, ip.compressed, ip.exploded.upper(), f" {ip} "]
+    forms += ["::", "::1", "1::", "1:0:0:1:0:0:0:1", "1:0:0:0:1:0:0:1", "0:0:1:0:0:1:0:0", "1:0:1:0:1:0:1:0"]
+    forms += ["::ffff:10.1.2.3", "::FFFF:a01:203", "::1.2.3.4", "64:ff9b::1.2.3.4", "10.1.2.3", "0.0.0.0"]
+    forms += ["192.168.000.001", "10.1.2", "1.2.3.4.5", "10.1.2.300", "1::2::3", "12345::", "junk", ""]
+    expected = []
+    for text in forms:
+        try:
+            expected.append(canonical_addr(text))
+        except ValueError:
+            expected.append(None)
+    con = query.connect(Lake(tmp_path))
+    got = con.execute("SELECT list(ip_canonical(a) ORDER BY i) FROM (SELECT unnest(?::VARCHAR[]) AS a, "
+                      "unnest(range(?)) AS i)", [forms, len(forms)]).fetchall()[0][0]  # fmt: skip
+    assert got == expected
+
+
 def test_cidr_filter_over_flows_view(small_lake):
     con = query.connect(Lake(small_lake))
     rows = con.execute(
@@ -229,6 +255,11 @@ def test_who_had_binds_and_answers(small_lake):
         con.execute("SELECT * FROM who_had(?, ?)", ["10.0.0.5", T0 + dt.timedelta(hours=1)]).fetchall() == []
     )
     assert con.execute("SELECT count(*) FROM who_had(?, ?)", ["10.0.0.5' OR '1'='1", T0]).fetchall() == [(0,)]
+    # an address as people type it (before: no row for any form but the lake's own text; `who` found them)
+    at = T0 + dt.timedelta(minutes=30)
+    for typed in ("2001:DB8::5", "2001:db8:0:0:0:0:0:5", "2001:0db8::0005", " 2001:db8::5"):
+        assert con.execute("SELECT vm_id FROM who_had(?, ?)", [typed, at]).fetchall() == [("vm-a",)], typed
+    assert con.execute("SELECT vm_id FROM who_had(?, ?)", ["::ffff:10.0.0.5", at]).fetchall() == [("vm-a",)]
 
 
 def lake_digest(root: Path) -> dict[str, str]:

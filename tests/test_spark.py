@@ -117,6 +117,7 @@ VIEW_QUERIES = [
     "SELECT * FROM who_had('10.0.0.5', TIMESTAMPTZ '2024-03-12 07:30:00+00')",
     "SELECT * FROM who_had('10.0.0.5', TIMESTAMPTZ '2024-03-12 10:00:00+00')",
     "SELECT * FROM who_had('10.0.0.5', TIMESTAMPTZ '2024-03-12 08:30:00+00')",
+    "SELECT * FROM who_had('::FFFF:10.0.0.5', TIMESTAMPTZ '2024-03-12 07:30:00+00')",
     "SELECT src_addr, cidr_contains('10.0.0.0/8', src_addr) AS inside, ip_family(src_addr) AS family, "
     "count(*) AS n FROM flows GROUP BY ALL ORDER BY src_addr",
     "SELECT date, count(*) AS n, min(ts_start) AS first FROM flows GROUP BY date ORDER BY date",

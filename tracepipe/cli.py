@@ -696,7 +696,8 @@ def sql_command(
     """Run read-only DuckDB SQL over the lake (or the same SQL on Spark with --engine spark).
 
     Views: flows, flows_attributed, vm_events, vm_leases, vms, vm_logs, intel, alerts, rejects. Macros:
-    who_had(addr, ts), cidr_contains(cidr, addr), ip_to_num(addr), ip_family(addr), ip_between(addr, lo, hi).
+    who_had(addr, ts), cidr_contains(cidr, addr), ip_to_num(addr), ip_family(addr), ip_between(addr, lo, hi),
+    ip_canonical(addr) (the text the lake stores: compare typed addresses through it).
     Only queries run (SELECT, WITH, DESCRIBE, SUMMARIZE, EXPLAIN): COPY, CREATE, INSERT, DELETE, ATTACH, SET
     ... are refused with exit code 2, and so is an --output inside the lake directory (symlinks followed), an
     --output file that exists (unless --force), or --format table with --output.

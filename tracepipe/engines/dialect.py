@@ -100,8 +100,8 @@ def parse_table_macros(sql_text: str) -> dict[str, TableMacro]:
     for statement in parse_bundled(sql_text):
         if not isinstance(statement, exp.Create) or str(statement.args.get("kind", "")).upper() != "MACRO":
             continue
-        if not isinstance(statement.expression, exp.Query):
-            continue  # a scalar macro
+        if not isinstance(statement.expression, exp.Query) or isinstance(statement.expression, exp.Subquery):
+            continue  # a scalar macro (`AS (SELECT ...)`: one value, as ip_canonical binds its argument once)
         signature = statement.this
         name = (signature.this.name if isinstance(signature.this, exp.Expression) else signature.name).lower()
         params = tuple(p.name for p in signature.expressions)

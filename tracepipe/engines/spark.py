@@ -336,8 +336,10 @@ def scalar_macro_names() -> frozenset[str]:
 
     names = set()
     for statement in parse_bundled(sql_text("macros")):
-        if not isinstance(statement, exp.Create) or isinstance(statement.expression, exp.Query):
-            continue
+        if not isinstance(statement, exp.Create) or (
+            isinstance(statement.expression, exp.Query) and not isinstance(statement.expression, exp.Subquery)
+        ):
+            continue  # (a table macro; `AS (SELECT ...)` is a scalar one)
         signature = statement.this
         name = signature.this.name if isinstance(signature.this, exp.Expression) else signature.name
         if name and not name.startswith("_"):
@@ -381,16 +383,24 @@ def register_macro(spark: SparkSession, name: str, nargs: int) -> None:
         spark.udf.register(name, arrow_udf(fn, spark_type(out_type), ArrowUDFType.SCALAR))
 
 
-def macro_calls(sql: str) -> dict[str, int]:
-    """Scalar macros a DuckDB query calls: name -> number of arguments."""
+def macro_calls(sql: str, table_macros: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """Scalar macros a DuckDB query calls: name -> number of arguments; also those that the bodies of the table
+    macros it calls (`table_macros`: who_had canonicalises its address with ip_canonical) call."""
     from sqlglot import exp
 
     from tracepipe.engines.dialect import parse_duckdb
 
     names = scalar_macro_names()
     calls: dict[str, int] = {}
+    bodies: list[Any] = []
     for statement in parse_duckdb(sql):
         for func in statement.find_all(exp.Anonymous):
+            if func.name.lower() in names:
+                calls[func.name.lower()] = len(func.expressions)
+            elif table_macros and (macro := table_macros.get(func.name.lower())) is not None:
+                bodies.append(macro.body)
+    for body in bodies:
+        for func in body.find_all(exp.Anonymous):
             if func.name.lower() in names:
                 calls[func.name.lower()] = len(func.expressions)
     return calls
@@ -487,7 +497,9 @@ class SparkEngine:
             from tracepipe.engines.dialect import parse_duckdb
 
             check_allowed(parse_duckdb(sql), views=lake_relations()[0] | self.registered)
-        for name, nargs in macro_calls(sql).items():  # registered on first use (binding them is not free)
+        for name, nargs in macro_calls(
+            sql, self.table_macros
+        ).items():  # registered on first use (binding them is not free)
             if name not in self.macros:
                 register_macro(self.spark, name, nargs)
                 self.macros.add(name)

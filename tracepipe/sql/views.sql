@@ -92,7 +92,8 @@ SELECT * FROM _flows_facts_now UNION ALL BY NAME SELECT * FROM _flows_joined;
 -- the one it runs now or last ran; a rebuild since shows in the VM's vm_events), except its hypervisor: the
 -- one it ran on during that lease (a migration ends a lease: the compute node whose logs and disks tell of
 -- that time), the one it is on now beside it (hypervisor_now).
--- Addresses are compared as canonical text (the lake stores them so; `tracepipe who` canonicalises input).
+-- Addresses are compared as canonical text (the lake stores them so): the one given goes through ip_canonical
+-- first ('2001:DB8:0::1F' finds the lease of 2001:db8::1f, '::ffff:10.0.0.5' that of 10.0.0.5).
 CREATE OR REPLACE MACRO who_had(addr_text, at_time) AS TABLE
 SELECT l.addr, l.vm_id, coalesce(v.vm_name, l.vm_name) AS vm_name, coalesce(v.project, l.project) AS project,
        coalesce(v."user", l."user") AS "user", coalesce(l.hypervisor, v.hypervisor) AS hypervisor, l.cloud,
@@ -101,7 +102,7 @@ SELECT l.addr, l.vm_id, coalesce(v.vm_name, l.vm_name) AS vm_name, coalesce(v.pr
        coalesce(v.quarantine_until, l.quarantine_until) AS quarantine_until, v.image,
        v.hypervisor AS hypervisor_now
 FROM vm_leases l LEFT JOIN _vm_info v ON l.vm_id = v.vm_id
-WHERE l.addr = addr_text
+WHERE l.addr = ip_canonical(addr_text)
   AND l.valid_from <= CAST(at_time AS TIMESTAMPTZ)
   AND (l.valid_to IS NULL OR CAST(at_time AS TIMESTAMPTZ) < l.valid_to)
 ORDER BY l.valid_from;
@@ -117,7 +118,7 @@ SELECT f.src_addr AS inside_addr, f.src_port AS inside_port, f.nat_src_addr, f.n
        f.dst_addr, f.dst_port, f.proto, f.ts_start, f.ts_end, f.nat_event, f.fw_event, f.exporter,
        f.src_vm, f.src_vm_name, f.src_project, f.src_user
 FROM flows_attributed f
-WHERE f.nat_src_addr = public_addr
+WHERE f.nat_src_addr = ip_canonical(public_addr)
   AND (public_port IS NULL OR f.nat_src_port = public_port)
   AND f.ts_start <= CAST(at_time AS TIMESTAMPTZ) + within
   AND f.ts_end >= CAST(at_time AS TIMESTAMPTZ) - within
