@@ -362,6 +362,11 @@ def test_misp_export_loads_in_pymisp_and_round_trips(
         "WHERE '192.0.2.77' IN (src_addr, dst_addr)))"
     ).fetchall()
     assert rows == 2 * flows > 0
+    # last seen: when its last flow ended (before: that flow's start; a session of hours was cut to its start)
+    ((ended, started),) = duckdb.sql(
+        f"SELECT max(ts_end), max(ts_start) FROM read_parquet('{parquet}') WHERE '192.0.2.77' IN (src_addr, dst_addr)"
+    ).fetchall()
+    assert ended > started and cc.last_seen == ended
     assert (
         cc.comment.endswith(f"seen in {flows} flows")
         and cc.sightings[0].source == f"tracepipe ({flows} flows)"

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from tracepipe.errors import EXIT_OK, EnvironmentProblem, InputError, UsageError
 from tracepipe.lake import Lake
+from tracepipe.limits import MAX_FLOW_DURATION
 from tracepipe.printer import clean
 from tracepipe.respond.observations import hostname
 from tracepipe.units import to_utc
@@ -195,19 +196,30 @@ def _evidence_groups(evidence: pa.Table) -> dict[tuple[int, str], dict[str, Any]
     flow = evidence.drop_columns([c for c in ("obs", "observed_is_src") if c in evidence.column_names])
     flow = flow.select([f.name for f in flow.schema if not pa.types.is_nested(f.type)])
     ids = pl.from_arrow(flow).hash_rows(seed=0)  # type: ignore[union-attr]
+    start = pl.Series(evidence.column("ts_start"))
+    end = pl.Series(evidence.column("ts_end")) if "ts_end" in evidence.column_names else start
     table = pl.DataFrame(
         {
             "obs": pl.Series(evidence.column("obs")),
             "remote": pl.Series(remote),
             "remote_cloud": pl.Series(remote_cloud),
-            "ts": pl.Series(evidence.column("ts_start")),
+            "ts": start,
+            "end": end,
             "flow": ids,
         }
+    )
+    # last seen: when the last flow ended (a mining session of hours was "last seen" at its start), within the
+    # flow's first MAX_FLOW_DURATION and never before its start (a record's end is the exporter's word)
+    table = table.with_columns(
+        pl.min_horizontal(
+            pl.max_horizontal(pl.col("end").fill_null(pl.col("ts")), pl.col("ts")),
+            pl.col("ts") + MAX_FLOW_DURATION,
+        ).alias("end")
     )
     out: dict[tuple[int, str], dict[str, Any]] = {}
     aggregates = [
         pl.col("ts").min().alias("first"),
-        pl.col("ts").max().alias("last"),
+        pl.col("end").max().alias("last"),
         pl.col("flow").unique().alias("flows"),
     ]
     grouped = table.group_by("obs", "remote").agg(*aggregates, pl.col("remote_cloud").max())
