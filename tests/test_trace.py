@@ -427,6 +427,34 @@ def test_stix_bundle_is_valid_and_imports(story_trace: tuple[dict, Path, str], t
     assert "192.0.2.77" in con_rows
 
 
+def test_stix_amber_strict_is_tlp2_amber_strict_not_amber(
+    story_trace: tuple[dict, Path, str], tmp_path: Path
+) -> None:
+    """Before: --tlp amber+strict marked every object with TLP 1.0 AMBER, which lets recipients share with their
+    clients. Now the TLP 2.0 AMBER+STRICT marking definition, carried in the bundle, valid under --strict."""
+    import stix2
+    import stix2validator
+
+    _, pkg, lake = story_trace
+    out = tmp_path / "strict.json"
+    run = run_in_process(
+        "export", "stix", str(pkg), "--tlp", "amber+strict", "--out", str(out), "--lake", lake
+    )
+    assert run.returncode == 0, run.stderr
+    strict = "marking-definition--939a9414-2ddd-4d32-a0cd-375ea402b003"
+    bundle = json.loads(out.read_text())
+    (marking,) = [o for o in bundle["objects"] if o["type"] == "marking-definition"]
+    assert marking["id"] == strict and marking["name"] == "TLP:AMBER+STRICT"
+    marked = [o for o in bundle["objects"] if o["type"] != "marking-definition"]
+    assert marked and all(
+        o.get("object_marking_refs") == [strict] for o in marked if o["type"] != "ipv4-addr"
+    )
+    assert "f88d31f6-486f-44da-b317-01333bde0b82" not in out.read_text()
+    report = stix2validator.validate_file(str(out), stix2validator.ValidationOptions(strict=True))
+    assert report.is_valid, [str(e) for r in report.object_results for e in r.errors]
+    stix2.parse(out.read_text(), allow_custom=False)
+
+
 def test_push_refusals(story_trace: tuple[dict, Path, str]) -> None:
     _, pkg, lake = story_trace
     import os

@@ -32,13 +32,28 @@ from tracepipe.respond.observations import hostname
 from tracepipe.units import to_utc
 
 TLP_LEVELS = ("clear", "white", "green", "amber", "amber+strict", "red")
+# The TLP 2.0 marking definition of the OASIS CTI TC's common objects: not predefined by STIX 2.1, so the bundle
+# holds it (its extension says the level; a consumer that knows neither still reads the name)
+TLP2_EXTENSION = "extension-definition--60a3c5c5-0d10-413e-aab3-9e08dde9e88d"
+STIX_TLP2_OBJECTS = {
+    "amber+strict": {
+        "type": "marking-definition",
+        "spec_version": "2.1",
+        "id": "marking-definition--939a9414-2ddd-4d32-a0cd-375ea402b003",
+        "created": "2022-10-01T00:00:00.000Z",
+        "name": "TLP:AMBER+STRICT",
+        "extensions": {TLP2_EXTENSION: {"extension_type": "property-extension", "tlp_2_0": "amber+strict"}},
+    }
+}
 # STIX 2.1 predefined TLP marking definitions (STIX 2.1 spec, section 7.2.1.4)
 STIX_TLP = {
     "clear": "marking-definition--613f2e26-407d-48c7-9eca-b8e91df99dc9",
     "white": "marking-definition--613f2e26-407d-48c7-9eca-b8e91df99dc9",
     "green": "marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da",
     "amber": "marking-definition--f88d31f6-486f-44da-b317-01333bde0b82",
-    "amber+strict": "marking-definition--f88d31f6-486f-44da-b317-01333bde0b82",
+    # TLP 1.0 has no AMBER+STRICT (its AMBER lets recipients share with their clients, which +STRICT forbids):
+    # the OASIS CTI TC's TLP 2.0 marking definition, whose object the bundle carries (STIX_TLP2_OBJECTS)
+    "amber+strict": "marking-definition--939a9414-2ddd-4d32-a0cd-375ea402b003",
     "red": "marking-definition--5e57c739-391a-4eb3-b6be-7d15ca92d5ed",
 }
 DISTRIBUTIONS = {0: "your organisation only", 1: "this community", 2: "connected communities", 3: "all"}
@@ -453,7 +468,8 @@ def stix_bundle(
     stamp = _stix_time(now)
     marking = [STIX_TLP[tlp]]
     identity_id = f"identity--{uuid.uuid4()}"
-    objects: list[dict[str, Any]] = [
+    objects: list[dict[str, Any]] = [dict(STIX_TLP2_OBJECTS[tlp])] if tlp in STIX_TLP2_OBJECTS else []
+    objects += [
         {
             "type": "identity",
             "spec_version": "2.1",
