@@ -811,7 +811,84 @@ def test_ipfix_template_withdrawal():
     result, state = decode(messages)
     assert result.flows.num_rows == 1
     assert (EXPORTER, 10, 0, 800) not in state.templates
-    assert flush_pending(state, "x").column("reason").to_pylist() == ["no template"]
+    # data of a withdrawn template is no template's: rejected as it comes, not kept for the next definition
+    assert result.rejects.column("reason").to_pylist() == ["no template"]
+    assert "withdrawn" in result.rejects.column("detail")[0].as_py()
+    assert flush_pending(state, "x").num_rows == 0
+
+
+def test_data_after_a_withdrawal_never_takes_the_next_layout_of_its_id():
+    """A review: template 800 withdrawn, a data set for 800, then 800 defined again in another field order:
+    the orphan set landed as a flow of proto 0 and 16,777,734 packets (nfdump drops it). Now a reject."""
+    old, new = [(8, 4), (12, 4), (1, 4), (4, 1)], [(1, 4), (4, 1), (12, 4), (8, 4)]
+    messages = [
+        ipfix_message(flowset(2, struct.pack(">HH", 800, 0)), seq=0),  # withdrawn
+        ipfix_message(flowset(800, pack_values(old, {8: 0x0A080002, 12: 0x0A080808, 1: 1000, 4: 6})), seq=0),
+        ipfix_message(
+            flowset(2, template_record(800, new)),
+            flowset(800, pack_values(new, {8: 0x0A080003, 12: 0x0A080808, 1: 1000, 4: 6})),
+            seq=1,
+        ),
+    ]
+    result, _state = decode(messages)
+    assert [(r["src_addr"], r["bytes"], r["proto"]) for r in result.flows.to_pylist()] == [
+        ("10.8.0.3", 1000, 6)
+    ]
+    assert result.rejects.column("reason").to_pylist() == ["no template"]
+
+
+def test_data_of_the_last_boot_never_takes_a_template_of_the_next():
+    """A review: a capture begins mid-stream (template 256, IPv4, not in it), five data sets arrive, then the
+    router reloads (sysUptime restarts) and numbers 256 an IPv6 layout. The five sets were decoded with it:
+    five flows no router sent (addresses made of IPv4 bytes, proto 9), exit 0. nfdump lands the one real flow."""
+    v4 = [(8, 4), (12, 4), (1, 4), (2, 4), (7, 2), (11, 2), (4, 1)]
+    v6 = [(27, 16), (28, 16), (1, 4), (2, 4), (7, 2), (11, 2), (4, 1)]
+    before = [
+        v9_datagram(
+            flowset(256, pack_values(v4, {8: 0x0A090905, 12: 0x0A090909, 1: 1200, 2: 3, 4: 6})), seq=i
+        )
+        for i in range(5)
+    ]
+    after_reload = v9_datagram(
+        flowset(0, template_record(256, v6)),
+        flowset(
+            256, pack_values(v6, {27: bytes(15) + b"\x0a", 28: bytes(15) + b"\x0b", 1: 100, 2: 1, 4: 17})
+        ),
+        uptime=40_000,  # up 40 s: it restarted (the data above came at 5,000 s of uptime, 1 s before)
+        secs=SECS + 1,
+        seq=0,
+    )
+    result, _state = decode([*before, after_reload])
+    assert [(r["src_addr"], r["proto"]) for r in result.flows.to_pylist()] == [("::a", 17)]
+    reasons = result.rejects.column("detail").to_pylist()
+    assert len(reasons) == 5 and all("restarted" in d for d in reasons)
+    assert result.stats[EXPORTER]["no_template"] == 5 and result.stats[EXPORTER]["waiting_for_template"] == 0
+    # the same template in the same boot still serves the data that waited for it
+    same_boot = v9_datagram(
+        flowset(0, template_record(256, v4)),
+        flowset(256, pack_values(v4, {8: 0x0A090906, 12: 0x0A090909, 1: 1200, 2: 3, 4: 6})),
+        secs=SECS + 1,
+        uptime=UPTIME + 1_000,
+        seq=5,
+    )
+    result, _ = decode([*before, same_boot])
+    assert result.flows.num_rows == 6 and result.rejects.num_rows == 0
+
+
+def test_data_that_a_later_template_does_not_fit_is_not_decoded_with_it():
+    """IPFIX has no boot time: a template whose records leave 4 bytes or more of a waiting set unread (padding
+    aligns to 4) is another layout's, and that data is given up, not read as this one's."""
+    v4 = [(8, 4), (12, 4), (1, 4), (2, 4), (7, 2), (11, 2), (4, 1)]  # 21 bytes a record
+    v6 = [(27, 16), (28, 16), (1, 4), (2, 4), (7, 2), (11, 2), (4, 1)]  # 45
+    records = b"".join(pack_values(v4, {8: 0x0A090900 + i, 12: 0x0A090909, 1: 9, 4: 6}) for i in range(5))
+    messages = [
+        ipfix_message(flowset(256, records + b"\0" * 3), seq=0),  # 105 + 3 bytes of padding
+        ipfix_message(flowset(2, template_record(256, v6)), seq=1),
+    ]
+    result, _ = decode(messages)
+    assert result.flows.num_rows == 0
+    (detail,) = result.rejects.column("detail").to_pylist()
+    assert "do not fill" in detail and "(18 left)" in detail
 
 
 def test_an_ipfix_withdrawal_withdraws_a_template_of_its_own_set_type_only():

@@ -544,6 +544,9 @@ class DecoderState:
         self.pending_of: Counter[str] = Counter()  # exporter -> its data sets waiting (none: no entry)
         self.pending_bytes_of: Counter[str] = Counter()
         self.pending_keys_of: dict[str, dict[tuple[str, int, int, int], None]] = {}  # oldest first
+        # IPFIX templates the exporter withdrew and has not defined again: their data is no one's to wait for
+        # (at most limits.templates_total, oldest forgotten first)
+        self.withdrawn: dict[tuple[str, int, int, int], None] = {}
         # bookkeeping of the bounds
         self.exporters = _Standing()  # exporter names
         self.last_seen_ms: dict[str, int] = {}  # arrival of an exporter's latest datagram
@@ -606,6 +609,7 @@ class DecoderState:
         if tpl.min_record_len > lim.template_record_bytes:
             return [], "template_record_bytes"
         exporter, version, domain, tid = key
+        self.withdrawn.pop(key, None)
         evicted, refused = self.admit_domain(exporter, version, domain)
         if refused:
             return evicted, refused
@@ -1144,7 +1148,7 @@ class _Batch:
         self.groups: dict[int, tuple[Template, list, list, list]] = {}
         self.rejects: list[tuple[int | None, str, str, str]] = []
         self.stats: dict[str, dict[str, Any]] = {}
-        self.replay: list[tuple] = []  # (template, exporter, domain, data that waited for it)
+        self.replay: list[tuple] = []  # (template, exporter, domain, its id, data that waited for it, boot)
         # variable-length template id -> (template, [(record bytes, bounds, ctx)]): rewritten in one go (issue 16)
         self.variable: dict[int, tuple[Template, list]] = {}
         self.samplers: dict[tuple[str, int, int], int] = {}  # lookups for the columns (see Walked)
@@ -1678,7 +1682,16 @@ def _walk_sets(
         pos = body_end
         if set_id == template_set or set_id == options_set:
             _read_templates(
-                batch, payload, body_start, body_end, exporter, offset, version, domain, set_id == options_set
+                batch,
+                payload,
+                body_start,
+                body_end,
+                exporter,
+                offset,
+                version,
+                domain,
+                set_id == options_set,
+                boot_ms,
             )
             continue
         if set_id < 256:
@@ -1690,7 +1703,14 @@ def _walk_sets(
         sys_init = state.sys_init_ms.get((exporter, domain), -1)
         values = (version, domain, boot_ms, uptime, export_ms, sys_init, sampling)
         if tpl is None:
-            _keep_pending(batch, key, bytes(payload[body_start:body_end]), values, offset)
+            if key in state.withdrawn:
+                if body_end > body_start:
+                    batch.reject(
+                        offset, exporter, "no template", f"template {set_id} (domain {domain}) withdrawn"
+                    )
+                    batch.stat(exporter)["no_template"] += 1
+            else:
+                _keep_pending(batch, key, bytes(payload[body_start:body_end]), values, offset)
             records = None
             continue
         if tpl.options:
@@ -1890,7 +1910,10 @@ def _read_templates(
     version: int,
     domain: int,
     options: bool,
+    boot_ms: int = -1,
 ) -> None:
+    """The templates of one set. `boot_ms`: the exporter's boot time by this message (v9: export time less
+    sysUptime), against which the data that waited for a template is checked (_replay_pending)."""
     state = batch.state
     while end - pos >= 4:
         scope_count = 0
@@ -1922,7 +1945,7 @@ def _read_templates(
         if tid == 0 and n_fields == 0 and version == 9:
             return  # padding after the last template
         if version == 10 and n_fields == 0:
-            _withdraw(state, exporter, domain, tid, options)
+            _withdraw(batch, exporter, domain, tid, options, offset)
             continue
         if tid < 256:
             batch.reject(offset, exporter, "bad template", f"template id {tid} < 256")
@@ -1983,15 +2006,49 @@ def _read_templates(
             batch.stat(exporter)["waiting_for_template"] -= len(waiting)
             # decoded once the whole datagram is read: options data (sampling, boot time) that came with the
             # template in the same datagram then applies to them too
-            batch.replay.append((tpl, exporter, domain, waiting))
+            batch.replay.append((tpl, exporter, domain, tid, waiting, boot_ms))
+
+
+# a v9 exporter whose boot time (export time less sysUptime, to the second) moved more than this between the data
+# that waited and the template that came has restarted in between
+RESTART_MS = 5_000
+
+
+def _waited_for_another(tpl: Template, body: bytes, values: tuple, boot_ms: int) -> str | None:
+    """Why data that waited for template `tpl` is not its data, or None. A router that reloads numbers its
+    templates anew (Cisco IOS-XE: in the order its monitors come up), so the data of the last boot and the
+    template of this one may share an id and nothing else: decoded with it, that data became flows no exporter
+    sent (a review's IPv4 records read as IPv6 ones). Such data is given up, as nfdump gives it up (it never
+    keeps data for a template to come)."""
+    if values[0] == 9 and boot_ms >= 0 and values[2] >= 0 and abs(boot_ms - values[2]) > RESTART_MS:
+        return (
+            f"the exporter restarted before it came (boot time moved {(boot_ms - values[2]) / 1000:+.0f} s)"
+        )
+    if not tpl.variable_fields and tpl.record_len and len(body) % tpl.record_len >= 4:
+        # (padding aligns a set to 4 bytes, RFC 3954 §5.3, RFC 7011 §3.3.1: more left over is another layout)
+        return (
+            f"its records of {tpl.record_len} bytes do not fill the {len(body)} bytes that waited "
+            f"({len(body) % tpl.record_len} left)"
+        )
+    return None
 
 
 def _replay_pending(batch: _Batch) -> None:
     """Decode data flowsets that were waiting for a template that has now arrived."""
     state = batch.state
     replay, batch.replay = batch.replay, []
-    for tpl, exporter, domain, waiting in replay:
+    for tpl, exporter, domain, tid, waiting, boot_ms in replay:
         for body, values, pending_offset in waiting:
+            other = _waited_for_another(tpl, body, values, boot_ms)
+            if other is not None:
+                batch.reject(
+                    pending_offset if pending_offset >= 0 else None,
+                    exporter,
+                    "no template",
+                    f"template {tid} (domain {domain}) came, but not for this data: {other}",
+                )
+                batch.stat(exporter)["no_template"] += 1
+                continue
             if tpl.options:
                 _read_options_data(batch, tpl, body, exporter, domain)
                 continue
@@ -2001,18 +2058,36 @@ def _replay_pending(batch: _Batch) -> None:
             _add_template_data(batch, tpl, body, ctx, exporter, pending_offset)
 
 
-def _withdraw(state: DecoderState, exporter: str, domain: int, tid: int, options: bool) -> None:
-    """IPFIX template withdrawal: one template, or all of a set type when tid is the set id (RFC 7011 §8.1)."""
+def _withdraw(batch: _Batch, exporter: str, domain: int, tid: int, options: bool, offset: int | None) -> None:
+    """IPFIX template withdrawal: one template, or all of a set type when tid is the set id (RFC 7011 §8.1).
+    Data of a withdrawn id until the exporter defines it again is no template's: rejected as it comes, never
+    kept for the next definition (which may be another layout: a review's orphan set became a flow of proto 0)."""
+    state = batch.state
     if tid in (2, 3):
         standing = (state.domain_options if options else state.domain_templates).get((exporter, 10, domain))
-        for template_id in list(standing or ()):
-            state.forget_template((exporter, 10, domain, template_id))
+        gone = [(exporter, 10, domain, template_id) for template_id in list(standing or ())]
     else:
         # a withdrawal in an options template set withdraws an options template only (and a data template set's
         # a data template): a review withdrew a data template through set 3
         old = state.templates.get((exporter, 10, domain, tid))
-        if old is not None and old.options == options:
-            state.forget_template((exporter, 10, domain, tid))
+        gone = [(exporter, 10, domain, tid)] if old is None or old.options == options else []
+    for key in gone:
+        if key in state.templates:
+            state.forget_template(key)
+        state.withdrawn.pop(key, None)
+        state.withdrawn[key] = None
+        while len(state.withdrawn) > state.limits.templates_total:
+            del state.withdrawn[next(iter(state.withdrawn))]
+        for _body, _values, waited_at in state.take_pending(key):  # (waited for a template now withdrawn)
+            batch.reject(
+                waited_at if waited_at >= 0 else offset,
+                exporter,
+                "no template",
+                f"template {key[3]} (domain {domain}) withdrawn before it was defined",
+            )
+            stats = batch.stat(exporter)
+            stats["no_template"] += 1
+            stats["waiting_for_template"] -= 1
 
 
 def _keep_pending(
