@@ -1705,10 +1705,8 @@ def _walk_sets(
         if tpl is None:
             if key in state.withdrawn:
                 if body_end > body_start:
-                    batch.reject(
-                        offset, exporter, "no template", f"template {set_id} (domain {domain}) withdrawn"
-                    )
-                    batch.stat(exporter)["no_template"] += 1
+                    detail = f"template {set_id} (domain {domain}) withdrawn"
+                    _no_template(batch, exporter, offset, detail, waited=False)
             else:
                 _keep_pending(batch, key, bytes(payload[body_start:body_end]), values, offset)
             records = None
@@ -2041,13 +2039,8 @@ def _replay_pending(batch: _Batch) -> None:
         for body, values, pending_offset in waiting:
             other = _waited_for_another(tpl, body, values, boot_ms)
             if other is not None:
-                batch.reject(
-                    pending_offset if pending_offset >= 0 else None,
-                    exporter,
-                    "no template",
-                    f"template {tid} (domain {domain}) came, but not for this data: {other}",
-                )
-                batch.stat(exporter)["no_template"] += 1
+                detail = f"template {tid} (domain {domain}) came, but not for this data: {other}"
+                _no_template(batch, exporter, pending_offset if pending_offset >= 0 else None, detail, False)
                 continue
             if tpl.options:
                 _read_options_data(batch, tpl, body, exporter, domain)
@@ -2079,15 +2072,17 @@ def _withdraw(batch: _Batch, exporter: str, domain: int, tid: int, options: bool
         while len(state.withdrawn) > state.limits.templates_total:
             del state.withdrawn[next(iter(state.withdrawn))]
         for _body, _values, waited_at in state.take_pending(key):  # (waited for a template now withdrawn)
-            batch.reject(
-                waited_at if waited_at >= 0 else offset,
-                exporter,
-                "no template",
-                f"template {key[3]} (domain {domain}) withdrawn before it was defined",
-            )
-            stats = batch.stat(exporter)
-            stats["no_template"] += 1
-            stats["waiting_for_template"] -= 1
+            detail = f"template {key[3]} (domain {domain}) withdrawn before it was defined"
+            _no_template(batch, exporter, waited_at if waited_at >= 0 else offset, detail, waited=True)
+
+
+def _no_template(batch: _Batch, exporter: str, offset: int | None, detail: str, waited: bool) -> None:
+    """A data set rejected as `no template` (`waited`: it was counted as waiting for one)."""
+    batch.reject(offset, exporter, "no template", detail)
+    stats = batch.stat(exporter)
+    stats["no_template"] += 1
+    if waited:
+        stats["waiting_for_template"] -= 1
 
 
 def _keep_pending(
@@ -2099,20 +2094,11 @@ def _keep_pending(
     exporter = key[0]
     full, given_up = state.keep_pending(key, (body, values, offset if offset is not None else -1))
     for old_key, (_, _, old_offset) in given_up:  # other exporters' (or its own) oldest, for room
-        old_exporter = old_key[0]
-        batch.reject(
-            old_offset if old_offset >= 0 else None,
-            old_exporter,
-            "no template",
-            f"template {old_key[3]} (domain {old_key[2]}) not seen before the waiting data was given up",
-        )
-        old_stats = batch.stat(old_exporter)
-        old_stats["no_template"] += 1
-        old_stats["waiting_for_template"] -= 1
-        batch.limit(old_exporter, ["pending_flowsets"])
+        detail = f"template {old_key[3]} (domain {old_key[2]}) not seen before the waiting data was given up"
+        _no_template(batch, old_key[0], old_offset if old_offset >= 0 else None, detail, waited=True)
+        batch.limit(old_key[0], ["pending_flowsets"])
     if full is not None:
-        batch.reject(offset, exporter, "no template", f"template {key[3]} (domain {key[2]}) never seen")
-        batch.stat(exporter)["no_template"] += 1
+        _no_template(batch, exporter, offset, f"template {key[3]} (domain {key[2]}) never seen", waited=False)
         batch.limit(exporter, [full])
         return
     batch.stat(exporter)["waiting_for_template"] += 1
