@@ -159,6 +159,48 @@ def test_interleaved_exporters_domains_refreshes_and_junk_decode_as_one_at_a_tim
     assert fast["192.0.2.3"]["flows"] > 0  # its data waited for the template at its end, then decoded
 
 
+V6_LAYOUT = [(27, 16), (28, 16), (1, 4), (2, 4), (7, 2), (11, 2), (4, 1), (22, 4), (21, 4)]
+
+
+@pytest.mark.parametrize("version", [9, 10])
+@pytest.mark.parametrize(("drop", "gaps"), [(None, 0), (333, 1)])
+def test_one_sequence_over_templates_that_alternate(version, drop, gaps):
+    """A router's IPv4 and IPv6 monitors: data sets of two templates in alternate datagrams, one sequence per
+    source id / domain. Before: the fast path followed it per template, and the gap list (64 kept) could not
+    absorb what looked reordered: 1,000 datagrams, none lost, showed 435 gaps. Now: none, or the one there is."""
+    layouts = {256: LAYOUT, 257: V6_LAYOUT}
+    if version == 10:
+        layouts = {256: IPFIX_LAYOUT, 257: [(27, 16), (28, 16), *IPFIX_LAYOUT[2:]]}
+    templates = flowset(0 if version == 9 else 2, b"".join(template_record(t, f) for t, f in layouts.items()))
+    payloads, sent = [], 0
+    for k in range(1000):
+        tid = 256 + k % 2
+        n = 1 + k % 3
+        body = b""
+        for i in range(n):
+            values = {
+                8: 0x0A000000 + k,
+                12: 0xC0A80001,
+                27: (k * 8 + i).to_bytes(16, "big"),
+                28: bytes(15) + b"\1",
+            }
+            values.update({1: 100, 2: 1, 7: 1000 + i, 11: 443, 4: 6, 22: UPTIME - 2000, 21: UPTIME - 1000})
+            values.update({152: SECS * 1000 - 2000, 153: SECS * 1000 - 1000})
+            body += pack_values(layouts[tid], values)
+        sets = (templates, flowset(tid, body)) if k == 0 else (flowset(tid, body),)
+        if k != drop:
+            if version == 9:
+                payloads.append(v9_datagram(*sets, seq=k))
+            else:
+                payloads.append(ipfix_message(*sets, seq=sent, domain=3))
+        sent += n
+    fast_rows, fast = same_as_one_at_a_time(payloads, ["192.0.2.9"] * len(payloads))
+    stats = fast["192.0.2.9"]
+    lost = 0 if drop is None else (1 if version == 9 else 1 + drop % 3)
+    assert (stats["sequence_gaps"], stats["lost"]) == (gaps, lost)
+    assert len(fast_rows) == sum(1 + k % 3 for k in range(1000) if k != drop)
+
+
 @pytest.mark.parametrize("one_at_a_time", [False, True])
 def test_records_of_an_implausible_clock_are_rejects_naming_their_datagram(one_at_a_time):
     """In a run the fast path takes (and one datagram at a time, the full walk), the records of a datagram whose

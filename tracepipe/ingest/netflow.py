@@ -1435,6 +1435,10 @@ class _FastHeads:
         # one number per (exporter, version, domain, set id): the fast path's cache key
         scope = (self.version << 48) | (self.set_id << 32) | self.domain
         self.key = self.exporter_code * max(n, 1) + np.unique(scope, return_inverse=True)[1].reshape(-1)
+        # ... and per (exporter, version, domain): the scope of one sequence (a router's IPv4 and IPv6 templates
+        # share it)
+        domains = (self.version << 48) | self.domain
+        self.scope = self.exporter_code * max(n, 1) + np.unique(domains, return_inverse=True)[1].reshape(-1)
         self.breaks = np.flatnonzero(~self.candidate)
 
     def run_end(self, i: int) -> int:
@@ -1468,12 +1472,28 @@ def _fast_run(
     if end == start:
         return start
     keys = keys[: end - start]
-    order = np.argsort(keys, kind="stable")  # datagrams of one key together, each key's in input order
-    bounds = np.flatnonzero(np.diff(keys[order])) + 1
-    groups = sorted(np.split(order + start, bounds), key=lambda idx: idx[0])
-    for idx in groups:  # keys in order of first appearance (as the templates and domains are touched)
-        _fast_key(batch, heads, payloads, idx)
+    groups = _groups(keys, start)
+    counts = np.empty(end - start, np.int64)  # data records of each datagram, by its template
+    templates = []
+    for idx in groups:
+        tpl, _track = _fast_template(batch.state, *heads.key_of(int(idx[0])))  # type: ignore[misc]
+        counts[idx - start] = (heads.set_len[idx] - 4) // tpl.record_len
+        templates.append(tpl)
+    # sequence numbers per (exporter, version, domain) over its datagrams in input order, whatever template
+    # each carries: followed per template, a router alternating IPv4 and IPv6 data sets showed hundreds of
+    # gaps that no datagram was missing for (a review: 435 "lost" of 1,000, none lost)
+    for idx in _groups(heads.scope[start:end], start):
+        _fast_sequences(batch, heads, idx, counts[idx - start])
+    for idx, tpl in zip(groups, templates, strict=True):  # keys in order of first appearance (as the
+        _fast_key(batch, heads, payloads, idx, tpl, counts[idx - start])  # templates and domains are touched)
     return end
+
+
+def _groups(keys: np.ndarray, start: int) -> list[np.ndarray]:
+    """Positions (from `start`) of the datagrams of each key, each in input order, keys by first appearance."""
+    order = np.argsort(keys, kind="stable")
+    bounds = np.flatnonzero(np.diff(keys[order])) + 1
+    return sorted(np.split(order + start, bounds), key=lambda idx: idx[0])
 
 
 def _fast_template(
@@ -1491,20 +1511,13 @@ def _fast_template(
     return tpl, track
 
 
-def _fast_key(
-    batch: _Batch, heads: _FastHeads, payloads: Sequence[bytes | memoryview], idx: np.ndarray
-) -> None:
-    """Datagrams `idx` (input order) of one (exporter, version, domain, template) known to the fast path."""
-    state = batch.state
-    exporter, version, domain, set_id = heads.key_of(int(idx[0]))
-    tpl, track = _fast_template(state, exporter, version, domain, set_id)  # type: ignore[misc]
-    state.used((exporter, version, domain, set_id))
-    stats = batch.stat(exporter)
-    if version not in stats["versions"]:
-        stats["versions"].append(version)
-    counts = (heads.set_len[idx] - 4) // tpl.record_len
-    seqs = heads.sequence[idx]
+def _fast_sequences(batch: _Batch, heads: _FastHeads, idx: np.ndarray, counts: np.ndarray) -> None:
+    """Follow the sequence of one (exporter, version, domain) over its datagrams `idx` (input order) of the fast
+    path, `counts` their data records."""
+    exporter, version, domain, _set_id = heads.key_of(int(idx[0]))
     scope = (exporter, version, domain)
+    track = batch.state.sequences[scope]  # (there: _fast_template took each of their templates)
+    seqs = heads.sequence[idx]
     if version == 9:  # v9 counts datagrams
         if seqs[0] == track.expected and bool((np.diff(seqs) % WRAP == 1).all()):
             track.expected = int(seqs[-1] + 1) % WRAP
@@ -1524,6 +1537,24 @@ def _fast_key(
                     track.expected = (first + count) & 0xFFFFFFFF
                 else:
                     _track_ipfix(batch, exporter, scope, seq, count, 0)
+
+
+def _fast_key(
+    batch: _Batch,
+    heads: _FastHeads,
+    payloads: Sequence[bytes | memoryview],
+    idx: np.ndarray,
+    tpl: Template,
+    counts: np.ndarray,
+) -> None:
+    """Datagrams `idx` (input order) of one (exporter, version, domain, template) known to the fast path, with
+    `counts` data records each (their sequence followed by _fast_sequences)."""
+    state = batch.state
+    exporter, version, domain, set_id = heads.key_of(int(idx[0]))
+    state.used((exporter, version, domain, set_id))
+    stats = batch.stat(exporter)
+    if version not in stats["versions"]:
+        stats["versions"].append(version)
     has = counts > 0
     if not has.all():
         idx, counts = idx[has], counts[has]
