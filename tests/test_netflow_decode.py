@@ -1109,3 +1109,43 @@ def test_v5_sequence_numbers_are_followed_per_engine():
     assert decoded.flows.num_rows == len(order)
     stats = decoded.stats["192.0.2.10"]
     assert (stats["sequence_gaps"], stats["lost"]) == (1, 2)
+
+
+def _ms(table: pa.Table) -> list[tuple[int, int]]:
+    """(ts_start, ts_end) of each flow in unix ms, in record order of their source port."""
+    got = sorted(table.select(["src_port", "ts_start", "ts_end"]).to_pylist(), key=lambda r: r["src_port"])
+    return [(int(r["ts_start"].timestamp() * 1000), int(r["ts_end"].timestamp() * 1000)) for r in got]
+
+
+def test_observation_time_and_microsecond_durations_date_a_record():
+    """A review: a NAT logger's records carry only observationTimeMilliseconds (IE 323, Cisco ASA NSEL's event
+    time): they landed at the export second, up to the logger's buffering late and out of order within it; a
+    flowDurationMicroseconds (162) was ignored (a 3 s flow ended at its start)."""
+    base = [(8, 4), (12, 4), (7, 2), (4, 1)]
+    observed, timed = [*base, (323, 8)], [*base, (152, 8), (162, 4)]
+    export_ms = SECS * 1000
+    messages = [
+        ipfix_message(
+            flowset(2, template_record(400, observed) + template_record(401, timed)),
+            flowset(400, pack_values(observed, {8: 0x0A000001, 12: 0x0A000002, 7: 1, 4: 17, 323: export_ms - 7777})),
+            flowset(401, pack_values(timed, {8: 0x0A000001, 12: 0x0A000002, 7: 2, 4: 6, 152: export_ms - 9000,
+                                             162: 3_000_000})),
+        )
+    ]  # fmt: skip
+    result, _ = decode(messages)
+    assert _ms(result.flows) == [(export_ms - 7777, export_ms - 7777), (export_ms - 9000, export_ms - 6000)]
+
+
+@pytest.mark.parametrize("field", [21, 22])
+def test_a_v9_record_with_one_uptime_field_is_dated_from_the_boot_time(field):
+    """A review: a v9 record with only LAST_SWITCHED (21) or FIRST_SWITCHED (22) landed at the export time
+    (30-40 s off here). Its time is the boot time (export less sysUptime) plus the field, as for both."""
+    layout = [(8, 4), (12, 4), (7, 2), (4, 1), (field, 4)]
+    datagram = v9_datagram(
+        flowset(0, template_record(402, layout)),
+        flowset(
+            402, pack_values(layout, {8: 0x0A000001, 12: 0x0A000002, 7: 1, 4: 6, field: UPTIME - 30_000})
+        ),
+    )
+    result, _ = decode([datagram])
+    assert _ms(result.flows) == [(BOOT_MS + UPTIME - 30_000, BOOT_MS + UPTIME - 30_000)]

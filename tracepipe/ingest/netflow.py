@@ -81,6 +81,13 @@ FIELDS: dict[int, tuple[str, str]] = {
     159: ("flowEndDeltaMicroseconds", "end_delta_us"),
     160: ("systemInitTimeMilliseconds", "sys_init_ms"),  # unix ms of exporter boot (record or options)
     161: ("flowDurationMilliseconds", "duration_ms"),
+    162: ("flowDurationMicroseconds", "duration_us"),
+    # when an event was observed (NAT and firewall loggers: Cisco ASA NSEL's NF_F_EVENT_TIME_MSEC is 323): the
+    # record's time when it has no start or end of its own (before: the export time, up to its buffering late)
+    322: ("observationTimeSeconds", "obs_s"),
+    323: ("observationTimeMilliseconds", "obs_ms"),
+    324: ("observationTimeMicroseconds", "obs_ntp"),
+    325: ("observationTimeNanoseconds", "obs_ntp"),
     305: ("samplingPacketInterval", "sampling_packets"),  # IPFIX: sample N packets ...
     306: ("samplingPacketSpace", "sampling_space"),  # ... then skip M: interval = (N + M) / N
     48: ("samplerId", "sampler_id"),  # v9 FLOW_SAMPLER_ID: which sampler (options: its interval) (issue 16)
@@ -2688,9 +2695,13 @@ def _times(tpl: Template, arr: np.ndarray, c: _PerRecord) -> tuple[np.ndarray, n
     """Absolute start and end of each record in unix ms, from whatever time fields the layout carries."""
     roles = tpl.roles
     version = tpl.version
-    if version in FIXED_LAYOUTS or (version == 9 and "start_uptime" in roles and "end_uptime" in roles):
+    if version in FIXED_LAYOUTS or (version == 9 and ("start_uptime" in roles or "end_uptime" in roles)):
         first = _uint(arr, "start_uptime", roles)
         last = _uint(arr, "end_uptime", roles)
+        if first is None or last is None:  # (v9 with one of them: the other from a duration, else equal)
+            span = _duration(arr, roles)
+            first = last - span if first is None else first  # type: ignore[operator]
+            last = first + span if last is None else last
         boot = c[_CTX_BOOT]
         # a start later than the end means sysUptime wrapped in between (as nfdump reads it)
         start = boot + first - np.where(first > last, WRAP, 0)
@@ -2708,14 +2719,24 @@ def _times(tpl: Template, arr: np.ndarray, c: _PerRecord) -> tuple[np.ndarray, n
     export_ms = c[_CTX_EXPORT]
     start = _point_in_time(arr, roles, "start", c)
     end = _point_in_time(arr, roles, "end", c)
-    duration = _uint(arr, "duration_ms", roles)
     if start is None and end is None:
-        start = end = export_ms.copy()
+        observed = _point_in_time(arr, roles, "obs", c)
+        start = observed if observed is not None else export_ms.copy()
+        end = start + _duration(arr, roles)
     elif start is None:
-        start = end - (duration if duration is not None else 0)
+        start = end - _duration(arr, roles)
     elif end is None:
-        end = start + (duration if duration is not None else 0)
+        end = start + _duration(arr, roles)
     return start, end
+
+
+def _duration(arr: np.ndarray, roles: dict[str, int]) -> np.ndarray | int:
+    """The record's duration in ms (IE 161, else 162 in µs), 0 when it has none."""
+    duration = _uint(arr, "duration_ms", roles)
+    if duration is not None:
+        return duration
+    micro = _uint(arr, "duration_us", roles)
+    return micro // 1000 if micro is not None else 0
 
 
 def _point_in_time(arr: np.ndarray, roles: dict[str, int], which: str, c: _PerRecord) -> np.ndarray | None:
