@@ -621,6 +621,20 @@ def test_table_output_names_the_contacting_vms(story_trace: tuple[dict, Path, st
     assert line.strip().endswith("(web-05)"), line
 
 
+def test_a_range_over_midnight_prints_the_date_of_its_end(
+    story_trace: tuple[dict, Path, str], tmp_path: Path
+) -> None:
+    # a review: "at 2025-06-16 08:00:00 - 08:00:00 UTC" for a range of one day (JSON and HTML were right)
+    _, _, lake = story_trace
+    ticket = tmp_path / "range.csv"
+    ticket.write_text("address,start,end\n10.20.1.19,2025-06-16T08:00:00Z,2025-06-17T08:00:00Z\n"
+                      "10.20.1.19,2025-06-17T07:00:00Z,2025-06-17T07:30:00Z\n")  # fmt: skip
+    run = run_tracepipe("trace", str(ticket), "--out", str(tmp_path / "pkg"), "--lake", lake)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "at 2025-06-16 08:00:00 - 2025-06-17 08:00:00 UTC" in run.stdout
+    assert "at 2025-06-17 07:00:00 - 07:30:00 UTC" in run.stdout
+
+
 def test_a_deeply_nested_observation_file_is_a_reject_not_an_internal_error(tmp_path: Path) -> None:
     # hostile review: a MISP event from a peer nested 100,000 deep made `trace` exit 4 with a RecursionError
     deep = tmp_path / "deep.json"

@@ -773,10 +773,13 @@ def who_command(
     Example: tracepipe who 192.168.1.3 --at 2024-03-12T07:45:00Z --window 30m
     """
     from tracepipe import query as q
-    from tracepipe.units import parse_duration, parse_time
+    from tracepipe.units import parse_duration, parse_time, time_window
 
     p: Printer = ctx.obj
-    answer = q.who(open_lake(lake), addr, parse_time(at), parse_duration(window))
+    when = parse_time(at)
+    if when > time_window()[1]:  # (an open lease named its holder for 2030; trace refuses such times too)
+        raise UsageError(f"--at {at!r} is more than a day ahead of now: no lease is known for it yet")
+    answer = q.who(open_lake(lake), addr, when, parse_duration(window))
     if output == OutputFormat.json:
         p.json(answer.to_dict())
     else:
@@ -814,7 +817,8 @@ def _print_who(p: Printer, answer: Any) -> None:
         p.line(f"  VM now      {lease['now']}" + (f", on {lease['hypervisor_now']}" if moved else ""))
     flows = answer.flows
     p.line(
-        f"flows of {answer.addr}{' while the lease above held it,' if answer.held else ''} reaching into "
+        f"flows of {answer.addr}{' while the lease above held it,' if answer.held else ' while nobody held it,'}"
+        " reaching into "
         f"{flows['from']:%Y-%m-%d %H:%M} - "
         f"{flows['to']:{'%H:%M' if flows['to'].date() == flows['from'].date() else '%Y-%m-%d %H:%M'}} UTC "
         f"(begun from {flows['begun_from']:%Y-%m-%d %H:%M} on): "
@@ -1677,9 +1681,10 @@ def _print_trace(p: Printer, result: Any) -> None:
     for answer in result.observations:
         where = f"{answer['address']}" + (f" port {answer['port']}" if answer["port"] is not None else "")
         where += f" peer {answer['peer']}" if answer["peer"] else ""
-        when = f"{answer['start']:%Y-%m-%d %H:%M:%S}" + (
-            f" - {answer['end']:%H:%M:%S}" if answer["end"] != answer["start"] else ""
-        )
+        start, end = answer["start"], answer["end"]
+        # the end's date too when it is another day (a day-long range printed "00:00:00 - 00:00:00")
+        end_format = "%H:%M:%S" if end.date() == start.date() else "%Y-%m-%d %H:%M:%S"
+        when = f"{start:%Y-%m-%d %H:%M:%S}" + (f" - {end:{end_format}}" if end != start else "")
         p.line((f"{answer['obs']:>4}. ", "bold"), f"{where} at {when} UTC ({answer['ref']})")
         for h in answer["holders"]:
             p.line(

@@ -921,7 +921,15 @@ def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timede
             )
         )
         held_from = min((lease["valid_from"] for lease in leases), default=None)
-        flows = flow_summary(con, addr, *held_span(leases, at - window, at + window), since=held_from)
+        start, stop = held_span(leases, at - window, at + window)
+        if not leases:
+            # nobody held it: the time nobody did, not the neighbours' (a review: "nobody held" then "34 flows",
+            # all of the VM that held it until minutes before)
+            if before and before[0]["valid_to"] is not None:
+                start = held_from = max(start, before[0]["valid_to"])
+            if after:
+                stop = min(stop, after[0]["valid_from"])
+        flows = flow_summary(con, addr, start, stop, since=held_from)
     return WhoAnswer(
         addr=addr,
         at=at,
