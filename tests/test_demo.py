@@ -228,7 +228,7 @@ def test_export_of_the_demos_alert_ids_counts_the_indicators_it_holds(demo: tupl
     event = json.loads(out.read_text())["Event"]
     shared = len(event["Attribute"])
     assert shared > 0 and event["info"] == f"tracepipe alerts ({shared} indicators)"
-    assert "local VM addresses left out" in run.stderr
+    assert "local addresses (VMs, private ranges) left out" in run.stderr
 
 
 def test_sql_as_of_a_version_later_than_the_lake_is_a_usage_error(demo: tuple[dict, float, Path]) -> None:

@@ -427,6 +427,46 @@ def test_stix_bundle_is_valid_and_imports(story_trace: tuple[dict, Path, str], t
     assert "192.0.2.77" in con_rows
 
 
+def test_a_vms_targets_and_private_addresses_are_never_shared_as_indicators(
+    story_lake: Path, tmp_path: Path
+) -> None:
+    """A review: ci-runner-3's outbound SSH brute force (12 outside hosts on port 22) exported its victims as
+    malicious `ip-dst|port` with to_ids, and the site's own 10.20.0.9 (private, never a VM) as an outside one."""
+    from pymisp import MISPEvent
+
+    ticket = tmp_path / "ticket.csv"
+    ticket.write_text("address,port,peer,time\n10.20.1.23,22,,2025-06-17T07:30:00Z\n")
+    run = run_tracepipe("trace", str(ticket), "--out", str(tmp_path / "pkg"), "--lake", str(story_lake))
+    assert run.returncode == 0, run.stderr[-2000:]
+    parquet = tmp_path / "pkg" / "evidence-flows.parquet"
+    evidence = duckdb.sql(
+        f"SELECT DISTINCT dst_addr FROM read_parquet('{parquet}') WHERE observed_is_src AND dst_port = 22"
+    ).fetchall()
+    outside = {a for (a,) in evidence if a.startswith("203.0.113.")}
+    ends = duckdb.sql(
+        f"SELECT list(DISTINCT src_addr) || list(DISTINCT dst_addr) FROM read_parquet('{parquet}')"
+    )
+    assert len(outside) > 5 and "10.20.0.9" in ends.fetchall()[0][0]  # (the site's bastion: it logs in)
+    for include_local in (False, True):
+        out = tmp_path / f"event-{include_local}.json"
+        args = ["--include-local"] if include_local else []
+        run = run_in_process(
+            "export", "misp", str(tmp_path / "pkg"), "--out", str(out), *args, "--lake", str(story_lake)
+        )
+        assert run.returncode == 0, run.stderr
+        assert (
+            f"{len(outside)} outside hosts the traced VM connected to on port 22 (its targets" in run.stderr
+        )
+        event = MISPEvent()
+        event.load(json.loads(out.read_text()))
+        values = {a.value.split("|")[0]: a for a in event.attributes}
+        assert not outside & set(values)
+        if include_local:  # context for the reader, never for an IDS
+            assert values["10.20.0.9"].to_ids is False and "private address" in values["10.20.0.9"].comment
+        else:
+            assert "10.20.0.9" not in values
+
+
 def test_stix_amber_strict_is_tlp2_amber_strict_not_amber(
     story_trace: tuple[dict, Path, str], tmp_path: Path
 ) -> None:
@@ -797,6 +837,13 @@ def test_misp_domains_that_are_no_host_names_are_rejects_never_exported(
     report = stix2validator.validate_file(str(out))
     assert report.is_valid, [str(e) for r in report.results for e in r.errors]
     assert "ok.example" in out.read_text() and "bad\\nname" not in out.read_text()
+    # a domain the event named is no observation of this site's (no DNS data): an indicator, never a sighting
+    # or observed-data (before: count 1, dated at the export)
+    objects = json.loads(out.read_text())["objects"]
+    domain_ids = {o["id"] for o in objects if o["type"] == "indicator" and "domain-name" in o["pattern"]}
+    assert domain_ids and not [o for o in objects if o.get("sighting_of_ref") in domain_ids]
+    assert not [o for o in objects if o["type"] == "domain-name"]
+    assert [o for o in objects if o["type"] == "sighting"]  # (the address seen here still has its sighting)
 
 
 def test_export_of_odd_inputs_is_an_input_error_not_an_internal_one(

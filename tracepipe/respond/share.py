@@ -61,6 +61,28 @@ STIX_SCO_NAMESPACE = uuid.UUID("00abedb4-aa42-466c-9c01-fed23315a9b7")  # STIX 2
 TRACEPIPE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://tracepipe.invalid/share")
 MISP_KEY_ENV = "MISP_KEY"
 MAX_PEERS_PER_PORT = 20  # more outside peers on one observed port than this is a scan, not a C&C
+# more outside hosts than this that the traced VM itself connected to on the observed port are its targets (a
+# brute force, a scan): a C&C is one or a few (a review: the 12 victims of a VM's outbound SSH brute force went
+# out as malicious `ip-dst|port` with to_ids)
+MAX_TARGETS_PER_PORT = 5
+# addresses that name a different host at every site (RFC 1918, shared address space, loopback, link-local, ULA):
+# never an indicator for others, whether or not a VM of this cloud held one (a review: the site's own 10.20.0.9
+# went out as an outside C&C). Documentation ranges (192.0.2.0/24, ...) are not among them: the demo's outside
+# world lives there.
+SITE_ONLY = tuple(
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+              "0.0.0.0/8", "fc00::/7", "fe80::/10", "::1/128", "::/128")
+)  # fmt: skip
+
+
+def site_only(value: str) -> bool:
+    """Whether an address means a host of this site only (SITE_ONLY)."""
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return any(ip.version == net.version and ip in net for net in SITE_ONLY)
 
 
 @dataclass
@@ -179,6 +201,14 @@ def _package_indicators(data: Any, evidence: pa.Table) -> tuple[list[Indicator],
                 for (n, peer), stats in rows.items()
                 if n == number and peer not in (obs["address"], "__local__") and not stats["peer_in_cloud"]
             ]
+            targets = _targets(evidence, number, obs.get("port")) if obs.get("holders") else set()
+            targets &= {peer for peer, _ in remotes}
+            if not obs.get("peer") and len(targets) > MAX_TARGETS_PER_PORT:
+                remotes = [(peer, stats) for peer, stats in remotes if peer not in targets]
+                notes.append(
+                    f"observation {number}: {len(targets)} outside hosts the traced VM connected to on port "
+                    f"{obs['port']} (its targets, a scan's or a brute force's, not a C&C): not shared"
+                )
             if obs.get("peer") or len(remotes) <= MAX_PEERS_PER_PORT:
                 for peer, stats in remotes:
                     _merge(found, _from_rows(peer, obs.get("port"), stats, "contacted by a traced VM"))
@@ -197,6 +227,20 @@ def _package_indicators(data: Any, evidence: pa.Table) -> tuple[list[Indicator],
         if name is not None:
             found[(name, None, "dst")] = Indicator(name, "domain", "dst", comment="named by the input event")
     return list(found.values()), {**data, "notes": notes}
+
+
+def _targets(evidence: pa.Table, number: int, port: int | None) -> set[str]:
+    """The remote ends the observed address (a traced VM) connected to on `port`, in observation `number`'s
+    evidence: flows from it to that destination port."""
+    if port is None or evidence.num_rows == 0 or "observed_is_src" not in evidence.column_names:
+        return set()
+    mask = pc.and_(
+        pc.and_(
+            pc.equal(evidence.column("obs"), number), pc.fill_null(evidence.column("observed_is_src"), False)
+        ),
+        pc.equal(evidence.column("dst_port"), port),
+    )
+    return set(pc.unique(evidence.column("dst_addr").filter(pc.fill_null(mask, False))).to_pylist())
 
 
 def _evidence_groups(evidence: pa.Table) -> dict[tuple[int, str], dict[str, Any]]:
@@ -259,6 +303,8 @@ def _evidence_groups(evidence: pa.Table) -> dict[tuple[int, str], dict[str, Any]
 def _from_rows(
     value: str, port: int | None, stats: dict[str, Any], why: str, local: bool = False
 ) -> Indicator:
+    if not local and site_only(value):
+        why = f"{why} (a private address: this site's host, no indicator for others)"
     return Indicator(
         value=value,
         kind="ip",
@@ -268,7 +314,7 @@ def _from_rows(
         last_seen=stats.get("last"),
         count=stats.get("count", 0),
         comment=f"{why}; seen in {stats.get('count', 0)} flows" if stats else why,
-        local=local,
+        local=local or site_only(value),
         flows=set(stats.get("flows", ())),
     )
 
@@ -504,6 +550,10 @@ def stix_bundle(
                 "object_marking_refs": marking,
             }
         )
+        if item.first_seen is None:
+            # nothing of it was seen here (a domain the input event named: tracepipe has no DNS data): no
+            # observed-data, no sighting (one dated now, count 1, claimed an observation nobody made)
+            continue
         sco = {"type": kind, "spec_version": "2.1", "id": _sco_id(kind, item.value), "value": item.value}
         # one SCO per id (its value): an address shared with and without a port made two objects of one id
         if sco["id"] not in scos:
@@ -591,7 +641,7 @@ def export(
     # the printer does (the event's uuid5 of the title failed with UnicodeEncodeError: exit 4)
     title = clean(title)
     if left_out:
-        notes.append(f"{left_out} local VM addresses left out (--include-local to share them)")
+        notes.append(f"{left_out} local addresses (VMs, private ranges) left out (--include-local to share them)")
     if fmt == "misp":
         document = misp_event(kept, title, tlp, distribution)
     else:
