@@ -4,6 +4,7 @@ suggested next commands work. Checked against sample_data/story/ground_truth.jso
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shlex
 import struct
@@ -229,6 +230,25 @@ def test_export_of_the_demos_alert_ids_counts_the_indicators_it_holds(demo: tupl
     shared = len(event["Attribute"])
     assert shared > 0 and event["info"] == f"tracepipe alerts ({shared} indicators)"
     assert "local addresses (VMs, private ranges) left out" in run.stderr
+    # an alert's indicator says when its flows were seen and how many there were (before: the alert's window
+    # bounds, and "1 flows" for a beacon of 159 connections)
+    from tracepipe.query import connect
+
+    beacon = next(a for a in event["Attribute"] if "beacon" in a["comment"])
+    address = beacon["value"].split("|")[0]
+    with connect(
+        Lake(lake)
+    ) as con:  # (the lake's files as its log lists them: a glob reads replaced ones too)
+        flows, first, last = con.execute(
+            "SELECT count(*), min(f.ts_start), max(f.ts_end) FROM flows f, alerts a "
+            "WHERE a.detector = 'beacon' AND a.peer = $a AND $a IN (f.src_addr, f.dst_addr) "
+            "AND a.addr IN (f.src_addr, f.dst_addr) AND f.ts_start < a.window_end AND f.ts_end >= a.window_start",
+            {"a": address},
+        ).fetchone()
+    assert flows > 100 and beacon["comment"].endswith(f"seen in {flows} flows")
+    assert beacon["Sighting"][0]["source"] == f"tracepipe ({flows} flows)"
+    seen = [dt.datetime.fromisoformat(beacon[k].replace("Z", "+00:00")) for k in ("first_seen", "last_seen")]
+    assert seen == [first, last]
 
 
 def test_sql_as_of_a_version_later_than_the_lake_is_a_usage_error(demo: tuple[dict, float, Path]) -> None:

@@ -328,34 +328,78 @@ def indicators_from_alerts(lake: Lake, ids_file: Path) -> tuple[list[Indicator],
         raise InputError(f"cannot read {ids_file}: {exc.strerror}") from exc
     ids = {line.split("#", 1)[0].strip() for line in text.splitlines()}
     ids.discard("")
-    alerts = lake.read("alerts")
-    rows = [r for r in alerts.to_pylist() if r["alert_id"] in ids]
-    missing = ids - {r["alert_id"] for r in rows}
-    if not rows:
-        raise InputError(f"none of the {len(ids)} alert ids in {ids_file} is in the lake's alerts dataset")
-    local = _cloud_addresses(lake, [a for r in rows for a in (r["addr"], r["peer"]) if a])
-    found: dict[tuple, Indicator] = {}
-    for r in rows:
-        why = (
-            f"tracepipe {r['detector']} alert (score {r['score']:.2f})"
-            if r.get("score") is not None
-            else "tracepipe alert"
+    import contextlib
+
+    from tracepipe.query import FLOW_END, connect, flows_since
+
+    with contextlib.closing(connect(lake)) as con:
+        # (a query, not a read of every alert and every lease ever written into Python: both grow for years)
+        alerts = con.execute(
+            "SELECT * FROM alerts WHERE alert_id IN (SELECT unnest($ids::VARCHAR[]))", {"ids": sorted(ids)}
         )
-        for value, role in ((r.get("peer"), "dst"), (r.get("addr"), "src")):
-            if value:
-                _merge(
-                    found,
-                    Indicator(
-                        value, "ip", role, None, r["window_start"], r["window_end"], 1, why, value in local
-                    ),
-                )
+        columns = [d[0] for d in alerts.description]
+        rows = [dict(zip(columns, row, strict=True)) for row in alerts.fetchall()]
+        missing = ids - {r["alert_id"] for r in rows}
+        if not rows:
+            raise InputError(
+                f"none of the {len(ids)} alert ids in {ids_file} is in the lake's alerts dataset"
+            )
+        addrs = sorted({a for r in rows for a in (r["addr"], r["peer"]) if a})
+        local = {
+            a
+            for (a,) in con.execute(
+                "SELECT DISTINCT addr FROM vm_leases WHERE addr IN (SELECT unnest($a::VARCHAR[]))",
+                {"a": addrs},
+            ).fetchall()
+        }
+        found: dict[tuple, Indicator] = {}
+        for r in rows:
+            why = (
+                f"tracepipe {r['detector']} alert (score {r['score']:.2f})"
+                if r.get("score") is not None
+                else "tracepipe alert"
+            )
+            # what the flows of the alert's window say: when its address (and peer) were seen, in how many flows
+            # (before: the window's bounds and "1 flows" for a beacon of 159 connections)
+            seen = con.execute(
+                _ALERT_FLOWS_SQL.replace("FLOW_END", FLOW_END),
+                {
+                    "addr": r["addr"],
+                    "peer": r.get("peer"),
+                    "start": r["window_start"],
+                    "stop": r["window_end"],
+                    "since": flows_since(r["window_start"]),
+                    "first_day": flows_since(r["window_start"]).date(),
+                    "last_day": r["window_end"].date(),
+                },
+            ).fetchone()
+            count, first, last, ids = seen if seen and seen[0] else (0, None, None, [])
+            for value, role in ((r.get("peer"), "dst"), (r.get("addr"), "src")):
+                if value:
+                    first_seen, last_seen = (first, last) if count else (r["window_start"], r["window_end"])
+                    comment = f"{why}; seen in {count} flows" if count else why
+                    item = Indicator(
+                        value, "ip", role, None, first_seen, last_seen, count, comment, value in local
+                    )
+                    item.local = item.local or site_only(value)
+                    item.flows = set(
+                        ids
+                    )  # (two alerts on one peer, a beacon's and intel's, share their flows)
+                    _merge(found, item)
     return list(found.values()), {"missing_alerts": sorted(missing)}
 
 
-def _cloud_addresses(lake: Lake, addrs: list[str]) -> set[str]:
-    """Which of `addrs` a VM of the cloud ever held (the lease history)."""
-    held = set(pc.unique(lake.read("vm_leases", columns=["addr"]).column("addr")).to_pylist())
-    return {a for a in addrs if a in held}
+# the flows of an alert's address (with its peer, if it names one) that reach into its window (FLOW_END)
+_ALERT_FLOWS_SQL = """
+SELECT count(*), min(f.ts_start), max(FLOW_END),
+       list(DISTINCT hash(f.ts_start, f.ts_end, f.src_addr, f.dst_addr, f.src_port, f.dst_port, f.proto, f.bytes,
+                          f.packets, f.exporter))
+FROM flows f
+WHERE (f.src_addr = $addr OR f.dst_addr = $addr)
+  AND ($peer IS NULL OR f.src_addr = $peer OR f.dst_addr = $peer)
+  AND f.ts_start >= $since AND f.ts_start < $stop AND FLOW_END >= $start
+  AND f."date" BETWEEN $first_day AND $last_day
+"""
 
 
 def select(indicators: list[Indicator], include_local: bool) -> tuple[list[Indicator], int]:
@@ -641,7 +685,9 @@ def export(
     # the printer does (the event's uuid5 of the title failed with UnicodeEncodeError: exit 4)
     title = clean(title)
     if left_out:
-        notes.append(f"{left_out} local addresses (VMs, private ranges) left out (--include-local to share them)")
+        notes.append(
+            f"{left_out} local addresses (VMs, private ranges) left out (--include-local to share them)"
+        )
     if fmt == "misp":
         document = misp_event(kept, title, tlp, distribution)
     else:
