@@ -661,6 +661,29 @@ def test_table_output_names_the_contacting_vms(story_trace: tuple[dict, Path, st
     assert line.strip().endswith("(web-05)"), line
 
 
+def test_an_open_lease_asked_about_after_the_quarantine_ended_says_so(
+    story_lake: Path, tmp_path: Path
+) -> None:
+    """A review: dataproc-04, soft-deleted, its quarantine over on 06-18 09:45 (no delete event came): `who`
+    said "still held" on 06-19 beside "reclaimed since", trace with no note. Both now say what is uncertain."""
+    later, during = "2025-06-19T10:00:00Z", "2025-06-17T08:45:00Z"
+    for at, reclaimed in ((later, True), (during, False)):
+        run = run_tracepipe("who", "10.20.1.26", "--at", at, "--format", "json", "--lake", str(story_lake))
+        assert run.returncode == 0, run.stderr
+        (lease,) = json.loads(run.stdout)["leases"]
+        assert lease["vm_name"] == "dataproc-04" and lease["after_reclaim"] is reclaimed
+    run = run_tracepipe("who", "10.20.1.26", "--at", later, "--lake", str(story_lake))
+    assert "with no delete recorded" in " ".join(run.stdout.split()) and "still held" not in run.stdout
+    ticket = tmp_path / "late.csv"
+    ticket.write_text(f"address,time\n10.20.1.26,{later}\n10.20.1.26,{during}\n")
+    run = run_tracepipe(
+        "trace", str(ticket), "--format", "json", "--out", str(tmp_path / "pkg"), "--lake", str(story_lake)
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    notes = [" ".join(o["ambiguities"]) for o in json.loads(run.stdout)["observations"]]
+    assert "quarantine ended" in notes[0] and "quarantine ended" not in notes[1]
+
+
 def test_a_range_over_midnight_prints_the_date_of_its_end(
     story_trace: tuple[dict, Path, str], tmp_path: Path
 ) -> None:

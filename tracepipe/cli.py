@@ -800,6 +800,11 @@ def _print_who(p: Printer, answer: Any) -> None:
                 )
     for lease in answer.leases:
         until = "still held" if lease["valid_to"] is None else f"{lease['valid_to']:%Y-%m-%d %H:%M:%S} UTC"
+        if lease.get("after_reclaim"):
+            until = (
+                f"open in the records, but its quarantine ended {lease['quarantine_until']:%Y-%m-%d %H:%M} UTC "
+                "with no delete recorded: the cloud reclaimed it then and may have released the address"
+            )
         p.line((answer.addr, "bold"), f" at {at_text} was held by")
         p.line(f"  VM          {lease['vm_name'] or '?'} ({lease['vm_id']})")
         p.line(f"  project     {lease['project'] or '?'}")

@@ -750,6 +750,18 @@ def _day(value: dt.datetime) -> dt.date:
     return value.astimezone(dt.UTC).date()
 
 
+def after_reclaim(lease: dict[str, Any], at: dt.datetime) -> bool:
+    """Whether an open lease of a soft-deleted VM is asked about after its quarantine ended: the cloud reclaimed
+    (deleted) the VM then, but no delete event came, so the records still show the lease open."""
+    until = lease.get("quarantine_until")
+    return (
+        lease.get("valid_to") is None
+        and lease.get("vm_status") == "soft_deleted"
+        and until is not None
+        and until <= at
+    )
+
+
 def vm_now(
     status: str | None,
     deleted_at: dt.datetime | None,
@@ -906,6 +918,7 @@ def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timede
         leases = _rows(con.execute("SELECT * FROM who_had($addr, $at)", {"addr": addr, "at": at}))
         for lease in leases:
             lease["now"] = vm_now(lease["vm_status"], lease["deleted_at"], lease["quarantine_until"])
+            lease["after_reclaim"] = after_reclaim(lease, at)
         before = _rows(
             con.execute(
                 "SELECT vm_id, vm_name, project, valid_from, valid_to FROM vm_leases "

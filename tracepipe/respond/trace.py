@@ -26,7 +26,7 @@ from tracepipe.lake import Lake
 from tracepipe.limits import MAX_FLOW_DURATION
 from tracepipe.maintenance import version_token
 from tracepipe.printer import clean
-from tracepipe.query import FLOW_END, connect, vm_now
+from tracepipe.query import FLOW_END, after_reclaim, connect, vm_now
 from tracepipe.report.html import SERVICE_PORT
 from tracepipe.respond.observations import Observations
 
@@ -318,6 +318,12 @@ def _ambiguities(answer: dict[str, Any], facts: dict[str, Any], matched: int) ->
             "each is named with its lease; narrow the time to tell them apart"
         )
     for holder in holders:
+        if after_reclaim(holder, answer["start"]):
+            notes.append(
+                f"{holder['vm_name'] or holder['vm_id']} was soft-deleted and its quarantine ended "
+                f"{holder['quarantine_until']:%Y-%m-%d %H:%M} UTC, before this time, with no delete recorded: the "
+                "cloud reclaimed it then and may have released the address (its lease is still open in the records)"
+            )
         if holder["addr_kind"] == "floating":
             notes.append(
                 f"floating IP (NAT): {answer['address']} was mapped to VM {holder['vm_name']}; its traffic may "
