@@ -260,3 +260,32 @@ def test_sql_as_of_a_version_later_than_the_lake_is_a_usage_error(demo: tuple[di
     )
     run = run_demo("sql", "SELECT count(*) FROM flows", "--as-of", "flows=1", "--lake", "demo-lake", cwd=work)
     assert run.returncode == 0, run.stderr
+
+
+def test_alert_ids_with_comments_and_a_mistyped_line_are_read_as_alert_ids(
+    demo: tuple[dict, float, Path],
+) -> None:
+    # a review: `trace ids.txt` (auto) read such a file as a CSV of no address column: exit 4
+    from tracepipe.lake import Lake
+
+    _, _, work = demo
+    lake = work / "demo-lake"
+    ids = sorted(Lake(lake).read("alerts", ["alert_id"]).column("alert_id").to_pylist())[:2]
+    assert len(ids) == 2
+    ticket = work / "ids-commented.txt"
+    ticket.write_text(f"# from the hourly sweep\n{ids[0]}  # brute force\n{ids[1]}\nnot-an-alert\n")
+    run = run_demo(
+        "trace",
+        str(ticket),
+        "--format",
+        "json",
+        "--out",
+        str(work / "ids-pkg"),
+        "--lake",
+        str(lake),
+        cwd=work,
+    )
+    assert run.returncode == 3, run.stderr[-2000:]  # (answered, one line rejected)
+    answer = json.loads(run.stdout)
+    assert len(answer["observations"]) == 2
+    assert [(r["ref"], r["reason"]) for r in answer["rejects"]] == [("line 4", "not an alert id")]

@@ -887,3 +887,35 @@ def test_export_of_odd_inputs_is_an_input_error_not_an_internal_one(
     (odd / "trace.json").write_text("[]")
     run = run_in_process("export", "misp", str(odd), "--out", str(tmp_path / "o.json"), "--lake", lake)
     assert run.returncode == 4 and "is not an incident package" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # a review: each was rejected whole or in part (exit 4 or 3), though a CSIRT's tickets look like this
+        ("# SSC-2025-06 from EGI CSIRT\n# times in UTC\nip,time\n10.20.1.31,2025-06-17T08:05:00Z\n", 1),
+        ("ip,time\n# between rows\n10.20.1.31,2025-06-17T08:05:00Z # from the abuse mail\n", 1),
+        ("ip;time\n10.20.1.31;2025-06-17T08:05:00Z\n", 1),  # a spreadsheet in a decimal-comma locale
+        ("ip\ttime\n10.20.1.31\t2025-06-17T08:05:00Z\n", 1),
+        ("IP Address,Event Time\n10.20.1.31,2025-06-17 08:05:00 UTC\n", 1),
+        ("ip_address,time_utc\n10.20.1.31,1750147500000\n", 1),  # epoch milliseconds
+        ("src,datetime\n10.20.1.31,2025-06-17 08:05:00 GMT\n", 1),
+    ],
+)
+def test_ticket_forms_a_csirt_sends_are_read(tmp_path: Path, text: str, expected: int) -> None:
+    ticket = tmp_path / "ticket.csv"
+    ticket.write_text(text)
+    observations = read_observations(ticket)
+    assert observations.rejects == [] and observations.table.num_rows == expected
+    row = observations.table.to_pylist()[0]
+    assert row["address"] == "10.20.1.31"
+    assert row["start"] == dt.datetime(2025, 6, 17, 8, 5, tzinfo=dt.UTC)
+
+
+def test_a_time_that_does_not_parse_is_named_not_called_missing(tmp_path: Path) -> None:
+    ticket = tmp_path / "ticket.csv"
+    ticket.write_text("ip,time\n10.20.1.31,17/06/2025 08:05\n10.20.1.31,\n")
+    reasons = [r["reason"] for r in read_observations(ticket).rejects]
+    assert reasons[0].startswith("time '17/06/2025 08:05' does not parse") and reasons[1].startswith(
+        "no time"
+    )

@@ -200,7 +200,7 @@ class CsvLine:
 SPANNED_LINES = 50
 
 
-def csv_lines(text: str, spanning: bool = False) -> Iterator[CsvLine]:
+def csv_lines(text: str, spanning: bool = False, delimiter: str = ",") -> Iterator[CsvLine]:
     """The CSV readers of observation lists, MISP CSV exports and generic VM inventories: each non-blank line
     read on its own, strictly. One line is one row in these formats, so a quoted cell still open at the line's
     end ("quoted cell not closed on its line"), a stray quote after a closing one or a cell over the csv
@@ -219,7 +219,7 @@ def csv_lines(text: str, spanning: bool = False) -> Iterator[CsvLine]:
         if not line.strip():
             continue
         try:
-            cells = next(csv.reader((line,), strict=True), [])
+            cells = next(csv.reader((line,), strict=True, delimiter=delimiter), [])
         except csv.Error as exc:
             unclosed = "end of data" in str(exc)
             joined = _spanned(lines, at - 1) if spanning and unclosed else None

@@ -762,6 +762,22 @@ def after_reclaim(lease: dict[str, Any], at: dt.datetime) -> bool:
     )
 
 
+def alerts_by_id(
+    lake: Lake, ids: list[str], con: duckdb.DuckDBPyConnection | None = None
+) -> list[dict[str, Any]]:
+    """The rows of the lake's alerts with these ids (a query: the alerts of years are never read into Python)."""
+    if not ids or not lake.files("alerts"):
+        return []
+    with contextlib.ExitStack() as stack:
+        if con is None:
+            con = stack.enter_context(contextlib.closing(connect(lake)))
+        return _rows(
+            con.execute(
+                "SELECT * FROM alerts WHERE alert_id IN (SELECT unnest($ids::VARCHAR[]))", {"ids": ids}
+            )
+        )
+
+
 def vm_now(
     status: str | None,
     deleted_at: dt.datetime | None,

@@ -58,6 +58,12 @@ _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}  # binary: 32M is 32 M
 # [v6]:port | host:port | :port | port ('%' and letters: a zone id, fe80::1%eth0)
 _LISTEN = re.compile(r"\[([0-9A-Fa-f:.%a-z]+)\]:(\d+)|([^:\[\]]*):(\d+)|(\d+)")
 _EPOCH = re.compile(r"\d{9,11}(\.\d+)?")  # 1973..5138: a short number is a typo, not a time
+_EPOCH_MS = re.compile(
+    r"\d{12,13}"
+)  # epoch milliseconds (JavaScript, Elasticsearch, Splunk exports): 1973..2286
+_UTC_WORD = re.compile(
+    r"\s*(UTC|GMT)$", re.IGNORECASE
+)  # "2025-06-17 08:05:00 UTC", as tickets and logs write
 # What a person may type. Times: NetFlow, cloud logs and this tool live between these, and a window or baseline
 # (at most MAX_DURATION) around any of them stays far inside what datetime and DuckDB can hold (year 1..9999).
 TIME_RANGE = (dt.datetime(1970, 1, 1, tzinfo=dt.UTC), dt.datetime(2200, 1, 1, tzinfo=dt.UTC))
@@ -122,8 +128,8 @@ def parse_size(value: str | int) -> int:
 def to_utc(value: Any, naive_tz: dt.tzinfo = dt.UTC) -> dt.datetime | None:
     """A timestamp from data -> aware UTC datetime, or None when it is empty or does not parse.
 
-    ISO 8601 with Z or an offset (a time without one is read in `naive_tz`), epoch seconds as a number or as
-    9-11 digits of text, or a datetime."""
+    ISO 8601 with Z or an offset (a time without one is read in `naive_tz`; a trailing "UTC" or "GMT" is UTC),
+    epoch seconds as a number or as 9-11 digits of text, epoch milliseconds as 12-13 digits, or a datetime."""
     if value is None or isinstance(value, bool):
         return None
     try:
@@ -135,7 +141,16 @@ def to_utc(value: Any, naive_tz: dt.tzinfo = dt.UTC) -> dt.datetime | None:
             text = value.strip()
             if _EPOCH.fullmatch(text):
                 return dt.datetime.fromtimestamp(float(text), dt.UTC)
+            if _EPOCH_MS.fullmatch(text):
+                return dt.datetime.fromtimestamp(int(text) / 1000, dt.UTC)
+            named = _UTC_WORD.search(text)
+            if named:
+                text = text[: named.start()]
             parsed = dt.datetime.fromisoformat(text.replace("z", "Z"))
+            if named:
+                if parsed.tzinfo is not None:
+                    return None  # ("08:05+02:00 UTC" says two things)
+                parsed = parsed.replace(tzinfo=dt.UTC)
         else:
             return None
         if parsed.tzinfo is None:

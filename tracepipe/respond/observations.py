@@ -21,7 +21,7 @@ from tracepipe.errors import InputError, UsageError
 from tracepipe.intel import ADDRESS_TYPES, DOMAIN_TYPES
 from tracepipe.lake import Lake
 from tracepipe.limits import csv_lines, json_loads
-from tracepipe.schema import ALERTS, TS
+from tracepipe.schema import TS
 from tracepipe.units import canonical_addr, in_time_window, time_window, to_utc, to_utc_range
 
 FORMATS = ("auto", "csv", "json", "misp", "alerts")
@@ -41,14 +41,17 @@ OBSERVATIONS = pa.schema(
 )
 
 # column names a ticket uses for each field (first match wins)
+# (header names are compared lower case, spaces and hyphens as `_`: "IP Address" is ip_address)
 _ALIASES = {
-    "address": ("address", "addr", "ip", "src_ip", "source_ip", "src_addr", "host"),
-    "port": ("port", "dst_port", "dport"),
-    "peer": ("peer", "dst_ip", "destination", "dst_addr", "remote", "cc"),
-    "time": ("time", "timestamp", "ts", "at", "datetime"),
-    "start": ("start", "from", "first_seen", "since"),
-    "end": ("end", "to", "last_seen", "until"),
-}
+    "address": ("address", "addr", "ip", "ip_address", "ipaddress", "ipv4", "ipv6", "src_ip", "source_ip",
+                "src_addr", "source_address", "src", "source", "host"),
+    "port": ("port", "dst_port", "dport", "destination_port", "dest_port"),
+    "peer": ("peer", "dst_ip", "destination", "destination_ip", "dest_ip", "dst_addr", "dst", "remote", "cc"),
+    "time": ("time", "timestamp", "ts", "at", "datetime", "date_time", "time_utc", "timestamp_utc", "datetime_utc",
+             "event_time", "date"),
+    "start": ("start", "from", "first_seen", "since", "start_time"),
+    "end": ("end", "to", "last_seen", "until", "end_time"),
+}  # fmt: skip
 _ALERT_ID = re.compile(r"[0-9a-f]{12,64}")
 
 
@@ -81,8 +84,12 @@ def _port(value: Any) -> int | str | None:
     return port if 0 <= port <= 65535 else "port out of range 0-65535"
 
 
+def _header_name(name: Any) -> str:
+    return re.sub(r"[\s-]+", "_", str(name).strip().lower())
+
+
 def _pick(record: dict[str, Any], name: str) -> Any:
-    lowered = {str(k).strip().lower(): v for k, v in record.items() if k is not None}
+    lowered = {_header_name(k): v for k, v in record.items() if k is not None}
     for alias in _ALIASES[name]:
         value = lowered.get(alias)
         if value not in (None, ""):
@@ -107,6 +114,12 @@ def _record_row(record: dict[str, Any], ref: str) -> dict[str, Any] | str:
     # a date alone is its whole day, as a MISP event's date is (_event_range)
     starts, ends = to_utc_range(_pick(record, "start") or at), to_utc_range(_pick(record, "end") or at)
     if starts is None and ends is None:
+        given = [str(v) for v in (_pick(record, "start"), _pick(record, "end"), at) if v not in (None, "")]
+        if given:  # (a time that is there but does not parse is not "no time")
+            return (
+                f"time {given[0][:60]!r} does not parse: give ISO 8601 (2025-06-17T08:05:00Z, 2025-06-17 "
+                "10:05+02:00, 2025-06-17 08:05 UTC) or epoch seconds / milliseconds"
+            )
         return "no time: give time, or start and end (ISO 8601 or epoch seconds)"
     start, end = (starts or ends)[0], (ends or starts)[1]  # type: ignore[index]
     if not (in_time_window(start) and in_time_window(end)):
@@ -151,18 +164,35 @@ def parse_csv(text: str) -> tuple[list[dict], list[dict], list[dict]]:
     read, as for MISP CSV. Cells past the header's are ignored (an unquoted comma in a comment)."""
     kept = _Kept()
     header: list[str] | None = None
-    for line in csv_lines(text):
+    for line in csv_lines(text, delimiter=_delimiter(text)):
         if kept.full:
             break
         ref = f"line {line.number}"
+        if line.cells and line.cells[0].lstrip().startswith("#"):
+            continue  # a comment line (a ticket's notes above the list or between its rows)
         if line.problem:
             kept.add(line.problem, ref, line.detail)
         elif header is None:
             header = line.cells
         else:
-            record = dict(zip(header, line.cells, strict=False))
-            kept.add(_record_row(record, ref), ref, record)
+            # a cell's trailing `# comment` ("2025-06-17T08:05Z # from the abuse mail") is not part of it
+            cells = [cell.split("#", 1)[0].strip() for cell in line.cells]
+            record = dict(zip(header, cells, strict=False))
+            kept.add(_record_row(record, ref), ref, dict(zip(header, line.cells, strict=False)))
     return kept.rows, kept.rejects, []
+
+
+def _delimiter(text: str) -> str:
+    """`,`, or `;` / TAB when the header line (the first that is not blank or a comment) has one and no comma
+    (a spreadsheet's export in a locale whose decimal mark is the comma; a TSV)."""
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            if "," not in line:
+                for mark in ("\t", ";"):
+                    if mark in line:
+                        return mark
+            return ","
+    return ","
 
 
 def _misp_events(doc: Any) -> list[dict[str, Any]] | None:
@@ -288,15 +318,22 @@ def sniff(text: str, path: Path) -> str:
             return "json"
     lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     lines = [line for line in lines if line]
-    if lines and all(_ALERT_ID.fullmatch(line) for line in lines):
+    # alert ids, one a line (a mistyped one among them is its line's reject, not a CSV of no header)
+    if any(_ALERT_ID.fullmatch(line) for line in lines) and not any(re.search(r"[,;\t\s]", x) for x in lines):
         return "alerts"
     return "csv"
 
 
-def _alert_observations(lines: list[str], alerts: pa.Table) -> tuple[list[dict], list[dict]]:
-    by_id = {row["alert_id"]: row for row in alerts.to_pylist()} if alerts.num_rows else {}
+def _alert_observations(lines: list[tuple[int, str]], lake: Lake | None) -> tuple[list[dict], list[dict]]:
+    from tracepipe.query import alerts_by_id
+
+    wanted = sorted({alert_id for _, alert_id in lines if _ALERT_ID.fullmatch(alert_id)})
+    by_id = {row["alert_id"]: row for row in alerts_by_id(lake, wanted)} if lake is not None else {}
     rows, rejects = [], []
     for number, alert_id in lines:
+        if not _ALERT_ID.fullmatch(alert_id):
+            rejects.append(_reject(f"line {number}", "not an alert id", alert_id))
+            continue
         alert = by_id.get(alert_id)
         if alert is None or not alert.get("addr"):
             rejects.append(_reject(f"line {number}", "no such alert in the lake", alert_id))
@@ -335,10 +372,7 @@ def read_observations(path: Path | str, fmt: str = "auto", lake: Lake | None = N
     domains: list[dict] = []
     if fmt == "alerts":
         numbered = [(n, line.split("#", 1)[0].strip()) for n, line in enumerate(text.splitlines(), start=1)]
-        rows, rejects = _alert_observations(
-            [(n, t) for n, t in numbered if t],
-            lake.read("alerts") if lake is not None else ALERTS.empty_table(),
-        )
+        rows, rejects = _alert_observations([(n, t) for n, t in numbered if t], lake)
     else:
         rows, rejects, domains = {"csv": parse_csv, "json": parse_json, "misp": parse_misp}[fmt](text)
     if len(rows) > MAX_OBSERVATIONS:  # (alert ids; the parsers stop at the cap themselves)

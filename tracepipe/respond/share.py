@@ -330,15 +330,11 @@ def indicators_from_alerts(lake: Lake, ids_file: Path) -> tuple[list[Indicator],
     ids.discard("")
     import contextlib
 
-    from tracepipe.query import FLOW_END, connect, flows_since
+    from tracepipe.query import FLOW_END, alerts_by_id, connect, flows_since
 
     with contextlib.closing(connect(lake)) as con:
         # (a query, not a read of every alert and every lease ever written into Python: both grow for years)
-        alerts = con.execute(
-            "SELECT * FROM alerts WHERE alert_id IN (SELECT unnest($ids::VARCHAR[]))", {"ids": sorted(ids)}
-        )
-        columns = [d[0] for d in alerts.description]
-        rows = [dict(zip(columns, row, strict=True)) for row in alerts.fetchall()]
+        rows = alerts_by_id(lake, sorted(ids), con)
         missing = ids - {r["alert_id"] for r in rows}
         if not rows:
             raise InputError(
