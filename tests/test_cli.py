@@ -72,6 +72,7 @@ def test_options_go_through_the_one_parser_of_their_unit(tmp_path, args, code, m
 def _commands(group, prefix=()):
     for name, command in sorted(group.commands.items()):
         if hasattr(command, "commands"):
+            yield (*prefix, name)  # the group's own --help too (a review: `ingest --help` showed none)
             yield from _commands(command, (*prefix, name))
         else:
             yield (*prefix, name)

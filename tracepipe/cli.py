@@ -142,7 +142,9 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 ingest_app = typer.Typer(
-    help="Land inputs in the lake (NetFlow, VM lifecycle, syslog).", no_args_is_help=True
+    help="Land inputs in the lake (NetFlow, VM lifecycle, syslog).\n\n"
+    "Example: tracepipe ingest netflow /srv/nfcapd/2025/06/17/ --lake /srv/lake",
+    no_args_is_help=True,
 )
 app.add_typer(ingest_app, name="ingest")
 
@@ -915,7 +917,10 @@ def attribute_command(
     raise typer.Exit(result.exit_code)
 
 
-leases_app = typer.Typer(help="VM address leases: who held which address when.", no_args_is_help=True)
+leases_app = typer.Typer(
+    help="VM address leases: who held which address when.\n\nExample: tracepipe leases rebuild --lake /srv/lake",
+    no_args_is_help=True,
+)
 app.add_typer(leases_app, name="leases")
 
 
@@ -1239,11 +1244,15 @@ def collect_command(
 # ---- commands: sweep / model / intel ------------------------------------------------------------------------
 
 model_app = typer.Typer(
-    help="The anomaly model: fit on a baseline period, score windows.", no_args_is_help=True
+    help="The anomaly model: fit on a baseline period, score windows.\n\n"
+    "Example: tracepipe model fit --since 2025-06-01 --until 2025-06-15 --pipeline site/nightly.toml",
+    no_args_is_help=True,
 )
 app.add_typer(model_app, name="model")
 intel_app = typer.Typer(
-    help="Threat-intelligence indicators (MISP exports, address lists).", no_args_is_help=True
+    help="Threat-intelligence indicators (MISP exports, address lists).\n\n"
+    "Example: tracepipe intel import misp-event.json --lake /srv/lake",
+    no_args_is_help=True,
 )
 app.add_typer(intel_app, name="intel")
 
@@ -1609,7 +1618,8 @@ def _print_demo(p: Printer, result: Any) -> None:
 # ---- commands: trace / export (respond to an incident, share with MISP/STIX) --------------------------------
 
 export_app = typer.Typer(
-    help="Share findings: a MISP event or a STIX 2.1 bundle from an incident package or alert ids.",
+    help="Share findings: a MISP event or a STIX 2.1 bundle from an incident package or alert ids.\n\n"
+    "Example: tracepipe export misp ssc-2025-06 --tlp amber --out event.json",
     no_args_is_help=True,
 )
 app.add_typer(export_app, name="export")
