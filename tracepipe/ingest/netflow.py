@@ -145,6 +145,9 @@ DIRECTIONS = ("ingress", "egress")  # IE 61 codes (RFC 5102)
 END_REASONS = ("0", "idleTimeout", "activeTimeout", "endOfFlowDetected", "forcedEnd", "lackOfResources")
 IF_NAME_CHARS = 128
 VRF_NAME_KEY = 1 << 32  # the names table keys a VRF's name by VRF_NAME_KEY + VRF id (ifindex < 2**32)
+# the samplers table keys an interface's sampling interval (options scoped to ingressInterface, IPFIX IE 10, or to
+# v9 scope type 2 "Interface") by IF_SAMPLING_KEY + ifindex, apart from sampler ids
+IF_SAMPLING_KEY = 1 << 62
 ADDRESS_ROLES = {"src_addr4", "dst_addr4", "src_addr6", "dst_addr6"}
 # roles whose wire length must be an address's: 4 or 16 bytes, else the field is skipped
 ADDRESS_LENGTHS = {
@@ -930,7 +933,7 @@ class DecoderState:
                     target[(exporter, domain)] = v
         for k, v in entries("samplers"):
             try:
-                exporter, domain, sampler = key(k, 2)
+                exporter, domain, sampler = key(k, 2, IF_SAMPLING_KEY + 2**32)  # (interfaces' too)
             except ValueError:
                 bad += 1
                 continue
@@ -2160,7 +2163,10 @@ def _read_options_data(
         return count
     # a row of a sampler table (or of an interface's sampling) gives that sampler's interval, not the domain's:
     # taken as the domain's, the last row read set the interval of every flow naming no sampler (a review)
-    domain_wide = not any(r in roles for r in ("sampler_id", "input_if", "output_if"))
+    interface_at = _interface_scope(tpl)
+    domain_wide = interface_at is None and not any(
+        r in roles for r in ("sampler_id", "input_if", "output_if")
+    )
     for i in range(count):
         rec = arr[i]
         interval = 0
@@ -2179,11 +2185,38 @@ def _read_options_data(
             state.samplers.put(
                 (exporter, domain, _scalar(rec["sampler_id"])), interval
             )  # a sampler table row
+        elif interval and interface_at is not None:  # an interface's sampling (Cisco per-interface, IPFIX)
+            offset, length = interface_at
+            ifindex = (
+                int.from_bytes(rec.tobytes()[offset : offset + length], "big") if tpl.version == 9 else None
+            )
+            if ifindex is None:
+                ifindex = _scalar(rec["input_if"])
+            if ifindex == 0:  # "no interface in particular": softflowd scopes its one interval so
+                state.sampling[(exporter, domain)] = interval
+            elif 0 < ifindex < 2**32:
+                state.samplers.put((exporter, domain, IF_SAMPLING_KEY + ifindex), interval)
         if "sys_init_ms" in roles:
             value = _scalar(rec["sys_init_ms"])
             if 0 < value < 2**50:  # a unix time in ms (anything larger is garbage)
                 state.sys_init_ms[(exporter, domain)] = value
     return count
+
+
+def _interface_scope(tpl: Template) -> tuple[int, int] | None:
+    """Where an options template's records name the interface they are of: (byte offset, length) of the v9
+    scope field of type 2 "Interface" (RFC 3954 §6.1: its ids are scope types, not field ids), or (0, 0) for an
+    IPFIX template with ingressInterface (IE 10) but no samplerId; None when its records are of no interface."""
+    if tpl.version == 9:
+        offset = 0
+        for i, (field_id, length, _pen) in enumerate(tpl.fields):
+            if i < tpl.scope_count and field_id == 2 and 0 < length <= 4:
+                return offset, length
+            offset += length
+        return None
+    if "input_if" in tpl.roles and "sampler_id" not in tpl.roles:
+        return 0, 0
+    return None
 
 
 def _keep_interface_names(
@@ -2521,13 +2554,23 @@ def _decode_group(
     start_ms, end_ms = _times(tpl, arr, c)
 
     exporter_ids = c[_CTX_EXPORTER]
+    # the interval: the domain's, else the interface's the flow came in on, else the record's own, else that of
+    # the record's sampler (issue 16), each over the one before where known
     sampling = c[_CTX_SAMPLING]
+    if (
+        "input_if" in roles and batch.samplers
+    ):  # (a review: per-interface tables were lost, or the last row won)
+        ifindex = _uint(arr, "input_if", roles)
+        keys = np.where(ifindex >= 0, ifindex + IF_SAMPLING_KEY, -1)  # type: ignore[operator]
+        values, index = _looked_up(batch, batch.samplers, keys, c)
+        known = np.array([*values, -1], dtype=np.int64)[index]  # index -1: the appended -1, unknown
+        sampling = np.where(known > 0, known, sampling)
     in_record = _uint(arr, "sampling", roles)  # issue 16: some routers put the interval in each data record
     if in_record is not None:
         sampling = np.where(in_record > 0, np.minimum(in_record, 2**31 - 1), sampling)
-    if "sampler_id" in roles and batch.samplers:  # issue 16: the interval of the record's own sampler
+    if "sampler_id" in roles and batch.samplers:
         values, index = _looked_up(batch, batch.samplers, _uint(arr, "sampler_id", roles), c)
-        known = np.array([*values, -1], dtype=np.int64)[index]  # index -1: the appended -1, unknown
+        known = np.array([*values, -1], dtype=np.int64)[index]
         sampling = np.where(known > 0, known, sampling)
     columns = {
         "ts_start": pa.array(start_ms * 1000, type=TS),
