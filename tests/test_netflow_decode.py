@@ -1182,3 +1182,22 @@ def test_sampling_per_interface_is_the_interval_of_the_flows_interface(version):
     # the collector's saved state keeps the table (a restart in between)
     again, _ = decode(messages[1:], DecoderState.from_json(state.to_json()))
     assert {r["input_if"]: r["sampling_interval"] for r in again.flows.to_pylist()} == got
+
+
+def test_sampling_probability_gives_the_interval():
+    # a review: samplingProbability (IE 311, RFC 5477: float64) left the interval null
+    layout = [(8, 4), (12, 4), (7, 2), (4, 1)]
+    messages = [
+        ipfix_message(
+            ipfix_options_template(320, [(149, 4)], [(311, 8)]),  # scope observationDomainId
+            flowset(2, template_record(300, layout)),
+            seq=0,
+        ),
+        ipfix_message(
+            flowset(320, struct.pack(">Id", 0, 0.01)),
+            flowset(300, pack_values(layout, {8: 0x0A000001, 12: 0x0A000002, 7: 9, 4: 17})),
+            seq=0,
+        ),
+    ]
+    result, _ = decode(messages)
+    assert result.flows.column("sampling_interval").to_pylist() == [100]

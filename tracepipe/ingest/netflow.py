@@ -89,6 +89,7 @@ FIELDS: dict[int, tuple[str, str]] = {
     324: ("observationTimeMicroseconds", "obs_ntp"),
     325: ("observationTimeNanoseconds", "obs_ntp"),
     305: ("samplingPacketInterval", "sampling_packets"),  # IPFIX: sample N packets ...
+    311: ("samplingProbability", "sampling_probability"),  # IPFIX (RFC 5477): float64, interval = 1 / it
     306: ("samplingPacketSpace", "sampling_space"),  # ... then skip M: interval = (N + M) / N
     48: ("samplerId", "sampler_id"),  # v9 FLOW_SAMPLER_ID: which sampler (options: its interval) (issue 16)
     302: ("selectorId", "sampler_id"),  # IPFIX (RFC 5477)
@@ -2174,6 +2175,10 @@ def _read_options_data(
             value = _scalar(rec["sampling"])
             if value > 0:
                 interval = min(value, 2**31 - 1)
+        if "sampling_probability" in roles and roles["sampling_probability"] == 8:
+            chance = struct.unpack(">d", _scalar(rec["sampling_probability"]).to_bytes(8, "big"))[0]
+            if 0 < chance <= 1:  # (NaN, 0 and more than 1 are no probability)
+                interval = min(round(1 / chance), 2**31 - 1)
         if "sampling_packets" in roles:
             packets = _scalar(rec["sampling_packets"])
             space = _scalar(rec["sampling_space"]) if "sampling_space" in roles else 0
