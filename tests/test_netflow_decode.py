@@ -1201,3 +1201,14 @@ def test_sampling_probability_gives_the_interval():
     ]
     result, _ = decode(messages)
     assert result.flows.column("sampling_interval").to_pylist() == [100]
+
+
+def test_data_that_waited_across_an_uptime_wrap_still_takes_its_template():
+    """sysUptime wraps after 49.7 days: the boot time estimated from it moves by 2**32 ms, and no restart
+    happened. Data that waited across the wrap is decoded with the template that came."""
+    layout = [(8, 4), (12, 4), (7, 2), (4, 1)]
+    record = pack_values(layout, {8: 0x0A000001, 12: 0x0A000002, 7: 9, 4: 17})
+    before = v9_datagram(flowset(256, record), uptime=2**32 - 500, secs=SECS, seq=1)
+    after = v9_datagram(flowset(0, template_record(256, layout)), uptime=500, secs=SECS + 1, seq=2)
+    result, _ = decode([before, after])
+    assert result.flows.num_rows == 1 and result.rejects.num_rows == 0

@@ -2060,10 +2060,11 @@ def _waited_for_another(tpl: Template, body: bytes, values: tuple, boot_ms: int)
     template of this one may share an id and nothing else: decoded with it, that data became flows no exporter
     sent (a review's IPv4 records read as IPv6 ones). Such data is given up, as nfdump gives it up (it never
     keeps data for a template to come)."""
-    if values[0] == 9 and boot_ms >= 0 and values[2] >= 0 and abs(boot_ms - values[2]) > RESTART_MS:
-        return (
-            f"the exporter restarted before it came (boot time moved {(boot_ms - values[2]) / 1000:+.0f} s)"
-        )
+    moved = boot_ms - values[2]
+    # (sysUptime wraps after 49.7 days: the boot time then moves by 2**32 ms, and the exporter did not restart)
+    restarted = min(abs(moved), abs(abs(moved) - WRAP)) > RESTART_MS
+    if values[0] == 9 and boot_ms >= 0 and values[2] >= 0 and restarted:
+        return f"the exporter restarted before it came (boot time moved {moved / 1000:+.0f} s)"
     if not tpl.variable_fields and tpl.record_len and len(body) % tpl.record_len >= 4:
         # (padding aligns a set to 4 bytes, RFC 3954 §5.3, RFC 7011 §3.3.1: more left over is another layout)
         return (
