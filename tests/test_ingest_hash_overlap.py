@@ -152,3 +152,41 @@ def test_a_crash_between_the_workers_close_and_the_commit_leaves_invisible_files
     assert Lake(lake_dir).read("flows").num_rows == sum(
         r["rows"] for r in Lake(lake_dir).manifest().to_pylist()
     )
+
+
+def test_a_file_landed_before_and_unchanged_is_skipped_without_reading_it(tmp_path, monkeypatch):
+    """An ops review: a sweep's drop folder was hashed whole at every run (264 + 264 hourly files: 3.9 s and 2.2 GB
+    read an hour to land nothing). A file whose manifest row recorded it as it still is (device, inode, size,
+    mtime, ctime) is skipped unread; one touched or replaced since is hashed (and skipped by its content)."""
+    import shutil
+    from pathlib import Path
+
+    from tracepipe.ingest import flows as flow_ingest
+    from tracepipe.ingest import vm as vm_ingest
+    from tracepipe.ingest.flows import ingest_flow_files
+    from tracepipe.ingest.vm import ingest_vm_files
+    from tracepipe.lake import Lake
+
+    story = Path(__file__).resolve().parent.parent / "sample_data" / "story"
+    capture = shutil.copy(story / "netflow" / "openstack-softflowd-v9.pcap", tmp_path / "capture.pcap")
+    events = shutil.copy(next((story / "nova").iterdir()), tmp_path / "nova.jsonl")
+    lake = Lake(tmp_path / "lake")
+    assert ingest_flow_files(lake, [Path(capture)]).files[0].status == "landed"
+    assert not ingest_vm_files(lake, [Path(events)]).results[0].skipped
+    read: list[str] = []
+
+    def counted(real):
+        return lambda path, *a, **k: (read.append(str(path)), real(path, *a, **k))[1]
+
+    monkeypatch.setattr(flow_ingest, "hash_file", counted(flow_ingest.hash_file))
+    monkeypatch.setattr(vm_ingest, "hash_file", counted(vm_ingest.hash_file))
+    lake = Lake(lake.root)  # (a new run)
+    assert ingest_flow_files(lake, [Path(capture)]).files[0].status == "skipped"
+    assert ingest_vm_files(lake, [Path(events)]).results[0].skipped
+    assert read == []
+    for path in (capture, events):
+        Path(path).touch()  # (a write since: the identity no longer matches)
+    lake = Lake(lake.root)
+    assert ingest_flow_files(lake, [Path(capture)]).files[0].status == "skipped"
+    assert ingest_vm_files(lake, [Path(events)]).results[0].skipped
+    assert sorted(read) == sorted([str(capture), str(events)])  # hashed, and skipped by their content

@@ -26,6 +26,7 @@ __all__ = [
     "arrow_regular",
     "beneath",
     "directory_problem",
+    "file_identity",
     "fsync_dir",
     "input_problem",
     "move_beneath",
@@ -132,6 +133,12 @@ _KINDS = (
     (stat.S_ISLNK, "symbolic link"),
     (stat.S_ISDIR, "directory"),
 )
+
+
+def file_identity(info: os.stat_result) -> list[int]:
+    """What tells one file as it is on disk from any other or a changed one, never its name: device, inode,
+    size, mtime and ctime (what changes when its bytes do; ctime cannot be set back by its writer)."""
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
 
 
 def kind(mode: int) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tracepipe import fsutil
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, LakeError
 from tracepipe.fsutil import input_problem
 from tracepipe.ingest import nffile
@@ -61,7 +62,7 @@ from tracepipe.ingest.nfdump import (
 )
 from tracepipe.ingest.pcap import HEAD_BYTES, PCAP_MAGIC, PCAPNG_SHB, UdpBatch, iter_udp_batches
 from tracepipe.ingest.zeek import GZIP_MAGIC, iter_conn_log, other_log, zeek_head, zeek_kind
-from tracepipe.lake import ROW_GROUP_ROWS, IngestWriter, Lake, hash_file
+from tracepipe.lake import FILE_IDENTITY, ROW_GROUP_ROWS, IngestWriter, Lake, hash_file
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.senders import OTHERS_TEXT, AllowList
 
@@ -131,11 +132,6 @@ class AlreadyIngested(Exception):
     """The content hash, found while the file decoded, is in the lake already: what was written is dropped."""
 
 
-def _file_identity(info: os.stat_result) -> tuple[int, ...]:
-    """What changes when a file's bytes do: size, mtime and ctime (ctime cannot be set back by its writer)."""
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-
-
 def _unchanged(path: Path, seen: os.stat_result) -> None:
     """InputChanged unless `path` is still the file `seen` before it was hashed: a capture still being written
     (tcpdump, nfcapd's current file) would otherwise land rows of bytes its content hash does not cover, and
@@ -144,7 +140,7 @@ def _unchanged(path: Path, seen: os.stat_result) -> None:
         now = path.stat()
     except OSError as exc:
         raise InputChanged(f"it went away while it was read ({exc.strerror})") from exc
-    if _file_identity(now) != _file_identity(seen):
+    if fsutil.file_identity(now) != fsutil.file_identity(seen):
         raise InputChanged(f"it changed while it was read ({seen.st_size:,} -> {now.st_size:,} bytes)")
 
 
@@ -415,7 +411,13 @@ def _ingest_one(
         return result
     source = str(path.absolute())  # evidence: an investigator must find the file again, whatever the cwd was
     hashing: ContentHash | None = None
-    if pool is not None and not lake.has_source("flows", source):
+    known = lake.has_source("flows", source)
+    if known and lake.landed_as_it_is("flows", source, seen):
+        # the very file landed before, unchanged since (device, inode, size, mtime and ctime): skipped without
+        # reading it. A sweep's drop folder hashed every file in it at every run (an ops review: 264 + 264 hourly
+        # files, 3.9 s and 2.2 GB read an hour to land nothing)
+        return _skipped(result, progress, size)
+    if pool is not None and not known:
         # a big new file: its hash is computed while it decodes (_identify checks it before the commit)
         hashing, content_hash = ContentHash(path), None
     else:  # a small file, or a path landed before (a rerun, most likely a skip): hash first, decode if new
@@ -662,7 +664,14 @@ def _land_one(
         merge_exporter_totals(capped, stats)
         stats.clear()
         stats.update(capped)
-        ingested = writer.commit({"kind": kind, "datagrams": result.datagrams, "exporters": stats})
+        ingested = writer.commit(
+            {
+                "kind": kind,
+                "datagrams": result.datagrams,
+                "exporters": stats,
+                FILE_IDENTITY: fsutil.file_identity(seen),
+            }
+        )
     if ingested.skipped:  # another command landed the same content while this one decoded it
         raise AlreadyIngested
     result.flows = ingested.rows

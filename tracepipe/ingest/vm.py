@@ -18,11 +18,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tracepipe import fsutil
 from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, UsageError
 from tracepipe.fsutil import input_problem
 from tracepipe.ingest.cloud import FORMATS, detect_format, parse_cloud_text
 from tracepipe.ingest.syslog import YearWraps, parse_syslog
-from tracepipe.lake import IngestResult, Lake, hash_bytes, hash_file, ingest_table
+from tracepipe.lake import FILE_IDENTITY, IngestResult, Lake, hash_bytes, hash_file, ingest_table
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, read_text_bounded, too_long_rejects
 from tracepipe.units import time_zone
@@ -179,6 +180,14 @@ def ingest_vm_files(
             continue  # an OpenNebula XML read together with its log
         partner = partners.get(path)
         source = str(path.absolute())  # evidence: findable again whatever the cwd was
+        try:
+            info = path.stat()
+        except OSError:
+            info = None  # (hash_file says why below)
+        if partner is None and info is not None and lake.landed_as_it_is("vm_events", source, info):
+            # the very file landed before, unchanged since: skipped without reading it (Lake.landed_as_it_is)
+            report.results.append(IngestResult("vm_events", source, "", skipped=True))
+            continue
         content_hash = hash_file(path)
         if partner is not None:
             content_hash = hash_bytes(f"{content_hash}+{hash_file(partner)}".encode())
@@ -222,7 +231,16 @@ def ingest_vm_files(
             content_hash,
             [events],
             [rejects],
-            stats={"format": file_fmt, "events": events.num_rows, "duplicates": duplicates},
+            stats={
+                "format": file_fmt,
+                "events": events.num_rows,
+                "duplicates": duplicates,
+                **(
+                    {FILE_IDENTITY: fsutil.file_identity(info)}
+                    if info is not None and partner is None
+                    else {}
+                ),
+            },
         )
         report.results.append(result)
     report.touched_days = _days_of(report.results, "vm_events")
@@ -369,6 +387,14 @@ def ingest_syslog_files(
     time_zone(tz)
     report = VmIngestReport()
     for path in expand_paths(paths):
+        source = str(path.absolute())
+        try:
+            info = path.stat()
+        except OSError:
+            info = None  # (hash_file says why below)
+        if info is not None and lake.landed_as_it_is("vm_logs", source, info):  # (unread: unchanged since)
+            report.results.append(IngestResult("vm_logs", source, "", skipped=True))
+            continue
         content_hash = hash_file(path)
         if progress:
             progress(str(path))
@@ -376,7 +402,6 @@ def ingest_syslog_files(
             report.results.append(IngestResult("vm_logs", str(path), content_hash, skipped=True))
             continue
         mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
-        source = str(path.absolute())
         known = _KnownLines(lake, source)
         wraps = YearWraps(year) if year is not None else None  # (--year: the first line's; Dec -> Jan: +1)
         counts: dict[str, int] = {}
@@ -402,6 +427,8 @@ def ingest_syslog_files(
             # (lines without a year took the file's modification time's: said, so that a wrong one is seen;
             # not when every line carried its own, as RFC 5424's do)
             stats = {"lines": writer.result.rows, "duplicates": known.duplicates}
+            if info is not None:
+                stats[FILE_IDENTITY] = fsutil.file_identity(info)
             guessed = not year and counts.get("no_year", 0) > 0
             result = writer.commit({**stats, **({"mtime_year": mtime.year} if guessed else {})})
         report.duplicates += known.duplicates
