@@ -1587,6 +1587,30 @@ def test_a_damaged_lease_state_means_a_full_rebuild(tmp_path, damage):
     assert [p.name for p in (lake.root / STATE_DIR).iterdir()] == [str(lake.version("vm_leases"))]
 
 
+def test_a_state_save_killed_before_its_rename_is_cleared_by_a_later_save(tmp_path):
+    """An ops review: `ingest vm` killed while saving the lease state left a `.tmp-` folder (a whole state) that
+    later saves and vacuum kept for good. A later save removes such folders an hour old (not a save of now's)."""
+    import os
+
+    from tracepipe.correlate.leases import STATE_DIR, refresh_leases
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    lake = Lake(tmp_path / "lake")
+    first = [{"ts": utc(1, 0), "vm_id": "a", "vm_name": "a", "action": "create", "addrs": ["10.0.0.1"]}]
+    ingest_table(lake, "vm_events", "1", hash_bytes(b"1"), [_events(first)])
+    refresh_leases(lake, SEVEN_DAYS)
+    root = lake.root / STATE_DIR
+    killed, writing = root / ".tmp-killed", root / ".tmp-writing"
+    for folder in (killed, writing):
+        folder.mkdir()
+        (folder / "live.parquet").write_bytes(b"x" * 1000)
+    os.utime(killed, (0, os.stat(killed).st_mtime - 7200))
+    then = [{"ts": utc(2, 0), "vm_id": "b", "vm_name": "b", "action": "create", "addrs": ["10.0.0.2"]}]
+    ingest_table(lake, "vm_events", "2", hash_bytes(b"2"), [_events(then)])
+    refresh_leases(lake)
+    assert sorted(p.name for p in root.iterdir()) == sorted([str(lake.version("vm_leases")), ".tmp-writing"])
+
+
 def _five_vms_built(tmp_path) -> tuple:
     """A lake of five VMs created, its leases built (and the state saved): (lake, the events' rows)."""
     from tracepipe.correlate.leases import refresh_leases

@@ -4036,6 +4036,16 @@ def _state_schemas() -> tuple[pl.Schema, pl.Schema]:
     return events.schema, leases.schema
 
 
+STALE_STATE_S = 3600  # a state folder still `.tmp-` after this long is of a save that was killed
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.lstat().st_mtime > seconds
+    except OSError:
+        return False
+
+
 def _save_state(lake: Any, version: int, state: _State) -> None:
     """The state of vm_leases `version`, written whole into a new directory renamed into place (readers see
     all of it or none); older states are removed. Failing to write it costs the next update a full rebuild."""
@@ -4080,6 +4090,10 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
         work.rename(final)
         for old in root.iterdir():
             if old.name.isdigit() and int(old.name) < version:
+                shutil.rmtree(old, ignore_errors=True)
+            elif old.name.startswith(".tmp-") and _older_than(old, STALE_STATE_S):
+                # a save killed before its rename (an ops review: such folders, a whole state each, outlived
+                # later saves and vacuum); an hour old, no save of now is writing it
                 shutil.rmtree(old, ignore_errors=True)
     except OSError:
         return
