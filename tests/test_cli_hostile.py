@@ -482,9 +482,16 @@ def test_damaged_lake_file_is_named_with_its_repair(hostile_lake, tmp_path):
         assert result.returncode == 4, result.stdout + result.stderr
         assert str(listed) in result.stderr and "tracepipe repair" in result.stderr, result.stderr
         assert "internal error" not in result.stderr
+    # a monitoring job's check: names it, changes nothing, exit 1 (an ops review: no read-only check existed)
+    relative = listed.relative_to(lake / "flows").as_posix()
+    result = cli("repair", "--check", "--lake", str(lake), "--format", "json")
+    assert result.returncode == 1, result.stderr
+    assert list(json.loads(result.stdout)["damaged"]) == ["flows"] and relative in result.stdout
+    assert listed.exists() and not (lake / "_damaged").exists()
     result = cli("repair", "--lake", str(lake), "--format", "json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["moved"] == {"flows": [listed.relative_to(lake / "flows").as_posix()]}
+    assert json.loads(result.stdout)["moved"] == {"flows": [relative]}
+    assert cli("repair", "--check", "--lake", str(lake)).returncode == 0
     assert (lake / "_damaged" / "flows" / listed.relative_to(lake / "flows")).exists()  # kept as evidence
     result = cli("sql", "SELECT count(*) AS n FROM vms", "--format", "json", "--lake", str(lake))
     assert result.returncode == 0 and json.loads(result.stdout) == [{"n": 1}], result.stderr

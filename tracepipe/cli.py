@@ -24,7 +24,7 @@ import typer
 from typer.core import TyperGroup
 
 from tracepipe import DEFAULT_LAKE
-from tracepipe.errors import EXIT_FAILED, EXIT_PIPE, TracepipeError, UsageError
+from tracepipe.errors import EXIT_FAILED, EXIT_FOUND, EXIT_PIPE, TracepipeError, UsageError
 from tracepipe.nopandas import refuse_pandas
 from tracepipe.printer import Printer
 
@@ -1089,17 +1089,43 @@ def repair_command(
     ctx: typer.Context,
     output: FormatOption = OutputFormat.table,
     lake: LakeOption = Path(DEFAULT_LAKE),
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Only look: list the damaged files, change nothing (exit 1 if there are any). For monitoring.",
+        ),
+    ] = False,
 ) -> None:
     """Take damaged files out of the lake: files a table's log lists that are missing, truncated, replaced,
     not Parquet, or hold columns of other types than their table's (every query fails on them) are moved to
     LAKE/_damaged/ (kept as evidence) and removed from the log in one commit per table. Their rows leave the
-    lake. Safe to run twice.
+    lake. Safe to run twice. With --check nothing is changed: exit 0 when no file is damaged, 1 when some are
+    (a monitoring job's health check).
 
-    Example: tracepipe repair --lake /srv/lake
+    Example: tracepipe repair --lake /srv/lake --check --format json
     """
     p: Printer = ctx.obj
     target = open_lake(lake)
     target.require()
+    if check:
+        from tracepipe.lake import DATASETS, MANIFEST_DIR
+
+        found = {
+            name: {entry.relative: reason for entry, reason in bad}
+            for name in [*DATASETS, MANIFEST_DIR]
+            if (bad := target.damaged(name, read_footers=True))
+        }
+        code = EXIT_FOUND if found else 0
+        if output == OutputFormat.json:
+            p.json({"damaged": found, "exit_code": code})
+            raise typer.Exit(code)
+        if not found:
+            p.line("no damaged file: every file the logs list is there, of its size, and reads as Parquet")
+        for name, files in found.items():
+            for relative, why in files.items():
+                p.line(f"{name}: {relative} is damaged ({why}): `tracepipe repair` takes it out")
+        raise typer.Exit(code)
     moved = target.repair()
     outside = target.outside_removed
     if output == OutputFormat.json:
