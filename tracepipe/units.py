@@ -58,12 +58,10 @@ _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}  # binary: 32M is 32 M
 # [v6]:port | host:port | :port | port ('%' and letters: a zone id, fe80::1%eth0)
 _LISTEN = re.compile(r"\[([0-9A-Fa-f:.%a-z]+)\]:(\d+)|([^:\[\]]*):(\d+)|(\d+)")
 _EPOCH = re.compile(r"\d{9,11}(\.\d+)?")  # 1973..5138: a short number is a typo, not a time
-_EPOCH_MS = re.compile(
-    r"\d{12,13}"
-)  # epoch milliseconds (JavaScript, Elasticsearch, Splunk exports): 1973..2286
-_UTC_WORD = re.compile(
-    r"\s*(UTC|GMT)$", re.IGNORECASE
-)  # "2025-06-17 08:05:00 UTC", as tickets and logs write
+# epoch milliseconds (JavaScript, Elasticsearch, Splunk exports): 1973..2286
+_EPOCH_MS = re.compile(r"\d{12,13}")
+# "2025-06-17 08:05:00 UTC", as tickets and logs write it
+_UTC_WORD = re.compile(r"\s*(UTC|GMT)$", re.IGNORECASE)
 # What a person may type. Times: NetFlow, cloud logs and this tool live between these, and a window or baseline
 # (at most MAX_DURATION) around any of them stays far inside what datetime and DuckDB can hold (year 1..9999).
 TIME_RANGE = (dt.datetime(1970, 1, 1, tzinfo=dt.UTC), dt.datetime(2200, 1, 1, tzinfo=dt.UTC))

@@ -357,19 +357,21 @@ def indicators_from_alerts(lake: Lake, ids_file: Path) -> tuple[list[Indicator],
             )
             # what the flows of the alert's window say: when its address (and peer) were seen, in how many flows
             # (before: the window's bounds and "1 flows" for a beacon of 159 connections)
-            seen = con.execute(
-                _ALERT_FLOWS_SQL.replace("FLOW_END", FLOW_END),
-                {
-                    "addr": r["addr"],
-                    "peer": r.get("peer"),
-                    "start": r["window_start"],
-                    "stop": r["window_end"],
-                    "since": flows_since(r["window_start"]),
-                    "first_day": flows_since(r["window_start"]).date(),
-                    "last_day": r["window_end"].date(),
-                },
-            ).fetchone()
-            count, first, last, ids = seen if seen and seen[0] else (0, None, None, [])
+            params = {
+                "addr": r["addr"],
+                "peer": r.get("peer"),
+                "start": r["window_start"],
+                "stop": r["window_end"],
+                "since": flows_since(r["window_start"]),
+                "first_day": flows_since(r["window_start"]).date(),
+                "last_day": r["window_end"].date(),
+            }
+            seen = con.execute(_ALERT_FLOWS_SQL.replace("FLOW_END", FLOW_END), params).fetchone()
+            count, first, last = seen if seen and seen[0] else (0, None, None)
+            flow_ids: list[int] = []
+            if 0 < count <= MAX_FLOW_IDS:  # (a scan's millions of flows are counted, not held one by one)
+                sql = _ALERT_FLOW_IDS_SQL.replace("FLOW_END", FLOW_END)
+                flow_ids = con.execute(sql, params).fetchone()[0] or []
             for value, role in ((r.get("peer"), "dst"), (r.get("addr"), "src")):
                 if value:
                     first_seen, last_seen = (first, last) if count else (r["window_start"], r["window_end"])
@@ -378,24 +380,27 @@ def indicators_from_alerts(lake: Lake, ids_file: Path) -> tuple[list[Indicator],
                         value, "ip", role, None, first_seen, last_seen, count, comment, value in local
                     )
                     item.local = item.local or site_only(value)
-                    item.flows = set(
-                        ids
-                    )  # (two alerts on one peer, a beacon's and intel's, share their flows)
+                    # (two alerts on one peer, a beacon's and intel's, share their flows: counted once)
+                    item.flows = set(flow_ids)
                     _merge(found, item)
     return list(found.values()), {"missing_alerts": sorted(missing)}
 
 
 # the flows of an alert's address (with its peer, if it names one) that reach into its window (FLOW_END)
-_ALERT_FLOWS_SQL = """
-SELECT count(*), min(f.ts_start), max(FLOW_END),
-       list(DISTINCT hash(f.ts_start, f.ts_end, f.src_addr, f.dst_addr, f.src_port, f.dst_port, f.proto, f.bytes,
-                          f.packets, f.exporter))
+_ALERT_FLOWS_WHERE = """
 FROM flows f
 WHERE (f.src_addr = $addr OR f.dst_addr = $addr)
   AND ($peer IS NULL OR f.src_addr = $peer OR f.dst_addr = $peer)
   AND f.ts_start >= $since AND f.ts_start < $stop AND FLOW_END >= $start
   AND f."date" BETWEEN $first_day AND $last_day
 """
+_ALERT_FLOWS_SQL = "SELECT count(*), min(f.ts_start), max(FLOW_END)" + _ALERT_FLOWS_WHERE
+# ... and an id of each (flows named by two alerts count once), for alerts of at most MAX_FLOW_IDS flows
+_ALERT_FLOW_IDS_SQL = (
+    "SELECT list(DISTINCT hash(f.ts_start, f.ts_end, f.src_addr, f.dst_addr, f.src_port, f.dst_port, f.proto, "
+    "f.bytes, f.packets, f.exporter))" + _ALERT_FLOWS_WHERE
+)
+MAX_FLOW_IDS = 100_000
 
 
 def select(indicators: list[Indicator], include_local: bool) -> tuple[list[Indicator], int]:
