@@ -2578,9 +2578,8 @@ MAX_REJECT_ROWS = 1_000_000
 REJECT_GROUP_ROWS = 65_536
 
 
-FILE_IDENTITY = (
-    "file"  # a manifest row's record of the file it landed (fsutil.file_identity): Lake.landed_as_it_is
-)
+# a manifest row's record of the file it landed (fsutil.file_identity), for Lake.landed_as_it_is
+FILE_IDENTITY = "file"
 
 
 class IngestWriter:
