@@ -190,3 +190,29 @@ def test_a_file_landed_before_and_unchanged_is_skipped_without_reading_it(tmp_pa
     assert ingest_flow_files(lake, [Path(capture)]).files[0].status == "skipped"
     assert ingest_vm_files(lake, [Path(events)]).results[0].skipped
     assert sorted(read) == sorted([str(capture), str(events)])  # hashed, and skipped by their content
+
+
+def test_a_file_landed_before_identities_were_recorded_is_read_once_more_then_never(tmp_path, monkeypatch):
+    """A review of the fix: files landed by a version before identities were recorded kept being hashed at
+    every run (an upgraded site's drop folder: 2.2 GB an hour). The first run that finds one by its content
+    records its identity; the runs after skip it unread."""
+    import shutil
+    from pathlib import Path
+
+    from tracepipe.ingest import flows as flow_ingest
+    from tracepipe.ingest.flows import ingest_flow_files
+    from tracepipe.lake import Lake
+
+    story = Path(__file__).resolve().parent.parent / "sample_data" / "story"
+    capture = Path(shutil.copy(story / "netflow" / "openstack-softflowd-v9.pcap", tmp_path / "capture.pcap"))
+    with monkeypatch.context() as old_version:  # (lands it as the version before did: no identity)
+        old_version.setattr(flow_ingest, "FILE_IDENTITY", "not-recorded")
+        assert ingest_flow_files(Lake(tmp_path / "lake"), [capture]).files[0].status == "landed"
+    read: list[str] = []
+    real = flow_ingest.hash_file
+    monkeypatch.setattr(
+        flow_ingest, "hash_file", lambda path, *a, **k: (read.append(str(path)), real(path))[1]
+    )
+    for _run in range(3):
+        assert ingest_flow_files(Lake(tmp_path / "lake"), [capture]).files[0].status == "skipped"
+    assert read == [str(capture)]  # hashed by the first run after the upgrade only

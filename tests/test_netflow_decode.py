@@ -1212,3 +1212,14 @@ def test_data_that_waited_across_an_uptime_wrap_still_takes_its_template():
     after = v9_datagram(flowset(0, template_record(256, layout)), uptime=500, secs=SECS + 1, seq=2)
     result, _ = decode([before, after])
     assert result.flows.num_rows == 1 and result.rejects.num_rows == 0
+
+
+def test_an_exporter_of_sysuptime_0_keeps_the_data_that_waited():
+    """The restart check reads the boot time as export time less sysUptime: an exporter that always reports a
+    sysUptime of 0 tells none, and its data that waited was given up as of a restart (a review of the fix)."""
+    layout = [(8, 4), (12, 4), (7, 2), (4, 1)]
+    record = pack_values(layout, {8: 0x0A000001, 12: 0x0A000002, 7: 9, 4: 17})
+    before = [v9_datagram(flowset(256, record), uptime=0, secs=SECS + i, seq=1 + i) for i in range(3)]
+    after = v9_datagram(flowset(0, template_record(256, layout)), uptime=0, secs=SECS + 30, seq=4)
+    result, _ = decode([*before, after])
+    assert result.flows.num_rows == 3 and result.rejects.num_rows == 0

@@ -900,6 +900,8 @@ def test_export_of_odd_inputs_is_an_input_error_not_an_internal_one(
         ("IP Address,Event Time\n10.20.1.31,2025-06-17 08:05:00 UTC\n", 1),
         ("ip_address,time_utc\n10.20.1.31,1750147500000\n", 1),  # epoch milliseconds
         ("src,datetime\n10.20.1.31,2025-06-17 08:05:00 GMT\n", 1),
+        ("Source IP Address,Time (UTC)\n10.20.1.31,2025-06-17 08:05:00\n", 1),
+        ("IP,Date/Time\n10.20.1.31,2025-06-17T08:05:00Z\n", 1),
     ],
 )
 def test_ticket_forms_a_csirt_sends_are_read(tmp_path: Path, text: str, expected: int) -> None:

@@ -1737,6 +1737,16 @@ class Lake:
         identity = fsutil.file_identity(info)
         return any(stats.get(FILE_IDENTITY) == identity for stats in self.source_stats(dataset, source))
 
+    def record_identity(self, dataset: str, content_hash: str, source: str, info: os.stat_result) -> None:
+        """A file found in the lake by its content (hashed) whose path has no identity recorded yet (landed by a
+        version before identities were): one manifest row more, of no rows, so that its next run skips it
+        unread (an upgraded site's drop folders were hashed whole at every run, 2.2 GB an hour: a review). Once
+        per path: one whose identity changes at every run (touched, same content) is hashed, as before."""
+        if self.as_of is not None or any(FILE_IDENTITY in s for s in self.source_stats(dataset, source)):
+            return
+        stats = {FILE_IDENTITY: fsutil.file_identity(info), "identity_only": True}
+        self._write_manifest_row(dataset, content_hash, source, 0, 0, [], stats)
+
     def source_stats(self, dataset: str, source: str) -> list[dict[str, Any]]:
         """The `stats` of the manifest rows of `dataset` naming `source`, looked up as has_source does (never a
         read of the whole manifest): what an ingest recorded of the file, such as its identity on disk."""

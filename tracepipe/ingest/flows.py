@@ -423,6 +423,8 @@ def _ingest_one(
     else:  # a small file, or a path landed before (a rerun, most likely a skip): hash first, decode if new
         content_hash = hash_file(path)
         if lake.already_ingested("flows", content_hash):
+            if known:
+                lake.record_identity("flows", content_hash, source, seen)
             return _skipped(result, progress, size)
     # a skipped file leaves the decoder state as it found it (templates, sequence numbers): as if never read;
     # and a capture the decoder failed on is decoded again from it

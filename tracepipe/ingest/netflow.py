@@ -1734,6 +1734,7 @@ def _walk_sets(
                 domain,
                 set_id == options_set,
                 boot_ms,
+                uptime,
             )
             continue
         if set_id < 256:
@@ -1951,9 +1952,11 @@ def _read_templates(
     domain: int,
     options: bool,
     boot_ms: int = -1,
+    uptime: int = -1,
 ) -> None:
-    """The templates of one set. `boot_ms`: the exporter's boot time by this message (v9: export time less
-    sysUptime), against which the data that waited for a template is checked (_replay_pending)."""
+    """The templates of one set. `boot_ms`, `uptime`: the exporter's boot time by this message (v9: export time
+    less sysUptime) and its sysUptime, against which the data that waited for a template is checked
+    (_replay_pending)."""
     state = batch.state
     while end - pos >= 4:
         scope_count = 0
@@ -2046,7 +2049,7 @@ def _read_templates(
             batch.stat(exporter)["waiting_for_template"] -= len(waiting)
             # decoded once the whole datagram is read: options data (sampling, boot time) that came with the
             # template in the same datagram then applies to them too
-            batch.replay.append((tpl, exporter, domain, tid, waiting, boot_ms))
+            batch.replay.append((tpl, exporter, domain, tid, waiting, (boot_ms, uptime)))
 
 
 # a v9 exporter whose boot time (export time less sysUptime, to the second) moved more than this between the data
@@ -2054,15 +2057,17 @@ def _read_templates(
 RESTART_MS = 5_000
 
 
-def _waited_for_another(tpl: Template, body: bytes, values: tuple, boot_ms: int) -> str | None:
+def _waited_for_another(tpl: Template, body: bytes, values: tuple, boot: tuple[int, int]) -> str | None:
     """Why data that waited for template `tpl` is not its data, or None. A router that reloads numbers its
     templates anew (Cisco IOS-XE: in the order its monitors come up), so the data of the last boot and the
     template of this one may share an id and nothing else: decoded with it, that data became flows no exporter
     sent (a review's IPv4 records read as IPv6 ones). Such data is given up, as nfdump gives it up (it never
     keeps data for a template to come)."""
+    boot_ms, uptime = boot
     moved = boot_ms - values[2]
-    # (sysUptime wraps after 49.7 days: the boot time then moves by 2**32 ms, and the exporter did not restart)
-    restarted = min(abs(moved), abs(abs(moved) - WRAP)) > RESTART_MS
+    # (sysUptime wraps after 49.7 days: the boot time then moves by 2**32 ms, and the exporter did not restart;
+    # an exporter that reports a sysUptime of 0 tells no boot time at all: its estimate moves with the clock)
+    restarted = min(abs(moved), abs(abs(moved) - WRAP)) > RESTART_MS and uptime != 0 and values[3] != 0
     if values[0] == 9 and boot_ms >= 0 and values[2] >= 0 and restarted:
         return f"the exporter restarted before it came (boot time moved {moved / 1000:+.0f} s)"
     if not tpl.variable_fields and tpl.record_len and len(body) % tpl.record_len >= 4:
@@ -2078,9 +2083,9 @@ def _replay_pending(batch: _Batch) -> None:
     """Decode data flowsets that were waiting for a template that has now arrived."""
     state = batch.state
     replay, batch.replay = batch.replay, []
-    for tpl, exporter, domain, tid, waiting, boot_ms in replay:
+    for tpl, exporter, domain, tid, waiting, boot in replay:
         for body, values, pending_offset in waiting:
-            other = _waited_for_another(tpl, body, values, boot_ms)
+            other = _waited_for_another(tpl, body, values, boot)
             if other is not None:
                 detail = f"template {tid} (domain {domain}) came, but not for this data: {other}"
                 _no_template(batch, exporter, pending_offset if pending_offset >= 0 else None, detail, False)

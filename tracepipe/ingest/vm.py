@@ -195,6 +195,8 @@ def ingest_vm_files(
         if progress:
             progress(source)
         if lake.already_ingested("vm_events", content_hash):
+            if partner is None and info is not None and lake.has_source("vm_events", source):
+                lake.record_identity("vm_events", content_hash, source, info)
             report.results.append(IngestResult("vm_events", source, content_hash, skipped=True))
             continue
         limit_rejects: list[pa.Table] = []
@@ -399,6 +401,8 @@ def ingest_syslog_files(
         if progress:
             progress(str(path))
         if lake.already_ingested("vm_logs", content_hash):
+            if info is not None and lake.has_source("vm_logs", source):
+                lake.record_identity("vm_logs", content_hash, source, info)
             report.results.append(IngestResult("vm_logs", str(path), content_hash, skipped=True))
             continue
         mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)

@@ -44,9 +44,10 @@ OBSERVATIONS = pa.schema(
 # (header names are compared lower case, spaces and hyphens as `_`: "IP Address" is ip_address)
 _ALIASES = {
     "address": ("address", "addr", "ip", "ip_address", "ipaddress", "ipv4", "ipv6", "src_ip", "source_ip",
-                "src_addr", "source_address", "src", "source", "host"),
+                "src_addr", "source_address", "source_ip_address", "src_ip_address", "src", "source", "host"),
     "port": ("port", "dst_port", "dport", "destination_port", "dest_port"),
-    "peer": ("peer", "dst_ip", "destination", "destination_ip", "dest_ip", "dst_addr", "dst", "remote", "cc"),
+    "peer": ("peer", "dst_ip", "destination", "destination_ip", "destination_ip_address", "dest_ip", "dst_addr",
+             "dst", "remote", "cc"),
     "time": ("time", "timestamp", "ts", "at", "datetime", "date_time", "time_utc", "timestamp_utc", "datetime_utc",
              "event_time", "date"),
     "start": ("start", "from", "first_seen", "since", "start_time"),
@@ -85,7 +86,10 @@ def _port(value: Any) -> int | str | None:
 
 
 def _header_name(name: Any) -> str:
-    return re.sub(r"[\s-]+", "_", str(name).strip().lower())
+    """A ticket's column name as the aliases write it: lower case, a parenthesised note dropped ("Time (UTC)"),
+    any run of other characters as `_` ("Date/Time", "Source IP Address")."""
+    text = re.sub(r"\([^)]*\)", " ", str(name).lower())
+    return re.sub(r"[^a-z0-9]+", "_", text).strip("_")
 
 
 def _pick(record: dict[str, Any], name: str) -> Any:
