@@ -921,3 +921,25 @@ def test_a_time_that_does_not_parse_is_named_not_called_missing(tmp_path: Path) 
     assert reasons[0].startswith("time '17/06/2025 08:05' does not parse") and reasons[1].startswith(
         "no time"
     )
+
+
+def test_an_address_with_its_port_in_one_cell_is_read(tmp_path: Path) -> None:
+    # abuse reports and logs write 192.0.2.7:443 and [2001:db8::7]:443: they were rejects ("not an address")
+    ticket = tmp_path / "ticket.csv"
+    ticket.write_text(
+        "address,peer,time\n"
+        "10.20.1.31:51234,[2001:db8::7]:443,2025-06-17T08:05:00Z\n"  # the peer's (service) port is taken
+        "10.20.1.31:445,,2025-06-17T08:05:00Z\n"
+        "[2001:db8:20:1::a],,2025-06-17T08:05:00Z\n"
+        "10.20.1.31:99999,,2025-06-17T08:05:00Z\n"
+    )
+    observations = read_observations(ticket)
+    rows = [(r["address"], r["port"], r["peer"]) for r in observations.table.to_pylist()]
+    assert rows == [
+        ("10.20.1.31", 443, "2001:db8::7"),
+        ("10.20.1.31", 445, None),
+        ("2001:db8:20:1::a", None, None),
+    ]
+    assert [(r["ref"], r["reason"]) for r in observations.rejects] == [
+        ("line 5", "port out of range 0-65535")
+    ]

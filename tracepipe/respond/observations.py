@@ -101,9 +101,26 @@ def _pick(record: dict[str, Any], name: str) -> Any:
     return None
 
 
+# an address with its port in one cell, as logs and abuse reports write them: 192.0.2.7:443, [2001:db8::7]:443
+_WITH_PORT = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::(\d{1,5}))?|(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})")
+
+
+def _address_and_port(text: Any) -> tuple[str | None, int | str | None]:
+    """(canonical address, port it named or None) of a cell; (None, None) when it is no address."""
+    address = _address(text)
+    if address is not None or text is None:
+        return address, None
+    match = _WITH_PORT.fullmatch(str(text).strip())
+    if match is None:
+        return None, None
+    host, port = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+    address = _address(host)
+    return (address, _port(port)) if address is not None else (None, None)
+
+
 def _record_row(record: dict[str, Any], ref: str) -> dict[str, Any] | str:
     """One CSV/JSON record -> an observation row, or a reject reason."""
-    address = _address(_pick(record, "address"))
+    address, cell_port = _address_and_port(_pick(record, "address"))
     if address is None:
         given = _pick(record, "address")
         return "no address column" if given is None else "address is not an IPv4/IPv6 address"
@@ -111,9 +128,14 @@ def _record_row(record: dict[str, Any], ref: str) -> dict[str, Any] | str:
     if isinstance(port, str):
         return port
     peer_text = _pick(record, "peer")
-    peer = _address(peer_text)
+    peer, peer_port = _address_and_port(peer_text)
     if peer_text is not None and peer is None:
         return "peer is not an IPv4/IPv6 address"
+    for named in (peer_port, cell_port):  # (a port the column gives wins over one in an address cell)
+        if isinstance(named, str):
+            return named
+        if port is None and named is not None:
+            port = named
     at = _pick(record, "time")
     # a date alone is its whole day, as a MISP event's date is (_event_range)
     starts, ends = to_utc_range(_pick(record, "start") or at), to_utc_range(_pick(record, "end") or at)
