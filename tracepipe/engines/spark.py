@@ -497,9 +497,8 @@ class SparkEngine:
             from tracepipe.engines.dialect import parse_duckdb
 
             check_allowed(parse_duckdb(sql), views=lake_relations()[0] | self.registered)
-        for name, nargs in macro_calls(
-            sql, self.table_macros
-        ).items():  # registered on first use (binding them is not free)
+        # registered on first use (binding them is not free), those the called table macros call too
+        for name, nargs in macro_calls(sql, self.table_macros).items():
             if name not in self.macros:
                 register_macro(self.spark, name, nargs)
                 self.macros.add(name)

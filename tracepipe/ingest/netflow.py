@@ -2568,9 +2568,8 @@ def _decode_group(
     # the interval: the domain's, else the interface's the flow came in on, else the record's own, else that of
     # the record's sampler (issue 16), each over the one before where known
     sampling = c[_CTX_SAMPLING]
-    if (
-        "input_if" in roles and batch.samplers
-    ):  # (a review: per-interface tables were lost, or the last row won)
+    # (per-interface tables: a review found them lost in IPFIX, and in v9 their last row applied to every flow)
+    if "input_if" in roles and batch.samplers:
         ifindex = _uint(arr, "input_if", roles)
         keys = np.where(ifindex >= 0, ifindex + IF_SAMPLING_KEY, -1)  # type: ignore[operator]
         values, index = _looked_up(batch, batch.samplers, keys, c)
