@@ -13,12 +13,12 @@ import numpy as np
 import polars as pl
 import pytest
 from support import stories as gen
+from support.planted import alerts_alike_in_buckets, planted_lake
 
 from tracepipe.detect import detectors as det
 from tracepipe.intel import parse_intel
 from tracepipe.lake import Lake
 from tracepipe.pipeline_config import parse_pipeline
-from tracepipe.sweep import run_sweep
 
 PIPELINE = f'[pipeline]\nname = "test"\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n'
 SYN, ACK, FULL = 0x02, 0x10, 0x1B  # FULL: FIN|SYN|PSH|ACK, a whole conversation's flags
@@ -98,14 +98,7 @@ def plant(f: gen._Flows, story: gen.FlowStory) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def evasion(tmp_path_factory):
-    story = gen.generate(seed=11)
-    lake = Lake(tmp_path_factory.mktemp("evasion"))
-    lake.append("flows", story.flows, key="story-11")
-    lake.replace_dataset("vm_leases", story.leases)
-    f = gen._Flows([])
-    who = plant(f, story)
-    lake.append("flows", f.table(), key="evasion")
-    return lake, story, who
+    return planted_lake(tmp_path_factory.mktemp("evasion"), plant, "evasion")
 
 
 def detect(lake: Lake, story: gen.FlowStory, intel_lines: str = "") -> tuple[list[dict], list[dict]]:
@@ -253,18 +246,8 @@ def test_the_evasions_give_the_same_alerts_in_buckets(evasion):
     """Who answered whom is judged per detector window from the flows of that window, so a host bucket (which
     holds both directions of its hosts' flows) judges as the whole lake does."""
     lake, story, _ = evasion
-    config = parse_pipeline(PIPELINE)
-    whole = run_sweep(lake, config, *story.last_day, write=False, buckets=1)
-    split = run_sweep(lake, config, *story.last_day, write=False, buckets=3)
-    assert "spill" in split.timings
-
-    def rows(result) -> list[dict]:
-        return result.alerts.drop_columns(["created_at"]).sort_by("alert_id").to_pylist()
-
-    assert rows(split) == rows(whole)
-    assert {"horizontal_scan", "brute_force", "beacon", "exfiltration"} <= {
-        a["detector"] for a in rows(whole)
-    }
+    alerts = alerts_alike_in_buckets(lake, parse_pipeline(PIPELINE), *story.last_day)
+    assert {"horizontal_scan", "brute_force", "beacon", "exfiltration"} <= {a["detector"] for a in alerts}
 
 
 @pytest.mark.parametrize("hosts", [6, 600])

@@ -277,6 +277,26 @@ def test_a_pcapng_time_past_2100_is_a_reject_and_the_packets_around_it_land(
     assert [(r["offset"], r["reason"]) for r in got["rejects"]] == [(offsets[1], "bad capture time")]
 
 
+@pytest.mark.parametrize("at_end", [False, True])
+@pytest.mark.parametrize("kind, body", [(6, b"\0" * 4), (2, b"\0" * 8), (3, b""), (1, b"\0" * 4), (6, b"")])
+def test_a_pcapng_block_too_short_for_its_fields_is_a_reject_and_the_packets_around_it_land(
+    datagrams, tmp_path, kind, body, at_end
+):
+    # hostile review: a 12-byte enhanced packet block (no room for its interface, time and lengths) crashed
+    # `ingest netflow` (internal error, the other files of the run and the sweep lost); a simple packet block
+    # shorter than its length field gave a negative capture length
+    frames = [bytes(Ether(dst=LAN_MAC) / udp4(p)) for p in datagrams[:2]]
+    path = tmp_path / "short.pcapng"
+    offsets = write_pcapng(path, frames, 1)
+    data = path.read_bytes()
+    short = struct.pack("<II", kind, len(body) + 12) + body + struct.pack("<I", len(body) + 12)
+    at = len(data) if at_end else offsets[1]
+    path.write_bytes(data[:at] + short + data[at:])
+    got = read_all(path)
+    assert got["payloads"] == datagrams[:2]
+    assert [(r["offset"], r["reason"]) for r in got["rejects"]] == [(at, "truncated pcap record")]
+
+
 def test_cut_inside_a_record_header(datagrams, tmp_path):
     frames = [bytes(Ether(dst=LAN_MAC) / udp4(p)) for p in datagrams]
     offsets = write_pcap(tmp_path / "cut.pcap", frames, 1)

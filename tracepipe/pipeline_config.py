@@ -176,6 +176,9 @@ class BruteForce:
     min_attempts: int = 60  # connections from one source to the port in a window (outbound: over all targets)
     min_attempts_per_target: float = 10.0  # tells a brute force (many tries per host) from a scan (one each)
     max_bytes_per_attempt: int = 10000  # bytes of one attempt: logins are small (bigger sessions never count)
+    # bytes the server sends back in one attempt (its answer's record): a login's answer, even a web form's
+    # page, is small; a connection answered by more is a download, never counted
+    max_answer_bytes: int = 100_000
     max_duration: Duration = 30  # type: ignore[assignment]  # seconds of one attempt: logins are short
     max_size_spread: float = 0.5  # MAD/median of the attempts' bytes: a tool repeats one exchange
     # Off `ports`, connections to each target at a steady period (MAD/median of the intervals at most

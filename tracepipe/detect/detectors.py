@@ -289,18 +289,33 @@ def _fan_out_counts(ctx: DetectContext, window_s: float) -> pl.DataFrame:
     they are counted from the flows once for both (ctx.shared) and the scans group this smaller table."""
     key = ("fan_out", float(window_s))
     if key not in ctx.shared:
-        flows = ctx.flows(window_s, response=True).filter(
-            pl.col("src_owned") & ~pl.col("response") & pl.col("proto").is_in([6, 17])
+        # a UDP answer (the peer's record back to the host's port, with_response) is grouped with the records it
+        # answers, the ends swapped: `replied` says that (address, port) answered over UDP. A resolver's 150
+        # answered queries to 150 servers were "100% failed", a horizontal scan every hour (SOC review)
+        reply = pl.col("response") & (pl.col("proto") == 17)
+        sent = ~pl.col("_reply")
+        flows = (
+            ctx.flows(window_s, response=True)
+            .filter(pl.col("proto").is_in([6, 17]) & ((pl.col("src_owned") & ~pl.col("response")) | reply))
+            .with_columns(
+                _reply=reply,
+                src_addr=pl.when(reply).then(pl.col("dst_addr")).otherwise(pl.col("src_addr")),
+                dst_addr=pl.when(reply).then(pl.col("src_addr")).otherwise(pl.col("dst_addr")),
+                dst_port=pl.when(reply).then(pl.col("src_port")).otherwise(pl.col("dst_port")),
+            )
         )
+        ts, proto = pl.col("ts_start").filter(sent), pl.col("proto").filter(sent)
         ctx.shared[key] = (
             flows.group_by("src_addr", "dst_addr", "dst_port", "window_start")
             .agg(
-                flows=pl.len(),
-                tcp=(pl.col("proto") == 6).sum(),
-                failed=pl.col("failed").sum(),
-                first_ts=pl.col("ts_start").min(),
-                proto=pl.col("proto").sort_by("ts_start", "proto").first(),
+                flows=sent.sum(),
+                tcp=((pl.col("proto") == 6) & sent).sum(),
+                failed=(pl.col("failed") & sent).sum(),
+                replied=pl.col("_reply").any(),
+                first_ts=ts.min(),
+                proto=proto.sort_by(ts, proto).first(),
             )
+            .filter(pl.col("flows") > 0)
             .collect(engine="streaming")
         )
     return ctx.shared[key]
@@ -318,9 +333,9 @@ def _fan_out(
     """Local hosts that, per window, sent to one `fixed` value (a port, or a destination) from many distinct
     `spread` values (destinations, or ports), mostly failed: the shape of both scans. The failed share is
     that of the `spread` values every attempt to which failed, not of the flows: 1,600 answered connections
-    to one decoy hid 1,500 unanswered probes as a 48% failed share (hostile review). UDP has no handshake: an
-    unanswered UDP probe cannot be told from an answered one here, so a value reached over UDP only counts
-    as failed. `extra`: more aggregations over _fan_out_counts' rows of a group."""
+    to one decoy hid 1,500 unanswered probes as a 48% failed share (hostile review). UDP has no handshake: a
+    value reached over UDP only counts as failed unless it answered over UDP (a record back from its port).
+    `extra`: more aggregations over _fan_out_counts' rows of a group."""
     found = (
         _fan_out_counts(ctx, c.window)
         .lazy()
@@ -330,8 +345,8 @@ def _fan_out(
             # (as n_unique counts it)
             pl.len().alias(count),
             flows=pl.col("flows").sum(),
-            # the spread values never answered: every TCP attempt to it failed, or none was TCP
-            unanswered=(pl.col("failed") >= pl.col("tcp")).sum(),
+            # the spread values never answered: every TCP attempt to it failed, or none was TCP, and no UDP answer
+            unanswered=((pl.col("failed") >= pl.col("tcp")) & ~pl.col("replied")).sum(),
             first_ts=pl.col("first_ts").min(),
             **extra,
         )
@@ -413,6 +428,7 @@ def _with_known_port(score: pl.Expr, port: pl.Expr, known: list[int]) -> pl.Expr
 ATTEMPT_COLUMNS = (
     "src_addr",
     "dst_addr",
+    "src_port",
     "dst_port",
     "window_start",
     "ts_start",
@@ -420,6 +436,8 @@ ATTEMPT_COLUMNS = (
     "duration",
     "failed",
 )
+# the client's end and the server's of a TCP connection, as an attempt's record has them (an answer's swapped)
+_CONNECTION = ["src_addr", "src_port", "dst_addr", "dst_port", "window_start"]
 
 
 def brute_force(ctx: DetectContext) -> pl.DataFrame:
@@ -432,10 +450,21 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
     period to every target are a periodic push (metrics, logs), not an attack: listed as suppressed."""
     c = ctx.config.detectors.brute_force
     flags = pl.col("tcp_flags").fill_null(0).cast(pl.Int32)
-    flows = ctx.flows(c.window, response=True).filter(
-        (pl.col("proto") == 6)
-        & ~pl.col("response")
-        & (pl.col("src_local") | pl.col("dst_local"))
+    tcp = ctx.flows(c.window, response=True).filter(
+        (pl.col("proto") == 6) & (pl.col("src_local") | pl.col("dst_local"))
+    )
+    # connections whose server answered more than a login's answer (max_answer_bytes): a download, never a
+    # login try however small the request (a squid's 100 GETs of 800 B answered by 200 kB-1 MB were "100 port
+    # 8000 login attempts", every hour: SOC review). The answer's own record (with_response), its ends swapped
+    big_answers = tcp.filter(pl.col("response") & (pl.col("bytes") > c.max_answer_bytes)).select(
+        src_addr=pl.col("dst_addr"),
+        src_port=pl.col("dst_port"),
+        dst_addr=pl.col("src_addr"),
+        dst_port=pl.col("src_port"),
+        window_start=pl.col("window_start"),
+    )
+    flows = tcp.filter(
+        ~pl.col("response")
         # an attempt opens a connection: a record whose flags are known but hold no SYN is an answer (the
         # RST|ACK of a closed port probed from a high port) or a later piece, not a login try
         & ((flags == 0) | ((flags & SYN) != 0))
@@ -463,7 +492,11 @@ def brute_force(ctx: DetectContext) -> pl.DataFrame:
                 (pl.col("n") >= c.min_attempts) & (pl.col("n") / pl.col("hosts") >= c.min_attempts_per_target)
             )
         )
-        return frame.join(counted.select(keys), on=keys, how="semi").select(ATTEMPT_COLUMNS)
+        return (
+            frame.join(counted.select(keys), on=keys, how="semi")
+            .join(big_answers, on=_CONNECTION, how="anti", nulls_equal=True)
+            .select(ATTEMPT_COLUMNS)
+        )
 
     # the attempts of the groups that pass, read from the flows ONCE (both directions in one collect): the
     # shapes below and the periodic-push check of the groups off the login ports both take these rows (that

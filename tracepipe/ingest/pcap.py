@@ -474,6 +474,11 @@ def _read_pcapng(reader: _Reader, batch_datagrams: int, limits: Limits) -> Itera
         end = reader.pos + block_len - 4
         reader.pos += block_len
         buf = reader.buf
+        if end - body < PCAPNG_FIXED_BODY.get(block_type, 0):  # (a 12-byte packet block crashed the read)
+            col.rejects.append(
+                (offset, "truncated pcap record", f"pcapng block of type {block_type} has {block_len} bytes")
+            )
+            continue
         if block_type == 1:  # interface description
             linktype = struct.unpack_from(order + "H", buf, body)[0]
             interfaces.append((linktype, _tsresol(buf, body + 8, end, order)))
@@ -523,6 +528,9 @@ def _tsresol(buf: bytes, pos: int, end: int, order: str) -> int:
     return 1_000_000
 
 
+# the fixed fields of the pcapng blocks read here, in bytes of their body: interface description (link type,
+# reserved, snap length), enhanced and obsolete packet blocks (interface, time, lengths), simple packet block
+PCAPNG_FIXED_BODY = {1: 8, 6: 20, 2: 20, 3: 4}
 # pcapng's 64-bit packet times past this (2100-01-01) are garbage: a planted one would overflow the int64
 # arrival times or move the decoder's clock (idle exporters' eviction) far ahead
 MAX_CAPTURE_US = 4_102_444_800_000_000

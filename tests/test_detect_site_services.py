@@ -1,0 +1,82 @@
+"""A WLCG site's own services seen by the detectors (SOC review of session 37): what they do every hour looks,
+counted carelessly, like an attack. Each is planted on its own ordinary host of one generated story
+(tests/support/stories.py) beside the attack it resembles, read back through the lake, swept whole and in host
+buckets. Each test failed before its fix: the resolver was a horizontal scan every hour ("100% failed"), the
+squid a brute force against its stratum-1 servers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from support import stories as gen
+from support.planted import alerts_alike_in_buckets, planted_lake
+
+from tracepipe.detect import detectors as det
+from tracepipe.pipeline_config import parse_pipeline
+
+PIPELINE = f'[pipeline]\nname = "test"\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n'
+SECOND = 1_000_000
+
+
+def plant(f: gen._Flows, story: gen.FlowStory) -> dict[str, str]:
+    day = int(story.last_day[0].timestamp() * SECOND)
+    t0 = day + 10 * 3600 * SECOND
+    hosts = iter(sorted(story.ordinary())[3:])
+    rng = np.random.default_rng(5)
+    who: dict[str, str] = {}
+    # a recursive resolver: 150 queries to 150 authoritative servers in the hour, each answered over UDP
+    who["resolver"] = host = next(hosts)
+    servers = [f"198.18.7.{i + 1}" for i in range(150)]
+    ts = t0 + np.arange(150) * 20 * SECOND
+    f.session(rng, ts, 30_000, f.idx(host), f.idx(servers), 53, 17, 80, 400)
+    # a UDP scan of port 161 over 150 hosts: nothing answers
+    who["udp_scan"] = host = next(hosts)
+    targets = [f"198.18.8.{i + 1}" for i in range(150)]
+    f.add(ts, 0, f.idx(host)[0], f.idx(targets), 40000 + np.arange(150), 161, 17, 1, 60, 0)
+    # a squid (CVMFS/Frontier): 100 requests of ~800 B to 3 stratum-1 servers on port 8000, each answered by
+    # 200 kB-1 MB
+    who["squid"] = host = next(hosts)
+    ts = t0 + np.sort(rng.integers(0, 3600 * SECOND, 100))
+    stratum1 = f.idx(["129.79.53.1", "131.225.188.1", "128.142.33.1"])[np.arange(100) % 3]
+    answers = rng.integers(200_000, 1_000_000, 100)
+    f.session(rng, ts, 2 * SECOND, f.idx(host), stratum1, 8000, 6, 800 + rng.integers(0, 40, 100), answers)
+    # a web-form brute force on the same port: 100 logins of ~800 B, each answered by a 3 kB page
+    who["http_brute"] = host = next(hosts)
+    f.session(rng, ts, 1 * SECOND, f.idx(host), f.idx("203.0.113.80"), 8000, 6, 800, 3_000)
+    return who
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    lake, story, who = planted_lake(tmp_path_factory.mktemp("site"), plant, "site-services")
+    ctx = det.prepare_context(lake, parse_pipeline(PIPELINE), *story.last_day)
+    alerts, _ = det.finalize(det.run_detectors(ctx), ctx, "test")
+    return lake, story, who, alerts.to_pylist()
+
+
+def of(alerts: list[dict], detector: str, addr: str) -> list[dict]:
+    return [a for a in alerts if a["detector"] == detector and a["addr"] == addr]
+
+
+def test_a_resolver_whose_queries_are_answered_is_no_horizontal_scan(site):
+    _, _, who, alerts = site
+    assert of(alerts, "horizontal_scan", who["resolver"]) == []
+    scan = of(alerts, "horizontal_scan", who["udp_scan"])
+    assert len(scan) == 1 and "150 distinct hosts on port 161/udp" in scan[0]["reason"], scan
+    assert "100% failed" in scan[0]["reason"]
+
+
+def test_requests_answered_by_downloads_are_no_brute_force(site):
+    _, _, who, alerts = site
+    assert of(alerts, "brute_force", who["squid"]) == []
+    brute = of(alerts, "brute_force", who["http_brute"])
+    assert len(brute) == 1 and "100 port 8000 login attempts against 203.0.113.80" in brute[0]["reason"]
+
+
+def test_the_site_services_give_the_same_alerts_in_buckets(site):
+    lake, story, who, _ = site
+    alerts = alerts_alike_in_buckets(lake, parse_pipeline(PIPELINE), *story.last_day)
+    planted = {(a["detector"], a["addr"]) for a in alerts if a["addr"] in who.values()}
+    assert planted == {("horizontal_scan", who["udp_scan"]), ("brute_force", who["http_brute"])}
