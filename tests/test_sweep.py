@@ -534,3 +534,21 @@ def test_a_sweep_stopped_before_its_report_says_its_alerts_at_the_rerun(tmp_path
     assert rerun.exit_code == EXIT_FOUND and rerun.new_alerts.num_rows > 0
     report = json.loads(rerun.report_paths["json"].read_text())
     assert report["summary"]["new_alerts"] == rerun.new_alerts.num_rows
+
+
+def test_a_file_of_no_known_format_in_a_vm_drop_folder_does_not_stop_the_sweep(tmp_path):
+    # hostile review: a README (or any file whose format cannot be told) in a vm_dirs folder stopped every sweep
+    # ("cannot tell the format", exit 2, no detection, no report): the sweep listed the folder's files and
+    # ingest took them for files the user named
+    from tracepipe.sweep import ingest_inputs
+
+    vm_dir = tmp_path / "drop-vm"
+    vm_dir.mkdir()
+    shutil.copy(STORY / "nova" / "notifications.jsonl", vm_dir / "notifications.jsonl")
+    (vm_dir / "README").write_text("hello\n")
+    config = _story_pipeline(tmp_path, tmp_path / "no-flows", vm_dir)
+    config = dataclasses.replace(config, inputs=dataclasses.replace(config.inputs, flow_dirs=[]))
+    summary, partial = ingest_inputs(Lake(tmp_path / "lake"), config)
+    assert partial and summary["vm"]["rows"] > 0
+    assert [Path(n["source"]).name for n in summary["vm"]["not_read"]] == ["README"]
+    assert "cannot tell the format" in summary["vm"]["not_read"][0]["why"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import re
 import stat
@@ -378,19 +379,34 @@ def input_problem(path: Path, directory_hint: str | None = None) -> str | None:
     `directory_hint` completes "is a directory (...)" for readers that take files only (e.g. "give the capture
     files, e.g. DIR/*.pcap"); readers that expand directories check for one before calling this."""
     try:
-        mode = os.stat(path).st_mode  # stat, never open: opening a FIFO waits for a writer
+        info = os.stat(path)  # stat, never open: opening a FIFO waits for a writer
+        mode = info.st_mode
     except (FileNotFoundError, NotADirectoryError):
         if os.path.lexists(path):
             return f"is a symbolic link to {os.readlink(path)!r}, which does not exist"
         return "no such file or directory"
     except OSError as exc:
         return f"cannot be read: {exc.strerror}"
+    if stat.S_ISREG(mode) and info.st_dev in _kernel_filesystems():
+        # (hostile review: a drop folder's link to /proc/self/mem failed the run as the lake's I/O error, and
+        # /proc/kmsg, "a regular empty file", hung it)
+        return "is a kernel interface file (/proc, /sys), not data"
     if stat.S_ISREG(mode):
         return None
     if stat.S_ISDIR(mode):
         return f"is a directory ({directory_hint or 'give the files in it'})"
     kind = next((name for test, name in _KINDS if test(mode)), "special file")
     return f"is not a regular file ({kind}); copy what it holds into a file and give that file"
+
+
+@functools.cache
+def _kernel_filesystems() -> frozenset[int]:
+    """The devices of the kernel's pseudo filesystems (procfs, sysfs): their "regular files" are no input."""
+    devices = set()
+    for root in ("/proc", "/sys"):
+        with contextlib.suppress(OSError):
+            devices.add(os.stat(root).st_dev)
+    return frozenset(devices)
 
 
 def directory_problem(path: Path) -> str | None:

@@ -181,9 +181,11 @@ def ingest_inputs(lake: Lake, config: PipelineConfig) -> tuple[dict[str, Any], b
     if vm_files:
         from tracepipe.ingest.vm import ingest_vm_files
 
-        report = ingest_vm_files(lake, vm_files)
+        report = ingest_vm_files(lake, vm_files, named=())  # (a drop folder's files: none stops the sweep)
         summary["vm"] = {"files": len(vm_files), "rows": report.rows, "rejects": report.rejects}
-        partial |= report.rejects > 0
+        if report.not_read:
+            summary["vm"]["not_read"] = [{"source": s, "why": why} for s, why in report.not_read]
+        partial |= report.rejects > 0 or bool(report.not_read)
     if flow_files or vm_files:
         from tracepipe.correlate.attribution import correlate
         from tracepipe.errors import AttributionError
@@ -541,6 +543,10 @@ def run_sweep(
             result.exit_code = EXIT_PARTIAL
         if partial:
             result.notes.append("some input was rejected or missing (see the rejects dataset)")
+            unread = result.ingest.get("vm", {}).get("not_read", [])
+            result.notes += [f"{n['source']}: not read: {n['why']}" for n in unread[:10]]
+            if len(unread) > 10:
+                result.notes.append(f"and {len(unread) - 10} more drop-folder files not read (--format json)")
         if write:
             # the report before the alerts: a sweep killed between the two used to leave alerts that its rerun
             # found known (exit 0, "0 new"), said nowhere. Now a kill in between costs a second report of them.

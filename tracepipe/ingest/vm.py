@@ -82,7 +82,10 @@ def expand_paths(paths: Iterable[Path]) -> list[Path]:
     out: list[Path] = []
     for path in paths:
         if path.is_dir():
-            out.extend(p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith("."))
+            # (regular files only: a FIFO, a device or a link to /proc in a drop folder is passed over)
+            out.extend(
+                p for p in sorted(path.iterdir()) if not p.name.startswith(".") and input_problem(p) is None
+            )
             continue
         problem = input_problem(path)
         if problem is not None:
@@ -93,20 +96,19 @@ def expand_paths(paths: Iterable[Path]) -> list[Path]:
 
 def _read_text(path: Path) -> tuple[str, list[tuple[int, int]]]:
     """The text of a file with lines over limits.line_bytes emptied (never held whole), and those lines as
-    (line number, length)."""
-    try:
-        with open(path, "rb") as handle:
-            return read_text_bounded(handle)
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
+    (line number, length). OSError: the caller names the file as not read (_not_read)."""
+    with open(path, "rb") as handle:
+        return read_text_bounded(handle)
+
+
+def _not_read(exc: OSError) -> str:
+    """Why a file could not be read (permissions, an I/O error): that file is not read, the others land."""
+    return f"cannot read: {exc.strerror or exc}"
 
 
 def _read_xml(path: Path, source: str, rejects: list[pa.Table]) -> str | None:
     """An OpenNebula VM XML, unless it is larger than limits.xml_bytes (then a reject, and None)."""
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
+    size = path.stat().st_size
     if size > DEFAULT_LIMITS.xml_bytes:
         detail = f"{path.name}: {size} bytes, more than the limit of {DEFAULT_LIMITS.xml_bytes}; not read"
         rejects.append(
@@ -135,8 +137,11 @@ def _opennebula_pairs(files: list[Path]) -> tuple[list[tuple[Path, Path | None]]
     by_id: dict[str, Path] = {}
     for path in files:
         if path.suffix.lower() == ".xml":
-            with open(path, "rb") as handle:
-                match = _XML_VM_ID.search(handle.read(4096))
+            try:
+                with open(path, "rb") as handle:
+                    match = _XML_VM_ID.search(handle.read(4096))
+            except OSError:
+                continue  # (said when the loop reads it)
             if match:
                 by_id.setdefault(match.group(1).decode(), path)
     consumed: set[Path] = set()
@@ -160,15 +165,20 @@ def ingest_vm_files(
     cloud: str | None = None,
     tz: str = "UTC",
     progress: Progress | None = None,
+    named: Iterable[Path] | None = None,
 ) -> VmIngestReport:
-    """Land lifecycle sources in vm_events; the caller then updates the leases (correlate)."""
+    """Land lifecycle sources in vm_events; the caller then updates the leases (correlate). `named`: the files
+    the user named (default: `paths`; a sweep names none, its drop folders' files are listed for it): one of
+    them whose format cannot be told stops the run, another is named as not read."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     zone = time_zone(tz)
-    paths = list(paths)
-    files = expand_paths(paths)
-    named = {Path(p) for p in paths}  # (a file named by the user whose format cannot be told stops the run)
+    paths = [Path(p) for p in paths]
+    named = set(paths if named is None else (Path(p) for p in named))
     report = VmIngestReport()
+    unnamed = {p: input_problem(p) for p in paths if p not in named and not p.is_dir()}
+    report.not_read += [(str(p.absolute()), why) for p, why in unnamed.items() if why is not None]
+    files = expand_paths([p for p in paths if unnamed.get(p) is None])
     pairs, consumed = _opennebula_pairs(files) if fmt in ("auto", "opennebula") else ([], set())
     partners = dict(pairs)
     # keys of the events in the lake: a grown or re-sent file adds only news. An event lands in the partition
@@ -188,25 +198,29 @@ def ingest_vm_files(
             # the very file landed before, unchanged since: skipped without reading it (Lake.landed_as_it_is)
             report.results.append(IngestResult("vm_events", source, "", skipped=True))
             continue
-        content_hash = hash_file(path)
-        if partner is not None:
-            content_hash = hash_bytes(f"{content_hash}+{hash_file(partner)}".encode())
-            source = f"{path}+{partner.name}"
-        if progress:
-            progress(source)
-        if lake.already_ingested("vm_events", content_hash):
-            if partner is None and info is not None and lake.has_source("vm_events", source):
-                lake.record_identity("vm_events", content_hash, source, info)
-            report.results.append(IngestResult("vm_events", source, content_hash, skipped=True))
-            continue
         limit_rejects: list[pa.Table] = []
-        if path.suffix.lower() == ".xml":
-            text = _read_xml(path, str(path), limit_rejects) or ""
-        else:
-            text, too_long = _read_text(path)
-            if too_long:
-                limit_rejects.append(too_long_rejects(str(path), too_long))
-        xml_text = _read_xml(partner, str(path), limit_rejects) if partner is not None else None
+        try:
+            content_hash = hash_file(path)
+            if partner is not None:
+                content_hash = hash_bytes(f"{content_hash}+{hash_file(partner)}".encode())
+                source = f"{path}+{partner.name}"
+            if progress:
+                progress(source)
+            if lake.already_ingested("vm_events", content_hash):
+                if partner is None and info is not None and lake.has_source("vm_events", source):
+                    lake.record_identity("vm_events", content_hash, source, info)
+                report.results.append(IngestResult("vm_events", source, content_hash, skipped=True))
+                continue
+            if path.suffix.lower() == ".xml":
+                text = _read_xml(path, str(path), limit_rejects) or ""
+            else:
+                text, too_long = _read_text(path)
+                if too_long:
+                    limit_rejects.append(too_long_rejects(str(path), too_long))
+            xml_text = _read_xml(partner, str(path), limit_rejects) if partner is not None else None
+        except OSError as exc:  # (hostile review: a mode-000 file in a drop folder stopped ingest and sweep)
+            report.not_read.append((source, _not_read(exc)))
+            continue
         file_fmt = "opennebula" if partner is not None else fmt
         if file_fmt == "auto" and path not in named:
             try:
@@ -315,8 +329,16 @@ def _line_blocks(path: Path, block_bytes: int = SYSLOG_BLOCK_BYTES) -> Iterator[
     try:
         with open(path, "rb") as handle:
             yield from iter_line_blocks(handle, block_bytes)
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
+    except OSError as exc:  # (the source's read, told from the lake's writes around it)
+        raise _SourceUnreadable(exc) from exc
+
+
+class _SourceUnreadable(Exception):
+    """A source file's read failed midway (an I/O error): that file lands nothing, the others go on."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
 
 
 class _KnownLines:
@@ -397,7 +419,11 @@ def ingest_syslog_files(
         if info is not None and lake.landed_as_it_is("vm_logs", source, info):  # (unread: unchanged since)
             report.results.append(IngestResult("vm_logs", source, "", skipped=True))
             continue
-        content_hash = hash_file(path)
+        try:
+            content_hash = hash_file(path)
+        except OSError as exc:
+            report.not_read.append((source, _not_read(exc)))
+            continue
         if progress:
             progress(str(path))
         if lake.already_ingested("vm_logs", content_hash):
@@ -409,32 +435,36 @@ def ingest_syslog_files(
         known = _KnownLines(lake, source)
         wraps = YearWraps(year) if year is not None else None  # (--year: the first line's; Dec -> Jan: +1)
         counts: dict[str, int] = {}
-        with lake.ingest("vm_logs", source, content_hash) as writer:
-            # in blocks of whole lines: memory stays bounded on big files, line numbers stay exact
-            for block in _line_blocks(path):
-                logs, rejects = parse_syslog(
-                    block.data.decode("utf-8", errors="replace"),
-                    source,
-                    year=year or mtime.year,
-                    reference=mtime if year is None else None,
-                    tz=tz,
-                    sender_addr=sender_addr,
-                    first_line=block.first_line,
-                    wraps=wraps,
-                    counts=counts,
-                )
-                new = known.new(logs)
-                writer.write(attribute(new) if attribute is not None and new.num_rows else new)
-                if block.too_long:
-                    writer.reject(known.new_rejects(too_long_rejects(source, block.too_long)))
-                writer.reject(known.new_rejects(rejects))
-            # (lines without a year took the file's modification time's: said, so that a wrong one is seen;
-            # not when every line carried its own, as RFC 5424's do)
-            stats = {"lines": writer.result.rows, "duplicates": known.duplicates}
-            if info is not None:
-                stats[FILE_IDENTITY] = fsutil.file_identity(info)
-            guessed = not year and counts.get("no_year", 0) > 0
-            result = writer.commit({**stats, **({"mtime_year": mtime.year} if guessed else {})})
+        try:
+            with lake.ingest("vm_logs", source, content_hash) as writer:
+                # in blocks of whole lines: memory stays bounded on big files, line numbers stay exact
+                for block in _line_blocks(path):
+                    logs, rejects = parse_syslog(
+                        block.data.decode("utf-8", errors="replace"),
+                        source,
+                        year=year or mtime.year,
+                        reference=mtime if year is None else None,
+                        tz=tz,
+                        sender_addr=sender_addr,
+                        first_line=block.first_line,
+                        wraps=wraps,
+                        counts=counts,
+                    )
+                    new = known.new(logs)
+                    writer.write(attribute(new) if attribute is not None and new.num_rows else new)
+                    if block.too_long:
+                        writer.reject(known.new_rejects(too_long_rejects(source, block.too_long)))
+                    writer.reject(known.new_rejects(rejects))
+                # (lines without a year took the file's modification time's: said, so that a wrong one is seen;
+                # not when every line carried its own, as RFC 5424's do)
+                stats = {"lines": writer.result.rows, "duplicates": known.duplicates}
+                if info is not None:
+                    stats[FILE_IDENTITY] = fsutil.file_identity(info)
+                guessed = not year and counts.get("no_year", 0) > 0
+                result = writer.commit({**stats, **({"mtime_year": mtime.year} if guessed else {})})
+        except _SourceUnreadable as exc:  # (nothing of it committed: the writer's files are removed)
+            report.not_read.append((source, _not_read(exc.exc)))
+            continue
         report.duplicates += known.duplicates
         report.results.append(result)
     report.touched_days = _days_of(report.results, "vm_logs")
