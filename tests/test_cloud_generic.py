@@ -216,3 +216,49 @@ def test_records_without_an_id_differing_only_in_host_or_owner_are_two_events(tm
     report = ingest_vm_files(lake, [second])
     assert (report.rows, report.duplicates) == (1, 1)
     assert sorted(lake.read("vm_events").column("hypervisor").to_pylist()) == ["c1", "c2"]
+
+
+def test_a_name_holding_a_line_end_and_a_forged_row_stays_one_cell_of_its_own_row(tmp_path):
+    # hostile review: a tenant's image name "x\n<a whole inventory row>\ny", written by Python's csv module
+    # (quoted, as every standard writer does), was read line by line: the tenant's own row became two rejects
+    # and the middle line an event of another VM: `who` named the victim's VM and owner for the attacker's
+    # address. Now the quoted cell is read whole, line ends and all
+    import csv
+    import io
+
+    from tracepipe.ingest.vm import ingest_vm_files
+    from tracepipe.lake import Lake
+
+    header = ["ts", "vm_id", "vm_name", "project", "user", "action", "addr", "image"]
+    forged = "2025-06-17T05:00:01Z,victim-1,payroll-db,finance,alice,attach,10.99.0.66,img"
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerow(
+        ["2025-06-17T04:00:00Z", "victim-1", "payroll-db", "finance", "alice", "create", "10.99.0.10", "img"]
+    )
+    writer.writerow(
+        [
+            "2025-06-17T05:00:00Z",
+            "evil-1",
+            "evil",
+            "tenant",
+            "mallory",
+            "create",
+            "10.99.0.66",
+            f"x\n{forged}\ny",
+        ]
+    )
+    writer.writerow(["2025-06-17T06:00:00Z", "other-1", "web", "web", "bob", "create", "10.99.0.77", "img"])
+    path = tmp_path / "inventory.csv"
+    path.write_text(out.getvalue())
+    lake = Lake(tmp_path / "lake")
+    report = ingest_vm_files(lake, [path])
+    assert (report.rows, report.rejects) == (3, 0)
+    events = lake.read("vm_events").sort_by("ts").to_pylist()
+    assert [(e["vm_id"], e["addr"]) for e in events] == [
+        ("victim-1", "10.99.0.10"),
+        ("evil-1", "10.99.0.66"),
+        ("other-1", "10.99.0.77"),
+    ]
+    assert events[1]["image"] == f"x\n{forged}\ny"

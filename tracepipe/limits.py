@@ -200,15 +200,17 @@ class CsvLine:
 SPANNED_LINES = 50
 
 
-def csv_lines(text: str, spanning: bool = False, delimiter: str = ",") -> Iterator[CsvLine]:
+def csv_lines(
+    text: str, spanning: bool = False, delimiter: str = ",", span_lines: int | None = SPANNED_LINES
+) -> Iterator[CsvLine]:
     """The CSV readers of observation lists, MISP CSV exports and generic VM inventories: each non-blank line
     read on its own, strictly. One line is one row in these formats, so a quoted cell still open at the line's
     end ("quoted cell not closed on its line"), a stray quote after a closing one or a cell over the csv
     module's field limit of 128 KiB ("not a CSV line") is that line's problem alone; read as one CSV document,
     an unclosed quote swallowed every later line into one cell (their records gone, no reject).
 
-    `spanning` (MISP CSV): a quoted cell open at a line's end may go on over up to SPANNED_LINES more lines
-    (and `line_bytes` in all), where it closes with the row read whole (numbered by its first line); a stray
+    `spanning` (MISP CSV, generic VM inventories): a quoted cell open at a line's end may go on over up to
+    `span_lines` more lines (None: any number; and `line_bytes` in all), where it closes with the row read whole (numbered by its first line); a stray
     quote instead meets the next row's quoted cells, which ends the attempt at once (a quote not followed by
     a comma is an error in strict CSV): that line alone is the reject, and the next is read as before."""
     lines = text_lines(text)
@@ -222,7 +224,7 @@ def csv_lines(text: str, spanning: bool = False, delimiter: str = ",") -> Iterat
             cells = next(csv.reader((line,), strict=True, delimiter=delimiter), [])
         except csv.Error as exc:
             unclosed = "end of data" in str(exc)
-            joined = _spanned(lines, at - 1) if spanning and unclosed else None
+            joined = _spanned(lines, at - 1, span_lines) if spanning and unclosed else None
             if joined is not None:
                 cells, more = joined
                 at += more
@@ -234,25 +236,32 @@ def csv_lines(text: str, spanning: bool = False, delimiter: str = ",") -> Iterat
         yield CsvLine(number, cells)
 
 
-def _spanned(lines: list[str], first: int) -> tuple[list[str], int] | None:
+def _spanned(lines: list[str], first: int, span_lines: int | None) -> tuple[list[str], int] | None:
     """The cells of the row that begins at lines[first] with a quoted cell open at its end, read over the next
     lines until it closes (and how many lines more it took); None when it does not close cleanly within
-    SPANNED_LINES lines and `line_bytes` (csv_lines)."""
-    record = lines[first]
-    for more in range(1, SPANNED_LINES + 1):
-        if first + more >= len(lines):
-            return None
-        record += "\n" + lines[first + more]
-        if len(record) > DEFAULT.line_bytes:
-            return None
-        if '"' not in lines[first + more]:  # (the cell cannot close on it: parsed once per line with a quote)
-            continue
-        try:
-            return next(csv.reader((record,), strict=True), []), more
-        except csv.Error as exc:
-            if "end of data" not in str(exc):
-                return None
-    return None
+    `span_lines` more lines (None: any number) and `line_bytes` (csv_lines). One pass of the csv module over
+    the lines, whatever their number."""
+    budget = DEFAULT.line_bytes
+    last = len(lines) if span_lines is None else min(len(lines), first + 1 + span_lines)
+
+    def feed() -> Iterator[str]:
+        nonlocal budget
+        for at in range(first, last):
+            budget -= len(lines[at]) + 1
+            if budget < 0:
+                raise _Overlong
+            yield lines[at] + "\n"
+
+    reader = csv.reader(feed(), strict=True)
+    try:
+        cells = next(reader)
+    except (csv.Error, _Overlong, StopIteration):
+        return None
+    return cells, reader.line_num - 1
+
+
+class _Overlong(Exception):
+    """A spanned row past limits.line_bytes (_spanned)."""
 
 
 def iter_line_blocks(

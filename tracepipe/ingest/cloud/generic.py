@@ -70,9 +70,9 @@ _OPENING = {
 
 
 def _read_rows(text: str, fmt: str, rejects: RejectColumns) -> tuple[list[dict[str, Any]], list[int]]:
-    """Rows as dicts (lower-case keys) and their line numbers. One line is one record in both forms (rows with
-    embedded newlines are not part of this format), so a bad line (an unclosed quote, too many or too few
-    cells, not JSON) is a reject of its own and the lines after it still land."""
+    """Rows as dicts (lower-case keys) and their (first) line numbers. One line is one record in JSONL, and in
+    CSV but for quoted cells that hold line ends; a bad line (an unclosed quote, too many or too few cells, not
+    JSON) is a reject of its own and the lines after it still land."""
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
     if fmt != "csv":
@@ -91,7 +91,10 @@ def _read_rows(text: str, fmt: str, rejects: RejectColumns) -> tuple[list[dict[s
             lines.append(number)
         return rows, lines
     header: list[str] | None = None
-    for line in csv_lines(text):
+    # a quoted cell may hold line ends (a name written by a standard CSV writer), any number of them: read
+    # line by line, a tenant's name holding a line end and a whole row after it landed that row as an event of
+    # another VM (hostile review); a cell that never closes is its first line's reject, the next lines read on
+    for line in csv_lines(text, spanning=True, span_lines=None):
         if line.problem:
             rejects.add(line.number, line.problem, line.detail)
             continue
