@@ -17,6 +17,8 @@ from tracepipe.detect import detectors as det
 from tracepipe.pipeline_config import parse_pipeline
 
 PIPELINE = f'[pipeline]\nname = "test"\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n'
+SCIENCE_STORAGE = "192.16.166.41"
+PIPELINE += '[[science_peers]]\nname = "LHCONE"\nreason = "WLCG storage"\nprefixes = ["192.16.166.0/24"]\n'
 SECOND = 1_000_000
 
 
@@ -45,6 +47,22 @@ def plant(f: gen._Flows, story: gen.FlowStory) -> dict[str, str]:
     # a web-form brute force on the same port: 100 logins of ~800 B, each answered by a 3 kB page
     who["http_brute"] = host = next(hosts)
     f.session(rng, ts, 1 * SECOND, f.idx(host), f.idx("203.0.113.80"), 8000, 6, 800, 3_000)
+    # a data-transfer node: 8 parallel streams of 10 h to a declared science peer's storage; and a host that
+    # holds 3 connections of 10 h to an outside address (the exporter cuts each every 30 min: 20 records a way)
+    for name, peer, port, sent in (
+        ("dtn", SCIENCE_STORAGE, 1094, 10**9),
+        ("streams", "198.51.100.50", 7000, 2 * 10**6),
+    ):
+        who[name] = host = next(hosts)
+        for stream in range(8 if name == "dtn" else 3):
+            pieces = day + 3600 * SECOND + np.arange(20) * 1800 * SECOND
+            sport = 50000 + stream
+            f.add(
+                pieces, 1800 * SECOND, f.idx(host)[0], f.idx(peer)[0], sport, port, 6, sent // 700, sent, 0x18
+            )
+            f.add(
+                pieces + 500, 1800 * SECOND, f.idx(peer)[0], f.idx(host)[0], port, sport, 6, 4000, 10**6, 0x18
+            )
     return who
 
 
@@ -52,8 +70,8 @@ def plant(f: gen._Flows, story: gen.FlowStory) -> dict[str, str]:
 def site(tmp_path_factory):
     lake, story, who = planted_lake(tmp_path_factory.mktemp("site"), plant, "site-services")
     ctx = det.prepare_context(lake, parse_pipeline(PIPELINE), *story.last_day)
-    alerts, _ = det.finalize(det.run_detectors(ctx), ctx, "test")
-    return lake, story, who, alerts.to_pylist()
+    alerts, stats = det.finalize(det.run_detectors(ctx), ctx, "test")
+    return lake, story, who, alerts.to_pylist(), stats["suppressed"]
 
 
 def of(alerts: list[dict], detector: str, addr: str) -> list[dict]:
@@ -61,7 +79,7 @@ def of(alerts: list[dict], detector: str, addr: str) -> list[dict]:
 
 
 def test_a_resolver_whose_queries_are_answered_is_no_horizontal_scan(site):
-    _, _, who, alerts = site
+    _, _, who, alerts, _ = site
     assert of(alerts, "horizontal_scan", who["resolver"]) == []
     scan = of(alerts, "horizontal_scan", who["udp_scan"])
     assert len(scan) == 1 and "150 distinct hosts on port 161/udp" in scan[0]["reason"], scan
@@ -69,14 +87,32 @@ def test_a_resolver_whose_queries_are_answered_is_no_horizontal_scan(site):
 
 
 def test_requests_answered_by_downloads_are_no_brute_force(site):
-    _, _, who, alerts = site
+    _, _, who, alerts, _ = site
     assert of(alerts, "brute_force", who["squid"]) == []
     brute = of(alerts, "brute_force", who["http_brute"])
     assert len(brute) == 1 and "100 port 8000 login attempts against 203.0.113.80" in brute[0]["reason"]
 
 
+def test_long_connections_to_a_science_peer_are_suppressed_and_parallel_ones_counted(site):
+    _, _, who, alerts, suppressed = site
+    assert of(alerts, "long_connection", who["dtn"]) == []
+    why = [s["why"] for s in suppressed if s["detector"] == "long_connection" and s["addr"] == who["dtn"]]
+    assert len(why) == 1 and why[0].startswith(
+        "8 connections with declared science peer LHCONE (WLCG storage)"
+    )
+    held = of(alerts, "long_connection", who["streams"])
+    assert len(held) == 1, held
+    # (it said "held one connection ... 120 flow records" for 3: the bytes of all, the records of one way of one)
+    assert "held 3 connections with 198.51.100.50:7000 for 10 h" in held[0]["reason"], held[0]["reason"]
+    assert "(180.0 MB both ways, 120 flow records)" in held[0]["reason"], held[0]["reason"]
+
+
 def test_the_site_services_give_the_same_alerts_in_buckets(site):
-    lake, story, who, _ = site
+    lake, story, who, _, _ = site
     alerts = alerts_alike_in_buckets(lake, parse_pipeline(PIPELINE), *story.last_day)
     planted = {(a["detector"], a["addr"]) for a in alerts if a["addr"] in who.values()}
-    assert planted == {("horizontal_scan", who["udp_scan"]), ("brute_force", who["http_brute"])}
+    assert planted == {
+        ("horizontal_scan", who["udp_scan"]),
+        ("brute_force", who["http_brute"]),
+        ("long_connection", who["streams"]),
+    }

@@ -24,7 +24,7 @@ from tracepipe.query import connect, who
 from tracepipe.respond.observations import _event_range, parse_csv, read_observations
 from tracepipe.respond.share import Indicator, export, stix_bundle
 from tracepipe.respond.trace import LOG_TEXT_CHARS, MAX_LOG_BYTES, trace
-from tracepipe.schema import FLOWS, VM_LEASES, VMS
+from tracepipe.schema import ALERTS, FLOWS, VM_LEASES, VMS
 from tracepipe.units import to_utc_range
 
 UTC = dt.UTC
@@ -506,3 +506,48 @@ def test_a_vms_connections_come_in_one_order_whatever_the_ties(tmp_path: Path) -
         (vm,) = trace(lake, read_observations(ticket)).vms
         got = [(c["peer"], c["direction"]) for c in vm["connections"]]
         assert got == [("198.51.100.1", "out"), ("198.51.100.3", "in"), ("198.51.100.3", "out")]
+
+
+def _alert(alert_id: str, detector: str, peer: str | None, features: dict) -> dict:
+    start = dt.datetime(2026, 12, 1, 10, tzinfo=dt.UTC)
+    return {
+        "alert_id": alert_id,
+        "detector": detector,
+        "window_start": start,
+        "window_end": start + dt.timedelta(hours=1),
+        "addr": "10.20.1.7",
+        "peer": peer,
+        "score": 0.9,
+        "reason": "test",
+        "features": json.dumps(features),
+        "pipeline": "test",
+        "created_at": start + dt.timedelta(hours=2),
+    }
+
+
+def test_an_alerts_victims_are_not_shared_its_attacker_is_a_source_and_stix_ids_are_stable(
+    tmp_path: Path,
+) -> None:
+    """SOC review: a vertical scan's target and an outbound brute force's single victim went out as malicious
+    `ip-dst` with to_ids; an inbound brute force's attacker as a destination; and every STIX export of the
+    same alerts had new ids (receivers got each indicator again, from a new producer identity each time)."""
+    lake = Lake(tmp_path / "lake")
+    rows = [
+        _alert("a1", "vertical_scan", "93.184.216.34", {"ports": 400}),
+        _alert("a2", "brute_force", "203.0.113.22", {"direction": "outbound"}),
+        _alert("a3", "brute_force", "198.51.100.66", {"direction": "inbound"}),
+        _alert("a4", "beacon", "45.77.99.1", {}),
+    ]
+    lake.append("alerts", pa.Table.from_pylist(rows, schema=ALERTS), key="alerts")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("a1\na2\na3\na4\n")
+    misp = export("misp", ids, lake).document["Event"]["Attribute"]
+    assert sorted((a["type"], a["value"], a["to_ids"]) for a in misp) == [
+        ("ip-dst", "45.77.99.1", True),
+        ("ip-src", "198.51.100.66", True),
+    ]
+    result = export("stix", ids, lake)
+    assert "93.184.216.34 of vertical_scan alert a1: the VM's target, not shared" in result.notes
+    again = export("stix", ids, lake)
+    assert [o["id"] for o in result.document["objects"]] == [o["id"] for o in again.document["objects"]]
+    assert result.document["id"] == again.document["id"]

@@ -11,6 +11,7 @@ stix2 and stix2-validator. `push_misp` sends an event to a MISP instance through
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import os
@@ -60,6 +61,7 @@ DISTRIBUTIONS = {0: "your organisation only", 1: "this community", 2: "connected
 STIX_SCO_NAMESPACE = uuid.UUID("00abedb4-aa42-466c-9c01-fed23315a9b7")  # STIX 2.1 §2.9, deterministic SCO ids
 TRACEPIPE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://tracepipe.invalid/share")
 MISP_KEY_ENV = "MISP_KEY"
+STIX_IDENTITY_CREATED = "2026-01-01T00:00:00.000Z"  # (the site's identity object: one id, one creation time)
 MAX_PEERS_PER_PORT = 20  # more outside peers on one observed port than this is a scan, not a C&C
 # more outside hosts than this that the traced VM itself connected to on the observed port are its targets (a
 # brute force, a scan): a C&C is one or a few (a review: the 12 victims of a VM's outbound SSH brute force went
@@ -349,7 +351,11 @@ def indicators_from_alerts(lake: Lake, ids_file: Path) -> tuple[list[Indicator],
             ).fetchall()
         }
         found: dict[tuple, Indicator] = {}
+        victims: list[dict[str, str]] = []
         for r in rows:
+            peer_role = _peer_role(r)
+            if r.get("peer") and peer_role is None:
+                victims.append({"alert_id": r["alert_id"], "detector": r["detector"], "peer": r["peer"]})
             why = (
                 f"tracepipe {r['detector']} alert (score {r['score']:.2f})"
                 if r.get("score") is not None
@@ -372,8 +378,8 @@ def indicators_from_alerts(lake: Lake, ids_file: Path) -> tuple[list[Indicator],
             if 0 < count <= MAX_FLOW_IDS:  # (a scan's millions of flows are counted, not held one by one)
                 sql = _ALERT_FLOW_IDS_SQL.replace("FLOW_END", FLOW_END)
                 flow_ids = con.execute(sql, params).fetchone()[0] or []
-            for value, role in ((r.get("peer"), "dst"), (r.get("addr"), "src")):
-                if value:
+            for value, role in ((r.get("peer"), peer_role), (r.get("addr"), "src")):
+                if value and role:
                     first_seen, last_seen = (first, last) if count else (r["window_start"], r["window_end"])
                     comment = f"{why}; seen in {count} flows" if count else why
                     item = Indicator(
@@ -383,7 +389,24 @@ def indicators_from_alerts(lake: Lake, ids_file: Path) -> tuple[list[Indicator],
                     # (two alerts on one peer, a beacon's and intel's, share their flows: counted once)
                     item.flows = set(flow_ids)
                     _merge(found, item)
-    return list(found.values()), {"missing_alerts": sorted(missing)}
+    return list(found.values()), {"missing_alerts": sorted(missing), "victims_not_shared": victims}
+
+
+def _peer_role(alert: dict[str, Any]) -> str | None:
+    """What an alert's peer is to the community: the destination the VM reached ("dst": a C&C, a pool, a drop
+    host), the source of an inbound attack ("src"), or None for a victim of the VM (the host it scanned or tried
+    logins on), never shared: a vertical scan's target and a single-target brute force's went out as
+    malicious `ip-dst` with to_ids (SOC review)."""
+    detector = alert["detector"]
+    if detector == "vertical_scan":
+        return None
+    if detector == "brute_force":
+        try:
+            direction = json.loads(alert.get("features") or "{}").get("direction")
+        except (ValueError, AttributeError):
+            direction = None
+        return "src" if direction == "inbound" else None
+    return "dst"
 
 
 # the flows of an alert's address (with its peer, if it names one) that reach into its window (FLOW_END)
@@ -529,6 +552,13 @@ def _stix_time(value: dt.datetime | None) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
 
+def _stable_id(kind: str, *parts: Any) -> str:
+    """A STIX object id from what the object describes: the same on every export of the same findings, in the
+    UUIDv4 form STIX 2.1 asks of non-SCO ids (stix2-validator --strict): 122 bits of a SHA-256, version 4."""
+    digest = hashlib.sha256("|".join([kind, *map(str, parts)]).encode("utf-8", "surrogatepass")).digest()
+    return f"{kind}--{uuid.UUID(bytes=digest[:16], version=4)}"
+
+
 def _sco_id(kind: str, value: str) -> str:
     return f"{kind}--{uuid.uuid5(STIX_SCO_NAMESPACE, json.dumps({'value': value}, separators=(',', ':')))}"
 
@@ -558,15 +588,25 @@ def stix_bundle(
     now = now or dt.datetime.now(dt.UTC)
     stamp = _stix_time(now)
     marking = [STIX_TLP[tlp]]
-    identity_id = f"identity--{uuid.uuid4()}"
+    # ids from what they describe (_stable_id), as the MISP event's: the same incident shared again updates its
+    # objects (same id, later `modified`) instead of adding a second copy of each, and a new producer identity
+    # each time (SOC review). `created` stays with the id: the first sighting's time (the identity's: fixed)
+    key = info + "|" + "|".join(f"{i.value}|{i.port}" for i in indicators)
+    seen = [i.first_seen for i in indicators if i.first_seen is not None]
+    created = _stix_time(min(*seen, now)) if seen else stamp  # (never after `modified`)
+
+    def stix_id(kind: str, *parts: Any) -> str:
+        return _stable_id(kind, key, *parts)
+
+    identity_id = _stable_id("identity", "tracepipe site")
     objects: list[dict[str, Any]] = [dict(STIX_TLP2_OBJECTS[tlp])] if tlp in STIX_TLP2_OBJECTS else []
     objects += [
         {
             "type": "identity",
             "spec_version": "2.1",
             "id": identity_id,
-            "created": stamp,
-            "modified": stamp,
+            "created": STIX_IDENTITY_CREATED,
+            "modified": STIX_IDENTITY_CREATED,
             "name": "tracepipe site",
             "identity_class": "organization",
             "object_marking_refs": marking,
@@ -575,7 +615,7 @@ def stix_bundle(
     scos: set[str] = set()
     for item in indicators:
         kind, pattern = _pattern(item)
-        indicator_id = f"indicator--{uuid.uuid4()}"
+        indicator_id = stix_id("indicator", pattern)
         first = _stix_time(item.first_seen or now)
         last = _stix_time(item.last_seen or item.first_seen or now)
         objects.append(
@@ -583,7 +623,7 @@ def stix_bundle(
                 "type": "indicator",
                 "spec_version": "2.1",
                 "id": indicator_id,
-                "created": stamp,
+                "created": created,
                 "modified": stamp,
                 "name": item.value if item.port is None else f"{item.value} port {item.port}",
                 "description": item.comment or info,
@@ -604,13 +644,13 @@ def stix_bundle(
         if sco["id"] not in scos:
             scos.add(sco["id"])
             objects.append(sco)
-        observed_id = f"observed-data--{uuid.uuid4()}"
+        observed_id = stix_id("observed-data", pattern)
         objects.append(
             {
                 "type": "observed-data",
                 "spec_version": "2.1",
                 "id": observed_id,
-                "created": stamp,
+                "created": created,
                 "modified": stamp,
                 "first_observed": first,
                 "last_observed": last,
@@ -624,8 +664,8 @@ def stix_bundle(
             {
                 "type": "sighting",
                 "spec_version": "2.1",
-                "id": f"sighting--{uuid.uuid4()}",
-                "created": stamp,
+                "id": stix_id("sighting", pattern),
+                "created": created,
                 "modified": stamp,
                 "first_seen": first,
                 "last_seen": last,
@@ -637,7 +677,7 @@ def stix_bundle(
                 "object_marking_refs": marking,
             }
         )
-    bundle_id = f"bundle--{uuid.uuid4()}"
+    bundle_id = stix_id("bundle")
     return {"type": "bundle", "id": bundle_id, "objects": objects}
 
 
@@ -679,6 +719,10 @@ def export(
         if meta.get("missing_alerts"):
             notes.append(
                 f"{len(meta['missing_alerts'])} alert ids not in the lake: {', '.join(meta['missing_alerts'][:5])}"
+            )
+        for victim in meta["victims_not_shared"]:
+            notes.append(
+                f"{victim['peer']} of {victim['detector']} alert {victim['alert_id']}: the VM's target, not shared"
             )
     kept, left_out = select(indicators, include_local)
     title = title.replace("({} indicators)", f"({len(kept)} indicators)") if not info else title
