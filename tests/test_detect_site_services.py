@@ -116,3 +116,33 @@ def test_the_site_services_give_the_same_alerts_in_buckets(site):
         ("brute_force", who["http_brute"]),
         ("long_connection", who["streams"]),
     }
+
+
+def test_an_intel_match_from_a_stix_feed_names_its_stix_id_not_a_misp_event(site):
+    # SOC review: "listed in threat intel as 93.184.216.34 (...), MISP event indicator--a1b2c3d4-..."
+    from tracepipe.intel import parse_intel
+
+    lake, story, who, _, _ = site
+    bundle = {
+        "type": "bundle",
+        "id": "bundle--5d0092c5-5f74-4287-9642-33f4c354e56d",
+        "objects": [
+            {
+                "type": "indicator",
+                "spec_version": "2.1",
+                "id": "indicator--a1b2c3d4-0000-4000-8000-000000000001",
+                "created": "2026-01-01T00:00:00.000Z",
+                "modified": "2026-01-01T00:00:00.000Z",
+                "name": "web login brute-forcer's target",
+                "pattern": "[ipv4-addr:value = '203.0.113.80']",
+                "pattern_type": "stix",
+                "valid_from": "2026-01-01T00:00:00Z",
+            }
+        ],
+    }
+    intel = parse_intel(json.dumps(bundle), "stix", "feed.json")[0]
+    ctx = det.prepare_context(lake, parse_pipeline(PIPELINE), *story.last_day, intel)
+    alerts, _ = det.finalize(det.run_detectors(ctx, ["intel"]), ctx, "test")
+    found = of(alerts.to_pylist(), "intel", who["http_brute"])
+    assert len(found) == 1 and "STIX indicator--a1b2c3d4-0000-4000-8000-000000000001" in found[0]["reason"]
+    assert "MISP event" not in found[0]["reason"]

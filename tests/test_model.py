@@ -320,3 +320,28 @@ def test_forest_and_sidecar_must_belong_together(fitted, tmp_path):
         side.write_text(broken)
         with pytest.raises(trees.ModelError, match=message):
             model.load(planted.with_name("m.npz"))
+
+
+def test_addresses_that_only_received_are_never_ranked_nor_alerted(fitted, tmp_path):
+    # SOC review: a scan's victims (addresses no VM held, each sent one SYN, sending nothing) took the whole
+    # anomaly alert budget of a sweep ("packets_out 0.00 (baseline 1,433)"); a host that sent nothing shows
+    # another host's behaviour, not its own
+    _, lake, story, _, _ = fitted
+    copy = Lake(shutil.copytree(lake.root, tmp_path / "lake"))
+    f = gen._Flows([])
+    victims = [f"10.10.200.{i}" for i in range(1, 201)]
+    at = int((story.last_day[0] + dt.timedelta(hours=15)).timestamp() * 1_000_000)
+    ts = at + np.arange(200) * 1_000_000
+    f.add(ts, 0, f.idx("203.0.113.66")[0], f.idx(victims), 40000, 22, 6, 1, 60, 0x02)
+    copy.append("flows", f.table(), key="inbound-scan")
+    scored = model.score_lake(copy, *story.last_day)
+    assert not set(victims) & set(scored.get_column("host").to_list())
+    assert scored.filter(pl.col("packets_out") == 0).is_empty()
+    pipeline = tmp_path / "m.toml"
+    pipeline.write_text(
+        f'[pipeline]\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n[output]\nreport_dir = "{tmp_path}/r"\n'
+        "html = false\n[model]\nenabled = true\nmin_score = 0.5\nmax_alerts = 5\n"
+    )
+    result = run_sweep(copy, pipeline, *story.last_day)
+    anomalies = {a["addr"] for a in result.alerts.to_pylist() if a["detector"] == "anomaly"}
+    assert anomalies and not anomalies & set(victims)

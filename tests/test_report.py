@@ -312,3 +312,21 @@ def test_forged_counters_summing_past_2_64_still_give_a_report(tmp_path: Path) -
     cap = 2**62
     assert max(p["bytes_out"] for p in scan["top_peers"]) == cap
     assert max(r["bytes"] for r in scan["timeline"]) == cap
+
+
+def test_two_pipelines_writing_into_one_folder_keep_their_own_reports(lake: Lake, tmp_path: Path) -> None:
+    # SOC review: a second pipeline sharing the nightly's report_dir replaced its report of 218 alerts by its
+    # own of one: the file name had the window only
+    nightly = render_report(lake, _alerts(), tmp_path, "nightly", WINDOW, name="nightly")
+    other = render_report(lake, ALERTS.empty_table(), tmp_path, "exfil-24h", WINDOW, name="exfil-24h")
+    assert nightly["html"].name == "report-nightly-20250617T0600-20250617T1000.html"
+    assert other["html"].name == "report-exfil-24h-20250617T0600-20250617T1000.html"
+    assert json.loads(nightly["json"].read_text())["summary"]["alerts"] == _alerts().num_rows
+
+
+@pytest.mark.parametrize("name", ["../../outside", "a/b", "", ".hidden", "x" * 65])
+def test_a_pipeline_name_that_is_no_file_name_is_refused(name: str) -> None:
+    from tracepipe.pipeline_config import PipelineError, parse_pipeline
+
+    with pytest.raises(PipelineError, match=r"pipeline\.name"):
+        parse_pipeline(f'[pipeline]\nname = "{name}"\n')

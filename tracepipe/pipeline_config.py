@@ -425,6 +425,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str, fail) -> Any:
     return cls(**kwargs)
 
 
+_PIPELINE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+
+
 def parse_pipeline(text: str, path: str = "<pipeline>") -> PipelineConfig:
     """TOML text -> PipelineConfig. Raises PipelineError naming the key and the line."""
     lines = _KeyLines(text)
@@ -441,6 +444,9 @@ def parse_pipeline(text: str, path: str = "<pipeline>") -> PipelineConfig:
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"{path}: not valid TOML: {exc}. Fix the pipeline file.") from exc
     config = _build(PipelineConfig, data, "", fail)
+    if not _PIPELINE_NAME.fullmatch(config.pipeline.name):
+        # (it names the report files and the alerts: a "/" or ".." wrote them outside output.report_dir)
+        fail("pipeline.name", f"{config.pipeline.name[:80]!r} is no name: letters, digits, '.', '_', '-'")
     for name in ("local_networks",):
         _check_networks(getattr(config.pipeline, name), f"pipeline.{name}", fail)
     _check_networks(config.allowlist.cidrs + config.allowlist.known_scanners, "allowlist", fail)

@@ -393,7 +393,13 @@ def write_reports(lake: Lake, config: PipelineConfig, result: SweepResult) -> di
         title = config.output.title or f"tracepipe sweep {config.pipeline.name}"
         try:
             rendered = render_report(
-                lake, result.alerts, out_dir, title, (result.since, result.until), result.suppressed
+                lake,
+                result.alerts,
+                out_dir,
+                title,
+                (result.since, result.until),
+                result.suppressed,
+                config.pipeline.name,
             )
             paths.update({k if k == "html" else f"report_{k}": Path(v) for k, v in (rendered or {}).items()})
         except Exception as exc:

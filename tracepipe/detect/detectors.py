@@ -26,7 +26,6 @@ from tracepipe.detect.features import (
     RESPONSE_PERIOD_S,
     SYN,
     SpanBook,
-    ceil_time,
     floor_time,
     in_networks,
     local_addresses_in,
@@ -143,7 +142,11 @@ class DetectContext:
         return self.config.window.night_start_hour, self.config.window.night_end_hour
 
     def span(self, window_s: float) -> tuple[dt.datetime, dt.datetime]:
-        return floor_time(self.since, window_s), ceil_time(self.until, window_s)
+        """The flows a detector of `window_s` windows reads: from the start of the window the sweep begins in,
+        up to the sweep's end. Never past it: an hourly sweep's 24 h intel or beacon window read the rest of the
+        day, so a rerun or a backfill of 03:00-04:00 reported flows of 09:00 as new (SOC review), which a
+        sweep run live at 04:00 never could."""
+        return floor_time(self.since, window_s), self.until
 
     def flows(
         self,
@@ -1262,7 +1265,9 @@ def intel_match(ctx: DetectContext) -> pl.DataFrame:
 
     def reason(r: dict) -> str:
         what = f" ({r['description']})" if r["description"] else ""
-        event = f", MISP event {r['event_id']}" if r["event_id"] else ""
+        # (a STIX feed's indicators carry their STIX id, "indicator--<uuid>": never "MISP event")
+        source = "STIX" if "--" in (r["event_id"] or "") else "MISP event"
+        event = f", {source} {r['event_id']}" if r["event_id"] else ""
         more = f" and {fmt_int(r['peers'] - 1)} more addresses" if r["peers"] > 1 else ""
         return (
             f"{{who}} exchanged {fmt_int(r['flows'])} flows ({fmt_bytes(r['bytes'])}) with {r['peer']}{more}, "

@@ -326,7 +326,14 @@ def score_lake(
     features = compute_features(
         lake, since, until, info.local_networks, info.window_seconds, history_start=start
     )
-    return score(features, forest, info, top_features)
+    return score(features, forest, info, top_features).filter(_sent_something())
+
+
+def _sent_something() -> pl.Expr:
+    """A (host, window) in which the host sent at least one packet: one that only received (a scan's victims,
+    an unleased address probed) shows someone else's behaviour, not its own; it is never ranked or alerted
+    (SOC review: the five anomaly alerts of a sweep went to five addresses that received one SYN each)."""
+    return pl.col("packets_out") > 0
 
 
 @dataclass
@@ -409,7 +416,7 @@ def anomaly_candidates(
 
     if scored.is_empty():
         return _finish(scored, "anomaly", str, dict)
-    picked = scored.filter(pl.col("anomaly_score") >= min_score)
+    picked = scored.filter((pl.col("anomaly_score") >= min_score) & _sent_something())
     if skip_hosts:
         picked = picked.filter(~pl.col("host").is_in(sorted(skip_hosts)))
     picked = (

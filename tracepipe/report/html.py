@@ -562,9 +562,12 @@ def _bytes(value: Any) -> str:
     return str(value)
 
 
-def _file_stem(window: tuple[dt.datetime, dt.datetime]) -> str:
+def _file_stem(window: tuple[dt.datetime, dt.datetime], name: str = "") -> str:
+    """report-[<pipeline>-]<start>-<end>: two pipelines writing into one folder keep their own reports (the
+    nightly report of 218 alerts was replaced by another pipeline's of one, SOC review). The name is the
+    pipeline's own (a file name's characters only, pipeline_config)."""
     start, end = _utc(window[0]), _utc(window[1])
-    return f"report-{start:%Y%m%dT%H%M}-{end:%Y%m%dT%H%M}"
+    return f"report-{name + '-' if name else ''}{start:%Y%m%dT%H%M}-{end:%Y%m%dT%H%M}"
 
 
 def render_report(
@@ -574,14 +577,15 @@ def render_report(
     title: str,
     window: tuple[dt.datetime, dt.datetime],
     suppressed: list[dict[str, Any]] | None = None,
+    name: str = "",
 ) -> dict[str, Path]:
-    """Write `report-<start>-<end>.html` and `.json` into `out_dir`; returns {"html": path, "json": path}.
-    Atomic: each file is replaced with tracepipe.fsutil.write_atomic."""
+    """Write `report-[<name>-]<start>-<end>.html` and `.json` into `out_dir` (`name`: the sweep's pipeline);
+    returns {"html": path, "json": path}. Atomic: each file is replaced with tracepipe.fsutil.write_atomic."""
     data = build_report_data(lake, alerts, title, window, suppressed)
     html = render_html(data)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = _file_stem(window)
+    stem = _file_stem(window, name)
     paths = {"html": out_dir / f"{stem}.html", "json": out_dir / f"{stem}.json"}
     for kind, text in (("html", html), ("json", json.dumps(data, indent=1, default=str))):
         write_atomic(paths[kind], text)
