@@ -6,6 +6,7 @@ squid a brute force against its stratum-1 servers."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import numpy as np
@@ -146,3 +147,23 @@ def test_an_intel_match_from_a_stix_feed_names_its_stix_id_not_a_misp_event(site
     found = of(alerts.to_pylist(), "intel", who["http_brute"])
     assert len(found) == 1 and "STIX indicator--a1b2c3d4-0000-4000-8000-000000000001" in found[0]["reason"]
     assert "MISP event" not in found[0]["reason"]
+
+
+def test_a_sweep_of_an_earlier_hour_reports_no_flow_after_its_end(site):
+    # SOC review: an hourly sweep's 24 h intel window read the rest of the day, so a rerun (or a backfill, or
+    # systemd's catch-up) of 03:00-04:00 reported as new the flows of 10:00 to a listed address
+    from tracepipe.intel import parse_intel
+
+    lake, story, who, _, _ = site
+    day = story.last_day[0]
+    intel = parse_intel("203.0.113.80\n", "list", "feed.txt")[0]
+    pipeline = parse_pipeline(PIPELINE + '[detectors.intel]\nwindow = "24h"\n')
+
+    def intel_alerts(since_hour: int) -> list[dict]:
+        window = (day + dt.timedelta(hours=since_hour), day + dt.timedelta(hours=since_hour + 1))
+        ctx = det.prepare_context(lake, pipeline, *window, intel)
+        alerts, _ = det.finalize(det.run_detectors(ctx, ["intel"]), ctx, "test")
+        return of(alerts.to_pylist(), "intel", who["http_brute"])
+
+    assert intel_alerts(3) == []
+    assert len(intel_alerts(10)) == 1
