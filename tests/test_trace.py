@@ -943,3 +943,18 @@ def test_an_address_with_its_port_in_one_cell_is_read(tmp_path: Path) -> None:
     assert [(r["ref"], r["reason"]) for r in observations.rejects] == [
         ("line 5", "port out of range 0-65535")
     ]
+
+
+def test_a_look_alike_column_and_other_scripts_digits_are_not_read_as_the_address_and_port(
+    tmp_path: Path,
+) -> None:
+    # hostile review: a column "\u202eaddress" normalised to "address" and silently replaced the real one, and
+    # "1.2.3.4:٤٤٣" (Arabic-Indic digits) was port 443
+    ticket = tmp_path / "ticket.csv"
+    ticket.write_text(
+        "address,time,\u202eaddress\n10.20.1.31,2025-06-17T08:05:00Z,1.1.1.1\n1.2.3.4:\u0664\u0664\u0663,2025-06-17T08:05:00Z,\n",
+        encoding="utf-8",
+    )
+    observations = read_observations(ticket)
+    assert observations.table.column("address").to_pylist() == ["10.20.1.31"]
+    assert [r["ref"] for r in observations.rejects] == ["line 3"]

@@ -78,8 +78,11 @@ def _port(value: Any) -> int | str | None:
     """int, None (not given) or a reject reason."""
     if value is None or str(value).strip() == "":
         return None
+    text = str(value).strip()
+    if not text.isascii():  # (int() reads any script's digits: "٤٤٣" was port 443)
+        return "port is not a number"
     try:
-        port = int(str(value).strip())
+        port = int(text)
     except ValueError:
         return "port is not a number"
     return port if 0 <= port <= 65535 else "port out of range 0-65535"
@@ -87,9 +90,10 @@ def _port(value: Any) -> int | str | None:
 
 def _header_name(name: Any) -> str:
     """A ticket's column name as the aliases write it: lower case, a parenthesised note dropped ("Time (UTC)"),
-    any run of other characters as `_` ("Date/Time", "Source IP Address")."""
+    any run of other ASCII characters as `_` ("Date/Time", "Source IP Address"). Characters past ASCII stay:
+    a column "\u202eaddress" is no "address" (it silently replaced the real address column)."""
     text = re.sub(r"\([^)]*\)", " ", str(name).lower())
-    return re.sub(r"[^a-z0-9]+", "_", text).strip("_")
+    return re.sub(r"[\x00-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]+", "_", text).strip("_")
 
 
 def _pick(record: dict[str, Any], name: str) -> Any:
@@ -102,7 +106,9 @@ def _pick(record: dict[str, Any], name: str) -> Any:
 
 
 # an address with its port in one cell, as logs and abuse reports write them: 192.0.2.7:443, [2001:db8::7]:443
-_WITH_PORT = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::(\d{1,5}))?|(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})")
+_WITH_PORT = re.compile(
+    r"\[([0-9A-Fa-f:.]+)\](?::([0-9]{1,5}))?|([0-9]{1,3}(?:\.[0-9]{1,3}){3}):([0-9]{1,5})"
+)
 
 
 def _address_and_port(text: Any) -> tuple[str | None, int | str | None]:
