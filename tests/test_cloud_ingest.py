@@ -313,6 +313,17 @@ NO_READ_OVERRIDE = ["setpriv", "--inh-caps=-dac_override,-dac_read_search"]
 NO_READ_OVERRIDE += ["--bounding-set=-dac_override,-dac_read_search", "--"]
 
 
+def run_without_read_override(*args: str) -> subprocess.CompletedProcess:
+    """The CLI as a service user runs it: the tests run as root, whose override of file modes is dropped."""
+    return subprocess.run(
+        [*NO_READ_OVERRIDE, sys.executable, "-m", "tracepipe.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 @pytest.mark.parametrize("command", ["vm", "syslog"])
 def test_a_file_that_cannot_be_read_in_a_folder_is_named_and_the_others_land(tmp_path, command):
     # hostile review: a mode-000 file (the tests run as root: its read override dropped, as a service user) in
@@ -326,13 +337,8 @@ def test_a_file_that_cannot_be_read_in_a_folder_is_named_and_the_others_land(tmp
     (drop / "a-locked").write_text(good.read_text())
     os.chmod(drop / "a-locked", 0)
     (drop / "c-mem").symlink_to("/proc/self/mem")
-    args = ["ingest", command, str(drop), "--lake", str(tmp_path / "lake"), "--output", "json"]
-    run = subprocess.run(
-        [*NO_READ_OVERRIDE, sys.executable, "-m", "tracepipe.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
+    run = run_without_read_override(
+        "ingest", command, str(drop), "--lake", str(tmp_path / "lake"), "--output", "json"
     )
     assert run.returncode == 3, run.stderr + run.stdout
     report = json.loads(run.stdout)
@@ -359,3 +365,22 @@ def test_a_vm_named_like_a_nova_key_does_not_make_a_generic_inventory_nova(tmp_p
     lake = Lake(tmp_path / "lake")
     report = ingest_vm_files(lake, [path])
     assert (report.rows, report.rejects) == (3, 0)
+
+
+def test_a_folder_that_cannot_be_listed_under_a_netflow_folder_is_named(tmp_path):
+    # hostile review: an unreadable subfolder of a folder given to `ingest netflow` was passed over in silence
+    # (exit 0): its captures never landed, and nothing said so
+    drop = tmp_path / "drop"
+    (drop / "locked").mkdir(parents=True)
+    sample = Path(__file__).parent.parent / "sample_data" / "netflow" / "softflowd-v9.pcap"
+    shutil.copy(sample, drop / "a.pcap")
+    shutil.copy(sample, drop / "locked" / "b.pcap")
+    os.chmod(drop / "locked", 0)
+    run = run_without_read_override(
+        "ingest", "netflow", str(drop), "--lake", str(tmp_path / "lake"), "--format", "json"
+    )
+    os.chmod(drop / "locked", 0o755)
+    assert run.returncode == 3, run.stderr + run.stdout
+    files = {Path(f["path"]).name: f for f in json.loads(run.stdout)["files"]}
+    assert files["a.pcap"]["status"] == "landed"
+    assert files["locked"]["status"] == "missing" and "cannot be read" in files["locked"]["message"]

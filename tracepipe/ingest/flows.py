@@ -255,19 +255,23 @@ def _kind_or_none(path: Path) -> str | None:
         return None
 
 
-def expand_paths(paths: list[Path]) -> list[Path]:
+def expand_paths(paths: list[Path], unreadable: list[OSError] | None = None) -> list[Path]:
     """Directories -> the regular files under them (sorted; hidden files, nfcapd's still-open `nfcapd.current.*`
     and the files of a `current` folder below the one given, Zeek's live logs, left out; ingest_flow_files then
     skips the ones of a kind the command does not read, such as nfsen's .nfstat files), so that an nfsen tree
     `profiles-data/live/router1/2024/03/12/` or Zeek's archive `/opt/zeek/logs/` lands file by file: each is its
     own source, and the next run skips what is already in the lake. (A file still being written is another
-    source at each run, its lines landed again: Zeek's `current/conn.log` under the archive did so every hour.)"""
+    source at each run, its lines landed again: Zeek's `current/conn.log` under the archive did so every hour.)
+    `unreadable`: gets the error of each folder under them that cannot be listed (the glob passes over it)."""
     out: list[Path] = []
     for path in paths:
         path = Path(path)
         if not path.is_dir():
             out.append(path)
             continue
+        if unreadable is not None:
+            for _ in os.walk(path, onerror=unreadable.append):
+                pass
         for child in sorted(path.rglob("*")):
             name = child.name
             if name.startswith(".") or name.startswith("nfcapd.current") or not child.is_file():
@@ -330,7 +334,11 @@ def _ingest_files(
     summary = IngestSummary()
     state = DecoderState()  # templates learnt from one file serve the next (a capture split by tcpdump -C)
     given = {Path(p) for p in paths}
-    files = [p for p in expand_paths(paths) if p in given or _kind_or_none(p) in (*accept, None)]
+    unreadable: list[OSError] = []
+    files = [p for p in expand_paths(paths, unreadable) if p in given or _kind_or_none(p) in (*accept, None)]
+    for exc in unreadable:  # (a folder under a given one that cannot be listed was passed over in silence)
+        message = f"is a folder that cannot be read: {exc.strerror or exc}"
+        summary.files.append(FileResult(str(exc.filename), "directory", "missing", message=message))
     for folder in sorted(p for p in given if p.is_dir() and not any(f.is_relative_to(p) for f in files)):
         # a directory with nothing this command reads under it is said so, not passed over in silence
         summary.files.append(
