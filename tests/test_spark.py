@@ -548,3 +548,37 @@ def test_cli_sweep_engine_spark_finds_the_planted_hosts(sweep_lake, spark, tmp_p
         "mining",
     } <= set(summary["new_by_detector"])
     assert Lake(copy).read("alerts").num_rows == summary["new_alerts"]
+
+
+def test_a_driver_started_by_spark_submit_keeps_its_master_and_conf(tmp_path):
+    # Spark review: README's spark-submit route ("a 3-line driver that calls run_sweep(..., engine="spark")")
+    # ran in local[*] with tracepipe's shuffle width and app name whatever --master and --conf said: on a
+    # cluster, the whole sweep ran on the driver host and the cluster was never asked
+    import os
+    from pathlib import Path
+
+    import pyspark
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "from tracepipe.engines.spark import get_session\n"
+        "spark = get_session()\n"
+        "c = spark.sparkContext\n"
+        "print('RESULT', c.master, spark.conf.get('spark.sql.shuffle.partitions'), c.appName)\n"
+        "spark.stop()\n"
+    )
+    submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    env["PYSPARK_PYTHON"] = sys.executable
+    args = ["--master", "local[1]", "--name", "mydriver", "--conf", "spark.sql.shuffle.partitions=3"]
+    run = subprocess.run(
+        [str(submit), *args, str(driver)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
+    assert result == ["RESULT local[1] 3 mydriver"], run.stdout[-2000:]

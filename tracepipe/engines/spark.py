@@ -168,21 +168,28 @@ def get_session(
 
     allow_pandas()  # PySpark converts through pandas
     _pyspark()
-    master = master or DEFAULT_MASTER
+    submitted = _submitted_conf()
+    master = master or submitted.get("spark.master") or DEFAULT_MASTER
     if _local_cores(master) is not None:
         check_java()
     from pyspark.sql import SparkSession
 
-    python = worker_python(master, conf)
+    python = worker_python(master, {**submitted, **(conf or {})})
     if python is not None:
         # pyspark's SparkContext takes its workers' Python from PYSPARK_PYTHON only (the conf key alone is
         # read by spark-submit), so both are set before the context starts; a running context keeps its own.
         os.environ["PYSPARK_PYTHON"] = python
         conf = {**(conf or {}), "spark.pyspark.python": python}
 
-    builder = SparkSession.builder.master(master).appName(app_name)
+    builder = SparkSession.builder.master(master)
+    if "spark.app.name" not in submitted:
+        builder = builder.appName(app_name)
     for key, value in session_conf(master, conf).items():
-        builder = builder.config(key, value)
+        # what spark-submit was given (--master, --conf) wins over tracepipe's defaults; the caller's conf
+        # (--spark-conf) over both. A submitted driver ran on the driver host in local[*] with tracepipe's
+        # shuffle width, its cluster never asked (Spark review)
+        if key not in submitted or key in (conf or {}):
+            builder = builder.config(key, value)
     try:
         spark = builder.getOrCreate()
     except Exception as exc:  # py4j/JVM start-up failures come as plain exceptions
@@ -194,6 +201,17 @@ def get_session(
     spark.conf.set("spark.sql.session.timeZone", "UTC")
     spark.conf.set("spark.sql.runSQLOnFiles", "false")
     return spark
+
+
+def _submitted_conf() -> dict[str, str]:
+    """The Spark settings of a driver started by spark-submit (or the pyspark shell): its --master and --conf,
+    which the JVM that launched this Python holds; {} for a process tracepipe itself starts Spark in."""
+    if not os.environ.get("PYSPARK_GATEWAY_PORT"):
+        return {}
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()  # (the launching JVM's gateway: without it SparkConf() is empty)
+    return dict(SparkConf().getAll())
 
 
 _MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
