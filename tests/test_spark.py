@@ -582,3 +582,17 @@ def test_a_driver_started_by_spark_submit_keeps_its_master_and_conf(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
     assert result == ["RESULT local[1] 3 mydriver"], run.stdout[-2000:]
+
+
+def test_a_spark_sweep_reads_the_flows_of_its_pinned_versions_only(spark, tmp_path):
+    # Spark review: window_flows read the lake by its path, which reopened the newest version: flows committed
+    # while a Spark sweep ran made anomaly alerts of rows its recorded version (lake_version) does not hold
+    from tracepipe.engines.spark_sweep import window_flows
+
+    lake = Lake(tmp_path / "lake")
+    ingest_table(lake, "flows", "test:first", hash_bytes(b"first"), [_flows(20, 0, 40000)])
+    pinned = Lake(lake.root, as_of=lake.versions())
+    ingest_table(lake, "flows", "test:later", hash_bytes(b"later"), [_flows(30, 1, 50000)])
+    window = (at(0), at(0, day=14))
+    assert window_flows(spark, pinned, *window).count() == 20
+    assert window_flows(spark, Lake(lake.root), *window).count() == 50

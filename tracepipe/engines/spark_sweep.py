@@ -29,7 +29,7 @@ from tracepipe.detect.features import (
     utc,
     with_flow_facts,
 )
-from tracepipe.engines.spark import get_session, lake_uri, read_dataset, spark_schema, to_arrow
+from tracepipe.engines.spark import get_session, read_dataset, spark_schema, to_arrow
 from tracepipe.lake import Lake, conform
 from tracepipe.pipeline_config import PipelineConfig
 from tracepipe.schema import FLOWS
@@ -164,10 +164,13 @@ def _global_spans(
 
 # ---- flows, routed to host buckets --------------------------------------------------------------------------
 def window_flows(spark: SparkSession, lake: Lake, start: dt.datetime, end: dt.datetime) -> DataFrame:
-    """Flows with start <= ts_start < end; the `date` partitions outside are pruned."""
+    """Flows with start <= ts_start < end; the `date` partitions outside are pruned. From `lake`'s own files:
+    the sweep's lake is pinned at the versions its report records (its path reopened the newest version, so
+    flows committed during a Spark sweep made alerts of rows the recorded version does not hold: Spark
+    review)."""
     from pyspark.sql import functions as F
 
-    flows = read_dataset(spark, lake_uri(lake), "flows")
+    flows = read_dataset(spark, lake, "flows")
     last_day = (end - dt.timedelta(microseconds=1)).date()
     return flows.where(F.col("date").between(F.lit(start.date()), F.lit(last_day))).where(
         (F.col("ts_start") >= F.lit(start)) & (F.col("ts_start") < F.lit(end))
