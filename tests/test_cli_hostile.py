@@ -785,3 +785,11 @@ def test_key_value_folders_in_the_lake_path_or_the_temp_dir_do_not_break_the_vie
         )
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)[0]["n"] >= 1
+
+
+def test_a_lake_path_with_a_percent_sign_is_a_usage_error_not_a_damaged_lake(tmp_path):
+    # review: delta-rs reads the path as a URL, so "lake%41" opened "lakeA" and the error said the transaction
+    # log was "altered or planted ... restore that folder from a backup" (exit 4)
+    result = run_in_process("sql", "SELECT 1", "--lake", str(tmp_path / "lake%41"))
+    assert result.returncode == 2 and "'%' in the lake's path" in result.stderr, result.stderr
+    assert "backup" not in result.stderr

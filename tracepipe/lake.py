@@ -1035,6 +1035,12 @@ class Lake:
         problem = fsutil.directory_problem(self.root)
         if problem:  # a lake given as a file, a FIFO, /dev/null or a symlink loop: say so, before any write
             raise LakeError(f"--lake {self.root} {problem}: a lake is a directory; pass another --lake")
+        if "%" in str(self.root.absolute()):
+            # delta-rs reads a path as a URL: "lake%41" opened "lakeA", which looked like a damaged log (a review)
+            raise UsageError(
+                f"--lake {self.root}: a '%' in the lake's path is read as a URL escape by the Delta library "
+                "(%41 means A); rename the folder (or the one above it) without '%'"
+            )
         self.as_of = as_of
         self._tables: dict[str, DeltaTable | None] = {}
         self._seen: dict[str, int | None] = {}

@@ -115,7 +115,10 @@ class SweepResult:
                     "score": r["score"],
                     "reason": r["reason"],
                 }
-                for r in self.new_alerts.sort_by([("score", "descending")]).slice(0, 20).to_pylist()
+                # (ties by id: the same list from every engine and row order; Spark review)
+                for r in self.new_alerts.sort_by([("score", "descending"), ("alert_id", "ascending")])
+                .slice(0, 20)
+                .to_pylist()
             ],
         }
 
