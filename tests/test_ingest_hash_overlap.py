@@ -94,12 +94,16 @@ def test_content_already_landed_under_a_new_path_is_skipped_and_leaves_nothing(s
 
 def test_a_skipped_copy_leaves_the_decoder_state_as_hashing_first_does(split_capture, tmp_path):
     """The copy's templates, walked before its hash was known, are forgotten: the data after it waits for
-    them and is rejected "no template", as when the copy was never read."""
+    them and is rejected "no template", as when the copy was never read (the templates the first run kept for
+    the next, flows.CAPTURE_STATE_DIR, removed: this run knows none of its own)."""
+    from tracepipe.ingest.flows import CAPTURE_STATE_DIR
+
     part1, _, data_only = split_capture
     results = []
     for jobs in (1, 2):
         lake_dir = tmp_path / f"lake{jobs}"
         ingest_flow_files(Lake(lake_dir), [part1], jobs=jobs, parallel_min_bytes=0)
+        shutil.rmtree(lake_dir / CAPTURE_STATE_DIR)
         copy = tmp_path / f"copy{jobs}.pcap"
         shutil.copy(part1, copy)
         summary = ingest_flow_files(Lake(lake_dir), [copy, data_only], jobs=jobs, parallel_min_bytes=0)
@@ -216,3 +220,22 @@ def test_a_file_landed_before_identities_were_recorded_is_read_once_more_then_ne
     for _run in range(3):
         assert ingest_flow_files(Lake(tmp_path / "lake"), [capture]).files[0].status == "skipped"
     assert read == [str(capture)]  # hashed by the first run after the upgrade only
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_capture_ingested_in_a_run_of_its_own_uses_the_templates_an_earlier_run_learnt(
+    split_capture, tmp_path, jobs
+):
+    """A capture rotated by the hour (tcpdump -G) into a drop folder, each file landed by its own run: the
+    second file's data came before the exporter's next template refresh and was all `no template` (a README
+    limit until session 37). The first run keeps its exporters' templates in the lake for the next: the two
+    runs land what one run of both files lands, and nothing is rejected."""
+    part1, _, data_only = split_capture  # (data_only: the second file's data, none of its template refreshes)
+    one = Lake(tmp_path / "one")
+    together = ingest_flow_files(one, [part1, data_only], jobs=jobs, parallel_min_bytes=0)
+    lake = Lake(tmp_path / "two")
+    ingest_flow_files(lake, [part1], jobs=jobs, parallel_min_bytes=0)
+    later = ingest_flow_files(Lake(lake.root), [data_only], jobs=jobs, parallel_min_bytes=0)
+    assert [(f.status, f.rejects) for f in later.files] == [("landed", 0)]
+    assert later.files[0].flows > 0 and later.exit_code == 0
+    assert lake.read("flows").num_rows == one.read("flows").num_rows == sum(f.flows for f in together.files)

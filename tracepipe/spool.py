@@ -36,6 +36,7 @@ import numpy as np
 
 from tracepipe import fsutil
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
+from tracepipe.limits import Limits
 
 log = logging.getLogger("tracepipe.collect")
 
@@ -455,3 +456,88 @@ def write_json_atomic(path: Path, obj: object, durable: bool = True) -> None:
     """Replace `path` atomically (readers see the old or the new file). `durable=False` skips the fsync: fine for
     monitoring files, and keeps a journal commit from stalling the receive loop."""
     fsutil.write_atomic(path, json.dumps(obj, indent=1, default=str), durable=durable)
+
+
+# ---- the decoder state file (the collector's spool; a lake's _settings for `ingest netflow`) ----------------
+def load_decoder_state(spool: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[Any, str | None]:
+    """The decoder state saved after the last commit, loaded within `limits`. A file too large to be ours
+    (limits.decoder_state_bytes) or that does not parse is not used: the decoder starts empty (templates come
+    back with the exporters' next refresh), and that is logged and counted in `limits_hit`."""
+    from tracepipe.ingest.netflow import DecoderState
+
+    saved, problem = read_state_file(spool, limits.decoder_state_bytes)
+    if saved is None:
+        state = DecoderState(limits)
+        if problem:
+            log.warning("decoder state %s not used (%s); starting without templates", STATE_FILE, problem)
+            limit = "decoder_state_bytes" if "decoder_state_bytes" in problem else "decoder_state_entries"
+            state.limits_hit[limit] += 1
+        return state, None
+    body = saved.get("state")
+    try:
+        if isinstance(body, dict):
+            state = DecoderState.from_json(json.dumps(body), limits)
+        elif isinstance(body, str):  # saved by versions before 2026-12: the state's JSON text as a string
+            state = DecoderState.from_json(body, limits)
+        else:
+            raise ValueError("no decoder state in it")
+    except (ValueError, TypeError, KeyError) as exc:
+        log.warning("decoder state %s not used (%s); starting without templates", STATE_FILE, exc)
+        state = DecoderState(limits)
+        state.limits_hit["decoder_state_entries"] += 1
+        return state, None
+    if state.limits_hit:
+        log.warning("decoder state %s loaded within limits: %s", STATE_FILE, dict(state.limits_hit))
+    after = saved.get("after_segment")
+    return state, after if isinstance(after, str) else None
+
+
+# Parts of the decoder state left out, in this order, when the saved state would outgrow the limit it is loaded
+# with (limits.decoder_state_bytes): a state refused at load loses every template; without these it loses only
+# interface names, then data waiting for a template, then sampler intervals and sequence numbers.
+STATE_PARTS_TO_SHED = ("if_names", "pending", "samplers", "sequences")
+
+
+def _encode_json(obj: object) -> bytes:
+    """Compact JSON as UTF-8 (an emoji is 4 bytes, not a 12-byte escape pair); with escapes only where the text
+    holds a lone surrogate, which UTF-8 cannot carry."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")
+
+
+def state_file_bytes(state: Any, segment: str, max_bytes: int, leave_out: tuple[str, ...] = ()) -> bytes:
+    """decoder-state.json for `state` after `segment`: the state as one JSON object (not its JSON text encoded
+    as a string again, which made every astral character 14 bytes), kept within `max_bytes` so that the next
+    load takes it: over that, the parts of STATE_PARTS_TO_SHED are left out in turn (logged, and counted in
+    limits_hit["decoder_state_bytes"]). Templates are never shed: if they alone exceed it (a --limit raising
+    the template bounds past decoder_state_bytes) the file is still written and the error logged, as the next
+    start will not load it."""
+    body = json.loads(state.to_json())
+    for part in leave_out:  # (parts the reader never wants: a capture's sequences and waiting data)
+        body[part] = {}
+    data = _encode_json({"after_segment": segment, "state": body})
+    shed = []
+    for part in STATE_PARTS_TO_SHED:
+        if len(data) <= max_bytes:
+            break
+        body[part] = {}
+        shed.append(part)
+        data = _encode_json({"after_segment": segment, "state": body})
+    if shed:
+        log.warning(
+            "decoder state saved without %s: with them it would exceed the %d bytes it may have (limit "
+            "decoder_state_bytes)",
+            ", ".join(shed),
+            max_bytes,
+        )
+        state.limits_hit["decoder_state_bytes"] += 1
+    if len(data) > max_bytes:
+        log.error(
+            "decoder state is %d bytes with its templates alone, over decoder_state_bytes (%d): the next start "
+            "will not load it; raise --limit decoder_state_bytes or lower the template limits",
+            len(data),
+            max_bytes,
+        )
+    return data

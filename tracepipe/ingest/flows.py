@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import re
 import stat
@@ -78,6 +79,7 @@ READERS: dict[str, Callable[[Path], Batches]] = {
     "argus": iter_argus,
 }
 # what each command takes, and the command a file of another kind needs
+log = logging.getLogger("tracepipe.ingest")
 NETFLOW_KINDS = ("pcap", "nfdump-csv", "nfcapd")
 ZEEK_KINDS = ("zeek-tsv", "zeek-json")
 ARGUS_KINDS = ("argus",)
@@ -332,7 +334,8 @@ def _ingest_files(
     tz: str = "UTC",
 ) -> IngestSummary:
     summary = IngestSummary()
-    state = DecoderState()  # templates learnt from one file serve the next (a capture split by tcpdump -C)
+    # templates learnt from one file serve the next (a capture split by tcpdump -C), and the next run's
+    state = _capture_state(lake) if "pcap" in accept else DecoderState()
     given = {Path(p) for p in paths}
     unreadable: list[OSError] = []
     files = [p for p in expand_paths(paths, unreadable) if p in given or _kind_or_none(p) in (*accept, None)]
@@ -369,7 +372,40 @@ def _ingest_files(
         finally:
             if parallel is not None:  # landed, skipped or aborted: one less to come (DecodePool.expect)
                 parallel.source_over()
+    if "pcap" in accept:
+        _keep_capture_state(lake, state)
     return summary
+
+
+# The templates (and options: sampling, boot times, interface names) the captures' exporters sent, kept in the
+# lake for the next `ingest netflow` run: a capture rotated every hour (tcpdump -G) into a drop folder begins
+# with the data of templates sent in an earlier file, which a run of its own rejected as `no template` until the
+# exporter's next refresh (up to 30 min of a router's flows, and a README limit until session 37). The
+# collector keeps the same state in its spool. Sequence numbers and data waiting for a template stay with
+# their run: files of one exporter ingested out of order must not count each other's numbers as losses.
+CAPTURE_STATE_DIR = "_settings/netflow"
+
+
+def _capture_state(lake: Lake) -> DecoderState:
+    from tracepipe import spool
+
+    state, _ = spool.load_decoder_state(lake.root / CAPTURE_STATE_DIR)
+    return state
+
+
+def _keep_capture_state(lake: Lake, state: DecoderState) -> None:
+    from tracepipe import fsutil, spool
+    from tracepipe.limits import DEFAULT
+
+    folder = lake.root / CAPTURE_STATE_DIR
+    if not state.templates and not (folder / spool.STATE_FILE).exists():
+        return  # (no capture read: no file)
+    data = spool.state_file_bytes(state, "", DEFAULT.decoder_state_bytes, leave_out=("pending", "sequences"))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fsutil.write_atomic(folder / spool.STATE_FILE, data)
+    except OSError as exc:  # (what landed is committed: the next run relearns the templates)
+        log.warning("decoder state not kept for the next run: %s", exc)
 
 
 def _ingest_one(
