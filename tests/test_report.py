@@ -330,3 +330,4 @@ def test_a_pipeline_name_that_is_no_file_name_is_refused(name: str) -> None:
 
     with pytest.raises(PipelineError, match=r"pipeline\.name"):
         parse_pipeline(f'[pipeline]\nname = "{name}"\n')
+    assert parse_pipeline('[pipeline]\nname = "CERN nightly v2"\n').pipeline.name == "CERN nightly v2"

@@ -425,7 +425,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str, fail) -> Any:
     return cls(**kwargs)
 
 
-_PIPELINE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+# a pipeline's name is part of its report files' names: no path separator, control character or leading dot
+_PIPELINE_NAME = re.compile(r"[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]{0,63}")
 
 
 def parse_pipeline(text: str, path: str = "<pipeline>") -> PipelineConfig:
@@ -446,7 +447,10 @@ def parse_pipeline(text: str, path: str = "<pipeline>") -> PipelineConfig:
     config = _build(PipelineConfig, data, "", fail)
     if not _PIPELINE_NAME.fullmatch(config.pipeline.name):
         # (it names the report files and the alerts: a "/" or ".." wrote them outside output.report_dir)
-        fail("pipeline.name", f"{config.pipeline.name[:80]!r} is no name: letters, digits, '.', '_', '-'")
+        fail(
+            "pipeline.name",
+            f"{config.pipeline.name[:80]!r} cannot name files: no '/', '\\', control character or leading '.', at most 64 characters",
+        )
     for name in ("local_networks",):
         _check_networks(getattr(config.pipeline, name), f"pipeline.{name}", fail)
     _check_networks(config.allowlist.cidrs + config.allowlist.known_scanners, "allowlist", fail)
