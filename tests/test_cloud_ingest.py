@@ -344,7 +344,10 @@ def test_a_file_that_cannot_be_read_in_a_folder_is_named_and_the_others_land(tmp
     report = json.loads(run.stdout)
     assert report["rows"] > 0 and "internal error" not in run.stderr
     why = {Path(n["source"]).name: n["why"] for n in report["not_read"]}
-    assert why == {"a-locked": "cannot read: Permission denied"}, why  # (c-mem: no regular file, passed over)
+    assert why == {
+        "a-locked": "cannot read: Permission denied",
+        "c-mem": "is a kernel interface file (/proc, /sys), not data",
+    }, why
 
 
 def test_a_vm_named_like_a_nova_key_does_not_make_a_generic_inventory_nova(tmp_path):
@@ -384,3 +387,21 @@ def test_a_folder_that_cannot_be_listed_under_a_netflow_folder_is_named(tmp_path
     files = {Path(f["path"]).name: f for f in json.loads(run.stdout)["files"]}
     assert files["a.pcap"]["status"] == "landed"
     assert files["locked"]["status"] == "missing" and "cannot be read" in files["locked"]["message"]
+
+
+def test_a_link_to_a_kernel_file_in_a_netflow_folder_is_named_never_read(tmp_path):
+    # hostile review: a drop folder's link to /proc/kmsg ("a regular empty file" to stat) was opened to sniff
+    # its kind: `ingest netflow` and the sweep hung (as root it also swallowed the kernel's log messages)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    shutil.copy(
+        Path(__file__).parent.parent / "sample_data" / "netflow" / "softflowd-v9.pcap", drop / "a.pcap"
+    )
+    (drop / "b-kmsg.pcap").symlink_to("/proc/kmsg")
+    run = run_tracepipe(
+        "ingest", "netflow", str(drop), "--lake", str(tmp_path / "lake"), "--format", "json", timeout=60
+    )
+    assert run.returncode == 3, run.stderr + run.stdout
+    files = {Path(f["path"]).name: f for f in json.loads(run.stdout)["files"]}
+    assert files["a.pcap"]["status"] == "landed"
+    assert files["b-kmsg.pcap"]["message"] == "is a kernel interface file (/proc, /sys), not data"

@@ -551,3 +551,12 @@ def test_an_alerts_victims_are_not_shared_its_attacker_is_a_source_and_stix_ids_
     again = export("stix", ids, lake)
     assert [o["id"] for o in result.document["objects"]] == [o["id"] for o in again.document["objects"]]
     assert result.document["id"] == again.document["id"]
+    # an indicator keeps its id whatever else is exported with it (5 alerts or 50: one id per address)
+    (tmp_path / "one.txt").write_text("a4\n")
+    alone = export("stix", tmp_path / "one.txt", lake).document["objects"]
+
+    def indicator(objects: list[dict]) -> dict:
+        return next(o for o in objects if o["type"] == "indicator" and "45.77.99.1" in o["pattern"])
+
+    assert indicator(alone)["id"] == indicator(result.document["objects"])["id"]
+    assert indicator(alone)["created"] == indicator(result.document["objects"])["created"]

@@ -15,7 +15,6 @@ import copy
 import logging
 import os
 import re
-import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -247,11 +246,11 @@ def sniff_kind(path: Path) -> str:
 
 def _kind_or_none(path: Path) -> str | None:
     """The file's kind, or None when it is not a regular file or cannot be read (the caller reports it)."""
+    # a FIFO, a device or a kernel file (/proc/kmsg: "a regular empty file" whose read waits) is never opened:
+    # it could block for ever (input_problem, from stat alone)
+    if input_problem(path) is not None:
+        return None
     try:
-        if not stat.S_ISREG(
-            path.stat().st_mode
-        ):  # a FIFO or a device is never opened: it could block for ever
-            return None
         return sniff_kind(path)
     except OSError:
         return None

@@ -76,16 +76,21 @@ class VmIngestReport:
         }
 
 
-def expand_paths(paths: Iterable[Path]) -> list[Path]:
-    """Files as given; directories -> their regular files (sorted, not recursive, hidden files skipped).
-    A path that is neither (missing, a FIFO, a socket, a device) is an InputError saying what it is."""
+def expand_paths(paths: Iterable[Path], passed_over: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Files as given; directories -> their regular files (sorted, not recursive, hidden files skipped; the
+    others, a FIFO, a device, a link to /proc, into `passed_over` as (path, what it is)). A path given that is
+    no regular file (missing, a FIFO, a socket, a device) is an InputError saying what it is."""
     out: list[Path] = []
     for path in paths:
         if path.is_dir():
-            # (regular files only: a FIFO, a device or a link to /proc in a drop folder is passed over)
-            out.extend(
-                p for p in sorted(path.iterdir()) if not p.name.startswith(".") and input_problem(p) is None
-            )
+            for child in sorted(path.iterdir()):
+                if child.name.startswith(".") or child.is_dir():
+                    continue
+                problem = input_problem(child)
+                if problem is None:
+                    out.append(child)
+                elif passed_over is not None:
+                    passed_over.append((str(child.absolute()), problem))
             continue
         problem = input_problem(path)
         if problem is not None:
@@ -178,7 +183,7 @@ def ingest_vm_files(
     report = VmIngestReport()
     unnamed = {p: input_problem(p) for p in paths if p not in named and not p.is_dir()}
     report.not_read += [(str(p.absolute()), why) for p, why in unnamed.items() if why is not None]
-    files = expand_paths([p for p in paths if unnamed.get(p) is None])
+    files = expand_paths([p for p in paths if unnamed.get(p) is None], report.not_read)
     pairs, consumed = _opennebula_pairs(files) if fmt in ("auto", "opennebula") else ([], set())
     partners = dict(pairs)
     # keys of the events in the lake: a grown or re-sent file adds only news. An event lands in the partition
@@ -410,7 +415,7 @@ def ingest_syslog_files(
     what sets each line's vm_id as it lands (correlate.attribution.log_attributor; else vm_id null until then)."""
     time_zone(tz)
     report = VmIngestReport()
-    for path in expand_paths(paths):
+    for path in expand_paths(paths, report.not_read):
         source = str(path.absolute())
         try:
             info = path.stat()

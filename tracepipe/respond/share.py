@@ -62,6 +62,7 @@ STIX_SCO_NAMESPACE = uuid.UUID("00abedb4-aa42-466c-9c01-fed23315a9b7")  # STIX 2
 TRACEPIPE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://tracepipe.invalid/share")
 MISP_KEY_ENV = "MISP_KEY"
 STIX_IDENTITY_CREATED = "2026-01-01T00:00:00.000Z"  # (the site's identity object: one id, one creation time)
+STIX_FIXED_CREATED = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 MAX_PEERS_PER_PORT = 20  # more outside peers on one observed port than this is a scan, not a C&C
 # more outside hosts than this that the traced VM itself connected to on the observed port are its targets (a
 # brute force, a scan): a C&C is one or a few (a review: the 12 victims of a VM's outbound SSH brute force went
@@ -389,6 +390,8 @@ def indicators_from_alerts(lake: Lake, ids_file: Path) -> tuple[list[Indicator],
                     # (two alerts on one peer, a beacon's and intel's, share their flows: counted once)
                     item.flows = set(flow_ids)
                     _merge(found, item)
+    shared = {i.value for i in found.values()}  # (a victim another alert names as its peer, intel's: shared)
+    victims = [v for v in victims if v["peer"] not in shared]
     return list(found.values()), {"missing_alerts": sorted(missing), "victims_not_shared": victims}
 
 
@@ -588,16 +591,11 @@ def stix_bundle(
     now = now or dt.datetime.now(dt.UTC)
     stamp = _stix_time(now)
     marking = [STIX_TLP[tlp]]
-    # ids from what they describe (_stable_id), as the MISP event's: the same incident shared again updates its
-    # objects (same id, later `modified`) instead of adding a second copy of each, and a new producer identity
-    # each time (SOC review). `created` stays with the id: the first sighting's time (the identity's: fixed)
+    # ids from what they describe (_stable_id): an indicator's from its pattern alone, whatever else is exported
+    # with it, an observation's and its sighting's from what was seen (times, count); the same finding shared
+    # again updates its objects (same id, later `modified`) instead of adding a second copy of each, and a new
+    # producer identity each time (SOC review). `created` stays with the id: when it was first seen here
     key = info + "|" + "|".join(f"{i.value}|{i.port}" for i in indicators)
-    seen = [i.first_seen for i in indicators if i.first_seen is not None]
-    created = _stix_time(min(*seen, now)) if seen else stamp  # (never after `modified`)
-
-    def stix_id(kind: str, *parts: Any) -> str:
-        return _stable_id(kind, key, *parts)
-
     identity_id = _stable_id("identity", "tracepipe site")
     objects: list[dict[str, Any]] = [dict(STIX_TLP2_OBJECTS[tlp])] if tlp in STIX_TLP2_OBJECTS else []
     objects += [
@@ -615,9 +613,11 @@ def stix_bundle(
     scos: set[str] = set()
     for item in indicators:
         kind, pattern = _pattern(item)
-        indicator_id = stix_id("indicator", pattern)
+        indicator_id = _stable_id("indicator", pattern)
         first = _stix_time(item.first_seen or now)
         last = _stix_time(item.last_seen or item.first_seen or now)
+        # (never after `modified`; a domain nothing here saw: one fixed time, as the id is)
+        created = _stix_time(min(item.first_seen or STIX_FIXED_CREATED, now))
         objects.append(
             {
                 "type": "indicator",
@@ -644,7 +644,7 @@ def stix_bundle(
         if sco["id"] not in scos:
             scos.add(sco["id"])
             objects.append(sco)
-        observed_id = stix_id("observed-data", pattern)
+        observed_id = _stable_id("observed-data", pattern, first, last, item.count)
         objects.append(
             {
                 "type": "observed-data",
@@ -664,7 +664,7 @@ def stix_bundle(
             {
                 "type": "sighting",
                 "spec_version": "2.1",
-                "id": stix_id("sighting", pattern),
+                "id": _stable_id("sighting", pattern, first, last, item.count),
                 "created": created,
                 "modified": stamp,
                 "first_seen": first,
@@ -677,7 +677,7 @@ def stix_bundle(
                 "object_marking_refs": marking,
             }
         )
-    bundle_id = stix_id("bundle")
+    bundle_id = _stable_id("bundle", key)
     return {"type": "bundle", "id": bundle_id, "objects": objects}
 
 
