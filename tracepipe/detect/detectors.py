@@ -284,43 +284,48 @@ def _finish(
 
 
 # ---- the detectors -----------------------------------------------------------------------------------------
+FAN_OUT_KEY = ["src_addr", "dst_addr", "dst_port", "window_start"]
+
+
 def _fan_out_counts(ctx: DetectContext, window_s: float) -> pl.DataFrame:
     """Per (src_addr, dst_addr, dst_port, window) of the local hosts' outgoing TCP and UDP (replies aside):
-    flows, tcp, failed, first_ts, and the proto of the first of those flows (earliest start, then lowest
-    proto: a value, not a row position, so that every engine and row order picks the same). Both scans'
+    flows, tcp, failed, first_ts, the proto of the first of those flows (earliest start, then lowest proto: a
+    value, not a row position, so that every engine and row order picks the same), and whether that
+    destination port answered over UDP (`replied`). Both scans'
     groups are unions of these rows (a horizontal scan's per port, a vertical scan's per destination), so
     they are counted from the flows once for both (ctx.shared) and the scans group this smaller table."""
     key = ("fan_out", float(window_s))
     if key not in ctx.shared:
-        # a UDP answer (the peer's record back to the host's port, with_response) is grouped with the records it
-        # answers, the ends swapped: `replied` says that (address, port) answered over UDP. A resolver's 150
-        # answered queries to 150 servers were "100% failed", a horizontal scan every hour (SOC review)
-        reply = pl.col("response") & (pl.col("proto") == 17)
-        sent = ~pl.col("_reply")
-        flows = (
-            ctx.flows(window_s, response=True)
-            .filter(pl.col("proto").is_in([6, 17]) & ((pl.col("src_owned") & ~pl.col("response")) | reply))
-            .with_columns(
-                _reply=reply,
-                src_addr=pl.when(reply).then(pl.col("dst_addr")).otherwise(pl.col("src_addr")),
-                dst_addr=pl.when(reply).then(pl.col("src_addr")).otherwise(pl.col("dst_addr")),
-                dst_port=pl.when(reply).then(pl.col("src_port")).otherwise(pl.col("dst_port")),
-            )
-        )
-        ts, proto = pl.col("ts_start").filter(sent), pl.col("proto").filter(sent)
-        ctx.shared[key] = (
-            flows.group_by("src_addr", "dst_addr", "dst_port", "window_start")
+        # the (address, port)s that answered over UDP: the peer's record back to the host's port (with_response),
+        # its ends swapped, joined to the counts as `replied`. A resolver's 150 answered queries to 150 servers
+        # were "100% failed", a horizontal scan every hour (SOC review). One collect for both: one scan of the
+        # flows, one judgement of who answered whom
+        flows = ctx.flows(window_s, response=True).filter(pl.col("proto").is_in([6, 17]))
+        counts = (
+            flows.filter(pl.col("src_owned") & ~pl.col("response"))
+            .group_by(FAN_OUT_KEY)
             .agg(
-                flows=sent.sum(),
-                tcp=((pl.col("proto") == 6) & sent).sum(),
-                failed=(pl.col("failed") & sent).sum(),
-                replied=pl.col("_reply").any(),
-                first_ts=ts.min(),
-                proto=proto.sort_by(ts, proto).first(),
+                flows=pl.len(),
+                tcp=(pl.col("proto") == 6).sum(),
+                failed=pl.col("failed").sum(),
+                first_ts=pl.col("ts_start").min(),
+                proto=pl.col("proto").sort_by("ts_start", "proto").first(),
             )
-            .filter(pl.col("flows") > 0)
-            .collect(engine="streaming")
         )
+        answers = (
+            flows.filter(pl.col("response") & (pl.col("proto") == 17) & pl.col("dst_owned"))
+            .select(
+                src_addr=pl.col("dst_addr"),
+                dst_addr=pl.col("src_addr"),
+                dst_port=pl.col("src_port"),
+                window_start=pl.col("window_start"),
+            )
+            .unique()
+        )
+        counts_of, answered = pl.collect_all([counts, answers], engine="streaming")
+        ctx.shared[key] = counts_of.join(
+            answered.with_columns(replied=pl.lit(True)), on=FAN_OUT_KEY, how="left", nulls_equal=True
+        ).with_columns(pl.col("replied").fill_null(False))
     return ctx.shared[key]
 
 
