@@ -537,14 +537,16 @@ def test_an_alerts_victims_are_not_shared_its_attacker_is_a_source_and_stix_ids_
         _alert("a2", "brute_force", "203.0.113.22", {"direction": "outbound"}),
         _alert("a3", "brute_force", "198.51.100.66", {"direction": "inbound"}),
         _alert("a4", "beacon", "45.77.99.1", {}),
+        _alert("a5", "intel", "203.0.113.99", {"outbound": False}),  # a listed scanner that reached the VM
     ]
     lake.append("alerts", pa.Table.from_pylist(rows, schema=ALERTS), key="alerts")
     ids = tmp_path / "ids.txt"
-    ids.write_text("a1\na2\na3\na4\n")
+    ids.write_text("a1\na2\na3\na4\na5\n")
     misp = export("misp", ids, lake).document["Event"]["Attribute"]
     assert sorted((a["type"], a["value"], a["to_ids"]) for a in misp) == [
         ("ip-dst", "45.77.99.1", True),
         ("ip-src", "198.51.100.66", True),
+        ("ip-src", "203.0.113.99", True),
     ]
     result = export("stix", ids, lake)
     assert "93.184.216.34 of vertical_scan alert a1: the VM's target, not shared" in result.notes

@@ -210,7 +210,8 @@ def csv_lines(
     an unclosed quote swallowed every later line into one cell (their records gone, no reject).
 
     `spanning` (MISP CSV, generic VM inventories): a quoted cell open at a line's end may go on over up to
-    `span_lines` more lines (None: any number; and `line_bytes` in all), where it closes with the row read whole (numbered by its first line); a stray
+    `span_lines` more lines (None: any number; and `line_bytes` in all), where it closes with the row read
+    whole (numbered by its first line); a stray
     quote instead meets the next row's quoted cells, which ends the attempt at once (a quote not followed by
     a comma is an error in strict CSV): that line alone is the reject, and the next is read as before."""
     lines = text_lines(text)

@@ -1285,7 +1285,17 @@ def intel_match(ctx: DetectContext) -> pl.DataFrame:
         reason,
         lambda r: {
             k: r[k]
-            for k in ("flows", "bytes", "peers", "some_peers", "ports", "indicator", "tags", "event_id")
+            for k in (
+                "flows",
+                "bytes",
+                "peers",
+                "some_peers",
+                "ports",
+                "indicator",
+                "tags",
+                "event_id",
+                "outbound",
+            )
         },
     )
 

@@ -204,18 +204,25 @@ def ingest_vm_files(
             report.results.append(IngestResult("vm_events", source, "", skipped=True))
             continue
         limit_rejects: list[pa.Table] = []
+        # (the source's reads in `try`, not the lake's: a file that cannot be read is that file's problem; the
+        # hostile review's mode-000 file in a drop folder stopped ingest and sweep as an internal error)
         try:
             content_hash = hash_file(path)
             if partner is not None:
                 content_hash = hash_bytes(f"{content_hash}+{hash_file(partner)}".encode())
-                source = f"{path}+{partner.name}"
-            if progress:
-                progress(source)
-            if lake.already_ingested("vm_events", content_hash):
-                if partner is None and info is not None and lake.has_source("vm_events", source):
-                    lake.record_identity("vm_events", content_hash, source, info)
-                report.results.append(IngestResult("vm_events", source, content_hash, skipped=True))
-                continue
+        except OSError as exc:
+            report.not_read.append((source, _not_read(exc)))
+            continue
+        if partner is not None:
+            source = f"{path}+{partner.name}"
+        if progress:
+            progress(source)
+        if lake.already_ingested("vm_events", content_hash):
+            if partner is None and info is not None and lake.has_source("vm_events", source):
+                lake.record_identity("vm_events", content_hash, source, info)
+            report.results.append(IngestResult("vm_events", source, content_hash, skipped=True))
+            continue
+        try:
             if path.suffix.lower() == ".xml":
                 text = _read_xml(path, str(path), limit_rejects) or ""
             else:
@@ -223,7 +230,7 @@ def ingest_vm_files(
                 if too_long:
                     limit_rejects.append(too_long_rejects(str(path), too_long))
             xml_text = _read_xml(partner, str(path), limit_rejects) if partner is not None else None
-        except OSError as exc:  # (hostile review: a mode-000 file in a drop folder stopped ingest and sweep)
+        except OSError as exc:
             report.not_read.append((source, _not_read(exc)))
             continue
         file_fmt = "opennebula" if partner is not None else fmt

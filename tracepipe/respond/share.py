@@ -61,7 +61,8 @@ DISTRIBUTIONS = {0: "your organisation only", 1: "this community", 2: "connected
 STIX_SCO_NAMESPACE = uuid.UUID("00abedb4-aa42-466c-9c01-fed23315a9b7")  # STIX 2.1 §2.9, deterministic SCO ids
 TRACEPIPE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://tracepipe.invalid/share")
 MISP_KEY_ENV = "MISP_KEY"
-STIX_IDENTITY_CREATED = "2026-01-01T00:00:00.000Z"  # (the site's identity object: one id, one creation time)
+# the creation time of the objects whose id is fixed and that nothing here saw (the site's identity, a domain
+# the input event named): one id, one creation time
 STIX_FIXED_CREATED = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 MAX_PEERS_PER_PORT = 20  # more outside peers on one observed port than this is a scan, not a C&C
 # more outside hosts than this that the traced VM itself connected to on the observed port are its targets (a
@@ -403,12 +404,15 @@ def _peer_role(alert: dict[str, Any]) -> str | None:
     detector = alert["detector"]
     if detector == "vertical_scan":
         return None
+    try:
+        features = json.loads(alert.get("features") or "{}")
+    except ValueError:
+        features = {}
+    features = features if isinstance(features, dict) else {}
     if detector == "brute_force":
-        try:
-            direction = json.loads(alert.get("features") or "{}").get("direction")
-        except (ValueError, AttributeError):
-            direction = None
-        return "src" if direction == "inbound" else None
+        return "src" if features.get("direction") == "inbound" else None
+    if detector == "intel" and features.get("outbound") is False:
+        return "src"  # (a listed address that only reached the VM: its source)
     return "dst"
 
 
@@ -603,8 +607,8 @@ def stix_bundle(
             "type": "identity",
             "spec_version": "2.1",
             "id": identity_id,
-            "created": STIX_IDENTITY_CREATED,
-            "modified": STIX_IDENTITY_CREATED,
+            "created": _stix_time(STIX_FIXED_CREATED),
+            "modified": _stix_time(STIX_FIXED_CREATED),
             "name": "tracepipe site",
             "identity_class": "organization",
             "object_marking_refs": marking,
