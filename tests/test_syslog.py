@@ -594,3 +594,18 @@ def test_ingest_syslog_of_lines_on_many_days_is_one_commit(tmp_path):
     assert "attribute logs" not in operations and lake.version("vm_logs") == commits + 1, operations
     # the two days before the story's VMs held the address, and the first file's line of an unknown host
     assert lake.read("vm_logs").column("vm_id").null_count == 3
+
+
+def test_with_year_a_tenants_first_line_of_a_shared_file_does_not_move_the_others():
+    """Hostile review (session 37): the first line anchors --year, and a tenant can write it ("Dec 31" first in
+    a file shared with its neighbours' "Jun 17" lines): every other line landed a year on, on that time's
+    leases. The first line anchors only when at least half the first block's lines lie near it; else the line
+    most of them lie around does. A file across new year keeps its first line (the test above)."""
+    from tracepipe.ingest.syslog import YearWraps
+
+    text = "Dec 31 23:59:59 evil-vm sshd[1]: hello\n"
+    text += "".join(f"Jun 17 08:{i:02d}:00 web-03 sshd[2]: line {i}\n" for i in range(20))
+    logs, rejects = parse_syslog(text, "x", wraps=YearWraps(2025))
+    assert not rejects.num_rows
+    days = [t.date().isoformat() for t in logs.column("ts").to_pylist()]
+    assert days[0] == "2025-12-31" and set(days[1:]) == {"2025-06-17"}

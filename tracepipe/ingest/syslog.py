@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -87,13 +88,35 @@ class YearWraps:
     A file of more than eleven months cannot be dated so (logrotate cuts far sooner). The year used to go on
     by the order of the lines (+1 at each month falling back 6 or more), so one VM writing a "Dec 31" line
     into a file shared with others moved every later line of the file a year on (session-25 review). Kept
-    across the blocks of one file: `anchor` is the first line's local time, once read."""
+    across the blocks of one file: `anchor` is the first line's local time (_anchor: unless most of the first
+    block's lines lie far from it), once read."""
 
     year: int
     anchor: dt.datetime | None = None
 
 
 ANCHOR_SLACK = dt.timedelta(days=30)
+ANCHOR_NEAR_DAYS = (
+    60  # the first line anchors the year when at least half the first block's lines are this near
+)
+
+
+def _anchor(times: pl.Series) -> dt.datetime:
+    """The line the year of --year is read from (YearWraps): the file's first line, unless fewer than half of
+    the first block's lines lie within ANCHOR_NEAR_DAYS of it in the calendar (either way round the year):
+    then the line most of them lie around. A tenant writing the first line of a shared file ("Dec 31" before
+    its neighbours' "Jun 17") dated every other line a year on (hostile review); a file across new year
+    ("Dec 31" then "Jan 1" lines) keeps its first line."""
+    days = times.dt.ordinal_day().to_numpy().astype(np.int64) - 1
+    counts = np.bincount(days, minlength=366)[:366]
+    near = ANCHOR_NEAR_DAYS
+    around = np.cumsum(np.r_[0, counts[-near:], counts, counts[:near]])
+    within = around[2 * near + 1 :] - around[: -(2 * near + 1)]  # lines within +-near days of each day
+    if 2 * within[days[0]] >= len(days):
+        return times[0]
+    return times[int(np.argmax(within[days]))]
+
+
 YEAR = dt.timedelta(days=366)  # (two candidate years of a line are 365 or 366 days apart: the earlier wins)
 
 
@@ -171,8 +194,8 @@ def parse_syslog(
 
     if wraps is not None:  # (--year) each line on its own, in the year from 30 days before the first line
         if wraps.anchor is None:
-            first = parsed.filter(pl.col("shape") == "3164").select(naive_time(year).drop_nulls().first())
-            wraps.anchor = first.item() if first.height else None
+            times = parsed.filter(pl.col("shape") == "3164").select(naive_time(year).drop_nulls()).to_series()
+            wraps.anchor = _anchor(times) if len(times) else None
         if wraps.anchor is None:  # (no RFC 3164 line read yet, or only a Feb 29 the year has not)
             local = in_utc(naive_time(year))
         else:
