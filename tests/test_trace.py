@@ -902,6 +902,7 @@ def test_export_of_odd_inputs_is_an_input_error_not_an_internal_one(
         ("src,datetime\n10.20.1.31,2025-06-17 08:05:00 GMT\n", 1),
         ("Source IP Address,Time (UTC)\n10.20.1.31,2025-06-17 08:05:00\n", 1),
         ("IP,Date/Time\n10.20.1.31,2025-06-17T08:05:00Z\n", 1),
+        ("IP\u00a0Address,Event\u00a0Time\n10.20.1.31,2025-06-17T08:05:00Z\n", 1),  # a spreadsheet's NBSP
     ],
 )
 def test_ticket_forms_a_csirt_sends_are_read(tmp_path: Path, text: str, expected: int) -> None:

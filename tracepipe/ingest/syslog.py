@@ -96,9 +96,8 @@ class YearWraps:
 
 
 ANCHOR_SLACK = dt.timedelta(days=30)
-ANCHOR_NEAR_DAYS = (
-    60  # the first line anchors the year when at least half the first block's lines are this near
-)
+# the first line anchors the year when at least half the first block's lines are this near it (_anchor)
+ANCHOR_NEAR_DAYS = 60
 
 
 def _anchor(times: pl.Series) -> dt.datetime:

@@ -90,10 +90,11 @@ def _port(value: Any) -> int | str | None:
 
 def _header_name(name: Any) -> str:
     """A ticket's column name as the aliases write it: lower case, a parenthesised note dropped ("Time (UTC)"),
-    any run of other ASCII characters as `_` ("Date/Time", "Source IP Address"). Characters past ASCII stay:
-    a column "\u202eaddress" is no "address" (it silently replaced the real address column)."""
+    any run of other ASCII characters or of white space as `_` ("Date/Time", "Source IP Address", a
+    spreadsheet's no-break space). Other characters past ASCII stay: a column "\u202eaddress" is no "address"
+    (it silently replaced the real address column)."""
     text = re.sub(r"\([^)]*\)", " ", str(name).lower())
-    return re.sub(r"[\x00-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]+", "_", text).strip("_")
+    return re.sub(r"[\s\x00-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]+", "_", text).strip("_")
 
 
 def _pick(record: dict[str, Any], name: str) -> Any:
