@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -155,6 +157,35 @@ BAD_PIPELINES = [
     # a review: 0.5 was floored to a zero window (ZeroDivisionError, exit 4)
     ("[detectors.long_connection]\nwindow = 0.5\n", 2, "detectors.long_connection.window", "must be >= 1"),
     ('[detectors.beacon]\nwindow = "90.5s"\n', 2, "detectors.beacon.window", "no whole number of seconds"),
+    # a pipeline author's review (session 38): each of these was accepted, or an internal error, or its line the
+    # [allowlist] header's. A misspelt detector in an entry suppressed nothing and said nothing
+    (
+        '[allowlist]\n[[allowlist.entries]]\nreason = "r"\ncidrs = ["10.0.0.1"]\ndetectors = ["horizontal-scan"]\n',
+        5,
+        "allowlist.entries[0].detectors",
+        "unknown detector 'horizontal-scan'",
+    ),
+    (
+        '[allowlist]\n[[allowlist.entries]]\nreason = "r"\ncidrs = ["10.0.0.1"]\n\n'
+        '[[allowlist.entries]]\nreason = "s"\ncidrs = ["10.0.0.2"]\nports = [70000]\n',
+        9,
+        "allowlist.entries[1].ports",
+        "out of range",
+    ),
+    (
+        '[[science_peers]]\nname = "x"\nreason = "r"\nprefix = ["192.0.2.0/24"]\n',
+        4,
+        "science_peers[0].prefix",
+        "unknown key",
+    ),
+    ('[allowlist]\naddresses = ["10.20.1.300"]\n', 2, "allowlist.addresses", "not an address or CIDR"),
+    ("[output]\nmax_evidence_rows = 99999999999999999999\n", 2, "output.max_evidence_rows", "out of range"),
+    (
+        "[detectors.beacon]\nshared_service_hosts = 1\n",
+        2,
+        "detectors.beacon.shared_service_hosts",
+        "0 (off) or",
+    ),
 ]
 
 
@@ -167,6 +198,57 @@ def test_bad_pipeline_names_key_and_line(tmp_path, text, line, key, what):
     message = str(info.value)
     assert f"line {line}:" in message and key in message and what in message
     assert info.value.exit_code == 2
+
+
+def test_pipeline_files_as_authors_write_them(tmp_path):
+    """A pipeline author's review (session 38): an empty file (a truncated deploy) ran every detector on the
+    code's defaults; a TOML date as `expires` was a type error; a science peers file's other settings were
+    dropped in silence, and a FIFO or /dev/zero as that file hung or exhausted the sweep."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("# nothing but a comment\n")
+    with pytest.raises(PipelineError, match="holds no setting"):
+        load_pipeline(empty)
+    dated = parse_pipeline(
+        '[allowlist]\n[[allowlist.entries]]\nreason = "r"\ncidrs = ["10.0.0.1"]\nexpires = 2026-12-31\n'
+    )
+    assert dated.allowlist.entries[0].expires == "2026-12-31"
+    peers = tmp_path / "peers.toml"
+    peers.write_text(
+        '[[science_peers]]\nname = "L"\nreason = "r"\nprefixes = ["192.0.2.0/24"]\n[detectors.horizontal_scan]\nmin_hosts = 5000\n'
+    )
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text('[pipeline]\nscience_peers_file = "peers.toml"\n')
+    with pytest.raises(PipelineError, match=r"science_peers\]\] entries only, not detectors"):
+        load_pipeline(pipeline)
+    peers.write_text('[[science_peers]]\nname = "L"\nreason = "r"\nprefixes = ["192.0.2.0/24"]\n')
+    loaded = load_pipeline(pipeline)
+    assert [p.name for p in loaded.science_peers] == ["L"] and len(loaded.digest) == 64
+    peers.unlink()
+    os.mkfifo(peers)
+    with pytest.raises(PipelineError, match="not a regular file"):
+        load_pipeline(pipeline)
+
+
+def test_the_report_says_which_file_and_settings_made_it(story_lake, tmp_path):
+    """Two files both named `nightly` (the template, a tuned copy) made reports nothing told apart."""
+    lake, story, _ = story_lake
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "notes.txt").write_text("not a capture")
+    pipeline = tmp_path / "p.toml"
+    tuned = f'[inputs]\nflow_dirs = ["{drop}", "{tmp_path / "gone"}"]\nflow_pattern = "*.pacp"\n'
+    tuned += "[detectors.horizontal_scan]\nmin_hosts = 2000\n"
+    pipeline.write_text(pipeline_text(tmp_path, tuned))
+    result = run_sweep(lake, pipeline, story.start, story.start + dt.timedelta(hours=1))
+    report = json.loads(result.report_paths["json"].read_text())
+    assert report["summary"]["pipeline_file"] == str(pipeline)
+    assert report["summary"]["pipeline_sha256"] == hashlib.sha256(pipeline.read_bytes()).hexdigest()
+    assert report["settings"]["detectors"]["horizontal_scan"]["min_hosts"] == 2000
+    assert report["settings"]["detectors"]["brute_force"]["min_attempts"] == 60  # (a default, recorded too)
+    # the drop folders: the one a pattern typo matched nothing in, the one that is not there, both named
+    assert any(f"drop folder {drop}: 1 file(s), none matching '*.pacp'" in n for n in result.notes)
+    assert any(f"drop folder {tmp_path / 'gone'} does not exist" in n for n in result.notes)
+    assert result.exit_code == EXIT_PARTIAL
 
 
 def test_toml_syntax_error_names_line():

@@ -1326,7 +1326,9 @@ def sweep_command(
     new alerts to the lake, write the JSON (and HTML) report, print a summary.
 
     Without --since/--until the window is the last completed `window.last` of the pipeline (hourly: the
-    previous hour; nightly: yesterday). Rerunning a window adds no duplicate alerts.
+    previous hour; nightly: yesterday). Rerunning a window adds no duplicate alerts. Such a scheduled run
+    also sweeps again the earlier windows that flows landed in after they were swept (a connection exported
+    when it ended, a collector's backlog): `[window] late` and `late_windows`.
 
     Exit codes: 0 nothing new (also: no flows in the window, said in the summary); 1 new alerts;
     2 bad pipeline file (the message names the key and line); 3 some input rejected and nothing new; 4 failed.

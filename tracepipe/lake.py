@@ -2091,6 +2091,46 @@ class Lake:
             added.update(adds)
         return [e for e in self.entries(name) if e.relative in added]
 
+    def landed_since(
+        self, name: str, version: int
+    ) -> tuple[list[FileEntry], list[FileEntry], set[str]] | None:
+        """What ingest landed in a table after `version`: (the current files an ingest added, whose rows are
+        all new; the current files that rewrites made of such files, whose new rows are those of the sources;
+        those sources). Rows move when files are rewritten (attribution, compaction): a rewrite that removed
+        a file holding new rows adds files that may hold them beside rows that were there before (told apart by
+        their `source`). None when the log entries after `version` are gone."""
+        latest = self.version(name)
+        if latest is None:
+            return None
+        direct: set[str] = set()
+        carried: set[str] = set()
+        sources: set[str] = set()
+        for v in range(version + 1, latest + 1):
+            actions = self._log_actions(name, v)
+            if actions is None:
+                return None
+            adds = {a["add"]["path"] for a in actions if "add" in a}
+            removes = {a["remove"]["path"] for a in actions if "remove" in a}
+            info = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
+            try:
+                meta = json.loads(info.get("tracepipe") or "{}")
+            except ValueError:
+                meta = {}
+            meta = meta if isinstance(meta, dict) else {}
+            if "operation" not in meta and isinstance(meta.get("source"), str):  # (an ingest's commit)
+                direct |= adds
+                sources.add(meta["source"])
+            elif removes & (direct | carried):  # (a rewrite of files holding such rows)
+                carried |= adds
+            direct -= removes
+            carried -= removes
+        entries = self.entries(name)
+        return (
+            [e for e in entries if e.relative in direct],
+            [e for e in entries if e.relative in carried],
+            sources,
+        )
+
     def replace_files(
         self,
         name: str,

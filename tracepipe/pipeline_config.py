@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import math
 import re
 import tomllib
@@ -65,6 +66,12 @@ class WindowSection:
     # Night hours (UTC, [start, end)) for the night-time share feature.
     night_start_hour: int = 22
     night_end_hour: int = 6
+    # Flows that land after their window was swept (a probe exporting a long connection when it ends, a
+    # collector's backlog, a capture ingested late): a scheduled sweep (no --since/--until) also sweeps again
+    # the windows of `last` (at most a day) that such flows fell in, up to `late` back (0: never), at most
+    # `late_windows` of them per run, the newest first (the others wait for the next runs).
+    late: Duration = 8 * 86400  # type: ignore[assignment]
+    late_windows: int = 6
 
 
 @dataclass(frozen=True)
@@ -258,6 +265,10 @@ class Detectors:
     intel: IntelMatch = field(default_factory=IntelMatch)
 
 
+# what an allowlist entry's `detectors` may name: every detector's section, and the anomaly model's alerts
+DETECTOR_NAMES = (*(f.name for f in dataclasses.fields(Detectors)), "anomaly")
+
+
 @dataclass(frozen=True)
 class ModelSection:
     enabled: bool = False
@@ -278,6 +289,16 @@ class PipelineConfig:
     detectors: Detectors = field(default_factory=Detectors)
     model: ModelSection = field(default_factory=ModelSection)
     path: str = ""  # the file it came from (not a TOML key)
+    # sha256 of the text it was read from, with its science peers file's (not a TOML key): a report says
+    # which version of the file made it
+    digest: str = ""
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting in force, defaults included (the report records them: a tuned copy that keeps the
+        template's name is told apart by them and by `digest`)."""
+        out = dataclasses.asdict(self)
+        del out["path"], out["digest"]
+        return out
 
 
 # ---- allowed ranges of numbers ------------------------------------------------------------------------------
@@ -305,6 +326,8 @@ RANGES: dict[str, Range] = {
     "max_gap": Range(0, above=True),
     "night_start_hour": Range(0, 23),
     "night_end_hour": Range(0, 23),
+    "late": Range(0, 400 * 86400),
+    "late_windows": Range(1, 1000),
     "min_failed_share": Range(0, 1),
     "min_score": Range(0, 1),
     "ports": Range(0, 65535),
@@ -320,10 +343,12 @@ RANGES: dict[str, Range] = {
     "push_max_period_spread": Range(0, 1),
 }
 ANY_NUMBER = Range(0)
+MAX_INT = 2**53  # any integer setting; a number beyond it is no count or size of anything
 
 
 # ---- line numbers -------------------------------------------------------------------------------------------
 _TABLE_RE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\-\s\"]+?)\s*\]\s*(#.*)?$")
+_ARRAY_TABLE_RE = re.compile(r"^\s*\[\[\s*([A-Za-z0-9_.\-\s\"]+?)\s*\]\]\s*(#.*)?$")
 _KEY_RE = re.compile(r"^\s*([A-Za-z0-9_\-\"]+)\s*=")
 
 
@@ -333,8 +358,15 @@ class _KeyLines:
     def __init__(self, text: str) -> None:
         self.lines: dict[str, int] = {}
         table = ""
+        entries: dict[str, int] = {}  # [[name]] tables seen so far: their entries are name[0], name[1], ...
         for number, line in enumerate(text.splitlines(), start=1):
-            if match := _TABLE_RE.match(line):
+            if match := _ARRAY_TABLE_RE.match(line):
+                name = ".".join(p.strip().strip('"') for p in match.group(1).split("."))
+                table = f"{name}[{entries.get(name, 0)}]"
+                entries[name] = entries.get(name, 0) + 1
+                self.lines.setdefault(table, number)
+                self.lines.setdefault(name, number)
+            elif match := _TABLE_RE.match(line):
                 table = ".".join(p.strip().strip('"') for p in match.group(1).split("."))
                 self.lines.setdefault(table, number)
             elif match := _KEY_RE.match(line):
@@ -387,6 +419,8 @@ def _convert(value: Any, tp: Any, where: str, fail) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             fail(where, f"expected {_type_name(tp)}, got {value!r}")
+        if abs(value) > MAX_INT:  # (past what every column and counter holds: int too big to convert)
+            fail(where, f"{value} is out of range: at most {MAX_INT:,}")
         _in_range(value, where, fail)
         return value
     if tp is float:
@@ -394,6 +428,11 @@ def _convert(value: Any, tp: Any, where: str, fail) -> Any:
             fail(where, f"expected {_type_name(tp)}, got {value!r}")
         return _in_range(float(value), where, fail)
     if tp is str:
+        if isinstance(value, dt.date | dt.datetime) and where.rpartition(".")[2] == "expires":
+            # a TOML date or time (expires = 2026-12-31): the text it stands for (a time without a zone: UTC)
+            if isinstance(value, dt.datetime) and value.tzinfo is None:
+                value = value.replace(tzinfo=dt.UTC)
+            return value.isoformat()
         if not isinstance(value, str):
             fail(where, f"expected {_type_name(tp)}, got {value!r}")
         return value
@@ -401,6 +440,8 @@ def _convert(value: Any, tp: Any, where: str, fail) -> Any:
         if not isinstance(value, list):
             fail(where, f"expected {_type_name(tp)}, got {value!r}")
         inner = typing.get_args(tp)[0]
+        if dataclasses.is_dataclass(inner):  # ([[table]] entries: each named by its index, as the lines are)
+            return [_convert(v, inner, f"{where}[{i}]", fail) for i, v in enumerate(value)]
         return [_convert(v, inner, where, fail) for v in value]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -411,7 +452,11 @@ def _convert(value: Any, tp: Any, where: str, fail) -> Any:
 
 def _build(cls: type, data: dict[str, Any], prefix: str, fail) -> Any:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not (cls is PipelineConfig and f.name == "path")}
+    fields = {
+        f.name: f
+        for f in dataclasses.fields(cls)
+        if not (cls is PipelineConfig and f.name in ("path", "digest"))
+    }
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         where = f"{prefix}.{key}" if prefix else key
@@ -441,9 +486,15 @@ def parse_pipeline(text: str, path: str = "<pipeline>") -> PipelineConfig:
         )
 
     try:
-        data = tomllib.loads(text)
+        data = tomllib.loads(text.removeprefix("\ufeff"))  # (a byte order mark some editors write)
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"{path}: not valid TOML: {exc}. Fix the pipeline file.") from exc
+    if not data:
+        # a truncated copy or deploy ran every detector on the code's defaults, which are not the templates'
+        raise PipelineError(
+            f"{path}: holds no setting (empty, or only comments): a pipeline file names at least its [pipeline]. "
+            "Copy a template (tracepipe init DIR) and edit it."
+        )
     config = _build(PipelineConfig, data, "", fail)
     if not _PIPELINE_NAME.fullmatch(config.pipeline.name):
         # (it names the report files and the alerts: a "/" or ".." wrote them outside output.report_dir)
@@ -453,9 +504,13 @@ def parse_pipeline(text: str, path: str = "<pipeline>") -> PipelineConfig:
         )
     for name in ("local_networks",):
         _check_networks(getattr(config.pipeline, name), f"pipeline.{name}", fail)
-    _check_networks(config.allowlist.cidrs + config.allowlist.known_scanners, "allowlist", fail)
+    for name in ("addresses", "cidrs", "known_scanners"):
+        _check_networks(getattr(config.allowlist, name), f"allowlist.{name}", fail)
     _check_entries(config, fail)
-    return dataclasses.replace(config, path=path)
+    shared = config.detectors.beacon.shared_service_hosts
+    if shared == 1:  # (one host alike with itself: every beacon was a "shared service")
+        fail("detectors.beacon.shared_service_hosts", "1 is out of range: 0 (off) or at least 2 hosts")
+    return dataclasses.replace(config, path=path, digest=hashlib.sha256(text.encode()).hexdigest())
 
 
 def _check_entries(config: PipelineConfig, fail) -> None:
@@ -472,6 +527,13 @@ def _check_entries(config: PipelineConfig, fail) -> None:
             if not getattr(entry, nets):
                 fail(at, f"has no {nets}: list the addresses or CIDRs it covers")
             _check_networks(getattr(entry, nets), f"{at}.{nets}", fail)
+            unknown = [d for d in getattr(entry, "detectors", []) if d not in DETECTOR_NAMES]
+            if unknown:
+                # (a misspelt name suppressed nothing, and said nothing: the engineer believed the rule in place)
+                fail(
+                    f"{at}.detectors",
+                    f"unknown detector {unknown[0]!r} (known: {', '.join(DETECTOR_NAMES)})",
+                )
             if entry.expires:
                 try:
                     expiry_of(entry.expires)
@@ -530,14 +592,34 @@ def load_pipeline(path: Path | str | None = None) -> PipelineConfig:
 
 def with_science_peers_file(config: PipelineConfig, path: Path) -> PipelineConfig:
     """Add the [[science_peers]] of a separate file (the site's list, shared by its pipelines)."""
+    problem = input_problem(
+        path
+    )  # stat first: a FIFO waited for a writer for ever, /dev/zero filled the memory
+    if problem:
+        raise PipelineError(
+            f"science peers file {path} {problem}: fix pipeline.science_peers_file in {config.path}."
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PipelineError(
             f"cannot read science peers file {path} ({exc}): fix pipeline.science_peers_file in {config.path}."
         ) from exc
+    try:
+        keys = set(tomllib.loads(text.removeprefix("\ufeff")))
+    except tomllib.TOMLDecodeError as exc:
+        raise PipelineError(f"{path}: not valid TOML: {exc}. Fix the science peers file.") from exc
+    if keys - {"science_peers"}:
+        # (its thresholds and allowlists were dropped without a word: they belong in the pipeline file)
+        raise PipelineError(
+            f"{path}: a science peers file holds [[science_peers]] entries only, not "
+            f"{', '.join(sorted(keys - {'science_peers'}))}: put those in the pipeline file {config.path}."
+        )
     extra = parse_pipeline(text, str(path))
-    return dataclasses.replace(config, science_peers=[*config.science_peers, *extra.science_peers])
+    digest = hashlib.sha256(f"{config.digest}{extra.digest}".encode()).hexdigest()
+    return dataclasses.replace(
+        config, science_peers=[*config.science_peers, *extra.science_peers], digest=digest
+    )
 
 
 # ---- templates ----------------------------------------------------------------------------------------------

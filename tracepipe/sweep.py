@@ -69,14 +69,26 @@ class SweepResult:
     # CPU seconds per stage (every thread of the process: polars' too): on a shared machine wall time is noise
     cpu_timings: dict[str, float] = field(default_factory=dict)
     lake_version: str = ""  # the table versions the sweep read (maintenance.version_token)
+    # earlier windows swept again because flows landed in them after they were swept (late_windows)
+    late: list[dict[str, Any]] = field(default_factory=list)
+    late_pending: int = 0  # such windows left for the next runs (late_windows per run)
+    # which pipeline file made it: its path, sha256 and every setting in force (defaults included)
+    pipeline_file: str = ""
+    pipeline_sha256: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def message(self) -> str:
+        late = ""
+        if self.late:
+            flows = sum(w["late_flows"] for w in self.late)
+            late = f"; {len(self.late)} earlier window(s) swept again for {flows:,} flows that landed late"
         if self.flows == 0:
-            return f"no flows between {self.since:%Y-%m-%d %H:%M} and {self.until:%Y-%m-%d %H:%M} UTC"
+            found = f": {self.new_alerts.num_rows} new alert(s)" if self.late else ""
+            return f"no flows between {self.since:%Y-%m-%d %H:%M} and {self.until:%Y-%m-%d %H:%M} UTC{late}{found}"
         return (
             f"{self.flows:,} flows between {self.since:%Y-%m-%d %H:%M} and {self.until:%Y-%m-%d %H:%M} UTC: "
-            f"{self.new_alerts.num_rows} new alert(s), {self.already_known} already known"
+            f"{self.new_alerts.num_rows} new alert(s), {self.already_known} already known{late}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,7 +105,11 @@ class SweepResult:
             "exit_code": self.exit_code,
             "message": self.message,
             "lake_version": self.lake_version,
+            "pipeline_file": self.pipeline_file,
+            "pipeline_sha256": self.pipeline_sha256,
             "flows": self.flows,
+            "late_windows": [_jsonable(w) for w in self.late],
+            "late_pending": self.late_pending,
             "alerts": self.alerts.num_rows,
             "new_alerts": self.new_alerts.num_rows,
             "already_known": self.already_known,
@@ -145,14 +161,21 @@ def sweep_window(
 
 
 # ---- stages -----------------------------------------------------------------------------------------------
-def _files(dirs: list[str], pattern: str) -> list[Path]:
+def _files(dirs: list[str], pattern: str, unmatched: list[dict[str, Any]] | None = None) -> list[Path]:
+    """The drop folders' files matching `pattern` (hidden ones left out); a folder holding files none of which
+    match is added to `unmatched` (a pattern typo landed nothing, and said nothing: a pipeline author's review)."""
     found: list[Path] = []
     for folder in dirs:
         path = Path(folder)
         if path.is_file():
             found.append(path)
         elif path.is_dir():
-            found.extend(sorted(p for p in path.glob(pattern) if p.is_file() and not p.name.startswith(".")))
+            matched = sorted(p for p in path.glob(pattern) if p.is_file() and not p.name.startswith("."))
+            found.extend(matched)
+            if not matched and unmatched is not None:
+                others = sum(1 for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+                if others:
+                    unmatched.append({"folder": str(path.absolute()), "files": others, "pattern": pattern})
     return found
 
 
@@ -160,8 +183,14 @@ def ingest_inputs(lake: Lake, config: PipelineConfig) -> tuple[dict[str, Any], b
     """Land the drop folders' files (the manifest skips those already in). Returns (summary, partial?)."""
     summary: dict[str, Any] = {}
     partial = False
-    flow_files = _files(config.inputs.flow_dirs, config.inputs.flow_pattern)
-    missing = [d for d in config.inputs.flow_dirs + config.inputs.vm_dirs if not Path(d).exists()]
+    unmatched: list[dict[str, Any]] = []
+    flow_files = _files(config.inputs.flow_dirs, config.inputs.flow_pattern, unmatched)
+    # (relative folders are taken from the current directory, as output.report_dir: named absolute)
+    missing = [
+        str(Path(d).absolute())
+        for d in config.inputs.flow_dirs + config.inputs.vm_dirs
+        if not Path(d).exists()
+    ]
     if missing:
         summary["missing_inputs"] = missing
         partial = True
@@ -180,7 +209,9 @@ def ingest_inputs(lake: Lake, config: PipelineConfig) -> tuple[dict[str, Any], b
         partial |= result.exit_code in (EXIT_PARTIAL, EXIT_FAILED) and any(
             f.status in ("rejected", "missing") or f.rejects for f in result.files
         )
-    vm_files = _files(config.inputs.vm_dirs, config.inputs.vm_pattern)
+    vm_files = _files(config.inputs.vm_dirs, config.inputs.vm_pattern, unmatched)
+    if unmatched:
+        summary["unmatched_inputs"] = unmatched
     if vm_files:
         from tracepipe.ingest.vm import ingest_vm_files
 
@@ -201,6 +232,28 @@ def ingest_inputs(lake: Lake, config: PipelineConfig) -> tuple[dict[str, Any], b
         summary["correlation"] = {"leases": done.lease_rows, "days": done.days, "update": done.leases}
     summary.pop("flow_days", None)
     return summary, partial
+
+
+def input_notes(ingest: dict[str, Any], partial: bool) -> list[str]:
+    """What the summary says of the drop folders: those missing, those whose files the pattern matched none of,
+    rejected input, files not read."""
+    notes = [
+        f"drop folder {u['folder']}: {u['files']} file(s), none matching {u['pattern']!r}: nothing landed"
+        for u in ingest.get("unmatched_inputs", [])
+    ]
+    if not partial:
+        return notes
+    missing = ingest.get("missing_inputs", [])
+    notes += [
+        f"drop folder {m} does not exist (relative folders: from the current directory)" for m in missing
+    ]
+    if ingest.get("flows", {}).get("rejects") or ingest.get("vm", {}).get("rejects") or not missing:
+        notes.append("some input was rejected (see the rejects dataset)")
+    unread = ingest.get("vm", {}).get("not_read", [])
+    notes += [f"{n['source']}: not read: {n['why']}" for n in unread[:10]]
+    if len(unread) > 10:
+        notes.append(f"and {len(unread) - 10} more drop-folder files not read (--format json)")
+    return notes
 
 
 def known_alert_ids(lake: Lake, alerts: pa.Table) -> set[str]:
@@ -376,7 +429,11 @@ def write_reports(lake: Lake, config: PipelineConfig, result: SweepResult) -> di
     stem = f"sweep-{config.pipeline.name}-{result.since:%Y%m%dT%H%M}-{result.until:%Y%m%dT%H%M}"
     paths: dict[str, Path] = {}
     json_path = out_dir / f"{stem}.json"
-    report = {"summary": result.summary(), "alerts": [_jsonable(r) for r in result.alerts.to_pylist()]}
+    report = {
+        "summary": result.summary(),
+        "settings": result.settings,
+        "alerts": [_jsonable(r) for r in result.alerts.to_pylist()],
+    }
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(json_path, json.dumps(report, indent=2, default=str))
@@ -426,6 +483,198 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+# ---- flows that land after their window was swept -----------------------------------------------------------
+# A probe exports a connection when it ends (softflowd's default lifetime is a week), a collector commits a
+# backlog after an outage, a capture is ingested a day late: their flows fall in windows a scheduled sweep has
+# swept already, and no later scheduled window reads them (detectors read flows by their start). Each scheduled
+# run records the flows version it read (LATE_DIR/<pipeline>.json); the next one finds the rows that ingest
+# landed since (Lake.landed_since: by commit and source, not by file: attribution and compaction rewrite files
+# of rows read before) that start before its window, and sweeps those earlier windows again. Alert ids are
+# deterministic, so what was found before is not new; what the late flows add is.
+LATE_DIR = "_settings/sweeps"
+LATE_STATE_BYTES = 1 << 20
+
+
+@dataclass
+class LateWindows:
+    version: int | None  # the flows version this run read (recorded for the next run)
+    windows: list[tuple[dt.datetime, dt.datetime]] = field(default_factory=list)  # swept again now
+    flows: dict[dt.datetime, int] = field(default_factory=dict)  # late flows per window start
+    pending: list[dt.datetime] = field(default_factory=list)  # left for the next runs
+
+
+def _late_state_path(lake: Lake, config: PipelineConfig) -> Path:
+    return lake.root / LATE_DIR / f"{config.pipeline.name}.json"
+
+
+def _load_late_state(
+    lake: Lake, config: PipelineConfig, notes: list[str]
+) -> tuple[int, list[dt.datetime]] | None:
+    """(flows version, pending window starts) of this pipeline's last scheduled run; None: none (or a state
+    that is not one: said in a note, the next run starts from this one)."""
+    path = _late_state_path(lake, config)
+    try:
+        if not path.is_file():
+            return None
+        if path.stat().st_size > LATE_STATE_BYTES:
+            raise ValueError(f"larger than {LATE_STATE_BYTES} bytes")
+        state = json.loads(path.read_bytes())
+        version = state["flows_version"]
+        pending = [utc(dt.datetime.fromisoformat(t)) for t in state.get("pending", [])]
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ValueError(f"flows_version {version!r}")
+        return version, pending
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        notes.append(f"{path}: not a late-flow state ({exc}); late flows are looked for from this run on")
+        return None
+
+
+def late_windows(
+    lake: Lake, config: PipelineConfig, since: dt.datetime, version: int | None, notes: list[str]
+) -> LateWindows:
+    """The earlier windows (of `window.last`, at most a day, aligned) that rows landed since the pipeline's last
+    scheduled run fall in, from `window.late` before `since` on: the newest `window.late_windows` of them and
+    those the last runs left, the rest pending."""
+    out = LateWindows(version)
+    lookback = float(config.window.late)
+    state = _load_late_state(lake, config, notes)
+    if state is None or version is None or lookback <= 0:
+        return out
+    seen, pending = state
+    step = min(float(config.window.last), 86400.0)
+    low = floor_time(since - dt.timedelta(seconds=lookback), step)
+    counts: dict[dt.datetime, int] = {t: 0 for t in pending if low <= t < since}
+    if seen > version:
+        notes.append(
+            f"the flows table is older (version {version}) than the last run's ({seen}): late flows not looked for"
+        )
+    elif seen < version:
+        landed = lake.landed_since("flows", seen)
+        if landed is None:
+            notes.append(
+                f"the flows table's log after version {seen} is gone (its retention): flows that landed late "
+                "since the last run were not looked for"
+            )
+        elif landed[0] or landed[1]:
+            direct, carried, sources = landed
+            us = int(step * 1_000_000)
+            new_rows = _landed_rows(direct, carried, sources)
+            frame = (
+                new_rows.filter((pl.col("ts_start") >= low) & (pl.col("ts_start") < since))
+                .group_by(((pl.col("ts_start").dt.epoch("us") // us) * us).alias("window"))
+                .agg(pl.len().alias("flows"))
+                .collect()
+            )
+            for start, flows in frame.iter_rows():
+                at = dt.datetime.fromtimestamp(start / 1e6, dt.UTC)
+                counts[at] = counts.get(at, 0) + int(flows)
+            older = new_rows.filter(pl.col("ts_start") < low).select(pl.len()).collect().item()
+            if older:
+                notes.append(
+                    f"{older:,} flows landed for windows more than window.late before this one: not swept "
+                    "(sweep them with --since/--until)"
+                )
+    newest = sorted(counts, reverse=True)
+    take = newest[: int(config.window.late_windows)]
+    out.windows = [(t, t + dt.timedelta(seconds=step)) for t in sorted(take)]
+    out.flows = {t: counts[t] for t in take}
+    out.pending = sorted(newest[len(take) :])
+    if out.pending:
+        notes.append(
+            f"{len(out.pending)} more earlier window(s) with late flows are left for the next runs "
+            f"(window.late_windows = {config.window.late_windows})"
+        )
+    return out
+
+
+def _landed_rows(direct: list[Any], carried: list[Any], sources: set[str]) -> pl.LazyFrame:
+    """ts_start of the rows that landed: every row of `direct` files, the rows of `sources` in `carried`."""
+
+    def scan(entries: list[Any]) -> pl.LazyFrame:
+        return pl.scan_parquet([str(e.path) for e in entries], hive_partitioning=False, glob=False)
+
+    parts = [scan(direct).select("ts_start")] if direct else []
+    if carried:
+        of_sources = pl.col("source").cast(pl.String).is_in(sorted(sources))
+        parts.append(scan(carried).filter(of_sources).select("ts_start"))
+    return pl.concat(parts)
+
+
+def save_late_state(lake: Lake, config: PipelineConfig, late: LateWindows, notes: list[str]) -> None:
+    """Record what this scheduled run read, for the next one (a run killed before this is redone by it)."""
+    if late.version is None:
+        return
+    path = _late_state_path(lake, config)
+    state = {"flows_version": late.version, "pending": [t.isoformat() for t in late.pending]}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(state))
+    except OSError as exc:  # (after the alerts' commit: the next run looks from the last recorded version)
+        notes.append(
+            f"cannot record what this run read in {path} ({exc.strerror}): the next run sweeps again"
+        )
+
+
+def _candidates(
+    lake: Lake,
+    config: PipelineConfig,
+    since: dt.datetime,
+    until: dt.datetime,
+    engine: str,
+    intel: pa.Table | None,
+    loaded: tuple[Any, Any] | None,
+    result: SweepResult,
+    stage: Callable[[str, Callable[[], Any]], Any],
+    spark_master: str | None,
+    spark_conf: dict[str, str] | None,
+    buckets: int | None,
+) -> tuple[det.DetectContext, pl.DataFrame]:
+    """The detectors' and the model's candidates over one window, and the context finalize needs."""
+    if engine == "spark":
+        from tracepipe.engines.spark import sweep_candidates
+
+        return stage(  # type: ignore[no-any-return]
+            "spark",
+            lambda: sweep_candidates(
+                lake,
+                config,
+                since,
+                until,
+                intel,
+                master=spark_master,
+                conf=spark_conf,
+                notes=result.notes,
+                timings=result.timings,
+            ),
+        )
+    enabled = [name for name in det.DETECTORS if getattr(config.detectors, name).enabled]
+    # the rules' local addresses and the model's features' hosts are looked up by spill_local: in one scan
+    # of the lake, or by the spill as it reads
+    ctx = det.DetectContext(lake, config, since, until, intel=intel)
+    history = anomaly_history(ctx) if loaded is not None else None
+    with ExitStack() as stack:
+        spill = spill_local(ctx, enabled, history, buckets, stack, stage)
+        job = feature_job(ctx, spill, loaded, stage)
+        candidates = detect_local(ctx, enabled, spill, stage, job)
+        if loaded is not None:
+            rule_hosts = set(candidates.get_column("addr").to_list())
+            # the features' steps are timed as stages of their own (nested stages would count twice)
+            features = job.result() if job is not None else None
+            anomalies = anomaly_stage(ctx, rule_hosts, result.notes, buckets, spill, loaded, stage, features)
+            candidates = pl.concat([candidates, anomalies])
+    return ctx, candidates
+
+
+def _first_of_each(tables: list[pa.Table]) -> pa.Table:
+    """Alerts of several windows as one table, one row per id (the first)."""
+    if len(tables) == 1:
+        return tables[0]
+    table = pa.concat_tables(tables)
+    seen: set[str] = set()
+    keep = [i for i, a in enumerate(table.column("alert_id").to_pylist()) if not (a in seen or seen.add(a))]
+    return table.take(pa.array(keep, pa.int64()))
+
+
 # ---- the sweep --------------------------------------------------------------------------------------------
 def run_sweep(
     lake: Lake,
@@ -448,8 +697,11 @@ def run_sweep(
             f"engine {engine!r} is not available for sweeps yet; use one of: {', '.join(ENGINES)}"
         )
     config = pipeline_path if isinstance(pipeline_path, PipelineConfig) else load_pipeline(pipeline_path)
+    scheduled = since is None and until is None
     since, until = sweep_window(config, since, until, now)
     result = SweepResult(config.pipeline.name, since, until)
+    result.pipeline_file, result.pipeline_sha256 = config.path, config.digest
+    result.settings = config.settings()
     timings, cpu_timings = result.timings, result.cpu_timings
 
     def stage(name: str, fn: Callable[[], Any]) -> Any:
@@ -473,6 +725,7 @@ def run_sweep(
             cpu_timings[name] = cpu_timings.get(name, 0.0) + time.process_time() - cpu0
 
     result.ingest, partial = stage("ingest", lambda: ingest_inputs(lake, config))
+    result.notes += input_notes(result.ingest, partial)
     # Everything below reads one snapshot: the table versions after ingest, recorded in the result and the
     # report (`tracepipe sql --as-of <lake_version>` shows an analyst exactly what the sweep saw).
     versions = lake.versions()
@@ -483,59 +736,54 @@ def run_sweep(
     # pipeline's inputs landed (nothing ever landed: a lake's mount point not mounted said "no flows", exit 0)
     lake.require()
     check_files(lake)
+    # the earlier windows that flows landed in after this pipeline's last scheduled run swept them
+    late = (
+        stage("late", lambda: late_windows(lake, config, since, versions.get("flows"), result.notes))
+        if scheduled and write
+        else None
+    )
     result.flows = stage("count", lambda: count_rows(lake, since, until))
-    if result.flows == 0:
+    windows = [(since, until)] if result.flows else []
+    if late is not None:
+        result.late_pending = len(late.pending)
+        for start, end in late.windows:
+            flows = stage("count", lambda start=start, end=end: count_rows(lake, start, end))
+            if flows:
+                windows.append((start, end))
+                result.late.append(
+                    {
+                        "since": start.isoformat(),
+                        "until": end.isoformat(),
+                        "flows": flows,
+                        "late_flows": late.flows[start],
+                    }
+                )
+    if not windows:
         result.exit_code = (
             EXIT_FAILED if config.pipeline.fail_on_empty else (EXIT_PARTIAL if partial else EXIT_OK)
         )
         if write:
             result.report_paths = stage("report", lambda: write_reports(lake, config, result))
+            if late is not None:
+                save_late_state(writer, config, late, result.notes)
         return result
 
     intel = read_intel(lake) if config.detectors.intel.enabled else None
-    if engine == "spark":
-        from tracepipe.engines.spark import sweep_candidates
+    loaded = None
+    if engine != "spark" and config.model.enabled:
+        from tracepipe.detect.model import load_for_sweep
 
-        ctx, candidates = stage(
-            "spark",
-            lambda: sweep_candidates(
-                lake,
-                config,
-                since,
-                until,
-                intel,
-                master=spark_master,
-                conf=spark_conf,
-                notes=result.notes,
-                timings=timings,
-            ),
+        loaded = load_for_sweep(lake, config.model.path, result.notes)
+    found: list[pa.Table] = []
+    for start, end in windows:
+        ctx, candidates = _candidates(
+            lake, config, start, end, engine, intel, loaded, result, stage, spark_master, spark_conf, buckets
         )
-    else:
-        enabled = [name for name in det.DETECTORS if getattr(config.detectors, name).enabled]
-        loaded = None
-        if config.model.enabled:
-            from tracepipe.detect.model import load_for_sweep
-
-            loaded = load_for_sweep(lake, config.model.path, result.notes)
-        # the rules' local addresses and the model's features' hosts are looked up by spill_local: in one scan
-        # of the lake, or by the spill as it reads
-        ctx = det.DetectContext(lake, config, since, until, intel=intel)
-        history = anomaly_history(ctx) if loaded is not None else None
-        with ExitStack() as stack:
-            spill = spill_local(ctx, enabled, history, buckets, stack, stage)
-            job = feature_job(ctx, spill, loaded, stage)
-            candidates = detect_local(ctx, enabled, spill, stage, job)
-            if loaded is not None:
-                rule_hosts = set(candidates.get_column("addr").to_list())
-                # the features' steps are timed as stages of their own (nested stages would count twice)
-                features = job.result() if job is not None else None
-                anomalies = anomaly_stage(
-                    ctx, rule_hosts, result.notes, buckets, spill, loaded, stage, features
-                )
-                candidates = pl.concat([candidates, anomalies])
-    alerts, stats = stage("finalize", lambda: det.finalize(candidates, ctx, config.pipeline.name))
-    result.allowlisted = stats["allowlisted"]
-    result.suppressed = stats.get("suppressed", [])
+        table, stats = stage("finalize", lambda c=candidates, x=ctx: det.finalize(c, x, config.pipeline.name))
+        found.append(table)
+        result.allowlisted += stats["allowlisted"]
+        result.suppressed += stats.get("suppressed", [])
+    alerts = _first_of_each(found)
     result.alerts = alerts
     ids = alerts.column("alert_id").to_pylist()
     # Under the alerts table's lock, from the look-up of known ids to their commit: two sweeps at once (a
@@ -550,12 +798,11 @@ def run_sweep(
             result.exit_code = EXIT_FOUND
         elif partial:
             result.exit_code = EXIT_PARTIAL
-        if partial:
-            result.notes.append("some input was rejected or missing (see the rejects dataset)")
-            unread = result.ingest.get("vm", {}).get("not_read", [])
-            result.notes += [f"{n['source']}: not read: {n['why']}" for n in unread[:10]]
-            if len(unread) > 10:
-                result.notes.append(f"and {len(unread) - 10} more drop-folder files not read (--format json)")
+        if result.flows == 0 and config.pipeline.fail_on_empty:
+            # (only late windows had flows: the window itself is still empty, which this pipeline calls a failure)
+            result.exit_code = EXIT_FAILED
+            if result.new_alerts.num_rows:
+                result.notes.append(f"{result.new_alerts.num_rows} new alert(s) in the windows swept again")
         if write:
             # the report before the alerts: a sweep killed between the two used to leave alerts that its rerun
             # found known (exit 0, "0 new"), said nowhere. Now a kill in between costs a second report of them.
@@ -565,4 +812,6 @@ def run_sweep(
                 "|".join(sorted(result.new_alerts.column("alert_id").to_pylist())).encode()
             ).hexdigest()
             stage("write", lambda: writer.append("alerts", result.new_alerts, key=key[:32]))
+        if write and late is not None:
+            save_late_state(writer, config, late, result.notes)
     return result
