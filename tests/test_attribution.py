@@ -489,7 +489,7 @@ def test_log_lines_are_reattributed_from_the_leases_of_their_days_with_the_same_
     ]
     out = []
 
-    def rewrite(name, days, again, info=None):
+    def rewrite(name, days, again, select=None, info=None):
         out.extend(again(b) for t in batches for b in t.to_batches())
         return {"files_removed": 1}
 

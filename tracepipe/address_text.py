@@ -7,6 +7,7 @@ ones as text without comparing any text (issue 17)."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import numpy as np
 import pyarrow as pa
@@ -78,15 +79,88 @@ def is_integers(type_: pa.DataType) -> bool:
     return pa.types.is_uint32(type_) or type_ == ADDRESSES
 
 
+_HEXTETS: list[pa.Array] = []  # the hex text of every 16-bit value, built on first use
+
+
+def ipv6_texts(raw: np.ndarray) -> pa.Array:
+    """IPv6 addresses as an (n, 16) uint8 array (network order) -> their text as Python 3.11's `ipaddress`
+    prints it (RFC 5952: lower-case hex without leading zeros, the first longest run of two or more zero
+    hextets as "::"; IPv4-mapped and -compatible ones in hex too, "::ffff:102:304"), vectorised: each hextet's
+    text taken from a table of the 65 536, the run found with numpy, the pieces joined by Arrow. `ipaddress`
+    per distinct address cost ~4.6 us each: 77% of an IPv6 capture's ingest (performance review, session 38)."""
+    n = len(raw)
+    if n == 0:
+        return pa.array([], pa.string())
+    if not _HEXTETS:
+        _HEXTETS.append(pa.array([format(i, "x") for i in range(1 << 16)], pa.string()))
+    table = _HEXTETS[0]
+    hextets = (raw[:, 0::2].astype(np.uint32) << 8) | raw[:, 1::2]
+    zero = hextets == 0
+    run = np.zeros((n, 8), np.int8)  # length of the run of zero hextets ending at each hextet
+    current = np.zeros(n, np.int8)
+    for i in range(8):
+        current = np.where(zero[:, i], current + 1, 0).astype(np.int8)
+        run[:, i] = current
+    longest = run.max(axis=1)
+    end = run.argmax(axis=1)  # (the first longest run's last hextet)
+    start = end - longest + 1
+    compressed = longest >= 2  # (a lone zero hextet stays "0")
+    # the run's first hextet becomes the "::" (joined with ":" around it), the others in the run are left out
+    mark = np.where(start == 0, np.where(end == 7, "::", ":"), np.where(end == 7, ":", ""))
+    nothing = pa.scalar(None, pa.string())
+    pieces = []
+    for i in range(8):
+        text = table.take(pa.array(hextets[:, i]))
+        first = compressed & (start == i)
+        inside = compressed & (start < i) & (i <= end)
+        if first.any():
+            text = pc.if_else(pa.array(first), pa.array(mark), text)
+        if inside.any():
+            text = pc.if_else(pa.array(inside), nothing, text)
+        pieces.append(text)
+    return pc.binary_join_element_wise(*pieces, ":", null_handling="skip")
+
+
 def ipv6_text(values: np.ndarray | pa.Array) -> pa.DictionaryArray:
-    """IPv6 addresses (numpy V16 or Arrow binary(16), network order) -> canonical text (RFC 5952, as
-    `ipaddress` prints them), dictionary-encoded: `ipaddress` runs once per distinct address."""
+    """IPv6 addresses (numpy V16 or Arrow binary(16), network order) -> canonical text (ipv6_texts),
+    dictionary-encoded: each distinct address formatted once."""
     if isinstance(values, np.ndarray):
         raw = np.frombuffer(values.tobytes(), dtype=np.uint8).reshape(-1, 16).view("S16").ravel()
         values = pa.array(raw, pa.binary(16))
     encoded = pc.dictionary_encode(values)
-    text = pa.array([str(ipaddress.IPv6Address(b)) for b in encoded.dictionary.to_pylist()], pa.string())
-    return pa.DictionaryArray.from_arrays(encoded.indices, text)
+    distinct = encoded.dictionary
+    data = np.frombuffer(
+        distinct.buffers()[1], np.uint8, count=16 * len(distinct), offset=16 * distinct.offset
+    )
+    return pa.DictionaryArray.from_arrays(encoded.indices, ipv6_texts(data.reshape(-1, 16)))
+
+
+def canonical_texts(values: list[str]) -> tuple[list[str | None], list[int | None]]:
+    """Address texts (any form `ipaddress` reads) -> (canonical text as the lake stores it, null where a
+    value is no address; version). IPv6 ones are read by the C library (inet_pton) and formatted by
+    ipv6_texts; `ipaddress` reads only the rest (IPv4, scoped or odd forms): ~10x cheaper per value."""
+    texts: list[str | None] = [None] * len(values)
+    versions: list[int | None] = [None] * len(values)
+    packed = bytearray()
+    six: list[int] = []
+    for i, value in enumerate(values):
+        if ":" in value:
+            try:
+                packed += socket.inet_pton(socket.AF_INET6, value)
+                six.append(i)
+                continue
+            except (OSError, ValueError):
+                pass
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            continue
+        texts[i], versions[i] = str(address), address.version
+    if six:
+        formatted = ipv6_texts(np.frombuffer(bytes(packed), np.uint8).reshape(-1, 16)).to_pylist()
+        for i, text in zip(six, formatted, strict=True):
+            texts[i], versions[i] = text, 6
+    return texts, versions
 
 
 def addresses(v4: np.ndarray, v6: np.ndarray, is6: np.ndarray) -> pa.StructArray:

@@ -3,7 +3,6 @@ another width. Shared by the text flow readers (nfdump CSV and fmt: output, Zeek
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
@@ -13,8 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from tracepipe.address_text import canonical_texts
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import Limits, LineBlock, _drop_long_lines, _may_hold_long_line
+from tracepipe.units import CANONICAL_IPV4_RE
 
 
 def iter_file_blocks(
@@ -402,10 +403,6 @@ def dictionary_encode(column: pa.Array | pa.ChunkedArray) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(indices, encoded.chunk(encoded.num_chunks - 1).dictionary)
 
 
-_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-CANONICAL_IPV4_RE = rf"^{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}$"  # already what str(IPv4Address) prints
-
-
 def address_text(
     column: pa.Array | pa.ChunkedArray, dictionary: bool = False
 ) -> tuple[pa.Array, pa.Array, pa.Array]:
@@ -420,17 +417,10 @@ def address_text(
     versions = pc.if_else(ipv4, pa.scalar(4, pa.int8()), pa.scalar(None, pa.int8()))
     others = np.flatnonzero(~np.asarray(ipv4, dtype=bool))
     if len(others):
-        found_text: list[str | None] = []
-        found_version: list[int | None] = []
-        for value in unique.take(pa.array(others)).to_pylist():  # distinct non-IPv4 values only
-            try:
-                address = ipaddress.ip_address(value)
-            except ValueError:
-                found_text.append(None)
-                found_version.append(None)
-                continue
-            found_text.append(str(address))
-            found_version.append(address.version)
+        # distinct non-IPv4 values only (a null value is no address)
+        found_text, found_version = canonical_texts(
+            [v if v is not None else "" for v in unique.take(pa.array(others)).to_pylist()]
+        )
         slot = np.full(len(unique), -1, np.int64)
         slot[others] = np.arange(len(others))
         index = pa.array(slot, mask=slot < 0)

@@ -110,62 +110,102 @@ def _flows_source(lake: Lake, start: dt.datetime, end: dt.datetime) -> str:
     return f"({scan_sql('flows', lake.entries('flows', days))})"
 
 
-def _host_flow_facts(
+def _alerts_flow_facts(
     con: duckdb.DuckDBPyConnection,
     lake: Lake,
-    addr: str,
-    peer: str | None,
+    targets: list[tuple[int, str, str | None, dt.datetime, dt.datetime]],
     start: dt.datetime,
     end: dt.datetime,
-) -> dict[str, list[dict[str, Any]]]:
-    """Top peers (the alert's own peer first) and service ports of `addr` (either end) between start and end."""
-    src = _flows_source(lake, start, end)
-    where = f"(src_addr = $addr OR dst_addr = $addr) AND {IN_WINDOW}"
-    params = {"addr": addr, "start": start, "end": end}
-    # one row per peer, both directions together (softflowd exports each direction as its own flow)
+    bin_s: int,
+) -> dict[int, dict[str, list[dict[str, Any]]]]:
+    """Per alert (index, host, peer, window start, end): its host's top peers (the alert's own peer first) and
+    service ports (either end) in the alert's window, and the host's timeline over the report's window. One
+    read of the flows for every alert: the flows that touch an alert's host are kept once (a temporary table),
+    then grouped per alert. Three queries per alert each read the whole window before (flows x alerts: 2.9 s of
+    a 13 s nightly at 1.5 M flows, ~1,000 s at 10^8 flows and 50 alerts; performance review, session 38)."""
+    if not targets:
+        return {}
+    low = min([start, *(t[3] for t in targets)])
+    high = max([end, *(t[4] for t in targets)])
+    con.register(
+        "_alert_hosts",
+        pa.table(
+            {
+                "idx": pa.array([t[0] for t in targets], pa.int64()),
+                "host": pa.array([t[1] for t in targets], pa.string()),
+                "apeer": pa.array([t[2] or "" for t in targets], pa.string()),
+                "w0": pa.array([t[3] for t in targets], pa.timestamp("us", tz="UTC")),
+                "w1": pa.array([t[4] for t in targets], pa.timestamp("us", tz="UTC")),
+            }
+        ),
+    )
+    # each flow that touches an alert's host, from that host's side (a flow between two alert hosts: once each;
+    # one from a host to itself: once, as outbound)
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _seen AS
+        WITH f AS (SELECT ts_start, ts_end, src_addr, dst_addr, src_port, dst_port, proto, bytes
+                   FROM {_flows_source(lake, low, high)} WHERE {IN_WINDOW}),
+        hosts AS (SELECT DISTINCT host FROM _alert_hosts)
+        SELECT h.host, f.*, true AS outbound, f.dst_addr AS other FROM f JOIN hosts h ON f.src_addr = h.host
+        UNION ALL
+        SELECT h.host, f.*, false AS outbound, f.src_addr AS other FROM f JOIN hosts h
+            ON f.dst_addr = h.host AND f.src_addr <> h.host""",
+        {"start": low, "end": high},
+    )
+    in_alert = "s.host = a.host AND s.ts_start >= a.w0 AND s.ts_start < a.w1"
     peers = _rows(
         con.execute(
-            f"""SELECT CASE WHEN src_addr = $addr THEN dst_addr ELSE src_addr END AS peer,
-                   count(*) AS flows,
-                   {saturating_sum_sql("CASE WHEN src_addr = $addr THEN bytes ELSE 0 END")} AS bytes_out,
-                   {saturating_sum_sql("CASE WHEN src_addr = $addr THEN 0 ELSE bytes END")} AS bytes_in,
-                   count(DISTINCT {SERVICE_PORT}) AS ports, min(ts_start) AS first_seen, max(ts_end) AS last_seen
-            FROM {src} WHERE {where} GROUP BY 1
-            ORDER BY (peer = $peer) DESC, flows DESC, bytes_out DESC, peer LIMIT {TOP_N}""",
-            {**params, "peer": peer or ""},
+            f"""SELECT * FROM (
+                SELECT a.idx, s.other AS peer, count(*) AS flows,
+                       {saturating_sum_sql("CASE WHEN s.outbound THEN s.bytes ELSE 0 END")} AS bytes_out,
+                       {saturating_sum_sql("CASE WHEN s.outbound THEN 0 ELSE s.bytes END")} AS bytes_in,
+                       count(DISTINCT {SERVICE_PORT}) AS ports, min(s.ts_start) AS first_seen,
+                       max(s.ts_end) AS last_seen, a.apeer
+                FROM _seen s JOIN _alert_hosts a ON {in_alert} GROUP BY a.idx, s.other, a.apeer)
+            QUALIFY row_number() OVER (
+                PARTITION BY idx ORDER BY (peer = apeer) DESC, flows DESC, bytes_out DESC, peer) <= {TOP_N}
+            ORDER BY idx, (peer = apeer) DESC, flows DESC, bytes_out DESC, peer"""
         )
     )
     ports = _rows(
         con.execute(
-            f"""SELECT {SERVICE_PORT} AS port, proto, count(*) AS flows, {saturating_sum_sql("bytes")} AS bytes,
-                   count(DISTINCT CASE WHEN src_addr = $addr THEN dst_addr ELSE src_addr END) AS peers
-            FROM {src} WHERE {where} GROUP BY 1, 2 ORDER BY flows DESC, bytes DESC, 1, 2 LIMIT {TOP_N}""",
-            params,
+            f"""SELECT * FROM (
+                SELECT a.idx, {SERVICE_PORT} AS port, proto, count(*) AS flows,
+                       {saturating_sum_sql("s.bytes")} AS bytes, count(DISTINCT s.other) AS peers
+                FROM _seen s JOIN _alert_hosts a ON {in_alert} GROUP BY ALL)
+            QUALIFY row_number() OVER (PARTITION BY idx ORDER BY flows DESC, bytes DESC, port, proto) <= {TOP_N}
+            ORDER BY idx, flows DESC, bytes DESC, port, proto"""
         )
     )
-    for row in peers:
-        row["first_seen"], row["last_seen"] = _iso(row["first_seen"]), _iso(row["last_seen"])
-    return {"top_peers": peers, "top_ports": ports}
-
-
-def _timeline_rows(
-    con: duckdb.DuckDBPyConnection, lake: Lake, addr: str, start: dt.datetime, end: dt.datetime, bin_s: int
-) -> list[dict[str, Any]]:
-    rows = _rows(
+    timeline = _rows(
         con.execute(
-            f"""SELECT to_timestamp(floor(epoch(ts_start) / {bin_s}) * {bin_s}) AS t,
-                   CASE WHEN src_addr = $addr THEN 'outbound' ELSE 'inbound' END AS direction,
-                   count(*) AS flows, {saturating_sum_sql("bytes")} AS bytes
-            FROM {_flows_source(lake, start, end)}
-            WHERE (src_addr = $addr OR dst_addr = $addr) AND {IN_WINDOW}
-            GROUP BY 1, 2 ORDER BY 1""",
-            {"addr": addr, "start": start, "end": end},
+            f"""SELECT s.host, to_timestamp(floor(epoch(s.ts_start) / {bin_s}) * {bin_s}) AS t,
+                   CASE WHEN s.outbound THEN 'outbound' ELSE 'inbound' END AS direction,
+                   count(*) AS flows, {saturating_sum_sql("s.bytes")} AS bytes
+            FROM _seen s WHERE s.ts_start >= $start AND s.ts_start < $end GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
+            {"start": start, "end": end},
         )
     )
-    return [
-        {"t": _iso(r["t"]), "direction": r["direction"], "flows": r["flows"], "bytes": r["bytes"]}
-        for r in rows
-    ]
+    con.execute("DROP TABLE _seen")
+    con.unregister("_alert_hosts")
+    out: dict[int, dict[str, list[dict[str, Any]]]] = {
+        t[0]: {"top_peers": [], "top_ports": [], "timeline": []} for t in targets
+    }
+    for row in peers:
+        index = row.pop("idx")
+        row.pop("apeer")
+        row["first_seen"], row["last_seen"] = _iso(row["first_seen"]), _iso(row["last_seen"])
+        out[index]["top_peers"].append(row)
+    for row in ports:
+        out[row.pop("idx")]["top_ports"].append(row)
+    by_host: dict[str, list[dict[str, Any]]] = {}
+    for r in timeline:
+        by_host.setdefault(r["host"], []).append(
+            {"t": _iso(r["t"]), "direction": r["direction"], "flows": r["flows"], "bytes": r["bytes"]}
+        )
+    for index, host, *_ in targets:
+        out[index]["timeline"] = by_host.get(host, [])
+    return out
 
 
 def _traffic_rows(
@@ -398,6 +438,7 @@ def build_report_data(
         key=lambda r: (-(r.get("score") or 0.0), r.get("detector") or "", r.get("addr") or ""),
     )
     out_alerts = []
+    targets: list[tuple[int, str, str | None, dt.datetime, dt.datetime]] = []
     for index, row in enumerate(rows):
         w0, w1 = _utc(row.get("window_start")), _utc(row.get("window_end"))
         detailed = index < MAX_DETAILED_ALERTS
@@ -433,13 +474,14 @@ def build_report_data(
             "timeline": [],
         }
         if detailed and has_flows and row.get("addr") and w0 and w1:
-            item.update(_host_flow_facts(con, lake, row["addr"], row.get("peer"), w0, w1))
-            item["timeline"] = _timeline_rows(con, lake, row["addr"], start, end, bin_s)
+            targets.append((index, row["addr"], row.get("peer"), w0, w1))
         if detailed and w0 and w1:
             item["logs"] = _vm_logs(
                 con, lake, row.get("vm_id"), row.get("addr"), min(w0, start), max(w1, end)
             )
         out_alerts.append(item)
+    for index, facts in _alerts_flow_facts(con, lake, targets, start, end, bin_s).items():
+        out_alerts[index].update(facts)
     by_detector: dict[str, int] = {}
     for item in out_alerts:
         by_detector[item["detector"] or "?"] = by_detector.get(item["detector"] or "?", 0) + 1
