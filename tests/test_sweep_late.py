@@ -74,7 +74,7 @@ def test_a_scan_that_lands_after_its_hour_was_swept_is_found_by_the_next_schedul
     third = _scheduled(lake, config, day + dt.timedelta(hours=7, minutes=5))
     assert third.late == [] and (host, scan_hour) not in _scans(third.new_alerts)
     state = json.loads((lake.root / LATE_DIR / "late-test.json").read_text())
-    assert state["flows_version"] == lake.version("flows") and state["pending"] == []
+    assert state["flows_version"] == lake.version("flows") and state["pending"] == {}
 
 
 def test_rewritten_files_and_explicit_windows_are_not_late(lake_and_day, tmp_path):
@@ -126,6 +126,7 @@ def test_late_windows_are_bounded_per_run_and_the_rest_wait(lake_and_day, tmp_pa
     assert second.late_pending == 1 and any("left for the next runs" in n for n in second.notes)
     third = _scheduled(lake, config, day + dt.timedelta(hours=10, minutes=5))
     assert [w["since"][11:16] for w in third.late] == ["01:00"]
+    assert third.late[0]["late_flows"] == 150  # (counted when it landed, kept with the window)
     assert (host, day + dt.timedelta(hours=1)) in _scans(third.new_alerts)
     assert third.late_pending == 0
 
@@ -135,7 +136,12 @@ def test_a_planted_state_file_is_a_note_not_a_failure(lake_and_day, tmp_path):
     config = parse_pipeline(PIPELINE + f'[output]\nreport_dir = "{tmp_path / "reports"}"\n')
     state = lake.root / LATE_DIR / "late-test.json"
     state.parent.mkdir(parents=True)
-    for planted in ('{"flows_version": "x"}', "[1, 2", '{"flows_version": 0, "pending": ["never"]}'):
+    for planted in (
+        '{"flows_version": "x"}',
+        "[1, 2",
+        '{"flows_version": 0, "pending": ["never"]}',
+        '{"flows_version": 0, "pending": {"2026-03-11T01:00:00+00:00": 1e400}}',
+    ):
         state.write_text(planted)
         result = _scheduled(lake, config, day + dt.timedelta(hours=5, minutes=5))
         assert result.exit_code in (0, 1) and any("not a late-flow state" in n for n in result.notes)

@@ -500,7 +500,7 @@ class LateWindows:
     version: int | None  # the flows version this run read (recorded for the next run)
     windows: list[tuple[dt.datetime, dt.datetime]] = field(default_factory=list)  # swept again now
     flows: dict[dt.datetime, int] = field(default_factory=dict)  # late flows per window start
-    pending: list[dt.datetime] = field(default_factory=list)  # left for the next runs
+    pending: dict[dt.datetime, int] = field(default_factory=dict)  # left for the next runs (late flows)
 
 
 def _late_state_path(lake: Lake, config: PipelineConfig) -> Path:
@@ -509,7 +509,7 @@ def _late_state_path(lake: Lake, config: PipelineConfig) -> Path:
 
 def _load_late_state(
     lake: Lake, config: PipelineConfig, notes: list[str]
-) -> tuple[int, list[dt.datetime]] | None:
+) -> tuple[int, dict[dt.datetime, int]] | None:
     """(flows version, pending window starts) of this pipeline's last scheduled run; None: none (or a state
     that is not one: said in a note, the next run starts from this one)."""
     path = _late_state_path(lake, config)
@@ -520,11 +520,13 @@ def _load_late_state(
             raise ValueError(f"larger than {LATE_STATE_BYTES} bytes")
         state = json.loads(path.read_bytes())
         version = state["flows_version"]
-        pending = [utc(dt.datetime.fromisoformat(t)) for t in state.get("pending", [])]
+        pending = {
+            utc(dt.datetime.fromisoformat(t)): int(n) for t, n in dict(state.get("pending", {})).items()
+        }
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise ValueError(f"flows_version {version!r}")
         return version, pending
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
         notes.append(f"{path}: not a late-flow state ({exc}); late flows are looked for from this run on")
         return None
 
@@ -543,7 +545,12 @@ def late_windows(
     seen, pending = state
     step = min(float(config.window.last), 86400.0)
     low = floor_time(since - dt.timedelta(seconds=lookback), step)
-    counts: dict[dt.datetime, int] = {t: 0 for t in pending if low <= t < since}
+    counts: dict[dt.datetime, int] = {t: n for t, n in pending.items() if low <= t < since}
+    if len(counts) < len(pending):
+        notes.append(
+            f"{len(pending) - len(counts)} earlier window(s) left by the last runs are now more than window.late "
+            "back: not swept (sweep them with --since/--until)"
+        )
     if seen > version:
         notes.append(
             f"the flows table is older (version {version}) than the last run's ({seen}): late flows not looked for"
@@ -578,7 +585,7 @@ def late_windows(
     take = newest[: int(config.window.late_windows)]
     out.windows = [(t, t + dt.timedelta(seconds=step)) for t in sorted(take)]
     out.flows = {t: counts[t] for t in take}
-    out.pending = sorted(newest[len(take) :])
+    out.pending = {t: counts[t] for t in sorted(newest[len(take) :])}
     if out.pending:
         notes.append(
             f"{len(out.pending)} more earlier window(s) with late flows are left for the next runs "
@@ -605,7 +612,7 @@ def save_late_state(lake: Lake, config: PipelineConfig, late: LateWindows, notes
     if late.version is None:
         return
     path = _late_state_path(lake, config)
-    state = {"flows_version": late.version, "pending": [t.isoformat() for t in late.pending]}
+    state = {"flows_version": late.version, "pending": {t.isoformat(): n for t, n in late.pending.items()}}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(state))
