@@ -27,7 +27,7 @@ from support.lake_files import plant_retyped
 from tests.conftest import run_in_process, run_tracepipe
 from tracepipe.lake import Lake, ingest_table
 from tracepipe.printer import clean
-from tracepipe.schema import FLOWS
+from tracepipe.schema import ALERTS, FLOWS
 
 # what an attacker names things: markup that crashed rich, markup that rich silently ate, terminal escape
 # sequences (clear screen, set the window title), a right-to-left override that reverses what follows
@@ -793,3 +793,41 @@ def test_a_lake_path_with_a_percent_sign_is_a_usage_error_not_a_damaged_lake(tmp
     result = run_in_process("sql", "SELECT 1", "--lake", str(tmp_path / "lake%41"))
     assert result.returncode == 2 and "'%' in the lake's path" in result.stderr, result.stderr
     assert "backup" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("failure", "said"),
+    [
+        (
+            OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device"),
+            "No space left",
+        ),
+        (OSError(30, "Read-only file system"), "Read-only file system"),
+        (MemoryError(), "ran out of memory"),
+        ("panic", "a library panicked"),
+    ],
+)
+def test_the_machines_part_in_a_failure_is_said_plainly_with_exit_4(tmp_path, monkeypatch, failure, said):
+    """`compact` on a full disk or a read-only lake said "internal error: OSError(28, ...)"; a Rust panic under a
+    memory limit ended `ingest syslog` with exit 1, the code of "new alerts" (failure-injection review, session
+    38). Now: what the machine lacks, exit 4."""
+    import polars as pl
+    from conftest import run_in_process
+
+    from tracepipe.lake import Lake
+
+    lake = Lake(tmp_path / "lake")
+    lake.append("alerts", ALERTS.empty_table(), key="x")  # (a lake)
+
+    def fail(self, *args, **kwargs):
+        raise (
+            pl.exceptions.PanicException("failed to spawn polars-ooc cleaner thread")
+            if failure == "panic"
+            else failure
+        )
+
+    monkeypatch.setattr(Lake, "compact", fail)
+    run = run_in_process("compact", "--lake", str(lake.root))
+    assert run.returncode == 4, (run.stdout, run.stderr)
+    assert said in run.stderr and "Traceback" not in run.stderr
+    assert failure == "panic" or "internal error" not in run.stderr

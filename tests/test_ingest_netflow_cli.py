@@ -232,3 +232,32 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_clean_lake(big_capture, 
     assert query(lake, difference.format(a=b, b=a)) == [(0,)]
     # files of killed runs are not in the log (never read); vacuum deletes them once past the retention
     assert Lake(lake).manifest().column("dataset").to_pylist() == ["flows"]
+
+
+def test_a_lake_that_cannot_be_written_mid_run_still_lists_what_landed(tmp_path, monkeypatch):
+    """The disk filled between two captures of one run: exit 4 with nothing on stdout, not even under
+    --format json, while the first capture had landed (failure-injection review, session 38). Now the summary
+    lists it landed, the one the run stopped at failed and those after it not read, with the error."""
+    from tracepipe.ingest.flows import ingest_flow_files
+    from tracepipe.lake import IngestWriter
+
+    story = Path(__file__).parents[1] / "tracepipe" / "demo_story" / "netflow"
+    captures = [story / "opennebula-softflowd-ipfix.pcap", story / "openstack-softflowd-v9.pcap"]
+    third = tmp_path / "third.pcap"
+    third.write_bytes(captures[0].read_bytes()[:-1000])
+    real, calls = IngestWriter.commit, []
+
+    def commit(self, stats=None):
+        calls.append(self.source)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, stats)
+
+    monkeypatch.setattr(IngestWriter, "commit", commit)
+    lake = Lake(tmp_path / "lake")
+    summary = ingest_flow_files(lake, [*captures, third])
+    assert [f.status for f in summary.files] == ["landed", "failed", "not read"]
+    assert "No space left on device" in summary.error and summary.exit_code == 4
+    assert summary.to_dict()["error"] == summary.error
+    assert summary.flows == summary.files[0].flows > 0 and lake.read("flows").num_rows == summary.flows
+    assert summary.days  # (what landed is attributed by the caller)

@@ -382,3 +382,50 @@ def test_a_killed_ingest_vm_is_finished_by_its_rerun(killed_after, tmp_path):
     assert rows(lake, lease_sql) == rows(clean, lease_sql)
     assert rows(lake, stored) == rows(clean, stored)
     assert ingest_vm_in_process(Lake(lake), [late])[1].days == []  # once finished, a rerun rewrites nothing
+
+
+CLI = [sys.executable, "-m", "tracepipe.cli"]
+_HOLDER = """
+import sys, time
+from tracepipe.lake import Lake
+with Lake(sys.argv[1]).lock(sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("lock", ["flows", "ingest-flows"])
+def test_a_lock_held_by_a_stopped_process_is_waited_for_a_bounded_time_naming_it(tmp_path, lock):
+    """A holder stopped (SIGSTOP) or hung kept every later command waiting for ever, with nothing on stderr,
+    and an append's commit too, whatever README said (failure-injection review, session 38): now a command
+    waits TRACEPIPE_LOCK_WAIT seconds at most, says whom it waits for, and exits 4 naming the holder."""
+    lake_dir = tmp_path / "lake"
+    capture = STORY_DIR / "netflow" / "opennebula-softflowd-ipfix.pcap"
+    first = subprocess.run(
+        [*CLI, "ingest", "netflow", "--lake", str(lake_dir), str(capture)], capture_output=True
+    )
+    assert first.returncode == 0, first.stderr
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(lake_dir), lock], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        os.kill(holder.pid, signal.SIGSTOP)
+        command = ["compact", "--lake", str(lake_dir), "--min-files", "2"]
+        if lock.startswith("ingest-"):  # an append: its commit takes the dataset's ingest lock
+            other = STORY_DIR / "netflow" / "openstack-softflowd-v9.pcap"
+            command = ["ingest", "netflow", "--lake", str(lake_dir), str(other)]
+        env = {**os.environ, "TRACEPIPE_LOCK_WAIT": "2"}
+        started = time.monotonic()
+        run = subprocess.run(CLI + command, capture_output=True, text=True, env=env, timeout=120)
+        assert time.monotonic() - started < 60
+        assert run.returncode == 4, (run.stdout, run.stderr)
+        said = run.stdout + run.stderr
+        assert f"the {lock} lock" in said and f"pid {holder.pid}" in said and "TRACEPIPE_LOCK_WAIT" in said
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+    # the holder gone, the same command goes through
+    again = subprocess.run(CLI + command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, (again.stdout, again.stderr)

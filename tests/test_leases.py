@@ -1611,6 +1611,31 @@ def test_a_state_save_killed_before_its_rename_is_cleared_by_a_later_save(tmp_pa
     assert sorted(p.name for p in root.iterdir()) == sorted([str(lake.version("vm_leases")), ".tmp-writing"])
 
 
+def test_a_state_save_on_a_full_disk_removes_its_own_folder_and_says_so(tmp_path, monkeypatch, caplog):
+    """A full disk: the save failed in silence and left its half-written `.tmp-` folder (taking room exactly
+    when there is none) until a later save an hour on (failure-injection review, session 38)."""
+    from tracepipe.correlate import leases as module
+    from tracepipe.correlate.leases import STATE_DIR, refresh_leases
+    from tracepipe.lake import Lake, hash_bytes, ingest_table
+
+    lake = Lake(tmp_path / "lake")
+    first = [{"ts": utc(1, 0), "vm_id": "a", "vm_name": "a", "action": "create", "addrs": ["10.0.0.1"]}]
+    ingest_table(lake, "vm_events", "1", hash_bytes(b"1"), [_events(first)])
+    real = module.np.save
+
+    def full(path, *args, **kwargs):
+        if "ports_recent" in str(path):
+            raise OSError(28, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(module.np, "save", full)
+    with caplog.at_level("WARNING", logger="tracepipe.leases"):
+        refresh_leases(lake, SEVEN_DAYS)
+    assert lake.version("vm_leases") is not None  # (the leases are committed: only the state is missing)
+    assert [p.name for p in (lake.root / STATE_DIR).iterdir()] == []
+    assert "not saved" in caplog.text and "No space left" in caplog.text
+
+
 def _five_vms_built(tmp_path) -> tuple:
     """A lake of five VMs created, its leases built (and the state saved): (lake, the events' rows)."""
     from tracepipe.correlate.leases import refresh_leases
@@ -2680,3 +2705,35 @@ def test_two_migrations_of_one_instant_end_on_the_same_hypervisor_incrementally(
     ]
     order = sorted(range(len(history)), key=lambda i: history[i][0])
     _neutron_batches_give_the_full_build(tmp_path / "lake", history, [10, 12, 1, 1, 1], order)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(28, "No space left on device"),
+        Exception(
+            "Generic LocalFileSystem error: Unable to copy data to file\n          \x1b[31m↳\x1b[0m No space"
+        ),
+    ],
+)
+def test_a_leases_rebuild_that_cannot_write_the_lake_is_exit_4_without_telling_to_rebuild(
+    tmp_path, monkeypatch, failure
+):
+    """On a full disk or a read-only lake `leases rebuild` said "attribution failed ... finish with `tracepipe
+    leases rebuild`", exit 5, after a summary line of 0 leases (failure-injection review, session 38); delta-rs'
+    message carried its terminal colours into the cron mail."""
+    from conftest import ingest_vm, run_in_process
+
+    from tracepipe.lake import Lake
+
+    lake = Lake(tmp_path / "lake")
+    ingest_vm(lake, [Path(__file__).parent / "data" / "cloud" / "nova" / "notifications.jsonl"])
+
+    def full(self, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(Lake, "replace_files", full)
+    run = run_in_process("leases", "rebuild", "--lake", str(lake.root))
+    assert run.returncode == 4, (run.stdout, run.stderr)
+    assert "cannot rebuild the leases" in run.stderr and "finish with" not in run.stderr
+    assert "\x1b" not in run.stderr and "leases," not in run.stdout

@@ -546,6 +546,40 @@ def test_a_report_that_fails_inside_keeps_the_summary_and_exit_code(story_lake, 
     assert result.report_paths["json"].is_file()
 
 
+def test_a_report_the_disk_had_no_room_for_is_said_on_stderr_in_json_mode_too(
+    story_lake, tmp_path, monkeypatch
+):
+    """A full disk for the HTML report: exit 1 (the alerts landed) with nothing on stderr under --format json,
+    only a note inside the JSON a cron job files away (failure-injection review, session 38)."""
+    from conftest import run_in_process
+
+    import tracepipe.report
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tracepipe.report, "render_report", full)
+    lake, story, _ = story_lake
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(pipeline_text(tmp_path / "reports").replace("html = false", "html = true"))
+    since, until = (t.isoformat() for t in story.last_day)
+    run = run_in_process(
+        "sweep",
+        str(pipeline),
+        "--since",
+        since,
+        "--until",
+        until,
+        "--lake",
+        str(lake.root),
+        "--format",
+        "json",
+    )
+    assert run.returncode in (EXIT_OK, EXIT_FOUND)
+    assert "warning: HTML report failed" in run.stderr and "No space left" in run.stderr
+    assert json.loads(run.stdout)["exit_code"] == run.returncode
+
+
 def test_two_sweeps_at_once_write_each_alert_once(tmp_path, monkeypatch):
     """An ops review: two sweeps of overlapping windows started together (a catch-up loop, the hourly and nightly
     timers at once) each found the other's alerts unknown and both wrote them (47 rows, 45 ids). Here both are

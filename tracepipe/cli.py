@@ -7,6 +7,8 @@ or the environment is wrong (lake unwritable, binary missing).
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 
 # `python -m tracepipe.cli`: through the entry point, which starts decode workers before typer loads
@@ -88,9 +90,44 @@ class _Tracepipe(TyperGroup):
                 damage = None
             if damage is not None:
                 printer.error(str(damage))
+            elif (said := _environment_error(exc)) is not None:
+                printer.error(said)
             else:
                 printer.error(f"{exc!r} (rerun with --debug for the traceback)", label="internal error:")
             ctx.exit(EXIT_FAILED)
+        except BaseException as exc:
+            # a Rust panic in polars or delta-rs (pyo3's PanicException is no Exception: it ended the process
+            # with exit 1, "new alerts", e.g. "failed to spawn polars-ooc cleaner thread" under a memory limit)
+            if type(exc).__name__ != "PanicException":
+                raise
+            printer = ctx.obj if isinstance(ctx.obj, Printer) else Printer()
+            if printer.debug:
+                printer.err.print_exception()
+            printer.error(
+                f"{str(exc)[:500]} (a library panicked; out of memory or threads? rerun with --debug)",
+                label="internal error:",
+            )
+            ctx.exit(EXIT_FAILED)
+
+
+_UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _environment_error(exc: BaseException) -> str | None:
+    """The machine's part in a failure, said plainly (exit 4), not as an internal error: a full disk or a
+    read-only folder met where no command expected it (compaction, a report), memory run out."""
+    if isinstance(exc, MemoryError):
+        return (
+            "ran out of memory: give the command more memory (or fewer --jobs, a smaller --at-once), then run it "
+            "again; what it committed before stays committed"
+        )
+    if isinstance(exc, OSError) and exc.errno in _UNWRITABLE:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return (
+            f"cannot write{where}: {os.strerror(exc.errno)}. Check that the lake and the report folders are "
+            "writable and have free space, then run it again; nothing half-written is visible."
+        )
+    return None
 
 
 def _stdout_gone() -> bool:
@@ -358,6 +395,8 @@ def _ingest_flows(
         bar.update(task, description="attribute flows to VMs")
         correlation = correlate(open_lake(lake), days=summary.days)
     exit_code = combined_exit(summary.exit_code, correlation.exit_code)
+    if summary.error:
+        p.error(summary.error)
     if output == OutputFormat.json:
         p.json({**summary.to_dict(), "correlation": correlation.to_dict(), "exit_code": exit_code})
         raise typer.Exit(exit_code)
@@ -960,9 +999,13 @@ def leases_rebuild_command(
         result = correlate(
             path, full=True, at_once=at_once, progress=lambda step: status(f"rebuilding leases: {step}")
         )
+    if result.unwritable:
+        # (the repair itself could not write: not "finish with leases rebuild", and no summary of nothing)
+        result.error = f"cannot rebuild the leases in {path.root}: {result.cause}. Free space or make the lake writable, then run it again."
+        result.exit_code = EXIT_FAILED
     if output == OutputFormat.json:
         p.json(result.to_dict())
-    else:
+    elif not result.unwritable:
         p.line(
             f"{result.lease_rows} leases, {result.vms} VMs from {result.leases.get('events', 0)} events in "
             f"{result.leases.get('seconds', 0)} s ({result.leases.get('reason') or 'full'}); re-attributed: "
@@ -1354,6 +1397,11 @@ def sweep_command(
             spark_conf=parse_conf(spark_conf),
         )
     summary = result.to_dict()
+    from tracepipe.sweep import FAILURE_NOTES
+
+    for note in result.notes:
+        if note.startswith(FAILURE_NOTES):
+            p.error(note, label="warning:")
     if output_format == OutputFormat.json:
         p.json(summary)
     else:

@@ -1009,6 +1009,16 @@ class Collector:
                     self.spool / f"seg-{serial:09d}{sp.OPEN_SUFFIX}",
                 )
                 serial += 1
+            except FileNotFoundError:
+                # the spool folder was removed while the collector ran (an operator's cleanup): made again, so
+                # that what arrives from now on is kept; the segments it held are gone with it (it stopped with
+                # "internal error", and nothing landed until a restart: failure-injection review, session 38)
+                if self.spool.exists():
+                    raise
+                log.error(
+                    "spool: %s was removed while running; making it again (its segments are lost)", self.spool
+                )
+                self.spool.mkdir(parents=True, exist_ok=True)
         self.serial = serial
 
     def rotate(self) -> None:

@@ -21,9 +21,11 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import stat
+import sys
 import threading
 import time
 import urllib.parse
@@ -56,6 +58,39 @@ from tracepipe.units import time_window, utc_text
 
 MANIFEST_DIR = "_ingest"
 LOCK_DIR = "_locks"
+# How long a command waits for a table's lock before it gives up (exit 4, naming the holder): a holder stopped
+# (SIGSTOP, a hung NFS mount, a process under a memory limit stuck in a futex) kept every later command and
+# the collector's commits waiting for ever, saying nothing (failure-injection review, session 38). Set
+# TRACEPIPE_LOCK_WAIT (seconds) for longer rewrites; after LOCK_NOTICE_S a waiter says on stderr whom it waits for.
+LOCK_WAIT_ENV = "TRACEPIPE_LOCK_WAIT"
+LOCK_WAIT_S = 900.0
+LOCK_NOTICE_S = 10.0
+_lock_log = logging.getLogger("tracepipe.lake")
+
+
+def lock_wait_seconds() -> float:
+    """LOCK_WAIT_S, or TRACEPIPE_LOCK_WAIT when it is a number of seconds >= 0."""
+    text = os.environ.get(LOCK_WAIT_ENV, "").strip()
+    try:
+        value = float(text) if text else LOCK_WAIT_S
+    except ValueError:
+        raise UsageError(f"{LOCK_WAIT_ENV}={text[:40]!r} is no number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise UsageError(f"{LOCK_WAIT_ENV}={text[:40]!r} is no number of seconds >= 0")
+    return value
+
+
+def _lock_holder(handle: Any) -> str:
+    """What the lock file says of its holder (written by whoever took it), printable and short."""
+    try:
+        handle.seek(0)
+        text = handle.read(200)
+    except (OSError, ValueError):
+        return "another process"
+    text = "".join(c if c.isprintable() else " " for c in text).strip()
+    return text or "another process"
+
+
 DAMAGED_DIR = "_damaged"  # files `repair` took out of the lake (unreadable, replaced), kept as evidence
 PARTITION = "date"  # the partition column of day-partitioned tables: 'YYYY-MM-DD', UTC
 ROW_GROUP_ROWS = 1_000_000
@@ -2020,11 +2055,18 @@ class Lake:
         except OSError as exc:
             raise LakeError(f"cannot take the rewrite lock of {name} in {directory}: {exc}") from exc
         with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
+            if not self._flock(handle, name, wait):
                 yield False
                 return
+            try:
+                # who holds it, for a waiter's message (a planted text is only ever printed, cut short)
+                handle.seek(0)
+                handle.truncate()
+                started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                handle.write(f"pid {os.getpid()} ({' '.join(sys.argv[:3])[:120]}) since {started}\n")
+                handle.flush()
+            except OSError:
+                pass  # (a full disk: the lock holds all the same)
             try:
                 self.refresh(name)  # what is rewritten is read after the lock is held
                 self._held.add(name)
@@ -2032,6 +2074,42 @@ class Lake:
             finally:
                 self._held.discard(name)
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _flock(self, handle: Any, name: str, wait: bool) -> bool:
+        """Take the lock file's exclusive flock: at once (wait False: False when busy), else waiting at most
+        lock_wait_seconds(), saying on stderr after LOCK_NOTICE_S whom it waits for; LakeError after that."""
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if not wait:
+                return False
+        limit = lock_wait_seconds()
+        started, delay, told = time.monotonic(), 0.01, False
+        while True:
+            waited = time.monotonic() - started
+            if waited >= limit:
+                raise LakeError(
+                    f"the {name} lock of {self.root} is still held after {waited:.0f} s, by {_lock_holder(handle)}: "
+                    f"if that process is stopped or hung, end it; for longer rewrites set {LOCK_WAIT_ENV} "
+                    "(seconds). Nothing was changed by this run after it began to wait."
+                )
+            if not told and waited >= LOCK_NOTICE_S:
+                _lock_log.warning(
+                    "waiting for the %s lock of %s, held by %s (up to %.0f s)",
+                    name,
+                    self.root,
+                    _lock_holder(handle),
+                    limit,
+                )
+                told = True
+            time.sleep(min(delay, max(limit - waited, 0.0)))
+            delay = min(delay * 2, 1.0)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                continue
 
     def ingest(
         self,

@@ -46,6 +46,11 @@ from tracepipe.query import check_files, damage_error
 from tracepipe.schema import ALERTS
 
 Stage = Callable[[str], None]
+# notes of what the sweep could not write (a full disk after the alerts' commit): printed on stderr too, so that a
+# cron job's mail shows them whatever --format (a failed HTML report said nothing but a JSON note, exit 1)
+REPORT_FAILED = "HTML report failed"
+STATE_FAILED = "cannot record what this run read"
+FAILURE_NOTES = (REPORT_FAILED, STATE_FAILED)
 ENGINES = ("duckdb", "spark")  # spark: the same detectors per host bucket (tracepipe.engines.spark_sweep)
 
 
@@ -198,6 +203,8 @@ def ingest_inputs(lake: Lake, config: PipelineConfig) -> tuple[dict[str, Any], b
         from tracepipe.ingest.flows import ingest_flow_files
 
         result = ingest_flow_files(lake, flow_files)
+        if result.error:  # (the lake cannot be written: no sweep on what did not land)
+            raise LakeError(result.error)
         landed = [f for f in result.files if f.status == "landed"]
         summary["flows"] = {
             "files": len(flow_files),
@@ -469,7 +476,7 @@ def write_reports(lake: Lake, config: PipelineConfig, result: SweepResult) -> di
                 reason = str(exc)
             else:
                 reason = damage_error([lake.root], exc) or f"internal error ({type(exc).__name__}: {exc})"
-            result.notes.append(f"HTML report failed: {reason[:2000]}")
+            result.notes.append(f"{REPORT_FAILED}: {reason[:2000]}")
     return paths
 
 
@@ -617,9 +624,7 @@ def save_late_state(lake: Lake, config: PipelineConfig, late: LateWindows, notes
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(state))
     except OSError as exc:  # (after the alerts' commit: the next run looks from the last recorded version)
-        notes.append(
-            f"cannot record what this run read in {path} ({exc.strerror}): the next run sweeps again"
-        )
+        notes.append(f"{STATE_FAILED} in {path} ({exc.strerror}): the next run sweeps again")
 
 
 def _candidates(

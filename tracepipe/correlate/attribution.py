@@ -14,6 +14,7 @@ join at query time. A failure of any of this is an AttributionError (exit code 5
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -500,9 +501,16 @@ class CorrelationResult:
     vms: int = 0
     error: str | None = None
     exit_code: int = EXIT_OK
+    # the failure itself (error adds what to do after an ingest), and whether it was the lake that could not be
+    # written (a full disk, a read-only folder): a `leases rebuild` that fails so is exit 4, not "run leases rebuild"
+    cause: str | None = None
+    unwritable: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def correlate(
@@ -568,9 +576,13 @@ def correlate(
     except TracepipeError as exc:
         result.error = str(exc)
         result.exit_code = exc.exit_code if not isinstance(exc, LakeError) else EXIT_ATTRIBUTION
+        result.unwritable = isinstance(exc, LakeError)
     except Exception as exc:  # a bug or a planted file: report it with its own exit code, never swallow it
-        result.error = f"{type(exc).__name__}: {exc}"
+        # (delta-rs' messages carry terminal colours: plain text in a cron mail)
+        result.error = _ANSI.sub("", f"{type(exc).__name__}: {exc}")
         result.exit_code = EXIT_ATTRIBUTION
+        result.unwritable = isinstance(exc, OSError) or "LocalFileSystem error" in result.error
+    result.cause = result.error
     if result.error:
         result.error = (
             f"attribution failed: {result.error}. What was ingested has landed; finish with "

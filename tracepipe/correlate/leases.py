@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -2000,6 +2001,7 @@ FULL_EVENTS: int | None = None
 EVENT_BYTES = 768
 SLICE_EVENTS = 1_000_000
 REBUILD_DIR = "_settings/lease_rebuild"
+_state_log = logging.getLogger("tracepipe.leases")
 
 
 def at_once_events() -> int:
@@ -4050,6 +4052,7 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
     """The state of vm_leases `version`, written whole into a new directory renamed into place (readers see
     all of it or none); older states are removed. Failing to write it costs the next update a full rebuild."""
     root = lake.root / STATE_DIR
+    work: Path | None = None
     try:
         root.mkdir(parents=True, exist_ok=True)
         if not _in_lake(lake, root):  # (old states are removed there: never out of the lake)
@@ -4095,8 +4098,12 @@ def _save_state(lake: Any, version: int, state: _State) -> None:
                 # a save killed before its rename (an ops review: such folders, a whole state each, outlived
                 # later saves and vacuum); an hour old, no save of now is writing it
                 shutil.rmtree(old, ignore_errors=True)
-    except OSError:
-        return
+    except OSError as exc:
+        # (a full disk: its own half-written folder, a whole state, goes at once, not an hour later; said, as the
+        # next update is a full rebuild: failure-injection review, session 38)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        _state_log.warning("the lease update state was not saved (%s): the next update rebuilds in full", exc)
 
 
 def _save_hashes(

@@ -179,6 +179,9 @@ class IngestSummary:
     exporters: dict[str, dict[str, Any]] = field(default_factory=dict)
     days: set[str] = field(default_factory=set)  # UTC days of the flows partitions written: the caller
     # attributes them (tracepipe.correlate.attribution.correlate); ingest never imports correlation
+    # why the run stopped (the lake could not be written: a full disk, a lock held too long): the files before
+    # it landed and are listed, the one it stopped at and those after it are not (status failed / not read)
+    error: str = ""
 
     @property
     def flows(self) -> int:
@@ -194,7 +197,10 @@ class IngestSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 everything landed (or was there already), 3 some input rejected, 4 nothing usable."""
+        """0 everything landed (or was there already), 3 some input rejected, 4 nothing usable or the lake
+        could not be written (`error`: what landed before is listed all the same)."""
+        if self.error:
+            return EXIT_FAILED
         usable = [f for f in self.files if f.status in ("landed", "skipped", "empty")]
         if not usable or (self.flows == 0 and not any(f.status in ("skipped", "empty") for f in self.files)):
             return EXIT_FAILED
@@ -204,6 +210,7 @@ class IngestSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **({"error": self.error} if self.error else {}),
             "files": [vars(f) for f in self.files],
             "totals": {
                 "files": len(self.files),
@@ -360,14 +367,24 @@ def _ingest_files(
         path = Path(path)
         parallel = pool if pool is not None and path in big_captures else None
         try:
+            if summary.error:
+                summary.files.append(
+                    FileResult(str(path), "", "not read", message="the run stopped before it")
+                )
+                continue
             summary.files.append(
                 _ingest_one(lake, path, state, summary, progress, accept, parallel, allow, tz)
             )
-        except OSError as exc:  # the lake side: a directory or temp file that cannot be written
-            raise LakeError(
-                f"cannot write flows of {path} into {lake.root}: {exc}. Check that the lake is writable and has "
-                "free space."
-            ) from exc
+        except (OSError, LakeError) as exc:  # the lake side: a folder or file that cannot be written, a lock
+            # (the files before landed: they are listed, with this one failed, so that a script reading the
+            # summary knows what to run again; a full disk made the run end with no summary at all, exit 4)
+            summary.error = (
+                str(exc)
+                if isinstance(exc, LakeError)
+                else f"cannot write flows of {path} into {lake.root}: {exc}. Check that the lake is writable "
+                "and has free space."
+            )
+            summary.files.append(FileResult(str(path), "", "failed", message="the lake could not be written"))
         finally:
             if parallel is not None:  # landed, skipped or aborted: one less to come (DecodePool.expect)
                 parallel.source_over()
