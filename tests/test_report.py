@@ -410,3 +410,20 @@ def test_every_alerts_flow_facts_come_from_one_read_and_match_each_alerts_own_qu
         "10.9.0.5",
         "10.9.0.7",
     }
+
+
+def test_an_alert_of_an_earlier_window_than_the_reports_gets_its_own_windows_timeline(lake: Lake) -> None:
+    """A sweep that swept an earlier window again (flows that landed late) reports its alerts beside the
+    window's own: their host timeline covered the report's window only, and came out empty (a review)."""
+    base = _alerts().to_pylist()[0]
+    early = {**base, "alert_id": "early", "window_start": T0, "window_end": T0 + dt.timedelta(hours=1)}
+    data = build_report_data(
+        lake,
+        pa.Table.from_pylist([early], schema=ALERTS),
+        "t",
+        (T0 + dt.timedelta(hours=3), T0 + dt.timedelta(hours=4)),
+    )
+    timeline = data["alerts"][0]["timeline"]
+    assert timeline and all(
+        T0.isoformat()[:13] <= r["t"][:13] < (T0 + dt.timedelta(hours=1)).isoformat()[:13] for r in timeline
+    )

@@ -17,7 +17,7 @@ from support import stories as gen
 
 from tracepipe.lake import Lake
 from tracepipe.pipeline_config import load_pipeline, parse_pipeline
-from tracepipe.sweep import LATE_DIR, run_sweep
+from tracepipe.sweep import late_state_path, run_sweep
 
 PIPELINE = (
     f'[pipeline]\nname = "late-test"\nlocal_networks = {json.dumps(gen.LOCAL_NETWORKS)}\n'
@@ -70,10 +70,14 @@ def test_a_scan_that_lands_after_its_hour_was_swept_is_found_by_the_next_schedul
     assert second.late[0]["late_flows"] == 150
     assert (host, scan_hour) in _scans(second.new_alerts)
     assert second.exit_code == 1 and "swept again for 150 flows that landed late" in second.message
+    # its report names the late window: a rerun of its own window (no late flows any more) keeps it
+    assert second.report_paths["json"].name.endswith(f"-late-{scan_hour:%Y%m%dT%H%M}.json")
+    rerun = run_sweep(lake, config, day + dt.timedelta(hours=5), day + dt.timedelta(hours=6), write=True)
+    assert rerun.report_paths["json"] != second.report_paths["json"] and second.report_paths["json"].is_file()
     # found once: the next run has nothing late, and a rerun of that hour knows the alert
     third = _scheduled(lake, config, day + dt.timedelta(hours=7, minutes=5))
     assert third.late == [] and (host, scan_hour) not in _scans(third.new_alerts)
-    state = json.loads((lake.root / LATE_DIR / "late-test.json").read_text())
+    state = json.loads(late_state_path(lake, config).read_text())
     assert state["flows_version"] == lake.version("flows") and state["pending"] == {}
 
 
@@ -85,7 +89,7 @@ def test_rewritten_files_and_explicit_windows_are_not_late(lake_and_day, tmp_pat
     # attribution rewrites every file of the day (rows read before): nothing landed
     lake.rewrite("flows", None, lambda batch: batch, info={"operation": "attribute"})
     assert lake.version("flows") > version
-    assert lake.landed_since("flows", version) == ([], [], set())
+    assert lake.landed_since("flows", version) == ([], [], {})
     again = _scheduled(lake, config, day + dt.timedelta(hours=6, minutes=5))
     assert again.late == []
     # a late landing, then a rewrite of its file: the rows are still found, by their source
@@ -100,7 +104,7 @@ def test_rewritten_files_and_explicit_windows_are_not_late(lake_and_day, tmp_pat
     lake.append("flows", late, key="late")
     lake.rewrite("flows", None, lambda batch: batch, info={"operation": "attribute"})
     direct, carried, sources = lake.landed_since("flows", version)
-    assert sources == {"append:late"} and direct == [] and carried
+    assert set(sources) == {"append:late"} and direct == [] and carried
     # an explicit window (a backfill, an analyst's rerun) neither sweeps late windows nor moves the mark
     explicit = run_sweep(lake, config, day + dt.timedelta(hours=6), day + dt.timedelta(hours=7), write=True)
     assert explicit.late == []
@@ -121,20 +125,35 @@ def test_late_windows_are_bounded_per_run_and_the_rest_wait(lake_and_day, tmp_pa
         _scan(f, host, int((day + dt.timedelta(hours=hour, minutes=10)).timestamp() * SECOND))
     lake.append("flows", f.table(), key="late-scans")
     second = _scheduled(lake, config, day + dt.timedelta(hours=9, minutes=5))
-    # the newest two now, the oldest left for the next run, which sweeps it
-    assert [w["since"][11:16] for w in second.late] == ["03:00", "05:00"]
+    # the oldest and the newest now, the one between left for the next run
+    assert [w["since"][11:16] for w in second.late] == ["01:00", "05:00"]
     assert second.late_pending == 1 and any("left for the next runs" in n for n in second.notes)
+    # meanwhile a flood of new late windows (one record an hour, as forged datagrams can): the waiting one is
+    # still swept next, not kept waiting behind them until it ages out (newest first did that: a review)
+    flood = gen._Flows([])
+    flood.add(
+        [int((day + dt.timedelta(hours=h, minutes=1)).timestamp() * SECOND) for h in (6, 7, 8)],
+        0,
+        flood.idx("10.10.1.200")[0],
+        flood.idx("198.18.9.1")[0],
+        40000,
+        23,
+        6,
+        1,
+        60,
+        2,
+    )
+    lake.append("flows", flood.table(), key="flood")
     third = _scheduled(lake, config, day + dt.timedelta(hours=10, minutes=5))
-    assert [w["since"][11:16] for w in third.late] == ["01:00"]
-    assert third.late[0]["late_flows"] == 150  # (counted when it landed, kept with the window)
-    assert (host, day + dt.timedelta(hours=1)) in _scans(third.new_alerts)
-    assert third.late_pending == 0
+    assert [w["since"][11:16] for w in third.late] == ["03:00", "08:00"] and third.late_pending == 2
+    assert third.late[0]["since"][11:16] == "03:00" and third.late[0]["late_flows"] == 150
+    assert (host, day + dt.timedelta(hours=3)) in _scans(third.new_alerts)
 
 
 def test_a_planted_state_file_is_a_note_not_a_failure(lake_and_day, tmp_path):
     lake, day, _host = lake_and_day
     config = parse_pipeline(PIPELINE + f'[output]\nreport_dir = "{tmp_path / "reports"}"\n')
-    state = lake.root / LATE_DIR / "late-test.json"
+    state = late_state_path(lake, config)
     state.parent.mkdir(parents=True)
     for planted in (
         '{"flows_version": "x"}',
@@ -197,3 +216,102 @@ def test_a_connection_exported_when_it_ended_is_found_by_the_next_nightly_sweep(
             a["detector"] == "long_connection" and a["addr"] == host for a in first.alerts.to_pylist()
         )
     )
+
+
+def test_a_path_ingested_again_does_not_make_its_earlier_rows_late(lake_and_day, tmp_path):
+    """A capture ring (tcpdump -G -W) or a wiped spool reuses names: rows of the first file of a name, merged by
+    compaction with the second's, were taken for late ones and their windows swept again (a review)."""
+    from tracepipe.lake import hash_bytes, ingest_table
+
+    lake, day, host = lake_and_day
+    config = parse_pipeline(PIPELINE + f'[output]\nreport_dir = "{tmp_path / "reports"}"\n')
+
+    def ring(hour: int, key: bytes) -> None:
+        f = gen._Flows([])
+        _scan(f, host, int((day + dt.timedelta(hours=hour, minutes=10)).timestamp() * SECOND))
+        rows = f.table()
+        rows = rows.set_column(
+            rows.schema.get_field_index("source"), "source", pa.array(["ring.pcap"] * len(rows))
+        )
+        ingest_table(lake, "flows", "ring.pcap", hash_bytes(key), [rows])
+
+    ring(2, b"first")
+    _scheduled(lake, config, day + dt.timedelta(hours=5, minutes=5))  # reads the first
+    ring(5, b"second")  # the same name again, flows of the window to come
+    lake.compact("flows", [day.date().isoformat()], min_files=2)
+    direct, carried, ranges = lake.landed_since(
+        "flows", json.loads(late_state_path(lake, config).read_text())["flows_version"]
+    )
+    assert direct == [] and carried and set(ranges) == {"ring.pcap"}
+    second = _scheduled(lake, config, day + dt.timedelta(hours=6, minutes=5))
+    assert second.late == []
+
+
+def test_late_flows_that_add_a_target_do_not_make_a_second_brute_force_alert(lake_and_day, tmp_path):
+    """An outbound brute force names its target when it has one, none when it has several: late attempts on a
+    second target made the re-swept hour's alert another id, a second alert of one incident (a review)."""
+    lake, day, host = lake_and_day
+    config = parse_pipeline(PIPELINE + f'[output]\nreport_dir = "{tmp_path / "reports"}"\n')
+
+    def attempts(target: str, at: dt.datetime, n: int, first_port: int) -> None:
+        f = gen._Flows([])
+        ts = int(at.timestamp() * SECOND) + np.arange(n) * 30 * SECOND
+        f.add(
+            ts, 3 * SECOND, f.idx(host)[0], f.idx(target)[0], first_port + np.arange(n), 22, 6, 10, 2000, 27
+        )
+        f.add(
+            ts + 1000,
+            3 * SECOND,
+            f.idx(target)[0],
+            f.idx(host)[0],
+            22,
+            first_port + np.arange(n),
+            6,
+            8,
+            1500,
+            27,
+        )
+        lake.append("flows", f.table(), key=f"{target}-{at}")
+
+    def brute(alerts) -> list[tuple[str | None, dt.datetime]]:
+        return [
+            (a["peer"], a["window_start"])
+            for a in alerts.to_pylist()
+            if a["detector"] == "brute_force" and a["addr"] == host
+        ]
+
+    attempts("203.0.113.50", day + dt.timedelta(hours=3, minutes=2), 70, 30000)
+    first = _scheduled(lake, config, day + dt.timedelta(hours=4, minutes=5))
+    assert brute(first.new_alerts) == [("203.0.113.50", day + dt.timedelta(hours=3))]
+    attempts("203.0.113.51", day + dt.timedelta(hours=3, minutes=40), 15, 35000)  # they land late
+    second = _scheduled(lake, config, day + dt.timedelta(hours=5, minutes=5))
+    assert [w["since"][11:16] for w in second.late] == ["03:00"]
+    assert brute(second.alerts) == [(None, day + dt.timedelta(hours=3))]  # (now against 2 targets)
+    assert brute(second.new_alerts) == []  # the incident alerted at 04:05, not a new one
+
+
+def test_the_state_is_each_files_own_and_a_folder_planted_for_it_is_a_note(lake_and_day, tmp_path):
+    """Two files of one name (the template, a tuned copy) shared one state: the second never saw the late flows
+    the first had swept. A folder where the state goes ended every run with exit 2 after its alerts (a review);
+    and a window of no flows of its own (fail_on_empty) hid late alerts behind exit 4."""
+    lake, day, host = lake_and_day
+    text = PIPELINE.replace('name = "late-test"', 'name = "late-test"\nfail_on_empty = true')
+    text += f'[output]\nreport_dir = "{tmp_path / "reports"}"\n'
+    one, two = (parse_pipeline(text, str(tmp_path / name)) for name in ("a.toml", "b.toml"))
+    assert late_state_path(lake, one) != late_state_path(lake, two)
+    for config in (one, two):
+        _scheduled(lake, config, day + dt.timedelta(hours=5, minutes=5))
+    f = gen._Flows([])
+    _scan(f, host, int((day + dt.timedelta(hours=2, minutes=10)).timestamp() * SECOND))
+    lake.append("flows", f.table(), key="late-scan")
+    late_state_path(lake, two).unlink()
+    late_state_path(lake, two).mkdir()
+    # a window of the future's day, with no flows: only the late window has some
+    empty = day + dt.timedelta(days=3, hours=1, minutes=5)
+    found = _scheduled(lake, one, empty)
+    assert found.flows == 0 and [w["since"][11:16] for w in found.late] == ["02:00"]
+    assert found.exit_code == 1 and (host, day + dt.timedelta(hours=2)) in _scans(found.new_alerts)
+    planted = _scheduled(lake, two, empty)  # (its state cannot be read nor written: said, not exit 2)
+    assert planted.late == [] and planted.exit_code == 4  # (no flows in its window, fail_on_empty)
+    assert any("not a late-flow state" in n for n in planted.notes)
+    assert any("cannot record what this run read" in n for n in planted.notes)

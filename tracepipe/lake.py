@@ -446,6 +446,22 @@ def table_schema(dataset: Dataset) -> pa.Schema:
     return dataset.schema.append(pa.field(PARTITION, pa.string()))
 
 
+_EARLIEST = dt.datetime.min.replace(tzinfo=dt.UTC)
+_LATEST = dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
+def _time_bounds(add: dict[str, Any], column: str) -> tuple[dt.datetime, dt.datetime]:
+    """The (min, max) of `column` an add action's statistics give (whole time when they do not)."""
+    try:
+        stats = json.loads(add.get("stats") or "{}")
+        low, high = stats["minValues"][column], stats["maxValues"][column]
+        first, last = (dt.datetime.fromisoformat(t.replace("Z", "+00:00")) for t in (low, high))
+        first, last = (t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC) for t in (first, last))
+        return first, last + dt.timedelta(milliseconds=1)  # (kept to the millisecond)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return _EARLIEST, _LATEST
+
+
 def _stat_value(value: Any) -> Any:
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
@@ -2171,23 +2187,25 @@ class Lake:
 
     def landed_since(
         self, name: str, version: int
-    ) -> tuple[list[FileEntry], list[FileEntry], set[str]] | None:
+    ) -> tuple[list[FileEntry], list[FileEntry], dict[str, tuple[dt.datetime, dt.datetime]]] | None:
         """What ingest landed in a table after `version`: (the current files an ingest added, whose rows are
-        all new; the current files that rewrites made of such files, whose new rows are those of the sources;
-        those sources). Rows move when files are rewritten (attribution, compaction): a rewrite that removed
-        a file holding new rows adds files that may hold them beside rows that were there before (told apart by
-        their `source`). None when the log entries after `version` are gone."""
+        all new; the current files that rewrites made of such files, whose new rows are those of the sources
+        within their ranges; per source, the range of the table's time its ingests wrote). Rows move when files
+        are rewritten (attribution, compaction): a rewrite that removed a file holding new rows adds files that
+        may hold them beside rows that were there before, told apart by `source` and time (a path ingested
+        again names rows of before too). None when the log entries after `version` are gone."""
         latest = self.version(name)
         if latest is None:
             return None
+        column = _dataset(name).partition_ts or "ts_start"
         direct: set[str] = set()
         carried: set[str] = set()
-        sources: set[str] = set()
+        ranges: dict[str, tuple[dt.datetime, dt.datetime]] = {}
         for v in range(version + 1, latest + 1):
             actions = self._log_actions(name, v)
             if actions is None:
                 return None
-            adds = {a["add"]["path"] for a in actions if "add" in a}
+            adds = {a["add"]["path"]: a["add"] for a in actions if "add" in a}
             removes = {a["remove"]["path"] for a in actions if "remove" in a}
             info = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
             try:
@@ -2196,17 +2214,22 @@ class Lake:
                 meta = {}
             meta = meta if isinstance(meta, dict) else {}
             if "operation" not in meta and isinstance(meta.get("source"), str):  # (an ingest's commit)
-                direct |= adds
-                sources.add(meta["source"])
+                direct |= set(adds)
+                low, high = ranges.get(meta["source"], (_LATEST, _EARLIEST))
+                for add in adds.values():
+                    first, last = _time_bounds(add, column)
+                    low, high = min(low, first), max(high, last)
+                if adds:
+                    ranges[meta["source"]] = (low, high)
             elif removes & (direct | carried):  # (a rewrite of files holding such rows)
-                carried |= adds
+                carried |= set(adds)
             direct -= removes
             carried -= removes
         entries = self.entries(name)
         return (
             [e for e in entries if e.relative in direct],
             [e for e in entries if e.relative in carried],
-            sources,
+            ranges,
         )
 
     def replace_files(

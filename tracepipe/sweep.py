@@ -276,13 +276,31 @@ def known_alert_ids(lake: Lake, alerts: pa.Table) -> set[str]:
         return set()
     # the log's files, not a glob of the folder: compacted-away files are still on disk, and a `*`, `?` or `[`
     # in the lake's path would be read as a pattern
-    frame = (
-        pl.scan_parquet([str(p) for p in files], hive_partitioning=False, glob=False)
-        .select("alert_id")
-        .filter(pl.col("alert_id").is_in(ids))
-        .collect()
-    )
-    return set(frame.get_column("alert_id").to_list())
+    stored = pl.scan_parquet([str(p) for p in files], hive_partitioning=False, glob=False)
+    frame = stored.select("alert_id").filter(pl.col("alert_id").is_in(ids)).collect()
+    known = set(frame.get_column("alert_id").to_list())
+    # An alert that names no peer (an outbound brute force against several targets) is the one found before
+    # against one target, of the same detector, host, port and window: flows that landed late added targets,
+    # and with them another id (a review: two alerts for one host, port and hour). Known, not new.
+    key = ["detector", "addr", "window_start", "_port"]
+    port = pl.col("evidence").str.json_path_match("$.port").alias("_port")
+    loose = pl.from_arrow(alerts.select(["alert_id", "detector", "addr", "window_start", "peer", "evidence"]))
+    assert isinstance(loose, pl.DataFrame)
+    loose = loose.filter(pl.col("peer").is_null() & ~pl.col("alert_id").is_in(list(known)))
+    if loose.height:
+        loose = loose.with_columns(port)
+        before = (
+            stored.filter(
+                pl.col("detector").is_in(loose.get_column("detector").unique().implode())
+                & pl.col("addr").is_in(loose.get_column("addr").unique().implode())
+            )
+            .select("detector", "addr", pl.col("window_start").cast(loose.schema["window_start"]), port)
+            .unique()
+            .collect()
+        )
+        same = loose.join(before, on=key, nulls_equal=True, how="semi")
+        known |= set(same.get_column("alert_id").to_list())
+    return known
 
 
 def anomaly_stage(
@@ -433,7 +451,14 @@ def detect_local(
 def write_reports(lake: Lake, config: PipelineConfig, result: SweepResult) -> dict[str, Path]:
     """The JSON report (always) and the HTML one (tracepipe.report, when installed)."""
     out_dir = Path(config.output.report_dir)
-    stem = f"sweep-{config.pipeline.name}-{result.since:%Y%m%dT%H%M}-{result.until:%Y%m%dT%H%M}"
+    # a run that swept earlier windows again names the first of them: a rerun of its own window (which finds no
+    # late flows any more) wrote the same file, without the alerts only that run had found (a review)
+    late = (
+        f"-late-{min(w['since'] for w in result.late)[:16].replace('-', '').replace(':', '')}"
+        if result.late
+        else ""
+    )
+    stem = f"sweep-{config.pipeline.name}-{result.since:%Y%m%dT%H%M}-{result.until:%Y%m%dT%H%M}{late}"
     paths: dict[str, Path] = {}
     json_path = out_dir / f"{stem}.json"
     report = {
@@ -466,7 +491,7 @@ def write_reports(lake: Lake, config: PipelineConfig, result: SweepResult) -> di
                 title,
                 (result.since, result.until),
                 result.suppressed,
-                config.pipeline.name,
+                config.pipeline.name + late,
             )
             paths.update({k if k == "html" else f"report_{k}": Path(v) for k, v in (rendered or {}).items()})
         except Exception as exc:
@@ -508,10 +533,16 @@ class LateWindows:
     windows: list[tuple[dt.datetime, dt.datetime]] = field(default_factory=list)  # swept again now
     flows: dict[dt.datetime, int] = field(default_factory=dict)  # late flows per window start
     pending: dict[dt.datetime, int] = field(default_factory=dict)  # left for the next runs (late flows)
+    unswept: int = (
+        0  # late windows (or older flows) given up as more than window.late back: partial detection
+    )
 
 
-def _late_state_path(lake: Lake, config: PipelineConfig) -> Path:
-    return lake.root / LATE_DIR / f"{config.pipeline.name}.json"
+def late_state_path(lake: Lake, config: PipelineConfig) -> Path:
+    """The state of this pipeline file: its name and where it is (two files of one name, a template and a
+    tuned copy, shared one state, and the second never saw the late flows the first had swept: a review)."""
+    where = hashlib.sha256(str(Path(config.path).absolute() if config.path else "").encode()).hexdigest()[:12]
+    return lake.root / LATE_DIR / f"{config.pipeline.name}-{where}.json"
 
 
 def _load_late_state(
@@ -519,9 +550,11 @@ def _load_late_state(
 ) -> tuple[int, dict[dt.datetime, int]] | None:
     """(flows version, pending window starts) of this pipeline's last scheduled run; None: none (or a state
     that is not one: said in a note, the next run starts from this one)."""
-    path = _late_state_path(lake, config)
+    path = late_state_path(lake, config)
     try:
         if not path.is_file():
+            if path.exists() or path.is_symlink():
+                raise ValueError("not a regular file")
             return None
         if path.stat().st_size > LATE_STATE_BYTES:
             raise ValueError(f"larger than {LATE_STATE_BYTES} bytes")
@@ -553,10 +586,13 @@ def late_windows(
     step = min(float(config.window.last), 86400.0)
     low = floor_time(since - dt.timedelta(seconds=lookback), step)
     counts: dict[dt.datetime, int] = {t: n for t, n in pending.items() if low <= t < since}
-    if len(counts) < len(pending):
+    expired = sorted(t for t in pending if t < low)
+    if expired:
+        out.unswept = len(expired)
+        named = ", ".join(f"{t:%Y-%m-%d %H:%M}" for t in expired[:10]) + (" ..." if len(expired) > 10 else "")
         notes.append(
-            f"{len(pending) - len(counts)} earlier window(s) left by the last runs are now more than window.late "
-            "back: not swept (sweep them with --since/--until)"
+            f"{len(expired)} earlier window(s) with late flows were left by the last runs until more than "
+            f"window.late back, not swept: {named} UTC (sweep them with --since/--until)"
         )
     if seen > version:
         notes.append(
@@ -570,9 +606,9 @@ def late_windows(
                 "since the last run were not looked for"
             )
         elif landed[0] or landed[1]:
-            direct, carried, sources = landed
+            direct, carried, ranges = landed
             us = int(step * 1_000_000)
-            new_rows = _landed_rows(direct, carried, sources)
+            new_rows = _landed_rows(direct, carried, ranges)
             frame = (
                 new_rows.filter((pl.col("ts_start") >= low) & (pl.col("ts_start") < since))
                 .group_by(((pl.col("ts_start").dt.epoch("us") // us) * us).alias("window"))
@@ -584,15 +620,21 @@ def late_windows(
                 counts[at] = counts.get(at, 0) + int(flows)
             older = new_rows.filter(pl.col("ts_start") < low).select(pl.len()).collect().item()
             if older:
+                out.unswept += 1
                 notes.append(
                     f"{older:,} flows landed for windows more than window.late before this one: not swept "
                     "(sweep them with --since/--until)"
                 )
-    newest = sorted(counts, reverse=True)
-    take = newest[: int(config.window.late_windows)]
-    out.windows = [(t, t + dt.timedelta(seconds=step)) for t in sorted(take)]
+    # the oldest waiting and the newest, half each: newest first alone let a flood of new late windows (one
+    # forged record an hour) keep an older one waiting until it aged past window.late, unswept (a review)
+    ordered = sorted(counts)
+    budget = int(config.window.late_windows)
+    oldest = ordered[: (budget + 1) // 2]
+    newest = [t for t in reversed(ordered) if t not in oldest][: budget - len(oldest)]
+    take = sorted({*oldest, *newest})
+    out.windows = [(t, t + dt.timedelta(seconds=step)) for t in take]
     out.flows = {t: counts[t] for t in take}
-    out.pending = {t: counts[t] for t in sorted(newest[len(take) :])}
+    out.pending = {t: counts[t] for t in ordered if t not in out.flows}
     if out.pending:
         notes.append(
             f"{len(out.pending)} more earlier window(s) with late flows are left for the next runs "
@@ -601,16 +643,29 @@ def late_windows(
     return out
 
 
-def _landed_rows(direct: list[Any], carried: list[Any], sources: set[str]) -> pl.LazyFrame:
-    """ts_start of the rows that landed: every row of `direct` files, the rows of `sources` in `carried`."""
+def _landed_rows(
+    direct: list[Any], carried: list[Any], ranges: dict[str, tuple[dt.datetime, dt.datetime]]
+) -> pl.LazyFrame:
+    """ts_start of the rows that landed: every row of `direct` files; of `carried` ones, the rows of a source
+    that landed within the times its ingest wrote (a path ingested again, a ring of capture names or a wiped
+    spool's segment numbers, named rows read before: only its time range tells the new ones)."""
 
     def scan(entries: list[Any]) -> pl.LazyFrame:
         return pl.scan_parquet([str(e.path) for e in entries], hive_partitioning=False, glob=False)
 
     parts = [scan(direct).select("ts_start")] if direct else []
     if carried:
-        of_sources = pl.col("source").cast(pl.String).is_in(sorted(sources))
-        parts.append(scan(carried).filter(of_sources).select("ts_start"))
+        bounds = pl.LazyFrame(
+            {
+                "source": list(ranges),
+                "_low": [r[0] for r in ranges.values()],
+                "_high": [r[1] for r in ranges.values()],
+            },
+            schema={"source": pl.String, "_low": pl.Datetime("us", "UTC"), "_high": pl.Datetime("us", "UTC")},
+        )
+        rows = scan(carried).select("ts_start", pl.col("source").cast(pl.String)).join(bounds, on="source")
+        inside = (pl.col("ts_start") >= pl.col("_low")) & (pl.col("ts_start") <= pl.col("_high"))
+        parts.append(rows.filter(inside).select("ts_start"))
     return pl.concat(parts)
 
 
@@ -618,13 +673,15 @@ def save_late_state(lake: Lake, config: PipelineConfig, late: LateWindows, notes
     """Record what this scheduled run read, for the next one (a run killed before this is redone by it)."""
     if late.version is None:
         return
-    path = _late_state_path(lake, config)
+    path = late_state_path(lake, config)
     state = {"flows_version": late.version, "pending": {t.isoformat(): n for t, n in late.pending.items()}}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(state))
-    except OSError as exc:  # (after the alerts' commit: the next run looks from the last recorded version)
-        notes.append(f"{STATE_FAILED} in {path} ({exc.strerror}): the next run sweeps again")
+    # (after the alerts' commit: the next run looks from the last recorded version)
+    except (OSError, TracepipeError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        notes.append(f"{STATE_FAILED} in {path} ({why}): the next run sweeps again")
 
 
 def _candidates(
@@ -811,10 +868,13 @@ def run_sweep(
         elif partial:
             result.exit_code = EXIT_PARTIAL
         if result.flows == 0 and config.pipeline.fail_on_empty:
-            # (only late windows had flows: the window itself is still empty, which this pipeline calls a failure)
-            result.exit_code = EXIT_FAILED
-            if result.new_alerts.num_rows:
-                result.notes.append(f"{result.new_alerts.num_rows} new alert(s) in the windows swept again")
+            # (only late windows had flows: the window itself is still empty, which this pipeline calls a failure;
+            # new alerts found in them are exit 1 all the same, the code alerting keys on)
+            result.notes.append("no flows in the window itself (fail_on_empty): is the collector down?")
+            if not result.new_alerts.num_rows:
+                result.exit_code = EXIT_FAILED
+        if late is not None and late.unswept and result.exit_code == EXIT_OK:
+            result.exit_code = EXIT_PARTIAL  # (late flows given up: detection was partial, said in the notes)
         if write:
             # the report before the alerts: a sweep killed between the two used to leave alerts that its rerun
             # found known (exit 0, "0 new"), said nowhere. Now a kill in between costs a second report of them.
