@@ -693,3 +693,23 @@ def test_the_summarys_top_alerts_break_score_ties_by_id_whatever_the_row_order()
         result.new_alerts = pa.Table.from_pylist(order, schema=ALERTS)
         tops.append([t["addr"] for t in result.summary()["top"]])
     assert tops[0] == tops[1] == ["10.0.0.1", "10.0.0.2", "10.0.0.0"]
+
+
+def test_sweep_check_reads_the_file_only(tmp_path):
+    """A detection engineer's CI for pipeline files (review, session 38): `sweep --check` prints the settings in
+    force, defaults included, touching no lake; a mistake is exit 2 naming the key and line."""
+    from conftest import run_in_process
+
+    good = tmp_path / "good.toml"
+    good.write_text('[pipeline]\nname = "site"\n[detectors.horizontal_scan]\nmin_hosts = 2000\n')
+    run = run_in_process("sweep", str(good), "--check", "--format", "json", "--lake", str(tmp_path / "lake"))
+    assert run.returncode == 0, run.stderr
+    checked = json.loads(run.stdout)
+    assert checked["settings"]["detectors"]["horizontal_scan"]["min_hosts"] == 2000
+    assert checked["settings"]["detectors"]["brute_force"]["min_attempts"] == 60
+    assert checked["pipeline_sha256"] == hashlib.sha256(good.read_bytes()).hexdigest()
+    assert not (tmp_path / "lake").exists()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[pipeline]\nname = "site"\n[detectors.beacon]\nmin_scroe = 1\n')
+    run = run_in_process("sweep", str(bad), "--check")
+    assert run.returncode == 2 and "line 4" in run.stderr and "min_scroe" in run.stderr

@@ -607,6 +607,10 @@ def late_windows(
             )
         elif landed[0] or landed[1]:
             direct, carried, ranges = landed
+            # (a file whose statistics say it starts at or after `since` holds no late row: not read)
+            direct, carried = (
+                [e for e in files if _may_start_before(e, since)] for files in (direct, carried)
+            )
             us = int(step * 1_000_000)
             new_rows = _landed_rows(direct, carried, ranges)
             frame = (
@@ -643,6 +647,13 @@ def late_windows(
     return out
 
 
+def _may_start_before(entry: Any, since: dt.datetime) -> bool:
+    low = entry.mins.get("ts_start")
+    if not isinstance(low, dt.datetime):
+        return True
+    return (low if low.tzinfo is not None else low.replace(tzinfo=dt.UTC)) < since
+
+
 def _landed_rows(
     direct: list[Any], carried: list[Any], ranges: dict[str, tuple[dt.datetime, dt.datetime]]
 ) -> pl.LazyFrame:
@@ -653,7 +664,11 @@ def _landed_rows(
     def scan(entries: list[Any]) -> pl.LazyFrame:
         return pl.scan_parquet([str(e.path) for e in entries], hive_partitioning=False, glob=False)
 
-    parts = [scan(direct).select("ts_start")] if direct else []
+    parts = (
+        [scan(direct).select("ts_start")]
+        if direct
+        else [pl.LazyFrame(schema={"ts_start": pl.Datetime("us", "UTC")})]
+    )
     if carried:
         bounds = pl.LazyFrame(
             {
