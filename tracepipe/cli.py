@@ -123,9 +123,10 @@ def _environment_error(exc: BaseException) -> str | None:
         )
     if isinstance(exc, OSError) and exc.errno in _UNWRITABLE:
         where = f" ({exc.filename})" if exc.filename else ""
+        what = "denied" if exc.errno in (errno.EACCES, errno.EPERM) else "cannot write"
         return (
-            f"cannot write{where}: {os.strerror(exc.errno)}. Check that the lake and the report folders are "
-            "writable and have free space, then run it again; nothing half-written is visible."
+            f"{what}{where}: {os.strerror(exc.errno)}. Check that the lake and the report folders are writable "
+            "and have free space, then run it again; nothing half-written is visible."
         )
     return None
 

@@ -458,7 +458,7 @@ def _time_bounds(add: dict[str, Any], column: str) -> tuple[dt.datetime, dt.date
         first, last = (dt.datetime.fromisoformat(t.replace("Z", "+00:00")) for t in (low, high))
         first, last = (t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC) for t in (first, last))
         return first, last + dt.timedelta(milliseconds=1)  # (kept to the millisecond)
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError):  # (planted statistics too)
         return _EARLIEST, _LATEST
 
 

@@ -519,10 +519,11 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
 # A probe exports a connection when it ends (softflowd's default lifetime is a week), a collector commits a
 # backlog after an outage, a capture is ingested a day late: their flows fall in windows a scheduled sweep has
 # swept already, and no later scheduled window reads them (detectors read flows by their start). Each scheduled
-# run records the flows version it read (LATE_DIR/<pipeline>.json); the next one finds the rows that ingest
-# landed since (Lake.landed_since: by commit and source, not by file: attribution and compaction rewrite files
-# of rows read before) that start before its window, and sweeps those earlier windows again. Alert ids are
-# deterministic, so what was found before is not new; what the late flows add is.
+# run records the flows version it read (late_state_path: one file per pipeline file); the next one finds the
+# rows that ingest landed since (Lake.landed_since: by commit, then source and time range, not by file:
+# attribution and compaction rewrite files of rows read before) that start before its window, and sweeps those
+# earlier windows again. Alert ids are deterministic, so what was found before is not new; what the late flows
+# add is (known_alert_ids).
 LATE_DIR = "_settings/sweeps"
 LATE_STATE_BYTES = 1 << 20
 
@@ -533,9 +534,8 @@ class LateWindows:
     windows: list[tuple[dt.datetime, dt.datetime]] = field(default_factory=list)  # swept again now
     flows: dict[dt.datetime, int] = field(default_factory=dict)  # late flows per window start
     pending: dict[dt.datetime, int] = field(default_factory=dict)  # left for the next runs (late flows)
-    unswept: int = (
-        0  # late windows (or older flows) given up as more than window.late back: partial detection
-    )
+    # late windows (or older flows) given up as more than window.late back: the detection was partial
+    unswept: int = 0
 
 
 def late_state_path(lake: Lake, config: PipelineConfig) -> Path:
@@ -575,8 +575,8 @@ def late_windows(
     lake: Lake, config: PipelineConfig, since: dt.datetime, version: int | None, notes: list[str]
 ) -> LateWindows:
     """The earlier windows (of `window.last`, at most a day, aligned) that rows landed since the pipeline's last
-    scheduled run fall in, from `window.late` before `since` on: the newest `window.late_windows` of them and
-    those the last runs left, the rest pending."""
+    scheduled run fall in, from `window.late` before `since` on, with those the last runs left: the oldest and
+    the newest, `window.late_windows` of them in all, the rest pending."""
     out = LateWindows(version)
     lookback = float(config.window.late)
     state = _load_late_state(lake, config, notes)
