@@ -190,6 +190,9 @@ def ingest_vm_files(
     # of its own day, so only the days the new events fall on are read (not the whole history)
     seen: set[str] = set()
     read_days: set[str] = set()
+    lake.know_sources(
+        "vm_events", [str(path.absolute()) for path in files]
+    )  # (Lake.know_sources: a big folder)
     for path in files:
         if path.resolve() in consumed and path not in partners:
             continue  # an OpenNebula XML read together with its log
@@ -422,7 +425,11 @@ def ingest_syslog_files(
     what sets each line's vm_id as it lands (correlate.attribution.log_attributor; else vm_id null until then)."""
     time_zone(tz)
     report = VmIngestReport()
-    for path in expand_paths(paths, report.not_read):
+    files = expand_paths(paths, report.not_read)
+    lake.know_sources(
+        "vm_logs", [str(path.absolute()) for path in files]
+    )  # (Lake.know_sources: a big folder)
+    for path in files:
         source = str(path.absolute())
         try:
             info = path.stat()
