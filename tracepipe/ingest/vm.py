@@ -23,7 +23,15 @@ from tracepipe.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError, Usa
 from tracepipe.fsutil import input_problem
 from tracepipe.ingest.cloud import FORMATS, detect_format, parse_cloud_text
 from tracepipe.ingest.syslog import YearWraps, parse_syslog
-from tracepipe.lake import FILE_IDENTITY, IngestResult, Lake, hash_bytes, hash_file, ingest_table
+from tracepipe.lake import (
+    FILE_IDENTITY,
+    IngestResult,
+    Lake,
+    SourceBatch,
+    hash_bytes,
+    hash_file,
+    ingest_table,
+)
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, read_text_bounded, too_long_rejects
 from tracepipe.units import time_zone
@@ -190,92 +198,121 @@ def ingest_vm_files(
     # of its own day, so only the days the new events fall on are read (not the whole history)
     seen: set[str] = set()
     read_days: set[str] = set()
-    lake.know_sources(
-        "vm_events", [str(path.absolute()) for path in files]
-    )  # (Lake.know_sources: a big folder)
-    for path in files:
-        if path.resolve() in consumed and path not in partners:
-            continue  # an OpenNebula XML read together with its log
-        partner = partners.get(path)
-        source = str(path.absolute())  # evidence: findable again whatever the cwd was
-        try:
-            info = path.stat()
-        except OSError:
-            info = None  # (hash_file says why below)
-        if partner is None and info is not None and lake.landed_as_it_is("vm_events", source, info):
-            # the very file landed before, unchanged since: skipped without reading it (Lake.landed_as_it_is)
-            report.results.append(IngestResult("vm_events", source, "", skipped=True))
-            continue
-        limit_rejects: list[pa.Table] = []
-        # (the source's reads in `try`, not the lake's: a file that cannot be read is that file's problem; the
-        # hostile review's mode-000 file in a drop folder stopped ingest and sweep as an internal error)
-        try:
-            content_hash = hash_file(path)
-            if partner is not None:
-                content_hash = hash_bytes(f"{content_hash}+{hash_file(partner)}".encode())
-        except OSError as exc:
-            report.not_read.append((source, _not_read(exc)))
-            continue
-        if partner is not None:
-            source = f"{path}+{partner.name}"
-        if progress:
-            progress(source)
-        if lake.already_ingested("vm_events", content_hash):
-            if partner is None and info is not None and lake.has_source("vm_events", source):
-                lake.record_identity("vm_events", content_hash, source, info)
-            report.results.append(IngestResult("vm_events", source, content_hash, skipped=True))
-            continue
-        try:
-            if path.suffix.lower() == ".xml":
-                text = _read_xml(path, str(path), limit_rejects) or ""
-            else:
-                text, too_long = _read_text(path)
-                if too_long:
-                    limit_rejects.append(too_long_rejects(str(path), too_long))
-            xml_text = _read_xml(partner, str(path), limit_rejects) if partner is not None else None
-        except OSError as exc:
-            report.not_read.append((source, _not_read(exc)))
-            continue
-        file_fmt = "opennebula" if partner is not None else fmt
-        if file_fmt == "auto" and path not in named:
-            try:
-                detect_format(str(path), text[:4096])
-            except UsageError as exc:  # (one file of a folder: the others still land)
-                report.not_read.append((source, str(exc)))
-                continue
-        events, rejects = parse_cloud_text(
-            text, str(path), fmt=file_fmt, cloud=cloud, tz=zone, xml_text=xml_text
-        )
-        if limit_rejects:
-            rejects = pa.concat_tables([rejects, *limit_rejects], promote_options="permissive")
-        days = _event_days(events) - read_days
-        if days:
-            stored = lake.read("vm_events", columns=_KEY_READ, days=sorted(days))
-            seen.update(event_keys(stored).to_list())
-            read_days |= days
-        events, duplicates = _drop_known(events, seen)
-        report.duplicates += duplicates
-        result = ingest_table(
-            lake,
-            "vm_events",
-            source,
-            content_hash,
-            [events],
-            [rejects],
-            stats={
-                "format": file_fmt,
-                "events": events.num_rows,
-                "duplicates": duplicates,
-                **(
-                    {FILE_IDENTITY: fsutil.file_identity(info)}
-                    if info is not None and partner is None
-                    else {}
-                ),
-            },
-        )
-        report.results.append(result)
+    # (a rerun over a big folder: the manifest rows of its files read in one pass, Lake.know_sources)
+    lake.know_sources("vm_events", [str(path.absolute()) for path in files])
+    # (sources committed together, SourceBatch: OpenNebula keeps a log per VM, a relay a file per hour)
+    with SourceBatch(lake) as batch:
+        for path in files:
+            result = _land_vm_source(
+                lake,
+                batch,
+                path,
+                partners,
+                consumed,
+                named,
+                fmt,
+                cloud,
+                zone,
+                seen,
+                read_days,
+                report,
+                progress,
+            )
+            if result is not None:
+                report.results.append(result)
     report.touched_days = _days_of(report.results, "vm_events")
     return report
+
+
+def _land_vm_source(
+    lake: Lake,
+    batch: SourceBatch,
+    path: Path,
+    partners: dict[Path, Path | None],
+    consumed: set[Path],
+    named: set[Path],
+    fmt: str,
+    cloud: str | None,
+    zone: dt.tzinfo,
+    seen: set[str],
+    read_days: set[str],
+    report: VmIngestReport,
+    progress: Progress | None,
+) -> IngestResult | None:
+    """One file of ingest_vm_files (with its OpenNebula XML partner, if any): its result (skipped, or landed
+    once `batch` commits it), or None when it was passed over (read with its log, or in report.not_read)."""
+    if path.resolve() in consumed and path not in partners:
+        return None  # an OpenNebula XML read together with its log
+    partner = partners.get(path)
+    source = str(path.absolute())  # evidence: findable again whatever the cwd was
+    try:
+        info = path.stat()
+    except OSError:
+        info = None  # (hash_file says why below)
+    if partner is None and info is not None and lake.landed_as_it_is("vm_events", source, info):
+        # the very file landed before, unchanged since: skipped without reading it (Lake.landed_as_it_is)
+        return IngestResult("vm_events", source, "", skipped=True)
+    limit_rejects: list[pa.Table] = []
+    # (the source's reads in `try`, not the lake's: a file that cannot be read is that file's problem; the
+    # hostile review's mode-000 file in a drop folder stopped ingest and sweep as an internal error)
+    try:
+        content_hash = hash_file(path)
+        if partner is not None:
+            content_hash = hash_bytes(f"{content_hash}+{hash_file(partner)}".encode())
+    except OSError as exc:
+        report.not_read.append((source, _not_read(exc)))
+        return None
+    if partner is not None:
+        source = f"{path}+{partner.name}"
+    if progress:
+        progress(source)
+    if batch.holds(content_hash) or lake.already_ingested("vm_events", content_hash):
+        if partner is None and info is not None and lake.has_source("vm_events", source):
+            lake.record_identity("vm_events", content_hash, source, info)
+        return IngestResult("vm_events", source, content_hash, skipped=True)
+    try:
+        if path.suffix.lower() == ".xml":
+            text = _read_xml(path, str(path), limit_rejects) or ""
+        else:
+            text, too_long = _read_text(path)
+            if too_long:
+                limit_rejects.append(too_long_rejects(str(path), too_long))
+        xml_text = _read_xml(partner, str(path), limit_rejects) if partner is not None else None
+    except OSError as exc:
+        report.not_read.append((source, _not_read(exc)))
+        return None
+    file_fmt = "opennebula" if partner is not None else fmt
+    if file_fmt == "auto" and path not in named:
+        try:
+            detect_format(str(path), text[:4096])
+        except UsageError as exc:  # (one file of a folder: the others still land)
+            report.not_read.append((source, str(exc)))
+            return None
+    events, rejects = parse_cloud_text(text, str(path), fmt=file_fmt, cloud=cloud, tz=zone, xml_text=xml_text)
+    if limit_rejects:
+        rejects = pa.concat_tables([rejects, *limit_rejects], promote_options="permissive")
+    days = _event_days(events) - read_days
+    if days:
+        stored = lake.read("vm_events", columns=_KEY_READ, days=sorted(days))
+        seen.update(event_keys(stored).to_list())
+        read_days |= days
+    events, duplicates = _drop_known(events, seen)
+    report.duplicates += duplicates
+    return ingest_table(
+        lake,
+        "vm_events",
+        source,
+        content_hash,
+        [events],
+        [rejects],
+        batch=batch,
+        stats={
+            "format": file_fmt,
+            "events": events.num_rows,
+            "duplicates": duplicates,
+            **({FILE_IDENTITY: fsutil.file_identity(info)} if info is not None and partner is None else {}),
+        },
+    )
 
 
 def _days_of(results: list[IngestResult], dataset: str) -> list[str]:
@@ -426,65 +463,82 @@ def ingest_syslog_files(
     time_zone(tz)
     report = VmIngestReport()
     files = expand_paths(paths, report.not_read)
-    lake.know_sources(
-        "vm_logs", [str(path.absolute()) for path in files]
-    )  # (Lake.know_sources: a big folder)
-    for path in files:
-        source = str(path.absolute())
-        try:
-            info = path.stat()
-        except OSError:
-            info = None  # (hash_file says why below)
-        if info is not None and lake.landed_as_it_is("vm_logs", source, info):  # (unread: unchanged since)
-            report.results.append(IngestResult("vm_logs", source, "", skipped=True))
-            continue
-        try:
-            content_hash = hash_file(path)
-        except OSError as exc:
-            report.not_read.append((source, _not_read(exc)))
-            continue
-        if progress:
-            progress(str(path))
-        if lake.already_ingested("vm_logs", content_hash):
-            if info is not None and lake.has_source("vm_logs", source):
-                lake.record_identity("vm_logs", content_hash, source, info)
-            report.results.append(IngestResult("vm_logs", str(path), content_hash, skipped=True))
-            continue
-        mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
-        known = _KnownLines(lake, source)
-        wraps = YearWraps(year) if year is not None else None  # (--year: the first line's; Dec -> Jan: +1)
-        counts: dict[str, int] = {}
-        try:
-            with lake.ingest("vm_logs", source, content_hash) as writer:
-                # in blocks of whole lines: memory stays bounded on big files, line numbers stay exact
-                for block in _line_blocks(path):
-                    logs, rejects = parse_syslog(
-                        block.data.decode("utf-8", errors="replace"),
-                        source,
-                        year=year or mtime.year,
-                        reference=mtime if year is None else None,
-                        tz=tz,
-                        sender_addr=sender_addr,
-                        first_line=block.first_line,
-                        wraps=wraps,
-                        counts=counts,
-                    )
-                    new = known.new(logs)
-                    writer.write(attribute(new) if attribute is not None and new.num_rows else new)
-                    if block.too_long:
-                        writer.reject(known.new_rejects(too_long_rejects(source, block.too_long)))
-                    writer.reject(known.new_rejects(rejects))
-                # (lines without a year took the file's modification time's: said, so that a wrong one is seen;
-                # not when every line carried its own, as RFC 5424's do)
-                stats = {"lines": writer.result.rows, "duplicates": known.duplicates}
-                if info is not None:
-                    stats[FILE_IDENTITY] = fsutil.file_identity(info)
-                guessed = not year and counts.get("no_year", 0) > 0
-                result = writer.commit({**stats, **({"mtime_year": mtime.year} if guessed else {})})
-        except _SourceUnreadable as exc:  # (nothing of it committed: the writer's files are removed)
-            report.not_read.append((source, _not_read(exc.exc)))
-            continue
-        report.duplicates += known.duplicates
-        report.results.append(result)
+    # (a rerun over a big folder: the manifest rows of its files read in one pass, Lake.know_sources)
+    lake.know_sources("vm_logs", [str(path.absolute()) for path in files])
+    # (sources committed together: SourceBatch; a relay's folder holds a file per VM)
+    with SourceBatch(lake) as batch:
+        for path in files:
+            result = _land_syslog(lake, batch, path, report, year, sender_addr, tz, progress, attribute)
+            if result is not None:
+                report.results.append(result)
     report.touched_days = _days_of(report.results, "vm_logs")
     return report
+
+
+def _land_syslog(
+    lake: Lake,
+    batch: SourceBatch,
+    path: Path,
+    report: VmIngestReport,
+    year: int | None,
+    sender_addr: str | None,
+    tz: str,
+    progress: Progress | None,
+    attribute: Callable[[pa.Table], pa.Table] | None,
+) -> IngestResult | None:
+    """One file of ingest_syslog_files: its result (skipped, or landed once `batch` commits it), or None when it
+    could not be read (in report.not_read)."""
+    source = str(path.absolute())
+    try:
+        info = path.stat()
+    except OSError:
+        info = None  # (hash_file says why below)
+    if info is not None and lake.landed_as_it_is("vm_logs", source, info):  # (unread: unchanged since)
+        return IngestResult("vm_logs", source, "", skipped=True)
+    try:
+        content_hash = hash_file(path)
+    except OSError as exc:
+        report.not_read.append((source, _not_read(exc)))
+        return None
+    if progress:
+        progress(str(path))
+    if batch.holds(content_hash) or lake.already_ingested("vm_logs", content_hash):
+        if info is not None and lake.has_source("vm_logs", source):
+            lake.record_identity("vm_logs", content_hash, source, info)
+        return IngestResult("vm_logs", str(path), content_hash, skipped=True)
+    mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+    known = _KnownLines(lake, source)
+    wraps = YearWraps(year) if year is not None else None  # (--year: the first line's; Dec -> Jan: +1)
+    counts: dict[str, int] = {}
+    try:
+        with lake.ingest("vm_logs", source, content_hash) as writer:
+            # in blocks of whole lines: memory stays bounded on big files, line numbers stay exact
+            for block in _line_blocks(path):
+                logs, rejects = parse_syslog(
+                    block.data.decode("utf-8", errors="replace"),
+                    source,
+                    year=year or mtime.year,
+                    reference=mtime if year is None else None,
+                    tz=tz,
+                    sender_addr=sender_addr,
+                    first_line=block.first_line,
+                    wraps=wraps,
+                    counts=counts,
+                )
+                new = known.new(logs)
+                writer.write(attribute(new) if attribute is not None and new.num_rows else new)
+                if block.too_long:
+                    writer.reject(known.new_rejects(too_long_rejects(source, block.too_long)))
+                writer.reject(known.new_rejects(rejects))
+            # (lines without a year took the file's modification time's: said, so that a wrong one is seen;
+            # not when every line carried its own, as RFC 5424's do)
+            stats = {"lines": writer.result.rows, "duplicates": known.duplicates}
+            if info is not None:
+                stats[FILE_IDENTITY] = fsutil.file_identity(info)
+            guessed = not year and counts.get("no_year", 0) > 0
+            result = batch.add(writer, {**stats, **({"mtime_year": mtime.year} if guessed else {})})
+    except _SourceUnreadable as exc:  # (nothing of it committed: the writer's files are removed)
+        report.not_read.append((source, _not_read(exc.exc)))
+        return None
+    report.duplicates += known.duplicates
+    return result
