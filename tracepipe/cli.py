@@ -1902,6 +1902,17 @@ IncludeLocal = Annotated[
 ]
 TlpOption = Annotated[str, typer.Option("--tlp", help="TLP: clear, green, amber, amber+strict, red.")]
 InfoOption = Annotated[str | None, typer.Option("--info", help="Event title.", show_default=False)]
+SiteOption = Annotated[
+    str | None,
+    typer.Option(
+        "--site",
+        envvar="TRACEPIPE_SITE",
+        help="Your site's name as the producer of what you share (the STIX identity; ids derive from it and the "
+        "package: set it once, e.g. in $TRACEPIPE_SITE).",
+        show_default=False,
+    ),
+]
+ForceOut = Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")]
 
 
 @export_app.command("misp")
@@ -1921,6 +1932,8 @@ def export_misp_command(
             "--push", help="Also send it to this MISP (https URL; API key in $MISP_KEY).", show_default=False
         ),
     ] = None,
+    site: SiteOption = None,
+    force: ForceOut = False,
     output: FormatOption = OutputFormat.table,
     lake: LakeOption = Path(DEFAULT_LAKE),
 ) -> None:
@@ -1945,6 +1958,8 @@ def export_misp_command(
         distribution=distribution,
         info=info,
         push=push,
+        site=site,
+        force=force,
     )
 
 
@@ -1956,6 +1971,8 @@ def export_stix_command(
     include_local: IncludeLocal = False,
     tlp: TlpOption = "amber",
     info: InfoOption = None,
+    site: SiteOption = None,
+    force: ForceOut = False,
     output: FormatOption = OutputFormat.table,
     lake: LakeOption = Path(DEFAULT_LAKE),
 ) -> None:
@@ -1976,6 +1993,8 @@ def export_stix_command(
         include_local=include_local,
         tlp=tlp,
         info=info,
+        site=site,
+        force=force,
     )
 
 

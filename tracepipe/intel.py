@@ -420,6 +420,11 @@ def parse_stix(text: str, include_non_ids: bool = False) -> tuple[list[dict], li
         if obj.get("revoked") is True and not include_non_ids:
             skipped.deleted += 1
             continue
+        marks = obj.get("labels")
+        if isinstance(marks, list) and "context-only" in marks and not include_non_ids:
+            # (tracepipe's word for MISP's to_ids false: a site's own VM address, a common destination)
+            skipped.not_ids += 1
+            continue
         # every field as the bundle's author wrote it: text where text is due, else none (a number, a list or an
         # object where STIX has a string made the whole import an internal error)
         labels = obj.get("indicator_types") or obj.get("labels") or []

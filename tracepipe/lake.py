@@ -1126,6 +1126,7 @@ class Lake:
         self._manifest_footers: dict[str, tuple[pq.FileMetaData, list[tuple[Any, Any]]]] = {}
         # {dataset: {source: its rows' stats}} of the paths know_sources asked after, {dataset: those paths}
         self._known_sources: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self._site_known = False  # (site_id found or made)
         self._asked_sources: dict[str, set[str]] = {}
         # {table: (its open DeltaTable, version, every file entry, {source key: entries}, day-partitioned)}: what
         # entries() built from the log, until the table moves to another version (an hourly update asks ~20 times)
@@ -1590,15 +1591,22 @@ class Lake:
         if not landed:
             return False
         if self.as_of is None:
-            self._write_manifest_row(
-                dataset,
-                content_hash,
-                "(recovered: the run that committed these rows was stopped before its manifest row)",
-                sum(max(e.rows, 0) for e in landed),
-                0,
-                [f"{dataset}/{e.relative}" for e in landed],
-                {"recovered": True},
-            )
+            # under the dataset's ingest lock, and only when it is free: rows whose committer holds it are
+            # between their commit and their manifest row right now, and it writes that row itself (a review:
+            # two ingests at once wrote a recovered row and then the committer's own, 3-7 extra rows a run)
+            with self.lock(f"ingest-{dataset}", wait=False) as free:
+                if free:
+                    self.catch_up(MANIFEST_DIR)
+                    if not self._manifest_has(dataset, content_hash):
+                        self._write_manifest_row(
+                            dataset,
+                            content_hash,
+                            "(recovered: the run that committed these rows was stopped before its manifest row)",
+                            sum(max(e.rows, 0) for e in landed),
+                            0,
+                            [f"{dataset}/{e.relative}" for e in landed],
+                            {"recovered": True},
+                        )
         return True
 
     def _manifest_has(self, dataset: str, content_hash: str) -> bool:
@@ -1959,6 +1967,30 @@ class Lake:
     def manifest(self) -> pa.Table:
         return self.read(MANIFEST_DIR)
 
+    def site_id(self, create: bool = False) -> str | None:
+        """This lake's own random id (SITE_FILE, made by its first commit): what the producer identity of the
+        site's STIX exports derives from when no site name is given (respond.share). None when there is none
+        yet (a lake not written to since) or it is no UUID (a planted file: replaced when `create`)."""
+        path = self.root / SITE_FILE
+        try:
+            fd = fsutil.open_regular(path)
+            try:
+                found = str(uuid.UUID(str(json.loads(os.read(fd, 4096))["site_id"])))
+            finally:
+                os.close(fd)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            found = None
+        if found is None and create and self.as_of is None:
+            found = str(uuid.uuid4())
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fsutil.write_atomic(path, json.dumps({"site_id": found}) + "\n")
+            except OSError as exc:  # (a commit is not stopped by it: the next one tries again)
+                _lock_log.warning("site id not kept in %s: %s", path, exc)
+                return None
+        self._site_known = self._site_known or found is not None
+        return found
+
     # ---- writing -----------------------------------------------------------------------------------------
     def _writable(self, name: str) -> DeltaTable:
         """The latest version of the table, created (empty) if it does not exist yet."""
@@ -2028,6 +2060,8 @@ class Lake:
         """One atomic commit of added and removed files to table `name` (`info` goes into the commit's
         metadata: operation, source, what went). Returns the version."""
         table = self._writable(name)
+        if not self._site_known:  # (once per Lake object: a lake written to has its site id)
+            self.site_id(create=True)
         dataset = _dataset(name)
         self._check_adds(name, adds)
         properties = CommitProperties(
@@ -2824,6 +2858,7 @@ REJECT_GROUP_ROWS = 65_536
 
 # a manifest row's record of the file it landed (fsutil.file_identity), for Lake.landed_as_it_is
 FILE_IDENTITY = "file"
+SITE_FILE = "_settings/site.json"  # (Lake.site_id)
 
 
 class IngestWriter:
@@ -3055,8 +3090,9 @@ def commit_sources(lake: Lake, items: list[tuple[IngestWriter, dict[str, Any] | 
                 ours = {a.path for a in adds}
                 if any(e.relative not in ours for e in lake.entries(dataset.name, [closed])):
                     lake.compact(dataset.name, [closed], min_files=2, wait=False)
-        except LakeError:  # compaction is housekeeping: the rows are committed, a later run merges
-            pass
+        except (LakeError, OSError) as exc:  # compaction is housekeeping: the rows are committed, a later run
+            # merges (a full disk here ended the run with exit 4 and "nothing landed" after its commit: a review)
+            _lock_log.warning("compaction after the commit of %s left for later: %s", dataset.name, exc)
     return [writer.result for writer, _stats in items]
 
 
@@ -3151,25 +3187,40 @@ class SourceBatch:
         self._items: list[tuple[IngestWriter, dict[str, Any] | None]] = []
         self._rows = 0
         self._hashes: set[str] = set()
+        self._sources: set[str] = set()
 
     def __enter__(self) -> SourceBatch:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.flush()
-        else:
+        if exc_type is None or issubclass(exc_type, Exception):
+            # (an error in one source's read: the sources before it land, as they did one commit each; a
+            # review: one vanished file threw away the 63 parsed before it)
+            try:
+                self.flush()
+            except BaseException:
+                self._abort()
+                if exc_type is None:
+                    raise
+        else:  # (interrupted, killed: nothing more is committed)
             self._abort()
 
-    def holds(self, content_hash: str) -> bool:
-        """Whether a source of this content waits in the batch (its twin is then skipped, as after a commit)."""
-        return content_hash in self._hashes
+    def pending(self, source: str, content_hash: str) -> bool:
+        """Whether this path, or this content, waits in the batch. The caller flushes first: a path read again
+        (named twice, grown since) must know the lines of its first read, and content that was wholly
+        rejected is no twin to skip (review)."""
+        return source in self._sources or content_hash in self._hashes
 
     def add(self, writer: IngestWriter, stats: dict[str, Any] | None = None) -> IngestResult:
         """Take a source whose rows are written (its result is complete once the batch commits it)."""
-        writer.set_aside()
+        try:
+            writer.set_aside()
+        except OSError as exc:
+            writer.abort()
+            raise LakeError(f"cannot write {writer.source} to {self.lake.root}: {exc}") from exc
         self._items.append((writer, stats))
         self._hashes.add(writer.content_hash)
+        self._sources.add(writer.source)
         self._rows += writer.result.rows + writer.result.rejects
         if len(self._items) >= self.max_sources or self._rows >= self.max_rows:
             self.flush()
@@ -3178,11 +3229,13 @@ class SourceBatch:
     def flush(self) -> None:
         items, self._items, self._rows = self._items, [], 0
         self._hashes.clear()
+        self._sources.clear()
         commit_sources(self.lake, items)
 
     def _abort(self) -> None:
         items, self._items, self._rows = self._items, [], 0
         self._hashes.clear()
+        self._sources.clear()
         for writer, _stats in items:
             writer.abort()
 
@@ -3298,7 +3351,9 @@ def ingest_table(
     """Convenience for small sources: skip if already ingested, else write all tables and commit (with
     `replacing`: removing those files and writing their rows to keep again in the same commit, see
     IngestWriter.replace; with `batch`: committed with the run's other sources, SourceBatch)."""
-    if (batch is not None and batch.holds(content_hash)) or lake.already_ingested(dataset, content_hash):
+    if batch is not None and batch.pending(source, content_hash):
+        batch.flush()
+    if lake.already_ingested(dataset, content_hash):
         return IngestResult(dataset, source, content_hash, skipped=True)
     with lake.ingest(dataset, source, content_hash) as writer:
         for table in tables:

@@ -264,8 +264,10 @@ def _event_range(event: dict[str, Any]) -> tuple[dt.datetime | None, dt.datetime
 
 
 def parse_misp(text: str) -> tuple[list[dict], list[dict], list[dict]]:
-    """Every address attribute of a MISP event is an observation: its first/last seen, else its timestamp,
-    else the event's day. `ip-*|port` carries the port. Domains are kept for the export, not traced."""
+    """Every address attribute of a MISP event is an observation: its first/last seen, else the times of its
+    sightings, else the event's day. Never its `timestamp`: MISP sets that when the attribute was last edited, hours
+    or days after the activity (a CSIRT review: an attribute entered at 11:00 for a scan at 08:00 named the VM
+    that held the address at 11:00). `ip-*|port` carries the port. Domains are kept for the export, not traced."""
     try:
         events = _misp_events(json_loads(text))
     except json.JSONDecodeError as exc:
@@ -301,9 +303,20 @@ def parse_misp(text: str) -> tuple[list[dict], list[dict], list[dict]]:
             if kind not in ADDRESS_TYPES:
                 continue  # hashes, urls, ...: not something a flow lake can trace
             address_text, _, port_text = value.partition("|")
-            stamp = to_utc(attr.get("timestamp"))
-            start = to_utc(attr.get("first_seen")) or stamp or day_start
-            end = to_utc(attr.get("last_seen")) or stamp or day_end
+            # (first_seen alone is that instant, as MISP shows it; so is last_seen alone)
+            first, last = to_utc(attr.get("first_seen")), to_utc(attr.get("last_seen"))
+            if first is None and last is None:
+                first, last = _sighted(attr)
+            start = first or last or day_start
+            end = last or first or day_end
+            if start is None and end is None:
+                kept.add(
+                    "no time: the attribute has no first_seen, last_seen or sighting and its event no date (its "
+                    "`timestamp` is when it was last edited in MISP, not when the address was seen)",
+                    ref,
+                    value,
+                )
+                continue
             record = {
                 "address": address_text,
                 "port": port_text if "|" in kind else None,
@@ -312,6 +325,18 @@ def parse_misp(text: str) -> tuple[list[dict], list[dict], list[dict]]:
             }
             kept.add(_record_row(record, ref), ref, value)
     return kept.rows, kept.rejects, domains
+
+
+def _sighted(attr: dict[str, Any]) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """The first and last `date_sighting` of an attribute's sightings (when the reporter saw it), if any."""
+    sightings = attr.get("Sighting")
+    times = []
+    for sighting in sightings if isinstance(sightings, list) else []:
+        if isinstance(sighting, dict):
+            when = to_utc(sighting.get("date_sighting"))
+            if when is not None:
+                times.append(when)
+    return (min(times), max(times)) if times else (None, None)
 
 
 def _listed(value: Any, where: str, kept: _Kept) -> list[Any]:

@@ -69,6 +69,10 @@ MAX_PEERS_PER_PORT = 20  # more outside peers on one observed port than this is 
 # brute force, a scan): a C&C is one or a few (a review: the 12 victims of a VM's outbound SSH brute force went
 # out as malicious `ip-dst|port` with to_ids)
 MAX_TARGETS_PER_PORT = 5
+# an outside end that more of the cloud's VMs than this reached on the same port in the trace's span is a service
+# the site's users use (a mirror, a CDN, a science server), not a C&C: shared as context, not for detection (a
+# CSIRT review: four destinations that 20-29 VMs used on 443 went out with to_ids beside the one real C&C)
+COMMON_DESTINATION_VMS = 3
 # addresses that name a different host at every site (RFC 1918, shared address space, loopback, link-local, ULA):
 # never an indicator for others, whether or not a VM of this cloud held one (a review: the site's own 10.20.0.9
 # went out as an outside C&C). Documentation ranges (192.0.2.0/24, ...) are not among them: the demo's outside
@@ -104,6 +108,11 @@ class Indicator:
     local: bool = False
     # the evidence flows behind `count` (ids of distinct flows): a flow two observations matched counts once
     flows: set[int] = field(default_factory=set, repr=False, compare=False)
+    detect: bool = True  # for detection (MISP to_ids): not a local address, not a common destination
+
+    @property
+    def for_ids(self) -> bool:
+        return self.detect and not self.local
 
 
 @dataclass
@@ -154,6 +163,7 @@ def _merge(found: dict[tuple, Indicator], item: Indicator) -> None:
         old.comment = f"{why}; seen in {old.count} flows" if seen else old.comment
     else:
         old.count += item.count
+    old.detect = old.detect and item.detect
     old.first_seen = (
         min(t for t in (old.first_seen, item.first_seen) if t)
         if (old.first_seen or item.first_seen)
@@ -192,19 +202,40 @@ def _package_indicators(data: Any, evidence: pa.Table) -> tuple[list[Indicator],
     found: dict[tuple, Indicator] = {}
     notes: list[str] = []
     rows = _evidence_groups(evidence)
+    common = {
+        (str(d.get("address")), d.get("port")): int(d.get("vms") or 0)
+        for d in data.get("destinations") or []
+        if isinstance(d, dict)
+    }
     for obs in data.get("observations", []):
-        number = obs["obs"]
+        number, port = obs["obs"], obs.get("port")
         if not obs.get("in_cloud", True) and obs.get("matching_flows"):
-            # the observed address is not the cloud's and VMs talked to it: the CSIRT's C&C, seen here
+            # the observed address is not the cloud's and VMs talked to it: the CSIRT's C&C, seen here; with the
+            # observed port only where that was its own port (a port of the VMs it connected to is not its)
             stats = rows.get((number, "__local__"), {})
-            why = "observed address, contacted by cloud VMs"
-            _merge(found, _from_rows(obs["address"], obs.get("port"), stats, why))
-        if obs.get("peer") or obs.get("port") is not None:
+            own = port is None or port in stats.get("ports", ())
+            why = "observed address, exchanged flows with cloud VMs" + (
+                "" if own else f" (on their port {port}, not its own)"
+            )
+            _merge(found, _from_rows(obs["address"], port if own else None, stats, why))
+        if obs.get("peer") or port is not None:
             remotes = [
                 (peer, stats)
                 for (n, peer), stats in rows.items()
                 if n == number and peer not in (obs["address"], "__local__") and not stats["peer_in_cloud"]
             ]
+            if port is not None and not obs.get("peer"):
+                # an end is shared with the port only where the port was its own (the traced VM reached it there):
+                # on the VM's own port, the other ends are its service's clients, or the hosts it reached from
+                # that port, never a C&C (a CSIRT review: a web server's visitors went out as `ip-dst|port` 443)
+                theirs = [(peer, stats) for peer, stats in remotes if port in stats.get("ports", ())]
+                if len(theirs) < len(remotes):
+                    notes.append(
+                        f"observation {number}: {len(remotes) - len(theirs)} outside ends whose flows used port "
+                        f"{port} on the traced VM's side only (its clients, or the hosts it reached from that "
+                        "port): not shared"
+                    )
+                remotes = theirs
             targets = _targets(evidence, number, obs.get("port")) if obs.get("holders") else set()
             targets &= {peer for peer, _ in remotes}
             if not obs.get("peer") and len(targets) > MAX_TARGETS_PER_PORT:
@@ -215,7 +246,16 @@ def _package_indicators(data: Any, evidence: pa.Table) -> tuple[list[Indicator],
                 )
             if obs.get("peer") or len(remotes) <= MAX_PEERS_PER_PORT:
                 for peer, stats in remotes:
-                    _merge(found, _from_rows(peer, obs.get("port"), stats, "contacted by a traced VM"))
+                    theirs = port if port is None or port in stats.get("ports", ()) else None
+                    item = _from_rows(peer, theirs, stats, "contacted by a traced VM")
+                    users = common.get((peer, theirs), 0) if theirs is not None else 0
+                    if users > COMMON_DESTINATION_VMS:
+                        item.detect = False
+                        item.comment += (
+                            f"; {users} VMs of this cloud reached it on port {theirs} in the trace's span: a "
+                            "common destination, not for detection"
+                        )
+                    _merge(found, item)
             else:
                 notes.append(
                     f"observation {number}: {len(remotes)} outside peers on port {obs['port']} (a scan's victims, "
@@ -230,7 +270,13 @@ def _package_indicators(data: Any, evidence: pa.Table) -> tuple[list[Indicator],
         )  # (read checks it; a package edited since may not hold)
         if name is not None:
             found[(name, None, "dst")] = Indicator(name, "domain", "dst", comment="named by the input event")
-    return list(found.values()), {**data, "notes": notes}
+    # what the exports' ids derive from (export): the package's own id (trace writes one), or for a package of
+    # before, what tells it from any other (when and over which lake version and input it was made)
+    findings = str(data.get("package_id") or "")
+    if not findings:
+        made = "|".join(str(data.get(k)) for k in ("generated_at", "lake_version", "source", "window_seconds"))
+        findings = "package|" + hashlib.sha256(made.encode("utf-8", "surrogatepass")).hexdigest()
+    return list(found.values()), {**data, "notes": notes, "findings": findings}
 
 
 def _targets(evidence: pa.Table, number: int, port: int | None) -> set[str]:
@@ -255,6 +301,10 @@ def _evidence_groups(evidence: pa.Table) -> dict[tuple[int, str], dict[str, Any]
     is_src = evidence.column("observed_is_src")
     remote = pc.if_else(is_src, evidence.column("dst_addr"), evidence.column("src_addr"))
     remote_cloud = pc.if_else(is_src, evidence.column("dst_in_cloud"), evidence.column("src_in_cloud"))
+    # the port of each end (a flow's record may go either way: the remote end's port is where it listened, or
+    # where it connected from)
+    remote_port = pc.if_else(is_src, evidence.column("dst_port"), evidence.column("src_port"))
+    local_port = pc.if_else(is_src, evidence.column("src_port"), evidence.column("dst_port"))
     # one id per flow (its columns, not the observation's): two observations may match the same flows
     flow = evidence.drop_columns([c for c in ("obs", "observed_is_src") if c in evidence.column_names])
     flow = flow.select([f.name for f in flow.schema if not pa.types.is_nested(f.type)])
@@ -266,6 +316,8 @@ def _evidence_groups(evidence: pa.Table) -> dict[tuple[int, str], dict[str, Any]
             "obs": pl.Series(evidence.column("obs")),
             "remote": pl.Series(remote),
             "remote_cloud": pl.Series(remote_cloud),
+            "remote_port": pl.Series(remote_port),
+            "local_port": pl.Series(local_port),
             "ts": start,
             "end": end,
             "flow": ids,
@@ -285,7 +337,9 @@ def _evidence_groups(evidence: pa.Table) -> dict[tuple[int, str], dict[str, Any]
         pl.col("end").max().alias("last"),
         pl.col("flow").unique().alias("flows"),
     ]
-    grouped = table.group_by("obs", "remote").agg(*aggregates, pl.col("remote_cloud").max())
+    grouped = table.group_by("obs", "remote").agg(
+        *aggregates, pl.col("remote_cloud").max(), pl.col("remote_port").drop_nulls().unique().alias("ports")
+    )
     for row in grouped.iter_rows(named=True):
         out[(row["obs"], row["remote"])] = {
             "first": row["first"],
@@ -293,13 +347,16 @@ def _evidence_groups(evidence: pa.Table) -> dict[tuple[int, str], dict[str, Any]
             "count": len(row["flows"]),
             "flows": set(row["flows"]),
             "peer_in_cloud": bool(row["remote_cloud"]),
+            "ports": set(row["ports"]),  # (the remote end's own ports)
         }
-    for row in table.group_by("obs").agg(*aggregates).iter_rows(named=True):
+    local = table.group_by("obs").agg(*aggregates, pl.col("local_port").drop_nulls().unique().alias("ports"))
+    for row in local.iter_rows(named=True):
         out[(row["obs"], "__local__")] = {
             "first": row["first"],
             "last": row["last"],
             "count": len(row["flows"]),
             "flows": set(row["flows"]),
+            "ports": set(row["ports"]),  # (the observed end's own ports)
         }
     return out
 
@@ -393,7 +450,8 @@ def indicators_from_alerts(lake: Lake, ids_file: Path) -> tuple[list[Indicator],
                     _merge(found, item)
     shared = {i.value for i in found.values()}  # (a victim another alert names as its peer, intel's: shared)
     victims = [v for v in victims if v["peer"] not in shared]
-    return list(found.values()), {"missing_alerts": sorted(missing), "victims_not_shared": victims}
+    meta = {"missing_alerts": sorted(missing), "victims_not_shared": victims, "site_id": lake.site_id()}
+    return list(found.values()), {**meta, "findings": "alerts|" + "|".join(sorted(ids - missing))}
 
 
 def _peer_role(alert: dict[str, Any]) -> str | None:
@@ -441,6 +499,14 @@ def select(indicators: list[Indicator], include_local: bool) -> tuple[list[Indic
 # ---- MISP ----------------------------------------------------------------------------------------------------
 
 
+def tlp_level(text: str) -> str:
+    """A TLP level as written anywhere (`AMBER`, `TLP:AMBER`, `tlp:amber+strict`) -> TLP_LEVELS' spelling."""
+    level = str(text).strip().lower().removeprefix("tlp:").strip()
+    if level not in TLP_LEVELS:
+        raise UsageError(f"unknown TLP level {text!r}; one of {', '.join(TLP_LEVELS)}")
+    return level
+
+
 def _epoch(value: dt.datetime | None) -> str:
     return str(int((value or dt.datetime.now(dt.UTC)).timestamp()))
 
@@ -463,14 +529,22 @@ def misp_event(
     tlp: str = "amber",
     distribution: int = 0,
     now: dt.datetime | None = None,
+    findings: str = "",
+    producer: str = "",
 ) -> dict[str, Any]:
-    """A MISP event in MISP core format ({"Event": {...}}), one attribute per indicator."""
-    if tlp not in TLP_LEVELS:
-        raise UsageError(f"unknown TLP level {tlp!r}; one of {', '.join(TLP_LEVELS)}")
+    """A MISP event in MISP core format ({"Event": {...}}), one attribute per indicator. Its uuid derives from
+    `findings` (the package's id, or the alert ids) and `producer` (export: the site): the same package exported again updates its
+    event; another package, or another site's, is another event (they were the title and values: two packages of
+    one ticket file, at two sites or two days apart, had one uuid and a push overwrote the other). Its date is the
+    day of the earliest finding (MISP's reference date of the event), else today."""
+    tlp = tlp_level(tlp)
     if distribution not in DISTRIBUTIONS:
         raise UsageError(f"distribution {distribution} unknown; 0 (your organisation only) .. 3 (all)")
     now = now or dt.datetime.now(dt.UTC)
-    event_uuid = str(uuid.uuid5(TRACEPIPE_NAMESPACE, info + "|" + "|".join(i.value for i in indicators)))
+    key = findings or info + "|" + "|".join(i.value for i in indicators)
+    event_uuid = str(uuid.uuid5(TRACEPIPE_NAMESPACE, f"{producer}|{key}"))
+    seen = [to_utc(i.first_seen) for i in indicators if i.first_seen is not None]
+    day = min((t for t in seen if t is not None), default=now).date()
     attributes = []
     for item in indicators:
         value = f"{item.value}|{item.port}" if item.port is not None and item.kind == "ip" else item.value
@@ -479,7 +553,8 @@ def misp_event(
             "type": _misp_type(item),
             "category": "Network activity",
             "value": value,
-            "to_ids": not item.local,  # a site's own VM address is context, not something to block
+            # (a site's own VM address, or a destination many VMs use, is context, not something to block)
+            "to_ids": item.for_ids,
             "comment": item.comment,
             "distribution": "5",  # inherit the event's
             "timestamp": _epoch(now),
@@ -501,7 +576,7 @@ def misp_event(
         "Event": {
             "uuid": event_uuid,
             "info": info,
-            "date": now.date().isoformat(),
+            "date": day.isoformat(),
             "threat_level_id": "2",
             "analysis": "2",
             "distribution": str(distribution),
@@ -586,21 +661,28 @@ def _pattern(item: Indicator) -> tuple[str, str]:
 
 
 def stix_bundle(
-    indicators: list[Indicator], info: str, tlp: str = "amber", now: dt.datetime | None = None
+    indicators: list[Indicator],
+    info: str,
+    tlp: str = "amber",
+    now: dt.datetime | None = None,
+    findings: str = "",
+    producer: str = "",
+    site: str | None = None,
 ) -> dict[str, Any]:
-    """A STIX 2.1 bundle: the reporting identity, and per indicator an indicator, the observed-data of what
-    the site saw (the address as an SCO) and a sighting that ties them together."""
-    if tlp not in TLP_LEVELS:
-        raise UsageError(f"unknown TLP level {tlp!r}; one of {', '.join(TLP_LEVELS)}")
+    """A STIX 2.1 bundle: the reporting identity (named `site`, its id from `producer`, export), and per
+    indicator an indicator, the observed-data of what the site saw (the address as an SCO) and a sighting that
+    ties them together."""
+    tlp = tlp_level(tlp)
     now = now or dt.datetime.now(dt.UTC)
     stamp = _stix_time(now)
     marking = [STIX_TLP[tlp]]
-    # ids from what they describe (_stable_id): an indicator's from its pattern alone, whatever else is exported
-    # with it, an observation's and its sighting's from what was seen (times, count); the same finding shared
-    # again updates its objects (same id, later `modified`) instead of adding a second copy of each, and a new
-    # producer identity each time (SOC review). `created` stays with the id: when it was first seen here
-    key = info + "|" + "|".join(f"{i.value}|{i.port}" for i in indicators)
-    identity_id = _stable_id("identity", "tracepipe site")
+    # ids from what they describe (_stable_id): the producer, then an indicator's pattern and when it was first
+    # seen (its `created`), an observation's and its sighting's times and count. The same finding shared again
+    # updates its objects (same id, later `modified`), whatever else is exported with it; a finding first seen at
+    # another time, or another site's, is an object of its own (a CSIRT review: one id came out of two incidents
+    # with two `created`, and out of every site: STIX 2.1 3.6 forbids both)
+    key = findings or info + "|" + "|".join(f"{i.value}|{i.port}" for i in indicators)
+    identity_id = _stable_id("identity", producer or "tracepipe site")
     objects: list[dict[str, Any]] = [dict(STIX_TLP2_OBJECTS[tlp])] if tlp in STIX_TLP2_OBJECTS else []
     objects += [
         {
@@ -609,7 +691,7 @@ def stix_bundle(
             "id": identity_id,
             "created": _stix_time(STIX_FIXED_CREATED),
             "modified": _stix_time(STIX_FIXED_CREATED),
-            "name": "tracepipe site",
+            "name": site or "tracepipe site",
             "identity_class": "organization",
             "object_marking_refs": marking,
         }
@@ -617,38 +699,55 @@ def stix_bundle(
     scos: set[str] = set()
     for item in indicators:
         kind, pattern = _pattern(item)
-        indicator_id = _stable_id("indicator", pattern)
         first = _stix_time(item.first_seen or now)
         last = _stix_time(item.last_seen or item.first_seen or now)
         # (never after `modified`; a domain nothing here saw: one fixed time, as the id is)
         created = _stix_time(min(item.first_seen or STIX_FIXED_CREATED, now))
-        objects.append(
-            {
-                "type": "indicator",
-                "spec_version": "2.1",
-                "id": indicator_id,
-                "created": created,
-                "modified": stamp,
-                "name": item.value if item.port is None else f"{item.value} port {item.port}",
-                "description": item.comment or info,
-                "indicator_types": ["compromised" if item.local else "malicious-activity"],
-                "pattern": pattern,
-                "pattern_type": "stix",
-                "valid_from": first,
-                "created_by_ref": identity_id,
-                "object_marking_refs": marking,
-            }
-        )
+        indicator_id = _stable_id("indicator", identity_id, pattern, created)
+        indicator = {
+            "type": "indicator",
+            "spec_version": "2.1",
+            "id": indicator_id,
+            "created": created,
+            "modified": stamp,
+            "name": item.value if item.port is None else f"{item.value} port {item.port}",
+            "description": item.comment or info,
+            "indicator_types": [
+                "compromised" if item.local else "malicious-activity" if item.detect else "unknown"
+            ],
+            "pattern": pattern,
+            "pattern_type": "stix",
+            "valid_from": first,
+            "created_by_ref": identity_id,
+            "object_marking_refs": marking,
+        }
+        if not item.for_ids:
+            # (MISP's to_ids false: STIX has no such flag, so a label says it, and a VM's address stops meaning
+            # anything once its lease is over: valid until it was last seen. A review: --include-local made plain
+            # detection indicators of addresses the site's VMs still use, and `intel import` took them as such)
+            indicator["labels"] = ["context-only"]
+            if item.local and item.last_seen is not None:
+                until = max(to_utc(item.last_seen), to_utc(item.first_seen or item.last_seen)) + dt.timedelta(
+                    milliseconds=1
+                )
+                indicator["valid_until"] = _stix_time(until)
+        objects.append(indicator)
         if item.first_seen is None:
             # nothing of it was seen here (a domain the input event named: tracepipe has no DNS data): no
             # observed-data, no sighting (one dated now, count 1, claimed an observation nobody made)
             continue
-        sco = {"type": kind, "spec_version": "2.1", "id": _sco_id(kind, item.value), "value": item.value}
+        sco = {
+            "type": kind,
+            "spec_version": "2.1",
+            "id": _sco_id(kind, item.value),
+            "value": item.value,
+            "object_marking_refs": marking,  # (an SCO imported alone keeps its TLP: a review)
+        }
         # one SCO per id (its value): an address shared with and without a port made two objects of one id
         if sco["id"] not in scos:
             scos.add(sco["id"])
             objects.append(sco)
-        observed_id = _stable_id("observed-data", pattern, first, last, item.count)
+        observed_id = _stable_id("observed-data", identity_id, pattern, first, last, item.count)
         objects.append(
             {
                 "type": "observed-data",
@@ -668,7 +767,7 @@ def stix_bundle(
             {
                 "type": "sighting",
                 "spec_version": "2.1",
-                "id": _stable_id("sighting", pattern, first, last, item.count),
+                "id": _stable_id("sighting", identity_id, pattern, first, last, item.count),
                 "created": created,
                 "modified": stamp,
                 "first_seen": first,
@@ -681,7 +780,7 @@ def stix_bundle(
                 "object_marking_refs": marking,
             }
         )
-    bundle_id = _stable_id("bundle", key)
+    bundle_id = _stable_id("bundle", identity_id, key)
     return {"type": "bundle", "id": bundle_id, "objects": objects}
 
 
@@ -698,9 +797,12 @@ def export(
     distribution: int = 0,
     info: str | None = None,
     push: str | None = None,
+    site: str | None = None,
+    force: bool = False,
 ) -> ShareResult:
     """`tracepipe export misp|stix SOURCE`: SOURCE is an incident package folder (or its trace.json), or a
-    file of alert ids (then `lake` is read). Writes `out` (replaced atomically) when given."""
+    file of alert ids (then `lake` is read). Writes `out` (replaced atomically) when given: an existing file only
+    with `force`. `site`: the producer's name (the STIX identity; with the findings, what ids derive from)."""
     from tracepipe.fsutil import write_atomic
 
     if fmt not in ("misp", "stix"):
@@ -709,6 +811,10 @@ def export(
         raise UsageError("--push sends MISP events only: use `tracepipe export misp ... --push URL`")
     if push:
         push_key(push)
+    tlp = tlp_level(tlp)
+    site = clean(site.strip()) if site and site.strip() else None
+    if out is not None and Path(out).exists() and not force:
+        raise UsageError(f"--out {out} exists; give --force to replace it")
     source = Path(source)
     notes: list[str] = []
     if source.is_dir() or source.name == "trace.json":
@@ -737,10 +843,20 @@ def export(
         notes.append(
             f"{left_out} local addresses (VMs, private ranges) left out (--include-local to share them)"
         )
+    findings = str(meta.get("findings") or "")
+    # the producer the ids derive from: the site's name, else its lake's own id (trace.json carries it), else
+    # this package alone (one of before site ids: its objects are its own)
+    site_id = meta.get("site_id")
+    producer = f"site|{site}" if site else f"lake|{site_id}" if site_id else f"package|{findings}"
+    if not site:
+        notes.append(
+            "no --site (or $TRACEPIPE_SITE): the producer is named 'tracepipe site'; name your site so that "
+            "receivers can tell your findings from others'"
+        )
     if fmt == "misp":
-        document = misp_event(kept, title, tlp, distribution)
+        document = misp_event(kept, title, tlp, distribution, findings=findings, producer=producer)
     else:
-        document = stix_bundle(kept, title, tlp)
+        document = stix_bundle(kept, title, tlp, findings=findings, producer=producer, site=site)
     result = ShareResult(fmt, document, len(kept), left_out, notes=notes)
     if out is not None:
         if lake is not None and Path(out).resolve().is_relative_to(lake.root.resolve()):

@@ -15,6 +15,7 @@ include_spread.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,6 +173,27 @@ FULL JOIN (SELECT obs, min(value, {MAX_LISTED}) AS ports
            FROM ({_distinct_per_obs("remote_port", "remote_port IS NOT NULL")}) GROUP BY obs) r USING (obs)
 """
 
+# How many of the cloud's VMs exchanged flows with each outside end a holder reached on its observation's port
+# (that end's own port), from a day (COMMON_SPAN) before the trace's span to a day after: the export shares such
+# an end as a C&C, and one that 20 VMs use on 443 is a service of the site's users, not one (a CSIRT review: four
+# such went out with to_ids; within a 10-minute window two of them met 1 and 3 VMs, over the day 25 and 29)
+COMMON_SPAN = dt.timedelta(days=1)
+_COMMON_SQL = f"""
+WITH wanted AS (
+    SELECT DISTINCT k.remote AS addr, k.remote_port AS port
+    FROM _question_flows k JOIN _questions x USING (q)
+    WHERE x.port IS NOT NULL AND len(x.holder_ids) > 0 AND k.remote_vm IS NULL AND k.remote_port = x.port),
+talk AS (
+    SELECT w.addr, w.port, f.src_vm AS vm FROM flows_attributed f JOIN wanted w
+      ON f.dst_addr = w.addr AND f.dst_port = w.port
+    WHERE {_FLOW_SCAN} AND f.src_vm IS NOT NULL
+    UNION ALL
+    SELECT w.addr, w.port, f.dst_vm FROM flows_attributed f JOIN wanted w
+      ON f.src_addr = w.addr AND f.src_port = w.port
+    WHERE {_FLOW_SCAN} AND f.dst_vm IS NOT NULL)
+SELECT addr AS address, port, count(DISTINCT vm) AS vms FROM talk GROUP BY addr, port ORDER BY addr, port
+"""
+
 # the cloud's VMs on the other end of the matching flows of addresses nobody in the cloud held then: they
 # contacted the observed address
 _CONTACTS_SQL = f"""
@@ -240,6 +262,9 @@ class TraceResult:
     source: str = ""
     rejects: list[dict[str, Any]] = field(default_factory=list)
     domains: list[dict[str, Any]] = field(default_factory=list)
+    destinations: list[dict[str, Any]] = field(default_factory=list)  # (address, port, vms: _COMMON_SQL)
+    package_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    site_id: str | None = None
     generated_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     seconds: float = 0.0
     package: dict[str, Any] = field(default_factory=dict)  # kind -> path of the written package files
@@ -276,6 +301,11 @@ class TraceResult:
             "vms": self.vms,
             "rejects": self.rejects,
             "domains": self.domains,
+            # (what the exports' ids derive from: a package's own, never another's, share.py)
+            "package_id": self.package_id,
+            "site_id": self.site_id,  # (the lake's: Lake.site_id)
+            # (outside ends reached on an observation's port: how many VMs of the cloud did, share.py)
+            "destinations": self.destinations,
             "seconds": round(self.seconds, 3),
             "package": {kind: clean(path) for kind, path in self.package.items()},
             "exit_code": self.exit_code,
@@ -391,6 +421,7 @@ def trace(
         source=observations.source,
         rejects=observations.rejects,
         domains=observations.domains,
+        site_id=lake.site_id(),
     )
     if obs.num_rows == 0:
         return result
@@ -426,6 +457,14 @@ def trace(
                    FROM _obs_stats)""",
             {"total": max_evidence, "per_obs": max_evidence_per_obs},
         ).fetchall()
+        wide = {  # (how common a destination is: the day before the trace's span to the day after)
+            "first_day": (span_start - COMMON_SPAN - MAX_FLOW_DURATION).date(),
+            "last_day": (span_end + COMMON_SPAN).date(),
+            "flows_from": span_start - COMMON_SPAN - MAX_FLOW_DURATION,
+            "span_start": span_start - COMMON_SPAN,
+            "span_end": span_end + COMMON_SPAN,
+        }
+        result.destinations = _rows(con.execute(_COMMON_SQL, wide))
         evidence = _arrow(
             con.sql(
                 _EVIDENCE_SQL,
