@@ -1111,3 +1111,34 @@ def test_local_addresses_in_stix_are_context_until_their_lease_ended_and_tlp_is_
     assert imported.returncode == 0, imported.stderr
     kept = Lake(tmp_path / "intel").read("intel").column("indicator").to_pylist()
     assert kept and not {o["name"].split(" ")[0] for o in local} & set(kept)
+
+
+def test_times_the_lake_has_no_records_of_are_said_so_not_answered_nobody(
+    story_lake: Path, tmp_path: Path
+) -> None:
+    """A CSIRT review: `who` and `trace` answered "nobody held" for a day before the lake's first lifecycle
+    record, and "the exporters may not see this path" for a time after its last flow: both are facts the lake
+    does not have. Said now, from the log's statistics; within the records, answers are as before."""
+    before = run_in_process("who", "10.20.1.31", "--at", "2025-06-16T08:05:00Z", "--lake", str(story_lake))
+    assert before.returncode == 0 and "no VM on record held" in before.stdout
+    assert "lifecycle records begin 2025-06-17 04:00:00 UTC" in before.stderr + before.stdout
+    answer = json.loads(
+        run_in_process(
+            "who", "10.20.1.31", "--at", "2025-06-16T08:05:00Z", "--format", "json", "--lake", str(story_lake)
+        ).stdout
+    )
+    assert any("lifecycle records begin" in n for n in answer["notes"])
+    assert any("no flows of this time" in n for n in answer["notes"])
+    inside = json.loads(
+        run_in_process(
+            "who", "10.20.1.31", "--at", "2025-06-17T08:05:00Z", "--format", "json", "--lake", str(story_lake)
+        ).stdout
+    )
+    assert inside["held"] and inside["notes"] == []
+    ticket = tmp_path / "o.csv"
+    ticket.write_text("address,time\n10.20.1.31,2025-06-18T08:05:00Z\n10.20.1.31,2025-06-16T08:05:00Z\n")
+    run = run_in_process("trace", str(ticket), "--format", "json", "--lake", str(story_lake))
+    later, earlier = json.loads(run.stdout)["observations"]
+    assert any("no flows of this time" in n for n in later["ambiguities"])
+    assert any("lifecycle records begin" in n for n in earlier["ambiguities"])
+    assert not any("no VM held this address then" in n for n in earlier["ambiguities"])

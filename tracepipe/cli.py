@@ -855,7 +855,8 @@ def who_command(
 def _print_who(p: Printer, answer: Any) -> None:
     at_text = f"{answer.at:%Y-%m-%d %H:%M:%S} UTC"
     if not answer.held:
-        p.line(f"nobody held {answer.addr} at {at_text}")
+        unknown = any("lifecycle records" in note for note in answer.notes)  # (query.lifecycle_note)
+        p.line(f"{'no VM on record' if unknown else 'nobody'} held {answer.addr} at {at_text}")
         for lease, label in ((answer.previous_lease, "before"), (answer.next_lease, "after")):
             if lease:
                 p.line(
@@ -897,6 +898,8 @@ def _print_who(p: Printer, answer: Any) -> None:
     )
     p.records(flows["top_peers"], "top peers", ["peer", "flows", "bytes"])
     p.records(flows["top_ports"], "top destination ports", ["proto", "port", "flows", "bytes"])
+    for note in answer.notes:
+        p.note((note, "yellow"))
 
 
 @app.command("timeline")

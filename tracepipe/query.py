@@ -32,7 +32,7 @@ from tracepipe.errors import EXIT_OK, LakeError, TracepipeError, UsageError
 from tracepipe.lake import MANIFEST_DIR, PARTITION, FileEntry, Lake, have_null_counts, regular_files
 from tracepipe.limits import MAX_FLOW_DURATION
 from tracepipe.schema import DATASETS
-from tracepipe.units import parse_addr, parse_duration, parse_time  # noqa: F401 (re-exported)
+from tracepipe.units import parse_addr, parse_duration, parse_time, to_utc  # noqa: F401 (re-exported)
 
 # Statement types `tracepipe sql` runs; everything else (COPY, CREATE, INSERT, DELETE, UPDATE, ATTACH, SET,
 # LOAD, EXPORT, PRAGMA, CALL, ...) is refused before it reaches DuckDB.
@@ -903,6 +903,7 @@ class WhoAnswer:
     next_lease: dict[str, Any] | None = None
     flows: dict[str, Any] = field(default_factory=dict)
     exit_code: int = EXIT_OK
+    notes: list[str] = field(default_factory=list)  # (what the lake cannot say of that time: coverage_notes)
 
     @property
     def held(self) -> bool:
@@ -918,8 +919,57 @@ class WhoAnswer:
             "previous_lease": self.previous_lease,
             "next_lease": self.next_lease,
             "flows": self.flows,
+            "notes": self.notes,
             "exit_code": self.exit_code,
         }
+
+
+def coverage(lake: Lake) -> dict[str, dt.datetime | None]:
+    """The time the lake's records cover, from the log's file statistics (no data read): the first lifecycle
+    event (`events_from`: before it, who held an address is not known, however "nobody" it looks) and the
+    first and last flow (`flows_from`, `flows_to`). None where a table is empty or its statistics are missing."""
+
+    def bound(name: str, column: str, pick: Any) -> dt.datetime | None:
+        stats = (
+            [(e.mins if pick is min else e.maxs).get(column) for e in lake.entries(name) if e.rows]
+            if lake.table(name) is not None
+            else []
+        )
+        values = [to_utc(v) for v in stats if isinstance(v, dt.datetime)]
+        return pick(values) if values else None
+
+    return {
+        "events_from": bound("vm_events", "ts", min),
+        "flows_from": bound("flows", "ts_start", min),
+        "flows_to": bound("flows", "ts_end", max),
+    }
+
+
+def lifecycle_note(covered: dict[str, dt.datetime | None], start: dt.datetime) -> str | None:
+    """What the lake cannot say of who held an address at `start` (coverage): before its lifecycle records
+    begin, "nobody" is not known (a CSIRT review: "nobody held" was said of a day the lake knew nothing of)."""
+    events_from = covered.get("events_from")
+    if events_from is None:
+        return "the lake holds no VM lifecycle records: who held the address is not known"
+    if start < events_from:
+        return (
+            f"the lake's VM lifecycle records begin {events_from:%Y-%m-%d %H:%M:%S} UTC: who held the address "
+            "before then is not known (no record is not nobody)"
+        )
+    return None
+
+
+def flows_note(covered: dict[str, dt.datetime | None], start: dt.datetime, end: dt.datetime) -> str | None:
+    """What the lake cannot say of the flows of [start, end] (coverage): none were ingested for that time."""
+    flows_from, flows_to = covered.get("flows_from"), covered.get("flows_to")
+    if flows_from is None or flows_to is None:
+        return "the lake holds no flows"
+    if end < flows_from or start > flows_to:
+        return (
+            f"the lake holds no flows of this time: its flows span {flows_from:%Y-%m-%d %H:%M} - "
+            f"{flows_to:%Y-%m-%d %H:%M} UTC"
+        )
+    return None
 
 
 def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timedelta(hours=1)) -> WhoAnswer:
@@ -959,6 +1009,11 @@ def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timede
             if after:
                 stop = min(stop, after[0]["valid_from"])
         flows = flow_summary(con, addr, start, stop, since=held_from)
+    covered = coverage(lake)
+    # (a lease found: the records say who; else whether they reach back to `at` at all)
+    notes = [
+        n for n in (None if leases else lifecycle_note(covered, at), flows_note(covered, start, stop)) if n
+    ]
     return WhoAnswer(
         addr=addr,
         at=at,
@@ -967,6 +1022,7 @@ def who(lake: Lake, addr: str, at: dt.datetime, window: dt.timedelta = dt.timede
         previous_lease=before[0] if before else None,
         next_lease=after[0] if after else None,
         flows=flows,
+        notes=notes,
     )
 
 

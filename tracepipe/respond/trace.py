@@ -27,7 +27,7 @@ from tracepipe.lake import Lake
 from tracepipe.limits import MAX_FLOW_DURATION
 from tracepipe.maintenance import version_token
 from tracepipe.printer import clean
-from tracepipe.query import FLOW_END, after_reclaim, connect, vm_now
+from tracepipe.query import FLOW_END, after_reclaim, connect, coverage, flows_note, lifecycle_note, vm_now
 from tracepipe.report.html import SERVICE_PORT
 from tracepipe.respond.observations import Observations
 
@@ -491,6 +491,7 @@ def trace(
         evidence = _privacy_filter(evidence, {v["vm_id"] for v in vms}, include_spread)
     finally:
         con.close()
+    covered = coverage(lake)
     by_obs: dict[int, list[dict[str, Any]]] = {}
     for holder in holders:
         by_obs.setdefault(holder["obs"], []).append(holder)
@@ -512,6 +513,15 @@ def trace(
             "ports": stats.get("ports") or [],
         }
         answer["ambiguities"] = _ambiguities(answer, facts[number], answer["matching_flows"])
+        # (what the lake cannot say of that time: before its lifecycle records, outside its flows)
+        known = lifecycle_note(covered, answer["window_start"]) if not answer["holders"] else None
+        unseen = flows_note(covered, answer["window_start"], answer["window_end"])
+        if known:  # (not "no VM held it": none is on record, and the records do not reach back that far)
+            answer["ambiguities"] = [
+                a.replace("no holder: no VM held this address then", "no holder on record")
+                for a in answer["ambiguities"]
+            ]
+        answer["ambiguities"] += [n for n in (known, unseen) if n]
         result.observations.append(answer)
     result.vms = vms
     result.evidence = evidence
