@@ -1142,3 +1142,39 @@ def test_times_the_lake_has_no_records_of_are_said_so_not_answered_nobody(
     assert any("no flows of this time" in n for n in later["ambiguities"])
     assert any("lifecycle records begin" in n for n in earlier["ambiguities"])
     assert not any("no VM held this address then" in n for n in earlier["ambiguities"])
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "expected", "reasons"),
+    [
+        # a list without a header line: its first observation was taken for the header and lost
+        ("headerless.csv", b"10.20.1.31,2025-06-17T08:05:00Z\n10.20.1.19:443,2025-06-17T07:00:00Z\n",
+         [("10.20.1.31", None, "08:05"), ("10.20.1.19", 443, "07:00")], []),
+        # MISP's CSV export: its value column, and never its timestamp (when the attribute was edited)
+        ("misp.csv",
+         b"uuid,event_id,category,type,value,comment,to_ids,timestamp,first_seen,last_seen\n"
+         b"5f0e,1,Network activity,ip-src,10.20.1.31,,1,1750158000,2025-06-17T08:00:00Z,\n"
+         b"5f0f,1,Network activity,ip-dst|port,192.0.2.77|443,,1,1750158000,,\n"
+         b"5f10,1,Payload delivery,md5,d41d8cd98f00b204e9800998ecf8427e,,1,1750158000,,\n",
+         [("10.20.1.31", None, "08:00")], ["no time"]),
+        # a date column and a time-of-day column; host prefixes; a network is no host
+        ("split.csv",
+         b"address,date,time\n10.20.1.31/32,2025-06-17,08:05:00\n2001:db8:20:1::1f/128,2025-06-17,08:05\n"
+         b"10.20.1.0/24,2025-06-17,08:05\n",
+         [("10.20.1.31", None, "08:05"), ("2001:db8:20:1::1f", None, "08:05")], ["address is a network prefix"]),
+        # Excel's "Unicode Text" / PowerShell 5: UTF-16 with its byte-order mark
+        ("utf16.csv", "address,time\r\n10.20.1.31,2025-06-17T08:05:00Z\r\n".encode("utf-16"),
+         [("10.20.1.31", None, "08:05")], []),
+    ],
+)  # fmt: skip
+def test_observation_lists_as_csirts_send_them(tmp_path: Path, name, data, expected, reasons) -> None:
+    """A CSIRT review: these were rejected or misread (see each case)."""
+    (tmp_path / name).write_bytes(data)
+    observations = read_observations(tmp_path / name)
+    got = [(r["address"], r["port"], f"{r['start']:%H:%M}") for r in observations.table.to_pylist()]
+    assert got == expected
+    assert [
+        r["reason"][: len(want)] for r, want in zip(observations.rejects, reasons, strict=True)
+    ] == reasons
+    for reject in observations.rejects:  # (a row's detail is JSON a script can read, not a Python repr)
+        assert isinstance(json.loads(reject["detail"]), dict)

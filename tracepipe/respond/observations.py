@@ -54,6 +54,10 @@ _ALIASES = {
     "end": ("end", "to", "last_seen", "until", "end_time"),
 }  # fmt: skip
 _ALERT_ID = re.compile(r"[0-9a-f]{12,64}")
+_CLOCK = re.compile(
+    r"[0-2]?[0-9]:[0-5][0-9](?::[0-5][0-9](?:\.[0-9]+)?)?(?:\s*(?:Z|UTC|GMT|[+-][0-9]{2}:?[0-9]{2}))?",
+    re.IGNORECASE,
+)  # a time of day alone (08:05, 08:05:00.5, 08:05 UTC)
 
 
 @dataclass
@@ -66,10 +70,16 @@ class Observations:
 
 
 def _address(text: Any) -> str | None:
+    """A cell's address, canonical; a host prefix (10.0.0.1/32, 2001:db8::1/128, as MISP and firewalls write a
+    host) is the host. None when it is no address (another prefix is a network, not one host)."""
     if text is None:
         return None
+    value = str(text).strip()
+    host, slash, bits = value.partition("/")
+    if slash and bits in ("32", "128"):
+        value = host if (bits == "32") == ("." in host and ":" not in host) else value
     try:
-        return canonical_addr(str(text))
+        return canonical_addr(value)
     except ValueError:
         return None
 
@@ -130,6 +140,8 @@ def _record_row(record: dict[str, Any], ref: str) -> dict[str, Any] | str:
     address, cell_port = _address_and_port(_pick(record, "address"))
     if address is None:
         given = _pick(record, "address")
+        if given is not None and "/" in str(given):
+            return "address is a network prefix, not one host: give the host (a /32 or /128 is one)"
         return "no address column" if given is None else "address is not an IPv4/IPv6 address"
     port = _port(_pick(record, "port"))
     if isinstance(port, str):
@@ -144,6 +156,9 @@ def _record_row(record: dict[str, Any], ref: str) -> dict[str, Any] | str:
         if port is None and named is not None:
             port = named
     at = _pick(record, "time")
+    day = {_header_name(k): v for k, v in record.items() if k is not None}.get("date")
+    if isinstance(at, str) and _CLOCK.fullmatch(at.strip()) and day not in (None, "") and day != at:
+        at = f"{str(day).strip()} {at.strip()}"  # (a date column and a time-of-day column: a spreadsheet's)
     # a date alone is its whole day, as a MISP event's date is (_event_range)
     starts, ends = to_utc_range(_pick(record, "start") or at), to_utc_range(_pick(record, "end") or at)
     if starts is None and ends is None:
@@ -165,7 +180,13 @@ def _record_row(record: dict[str, Any], ref: str) -> dict[str, Any] | str:
 
 
 def _reject(ref: str, reason: str, detail: Any = "") -> dict[str, Any]:
-    return {"ref": ref, "reason": reason, "detail": str(detail)[:300]}
+    """A reject; its detail (the row as read) as JSON text when it is a record, for a script to parse (it was a
+    Python repr)."""
+    if isinstance(detail, dict | list):
+        text = json.dumps(detail, ensure_ascii=False, default=str)
+    else:
+        text = str(detail)
+    return {"ref": ref, "reason": reason, "detail": text[:300]}
 
 
 class _Kept:
@@ -197,6 +218,7 @@ def parse_csv(text: str) -> tuple[list[dict], list[dict], list[dict]]:
     read, as for MISP CSV. Cells past the header's are ignored (an unquoted comma in a comment)."""
     kept = _Kept()
     header: list[str] | None = None
+    misp = False
     for line in csv_lines(text, delimiter=_delimiter(text)):
         if kept.full:
             break
@@ -205,14 +227,77 @@ def parse_csv(text: str) -> tuple[list[dict], list[dict], list[dict]]:
             continue  # a comment line (a ticket's notes above the list or between its rows)
         if line.problem:
             kept.add(line.problem, ref, line.detail)
-        elif header is None:
-            header = line.cells
+            continue
+        if header is None:
+            header = _positional_header(line.cells)
+            if header is None:  # (a header line)
+                header = line.cells
+                misp = _is_misp_csv(header)
+                continue
+        if misp:
+            record = dict(zip(header, line.cells, strict=False))
+            result = _misp_csv_record(record)
+            if result is not None:
+                kept.add(_record_row(result, ref) if isinstance(result, dict) else result, ref, record)
         else:
             # a cell's trailing `# comment` ("2025-06-17T08:05Z # from the abuse mail") is not part of it
             cells = [cell.split("#", 1)[0].strip() for cell in line.cells]
             record = dict(zip(header, cells, strict=False))
             kept.add(_record_row(record, ref), ref, dict(zip(header, line.cells, strict=False)))
     return kept.rows, kept.rejects, []
+
+
+def _positional_header(cells: list[str]) -> list[str] | None:
+    """Names for the columns of a list without a header line, from its first line (None when it is a header):
+    the first address is the address, a second one the peer, the first time the time, a number the port (a
+    CSIRT review: the first observation of such a list was taken for the header and lost, and the error named
+    line 2)."""
+    names: list[str] = []
+    for cell in cells:
+        text = cell.split("#", 1)[0].strip()
+        if _address_and_port(text)[0] is not None and "address" not in names:
+            names.append("address")
+        elif _address_and_port(text)[0] is not None and "peer" not in names:
+            names.append("peer")
+        elif to_utc_range(text) is not None and "time" not in names:
+            names.append("time")
+        elif text.isascii() and text.isdigit() and "port" not in names and isinstance(_port(text), int):
+            names.append("port")
+        else:
+            names.append(f"_{len(names)}")
+    return names if "address" in names and "time" in names else None
+
+
+# MISP's CSV export (uuid,event_id,category,type,value,...): its attributes, as a MISP JSON event's are read
+_MISP_CSV = {"type", "value", "category"}
+
+
+def _is_misp_csv(header: list[str]) -> bool:
+    return _MISP_CSV <= {_header_name(h) for h in header}
+
+
+def _misp_csv_record(record: dict[str, Any]) -> dict[str, Any] | str | None:
+    """A MISP CSV row -> a record for _record_row (address, port, start, end), a reject reason, or None for a
+    type a flow lake cannot trace. Its `timestamp` is when the attribute was edited, never the time (parse_misp):
+    first_seen / last_seen, else the row's `date` (the event's), else a reject."""
+    fields = {_header_name(k): v for k, v in record.items() if k is not None}
+    kind, value = str(fields.get("type") or "").strip(), str(fields.get("value") or "").strip()
+    if kind not in ADDRESS_TYPES:
+        return None
+    address, _, port = value.partition("|")
+    first, last = fields.get("first_seen") or None, fields.get("last_seen") or None
+    when = first or last or fields.get("date") or fields.get("event_date") or None
+    if when is None:
+        return (
+            "no time: the row has no first_seen, last_seen or date (MISP's `timestamp` is when the attribute was "
+            "last edited, not when the address was seen)"
+        )
+    return {
+        "address": address,
+        "port": port if "|" in kind else None,
+        "start": first or last or when,
+        "end": last or first or when,
+    }
 
 
 def _delimiter(text: str) -> str:
@@ -420,7 +505,11 @@ def read_observations(path: Path | str, fmt: str = "auto", lake: Lake | None = N
             raise InputError(f"{path} is larger than {MAX_INPUT_BYTES >> 20} MiB: split the observation list")
         # utf-8-sig: the byte-order mark that Excel's "CSV UTF-8", PowerShell and Notepad write (it made the
         # header `\ufeffaddress`: every row rejected; and hid a JSON document from the sniff: nothing at all)
-        text = path.read_text(encoding="utf-8-sig", errors="replace")
+        data = path.read_bytes()
+        # UTF-16 with its byte-order mark: Excel's "Unicode Text" and Windows PowerShell 5's `>` (read as UTF-8
+        # it was every other byte a NUL: each line a reject, named at the wrong line)
+        utf16 = data.startswith((b"\xff\xfe", b"\xfe\xff"))
+        text = data.decode("utf-16" if utf16 else "utf-8-sig", errors="replace")
     except OSError as exc:
         raise InputError(
             f"cannot read {path}: {exc.strerror}. Give a CSV/JSON observation list, a MISP event or alert ids."
