@@ -3176,9 +3176,10 @@ def _commit_locked(
 
 class SourceBatch:
     """Sources of one dataset landed by one run, committed together (commit_sources) every `max_sources`
-    sources or once they hold `max_rows` rows and rejects, and at the end (use as a context manager: an error
-    aborts the sources not committed yet). A relay's folder of a syslog file per VM paid two commits, their
-    fsyncs and a compaction check per file: 200 files of 500 lines took 13.3 s, 1.4 s as one file."""
+    sources or once they hold `max_rows` rows and rejects, and at the end (use as a context manager: an error in
+    the caller's loop still commits the sources taken before it, an interrupt aborts them). A relay's folder of a
+    syslog file per VM paid two commits, their fsyncs and a compaction check per file: 200 files of 500 lines
+    took 13.9 s (1.4 s as one file), 6.2 s in batches."""
 
     def __init__(self, lake: Lake, max_sources: int = 64, max_rows: int = ROW_GROUP_ROWS) -> None:
         self.lake = lake
