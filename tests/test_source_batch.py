@@ -284,3 +284,23 @@ def test_rows_whose_committer_is_at_work_get_no_recovered_manifest_row_beside_it
     assert len(Lake(lake.root).manifest()) == 0
     assert Lake(lake.root).already_ingested("vm_logs", content)  # (free: the stopped run's row is written)
     assert len(Lake(lake.root).manifest()) == 1
+
+
+def test_a_commit_that_finds_its_source_landed_without_a_manifest_row_writes_that_row(tmp_path, monkeypatch):
+    """The collector's committer checks a segment at its commit, under the ingest lock: a segment whose committer
+    was killed between its rows and its manifest row gets its 'recovered' row there (without it, compaction and
+    re-attribution leave the segment's files alone for good: flows stayed without their VM)."""
+    from tracepipe.lake import hash_file
+
+    folder = _logs(tmp_path / "relay", 1)
+    lake = Lake(tmp_path / "lake")
+    with monkeypatch.context() as stopped:
+        stopped.setattr(
+            Lake, "_write_manifest_rows", lambda self, rows: (_ for _ in ()).throw(KeyboardInterrupt())
+        )
+        with pytest.raises(KeyboardInterrupt):
+            ingest_syslog_files(lake, [folder], year=2024)
+    content = hash_file(folder / "vm-0000.log")
+    with Lake(lake.root).ingest("vm_logs", str(folder / "vm-0000.log"), content) as writer:
+        assert writer.commit({}).skipped
+    assert Lake(lake.root).manifest().column("content_hash").to_pylist() == [content]

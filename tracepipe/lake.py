@@ -1577,11 +1577,12 @@ class Lake:
         return pa.concat_tables(read_parquet_files(paths, wanted))
 
     # ---- manifest ----------------------------------------------------------------------------------------
-    def already_ingested(self, dataset: str, content_hash: str) -> bool:
+    def already_ingested(self, dataset: str, content_hash: str, holding: bool = False) -> bool:
         """True when a source with this content was committed to `dataset`: its manifest row (read once per
         manifest version), or, for a run killed between its rows' commit and its manifest row, its data files
         in the table (named after the content hash; compaction leaves such files alone until the manifest
-        row exists). Such a row is then written, marked recovered."""
+        row exists). Such a row is then written, marked recovered: under the dataset's ingest lock, which
+        `holding` says the caller holds already (commit_sources)."""
         if self._manifest_cache is not None:  # (read whole already: a collector, or a compaction of this run)
             if (dataset, content_hash) in self._manifest_keys():
                 return True
@@ -1594,7 +1595,11 @@ class Lake:
             # under the dataset's ingest lock, and only when it is free: rows whose committer holds it are
             # between their commit and their manifest row right now, and it writes that row itself (a review:
             # two ingests at once wrote a recovered row and then the committer's own, 3-7 extra rows a run)
-            with self.lock(f"ingest-{dataset}", wait=False) as free:
+            with (
+                contextlib.nullcontext(True)
+                if holding
+                else self.lock(f"ingest-{dataset}", wait=False) as free
+            ):
                 if free:
                     self.catch_up(MANIFEST_DIR)
                     if not self._manifest_has(dataset, content_hash):
@@ -3110,7 +3115,9 @@ def _commit_locked(
     landing: list[tuple[IngestWriter, dict[str, Any], list[AddAction]]] = []
     hashes: set[str] = set()
     for writer, stats in items:
-        if writer.content_hash in hashes or lake.already_ingested(dataset.name, writer.content_hash):
+        if writer.content_hash in hashes or lake.already_ingested(
+            dataset.name, writer.content_hash, holding=True
+        ):
             writer.abort()
             writer._committed = True
             writer.result.skipped = True
