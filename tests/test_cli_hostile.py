@@ -831,3 +831,43 @@ def test_the_machines_part_in_a_failure_is_said_plainly_with_exit_4(tmp_path, mo
     assert run.returncode == 4, (run.stdout, run.stderr)
     assert said in run.stderr and "Traceback" not in run.stderr
     assert failure == "panic" or "internal error" not in run.stderr
+
+
+def test_a_file_whose_name_is_not_utf8_in_a_drop_folder_is_said_and_the_others_land(tmp_path):
+    """A relay that names its files after what a VM sent as its hostname can write a name of any bytes: such a
+    file made every run of `ingest netflow` / `ingest syslog` / `ingest vm` over the folder an internal error
+    (UnicodeEncodeError, exit 4), so nothing of the folder landed any more. It is now named as not read, and the
+    others land (exit 3)."""
+    import os
+
+    from tests.conftest import run_in_process
+
+    flows, logs = tmp_path / "flows", tmp_path / "logs"
+    flows.mkdir()
+    logs.mkdir()
+    header = "ts,te,td,sa,da,sp,dp,pr,flg,fwd,stos,ipkt,ibyt,in,out,ra\n"
+    row = "2024-03-12 10:00:0{0},2024-03-12 10:00:09,1.0,10.0.0.{0},192.0.2.1,1000,443,TCP,......S.,0,0,1,60,0,0,127.0.0.1\n"
+    (flows / "good.csv").write_text(header + row.format(1))
+    with open(os.fsencode(flows) + b"/evil\xff\xfe.csv", "w") as handle:
+        handle.write(header + row.format(2))
+    line = "Mar 12 10:00:0{0} vm-{0} sshd[1]: Failed password for root from 203.0.113.5 port 4 ssh2\n"
+    (logs / "good.log").write_text(line.format(1))
+    with open(os.fsencode(logs) + b"/vm-\xff.log", "w") as handle:
+        handle.write(line.format(2))
+    events = tmp_path / "events"
+    events.mkdir()
+    story = Path(__file__).resolve().parent.parent / "sample_data" / "story" / "nova" / "notifications.jsonl"
+    first, second = story.read_text().splitlines()[:2]
+    (events / "good.jsonl").write_text(first + "\n")
+    with open(os.fsencode(events) + b"/n-\xff.jsonl", "w") as handle:
+        handle.write(second + "\n")
+    lake = str(tmp_path / "lake")
+    for args, dataset in (
+        (["netflow", str(flows), "--jobs", "1"], "flows"),
+        (["syslog", str(logs), "--year", "2024"], "vm_logs"),
+        (["vm", str(events)], "vm_events"),
+    ):
+        run = run_in_process("ingest", *args, "--lake", lake)
+        assert run.returncode == 3 and "not UTF-8" in run.stdout + run.stderr, (args, run.stderr[-800:])
+        if dataset:
+            assert Lake(lake).read(dataset).num_rows == 1

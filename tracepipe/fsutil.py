@@ -136,6 +136,23 @@ _KINDS = (
 )
 
 
+NOT_UTF8 = (
+    "its name is not UTF-8 (bytes a source's name in the lake cannot hold, such as a relay's file named after a "
+    "hostname a VM sent): rename it to land it"
+)
+
+
+def utf8_name(path: Path | str) -> bool:
+    """Whether a path's name is text the lake can hold as a source (UTF-8): a name of other bytes (a relay's
+    file named after what a VM sent as its hostname) made every later run of `ingest` an internal error (a
+    UnicodeEncodeError on the first Arrow column it reached), so the whole drop folder stopped landing."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def file_identity(info: os.stat_result) -> list[int]:
     """What tells one file as it is on disk from any other or a changed one, never its name: device, inode,
     size, mtime and ctime (what changes when its bytes do; ctime cannot be set back by its writer)."""

@@ -819,11 +819,7 @@ def _may_hold(low: Any, high: Any, value: str) -> bool:
     """Whether text statistics [low, high] may hold `value` (missing or of another type: they may). A statistic
     cut short is a prefix of the value: below the minimum, or above the maximum without starting with it, is
     outside either way."""
-    if isinstance(low, bytes) and isinstance(high, bytes):  # (statistics of a file without its text type)
-        low, high = low.decode("utf-8", "replace"), high.decode("utf-8", "replace")
-    if not (isinstance(low, str) and isinstance(high, str)):
-        return True
-    return not (value < low or (value > high and not value.startswith(high)))
+    return _may_span(low, high, value, value)
 
 
 OUTSIDE = "the log names a path outside the table (a planted entry)"

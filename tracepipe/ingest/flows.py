@@ -64,6 +64,7 @@ from tracepipe.ingest.pcap import HEAD_BYTES, PCAP_MAGIC, PCAPNG_SHB, UdpBatch, 
 from tracepipe.ingest.zeek import GZIP_MAGIC, iter_conn_log, other_log, zeek_head, zeek_kind
 from tracepipe.lake import FILE_IDENTITY, ROW_GROUP_ROWS, IngestWriter, Lake, hash_file
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
+from tracepipe.printer import clean
 from tracepipe.senders import OTHERS_TEXT, AllowList
 
 Progress = Callable[[int], None]  # called with the number of input bytes just consumed
@@ -357,7 +358,11 @@ def _ingest_files(
             kinds[path] = _kind_or_none(path)
         return kinds[path]
 
-    files = [p for p in expand_paths(paths, unreadable) if p in given or kind_of(p) in (*accept, None)]
+    listed = expand_paths(paths, unreadable)
+    for path in (p for p in listed if not fsutil.utf8_name(p)):  # (said and passed over, the others land)
+        summary.files.append(FileResult(clean(str(path)), "", "rejected", message=fsutil.NOT_UTF8))
+    listed = [p for p in listed if fsutil.utf8_name(p)]
+    files = [p for p in listed if p in given or kind_of(p) in (*accept, None)]
     for exc in unreadable:  # (a folder under a given one that cannot be listed was passed over in silence)
         message = f"is a folder that cannot be read: {exc.strerror or exc}"
         summary.files.append(FileResult(str(exc.filename), "directory", "missing", message=message))

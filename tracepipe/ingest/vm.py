@@ -35,6 +35,7 @@ from tracepipe.lake import (
 )
 from tracepipe.limits import DEFAULT as DEFAULT_LIMITS
 from tracepipe.limits import LineBlock, iter_line_blocks, read_text_bounded, too_long_rejects
+from tracepipe.printer import clean
 from tracepipe.units import time_zone
 
 Progress = Callable[[str], None]
@@ -192,7 +193,7 @@ def ingest_vm_files(
     report = VmIngestReport()
     unnamed = {p: input_problem(p) for p in paths if p not in named and not p.is_dir()}
     report.not_read += [(str(p.absolute()), why) for p, why in unnamed.items() if why is not None]
-    files = expand_paths([p for p in paths if unnamed.get(p) is None], report.not_read)
+    files = _utf8_named(expand_paths([p for p in paths if unnamed.get(p) is None], report.not_read), report)
     pairs, consumed = _opennebula_pairs(files) if fmt in ("auto", "opennebula") else ([], set())
     partners = dict(pairs)
     # keys of the events in the lake: a grown or re-sent file adds only news. An event lands in the partition
@@ -317,6 +318,14 @@ def _land_vm_source(
             **({FILE_IDENTITY: fsutil.file_identity(info)} if info is not None and partner is None else {}),
         },
     )
+
+
+def _utf8_named(files: list[Path], report: VmIngestReport) -> list[Path]:
+    """The files whose names the lake can hold (fsutil.utf8_name); the others in report.not_read."""
+    for path in files:
+        if not fsutil.utf8_name(path):
+            report.not_read.append((clean(str(path.absolute())), fsutil.NOT_UTF8))
+    return [path for path in files if fsutil.utf8_name(path)]
 
 
 def _days_of(results: list[IngestResult], dataset: str) -> list[str]:
@@ -472,7 +481,7 @@ def ingest_syslog_files(
     what sets each line's vm_id as it lands (correlate.attribution.log_attributor; else vm_id null until then)."""
     time_zone(tz)
     report = VmIngestReport()
-    files = expand_paths(paths, report.not_read)
+    files = _utf8_named(expand_paths(paths, report.not_read), report)
     # (a rerun over a big folder: the manifest rows of its files read in one pass, Lake.know_sources)
     lake.know_sources("vm_logs", [str(path.absolute()) for path in files])
     # (sources committed together: SourceBatch; a relay's folder holds a file per VM). One run at a time: two
