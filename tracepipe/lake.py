@@ -3203,11 +3203,11 @@ class SourceBatch:
             try:
                 self.flush()
             except BaseException:
-                self._abort()
+                self.abort()
                 if exc_type is None:
                     raise
         else:  # (interrupted, killed: nothing more is committed)
-            self._abort()
+            self.abort()
 
     def pending(self, source: str, content_hash: str) -> bool:
         """Whether this path, or this content, waits in the batch. The caller flushes first: a path read again
@@ -3236,7 +3236,8 @@ class SourceBatch:
         self._sources.clear()
         commit_sources(self.lake, items)
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
+        """Remove the files of the sources not committed yet (an interrupt: nothing more is committed)."""
         items, self._items, self._rows = self._items, [], 0
         self._hashes.clear()
         self._sources.clear()
