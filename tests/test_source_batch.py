@@ -337,3 +337,24 @@ def test_small_flow_files_land_in_a_few_commits_and_each_once(tmp_path, monkeypa
     again = ingest_flow_files(Lake(lake.root), [more / "flows"], jobs=1)
     assert {f.status for f in again.files} == {"skipped"}
     assert Lake(lake.root).read("flows").num_rows == 80
+
+
+def test_a_batched_file_another_command_landed_first_counts_in_no_total(tmp_path, monkeypatch):
+    """A review: a file of a batch that another `ingest` landed first (skipped at the commit) still counted in
+    the summary's per-exporter flows (exporters 496 against 280 flows landed, the lake's rows elsewhere)."""
+    from tests.test_ingest_hash_overlap import _drop_folder
+    from tracepipe.ingest.flows import ingest_flow_files
+    from tracepipe.lake import hash_file
+
+    _drop_folder(tmp_path / "drop", 6)
+    raced = hash_file(tmp_path / "drop" / "flows" / "nfcapd.00002.csv")
+    real = Lake.already_ingested
+
+    def landed_by_another(self, dataset, content_hash, holding=False):
+        return (holding and content_hash == raced) or real(self, dataset, content_hash, holding)
+
+    monkeypatch.setattr(Lake, "already_ingested", landed_by_another)
+    summary = ingest_flow_files(Lake(tmp_path / "lake"), [tmp_path / "drop" / "flows"], jobs=1)
+    statuses = {Path(f.path).name: f.status for f in summary.files}
+    assert statuses.pop("nfcapd.00002.csv") == "skipped" and set(statuses.values()) == {"landed"}
+    assert summary.flows == 5 == sum(e["flows"] for e in summary.exporters.values())

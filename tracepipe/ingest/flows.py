@@ -409,12 +409,10 @@ def _ingest_files(
                 summary.files.append(
                     _ingest_one(lake, path, state, summary, progress, accept, parallel, allow, tz, batching)
                 )
-            except (
-                OSError,
-                LakeError,
-            ) as exc:  # the lake side: a folder or file that cannot be written, a lock
-                # (the files before landed: they are listed, with this one failed, so that a script reading the
-                # summary knows what to run again; a full disk made the run end with no summary at all, exit 4)
+            except (OSError, LakeError) as exc:
+                # the lake side: a folder or file that cannot be written, a lock (the files before landed: they
+                # are listed, with this one failed, so that a script reading the summary knows what to run again;
+                # a full disk made the run end with no summary at all, exit 4)
                 summary.error = summary.error or _write_error(exc, path, lake)
                 summary.files.append(
                     FileResult(str(path), "", "failed", message="the lake could not be written")
@@ -447,22 +445,22 @@ class _Batching:
     """A run's SourceBatch of small non-capture files, and the results waiting for its commits."""
 
     batch: SourceBatch
-    pending: list[tuple[FileResult, IngestResult]] = field(default_factory=list)
+    # (each file's result, what its commit made of it, its exporters' counts)
+    pending: list[tuple[FileResult, IngestResult, dict[str, dict[str, Any]]]] = field(default_factory=list)
 
     def finish(self, summary: IngestSummary) -> None:
         """The results as the commits made them: skipped when another command landed the same content first,
-        failed when their batch could not be committed, else the days their rows went to."""
-        for result, ingested in self.pending:
+        failed when their batch could not be committed, else landed: the days their rows went to and their
+        exporters' counts (counted when the file was read, the exporters' flows exceeded what landed: review)."""
+        for result, ingested, stats in self.pending:
             if ingested.skipped:
                 result.status, result.message = "skipped", "already in the lake (same content hash)"
                 result.flows = result.rejects = 0
             elif ingested.version is None and result.status in ("landed", "empty"):
                 result.status, result.message = "failed", "the lake could not be written"
                 result.flows = result.rejects = 0
-            for rel in ingested.files if not ingested.skipped else []:
-                match = re.search(r"^flows/date=(\d{4}-\d{2}-\d{2})/", rel)
-                if match:
-                    summary.days.add(match.group(1))
+            else:
+                _count_landed(summary, ingested, stats)
         self.pending.clear()
 
 
@@ -813,7 +811,7 @@ def _land_one(
         }
         if batching is not None:
             ingested = batching.batch.add(writer, landing)
-            batching.pending.append((result, ingested))
+            batching.pending.append((result, ingested, stats))
         else:
             ingested = writer.commit(landing)
     if ingested.skipped:  # another command landed the same content while this one decoded it
@@ -833,12 +831,18 @@ def _land_one(
             f": {result.rejects} rejected (the rejects dataset says where and why)" if result.rejects else ""
         )
         result.message = result.message or f"no flow records in this file{why}"
+    if batching is None:  # (batched: _Batching.finish counts them once they are committed)
+        _count_landed(summary, ingested, stats)
+    return result
+
+
+def _count_landed(summary: IngestSummary, ingested: IngestResult, stats: dict[str, dict[str, Any]]) -> None:
+    """The days a landed file's rows went to, and its exporters' counts, into the run's summary."""
     for rel in ingested.files:
         match = re.search(r"^flows/date=(\d{4}-\d{2}-\d{2})/", rel)
         if match:
             summary.days.add(match.group(1))
     merge_exporter_totals(summary.exporters, stats)
-    return result
 
 
 def _read_text_kind(
