@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 # 2026-12-01, seconds on a 2-core machine in one process: the chaos test 66, the CLI fuzz sample 52, the hostile
 # story 42, Spark's modules ~30-60 each.
 LONGEST_FIRST = (
+    "test_lease_state_compaction.py",  # (134 s in one test, session 39: started last, it was the run's tail)
     "test_lake_concurrency.py",
     "test_fuzz_cli.py",
     "test_hostile_story.py",
@@ -41,6 +42,7 @@ LONGEST_FIRST = (
     "test_cli_hostile.py",
     "test_demo.py",
     "test_ingest_jobs.py",
+    "test_buckets.py",
 )
 
 
