@@ -263,29 +263,6 @@ def test_a_full_disk_in_the_compaction_after_a_commit_does_not_undo_the_run(tmp_
     )
 
 
-def test_rows_whose_committer_is_at_work_get_no_recovered_manifest_row_beside_its_own(tmp_path, monkeypatch):
-    """A review: a second ingest found the first's rows committed and their manifest row not yet written, wrote
-    a 'recovered' row, and then the first wrote its own (3-7 extra manifest rows a run, `rows` counted twice).
-    Recovery waits for the dataset's ingest lock to be free; a run that was killed there is recovered as before."""
-    folder = _logs(tmp_path / "relay", 2)
-    lake = Lake(tmp_path / "lake")
-    with monkeypatch.context() as stopped:  # (killed between its rows and its manifest rows)
-        stopped.setattr(
-            Lake, "_write_manifest_rows", lambda self, rows: (_ for _ in ()).throw(KeyboardInterrupt())
-        )
-        with pytest.raises(KeyboardInterrupt):
-            ingest_syslog_files(lake, [folder], year=2024)
-    assert Lake(lake.root).read("vm_logs").num_rows == 6  # (committed, without manifest rows)
-    from tracepipe.lake import hash_file
-
-    content = hash_file(folder / "vm-0000.log")
-    with Lake(lake.root).lock("ingest-vm_logs"):  # (as if its committer were at work)
-        assert Lake(lake.root).already_ingested("vm_logs", content)
-    assert len(Lake(lake.root).manifest()) == 0
-    assert Lake(lake.root).already_ingested("vm_logs", content)  # (free: the stopped run's row is written)
-    assert len(Lake(lake.root).manifest()) == 1
-
-
 def test_a_commit_that_finds_its_source_landed_without_a_manifest_row_writes_that_row(tmp_path, monkeypatch):
     """The collector's committer checks a segment at its commit, under the ingest lock: a segment whose committer
     was killed between its rows and its manifest row gets its 'recovered' row there (without it, compaction and

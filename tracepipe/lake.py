@@ -1577,8 +1577,8 @@ class Lake:
         """True when a source with this content was committed to `dataset`: its manifest row (read once per
         manifest version), or, for a run killed between its rows' commit and its manifest row, its data files
         in the table (named after the content hash; compaction leaves such files alone until the manifest
-        row exists). Such a row is then written, marked recovered: under the dataset's ingest lock, which
-        `holding` says the caller holds already (commit_sources)."""
+        row exists). Such a row is then written, marked recovered (`holding`: the caller holds the dataset's
+        ingest lock, commit_sources; the row is written either way)."""
         if self._manifest_cache is not None:  # (read whole already: a collector, or a compaction of this run)
             if (dataset, content_hash) in self._manifest_keys():
                 return True
@@ -1588,26 +1588,18 @@ class Lake:
         if not landed:
             return False
         if self.as_of is None:
-            # under the dataset's ingest lock, and only when it is free: rows whose committer holds it are
-            # between their commit and their manifest row right now, and it writes that row itself (a review:
-            # two ingests at once wrote a recovered row and then the committer's own, 3-7 extra rows a run)
-            with (
-                contextlib.nullcontext(True)
-                if holding
-                else self.lock(f"ingest-{dataset}", wait=False) as free
-            ):
-                if free:
-                    self.catch_up(MANIFEST_DIR)
-                    if not self._manifest_has(dataset, content_hash):
-                        self._write_manifest_row(
-                            dataset,
-                            content_hash,
-                            "(recovered: the run that committed these rows was stopped before its manifest row)",
-                            sum(max(e.rows, 0) for e in landed),
-                            0,
-                            [f"{dataset}/{e.relative}" for e in landed],
-                            {"recovered": True},
-                        )
+            # (two ingests at once may both write this row for one source: a second row of the same content,
+            # harmless to what lands; a recovery that waited for, or skipped, a busy ingest lock left segments of
+            # a killed committer without their row, their flows never re-attributed: the kill -9 chaos test)
+            self._write_manifest_row(
+                dataset,
+                content_hash,
+                "(recovered: the run that committed these rows was stopped before its manifest row)",
+                sum(max(e.rows, 0) for e in landed),
+                0,
+                [f"{dataset}/{e.relative}" for e in landed],
+                {"recovered": True},
+            )
         return True
 
     def _manifest_has(self, dataset: str, content_hash: str) -> bool:
